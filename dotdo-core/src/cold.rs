@@ -1,0 +1,211 @@
+//! The [`ColdSink`] contract: idempotent, fenced appends of change records to cold storage, with
+//! a durable per-object watermark.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::ids::{FencingToken, ObjectId};
+use crate::record::{ChangeRecord, Entry, Seq};
+use crate::time::Timestamp;
+
+/// Identifier of a cold snapshot (an Iceberg snapshot id for the Iceberg backend).
+pub type SnapshotId = i64;
+
+/// Which version of cold state to read.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum AsOf {
+    /// The latest committed snapshot.
+    #[default]
+    Latest,
+    /// A given snapshot.
+    Snapshot(SnapshotId),
+    /// The latest snapshot committed at or before the timestamp.
+    Timestamp(Timestamp),
+}
+
+/// How far an object's changes are durable in cold storage.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Watermark {
+    /// Every change with `seq <= through` is durably in cold storage (0: none).
+    pub through: Seq,
+    /// The highest committer token seen for the object in cold storage.
+    pub token: FencingToken,
+}
+
+/// The changes of one object in a [`ColdBatch`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ObjectChanges {
+    /// The object.
+    pub object: ObjectId,
+    /// The committer's current fencing token (not necessarily the token each record was written
+    /// under: a new holder drains what an old holder wrote).
+    pub token: FencingToken,
+    /// Records of this object, strictly increasing `seq` without gaps.
+    pub records: Vec<ChangeRecord>,
+}
+
+/// A set of changes committed to cold storage as one atomic commit (one snapshot).
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct ColdBatch {
+    /// Per-object changes; each object at most once.
+    pub objects: Vec<ObjectChanges>,
+}
+
+impl ColdBatch {
+    /// A batch of one object's changes.
+    pub fn single(object: ObjectId, token: FencingToken, records: Vec<ChangeRecord>) -> Self {
+        ColdBatch { objects: vec![ObjectChanges { object, token, records }] }
+    }
+
+    /// Total number of records.
+    pub fn record_count(&self) -> usize {
+        self.objects.iter().map(|o| o.records.len()).sum()
+    }
+
+    /// Check the structural rules: records belong to their object, sequence numbers strictly
+    /// increase without gaps, each object appears once, tokens are not `NONE`.
+    pub fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        for oc in &self.objects {
+            if !seen.insert(&oc.object) {
+                return Err(Error::invalid(format!("object {} appears twice in one cold batch", oc.object)));
+            }
+            if oc.token == FencingToken::NONE {
+                return Err(Error::invalid("cold batch committer token must not be NONE"));
+            }
+            for (i, r) in oc.records.iter().enumerate() {
+                if r.object != oc.object {
+                    return Err(Error::invalid(format!("record of {} in the changes of {}", r.object, oc.object)));
+                }
+                if i > 0 && r.seq != oc.records[i - 1].seq + 1 {
+                    return Err(Error::invalid(format!(
+                        "records of {} are not contiguous: seq {} follows {}",
+                        oc.object,
+                        r.seq,
+                        oc.records[i - 1].seq
+                    )));
+                }
+                if r.seq == 0 {
+                    return Err(Error::invalid("sequence numbers start at 1"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of [`ColdSink::append`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ColdCommit {
+    /// The snapshot the commit created; `None` if everything was already covered (a replay).
+    pub snapshot: Option<SnapshotId>,
+    /// Records newly written by this commit.
+    pub records_written: u64,
+    /// Records skipped because cold storage already had them.
+    pub records_skipped: u64,
+    /// The watermarks after the commit, per object of the batch.
+    pub watermarks: BTreeMap<ObjectId, Watermark>,
+}
+
+/// Metadata of a cold snapshot.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct SnapshotInfo {
+    /// The snapshot id.
+    pub id: SnapshotId,
+    /// Parent snapshot, if any.
+    pub parent: Option<SnapshotId>,
+    /// Commit time.
+    pub committed_at: Timestamp,
+    /// Number of records the commit added.
+    pub added_records: u64,
+}
+
+/// An object's state as recovered from cold storage.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct ColdState {
+    /// Live entries (latest put per key, deleted keys omitted), in key order.
+    pub entries: Vec<Entry>,
+    /// The highest sequence number the state reflects.
+    pub through: Seq,
+    /// The snapshot read.
+    pub snapshot: Option<SnapshotId>,
+}
+
+/// Cold storage for change records.
+///
+/// # Contract
+///
+/// * **Atomic.** One [`append`](ColdSink::append) is one commit: all of its new records become
+///   visible together in one new snapshot, or none do.
+/// * **Exactly once.** The sink keeps a durable [`Watermark`] per object. Records with
+///   `seq <= watermark.through` are skipped (reported in `records_skipped`), so a retry or a crash
+///   replay never duplicates rows; the first new record must be `watermark.through + 1`, else
+///   `InvalidInput` (a gap would lose rows). A batch with nothing new creates no snapshot.
+/// * **Fencing.** An object's committer token must be `>=` the highest committer token recorded
+///   for it, else `Fenced` and nothing of the batch is committed.
+/// * **Unknown outcomes.** If a commit's outcome is unknown the sink resolves it by reading back
+///   the watermark before retrying, or returns `AmbiguousOutcome`; a caller that gets
+///   `AmbiguousOutcome` (or any error) may call `append` again with the same batch safely.
+/// * **Durability.** `Ok` means the records are durable in the store and visible to reads.
+/// * **Reads.** [`load_state`](ColdSink::load_state) applies changes in sequence order (latest put
+///   per key wins, deletes remove). Reading an expired or unknown snapshot is `NotFound`.
+/// * **Errors.** Unreachable store → `Unavailable` (retryable); missing or damaged data/metadata
+///   file → `Corrupt` naming the file.
+#[async_trait]
+pub trait ColdSink: Send + Sync + Debug + 'static {
+    /// Commit `batch` (see the contract).
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit>;
+
+    /// The durable watermark of `object` (default if unknown).
+    async fn watermark(&self, object: &ObjectId) -> Result<Watermark>;
+
+    /// Snapshots, oldest first.
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>>;
+
+    /// An object's state as of a snapshot.
+    async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState>;
+
+    /// An object's change records with `seq > after`, in order, as of a snapshot.
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>>;
+}
+
+#[async_trait]
+impl<T: ColdSink + ?Sized> ColdSink for Arc<T> {
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        (**self).append(batch).await
+    }
+    async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+        (**self).watermark(object).await
+    }
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        (**self).snapshots().await
+    }
+    async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+        (**self).load_state(object, as_of).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+        (**self).read_changes(object, after, as_of).await
+    }
+}
+
+/// Fold ordered change records into live entries (latest put per key; deletes remove).
+pub fn fold_changes<'a>(records: impl IntoIterator<Item = &'a ChangeRecord>) -> (Vec<Entry>, Seq) {
+    let mut map: BTreeMap<&str, (Seq, Option<Entry>)> = BTreeMap::new();
+    let mut through = 0;
+    for r in records {
+        through = through.max(r.seq);
+        let slot = map.entry(r.key.as_str()).or_insert((0, None));
+        if slot.0 > r.seq {
+            continue;
+        }
+        *slot = match r.op {
+            crate::record::Op::Put => (r.seq, Some(Entry { key: r.key.clone(), value: r.value.clone(), seq: r.seq })),
+            crate::record::Op::Delete => (r.seq, None),
+        };
+    }
+    (map.into_values().filter_map(|(_, e)| e).collect(), through)
+}

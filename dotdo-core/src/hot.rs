@@ -1,0 +1,161 @@
+//! The [`HotStore`] contract: per-object key/value state with a fenced, atomic write path and a
+//! change log that the cold path drains exactly once.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::Result;
+use crate::ids::{FencingToken, ObjectId};
+use crate::record::{ChangeRecord, Entry, KeyRange, Seq, WriteBatch, WriteReceipt};
+
+/// What a hot store knows about one object.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct ObjectInfo {
+    /// The sequence number of the object's last change (0 if never written).
+    pub last_seq: Seq,
+    /// Changes up to and including this sequence number were acknowledged by cold storage and
+    /// may have been truncated from the change log.
+    pub truncated_through: Seq,
+    /// The highest fencing token this store has seen for the object.
+    pub max_token: FencingToken,
+    /// Number of live keys.
+    pub keys: u64,
+    /// Total bytes of live values.
+    pub value_bytes: u64,
+}
+
+impl ObjectInfo {
+    /// Whether there are changes cold storage has not acknowledged yet.
+    pub fn has_pending_changes(&self) -> bool {
+        self.last_seq > self.truncated_through
+    }
+}
+
+/// Hot, per-object state.
+///
+/// # Contract
+///
+/// * **Fencing.** Every mutating call carries a [`FencingToken`]. The store remembers the highest
+///   token it has seen per object (including tokens issued by a co-located
+///   [`ConsistencyGuard`](crate::ConsistencyGuard) sharing its database). A call whose token is
+///   lower fails with [`ErrorKind::Fenced`](crate::ErrorKind::Fenced) and changes nothing; a call
+///   with a higher token raises the remembered maximum. The check and the write are one atomic
+///   step. [`FencingToken::NONE`] is rejected with `InvalidInput`.
+/// * **Atomicity and order.** [`write`](HotStore::write) applies a whole batch or nothing. Each
+///   operation gets the next per-object sequence number (no gaps, never reused, also after
+///   truncation, eviction or restart).
+/// * **Durability.** `Ok` from a mutating call means the change survives a crash of the process
+///   (each backend documents its durability modes and what they guarantee against power loss).
+/// * **Visibility.** A write is visible to every subsequent read through any handle on the same
+///   store once the call returned `Ok`.
+/// * **Change log.** Every applied operation appends a [`ChangeRecord`] to the object's change log.
+///   [`read_changes`](HotStore::read_changes) returns them in sequence order;
+///   [`truncate_changes`](HotStore::truncate_changes) drops them once cold storage acknowledged
+///   them.
+/// * **Errors.** Bad ids, keys, type names → `InvalidInput`; values over 2 MiB → `LimitExceeded`;
+///   busy or unreachable backend → `Unavailable` (retryable); damaged storage → `Corrupt`.
+#[async_trait]
+pub trait HotStore: Send + Sync + Debug + 'static {
+    /// Apply `batch` to `object` atomically under `token`. An empty batch still checks (and
+    /// raises) the token and returns a receipt with `first_seq == last_seq + 1`.
+    async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt>;
+
+    /// The current value of `key`, or `None`.
+    async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>>;
+
+    /// Live entries with keys in `range`, in key order, at most `limit` if given.
+    async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>>;
+
+    /// Change records with `seq > after`, in order, at most `limit`.
+    async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>>;
+
+    /// Drop change records with `seq <= through` (cold storage has them). Idempotent. Fenced like a
+    /// write. `through` beyond the last sequence number is `InvalidInput`.
+    async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()>;
+
+    /// What the store knows about `object`; `None` if it has never been written or restored.
+    async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>>;
+
+    /// Objects with untruncated changes, in id order, at most `limit`, starting after `after`.
+    async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>>;
+
+    /// Drop the object's live state (tiering out). Fails with `Conflict` if the change log still
+    /// holds changes cold storage has not acknowledged, so nothing acknowledged is lost. The
+    /// sequence number and the token maximum are kept, so sequence numbers never repeat.
+    async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()>;
+
+    /// Install state recovered from cold storage: replaces the object's live state with `entries`
+    /// and sets its sequence number to `through_seq` without logging changes (they are already
+    /// cold). Fails with `Conflict` if the object has pending changes or a `last_seq` above
+    /// `through_seq`.
+    async fn restore(
+        &self,
+        object: &ObjectId,
+        token: FencingToken,
+        entries: Vec<Entry>,
+        through_seq: Seq,
+    ) -> Result<()>;
+}
+
+#[async_trait]
+impl<T: HotStore + ?Sized> HotStore for Arc<T> {
+    async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+        (**self).write(object, token, batch).await
+    }
+    async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+        (**self).get(object, key).await
+    }
+    async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
+        (**self).list(object, range, limit).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+        (**self).read_changes(object, after, limit).await
+    }
+    async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+        (**self).truncate_changes(object, token, through).await
+    }
+    async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+        (**self).object_info(object).await
+    }
+    async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+        (**self).objects_with_pending_changes(after, limit).await
+    }
+    async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+        (**self).evict(object, token).await
+    }
+    async fn restore(
+        &self,
+        object: &ObjectId,
+        token: FencingToken,
+        entries: Vec<Entry>,
+        through_seq: Seq,
+    ) -> Result<()> {
+        (**self).restore(object, token, entries, through_seq).await
+    }
+}
+
+/// Conveniences over [`HotStore`], available on every implementation.
+#[async_trait]
+pub trait HotStoreExt: HotStore {
+    /// Put one key.
+    async fn put(
+        &self,
+        object: &ObjectId,
+        token: FencingToken,
+        type_name: &str,
+        key: &str,
+        value: Bytes,
+    ) -> Result<WriteReceipt> {
+        self.write(object, token, WriteBatch::new(type_name).put(key, value)).await
+    }
+
+    /// Delete one key.
+    async fn delete(&self, object: &ObjectId, token: FencingToken, type_name: &str, key: &str) -> Result<WriteReceipt> {
+        self.write(object, token, WriteBatch::new(type_name).delete(key)).await
+    }
+}
+
+impl<T: HotStore + ?Sized> HotStoreExt for T {}

@@ -1,0 +1,215 @@
+//! Identifiers and fencing tokens.
+//!
+//! Validation rules (enforced by every constructor, so a held value is always valid):
+//!
+//! * [`ObjectId`]: 1 to [`ObjectId::MAX_LEN`] bytes of ASCII letters, digits and `- _ . : @ /`,
+//!   not starting with `/` or `.`.
+//! * [`NodeId`]: 1 to [`NodeId::MAX_LEN`] bytes of ASCII letters, digits and `- _ . :`.
+//! * keys ([`validate_key`]): 1 to [`MAX_KEY_BYTES`] bytes of UTF-8 without NUL or control
+//!   characters.
+//! * values: at most [`MAX_VALUE_BYTES`] (2 MiB, the platform limit of the predecessor).
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Largest accepted value, in bytes (2 MiB).
+pub const MAX_VALUE_BYTES: usize = 2 * 1024 * 1024;
+/// Largest accepted key, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest accepted type name, in bytes.
+pub const MAX_TYPE_NAME_BYTES: usize = 256;
+
+fn check_id(what: &str, s: &str, max: usize, extra: &[u8]) -> Result<()> {
+    if s.is_empty() {
+        return Err(Error::invalid(format!("{what} must not be empty")));
+    }
+    if s.len() > max {
+        return Err(Error::invalid(format!("{what} is {} bytes, the limit is {max}", s.len())));
+    }
+    if let Some(bad) = s.bytes().find(|b| !(b.is_ascii_alphanumeric() || b"-_.:".contains(b) || extra.contains(b))) {
+        return Err(Error::invalid(format!(
+            "{what} {s:?} contains {:?}; allowed are ASCII letters, digits and -_.:{}",
+            bad as char,
+            String::from_utf8_lossy(extra)
+        )));
+    }
+    Ok(())
+}
+
+/// The name of a durable object. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId(Arc<str>);
+
+impl ObjectId {
+    /// Longest accepted object id, in bytes.
+    pub const MAX_LEN: usize = 256;
+
+    /// Validate and wrap an object id.
+    pub fn new(id: impl AsRef<str>) -> Result<Self> {
+        let s = id.as_ref();
+        check_id("object id", s, Self::MAX_LEN, b"@/")?;
+        if s.starts_with('/') || s.starts_with('.') {
+            return Err(Error::invalid(format!("object id {s:?} must not start with '/' or '.'")));
+        }
+        Ok(ObjectId(Arc::from(s)))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ObjectId({:?})", &*self.0)
+    }
+}
+
+impl std::str::FromStr for ObjectId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ObjectId::new(s)
+    }
+}
+
+/// The identity of a lease holder (a node, process or runtime instance). Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(Arc<str>);
+
+impl NodeId {
+    /// Longest accepted node id, in bytes.
+    pub const MAX_LEN: usize = 128;
+
+    /// Validate and wrap a node id.
+    pub fn new(id: impl AsRef<str>) -> Result<Self> {
+        let s = id.as_ref();
+        check_id("node id", s, Self::MAX_LEN, b"")?;
+        Ok(NodeId(Arc::from(s)))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({:?})", &*self.0)
+    }
+}
+
+/// A fencing token: strictly increasing per object across all holders. `0` means "none" and is
+/// never issued.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
+pub struct FencingToken(u64);
+
+impl FencingToken {
+    /// The "no token" value; never issued by a guard and never accepted for a write.
+    pub const NONE: FencingToken = FencingToken(0);
+
+    /// Wrap a raw token value.
+    pub const fn new(value: u64) -> Self {
+        FencingToken(value)
+    }
+
+    /// The raw value.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The next token.
+    pub fn next(self) -> Self {
+        FencingToken(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Check a state key against the documented rules.
+pub fn validate_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid("key must not be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::limit("key", MAX_KEY_BYTES as u64, key.len() as u64));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(Error::invalid(format!("key {key:?} contains a control character")));
+    }
+    Ok(())
+}
+
+/// Check a value's size against [`MAX_VALUE_BYTES`].
+pub fn validate_value(value: &[u8]) -> Result<()> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(Error::limit("value", MAX_VALUE_BYTES as u64, value.len() as u64));
+    }
+    Ok(())
+}
+
+/// Check a type name (1 to [`MAX_TYPE_NAME_BYTES`] bytes, no control characters).
+pub fn validate_type_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_TYPE_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "type name {name:?} must be 1..={MAX_TYPE_NAME_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn object_ids_follow_documented_rules() {
+        for ok in ["a", "user:42", "tenant/a/b", "x@y.z", &"a".repeat(256)] {
+            assert!(ObjectId::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", " a", "a b", "/abs", ".hidden", "é", "a\n", &"a".repeat(257)] {
+            let e = ObjectId::new(bad).expect_err(bad);
+            assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_ids_reject_slashes() {
+        assert!(NodeId::new("node-1.eu:3").is_ok());
+        assert!(NodeId::new("a/b").is_err());
+        assert!(NodeId::new("").is_err());
+    }
+
+    #[test]
+    fn keys_and_values_have_limits() {
+        assert!(validate_key("profile/name").is_ok());
+        assert!(validate_key("").is_err());
+        assert!(validate_key("a\0b").is_err());
+        assert!(matches!(
+            validate_key(&"k".repeat(MAX_KEY_BYTES + 1)).expect_err("long").kind(),
+            ErrorKind::LimitExceeded { .. }
+        ));
+        assert!(validate_value(&vec![0; MAX_VALUE_BYTES]).is_ok());
+        assert!(validate_value(&vec![0; MAX_VALUE_BYTES + 1]).is_err());
+    }
+}

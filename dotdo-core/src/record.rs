@@ -1,0 +1,270 @@
+//! Change records, write batches and key ranges.
+//!
+//! A [`ChangeRecord`] is one entry of an object's change log and one row of the cold table. Its
+//! fields follow the predecessor's event shape (`do_id`, `type`, `key`, `value`, `timestamp`) plus
+//! what recovery and fencing need (`op`, `seq`, `token`).
+
+use std::ops::Bound;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::ids::{validate_key, validate_type_name, validate_value, FencingToken, ObjectId};
+use crate::time::Timestamp;
+
+/// Per-object sequence number of a change; the first change of an object has `seq == 1`.
+pub type Seq = u64;
+
+/// The kind of change.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Op {
+    /// The key was set to a value.
+    Put,
+    /// The key was removed.
+    Delete,
+}
+
+impl Op {
+    /// `"put"` or `"delete"`, as stored in tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Put => "put",
+            Op::Delete => "delete",
+        }
+    }
+
+    /// Parse `"put"` / `"delete"`.
+    pub fn parse(s: &str) -> Result<Op> {
+        match s {
+            "put" => Ok(Op::Put),
+            "delete" => Ok(Op::Delete),
+            other => Err(Error::corrupt(format!("unknown op {other:?}"))),
+        }
+    }
+}
+
+/// One change of one key of one object.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ChangeRecord {
+    /// The object (`do_id`).
+    pub object: ObjectId,
+    /// Per-object sequence number, strictly increasing, without gaps.
+    pub seq: Seq,
+    /// The state key.
+    pub key: String,
+    /// Put or delete.
+    pub op: Op,
+    /// The new value for a put; empty for a delete.
+    pub value: Bytes,
+    /// The fencing token the write was made under.
+    pub token: FencingToken,
+    /// When the write was made (the writer's clock).
+    pub timestamp: Timestamp,
+    /// The object's type name (`type` in the event shape).
+    pub type_name: String,
+}
+
+/// One operation of a [`WriteBatch`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum WriteOp {
+    /// Set `key` to `value`.
+    Put {
+        /// The key.
+        key: String,
+        /// The value (at most 2 MiB).
+        value: Bytes,
+    },
+    /// Remove `key` (a no-op for the state if absent, but still logged).
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+impl WriteOp {
+    /// The key this operation touches.
+    pub fn key(&self) -> &str {
+        match self {
+            WriteOp::Put { key, .. } | WriteOp::Delete { key } => key,
+        }
+    }
+}
+
+/// An atomic batch of writes to one object. Applied all or nothing, in order.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct WriteBatch {
+    /// The object's type name, recorded with each change.
+    pub type_name: String,
+    /// The operations, applied in order.
+    pub ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    /// Largest number of operations in one batch.
+    pub const MAX_OPS: usize = 1_000_000;
+
+    /// An empty batch for objects of `type_name`.
+    pub fn new(type_name: impl Into<String>) -> Self {
+        WriteBatch { type_name: type_name.into(), ops: Vec::new() }
+    }
+
+    /// Add a put.
+    pub fn put(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.ops.push(WriteOp::Put { key: key.into(), value: value.into() });
+        self
+    }
+
+    /// Add a delete.
+    pub fn delete(mut self, key: impl Into<String>) -> Self {
+        self.ops.push(WriteOp::Delete { key: key.into() });
+        self
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the batch has no operations.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Check every documented limit: type name, keys, value sizes, operation count.
+    pub fn validate(&self) -> Result<()> {
+        validate_type_name(&self.type_name)?;
+        if self.ops.len() > Self::MAX_OPS {
+            return Err(Error::limit("operations in one batch", Self::MAX_OPS as u64, self.ops.len() as u64));
+        }
+        for op in &self.ops {
+            validate_key(op.key())?;
+            if let WriteOp::Put { value, .. } = op {
+                validate_value(value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a successful hot write assigned.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct WriteReceipt {
+    /// The sequence number of the first change (equal to `last_seq + 1` for an empty batch).
+    pub first_seq: Seq,
+    /// The sequence number of the last change (the object's current sequence number).
+    pub last_seq: Seq,
+}
+
+/// A range of keys, for listing and scans.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct KeyRange {
+    /// Lower bound.
+    pub start: Bound<String>,
+    /// Upper bound.
+    pub end: Bound<String>,
+}
+
+impl KeyRange {
+    /// Every key.
+    pub fn all() -> Self {
+        KeyRange { start: Bound::Unbounded, end: Bound::Unbounded }
+    }
+
+    /// Keys starting with `prefix`.
+    pub fn prefix(prefix: impl Into<String>) -> Self {
+        let p: String = prefix.into();
+        if p.is_empty() {
+            return Self::all();
+        }
+        let end = prefix_successor(&p).map_or(Bound::Unbounded, Bound::Excluded);
+        KeyRange { start: Bound::Included(p), end }
+    }
+
+    /// Keys in `[start, end)`.
+    pub fn between(start: impl Into<String>, end: impl Into<String>) -> Self {
+        KeyRange { start: Bound::Included(start.into()), end: Bound::Excluded(end.into()) }
+    }
+
+    /// Whether `key` is in the range.
+    pub fn contains(&self, key: &str) -> bool {
+        let lo = match &self.start {
+            Bound::Included(s) => key >= s.as_str(),
+            Bound::Excluded(s) => key > s.as_str(),
+            Bound::Unbounded => true,
+        };
+        let hi = match &self.end {
+            Bound::Included(e) => key <= e.as_str(),
+            Bound::Excluded(e) => key < e.as_str(),
+            Bound::Unbounded => true,
+        };
+        lo && hi
+    }
+
+    /// The range as a pair of `&str` bounds (for `BTreeMap::range`).
+    pub fn as_bounds(&self) -> (Bound<&str>, Bound<&str>) {
+        (as_ref_bound(&self.start), as_ref_bound(&self.end))
+    }
+}
+
+fn as_ref_bound(b: &Bound<String>) -> Bound<&str> {
+    match b {
+        Bound::Included(s) => Bound::Included(s.as_str()),
+        Bound::Excluded(s) => Bound::Excluded(s.as_str()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// The smallest string greater than every string with prefix `p`, if any.
+pub fn prefix_successor(p: &str) -> Option<String> {
+    let mut chars: Vec<char> = p.chars().collect();
+    while let Some(c) = chars.pop() {
+        let mut next = c as u32 + 1;
+        // skip the surrogate gap
+        if (0xD800..=0xDFFF).contains(&next) {
+            next = 0xE000;
+        }
+        if let Some(n) = char::from_u32(next) {
+            chars.push(n);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// A key's current value as stored, with the change that set it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Entry {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Bytes,
+    /// The sequence number of the change that set it.
+    pub seq: Seq,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_range_contains_exactly_the_prefixed_keys() {
+        let r = KeyRange::prefix("user/");
+        assert!(r.contains("user/"));
+        assert!(r.contains("user/zzz"));
+        assert!(!r.contains("user0"));
+        assert!(!r.contains("usex"));
+        assert!(!r.contains("use"));
+        assert_eq!(prefix_successor("a\u{10FFFF}"), Some("b".to_string()));
+        assert_eq!(prefix_successor("\u{10FFFF}"), None);
+    }
+
+    #[test]
+    fn batch_validation_reports_limits() {
+        let ok = WriteBatch::new("User").put("a", vec![1u8; 10]).delete("b");
+        assert!(ok.validate().is_ok());
+        let big = WriteBatch::new("User").put("a", vec![0u8; crate::MAX_VALUE_BYTES + 1]);
+        assert!(big.validate().is_err());
+        assert!(WriteBatch::new("").validate().is_err());
+        assert!(WriteBatch::new("T").put("", "x").validate().is_err());
+    }
+}

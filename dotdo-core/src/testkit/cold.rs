@@ -1,0 +1,599 @@
+//! Conformance cases for [`ColdSink`](crate::ColdSink) + [`IndexAccelerator`](crate::IndexAccelerator)
+//! backends.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest_state_machine::ReferenceStateMachine;
+
+use super::{oid, proptest_cases, run_catching, runtime, CaseFailure, ColdFactory, ColdFixture, KIT_EPOCH};
+use crate::accel::ScanQuery;
+use crate::cold::{fold_changes, AsOf, ColdBatch, ObjectChanges};
+use crate::error::ErrorKind;
+use crate::ids::{FencingToken, ObjectId, MAX_VALUE_BYTES};
+use crate::record::{ChangeRecord, KeyRange, Op};
+use crate::time::{ManualClock, Timestamp};
+use crate::IndexAccelerator;
+
+async fn open(f: &ColdFactory) -> (ColdFixture, ManualClock) {
+    let clock = ManualClock::new(KIT_EPOCH);
+    (f(clock.clone()).await, clock)
+}
+
+fn accel(fx: &ColdFixture) -> &dyn IndexAccelerator {
+    fx.accel.as_deref().expect("this case needs the backend's IndexAccelerator")
+}
+
+/// A change record for tests: put when `value` is `Some`, delete otherwise.
+pub fn rec(object: &ObjectId, seq: u64, key: &str, value: Option<&str>, token: u64) -> ChangeRecord {
+    ChangeRecord {
+        object: object.clone(),
+        seq,
+        key: key.to_string(),
+        op: if value.is_some() { Op::Put } else { Op::Delete },
+        value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())).unwrap_or_default(),
+        token: FencingToken::new(token),
+        timestamp: KIT_EPOCH.add(std::time::Duration::from_millis(seq)),
+        type_name: "T".to_string(),
+    }
+}
+
+fn puts(object: &ObjectId, seqs: std::ops::RangeInclusive<u64>, token: u64) -> Vec<ChangeRecord> {
+    seqs.map(|s| rec(object, s, &format!("k{s}"), Some(&format!("v{s}")), token)).collect()
+}
+
+fn tok(t: u64) -> FencingToken {
+    FencingToken::new(t)
+}
+
+/// An append creates a snapshot, advances the watermark and is visible in `load_state`.
+pub async fn append_then_load_state(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    let c = fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=3, 1))).await.expect("append");
+    assert!(c.snapshot.is_some());
+    assert_eq!((c.records_written, c.records_skipped), (3, 0));
+    assert_eq!(c.watermarks.get(&o).map(|w| w.through), Some(3));
+    let wm = fx.sink.watermark(&o).await.expect("watermark");
+    assert_eq!((wm.through, wm.token), (3, tok(1)));
+    let st = fx.sink.load_state(&o, AsOf::Latest).await.expect("load");
+    assert_eq!(st.through, 3);
+    assert_eq!(st.snapshot, c.snapshot);
+    assert_eq!(
+        st.entries.iter().map(|e| (e.key.as_str(), e.seq)).collect::<Vec<_>>(),
+        [("k1", 1), ("k2", 2), ("k3", 3)]
+    );
+    assert_eq!(st.entries[0].value, Bytes::from_static(b"v1"));
+    let snaps = fx.sink.snapshots().await.expect("snapshots");
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0].added_records, 3);
+    assert_eq!(Some(snaps[0].id), c.snapshot);
+    assert_eq!(fx.sink.watermark(&oid("other")).await.expect("wm").through, 0);
+}
+
+/// Re-appending a committed batch (a retry or crash replay) writes nothing and creates no
+/// snapshot.
+pub async fn replayed_batch_is_skipped(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    let batch = ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=4, 1));
+    fx.sink.append(batch.clone()).await.expect("append");
+    let again = fx.sink.append(batch).await.expect("replay");
+    assert_eq!(again.snapshot, None);
+    assert_eq!((again.records_written, again.records_skipped), (0, 4));
+    assert_eq!(fx.sink.snapshots().await.expect("snaps").len(), 1);
+    assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes").len(), 4);
+}
+
+/// A batch overlapping what is committed writes only the new tail.
+pub async fn overlapping_batch_writes_only_new_records(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=5, 1))).await.expect("append");
+    let c = fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 3..=8, 1))).await.expect("overlap");
+    assert_eq!((c.records_written, c.records_skipped), (3, 3));
+    let seqs: Vec<u64> =
+        fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+}
+
+/// A batch that would leave a gap after the watermark is `InvalidInput` and commits nothing.
+pub async fn gap_in_sequence_is_rejected(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=2, 1))).await.expect("append");
+    let e = fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 4..=5, 1))).await.expect_err("gap");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let mut bad = puts(&o, 3..=5, 1);
+    bad.remove(1);
+    let e = fx.sink.append(ColdBatch::single(o.clone(), tok(1), bad)).await.expect_err("internal gap");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert_eq!(fx.sink.watermark(&o).await.expect("wm").through, 2);
+    assert_eq!(fx.sink.snapshots().await.expect("snaps").len(), 1);
+}
+
+/// A committer token lower than one already committed for the object is `Fenced`.
+pub async fn stale_committer_is_fenced(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    fx.sink.append(ColdBatch::single(o.clone(), tok(5), puts(&o, 1..=2, 5))).await.expect("append");
+    let e = fx.sink.append(ColdBatch::single(o.clone(), tok(4), puts(&o, 3..=3, 4))).await.expect_err("stale");
+    assert!(e.is_fenced(), "{e}");
+    // A newer committer may commit records written under older tokens.
+    fx.sink.append(ColdBatch::single(o.clone(), tok(7), puts(&o, 3..=3, 4))).await.expect("newer committer");
+    assert_eq!(fx.sink.watermark(&o).await.expect("wm").token, tok(7));
+    let e = fx.sink.append(ColdBatch::single(o.clone(), tok(6), vec![])).await.expect_err("stale, even empty");
+    assert!(e.is_fenced());
+}
+
+/// An empty batch (or one with no records) creates no snapshot.
+pub async fn empty_batch_creates_no_snapshot(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let c = fx.sink.append(ColdBatch::default()).await.expect("empty");
+    assert_eq!(c.snapshot, None);
+    let c = fx.sink.append(ColdBatch::single(oid("o1"), tok(1), vec![])).await.expect("no records");
+    assert_eq!(c.snapshot, None);
+    assert!(fx.sink.snapshots().await.expect("snaps").is_empty());
+    let st = fx.sink.load_state(&oid("o1"), AsOf::Latest).await.expect("load empty table");
+    assert!(st.entries.is_empty());
+    assert_eq!(st.through, 0);
+}
+
+/// If one object of a batch is fenced or invalid, nothing of the batch is committed.
+pub async fn multi_object_batch_is_all_or_nothing(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let (a, b) = (oid("a"), oid("b"));
+    fx.sink.append(ColdBatch::single(b.clone(), tok(9), puts(&b, 1..=1, 9))).await.expect("b");
+    let batch = ColdBatch {
+        objects: vec![
+            ObjectChanges { object: a.clone(), token: tok(1), records: puts(&a, 1..=3, 1) },
+            ObjectChanges { object: b.clone(), token: tok(2), records: puts(&b, 2..=2, 2) },
+        ],
+    };
+    assert!(fx.sink.append(batch).await.expect_err("b is fenced").is_fenced());
+    assert_eq!(fx.sink.watermark(&a).await.expect("wm").through, 0, "a must not be committed");
+    let dup = ColdBatch {
+        objects: vec![
+            ObjectChanges { object: a.clone(), token: tok(1), records: puts(&a, 1..=1, 1) },
+            ObjectChanges { object: a.clone(), token: tok(1), records: puts(&a, 2..=2, 1) },
+        ],
+    };
+    assert_eq!(fx.sink.append(dup).await.expect_err("dup object").kind(), &ErrorKind::InvalidInput);
+    let ok = ColdBatch {
+        objects: vec![
+            ObjectChanges { object: a.clone(), token: tok(1), records: puts(&a, 1..=3, 1) },
+            ObjectChanges { object: b.clone(), token: tok(9), records: puts(&b, 1..=2, 9) },
+        ],
+    };
+    let c = fx.sink.append(ok).await.expect("both");
+    assert_eq!((c.records_written, c.records_skipped), (4, 1));
+    assert_eq!(fx.sink.snapshots().await.expect("snaps").len(), 2);
+}
+
+/// Deletes remove keys from recovered state; older snapshots (by id and by time) show the
+/// older state.
+pub async fn deletes_apply_and_time_travel_reads_older_snapshots(f: &ColdFactory) {
+    let (fx, clock) = open(f).await;
+    let o = oid("o1");
+    let c1 = fx
+        .sink
+        .append(ColdBatch::single(
+            o.clone(),
+            tok(1),
+            vec![rec(&o, 1, "a", Some("1"), 1), rec(&o, 2, "b", Some("2"), 1)],
+        ))
+        .await
+        .expect("c1");
+    clock.advance(std::time::Duration::from_secs(1));
+    let c2 = fx
+        .sink
+        .append(ColdBatch::single(o.clone(), tok(1), vec![rec(&o, 3, "a", None, 1), rec(&o, 4, "b", Some("3"), 1)]))
+        .await
+        .expect("c2");
+    let latest = fx.sink.load_state(&o, AsOf::Latest).await.expect("latest");
+    assert_eq!(latest.entries.iter().map(|e| (e.key.as_str(), &e.value[..])).collect::<Vec<_>>(), [("b", &b"3"[..])]);
+    assert_eq!(latest.through, 4);
+    let s1 = c1.snapshot.expect("snapshot");
+    let old = fx.sink.load_state(&o, AsOf::Snapshot(s1)).await.expect("as of c1");
+    assert_eq!(old.entries.len(), 2);
+    assert_eq!(old.through, 2);
+    assert_eq!(old.snapshot, Some(s1));
+    let snaps = fx.sink.snapshots().await.expect("snaps");
+    assert_eq!(snaps.len(), 2);
+    assert_eq!(snaps[1].parent, Some(s1));
+    assert_eq!(Some(snaps[1].id), c2.snapshot);
+    assert!(snaps[0].committed_at <= snaps[1].committed_at);
+    let by_time = fx.sink.load_state(&o, AsOf::Timestamp(snaps[0].committed_at)).await.expect("by time");
+    if snaps[0].committed_at < snaps[1].committed_at {
+        assert_eq!(by_time.snapshot, Some(s1));
+        assert_eq!(by_time.entries, old.entries);
+    }
+    let before_all = fx.sink.load_state(&o, AsOf::Timestamp(Timestamp::EPOCH)).await.expect("before any snapshot");
+    assert!(before_all.entries.is_empty());
+}
+
+/// Reading a snapshot that does not exist is `NotFound`.
+pub async fn unknown_snapshot_is_not_found(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=1, 1))).await.expect("append");
+    let e = fx.sink.load_state(&o, AsOf::Snapshot(-4242)).await.expect_err("unknown");
+    assert_eq!(e.kind(), &ErrorKind::NotFound);
+    if let Some(a) = fx.accel.as_ref() {
+        assert_eq!(a.lookup(&o, "k1", AsOf::Snapshot(-4242)).await.expect_err("unknown").kind(), &ErrorKind::NotFound);
+    }
+}
+
+/// `read_changes` returns records after a sequence number, in order, with all fields intact.
+pub async fn read_changes_after_a_sequence(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    let recs = vec![rec(&o, 1, "a", Some("1"), 3), rec(&o, 2, "a", None, 3), rec(&o, 3, "b", Some("x"), 3)];
+    fx.sink.append(ColdBatch::single(o.clone(), tok(3), recs[..2].to_vec())).await.expect("c1");
+    fx.sink.append(ColdBatch::single(o.clone(), tok(3), recs[2..].to_vec())).await.expect("c2");
+    assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("all"), recs);
+    assert_eq!(fx.sink.read_changes(&o, 1, AsOf::Latest).await.expect("after 1"), recs[1..].to_vec());
+    assert!(fx.sink.read_changes(&o, 3, AsOf::Latest).await.expect("none").is_empty());
+    assert!(fx.sink.read_changes(&oid("nobody"), 0, AsOf::Latest).await.expect("unknown object").is_empty());
+}
+
+/// Values at the 2 MiB limit round-trip byte for byte.
+pub async fn large_values_roundtrip(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    let big: Vec<u8> = (0..MAX_VALUE_BYTES).map(|i| (i * 7 % 256) as u8).collect();
+    let mut r = rec(&o, 1, "big", None, 1);
+    r.op = Op::Put;
+    r.value = Bytes::from(big.clone());
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), vec![r])).await.expect("append");
+    let st = fx.sink.load_state(&o, AsOf::Latest).await.expect("load");
+    assert_eq!(st.entries.len(), 1);
+    assert!(st.entries[0].value[..] == big[..], "2 MiB value differs after the round trip");
+}
+
+async fn seed_three_commits(fx: &ColdFixture) -> (ObjectId, Vec<i64>) {
+    let o = oid("acc");
+    let other = oid("zzz-other");
+    let mut snaps = Vec::new();
+    let mut b1 = vec![rec(&o, 1, "a", Some("a1"), 1), rec(&o, 2, "b", Some("b1"), 1), rec(&o, 3, "c", Some("c1"), 1)];
+    b1[2].type_name = "Other".into();
+    let c = fx.sink.append(ColdBatch::single(o.clone(), tok(1), b1)).await.expect("c1");
+    snaps.push(c.snapshot.expect("snapshot"));
+    let c = fx.sink.append(ColdBatch::single(other.clone(), tok(1), puts(&other, 1..=20, 1))).await.expect("other");
+    snaps.push(c.snapshot.expect("snapshot"));
+    let c = fx
+        .sink
+        .append(ColdBatch::single(o.clone(), tok(2), vec![rec(&o, 4, "a", Some("a2"), 2), rec(&o, 5, "b", None, 2)]))
+        .await
+        .expect("c3");
+    snaps.push(c.snapshot.expect("snapshot"));
+    (o, snaps)
+}
+
+/// Lookups return the latest version, treat deletes as absent and honour `AsOf`.
+pub async fn lookup_finds_latest_and_respects_deletes(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let (o, snaps) = seed_three_commits(&fx).await;
+    let a = accel(&fx);
+    let l = a.lookup(&o, "a", AsOf::Latest).await.expect("lookup");
+    let v = l.value.expect("a is live");
+    assert_eq!((&v.value[..], v.seq, v.op), (&b"a2"[..], 4, Op::Put));
+    assert_eq!(l.stats.snapshot, Some(snaps[2]));
+    assert_eq!(a.lookup(&o, "b", AsOf::Latest).await.expect("lookup").value, None, "b was deleted");
+    assert_eq!(a.lookup(&o, "nope", AsOf::Latest).await.expect("lookup").value, None);
+    assert_eq!(a.lookup(&oid("unknown"), "a", AsOf::Latest).await.expect("lookup").value, None);
+    let old = a.lookup(&o, "b", AsOf::Snapshot(snaps[0])).await.expect("as of").value.expect("b was live then");
+    assert_eq!(&old.value[..], b"b1");
+    assert_eq!(old.timestamp, KIT_EPOCH.add(std::time::Duration::from_millis(2)));
+    assert_eq!(old.type_name, "T");
+}
+
+/// Scans honour key ranges, type names, time ranges and limits, over the latest live versions.
+pub async fn scan_filters_by_range_type_and_time(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let (o, snaps) = seed_three_commits(&fx).await;
+    let a = accel(&fx);
+    let keys = |s: crate::Scan| s.entries.into_iter().map(|e| e.key).collect::<Vec<_>>();
+    assert_eq!(keys(a.scan(ScanQuery::object(o.clone())).await.expect("all")), ["a", "c"]);
+    assert_eq!(
+        keys(a.scan(ScanQuery::object(o.clone()).as_of(AsOf::Snapshot(snaps[0]))).await.expect("old")),
+        ["a", "b", "c"]
+    );
+    assert_eq!(
+        keys(a.scan(ScanQuery::object(o.clone()).keys(KeyRange::between("b", "z"))).await.expect("range")),
+        ["c"]
+    );
+    let mut q = ScanQuery::object(o.clone());
+    q.type_name = Some("Other".into());
+    assert_eq!(keys(a.scan(q).await.expect("type")), ["c"]);
+    let mut q = ScanQuery::object(o.clone());
+    q.time_range =
+        Some((KIT_EPOCH.add(std::time::Duration::from_millis(3)), KIT_EPOCH.add(std::time::Duration::from_millis(5))));
+    assert_eq!(keys(a.scan(q).await.expect("time")), ["a", "c"]);
+    let mut q = ScanQuery::object(o.clone());
+    q.limit = Some(1);
+    assert_eq!(keys(a.scan(q).await.expect("limit")), ["a"]);
+    assert!(a.scan(ScanQuery::object(oid("unknown"))).await.expect("unknown").entries.is_empty());
+}
+
+/// Query statistics add up: pruned + opened never exceed the snapshot's files.
+pub async fn query_stats_are_consistent(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let (o, _) = seed_three_commits(&fx).await;
+    let a = accel(&fx);
+    let s = a.lookup(&o, "a", AsOf::Latest).await.expect("lookup").stats;
+    assert!(s.files_total >= 1);
+    assert!(s.files_opened >= 1, "the key exists, so some file must be read");
+    let pruned = s.pruned_by_partition + s.pruned_by_min_max + s.pruned_by_bloom + s.pruned_by_key_index;
+    assert!(pruned + s.files_opened <= s.files_total, "{s:?}");
+    assert!(s.bytes_read > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model-based property tests.
+
+/// Operations of the cold-sink state machine.
+#[derive(Clone, Debug)]
+pub enum ColdOp {
+    /// Commit `n` new records for object `o` (keys from a small pool, some deletes), optionally
+    /// re-sending `overlap` already committed records first (a replay).
+    Append {
+        /// Object index.
+        o: usize,
+        /// Number of new records.
+        n: usize,
+        /// Committed records re-sent first.
+        overlap: usize,
+        /// Key index and put (true) / delete (false) per new record.
+        keys: Vec<(usize, bool)>,
+    },
+    /// Commit under a token lower than the object's committed one: must be fenced.
+    StaleAppend(usize),
+    /// A new committer (takeover) bumps the object's token.
+    Takeover(usize),
+    /// Compare state as of a past snapshot (index into the model's snapshot list).
+    CheckAsOf(usize),
+}
+
+/// The cold model: per object all committed records and its token; a list of snapshots (how
+/// many records each object had at that snapshot).
+#[derive(Clone, Debug, Default)]
+pub struct ColdModel {
+    records: Vec<Vec<(u64, usize, bool)>>,
+    tokens: Vec<u64>,
+    snapshots: Vec<Vec<usize>>,
+}
+
+const COLD_OBJS: usize = 3;
+const COLD_KEYS: usize = 6;
+
+struct ColdMachine;
+
+impl ReferenceStateMachine for ColdMachine {
+    type State = ColdModel;
+    type Transition = ColdOp;
+
+    fn init_state() -> BoxedStrategy<ColdModel> {
+        Just(ColdModel { records: vec![Vec::new(); COLD_OBJS], tokens: vec![1; COLD_OBJS], snapshots: Vec::new() })
+            .boxed()
+    }
+
+    fn transitions(_: &ColdModel) -> BoxedStrategy<ColdOp> {
+        prop_oneof![
+            6 => (0..COLD_OBJS, 0..3usize, proptest::collection::vec((0..COLD_KEYS, proptest::bool::weighted(0.8)), 0..5))
+                .prop_map(|(o, overlap, keys)| ColdOp::Append { o, n: keys.len(), overlap, keys }),
+            1 => (0..COLD_OBJS).prop_map(ColdOp::StaleAppend),
+            1 => (0..COLD_OBJS).prop_map(ColdOp::Takeover),
+            2 => (0..8usize).prop_map(ColdOp::CheckAsOf),
+        ]
+        .boxed()
+    }
+
+    fn apply(mut s: ColdModel, t: &ColdOp) -> ColdModel {
+        match t {
+            ColdOp::Append { o, keys, .. } => {
+                let m = &mut s.records[*o];
+                for (k, put) in keys {
+                    let seq = m.len() as u64 + 1;
+                    m.push((seq, *k, *put));
+                }
+                if !keys.is_empty() {
+                    s.snapshots.push(s.records.iter().map(Vec::len).collect());
+                }
+            }
+            ColdOp::Takeover(o) => s.tokens[*o] += 1,
+            ColdOp::StaleAppend(_) | ColdOp::CheckAsOf(_) => {}
+        }
+        s
+    }
+}
+
+fn model_records(obj: &ObjectId, recs: &[(u64, usize, bool)], token: u64) -> Vec<ChangeRecord> {
+    recs.iter()
+        .map(|(seq, k, put)| {
+            let v = format!("v{seq}");
+            rec(obj, *seq, &format!("key{k}"), put.then_some(v.as_str()), token)
+        })
+        .collect()
+}
+
+/// Random appends (with replays of committed records), stale commits and takeovers keep the
+/// sink's state, watermarks and every snapshot's state equal to the model; nothing is lost or
+/// doubled.
+pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
+    let rt = runtime();
+    let mut runner =
+        TestRunner::new(Config { cases: proptest_cases().div_ceil(2), failure_persistence: None, ..Config::default() });
+    let result = runner.run(&ColdMachine::sequential_strategy(1..14), |(init, ops, _)| {
+        rt.block_on(async {
+            let (fx, _) = open(f).await;
+            let objs: Vec<ObjectId> = (0..COLD_OBJS).map(|i| oid(&format!("c{i}"))).collect();
+            let mut model = init;
+            let mut snap_ids = Vec::new();
+            for op in &ops {
+                let next = ColdMachine::apply(model.clone(), op);
+                match op {
+                    ColdOp::Append { o, overlap, keys, .. } => {
+                        let have = model.records[*o].len();
+                        let from = have.saturating_sub(*overlap);
+                        let recs = model_records(&objs[*o], &next.records[*o][from..], model.tokens[*o]);
+                        let c = fx
+                            .sink
+                            .append(ColdBatch::single(objs[*o].clone(), tok(model.tokens[*o]), recs))
+                            .await
+                            .map_err(cfail)?;
+                        prop_assert_eq!(c.records_written, keys.len() as u64);
+                        prop_assert_eq!(c.records_skipped, (have - from) as u64);
+                        prop_assert_eq!(c.snapshot.is_some(), !keys.is_empty());
+                        if let Some(s) = c.snapshot {
+                            snap_ids.push(s);
+                        }
+                    }
+                    ColdOp::StaleAppend(o) => {
+                        if model.tokens[*o] > 1 && !model.records[*o].is_empty() {
+                            let seq = model.records[*o].len() as u64 + 1;
+                            let r = fx
+                                .sink
+                                .append(ColdBatch::single(
+                                    objs[*o].clone(),
+                                    tok(model.tokens[*o] - 1),
+                                    vec![rec(&objs[*o], seq, "x", Some("x"), 1)],
+                                ))
+                                .await;
+                            prop_assert!(r.as_ref().is_err_and(|e| e.is_fenced()), "stale commit accepted: {:?}", r);
+                        }
+                    }
+                    ColdOp::Takeover(_) => {}
+                    ColdOp::CheckAsOf(i) => {
+                        if !snap_ids.is_empty() {
+                            let idx = i % snap_ids.len();
+                            for (j, obj) in objs.iter().enumerate() {
+                                let n = model.snapshots[idx][j];
+                                let want = fold_changes(&model_records(obj, &model.records[j][..n], 0)).0;
+                                let got =
+                                    fx.sink.load_state(obj, AsOf::Snapshot(snap_ids[idx])).await.map_err(cfail)?;
+                                prop_assert_eq!(strip(&got.entries), strip(&want));
+                            }
+                        }
+                    }
+                }
+                model = next;
+            }
+            for (j, obj) in objs.iter().enumerate() {
+                let wm = fx.sink.watermark(obj).await.map_err(cfail)?;
+                prop_assert_eq!(wm.through, model.records[j].len() as u64);
+                let got: Vec<u64> =
+                    fx.sink.read_changes(obj, 0, AsOf::Latest).await.map_err(cfail)?.iter().map(|r| r.seq).collect();
+                prop_assert_eq!(
+                    got,
+                    (1..=model.records[j].len() as u64).collect::<Vec<_>>(),
+                    "records lost or doubled"
+                );
+                let want = fold_changes(&model_records(obj, &model.records[j], 0)).0;
+                let st = fx.sink.load_state(obj, AsOf::Latest).await.map_err(cfail)?;
+                prop_assert_eq!(strip(&st.entries), strip(&want));
+            }
+            prop_assert_eq!(fx.sink.snapshots().await.map_err(cfail)?.len(), snap_ids.len());
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("cold sink diverged from the model: {e}");
+    }
+}
+
+fn strip(entries: &[crate::Entry]) -> Vec<(String, Bytes, u64)> {
+    entries.iter().map(|e| (e.key.clone(), e.value.clone(), e.seq)).collect()
+}
+
+fn cfail(e: crate::Error) -> TestCaseError {
+    TestCaseError::fail(format!("unexpected error: {e}"))
+}
+
+/// For random tables (several objects, overwrites, deletes, several snapshots) every lookup and
+/// every prefix scan, current and as of each snapshot, equals the answer of folding all records
+/// (no false negatives, no stale versions).
+pub fn prop_accelerator_matches_full_scan(f: &ColdFactory) {
+    let rt = runtime();
+    let commits = proptest::collection::vec(
+        (0..COLD_OBJS, proptest::collection::vec((0..COLD_KEYS, proptest::bool::weighted(0.75)), 1..6)),
+        1..6,
+    );
+    let mut runner =
+        TestRunner::new(Config { cases: proptest_cases().div_ceil(2), failure_persistence: None, ..Config::default() });
+    let result = runner.run(&commits, |commits| {
+        rt.block_on(async {
+            let (fx, _) = open(f).await;
+            let Some(a) = fx.accel.clone() else { return Ok(()) };
+            let objs: Vec<ObjectId> = (0..COLD_OBJS).map(|i| oid(&format!("x{i}"))).collect();
+            let mut all: Vec<Vec<(u64, usize, bool)>> = vec![Vec::new(); COLD_OBJS];
+            let mut snaps: Vec<(i64, Vec<usize>)> = Vec::new();
+            for (o, keys) in &commits {
+                let start = all[*o].len();
+                for (k, put) in keys {
+                    let seq = all[*o].len() as u64 + 1;
+                    all[*o].push((seq, *k, *put));
+                }
+                let recs = model_records(&objs[*o], &all[*o][start..], 1);
+                let c = fx.sink.append(ColdBatch::single(objs[*o].clone(), tok(1), recs)).await.map_err(cfail)?;
+                snaps.push((c.snapshot.expect("non-empty commit"), all.iter().map(Vec::len).collect()));
+            }
+            let mut points: Vec<(AsOf, Vec<usize>)> =
+                snaps.iter().map(|(id, n)| (AsOf::Snapshot(*id), n.clone())).collect();
+            points.push((AsOf::Latest, all.iter().map(Vec::len).collect()));
+            for (as_of, counts) in points {
+                for (j, obj) in objs.iter().enumerate() {
+                    let want: BTreeMap<String, (Bytes, u64)> =
+                        fold_changes(&model_records(obj, &all[j][..counts[j]], 1))
+                            .0
+                            .into_iter()
+                            .map(|e| (e.key, (e.value, e.seq)))
+                            .collect();
+                    for k in 0..COLD_KEYS {
+                        let key = format!("key{k}");
+                        let got = a.lookup(obj, &key, as_of).await.map_err(cfail)?.value.map(|v| (v.value, v.seq));
+                        prop_assert_eq!(got, want.get(&key).cloned(), "lookup {} {} as of {:?}", obj, key, as_of);
+                    }
+                    let scan = a.scan(ScanQuery::object(obj.clone()).as_of(as_of)).await.map_err(cfail)?;
+                    let got: BTreeMap<String, (Bytes, u64)> =
+                        scan.entries.into_iter().map(|v| (v.key, (v.value, v.seq))).collect();
+                    prop_assert_eq!(got, want);
+                }
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("accelerator diverged from a full scan: {e}");
+    }
+}
+
+/// Run every cold case (and the property tests) and return the failures instead of panicking.
+pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
+    macro_rules! cases {
+        ($($c:ident),+) => { vec![$((stringify!($c), Box::new(|f: &ColdFactory| runtime().block_on($c(f))) as Box<dyn Fn(&ColdFactory)>)),+] };
+    }
+    let all = cases!(
+        append_then_load_state,
+        replayed_batch_is_skipped,
+        overlapping_batch_writes_only_new_records,
+        gap_in_sequence_is_rejected,
+        stale_committer_is_fenced,
+        empty_batch_creates_no_snapshot,
+        multi_object_batch_is_all_or_nothing,
+        deletes_apply_and_time_travel_reads_older_snapshots,
+        unknown_snapshot_is_not_found,
+        read_changes_after_a_sequence,
+        large_values_roundtrip,
+        lookup_finds_latest_and_respects_deletes,
+        scan_filters_by_range_type_and_time,
+        query_stats_are_consistent
+    );
+    let mut failures: Vec<CaseFailure> =
+        all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect();
+    failures.extend(run_catching("prop_cold_sink_matches_model", || prop_cold_sink_matches_model(f)));
+    failures.extend(run_catching("prop_accelerator_matches_full_scan", || prop_accelerator_matches_full_scan(f)));
+    failures
+}

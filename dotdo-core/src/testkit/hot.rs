@@ -1,0 +1,909 @@
+//! Conformance cases for [`HotStore`] + [`ConsistencyGuard`] backends.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest_state_machine::ReferenceStateMachine;
+
+use super::{nid, oid, proptest_cases, run_catching, runtime, CaseFailure, HotFactory, HotFixture, KIT_EPOCH};
+use crate::error::ErrorKind;
+use crate::hot::HotStoreExt;
+use crate::ids::{FencingToken, MAX_VALUE_BYTES};
+use crate::record::{KeyRange, Op, WriteBatch};
+use crate::time::ManualClock;
+use crate::{Clock, Lease};
+
+const TTL: Duration = Duration::from_secs(10);
+
+async fn open(f: &HotFactory) -> (HotFixture, ManualClock) {
+    let clock = ManualClock::new(KIT_EPOCH);
+    (f(clock.clone()).await, clock)
+}
+
+async fn lease(fx: &HotFixture, obj: &str, holder: &str) -> Lease {
+    fx.guard.acquire(&oid(obj), &nid(holder), TTL).await.expect("acquire on a free object succeeds")
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Put, then get returns the value; overwrite replaces it.
+pub async fn put_then_get_roundtrips(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let r = fx.hot.put(&l.object, l.token, "T", "k", b("v1")).await.expect("put");
+    assert_eq!((r.first_seq, r.last_seq), (1, 1));
+    assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), Some(b("v1")));
+    fx.hot.put(&l.object, l.token, "T", "k", b("v2")).await.expect("overwrite");
+    assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), Some(b("v2")));
+    assert_eq!(fx.hot.get(&l.object, "other").await.expect("get"), None);
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("object exists");
+    assert_eq!((info.last_seq, info.keys, info.value_bytes), (2, 1, 2));
+    assert!(info.max_token >= l.token);
+}
+
+/// A delete removes the key from state and appears in the change log.
+pub async fn delete_removes_key_and_is_logged(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    fx.hot.put(&l.object, l.token, "T", "k", b("v")).await.expect("put");
+    fx.hot.delete(&l.object, l.token, "T", "k").await.expect("delete");
+    fx.hot.delete(&l.object, l.token, "T", "never-existed").await.expect("delete of absent key is ok");
+    assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), None);
+    let log = fx.hot.read_changes(&l.object, 0, 100).await.expect("log");
+    assert_eq!(log.len(), 3);
+    assert_eq!(log[1].op, Op::Delete);
+    assert_eq!(log[1].key, "k");
+    assert!(log[1].value.is_empty());
+    assert_eq!(log[0].value, b("v"));
+    assert_eq!(log[0].token, l.token);
+    assert_eq!(log[0].type_name, "T");
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+    assert_eq!((info.keys, info.value_bytes), (0, 0));
+}
+
+/// An empty batch applies nothing and assigns no sequence number.
+pub async fn empty_batch_assigns_no_sequence(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let r = fx.hot.write(&l.object, l.token, WriteBatch::new("T")).await.expect("empty batch");
+    assert_eq!((r.first_seq, r.last_seq), (1, 0));
+    fx.hot.put(&l.object, l.token, "T", "a", b("1")).await.expect("put");
+    let r = fx.hot.write(&l.object, l.token, WriteBatch::new("T")).await.expect("empty batch");
+    assert_eq!((r.first_seq, r.last_seq), (2, 1));
+    assert_eq!(fx.hot.read_changes(&l.object, 0, 10).await.expect("log").len(), 1);
+}
+
+/// A batch with one invalid operation changes nothing.
+pub async fn batch_is_atomic_when_one_op_is_invalid(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let bad = WriteBatch::new("T").put("a", b("1")).put("b", vec![0u8; MAX_VALUE_BYTES + 1]);
+    let e = fx.hot.write(&l.object, l.token, bad).await.expect_err("oversized value");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert_eq!(fx.hot.get(&l.object, "a").await.expect("get"), None);
+    assert!(fx.hot.read_changes(&l.object, 0, 10).await.expect("log").is_empty());
+    let r = fx.hot.put(&l.object, l.token, "T", "a", b("1")).await.expect("put");
+    assert_eq!(r.first_seq, 1, "a failed batch must not consume sequence numbers");
+}
+
+/// Values of exactly 2 MiB are stored; one byte more is `LimitExceeded`.
+pub async fn value_at_limit_is_accepted_and_over_limit_rejected(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let big: Vec<u8> = (0..MAX_VALUE_BYTES).map(|i| (i % 251) as u8).collect();
+    fx.hot.put(&l.object, l.token, "T", "big", Bytes::from(big.clone())).await.expect("2 MiB value");
+    assert_eq!(fx.hot.get(&l.object, "big").await.expect("get").as_deref(), Some(&big[..]));
+    let e = fx
+        .hot
+        .put(&l.object, l.token, "T", "big2", Bytes::from(vec![1u8; MAX_VALUE_BYTES + 1]))
+        .await
+        .expect_err("too big");
+    match e.kind() {
+        ErrorKind::LimitExceeded { limit, actual, .. } => {
+            assert_eq!(*limit, MAX_VALUE_BYTES as u64);
+            assert_eq!(*actual, MAX_VALUE_BYTES as u64 + 1);
+        }
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
+    let empty = fx.hot.put(&l.object, l.token, "T", "empty", Bytes::new()).await;
+    assert!(empty.is_ok(), "an empty value is a valid value");
+    assert_eq!(fx.hot.get(&l.object, "empty").await.expect("get"), Some(Bytes::new()));
+}
+
+/// Empty keys, keys with control characters and bad type names are `InvalidInput`.
+pub async fn invalid_keys_and_type_names_are_rejected(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    for key in ["", "a\0b", "line\nbreak"] {
+        let e = fx.hot.put(&l.object, l.token, "T", key, b("v")).await.expect_err(key);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{key:?}: {e}");
+    }
+    let e = fx.hot.put(&l.object, l.token, "", "k", b("v")).await.expect_err("empty type");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let e =
+        fx.hot.put(&l.object, l.token, "T", &"k".repeat(crate::MAX_KEY_BYTES + 1), b("v")).await.expect_err("long key");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }));
+    let e = fx.hot.get(&l.object, "").await.expect_err("get empty key");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    // Unicode keys are fine and round-trip.
+    fx.hot.put(&l.object, l.token, "T", "clé/日本", b("u")).await.expect("unicode key");
+    assert_eq!(fx.hot.get(&l.object, "clé/日本").await.expect("get"), Some(b("u")));
+}
+
+/// Listing honours prefixes, ranges, limits and key order, and skips deleted keys.
+pub async fn list_by_prefix_range_and_limit(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let mut batch = WriteBatch::new("T");
+    for k in ["user/b", "user/a", "user/c", "userx", "use", "order/1", "user/d"] {
+        batch = batch.put(k, b(k));
+    }
+    fx.hot.write(&l.object, l.token, batch.delete("user/d")).await.expect("batch");
+    let keys = |v: Vec<crate::Entry>| v.into_iter().map(|e| e.key).collect::<Vec<_>>();
+    let all = fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list");
+    assert_eq!(keys(all.clone()), ["order/1", "use", "user/a", "user/b", "user/c", "userx"]);
+    assert_eq!(all[2].value, b("user/a"));
+    assert!(all.iter().all(|e| e.seq >= 1));
+    assert_eq!(
+        keys(fx.hot.list(&l.object, KeyRange::prefix("user/"), None).await.expect("prefix")),
+        ["user/a", "user/b", "user/c"]
+    );
+    assert_eq!(
+        keys(fx.hot.list(&l.object, KeyRange::prefix("user/"), Some(2)).await.expect("limit")),
+        ["user/a", "user/b"]
+    );
+    assert_eq!(
+        keys(fx.hot.list(&l.object, KeyRange::between("use", "user/b"), None).await.expect("range")),
+        ["use", "user/a"]
+    );
+    assert!(fx.hot.list(&l.object, KeyRange::prefix("zzz"), None).await.expect("none").is_empty());
+    assert!(fx.hot.list(&l.object, KeyRange::all(), Some(0)).await.expect("limit 0").is_empty());
+}
+
+/// An object that was never written reads as empty, not as an error.
+pub async fn unknown_object_reads_empty(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("never-written");
+    assert_eq!(fx.hot.get(&o, "k").await.expect("get"), None);
+    assert!(fx.hot.list(&o, KeyRange::all(), None).await.expect("list").is_empty());
+    assert!(fx.hot.read_changes(&o, 0, 10).await.expect("log").is_empty());
+    assert_eq!(fx.hot.object_info(&o).await.expect("info"), None);
+    assert!(fx.guard.is_available(&o).await.expect("available"));
+    assert_eq!(fx.guard.current(&o).await.expect("current"), None);
+}
+
+/// Sequence numbers are per object, start at 1 and have no gaps across batches.
+pub async fn sequence_numbers_are_contiguous_across_batches(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l1 = lease(&fx, "o1", "n1").await;
+    let l2 = lease(&fx, "o2", "n1").await;
+    let r = fx
+        .hot
+        .write(&l1.object, l1.token, WriteBatch::new("T").put("a", b("1")).put("b", b("2")).delete("a"))
+        .await
+        .expect("w");
+    assert_eq!((r.first_seq, r.last_seq), (1, 3));
+    let r = fx.hot.put(&l2.object, l2.token, "T", "a", b("x")).await.expect("w");
+    assert_eq!((r.first_seq, r.last_seq), (1, 1), "sequence numbers are per object");
+    let r = fx.hot.put(&l1.object, l1.token, "T", "c", b("3")).await.expect("w");
+    assert_eq!((r.first_seq, r.last_seq), (4, 4));
+    let seqs: Vec<u64> = fx.hot.read_changes(&l1.object, 0, 100).await.expect("log").iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+}
+
+/// The change log reads after a sequence number with a limit, and truncation drops a prefix.
+pub async fn change_log_reads_and_truncates(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    for i in 0..10 {
+        fx.hot.put(&l.object, l.token, "T", &format!("k{i}"), b(&i.to_string())).await.expect("put");
+    }
+    let page = fx.hot.read_changes(&l.object, 3, 4).await.expect("page");
+    assert_eq!(page.iter().map(|c| c.seq).collect::<Vec<_>>(), [4, 5, 6, 7]);
+    assert_eq!(page[0].key, "k3");
+    assert_eq!(page[0].object, l.object);
+    fx.hot.truncate_changes(&l.object, l.token, 6).await.expect("truncate");
+    fx.hot.truncate_changes(&l.object, l.token, 6).await.expect("truncate is idempotent");
+    fx.hot.truncate_changes(&l.object, l.token, 2).await.expect("truncating less is a no-op");
+    let rest = fx.hot.read_changes(&l.object, 0, 100).await.expect("rest");
+    assert_eq!(rest.iter().map(|c| c.seq).collect::<Vec<_>>(), [7, 8, 9, 10]);
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+    assert_eq!((info.last_seq, info.truncated_through), (10, 6));
+    assert!(info.has_pending_changes());
+    let e = fx.hot.truncate_changes(&l.object, l.token, 11).await.expect_err("beyond last");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    // State is untouched by truncation.
+    assert_eq!(fx.hot.get(&l.object, "k0").await.expect("get"), Some(b("0")));
+    fx.hot.truncate_changes(&l.object, l.token, 10).await.expect("truncate all");
+    assert!(!fx.hot.object_info(&l.object).await.expect("info").expect("exists").has_pending_changes());
+}
+
+/// Objects with untruncated changes are listed in id order, with paging.
+pub async fn pending_objects_are_listed_until_truncated(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let mut leases = Vec::new();
+    for o in ["c", "a", "b"] {
+        let l = lease(&fx, o, "n1").await;
+        fx.hot.put(&l.object, l.token, "T", "k", b("v")).await.expect("put");
+        leases.push(l);
+    }
+    let ids = |v: Vec<crate::ObjectId>| v.into_iter().map(|o| o.to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(fx.hot.objects_with_pending_changes(None, 10).await.expect("pending")), ["a", "b", "c"]);
+    assert_eq!(ids(fx.hot.objects_with_pending_changes(Some(&oid("a")), 1).await.expect("page")), ["b"]);
+    let lb = &leases[2];
+    fx.hot.truncate_changes(&lb.object, lb.token, 1).await.expect("truncate b");
+    assert_eq!(ids(fx.hot.objects_with_pending_changes(None, 10).await.expect("pending")), ["a", "c"]);
+}
+
+/// Token `NONE` is never accepted.
+pub async fn none_token_is_rejected(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let e = fx.hot.put(&oid("o1"), FencingToken::NONE, "T", "k", b("v")).await.expect_err("NONE token");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert_eq!(fx.hot.get(&oid("o1"), "k").await.expect("get"), None);
+}
+
+/// After another holder takes over, a write with the old token is `Fenced` and changes nothing.
+pub async fn stale_token_write_is_rejected_after_takeover(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let old = lease(&fx, "o1", "n1").await;
+    fx.hot.put(&old.object, old.token, "T", "k", b("old")).await.expect("put");
+    clock.advance(TTL + Duration::from_millis(1));
+    let new = lease(&fx, "o1", "n2").await;
+    assert!(new.token > old.token);
+    fx.hot.put(&new.object, new.token, "T", "k", b("new")).await.expect("new holder writes");
+    let e = fx.hot.put(&old.object, old.token, "T", "k", b("stale")).await.expect_err("stale write");
+    match e.kind() {
+        ErrorKind::Fenced { presented, current, object } => {
+            assert_eq!(*presented, old.token);
+            assert_eq!(*current, new.token);
+            assert_eq!(object, &old.object);
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert!(!e.is_retryable());
+    assert_eq!(fx.hot.get(&old.object, "k").await.expect("get"), Some(b("new")));
+    let e = fx.hot.truncate_changes(&old.object, old.token, 1).await.expect_err("stale truncate");
+    assert!(e.is_fenced());
+    let e = fx.hot.evict(&old.object, old.token).await.expect_err("stale evict");
+    assert!(e.is_fenced());
+    assert_eq!(fx.hot.read_changes(&old.object, 0, 10).await.expect("log").len(), 2);
+}
+
+/// A holder paused past its TTL is fenced as soon as the new holder's lease exists, even
+/// before the new holder writes anything.
+pub async fn paused_holder_past_ttl_is_fenced(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let a = lease(&fx, "o1", "a").await;
+    fx.hot.put(&a.object, a.token, "T", "n", b("1")).await.expect("put");
+    clock.advance(TTL * 2); // a "pauses"
+    assert!(fx.guard.is_available(&a.object).await.expect("available"));
+    let bl = lease(&fx, "o1", "b").await;
+    let e = fx.hot.put(&a.object, a.token, "T", "n", b("2")).await.expect_err("paused holder");
+    assert!(e.is_fenced(), "{e}");
+    let e = fx.guard.validate(&a).await.expect_err("validate old");
+    assert!(e.is_fenced(), "{e}");
+    fx.guard.validate(&bl).await.expect("new lease is valid");
+    assert_eq!(fx.hot.get(&a.object, "n").await.expect("get"), Some(b("1")));
+}
+
+/// Eviction needs every change truncated (acknowledged by cold) and keeps the sequence counter.
+pub async fn evict_requires_drained_changes_and_keeps_sequence(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    fx.hot.write(&l.object, l.token, WriteBatch::new("T").put("a", b("1")).put("b", b("2"))).await.expect("w");
+    let e = fx.hot.evict(&l.object, l.token).await.expect_err("undrained");
+    assert_eq!(e.kind(), &ErrorKind::Conflict);
+    assert_eq!(fx.hot.get(&l.object, "a").await.expect("get"), Some(b("1")), "failed evict keeps state");
+    fx.hot.truncate_changes(&l.object, l.token, 2).await.expect("truncate");
+    fx.hot.evict(&l.object, l.token).await.expect("evict");
+    assert_eq!(fx.hot.get(&l.object, "a").await.expect("get"), None);
+    assert!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list").is_empty());
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("seq kept");
+    assert_eq!((info.last_seq, info.keys), (2, 0));
+    let r = fx.hot.put(&l.object, l.token, "T", "c", b("3")).await.expect("write after evict");
+    assert_eq!(r.first_seq, 3, "sequence numbers never repeat");
+}
+
+/// Restore installs cold state without logging it and continues the sequence after it.
+pub async fn restore_installs_state_and_continues_sequence(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let entries = vec![
+        crate::Entry { key: "a".into(), value: b("1"), seq: 3 },
+        crate::Entry { key: "b".into(), value: b("2"), seq: 7 },
+    ];
+    fx.hot.restore(&l.object, l.token, entries.clone(), 7).await.expect("restore");
+    assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list"), entries);
+    assert!(fx.hot.read_changes(&l.object, 0, 10).await.expect("log").is_empty());
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+    assert_eq!((info.last_seq, info.truncated_through, info.keys), (7, 7, 2));
+    let r = fx.hot.put(&l.object, l.token, "T", "c", b("3")).await.expect("put");
+    assert_eq!(r.first_seq, 8);
+    let e = fx.hot.restore(&l.object, l.token, vec![], 8).await.expect_err("pending changes");
+    assert_eq!(e.kind(), &ErrorKind::Conflict);
+    fx.hot.truncate_changes(&l.object, l.token, 8).await.expect("truncate");
+    let e = fx.hot.restore(&l.object, l.token, vec![], 5).await.expect_err("older than hot");
+    assert_eq!(e.kind(), &ErrorKind::Conflict);
+    assert_eq!(fx.hot.get(&l.object, "c").await.expect("get"), Some(b("3")));
+}
+
+/// Many concurrent writers under one token each get distinct, gap-free sequence numbers.
+pub async fn concurrent_writers_get_unique_sequences(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let hot = fx.hot.clone();
+        let l = l.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..25 {
+                let r = hot
+                    .put(&l.object, l.token, "T", &format!("t{t}-{i}"), Bytes::from(vec![t as u8]))
+                    .await
+                    .expect("put");
+                seqs.push(r.first_seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=200).collect::<Vec<u64>>());
+    assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list").len(), 200);
+}
+
+/// Acquire issues a token and blocks other holders with `LeaseHeld` naming the holder.
+pub async fn acquire_grants_token_and_blocks_others(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    assert!(l.token > FencingToken::NONE);
+    assert_eq!(l.holder, nid("n1"));
+    assert_eq!(l.acquired_at, clock.now());
+    assert_eq!(l.expires_at, clock.now().add(TTL));
+    let e = fx.guard.acquire(&oid("o1"), &nid("n2"), TTL).await.expect_err("held");
+    match e.kind() {
+        ErrorKind::LeaseHeld { holder, expires_at, object } => {
+            assert_eq!(holder, &nid("n1"));
+            assert_eq!(*expires_at, l.expires_at);
+            assert_eq!(object, &oid("o1"));
+        }
+        other => panic!("expected LeaseHeld, got {other:?}"),
+    }
+    let e = fx.guard.acquire(&oid("o1"), &nid("n1"), TTL).await.expect_err("re-acquire by holder");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }));
+    assert!(!fx.guard.is_available(&oid("o1")).await.expect("available"));
+    assert_eq!(fx.guard.current(&oid("o1")).await.expect("current"), Some(l.clone()));
+    // Other objects are independent.
+    lease(&fx, "o2", "n2").await;
+}
+
+/// Tokens strictly increase across holders, releases and expiry.
+pub async fn tokens_strictly_increase_across_holders(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let mut last = FencingToken::NONE;
+    for i in 0..6 {
+        let l = lease(&fx, "o1", &format!("n{}", i % 3)).await;
+        assert!(l.token > last, "token {} after {}", l.token, last);
+        last = l.token;
+        if i % 2 == 0 {
+            fx.guard.release(&l).await.expect("release");
+        } else {
+            clock.advance(TTL);
+        }
+    }
+}
+
+/// Refresh extends the expiry and keeps the token.
+pub async fn refresh_extends_and_keeps_token(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    clock.advance(TTL / 2);
+    let r = fx.guard.refresh(&l, TTL).await.expect("refresh");
+    assert_eq!(r.token, l.token);
+    assert_eq!(r.acquired_at, l.acquired_at);
+    assert_eq!(r.expires_at, clock.now().add(TTL));
+    clock.advance(TTL * 3 / 4);
+    // Without the refresh this would have expired.
+    assert!(!fx.guard.is_available(&l.object).await.expect("available"));
+    fx.guard.validate(&r).await.expect("still valid");
+    fx.hot.put(&l.object, r.token, "T", "k", b("v")).await.expect("write after refresh");
+}
+
+/// Refresh after expiry is `LeaseLost`; after a takeover it is `Fenced`.
+pub async fn refresh_after_expiry_or_takeover_fails(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    clock.advance(TTL);
+    let e = fx.guard.refresh(&l, TTL).await.expect_err("expired");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    let n = lease(&fx, "o1", "n2").await;
+    let e = fx.guard.refresh(&l, TTL).await.expect_err("taken over");
+    assert!(e.is_fenced(), "{e}");
+    assert_eq!(fx.guard.current(&l.object).await.expect("current"), Some(n));
+}
+
+/// Release frees the object at once; releasing a stale lease never frees the newer one.
+pub async fn release_is_idempotent_and_never_frees_a_newer_lease(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    fx.guard.release(&l).await.expect("release");
+    fx.guard.release(&l).await.expect("release twice");
+    assert!(fx.guard.is_available(&l.object).await.expect("available"));
+    let e = fx.guard.validate(&l).await.expect_err("released");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }));
+    let n = lease(&fx, "o1", "n2").await;
+    assert!(n.token > l.token);
+    fx.guard.release(&l).await.expect("stale release is a no-op");
+    assert_eq!(fx.guard.current(&l.object).await.expect("current"), Some(n.clone()));
+    clock.advance(Duration::from_millis(1));
+    fx.guard.validate(&n).await.expect("newer lease still valid");
+}
+
+/// Validate: `Ok` for the current lease, `Fenced` after a takeover, `LeaseLost` after expiry.
+pub async fn validate_reports_current_fenced_and_lost(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    fx.guard.validate(&l).await.expect("current");
+    clock.advance(TTL);
+    assert!(matches!(fx.guard.validate(&l).await.expect_err("expired").kind(), ErrorKind::LeaseLost { .. }));
+    let _n = lease(&fx, "o1", "n2").await;
+    assert!(fx.guard.validate(&l).await.expect_err("fenced").is_fenced());
+    let forged = Lease { holder: nid("n9"), ..l.clone() };
+    assert!(fx.guard.validate(&forged).await.is_err());
+}
+
+/// TTLs of zero or over a day are `InvalidInput`.
+pub async fn invalid_ttl_is_rejected(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    for ttl in [Duration::ZERO, Duration::from_secs(25 * 3600)] {
+        let e = fx.guard.acquire(&oid("o1"), &nid("n1"), ttl).await.expect_err("bad ttl");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{ttl:?}");
+    }
+    assert!(fx.guard.is_available(&oid("o1")).await.expect("available"));
+}
+
+/// Of many concurrent acquires of one object exactly one wins.
+pub async fn concurrent_acquire_has_one_winner(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let g = fx.guard.clone();
+        tasks.push(tokio::spawn(async move { g.acquire(&oid("o1"), &nid(&format!("n{i}")), TTL).await }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(_) => winners += 1,
+            Err(e) => assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }) || e.is_retryable(), "{e}"),
+        }
+    }
+    assert_eq!(winners, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model-based property tests.
+
+/// Operations of the hot-store state machine. Objects and keys come from small pools so that
+/// sequences collide often.
+#[derive(Clone, Debug)]
+pub enum HotOp {
+    /// Acquire a fresh lease after the previous one expired (a takeover).
+    Takeover(usize),
+    /// Write a batch under the current lease.
+    Write(usize, Vec<(usize, Option<Vec<u8>>)>),
+    /// Write with the previous (stale) token: must be fenced if a takeover happened.
+    StaleWrite(usize, usize),
+    /// Read one key.
+    Get(usize, usize),
+    /// List by prefix.
+    List(usize, usize),
+    /// Truncate the change log through `last_seq - n`.
+    Truncate(usize, u64),
+    /// Read the change log after `n`.
+    ReadChanges(usize, u64),
+}
+
+const OBJS: usize = 3;
+const KEYS: [&str; 5] = ["a", "ab", "b", "b/1", "c"];
+const PREFIXES: [&str; 3] = ["a", "b", ""];
+
+/// The model: per object, live map, the full change log, and which lease generation is current.
+#[derive(Clone, Debug, Default)]
+pub struct HotModel {
+    objects: Vec<ObjModel>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ObjModel {
+    state: BTreeMap<String, Vec<u8>>,
+    log: Vec<(u64, String, Option<Vec<u8>>)>,
+    last_seq: u64,
+    truncated: u64,
+    generations: usize,
+}
+
+struct HotMachine;
+
+impl ReferenceStateMachine for HotMachine {
+    type State = HotModel;
+    type Transition = HotOp;
+
+    fn init_state() -> BoxedStrategy<HotModel> {
+        Just(HotModel { objects: vec![ObjModel::default(); OBJS] }).boxed()
+    }
+
+    fn transitions(_: &HotModel) -> BoxedStrategy<HotOp> {
+        let value = proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16));
+        prop_oneof![
+            1 => (0..OBJS).prop_map(HotOp::Takeover),
+            5 => (0..OBJS, proptest::collection::vec((0..KEYS.len(), value), 0..4)).prop_map(|(o, ops)| HotOp::Write(o, ops)),
+            1 => (0..OBJS, 0..KEYS.len()).prop_map(|(o, k)| HotOp::StaleWrite(o, k)),
+            3 => (0..OBJS, 0..KEYS.len()).prop_map(|(o, k)| HotOp::Get(o, k)),
+            2 => (0..OBJS, 0..PREFIXES.len()).prop_map(|(o, p)| HotOp::List(o, p)),
+            1 => (0..OBJS, 0..3u64).prop_map(|(o, n)| HotOp::Truncate(o, n)),
+            1 => (0..OBJS, 0..6u64).prop_map(|(o, n)| HotOp::ReadChanges(o, n)),
+        ]
+        .boxed()
+    }
+
+    fn apply(mut s: HotModel, t: &HotOp) -> HotModel {
+        match t {
+            HotOp::Takeover(o) => s.objects[*o].generations += 1,
+            HotOp::Write(o, ops) => {
+                let m = &mut s.objects[*o];
+                for (k, v) in ops {
+                    m.last_seq += 1;
+                    match v {
+                        Some(v) => m.state.insert(KEYS[*k].to_string(), v.clone()),
+                        None => m.state.remove(KEYS[*k]),
+                    };
+                    m.log.push((m.last_seq, KEYS[*k].to_string(), v.clone()));
+                }
+            }
+            HotOp::Truncate(o, n) => {
+                let m = &mut s.objects[*o];
+                let through = m.last_seq.saturating_sub(*n);
+                m.truncated = m.truncated.max(through);
+                m.log.retain(|(seq, _, _)| *seq > m.truncated);
+            }
+            HotOp::StaleWrite(..) | HotOp::Get(..) | HotOp::List(..) | HotOp::ReadChanges(..) => {}
+        }
+        s
+    }
+}
+
+/// Random sequences of writes, stale writes, takeovers, reads, listings and truncations match the
+/// model.
+pub fn prop_hot_store_matches_model(f: &HotFactory) {
+    let rt = runtime();
+    let mut runner =
+        TestRunner::new(Config { cases: proptest_cases(), failure_persistence: None, ..Config::default() });
+    let result = runner.run(&HotMachine::sequential_strategy(1..40), |(init, ops, _)| {
+        rt.block_on(async {
+            let clock = ManualClock::new(KIT_EPOCH);
+            let fx = f(clock.clone()).await;
+            let mut model = init;
+            let objs: Vec<_> = (0..OBJS).map(|i| oid(&format!("p{i}"))).collect();
+            let mut leases: Vec<Vec<Lease>> = vec![Vec::new(); OBJS];
+            for (i, o) in objs.iter().enumerate() {
+                leases[i].push(fx.guard.acquire(o, &nid("n0"), TTL).await.map_err(fail)?);
+            }
+            for op in &ops {
+                match op {
+                    HotOp::Takeover(o) => {
+                        clock.advance(TTL);
+                        let l = fx.guard.acquire(&objs[*o], &nid("n1"), TTL).await.map_err(fail)?;
+                        let prev = leases[*o].last().map_or(FencingToken::NONE, |l| l.token);
+                        prop_assert!(l.token > prev, "token did not increase");
+                        leases[*o].push(l);
+                        // keep the other objects' leases alive
+                        for (j, ls) in leases.iter_mut().enumerate() {
+                            if j != *o {
+                                let cur = ls.last().cloned().expect("one lease per object");
+                                let fresh = match fx.guard.refresh(&cur, TTL).await {
+                                    Ok(l) => l,
+                                    Err(_) => fx.guard.acquire(&objs[j], &nid("n1"), TTL).await.map_err(fail)?,
+                                };
+                                ls.push(fresh);
+                            }
+                        }
+                    }
+                    HotOp::Write(o, kv) => {
+                        let l = leases[*o].last().expect("lease");
+                        let mut batch = WriteBatch::new("T");
+                        for (k, v) in kv {
+                            batch = match v {
+                                Some(v) => batch.put(KEYS[*k], Bytes::from(v.clone())),
+                                None => batch.delete(KEYS[*k]),
+                            };
+                        }
+                        let before = model.objects[*o].last_seq;
+                        let r = fx.hot.write(&objs[*o], l.token, batch).await.map_err(fail)?;
+                        prop_assert_eq!(r.first_seq, before + 1);
+                        prop_assert_eq!(r.last_seq, before + kv.len() as u64);
+                    }
+                    HotOp::StaleWrite(o, k) => {
+                        let ls = &leases[*o];
+                        if ls.len() >= 2 {
+                            let stale = &ls[0];
+                            let current = ls.last().expect("lease").token;
+                            if stale.token < current {
+                                let e = fx
+                                    .hot
+                                    .put(&objs[*o], stale.token, "T", KEYS[*k], Bytes::from_static(b"stale"))
+                                    .await;
+                                prop_assert!(
+                                    e.as_ref().is_err_and(|e| e.is_fenced()),
+                                    "stale write not fenced: {:?}",
+                                    e
+                                );
+                            }
+                        }
+                    }
+                    HotOp::Get(o, k) => {
+                        let got = fx.hot.get(&objs[*o], KEYS[*k]).await.map_err(fail)?;
+                        let want = model.objects[*o].state.get(KEYS[*k]).cloned();
+                        prop_assert_eq!(got.map(|b| b.to_vec()), want);
+                    }
+                    HotOp::List(o, p) => {
+                        let got: Vec<(String, Vec<u8>)> = fx
+                            .hot
+                            .list(&objs[*o], KeyRange::prefix(PREFIXES[*p]), None)
+                            .await
+                            .map_err(fail)?
+                            .into_iter()
+                            .map(|e| (e.key, e.value.to_vec()))
+                            .collect();
+                        let want: Vec<(String, Vec<u8>)> = model.objects[*o]
+                            .state
+                            .iter()
+                            .filter(|(k, _)| k.starts_with(PREFIXES[*p]))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect();
+                        prop_assert_eq!(got, want);
+                    }
+                    HotOp::Truncate(o, n) => {
+                        let l = leases[*o].last().expect("lease");
+                        let through = model.objects[*o].last_seq.saturating_sub(*n);
+                        fx.hot.truncate_changes(&objs[*o], l.token, through).await.map_err(fail)?;
+                    }
+                    HotOp::ReadChanges(o, after) => {
+                        let got: Vec<(u64, String, Option<Vec<u8>>)> = fx
+                            .hot
+                            .read_changes(&objs[*o], *after, 1000)
+                            .await
+                            .map_err(fail)?
+                            .into_iter()
+                            .map(|c| (c.seq, c.key, (c.op == Op::Put).then(|| c.value.to_vec())))
+                            .collect();
+                        let want: Vec<_> =
+                            model.objects[*o].log.iter().filter(|(s, _, _)| s > after).cloned().collect();
+                        prop_assert_eq!(got, want);
+                    }
+                }
+                model = HotMachine::apply(model, op);
+            }
+            for (i, o) in objs.iter().enumerate() {
+                let info = fx.hot.object_info(o).await.map_err(fail)?;
+                let m = &model.objects[i];
+                prop_assert_eq!(info.as_ref().map_or(0, |i| i.last_seq), m.last_seq);
+                prop_assert_eq!(info.map_or(0, |i| i.keys), m.state.len() as u64);
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("hot store diverged from the model: {e}");
+    }
+}
+
+fn fail(e: crate::Error) -> TestCaseError {
+    TestCaseError::fail(format!("unexpected error: {e}"))
+}
+
+/// Operations of the guard state machine.
+#[derive(Clone, Debug)]
+pub enum GuardOp {
+    /// Holder `h` tries to acquire object `o`.
+    Acquire(usize, usize),
+    /// Holder `h` refreshes its latest lease on `o`.
+    Refresh(usize, usize),
+    /// Holder `h` releases its latest lease on `o`.
+    Release(usize, usize),
+    /// Holder `h` validates its latest lease on `o`.
+    Validate(usize, usize),
+    /// Time passes (milliseconds).
+    Advance(u64),
+}
+
+/// The guard model: per object the current holder, token and expiry (ms since kit epoch).
+#[derive(Clone, Debug, Default)]
+pub struct GuardModel {
+    now: u64,
+    objects: Vec<(Option<usize>, u64, u64)>,
+    held: BTreeMap<(usize, usize), (u64, u64)>,
+}
+
+const HOLDERS: usize = 3;
+const TTL_MS: u64 = 1_000;
+
+struct GuardMachine;
+
+impl ReferenceStateMachine for GuardMachine {
+    type State = GuardModel;
+    type Transition = GuardOp;
+
+    fn init_state() -> BoxedStrategy<GuardModel> {
+        Just(GuardModel { now: 0, objects: vec![(None, 0, 0); 2], held: BTreeMap::new() }).boxed()
+    }
+
+    fn transitions(_: &GuardModel) -> BoxedStrategy<GuardOp> {
+        prop_oneof![
+            3 => (0..2usize, 0..HOLDERS).prop_map(|(o, h)| GuardOp::Acquire(o, h)),
+            2 => (0..2usize, 0..HOLDERS).prop_map(|(o, h)| GuardOp::Refresh(o, h)),
+            1 => (0..2usize, 0..HOLDERS).prop_map(|(o, h)| GuardOp::Release(o, h)),
+            2 => (0..2usize, 0..HOLDERS).prop_map(|(o, h)| GuardOp::Validate(o, h)),
+            2 => prop_oneof![Just(1u64), Just(400), Just(999), Just(1_000), Just(2_500)].prop_map(GuardOp::Advance),
+        ]
+        .boxed()
+    }
+
+    fn apply(mut s: GuardModel, t: &GuardOp) -> GuardModel {
+        let now = s.now;
+        match *t {
+            GuardOp::Acquire(o, h) => {
+                let (_, token, exp) = s.objects[o];
+                if now >= exp {
+                    s.objects[o] = (Some(h), token + 1, now + TTL_MS);
+                    s.held.insert((o, h), (token + 1, now + TTL_MS));
+                }
+            }
+            GuardOp::Refresh(o, h) => {
+                if let Some(&(tok, _)) = s.held.get(&(o, h)) {
+                    let (holder, token, exp) = s.objects[o];
+                    if holder == Some(h) && token == tok && now < exp {
+                        s.objects[o].2 = now + TTL_MS;
+                        s.held.insert((o, h), (tok, now + TTL_MS));
+                    }
+                }
+            }
+            GuardOp::Release(o, h) => {
+                if let Some(&(tok, _)) = s.held.get(&(o, h)) {
+                    let (_, token, exp) = s.objects[o];
+                    if token == tok && now < exp {
+                        s.objects[o].2 = now;
+                    }
+                }
+            }
+            GuardOp::Validate(..) => {}
+            GuardOp::Advance(ms) => s.now += ms,
+        }
+        s
+    }
+}
+
+/// Random acquire / refresh / release / validate / time sequences by several holders match the
+/// lease model exactly: who holds what, which calls fail and how, and token values relative to
+/// each other.
+pub fn prop_guard_matches_model(f: &HotFactory) {
+    let rt = runtime();
+    let mut runner =
+        TestRunner::new(Config { cases: proptest_cases(), failure_persistence: None, ..Config::default() });
+    let result = runner.run(&GuardMachine::sequential_strategy(1..50), |(init, ops, _)| {
+        rt.block_on(async {
+            let clock = ManualClock::new(KIT_EPOCH);
+            let fx = f(clock.clone()).await;
+            let objs = [oid("g0"), oid("g1")];
+            let holders: Vec<_> = (0..HOLDERS).map(|h| nid(&format!("h{h}"))).collect();
+            let ttl = Duration::from_millis(TTL_MS);
+            let mut model = init;
+            let mut leases: BTreeMap<(usize, usize), Lease> = BTreeMap::new();
+            let mut token_base: [Option<u64>; 2] = [None, None];
+            for op in &ops {
+                let next = GuardMachine::apply(model.clone(), op);
+                match *op {
+                    GuardOp::Acquire(o, h) => {
+                        let r = fx.guard.acquire(&objs[o], &holders[h], ttl).await;
+                        if next.objects[o].1 != model.objects[o].1 {
+                            let l = r.map_err(fail)?;
+                            // Tokens may start anywhere but must advance by exactly what the model says
+                            // relative to the first one, or at least strictly increase.
+                            let base = *token_base[o].get_or_insert(l.token.get() - next.objects[o].1 + 1);
+                            prop_assert!(l.token.get() >= base + next.objects[o].1 - 1, "token went down");
+                            if let Some(prev) = leases.values().filter(|x| x.object == objs[o]).map(|x| x.token).max() {
+                                prop_assert!(l.token > prev, "token {} not above {}", l.token, prev);
+                            }
+                            leases.insert((o, h), l);
+                        } else {
+                            let e = r.expect_err("acquire of a held object must fail");
+                            let holder = model.objects[o].0.expect("held objects have a holder");
+                            match e.kind() {
+                                ErrorKind::LeaseHeld { holder: got, .. } => prop_assert_eq!(got, &holders[holder]),
+                                other => prop_assert!(false, "expected LeaseHeld, got {:?}", other),
+                            }
+                        }
+                    }
+                    GuardOp::Refresh(o, h) | GuardOp::Validate(o, h) => {
+                        if let Some(l) = leases.get(&(o, h)).cloned() {
+                            let valid = model.objects[o].0 == Some(h)
+                                && model.held.get(&(o, h)).map(|x| x.0) == Some(model.objects[o].1)
+                                && model.now < model.objects[o].2;
+                            let r = if matches!(op, GuardOp::Refresh(..)) {
+                                fx.guard.refresh(&l, ttl).await.map(|nl| {
+                                    leases.insert((o, h), nl);
+                                })
+                            } else {
+                                fx.guard.validate(&l).await
+                            };
+                            prop_assert_eq!(r.is_ok(), valid, "{:?} on {:?}: {:?}", op, l, r);
+                        }
+                    }
+                    GuardOp::Release(o, h) => {
+                        if let Some(l) = leases.get(&(o, h)) {
+                            fx.guard.release(l).await.map_err(fail)?;
+                        }
+                    }
+                    GuardOp::Advance(ms) => clock.advance(Duration::from_millis(ms)),
+                }
+                model = next;
+                for (o, obj) in objs.iter().enumerate() {
+                    let avail = fx.guard.is_available(obj).await.map_err(fail)?;
+                    prop_assert_eq!(avail, model.now >= model.objects[o].2, "availability of {}", obj);
+                }
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("guard diverged from the model: {e}");
+    }
+}
+
+/// Run every hot case (not the property tests) and return the failures instead of panicking.
+pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
+    macro_rules! cases {
+        ($($c:ident),+) => { vec![$((stringify!($c), Box::new(|f: &HotFactory| runtime().block_on($c(f))) as Box<dyn Fn(&HotFactory)>)),+] };
+    }
+    let all = cases!(
+        put_then_get_roundtrips,
+        delete_removes_key_and_is_logged,
+        empty_batch_assigns_no_sequence,
+        batch_is_atomic_when_one_op_is_invalid,
+        value_at_limit_is_accepted_and_over_limit_rejected,
+        invalid_keys_and_type_names_are_rejected,
+        list_by_prefix_range_and_limit,
+        unknown_object_reads_empty,
+        sequence_numbers_are_contiguous_across_batches,
+        change_log_reads_and_truncates,
+        pending_objects_are_listed_until_truncated,
+        none_token_is_rejected,
+        stale_token_write_is_rejected_after_takeover,
+        paused_holder_past_ttl_is_fenced,
+        evict_requires_drained_changes_and_keeps_sequence,
+        restore_installs_state_and_continues_sequence,
+        concurrent_writers_get_unique_sequences,
+        acquire_grants_token_and_blocks_others,
+        tokens_strictly_increase_across_holders,
+        refresh_extends_and_keeps_token,
+        refresh_after_expiry_or_takeover_fails,
+        release_is_idempotent_and_never_frees_a_newer_lease,
+        validate_reports_current_fenced_and_lost,
+        invalid_ttl_is_rejected,
+        concurrent_acquire_has_one_winner
+    );
+    let mut failures: Vec<CaseFailure> =
+        all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect();
+    failures.extend(run_catching("prop_hot_store_matches_model", || prop_hot_store_matches_model(f)));
+    failures.extend(run_catching("prop_guard_matches_model", || prop_guard_matches_model(f)));
+    failures
+}

@@ -1,0 +1,251 @@
+//! Time: timestamps and the injectable [`Clock`].
+//!
+//! Library code never reads ambient time; it asks a [`Clock`]. Hosts use [`SystemClock`]; tests
+//! use [`ManualClock`] and move time by hand, which makes lease expiry and renewal deterministic.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+/// Wall-clock time in microseconds since the Unix epoch (UTC), the resolution of Iceberg's
+/// `timestamptz`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    /// The Unix epoch.
+    pub const EPOCH: Timestamp = Timestamp(0);
+
+    /// From microseconds since the epoch.
+    pub const fn from_micros(us: i64) -> Self {
+        Timestamp(us)
+    }
+
+    /// From milliseconds since the epoch.
+    pub const fn from_millis(ms: i64) -> Self {
+        Timestamp(ms.saturating_mul(1000))
+    }
+
+    /// Microseconds since the epoch.
+    pub const fn as_micros(self) -> i64 {
+        self.0
+    }
+
+    /// Milliseconds since the epoch (truncated).
+    pub const fn as_millis(self) -> i64 {
+        self.0.div_euclid(1000)
+    }
+
+    /// This time plus a duration (saturating).
+    pub fn add(self, d: Duration) -> Self {
+        Timestamp(self.0.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
+    }
+
+    /// The duration from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_micros(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:06}s", self.0.div_euclid(1_000_000), self.0.rem_euclid(1_000_000))
+    }
+}
+
+/// A future that completes after a sleep.
+pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Source of time for every dotdo component.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// Current wall-clock time.
+    fn now(&self) -> Timestamp;
+
+    /// Monotonic time since an arbitrary fixed origin; use for measuring durations.
+    fn monotonic(&self) -> Duration;
+
+    /// A future that completes once `duration` has passed on this clock.
+    fn sleep(&self, duration: Duration) -> Sleep;
+}
+
+/// The real clock: `SystemTime` for wall time, `Instant` for durations, a runtime-agnostic timer
+/// thread (`futures-timer`) for sleeps.
+#[derive(Debug, Clone)]
+pub struct SystemClock {
+    origin: std::time::Instant,
+}
+
+impl SystemClock {
+    /// A new system clock.
+    pub fn new() -> Self {
+        SystemClock { origin: std::time::Instant::now() }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)]
+    fn now(&self) -> Timestamp {
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        Timestamp(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+
+    fn monotonic(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    fn sleep(&self, duration: Duration) -> Sleep {
+        Box::pin(futures_timer::Delay::new(duration))
+    }
+}
+
+#[derive(Debug, Default)]
+struct ManualState {
+    now: i64,
+    sleepers: Vec<(i64, Arc<Mutex<SleepSlot>>)>,
+}
+
+#[derive(Debug, Default)]
+struct SleepSlot {
+    done: bool,
+    waker: Option<Waker>,
+}
+
+/// A clock that moves only when told to. Sleeps complete when [`ManualClock::advance`] passes
+/// their deadline. Cheap to clone; clones share time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock {
+    state: Arc<Mutex<ManualState>>,
+}
+
+impl ManualClock {
+    /// A manual clock starting at `start`.
+    pub fn new(start: Timestamp) -> Self {
+        ManualClock { state: Arc::new(Mutex::new(ManualState { now: start.0, sleepers: Vec::new() })) }
+    }
+
+    /// Move time forward and wake every sleeper whose deadline has passed.
+    pub fn advance(&self, by: Duration) {
+        let mut st = self.state.lock();
+        st.now = Timestamp(st.now).add(by).0;
+        let now = st.now;
+        st.sleepers.retain(|(deadline, slot)| {
+            if *deadline <= now {
+                let mut s = slot.lock();
+                s.done = true;
+                if let Some(w) = s.waker.take() {
+                    w.wake();
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Set the time (never backwards: an earlier time is ignored).
+    pub fn set(&self, to: Timestamp) {
+        let now = Timestamp(self.state.lock().now);
+        if to > now {
+            self.advance(to.since(now));
+        }
+    }
+}
+
+struct ManualSleep {
+    slot: Arc<Mutex<SleepSlot>>,
+}
+
+impl Future for ManualSleep {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.slot.lock();
+        if s.done {
+            Poll::Ready(())
+        } else {
+            s.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.state.lock().now)
+    }
+
+    fn monotonic(&self) -> Duration {
+        Duration::from_micros(u64::try_from(self.state.lock().now).unwrap_or(0))
+    }
+
+    fn sleep(&self, duration: Duration) -> Sleep {
+        let mut st = self.state.lock();
+        let deadline = Timestamp(st.now).add(duration).0;
+        let slot = Arc::new(Mutex::new(SleepSlot { done: duration.is_zero(), waker: None }));
+        if !duration.is_zero() {
+            st.sleepers.push((deadline, slot.clone()));
+        }
+        Box::pin(ManualSleep { slot })
+    }
+}
+
+/// Measures elapsed time on a [`Clock`].
+#[derive(Debug, Clone)]
+pub struct Stopwatch {
+    clock: Arc<dyn Clock>,
+    start: Duration,
+}
+
+impl Stopwatch {
+    /// Start measuring now.
+    pub fn start(clock: Arc<dyn Clock>) -> Self {
+        let start = clock.monotonic();
+        Stopwatch { clock, start }
+    }
+
+    /// Time since start.
+    pub fn elapsed(&self) -> Duration {
+        self.clock.monotonic().saturating_sub(self.start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    #[test]
+    fn manual_clock_sleep_completes_only_after_advance() {
+        let clock = ManualClock::new(Timestamp::from_millis(1_000));
+        let mut s = clock.sleep(Duration::from_millis(50));
+        assert!((&mut s).now_or_never().is_none());
+        clock.advance(Duration::from_millis(49));
+        assert!((&mut s).now_or_never().is_none());
+        clock.advance(Duration::from_millis(1));
+        assert!(s.now_or_never().is_some());
+        assert_eq!(clock.now(), Timestamp::from_millis(1_050));
+    }
+
+    #[test]
+    fn timestamp_arithmetic() {
+        let t = Timestamp::from_millis(5);
+        assert_eq!(t.add(Duration::from_millis(3)).as_millis(), 8);
+        assert_eq!(t.since(Timestamp::from_millis(10)), Duration::ZERO);
+        assert_eq!(t.to_string(), "0.005000s");
+    }
+
+    #[test]
+    fn system_clock_is_after_2020() {
+        assert!(SystemClock::new().now() > Timestamp::from_millis(1_577_836_800_000));
+    }
+}

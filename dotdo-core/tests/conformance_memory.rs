@@ -1,0 +1,179 @@
+//! The conformance kit run on the in-memory reference backends, and on deliberately broken
+//! backends to show the kit catches them.
+
+mod memory_hot {
+    dotdo_core::hot_conformance!(dotdo_core::testkit::memory_hot_factory());
+}
+
+mod memory_cold {
+    dotdo_core::cold_conformance!(dotdo_core::testkit::memory_cold_factory());
+}
+
+mod broken {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use dotdo_core::testkit::{cold_factory, hot_factory, ColdFixture, HotFixture};
+    use dotdo_core::*;
+
+    /// A hot store that ignores the fencing token: it always writes with the highest token.
+    #[derive(Debug, Clone)]
+    struct IgnoresToken(MemoryBackend);
+
+    #[async_trait]
+    impl HotStore for IgnoresToken {
+        async fn write(&self, object: &ObjectId, _token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+            let max = self
+                .0
+                .object_info(object)
+                .await?
+                .map_or(FencingToken::new(1), |i| i.max_token.max(FencingToken::new(1)));
+            let cur = self.0.current(object).await?.map_or(max, |l| l.token.max(max));
+            self.0.write(object, cur, batch).await
+        }
+        async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+            self.0.get(object, key).await
+        }
+        async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
+            self.0.list(object, range, limit).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+            self.0.read_changes(object, after, limit).await
+        }
+        async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+            self.0.truncate_changes(object, token, through).await
+        }
+        async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+            self.0.object_info(object).await
+        }
+        async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+            self.0.objects_with_pending_changes(after, limit).await
+        }
+        async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+            self.0.evict(object, token).await
+        }
+        async fn restore(
+            &self,
+            object: &ObjectId,
+            token: FencingToken,
+            entries: Vec<Entry>,
+            through: Seq,
+        ) -> Result<()> {
+            self.0.restore(object, token, entries, through).await
+        }
+    }
+
+    /// A guard that hands out the lease even when it is held (no mutual exclusion, token reuse).
+    #[derive(Debug, Clone)]
+    struct NoExclusion(MemoryBackend);
+
+    #[async_trait]
+    impl ConsistencyGuard for NoExclusion {
+        async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
+            match self.0.acquire(object, holder, ttl).await {
+                Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
+                    let cur = self.0.current(object).await?.expect("held");
+                    Ok(Lease { holder: holder.clone(), ..cur })
+                }
+                other => other,
+            }
+        }
+        async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+            self.0.refresh(lease, ttl).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<()> {
+            self.0.release(lease).await
+        }
+        async fn validate(&self, lease: &Lease) -> Result<()> {
+            self.0.validate(lease).await
+        }
+        async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
+            self.0.current(object).await
+        }
+    }
+
+    /// A cold sink that forgets its watermark: every append writes everything again.
+    #[derive(Debug, Clone)]
+    struct NotIdempotent {
+        inner: MemoryColdStore,
+    }
+
+    #[async_trait]
+    impl ColdSink for NotIdempotent {
+        async fn append(&self, mut batch: ColdBatch) -> Result<ColdCommit> {
+            // "Forget" what is committed by renumbering the batch after the watermark.
+            for oc in &mut batch.objects {
+                let wm = self.inner.watermark(&oc.object).await?.through;
+                for (i, r) in oc.records.iter_mut().enumerate() {
+                    r.seq = wm + 1 + i as u64;
+                }
+            }
+            self.inner.append(batch).await
+        }
+        async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+            self.inner.watermark(object).await
+        }
+        async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+            self.inner.snapshots().await
+        }
+        async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+            self.inner.load_state(object, as_of).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+            self.inner.read_changes(object, after, as_of).await
+        }
+    }
+
+    fn names(f: &[dotdo_core::testkit::CaseFailure]) -> Vec<&'static str> {
+        f.iter().map(|c| c.case).collect()
+    }
+
+    #[test]
+    fn kit_catches_a_hot_store_that_ignores_the_token() {
+        std::env::set_var("DOTDO_PROPTEST_CASES", "16");
+        let f = hot_factory(|clock| async move {
+            let b = MemoryBackend::with_clock(Arc::new(clock));
+            HotFixture { hot: Arc::new(IgnoresToken(b.clone())), guard: Arc::new(b), keep_alive: Box::new(()) }
+        });
+        let failures = dotdo_core::testkit::hot::run_all(&f);
+        let n = names(&failures);
+        assert!(n.contains(&"stale_token_write_is_rejected_after_takeover"), "{failures:?}");
+        assert!(n.contains(&"paused_holder_past_ttl_is_fenced"), "{failures:?}");
+        assert!(n.contains(&"none_token_is_rejected"), "{failures:?}");
+    }
+
+    #[test]
+    fn kit_catches_a_guard_without_mutual_exclusion() {
+        let f = hot_factory(|clock| async move {
+            let b = MemoryBackend::with_clock(Arc::new(clock));
+            HotFixture { hot: Arc::new(b.clone()), guard: Arc::new(NoExclusion(b)), keep_alive: Box::new(()) }
+        });
+        let n = names(&dotdo_core::testkit::hot::run_all(&f));
+        assert!(n.contains(&"acquire_grants_token_and_blocks_others"), "{n:?}");
+        assert!(n.contains(&"concurrent_acquire_has_one_winner"), "{n:?}");
+        assert!(n.contains(&"prop_guard_matches_model"), "{n:?}");
+    }
+
+    #[test]
+    fn kit_catches_a_cold_sink_that_duplicates_replays() {
+        let f = cold_factory(|clock| async move {
+            let inner = MemoryColdStore::with_clock(Arc::new(clock));
+            ColdFixture {
+                sink: Arc::new(NotIdempotent { inner: inner.clone() }),
+                accel: Some(Arc::new(inner)),
+                keep_alive: Box::new(()),
+            }
+        });
+        let n = names(&dotdo_core::testkit::cold::run_all(&f));
+        assert!(n.contains(&"replayed_batch_is_skipped"), "{n:?}");
+        assert!(n.contains(&"prop_cold_sink_matches_model"), "{n:?}");
+    }
+
+    #[test]
+    fn kit_passes_the_reference_backends_through_run_all() {
+        assert!(dotdo_core::testkit::hot::run_all(&dotdo_core::testkit::memory_hot_factory()).is_empty());
+        assert!(dotdo_core::testkit::cold::run_all(&dotdo_core::testkit::memory_cold_factory()).is_empty());
+    }
+}
