@@ -169,7 +169,7 @@ pub mod rules {
             Some(r) => r.token.next(),
             None => FencingToken::new(1),
         };
-        Ok(LeaseRow { holder: holder.clone(), token, acquired_at: now, expires_at: now.add(ttl) })
+        Ok(LeaseRow { holder: holder.clone(), token, acquired_at: now, expires_at: now.plus(ttl) })
     }
 
     /// Decide a validate/refresh precondition: `Ok` if `lease` is current and unexpired.

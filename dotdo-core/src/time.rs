@@ -42,7 +42,7 @@ impl Timestamp {
     }
 
     /// This time plus a duration (saturating).
-    pub fn add(self, d: Duration) -> Self {
+    pub fn plus(self, d: Duration) -> Self {
         Timestamp(self.0.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
     }
 
@@ -82,6 +82,7 @@ pub struct SystemClock {
 
 impl SystemClock {
     /// A new system clock.
+    #[allow(clippy::disallowed_methods)]
     pub fn new() -> Self {
         SystemClock { origin: std::time::Instant::now() }
     }
@@ -137,7 +138,7 @@ impl ManualClock {
     /// Move time forward and wake every sleeper whose deadline has passed.
     pub fn advance(&self, by: Duration) {
         let mut st = self.state.lock();
-        st.now = Timestamp(st.now).add(by).0;
+        st.now = Timestamp(st.now).plus(by).0;
         let now = st.now;
         st.sleepers.retain(|(deadline, slot)| {
             if *deadline <= now {
@@ -190,7 +191,7 @@ impl Clock for ManualClock {
 
     fn sleep(&self, duration: Duration) -> Sleep {
         let mut st = self.state.lock();
-        let deadline = Timestamp(st.now).add(duration).0;
+        let deadline = Timestamp(st.now).plus(duration).0;
         let slot = Arc::new(Mutex::new(SleepSlot { done: duration.is_zero(), waker: None }));
         if !duration.is_zero() {
             st.sleepers.push((deadline, slot.clone()));
@@ -239,7 +240,7 @@ mod tests {
     #[test]
     fn timestamp_arithmetic() {
         let t = Timestamp::from_millis(5);
-        assert_eq!(t.add(Duration::from_millis(3)).as_millis(), 8);
+        assert_eq!(t.plus(Duration::from_millis(3)).as_millis(), 8);
         assert_eq!(t.since(Timestamp::from_millis(10)), Duration::ZERO);
         assert_eq!(t.to_string(), "0.005000s");
     }

@@ -259,7 +259,7 @@ impl ConsistencyGuard for MemoryBackend {
         let mut st = self.state.lock();
         rules::check_current(lease, st.leases.get(&lease.object), now)?;
         let row = st.leases.get_mut(&lease.object).ok_or_else(|| Error::backend("lease row vanished"))?;
-        row.expires_at = now.add(ttl);
+        row.expires_at = now.plus(ttl);
         Ok(row.to_lease(&lease.object))
     }
 

@@ -35,7 +35,7 @@ pub fn rec(object: &ObjectId, seq: u64, key: &str, value: Option<&str>, token: u
         op: if value.is_some() { Op::Put } else { Op::Delete },
         value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())).unwrap_or_default(),
         token: FencingToken::new(token),
-        timestamp: KIT_EPOCH.add(std::time::Duration::from_millis(seq)),
+        timestamp: KIT_EPOCH.plus(std::time::Duration::from_millis(seq)),
         type_name: "T".to_string(),
     }
 }
@@ -286,7 +286,7 @@ pub async fn lookup_finds_latest_and_respects_deletes(f: &ColdFactory) {
     assert_eq!(a.lookup(&oid("unknown"), "a", AsOf::Latest).await.expect("lookup").value, None);
     let old = a.lookup(&o, "b", AsOf::Snapshot(snaps[0])).await.expect("as of").value.expect("b was live then");
     assert_eq!(&old.value[..], b"b1");
-    assert_eq!(old.timestamp, KIT_EPOCH.add(std::time::Duration::from_millis(2)));
+    assert_eq!(old.timestamp, KIT_EPOCH.plus(std::time::Duration::from_millis(2)));
     assert_eq!(old.type_name, "T");
 }
 
@@ -309,8 +309,10 @@ pub async fn scan_filters_by_range_type_and_time(f: &ColdFactory) {
     q.type_name = Some("Other".into());
     assert_eq!(keys(a.scan(q).await.expect("type")), ["c"]);
     let mut q = ScanQuery::object(o.clone());
-    q.time_range =
-        Some((KIT_EPOCH.add(std::time::Duration::from_millis(3)), KIT_EPOCH.add(std::time::Duration::from_millis(5))));
+    q.time_range = Some((
+        KIT_EPOCH.plus(std::time::Duration::from_millis(3)),
+        KIT_EPOCH.plus(std::time::Duration::from_millis(5)),
+    ));
     assert_eq!(keys(a.scan(q).await.expect("time")), ["a", "c"]);
     let mut q = ScanQuery::object(o.clone());
     q.limit = Some(1);

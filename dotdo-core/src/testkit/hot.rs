@@ -369,7 +369,7 @@ pub async fn acquire_grants_token_and_blocks_others(f: &HotFactory) {
     assert!(l.token > FencingToken::NONE);
     assert_eq!(l.holder, nid("n1"));
     assert_eq!(l.acquired_at, clock.now());
-    assert_eq!(l.expires_at, clock.now().add(TTL));
+    assert_eq!(l.expires_at, clock.now().plus(TTL));
     let e = fx.guard.acquire(&oid("o1"), &nid("n2"), TTL).await.expect_err("held");
     match e.kind() {
         ErrorKind::LeaseHeld { holder, expires_at, object } => {
@@ -411,7 +411,7 @@ pub async fn refresh_extends_and_keeps_token(f: &HotFactory) {
     let r = fx.guard.refresh(&l, TTL).await.expect("refresh");
     assert_eq!(r.token, l.token);
     assert_eq!(r.acquired_at, l.acquired_at);
-    assert_eq!(r.expires_at, clock.now().add(TTL));
+    assert_eq!(r.expires_at, clock.now().plus(TTL));
     clock.advance(TTL * 3 / 4);
     // Without the refresh this would have expired.
     assert!(!fx.guard.is_available(&l.object).await.expect("available"));

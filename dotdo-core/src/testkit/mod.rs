@@ -27,6 +27,7 @@ use futures::future::BoxFuture;
 use crate::time::{ManualClock, Timestamp};
 use crate::{ColdSink, ConsistencyGuard, HotStore, IndexAccelerator};
 
+pub mod bench;
 pub mod cold;
 pub mod hot;
 

@@ -1,0 +1,150 @@
+//! A tiny benchmark harness shared by every dotdo benchmark.
+//!
+//! Each benchmark measures dotdo's figure and the raw engine's (or a peer's) figure **in the same
+//! run** and records one row `{name, unit, ours, baseline_name, baseline, ratio}` where
+//! `ratio = ours / baseline` in `unit`. Rows are printed and appended as JSON lines to the file
+//! named by `DOTDO_BENCH_JSONL` (`scripts/bench` sets it and merges the lines into
+//! `target/bench/results.json`).
+//!
+//! Latencies are sampled per operation on the [`SystemClock`](crate::SystemClock)'s monotonic
+//! time, so percentiles (p50, p99) are real per-call figures, not averages.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::time::{Clock, SystemClock};
+
+/// Per-operation latency samples.
+#[derive(Debug, Clone)]
+pub struct Samples {
+    sorted: Vec<Duration>,
+    total: Duration,
+    ops: u64,
+}
+
+impl Samples {
+    /// The `q` quantile (0.0..=1.0) of the per-operation latency.
+    pub fn quantile(&self, q: f64) -> Duration {
+        if self.sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+        self.sorted[i]
+    }
+
+    /// Median latency.
+    pub fn p50(&self) -> Duration {
+        self.quantile(0.50)
+    }
+
+    /// 95th percentile latency.
+    pub fn p95(&self) -> Duration {
+        self.quantile(0.95)
+    }
+
+    /// 99th percentile latency.
+    pub fn p99(&self) -> Duration {
+        self.quantile(0.99)
+    }
+
+    /// Operations per second over the whole run (`ops_per_call` operations per sampled call).
+    pub fn ops_per_sec(&self) -> f64 {
+        if self.total.is_zero() {
+            return 0.0;
+        }
+        self.ops as f64 / self.total.as_secs_f64()
+    }
+}
+
+/// Run `f` `warmup` times unmeasured, then `iters` times measuring each call; each call counts as
+/// `ops_per_call` operations for throughput.
+pub fn sample(warmup: usize, iters: usize, ops_per_call: u64, mut f: impl FnMut()) -> Samples {
+    let clock = SystemClock::new();
+    for _ in 0..warmup {
+        f();
+    }
+    let mut sorted = Vec::with_capacity(iters);
+    let start = clock.monotonic();
+    for _ in 0..iters {
+        let t = clock.monotonic();
+        f();
+        sorted.push(clock.monotonic().saturating_sub(t));
+    }
+    let total = clock.monotonic().saturating_sub(start);
+    sorted.sort_unstable();
+    Samples { sorted, total, ops: ops_per_call * iters as u64 }
+}
+
+/// Microseconds as `f64`.
+pub fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Milliseconds as `f64`.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Record one result row: print it and append it to `DOTDO_BENCH_JSONL` if set.
+pub fn record(name: &str, unit: &str, ours: f64, baseline_name: &str, baseline: f64) {
+    let ratio = if baseline == 0.0 { f64::NAN } else { ours / baseline };
+    println!("{name:<48} {unit:>8}  ours {ours:>14.3}  {baseline_name} {baseline:>14.3}  ratio {ratio:.3}");
+    let row = format!(
+        "{{\"name\":{},\"unit\":{},\"ours\":{},\"baseline_name\":{},\"baseline\":{},\"ratio\":{}}}",
+        json_str(name),
+        json_str(unit),
+        json_num(ours),
+        json_str(baseline_name),
+        json_num(baseline),
+        json_num(ratio)
+    );
+    if let Ok(path) = std::env::var("DOTDO_BENCH_JSONL") {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+        match file {
+            Ok(mut f) => {
+                if let Err(e) = writeln!(f, "{row}") {
+                    eprintln!("cannot append to {path}: {e}");
+                }
+            }
+            Err(e) => eprintln!("cannot open {path}: {e}"),
+        }
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "null".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_and_throughput() {
+        let s = sample(0, 100, 10, || std::thread::sleep(Duration::from_micros(10)));
+        assert!(s.p50() >= Duration::from_micros(10));
+        assert!(s.p99() >= s.p50());
+        assert!(s.ops_per_sec() > 0.0 && s.ops_per_sec() < 1_000_000.0);
+        assert_eq!(json_str("a\"b\n"), "\"a\\\"b\\u000a\"");
+        assert_eq!(json_num(f64::NAN), "null");
+    }
+}
