@@ -1,1 +1,49 @@
-//! placeholder
+//! # dotdo-sqlite
+//!
+//! The embedded default hot store of dotdo: [`HotStore`](dotdo_core::HotStore) and
+//! [`ConsistencyGuard`](dotdo_core::ConsistencyGuard) on one SQLite database file (rusqlite with
+//! bundled SQLite).
+//!
+//! * The lease table `do_locks` (`do_id, node_id, acquired_at, expires_at, fencing_token,
+//!   metadata`), per-object counters, state and the change log live in one database, so the
+//!   fencing check and the write are **one transaction**. Tokens never repeat or go down, also
+//!   across restarts and lease expiry.
+//! * WAL mode. Durability is a setting ([`Durability`]): `Normal` (default) survives a process
+//!   crash or SIGKILL; `Full` also survives power loss, at the cost of an fsync per commit.
+//! * Many threads and OS processes may share a file; writers serialize on SQLite's write lock with
+//!   a busy timeout and bounded retries, and report a retryable `Unavailable` instead of hanging.
+//! * Async calls never block a tokio executor (see [`Execution`]).
+//! * A file that is not a healthy SQLite database gives `Corrupt`, never a panic.
+//!
+//! Do not link this crate together with `dotdo-libsql` into one binary: both bundle SQLite
+//! under the same C symbol names (see the workspace README).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> dotdo_core::Result<()> {
+//! use std::time::Duration;
+//! use dotdo_core::{ConsistencyGuard, HotStore, HotStoreExt, NodeId, ObjectId};
+//! use dotdo_sqlite::{Durability, SqliteSettings, SqliteStore};
+//!
+//! let dir = tempfile::tempdir().expect("tempdir");
+//! let store = SqliteStore::builder(dir.path().join("hot.db"))
+//!     .with_settings(SqliteSettings { durability: Durability::Full, ..Default::default() })
+//!     .open()
+//!     .await?;
+//! let obj = ObjectId::new("cart:42")?;
+//! let lease = store.acquire(&obj, &NodeId::new("node-a")?, Duration::from_secs(5)).await?;
+//! store.put(&obj, lease.token, "Cart", "items", "[]".into()).await?;
+//! let changes = store.read_changes(&obj, 0, 100).await?;
+//! assert_eq!(changes.len(), 1);
+//! store.release(&lease).await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod error;
+mod schema;
+mod settings;
+mod store;
+
+pub use settings::{Durability, Execution, SqliteSettings};
+pub use store::{SqliteStore, SqliteStoreBuilder};

@@ -1,0 +1,113 @@
+//! Classification of SQLite failures into [`dotdo_core::Error`] kinds, in one exhaustive place.
+
+use dotdo_core::{Error, ErrorKind};
+use rusqlite::ErrorCode;
+
+/// What a SQLite failure means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// Locked by another connection or process; retry later.
+    Busy,
+    /// Damaged database or not a database at all.
+    Corrupt,
+    /// Disk full, read-only, cannot open, I/O error: the environment is broken, maybe transiently.
+    Environment,
+    /// A value exceeded SQLite's size limit.
+    TooBig,
+    /// Anything else: a bug or unexpected state.
+    Other,
+}
+
+pub(crate) fn class_of_code(code: ErrorCode) -> Class {
+    match code {
+        ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => Class::Busy,
+        ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => Class::Corrupt,
+        ErrorCode::DiskFull
+        | ErrorCode::ReadOnly
+        | ErrorCode::CannotOpen
+        | ErrorCode::SystemIoFailure
+        | ErrorCode::PermissionDenied
+        | ErrorCode::FileLockingProtocolFailed
+        | ErrorCode::NoLargeFileSupport
+        | ErrorCode::OutOfMemory => Class::Environment,
+        ErrorCode::TooBig => Class::TooBig,
+        ErrorCode::InternalMalfunction
+        | ErrorCode::OperationAborted
+        | ErrorCode::OperationInterrupted
+        | ErrorCode::NotFound
+        | ErrorCode::SchemaChanged
+        | ErrorCode::ConstraintViolation
+        | ErrorCode::TypeMismatch
+        | ErrorCode::ApiMisuse
+        | ErrorCode::ParameterOutOfRange
+        | ErrorCode::Unknown => Class::Other,
+        _ => Class::Other,
+    }
+}
+
+pub(crate) fn class_of(e: &rusqlite::Error) -> Class {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => class_of_code(f.code),
+        _ => Class::Other,
+    }
+}
+
+/// Map a rusqlite error, with what we were doing, to the public error.
+pub(crate) fn map(e: rusqlite::Error, doing: &str) -> Error {
+    let class = class_of(&e);
+    let err = match class {
+        Class::Busy => Error::unavailable(format!("{doing}: database is busy (locked by another connection)")),
+        Class::Corrupt => Error::corrupt(format!("{doing}: the file is not a healthy SQLite database")),
+        Class::Environment => Error::new(ErrorKind::Unavailable, format!("{doing}: storage environment failure"))
+            .with_retryable(matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull || f.code == ErrorCode::SystemIoFailure)),
+        Class::TooBig => Error::new(ErrorKind::LimitExceeded { what: "sqlite value", limit: 0, actual: 0 }, doing.to_string()),
+        Class::Other => Error::backend(format!("{doing}: sqlite failure")),
+    };
+    err.with_source(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: i32) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn busy_is_unavailable_and_retryable() {
+        for code in [rusqlite::ffi::SQLITE_BUSY, rusqlite::ffi::SQLITE_LOCKED] {
+            let e = map(failure(code), "write");
+            assert_eq!(e.kind(), &ErrorKind::Unavailable);
+            assert!(e.is_retryable());
+        }
+    }
+
+    #[test]
+    fn corruption_and_not_a_database_are_corrupt() {
+        for code in [rusqlite::ffi::SQLITE_CORRUPT, rusqlite::ffi::SQLITE_NOTADB] {
+            let e = map(failure(code), "open");
+            assert_eq!(e.kind(), &ErrorKind::Corrupt);
+            assert!(!e.is_retryable());
+        }
+    }
+
+    #[test]
+    fn environment_failures_are_unavailable() {
+        let e = map(failure(rusqlite::ffi::SQLITE_FULL), "write");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(e.is_retryable());
+        let e = map(failure(rusqlite::ffi::SQLITE_READONLY), "write");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(!e.is_retryable());
+        let e = map(failure(rusqlite::ffi::SQLITE_CANTOPEN), "open");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn other_failures_are_backend_errors() {
+        assert_eq!(map(failure(rusqlite::ffi::SQLITE_CONSTRAINT), "x").kind(), &ErrorKind::Backend);
+        assert_eq!(map(rusqlite::Error::QueryReturnedNoRows, "x").kind(), &ErrorKind::Backend);
+        assert!(matches!(map(failure(rusqlite::ffi::SQLITE_TOOBIG), "x").kind(), ErrorKind::LimitExceeded { .. }));
+    }
+}

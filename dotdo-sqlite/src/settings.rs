@@ -1,0 +1,66 @@
+//! Settings of the SQLite backend: plain data with documented defaults.
+
+use std::time::Duration;
+
+/// How durable an acknowledged write is (SQLite's `synchronous` pragma in WAL mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous = NORMAL` (default). A committed write is in the WAL file before the call
+    /// returns, so it **survives a crash or SIGKILL of the process**. After a power loss or OS
+    /// crash the last transactions before the last checkpoint may be lost (never corrupted).
+    #[default]
+    Normal,
+    /// `synchronous = FULL`. The WAL is fsynced on every commit: a committed write also
+    /// **survives power loss**. Costs one fsync per write.
+    Full,
+}
+
+/// Where SQLite work runs when called from async code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Execution {
+    /// Choose per call (default): on a multi-threaded tokio runtime use `block_in_place` (no
+    /// thread hop; tokio moves other tasks off this worker); on a current-thread tokio runtime use
+    /// `spawn_blocking`; outside tokio run inline.
+    #[default]
+    Auto,
+    /// Always `tokio::task::spawn_blocking` (a hop to the blocking pool per call).
+    SpawnBlocking,
+    /// Run on the calling thread. Only for hosts that call from dedicated threads; it blocks an
+    /// async executor for the duration of the SQLite call.
+    Inline,
+}
+
+/// Settings of a [`SqliteStore`](crate::SqliteStore).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqliteSettings {
+    /// Durability of acknowledged writes. Default [`Durability::Normal`].
+    pub durability: Durability,
+    /// How long one SQLite call waits for a lock held by another connection or process before
+    /// reporting busy. Default 2 s.
+    pub busy_timeout: Duration,
+    /// How many times a busy transaction is retried (with doubling backoff from
+    /// `retry_backoff`) before the call fails with a retryable `Unavailable`. Default 5.
+    pub busy_retries: u32,
+    /// First backoff between busy retries. Default 10 ms.
+    pub retry_backoff: Duration,
+    /// Maximum number of read connections kept open. Default 4.
+    pub read_connections: usize,
+    /// Where SQLite work runs. Default [`Execution::Auto`].
+    pub execution: Execution,
+    /// SQLite page cache per connection, in KiB. Default 16 MiB.
+    pub cache_kib: u32,
+}
+
+impl Default for SqliteSettings {
+    fn default() -> Self {
+        SqliteSettings {
+            durability: Durability::Normal,
+            busy_timeout: Duration::from_secs(2),
+            busy_retries: 5,
+            retry_backoff: Duration::from_millis(10),
+            read_connections: 4,
+            execution: Execution::Auto,
+            cache_kib: 16 * 1024,
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! [`SqliteStore`]: the hot store and the lease guard on one SQLite database.
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dotdo_core::guard::rules::{self, LeaseRow};
+use dotdo_core::ids::{validate_key, validate_value};
+use dotdo_core::{
+    ChangeRecord, Clock, ConsistencyGuard, Entry, Error, ErrorKind, FencingToken, HotStore, KeyRange, Lease, NodeId,
+    ObjectId, ObjectInfo, Op, Result, Seq, SystemClock, Timestamp, WriteBatch, WriteOp, WriteReceipt,
+};
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::error::{class_of, map, Class};
+use crate::schema;
+use crate::settings::{Durability, Execution, SqliteSettings};
+
+/// An error inside a transaction: either SQLite's (classified and maybe retried) or a decided API
+/// error (fenced, conflict, …) that aborts the transaction.
+enum TxError {
+    Sql(rusqlite::Error),
+    Api(Error),
+}
+
+impl From<rusqlite::Error> for TxError {
+    fn from(e: rusqlite::Error) -> Self {
+        TxError::Sql(e)
+    }
+}
+
+impl From<Error> for TxError {
+    fn from(e: Error) -> Self {
+        TxError::Api(e)
+    }
+}
+
+type TxResult<T> = std::result::Result<T, TxError>;
+
+struct Inner {
+    path: PathBuf,
+    settings: SqliteSettings,
+    clock: Arc<dyn Clock>,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).field("settings", &self.settings).finish()
+    }
+}
+
+/// [`HotStore`] + [`ConsistencyGuard`] on one SQLite database file (rusqlite, bundled SQLite).
+///
+/// The lease table (`do_locks`), per-object counters, state and change log share one database,
+/// so the fencing-token check and the write are a single transaction. Many threads and many OS
+/// processes may open the same file: writers serialize on SQLite's lock (`BEGIN IMMEDIATE`,
+/// busy timeout, bounded retries with backoff); a caller gets a retryable `Unavailable` rather
+/// than a hang. Cheap to clone; clones share connections.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> dotdo_core::Result<()> {
+/// use std::time::Duration;
+/// use dotdo_core::{ConsistencyGuard, HotStore, HotStoreExt, NodeId, ObjectId};
+/// use dotdo_sqlite::SqliteStore;
+///
+/// let dir = tempfile::tempdir().expect("tempdir");
+/// let store = SqliteStore::builder(dir.path().join("hot.db")).open().await?;
+/// let obj = ObjectId::new("user:1")?;
+/// let lease = store.acquire(&obj, &NodeId::new("node-a")?, Duration::from_secs(10)).await?;
+/// store.put(&obj, lease.token, "User", "name", "Ada".into()).await?;
+/// assert_eq!(store.get(&obj, "name").await?.as_deref(), Some(&b"Ada"[..]));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+/// Builds a [`SqliteStore`]: a path plus settings and an optional clock.
+#[derive(Debug)]
+pub struct SqliteStoreBuilder {
+    path: PathBuf,
+    settings: SqliteSettings,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl SqliteStoreBuilder {
+    /// Use these settings (default: [`SqliteSettings::default`]).
+    pub fn with_settings(mut self, settings: SqliteSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Read time from `clock` (default: [`SystemClock`]). Every process sharing a database must
+    /// use clocks that agree (the system clock) for lease expiry to be meaningful.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Open (creating if needed) the database and its schema. A file that is not a SQLite
+    /// database gives `Corrupt`; an unopenable path gives `Unavailable`.
+    pub async fn open(self) -> Result<SqliteStore> {
+        let settings = self.settings.clone();
+        if settings.read_connections == 0 {
+            return Err(Error::invalid("read_connections must be at least 1"));
+        }
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
+        let path = self.path;
+        let open = move || -> Result<SqliteStore> {
+            let writer = open_connection(&path, &settings, true)?;
+            Ok(SqliteStore {
+                inner: Arc::new(Inner {
+                    path,
+                    settings,
+                    clock,
+                    writer: Mutex::new(writer),
+                    readers: Mutex::new(Vec::new()),
+                }),
+            })
+        };
+        offload(self.settings.execution, open).await
+    }
+}
+
+fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Result<Connection> {
+    let doing = format!("opening {}", path.display());
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let flags = if create { flags | OpenFlags::SQLITE_OPEN_CREATE } else { flags };
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| map(e, &doing))?;
+    conn.busy_timeout(settings.busy_timeout).map_err(|e| map(e, &doing))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    let sync = match settings.durability {
+        Durability::Normal => "NORMAL",
+        Durability::Full => "FULL",
+    };
+    let pragmas = format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA cache_size = -{}; PRAGMA foreign_keys = OFF;",
+        settings.cache_kib
+    );
+    with_busy_retry(settings, &doing, || conn.execute_batch(&pragmas).map_err(TxError::Sql))?;
+    if create {
+        with_busy_retry(settings, &doing, || {
+            let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            if version > schema::VERSION {
+                return Err(TxError::Api(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "{}: schema version {version} is newer than this library's {}",
+                        path.display(),
+                        schema::VERSION
+                    ),
+                )));
+            }
+            if version < schema::VERSION {
+                conn.execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {} PRAGMA user_version = {}; COMMIT;",
+                    schema::CREATE,
+                    schema::VERSION
+                ))
+                .inspect_err(|_| {
+                    let _ = conn.execute_batch("ROLLBACK");
+                })?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(conn)
+}
+
+/// Run `f`, retrying busy failures with doubling backoff; map the final error.
+fn with_busy_retry<T>(settings: &SqliteSettings, doing: &str, mut f: impl FnMut() -> TxResult<T>) -> Result<T> {
+    let mut backoff = settings.retry_backoff;
+    let mut attempt = 0;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(TxError::Api(e)) => return Err(e),
+            Err(TxError::Sql(e)) => {
+                if class_of(&e) == Class::Busy && attempt < settings.busy_retries {
+                    attempt += 1;
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                let err = map(e, doing);
+                return Err(if attempt > 0 { err.context(format!("after {attempt} retries")) } else { err });
+            }
+        }
+    }
+}
+
+/// Run blocking SQLite work according to the execution mode (see [`Execution`]).
+async fn offload<T: Send + 'static>(mode: Execution, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let spawn = |f: Box<dyn FnOnce() -> Result<T> + Send>| async move {
+        tokio::task::spawn_blocking(f).await.map_err(|e| Error::backend("sqlite task failed").with_source(e))?
+    };
+    match mode {
+        Execution::Inline => f(),
+        Execution::SpawnBlocking => spawn(Box::new(f)).await,
+        Execution::Auto => match Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+            Ok(_) => spawn(Box::new(f)).await,
+            Err(_) => f(),
+        },
+    }
+}
+
+struct ObjRow {
+    last_seq: u64,
+    truncated: u64,
+    max_token: u64,
+}
+
+fn obj_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<ObjRow>> {
+    conn.prepare_cached("SELECT last_seq, truncated_through, max_token FROM do_objects WHERE do_id = ?1")?
+        .query_row([object], |r| Ok(ObjRow { last_seq: r.get(0)?, truncated: r.get(1)?, max_token: r.get(2)? }))
+        .optional()
+}
+
+fn check_token_nonzero(token: FencingToken) -> Result<()> {
+    if token == FencingToken::NONE {
+        return Err(Error::invalid("fencing token NONE is never valid for a write"));
+    }
+    Ok(())
+}
+
+/// Check `token` against the object's maximum and raise the maximum; creates the row if needed.
+fn check_and_raise(conn: &Connection, object: &ObjectId, token: FencingToken) -> TxResult<ObjRow> {
+    match obj_row(conn, object.as_str())? {
+        Some(row) if token.get() < row.max_token => {
+            Err(Error::fenced(object, token, FencingToken::new(row.max_token)).into())
+        }
+        Some(mut row) => {
+            if token.get() > row.max_token {
+                conn.prepare_cached("UPDATE do_objects SET max_token = ?2 WHERE do_id = ?1")?
+                    .execute(params![object.as_str(), token.get()])?;
+                row.max_token = token.get();
+            }
+            Ok(row)
+        }
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2)",
+            )?
+            .execute(params![object.as_str(), token.get()])?;
+            Ok(ObjRow { last_seq: 0, truncated: 0, max_token: token.get() })
+        }
+    }
+}
+
+fn lease_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<LeaseRow>> {
+    conn.prepare_cached("SELECT node_id, fencing_token, acquired_at, expires_at FROM do_locks WHERE do_id = ?1")?
+        .query_row([object], |r| {
+            let node: String = r.get(0)?;
+            Ok((node, r.get::<_, u64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+        })
+        .optional()
+        .map(|o| {
+            o.and_then(|(node, token, acq, exp)| {
+                Some(LeaseRow {
+                    holder: NodeId::new(node).ok()?,
+                    token: FencingToken::new(token),
+                    acquired_at: Timestamp::from_micros(acq),
+                    expires_at: Timestamp::from_micros(exp),
+                })
+            })
+        })
+}
+
+fn range_sql(range: &KeyRange) -> (String, Vec<String>) {
+    let mut sql = String::from("SELECT key, value, seq FROM do_state WHERE do_id = ?1");
+    let mut args = Vec::new();
+    for (b, inc, exc) in [(&range.start, ">=", ">"), (&range.end, "<=", "<")] {
+        match b {
+            Bound::Included(k) => {
+                args.push(k.clone());
+                sql.push_str(&format!(" AND key {inc} ?{}", args.len() + 1));
+            }
+            Bound::Excluded(k) => {
+                args.push(k.clone());
+                sql.push_str(&format!(" AND key {exc} ?{}", args.len() + 1));
+            }
+            Bound::Unbounded => {}
+        }
+    }
+    sql.push_str(&format!(" ORDER BY key LIMIT ?{}", args.len() + 2));
+    (sql, args)
+}
+
+impl SqliteStore {
+    /// A builder for the database at `path` (created if missing).
+    pub fn builder(path: impl Into<PathBuf>) -> SqliteStoreBuilder {
+        SqliteStoreBuilder { path: path.into(), settings: SqliteSettings::default(), clock: None }
+    }
+
+    /// The database path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &SqliteSettings {
+        &self.inner.settings
+    }
+
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
+        let inner = self.inner.clone();
+        offload(self.inner.settings.execution, move || f(&inner)).await
+    }
+
+    /// Run `PRAGMA integrity_check`; `Corrupt` with SQLite's report if it is not `ok`.
+    pub async fn integrity_check(&self) -> Result<()> {
+        self.run(|inner| {
+            let conn = inner.writer.lock();
+            let report: Vec<String> = conn
+                .prepare("PRAGMA integrity_check")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .map_err(|e| map(e, "integrity check"))?;
+            if report == ["ok"] {
+                Ok(())
+            } else {
+                Err(Error::corrupt(format!("{}: integrity check failed: {}", inner.path.display(), report.join("; "))))
+            }
+        })
+        .await
+    }
+}
+
+impl Inner {
+    fn write_tx<T>(&self, doing: &str, f: impl Fn(&Connection) -> TxResult<T>) -> Result<T> {
+        let mut conn = self.writer.lock();
+        with_busy_retry(&self.settings, doing, || {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let v = f(&tx)?;
+            tx.commit()?;
+            Ok(v)
+        })
+    }
+
+    fn read<T>(&self, doing: &str, f: impl Fn(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let pooled = self.readers.lock().pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => open_connection(&self.path, &self.settings, false)?,
+        };
+        let out = with_busy_retry(&self.settings, doing, || f(&conn).map_err(TxError::Sql));
+        let mut pool = self.readers.lock();
+        if pool.len() < self.settings.read_connections {
+            pool.push(conn);
+        }
+        out
+    }
+}
+
+#[async_trait]
+impl HotStore for SqliteStore {
+    async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+        batch.validate()?;
+        check_token_nonzero(token)?;
+        let object = object.clone();
+        self.run(move |inner| {
+            let now = inner.clock.now().as_micros();
+            let n = batch.ops.len() as u64;
+            inner.write_tx("write", |tx| {
+                let bumped: Option<u64> = tx
+                    .prepare_cached(
+                        "UPDATE do_objects SET last_seq = last_seq + ?3, max_token = ?2 \
+                         WHERE do_id = ?1 AND max_token <= ?2 RETURNING last_seq",
+                    )?
+                    .query_row(params![object.as_str(), token.get(), n], |r| r.get(0))
+                    .optional()?;
+                let last = match bumped {
+                    Some(last) => last,
+                    None => {
+                        // Slow path: unknown object or stale token.
+                        let row = check_and_raise(tx, &object, token)?;
+                        tx.prepare_cached("UPDATE do_objects SET last_seq = last_seq + ?2 WHERE do_id = ?1")?
+                            .execute(params![object.as_str(), n])?;
+                        row.last_seq + n
+                    }
+                };
+                let first = last - n + 1;
+                let mut put = tx.prepare_cached(
+                    "INSERT INTO do_state (do_id, key, value, seq) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq",
+                )?;
+                let mut del = tx.prepare_cached("DELETE FROM do_state WHERE do_id = ?1 AND key = ?2")?;
+                let mut log = tx.prepare_cached(
+                    "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for (i, op) in batch.ops.iter().enumerate() {
+                    let seq = first + i as u64;
+                    match op {
+                        WriteOp::Put { key, value } => {
+                            put.execute(params![object.as_str(), key, &value[..], seq])?;
+                            log.execute(params![
+                                object.as_str(),
+                                seq,
+                                key,
+                                0,
+                                &value[..],
+                                token.get(),
+                                now,
+                                batch.type_name
+                            ])?;
+                        }
+                        WriteOp::Delete { key } => {
+                            del.execute(params![object.as_str(), key])?;
+                            log.execute(params![
+                                object.as_str(),
+                                seq,
+                                key,
+                                1,
+                                &[][..],
+                                token.get(),
+                                now,
+                                batch.type_name
+                            ])?;
+                        }
+                    }
+                }
+                Ok(WriteReceipt { first_seq: first, last_seq: last })
+            })
+        })
+        .await
+    }
+
+    async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+        validate_key(key)?;
+        let (object, key) = (object.clone(), key.to_string());
+        self.run(move |inner| {
+            inner.read("get", |c| {
+                c.prepare_cached("SELECT value FROM do_state WHERE do_id = ?1 AND key = ?2")?
+                    .query_row(params![object.as_str(), key], |r| r.get::<_, Vec<u8>>(0))
+                    .optional()
+                    .map(|v| v.map(Bytes::from))
+            })
+        })
+        .await
+    }
+
+    async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
+        let object = object.clone();
+        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        self.run(move |inner| {
+            let (sql, args) = range_sql(&range);
+            inner.read("list", |c| {
+                let mut stmt = c.prepare_cached(&sql)?;
+                let oid = object.as_str();
+                let mut params: Vec<&dyn rusqlite::ToSql> = vec![&oid];
+                params.extend(args.iter().map(|a| a as &dyn rusqlite::ToSql));
+                params.push(&limit);
+                let rows = stmt.query_map(params.as_slice(), |r| {
+                    Ok(Entry { key: r.get(0)?, value: Bytes::from(r.get::<_, Vec<u8>>(1)?), seq: r.get(2)? })
+                })?;
+                rows.collect()
+            })
+        })
+        .await
+    }
+
+    async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+        let object = object.clone();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |inner| {
+            let rows: Vec<(u64, String, i64, Vec<u8>, u64, i64, String)> = inner.read("read changes", |c| {
+                c.prepare_cached(
+                    "SELECT seq, key, op, value, token, ts, type FROM do_changes \
+                     WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )?
+                .query_map(params![object.as_str(), after, limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+                })?
+                .collect()
+            })?;
+            rows.into_iter()
+                .map(|(seq, key, op, value, token, ts, type_name)| {
+                    let op = match op {
+                        0 => Op::Put,
+                        1 => Op::Delete,
+                        other => {
+                            return Err(Error::corrupt(format!(
+                                "{}: change {seq} of {object} has unknown op code {other}",
+                                inner.path.display()
+                            )))
+                        }
+                    };
+                    Ok(ChangeRecord {
+                        object: object.clone(),
+                        seq,
+                        key,
+                        op,
+                        value: Bytes::from(value),
+                        token: FencingToken::new(token),
+                        timestamp: Timestamp::from_micros(ts),
+                        type_name,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+        check_token_nonzero(token)?;
+        let object = object.clone();
+        self.run(move |inner| {
+            inner.write_tx("truncate changes", |tx| {
+                let row = check_and_raise(tx, &object, token)?;
+                if through > row.last_seq {
+                    return Err(Error::invalid(format!(
+                        "cannot truncate {object} through seq {through}: last seq is {}",
+                        row.last_seq
+                    ))
+                    .into());
+                }
+                if through > row.truncated {
+                    tx.prepare_cached("UPDATE do_objects SET truncated_through = ?2 WHERE do_id = ?1")?
+                        .execute(params![object.as_str(), through])?;
+                    tx.prepare_cached("DELETE FROM do_changes WHERE do_id = ?1 AND seq <= ?2")?
+                        .execute(params![object.as_str(), through])?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+        let object = object.clone();
+        self.run(move |inner| {
+            inner.read("object info", |c| {
+                c.prepare_cached(
+                    "SELECT o.last_seq, o.truncated_through, max(o.max_token, coalesce(l.fencing_token, 0)), \
+                       (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
+                       (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id) \
+                     FROM do_objects o LEFT JOIN do_locks l ON l.do_id = o.do_id WHERE o.do_id = ?1",
+                )?
+                .query_row([object.as_str()], |r| {
+                    Ok(ObjectInfo {
+                        last_seq: r.get(0)?,
+                        truncated_through: r.get(1)?,
+                        max_token: FencingToken::new(r.get(2)?),
+                        keys: r.get(3)?,
+                        value_bytes: r.get(4)?,
+                    })
+                })
+                .optional()
+                // A row created only by a lease is not yet an object.
+                .map(|o| o.filter(|i| i.last_seq > 0 || i.keys > 0))
+            })
+        })
+        .await
+    }
+
+    async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+        let after = after.map(|a| a.as_str().to_string()).unwrap_or_default();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |inner| {
+            let ids: Vec<String> = inner.read("pending objects", |c| {
+                c.prepare_cached(
+                    "SELECT do_id FROM do_objects WHERE last_seq > truncated_through AND do_id > ?1 ORDER BY do_id LIMIT ?2",
+                )?
+                .query_map(params![after, limit], |r| r.get(0))?
+                .collect()
+            })?;
+            ids.into_iter()
+                .map(|id| ObjectId::new(&id).map_err(|e| Error::corrupt(format!("invalid object id {id:?} in database: {e}"))))
+                .collect()
+        })
+        .await
+    }
+
+    async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+        check_token_nonzero(token)?;
+        let object = object.clone();
+        self.run(move |inner| {
+            inner.write_tx("evict", |tx| {
+                let row = check_and_raise(tx, &object, token)?;
+                if row.last_seq > row.truncated {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "{object} has changes {}..={} not yet in cold storage",
+                            row.truncated + 1,
+                            row.last_seq
+                        ),
+                    )
+                    .into());
+                }
+                tx.prepare_cached("DELETE FROM do_state WHERE do_id = ?1")?.execute([object.as_str()])?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn restore(
+        &self,
+        object: &ObjectId,
+        token: FencingToken,
+        entries: Vec<Entry>,
+        through_seq: Seq,
+    ) -> Result<()> {
+        check_token_nonzero(token)?;
+        for e in &entries {
+            validate_key(&e.key)?;
+            validate_value(&e.value)?;
+        }
+        let object = object.clone();
+        self.run(move |inner| {
+            inner.write_tx("restore", |tx| {
+                let row = check_and_raise(tx, &object, token)?;
+                if row.last_seq > row.truncated || row.last_seq > through_seq {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "cannot restore {object} through seq {through_seq}: hot last seq {} (truncated through {})",
+                            row.last_seq, row.truncated
+                        ),
+                    )
+                    .into());
+                }
+                tx.prepare_cached("DELETE FROM do_state WHERE do_id = ?1")?.execute([object.as_str()])?;
+                let mut ins =
+                    tx.prepare_cached("INSERT INTO do_state (do_id, key, value, seq) VALUES (?1, ?2, ?3, ?4)")?;
+                for e in &entries {
+                    ins.execute(params![object.as_str(), e.key, &e.value[..], e.seq])?;
+                }
+                tx.prepare_cached("UPDATE do_objects SET last_seq = ?2, truncated_through = ?2 WHERE do_id = ?1")?
+                    .execute(params![object.as_str(), through_seq])?;
+                Ok(())
+            })
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ConsistencyGuard for SqliteStore {
+    async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
+        dotdo_core::guard::validate_ttl(ttl)?;
+        let (object, holder) = (object.clone(), holder.clone());
+        self.run(move |inner| {
+            inner.write_tx("acquire lease", |tx| {
+                let now = inner.clock.now();
+                let current = lease_row(tx, object.as_str())?;
+                let mut row = rules::acquire(&object, current.as_ref(), &holder, ttl, now)?;
+                let floor = obj_row(tx, object.as_str())?.map_or(0, |o| o.max_token);
+                if row.token.get() <= floor {
+                    row.token = FencingToken::new(floor + 1);
+                }
+                tx.prepare_cached(
+                    "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
+                     expires_at = excluded.expires_at, fencing_token = excluded.fencing_token",
+                )?
+                .execute(params![
+                    object.as_str(),
+                    holder.as_str(),
+                    row.acquired_at.as_micros(),
+                    row.expires_at.as_micros(),
+                    row.token.get()
+                ])?;
+                tx.prepare_cached(
+                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
+                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)",
+                )?
+                .execute(params![object.as_str(), row.token.get()])?;
+                Ok(row.to_lease(&object))
+            })
+        })
+        .await
+    }
+
+    async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        dotdo_core::guard::validate_ttl(ttl)?;
+        let lease = lease.clone();
+        self.run(move |inner| {
+            inner.write_tx("refresh lease", |tx| {
+                let now = inner.clock.now();
+                let expires = now.plus(ttl);
+                let updated = tx
+                    .prepare_cached(
+                        "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 \
+                         AND node_id = ?3 AND expires_at > ?5",
+                    )?
+                    .execute(params![
+                        lease.object.as_str(),
+                        lease.token.get(),
+                        lease.holder.as_str(),
+                        expires.as_micros(),
+                        now.as_micros()
+                    ])?;
+                if updated == 1 {
+                    return Ok(Lease { expires_at: expires, ..lease.clone() });
+                }
+                let row = lease_row(tx, lease.object.as_str())?;
+                rules::check_current(&lease, row.as_ref(), now)?;
+                Err(Error::backend("lease refresh changed no row although the lease is current").into())
+            })
+        })
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let lease = lease.clone();
+        self.run(move |inner| {
+            inner.write_tx("release lease", |tx| {
+                let now = inner.clock.now().as_micros();
+                tx.prepare_cached(
+                    "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
+                )?
+                .execute(params![lease.object.as_str(), lease.token.get(), now])?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn validate(&self, lease: &Lease) -> Result<()> {
+        let lease = lease.clone();
+        self.run(move |inner| {
+            let row = inner.read("validate lease", |c| lease_row(c, lease.object.as_str()))?;
+            rules::check_current(&lease, row.as_ref(), inner.clock.now())
+        })
+        .await
+    }
+
+    async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
+        let object = object.clone();
+        self.run(move |inner| {
+            let row = inner.read("read lease", |c| lease_row(c, object.as_str()))?;
+            let now = inner.clock.now();
+            Ok(row.filter(|r| now < r.expires_at).map(|r| r.to_lease(&object)))
+        })
+        .await
+    }
+}
