@@ -16,7 +16,7 @@ CREATE TABLE IF NOT EXISTS do_locks (
 );
 CREATE TABLE IF NOT EXISTS do_objects (
     do_id             TEXT PRIMARY KEY,
-    last_seq          INTEGER NOT NULL,
+    last_seq          INTEGER NOT NULL,   -- floor: effective last seq is max(this, newest change)
     truncated_through INTEGER NOT NULL,
     max_token         INTEGER NOT NULL
 ) WITHOUT ROWID;

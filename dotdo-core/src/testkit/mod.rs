@@ -30,6 +30,7 @@ use crate::{ColdSink, ConsistencyGuard, HotStore, IndexAccelerator};
 pub mod bench;
 pub mod cold;
 pub mod hot;
+pub mod process;
 
 /// The time every kit clock starts at (2026-01-01T00:00:00Z).
 pub const KIT_EPOCH: Timestamp = Timestamp::from_millis(1_767_225_600_000);

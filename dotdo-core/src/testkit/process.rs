@@ -1,0 +1,341 @@
+//! Multi-process tests shared by every file-backed hot backend: cross-process fencing under
+//! contention and SIGKILL crash recovery. Real OS processes, real files.
+//!
+//! The test binary re-executes itself as the child: a backend's test file defines a parent test
+//! and a child entry test, e.g.
+//!
+//! ```text
+//! #[test] fn cross_process_fencing() { process::fencing_contention(&kit(), "process_child") }
+//! #[test] fn sigkill_crash_recovery() { process::crash_recovery(&kit(), "process_child") }
+//! #[test] fn process_child() { process::child_main(&kit()) } // no-op unless spawned as a child
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use super::{nid, oid, runtime};
+use crate::error::{ErrorKind, Result};
+use crate::hot::HotStoreExt;
+use crate::time::{Clock, SystemClock};
+use crate::{ConsistencyGuard, HotStore, Lease};
+
+/// Opens (creating if needed) the backend's database at a path, on the system clock.
+pub type Opener =
+    Arc<dyn Fn(PathBuf) -> BoxFuture<'static, Result<(Arc<dyn HotStore>, Arc<dyn ConsistencyGuard>)>> + Send + Sync>;
+/// Checks the physical integrity of the database at a path (e.g. `PRAGMA integrity_check`).
+pub type IntegrityCheck = Arc<dyn Fn(PathBuf) -> BoxFuture<'static, Result<()>> + Send + Sync>;
+
+/// What a backend provides to the process tests.
+#[derive(Clone)]
+pub struct ProcessKit {
+    /// Opens the database.
+    pub open: Opener,
+    /// Checks the file's integrity after a crash.
+    pub integrity: IntegrityCheck,
+}
+
+const ENV_MODE: &str = "DOTDO_KIT_CHILD";
+const ENV_DB: &str = "DOTDO_KIT_DB";
+const ENV_NODE: &str = "DOTDO_KIT_NODE";
+
+/// A small xorshift generator (tests must not depend on ambient randomness crates).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn seed() -> u64 {
+    let t = SystemClock::new().now().as_micros() as u64;
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+fn spawn_child(child_test: &str, mode: &str, db: &Path, node: &str) -> Child {
+    let exe = std::env::current_exe().expect("test binary path");
+    Command::new(exe)
+        .args([child_test, "--exact", "--nocapture", "--test-threads=1", "--quiet"])
+        .env(ENV_MODE, mode)
+        .env(ENV_DB, db)
+        .env(ENV_NODE, node)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning a child test process")
+}
+
+/// Lines a child printed that start with `DOTDO `, without the prefix, collected by a thread.
+struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+fn collect(child: &mut Child) -> Lines {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if let Some(rest) = line.strip_prefix("DOTDO ") {
+                if tx.send(rest.to_string()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Lines { rx, handle }
+}
+
+/// The child side: does nothing unless this process was spawned by a process test.
+pub fn child_main(kit: &ProcessKit) {
+    let Ok(mode) = std::env::var(ENV_MODE) else { return };
+    let db = PathBuf::from(std::env::var(ENV_DB).expect("child needs DOTDO_KIT_DB"));
+    let node = std::env::var(ENV_NODE).expect("child needs DOTDO_KIT_NODE");
+    let rt = runtime();
+    rt.block_on(async {
+        let (hot, guard) = (kit.open)(db).await.expect("child opens the database");
+        match mode.as_str() {
+            "fence" => fence_child(hot, guard, &node).await,
+            "crash" => crash_child(hot, guard, &node).await,
+            other => panic!("unknown child mode {other}"),
+        }
+    });
+}
+
+const FENCE_OBJECTS: u64 = 3;
+const FENCE_TTL: Duration = Duration::from_millis(150);
+
+async fn acquire_retrying(guard: &dyn ConsistencyGuard, object: &crate::ObjectId, node: &str, ttl: Duration) -> Lease {
+    let clock = SystemClock::new();
+    loop {
+        match guard.acquire(object, &nid(node), ttl).await {
+            Ok(l) => return l,
+            Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) || e.is_retryable() => {
+                clock.sleep(Duration::from_millis(3)).await;
+            }
+            Err(e) => panic!("acquire failed: {e}"),
+        }
+    }
+}
+
+async fn fence_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, node: &str) {
+    let iterations: u64 = std::env::var("DOTDO_FENCE_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(25);
+    let clock = SystemClock::new();
+    let mut rng = Rng::new(seed());
+    for _ in 0..iterations {
+        let object = oid(&format!("counter-{}", rng.below(FENCE_OBJECTS)));
+        let lease = acquire_retrying(&*guard, &object, node, FENCE_TTL).await;
+        let current: u64 = match hot.get(&object, "n").await {
+            Ok(v) => v.map(|b| String::from_utf8_lossy(&b).parse().expect("counter is a number")).unwrap_or(0),
+            Err(e) => {
+                println!("DOTDO ERR read {e}");
+                continue;
+            }
+        };
+        if rng.below(100) < 25 {
+            // A pause longer than the TTL: another process will usually take over meanwhile.
+            clock.sleep(FENCE_TTL * 2).await;
+        }
+        let next = current + 1;
+        match hot.put(&object, lease.token, "Counter", "n", Bytes::from(next.to_string())).await {
+            Ok(_) => println!("DOTDO ACK {object} {} {next}", lease.token),
+            Err(e) if e.is_fenced() => println!("DOTDO FENCED {object} {}", lease.token),
+            Err(e) => println!("DOTDO ERR write {e}"),
+        }
+        let _ = guard.release(&lease).await;
+    }
+    println!("DOTDO DONE");
+}
+
+/// At least 4 OS processes contend for 3 counters on one database file; each holder sometimes
+/// pauses past its TTL before its read-modify-write. Asserts: zero stale writes accepted (every
+/// accepted increment follows the previous value, tokens never go down along the change log),
+/// and each final counter equals its number of acknowledged increments.
+pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
+    let dir = tempfile_dir();
+    let db = dir.join("fence.db");
+    let rt = runtime();
+    rt.block_on(async { (kit.open)(db.clone()).await.expect("create database") });
+    let procs: usize = std::env::var("DOTDO_FENCE_PROCS").ok().and_then(|v| v.parse().ok()).unwrap_or(4).max(4);
+    let mut children: Vec<(Child, Lines)> = (0..procs)
+        .map(|i| {
+            let mut c = spawn_child(child_test, "fence", &db, &format!("proc-{i}"));
+            let l = collect(&mut c);
+            (c, l)
+        })
+        .collect();
+    let mut acks: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut fenced, mut done) = (0, 0);
+    for (child, lines) in children.iter_mut() {
+        let status = child.wait().expect("child exits");
+        assert!(status.success(), "a contending child failed: {status}");
+        for line in lines.rx.try_iter() {
+            let parts: Vec<&str> = line.split(' ').collect();
+            match parts[0] {
+                "ACK" => *acks.entry(parts[1].to_string()).or_default() += 1,
+                "FENCED" => fenced += 1,
+                "DONE" => done += 1,
+                _ => {}
+            }
+        }
+    }
+    for (_, l) in children {
+        let _ = l.handle.join();
+    }
+    assert_eq!(done, procs, "every child finished");
+    rt.block_on(async {
+        let (hot, _) = (kit.open)(db.clone()).await.expect("reopen");
+        let mut total = 0;
+        for i in 0..FENCE_OBJECTS {
+            let object = oid(&format!("counter-{i}"));
+            let acked = acks.get(object.as_str()).copied().unwrap_or(0);
+            let value: u64 = hot
+                .get(&object, "n")
+                .await
+                .expect("read counter")
+                .map(|b| String::from_utf8_lossy(&b).parse().expect("number"))
+                .unwrap_or(0);
+            assert_eq!(value, acked, "{object}: final counter {value} but {acked} acknowledged increments");
+            let log = hot.read_changes(&object, 0, 1_000_000).await.expect("change log");
+            assert_eq!(log.len() as u64, acked, "{object}: every accepted write is in the change log");
+            let mut last_token = crate::FencingToken::NONE;
+            for (i, c) in log.iter().enumerate() {
+                let v: u64 = String::from_utf8_lossy(&c.value).parse().expect("number");
+                assert_eq!(v, i as u64 + 1, "{object}: a stale write was accepted at seq {}", c.seq);
+                assert!(c.token >= last_token, "{object}: token went down at seq {}", c.seq);
+                last_token = c.token;
+            }
+            total += acked;
+        }
+        println!("fencing: {procs} processes, {total} acknowledged increments, {fenced} stale writes rejected");
+        assert!(total > 0, "no increment was acknowledged");
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const CRASH_TTL: Duration = Duration::from_millis(200);
+
+async fn crash_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, node: &str) {
+    let object = oid("crash-obj");
+    let clock = SystemClock::new();
+    let mut lease = acquire_retrying(&*guard, &object, node, CRASH_TTL).await;
+    println!("DOTDO TOKEN {}", lease.token);
+    let mut i = hot.object_info(&object).await.expect("info").map_or(0, |info| info.last_seq);
+    let mut rng = Rng::new(seed());
+    loop {
+        if lease.remaining_at(clock.now()) < CRASH_TTL / 2 {
+            lease = guard.refresh(&lease, CRASH_TTL).await.expect("refresh while alive");
+        }
+        // Batches of 1..=4 puts; key k{seq} holds seq.
+        let n = 1 + rng.below(4);
+        let mut batch = crate::WriteBatch::new("Crash");
+        for j in 1..=n {
+            batch = batch.put(format!("k{}", i + j), Bytes::from((i + j).to_string()));
+        }
+        let r = hot.write(&object, lease.token, batch).await.expect("write while holding the lease");
+        assert_eq!(r.first_seq, i + 1);
+        i = r.last_seq;
+        println!("DOTDO ACK {i}");
+    }
+}
+
+/// A writer process is killed with SIGKILL at random moments (`DOTDO_CRASH_KILLS`, default 20,
+/// at least 20); after each kill every acknowledged write is present with its value, tokens only go
+/// up, sequence numbers are gap-free and the backend's integrity check passes.
+pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
+    let kills: usize = std::env::var("DOTDO_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20).max(20);
+    let dir = tempfile_dir();
+    let db = dir.join("crash.db");
+    let rt = runtime();
+    let clock = SystemClock::new();
+    let mut rng = Rng::new(seed());
+    let mut max_acked = 0u64;
+    let mut last_token = 0u64;
+    for round in 0..kills {
+        let mut child = spawn_child(child_test, "crash", &db, &format!("writer-{round}"));
+        let lines = collect(&mut child);
+        // Wait for the child to start writing, then let it run a random while.
+        let mut token = None;
+        let mut acked_this_round = 0;
+        let deadline = Duration::from_secs(30);
+        let started = clock.monotonic();
+        while acked_this_round == 0 {
+            assert!(clock.monotonic() - started < deadline, "round {round}: child never acknowledged a write");
+            if let Ok(line) = lines.rx.recv_timeout(Duration::from_millis(50)) {
+                if let Some(t) = line.strip_prefix("TOKEN ") {
+                    token = Some(t.parse::<u64>().expect("token"));
+                } else if let Some(a) = line.strip_prefix("ACK ") {
+                    max_acked = max_acked.max(a.parse().expect("seq"));
+                    acked_this_round += 1;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("round {round}: child exited early: {status}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5 + rng.below(120)));
+        child.kill().expect("SIGKILL the writer");
+        child.wait().expect("reap");
+        let _ = lines.handle.join();
+        for line in lines.rx.try_iter() {
+            if let Some(a) = line.strip_prefix("ACK ") {
+                max_acked = max_acked.max(a.parse().expect("seq"));
+            } else if let Some(t) = line.strip_prefix("TOKEN ") {
+                token = Some(t.parse().expect("token"));
+            }
+        }
+        let token = token.expect("child reported its token");
+        assert!(token > last_token, "round {round}: token {token} not above previous {last_token}");
+        last_token = token;
+        rt.block_on(async {
+            (kit.integrity)(db.clone()).await.expect("integrity check after SIGKILL");
+            let (hot, _) = (kit.open)(db.clone()).await.expect("reopen after SIGKILL");
+            let object = oid("crash-obj");
+            let info = hot.object_info(&object).await.expect("info").expect("object exists");
+            assert!(
+                info.last_seq >= max_acked,
+                "round {round}: acknowledged seq {max_acked} lost (last {})",
+                info.last_seq
+            );
+            assert!(info.max_token.get() >= token);
+            let log = hot.read_changes(&object, 0, 10_000_000).await.expect("log");
+            assert_eq!(log.len() as u64, info.last_seq, "round {round}: change log has gaps");
+            for (i, c) in log.iter().enumerate() {
+                assert_eq!(c.seq, i as u64 + 1);
+                assert_eq!(&c.value[..], c.seq.to_string().as_bytes(), "round {round}: wrong value at seq {}", c.seq);
+            }
+            for probe in [1, max_acked / 2 + 1, max_acked] {
+                let v = hot.get(&object, &format!("k{probe}")).await.expect("get");
+                assert_eq!(
+                    v.as_deref(),
+                    Some(probe.to_string().as_bytes()),
+                    "round {round}: acknowledged k{probe} missing"
+                );
+            }
+        });
+    }
+    println!("crash: {kills} SIGKILLs survived, {max_acked} acknowledged writes all present, final token {last_token}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_dir() -> PathBuf {
+    let base = std::env::temp_dir().join(format!("dotdo-kit-{}-{}", std::process::id(), seed()));
+    std::fs::create_dir_all(&base).expect("temp dir");
+    base
+}

@@ -1,0 +1,151 @@
+//! Bad files, busy databases, durability and execution modes of dotdo-sqlite.
+
+use std::time::Duration;
+
+use dotdo_core::{ConsistencyGuard, ErrorKind, HotStore, HotStoreExt, NodeId, ObjectId};
+use dotdo_sqlite::{Durability, Execution, SqliteSettings, SqliteStore};
+
+fn obj() -> ObjectId {
+    ObjectId::new("o1").expect("valid")
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_sqlite_is_corrupt_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("garbage.db");
+    std::fs::write(&path, b"this is not a database, it is a text file with some bytes in it ....".repeat(100))
+        .expect("write");
+    let e = SqliteStore::builder(&path).open().await.expect_err("garbage");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("garbage.db"), "error names the file: {e}");
+}
+
+#[tokio::test]
+async fn a_damaged_database_is_reported_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    {
+        let s = SqliteStore::builder(&path).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(5)).await.expect("acquire");
+        for i in 0..500 {
+            s.put(&obj(), l.token, "T", &format!("key-{i}"), vec![i as u8; 300].into()).await.expect("put");
+        }
+    }
+    // Checkpoint so the data is in the main file, then scribble over its pages (not the header).
+    let c = rusqlite::Connection::open(&path).expect("raw open");
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").expect("checkpoint");
+    drop(c);
+    let mut bytes = std::fs::read(&path).expect("read");
+    assert!(bytes.len() > 16 * 4096);
+    for b in bytes[4096 * 2..4096 * 12].iter_mut() {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, &bytes).expect("write");
+    let outcome = async {
+        let s = SqliteStore::builder(&path).open().await?;
+        s.integrity_check().await?;
+        s.list(&obj(), dotdo_core::KeyRange::all(), None).await.map(|_| ())
+    }
+    .await;
+    let e = outcome.expect_err("damage must be detected");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
+#[tokio::test]
+async fn an_unopenable_path_is_unavailable() {
+    let e = SqliteStore::builder("/nonexistent-dir/for/sure/hot.db").open().await.expect_err("no dir");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_gives_unavailable_after_bounded_retries_then_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = SqliteSettings {
+        busy_timeout: Duration::from_millis(20),
+        busy_retries: 2,
+        retry_backoff: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    let blocker = rusqlite::Connection::open(&path).expect("raw");
+    blocker.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    let e = s.put(&obj(), l.token, "T", "k", "v".into()).await.expect_err("locked");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable());
+    blocker.execute_batch("ROLLBACK").expect("unlock");
+    s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("works once unlocked");
+    assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+}
+
+#[tokio::test]
+async fn full_durability_persists_across_reopen_and_tokens_keep_rising() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = SqliteSettings { durability: Durability::Full, ..Default::default() };
+    let node = NodeId::new("n").expect("valid");
+    let first = {
+        let s = SqliteStore::builder(&path).with_settings(settings.clone()).open().await.expect("open");
+        let l = s.acquire(&obj(), &node, Duration::from_millis(1)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
+        l.token
+    };
+    std::thread::sleep(Duration::from_millis(2));
+    let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("reopen");
+    assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    let l = s.acquire(&obj(), &node, Duration::from_secs(1)).await.expect("acquire again");
+    assert!(l.token > first);
+}
+
+fn modes_roundtrip(execution: Execution) {
+    let run = async move {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = SqliteSettings { execution, ..Default::default() };
+        let s = SqliteStore::builder(dir.path().join("hot.db")).with_settings(settings).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(5)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
+        assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    };
+    match execution {
+        Execution::Inline => futures::executor::block_on(run),
+        Execution::SpawnBlocking => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(run)
+        }
+        Execution::Auto => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(run);
+        }
+    }
+}
+
+#[test]
+fn every_execution_mode_works_in_its_setting() {
+    modes_roundtrip(Execution::Inline);
+    modes_roundtrip(Execution::SpawnBlocking);
+    modes_roundtrip(Execution::Auto);
+    // Auto outside any runtime runs inline.
+    futures::executor::block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::builder(dir.path().join("hot.db")).open().await.expect("open outside tokio");
+        assert_eq!(s.get(&obj(), "k").await.expect("get"), None);
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_does_not_stall_other_tasks_on_a_multi_thread_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = SqliteStore::builder(dir.path().join("hot.db")).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    let ticker = tokio::spawn(async {
+        let mut ticks = 0u32;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+            ticks += 1;
+        }
+        ticks
+    });
+    for i in 0..200 {
+        s.put(&obj(), l.token, "T", &format!("k{i}"), "v".into()).await.expect("put");
+    }
+    assert_eq!(ticker.await.expect("ticker"), 20);
+}
