@@ -1,0 +1,197 @@
+//! Catalogs: where the table's current metadata pointer lives.
+//!
+//! * [`CatalogConfig::Sql`]: iceberg-rust's SQL catalog on SQLite, the durable embedded default
+//!   (no server). For a `file://` warehouse the database defaults to `<warehouse>/catalog.db`.
+//!   PyIceberg's `SqlCatalog` opens the same file. It uses sqlx's bundled SQLite
+//!   (libsqlite3-sys 0.30), which is link-compatible with rusqlite 0.32 but **not** with libsql:
+//!   never link dotdo-iceberg and dotdo-libsql into one binary.
+//! * [`CatalogConfig::Memory`]: iceberg's in-memory catalog, for tests (lost on restart).
+//! * [`CatalogConfig::Custom`]: any other `iceberg::Catalog` (for example a REST catalog built
+//!   with `iceberg-catalog-rest` for R2 Data Catalog, Polaris or Lakekeeper), sharing the same
+//!   object-store `StorageFactory`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use iceberg::io::StorageFactory;
+use iceberg::table::Table;
+use iceberg::{Catalog, CatalogBuilder, Namespace, NamespaceIdent, TableCommit, TableCreation, TableIdent};
+
+use dotdo_core::{Error, Result};
+
+/// Builds a custom catalog given the storage factory of the warehouse.
+pub type CustomCatalog =
+    Arc<dyn Fn(Arc<dyn StorageFactory>) -> futures::future::BoxFuture<'static, Result<Arc<dyn Catalog>>> + Send + Sync>;
+
+/// Which catalog to use.
+#[derive(Clone, Default)]
+pub enum CatalogConfig {
+    /// The default: SQL catalog on SQLite at `<warehouse dir>/catalog.db` for a `file://`
+    /// warehouse, the in-memory catalog for `memory://`; other warehouses must name one.
+    #[default]
+    Default,
+    /// SQL catalog on SQLite. `uri` is a sqlx URI (`sqlite:/abs/path/catalog.db`); the database
+    /// is created if missing.
+    Sql {
+        /// The sqlx SQLite URI.
+        uri: String,
+    },
+    /// iceberg's in-memory catalog (tests).
+    Memory,
+    /// A catalog built by the caller.
+    Custom(CustomCatalog),
+}
+
+impl fmt::Debug for CatalogConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CatalogConfig::Default => f.write_str("Default"),
+            CatalogConfig::Sql { uri } => f.debug_struct("Sql").field("uri", uri).finish(),
+            CatalogConfig::Memory => f.write_str("Memory"),
+            CatalogConfig::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+/// The SQLite URI of the default catalog of a local warehouse directory.
+pub fn default_sqlite_uri(warehouse_dir: &std::path::Path) -> String {
+    format!("sqlite:{}?mode=rwc", warehouse_dir.join("catalog.db").display())
+}
+
+/// Open the configured catalog. `name` is the catalog name recorded in the SQL catalog's rows
+/// (PyIceberg's `SqlCatalog(name, ...)` must use the same).
+pub(crate) async fn open(
+    config: &CatalogConfig,
+    name: &str,
+    warehouse: &str,
+    factory: Arc<dyn StorageFactory>,
+) -> Result<Arc<dyn Catalog>> {
+    let what = format!("opening catalog {name}");
+    match config {
+        CatalogConfig::Default => {
+            if let Some(rest) = warehouse.strip_prefix("file://") {
+                let uri = default_sqlite_uri(std::path::Path::new(rest));
+                open_sql(&uri, name, warehouse, factory).await
+            } else if warehouse.starts_with("memory://") {
+                open_memory(name, warehouse, factory).await
+            } else {
+                Err(Error::invalid(format!(
+                    "warehouse {warehouse} has no default catalog: configure CatalogConfig::Sql, Memory or Custom"
+                )))
+            }
+        }
+        CatalogConfig::Sql { uri } => open_sql(uri, name, warehouse, factory).await,
+        CatalogConfig::Memory => open_memory(name, warehouse, factory).await,
+        CatalogConfig::Custom(build) => build(factory).await.map_err(|e| e.context(what)),
+    }
+}
+
+async fn open_sql(
+    uri: &str,
+    name: &str,
+    warehouse: &str,
+    factory: Arc<dyn StorageFactory>,
+) -> Result<Arc<dyn Catalog>> {
+    let uri = if uri.starts_with("sqlite:") && !uri.contains("mode=") {
+        format!("{uri}{}mode=rwc", if uri.contains('?') { '&' } else { '?' })
+    } else {
+        uri.to_string()
+    };
+    let catalog = iceberg_catalog_sql::SqlCatalogBuilder::default()
+        .uri(uri.clone())
+        .warehouse_location(warehouse.to_string())
+        .sql_bind_style(iceberg_catalog_sql::SqlBindStyle::QMark)
+        .with_storage_factory(factory)
+        .load(name.to_string(), HashMap::new())
+        .await
+        .map_err(|e| crate::error::classify(e, &format!("opening SQL catalog {uri}")))?;
+    Ok(Arc::new(catalog))
+}
+
+async fn open_memory(name: &str, warehouse: &str, factory: Arc<dyn StorageFactory>) -> Result<Arc<dyn Catalog>> {
+    let catalog = iceberg::memory::MemoryCatalogBuilder::default()
+        .with_storage_factory(factory)
+        .load(
+            name.to_string(),
+            HashMap::from([(iceberg::memory::MEMORY_CATALOG_WAREHOUSE.to_string(), warehouse.to_string())]),
+        )
+        .await
+        .map_err(|e| crate::error::classify(e, "opening memory catalog"))?;
+    Ok(Arc::new(catalog))
+}
+
+/// A catalog view whose `load_table` returns a fixed table for one identifier.
+///
+/// iceberg's `Transaction::commit` reloads the table and silently rebases the commit onto a newer
+/// head, which would skip dotdo's watermark check and drop other writers' watermarks from the
+/// cumulative summary. Committing through this view pins the base to the table the watermarks
+/// were read from: if the head moved, the catalog's `RefSnapshotIdMatch` requirement fails with a
+/// conflict, and dotdo re-reads the watermarks before retrying.
+#[derive(Debug)]
+pub(crate) struct PinnedCatalog<'a> {
+    pub(crate) inner: &'a dyn Catalog,
+    pub(crate) table: Table,
+}
+
+#[async_trait]
+impl Catalog for PinnedCatalog<'_> {
+    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
+        self.inner.list_namespaces(parent).await
+    }
+    async fn create_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<Namespace> {
+        self.inner.create_namespace(namespace, properties).await
+    }
+    async fn get_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<Namespace> {
+        self.inner.get_namespace(namespace).await
+    }
+    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> iceberg::Result<bool> {
+        self.inner.namespace_exists(namespace).await
+    }
+    async fn update_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<()> {
+        self.inner.update_namespace(namespace, properties).await
+    }
+    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<()> {
+        self.inner.drop_namespace(namespace).await
+    }
+    async fn list_tables(&self, namespace: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
+        self.inner.list_tables(namespace).await
+    }
+    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
+        self.inner.create_table(namespace, creation).await
+    }
+    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
+        if table == self.table.identifier() {
+            Ok(self.table.clone())
+        } else {
+            self.inner.load_table(table).await
+        }
+    }
+    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.inner.drop_table(table).await
+    }
+    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.inner.purge_table(table).await
+    }
+    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
+        self.inner.table_exists(table).await
+    }
+    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
+        self.inner.rename_table(src, dest).await
+    }
+    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> iceberg::Result<Table> {
+        self.inner.register_table(table, metadata_location).await
+    }
+    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
+        self.inner.update_table(commit).await
+    }
+}

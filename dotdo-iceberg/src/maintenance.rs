@@ -1,0 +1,170 @@
+//! Table maintenance: snapshot expiry and removal of files no snapshot references.
+//!
+//! iceberg-rust 0.10.1's `expire_snapshots` rewrites metadata only, and it has no orphan-file
+//! cleanup. [`IcebergColdStore::expire_snapshots`] expires by dotdo's commit time (the store's
+//! clock), and [`IcebergColdStore::remove_unreferenced_files`] deletes every file under the table
+//! location that the current metadata does not reference (expired manifest lists, files of
+//! failed or conflicting commits, superseded metadata JSON beyond the metadata log), but only
+//! files older than a retention period, so a commit still in flight in another process keeps
+//! its files. The retention must exceed the longest time a commit can take.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+
+use dotdo_core::{Error, ErrorKind, Result, SnapshotId, Timestamp};
+
+use crate::error::{classify, classify_object_store};
+use crate::store::IcebergColdStore;
+use crate::summary;
+
+/// What [`IcebergColdStore::expire_snapshots`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExpireReport {
+    /// Snapshots removed from the table metadata.
+    pub expired: Vec<SnapshotId>,
+    /// Snapshots still in the table.
+    pub retained: usize,
+}
+
+/// What [`IcebergColdStore::remove_unreferenced_files`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Files deleted (full locations).
+    pub deleted: Vec<String>,
+    /// Unreferenced files kept because they are younger than the retention period.
+    pub kept_recent: usize,
+    /// Files referenced by the table.
+    pub referenced: usize,
+}
+
+impl IcebergColdStore {
+    /// Expire snapshots committed more than `older_than` ago (by the store's clock), always
+    /// keeping the newest `retain_last` (at least 1) snapshots. Deletes no files: run
+    /// [`remove_unreferenced_files`](Self::remove_unreferenced_files) afterwards.
+    ///
+    /// Watermarks survive expiry: each snapshot's summary holds all of them.
+    pub async fn expire_snapshots(&self, older_than: Duration, retain_last: usize) -> Result<ExpireReport> {
+        let what = format!("expiring snapshots of {}", self.table_ident());
+        let attempts = self.inner.settings.max_commit_attempts;
+        for attempt in 0..attempts {
+            let table = self.refresh().await?;
+            let Some(head) = table.metadata().current_snapshot_id() else { return Ok(ExpireReport::default()) };
+            let cutoff = Timestamp::from_micros(
+                self.inner
+                    .clock
+                    .now()
+                    .as_micros()
+                    .saturating_sub(i64::try_from(older_than.as_micros()).unwrap_or(i64::MAX)),
+            );
+            let keep: HashSet<i64> = iceberg::util::snapshot::ancestors_of(&table.metadata_ref(), head)
+                .take(retain_last.max(1))
+                .map(|s| s.snapshot_id())
+                .collect();
+            let expired: Vec<i64> = table
+                .metadata()
+                .snapshots()
+                .filter(|s| !keep.contains(&s.snapshot_id()) && summary::committed_at(s) < cutoff)
+                .map(|s| s.snapshot_id())
+                .collect();
+            let total = table.metadata().snapshots().len();
+            if expired.is_empty() {
+                return Ok(ExpireReport { expired, retained: total });
+            }
+            let tx = Transaction::new(&table);
+            let tx = tx
+                .expire_snapshots()
+                .expire_snapshot_ids(expired.clone())
+                .expire_older_than_ms(0)
+                .retain_last(1)
+                .apply(tx)
+                .map_err(|e| classify(e, &what))?;
+            match tx.commit(&*self.inner.catalog).await {
+                Ok(_) => {
+                    self.refresh().await?;
+                    return Ok(ExpireReport { retained: total - expired.len(), expired });
+                }
+                Err(e) => {
+                    let err = classify(e, &what);
+                    if !err.is_retryable() || attempt + 1 == attempts {
+                        return Err(err);
+                    }
+                    // Expiry is idempotent: reload and recompute.
+                    self.inner.clock.sleep(self.inner.settings.retry_base_delay).await;
+                }
+            }
+        }
+        Err(Error::new(ErrorKind::Conflict, format!("{what}: still conflicting")))
+    }
+
+    /// Delete files under the table location that no snapshot, manifest or retained metadata
+    /// file references and that are older than `retention` (by the store's clock against the
+    /// store's last-modified time).
+    pub async fn remove_unreferenced_files(&self, retention: Duration) -> Result<CleanupReport> {
+        let table = self.refresh().await?;
+        let md = table.metadata();
+        let root = &self.inner.root;
+        let mut referenced: HashSet<String> = HashSet::new();
+        let mut add = |loc: &str| -> Result<()> {
+            referenced.insert(root.key(loc)?.to_string());
+            Ok(())
+        };
+        if let Some(m) = table.metadata_location() {
+            add(m)?;
+        }
+        for l in md.metadata_log() {
+            add(&l.metadata_file)?;
+        }
+        let mut manifests = HashSet::new();
+        for s in md.snapshots() {
+            add(s.manifest_list())?;
+            let list = table
+                .manifest_list_reader(s)
+                .load()
+                .await
+                .map_err(|e| classify(e, &format!("manifest list {}", s.manifest_list())))?;
+            for mf in list.entries() {
+                if manifests.insert(mf.manifest_path.clone()) {
+                    add(&mf.manifest_path)?;
+                    let m = mf
+                        .load_manifest(table.file_io())
+                        .await
+                        .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
+                    for e in m.entries() {
+                        add(e.data_file().file_path())?;
+                    }
+                }
+            }
+        }
+        for sf in md.statistics_iter() {
+            add(&sf.statistics_path)?;
+        }
+        for pf in md.partition_statistics_iter() {
+            add(&pf.statistics_path)?;
+        }
+        let cutoff =
+            self.inner.clock.now().as_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
+        let prefix = root.key(md.location())?;
+        let listed: Vec<object_store::ObjectMeta> =
+            root.store.list(Some(&prefix)).try_collect().await.map_err(classify_object_store)?;
+        let mut report = CleanupReport { referenced: referenced.len(), ..Default::default() };
+        for obj in listed {
+            if referenced.contains(obj.location.as_ref()) {
+                continue;
+            }
+            if obj.last_modified.timestamp_micros() >= cutoff {
+                report.kept_recent += 1;
+                continue;
+            }
+            match root.store.delete(&obj.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                    report.deleted.push(format!("{}/{}", root.root, obj.location));
+                }
+                Err(e) => return Err(classify_object_store(e)),
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,297 @@
+//! iceberg's [`Storage`] over any [`ObjectStore`], so a warehouse can live on local disk, in
+//! memory, on S3 / R2 / MinIO, GCS or Azure.
+//!
+//! iceberg-rust 0.10.1 ships only local-file and in-memory storage; everything else goes through
+//! its `Storage` / `StorageFactory` traits, which this module implements over one
+//! `Arc<dyn ObjectStore>` rooted at a URL prefix (`file://`, `memory://`, `s3://bucket`, …).
+//! A path handed to the storage is the warehouse URL's scheme and authority followed by the
+//! object key, e.g. `s3://bucket/wh/ns/t/data/x.parquet` → key `wh/ns/t/data/x.parquet`.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use iceberg::io::{FileMetadata, FileRead, FileWrite, InputFile, OutputFile, Storage, StorageConfig, StorageFactory};
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use object_store::ObjectStore;
+use url::Url;
+
+use dotdo_core::{Error, Result};
+
+/// An object store and the URL prefix (`scheme://authority`) that maps to its root.
+#[derive(Clone, Debug)]
+pub struct StoreRoot {
+    /// The store.
+    pub store: Arc<dyn ObjectStore>,
+    /// The URL prefix of the store root, without a trailing `/` (`file://`, `s3://bucket`).
+    pub root: String,
+    /// The warehouse location as a URL without a trailing `/` (`s3://bucket/wh`).
+    pub warehouse: String,
+}
+
+impl StoreRoot {
+    /// Open the object store for a warehouse URL with `object_store` options (for S3:
+    /// `aws_endpoint`, `aws_access_key_id`, `aws_secret_access_key`, `aws_region`,
+    /// `aws_allow_http`, …; see `object_store`'s builders).
+    ///
+    /// A bare absolute path is taken as a `file://` URL. Local warehouse directories are
+    /// created if missing. `memory://name` opens a fresh in-memory store (each call a new one).
+    pub fn open<I, K, V>(warehouse: &str, options: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let url = parse_warehouse_url(warehouse)?;
+        if url.scheme() == "file" {
+            let dir = url
+                .to_file_path()
+                .map_err(|()| Error::invalid(format!("warehouse {warehouse} is not a valid local path")))?;
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Error::unavailable(format!("cannot create warehouse directory {}", dir.display())).with_source(e)
+            })?;
+        }
+        if url.scheme() == "memory" {
+            return Ok(Self::with_store(Arc::new(object_store::memory::InMemory::new()), &url));
+        }
+        let (store, _path) = object_store::parse_url_opts(&url, options).map_err(|e| {
+            Error::invalid(format!("cannot open warehouse {warehouse}: {e} (is the scheme's cargo feature enabled?)"))
+                .with_source(e)
+        })?;
+        Ok(Self::with_store(Arc::from(store), &url))
+    }
+
+    /// Use an existing object store whose root corresponds to the scheme and authority of
+    /// `warehouse` (for example a fault-injecting wrapper around a local store).
+    pub fn from_store(store: Arc<dyn ObjectStore>, warehouse: &str) -> Result<Self> {
+        let url = parse_warehouse_url(warehouse)?;
+        Ok(Self::with_store(store, &url))
+    }
+
+    fn with_store(store: Arc<dyn ObjectStore>, url: &Url) -> Self {
+        let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+        let warehouse = url.as_str().trim_end_matches('/').to_string();
+        StoreRoot { store, root, warehouse }
+    }
+
+    /// The object key of a full location under this root.
+    pub fn key(&self, location: &str) -> Result<Path> {
+        key_of(&self.root, location).map_err(Error::invalid)
+    }
+
+    /// The iceberg storage factory for this store.
+    pub fn factory(&self) -> Arc<dyn StorageFactory> {
+        Arc::new(ObjectStoreStorageFactory(ObjectStoreStorage { store: self.store.clone(), root: self.root.clone() }))
+    }
+}
+
+fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
+    let trimmed = warehouse.trim_end_matches('/');
+    let url = if trimmed.starts_with('/') {
+        Url::from_directory_path(trimmed)
+            .map_err(|()| Error::invalid(format!("warehouse path {warehouse} is not absolute")))?
+    } else {
+        Url::parse(trimmed).map_err(|e| Error::invalid(format!("warehouse {warehouse} is not a URL")).with_source(e))?
+    };
+    Ok(url)
+}
+
+fn key_of(root: &str, location: &str) -> std::result::Result<Path, String> {
+    let rest = location
+        .strip_prefix(root)
+        .or_else(|| {
+            // `file:/abs` and `/abs` spellings of local paths.
+            (root == "file://").then(|| location.strip_prefix("file:").unwrap_or(location))
+        })
+        .ok_or_else(|| format!("location {location} is not under the store root {root}"))?;
+    Path::parse(rest.trim_start_matches('/'))
+        .map_err(|e| format!("location {location} is not a valid object path: {e}"))
+}
+
+fn os_err(e: object_store::Error) -> iceberg::Error {
+    iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("object store: {e}")).with_source(e)
+}
+
+fn path_err(msg: String) -> iceberg::Error {
+    iceberg::Error::new(iceberg::ErrorKind::DataInvalid, msg)
+}
+
+/// iceberg `Storage` over an [`ObjectStore`]. Not deserializable (a live store cannot be).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ObjectStoreStorage {
+    #[serde(skip)]
+    store: Arc<dyn ObjectStore>,
+    root: String,
+}
+
+impl<'de> serde::Deserialize<'de> for ObjectStoreStorage {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> std::result::Result<Self, D::Error> {
+        Err(serde::de::Error::custom("ObjectStoreStorage holds a live object store and cannot be deserialized"))
+    }
+}
+
+impl ObjectStoreStorage {
+    fn key(&self, p: &str) -> iceberg::Result<Path> {
+        key_of(&self.root, p).map_err(path_err)
+    }
+}
+
+#[async_trait]
+#[typetag::serde(name = "DotdoObjectStoreStorage")]
+impl Storage for ObjectStoreStorage {
+    async fn exists(&self, path: &str) -> iceberg::Result<bool> {
+        match self.store.head(&self.key(path)?).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(os_err(e)),
+        }
+    }
+
+    async fn metadata(&self, path: &str) -> iceberg::Result<FileMetadata> {
+        Ok(FileMetadata { size: self.store.head(&self.key(path)?).await.map_err(os_err)?.size })
+    }
+
+    async fn read(&self, path: &str) -> iceberg::Result<Bytes> {
+        self.store.get(&self.key(path)?).await.map_err(os_err)?.bytes().await.map_err(os_err)
+    }
+
+    async fn reader(&self, path: &str) -> iceberg::Result<Box<dyn FileRead>> {
+        Ok(Box::new(OsRead { store: self.store.clone(), path: self.key(path)? }))
+    }
+
+    async fn write(&self, path: &str, bs: Bytes) -> iceberg::Result<()> {
+        self.store.put(&self.key(path)?, bs.into()).await.map(|_| ()).map_err(os_err)
+    }
+
+    async fn writer(&self, path: &str) -> iceberg::Result<Box<dyn FileWrite>> {
+        Ok(Box::new(OsWrite(Some(BufWriter::new(self.store.clone(), self.key(path)?)))))
+    }
+
+    async fn delete(&self, path: &str) -> iceberg::Result<()> {
+        match self.store.delete(&self.key(path)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(os_err(e)),
+        }
+    }
+
+    async fn delete_prefix(&self, path: &str) -> iceberg::Result<()> {
+        let prefix = self.key(path)?;
+        let locs = self.store.list(Some(&prefix)).map_ok(|m| m.location).boxed();
+        let mut s = self.store.delete_stream(locs);
+        while let Some(r) = s.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(os_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_stream(&self, mut paths: BoxStream<'static, String>) -> iceberg::Result<()> {
+        while let Some(p) = paths.next().await {
+            self.delete(&p).await?;
+        }
+        Ok(())
+    }
+
+    fn new_input(&self, path: &str) -> iceberg::Result<InputFile> {
+        Ok(InputFile::new(Arc::new(self.clone()), path.to_string()))
+    }
+
+    fn new_output(&self, path: &str) -> iceberg::Result<OutputFile> {
+        Ok(OutputFile::new(Arc::new(self.clone()), path.to_string()))
+    }
+}
+
+struct OsRead {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+}
+
+#[async_trait]
+impl FileRead for OsRead {
+    async fn read(&self, range: Range<u64>) -> iceberg::Result<Bytes> {
+        self.store.get_range(&self.path, range).await.map_err(os_err)
+    }
+}
+
+/// Streams a file through `object_store`'s `BufWriter` (one put when small, multipart when
+/// large).
+struct OsWrite(Option<BufWriter>);
+
+#[async_trait]
+impl FileWrite for OsWrite {
+    async fn write(&mut self, bs: Bytes) -> iceberg::Result<()> {
+        let w = self.0.as_mut().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
+        w.put(bs).await.map_err(os_err)
+    }
+
+    async fn close(&mut self) -> iceberg::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut w =
+            self.0.take().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
+        match w.shutdown().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = w.abort().await;
+                Err(io_err(e))
+            }
+        }
+    }
+}
+
+/// `BufWriter` reports object-store failures as `std::io::Error` wrapping the original; unwrap it
+/// so the classification sees the object-store error.
+fn io_err(e: std::io::Error) -> iceberg::Error {
+    match e.into_inner() {
+        Some(inner) => match inner.downcast::<object_store::Error>() {
+            Ok(os) => os_err(*os),
+            Err(other) => iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("upload failed: {other}"))
+                .with_source(std::io::Error::other(other)),
+        },
+        None => iceberg::Error::new(iceberg::ErrorKind::Unexpected, "upload failed"),
+    }
+}
+
+/// The factory handed to iceberg catalogs; it always returns the same storage.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ObjectStoreStorageFactory(ObjectStoreStorage);
+
+impl<'de> serde::Deserialize<'de> for ObjectStoreStorageFactory {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> std::result::Result<Self, D::Error> {
+        Err(serde::de::Error::custom("ObjectStoreStorageFactory holds a live object store and cannot be deserialized"))
+    }
+}
+
+#[typetag::serde(name = "DotdoObjectStoreStorageFactory")]
+impl StorageFactory for ObjectStoreStorageFactory {
+    fn build(&self, _config: &StorageConfig) -> iceberg::Result<Arc<dyn Storage>> {
+        Ok(Arc::new(self.0.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_strip_the_store_root() {
+        assert_eq!(key_of("s3://b", "s3://b/wh/t/x.parquet").expect("key").as_ref(), "wh/t/x.parquet");
+        assert_eq!(key_of("file://", "file:///tmp/wh/x").expect("key").as_ref(), "tmp/wh/x");
+        assert_eq!(key_of("file://", "/tmp/wh/x").expect("key").as_ref(), "tmp/wh/x");
+        assert!(key_of("s3://b", "s3://other/x").is_err());
+    }
+
+    #[test]
+    fn warehouse_urls_are_normalised() {
+        let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "memory://wh/").expect("root");
+        assert_eq!((r.root.as_str(), r.warehouse.as_str()), ("memory://wh", "memory://wh"));
+        let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "/tmp/lake").expect("root");
+        assert_eq!((r.root.as_str(), r.warehouse.as_str()), ("file://", "file:///tmp/lake"));
+        assert!(StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "not a url").is_err());
+    }
+}

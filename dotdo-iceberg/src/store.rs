@@ -1,0 +1,738 @@
+//! [`IcebergColdStore`]: the builder, table setup, and the exactly-once, fenced append path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use iceberg::spec::{DataFile, DataFileFormat, Literal, PartitionKey, PrimitiveLiteral, SnapshotRef, Struct};
+use iceberg::table::Table;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::location_generator::{DefaultFileNameGenerator, DefaultLocationGenerator};
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
+use iceberg::{Catalog, NamespaceIdent, TableCreation, TableIdent};
+use object_store::ObjectStore;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use dotdo_core::ids::{validate_key, validate_type_name, validate_value};
+use dotdo_core::{
+    AsOf, ChangeRecord, Clock, ColdBatch, ColdCommit, ColdSink, ColdState, Error, ErrorKind, ObjectId, Result, Seq,
+    SnapshotInfo, SystemClock, Timestamp, Watermark,
+};
+
+use crate::catalog::{CatalogConfig, PinnedCatalog};
+use crate::error::classify;
+use crate::read::FileCache;
+use crate::schema::{self, Bucketer};
+use crate::storage::StoreRoot;
+use crate::summary::{self, Watermarks};
+
+/// Tunables of an [`IcebergColdStore`]. Plain data with documented defaults.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Number of `bucket(do_id)` partitions of a newly created table (default 16). An existing
+    /// table keeps its own spec.
+    pub buckets: u32,
+    /// ZSTD level of data files (default 1).
+    pub zstd_level: i32,
+    /// Rows per Parquet row group (default 32 Ki); smaller groups prune finer.
+    pub row_group_rows: usize,
+    /// Target data file size in bytes before rolling to a new file (default 256 MiB).
+    pub target_file_size: usize,
+    /// Commit attempts of one append, conflicts and unknown outcomes included (default 16).
+    pub max_commit_attempts: u32,
+    /// Base delay of the backoff between commit attempts (default 10 ms, doubling, capped at
+    /// 1 s).
+    pub retry_base_delay: Duration,
+    /// Reload the table from the catalog before each read and `watermark` call (default true),
+    /// so reads see other writers' commits. With `false` a store sees only its own commits
+    /// until it commits again or [`IcebergColdStore::refresh`] is called.
+    pub refresh_reads: bool,
+    /// Name of the catalog (the SQL catalog's `catalog_name` column; default `"dotdo"`).
+    pub catalog_name: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            buckets: schema::DEFAULT_BUCKETS,
+            zstd_level: 1,
+            row_group_rows: 32 * 1024,
+            target_file_size: 256 << 20,
+            max_commit_attempts: 16,
+            retry_base_delay: Duration::from_millis(10),
+            refresh_reads: true,
+            catalog_name: "dotdo".to_string(),
+        }
+    }
+}
+
+/// Builds an [`IcebergColdStore`]; see [`IcebergColdStore::builder`].
+#[derive(Debug)]
+pub struct IcebergColdStoreBuilder {
+    warehouse: String,
+    options: Vec<(String, String)>,
+    store: Option<Arc<dyn ObjectStore>>,
+    catalog: CatalogConfig,
+    namespace: Vec<String>,
+    table: String,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+}
+
+impl IcebergColdStoreBuilder {
+    /// An object-store option for the warehouse URL (e.g. `aws_endpoint`,
+    /// `aws_access_key_id`, `aws_allow_http`). Values are never printed.
+    pub fn option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.options.push((key.into(), value.into()));
+        self
+    }
+
+    /// Several object-store options.
+    pub fn options<K: Into<String>, V: Into<String>>(mut self, opts: impl IntoIterator<Item = (K, V)>) -> Self {
+        self.options.extend(opts.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+
+    /// Use this object store instead of opening one from the URL; its root corresponds to the
+    /// warehouse URL's scheme and authority (for a local store: the file system root).
+    pub fn object_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Which catalog to use (default: see [`CatalogConfig::Default`]).
+    pub fn catalog(mut self, catalog: CatalogConfig) -> Self {
+        self.catalog = catalog;
+        self
+    }
+
+    /// The table's namespace (dot-free parts) and name (default `dotdo.changes`).
+    pub fn table<I, S>(mut self, namespace: I, name: impl Into<String>) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.namespace = namespace.into_iter().map(Into::into).collect();
+        self.table = name.into();
+        self
+    }
+
+    /// The clock for commit times, retries and query timing (default: the system clock).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Tunables.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Open the warehouse and catalog, create the namespace and table if missing, and check
+    /// that an existing table has dotdo's schema. Must run inside a tokio runtime with time
+    /// enabled (iceberg uses tokio).
+    pub async fn build(self) -> Result<IcebergColdStore> {
+        if self.table.is_empty() || self.namespace.is_empty() {
+            return Err(Error::invalid("table namespace and name must not be empty"));
+        }
+        if self.settings.max_commit_attempts == 0 || self.settings.buckets == 0 {
+            return Err(Error::invalid("max_commit_attempts and buckets must be at least 1"));
+        }
+        let root = match self.store {
+            Some(store) => StoreRoot::from_store(store, &self.warehouse)?,
+            None => StoreRoot::open(&self.warehouse, self.options.iter().map(|(k, v)| (k.as_str(), v.clone())))?,
+        };
+        let catalog =
+            crate::catalog::open(&self.catalog, &self.settings.catalog_name, &root.warehouse, root.factory()).await?;
+        let ns = NamespaceIdent::from_vec(self.namespace.clone())
+            .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
+        let ident = TableIdent::new(ns.clone(), self.table.clone());
+        let table = open_table(&*catalog, &ident, &self.settings).await?;
+        let bucketer = Bucketer::new(&bucket_transform(&table)?)?;
+        Ok(IcebergColdStore {
+            inner: Arc::new(Inner {
+                catalog,
+                ident,
+                root,
+                clock: self.clock,
+                settings: self.settings,
+                table: parking_lot::Mutex::new(table),
+                commit_lock: tokio::sync::Mutex::new(()),
+                bucketer,
+                cache: FileCache::default(),
+            }),
+        })
+    }
+}
+
+/// The table's `bucket(do_id)` partition transform.
+fn bucket_transform(table: &Table) -> Result<iceberg::spec::Transform> {
+    let spec = table.metadata().default_partition_spec();
+    let do_id = table
+        .metadata()
+        .current_schema()
+        .field_id_by_name("do_id")
+        .ok_or_else(|| Error::invalid("table has no do_id column"))?;
+    spec.fields()
+        .iter()
+        .find(|f| f.source_id == do_id)
+        .map(|f| f.transform)
+        .ok_or_else(|| Error::invalid("table is not partitioned by do_id"))
+}
+
+async fn open_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settings) -> Result<Table> {
+    let what = format!("table {ident}");
+    let table = match catalog.load_table(ident).await {
+        Ok(t) => t,
+        Err(e) if matches!(e.kind(), iceberg::ErrorKind::TableNotFound | iceberg::ErrorKind::NamespaceNotFound) => {
+            create_table(catalog, ident, settings).await?
+        }
+        Err(e) => return Err(classify(e, &what)),
+    };
+    let cols: Vec<String> =
+        table.metadata().current_schema().as_struct().fields().iter().map(|f| f.name.clone()).collect();
+    if cols != schema::COLUMNS {
+        return Err(Error::invalid(format!("{what} is not a dotdo change table: columns {cols:?}")));
+    }
+    // dotdo retries commits itself after re-reading the watermarks; iceberg's internal retry
+    // would re-apply the same summary on a stale base.
+    if table.metadata().properties().get(RETRY_PROP).map(String::as_str) != Some("0") {
+        let tx = Transaction::new(&table);
+        let tx = tx
+            .update_table_properties()
+            .set(RETRY_PROP.to_string(), "0".to_string())
+            .apply(tx)
+            .map_err(|e| classify(e, &what))?;
+        return tx.commit(catalog).await.map_err(|e| classify(e, &what));
+    }
+    Ok(table)
+}
+
+const RETRY_PROP: &str = "commit.retry.num-retries";
+
+async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settings) -> Result<Table> {
+    let what = format!("creating table {ident}");
+    let ns = ident.namespace();
+    match catalog.namespace_exists(ns).await {
+        Ok(true) => {}
+        Ok(false) => match catalog.create_namespace(ns, HashMap::new()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
+            Err(e) => return Err(classify(e, &what)),
+        },
+        Err(e) => return Err(classify(e, &what)),
+    }
+    let schema = schema::table_schema()?;
+    let order = schema::sort_order(&schema)?;
+    let creation = TableCreation::builder()
+        .name(ident.name().to_string())
+        .schema(schema)
+        .partition_spec(schema::partition_spec(settings.buckets)?)
+        .sort_order(order)
+        .properties(HashMap::from([
+            (RETRY_PROP.to_string(), "0".to_string()),
+            ("write.format.default".to_string(), "parquet".to_string()),
+            ("write.parquet.compression-codec".to_string(), "zstd".to_string()),
+            ("write.metadata.previous-versions-max".to_string(), "20".to_string()),
+            ("dotdo.format".to_string(), "1".to_string()),
+        ]))
+        .build();
+    match catalog.create_table(ns, creation).await {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
+            catalog.load_table(ident).await.map_err(|e| classify(e, &what))
+        }
+        Err(e) => Err(classify(e, &what)),
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) catalog: Arc<dyn Catalog>,
+    pub(crate) ident: TableIdent,
+    pub(crate) root: StoreRoot,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) settings: Settings,
+    /// The newest table state this store knows.
+    pub(crate) table: parking_lot::Mutex<Table>,
+    /// Serialises this process's appends (other processes are handled optimistically).
+    commit_lock: tokio::sync::Mutex<()>,
+    pub(crate) bucketer: Bucketer,
+    pub(crate) cache: FileCache,
+}
+
+/// A [`ColdSink`] and [`IndexAccelerator`](dotdo_core::IndexAccelerator) on an Apache Iceberg
+/// table (Parquet, ZSTD) in any object store. Cheap to clone; clones share state.
+///
+/// See the [crate docs](crate) for the table layout and the exactly-once protocol.
+#[derive(Clone)]
+pub struct IcebergColdStore {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for IcebergColdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IcebergColdStore")
+            .field("warehouse", &self.inner.root.warehouse)
+            .field("table", &self.inner.ident.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which records of a batch are new, and the watermarks after committing them.
+struct Plan<'a> {
+    fresh: Vec<&'a ChangeRecord>,
+    skipped: u64,
+    /// Per object of the batch: new records' seq range (first, last), for reusing written files.
+    ranges: Vec<(ObjectId, Seq, Seq)>,
+    next: Watermarks,
+    batch_marks: BTreeMap<ObjectId, Watermark>,
+}
+
+fn plan<'a>(batch: &'a ColdBatch, prev: &Watermarks) -> Result<Plan<'a>> {
+    let mut next = prev.clone();
+    let mut fresh = Vec::new();
+    let mut skipped = 0u64;
+    let mut ranges = Vec::new();
+    for oc in &batch.objects {
+        let wm = prev.get(&oc.object).copied().unwrap_or_default();
+        if oc.token < wm.token {
+            return Err(Error::fenced(&oc.object, oc.token, wm.token));
+        }
+        let new: Vec<&ChangeRecord> = oc.records.iter().filter(|r| r.seq > wm.through).collect();
+        skipped += (oc.records.len() - new.len()) as u64;
+        if let Some(first) = new.first() {
+            if first.seq != wm.through + 1 {
+                return Err(Error::invalid(format!(
+                    "cold batch for {} starts at seq {} but cold storage has seq {}: the records in between would be lost",
+                    oc.object, first.seq, wm.through
+                )));
+            }
+        }
+        let through = new.last().map_or(wm.through, |r| r.seq);
+        if let (Some(f), Some(l)) = (new.first(), new.last()) {
+            ranges.push((oc.object.clone(), f.seq, l.seq));
+        }
+        next.insert(oc.object.clone(), Watermark { through, token: oc.token.max(wm.token) });
+        fresh.extend(new);
+    }
+    let batch_marks =
+        batch.objects.iter().filter_map(|oc| next.get(&oc.object).map(|w| (oc.object.clone(), *w))).collect();
+    Ok(Plan { fresh, skipped, ranges, next, batch_marks })
+}
+
+/// How the last commit attempt ended.
+enum Attempt {
+    First,
+    Conflict,
+    Unknown(Error),
+}
+
+impl IcebergColdStore {
+    /// Start building a store on the warehouse at `warehouse_url` (`file:///path`, `/path`,
+    /// `memory://name`, `s3://bucket/prefix`, `gs://…`, `az://…`).
+    pub fn builder(warehouse_url: impl Into<String>) -> IcebergColdStoreBuilder {
+        IcebergColdStoreBuilder {
+            warehouse: warehouse_url.into(),
+            options: Vec::new(),
+            store: None,
+            catalog: CatalogConfig::Default,
+            namespace: vec!["dotdo".to_string()],
+            table: "changes".to_string(),
+            clock: Arc::new(SystemClock::new()),
+            settings: Settings::default(),
+        }
+    }
+
+    /// The table identifier.
+    pub fn table_ident(&self) -> &TableIdent {
+        &self.inner.ident
+    }
+
+    /// The warehouse location URL.
+    pub fn warehouse(&self) -> &str {
+        &self.inner.root.warehouse
+    }
+
+    /// The iceberg catalog (for interop and maintenance beyond what this type offers).
+    pub fn catalog(&self) -> Arc<dyn Catalog> {
+        self.inner.catalog.clone()
+    }
+
+    /// The newest table state this store knows (no I/O).
+    pub fn table(&self) -> Table {
+        self.inner.table.lock().clone()
+    }
+
+    /// Reload the table from the catalog.
+    pub async fn refresh(&self) -> Result<Table> {
+        let t = self
+            .inner
+            .catalog
+            .load_table(&self.inner.ident)
+            .await
+            .map_err(|e| classify(e, &format!("loading table {}", self.inner.ident)))?;
+        self.remember(&t);
+        Ok(t)
+    }
+
+    /// Keep `t` as the newest known table unless a newer one is already known.
+    fn remember(&self, t: &Table) {
+        let mut cur = self.inner.table.lock();
+        let newer = t.metadata().last_updated_ms() >= cur.metadata().last_updated_ms()
+            || t.metadata().last_sequence_number() > cur.metadata().last_sequence_number();
+        if newer {
+            *cur = t.clone();
+        }
+    }
+
+    /// The table to read: reloaded from the catalog if `refresh_reads` is on.
+    pub(crate) async fn read_table(&self) -> Result<Table> {
+        if self.inner.settings.refresh_reads {
+            self.refresh().await
+        } else {
+            Ok(self.table())
+        }
+    }
+
+    /// Reload, retrying transient failures a few times (resolving an unknown outcome).
+    async fn reload_for_resolution(&self) -> Result<Table> {
+        let mut last = None;
+        for i in 0..self.inner.settings.max_commit_attempts.max(4) {
+            match self.refresh().await {
+                Ok(t) => return Ok(t),
+                Err(e) if e.is_retryable() => {
+                    last = Some(e);
+                    self.inner.clock.sleep(self.backoff(i)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::unavailable("reloading the table failed")))
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.inner.settings.retry_base_delay;
+        base.saturating_mul(1u32 << attempt.min(7)).min(Duration::from_secs(1))
+    }
+
+    /// Resolve which snapshot `as_of` selects in `table` (`None`: before any snapshot).
+    pub(crate) fn resolve(table: &Table, as_of: AsOf) -> Result<Option<SnapshotRef>> {
+        let md = table.metadata();
+        match as_of {
+            AsOf::Latest => Ok(md.current_snapshot().cloned()),
+            AsOf::Snapshot(id) => {
+                md.snapshot_by_id(id).cloned().map(Some).ok_or_else(|| {
+                    Error::new(ErrorKind::NotFound, format!("snapshot {id} does not exist (or expired)"))
+                })
+            }
+            AsOf::Timestamp(ts) => {
+                let Some(head) = md.current_snapshot_id() else { return Ok(None) };
+                let md = table.metadata_ref();
+                let found = iceberg::util::snapshot::ancestors_of(&md, head).find(|s| summary::committed_at(s) <= ts);
+                Ok(found)
+            }
+        }
+    }
+
+    /// The snapshot of `table` created by commit `commit_id`, searching from the head back to
+    /// (excluding) `since`.
+    fn find_commit(table: &Table, commit_id: &str, since: Option<i64>) -> Option<SnapshotRef> {
+        let head = table.metadata().current_snapshot_id()?;
+        iceberg::util::snapshot::ancestors_of(&table.metadata_ref(), head)
+            .take_while(|s| Some(s.snapshot_id()) != since)
+            .find(|s| summary::commit_id(s) == Some(commit_id))
+    }
+
+    /// Write the data files of `records` (one or more per partition), partitions in parallel.
+    async fn write_files(&self, table: &Table, records: &[&ChangeRecord]) -> Result<Vec<DataFile>> {
+        let md = table.metadata_ref();
+        let schema = md.current_schema().clone();
+        let spec = md.default_partition_spec().clone();
+        let arrow = Arc::new(
+            iceberg::arrow::schema_to_arrow_schema(&schema).map_err(|e| classify(e, "arrow schema of the table"))?,
+        );
+        let mut groups: BTreeMap<i32, Vec<&ChangeRecord>> = BTreeMap::new();
+        for r in records {
+            groups.entry(self.inner.bucketer.bucket(r.object.as_str())?).or_default().push(r);
+        }
+        let level = ZstdLevel::try_new(self.inner.settings.zstd_level)
+            .map_err(|e| Error::invalid(format!("zstd level {}: {e}", self.inner.settings.zstd_level)))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_max_row_group_row_count(Some(self.inner.settings.row_group_rows))
+            .set_statistics_truncate_length(None)
+            .set_column_statistics_enabled(ColumnPath::from("value"), EnabledStatistics::None)
+            .build();
+        let location = DefaultLocationGenerator::new(&md).map_err(|e| classify(e, "data location"))?;
+        let prefix = uuid::Uuid::new_v4().to_string();
+        let mut tasks = Vec::with_capacity(groups.len());
+        for (bucket, mut recs) in groups {
+            recs.sort_by(|a, b| {
+                (a.object.as_str(), a.key.as_str(), a.seq).cmp(&(b.object.as_str(), b.key.as_str(), b.seq))
+            });
+            let batch = schema::to_batch(&arrow, &recs)?;
+            let pk = PartitionKey::new(
+                spec.as_ref().clone(),
+                schema.clone(),
+                Struct::from_iter([Some(Literal::Primitive(PrimitiveLiteral::Int(bucket)))]),
+            );
+            let builder = DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
+                ParquetWriterBuilder::new(props.clone(), schema.clone()),
+                self.inner.settings.target_file_size,
+                table.file_io().clone(),
+                location.clone(),
+                DefaultFileNameGenerator::new(prefix.clone(), None, DataFileFormat::Parquet),
+            ));
+            tasks.push(tokio::spawn(async move {
+                let mut w = builder.build(Some(pk)).await?;
+                w.write(batch).await?;
+                w.close().await
+            }));
+        }
+        let mut files = Vec::new();
+        let mut first_err = None;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(f)) => files.extend(f),
+                Ok(Err(e)) => {
+                    first_err
+                        .get_or_insert_with(|| classify(e, &format!("writing data files of {}", self.inner.ident)));
+                }
+                Err(join) => {
+                    first_err.get_or_insert_with(|| Error::backend(format!("data file writer task failed: {join}")));
+                }
+            }
+        }
+        match first_err {
+            None => Ok(files),
+            Some(e) => {
+                let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+                self.delete_files(paths).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Best-effort deletion of files that no commit references (failed attempts).
+    async fn delete_files(&self, paths: Vec<String>) {
+        for p in paths {
+            if let Ok(key) = self.inner.root.key(&p) {
+                if let Err(e) = self.inner.root.store.delete(&key).await {
+                    tracing::debug!(file = %p, error = %e, "could not delete an unreferenced data file");
+                }
+            }
+        }
+    }
+
+    /// One commit attempt on the pinned base `table`.
+    async fn try_commit(
+        &self,
+        table: &Table,
+        files: Vec<DataFile>,
+        props: HashMap<String, String>,
+    ) -> iceberg::Result<Table> {
+        let tx = Transaction::new(table);
+        let tx = tx
+            .fast_append()
+            .add_data_files(files)
+            .set_snapshot_properties(props)
+            .with_check_duplicate(false)
+            .apply(tx)?;
+        tx.commit(&PinnedCatalog { inner: &*self.inner.catalog, table: table.clone() }).await
+    }
+
+    fn commit_result(snapshot: &SnapshotRef, plan: &Plan<'_>) -> ColdCommit {
+        ColdCommit {
+            snapshot: Some(snapshot.snapshot_id()),
+            records_written: plan.fresh.len() as u64,
+            records_skipped: plan.skipped,
+            watermarks: plan.batch_marks.clone(),
+        }
+    }
+}
+
+fn validate_records(batch: &ColdBatch) -> Result<()> {
+    batch.validate()?;
+    for r in batch.objects.iter().flat_map(|o| o.records.iter()) {
+        validate_key(&r.key)?;
+        validate_value(&r.value)?;
+        validate_type_name(&r.type_name)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ColdSink for IcebergColdStore {
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        validate_records(&batch)?;
+        let _serial = self.inner.commit_lock.lock().await;
+        let commit_id = uuid::Uuid::new_v4().to_string();
+        let mut table = self.table();
+        // The head of the table when the first attempt was made: a landed attempt of ours
+        // can only be newer than it.
+        let mut first_head: Option<Option<i64>> = None;
+        let mut written: Option<(Vec<(ObjectId, Seq, Seq)>, Vec<DataFile>)> = None;
+        let mut last = Attempt::First;
+        let attempts = self.inner.settings.max_commit_attempts;
+        for attempt in 0..attempts {
+            let head = table.metadata().current_snapshot().cloned();
+            if matches!(last, Attempt::Unknown(_)) {
+                let since = first_head.flatten();
+                if let Some(s) = Self::find_commit(&table, &commit_id, since) {
+                    // An attempt whose reply was lost did land; report it.
+                    let parent_wm = match s.parent_snapshot_id().and_then(|p| table.metadata().snapshot_by_id(p)) {
+                        Some(p) => summary::watermarks(p)?,
+                        None => Watermarks::new(),
+                    };
+                    let p = plan(&batch, &parent_wm)?;
+                    return Ok(Self::commit_result(&s, &p));
+                }
+            }
+            first_head.get_or_insert(head.as_ref().map(|s| s.snapshot_id()));
+            let prev = match &head {
+                Some(s) => summary::watermarks(s)?,
+                None => Watermarks::new(),
+            };
+            let p = plan(&batch, &prev)?;
+            if p.fresh.is_empty() {
+                return Ok(ColdCommit {
+                    snapshot: None,
+                    records_written: 0,
+                    records_skipped: p.skipped,
+                    watermarks: p.batch_marks,
+                });
+            }
+            let files = match &written {
+                Some((ranges, files)) if *ranges == p.ranges => files.clone(),
+                _ => {
+                    if let (Some((_, old)), Attempt::Conflict) = (written.take(), &last) {
+                        // The earlier attempt definitely did not commit: its files are garbage.
+                        let paths: Vec<String> = old.iter().map(|f| f.file_path().to_string()).collect();
+                        self.delete_files(paths).await;
+                    }
+                    let files = match self.write_files(&table, &p.fresh).await {
+                        Ok(f) => f,
+                        Err(e) if e.is_retryable() && attempt + 1 < attempts => {
+                            self.inner.clock.sleep(self.backoff(attempt)).await;
+                            last = Attempt::First;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    written = Some((p.ranges.clone(), files.clone()));
+                    files
+                }
+            };
+            let parent_at = head.as_ref().map_or(Timestamp::EPOCH, |s| summary::committed_at(s));
+            let at = self.inner.clock.now().max(parent_at);
+            let props = summary::properties(&p.next, &commit_id, at);
+            match self.try_commit(&table, files, props).await {
+                Ok(t) => {
+                    self.remember(&t);
+                    let snap = t
+                        .metadata()
+                        .current_snapshot()
+                        .filter(|s| summary::commit_id(s) == Some(commit_id.as_str()))
+                        .cloned();
+                    return match snap {
+                        Some(s) => Ok(Self::commit_result(&s, &p)),
+                        None => Err(Error::new(
+                            ErrorKind::AmbiguousOutcome,
+                            "the catalog acknowledged the commit but its head is not the new snapshot",
+                        )),
+                    };
+                }
+                Err(e) if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts => {
+                    tracing::debug!(attempt, "cold commit conflict; re-reading watermarks");
+                    last = Attempt::Conflict;
+                    self.inner.clock.sleep(self.backoff(attempt)).await;
+                    table = match self.reload_for_resolution().await {
+                        Ok(t) => t,
+                        Err(e) => return Err(e.context("reloading the table after a commit conflict")),
+                    };
+                }
+                Err(e) => {
+                    let err = classify(e, &format!("committing to {}", self.inner.ident));
+                    tracing::debug!(attempt, error = %err, "cold commit outcome unknown; reading back");
+                    table = match self.reload_for_resolution().await {
+                        Ok(t) => t,
+                        Err(reload) => {
+                            return Err(Error::new(
+                                ErrorKind::AmbiguousOutcome,
+                                format!("commit failed ({err}) and the table could not be read back ({reload})"),
+                            )
+                            .with_source(err))
+                        }
+                    };
+                    last = Attempt::Unknown(err);
+                }
+            }
+        }
+        match last {
+            Attempt::Unknown(e) => {
+                // A final read-back: did the last attempt land?
+                let t = self.reload_for_resolution().await?;
+                if let Some(s) = Self::find_commit(&t, &commit_id, first_head.flatten()) {
+                    let parent_wm = match s.parent_snapshot_id().and_then(|p| t.metadata().snapshot_by_id(p)) {
+                        Some(p) => summary::watermarks(p)?,
+                        None => Watermarks::new(),
+                    };
+                    return Ok(Self::commit_result(&s, &plan(&batch, &parent_wm)?));
+                }
+                Err(e.context(format!("cold commit failed after {attempts} attempts")))
+            }
+            _ => {
+                Err(Error::new(ErrorKind::Conflict, format!("cold commit still conflicting after {attempts} attempts")))
+            }
+        }
+    }
+
+    async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+        let table = self.read_table().await?;
+        match table.metadata().current_snapshot() {
+            Some(s) => Ok(summary::watermarks(s)?.get(object).copied().unwrap_or_default()),
+            None => Ok(Watermark::default()),
+        }
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let table = self.read_table().await?;
+        let Some(head) = table.metadata().current_snapshot_id() else { return Ok(Vec::new()) };
+        let mut out: Vec<SnapshotInfo> = iceberg::util::snapshot::ancestors_of(&table.metadata_ref(), head)
+            .map(|s| SnapshotInfo {
+                id: s.snapshot_id(),
+                parent: s.parent_snapshot_id(),
+                committed_at: summary::committed_at(&s),
+                added_records: summary::added_records(&s),
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+        let table = self.read_table().await?;
+        let snap = Self::resolve(&table, as_of)?;
+        let (mut records, _) = self.records_of(&table, snap.as_ref(), object, &crate::read::Filter::default()).await?;
+        records.sort_by_key(|r| r.seq);
+        let (entries, through) = dotdo_core::cold::fold_changes(&records);
+        Ok(ColdState { entries, through, snapshot: snap.map(|s| s.snapshot_id()) })
+    }
+
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+        let table = self.read_table().await?;
+        let snap = Self::resolve(&table, as_of)?;
+        let filter = crate::read::Filter { min_seq: Some(after.saturating_add(1)), ..Default::default() };
+        let (mut records, _) = self.records_of(&table, snap.as_ref(), object, &filter).await?;
+        records.retain(|r| r.seq > after);
+        records.sort_by_key(|r| r.seq);
+        Ok(records)
+    }
+}
