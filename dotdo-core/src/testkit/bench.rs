@@ -75,6 +75,47 @@ pub fn sample(warmup: usize, iters: usize, ops_per_call: u64, mut f: impl FnMut(
     Samples { sorted, total, ops: ops_per_call * iters as u64 }
 }
 
+/// Measure two operations interleaved in chunks of `chunk` calls (ours, then baseline, then ours
+/// ...), so that background load on the machine affects both figures alike. Returns
+/// `(ours, baseline)`.
+pub fn sample_pair(
+    warmup: usize,
+    iters: usize,
+    chunk: usize,
+    mut ours: impl FnMut(),
+    mut baseline: impl FnMut(),
+) -> (Samples, Samples) {
+    let clock = SystemClock::new();
+    for _ in 0..warmup {
+        ours();
+        baseline();
+    }
+    let mut a = Vec::with_capacity(iters);
+    let mut b = Vec::with_capacity(iters);
+    let (mut ta, mut tb) = (Duration::ZERO, Duration::ZERO);
+    let chunk = chunk.max(1);
+    while a.len() < iters {
+        let n = chunk.min(iters - a.len());
+        for (f, out, total) in
+            [(&mut ours as &mut dyn FnMut(), &mut a, &mut ta), (&mut baseline as &mut dyn FnMut(), &mut b, &mut tb)]
+        {
+            let start = clock.monotonic();
+            for _ in 0..n {
+                let t = clock.monotonic();
+                f();
+                out.push(clock.monotonic().saturating_sub(t));
+            }
+            *total += clock.monotonic().saturating_sub(start);
+        }
+    }
+    let finish = |mut v: Vec<Duration>, total| {
+        v.sort_unstable();
+        let ops = v.len() as u64;
+        Samples { sorted: v, total, ops }
+    };
+    (finish(a, ta), finish(b, tb))
+}
+
 /// Microseconds as `f64`.
 pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
