@@ -60,6 +60,7 @@ pub mod ids;
 pub mod memory;
 pub mod record;
 pub mod ring;
+pub mod runtime;
 pub mod time;
 
 #[cfg(feature = "testkit")]
@@ -74,4 +75,5 @@ pub use ids::{FencingToken, NodeId, ObjectId, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use memory::{MemoryBackend, MemoryColdStore};
 pub use record::{ChangeRecord, Entry, KeyRange, Op, Seq, WriteBatch, WriteOp, WriteReceipt};
 pub use ring::HashRing;
+pub use runtime::{ObjectRuntime, ObjectTxn, RestoreMode, RuntimeSettings};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

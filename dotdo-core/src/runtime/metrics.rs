@@ -1,0 +1,91 @@
+//! Runtime and recovery metrics, readable by the host and emitted through `tracing`.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::cold::SnapshotId;
+use crate::ids::ObjectId;
+
+/// How an activation obtained the object's state.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Recovery {
+    /// The hot store had the state (the common case).
+    Hot,
+    /// Hot state was missing; all of it was restored from cold before the handler ran.
+    Eager,
+    /// Hot state was missing; keys are read from cold on demand until the restore completes.
+    Lazy,
+    /// Like `Lazy`, with named keys / prefixes preloaded first.
+    Hybrid,
+}
+
+/// One activation of an object on this runtime (seed 003's cold-start breakdown).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ActivationMetrics {
+    /// The object.
+    pub object: ObjectId,
+    /// How its state was obtained.
+    pub recovery: Recovery,
+    /// Lease acquisition plus activation, until the handler could run.
+    pub cold_start: Duration,
+    /// Time spent loading state from cold storage during activation (eager restore or preload).
+    pub state_loading: Duration,
+    /// Keys loaded during activation.
+    pub keys_loaded: u64,
+    /// Value bytes loaded during activation.
+    pub bytes_loaded: u64,
+    /// The cold snapshot restored from, if any.
+    pub snapshot: Option<SnapshotId>,
+}
+
+/// Counters of one runtime. All monotonic since the runtime was built.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct RuntimeMetrics {
+    /// Handler invocations started.
+    pub invokes: u64,
+    /// Handler transactions committed with at least one write.
+    pub commits: u64,
+    /// Activations (a lease acquired and the object made ready).
+    pub activations: u64,
+    /// Activations that restored eagerly from cold.
+    pub eager_restores: u64,
+    /// Activations that started a lazy (or hybrid) restore.
+    pub lazy_restores: u64,
+    /// Lazy reads answered from the runtime's cache of cold lookups.
+    pub lazy_cache_hits: u64,
+    /// Lazy reads that had to look up cold storage.
+    pub lazy_cache_misses: u64,
+    /// Keys preloaded by hybrid activations or prefetch hooks.
+    pub preloaded_keys: u64,
+    /// Reads that hit a preloaded key (preload effectiveness = hits / preloaded keys).
+    pub preload_hits: u64,
+    /// Writes rejected because a newer holder fenced this runtime.
+    pub fenced: u64,
+    /// Handlers aborted because the lease could not be renewed in time (self-fencing).
+    pub self_fenced: u64,
+    /// Cold flushes (commits to cold storage).
+    pub flushes: u64,
+    /// Records written to cold storage.
+    pub records_flushed: u64,
+    /// Objects tiered out of hot storage.
+    pub evictions: u64,
+    /// The most recent activations (at most 256), oldest first.
+    pub recent_activations: VecDeque<ActivationMetrics>,
+}
+
+impl RuntimeMetrics {
+    pub(crate) fn push_activation(&mut self, m: ActivationMetrics) {
+        tracing::info!(
+            object = %m.object,
+            recovery = ?m.recovery,
+            cold_start_us = m.cold_start.as_micros() as u64,
+            state_loading_us = m.state_loading.as_micros() as u64,
+            keys_loaded = m.keys_loaded,
+            "dotdo activation"
+        );
+        if self.recent_activations.len() >= 256 {
+            self.recent_activations.pop_front();
+        }
+        self.recent_activations.push_back(m);
+    }
+}

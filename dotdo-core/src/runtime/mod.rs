@@ -1,0 +1,861 @@
+//! The stateless object runtime: the piece a host calls.
+//!
+//! [`ObjectRuntime`] composes a [`ConsistencyGuard`], a [`HotStore`], a [`ColdSink`] and
+//! optionally an [`IndexAccelerator`]. [`ObjectRuntime::invoke`] runs a handler against one
+//! object's state:
+//!
+//! 1. the runtime takes (or reuses) the object's lease, renewing it at about TTL/3;
+//! 2. on first use it activates the object: if hot storage has no state but cold storage does
+//!    (the object was evicted, moved, or the hot database was lost) it recovers it — eagerly,
+//!    lazily (first key fast, read from cold through the accelerator) or hybrid (named keys and
+//!    prefixes preloaded, the rest lazily);
+//! 3. the handler reads and writes through an [`ObjectTxn`]; its writes commit as one atomic,
+//!    fenced batch when it returns `Ok`;
+//! 4. during a long handler the lease is renewed; if renewal fails before expiry the handler is
+//!    abandoned and nothing is written (self-fencing);
+//! 5. the lease is released or kept warm for the next call; the change log is drained to cold
+//!    storage exactly once by [`flush`](ObjectRuntime::flush) / [`flush_all`](ObjectRuntime::flush_all)
+//!    or automatically past a threshold; idle objects are tiered out by
+//!    [`evict_idle`](ObjectRuntime::evict_idle) and come back identically.
+//!
+//! The runtime spawns nothing and needs no particular async runtime: renewals run concurrently
+//! with the handler inside `invoke`, and periodic work is a future the host drives
+//! ([`run_maintenance`](ObjectRuntime::run_maintenance)).
+
+mod metrics;
+mod txn;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::Either;
+
+pub use metrics::{ActivationMetrics, Recovery, RuntimeMetrics};
+use txn::LazyState;
+pub use txn::ObjectTxn;
+
+use crate::accel::ScanQuery;
+use crate::cold::{AsOf, ColdBatch, ColdSink, ObjectChanges};
+use crate::error::{Error, ErrorKind, Result};
+use crate::guard::{ConsistencyGuard, Lease};
+use crate::hot::HotStore;
+use crate::ids::{FencingToken, NodeId, ObjectId};
+use crate::record::{KeyRange, WriteBatch};
+use crate::ring::HashRing;
+use crate::time::{Clock, Stopwatch, SystemClock, Timestamp};
+use crate::{IndexAccelerator, Seq};
+
+/// How an object whose hot state is missing is recovered from cold storage.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum RestoreMode {
+    /// Restore everything before the handler runs.
+    #[default]
+    Eager,
+    /// Serve reads key by key from cold storage (through the accelerator); complete the restore
+    /// on the first write, list or [`ObjectRuntime::complete_restores`].
+    Lazy,
+    /// Preload these keys and key prefixes, then behave like `Lazy`.
+    Hybrid {
+        /// Exact keys to preload.
+        keys: Vec<String>,
+        /// Key prefixes to preload.
+        prefixes: Vec<String>,
+    },
+}
+
+/// Runtime settings: plain data with documented defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeSettings {
+    /// Lease TTL. Default 10 s. Renewal happens at about a third of it.
+    pub lease_ttl: Duration,
+    /// How long a lease is kept after a call for the next one (0: release after every call).
+    /// Default 30 s.
+    pub keep_warm: Duration,
+    /// How long `invoke` waits for a lease held by another node before failing with
+    /// `LeaseHeld`. Default 0 (fail at once, the caller routes elsewhere).
+    pub acquire_timeout: Duration,
+    /// A commit is refused (and the lease refreshed first) when less than this is left on the
+    /// lease: a write must not race the lease's expiry. Default 1 s (clamped to TTL/3).
+    pub commit_margin: Duration,
+    /// Recovery mode for objects with no hot state.
+    pub restore: RestoreMode,
+    /// Type name recorded with each change when the handler does not set one. Default "Object".
+    pub type_name: String,
+    /// Flush an object's changes to cold storage after a commit once this many are pending
+    /// (0: never automatically; call `flush`). Default 0.
+    pub flush_after_changes: u64,
+    /// Most change records per cold commit when flushing. Default 100 000.
+    pub flush_batch_records: usize,
+    /// Objects idle this long are tiered out by `evict_idle` (None: never). Default None.
+    pub evict_idle_after: Option<Duration>,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            lease_ttl: Duration::from_secs(10),
+            keep_warm: Duration::from_secs(30),
+            acquire_timeout: Duration::ZERO,
+            commit_margin: Duration::from_secs(1),
+            restore: RestoreMode::Eager,
+            type_name: "Object".to_string(),
+            flush_after_changes: 0,
+            flush_batch_records: 100_000,
+            evict_idle_after: None,
+        }
+    }
+}
+
+/// An activated object held by this runtime.
+#[derive(Debug)]
+struct Active {
+    lease: Lease,
+    last_used: Timestamp,
+    lazy: Option<LazyState>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    active: Option<Active>,
+}
+
+pub(crate) struct Inner {
+    node: NodeId,
+    hot: Arc<dyn HotStore>,
+    guard: Arc<dyn ConsistencyGuard>,
+    cold: Arc<dyn ColdSink>,
+    accel: Option<Arc<dyn IndexAccelerator>>,
+    clock: Arc<dyn Clock>,
+    settings: RuntimeSettings,
+    ring: Option<parking_lot::RwLock<HashRing>>,
+    slots: parking_lot::Mutex<HashMap<ObjectId, Arc<futures::lock::Mutex<Slot>>>>,
+    shutting_down: AtomicBool,
+    in_flight: AtomicUsize,
+    metrics: parking_lot::Mutex<RuntimeMetrics>,
+}
+
+/// Builds an [`ObjectRuntime`]; components are injected, settings are plain data.
+pub struct ObjectRuntimeBuilder {
+    node: NodeId,
+    hot: Option<Arc<dyn HotStore>>,
+    guard: Option<Arc<dyn ConsistencyGuard>>,
+    cold: Option<Arc<dyn ColdSink>>,
+    accel: Option<Arc<dyn IndexAccelerator>>,
+    clock: Option<Arc<dyn Clock>>,
+    settings: RuntimeSettings,
+    ring: Option<HashRing>,
+}
+
+impl ObjectRuntimeBuilder {
+    /// The hot store (required).
+    pub fn with_hot_store(mut self, hot: Arc<dyn HotStore>) -> Self {
+        self.hot = Some(hot);
+        self
+    }
+    /// The lease guard (required). It should share fencing state with the hot store.
+    pub fn with_guard(mut self, guard: Arc<dyn ConsistencyGuard>) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+    /// The cold sink (required).
+    pub fn with_cold_sink(mut self, cold: Arc<dyn ColdSink>) -> Self {
+        self.cold = Some(cold);
+        self
+    }
+    /// The accelerator used for lazy recovery reads (optional; without it lazy reads load the
+    /// object's cold state once).
+    pub fn with_accelerator(mut self, accel: Arc<dyn IndexAccelerator>) -> Self {
+        self.accel = Some(accel);
+        self
+    }
+    /// The clock (default: [`SystemClock`]).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+    /// Settings (default: [`RuntimeSettings::default`]).
+    pub fn with_settings(mut self, settings: RuntimeSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+    /// A consistent-hash ring of the cluster's nodes, for routing-affinity hints.
+    pub fn with_ring(mut self, ring: HashRing) -> Self {
+        self.ring = Some(ring);
+        self
+    }
+
+    /// Validate and build.
+    pub fn build(self) -> Result<ObjectRuntime> {
+        let missing = |what: &str| Error::invalid(format!("ObjectRuntimeBuilder: {what} is required"));
+        crate::guard::validate_ttl(self.settings.lease_ttl)?;
+        if self.settings.flush_batch_records == 0 {
+            return Err(Error::invalid("flush_batch_records must be at least 1"));
+        }
+        crate::ids::validate_type_name(&self.settings.type_name)?;
+        Ok(ObjectRuntime {
+            inner: Arc::new(Inner {
+                node: self.node,
+                hot: self.hot.ok_or_else(|| missing("a hot store"))?,
+                guard: self.guard.ok_or_else(|| missing("a guard"))?,
+                cold: self.cold.ok_or_else(|| missing("a cold sink"))?,
+                accel: self.accel,
+                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
+                settings: self.settings,
+                ring: self.ring.map(parking_lot::RwLock::new),
+                slots: parking_lot::Mutex::new(HashMap::new()),
+                shutting_down: AtomicBool::new(false),
+                in_flight: AtomicUsize::new(0),
+                metrics: parking_lot::Mutex::new(RuntimeMetrics::default()),
+            }),
+        })
+    }
+}
+
+/// Runs handlers against durable objects whose state lives in the injected stores. Cheap to
+/// clone; clones share leases, caches and metrics.
+///
+/// ```
+/// # futures::executor::block_on(async {
+/// use std::sync::Arc;
+/// use dotdo_core::*;
+/// use dotdo_core::runtime::ObjectRuntime;
+///
+/// let hot = MemoryBackend::new();
+/// let rt = ObjectRuntime::builder(NodeId::new("node-a")?)
+///     .with_hot_store(Arc::new(hot.clone()))
+///     .with_guard(Arc::new(hot))
+///     .with_cold_sink(Arc::new(MemoryColdStore::new()))
+///     .build()?;
+/// let obj = ObjectId::new("counter:1")?;
+/// let n = rt
+///     .invoke(&obj, async |txn: &mut runtime::ObjectTxn<'_>| {
+///         let n: u64 = txn.get("n").await?.map_or(0, |b| String::from_utf8_lossy(&b).parse().unwrap_or(0));
+///         txn.put("n", (n + 1).to_string())?;
+///         Ok::<_, Error>(n + 1)
+///     })
+///     .await?;
+/// assert_eq!(n, 1);
+/// rt.flush(&obj).await?; // drain the change log to cold storage
+/// rt.shutdown().await?;
+/// # Ok::<(), Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct ObjectRuntime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ObjectRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectRuntime").field("node", &self.inner.node).field("settings", &self.inner.settings).finish()
+    }
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a flush wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    /// Cold commits made.
+    pub commits: u64,
+    /// Records written to cold storage.
+    pub records: u64,
+    /// Objects whose changes were drained.
+    pub objects: u64,
+}
+
+impl ObjectRuntime {
+    /// A builder for a runtime identified as `node` (the lease holder identity).
+    pub fn builder(node: NodeId) -> ObjectRuntimeBuilder {
+        ObjectRuntimeBuilder {
+            node,
+            hot: None,
+            guard: None,
+            cold: None,
+            accel: None,
+            clock: None,
+            settings: RuntimeSettings::default(),
+            ring: None,
+        }
+    }
+
+    /// This runtime's node id.
+    pub fn node(&self) -> &NodeId {
+        &self.inner.node
+    }
+
+    /// A snapshot of the runtime's counters and recent activations.
+    pub fn metrics(&self) -> RuntimeMetrics {
+        self.inner.metrics.lock().clone()
+    }
+
+    /// The node the ring prefers for `object` (a routing hint), if a ring was configured.
+    pub fn owner_hint(&self, object: &ObjectId) -> Option<NodeId> {
+        self.inner.ring.as_ref().and_then(|r| r.read().node_for(object).cloned())
+    }
+
+    /// Replace the ring (nodes joined or left).
+    pub fn set_ring(&self, ring: HashRing) {
+        if let Some(r) = &self.inner.ring {
+            *r.write() = ring;
+        }
+    }
+
+    fn slot(&self, object: &ObjectId) -> Arc<futures::lock::Mutex<Slot>> {
+        self.inner.slots.lock().entry(object.clone()).or_default().clone()
+    }
+
+    /// Run `handler` against `object`'s state with the default type name.
+    pub async fn invoke<T, E, F>(&self, object: &ObjectId, handler: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&mut ObjectTxn<'_>) -> Result<T, E>,
+        E: From<Error>,
+    {
+        let type_name = self.inner.settings.type_name.clone();
+        self.invoke_typed(object, &type_name, handler).await
+    }
+
+    /// Run `handler` against `object`'s state; its writes are recorded with `type_name`.
+    ///
+    /// Calls for one object are serialized within a runtime (one handler at a time, like a
+    /// durable object); across runtimes the lease guarantees it. Errors: `LeaseHeld` if another
+    /// node holds the lease (after `acquire_timeout`), `Fenced` / `LeaseLost` if the lease was
+    /// lost, `Shutdown` during shutdown, the handler's own error (nothing written), or any store
+    /// error.
+    pub async fn invoke_typed<T, E, F>(&self, object: &ObjectId, type_name: &str, handler: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&mut ObjectTxn<'_>) -> Result<T, E>,
+        E: From<Error>,
+    {
+        crate::ids::validate_type_name(type_name)?;
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Shutdown, "the runtime is shutting down").into());
+        }
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _guard = InFlight(&self.inner.in_flight);
+        self.inner.metrics.lock().invokes += 1;
+        let slot = self.slot(object);
+        let mut slot = slot.lock().await;
+        self.ensure_active(object, &mut slot).await?;
+        let active = slot.active.as_mut().expect("ensure_active leaves the object active");
+        let lease = active.lease.clone();
+        let mut txn = ObjectTxn {
+            inner: &self.inner,
+            object,
+            token: lease.token,
+            lazy: &mut active.lazy,
+            writes: BTreeMap::new(),
+            ops: Vec::new(),
+        };
+        // Run the handler while renewing the lease; a failed renewal abandons the handler.
+        let renewed = parking_lot::Mutex::new(lease.clone());
+        let outcome = {
+            let handler_fut = std::pin::pin!(handler(&mut txn));
+            let renew_fut = std::pin::pin!(renew_loop(&self.inner, &renewed));
+            match futures::future::select(handler_fut, renew_fut).await {
+                Either::Left((out, _)) => Ok(out),
+                Either::Right((err, _)) => Err(err),
+            }
+        };
+        let ops = std::mem::take(&mut txn.ops);
+        drop(txn);
+        let active = slot.active.as_mut().expect("still active");
+        active.lease = renewed.into_inner();
+        active.last_used = self.inner.clock.now();
+        let value = match outcome {
+            Err(lost) => {
+                self.inner.metrics.lock().self_fenced += 1;
+                slot.active = None;
+                return Err(lost.into());
+            }
+            Ok(Err(handler_err)) => {
+                self.after_call(&mut slot).await;
+                return Err(handler_err);
+            }
+            Ok(Ok(v)) => v,
+        };
+        if !ops.is_empty() {
+            if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
+                if e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. }) {
+                    self.inner.metrics.lock().fenced += u64::from(e.is_fenced());
+                    slot.active = None;
+                }
+                return Err(e.into());
+            }
+        }
+        self.after_call(&mut slot).await;
+        Ok(value)
+    }
+
+    async fn commit(
+        &self,
+        object: &ObjectId,
+        type_name: &str,
+        ops: Vec<crate::WriteOp>,
+        slot: &mut Slot,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let active = slot.active.as_mut().expect("active");
+        if active.lazy.is_some() {
+            complete_restore(inner, object, active.lease.token, &mut active.lazy).await?;
+        }
+        // Never race the lease's expiry: refresh first if too little is left.
+        let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
+        if active.lease.remaining_at(inner.clock.now()) <= margin {
+            active.lease = inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await?;
+        }
+        let receipt =
+            inner.hot.write(object, active.lease.token, WriteBatch { type_name: type_name.to_string(), ops }).await?;
+        inner.metrics.lock().commits += 1;
+        let threshold = inner.settings.flush_after_changes;
+        if threshold > 0 {
+            let pending = inner.hot.object_info(object).await?.map_or(0, |i| i.last_seq - i.truncated_through);
+            if pending >= threshold {
+                let token = active.lease.token;
+                drain(inner, object, token).await?;
+            }
+        }
+        tracing::debug!(object = %object, last_seq = receipt.last_seq, "dotdo commit");
+        Ok(())
+    }
+
+    async fn after_call(&self, slot: &mut Slot) {
+        if self.inner.settings.keep_warm.is_zero() {
+            if let Some(active) = slot.active.take() {
+                if let Err(e) = self.inner.guard.release(&active.lease).await {
+                    tracing::warn!(error = %e, "dotdo lease release failed; it will expire");
+                }
+            }
+        }
+    }
+
+    /// Make sure the object is active on this runtime: a current lease and recovered state.
+    async fn ensure_active(&self, object: &ObjectId, slot: &mut Slot) -> Result<()> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        if let Some(active) = slot.active.as_mut() {
+            let margin = inner.settings.lease_ttl / 3;
+            if active.lease.remaining_at(now) > margin * 2 {
+                return Ok(());
+            }
+            match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
+                Ok(l) => {
+                    active.lease = l;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::info!(object = %object, error = %e, "dotdo warm lease lost; re-activating");
+                    slot.active = None;
+                }
+            }
+        }
+        let sw = Stopwatch::start(inner.clock.clone());
+        let lease = self.acquire(object).await?;
+        let mut active = Active { lease, last_used: now, lazy: None };
+        let loading = Stopwatch::start(inner.clock.clone());
+        let (recovery, keys, bytes, snapshot) = self.recover(object, &mut active).await?;
+        let state_loading = loading.elapsed();
+        slot.active = Some(active);
+        let mut m = inner.metrics.lock();
+        m.activations += 1;
+        m.push_activation(ActivationMetrics {
+            object: object.clone(),
+            recovery,
+            cold_start: sw.elapsed(),
+            state_loading,
+            keys_loaded: keys,
+            bytes_loaded: bytes,
+            snapshot,
+        });
+        Ok(())
+    }
+
+    async fn acquire(&self, object: &ObjectId) -> Result<Lease> {
+        let inner = &self.inner;
+        let deadline = inner.clock.now().plus(inner.settings.acquire_timeout);
+        loop {
+            match inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await {
+                Ok(l) => return Ok(l),
+                Err(e) => {
+                    let now = inner.clock.now();
+                    let wait = match e.kind() {
+                        ErrorKind::LeaseHeld { expires_at, .. } => expires_at.since(now),
+                        _ if e.is_retryable() => Duration::from_millis(10),
+                        _ => return Err(e),
+                    };
+                    if now >= deadline {
+                        let hint = self.owner_hint(object).map(|n| format!(" (ring owner: {n})")).unwrap_or_default();
+                        return Err(e.context(format!("acquiring {object} on {}{hint}", inner.node)));
+                    }
+                    let wait = wait.min(deadline.since(now)).clamp(Duration::from_millis(1), Duration::from_millis(50));
+                    inner.clock.sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Decide whether the object needs recovery from cold storage and perform it per the
+    /// restore mode. Returns (recovery, keys loaded, bytes loaded, snapshot).
+    async fn recover(&self, object: &ObjectId, active: &mut Active) -> Result<(Recovery, u64, u64, Option<i64>)> {
+        let inner = &self.inner;
+        let info = inner.hot.object_info(object).await?;
+        let hot_has_state = info.as_ref().is_some_and(|i| i.keys > 0 || i.has_pending_changes());
+        if hot_has_state {
+            return Ok((Recovery::Hot, 0, 0, None));
+        }
+        let wm = inner.cold.watermark(object).await?;
+        let hot_seq = info.as_ref().map_or(0, |i| i.last_seq);
+        if wm.through == 0 || hot_seq > wm.through {
+            return Ok((Recovery::Hot, 0, 0, None));
+        }
+        let token = active.lease.token;
+        match &inner.settings.restore {
+            RestoreMode::Eager => {
+                let st = inner.cold.load_state(object, AsOf::Latest).await?;
+                let (keys, bytes) = (st.entries.len() as u64, st.entries.iter().map(|e| e.value.len() as u64).sum());
+                inner.hot.restore(object, token, st.entries, st.through).await?;
+                inner.metrics.lock().eager_restores += 1;
+                Ok((Recovery::Eager, keys, bytes, st.snapshot))
+            }
+            mode => {
+                let snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
+                let mut lazy =
+                    LazyState { snapshot, through: wm.through, cache: HashMap::new(), preloaded: HashSet::new() };
+                let (mut keys, mut bytes) = (0, 0);
+                let recovery = if let RestoreMode::Hybrid { keys: named, prefixes } = mode {
+                    let (k, b) = preload(inner, object, &mut lazy, named, prefixes).await?;
+                    keys += k;
+                    bytes += b;
+                    Recovery::Hybrid
+                } else {
+                    Recovery::Lazy
+                };
+                active.lazy = Some(lazy);
+                inner.metrics.lock().lazy_restores += 1;
+                Ok((recovery, keys, bytes, snapshot))
+            }
+        }
+    }
+
+    /// Prefetch hook: activate `object` ahead of a predicted call (take the lease, recover its
+    /// state per the restore mode, preload `keys` and `prefixes` into the lazy cache).
+    pub async fn prefetch(&self, object: &ObjectId, keys: &[String], prefixes: &[String]) -> Result<()> {
+        let slot = self.slot(object);
+        let mut slot = slot.lock().await;
+        self.ensure_active(object, &mut slot).await?;
+        let active = slot.active.as_mut().expect("active");
+        if let Some(lazy) = active.lazy.as_mut() {
+            preload(&self.inner, object, lazy, keys, prefixes).await?;
+        }
+        Ok(())
+    }
+
+    /// Complete every pending lazy restore (e.g. from an idle moment).
+    pub async fn complete_restores(&self) -> Result<()> {
+        for (object, slot) in self.active_slots() {
+            let mut slot = slot.lock().await;
+            if let Some(active) = slot.active.as_mut() {
+                if active.lazy.is_some() {
+                    complete_restore(&self.inner, &object, active.lease.token, &mut active.lazy).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn active_slots(&self) -> Vec<(ObjectId, Arc<futures::lock::Mutex<Slot>>)> {
+        let mut v: Vec<_> = self.inner.slots.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Drain `object`'s change log to cold storage (exactly once) and truncate it. Takes the
+    /// lease if this runtime does not hold it.
+    pub async fn flush(&self, object: &ObjectId) -> Result<FlushReport> {
+        let slot = self.slot(object);
+        let mut slot = slot.lock().await;
+        self.ensure_active(object, &mut slot).await?;
+        let token = slot.active.as_ref().expect("active").lease.token;
+        let r = drain(&self.inner, object, token).await;
+        self.after_call(&mut slot).await;
+        r
+    }
+
+    /// Drain the change logs of every object this runtime holds, batching many objects into each
+    /// cold commit (fewer, larger snapshots).
+    pub async fn flush_all(&self) -> Result<FlushReport> {
+        let mut held: Vec<(ObjectId, FencingToken, futures::lock::OwnedMutexGuard<Slot>)> = Vec::new();
+        for (object, slot) in self.active_slots() {
+            let guard = slot.lock_owned().await;
+            if let Some(a) = guard.active.as_ref() {
+                let token = a.lease.token;
+                held.push((object, token, guard));
+            }
+        }
+        let inner = &self.inner;
+        let mut report = FlushReport::default();
+        loop {
+            let mut batch = ColdBatch::default();
+            let mut budget = inner.settings.flush_batch_records;
+            for (object, token, _) in &held {
+                if budget == 0 {
+                    break;
+                }
+                let Some(info) = inner.hot.object_info(object).await? else { continue };
+                if !info.has_pending_changes() {
+                    continue;
+                }
+                let records = inner.hot.read_changes(object, info.truncated_through, budget).await?;
+                budget -= records.len().min(budget);
+                if !records.is_empty() {
+                    batch.objects.push(ObjectChanges { object: object.clone(), token: *token, records });
+                }
+            }
+            if batch.objects.is_empty() {
+                break;
+            }
+            let n = batch.record_count() as u64;
+            let commit = append_resolving(inner, batch.clone()).await?;
+            for oc in &batch.objects {
+                let through = commit.watermarks.get(&oc.object).map_or(0, |w| w.through);
+                inner.hot.truncate_changes(&oc.object, oc.token, through).await?;
+                report.objects += 1;
+            }
+            report.commits += u64::from(commit.snapshot.is_some());
+            report.records += commit.records_written;
+            let mut m = inner.metrics.lock();
+            m.flushes += u64::from(commit.snapshot.is_some());
+            m.records_flushed += commit.records_written;
+            tracing::debug!(records = n, snapshot = ?commit.snapshot, "dotdo flush");
+        }
+        Ok(report)
+    }
+
+    /// Tier `object` out of hot storage: drain its changes to cold, drop its hot state, release
+    /// the lease. The next call recovers it from cold storage identically.
+    pub async fn evict(&self, object: &ObjectId) -> Result<()> {
+        let slot = self.slot(object);
+        let mut slot = slot.lock().await;
+        self.ensure_active(object, &mut slot).await?;
+        let active = slot.active.take().expect("active");
+        let mut lazy = active.lazy;
+        let token = active.lease.token;
+        if lazy.is_some() {
+            complete_restore(&self.inner, object, token, &mut lazy).await?;
+        }
+        drain(&self.inner, object, token).await?;
+        self.inner.hot.evict(object, token).await?;
+        self.inner.guard.release(&active.lease).await?;
+        self.inner.metrics.lock().evictions += 1;
+        Ok(())
+    }
+
+    /// Tier out every object idle longer than `evict_idle_after`; returns how many.
+    pub async fn evict_idle(&self) -> Result<usize> {
+        let Some(idle) = self.inner.settings.evict_idle_after else { return Ok(0) };
+        let now = self.inner.clock.now();
+        let mut victims = Vec::new();
+        for (object, slot) in self.active_slots() {
+            if let Some(guard) = slot.try_lock() {
+                if guard.active.as_ref().is_some_and(|a| now.since(a.last_used) >= idle) {
+                    victims.push(object);
+                }
+            }
+        }
+        for object in &victims {
+            self.evict(object).await?;
+        }
+        Ok(victims.len())
+    }
+
+    /// One round of housekeeping: renew warm leases that need it, release leases idle past
+    /// `keep_warm`, tier out idle objects.
+    pub async fn maintain(&self) -> Result<()> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        for (_, slot) in self.active_slots() {
+            let Some(mut guard) = slot.try_lock() else { continue };
+            let Some(active) = guard.active.as_mut() else { continue };
+            if now.since(active.last_used) >= inner.settings.keep_warm {
+                let lease = active.lease.clone();
+                guard.active = None;
+                let _ = inner.guard.release(&lease).await;
+            } else if active.lease.remaining_at(now) <= inner.settings.lease_ttl * 2 / 3 {
+                match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
+                    Ok(l) => active.lease = l,
+                    Err(_) => guard.active = None,
+                }
+            }
+        }
+        self.evict_idle().await?;
+        Ok(())
+    }
+
+    /// Run [`maintain`](Self::maintain) every `period` until shutdown (spawn this on the host's
+    /// executor).
+    pub async fn run_maintenance(&self, period: Duration) {
+        while !self.inner.shutting_down.load(Ordering::SeqCst) {
+            self.inner.clock.sleep(period).await;
+            if let Err(e) = self.maintain().await {
+                tracing::warn!(error = %e, "dotdo maintenance round failed");
+            }
+        }
+    }
+
+    /// Graceful shutdown: refuse new calls, wait for in-flight handlers (up to the lease TTL),
+    /// flush every held object's changes to cold storage, release every lease. Changes that could
+    /// not be flushed stay in the hot change log and are drained by the next runtime.
+    pub async fn shutdown(&self) -> Result<FlushReport> {
+        let inner = &self.inner;
+        inner.shutting_down.store(true, Ordering::SeqCst);
+        let deadline = inner.clock.now().plus(inner.settings.lease_ttl);
+        while inner.in_flight.load(Ordering::SeqCst) > 0 && inner.clock.now() < deadline {
+            inner.clock.sleep(Duration::from_millis(2)).await;
+        }
+        let flushed = self.flush_all().await;
+        for (_, slot) in self.active_slots() {
+            let mut guard = slot.lock().await;
+            if let Some(active) = guard.active.take() {
+                let _ = inner.guard.release(&active.lease).await;
+            }
+        }
+        flushed
+    }
+}
+
+async fn preload(
+    inner: &Arc<Inner>,
+    object: &ObjectId,
+    lazy: &mut LazyState,
+    keys: &[String],
+    prefixes: &[String],
+) -> Result<(u64, u64)> {
+    let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let mut put = |lazy: &mut LazyState, k: String, v: Option<bytes::Bytes>| {
+        bytes += v.as_ref().map_or(0, |v| v.len() as u64);
+        n += 1;
+        lazy.preloaded.insert(k.clone());
+        lazy.cache.insert(k, v);
+    };
+    match &inner.accel {
+        Some(a) => {
+            for k in keys {
+                let v = a.lookup(object, k, as_of).await?.value.map(|v| v.value);
+                put(lazy, k.clone(), v);
+            }
+            for p in prefixes {
+                let scan =
+                    a.scan(ScanQuery::object(object.clone()).keys(KeyRange::prefix(p.clone())).as_of(as_of)).await?;
+                for e in scan.entries {
+                    put(lazy, e.key, Some(e.value));
+                }
+            }
+        }
+        None => {
+            let st = inner.cold.load_state(object, as_of).await?;
+            for e in st.entries {
+                if keys.contains(&e.key) || prefixes.iter().any(|p| e.key.starts_with(p.as_str())) {
+                    put(lazy, e.key, Some(e.value));
+                }
+            }
+        }
+    }
+    inner.metrics.lock().preloaded_keys += n;
+    Ok((n, bytes))
+}
+
+/// Install the object's cold state in hot storage and leave lazy mode.
+pub(crate) async fn complete_restore(
+    inner: &Arc<Inner>,
+    object: &ObjectId,
+    token: FencingToken,
+    lazy: &mut Option<LazyState>,
+) -> Result<()> {
+    let Some(state) = lazy.as_ref() else { return Ok(()) };
+    let as_of = state.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
+    let st = inner.cold.load_state(object, as_of).await?;
+    if st.through != state.through {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!("cold state of {object} moved from seq {} to {} during a lazy restore", state.through, st.through),
+        ));
+    }
+    inner.hot.restore(object, token, st.entries, st.through).await?;
+    *lazy = None;
+    Ok(())
+}
+
+/// Renew `lease` at about TTL/3 until it cannot be renewed; then return the error (the caller
+/// abandons the handler: self-fencing). Never returns while renewals succeed.
+async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Error {
+    let ttl = inner.settings.lease_ttl;
+    loop {
+        let current = lease.lock().clone();
+        let now = inner.clock.now();
+        let renew_at = current.expires_at.since(now).saturating_sub(ttl * 2 / 3);
+        inner.clock.sleep(renew_at.max(Duration::from_millis(1))).await;
+        match inner.guard.refresh(&current, ttl).await {
+            Ok(l) => *lease.lock() = l,
+            Err(e) if e.is_retryable() && inner.clock.now() < current.expires_at => continue,
+            Err(e) => {
+                tracing::warn!(object = %current.object, error = %e, "dotdo lease renewal failed; self-fencing");
+                return Error::new(
+                    ErrorKind::LeaseLost { object: current.object.clone() },
+                    "lease renewal failed during the handler; nothing was written",
+                )
+                .with_source(e);
+            }
+        }
+    }
+}
+
+/// Append with the exactly-once rules: on an unknown outcome, retry the same batch (the sink
+/// skips what it already has).
+async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<crate::ColdCommit> {
+    let mut attempt = 0;
+    loop {
+        match inner.cold.append(batch.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) && attempt < 5 => {
+                attempt += 1;
+                inner.clock.sleep(Duration::from_millis(10 << attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Drain one object's change log to cold storage and truncate it.
+async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Result<FlushReport> {
+    let mut report = FlushReport::default();
+    loop {
+        let Some(info) = inner.hot.object_info(object).await? else { break };
+        if !info.has_pending_changes() {
+            break;
+        }
+        let records =
+            inner.hot.read_changes(object, info.truncated_through, inner.settings.flush_batch_records).await?;
+        if records.is_empty() {
+            break;
+        }
+        let commit = append_resolving(inner, ColdBatch::single(object.clone(), token, records)).await?;
+        let through: Seq = commit.watermarks.get(object).map_or(0, |w| w.through);
+        inner.hot.truncate_changes(object, token, through).await?;
+        report.commits += u64::from(commit.snapshot.is_some());
+        report.records += commit.records_written;
+        report.objects = 1;
+        let mut m = inner.metrics.lock();
+        m.flushes += u64::from(commit.snapshot.is_some());
+        m.records_flushed += commit.records_written;
+    }
+    Ok(report)
+}

@@ -1,0 +1,135 @@
+//! [`ObjectTxn`]: what a handler sees of its object's state.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::Inner;
+use crate::cold::{AsOf, SnapshotId};
+use crate::error::Result;
+use crate::ids::{validate_key, validate_value, FencingToken, ObjectId};
+use crate::record::{KeyRange, Seq, WriteOp};
+
+/// State of an object activated lazily: the hot store has not been restored yet; reads go to cold
+/// storage at `snapshot` (through the accelerator when there is one) and are cached.
+#[derive(Debug)]
+pub(crate) struct LazyState {
+    pub(crate) snapshot: Option<SnapshotId>,
+    pub(crate) through: Seq,
+    pub(crate) cache: HashMap<String, Option<Bytes>>,
+    pub(crate) preloaded: HashSet<String>,
+}
+
+/// A handler's view of one object: reads see the object's state plus the handler's own writes;
+/// writes are buffered and committed atomically, under the lease's fencing token, when the
+/// handler returns `Ok`. If the handler fails, nothing is written.
+pub struct ObjectTxn<'a> {
+    pub(crate) inner: &'a Arc<Inner>,
+    pub(crate) object: &'a ObjectId,
+    pub(crate) token: FencingToken,
+    pub(crate) lazy: &'a mut Option<LazyState>,
+    pub(crate) writes: BTreeMap<String, Option<Bytes>>,
+    pub(crate) ops: Vec<WriteOp>,
+}
+
+impl std::fmt::Debug for ObjectTxn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectTxn")
+            .field("object", self.object)
+            .field("token", &self.token)
+            .field("ops", &self.ops.len())
+            .finish()
+    }
+}
+
+impl<'a> ObjectTxn<'a> {
+    /// The object this transaction belongs to.
+    pub fn object(&self) -> &ObjectId {
+        self.object
+    }
+
+    /// The fencing token the writes will carry.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// The value of `key`: the handler's own write if any, else the object's state.
+    pub async fn get(&mut self, key: &str) -> Result<Option<Bytes>> {
+        validate_key(key)?;
+        if let Some(v) = self.writes.get(key) {
+            return Ok(v.clone());
+        }
+        match self.lazy.as_mut() {
+            None => self.inner.hot.get(self.object, key).await,
+            Some(lazy) => {
+                if let Some(v) = lazy.cache.get(key) {
+                    let mut m = self.inner.metrics.lock();
+                    m.lazy_cache_hits += 1;
+                    if lazy.preloaded.contains(key) {
+                        m.preload_hits += 1;
+                    }
+                    return Ok(v.clone());
+                }
+                self.inner.metrics.lock().lazy_cache_misses += 1;
+                let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
+                let v = match &self.inner.accel {
+                    Some(a) => a.lookup(self.object, key, as_of).await?.value.map(|v| v.value),
+                    None => {
+                        let st = self.inner.cold.load_state(self.object, as_of).await?;
+                        st.entries.into_iter().find(|e| e.key == key).map(|e| e.value)
+                    }
+                };
+                lazy.cache.insert(key.to_string(), v.clone());
+                Ok(v)
+            }
+        }
+    }
+
+    /// Set `key` to `value` (buffered until commit). Invalid keys and values over 2 MiB fail here.
+    pub fn put(&mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Result<()> {
+        let (key, value) = (key.into(), value.into());
+        validate_key(&key)?;
+        validate_value(&value)?;
+        self.writes.insert(key.clone(), Some(value.clone()));
+        self.ops.push(WriteOp::Put { key, value });
+        Ok(())
+    }
+
+    /// Remove `key` (buffered until commit).
+    pub fn delete(&mut self, key: impl Into<String>) -> Result<()> {
+        let key = key.into();
+        validate_key(&key)?;
+        self.writes.insert(key.clone(), None);
+        self.ops.push(WriteOp::Delete { key });
+        Ok(())
+    }
+
+    /// Live entries with keys in `range`, in key order, including the handler's own writes. On a
+    /// lazily activated object this completes the restore first.
+    pub async fn list(&mut self, range: KeyRange) -> Result<Vec<(String, Bytes)>> {
+        if self.lazy.is_some() {
+            super::complete_restore(self.inner, self.object, self.token, self.lazy).await?;
+        }
+        let mut merged: BTreeMap<String, Bytes> = self
+            .inner
+            .hot
+            .list(self.object, range.clone(), None)
+            .await?
+            .into_iter()
+            .map(|e| (e.key, e.value))
+            .collect();
+        for (k, v) in self.writes.iter().filter(|(k, _)| range.contains(k)) {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
+
+    /// Number of buffered write operations.
+    pub fn pending_writes(&self) -> usize {
+        self.ops.len()
+    }
+}

@@ -1,0 +1,327 @@
+//! The object runtime on the reference backends with a manual clock: fencing, renewal,
+//! self-fencing, flush, eviction and restore in every mode, shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dotdo_core::runtime::{ObjectRuntime, Recovery, RestoreMode, RuntimeSettings};
+use dotdo_core::testkit::KIT_EPOCH;
+use dotdo_core::*;
+
+const TTL: Duration = Duration::from_secs(9);
+
+struct World {
+    clock: ManualClock,
+    hot: MemoryBackend,
+    cold: MemoryColdStore,
+}
+
+impl World {
+    fn new() -> Self {
+        let clock = ManualClock::new(KIT_EPOCH);
+        World {
+            hot: MemoryBackend::with_clock(Arc::new(clock.clone())),
+            cold: MemoryColdStore::with_clock(Arc::new(clock.clone())),
+            clock,
+        }
+    }
+
+    fn runtime(&self, node: &str, settings: RuntimeSettings) -> ObjectRuntime {
+        ObjectRuntime::builder(NodeId::new(node).expect("valid"))
+            .with_hot_store(Arc::new(self.hot.clone()))
+            .with_guard(Arc::new(self.hot.clone()))
+            .with_cold_sink(Arc::new(self.cold.clone()))
+            .with_accelerator(Arc::new(self.cold.clone()))
+            .with_clock(Arc::new(self.clock.clone()))
+            .with_settings(settings)
+            .build()
+            .expect("build runtime")
+    }
+}
+
+fn settings() -> RuntimeSettings {
+    RuntimeSettings { lease_ttl: TTL, keep_warm: Duration::from_secs(60), ..Default::default() }
+}
+
+fn oid(s: &str) -> ObjectId {
+    ObjectId::new(s).expect("valid")
+}
+
+async fn incr(rt: &ObjectRuntime, obj: &ObjectId) -> Result<u64> {
+    rt.invoke(obj, async |t: &mut ObjectTxn<'_>| {
+        let n: u64 = t.get("n").await?.map_or(0, |b| String::from_utf8_lossy(&b).parse().unwrap_or(0));
+        t.put("n", (n + 1).to_string())?;
+        Ok(n + 1)
+    })
+    .await
+}
+
+async fn get(rt: &ObjectRuntime, obj: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+    let key = key.to_string();
+    rt.invoke(obj, async move |t: &mut ObjectTxn<'_>| t.get(&key).await).await
+}
+
+#[tokio::test]
+async fn handler_reads_its_own_writes_and_failures_write_nothing() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("incr"), 1);
+    assert_eq!(incr(&rt, &o).await.expect("incr"), 2);
+    let r: Result<(), Error> = rt
+        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            t.put("n", "999")?;
+            assert_eq!(t.get("n").await?.as_deref(), Some(&b"999"[..]));
+            Err(Error::invalid("handler gives up"))
+        })
+        .await;
+    assert!(r.is_err());
+    assert_eq!(get(&rt, &o, "n").await.expect("get").as_deref(), Some(&b"2"[..]));
+    let bad: Result<(), Error> =
+        rt.invoke(&o, async |t: &mut ObjectTxn<'_>| t.put("k", vec![0u8; MAX_VALUE_BYTES + 1])).await;
+    assert!(matches!(bad.expect_err("too big").kind(), ErrorKind::LimitExceeded { .. }));
+    let m = rt.metrics();
+    assert_eq!((m.commits, m.activations), (2, 1));
+}
+
+#[tokio::test]
+async fn a_second_runtime_is_refused_while_the_first_holds_and_fences_it_after_takeover() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let b = w.runtime("b", settings());
+    let o = oid("o");
+    incr(&a, &o).await.expect("a");
+    let e = incr(&b, &o).await.expect_err("held by a");
+    match e.kind() {
+        ErrorKind::LeaseHeld { holder, .. } => assert_eq!(holder.as_str(), "a"),
+        other => panic!("expected LeaseHeld, got {other:?}"),
+    }
+    // a stalls past its TTL without maintenance; b takes over.
+    w.clock.advance(TTL + Duration::from_millis(1));
+    assert_eq!(incr(&b, &o).await.expect("b takes over"), 2);
+    // a's warm lease is stale: it cannot write; it must not clobber b's state.
+    let e = incr(&a, &o).await.expect_err("a is fenced out");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. } | ErrorKind::Fenced { .. }), "{e}");
+    assert_eq!(get(&b, &o, "n").await.expect("get").as_deref(), Some(&b"2"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_handler_is_kept_alive_by_renewal() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let rt2 = rt.clone();
+    let o2 = o.clone();
+    let task = tokio::spawn(async move {
+        rt2.invoke(&o2, async move |t: &mut ObjectTxn<'_>| {
+            t.put("k", "v")?;
+            rx.await.map_err(|_| Error::backend("signal dropped"))?;
+            Ok::<_, Error>(())
+        })
+        .await
+    });
+    // 3 TTLs pass in small steps; the runtime renews each time.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        w.clock.advance(TTL / 4);
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    tx.send(()).expect("signal");
+    task.await.expect("join").expect("handler commits after renewals");
+    assert_eq!(get(&rt, &o, "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    assert!(!w.hot.is_available(&o).await.expect("available"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_self_fences_when_renewal_fails() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("first");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let rt2 = rt.clone();
+    let o2 = o.clone();
+    let task = tokio::spawn(async move {
+        rt2.invoke(&o2, async move |t: &mut ObjectTxn<'_>| {
+            t.put("n", "stale")?;
+            let _ = rx.await;
+            Ok::<_, Error>(())
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The process "pauses" past its TTL: the next renewal is too late.
+    w.clock.advance(TTL * 2);
+    let r = tokio::time::timeout(Duration::from_secs(5), task).await.expect("self-fenced promptly").expect("join");
+    let e = r.expect_err("renewal failed");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    drop(tx);
+    assert_eq!(rt.metrics().self_fenced, 1);
+    let b = w.runtime("b", settings());
+    assert_eq!(
+        get(&b, &o, "n").await.expect("get").as_deref(),
+        Some(&b"1"[..]),
+        "nothing of the fenced handler was written"
+    );
+}
+
+async fn populate(rt: &ObjectRuntime, o: &ObjectId, keys: usize) {
+    rt.invoke(o, async move |t: &mut ObjectTxn<'_>| {
+        for i in 0..keys {
+            t.put(format!("key/{i:04}"), format!("value-{i}"))?;
+        }
+        t.put("gone", "x")?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .expect("populate");
+    rt.invoke(o, async |t: &mut ObjectTxn<'_>| t.delete("gone")).await.expect("delete");
+}
+
+async fn all_state(rt: &ObjectRuntime, o: &ObjectId) -> Vec<(String, Bytes)> {
+    rt.invoke(o, async |t: &mut ObjectTxn<'_>| t.list(KeyRange::all()).await).await.expect("list")
+}
+
+#[tokio::test]
+async fn eviction_and_restore_give_identical_state_in_every_mode() {
+    for mode in [
+        RestoreMode::Eager,
+        RestoreMode::Lazy,
+        RestoreMode::Hybrid { keys: vec!["key/0003".into()], prefixes: vec!["key/001".into()] },
+    ] {
+        let w = World::new();
+        let rt = w.runtime("a", RuntimeSettings { restore: mode.clone(), ..settings() });
+        let o = oid("o");
+        populate(&rt, &o, 50).await;
+        let before = all_state(&rt, &o).await;
+        assert_eq!(before.len(), 50);
+        rt.evict(&o).await.expect("evict");
+        assert_eq!(w.hot.list(&o, KeyRange::all(), None).await.expect("hot").len(), 0, "hot state dropped");
+        assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 52);
+        // Another node picks it up.
+        let b = w.runtime("b", RuntimeSettings { restore: mode.clone(), ..settings() });
+        assert_eq!(get(&b, &o, "key/0003").await.expect("first key").as_deref(), Some(&b"value-3"[..]));
+        assert_eq!(get(&b, &o, "gone").await.expect("deleted key"), None);
+        let m = b.metrics();
+        let last = m.recent_activations.back().expect("activation").clone();
+        match mode {
+            RestoreMode::Eager => assert_eq!((last.recovery, last.keys_loaded), (Recovery::Eager, 50)),
+            RestoreMode::Lazy => {
+                assert_eq!(last.recovery, Recovery::Lazy);
+                assert!(m.lazy_cache_misses >= 2);
+            }
+            RestoreMode::Hybrid { .. } => {
+                assert_eq!(last.recovery, Recovery::Hybrid);
+                assert_eq!(m.preloaded_keys, 11, "key/0003 plus key/0010..=key/0019");
+                assert_eq!(m.preload_hits, 1);
+            }
+        }
+        assert_eq!(all_state(&b, &o).await, before, "{mode:?}: restored state differs");
+        // Writes continue the sequence after the cold watermark.
+        incr(&b, &o).await.expect("write after restore");
+        b.flush(&o).await.expect("flush");
+        assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 53);
+    }
+}
+
+#[tokio::test]
+async fn lost_hot_database_is_recovered_from_cold() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&rt, &o, 10).await;
+    rt.shutdown().await.expect("shutdown flushes");
+    // A brand-new hot store (the old one is gone) over the same cold storage.
+    let w2 = World {
+        clock: w.clock.clone(),
+        hot: MemoryBackend::with_clock(Arc::new(w.clock.clone())),
+        cold: w.cold.clone(),
+    };
+    let rt2 = w2.runtime("b", settings());
+    assert_eq!(all_state(&rt2, &o).await.len(), 10);
+    incr(&rt2, &o).await.expect("write");
+    rt2.flush(&o).await.expect("flush");
+    let changes = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes");
+    assert_eq!(
+        changes.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        (1..=13).collect::<Vec<_>>(),
+        "no seq reused or lost"
+    );
+}
+
+#[tokio::test]
+async fn flush_all_batches_objects_and_shutdown_releases_leases() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    for i in 0..5 {
+        incr(&rt, &oid(&format!("o{i}"))).await.expect("incr");
+    }
+    let r = rt.flush_all().await.expect("flush all");
+    assert_eq!((r.commits, r.records, r.objects), (1, 5, 5));
+    assert_eq!(rt.flush_all().await.expect("nothing left").records, 0);
+    incr(&rt, &oid("o0")).await.expect("incr");
+    let r = rt.shutdown().await.expect("shutdown");
+    assert_eq!(r.records, 1);
+    for i in 0..5 {
+        assert!(w.hot.is_available(&oid(&format!("o{i}"))).await.expect("available"), "lease released");
+    }
+    let e = incr(&rt, &oid("o0")).await.expect_err("shut down");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown);
+}
+
+#[tokio::test]
+async fn idle_objects_are_tiered_out_and_come_back() {
+    let w = World::new();
+    let rt = w.runtime("a", RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() });
+    incr(&rt, &oid("idle")).await.expect("incr");
+    w.clock.advance(Duration::from_secs(3));
+    incr(&rt, &oid("busy")).await.expect("incr");
+    w.clock.advance(Duration::from_secs(3));
+    assert_eq!(rt.evict_idle().await.expect("evict idle"), 1);
+    assert!(w.hot.get(&oid("idle"), "n").await.expect("hot").is_none(), "idle object left hot storage");
+    assert!(w.hot.get(&oid("busy"), "n").await.expect("hot").is_some());
+    assert_eq!(incr(&rt, &oid("idle")).await.expect("comes back"), 2);
+}
+
+#[tokio::test]
+async fn auto_flush_after_threshold_and_release_without_keep_warm() {
+    let w = World::new();
+    let rt = w.runtime("a", RuntimeSettings { flush_after_changes: 3, keep_warm: Duration::ZERO, ..settings() });
+    let o = oid("o");
+    for _ in 0..3 {
+        incr(&rt, &o).await.expect("incr");
+        assert!(w.hot.is_available(&o).await.expect("available"), "released after each call");
+    }
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 3);
+    assert_eq!(rt.metrics().activations, 3);
+}
+
+#[test]
+fn builder_requires_components_and_valid_settings() {
+    let w = World::new();
+    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid")).build().expect_err("no components");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_settings(RuntimeSettings { lease_ttl: Duration::ZERO, ..Default::default() })
+        .build()
+        .expect_err("zero ttl");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+}
+
+#[test]
+fn invoke_futures_are_send_so_hosts_can_spawn_them() {
+    fn assert_send<T: Send>(_: &T) {}
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    let fut = rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+        let v = t.get("k").await?;
+        t.put("k", v.unwrap_or_default())
+    });
+    assert_send(&fut);
+}
