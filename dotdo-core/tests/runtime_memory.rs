@@ -1,6 +1,8 @@
 //! The object runtime on the reference backends with a manual clock: fencing, renewal,
 //! self-fencing, flush, eviction and restore in every mode, shutdown.
 
+#![allow(clippy::disallowed_methods)] // tests yield real time to spawned tasks
+
 use std::sync::Arc;
 use std::time::Duration;
 
