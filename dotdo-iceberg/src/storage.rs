@@ -234,13 +234,9 @@ impl FileWrite for OsWrite {
         use tokio::io::AsyncWriteExt;
         let mut w =
             self.0.take().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
-        match w.shutdown().await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let _ = w.abort().await;
-                Err(io_err(e))
-            }
-        }
+        // Note: `BufWriter::abort` panics once shutdown has started, so a failed shutdown is
+        // only reported; an unfinished multipart upload is left to the store's lifecycle rules.
+        w.shutdown().await.map_err(io_err)
     }
 }
 

@@ -1,0 +1,292 @@
+//! Helpers shared by the integration tests: records, the Python interpreter of the interop
+//! tests, a local S3 server (moto), and a fault-injecting object store.
+#![allow(dead_code)]
+
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dotdo_core::{ChangeRecord, Clock, FencingToken, ObjectId, Op, SystemClock, Timestamp};
+use futures::stream::BoxStream;
+use object_store::path::Path;
+use object_store::{
+    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions,
+    PutPayload, PutResult, UploadPart,
+};
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A put record for `object` at `seq`.
+pub fn put(object: &ObjectId, seq: u64, key: &str, value: &str, token: u64) -> ChangeRecord {
+    ChangeRecord {
+        object: object.clone(),
+        seq,
+        key: key.to_string(),
+        op: Op::Put,
+        value: Bytes::copy_from_slice(value.as_bytes()),
+        token: FencingToken::new(token),
+        timestamp: Timestamp::from_millis(1_767_225_600_000 + seq as i64),
+        type_name: "T".to_string(),
+    }
+}
+
+/// The Python of the interop tests (`DOTDO_PYTHON`, set by `scripts/test` after `scripts/pyenv`).
+/// `None` after printing a visible SKIP line naming `test`.
+pub fn python(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("DOTDO_PYTHON") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => {
+            println!(
+                "SKIP {test}: DOTDO_PYTHON is not set (run scripts/pyenv and export DOTDO_PYTHON=$PWD/.venv/bin/python, \
+                 or use scripts/test, which does both)"
+            );
+            eprintln!("SKIP {test}: DOTDO_PYTHON is not set");
+            None
+        }
+    }
+}
+
+/// Directory of the Python helper scripts.
+pub fn py_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("py")
+}
+
+/// A local S3-compatible server (moto) on 127.0.0.1, killed on drop. The server also exits by
+/// itself when this process dies.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// A bucket created at start.
+    pub bucket: String,
+}
+
+impl Moto {
+    /// Start moto with `python` and create `bucket`.
+    pub fn start(python: &std::path::Path, bucket: &str) -> Moto {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+            l.local_addr().expect("addr").port()
+        };
+        let mut child = Command::new(python)
+            .arg(py_dir().join("moto_s3.py"))
+            .arg(port.to_string())
+            .arg(bucket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start moto (tests/py/moto_s3.py)");
+        let stdout = child.stdout.take().expect("moto stdout");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("moto ready line");
+        assert!(line.starts_with("READY"), "moto did not start: {line:?}");
+        Moto { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_string() }
+    }
+
+    /// object_store options for this server.
+    pub fn options(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("aws_endpoint", self.endpoint.clone()),
+            ("aws_allow_http", "true".into()),
+            ("aws_access_key_id", "testing".into()),
+            ("aws_secret_access_key", "testing".into()),
+            ("aws_region", "us-east-1".into()),
+            ("aws_virtual_hosted_style_request", "false".into()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sleep on the system clock (library rule: no ambient time outside a Clock).
+pub async fn sleep(d: Duration) {
+    SystemClock::new().sleep(d).await;
+}
+
+/// What a fault does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Fail before doing anything.
+    FailBefore,
+    /// Do the operation, then report failure (the reply was lost).
+    FailAfter,
+    /// Delay the operation, then do it.
+    Delay,
+}
+
+/// Wraps a real store and injects faults at random (seeded) into puts, gets, heads, lists and
+/// deletes. Faults are reported as `object_store::Error::Generic` (an unreachable store).
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    rng: Mutex<StdRng>,
+    /// Probability that an operation is faulted.
+    pub probability: f64,
+    enabled: AtomicBool,
+    /// Faults injected so far.
+    pub injected: AtomicU64,
+    /// Faults of kind FailAfter on writes so far.
+    pub lost_replies: AtomicU64,
+}
+
+impl FaultyStore {
+    /// Wrap `inner` with a seeded fault generator.
+    pub fn new(inner: Arc<dyn ObjectStore>, seed: u64, probability: f64) -> Self {
+        FaultyStore {
+            inner,
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            probability,
+            enabled: AtomicBool::new(true),
+            injected: AtomicU64::new(0),
+            lost_replies: AtomicU64::new(0),
+        }
+    }
+
+    /// Turn fault injection on or off.
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::SeqCst);
+    }
+
+    fn roll(&self, write: bool) -> Option<Fault> {
+        if !self.enabled.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut rng = self.rng.lock();
+        if !rng.gen_bool(self.probability) {
+            return None;
+        }
+        let f = match rng.gen_range(0..3) {
+            0 => Fault::FailBefore,
+            1 if write => Fault::FailAfter,
+            1 => Fault::FailBefore,
+            _ => Fault::Delay,
+        };
+        self.injected.fetch_add(1, Ordering::SeqCst);
+        if f == Fault::FailAfter {
+            self.lost_replies.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(f)
+    }
+
+    fn err(what: &str, location: &Path) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "Faulty",
+            source: format!("injected fault: {what} {location} (connection reset)").into(),
+        }
+    }
+
+    async fn run<T>(
+        &self,
+        write: bool,
+        what: &str,
+        location: &Path,
+        op: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        match self.roll(write) {
+            None => op.await,
+            Some(Fault::FailBefore) => Err(Self::err(what, location)),
+            Some(Fault::FailAfter) => {
+                op.await?;
+                Err(Self::err(what, location))
+            }
+            Some(Fault::Delay) => {
+                sleep(Duration::from_millis(2)).await;
+                op.await
+            }
+        }
+    }
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Faulty({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.run(true, "put", location, self.inner.put_opts(location, payload, opts)).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        let inner = self.run(true, "put_multipart", location, self.inner.put_multipart_opts(location, opts)).await?;
+        Ok(Box::new(FaultyUpload { inner, fail_complete: self.roll(true).is_some(), location: location.clone() }))
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.run(false, "get", location, self.inner.get_opts(location, options)).await
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+        self.run(false, "get_ranges", location, self.inner.get_ranges(location, ranges)).await
+    }
+
+    async fn delete(&self, location: &Path) -> object_store::Result<()> {
+        self.run(true, "delete", location, self.inner.delete(location)).await
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.run(true, "copy", to, self.inner.copy(from, to)).await
+    }
+
+    async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.run(true, "copy", to, self.inner.copy_if_not_exists(from, to)).await
+    }
+}
+
+/// A multipart upload whose completion may fail after succeeding (a lost reply).
+#[derive(Debug)]
+struct FaultyUpload {
+    inner: Box<dyn MultipartUpload>,
+    fail_complete: bool,
+    location: Path,
+}
+
+#[async_trait]
+impl MultipartUpload for FaultyUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        self.inner.put_part(data)
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        let r = self.inner.complete().await?;
+        if self.fail_complete {
+            return Err(FaultyStore::err("complete", &self.location));
+        }
+        Ok(r)
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.inner.abort().await
+    }
+}
