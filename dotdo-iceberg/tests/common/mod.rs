@@ -43,11 +43,14 @@ pub fn python(test: &str) -> Option<PathBuf> {
     match std::env::var_os("DOTDO_PYTHON") {
         Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
         _ => {
-            println!(
-                "SKIP {test}: DOTDO_PYTHON is not set (run scripts/pyenv and export DOTDO_PYTHON=$PWD/.venv/bin/python, \
-                 or use scripts/test, which does both)"
+            // Written to the real stderr (not the test harness's capture) so it shows up in a
+            // normal `cargo test` run.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP {test}: DOTDO_PYTHON is not set (run scripts/pyenv and export \
+                 DOTDO_PYTHON=$PWD/.venv/bin/python, or use scripts/test, which does both)"
             );
-            eprintln!("SKIP {test}: DOTDO_PYTHON is not set");
             None
         }
     }
