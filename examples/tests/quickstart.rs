@@ -1,0 +1,47 @@
+//! The quickstart runs as documented and leaves an Iceberg table PyIceberg reads.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn example_binary(name: &str) -> PathBuf {
+    // target/<profile>/deps/<this test> -> target/<profile>/examples/<name>
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    profile_dir.join("examples").join(name)
+}
+
+#[test]
+fn quickstart_runs_and_pyiceberg_reads_its_table() {
+    let bin = example_binary("quickstart");
+    assert!(bin.exists(), "{} missing: cargo test builds the examples of this package", bin.display());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", dir.path()).output().expect("run quickstart");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "quickstart failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for needle in [
+        "rejected — fenced",
+        "flushed 1007 changes of 3 objects in 1 commit(s)",
+        "lazy restore",
+        "eager restore of 3 keys",
+        "as of snapshot",
+    ] {
+        assert!(stdout.contains(needle), "quickstart output lacks {needle:?}:\n{stdout}");
+    }
+    let Some(python) = std::env::var_os("DOTDO_PYTHON") else {
+        println!("SKIP pyiceberg half of quickstart_runs_and_pyiceberg_reads_its_table: DOTDO_PYTHON is not set (scripts/test sets it)");
+        return;
+    };
+    let warehouse = std::fs::canonicalize(dir.path().join("warehouse")).expect("warehouse");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/read_quickstart.py");
+    let py = Command::new(python).arg(script).arg(&warehouse).output().expect("run python");
+    assert!(
+        py.status.success(),
+        "PyIceberg could not read the quickstart table:\n{}\n{}",
+        String::from_utf8_lossy(&py.stdout),
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let counts: Vec<u64> =
+        String::from_utf8_lossy(&py.stdout).split_whitespace().map(|s| s.parse().expect("number")).collect();
+    assert_eq!(counts[0], 1008, "PyIceberg sees every flushed change exactly once");
+    assert_eq!(counts[1], 3);
+}
