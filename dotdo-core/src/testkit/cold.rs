@@ -365,6 +365,8 @@ pub enum ColdOp {
 pub struct ColdModel {
     records: Vec<Vec<(u64, usize, bool)>>,
     tokens: Vec<u64>,
+    /// The highest token a snapshot was committed with, per object (what the sink fences on).
+    committed: Vec<u64>,
     snapshots: Vec<Vec<usize>>,
 }
 
@@ -378,8 +380,13 @@ impl ReferenceStateMachine for ColdMachine {
     type Transition = ColdOp;
 
     fn init_state() -> BoxedStrategy<ColdModel> {
-        Just(ColdModel { records: vec![Vec::new(); COLD_OBJS], tokens: vec![1; COLD_OBJS], snapshots: Vec::new() })
-            .boxed()
+        Just(ColdModel {
+            records: vec![Vec::new(); COLD_OBJS],
+            tokens: vec![1; COLD_OBJS],
+            committed: vec![0; COLD_OBJS],
+            snapshots: Vec::new(),
+        })
+        .boxed()
     }
 
     fn transitions(_: &ColdModel) -> BoxedStrategy<ColdOp> {
@@ -402,6 +409,7 @@ impl ReferenceStateMachine for ColdMachine {
                     m.push((seq, *k, *put));
                 }
                 if !keys.is_empty() {
+                    s.committed[*o] = s.tokens[*o];
                     s.snapshots.push(s.records.iter().map(Vec::len).collect());
                 }
             }
@@ -454,13 +462,14 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
                         }
                     }
                     ColdOp::StaleAppend(o) => {
-                        if model.tokens[*o] > 1 && !model.records[*o].is_empty() {
+                        // Stale means below the highest token a commit was made with.
+                        if model.committed[*o] > 1 && !model.records[*o].is_empty() {
                             let seq = model.records[*o].len() as u64 + 1;
                             let r = fx
                                 .sink
                                 .append(ColdBatch::single(
                                     objs[*o].clone(),
-                                    tok(model.tokens[*o] - 1),
+                                    tok(model.committed[*o] - 1),
                                     vec![rec(&objs[*o], seq, "x", Some("x"), 1)],
                                 ))
                                 .await;
