@@ -47,6 +47,11 @@ pub struct SqliteSettings {
     pub read_connections: usize,
     /// Where SQLite work runs. Default [`Execution::Auto`].
     pub execution: Execution,
+    /// WAL auto-checkpoint threshold in pages (`PRAGMA wal_autocheckpoint`). The commit that
+    /// crosses it copies the WAL into the database file and fsyncs, inline. A larger value makes
+    /// that rarer (amortizing the fsync over more writes) at the cost of a larger WAL file.
+    /// Default 16 384 pages (64 MiB with 4 KiB pages); SQLite's own default is 1 000.
+    pub wal_autocheckpoint_pages: u32,
     /// SQLite page cache per connection, in KiB (allocated as used). Default 64 MiB, so a batch of 100k rows does not spill dirty pages mid-transaction.
     pub cache_kib: u32,
 }
@@ -61,6 +66,7 @@ impl Default for SqliteSettings {
             read_connections: 4,
             execution: Execution::Auto,
             cache_kib: 64 * 1024,
+            wal_autocheckpoint_pages: 16 * 1024,
         }
     }
 }

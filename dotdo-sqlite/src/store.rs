@@ -142,8 +142,9 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
         Durability::Full => "FULL",
     };
     let pragmas = format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA cache_size = -{}; PRAGMA foreign_keys = OFF;",
-        settings.cache_kib
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA cache_size = -{}; PRAGMA foreign_keys = OFF; \
+         PRAGMA wal_autocheckpoint = {};",
+        settings.cache_kib, settings.wal_autocheckpoint_pages
     );
     with_busy_retry(settings, &doing, || conn.execute_batch(&pragmas).map_err(TxError::Sql))?;
     if create {
