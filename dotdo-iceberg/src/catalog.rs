@@ -6,9 +6,10 @@
 //!   (libsqlite3-sys 0.30), which is link-compatible with rusqlite 0.32 but **not** with libsql:
 //!   never link dotdo-iceberg and dotdo-libsql into one binary.
 //! * [`CatalogConfig::Memory`]: iceberg's in-memory catalog, for tests (lost on restart).
-//! * [`CatalogConfig::Custom`]: any other `iceberg::Catalog` (for example a REST catalog built
-//!   with `iceberg-catalog-rest` for R2 Data Catalog, Polaris or Lakekeeper), sharing the same
-//!   object-store `StorageFactory`.
+//! * `CatalogConfig::Rest` (feature `rest`, on by default): an Iceberg REST catalog (R2 Data
+//!   Catalog, Polaris, Lakekeeper) through `iceberg-catalog-rest`, by configuration.
+//! * [`CatalogConfig::Custom`]: any other `iceberg::Catalog`, sharing the same object-store
+//!   `StorageFactory`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -40,6 +41,18 @@ pub enum CatalogConfig {
     },
     /// iceberg's in-memory catalog (tests).
     Memory,
+    /// An Iceberg REST catalog (feature `rest`): R2 Data Catalog, Polaris, Lakekeeper, … Data
+    /// files still go through this crate's object store (the warehouse URL and options).
+    #[cfg(feature = "rest")]
+    Rest {
+        /// The catalog endpoint, e.g. `https://catalog.example/api/catalog`.
+        uri: String,
+        /// The catalog's warehouse name or location, if it needs one.
+        warehouse: Option<String>,
+        /// Further catalog properties (`token`, `credential`, `oauth2-server-uri`, `prefix`, …).
+        /// Values are never printed.
+        properties: std::collections::BTreeMap<String, String>,
+    },
     /// A catalog built by the caller.
     Custom(CustomCatalog),
 }
@@ -50,6 +63,13 @@ impl fmt::Debug for CatalogConfig {
             CatalogConfig::Default => f.write_str("Default"),
             CatalogConfig::Sql { uri } => f.debug_struct("Sql").field("uri", uri).finish(),
             CatalogConfig::Memory => f.write_str("Memory"),
+            #[cfg(feature = "rest")]
+            CatalogConfig::Rest { uri, warehouse, properties } => f
+                .debug_struct("Rest")
+                .field("uri", uri)
+                .field("warehouse", warehouse)
+                .field("properties", &properties.keys().map(|k| (k.as_str(), "<redacted>")).collect::<Vec<_>>())
+                .finish(),
             CatalogConfig::Custom(_) => f.write_str("Custom(..)"),
         }
     }
@@ -84,6 +104,20 @@ pub(crate) async fn open(
         }
         CatalogConfig::Sql { uri } => open_sql(uri, name, warehouse, factory).await,
         CatalogConfig::Memory => open_memory(name, warehouse, factory).await,
+        #[cfg(feature = "rest")]
+        CatalogConfig::Rest { uri, warehouse: wh, properties } => {
+            let mut props: HashMap<String, String> = properties.clone().into_iter().collect();
+            props.insert(iceberg_catalog_rest::REST_CATALOG_PROP_URI.to_string(), uri.clone());
+            if let Some(w) = wh {
+                props.insert(iceberg_catalog_rest::REST_CATALOG_PROP_WAREHOUSE.to_string(), w.clone());
+            }
+            let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
+                .with_storage_factory(factory)
+                .load(name.to_string(), props)
+                .await
+                .map_err(|e| crate::error::classify(e, &format!("opening REST catalog {uri}")))?;
+            Ok(Arc::new(catalog))
+        }
         CatalogConfig::Custom(build) => build(factory).await.map_err(|e| e.context(what)),
     }
 }

@@ -181,3 +181,56 @@ async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplic
         assert_eq!(b.watermark(&o).await.expect("wm").through, n);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_rest_catalog_is_a_retryable_unavailable_error() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }; // closed again: nothing listens there
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Rest {
+            uri: format!("http://127.0.0.1:{port}"),
+            warehouse: None,
+            properties: [("token".to_string(), "secret-token".to_string())].into(),
+        })
+        .build()
+        .await
+        .expect_err("nothing listens on the port");
+    assert_eq!(err.kind(), &ErrorKind::Unavailable, "{err}");
+    assert!(err.is_retryable());
+    let cfg = dotdo_iceberg::CatalogConfig::Rest {
+        uri: "http://x".into(),
+        warehouse: None,
+        properties: [("token".to_string(), "secret-token".to_string())].into(),
+    };
+    assert!(!format!("{cfg:?}").contains("secret-token"), "secrets are redacted in Debug");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_data_file_is_corrupt_and_names_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    // Delete the data file behind the table's back.
+    let table = cold.refresh().await.expect("refresh");
+    let snap = table.metadata().current_snapshot().expect("snapshot").clone();
+    let list = table.manifest_list_reader(&snap).load().await.expect("list");
+    let m = list.entries()[0].load_manifest(table.file_io()).await.expect("manifest");
+    let file = m.entries()[0].data_file().file_path().to_string();
+    std::fs::remove_file(file.strip_prefix("file://").expect("local")).expect("remove");
+    let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
+    let err = fresh.load_state(&o, AsOf::Latest).await.expect_err("missing file");
+    assert_eq!(err.kind(), &ErrorKind::Corrupt, "{err}");
+    let name = file.rsplit('/').next().expect("name");
+    assert!(err.to_string().contains(name), "error names the file: {err}");
+    // A damaged metadata file is Corrupt too.
+    let meta = table.metadata_location().expect("metadata").to_string();
+    std::fs::write(meta.strip_prefix("file://").expect("local"), b"{ not json").expect("damage");
+    let err = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect_err("damaged");
+    assert_eq!(err.kind(), &ErrorKind::Corrupt, "{err}");
+}
