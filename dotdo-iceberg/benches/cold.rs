@@ -96,6 +96,9 @@ fn pyiceberg(rows: u64, small: usize) -> Option<Peer> {
 fn main() {
     let n: u64 = std::env::var("DOTDO_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let small_commits = 200usize;
+    // The peer runs before and after ours (best of the two per figure), so background load hits
+    // both sides alike.
+    let peer_before = pyiceberg(n, 30);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let clock = SystemClock::new();
 
@@ -116,6 +119,7 @@ fn main() {
         big_table = Some(cold);
     }
     let ours_rps = n as f64 / best;
+    eprintln!("append of {n} rows: best {:.1} ms", best * 1e3);
     if std::env::var_os("DOTDO_BENCH_ONLY_APPEND").is_some() {
         record(&format!("iceberg append {}k rows (rows/s)", n / 1000), "rows/s", ours_rps, "none", 0.0);
         return;
@@ -160,8 +164,15 @@ fn main() {
         .stats;
     eprintln!("one-object lookup in the {n}-row table: {lookup_stats:?}");
 
-    let peer = pyiceberg(n, 30);
-    let p = peer.unwrap_or_default();
+    let peer_after = pyiceberg(n, 30);
+    let p = match (peer_before, peer_after) {
+        (Some(a), Some(b)) => Peer {
+            append_rows_per_s: a.append_rows_per_s.max(b.append_rows_per_s),
+            commit10_p50_ms: a.commit10_p50_ms.min(b.commit10_p50_ms),
+            read_one_p50_ms: a.read_one_p50_ms.min(b.read_one_p50_ms),
+        },
+        (a, b) => a.or(b).unwrap_or_default(),
+    };
     let label = if p.append_rows_per_s > 0.0 { "pyiceberg-0.12" } else { "pyiceberg-0.12 (unavailable)" };
     record(&format!("iceberg append {}k rows (rows/s)", n / 1000), "rows/s", ours_rps, label, p.append_rows_per_s);
     record("iceberg 10-row commit p50", "ms", ms(commits.p50()), label, p.commit10_p50_ms);
