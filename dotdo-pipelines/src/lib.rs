@@ -1,1 +1,32 @@
-//! placeholder
+//! # dotdo-pipelines
+//!
+//! The batched streaming write path into cold storage. `send(events)` is cheap enough to call on
+//! every state change; events wait in a bounded buffer that **rolls** by interval, rows or bytes
+//! into one cold commit per roll — larger files and far fewer commits than per-event writes —
+//! through the same [`ColdSink`](dotdo_core::ColdSink) commit path as the direct writer
+//! (`dotdo-iceberg`), exactly once.
+//!
+//! * **Buffers**: in memory, or durable ([`Durability::Durable`]): a local SQLite log where an
+//!   acknowledged `send` survives a process kill and is delivered after restart.
+//! * **Exactly once**: a roll first *claims* events, durably assigning each its per-object
+//!   sequence number; the cold commit records per-object watermarks, so re-committing a claimed
+//!   batch after a crash or an unknown outcome never duplicates or drops an event.
+//! * **Backpressure** when the buffer is full ([`Backpressure`]): fail fast, wait with a
+//!   deadline, or spill to disk.
+//! * **Transforms**: filter, map or re-route events to another sink (table).
+//! * **Metrics**: events in, bytes, rolls, commit latency, buffer depth, end-to-end lag.
+//!
+//! A pipeline owns the sequence numbers of the objects it writes: give it its own table (or at
+//! least objects no runtime writes to the same table).
+//!
+//! Example: see [`Pipeline`].
+#![warn(missing_docs)]
+
+mod event;
+mod log;
+mod pipeline;
+mod settings;
+
+pub use event::{Event, Transformed};
+pub use pipeline::{Pipeline, PipelineBuilder, PipelineMetrics, RollReport, Transform};
+pub use settings::{Backpressure, Durability, PipelineSettings};

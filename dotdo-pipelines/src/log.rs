@@ -1,0 +1,459 @@
+//! Where accepted events wait for their roll: in memory, or in a local SQLite log.
+//!
+//! A roll *claims* the oldest events: it assigns each its per-object sequence number and a batch
+//! id, durably (for the SQLite log) before the cold commit. If the commit fails or the process
+//! dies, the claimed batch is committed again with the same sequence numbers and the sink skips
+//! what it already has: exactly once.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use dotdo_core::{ChangeRecord, Error, FencingToken, ObjectId, Op, Result, Timestamp};
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::event::Event;
+
+/// An accepted event and its route ("" = default).
+#[derive(Clone, Debug)]
+pub(crate) struct Row {
+    pub(crate) route: String,
+    pub(crate) event: Event,
+}
+
+/// A claimed batch: rows with sequence numbers, in send order.
+#[derive(Clone, Debug)]
+pub(crate) struct Claimed {
+    pub(crate) id: u64,
+    pub(crate) rows: Vec<(String, ChangeRecord)>,
+}
+
+/// Assigns the next sequence number of (route, object), or `None` if unknown yet.
+pub(crate) type NextSeq<'a> = &'a mut dyn FnMut(&str, &ObjectId) -> Option<u64>;
+
+pub(crate) trait Log: Send + Sync {
+    fn append(&self, rows: Vec<Row>) -> Result<()>;
+    /// (events, bytes) waiting, claimed ones included.
+    fn depth(&self) -> (usize, usize);
+    fn oldest(&self) -> Option<Timestamp>;
+    fn claimed(&self, token: FencingToken) -> Result<Option<Claimed>>;
+    fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>>;
+    fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>>;
+    fn ack(&self, id: u64) -> Result<()>;
+    /// Events overflowed to disk (spill policy only).
+    fn spilled(&self) -> usize {
+        0
+    }
+}
+
+fn record(e: &Event, seq: u64, token: FencingToken) -> ChangeRecord {
+    ChangeRecord {
+        object: e.object.clone(),
+        seq,
+        key: e.key.clone(),
+        op: Op::Put,
+        value: e.value.clone(),
+        token,
+        timestamp: e.timestamp,
+        type_name: e.type_name.clone(),
+    }
+}
+
+#[derive(Default)]
+struct MemState {
+    rows: VecDeque<Row>,
+    claimed: Option<Claimed>,
+    next_batch: u64,
+}
+
+/// The in-memory log.
+#[derive(Default)]
+pub(crate) struct MemoryLog {
+    state: Mutex<MemState>,
+    events: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Log for MemoryLog {
+    fn append(&self, rows: Vec<Row>) -> Result<()> {
+        let bytes: usize = rows.iter().map(|r| r.event.size()).sum();
+        let n = rows.len();
+        self.state.lock().rows.extend(rows);
+        self.events.fetch_add(n, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn depth(&self) -> (usize, usize) {
+        (self.events.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+
+    fn oldest(&self) -> Option<Timestamp> {
+        let st = self.state.lock();
+        st.claimed
+            .as_ref()
+            .and_then(|c| c.rows.iter().map(|(_, r)| r.timestamp).min())
+            .or_else(|| st.rows.front().map(|r| r.event.timestamp))
+    }
+
+    fn claimed(&self, _token: FencingToken) -> Result<Option<Claimed>> {
+        Ok(self.state.lock().claimed.clone())
+    }
+
+    fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>> {
+        let st = self.state.lock();
+        let mut out: Vec<(String, ObjectId)> = Vec::new();
+        for r in st.rows.iter().take(max) {
+            let k = (r.route.clone(), r.event.object.clone());
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+        Ok(out)
+    }
+
+    fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>> {
+        let mut st = self.state.lock();
+        if st.claimed.is_some() {
+            return Err(Error::backend("a claimed batch is still unacknowledged"));
+        }
+        let mut rows = Vec::new();
+        while rows.len() < max {
+            let Some(front) = st.rows.front() else { break };
+            let Some(seq) = next_seq(&front.route, &front.event.object) else { break };
+            let r = st.rows.pop_front().expect("front exists");
+            rows.push((r.route, record(&r.event, seq, token)));
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        st.next_batch += 1;
+        let c = Claimed { id: st.next_batch, rows };
+        st.claimed = Some(c.clone());
+        Ok(Some(c))
+    }
+
+    fn ack(&self, id: u64) -> Result<()> {
+        let mut st = self.state.lock();
+        if let Some(c) = st.claimed.take_if(|c| c.id == id) {
+            let bytes: usize = c
+                .rows
+                .iter()
+                .map(|(_, r)| r.value.len() + r.key.len() + r.type_name.len() + r.object.as_str().len() + 32)
+                .sum();
+            self.events.fetch_sub(c.rows.len(), Ordering::Relaxed);
+            self.bytes.fetch_sub(bytes.min(self.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+fn sql(e: rusqlite::Error, doing: &str) -> Error {
+    use rusqlite::ErrorCode::*;
+    let code = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => Some(f.code),
+        _ => None,
+    };
+    let err = match code {
+        Some(DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure | CannotOpen) => {
+            Error::unavailable(format!("pipeline log: {doing}"))
+        }
+        Some(DatabaseCorrupt | NotADatabase) => {
+            Error::corrupt(format!("pipeline log: {doing}: not a healthy SQLite database"))
+        }
+        _ => Error::backend(format!("pipeline log: {doing}")),
+    };
+    err.with_source(e)
+}
+
+/// A row of the SQLite log: (row id, route, event, assigned sequence number).
+type LogRow = (i64, String, Event, Option<u64>);
+
+/// The durable log: one SQLite file (WAL, synchronous=NORMAL: an acknowledged append survives a
+/// process kill).
+pub(crate) struct SqliteLog {
+    conn: Mutex<Connection>,
+    events: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl SqliteLog {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        let doing = format!("opening {}", path.display());
+        let conn = Connection::open(path).map_err(|e| sql(e, &doing))?;
+        conn.busy_timeout(std::time::Duration::from_secs(2)).map_err(|e| sql(e, &doing))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 16384;
+             CREATE TABLE IF NOT EXISTS pipeline_log (
+                id INTEGER PRIMARY KEY, route TEXT NOT NULL, do_id TEXT NOT NULL, type TEXT NOT NULL,
+                key TEXT NOT NULL, value BLOB NOT NULL, ts INTEGER NOT NULL, batch INTEGER, seq INTEGER);
+             CREATE INDEX IF NOT EXISTS pipeline_log_batch ON pipeline_log (batch) WHERE batch IS NOT NULL;
+             CREATE TABLE IF NOT EXISTS pipeline_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
+        )
+        .map_err(|e| sql(e, &doing))?;
+        let (n, b): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(do_id) + length(type) + length(key) + length(value) + 32), 0) FROM pipeline_log",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| sql(e, &doing))?;
+        Ok(SqliteLog {
+            conn: Mutex::new(conn),
+            events: AtomicUsize::new(usize::try_from(n).unwrap_or(0)),
+            bytes: AtomicUsize::new(usize::try_from(b).unwrap_or(0)),
+        })
+    }
+
+    fn rows_of(conn: &Connection, sql_text: &str, p: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<LogRow>> {
+        let mut st = conn.prepare_cached(sql_text)?;
+        let rows = st.query_map(p, |r| {
+            let do_id: String = r.get(2)?;
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                do_id,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<u64>>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, route, do_id, type_name, key, value, ts, seq) = row?;
+            let object = ObjectId::new(&do_id)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e)))?;
+            out.push((
+                id,
+                route,
+                Event { object, type_name, key, value: Bytes::from(value), timestamp: Timestamp::from_micros(ts) },
+                seq,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl Log for SqliteLog {
+    fn append(&self, rows: Vec<Row>) -> Result<()> {
+        let bytes: usize = rows.iter().map(|r| r.event.size()).sum();
+        let n = rows.len();
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction().map_err(|e| sql(e, "append"))?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO pipeline_log (route, do_id, type, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(|e| sql(e, "append"))?;
+            for r in &rows {
+                let e = &r.event;
+                st.execute(params![
+                    r.route,
+                    e.object.as_str(),
+                    e.type_name,
+                    e.key,
+                    &e.value[..],
+                    e.timestamp.as_micros()
+                ])
+                .map_err(|e| sql(e, "append"))?;
+            }
+        }
+        tx.commit().map_err(|e| sql(e, "append commit"))?;
+        self.events.fetch_add(n, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn depth(&self) -> (usize, usize) {
+        (self.events.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+
+    fn oldest(&self) -> Option<Timestamp> {
+        let conn = self.conn.lock();
+        conn.query_row("SELECT min(ts) FROM pipeline_log", [], |r| r.get::<_, Option<i64>>(0))
+            .ok()
+            .flatten()
+            .map(Timestamp::from_micros)
+    }
+
+    fn claimed(&self, token: FencingToken) -> Result<Option<Claimed>> {
+        let conn = self.conn.lock();
+        let batch: Option<u64> = conn
+            .query_row("SELECT min(batch) FROM pipeline_log WHERE batch IS NOT NULL", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| sql(e, "reading claimed batch"))?
+            .flatten();
+        let Some(id) = batch else { return Ok(None) };
+        let rows = Self::rows_of(
+            &conn,
+            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch = ?1 ORDER BY id",
+            &[&id],
+        )
+        .map_err(|e| sql(e, "reading claimed batch"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, route, e, seq) in rows {
+            let seq = seq.ok_or_else(|| Error::corrupt("pipeline log: claimed row without a sequence number"))?;
+            out.push((route, record(&e, seq, token)));
+        }
+        Ok(Some(Claimed { id, rows: out }))
+    }
+
+    fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>> {
+        let conn = self.conn.lock();
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = Self::rows_of(
+            &conn,
+            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
+            &[&limit],
+        )
+        .map_err(|e| sql(e, "peeking"))?;
+        let mut out: Vec<(String, ObjectId)> = Vec::new();
+        for (_, route, e, _) in rows {
+            let k = (route, e.object);
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+        Ok(out)
+    }
+
+    fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction().map_err(|e| sql(e, "claim"))?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = Self::rows_of(
+            &tx,
+            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
+            &[&limit],
+        )
+        .map_err(|e| sql(e, "claim"))?;
+        let id: u64 = tx
+            .query_row("SELECT coalesce((SELECT v FROM pipeline_meta WHERE k = 'batch'), 0) + 1", [], |r| r.get(0))
+            .map_err(|e| sql(e, "claim"))?;
+        let mut out = Vec::new();
+        {
+            let mut upd = tx
+                .prepare_cached("UPDATE pipeline_log SET batch = ?2, seq = ?3 WHERE id = ?1")
+                .map_err(|e| sql(e, "claim"))?;
+            for (row_id, route, e, _) in rows {
+                let Some(seq) = next_seq(&route, &e.object) else { break };
+                upd.execute(params![row_id, id, seq]).map_err(|e| sql(e, "claim"))?;
+                out.push((route, record(&e, seq, token)));
+            }
+        }
+        if out.is_empty() {
+            return Ok(None);
+        }
+        tx.execute(
+            "INSERT INTO pipeline_meta (k, v) VALUES ('batch', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            [id],
+        )
+        .map_err(|e| sql(e, "claim"))?;
+        tx.commit().map_err(|e| sql(e, "claim commit"))?;
+        Ok(Some(Claimed { id, rows: out }))
+    }
+
+    fn ack(&self, id: u64) -> Result<()> {
+        let conn = self.conn.lock();
+        let (n, b): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(do_id) + length(type) + length(key) + length(value) + 32), 0) FROM pipeline_log WHERE batch = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| sql(e, "ack"))?;
+        conn.execute("DELETE FROM pipeline_log WHERE batch = ?1", [id]).map_err(|e| sql(e, "ack"))?;
+        let (n, b) = (usize::try_from(n).unwrap_or(0), usize::try_from(b).unwrap_or(0));
+        self.events.fetch_sub(n.min(self.events.load(Ordering::Relaxed)), Ordering::Relaxed);
+        self.bytes.fetch_sub(b.min(self.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Memory first; once memory is full, overflow goes to a SQLite file, and keeps going there until
+/// the file is drained, so events stay in send order.
+pub(crate) struct SpillLog {
+    mem: MemoryLog,
+    disk: SqliteLog,
+    mem_capacity: usize,
+    claimed_from_disk: Mutex<Option<bool>>,
+}
+
+impl SpillLog {
+    pub(crate) fn open(path: &Path, mem_capacity: usize) -> Result<Self> {
+        Ok(SpillLog {
+            mem: MemoryLog::default(),
+            disk: SqliteLog::open(path)?,
+            mem_capacity,
+            claimed_from_disk: Mutex::new(None),
+        })
+    }
+}
+
+impl Log for SpillLog {
+    fn append(&self, rows: Vec<Row>) -> Result<()> {
+        if self.disk.depth().0 > 0 || self.mem.depth().0 + rows.len() > self.mem_capacity {
+            self.disk.append(rows)
+        } else {
+            self.mem.append(rows)
+        }
+    }
+
+    fn depth(&self) -> (usize, usize) {
+        let (a, b) = self.mem.depth();
+        let (c, d) = self.disk.depth();
+        (a + c, b + d)
+    }
+
+    fn oldest(&self) -> Option<Timestamp> {
+        self.mem.oldest().or_else(|| self.disk.oldest())
+    }
+
+    fn claimed(&self, token: FencingToken) -> Result<Option<Claimed>> {
+        if let Some(c) = self.mem.claimed(token)? {
+            *self.claimed_from_disk.lock() = Some(false);
+            return Ok(Some(c));
+        }
+        let c = self.disk.claimed(token)?;
+        if c.is_some() {
+            *self.claimed_from_disk.lock() = Some(true);
+        }
+        Ok(c)
+    }
+
+    fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>> {
+        let mut v = self.mem.next_objects(max)?;
+        if v.is_empty() {
+            v = self.disk.next_objects(max)?;
+        }
+        Ok(v)
+    }
+
+    fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>> {
+        if self.mem.depth().0 > 0 {
+            let c = self.mem.claim(max, token, next_seq)?;
+            *self.claimed_from_disk.lock() = c.as_ref().map(|_| false);
+            return Ok(c);
+        }
+        let c = self.disk.claim(max, token, next_seq)?;
+        *self.claimed_from_disk.lock() = c.as_ref().map(|_| true);
+        Ok(c)
+    }
+
+    fn spilled(&self) -> usize {
+        self.disk.depth().0
+    }
+
+    fn ack(&self, id: u64) -> Result<()> {
+        match self.claimed_from_disk.lock().take() {
+            Some(true) => self.disk.ack(id),
+            Some(false) => self.mem.ack(id),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! [`Pipeline`]: `send` into a bounded buffer, roll into batched, exactly-once cold commits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dotdo_core::time::Stopwatch;
+use dotdo_core::{ChangeRecord, Clock};
+use dotdo_core::{ColdBatch, ColdSink, Error, ErrorKind, ObjectChanges, ObjectId, Result, SystemClock, Timestamp};
+use parking_lot::Mutex;
+
+use crate::event::{Event, Transformed};
+use crate::log::{Log, MemoryLog, Row, SpillLog, SqliteLog};
+use crate::settings::{Backpressure, Durability, PipelineSettings};
+
+/// A transform applied to every event at `send`: filter, map or re-route.
+pub type Transform = Arc<dyn Fn(Event) -> Transformed + Send + Sync>;
+
+/// Counters of a pipeline (monotonic) and its current depth.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PipelineMetrics {
+    /// Events accepted by `send`.
+    pub events_in: u64,
+    /// Events dropped by the transform.
+    pub events_dropped: u64,
+    /// Bytes accepted.
+    pub bytes_in: u64,
+    /// Sends refused by backpressure.
+    pub rejected: u64,
+    /// Rolls that committed at least one event.
+    pub rolls: u64,
+    /// Events committed to cold storage.
+    pub events_committed: u64,
+    /// Events skipped at commit because cold storage already had them (replays after a crash).
+    pub events_replayed: u64,
+    /// Latency of the last roll's commit.
+    pub last_commit_latency: Duration,
+    /// Events waiting now (claimed ones included).
+    pub buffer_depth: u64,
+    /// Bytes waiting now.
+    pub buffer_bytes: u64,
+    /// Events waiting in the spill file now (spill policy).
+    pub buffer_spilled: u64,
+    /// End-to-end lag of the last roll: commit time minus the oldest committed event's timestamp.
+    pub last_lag: Duration,
+}
+
+/// What one roll did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RollReport {
+    /// Cold commits made (one per route touched).
+    pub commits: u64,
+    /// Events newly committed.
+    pub events: u64,
+    /// Events already in cold storage (a replay).
+    pub replayed: u64,
+}
+
+/// Builds a [`Pipeline`].
+pub struct PipelineBuilder {
+    sink: Arc<dyn ColdSink>,
+    routes: HashMap<String, Arc<dyn ColdSink>>,
+    settings: PipelineSettings,
+    transform: Option<Transform>,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl PipelineBuilder {
+    /// Settings (default: [`PipelineSettings::default`]).
+    pub fn with_settings(mut self, settings: PipelineSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+    /// A transform run on every event at `send` (filter, map, re-route).
+    pub fn with_transform(mut self, t: impl Fn(Event) -> Transformed + Send + Sync + 'static) -> Self {
+        self.transform = Some(Arc::new(t));
+        self
+    }
+    /// A named route to another sink (another table), for [`Transformed::Route`].
+    pub fn with_route(mut self, name: impl Into<String>, sink: Arc<dyn ColdSink>) -> Self {
+        self.routes.insert(name.into(), sink);
+        self
+    }
+    /// The clock (default: system clock).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Validate and open the buffer (replaying a durable log left by a previous process).
+    pub fn build(self) -> Result<Pipeline> {
+        let s = &self.settings;
+        if s.capacity == 0 || s.roll_rows == 0 || s.roll_bytes == 0 || s.roll_interval.is_zero() {
+            return Err(Error::invalid("capacity, roll_rows, roll_bytes and roll_interval must be positive"));
+        }
+        if self.routes.contains_key("") {
+            return Err(Error::invalid("the empty route name is the default route"));
+        }
+        let log: Box<dyn Log> = match (&s.durability, &s.backpressure) {
+            (Durability::Durable(path), _) => Box::new(SqliteLog::open(path)?),
+            (Durability::Memory, Backpressure::Spill(path)) => Box::new(SpillLog::open(path, s.capacity)?),
+            (Durability::Memory, _) => Box::new(MemoryLog::default()),
+        };
+        let mut routes = self.routes;
+        routes.insert(String::new(), self.sink);
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
+        let now = clock.now();
+        Ok(Pipeline {
+            inner: Arc::new(Inner {
+                settings: self.settings,
+                log,
+                routes,
+                transform: self.transform,
+                clock,
+                next_seq: Mutex::new(HashMap::new()),
+                roll_lock: futures::lock::Mutex::new(()),
+                closed: AtomicBool::new(false),
+                last_roll: Mutex::new(now),
+                counters: Counters::default(),
+                last: Mutex::new((Duration::ZERO, Duration::ZERO)),
+            }),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    events_in: AtomicU64,
+    dropped: AtomicU64,
+    bytes_in: AtomicU64,
+    rejected: AtomicU64,
+    rolls: AtomicU64,
+    committed: AtomicU64,
+    replayed: AtomicU64,
+}
+
+struct Inner {
+    settings: PipelineSettings,
+    log: Box<dyn Log>,
+    routes: HashMap<String, Arc<dyn ColdSink>>,
+    transform: Option<Transform>,
+    clock: Arc<dyn Clock>,
+    /// Next sequence number per (route, object), learned from the sink's watermark and advanced
+    /// by claims. The pipeline owns these objects' sequence numbers.
+    next_seq: Mutex<HashMap<(String, ObjectId), u64>>,
+    roll_lock: futures::lock::Mutex<()>,
+    closed: AtomicBool,
+    last_roll: Mutex<Timestamp>,
+    counters: Counters,
+    /// (last commit latency, last lag)
+    last: Mutex<(Duration, Duration)>,
+}
+
+/// The batched streaming write path: cheap `send`, rolls by time / rows / bytes into one cold
+/// commit per roll (per route), exactly once across crashes and retries.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> dotdo_core::Result<()> {
+/// use std::sync::Arc;
+/// use dotdo_core::{AsOf, ColdSink, MemoryColdStore, ObjectId, SystemClock, Clock};
+/// use dotdo_pipelines::{Event, Pipeline};
+///
+/// let cold = MemoryColdStore::new();
+/// let p = Pipeline::builder(Arc::new(cold.clone())).build()?;
+/// let obj = ObjectId::new("user:1")?;
+/// let now = SystemClock::new().now();
+/// p.send(vec![Event::new(obj.clone(), "User", "profile", r#"{"name":"Ada"}"#, now)])?;
+/// let r = p.roll().await?; // the host normally drives `p.run()` instead
+/// assert_eq!(r.events, 1);
+/// assert_eq!(cold.load_state(&obj, AsOf::Latest).await?.entries.len(), 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Pipeline {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").field("settings", &self.inner.settings).finish()
+    }
+}
+
+impl Pipeline {
+    /// A builder writing to `sink` (the default route).
+    pub fn builder(sink: Arc<dyn ColdSink>) -> PipelineBuilder {
+        PipelineBuilder {
+            sink,
+            routes: HashMap::new(),
+            settings: PipelineSettings::default(),
+            transform: None,
+            clock: None,
+        }
+    }
+
+    /// Accept `events` (validated, transformed) into the buffer. Returns how many were accepted
+    /// (dropped ones excluded). With [`Durability::Durable`], `Ok` means they survive a process
+    /// kill. When the buffer is full: `FailFast` and `Wait` fail with a retryable `Unavailable`
+    /// (use [`send_wait`](Self::send_wait) to wait), `Spill` overflows to disk.
+    pub fn send(&self, events: impl IntoIterator<Item = Event>) -> Result<usize> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
+        }
+        let mut rows = Vec::new();
+        let mut bytes = 0u64;
+        let mut dropped = 0u64;
+        for e in events {
+            e.validate()?;
+            let (route, e) = match &inner.transform {
+                None => (String::new(), e),
+                Some(t) => match t(e) {
+                    Transformed::Drop => {
+                        dropped += 1;
+                        continue;
+                    }
+                    Transformed::Keep(e) => (String::new(), e),
+                    Transformed::Route(r, e) => {
+                        if !inner.routes.contains_key(&r) {
+                            return Err(Error::invalid(format!("transform routed to unknown route {r:?}")));
+                        }
+                        (r, e)
+                    }
+                },
+            };
+            e.validate()?;
+            bytes += e.size() as u64;
+            rows.push(Row { route, event: e });
+        }
+        inner.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let depth = inner.log.depth().0;
+        if !matches!(inner.settings.backpressure, Backpressure::Spill(_))
+            && depth + rows.len() > inner.settings.capacity
+        {
+            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::unavailable(format!(
+                "pipeline buffer full: {depth} events waiting, capacity {}; retry after the next roll",
+                inner.settings.capacity
+            )));
+        }
+        let n = rows.len();
+        inner.log.append(rows)?;
+        inner.counters.events_in.fetch_add(n as u64, Ordering::Relaxed);
+        inner.counters.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Like [`send`](Self::send), but under the `Wait(deadline)` policy waits for room until the
+    /// deadline (a roll frees room), then fails with a retryable `Unavailable`.
+    pub async fn send_wait(&self, events: Vec<Event>) -> Result<usize> {
+        let deadline = match self.inner.settings.backpressure {
+            Backpressure::Wait(d) => d,
+            _ => Duration::ZERO,
+        };
+        let clock = self.inner.clock.clone();
+        let sw = Stopwatch::start(clock.clone());
+        loop {
+            match self.send(events.clone()) {
+                Err(e) if e.kind() == &ErrorKind::Unavailable && sw.elapsed() < deadline => {
+                    clock.sleep(Duration::from_millis(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether a roll is due (interval elapsed with events waiting, or a row/byte threshold hit).
+    pub fn roll_due(&self) -> bool {
+        let inner = &self.inner;
+        let (events, bytes) = inner.log.depth();
+        events > 0
+            && (events >= inner.settings.roll_rows
+                || bytes >= inner.settings.roll_bytes
+                || inner.clock.now().since(*inner.last_roll.lock()) >= inner.settings.roll_interval)
+    }
+
+    /// Roll now: commit everything waiting (in batches of at most `roll_rows` events, one cold
+    /// commit per route each), exactly once. A batch claimed by a previous attempt or process is
+    /// committed first, with the same sequence numbers.
+    pub async fn roll(&self) -> Result<RollReport> {
+        let inner = &self.inner;
+        let _guard = inner.roll_lock.lock().await;
+        let mut report = RollReport::default();
+        loop {
+            let claimed = match inner.log.claimed(inner.settings.token)? {
+                Some(c) => c,
+                None => {
+                    // Learn the watermark of objects not seen yet, then claim.
+                    let objects = inner.log.next_objects(inner.settings.roll_rows)?;
+                    for (route, object) in objects {
+                        let known = inner.next_seq.lock().contains_key(&(route.clone(), object.clone()));
+                        if !known {
+                            let wm = self.sink(&route)?.watermark(&object).await?;
+                            inner.next_seq.lock().entry((route, object)).or_insert(wm.through + 1);
+                        }
+                    }
+                    let mut seqs = inner.next_seq.lock();
+                    let mut next = |route: &str, object: &ObjectId| -> Option<u64> {
+                        let slot = seqs.get_mut(&(route.to_string(), object.clone()))?;
+                        let s = *slot;
+                        *slot += 1;
+                        Some(s)
+                    };
+                    let c = inner.log.claim(inner.settings.roll_rows, inner.settings.token, &mut next);
+                    drop(seqs);
+                    match c {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break,
+                        Err(e) => {
+                            // The claim did not happen: forget the advanced counters.
+                            inner.next_seq.lock().clear();
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            let sw = Stopwatch::start(inner.clock.clone());
+            let oldest = claimed.rows.iter().map(|(_, r)| r.timestamp).min();
+            let mut by_route: BTreeMap<String, BTreeMap<ObjectId, Vec<ChangeRecord>>> = BTreeMap::new();
+            for (route, r) in claimed.rows {
+                by_route.entry(route).or_default().entry(r.object.clone()).or_default().push(r);
+            }
+            for (route, objects) in by_route {
+                let batch = ColdBatch {
+                    objects: objects
+                        .into_iter()
+                        .map(|(object, records)| ObjectChanges { object, token: inner.settings.token, records })
+                        .collect(),
+                };
+                let commit = self.append_resolving(&route, batch).await?;
+                report.commits += u64::from(commit.snapshot.is_some());
+                report.events += commit.records_written;
+                report.replayed += commit.records_skipped;
+                for (object, wm) in &commit.watermarks {
+                    let mut seqs = inner.next_seq.lock();
+                    let slot = seqs.entry((route.clone(), object.clone())).or_insert(wm.through + 1);
+                    *slot = (*slot).max(wm.through + 1);
+                }
+            }
+            inner.log.ack(claimed.id)?;
+            let now = inner.clock.now();
+            *inner.last.lock() = (sw.elapsed(), oldest.map_or(Duration::ZERO, |o| now.since(o)));
+        }
+        *inner.last_roll.lock() = inner.clock.now();
+        inner.counters.rolls.fetch_add(u64::from(report.events > 0), Ordering::Relaxed);
+        inner.counters.committed.fetch_add(report.events, Ordering::Relaxed);
+        inner.counters.replayed.fetch_add(report.replayed, Ordering::Relaxed);
+        if report.events > 0 {
+            tracing::debug!(events = report.events, commits = report.commits, "dotdo pipeline roll");
+        }
+        Ok(report)
+    }
+
+    fn sink(&self, route: &str) -> Result<&Arc<dyn ColdSink>> {
+        self.inner.routes.get(route).ok_or_else(|| Error::invalid(format!("unknown route {route:?}")))
+    }
+
+    async fn append_resolving(&self, route: &str, batch: ColdBatch) -> Result<dotdo_core::ColdCommit> {
+        let sink = self.sink(route)?;
+        let mut attempt = 0u32;
+        loop {
+            match sink.append(batch.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) if (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) && attempt < 8 => {
+                    attempt += 1;
+                    self.inner.clock.sleep(Duration::from_millis(5u64 << attempt.min(7))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Roll whenever due, until [`close`](Self::close); spawn this on the host's executor. A
+    /// failed roll is retried on the next tick (the claimed batch stays and is committed again).
+    pub async fn run(&self) {
+        let tick = (self.inner.settings.roll_interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        while !self.inner.closed.load(Ordering::Acquire) {
+            if self.roll_due() {
+                if let Err(e) = self.roll().await {
+                    tracing::warn!(error = %e, "dotdo pipeline roll failed; will retry");
+                }
+            }
+            self.inner.clock.sleep(tick).await;
+        }
+    }
+
+    /// Stop accepting events and roll what is waiting.
+    pub async fn close(&self) -> Result<RollReport> {
+        self.inner.closed.store(true, Ordering::Release);
+        self.roll().await
+    }
+
+    /// Current counters and depth.
+    pub fn metrics(&self) -> PipelineMetrics {
+        let c = &self.inner.counters;
+        let (depth, bytes) = self.inner.log.depth();
+        let (latency, lag) = *self.inner.last.lock();
+        PipelineMetrics {
+            events_in: c.events_in.load(Ordering::Relaxed),
+            events_dropped: c.dropped.load(Ordering::Relaxed),
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            rolls: c.rolls.load(Ordering::Relaxed),
+            events_committed: c.committed.load(Ordering::Relaxed),
+            events_replayed: c.replayed.load(Ordering::Relaxed),
+            last_commit_latency: latency,
+            buffer_depth: depth as u64,
+            buffer_bytes: bytes as u64,
+            buffer_spilled: self.inner.log.spilled() as u64,
+            last_lag: lag,
+        }
+    }
+
+    /// The timestamp of the oldest event waiting, if any.
+    pub fn oldest_pending(&self) -> Option<Timestamp> {
+        self.inner.log.oldest()
+    }
+}

@@ -1,0 +1,64 @@
+//! Pipeline settings: plain data with documented defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dotdo_core::FencingToken;
+
+/// What `send` does when the buffer is full.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backpressure {
+    /// Fail at once with a retryable `Unavailable` naming the buffer depth.
+    FailFast,
+    /// [`Pipeline::send_wait`](crate::Pipeline::send_wait) waits up to this long for room (a roll
+    /// frees it), then fails with a retryable `Unavailable`; `send` behaves like `FailFast`.
+    Wait(Duration),
+    /// Overflow to a SQLite file at this path; events are still delivered in order, exactly once.
+    Spill(PathBuf),
+}
+
+/// Where accepted events wait for their roll.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// In memory: fastest; events accepted but not yet rolled are lost if the process dies.
+    Memory,
+    /// A local SQLite log at this path (WAL, `synchronous=NORMAL`): an acknowledged `send`
+    /// survives a process kill and is delivered exactly once after restart.
+    Durable(PathBuf),
+}
+
+/// Settings of a [`Pipeline`](crate::Pipeline).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineSettings {
+    /// Roll at least this often when events are pending (default 10 s; the predecessor used 10 s
+    /// to 300 s; milliseconds work).
+    pub roll_interval: Duration,
+    /// Roll once this many events are pending (default 100 000).
+    pub roll_rows: usize,
+    /// Roll once this many bytes are pending (default 64 MiB).
+    pub roll_bytes: usize,
+    /// Most events waiting (default 1 000 000); then the backpressure policy applies.
+    pub capacity: usize,
+    /// Backpressure policy (default `FailFast`).
+    pub backpressure: Backpressure,
+    /// Buffer durability (default `Memory`).
+    pub durability: Durability,
+    /// The committer token of the pipeline's cold commits (default 1). A pipeline owns the
+    /// sequence numbers of the objects it writes: do not point a runtime and a pipeline at the
+    /// same objects of one table.
+    pub token: FencingToken,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        PipelineSettings {
+            roll_interval: Duration::from_secs(10),
+            roll_rows: 100_000,
+            roll_bytes: 64 << 20,
+            capacity: 1_000_000,
+            backpressure: Backpressure::FailFast,
+            durability: Durability::Memory,
+            token: FencingToken::new(1),
+        }
+    }
+}

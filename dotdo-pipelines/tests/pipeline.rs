@@ -1,0 +1,297 @@
+//! Pipelines on the reference cold store: rolls, exactly-once replays, transforms and every
+//! backpressure policy with a full buffer and a stalled sink.
+
+#![allow(clippy::disallowed_methods)] // tests pace spawned tasks with real sleeps
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dotdo_core::*;
+use dotdo_pipelines::*;
+
+/// A sink that can stall (fail with a retryable `Unavailable`) or lose the reply of a commit
+/// that succeeded (`AmbiguousOutcome`).
+#[derive(Debug)]
+struct Flaky {
+    inner: MemoryColdStore,
+    stalled: AtomicBool,
+    lose_replies: AtomicU32,
+}
+
+impl Flaky {
+    fn new() -> Arc<Self> {
+        Arc::new(Flaky {
+            inner: MemoryColdStore::new(),
+            stalled: AtomicBool::new(false),
+            lose_replies: AtomicU32::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl ColdSink for Flaky {
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        if self.stalled.load(Ordering::SeqCst) {
+            return Err(Error::unavailable("sink stalled"));
+        }
+        let c = self.inner.append(batch).await?;
+        if self.lose_replies.load(Ordering::SeqCst) > 0 {
+            self.lose_replies.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "reply lost after the commit"));
+        }
+        Ok(c)
+    }
+    async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+        self.inner.watermark(object).await
+    }
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.inner.snapshots().await
+    }
+    async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+        self.inner.load_state(object, as_of).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+        self.inner.read_changes(object, after, as_of).await
+    }
+}
+
+fn ev(obj: &str, key: &str, value: &str) -> Event {
+    Event::new(ObjectId::new(obj).expect("valid"), "T", key, value.to_string(), Timestamp::from_millis(1_000))
+}
+
+fn events(n: usize) -> Vec<Event> {
+    (0..n).map(|i| ev(&format!("o{}", i % 3), &format!("e{i:05}"), &i.to_string())).collect()
+}
+
+async fn committed(sink: &MemoryColdStore, objs: usize) -> Vec<ChangeRecord> {
+    let mut all = Vec::new();
+    for o in 0..objs {
+        all.extend(
+            sink.read_changes(&ObjectId::new(format!("o{o}")).expect("valid"), 0, AsOf::Latest).await.expect("read"),
+        );
+    }
+    all
+}
+
+fn assert_exactly_once(records: &[ChangeRecord], n: usize) {
+    let mut keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+    keys.sort_unstable();
+    let want: Vec<String> = (0..n).map(|i| format!("e{i:05}")).collect();
+    assert_eq!(keys, want.iter().map(String::as_str).collect::<Vec<_>>(), "every event exactly once");
+    // Per object, sequence numbers follow send order.
+    let mut by: std::collections::BTreeMap<&ObjectId, Vec<&ChangeRecord>> = Default::default();
+    for r in records {
+        by.entry(&r.object).or_default().push(r);
+    }
+    for rs in by.values() {
+        for w in rs.windows(2) {
+            assert!(w[0].seq < w[1].seq && w[0].key < w[1].key, "order kept: {} then {}", w[0].key, w[1].key);
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_roll_is_one_commit_and_replays_change_nothing() {
+    let sink = Flaky::new();
+    let p = Pipeline::builder(sink.clone()).build().expect("build");
+    assert_eq!(p.send(events(300)).expect("send"), 300);
+    let r = p.roll().await.expect("roll");
+    assert_eq!((r.commits, r.events, r.replayed), (1, 300, 0));
+    assert_eq!(sink.inner.snapshots().await.expect("snaps").len(), 1, "300 events, one snapshot");
+    assert_eq!(p.roll().await.expect("empty roll"), RollReport::default());
+    assert_exactly_once(&committed(&sink.inner, 3).await, 300);
+    let m = p.metrics();
+    assert_eq!((m.events_in, m.events_committed, m.rolls, m.buffer_depth), (300, 300, 1, 0));
+}
+
+#[tokio::test]
+async fn a_lost_commit_reply_is_resolved_without_duplicates() {
+    let sink = Flaky::new();
+    let p = Pipeline::builder(sink.clone()).build().expect("build");
+    p.send(events(50)).expect("send");
+    sink.lose_replies.store(2, Ordering::SeqCst);
+    let r = p.roll().await.expect("roll retries the same claimed batch");
+    assert_eq!((r.events, r.replayed), (0, 50), "the commit had landed; the retry skipped everything");
+    assert_exactly_once(&committed(&sink.inner, 3).await, 50);
+    assert_eq!(sink.inner.snapshots().await.expect("snaps").len(), 1);
+}
+
+#[tokio::test]
+async fn rolls_are_due_by_rows_bytes_and_interval() {
+    let clock = ManualClock::new(Timestamp::from_millis(1_000_000));
+    let sink = Flaky::new();
+    let settings = PipelineSettings {
+        roll_interval: Duration::from_millis(200),
+        roll_rows: 10,
+        roll_bytes: 4096,
+        ..Default::default()
+    };
+    let p = Pipeline::builder(sink.clone())
+        .with_settings(settings)
+        .with_clock(Arc::new(clock.clone()))
+        .build()
+        .expect("build");
+    assert!(!p.roll_due(), "nothing waiting");
+    p.send(events(3)).expect("send");
+    assert!(!p.roll_due());
+    clock.advance(Duration::from_millis(200));
+    assert!(p.roll_due(), "interval elapsed");
+    p.roll().await.expect("roll");
+    p.send(events(10)).expect("send");
+    assert!(p.roll_due(), "row threshold");
+    p.roll().await.expect("roll");
+    p.send(vec![ev("o0", "big", &"x".repeat(5000))]).expect("send");
+    assert!(p.roll_due(), "byte threshold");
+}
+
+#[tokio::test]
+async fn transform_filters_maps_and_reroutes() {
+    let main = Flaky::new();
+    let audit = MemoryColdStore::new();
+    let p = Pipeline::builder(main.clone())
+        .with_route("audit", Arc::new(audit.clone()))
+        .with_transform(|mut e: Event| {
+            if e.key.starts_with("skip") {
+                Transformed::Drop
+            } else if e.type_name == "Audit" {
+                Transformed::Route("audit".into(), e)
+            } else {
+                e.value = format!("{{\"v\":{}}}", String::from_utf8_lossy(&e.value)).into();
+                Transformed::Keep(e)
+            }
+        })
+        .build()
+        .expect("build");
+    let mut batch = vec![ev("o0", "a", "1"), ev("o0", "skip-me", "2")];
+    let mut audit_ev = ev("o1", "login", "ok");
+    audit_ev.type_name = "Audit".into();
+    batch.push(audit_ev);
+    assert_eq!(p.send(batch).expect("send"), 2);
+    let r = p.roll().await.expect("roll");
+    assert_eq!((r.commits, r.events), (2, 2), "one commit per route");
+    let main_rows = main.inner.read_changes(&ObjectId::new("o0").expect("valid"), 0, AsOf::Latest).await.expect("read");
+    assert_eq!(main_rows.len(), 1);
+    assert_eq!(&main_rows[0].value[..], br#"{"v":1}"#);
+    assert_eq!(audit.read_changes(&ObjectId::new("o1").expect("valid"), 0, AsOf::Latest).await.expect("read").len(), 1);
+    assert_eq!(p.metrics().events_dropped, 1);
+    let bad = Pipeline::builder(main.clone())
+        .with_transform(|e| Transformed::Route("nowhere".into(), e))
+        .build()
+        .expect("build");
+    assert_eq!(bad.send(vec![ev("o0", "a", "1")]).expect_err("unknown route").kind(), &ErrorKind::InvalidInput);
+}
+
+#[tokio::test]
+async fn fail_fast_with_a_full_buffer_and_a_stalled_sink() {
+    let sink = Flaky::new();
+    let settings = PipelineSettings { capacity: 10, backpressure: Backpressure::FailFast, ..Default::default() };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("build");
+    p.send(events(10)).expect("fills the buffer");
+    let e = p.send(events(1)).expect_err("full");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable);
+    assert!(e.is_retryable());
+    sink.stalled.store(true, Ordering::SeqCst);
+    let roll = tokio::time::timeout(Duration::from_secs(30), p.roll()).await.expect("bounded retries");
+    assert_eq!(roll.expect_err("stalled sink").kind(), &ErrorKind::Unavailable);
+    assert!(p.send(events(1)).is_err(), "still full: nothing was lost, nothing freed");
+    sink.stalled.store(false, Ordering::SeqCst);
+    assert_eq!(p.roll().await.expect("recovered").events, 10);
+    assert_eq!(p.send(events(5)).expect("room again"), 5);
+    assert_eq!(p.metrics().rejected, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_policy_waits_for_room_until_its_deadline() {
+    let sink = Flaky::new();
+    let settings = PipelineSettings {
+        capacity: 10,
+        backpressure: Backpressure::Wait(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("build");
+    p.send(events(10)).expect("fill");
+    sink.stalled.store(true, Ordering::SeqCst);
+    let clock = SystemClock::new();
+    let t0 = clock.monotonic();
+    let e = p.send_wait(events(1)).await.expect_err("deadline");
+    let waited = clock.monotonic() - t0;
+    assert_eq!(e.kind(), &ErrorKind::Unavailable);
+    assert!(waited >= Duration::from_millis(100) && waited < Duration::from_secs(5), "waited {waited:?}");
+    // Now a roll frees room while a sender waits.
+    sink.stalled.store(false, Ordering::SeqCst);
+    let p2 = p.clone();
+    let roller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        p2.roll().await
+    });
+    assert_eq!(p.send_wait(events(1)).await.expect("room after the roll"), 1);
+    roller.await.expect("join").expect("roll");
+}
+
+#[tokio::test]
+async fn spill_policy_overflows_to_disk_and_keeps_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Flaky::new();
+    let settings = PipelineSettings {
+        capacity: 10,
+        roll_rows: 25,
+        backpressure: Backpressure::Spill(dir.path().join("spill.db")),
+        ..Default::default()
+    };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("build");
+    let all = events(100);
+    for chunk in all.chunks(7) {
+        p.send(chunk.to_vec()).expect("never refused");
+    }
+    let m = p.metrics();
+    assert_eq!(m.buffer_depth, 100);
+    assert!(m.buffer_spilled >= 90, "spilled {}", m.buffer_spilled);
+    sink.stalled.store(true, Ordering::SeqCst);
+    assert!(p.roll().await.is_err());
+    sink.stalled.store(false, Ordering::SeqCst);
+    let r = p.roll().await.expect("roll");
+    assert_eq!(r.events, 100);
+    assert_exactly_once(&committed(&sink.inner, 3).await, 100);
+    assert_eq!(p.metrics().buffer_spilled, 0);
+}
+
+#[tokio::test]
+async fn durable_log_is_delivered_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Flaky::new();
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("log.db")), ..Default::default() };
+    {
+        let p = Pipeline::builder(sink.clone()).with_settings(settings.clone()).build().expect("build");
+        p.send(events(40)).expect("send");
+        sink.lose_replies.store(1, Ordering::SeqCst);
+        sink.stalled.store(true, Ordering::SeqCst);
+        assert!(p.roll().await.is_err(), "stalled");
+    } // "crash": dropped with 40 events waiting
+    sink.stalled.store(false, Ordering::SeqCst);
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("reopen");
+    assert_eq!(p.metrics().buffer_depth, 40);
+    p.send(events(45).split_off(40)).expect("more");
+    let r = p.close().await.expect("close rolls");
+    assert_eq!(r.events + r.replayed, 45);
+    assert_exactly_once(&committed(&sink.inner, 3).await, 45);
+    assert_eq!(p.send(events(1)).expect_err("closed").kind(), &ErrorKind::Shutdown);
+}
+
+#[tokio::test]
+async fn bad_events_and_settings_are_rejected() {
+    let sink = Flaky::new();
+    let p = Pipeline::builder(sink.clone()).build().expect("build");
+    let big =
+        Event::new(ObjectId::new("o").expect("valid"), "T", "k", vec![0u8; MAX_VALUE_BYTES + 1], Timestamp::EPOCH);
+    assert!(matches!(p.send(vec![big]).expect_err("too big").kind(), ErrorKind::LimitExceeded { .. }));
+    assert_eq!(p.send(vec![ev("o", "", "x")]).expect_err("empty key").kind(), &ErrorKind::InvalidInput);
+    assert_eq!(p.metrics().events_in, 0);
+    let e = Pipeline::builder(sink)
+        .with_settings(PipelineSettings { capacity: 0, ..Default::default() })
+        .build()
+        .expect_err("capacity 0");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+}
