@@ -80,6 +80,50 @@ pub fn default_sqlite_uri(warehouse_dir: &std::path::Path) -> String {
     format!("sqlite:{}?mode=rwc", warehouse_dir.join("catalog.db").display())
 }
 
+/// Reads the SQL catalog's table pointer directly, to confirm that a commit the catalog
+/// acknowledged really is durable: iceberg-catalog-sql 0.10.1 ignores errors of the SQL `COMMIT`
+/// (apache/iceberg-rust#3061), so an acknowledged commit might not have persisted.
+#[derive(Debug)]
+pub(crate) struct SqlVerifier {
+    pool: sqlx::SqlitePool,
+    catalog: String,
+}
+
+impl SqlVerifier {
+    async fn connect(uri: &str, catalog: &str) -> Result<Self> {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect(uri)
+            .await
+            .map_err(|e| crate::error::to_error(crate::error::Cause::CatalogUnavailable, uri, e.to_string()))?;
+        Ok(SqlVerifier { pool, catalog: catalog.to_string() })
+    }
+
+    /// The durable metadata location of `ident` (None if the table is not in the catalog).
+    pub(crate) async fn metadata_location(&self, ident: &TableIdent) -> Result<Option<String>> {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT metadata_location FROM iceberg_tables \
+             WHERE catalog_name = ? AND table_namespace = ? AND table_name = ?",
+        )
+        .bind(&self.catalog)
+        .bind(ident.namespace().join("."))
+        .bind(ident.name())
+        .fetch_optional(&self.pool)
+        .await
+        .map(Option::flatten)
+        .map_err(|e| {
+            let cause = crate::error::cause_of(&e);
+            crate::error::to_error(cause, "reading the SQL catalog pointer", e.to_string())
+        })
+    }
+}
+
+/// An opened catalog and, for SQL catalogs, its commit verifier.
+pub(crate) struct Opened {
+    pub(crate) catalog: Arc<dyn Catalog>,
+    pub(crate) verifier: Option<SqlVerifier>,
+}
+
 /// Open the configured catalog. `name` is the catalog name recorded in the SQL catalog's rows
 /// (PyIceberg's `SqlCatalog(name, ...)` must use the same).
 pub(crate) async fn open(
@@ -87,15 +131,15 @@ pub(crate) async fn open(
     name: &str,
     warehouse: &str,
     factory: Arc<dyn StorageFactory>,
-) -> Result<Arc<dyn Catalog>> {
-    let what = format!("opening catalog {name}");
+) -> Result<Opened> {
+    let plain = |catalog| Ok(Opened { catalog, verifier: None });
     match config {
         CatalogConfig::Default => {
             if let Some(rest) = warehouse.strip_prefix("file://") {
                 let uri = default_sqlite_uri(std::path::Path::new(rest));
                 open_sql(&uri, name, warehouse, factory).await
             } else if warehouse.starts_with("memory://") {
-                open_memory(name, warehouse, factory).await
+                plain(open_memory(name, warehouse, factory).await?)
             } else {
                 Err(Error::invalid(format!(
                     "warehouse {warehouse} has no default catalog: configure CatalogConfig::Sql, Memory or Custom"
@@ -103,7 +147,7 @@ pub(crate) async fn open(
             }
         }
         CatalogConfig::Sql { uri } => open_sql(uri, name, warehouse, factory).await,
-        CatalogConfig::Memory => open_memory(name, warehouse, factory).await,
+        CatalogConfig::Memory => plain(open_memory(name, warehouse, factory).await?),
         #[cfg(feature = "rest")]
         CatalogConfig::Rest { uri, warehouse: wh, properties } => {
             let mut props: HashMap<String, String> = properties.clone().into_iter().collect();
@@ -116,18 +160,15 @@ pub(crate) async fn open(
                 .load(name.to_string(), props)
                 .await
                 .map_err(|e| crate::error::classify(e, &format!("opening REST catalog {uri}")))?;
-            Ok(Arc::new(catalog))
+            plain(Arc::new(catalog))
         }
-        CatalogConfig::Custom(build) => build(factory).await.map_err(|e| e.context(what)),
+        CatalogConfig::Custom(build) => {
+            plain(build(factory).await.map_err(|e| e.context(format!("opening catalog {name}")))?)
+        }
     }
 }
 
-async fn open_sql(
-    uri: &str,
-    name: &str,
-    warehouse: &str,
-    factory: Arc<dyn StorageFactory>,
-) -> Result<Arc<dyn Catalog>> {
+async fn open_sql(uri: &str, name: &str, warehouse: &str, factory: Arc<dyn StorageFactory>) -> Result<Opened> {
     let uri = if uri.starts_with("sqlite:") && !uri.contains("mode=") {
         format!("{uri}{}mode=rwc", if uri.contains('?') { '&' } else { '?' })
     } else {
@@ -141,7 +182,8 @@ async fn open_sql(
         .load(name.to_string(), HashMap::new())
         .await
         .map_err(|e| crate::error::classify(e, &format!("opening SQL catalog {uri}")))?;
-    Ok(Arc::new(catalog))
+    let verifier = if uri.starts_with("sqlite:") { Some(SqlVerifier::connect(&uri, name).await?) } else { None };
+    Ok(Opened { catalog: Arc::new(catalog), verifier })
 }
 
 async fn open_memory(name: &str, warehouse: &str, factory: Arc<dyn StorageFactory>) -> Result<Arc<dyn Catalog>> {

@@ -149,7 +149,7 @@ impl IcebergColdStoreBuilder {
             Some(store) => StoreRoot::from_store(store, &self.warehouse)?,
             None => StoreRoot::open(&self.warehouse, self.options.iter().map(|(k, v)| (k.as_str(), v.clone())))?,
         };
-        let catalog =
+        let crate::catalog::Opened { catalog, verifier } =
             crate::catalog::open(&self.catalog, &self.settings.catalog_name, &root.warehouse, root.factory()).await?;
         let ns = NamespaceIdent::from_vec(self.namespace.clone())
             .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
@@ -159,6 +159,7 @@ impl IcebergColdStoreBuilder {
         Ok(IcebergColdStore {
             inner: Arc::new(Inner {
                 catalog,
+                verifier,
                 ident,
                 root,
                 clock: self.clock,
@@ -255,6 +256,8 @@ async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Sett
 
 pub(crate) struct Inner {
     pub(crate) catalog: Arc<dyn Catalog>,
+    /// Confirms acknowledged commits of SQL catalogs (see [`crate::catalog`]).
+    verifier: Option<crate::catalog::SqlVerifier>,
     pub(crate) ident: TableIdent,
     pub(crate) root: StoreRoot,
     pub(crate) clock: Arc<dyn Clock>,
@@ -549,6 +552,20 @@ impl IcebergColdStore {
         }
     }
 
+    /// For SQL catalogs: check that the catalog's durable pointer is the metadata of `t`.
+    async fn verify_durable(&self, t: &Table) -> Result<()> {
+        let Some(v) = &self.inner.verifier else { return Ok(()) };
+        let durable = v.metadata_location(&self.inner.ident).await?;
+        if durable.as_deref() == t.metadata_location() {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::AmbiguousOutcome,
+                format!("catalog points at {durable:?}, not the committed {:?}", t.metadata_location()),
+            ))
+        }
+    }
+
     /// Best-effort deletion of files that no commit references (failed attempts).
     async fn delete_files(&self, paths: Vec<String>) {
         for p in paths {
@@ -653,6 +670,21 @@ impl IcebergColdStore {
             let props = summary::properties(&p.next, &commit_id, at);
             match self.try_commit(&table, files, props).await {
                 Ok(t) => {
+                    if let Err(e) = self.verify_durable(&t).await {
+                        tracing::warn!(error = %e, "acknowledged cold commit is not durable; reading back");
+                        table =
+                            match self.reload_for_resolution().await {
+                                Ok(t) => t,
+                                Err(reload) => return Err(Error::new(
+                                    ErrorKind::AmbiguousOutcome,
+                                    format!(
+                                        "commit not confirmed ({e}) and the table could not be read back ({reload})"
+                                    ),
+                                )),
+                            };
+                        last = Attempt::Unknown(e);
+                        continue;
+                    }
                     self.remember(&t);
                     let snap = t
                         .metadata()
