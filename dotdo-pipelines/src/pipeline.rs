@@ -285,8 +285,11 @@ impl Pipeline {
     pub async fn roll(&self) -> Result<RollReport> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;
+        let started = inner.clock.now();
         let mut report = RollReport::default();
-        loop {
+        // Commit what is waiting now, not the tail that keeps arriving during the roll.
+        let waiting = inner.log.depth().0 as u64;
+        while report.events + report.replayed < waiting {
             let claimed = match inner.log.claimed(inner.settings.token)? {
                 Some(c) => c,
                 None => {
@@ -346,7 +349,9 @@ impl Pipeline {
             let now = inner.clock.now();
             *inner.last.lock() = (sw.elapsed(), oldest.map_or(Duration::ZERO, |o| now.since(o)));
         }
-        *inner.last_roll.lock() = inner.clock.now();
+        // The interval runs from roll start to roll start, so an event waits at most about one
+        // interval plus one commit.
+        *inner.last_roll.lock() = started;
         inner.counters.rolls.fetch_add(u64::from(report.events > 0), Ordering::Relaxed);
         inner.counters.committed.fetch_add(report.events, Ordering::Relaxed);
         inner.counters.replayed.fetch_add(report.replayed, Ordering::Relaxed);
