@@ -1,1 +1,116 @@
-//! placeholder
+//! # dotdo-libsql
+//!
+//! [`HotStore`](dotdo_core::HotStore) and [`ConsistencyGuard`](dotdo_core::ConsistencyGuard) on
+//! [libSQL](https://docs.rs/libsql) — what to reach for when one machine is not enough: a Turso /
+//! sqld primary that many nodes share, optionally with embedded replicas for local reads.
+//!
+//! One store type, one code path, three ways to open the database:
+//!
+//! | builder | where the SQL runs | feature |
+//! |---|---|---|
+//! | [`LibsqlStore::local`]`(path)` | a local libSQL file, in process | (always) |
+//! | [`LibsqlStore::remote`]`(url, token)` | a remote primary over HTTP(S) (Hrana) | `remote` (default) |
+//! | [`LibsqlStore::replica`]`(path, url, token, sync_interval)` | reads: the local replica file; writes and lease calls: the primary | `replica` |
+//!
+//! ## Semantics (the same as dotdo-sqlite)
+//!
+//! * Same schema as dotdo-sqlite: `do_locks` (the lease table), `do_objects` (per-object counters
+//!   with the `last_seq` floor and the token maximum), `do_state`, `do_changes`.
+//! * **The fencing check and the write are one transaction on the primary.** A write is one
+//!   program — raise the object's token maximum if the token is newer, apply every operation only
+//!   if the token equals the maximum, read back the sequence numbers — run as one `BEGIN IMMEDIATE`
+//!   … `COMMIT` transaction. Against a remote primary that transaction is sent as **one batch in one
+//!   HTTP round trip**, never check-then-write. An embedded replica's possibly stale local copy is
+//!   never consulted for the check, so a stale read cannot let a stale token write.
+//! * Lease calls (`acquire`, `truncate_changes`, `evict`, `restore`) read, decide with
+//!   [`dotdo_core::guard::rules`], and write inside one transaction on the primary: one call
+//!   locally, two round trips remotely (the `BEGIN` rides with the read, the writes with the
+//!   `COMMIT`). `refresh` and `release` are one round trip.
+//! * Connections are kept and reused (one write connection, a small pool of read connections;
+//!   remote connections share one HTTP client with keep-alive).
+//! * Transient failures (busy database, unreachable or overloaded primary) are retried a bounded
+//!   number of times with doubling backoff on the injected clock, then reported as a retryable
+//!   `Unavailable`. A mutating call whose request may have reached the primary before the
+//!   connection broke is **not** retried blindly: it fails with `AmbiguousOutcome` (read back to
+//!   resolve). A rejected auth token is a non-retryable `Backend` error that says so.
+//! * Durability on a local file is a setting ([`Durability`]): `Normal` (default, WAL +
+//!   `synchronous=NORMAL`) survives a process crash or SIGKILL; `Full` also survives power loss.
+//!   On a remote primary, `Ok` means the primary committed (its own durability settings apply).
+//! * Replica mode: after each successful write the store pulls the replica, so this store reads
+//!   its own writes. Other nodes' writes appear after the next pull (`sync_interval`, or
+//!   [`LibsqlStore::sync`]). `validate` and `current` read the replica and may be that stale;
+//!   they are advisory — the fencing check of every write runs on the primary.
+//!
+//! ## Configuration
+//!
+//! ```text
+//! # local file (default features are enough)
+//! dotdo-libsql = { version = "0.1" }
+//! LibsqlStore::local("/var/lib/app/hot.db").open().await?
+//!
+//! # Turso / sqld primary
+//! LibsqlStore::remote("libsql://my-db-my-org.turso.io", std::env::var("TURSO_AUTH_TOKEN")?).open().await?
+//! LibsqlStore::remote("http://127.0.0.1:8080", "").open().await?        # sqld without auth
+//!
+//! # embedded replica (features = ["replica"])
+//! LibsqlStore::replica("/var/lib/app/replica.db", "libsql://my-db-my-org.turso.io", token,
+//!                      Some(Duration::from_secs(1))).open().await?
+//! ```
+//!
+//! URLs must be `libsql://`, `https://` or `http://` with a host and no credentials; anything else
+//! is `InvalidInput` before any I/O. The token is redacted in every `Debug` output.
+//!
+//! ## Do not link libsql and rusqlite into one binary
+//!
+//! libsql's `core` feature bundles its own SQLite (libsql-ffi) under the same C symbol names as
+//! rusqlite's bundled SQLite (`sqlite3_open_v2`, …). A binary that links both either fails with
+//! duplicate symbols or, worse, links and then misbehaves at run time (one library's calls land in
+//! the other's SQLite; SQLite panics on its threading configuration). Therefore:
+//!
+//! * **valid:** a binary with `dotdo-libsql` (any of its features) and `dotdo-core`,
+//!   `dotdo-pipelines`, and other crates that do not link SQLite;
+//! * **valid:** a binary with `dotdo-sqlite` and no `dotdo-libsql`;
+//! * **invalid:** `dotdo-libsql` together with `dotdo-sqlite`, `rusqlite` (bundled or system), or
+//!   `dotdo-iceberg` (its SQL catalog pulls `libsqlite3-sys` through sqlx) in one binary.
+//!
+//! This crate depends on none of them, not even as a dev-dependency, so its tests, benchmarks and
+//! doctests are single-flavoured. A host that needs both a libSQL hot store and an Iceberg SQL
+//! catalog runs them in separate processes, or uses a non-SQLite Iceberg catalog.
+//!
+//! ## Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> dotdo_core::Result<()> {
+//! use std::time::Duration;
+//! use dotdo_core::{ConsistencyGuard, HotStore, HotStoreExt, NodeId, ObjectId};
+//! use dotdo_libsql::{Durability, LibsqlSettings, LibsqlStore};
+//!
+//! let dir = tempfile::tempdir().expect("tempdir");
+//! let store = LibsqlStore::local(dir.path().join("hot.db"))
+//!     .with_settings(LibsqlSettings { durability: Durability::Full, ..Default::default() })
+//!     .open()
+//!     .await?;
+//! let obj = ObjectId::new("cart:42")?;
+//! let lease = store.acquire(&obj, &NodeId::new("node-a")?, Duration::from_secs(5)).await?;
+//! store.put(&obj, lease.token, "Cart", "items", "[]".into()).await?;
+//! assert_eq!(store.read_changes(&obj, 0, 100).await?.len(), 1);
+//!
+//! // A newer holder fences the old one out, in storage.
+//! store.release(&lease).await?;
+//! let newer = store.acquire(&obj, &NodeId::new("node-b")?, Duration::from_secs(5)).await?;
+//! store.put(&obj, newer.token, "Cart", "items", "[1]".into()).await?;
+//! let stale = store.put(&obj, lease.token, "Cart", "items", "[]".into()).await.unwrap_err();
+//! assert!(stale.is_fenced());
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod conn;
+mod error;
+mod schema;
+mod settings;
+mod store;
+
+pub use settings::{validate_url, AuthToken, Durability, LibsqlSettings, Target, Transport};
+pub use store::{LibsqlStore, LibsqlStoreBuilder};

@@ -1,0 +1,338 @@
+//! Classification of libsql failures into [`dotdo_core::Error`] kinds, in one exhaustive place.
+//!
+//! Local failures carry SQLite result codes ([`libsql::Error::SqliteFailure`]). Remote failures
+//! (Hrana over HTTP) reach us as `libsql::Error::Hrana(Box<_>)` whose concrete type is private to
+//! the libsql crate, so the only information available is its `Display` text (`http error: …`,
+//! `api error: status=401 …`, `stream error: Error { message: …, code: "SQLITE_BUSY" }`). That
+//! text is parsed here, and only here, into a [`Class`]; everything else decides on the class.
+
+use dotdo_core::{Error, ErrorKind};
+
+/// What a libsql failure means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// Locked by another connection or process; retry later.
+    Busy,
+    /// Damaged database or not a database at all.
+    Corrupt,
+    /// Disk full, read-only, cannot open, I/O error: the environment is broken, maybe transiently.
+    Environment {
+        /// Whether a retry may help (disk full, I/O error) or not (read-only, permissions).
+        retryable: bool,
+    },
+    /// A value exceeded SQLite's size limit.
+    TooBig,
+    /// The primary could not be reached or the exchange broke off.
+    Network {
+        /// Whether the request may have reached the server (and so may have been applied).
+        maybe_sent: bool,
+    },
+    /// The server refused the credentials (HTTP 401 / 403).
+    Auth,
+    /// The server answered with a transient failure (HTTP 5xx, 429).
+    ServerUnavailable,
+    /// Misconfiguration that no retry fixes (bad TLS setup, database not found, 4xx).
+    Config,
+    /// Anything else: a bug or unexpected state.
+    Other,
+}
+
+// SQLite primary result codes (stable across versions; libsql reports them as plain integers).
+const SQLITE_ERROR: i32 = 1;
+const SQLITE_INTERNAL: i32 = 2;
+const SQLITE_PERM: i32 = 3;
+const SQLITE_ABORT: i32 = 4;
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_NOMEM: i32 = 7;
+const SQLITE_READONLY: i32 = 8;
+const SQLITE_INTERRUPT: i32 = 9;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_CORRUPT: i32 = 11;
+const SQLITE_NOTFOUND: i32 = 12;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+const SQLITE_PROTOCOL: i32 = 15;
+const SQLITE_TOOBIG: i32 = 18;
+const SQLITE_CONSTRAINT: i32 = 19;
+const SQLITE_MISMATCH: i32 = 20;
+const SQLITE_MISUSE: i32 = 21;
+const SQLITE_NOLFS: i32 = 22;
+const SQLITE_RANGE: i32 = 25;
+const SQLITE_NOTADB: i32 = 26;
+
+/// Classify a SQLite result code (primary or extended).
+pub(crate) fn class_of_code(code: i32) -> Class {
+    match code & 0xff {
+        SQLITE_BUSY | SQLITE_LOCKED => Class::Busy,
+        SQLITE_CORRUPT | SQLITE_NOTADB => Class::Corrupt,
+        SQLITE_FULL | SQLITE_IOERR | SQLITE_PROTOCOL => Class::Environment { retryable: true },
+        SQLITE_READONLY | SQLITE_CANTOPEN | SQLITE_PERM | SQLITE_NOLFS | SQLITE_NOMEM => {
+            Class::Environment { retryable: false }
+        }
+        SQLITE_TOOBIG => Class::TooBig,
+        SQLITE_ERROR | SQLITE_INTERNAL | SQLITE_ABORT | SQLITE_INTERRUPT | SQLITE_NOTFOUND | SQLITE_CONSTRAINT
+        | SQLITE_MISMATCH | SQLITE_MISUSE | SQLITE_RANGE => Class::Other,
+        _ => Class::Other,
+    }
+}
+
+/// Classify a SQLite error code name as sent by sqld (`"SQLITE_BUSY"`, `"SQLITE_CORRUPT"`, …).
+fn class_of_code_name(name: &str) -> Class {
+    let code = match name.split('_').take(2).collect::<Vec<_>>().join("_").as_str() {
+        "SQLITE_BUSY" => SQLITE_BUSY,
+        "SQLITE_LOCKED" => SQLITE_LOCKED,
+        "SQLITE_CORRUPT" => SQLITE_CORRUPT,
+        "SQLITE_NOTADB" => SQLITE_NOTADB,
+        "SQLITE_FULL" => SQLITE_FULL,
+        "SQLITE_IOERR" => SQLITE_IOERR,
+        "SQLITE_READONLY" => SQLITE_READONLY,
+        "SQLITE_CANTOPEN" => SQLITE_CANTOPEN,
+        "SQLITE_TOOBIG" => SQLITE_TOOBIG,
+        _ => SQLITE_ERROR,
+    };
+    class_of_code(code)
+}
+
+/// Classify the `Display` text of a remote (Hrana) failure; see the module docs for why text.
+pub(crate) fn class_of_remote_text(text: &str) -> Class {
+    if let Some(rest) = text.strip_prefix("api error: ") {
+        // `status=401 Unauthorized, body=…`
+        let status: u16 = rest
+            .trim_start_matches('`')
+            .strip_prefix("status=")
+            .and_then(|s| s.get(..3))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        return match status {
+            401 | 403 => Class::Auth,
+            429 | 500..=599 => Class::ServerUnavailable,
+            400..=499 => Class::Config,
+            _ => Class::Other,
+        };
+    }
+    if text.starts_with("http error: ") {
+        // hyper's error debug text: `hyper::Error(Connect, …)` means the request never left.
+        let connect = ["Connect", "ConnectionRefused", "Connection refused", "dns error", "failed to lookup"]
+            .iter()
+            .any(|m| text.contains(m));
+        return Class::Network { maybe_sent: !connect };
+    }
+    if text.starts_with("stream error: ") || text.starts_with("cursor error: ") {
+        if let Some(i) = text.find("SQLITE_") {
+            let name: String =
+                text[i..].chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
+            return class_of_code_name(&name);
+        }
+        return Class::Other;
+    }
+    if text.starts_with("stream closed: ") {
+        return Class::Network { maybe_sent: true };
+    }
+    Class::Other
+}
+
+/// Classify a libsql error.
+pub(crate) fn class_of(e: &libsql::Error) -> Class {
+    use libsql::Error as E;
+    match e {
+        E::SqliteFailure(code, _) => class_of_code(*code),
+        E::RemoteSqliteFailure(code, _, _) => class_of_code(*code),
+        E::ConnectionFailed(_) => Class::Network { maybe_sent: false },
+        E::Hrana(inner) => class_of_remote_text(&inner.to_string()),
+        E::WriteDelegation(inner) => match class_of_remote_text(&inner.to_string()) {
+            Class::Other => Class::Network { maybe_sent: true },
+            c => c,
+        },
+        E::Replication(_) | E::Sync(_) => Class::Network { maybe_sent: true },
+        E::InvalidTlsConfiguration(_) => Class::Config,
+        E::NullValue
+        | E::Misuse(_)
+        | E::ExecuteReturnedRows
+        | E::QueryReturnedNoRows
+        | E::InvalidColumnName(_)
+        | E::ToSqlConversionFailure(_)
+        | E::SyncNotSupported(_)
+        | E::LoadExtensionNotSupported
+        | E::AuthorizerNotSupported
+        | E::UpdateHookNotSupported
+        | E::ColumnNotFound(_)
+        | E::Bincode(_)
+        | E::InvalidColumnIndex
+        | E::InvalidColumnType
+        | E::Sqlite3SyntaxError(..)
+        | E::Sqlite3UnsupportedStatement
+        | E::Sqlite3ParserError(_)
+        | E::InvalidUTF8Path
+        | E::FreezeNotSupported(_)
+        | E::InvalidParserState(_)
+        | E::TransactionalBatchError(_)
+        | E::InvalidBlobSize(_)
+        | E::WalConflict
+        | E::ReservedBytesNotSupported => Class::Other,
+        _ => Class::Other,
+    }
+}
+
+/// Whether the store retries a failure of this class by itself (bounded, with backoff).
+/// `mutating` calls are not retried when the request may have been applied.
+pub(crate) fn is_transient(class: Class, mutating: bool) -> bool {
+    match class {
+        Class::Busy | Class::ServerUnavailable => true,
+        Class::Network { maybe_sent } => !(mutating && maybe_sent),
+        _ => false,
+    }
+}
+
+/// Map a classified libsql error, with what we were doing, to the public error.
+pub(crate) fn map_class(class: Class, e: libsql::Error, doing: &str, mutating: bool) -> Error {
+    let err = match class {
+        Class::Busy => Error::unavailable(format!("{doing}: database is busy (locked by another connection)")),
+        Class::Corrupt => Error::corrupt(format!("{doing}: the file is not a healthy SQLite database")),
+        Class::Environment { retryable } => {
+            Error::new(ErrorKind::Unavailable, format!("{doing}: storage environment failure"))
+                .with_retryable(retryable)
+        }
+        Class::TooBig => Error::new(ErrorKind::LimitExceeded { what: "libsql value", limit: 0, actual: 0 }, doing),
+        Class::Network { maybe_sent } if mutating && maybe_sent => Error::new(
+            ErrorKind::AmbiguousOutcome,
+            format!("{doing}: the connection to the primary broke off after the request was sent; read back to learn whether it was applied"),
+        ),
+        Class::Network { .. } => Error::unavailable(format!("{doing}: the primary cannot be reached")),
+        Class::ServerUnavailable => Error::unavailable(format!("{doing}: the primary is temporarily unavailable")),
+        Class::Auth => Error::backend(format!(
+            "{doing}: the primary rejected the auth token (HTTP 401/403); check the token and its permissions"
+        ))
+        .with_retryable(false),
+        Class::Config => Error::backend(format!("{doing}: the primary rejected the request (configuration)"))
+            .with_retryable(false),
+        Class::Other => Error::backend(format!("{doing}: libsql failure")),
+    };
+    err.with_source(e)
+}
+
+/// Map a libsql error, with what we were doing, to the public error.
+pub(crate) fn map(e: libsql::Error, doing: &str, mutating: bool) -> Error {
+    map_class(class_of(&e), e, doing, mutating)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: i32) -> libsql::Error {
+        libsql::Error::SqliteFailure(code, "x".into())
+    }
+
+    fn hrana(text: &str) -> libsql::Error {
+        libsql::Error::Hrana(text.to_string().into())
+    }
+
+    #[test]
+    fn busy_and_locked_are_unavailable_and_retryable() {
+        for code in [SQLITE_BUSY, SQLITE_LOCKED, 261 /* SQLITE_BUSY_RECOVERY */, 517 /* BUSY_SNAPSHOT */] {
+            let e = map(failure(code), "write", true);
+            assert_eq!(e.kind(), &ErrorKind::Unavailable);
+            assert!(e.is_retryable());
+            assert!(is_transient(class_of(&failure(code)), true));
+        }
+    }
+
+    #[test]
+    fn corruption_and_not_a_database_are_corrupt() {
+        for code in [SQLITE_CORRUPT, SQLITE_NOTADB, 267 /* CORRUPT_VTAB */] {
+            let e = map(failure(code), "open", false);
+            assert_eq!(e.kind(), &ErrorKind::Corrupt);
+            assert!(!e.is_retryable());
+        }
+        let e = map(libsql::Error::RemoteSqliteFailure(SQLITE_CORRUPT, SQLITE_CORRUPT, "bad".into()), "get", false);
+        assert_eq!(e.kind(), &ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn environment_failures_are_unavailable() {
+        let e = map(failure(SQLITE_FULL), "write", true);
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(e.is_retryable());
+        let e = map(failure(SQLITE_READONLY), "write", true);
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(!e.is_retryable());
+        assert_eq!(map(failure(SQLITE_CANTOPEN), "open", false).kind(), &ErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn other_failures_are_backend_errors() {
+        assert_eq!(map(failure(SQLITE_CONSTRAINT), "x", true).kind(), &ErrorKind::Backend);
+        assert_eq!(map(libsql::Error::QueryReturnedNoRows, "x", false).kind(), &ErrorKind::Backend);
+        assert_eq!(map(libsql::Error::Misuse("m".into()), "x", false).kind(), &ErrorKind::Backend);
+        assert!(matches!(map(failure(SQLITE_TOOBIG), "x", true).kind(), ErrorKind::LimitExceeded { .. }));
+    }
+
+    #[test]
+    fn unreachable_primary_is_unavailable_and_retryable() {
+        let refused = hrana(
+            "http error: `hyper::Error(Connect, ConnectError(\"tcp connect error\", Os { code: 111, kind: ConnectionRefused, message: \"Connection refused\" }))`",
+        );
+        assert_eq!(class_of(&refused), Class::Network { maybe_sent: false });
+        let e = map(refused, "write", true);
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(e.is_retryable());
+        let e = map(libsql::Error::ConnectionFailed("no route".into()), "get", false);
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn a_broken_exchange_after_sending_a_write_is_ambiguous_not_retried() {
+        let broken = hrana("http error: `hyper::Error(IncompleteMessage)`");
+        assert_eq!(class_of(&broken), Class::Network { maybe_sent: true });
+        assert!(!is_transient(class_of(&broken), true));
+        assert!(is_transient(class_of(&broken), false), "a read is safe to retry");
+        let e = map(hrana("http error: `hyper::Error(IncompleteMessage)`"), "write", true);
+        assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome);
+        assert!(!e.is_retryable());
+        let e = map(hrana("http error: `hyper::Error(IncompleteMessage)`"), "get", false);
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn auth_failures_are_backend_errors_with_a_clear_message_and_not_retryable() {
+        for status in ["401 Unauthorized", "403 Forbidden"] {
+            let e = map(hrana(&format!("api error: `status={status}, body=nope`")), "open", false);
+            assert_eq!(e.kind(), &ErrorKind::Backend);
+            assert!(!e.is_retryable());
+            assert!(e.to_string().contains("auth token"), "{e}");
+        }
+    }
+
+    #[test]
+    fn server_overload_is_retryable_and_client_errors_are_not() {
+        for status in ["503 Service Unavailable", "502 Bad Gateway", "429 Too Many Requests"] {
+            let e = map(hrana(&format!("api error: `status={status}, body=`")), "get", false);
+            assert_eq!(e.kind(), &ErrorKind::Unavailable, "{status}");
+            assert!(e.is_retryable());
+        }
+        let e = map(hrana("api error: `status=404 Not Found, body=no such namespace`"), "get", false);
+        assert_eq!(e.kind(), &ErrorKind::Backend);
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn remote_sql_errors_are_classified_by_their_code() {
+        let busy = hrana("stream error: `Error { message: \"database is locked\", code: \"SQLITE_BUSY\" }`");
+        assert_eq!(class_of(&busy), Class::Busy);
+        let corrupt = hrana("stream error: `Error { message: \"malformed\", code: \"SQLITE_CORRUPT_VTAB\" }`");
+        assert_eq!(class_of(&corrupt), Class::Corrupt);
+        let constraint = hrana("stream error: `Error { message: \"UNIQUE\", code: \"SQLITE_CONSTRAINT_UNIQUE\" }`");
+        assert_eq!(class_of(&constraint), Class::Other);
+        assert_eq!(class_of(&hrana("stream closed: `baton expired`")), Class::Network { maybe_sent: true });
+        assert_eq!(class_of(&hrana("something new")), Class::Other);
+    }
+
+    #[test]
+    fn tls_misconfiguration_is_not_retryable() {
+        let e = map(libsql::Error::InvalidTlsConfiguration(std::io::Error::other("no roots")), "open", false);
+        assert_eq!(e.kind(), &ErrorKind::Backend);
+        assert!(!e.is_retryable());
+    }
+}

@@ -1,0 +1,284 @@
+//! Settings of the libSQL backend (plain data with documented defaults) and the validated
+//! description of where the database lives.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dotdo_core::{Error, Result};
+
+/// How durable an acknowledged write to a **local file** is (SQLite's `synchronous` pragma in WAL
+/// mode). For a remote primary durability is the server's (sqld / Turso) configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous = NORMAL` (default). A committed write is in the WAL file before the call
+    /// returns, so it **survives a crash or SIGKILL of the process**. After a power loss or OS
+    /// crash the last transactions before the last checkpoint may be lost (never corrupted).
+    #[default]
+    Normal,
+    /// `synchronous = FULL`. The WAL is fsynced on every commit: a committed write also
+    /// **survives power loss**. Costs one fsync per write.
+    Full,
+}
+
+/// How a transaction's statements travel to the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Prepared statements with bound parameters, one call each, on a local file (the connection
+    /// is in-process, a call costs microseconds); one batch per round trip on a remote primary
+    /// (default).
+    #[default]
+    Auto,
+    /// Always render each round trip as one SQL batch with inlined literals (what remote mode
+    /// sends over HTTP), also on a local file. Slower locally; useful to exercise the remote code
+    /// path without a server.
+    Batch,
+}
+
+/// Settings of a [`LibsqlStore`](crate::LibsqlStore).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LibsqlSettings {
+    /// Durability of acknowledged writes to a local file (local and replica files). Default
+    /// [`Durability::Normal`].
+    pub durability: Durability,
+    /// How long one local SQLite call waits for a lock held by another connection or process
+    /// before reporting busy. Default 2 s. (No effect on a remote primary.)
+    pub busy_timeout: Duration,
+    /// How many times a transiently failing call (busy database, unreachable or overloaded
+    /// primary) is retried, with doubling backoff from `retry_backoff` up to `max_backoff`, before
+    /// it fails with a retryable `Unavailable`. A mutating call whose request may have reached the
+    /// primary is never retried: it fails with `AmbiguousOutcome`. Default 5.
+    pub retries: u32,
+    /// First backoff between retries. Default 10 ms.
+    pub retry_backoff: Duration,
+    /// Longest backoff between retries. Default 1 s.
+    pub max_backoff: Duration,
+    /// Maximum number of read connections kept open on a local file. Default 4.
+    pub read_connections: usize,
+    /// WAL auto-checkpoint threshold in pages for a local file. Default 16 384 (64 MiB of 4 KiB
+    /// pages), as in dotdo-sqlite.
+    pub wal_autocheckpoint_pages: u32,
+    /// How statements travel. Default [`Transport::Auto`].
+    pub transport: Transport,
+}
+
+impl Default for LibsqlSettings {
+    fn default() -> Self {
+        LibsqlSettings {
+            durability: Durability::Normal,
+            busy_timeout: Duration::from_secs(2),
+            retries: 5,
+            retry_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+            read_connections: 4,
+            wal_autocheckpoint_pages: 16 * 1024,
+            transport: Transport::Auto,
+        }
+    }
+}
+
+impl LibsqlSettings {
+    /// The backoff before retry number `attempt` (1-based): `retry_backoff * 2^(attempt-1)`,
+    /// capped at `max_backoff`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.retry_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+
+    /// The longest total time a call spends sleeping between retries.
+    pub fn max_total_backoff(&self) -> Duration {
+        (1..=self.retries).map(|a| self.backoff(a)).sum()
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.read_connections == 0 {
+            return Err(Error::invalid("read_connections must be at least 1"));
+        }
+        if self.retry_backoff > self.max_backoff {
+            return Err(Error::invalid("retry_backoff must not exceed max_backoff"));
+        }
+        Ok(())
+    }
+}
+
+/// An auth token for a remote primary. Never printed: its `Debug` and `Display` are redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthToken(String);
+
+impl AuthToken {
+    /// Wrap a token (a Turso JWT, or empty for an sqld without auth).
+    pub fn new(token: impl Into<String>) -> Self {
+        AuthToken(token.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Check the token's shape without a server: no whitespace or control characters (it goes
+    /// into an HTTP header), at most 16 KiB. An empty token is allowed (sqld without auth).
+    pub fn validate(&self) -> Result<()> {
+        if self.0.len() > 16 * 1024 {
+            return Err(Error::invalid(format!("auth token is {} bytes, longer than 16 KiB", self.0.len())));
+        }
+        if self.0.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::invalid(
+                "auth token contains whitespace or control characters (pass the bare token, without `Bearer `)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("AuthToken(<empty>)")
+        } else {
+            f.write_str("AuthToken(<redacted>)")
+        }
+    }
+}
+
+impl From<&str> for AuthToken {
+    fn from(s: &str) -> Self {
+        AuthToken::new(s)
+    }
+}
+
+impl From<String> for AuthToken {
+    fn from(s: String) -> Self {
+        AuthToken::new(s)
+    }
+}
+
+/// Validate a primary's URL without contacting it: `libsql://`, `https://` or `http://`, a
+/// non-empty host, no credentials in the URL, no whitespace. Returns the URL as libsql expects it
+/// (`libsql://` is kept; libsql maps it to HTTPS).
+pub fn validate_url(url: &str) -> Result<String> {
+    let url = url.trim();
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        Error::invalid(format!("primary URL {url:?} has no scheme; use libsql://, https:// or http://"))
+    })?;
+    let scheme_lc = scheme.to_ascii_lowercase();
+    if !matches!(scheme_lc.as_str(), "libsql" | "https" | "http") {
+        return Err(Error::invalid(format!(
+            "primary URL scheme {scheme:?} is not supported; use libsql://, https:// or http://"
+        )));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(format!("primary URL {url:?} contains whitespace")));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(Error::invalid("primary URL must not carry credentials; pass the auth token separately"));
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (h, after) = v6.split_once(']').unwrap_or((v6, ""));
+            (h, after.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(Error::invalid(format!("primary URL {url:?} has no host")));
+    }
+    if let Some(port) = port {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(Error::invalid(format!("primary URL {url:?} has an invalid port {port:?}")));
+        }
+    }
+    Ok(format!("{scheme_lc}://{rest}"))
+}
+
+/// Where the database lives: the three ways to open one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A local database file (created if missing).
+    Local {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A remote primary (Turso / sqld) over HTTP(S); every call is a network round trip.
+    Remote {
+        /// `libsql://…`, `https://…` or `http://…`.
+        url: String,
+        /// The auth token (redacted in `Debug`).
+        auth_token: AuthToken,
+    },
+    /// An embedded replica: a local file kept in sync with a remote primary. Reads are local;
+    /// writes (and the fencing check inside them) run on the primary.
+    Replica {
+        /// The local replica file.
+        path: PathBuf,
+        /// The primary's URL.
+        url: String,
+        /// The auth token (redacted in `Debug`).
+        auth_token: AuthToken,
+        /// How often the replica pulls from the primary in the background (besides the pull after
+        /// each write of this store). `None`: only after writes and on [`LibsqlStore::sync`](crate::LibsqlStore::sync).
+        sync_interval: Option<Duration>,
+    },
+}
+
+impl Target {
+    /// Check URL and token (no network).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Target::Local { path } => {
+                if path.as_os_str().is_empty() {
+                    return Err(Error::invalid("local database path is empty"));
+                }
+                Ok(())
+            }
+            Target::Remote { url, auth_token } => {
+                validate_url(url)?;
+                auth_token.validate()
+            }
+            Target::Replica { path, url, auth_token, sync_interval } => {
+                if path.as_os_str().is_empty() {
+                    return Err(Error::invalid("replica path is empty"));
+                }
+                if sync_interval.is_some_and(|d| d.is_zero()) {
+                    return Err(Error::invalid("replica sync interval must be positive"));
+                }
+                validate_url(url)?;
+                auth_token.validate()
+            }
+        }
+    }
+
+    /// A short description without secrets, for error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Local { path } => path.display().to_string(),
+            Target::Remote { url, .. } => url.clone(),
+            Target::Replica { path, url, .. } => format!("{} (replica of {url})", path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let s = LibsqlSettings {
+            retry_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            retries: 4,
+            ..Default::default()
+        };
+        assert_eq!(s.backoff(1), Duration::from_millis(10));
+        assert_eq!(s.backoff(2), Duration::from_millis(20));
+        assert_eq!(s.backoff(3), Duration::from_millis(40));
+        assert_eq!(s.backoff(4), Duration::from_millis(50));
+        assert_eq!(s.backoff(200), Duration::from_millis(50));
+        assert_eq!(s.max_total_backoff(), Duration::from_millis(120));
+    }
+}
