@@ -14,6 +14,8 @@
 //! * **Backpressure** when the buffer is full ([`Backpressure`]): fail fast, wait with a
 //!   deadline, or spill to disk.
 //! * **Transforms**: filter, map or re-route events to another sink (table).
+//! * **Cloudflare Pipelines**: [`cloudflare::CloudflareStreamClient`] sends the same events to a
+//!   Cloudflare stream over HTTP (feature `cloudflare`).
 //! * **Metrics**: events in, bytes, rolls, commit latency, buffer depth, end-to-end lag.
 //!
 //! A pipeline owns the sequence numbers of the objects it writes: give it its own table (or at
@@ -22,6 +24,8 @@
 //! Example: see [`Pipeline`].
 #![warn(missing_docs)]
 
+#[cfg(feature = "cloudflare")]
+pub mod cloudflare;
 mod event;
 mod log;
 mod pipeline;

@@ -1,0 +1,195 @@
+//! A client for Cloudflare Pipelines streams: HTTP JSON batches with an auth token, retries with
+//! backoff, and the per-request size limit (feature `cloudflare`, on by default).
+//!
+//! Wire protocol (Cloudflare's stream HTTP endpoint): `POST <endpoint>` with a JSON array of
+//! objects as the body, `Content-Type: application/json`, and, when the stream requires it,
+//! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted; 429 and 5xx
+//! are transient; 401/403 mean a bad token; 413 means the request was too large. Each event is
+//! sent in the predecessor's shape: `{"do_id", "type", "key", "value", "timestamp"}` with `value`
+//! as the event's text (JSON) and `timestamp` in milliseconds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dotdo_core::{Clock, Error, ErrorKind, Result, SystemClock};
+
+use crate::event::Event;
+
+/// Settings of a [`CloudflareStreamClient`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloudflareSettings {
+    /// Largest request body in bytes (default 5 MB, the documented per-request limit); larger
+    /// sends are split into several requests.
+    pub max_request_bytes: usize,
+    /// Retries of a transient failure (429, 5xx, connection errors) per request (default 5).
+    pub max_retries: u32,
+    /// First backoff, doubled per retry up to 5 s (default 100 ms).
+    pub backoff: Duration,
+    /// Timeout of one request (default 30 s).
+    pub timeout: Duration,
+}
+
+impl Default for CloudflareSettings {
+    fn default() -> Self {
+        CloudflareSettings {
+            max_request_bytes: 5_000_000,
+            max_retries: 5,
+            backoff: Duration::from_millis(100),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a [`CloudflareStreamClient::send`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamSendReport {
+    /// HTTP requests that succeeded.
+    pub requests: u64,
+    /// Events accepted.
+    pub events: u64,
+    /// Retries after transient failures.
+    pub retries: u64,
+}
+
+/// Sends events to a Cloudflare Pipelines stream over HTTP.
+#[derive(Clone)]
+pub struct CloudflareStreamClient {
+    endpoint: reqwest::Url,
+    token: Option<String>,
+    http: reqwest::Client,
+    settings: CloudflareSettings,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for CloudflareStreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudflareStreamClient")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+/// Encode events as the stream's JSON array.
+pub fn encode(events: &[Event]) -> Vec<u8> {
+    let items: Vec<serde_json::Value> = events.iter().map(event_json).collect();
+    serde_json::to_vec(&items).unwrap_or_default()
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    serde_json::json!({
+        "do_id": e.object.as_str(),
+        "type": e.type_name,
+        "key": e.key,
+        "value": String::from_utf8_lossy(&e.value),
+        "timestamp": e.timestamp.as_millis(),
+    })
+}
+
+impl CloudflareStreamClient {
+    /// A client for the stream at `endpoint` (`https://<id>.pipelines.cloudflare.com/`, or
+    /// `http://` for a local endpoint), with an optional API token.
+    pub fn new(endpoint: &str, token: Option<String>, settings: CloudflareSettings) -> Result<Self> {
+        let url =
+            reqwest::Url::parse(endpoint).map_err(|e| Error::invalid(format!("stream endpoint {endpoint:?}: {e}")))?;
+        if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+            return Err(Error::invalid(format!("stream endpoint {endpoint:?} must be an http(s) URL with a host")));
+        }
+        if token.as_deref().is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control())) {
+            return Err(Error::invalid("the API token must be non-empty without whitespace"));
+        }
+        if settings.max_request_bytes < 1024 {
+            return Err(Error::invalid("max_request_bytes must be at least 1024"));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .build()
+            .map_err(|e| Error::backend("building the HTTP client").with_source(e))?;
+        Ok(CloudflareStreamClient { endpoint: url, token, http, settings, clock: Arc::new(SystemClock::new()) })
+    }
+
+    /// Read time (for backoff sleeps) from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Send `events`, split into requests of at most `max_request_bytes`, each retried on
+    /// transient failures. Delivery is at least once per request (the HTTP endpoint has no
+    /// idempotency key); a failure after some requests succeeded reports how far it got in the
+    /// error message. One event larger than the limit is `LimitExceeded`.
+    pub async fn send(&self, events: &[Event]) -> Result<StreamSendReport> {
+        let mut report = StreamSendReport::default();
+        let mut chunk: Vec<serde_json::Value> = Vec::new();
+        let mut size = 2usize;
+        for e in events {
+            e.validate()?;
+            let v = event_json(e);
+            let len = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0) + 1;
+            if len + 2 > self.settings.max_request_bytes {
+                return Err(Error::limit("stream event", self.settings.max_request_bytes as u64, len as u64));
+            }
+            if size + len > self.settings.max_request_bytes {
+                self.post(std::mem::take(&mut chunk), &mut report).await?;
+                size = 2;
+            }
+            size += len;
+            chunk.push(v);
+        }
+        if !chunk.is_empty() {
+            self.post(chunk, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    async fn post(&self, items: Vec<serde_json::Value>, report: &mut StreamSendReport) -> Result<()> {
+        let n = items.len() as u64;
+        let body = serde_json::to_vec(&items).map_err(|e| Error::invalid("encoding events as JSON").with_source(e))?;
+        let mut backoff = self.settings.backoff;
+        let mut attempt = 0;
+        loop {
+            let mut req =
+                self.http.post(self.endpoint.clone()).header("content-type", "application/json").body(body.clone());
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            let outcome = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    if status.is_success() {
+                        report.requests += 1;
+                        report.events += n;
+                        return Ok(());
+                    }
+                    let text = resp.text().await.unwrap_or_default();
+                    let msg =
+                        format!("stream endpoint answered {status}: {}", text.chars().take(200).collect::<String>());
+                    match status.as_u16() {
+                        429 | 500..=599 => Error::unavailable(msg),
+                        401 | 403 => Error::backend(format!("{msg} (check the API token)")).with_retryable(false),
+                        413 => Error::new(
+                            ErrorKind::LimitExceeded {
+                                what: "stream request",
+                                limit: self.settings.max_request_bytes as u64,
+                                actual: body.len() as u64,
+                            },
+                            msg,
+                        ),
+                        _ => Error::invalid(msg),
+                    }
+                }
+                Err(e) => Error::unavailable(format!("stream endpoint {} unreachable", self.endpoint)).with_source(e),
+            };
+            if !outcome.is_retryable() || attempt >= self.settings.max_retries {
+                return Err(
+                    outcome.context(format!("after {} accepted request(s) and {attempt} retries", report.requests))
+                );
+            }
+            attempt += 1;
+            report.retries += 1;
+            self.clock.sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}

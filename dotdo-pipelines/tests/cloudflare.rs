@@ -1,0 +1,166 @@
+//! The Cloudflare Pipelines stream client against a local HTTP server that speaks the stream
+//! endpoint's protocol (POST a JSON array, Bearer token, 2xx accepted, 429/5xx transient,
+//! 401 bad token, 413 too large).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dotdo_core::{ErrorKind, ObjectId, Timestamp};
+use dotdo_pipelines::cloudflare::{CloudflareSettings, CloudflareStreamClient};
+use dotdo_pipelines::Event;
+use parking_lot::Mutex;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+#[derive(Default)]
+struct Server {
+    records: Mutex<Vec<serde_json::Value>>,
+    requests: AtomicU32,
+    fail_next: AtomicU32,
+    max_body: usize,
+}
+
+async fn serve(server: Arc<Server>, token: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            let server = server.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut len = 0usize;
+                    let mut auth = String::new();
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).await.expect("header");
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        let (k, v) = h.split_once(':').expect("header line");
+                        match k.to_ascii_lowercase().as_str() {
+                            "content-length" => len = v.trim().parse().expect("length"),
+                            "authorization" => auth = v.trim().to_string(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    r.read_exact(&mut body).await.expect("body");
+                    server.requests.fetch_add(1, Ordering::SeqCst);
+                    let (status, reply) = if !line.starts_with("POST ") {
+                        ("405 Method Not Allowed", "{}".to_string())
+                    } else if auth != format!("Bearer {token}") {
+                        ("401 Unauthorized", r#"{"success":false,"errors":[{"message":"Unauthorized"}]}"#.to_string())
+                    } else if len > server.max_body {
+                        ("413 Payload Too Large", "{}".to_string())
+                    } else if server.fail_next.load(Ordering::SeqCst) > 0 {
+                        server.fail_next.fetch_sub(1, Ordering::SeqCst);
+                        ("503 Service Unavailable", "{}".to_string())
+                    } else {
+                        let items: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("a JSON array");
+                        let n = items.len();
+                        server.records.lock().extend(items);
+                        ("200 OK", format!(r#"{{"success":true,"result":{{"committed":{n}}}}}"#))
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                        reply.len()
+                    );
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/")
+}
+
+fn events(n: usize, value_len: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            Event::new(
+                ObjectId::new(format!("do-{}", i % 5)).expect("valid"),
+                "User",
+                format!("k{i}"),
+                format!("{{\"pad\":\"{}\"}}", "x".repeat(value_len)),
+                Timestamp::from_millis(1_700_000_000_000 + i as i64),
+            )
+        })
+        .collect()
+}
+
+fn settings() -> CloudflareSettings {
+    CloudflareSettings { max_request_bytes: 64 * 1024, backoff: Duration::from_millis(5), ..Default::default() }
+}
+
+#[tokio::test]
+async fn batches_are_split_by_size_and_arrive_in_the_seed_shape() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "secret-token").await;
+    let client = CloudflareStreamClient::new(&url, Some("secret-token".into()), settings()).expect("client");
+    let r = client.send(&events(500, 300)).await.expect("send");
+    assert_eq!(r.events, 500);
+    assert!(r.requests >= 3, "~170 KB must be split into several requests of at most 64 KB, got {}", r.requests);
+    let recs = server.records.lock();
+    assert_eq!(recs.len(), 500);
+    let first = &recs[0];
+    assert_eq!(first["do_id"], "do-0");
+    assert_eq!(first["type"], "User");
+    assert_eq!(first["key"], "k0");
+    assert_eq!(first["timestamp"], 1_700_000_000_000i64);
+    assert!(first["value"].as_str().expect("value is the JSON text").starts_with("{\"pad\""));
+    assert!(!format!("{client:?}").contains("secret-token"), "token redacted in Debug");
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_and_bad_tokens_are_not() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "good").await;
+    server.fail_next.store(3, Ordering::SeqCst);
+    let client = CloudflareStreamClient::new(&url, Some("good".into()), settings()).expect("client");
+    let r = client.send(&events(10, 10)).await.expect("retried through three 503s");
+    assert_eq!((r.events, r.retries), (10, 3));
+    server.fail_next.store(100, Ordering::SeqCst);
+    let e = client.send(&events(1, 10)).await.expect_err("retries exhausted");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable);
+    assert!(e.is_retryable());
+    server.fail_next.store(0, Ordering::SeqCst);
+    let before = server.requests.load(Ordering::SeqCst);
+    let bad = CloudflareStreamClient::new(&url, Some("wrong".into()), settings()).expect("client");
+    let e = bad.send(&events(1, 10)).await.expect_err("401");
+    assert_eq!(e.kind(), &ErrorKind::Backend);
+    assert!(!e.is_retryable());
+    assert_eq!(server.requests.load(Ordering::SeqCst), before + 1, "a bad token is not retried");
+}
+
+#[tokio::test]
+async fn size_limits_unreachable_endpoints_and_bad_urls() {
+    let server = Arc::new(Server { max_body: 2048, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), settings()).expect("client");
+    let e = client.send(&events(1, 70_000)).await.expect_err("one event over the limit");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    let e = client.send(&events(1, 4000)).await.expect_err("server says 413");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    // A closed port on loopback: retryable Unavailable after bounded retries.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let s = CloudflareSettings { max_retries: 2, ..settings() };
+    let c = CloudflareStreamClient::new(&format!("http://127.0.0.1:{port}/"), None, s).expect("client");
+    let e = c.send(&events(1, 10)).await.expect_err("unreachable");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable);
+    for bad in ["ftp://x/", "not a url", "http://"] {
+        assert_eq!(CloudflareStreamClient::new(bad, None, settings()).expect_err(bad).kind(), &ErrorKind::InvalidInput);
+    }
+    assert!(CloudflareStreamClient::new("https://x.pipelines.cloudflare.com/", Some("a b".into()), settings()).is_err());
+}
