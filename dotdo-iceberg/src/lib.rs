@@ -17,10 +17,11 @@
 //!
 //! * **One snapshot per append.** Each [`append`](dotdo_core::ColdSink::append) writes one
 //!   Parquet file per touched `bucket(do_id)` partition and commits them with a fast append.
-//! * **Watermarks in the snapshot summary.** The summary of every snapshot holds the cumulative
-//!   per-object watermarks (`dotdo.watermarks`), so `watermark()` reads only the current
-//!   snapshot, and the records to skip, the gaps to reject and the stale tokens to fence are
-//!   decided against exactly the snapshot the commit is based on.
+//! * **Watermarks in the snapshot summary.** Every snapshot's summary determines the per-object
+//!   watermarks after it (inline JSON plus, beyond 1000 objects, an immutable checkpoint file it
+//!   names; see [`summary`]), so `watermark()` reads only the current snapshot, and the records
+//!   to skip, the gaps to reject and the stale tokens to fence are decided against exactly the
+//!   snapshot the commit is based on.
 //! * **Optimistic concurrency without blind retries.** iceberg's own commit retry is disabled
 //!   (it would rebase onto a newer head without re-checking watermarks). A conflict makes dotdo
 //!   reload the table and re-plan; an error of unknown outcome is resolved by reading the table

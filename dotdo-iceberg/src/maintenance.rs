@@ -120,6 +120,9 @@ impl IcebergColdStore {
         let mut manifests = HashSet::new();
         for s in md.snapshots() {
             add(s.manifest_list())?;
+            if let Some(cp) = summary::checkpoint(s) {
+                add(cp)?;
+            }
             let list = table
                 .manifest_list_reader(s)
                 .load()

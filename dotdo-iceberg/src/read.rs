@@ -98,6 +98,7 @@ pub(crate) struct FileCache {
     lists: parking_lot::Mutex<HashMap<String, Arc<Vec<ManifestFile>>>>,
     manifests: parking_lot::Mutex<HashMap<String, Arc<Vec<Arc<FileInfo>>>>>,
     footers: parking_lot::Mutex<HashMap<String, Arc<ParquetMetaData>>>,
+    checkpoints: parking_lot::Mutex<HashMap<String, Arc<crate::summary::Watermarks>>>,
 }
 
 const CACHE_LIMIT: usize = 4096;
@@ -197,6 +198,68 @@ struct FileRead {
 }
 
 impl IcebergColdStore {
+    /// The full watermarks of `snapshot` (checkpoint file + inline), and the inline part and
+    /// checkpoint location it was built from.
+    pub(crate) async fn watermarks_of(
+        &self,
+        snapshot: Option<&SnapshotRef>,
+    ) -> Result<(crate::summary::Watermarks, crate::summary::Watermarks, Option<String>)> {
+        let Some(s) = snapshot else { return Ok(Default::default()) };
+        let inline = crate::summary::inline_watermarks(s)?;
+        let Some(cp) = crate::summary::checkpoint(s) else { return Ok((inline.clone(), inline, None)) };
+        let base = self.checkpoint_file(cp).await?;
+        let mut full = (*base).clone();
+        full.extend(inline.iter().map(|(k, v)| (k.clone(), *v)));
+        Ok((full, inline, Some(cp.to_string())))
+    }
+
+    /// The watermark of one object in `snapshot`, reading the checkpoint only if needed.
+    pub(crate) async fn watermark_in(
+        &self,
+        snapshot: &SnapshotRef,
+        object: &ObjectId,
+    ) -> Result<dotdo_core::Watermark> {
+        if let Some(w) = crate::summary::inline_watermarks(snapshot)?.get(object) {
+            return Ok(*w);
+        }
+        match crate::summary::checkpoint(snapshot) {
+            Some(cp) => Ok(self.checkpoint_file(cp).await?.get(object).copied().unwrap_or_default()),
+            None => Ok(dotdo_core::Watermark::default()),
+        }
+    }
+
+    async fn checkpoint_file(&self, location: &str) -> Result<Arc<crate::summary::Watermarks>> {
+        if let Some(w) = self.inner.cache.checkpoints.lock().get(location).cloned() {
+            return Ok(w);
+        }
+        let key = self.inner.root.key(location)?;
+        let what = format!("watermark checkpoint {location}");
+        let bytes = match self.inner.root.store.get(&key).await {
+            Ok(r) => r.bytes().await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| crate::error::classify_object_store(e).context(&what))?;
+        let w = Arc::new(crate::summary::decode_watermarks(&bytes, &what)?);
+        put_bounded(&self.inner.cache.checkpoints, location.to_string(), w.clone());
+        Ok(w)
+    }
+
+    /// Write a checkpoint file of `w` next to the table metadata; returns its location.
+    pub(crate) async fn write_checkpoint(&self, table: &Table, w: &crate::summary::Watermarks) -> Result<String> {
+        let location =
+            format!("{}/metadata/dotdo-watermarks-{}.json", table.metadata().location(), uuid::Uuid::new_v4());
+        let key = self.inner.root.key(&location)?;
+        let body = crate::summary::encode_watermarks(w);
+        self.inner
+            .root
+            .store
+            .put(&key, Bytes::from(body).into())
+            .await
+            .map_err(|e| crate::error::classify_object_store(e).context(format!("writing {location}")))?;
+        put_bounded(&self.inner.cache.checkpoints, location.clone(), Arc::new(w.clone()));
+        Ok(location)
+    }
+
     /// The live data files of `snapshot`.
     pub(crate) async fn files_of(&self, table: &Table, snapshot: &SnapshotRef) -> Result<Vec<Arc<FileInfo>>> {
         let cache = &self.inner.cache;

@@ -59,6 +59,10 @@ pub struct Settings {
     /// commit (default true): iceberg-catalog-sql 0.10.1 ignores errors of the SQL `COMMIT`, so
     /// without this an acknowledged commit could, rarely, not be durable.
     pub verify_commits: bool,
+    /// Watermarks of at most this many objects are kept inline in a snapshot summary (default
+    /// 1000); beyond that a checkpoint file with all of them is written (see
+    /// [`summary`](crate::summary)). Keeps table metadata small with many objects.
+    pub watermark_checkpoint_objects: usize,
 }
 
 impl Default for Settings {
@@ -73,6 +77,7 @@ impl Default for Settings {
             refresh_reads: true,
             catalog_name: "dotdo".to_string(),
             verify_commits: true,
+            watermark_checkpoint_objects: 1000,
         }
     }
 }
@@ -629,19 +634,14 @@ impl IcebergColdStore {
                 let since = first_head.flatten();
                 if let Some(s) = Self::find_commit(&table, &commit_id, since) {
                     // An attempt whose reply was lost did land; report it.
-                    let parent_wm = match s.parent_snapshot_id().and_then(|p| table.metadata().snapshot_by_id(p)) {
-                        Some(p) => summary::watermarks(p)?,
-                        None => Watermarks::new(),
-                    };
+                    let parent = s.parent_snapshot_id().and_then(|p| table.metadata().snapshot_by_id(p)).cloned();
+                    let (parent_wm, _, _) = self.watermarks_of(parent.as_ref()).await?;
                     let p = plan(batch, &parent_wm)?;
                     return Ok(Self::commit_result(&s, &p));
                 }
             }
             first_head.get_or_insert(head.as_ref().map(|s| s.snapshot_id()));
-            let prev = match &head {
-                Some(s) => summary::watermarks(s)?,
-                None => Watermarks::new(),
-            };
+            let (prev, prev_inline, prev_checkpoint) = self.watermarks_of(head.as_ref()).await?;
             let p = plan(batch, &prev)?;
             if p.fresh == 0 {
                 return Ok(ColdCommit {
@@ -674,7 +674,21 @@ impl IcebergColdStore {
             };
             let parent_at = head.as_ref().map_or(Timestamp::EPOCH, |s| summary::committed_at(s));
             let at = self.inner.clock.now().max(parent_at);
-            let props = summary::properties(&p.next, &commit_id, at);
+            let mut inline = prev_inline;
+            inline.extend(p.batch_marks.iter().map(|(k, v)| (k.clone(), *v)));
+            let props = if inline.len() > self.inner.settings.watermark_checkpoint_objects {
+                let cp = match self.write_checkpoint(&table, &p.next).await {
+                    Ok(cp) => cp,
+                    Err(e) if e.is_retryable() && attempt + 1 < attempts => {
+                        self.inner.clock.sleep(self.backoff(attempt)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                summary::properties(&Watermarks::new(), Some(&cp), &commit_id, at)
+            } else {
+                summary::properties(&inline, prev_checkpoint.as_deref(), &commit_id, at)
+            };
             match self.try_commit(&table, files, props).await {
                 Ok(t) => {
                     if let Err(e) = self.verify_durable(&t).await {
@@ -738,10 +752,8 @@ impl IcebergColdStore {
                 // A final read-back: did the last attempt land?
                 let t = self.reload_for_resolution().await?;
                 if let Some(s) = Self::find_commit(&t, &commit_id, first_head.flatten()) {
-                    let parent_wm = match s.parent_snapshot_id().and_then(|p| t.metadata().snapshot_by_id(p)) {
-                        Some(p) => summary::watermarks(p)?,
-                        None => Watermarks::new(),
-                    };
+                    let parent = s.parent_snapshot_id().and_then(|p| t.metadata().snapshot_by_id(p)).cloned();
+                    let (parent_wm, _, _) = self.watermarks_of(parent.as_ref()).await?;
                     return Ok(Self::commit_result(&s, &plan(batch, &parent_wm)?));
                 }
                 Err(e.context(format!("cold commit failed after {attempts} attempts")))
@@ -790,7 +802,7 @@ impl ColdSink for IcebergColdStore {
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
         let table = self.read_table().await?;
         match table.metadata().current_snapshot() {
-            Some(s) => Ok(summary::watermarks(s)?.get(object).copied().unwrap_or_default()),
+            Some(s) => self.watermark_in(s, object).await,
             None => Ok(Watermark::default()),
         }
     }

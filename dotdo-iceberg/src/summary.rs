@@ -1,16 +1,21 @@
 //! What dotdo records in each Iceberg snapshot summary.
 //!
-//! * `dotdo.watermarks`: the cumulative per-object watermarks after the commit, compact JSON
-//!   `{"<do_id>":[through,token],…}`. [`ColdSink::watermark`](dotdo_core::ColdSink::watermark)
-//!   reads it from the current snapshot only, so expiring old snapshots loses nothing.
+//! * `dotdo.watermarks`: per-object watermarks after the commit, compact JSON
+//!   `{"<do_id>":[through,token],…}`, for every object changed since the checkpoint;
+//! * `dotdo.watermarks-checkpoint`: the location of an immutable checkpoint file (same JSON)
+//!   holding the watermarks of every other object. The full map is checkpoint + inline.
+//!   [`ColdSink::watermark`](dotdo_core::ColdSink::watermark) reads the current snapshot (and
+//!   at most its checkpoint, cached), so expiring old snapshots loses nothing, and the inline part
+//!   stays below `Settings::watermark_checkpoint_objects` entries.
 //! * `dotdo.commit-id`: a UUID per logical append, used to resolve a commit whose outcome is
 //!   unknown (read back: is a snapshot with this id in the table?).
 //! * `dotdo.committed-at-us`: commit time on the store's [`Clock`](dotdo_core::Clock), never
 //!   earlier than the parent's; `AsOf::Timestamp` and `SnapshotInfo::committed_at` use it. Other
 //!   engines' time travel uses Iceberg's own `timestamp-ms`, which is the wall clock.
 //!
-//! Every object ever committed appears in every summary, so metadata grows with the number of
-//! objects per table (about 30 bytes each); shard objects over tables beyond ~100k objects.
+//! The inline part is bounded, so the table metadata (which holds every retained snapshot's
+//! summary) stays small however many objects a table has; a new checkpoint file is written when
+//! the inline part would exceed the bound.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -18,8 +23,10 @@ use iceberg::spec::Snapshot;
 
 use dotdo_core::{Error, FencingToken, ObjectId, Result, Timestamp, Watermark};
 
-/// Summary key of the cumulative watermarks.
+/// Summary key of the watermarks changed since the checkpoint.
 pub const WATERMARKS: &str = "dotdo.watermarks";
+/// Summary key of the checkpoint file location.
+pub const CHECKPOINT: &str = "dotdo.watermarks-checkpoint";
 /// Summary key of the commit id.
 pub const COMMIT_ID: &str = "dotdo.commit-id";
 /// Summary key of the clock time of the commit (µs since the epoch).
@@ -28,20 +35,27 @@ pub const COMMITTED_AT: &str = "dotdo.committed-at-us";
 /// Per-object watermarks.
 pub type Watermarks = BTreeMap<ObjectId, Watermark>;
 
-/// Decode the watermarks of a snapshot (empty if the snapshot has none, e.g. written by another
-/// engine).
-pub fn watermarks(snapshot: &Snapshot) -> Result<Watermarks> {
+/// Decode the inline watermarks of a snapshot (empty if the snapshot has none, e.g. written by
+/// another engine).
+pub fn inline_watermarks(snapshot: &Snapshot) -> Result<Watermarks> {
     let Some(json) = snapshot.summary().additional_properties.get(WATERMARKS) else {
         return Ok(Watermarks::new());
     };
-    let raw: BTreeMap<String, (u64, u64)> = serde_json::from_str(json).map_err(|e| {
-        Error::corrupt(format!("snapshot {} has an undecodable {WATERMARKS}", snapshot.snapshot_id())).with_source(e)
-    })?;
+    decode_watermarks(json.as_bytes(), &format!("snapshot {} summary", snapshot.snapshot_id()))
+}
+
+/// The checkpoint file a snapshot's watermarks build on, if any.
+pub fn checkpoint(snapshot: &Snapshot) -> Option<&str> {
+    snapshot.summary().additional_properties.get(CHECKPOINT).map(String::as_str)
+}
+
+/// Decode watermark JSON found in `what` (a summary or a checkpoint file).
+pub fn decode_watermarks(json: &[u8], what: &str) -> Result<Watermarks> {
+    let raw: BTreeMap<String, (u64, u64)> = serde_json::from_slice(json)
+        .map_err(|e| Error::corrupt(format!("{what}: undecodable watermarks")).with_source(e))?;
     raw.into_iter()
         .map(|(k, (through, token))| {
-            let o = ObjectId::new(&k).map_err(|e| {
-                Error::corrupt(format!("snapshot {} watermark for invalid id: {e}", snapshot.snapshot_id()))
-            })?;
+            let o = ObjectId::new(&k).map_err(|e| Error::corrupt(format!("{what}: watermark for invalid id: {e}")))?;
             Ok((o, Watermark { through, token: FencingToken::new(token) }))
         })
         .collect()
@@ -75,12 +89,21 @@ pub fn added_records(snapshot: &Snapshot) -> u64 {
 }
 
 /// The summary properties of a new commit.
-pub fn properties(w: &Watermarks, commit_id: &str, at: Timestamp) -> HashMap<String, String> {
-    HashMap::from([
-        (WATERMARKS.to_string(), encode_watermarks(w)),
+pub fn properties(
+    inline: &Watermarks,
+    checkpoint: Option<&str>,
+    commit_id: &str,
+    at: Timestamp,
+) -> HashMap<String, String> {
+    let mut p = HashMap::from([
+        (WATERMARKS.to_string(), encode_watermarks(inline)),
         (COMMIT_ID.to_string(), commit_id.to_string()),
         (COMMITTED_AT.to_string(), at.as_micros().to_string()),
-    ])
+    ]);
+    if let Some(c) = checkpoint {
+        p.insert(CHECKPOINT.to_string(), c.to_string());
+    }
+    p
 }
 
 #[cfg(test)]
@@ -93,5 +116,7 @@ mod tests {
         w.insert(ObjectId::new("a:1").expect("id"), Watermark { through: 5, token: FencingToken::new(2) });
         let json = encode_watermarks(&w);
         assert_eq!(json, r#"{"a:1":[5,2]}"#);
+        assert_eq!(decode_watermarks(json.as_bytes(), "test").expect("decode"), w);
+        assert_eq!(decode_watermarks(b"{", "x").expect_err("bad").kind(), &dotdo_core::ErrorKind::Corrupt);
     }
 }

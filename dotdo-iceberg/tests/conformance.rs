@@ -54,3 +54,24 @@ mod local_files_sql_catalog {
 mod memory_store_memory_catalog {
     dotdo_core::cold_conformance!(super::memory_factory());
 }
+
+/// Local files, SQL catalog, and a watermark checkpoint file written by every commit (the
+/// inline summary part is always empty), so every watermark read goes through a checkpoint.
+fn local_checkpoint_factory() -> ColdFactory {
+    pin_proptest_seed();
+    cold_factory(|clock| async move {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
+            .table(["kit"], "changes")
+            .with_clock(Arc::new(clock))
+            .settings(dotdo_iceberg::Settings { watermark_checkpoint_objects: 0, ..Default::default() })
+            .build()
+            .await
+            .expect("open iceberg cold store");
+        ColdFixture { sink: Arc::new(store.clone()), accel: Some(Arc::new(store)), keep_alive: Box::new(dir) }
+    })
+}
+
+mod local_files_watermark_checkpoints {
+    dotdo_core::cold_conformance!(super::local_checkpoint_factory());
+}

@@ -31,7 +31,12 @@ async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() 
         .object_store(faulty.clone())
         .table(["faults"], "changes")
         // Few internal attempts, so some failures reach the caller, who retries the same batch.
-        .settings(dotdo_iceberg::Settings { max_commit_attempts: 2, ..Default::default() })
+        // A checkpoint file every few commits, so checkpoint writes and reads see faults too.
+        .settings(dotdo_iceberg::Settings {
+            max_commit_attempts: 2,
+            watermark_checkpoint_objects: 2,
+            ..Default::default()
+        })
         .build()
         .await
         .expect("open");

@@ -149,11 +149,14 @@ async fn pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_keeps_unreferenced_files_younger_than_the_retention_and_never_referenced_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .table(["gc"], "changes")
-        .build()
-        .await
-        .expect("open");
+    let open = || {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["gc"], "changes")
+            // Every commit writes a watermark checkpoint: cleanup must keep the current one.
+            .settings(dotdo_iceberg::Settings { watermark_checkpoint_objects: 0, ..Default::default() })
+            .build()
+    };
+    let cold = open().await.expect("open");
     let o = ObjectId::new("o").expect("id");
     for s in 1..=3 {
         cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![rec(&o, s, "k", Some(b"v"), 1)]))
@@ -184,4 +187,8 @@ async fn cleanup_keeps_unreferenced_files_younger_than_the_retention_and_never_r
     let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3]);
     assert_eq!(cold.snapshots().await.expect("snapshots").len(), 1);
+    assert!(clean.deleted.iter().filter(|d| d.contains("dotdo-watermarks-")).count() >= 2, "{clean:?}");
+    // A fresh store (no caches) still finds the watermark through the retained checkpoint.
+    let reopened = open().await.expect("reopen");
+    assert_eq!(reopened.watermark(&o).await.expect("watermark").through, 3);
 }
