@@ -1,2 +1,174 @@
-//! placeholder
-fn main() {}
+//! dotdo-libsql against raw libsql calls in the same run (local file, WAL, synchronous=NORMAL, one
+//! file each), measured interleaved so background load affects both alike. Run through
+//! `scripts/bench dotdo-libsql`; rows go to target/bench/results.json.
+//!
+//! The raw baseline is what a user of the `libsql` crate writes: `Connection::execute` /
+//! `Connection::query` with bound parameters on one kept connection.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dotdo_core::testkit::bench::{record, sample_pair, us};
+use dotdo_core::{ConsistencyGuard, HotStore, HotStoreExt, NodeId, ObjectId};
+use dotdo_libsql::LibsqlStore;
+use libsql::params;
+
+const N: usize = 40_000;
+const KEYS: usize = 10_000;
+
+struct Raw {
+    conn: libsql::Connection,
+    _db: libsql::Database,
+    i: usize,
+    seq: i64,
+    now: i64,
+}
+
+impl Raw {
+    async fn open(path: &std::path::Path) -> Raw {
+        let db = libsql::Builder::new_local(path).build().await.expect("open raw");
+        let conn = db.connect().expect("connect");
+        let mut rows = conn.query("PRAGMA journal_mode=WAL", ()).await.expect("wal");
+        while rows.next().await.expect("row").is_some() {}
+        conn.execute_batch(
+            "PRAGMA synchronous=NORMAL;
+             CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS locks (do_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL,
+                expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL);
+             CREATE TABLE objs (do_id TEXT PRIMARY KEY, last_seq INTEGER, max_token INTEGER) WITHOUT ROWID;
+             CREATE TABLE st (do_id TEXT, key TEXT, value BLOB, seq INTEGER, PRIMARY KEY (do_id, key)) WITHOUT ROWID;
+             CREATE TABLE ch (do_id TEXT, seq INTEGER, key TEXT, op INTEGER, value BLOB, token INTEGER, ts INTEGER,
+                type TEXT, PRIMARY KEY (do_id, seq)) WITHOUT ROWID;
+             INSERT INTO objs VALUES ('o', 0, 1);",
+        )
+        .await
+        .expect("schema");
+        Raw { conn, _db: db, i: 0, seq: 0, now: 1_000_000 }
+    }
+
+    async fn upsert(&mut self, keys: &[String], value: &[u8]) {
+        self.i += 1;
+        self.conn
+            .execute(
+                "INSERT INTO kv (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                params![keys[self.i % KEYS].as_str(), value.to_vec()],
+            )
+            .await
+            .expect("raw upsert");
+    }
+
+    /// The same work as a fenced put, hand-written: read token, upsert the state, append the
+    /// change, in one transaction.
+    async fn same_schema_txn(&mut self, keys: &[String], value: &[u8]) {
+        self.i += 1;
+        self.seq += 1;
+        let c = &self.conn;
+        let k = keys[self.i % KEYS].as_str();
+        c.execute("BEGIN IMMEDIATE", ()).await.expect("begin");
+        let mut rows = c.query("SELECT max_token FROM objs WHERE do_id = ?1", ["o"]).await.expect("token");
+        let tok: i64 = rows.next().await.expect("row").expect("some").get(0).expect("int");
+        drop(rows);
+        assert_eq!(tok, 1);
+        c.execute(
+            "INSERT INTO st VALUES (?1, ?2, ?3, ?4) ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq",
+            params!["o", k, value.to_vec(), self.seq],
+        )
+        .await
+        .expect("upsert");
+        c.execute("INSERT INTO ch VALUES (?1, ?2, ?3, 0, ?4, 1, 0, 'T')", params!["o", self.seq, k, value.to_vec()])
+            .await
+            .expect("log");
+        c.execute("COMMIT", ()).await.expect("commit");
+    }
+
+    async fn get(&mut self, keys: &[String]) {
+        self.i += 1;
+        let mut rows =
+            self.conn.query("SELECT v FROM kv WHERE k = ?1", [keys[self.i % KEYS].as_str()]).await.expect("raw get");
+        let v: Vec<u8> = rows.next().await.expect("row").expect("some").get(0).expect("blob");
+        std::hint::black_box(v);
+    }
+
+    async fn lease_pair(&mut self) {
+        self.now += 10;
+        let mut rows = self
+            .conn
+            .query(
+                "INSERT INTO locks (do_id, node_id, acquired_at, expires_at, fencing_token) VALUES (?1, ?2, ?3, ?4, 1)
+                 ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at,
+                 expires_at = excluded.expires_at, fencing_token = fencing_token + 1 WHERE locks.expires_at <= ?3
+                 RETURNING fencing_token",
+                params!["obj", "node", self.now, self.now + 30_000_000],
+            )
+            .await
+            .expect("raw acquire");
+        let token: i64 = rows.next().await.expect("row").expect("some").get(0).expect("token");
+        drop(rows);
+        self.conn
+            .execute(
+                "UPDATE locks SET expires_at = ?2 WHERE do_id = ?1 AND fencing_token = ?3",
+                params!["obj", self.now, token],
+            )
+            .await
+            .expect("raw release");
+    }
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let value = Bytes::from(vec![42u8; 100]);
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i:06}")).collect();
+    let obj = ObjectId::new("bench-object").expect("valid");
+    let node = NodeId::new("bench-node").expect("valid");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut raw = rt.block_on(Raw::open(&dir.path().join("raw.db")));
+    let s = rt.block_on(LibsqlStore::local(dir.path().join("dotdo.db")).open()).expect("open store");
+    let lease = rt.block_on(s.acquire(&obj, &node, Duration::from_secs(3600))).expect("acquire");
+    // Pre-populate both so gets hit.
+    for k in &keys {
+        rt.block_on(s.put(&obj, lease.token, "Bench", k, value.clone())).expect("put");
+        rt.block_on(raw.upsert(&keys, &value));
+    }
+
+    let mut k = 0;
+    let mut put = || {
+        k += 1;
+        rt.block_on(s.put(&obj, lease.token, "Bench", &keys[k % KEYS], value.clone())).expect("fenced put");
+    };
+    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.upsert(&keys, &value)));
+    record("libsql/fenced_put_p50", "us", us(ours.p50()), "libsql_upsert_autocommit", us(base.p50()));
+    record("libsql/fenced_put_p99", "us", us(ours.p99()), "libsql_upsert_autocommit", us(base.p99()));
+    record("libsql/fenced_put_throughput", "ops/s", ours.ops_per_sec(), "libsql_upsert_autocommit", base.ops_per_sec());
+    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.same_schema_txn(&keys, &value)));
+    record("libsql/fenced_put_p50_vs_same_schema", "us", us(ours.p50()), "libsql_same_schema_txn", us(base.p50()));
+
+    let mut g = 0;
+    let (ours, base) = sample_pair(
+        2_000,
+        N,
+        1_000,
+        || {
+            g += 1;
+            std::hint::black_box(rt.block_on(s.get(&obj, &keys[g % KEYS])).expect("get"));
+        },
+        || rt.block_on(raw.get(&keys)),
+    );
+    record("libsql/get_p50", "us", us(ours.p50()), "libsql_point_read", us(base.p50()));
+    record("libsql/get_p99", "us", us(ours.p99()), "libsql_point_read", us(base.p99()));
+
+    let other = ObjectId::new("lease-object").expect("valid");
+    let (ours, base) = sample_pair(
+        1_000,
+        N / 2,
+        1_000,
+        || {
+            rt.block_on(async {
+                let l = s.acquire(&other, &node, Duration::from_secs(30)).await.expect("acquire");
+                s.release(&l).await.expect("release");
+            })
+        },
+        || rt.block_on(raw.lease_pair()),
+    );
+    record("libsql/lease_pair_p50", "us", us(ours.p50()), "raw_sql_lease_pair", us(base.p50()));
+    record("libsql/lease_pair_throughput", "pairs/s", ours.ops_per_sec(), "raw_sql_lease_pair", base.ops_per_sec());
+}

@@ -23,11 +23,19 @@ pub(crate) type Row = Vec<Value>;
 pub(crate) struct Step {
     pub sql: Cow<'static, str>,
     pub params: Vec<Value>,
+    /// Whether the caller reads the statement's rows (otherwise it is run for its effect only).
+    pub rows: bool,
 }
 
 impl Step {
+    /// A statement whose rows the caller reads.
     pub(crate) fn new(sql: impl Into<Cow<'static, str>>, params: Vec<Value>) -> Self {
-        Step { sql: sql.into(), params }
+        Step { sql: sql.into(), params, rows: true }
+    }
+
+    /// A statement run for its effect only.
+    pub(crate) fn exec(sql: impl Into<Cow<'static, str>>, params: Vec<Value>) -> Self {
+        Step { sql: sql.into(), params, rows: false }
     }
 }
 
@@ -44,7 +52,7 @@ impl Conn {
     }
 
     /// Run one statement through the statement cache, collecting its rows.
-    async fn prepared(&mut self, step: &Step) -> libsql::Result<Vec<Row>> {
+    async fn prepared(&mut self, step: Step) -> libsql::Result<Vec<Row>> {
         if !self.cache.contains_key(&step.sql) {
             let stmt = self.conn.prepare(&step.sql).await?;
             self.cache.insert(step.sql.clone(), stmt);
@@ -53,7 +61,12 @@ impl Conn {
             return Err(libsql::Error::Misuse("statement cache lost an entry".into()));
         };
         stmt.reset();
-        let out = collect(stmt.query(Params::Positional(step.params.clone())).await).await;
+        let params = Params::Positional(step.params);
+        let out = if step.rows {
+            collect(stmt.query(params).await).await
+        } else {
+            stmt.execute(params).await.map(|_| Vec::new())
+        };
         stmt.reset();
         if out.is_err() {
             // A statement that failed may be in a bad state; prepare it afresh next time.
@@ -87,7 +100,7 @@ impl Conn {
             let mut rows = self.rendered(std::slice::from_ref(&step)).await?;
             Ok(rows.pop().unwrap_or_default())
         } else {
-            self.prepared(&step).await
+            self.prepared(step).await
         }
     }
 
@@ -97,7 +110,7 @@ impl Conn {
             self.rendered(&steps).await
         } else {
             let mut out = Vec::with_capacity(steps.len());
-            for s in &steps {
+            for s in steps {
                 out.push(self.prepared(s).await?);
             }
             Ok(out)
@@ -108,7 +121,7 @@ impl Conn {
     /// travels with the first query or the commit.
     pub(crate) async fn begin(&mut self) -> libsql::Result<Tx<'_>> {
         if !self.batch {
-            self.prepared(&Step::new("BEGIN IMMEDIATE", vec![])).await?;
+            self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
         }
         Ok(Tx { conn: self, pending: vec![Step::new("BEGIN IMMEDIATE", vec![])], sent_begin: false })
     }
@@ -133,7 +146,7 @@ impl Conn {
                 }
             };
         }
-        for s in &steps {
+        for s in steps {
             match tx.conn.prepared(s).await {
                 Ok(rows) => out.push(rows),
                 Err(e) => {
@@ -175,7 +188,7 @@ impl Tx<'_> {
             self.pending.push(step);
             Ok(())
         } else {
-            self.conn.prepared(&step).await.map(|_| ())
+            self.conn.prepared(step).await.map(|_| ())
         }
     }
 
@@ -186,7 +199,7 @@ impl Tx<'_> {
             let mut rows = self.flush(false).await?;
             Ok(rows.pop().unwrap_or_default())
         } else {
-            self.conn.prepared(&step).await
+            self.conn.prepared(step).await
         }
     }
 
@@ -195,7 +208,7 @@ impl Tx<'_> {
         let r = if self.conn.batch {
             self.flush(true).await.map(|_| ())
         } else {
-            self.conn.prepared(&Step::new("COMMIT", vec![])).await.map(|_| ())
+            self.conn.prepared(Step::exec("COMMIT", vec![])).await.map(|_| ())
         };
         if r.is_err() {
             self.rollback().await;

@@ -527,7 +527,7 @@ impl LibsqlStore {
                         .split(';')
                         .map(str::trim)
                         .filter(|s| !s.is_empty())
-                        .map(|s| Step::new(s.to_string(), vec![]))
+                        .map(|s| Step::exec(s.to_string(), vec![]))
                         .collect();
                     steps.push(Step::new(format!("PRAGMA user_version = {}", schema::VERSION), vec![]));
                     c.transaction(steps).await?;
@@ -664,13 +664,13 @@ impl HotStore for LibsqlStore {
         // newer, apply every operation only if the token equals the maximum, then report.
         let (o, tk) = (t(object.as_str()), i(token.get()));
         let mut steps = Vec::with_capacity(2 + 2 * batch.ops.len());
-        steps.push(Step::new(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
+        steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
         let type_name = t(&batch.type_name);
         for op in &batch.ops {
             match op {
                 WriteOp::Put { key, value } => {
                     let (k, v) = (t(key), Value::Blob(value.to_vec()));
-                    steps.push(Step::new(
+                    steps.push(Step::exec(
                         LOG,
                         vec![
                             o.clone(),
@@ -682,11 +682,11 @@ impl HotStore for LibsqlStore {
                             type_name.clone(),
                         ],
                     ));
-                    steps.push(Step::new(PUT, vec![o.clone(), tk.clone(), k, v]));
+                    steps.push(Step::exec(PUT, vec![o.clone(), tk.clone(), k, v]));
                 }
                 WriteOp::Delete { key } => {
                     let k = t(key);
-                    steps.push(Step::new(
+                    steps.push(Step::exec(
                         LOG,
                         vec![
                             o.clone(),
@@ -698,7 +698,7 @@ impl HotStore for LibsqlStore {
                             type_name.clone(),
                         ],
                     ));
-                    steps.push(Step::new(DEL, vec![o.clone(), tk.clone(), k]));
+                    steps.push(Step::exec(DEL, vec![o.clone(), tk.clone(), k]));
                 }
             }
         }
@@ -826,14 +826,14 @@ impl HotStore for LibsqlStore {
                         ))
                         .into());
                     }
-                    tx.exec(Step::new(RAISE, vec![o.clone(), i(token.get())])).await?;
+                    tx.exec(Step::exec(RAISE, vec![o.clone(), i(token.get())])).await?;
                     if through > truncated {
-                        tx.exec(Step::new(
+                        tx.exec(Step::exec(
                             "UPDATE do_objects SET truncated_through = ?2, last_seq = max(last_seq, ?3) WHERE do_id = ?1",
                             vec![o.clone(), i(through), i(last)],
                         ))
                         .await?;
-                        tx.exec(Step::new("DELETE FROM do_changes WHERE do_id = ?1 AND seq <= ?2", vec![o.clone(), i(through)]))
+                        tx.exec(Step::exec("DELETE FROM do_changes WHERE do_id = ?1 AND seq <= ?2", vec![o.clone(), i(through)]))
                             .await?;
                     }
                     Ok(())
@@ -918,8 +918,8 @@ impl HotStore for LibsqlStore {
                         )
                         .into());
                     }
-                    tx.exec(Step::new(RAISE, vec![o.clone(), i(token.get())])).await?;
-                    tx.exec(Step::new("DELETE FROM do_state WHERE do_id = ?1", vec![o.clone()])).await?;
+                    tx.exec(Step::exec(RAISE, vec![o.clone(), i(token.get())])).await?;
+                    tx.exec(Step::exec("DELETE FROM do_state WHERE do_id = ?1", vec![o.clone()])).await?;
                     Ok(())
                 })
             })
@@ -959,16 +959,16 @@ impl HotStore for LibsqlStore {
                         )
                         .into());
                     }
-                    tx.exec(Step::new(RAISE, vec![o.clone(), i(token.get())])).await?;
-                    tx.exec(Step::new("DELETE FROM do_state WHERE do_id = ?1", vec![o.clone()])).await?;
+                    tx.exec(Step::exec(RAISE, vec![o.clone(), i(token.get())])).await?;
+                    tx.exec(Step::exec("DELETE FROM do_state WHERE do_id = ?1", vec![o.clone()])).await?;
                     for e in entries.iter() {
-                        tx.exec(Step::new(
+                        tx.exec(Step::exec(
                             "INSERT INTO do_state (do_id, key, value, seq) VALUES (?1, ?2, ?3, ?4)",
                             vec![o.clone(), t(&e.key), Value::Blob(e.value.to_vec()), i(e.seq)],
                         ))
                         .await?;
                     }
-                    tx.exec(Step::new(
+                    tx.exec(Step::exec(
                         "UPDATE do_objects SET last_seq = ?2, truncated_through = ?2 WHERE do_id = ?1",
                         vec![o.clone(), i(through_seq)],
                     ))
@@ -1010,7 +1010,7 @@ impl ConsistencyGuard for LibsqlStore {
                     if row.token.get() <= floor {
                         row.token = FencingToken::new(floor + 1);
                     }
-                    tx.exec(Step::new(
+                    tx.exec(Step::exec(
                         "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) VALUES (?1, ?2, ?3, ?4, ?5) \
                          ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
                          expires_at = excluded.expires_at, fencing_token = excluded.fencing_token",
@@ -1023,7 +1023,7 @@ impl ConsistencyGuard for LibsqlStore {
                         ],
                     ))
                     .await?;
-                    tx.exec(Step::new(RAISE, vec![o.clone(), i(row.token.get())])).await?;
+                    tx.exec(Step::exec(RAISE, vec![o.clone(), i(row.token.get())])).await?;
                     Ok(row.to_lease(&object))
                 })
             })
@@ -1075,7 +1075,7 @@ impl ConsistencyGuard for LibsqlStore {
             let (lease, clock) = (lease.clone(), clock.clone());
             Box::pin(async move {
                 let now = clock.now().as_micros();
-                c.transaction(vec![Step::new(
+                c.transaction(vec![Step::exec(
                     "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
                     vec![t(lease.object.as_str()), i(lease.token.get()), Value::Integer(now)],
                 )])

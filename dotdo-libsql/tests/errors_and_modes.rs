@@ -1,0 +1,376 @@
+//! What runs without a libSQL server: URL and token handling, redaction, error mapping of bad
+//! files, busy databases and failing primaries (a closed port, a fake HTTP endpoint answering
+//! 401 / 503), the retry bound, durability across reopen.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dotdo_core::{Clock, ConsistencyGuard, ErrorKind, HotStore, HotStoreExt, NodeId, ObjectId, SystemClock};
+use dotdo_libsql::{validate_url, AuthToken, Durability, LibsqlSettings, LibsqlStore, Target, Transport};
+
+fn obj() -> ObjectId {
+    ObjectId::new("o1").expect("valid")
+}
+
+fn fast_retries(retries: u32) -> LibsqlSettings {
+    LibsqlSettings {
+        retries,
+        retry_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(40),
+        ..Default::default()
+    }
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    drop(l);
+    port
+}
+
+/// A fake HTTP endpoint answering every request with `status`; counts the requests.
+fn fake_http(status: &'static str) -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for stream in l.incoming() {
+            let Ok(stream) = stream else { continue };
+            let c = c.clone();
+            std::thread::spawn(move || serve(stream, status, &c));
+        }
+    });
+    (port, count)
+}
+
+fn serve(stream: TcpStream, status: &str, count: &AtomicUsize) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut stream = stream;
+    loop {
+        let mut len = 0usize;
+        let mut line = String::new();
+        let mut first = true;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if first {
+                first = false;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        count.fetch_add(1, Ordering::SeqCst);
+        let msg = "nope";
+        let resp =
+            format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{msg}", msg.len());
+        if stream.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn urls_are_validated_without_a_server() {
+    for ok in [
+        "libsql://my-db-my-org.turso.io",
+        "https://my-db-my-org.turso.io",
+        "http://127.0.0.1:8080",
+        "http://[::1]:8080/",
+        "HTTPS://Example.com/db?x=1",
+    ] {
+        validate_url(ok).unwrap_or_else(|e| panic!("{ok} should be valid: {e}"));
+    }
+    assert_eq!(validate_url("HTTPS://Example.com").expect("valid"), "https://Example.com");
+    for bad in [
+        "my-db.turso.io",
+        "ws://db.example.com",
+        "wss://db.example.com",
+        "file:///tmp/x.db",
+        "postgres://db",
+        "http://",
+        "http://:8080",
+        "https://user:secret@db.example.com",
+        "http://db.example.com:99999",
+        "http://db.example.com:0",
+        "http://db.example.com:port",
+        "http://db example.com",
+        "",
+    ] {
+        let e = validate_url(bad).expect_err(bad);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        assert!(!e.is_retryable());
+    }
+}
+
+#[tokio::test]
+async fn bad_urls_and_tokens_are_invalid_input_before_any_io() {
+    let port = closed_port();
+    for url in ["ftp://127.0.0.1", "127.0.0.1:8080", "http://u:p@127.0.0.1"] {
+        let e = LibsqlStore::remote(url, "tok").open().await.expect_err(url);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{url}: {e}");
+    }
+    let url = format!("http://127.0.0.1:{port}");
+    for token in ["Bearer abc", "abc def", "abc\n", "a\u{7}b"] {
+        let e = LibsqlStore::remote(url.clone(), token).open().await.expect_err(token);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{token:?}: {e}");
+        assert!(!e.to_string().contains(token.trim()), "the token must not be echoed: {e}");
+    }
+    let e = LibsqlStore::remote(url.clone(), "x".repeat(17 * 1024)).open().await.expect_err("huge token");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let e = LibsqlStore::replica("", url.clone(), "t", None).open().await.expect_err("no path");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let e = LibsqlStore::replica("r.db", url, "t", Some(Duration::ZERO)).open().await.expect_err("zero interval");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+}
+
+#[test]
+fn auth_tokens_are_redacted_in_debug_output() {
+    let secret = "eyJhbGciOiJFZERTQSJ9.super-secret-token";
+    let token = AuthToken::new(secret);
+    assert_eq!(format!("{token:?}"), "AuthToken(<redacted>)");
+    assert_eq!(token.expose(), secret);
+    let b = LibsqlStore::remote("libsql://db.turso.io", secret);
+    let shown = format!("{b:?} {:?}", b.target());
+    assert!(!shown.contains("super-secret"), "{shown}");
+    assert!(shown.contains("libsql://db.turso.io"), "{shown}");
+    let r = LibsqlStore::replica("replica.db", "libsql://db.turso.io", secret, Some(Duration::from_secs(1)));
+    assert!(!format!("{r:?}").contains("super-secret"));
+    assert_eq!(format!("{:?}", AuthToken::new("")), "AuthToken(<empty>)");
+    assert_eq!(Target::Local { path: "x.db".into() }.describe(), "x.db");
+}
+
+#[test]
+fn settings_are_validated() {
+    for bad in [
+        LibsqlSettings { read_connections: 0, ..Default::default() },
+        LibsqlSettings {
+            retry_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(1),
+            ..Default::default()
+        },
+    ] {
+        let e = LibsqlStore::local("x.db").with_settings(bad).validate().expect_err("invalid settings");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    }
+}
+
+#[cfg(feature = "remote")]
+#[tokio::test]
+async fn an_unreachable_primary_is_unavailable_and_retryable_within_the_retry_bound() {
+    let settings = fast_retries(3);
+    let bound = settings.max_total_backoff();
+    let clock = SystemClock::new();
+    let started = clock.monotonic();
+    let e = LibsqlStore::remote(format!("http://127.0.0.1:{}", closed_port()), "")
+        .with_settings(settings)
+        .open()
+        .await
+        .expect_err("nothing listens there");
+    let took = clock.monotonic() - started;
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("after 3 retries"), "{e}");
+    assert!(took >= bound, "retried with backoff: took {took:?}, backoff total {bound:?}");
+    assert!(took < bound + Duration::from_secs(5), "bounded: took {took:?}");
+}
+
+#[cfg(feature = "remote")]
+#[tokio::test]
+async fn an_overloaded_primary_is_retried_exactly_the_configured_number_of_times() {
+    let (port, requests) = fake_http("503 Service Unavailable");
+    let e = LibsqlStore::remote(format!("http://127.0.0.1:{port}"), "tok")
+        .with_settings(fast_retries(2))
+        .open()
+        .await
+        .expect_err("503");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable());
+    assert_eq!(requests.load(Ordering::SeqCst), 3, "one try and two retries");
+}
+
+#[cfg(feature = "remote")]
+#[tokio::test]
+async fn a_rejected_token_is_a_clear_non_retryable_backend_error_and_is_not_retried() {
+    for status in ["401 Unauthorized", "403 Forbidden"] {
+        let (port, requests) = fake_http(status);
+        let e = LibsqlStore::remote(format!("http://127.0.0.1:{port}"), "wrong-token")
+            .with_settings(fast_retries(3))
+            .open()
+            .await
+            .expect_err("rejected");
+        assert_eq!(e.kind(), &ErrorKind::Backend, "{e}");
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("auth token"), "{e}");
+        assert!(!e.to_string().contains("wrong-token"), "{e}");
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "{status}: not retried");
+    }
+}
+
+#[cfg(not(feature = "remote"))]
+#[tokio::test]
+async fn remote_without_the_feature_says_which_feature_to_enable() {
+    let e = LibsqlStore::remote("http://127.0.0.1:1", "").open().await.expect_err("no feature");
+    assert!(e.to_string().contains("remote"), "{e}");
+}
+
+#[cfg(not(feature = "replica"))]
+#[tokio::test]
+async fn replica_without_the_feature_says_which_feature_to_enable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = LibsqlStore::replica(dir.path().join("r.db"), "http://127.0.0.1:1", "", None)
+        .open()
+        .await
+        .expect_err("no feature");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("`replica` feature"), "{e}");
+}
+
+#[cfg(feature = "replica")]
+#[tokio::test]
+async fn a_replica_of_an_unreachable_primary_is_unavailable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = LibsqlStore::replica(
+        dir.path().join("r.db"),
+        format!("http://127.0.0.1:{}", closed_port()),
+        "",
+        Some(Duration::from_secs(1)),
+    )
+    .with_settings(fast_retries(1))
+    .open()
+    .await
+    .expect_err("unreachable");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable());
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_is_corrupt_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("garbage.db");
+    std::fs::write(&path, b"this is not a database, it is a text file with some bytes in it ....".repeat(100))
+        .expect("write");
+    let e = LibsqlStore::local(&path).open().await.expect_err("garbage");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("garbage.db"), "error names the file: {e}");
+}
+
+#[tokio::test]
+async fn a_damaged_database_is_reported_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    {
+        let s = LibsqlStore::local(&path).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(5)).await.expect("acquire");
+        for i in 0..500 {
+            s.put(&obj(), l.token, "T", &format!("key-{i}"), vec![i as u8; 300].into()).await.expect("put");
+        }
+    }
+    // Checkpoint so the data is in the main file, then scribble over its pages (not the header).
+    {
+        let db = libsql::Builder::new_local(&path).build().await.expect("raw open");
+        let c = db.connect().expect("connect");
+        let mut rows = c.query("PRAGMA wal_checkpoint(TRUNCATE)", ()).await.expect("checkpoint");
+        while rows.next().await.expect("row").is_some() {}
+    }
+    let mut bytes = std::fs::read(&path).expect("read");
+    assert!(bytes.len() > 16 * 4096);
+    for b in bytes[4096 * 2..4096 * 12].iter_mut() {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, &bytes).expect("write");
+    let outcome = async {
+        let s = LibsqlStore::local(&path).open().await?;
+        s.integrity_check().await?;
+        s.list(&obj(), dotdo_core::KeyRange::all(), None).await.map(|_| ())
+    }
+    .await;
+    let e = outcome.expect_err("damage must be detected");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
+#[tokio::test]
+async fn an_unopenable_path_is_unavailable() {
+    let e = LibsqlStore::local("/nonexistent-dir/for/sure/hot.db").open().await.expect_err("no dir");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_gives_unavailable_after_bounded_retries_then_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = LibsqlSettings { busy_timeout: Duration::from_millis(20), ..fast_retries(2) };
+    let s = LibsqlStore::local(&path).with_settings(settings).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    let db = libsql::Builder::new_local(&path).build().await.expect("raw");
+    let blocker = db.connect().expect("connect");
+    blocker.execute("BEGIN EXCLUSIVE", ()).await.expect("lock");
+    let e = s.put(&obj(), l.token, "T", "k", "v".into()).await.expect_err("locked");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains("after 2 retries"), "{e}");
+    blocker.execute("ROLLBACK", ()).await.expect("unlock");
+    s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("works once unlocked");
+    assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    assert_eq!(s.read_changes(&obj(), 0, 10).await.expect("log").len(), 1, "the failed write left nothing");
+}
+
+#[tokio::test]
+async fn full_durability_persists_across_reopen_and_tokens_keep_rising() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = LibsqlSettings { durability: Durability::Full, ..Default::default() };
+    let node = NodeId::new("n").expect("valid");
+    let first = {
+        let s = LibsqlStore::local(&path).with_settings(settings.clone()).open().await.expect("open");
+        let l = s.acquire(&obj(), &node, Duration::from_millis(1)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
+        l.token
+    };
+    std::thread::sleep(Duration::from_millis(2));
+    let s = LibsqlStore::local(&path).with_settings(settings).open().await.expect("reopen");
+    assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    let l = s.acquire(&obj(), &node, Duration::from_secs(1)).await.expect("acquire again");
+    assert!(l.token > first);
+}
+
+#[tokio::test]
+async fn a_file_written_with_prepared_statements_reads_the_same_through_batches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let node = NodeId::new("n").expect("valid");
+    let value = bytes::Bytes::from((0..=255u8).cycle().take(5000).collect::<Vec<u8>>());
+    let token = {
+        let s = LibsqlStore::local(&path).open().await.expect("open");
+        let l = s.acquire(&obj(), &node, Duration::from_secs(60)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "it's a key", value.clone()).await.expect("put");
+        l.token
+    };
+    let b = LibsqlStore::local(&path)
+        .with_settings(LibsqlSettings { transport: Transport::Batch, ..Default::default() })
+        .open()
+        .await
+        .expect("open batched");
+    assert_eq!(b.get(&obj(), "it's a key").await.expect("get"), Some(value.clone()));
+    let r = b.put(&obj(), token, "T", "k2", "x".into()).await.expect("put through a batch");
+    assert_eq!((r.first_seq, r.last_seq), (2, 2));
+    let log = b.read_changes(&obj(), 0, 10).await.expect("log");
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0].value, value);
+    b.integrity_check().await.expect("healthy");
+}
