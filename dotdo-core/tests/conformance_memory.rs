@@ -126,6 +126,35 @@ mod broken {
         }
     }
 
+    /// An accelerator that ignores `AsOf` and always answers from the latest snapshot.
+    #[derive(Debug, Clone)]
+    struct IgnoresAsOf(MemoryColdStore);
+
+    #[async_trait]
+    impl IndexAccelerator for IgnoresAsOf {
+        async fn lookup(&self, object: &ObjectId, key: &str, _as_of: AsOf) -> Result<Lookup> {
+            self.0.lookup(object, key, AsOf::Latest).await
+        }
+        async fn scan(&self, query: ScanQuery) -> Result<Scan> {
+            self.0.scan(query.as_of(AsOf::Latest)).await
+        }
+    }
+
+    #[test]
+    fn kit_catches_an_accelerator_that_ignores_as_of() {
+        let f = cold_factory(|clock| async move {
+            let inner = MemoryColdStore::with_clock(Arc::new(clock));
+            ColdFixture {
+                sink: Arc::new(inner.clone()),
+                accel: Some(Arc::new(IgnoresAsOf(inner))),
+                keep_alive: Box::new(()),
+            }
+        });
+        let n = names(&dotdo_core::testkit::cold::run_all(&f));
+        assert!(n.contains(&"prop_accelerator_matches_full_scan"), "{n:?}");
+        assert!(n.contains(&"lookup_finds_latest_and_respects_deletes"), "{n:?}");
+    }
+
     fn names(f: &[dotdo_core::testkit::CaseFailure]) -> Vec<&'static str> {
         f.iter().map(|c| c.case).collect()
     }

@@ -523,54 +523,112 @@ fn cfail(e: crate::Error) -> TestCaseError {
     TestCaseError::fail(format!("unexpected error: {e}"))
 }
 
-/// For random tables (several objects, overwrites, deletes, several snapshots) every lookup and
-/// every prefix scan, current and as of each snapshot, equals the answer of folding all records
-/// (no false negatives, no stale versions).
+/// Operations of the accelerator state machine.
+#[derive(Clone, Debug)]
+pub enum AccelOp {
+    /// Commit new records of object `.0`: (key index, put or delete) each.
+    Commit(usize, Vec<(usize, bool)>),
+    /// Check every lookup and a full scan of object `.0` as of snapshot `.1` (modulo the number
+    /// of snapshots plus one; the extra one is `AsOf::Latest`).
+    Check(usize, usize),
+}
+
+/// The accelerator model: every object's records and, per snapshot, how many each object had.
+#[derive(Clone, Debug, Default)]
+pub struct AccelModel {
+    records: Vec<Vec<(u64, usize, bool)>>,
+    snapshots: Vec<Vec<usize>>,
+}
+
+struct AccelMachine;
+
+impl ReferenceStateMachine for AccelMachine {
+    type State = AccelModel;
+    type Transition = AccelOp;
+
+    fn init_state() -> BoxedStrategy<AccelModel> {
+        Just(AccelModel { records: vec![Vec::new(); COLD_OBJS], snapshots: Vec::new() }).boxed()
+    }
+
+    fn transitions(_: &AccelModel) -> BoxedStrategy<AccelOp> {
+        prop_oneof![
+            3 => (0..COLD_OBJS, proptest::collection::vec((0..COLD_KEYS, proptest::bool::weighted(0.75)), 1..6))
+                .prop_map(|(o, keys)| AccelOp::Commit(o, keys)),
+            2 => (0..COLD_OBJS, 0..8usize).prop_map(|(o, i)| AccelOp::Check(o, i)),
+        ]
+        .boxed()
+    }
+
+    fn apply(mut s: AccelModel, t: &AccelOp) -> AccelModel {
+        if let AccelOp::Commit(o, keys) = t {
+            for (k, put) in keys {
+                let seq = s.records[*o].len() as u64 + 1;
+                s.records[*o].push((seq, *k, *put));
+            }
+            s.snapshots.push(s.records.iter().map(Vec::len).collect());
+        }
+        s
+    }
+}
+
+/// Random sequences of commits (several objects, overwrites, deletes) interleaved with checks:
+/// every lookup and every full scan, current and as of each snapshot, equals the answer of
+/// folding all records of the snapshot (no false negatives, no stale versions).
 pub fn prop_accelerator_matches_full_scan(f: &ColdFactory) {
     let rt = runtime();
-    let commits = proptest::collection::vec(
-        (0..COLD_OBJS, proptest::collection::vec((0..COLD_KEYS, proptest::bool::weighted(0.75)), 1..6)),
-        1..6,
-    );
     let mut runner =
         TestRunner::new(Config { cases: proptest_cases().div_ceil(2), failure_persistence: None, ..Config::default() });
-    let result = runner.run(&commits, |commits| {
+    let result = runner.run(&AccelMachine::sequential_strategy(1..16), |(init, ops, _)| {
         rt.block_on(async {
             let (fx, _) = open(f).await;
             let Some(a) = fx.accel.clone() else { return Ok(()) };
             let objs: Vec<ObjectId> = (0..COLD_OBJS).map(|i| oid(&format!("x{i}"))).collect();
-            let mut all: Vec<Vec<(u64, usize, bool)>> = vec![Vec::new(); COLD_OBJS];
-            let mut snaps: Vec<(i64, Vec<usize>)> = Vec::new();
-            for (o, keys) in &commits {
-                let start = all[*o].len();
-                for (k, put) in keys {
-                    let seq = all[*o].len() as u64 + 1;
-                    all[*o].push((seq, *k, *put));
-                }
-                let recs = model_records(&objs[*o], &all[*o][start..], 1);
-                let c = fx.sink.append(ColdBatch::single(objs[*o].clone(), tok(1), recs)).await.map_err(cfail)?;
-                snaps.push((c.snapshot.expect("non-empty commit"), all.iter().map(Vec::len).collect()));
-            }
-            let mut points: Vec<(AsOf, Vec<usize>)> =
-                snaps.iter().map(|(id, n)| (AsOf::Snapshot(*id), n.clone())).collect();
-            points.push((AsOf::Latest, all.iter().map(Vec::len).collect()));
-            for (as_of, counts) in points {
-                for (j, obj) in objs.iter().enumerate() {
+            let mut model = init;
+            let mut snap_ids: Vec<i64> = Vec::new();
+            let check = |model: &AccelModel, j: usize, as_of: AsOf, count: usize| {
+                let a = a.clone();
+                let obj = objs[j].clone();
+                let recs = model_records(&obj, &model.records[j][..count], 1);
+                async move {
                     let want: BTreeMap<String, (Bytes, u64)> =
-                        fold_changes(&model_records(obj, &all[j][..counts[j]], 1))
-                            .0
-                            .into_iter()
-                            .map(|e| (e.key, (e.value, e.seq)))
-                            .collect();
+                        fold_changes(&recs).0.into_iter().map(|e| (e.key, (e.value, e.seq))).collect();
                     for k in 0..COLD_KEYS {
                         let key = format!("key{k}");
-                        let got = a.lookup(obj, &key, as_of).await.map_err(cfail)?.value.map(|v| (v.value, v.seq));
+                        let got = a.lookup(&obj, &key, as_of).await.map_err(cfail)?.value.map(|v| (v.value, v.seq));
                         prop_assert_eq!(got, want.get(&key).cloned(), "lookup {} {} as of {:?}", obj, key, as_of);
                     }
                     let scan = a.scan(ScanQuery::object(obj.clone()).as_of(as_of)).await.map_err(cfail)?;
                     let got: BTreeMap<String, (Bytes, u64)> =
                         scan.entries.into_iter().map(|v| (v.key, (v.value, v.seq))).collect();
-                    prop_assert_eq!(got, want);
+                    prop_assert_eq!(got, want, "scan {} as of {:?}", obj, as_of);
+                    Ok(())
+                }
+            };
+            for op in &ops {
+                let next = AccelMachine::apply(model.clone(), op);
+                match op {
+                    AccelOp::Commit(o, _) => {
+                        let start = model.records[*o].len();
+                        let recs = model_records(&objs[*o], &next.records[*o][start..], 1);
+                        let c =
+                            fx.sink.append(ColdBatch::single(objs[*o].clone(), tok(1), recs)).await.map_err(cfail)?;
+                        snap_ids.push(c.snapshot.expect("a non-empty commit creates a snapshot"));
+                    }
+                    AccelOp::Check(o, i) => {
+                        let idx = i % (snap_ids.len() + 1);
+                        if idx == snap_ids.len() {
+                            check(&model, *o, AsOf::Latest, model.records[*o].len()).await?;
+                        } else {
+                            check(&model, *o, AsOf::Snapshot(snap_ids[idx]), model.snapshots[idx][*o]).await?;
+                        }
+                    }
+                }
+                model = next;
+            }
+            for j in 0..COLD_OBJS {
+                check(&model, j, AsOf::Latest, model.records[j].len()).await?;
+                for (idx, id) in snap_ids.iter().enumerate() {
+                    check(&model, j, AsOf::Snapshot(*id), model.snapshots[idx][j]).await?;
                 }
             }
             Ok(())
