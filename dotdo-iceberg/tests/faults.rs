@@ -239,3 +239,156 @@ async fn missing_data_file_is_corrupt_and_names_the_file() {
     let err = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect_err("damaged");
     assert_eq!(err.kind(), &ErrorKind::Corrupt, "{err}");
 }
+
+/// A catalog whose commits sometimes succeed but report failure (the reply was lost), or fail
+/// before doing anything.
+#[derive(Debug)]
+struct LossyCatalog {
+    inner: Arc<dyn iceberg::Catalog>,
+    rng: parking_lot::Mutex<rand::rngs::StdRng>,
+    lost: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl iceberg::Catalog for LossyCatalog {
+    async fn list_namespaces(
+        &self,
+        p: Option<&iceberg::NamespaceIdent>,
+    ) -> iceberg::Result<Vec<iceberg::NamespaceIdent>> {
+        self.inner.list_namespaces(p).await
+    }
+    async fn create_namespace(
+        &self,
+        n: &iceberg::NamespaceIdent,
+        p: std::collections::HashMap<String, String>,
+    ) -> iceberg::Result<iceberg::Namespace> {
+        self.inner.create_namespace(n, p).await
+    }
+    async fn get_namespace(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<iceberg::Namespace> {
+        self.inner.get_namespace(n).await
+    }
+    async fn namespace_exists(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<bool> {
+        self.inner.namespace_exists(n).await
+    }
+    async fn update_namespace(
+        &self,
+        n: &iceberg::NamespaceIdent,
+        p: std::collections::HashMap<String, String>,
+    ) -> iceberg::Result<()> {
+        self.inner.update_namespace(n, p).await
+    }
+    async fn drop_namespace(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<()> {
+        self.inner.drop_namespace(n).await
+    }
+    async fn list_tables(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<Vec<iceberg::TableIdent>> {
+        self.inner.list_tables(n).await
+    }
+    async fn create_table(
+        &self,
+        n: &iceberg::NamespaceIdent,
+        c: iceberg::TableCreation,
+    ) -> iceberg::Result<iceberg::table::Table> {
+        self.inner.create_table(n, c).await
+    }
+    async fn load_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<iceberg::table::Table> {
+        self.inner.load_table(t).await
+    }
+    async fn drop_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<()> {
+        self.inner.drop_table(t).await
+    }
+    async fn purge_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<()> {
+        self.inner.purge_table(t).await
+    }
+    async fn table_exists(&self, t: &iceberg::TableIdent) -> iceberg::Result<bool> {
+        self.inner.table_exists(t).await
+    }
+    async fn rename_table(&self, a: &iceberg::TableIdent, b: &iceberg::TableIdent) -> iceberg::Result<()> {
+        self.inner.rename_table(a, b).await
+    }
+    async fn register_table(&self, t: &iceberg::TableIdent, m: String) -> iceberg::Result<iceberg::table::Table> {
+        self.inner.register_table(t, m).await
+    }
+    async fn update_table(&self, c: iceberg::TableCommit) -> iceberg::Result<iceberg::table::Table> {
+        use rand::Rng;
+        let roll: u32 = self.rng.lock().gen_range(0..10);
+        let reset = || iceberg::Error::new(iceberg::ErrorKind::Unexpected, "injected: connection reset");
+        match roll {
+            0 | 1 => {
+                self.inner.update_table(c).await?;
+                self.lost.fetch_add(1, Ordering::SeqCst);
+                Err(reset())
+            }
+            2 => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                Err(reset())
+            }
+            _ => self.inner.update_table(c).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
+    use rand::SeedableRng;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let warehouse = format!("file://{}", dir.path().display());
+    let lossy: Arc<parking_lot::Mutex<Option<Arc<LossyCatalog>>>> = Arc::default();
+    let slot = lossy.clone();
+    let build: dotdo_iceberg::catalog::CustomCatalog = Arc::new(move |factory| {
+        let (uri, warehouse, slot) = (uri.clone(), warehouse.clone(), slot.clone());
+        Box::pin(async move {
+            use iceberg::CatalogBuilder;
+            let sql = iceberg_catalog_sql::SqlCatalogBuilder::default()
+                .uri(uri)
+                .warehouse_location(warehouse)
+                .sql_bind_style(iceberg_catalog_sql::SqlBindStyle::QMark)
+                .with_storage_factory(factory)
+                .load("dotdo", std::collections::HashMap::new())
+                .await
+                .map_err(|e| dotdo_core::Error::backend(e.to_string()))?;
+            let c = Arc::new(LossyCatalog {
+                inner: Arc::new(sql),
+                rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(7)),
+                lost: Default::default(),
+                failed: Default::default(),
+            });
+            *slot.lock() = Some(c.clone());
+            Ok(c as Arc<dyn iceberg::Catalog>)
+        })
+    });
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .table(["lossy"], "changes")
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let mut acked = 0u64;
+    for i in 1..=60u64 {
+        let batch = ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, i, "k", "v", 1)]);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            assert!(tries < 50, "batch {i} never acknowledged");
+            match cold.append(batch.clone()).await {
+                Ok(c) => {
+                    assert_eq!(c.watermarks[&o].through, i);
+                    if c.snapshot.is_some() {
+                        acked += 1;
+                    }
+                    break;
+                }
+                Err(e) => assert!(e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome, "{e}"),
+            }
+        }
+    }
+    let cat = lossy.lock().clone().expect("catalog built");
+    let (lost, failed) = (cat.lost.load(Ordering::SeqCst), cat.failed.load(Ordering::SeqCst));
+    assert!(lost >= 5 && failed >= 2, "too few injected catalog faults: lost {lost}, failed {failed}");
+    let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=60).collect::<Vec<_>>(), "a lost reply must not cause a second commit");
+    assert_eq!(cold.snapshots().await.expect("snapshots").len(), 60, "one snapshot per batch");
+    assert_eq!(acked, 60, "every batch reported its own snapshot");
+}
