@@ -83,7 +83,6 @@ impl Default for Settings {
 }
 
 /// Builds an [`IcebergColdStore`]; see [`IcebergColdStore::builder`].
-#[derive(Debug)]
 pub struct IcebergColdStoreBuilder {
     warehouse: String,
     options: Vec<(String, String)>,
@@ -93,6 +92,21 @@ pub struct IcebergColdStoreBuilder {
     table: String,
     clock: Arc<dyn Clock>,
     settings: Settings,
+}
+
+impl std::fmt::Debug for IcebergColdStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Option values may be credentials: print keys only.
+        f.debug_struct("IcebergColdStoreBuilder")
+            .field("warehouse", &self.warehouse)
+            .field("options", &self.options.iter().map(|(k, _)| (k.as_str(), "<redacted>")).collect::<Vec<_>>())
+            .field("store", &self.store.as_ref().map(|s| s.to_string()))
+            .field("catalog", &self.catalog)
+            .field("namespace", &self.namespace)
+            .field("table", &self.table)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 impl IcebergColdStoreBuilder {

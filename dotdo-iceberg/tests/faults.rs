@@ -392,3 +392,13 @@ async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
     assert_eq!(cold.snapshots().await.expect("snapshots").len(), 60, "one snapshot per batch");
     assert_eq!(acked, 60, "every batch reported its own snapshot");
 }
+
+#[test]
+fn builder_debug_redacts_store_credentials() {
+    let b = IcebergColdStore::builder("s3://bucket/wh")
+        .option("aws_access_key_id", "AKIDEXAMPLE")
+        .option("aws_secret_access_key", "very-secret-value");
+    let dbg = format!("{b:?}");
+    assert!(dbg.contains("aws_secret_access_key"), "{dbg}");
+    assert!(!dbg.contains("very-secret-value") && !dbg.contains("AKIDEXAMPLE"), "{dbg}");
+}
