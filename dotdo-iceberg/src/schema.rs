@@ -112,7 +112,8 @@ fn to_i64(what: &str, v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} does not fit the table's long column")))
 }
 
-/// Build a record batch (schema with field ids, from the table) of `records`, in the given order.
+/// Build a record batch (schema with field ids, from the table) of `records`, in the given order,
+/// checking keys and type names on the way (`InvalidInput`).
 pub(crate) fn to_batch(schema: &ArrowSchemaRef, records: &[&ChangeRecord]) -> Result<RecordBatch> {
     let n = records.len();
     let mut do_id = StringBuilder::with_capacity(n, n * 16);
@@ -123,7 +124,14 @@ pub(crate) fn to_batch(schema: &ArrowSchemaRef, records: &[&ChangeRecord]) -> Re
     let mut op = StringBuilder::with_capacity(n, n * 6);
     let mut seq = Int64Builder::with_capacity(n);
     let mut token = Int64Builder::with_capacity(n);
+    let mut last_type: Option<&str> = None;
     for r in records {
+        dotdo_core::ids::validate_key(&r.key)?;
+        // Type names repeat: validate each run once.
+        if last_type != Some(r.type_name.as_str()) {
+            dotdo_core::ids::validate_type_name(&r.type_name)?;
+            last_type = Some(r.type_name.as_str());
+        }
         do_id.append_value(r.object.as_str());
         ty.append_value(&r.type_name);
         key.append_value(&r.key);

@@ -19,7 +19,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use dotdo_core::ids::{validate_key, validate_type_name, validate_value};
+use dotdo_core::ids::validate_value;
 use dotdo_core::{
     AsOf, ChangeRecord, Clock, ColdBatch, ColdCommit, ColdSink, ColdState, Error, ErrorKind, ObjectId, Result, Seq,
     SnapshotInfo, SystemClock, Timestamp, Watermark,
@@ -779,17 +779,13 @@ impl IcebergColdStore {
     }
 }
 
+/// Structural checks and value sizes up front; keys and type names are checked while the
+/// records are converted to Arrow (in parallel, in the same pass over the data), before any
+/// commit.
 fn validate_records(batch: &ColdBatch) -> Result<()> {
     batch.validate()?;
-    let mut last_type: Option<&str> = None;
     for r in batch.objects.iter().flat_map(|o| o.records.iter()) {
-        validate_key(&r.key)?;
         validate_value(&r.value)?;
-        // Type names repeat within an object: validate each run once.
-        if last_type != Some(r.type_name.as_str()) {
-            validate_type_name(&r.type_name)?;
-            last_type = Some(r.type_name.as_str());
-        }
     }
     Ok(())
 }

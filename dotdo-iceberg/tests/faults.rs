@@ -402,3 +402,35 @@ fn builder_debug_redacts_store_credentials() {
     assert!(dbg.contains("aws_secret_access_key"), "{dbg}");
     assert!(!dbg.contains("very-secret-value") && !dbg.contains("AKIDEXAMPLE"), "{dbg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_records_are_rejected_and_nothing_is_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let mut bad_key = put(&o, 1, "ok", "v", 1);
+    bad_key.key = "bad\u{7}key".into();
+    let mut bad_type = put(&o, 1, "k", "v", 1);
+    bad_type.type_name = String::new();
+    let mut too_big = put(&o, 1, "k", "", 1);
+    too_big.value = bytes::Bytes::from(vec![0u8; dotdo_core::MAX_VALUE_BYTES + 1]);
+    for (what, r) in [("control char in key", bad_key), ("empty type", bad_type), ("value over 2 MiB", too_big)] {
+        let batch = ColdBatch::single(
+            o.clone(),
+            FencingToken::new(1),
+            vec![put(&o, 1, "a", "v", 1), {
+                let mut r = r;
+                r.seq = 2;
+                r
+            }],
+        );
+        let e = cold.append(batch).await.expect_err(what);
+        assert!(matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. }), "{what}: {e}");
+    }
+    assert!(cold.snapshots().await.expect("snapshots").is_empty());
+    assert_eq!(cold.watermark(&o).await.expect("wm").through, 0);
+    // Nothing was left behind either: no data files.
+    let data = dir.path().join("dotdo").join("changes").join("data");
+    let files = std::fs::read_dir(&data).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(files, 0, "rejected batches leave no data files in {}", data.display());
+}
