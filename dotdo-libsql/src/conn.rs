@@ -44,11 +44,12 @@ pub(crate) struct Conn {
     conn: libsql::Connection,
     batch: bool,
     cache: HashMap<Cow<'static, str>, libsql::Statement>,
+    nonce: i64,
 }
 
 impl Conn {
     pub(crate) fn new(conn: libsql::Connection, batch: bool) -> Self {
-        Conn { conn, batch, cache: HashMap::new() }
+        Conn { conn, batch, cache: HashMap::new(), nonce: 0 }
     }
 
     /// Run one statement through the statement cache, collecting its rows.
@@ -75,157 +76,108 @@ impl Conn {
         out
     }
 
-    /// Send `steps` as one rendered batch; the rows of each statement, in order.
-    async fn rendered(&mut self, steps: &[Step]) -> libsql::Result<Vec<Vec<Row>>> {
-        let mut sql = String::new();
-        for s in steps {
-            render_into(&mut sql, &s.sql, &s.params);
-            sql.push_str(";\n");
-        }
-        let mut batch = self.conn.execute_batch(&sql).await?;
+    /// A read outside any explicit transaction: a cached prepared statement (remotely: described
+    /// once per connection, then one round trip per call).
+    pub(crate) async fn query(&mut self, step: Step) -> libsql::Result<Vec<Row>> {
+        self.prepared(step).await
+    }
+
+    /// Several statements outside any explicit transaction (e.g. pragmas).
+    pub(crate) async fn run_all(&mut self, steps: Vec<Step>) -> libsql::Result<Vec<Vec<Row>>> {
         let mut out = Vec::with_capacity(steps.len());
-        while let Some(rows) = batch.next_stmt_row() {
-            out.push(match rows {
-                Some(rows) => collect(Ok(rows)).await?,
-                None => Vec::new(),
-            });
+        for s in steps {
+            out.push(self.prepared(s).await?);
         }
-        out.resize(steps.len(), Vec::new());
         Ok(out)
     }
 
-    /// A read outside any explicit transaction (one round trip remotely).
-    pub(crate) async fn query(&mut self, step: Step) -> libsql::Result<Vec<Row>> {
-        if self.batch {
-            let mut rows = self.rendered(std::slice::from_ref(&step)).await?;
-            Ok(rows.pop().unwrap_or_default())
-        } else {
-            self.prepared(step).await
+    /// Run a [`Program`] as one `BEGIN IMMEDIATE` … `COMMIT` transaction and return its result.
+    ///
+    /// On a local file: cached prepared statements, the result read with a query inside the
+    /// transaction. Remotely: **one** batch (one HTTP round trip). libsql's remote batches return
+    /// no rows (it asks the server for none), so the result travels as the connection's
+    /// `last_insert_rowid`, which the primary reports with the batch: inside the transaction a
+    /// `do_locks` row with a negative rowid encoding the result (and a per-call nonce) is inserted
+    /// and deleted again, so nothing of it is ever committed or visible to others.
+    pub(crate) async fn run_program(&mut self, program: Program) -> libsql::Result<Option<i64>> {
+        let out = if self.batch { self.program_rendered(program).await } else { self.program_prepared(program).await };
+        if out.is_err() && !self.conn.is_autocommit() {
+            // Nothing of a failed transaction may stay applied.
+            let _ = self.conn.execute("ROLLBACK", ()).await;
         }
-    }
-
-    /// Several statements outside any explicit transaction (e.g. pragmas), one round trip.
-    pub(crate) async fn run_all(&mut self, steps: Vec<Step>) -> libsql::Result<Vec<Vec<Row>>> {
-        if self.batch {
-            self.rendered(&steps).await
-        } else {
-            let mut out = Vec::with_capacity(steps.len());
-            for s in steps {
-                out.push(self.prepared(s).await?);
-            }
-            Ok(out)
-        }
-    }
-
-    /// Begin a write transaction (`BEGIN IMMEDIATE`). Remotely nothing is sent yet: the `BEGIN`
-    /// travels with the first query or the commit.
-    pub(crate) async fn begin(&mut self) -> libsql::Result<Tx<'_>> {
-        if !self.batch {
-            self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
-        }
-        Ok(Tx { conn: self, pending: vec![Step::new("BEGIN IMMEDIATE", vec![])], sent_begin: false })
-    }
-
-    /// Run `steps` as one transaction (one round trip remotely) and return every step's rows.
-    pub(crate) async fn transaction(&mut self, steps: Vec<Step>) -> libsql::Result<Vec<Vec<Row>>> {
-        let mut tx = self.begin().await?;
-        let n = steps.len();
-        let mut out = Vec::with_capacity(n);
-        if tx.conn.batch {
-            tx.pending.extend(steps);
-            let r = tx.flush(true).await;
-            return match r {
-                Ok(mut rows) => {
-                    // BEGIN first, COMMIT last.
-                    rows.truncate(n + 1);
-                    Ok(rows.into_iter().skip(1).collect())
-                }
-                Err(e) => {
-                    tx.rollback().await;
-                    Err(e)
-                }
-            };
-        }
-        for s in steps {
-            match tx.conn.prepared(s).await {
-                Ok(rows) => out.push(rows),
-                Err(e) => {
-                    tx.rollback().await;
-                    return Err(e);
-                }
-            }
-        }
-        match tx.commit().await {
-            Ok(()) => Ok(out),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// An open write transaction. Drop without commit leaves it open: always end it with
-/// [`commit`](Tx::commit) or [`rollback`](Tx::rollback).
-pub(crate) struct Tx<'a> {
-    conn: &'a mut Conn,
-    pending: Vec<Step>,
-    sent_begin: bool,
-}
-
-impl Tx<'_> {
-    /// Send what is pending (remote only), optionally with `COMMIT`; every statement's rows.
-    async fn flush(&mut self, commit: bool) -> libsql::Result<Vec<Vec<Row>>> {
-        if commit {
-            self.pending.push(Step::new("COMMIT", vec![]));
-        }
-        let steps = std::mem::take(&mut self.pending);
-        let out = self.conn.rendered(&steps).await;
-        self.sent_begin = true;
         out
     }
 
-    /// A statement whose rows are not needed before the commit (buffered remotely).
-    pub(crate) async fn exec(&mut self, step: Step) -> libsql::Result<()> {
-        if self.conn.batch {
-            self.pending.push(step);
-            Ok(())
-        } else {
-            self.conn.prepared(step).await.map(|_| ())
+    async fn program_prepared(&mut self, program: Program) -> libsql::Result<Option<i64>> {
+        self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
+        for s in program.steps {
+            self.prepared(s).await?;
         }
-    }
-
-    /// A statement whose rows are needed now (remotely: one round trip with what is pending).
-    pub(crate) async fn query(&mut self, step: Step) -> libsql::Result<Vec<Row>> {
-        if self.conn.batch {
-            self.pending.push(step);
-            let mut rows = self.flush(false).await?;
-            Ok(rows.pop().unwrap_or_default())
-        } else {
-            self.conn.prepared(step).await
-        }
-    }
-
-    /// Commit (remotely: one round trip with what is pending).
-    pub(crate) async fn commit(mut self) -> libsql::Result<()> {
-        let r = if self.conn.batch {
-            self.flush(true).await.map(|_| ())
-        } else {
-            self.conn.prepared(Step::exec("COMMIT", vec![])).await.map(|_| ())
+        let result = match program.result {
+            Some(r) => Some(result_of(&self.prepared(r).await?)?),
+            None => None,
         };
-        if r.is_err() {
-            self.rollback().await;
-        }
-        r
+        self.prepared(Step::exec("COMMIT", vec![])).await?;
+        Ok(result)
     }
 
-    /// Roll back; nothing of the transaction stays applied. Errors are ignored (a transaction
-    /// that failed remotely is already rolled back when its stream closed).
-    pub(crate) async fn rollback(self) {
-        if self.conn.batch && !self.sent_begin {
-            return;
+    async fn program_rendered(&mut self, program: Program) -> libsql::Result<Option<i64>> {
+        self.nonce = (self.nonce + 1) % (1 << NONCE_BITS);
+        let base = RESULT_FLOOR + (self.nonce << RESULT_BITS) + RESULT_BIAS;
+        let mut sql = String::from("BEGIN IMMEDIATE;\n");
+        for s in &program.steps {
+            render_into(&mut sql, &s.sql, &s.params);
+            sql.push_str(";\n");
         }
-        if !self.conn.batch && self.conn.conn.is_autocommit() {
-            return;
+        if let Some(r) = &program.result {
+            // A row that lives only inside this transaction: its rowid carries the result.
+            let _ = write!(
+                sql,
+                "INSERT INTO do_locks (rowid, do_id, node_id, acquired_at, expires_at, fencing_token) \
+                 SELECT {base} + ("
+            );
+            render_into(&mut sql, &r.sql, &r.params);
+            sql.push_str("), '', '', 0, 0, 0;\nDELETE FROM do_locks WHERE do_id = '';\n");
         }
-        let _ = self.conn.conn.execute("ROLLBACK", ()).await;
+        sql.push_str("COMMIT;\n");
+        self.conn.execute_batch(&sql).await?;
+        if program.result.is_none() {
+            return Ok(None);
+        }
+        decode_result(self.conn.last_insert_rowid(), self.nonce).map(Some)
+    }
+}
+
+/// Bits of a program result carried in a rowid: results lie in `[-2^44, 2^44)`.
+const RESULT_BITS: u32 = 45;
+const RESULT_BIAS: i64 = 1 << (RESULT_BITS - 1);
+/// Bits of the per-call nonce that proves the rowid came from this call.
+const NONCE_BITS: u32 = 16;
+/// All result rowids are negative, so they never collide with a real row (SQLite assigns
+/// positive rowids).
+const RESULT_FLOOR: i64 = -(1 << 62);
+
+fn decode_result(rowid: i64, nonce: i64) -> libsql::Result<i64> {
+    let x = rowid.wrapping_sub(RESULT_FLOOR);
+    if !(0..(1 << 62)).contains(&x) || x >> RESULT_BITS != nonce {
+        return Err(libsql::Error::Misuse(format!(
+            "the primary did not report this batch's last_insert_rowid (got {rowid}); it cannot carry program results"
+        )));
+    }
+    Ok((x & ((1 << RESULT_BITS) - 1)) - RESULT_BIAS)
+}
+
+/// A write transaction: statements run for their effect, then an optional result query that
+/// returns exactly one row with one non-NULL integer (computed inside the transaction).
+pub(crate) struct Program {
+    pub steps: Vec<Step>,
+    pub result: Option<Step>,
+}
+
+fn result_of(rows: &[Row]) -> libsql::Result<i64> {
+    match rows.first().and_then(|r| r.first()) {
+        Some(Value::Integer(i)) => Ok(*i),
+        _ => Err(libsql::Error::InvalidColumnType),
     }
 }
 
@@ -345,6 +297,18 @@ mod tests {
             ],
         );
         assert_eq!(sql, "INSERT INTO t VALUES ('it''s', -7, X'00ABFF', 10, NULL)");
+    }
+
+    #[test]
+    fn results_round_trip_through_a_negative_rowid_with_the_nonce() {
+        for (r, nonce) in [(0, 1), (1, 7), (-1, 65_535), (RESULT_BIAS - 1, 3), (-RESULT_BIAS, 9), (123_456_789, 42)] {
+            let rowid = RESULT_FLOOR + (nonce << RESULT_BITS) + RESULT_BIAS + r;
+            assert!(rowid < 0, "{r} {nonce}");
+            assert_eq!(decode_result(rowid, nonce).expect("decodes"), r);
+            assert!(decode_result(rowid, nonce + 1).is_err(), "a stale rowid is detected");
+        }
+        assert!(decode_result(0, 0).is_err());
+        assert!(decode_result(17, 1).is_err());
     }
 
     #[test]

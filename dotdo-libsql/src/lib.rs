@@ -12,20 +12,36 @@
 //! | [`LibsqlStore::remote`]`(url, token)` | a remote primary over HTTP(S) (Hrana) | `remote` (default) |
 //! | [`LibsqlStore::replica`]`(path, url, token, sync_interval)` | reads: the local replica file; writes and lease calls: the primary | `replica` |
 //!
+//! The default features are `remote`; `default-features = false` builds the local file mode only
+//! (no HTTP stack). `replica` adds libsql's replication client (gRPC, tonic).
+//!
+//! Tested: the conformance kit runs on a local file with prepared statements, on a local file with
+//! every program rendered as one batch (the remote path), and in remote mode through libsql's own
+//! HTTP client against a minimal Hrana server in the tests. The replica mode builds and is
+//! documented; it needs a real sqld / Turso primary to run, which the test suite does not have.
+//!
 //! ## Semantics (the same as dotdo-sqlite)
 //!
 //! * Same schema as dotdo-sqlite: `do_locks` (the lease table), `do_objects` (per-object counters
 //!   with the `last_seq` floor and the token maximum), `do_state`, `do_changes`.
-//! * **The fencing check and the write are one transaction on the primary.** A write is one
-//!   program — raise the object's token maximum if the token is newer, apply every operation only
-//!   if the token equals the maximum, read back the sequence numbers — run as one `BEGIN IMMEDIATE`
-//!   … `COMMIT` transaction. Against a remote primary that transaction is sent as **one batch in one
-//!   HTTP round trip**, never check-then-write. An embedded replica's possibly stale local copy is
+//! * **The fencing check and the write are one transaction on the primary.** Every mutating call
+//!   (`write`, `truncate_changes`, `evict`, `restore`, `acquire`, `refresh`, `release`) is one
+//!   *program*: statements whose effect is conditional on the token check (e.g. raise the object's
+//!   token maximum if the token is newer, apply each operation only if the token equals the
+//!   maximum), then one integer result (the last sequence number, or `-current_token` when
+//!   fenced). It runs as one `BEGIN IMMEDIATE` … `COMMIT` transaction. Against a remote primary the
+//!   whole transaction is sent as **one batch in one HTTP round trip**, never check-then-write.
+//!   libsql's remote batches return no rows, so the result comes back as the batch's
+//!   `last_insert_rowid`: inside the transaction a `do_locks` row with a negative rowid that
+//!   encodes the result (and a per-call nonce, so a stale value is detected) is inserted and
+//!   deleted again; nothing of it is committed. An embedded replica's possibly stale local copy is
 //!   never consulted for the check, so a stale read cannot let a stale token write.
-//! * Lease calls (`acquire`, `truncate_changes`, `evict`, `restore`) read, decide with
-//!   [`dotdo_core::guard::rules`], and write inside one transaction on the primary: one call
-//!   locally, two round trips remotely (the `BEGIN` rides with the read, the writes with the
-//!   `COMMIT`). `refresh` and `release` are one round trip.
+//! * The lease decision is the SQL form of [`dotdo_core::guard::rules`] (free iff
+//!   `expires_at <= now`; token = 1 + max(previous token, object's token maximum)); a refusal is
+//!   explained by reading the row on the primary and applying `rules` itself (`LeaseHeld`,
+//!   `LeaseLost`, `Fenced`).
+//! * Reads are cached prepared statements. Remotely libsql describes a statement once per
+//!   connection (one extra round trip the first time), then each read is one round trip.
 //! * Connections are kept and reused (one write connection, a small pool of read connections;
 //!   remote connections share one HTTP client with keep-alive).
 //! * Transient failures (busy database, unreachable or overloaded primary) are retried a bounded

@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use libsql::Value;
 use parking_lot::Mutex;
 
-use crate::conn::{Conn, Row, Step};
+use crate::conn::{Conn, Program, Row, Step};
 use crate::error::{self, class_of, is_transient, map_class};
 use crate::schema;
 use crate::settings::{AuthToken, Durability, LibsqlSettings, Target, Transport};
@@ -175,7 +175,7 @@ impl LibsqlStoreBuilder {
                 (None, Arc::new(db), None, true)
             }
             Target::Remote { url, auth_token } => {
-                let db = open_remote(url, auth_token).await.map_err(|e| error::map(e, &doing, false))?;
+                let db = open_remote(url, auth_token, &doing).await?;
                 (None, Arc::new(db), None, false)
             }
             Target::Replica { path, url, auth_token, sync_interval } => {
@@ -217,17 +217,20 @@ impl LibsqlStoreBuilder {
     }
 }
 
-async fn open_remote(url: &str, token: &AuthToken) -> libsql::Result<libsql::Database> {
+async fn open_remote(url: &str, token: &AuthToken, doing: &str) -> Result<libsql::Database> {
     #[cfg(feature = "remote")]
     {
-        libsql::Builder::new_remote(url.to_string(), token.expose().to_string()).build().await
+        libsql::Builder::new_remote(url.to_string(), token.expose().to_string())
+            .build()
+            .await
+            .map_err(|e| error::map(e, doing, false))
     }
     #[cfg(not(feature = "remote"))]
     {
         let _ = (url, token);
-        Err(libsql::Error::Misuse(
-            "remote primaries need dotdo-libsql's `remote` feature (it is not enabled in this build)".into(),
-        ))
+        Err(Error::invalid(format!(
+            "{doing}: remote primaries need dotdo-libsql's `remote` feature (it is not enabled in this build)"
+        )))
     }
 }
 
@@ -242,7 +245,7 @@ async fn open_replica(
 ) -> Result<(libsql::Database, libsql::Database)> {
     #[cfg(feature = "replica")]
     {
-        let primary = open_remote(url, token).await.map_err(|e| error::map(e, doing, false))?;
+        let primary = open_remote(url, token, doing).await?;
         let mut attempt = 0;
         loop {
             let mut b = libsql::Builder::new_remote_replica(path, url.to_string(), token.expose().to_string())
@@ -276,18 +279,35 @@ async fn open_replica(
 // ---------------------------------------------------------------------------------------------
 // SQL
 
-const OBJ_ROW: &str = "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = ?1), 0)), \
-     o.truncated_through, o.max_token FROM do_objects o WHERE o.do_id = ?1";
-const RAISE: &str = "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
-     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)";
+/// The effective last sequence number of object row `o`: `do_objects.last_seq` is a floor kept for
+/// truncated and restored changes; the newest change still in the log may be above it.
+macro_rules! eff_last {
+    ($o:literal) => {
+        concat!(
+            "max(",
+            $o,
+            ".last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = ",
+            $o,
+            ".do_id), 0))"
+        )
+    };
+}
+/// `?2` (the presented token) is below the object's maximum.
+const FENCED: &str = "EXISTS (SELECT 1 FROM do_objects f WHERE f.do_id = ?1 AND f.max_token > ?2)";
+/// The object's effective last sequence number (0 if unknown).
+const LAST: &str = concat!("coalesce((SELECT ", eff_last!("o"), " FROM do_objects o WHERE o.do_id = ?1), 0)");
+/// `-max_token` if `?2` is stale (a fenced call), for result codes.
+const MINUS_MAX: &str = "-(SELECT max_token FROM do_objects WHERE do_id = ?1)";
 /// Raise only (never lower) and only when the token is not stale: the first step of a write.
 const RAISE_IF_CURRENT: &str =
     "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
      ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token";
 /// Append one change with the next sequence number, only if the token is current.
-const LOG: &str = "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) \
-     SELECT ?1, max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = ?1), 0)) + 1, \
-     ?3, ?4, ?5, ?2, ?6, ?7 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2";
+const LOG: &str = concat!(
+    "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) SELECT ?1, ",
+    eff_last!("o"),
+    " + 1, ?3, ?4, ?5, ?2, ?6, ?7 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2"
+);
 /// Upsert the state of the change just logged, only if the token is current.
 const PUT: &str = "INSERT INTO do_state (do_id, key, value, seq) \
      SELECT ?1, ?3, ?4, (SELECT max(seq) FROM do_changes c WHERE c.do_id = ?1) \
@@ -295,13 +315,16 @@ const PUT: &str = "INSERT INTO do_state (do_id, key, value, seq) \
      ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq";
 const DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?3 \
      AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2)";
+/// The result of a write: `-max_token` if fenced, else the effective last sequence number.
+const WRITE_RESULT: &str = concat!(
+    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token ELSE ",
+    eff_last!("o"),
+    " END FROM do_objects o WHERE o.do_id = ?1), 0)"
+);
+/// The object has changes cold storage has not acknowledged.
+const PENDING: &str =
+    concat!("EXISTS (SELECT 1 FROM do_objects p WHERE p.do_id = ?1 AND ", eff_last!("p"), " > p.truncated_through)");
 const LEASE_ROW: &str = "SELECT node_id, fencing_token, acquired_at, expires_at FROM do_locks WHERE do_id = ?1";
-
-struct ObjRow {
-    last_seq: u64,
-    truncated: u64,
-    max_token: u64,
-}
 
 fn text(v: Option<&Value>) -> libsql::Result<String> {
     match v {
@@ -340,12 +363,6 @@ fn i(v: u64) -> Value {
     Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-fn obj_row(rows: &[Row]) -> libsql::Result<Option<ObjRow>> {
-    rows.first()
-        .map(|r| Ok(ObjRow { last_seq: uint(r.first())?, truncated: uint(r.get(1))?, max_token: uint(r.get(2))? }))
-        .transpose()
-}
-
 fn lease_row(rows: &[Row]) -> libsql::Result<Option<LeaseRow>> {
     let Some(r) = rows.first() else { return Ok(None) };
     let node = text(r.first())?;
@@ -362,16 +379,6 @@ fn check_token_nonzero(token: FencingToken) -> Result<()> {
         return Err(Error::invalid("fencing token NONE is never valid for a write"));
     }
     Ok(())
-}
-
-/// Fail with `Fenced` if `token` is below the object's maximum.
-fn check_fence(object: &ObjectId, token: FencingToken, row: Option<&ObjRow>) -> TxResult<()> {
-    match row {
-        Some(r) if token.get() < r.max_token => {
-            Err(Error::fenced(object, token, FencingToken::new(r.max_token)).into())
-        }
-        _ => Ok(()),
-    }
 }
 
 fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
@@ -530,7 +537,7 @@ impl LibsqlStore {
                         .map(|s| Step::exec(s.to_string(), vec![]))
                         .collect();
                     steps.push(Step::new(format!("PRAGMA user_version = {}", schema::VERSION), vec![]));
-                    c.transaction(steps).await?;
+                    c.run_program(Program { steps, result: None }).await?;
                 }
                 Ok(())
             })
@@ -635,24 +642,6 @@ impl Inner {
     }
 }
 
-/// Run an interactive transaction body, rolling back on any error.
-macro_rules! in_tx {
-    ($conn:expr, |$tx:ident| $body:block) => {{
-        let mut $tx = $conn.begin().await?;
-        let out: TxResult<_> = async { $body }.await;
-        match out {
-            Ok(v) => {
-                $tx.commit().await?;
-                Ok(v)
-            }
-            Err(e) => {
-                $tx.rollback().await;
-                Err(e)
-            }
-        }
-    }};
-}
-
 #[async_trait]
 impl HotStore for LibsqlStore {
     async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
@@ -661,63 +650,50 @@ impl HotStore for LibsqlStore {
         let now = self.inner.clock.now().as_micros();
         let n = batch.ops.len() as u64;
         // One program, one transaction, one round trip: raise the token maximum if the token is
-        // newer, apply every operation only if the token equals the maximum, then report.
+        // newer, apply every operation only if the token equals the maximum, report the outcome.
         let (o, tk) = (t(object.as_str()), i(token.get()));
-        let mut steps = Vec::with_capacity(2 + 2 * batch.ops.len());
+        let mut steps = Vec::with_capacity(1 + 2 * batch.ops.len());
         steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
         let type_name = t(&batch.type_name);
         for op in &batch.ops {
-            match op {
-                WriteOp::Put { key, value } => {
-                    let (k, v) = (t(key), Value::Blob(value.to_vec()));
-                    steps.push(Step::exec(
-                        LOG,
-                        vec![
-                            o.clone(),
-                            tk.clone(),
-                            k.clone(),
-                            Value::Integer(0),
-                            v.clone(),
-                            Value::Integer(now),
-                            type_name.clone(),
-                        ],
-                    ));
-                    steps.push(Step::exec(PUT, vec![o.clone(), tk.clone(), k, v]));
-                }
-                WriteOp::Delete { key } => {
-                    let k = t(key);
-                    steps.push(Step::exec(
-                        LOG,
-                        vec![
-                            o.clone(),
-                            tk.clone(),
-                            k.clone(),
-                            Value::Integer(1),
-                            Value::Blob(Vec::new()),
-                            Value::Integer(now),
-                            type_name.clone(),
-                        ],
-                    ));
-                    steps.push(Step::exec(DEL, vec![o.clone(), tk.clone(), k]));
-                }
-            }
+            let (key, code, value) = match op {
+                WriteOp::Put { key, value } => (key, 0, Value::Blob(value.to_vec())),
+                WriteOp::Delete { key } => (key, 1, Value::Blob(Vec::new())),
+            };
+            let k = t(key);
+            let log = vec![
+                o.clone(),
+                tk.clone(),
+                k.clone(),
+                Value::Integer(code),
+                value.clone(),
+                Value::Integer(now),
+                type_name.clone(),
+            ];
+            steps.push(Step::exec(LOG, log));
+            steps.push(match op {
+                WriteOp::Put { .. } => Step::exec(PUT, vec![o.clone(), tk.clone(), k, value]),
+                WriteOp::Delete { .. } => Step::exec(DEL, vec![o.clone(), tk.clone(), k]),
+            });
         }
-        steps.push(Step::new(OBJ_ROW, vec![o]));
+        let result = Step::new(WRITE_RESULT, vec![o, tk]);
         let steps = Arc::new(steps);
-        let object_c = object.clone();
-        self.write_call("write", move |c| {
-            let steps = steps.clone();
-            let object = object_c.clone();
-            Box::pin(async move {
-                let rows = c.transaction(steps.to_vec()).await?;
-                let row = obj_row(rows.last().map_or(&[][..], |r| &r[..]))?
-                    .ok_or_else(|| Error::backend(format!("write to {object}: object row missing after write")))?;
-                check_fence(&object, token, Some(&row))?;
-                let last = row.last_seq;
-                Ok(WriteReceipt { first_seq: last + 1 - n, last_seq: last })
+        let object = object.clone();
+        let r = self
+            .write_call("write", move |c| {
+                let program = Program { steps: steps.to_vec(), result: Some(result.clone()) };
+                Box::pin(async move { Ok(c.run_program(program).await?) })
             })
-        })
-        .await
+            .await?
+            .unwrap_or_default();
+        if r < 0 {
+            return Err(Error::fenced(&object, token, FencingToken::new(r.unsigned_abs())));
+        }
+        let last = r.unsigned_abs();
+        if last + 1 < n {
+            return Err(Error::backend(format!("write to {object}: inconsistent result {r} for {n} operations")));
+        }
+        Ok(WriteReceipt { first_seq: last + 1 - n, last_seq: last })
     }
 
     async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
@@ -811,36 +787,44 @@ impl HotStore for LibsqlStore {
 
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
         check_token_nonzero(token)?;
-        let object = object.clone();
-        self.write_call("truncate changes", move |c| {
-            let object = object.clone();
-            Box::pin(async move {
-                let o = t(object.as_str());
-                in_tx!(c, |tx| {
-                    let row = obj_row(&tx.query(Step::new(OBJ_ROW, vec![o.clone()])).await?)?;
-                    check_fence(&object, token, row.as_ref())?;
-                    let (last, truncated) = row.as_ref().map_or((0, 0), |r| (r.last_seq, r.truncated));
-                    if through > last {
-                        return Err(Error::invalid(format!(
-                            "cannot truncate {object} through seq {through}: last seq is {last}"
-                        ))
-                        .into());
-                    }
-                    tx.exec(Step::exec(RAISE, vec![o.clone(), i(token.get())])).await?;
-                    if through > truncated {
-                        tx.exec(Step::exec(
-                            "UPDATE do_objects SET truncated_through = ?2, last_seq = max(last_seq, ?3) WHERE do_id = ?1",
-                            vec![o.clone(), i(through), i(last)],
-                        ))
-                        .await?;
-                        tx.exec(Step::exec("DELETE FROM do_changes WHERE do_id = ?1 AND seq <= ?2", vec![o.clone(), i(through)]))
-                            .await?;
-                    }
-                    Ok(())
-                })
-            })
-        })
-        .await
+        let (o, tk, th) = (t(object.as_str()), i(token.get()), i(through));
+        let p = vec![o, tk, th];
+        // Valid: not fenced and `through` not beyond the last sequence number.
+        let ok = format!("NOT {FENCED} AND ?3 <= {LAST}");
+        let steps = vec![
+            Step::exec(
+                concat!(
+                    "UPDATE do_objects SET truncated_through = ?3, last_seq = max(last_seq, ",
+                    eff_last!("do_objects"),
+                    ") WHERE do_id = ?1 AND max_token <= ?2 AND ?3 > truncated_through AND ?3 <= ",
+                    eff_last!("do_objects")
+                ),
+                p.clone(),
+            ),
+            Step::exec(
+                "DELETE FROM do_changes WHERE do_id = ?1 AND seq <= ?3 AND EXISTS \
+                 (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token <= ?2 AND o.truncated_through >= ?3)",
+                p.clone(),
+            ),
+            Step::exec(
+                format!(
+                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
+                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)"
+                ),
+                p.clone(),
+            ),
+        ];
+        // 0: done; < 0: fenced by -code; > 0: `through` is beyond last seq code - 1.
+        let result = Step::new(
+            format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN ?3 > {LAST} THEN {LAST} + 1 ELSE 0 END"),
+            p,
+        );
+        let code = self.program("truncate changes", steps, result).await?;
+        match code {
+            0 => Ok(()),
+            c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
+            c => Err(Error::invalid(format!("cannot truncate {object} through seq {through}: last seq is {}", c - 1))),
+        }
     }
 
     async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
@@ -899,32 +883,25 @@ impl HotStore for LibsqlStore {
 
     async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
         check_token_nonzero(token)?;
-        let object = object.clone();
-        self.write_call("evict", move |c| {
-            let object = object.clone();
-            Box::pin(async move {
-                let o = t(object.as_str());
-                in_tx!(c, |tx| {
-                    let row = obj_row(&tx.query(Step::new(OBJ_ROW, vec![o.clone()])).await?)?;
-                    check_fence(&object, token, row.as_ref())?;
-                    if let Some(r) = row.as_ref().filter(|r| r.last_seq > r.truncated) {
-                        return Err(Error::new(
-                            ErrorKind::Conflict,
-                            format!(
-                                "{object} has changes {}..={} not yet in cold storage",
-                                r.truncated + 1,
-                                r.last_seq
-                            ),
-                        )
-                        .into());
-                    }
-                    tx.exec(Step::exec(RAISE, vec![o.clone(), i(token.get())])).await?;
-                    tx.exec(Step::exec("DELETE FROM do_state WHERE do_id = ?1", vec![o.clone()])).await?;
-                    Ok(())
-                })
-            })
-        })
-        .await
+        let p = vec![t(object.as_str()), i(token.get())];
+        let ok = format!("NOT {FENCED} AND NOT {PENDING}");
+        let steps = vec![
+            Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
+            Step::exec(
+                format!(
+                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
+                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)"
+                ),
+                p.clone(),
+            ),
+        ];
+        let result =
+            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {PENDING} THEN 1 ELSE 0 END"), p);
+        match self.program("evict", steps, result).await? {
+            0 => Ok(()),
+            c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
+            _ => Err(self.pending_conflict(object, "evict").await),
+        }
     }
 
     async fn restore(
@@ -939,45 +916,84 @@ impl HotStore for LibsqlStore {
             validate_key(&e.key)?;
             validate_value(&e.value)?;
         }
-        let object = object.clone();
-        let entries = Arc::new(entries);
-        self.write_call("restore", move |c| {
-            let object = object.clone();
-            let entries = entries.clone();
-            Box::pin(async move {
-                let o = t(object.as_str());
-                in_tx!(c, |tx| {
-                    let row = obj_row(&tx.query(Step::new(OBJ_ROW, vec![o.clone()])).await?)?;
-                    check_fence(&object, token, row.as_ref())?;
-                    let (last, truncated) = row.as_ref().map_or((0, 0), |r| (r.last_seq, r.truncated));
-                    if last > truncated || last > through_seq {
-                        return Err(Error::new(
-                            ErrorKind::Conflict,
-                            format!(
-                                "cannot restore {object} through seq {through_seq}: hot last seq {last} (truncated through {truncated})"
-                            ),
-                        )
-                        .into());
-                    }
-                    tx.exec(Step::exec(RAISE, vec![o.clone(), i(token.get())])).await?;
-                    tx.exec(Step::exec("DELETE FROM do_state WHERE do_id = ?1", vec![o.clone()])).await?;
-                    for e in entries.iter() {
-                        tx.exec(Step::exec(
-                            "INSERT INTO do_state (do_id, key, value, seq) VALUES (?1, ?2, ?3, ?4)",
-                            vec![o.clone(), t(&e.key), Value::Blob(e.value.to_vec()), i(e.seq)],
-                        ))
-                        .await?;
-                    }
-                    tx.exec(Step::exec(
-                        "UPDATE do_objects SET last_seq = ?2, truncated_through = ?2 WHERE do_id = ?1",
-                        vec![o.clone(), i(through_seq)],
-                    ))
-                    .await?;
-                    Ok(())
-                })
-            })
+        let p = vec![t(object.as_str()), i(token.get()), i(through_seq)];
+        // Conflict: pending changes, or a last seq above `through_seq`.
+        let conflict = format!("({PENDING} OR {LAST} > ?3)");
+        let ok = format!("NOT {FENCED} AND NOT {conflict}");
+        let mut steps = vec![
+            Step::exec(
+                format!(
+                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
+                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)"
+                ),
+                p.clone(),
+            ),
+            Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
+        ];
+        let insert = format!("INSERT INTO do_state (do_id, key, value, seq) SELECT ?1, ?4, ?5, ?6 WHERE {ok}");
+        for e in &entries {
+            let mut q = p.clone();
+            q.extend([t(&e.key), Value::Blob(e.value.to_vec()), i(e.seq)]);
+            steps.push(Step::exec(insert.clone(), q));
+        }
+        steps.push(Step::exec(
+            format!("UPDATE do_objects SET last_seq = ?3, truncated_through = ?3 WHERE do_id = ?1 AND {ok}"),
+            p.clone(),
+        ));
+        let result =
+            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {conflict} THEN 1 ELSE 0 END"), p);
+        match self.program("restore", steps, result).await? {
+            0 => Ok(()),
+            c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
+            _ => Err(self.pending_conflict(object, &format!("restore through seq {through_seq}")).await),
+        }
+    }
+}
+
+impl LibsqlStore {
+    /// Run a program with a result on the primary (a mutating call).
+    async fn program(&self, doing: &str, steps: Vec<Step>, result: Step) -> Result<i64> {
+        let steps = Arc::new(steps);
+        self.write_call(doing, move |c| {
+            let program = Program { steps: steps.to_vec(), result: Some(result.clone()) };
+            Box::pin(async move { Ok(c.run_program(program).await?) })
+        })
+        .await?
+        .ok_or_else(|| Error::backend(format!("{doing}: the program returned no result")))
+    }
+
+    /// A read on the primary (the write connection), for explaining a refusal.
+    async fn read_primary(&self, doing: &str, step: Step) -> Result<Vec<Row>> {
+        self.with_writer(doing, false, move |c| {
+            let step = step.clone();
+            Box::pin(async move { Ok(c.query(step).await?) })
         })
         .await
+    }
+
+    /// The `Conflict` error of an evict or restore refused for pending changes.
+    async fn pending_conflict(&self, object: &ObjectId, doing: &str) -> Error {
+        let step = Step::new(
+            concat!("SELECT ", eff_last!("o"), ", o.truncated_through FROM do_objects o WHERE o.do_id = ?1"),
+            vec![t(object.as_str())],
+        );
+        let detail = match self.read_primary("read object", step).await {
+            Ok(rows) => match rows.first() {
+                Some(r) => format!(
+                    "hot last seq {} (truncated through {})",
+                    uint(r.first()).unwrap_or(0),
+                    uint(r.get(1)).unwrap_or(0)
+                ),
+                None => String::from("unknown state"),
+            },
+            Err(e) => format!("state unreadable: {e}"),
+        };
+        Error::new(ErrorKind::Conflict, format!("cannot {doing} {object}: changes not yet in cold storage; {detail}"))
+    }
+
+    async fn lease_row_on_primary(&self, object: &ObjectId) -> Result<Option<LeaseRow>> {
+        let rows = self.read_primary("read lease", Step::new(LEASE_ROW, vec![t(object.as_str())])).await?;
+        lease_row(&rows).map_err(|e| Error::corrupt(format!("undecodable lease row of {object}")).with_source(e))
     }
 }
 
@@ -985,103 +1001,86 @@ impl HotStore for LibsqlStore {
 impl ConsistencyGuard for LibsqlStore {
     async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
         dotdo_core::guard::validate_ttl(ttl)?;
-        let (object, holder) = (object.clone(), holder.clone());
-        let clock = self.inner.clock.clone();
-        self.write_call("acquire lease", move |c| {
-            let (object, holder, clock) = (object.clone(), holder.clone(), clock.clone());
-            Box::pin(async move {
-                let o = t(object.as_str());
-                in_tx!(c, |tx| {
-                    let now = clock.now();
-                    let rows = tx
-                        .query(Step::new(
-                            "SELECT l.node_id, l.fencing_token, l.acquired_at, l.expires_at, \
-                             (SELECT max_token FROM do_objects WHERE do_id = ?1) \
-                             FROM (SELECT 1) LEFT JOIN do_locks l ON l.do_id = ?1",
-                            vec![o.clone()],
-                        ))
-                        .await?;
-                    let current = match rows.first() {
-                        Some(r) if !matches!(r.first(), Some(Value::Null) | None) => lease_row(&rows)?,
-                        _ => None,
-                    };
-                    let floor = uint(rows.first().and_then(|r| r.get(4)))?;
-                    let mut row = rules::acquire(&object, current.as_ref(), &holder, ttl, now)?;
-                    if row.token.get() <= floor {
-                        row.token = FencingToken::new(floor + 1);
-                    }
-                    tx.exec(Step::exec(
-                        "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) VALUES (?1, ?2, ?3, ?4, ?5) \
-                         ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
-                         expires_at = excluded.expires_at, fencing_token = excluded.fencing_token",
-                        vec![
-                            o.clone(),
-                            t(holder.as_str()),
-                            Value::Integer(row.acquired_at.as_micros()),
-                            Value::Integer(row.expires_at.as_micros()),
-                            i(row.token.get()),
-                        ],
-                    ))
-                    .await?;
-                    tx.exec(Step::exec(RAISE, vec![o.clone(), i(row.token.get())])).await?;
-                    Ok(row.to_lease(&object))
-                })
-            })
-        })
-        .await
+        loop {
+            let now = self.inner.clock.now();
+            let expires = now.plus(ttl);
+            // The same decision as `rules::acquire`, in SQL so that it is one round trip: take the
+            // lease if it is free (expired or released), with a token above every token issued.
+            let p = vec![
+                t(object.as_str()),
+                t(holder.as_str()),
+                Value::Integer(now.as_micros()),
+                Value::Integer(expires.as_micros()),
+            ];
+            let steps = vec![
+                Step::exec(
+                    "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
+                     VALUES (?1, ?2, ?3, ?4, 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
+                     coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0))) \
+                     ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
+                     expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3",
+                    p.clone(),
+                ),
+                // Runs right after the upsert: `changes()` says whether it took the lease.
+                Step::exec(
+                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
+                     SELECT ?1, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 AND changes() = 1 \
+                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)",
+                    p.clone(),
+                ),
+            ];
+            let result = Step::new(
+                "SELECT CASE WHEN changes() = 1 THEN (SELECT fencing_token FROM do_locks WHERE do_id = ?1) ELSE -1 END",
+                p,
+            );
+            let token = self.program("acquire lease", steps, result).await?;
+            if token > 0 {
+                return Ok(Lease {
+                    object: object.clone(),
+                    holder: holder.clone(),
+                    token: FencingToken::new(token.unsigned_abs()),
+                    acquired_at: now,
+                    expires_at: expires,
+                });
+            }
+            // Refused: explain with the shared rules (`LeaseHeld`). If the lease was freed in
+            // between, try again.
+            let current = self.lease_row_on_primary(object).await?;
+            rules::acquire(object, current.as_ref(), holder, ttl, self.inner.clock.now())?;
+        }
     }
 
     async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
         dotdo_core::guard::validate_ttl(ttl)?;
-        let lease = lease.clone();
-        let clock = self.inner.clock.clone();
-        self.write_call("refresh lease", move |c| {
-            let (lease, clock) = (lease.clone(), clock.clone());
-            Box::pin(async move {
-                let now = clock.now();
-                let expires = now.plus(ttl);
-                // One round trip: the conditional extension and the row to explain a refusal.
-                let rows = c
-                    .transaction(vec![
-                        Step::new(
-                            "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 \
-                             AND node_id = ?3 AND expires_at > ?5 RETURNING expires_at",
-                            vec![
-                                t(lease.object.as_str()),
-                                i(lease.token.get()),
-                                t(lease.holder.as_str()),
-                                Value::Integer(expires.as_micros()),
-                                Value::Integer(now.as_micros()),
-                            ],
-                        ),
-                        Step::new(LEASE_ROW, vec![t(lease.object.as_str())]),
-                    ])
-                    .await?;
-                if rows.first().is_some_and(|r| !r.is_empty()) {
-                    return Ok(Lease { expires_at: expires, ..lease.clone() });
-                }
-                let row = lease_row(rows.get(1).map_or(&[][..], |r| &r[..]))?;
-                rules::check_current(&lease, row.as_ref(), now)?;
-                Err(Error::backend("lease refresh changed no row although the lease is current").into())
-            })
-        })
-        .await
+        let now = self.inner.clock.now();
+        let expires = now.plus(ttl);
+        let steps = vec![Step::exec(
+            "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND node_id = ?3 AND expires_at > ?5",
+            vec![
+                t(lease.object.as_str()),
+                i(lease.token.get()),
+                t(lease.holder.as_str()),
+                Value::Integer(expires.as_micros()),
+                Value::Integer(now.as_micros()),
+            ],
+        )];
+        if self.program("refresh lease", steps, Step::new("SELECT changes()", vec![])).await? == 1 {
+            return Ok(Lease { expires_at: expires, ..lease.clone() });
+        }
+        let row = self.lease_row_on_primary(&lease.object).await?;
+        rules::check_current(lease, row.as_ref(), now)?;
+        Err(Error::backend("lease refresh changed no row although the lease is current"))
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let lease = lease.clone();
-        let clock = self.inner.clock.clone();
+        let now = self.inner.clock.now().as_micros();
+        let steps = Arc::new(vec![Step::exec(
+            "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
+            vec![t(lease.object.as_str()), i(lease.token.get()), Value::Integer(now)],
+        )]);
         self.write_call("release lease", move |c| {
-            let (lease, clock) = (lease.clone(), clock.clone());
-            Box::pin(async move {
-                let now = clock.now().as_micros();
-                c.transaction(vec![Step::exec(
-                    "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
-                    vec![t(lease.object.as_str()), i(lease.token.get()), Value::Integer(now)],
-                )])
-                .await?;
-                Ok(())
-            })
+            let program = Program { steps: steps.to_vec(), result: None };
+            Box::pin(async move { Ok(c.run_program(program).await.map(|_| ())?) })
         })
         .await
     }

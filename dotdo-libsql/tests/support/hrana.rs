@@ -1,0 +1,383 @@
+//! A minimal Hrana-over-HTTP server (the protocol sqld and Turso speak) backed by a local libSQL
+//! file, for tests of the remote code path without a real server. It implements what the libsql
+//! client sends for `execute_batch`: `POST /v3/pipeline` with `batch` (conditional steps),
+//! `execute`, `sequence`, `get_autocommit` and `close` requests, streams with batons, and bearer
+//! auth. It counts pipeline requests, i.e. HTTP round trips.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::executor::block_on;
+use libsql_hrana::proto::{
+    BatchCond, BatchResult, BatchStreamResp, CloseStreamResp, Col, CursorEntry, CursorReqBody, CursorRespBody,
+    DescribeCol, DescribeParam, DescribeResult, DescribeStreamResp, Error as HError, ExecuteStreamResp,
+    GetAutocommitStreamResp, PipelineReqBody, PipelineRespBody, Row, SequenceStreamResp, StepBeginEntry, StepEndEntry,
+    StepErrorEntry, Stmt, StmtResult, StreamRequest, StreamResponse, StreamResult, Value as HValue,
+};
+
+struct State {
+    db: libsql::Database,
+    token: String,
+    streams: Mutex<HashMap<String, libsql::Connection>>,
+    next_baton: AtomicUsize,
+    requests: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// A running fake server; stops accepting when dropped.
+pub struct HranaServer {
+    state: Arc<State>,
+    port: u16,
+}
+
+impl HranaServer {
+    /// Serve the database at `path`, requiring `Authorization: Bearer <token>` (none if empty).
+    pub fn start(path: &Path, token: &str) -> HranaServer {
+        let db = block_on(libsql::Builder::new_local(path).build()).expect("server database");
+        {
+            let c = db.connect().expect("connect");
+            let mut rows = block_on(c.query("PRAGMA journal_mode = WAL", ())).expect("wal");
+            while block_on(rows.next()).expect("row").is_some() {}
+        }
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let state = Arc::new(State {
+            db,
+            token: token.to_string(),
+            streams: Mutex::new(HashMap::new()),
+            next_baton: AtomicUsize::new(1),
+            requests: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let s = state.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let s = s.clone();
+                std::thread::spawn(move || serve(conn, &s));
+            }
+        });
+        HranaServer { state, port }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Pipeline requests (HTTP round trips) served so far.
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HranaServer {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve(stream: TcpStream, state: &State) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut out = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let (mut len, mut auth) = (0usize, String::new());
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "content-length" => len = v.trim().parse().unwrap_or(0),
+                    "authorization" => auth = v.trim().to_string(),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let (status, reply) = if !state.token.is_empty() && auth != format!("Bearer {}", state.token) {
+            ("401 Unauthorized", "{\"error\":\"Unauthorized\"}".to_string())
+        } else if path.ends_with("/cursor") {
+            state.requests.fetch_add(1, Ordering::SeqCst);
+            match serde_json::from_slice::<CursorReqBody>(&body) {
+                Ok(req) => ("200 OK", cursor(state, req)),
+                Err(e) => ("400 Bad Request", format!("{{\"error\":{:?}}}", e.to_string())),
+            }
+        } else if !path.ends_with("/pipeline") {
+            ("404 Not Found", "{\"error\":\"not supported by the test server\"}".to_string())
+        } else {
+            state.requests.fetch_add(1, Ordering::SeqCst);
+            match serde_json::from_slice::<PipelineReqBody>(&body) {
+                Ok(req) => ("200 OK", serde_json::to_string(&pipeline(state, req)).expect("json")),
+                Err(e) => ("400 Bad Request", format!("{{\"error\":{:?}}}", e.to_string())),
+            }
+        };
+        let resp = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+            reply.len()
+        );
+        if out.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// The connection of the stream named by `baton` (a new one if none).
+fn stream_conn(state: &State, baton: &Option<String>) -> Result<libsql::Connection, HError> {
+    match baton {
+        Some(b) => state
+            .streams
+            .lock()
+            .expect("streams")
+            .remove(b)
+            .ok_or_else(|| HError { message: format!("stream {b} not found"), code: "STREAM_EXPIRED".into() }),
+        None => {
+            let c = state.db.connect().expect("connect");
+            c.busy_timeout(Duration::from_secs(2)).expect("busy timeout");
+            Ok(c)
+        }
+    }
+}
+
+fn keep(state: &State, conn: libsql::Connection) -> String {
+    let b = format!("baton-{}", state.next_baton.fetch_add(1, Ordering::SeqCst));
+    state.streams.lock().expect("streams").insert(b.clone(), conn);
+    b
+}
+
+/// A cursor request: one JSON line with the baton, then one line per entry.
+fn cursor(state: &State, req: CursorReqBody) -> String {
+    let mut lines = Vec::new();
+    let conn = match stream_conn(state, &req.baton) {
+        Ok(c) => c,
+        Err(error) => {
+            lines.push(serde_json::to_string(&CursorRespBody { baton: None, base_url: None }).expect("json"));
+            lines.push(serde_json::to_string(&CursorEntry::Error { error }).expect("json"));
+            return lines.join("\n") + "\n";
+        }
+    };
+    let mut entries = Vec::new();
+    let mut result = BatchResult { step_results: Vec::new(), step_errors: Vec::new(), replication_index: None };
+    for (i, step) in req.batch.steps.into_iter().enumerate() {
+        let step_no = u32::try_from(i).expect("few steps");
+        if !step.condition.as_ref().is_none_or(|c| cond(c, &result, &conn)) {
+            result.step_results.push(None);
+            result.step_errors.push(None);
+            continue;
+        }
+        match exec(&conn, &step.stmt) {
+            Ok(r) => {
+                entries.push(CursorEntry::StepBegin(StepBeginEntry { step: step_no, cols: r.cols.clone() }));
+                for row in &r.rows {
+                    entries.push(CursorEntry::Row { row: row.clone() });
+                }
+                entries.push(CursorEntry::StepEnd(StepEndEntry {
+                    affected_row_count: r.affected_row_count,
+                    last_insert_rowid: r.last_insert_rowid,
+                }));
+                result.step_results.push(Some(r));
+                result.step_errors.push(None);
+            }
+            Err(error) => {
+                entries.push(CursorEntry::StepError(StepErrorEntry { step: step_no, error: error.clone() }));
+                result.step_results.push(None);
+                result.step_errors.push(Some(error));
+            }
+        }
+    }
+    let baton = keep(state, conn);
+    lines.push(serde_json::to_string(&CursorRespBody { baton: Some(baton), base_url: None }).expect("json"));
+    for e in entries {
+        lines.push(serde_json::to_string(&e).expect("json"));
+    }
+    lines.join("\n") + "\n"
+}
+
+fn describe(conn: &libsql::Connection, sql: &str) -> Result<DescribeResult, HError> {
+    let stmt = block_on(conn.prepare(sql)).map_err(herr)?;
+    let cols = stmt.columns().iter().map(|c| DescribeCol { name: c.name().to_string(), decltype: None }).collect();
+    let params = (0..stmt.parameter_count()).map(|_| DescribeParam { name: None }).collect();
+    Ok(DescribeResult { params, cols, is_explain: false, is_readonly: false })
+}
+
+fn pipeline(state: &State, req: PipelineReqBody) -> PipelineRespBody {
+    let conn = match &req.baton {
+        Some(b) => match state.streams.lock().expect("streams").remove(b) {
+            Some(c) => c,
+            None => {
+                let error = HError { message: format!("stream {b} not found"), code: "STREAM_EXPIRED".into() };
+                return PipelineRespBody {
+                    baton: None,
+                    base_url: None,
+                    results: req.requests.iter().map(|_| StreamResult::Error { error: error.clone() }).collect(),
+                };
+            }
+        },
+        None => {
+            let c = state.db.connect().expect("connect");
+            c.busy_timeout(Duration::from_secs(2)).expect("busy timeout");
+            c
+        }
+    };
+    let mut closed = false;
+    let mut results = Vec::new();
+    for r in req.requests {
+        let resp = match r {
+            StreamRequest::Batch(b) => {
+                let mut result =
+                    BatchResult { step_results: Vec::new(), step_errors: Vec::new(), replication_index: None };
+                for step in b.batch.steps {
+                    let run = step.condition.as_ref().is_none_or(|c| cond(c, &result, &conn));
+                    if !run {
+                        result.step_results.push(None);
+                        result.step_errors.push(None);
+                        continue;
+                    }
+                    match exec(&conn, &step.stmt) {
+                        Ok(r) => {
+                            result.step_results.push(Some(r));
+                            result.step_errors.push(None);
+                        }
+                        Err(e) => {
+                            result.step_results.push(None);
+                            result.step_errors.push(Some(e));
+                        }
+                    }
+                }
+                Ok(StreamResponse::Batch(BatchStreamResp { result }))
+            }
+            StreamRequest::Execute(e) => {
+                exec(&conn, &e.stmt).map(|result| StreamResponse::Execute(ExecuteStreamResp { result }))
+            }
+            StreamRequest::Sequence(s) => block_on(conn.execute_batch(s.sql.as_deref().unwrap_or("")))
+                .map(|_| StreamResponse::Sequence(SequenceStreamResp {}))
+                .map_err(herr),
+            StreamRequest::Describe(d) => describe(&conn, d.sql.as_deref().unwrap_or(""))
+                .map(|result| StreamResponse::Describe(DescribeStreamResp { result })),
+            StreamRequest::GetAutocommit(_) => {
+                Ok(StreamResponse::GetAutocommit(GetAutocommitStreamResp { is_autocommit: conn.is_autocommit() }))
+            }
+            StreamRequest::Close(_) => {
+                closed = true;
+                Ok(StreamResponse::Close(CloseStreamResp {}))
+            }
+            other => Err(HError { message: format!("unsupported request {other:?}"), code: "UNSUPPORTED".into() }),
+        };
+        results.push(match resp {
+            Ok(response) => StreamResult::Ok { response },
+            Err(error) => StreamResult::Error { error },
+        });
+    }
+    let baton = if closed {
+        // Closing a stream rolls back what it left open, as sqld does.
+        if !conn.is_autocommit() {
+            let _ = block_on(conn.execute("ROLLBACK", ()));
+        }
+        None
+    } else {
+        Some(keep(state, conn))
+    };
+    PipelineRespBody { baton, base_url: None, results }
+}
+
+fn cond(c: &BatchCond, r: &BatchResult, conn: &libsql::Connection) -> bool {
+    let ok = |s: u32| r.step_results.get(s as usize).is_some_and(|x| x.is_some());
+    let err = |s: u32| r.step_errors.get(s as usize).is_some_and(|x| x.is_some());
+    match c {
+        BatchCond::None => true,
+        BatchCond::Ok { step } => ok(*step),
+        BatchCond::Error { step } => err(*step),
+        BatchCond::Not { cond: inner } => !cond(inner, r, conn),
+        BatchCond::And(l) => l.conds.iter().all(|x| cond(x, r, conn)),
+        BatchCond::Or(l) => l.conds.iter().any(|x| cond(x, r, conn)),
+        BatchCond::IsAutocommit {} => conn.is_autocommit(),
+    }
+}
+
+fn herr(e: libsql::Error) -> HError {
+    let (code, message) = match &e {
+        libsql::Error::SqliteFailure(code, msg) => (*code, msg.clone()),
+        other => (1, other.to_string()),
+    };
+    let name = match code & 0xff {
+        5 => "SQLITE_BUSY",
+        6 => "SQLITE_LOCKED",
+        11 => "SQLITE_CORRUPT",
+        19 => "SQLITE_CONSTRAINT",
+        26 => "SQLITE_NOTADB",
+        _ => "SQLITE_ERROR",
+    };
+    HError { message, code: name.into() }
+}
+
+fn exec(conn: &libsql::Connection, stmt: &Stmt) -> Result<StmtResult, HError> {
+    let sql = stmt.sql.clone().unwrap_or_default();
+    let args: Vec<libsql::Value> = stmt
+        .args
+        .iter()
+        .map(|v| match v {
+            HValue::Integer { value } => libsql::Value::Integer(*value),
+            HValue::Float { value } => libsql::Value::Real(*value),
+            HValue::Text { value } => libsql::Value::Text(value.to_string()),
+            HValue::Blob { value } => libsql::Value::Blob(value.to_vec()),
+            _ => libsql::Value::Null,
+        })
+        .collect();
+    block_on(async {
+        let before = conn.total_changes();
+        let mut rows = conn.query(&sql, args).await.map_err(herr)?;
+        let n = rows.column_count();
+        let cols = (0..n).map(|i| Col { name: rows.column_name(i).map(str::to_string), decltype: None }).collect();
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await.map_err(herr)? {
+            let mut values = Vec::new();
+            for i in 0..n {
+                values.push(match row.get_value(i).map_err(herr)? {
+                    libsql::Value::Null => HValue::Null,
+                    libsql::Value::Integer(value) => HValue::Integer { value },
+                    libsql::Value::Real(value) => HValue::Float { value },
+                    libsql::Value::Text(s) => HValue::Text { value: s.into() },
+                    libsql::Value::Blob(b) => HValue::Blob { value: b.into() },
+                });
+            }
+            out.push(Row { values });
+        }
+        drop(rows);
+        Ok(StmtResult {
+            cols,
+            rows: if stmt.want_rows == Some(false) { Vec::new() } else { out },
+            affected_row_count: conn.total_changes().saturating_sub(before),
+            last_insert_rowid: Some(conn.last_insert_rowid()),
+            replication_index: None,
+            rows_read: 0,
+            rows_written: 0,
+            query_duration_ms: 0.0,
+        })
+    })
+}
