@@ -4,6 +4,10 @@
 //!
 //! The raw baseline is what a user of the `libsql` crate writes: `Connection::execute` /
 //! `Connection::query` with bound parameters on one kept connection.
+//!
+//! A second part runs remote mode (libsql's HTTP client) against the minimal Hrana server of the
+//! tests (a local libSQL file behind loopback HTTP): not sqld's figures, but the same server for
+//! both sides, so the ratio shows the round trips each side needs.
 
 use std::time::Duration;
 
@@ -12,6 +16,11 @@ use dotdo_core::testkit::bench::{record, sample_pair, us};
 use dotdo_core::{ConsistencyGuard, HotStore, HotStoreExt, NodeId, ObjectId};
 use dotdo_libsql::LibsqlStore;
 use libsql::params;
+
+#[cfg(feature = "remote")]
+#[path = "../tests/support/hrana.rs"]
+#[allow(dead_code)]
+mod hrana;
 
 const N: usize = 40_000;
 const KEYS: usize = 10_000;
@@ -115,6 +124,96 @@ impl Raw {
 }
 
 fn main() {
+    local();
+    #[cfg(feature = "remote")]
+    remote();
+}
+
+#[cfg(feature = "remote")]
+fn remote() {
+    const M: usize = 2_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let value = Bytes::from(vec![42u8; 100]);
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i:06}")).collect();
+    let obj = ObjectId::new("bench-object").expect("valid");
+    let node = NodeId::new("bench-node").expect("valid");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let server = hrana::HranaServer::start(&dir.path().join("primary.db"), "tok");
+    let s = rt.block_on(LibsqlStore::remote(server.url(), "tok").open()).expect("open remote store");
+    let raw_db = rt.block_on(libsql::Builder::new_remote(server.url(), "tok".to_string()).build()).expect("raw remote");
+    let raw = raw_db.connect().expect("connect");
+    rt.block_on(raw.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID", ()))
+        .expect("raw schema");
+    let lease = rt.block_on(s.acquire(&obj, &node, Duration::from_secs(3600))).expect("acquire");
+    let (mut k, mut r) = (0, 0);
+    let (ours, base) = sample_pair(
+        100,
+        M,
+        100,
+        || {
+            k += 1;
+            rt.block_on(s.put(&obj, lease.token, "Bench", &keys[k % KEYS], value.clone())).expect("fenced put");
+        },
+        || {
+            r += 1;
+            rt.block_on(raw.execute(
+                "INSERT INTO kv (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                params![keys[r % KEYS].as_str(), value.to_vec()],
+            ))
+            .expect("raw remote upsert");
+        },
+    );
+    record("libsql_remote/fenced_put_p50", "us", us(ours.p50()), "libsql_remote_upsert", us(base.p50()));
+    record("libsql_remote/fenced_put_p99", "us", us(ours.p99()), "libsql_remote_upsert", us(base.p99()));
+    let (mut g, mut h) = (0, 0);
+    let (ours, base) = sample_pair(
+        100,
+        M,
+        100,
+        || {
+            g += 1;
+            std::hint::black_box(rt.block_on(s.get(&obj, &keys[g % KEYS])).expect("get"));
+        },
+        || {
+            h += 1;
+            rt.block_on(async {
+                let mut rows =
+                    raw.query("SELECT v FROM kv WHERE k = ?1", [keys[h % KEYS].as_str()]).await.expect("raw get");
+                std::hint::black_box(rows.next().await.expect("row"));
+            })
+        },
+    );
+    record("libsql_remote/get_p50", "us", us(ours.p50()), "libsql_remote_query", us(base.p50()));
+    let other = ObjectId::new("lease-object").expect("valid");
+    let mut now = 1_000_000i64;
+    let (ours, base) = sample_pair(
+        50,
+        M / 2,
+        100,
+        || {
+            rt.block_on(async {
+                let l = s.acquire(&other, &node, Duration::from_secs(30)).await.expect("acquire");
+                s.release(&l).await.expect("release");
+            })
+        },
+        || {
+            now += 10;
+            rt.block_on(async {
+                raw.execute(
+                    "INSERT INTO kv (k, v) VALUES ('lease', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                    params![now.to_string().into_bytes()],
+                )
+                .await
+                .expect("raw acquire");
+                raw.execute("UPDATE kv SET v = X'00' WHERE k = 'lease'", ()).await.expect("raw release");
+            })
+        },
+    );
+    record("libsql_remote/lease_pair_p50", "us", us(ours.p50()), "libsql_remote_two_statements", us(base.p50()));
+    drop(server);
+}
+
+fn local() {
     let dir = tempfile::tempdir().expect("tempdir");
     let value = Bytes::from(vec![42u8; 100]);
     let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i:06}")).collect();

@@ -86,8 +86,21 @@ impl Drop for HranaServer {
     }
 }
 
+/// Acknowledge at once: the client writes a request's headers and body separately without
+/// TCP_NODELAY, so a delayed ACK here would stall every request by tens of milliseconds.
+#[cfg(target_os = "linux")]
+fn quickack(stream: &TcpStream) {
+    use std::os::linux::net::TcpStreamExt;
+    let _ = stream.set_quickack(true);
+}
+
+#[cfg(not(target_os = "linux"))]
+fn quickack(_: &TcpStream) {}
+
 fn serve(stream: TcpStream, state: &State) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = stream.set_nodelay(true);
+    quickack(&stream);
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -95,9 +108,11 @@ fn serve(stream: TcpStream, state: &State) {
     let mut out = stream;
     loop {
         let mut line = String::new();
+        quickack(&out);
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
+        quickack(&out);
         let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
         let (mut len, mut auth) = (0usize, String::new());
         loop {
@@ -118,6 +133,7 @@ fn serve(stream: TcpStream, state: &State) {
             }
         }
         let mut body = vec![0; len];
+        quickack(&out);
         if reader.read_exact(&mut body).is_err() {
             return;
         }
@@ -160,6 +176,7 @@ fn stream_conn(state: &State, baton: &Option<String>) -> Result<libsql::Connecti
         None => {
             let c = state.db.connect().expect("connect");
             c.busy_timeout(Duration::from_secs(2)).expect("busy timeout");
+            block_on(c.execute_batch("PRAGMA synchronous = NORMAL")).expect("synchronous");
             Ok(c)
         }
     }
@@ -227,22 +244,14 @@ fn describe(conn: &libsql::Connection, sql: &str) -> Result<DescribeResult, HErr
 }
 
 fn pipeline(state: &State, req: PipelineReqBody) -> PipelineRespBody {
-    let conn = match &req.baton {
-        Some(b) => match state.streams.lock().expect("streams").remove(b) {
-            Some(c) => c,
-            None => {
-                let error = HError { message: format!("stream {b} not found"), code: "STREAM_EXPIRED".into() };
-                return PipelineRespBody {
-                    baton: None,
-                    base_url: None,
-                    results: req.requests.iter().map(|_| StreamResult::Error { error: error.clone() }).collect(),
-                };
-            }
-        },
-        None => {
-            let c = state.db.connect().expect("connect");
-            c.busy_timeout(Duration::from_secs(2)).expect("busy timeout");
-            c
+    let conn = match stream_conn(state, &req.baton) {
+        Ok(c) => c,
+        Err(error) => {
+            return PipelineRespBody {
+                baton: None,
+                base_url: None,
+                results: req.requests.iter().map(|_| StreamResult::Error { error: error.clone() }).collect(),
+            };
         }
     };
     let mut closed = false;
