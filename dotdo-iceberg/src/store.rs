@@ -641,10 +641,12 @@ impl IcebergColdStore {
         let mut first_head: Option<Option<i64>> = None;
         let mut written: Option<Written> = None;
         let mut last = Attempt::First;
+        // Once an attempt's outcome was unknown, every later round first looks for it.
+        let mut maybe_landed = false;
         let attempts = self.inner.settings.max_commit_attempts;
         for attempt in 0..attempts {
             let head = table.metadata().current_snapshot().cloned();
-            if matches!(last, Attempt::Unknown(_)) {
+            if maybe_landed {
                 let since = first_head.flatten();
                 if let Some(s) = Self::find_commit(&table, &commit_id, since) {
                     // An attempt whose reply was lost did land; report it.
@@ -718,6 +720,7 @@ impl IcebergColdStore {
                                 ))
                             }
                         };
+                        maybe_landed = true;
                         last = Attempt::Unknown(e);
                         continue;
                     }
@@ -757,23 +760,27 @@ impl IcebergColdStore {
                             .with_source(err))
                         }
                     };
+                    maybe_landed = true;
                     last = Attempt::Unknown(err);
                 }
             }
         }
-        match last {
-            Attempt::Unknown(e) => {
-                // A final read-back: did the last attempt land?
-                let t = self.reload_for_resolution().await?;
-                if let Some(s) = Self::find_commit(&t, &commit_id, first_head.flatten()) {
-                    let parent = s.parent_snapshot_id().and_then(|p| t.metadata().snapshot_by_id(p)).cloned();
-                    let (parent_wm, _, _) = self.watermarks_of(parent.as_ref()).await?;
-                    return Ok(Self::commit_result(&s, &plan(batch, &parent_wm)?));
-                }
-                Err(e.context(format!("cold commit failed after {attempts} attempts")))
+        if maybe_landed {
+            // A final read-back: did an attempt land after all?
+            let t = self.reload_for_resolution().await?;
+            if let Some(s) = Self::find_commit(&t, &commit_id, first_head.flatten()) {
+                let parent = s.parent_snapshot_id().and_then(|p| t.metadata().snapshot_by_id(p)).cloned();
+                let (parent_wm, _, _) = self.watermarks_of(parent.as_ref()).await?;
+                return Ok(Self::commit_result(&s, &plan(batch, &parent_wm)?));
             }
-            _ => {
+        }
+        match last {
+            Attempt::Unknown(e) => Err(e.context(format!("cold commit failed after {attempts} attempts"))),
+            Attempt::Conflict => {
                 Err(Error::new(ErrorKind::Conflict, format!("cold commit still conflicting after {attempts} attempts")))
+            }
+            Attempt::First => {
+                Err(Error::unavailable(format!("cold commit could not be prepared in {attempts} attempts")))
             }
         }
     }
