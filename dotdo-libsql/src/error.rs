@@ -29,8 +29,12 @@ pub(crate) enum Class {
     },
     /// The server refused the credentials (HTTP 401 / 403).
     Auth,
-    /// The server answered with a transient failure (HTTP 5xx, 429).
-    ServerUnavailable,
+    /// The server answered with a transient failure: 503 / 429 (refused before processing), or
+    /// 500 / 502 / 504 (a gateway or the server failed, maybe after applying the request).
+    ServerUnavailable {
+        /// Whether the request may have been applied.
+        maybe_applied: bool,
+    },
     /// Misconfiguration that no retry fixes (bad TLS setup, database not found, 4xx).
     Config,
     /// Anything else: a bug or unexpected state.
@@ -106,7 +110,8 @@ pub(crate) fn class_of_remote_text(text: &str) -> Class {
             .unwrap_or(0);
         return match status {
             401 | 403 => Class::Auth,
-            429 | 500..=599 => Class::ServerUnavailable,
+            429 | 503 => Class::ServerUnavailable { maybe_applied: false },
+            500..=599 => Class::ServerUnavailable { maybe_applied: true },
             400..=499 => Class::Config,
             _ => Class::Other,
         };
@@ -178,7 +183,8 @@ pub(crate) fn class_of(e: &libsql::Error) -> Class {
 /// `mutating` calls are not retried when the request may have been applied.
 pub(crate) fn is_transient(class: Class, mutating: bool) -> bool {
     match class {
-        Class::Busy | Class::ServerUnavailable => true,
+        Class::Busy => true,
+        Class::ServerUnavailable { maybe_applied } => !(mutating && maybe_applied),
         Class::Network { maybe_sent } => !(mutating && maybe_sent),
         _ => false,
     }
@@ -199,7 +205,11 @@ pub(crate) fn map_class(class: Class, e: libsql::Error, doing: &str, mutating: b
             format!("{doing}: the connection to the primary broke off after the request was sent; read back to learn whether it was applied"),
         ),
         Class::Network { .. } => Error::unavailable(format!("{doing}: the primary cannot be reached")),
-        Class::ServerUnavailable => Error::unavailable(format!("{doing}: the primary is temporarily unavailable")),
+        Class::ServerUnavailable { maybe_applied: true } if mutating => Error::new(
+            ErrorKind::AmbiguousOutcome,
+            format!("{doing}: the primary (or a gateway) failed while handling the request; read back to learn whether it was applied"),
+        ),
+        Class::ServerUnavailable { .. } => Error::unavailable(format!("{doing}: the primary is temporarily unavailable")),
         Class::Auth => Error::backend(format!(
             "{doing}: the primary rejected the auth token (HTTP 401/403); check the token and its permissions"
         ))
@@ -312,6 +322,10 @@ mod tests {
             assert_eq!(e.kind(), &ErrorKind::Unavailable, "{status}");
             assert!(e.is_retryable());
         }
+        let e = map(hrana("api error: `status=502 Bad Gateway, body=`"), "write", true);
+        assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "a gateway failure may hide an applied write");
+        assert!(!is_transient(class_of(&hrana("api error: `status=500 x, body=`")), true));
+        assert!(is_transient(class_of(&hrana("api error: `status=503 x, body=`")), true));
         let e = map(hrana("api error: `status=404 Not Found, body=no such namespace`"), "get", false);
         assert_eq!(e.kind(), &ErrorKind::Backend);
         assert!(!e.is_retryable());

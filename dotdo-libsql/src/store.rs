@@ -81,6 +81,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// The one write connection (on the primary). Writers of this store serialize on it.
     writer: tokio::sync::Mutex<Conn>,
+    /// Whether the write connection is a local file (its calls block; see `drive`).
+    local_writes: bool,
     /// Read connections: the local file, the replica file, or the primary.
     readers: Pool,
     /// The embedded replica, pulled after each write so that reads see it.
@@ -186,12 +188,13 @@ impl LibsqlStoreBuilder {
             }
         };
         let remote_writes = write_db.is_some() || !local_file;
+        let local_writes = !remote_writes;
         let readers = Pool {
             db: read_db,
             batch: batch_everywhere || !local_file,
             idle: Mutex::new(Vec::new()),
             max_idle: settings.read_connections,
-            local_file: matches!(target, Target::Local { .. }),
+            local_file,
             settings: settings.clone(),
         };
         let writer_conn = {
@@ -207,6 +210,7 @@ impl LibsqlStoreBuilder {
             settings,
             clock,
             writer: tokio::sync::Mutex::new(writer_conn),
+            local_writes,
             readers,
             replica,
             _primary: write_db,
@@ -561,7 +565,7 @@ impl LibsqlStore {
         loop {
             let out = {
                 let mut conn = self.inner.writer.lock().await;
-                f(&mut conn).await
+                self.drive(self.inner.local_writes, f(&mut conn)).await
             };
             match out {
                 Ok(v) => return Ok(v),
@@ -611,7 +615,7 @@ impl LibsqlStore {
                 Some(c) => c,
                 None => pool.connect().await.map_err(|e| error::map(e, doing, false))?,
             };
-            let out = f(&mut conn).await;
+            let out = self.drive(pool.local_file, f(&mut conn)).await;
             match out {
                 Ok(v) => {
                     pool.give_back(conn);
@@ -633,6 +637,24 @@ impl LibsqlStore {
                 }
             }
         }
+    }
+}
+
+impl LibsqlStore {
+    /// Await `fut`. Calls on a local file run SQLite on the calling thread (libsql's local API is
+    /// synchronous inside its async functions, and may wait up to `busy_timeout` for a lock), so
+    /// on a multi-threaded tokio runtime they run under `block_in_place`: tokio moves the
+    /// worker's other tasks elsewhere instead of stalling them. Remote calls are truly async.
+    async fn drive<T>(&self, local: bool, fut: BoxFuture<'_, T>) -> T {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        if local {
+            if let Ok(h) = Handle::try_current() {
+                if h.runtime_flavor() == RuntimeFlavor::MultiThread {
+                    return tokio::task::block_in_place(move || h.block_on(fut));
+                }
+            }
+        }
+        fut.await
     }
 }
 

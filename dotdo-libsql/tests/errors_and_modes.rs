@@ -377,3 +377,41 @@ async fn a_file_written_with_prepared_statements_reads_the_same_through_batches(
     assert_eq!(log[0].value, value);
     b.integrity_check().await.expect("healthy");
 }
+
+fn roundtrip_in(run: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>)) {
+    run(Box::pin(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = LibsqlStore::local(dir.path().join("hot.db")).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(5)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
+        assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    }));
+}
+
+#[test]
+fn a_local_store_works_on_every_kind_of_executor() {
+    roundtrip_in(|f| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(f));
+    roundtrip_in(|f| {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt").block_on(f)
+    });
+    roundtrip_in(futures::executor::block_on);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_calls_do_not_stall_other_tasks_on_a_multi_thread_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = LibsqlStore::local(dir.path().join("hot.db")).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    let ticker = tokio::spawn(async {
+        let mut ticks = 0u32;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+            ticks += 1;
+        }
+        ticks
+    });
+    for i in 0..200 {
+        s.put(&obj(), l.token, "T", &format!("k{i}"), "v".into()).await.expect("put");
+    }
+    assert_eq!(ticker.await.expect("ticker"), 20);
+}
