@@ -520,6 +520,8 @@ impl IcebergColdStore {
         let location = DefaultLocationGenerator::new(&md).map_err(|e| classify(e, "data location"))?;
         let prefix = uuid::Uuid::new_v4().to_string();
         let ident = self.inner.ident.to_string();
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::backend("dotdo-iceberg must run inside a tokio runtime (iceberg-rust needs one)"))?;
         let mut tasks = Vec::with_capacity(groups.len());
         for (bucket, mut members) in groups {
             let pk = PartitionKey::new(
@@ -535,7 +537,7 @@ impl IcebergColdStore {
                 DefaultFileNameGenerator::new(prefix.clone(), None, DataFileFormat::Parquet),
             ));
             let (batch, arrow, ident) = (batch.clone(), arrow.clone(), ident.clone());
-            tasks.push(tokio::spawn(async move {
+            tasks.push(rt.spawn(async move {
                 // Objects in id order; each object's records by key, then seq (a stable sort of
                 // records already in seq order).
                 members.sort_by(|a, b| batch.objects[a.0].object.cmp(&batch.objects[b.0].object));
@@ -801,7 +803,9 @@ fn validate_records(batch: &ColdBatch) -> Result<()> {
 /// milliseconds to free); small batches are dropped in place.
 fn drop_batch(batch: Arc<ColdBatch>, records: u64) {
     if records >= 100_000 {
-        drop(tokio::task::spawn_blocking(move || drop(batch)));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            drop(rt.spawn_blocking(move || drop(batch)));
+        }
     }
 }
 
