@@ -34,7 +34,10 @@
 //!   libsql's remote batches return no rows, so the result comes back as the batch's
 //!   `last_insert_rowid`: inside the transaction a `do_locks` row with a negative rowid that
 //!   encodes the result (and a per-call nonce, so a stale value is detected) is inserted and
-//!   deleted again; nothing of it is committed. An embedded replica's possibly stale local copy is
+//!   deleted again; nothing of it is committed. (This relies on the primary reporting the
+//!   connection's `last_insert_rowid` with the batch's last step, as the Hrana protocol's step
+//!   results carry it; a primary that does not is detected by the nonce and reported as a
+//!   `Backend` error, never as a wrong result.) An embedded replica's possibly stale local copy is
 //!   never consulted for the check, so a stale read cannot let a stale token write.
 //! * The lease decision is the SQL form of [`dotdo_core::guard::rules`] (free iff
 //!   `expires_at <= now`; token = 1 + max(previous token, object's token maximum)); a refusal is
@@ -42,6 +45,10 @@
 //!   `LeaseLost`, `Fenced`).
 //! * Reads are cached prepared statements. Remotely libsql describes a statement once per
 //!   connection (one extra round trip the first time), then each read is one round trip.
+//! * Calls on a local file run SQLite on the calling thread (libsql's local API is synchronous
+//!   inside its async functions); on a multi-threaded tokio runtime they run under
+//!   `block_in_place`, so a call waiting on a lock does not stall the worker's other tasks.
+//!   Remote calls are truly asynchronous (and need a tokio runtime, as libsql's HTTP client does).
 //! * Connections are kept and reused (one write connection, a small pool of read connections;
 //!   remote connections share one HTTP client with keep-alive).
 //! * Transient failures (busy database, unreachable or overloaded primary) are retried a bounded
