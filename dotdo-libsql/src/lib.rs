@@ -131,8 +131,11 @@
 
 mod conn;
 mod error;
+mod hot;
+mod lease;
 mod schema;
 mod settings;
+mod sql;
 mod store;
 
 pub use settings::{validate_url, AuthToken, Durability, LibsqlSettings, Target, Transport};

@@ -1,27 +1,21 @@
 //! [`LibsqlStore`]: the hot store and the lease guard on one libSQL database (local file, remote
 //! primary or embedded replica).
 
-use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use dotdo_core::guard::rules::{self, LeaseRow};
-use dotdo_core::ids::{validate_key, validate_value};
-use dotdo_core::{
-    ChangeRecord, Clock, ConsistencyGuard, Entry, Error, ErrorKind, FencingToken, HotStore, KeyRange, Lease, NodeId,
-    ObjectId, ObjectInfo, Op, Result, Seq, SystemClock, Timestamp, WriteBatch, WriteOp, WriteReceipt,
-};
+use dotdo_core::guard::rules::LeaseRow;
+use dotdo_core::{Clock, Error, ErrorKind, ObjectId, Result, SystemClock};
 use futures::future::BoxFuture;
-use libsql::Value;
 use parking_lot::Mutex;
 
 use crate::conn::{Conn, Program, Row, Step};
 use crate::error::{self, class_of, is_transient, map_class};
 use crate::schema;
 use crate::settings::{AuthToken, Durability, LibsqlSettings, Target, Transport};
+use crate::sql::eff_last;
+use crate::sql::*;
 
 /// An error inside a call: libsql's (classified and maybe retried) or a decided API error
 /// (fenced, conflict, …) that ends the call.
@@ -42,7 +36,7 @@ impl From<Error> for TxError {
     }
 }
 
-type TxResult<T> = std::result::Result<T, TxError>;
+pub(crate) type TxResult<T> = std::result::Result<T, TxError>;
 
 /// Opens connections of one kind (local file, remote primary, replica file).
 struct Pool {
@@ -51,7 +45,7 @@ struct Pool {
     idle: Mutex<Vec<Conn>>,
     max_idle: usize,
     local_file: bool,
-    settings: LibsqlSettings,
+    pub(crate) settings: LibsqlSettings,
 }
 
 impl Pool {
@@ -75,10 +69,10 @@ impl Pool {
     }
 }
 
-struct Inner {
-    target: Target,
+pub(crate) struct Inner {
+    pub(crate) target: Target,
     settings: LibsqlSettings,
-    clock: Arc<dyn Clock>,
+    pub(crate) clock: Arc<dyn Clock>,
     /// The one write connection (on the primary). Writers of this store serialize on it.
     writer: tokio::sync::Mutex<Conn>,
     /// Whether the write connection is a local file (its calls block; see `drive`).
@@ -98,7 +92,7 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// [`HotStore`] + [`ConsistencyGuard`] on one libSQL database: a local file, a remote primary
+/// [`HotStore`](dotdo_core::HotStore) + [`ConsistencyGuard`](dotdo_core::ConsistencyGuard) on one libSQL database: a local file, a remote primary
 /// (Turso / sqld) or an embedded replica of one.
 ///
 /// Same schema and semantics as dotdo-sqlite. The lease table (`do_locks`), per-object counters,
@@ -123,7 +117,7 @@ impl std::fmt::Debug for Inner {
 /// ```
 #[derive(Clone, Debug)]
 pub struct LibsqlStore {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// Builds a [`LibsqlStore`]: a [`Target`] plus settings and an optional clock.
@@ -281,131 +275,6 @@ async fn open_replica(
 }
 
 // ---------------------------------------------------------------------------------------------
-// SQL
-
-/// The effective last sequence number of object row `o`: `do_objects.last_seq` is a floor kept for
-/// truncated and restored changes; the newest change still in the log may be above it.
-macro_rules! eff_last {
-    ($o:literal) => {
-        concat!(
-            "max(",
-            $o,
-            ".last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = ",
-            $o,
-            ".do_id), 0))"
-        )
-    };
-}
-/// `?2` (the presented token) is below the object's maximum.
-const FENCED: &str = "EXISTS (SELECT 1 FROM do_objects f WHERE f.do_id = ?1 AND f.max_token > ?2)";
-/// The object's effective last sequence number (0 if unknown).
-const LAST: &str = concat!("coalesce((SELECT ", eff_last!("o"), " FROM do_objects o WHERE o.do_id = ?1), 0)");
-/// `-max_token` if `?2` is stale (a fenced call), for result codes.
-const MINUS_MAX: &str = "-(SELECT max_token FROM do_objects WHERE do_id = ?1)";
-/// Raise only (never lower) and only when the token is not stale: the first step of a write.
-const RAISE_IF_CURRENT: &str =
-    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
-     ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token";
-/// Append one change with the next sequence number, only if the token is current.
-const LOG: &str = concat!(
-    "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) SELECT ?1, ",
-    eff_last!("o"),
-    " + 1, ?3, ?4, ?5, ?2, ?6, ?7 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2"
-);
-/// Upsert the state of the change just logged, only if the token is current.
-const PUT: &str = "INSERT INTO do_state (do_id, key, value, seq) \
-     SELECT ?1, ?3, ?4, (SELECT max(seq) FROM do_changes c WHERE c.do_id = ?1) \
-     FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 \
-     ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq";
-const DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?3 \
-     AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2)";
-/// The result of a write: `-max_token` if fenced, else the effective last sequence number.
-const WRITE_RESULT: &str = concat!(
-    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token ELSE ",
-    eff_last!("o"),
-    " END FROM do_objects o WHERE o.do_id = ?1), 0)"
-);
-/// The object has changes cold storage has not acknowledged.
-const PENDING: &str =
-    concat!("EXISTS (SELECT 1 FROM do_objects p WHERE p.do_id = ?1 AND ", eff_last!("p"), " > p.truncated_through)");
-const LEASE_ROW: &str = "SELECT node_id, fencing_token, acquired_at, expires_at FROM do_locks WHERE do_id = ?1";
-
-fn text(v: Option<&Value>) -> libsql::Result<String> {
-    match v {
-        Some(Value::Text(s)) => Ok(s.clone()),
-        Some(Value::Blob(b)) => String::from_utf8(b.clone()).map_err(|_| libsql::Error::InvalidColumnType),
-        _ => Err(libsql::Error::InvalidColumnType),
-    }
-}
-
-fn int(v: Option<&Value>) -> libsql::Result<i64> {
-    match v {
-        Some(Value::Integer(i)) => Ok(*i),
-        Some(Value::Null) => Ok(0),
-        _ => Err(libsql::Error::InvalidColumnType),
-    }
-}
-
-fn uint(v: Option<&Value>) -> libsql::Result<u64> {
-    u64::try_from(int(v)?).map_err(|_| libsql::Error::InvalidColumnType)
-}
-
-fn blob(v: Option<&Value>) -> libsql::Result<Vec<u8>> {
-    match v {
-        Some(Value::Blob(b)) => Ok(b.clone()),
-        Some(Value::Text(s)) => Ok(s.clone().into_bytes()),
-        Some(Value::Null) => Ok(Vec::new()),
-        _ => Err(libsql::Error::InvalidColumnType),
-    }
-}
-
-fn t(s: &str) -> Value {
-    Value::Text(s.to_string())
-}
-
-fn i(v: u64) -> Value {
-    Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))
-}
-
-fn lease_row(rows: &[Row]) -> libsql::Result<Option<LeaseRow>> {
-    let Some(r) = rows.first() else { return Ok(None) };
-    let node = text(r.first())?;
-    Ok(NodeId::new(node).ok().map(|holder| LeaseRow {
-        holder,
-        token: FencingToken::new(uint(r.get(1)).unwrap_or(0)),
-        acquired_at: Timestamp::from_micros(int(r.get(2)).unwrap_or(0)),
-        expires_at: Timestamp::from_micros(int(r.get(3)).unwrap_or(0)),
-    }))
-}
-
-fn check_token_nonzero(token: FencingToken) -> Result<()> {
-    if token == FencingToken::NONE {
-        return Err(Error::invalid("fencing token NONE is never valid for a write"));
-    }
-    Ok(())
-}
-
-fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
-    let mut sql = String::from("SELECT key, value, seq FROM do_state WHERE do_id = ?1");
-    let mut args = Vec::new();
-    for (b, inc, exc) in [(&range.start, ">=", ">"), (&range.end, "<=", "<")] {
-        match b {
-            Bound::Included(k) => {
-                args.push(t(k));
-                sql.push_str(&format!(" AND key {inc} ?{}", args.len() + 1));
-            }
-            Bound::Excluded(k) => {
-                args.push(t(k));
-                sql.push_str(&format!(" AND key {exc} ?{}", args.len() + 1));
-            }
-            Bound::Unbounded => {}
-        }
-    }
-    sql.push_str(&format!(" ORDER BY key LIMIT ?{}", args.len() + 2));
-    (sql, args)
-}
-
-// ---------------------------------------------------------------------------------------------
 
 impl LibsqlStore {
     /// A builder for a local database file at `path` (created if missing).
@@ -554,7 +423,7 @@ impl LibsqlStore {
     }
 
     /// Run `f` on the write connection, retrying transient failures with backoff on the clock.
-    async fn with_writer<T: Send>(
+    pub(crate) async fn with_writer<T: Send>(
         &self,
         doing: &str,
         mutating: bool,
@@ -586,7 +455,7 @@ impl LibsqlStore {
     }
 
     /// A mutating call: [`with_writer`](Self::with_writer), then pull the replica.
-    async fn write_call<T: Send>(
+    pub(crate) async fn write_call<T: Send>(
         &self,
         doing: &str,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
@@ -602,7 +471,7 @@ impl LibsqlStore {
     }
 
     /// Run `f` on a read connection, retrying transient failures with backoff on the clock.
-    async fn read<T: Send>(
+    pub(crate) async fn read<T: Send>(
         &self,
         doing: &str,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
@@ -664,317 +533,9 @@ impl Inner {
     }
 }
 
-#[async_trait]
-impl HotStore for LibsqlStore {
-    async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
-        batch.validate()?;
-        check_token_nonzero(token)?;
-        let now = self.inner.clock.now().as_micros();
-        let n = batch.ops.len() as u64;
-        // One program, one transaction, one round trip: raise the token maximum if the token is
-        // newer, apply every operation only if the token equals the maximum, report the outcome.
-        let (o, tk) = (t(object.as_str()), i(token.get()));
-        let mut steps = Vec::with_capacity(1 + 2 * batch.ops.len());
-        steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
-        let type_name = t(&batch.type_name);
-        for op in &batch.ops {
-            let (key, code, value) = match op {
-                WriteOp::Put { key, value } => (key, 0, Value::Blob(value.to_vec())),
-                WriteOp::Delete { key } => (key, 1, Value::Blob(Vec::new())),
-            };
-            let k = t(key);
-            let log = vec![
-                o.clone(),
-                tk.clone(),
-                k.clone(),
-                Value::Integer(code),
-                value.clone(),
-                Value::Integer(now),
-                type_name.clone(),
-            ];
-            steps.push(Step::exec(LOG, log));
-            steps.push(match op {
-                WriteOp::Put { .. } => Step::exec(PUT, vec![o.clone(), tk.clone(), k, value]),
-                WriteOp::Delete { .. } => Step::exec(DEL, vec![o.clone(), tk.clone(), k]),
-            });
-        }
-        let result = Step::new(WRITE_RESULT, vec![o, tk]);
-        let steps = Arc::new(steps);
-        let object = object.clone();
-        let r = self
-            .write_call("write", move |c| {
-                let program = Program { steps: steps.to_vec(), result: Some(result.clone()) };
-                Box::pin(async move { Ok(c.run_program(program).await?) })
-            })
-            .await?
-            .unwrap_or_default();
-        if r < 0 {
-            return Err(Error::fenced(&object, token, FencingToken::new(r.unsigned_abs())));
-        }
-        let last = r.unsigned_abs();
-        if last + 1 < n {
-            return Err(Error::backend(format!("write to {object}: inconsistent result {r} for {n} operations")));
-        }
-        Ok(WriteReceipt { first_seq: last + 1 - n, last_seq: last })
-    }
-
-    async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
-        validate_key(key)?;
-        let step =
-            Step::new("SELECT value FROM do_state WHERE do_id = ?1 AND key = ?2", vec![t(object.as_str()), t(key)]);
-        self.read("get", move |c| {
-            let step = step.clone();
-            Box::pin(async move {
-                let rows = c.query(step).await?;
-                Ok(rows.first().map(|r| blob(r.first())).transpose()?.map(Bytes::from))
-            })
-        })
-        .await
-    }
-
-    async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
-        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-        let (sql, args) = range_sql(&range);
-        let mut params = vec![t(object.as_str())];
-        params.extend(args);
-        params.push(Value::Integer(limit));
-        let step = Step::new(sql, params);
-        self.read("list", move |c| {
-            let step = step.clone();
-            Box::pin(async move {
-                let rows = c.query(step).await?;
-                let out: libsql::Result<Vec<Entry>> = rows
-                    .iter()
-                    .map(|r| {
-                        Ok(Entry { key: text(r.first())?, value: Bytes::from(blob(r.get(1))?), seq: uint(r.get(2))? })
-                    })
-                    .collect();
-                Ok(out?)
-            })
-        })
-        .await
-    }
-
-    async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let step = Step::new(
-            "SELECT seq, key, op, value, token, ts, type FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            vec![t(object.as_str()), i(after), Value::Integer(limit)],
-        );
-        let rows = self
-            .read("read changes", move |c| {
-                let step = step.clone();
-                Box::pin(async move { Ok(c.query(step).await?) })
-            })
-            .await?;
-        let describe = self.inner.target.describe();
-        rows.iter()
-            .map(|r| {
-                let decode = || -> libsql::Result<(u64, String, i64, Vec<u8>, u64, i64, String)> {
-                    Ok((
-                        uint(r.first())?,
-                        text(r.get(1))?,
-                        int(r.get(2))?,
-                        blob(r.get(3))?,
-                        uint(r.get(4))?,
-                        int(r.get(5))?,
-                        text(r.get(6))?,
-                    ))
-                };
-                let (seq, key, op, value, token, ts, type_name) = decode().map_err(|e| {
-                    Error::corrupt(format!("{describe}: undecodable change of {object}")).with_source(e)
-                })?;
-                let op = match op {
-                    0 => Op::Put,
-                    1 => Op::Delete,
-                    other => {
-                        return Err(Error::corrupt(format!(
-                            "{describe}: change {seq} of {object} has unknown op code {other}"
-                        )))
-                    }
-                };
-                Ok(ChangeRecord {
-                    object: object.clone(),
-                    seq,
-                    key,
-                    op,
-                    value: Bytes::from(value),
-                    token: FencingToken::new(token),
-                    timestamp: Timestamp::from_micros(ts),
-                    type_name,
-                })
-            })
-            .collect()
-    }
-
-    async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
-        check_token_nonzero(token)?;
-        let (o, tk, th) = (t(object.as_str()), i(token.get()), i(through));
-        let p = vec![o, tk, th];
-        // Valid: not fenced and `through` not beyond the last sequence number.
-        let ok = format!("NOT {FENCED} AND ?3 <= {LAST}");
-        let steps = vec![
-            Step::exec(
-                concat!(
-                    "UPDATE do_objects SET truncated_through = ?3, last_seq = max(last_seq, ",
-                    eff_last!("do_objects"),
-                    ") WHERE do_id = ?1 AND max_token <= ?2 AND ?3 > truncated_through AND ?3 <= ",
-                    eff_last!("do_objects")
-                ),
-                p.clone(),
-            ),
-            Step::exec(
-                "DELETE FROM do_changes WHERE do_id = ?1 AND seq <= ?3 AND EXISTS \
-                 (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token <= ?2 AND o.truncated_through >= ?3)",
-                p.clone(),
-            ),
-            Step::exec(
-                format!(
-                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
-                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)"
-                ),
-                p.clone(),
-            ),
-        ];
-        // 0: done; < 0: fenced by -code; > 0: `through` is beyond last seq code - 1.
-        let result = Step::new(
-            format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN ?3 > {LAST} THEN {LAST} + 1 ELSE 0 END"),
-            p,
-        );
-        let code = self.program("truncate changes", steps, result).await?;
-        match code {
-            0 => Ok(()),
-            c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
-            c => Err(Error::invalid(format!("cannot truncate {object} through seq {through}: last seq is {}", c - 1))),
-        }
-    }
-
-    async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
-        let step = Step::new(
-            "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = o.do_id), 0)), \
-               o.truncated_through, max(o.max_token, coalesce(l.fencing_token, 0)), \
-               (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
-               (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id) \
-             FROM do_objects o LEFT JOIN do_locks l ON l.do_id = o.do_id WHERE o.do_id = ?1",
-            vec![t(object.as_str())],
-        );
-        self.read("object info", move |c| {
-            let step = step.clone();
-            Box::pin(async move {
-                let rows = c.query(step).await?;
-                let info = rows
-                    .first()
-                    .map(|r| -> libsql::Result<ObjectInfo> {
-                        Ok(ObjectInfo {
-                            last_seq: uint(r.first())?,
-                            truncated_through: uint(r.get(1))?,
-                            max_token: FencingToken::new(uint(r.get(2))?),
-                            keys: uint(r.get(3))?,
-                            value_bytes: uint(r.get(4))?,
-                        })
-                    })
-                    .transpose()?;
-                // A row created only by a lease is not yet an object.
-                Ok(info.filter(|i| i.last_seq > 0 || i.keys > 0))
-            })
-        })
-        .await
-    }
-
-    async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
-        let after = after.map(|a| a.as_str().to_string()).unwrap_or_default();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let step = Step::new(
-            "SELECT DISTINCT do_id FROM do_changes WHERE do_id > ?1 ORDER BY do_id LIMIT ?2",
-            vec![Value::Text(after), Value::Integer(limit)],
-        );
-        let rows = self
-            .read("pending objects", move |c| {
-                let step = step.clone();
-                Box::pin(async move { Ok(c.query(step).await?) })
-            })
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let id =
-                    text(r.first()).map_err(|e| Error::corrupt("undecodable object id in database").with_source(e))?;
-                ObjectId::new(&id).map_err(|e| Error::corrupt(format!("invalid object id {id:?} in database: {e}")))
-            })
-            .collect()
-    }
-
-    async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
-        check_token_nonzero(token)?;
-        let p = vec![t(object.as_str()), i(token.get())];
-        let ok = format!("NOT {FENCED} AND NOT {PENDING}");
-        let steps = vec![
-            Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
-            Step::exec(
-                format!(
-                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
-                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)"
-                ),
-                p.clone(),
-            ),
-        ];
-        let result =
-            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {PENDING} THEN 1 ELSE 0 END"), p);
-        match self.program("evict", steps, result).await? {
-            0 => Ok(()),
-            c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
-            _ => Err(self.pending_conflict(object, "evict").await),
-        }
-    }
-
-    async fn restore(
-        &self,
-        object: &ObjectId,
-        token: FencingToken,
-        entries: Vec<Entry>,
-        through_seq: Seq,
-    ) -> Result<()> {
-        check_token_nonzero(token)?;
-        for e in &entries {
-            validate_key(&e.key)?;
-            validate_value(&e.value)?;
-        }
-        let p = vec![t(object.as_str()), i(token.get()), i(through_seq)];
-        // Conflict: pending changes, or a last seq above `through_seq`.
-        let conflict = format!("({PENDING} OR {LAST} > ?3)");
-        let ok = format!("NOT {FENCED} AND NOT {conflict}");
-        let mut steps = vec![
-            Step::exec(
-                format!(
-                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
-                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)"
-                ),
-                p.clone(),
-            ),
-            Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
-        ];
-        let insert = format!("INSERT INTO do_state (do_id, key, value, seq) SELECT ?1, ?4, ?5, ?6 WHERE {ok}");
-        for e in &entries {
-            let mut q = p.clone();
-            q.extend([t(&e.key), Value::Blob(e.value.to_vec()), i(e.seq)]);
-            steps.push(Step::exec(insert.clone(), q));
-        }
-        steps.push(Step::exec(
-            format!("UPDATE do_objects SET last_seq = ?3, truncated_through = ?3 WHERE do_id = ?1 AND {ok}"),
-            p.clone(),
-        ));
-        let result =
-            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {conflict} THEN 1 ELSE 0 END"), p);
-        match self.program("restore", steps, result).await? {
-            0 => Ok(()),
-            c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
-            _ => Err(self.pending_conflict(object, &format!("restore through seq {through_seq}")).await),
-        }
-    }
-}
-
 impl LibsqlStore {
     /// Run a program with a result on the primary (a mutating call).
-    async fn program(&self, doing: &str, steps: Vec<Step>, result: Step) -> Result<i64> {
+    pub(crate) async fn program(&self, doing: &str, steps: Vec<Step>, result: Step) -> Result<i64> {
         let steps = Arc::new(steps);
         self.write_call(doing, move |c| {
             let program = Program { steps: steps.to_vec(), result: Some(result.clone()) };
@@ -985,7 +546,7 @@ impl LibsqlStore {
     }
 
     /// A read on the primary (the write connection), for explaining a refusal.
-    async fn read_primary(&self, doing: &str, step: Step) -> Result<Vec<Row>> {
+    pub(crate) async fn read_primary(&self, doing: &str, step: Step) -> Result<Vec<Row>> {
         self.with_writer(doing, false, move |c| {
             let step = step.clone();
             Box::pin(async move { Ok(c.query(step).await?) })
@@ -994,7 +555,7 @@ impl LibsqlStore {
     }
 
     /// The `Conflict` error of an evict or restore refused for pending changes.
-    async fn pending_conflict(&self, object: &ObjectId, doing: &str) -> Error {
+    pub(crate) async fn pending_conflict(&self, object: &ObjectId, doing: &str) -> Error {
         let step = Step::new(
             concat!("SELECT ", eff_last!("o"), ", o.truncated_through FROM do_objects o WHERE o.do_id = ?1"),
             vec![t(object.as_str())],
@@ -1013,120 +574,8 @@ impl LibsqlStore {
         Error::new(ErrorKind::Conflict, format!("cannot {doing} {object}: changes not yet in cold storage; {detail}"))
     }
 
-    async fn lease_row_on_primary(&self, object: &ObjectId) -> Result<Option<LeaseRow>> {
+    pub(crate) async fn lease_row_on_primary(&self, object: &ObjectId) -> Result<Option<LeaseRow>> {
         let rows = self.read_primary("read lease", Step::new(LEASE_ROW, vec![t(object.as_str())])).await?;
         lease_row(&rows).map_err(|e| Error::corrupt(format!("undecodable lease row of {object}")).with_source(e))
-    }
-}
-
-#[async_trait]
-impl ConsistencyGuard for LibsqlStore {
-    async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
-        dotdo_core::guard::validate_ttl(ttl)?;
-        loop {
-            let now = self.inner.clock.now();
-            let expires = now.plus(ttl);
-            // The same decision as `rules::acquire`, in SQL so that it is one round trip: take the
-            // lease if it is free (expired or released), with a token above every token issued.
-            let p = vec![
-                t(object.as_str()),
-                t(holder.as_str()),
-                Value::Integer(now.as_micros()),
-                Value::Integer(expires.as_micros()),
-            ];
-            let steps = vec![
-                Step::exec(
-                    "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
-                     VALUES (?1, ?2, ?3, ?4, 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
-                     coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0))) \
-                     ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
-                     expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3",
-                    p.clone(),
-                ),
-                // Runs right after the upsert: `changes()` says whether it took the lease.
-                Step::exec(
-                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
-                     SELECT ?1, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 AND changes() = 1 \
-                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)",
-                    p.clone(),
-                ),
-            ];
-            let result = Step::new(
-                "SELECT CASE WHEN changes() = 1 THEN (SELECT fencing_token FROM do_locks WHERE do_id = ?1) ELSE -1 END",
-                p,
-            );
-            let token = self.program("acquire lease", steps, result).await?;
-            if token > 0 {
-                return Ok(Lease {
-                    object: object.clone(),
-                    holder: holder.clone(),
-                    token: FencingToken::new(token.unsigned_abs()),
-                    acquired_at: now,
-                    expires_at: expires,
-                });
-            }
-            // Refused: explain with the shared rules (`LeaseHeld`). If the lease was freed in
-            // between, try again.
-            let current = self.lease_row_on_primary(object).await?;
-            rules::acquire(object, current.as_ref(), holder, ttl, self.inner.clock.now())?;
-        }
-    }
-
-    async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        dotdo_core::guard::validate_ttl(ttl)?;
-        let now = self.inner.clock.now();
-        let expires = now.plus(ttl);
-        let steps = vec![Step::exec(
-            "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND node_id = ?3 AND expires_at > ?5",
-            vec![
-                t(lease.object.as_str()),
-                i(lease.token.get()),
-                t(lease.holder.as_str()),
-                Value::Integer(expires.as_micros()),
-                Value::Integer(now.as_micros()),
-            ],
-        )];
-        if self.program("refresh lease", steps, Step::new("SELECT changes()", vec![])).await? == 1 {
-            return Ok(Lease { expires_at: expires, ..lease.clone() });
-        }
-        let row = self.lease_row_on_primary(&lease.object).await?;
-        rules::check_current(lease, row.as_ref(), now)?;
-        Err(Error::backend("lease refresh changed no row although the lease is current"))
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<()> {
-        let now = self.inner.clock.now().as_micros();
-        let steps = Arc::new(vec![Step::exec(
-            "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
-            vec![t(lease.object.as_str()), i(lease.token.get()), Value::Integer(now)],
-        )]);
-        self.write_call("release lease", move |c| {
-            let program = Program { steps: steps.to_vec(), result: None };
-            Box::pin(async move { Ok(c.run_program(program).await.map(|_| ())?) })
-        })
-        .await
-    }
-
-    async fn validate(&self, lease: &Lease) -> Result<()> {
-        let step = Step::new(LEASE_ROW, vec![t(lease.object.as_str())]);
-        let row = self
-            .read("validate lease", move |c| {
-                let step = step.clone();
-                Box::pin(async move { Ok(lease_row(&c.query(step).await?)?) })
-            })
-            .await?;
-        rules::check_current(lease, row.as_ref(), self.inner.clock.now())
-    }
-
-    async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
-        let step = Step::new(LEASE_ROW, vec![t(object.as_str())]);
-        let row = self
-            .read("read lease", move |c| {
-                let step = step.clone();
-                Box::pin(async move { Ok(lease_row(&c.query(step).await?)?) })
-            })
-            .await?;
-        let now = self.inner.clock.now();
-        Ok(row.filter(|r| now < r.expires_at).map(|r| r.to_lease(object)))
     }
 }

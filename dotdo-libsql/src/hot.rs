@@ -1,0 +1,325 @@
+//! [`HotStore`] on [`LibsqlStore`]: the fenced write path (one program per call) and the reads.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dotdo_core::ids::{validate_key, validate_value};
+use dotdo_core::{
+    ChangeRecord, Entry, Error, FencingToken, HotStore, KeyRange, ObjectId, ObjectInfo, Op, Result, Seq, Timestamp,
+    WriteBatch, WriteOp, WriteReceipt,
+};
+use libsql::Value;
+
+use crate::conn::{Program, Step};
+use crate::sql::eff_last;
+use crate::sql::*;
+use crate::store::LibsqlStore;
+
+#[async_trait]
+impl HotStore for LibsqlStore {
+    async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+        batch.validate()?;
+        check_token_nonzero(token)?;
+        let now = self.inner.clock.now().as_micros();
+        let n = batch.ops.len() as u64;
+        // One program, one transaction, one round trip: raise the token maximum if the token is
+        // newer, apply every operation only if the token equals the maximum, report the outcome.
+        let (o, tk) = (t(object.as_str()), i(token.get()));
+        let mut steps = Vec::with_capacity(1 + 2 * batch.ops.len());
+        steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
+        let type_name = t(&batch.type_name);
+        for op in &batch.ops {
+            let (key, code, value) = match op {
+                WriteOp::Put { key, value } => (key, 0, Value::Blob(value.to_vec())),
+                WriteOp::Delete { key } => (key, 1, Value::Blob(Vec::new())),
+            };
+            let k = t(key);
+            let log = vec![
+                o.clone(),
+                tk.clone(),
+                k.clone(),
+                Value::Integer(code),
+                value.clone(),
+                Value::Integer(now),
+                type_name.clone(),
+            ];
+            steps.push(Step::exec(LOG, log));
+            steps.push(match op {
+                WriteOp::Put { .. } => Step::exec(PUT, vec![o.clone(), tk.clone(), k, value]),
+                WriteOp::Delete { .. } => Step::exec(DEL, vec![o.clone(), tk.clone(), k]),
+            });
+        }
+        let result = Step::new(WRITE_RESULT, vec![o, tk]);
+        let steps = Arc::new(steps);
+        let object = object.clone();
+        let r = self
+            .write_call("write", move |c| {
+                let program = Program { steps: steps.to_vec(), result: Some(result.clone()) };
+                Box::pin(async move { Ok(c.run_program(program).await?) })
+            })
+            .await?
+            .unwrap_or_default();
+        if r < 0 {
+            return Err(Error::fenced(&object, token, FencingToken::new(r.unsigned_abs())));
+        }
+        let last = r.unsigned_abs();
+        if last + 1 < n {
+            return Err(Error::backend(format!("write to {object}: inconsistent result {r} for {n} operations")));
+        }
+        Ok(WriteReceipt { first_seq: last + 1 - n, last_seq: last })
+    }
+
+    async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+        validate_key(key)?;
+        let step =
+            Step::new("SELECT value FROM do_state WHERE do_id = ?1 AND key = ?2", vec![t(object.as_str()), t(key)]);
+        self.read("get", move |c| {
+            let step = step.clone();
+            Box::pin(async move {
+                let rows = c.query(step).await?;
+                Ok(rows.first().map(|r| blob(r.first())).transpose()?.map(Bytes::from))
+            })
+        })
+        .await
+    }
+
+    async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
+        let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let (sql, args) = range_sql(&range);
+        let mut params = vec![t(object.as_str())];
+        params.extend(args);
+        params.push(Value::Integer(limit));
+        let step = Step::new(sql, params);
+        self.read("list", move |c| {
+            let step = step.clone();
+            Box::pin(async move {
+                let rows = c.query(step).await?;
+                let out: libsql::Result<Vec<Entry>> = rows
+                    .iter()
+                    .map(|r| {
+                        Ok(Entry { key: text(r.first())?, value: Bytes::from(blob(r.get(1))?), seq: uint(r.get(2))? })
+                    })
+                    .collect();
+                Ok(out?)
+            })
+        })
+        .await
+    }
+
+    async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let step = Step::new(
+            "SELECT seq, key, op, value, token, ts, type FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            vec![t(object.as_str()), i(after), Value::Integer(limit)],
+        );
+        let rows = self
+            .read("read changes", move |c| {
+                let step = step.clone();
+                Box::pin(async move { Ok(c.query(step).await?) })
+            })
+            .await?;
+        let describe = self.inner.target.describe();
+        rows.iter()
+            .map(|r| {
+                let decode = || -> libsql::Result<(u64, String, i64, Vec<u8>, u64, i64, String)> {
+                    Ok((
+                        uint(r.first())?,
+                        text(r.get(1))?,
+                        int(r.get(2))?,
+                        blob(r.get(3))?,
+                        uint(r.get(4))?,
+                        int(r.get(5))?,
+                        text(r.get(6))?,
+                    ))
+                };
+                let (seq, key, op, value, token, ts, type_name) = decode().map_err(|e| {
+                    Error::corrupt(format!("{describe}: undecodable change of {object}")).with_source(e)
+                })?;
+                let op = match op {
+                    0 => Op::Put,
+                    1 => Op::Delete,
+                    other => {
+                        return Err(Error::corrupt(format!(
+                            "{describe}: change {seq} of {object} has unknown op code {other}"
+                        )))
+                    }
+                };
+                Ok(ChangeRecord {
+                    object: object.clone(),
+                    seq,
+                    key,
+                    op,
+                    value: Bytes::from(value),
+                    token: FencingToken::new(token),
+                    timestamp: Timestamp::from_micros(ts),
+                    type_name,
+                })
+            })
+            .collect()
+    }
+
+    async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+        check_token_nonzero(token)?;
+        let (o, tk, th) = (t(object.as_str()), i(token.get()), i(through));
+        let p = vec![o, tk, th];
+        // Valid: not fenced and `through` not beyond the last sequence number.
+        let ok = format!("NOT {FENCED} AND ?3 <= {LAST}");
+        let steps = vec![
+            Step::exec(
+                concat!(
+                    "UPDATE do_objects SET truncated_through = ?3, last_seq = max(last_seq, ",
+                    eff_last!("do_objects"),
+                    ") WHERE do_id = ?1 AND max_token <= ?2 AND ?3 > truncated_through AND ?3 <= ",
+                    eff_last!("do_objects")
+                ),
+                p.clone(),
+            ),
+            Step::exec(
+                "DELETE FROM do_changes WHERE do_id = ?1 AND seq <= ?3 AND EXISTS \
+                 (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token <= ?2 AND o.truncated_through >= ?3)",
+                p.clone(),
+            ),
+            Step::exec(
+                format!(
+                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
+                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)"
+                ),
+                p.clone(),
+            ),
+        ];
+        // 0: done; < 0: fenced by -code; > 0: `through` is beyond last seq code - 1.
+        let result = Step::new(
+            format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN ?3 > {LAST} THEN {LAST} + 1 ELSE 0 END"),
+            p,
+        );
+        let code = self.program("truncate changes", steps, result).await?;
+        match code {
+            0 => Ok(()),
+            c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
+            c => Err(Error::invalid(format!("cannot truncate {object} through seq {through}: last seq is {}", c - 1))),
+        }
+    }
+
+    async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+        let step = Step::new(
+            "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = o.do_id), 0)), \
+               o.truncated_through, max(o.max_token, coalesce(l.fencing_token, 0)), \
+               (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
+               (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id) \
+             FROM do_objects o LEFT JOIN do_locks l ON l.do_id = o.do_id WHERE o.do_id = ?1",
+            vec![t(object.as_str())],
+        );
+        self.read("object info", move |c| {
+            let step = step.clone();
+            Box::pin(async move {
+                let rows = c.query(step).await?;
+                let info = rows
+                    .first()
+                    .map(|r| -> libsql::Result<ObjectInfo> {
+                        Ok(ObjectInfo {
+                            last_seq: uint(r.first())?,
+                            truncated_through: uint(r.get(1))?,
+                            max_token: FencingToken::new(uint(r.get(2))?),
+                            keys: uint(r.get(3))?,
+                            value_bytes: uint(r.get(4))?,
+                        })
+                    })
+                    .transpose()?;
+                // A row created only by a lease is not yet an object.
+                Ok(info.filter(|i| i.last_seq > 0 || i.keys > 0))
+            })
+        })
+        .await
+    }
+
+    async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+        let after = after.map(|a| a.as_str().to_string()).unwrap_or_default();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let step = Step::new(
+            "SELECT DISTINCT do_id FROM do_changes WHERE do_id > ?1 ORDER BY do_id LIMIT ?2",
+            vec![Value::Text(after), Value::Integer(limit)],
+        );
+        let rows = self
+            .read("pending objects", move |c| {
+                let step = step.clone();
+                Box::pin(async move { Ok(c.query(step).await?) })
+            })
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id =
+                    text(r.first()).map_err(|e| Error::corrupt("undecodable object id in database").with_source(e))?;
+                ObjectId::new(&id).map_err(|e| Error::corrupt(format!("invalid object id {id:?} in database: {e}")))
+            })
+            .collect()
+    }
+
+    async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+        check_token_nonzero(token)?;
+        let p = vec![t(object.as_str()), i(token.get())];
+        let ok = format!("NOT {FENCED} AND NOT {PENDING}");
+        let steps = vec![
+            Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
+            Step::exec(
+                format!(
+                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
+                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)"
+                ),
+                p.clone(),
+            ),
+        ];
+        let result =
+            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {PENDING} THEN 1 ELSE 0 END"), p);
+        match self.program("evict", steps, result).await? {
+            0 => Ok(()),
+            c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
+            _ => Err(self.pending_conflict(object, "evict").await),
+        }
+    }
+
+    async fn restore(
+        &self,
+        object: &ObjectId,
+        token: FencingToken,
+        entries: Vec<Entry>,
+        through_seq: Seq,
+    ) -> Result<()> {
+        check_token_nonzero(token)?;
+        for e in &entries {
+            validate_key(&e.key)?;
+            validate_value(&e.value)?;
+        }
+        let p = vec![t(object.as_str()), i(token.get()), i(through_seq)];
+        // Conflict: pending changes, or a last seq above `through_seq`.
+        let conflict = format!("({PENDING} OR {LAST} > ?3)");
+        let ok = format!("NOT {FENCED} AND NOT {conflict}");
+        let mut steps = vec![
+            Step::exec(
+                format!(
+                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
+                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)"
+                ),
+                p.clone(),
+            ),
+            Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
+        ];
+        let insert = format!("INSERT INTO do_state (do_id, key, value, seq) SELECT ?1, ?4, ?5, ?6 WHERE {ok}");
+        for e in &entries {
+            let mut q = p.clone();
+            q.extend([t(&e.key), Value::Blob(e.value.to_vec()), i(e.seq)]);
+            steps.push(Step::exec(insert.clone(), q));
+        }
+        steps.push(Step::exec(
+            format!("UPDATE do_objects SET last_seq = ?3, truncated_through = ?3 WHERE do_id = ?1 AND {ok}"),
+            p.clone(),
+        ));
+        let result =
+            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {conflict} THEN 1 ELSE 0 END"), p);
+        match self.program("restore", steps, result).await? {
+            0 => Ok(()),
+            c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
+            _ => Err(self.pending_conflict(object, &format!("restore through seq {through_seq}")).await),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! [`ConsistencyGuard`] on [`LibsqlStore`]: leases in `do_locks`, decided by the SQL form of
+//! [`rules`] in one program on the primary; refusals explained with `rules` itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dotdo_core::guard::rules;
+use dotdo_core::{ConsistencyGuard, Error, FencingToken, Lease, NodeId, ObjectId, Result};
+use libsql::Value;
+
+use crate::conn::{Program, Step};
+use crate::sql::*;
+use crate::store::LibsqlStore;
+
+#[async_trait]
+impl ConsistencyGuard for LibsqlStore {
+    async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
+        dotdo_core::guard::validate_ttl(ttl)?;
+        loop {
+            let now = self.inner.clock.now();
+            let expires = now.plus(ttl);
+            // The same decision as `rules::acquire`, in SQL so that it is one round trip: take the
+            // lease if it is free (expired or released), with a token above every token issued.
+            let p = vec![
+                t(object.as_str()),
+                t(holder.as_str()),
+                Value::Integer(now.as_micros()),
+                Value::Integer(expires.as_micros()),
+            ];
+            let steps = vec![
+                Step::exec(
+                    "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
+                     VALUES (?1, ?2, ?3, ?4, 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
+                     coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0))) \
+                     ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
+                     expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3",
+                    p.clone(),
+                ),
+                // Runs right after the upsert: `changes()` says whether it took the lease.
+                Step::exec(
+                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
+                     SELECT ?1, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 AND changes() = 1 \
+                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)",
+                    p.clone(),
+                ),
+            ];
+            let result = Step::new(
+                "SELECT CASE WHEN changes() = 1 THEN (SELECT fencing_token FROM do_locks WHERE do_id = ?1) ELSE -1 END",
+                p,
+            );
+            let token = self.program("acquire lease", steps, result).await?;
+            if token > 0 {
+                return Ok(Lease {
+                    object: object.clone(),
+                    holder: holder.clone(),
+                    token: FencingToken::new(token.unsigned_abs()),
+                    acquired_at: now,
+                    expires_at: expires,
+                });
+            }
+            // Refused: explain with the shared rules (`LeaseHeld`). If the lease was freed in
+            // between, try again.
+            let current = self.lease_row_on_primary(object).await?;
+            rules::acquire(object, current.as_ref(), holder, ttl, self.inner.clock.now())?;
+        }
+    }
+
+    async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        dotdo_core::guard::validate_ttl(ttl)?;
+        let now = self.inner.clock.now();
+        let expires = now.plus(ttl);
+        let steps = vec![Step::exec(
+            "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND node_id = ?3 AND expires_at > ?5",
+            vec![
+                t(lease.object.as_str()),
+                i(lease.token.get()),
+                t(lease.holder.as_str()),
+                Value::Integer(expires.as_micros()),
+                Value::Integer(now.as_micros()),
+            ],
+        )];
+        if self.program("refresh lease", steps, Step::new("SELECT changes()", vec![])).await? == 1 {
+            return Ok(Lease { expires_at: expires, ..lease.clone() });
+        }
+        let row = self.lease_row_on_primary(&lease.object).await?;
+        rules::check_current(lease, row.as_ref(), now)?;
+        Err(Error::backend("lease refresh changed no row although the lease is current"))
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let now = self.inner.clock.now().as_micros();
+        let steps = Arc::new(vec![Step::exec(
+            "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
+            vec![t(lease.object.as_str()), i(lease.token.get()), Value::Integer(now)],
+        )]);
+        self.write_call("release lease", move |c| {
+            let program = Program { steps: steps.to_vec(), result: None };
+            Box::pin(async move { Ok(c.run_program(program).await.map(|_| ())?) })
+        })
+        .await
+    }
+
+    async fn validate(&self, lease: &Lease) -> Result<()> {
+        let step = Step::new(LEASE_ROW, vec![t(lease.object.as_str())]);
+        let row = self
+            .read("validate lease", move |c| {
+                let step = step.clone();
+                Box::pin(async move { Ok(lease_row(&c.query(step).await?)?) })
+            })
+            .await?;
+        rules::check_current(lease, row.as_ref(), self.inner.clock.now())
+    }
+
+    async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
+        let step = Step::new(LEASE_ROW, vec![t(object.as_str())]);
+        let row = self
+            .read("read lease", move |c| {
+                let step = step.clone();
+                Box::pin(async move { Ok(lease_row(&c.query(step).await?)?) })
+            })
+            .await?;
+        let now = self.inner.clock.now();
+        Ok(row.filter(|r| now < r.expires_at).map(|r| r.to_lease(object)))
+    }
+}

@@ -1,0 +1,135 @@
+//! The SQL of the store: statements with `?N` parameters, shared by every transport, and the
+//! decoding of result values. Mutating statements are conditional on the fencing check so that a
+//! whole call is one program (see [`Program`](crate::conn::Program)).
+
+use dotdo_core::guard::rules::LeaseRow;
+use dotdo_core::{Error, FencingToken, KeyRange, NodeId, Result, Timestamp};
+use libsql::Value;
+use std::ops::Bound;
+
+use crate::conn::Row;
+
+/// The effective last sequence number of object row `o`: `do_objects.last_seq` is a floor kept for
+/// truncated and restored changes; the newest change still in the log may be above it.
+macro_rules! eff_last {
+    ($o:literal) => {
+        concat!(
+            "max(",
+            $o,
+            ".last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = ",
+            $o,
+            ".do_id), 0))"
+        )
+    };
+}
+pub(crate) use eff_last;
+/// `?2` (the presented token) is below the object's maximum.
+pub(crate) const FENCED: &str = "EXISTS (SELECT 1 FROM do_objects f WHERE f.do_id = ?1 AND f.max_token > ?2)";
+/// The object's effective last sequence number (0 if unknown).
+pub(crate) const LAST: &str =
+    concat!("coalesce((SELECT ", eff_last!("o"), " FROM do_objects o WHERE o.do_id = ?1), 0)");
+/// `-max_token` if `?2` is stale (a fenced call), for result codes.
+pub(crate) const MINUS_MAX: &str = "-(SELECT max_token FROM do_objects WHERE do_id = ?1)";
+/// Raise only (never lower) and only when the token is not stale: the first step of a write.
+pub(crate) const RAISE_IF_CURRENT: &str =
+    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
+     ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token";
+/// Append one change with the next sequence number, only if the token is current.
+pub(crate) const LOG: &str = concat!(
+    "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) SELECT ?1, ",
+    eff_last!("o"),
+    " + 1, ?3, ?4, ?5, ?2, ?6, ?7 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2"
+);
+/// Upsert the state of the change just logged, only if the token is current.
+pub(crate) const PUT: &str = "INSERT INTO do_state (do_id, key, value, seq) \
+     SELECT ?1, ?3, ?4, (SELECT max(seq) FROM do_changes c WHERE c.do_id = ?1) \
+     FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 \
+     ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq";
+pub(crate) const DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?3 \
+     AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2)";
+/// The result of a write: `-max_token` if fenced, else the effective last sequence number.
+pub(crate) const WRITE_RESULT: &str = concat!(
+    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token ELSE ",
+    eff_last!("o"),
+    " END FROM do_objects o WHERE o.do_id = ?1), 0)"
+);
+/// The object has changes cold storage has not acknowledged.
+pub(crate) const PENDING: &str =
+    concat!("EXISTS (SELECT 1 FROM do_objects p WHERE p.do_id = ?1 AND ", eff_last!("p"), " > p.truncated_through)");
+pub(crate) const LEASE_ROW: &str =
+    "SELECT node_id, fencing_token, acquired_at, expires_at FROM do_locks WHERE do_id = ?1";
+
+pub(crate) fn text(v: Option<&Value>) -> libsql::Result<String> {
+    match v {
+        Some(Value::Text(s)) => Ok(s.clone()),
+        Some(Value::Blob(b)) => String::from_utf8(b.clone()).map_err(|_| libsql::Error::InvalidColumnType),
+        _ => Err(libsql::Error::InvalidColumnType),
+    }
+}
+
+pub(crate) fn int(v: Option<&Value>) -> libsql::Result<i64> {
+    match v {
+        Some(Value::Integer(i)) => Ok(*i),
+        Some(Value::Null) => Ok(0),
+        _ => Err(libsql::Error::InvalidColumnType),
+    }
+}
+
+pub(crate) fn uint(v: Option<&Value>) -> libsql::Result<u64> {
+    u64::try_from(int(v)?).map_err(|_| libsql::Error::InvalidColumnType)
+}
+
+pub(crate) fn blob(v: Option<&Value>) -> libsql::Result<Vec<u8>> {
+    match v {
+        Some(Value::Blob(b)) => Ok(b.clone()),
+        Some(Value::Text(s)) => Ok(s.clone().into_bytes()),
+        Some(Value::Null) => Ok(Vec::new()),
+        _ => Err(libsql::Error::InvalidColumnType),
+    }
+}
+
+pub(crate) fn t(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+pub(crate) fn i(v: u64) -> Value {
+    Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+pub(crate) fn lease_row(rows: &[Row]) -> libsql::Result<Option<LeaseRow>> {
+    let Some(r) = rows.first() else { return Ok(None) };
+    let node = text(r.first())?;
+    Ok(NodeId::new(node).ok().map(|holder| LeaseRow {
+        holder,
+        token: FencingToken::new(uint(r.get(1)).unwrap_or(0)),
+        acquired_at: Timestamp::from_micros(int(r.get(2)).unwrap_or(0)),
+        expires_at: Timestamp::from_micros(int(r.get(3)).unwrap_or(0)),
+    }))
+}
+
+pub(crate) fn check_token_nonzero(token: FencingToken) -> Result<()> {
+    if token == FencingToken::NONE {
+        return Err(Error::invalid("fencing token NONE is never valid for a write"));
+    }
+    Ok(())
+}
+
+pub(crate) fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
+    let mut sql = String::from("SELECT key, value, seq FROM do_state WHERE do_id = ?1");
+    let mut args = Vec::new();
+    for (b, inc, exc) in [(&range.start, ">=", ">"), (&range.end, "<=", "<")] {
+        match b {
+            Bound::Included(k) => {
+                args.push(t(k));
+                sql.push_str(&format!(" AND key {inc} ?{}", args.len() + 1));
+            }
+            Bound::Excluded(k) => {
+                args.push(t(k));
+                sql.push_str(&format!(" AND key {exc} ?{}", args.len() + 1));
+            }
+            Bound::Unbounded => {}
+        }
+    }
+    sql.push_str(&format!(" ORDER BY key LIMIT ?{}", args.len() + 2));
+    (sql, args)
+}
