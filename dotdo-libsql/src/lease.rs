@@ -17,7 +17,9 @@ use crate::store::LibsqlStore;
 impl ConsistencyGuard for LibsqlStore {
     async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
         dotdo_core::guard::validate_ttl(ttl)?;
-        loop {
+        // A refusal whose explanation finds the lease free means it was freed in between: try
+        // again, a few times (the row and the rules cannot disagree for longer unless damaged).
+        for _ in 0..4 {
             let now = self.inner.clock.now();
             let expires = now.plus(ttl);
             // The same decision as `rules::acquire`, in SQL so that it is one round trip: take the
@@ -64,6 +66,9 @@ impl ConsistencyGuard for LibsqlStore {
             let current = self.lease_row_on_primary(object).await?;
             rules::acquire(object, current.as_ref(), holder, ttl, self.inner.clock.now())?;
         }
+        Err(Error::corrupt(format!(
+            "the lease row of {object} refuses every acquire but reads as free (damaged holder or token?)"
+        )))
     }
 
     async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
