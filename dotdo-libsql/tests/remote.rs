@@ -102,3 +102,34 @@ async fn two_stores_on_one_primary_share_fencing() {
     assert!(e.is_fenced(), "{e}");
     assert_eq!(a.get(&obj, "k").await.expect("get").as_deref(), Some(&b"from-b"[..]));
 }
+
+#[tokio::test]
+async fn a_write_whose_reply_is_lost_is_ambiguous_and_not_retried_but_a_read_is_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    let settings = dotdo_libsql::LibsqlSettings {
+        retries: 3,
+        retry_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let store = LibsqlStore::remote(server.url(), TOKEN).with_settings(settings).open().await.expect("open");
+    let obj = ObjectId::new("o").expect("valid");
+    let lease = store.acquire(&obj, &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    assert_eq!(store.get(&obj, "k").await.expect("warm the read statement"), None);
+
+    server.lose_replies(1);
+    let before = server.requests();
+    let e = store.put(&obj, lease.token, "T", "k", "v".into()).await.expect_err("reply lost");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert!(!e.is_retryable());
+    assert_eq!(server.requests() - before, 1, "a write that may have been applied is not retried blindly");
+    // Resolved by reading back: it was applied, exactly once.
+    assert_eq!(store.get(&obj, "k").await.expect("read back").as_deref(), Some(&b"v"[..]));
+    assert_eq!(store.read_changes(&obj, 0, 10).await.expect("log").len(), 1);
+
+    server.lose_replies(1);
+    let before = server.requests();
+    assert_eq!(store.get(&obj, "k").await.expect("a read is retried").as_deref(), Some(&b"v"[..]));
+    assert!(server.requests() - before >= 2, "the lost read was retried");
+}

@@ -26,6 +26,7 @@ struct State {
     streams: Mutex<HashMap<String, libsql::Connection>>,
     next_baton: AtomicUsize,
     requests: AtomicUsize,
+    lose_replies: AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -52,6 +53,7 @@ impl HranaServer {
             streams: Mutex::new(HashMap::new()),
             next_baton: AtomicUsize::new(1),
             requests: AtomicUsize::new(0),
+            lose_replies: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
         let s = state.clone();
@@ -71,6 +73,12 @@ impl HranaServer {
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Execute the next `n` requests but close the connection instead of replying (a reply lost
+    /// on the way back).
+    pub fn lose_replies(&self, n: usize) {
+        self.state.lose_replies.store(n, Ordering::SeqCst);
     }
 
     /// Pipeline requests (HTTP round trips) served so far.
@@ -154,6 +162,10 @@ fn serve(stream: TcpStream, state: &State) {
                 Err(e) => ("400 Bad Request", format!("{{\"error\":{:?}}}", e.to_string())),
             }
         };
+        if state.lose_replies.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            let _ = out.shutdown(std::net::Shutdown::Both);
+            return;
+        }
         let resp = format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
             reply.len()
