@@ -64,7 +64,7 @@ impl HotStore for LibsqlStore {
             return Err(Error::fenced(&object, token, FencingToken::new(r.unsigned_abs())));
         }
         let last = r.unsigned_abs();
-        if last + 1 < n {
+        if last < n {
             return Err(Error::backend(format!("write to {object}: inconsistent result {r} for {n} operations")));
         }
         Ok(WriteReceipt { first_seq: last + 1 - n, last_seq: last })
