@@ -187,6 +187,8 @@ fn with_busy_retry<T>(settings: &SqliteSettings, doing: &str, mut f: impl FnMut(
             Err(TxError::Sql(e)) => {
                 if class_of(&e) == Class::Busy && attempt < settings.busy_retries {
                     attempt += 1;
+                    // Real time on purpose: this runs on a blocking thread, and a backoff must not
+                    // wait on an injected (possibly manual) clock that only tests move.
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;

@@ -57,6 +57,10 @@ pub struct ColdFixture {
 }
 
 /// Opens a fresh, empty hot backend that reads time from the given clock.
+///
+/// The clock is a [`ManualClock`]: it moves only when a case advances it. A backend must take
+/// lease and record times from it, but must not wait on it for retries or backoff (a sleep on a
+/// manual clock never ends unless the case advances time); back off on real time instead.
 pub type HotFactory = Arc<dyn Fn(ManualClock) -> BoxFuture<'static, HotFixture> + Send + Sync>;
 /// Opens a fresh, empty cold backend that reads time from the given clock.
 pub type ColdFactory = Arc<dyn Fn(ManualClock) -> BoxFuture<'static, ColdFixture> + Send + Sync>;
