@@ -42,6 +42,10 @@ pub struct Settings {
     pub zstd_level: i32,
     /// Rows per Parquet row group (default 32 Ki); smaller groups prune finer.
     pub row_group_rows: usize,
+    /// Target bytes of one row group (default 4 MiB): with large values a row group holds fewer
+    /// rows than `row_group_rows`, so a point lookup, which reads only the row groups whose
+    /// `do_id`/`key` statistics match, decodes a few MiB instead of a whole file.
+    pub row_group_bytes: usize,
     /// Target data file size in bytes before rolling to a new file (default 256 MiB).
     pub target_file_size: usize,
     /// Commit attempts of one append, conflicts and unknown outcomes included (default 16).
@@ -71,6 +75,7 @@ impl Default for Settings {
             buckets: schema::DEFAULT_BUCKETS,
             zstd_level: 1,
             row_group_rows: 32 * 1024,
+            row_group_bytes: 4 << 20,
             target_file_size: 256 << 20,
             max_commit_attempts: 16,
             retry_base_delay: Duration::from_millis(10),
@@ -509,9 +514,17 @@ impl IcebergColdStore {
         }
         let level = ZstdLevel::try_new(self.inner.settings.zstd_level)
             .map_err(|e| Error::invalid(format!("zstd level {}: {e}", self.inner.settings.zstd_level)))?;
+        // Cap row groups by bytes as well as rows (large values make few rows per group).
+        let (n, value_bytes) = parts.iter().fold((0usize, 0usize), |(n, b), &(i, from)| {
+            let recs = &batch.objects[i].records[from..];
+            (n + recs.len(), b + recs.iter().map(|r| r.value.len() + r.key.len() + 64).sum::<usize>())
+        });
+        let avg_row = value_bytes.checked_div(n).unwrap_or(0).max(1);
+        let rows_per_group =
+            (self.inner.settings.row_group_bytes / avg_row).clamp(1, self.inner.settings.row_group_rows.max(1));
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
-            .set_max_row_group_row_count(Some(self.inner.settings.row_group_rows))
+            .set_max_row_group_row_count(Some(rows_per_group))
             .set_statistics_truncate_length(None)
             // Row-group statistics drive pruning; page-level ones would only cost encode time.
             .set_statistics_enabled(EnabledStatistics::Chunk)
