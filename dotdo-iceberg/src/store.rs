@@ -437,11 +437,19 @@ impl IcebergColdStore {
 
     /// The table to read: reloaded from the catalog if `refresh_reads` is on.
     pub(crate) async fn read_table(&self) -> Result<Table> {
-        if self.inner.settings.refresh_reads {
-            self.refresh().await
-        } else {
-            Ok(self.table())
+        if !self.inner.settings.refresh_reads {
+            return Ok(self.table());
         }
+        // SQL catalogs: one indexed SELECT tells whether the known table is still current,
+        // which saves reading and parsing the metadata JSON on every read.
+        if let Some(v) = &self.inner.verifier {
+            let current = v.metadata_location(&self.inner.ident).await?;
+            let known = self.table();
+            if current.is_some() && current.as_deref() == known.metadata_location() {
+                return Ok(known);
+            }
+        }
+        self.refresh().await
     }
 
     /// Reload, retrying transient failures a few times (resolving an unknown outcome).
