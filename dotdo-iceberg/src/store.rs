@@ -54,8 +54,9 @@ pub struct Settings {
     /// 1 s).
     pub retry_base_delay: Duration,
     /// Reload the table from the catalog before each read and `watermark` call (default true),
-    /// so reads see other writers' commits. With `false` a store sees only its own commits
-    /// until it commits again or [`IcebergColdStore::refresh`] is called.
+    /// so reads see other writers' commits (with a SQL catalog only the table pointer is read
+    /// when nothing changed). With `false` a store sees only its own commits until it commits
+    /// again or [`IcebergColdStore::refresh`] is called.
     pub refresh_reads: bool,
     /// Name of the catalog (the SQL catalog's `catalog_name` column; default `"dotdo"`).
     pub catalog_name: String,
