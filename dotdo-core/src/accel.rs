@@ -1,6 +1,7 @@
 //! The [`IndexAccelerator`] contract: point lookups and scans over cold state that open as few
 //! files as possible, with an explanation of what was pruned.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use crate::cold::{AsOf, SnapshotId};
 use crate::error::Result;
 use crate::ids::ObjectId;
-use crate::record::{KeyRange, Op, Seq};
+use crate::record::{ChangeRecord, KeyRange, Op, Seq};
 use crate::time::Timestamp;
 
 /// What a query did: how many files the snapshot had, how many each pruning layer removed, and
@@ -140,4 +141,26 @@ impl<T: IndexAccelerator + ?Sized> IndexAccelerator for Arc<T> {
     async fn scan(&self, query: ScanQuery) -> Result<Scan> {
         (**self).scan(query).await
     }
+}
+
+/// The latest version of each key among `records` (any order; deletes included), keyed by key.
+/// Accelerators fold what they read with this, so every backend answers like a full scan.
+pub fn latest_versions(records: impl IntoIterator<Item = ChangeRecord>) -> BTreeMap<String, VersionedValue> {
+    let mut latest: BTreeMap<String, VersionedValue> = BTreeMap::new();
+    for r in records {
+        if latest.get(&r.key).is_none_or(|v| v.seq < r.seq) {
+            latest.insert(
+                r.key.clone(),
+                VersionedValue {
+                    key: r.key,
+                    value: r.value,
+                    op: r.op,
+                    seq: r.seq,
+                    timestamp: r.timestamp,
+                    type_name: r.type_name,
+                },
+            );
+        }
+    }
+    latest
 }

@@ -14,7 +14,7 @@
 //! [`QueryStats`] reports each layer honestly: `bytes_read` counts bytes actually fetched from
 //! the store for data files (footers included when not cached).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ops::{Bound, Range};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,7 +31,7 @@ use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
-use dotdo_core::accel::{IndexAccelerator, Lookup, QueryStats, Scan, ScanQuery, VersionedValue};
+use dotdo_core::accel::{latest_versions, IndexAccelerator, Lookup, QueryStats, Scan, ScanQuery, VersionedValue};
 use dotdo_core::time::Stopwatch;
 use dotdo_core::{AsOf, ChangeRecord, Error, KeyRange, ObjectId, Op, Result};
 
@@ -439,27 +439,6 @@ impl IcebergColdStore {
         stats.elapsed = sw.elapsed();
         Ok((records, stats))
     }
-}
-
-/// Latest version per key (deletes included).
-fn latest_versions(records: Vec<ChangeRecord>) -> BTreeMap<String, VersionedValue> {
-    let mut latest: BTreeMap<String, VersionedValue> = BTreeMap::new();
-    for r in records {
-        if latest.get(&r.key).is_none_or(|v| v.seq < r.seq) {
-            latest.insert(
-                r.key.clone(),
-                VersionedValue {
-                    key: r.key,
-                    value: r.value,
-                    op: r.op,
-                    seq: r.seq,
-                    timestamp: r.timestamp,
-                    type_name: r.type_name,
-                },
-            );
-        }
-    }
-    latest
 }
 
 #[async_trait]

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use crate::accel::{IndexAccelerator, Lookup, QueryStats, Scan, ScanQuery, VersionedValue};
+use crate::accel::{latest_versions, IndexAccelerator, Lookup, QueryStats, Scan, ScanQuery, VersionedValue};
 use crate::cold::{fold_changes, AsOf, ColdBatch, ColdCommit, ColdSink, ColdState, SnapshotInfo, Watermark};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ids::ObjectId;
@@ -171,28 +171,6 @@ impl ColdSink for MemoryColdStore {
         records.retain(|r| r.seq > after);
         Ok(records)
     }
-}
-
-/// Latest version per key among `records` (any order), deletes included.
-pub(crate) fn latest_versions(records: Vec<ChangeRecord>) -> BTreeMap<String, VersionedValue> {
-    let mut latest: BTreeMap<String, VersionedValue> = BTreeMap::new();
-    for r in records {
-        let newer = latest.get(&r.key).is_none_or(|v| v.seq < r.seq);
-        if newer {
-            latest.insert(
-                r.key.clone(),
-                VersionedValue {
-                    key: r.key,
-                    value: r.value,
-                    op: r.op,
-                    seq: r.seq,
-                    timestamp: r.timestamp,
-                    type_name: r.type_name,
-                },
-            );
-        }
-    }
-    latest
 }
 
 #[async_trait]
