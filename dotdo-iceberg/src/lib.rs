@@ -79,8 +79,10 @@ pub mod schema;
 pub mod storage;
 mod store;
 pub mod summary;
+pub mod user_table;
 
 pub use catalog::CatalogConfig;
 pub use maintenance::{CleanupReport, ExpireReport};
 pub use storage::StoreRoot;
 pub use store::{IcebergColdStore, IcebergColdStoreBuilder, Settings};
+pub use user_table::{ArrowCommit, ArrowTable};

@@ -16,7 +16,7 @@ use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use iceberg::{Catalog, NamespaceIdent, TableCreation, TableIdent};
 use object_store::ObjectStore;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::{BloomFilterPosition, EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use dotdo_core::ids::validate_value;
@@ -68,6 +68,14 @@ pub struct Settings {
     /// 1000); beyond that a checkpoint file with all of them is written (see
     /// [`summary`](crate::summary)). Keeps table metadata small with many objects.
     pub watermark_checkpoint_objects: usize,
+    /// Write Parquet bloom filters on the `do_id` and `key` columns of every row group, and use
+    /// them on reads to skip row groups (and whole files) that cannot hold the object or key
+    /// (default true). Files written without filters are read as before.
+    pub bloom_filters: bool,
+    /// Target false-positive rate of those bloom filters (default 0.01; must be in `(0, 1)`).
+    /// Filters are sized for the rows of a row group at this rate, then folded down to the
+    /// smallest size that keeps it, so lower rates cost a few bytes per distinct value.
+    pub bloom_filter_fpp: f64,
 }
 
 impl Default for Settings {
@@ -84,6 +92,8 @@ impl Default for Settings {
             catalog_name: "dotdo".to_string(),
             verify_commits: true,
             watermark_checkpoint_objects: 1000,
+            bloom_filters: true,
+            bloom_filter_fpp: 0.01,
         }
     }
 }
@@ -175,6 +185,10 @@ impl IcebergColdStoreBuilder {
         if self.settings.max_commit_attempts == 0 || self.settings.buckets == 0 {
             return Err(Error::invalid("max_commit_attempts and buckets must be at least 1"));
         }
+        let fpp = self.settings.bloom_filter_fpp;
+        if self.settings.bloom_filters && !(fpp > 0.0 && fpp < 1.0) {
+            return Err(Error::invalid(format!("bloom_filter_fpp must be in (0, 1), got {fpp}")));
+        }
         let root = match self.store {
             Some(store) => StoreRoot::from_store(store, &self.warehouse)?,
             None => StoreRoot::open(&self.warehouse, self.options.iter().map(|(k, v)| (k.as_str(), v.clone())))?,
@@ -246,7 +260,7 @@ async fn open_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settin
     Ok(table)
 }
 
-const RETRY_PROP: &str = "commit.retry.num-retries";
+pub(crate) const RETRY_PROP: &str = "commit.retry.num-retries";
 
 async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settings) -> Result<Table> {
     let what = format!("creating table {ident}");
@@ -531,14 +545,25 @@ impl IcebergColdStore {
         let avg_row = value_bytes.checked_div(n).unwrap_or(0).max(1);
         let rows_per_group =
             (self.inner.settings.row_group_bytes / avg_row).clamp(1, self.inner.settings.row_group_rows.max(1));
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(rows_per_group))
             .set_statistics_truncate_length(None)
             // Row-group statistics drive pruning; page-level ones would only cost encode time.
             .set_statistics_enabled(EnabledStatistics::Chunk)
-            .set_column_statistics_enabled(ColumnPath::from("value"), EnabledStatistics::None)
-            .build();
+            .set_column_statistics_enabled(ColumnPath::from("value"), EnabledStatistics::None);
+        if self.inner.settings.bloom_filters {
+            // Sized for a row group of distinct values, folded down to the target rate once the
+            // group is written; kept together before the footer so a reader's fetches are close.
+            for col in schema::BLOOM_COLUMNS {
+                props = props
+                    .set_column_bloom_filter_enabled(ColumnPath::from(col), true)
+                    .set_column_bloom_filter_fpp(ColumnPath::from(col), self.inner.settings.bloom_filter_fpp)
+                    .set_column_bloom_filter_ndv(ColumnPath::from(col), rows_per_group as u64);
+            }
+            props = props.set_bloom_filter_position(BloomFilterPosition::End);
+        }
+        let props = props.build();
         let location = DefaultLocationGenerator::new(&md).map_err(|e| classify(e, "data location"))?;
         let prefix = uuid::Uuid::new_v4().to_string();
         let ident = self.inner.ident.to_string();

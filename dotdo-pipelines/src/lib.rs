@@ -16,6 +16,8 @@
 //! * **Transforms**: filter, map or re-route events to another sink (table).
 //! * **Cloudflare Pipelines**: [`cloudflare::CloudflareStreamClient`] sends the same events to a
 //!   Cloudflare stream over HTTP (feature `cloudflare`).
+//! * **Any user Arrow schema**: [`arrow::ArrowPipeline`] rolls `RecordBatch`es into numbered,
+//!   exactly-once appends to an Iceberg table with that schema ([`arrow::ArrowSink`]).
 //! * **Metrics**: events in, bytes, rolls, commit latency, buffer depth, end-to-end lag.
 //!
 //! A pipeline owns the sequence numbers of the objects it writes: give it its own table (or at
@@ -24,6 +26,7 @@
 //! Example: see [`Pipeline`].
 #![warn(missing_docs)]
 
+pub mod arrow;
 #[cfg(feature = "cloudflare")]
 pub mod cloudflare;
 mod event;

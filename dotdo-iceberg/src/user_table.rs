@@ -1,0 +1,278 @@
+//! Iceberg tables with a **user schema**, appended in numbered batches exactly once.
+//!
+//! This is the commit path for streams of arbitrary Arrow data (dotdo-pipelines'
+//! `ArrowPipeline`). Each append carries a *stream* name and a *batch id*; the snapshot summary
+//! records, for every stream that ever wrote to the table, the highest batch id committed
+//! (`dotdo.stream.<name>`, carried forward by every commit). An append whose id is at or below
+//! the stream's mark is skipped, so a retry or a crash replay never duplicates rows. Commits are
+//! pinned to the table version the marks were read from (iceberg's own retry is off); a conflict
+//! or an unknown outcome re-reads the marks before trying again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use iceberg::spec::DataFileFormat;
+use iceberg::table::Table;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::location_generator::{DefaultFileNameGenerator, DefaultLocationGenerator};
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
+use iceberg::{NamespaceIdent, TableCreation, TableIdent};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use dotdo_core::{Error, ErrorKind, Result, SnapshotId};
+
+use crate::catalog::PinnedCatalog;
+use crate::error::classify;
+use crate::store::RETRY_PROP;
+use crate::IcebergColdStore;
+
+const MARK_PREFIX: &str = "dotdo.stream.";
+
+/// What an [`ArrowTable::append`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArrowCommit {
+    /// The snapshot created, `None` if the batch was already committed (a replay).
+    pub snapshot: Option<SnapshotId>,
+    /// Rows written by this call (0 for a replay).
+    pub rows: u64,
+}
+
+/// An Iceberg table with a user schema in an [`IcebergColdStore`]'s catalog and warehouse.
+#[derive(Clone, Debug)]
+pub struct ArrowTable {
+    store: IcebergColdStore,
+    ident: TableIdent,
+    /// The user's schema (what `append` accepts).
+    user: SchemaRef,
+    /// The same schema with Iceberg field ids, as the Parquet writer wants it.
+    iceberg_arrow: SchemaRef,
+}
+
+fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields().iter().zip(b.fields()).all(|(x, y)| {
+            x.name() == y.name() && x.data_type().equals_datatype(y.data_type()) && x.is_nullable() == y.is_nullable()
+        })
+}
+
+impl IcebergColdStore {
+    /// Open the table `namespace.name` with the user schema `schema` (created unpartitioned if
+    /// missing) in this store's catalog and warehouse. An existing table with another shape is
+    /// `InvalidInput`.
+    pub async fn arrow_table(&self, namespace: &[&str], name: &str, schema: SchemaRef) -> Result<ArrowTable> {
+        let ns = NamespaceIdent::from_strs(namespace.iter().copied())
+            .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
+        let ident = TableIdent::new(ns.clone(), name.to_string());
+        let what = format!("table {ident}");
+        let catalog = self.catalog();
+        let table = match catalog.load_table(&ident).await {
+            Ok(t) => t,
+            Err(e) if matches!(e.kind(), iceberg::ErrorKind::TableNotFound | iceberg::ErrorKind::NamespaceNotFound) => {
+                if !catalog.namespace_exists(&ns).await.map_err(|e| classify(e, &what))? {
+                    match catalog.create_namespace(&ns, HashMap::new()).await {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
+                        Err(e) => return Err(classify(e, &what)),
+                    }
+                }
+                let ischema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&schema)
+                    .map_err(|e| classify(e, &what).with_retryable(false))?;
+                let creation = TableCreation::builder()
+                    .name(name.to_string())
+                    .schema(ischema)
+                    .properties(HashMap::from([
+                        (RETRY_PROP.to_string(), "0".to_string()),
+                        ("write.format.default".to_string(), "parquet".to_string()),
+                        ("write.parquet.compression-codec".to_string(), "zstd".to_string()),
+                    ]))
+                    .build();
+                match catalog.create_table(&ns, creation).await {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
+                        catalog.load_table(&ident).await.map_err(|e| classify(e, &what))?
+                    }
+                    Err(e) => return Err(classify(e, &what)),
+                }
+            }
+            Err(e) => return Err(classify(e, &what)),
+        };
+        let iceberg_arrow = Arc::new(
+            iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
+                .map_err(|e| classify(e, &what))?,
+        );
+        if !same_shape(&iceberg_arrow, &schema) {
+            return Err(Error::invalid(format!("{what} exists with another schema: {iceberg_arrow:?}")));
+        }
+        Ok(ArrowTable { store: self.clone(), ident, user: schema, iceberg_arrow })
+    }
+}
+
+/// Stream marks recorded in a snapshot summary.
+fn marks(table: &Table) -> HashMap<String, u64> {
+    table
+        .metadata()
+        .current_snapshot()
+        .map(|s| {
+            s.summary()
+                .additional_properties
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(MARK_PREFIX)?.to_string(), v.parse().ok()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl ArrowTable {
+    /// The user schema appends must have.
+    pub fn schema(&self) -> SchemaRef {
+        self.user.clone()
+    }
+
+    /// The table identifier.
+    pub fn ident(&self) -> &TableIdent {
+        &self.ident
+    }
+
+    async fn load(&self) -> Result<Table> {
+        self.store.catalog().load_table(&self.ident).await.map_err(|e| classify(e, &format!("loading {}", self.ident)))
+    }
+
+    /// The highest batch id committed by `stream` (0 if none).
+    pub async fn last_batch(&self, stream: &str) -> Result<u64> {
+        Ok(marks(&self.load().await?).get(stream).copied().unwrap_or(0))
+    }
+
+    /// Append `batches` as batch `batch_id` of `stream`, exactly once (see the module docs).
+    /// Batches must have the table's user schema; ids of one stream must increase.
+    pub async fn append(&self, stream: &str, batch_id: u64, batches: Vec<RecordBatch>) -> Result<ArrowCommit> {
+        if stream.is_empty()
+            || stream.len() > 128
+            || !stream.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(Error::invalid(format!("stream name {stream:?}: 1..=128 ASCII letters, digits, -_.")));
+        }
+        if batch_id == 0 {
+            return Err(Error::invalid("batch ids start at 1"));
+        }
+        let mut rebatched = Vec::with_capacity(batches.len());
+        for b in &batches {
+            if !same_shape(b.schema_ref(), &self.user) {
+                return Err(Error::invalid(format!(
+                    "batch schema {:?} is not the table's {:?}",
+                    b.schema(),
+                    self.user
+                )));
+            }
+            rebatched.push(
+                RecordBatch::try_new(self.iceberg_arrow.clone(), b.columns().to_vec())
+                    .map_err(|e| Error::invalid("re-labelling a batch with the table schema").with_source(e))?,
+            );
+        }
+        let rows: u64 = rebatched.iter().map(|b| b.num_rows() as u64).sum();
+        let what = format!("appending batch {batch_id} of stream {stream} to {}", self.ident);
+        let mut files = None;
+        let attempts = self.store.inner.settings.max_commit_attempts.max(1);
+        let mut last_err = None;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                let base = self.store.inner.settings.retry_base_delay;
+                self.store.inner.clock.sleep(base * 2u32.saturating_pow(attempt.min(6))).await;
+            }
+            let table = match self.load().await {
+                Ok(t) => t,
+                Err(e) if e.is_retryable() => {
+                    last_err = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut m = marks(&table);
+            if m.get(stream).copied().unwrap_or(0) >= batch_id {
+                return Ok(ArrowCommit { snapshot: None, rows: 0 });
+            }
+            if rows == 0 {
+                return Ok(ArrowCommit { snapshot: None, rows: 0 });
+            }
+            let data = match &files {
+                Some(f) => Clone::clone(f),
+                None => {
+                    let f = self.write_files(&table, &rebatched, &what).await?;
+                    files = Some(f.clone());
+                    f
+                }
+            };
+            m.insert(stream.to_string(), batch_id);
+            let props: HashMap<String, String> =
+                m.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v.to_string())).collect();
+            let tx = Transaction::new(&table);
+            let tx = tx
+                .fast_append()
+                .add_data_files(data)
+                .set_snapshot_properties(props)
+                .with_check_duplicate(false)
+                .apply(tx)
+                .map_err(|e| classify(e, &what))?;
+            let catalog = self.store.catalog();
+            match tx.commit(&PinnedCatalog { inner: &*catalog, table: table.clone() }).await {
+                Ok(t) => {
+                    let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
+                    return Ok(ArrowCommit { snapshot, rows });
+                }
+                Err(e) => {
+                    let err = classify(e, &what);
+                    match err.kind() {
+                        ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome => {
+                            last_err = Some(err)
+                        }
+                        _ => return Err(err),
+                    }
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))
+    }
+
+    async fn write_files(
+        &self,
+        table: &Table,
+        batches: &[RecordBatch],
+        what: &str,
+    ) -> Result<Vec<iceberg::spec::DataFile>> {
+        let md = table.metadata();
+        let level = ZstdLevel::try_new(self.store.inner.settings.zstd_level)
+            .map_err(|e| Error::invalid(format!("zstd level: {e}")))?;
+        let props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).build();
+        let location = DefaultLocationGenerator::new(md).map_err(|e| classify(e, what))?;
+        let builder = DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
+            ParquetWriterBuilder::new(props, md.current_schema().clone()),
+            self.store.inner.settings.target_file_size,
+            table.file_io().clone(),
+            location,
+            DefaultFileNameGenerator::new(uuid::Uuid::new_v4().to_string(), None, DataFileFormat::Parquet),
+        ));
+        let mut w = builder.build(None).await.map_err(|e| classify(e, what))?;
+        for b in batches {
+            w.write(b.clone()).await.map_err(|e| classify(e, what))?;
+        }
+        w.close().await.map_err(|e| classify(e, what))
+    }
+
+    /// Every row of the table at its current snapshot (for tests and small tables).
+    pub async fn read_all(&self) -> Result<Vec<RecordBatch>> {
+        use futures::TryStreamExt;
+        let table = self.load().await?;
+        if table.metadata().current_snapshot().is_none() {
+            return Ok(Vec::new());
+        }
+        let what = format!("scanning {}", self.ident);
+        let stream =
+            table.scan().build().map_err(|e| classify(e, &what))?.to_arrow().await.map_err(|e| classify(e, &what))?;
+        stream.try_collect().await.map_err(|e| classify(e, &what))
+    }
+}

@@ -1,0 +1,340 @@
+//! Streams of **any user Arrow schema**: [`ArrowPipeline`] buffers `RecordBatch`es and rolls
+//! them into numbered, exactly-once appends to an [`ArrowSink`] (an Iceberg table with that
+//! schema, [`dotdo_iceberg::ArrowTable`], with the default `iceberg` feature).
+//!
+//! Exactly once: a roll *claims* what is waiting under the next batch id (durably, in durable
+//! mode) before appending; the sink records the highest batch id per stream in its snapshot
+//! summary and skips ids at or below it, so re-appending a claimed batch after a crash, a failed
+//! or an ambiguous commit never duplicates rows.
+
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use async_trait::async_trait;
+use dotdo_core::{Clock, Error, ErrorKind, Result, SystemClock, Timestamp};
+use parking_lot::Mutex;
+use rusqlite::{params, Connection};
+
+use crate::settings::{Durability, PipelineSettings};
+
+/// A destination for numbered batches of one Arrow schema.
+///
+/// Contract: `append(stream, id, ..)` is atomic and idempotent per `(stream, id)`: an id at or
+/// below [`last_batch`](ArrowSink::last_batch)`(stream)` writes nothing and returns `Ok(0)`.
+#[async_trait]
+pub trait ArrowSink: Send + Sync + Debug + 'static {
+    /// The schema batches must have.
+    fn schema(&self) -> SchemaRef;
+    /// The highest batch id committed for `stream` (0 if none).
+    async fn last_batch(&self, stream: &str) -> Result<u64>;
+    /// Append `batches` as batch `id` of `stream`; returns the rows written (0 for a replay).
+    async fn append(&self, stream: &str, id: u64, batches: Vec<RecordBatch>) -> Result<u64>;
+}
+
+#[cfg(feature = "iceberg")]
+#[async_trait]
+impl ArrowSink for dotdo_iceberg::ArrowTable {
+    fn schema(&self) -> SchemaRef {
+        dotdo_iceberg::ArrowTable::schema(self)
+    }
+    async fn last_batch(&self, stream: &str) -> Result<u64> {
+        dotdo_iceberg::ArrowTable::last_batch(self, stream).await
+    }
+    async fn append(&self, stream: &str, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
+        Ok(dotdo_iceberg::ArrowTable::append(self, stream, id, batches).await?.rows)
+    }
+}
+
+fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields().iter().zip(b.fields()).all(|(x, y)| {
+            x.name() == y.name() && x.data_type().equals_datatype(y.data_type()) && x.is_nullable() == y.is_nullable()
+        })
+}
+
+fn sql(e: rusqlite::Error, doing: &str) -> Error {
+    Error::unavailable(format!("arrow pipeline log: {doing}")).with_source(e)
+}
+
+fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema())
+        .map_err(|e| Error::backend("encoding a batch as Arrow IPC").with_source(e))?;
+    w.write(batch).map_err(|e| Error::backend("encoding a batch as Arrow IPC").with_source(e))?;
+    w.finish().map_err(|e| Error::backend("encoding a batch as Arrow IPC").with_source(e))?;
+    drop(w);
+    Ok(buf)
+}
+
+fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
+    let r = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| Error::corrupt("arrow pipeline log: undecodable batch").with_source(e))?;
+    r.collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::corrupt("arrow pipeline log: undecodable batch").with_source(e))
+}
+
+#[derive(Default)]
+struct Buf {
+    pending: Vec<RecordBatch>,
+    rows: usize,
+    bytes: usize,
+    claimed: Option<(u64, Vec<RecordBatch>)>,
+}
+
+struct Inner {
+    stream: String,
+    sink: Arc<dyn ArrowSink>,
+    settings: PipelineSettings,
+    clock: Arc<dyn Clock>,
+    buf: Mutex<Buf>,
+    log: Option<Mutex<Connection>>,
+    next_id: Mutex<Option<u64>>,
+    roll_lock: futures::lock::Mutex<()>,
+    closed: AtomicBool,
+    last_roll: Mutex<Timestamp>,
+    rows_in: AtomicU64,
+    rows_committed: AtomicU64,
+    rolls: AtomicU64,
+}
+
+/// Buffers `RecordBatch`es of the sink's schema and rolls them into exactly-once appends.
+///
+/// Uses the [`PipelineSettings`] of the event pipeline: `roll_interval`, `roll_rows`,
+/// `roll_bytes`, `capacity` (rows; a full buffer fails fast with a retryable `Unavailable`) and
+/// `durability` (`Durable(path)`: a SQLite log of Arrow IPC batches; an acknowledged `send`
+/// survives a process kill). Transforms and spill apply to event pipelines only.
+#[derive(Clone)]
+pub struct ArrowPipeline {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ArrowPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArrowPipeline").field("stream", &self.inner.stream).field("sink", &self.inner.sink).finish()
+    }
+}
+
+impl ArrowPipeline {
+    /// A pipeline named `stream` (1..=128 of ASCII letters, digits, `-_.`; the name the sink
+    /// records batch ids under) into `sink`. Reopens a durable log left by an earlier process.
+    pub fn open(stream: &str, sink: Arc<dyn ArrowSink>, settings: PipelineSettings) -> Result<Self> {
+        if stream.is_empty()
+            || stream.len() > 128
+            || !stream.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(Error::invalid(format!("stream name {stream:?}: 1..=128 ASCII letters, digits, -_.")));
+        }
+        if settings.capacity == 0
+            || settings.roll_rows == 0
+            || settings.roll_bytes == 0
+            || settings.roll_interval.is_zero()
+        {
+            return Err(Error::invalid("capacity, roll_rows, roll_bytes and roll_interval must be positive"));
+        }
+        let mut buf = Buf::default();
+        let log = match &settings.durability {
+            Durability::Memory => None,
+            Durability::Durable(path) => Some(Mutex::new(Self::open_log(path, &mut buf)?)),
+        };
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let now = clock.now();
+        Ok(ArrowPipeline {
+            inner: Arc::new(Inner {
+                stream: stream.to_string(),
+                sink,
+                settings,
+                clock,
+                buf: Mutex::new(buf),
+                log,
+                next_id: Mutex::new(None),
+                roll_lock: futures::lock::Mutex::new(()),
+                closed: AtomicBool::new(false),
+                last_roll: Mutex::new(now),
+                rows_in: AtomicU64::new(0),
+                rows_committed: AtomicU64::new(0),
+                rolls: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    fn open_log(path: &Path, buf: &mut Buf) -> Result<Connection> {
+        let doing = format!("opening {}", path.display());
+        let c = Connection::open(path).map_err(|e| sql(e, &doing))?;
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS arrow_log (id INTEGER PRIMARY KEY, ipc BLOB NOT NULL, batch INTEGER);",
+        )
+        .map_err(|e| sql(e, &doing))?;
+        let rows: Vec<(Vec<u8>, Option<u64>)> = c
+            .prepare("SELECT ipc, batch FROM arrow_log ORDER BY id")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .map_err(|e| sql(e, &doing))?;
+        for (ipc, batch) in rows {
+            let batches = decode(&ipc)?;
+            match batch {
+                Some(id) => buf.claimed.get_or_insert_with(|| (id, Vec::new())).1.extend(batches),
+                None => {
+                    for b in batches {
+                        buf.rows += b.num_rows();
+                        buf.bytes += b.get_array_memory_size();
+                        buf.pending.push(b);
+                    }
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// Accept `batch` (it must have the sink's schema). With a durable log, `Ok` means it
+    /// survives a process kill. A full buffer fails with a retryable `Unavailable`.
+    pub fn send(&self, batch: RecordBatch) -> Result<()> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
+        }
+        if !same_shape(batch.schema_ref(), &inner.sink.schema()) {
+            return Err(Error::invalid(format!(
+                "batch schema {:?} is not the sink's {:?}",
+                batch.schema(),
+                inner.sink.schema()
+            )));
+        }
+        let waiting = {
+            let b = inner.buf.lock();
+            b.rows + b.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.num_rows()).sum())
+        };
+        if waiting + batch.num_rows() > inner.settings.capacity {
+            return Err(Error::unavailable(format!(
+                "arrow pipeline buffer full: {waiting} rows waiting, capacity {}",
+                inner.settings.capacity
+            )));
+        }
+        if let Some(log) = &inner.log {
+            let ipc = encode(&batch)?;
+            log.lock().execute("INSERT INTO arrow_log (ipc) VALUES (?1)", [ipc]).map_err(|e| sql(e, "append"))?;
+        }
+        let mut b = inner.buf.lock();
+        b.rows += batch.num_rows();
+        b.bytes += batch.get_array_memory_size();
+        inner.rows_in.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        b.pending.push(batch);
+        Ok(())
+    }
+
+    /// Whether a roll is due (interval elapsed with rows waiting, or a row/byte threshold hit).
+    pub fn roll_due(&self) -> bool {
+        let inner = &self.inner;
+        let b = inner.buf.lock();
+        (b.rows > 0 || b.claimed.is_some())
+            && (b.rows >= inner.settings.roll_rows
+                || b.bytes >= inner.settings.roll_bytes
+                || b.claimed.is_some()
+                || inner.clock.now().since(*inner.last_roll.lock()) >= inner.settings.roll_interval)
+    }
+
+    /// Roll now: commit a claimed batch left by an earlier attempt or process, then everything
+    /// waiting, as the next batch id. Returns the rows this roll made durable in the sink.
+    pub async fn roll(&self) -> Result<u64> {
+        let inner = &self.inner;
+        let _g = inner.roll_lock.lock().await;
+        let started = inner.clock.now();
+        let mut written = 0;
+        for _ in 0..2 {
+            let claimed = inner.buf.lock().claimed.clone();
+            let (id, batches) = match claimed {
+                Some(c) => c,
+                None => {
+                    if inner.buf.lock().pending.is_empty() {
+                        break;
+                    }
+                    let last = inner.sink.last_batch(&inner.stream).await?;
+                    let id = {
+                        let mut next = inner.next_id.lock();
+                        let id = next.map_or(last + 1, |n| n.max(last + 1));
+                        *next = Some(id + 1);
+                        id
+                    };
+                    let mut b = inner.buf.lock();
+                    let batches = std::mem::take(&mut b.pending);
+                    b.rows = 0;
+                    b.bytes = 0;
+                    if let Some(log) = &inner.log {
+                        // Claim durably before committing: a restart re-commits the same id.
+                        log.lock()
+                            .execute("UPDATE arrow_log SET batch = ?1 WHERE batch IS NULL", [id])
+                            .map_err(|e| sql(e, "claim"))?;
+                    }
+                    b.claimed = Some((id, batches.clone()));
+                    (id, batches)
+                }
+            };
+            let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+            // `Ok` means the batch is in the table exactly once, whether this call or an earlier
+            // attempt whose reply was lost wrote it.
+            self.append_resolving(id, batches).await?;
+            written += rows;
+            if let Some(log) = &inner.log {
+                log.lock().execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
+            }
+            inner.buf.lock().claimed = None;
+            let mut next = inner.next_id.lock();
+            *next = Some(next.map_or(id + 1, |n| n.max(id + 1)));
+        }
+        *inner.last_roll.lock() = started;
+        inner.rows_committed.fetch_add(written, Ordering::Relaxed);
+        inner.rolls.fetch_add(u64::from(written > 0), Ordering::Relaxed);
+        Ok(written)
+    }
+
+    async fn append_resolving(&self, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
+        let inner = &self.inner;
+        let mut attempt = 0u32;
+        loop {
+            match inner.sink.append(&inner.stream, id, batches.clone()).await {
+                Ok(n) => return Ok(n),
+                Err(e) if (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) && attempt < 8 => {
+                    attempt += 1;
+                    inner.clock.sleep(Duration::from_millis(5u64 << attempt.min(7))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Roll whenever due until [`close`](Self::close) (spawn it on the host's executor).
+    pub async fn run(&self) {
+        let tick = (self.inner.settings.roll_interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        while !self.inner.closed.load(Ordering::Acquire) {
+            if self.roll_due() {
+                if let Err(e) = self.roll().await {
+                    tracing::warn!(error = %e, "dotdo arrow pipeline roll failed; will retry");
+                }
+            }
+            self.inner.clock.sleep(tick).await;
+        }
+    }
+
+    /// Stop accepting batches and roll what is waiting.
+    pub async fn close(&self) -> Result<u64> {
+        self.inner.closed.store(true, Ordering::Release);
+        self.roll().await
+    }
+
+    /// (rows accepted, rows committed, rolls, rows waiting).
+    pub fn counters(&self) -> (u64, u64, u64, u64) {
+        let i = &self.inner;
+        let b = i.buf.lock();
+        let waiting = b.rows + b.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.num_rows()).sum());
+        (
+            i.rows_in.load(Ordering::Relaxed),
+            i.rows_committed.load(Ordering::Relaxed),
+            i.rolls.load(Ordering::Relaxed),
+            waiting as u64,
+        )
+    }
+}
