@@ -8,11 +8,17 @@
 //!    (`pruned_by_partition`);
 //! 3. skips files whose `do_id` (and, for lookups and scans, `key`; for change reads, `seq`)
 //!    lower/upper bounds exclude the query (`pruned_by_min_max`);
-//! 4. opens the rest, reads the Parquet footer (cached), skips row groups whose `do_id` / `key`
-//!    statistics exclude the query, and decodes only the remaining row groups.
+//! 4. reads the Parquet footer of the rest (cached) and skips row groups whose `do_id` / `key`
+//!    statistics exclude the query;
+//! 5. probes the `do_id` (and, for a lookup, `key`) bloom filter of each remaining row group
+//!    (cached, memory-bounded) and skips row groups the filter rules out; a file all of whose
+//!    row groups are ruled out this way counts in `pruned_by_bloom`, not in `files_opened`;
+//! 6. decodes only the remaining row groups.
 //!
-//! [`QueryStats`] reports each layer honestly: `bytes_read` counts bytes actually fetched from
-//! the store for data files (footers included when not cached).
+//! Every layer only skips data that cannot match (bloom filters have false positives, never
+//! false negatives), so answers equal a full scan's. [`QueryStats`] reports each layer honestly:
+//! `files_opened` counts files whose row groups were decoded, `bytes_read` counts bytes actually
+//! fetched from the store for data files (footers and bloom filters included when not cached).
 
 use std::collections::HashMap;
 use std::ops::{Bound, Range};
@@ -29,6 +35,7 @@ use object_store::path::Path;
 use object_store::ObjectStore;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
+use parquet::bloom_filter::Sbbf;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
 use dotdo_core::accel::{latest_versions, IndexAccelerator, Lookup, QueryStats, Scan, ScanQuery, VersionedValue};
@@ -99,9 +106,37 @@ pub(crate) struct FileCache {
     manifests: parking_lot::Mutex<HashMap<String, Arc<Vec<Arc<FileInfo>>>>>,
     footers: parking_lot::Mutex<HashMap<String, Arc<ParquetMetaData>>>,
     checkpoints: parking_lot::Mutex<HashMap<String, Arc<crate::summary::Watermarks>>>,
+    blooms: parking_lot::Mutex<BloomCache>,
 }
 
 const CACHE_LIMIT: usize = 4096;
+
+/// Bloom filters by (file, row group, column), bounded by their total size.
+#[derive(Default)]
+struct BloomCache {
+    map: HashMap<(String, usize, usize), Arc<Sbbf>>,
+    bytes: usize,
+}
+
+/// At most this many bytes of bloom filters are cached (then the cache starts over).
+const BLOOM_CACHE_BYTES: usize = 64 << 20;
+
+impl BloomCache {
+    fn get(&self, k: &(String, usize, usize)) -> Option<Arc<Sbbf>> {
+        self.map.get(k).cloned()
+    }
+
+    fn put(&mut self, k: (String, usize, usize), v: Arc<Sbbf>) {
+        let size = v.num_blocks() * 32;
+        if self.bytes + size > BLOOM_CACHE_BYTES {
+            self.map.clear();
+            self.bytes = 0;
+        }
+        if self.map.insert(k, v).is_none() {
+            self.bytes += size;
+        }
+    }
+}
 
 fn put_bounded<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v: V) {
     let mut m = map.lock();
@@ -195,6 +230,8 @@ impl parquet::arrow::async_reader::MetadataFetch for FooterFetch<'_> {
 struct FileRead {
     records: Vec<ChangeRecord>,
     row_groups: u64,
+    /// Every row group left after statistics was ruled out by a bloom filter.
+    pruned_by_bloom: bool,
 }
 
 impl IcebergColdStore {
@@ -350,7 +387,6 @@ impl IcebergColdStore {
             }
             open.push(f);
         }
-        stats.files_opened = open.len() as u64;
         let bytes = Arc::new(AtomicU64::new(0));
         let reads = open.into_iter().map(|f| {
             let bytes = bytes.clone();
@@ -359,6 +395,11 @@ impl IcebergColdStore {
         let results: Vec<FileRead> = futures::stream::iter(reads).buffer_unordered(4).try_collect().await?;
         let mut records = Vec::new();
         for r in results {
+            if r.pruned_by_bloom {
+                stats.pruned_by_bloom += 1;
+            } else {
+                stats.files_opened += 1;
+            }
             stats.row_groups_read += r.row_groups;
             records.extend(r.records);
         }
@@ -412,7 +453,23 @@ impl IcebergColdStore {
             }
             groups.push(i);
         }
-        let mut out = FileRead { records: Vec::new(), row_groups: groups.len() as u64 };
+        let mut pruned_by_bloom = false;
+        if self.inner.settings.bloom_filters && !groups.is_empty() {
+            let mut probes = vec![(do_id_c, object.as_str())];
+            if let Some(k) = &filter.key {
+                probes.push((key_c, k.as_str()));
+            }
+            let probes: Vec<(usize, &str)> = probes.into_iter().filter_map(|(c, v)| Some((c?, v))).collect();
+            let mut kept = Vec::with_capacity(groups.len());
+            for i in groups {
+                if !self.bloom_excludes(f, &path, &meta, i, &probes, &bytes).await? {
+                    kept.push(i);
+                }
+            }
+            pruned_by_bloom = kept.is_empty();
+            groups = kept;
+        }
+        let mut out = FileRead { records: Vec::new(), row_groups: groups.len() as u64, pruned_by_bloom };
         if groups.is_empty() {
             return Ok(out);
         }
@@ -429,6 +486,58 @@ impl IcebergColdStore {
             crate::schema::from_batch(&batch, &f.path, |d, k| d == oid && filter.keeps_key(k), &mut out.records)?;
         }
         Ok(out)
+    }
+
+    /// Does a bloom filter of row group `rg` rule out one of `probes` (column index, value)?
+    /// Filters are fetched (both columns in one request) and cached; a column without a filter,
+    /// or whose filter length the footer does not record, rules nothing out.
+    async fn bloom_excludes(
+        &self,
+        f: &FileInfo,
+        path: &Path,
+        meta: &ParquetMetaData,
+        rg: usize,
+        probes: &[(usize, &str)],
+        bytes: &AtomicU64,
+    ) -> Result<bool> {
+        let mut missing = Vec::new();
+        {
+            let cache = self.inner.cache.blooms.lock();
+            for &(c, v) in probes {
+                match cache.get(&(f.path.clone(), rg, c)) {
+                    Some(sbbf) if !sbbf.check(v) => return Ok(true),
+                    Some(_) => {}
+                    None => missing.push((c, v)),
+                }
+            }
+        }
+        let mut ranges = Vec::new();
+        let mut wanted = Vec::new();
+        for (c, v) in missing {
+            let col = meta.row_group(rg).column(c);
+            let (Some(off), Some(len)) = (col.bloom_filter_offset(), col.bloom_filter_length()) else { continue };
+            let (Ok(off), Ok(len)) = (u64::try_from(off), u64::try_from(len)) else { continue };
+            ranges.push(off..off + len);
+            wanted.push((c, v));
+        }
+        if ranges.is_empty() {
+            return Ok(false);
+        }
+        let fetched = self
+            .inner
+            .root
+            .store
+            .get_ranges(path, &ranges)
+            .await
+            .map_err(|e| crate::error::classify_object_store(e).context(format!("bloom filters of {}", f.path)))?;
+        bytes.fetch_add(fetched.iter().map(|b| b.len() as u64).sum(), Ordering::Relaxed);
+        let mut excluded = false;
+        for ((c, v), b) in wanted.into_iter().zip(fetched) {
+            let sbbf = Arc::new(Sbbf::from_bytes(&b).map_err(|e| classify_parquet(e, &f.path))?);
+            excluded |= !sbbf.check(v);
+            self.inner.cache.blooms.lock().put((f.path.clone(), rg, c), sbbf);
+        }
+        Ok(excluded)
     }
 
     async fn query(&self, object: &ObjectId, as_of: AsOf, filter: Filter) -> Result<(Vec<ChangeRecord>, QueryStats)> {

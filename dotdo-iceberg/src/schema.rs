@@ -36,6 +36,11 @@ pub const DEFAULT_BUCKETS: u32 = 16;
 /// Column names, in schema order.
 pub(crate) const COLUMNS: [&str; 8] = ["do_id", "type", "key", "value", "timestamp", "op", "seq", "token"];
 
+/// Columns that carry a Parquet bloom filter in each row group (when
+/// [`Settings::bloom_filters`](crate::Settings::bloom_filters) is on): point lookups probe them
+/// for the object id and the key.
+pub const BLOOM_COLUMNS: [&str; 2] = ["do_id", "key"];
+
 /// The Iceberg schema of the cold table.
 pub fn table_schema() -> Result<Schema> {
     let p = |t| Type::Primitive(t);

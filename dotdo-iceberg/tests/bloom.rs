@@ -1,0 +1,164 @@
+//! Parquet bloom filters on `do_id` and `key`: the measured false-positive rate against the
+//! configured target, and lookups that skip files through them.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use dotdo_core::{
+    AsOf, ChangeRecord, ColdBatch, ColdSink, FencingToken, IndexAccelerator, ObjectChanges, ObjectId, Op, Timestamp,
+};
+use dotdo_iceberg::{IcebergColdStore, Settings};
+use parquet::bloom_filter::Sbbf;
+use parquet::file::properties::ReaderProperties;
+use parquet::file::reader::FileReader;
+use parquet::file::serialized_reader::{ReadOptionsBuilder, SerializedFileReader};
+
+fn batch(objects: &[ObjectId], keys: impl Fn(usize) -> Vec<String>, first_seq: u64) -> ColdBatch {
+    ColdBatch {
+        objects: objects
+            .iter()
+            .enumerate()
+            .map(|(i, o)| ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: keys(i)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, key)| ChangeRecord {
+                        object: o.clone(),
+                        seq: first_seq + j as u64,
+                        key,
+                        op: Op::Put,
+                        value: Bytes::from_static(b"v"),
+                        token: FencingToken::new(1),
+                        timestamp: Timestamp::from_millis(1),
+                        type_name: "T".into(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+async fn open(dir: &Path, settings: Settings) -> IcebergColdStore {
+    IcebergColdStore::builder(dir.to_str().expect("utf-8 path"))
+        .table(["bloom"], "changes")
+        .settings(settings)
+        .build()
+        .await
+        .expect("open store")
+}
+
+fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            parquet_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "parquet") {
+            out.push(p);
+        }
+    }
+}
+
+/// The bloom filters of column `name` in every row group of every data file under `dir`.
+fn filters(dir: &Path, name: &str) -> Vec<Sbbf> {
+    let mut files = Vec::new();
+    parquet_files(dir, &mut files);
+    let mut out = Vec::new();
+    for path in files {
+        let opts = ReadOptionsBuilder::new()
+            .with_reader_properties(ReaderProperties::builder().set_read_bloom_filter(true).build())
+            .build();
+        let reader = SerializedFileReader::new_with_options(std::fs::File::open(&path).expect("open"), opts)
+            .expect("parquet reader");
+        let c = reader
+            .metadata()
+            .file_metadata()
+            .schema_descr()
+            .columns()
+            .iter()
+            .position(|c| c.path().string() == name)
+            .expect("column");
+        for rg in 0..reader.num_row_groups() {
+            let g = reader.get_row_group(rg).expect("row group");
+            out.push(g.get_column_bloom_filter(c).expect("a bloom filter in every row group").clone());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measured_bloom_false_positive_rate_is_within_twice_the_target() {
+    for fpp in [0.01, 0.05] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), Settings { bloom_filter_fpp: fpp, ..Settings::default() }).await;
+        // 400 objects x 500 distinct keys = 200k rows; several row groups per file.
+        let objects: Vec<ObjectId> = (0..400).map(|i| ObjectId::new(format!("obj-{i:04}")).expect("id")).collect();
+        let b = batch(&objects, |i| (0..500).map(|j| format!("key-{i:04}-{j:04}")).collect(), 1);
+        store.append(b).await.expect("append");
+
+        let keys = filters(dir.path(), "key");
+        assert!(!keys.is_empty());
+        // No false negatives for any present key.
+        for i in (0..400).step_by(7) {
+            for j in (0..500).step_by(11) {
+                let k = format!("key-{i:04}-{j:04}");
+                assert!(keys.iter().any(|f| f.check(k.as_str())), "{k} missing from every filter");
+            }
+        }
+        // 100k absent keys probed against every row group's filter.
+        let probes = 100_000u64;
+        let (mut checks, mut positives) = (0u64, 0u64);
+        for p in 0..probes {
+            let absent = format!("absent-{p:06}");
+            for f in &keys {
+                checks += 1;
+                positives += u64::from(f.check(absent.as_str()));
+            }
+        }
+        let rate = positives as f64 / checks as f64;
+        println!(
+            "bloom fpp target {fpp}: measured {rate:.5} over {checks} checks ({probes} absent keys x {} row-group filters)",
+            keys.len()
+        );
+        assert!(rate <= 2.0 * fpp, "measured false-positive rate {rate} exceeds twice the target {fpp}");
+        // Filters are folded in halves while the estimate stays at or below the target, so the
+        // measured rate lies below it, by up to the factor of one more fold.
+        assert!(rate > 0.0, "no false positive at all: the probes did not exercise the filters");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_skip_files_whose_bloom_filters_exclude_object_or_key() {
+    for bloom in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), Settings { buckets: 1, bloom_filters: bloom, ..Settings::default() }).await;
+        // Two commits over interleaved objects: every file's do_id and key bounds cover every
+        // lookup below, so only bloom filters can tell the files apart.
+        let even: Vec<ObjectId> = (0..40).step_by(2).map(|i| ObjectId::new(format!("o{i:02}")).expect("id")).collect();
+        let odd: Vec<ObjectId> = (1..40).step_by(2).map(|i| ObjectId::new(format!("o{i:02}")).expect("id")).collect();
+        store.append(batch(&even, |_| (0..50).step_by(2).map(|j| format!("k{j:02}")).collect(), 1)).await.expect("a");
+        store.append(batch(&odd, |_| (0..50).step_by(2).map(|j| format!("k{j:02}")).collect(), 1)).await.expect("b");
+        store.append(batch(&even[..1], |_| vec!["k01".into()], 26)).await.expect("c");
+
+        let o = &even[3];
+        let hit = store.lookup(o, "k10", AsOf::Latest).await.expect("lookup");
+        assert_eq!(hit.value.as_ref().map(|v| v.seq), Some(6));
+        assert_eq!(hit.stats.files_total, 3);
+        // An even object's key is not in the odd file; a key of the even file absent for it.
+        let absent_key = store.lookup(o, "k11", AsOf::Latest).await.expect("lookup");
+        assert!(absent_key.value.is_none());
+        let fresh = store.lookup(&even[0], "k01", AsOf::Latest).await.expect("lookup");
+        assert_eq!(fresh.value.as_ref().map(|v| v.seq), Some(26));
+        if bloom {
+            assert_eq!(hit.stats.files_opened, 1, "{:?}", hit.stats);
+            assert_eq!(hit.stats.pruned_by_bloom + hit.stats.pruned_by_min_max, 2, "{:?}", hit.stats);
+            assert!(hit.stats.pruned_by_bloom >= 1, "{:?}", hit.stats);
+            assert_eq!(absent_key.stats.files_opened, 0, "{:?}", absent_key.stats);
+            assert_eq!(fresh.stats.files_opened, 1, "{:?}", fresh.stats);
+        } else {
+            assert_eq!(hit.stats.pruned_by_bloom, 0);
+            assert!(hit.stats.files_opened >= 2, "{:?}", hit.stats);
+        }
+    }
+}
