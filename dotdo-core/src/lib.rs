@@ -8,6 +8,8 @@
 //! * [`ColdSink`]: exactly-once, fenced appends of change records to cold storage (Iceberg);
 //! * [`IndexAccelerator`]: point lookups and scans over cold state, with pruning statistics;
 //! * [`HashRing`]: consistent hashing for routing-affinity hints;
+//! * [`ObjectRuntime`]: the stateless object runtime a host calls (leases, fenced commits,
+//!   recovery, draining to cold storage, tiering) — see [`runtime`];
 //! * [`Clock`]: injectable time ([`SystemClock`], [`ManualClock`]);
 //! * [`Error`]: one error type whose [`ErrorKind`] tells the caller what to do.
 //!
