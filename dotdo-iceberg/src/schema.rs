@@ -41,6 +41,9 @@ pub(crate) const COLUMNS: [&str; 8] = ["do_id", "type", "key", "value", "timesta
 /// for the object id and the key.
 pub const BLOOM_COLUMNS: [&str; 2] = ["do_id", "key"];
 
+/// Columns written without compression (dictionary encoding only); the others use ZSTD.
+pub const UNCOMPRESSED_COLUMNS: [&str; 4] = ["do_id", "type", "key", "op"];
+
 /// The Iceberg schema of the cold table.
 pub fn table_schema() -> Result<Schema> {
     let p = |t| Type::Primitive(t);

@@ -552,6 +552,13 @@ impl IcebergColdStore {
             // Row-group statistics drive pruning; page-level ones would only cost encode time.
             .set_statistics_enabled(EnabledStatistics::Chunk)
             .set_column_statistics_enabled(ColumnPath::from("value"), EnabledStatistics::None);
+        // The sorted, dictionary-encoded string columns gain little from ZSTD, and every ZSTD
+        // column chunk a reader decodes costs it a fresh ZSTD context pair (parquet 58 creates
+        // one per column chunk): a point lookup decodes 8 column chunks, half of them now
+        // without a codec.
+        for col in schema::UNCOMPRESSED_COLUMNS {
+            props = props.set_column_compression(ColumnPath::from(col), Compression::UNCOMPRESSED);
+        }
         if self.inner.settings.bloom_filters {
             // Sized for a row group of distinct values, folded down to the target rate once the
             // group is written; kept together before the footer so a reader's fetches are close.
