@@ -9,8 +9,10 @@
 //! object is in 3 commits whose key ranges overlap by 5 keys (overwrites), so a key lives in
 //! one or two files.
 //!
-//! Reported: lookup p50 with warm caches and on a fresh store (manifests, footers and bloom
-//! filters not cached), average files opened, bytes read and files pruned per layer.
+//! Reported: lookup p50 with warm caches (with and without the per-read catalog pointer check)
+//! and on a fresh store (manifests, footers and bloom filters not cached), average files
+//! opened, bytes read and files pruned per layer. PyIceberg runs twice (before and between two
+//! rounds of ours); each side's better p50 is used.
 
 use std::path::PathBuf;
 
@@ -27,7 +29,7 @@ const COMMITS: u64 = 15;
 const KEYS_PER_COMMIT: u64 = 20;
 const KEY_STRIDE: u64 = 15;
 const LOOKUPS: usize = 200;
-const PY_LOOKUPS: usize = 20;
+const PY_LOOKUPS: usize = 30;
 
 fn object(o: u64) -> ObjectId {
     ObjectId::new(format!("obj-{o:05}")).expect("id")
@@ -201,20 +203,9 @@ fn main() {
     cold_lat.sort_unstable();
     let cold_p50 = cold_lat[cold_lat.len() / 2];
 
-    // Warm caches.
-    let mut warm_totals = Totals::default();
-    let mut i = 0usize;
-    let warm = sample(LOOKUPS, 1000, 1, || {
-        let (o, k) = pairs[i % pairs.len()];
-        i += 1;
-        let l = rt.block_on(store.lookup(&object(o), &key(k), AsOf::Latest)).expect("lookup");
-        assert_eq!(l.value.as_ref().map(|v| v.seq), Some(expected_seq(k)));
-        warm_totals.add(&l.stats);
-    });
-    assert!(warm_totals.files_total / warm_totals.n >= 200, "the table must have at least 200 data files");
-
-    // Warm caches, no catalog round trip per read (`refresh_reads: false`: the store reads the
-    // table state it knows, as PyIceberg's loaded table does).
+    // Warm caches; `pinned` reads with `refresh_reads: false` (no catalog round trip per read:
+    // the store reads the table state it knows, as PyIceberg's loaded table does). Each side is
+    // measured twice, around the second PyIceberg run; the better p50 of each is reported.
     let pinned = rt
         .block_on(
             IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
@@ -223,26 +214,53 @@ fn main() {
                 .build(),
         )
         .expect("open");
-    let mut i = 0usize;
-    let pinned_warm = sample(LOOKUPS, 1000, 1, || {
-        let (o, k) = pairs[i % pairs.len()];
-        i += 1;
-        let l = rt.block_on(pinned.lookup(&object(o), &key(k), AsOf::Latest)).expect("lookup");
-        assert_eq!(l.value.as_ref().map(|v| v.seq), Some(expected_seq(k)));
-    });
+    let mut warm_totals = Totals::default();
+    let mut warm = Vec::new();
+    let mut pinned_warm = Vec::new();
+    let peer_before = pyiceberg(dir.path(), store.warehouse(), &pairs[..PY_LOOKUPS]);
+    let mut peer_after = None;
+    for round in 0..2 {
+        if round == 1 {
+            peer_after = pyiceberg(dir.path(), store.warehouse(), &pairs[..PY_LOOKUPS]);
+        }
+        let mut i = 0usize;
+        warm.push(sample(LOOKUPS, 1000, 1, || {
+            let (o, k) = pairs[i % pairs.len()];
+            i += 1;
+            let l = rt.block_on(store.lookup(&object(o), &key(k), AsOf::Latest)).expect("lookup");
+            assert_eq!(l.value.as_ref().map(|v| v.seq), Some(expected_seq(k)));
+            warm_totals.add(&l.stats);
+        }));
+        let mut i = 0usize;
+        pinned_warm.push(sample(LOOKUPS, 1000, 1, || {
+            let (o, k) = pairs[i % pairs.len()];
+            i += 1;
+            let l = rt.block_on(pinned.lookup(&object(o), &key(k), AsOf::Latest)).expect("lookup");
+            assert_eq!(l.value.as_ref().map(|v| v.seq), Some(expected_seq(k)));
+        }));
+    }
+    assert!(warm_totals.files_total / warm_totals.n >= 200, "the table must have at least 200 data files");
     cold_totals.print("fresh-store lookups");
     warm_totals.print("warm lookups");
+    let best = |v: &[dotdo_core::testkit::bench::Samples]| {
+        v.iter().min_by_key(|s| s.p50()).map(|s| (s.p50(), s.p99())).expect("samples")
+    };
+    let (warm_p50, warm_p99) = best(&warm);
+    let (pinned_p50, _) = best(&pinned_warm);
 
-    let peer = pyiceberg(dir.path(), store.warehouse(), &pairs[..PY_LOOKUPS]);
+    let peer = match (peer_before, peer_after) {
+        (Some(a), Some(b)) => Some(Peer { p50_ms: a.p50_ms.min(b.p50_ms), files_planned: a.files_planned }),
+        (a, b) => a.or(b),
+    };
     let (label, py_ms, planned) = match &peer {
         Some(p) => ("pyiceberg-0.12 filtered scan", p.p50_ms, p.files_planned),
         None => ("pyiceberg-0.12 (unavailable)", 0.0, f64::NAN),
     };
     eprintln!("PyIceberg: lookup p50 {py_ms:.1} ms, files planned per scan {planned:.1}");
-    record("accel point lookup p50, 240 files, warm caches", "ms", ms(warm.p50()), label, py_ms);
-    record("accel point lookup p50, 240 files, warm, refresh_reads off", "ms", ms(pinned_warm.p50()), label, py_ms);
+    record("accel point lookup p50, 240 files, warm caches", "ms", ms(warm_p50), label, py_ms);
+    record("accel point lookup p50, 240 files, warm, refresh_reads off", "ms", ms(pinned_p50), label, py_ms);
     record("accel point lookup p50, 240 files, fresh store", "ms", ms(cold_p50), label, py_ms);
-    record("accel point lookup p99, 240 files, warm caches", "us", us(warm.p99()), "none", 0.0);
+    record("accel point lookup p99, 240 files, warm caches", "us", us(warm_p99), "none", 0.0);
     record(
         "accel point lookup files opened (avg)",
         "files",
