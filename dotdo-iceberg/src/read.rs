@@ -581,6 +581,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bloom_cache_stays_within_its_byte_bound() {
+        let mut c = BloomCache::default();
+        let one = Arc::new(Sbbf::new_with_num_of_bytes(1 << 20));
+        for i in 0..200 {
+            c.put((format!("f{i}"), 0, 0), one.clone());
+            assert!(c.bytes <= BLOOM_CACHE_BYTES, "{} bytes cached", c.bytes);
+            assert_eq!(c.bytes, c.map.len() << 20);
+        }
+        assert!(c.get(&("f199".to_string(), 0, 0)).is_some(), "the newest filter survives eviction");
+        c.put(("f199".to_string(), 0, 0), one);
+        assert_eq!(c.bytes, c.map.len() << 20, "re-inserting a key does not count it twice");
+    }
+
+    #[test]
     fn key_filters_prune_by_bounds() {
         let f = Filter { key: Some("m".into()), ..Default::default() };
         assert!(f.key_overlaps("a", "z"));

@@ -162,3 +162,25 @@ async fn lookups_skip_files_whose_bloom_filters_exclude_object_or_key() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bloom_false_positive_rate_outside_zero_to_one_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for fpp in [0.0, 1.0, -0.5, f64::NAN] {
+        let r = IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
+            .table(["bloom"], "changes")
+            .settings(Settings { bloom_filter_fpp: fpp, ..Settings::default() })
+            .build()
+            .await;
+        let e = r.expect_err("invalid fpp accepted");
+        assert_eq!(*e.kind(), dotdo_core::ErrorKind::InvalidInput, "{e}");
+    }
+    // Ignored when filters are off.
+    let off = Settings { bloom_filters: false, bloom_filter_fpp: 0.0, ..Settings::default() };
+    IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
+        .table(["bloom"], "changes")
+        .settings(off)
+        .build()
+        .await
+        .expect("fpp is not checked with bloom filters off");
+}
