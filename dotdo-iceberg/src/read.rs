@@ -542,9 +542,29 @@ impl IcebergColdStore {
 
     async fn query(&self, object: &ObjectId, as_of: AsOf, filter: Filter) -> Result<(Vec<ChangeRecord>, QueryStats)> {
         let sw = Stopwatch::start(self.inner.clock.clone());
-        let table = self.read_table().await?;
-        let snap = Self::resolve(&table, as_of)?;
-        let (records, mut stats) = self.records_of(&table, snap.as_ref(), object, &filter).await?;
+        let read_on = |table: Table| {
+            let filter = &filter;
+            async move {
+                let snap = Self::resolve(&table, as_of)?;
+                self.records_of(&table, snap.as_ref(), object, filter).await
+            }
+        };
+        let (records, mut stats) = if self.inner.settings.refresh_reads {
+            // Read the table state we know while the catalog is asked whether it is still
+            // current (with a SQL catalog that is most of a warm lookup's time); if it is not,
+            // that read is discarded and the current table is read. Either way the answer is
+            // that of the table current when the read started.
+            let known = self.table();
+            let (current, speculative) = futures::join!(self.read_table(), read_on(known.clone()));
+            let current = current?;
+            if current.metadata_location().is_some() && current.metadata_location() == known.metadata_location() {
+                speculative?
+            } else {
+                read_on(current).await?
+            }
+        } else {
+            read_on(self.table()).await?
+        };
         stats.elapsed = sw.elapsed();
         Ok((records, stats))
     }
