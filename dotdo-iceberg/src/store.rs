@@ -76,6 +76,23 @@ pub struct Settings {
     /// Filters are sized for the rows of a row group at this rate, then folded down to the
     /// smallest size that keeps it, so lower rates cost a few bytes per distinct value.
     pub bloom_filter_fpp: f64,
+    /// Per-column bloom filter settings overriding `bloom_filter_fpp`: `"do_id"` or `"key"`
+    /// mapped to `Some(rate)` (a rate in `(0, 1)`) or to `None` (no filter on that column).
+    /// Default empty: both columns at `bloom_filter_fpp`.
+    pub bloom_filter_columns: BTreeMap<String, Option<f64>>,
+}
+
+impl Settings {
+    /// The bloom filter target of `column`, `None` if it gets no filter.
+    pub(crate) fn bloom_fpp(&self, column: &str) -> Option<f64> {
+        if !self.bloom_filters {
+            return None;
+        }
+        match self.bloom_filter_columns.get(column) {
+            Some(per_column) => *per_column,
+            None => Some(self.bloom_filter_fpp),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -94,6 +111,7 @@ impl Default for Settings {
             watermark_checkpoint_objects: 1000,
             bloom_filters: true,
             bloom_filter_fpp: 0.01,
+            bloom_filter_columns: BTreeMap::new(),
         }
     }
 }
@@ -188,6 +206,19 @@ impl IcebergColdStoreBuilder {
         let fpp = self.settings.bloom_filter_fpp;
         if self.settings.bloom_filters && !(fpp > 0.0 && fpp < 1.0) {
             return Err(Error::invalid(format!("bloom_filter_fpp must be in (0, 1), got {fpp}")));
+        }
+        for (col, rate) in &self.settings.bloom_filter_columns {
+            if !schema::BLOOM_COLUMNS.contains(&col.as_str()) {
+                return Err(Error::invalid(format!(
+                    "bloom_filter_columns: {col:?} is not one of {:?}",
+                    schema::BLOOM_COLUMNS
+                )));
+            }
+            if let Some(r) = rate {
+                if !(*r > 0.0 && *r < 1.0) {
+                    return Err(Error::invalid(format!("bloom filter rate of {col} must be in (0, 1), got {r}")));
+                }
+            }
         }
         let root = match self.store {
             Some(store) => StoreRoot::from_store(store, &self.warehouse)?,
@@ -563,9 +594,10 @@ impl IcebergColdStore {
             // Sized for a row group of distinct values, folded down to the target rate once the
             // group is written; kept together before the footer so a reader's fetches are close.
             for col in schema::BLOOM_COLUMNS {
+                let Some(fpp) = self.inner.settings.bloom_fpp(col) else { continue };
                 props = props
                     .set_column_bloom_filter_enabled(ColumnPath::from(col), true)
-                    .set_column_bloom_filter_fpp(ColumnPath::from(col), self.inner.settings.bloom_filter_fpp)
+                    .set_column_bloom_filter_fpp(ColumnPath::from(col), fpp)
                     .set_column_bloom_filter_ndv(ColumnPath::from(col), rows_per_group as u64);
             }
             props = props.set_bloom_filter_position(BloomFilterPosition::End);

@@ -184,3 +184,46 @@ async fn a_bloom_false_positive_rate_outside_zero_to_one_is_rejected() {
         .await
         .expect("fpp is not checked with bloom filters off");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bloom_filters_are_configured_per_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut columns = std::collections::BTreeMap::new();
+    columns.insert("key".to_string(), None);
+    columns.insert("do_id".to_string(), Some(0.05));
+    let store = open(dir.path(), Settings { bloom_filter_columns: columns, ..Settings::default() }).await;
+    let objects: Vec<ObjectId> = (0..8).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+    store.append(batch(&objects, |i| (0..50).map(|k| format!("k{i}-{k}")).collect(), 1)).await.expect("append");
+    let mut files = Vec::new();
+    parquet_files(dir.path(), &mut files);
+    assert!(!files.is_empty());
+    for f in &files {
+        let r = SerializedFileReader::new(std::fs::File::open(f).expect("open")).expect("parquet");
+        let md = r.metadata();
+        let cols = md.file_metadata().schema_descr();
+        let idx = |name: &str| cols.columns().iter().position(|c| c.path().string() == name).expect("column");
+        for rg in md.row_groups() {
+            assert!(rg.column(idx("do_id")).bloom_filter_offset().is_some(), "do_id keeps its filter");
+            assert!(rg.column(idx("key")).bloom_filter_offset().is_none(), "key filter switched off");
+        }
+    }
+    // Lookups stay exact with a filter on one column only.
+    let hit = store.lookup(&objects[3], "k3-7", AsOf::Latest).await.expect("lookup");
+    assert!(hit.value.is_some());
+    let miss = store.lookup(&objects[3], "absent", AsOf::Latest).await.expect("lookup");
+    assert!(miss.value.is_none());
+    let gone = store.lookup(&ObjectId::new("nobody").expect("id"), "k0-0", AsOf::Latest).await.expect("lookup");
+    assert!(gone.value.is_none());
+    // Bad column names and rates are refused when the store is built.
+    for (col, rate) in [("value", Some(0.01)), ("key", Some(1.5))] {
+        let mut c = std::collections::BTreeMap::new();
+        c.insert(col.to_string(), rate);
+        let e = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["bloom"], "other")
+            .settings(Settings { bloom_filter_columns: c, ..Settings::default() })
+            .build()
+            .await
+            .expect_err("invalid per-column setting");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{col}");
+    }
+}
