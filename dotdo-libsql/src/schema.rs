@@ -21,13 +21,15 @@ CREATE TABLE IF NOT EXISTS do_objects (
     truncated_through INTEGER NOT NULL,
     max_token         INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- A rowid table with a unique index, as in dotdo-sqlite: WITHOUT ROWID b-trees are slow with
+-- large values (up to 2 MiB here). Every statement works on either layout.
 CREATE TABLE IF NOT EXISTS do_state (
     do_id TEXT NOT NULL,
     key   TEXT NOT NULL,
     value BLOB NOT NULL,
     seq   INTEGER NOT NULL,
-    PRIMARY KEY (do_id, key)
-) WITHOUT ROWID;
+    UNIQUE (do_id, key)
+);
 CREATE TABLE IF NOT EXISTS do_changes (
     do_id TEXT NOT NULL,
     seq   INTEGER NOT NULL,
