@@ -61,6 +61,7 @@ pub mod hot;
 pub mod ids;
 pub mod memory;
 pub mod record;
+pub mod retry;
 pub mod ring;
 pub mod runtime;
 pub mod time;

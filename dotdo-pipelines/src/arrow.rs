@@ -11,7 +11,6 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
@@ -293,22 +292,12 @@ impl ArrowPipeline {
 
     async fn append_resolving(&self, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
         let inner = &self.inner;
-        let mut attempt = 0u32;
-        loop {
-            match inner.sink.append(&inner.stream, id, batches.clone()).await {
-                Ok(n) => return Ok(n),
-                Err(e) if (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) && attempt < 8 => {
-                    attempt += 1;
-                    inner.clock.sleep(Duration::from_millis(5u64 << attempt.min(7))).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        crate::settings::retry(&*inner.clock, || inner.sink.append(&inner.stream, id, batches.clone())).await
     }
 
     /// Roll whenever due until [`close`](Self::close) (spawn it on the host's executor).
     pub async fn run(&self) {
-        let tick = (self.inner.settings.roll_interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        let tick = self.inner.settings.tick();
         while !self.inner.closed.load(Ordering::Acquire) {
             if self.roll_due() {
                 if let Err(e) = self.roll().await {

@@ -367,23 +367,13 @@ impl Pipeline {
 
     async fn append_resolving(&self, route: &str, batch: ColdBatch) -> Result<dotdo_core::ColdCommit> {
         let sink = self.sink(route)?;
-        let mut attempt = 0u32;
-        loop {
-            match sink.append(batch.clone()).await {
-                Ok(c) => return Ok(c),
-                Err(e) if (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) && attempt < 8 => {
-                    attempt += 1;
-                    self.inner.clock.sleep(Duration::from_millis(5u64 << attempt.min(7))).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await
     }
 
     /// Roll whenever due, until [`close`](Self::close); spawn this on the host's executor. A
     /// failed roll is retried on the next tick (the claimed batch stays and is committed again).
     pub async fn run(&self) {
-        let tick = (self.inner.settings.roll_interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        let tick = self.inner.settings.tick();
         while !self.inner.closed.load(Ordering::Acquire) {
             if self.roll_due() {
                 if let Err(e) = self.roll().await {

@@ -62,3 +62,20 @@ impl Default for PipelineSettings {
         }
     }
 }
+
+impl PipelineSettings {
+    /// How often a roll loop checks whether a roll is due.
+    pub(crate) fn tick(&self) -> Duration {
+        (self.roll_interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))
+    }
+}
+
+/// Commit retries of both pipeline kinds: 8 retries, waiting 10 ms doubling to 640 ms.
+pub(crate) async fn retry<T, F, Fut>(clock: &dyn dotdo_core::Clock, op: F) -> dotdo_core::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = dotdo_core::Result<T>>,
+{
+    let policy = dotdo_core::retry::RetryPolicy { retries: 8, base: Duration::from_millis(5) };
+    dotdo_core::retry::retry_idempotent(clock, policy, op).await
+}

@@ -821,17 +821,8 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
 /// Append with the exactly-once rules: on an unknown outcome, retry the same batch (the sink
 /// skips what it already has).
 async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<crate::ColdCommit> {
-    let mut attempt = 0;
-    loop {
-        match inner.cold.append(batch.clone()).await {
-            Ok(c) => return Ok(c),
-            Err(e) if (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) && attempt < 5 => {
-                attempt += 1;
-                inner.clock.sleep(Duration::from_millis(10 << attempt)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let policy = crate::retry::RetryPolicy { retries: 5, base: Duration::from_millis(10) };
+    crate::retry::retry_idempotent(&*inner.clock, policy, || inner.cold.append(batch.clone())).await
 }
 
 /// Drain one object's change log to cold storage and truncate it.
