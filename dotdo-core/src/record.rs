@@ -242,6 +242,14 @@ pub struct Entry {
     pub seq: Seq,
 }
 
+impl Entry {
+    /// Check the key and value limits (what a restore must refuse before writing anything).
+    pub fn validate(&self) -> Result<()> {
+        validate_key(&self.key)?;
+        validate_value(&self.value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

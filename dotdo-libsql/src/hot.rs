@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use dotdo_core::ids::{validate_key, validate_value};
+use dotdo_core::ids::validate_key;
 use dotdo_core::{
     ChangeRecord, Entry, Error, FencingToken, HotStore, KeyRange, ObjectId, ObjectInfo, Op, Result, Seq, Timestamp,
     WriteBatch, WriteOp, WriteReceipt,
@@ -286,10 +286,7 @@ impl HotStore for LibsqlStore {
         through_seq: Seq,
     ) -> Result<()> {
         check_token_nonzero(token)?;
-        for e in &entries {
-            validate_key(&e.key)?;
-            validate_value(&e.value)?;
-        }
+        entries.iter().try_for_each(Entry::validate)?;
         let p = vec![t(object.as_str()), i(token.get()), i(through_seq)];
         // Conflict: pending changes, or a last seq above `through_seq`.
         let conflict = format!("({PENDING} OR {LAST} > ?3)");

@@ -61,6 +61,29 @@ fn record(e: &Event, seq: u64, token: FencingToken) -> ChangeRecord {
     }
 }
 
+/// Events and bytes waiting in a log (claimed ones included).
+#[derive(Default)]
+struct Depth {
+    events: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Depth {
+    fn add(&self, events: usize, bytes: usize) {
+        self.events.fetch_add(events, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn sub(&self, events: usize, bytes: usize) {
+        self.events.fetch_sub(events.min(self.events.load(Ordering::Relaxed)), Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes.min(self.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (usize, usize) {
+        (self.events.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+}
+
 #[derive(Default)]
 struct MemState {
     rows: VecDeque<Row>,
@@ -72,8 +95,7 @@ struct MemState {
 #[derive(Default)]
 pub(crate) struct MemoryLog {
     state: Mutex<MemState>,
-    events: AtomicUsize,
-    bytes: AtomicUsize,
+    depth: Depth,
 }
 
 impl Log for MemoryLog {
@@ -81,13 +103,12 @@ impl Log for MemoryLog {
         let bytes: usize = rows.iter().map(|r| r.event.size()).sum();
         let n = rows.len();
         self.state.lock().rows.extend(rows);
-        self.events.fetch_add(n, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.depth.add(n, bytes);
         Ok(())
     }
 
     fn depth(&self) -> (usize, usize) {
-        (self.events.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+        self.depth.get()
     }
 
     fn oldest(&self) -> Option<Timestamp> {
@@ -143,8 +164,7 @@ impl Log for MemoryLog {
                 .iter()
                 .map(|(_, r)| r.value.len() + r.key.len() + r.type_name.len() + r.object.as_str().len() + 32)
                 .sum();
-            self.events.fetch_sub(c.rows.len(), Ordering::Relaxed);
-            self.bytes.fetch_sub(bytes.min(self.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+            self.depth.sub(c.rows.len(), bytes);
         }
         Ok(())
     }
@@ -175,8 +195,7 @@ type LogRow = (i64, String, Event, Option<u64>);
 /// process kill).
 pub(crate) struct SqliteLog {
     conn: Mutex<Connection>,
-    events: AtomicUsize,
-    bytes: AtomicUsize,
+    depth: Depth,
 }
 
 impl SqliteLog {
@@ -200,11 +219,9 @@ impl SqliteLog {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(|e| sql(e, &doing))?;
-        Ok(SqliteLog {
-            conn: Mutex::new(conn),
-            events: AtomicUsize::new(usize::try_from(n).unwrap_or(0)),
-            bytes: AtomicUsize::new(usize::try_from(b).unwrap_or(0)),
-        })
+        let log = SqliteLog { conn: Mutex::new(conn), depth: Depth::default() };
+        log.depth.add(usize::try_from(n).unwrap_or(0), usize::try_from(b).unwrap_or(0));
+        Ok(log)
     }
 
     fn rows_of(conn: &Connection, sql_text: &str, p: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<LogRow>> {
@@ -264,13 +281,12 @@ impl Log for SqliteLog {
             }
         }
         tx.commit().map_err(|e| sql(e, "append commit"))?;
-        self.events.fetch_add(n, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.depth.add(n, bytes);
         Ok(())
     }
 
     fn depth(&self) -> (usize, usize) {
-        (self.events.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+        self.depth.get()
     }
 
     fn oldest(&self) -> Option<Timestamp> {
@@ -369,8 +385,7 @@ impl Log for SqliteLog {
             .map_err(|e| sql(e, "ack"))?;
         conn.execute("DELETE FROM pipeline_log WHERE batch = ?1", [id]).map_err(|e| sql(e, "ack"))?;
         let (n, b) = (usize::try_from(n).unwrap_or(0), usize::try_from(b).unwrap_or(0));
-        self.events.fetch_sub(n.min(self.events.load(Ordering::Relaxed)), Ordering::Relaxed);
-        self.bytes.fetch_sub(b.min(self.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        self.depth.sub(n, b);
         Ok(())
     }
 }

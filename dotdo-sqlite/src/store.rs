@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use dotdo_core::guard::rules::{self, LeaseRow};
-use dotdo_core::ids::{validate_key, validate_value};
+use dotdo_core::ids::validate_key;
 use dotdo_core::{
     ChangeRecord, Clock, ConsistencyGuard, Entry, Error, ErrorKind, FencingToken, HotStore, KeyRange, Lease, NodeId,
     ObjectId, ObjectInfo, Op, Result, Seq, SystemClock, Timestamp, WriteBatch, WriteOp, WriteReceipt,
@@ -620,10 +620,7 @@ impl HotStore for SqliteStore {
         through_seq: Seq,
     ) -> Result<()> {
         check_token_nonzero(token)?;
-        for e in &entries {
-            validate_key(&e.key)?;
-            validate_value(&e.value)?;
-        }
+        entries.iter().try_for_each(Entry::validate)?;
         let object = object.clone();
         self.run(move |inner| {
             inner.write_tx("restore", |tx| {

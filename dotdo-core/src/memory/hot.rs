@@ -213,10 +213,7 @@ impl HotStore for MemoryBackend {
         entries: Vec<Entry>,
         through_seq: Seq,
     ) -> Result<()> {
-        for e in &entries {
-            crate::ids::validate_key(&e.key)?;
-            crate::ids::validate_value(&e.value)?;
-        }
+        entries.iter().try_for_each(Entry::validate)?;
         let mut st = self.state.lock();
         let o = st.check_token(object, token)?;
         if o.last_seq > o.truncated_through || o.last_seq > through_seq {
