@@ -123,6 +123,33 @@ impl SqlVerifier {
     }
 }
 
+impl SqlVerifier {
+    /// Move the table pointer of `ident` from `expected` to `new` in one conditional `UPDATE`
+    /// (the same compare-and-swap iceberg-catalog-sql's own commits use). `Ok(false)`: the
+    /// pointer was not `expected` (another commit landed first). A failing `COMMIT` is an error
+    /// here, unlike in iceberg-catalog-sql 0.10.1.
+    pub(crate) async fn swap(&self, ident: &TableIdent, expected: &str, new: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
+             WHERE catalog_name = ? AND table_namespace = ? AND table_name = ? \
+             AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) AND metadata_location = ?",
+        )
+        .bind(new)
+        .bind(expected)
+        .bind(&self.catalog)
+        .bind(ident.namespace().join("."))
+        .bind(ident.name())
+        .bind(expected)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            let cause = crate::error::cause_of(&e);
+            crate::error::to_error(cause, "moving the SQL catalog pointer", e.to_string())
+        })?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
 /// An opened catalog and, for SQL catalogs, its commit verifier.
 pub(crate) struct Opened {
     pub(crate) catalog: Arc<dyn Catalog>,

@@ -72,6 +72,8 @@
 #![warn(missing_docs)]
 
 pub mod catalog;
+mod commit;
+pub mod compact;
 mod error;
 pub mod maintenance;
 mod read;
@@ -82,6 +84,7 @@ pub mod summary;
 pub mod user_table;
 
 pub use catalog::CatalogConfig;
+pub use compact::{CollapseOptions, CompactOptions, Progress, ProgressFn, RewriteReport};
 pub use maintenance::{CleanupReport, ExpireReport};
 pub use storage::StoreRoot;
 pub use store::{IcebergColdStore, IcebergColdStoreBuilder, Settings};

@@ -332,7 +332,7 @@ async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Sett
 pub(crate) struct Inner {
     pub(crate) catalog: Arc<dyn Catalog>,
     /// Confirms acknowledged commits of SQL catalogs (see [`crate::catalog`]).
-    verifier: Option<crate::catalog::SqlVerifier>,
+    pub(crate) verifier: Option<crate::catalog::SqlVerifier>,
     pub(crate) ident: TableIdent,
     pub(crate) root: StoreRoot,
     pub(crate) clock: Arc<dyn Clock>,
@@ -472,7 +472,7 @@ impl IcebergColdStore {
     }
 
     /// Keep `t` as the newest known table unless a newer one is already known.
-    fn remember(&self, t: &Table) {
+    pub(crate) fn remember(&self, t: &Table) {
         let mut cur = self.inner.table.lock();
         let newer = t.metadata().last_updated_ms() >= cur.metadata().last_updated_ms()
             || t.metadata().last_sequence_number() > cur.metadata().last_sequence_number();
@@ -540,7 +540,7 @@ impl IcebergColdStore {
 
     /// The snapshot of `table` created by commit `commit_id`, searching from the head back to
     /// (excluding) `since`.
-    fn find_commit(table: &Table, commit_id: &str, since: Option<i64>) -> Option<SnapshotRef> {
+    pub(crate) fn find_commit(table: &Table, commit_id: &str, since: Option<i64>) -> Option<SnapshotRef> {
         let head = table.metadata().current_snapshot_id()?;
         iceberg::util::snapshot::ancestors_of(&table.metadata_ref(), head)
             .take_while(|s| Some(s.snapshot_id()) != since)
@@ -550,11 +550,12 @@ impl IcebergColdStore {
     /// Write the data files of the new records (`parts`, see [`Plan`]) of `batch`: one or more
     /// files per `bucket(do_id)` partition, rows sorted by `do_id, key, seq`; partitions are
     /// converted to Arrow and encoded in parallel tasks.
-    async fn write_files(
+    pub(crate) async fn write_files(
         &self,
         table: &Table,
         batch: &Arc<ColdBatch>,
         parts: &[(usize, usize)],
+        target_file_size: usize,
     ) -> Result<Vec<DataFile>> {
         let md = table.metadata_ref();
         let schema = md.current_schema().clone();
@@ -617,7 +618,7 @@ impl IcebergColdStore {
             );
             let builder = DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
                 ParquetWriterBuilder::new(props.clone(), schema.clone()),
-                self.inner.settings.target_file_size,
+                target_file_size,
                 table.file_io().clone(),
                 location.clone(),
                 DefaultFileNameGenerator::new(prefix.clone(), None, DataFileFormat::Parquet),
@@ -681,7 +682,7 @@ impl IcebergColdStore {
     }
 
     /// Best-effort deletion of files that no commit references (failed attempts).
-    async fn delete_files(&self, paths: Vec<String>) {
+    pub(crate) async fn delete_files(&self, paths: Vec<String>) {
         for p in paths {
             if let Ok(key) = self.inner.root.key(&p) {
                 if let Err(e) = self.inner.root.store.delete(&key).await {
@@ -731,6 +732,7 @@ impl IcebergColdStore {
         let mut last = Attempt::First;
         // Once an attempt's outcome was unknown, every later round first looks for it.
         let mut maybe_landed = false;
+        let mut reloaded = false;
         let attempts = self.inner.settings.max_commit_attempts;
         for attempt in 0..attempts {
             let head = table.metadata().current_snapshot().cloned();
@@ -746,7 +748,17 @@ impl IcebergColdStore {
             }
             first_head.get_or_insert(head.as_ref().map(|s| s.snapshot_id()));
             let (prev, prev_inline, prev_checkpoint) = self.watermarks_of(head.as_ref()).await?;
-            let p = plan(batch, &prev)?;
+            let p = match plan(batch, &prev) {
+                Ok(p) => p,
+                // The known table may be stale (another store committed since): a batch that
+                // looks like it skips records is judged against the catalog's current table.
+                Err(_) if !reloaded => {
+                    table = self.reload_for_resolution().await?;
+                    reloaded = true;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if p.fresh == 0 {
                 return Ok(ColdCommit {
                     snapshot: None,
@@ -763,15 +775,16 @@ impl IcebergColdStore {
                         let paths: Vec<String> = old.iter().map(|f| f.file_path().to_string()).collect();
                         self.delete_files(paths).await;
                     }
-                    let files = match self.write_files(&table, batch, &p.parts).await {
-                        Ok(f) => f,
-                        Err(e) if e.is_retryable() && attempt + 1 < attempts => {
-                            self.inner.clock.sleep(self.backoff(attempt)).await;
-                            last = Attempt::First;
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    };
+                    let files =
+                        match self.write_files(&table, batch, &p.parts, self.inner.settings.target_file_size).await {
+                            Ok(f) => f,
+                            Err(e) if e.is_retryable() && attempt + 1 < attempts => {
+                                self.inner.clock.sleep(self.backoff(attempt)).await;
+                                last = Attempt::First;
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        };
                     written = Some((p.ranges.clone(), files.clone()));
                     files
                 }

@@ -32,6 +32,10 @@ pub const COMMIT_ID: &str = "dotdo.commit-id";
 /// Summary key of the clock time of the commit (µs since the epoch).
 pub const COMMITTED_AT: &str = "dotdo.committed-at-us";
 
+/// Summary key marking a maintenance snapshot (`compact` or `collapse`): it rewrites rows
+/// already in the table, so it adds no records.
+pub const MAINTENANCE: &str = "dotdo.maintenance";
+
 /// Per-object watermarks.
 pub type Watermarks = BTreeMap<ObjectId, Watermark>;
 
@@ -83,9 +87,14 @@ pub fn committed_at(snapshot: &Snapshot) -> Timestamp {
         .unwrap_or_else(|| Timestamp::from_millis(snapshot.timestamp_ms()))
 }
 
-/// Records added by a snapshot (its `added-records` metric).
+/// Records added by a snapshot (its `added-records` metric; 0 for dotdo's maintenance
+/// snapshots, which only rewrite rows already in the table).
 pub fn added_records(snapshot: &Snapshot) -> u64 {
-    snapshot.summary().additional_properties.get("added-records").and_then(|v| v.parse().ok()).unwrap_or(0)
+    let p = &snapshot.summary().additional_properties;
+    if p.contains_key(MAINTENANCE) {
+        return 0;
+    }
+    p.get("added-records").and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// The summary properties of a new commit.

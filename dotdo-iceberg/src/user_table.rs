@@ -113,6 +113,15 @@ impl IcebergColdStore {
     }
 }
 
+/// The Iceberg type of `dt`, if it converts back to exactly `dt` (what appends will check).
+fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::spec::Type> {
+    let ty = iceberg::arrow::arrow_type_to_type(dt).map_err(|e| classify(e, what).with_retryable(false))?;
+    match iceberg::arrow::type_to_arrow_type(&ty) {
+        Ok(back) if back.equals_datatype(dt) => Ok(ty),
+        _ => Err(Error::invalid(format!("{what}: {dt} has no exact Iceberg type (use {ty}'s Arrow type)"))),
+    }
+}
+
 /// Stream marks recorded in a snapshot summary.
 fn marks(table: &Table) -> HashMap<String, u64> {
     table
@@ -261,6 +270,120 @@ impl ArrowTable {
             w.write(b.clone()).await.map_err(|e| classify(e, what))?;
         }
         w.close().await.map_err(|e| classify(e, what))
+    }
+
+    /// Add an optional (nullable) top-level column `name` of `data_type` through iceberg's
+    /// schema update. Rows written before read as null. Returns the table with the new schema,
+    /// which appends must then use (this handle keeps the old one). Works with every catalog.
+    pub async fn add_column(&self, name: &str, data_type: arrow_schema::DataType) -> Result<ArrowTable> {
+        let what = format!("adding column {name} to {}", self.ident);
+        if self.user.field_with_name(name).is_ok() {
+            return Err(Error::invalid(format!("{what}: the column exists")));
+        }
+        let ty = round_trip_type(&data_type, &what)?;
+        let table = self.load().await?;
+        let tx = Transaction::new(&table);
+        let tx = tx
+            .update_schema()
+            .add_column(iceberg::transaction::AddColumn::optional(name, ty))
+            .apply(tx)
+            .map_err(|e| classify(e, &what).with_retryable(false))?;
+        let catalog = self.store.catalog();
+        tx.commit(&PinnedCatalog { inner: &*catalog, table: table.clone() }).await.map_err(|e| classify(e, &what))?;
+        let mut fields: Vec<arrow_schema::FieldRef> = self.user.fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow_schema::Field::new(name, data_type, true)));
+        self.reopen(Arc::new(arrow_schema::Schema::new_with_metadata(fields, self.user.metadata().clone())), &what)
+            .await
+    }
+
+    /// Widen top-level column `name` to `data_type`, as the Iceberg spec allows: `Int32` to
+    /// `Int64`, `Float32` to `Float64`, `Decimal128(p, s)` to `Decimal128(p', s)` with
+    /// `p' >= p`. Rows written before are read widened. Returns the table with the new schema.
+    ///
+    /// iceberg-rust 0.10.1 has no column update, so this commits the new schema itself and
+    /// needs the SQL catalog (`InvalidInput` with another).
+    pub async fn widen_column(&self, name: &str, data_type: arrow_schema::DataType) -> Result<ArrowTable> {
+        use iceberg::spec::{PrimitiveType as P, Type};
+        let what = format!("widening column {name} of {}", self.ident);
+        let new_ty = round_trip_type(&data_type, &what)?;
+        let table = self.load().await?;
+        let md = table.metadata();
+        let schema = md.current_schema();
+        let field = schema
+            .as_struct()
+            .fields()
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| Error::invalid(format!("{what}: no top-level column {name}")))?;
+        let allowed = match (field.field_type.as_ref(), &new_ty) {
+            (Type::Primitive(P::Int), Type::Primitive(P::Long)) => true,
+            (Type::Primitive(P::Float), Type::Primitive(P::Double)) => true,
+            (
+                Type::Primitive(P::Decimal { precision: p0, scale: s0 }),
+                Type::Primitive(P::Decimal { precision: p1, scale: s1 }),
+            ) => s0 == s1 && p1 >= p0,
+            _ => false,
+        };
+        if !allowed {
+            return Err(Error::invalid(format!(
+                "{what}: {} to {new_ty} is not an allowed promotion (int->long, float->double, decimal precision)",
+                field.field_type
+            )));
+        }
+        let fields: Vec<iceberg::spec::NestedFieldRef> = schema
+            .as_struct()
+            .fields()
+            .iter()
+            .map(|f| {
+                if f.name == name {
+                    let mut g = f.as_ref().clone();
+                    g.field_type = Box::new(new_ty.clone());
+                    Arc::new(g)
+                } else {
+                    f.clone()
+                }
+            })
+            .collect();
+        let new_schema = iceberg::spec::Schema::builder()
+            .with_schema_id(schema.schema_id() + 1)
+            .with_fields(fields)
+            .with_identifier_field_ids(schema.identifier_field_ids())
+            .build()
+            .map_err(|e| classify(e, &what).with_retryable(false))?;
+        let updates = vec![
+            iceberg::TableUpdate::AddSchema { schema: new_schema },
+            iceberg::TableUpdate::SetCurrentSchema { schema_id: -1 },
+        ];
+        let requirements = vec![
+            iceberg::TableRequirement::UuidMatch { uuid: md.uuid() },
+            iceberg::TableRequirement::CurrentSchemaIdMatch { current_schema_id: md.current_schema_id() },
+        ];
+        self.store.commit_updates(&table, updates, requirements, &what).await?;
+        let fields: Vec<arrow_schema::FieldRef> = self
+            .user
+            .fields()
+            .iter()
+            .map(|f| {
+                if f.name() == name {
+                    Arc::new(f.as_ref().clone().with_data_type(data_type.clone()))
+                } else {
+                    f.clone()
+                }
+            })
+            .collect();
+        self.reopen(Arc::new(arrow_schema::Schema::new_with_metadata(fields, self.user.metadata().clone())), &what)
+            .await
+    }
+
+    async fn reopen(&self, user: SchemaRef, what: &str) -> Result<ArrowTable> {
+        let table = self.load().await?;
+        let iceberg_arrow = Arc::new(
+            iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema()).map_err(|e| classify(e, what))?,
+        );
+        if !same_shape(&iceberg_arrow, &user) {
+            return Err(Error::invalid(format!("{what}: the table's schema is now {iceberg_arrow:?}")));
+        }
+        Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow })
     }
 
     /// Every row of the table at its current snapshot (for tests and small tables).

@@ -192,3 +192,69 @@ async fn cleanup_keeps_unreferenced_files_younger_than_the_retention_and_never_r
     let reopened = open().await.expect("reopen");
     assert_eq!(reopened.watermark(&o).await.expect("watermark").through, 3);
 }
+
+/// PyIceberg reads a compacted table: the current snapshot's operation is `replace`, it has
+/// fewer data files, and its rows equal dotdo's reads and the rows before the compaction (also
+/// read by PyIceberg through time travel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pyiceberg_reads_a_compacted_table_with_the_same_rows() {
+    let Some(python) = common::python("pyiceberg_reads_a_compacted_table_with_the_same_rows") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["interop"], "compacted")
+        .settings(dotdo_iceberg::Settings { buckets: 4, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let objects: Vec<ObjectId> = (0..6).map(|i| ObjectId::new(format!("acct:{i}")).expect("id")).collect();
+    let mut seqs = vec![0u64; objects.len()];
+    for round in 0..8u64 {
+        let mut changes = Vec::new();
+        for (i, o) in objects.iter().enumerate() {
+            if (round + i as u64).is_multiple_of(3) {
+                continue;
+            }
+            seqs[i] += 1;
+            let value = (round % 4 != 3).then(|| format!("r{round}-{i}").into_bytes());
+            changes.push(ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: vec![rec(o, seqs[i], &format!("k{}", round % 3), value.as_deref(), 1)],
+            });
+        }
+        cold.append(ColdBatch { objects: changes }).await.expect("append");
+    }
+    let before_rows = dotdo_rows(&cold, &objects, AsOf::Latest).await;
+    let before = cold.refresh().await.expect("t").metadata().current_snapshot_id().expect("head");
+    let report = cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect("compact");
+    let compacted = report.snapshot.expect("something to compact");
+    assert!(report.files_removed > report.files_added, "{report:?}");
+
+    let run = |as_of: i64| {
+        std::process::Command::new(&python)
+            .arg(common::py_dir().join("read_table.py"))
+            .arg(dir.path().join("catalog.db"))
+            .arg(cold.warehouse())
+            .arg("interop.compacted")
+            .arg(as_of.to_string())
+            .output()
+            .expect("run read_table.py")
+    };
+    let out = run(before);
+    assert!(out.status.success(), "pyiceberg failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json from read_table.py");
+    assert_eq!(v["current"].as_i64(), Some(compacted));
+    assert_eq!(v["operation"].as_str(), Some("replace"));
+    // Every partition had several files: one file per partition is left.
+    assert!(report.files_added <= 4, "{report:?}");
+    assert_eq!(v["data_files"].as_u64(), Some(report.files_added), "one file per partition after compaction");
+    assert_eq!(rows_of(&v["latest"]), before_rows, "PyIceberg's rows after compaction");
+    assert_eq!(rows_of(&v["as_of"]), before_rows, "PyIceberg's rows before compaction");
+    assert_eq!(dotdo_rows(&cold, &objects, AsOf::Latest).await, before_rows, "dotdo's rows after compaction");
+    assert_eq!(
+        v["summary_keys"],
+        serde_json::json!(["dotdo.commit-id", "dotdo.committed-at-us", "dotdo.maintenance", "dotdo.watermarks"])
+    );
+}

@@ -2,7 +2,8 @@
 
 usage: read_table.py <sqlite-catalog-file> <warehouse-url> <namespace.table> <as-of-snapshot-id>
 
-Prints {"current": id, "snapshots": [ids], "latest": rows, "as_of": rows, "summary_keys": [...]}
+Prints {"current": id, "snapshots": [ids], "latest": rows, "as_of": rows, "summary_keys": [...],
+"operation": the current snapshot's operation, "data_files": live data files, ...}
 where a row is [do_id, seq, key, op, value_hex, token, timestamp_us, type].
 """
 import json
@@ -38,4 +39,6 @@ print(json.dumps({
     "summary_keys": sorted(k for k in current.summary.additional_properties if k.startswith("dotdo.")),
     "partition_spec": str(table.spec()),
     "sort_order": str(table.sort_order()),
+    "operation": current.summary.operation.value,
+    "data_files": len(list(table.scan().plan_files())),
 }))

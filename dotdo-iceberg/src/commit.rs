@@ -1,0 +1,332 @@
+//! Commits that iceberg-rust 0.10.1's `Transaction` cannot express.
+//!
+//! iceberg-rust 0.10.1 offers fast appends, property and schema additions and snapshot expiry,
+//! but no `replace` snapshot (a rewrite that removes files) and no column type change, and its
+//! `TableCommit` cannot be built outside the crate. dotdo builds those commits from iceberg's
+//! public spec types instead: it writes the manifests and the manifest list itself, applies
+//! `TableUpdate`s to the table metadata with iceberg's own `TableMetadataBuilder` (which
+//! validates them), writes the new metadata JSON, and moves the SQL catalog's table pointer with
+//! the same conditional `UPDATE` iceberg-catalog-sql uses, so a concurrent commit by any writer
+//! makes exactly one of the two fail. Other catalogs (memory, REST, custom) get `InvalidInput`
+//! for these operations: their commit APIs only accept a `TableCommit`.
+
+use std::str::FromStr;
+
+use iceberg::spec::{
+    DataFile, FormatVersion, ManifestFile, ManifestListWriter, ManifestStatus, ManifestWriterBuilder, Operation,
+    Snapshot, SnapshotReference, SnapshotRetention, Summary, MAIN_BRANCH,
+};
+use iceberg::table::Table;
+use iceberg::{MetadataLocation, TableRequirement, TableUpdate};
+
+use dotdo_core::{Error, ErrorKind, Result};
+
+use crate::error::classify;
+use crate::store::IcebergColdStore;
+
+/// The result of [`rewrite_manifests`]: the manifests of a snapshot that removes some files and
+/// adds others on top of the table's current snapshot.
+pub(crate) struct Rewritten {
+    pub(crate) manifests: Vec<ManifestFile>,
+    /// Files written by this attempt (manifests), to delete if the commit fails.
+    pub(crate) written: Vec<String>,
+    pub(crate) removed_files: u64,
+    pub(crate) removed_records: u64,
+    pub(crate) removed_bytes: u64,
+}
+
+impl IcebergColdStore {
+    /// Apply `updates` to `table` (whose `requirements` must hold) and make the result the
+    /// table's current metadata, if and only if the catalog still points at `table`'s metadata.
+    ///
+    /// `Conflict` (retryable) if another commit landed first; `AmbiguousOutcome` if the
+    /// catalog could not be read back after an error of the pointer update.
+    pub(crate) async fn commit_updates(
+        &self,
+        table: &Table,
+        updates: Vec<TableUpdate>,
+        requirements: Vec<TableRequirement>,
+        what: &str,
+    ) -> Result<Table> {
+        let Some(verifier) = self.inner.verifier.as_ref() else {
+            return Err(Error::invalid(format!(
+                "{what}: needs the SQL catalog (CatalogConfig::Sql or the default on a file:// warehouse); \
+                 iceberg-rust 0.10.1 cannot send this commit through other catalogs"
+            )));
+        };
+        let md = table.metadata();
+        for r in &requirements {
+            r.check(Some(md)).map_err(|e| classify(e, what))?;
+        }
+        let current = table
+            .metadata_location()
+            .ok_or_else(|| Error::backend(format!("{what}: table has no metadata location")))?
+            .to_string();
+        let mut builder = md.clone().into_builder(Some(current.clone()));
+        for u in updates {
+            builder = u.apply(builder).map_err(|e| classify(e, what).with_retryable(false))?;
+        }
+        let new_md = builder.build().map_err(|e| classify(e, what).with_retryable(false))?.metadata;
+        let location = MetadataLocation::from_str(&current)
+            .map_err(|e| classify(e, what))?
+            .with_next_version()
+            .with_new_metadata(&new_md);
+        new_md.write_to(table.file_io(), &location).await.map_err(|e| classify(e, what))?;
+        let new_location = location.to_string();
+        let ident = table.identifier();
+        match verifier.swap(ident, &current, &new_location).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.delete_files(vec![new_location]).await;
+                return Err(Error::new(ErrorKind::Conflict, format!("{what}: the table changed concurrently")));
+            }
+            Err(e) => {
+                // Did the UPDATE land before the error?
+                match verifier.metadata_location(ident).await {
+                    Ok(Some(now)) if now == new_location => {}
+                    Ok(_) => return Err(e.context(what)),
+                    Err(_) => {
+                        return Err(Error::new(
+                            ErrorKind::AmbiguousOutcome,
+                            format!("{what}: catalog update failed and could not be read back: {e}"),
+                        ))
+                    }
+                }
+            }
+        }
+        let t = self
+            .inner
+            .catalog
+            .load_table(ident)
+            .await
+            .map_err(|e| classify(e, &format!("{what}: reloading after the commit")))?;
+        if ident == &self.inner.ident {
+            self.remember(&t);
+        }
+        Ok(t)
+    }
+
+    /// Write the manifests of a snapshot `snapshot_id` that removes the live data files in
+    /// `removed` from `table`'s current snapshot and adds `added` (with data sequence number
+    /// `seq`): manifests without removed files are carried over unchanged, the others are
+    /// rewritten with those files marked deleted and the rest existing. `Conflict` if a
+    /// removed file is no longer live (another commit removed it).
+    pub(crate) async fn rewrite_manifests(
+        &self,
+        table: &Table,
+        snapshot_id: i64,
+        seq: i64,
+        removed: &std::collections::HashSet<String>,
+        added: &[DataFile],
+    ) -> Result<Rewritten> {
+        let md = table.metadata();
+        if md.format_version() != FormatVersion::V2 {
+            return Err(Error::invalid(format!(
+                "rewriting {}: only format version 2 tables are supported (table is {:?})",
+                table.identifier(),
+                md.format_version()
+            )));
+        }
+        let schema = md.current_schema().clone();
+        let location = md.location().to_string();
+        let io = table.file_io();
+        let mut out = Rewritten {
+            manifests: Vec::new(),
+            written: Vec::new(),
+            removed_files: 0,
+            removed_records: 0,
+            removed_bytes: 0,
+        };
+        let manifest_path = |n: usize| format!("{location}/metadata/{}-m{n}.avro", uuid::Uuid::new_v4());
+        if !added.is_empty() {
+            let path = manifest_path(0);
+            let spec = md.default_partition_spec().as_ref().clone();
+            let output = io.new_output(&path).map_err(|e| classify(e, &path))?;
+            let mut w = ManifestWriterBuilder::new(output, Some(snapshot_id), schema.clone(), spec).build_v2_data();
+            for f in added {
+                w.add_file(f.clone(), seq).map_err(|e| classify(e, &path))?;
+            }
+            out.written.push(path.clone());
+            out.manifests.push(w.write_manifest_file().await.map_err(|e| classify(e, &path))?);
+        }
+        let Some(head) = md.current_snapshot() else {
+            return Ok(out);
+        };
+        let list = table
+            .manifest_list_reader(head)
+            .load()
+            .await
+            .map_err(|e| classify(e, &format!("manifest list {}", head.manifest_list())))?;
+        for (n, mf) in list.entries().iter().enumerate() {
+            let m = mf.load_manifest(io).await.map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
+            let touched = m.entries().iter().any(|e| e.is_alive() && removed.contains(e.data_file().file_path()));
+            if !touched {
+                out.manifests.push(mf.clone());
+                continue;
+            }
+            let path = manifest_path(n + 1);
+            let spec = md
+                .partition_spec_by_id(mf.partition_spec_id)
+                .ok_or_else(|| Error::corrupt(format!("manifest {}: unknown partition spec", mf.manifest_path)))?
+                .as_ref()
+                .clone();
+            let output = io.new_output(&path).map_err(|e| classify(e, &path))?;
+            let mut w = ManifestWriterBuilder::new(output, Some(snapshot_id), schema.clone(), spec).build_v2_data();
+            for e in m.entries() {
+                if e.status() == ManifestStatus::Deleted {
+                    continue;
+                }
+                let (Some(data_seq), Some(file_seq), Some(added_in)) =
+                    (e.sequence_number, e.file_sequence_number, e.snapshot_id)
+                else {
+                    return Err(Error::corrupt(format!(
+                        "manifest {}: entry {} lacks sequence numbers",
+                        mf.manifest_path,
+                        e.file_path()
+                    )));
+                };
+                let df = e.data_file().clone();
+                if removed.contains(df.file_path()) {
+                    out.removed_files += 1;
+                    out.removed_records += df.record_count();
+                    out.removed_bytes += df.file_size_in_bytes();
+                    w.add_delete_file(df, data_seq, Some(file_seq))
+                } else {
+                    w.add_existing_file(df, added_in, data_seq, Some(file_seq))
+                }
+                .map_err(|e| classify(e, &path))?;
+            }
+            out.written.push(path.clone());
+            out.manifests.push(w.write_manifest_file().await.map_err(|e| classify(e, &path))?);
+        }
+        if out.removed_files != removed.len() as u64 {
+            self.delete_files(out.written.clone()).await;
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "rewriting {}: {} of {} files to replace are no longer in the table",
+                    table.identifier(),
+                    removed.len() as u64 - out.removed_files,
+                    removed.len()
+                ),
+            )
+            .with_retryable(false));
+        }
+        Ok(out)
+    }
+
+    /// Commit a snapshot of `operation` with `manifests` on top of `table`'s current snapshot.
+    /// The summary carries over the parent's `dotdo.*` properties (watermarks, checkpoint,
+    /// stream marks), so exactly-once appends continue across it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn commit_snapshot(
+        &self,
+        table: &Table,
+        snapshot_id: i64,
+        operation: Operation,
+        mut rewritten: Rewritten,
+        added: &[DataFile],
+        extra: Vec<(String, String)>,
+        what: &str,
+    ) -> Result<Table> {
+        let md = table.metadata();
+        let head = md.current_snapshot();
+        let seq = md.next_sequence_number();
+        let list_path = format!("{}/metadata/snap-{snapshot_id}-1-{}.avro", md.location(), uuid::Uuid::new_v4());
+        let io = table.file_io();
+        let writer = io
+            .new_output(&list_path)
+            .map_err(|e| classify(e, &list_path))?
+            .writer()
+            .await
+            .map_err(|e| classify(e, &list_path))?;
+        let mut lw = ManifestListWriter::v2(writer, snapshot_id, head.map(|h| h.snapshot_id()), seq);
+        lw.add_manifests(std::mem::take(&mut rewritten.manifests).into_iter()).map_err(|e| classify(e, &list_path))?;
+        lw.close().await.map_err(|e| classify(e, &list_path))?;
+        rewritten.written.push(list_path.clone());
+
+        let parent_props = head.map(|h| h.summary().additional_properties.clone()).unwrap_or_default();
+        let mut props: std::collections::HashMap<String, String> = parent_props
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("dotdo.")
+                    && k.as_str() != crate::summary::COMMIT_ID
+                    && k.as_str() != crate::summary::COMMITTED_AT
+                    && k.as_str() != crate::summary::MAINTENANCE
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let parent_at = head.map_or(dotdo_core::Timestamp::EPOCH, |s| crate::summary::committed_at(s));
+        let at = self.inner.clock.now().max(parent_at);
+        props.insert(crate::summary::COMMIT_ID.to_string(), uuid::Uuid::new_v4().to_string());
+        props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
+        let added_records: u64 = added.iter().map(|f| f.record_count()).sum();
+        let added_bytes: u64 = added.iter().map(|f| f.file_size_in_bytes()).sum();
+        let total = |key: &str, plus: u64, minus: u64| -> Option<String> {
+            let before: u64 = parent_props.get(key)?.parse().ok()?;
+            Some((before + plus).saturating_sub(minus).to_string())
+        };
+        for (k, v) in [
+            ("added-data-files", Some(added.len().to_string())),
+            ("deleted-data-files", Some(rewritten.removed_files.to_string())),
+            ("added-records", Some(added_records.to_string())),
+            ("deleted-records", Some(rewritten.removed_records.to_string())),
+            ("added-files-size", Some(added_bytes.to_string())),
+            ("removed-files-size", Some(rewritten.removed_bytes.to_string())),
+            ("total-data-files", total("total-data-files", added.len() as u64, rewritten.removed_files)),
+            ("total-records", total("total-records", added_records, rewritten.removed_records)),
+            ("total-files-size", total("total-files-size", added_bytes, rewritten.removed_bytes)),
+            ("total-delete-files", parent_props.get("total-delete-files").cloned()),
+            ("total-position-deletes", parent_props.get("total-position-deletes").cloned()),
+            ("total-equality-deletes", parent_props.get("total-equality-deletes").cloned()),
+        ] {
+            if let Some(v) = v {
+                props.insert(k.to_string(), v);
+            }
+        }
+        props.extend(extra);
+        let snapshot = Snapshot::builder()
+            .with_snapshot_id(snapshot_id)
+            .with_parent_snapshot_id(head.map(|h| h.snapshot_id()))
+            .with_sequence_number(seq)
+            .with_timestamp_ms(at.as_millis().max(md.last_updated_ms()))
+            .with_manifest_list(list_path)
+            .with_summary(Summary { operation, additional_properties: props })
+            .with_schema_id(md.current_schema_id())
+            .build();
+        let updates = vec![
+            TableUpdate::AddSnapshot { snapshot },
+            TableUpdate::SetSnapshotRef {
+                ref_name: MAIN_BRANCH.to_string(),
+                reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
+            },
+        ];
+        let requirements = vec![
+            TableRequirement::UuidMatch { uuid: md.uuid() },
+            TableRequirement::RefSnapshotIdMatch {
+                r#ref: MAIN_BRANCH.to_string(),
+                snapshot_id: head.map(|h| h.snapshot_id()),
+            },
+        ];
+        match self.commit_updates(table, updates, requirements, what).await {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                if e.kind() != &ErrorKind::AmbiguousOutcome {
+                    self.delete_files(rewritten.written).await;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A snapshot id not used in `table` (positive, random).
+pub(crate) fn new_snapshot_id(table: &Table) -> i64 {
+    loop {
+        let (hi, lo) = uuid::Uuid::new_v4().as_u64_pair();
+        let id = ((hi ^ lo) & (i64::MAX as u64)) as i64;
+        if id != 0 && table.metadata().snapshot_by_id(id).is_none() {
+            return id;
+        }
+    }
+}

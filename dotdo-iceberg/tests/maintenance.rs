@@ -1,0 +1,375 @@
+//! Cold table maintenance: compaction (a `replace` snapshot) keeps every row, exactly once,
+//! also with a concurrent appender; collapse drops only superseded versions; schema evolution of
+//! user tables reads old files correctly.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use dotdo_core::{
+    AsOf, ChangeRecord, ColdBatch, ColdSink, ErrorKind, FencingToken, IndexAccelerator, ObjectChanges, ObjectId, Op,
+    Timestamp,
+};
+use dotdo_iceberg::{CollapseOptions, CompactOptions, IcebergColdStore, Progress, Settings};
+use iceberg::spec::Operation;
+use proptest::prelude::*;
+
+async fn open(dir: &std::path::Path, buckets: u32) -> IcebergColdStore {
+    IcebergColdStore::builder(dir.to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(Settings { buckets, ..Default::default() })
+        .build()
+        .await
+        .expect("open")
+}
+
+/// Live data files of the current snapshot.
+async fn live_files(cold: &IcebergColdStore) -> usize {
+    let t = cold.refresh().await.expect("refresh");
+    let Some(s) = t.metadata().current_snapshot() else { return 0 };
+    let list = t.manifest_list_reader(s).load().await.expect("list");
+    let mut n = 0;
+    for mf in list.entries() {
+        let m = mf.load_manifest(t.file_io()).await.expect("manifest");
+        n += m.entries().iter().filter(|e| e.is_alive()).count();
+    }
+    n
+}
+
+/// Everything dotdo can read about `objects`: full history, state and per-key lookups.
+async fn content(cold: &IcebergColdStore, objects: &[ObjectId], as_of: AsOf) -> Vec<String> {
+    let mut out = Vec::new();
+    for o in objects {
+        let changes = cold.read_changes(o, 0, as_of).await.expect("read_changes");
+        let keys: std::collections::BTreeSet<String> = changes.iter().map(|r| r.key.clone()).collect();
+        out.push(format!("{o} changes {changes:?}"));
+        let state = cold.load_state(o, as_of).await.expect("state");
+        out.push(format!("{o} state {:?} through {}", state.entries, state.through));
+        out.push(format!("{o} watermark {:?}", cold.watermark(o).await.expect("wm")));
+        for k in keys {
+            let l = cold.lookup(o, &k, as_of).await.expect("lookup");
+            out.push(format!("{o}/{k} {:?}", l.value));
+        }
+    }
+    out
+}
+
+/// A random history: `commits` of (object index, key index, delete?) writes.
+fn history() -> impl Strategy<Value = Vec<Vec<(usize, usize, bool)>>> {
+    prop::collection::vec(prop::collection::vec((0..5usize, 0..4usize, prop::bool::weighted(0.2)), 1..8), 3..14)
+}
+
+fn batches(objects: &[ObjectId], history: &[Vec<(usize, usize, bool)>]) -> Vec<ColdBatch> {
+    let mut seqs = vec![0u64; objects.len()];
+    let mut clock = 1_000i64;
+    history
+        .iter()
+        .map(|commit| {
+            let mut per: BTreeMap<usize, Vec<ChangeRecord>> = BTreeMap::new();
+            for &(o, k, del) in commit {
+                seqs[o] += 1;
+                clock += 10;
+                let mut r = common::put(&objects[o], seqs[o], &format!("k{k}"), &format!("v{}", seqs[o]), 1);
+                r.timestamp = Timestamp::from_millis(clock);
+                if del {
+                    r.op = Op::Delete;
+                    r.value = bytes::Bytes::new();
+                }
+                per.entry(o).or_default().push(r);
+            }
+            ColdBatch {
+                objects: per
+                    .into_iter()
+                    .map(|(o, records)| ObjectChanges {
+                        object: objects[o].clone(),
+                        token: FencingToken::new(1),
+                        records,
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn objects() -> Vec<ObjectId> {
+    (0..5).map(|i| ObjectId::new(format!("obj:{i}")).expect("id")).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Property: compaction of a random table leaves every read identical (history, state,
+    /// lookups, watermarks, time travel to before it), commits a `replace` snapshot, reduces
+    /// the file count, and exactly-once appends continue after it.
+    #[test]
+    fn compaction_preserves_content(history in history()) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        rt.block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cold = open(dir.path(), 2).await;
+            let objects = objects();
+            let batches = batches(&objects, &history);
+            for b in &batches {
+                cold.append(b.clone()).await.expect("append");
+            }
+            let before_snapshot = cold.refresh().await.expect("t").metadata().current_snapshot_id().expect("head");
+            let before = content(&cold, &objects, AsOf::Latest).await;
+            let files_before = live_files(&cold).await;
+            let report = cold.compact(CompactOptions::default()).await.expect("compact");
+            let files_after = live_files(&cold).await;
+            let after = content(&cold, &objects, AsOf::Latest).await;
+            prop_assert_eq!(&before, &after);
+            prop_assert_eq!(report.records_read, report.records_written);
+            // Both partitions with 2+ files are merged into one file each.
+            prop_assert!(files_after <= 2, "{files_before} -> {files_after}: {report:?}");
+            if let Some(snap) = report.snapshot {
+                prop_assert!(files_after < files_before);
+                prop_assert_eq!(report.files_removed as usize - report.files_added as usize, files_before - files_after);
+                let t = cold.refresh().await.expect("t");
+                let s = t.metadata().snapshot_by_id(snap).expect("snapshot");
+                prop_assert_eq!(s.summary().operation.clone(), Operation::Replace);
+                prop_assert_eq!(s.parent_snapshot_id(), Some(before_snapshot));
+                // The added-records of a rewrite are not new records.
+                let infos = cold.snapshots().await.expect("snapshots");
+                prop_assert_eq!(infos.last().expect("last").added_records, 0);
+                // Time travel to before the compaction still reads the old files.
+                prop_assert_eq!(content(&cold, &objects, AsOf::Snapshot(before_snapshot)).await, before.clone());
+            } else {
+                prop_assert_eq!(files_before, files_after);
+            }
+            // Exactly once continues: replaying every batch writes nothing.
+            for b in &batches {
+                let c = cold.append(b.clone()).await.expect("replay");
+                prop_assert_eq!(c.records_written, 0);
+            }
+            // A second compaction finds nothing to do.
+            prop_assert_eq!(cold.compact(CompactOptions::default()).await.expect("again").snapshot, None);
+            Ok(())
+        })?;
+    }
+
+    /// Property: collapse keeps every object's latest state and every lookup, and drops
+    /// exactly the versions superseded at or before the horizon.
+    #[test]
+    fn collapse_keeps_latest_state(history in history(), cut in 0usize..100) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        rt.block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cold = open(dir.path(), 2).await;
+            let objects = objects();
+            let batches = batches(&objects, &history);
+            let all: Vec<ChangeRecord> = batches.iter().flat_map(|b| b.objects.iter().flat_map(|o| o.records.clone())).collect();
+            for b in &batches {
+                cold.append(b.clone()).await.expect("append");
+            }
+            let max_ts = all.iter().map(|r| r.timestamp.as_micros()).max().unwrap_or(0);
+            let horizon = Timestamp::from_micros(max_ts * cut as i64 / 100);
+            let mut states = Vec::new();
+            for o in &objects {
+                states.push(cold.load_state(o, AsOf::Latest).await.expect("state").entries);
+            }
+            let report = cold.collapse(CollapseOptions::new(horizon)).await.expect("collapse");
+            // Model: a version survives unless the next version of its key is at or before the
+            // horizon, or it is a latest delete at or before it.
+            let mut expected = 0u64;
+            for r in &all {
+                let next = all.iter().filter(|n| n.object == r.object && n.key == r.key && n.seq > r.seq).min_by_key(|n| n.seq);
+                let keep = match next {
+                    Some(n) => n.timestamp > horizon,
+                    None => !(r.op == Op::Delete && r.timestamp <= horizon),
+                };
+                expected += u64::from(keep);
+            }
+            prop_assert_eq!(report.records_read, all.len() as u64);
+            prop_assert_eq!(report.records_written, expected);
+            let mut remaining = 0u64;
+            for (o, state) in objects.iter().zip(&states) {
+                prop_assert_eq!(&cold.load_state(o, AsOf::Latest).await.expect("state").entries, state);
+                remaining += cold.read_changes(o, 0, AsOf::Latest).await.expect("changes").len() as u64;
+                for e in state {
+                    let l = cold.lookup(o, &e.key, AsOf::Latest).await.expect("lookup");
+                    prop_assert_eq!(l.value.map(|v| v.value), Some(e.value.clone()));
+                }
+            }
+            prop_assert_eq!(remaining, expected);
+            let t = cold.refresh().await.expect("t");
+            let op = t.metadata().current_snapshot().expect("head").summary().operation.clone();
+            prop_assert_eq!(op, Operation::Overwrite);
+            Ok(())
+        })?;
+    }
+}
+
+/// A concurrent append lands between compaction's read and its commit (forced from the
+/// progress callback): the compaction rebuilds its manifests on the new head, and no row is
+/// lost or duplicated. Then a free-running appender races a second compaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_during_compaction_lose_and_duplicate_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    // A second store on the same warehouse and catalog: another process, as far as the table
+    // knows.
+    let other = open(dir.path(), 2).await;
+    let objects = objects();
+    let mut seqs = vec![0u64; objects.len()];
+    let next = |i: usize, seqs: &mut Vec<u64>| {
+        seqs[i] += 1;
+        ColdBatch::single(
+            objects[i].clone(),
+            FencingToken::new(1),
+            vec![common::put(&objects[i], seqs[i], &format!("k{}", seqs[i] % 3), "v", 1)],
+        )
+    };
+    for n in 0..20 {
+        cold.append(next(n % objects.len(), &mut seqs)).await.expect("append");
+    }
+    let injected = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let pending = Arc::new(parking_lot::Mutex::new(Some(next(0, &mut seqs))));
+    let (o2, inj, pend) = (other.clone(), injected.clone(), pending.clone());
+    let opts = CompactOptions {
+        progress: Some(Arc::new(move |p: &Progress| {
+            inj.lock().push(p.clone());
+            if matches!(p, Progress::GroupWritten { .. }) {
+                if let Some(b) = pend.lock().take() {
+                    let o2 = o2.clone();
+                    tokio::task::block_in_place(|| {
+                        tokio::runtime::Handle::current().block_on(async move { o2.append(b).await.expect("append") })
+                    });
+                }
+            }
+        })),
+        ..Default::default()
+    };
+    let report = cold.compact(opts).await.expect("compact");
+    assert_eq!(report.attempts, 2, "the injected append forces one rebuild: {report:?}");
+    let events = injected.lock().clone();
+    assert!(events.iter().any(|e| matches!(e, Progress::Retrying { attempt: 1 })), "{events:?}");
+    assert!(matches!(events.last(), Some(Progress::Committed { .. })), "{events:?}");
+
+    // Free-running: appends from another task while compactions run.
+    let appender = {
+        let other = other.clone();
+        let objects = objects.clone();
+        let mut seqs = seqs.clone();
+        tokio::spawn(async move {
+            for n in 0..40 {
+                let i = n % objects.len();
+                seqs[i] += 1;
+                let r = common::put(&objects[i], seqs[i], &format!("k{}", seqs[i] % 3), "v", 1);
+                other
+                    .append(ColdBatch::single(objects[i].clone(), FencingToken::new(1), vec![r]))
+                    .await
+                    .expect("append");
+            }
+            seqs
+        })
+    };
+    let mut compactions = 0;
+    while !appender.is_finished() {
+        match cold.compact(CompactOptions::default()).await {
+            Ok(r) => compactions += usize::from(r.snapshot.is_some()),
+            Err(e) => assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}"),
+        }
+    }
+    let seqs = appender.await.expect("appender");
+    assert!(compactions >= 1);
+    for (o, &n) in objects.iter().zip(&seqs) {
+        let got: Vec<u64> = cold.read_changes(o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+        assert_eq!(got, (1..=n).collect::<Vec<_>>(), "{o}: every acknowledged record exactly once");
+        assert_eq!(cold.watermark(o).await.expect("wm").through, n);
+    }
+}
+
+/// Compaction and collapse need the SQL catalog; with another they fail with a typed error
+/// and leave no new data files behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_without_a_sql_catalog_are_invalid_input() {
+    let cold = IcebergColdStore::builder("memory://wh")
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    for s in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, s, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let files = live_files(&cold).await;
+    let err = cold.compact(CompactOptions::default()).await.expect_err("memory catalog");
+    assert_eq!(err.kind(), &ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("SQL catalog"), "{err}");
+    assert_eq!(live_files(&cold).await, files);
+    let err = cold.collapse(CollapseOptions::new(Timestamp::from_millis(0))).await.expect_err("memory catalog");
+    assert_eq!(err.kind(), &ErrorKind::InvalidInput);
+    let bad = cold.compact(CompactOptions { target_file_size: 0, ..Default::default() }).await.expect_err("zero");
+    assert_eq!(bad.kind(), &ErrorKind::InvalidInput);
+}
+
+/// User tables: add an optional column, widen int to long and float to double; rows written
+/// before read back null / widened; illegal promotions are rejected; reopening with the new
+/// schema works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_table_schema_evolution_reads_old_files() {
+    use arrow_array::{Array, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int32, false),
+        Field::new("score", DataType::Float32, true),
+    ]));
+    let t = cold.arrow_table(&["m"], "events", schema.clone()).await.expect("table");
+    let b1 = RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(Int32Array::from(vec![1, 2])), Arc::new(Float32Array::from(vec![Some(0.5), None]))],
+    )
+    .expect("batch");
+    t.append("s", 1, vec![b1]).await.expect("append");
+
+    // Not allowed: narrowing, int -> string, unknown column, existing column.
+    assert_eq!(t.widen_column("id", DataType::Int32).await.expect_err("same").kind(), &ErrorKind::InvalidInput);
+    assert_eq!(t.widen_column("id", DataType::Utf8).await.expect_err("string").kind(), &ErrorKind::InvalidInput);
+    assert_eq!(t.widen_column("nope", DataType::Int64).await.expect_err("missing").kind(), &ErrorKind::InvalidInput);
+    assert_eq!(t.add_column("id", DataType::Utf8).await.expect_err("exists").kind(), &ErrorKind::InvalidInput);
+
+    let t = t.add_column("note", DataType::Utf8).await.expect("add column");
+    let t = t.widen_column("id", DataType::Int64).await.expect("widen id");
+    let t = t.widen_column("score", DataType::Float64).await.expect("widen score");
+    let new_schema = t.schema();
+    assert_eq!(new_schema.field(0).data_type(), &DataType::Int64);
+    assert_eq!(new_schema.field(1).data_type(), &DataType::Float64);
+    assert_eq!(new_schema.field(2).name(), "note");
+    let b2 = RecordBatch::try_new(
+        new_schema.clone(),
+        vec![
+            Arc::new(Int64Array::from(vec![5_000_000_000])),
+            Arc::new(Float64Array::from(vec![1.25])),
+            Arc::new(StringArray::from(vec![Some("new")])),
+        ],
+    )
+    .expect("batch");
+    t.append("s", 2, vec![b2]).await.expect("append with the new schema");
+    // The old shape is refused now; the new one opens.
+    assert_eq!(cold.arrow_table(&["m"], "events", schema).await.expect_err("old").kind(), &ErrorKind::InvalidInput);
+    let reopened = cold.arrow_table(&["m"], "events", new_schema).await.expect("reopen");
+
+    let mut rows: Vec<(i64, Option<f64>, Option<String>)> = Vec::new();
+    for b in reopened.read_all().await.expect("read") {
+        let id = b.column_by_name("id").expect("id").as_any().downcast_ref::<Int64Array>().expect("int64").clone();
+        let score =
+            b.column_by_name("score").expect("score").as_any().downcast_ref::<Float64Array>().expect("f64").clone();
+        let note = b.column_by_name("note").expect("note").as_any().downcast_ref::<StringArray>().expect("str").clone();
+        for i in 0..b.num_rows() {
+            rows.push((
+                id.value(i),
+                (!score.is_null(i)).then(|| score.value(i)),
+                (!note.is_null(i)).then(|| note.value(i).to_string()),
+            ));
+        }
+    }
+    rows.sort_by_key(|r| r.0);
+    assert_eq!(rows, vec![(1, Some(0.5), None), (2, None, None), (5_000_000_000, Some(1.25), Some("new".into()))]);
+}
