@@ -25,6 +25,41 @@
 //!
 //! These commits need the SQL catalog (the default for `file://` warehouses): see
 //! `commit.rs` in the sources for why iceberg-rust 0.10.1 cannot send them through others.
+//!
+//! ## Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> dotdo_core::Result<()> {
+//! use dotdo_core::{AsOf, ColdBatch, ColdSink, FencingToken, ObjectId};
+//! use dotdo_iceberg::{CompactOptions, IcebergColdStore};
+//!
+//! let dir = tempfile::tempdir().expect("tempdir");
+//! let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
+//!     .table(["app"], "changes")
+//!     .build()
+//!     .await?;
+//! let obj = ObjectId::new("counter:1")?;
+//! for seq in 1..=5 {
+//!     let rec = dotdo_core::ChangeRecord {
+//!         object: obj.clone(),
+//!         seq,
+//!         key: "n".into(),
+//!         op: dotdo_core::Op::Put,
+//!         value: seq.to_string().into(),
+//!         token: FencingToken::new(1),
+//!         timestamp: dotdo_core::Timestamp::from_millis(seq as i64),
+//!         type_name: "Counter".into(),
+//!     };
+//!     // One small file per commit.
+//!     cold.append(ColdBatch::single(obj.clone(), FencingToken::new(1), vec![rec])).await?;
+//! }
+//! let report = cold.compact(CompactOptions::default()).await?;
+//! assert_eq!((report.files_removed, report.files_added), (5, 1));
+//! assert_eq!(cold.read_changes(&obj, 0, AsOf::Latest).await?.len(), 5);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;

@@ -28,6 +28,10 @@
 //!   back and looking for the commit's id (`dotdo.commit-id`) before trying again.
 //! * **Time travel** by snapshot id or by time ([`AsOf`](dotdo_core::AsOf)), snapshot expiry and
 //!   cleanup of unreferenced files with a retention period ([`maintenance`]).
+//! * **Compaction** of small files into a `replace` snapshot, and an explicit **collapse** of
+//!   superseded versions ([`compact`]), committed with a conflict check against concurrent
+//!   appends; **schema evolution** of user tables ([`ArrowTable::add_column`],
+//!   [`ArrowTable::widen_column`]).
 //!
 //! See [`schema`] for the table layout and [`summary`] for what each snapshot records. Every
 //! failure is a [`dotdo_core::Error`]: an unreachable store is `Unavailable` (retryable), a missing

@@ -1,4 +1,5 @@
-//! Table maintenance: snapshot expiry and removal of files no snapshot references.
+//! Table maintenance: snapshot expiry and removal of files no snapshot references. Compaction
+//! and collapse are in [`compact`](crate::compact).
 //!
 //! iceberg-rust 0.10.1's `expire_snapshots` rewrites metadata only, and it has no orphan-file
 //! cleanup. [`IcebergColdStore::expire_snapshots`] expires by dotdo's commit time (the store's
@@ -135,7 +136,9 @@ impl IcebergColdStore {
                         .load_manifest(table.file_io())
                         .await
                         .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
-                    for e in m.entries() {
+                    // A `Deleted` entry records a file this snapshot removed (compaction); a
+                    // retained older snapshot that still needs it lists it as live itself.
+                    for e in m.entries().iter().filter(|e| e.is_alive()) {
                         add(e.data_file().file_path())?;
                     }
                 }

@@ -373,3 +373,51 @@ async fn user_table_schema_evolution_reads_old_files() {
     rows.sort_by_key(|r| r.0);
     assert_eq!(rows, vec![(1, Some(0.5), None), (2, None, None), (5_000_000_000, Some(1.25), Some("new".into()))]);
 }
+
+/// Orphan cleanup around compaction: a cleanup that runs while a compaction's new files are
+/// written but not yet committed keeps them (they are younger than the retention); after the
+/// compaction, expiry and a cleanup delete exactly the replaced small files, and every row
+/// still reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_cleanup_spares_in_flight_files_and_removes_replaced_ones() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let other = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for s in 1..=6 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, s, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let deleted_in_flight = Arc::new(parking_lot::Mutex::new(None));
+    let (o2, seen) = (other.clone(), deleted_in_flight.clone());
+    let opts = CompactOptions {
+        progress: Some(Arc::new(move |p: &Progress| {
+            if matches!(p, Progress::GroupWritten { .. }) {
+                let o2 = o2.clone();
+                let report = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current()
+                        .block_on(async move { o2.remove_unreferenced_files(Duration::from_secs(3600)).await })
+                })
+                .expect("cleanup");
+                *seen.lock() = Some(report);
+            }
+        })),
+        ..Default::default()
+    };
+    let report = cold.compact(opts).await.expect("compact");
+    let during = deleted_in_flight.lock().take().expect("cleanup ran during the compaction");
+    assert!(during.deleted.is_empty(), "{during:?}");
+    assert!(during.kept_recent >= 1, "the compaction's uncommitted file is kept: {during:?}");
+    assert_eq!((report.files_removed, report.files_added), (6, 1));
+
+    common::sleep(Duration::from_millis(20)).await;
+    cold.expire_snapshots(Duration::ZERO, 1).await.expect("expire");
+    let clean = cold.remove_unreferenced_files(Duration::ZERO).await.expect("cleanup");
+    let parquet_deleted = clean.deleted.iter().filter(|d| d.ends_with(".parquet")).count();
+    assert_eq!(parquet_deleted, 6, "the six replaced files: {clean:?}");
+    assert_eq!(live_files(&cold).await, 1);
+    let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
+}
