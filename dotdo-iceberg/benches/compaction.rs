@@ -53,7 +53,7 @@ fn commit(c: u64, seqs: &mut [u64]) -> ColdBatch {
                             .map(|_| {
                                 x = mix(x);
                                 // Half random, half repetitive: compresses about like JSON.
-                                if x % 2 == 0 {
+                                if x.is_multiple_of(2) {
                                     (x >> 40) as u8
                                 } else {
                                     b'a'
