@@ -41,8 +41,15 @@ pub(crate) const COLUMNS: [&str; 8] = ["do_id", "type", "key", "value", "timesta
 /// for the object id and the key.
 pub const BLOOM_COLUMNS: [&str; 2] = ["do_id", "key"];
 
-/// Columns written without compression (dictionary encoding only); the others use ZSTD.
-pub const UNCOMPRESSED_COLUMNS: [&str; 4] = ["do_id", "type", "key", "op"];
+/// Columns written without compression, dictionary-encoded (sorted, repetitive strings and
+/// small enums gain little from ZSTD).
+pub const UNCOMPRESSED_COLUMNS: [&str; 5] = ["do_id", "type", "key", "op", "token"];
+
+/// Integer columns written with `DELTA_BINARY_PACKED` encoding and no compression: rows are
+/// sorted by `do_id, key, seq`, so deltas are small. Only `value` uses ZSTD, so a point lookup
+/// creates one ZSTD context per row group instead of four (parquet 58 creates one per column
+/// chunk, ~9 µs each).
+pub const DELTA_COLUMNS: [&str; 2] = ["timestamp", "seq"];
 
 /// The Iceberg schema of the cold table.
 pub fn table_schema() -> Result<Schema> {

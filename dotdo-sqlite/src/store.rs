@@ -377,6 +377,38 @@ impl Inner {
     }
 }
 
+/// Rows per multi-row statement of a batched write.
+const CHUNK: usize = 32;
+
+/// The multi-row statements of a batched write.
+mod chunk_sql {
+    use std::sync::LazyLock;
+
+    fn values(n: usize, cols: usize) -> String {
+        (0..n)
+            .map(|r| {
+                let ps: Vec<String> = (1..=cols).map(|c| format!("?{}", r * cols + c)).collect();
+                format!("({})", ps.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub(super) static PUT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO do_state (do_id, key, value, seq) VALUES {} \
+             ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq",
+            values(super::CHUNK, 4)
+        )
+    });
+    pub(super) static LOG: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) VALUES {}",
+            values(super::CHUNK, 8)
+        )
+    });
+}
+
 #[async_trait]
 impl HotStore for SqliteStore {
     async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
@@ -402,36 +434,59 @@ impl HotStore for SqliteStore {
                     "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
-                for (i, op) in batch.ops.iter().enumerate() {
+                // Runs of puts go CHUNK rows per statement (multi-row VALUES): the per-statement
+                // cost dominates large batches otherwise. A key repeated inside one statement is
+                // applied in order, like separate statements.
+                let ops = &batch.ops;
+                let (oid, tok) = (object.as_str(), token.get());
+                let mut i = 0;
+                while i < ops.len() {
+                    let run = ops[i..].iter().take(CHUNK).take_while(|op| matches!(op, WriteOp::Put { .. })).count();
+                    if run == CHUNK {
+                        let mut put_n = tx.prepare_cached(&chunk_sql::PUT)?;
+                        let mut log_n = tx.prepare_cached(&chunk_sql::LOG)?;
+                        let seqs: Vec<u64> = (0..CHUNK as u64).map(|j| first + (i as u64) + j).collect();
+                        let mut sp: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(CHUNK * 4);
+                        let mut lp: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(CHUNK * 8);
+                        let vals: Vec<&[u8]> = ops[i..i + CHUNK]
+                            .iter()
+                            .map(|op| match op {
+                                WriteOp::Put { value, .. } => &value[..],
+                                WriteOp::Delete { .. } => &[][..],
+                            })
+                            .collect();
+                        for ((op, seq), value) in ops[i..i + CHUNK].iter().zip(&seqs).zip(&vals) {
+                            if let WriteOp::Put { key, .. } = op {
+                                sp.extend([&oid as &dyn rusqlite::ToSql, key, value, seq]);
+                                lp.extend([
+                                    &oid as &dyn rusqlite::ToSql,
+                                    seq,
+                                    key,
+                                    &0i64,
+                                    value,
+                                    &tok,
+                                    &now,
+                                    &batch.type_name,
+                                ]);
+                            }
+                        }
+                        put_n.execute(sp.as_slice())?;
+                        log_n.execute(lp.as_slice())?;
+                        i += CHUNK;
+                        continue;
+                    }
                     let seq = first + i as u64;
-                    match op {
+                    match &ops[i] {
                         WriteOp::Put { key, value } => {
-                            put.execute(params![object.as_str(), key, &value[..], seq])?;
-                            log.execute(params![
-                                object.as_str(),
-                                seq,
-                                key,
-                                0,
-                                &value[..],
-                                token.get(),
-                                now,
-                                batch.type_name
-                            ])?;
+                            put.execute(params![oid, key, &value[..], seq])?;
+                            log.execute(params![oid, seq, key, 0, &value[..], tok, now, batch.type_name])?;
                         }
                         WriteOp::Delete { key } => {
-                            del.execute(params![object.as_str(), key])?;
-                            log.execute(params![
-                                object.as_str(),
-                                seq,
-                                key,
-                                1,
-                                &[][..],
-                                token.get(),
-                                now,
-                                batch.type_name
-                            ])?;
+                            del.execute(params![oid, key])?;
+                            log.execute(params![oid, seq, key, 1, &[][..], tok, now, batch.type_name])?;
                         }
                     }
+                    i += 1;
                 }
                 Ok(WriteReceipt { first_seq: first, last_seq: last })
             })

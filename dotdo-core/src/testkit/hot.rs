@@ -196,6 +196,45 @@ pub async fn sequence_numbers_are_contiguous_across_batches(f: &HotFactory) {
     assert_eq!(seqs, [1, 2, 3, 4]);
 }
 
+/// A large batch (hundreds of ops: long runs of puts, repeated keys, deletes in between, as
+/// backends may apply runs of puts several rows per statement) gives exactly the state and the
+/// change log of applying its ops one by one.
+pub async fn large_mixed_batch_matches_one_by_one(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    fx.hot.put(&l.object, l.token, "T", "k003", b("before")).await.expect("put");
+    let mut batch = WriteBatch::new("Big");
+    let mut model: BTreeMap<String, Bytes> = BTreeMap::from([("k003".to_string(), b("before"))]);
+    let mut expected: Vec<(String, Op, Bytes)> = Vec::new();
+    for i in 0..300u32 {
+        // Keys repeat every 41 ops, so one run of puts overwrites its own keys.
+        let key = format!("k{:03}", (i * 7) % 41);
+        if i % 37 == 36 || i % 101 == 5 {
+            batch = batch.delete(key.clone());
+            model.remove(&key);
+            expected.push((key, Op::Delete, Bytes::new()));
+        } else {
+            let v = Bytes::from(format!("v{i}"));
+            batch = batch.put(key.clone(), v.clone());
+            model.insert(key.clone(), v.clone());
+            expected.push((key, Op::Put, v));
+        }
+    }
+    let r = fx.hot.write(&l.object, l.token, batch).await.expect("large batch");
+    assert_eq!((r.first_seq, r.last_seq), (2, 301));
+    let state = fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list");
+    let got: BTreeMap<String, Bytes> = state.iter().map(|e| (e.key.clone(), e.value.clone())).collect();
+    assert_eq!(got, model, "state after the batch");
+    for e in &state {
+        let last = expected.iter().rposition(|(k, _, _)| *k == e.key).map_or(1, |p| p as u64 + 2);
+        assert_eq!(e.seq, last, "seq of {}", e.key);
+    }
+    let log = fx.hot.read_changes(&l.object, 1, 1000).await.expect("log");
+    let logged: Vec<(String, Op, Bytes)> = log.iter().map(|c| (c.key.clone(), c.op, c.value.clone())).collect();
+    assert_eq!(logged, expected, "change log of the batch, in order");
+    assert!(log.iter().enumerate().all(|(i, c)| c.seq == i as u64 + 2 && c.type_name == "Big" && c.token == l.token));
+}
+
 /// The change log reads after a sequence number with a limit, and truncation drops a prefix.
 pub async fn change_log_reads_and_truncates(f: &HotFactory) {
     let (fx, _) = open(f).await;
@@ -884,6 +923,7 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         list_by_prefix_range_and_limit,
         unknown_object_reads_empty,
         sequence_numbers_are_contiguous_across_batches,
+        large_mixed_batch_matches_one_by_one,
         change_log_reads_and_truncates,
         pending_objects_are_listed_until_truncated,
         none_token_is_rejected,

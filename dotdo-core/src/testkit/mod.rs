@@ -163,6 +163,7 @@ macro_rules! hot_conformance {
             list_by_prefix_range_and_limit,
             unknown_object_reads_empty,
             sequence_numbers_are_contiguous_across_batches,
+            large_mixed_batch_matches_one_by_one,
             change_log_reads_and_truncates,
             pending_objects_are_listed_until_truncated,
             none_token_is_rejected,
