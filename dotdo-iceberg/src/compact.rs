@@ -70,6 +70,8 @@ use bytes::Bytes;
 use iceberg::spec::{DataFile, Literal, Operation, PrimitiveLiteral};
 use iceberg::table::Table;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
 
 use dotdo_core::{ChangeRecord, ColdBatch, Error, ErrorKind, ObjectChanges, Op, Result, SnapshotId, Timestamp};
 
@@ -231,6 +233,9 @@ struct LiveFile {
 enum Mode {
     Compact,
     Collapse(Timestamp),
+    /// Compaction of a user table ([`ArrowTable`](crate::ArrowTable)): rows keep their order,
+    /// read through iceberg's reader (old files projected to this schema) and written with it.
+    User(arrow_schema::SchemaRef),
 }
 
 impl IcebergColdStore {
@@ -242,36 +247,23 @@ impl IcebergColdStore {
         if options.target_file_size == 0 {
             return Err(Error::invalid("compact: target_file_size must be positive"));
         }
-        let small = options.small_file_size.unwrap_or(options.target_file_size / 4 * 3);
-        let min_files = options.min_input_files.max(2);
         let table = self.refresh().await?;
-        let live = self.live_files(&table).await?;
-        let mut by_partition: BTreeMap<Option<i32>, Vec<LiveFile>> = BTreeMap::new();
-        for f in live {
-            if f.size >= small || !selected(&options.partitions, f.partition) {
-                continue;
-            }
-            by_partition.entry(f.partition).or_default().push(f);
-        }
-        let mut groups = Vec::new();
-        for (_, files) in by_partition {
-            if files.len() < min_files {
-                continue;
-            }
-            let mut bin: Vec<LiveFile> = Vec::new();
-            let mut bytes = 0u64;
-            for f in files {
-                if !bin.is_empty() && bytes + f.size > options.target_file_size {
-                    groups.push(std::mem::take(&mut bin));
-                    bytes = 0;
-                }
-                bytes += f.size;
-                bin.push(f);
-            }
-            groups.push(bin);
-        }
-        groups.retain(|g| g.len() >= 2);
+        let groups = plan_bins(self.live_files(&table).await?, &options);
         self.rewrite(table, groups, Mode::Compact, options.target_file_size, options.progress).await
+    }
+
+    /// Compact the user table `table` (see [`ArrowTable::compact`](crate::ArrowTable::compact)).
+    pub(crate) async fn compact_user_table(
+        &self,
+        table: Table,
+        schema: arrow_schema::SchemaRef,
+        options: CompactOptions,
+    ) -> Result<RewriteReport> {
+        if options.target_file_size == 0 {
+            return Err(Error::invalid("compact: target_file_size must be positive"));
+        }
+        let groups = plan_bins(self.live_files(&table).await?, &options);
+        self.rewrite(table, groups, Mode::User(schema), options.target_file_size, options.progress).await
     }
 
     /// Drop versions of keys superseded at or before [`CollapseOptions::horizon`] (and deletes
@@ -293,6 +285,14 @@ impl IcebergColdStore {
         }
         let groups = by_partition.into_values().collect();
         self.rewrite(table, groups, Mode::Collapse(options.horizon), options.target_file_size, options.progress).await
+    }
+
+    /// Reload table `ident` (this store's own table or another one in its catalog).
+    async fn reload(&self, ident: &iceberg::TableIdent) -> Result<Table> {
+        if ident == &self.inner.ident {
+            return self.refresh().await;
+        }
+        self.inner.catalog.load_table(ident).await.map_err(|e| classify(e, &format!("loading table {ident}")))
     }
 
     /// The live data files of `table`'s current snapshot.
@@ -336,12 +336,13 @@ impl IcebergColdStore {
     ) -> Result<RewriteReport> {
         let started = self.inner.clock.now();
         let (op_name, operation) = match mode {
-            Mode::Compact => ("compact", Operation::Replace),
+            Mode::Compact | Mode::User(_) => ("compact", Operation::Replace),
             Mode::Collapse(_) => ("collapse", Operation::Overwrite),
         };
-        let what = format!("{op_name} of {}", self.inner.ident);
+        let ident = base.identifier().clone();
+        let what = format!("{op_name} of {ident}");
         let emit = |p: Progress| {
-            tracing::info!(table = %self.inner.ident, operation = op_name, event = ?p, "maintenance progress");
+            tracing::info!(table = %ident, operation = op_name, event = ?p, "maintenance progress");
             if let Some(cb) = &progress {
                 cb(&p);
             }
@@ -361,7 +362,10 @@ impl IcebergColdStore {
         let mut added: Vec<DataFile> = Vec::new();
         let n = groups.len();
         for (i, group) in groups.into_iter().enumerate() {
-            let result = self.rewrite_group(&base, &group, &mode, target).await;
+            let result = match &mode {
+                Mode::User(schema) => self.rewrite_user_group(&base, &group, schema, target).await,
+                _ => self.rewrite_group(&base, &group, &mode, target).await,
+            };
             let (files, read) = match result {
                 Ok(r) => r,
                 Err(e) => {
@@ -386,7 +390,7 @@ impl IcebergColdStore {
             added.extend(files);
         }
         report.groups = n;
-        if matches!(mode, Mode::Compact) && report.records_read != report.records_written {
+        if !matches!(mode, Mode::Collapse(_)) && report.records_read != report.records_written {
             self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
             return Err(Error::backend(format!(
                 "{what}: read {} records but wrote {}; nothing committed",
@@ -426,7 +430,7 @@ impl IcebergColdStore {
                 Err(e) if e.kind() == &ErrorKind::AmbiguousOutcome || e.is_retryable() => {
                     emit(Progress::Retrying { attempt });
                     self.inner.clock.sleep(self.inner.settings.retry_base_delay * attempt.min(20)).await;
-                    match self.refresh().await {
+                    match self.reload(&ident).await {
                         Ok(t) => {
                             if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
                                 report.snapshot = Some(s.snapshot_id());
@@ -502,6 +506,103 @@ impl IcebergColdStore {
         let files = self.write_files(table, &batch, &parts, target).await?;
         Ok((files, read))
     }
+}
+
+impl IcebergColdStore {
+    /// Read one group of a user table's files through iceberg's reader (projected to the
+    /// current schema) and write them, in order, as files of about `target` bytes.
+    async fn rewrite_user_group(
+        &self,
+        table: &Table,
+        group: &[LiveFile],
+        schema: &arrow_schema::SchemaRef,
+        target: usize,
+    ) -> Result<(Vec<DataFile>, u64)> {
+        use futures::TryStreamExt;
+        use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+        use iceberg::writer::file_writer::location_generator::{DefaultFileNameGenerator, DefaultLocationGenerator};
+        use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+        use iceberg::writer::file_writer::ParquetWriterBuilder;
+        use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
+
+        let what = format!("compacting {}", table.identifier());
+        let wanted: HashSet<&str> = group.iter().map(|f| f.path.as_str()).collect();
+        let scan = table.scan().select_all().build().map_err(|e| classify(e, &what))?;
+        let tasks: Vec<iceberg::scan::FileScanTask> = scan
+            .plan_files()
+            .await
+            .map_err(|e| classify(e, &what))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, &what))?;
+        let tasks: Vec<_> = tasks.into_iter().filter(|t| wanted.contains(t.data_file_path.as_str())).collect();
+        if tasks.len() != group.len() {
+            return Err(Error::new(ErrorKind::Conflict, format!("{what}: files to compact changed while planning")));
+        }
+        let stream = table
+            .reader_builder()
+            .build()
+            .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))
+            .map_err(|e| classify(e, &what))?
+            .stream();
+        let batches: Vec<arrow_array::RecordBatch> = stream.try_collect().await.map_err(|e| classify(e, &what))?;
+        let read: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+        let md = table.metadata();
+        let level = ZstdLevel::try_new(self.inner.settings.zstd_level)
+            .map_err(|e| Error::invalid(format!("zstd level: {e}")))?;
+        let props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).build();
+        let location = DefaultLocationGenerator::new(md).map_err(|e| classify(e, &what))?;
+        let builder = DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
+            ParquetWriterBuilder::new(props, md.current_schema().clone()),
+            target,
+            table.file_io().clone(),
+            location,
+            DefaultFileNameGenerator::new(
+                uuid::Uuid::new_v4().to_string(),
+                None,
+                iceberg::spec::DataFileFormat::Parquet,
+            ),
+        ));
+        let mut w = builder.build(None).await.map_err(|e| classify(e, &what))?;
+        for b in batches {
+            let b = arrow_array::RecordBatch::try_new(schema.clone(), b.columns().to_vec())
+                .map_err(|e| Error::backend(format!("{what}: a batch does not match the table schema: {e}")))?;
+            w.write(b).await.map_err(|e| classify(e, &what))?;
+        }
+        let files = w.close().await.map_err(|e| classify(e, &what))?;
+        Ok((files, read))
+    }
+}
+
+/// Bin-pack the small live files of each partition (see [`CompactOptions`]).
+fn plan_bins(live: Vec<LiveFile>, options: &CompactOptions) -> Vec<Vec<LiveFile>> {
+    let small = options.small_file_size.unwrap_or(options.target_file_size / 4 * 3);
+    let min_files = options.min_input_files.max(2);
+    let mut by_partition: BTreeMap<Option<i32>, Vec<LiveFile>> = BTreeMap::new();
+    for f in live {
+        if f.size < small && selected(&options.partitions, f.partition) {
+            by_partition.entry(f.partition).or_default().push(f);
+        }
+    }
+    let mut groups = Vec::new();
+    for (_, files) in by_partition {
+        if files.len() < min_files {
+            continue;
+        }
+        let mut bin: Vec<LiveFile> = Vec::new();
+        let mut bytes = 0u64;
+        for f in files {
+            if !bin.is_empty() && bytes + f.size > options.target_file_size {
+                groups.push(std::mem::take(&mut bin));
+                bytes = 0;
+            }
+            bytes += f.size;
+            bin.push(f);
+        }
+        groups.push(bin);
+    }
+    groups.retain(|g| g.len() >= 2);
+    groups
 }
 
 /// Decode every row of a dotdo data file.

@@ -30,8 +30,8 @@
 //!   cleanup of unreferenced files with a retention period ([`maintenance`]).
 //! * **Compaction** of small files into a `replace` snapshot, and an explicit **collapse** of
 //!   superseded versions ([`compact`]), committed with a conflict check against concurrent
-//!   appends; **schema evolution** of user tables ([`ArrowTable::add_column`],
-//!   [`ArrowTable::widen_column`]).
+//!   appends, also for user tables ([`ArrowTable::compact`]); **schema evolution** of user
+//!   tables ([`ArrowTable::add_column`], [`ArrowTable::widen_column`]).
 //!
 //! See [`schema`] for the table layout and [`summary`] for what each snapshot records. Every
 //! failure is a [`dotdo_core::Error`]: an unreachable store is `Unavailable` (retryable), a missing

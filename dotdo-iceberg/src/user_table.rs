@@ -386,6 +386,15 @@ impl ArrowTable {
         Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow })
     }
 
+    /// Compact the table's small files (bin-packed to [`CompactOptions::target_file_size`],
+    /// rows in their order, old files read through the current schema) into one `replace`
+    /// snapshot that keeps every stream's batch marks, so exactly-once appends continue. Same
+    /// protocol and catalog requirement as [`IcebergColdStore::compact`].
+    pub async fn compact(&self, options: crate::CompactOptions) -> Result<crate::RewriteReport> {
+        let table = self.load().await?;
+        self.store.compact_user_table(table, self.iceberg_arrow.clone(), options).await
+    }
+
     /// Every row of the table at its current snapshot (for tests and small tables).
     pub async fn read_all(&self) -> Result<Vec<RecordBatch>> {
         use futures::TryStreamExt;
