@@ -108,6 +108,69 @@ impl Conn {
         out
     }
 
+    /// Whether this connection renders programs as one SQL batch (remote, or forced).
+    pub(crate) fn is_batch(&self) -> bool {
+        self.batch
+    }
+
+    /// The fenced write of a local, prepared-statement connection: the same transaction as the
+    /// [`Program`] of `HotStore::write`, but the token check and the next sequence number come
+    /// from one read, so the changes go in with plain, subquery-free statements (five statements
+    /// for one put instead of six). Returns `-max_token` if fenced, else the last sequence number.
+    pub(crate) async fn write_direct(&mut self, w: &DirectWrite) -> libsql::Result<i64> {
+        let out = self.write_direct_tx(w).await;
+        if !self.conn.is_autocommit() {
+            // Fenced (nothing written) or failed: nothing may stay applied.
+            if out.is_err() || out.as_ref().is_ok_and(|r| *r < 0) {
+                let _ = self.conn.execute("ROLLBACK", ()).await;
+            }
+        }
+        out
+    }
+
+    async fn write_direct_tx(&mut self, w: &DirectWrite) -> libsql::Result<i64> {
+        use crate::sql::{DIRECT_DEL, DIRECT_LOG, DIRECT_PUT, DIRECT_READ, RAISE_IF_CURRENT};
+        self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
+        let rows = self.prepared(Step::new(DIRECT_READ, vec![w.object.clone()])).await?;
+        let (max, last) = match rows.first() {
+            Some(r) => (crate::sql::int(r.first())?, crate::sql::int(r.get(1))?),
+            None => (0, 0),
+        };
+        if w.token < max {
+            return Ok(-max);
+        }
+        if w.token > max || rows.is_empty() {
+            self.prepared(Step::exec(RAISE_IF_CURRENT, vec![w.object.clone(), Value::Integer(w.token)])).await?;
+        }
+        for (i, (key, value)) in w.ops.iter().enumerate() {
+            let seq = Value::Integer(last + 1 + i as i64);
+            let (code, v) = match value {
+                Some(v) => (0, v.clone()),
+                None => (1, Value::Blob(Vec::new())),
+            };
+            self.prepared(Step::exec(
+                DIRECT_LOG,
+                vec![
+                    w.object.clone(),
+                    seq.clone(),
+                    key.clone(),
+                    Value::Integer(code),
+                    v.clone(),
+                    Value::Integer(w.token),
+                    Value::Integer(w.now),
+                    w.type_name.clone(),
+                ],
+            ))
+            .await?;
+            match value {
+                Some(_) => self.prepared(Step::exec(DIRECT_PUT, vec![w.object.clone(), key.clone(), v, seq])).await?,
+                None => self.prepared(Step::exec(DIRECT_DEL, vec![w.object.clone(), key.clone()])).await?,
+            };
+        }
+        self.prepared(Step::exec("COMMIT", vec![])).await?;
+        Ok(last + w.ops.len() as i64)
+    }
+
     async fn program_prepared(&mut self, program: Program) -> libsql::Result<Option<i64>> {
         self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
         for s in program.steps {
@@ -165,6 +228,16 @@ fn decode_result(rowid: i64, nonce: i64) -> libsql::Result<i64> {
         )));
     }
     Ok((x & ((1 << RESULT_BITS) - 1)) - RESULT_BIAS)
+}
+
+/// The parameters of [`Conn::write_direct`]: `ops` are `(key, Some(value))` puts and
+/// `(key, None)` deletes, in order.
+pub(crate) struct DirectWrite {
+    pub object: Value,
+    pub token: i64,
+    pub now: i64,
+    pub type_name: Value,
+    pub ops: Vec<(Value, Option<Value>)>,
 }
 
 /// A write transaction: statements run for their effect, then an optional result query that

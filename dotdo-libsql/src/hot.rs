@@ -11,7 +11,7 @@ use dotdo_core::{
 };
 use libsql::Value;
 
-use crate::conn::{Program, Step};
+use crate::conn::{DirectWrite, Program, Step};
 use crate::sql::eff_last;
 use crate::sql::*;
 use crate::store::LibsqlStore;
@@ -23,40 +23,59 @@ impl HotStore for LibsqlStore {
         check_token_nonzero(token)?;
         let now = self.inner.clock.now().as_micros();
         let n = batch.ops.len() as u64;
-        // One program, one transaction, one round trip: raise the token maximum if the token is
-        // newer, apply every operation only if the token equals the maximum, report the outcome.
         let (o, tk) = (t(object.as_str()), i(token.get()));
-        let mut steps = Vec::with_capacity(1 + 2 * batch.ops.len());
-        steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
         let type_name = t(&batch.type_name);
-        for op in &batch.ops {
-            let (key, code, value) = match op {
-                WriteOp::Put { key, value } => (key, 0, Value::Blob(value.to_vec())),
-                WriteOp::Delete { key } => (key, 1, Value::Blob(Vec::new())),
-            };
-            let k = t(key);
-            let log = vec![
-                o.clone(),
-                tk.clone(),
-                k.clone(),
-                Value::Integer(code),
-                value.clone(),
-                Value::Integer(now),
-                type_name.clone(),
-            ];
-            steps.push(Step::exec(LOG, log));
-            steps.push(match op {
-                WriteOp::Put { .. } => Step::exec(PUT, vec![o.clone(), tk.clone(), k, value]),
-                WriteOp::Delete { .. } => Step::exec(DEL, vec![o.clone(), tk.clone(), k]),
-            });
-        }
-        let result = Step::new(WRITE_RESULT, vec![o, tk]);
-        let steps = Arc::new(steps);
+        let direct = Arc::new(DirectWrite {
+            object: o.clone(),
+            token: i64::try_from(token.get()).map_err(|_| Error::invalid("fencing token above i64::MAX"))?,
+            now,
+            type_name: type_name.clone(),
+            ops: batch
+                .ops
+                .iter()
+                .map(|op| match op {
+                    WriteOp::Put { key, value } => (t(key), Some(Value::Blob(value.to_vec()))),
+                    WriteOp::Delete { key } => (t(key), None),
+                })
+                .collect(),
+        });
         let object = object.clone();
         let r = self
             .write_call("write", move |c| {
-                let program = Program { steps: steps.to_vec(), result: Some(result.clone()) };
-                Box::pin(async move { Ok(c.run_program(program).await?) })
+                let direct = direct.clone();
+                let (o, tk, type_name) = (o.clone(), tk.clone(), type_name.clone());
+                Box::pin(async move {
+                    if !c.is_batch() {
+                        return Ok(Some(c.write_direct(&direct).await?));
+                    }
+                    // One program, one transaction, one round trip: raise the token maximum if
+                    // the token is newer, apply every operation only if the token equals the
+                    // maximum, report the outcome.
+                    let mut steps = Vec::with_capacity(1 + 2 * direct.ops.len());
+                    steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
+                    for (k, value) in &direct.ops {
+                        let (code, v) = match value {
+                            Some(v) => (0, v.clone()),
+                            None => (1, Value::Blob(Vec::new())),
+                        };
+                        let log = vec![
+                            o.clone(),
+                            tk.clone(),
+                            k.clone(),
+                            Value::Integer(code),
+                            v.clone(),
+                            Value::Integer(now),
+                            type_name.clone(),
+                        ];
+                        steps.push(Step::exec(LOG, log));
+                        steps.push(match value {
+                            Some(_) => Step::exec(PUT, vec![o.clone(), tk.clone(), k.clone(), v]),
+                            None => Step::exec(DEL, vec![o.clone(), tk.clone(), k.clone()]),
+                        });
+                    }
+                    let program = Program { steps, result: Some(Step::new(WRITE_RESULT, vec![o, tk])) };
+                    Ok(c.run_program(program).await?)
+                })
             })
             .await?
             .unwrap_or_default();

@@ -47,6 +47,17 @@ pub(crate) const PUT: &str = "INSERT INTO do_state (do_id, key, value, seq) \
      ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq";
 pub(crate) const DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?3 \
      AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2)";
+/// The direct (local) write path's one read: the token maximum and the effective last seq.
+pub(crate) const DIRECT_READ: &str =
+    concat!("SELECT o.max_token, ", eff_last!("o"), " FROM do_objects o WHERE o.do_id = ?1");
+/// The direct path's change-log insert, sequence number given.
+pub(crate) const DIRECT_LOG: &str = "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+/// The direct path's state upsert.
+pub(crate) const DIRECT_PUT: &str = "INSERT INTO do_state (do_id, key, value, seq) VALUES (?1, ?2, ?3, ?4) \
+     ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq";
+/// The direct path's state delete.
+pub(crate) const DIRECT_DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?2";
 /// The result of a write: `-max_token` if fenced, else the effective last sequence number.
 pub(crate) const WRITE_RESULT: &str = concat!(
     "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token ELSE ",
