@@ -96,6 +96,20 @@ fn objects() -> Vec<ObjectId> {
     (0..5).map(|i| ObjectId::new(format!("obj:{i}")).expect("id")).collect()
 }
 
+/// A 2-bucket table in a fresh directory with `history` appended.
+async fn written(
+    history: &[Vec<(usize, usize, bool)>],
+) -> (tempfile::TempDir, IcebergColdStore, Vec<ObjectId>, Vec<ColdBatch>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let objects = objects();
+    let batches = batches(&objects, history);
+    for b in &batches {
+        cold.append(b.clone()).await.expect("append");
+    }
+    (dir, cold, objects, batches)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
@@ -106,13 +120,7 @@ proptest! {
     fn compaction_preserves_content(history in history()) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
         rt.block_on(async {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let cold = open(dir.path(), 2).await;
-            let objects = objects();
-            let batches = batches(&objects, &history);
-            for b in &batches {
-                cold.append(b.clone()).await.expect("append");
-            }
+            let (_dir, cold, objects, batches) = written(&history).await;
             let before_snapshot = cold.refresh().await.expect("t").metadata().current_snapshot_id().expect("head");
             let before = content(&cold, &objects, AsOf::Latest).await;
             let files_before = live_files(&cold).await;
@@ -155,14 +163,8 @@ proptest! {
     fn collapse_keeps_latest_state(history in history(), cut in 0usize..100) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
         rt.block_on(async {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let cold = open(dir.path(), 2).await;
-            let objects = objects();
-            let batches = batches(&objects, &history);
+            let (_dir, cold, objects, batches) = written(&history).await;
             let all: Vec<ChangeRecord> = batches.iter().flat_map(|b| b.objects.iter().flat_map(|o| o.records.clone())).collect();
-            for b in &batches {
-                cold.append(b.clone()).await.expect("append");
-            }
             let max_ts = all.iter().map(|r| r.timestamp.as_micros()).max().unwrap_or(0);
             let horizon = Timestamp::from_micros(max_ts * cut as i64 / 100);
             let mut states = Vec::new();
