@@ -386,7 +386,7 @@ impl ArrowTable {
         Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow })
     }
 
-    /// Compact the table's small files (bin-packed to [`CompactOptions::target_file_size`],
+    /// Compact the table's small files (bin-packed to [`CompactOptions::target_file_size`](crate::CompactOptions::target_file_size),
     /// rows in their order, old files read through the current schema) into one `replace`
     /// snapshot that keeps every stream's batch marks, so exactly-once appends continue. Same
     /// protocol and catalog requirement as [`IcebergColdStore::compact`].

@@ -111,7 +111,11 @@ async fn written(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    // 12 cases by default; `DOTDO_PROPTEST_CASES` (set by `DOTDO_SOAK=1 scripts/test`) for more.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("DOTDO_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(12),
+        ..ProptestConfig::default()
+    })]
 
     /// Property: compaction of a random table leaves every read identical (history, state,
     /// lookups, watermarks, time travel to before it), commits a `replace` snapshot, reduces
