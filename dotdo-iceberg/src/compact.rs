@@ -348,6 +348,13 @@ impl IcebergColdStore {
             }
         };
         let mut report = RewriteReport::default();
+        if self.inner.verifier.is_none() {
+            // Fail before rewriting anything (commit_updates would refuse the commit).
+            return Err(Error::invalid(format!(
+                "{what}: needs the SQL catalog (CatalogConfig::Sql or the default on a file:// warehouse); \
+                 iceberg-rust 0.10.1 cannot send a replace snapshot through other catalogs"
+            )));
+        }
         if groups.is_empty() {
             report.elapsed = elapsed(started, self.inner.clock.now());
             return Ok(report);
