@@ -47,11 +47,64 @@ struct Inner {
     clock: Arc<dyn Clock>,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// The background checkpoint thread, stopped when the last clone is dropped.
+    checkpointer: Option<Checkpointer>,
+}
+
+/// A thread running `PRAGMA wal_checkpoint(PASSIVE)` on its own connection every `every`.
+struct Checkpointer {
+    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, settings: &SqliteSettings, every: Duration) -> Result<Self> {
+        let conn = open_connection(path, settings, false)?;
+        let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("dotdo-sqlite-checkpoint".into())
+            .spawn(move || loop {
+                {
+                    let (lock, cv) = &*flag;
+                    let mut stopped = lock.lock();
+                    if !*stopped {
+                        cv.wait_for(&mut stopped, every);
+                    }
+                    if *stopped {
+                        return;
+                    }
+                }
+                // PASSIVE never blocks: frames a reader still needs, or a checkpoint running in
+                // another process, just wait for the next round.
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+                    tracing::debug!(error = %e, "background WAL checkpoint failed; retrying next round");
+                }
+            })
+            .map_err(|e| Error::backend(format!("starting the WAL checkpoint thread: {e}")))?;
+        Ok(Checkpointer { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock() = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            // At most one checkpoint round in progress.
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).field("settings", &self.settings).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("settings", &self.settings)
+            .field("background_checkpoints", &self.checkpointer.is_some())
+            .finish()
     }
 }
 
@@ -116,6 +169,10 @@ impl SqliteStoreBuilder {
         let path = self.path;
         let open = move || -> Result<SqliteStore> {
             let writer = open_connection(&path, &settings, true)?;
+            let checkpointer = match settings.background_checkpoint {
+                Some(every) if !every.is_zero() => Some(Checkpointer::start(&path, &settings, every)?),
+                _ => None,
+            };
             Ok(SqliteStore {
                 inner: Arc::new(Inner {
                     path,
@@ -123,6 +180,7 @@ impl SqliteStoreBuilder {
                     clock,
                     writer: Mutex::new(writer),
                     readers: Mutex::new(Vec::new()),
+                    checkpointer,
                 }),
             })
         };

@@ -149,3 +149,35 @@ async fn auto_mode_does_not_stall_other_tasks_on_a_multi_thread_runtime() {
     }
     assert_eq!(ticker.await.expect("ticker"), 20);
 }
+
+/// With background checkpoints the database file receives the committed pages without any
+/// commit crossing the inline threshold; without them the pages stay in the WAL. Dropping the
+/// store stops the thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_checkpoints_copy_the_wal_into_the_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut db_sizes = Vec::new();
+    for background in [None, Some(Duration::from_millis(10))] {
+        let path = dir.path().join(format!("hot-{}.db", background.is_some()));
+        let settings = SqliteSettings {
+            background_checkpoint: background,
+            wal_autocheckpoint_pages: 1_000_000,
+            ..Default::default()
+        };
+        let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        let empty = std::fs::metadata(&path).expect("db").len();
+        for i in 0..200 {
+            s.put(&obj(), l.token, "T", &format!("k{i}"), vec![7u8; 1000].into()).await.expect("put");
+        }
+        // Real time: the checkpoint thread runs on its own.
+        #[allow(clippy::disallowed_methods)]
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        db_sizes.push((empty, std::fs::metadata(&path).expect("db").len()));
+        drop(s);
+    }
+    let (empty, without) = db_sizes[0];
+    let (_, with) = db_sizes[1];
+    assert_eq!(without, empty, "no checkpoint ran: the pages are still in the WAL");
+    assert!(with > empty + 200 * 1000, "background checkpoints copied the pages: {db_sizes:?}");
+}
