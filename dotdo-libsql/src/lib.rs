@@ -17,8 +17,10 @@
 //!
 //! Tested: the conformance kit runs on a local file with prepared statements, on a local file with
 //! every program rendered as one batch (the remote path), and in remote mode through libsql's own
-//! HTTP client against a minimal Hrana server in the tests. The replica mode builds and is
-//! documented; it needs a real sqld / Turso primary to run, which the test suite does not have.
+//! HTTP client against a minimal Hrana server in the tests. The replica mode is built by the test
+//! command (`scripts/test` runs `cargo test -p dotdo-libsql --features replica --test
+//! errors_and_modes`: configuration checks and an unreachable primary); running it against data
+//! needs a real sqld / Turso primary, which the test suite does not have.
 //!
 //! ## Semantics (the same as dotdo-sqlite)
 //!
