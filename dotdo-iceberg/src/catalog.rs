@@ -117,7 +117,8 @@ fn open_direct(uri: &str) -> Option<parking_lot::Mutex<rusqlite::Connection>> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     match rusqlite::Connection::open_with_flags(&path, flags) {
         Ok(c) => {
-            let _ = c.busy_timeout(std::time::Duration::from_secs(5));
+            // Never wait on a lock on an async worker thread: a busy read falls back to sqlx.
+            let _ = c.busy_timeout(std::time::Duration::ZERO);
             Some(parking_lot::Mutex::new(c))
         }
         Err(e) => {

@@ -19,7 +19,7 @@ use iceberg::spec::{
 use iceberg::table::Table;
 use iceberg::{MetadataLocation, TableRequirement, TableUpdate};
 
-use dotdo_core::{Error, ErrorKind, Result};
+use dotdo_core::{Clock, Error, ErrorKind, Result};
 
 use crate::error::classify;
 use crate::store::IcebergColdStore;
@@ -84,22 +84,37 @@ impl IcebergColdStore {
                 // Did the UPDATE land before the error?
                 match verifier.metadata_location(ident).await {
                     Ok(Some(now)) if now == new_location => {}
-                    Ok(_) => return Err(e.context(what)),
-                    Err(_) => {
+                    // Still the base: the update did not land.
+                    Ok(Some(now)) if now == current => return Err(e.context(what)),
+                    // Neither ours nor the base (ours may have landed and been built on), or
+                    // unreadable: unknown.
+                    _ => {
                         return Err(Error::new(
                             ErrorKind::AmbiguousOutcome,
-                            format!("{what}: catalog update failed and could not be read back: {e}"),
+                            format!("{what}: catalog update failed and its outcome could not be established: {e}"),
                         ))
                     }
                 }
             }
         }
-        let t = self
-            .inner
-            .catalog
-            .load_table(ident)
-            .await
-            .map_err(|e| classify(e, &format!("{what}: reloading after the commit")))?;
+        // Committed: from here on nothing may report failure (a caller would delete files the
+        // new metadata references). The new table is built from what was just written.
+        let t = match Table::builder()
+            .metadata(new_md)
+            .metadata_location(new_location)
+            .identifier(ident.clone())
+            .file_io(table.file_io().clone())
+            .build()
+        {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what}: committed; rebuilding the table handle failed, reloading");
+                match self.inner.catalog.load_table(ident).await {
+                    Ok(t) => t,
+                    Err(_) => table.clone(),
+                }
+            }
+        };
         if ident == &self.inner.ident {
             self.remember(&t);
         }
@@ -157,14 +172,57 @@ impl IcebergColdStore {
             .load()
             .await
             .map_err(|e| classify(e, &format!("manifest list {}", head.manifest_list())))?;
-        for (n, mf) in list.entries().iter().enumerate() {
+        let result = self.rewrite_listed(table, snapshot_id, removed, list.entries(), &mut out).await;
+        if let Err(e) = result {
+            self.delete_files(out.written.clone()).await;
+            return Err(e);
+        }
+        if out.removed_files != removed.len() as u64 {
+            self.delete_files(out.written.clone()).await;
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "rewriting {}: {} of {} files to replace are no longer in the table",
+                    table.identifier(),
+                    removed.len() as u64 - out.removed_files,
+                    removed.len()
+                ),
+            )
+            .with_retryable(false));
+        }
+        Ok(out)
+    }
+
+    /// The part of [`rewrite_manifests`](Self::rewrite_manifests) that walks the current
+    /// manifests, adding to `out`.
+    async fn rewrite_listed(
+        &self,
+        table: &Table,
+        snapshot_id: i64,
+        removed: &std::collections::HashSet<String>,
+        listed: &[ManifestFile],
+        out: &mut Rewritten,
+    ) -> Result<()> {
+        let md = table.metadata();
+        let schema = md.current_schema().clone();
+        let location = md.location().to_string();
+        let io = table.file_io();
+        for (n, mf) in listed.iter().enumerate() {
+            if mf.content != iceberg::spec::ManifestContentType::Data {
+                // Deletes (from another engine) would not apply to rewritten files.
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("{}: the table has delete files; dotdo does not rewrite such tables", table.identifier()),
+                )
+                .with_retryable(false));
+            }
             let m = mf.load_manifest(io).await.map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
             let touched = m.entries().iter().any(|e| e.is_alive() && removed.contains(e.data_file().file_path()));
             if !touched {
                 out.manifests.push(mf.clone());
                 continue;
             }
-            let path = manifest_path(n + 1);
+            let path = format!("{location}/metadata/{}-m{}.avro", uuid::Uuid::new_v4(), n + 1);
             let spec = md
                 .partition_spec_by_id(mf.partition_spec_id)
                 .ok_or_else(|| Error::corrupt(format!("manifest {}: unknown partition spec", mf.manifest_path)))?
@@ -199,20 +257,7 @@ impl IcebergColdStore {
             out.written.push(path.clone());
             out.manifests.push(w.write_manifest_file().await.map_err(|e| classify(e, &path))?);
         }
-        if out.removed_files != removed.len() as u64 {
-            self.delete_files(out.written.clone()).await;
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                format!(
-                    "rewriting {}: {} of {} files to replace are no longer in the table",
-                    table.identifier(),
-                    removed.len() as u64 - out.removed_files,
-                    removed.len()
-                ),
-            )
-            .with_retryable(false));
-        }
-        Ok(out)
+        Ok(())
     }
 
     /// Commit a snapshot of `operation` with `manifests` on top of `table`'s current snapshot.
@@ -289,7 +334,10 @@ impl IcebergColdStore {
             .with_snapshot_id(snapshot_id)
             .with_parent_snapshot_id(head.map(|h| h.snapshot_id()))
             .with_sequence_number(seq)
-            .with_timestamp_ms(at.as_millis().max(md.last_updated_ms()))
+            // Iceberg's `timestamp-ms` is wall-clock time, as iceberg-rust's own commits write it
+            // (its metadata builder stamps later updates with the wall clock and rejects a log
+            // that goes backwards); dotdo's clock goes into `dotdo.committed-at-us` above.
+            .with_timestamp_ms(dotdo_core::SystemClock::new().now().as_millis().max(md.last_updated_ms()))
             .with_manifest_list(list_path)
             .with_summary(Summary { operation, additional_properties: props })
             .with_schema_id(md.current_schema_id())
@@ -298,6 +346,8 @@ impl IcebergColdStore {
             TableUpdate::AddSnapshot { snapshot },
             TableUpdate::SetSnapshotRef {
                 ref_name: MAIN_BRANCH.to_string(),
+                // iceberg 0.10.1 does not expose the refs of a table's metadata, so a retention
+                // policy set on `main` by another engine is not carried (dotdo never sets one).
                 reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
             },
         ];

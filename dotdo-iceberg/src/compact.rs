@@ -247,8 +247,8 @@ impl IcebergColdStore {
         if options.target_file_size == 0 {
             return Err(Error::invalid("compact: target_file_size must be positive"));
         }
-        let table = self.refresh().await?;
-        let groups = plan_bins(self.live_files(&table).await?, &options);
+        let (table, live) = self.current_files(&self.inner.ident.clone()).await?;
+        let groups = plan_bins(live, &options);
         self.rewrite(table, groups, Mode::Compact, options.target_file_size, options.progress).await
     }
 
@@ -262,7 +262,8 @@ impl IcebergColdStore {
         if options.target_file_size == 0 {
             return Err(Error::invalid("compact: target_file_size must be positive"));
         }
-        let groups = plan_bins(self.live_files(&table).await?, &options);
+        let (table, live) = self.current_files(table.identifier()).await?;
+        let groups = plan_bins(live, &options);
         self.rewrite(table, groups, Mode::User(schema), options.target_file_size, options.progress).await
     }
 
@@ -275,8 +276,7 @@ impl IcebergColdStore {
         if options.target_file_size == 0 {
             return Err(Error::invalid("collapse: target_file_size must be positive"));
         }
-        let table = self.refresh().await?;
-        let live = self.live_files(&table).await?;
+        let (table, live) = self.current_files(&self.inner.ident.clone()).await?;
         let mut by_partition: BTreeMap<Option<i32>, Vec<LiveFile>> = BTreeMap::new();
         for f in live {
             if selected(&options.partitions, f.partition) {
@@ -293,6 +293,26 @@ impl IcebergColdStore {
             return self.refresh().await;
         }
         self.inner.catalog.load_table(ident).await.map_err(|e| classify(e, &format!("loading table {ident}")))
+    }
+
+    /// Table `ident` as the catalog has it now and its live data files, retrying transient
+    /// store errors (planning reads every manifest).
+    async fn current_files(&self, ident: &iceberg::TableIdent) -> Result<(Table, Vec<LiveFile>)> {
+        let attempts = self.inner.settings.max_commit_attempts.max(1);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let r = match self.reload(ident).await {
+                Ok(t) => self.live_files(&t).await.map(|live| (t, live)),
+                Err(e) => Err(e),
+            };
+            match r {
+                Err(e) if e.is_retryable() && tries < attempts => {
+                    self.inner.clock.sleep(self.inner.settings.retry_base_delay * tries).await;
+                }
+                r => return r.map_err(|e| e.context(format!("planning the maintenance of {ident}"))),
+            }
+        }
     }
 
     /// The live data files of `table`'s current snapshot.
@@ -369,9 +389,22 @@ impl IcebergColdStore {
         let mut added: Vec<DataFile> = Vec::new();
         let n = groups.len();
         for (i, group) in groups.into_iter().enumerate() {
-            let result = match &mode {
-                Mode::User(schema) => self.rewrite_user_group(&base, &group, schema, target).await,
-                _ => self.rewrite_group(&base, &group, &mode, target).await,
+            // Transient store errors while reading or writing one group are retried (the writer
+            // deletes its partial files on failure).
+            let mut tries = 0u32;
+            let result = loop {
+                tries += 1;
+                let r = match &mode {
+                    Mode::User(schema) => self.rewrite_user_group(&base, &group, schema, target).await,
+                    _ => self.rewrite_group(&base, &group, &mode, target).await,
+                };
+                match r {
+                    Err(e) if e.is_retryable() && tries < self.inner.settings.max_commit_attempts.max(1) => {
+                        tracing::debug!(error = %e, tries, "{what}: rewriting a group failed; retrying");
+                        self.inner.clock.sleep(self.inner.settings.retry_base_delay * tries).await;
+                    }
+                    r => break r,
+                }
             };
             let (files, read) = match result {
                 Ok(r) => r,
@@ -412,6 +445,17 @@ impl IcebergColdStore {
         let mut table = base;
         let attempts = self.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
+        // Once an attempt's outcome was unknown, the data files may be referenced by a committed
+        // snapshot: they are deleted only after the table shows that no attempt landed.
+        let mut maybe_landed = false;
+        let landed = |s: &iceberg::spec::SnapshotRef, mut report: RewriteReport| {
+            report.snapshot = Some(s.snapshot_id());
+            report.files_added = added.len() as u64;
+            report.bytes_written = added.iter().map(|f| f.file_size_in_bytes()).sum();
+            report.elapsed = elapsed(started, self.inner.clock.now());
+            emit(Progress::Committed { snapshot: s.snapshot_id() });
+            report
+        };
         for attempt in 1..=attempts {
             report.attempts = attempt;
             let sid = commit::new_snapshot_id(&table);
@@ -426,26 +470,19 @@ impl IcebergColdStore {
             };
             match outcome {
                 Ok(t) => {
-                    let snapshot = t.metadata().current_snapshot_id().unwrap_or(sid);
-                    report.snapshot = Some(snapshot);
-                    report.files_added = added.len() as u64;
-                    report.bytes_written = added.iter().map(|f| f.file_size_in_bytes()).sum();
-                    report.elapsed = elapsed(started, self.inner.clock.now());
-                    emit(Progress::Committed { snapshot });
-                    return Ok(report);
+                    if let Some(s) = t.metadata().current_snapshot() {
+                        return Ok(landed(s, report));
+                    }
+                    return Err(Error::backend(format!("{what}: committed table has no current snapshot")));
                 }
                 Err(e) if e.kind() == &ErrorKind::AmbiguousOutcome || e.is_retryable() => {
+                    maybe_landed |= e.kind() == &ErrorKind::AmbiguousOutcome;
                     emit(Progress::Retrying { attempt });
                     self.inner.clock.sleep(self.inner.settings.retry_base_delay * attempt.min(20)).await;
                     match self.reload(&ident).await {
                         Ok(t) => {
                             if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
-                                report.snapshot = Some(s.snapshot_id());
-                                report.files_added = added.len() as u64;
-                                report.bytes_written = added.iter().map(|f| f.file_size_in_bytes()).sum();
-                                report.elapsed = elapsed(started, self.inner.clock.now());
-                                emit(Progress::Committed { snapshot: s.snapshot_id() });
-                                return Ok(report);
+                                return Ok(landed(&s, report));
                             }
                             table = t;
                         }
@@ -464,9 +501,30 @@ impl IcebergColdStore {
             }
         }
         let err = last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left")));
-        if err.kind() != &ErrorKind::AmbiguousOutcome {
-            self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
+        if maybe_landed {
+            // A committed snapshot stays in the ancestry of the head: not found there means no
+            // attempt landed. Unreadable means unknown, and nothing is deleted.
+            let mut resolved = None;
+            for i in 0..4u32 {
+                match self.reload(&ident).await {
+                    Ok(t) => {
+                        resolved = Some(t);
+                        break;
+                    }
+                    Err(_) => self.inner.clock.sleep(self.inner.settings.retry_base_delay * (i + 1)).await,
+                }
+            }
+            let Some(t) = resolved else {
+                return Err(Error::new(
+                    ErrorKind::AmbiguousOutcome,
+                    format!("{what}: an attempt's outcome is unknown and the table cannot be read: {err}"),
+                ));
+            };
+            if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
+                return Ok(landed(&s, report));
+            }
         }
+        self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
         Err(err)
     }
 

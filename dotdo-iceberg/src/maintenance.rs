@@ -106,6 +106,8 @@ impl IcebergColdStore {
     pub async fn remove_unreferenced_files(&self, retention: Duration) -> Result<CleanupReport> {
         let table = self.refresh().await?;
         let md = table.metadata();
+        let cutoff =
+            self.inner.clock.now().as_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
         let root = &self.inner.root;
         let mut referenced: HashSet<String> = HashSet::new();
         let mut add = |loc: &str| -> Result<()> {
@@ -136,10 +138,18 @@ impl IcebergColdStore {
                         .load_manifest(table.file_io())
                         .await
                         .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
-                    // A `Deleted` entry records a file this snapshot removed (compaction); a
-                    // retained older snapshot that still needs it lists it as live itself.
-                    for e in m.entries().iter().filter(|e| e.is_alive()) {
-                        add(e.data_file().file_path())?;
+                    // A `Deleted` entry records a file a snapshot removed (compaction); a
+                    // retained older snapshot that needs it lists it as live itself. A file
+                    // removed less than `retention` ago is kept anyway: a reader (or a store
+                    // with `refresh_reads` off) may still be scanning the snapshot before.
+                    for e in m.entries() {
+                        let recently_removed = !e.is_alive()
+                            && e.snapshot_id()
+                                .and_then(|id| md.snapshot_by_id(id))
+                                .is_some_and(|s| summary::committed_at(s).as_micros() >= cutoff);
+                        if e.is_alive() || recently_removed {
+                            add(e.data_file().file_path())?;
+                        }
                     }
                 }
             }
@@ -150,8 +160,6 @@ impl IcebergColdStore {
         for pf in md.partition_statistics_iter() {
             add(&pf.statistics_path)?;
         }
-        let cutoff =
-            self.inner.clock.now().as_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
         let prefix = root.key(md.location())?;
         let listed: Vec<object_store::ObjectMeta> =
             root.store.list(Some(&prefix)).try_collect().await.map_err(classify_object_store)?;

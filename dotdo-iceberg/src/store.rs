@@ -753,17 +753,25 @@ impl IcebergColdStore {
                 }
             }
             first_head.get_or_insert(head.as_ref().map(|s| s.snapshot_id()));
-            let (prev, prev_inline, prev_checkpoint) = self.watermarks_of(head.as_ref()).await?;
-            let p = match plan(batch, &prev) {
-                Ok(p) => p,
-                // The known table may be stale (another store committed since): a batch that
-                // looks like it skips records is judged against the catalog's current table.
-                Err(_) if !reloaded => {
-                    table = self.reload_for_resolution().await?;
-                    reloaded = true;
-                    continue;
+            let mut head = head;
+            let (prev_inline, prev_checkpoint, p) = loop {
+                let (prev, prev_inline, prev_checkpoint) = self.watermarks_of(head.as_ref()).await?;
+                match plan(batch, &prev) {
+                    Ok(p) => break (prev_inline, prev_checkpoint, p),
+                    // The known table may be stale (another store committed since): a batch that
+                    // looks like it skips records is judged once more against the catalog's
+                    // current table (not counted as an attempt); if it still does, or the
+                    // table cannot be read, the plan's error stands.
+                    Err(plan_err) if !reloaded => {
+                        reloaded = true;
+                        table = match self.reload_for_resolution().await {
+                            Ok(t) => t,
+                            Err(_) => return Err(plan_err),
+                        };
+                        head = table.metadata().current_snapshot().cloned();
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             };
             if p.fresh == 0 {
                 return Ok(ColdCommit {
@@ -953,7 +961,13 @@ impl ColdSink for IcebergColdStore {
         let snap = Self::resolve(&table, as_of)?;
         let (mut records, _) = self.records_of(&table, snap.as_ref(), object, &crate::read::Filter::default()).await?;
         records.sort_by_key(|r| r.seq);
-        let (entries, through) = dotdo_core::cold::fold_changes(&records);
+        let (entries, mut through) = dotdo_core::cold::fold_changes(&records);
+        if let Some(s) = &snap {
+            // The snapshot's watermark, not only the highest seq still stored: a collapse may have
+            // dropped an object's newest records (a delete and what it deleted), and a restore
+            // must continue after the watermark, never reuse its sequence numbers.
+            through = through.max(self.watermark_in(s, object).await?.through);
+        }
         Ok(ColdState { entries, through, snapshot: snap.map(|s| s.snapshot_id()) })
     }
 

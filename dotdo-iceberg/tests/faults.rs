@@ -434,3 +434,98 @@ async fn invalid_records_are_rejected_and_nothing_is_committed() {
     let files = std::fs::read_dir(&data).map(|d| d.count()).unwrap_or(0);
     assert_eq!(files, 0, "rejected batches leave no data files in {}", data.display());
 }
+
+/// Compaction under injected store faults (failed and delayed puts/gets, lost replies): rounds
+/// of a few appends then a compaction, both through the faulty store; every compaction either
+/// commits or fails with a typed error, and at the end every acknowledged record is there
+/// exactly once, every snapshot's files exist, and the latest snapshot reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
+    let target: u64 = std::env::var("DOTDO_FAULTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200) / 2;
+    let seed: u64 = std::env::var("DOTDO_FAULT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x0c0_4ac7);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let faulty = Arc::new(FaultyStore::new(local, seed, 0.05));
+    faulty.set_enabled(false);
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(faulty.clone())
+        .table(["faults"], "compacted")
+        .settings(dotdo_iceberg::Settings { buckets: 2, max_commit_attempts: 3, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    faulty.set_enabled(true);
+    let objects: Vec<ObjectId> = (0..3).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+    let mut next_seq: BTreeMap<ObjectId, u64> = objects.iter().map(|o| (o.clone(), 1)).collect();
+    let (mut compacted, mut failed, mut round) = (0u64, BTreeMap::<&'static str, u64>::new(), 0u64);
+    while faulty.injected.load(Ordering::SeqCst) < target {
+        round += 1;
+        assert!(round < 2_000, "too many rounds without reaching {target} faults");
+        for i in 0..3u64 {
+            let o = &objects[((round + i) % 3) as usize];
+            let s = next_seq[o];
+            let batch =
+                ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(o, s, &format!("k{}", s % 4), "v", 1)]);
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                assert!(tries < 200, "batch never acknowledged");
+                if cold.append(batch.clone()).await.is_ok() {
+                    next_seq.insert(o.clone(), s + 1);
+                    break;
+                }
+            }
+        }
+        match cold.compact(dotdo_iceberg::CompactOptions::default()).await {
+            Ok(r) => compacted += u64::from(r.snapshot.is_some()),
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome | ErrorKind::Conflict | ErrorKind::Corrupt
+                    ),
+                    "unexpected compaction error under store faults: {e}"
+                );
+                if std::env::var_os("DOTDO_FAULT_VERBOSE").is_some() {
+                    println!("compaction failed: {e}");
+                }
+                *failed.entry(e.kind().name()).or_default() += 1;
+            }
+        }
+    }
+    faulty.set_enabled(false);
+    println!(
+        "compaction fault test: {round} rounds, {compacted} compactions committed, failures {failed:?}, {} faults ({} lost replies)",
+        faulty.injected.load(Ordering::SeqCst),
+        faulty.lost_replies.load(Ordering::SeqCst)
+    );
+    assert!(compacted > 0, "some compactions commit despite faults");
+    // A clean final compaction, then everything reads back exactly once.
+    cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect("clean compaction");
+    for o in &objects {
+        let want = next_seq[o] - 1;
+        assert_eq!(cold.watermark(o).await.expect("watermark").through, want);
+        let seqs: Vec<u64> = cold.read_changes(o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=want).collect::<Vec<_>>(), "{o}: rows lost or doubled");
+        assert_eq!(cold.load_state(o, AsOf::Latest).await.expect("state").through, want);
+    }
+    let table = cold.refresh().await.expect("refresh");
+    let root = dotdo_iceberg::StoreRoot::from_store(faulty.clone(), cold.warehouse()).expect("root");
+    let mut seen = std::collections::HashSet::new();
+    for s in table.metadata().snapshots() {
+        let list = table.manifest_list_reader(s).load().await.expect("manifest list exists");
+        for mf in list.entries() {
+            if !seen.insert(mf.manifest_path.clone()) {
+                continue;
+            }
+            let m = mf.load_manifest(table.file_io()).await.expect("manifest exists");
+            for e in m.entries().iter().filter(|e| e.is_alive()) {
+                let key = root.key(e.data_file().file_path()).expect("key");
+                faulty
+                    .head(&key)
+                    .await
+                    .unwrap_or_else(|err| panic!("snapshot {} references a missing file: {err}", s.snapshot_id()));
+            }
+        }
+    }
+}
