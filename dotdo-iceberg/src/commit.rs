@@ -203,33 +203,55 @@ impl IcebergColdStore {
         listed: &[ManifestFile],
         out: &mut Rewritten,
     ) -> Result<()> {
+        use futures::{StreamExt, TryStreamExt};
         let md = table.metadata();
         let schema = md.current_schema().clone();
         let location = md.location().to_string();
         let io = table.file_io();
-        for (n, mf) in listed.iter().enumerate() {
-            if mf.content != iceberg::spec::ManifestContentType::Data {
-                // Deletes (from another engine) would not apply to rewritten files.
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!("{}: the table has delete files; dotdo does not rewrite such tables", table.identifier()),
-                )
-                .with_retryable(false));
-            }
-            let m = mf.load_manifest(io).await.map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
+        if listed.iter().any(|mf| mf.content != iceberg::spec::ManifestContentType::Data) {
+            // Deletes (from another engine) would not apply to rewritten files.
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("{}: the table has delete files; dotdo does not rewrite such tables", table.identifier()),
+            )
+            .with_retryable(false));
+        }
+        let loaded: Vec<(&ManifestFile, iceberg::spec::Manifest)> = futures::stream::iter(listed)
+            .map(|mf| async move {
+                let m =
+                    mf.load_manifest(io).await.map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
+                Ok::<_, Error>((mf, m))
+            })
+            .buffered(8)
+            .try_collect()
+            .await?;
+        // The manifests that list a replaced file are merged into one new manifest per partition
+        // spec (replaced files DELETED, the others EXISTING, earlier DELETED entries dropped):
+        // a streaming table has one manifest per commit, so this also shrinks the manifest list.
+        let mut merged: std::collections::BTreeMap<i32, (String, iceberg::spec::ManifestWriter)> =
+            std::collections::BTreeMap::new();
+        for (mf, m) in loaded {
             let touched = m.entries().iter().any(|e| e.is_alive() && removed.contains(e.data_file().file_path()));
             if !touched {
                 out.manifests.push(mf.clone());
                 continue;
             }
-            let path = format!("{location}/metadata/{}-m{}.avro", uuid::Uuid::new_v4(), n + 1);
-            let spec = md
-                .partition_spec_by_id(mf.partition_spec_id)
-                .ok_or_else(|| Error::corrupt(format!("manifest {}: unknown partition spec", mf.manifest_path)))?
-                .as_ref()
-                .clone();
-            let output = io.new_output(&path).map_err(|e| classify(e, &path))?;
-            let mut w = ManifestWriterBuilder::new(output, Some(snapshot_id), schema.clone(), spec).build_v2_data();
+            let (path, w) = match merged.entry(mf.partition_spec_id) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    let path = format!("{location}/metadata/{}-m{}.avro", uuid::Uuid::new_v4(), mf.partition_spec_id);
+                    let spec = md
+                        .partition_spec_by_id(mf.partition_spec_id)
+                        .ok_or_else(|| {
+                            Error::corrupt(format!("manifest {}: unknown partition spec", mf.manifest_path))
+                        })?
+                        .as_ref()
+                        .clone();
+                    let output = io.new_output(&path).map_err(|e| classify(e, &path))?;
+                    let w = ManifestWriterBuilder::new(output, Some(snapshot_id), schema.clone(), spec).build_v2_data();
+                    v.insert((path, w))
+                }
+            };
             for e in m.entries() {
                 if e.status() == ManifestStatus::Deleted {
                     continue;
@@ -252,8 +274,10 @@ impl IcebergColdStore {
                 } else {
                     w.add_existing_file(df, added_in, data_seq, Some(file_seq))
                 }
-                .map_err(|e| classify(e, &path))?;
+                .map_err(|e| classify(e, path))?;
             }
+        }
+        for (_, (path, w)) in merged {
             out.written.push(path.clone());
             out.manifests.push(w.write_manifest_file().await.map_err(|e| classify(e, &path))?);
         }

@@ -537,19 +537,27 @@ impl IcebergColdStore {
         mode: &Mode,
         target: usize,
     ) -> Result<(Vec<DataFile>, u64)> {
-        let mut records: Vec<ChangeRecord> = Vec::new();
-        for f in group {
-            let key = self.inner.root.key(&f.path)?;
-            let bytes = match self.inner.root.store.get(&key).await {
-                Ok(r) => r.bytes().await,
-                Err(e) => Err(e),
-            }
-            .map_err(|e| classify_object_store(e).context(format!("reading data file {}", f.path)))?;
-            let path = f.path.clone();
-            let mut part = tokio::task::spawn_blocking(move || decode(bytes, &path))
-                .await
-                .map_err(|e| Error::backend(format!("decoding {}: {e}", f.path)))??;
-            records.append(&mut part);
+        use futures::{StreamExt, TryStreamExt};
+        // Fetch and decode a few files at a time (small files are latency-bound).
+        let parts: Vec<Vec<ChangeRecord>> = futures::stream::iter(group)
+            .map(|f| async move {
+                let key = self.inner.root.key(&f.path)?;
+                let bytes = match self.inner.root.store.get(&key).await {
+                    Ok(r) => r.bytes().await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| classify_object_store(e).context(format!("reading data file {}", f.path)))?;
+                let path = f.path.clone();
+                tokio::task::spawn_blocking(move || decode(bytes, &path))
+                    .await
+                    .map_err(|e| Error::backend(format!("decoding {}: {e}", f.path)))?
+            })
+            .buffered(4)
+            .try_collect()
+            .await?;
+        let mut records: Vec<ChangeRecord> = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+        for mut p in parts {
+            records.append(&mut p);
         }
         let read = records.len() as u64;
         records.sort_by(|a, b| (&a.object, &a.key, a.seq).cmp(&(&b.object, &b.key, b.seq)));
