@@ -36,6 +36,17 @@ pub(crate) struct Rewritten {
 }
 
 impl IcebergColdStore {
+    /// The SQL catalog's pointer access, which the commits of this module need
+    /// (`InvalidInput` naming `what` with any other catalog).
+    pub(crate) fn sql_catalog(&self, what: &str) -> Result<&crate::catalog::SqlVerifier> {
+        self.inner.verifier.as_ref().ok_or_else(|| {
+            Error::invalid(format!(
+                "{what}: needs the SQL catalog (CatalogConfig::Sql or the default on a file:// warehouse); \
+                 iceberg-rust 0.10.1 cannot send this commit through other catalogs"
+            ))
+        })
+    }
+
     /// Apply `updates` to `table` (whose `requirements` must hold) and make the result the
     /// table's current metadata, if and only if the catalog still points at `table`'s metadata.
     ///
@@ -48,12 +59,7 @@ impl IcebergColdStore {
         requirements: Vec<TableRequirement>,
         what: &str,
     ) -> Result<Table> {
-        let Some(verifier) = self.inner.verifier.as_ref() else {
-            return Err(Error::invalid(format!(
-                "{what}: needs the SQL catalog (CatalogConfig::Sql or the default on a file:// warehouse); \
-                 iceberg-rust 0.10.1 cannot send this commit through other catalogs"
-            )));
-        };
+        let verifier = self.sql_catalog(what)?;
         let md = table.metadata();
         for r in &requirements {
             r.check(Some(md)).map_err(|e| classify(e, what))?;

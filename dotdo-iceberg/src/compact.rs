@@ -67,11 +67,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use iceberg::spec::{DataFile, Literal, Operation, PrimitiveLiteral};
+use iceberg::spec::{DataFile, Operation};
 use iceberg::table::Table;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
 use dotdo_core::{ChangeRecord, ColdBatch, Error, ErrorKind, ObjectChanges, Op, Result, SnapshotId, Timestamp};
 
@@ -315,7 +313,8 @@ impl IcebergColdStore {
         }
     }
 
-    /// The live data files of `table`'s current snapshot.
+    /// The live data files of `table`'s current snapshot (through the accelerator's cached
+    /// manifest reads).
     async fn live_files(&self, table: &Table) -> Result<Vec<LiveFile>> {
         let Some(head) = table.metadata().current_snapshot() else { return Ok(Vec::new()) };
         let list = table
@@ -323,27 +322,14 @@ impl IcebergColdStore {
             .load()
             .await
             .map_err(|e| classify(e, &format!("manifest list {}", head.manifest_list())))?;
-        let mut out = Vec::new();
-        for mf in list.entries() {
-            if mf.content != iceberg::spec::ManifestContentType::Data {
-                return Err(Error::invalid(format!(
-                    "{}: tables with delete files are not supported by dotdo's maintenance",
-                    table.identifier()
-                )));
-            }
-            let m = mf
-                .load_manifest(table.file_io())
-                .await
-                .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
-            for e in m.entries().iter().filter(|e| e.is_alive()) {
-                let partition = match e.data_file().partition().fields().first() {
-                    Some(Some(Literal::Primitive(PrimitiveLiteral::Int(b)))) => Some(*b),
-                    _ => None,
-                };
-                out.push(LiveFile { path: e.file_path().to_string(), size: e.file_size_in_bytes(), partition });
-            }
+        if list.entries().iter().any(|mf| mf.content != iceberg::spec::ManifestContentType::Data) {
+            return Err(Error::invalid(format!(
+                "{}: tables with delete files are not supported by dotdo's maintenance",
+                table.identifier()
+            )));
         }
-        Ok(out)
+        let files = self.files_of(table, head).await?;
+        Ok(files.iter().map(|f| LiveFile { path: f.path.clone(), size: f.size, partition: f.bucket }).collect())
     }
 
     async fn rewrite(
@@ -368,13 +354,8 @@ impl IcebergColdStore {
             }
         };
         let mut report = RewriteReport::default();
-        if self.inner.verifier.is_none() {
-            // Fail before rewriting anything (commit_updates would refuse the commit).
-            return Err(Error::invalid(format!(
-                "{what}: needs the SQL catalog (CatalogConfig::Sql or the default on a file:// warehouse); \
-                 iceberg-rust 0.10.1 cannot send a replace snapshot through other catalogs"
-            )));
-        }
+        // Fail before rewriting anything.
+        self.sql_catalog(&what)?;
         if groups.is_empty() {
             report.elapsed = elapsed(started, self.inner.clock.now());
             return Ok(report);
@@ -592,11 +573,6 @@ impl IcebergColdStore {
         target: usize,
     ) -> Result<(Vec<DataFile>, u64)> {
         use futures::TryStreamExt;
-        use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
-        use iceberg::writer::file_writer::location_generator::{DefaultFileNameGenerator, DefaultLocationGenerator};
-        use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
-        use iceberg::writer::file_writer::ParquetWriterBuilder;
-        use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 
         let what = format!("compacting {}", table.identifier());
         let wanted: HashSet<&str> = group.iter().map(|f| f.path.as_str()).collect();
@@ -620,29 +596,14 @@ impl IcebergColdStore {
             .stream();
         let batches: Vec<arrow_array::RecordBatch> = stream.try_collect().await.map_err(|e| classify(e, &what))?;
         let read: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
-        let md = table.metadata();
-        let level = ZstdLevel::try_new(self.inner.settings.zstd_level)
-            .map_err(|e| Error::invalid(format!("zstd level: {e}")))?;
-        let props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).build();
-        let location = DefaultLocationGenerator::new(md).map_err(|e| classify(e, &what))?;
-        let builder = DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
-            ParquetWriterBuilder::new(props, md.current_schema().clone()),
-            target,
-            table.file_io().clone(),
-            location,
-            DefaultFileNameGenerator::new(
-                uuid::Uuid::new_v4().to_string(),
-                None,
-                iceberg::spec::DataFileFormat::Parquet,
-            ),
-        ));
-        let mut w = builder.build(None).await.map_err(|e| classify(e, &what))?;
-        for b in batches {
-            let b = arrow_array::RecordBatch::try_new(schema.clone(), b.columns().to_vec())
-                .map_err(|e| Error::backend(format!("{what}: a batch does not match the table schema: {e}")))?;
-            w.write(b).await.map_err(|e| classify(e, &what))?;
-        }
-        let files = w.close().await.map_err(|e| classify(e, &what))?;
+        let batches = batches
+            .into_iter()
+            .map(|b| {
+                arrow_array::RecordBatch::try_new(schema.clone(), b.columns().to_vec())
+                    .map_err(|e| Error::backend(format!("{what}: a batch does not match the table schema: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let files = crate::user_table::write_user_files(self, table, &batches, target, &what).await?;
         Ok((files, read))
     }
 }

@@ -91,9 +91,9 @@ impl Filter {
 /// What a manifest says about one data file.
 #[derive(Debug)]
 pub(crate) struct FileInfo {
-    path: String,
-    size: u64,
-    bucket: Option<i32>,
+    pub(crate) path: String,
+    pub(crate) size: u64,
+    pub(crate) bucket: Option<i32>,
     do_id: Option<(String, String)>,
     key: Option<(String, String)>,
     seq_max: Option<i64>,

@@ -122,6 +122,34 @@ fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::s
     }
 }
 
+/// Write `batches` (already labelled with the table's Iceberg schema) as ZSTD Parquet data files
+/// of about `target` bytes into the unpartitioned user table `table`.
+pub(crate) async fn write_user_files(
+    store: &IcebergColdStore,
+    table: &Table,
+    batches: &[RecordBatch],
+    target: usize,
+    what: &str,
+) -> Result<Vec<iceberg::spec::DataFile>> {
+    let md = table.metadata();
+    let level =
+        ZstdLevel::try_new(store.inner.settings.zstd_level).map_err(|e| Error::invalid(format!("zstd level: {e}")))?;
+    let props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).build();
+    let location = DefaultLocationGenerator::new(md).map_err(|e| classify(e, what))?;
+    let builder = DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
+        ParquetWriterBuilder::new(props, md.current_schema().clone()),
+        target,
+        table.file_io().clone(),
+        location,
+        DefaultFileNameGenerator::new(uuid::Uuid::new_v4().to_string(), None, DataFileFormat::Parquet),
+    ));
+    let mut w = builder.build(None).await.map_err(|e| classify(e, what))?;
+    for b in batches {
+        w.write(b.clone()).await.map_err(|e| classify(e, what))?;
+    }
+    w.close().await.map_err(|e| classify(e, what))
+}
+
 /// Stream marks recorded in a snapshot summary.
 fn marks(table: &Table) -> HashMap<String, u64> {
     table
@@ -211,7 +239,14 @@ impl ArrowTable {
             let data = match &files {
                 Some(f) => Clone::clone(f),
                 None => {
-                    let f = self.write_files(&table, &rebatched, &what).await?;
+                    let f = write_user_files(
+                        &self.store,
+                        &table,
+                        &rebatched,
+                        self.store.inner.settings.target_file_size,
+                        &what,
+                    )
+                    .await?;
                     files = Some(f.clone());
                     f
                 }
@@ -245,31 +280,6 @@ impl ArrowTable {
             }
         }
         Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))
-    }
-
-    async fn write_files(
-        &self,
-        table: &Table,
-        batches: &[RecordBatch],
-        what: &str,
-    ) -> Result<Vec<iceberg::spec::DataFile>> {
-        let md = table.metadata();
-        let level = ZstdLevel::try_new(self.store.inner.settings.zstd_level)
-            .map_err(|e| Error::invalid(format!("zstd level: {e}")))?;
-        let props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).build();
-        let location = DefaultLocationGenerator::new(md).map_err(|e| classify(e, what))?;
-        let builder = DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
-            ParquetWriterBuilder::new(props, md.current_schema().clone()),
-            self.store.inner.settings.target_file_size,
-            table.file_io().clone(),
-            location,
-            DefaultFileNameGenerator::new(uuid::Uuid::new_v4().to_string(), None, DataFileFormat::Parquet),
-        ));
-        let mut w = builder.build(None).await.map_err(|e| classify(e, what))?;
-        for b in batches {
-            w.write(b.clone()).await.map_err(|e| classify(e, what))?;
-        }
-        w.close().await.map_err(|e| classify(e, what))
     }
 
     /// Add an optional (nullable) top-level column `name` of `data_type` through iceberg's

@@ -113,27 +113,9 @@ async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() 
     // No snapshot points at a missing file: every manifest list, manifest and data file exists,
     // and every snapshot reads back.
     let table = cold.refresh().await.expect("refresh");
-    let root = dotdo_iceberg::StoreRoot::from_store(faulty.clone(), cold.warehouse()).expect("root");
-    let mut checked = 0;
-    // Fast append carries manifests forward: check each distinct manifest once.
-    let mut seen_manifests = std::collections::HashSet::new();
+    let checked = assert_no_missing_files(&cold, &faulty, false).await;
     let n_snaps = table.metadata().snapshots().len();
     for (i, s) in table.metadata().snapshots().enumerate() {
-        let list = table.manifest_list_reader(s).load().await.expect("manifest list exists");
-        for mf in list.entries() {
-            if !seen_manifests.insert(mf.manifest_path.clone()) {
-                continue;
-            }
-            let m = mf.load_manifest(table.file_io()).await.expect("manifest exists");
-            for e in m.entries() {
-                let key = root.key(e.data_file().file_path()).expect("key");
-                faulty
-                    .head(&key)
-                    .await
-                    .unwrap_or_else(|err| panic!("snapshot {} references a missing file: {err}", s.snapshot_id()));
-                checked += 1;
-            }
-        }
         if i.is_multiple_of(20) || i + 1 == n_snaps {
             for o in &objects {
                 cold.load_state(o, AsOf::Snapshot(s.snapshot_id())).await.expect("snapshots read back");
@@ -509,8 +491,17 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
         assert_eq!(seqs, (1..=want).collect::<Vec<_>>(), "{o}: rows lost or doubled");
         assert_eq!(cold.load_state(o, AsOf::Latest).await.expect("state").through, want);
     }
+    assert!(assert_no_missing_files(&cold, &faulty, true).await > 0);
+}
+
+/// Every manifest list, manifest and data file a snapshot of `cold` references exists (with
+/// `live_only`, data files of DELETED entries, which compaction records, are not required).
+/// Returns the number of data-file entries checked.
+async fn assert_no_missing_files(cold: &IcebergColdStore, faulty: &Arc<FaultyStore>, live_only: bool) -> usize {
     let table = cold.refresh().await.expect("refresh");
     let root = dotdo_iceberg::StoreRoot::from_store(faulty.clone(), cold.warehouse()).expect("root");
+    let mut checked = 0;
+    // Appends carry manifests forward: check each distinct manifest once.
     let mut seen = std::collections::HashSet::new();
     for s in table.metadata().snapshots() {
         let list = table.manifest_list_reader(s).load().await.expect("manifest list exists");
@@ -519,13 +510,15 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
                 continue;
             }
             let m = mf.load_manifest(table.file_io()).await.expect("manifest exists");
-            for e in m.entries().iter().filter(|e| e.is_alive()) {
+            for e in m.entries().iter().filter(|e| !live_only || e.is_alive()) {
                 let key = root.key(e.data_file().file_path()).expect("key");
                 faulty
                     .head(&key)
                     .await
                     .unwrap_or_else(|err| panic!("snapshot {} references a missing file: {err}", s.snapshot_id()));
+                checked += 1;
             }
         }
     }
+    checked
 }
