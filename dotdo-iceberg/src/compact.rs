@@ -73,6 +73,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use dotdo_core::{ChangeRecord, ColdBatch, Error, ErrorKind, ObjectChanges, Op, Result, SnapshotId, Timestamp};
 
+use dotdo_core::retry::{retry_idempotent, RetryPolicy};
+
 use crate::error::{classify, classify_object_store};
 use crate::store::IcebergColdStore;
 use crate::{commit, schema, summary};
@@ -296,21 +298,19 @@ impl IcebergColdStore {
     /// Table `ident` as the catalog has it now and its live data files, retrying transient
     /// store errors (planning reads every manifest).
     async fn current_files(&self, ident: &iceberg::TableIdent) -> Result<(Table, Vec<LiveFile>)> {
-        let attempts = self.inner.settings.max_commit_attempts.max(1);
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let r = match self.reload(ident).await {
-                Ok(t) => self.live_files(&t).await.map(|live| (t, live)),
-                Err(e) => Err(e),
-            };
-            match r {
-                Err(e) if e.is_retryable() && tries < attempts => {
-                    self.inner.clock.sleep(self.inner.settings.retry_base_delay * tries).await;
-                }
-                r => return r.map_err(|e| e.context(format!("planning the maintenance of {ident}"))),
-            }
-        }
+        retry_idempotent(&*self.inner.clock, self.transient_retries(), || async {
+            let t = self.reload(ident).await?;
+            let live = self.live_files(&t).await?;
+            Ok((t, live))
+        })
+        .await
+        .map_err(|e| e.context(format!("planning the maintenance of {ident}")))
+    }
+
+    /// How planning and group rewrites retry transient store errors.
+    fn transient_retries(&self) -> RetryPolicy {
+        let s = &self.inner.settings;
+        RetryPolicy { retries: s.max_commit_attempts.max(1) - 1, base: s.retry_base_delay }
     }
 
     /// The live data files of `table`'s current snapshot (through the accelerator's cached
@@ -372,21 +372,14 @@ impl IcebergColdStore {
         for (i, group) in groups.into_iter().enumerate() {
             // Transient store errors while reading or writing one group are retried (the writer
             // deletes its partial files on failure).
-            let mut tries = 0u32;
-            let result = loop {
-                tries += 1;
-                let r = match &mode {
-                    Mode::User(schema) => self.rewrite_user_group(&base, &group, schema, target).await,
-                    _ => self.rewrite_group(&base, &group, &mode, target).await,
-                };
-                match r {
-                    Err(e) if e.is_retryable() && tries < self.inner.settings.max_commit_attempts.max(1) => {
-                        tracing::debug!(error = %e, tries, "{what}: rewriting a group failed; retrying");
-                        self.inner.clock.sleep(self.inner.settings.retry_base_delay * tries).await;
-                    }
-                    r => break r,
+            let (b, g, m) = (&base, &group, &mode);
+            let result = retry_idempotent(&*self.inner.clock, self.transient_retries(), || async move {
+                match m {
+                    Mode::User(schema) => self.rewrite_user_group(b, g, schema, target).await,
+                    _ => self.rewrite_group(b, g, m, target).await,
                 }
-            };
+            })
+            .await;
             let (files, read) = match result {
                 Ok(r) => r,
                 Err(e) => {
