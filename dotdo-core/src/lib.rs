@@ -64,6 +64,7 @@ pub mod record;
 pub mod retry;
 pub mod ring;
 pub mod runtime;
+pub mod sql_schema;
 pub mod time;
 
 #[cfg(feature = "testkit")]

@@ -1,44 +1,8 @@
-//! The database schema, identical to dotdo-sqlite's (a file written by one backend is read by the
-//! other). The lease table follows the predecessor's `do_locks`; state, change log and per-object
-//! counters live beside it in the same database so that the token check and the write are one
-//! transaction.
+//! The database schema: [`dotdo_core::sql_schema`], shared with dotdo-sqlite (a file written by
+//! one backend is read by the other).
 
 /// Schema version stored in `PRAGMA user_version`.
-pub(crate) const VERSION: i64 = 1;
+pub(crate) const VERSION: i64 = dotdo_core::sql_schema::SQL_HOT_SCHEMA_VERSION;
 
-pub(crate) const CREATE: &str = r#"
-CREATE TABLE IF NOT EXISTS do_locks (
-    do_id         TEXT PRIMARY KEY,
-    node_id       TEXT NOT NULL,
-    acquired_at   INTEGER NOT NULL,   -- microseconds since the Unix epoch
-    expires_at    INTEGER NOT NULL,   -- microseconds since the Unix epoch
-    fencing_token INTEGER NOT NULL,
-    metadata      TEXT
-);
-CREATE TABLE IF NOT EXISTS do_objects (
-    do_id             TEXT PRIMARY KEY,
-    last_seq          INTEGER NOT NULL,   -- floor: effective last seq is max(this, newest change)
-    truncated_through INTEGER NOT NULL,
-    max_token         INTEGER NOT NULL
-) WITHOUT ROWID;
--- A rowid table with a unique index, as in dotdo-sqlite: WITHOUT ROWID b-trees are slow with
--- large values (up to 2 MiB here). Every statement works on either layout.
-CREATE TABLE IF NOT EXISTS do_state (
-    do_id TEXT NOT NULL,
-    key   TEXT NOT NULL,
-    value BLOB NOT NULL,
-    seq   INTEGER NOT NULL,
-    UNIQUE (do_id, key)
-);
-CREATE TABLE IF NOT EXISTS do_changes (
-    do_id TEXT NOT NULL,
-    seq   INTEGER NOT NULL,
-    key   TEXT NOT NULL,
-    op    INTEGER NOT NULL,           -- 0 put, 1 delete
-    value BLOB NOT NULL,
-    token INTEGER NOT NULL,
-    ts    INTEGER NOT NULL,           -- microseconds since the Unix epoch
-    type  TEXT NOT NULL,
-    PRIMARY KEY (do_id, seq)
-) WITHOUT ROWID;
-"#;
+/// The statements creating the schema.
+pub(crate) const CREATE: &str = dotdo_core::sql_schema::SQL_HOT_SCHEMA;
