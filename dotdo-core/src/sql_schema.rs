@@ -46,3 +46,32 @@ CREATE TABLE IF NOT EXISTS do_changes (
     PRIMARY KEY (do_id, seq)
 ) WITHOUT ROWID;
 "#;
+
+/// One `do_changes` row as the backends select it:
+/// `(seq, key, op code, value, token, ts µs, type)` (`SELECT seq, key, op, value, token, ts, type`).
+pub type ChangeRow = (u64, String, i64, Vec<u8>, u64, i64, String);
+
+/// The change record of `object` stored as `row` (op code 0 put, 1 delete); an unknown op code is
+/// `Corrupt`, naming `source` (the database).
+pub fn change_record(object: &crate::ObjectId, row: ChangeRow, source: &str) -> crate::Result<crate::ChangeRecord> {
+    let (seq, key, op, value, token, ts, type_name) = row;
+    let op = match op {
+        0 => crate::Op::Put,
+        1 => crate::Op::Delete,
+        other => {
+            return Err(crate::Error::corrupt(format!(
+                "{source}: change {seq} of {object} has unknown op code {other}"
+            )))
+        }
+    };
+    Ok(crate::ChangeRecord {
+        object: object.clone(),
+        seq,
+        key,
+        op,
+        value: bytes::Bytes::from(value),
+        token: crate::FencingToken::new(token),
+        timestamp: crate::Timestamp::from_micros(ts),
+        type_name,
+    })
+}

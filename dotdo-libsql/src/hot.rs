@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dotdo_core::ids::validate_key;
 use dotdo_core::{
-    ChangeRecord, Entry, Error, FencingToken, HotStore, KeyRange, ObjectId, ObjectInfo, Op, Result, Seq, Timestamp,
-    WriteBatch, WriteOp, WriteReceipt,
+    ChangeRecord, Entry, Error, FencingToken, HotStore, KeyRange, ObjectId, ObjectInfo, Result, Seq, WriteBatch,
+    WriteOp, WriteReceipt,
 };
 use libsql::Value;
 
@@ -141,7 +141,7 @@ impl HotStore for LibsqlStore {
         let describe = self.inner.target.describe();
         rows.iter()
             .map(|r| {
-                let decode = || -> libsql::Result<(u64, String, i64, Vec<u8>, u64, i64, String)> {
+                let decode = || -> libsql::Result<dotdo_core::sql_schema::ChangeRow> {
                     Ok((
                         uint(r.first())?,
                         text(r.get(1))?,
@@ -152,28 +152,10 @@ impl HotStore for LibsqlStore {
                         text(r.get(6))?,
                     ))
                 };
-                let (seq, key, op, value, token, ts, type_name) = decode().map_err(|e| {
+                let row = decode().map_err(|e| {
                     Error::corrupt(format!("{describe}: undecodable change of {object}")).with_source(e)
                 })?;
-                let op = match op {
-                    0 => Op::Put,
-                    1 => Op::Delete,
-                    other => {
-                        return Err(Error::corrupt(format!(
-                            "{describe}: change {seq} of {object} has unknown op code {other}"
-                        )))
-                    }
-                };
-                Ok(ChangeRecord {
-                    object: object.clone(),
-                    seq,
-                    key,
-                    op,
-                    value: Bytes::from(value),
-                    token: FencingToken::new(token),
-                    timestamp: Timestamp::from_micros(ts),
-                    type_name,
-                })
+                dotdo_core::sql_schema::change_record(object, row, &describe)
             })
             .collect()
     }

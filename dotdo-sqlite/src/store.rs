@@ -11,7 +11,7 @@ use dotdo_core::guard::rules::{self, LeaseRow};
 use dotdo_core::ids::validate_key;
 use dotdo_core::{
     ChangeRecord, Clock, ConsistencyGuard, Entry, Error, ErrorKind, FencingToken, HotStore, KeyRange, Lease, NodeId,
-    ObjectId, ObjectInfo, Op, Result, Seq, SystemClock, Timestamp, WriteBatch, WriteOp, WriteReceipt,
+    ObjectId, ObjectInfo, Result, Seq, SystemClock, Timestamp, WriteBatch, WriteOp, WriteReceipt,
 };
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -590,7 +590,7 @@ impl HotStore for SqliteStore {
         let object = object.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run(move |inner| {
-            let rows: Vec<(u64, String, i64, Vec<u8>, u64, i64, String)> = inner.read("read changes", |c| {
+            let rows: Vec<dotdo_core::sql_schema::ChangeRow> = inner.read("read changes", |c| {
                 c.prepare_cached(
                     "SELECT seq, key, op, value, token, ts, type FROM do_changes \
                      WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -600,30 +600,8 @@ impl HotStore for SqliteStore {
                 })?
                 .collect()
             })?;
-            rows.into_iter()
-                .map(|(seq, key, op, value, token, ts, type_name)| {
-                    let op = match op {
-                        0 => Op::Put,
-                        1 => Op::Delete,
-                        other => {
-                            return Err(Error::corrupt(format!(
-                                "{}: change {seq} of {object} has unknown op code {other}",
-                                inner.path.display()
-                            )))
-                        }
-                    };
-                    Ok(ChangeRecord {
-                        object: object.clone(),
-                        seq,
-                        key,
-                        op,
-                        value: Bytes::from(value),
-                        token: FencingToken::new(token),
-                        timestamp: Timestamp::from_micros(ts),
-                        type_name,
-                    })
-                })
-                .collect()
+            let source = inner.path.display().to_string();
+            rows.into_iter().map(|row| dotdo_core::sql_schema::change_record(&object, row, &source)).collect()
         })
         .await
     }
