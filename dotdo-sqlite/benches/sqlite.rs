@@ -26,6 +26,8 @@ fn raw_conn(path: &std::path::Path) -> Connection {
          CREATE TABLE st (do_id TEXT, key TEXT, value BLOB, seq INTEGER, PRIMARY KEY (do_id, key)) WITHOUT ROWID;
          CREATE TABLE ch (do_id TEXT, seq INTEGER, key TEXT, op INTEGER, value BLOB, token INTEGER, ts INTEGER,
             type TEXT, PRIMARY KEY (do_id, seq)) WITHOUT ROWID;
+         CREATE TABLE lg (do_id TEXT, seq INTEGER, key TEXT, op INTEGER, value BLOB, token INTEGER, ts INTEGER,
+            type TEXT, PRIMARY KEY (do_id, seq)) WITHOUT ROWID;
          INSERT INTO objs VALUES ('o', 0, 1);",
     )
     .expect("schema");
@@ -73,6 +75,18 @@ impl Raw {
             .execute(params!["o", self.seq, keys[self.i % KEYS], value])
             .expect("log");
         c.prepare_cached("COMMIT").expect("p").execute([]).expect("commit");
+    }
+
+    /// The floor of any put that keeps a change log: one row appended to a log table alone,
+    /// autocommit (no state, no token). The table and the file grow with every commit, so each
+    /// commit writes more pages to the WAL than an upsert of an existing key.
+    fn log_append(&mut self, keys: &[String], value: &[u8]) {
+        self.i += 1;
+        self.conn
+            .prepare_cached("INSERT INTO lg VALUES (?1, ?2, ?3, 0, ?4, 1, 0, 'T')")
+            .expect("prepare")
+            .execute(params!["o", self.i, keys[self.i % KEYS], value])
+            .expect("raw log append");
     }
 
     fn get(&mut self, keys: &[String]) {
@@ -242,6 +256,14 @@ fn point_ops(
         "us",
         us(ours.p50()),
         "rusqlite_same_schema_txn",
+        us(base.p50()),
+    );
+    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || raw.log_append(keys, value));
+    record(
+        &format!("sqlite/fenced_put_p50_vs_log_append/{label}"),
+        "us",
+        us(ours.p50()),
+        "rusqlite_log_append_autocommit",
         us(base.p50()),
     );
     let mut g = 0;
