@@ -48,6 +48,8 @@ impl Raw {
              CREATE TABLE st (do_id TEXT, key TEXT, value BLOB, seq INTEGER, PRIMARY KEY (do_id, key)) WITHOUT ROWID;
              CREATE TABLE ch (do_id TEXT, seq INTEGER, key TEXT, op INTEGER, value BLOB, token INTEGER, ts INTEGER,
                 type TEXT, PRIMARY KEY (do_id, seq)) WITHOUT ROWID;
+             CREATE TABLE lg (do_id TEXT, seq INTEGER, key TEXT, op INTEGER, value BLOB, token INTEGER, ts INTEGER,
+                type TEXT, PRIMARY KEY (do_id, seq)) WITHOUT ROWID;
              INSERT INTO objs VALUES ('o', 0, 1);",
         )
         .await
@@ -88,6 +90,19 @@ impl Raw {
             .await
             .expect("log");
         c.execute("COMMIT", ()).await.expect("commit");
+    }
+
+    /// The floor of any put that keeps a change log: one row appended to a log table alone,
+    /// autocommit (no state, no token, no transaction).
+    async fn log_append(&mut self, keys: &[String], value: &[u8]) {
+        self.i += 1;
+        self.conn
+            .execute(
+                "INSERT INTO lg VALUES (?1, ?2, ?3, 0, ?4, 1, 0, 'T')",
+                params!["o", self.i as i64, keys[self.i % KEYS].as_str(), value.to_vec()],
+            )
+            .await
+            .expect("raw log append");
     }
 
     async fn get(&mut self, keys: &[String]) {
@@ -240,6 +255,8 @@ fn local() {
     record("libsql/fenced_put_throughput", "ops/s", ours.ops_per_sec(), "libsql_upsert_autocommit", base.ops_per_sec());
     let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.same_schema_txn(&keys, &value)));
     record("libsql/fenced_put_p50_vs_same_schema", "us", us(ours.p50()), "libsql_same_schema_txn", us(base.p50()));
+    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.log_append(&keys, &value)));
+    record("libsql/fenced_put_p50_vs_log_append", "us", us(ours.p50()), "libsql_log_append_autocommit", us(base.p50()));
 
     let mut g = 0;
     let (ours, base) = sample_pair(
