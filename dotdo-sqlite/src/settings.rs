@@ -54,6 +54,15 @@ pub struct SqliteSettings {
     pub wal_autocheckpoint_pages: u32,
     /// SQLite page cache per connection, in KiB (allocated as used). Default 64 MiB, so a batch of 100k rows does not spill dirty pages mid-transaction.
     pub cache_kib: u32,
+    /// Bytes of the database file SQLite reads through a memory map (`PRAGMA mmap_size`) instead
+    /// of `read()` calls into its page cache. Pages missing from the page cache then cost no
+    /// system call and no copy: worth it for large batches once the file has outgrown
+    /// `cache_kib` (measured with raw rusqlite: 100k-row batches into a 90-150 MB file went from
+    /// ~175k to ~330k rows/s with a 1 GiB map). It costs small write transactions: a lease
+    /// acquire + release went from 24.6-25.2 µs to 29-31 µs with the map in the same bench, so
+    /// the default is off. Writes still go through the WAL with `write()`; the map is address
+    /// space, not memory. Default `0` (no map).
+    pub mmap_bytes: u64,
     /// Background WAL checkpoints: a thread per store copies committed WAL frames into the
     /// database file every this often (`PRAGMA wal_checkpoint(PASSIVE)`: it never waits for
     /// readers or writers), so a commit rarely crosses `wal_autocheckpoint_pages` and pays
@@ -73,6 +82,7 @@ impl Default for SqliteSettings {
             read_connections: 4,
             execution: Execution::Auto,
             cache_kib: 64 * 1024,
+            mmap_bytes: 0,
             wal_autocheckpoint_pages: 16 * 1024,
             background_checkpoint: Some(Duration::from_millis(50)),
         }

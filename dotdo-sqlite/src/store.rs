@@ -201,8 +201,8 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
     };
     let pragmas = format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA cache_size = -{}; PRAGMA foreign_keys = OFF; \
-         PRAGMA wal_autocheckpoint = {};",
-        settings.cache_kib, settings.wal_autocheckpoint_pages
+         PRAGMA wal_autocheckpoint = {}; PRAGMA mmap_size = {};",
+        settings.cache_kib, settings.wal_autocheckpoint_pages, settings.mmap_bytes
     );
     with_busy_retry(settings, &doing, || conn.execute_batch(&pragmas).map_err(TxError::Sql))?;
     if create {
@@ -840,5 +840,26 @@ impl ConsistencyGuard for SqliteStore {
             Ok(row.filter(|r| now < r.expires_at).map(|r| r.to_lease(&object)))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_get_the_configured_pragmas() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.db");
+        for (mmap, cache_kib) in [(0u64, 2048u32), (32 << 20, 4096)] {
+            let settings = SqliteSettings { mmap_bytes: mmap, cache_kib, ..SqliteSettings::default() };
+            let conn = open_connection(&path, &settings, true).expect("open");
+            let got: (u64, i64, String) = (
+                conn.query_row("PRAGMA mmap_size", [], |r| r.get(0)).expect("mmap_size"),
+                conn.query_row("PRAGMA cache_size", [], |r| r.get(0)).expect("cache_size"),
+                conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("journal_mode"),
+            );
+            assert_eq!(got, (mmap, -i64::from(cache_kib), "wal".to_string()));
+        }
     }
 }
