@@ -98,7 +98,9 @@ impl Conn {
     /// no rows (it asks the server for none), so the result travels as the connection's
     /// `last_insert_rowid`, which the primary reports with the batch: inside the transaction a
     /// `do_locks` row with a negative rowid encoding the result (and a per-call nonce) is inserted
-    /// and deleted again, so nothing of it is ever committed or visible to others.
+    /// and deleted again, so nothing of it is ever committed or visible to others. The batch ends
+    /// with an INSERT that inserts nothing, because sqld reports `last_insert_rowid` only for
+    /// INSERT statements and libsql's client reads it from the batch's last statement only.
     pub(crate) async fn run_program(&mut self, program: Program) -> libsql::Result<Option<i64>> {
         let out = if self.batch { self.program_rendered(program).await } else { self.program_prepared(program).await };
         if out.is_err() && !self.conn.is_autocommit() {
@@ -203,6 +205,17 @@ impl Conn {
             sql.push_str("), '', '', 0, 0, 0;\nDELETE FROM do_locks WHERE do_id = '';\n");
         }
         sql.push_str("COMMIT;\n");
+        if program.result.is_some() {
+            // libsql's client keeps the `last_insert_rowid` of a batch's *last* statement only, and
+            // sqld reports one for INSERTs only (none for COMMIT): end with an INSERT that inserts
+            // nothing (the connection's rowid stays the one the transaction left, and the primary
+            // reports it). It changes no row; like any INSERT it takes the write lock for an
+            // instant. (libsql's client refuses temp tables, which would have avoided that.)
+            sql.push_str(
+                "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
+                 SELECT '', '', 0, 0, 0 WHERE 0;\n",
+            );
+        }
         self.conn.execute_batch(&sql).await?;
         if program.result.is_none() {
             return Ok(None);

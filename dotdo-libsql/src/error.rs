@@ -98,6 +98,29 @@ fn class_of_code_name(name: &str) -> Class {
     class_of_code(code)
 }
 
+/// Classify the message of a failed step of a remote batch. libsql's client reports it as
+/// ``api error: `<message>` `` with the SQLite code dropped, so SQLite's own messages are matched.
+/// Which step failed is dropped too, and dotdo's write batches end with a statement after their
+/// `COMMIT` (see `Conn::run_program`): a lock timeout may therefore come after the commit, so it
+/// counts as a server failure that may have been applied (retried for reads, an ambiguous
+/// outcome for writes), never as a plain busy that is safe to repeat.
+fn class_of_batch_step_message(message: &str) -> Class {
+    let m = message.to_ascii_lowercase();
+    if m.contains("database is locked") || m.contains("database table is locked") {
+        Class::ServerUnavailable { maybe_applied: true }
+    } else if m.contains("database disk image is malformed") || m.contains("file is not a database") {
+        Class::Corrupt
+    } else if m.contains("database or disk is full") || m.contains("disk i/o error") {
+        Class::Environment { retryable: true }
+    } else if m.contains("attempt to write a readonly database") {
+        Class::Environment { retryable: false }
+    } else if m.contains("string or blob too big") {
+        Class::TooBig
+    } else {
+        Class::Other
+    }
+}
+
 /// Classify the `Display` text of a remote (Hrana) failure; see the module docs for why text.
 pub(crate) fn class_of_remote_text(text: &str) -> Class {
     if let Some(rest) = text.strip_prefix("api error: ") {
@@ -113,7 +136,7 @@ pub(crate) fn class_of_remote_text(text: &str) -> Class {
             429 | 503 => Class::ServerUnavailable { maybe_applied: false },
             500..=599 => Class::ServerUnavailable { maybe_applied: true },
             400..=499 => Class::Config,
-            _ => Class::Other,
+            _ => class_of_batch_step_message(rest.trim_matches('`')),
         };
     }
     if text.starts_with("http error: ") {
@@ -341,6 +364,22 @@ mod tests {
         assert_eq!(class_of(&constraint), Class::Other);
         assert_eq!(class_of(&hrana("stream closed: `baton expired`")), Class::Network { maybe_sent: true });
         assert_eq!(class_of(&hrana("something new")), Class::Other);
+    }
+
+    #[test]
+    fn failed_batch_steps_are_classified_by_sqlites_message() {
+        // What libsql's client makes of a failed step of a batch: the message only.
+        let locked = hrana("api error: `database is locked`");
+        assert_eq!(class_of(&locked), Class::ServerUnavailable { maybe_applied: true });
+        let e = map(hrana("api error: `database is locked`"), "get", false);
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(e.is_retryable());
+        // A write's batch may have committed before the step that timed out.
+        let e = map(hrana("api error: `database is locked`"), "write", true);
+        assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome);
+        assert_eq!(class_of(&hrana("api error: `database disk image is malformed`")), Class::Corrupt);
+        assert_eq!(class_of(&hrana("api error: `database or disk is full`")), Class::Environment { retryable: true });
+        assert_eq!(class_of(&hrana("api error: `UNIQUE constraint failed: do_changes.seq`")), Class::Other);
     }
 
     #[test]

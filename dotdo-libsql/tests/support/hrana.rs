@@ -357,6 +357,11 @@ fn herr(e: libsql::Error) -> HError {
     HError { message, code: name.into() }
 }
 
+/// The first SQL keyword of `sql`, upper-cased (comments are not expected here).
+fn first_keyword(sql: &str) -> String {
+    sql.trim_start().chars().take_while(|c| c.is_ascii_alphabetic()).collect::<String>().to_ascii_uppercase()
+}
+
 fn exec(conn: &libsql::Connection, stmt: &Stmt) -> Result<StmtResult, HError> {
     let sql = stmt.sql.clone().unwrap_or_default();
     let args: Vec<libsql::Value> = stmt
@@ -390,11 +395,18 @@ fn exec(conn: &libsql::Connection, stmt: &Stmt) -> Result<StmtResult, HError> {
             out.push(Row { values });
         }
         drop(rows);
+        // As sqld reports them (libsql-server `connection/program.rs`): the affected row count
+        // only for INSERT / UPDATE / DELETE, and `last_insert_rowid` only for an INSERT (null for
+        // every other statement, COMMIT included). A client that reads a batch's result from
+        // `last_insert_rowid` must therefore end the batch with an INSERT.
+        let kind = first_keyword(&sql);
+        let is_insert = matches!(kind.as_str(), "INSERT" | "REPLACE");
+        let is_iud = is_insert || matches!(kind.as_str(), "UPDATE" | "DELETE");
         Ok(StmtResult {
             cols,
             rows: if stmt.want_rows == Some(false) { Vec::new() } else { out },
-            affected_row_count: conn.total_changes().saturating_sub(before),
-            last_insert_rowid: Some(conn.last_insert_rowid()),
+            affected_row_count: if is_iud { conn.total_changes().saturating_sub(before) } else { 0 },
+            last_insert_rowid: is_insert.then(|| conn.last_insert_rowid()),
             replication_index: None,
             rows_read: 0,
             rows_written: 0,
