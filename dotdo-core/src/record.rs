@@ -200,7 +200,18 @@ impl KeyRange {
         lo && hi
     }
 
-    /// The range as a pair of `&str` bounds (for `BTreeMap::range`).
+    /// Whether the range selects no key at all: its start lies after its end, or they meet and
+    /// one of them excludes the meeting point (`between("b", "a")`, `between("a", "a")`).
+    pub fn is_empty(&self) -> bool {
+        match (&self.start, &self.end) {
+            (Bound::Unbounded, _) | (_, Bound::Unbounded) => false,
+            (Bound::Included(s), Bound::Included(e)) => s > e,
+            (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) => s >= e,
+        }
+    }
+
+    /// The range as a pair of `&str` bounds (for `BTreeMap::range`; check
+    /// [`is_empty`](Self::is_empty) first: `BTreeMap::range` panics on an inverted range).
     pub fn as_bounds(&self) -> (Bound<&str>, Bound<&str>) {
         (as_ref_bound(&self.start), as_ref_bound(&self.end))
     }

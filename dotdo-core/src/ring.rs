@@ -98,7 +98,7 @@ impl HashRing {
     /// fallbacks.
     pub fn preference_list(&self, object: &ObjectId, n: usize) -> Vec<NodeId> {
         let h = xxh3_64(object.as_str().as_bytes());
-        let mut out: Vec<NodeId> = Vec::with_capacity(n);
+        let mut out: Vec<NodeId> = Vec::with_capacity(n.min(self.nodes.len()));
         for (_, node) in self.points.range(h..).chain(self.points.range(..h)) {
             if out.len() >= n.min(self.nodes.len()) {
                 break;

@@ -75,3 +75,17 @@ pub fn change_record(object: &crate::ObjectId, row: ChangeRow, source: &str) -> 
         type_name,
     })
 }
+
+/// The longest busy timeout SQLite can take: it counts milliseconds in a C `int`.
+pub const MAX_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(i32::MAX as u64);
+
+/// `InvalidInput` for a busy timeout SQLite cannot represent (over [`MAX_BUSY_TIMEOUT`], about
+/// 24.8 days): rusqlite panics on one and libsql silently truncates it.
+pub fn validate_busy_timeout(timeout: std::time::Duration) -> crate::Result<()> {
+    if timeout > MAX_BUSY_TIMEOUT {
+        return Err(crate::Error::invalid(format!(
+            "busy_timeout {timeout:?} is over SQLite's maximum of {MAX_BUSY_TIMEOUT:?} (i32 milliseconds)"
+        )));
+    }
+    Ok(())
+}

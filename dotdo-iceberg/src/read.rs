@@ -533,7 +533,15 @@ impl IcebergColdStore {
         bytes.fetch_add(fetched.iter().map(|b| b.len() as u64).sum(), Ordering::Relaxed);
         let mut excluded = false;
         for ((c, v), b) in wanted.into_iter().zip(fetched) {
-            let sbbf = Arc::new(Sbbf::from_bytes(&b).map_err(|e| classify_parquet(e, &f.path))?);
+            let sbbf = Sbbf::from_bytes(&b).map_err(|e| classify_parquet(e, &f.path))?;
+            if sbbf.num_blocks() == 0 {
+                // parquet's `check` indexes the first block unconditionally.
+                return Err(Error::corrupt(format!(
+                    "{}: the bloom filter of row group {rg}, column {c} has no blocks",
+                    f.path
+                )));
+            }
+            let sbbf = Arc::new(sbbf);
             excluded |= !sbbf.check(v);
             self.inner.cache.blooms.lock().put((f.path.clone(), rg, c), sbbf);
         }

@@ -94,6 +94,7 @@ impl LibsqlSettings {
         if self.read_connections == 0 {
             return Err(Error::invalid("read_connections must be at least 1"));
         }
+        dotdo_core::sql_schema::validate_busy_timeout(self.busy_timeout)?;
         if self.retry_backoff > self.max_backoff {
             return Err(Error::invalid("retry_backoff must not exceed max_backoff"));
         }

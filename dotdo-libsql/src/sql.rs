@@ -107,14 +107,19 @@ pub(crate) fn i(v: u64) -> Value {
     Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-pub(crate) fn lease_row(rows: &[Row]) -> libsql::Result<Option<LeaseRow>> {
+/// The lease row of a `LEASE_ROW` query. A row that does not decode (a holder that is not a valid
+/// node id, a token or time that is not an integer) is `Corrupt`, never "no lease": reading a
+/// damaged live lease as free would let anyone take it over.
+pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
     let Some(r) = rows.first() else { return Ok(None) };
-    let node = text(r.first())?;
-    Ok(NodeId::new(node).ok().map(|holder| LeaseRow {
+    let bad = |what: &str, e: &dyn std::fmt::Display| Error::corrupt(format!("lease row: {what}: {e}"));
+    let node = text(r.first()).map_err(|e| bad("holder", &e))?;
+    let holder = NodeId::new(&node).map_err(|e| bad("holder", &e))?;
+    Ok(Some(LeaseRow {
         holder,
-        token: FencingToken::new(uint(r.get(1)).unwrap_or(0)),
-        acquired_at: Timestamp::from_micros(int(r.get(2)).unwrap_or(0)),
-        expires_at: Timestamp::from_micros(int(r.get(3)).unwrap_or(0)),
+        token: FencingToken::new(uint(r.get(1)).map_err(|e| bad("fencing token", &e))?),
+        acquired_at: Timestamp::from_micros(int(r.get(2)).map_err(|e| bad("acquired_at", &e))?),
+        expires_at: Timestamp::from_micros(int(r.get(3)).map_err(|e| bad("expires_at", &e))?),
     }))
 }
 

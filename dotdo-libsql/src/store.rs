@@ -576,6 +576,6 @@ impl LibsqlStore {
 
     pub(crate) async fn lease_row_on_primary(&self, object: &ObjectId) -> Result<Option<LeaseRow>> {
         let rows = self.read_primary("read lease", Step::new(LEASE_ROW, vec![t(object.as_str())])).await?;
-        lease_row(&rows).map_err(|e| Error::corrupt(format!("undecodable lease row of {object}")).with_source(e))
+        lease_row(&rows).map_err(|e| e.context(format!("lease of {object}")))
     }
 }

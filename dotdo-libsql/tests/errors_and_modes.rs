@@ -166,6 +166,8 @@ fn settings_are_validated() {
             max_backoff: Duration::from_secs(1),
             ..Default::default()
         },
+        // SQLite counts the busy timeout in i32 milliseconds; libsql would truncate this one.
+        LibsqlSettings { busy_timeout: Duration::from_secs(30 * 86_400), ..Default::default() },
     ] {
         let e = LibsqlStore::local("x.db").with_settings(bad).validate().expect_err("invalid settings");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput);
@@ -414,4 +416,24 @@ async fn local_calls_do_not_stall_other_tasks_on_a_multi_thread_runtime() {
         s.put(&obj(), l.token, "T", &format!("k{i}"), "v".into()).await.expect("put");
     }
     assert_eq!(ticker.await.expect("ticker"), 20);
+}
+
+#[tokio::test]
+async fn a_lease_row_that_does_not_decode_is_corrupt_never_a_free_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let s = LibsqlStore::local(&path).open().await.expect("open");
+    let n1 = NodeId::new("n1").expect("valid");
+    let n2 = NodeId::new("n2").expect("valid");
+    s.acquire(&obj(), &n1, Duration::from_secs(60)).await.expect("acquire");
+    // Another writer (or the predecessor's do_locks) left a holder that is not a valid node id.
+    let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+    let c = raw.connect().expect("connect");
+    c.execute("UPDATE do_locks SET node_id = '' WHERE do_id = ?1", [obj().as_str()]).await.expect("damage");
+    let e = s.current(&obj()).await.expect_err("current");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    match s.acquire(&obj(), &n2, Duration::from_secs(60)).await {
+        Ok(l) => panic!("a damaged live lease was taken over: {l:?}"),
+        Err(e) => assert!(matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::LeaseHeld { .. }), "{e}"),
+    }
 }

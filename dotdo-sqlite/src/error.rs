@@ -48,6 +48,11 @@ pub(crate) fn class_of_code(code: ErrorCode) -> Class {
 pub(crate) fn class_of(e: &rusqlite::Error) -> Class {
     match e {
         rusqlite::Error::SqliteFailure(f, _) => class_of_code(f.code),
+        // A stored value that does not fit the schema (text where a number belongs, a negative
+        // sequence number, an invalid node id): the file was written by something else.
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => Class::Corrupt,
         _ => Class::Other,
     }
 }
@@ -57,7 +62,12 @@ pub(crate) fn map(e: rusqlite::Error, doing: &str) -> Error {
     let class = class_of(&e);
     let err = match class {
         Class::Busy => Error::unavailable(format!("{doing}: database is busy (locked by another connection)")),
-        Class::Corrupt => Error::corrupt(format!("{doing}: the file is not a healthy SQLite database")),
+        Class::Corrupt => match &e {
+            rusqlite::Error::SqliteFailure(..) => {
+                Error::corrupt(format!("{doing}: the file is not a healthy SQLite database"))
+            }
+            other => Error::corrupt(format!("{doing}: a stored row does not match dotdo's schema: {other}")),
+        },
         Class::Environment => Error::new(ErrorKind::Unavailable, format!("{doing}: storage environment failure"))
             .with_retryable(matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull || f.code == ErrorCode::SystemIoFailure)),
         Class::TooBig => Error::new(ErrorKind::LimitExceeded { what: "sqlite value", limit: 0, actual: 0 }, doing.to_string()),

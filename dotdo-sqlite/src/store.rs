@@ -165,6 +165,7 @@ impl SqliteStoreBuilder {
         if settings.read_connections == 0 {
             return Err(Error::invalid("read_connections must be at least 1"));
         }
+        dotdo_core::sql_schema::validate_busy_timeout(settings.busy_timeout)?;
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let path = self.path;
         let open = move || -> Result<SqliteStore> {
@@ -328,19 +329,18 @@ fn lease_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<LeaseRo
     conn.prepare_cached("SELECT node_id, fencing_token, acquired_at, expires_at FROM do_locks WHERE do_id = ?1")?
         .query_row([object], |r| {
             let node: String = r.get(0)?;
-            Ok((node, r.get::<_, u64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
-        })
-        .optional()
-        .map(|o| {
-            o.and_then(|(node, token, acq, exp)| {
-                Some(LeaseRow {
-                    holder: NodeId::new(node).ok()?,
-                    token: FencingToken::new(token),
-                    acquired_at: Timestamp::from_micros(acq),
-                    expires_at: Timestamp::from_micros(exp),
-                })
+            // A holder that is not a valid node id is damage, never "no lease": reading it as
+            // free would let anyone take over a live lease.
+            let holder = NodeId::new(&node)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+            Ok(LeaseRow {
+                holder,
+                token: FencingToken::new(r.get::<_, u64>(1)?),
+                acquired_at: Timestamp::from_micros(r.get::<_, i64>(2)?),
+                expires_at: Timestamp::from_micros(r.get::<_, i64>(3)?),
             })
         })
+        .optional()
 }
 
 fn range_sql(range: &KeyRange) -> (String, Vec<String>) {

@@ -52,6 +52,49 @@ async fn a_damaged_database_is_reported_corrupt() {
 }
 
 #[tokio::test]
+async fn rows_that_do_not_fit_the_schema_are_corrupt_never_a_free_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let s = SqliteStore::builder(&path).open().await.expect("open");
+    let n1 = NodeId::new("n1").expect("valid");
+    let n2 = NodeId::new("n2").expect("valid");
+    let l = s.acquire(&obj(), &n1, Duration::from_secs(60)).await.expect("acquire");
+    s.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+    // Another writer (or the predecessor's do_locks) left a holder that is not a valid node id.
+    let c = rusqlite::Connection::open(&path).expect("raw open");
+    c.execute("UPDATE do_locks SET node_id = '' WHERE do_id = ?1", [obj().as_str()]).expect("damage the lease");
+    let e = s.acquire(&obj(), &n2, Duration::from_secs(60)).await.expect_err("a damaged live lease is not free");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let e = s.current(&obj()).await.expect_err("current");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    // A sequence number that is not a number is damage too, not a panic.
+    c.execute("UPDATE do_changes SET seq = 'x' WHERE do_id = ?1", [obj().as_str()]).expect("damage the log");
+    let e = s.read_changes(&obj(), 0, 10).await.expect_err("read changes");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
+#[tokio::test]
+async fn invalid_settings_are_invalid_input_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (what, settings) in [
+        ("no read connections", SqliteSettings { read_connections: 0, ..Default::default() }),
+        // SQLite counts the busy timeout in i32 milliseconds; rusqlite panics beyond that.
+        (
+            "30-day busy timeout",
+            SqliteSettings { busy_timeout: Duration::from_secs(30 * 86_400), ..Default::default() },
+        ),
+    ] {
+        for execution in [Execution::Inline, Execution::Auto] {
+            let settings = SqliteSettings { execution, ..settings.clone() };
+            let e = SqliteStore::builder(dir.path().join("s.db")).with_settings(settings).open().await.expect_err(what);
+            assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{what}: {e}");
+        }
+    }
+    let limit = SqliteSettings { busy_timeout: dotdo_core::sql_schema::MAX_BUSY_TIMEOUT, ..Default::default() };
+    SqliteStore::builder(dir.path().join("s.db")).with_settings(limit).open().await.expect("the maximum is accepted");
+}
+
+#[tokio::test]
 async fn an_unopenable_path_is_unavailable() {
     let e = SqliteStore::builder("/nonexistent-dir/for/sure/hot.db").open().await.expect_err("no dir");
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");

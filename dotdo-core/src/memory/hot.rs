@@ -140,6 +140,10 @@ impl HotStore for MemoryBackend {
     async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
         let st = self.state.lock();
         let Some(o) = st.objects.get(object) else { return Ok(Vec::new()) };
+        if range.is_empty() {
+            // An inverted or empty range selects nothing (BTreeMap::range would panic on it).
+            return Ok(Vec::new());
+        }
         let it = o.entries.range::<str, _>(range.as_bounds()).map(|(_, e)| e.clone());
         Ok(match limit {
             Some(n) => it.take(n).collect(),

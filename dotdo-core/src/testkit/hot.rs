@@ -163,6 +163,20 @@ pub async fn list_by_prefix_range_and_limit(f: &HotFactory) {
     );
     assert!(fx.hot.list(&l.object, KeyRange::prefix("zzz"), None).await.expect("none").is_empty());
     assert!(fx.hot.list(&l.object, KeyRange::all(), Some(0)).await.expect("limit 0").is_empty());
+    // Inverted and degenerate ranges select nothing (and never panic).
+    use std::ops::Bound::{Excluded, Included};
+    for range in [
+        KeyRange::between("user/c", "user/a"),
+        KeyRange::between("user/a", "user/a"),
+        KeyRange { start: Excluded("user/a".into()), end: Excluded("user/a".into()) },
+        KeyRange { start: Excluded("user/a".into()), end: Included("user/a".into()) },
+    ] {
+        assert!(range.is_empty());
+        assert!(fx.hot.list(&l.object, range.clone(), None).await.expect("empty range").is_empty(), "{range:?}");
+    }
+    let one = KeyRange { start: Included("user/a".into()), end: Included("user/a".into()) };
+    assert!(!one.is_empty());
+    assert_eq!(keys(fx.hot.list(&l.object, one, None).await.expect("one key")), ["user/a"]);
 }
 
 /// An object that was never written reads as empty, not as an error.
