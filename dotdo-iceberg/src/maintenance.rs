@@ -102,8 +102,18 @@ impl IcebergColdStore {
 
     /// Delete files under the table location that no snapshot, manifest or retained metadata
     /// file references and that are older than `retention` (by the store's clock against the
-    /// store's last-modified time).
+    /// store's last-modified time). A `retention` below
+    /// [`Settings::min_cleanup_retention`](crate::Settings::min_cleanup_retention) (default 1
+    /// hour) is `InvalidInput`: it could delete the files of a commit still in flight.
     pub async fn remove_unreferenced_files(&self, retention: Duration) -> Result<CleanupReport> {
+        let min = self.inner.settings.min_cleanup_retention;
+        if retention < min {
+            return Err(Error::invalid(format!(
+                "cleanup retention {retention:?} is below the configured minimum {min:?}: files of appends \
+                 or compactions still in flight could be deleted (lower Settings::min_cleanup_retention \
+                 only where no writer can be running)"
+            )));
+        }
         let table = self.refresh().await?;
         let md = table.metadata();
         let cutoff =

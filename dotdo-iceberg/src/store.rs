@@ -80,6 +80,13 @@ pub struct Settings {
     /// mapped to `Some(rate)` (a rate in `(0, 1)`) or to `None` (no filter on that column).
     /// Default empty: both columns at `bloom_filter_fpp`.
     pub bloom_filter_columns: BTreeMap<String, Option<f64>>,
+    /// The shortest `retention` that
+    /// [`remove_unreferenced_files`](IcebergColdStore::remove_unreferenced_files) accepts
+    /// (default 1 hour). A file an append or compaction has written but not yet committed is
+    /// unreferenced until its commit lands; a shorter retention could delete it while that
+    /// commit is in flight (Spark's `remove_orphan_files` refuses under 24 hours for the same
+    /// reason). Lower it only where no writer can be running, e.g. in tests.
+    pub min_cleanup_retention: Duration,
 }
 
 impl Settings {
@@ -112,6 +119,7 @@ impl Default for Settings {
             bloom_filters: true,
             bloom_filter_fpp: 0.01,
             bloom_filter_columns: BTreeMap::new(),
+            min_cleanup_retention: Duration::from_secs(3600),
         }
     }
 }

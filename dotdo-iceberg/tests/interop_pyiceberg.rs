@@ -68,6 +68,8 @@ async fn pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .table(["interop"], "changes")
+        // No writer runs during this test's cleanup.
+        .settings(dotdo_iceberg::Settings { min_cleanup_retention: Duration::ZERO, ..Default::default() })
         .build()
         .await
         .expect("open");
@@ -153,7 +155,11 @@ async fn cleanup_keeps_unreferenced_files_younger_than_the_retention_and_never_r
         IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
             .table(["gc"], "changes")
             // Every commit writes a watermark checkpoint: cleanup must keep the current one.
-            .settings(dotdo_iceberg::Settings { watermark_checkpoint_objects: 0, ..Default::default() })
+            .settings(dotdo_iceberg::Settings {
+                watermark_checkpoint_objects: 0,
+                min_cleanup_retention: Duration::ZERO,
+                ..Default::default()
+            })
             .build()
     };
     let cold = open().await.expect("open");

@@ -18,7 +18,8 @@ use proptest::prelude::*;
 async fn open(dir: &std::path::Path, buckets: u32) -> IcebergColdStore {
     IcebergColdStore::builder(dir.to_str().expect("utf-8"))
         .table(["m"], "changes")
-        .settings(Settings { buckets, ..Default::default() })
+        // The cleanup tests control every writer, so they may clean up with no retention.
+        .settings(Settings { buckets, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
         .build()
         .await
         .expect("open")
@@ -527,4 +528,29 @@ async fn replaced_files_get_the_retention_period_from_the_compaction() {
     assert_eq!(clean.deleted.iter().filter(|d| d.ends_with(".parquet")).count(), 4, "{clean:?}");
     let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4]);
+}
+
+/// A cleanup retention below `Settings::min_cleanup_retention` (default 1 hour) is refused before
+/// anything is listed or deleted: it could remove the files of a commit still in flight.
+#[tokio::test]
+async fn a_cleanup_retention_below_the_minimum_is_invalid_input() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    for short in [Duration::ZERO, Duration::from_secs(60), Duration::from_secs(3599)] {
+        let e = cold.remove_unreferenced_files(short).await.expect_err("too short");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{short:?}: {e}");
+    }
+    let report = cold.remove_unreferenced_files(Duration::from_secs(3600)).await.expect("the minimum is accepted");
+    assert!(report.deleted.is_empty(), "{report:?}");
+    let st = cold.load_state(&o, dotdo_core::AsOf::Latest).await.expect("state");
+    assert_eq!(st.entries.len(), 1);
 }
