@@ -71,20 +71,29 @@ impl std::fmt::Debug for CloudflareStreamClient {
     }
 }
 
-/// Encode events as the stream's JSON array.
-pub fn encode(events: &[Event]) -> Vec<u8> {
-    let items: Vec<serde_json::Value> = events.iter().map(event_json).collect();
-    serde_json::to_vec(&items).unwrap_or_default()
+/// Encode events as the stream's JSON array. A value that is not UTF-8 text is `InvalidInput`
+/// (the stream's `value` field is a JSON string; bytes would be altered on the way).
+pub fn encode(events: &[Event]) -> Result<Vec<u8>> {
+    let items = events.iter().map(event_json).collect::<Result<Vec<serde_json::Value>>>()?;
+    serde_json::to_vec(&items).map_err(|e| Error::invalid("encoding events as JSON").with_source(e))
 }
 
-fn event_json(e: &Event) -> serde_json::Value {
-    serde_json::json!({
+fn event_json(e: &Event) -> Result<serde_json::Value> {
+    let value = std::str::from_utf8(&e.value).map_err(|err| {
+        Error::invalid(format!(
+            "the value of {} key {:?} is not UTF-8 text (byte {}), which a Cloudflare Pipelines stream cannot carry unaltered",
+            e.object,
+            e.key,
+            err.valid_up_to()
+        ))
+    })?;
+    Ok(serde_json::json!({
         "do_id": e.object.as_str(),
         "type": e.type_name,
         "key": e.key,
-        "value": String::from_utf8_lossy(&e.value),
+        "value": value,
         "timestamp": e.timestamp.as_millis(),
-    })
+    }))
 }
 
 impl CloudflareStreamClient {
@@ -118,14 +127,18 @@ impl CloudflareStreamClient {
     /// Send `events`, split into requests of at most `max_request_bytes`, each retried on
     /// transient failures. Delivery is at least once per request (the HTTP endpoint has no
     /// idempotency key); a failure after some requests succeeded reports how far it got in the
-    /// error message. One event larger than the limit is `LimitExceeded`.
+    /// error message. One event larger than the limit is `LimitExceeded`; an invalid event (or a
+    /// value that is not UTF-8) is `InvalidInput`, and then nothing is sent.
     pub async fn send(&self, events: &[Event]) -> Result<StreamSendReport> {
         let mut report = StreamSendReport::default();
-        let mut chunk: Vec<serde_json::Value> = Vec::new();
-        let mut size = 2usize;
+        let mut items = Vec::with_capacity(events.len());
         for e in events {
             e.validate()?;
-            let v = event_json(e);
+            items.push(event_json(e)?);
+        }
+        let mut chunk: Vec<serde_json::Value> = Vec::new();
+        let mut size = 2usize;
+        for v in items {
             let len = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0) + 1;
             if len + 2 > self.settings.max_request_bytes {
                 return Err(Error::limit("stream event", self.settings.max_request_bytes as u64, len as u64));

@@ -97,6 +97,9 @@ impl PipelineBuilder {
         if self.routes.contains_key("") {
             return Err(Error::invalid("the empty route name is the default route"));
         }
+        if s.token == dotdo_core::FencingToken::NONE {
+            return Err(Error::invalid("the pipeline's committer token must not be FencingToken::NONE"));
+        }
         let log: Box<dyn Log> = match (&s.durability, &s.backpressure) {
             (Durability::Durable(path), _) => Box::new(SqliteLog::open(path)?),
             (Durability::Memory, Backpressure::Spill(path)) => Box::new(SpillLog::open(path, s.capacity)?),
@@ -234,9 +237,13 @@ impl Pipeline {
             return Ok(0);
         }
         let depth = inner.log.depth().0;
-        if !matches!(inner.settings.backpressure, Backpressure::Spill(_))
-            && depth + rows.len() > inner.settings.capacity
-        {
+        let bounded = !matches!(inner.settings.backpressure, Backpressure::Spill(_));
+        if bounded && rows.len() > inner.settings.capacity {
+            // No roll ever makes room for this: not a retryable condition.
+            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::limit("events in one send", inner.settings.capacity as u64, rows.len() as u64));
+        }
+        if bounded && depth + rows.len() > inner.settings.capacity {
             inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(Error::unavailable(format!(
                 "pipeline buffer full: {depth} events waiting, capacity {}; retry after the next roll",

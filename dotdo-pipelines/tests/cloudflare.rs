@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dotdo_core::{ErrorKind, ObjectId, Timestamp};
-use dotdo_pipelines::cloudflare::{CloudflareSettings, CloudflareStreamClient};
+use dotdo_pipelines::cloudflare::{encode, CloudflareSettings, CloudflareStreamClient};
 use dotdo_pipelines::Event;
 use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -163,4 +163,25 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
         assert_eq!(CloudflareStreamClient::new(bad, None, settings()).expect_err(bad).kind(), &ErrorKind::InvalidInput);
     }
     assert!(CloudflareStreamClient::new("https://x.pipelines.cloudflare.com/", Some("a b".into()), settings()).is_err());
+}
+
+#[tokio::test]
+async fn a_value_that_is_not_utf8_is_refused_and_nothing_is_sent() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), settings()).expect("client");
+    let mut batch = events(10, 10);
+    batch.push(Event::new(
+        ObjectId::new("do-x").expect("valid"),
+        "User",
+        "binary",
+        vec![0x7bu8, 0xff, 0xfe, 0x7d],
+        Timestamp::from_millis(1_700_000_000_000),
+    ));
+    let e = client.send(&batch).await.expect_err("binary value");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("binary"), "names the key: {e}");
+    assert!(server.records.lock().is_empty(), "no event of the call was sent");
+    assert_eq!(encode(&batch).expect_err("encode").kind(), &ErrorKind::InvalidInput);
+    assert!(encode(&batch[..10]).is_ok());
 }

@@ -289,9 +289,24 @@ async fn bad_events_and_settings_are_rejected() {
     assert!(matches!(p.send(vec![big]).expect_err("too big").kind(), ErrorKind::LimitExceeded { .. }));
     assert_eq!(p.send(vec![ev("o", "", "x")]).expect_err("empty key").kind(), &ErrorKind::InvalidInput);
     assert_eq!(p.metrics().events_in, 0);
-    let e = Pipeline::builder(sink)
+    let e = Pipeline::builder(sink.clone())
         .with_settings(PipelineSettings { capacity: 0, ..Default::default() })
         .build()
         .expect_err("capacity 0");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let e = Pipeline::builder(sink.clone())
+        .with_settings(PipelineSettings { token: FencingToken::NONE, ..Default::default() })
+        .build()
+        .expect_err("token NONE");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    // One send larger than the whole buffer can never fit: LimitExceeded, not a retryable
+    // "full" that a waiting sender would spin on until its deadline.
+    let small = Pipeline::builder(sink)
+        .with_settings(PipelineSettings { capacity: 10, backpressure: Backpressure::FailFast, ..Default::default() })
+        .build()
+        .expect("build");
+    let e = small.send(events(11)).expect_err("larger than the buffer");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { limit: 10, actual: 11, .. }), "{e}");
+    assert!(!e.is_retryable());
+    assert_eq!(small.send(events(10)).expect("exactly the capacity fits"), 10);
 }
