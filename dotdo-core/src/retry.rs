@@ -29,7 +29,7 @@ where
             Ok(v) => return Ok(v),
             Err(e) if (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) && attempt < policy.retries => {
                 attempt += 1;
-                clock.sleep(policy.base * (1u32 << attempt.min(7))).await;
+                clock.sleep(policy.base.saturating_mul(1u32 << attempt.min(7))).await;
             }
             Err(e) => return Err(e),
         }

@@ -452,7 +452,7 @@ impl IcebergColdStore {
                 Err(e) if e.kind() == &ErrorKind::AmbiguousOutcome || e.is_retryable() => {
                     maybe_landed |= e.kind() == &ErrorKind::AmbiguousOutcome;
                     emit(Progress::Retrying { attempt });
-                    self.inner.clock.sleep(self.inner.settings.retry_base_delay * attempt.min(20)).await;
+                    self.inner.clock.sleep(self.inner.settings.retry_base_delay.saturating_mul(attempt.min(20))).await;
                     match self.reload(&ident).await {
                         Ok(t) => {
                             if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
@@ -485,7 +485,7 @@ impl IcebergColdStore {
                         resolved = Some(t);
                         break;
                     }
-                    Err(_) => self.inner.clock.sleep(self.inner.settings.retry_base_delay * (i + 1)).await,
+                    Err(_) => self.inner.clock.sleep(self.inner.settings.retry_base_delay.saturating_mul(i + 1)).await,
                 }
             }
             let Some(t) = resolved else {

@@ -202,7 +202,7 @@ impl CloudflareStreamClient {
             attempt += 1;
             report.retries += 1;
             self.clock.sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
         }
     }
 }

@@ -249,7 +249,7 @@ fn with_busy_retry<T>(settings: &SqliteSettings, doing: &str, mut f: impl FnMut(
                     // Real time on purpose: this runs on a blocking thread, and a backoff must not
                     // wait on an injected (possibly manual) clock that only tests move.
                     std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff = backoff.saturating_mul(2).min(Duration::from_secs(1));
                     continue;
                 }
                 let err = map(e, doing);
