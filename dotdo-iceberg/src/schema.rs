@@ -106,6 +106,10 @@ pub(crate) struct Bucketer {
 
 impl Bucketer {
     pub(crate) fn new(transform: &Transform) -> Result<Self> {
+        if matches!(transform, Transform::Bucket(0)) {
+            // iceberg's bucket function takes the hash modulo N: N = 0 would divide by zero.
+            return Err(Error::corrupt("the table's partition spec has bucket[0], which no engine can evaluate"));
+        }
         let f = iceberg::transform::create_transform_function(transform)
             .map_err(|e| crate::error::classify(e, "partition transform"))?;
         Ok(Bucketer { f })
@@ -302,6 +306,13 @@ pub(crate) fn from_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_transform_of_zero_is_corrupt_not_a_division_by_zero() {
+        let e = Bucketer::new(&Transform::Bucket(0)).expect_err("bucket[0]");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt);
+        assert!(Bucketer::new(&Transform::Bucket(16)).expect("bucket[16]").bucket("o").is_ok());
+    }
 
     #[test]
     fn records_roundtrip_through_a_batch() {
