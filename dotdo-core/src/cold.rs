@@ -77,6 +77,7 @@ impl ColdBatch {
             if oc.token == FencingToken::NONE {
                 return Err(Error::invalid("cold batch committer token must not be NONE"));
             }
+            oc.token.validate().map_err(|e| e.context(format!("cold batch of {}", oc.object)))?;
             for (i, r) in oc.records.iter().enumerate() {
                 if r.object != oc.object {
                     return Err(Error::invalid(format!("record of {} in the changes of {}", r.object, oc.object)));
@@ -92,6 +93,7 @@ impl ColdBatch {
                 if r.seq == 0 {
                     return Err(Error::invalid("sequence numbers start at 1"));
                 }
+                crate::record::validate_seq(r.seq, "record seq")?;
             }
         }
         Ok(())

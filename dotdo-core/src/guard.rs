@@ -166,7 +166,7 @@ pub mod rules {
                     "the object is leased by another holder",
                 ));
             }
-            Some(r) => r.token.next(),
+            Some(r) => r.token.checked_next()?,
             None => FencingToken::new(1),
         };
         Ok(LeaseRow { holder: holder.clone(), token, acquired_at: now, expires_at: now.plus(ttl) })

@@ -133,9 +133,39 @@ impl FencingToken {
         self.0
     }
 
-    /// The next token.
+    /// The largest token a guard issues or a store accepts: 2^44 - 1 (about 1.8 * 10^13
+    /// acquisitions of one object). One bound for every backend keeps them interchangeable on
+    /// the same data; libSQL's remote transport carries call results in 45 bits.
+    pub const MAX: FencingToken = FencingToken((1 << 44) - 1);
+
+    /// The next token (saturating at `u64::MAX`; guards use [`checked_next`](Self::checked_next)).
     pub fn next(self) -> Self {
         FencingToken(self.0.saturating_add(1))
+    }
+
+    /// The token a guard issues after `self`: `LimitExceeded` past [`MAX`](Self::MAX), so no two
+    /// leases ever share a token.
+    pub fn checked_next(self) -> Result<Self> {
+        match self.0.checked_add(1) {
+            Some(n) if n <= Self::MAX.0 => Ok(FencingToken(n)),
+            _ => Err(Error::limit("fencing token", Self::MAX.0, self.0.saturating_add(1))),
+        }
+    }
+
+    /// `InvalidInput` unless the token may be presented with a write: [`NONE`](Self::NONE) is
+    /// never valid and nothing above [`MAX`](Self::MAX) is ever issued.
+    pub fn validate(self) -> Result<()> {
+        if self == Self::NONE {
+            return Err(Error::invalid("fencing token NONE is never valid for a write"));
+        }
+        if self > Self::MAX {
+            return Err(Error::invalid(format!(
+                "fencing token {} is above the largest token ever issued ({})",
+                self.0,
+                Self::MAX.0
+            )));
+        }
+        Ok(())
     }
 }
 

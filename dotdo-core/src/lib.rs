@@ -77,7 +77,7 @@ pub use guard::{ConsistencyGuard, Lease};
 pub use hot::{HotStore, HotStoreExt, ObjectInfo};
 pub use ids::{FencingToken, NodeId, ObjectId, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use memory::{MemoryBackend, MemoryColdStore};
-pub use record::{ChangeRecord, Entry, KeyRange, Op, Seq, WriteBatch, WriteOp, WriteReceipt};
+pub use record::{ChangeRecord, Entry, KeyRange, Op, Seq, WriteBatch, WriteOp, WriteReceipt, MAX_SEQ};
 pub use ring::HashRing;
 pub use runtime::{ObjectRuntime, ObjectTxn, RestoreMode, RuntimeSettings};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

@@ -15,6 +15,30 @@ use crate::time::Timestamp;
 /// Per-object sequence number of a change; the first change of an object has `seq == 1`.
 pub type Seq = u64;
 
+/// The largest sequence number of an object: 2^44 - 1 (like [`FencingToken::MAX`], so that
+/// every backend, libSQL's remote transport included, can carry it). A write that would pass it
+/// is `LimitExceeded`; a restore or cold record beyond it is `InvalidInput`.
+///
+/// [`FencingToken::MAX`]: crate::FencingToken::MAX
+pub const MAX_SEQ: Seq = (1 << 44) - 1;
+
+/// `InvalidInput` for a sequence number above [`MAX_SEQ`].
+pub fn validate_seq(seq: Seq, what: &str) -> Result<()> {
+    if seq > MAX_SEQ {
+        return Err(Error::invalid(format!("{what} {seq} is above the largest sequence number {MAX_SEQ}")));
+    }
+    Ok(())
+}
+
+/// The receipt of `n` changes appended after `last`: `LimitExceeded` if they would pass
+/// [`MAX_SEQ`].
+pub fn receipt_after(last: Seq, n: u64) -> Result<WriteReceipt> {
+    match last.checked_add(n) {
+        Some(end) if end <= MAX_SEQ => Ok(WriteReceipt { first_seq: last + 1, last_seq: end }),
+        _ => Err(Error::limit("sequence number", MAX_SEQ, last.saturating_add(n))),
+    }
+}
+
 /// The kind of change.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Op {
@@ -257,6 +281,7 @@ impl Entry {
     /// Check the key and value limits (what a restore must refuse before writing anything).
     pub fn validate(&self) -> Result<()> {
         validate_key(&self.key)?;
+        validate_seq(self.seq, "entry seq")?;
         validate_value(&self.value)
     }
 }

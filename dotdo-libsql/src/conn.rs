@@ -141,6 +141,10 @@ impl Conn {
         if w.token < max {
             return Ok(-max);
         }
+        let n = i64::try_from(w.ops.len()).unwrap_or(i64::MAX);
+        if last.checked_add(n).is_none_or(|end| end > dotdo_core::MAX_SEQ as i64) {
+            return Ok(SEQ_EXHAUSTED);
+        }
         if w.token > max || rows.is_empty() {
             self.prepared(Step::exec(RAISE_IF_CURRENT, vec![w.object.clone(), Value::Integer(w.token)])).await?;
         }
@@ -242,6 +246,11 @@ fn decode_result(rowid: i64, nonce: i64) -> libsql::Result<i64> {
     }
     Ok((x & ((1 << RESULT_BITS) - 1)) - RESULT_BIAS)
 }
+
+/// The result of a write (rolled back, or made a no-op) that would pass [`dotdo_core::MAX_SEQ`]:
+/// `-2^44`, below every `-max_token` (tokens end at 2^44 - 1) and still inside the range a
+/// remote program result can carry.
+pub(crate) const SEQ_EXHAUSTED: i64 = -(1 << 44);
 
 /// The parameters of [`Conn::write_direct`]: `ops` are `(key, Some(value))` puts and
 /// `(key, None)` deletes, in order.

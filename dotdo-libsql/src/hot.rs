@@ -40,10 +40,12 @@ impl HotStore for LibsqlStore {
                 .collect(),
         });
         let object = object.clone();
+        // The largest last seq before this batch that leaves room for all of it below MAX_SEQ.
+        let room = Value::Integer(i64::try_from(dotdo_core::MAX_SEQ.saturating_sub(n)).unwrap_or(0));
         let r = self
             .write_call("write", move |c| {
                 let direct = direct.clone();
-                let (o, tk, type_name) = (o.clone(), tk.clone(), type_name.clone());
+                let (o, tk, type_name, room) = (o.clone(), tk.clone(), type_name.clone(), room.clone());
                 Box::pin(async move {
                     if !c.is_batch() {
                         return Ok(Some(c.write_direct(&direct).await?));
@@ -51,8 +53,9 @@ impl HotStore for LibsqlStore {
                     // One program, one transaction, one round trip: raise the token maximum if
                     // the token is newer, apply every operation only if the token equals the
                     // maximum, report the outcome.
-                    let mut steps = Vec::with_capacity(1 + 2 * direct.ops.len());
+                    let mut steps = Vec::with_capacity(2 + 2 * direct.ops.len());
                     steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
+                    steps.push(Step::exec(PIN_LAST, vec![o.clone(), tk.clone()]));
                     for (k, value) in &direct.ops {
                         let (code, v) = match value {
                             Some(v) => (0, v.clone()),
@@ -66,19 +69,24 @@ impl HotStore for LibsqlStore {
                             v.clone(),
                             Value::Integer(now),
                             type_name.clone(),
+                            room.clone(),
                         ];
                         steps.push(Step::exec(LOG, log));
                         steps.push(match value {
-                            Some(_) => Step::exec(PUT, vec![o.clone(), tk.clone(), k.clone(), v]),
-                            None => Step::exec(DEL, vec![o.clone(), tk.clone(), k.clone()]),
+                            Some(_) => Step::exec(PUT, vec![o.clone(), tk.clone(), k.clone(), v, room.clone()]),
+                            None => Step::exec(DEL, vec![o.clone(), tk.clone(), k.clone(), room.clone()]),
                         });
                     }
-                    let program = Program { steps, result: Some(Step::new(WRITE_RESULT, vec![o, tk])) };
+                    let result = Step::new(WRITE_RESULT, vec![o, tk, room, Value::Integer(crate::conn::SEQ_EXHAUSTED)]);
+                    let program = Program { steps, result: Some(result) };
                     Ok(c.run_program(program).await?)
                 })
             })
             .await?
             .unwrap_or_default();
+        if r == crate::conn::SEQ_EXHAUSTED {
+            return Err(Error::limit("sequence number", dotdo_core::MAX_SEQ, dotdo_core::MAX_SEQ.saturating_add(n)));
+        }
         if r < 0 {
             return Err(Error::fenced(&object, token, FencingToken::new(r.unsigned_abs())));
         }
@@ -288,6 +296,7 @@ impl HotStore for LibsqlStore {
     ) -> Result<()> {
         check_token_nonzero(token)?;
         entries.iter().try_for_each(Entry::validate)?;
+        dotdo_core::record::validate_seq(through_seq, "restore through_seq")?;
         let p = vec![t(object.as_str()), i(token.get()), i(through_seq)];
         // Conflict: pending changes, or a last seq above `through_seq`.
         let conflict = format!("({PENDING} OR {LAST} > ?3)");

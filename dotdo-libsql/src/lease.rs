@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dotdo_core::guard::rules;
-use dotdo_core::{ConsistencyGuard, Error, FencingToken, Lease, NodeId, ObjectId, Result};
+use dotdo_core::{ConsistencyGuard, Error, FencingToken, HotStore, Lease, NodeId, ObjectId, Result};
 use libsql::Value;
 
 use crate::conn::{Program, Step};
@@ -29,12 +29,13 @@ impl ConsistencyGuard for LibsqlStore {
                 t(holder.as_str()),
                 Value::Integer(now.as_micros()),
                 Value::Integer(expires.as_micros()),
+                i(FencingToken::MAX.get()),
             ];
             let steps = vec![
                 Step::exec(
                     "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
-                     VALUES (?1, ?2, ?3, ?4, 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
-                     coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0))) \
+                     SELECT ?1, ?2, ?3, ?4, next FROM (SELECT 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
+                     coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0)) AS next) WHERE next <= ?5 \
                      ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
                      expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3",
                     p.clone(),
@@ -65,6 +66,11 @@ impl ConsistencyGuard for LibsqlStore {
             // between, try again.
             let current = self.lease_row_on_primary(object).await?;
             rules::acquire(object, current.as_ref(), holder, ttl, self.inner.clock.now())?;
+            // Free, yet refused: every token up to FencingToken::MAX has been used (by leases
+            // or by writes), so no new one may be issued.
+            if let Some(info) = self.object_info(object).await? {
+                info.max_token.checked_next()?;
+            }
         }
         Err(Error::corrupt(format!(
             "the lease row of {object} refuses every acquire but reads as free (damaged holder or token?)"

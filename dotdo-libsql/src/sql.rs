@@ -34,19 +34,26 @@ pub(crate) const MINUS_MAX: &str = "-(SELECT max_token FROM do_objects WHERE do_
 pub(crate) const RAISE_IF_CURRENT: &str =
     "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
      ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token";
-/// Append one change with the next sequence number, only if the token is current.
+/// The second step of a write: pin the object's `last_seq` floor to its effective last
+/// sequence number (which it never changes), so the steps after it can test the room left below
+/// `MAX_SEQ` against a value the batch's own inserts do not move. Only with a current token.
+pub(crate) const PIN_LAST: &str =
+    concat!("UPDATE do_objects AS o SET last_seq = ", eff_last!("o"), " WHERE o.do_id = ?1 AND o.max_token = ?2");
+/// Append one change with the next sequence number, only if the token is current and the whole
+/// batch fits below `MAX_SEQ` (`?8`: the largest last seq before the batch that leaves room).
 pub(crate) const LOG: &str = concat!(
     "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) SELECT ?1, ",
     eff_last!("o"),
-    " + 1, ?3, ?4, ?5, ?2, ?6, ?7 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2"
+    " + 1, ?3, ?4, ?5, ?2, ?6, ?7 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?8"
 );
-/// Upsert the state of the change just logged, only if the token is current.
+/// Upsert the state of the change just logged, under the same conditions as [`LOG`] (`?5`).
 pub(crate) const PUT: &str = "INSERT INTO do_state (do_id, key, value, seq) \
      SELECT ?1, ?3, ?4, (SELECT max(seq) FROM do_changes c WHERE c.do_id = ?1) \
-     FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 \
+     FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?5 \
      ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq";
+/// Delete a key's state, under the same conditions as [`LOG`] (`?4`).
 pub(crate) const DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?3 \
-     AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2)";
+     AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?4)";
 /// The direct (local) write path's one read: the token maximum and the effective last seq.
 pub(crate) const DIRECT_READ: &str =
     concat!("SELECT o.max_token, ", eff_last!("o"), " FROM do_objects o WHERE o.do_id = ?1");
@@ -60,7 +67,7 @@ pub(crate) const DIRECT_PUT: &str = "INSERT INTO do_state (do_id, key, value, se
 pub(crate) const DIRECT_DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?2";
 /// The result of a write: `-max_token` if fenced, else the effective last sequence number.
 pub(crate) const WRITE_RESULT: &str = concat!(
-    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token ELSE ",
+    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token WHEN o.last_seq > ?3 THEN ?4 ELSE ",
     eff_last!("o"),
     " END FROM do_objects o WHERE o.do_id = ?1), 0)"
 );
@@ -124,10 +131,7 @@ pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
 }
 
 pub(crate) fn check_token_nonzero(token: FencingToken) -> Result<()> {
-    if token == FencingToken::NONE {
-        return Err(Error::invalid("fencing token NONE is never valid for a write"));
-    }
-    Ok(())
+    token.validate()
 }
 
 pub(crate) fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {

@@ -295,10 +295,7 @@ fn obj_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<ObjRow>> 
 }
 
 fn check_token_nonzero(token: FencingToken) -> Result<()> {
-    if token == FencingToken::NONE {
-        return Err(Error::invalid("fencing token NONE is never valid for a write"));
-    }
-    Ok(())
+    token.validate()
 }
 
 /// Check `token` against the object's maximum and raise the maximum; creates the row if needed.
@@ -478,11 +475,11 @@ impl HotStore for SqliteStore {
             let n = batch.ops.len() as u64;
             inner.write_tx("write", |tx| {
                 // Common case: one read, no counter write (the lease already raised max_token).
-                let last = match obj_row(tx, object.as_str())? {
-                    Some(row) if row.max_token == token.get() => row.last_seq + n,
-                    _ => check_and_raise(tx, &object, token)?.last_seq + n,
+                let prev = match obj_row(tx, object.as_str())? {
+                    Some(row) if row.max_token == token.get() => row.last_seq,
+                    _ => check_and_raise(tx, &object, token)?.last_seq,
                 };
-                let first = last - n + 1;
+                let WriteReceipt { first_seq: first, last_seq: last } = dotdo_core::record::receipt_after(prev, n)?;
                 let mut put = tx.prepare_cached(
                     "INSERT INTO do_state (do_id, key, value, seq) VALUES (?1, ?2, ?3, ?4) \
                      ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq",
@@ -712,6 +709,7 @@ impl HotStore for SqliteStore {
     ) -> Result<()> {
         check_token_nonzero(token)?;
         entries.iter().try_for_each(Entry::validate)?;
+        dotdo_core::record::validate_seq(through_seq, "restore through_seq")?;
         let object = object.clone();
         self.run(move |inner| {
             inner.write_tx("restore", |tx| {
@@ -753,7 +751,7 @@ impl ConsistencyGuard for SqliteStore {
                 let mut row = rules::acquire(&object, current.as_ref(), &holder, ttl, now)?;
                 let floor = obj_row(tx, object.as_str())?.map_or(0, |o| o.max_token);
                 if row.token.get() <= floor {
-                    row.token = FencingToken::new(floor + 1);
+                    row.token = FencingToken::new(floor).checked_next()?;
                 }
                 tx.prepare_cached(
                     "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) VALUES (?1, ?2, ?3, ?4, ?5) \

@@ -39,9 +39,7 @@ impl State {
     }
 
     fn check_token(&mut self, object: &ObjectId, token: FencingToken) -> Result<&mut ObjectState> {
-        if token == FencingToken::NONE {
-            return Err(Error::invalid("fencing token NONE is never valid for a write"));
-        }
+        token.validate()?;
         let current = self.max_token(object);
         if token < current {
             return Err(Error::fenced(object, token, current));
@@ -98,6 +96,8 @@ impl HotStore for MemoryBackend {
         batch.validate()?;
         let now = self.clock.now();
         let mut st = self.state.lock();
+        let last = st.objects.get(object).map_or(0, |o| o.last_seq);
+        crate::record::receipt_after(last, batch.ops.len() as u64)?;
         let o = st.check_token(object, token)?;
         let first_seq = o.last_seq + 1;
         for op in batch.ops {
@@ -218,6 +218,7 @@ impl HotStore for MemoryBackend {
         through_seq: Seq,
     ) -> Result<()> {
         entries.iter().try_for_each(Entry::validate)?;
+        crate::record::validate_seq(through_seq, "restore through_seq")?;
         let mut st = self.state.lock();
         let o = st.check_token(object, token)?;
         if o.last_seq > o.truncated_through || o.last_seq > through_seq {
@@ -247,7 +248,7 @@ impl ConsistencyGuard for MemoryBackend {
         // A token must also exceed any token writes have presented.
         let floor = st.max_token(object);
         if row.token <= floor {
-            row.token = floor.next();
+            row.token = floor.checked_next()?;
         }
         let lease = row.to_lease(object);
         st.leases.insert(object.clone(), row);

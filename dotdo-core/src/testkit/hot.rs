@@ -301,6 +301,49 @@ pub async fn none_token_is_rejected(f: &HotFactory) {
     assert_eq!(fx.hot.get(&oid("o1"), "k").await.expect("get"), None);
 }
 
+/// Tokens above `FencingToken::MAX` are never accepted; once a write has used `MAX` itself, no
+/// further lease can be issued (`LimitExceeded`): a token is never issued twice.
+pub async fn tokens_are_bounded_and_never_shared_at_the_bound(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let o = oid("o1");
+    for bad in [FencingToken::new(FencingToken::MAX.get() + 1), FencingToken::new(u64::MAX)] {
+        let e = fx.hot.put(&o, bad, "T", "k", b("v")).await.expect_err("token above MAX");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        let e = fx.hot.truncate_changes(&o, bad, 0).await.expect_err("token above MAX");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+    }
+    assert_eq!(fx.hot.get(&o, "k").await.expect("get"), None);
+    let l = lease(&fx, "o1", "n1").await;
+    // A writer presenting MAX itself (the largest valid token) is accepted...
+    fx.hot.put(&o, FencingToken::MAX, "T", "k", b("max")).await.expect("write with MAX");
+    clock.advance(TTL + Duration::from_millis(1));
+    // ...and then no lease can get a larger one.
+    let e = fx.guard.acquire(&o, &nid("n2"), TTL).await.expect_err("no token left");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    let e = fx.hot.put(&o, l.token, "T", "k", b("stale")).await.expect_err("stale");
+    assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
+    assert_eq!(fx.hot.get(&o, "k").await.expect("get"), Some(b("max")));
+}
+
+/// Sequence numbers end at `MAX_SEQ`: a restore beyond it is `InvalidInput`, and a write that
+/// would pass it is `LimitExceeded` and writes nothing.
+pub async fn sequence_numbers_are_bounded(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let e = fx.hot.restore(&l.object, l.token, Vec::new(), crate::MAX_SEQ + 1).await.expect_err("beyond MAX_SEQ");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    let entry = crate::Entry { key: "k".into(), value: b("v"), seq: crate::MAX_SEQ - 1 };
+    fx.hot.restore(&l.object, l.token, vec![entry], crate::MAX_SEQ - 1).await.expect("restore near the end");
+    let r = fx.hot.put(&l.object, l.token, "T", "a", b("1")).await.expect("the last sequence number");
+    assert_eq!(r.last_seq, crate::MAX_SEQ);
+    let e = fx.hot.put(&l.object, l.token, "T", "b", b("2")).await.expect_err("past MAX_SEQ");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert_eq!(fx.hot.get(&l.object, "b").await.expect("get"), None, "nothing of the refused write applied");
+    assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), Some(b("v")));
+    let log = fx.hot.read_changes(&l.object, 0, 10).await.expect("log");
+    assert_eq!(log.iter().map(|c| c.seq).collect::<Vec<_>>(), [crate::MAX_SEQ]);
+}
+
 /// After another holder takes over, a write with the old token is `Fenced` and changes nothing.
 pub async fn stale_token_write_is_rejected_after_takeover(f: &HotFactory) {
     let (fx, clock) = open(f).await;
@@ -941,6 +984,8 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         change_log_reads_and_truncates,
         pending_objects_are_listed_until_truncated,
         none_token_is_rejected,
+        tokens_are_bounded_and_never_shared_at_the_bound,
+        sequence_numbers_are_bounded,
         stale_token_write_is_rejected_after_takeover,
         paused_holder_past_ttl_is_fenced,
         evict_requires_drained_changes_and_keeps_sequence,

@@ -167,6 +167,8 @@ macro_rules! hot_conformance {
             change_log_reads_and_truncates,
             pending_objects_are_listed_until_truncated,
             none_token_is_rejected,
+            tokens_are_bounded_and_never_shared_at_the_bound,
+            sequence_numbers_are_bounded,
             stale_token_write_is_rejected_after_takeover,
             paused_holder_past_ttl_is_fenced,
             evict_requires_drained_changes_and_keeps_sequence,
