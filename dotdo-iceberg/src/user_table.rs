@@ -187,6 +187,11 @@ impl ArrowTable {
 
     /// Append `batches` as batch `batch_id` of `stream`, exactly once (see the module docs).
     /// Batches must have the table's user schema; ids of one stream must increase.
+    ///
+    /// `(stream, batch_id)` is the idempotency key: an id at or below the stream's mark is taken
+    /// for a replay of a batch already committed and writes nothing. A stream name therefore
+    /// belongs to **one** producer: two producers appending under the same name would each
+    /// take the other's batches for their own and drop data.
     pub async fn append(&self, stream: &str, batch_id: u64, batches: Vec<RecordBatch>) -> Result<ArrowCommit> {
         if stream.is_empty()
             || stream.len() > 128

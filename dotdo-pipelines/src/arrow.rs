@@ -121,6 +121,8 @@ impl std::fmt::Debug for ArrowPipeline {
 impl ArrowPipeline {
     /// A pipeline named `stream` (1..=128 of ASCII letters, digits, `-_.`; the name the sink
     /// records batch ids under) into `sink`. Reopens a durable log left by an earlier process.
+    /// One live pipeline per stream name and table: batch ids are the exactly-once key, so two
+    /// producers under one name would drop each other's batches as replays.
     pub fn open(stream: &str, sink: Arc<dyn ArrowSink>, settings: PipelineSettings) -> Result<Self> {
         if stream.is_empty()
             || stream.len() > 128

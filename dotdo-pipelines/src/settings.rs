@@ -43,9 +43,10 @@ pub struct PipelineSettings {
     pub backpressure: Backpressure,
     /// Buffer durability (default `Memory`).
     pub durability: Durability,
-    /// The committer token of the pipeline's cold commits (default 1). A pipeline owns the
-    /// sequence numbers of the objects it writes: do not point a runtime and a pipeline at the
-    /// same objects of one table.
+    /// The committer token of the pipeline's cold commits (default 1; `NONE` is refused). A
+    /// pipeline owns the sequence numbers of the objects it writes: do not point a runtime and a
+    /// pipeline, or two pipelines, at the same objects of one table (the sink would take the
+    /// second writer's records for replays of the first's and skip them).
     pub token: FencingToken,
 }
 
