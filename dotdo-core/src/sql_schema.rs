@@ -7,7 +7,8 @@
 /// Schema version the backends store in `PRAGMA user_version`.
 pub const SQL_HOT_SCHEMA_VERSION: i64 = 1;
 
-/// The `CREATE TABLE IF NOT EXISTS` statements of the schema.
+/// The `CREATE TABLE IF NOT EXISTS` statements of the schema, and the one-time fold of lease
+/// rows that predate it (run when a file's `user_version` is below [`SQL_HOT_SCHEMA_VERSION`]).
 pub const SQL_HOT_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS do_locks (
     do_id         TEXT PRIMARY KEY,
@@ -45,6 +46,12 @@ CREATE TABLE IF NOT EXISTS do_changes (
     type  TEXT NOT NULL,
     PRIMARY KEY (do_id, seq)
 ) WITHOUT ROWID;
+-- Invariant: do_objects.max_token >= do_locks.fencing_token for every object (an acquire raises
+-- both in one transaction, and writes fence against do_objects alone). Lease rows that were in
+-- the file before dotdo's schema (the predecessor's do_locks) are folded in here, once.
+INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token)
+    SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE true
+    ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token);
 "#;
 
 /// One `do_changes` row as the backends select it:

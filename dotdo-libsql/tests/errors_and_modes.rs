@@ -437,3 +437,32 @@ async fn a_lease_row_that_does_not_decode_is_corrupt_never_a_free_lease() {
         Err(e) => assert!(matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::LeaseHeld { .. }), "{e}"),
     }
 }
+
+/// A file that already has the predecessor's `do_locks` (seed 002) with issued tokens: opening
+/// it folds those tokens into dotdo's fencing state, on both transports.
+#[tokio::test]
+async fn lease_tokens_of_a_predecessor_do_locks_table_fence_writes() {
+    for transport in [Transport::Auto, Transport::Batch] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("legacy.db");
+        {
+            let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+            let c = raw.connect().expect("connect");
+            c.execute_batch(
+                "CREATE TABLE do_locks (do_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL,
+                    expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL, metadata TEXT);
+                 INSERT INTO do_locks VALUES ('user:a', 'old-node', 0, 1, 7, NULL);",
+            )
+            .await
+            .expect("predecessor schema");
+        }
+        let settings = LibsqlSettings { transport, ..Default::default() };
+        let s = LibsqlStore::local(&path).with_settings(settings).open().await.expect("open");
+        let a = ObjectId::new("user:a").expect("id");
+        let e = s.put(&a, dotdo_core::FencingToken::new(3), "T", "k", b"v".to_vec().into()).await.expect_err("stale");
+        assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{transport:?}: {e}");
+        let l = s.acquire(&a, &NodeId::new("n").expect("valid"), Duration::from_secs(5)).await.expect("acquire");
+        assert_eq!(l.token.get(), 8, "{transport:?}");
+        s.put(&a, l.token, "T", "k", b"v".to_vec().into()).await.expect("current token");
+    }
+}

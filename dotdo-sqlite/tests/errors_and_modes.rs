@@ -224,3 +224,28 @@ async fn background_checkpoints_copy_the_wal_into_the_database() {
     assert_eq!(without, empty, "no checkpoint ran: the pages are still in the WAL");
     assert!(with > empty + 200 * 1000, "background checkpoints copied the pages: {db_sizes:?}");
 }
+
+/// A file that already has the predecessor's `do_locks` (seed 002) with issued tokens: opening
+/// it folds those tokens into dotdo's fencing state, so a write with a lower token is fenced and
+/// the next lease gets a larger token.
+#[tokio::test]
+async fn lease_tokens_of_a_predecessor_do_locks_table_fence_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("legacy.db");
+    {
+        let c = rusqlite::Connection::open(&path).expect("raw open");
+        c.execute_batch(
+            "CREATE TABLE do_locks (do_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL,
+                expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL, metadata TEXT);
+             INSERT INTO do_locks VALUES ('user:a', 'old-node', 0, 1, 7, NULL);",
+        )
+        .expect("predecessor schema");
+    }
+    let s = SqliteStore::builder(&path).open().await.expect("open");
+    let a = ObjectId::new("user:a").expect("id");
+    let e = s.put(&a, dotdo_core::FencingToken::new(3), "T", "k", b"v".to_vec().into()).await.expect_err("stale");
+    assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
+    let l = s.acquire(&a, &NodeId::new("n").expect("valid"), Duration::from_secs(5)).await.expect("acquire");
+    assert_eq!(l.token.get(), 8);
+    s.put(&a, l.token, "T", "k", b"v".to_vec().into()).await.expect("current token");
+}
