@@ -327,3 +327,140 @@ fn invoke_futures_are_send_so_hosts_can_spawn_them() {
     });
     assert_send(&fut);
 }
+
+/// A cold sink that fails every call with a retryable `Unavailable` while `down` is set.
+#[derive(Debug)]
+struct FlakyCold {
+    inner: MemoryColdStore,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl FlakyCold {
+    fn check(&self) -> Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable("cold store down (test)"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl ColdSink for FlakyCold {
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        self.check()?;
+        self.inner.append(batch).await
+    }
+    async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+        self.check()?;
+        self.inner.watermark(object).await
+    }
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.check()?;
+        self.inner.snapshots().await
+    }
+    async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+        self.check()?;
+        self.inner.load_state(object, as_of).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+        self.check()?;
+        self.inner.read_changes(object, after, as_of).await
+    }
+}
+
+/// A committed write is reported as committed even when the automatic flush after it fails: a
+/// caller told "failed" would repeat it. The changes reach cold exactly once with the next flush.
+#[tokio::test]
+async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold { inner: w.cold.clone(), down: false.into() });
+    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(cold.clone())
+        .with_accelerator(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { flush_after_changes: 1, ..settings() })
+        .build()
+        .expect("build runtime");
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The flush's retries sleep on the manual clock: keep it moving.
+    let ticking = {
+        let clock = w.clock.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                clock.advance(Duration::from_millis(50));
+            }
+        })
+    };
+    let second = incr(&rt, &o).await;
+    ticking.abort();
+    assert_eq!(second.expect("committed although cold is down"), 2);
+    assert_eq!(rt.metrics().flush_failures, 1);
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1, "the second change is still pending");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("third, flushed with the pending second"), 3);
+    rt.flush_all().await.expect("flush");
+    let changes = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("cold changes");
+    assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3], "every change once");
+}
+
+/// A guard that fails the next `refresh` calls with a retryable `Unavailable`.
+#[derive(Debug)]
+struct FlakyGuard {
+    inner: MemoryBackend,
+    fail_refreshes: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl ConsistencyGuard for FlakyGuard {
+    async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
+        self.inner.acquire(object, holder, ttl).await
+    }
+    async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let left = self.fail_refreshes.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.fail_refreshes.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::unavailable("guard unreachable (test)"));
+        }
+        self.inner.refresh(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.inner.release(lease).await
+    }
+    async fn validate(&self, lease: &Lease) -> Result<()> {
+        self.inner.validate(lease).await
+    }
+    async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
+        self.inner.current(object).await
+    }
+}
+
+/// A transient refresh failure keeps a lease that is still valid: the runtime does not lock
+/// itself out of its own object (acquire would answer `LeaseHeld`, naming this very node).
+#[tokio::test]
+async fn a_transient_refresh_failure_keeps_a_valid_lease() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into() });
+    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(guard.clone())
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_accelerator(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime");
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    // Past the point where a call refreshes first, well before expiry; the refresh fails once.
+    w.clock.advance(TTL / 2);
+    guard.fail_refreshes.store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("same lease, still valid"), 2);
+    rt.maintain().await.expect("maintain");
+    assert_eq!(incr(&rt, &o).await.expect("third"), 3);
+    assert_eq!(rt.metrics().activations, 1, "the object was never re-activated");
+}

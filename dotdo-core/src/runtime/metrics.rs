@@ -65,6 +65,9 @@ pub struct RuntimeMetrics {
     pub self_fenced: u64,
     /// Cold flushes (commits to cold storage).
     pub flushes: u64,
+    /// Automatic flushes after a commit (`flush_after_changes`) that failed; the committed
+    /// changes stay in the hot log for the next flush.
+    pub flush_failures: u64,
     /// Records written to cold storage.
     pub records_flushed: u64,
     /// Objects tiered out of hot storage.

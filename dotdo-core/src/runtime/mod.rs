@@ -84,7 +84,9 @@ pub struct RuntimeSettings {
     /// Type name recorded with each change when the handler does not set one. Default "Object".
     pub type_name: String,
     /// Flush an object's changes to cold storage after a commit once this many are pending
-    /// (0: never automatically; call `flush`). Default 0.
+    /// (0: never automatically; call `flush`). Default 0. Best effort: the commit is durable
+    /// before it, so a failed automatic flush does not fail the call (it is logged and counted in
+    /// `RuntimeMetrics::flush_failures`; the changes wait in the hot log for the next flush).
     pub flush_after_changes: u64,
     /// Most change records per cold commit when flushing. Default 100 000.
     pub flush_batch_records: usize,
@@ -415,15 +417,31 @@ impl ObjectRuntime {
         let receipt =
             inner.hot.write(object, active.lease.token, WriteBatch { type_name: type_name.to_string(), ops }).await?;
         inner.metrics.lock().commits += 1;
+        tracing::debug!(object = %object, last_seq = receipt.last_seq, "dotdo commit");
+        // The write is durable from here on: what follows is best effort, and its failure is not
+        // the call's (a caller told "failed" would repeat a write that happened). Undrained
+        // changes stay in the hot log for the next flush.
         let threshold = inner.settings.flush_after_changes;
         if threshold > 0 {
-            let pending = inner.hot.object_info(object).await?.map_or(0, |i| i.last_seq - i.truncated_through);
-            if pending >= threshold {
-                let token = active.lease.token;
-                drain(inner, object, token).await?;
+            let token = active.lease.token;
+            let flushed = async {
+                let pending =
+                    inner.hot.object_info(object).await?.map_or(0, |i| i.last_seq.saturating_sub(i.truncated_through));
+                if pending >= threshold {
+                    drain(inner, object, token).await?;
+                }
+                Ok::<_, Error>(())
+            }
+            .await;
+            if let Err(e) = flushed {
+                tracing::warn!(object = %object, error = %e, "dotdo: committed; the auto-flush to cold failed and is left to the next flush");
+                inner.metrics.lock().flush_failures += 1;
+                if e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. }) {
+                    // Another holder took over while draining: stop using this lease.
+                    slot.active = None;
+                }
             }
         }
-        tracing::debug!(object = %object, last_seq = receipt.last_seq, "dotdo commit");
         Ok(())
     }
 
@@ -449,6 +467,13 @@ impl ObjectRuntime {
             match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
                 Ok(l) => {
                     active.lease = l;
+                    return Ok(());
+                }
+                // A transient failure does not lose a lease that is still valid (dropping it
+                // would lock this runtime out of its own object until the TTL ran out); the
+                // handler's renewal and the commit's margin check try again.
+                Err(e) if e.is_retryable() && now < active.lease.expires_at => {
+                    tracing::debug!(object = %object, error = %e, "dotdo lease refresh failed transiently; keeping the lease");
                     return Ok(());
                 }
                 Err(e) => {
@@ -691,6 +716,8 @@ impl ObjectRuntime {
             } else if active.lease.remaining_at(now) <= inner.settings.lease_ttl * 2 / 3 {
                 match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
                     Ok(l) => active.lease = l,
+                    // Still valid: the next maintain (or call) tries again.
+                    Err(e) if e.is_retryable() && now < active.lease.expires_at => {}
                     Err(_) => guard.active = None,
                 }
             }
