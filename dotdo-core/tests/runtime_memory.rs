@@ -464,3 +464,78 @@ async fn a_transient_refresh_failure_keeps_a_valid_lease() {
     assert_eq!(incr(&rt, &o).await.expect("third"), 3);
     assert_eq!(rt.metrics().activations, 1, "the object was never re-activated");
 }
+
+/// A cold sink whose snapshots in `expired` are gone (as after `expire_snapshots`): reads as of
+/// them are `NotFound` and they are no longer listed.
+#[derive(Debug)]
+struct ExpiringCold {
+    inner: MemoryColdStore,
+    expired: parking_lot::Mutex<std::collections::HashSet<SnapshotId>>,
+}
+
+impl ExpiringCold {
+    fn check(&self, as_of: AsOf) -> Result<()> {
+        match as_of {
+            AsOf::Snapshot(id) if self.expired.lock().contains(&id) => {
+                Err(Error::new(ErrorKind::NotFound, format!("snapshot {id} expired (test)")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ColdSink for ExpiringCold {
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        self.inner.append(batch).await
+    }
+    async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+        self.inner.watermark(object).await
+    }
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let expired = self.expired.lock().clone();
+        Ok(self.inner.snapshots().await?.into_iter().filter(|s| !expired.contains(&s.id)).collect())
+    }
+    async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+        self.check(as_of)?;
+        self.inner.load_state(object, as_of).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+        self.check(as_of)?;
+        self.inner.read_changes(object, after, as_of).await
+    }
+}
+
+/// A lazily restored object keeps working after maintenance expired the snapshot it was
+/// reading: it re-pins the newest snapshot (its own cold state has not moved) instead of failing
+/// every read and write with `NotFound`.
+#[tokio::test]
+async fn a_lazy_object_survives_the_expiry_of_its_snapshot() {
+    let w = World::new();
+    let a = w.runtime("a", RuntimeSettings { restore: RestoreMode::Lazy, ..settings() });
+    let (o, p) = (oid("o"), oid("p"));
+    populate(&a, &o, 20).await;
+    let before = all_state(&a, &o).await;
+    a.evict(&o).await.expect("evict");
+    let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
+    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(cold.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+        .build()
+        .expect("build runtime");
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
+    // Other objects move the table on; maintenance expires the snapshot `o` reads.
+    incr(&a, &p).await.expect("other object");
+    a.flush(&p).await.expect("flush other");
+    cold.expired.lock().insert(pinned);
+    assert_eq!(get(&b, &o, "key/0007").await.expect("read after expiry").as_deref(), Some(&b"value-7"[..]));
+    assert_eq!(get(&b, &o, "gone").await.expect("deleted stays deleted"), None);
+    assert_eq!(incr(&b, &o).await.expect("write completes the restore"), 1);
+    let mut after = all_state(&b, &o).await;
+    after.retain(|(k, _)| k != "n");
+    assert_eq!(after, before);
+}

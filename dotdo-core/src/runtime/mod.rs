@@ -800,6 +800,39 @@ async fn preload(
     Ok((n, bytes))
 }
 
+/// The snapshot a lazy object reads was expired by maintenance (`NotFound`): pin the newest
+/// snapshot instead, provided the object's cold state has not moved since activation (the lease
+/// keeps every other writer of this object away, so the newest snapshot holds the same state).
+pub(crate) async fn repin(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<AsOf> {
+    let through = inner.cold.watermark(object).await?.through;
+    if through != lazy.through {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!("cold state of {object} moved from seq {} to {through} during a lazy restore", lazy.through),
+        ));
+    }
+    lazy.snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
+    tracing::debug!(object = %object, snapshot = ?lazy.snapshot, "dotdo lazy snapshot expired; re-pinned");
+    Ok(lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot))
+}
+
+/// The value of `key` in the object's cold state as of `as_of` (through the accelerator when
+/// there is one).
+pub(crate) async fn cold_value(
+    inner: &Arc<Inner>,
+    object: &ObjectId,
+    key: &str,
+    as_of: AsOf,
+) -> Result<Option<bytes::Bytes>> {
+    match &inner.accel {
+        Some(a) => Ok(a.lookup(object, key, as_of).await?.value.map(|v| v.value)),
+        None => {
+            let st = inner.cold.load_state(object, as_of).await?;
+            Ok(st.entries.into_iter().find(|e| e.key == key).map(|e| e.value))
+        }
+    }
+}
+
 /// Install the object's cold state in hot storage and leave lazy mode.
 pub(crate) async fn complete_restore(
     inner: &Arc<Inner>,
@@ -807,9 +840,15 @@ pub(crate) async fn complete_restore(
     token: FencingToken,
     lazy: &mut Option<LazyState>,
 ) -> Result<()> {
-    let Some(state) = lazy.as_ref() else { return Ok(()) };
+    let Some(state) = lazy.as_mut() else { return Ok(()) };
     let as_of = state.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
-    let st = inner.cold.load_state(object, as_of).await?;
+    let st = match inner.cold.load_state(object, as_of).await {
+        Err(e) if e.kind() == &ErrorKind::NotFound && state.snapshot.is_some() => {
+            let as_of = repin(inner, object, state).await?;
+            inner.cold.load_state(object, as_of).await?
+        }
+        r => r?,
+    };
     if st.through != state.through {
         return Err(Error::new(
             ErrorKind::Conflict,

@@ -73,12 +73,12 @@ impl<'a> ObjectTxn<'a> {
                 }
                 self.inner.metrics.lock().lazy_cache_misses += 1;
                 let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
-                let v = match &self.inner.accel {
-                    Some(a) => a.lookup(self.object, key, as_of).await?.value.map(|v| v.value),
-                    None => {
-                        let st = self.inner.cold.load_state(self.object, as_of).await?;
-                        st.entries.into_iter().find(|e| e.key == key).map(|e| e.value)
+                let v = match super::cold_value(self.inner, self.object, key, as_of).await {
+                    Err(e) if e.kind() == &crate::ErrorKind::NotFound && lazy.snapshot.is_some() => {
+                        let as_of = super::repin(self.inner, self.object, lazy).await?;
+                        super::cold_value(self.inner, self.object, key, as_of).await?
                     }
+                    r => r?,
                 };
                 lazy.cache.insert(key.to_string(), v.clone());
                 Ok(v)
