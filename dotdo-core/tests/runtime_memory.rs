@@ -539,3 +539,28 @@ async fn a_lazy_object_survives_the_expiry_of_its_snapshot() {
     after.retain(|(k, _)| k != "n");
     assert_eq!(after, before);
 }
+
+/// `flush_all` skips objects whose lease this runtime no longer holds: their changes are not
+/// appended under a stale token, and one such object does not fence the whole flush.
+#[tokio::test]
+async fn flush_all_skips_objects_taken_over_by_another_runtime() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let (x, y) = (oid("x"), oid("y"));
+    incr(&a, &x).await.expect("a writes x");
+    w.clock.advance(TTL + Duration::from_millis(1));
+    // b takes x over, flushes its state, and writes once more (pending in hot under b's token).
+    let b = w.runtime("b", settings());
+    assert_eq!(incr(&b, &x).await.expect("b writes x"), 2);
+    b.flush_all().await.expect("b flushes");
+    assert_eq!(incr(&b, &x).await.expect("b writes x again"), 3);
+    incr(&a, &y).await.expect("a writes y");
+    let report = a.flush_all().await.expect("a's flush is not fenced by x");
+    assert_eq!(report.objects, 1, "only y: {report:?}");
+    assert_eq!(w.cold.watermark(&y).await.expect("wm y").through, 1);
+    let x_changes = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold x");
+    assert_eq!(x_changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2], "b's pending change stays b's");
+    b.flush_all().await.expect("b flushes again");
+    let x_changes = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold x");
+    assert_eq!(x_changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3], "every change once");
+}

@@ -617,15 +617,25 @@ impl ObjectRuntime {
     /// Drain the change logs of every object this runtime holds, batching many objects into each
     /// cold commit (fewer, larger snapshots).
     pub async fn flush_all(&self) -> Result<FlushReport> {
+        let inner = &self.inner;
         let mut held: Vec<(ObjectId, FencingToken, futures::lock::OwnedMutexGuard<Slot>)> = Vec::new();
         for (object, slot) in self.active_slots() {
-            let guard = slot.lock_owned().await;
-            if let Some(a) = guard.active.as_ref() {
-                let token = a.lease.token;
-                held.push((object, token, guard));
+            let mut guard = slot.lock_owned().await;
+            let Some(a) = guard.active.as_ref() else { continue };
+            // Only objects whose lease is still this runtime's: a stale one would either fence
+            // the whole multi-object commit or append another holder's changes under it.
+            match inner.guard.validate(&a.lease).await {
+                Ok(()) => {
+                    let token = a.lease.token;
+                    held.push((object, token, guard));
+                }
+                Err(e) if e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
+                    tracing::info!(object = %object, error = %e, "dotdo flush_all: lease no longer held; skipped");
+                    guard.active = None;
+                }
+                Err(e) => return Err(e),
             }
         }
-        let inner = &self.inner;
         let mut report = FlushReport::default();
         loop {
             let mut batch = ColdBatch::default();
