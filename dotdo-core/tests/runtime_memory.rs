@@ -313,6 +313,35 @@ fn builder_requires_components_and_valid_settings() {
         .build()
         .expect_err("zero ttl");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_settings(RuntimeSettings {
+            keep_warm: Duration::from_secs(30),
+            evict_idle_after: Some(Duration::from_secs(60)),
+            ..Default::default()
+        })
+        .build()
+        .expect_err("eviction after the lease is released can never happen");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+}
+
+/// `maintain` tiers out objects idle for `evict_idle_after` even when that equals `keep_warm`
+/// (it used to release their leases first, after which nothing was ever evicted).
+#[tokio::test]
+async fn maintain_evicts_idle_objects_before_releasing_them() {
+    let w = World::new();
+    let idle = Duration::from_secs(5);
+    let rt = w.runtime("a", RuntimeSettings { keep_warm: idle, evict_idle_after: Some(idle), ..settings() });
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    w.clock.advance(idle + Duration::from_secs(1));
+    rt.maintain().await.expect("maintain");
+    assert_eq!(rt.metrics().evictions, 1);
+    assert!(w.hot.get(&o, "n").await.expect("hot").is_none(), "left hot storage");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1, "drained to cold first");
+    assert_eq!(incr(&rt, &o).await.expect("comes back"), 2);
 }
 
 #[test]
