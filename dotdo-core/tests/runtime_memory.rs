@@ -593,3 +593,22 @@ async fn flush_all_skips_objects_taken_over_by_another_runtime() {
     let x_changes = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold x");
     assert_eq!(x_changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3], "every change once");
 }
+
+/// `maintain` forgets objects whose leases were released, so a long-running runtime does not
+/// keep a slot for every object it ever touched.
+#[tokio::test]
+async fn maintain_forgets_released_objects() {
+    let w = World::new();
+    let rt = w.runtime("a", RuntimeSettings { keep_warm: Duration::from_secs(5), ..settings() });
+    for i in 0..50 {
+        incr(&rt, &oid(&format!("o{i}"))).await.expect("incr");
+    }
+    assert_eq!(rt.tracked_objects(), 50);
+    rt.maintain().await.expect("maintain");
+    assert_eq!(rt.tracked_objects(), 50, "still warm");
+    w.clock.advance(Duration::from_secs(6));
+    incr(&rt, &oid("o0")).await.expect("keeps o0 warm");
+    rt.maintain().await.expect("maintain");
+    assert_eq!(rt.tracked_objects(), 1, "only the warm object is left");
+    assert_eq!(incr(&rt, &oid("o7")).await.expect("a forgotten object comes back"), 2);
+}

@@ -757,7 +757,20 @@ impl ObjectRuntime {
                 }
             }
         }
+        // Forget objects this runtime no longer holds, so the table of slots does not grow with
+        // every object ever touched. Only slots nobody else references (clones are made under
+        // this same lock) and that are neither locked nor active.
+        self.inner
+            .slots
+            .lock()
+            .retain(|_, slot| Arc::strong_count(slot) > 1 || slot.try_lock().is_none_or(|s| s.active.is_some()));
         evicted.map(|_| ())
+    }
+
+    /// How many objects this runtime currently keeps a slot for (active ones and ones touched
+    /// since the last [`maintain`](Self::maintain)).
+    pub fn tracked_objects(&self) -> usize {
+        self.inner.slots.lock().len()
     }
 
     /// Run [`maintain`](Self::maintain) every `period` until shutdown (spawn this on the host's
