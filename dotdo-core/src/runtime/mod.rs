@@ -349,11 +349,13 @@ impl ObjectRuntime {
         E: From<Error>,
     {
         crate::ids::validate_type_name(type_name)?;
+        // Count this call before looking at the flag (shutdown sets the flag before counting):
+        // either the call sees the flag, or shutdown sees the call and waits for it.
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _guard = InFlight(&self.inner.in_flight);
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::new(ErrorKind::Shutdown, "the runtime is shutting down").into());
         }
-        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
-        let _guard = InFlight(&self.inner.in_flight);
         self.inner.metrics.lock().invokes += 1;
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
