@@ -215,11 +215,14 @@ impl ArrowPipeline {
                 inner.settings.capacity
             )));
         }
-        if let Some(log) = &inner.log {
-            let ipc = encode(&batch)?;
+        let ipc = inner.log.as_ref().map(|_| encode(&batch)).transpose()?;
+        // The log row and the in-memory row go in under one hold of `buf` (lock order: buf, then
+        // log, as in `roll`): a roll's claim can never mark a logged row that is not yet pending,
+        // which it would then delete without having committed it.
+        let mut b = inner.buf.lock();
+        if let (Some(log), Some(ipc)) = (&inner.log, ipc) {
             log.lock().execute("INSERT INTO arrow_log (ipc) VALUES (?1)", [ipc]).map_err(|e| sql(e, "append"))?;
         }
-        let mut b = inner.buf.lock();
         b.rows += batch.num_rows();
         b.bytes += batch.get_array_memory_size();
         inner.rows_in.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
@@ -261,15 +264,16 @@ impl ArrowPipeline {
                         id
                     };
                     let mut b = inner.buf.lock();
-                    let batches = std::mem::take(&mut b.pending);
-                    b.rows = 0;
-                    b.bytes = 0;
                     if let Some(log) = &inner.log {
                         // Claim durably before committing: a restart re-commits the same id.
+                        // Before `pending` is taken, so a failed claim leaves everything in place.
                         log.lock()
                             .execute("UPDATE arrow_log SET batch = ?1 WHERE batch IS NULL", [id])
                             .map_err(|e| sql(e, "claim"))?;
                     }
+                    let batches = std::mem::take(&mut b.pending);
+                    b.rows = 0;
+                    b.bytes = 0;
                     b.claimed = Some((id, batches.clone()));
                     (id, batches)
                 }
