@@ -540,8 +540,22 @@ impl IcebergColdStore {
             AsOf::Timestamp(ts) => {
                 let Some(head) = md.current_snapshot_id() else { return Ok(None) };
                 let md = table.metadata_ref();
-                let found = iceberg::util::snapshot::ancestors_of(&md, head).find(|s| summary::committed_at(s) <= ts);
-                Ok(found)
+                let mut oldest: Option<SnapshotRef> = None;
+                for s in iceberg::util::snapshot::ancestors_of(&md, head) {
+                    if summary::committed_at(&s) <= ts {
+                        return Ok(Some(s));
+                    }
+                    oldest = Some(s);
+                }
+                // The walk ended before `ts`. If the oldest retained ancestor still has a parent,
+                // the history before it was expired: the state at `ts` is unknown, not empty.
+                match oldest.and_then(|s| s.parent_snapshot_id()) {
+                    Some(parent) => Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!("no retained snapshot at or before {ts:?}: history before snapshot {parent}'s child was expired"),
+                    )),
+                    None => Ok(None),
+                }
             }
         }
     }

@@ -554,3 +554,31 @@ async fn a_cleanup_retention_below_the_minimum_is_invalid_input() {
     let st = cold.load_state(&o, dotdo_core::AsOf::Latest).await.expect("state");
     assert_eq!(st.entries.len(), 1);
 }
+
+/// Time travel to a moment whose snapshots were all expired is `NotFound`, not an empty object
+/// (an empty state with `through = 0` would let a restore reuse sequence numbers).
+#[tokio::test]
+async fn time_travel_into_expired_history_is_not_found() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for s in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, s, "k", "v", 1)]))
+            .await
+            .expect("append");
+        common::sleep(Duration::from_millis(5)).await;
+    }
+    let snaps = cold.snapshots().await.expect("snapshots");
+    let second = snaps[1].committed_at;
+    let st = cold.load_state(&o, dotdo_core::AsOf::Timestamp(second)).await.expect("as of the second");
+    assert_eq!(st.through, 2);
+    let before_all = dotdo_core::Timestamp::from_micros(snaps[0].committed_at.as_micros() - 1);
+    let st = cold.load_state(&o, dotdo_core::AsOf::Timestamp(before_all)).await.expect("before any snapshot");
+    assert!(st.entries.is_empty() && st.through == 0, "genuinely before the table's history");
+    cold.expire_snapshots(Duration::ZERO, 1).await.expect("expire");
+    let e = cold.load_state(&o, dotdo_core::AsOf::Timestamp(second)).await.expect_err("expired history");
+    assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
+    let st = cold.load_state(&o, dotdo_core::AsOf::Latest).await.expect("latest");
+    assert_eq!(st.through, 3);
+}
