@@ -74,9 +74,6 @@ impl ColdBatch {
             if !seen.insert(&oc.object) {
                 return Err(Error::invalid(format!("object {} appears twice in one cold batch", oc.object)));
             }
-            if oc.token == FencingToken::NONE {
-                return Err(Error::invalid("cold batch committer token must not be NONE"));
-            }
             oc.token.validate().map_err(|e| e.context(format!("cold batch of {}", oc.object)))?;
             for (i, r) in oc.records.iter().enumerate() {
                 if r.object != oc.object {

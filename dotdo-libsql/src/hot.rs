@@ -20,7 +20,7 @@ use crate::store::LibsqlStore;
 impl HotStore for LibsqlStore {
     async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
         batch.validate()?;
-        check_token_nonzero(token)?;
+        token.validate()?;
         let now = self.inner.clock.now().as_micros();
         let n = batch.ops.len() as u64;
         let (o, tk) = (t(object.as_str()), i(token.get()));
@@ -169,7 +169,7 @@ impl HotStore for LibsqlStore {
     }
 
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
-        check_token_nonzero(token)?;
+        token.validate()?;
         let (o, tk, th) = (t(object.as_str()), i(token.get()), i(through));
         let p = vec![o, tk, th];
         // Valid: not fenced and `through` not beyond the last sequence number.
@@ -265,7 +265,7 @@ impl HotStore for LibsqlStore {
     }
 
     async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
-        check_token_nonzero(token)?;
+        token.validate()?;
         let p = vec![t(object.as_str()), i(token.get())];
         let ok = format!("NOT {FENCED} AND NOT {PENDING}");
         let steps = vec![
@@ -294,7 +294,7 @@ impl HotStore for LibsqlStore {
         entries: Vec<Entry>,
         through_seq: Seq,
     ) -> Result<()> {
-        check_token_nonzero(token)?;
+        token.validate()?;
         entries.iter().try_for_each(Entry::validate)?;
         dotdo_core::record::validate_seq(through_seq, "restore through_seq")?;
         let p = vec![t(object.as_str()), i(token.get()), i(through_seq)];

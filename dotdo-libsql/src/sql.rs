@@ -130,10 +130,6 @@ pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
     }))
 }
 
-pub(crate) fn check_token_nonzero(token: FencingToken) -> Result<()> {
-    token.validate()
-}
-
 pub(crate) fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
     let mut sql = String::from("SELECT key, value, seq FROM do_state WHERE do_id = ?1");
     let mut args = Vec::new();

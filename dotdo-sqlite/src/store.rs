@@ -294,10 +294,6 @@ fn obj_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<ObjRow>> 
     .optional()
 }
 
-fn check_token_nonzero(token: FencingToken) -> Result<()> {
-    token.validate()
-}
-
 /// Check `token` against the object's maximum and raise the maximum; creates the row if needed.
 fn check_and_raise(conn: &Connection, object: &ObjectId, token: FencingToken) -> TxResult<ObjRow> {
     match obj_row(conn, object.as_str())? {
@@ -468,7 +464,7 @@ mod chunk_sql {
 impl HotStore for SqliteStore {
     async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
         batch.validate()?;
-        check_token_nonzero(token)?;
+        token.validate()?;
         let object = object.clone();
         self.run(move |inner| {
             let now = inner.clock.now().as_micros();
@@ -604,7 +600,7 @@ impl HotStore for SqliteStore {
     }
 
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
-        check_token_nonzero(token)?;
+        token.validate()?;
         let object = object.clone();
         self.run(move |inner| {
             inner.write_tx("truncate changes", |tx| {
@@ -677,7 +673,7 @@ impl HotStore for SqliteStore {
     }
 
     async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
-        check_token_nonzero(token)?;
+        token.validate()?;
         let object = object.clone();
         self.run(move |inner| {
             inner.write_tx("evict", |tx| {
@@ -707,7 +703,7 @@ impl HotStore for SqliteStore {
         entries: Vec<Entry>,
         through_seq: Seq,
     ) -> Result<()> {
-        check_token_nonzero(token)?;
+        token.validate()?;
         entries.iter().try_for_each(Entry::validate)?;
         dotdo_core::record::validate_seq(through_seq, "restore through_seq")?;
         let object = object.clone();
