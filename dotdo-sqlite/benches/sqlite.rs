@@ -51,6 +51,25 @@ impl Raw {
             .expect("raw upsert");
     }
 
+    /// The DESIGN's "read token + upsert in one transaction": a fenced put without any change
+    /// log (the floor of a fenced write that the cold path could not drain exactly once).
+    fn token_upsert(&mut self, keys: &[String], value: &[u8]) {
+        self.i += 1;
+        let c = &self.conn;
+        c.prepare_cached("BEGIN IMMEDIATE").expect("p").execute([]).expect("begin");
+        let tok: i64 = c
+            .prepare_cached("SELECT max_token FROM objs WHERE do_id = ?1")
+            .expect("p")
+            .query_row(["o"], |r| r.get(0))
+            .expect("token");
+        assert_eq!(tok, 1);
+        c.prepare_cached("INSERT INTO kv (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v")
+            .expect("p")
+            .execute(params![keys[self.i % KEYS], value])
+            .expect("upsert");
+        c.prepare_cached("COMMIT").expect("p").execute([]).expect("commit");
+    }
+
     /// The same work as a fenced put, hand-written: read token and sequence, upsert the state,
     /// append the change, in one transaction.
     fn same_schema_txn(&mut self, keys: &[String], value: &[u8]) {
@@ -264,6 +283,23 @@ fn point_ops(
         "us",
         us(ours.p50()),
         "rusqlite_log_append_autocommit",
+        us(base.p50()),
+    );
+    // Raw against raw: what the token check alone costs over the autocommit upsert, with no
+    // change log at all (the goal's 1.3x is about this much).
+    let cell = std::cell::RefCell::new(&mut *raw);
+    let (tok, base) = sample_pair(
+        2_000,
+        N,
+        1_000,
+        || cell.borrow_mut().token_upsert(keys, value),
+        || cell.borrow_mut().upsert(keys, value),
+    );
+    record(
+        &format!("sqlite/raw_token_checked_upsert_p50/{label}"),
+        "us",
+        us(tok.p50()),
+        "rusqlite_upsert_autocommit",
         us(base.p50()),
     );
     let mut g = 0;
