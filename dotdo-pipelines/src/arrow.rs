@@ -57,7 +57,7 @@ fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
 }
 
 fn sql(e: rusqlite::Error, doing: &str) -> Error {
-    Error::unavailable(format!("arrow pipeline log: {doing}")).with_source(e)
+    crate::log::sql(e, &format!("arrow_log {doing}"))
 }
 
 fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
@@ -192,12 +192,10 @@ impl ArrowPipeline {
     }
 
     /// Accept `batch` (it must have the sink's schema). With a durable log, `Ok` means it
-    /// survives a process kill. A full buffer fails with a retryable `Unavailable`.
+    /// survives a process kill. A full buffer fails with a retryable `Unavailable`; a batch of
+    /// more rows than `capacity` with `LimitExceeded`; after [`close`](Self::close), `Shutdown`.
     pub fn send(&self, batch: RecordBatch) -> Result<()> {
         let inner = &self.inner;
-        if inner.closed.load(Ordering::Acquire) {
-            return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
-        }
         if !same_shape(batch.schema_ref(), &inner.sink.schema()) {
             return Err(Error::invalid(format!(
                 "batch schema {:?} is not the sink's {:?}",
@@ -205,21 +203,27 @@ impl ArrowPipeline {
                 inner.sink.schema()
             )));
         }
-        let waiting = {
-            let b = inner.buf.lock();
-            b.rows + b.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.num_rows()).sum())
-        };
+        if batch.num_rows() > inner.settings.capacity {
+            // No roll ever makes room for this: not a retryable condition.
+            return Err(Error::limit("rows in one batch", inner.settings.capacity as u64, batch.num_rows() as u64));
+        }
+        let ipc = inner.log.as_ref().map(|_| encode(&batch)).transpose()?;
+        // Everything below happens under one hold of `buf` (lock order: buf, then log, as in
+        // `roll`): `close` sets the flag under the same lock, so a send that gets `Ok` is pending
+        // before close's roll looks; the capacity check and the push cannot interleave with
+        // another send; and a roll's claim can never mark a logged row that is not yet pending
+        // (which it would then delete without having committed it).
+        let mut b = inner.buf.lock();
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
+        }
+        let waiting = b.rows + b.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.num_rows()).sum());
         if waiting + batch.num_rows() > inner.settings.capacity {
             return Err(Error::unavailable(format!(
                 "arrow pipeline buffer full: {waiting} rows waiting, capacity {}",
                 inner.settings.capacity
             )));
         }
-        let ipc = inner.log.as_ref().map(|_| encode(&batch)).transpose()?;
-        // The log row and the in-memory row go in under one hold of `buf` (lock order: buf, then
-        // log, as in `roll`): a roll's claim can never mark a logged row that is not yet pending,
-        // which it would then delete without having committed it.
-        let mut b = inner.buf.lock();
         if let (Some(log), Some(ipc)) = (&inner.log, ipc) {
             log.lock().execute("INSERT INTO arrow_log (ipc) VALUES (?1)", [ipc]).map_err(|e| sql(e, "append"))?;
         }
@@ -316,7 +320,11 @@ impl ArrowPipeline {
 
     /// Stop accepting batches and roll what is waiting.
     pub async fn close(&self) -> Result<u64> {
-        self.inner.closed.store(true, Ordering::Release);
+        {
+            // Under `buf`, as `send` checks it: every send that got `Ok` is pending now.
+            let _b = self.inner.buf.lock();
+            self.inner.closed.store(true, Ordering::Release);
+        }
         self.roll().await
     }
 

@@ -102,7 +102,11 @@ impl Log for MemoryLog {
     fn append(&self, rows: Vec<Row>) -> Result<()> {
         let bytes: usize = rows.iter().map(|r| r.event.size()).sum();
         let n = rows.len();
-        self.state.lock().rows.extend(rows);
+        let mut st = self.state.lock();
+        st.rows.extend(rows);
+        // Under `state`, as `claim` and `ack` count: a roll that claims and acknowledges these
+        // rows in between would otherwise subtract them before they were added, leaving the
+        // depth counting events that no longer exist (a buffer that looks full forever).
         self.depth.add(n, bytes);
         Ok(())
     }
@@ -170,7 +174,9 @@ impl Log for MemoryLog {
     }
 }
 
-fn sql(e: rusqlite::Error, doing: &str) -> Error {
+/// A pipeline log's SQLite error as a dotdo error: busy, locked, full or I/O failures are a
+/// retryable `Unavailable`, a damaged file `Corrupt`, the rest `Backend`.
+pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
     use rusqlite::ErrorCode::*;
     let code = match &e {
         rusqlite::Error::SqliteFailure(f, _) => Some(f.code),

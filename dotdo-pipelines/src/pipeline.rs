@@ -77,7 +77,9 @@ impl PipelineBuilder {
         self.transform = Some(Arc::new(t));
         self
     }
-    /// A named route to another sink (another table), for [`Transformed::Route`].
+    /// A named route to another sink (another table), for [`Transformed::Route`]. Each route
+    /// needs its own table: `build` refuses two routes given the same sink handle (handles
+    /// opened separately on one table are not detected; don't).
     pub fn with_route(mut self, name: impl Into<String>, sink: Arc<dyn ColdSink>) -> Self {
         self.routes.insert(name.into(), sink);
         self
@@ -107,6 +109,18 @@ impl PipelineBuilder {
         };
         let mut routes = self.routes;
         routes.insert(String::new(), self.sink);
+        // Sequence numbers are per (route, object) but a sink's watermark is per object: two
+        // routes into one sink would number an object's events alike, and the second commit's
+        // would be skipped as replays.
+        let mut sinks: Vec<(*const (), &str)> =
+            routes.iter().map(|(name, s)| (Arc::as_ptr(s) as *const (), name.as_str())).collect();
+        sinks.sort_unstable();
+        if let Some(w) = sinks.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Error::invalid(format!(
+                "routes {:?} and {:?} share one sink; each route needs its own table",
+                w[0].1, w[1].1
+            )));
+        }
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let now = clock.now();
         Ok(Pipeline {
@@ -118,6 +132,7 @@ impl PipelineBuilder {
                 clock,
                 next_seq: Mutex::new(HashMap::new()),
                 roll_lock: futures::lock::Mutex::new(()),
+                send_gate: Mutex::new(()),
                 closed: AtomicBool::new(false),
                 last_roll: Mutex::new(now),
                 counters: Counters::default(),
@@ -148,6 +163,10 @@ struct Inner {
     /// by claims. The pipeline owns these objects' sequence numbers.
     next_seq: Mutex<HashMap<(String, ObjectId), u64>>,
     roll_lock: futures::lock::Mutex<()>,
+    /// Held by `send` from its closed and capacity checks through the append, and by `close`
+    /// while it sets `closed`: a send that gets `Ok` is in the log before close's roll reads the
+    /// depth, and two sends cannot both pass the capacity check on the same room.
+    send_gate: Mutex<()>,
     closed: AtomicBool,
     last_roll: Mutex<Timestamp>,
     counters: Counters,
@@ -235,6 +254,10 @@ impl Pipeline {
         inner.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
         if rows.is_empty() {
             return Ok(0);
+        }
+        let _gate = inner.send_gate.lock();
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
         }
         let depth = inner.log.depth().0;
         let bounded = !matches!(inner.settings.backpressure, Backpressure::Spill(_));
@@ -393,7 +416,10 @@ impl Pipeline {
 
     /// Stop accepting events and roll what is waiting.
     pub async fn close(&self) -> Result<RollReport> {
-        self.inner.closed.store(true, Ordering::Release);
+        {
+            let _gate = self.inner.send_gate.lock();
+            self.inner.closed.store(true, Ordering::Release);
+        }
         self.roll().await
     }
 

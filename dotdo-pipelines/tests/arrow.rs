@@ -90,6 +90,13 @@ async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     .expect("batch");
     assert_eq!(p.send(wrong).expect_err("schema").kind(), &ErrorKind::InvalidInput);
     assert_eq!(p.counters(), (160, 160, 2, 0));
+
+    let small =
+        ArrowPipeline::open("small", sink, PipelineSettings { capacity: 10, ..Default::default() }).expect("pipeline");
+    let too_big = small.send(batch(500, 11)).expect_err("larger than the whole buffer");
+    assert!(matches!(too_big.kind(), ErrorKind::LimitExceeded { limit: 10, actual: 11, .. }), "{too_big}");
+    small.send(batch(500, 10)).expect("fills the buffer");
+    assert_eq!(small.send(batch(510, 1)).expect_err("full").kind(), &ErrorKind::Unavailable);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,4 +119,45 @@ async fn durable_log_recommits_a_claimed_batch_after_reopen() {
     assert_eq!(t.last_batch("orders").await.expect("mark"), 2);
     let other = ArrowPipeline::open("bad name!", Arc::new(t.clone()), PipelineSettings::default());
     assert_eq!(other.expect_err("bad stream name").kind(), &ErrorKind::InvalidInput);
+}
+
+/// Senders on two threads race `close` (memory and durable log): every batch whose `send` got
+/// `Ok` is in the table once close has returned, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_send_acknowledged_while_closing_is_committed() {
+    for round in 0..12i64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = table(dir.path()).await;
+        let durability =
+            if round % 2 == 0 { Durability::Memory } else { Durability::Durable(dir.path().join("log.db")) };
+        let p = ArrowPipeline::open("race", Arc::new(t.clone()), PipelineSettings { durability, ..Default::default() })
+            .expect("pipeline");
+        let senders: Vec<_> = (0..2i64)
+            .map(|th| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    let mut acked = Vec::new();
+                    for i in 0.. {
+                        let id = th * 1_000_000 + i;
+                        match p.send(batch(id, 1)) {
+                            Ok(()) => acked.push(id),
+                            Err(e) => {
+                                assert_eq!(e.kind(), &ErrorKind::Shutdown, "{e}");
+                                break;
+                            }
+                        }
+                    }
+                    acked
+                })
+            })
+            .collect();
+        #[allow(clippy::disallowed_methods)] // let the senders get going
+        tokio::time::sleep(std::time::Duration::from_micros(300 + 100 * round as u64)).await;
+        p.close().await.expect("close");
+        let mut acked: Vec<i64> = senders.into_iter().flat_map(|h| h.join().expect("sender")).collect();
+        acked.sort_unstable();
+        let mut landed = ids(&t).await;
+        landed.sort_unstable();
+        assert_eq!(landed, acked, "round {round}: acknowledged batches committed once");
+    }
 }

@@ -309,4 +309,48 @@ async fn bad_events_and_settings_are_rejected() {
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { limit: 10, actual: 11, .. }), "{e}");
     assert!(!e.is_retryable());
     assert_eq!(small.send(events(10)).expect("exactly the capacity fits"), 10);
+    // Two routes into one sink would number an object's events alike: refused at build.
+    let shared = Flaky::new();
+    let e = Pipeline::builder(shared.clone()).with_route("copy", shared).build().expect_err("shared sink");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("share one sink"), "{e}");
+}
+
+/// Senders on two threads race `close`: every send that got `Ok` is in the sink once close has
+/// returned (close used to roll only what it saw, so a send that passed the closed check just
+/// before it was set could be acknowledged and left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_send_acknowledged_while_closing_is_committed() {
+    for round in 0..40 {
+        let sink = Flaky::new();
+        let p = Pipeline::builder(sink.clone()).build().expect("build");
+        let senders: Vec<_> = (0..2)
+            .map(|t| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    let mut acked = Vec::new();
+                    for i in 0.. {
+                        let key = format!("t{t}-{i:07}");
+                        match p.send([ev(&format!("o{t}"), &key, "v")]) {
+                            Ok(1) => acked.push(key),
+                            Ok(n) => panic!("one event sent, {n} accepted"),
+                            Err(e) => {
+                                assert_eq!(e.kind(), &ErrorKind::Shutdown, "{e}");
+                                break;
+                            }
+                        }
+                    }
+                    acked
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_micros(200 + 50 * round)).await;
+        p.close().await.expect("close");
+        let mut acked: Vec<String> = senders.into_iter().flat_map(|h| h.join().expect("sender")).collect();
+        acked.sort_unstable();
+        let mut landed: Vec<String> = committed(&sink.inner, 2).await.into_iter().map(|r| r.key).collect();
+        landed.sort_unstable();
+        assert_eq!(landed.len(), acked.len(), "round {round}: acknowledged sends committed");
+        assert_eq!(landed, acked, "round {round}");
+    }
 }
