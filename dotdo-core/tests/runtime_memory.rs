@@ -612,3 +612,98 @@ async fn maintain_forgets_released_objects() {
     assert_eq!(rt.tracked_objects(), 1, "only the warm object is left");
     assert_eq!(incr(&rt, &oid("o7")).await.expect("a forgotten object comes back"), 2);
 }
+
+fn flaky_runtime(w: &World, cold: Arc<FlakyCold>) -> ObjectRuntime {
+    ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(cold)
+        .with_accelerator(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime")
+}
+
+/// Keeps the manual clock moving (retries sleep on it) until aborted.
+fn tick(w: &World) -> tokio::task::JoinHandle<()> {
+    let clock = w.clock.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            clock.advance(Duration::from_millis(20));
+        }
+    })
+}
+
+/// A recovery that fails (cold unreachable) gives its lease back, and a failed eviction keeps
+/// the object active: neither locks this node out of its own object with `LeaseHeld`.
+#[tokio::test]
+async fn failed_recovery_and_failed_eviction_do_not_strand_the_lease() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold { inner: w.cold.clone(), down: false.into() });
+    let rt = flaky_runtime(&w, cold.clone());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    rt.evict(&o).await.expect("evict: the state is in cold only now");
+
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick(&w);
+    let failed = incr(&rt, &o).await.expect_err("recovery needs cold");
+    ticking.abort();
+    assert_eq!(failed.kind(), &ErrorKind::Unavailable, "{failed}");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "the lease of the failed recovery was released");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("recovers at once, no LeaseHeld"), 2);
+
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick(&w);
+    let failed = rt.evict(&o).await.expect_err("eviction drains to cold first");
+    ticking.abort();
+    assert_eq!(failed.kind(), &ErrorKind::Unavailable, "{failed}");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let activations = rt.metrics().activations;
+    assert_eq!(incr(&rt, &o).await.expect("still active after the failed eviction"), 3);
+    assert_eq!(rt.metrics().activations, activations, "not re-activated");
+    rt.evict(&o).await.expect("evict");
+    assert_eq!(incr(&rt, &o).await.expect("restored"), 4);
+}
+
+/// `flush_all` while a handler of one object invokes another: the busy object is skipped, not
+/// waited for (waiting while holding the other object's slot deadlocked with that handler).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_all_skips_a_busy_object_instead_of_deadlocking() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let (a, b) = (oid("a"), oid("b"));
+    incr(&rt, &a).await.expect("a");
+    incr(&rt, &b).await.expect("b");
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let handler = {
+        let rt = rt.clone();
+        let (a, b) = (a.clone(), b.clone());
+        tokio::spawn(async move {
+            rt.invoke(&b, async |t: &mut ObjectTxn<'_>| {
+                t.put("n", "10")?;
+                started_tx.send(()).expect("signal");
+                go_rx.await.expect("go");
+                incr(&rt, &a).await
+            })
+            .await
+        })
+    };
+    started_rx.await.expect("handler running");
+    let report = tokio::time::timeout(Duration::from_secs(10), rt.flush_all())
+        .await
+        .expect("flush_all finished")
+        .expect("flush");
+    assert_eq!(report.busy, 1, "{report:?}");
+    assert_eq!(report.objects, 1, "a was flushed: {report:?}");
+    go_tx.send(()).expect("go");
+    let inner = tokio::time::timeout(Duration::from_secs(10), handler).await.expect("handler finished");
+    assert_eq!(inner.expect("join").expect("handler"), 2);
+    let after = rt.flush_all().await.expect("flush");
+    assert_eq!((after.busy, after.objects), (0, 2), "{after:?}");
+    assert_eq!(rt.shutdown().await.expect("shutdown").busy, 0);
+}

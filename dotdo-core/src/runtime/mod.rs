@@ -283,6 +283,10 @@ pub struct FlushReport {
     pub records: u64,
     /// Objects whose changes were drained.
     pub objects: u64,
+    /// Objects `flush_all` skipped because a call on them was in progress (a handler may be
+    /// invoking other objects, so waiting for it could deadlock). Their changes stay in hot
+    /// storage for the next flush.
+    pub busy: u64,
 }
 
 impl ObjectRuntime {
@@ -499,7 +503,17 @@ impl ObjectRuntime {
         let lease = self.acquire(object).await?;
         let mut active = Active { lease, last_used: now, lazy: None };
         let loading = Stopwatch::start(inner.clock.clone());
-        let (recovery, keys, bytes, snapshot) = self.recover(object, &mut active).await?;
+        let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Give the lease back: kept unreleased it would lock every node, this one
+                // included, out of the object until it expired.
+                if let Err(re) = inner.guard.release(&active.lease).await {
+                    tracing::warn!(object = %object, error = %re, "dotdo lease release after a failed recovery failed; it will expire");
+                }
+                return Err(e);
+            }
+        };
         let state_loading = loading.elapsed();
         slot.active = Some(active);
         let mut m = inner.metrics.lock();
@@ -628,12 +642,19 @@ impl ObjectRuntime {
     }
 
     /// Drain the change logs of every object this runtime holds, batching many objects into each
-    /// cold commit (fewer, larger snapshots).
+    /// cold commit (fewer, larger snapshots). Objects with a call in progress are skipped and
+    /// counted in [`FlushReport::busy`].
     pub async fn flush_all(&self) -> Result<FlushReport> {
         let inner = &self.inner;
+        let mut report = FlushReport::default();
         let mut held: Vec<(ObjectId, FencingToken, futures::lock::OwnedMutexGuard<Slot>)> = Vec::new();
         for (object, slot) in self.active_slots() {
-            let mut guard = slot.lock_owned().await;
+            // Never wait for a busy slot while holding others: a handler of that object that
+            // invokes one of the held objects would wait for us while we wait for it.
+            let Some(mut guard) = slot.try_lock_owned() else {
+                report.busy += 1;
+                continue;
+            };
             let Some(a) = guard.active.as_ref() else { continue };
             // Only objects whose lease is still this runtime's: a stale one would either fence
             // the whole multi-object commit or append another holder's changes under it.
@@ -649,7 +670,6 @@ impl ObjectRuntime {
                 Err(e) => return Err(e),
             }
         }
-        let mut report = FlushReport::default();
         loop {
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
@@ -693,14 +713,21 @@ impl ObjectRuntime {
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
         self.ensure_active(object, &mut slot).await?;
-        let active = slot.active.take().expect("active");
-        let mut lazy = active.lazy;
+        let mut active = slot.active.take().expect("active");
         let token = active.lease.token;
-        if lazy.is_some() {
-            complete_restore(&self.inner, object, token, &mut lazy).await?;
+        let tier_out = async {
+            if active.lazy.is_some() {
+                complete_restore(&self.inner, object, token, &mut active.lazy).await?;
+            }
+            drain(&self.inner, object, token).await?;
+            self.inner.hot.evict(object, token).await
         }
-        drain(&self.inner, object, token).await?;
-        self.inner.hot.evict(object, token).await?;
+        .await;
+        if let Err(e) = tier_out {
+            // Still active here (the hot state is intact): keep the lease for the next call.
+            slot.active = Some(active);
+            return Err(e);
+        }
         self.inner.guard.release(&active.lease).await?;
         self.inner.metrics.lock().evictions += 1;
         Ok(())
@@ -788,7 +815,9 @@ impl ObjectRuntime {
 
     /// Graceful shutdown: refuse new calls, wait for in-flight handlers (up to the lease TTL),
     /// flush every held object's changes to cold storage, release every lease. Changes that could
-    /// not be flushed stay in the hot change log and are drained by the next runtime.
+    /// not be flushed stay in the hot change log and are drained by the next runtime. Bounded by
+    /// about one lease TTL plus the flush: a handler still running after the wait keeps its lease
+    /// until it expires (counted in [`FlushReport::busy`]).
     pub async fn shutdown(&self) -> Result<FlushReport> {
         let inner = &self.inner;
         inner.shutting_down.store(true, Ordering::SeqCst);
@@ -797,8 +826,14 @@ impl ObjectRuntime {
             inner.clock.sleep(Duration::from_millis(2)).await;
         }
         let flushed = self.flush_all().await;
-        for (_, slot) in self.active_slots() {
-            let mut guard = slot.lock().await;
+        for (object, slot) in self.active_slots() {
+            // A call still running after the wait keeps its slot and its lease: releasing under
+            // it would let another node in while it writes. Its lease runs out on its own (the
+            // handler stops writing at expiry) and its changes stay in hot storage.
+            let Some(mut guard) = slot.try_lock() else {
+                tracing::warn!(object = %object, "dotdo shutdown: a call is still running; its lease is left to expire");
+                continue;
+            };
             if let Some(active) = guard.active.take() {
                 let _ = inner.guard.release(&active.lease).await;
             }
