@@ -190,7 +190,7 @@ impl IcebergColdStore {
                 format!(
                     "rewriting {}: {} of {} files to replace are no longer in the table",
                     table.identifier(),
-                    removed.len() as u64 - out.removed_files,
+                    (removed.len() as u64).saturating_sub(out.removed_files),
                     removed.len()
                 ),
             )
@@ -339,7 +339,7 @@ impl IcebergColdStore {
         let added_bytes: u64 = added.iter().map(|f| f.file_size_in_bytes()).sum();
         let total = |key: &str, plus: u64, minus: u64| -> Option<String> {
             let before: u64 = parent_props.get(key)?.parse().ok()?;
-            Some((before + plus).saturating_sub(minus).to_string())
+            Some(before.saturating_add(plus).saturating_sub(minus).to_string())
         };
         for (k, v) in [
             ("added-data-files", Some(added.len().to_string())),

@@ -6,6 +6,10 @@
 //! * an unreachable or failing store, a busy or unreachable catalog database, a timeout →
 //!   `Unavailable`, retryable;
 //! * a missing or undecodable data / metadata / manifest file → `Corrupt`, naming the file;
+//!   an I/O or decoding error *below* a failed store or catalog connection (a peer closing
+//!   early reads as an unexpected EOF) is the connection breaking, so also `Unavailable`; a REST
+//!   catalog's 429 or 5xx answer → `Unavailable`;
+//! * a REST commit whose state the server says is unknown → `AmbiguousOutcome` (read back);
 //! * an iceberg commit conflict → `Conflict`, retryable;
 //! * a missing table or namespace → `NotFound`;
 //! * bad configuration (unknown option, bad URL) → `InvalidInput`;
@@ -39,6 +43,8 @@ pub(crate) enum Cause {
     TableMissing,
     /// iceberg reported invalid data (bad metadata).
     DataInvalid,
+    /// A REST catalog said the commit's outcome is unknown (HTTP 500, 502, 504 on commit).
+    OutcomeUnknown,
     /// Nothing more specific is known.
     Other,
 }
@@ -92,6 +98,20 @@ fn sqlx_cause(e: &sqlx::Error) -> Cause {
 
 fn iceberg_cause(e: &iceberg::Error) -> Cause {
     use iceberg::ErrorKind as K;
+    if e.kind() == K::Unexpected {
+        // iceberg-catalog-rest: a commit answered 500/502/504, or any request answered with a
+        // status it does not map (429 and 5xx are the server's or a proxy's trouble, and
+        // transient).
+        if e.message().contains("commit state is unknown") {
+            return Cause::OutcomeUnknown;
+        }
+        if e.message() == "Received response with unexpected status code" {
+            let shown = e.to_string();
+            if shown.contains("status: 429") || shown.contains("status: 5") {
+                return Cause::StoreUnavailable;
+            }
+        }
+    }
     match e.kind() {
         K::CatalogCommitConflicts => Cause::CommitConflict,
         K::TableNotFound | K::NamespaceNotFound => Cause::TableMissing,
@@ -108,14 +128,24 @@ fn iceberg_cause(e: &iceberg::Error) -> Cause {
 /// The most specific cause in the chain of `e`.
 pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
     let mut best = Cause::Other;
+    // Below a failed transport (an object-store or catalog-database error other than "not
+    // found"), an I/O or decoding error is how the connection broke (a peer closing early is an
+    // `UnexpectedEof`), not damage in a file: the data never arrived.
+    let mut in_transport = false;
     let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
         let c = if let Some(os) = err.downcast_ref::<object_store::Error>() {
-            object_store_cause(os)
+            let c = object_store_cause(os);
+            in_transport |= c == Cause::StoreUnavailable;
+            c
+        } else if in_transport {
+            Cause::Other
         } else if let Some(io) = err.downcast_ref::<std::io::Error>() {
             io_cause(io)
         } else if let Some(sq) = err.downcast_ref::<sqlx::Error>() {
-            sqlx_cause(sq)
+            let c = sqlx_cause(sq);
+            in_transport |= c == Cause::CatalogUnavailable;
+            c
         } else if err.downcast_ref::<parquet::errors::ParquetError>().is_some()
             || err.downcast_ref::<arrow_schema::ArrowError>().is_some()
             || err.downcast_ref::<serde_json::Error>().is_some()
@@ -151,6 +181,7 @@ pub(crate) fn to_error(cause: Cause, what: &str, message: String) -> Error {
         Cause::Undecodable | Cause::DataInvalid => Error::corrupt(format!("{what}: cannot decode: {message}")),
         Cause::CommitConflict => Error::new(ErrorKind::Conflict, format!("{what}: commit conflict: {message}")),
         Cause::TableMissing => Error::new(ErrorKind::NotFound, format!("{what}: {message}")),
+        Cause::OutcomeUnknown => Error::new(ErrorKind::AmbiguousOutcome, format!("{what}: {message}")),
         Cause::Other => Error::backend(format!("{what}: {message}")),
     }
 }
@@ -200,6 +231,40 @@ mod tests {
         let e = classify(wrapped(os_generic()), "table t");
         assert_eq!(e.kind(), &ErrorKind::Unavailable);
         assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn a_connection_dropped_mid_read_is_unavailable_not_corrupt() {
+        // object_store's own chain for "peer closed the connection": Generic > ... > io EOF.
+        let eof = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "peer closed connection")),
+        };
+        let e = classify(wrapped(eof), "manifest s3://b/wh/t/metadata/m.avro");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+        // The same EOF reading a local file that ends early is damage.
+        let local = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "read")
+            .with_source(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short file"));
+        assert_eq!(classify(local, "file f").kind(), &ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn rest_catalog_statuses() {
+        let status = |code: &str| {
+            iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Received response with unexpected status code")
+                .with_context("status", code.to_string())
+        };
+        for busy in ["429 Too Many Requests", "503 Service Unavailable"] {
+            let e = classify(status(busy), "catalog");
+            assert_eq!(e.kind(), &ErrorKind::Unavailable, "{busy}: {e}");
+            assert!(e.is_retryable());
+        }
+        assert_eq!(classify(status("400 Bad Request"), "catalog").kind(), &ErrorKind::Backend);
+        let unknown = iceberg::Error::new(
+            iceberg::ErrorKind::Unexpected,
+            "An unknown server-side problem occurred; the commit state is unknown.",
+        );
+        assert_eq!(classify(unknown, "commit").kind(), &ErrorKind::AmbiguousOutcome);
     }
 
     #[test]

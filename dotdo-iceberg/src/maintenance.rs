@@ -100,9 +100,10 @@ impl IcebergColdStore {
         Err(Error::new(ErrorKind::Conflict, format!("{what}: still conflicting")))
     }
 
-    /// Delete files under the table location that no snapshot, manifest or retained metadata
-    /// file references and that are older than `retention` (by the store's clock against the
-    /// store's last-modified time). A `retention` below
+    /// Delete files under the table's `data/` and `metadata/` directories that no snapshot,
+    /// manifest or retained metadata file references and that are older than `retention` (by
+    /// the store's clock against the store's last-modified time). Other tables that live under
+    /// this table's location are never touched. A `retention` below
     /// [`Settings::min_cleanup_retention`](crate::Settings::min_cleanup_retention) (default 1
     /// hour) is `InvalidInput`: it could delete the files of a commit still in flight.
     pub async fn remove_unreferenced_files(&self, retention: Duration) -> Result<CleanupReport> {
@@ -170,9 +171,16 @@ impl IcebergColdStore {
         for pf in md.partition_statistics_iter() {
             add(&pf.statistics_path)?;
         }
+        // Only the table's own `data/` and `metadata/` directories: another table can live
+        // under this table's location (the SQL catalog places `ns.changes.events` at
+        // `<warehouse>/ns/changes/events`), and its files are not ours to judge.
         let prefix = root.key(md.location())?;
-        let listed: Vec<object_store::ObjectMeta> =
-            root.store.list(Some(&prefix)).try_collect().await.map_err(classify_object_store)?;
+        let mut listed: Vec<object_store::ObjectMeta> = Vec::new();
+        for dir in ["data", "metadata"] {
+            let mut part: Vec<object_store::ObjectMeta> =
+                root.store.list(Some(&prefix.child(dir))).try_collect().await.map_err(classify_object_store)?;
+            listed.append(&mut part);
+        }
         let mut report = CleanupReport { referenced: referenced.len(), ..Default::default() };
         for obj in listed {
             if referenced.contains(obj.location.as_ref()) {

@@ -103,6 +103,8 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
 fn key_of(root: &str, location: &str) -> std::result::Result<Path, String> {
     let rest = location
         .strip_prefix(root)
+        // Whole path segments only: root `s3://b` must not take `s3://bb/x` as its `b/x`.
+        .filter(|rest| root.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
         .or_else(|| {
             // `file:/abs` and `/abs` spellings of local paths.
             (root == "file://").then(|| location.strip_prefix("file:").unwrap_or(location))
@@ -280,6 +282,8 @@ mod tests {
         assert_eq!(key_of("file://", "file:///tmp/wh/x").expect("key").as_ref(), "tmp/wh/x");
         assert_eq!(key_of("file://", "/tmp/wh/x").expect("key").as_ref(), "tmp/wh/x");
         assert!(key_of("s3://b", "s3://other/x").is_err());
+        assert!(key_of("s3://b", "s3://bb/x").is_err(), "a bucket whose name starts with the root's");
+        assert_eq!(key_of("s3://b/", "s3://b/x").expect("key").as_ref(), "x");
     }
 
     #[test]

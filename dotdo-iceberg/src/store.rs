@@ -541,7 +541,7 @@ impl IcebergColdStore {
                 let Some(head) = md.current_snapshot_id() else { return Ok(None) };
                 let md = table.metadata_ref();
                 let mut oldest: Option<SnapshotRef> = None;
-                for s in iceberg::util::snapshot::ancestors_of(&md, head) {
+                for s in ancestors(&md, head)? {
                     if summary::committed_at(&s) <= ts {
                         return Ok(Some(s));
                     }
@@ -565,6 +565,8 @@ impl IcebergColdStore {
     pub(crate) fn find_commit(table: &Table, commit_id: &str, since: Option<i64>) -> Option<SnapshotRef> {
         let head = table.metadata().current_snapshot_id()?;
         iceberg::util::snapshot::ancestors_of(&table.metadata_ref(), head)
+            // Bounded: a parent cycle in damaged metadata must not walk forever.
+            .take(table.metadata().snapshots().len())
             .take_while(|s| Some(s.snapshot_id()) != since)
             .find(|s| summary::commit_id(s) == Some(commit_id))
     }
@@ -695,10 +697,17 @@ impl IcebergColdStore {
 
     /// For SQL catalogs: check that the catalog's durable pointer is the metadata of `t`.
     async fn verify_durable(&self, t: &Table) -> Result<()> {
+        self.verify_durable_of(&self.inner.ident, t).await
+    }
+
+    /// [`verify_durable`](Self::verify_durable) for any table `ident` of this store's catalog
+    /// (iceberg-catalog-sql 0.10.1 ignores the result of its SQL `COMMIT`, so a commit it
+    /// reports may not have landed).
+    pub(crate) async fn verify_durable_of(&self, ident: &iceberg::TableIdent, t: &Table) -> Result<()> {
         let Some(v) = self.inner.verifier.as_ref().filter(|_| self.inner.settings.verify_commits) else {
             return Ok(());
         };
-        let durable = v.metadata_location(&self.inner.ident).await?;
+        let durable = v.metadata_location(ident).await?;
         if durable.as_deref() == t.metadata_location() {
             Ok(())
         } else {
@@ -966,7 +975,8 @@ impl ColdSink for IcebergColdStore {
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let table = self.read_table().await?;
         let Some(head) = table.metadata().current_snapshot_id() else { return Ok(Vec::new()) };
-        let mut out: Vec<SnapshotInfo> = iceberg::util::snapshot::ancestors_of(&table.metadata_ref(), head)
+        let mut out: Vec<SnapshotInfo> = ancestors(&table.metadata_ref(), head)?
+            .into_iter()
             .map(|s| SnapshotInfo {
                 id: s.snapshot_id(),
                 parent: s.parent_snapshot_id(),
@@ -1002,4 +1012,19 @@ impl ColdSink for IcebergColdStore {
         records.sort_by_key(|r| r.seq);
         Ok(records)
     }
+}
+
+/// The ancestors of snapshot `head`, head first. A parent chain longer than the table's snapshot
+/// count (a cycle in damaged metadata, which iceberg's own walk would follow forever) is
+/// `Corrupt`.
+pub(crate) fn ancestors(md: &iceberg::spec::TableMetadataRef, head: i64) -> Result<Vec<SnapshotRef>> {
+    let cap = md.snapshots().len();
+    let chain: Vec<SnapshotRef> = iceberg::util::snapshot::ancestors_of(md, head).take(cap + 1).collect();
+    if chain.len() > cap {
+        return Err(Error::corrupt(format!(
+            "table metadata at {}: the parent chain of snapshot {head} loops",
+            md.location()
+        )));
+    }
+    Ok(chain)
 }

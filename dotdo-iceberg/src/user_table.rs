@@ -270,8 +270,20 @@ impl ArrowTable {
             let catalog = self.store.catalog();
             match tx.commit(&PinnedCatalog { inner: &*catalog, table: table.clone() }).await {
                 Ok(t) => {
-                    let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
-                    return Ok(ArrowCommit { snapshot, rows });
+                    // A reported commit that the catalog did not make durable is not
+                    // acknowledged: the next attempt reads the stream's mark back and commits
+                    // again only if the batch is missing.
+                    match self.store.verify_durable_of(&self.ident, &t).await {
+                        Ok(()) => {
+                            let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
+                            return Ok(ArrowCommit { snapshot, rows });
+                        }
+                        Err(e) if e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome => {
+                            tracing::warn!(table = %self.ident, error = %e, "dotdo user table commit not durable; reading back");
+                            last_err = Some(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(e) => {
                     let err = classify(e, &what);

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use dotdo_core::{AsOf, Clock, ColdBatch, ColdSink, ErrorKind, FencingToken, ObjectChanges, ObjectId};
+use dotdo_core::{AsOf, Clock, ColdBatch, ColdSink, ErrorKind, FencingToken, ObjectChanges, ObjectId, Timestamp};
 use dotdo_iceberg::IcebergColdStore;
 use object_store::ObjectStore;
 
@@ -521,4 +521,43 @@ async fn assert_no_missing_files(cold: &IcebergColdStore, faulty: &Arc<FaultySto
         }
     }
     checked
+}
+
+/// Damaged metadata whose snapshot parents form a cycle gives `Corrupt`, never an endless walk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_parent_cycle_is_corrupt_not_a_hang() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=2 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let table = cold.refresh().await.expect("refresh");
+    let head = table.metadata().current_snapshot_id().expect("head");
+    let meta = table.metadata_location().expect("metadata").to_string();
+    let path = meta.strip_prefix("file://").expect("local").to_string();
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+    for s in json["snapshots"].as_array_mut().expect("snapshots") {
+        if s["snapshot-id"].as_i64() != Some(head) {
+            s["parent-snapshot-id"] = serde_json::json!(head); // the first snapshot's parent is the head
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec(&json).expect("encode")).expect("damage");
+    let checks = async {
+        let fresh = match IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await {
+            Ok(f) => f,
+            Err(e) => {
+                assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+                return;
+            }
+        };
+        let e = fresh.snapshots().await.expect_err("loop");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("loops"), "{e}");
+        let e = fresh.load_state(&o, AsOf::Timestamp(Timestamp::from_micros(1))).await.expect_err("loop");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), checks).await.expect("no endless walk");
 }

@@ -494,6 +494,38 @@ async fn user_table_compaction_keeps_rows_and_stream_marks() {
     assert_eq!(rows(t.read_all().await.expect("read")).len(), 18);
 }
 
+/// Cleanup of a table touches only its own `data/` and `metadata/` files: a table the catalog
+/// placed under its location (`m.changes.nested` lives at `<warehouse>/m/changes/nested`) keeps
+/// every file and stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_leaves_a_table_nested_under_the_location_alone() {
+    use arrow_array::{Array, Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let nested = cold.arrow_table(&["m", "changes"], "nested", schema.clone()).await.expect("nested table");
+    let outer = cold.refresh().await.expect("refresh").metadata().location().to_string();
+    let inner = cold.catalog().load_table(nested.ident()).await.expect("load").metadata().location().to_string();
+    assert!(inner.starts_with(&outer), "{inner} under {outer}");
+    for id in 1..=3u64 {
+        let b =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![id as i64])) as Arc<dyn Array>])
+                .expect("batch");
+        nested.append("s", id, vec![b]).await.expect("append nested");
+    }
+    common::sleep(std::time::Duration::from_millis(20)).await;
+    let clean = cold.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    assert!(clean.deleted.iter().all(|d| !d.contains("/nested/")), "{clean:?}");
+    let rows: usize = nested.read_all().await.expect("nested still readable").iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 3);
+    assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
+}
+
 /// Files a compaction replaced stay on disk for the retention period after the compaction
 /// (a reader may still scan the snapshot before it), even when the files themselves are older
 /// and the pre-compaction snapshots are expired; after that they are deleted.
