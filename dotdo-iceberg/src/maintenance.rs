@@ -60,10 +60,21 @@ impl IcebergColdStore {
                     .as_micros()
                     .saturating_sub(i64::try_from(older_than.as_micros()).unwrap_or(i64::MAX)),
             );
-            let keep: HashSet<i64> = iceberg::util::snapshot::ancestors_of(&table.metadata_ref(), head)
+            let mut keep: HashSet<i64> = iceberg::util::snapshot::ancestors_of(&table.metadata_ref(), head)
                 .take(retain_last.max(1))
                 .map(|s| s.snapshot_id())
                 .collect();
+            // Snapshots other engines named (tags, and branches with their history) stay:
+            // iceberg refuses to expire a ref's head, and a branch needs its ancestors.
+            for (snapshot, is_branch) in other_refs(table.metadata(), &what)? {
+                if !is_branch {
+                    keep.insert(snapshot);
+                } else if table.metadata().snapshot_by_id(snapshot).is_some() {
+                    keep.extend(
+                        crate::store::ancestors(&table.metadata_ref(), snapshot)?.iter().map(|s| s.snapshot_id()),
+                    );
+                }
+            }
             let expired: Vec<i64> = table
                 .metadata()
                 .snapshots()
@@ -199,4 +210,25 @@ impl IcebergColdStore {
         }
         Ok(report)
     }
+}
+
+/// The snapshot refs of `md` other than `main`, as (snapshot id, is a branch). iceberg-rust
+/// 0.10.1 has no public accessor for the refs map, so it is read from the metadata's own JSON
+/// form (the format's `refs` field).
+fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64, bool)>> {
+    let json = serde_json::to_value(md)
+        .map_err(|e| Error::backend(format!("{what}: encoding table metadata to read its refs")).with_source(e))?;
+    let mut out = Vec::new();
+    if let Some(refs) = json.get("refs").and_then(|r| r.as_object()) {
+        for (name, r) in refs {
+            if name == "main" {
+                continue;
+            }
+            let id = r.get("snapshot-id").and_then(|v| v.as_i64()).ok_or_else(|| {
+                Error::corrupt(format!("{what}: ref {name:?} has no snapshot-id in the table metadata"))
+            })?;
+            out.push((id, r.get("type").and_then(|t| t.as_str()) == Some("branch")));
+        }
+    }
+    Ok(out)
 }

@@ -264,3 +264,47 @@ async fn pyiceberg_reads_a_compacted_table_with_the_same_rows() {
         serde_json::json!(["dotdo.commit-id", "dotdo.committed-at-us", "dotdo.maintenance", "dotdo.watermarks"])
     );
 }
+
+/// Snapshots another engine named (a PyIceberg tag and branch) survive dotdo's expiry, which
+/// used to fail on them (iceberg refuses to expire a ref's head), and stay readable after
+/// cleanup; the rest of the old history is expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_keeps_snapshots_tagged_or_branched_by_pyiceberg() {
+    let Some(python) = common::python("expiry_keeps_snapshots_tagged_or_branched_by_pyiceberg") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["interop"], "refs")
+        .settings(dotdo_iceberg::Settings { min_cleanup_retention: Duration::ZERO, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let mut snaps = Vec::new();
+    for seq in 1..=5u64 {
+        let value = format!("v{seq}");
+        let c = ColdBatch::single(o.clone(), FencingToken::new(1), vec![rec(&o, seq, "k", Some(value.as_bytes()), 1)]);
+        snaps.push(cold.append(c).await.expect("append").snapshot.expect("snapshot"));
+        common::sleep(Duration::from_millis(5)).await;
+    }
+    let out = std::process::Command::new(&python)
+        .arg(common::py_dir().join("tag_snapshots.py"))
+        .arg(dir.path().join("catalog.db"))
+        .arg(cold.warehouse())
+        .arg("interop.refs")
+        .arg(snaps[0].to_string())
+        .arg(snaps[2].to_string())
+        .output()
+        .expect("run tag_snapshots.py");
+    assert!(out.status.success(), "tag_snapshots.py: {}", String::from_utf8_lossy(&out.stderr));
+    let rep = cold.expire_snapshots(Duration::ZERO, 1).await.expect("expiry with refs present");
+    assert_eq!(rep.expired, vec![snaps[3]], "tag at 1, branch at 3 with its ancestors 1-2, head 5");
+    cold.remove_unreferenced_files(Duration::ZERO).await.expect("cleanup");
+    for (i, want) in [(0, "v1"), (2, "v3"), (4, "v5")] {
+        let st = cold.load_state(&o, AsOf::Snapshot(snaps[i])).await.expect("named snapshot readable");
+        let values: Vec<&[u8]> = st.entries.iter().map(|e| &e.value[..]).collect();
+        assert_eq!(values, [want.as_bytes()], "snapshot {i}");
+    }
+    assert_eq!(cold.load_state(&o, AsOf::Snapshot(snaps[3])).await.expect_err("expired").kind(), &ErrorKind::NotFound);
+}
