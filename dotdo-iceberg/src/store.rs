@@ -664,11 +664,16 @@ impl IcebergColdStore {
                     rows.extend(&batch.objects[i].records[from..]);
                     rows[start..].sort_by(|a, b| a.key.cmp(&b.key));
                 }
-                let rb = schema::to_batch(&arrow, &rows)?;
-                drop(rows);
                 let what = format!("writing data files of {ident}");
                 let mut w = builder.build(Some(pk)).await.map_err(|e| classify(e, &what))?;
-                w.write(rb).await.map_err(|e| classify(e, &what))?;
+                // Arrow batches of at most WRITE_CHUNK_BYTES of string data: a string column
+                // holds at most 2 GiB (32-bit offsets), and a partition of a large append or
+                // collapse can hold more.
+                for range in string_chunks(&rows, WRITE_CHUNK_BYTES) {
+                    let rb = schema::to_batch(&arrow, &rows[range])?;
+                    w.write(rb).await.map_err(|e| classify(e, &what))?;
+                }
+                drop(rows);
                 w.close().await.map_err(|e| classify(e, &what))
             }));
         }
@@ -1014,6 +1019,29 @@ impl ColdSink for IcebergColdStore {
     }
 }
 
+/// String bytes (object ids, type names, keys) per Arrow batch handed to the Parquet writer; well
+/// under the 2 GiB a 32-bit-offset string column can hold.
+const WRITE_CHUNK_BYTES: usize = 256 << 20;
+
+/// Consecutive ranges of `rows` covering all of them, each with at most `max_bytes` of string
+/// data (object id, type name, key, op) unless a single row alone has more.
+fn string_chunks(rows: &[&ChangeRecord], max_bytes: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, r) in rows.iter().enumerate() {
+        let b = r.object.as_str().len() + r.type_name.len() + r.key.len() + 8;
+        if i > start && bytes + b > max_bytes {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += b;
+    }
+    if start < rows.len() {
+        out.push(start..rows.len());
+    }
+    out
+}
+
 /// The ancestors of snapshot `head`, head first. A parent chain longer than the table's snapshot
 /// count (a cycle in damaged metadata, which iceberg's own walk would follow forever) is
 /// `Corrupt`.
@@ -1027,4 +1055,31 @@ pub(crate) fn ancestors(md: &iceberg::spec::TableMetadataRef, head: i64) -> Resu
         )));
     }
     Ok(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_chunks_cover_every_row_in_order_within_the_budget() {
+        let o = ObjectId::new("obj").expect("id");
+        let rec = |key: &str| ChangeRecord {
+            object: o.clone(),
+            seq: 1,
+            key: key.to_string(),
+            op: dotdo_core::Op::Put,
+            value: bytes::Bytes::new(),
+            token: dotdo_core::FencingToken::new(1),
+            timestamp: Timestamp::from_micros(0),
+            type_name: "T".into(),
+        };
+        // Each row: 3 (id) + 1 (type) + key + 8.
+        let records: Vec<ChangeRecord> = ["a", "bb", "c", "dddddddddddddddddddddddddddddd", "e"].map(rec).into();
+        let rows: Vec<&ChangeRecord> = records.iter().collect();
+        assert_eq!(string_chunks(&rows, usize::MAX), [0..5]);
+        assert_eq!(string_chunks(&rows, 27), [0..2, 2..3, 3..4, 4..5], "a row over the budget goes alone");
+        assert_eq!(string_chunks(&rows, 40), [0..3, 3..4, 4..5]);
+        assert!(string_chunks(&[], 10).is_empty());
+    }
 }
