@@ -1077,7 +1077,7 @@ mod tests {
         // Each row: 3 (id) + 1 (type) + key + 8.
         let records: Vec<ChangeRecord> = ["a", "bb", "c", "dddddddddddddddddddddddddddddd", "e"].map(rec).into();
         let rows: Vec<&ChangeRecord> = records.iter().collect();
-        assert_eq!(string_chunks(&rows, usize::MAX), [0..5]);
+        assert_eq!(string_chunks(&rows, usize::MAX), std::iter::once(0..5).collect::<Vec<_>>());
         assert_eq!(string_chunks(&rows, 27), [0..2, 2..3, 3..4, 4..5], "a row over the budget goes alone");
         assert_eq!(string_chunks(&rows, 40), [0..3, 3..4, 4..5]);
         assert!(string_chunks(&[], 10).is_empty());
