@@ -560,15 +560,61 @@ impl ObjectRuntime {
         let inner = &self.inner;
         let info = inner.hot.object_info(object).await?;
         let hot_has_state = info.as_ref().is_some_and(|i| i.keys > 0 || i.has_pending_changes());
-        if hot_has_state {
+        let wm = match inner.cold.watermark(object).await {
+            Ok(wm) => wm,
+            // The check against cold below is a safety net for a hot store that lost state; an
+            // unreachable cold store does not keep an object with hot state from running.
+            Err(e) if hot_has_state && e.is_retryable() => {
+                tracing::warn!(object = %object, error = %e, "dotdo: cold watermark unavailable; activating from hot state");
+                return Ok((Recovery::Hot, 0, 0, None));
+            }
+            Err(e) => return Err(e),
+        };
+        let hot_seq = info.as_ref().map_or(0, |i| i.last_seq);
+        if active.lease.token < wm.token {
+            // Cold storage has seen a higher token than the guard just issued: the hot store or
+            // the guard lost (rolled back) lease state. Raise the hot store's token floor to
+            // cold's and take a lease above it, or every cold commit would be fenced.
+            tracing::warn!(object = %object, lease = %active.lease.token, cold = %wm.token,
+                "dotdo: the lease token is below cold storage's; the hot store or guard lost state");
+            let floor = WriteBatch::new(inner.settings.type_name.clone());
+            inner.hot.write(object, wm.token, floor).await?;
+            if let Err(e) = inner.guard.release(&active.lease).await {
+                tracing::warn!(object = %object, error = %e, "dotdo lease release failed; it will expire");
+            }
+            active.lease = self.acquire(object).await?;
+            if active.lease.token < wm.token {
+                return Err(Error::corrupt(format!(
+                    "{object}: the guard issues token {} but cold storage has already seen token {}; \
+                     the guard's lease state was lost and it does not floor tokens at the hot store's",
+                    active.lease.token, wm.token
+                )));
+            }
+        }
+        if hot_has_state && hot_seq >= wm.through {
             return Ok((Recovery::Hot, 0, 0, None));
         }
-        let wm = inner.cold.watermark(object).await?;
-        let hot_seq = info.as_ref().map_or(0, |i| i.last_seq);
-        if wm.through == 0 || hot_seq > wm.through {
+        if !hot_has_state && (wm.through == 0 || hot_seq > wm.through) {
             return Ok((Recovery::Hot, 0, 0, None));
         }
         let token = active.lease.token;
+        if hot_has_state {
+            // The hot store is behind cold storage (it lost committed transactions: power loss
+            // under synchronous=NORMAL, a restored backup, a lagging replica). Cold has every
+            // change up to `wm.through`, the hot store's included: replace the hot state with
+            // cold's, so that new writes take sequence numbers after cold's and are not
+            // skipped there as replays.
+            tracing::warn!(object = %object, hot_seq, cold_through = wm.through,
+                "dotdo: the hot store is behind cold storage; restoring from cold");
+            if info.as_ref().is_some_and(|i| i.has_pending_changes()) {
+                inner.hot.truncate_changes(object, token, hot_seq).await?;
+            }
+            let st = inner.cold.load_state(object, AsOf::Latest).await?;
+            let (keys, bytes) = (st.entries.len() as u64, st.entries.iter().map(|e| e.value.len() as u64).sum());
+            inner.hot.restore(object, token, st.entries, st.through).await?;
+            inner.metrics.lock().eager_restores += 1;
+            return Ok((Recovery::Eager, keys, bytes, st.snapshot));
+        }
         match &inner.settings.restore {
             RestoreMode::Eager => {
                 let st = inner.cold.load_state(object, AsOf::Latest).await?;
