@@ -43,13 +43,17 @@ impl Step {
 pub(crate) struct Conn {
     conn: libsql::Connection,
     batch: bool,
+    /// Whether statements go to a remote primary (Hrana), not a local file.
+    remote: bool,
     cache: HashMap<Cow<'static, str>, libsql::Statement>,
     nonce: i64,
 }
 
 impl Conn {
-    pub(crate) fn new(conn: libsql::Connection, batch: bool) -> Self {
-        Conn { conn, batch, cache: HashMap::new(), nonce: 0 }
+    /// `batch`: render programs as one SQL batch; `remote`: the connection is to a remote
+    /// primary (a local one reports `last_insert_rowid` itself).
+    pub(crate) fn new(conn: libsql::Connection, batch: bool, remote: bool) -> Self {
+        Conn { conn, batch, remote, cache: HashMap::new(), nonce: 0 }
     }
 
     /// Run one statement through the statement cache, collecting its rows.
@@ -209,7 +213,10 @@ impl Conn {
             sql.push_str("), '', '', 0, 0, 0;\nDELETE FROM do_locks WHERE do_id = '';\n");
         }
         sql.push_str("COMMIT;\n");
-        if program.result.is_some() {
+        // Remote only: on a local file the connection's rowid is read directly, and a statement
+        // after COMMIT that failed (busy) would make a committed program look failed, and be
+        // retried.
+        if program.result.is_some() && self.remote {
             // libsql's client keeps the `last_insert_rowid` of a batch's *last* statement only, and
             // sqld reports one for INSERTs only (none for COMMIT): end with an INSERT that inserts
             // nothing (the connection's rowid stays the one the transaction left, and the primary
@@ -237,11 +244,15 @@ const NONCE_BITS: u32 = 16;
 /// positive rowids).
 const RESULT_FLOOR: i64 = -(1 << 62);
 
+/// How the `Misuse` error of an unreadable program result starts: the batch had run through its
+/// `COMMIT`, so the program was applied (classified as a maybe-applied failure).
+pub(crate) const UNREADABLE_RESULT: &str = "unreadable program result: ";
+
 fn decode_result(rowid: i64, nonce: i64) -> libsql::Result<i64> {
     let x = rowid.wrapping_sub(RESULT_FLOOR);
     if !(0..(1 << 62)).contains(&x) || x >> RESULT_BITS != nonce {
         return Err(libsql::Error::Misuse(format!(
-            "the primary did not report this batch's last_insert_rowid (got {rowid}); it cannot carry program results"
+            "{UNREADABLE_RESULT}the primary did not report this batch's last_insert_rowid (got {rowid}); it cannot carry program results"
         )));
     }
     Ok((x & ((1 << RESULT_BITS) - 1)) - RESULT_BIAS)

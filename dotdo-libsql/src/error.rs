@@ -111,7 +111,8 @@ fn class_of_batch_step_message(message: &str) -> Class {
     } else if m.contains("database disk image is malformed") || m.contains("file is not a database") {
         Class::Corrupt
     } else if m.contains("database or disk is full") || m.contains("disk i/o error") {
-        Class::Environment { retryable: true }
+        // Like a lock timeout, this may be the statement after the COMMIT.
+        Class::ServerUnavailable { maybe_applied: true }
     } else if m.contains("attempt to write a readonly database") {
         Class::Environment { retryable: false }
     } else if m.contains("string or blob too big") {
@@ -174,6 +175,10 @@ pub(crate) fn class_of(e: &libsql::Error) -> Class {
         },
         E::Replication(_) | E::Sync(_) => Class::Network { maybe_sent: true },
         E::InvalidTlsConfiguration(_) => Class::Config,
+        // The batch ran to its end (its COMMIT included) but its result could not be read.
+        E::Misuse(m) if m.starts_with(crate::conn::UNREADABLE_RESULT) => {
+            Class::ServerUnavailable { maybe_applied: true }
+        }
         E::NullValue
         | E::Misuse(_)
         | E::ExecuteReturnedRows
@@ -378,7 +383,13 @@ mod tests {
         let e = map(hrana("api error: `database is locked`"), "write", true);
         assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome);
         assert_eq!(class_of(&hrana("api error: `database disk image is malformed`")), Class::Corrupt);
-        assert_eq!(class_of(&hrana("api error: `database or disk is full`")), Class::Environment { retryable: true });
+        // Also possibly the statement after the COMMIT.
+        let full = map(hrana("api error: `database or disk is full`"), "write", true);
+        assert_eq!(full.kind(), &ErrorKind::AmbiguousOutcome, "{full}");
+        // A batch that ran through its COMMIT but whose result could not be read was applied.
+        let unreadable = libsql::Error::Misuse(format!("{}rowid 5", crate::conn::UNREADABLE_RESULT));
+        assert_eq!(map(unreadable, "write", true).kind(), &ErrorKind::AmbiguousOutcome);
+        assert_eq!(map(libsql::Error::Misuse("other".into()), "write", true).kind(), &ErrorKind::Backend);
         assert_eq!(class_of(&hrana("api error: `UNIQUE constraint failed: do_changes.seq`")), Class::Other);
     }
 

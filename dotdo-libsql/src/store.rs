@@ -54,7 +54,7 @@ impl Pool {
         if self.local_file {
             conn.busy_timeout(self.settings.busy_timeout)?;
         }
-        Ok(Conn::new(conn, self.batch))
+        Ok(Conn::new(conn, self.batch, !self.local_file))
     }
 
     fn take(&self) -> Option<Conn> {
@@ -197,7 +197,7 @@ impl LibsqlStoreBuilder {
             if matches!(target, Target::Local { .. }) {
                 conn.busy_timeout(settings.busy_timeout).map_err(|e| error::map(e, &doing, false))?;
             }
-            Conn::new(conn, batch_everywhere || remote_writes)
+            Conn::new(conn, batch_everywhere || remote_writes, remote_writes)
         };
         let inner = Inner {
             target,
