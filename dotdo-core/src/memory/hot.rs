@@ -38,15 +38,27 @@ impl State {
         w.max(l)
     }
 
-    fn check_token(&mut self, object: &ObjectId, token: FencingToken) -> Result<&mut ObjectState> {
+    /// `Fenced` if `token` is below the object's maximum; changes nothing.
+    fn check_token(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
         token.validate()?;
         let current = self.max_token(object);
         if token < current {
             return Err(Error::fenced(object, token, current));
         }
+        Ok(())
+    }
+
+    /// Raise the object's maximum to `token` (checked) once the call is known to succeed: a
+    /// refused call changes nothing, as on the SQL backends where it rolls back.
+    fn raise(&mut self, object: &ObjectId, token: FencingToken) -> &mut ObjectState {
         let o = self.objects.entry(object.clone()).or_default();
-        o.max_token = token;
-        Ok(o)
+        o.max_token = o.max_token.max(token);
+        o
+    }
+
+    /// The object's (last seq, truncated through), zeros if unknown.
+    fn seqs(&self, object: &ObjectId) -> (Seq, Seq) {
+        self.objects.get(object).map_or((0, 0), |o| (o.last_seq, o.truncated_through))
     }
 }
 
@@ -97,8 +109,9 @@ impl HotStore for MemoryBackend {
         let now = self.clock.now();
         let mut st = self.state.lock();
         let last = st.objects.get(object).map_or(0, |o| o.last_seq);
+        st.check_token(object, token)?;
         crate::record::receipt_after(last, batch.ops.len() as u64)?;
-        let o = st.check_token(object, token)?;
+        let o = st.raise(object, token);
         let first_seq = o.last_seq + 1;
         for op in batch.ops {
             o.last_seq += 1;
@@ -159,13 +172,12 @@ impl HotStore for MemoryBackend {
 
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
         let mut st = self.state.lock();
-        let o = st.check_token(object, token)?;
-        if through > o.last_seq {
-            return Err(Error::invalid(format!(
-                "cannot truncate {object} through seq {through}: last seq is {}",
-                o.last_seq
-            )));
+        st.check_token(object, token)?;
+        let (last, _) = st.seqs(object);
+        if through > last {
+            return Err(Error::invalid(format!("cannot truncate {object} through seq {through}: last seq is {last}")));
         }
+        let o = st.raise(object, token);
         o.log = o.log.split_off(&(through + 1));
         o.truncated_through = o.truncated_through.max(through);
         Ok(())
@@ -198,13 +210,15 @@ impl HotStore for MemoryBackend {
 
     async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
         let mut st = self.state.lock();
-        let o = st.check_token(object, token)?;
-        if o.last_seq > o.truncated_through {
+        st.check_token(object, token)?;
+        let (last, truncated) = st.seqs(object);
+        if last > truncated {
             return Err(Error::new(
                 crate::ErrorKind::Conflict,
-                format!("{object} has changes {}..={} not yet in cold storage", o.truncated_through + 1, o.last_seq),
+                format!("{object} has changes {}..={last} not yet in cold storage", truncated + 1),
             ));
         }
+        let o = st.raise(object, token);
         o.entries.clear();
         o.value_bytes = 0;
         Ok(())
@@ -220,16 +234,17 @@ impl HotStore for MemoryBackend {
         entries.iter().try_for_each(Entry::validate)?;
         crate::record::validate_seq(through_seq, "restore through_seq")?;
         let mut st = self.state.lock();
-        let o = st.check_token(object, token)?;
-        if o.last_seq > o.truncated_through || o.last_seq > through_seq {
+        st.check_token(object, token)?;
+        let (last, truncated) = st.seqs(object);
+        if last > truncated || last > through_seq {
             return Err(Error::new(
                 crate::ErrorKind::Conflict,
                 format!(
-                    "cannot restore {object} through seq {through_seq}: hot last seq {} (truncated through {})",
-                    o.last_seq, o.truncated_through
+                    "cannot restore {object} through seq {through_seq}: hot last seq {last} (truncated through {truncated})"
                 ),
             ));
         }
+        let o = st.raise(object, token);
         o.entries = entries.into_iter().map(|e| (e.key.clone(), e)).collect();
         o.value_bytes = o.entries.values().map(|e| e.value.len() as u64).sum();
         o.last_seq = through_seq;

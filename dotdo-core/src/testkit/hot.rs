@@ -429,6 +429,25 @@ pub async fn restore_installs_state_and_continues_sequence(f: &HotFactory) {
     assert_eq!(fx.hot.get(&l.object, "c").await.expect("get"), Some(b("3")));
 }
 
+/// A call that is refused (invalid or conflicting) changes nothing, its token included: a
+/// higher token presented by a refused truncate, evict or restore does not fence the holder.
+pub async fn refused_calls_do_not_raise_the_token(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    fx.hot.put(&l.object, l.token, "T", "a", b("1")).await.expect("put");
+    let higher = FencingToken::new(l.token.get() + 10);
+    let e = fx.hot.truncate_changes(&l.object, higher, 99).await.expect_err("beyond the last seq");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let e = fx.hot.evict(&l.object, higher).await.expect_err("undrained");
+    assert_eq!(e.kind(), &ErrorKind::Conflict);
+    let e = fx.hot.restore(&l.object, higher, vec![], 5).await.expect_err("pending changes");
+    assert_eq!(e.kind(), &ErrorKind::Conflict);
+    let r = fx.hot.put(&l.object, l.token, "T", "a", b("2")).await.expect("the holder is not fenced");
+    assert_eq!(r.first_seq, 2);
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+    assert_eq!(info.max_token, l.token, "the refused calls raised nothing");
+}
+
 /// Many concurrent writers under one token each get distinct, gap-free sequence numbers.
 pub async fn concurrent_writers_get_unique_sequences(f: &HotFactory) {
     let (fx, _) = open(f).await;
@@ -990,6 +1009,7 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         paused_holder_past_ttl_is_fenced,
         evict_requires_drained_changes_and_keeps_sequence,
         restore_installs_state_and_continues_sequence,
+        refused_calls_do_not_raise_the_token,
         concurrent_writers_get_unique_sequences,
         acquire_grants_token_and_blocks_others,
         tokens_strictly_increase_across_holders,
