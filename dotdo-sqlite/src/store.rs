@@ -582,6 +582,8 @@ impl HotStore for SqliteStore {
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
         let object = object.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Sequence numbers end far below i64::MAX: a larger `after` has nothing after it.
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
         self.run(move |inner| {
             let rows: Vec<dotdo_core::sql_schema::ChangeRow> = inner.read("read changes", |c| {
                 c.prepare_cached(

@@ -442,6 +442,7 @@ pub async fn refused_calls_do_not_raise_the_token(f: &HotFactory) {
     assert_eq!(e.kind(), &ErrorKind::Conflict);
     let e = fx.hot.restore(&l.object, higher, vec![], 5).await.expect_err("pending changes");
     assert_eq!(e.kind(), &ErrorKind::Conflict);
+    assert!(fx.hot.read_changes(&l.object, u64::MAX, 10).await.expect("after the last possible seq").is_empty());
     let r = fx.hot.put(&l.object, l.token, "T", "a", b("2")).await.expect("the holder is not fenced");
     assert_eq!(r.first_seq, 2);
     let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
