@@ -707,3 +707,46 @@ async fn flush_all_skips_a_busy_object_instead_of_deadlocking() {
     assert_eq!((after.busy, after.objects), (0, 2), "{after:?}");
     assert_eq!(rt.shutdown().await.expect("shutdown").busy, 0);
 }
+
+/// A guard that keeps failing renewals transiently is retried with backoff, not in a tight loop,
+/// until the lease runs out and the handler is self-fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_renewals_back_off_until_the_handler_self_fences() {
+    let w = World::new();
+    const FAILS: u32 = 100_000;
+    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into() });
+    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(guard.clone())
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_accelerator(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime");
+    let o = oid("o");
+    incr(&rt, &o).await.expect("activate");
+    guard.fail_refreshes.store(FAILS, std::sync::atomic::Ordering::SeqCst);
+    let ticking = {
+        let clock = w.clock.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                clock.advance(Duration::from_millis(10));
+            }
+        })
+    };
+    let r: Result<()> = rt
+        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            t.put("k", "v")?;
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+        .await;
+    ticking.abort();
+    let e = r.expect_err("self-fenced");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    let attempts = FAILS - guard.fail_refreshes.load(std::sync::atomic::Ordering::SeqCst);
+    // Without backoff: one attempt per clock tick (about 600 over the two thirds of the TTL).
+    assert!((1..60).contains(&attempts), "{attempts} renewal attempts");
+}

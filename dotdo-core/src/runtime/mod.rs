@@ -994,14 +994,23 @@ pub(crate) async fn complete_restore(
 /// abandons the handler: self-fencing). Never returns while renewals succeed.
 async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Error {
     let ttl = inner.settings.lease_ttl;
+    // After a transient failure the next refresh is due at once: back off (doubling from 5 ms,
+    // at most a tenth of the TTL) instead of hammering a guard that is already struggling.
+    let mut backoff = Duration::ZERO;
     loop {
         let current = lease.lock().clone();
         let now = inner.clock.now();
         let renew_at = current.expires_at.since(now).saturating_sub(ttl * 2 / 3);
-        inner.clock.sleep(renew_at.max(Duration::from_millis(1))).await;
+        inner.clock.sleep(renew_at.max(backoff).max(Duration::from_millis(1))).await;
         match inner.guard.refresh(&current, ttl).await {
-            Ok(l) => *lease.lock() = l,
-            Err(e) if e.is_retryable() && inner.clock.now() < current.expires_at => continue,
+            Ok(l) => {
+                *lease.lock() = l;
+                backoff = Duration::ZERO;
+            }
+            Err(e) if e.is_retryable() && inner.clock.now() < current.expires_at => {
+                backoff = (backoff * 2).max(Duration::from_millis(5)).min(ttl / 10);
+                tracing::debug!(object = %current.object, error = %e, ?backoff, "dotdo lease renewal failed transiently");
+            }
             Err(e) => {
                 tracing::warn!(object = %current.object, error = %e, "dotdo lease renewal failed; self-fencing");
                 return Error::new(
