@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dotdo_core::guard::rules;
-use dotdo_core::{ConsistencyGuard, Error, FencingToken, HotStore, Lease, NodeId, ObjectId, Result};
+use dotdo_core::{ConsistencyGuard, Error, FencingToken, Lease, NodeId, ObjectId, Result};
 use libsql::Value;
 
 use crate::conn::{Program, Step};
@@ -68,9 +68,7 @@ impl ConsistencyGuard for LibsqlStore {
             rules::acquire(object, current.as_ref(), holder, ttl, self.inner.clock.now())?;
             // Free, yet refused: every token up to FencingToken::MAX has been used (by leases
             // or by writes), so no new one may be issued.
-            if let Some(info) = self.object_info(object).await? {
-                info.max_token.checked_next()?;
-            }
+            self.max_token_on_primary(object).await?.checked_next()?;
         }
         Err(Error::corrupt(format!(
             "the lease row of {object} refuses every acquire but reads as free (damaged holder or token?)"

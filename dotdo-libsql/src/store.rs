@@ -578,4 +578,24 @@ impl LibsqlStore {
         let rows = self.read_primary("read lease", Step::new(LEASE_ROW, vec![t(object.as_str())])).await?;
         lease_row(&rows).map_err(|e| e.context(format!("lease of {object}")))
     }
+
+    /// The highest token the primary knows for `object`, from leases and writes (0 if none).
+    pub(crate) async fn max_token_on_primary(&self, object: &ObjectId) -> Result<dotdo_core::FencingToken> {
+        let rows = self
+            .read_primary(
+                "read token maximum",
+                Step::new(
+                    "SELECT max(coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0), \
+                     coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0))",
+                    vec![t(object.as_str())],
+                ),
+            )
+            .await?;
+        let v = rows
+            .first()
+            .map(|r| crate::sql::int(r.first()))
+            .transpose()
+            .map_err(|e| Error::corrupt(format!("token maximum of {object} does not decode")).with_source(e))?;
+        Ok(dotdo_core::FencingToken::new(v.unwrap_or(0).max(0).unsigned_abs()))
+    }
 }

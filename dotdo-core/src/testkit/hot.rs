@@ -323,6 +323,11 @@ pub async fn tokens_are_bounded_and_never_shared_at_the_bound(f: &HotFactory) {
     let e = fx.hot.put(&o, l.token, "T", "k", b("stale")).await.expect_err("stale");
     assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
     assert_eq!(fx.hot.get(&o, "k").await.expect("get"), Some(b("max")));
+    // The same when MAX came with an empty write to an object that has no state at all.
+    let empty = oid("o2");
+    fx.hot.write(&empty, FencingToken::MAX, WriteBatch::new("T")).await.expect("empty write with MAX");
+    let e = fx.guard.acquire(&empty, &nid("n2"), TTL).await.expect_err("no token left");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
 }
 
 /// Sequence numbers end at `MAX_SEQ`: a restore beyond it is `InvalidInput`, and a write that
