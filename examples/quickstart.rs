@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! cargo run --release --example quickstart            # warehouse in ./target/dotdo-quickstart
-//! DOTDO_QUICKSTART_DIR=/tmp/dd cargo run --release --example quickstart
+//! DOTDO_QUICKSTART_DIR=/tmp/dd cargo run --release --example quickstart   # a new or empty directory
 //! ```
+//!
+//! The directory is recreated on every run; one that is not empty and was not made by the
+//! quickstart (no `.dotdo-quickstart` marker in it) is refused rather than deleted.
 //!
 //! It creates a few objects, runs handlers, shows a stale holder being fenced, flushes to cold
 //! storage (Iceberg), evicts an object and restores it lazily and eagerly, reads an older
@@ -63,10 +66,21 @@ async fn main() -> Result<()> {
     let dir = std::env::var_os("DOTDO_QUICKSTART_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/dotdo-quickstart"));
+    let marker = dir.join(".dotdo-quickstart");
     if dir.exists() {
+        let empty = std::fs::read_dir(&dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty && !marker.exists() {
+            return Err(Error::invalid(format!(
+                "{} is not empty and was not made by the quickstart; choose a new or empty directory",
+                dir.display()
+            )));
+        }
         std::fs::remove_dir_all(&dir)
             .map_err(|e| Error::unavailable(format!("cleaning {}", dir.display())).with_source(e))?;
     }
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&marker, b"made by the dotdo quickstart; deleted on its next run\n"))
+        .map_err(|e| Error::unavailable(format!("creating {}", dir.display())).with_source(e))?;
     let warehouse = dir.join("warehouse");
     std::fs::create_dir_all(&warehouse)
         .map_err(|e| Error::unavailable(format!("creating {}", warehouse.display())).with_source(e))?;
@@ -160,8 +174,8 @@ async fn main() -> Result<()> {
     // 4. Evict cart:2 (tier out of hot storage) and bring it back on another node, lazily ...
     let t = env.timed();
     node_a.evict(&carts[1]).await?;
-    node_a.shutdown().await?;
     println!("4. evicted cart:2 from hot storage         {}", ms(t.elapsed()));
+    node_a.shutdown().await?;
     let lazy_node = env.runtime("node-lazy", RestoreMode::Lazy)?;
     let t = env.timed();
     let kiwi = lazy_node.invoke(&carts[1], async |t: &mut ObjectTxn<'_>| t.get("item/kiwi").await).await?;

@@ -92,11 +92,13 @@
 //! duplicate symbols or, worse, links and then misbehaves at run time (one library's calls land in
 //! the other's SQLite; SQLite panics on its threading configuration). Therefore:
 //!
-//! * **valid:** a binary with `dotdo-libsql` (any of its features) and `dotdo-core`,
-//!   `dotdo-pipelines`, and other crates that do not link SQLite;
+//! * **valid:** a binary with `dotdo-libsql` (any of its features) and `dotdo-core` and other
+//!   crates that do not link SQLite;
 //! * **valid:** a binary with `dotdo-sqlite` and no `dotdo-libsql`;
-//! * **invalid:** `dotdo-libsql` together with `dotdo-sqlite`, `rusqlite` (bundled or system), or
-//!   `dotdo-iceberg` (its SQL catalog pulls `libsqlite3-sys` through sqlx) in one binary.
+//! * **invalid:** `dotdo-libsql` together with `dotdo-sqlite`, `rusqlite` (bundled or system),
+//!   `dotdo-iceberg` (its SQL catalog pulls `libsqlite3-sys` through sqlx) or `dotdo-pipelines`
+//!   (its buffers use rusqlite with bundled SQLite; its default `iceberg` feature adds
+//!   dotdo-iceberg) in one binary.
 //!
 //! This crate depends on none of them, not even as a dev-dependency, so its tests, benchmarks and
 //! doctests are single-flavoured. A host that needs both a libSQL hot store and an Iceberg SQL

@@ -220,7 +220,9 @@ impl Pipeline {
     /// Accept `events` (validated, transformed) into the buffer. Returns how many were accepted
     /// (dropped ones excluded). With [`Durability::Durable`], `Ok` means they survive a process
     /// kill. When the buffer is full: `FailFast` and `Wait` fail with a retryable `Unavailable`
-    /// (use [`send_wait`](Self::send_wait) to wait), `Spill` overflows to disk.
+    /// (use [`send_wait`](Self::send_wait) to wait), `Spill` overflows to disk. More events than
+    /// `capacity` in one call (bounded policies): `LimitExceeded`; after
+    /// [`close`](Self::close): `Shutdown`.
     pub fn send(&self, events: impl IntoIterator<Item = Event>) -> Result<usize> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
