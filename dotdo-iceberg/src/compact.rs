@@ -277,6 +277,16 @@ impl IcebergColdStore {
             return Err(Error::invalid("collapse: target_file_size must be positive"));
         }
         let (table, live) = self.current_files(&self.inner.ident.clone()).await?;
+        if live.iter().any(|f| f.partition.is_none()) && live.iter().any(|f| f.partition.is_some()) {
+            // Files of an older partition spec (evolved by another engine) hold the same objects
+            // as the current spec's buckets: collapsing the groups apart could keep a put in one
+            // and drop the delete that supersedes it in the other.
+            return Err(Error::invalid(format!(
+                "collapse of {}: live files were written under more than one partition spec; \
+                 rewrite them under the current spec first",
+                table.identifier()
+            )));
+        }
         let mut by_partition: BTreeMap<Option<i32>, Vec<LiveFile>> = BTreeMap::new();
         for f in live {
             if selected(&options.partitions, f.partition) {
@@ -647,17 +657,31 @@ fn decode(bytes: Bytes, path: &str) -> Result<Vec<ChangeRecord>> {
 /// Keep, of each key's versions (sorted by object, key, seq), those not superseded at or before
 /// `horizon`; drop a delete at or before `horizon` that is the key's latest version, with
 /// everything before it.
+///
+/// Only ever a *prefix* of a key's history is dropped: everything before its newest version (by
+/// seq) stamped at or before the horizon. Timestamps come from writers' wall clocks and can go
+/// backwards (a failover to a node whose clock is behind); deciding version by version could then
+/// drop a delete but keep an older put, bringing a deleted key back.
 fn collapse_sorted(records: Vec<ChangeRecord>, horizon: Timestamp) -> Vec<ChangeRecord> {
     let mut out: Vec<ChangeRecord> = Vec::with_capacity(records.len());
-    let mut it = records.into_iter().peekable();
-    while let Some(r) = it.next() {
-        let next_same_key = it.peek().filter(|n| n.object == r.object && n.key == r.key);
-        match next_same_key {
-            Some(n) if n.timestamp <= horizon => {} // superseded before the horizon
-            Some(_) => out.push(r),
-            None if r.op == Op::Delete && r.timestamp <= horizon => {}
-            None => out.push(r),
+    let mut group: Vec<ChangeRecord> = Vec::new();
+    let flush = |group: &mut Vec<ChangeRecord>, out: &mut Vec<ChangeRecord>| {
+        let from = group.iter().rposition(|r| r.timestamp <= horizon).unwrap_or(0);
+        let last_is_old_delete =
+            from + 1 == group.len() && group[from].op == Op::Delete && group[from].timestamp <= horizon;
+        if !last_is_old_delete {
+            out.extend(group.drain(from..));
         }
+        group.clear();
+    };
+    for r in records {
+        if group.last().is_some_and(|g| g.object != r.object || g.key != r.key) {
+            flush(&mut group, &mut out);
+        }
+        group.push(r);
+    }
+    if !group.is_empty() {
+        flush(&mut group, &mut out);
     }
     out
 }
@@ -709,6 +733,19 @@ mod tests {
         // b: delete at 40 <= 45 is latest: key gone entirely.
         // c: put superseded at 60 > 45 kept; delete after the horizon kept.
         assert_eq!(kept, vec![("a".into(), 2), ("a".into(), 5), ("c".into(), 6), ("c".into(), 7)]);
+    }
+
+    #[test]
+    fn collapse_drops_only_a_prefix_when_clocks_go_backwards() {
+        // A writer whose clock was behind stamped the delete before the put it supersedes.
+        let input = vec![rec("k", 1, Op::Put, 5), rec("k", 2, Op::Put, 100), rec("k", 3, Op::Delete, 10)];
+        assert!(collapse_sorted(input, Timestamp::from_millis(50)).is_empty(), "the key stays deleted");
+        let input = vec![rec("k", 1, Op::Put, 5), rec("k", 2, Op::Put, 100), rec("k", 3, Op::Put, 10)];
+        let kept: Vec<u64> = collapse_sorted(input, Timestamp::from_millis(50)).iter().map(|r| r.seq).collect();
+        assert_eq!(kept, [3], "the latest version survives");
+        let input = vec![rec("k", 1, Op::Put, 60), rec("k", 2, Op::Put, 10), rec("k", 3, Op::Put, 70)];
+        let kept: Vec<u64> = collapse_sorted(input, Timestamp::from_millis(50)).iter().map(|r| r.seq).collect();
+        assert_eq!(kept, [2, 3]);
     }
 
     #[test]

@@ -318,6 +318,21 @@ impl IcebergColdStore {
         let schema = table.metadata().current_schema();
         let id = |n: &str| schema.field_id_by_name(n).unwrap_or(-1);
         let (do_id_f, key_f, seq_f) = (id("do_id"), id("key"), id("seq"));
+        // Row-level deletes (merge-on-read, as Trino or Spark write them) are not applied by
+        // dotdo's reads: answering without them would return deleted rows.
+        if let Some(mf) = manifests.iter().find(|mf| {
+            mf.content != iceberg::spec::ManifestContentType::Data
+                && mf.added_files_count.unwrap_or(1) + mf.existing_files_count.unwrap_or(1) > 0
+        }) {
+            return Err(Error::invalid(format!(
+                "{}: snapshot {} has row-level delete files (manifest {}), written by another engine; \
+                 dotdo does not apply them: rewrite the table without deletes (copy-on-write)",
+                table.identifier(),
+                snapshot.snapshot_id(),
+                mf.manifest_path
+            )));
+        }
+        let bucket_at = self.inner.bucketer.spec;
         let loads = manifests.iter().cloned().map(|mf| async move {
             let cached = cache.manifests.lock().get(&mf.manifest_path).cloned();
             if let Some(c) = cached {
@@ -333,8 +348,13 @@ impl IcebergColdStore {
                 .filter(|e| e.is_alive() && e.data_file().content_type() == DataContentType::Data)
                 .map(|e| {
                     let df = e.data_file();
-                    let bucket = match df.partition().fields().first() {
-                        Some(Some(Literal::Primitive(PrimitiveLiteral::Int(b)))) => Some(*b),
+                    // Only under the spec the bucketer belongs to, at its do_id field: a file
+                    // written under another spec (evolved by another engine) is never pruned.
+                    let bucket = match bucket_at {
+                        Some((spec, pos)) if spec == mf.partition_spec_id => match df.partition().fields().get(pos) {
+                            Some(Some(Literal::Primitive(PrimitiveLiteral::Int(b)))) => Some(*b),
+                            _ => None,
+                        },
                         _ => None,
                     };
                     let bounds = |f| string_of(df.lower_bounds().get(&f)).zip(string_of(df.upper_bounds().get(&f)));

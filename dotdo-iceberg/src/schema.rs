@@ -102,6 +102,9 @@ pub fn sort_order(schema: &Schema) -> Result<SortOrder> {
 #[derive(Debug)]
 pub(crate) struct Bucketer {
     f: iceberg::transform::BoxedTransformFunction,
+    /// The partition spec the transform comes from, and the position of its `do_id` field: a
+    /// data file's partition value is this bucket only if the file was written under that spec.
+    pub(crate) spec: Option<(i32, usize)>,
 }
 
 impl Bucketer {
@@ -112,7 +115,13 @@ impl Bucketer {
         }
         let f = iceberg::transform::create_transform_function(transform)
             .map_err(|e| crate::error::classify(e, "partition transform"))?;
-        Ok(Bucketer { f })
+        Ok(Bucketer { f, spec: None })
+    }
+
+    /// Which spec (id, position of the `do_id` field) this bucketer belongs to.
+    pub(crate) fn with_spec(mut self, spec_id: i32, position: usize) -> Self {
+        self.spec = Some((spec_id, position));
+        self
     }
 
     pub(crate) fn bucket(&self, object: &str) -> Result<i32> {

@@ -238,7 +238,7 @@ impl IcebergColdStoreBuilder {
             .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
         let ident = TableIdent::new(ns.clone(), self.table.clone());
         let table = open_table(&*catalog, &ident, &self.settings).await?;
-        let bucketer = Bucketer::new(&bucket_transform(&table)?)?;
+        let bucketer = table_bucketer(&table)?;
         Ok(IcebergColdStore {
             inner: Arc::new(Inner {
                 catalog,
@@ -257,18 +257,21 @@ impl IcebergColdStoreBuilder {
 }
 
 /// The table's `bucket(do_id)` partition transform.
-fn bucket_transform(table: &Table) -> Result<iceberg::spec::Transform> {
+/// The bucketer of the table's default partition spec (its `do_id` field).
+fn table_bucketer(table: &Table) -> Result<Bucketer> {
     let spec = table.metadata().default_partition_spec();
     let do_id = table
         .metadata()
         .current_schema()
         .field_id_by_name("do_id")
         .ok_or_else(|| Error::invalid("table has no do_id column"))?;
-    spec.fields()
+    let (position, field) = spec
+        .fields()
         .iter()
-        .find(|f| f.source_id == do_id)
-        .map(|f| f.transform)
-        .ok_or_else(|| Error::invalid("table is not partitioned by do_id"))
+        .enumerate()
+        .find(|(_, f)| f.source_id == do_id)
+        .ok_or_else(|| Error::invalid("table is not partitioned by do_id"))?;
+    Ok(Bucketer::new(&field.transform)?.with_spec(spec.spec_id(), position))
 }
 
 async fn open_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settings) -> Result<Table> {

@@ -7,7 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use dotdo_core::{AsOf, ChangeRecord, ColdBatch, ColdSink, ErrorKind, FencingToken, ObjectChanges, ObjectId, Op};
+use dotdo_core::{
+    AsOf, ChangeRecord, ColdBatch, ColdSink, ErrorKind, FencingToken, IndexAccelerator, ObjectChanges, ObjectId, Op,
+    Timestamp,
+};
 use dotdo_iceberg::IcebergColdStore;
 
 type Row = (String, u64, String, String, String, u64, i64, String);
@@ -307,4 +310,63 @@ async fn expiry_keeps_snapshots_tagged_or_branched_by_pyiceberg() {
         assert_eq!(values, [want.as_bytes()], "snapshot {i}");
     }
     assert_eq!(cold.load_state(&o, AsOf::Snapshot(snaps[3])).await.expect_err("expired").kind(), &ErrorKind::NotFound);
+}
+
+/// Another engine evolves the partition spec (bucket[16] to bucket[32] of do_id): files written
+/// under the old spec are no longer pruned by the new spec's bucket (that lost about half the
+/// objects' rows), appends continue under the new spec, and collapse refuses the mixed table
+/// rather than splitting an object's history between groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_stay_complete_after_another_engine_evolves_the_partition_spec() {
+    let Some(python) = common::python("reads_stay_complete_after_another_engine_evolves_the_partition_spec") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || async {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["interop"], "evolved")
+            .build()
+            .await
+            .expect("open")
+    };
+    let cold = open().await;
+    let objects: Vec<ObjectId> = (0..40).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+    let batch = |seq: u64, value: &str| ColdBatch {
+        objects: objects
+            .iter()
+            .map(|o| ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: vec![rec(o, seq, "k", Some(value.as_bytes()), 1)],
+            })
+            .collect(),
+    };
+    cold.append(batch(1, "old-spec")).await.expect("append under bucket[16]");
+    let out = std::process::Command::new(&python)
+        .arg(common::py_dir().join("evolve_spec.py"))
+        .arg(dir.path().join("catalog.db"))
+        .arg(cold.warehouse())
+        .arg("interop.evolved")
+        .output()
+        .expect("run evolve_spec.py");
+    assert!(out.status.success(), "evolve_spec.py: {}", String::from_utf8_lossy(&out.stderr));
+    let cold = open().await;
+    for o in &objects {
+        let st = cold.load_state(o, AsOf::Latest).await.expect("state");
+        assert_eq!(st.entries.len(), 1, "{o}: its row written under the old spec is found");
+        let l = cold.lookup(o, "k", AsOf::Latest).await.expect("lookup");
+        assert_eq!(l.value.map(|v| v.value), Some(bytes::Bytes::from_static(b"old-spec")), "{o}");
+    }
+    cold.append(batch(2, "new-spec")).await.expect("append under bucket[32]");
+    for o in &objects {
+        let changes = cold.read_changes(o, 0, AsOf::Latest).await.expect("changes");
+        assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2], "{o}");
+        let l = cold.lookup(o, "k", AsOf::Latest).await.expect("lookup");
+        assert_eq!(l.value.map(|v| v.value), Some(bytes::Bytes::from_static(b"new-spec")), "{o}");
+    }
+    let e = cold
+        .collapse(dotdo_iceberg::CollapseOptions::new(Timestamp::from_micros(i64::MAX)))
+        .await
+        .expect_err("mixed specs");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
