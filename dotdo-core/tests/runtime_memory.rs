@@ -30,10 +30,22 @@ impl World {
     }
 
     fn runtime(&self, node: &str, settings: RuntimeSettings) -> ObjectRuntime {
+        self.runtime_with(node, Arc::new(self.hot.clone()), Arc::new(self.cold.clone()), settings)
+    }
+
+    /// A runtime with its own guard and cold sink (fault-injecting wrappers); the accelerator
+    /// stays the world's cold store.
+    fn runtime_with(
+        &self,
+        node: &str,
+        guard: Arc<dyn ConsistencyGuard>,
+        cold: Arc<dyn ColdSink>,
+        settings: RuntimeSettings,
+    ) -> ObjectRuntime {
         ObjectRuntime::builder(NodeId::new(node).expect("valid"))
             .with_hot_store(Arc::new(self.hot.clone()))
-            .with_guard(Arc::new(self.hot.clone()))
-            .with_cold_sink(Arc::new(self.cold.clone()))
+            .with_guard(guard)
+            .with_cold_sink(cold)
             .with_accelerator(Arc::new(self.cold.clone()))
             .with_clock(Arc::new(self.clock.clone()))
             .with_settings(settings)
@@ -403,15 +415,12 @@ impl ColdSink for FlakyCold {
 async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
     let w = World::new();
     let cold = Arc::new(FlakyCold { inner: w.cold.clone(), down: false.into() });
-    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(cold.clone())
-        .with_accelerator(Arc::new(w.cold.clone()))
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(RuntimeSettings { flush_after_changes: 1, ..settings() })
-        .build()
-        .expect("build runtime");
+    let rt = w.runtime_with(
+        "a",
+        Arc::new(w.hot.clone()),
+        cold.clone(),
+        RuntimeSettings { flush_after_changes: 1, ..settings() },
+    );
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
     cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -474,15 +483,7 @@ impl ConsistencyGuard for FlakyGuard {
 async fn a_transient_refresh_failure_keeps_a_valid_lease() {
     let w = World::new();
     let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into() });
-    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(guard.clone())
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_accelerator(Arc::new(w.cold.clone()))
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
-        .build()
-        .expect("build runtime");
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("first"), 1);
     // Past the point where a call refreshes first, well before expiry; the refresh fails once.
@@ -614,15 +615,7 @@ async fn maintain_forgets_released_objects() {
 }
 
 fn flaky_runtime(w: &World, cold: Arc<FlakyCold>) -> ObjectRuntime {
-    ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(cold)
-        .with_accelerator(Arc::new(w.cold.clone()))
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
-        .build()
-        .expect("build runtime")
+    w.runtime_with("a", Arc::new(w.hot.clone()), cold, settings())
 }
 
 /// Keeps the manual clock moving (retries sleep on it) until aborted.
@@ -715,15 +708,7 @@ async fn failing_renewals_back_off_until_the_handler_self_fences() {
     let w = World::new();
     const FAILS: u32 = 100_000;
     let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into() });
-    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(guard.clone())
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_accelerator(Arc::new(w.cold.clone()))
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
-        .build()
-        .expect("build runtime");
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
     let o = oid("o");
     incr(&rt, &o).await.expect("activate");
     guard.fail_refreshes.store(FAILS, std::sync::atomic::Ordering::SeqCst);

@@ -41,6 +41,17 @@ struct Raw {
     now: i64,
 }
 
+/// `BEGIN IMMEDIATE` and the token read of a hand-written fenced transaction.
+fn begin_checking_token(c: &Connection) {
+    c.prepare_cached("BEGIN IMMEDIATE").expect("p").execute([]).expect("begin");
+    let tok: i64 = c
+        .prepare_cached("SELECT max_token FROM objs WHERE do_id = ?1")
+        .expect("p")
+        .query_row(["o"], |r| r.get(0))
+        .expect("token");
+    assert_eq!(tok, 1);
+}
+
 impl Raw {
     fn upsert(&mut self, keys: &[String], value: &[u8]) {
         self.i += 1;
@@ -56,13 +67,7 @@ impl Raw {
     fn token_upsert(&mut self, keys: &[String], value: &[u8]) {
         self.i += 1;
         let c = &self.conn;
-        c.prepare_cached("BEGIN IMMEDIATE").expect("p").execute([]).expect("begin");
-        let tok: i64 = c
-            .prepare_cached("SELECT max_token FROM objs WHERE do_id = ?1")
-            .expect("p")
-            .query_row(["o"], |r| r.get(0))
-            .expect("token");
-        assert_eq!(tok, 1);
+        begin_checking_token(c);
         c.prepare_cached("INSERT INTO kv (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v")
             .expect("p")
             .execute(params![keys[self.i % KEYS], value])
@@ -76,13 +81,7 @@ impl Raw {
         self.i += 1;
         self.seq += 1;
         let c = &self.conn;
-        c.prepare_cached("BEGIN IMMEDIATE").expect("p").execute([]).expect("begin");
-        let tok: i64 = c
-            .prepare_cached("SELECT max_token FROM objs WHERE do_id = ?1")
-            .expect("p")
-            .query_row(["o"], |r| r.get(0))
-            .expect("token");
-        assert_eq!(tok, 1);
+        begin_checking_token(c);
         c.prepare_cached(
             "INSERT INTO st VALUES (?1, ?2, ?3, ?4) ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq",
         )
