@@ -735,3 +735,66 @@ async fn failing_renewals_back_off_until_the_handler_self_fences() {
     // Without backoff: one attempt per clock tick (about 600 over the two thirds of the TTL).
     assert!((1..60).contains(&attempts), "{attempts} renewal attempts");
 }
+
+/// A hot store whose `evict` drops the state and then loses the reply (`AmbiguousOutcome`), as a
+/// remote store's dropped connection would.
+#[derive(Debug)]
+struct EvictReplyLost {
+    inner: MemoryBackend,
+}
+
+#[async_trait::async_trait]
+impl HotStore for EvictReplyLost {
+    async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+        self.inner.write(object, token, batch).await
+    }
+    async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+        self.inner.get(object, key).await
+    }
+    async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
+        self.inner.list(object, range, limit).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+        self.inner.read_changes(object, after, limit).await
+    }
+    async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+        self.inner.truncate_changes(object, token, through).await
+    }
+    async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+        self.inner.object_info(object).await
+    }
+    async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+        self.inner.objects_with_pending_changes(after, limit).await
+    }
+    async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+        self.inner.evict(object, token).await?;
+        Err(Error::new(ErrorKind::AmbiguousOutcome, "evicted, but the reply was lost (test)"))
+    }
+    async fn restore(&self, object: &ObjectId, token: FencingToken, entries: Vec<Entry>, through: Seq) -> Result<()> {
+        self.inner.restore(object, token, entries, through).await
+    }
+}
+
+/// An eviction whose outcome is unknown never leaves the object running on what may be an empty
+/// hot store: the next call activates afresh and recovers the state from cold (it used to read
+/// nothing and count from zero again).
+#[tokio::test]
+async fn an_eviction_with_an_unknown_outcome_is_not_run_on() {
+    let w = World::new();
+    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(EvictReplyLost { inner: w.hot.clone() }))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_accelerator(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime");
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("incr"), 1);
+    assert_eq!(incr(&rt, &o).await.expect("incr"), 2);
+    let e = rt.evict(&o).await.expect_err("reply lost");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome);
+    assert_eq!(incr(&rt, &o).await.expect("recovered from cold"), 3);
+    assert_eq!(rt.metrics().activations, 2, "activated afresh");
+}

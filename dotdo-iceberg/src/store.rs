@@ -590,9 +590,24 @@ impl IcebergColdStore {
         let arrow = Arc::new(
             iceberg::arrow::schema_to_arrow_schema(&schema).map_err(|e| classify(e, "arrow schema of the table"))?,
         );
+        // Partition values by the spec the files are written under: if another engine evolved
+        // the spec since this store opened, the bucketer of open time no longer applies.
+        let evolved = match self.inner.bucketer.spec {
+            Some((id, _)) if id == spec.spec_id() => None,
+            _ => Some(table_bucketer(table)?),
+        };
+        let bucketer = evolved.as_ref().unwrap_or(&self.inner.bucketer);
+        if spec.fields().len() != 1 {
+            return Err(Error::invalid(format!(
+                "{}: partition spec {} has {} fields; dotdo writes tables partitioned by bucket(do_id) alone",
+                table.identifier(),
+                spec.spec_id(),
+                spec.fields().len()
+            )));
+        }
         let mut groups: BTreeMap<i32, Vec<(usize, usize)>> = BTreeMap::new();
         for &(i, from) in parts {
-            groups.entry(self.inner.bucketer.bucket(batch.objects[i].object.as_str())?).or_default().push((i, from));
+            groups.entry(bucketer.bucket(batch.objects[i].object.as_str())?).or_default().push((i, from));
         }
         let level = ZstdLevel::try_new(self.inner.settings.zstd_level)
             .map_err(|e| Error::invalid(format!("zstd level {}: {e}", self.inner.settings.zstd_level)))?;

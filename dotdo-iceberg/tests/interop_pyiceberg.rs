@@ -350,6 +350,7 @@ async fn reads_stay_complete_after_another_engine_evolves_the_partition_spec() {
         .output()
         .expect("run evolve_spec.py");
     assert!(out.status.success(), "evolve_spec.py: {}", String::from_utf8_lossy(&out.stderr));
+    let before = cold;
     let cold = open().await;
     for o in &objects {
         let st = cold.load_state(o, AsOf::Latest).await.expect("state");
@@ -357,10 +358,13 @@ async fn reads_stay_complete_after_another_engine_evolves_the_partition_spec() {
         let l = cold.lookup(o, "k", AsOf::Latest).await.expect("lookup");
         assert_eq!(l.value.map(|v| v.value), Some(bytes::Bytes::from_static(b"old-spec")), "{o}");
     }
-    cold.append(batch(2, "new-spec")).await.expect("append under bucket[32]");
+    // A store opened before the evolution and one opened after both keep appending.
+    before.append(batch(2, "old-handle")).await.expect("append from the handle opened before");
+    cold.append(batch(3, "new-spec")).await.expect("append under bucket[32]");
+    let cold = open().await;
     for o in &objects {
         let changes = cold.read_changes(o, 0, AsOf::Latest).await.expect("changes");
-        assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2], "{o}");
+        assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3], "{o}");
         let l = cold.lookup(o, "k", AsOf::Latest).await.expect("lookup");
         assert_eq!(l.value.map(|v| v.value), Some(bytes::Bytes::from_static(b"new-spec")), "{o}");
     }

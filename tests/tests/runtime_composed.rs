@@ -299,44 +299,7 @@ async fn a_hot_database_rolled_back_behind_cold_is_restored_from_cold() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let o = oid("counter");
-    let files = |suffix: &str| {
-        ["", "-wal", "-shm"]
-            .map(|ext| (dir.path().join(format!("hot.db{ext}")), dir.path().join(format!("{suffix}{ext}"))))
-    };
-    {
-        let s = open(dir.path(), clock.clone()).await;
-        let rt = runtime(&s, "a", clock.clone(), RuntimeSettings::default());
-        for _ in 0..2 {
-            incr(&rt, &o).await.expect("incr");
-        }
-        rt.flush(&o).await.expect("flush");
-        rt.shutdown().await.expect("shutdown");
-    }
-    for (live, backup) in files("backup.db") {
-        if live.exists() {
-            std::fs::copy(&live, &backup).expect("back up");
-        }
-    }
-    // More history, under two more leases: cold ends at n = 5 with a higher token.
-    for node in ["b", "c"] {
-        let s = open(dir.path(), clock.clone()).await;
-        let rt = runtime(&s, node, clock.clone(), RuntimeSettings::default());
-        if node == "c" {
-            for _ in 0..3 {
-                incr(&rt, &o).await.expect("incr");
-            }
-        } else {
-            assert_eq!(read_n(&rt, &o).await, 2);
-        }
-        rt.flush(&o).await.expect("flush");
-        rt.shutdown().await.expect("shutdown");
-    }
-    for (live, backup) in files("backup.db") {
-        let _ = std::fs::remove_file(&live);
-        if backup.exists() {
-            std::fs::copy(&backup, &live).expect("restore the old backup");
-        }
-    }
+    roll_hot_back_behind_cold(dir.path(), &clock, &o).await;
     let s = open(dir.path(), clock.clone()).await;
     let rt = runtime(&s, "d", clock.clone(), RuntimeSettings::default());
     assert_eq!(read_n(&rt, &o).await, 5, "cold's newer state, not the backup's 2");
@@ -346,4 +309,64 @@ async fn a_hot_database_rolled_back_behind_cold_is_restored_from_cold() {
     assert_eq!(wm.through, 6, "the new change reached cold");
     let st = s.cold.load_state(&o, AsOf::Latest).await.expect("cold state");
     assert_eq!(st.entries.iter().map(|e| &e.value[..]).collect::<Vec<_>>(), [&b"6"[..]]);
+}
+
+/// As above, but after the rollback something wrote to the hot store under a newer token (at a
+/// sequence number cold already holds): hot and cold diverged, so activation stops with
+/// `Corrupt` and drops nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_database_that_diverged_from_cold_is_refused_not_overwritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let o = oid("counter");
+    roll_hot_back_behind_cold(dir.path(), &clock, &o).await;
+    let s = open(dir.path(), clock.clone()).await;
+    let r = s.hot.put(&o, FencingToken::new(50), "Counter", "n", Bytes::from_static(b"99")).await.expect("put");
+    let rt = runtime(&s, "d", clock.clone(), RuntimeSettings::default());
+    let e = incr(&rt, &o).await.expect_err("diverged");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let pending = s.hot.read_changes(&o, 0, 100).await.expect("changes");
+    assert!(pending.iter().any(|c| c.seq == r.first_seq && c.token == FencingToken::new(50)), "kept: {pending:?}");
+}
+
+/// Leaves `dir` with a hot database rolled back behind cold: cold has `n` = 5 (through seq 5,
+/// under the third lease), the hot database a backup taken at `n` = 2 under the first.
+async fn roll_hot_back_behind_cold(dir: &Path, clock: &Arc<dyn Clock>, o: &ObjectId) {
+    let files = |suffix: &str| {
+        ["", "-wal", "-shm"].map(|ext| (dir.join(format!("hot.db{ext}")), dir.join(format!("{suffix}{ext}"))))
+    };
+    {
+        let s = open(dir, clock.clone()).await;
+        let rt = runtime(&s, "a", clock.clone(), RuntimeSettings::default());
+        for _ in 0..2 {
+            incr(&rt, o).await.expect("incr");
+        }
+        rt.flush(o).await.expect("flush");
+        rt.shutdown().await.expect("shutdown");
+    }
+    for (live, backup) in files("backup.db") {
+        if live.exists() {
+            std::fs::copy(&live, &backup).expect("back up");
+        }
+    }
+    // More history, under two more leases: cold ends at n = 5 with a higher token.
+    for node in ["b", "c"] {
+        let s = open(dir, clock.clone()).await;
+        let rt = runtime(&s, node, clock.clone(), RuntimeSettings::default());
+        if node == "c" {
+            for _ in 0..3 {
+                incr(&rt, o).await.expect("incr");
+            }
+        } else {
+            assert_eq!(read_n(&rt, o).await, 2);
+        }
+        rt.flush(o).await.expect("flush");
+        rt.shutdown().await.expect("shutdown");
+    }
+    for (live, backup) in files("backup.db") {
+        let _ = std::fs::remove_file(&live);
+        if backup.exists() {
+            std::fs::copy(&backup, &live).expect("restore the old backup");
+        }
+    }
 }

@@ -571,9 +571,12 @@ impl ObjectRuntime {
             Err(e) => return Err(e),
         };
         let hot_seq = info.as_ref().map_or(0, |i| i.last_seq);
-        if active.lease.token < wm.token {
-            // Cold storage has seen a higher token than the guard just issued: the hot store or
-            // the guard lost (rolled back) lease state. Raise the hot store's token floor to
+        // Tokens only go up and a lease is never issued twice: a new lease at or below a token
+        // cold storage has already seen means the hot store or the guard lost (rolled back)
+        // lease state.
+        if active.lease.token <= wm.token {
+            // Cold storage has seen a token at least as high as the one the guard just issued:
+            // the hot store or the guard lost (rolled back) lease state. Raise the hot store's token floor to
             // cold's and take a lease above it, or every cold commit would be fenced.
             tracing::warn!(object = %object, lease = %active.lease.token, cold = %wm.token,
                 "dotdo: the lease token is below cold storage's; the hot store or guard lost state");
@@ -583,7 +586,7 @@ impl ObjectRuntime {
                 tracing::warn!(object = %object, error = %e, "dotdo lease release failed; it will expire");
             }
             active.lease = self.acquire(object).await?;
-            if active.lease.token < wm.token {
+            if active.lease.token <= wm.token {
                 return Err(Error::corrupt(format!(
                     "{object}: the guard issues token {} but cold storage has already seen token {}; \
                      the guard's lease state was lost and it does not floor tokens at the hot store's",
@@ -606,7 +609,19 @@ impl ObjectRuntime {
             // skipped there as replays.
             tracing::warn!(object = %object, hot_seq, cold_through = wm.through,
                 "dotdo: the hot store is behind cold storage; restoring from cold");
-            if info.as_ref().is_some_and(|i| i.has_pending_changes()) {
+            if let Some(i) = info.as_ref().filter(|i| i.has_pending_changes()) {
+                // Pending changes under a token newer than any cold has seen were written after
+                // the loss (e.g. while cold was unreachable) at sequence numbers cold already
+                // holds: hot and cold diverged. Keep them and stop rather than drop them.
+                let pending = inner.hot.read_changes(object, i.truncated_through, usize::MAX).await?;
+                if let Some(r) = pending.iter().find(|r| r.token > wm.token) {
+                    return Err(Error::corrupt(format!(
+                        "{object}: the hot store is behind cold storage (hot seq {hot_seq}, cold through {}) \
+                         and holds change {} under token {} that cold does not have: hot and cold diverged; \
+                         nothing was changed (operator attention)",
+                        wm.through, r.seq, r.token
+                    )));
+                }
                 inner.hot.truncate_changes(object, token, hot_seq).await?;
             }
             let st = inner.cold.load_state(object, AsOf::Latest).await?;
@@ -761,17 +776,33 @@ impl ObjectRuntime {
         self.ensure_active(object, &mut slot).await?;
         let mut active = slot.active.take().expect("active");
         let token = active.lease.token;
-        let tier_out = async {
+        let drained = async {
             if active.lazy.is_some() {
                 complete_restore(&self.inner, object, token, &mut active.lazy).await?;
             }
-            drain(&self.inner, object, token).await?;
-            self.inner.hot.evict(object, token).await
+            drain(&self.inner, object, token).await
         }
         .await;
-        if let Err(e) = tier_out {
-            // Still active here (the hot state is intact): keep the lease for the next call.
-            slot.active = Some(active);
+        if let Err(e) = drained {
+            // The hot state is intact: keep the object active for the next call, unless the
+            // lease is gone.
+            if !(e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. })) {
+                slot.active = Some(active);
+            }
+            return Err(e);
+        }
+        if let Err(e) = self.inner.hot.evict(object, token).await {
+            if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidInput) {
+                // Refused, so nothing was dropped: still active.
+                slot.active = Some(active);
+            } else {
+                // The hot state may or may not be gone (a remote store's ambiguous reply): never
+                // run on it again under this activation. The next call activates afresh and
+                // recovers from cold if the state was dropped.
+                if let Err(re) = self.inner.guard.release(&active.lease).await {
+                    tracing::warn!(object = %object, error = %re, "dotdo lease release failed; it will expire");
+                }
+            }
             return Err(e);
         }
         self.inner.guard.release(&active.lease).await?;
