@@ -45,3 +45,23 @@ fn quickstart_runs_and_pyiceberg_reads_its_table() {
     assert_eq!(counts[0], 1008, "PyIceberg sees every flushed change exactly once");
     assert_eq!(counts[1], 3);
 }
+
+/// A `DOTDO_QUICKSTART_DIR` that holds someone else's files is refused, not wiped; a directory
+/// the quickstart made is recreated on the next run.
+#[test]
+fn quickstart_never_deletes_a_directory_it_did_not_make() {
+    let bin = example_binary("quickstart");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, b"keep me").expect("write");
+    let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", dir.path()).output().expect("run quickstart");
+    assert!(!out.status.success(), "ran in a foreign directory");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not made by the quickstart"), "{out:?}");
+    assert_eq!(std::fs::read(&precious).expect("still there"), b"keep me");
+
+    let own = dir.path().join("qs");
+    for run in 0..2 {
+        let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", &own).output().expect("run quickstart");
+        assert!(out.status.success(), "run {run}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
