@@ -462,10 +462,7 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
             Ok(r) => compacted += u64::from(r.snapshot.is_some()),
             Err(e) => {
                 assert!(
-                    matches!(
-                        e.kind(),
-                        ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome | ErrorKind::Conflict | ErrorKind::Corrupt
-                    ),
+                    matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome | ErrorKind::Conflict),
                     "unexpected compaction error under store faults: {e}"
                 );
                 if std::env::var_os("DOTDO_FAULT_VERBOSE").is_some() {

@@ -599,3 +599,35 @@ impl LibsqlStore {
         Ok(dotdo_core::FencingToken::new(v.unwrap_or(0).max(0).unsigned_abs()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The durability setting is what reaches SQLite on the connection that writes: FULL (2)
+    /// fsyncs every commit, NORMAL (1) does not (reopening in one process cannot tell them apart).
+    #[tokio::test]
+    async fn the_writer_gets_the_configured_synchronous_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (durability, want) in [(Durability::Normal, 1i64), (Durability::Full, 2)] {
+            let s = LibsqlStore::local(dir.path().join(format!("s{want}.db")))
+                .with_settings(LibsqlSettings { durability, ..Default::default() })
+                .open()
+                .await
+                .expect("open");
+            let got = s
+                .with_writer("reading synchronous", false, |c| {
+                    Box::pin(async move {
+                        Ok(int(c
+                            .query(Step::new("PRAGMA synchronous", vec![]))
+                            .await?
+                            .first()
+                            .and_then(|r| r.first()))?)
+                    })
+                })
+                .await
+                .expect("pragma");
+            assert_eq!(got, want, "{durability:?}");
+        }
+    }
+}

@@ -857,5 +857,15 @@ mod tests {
             );
             assert_eq!(got, (mmap, -i64::from(cache_kib), "wal".to_string()));
         }
+        // The durability mode is what reaches SQLite: FULL (2) fsyncs every commit, NORMAL (1)
+        // does not; the two cannot be told apart by reopening in the same process.
+        for (durability, want) in [(crate::Durability::Normal, 1i64), (crate::Durability::Full, 2)] {
+            let settings = SqliteSettings { durability, ..SqliteSettings::default() };
+            for writer in [true, false] {
+                let conn = open_connection(&path, &settings, writer).expect("open");
+                let got: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).expect("synchronous");
+                assert_eq!(got, want, "{:?} (writer: {writer})", settings.durability);
+            }
+        }
     }
 }

@@ -144,7 +144,7 @@ async fn fence_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, n
         let current: u64 = match hot.get(&object, "n").await {
             Ok(v) => v.map(|b| String::from_utf8_lossy(&b).parse().expect("counter is a number")).unwrap_or(0),
             Err(e) => {
-                println!("DOTDO ERR read {e}");
+                println!("DOTDO ERR read {} {e}", if e.is_retryable() { "retryable" } else { "permanent" });
                 continue;
             }
         };
@@ -156,7 +156,7 @@ async fn fence_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, n
         match hot.put(&object, lease.token, "Counter", "n", Bytes::from(next.to_string())).await {
             Ok(_) => println!("DOTDO ACK {object} {} {next}", lease.token),
             Err(e) if e.is_fenced() => println!("DOTDO FENCED {object} {}", lease.token),
-            Err(e) => println!("DOTDO ERR write {e}"),
+            Err(e) => println!("DOTDO ERR write {} {e}", if e.is_retryable() { "retryable" } else { "permanent" }),
         }
         let _ = guard.release(&lease).await;
     }
@@ -181,24 +181,31 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
         })
         .collect();
     let mut acks: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut fenced, mut done) = (0, 0);
-    for (child, lines) in children.iter_mut() {
+    let (mut fenced, mut done, mut retryable) = (0, 0, 0);
+    let mut permanent: Vec<String> = Vec::new();
+    for (mut child, lines) in children {
         let status = child.wait().expect("child exits");
         assert!(status.success(), "a contending child failed: {status}");
+        // All of the child's output is in once its reader has seen the pipe close.
+        let _ = lines.handle.join();
         for line in lines.rx.try_iter() {
             let parts: Vec<&str> = line.split(' ').collect();
             match parts[0] {
                 "ACK" => *acks.entry(parts[1].to_string()).or_default() += 1,
                 "FENCED" => fenced += 1,
                 "DONE" => done += 1,
+                "ERR" if parts.get(2) == Some(&"retryable") => retryable += 1,
+                "ERR" => permanent.push(line.clone()),
                 _ => {}
             }
         }
     }
-    for (_, l) in children {
-        let _ = l.handle.join();
-    }
     assert_eq!(done, procs, "every child finished");
+    // A stale write must be refused as `Fenced`, nothing else; busy moments are retryable.
+    assert!(permanent.is_empty(), "calls failed with a non-retryable error other than Fenced: {permanent:?}");
+    // Holders pausing past the TTL while others wait for the same counters: some stale writes
+    // must have been attempted, or the test proved nothing about fencing.
+    assert!(fenced > 0, "no stale write was attempted ({retryable} retryable errors)");
     rt.block_on(async {
         let (hot, _) = (kit.open)(db.clone()).await.expect("reopen");
         let mut total = 0;
