@@ -124,6 +124,11 @@ fn class_of_batch_step_message(message: &str) -> Class {
 
 /// Classify the `Display` text of a remote (Hrana) failure; see the module docs for why text.
 pub(crate) fn class_of_remote_text(text: &str) -> Class {
+    // sqld refuses a request on a server stream that expired while idle (its baton is no longer
+    // known), as a stream error or an HTTP 400: nothing of it ran, and a new connection works.
+    if text.contains("STREAM_EXPIRED") {
+        return Class::Network { maybe_sent: false };
+    }
     if let Some(rest) = text.strip_prefix("api error: ") {
         // `status=401 Unauthorized, body=…`
         let status: u16 = rest
@@ -391,6 +396,17 @@ mod tests {
         assert_eq!(map(unreadable, "write", true).kind(), &ErrorKind::AmbiguousOutcome);
         assert_eq!(map(libsql::Error::Misuse("other".into()), "write", true).kind(), &ErrorKind::Backend);
         assert_eq!(class_of(&hrana("api error: `UNIQUE constraint failed: do_changes.seq`")), Class::Other);
+    }
+
+    #[test]
+    fn an_expired_server_stream_is_retried_as_not_applied() {
+        let e = hrana(
+            "api error: `status=400 Bad Request, body={\"message\":\"stream expired\",\"code\":\"STREAM_EXPIRED\"}`",
+        );
+        assert_eq!(class_of(&e), Class::Network { maybe_sent: false });
+        let e = hrana("stream error: `Error { message: \"stream baton-4 not found\", code: \"STREAM_EXPIRED\" }`");
+        assert_eq!(class_of(&e), Class::Network { maybe_sent: false });
+        assert!(is_transient(class_of(&e), true), "safe to retry even a write");
     }
 
     #[test]

@@ -434,7 +434,18 @@ impl LibsqlStore {
         loop {
             let out = {
                 let mut conn = self.inner.writer.lock().await;
-                self.drive(self.inner.local_writes, f(&mut conn)).await
+                let out = self.drive(self.inner.local_writes, f(&mut conn)).await;
+                if matches!(out, Err(TxError::Sql(_))) && !self.inner.local_writes {
+                    // A remote connection's server stream may be gone (expired while idle, or
+                    // closed by the server), and libsql keeps using it: the next attempt or
+                    // call starts on a new connection.
+                    let db = self.inner._primary.as_ref().unwrap_or(&*self.inner.readers.db);
+                    match db.connect() {
+                        Ok(c) => *conn = Conn::new(c, true, true),
+                        Err(e) => tracing::warn!(doing, error = %e, "could not open a new libsql connection"),
+                    }
+                }
+                out
             };
             match out {
                 Ok(v) => return Ok(v),

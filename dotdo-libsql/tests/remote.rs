@@ -103,6 +103,28 @@ async fn two_stores_on_one_primary_share_fencing() {
     assert_eq!(a.get(&obj, "k").await.expect("get").as_deref(), Some(&b"from-b"[..]));
 }
 
+/// Server streams the client left open expire (sqld drops idle ones): the store's writes and
+/// lease calls go on, on a new connection, instead of failing for good.
+#[tokio::test]
+async fn writes_go_on_after_the_server_expires_idle_streams() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    let s = LibsqlStore::remote(server.url(), TOKEN).open().await.expect("open");
+    let obj = ObjectId::new("idle").expect("valid");
+    let node = NodeId::new("n").expect("valid");
+    let l = s.acquire(&obj, &node, Duration::from_secs(30)).await.expect("acquire");
+    for round in 0..3 {
+        s.put(&obj, l.token, "T", "k", format!("v{round}").into()).await.expect("write");
+        // A refused acquire reads the lease on the primary (a cursor on the write connection).
+        let e = s.acquire(&obj, &NodeId::new("other").expect("valid"), Duration::from_secs(1)).await.expect_err("held");
+        assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+        server.expire_streams();
+    }
+    s.put(&obj, l.token, "T", "k", "after".into()).await.expect("write after the streams expired");
+    s.refresh(&l, Duration::from_secs(30)).await.expect("refresh after the streams expired");
+    assert_eq!(s.get(&obj, "k").await.expect("get").as_deref(), Some(&b"after"[..]));
+}
+
 #[tokio::test]
 async fn a_write_whose_reply_is_lost_is_ambiguous_and_not_retried_but_a_read_is_retried() {
     let dir = tempfile::tempdir().expect("tempdir");

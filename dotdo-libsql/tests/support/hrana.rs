@@ -81,6 +81,15 @@ impl HranaServer {
         self.state.lose_replies.store(n, Ordering::SeqCst);
     }
 
+    /// Forget every open stream, as sqld does with streams left idle too long: a request
+    /// naming one gets `STREAM_EXPIRED`.
+    pub fn expire_streams(&self) -> usize {
+        let mut streams = self.state.streams.lock().expect("streams");
+        let n = streams.len();
+        streams.clear();
+        n
+    }
+
     /// Pipeline requests (HTTP round trips) served so far.
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
