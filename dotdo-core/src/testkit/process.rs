@@ -173,7 +173,7 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
     let rt = runtime();
     rt.block_on(async { (kit.open)(db.clone()).await.expect("create database") });
     let procs: usize = std::env::var("DOTDO_FENCE_PROCS").ok().and_then(|v| v.parse().ok()).unwrap_or(4).max(4);
-    let mut children: Vec<(Child, Lines)> = (0..procs)
+    let children: Vec<(Child, Lines)> = (0..procs)
         .map(|i| {
             let mut c = spawn_child(child_test, "fence", &db, &format!("proc-{i}"));
             let l = collect(&mut c);
