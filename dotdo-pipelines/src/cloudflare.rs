@@ -105,6 +105,10 @@ impl CloudflareStreamClient {
         if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
             return Err(Error::invalid(format!("stream endpoint {endpoint:?} must be an http(s) URL with a host")));
         }
+        if !url.username().is_empty() || url.password().is_some() {
+            // Credentials in the URL would show up in every error message and Debug output.
+            return Err(Error::invalid("the stream endpoint must not carry credentials; pass the API token instead"));
+        }
         if token.as_deref().is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control())) {
             return Err(Error::invalid("the API token must be non-empty without whitespace"));
         }
@@ -113,6 +117,9 @@ impl CloudflareStreamClient {
         }
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
+            // A redirect would turn the POST into a body-less GET (and drop the token across
+            // hosts), whose 2xx would then read as events accepted.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::backend("building the HTTP client").with_source(e))?;
         Ok(CloudflareStreamClient { endpoint: url, token, http, settings, clock: Arc::new(SystemClock::new()) })
@@ -179,7 +186,8 @@ impl CloudflareStreamClient {
                     let msg =
                         format!("stream endpoint answered {status}: {}", text.chars().take(200).collect::<String>());
                     match status.as_u16() {
-                        429 | 500..=599 => Error::unavailable(msg),
+                        408 | 429 | 500..=599 => Error::unavailable(msg),
+                        300..=399 => Error::invalid(format!("{msg} (a redirect: configure the final endpoint)")),
                         401 | 403 => Error::backend(format!("{msg} (check the API token)")).with_retryable(false),
                         413 => Error::new(
                             ErrorKind::LimitExceeded {

@@ -1,5 +1,5 @@
 //! The Cloudflare Pipelines stream client against a local HTTP server that speaks the stream
-//! endpoint's protocol (POST a JSON array, Bearer token, 2xx accepted, 429/5xx transient,
+//! endpoint's protocol (POST a JSON array, Bearer token, 2xx accepted, 408/429/5xx transient, 3xx refused,
 //! 401 bad token, 413 too large).
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +18,7 @@ struct Server {
     records: Mutex<Vec<serde_json::Value>>,
     requests: AtomicU32,
     fail_next: AtomicU32,
+    redirect_next: AtomicU32,
     max_body: usize,
 }
 
@@ -55,8 +56,17 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                     let mut body = vec![0u8; len];
                     r.read_exact(&mut body).await.expect("body");
                     server.requests.fetch_add(1, Ordering::SeqCst);
-                    let (status, reply) = if !line.starts_with("POST ") {
+                    let mut location = String::new();
+                    let (status, reply) = if line.starts_with("GET /moved") {
+                        // What a misconfigured proxy's target might answer to the GET a followed
+                        // redirect turns the POST into.
+                        ("200 OK", "{}".to_string())
+                    } else if !line.starts_with("POST ") {
                         ("405 Method Not Allowed", "{}".to_string())
+                    } else if server.redirect_next.load(Ordering::SeqCst) > 0 {
+                        server.redirect_next.fetch_sub(1, Ordering::SeqCst);
+                        location = "location: /moved\r\n".to_string();
+                        ("302 Found", "{}".to_string())
                     } else if auth != format!("Bearer {token}") {
                         ("401 Unauthorized", r#"{"success":false,"errors":[{"message":"Unauthorized"}]}"#.to_string())
                     } else if len > server.max_body {
@@ -71,7 +81,7 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                         ("200 OK", format!(r#"{{"success":true,"result":{{"committed":{n}}}}}"#))
                     };
                     let resp = format!(
-                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                        "HTTP/1.1 {status}\r\n{location}content-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
                         reply.len()
                     );
                     if w.write_all(resp.as_bytes()).await.is_err() {
@@ -163,6 +173,24 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
         assert_eq!(CloudflareStreamClient::new(bad, None, settings()).expect_err(bad).kind(), &ErrorKind::InvalidInput);
     }
     assert!(CloudflareStreamClient::new("https://x.pipelines.cloudflare.com/", Some("a b".into()), settings()).is_err());
+    let e = CloudflareStreamClient::new("https://user:secret@x.pipelines.cloudflare.com/", None, settings())
+        .expect_err("credentials in the URL");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(!e.to_string().contains("secret"), "{e}");
+}
+
+/// A redirect is an error, never a success: followed, it would turn the POST into a body-less
+/// GET whose 200 read as every event accepted.
+#[tokio::test]
+async fn a_redirect_is_an_error_not_a_silent_success() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    server.redirect_next.store(1, Ordering::SeqCst);
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), settings()).expect("client");
+    let e = client.send(&events(3, 10)).await.expect_err("redirected");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(server.records.lock().is_empty());
+    assert_eq!(client.send(&events(3, 10)).await.expect("direct").events, 3);
 }
 
 #[tokio::test]
