@@ -87,7 +87,7 @@ impl LibsqlSettings {
 
     /// The longest total time a call spends sleeping between retries.
     pub fn max_total_backoff(&self) -> Duration {
-        (1..=self.retries).map(|a| self.backoff(a)).sum()
+        (1..=self.retries).map(|a| self.backoff(a)).fold(Duration::ZERO, Duration::saturating_add)
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -281,5 +281,7 @@ mod tests {
         assert_eq!(s.backoff(4), Duration::from_millis(50));
         assert_eq!(s.backoff(200), Duration::from_millis(50));
         assert_eq!(s.max_total_backoff(), Duration::from_millis(120));
+        let huge = LibsqlSettings { max_backoff: Duration::MAX, retry_backoff: Duration::MAX, retries: 3, ..s };
+        assert_eq!(huge.max_total_backoff(), Duration::MAX, "saturates instead of panicking");
     }
 }

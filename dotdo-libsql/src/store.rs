@@ -472,7 +472,10 @@ impl LibsqlStore {
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
         let out = self.with_writer(doing, true, f).await;
-        if out.is_ok() && self.inner.replica.is_some() {
+        // Also after an unknown outcome: the caller resolves it by reading back, and the read
+        // must see the primary's answer, not a replica that was never pulled.
+        let pull = out.as_ref().map_or_else(|e| e.kind() == &ErrorKind::AmbiguousOutcome, |_| true);
+        if pull && self.inner.replica.is_some() {
             if let Err(e) = self.sync_replica().await {
                 // The write is committed on the primary; only its local visibility is late.
                 tracing::warn!(error = %e, "{doing}: committed on the primary, but the replica could not pull it yet");
