@@ -399,23 +399,39 @@ fn a_local_store_works_on_every_kind_of_executor() {
     roundtrip_in(futures::executor::block_on);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On a multi-thread runtime with ONE worker, a local put that waits for SQLite's write lock
+/// (held by another connection) does not stall the worker: other tasks keep running meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[allow(clippy::disallowed_methods)] // real time: the ticker and the lock holder
 async fn local_calls_do_not_stall_other_tasks_on_a_multi_thread_runtime() {
+    use std::sync::atomic::{AtomicU32, Ordering};
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = LibsqlStore::local(dir.path().join("hot.db")).open().await.expect("open");
+    let path = dir.path().join("hot.db");
+    let settings = LibsqlSettings { busy_timeout: Duration::from_secs(5), ..Default::default() };
+    let s = LibsqlStore::local(&path).with_settings(settings).open().await.expect("open");
     let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
-    let ticker = tokio::spawn(async {
-        let mut ticks = 0u32;
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-            ticks += 1;
+    let holder_db = libsql::Builder::new_local(&path).build().await.expect("second handle");
+    let holder = holder_db.connect().expect("connect");
+    holder.execute("BEGIN IMMEDIATE", ()).await.expect("take the write lock");
+    let ticks = std::sync::Arc::new(AtomicU32::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                ticks.fetch_add(1, Ordering::SeqCst);
+            }
         }
-        ticks
     });
-    for i in 0..200 {
-        s.put(&obj(), l.token, "T", &format!("k{i}"), "v".into()).await.expect("put");
-    }
-    assert_eq!(ticker.await.expect("ticker"), 20);
+    let put = tokio::spawn(async move { s.put(&obj(), l.token, "T", "k", "v".into()).await });
+    // On the test's own thread, not the runtime's worker.
+    std::thread::sleep(Duration::from_millis(300));
+    let during = ticks.load(Ordering::SeqCst);
+    assert!(!put.is_finished(), "the put waits for the lock");
+    assert!(during >= 30, "other tasks ran while the put waited for the lock: {during} ticks in 300 ms");
+    holder.execute("COMMIT", ()).await.expect("release the lock");
+    put.await.expect("join").expect("the put goes through once the lock is free");
+    ticker.abort();
 }
 
 #[tokio::test]
