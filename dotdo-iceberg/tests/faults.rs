@@ -137,6 +137,7 @@ async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplic
     let run = |cold: IcebergColdStore, own: ObjectId| {
         let shared = shared.clone();
         tokio::spawn(async move {
+            let (mut written, mut skipped) = (0u64, 0u64);
             for i in 1..=15u64 {
                 let batch = ColdBatch {
                     objects: vec![
@@ -153,14 +154,20 @@ async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplic
                         },
                     ],
                 };
-                cold.append(batch).await.expect("append under contention");
+                let c = cold.append(batch).await.expect("append under contention");
+                written += c.records_written;
+                skipped += c.records_skipped;
             }
+            (written, skipped)
         })
     };
     let ta = run(a.clone(), ObjectId::new("only-a").expect("id"));
     let tb = run(b.clone(), ObjectId::new("only-b").expect("id"));
-    ta.await.expect("a");
-    tb.await.expect("b");
+    let (wa, sa) = ta.await.expect("a");
+    let (wb, sb) = tb.await.expect("b");
+    // Each shared record went in once, by whichever writer committed it first, and the other
+    // writer's copy was skipped as a replay: 15 + 15 own + 15 shared written, 15 skipped.
+    assert_eq!((wa + wb, sa + sb), (45, 15), "a wrote {wa} skipped {sa}, b wrote {wb} skipped {sb}");
     for (o, n) in [("only-a", 15u64), ("only-b", 15), ("shared", 15)] {
         let o = ObjectId::new(o).expect("id");
         let seqs: Vec<u64> = a.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();

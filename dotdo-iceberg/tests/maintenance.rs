@@ -290,6 +290,7 @@ async fn concurrent_appends_during_compaction_lose_and_duplicate_nothing() {
         }
     }
     eprintln!("while appending: {compactions} compactions ({attempts} attempts), {conflicts} gave up");
+    assert!(compactions + conflicts > 0, "no compaction ran while the appender was appending");
     let seqs = appender.await.expect("appender");
     // Whatever raced, a compaction after the appender finishes succeeds.
     let last = cold.compact(CompactOptions::default()).await.expect("final compaction");

@@ -1,4 +1,5 @@
-//! The quickstart runs as documented and leaves an Iceberg table PyIceberg reads.
+//! The examples run as documented: the quickstart leaves an Iceberg table PyIceberg reads, and
+//! the custom backend passes the conformance kit.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -64,4 +65,23 @@ fn quickstart_never_deletes_a_directory_it_did_not_make() {
         let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", &own).output().expect("run quickstart");
         assert!(out.status.success(), "run {run}: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// The custom-backend example, as the README shows it: a wrapper backend passes the whole
+/// conformance kit, and the kit's writes really went through the wrapper.
+#[test]
+fn custom_backend_example_passes_the_kit() {
+    let bin = example_binary("custom_backend");
+    assert!(bin.exists(), "{} missing: cargo test builds the examples of this package", bin.display());
+    let out = Command::new(&bin).output().expect("run custom_backend");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "custom_backend failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(": 0 failing case(s)"), "{stdout}");
+    let writes: u64 = stdout
+        .split("the kit issued ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("write count in the output");
+    assert!(writes > 0, "{stdout}");
 }
