@@ -161,7 +161,6 @@ mod broken {
 
     #[test]
     fn kit_catches_a_hot_store_that_ignores_the_token() {
-        std::env::set_var("DOTDO_PROPTEST_CASES", "16");
         let f = hot_factory(|clock| async move {
             let b = MemoryBackend::with_clock(Arc::new(clock));
             HotFixture { hot: Arc::new(IgnoresToken(b.clone())), guard: Arc::new(b), keep_alive: Box::new(()) }
