@@ -34,10 +34,6 @@ fn s3_warehouse_on_local_moto_passes_the_cold_conformance_kit() {
     let Some(python) = common::python("s3_warehouse_on_local_moto_passes_the_cold_conformance_kit") else {
         return;
     };
-    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
-        // See tests/conformance.rs: the kit's cold property test is flaky with random seeds.
-        std::env::set_var("PROPTEST_RNG_SEED", "20261122");
-    }
     let moto = Arc::new(common::Moto::start(&python, "dotdo-kit"));
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let m = moto.clone();

@@ -382,7 +382,8 @@ impl ReferenceStateMachine for ColdMachine {
     fn init_state() -> BoxedStrategy<ColdModel> {
         Just(ColdModel {
             records: vec![Vec::new(); COLD_OBJS],
-            tokens: vec![1; COLD_OBJS],
+            // From 2, so that after any commit a stale (lower, still valid) token exists.
+            tokens: vec![2; COLD_OBJS],
             committed: vec![0; COLD_OBJS],
             snapshots: Vec::new(),
         })
@@ -436,6 +437,7 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
     let rt = runtime();
     let mut runner =
         TestRunner::new(Config { cases: proptest_cases().div_ceil(2), failure_persistence: None, ..Config::default() });
+    let stale_checked = std::sync::atomic::AtomicU32::new(0);
     let result = runner.run(&ColdMachine::sequential_strategy(1..14), |(init, ops, _)| {
         rt.block_on(async {
             let (fx, _) = open(f).await;
@@ -464,6 +466,7 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
                     ColdOp::StaleAppend(o) => {
                         // Stale means below the highest token a commit was made with.
                         if model.committed[*o] > 1 && !model.records[*o].is_empty() {
+                            stale_checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let seq = model.records[*o].len() as u64 + 1;
                             let r = fx
                                 .sink
@@ -512,6 +515,15 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
     });
     if let Err(e) = result {
         panic!("cold sink diverged from the model: {e}");
+    }
+    // With the default case count a stale commit is attempted many times; with very few cases
+    // (set by hand) it may not come up.
+    if proptest_cases() >= 8 {
+        assert!(
+            stale_checked.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "no stale commit was attempted in {} cases",
+            proptest_cases().div_ceil(2)
+        );
     }
 }
 
