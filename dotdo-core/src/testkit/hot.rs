@@ -967,6 +967,26 @@ pub fn prop_guard_matches_model(f: &HotFactory) {
                                 fx.guard.validate(&l).await
                             };
                             prop_assert_eq!(r.is_ok(), valid, "{:?} on {:?}: {:?}", op, l, r);
+                            if let Err(e) = &r {
+                                // A newer lease exists: Fenced; expired or released: LeaseLost.
+                                match model.held.get(&(o, h)).map(|x| x.0) {
+                                    Some(t) if model.objects[o].1 > t => {
+                                        prop_assert!(e.is_fenced(), "{:?}: expected Fenced, got {}", op, e)
+                                    }
+                                    Some(_) => prop_assert!(
+                                        matches!(e.kind(), ErrorKind::LeaseLost { .. }),
+                                        "{:?}: expected LeaseLost, got {}",
+                                        op,
+                                        e
+                                    ),
+                                    None => prop_assert!(
+                                        e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. }),
+                                        "{:?}: {}",
+                                        op,
+                                        e
+                                    ),
+                                }
+                            }
                         }
                     }
                     GuardOp::Release(o, h) => {
