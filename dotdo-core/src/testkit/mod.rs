@@ -99,6 +99,39 @@ pub fn memory_cold_factory() -> ColdFactory {
     })
 }
 
+/// For backends that run blocking SQLite calls on tokio's worker threads: run `call` (which
+/// must wait for a lock the caller holds) as a task, and assert that other tasks kept running
+/// for 300 ms while it waited; then `release` the lock and return the call's output. Run it on
+/// a multi-thread runtime with **one** worker, so that a call blocking that worker stalls
+/// everything else and fails the check.
+#[allow(clippy::disallowed_methods)] // real time: the ticker and the wait
+pub async fn assert_waiting_call_does_not_stall<T: Send + 'static>(
+    call: impl std::future::Future<Output = T> + Send + 'static,
+    release: impl std::future::Future<Output = ()>,
+) -> T {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let ticks = std::sync::Arc::new(AtomicU32::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                ticks.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let call = tokio::spawn(call);
+    // On the caller's own thread (a test body), not the runtime's worker.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let during = ticks.load(Ordering::SeqCst);
+    assert!(!call.is_finished(), "the call was to wait for the lock");
+    assert!(during >= 30, "other tasks ran while the call waited for the lock: {during} ticks in 300 ms");
+    release.await;
+    let out = call.await.expect("the call's task");
+    ticker.abort();
+    out
+}
+
 /// A multi-threaded tokio runtime for running kit cases (backends may use `spawn_blocking`).
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
