@@ -737,15 +737,22 @@ async fn failing_renewals_back_off_until_the_handler_self_fences() {
 }
 
 /// A hot store whose `evict` drops the state and then loses the reply (`AmbiguousOutcome`), as a
-/// remote store's dropped connection would.
+/// remote store's dropped connection would, and whose next `fail_writes` writes fail with a
+/// retryable `Unavailable`.
 #[derive(Debug)]
 struct EvictReplyLost {
     inner: MemoryBackend,
+    fail_writes: std::sync::atomic::AtomicU32,
 }
 
 #[async_trait::async_trait]
 impl HotStore for EvictReplyLost {
     async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+        let left = self.fail_writes.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.fail_writes.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::unavailable("hot store busy (test)"));
+        }
         self.inner.write(object, token, batch).await
     }
     async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
@@ -782,7 +789,7 @@ impl HotStore for EvictReplyLost {
 async fn an_eviction_with_an_unknown_outcome_is_not_run_on() {
     let w = World::new();
     let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(EvictReplyLost { inner: w.hot.clone() }))
+        .with_hot_store(Arc::new(EvictReplyLost { inner: w.hot.clone(), fail_writes: 0.into() }))
         .with_guard(Arc::new(w.hot.clone()))
         .with_cold_sink(Arc::new(w.cold.clone()))
         .with_accelerator(Arc::new(w.cold.clone()))
@@ -797,4 +804,29 @@ async fn an_eviction_with_an_unknown_outcome_is_not_run_on() {
     assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome);
     assert_eq!(incr(&rt, &o).await.expect("recovered from cold"), 3);
     assert_eq!(rt.metrics().activations, 2, "activated afresh");
+}
+
+/// With `keep_warm = 0` the lease goes back after every call, failed ones too: a commit that
+/// failed (transiently) does not leave this node holding the object for a TTL.
+#[tokio::test]
+async fn a_failed_commit_with_keep_warm_zero_releases_the_lease() {
+    let w = World::new();
+    let hot = Arc::new(EvictReplyLost { inner: w.hot.clone(), fail_writes: 0.into() });
+    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(hot.clone())
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() })
+        .build()
+        .expect("build runtime");
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("incr"), 1);
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "released after the call");
+    hot.fail_writes.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = incr(&rt, &o).await.expect_err("the commit fails");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable);
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "released after the failed call too");
+    let other = w.runtime("b", settings());
+    assert_eq!(incr(&other, &o).await.expect("another node at once"), 2);
 }

@@ -316,17 +316,21 @@ async fn a_hot_database_rolled_back_behind_cold_is_restored_from_cold() {
 /// `Corrupt` and drops nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_database_that_diverged_from_cold_is_refused_not_overwritten() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let o = oid("counter");
-    roll_hot_back_behind_cold(dir.path(), &clock, &o).await;
-    let s = open(dir.path(), clock.clone()).await;
-    let r = s.hot.put(&o, FencingToken::new(50), "Counter", "n", Bytes::from_static(b"99")).await.expect("put");
-    let rt = runtime(&s, "d", clock.clone(), RuntimeSettings::default());
-    let e = incr(&rt, &o).await.expect_err("diverged");
-    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    let pending = s.hot.read_changes(&o, 0, 100).await.expect("changes");
-    assert!(pending.iter().any(|c| c.seq == r.first_seq && c.token == FencingToken::new(50)), "kept: {pending:?}");
+    // Under a token above cold's, and under cold's own token (only the content differs).
+    for token in [50, 3] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let o = oid("counter");
+        roll_hot_back_behind_cold(dir.path(), &clock, &o).await;
+        let s = open(dir.path(), clock.clone()).await;
+        let token = FencingToken::new(token);
+        let r = s.hot.put(&o, token, "Counter", "n", Bytes::from_static(b"99")).await.expect("put");
+        let rt = runtime(&s, "d", clock.clone(), RuntimeSettings::default());
+        let e = incr(&rt, &o).await.expect_err("diverged");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{token}: {e}");
+        let pending = s.hot.read_changes(&o, 0, 100).await.expect("changes");
+        assert!(pending.iter().any(|c| c.seq == r.first_seq && c.token == token), "kept: {pending:?}");
+    }
 }
 
 /// Leaves `dir` with a hot database rolled back behind cold: cold has `n` = 5 (through seq 5,

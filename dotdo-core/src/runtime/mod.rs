@@ -37,12 +37,12 @@ use txn::LazyState;
 pub use txn::ObjectTxn;
 
 use crate::accel::ScanQuery;
-use crate::cold::{AsOf, ColdBatch, ColdSink, ObjectChanges};
+use crate::cold::{AsOf, ColdBatch, ColdSink, ObjectChanges, Watermark};
 use crate::error::{Error, ErrorKind, Result};
 use crate::guard::{ConsistencyGuard, Lease};
 use crate::hot::HotStore;
 use crate::ids::{FencingToken, NodeId, ObjectId};
-use crate::record::{KeyRange, WriteBatch};
+use crate::record::{ChangeRecord, KeyRange, WriteBatch};
 use crate::ring::HashRing;
 use crate::time::{Clock, Stopwatch, SystemClock, Timestamp};
 use crate::{IndexAccelerator, Seq};
@@ -406,6 +406,9 @@ impl ObjectRuntime {
                 if e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. }) {
                     self.inner.metrics.lock().fenced += u64::from(e.is_fenced());
                     slot.active = None;
+                } else {
+                    // With keep_warm = 0 the lease goes back after every call, failed ones too.
+                    self.after_call(&mut slot).await;
                 }
                 return Err(e.into());
             }
@@ -558,41 +561,50 @@ impl ObjectRuntime {
     /// restore mode. Returns (recovery, keys loaded, bytes loaded, snapshot).
     async fn recover(&self, object: &ObjectId, active: &mut Active) -> Result<(Recovery, u64, u64, Option<i64>)> {
         let inner = &self.inner;
-        let info = inner.hot.object_info(object).await?;
-        let hot_has_state = info.as_ref().is_some_and(|i| i.keys > 0 || i.has_pending_changes());
-        let wm = match inner.cold.watermark(object).await {
-            Ok(wm) => wm,
-            // The check against cold below is a safety net for a hot store that lost state; an
-            // unreachable cold store does not keep an object with hot state from running.
-            Err(e) if hot_has_state && e.is_retryable() => {
-                tracing::warn!(object = %object, error = %e, "dotdo: cold watermark unavailable; activating from hot state");
-                return Ok((Recovery::Hot, 0, 0, None));
+        let mut raised = false;
+        let (info, hot_has_state, wm) = loop {
+            let info = inner.hot.object_info(object).await?;
+            let hot_has_state = info.as_ref().is_some_and(|i| i.keys > 0 || i.has_pending_changes());
+            let wm = match inner.cold.watermark(object).await {
+                Ok(wm) => wm,
+                // The checks against cold below are a safety net for a hot store that lost
+                // state; an unreachable cold store does not keep an object with hot state from
+                // running (a later activation compares what it wrote meanwhile with cold).
+                Err(e) if hot_has_state && e.is_retryable() => {
+                    tracing::warn!(object = %object, error = %e, "dotdo: cold watermark unavailable; activating from hot state");
+                    return Ok((Recovery::Hot, 0, 0, None));
+                }
+                Err(e) => return Err(e),
+            };
+            // Tokens only go up and a lease is never issued twice: a new lease at or below a
+            // token cold storage has already seen means the hot store or the guard lost
+            // (rolled back) lease state.
+            if active.lease.token <= wm.token {
+                if raised {
+                    return Err(Error::corrupt(format!(
+                        "{object}: the guard issues token {} but cold storage has already seen token {}; \
+                         the guard's lease state was lost and it does not floor tokens at the hot store's",
+                        active.lease.token, wm.token
+                    )));
+                }
+                // Raise the hot store's token floor to cold's and take a lease above it, or
+                // every cold commit would be fenced; then decide afresh under the new lease.
+                tracing::warn!(object = %object, lease = %active.lease.token, cold = %wm.token,
+                    "dotdo: the lease token is not above cold storage's; the hot store or guard lost state");
+                let floor = WriteBatch::new(inner.settings.type_name.clone());
+                inner.hot.write(object, wm.token, floor).await?;
+                if let Err(e) = inner.guard.release(&active.lease).await {
+                    tracing::warn!(object = %object, error = %e, "dotdo lease release failed; it will expire");
+                }
+                active.lease = self.acquire(object).await?;
+                raised = true;
+                continue;
             }
-            Err(e) => return Err(e),
+            break (info, hot_has_state, wm);
         };
         let hot_seq = info.as_ref().map_or(0, |i| i.last_seq);
-        // Tokens only go up and a lease is never issued twice: a new lease at or below a token
-        // cold storage has already seen means the hot store or the guard lost (rolled back)
-        // lease state.
-        if active.lease.token <= wm.token {
-            // Cold storage has seen a token at least as high as the one the guard just issued:
-            // the hot store or the guard lost (rolled back) lease state. Raise the hot store's token floor to
-            // cold's and take a lease above it, or every cold commit would be fenced.
-            tracing::warn!(object = %object, lease = %active.lease.token, cold = %wm.token,
-                "dotdo: the lease token is below cold storage's; the hot store or guard lost state");
-            let floor = WriteBatch::new(inner.settings.type_name.clone());
-            inner.hot.write(object, wm.token, floor).await?;
-            if let Err(e) = inner.guard.release(&active.lease).await {
-                tracing::warn!(object = %object, error = %e, "dotdo lease release failed; it will expire");
-            }
-            active.lease = self.acquire(object).await?;
-            if active.lease.token <= wm.token {
-                return Err(Error::corrupt(format!(
-                    "{object}: the guard issues token {} but cold storage has already seen token {}; \
-                     the guard's lease state was lost and it does not floor tokens at the hot store's",
-                    active.lease.token, wm.token
-                )));
-            }
+        if let Some(i) = info.as_ref().filter(|i| i.has_pending_changes() && i.truncated_through < wm.through) {
+            check_pending_against_cold(inner, object, i.truncated_through, &wm).await?;
         }
         if hot_has_state && hot_seq >= wm.through {
             return Ok((Recovery::Hot, 0, 0, None));
@@ -609,19 +621,8 @@ impl ObjectRuntime {
             // skipped there as replays.
             tracing::warn!(object = %object, hot_seq, cold_through = wm.through,
                 "dotdo: the hot store is behind cold storage; restoring from cold");
-            if let Some(i) = info.as_ref().filter(|i| i.has_pending_changes()) {
-                // Pending changes under a token newer than any cold has seen were written after
-                // the loss (e.g. while cold was unreachable) at sequence numbers cold already
-                // holds: hot and cold diverged. Keep them and stop rather than drop them.
-                let pending = inner.hot.read_changes(object, i.truncated_through, usize::MAX).await?;
-                if let Some(r) = pending.iter().find(|r| r.token > wm.token) {
-                    return Err(Error::corrupt(format!(
-                        "{object}: the hot store is behind cold storage (hot seq {hot_seq}, cold through {}) \
-                         and holds change {} under token {} that cold does not have: hot and cold diverged; \
-                         nothing was changed (operator attention)",
-                        wm.through, r.seq, r.token
-                    )));
-                }
+            if info.as_ref().is_some_and(|i| i.has_pending_changes()) {
+                // Checked against cold above: these are the very changes cold has.
                 inner.hot.truncate_changes(object, token, hot_seq).await?;
             }
             let st = inner.cold.load_state(object, AsOf::Latest).await?;
@@ -698,6 +699,9 @@ impl ObjectRuntime {
         self.ensure_active(object, &mut slot).await?;
         let token = slot.active.as_ref().expect("active").lease.token;
         let r = drain(&self.inner, object, token).await;
+        if r.as_ref().is_err_and(|e| e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. })) {
+            slot.active = None;
+        }
         self.after_call(&mut slot).await;
         r
     }
@@ -788,6 +792,7 @@ impl ObjectRuntime {
             // lease is gone.
             if !(e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. })) {
                 slot.active = Some(active);
+                self.after_call(&mut slot).await;
             }
             return Err(e);
         }
@@ -795,6 +800,7 @@ impl ObjectRuntime {
             if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidInput) {
                 // Refused, so nothing was dropped: still active.
                 slot.active = Some(active);
+                self.after_call(&mut slot).await;
             } else {
                 // The hot state may or may not be gone (a remote store's ambiguous reply): never
                 // run on it again under this activation. The next call activates afresh and
@@ -805,7 +811,10 @@ impl ObjectRuntime {
             }
             return Err(e);
         }
-        self.inner.guard.release(&active.lease).await?;
+        // Evicted: a failed release only means the lease runs out on its own.
+        if let Err(e) = self.inner.guard.release(&active.lease).await {
+            tracing::warn!(object = %object, error = %e, "dotdo lease release after eviction failed; it will expire");
+        }
         self.inner.metrics.lock().evictions += 1;
         Ok(())
     }
@@ -1052,6 +1061,34 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
             }
         }
     }
+}
+
+/// Pending hot changes at sequence numbers cold storage already holds (a crash between a cold
+/// append and the truncation, or writes made while a rolled-back hot store ran without cold)
+/// must be the very changes cold has: a different change at the same sequence number means hot
+/// and cold diverged, and dropping either side would lose acknowledged writes. `Corrupt` then,
+/// with nothing changed. (A change cold no longer lists, collapsed away, is not compared.)
+async fn check_pending_against_cold(inner: &Arc<Inner>, object: &ObjectId, after: Seq, wm: &Watermark) -> Result<()> {
+    let pending = inner.hot.read_changes(object, after, usize::MAX).await?;
+    let overlap: Vec<&ChangeRecord> = pending.iter().filter(|r| r.seq <= wm.through).collect();
+    if overlap.is_empty() {
+        return Ok(());
+    }
+    let cold = inner.cold.read_changes(object, after, AsOf::Latest).await?;
+    let by_seq: HashMap<Seq, &ChangeRecord> = cold.iter().map(|r| (r.seq, r)).collect();
+    for r in overlap {
+        let differs = r.token > wm.token
+            || by_seq.get(&r.seq).is_some_and(|c| c.key != r.key || c.op != r.op || c.value != r.value);
+        if differs {
+            return Err(Error::corrupt(format!(
+                "{object}: hot change {} (key {:?}, token {}) differs from cold storage's change at that \
+                 sequence number (cold through {}, token {}): hot and cold diverged; nothing was changed \
+                 (operator attention)",
+                r.seq, r.key, r.token, wm.through, wm.token
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Append with the exactly-once rules: on an unknown outcome, retry the same batch (the sink
