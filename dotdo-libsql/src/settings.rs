@@ -255,10 +255,12 @@ impl Target {
 
     /// A short description without secrets, for error messages.
     pub fn describe(&self) -> String {
+        // Scheme, host and path only: a query string may carry a token.
+        let shown = |url: &str| url.trim().split(['?', '#']).next().unwrap_or_default().to_string();
         match self {
             Target::Local { path } => path.display().to_string(),
-            Target::Remote { url, .. } => url.clone(),
-            Target::Replica { path, url, .. } => format!("{} (replica of {url})", path.display()),
+            Target::Remote { url, .. } => shown(url),
+            Target::Replica { path, url, .. } => format!("{} (replica of {})", path.display(), shown(url)),
         }
     }
 }

@@ -171,12 +171,21 @@ impl LibsqlStoreBuilder {
                 (None, Arc::new(db), None, true)
             }
             Target::Remote { url, auth_token } => {
-                let db = open_remote(url, auth_token, &doing).await?;
+                // The validated form: trimmed, scheme in lower case (libsql needs both).
+                let db = open_remote(&crate::validate_url(url)?, auth_token, &doing).await?;
                 (None, Arc::new(db), None, false)
             }
             Target::Replica { path, url, auth_token, sync_interval } => {
-                let (replica, primary) =
-                    open_replica(path, url, auth_token, *sync_interval, &settings, &*clock, &doing).await?;
+                let (replica, primary) = open_replica(
+                    path,
+                    &crate::validate_url(url)?,
+                    auth_token,
+                    *sync_interval,
+                    &settings,
+                    &*clock,
+                    &doing,
+                )
+                .await?;
                 let replica = Arc::new(replica);
                 (Some(primary), replica.clone(), Some(replica), true)
             }

@@ -155,3 +155,22 @@ async fn a_write_whose_reply_is_lost_is_ambiguous_and_not_retried_but_a_read_is_
     assert_eq!(store.get(&obj, "k").await.expect("a read is retried").as_deref(), Some(&b"v"[..]));
     assert!(server.requests() - before >= 2, "the lost read was retried");
 }
+
+/// A URL that passes validation opens as validated: surrounding whitespace (an env var's
+/// trailing newline) and an upper-case scheme are accepted and normalised, not handed to libsql
+/// raw; a query string never shows in error messages.
+#[tokio::test]
+async fn urls_open_in_their_validated_form_and_queries_stay_out_of_messages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    let messy = format!("{}\n", server.url().replacen("http://", "HTTP://", 1));
+    let s = LibsqlStore::remote(messy, TOKEN).open().await.expect("opens once validated");
+    let obj = ObjectId::new("u").expect("valid");
+    let l = s.acquire(&obj, &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    s.put(&obj, l.token, "T", "k", "v".into()).await.expect("write");
+    let t = dotdo_libsql::Target::Remote {
+        url: format!("{}?authToken=very-secret", server.url()),
+        auth_token: dotdo_libsql::AuthToken::new(""),
+    };
+    assert!(!t.describe().contains("very-secret"), "{}", t.describe());
+}
