@@ -451,6 +451,8 @@ async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
 struct FlakyGuard {
     inner: MemoryBackend,
     fail_refreshes: std::sync::atomic::AtomicU32,
+    /// Refreshes never answer (a hung connection).
+    hang_refreshes: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -459,6 +461,9 @@ impl ConsistencyGuard for FlakyGuard {
         self.inner.acquire(object, holder, ttl).await
     }
     async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        if self.hang_refreshes.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         let left = self.fail_refreshes.load(std::sync::atomic::Ordering::SeqCst);
         if left > 0 {
             self.fail_refreshes.store(left - 1, std::sync::atomic::Ordering::SeqCst);
@@ -482,7 +487,7 @@ impl ConsistencyGuard for FlakyGuard {
 #[tokio::test]
 async fn a_transient_refresh_failure_keeps_a_valid_lease() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into() });
+    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into(), hang_refreshes: false.into() });
     let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("first"), 1);
@@ -707,7 +712,7 @@ async fn flush_all_skips_a_busy_object_instead_of_deadlocking() {
 async fn failing_renewals_back_off_until_the_handler_self_fences() {
     let w = World::new();
     const FAILS: u32 = 100_000;
-    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into() });
+    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into(), hang_refreshes: false.into() });
     let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
     let o = oid("o");
     incr(&rt, &o).await.expect("activate");
@@ -829,4 +834,34 @@ async fn a_failed_commit_with_keep_warm_zero_releases_the_lease() {
     assert_eq!(w.hot.current(&o).await.expect("current"), None, "released after the failed call too");
     let other = w.runtime("b", settings());
     assert_eq!(incr(&other, &o).await.expect("another node at once"), 2);
+}
+
+/// A renewal that never answers (a hung connection) does not keep the handler running past the
+/// lease's expiry: the handler is self-fenced when the lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_renewal_self_fences_the_handler_at_expiry() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into(), hang_refreshes: false.into() });
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("activate");
+    guard.hang_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ticking = {
+        let clock = w.clock.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                clock.advance(Duration::from_millis(20));
+            }
+        })
+    };
+    let call = rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+        t.put("k", "v")?;
+        std::future::pending::<()>().await;
+        Ok::<(), Error>(())
+    });
+    let r = tokio::time::timeout(Duration::from_secs(20), call).await;
+    ticking.abort();
+    let e = r.expect("the handler was stopped").expect_err("self-fenced");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
 }

@@ -1042,7 +1042,19 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
         let now = inner.clock.now();
         let renew_at = current.expires_at.since(now).saturating_sub(ttl * 2 / 3);
         inner.clock.sleep(renew_at.max(backoff).max(Duration::from_millis(1))).await;
-        match inner.guard.refresh(&current, ttl).await {
+        // A refresh that does not answer before the lease runs out (a hung connection) must not
+        // keep the handler running past expiry, beside a new holder's.
+        let left = current.expires_at.since(inner.clock.now());
+        let refreshed = match futures::future::select(
+            Box::pin(inner.guard.refresh(&current, ttl)),
+            Box::pin(inner.clock.sleep(left)),
+        )
+        .await
+        {
+            Either::Left((r, _)) => r,
+            Either::Right(_) => Err(Error::unavailable("lease renewal did not answer before the lease expired")),
+        };
+        match refreshed {
             Ok(l) => {
                 *lease.lock() = l;
                 backoff = Duration::ZERO;
