@@ -832,7 +832,8 @@ impl ObjectRuntime {
             }
         }
         // One object that cannot be evicted (taken over, cold unreachable) does not keep the
-        // others in hot storage; the first error is reported after trying them all.
+        // others in hot storage: every failure is logged, and the first one is returned only if
+        // nothing could be evicted (otherwise the count of evicted objects).
         let (mut evicted, mut first_err) = (0, None);
         for object in &victims {
             match self.evict(object).await {
