@@ -846,15 +846,7 @@ async fn a_hung_renewal_self_fences_the_handler_at_expiry() {
     let o = oid("o");
     incr(&rt, &o).await.expect("activate");
     guard.hang_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
-    let ticking = {
-        let clock = w.clock.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                clock.advance(Duration::from_millis(20));
-            }
-        })
-    };
+    let ticking = tick(&w);
     let call = rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
         t.put("k", "v")?;
         std::future::pending::<()>().await;
