@@ -85,6 +85,13 @@ struct Buf {
     claimed: Option<(u64, Vec<RecordBatch>)>,
 }
 
+impl Buf {
+    /// Rows pending or claimed but not yet committed.
+    fn waiting(&self) -> usize {
+        self.rows + self.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.num_rows()).sum())
+    }
+}
+
 struct Inner {
     stream: String,
     sink: Arc<dyn ArrowSink>,
@@ -217,7 +224,7 @@ impl ArrowPipeline {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
         }
-        let waiting = b.rows + b.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.num_rows()).sum());
+        let waiting = b.waiting();
         if waiting + batch.num_rows() > inner.settings.capacity {
             return Err(Error::unavailable(format!(
                 "arrow pipeline buffer full: {waiting} rows waiting, capacity {}",
@@ -332,7 +339,7 @@ impl ArrowPipeline {
     pub fn counters(&self) -> (u64, u64, u64, u64) {
         let i = &self.inner;
         let b = i.buf.lock();
-        let waiting = b.rows + b.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.num_rows()).sum());
+        let waiting = b.waiting();
         (
             i.rows_in.load(Ordering::Relaxed),
             i.rows_committed.load(Ordering::Relaxed),

@@ -108,7 +108,7 @@ impl HotStore for MemoryBackend {
         batch.validate()?;
         let now = self.clock.now();
         let mut st = self.state.lock();
-        let last = st.objects.get(object).map_or(0, |o| o.last_seq);
+        let (last, _) = st.seqs(object);
         st.check_token(object, token)?;
         crate::record::receipt_after(last, batch.ops.len() as u64)?;
         let o = st.raise(object, token);

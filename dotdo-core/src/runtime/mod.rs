@@ -403,7 +403,7 @@ impl ObjectRuntime {
         };
         if !ops.is_empty() {
             if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
-                if e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. }) {
+                if lease_gone(&e) {
                     self.inner.metrics.lock().fenced += u64::from(e.is_fenced());
                     slot.active = None;
                 } else {
@@ -456,7 +456,7 @@ impl ObjectRuntime {
             if let Err(e) = flushed {
                 tracing::warn!(object = %object, error = %e, "dotdo: committed; the auto-flush to cold failed and is left to the next flush");
                 inner.metrics.lock().flush_failures += 1;
-                if e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. }) {
+                if lease_gone(&e) {
                     // Another holder took over while draining: stop using this lease.
                     slot.active = None;
                 }
@@ -468,9 +468,7 @@ impl ObjectRuntime {
     async fn after_call(&self, slot: &mut Slot) {
         if self.inner.settings.keep_warm.is_zero() {
             if let Some(active) = slot.active.take() {
-                if let Err(e) = self.inner.guard.release(&active.lease).await {
-                    tracing::warn!(error = %e, "dotdo lease release failed; it will expire");
-                }
+                release_quietly(&self.inner, &active.lease).await;
             }
         }
     }
@@ -511,9 +509,7 @@ impl ObjectRuntime {
             Err(e) => {
                 // Give the lease back: kept unreleased it would lock every node, this one
                 // included, out of the object until it expired.
-                if let Err(re) = inner.guard.release(&active.lease).await {
-                    tracing::warn!(object = %object, error = %re, "dotdo lease release after a failed recovery failed; it will expire");
-                }
+                release_quietly(inner, &active.lease).await;
                 return Err(e);
             }
         };
@@ -593,9 +589,7 @@ impl ObjectRuntime {
                     "dotdo: the lease token is not above cold storage's; the hot store or guard lost state");
                 let floor = WriteBatch::new(inner.settings.type_name.clone());
                 inner.hot.write(object, wm.token, floor).await?;
-                if let Err(e) = inner.guard.release(&active.lease).await {
-                    tracing::warn!(object = %object, error = %e, "dotdo lease release failed; it will expire");
-                }
+                release_quietly(inner, &active.lease).await;
                 active.lease = self.acquire(object).await?;
                 raised = true;
                 continue;
@@ -625,20 +619,10 @@ impl ObjectRuntime {
                 // Checked against cold above: these are the very changes cold has.
                 inner.hot.truncate_changes(object, token, hot_seq).await?;
             }
-            let st = inner.cold.load_state(object, AsOf::Latest).await?;
-            let (keys, bytes) = (st.entries.len() as u64, st.entries.iter().map(|e| e.value.len() as u64).sum());
-            inner.hot.restore(object, token, st.entries, st.through).await?;
-            inner.metrics.lock().eager_restores += 1;
-            return Ok((Recovery::Eager, keys, bytes, st.snapshot));
+            return restore_eager(inner, object, token).await;
         }
         match &inner.settings.restore {
-            RestoreMode::Eager => {
-                let st = inner.cold.load_state(object, AsOf::Latest).await?;
-                let (keys, bytes) = (st.entries.len() as u64, st.entries.iter().map(|e| e.value.len() as u64).sum());
-                inner.hot.restore(object, token, st.entries, st.through).await?;
-                inner.metrics.lock().eager_restores += 1;
-                Ok((Recovery::Eager, keys, bytes, st.snapshot))
-            }
+            RestoreMode::Eager => restore_eager(inner, object, token).await,
             mode => {
                 let snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
                 let mut lazy =
@@ -699,7 +683,7 @@ impl ObjectRuntime {
         self.ensure_active(object, &mut slot).await?;
         let token = slot.active.as_ref().expect("active").lease.token;
         let r = drain(&self.inner, object, token).await;
-        if r.as_ref().is_err_and(|e| e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. })) {
+        if r.as_ref().is_err_and(lease_gone) {
             slot.active = None;
         }
         self.after_call(&mut slot).await;
@@ -728,7 +712,7 @@ impl ObjectRuntime {
                     let token = a.lease.token;
                     held.push((object, token, guard));
                 }
-                Err(e) if e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
+                Err(e) if lease_gone(&e) => {
                     tracing::info!(object = %object, error = %e, "dotdo flush_all: lease no longer held; skipped");
                     guard.active = None;
                 }
@@ -790,7 +774,7 @@ impl ObjectRuntime {
         if let Err(e) = drained {
             // The hot state is intact: keep the object active for the next call, unless the
             // lease is gone.
-            if !(e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. })) {
+            if !lease_gone(&e) {
                 slot.active = Some(active);
                 self.after_call(&mut slot).await;
             }
@@ -805,16 +789,12 @@ impl ObjectRuntime {
                 // The hot state may or may not be gone (a remote store's ambiguous reply): never
                 // run on it again under this activation. The next call activates afresh and
                 // recovers from cold if the state was dropped.
-                if let Err(re) = self.inner.guard.release(&active.lease).await {
-                    tracing::warn!(object = %object, error = %re, "dotdo lease release failed; it will expire");
-                }
+                release_quietly(&self.inner, &active.lease).await;
             }
             return Err(e);
         }
         // Evicted: a failed release only means the lease runs out on its own.
-        if let Err(e) = self.inner.guard.release(&active.lease).await {
-            tracing::warn!(object = %object, error = %e, "dotdo lease release after eviction failed; it will expire");
-        }
+        release_quietly(&self.inner, &active.lease).await;
         self.inner.metrics.lock().evictions += 1;
         Ok(())
     }
@@ -1074,6 +1054,32 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
             }
         }
     }
+}
+
+/// Whether `e` says this runtime's lease is no longer valid (fenced by a newer holder, or lost):
+/// the activation must be dropped.
+fn lease_gone(e: &Error) -> bool {
+    e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. })
+}
+
+/// Give `lease` back; a failure only means it runs out on its own (logged).
+async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
+    if let Err(e) = inner.guard.release(lease).await {
+        tracing::warn!(object = %lease.object, error = %e, "dotdo lease release failed; it will expire");
+    }
+}
+
+/// Install the object's latest cold state in the hot store under `token`.
+async fn restore_eager(
+    inner: &Arc<Inner>,
+    object: &ObjectId,
+    token: FencingToken,
+) -> Result<(Recovery, u64, u64, Option<i64>)> {
+    let st = inner.cold.load_state(object, AsOf::Latest).await?;
+    let (keys, bytes) = (st.entries.len() as u64, st.entries.iter().map(|e| e.value.len() as u64).sum());
+    inner.hot.restore(object, token, st.entries, st.through).await?;
+    inner.metrics.lock().eager_restores += 1;
+    Ok((Recovery::Eager, keys, bytes, st.snapshot))
 }
 
 /// Pending hot changes at sequence numbers cold storage already holds (a crash between a cold
