@@ -425,15 +425,7 @@ async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
     assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
     cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
     // The flush's retries sleep on the manual clock: keep it moving.
-    let ticking = {
-        let clock = w.clock.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                clock.advance(Duration::from_millis(50));
-            }
-        })
-    };
+    let ticking = tick_by(&w, Duration::from_millis(50));
     let second = incr(&rt, &o).await;
     ticking.abort();
     assert_eq!(second.expect("committed although cold is down"), 2);
@@ -623,13 +615,18 @@ fn flaky_runtime(w: &World, cold: Arc<FlakyCold>) -> ObjectRuntime {
     w.runtime_with("a", Arc::new(w.hot.clone()), cold, settings())
 }
 
-/// Keeps the manual clock moving (retries sleep on it) until aborted.
+/// Keeps the manual clock moving (retries sleep on it) until aborted: 20 ms per real 1 ms.
 fn tick(w: &World) -> tokio::task::JoinHandle<()> {
+    tick_by(w, Duration::from_millis(20))
+}
+
+/// Advances the manual clock by `step` every real millisecond until aborted.
+fn tick_by(w: &World, step: Duration) -> tokio::task::JoinHandle<()> {
     let clock = w.clock.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(1)).await;
-            clock.advance(Duration::from_millis(20));
+            clock.advance(step);
         }
     })
 }
@@ -717,15 +714,7 @@ async fn failing_renewals_back_off_until_the_handler_self_fences() {
     let o = oid("o");
     incr(&rt, &o).await.expect("activate");
     guard.fail_refreshes.store(FAILS, std::sync::atomic::Ordering::SeqCst);
-    let ticking = {
-        let clock = w.clock.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                clock.advance(Duration::from_millis(10));
-            }
-        })
-    };
+    let ticking = tick_by(&w, Duration::from_millis(10));
     let r: Result<()> = rt
         .invoke(&o, async |t: &mut ObjectTxn<'_>| {
             t.put("k", "v")?;
