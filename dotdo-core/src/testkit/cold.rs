@@ -464,20 +464,7 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
                         }
                     }
                     ColdOp::StaleAppend(o) => {
-                        // Stale means below the highest token a commit was made with.
-                        if model.committed[*o] > 1 && !model.records[*o].is_empty() {
-                            stale_checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let seq = model.records[*o].len() as u64 + 1;
-                            let r = fx
-                                .sink
-                                .append(ColdBatch::single(
-                                    objs[*o].clone(),
-                                    tok(model.committed[*o] - 1),
-                                    vec![rec(&objs[*o], seq, "x", Some("x"), 1)],
-                                ))
-                                .await;
-                            prop_assert!(r.as_ref().is_err_and(|e| e.is_fenced()), "stale commit accepted: {:?}", r);
-                        }
+                        check_stale_commit(&fx, &objs, &model, *o, &stale_checked).await?;
                     }
                     ColdOp::Takeover(_) => {}
                     ColdOp::CheckAsOf(i) => {
@@ -494,6 +481,11 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
                     }
                 }
                 model = next;
+            }
+            // Every case ends with a stale commit on each committed object, so that the fencing
+            // step never depends on the random operations bringing it up.
+            for o in 0..COLD_OBJS {
+                check_stale_commit(&fx, &objs, &model, o, &stale_checked).await?;
             }
             for (j, obj) in objs.iter().enumerate() {
                 let wm = fx.sink.watermark(obj).await.map_err(cfail)?;
@@ -516,8 +508,8 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
     if let Err(e) = result {
         panic!("cold sink diverged from the model: {e}");
     }
-    // With the default case count a stale commit is attempted many times; with very few cases
-    // (set by hand) it may not come up.
+    // Each case ends with a stale commit on every object it committed to, so with more than a
+    // handful of cases one is attempted (a case without any commit has well under even odds).
     if proptest_cases() >= 8 {
         assert!(
             stale_checked.load(std::sync::atomic::Ordering::Relaxed) > 0,
@@ -525,6 +517,32 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
             proptest_cases().div_ceil(2)
         );
     }
+}
+
+/// Commits below the highest token object `o` was committed with, when it has one, and checks
+/// that the sink refuses it as fenced; counts the attempts in `checked`.
+async fn check_stale_commit(
+    fx: &ColdFixture,
+    objs: &[ObjectId],
+    model: &ColdModel,
+    o: usize,
+    checked: &std::sync::atomic::AtomicU32,
+) -> Result<(), TestCaseError> {
+    // Stale means below the highest token a commit was made with.
+    if model.committed[o] > 1 && !model.records[o].is_empty() {
+        checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = model.records[o].len() as u64 + 1;
+        let r = fx
+            .sink
+            .append(ColdBatch::single(
+                objs[o].clone(),
+                tok(model.committed[o] - 1),
+                vec![rec(&objs[o], seq, "x", Some("x"), 1)],
+            ))
+            .await;
+        prop_assert!(r.as_ref().is_err_and(|e| e.is_fenced()), "stale commit accepted: {:?}", r);
+    }
+    Ok(())
 }
 
 fn strip(entries: &[crate::Entry]) -> Vec<(String, Bytes, u64)> {
