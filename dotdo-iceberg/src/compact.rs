@@ -462,7 +462,8 @@ impl IcebergColdStore {
                 Err(e) if e.kind() == &ErrorKind::AmbiguousOutcome || e.is_retryable() => {
                     maybe_landed |= e.kind() == &ErrorKind::AmbiguousOutcome;
                     emit(Progress::Retrying { attempt });
-                    self.inner.clock.sleep(self.inner.settings.retry_base_delay.saturating_mul(attempt.min(20))).await;
+                    crate::store::retry_pause(self.inner.settings.retry_base_delay.saturating_mul(attempt.min(20)))
+                        .await;
                     match self.reload(&ident).await {
                         Ok(t) => {
                             if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
@@ -495,7 +496,9 @@ impl IcebergColdStore {
                         resolved = Some(t);
                         break;
                     }
-                    Err(_) => self.inner.clock.sleep(self.inner.settings.retry_base_delay.saturating_mul(i + 1)).await,
+                    Err(_) => {
+                        crate::store::retry_pause(self.inner.settings.retry_base_delay.saturating_mul(i + 1)).await
+                    }
                 }
             }
             let Some(t) = resolved else {

@@ -104,7 +104,7 @@ impl IcebergColdStore {
                         return Err(err);
                     }
                     // Expiry is idempotent: reload and recompute.
-                    self.inner.clock.sleep(self.inner.settings.retry_base_delay).await;
+                    crate::store::retry_pause(self.inner.settings.retry_base_delay).await;
                 }
             }
         }

@@ -189,7 +189,8 @@ impl IcebergColdStoreBuilder {
         self
     }
 
-    /// The clock for commit times, retries and query timing (default: the system clock).
+    /// The clock for commit times and query timing (default: the system clock); retries always
+    /// back off in real time.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
@@ -517,7 +518,7 @@ impl IcebergColdStore {
                 Ok(t) => return Ok(t),
                 Err(e) if e.is_retryable() => {
                     last = Some(e);
-                    self.inner.clock.sleep(self.backoff(i)).await;
+                    retry_pause(self.backoff(i)).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -847,7 +848,7 @@ impl IcebergColdStore {
                         match self.write_files(&table, batch, &p.parts, self.inner.settings.target_file_size).await {
                             Ok(f) => f,
                             Err(e) if e.is_retryable() && attempt + 1 < attempts => {
-                                self.inner.clock.sleep(self.backoff(attempt)).await;
+                                retry_pause(self.backoff(attempt)).await;
                                 last = Attempt::First;
                                 continue;
                             }
@@ -865,7 +866,7 @@ impl IcebergColdStore {
                 let cp = match self.write_checkpoint(&table, &p.next).await {
                     Ok(cp) => cp,
                     Err(e) if e.is_retryable() && attempt + 1 < attempts => {
-                        self.inner.clock.sleep(self.backoff(attempt)).await;
+                        retry_pause(self.backoff(attempt)).await;
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -910,7 +911,7 @@ impl IcebergColdStore {
                 Err(e) if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts => {
                     tracing::debug!(attempt, "cold commit conflict; re-reading watermarks");
                     last = Attempt::Conflict;
-                    self.inner.clock.sleep(self.backoff(attempt)).await;
+                    retry_pause(self.backoff(attempt)).await;
                     table = match self.reload_for_resolution().await {
                         Ok(t) => t,
                         Err(e) => return Err(e.context("reloading the table after a commit conflict")),
@@ -1073,6 +1074,13 @@ pub(crate) fn ancestors(md: &iceberg::spec::TableMetadataRef, head: i64) -> Resu
         )));
     }
     Ok(chain)
+}
+
+/// Wait `d` before a retry: always real time, never the store's clock, which may be a test's
+/// `ManualClock` that moves only when told to (a retry would then wait forever; the conformance
+/// kit's rule for backends).
+pub(crate) async fn retry_pause(d: Duration) {
+    dotdo_core::SystemClock::new().sleep(d).await;
 }
 
 #[cfg(test)]

@@ -224,7 +224,7 @@ impl ArrowTable {
         for attempt in 0..attempts {
             if attempt > 0 {
                 let base = self.store.inner.settings.retry_base_delay;
-                self.store.inner.clock.sleep(base.saturating_mul(2u32.saturating_pow(attempt.min(6)))).await;
+                crate::store::retry_pause(base.saturating_mul(2u32.saturating_pow(attempt.min(6)))).await;
             }
             let table = match self.load().await {
                 Ok(t) => t,

@@ -30,6 +30,9 @@ async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() 
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .object_store(faulty.clone())
         .table(["faults"], "changes")
+        // A clock nobody advances: retries must back off in real time, not on the store's clock
+        // (they waited forever on a test's manual clock).
+        .with_clock(Arc::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH)))
         // Few internal attempts, so some failures reach the caller, who retries the same batch.
         // A checkpoint file every few commits, so checkpoint writes and reads see faults too.
         .settings(dotdo_iceberg::Settings {
@@ -178,10 +181,7 @@ async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_rest_catalog_is_a_retryable_unavailable_error() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    }; // closed again: nothing listens there
+    let (_refusing, port) = dotdo_core::testkit::refused_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let err = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .catalog(dotdo_iceberg::CatalogConfig::Rest {

@@ -137,7 +137,7 @@ impl LibsqlStoreBuilder {
 
     /// Read time from `clock` (default: [`SystemClock`]). Every process and node sharing a
     /// database must use clocks that agree (the system clock) for lease expiry to be meaningful.
-    /// Retry backoff sleeps on this clock too.
+    /// Retry backoff always sleeps in real time, not on this clock.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self
@@ -266,7 +266,7 @@ async fn open_replica(
                     let class = class_of(&e);
                     if is_transient(class, false) && attempt < settings.retries {
                         attempt += 1;
-                        clock.sleep(settings.backoff(attempt)).await;
+                        retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
                     return Err(map_class(class, e, doing, false));
@@ -367,7 +367,7 @@ impl LibsqlStore {
                         let class = class_of(&e);
                         if is_transient(class, false) && attempt < settings.retries {
                             attempt += 1;
-                            self.inner.clock.sleep(settings.backoff(attempt)).await;
+                            retry_pause(settings.backoff(attempt)).await;
                             continue;
                         }
                         return Err(map_class(class, e, "syncing the replica", false));
@@ -431,7 +431,7 @@ impl LibsqlStore {
         Ok(())
     }
 
-    /// Run `f` on the write connection, retrying transient failures with backoff on the clock.
+    /// Run `f` on the write connection, retrying transient failures with backoff (real time).
     pub(crate) async fn with_writer<T: Send>(
         &self,
         doing: &str,
@@ -464,7 +464,7 @@ impl LibsqlStore {
                     if is_transient(class, mutating) && attempt < settings.retries {
                         attempt += 1;
                         tracing::debug!(doing, attempt, error = %e, "transient libsql failure; retrying");
-                        self.inner.clock.sleep(settings.backoff(attempt)).await;
+                        retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
                     let err = map_class(class, e, doing, mutating);
@@ -493,7 +493,7 @@ impl LibsqlStore {
         out
     }
 
-    /// Run `f` on a read connection, retrying transient failures with backoff on the clock.
+    /// Run `f` on a read connection, retrying transient failures with backoff (real time).
     pub(crate) async fn read<T: Send>(
         &self,
         doing: &str,
@@ -521,7 +521,7 @@ impl LibsqlStore {
                     let class = class_of(&e);
                     if is_transient(class, false) && attempt < settings.retries {
                         attempt += 1;
-                        self.inner.clock.sleep(settings.backoff(attempt)).await;
+                        retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
                     let err = map_class(class, e, doing, false);
@@ -621,6 +621,13 @@ impl LibsqlStore {
             .map_err(|e| Error::corrupt(format!("token maximum of {object} does not decode")).with_source(e))?;
         Ok(dotdo_core::FencingToken::new(v.unwrap_or(0).max(0).unsigned_abs()))
     }
+}
+
+/// Wait `d` before a retry: always real time, never the store's clock, which may be a test's
+/// `ManualClock` that moves only when told to (a retry would then wait forever; the conformance
+/// kit's rule for backends).
+async fn retry_pause(d: std::time::Duration) {
+    SystemClock::new().sleep(d).await;
 }
 
 #[cfg(test)]
