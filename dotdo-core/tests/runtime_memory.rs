@@ -138,10 +138,8 @@ async fn long_handler_is_kept_alive_by_renewal() {
     });
     // 3 TTLs pass in small steps; the runtime renews each time.
     for _ in 0..12 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        w.clock.advance(TTL / 4);
+        testkit::advance_keeping_lease(&w.hot, &w.clock, &o, TTL / 4).await;
     }
-    tokio::time::sleep(Duration::from_millis(5)).await;
     tx.send(()).expect("signal");
     task.await.expect("join").expect("handler commits after renewals");
     assert_eq!(get(&rt, &o, "k").await.expect("get").as_deref(), Some(&b"v"[..]));
@@ -155,20 +153,22 @@ async fn handler_self_fences_when_renewal_fails() {
     let o = oid("o");
     incr(&rt, &o).await.expect("first");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
     let rt2 = rt.clone();
     let o2 = o.clone();
     let task = tokio::spawn(async move {
         rt2.invoke(&o2, async move |t: &mut ObjectTxn<'_>| {
             t.put("n", "stale")?;
+            let _ = started_tx.send(());
             let _ = rx.await;
             Ok::<_, Error>(())
         })
         .await
     });
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    // The process "pauses" past its TTL: the next renewal is too late.
-    w.clock.advance(TTL * 2);
-    let r = tokio::time::timeout(Duration::from_secs(5), task).await.expect("self-fenced promptly").expect("join");
+    started.await.expect("the handler runs");
+    // The process "pauses" past its TTL: every jump lands past the lease's expiry, so the next
+    // renewal is too late.
+    let r = testkit::advance_until_finished(&w.clock, TTL * 2, task).await.expect("join");
     let e = r.expect_err("renewal failed");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
     drop(tx);

@@ -26,14 +26,6 @@ fn fast_retries(retries: u32) -> LibsqlSettings {
     }
 }
 
-/// A port on 127.0.0.1 where nothing listens.
-fn closed_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    drop(l);
-    port
-}
-
 /// A fake HTTP endpoint answering every request with `status`; counts the requests.
 fn fake_http(status: &'static str) -> (u16, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -122,7 +114,7 @@ fn urls_are_validated_without_a_server() {
 
 #[tokio::test]
 async fn bad_urls_and_tokens_are_invalid_input_before_any_io() {
-    let port = closed_port();
+    let (_refusing, port) = dotdo_core::testkit::refused_port();
     for url in ["ftp://127.0.0.1", "127.0.0.1:8080", "http://u:p@127.0.0.1"] {
         let e = LibsqlStore::remote(url, "tok").open().await.expect_err(url);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{url}: {e}");
@@ -180,8 +172,9 @@ async fn an_unreachable_primary_is_unavailable_and_retryable_within_the_retry_bo
     let settings = fast_retries(3);
     let bound = settings.max_total_backoff();
     let clock = SystemClock::new();
+    let (_refusing, port) = dotdo_core::testkit::refused_port();
     let started = clock.monotonic();
-    let e = LibsqlStore::remote(format!("http://127.0.0.1:{}", closed_port()), "")
+    let e = LibsqlStore::remote(format!("http://127.0.0.1:{port}"), "")
         .with_settings(settings)
         .open()
         .await
@@ -250,9 +243,10 @@ async fn replica_without_the_feature_says_which_feature_to_enable() {
 #[tokio::test]
 async fn a_replica_of_an_unreachable_primary_is_unavailable() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let (_refusing, port) = dotdo_core::testkit::refused_port();
     let e = LibsqlStore::replica(
         dir.path().join("r.db"),
-        format!("http://127.0.0.1:{}", closed_port()),
+        format!("http://127.0.0.1:{port}"),
         "",
         Some(Duration::from_secs(1)),
     )

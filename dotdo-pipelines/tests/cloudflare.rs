@@ -162,9 +162,7 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
     let e = client.send(&events(1, 4000)).await.expect_err("server says 413");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
     // A closed port on loopback: retryable Unavailable after bounded retries.
-    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = closed.local_addr().expect("addr").port();
-    drop(closed);
+    let (_refusing, port) = dotdo_core::testkit::refused_port();
     let s = CloudflareSettings { max_retries: 2, ..settings() };
     let c = CloudflareStreamClient::new(&format!("http://127.0.0.1:{port}/"), None, s).expect("client");
     let e = c.send(&events(1, 10)).await.expect_err("unreachable");

@@ -219,8 +219,16 @@ async fn wait_policy_waits_for_room_until_its_deadline() {
     let waited = clock.monotonic() - t0;
     assert_eq!(e.kind(), &ErrorKind::Unavailable);
     assert!(waited >= Duration::from_millis(100) && waited < Duration::from_secs(5), "waited {waited:?}");
-    // Now a roll frees room while a sender waits.
+    // Now a roll frees room while a sender waits (on a pipeline with a deadline far beyond
+    // the roll, so that only a missing wake-up can fail it).
     sink.stalled.store(false, Ordering::SeqCst);
+    let settings = PipelineSettings {
+        capacity: 10,
+        backpressure: Backpressure::Wait(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let p = Pipeline::builder(Flaky::new()).with_settings(settings).build().expect("build");
+    p.send(events(10)).expect("fill");
     let p2 = p.clone();
     let roller = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -334,6 +342,9 @@ async fn every_send_acknowledged_while_closing_is_committed() {
                         match p.send([ev(&format!("o{t}"), &key, "v")]) {
                             Ok(1) => acked.push(key),
                             Ok(n) => panic!("one event sent, {n} accepted"),
+                            // Full (close is slow to come on a loaded machine): not
+                            // acknowledged, try again.
+                            Err(e) if e.kind() == &ErrorKind::Unavailable => std::thread::yield_now(),
                             Err(e) => {
                                 assert_eq!(e.kind(), &ErrorKind::Shutdown, "{e}");
                                 break;

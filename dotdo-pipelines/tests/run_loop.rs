@@ -27,7 +27,12 @@ async fn run_rolls_by_interval_into_iceberg_and_reports_lag() {
         p.send(vec![e]).expect("send");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The loop rolls on its own: wait for it (nothing else rolls before `close` below), with a
+    // generous limit for a loaded machine.
+    let waited = clock.monotonic();
+    while p.metrics().events_committed < 30 && clock.monotonic().saturating_sub(waited) < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let m = p.metrics();
     assert!(m.rolls >= 2, "the loop rolled by itself: {m:?}");
     assert_eq!(m.events_committed, 30, "{m:?}");

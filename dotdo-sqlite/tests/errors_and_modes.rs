@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use dotdo_core::{ConsistencyGuard, ErrorKind, HotStore, HotStoreExt, NodeId, ObjectId};
+use dotdo_core::{Clock, ConsistencyGuard, ErrorKind, HotStore, HotStoreExt, NodeId, ObjectId};
 use dotdo_sqlite::{Durability, Execution, SqliteSettings, SqliteStore};
 
 fn obj() -> ObjectId {
@@ -213,9 +213,21 @@ async fn background_checkpoints_copy_the_wal_into_the_database() {
         for i in 0..200 {
             s.put(&obj(), l.token, "T", &format!("k{i}"), vec![7u8; 1000].into()).await.expect("put");
         }
-        // Real time: the checkpoint thread runs on its own.
-        #[allow(clippy::disallowed_methods)]
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Real time: the checkpoint thread runs on its own. Without it, 300 ms show that
+        // nothing moves; with it, wait (up to 10 s on a loaded machine) for the pages to arrive.
+        let waited = dotdo_core::SystemClock::new();
+        let start = waited.monotonic();
+        loop {
+            #[allow(clippy::disallowed_methods)]
+            tokio::time::sleep(Duration::from_millis(if background.is_some() { 10 } else { 300 })).await;
+            let size = std::fs::metadata(&path).expect("db").len();
+            if background.is_none()
+                || size > empty + 200 * 1000
+                || waited.monotonic().saturating_sub(start) > Duration::from_secs(10)
+            {
+                break;
+            }
+        }
         db_sizes.push((empty, std::fs::metadata(&path).expect("db").len()));
         drop(s);
     }

@@ -111,31 +111,27 @@ async fn long_handler_renews_and_a_paused_one_self_fences() {
         .await
     });
     for _ in 0..12 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        clock.advance(ttl / 4);
+        testkit::advance_keeping_lease(&s.hot, &clock, &o, ttl / 4).await;
     }
-    tokio::time::sleep(Duration::from_millis(10)).await;
     tx.send(()).expect("signal");
     task.await.expect("join").expect("renewed handler commits");
     assert_eq!(read_n(&rt, &o).await, 1);
     // Paused handler: the clock jumps past the TTL before a renewal can happen.
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
     let (rt2, o2) = (rt.clone(), o.clone());
     let task = tokio::spawn(async move {
         rt2.invoke(&o2, async move |t: &mut ObjectTxn<'_>| {
             t.put("n", "stale")?;
+            let _ = started_tx.send(());
             let _ = rx.await;
             Ok::<_, Error>(())
         })
         .await
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    clock.advance(ttl * 2);
-    let e = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("prompt")
-        .expect("join")
-        .expect_err("self-fenced");
+    started.await.expect("the handler runs");
+    // Every jump lands past the lease's expiry: no renewal can succeed any more.
+    let e = testkit::advance_until_finished(&clock, ttl * 2, task).await.expect("join").expect_err("self-fenced");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
     drop(tx);
     let other = runtime(&s, "node-b", c, RuntimeSettings { lease_ttl: ttl, ..Default::default() });

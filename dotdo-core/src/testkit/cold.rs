@@ -487,6 +487,20 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
             for o in 0..COLD_OBJS {
                 check_stale_commit(&fx, &objs, &model, o, &stale_checked).await?;
             }
+            // And with a replay of each object's whole history (as a hot store recovering from
+            // an unknown commit outcome sends it): all skipped, no snapshot.
+            for (j, obj) in objs.iter().enumerate() {
+                let n = model.records[j].len();
+                if n > 0 {
+                    let recs = model_records(obj, &model.records[j], model.committed[j]);
+                    let c = fx
+                        .sink
+                        .append(ColdBatch::single(obj.clone(), tok(model.committed[j]), recs))
+                        .await
+                        .map_err(cfail)?;
+                    prop_assert_eq!((c.records_written, c.records_skipped, c.snapshot), (0, n as u64, None));
+                }
+            }
             for (j, obj) in objs.iter().enumerate() {
                 let wm = fx.sink.watermark(obj).await.map_err(cfail)?;
                 prop_assert_eq!(wm.through, model.records[j].len() as u64);

@@ -101,9 +101,9 @@ pub fn memory_cold_factory() -> ColdFactory {
 
 /// For backends that run blocking SQLite calls on tokio's worker threads: run `call` (which
 /// must wait for a lock the caller holds) as a task, and assert that other tasks kept running
-/// for 300 ms while it waited; then `release` the lock and return the call's output. Run it on
-/// a multi-thread runtime with **one** worker, so that a call blocking that worker stalls
-/// everything else and fails the check.
+/// (30 ticks of a 1 ms ticker, within 3 s) while it waited; then `release` the lock and return
+/// the call's output. Run it on a multi-thread runtime with **one** worker, so that a call
+/// blocking that worker stalls everything else and fails the check.
 #[allow(clippy::disallowed_methods)] // real time: the ticker and the wait
 pub async fn assert_waiting_call_does_not_stall<T: Send + 'static>(
     call: impl std::future::Future<Output = T> + Send + 'static,
@@ -121,15 +121,81 @@ pub async fn assert_waiting_call_does_not_stall<T: Send + 'static>(
         }
     });
     let call = tokio::spawn(call);
-    // On the caller's own thread (a test body), not the runtime's worker.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // On the caller's own thread (a test body), not the runtime's worker. A blocked worker
+    // shows no tick at all; a loaded machine only slows the ticks down, so wait for 30 of them
+    // for up to 3 s (below the callers' busy timeouts, so the call is still waiting).
+    let started = std::time::Instant::now();
+    while ticks.load(Ordering::SeqCst) < 30 && started.elapsed() < std::time::Duration::from_secs(3) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let during = ticks.load(Ordering::SeqCst);
     assert!(!call.is_finished(), "the call was to wait for the lock");
-    assert!(during >= 30, "other tasks ran while the call waited for the lock: {during} ticks in 300 ms");
+    assert!(
+        during >= 30,
+        "other tasks ran while the call waited for the lock: {during} ticks in {:?}",
+        started.elapsed()
+    );
     release.await;
     let out = call.await.expect("the call's task");
     ticker.abort();
     out
+}
+
+/// For runtime tests on a [`ManualClock`]: advance the clock by `step` once `object`'s lease
+/// outlives the new time, waiting (real time, up to 10 s) for the runtime's renewal to extend it
+/// if needed. A handler kept alive by renewal then never depends on how quickly the renewal task
+/// is scheduled; a renewal that never comes fails the test.
+#[allow(clippy::disallowed_methods)] // real time: waiting for the renewal task
+pub async fn advance_keeping_lease(
+    guard: &dyn ConsistencyGuard,
+    clock: &ManualClock,
+    object: &crate::ObjectId,
+    step: std::time::Duration,
+) {
+    use crate::Clock;
+    let until = clock.now().plus(step);
+    let started = std::time::Instant::now();
+    loop {
+        let lease = guard.current(object).await.expect("reading the current lease");
+        if lease.as_ref().is_some_and(|l| l.expires_at > until) {
+            clock.advance(step);
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the lease of {object} was not renewed past {until:?} within 10 s: {lease:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// For runtime tests on a [`ManualClock`]: advance the clock by `step` every millisecond (real
+/// time) until `task` finishes, and return its output; panics if it has not finished within
+/// 10 s. Unlike a single jump, this cannot miss a task that starts waiting on the clock only
+/// after the first jump.
+#[allow(clippy::disallowed_methods)] // real time: pacing the jumps
+pub async fn advance_until_finished<T>(
+    clock: &ManualClock,
+    step: std::time::Duration,
+    task: tokio::task::JoinHandle<T>,
+) -> Result<T, tokio::task::JoinError> {
+    let started = std::time::Instant::now();
+    while !task.is_finished() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the task did not finish within 10 s");
+        clock.advance(step);
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    task.await
+}
+
+/// A port on 127.0.0.1 where connections are refused, for as long as the returned socket lives:
+/// it is bound but not listening, so no other test or server can take the port meanwhile (a
+/// port found free and then closed again can be).
+pub fn refused_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind a free port");
+    let port = socket.local_addr().expect("the bound address").port();
+    (socket, port)
 }
 
 /// A multi-threaded tokio runtime for running kit cases (backends may use `spawn_blocking`).

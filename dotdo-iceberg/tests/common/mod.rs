@@ -74,13 +74,11 @@ pub struct Moto {
 impl Moto {
     /// Start moto with `python` and create `bucket`.
     pub fn start(python: &std::path::Path, bucket: &str) -> Moto {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-            l.local_addr().expect("addr").port()
-        };
+        // Port 0: the server binds a free port itself and reports it (a port found free here
+        // and handed over could be taken by another test's server in between).
         let mut child = Command::new(python)
             .arg(py_dir().join("moto_s3.py"))
-            .arg(port.to_string())
+            .arg("0")
             .arg(bucket)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -89,7 +87,10 @@ impl Moto {
         let stdout = child.stdout.take().expect("moto stdout");
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("moto ready line");
-        assert!(line.starts_with("READY"), "moto did not start: {line:?}");
+        let port: u16 = match line.trim().strip_prefix("READY ").map(str::parse) {
+            Some(Ok(port)) => port,
+            _ => panic!("moto did not start: {line:?}"),
+        };
         Moto { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_string() }
     }
 
