@@ -308,7 +308,7 @@ impl IcebergColdStore {
     /// Table `ident` as the catalog has it now and its live data files, retrying transient
     /// store errors (planning reads every manifest).
     async fn current_files(&self, ident: &iceberg::TableIdent) -> Result<(Table, Vec<LiveFile>)> {
-        retry_idempotent(&*self.inner.clock, self.transient_retries(), || async {
+        retry_idempotent(&dotdo_core::SystemClock::new(), self.transient_retries(), || async {
             let t = self.reload(ident).await?;
             let live = self.live_files(&t).await?;
             Ok((t, live))
@@ -317,7 +317,8 @@ impl IcebergColdStore {
         .map_err(|e| e.context(format!("planning the maintenance of {ident}")))
     }
 
-    /// How planning and group rewrites retry transient store errors.
+    /// How planning and group rewrites retry transient store errors (backing off in real time,
+    /// like every retry of the store).
     fn transient_retries(&self) -> RetryPolicy {
         let s = &self.inner.settings;
         RetryPolicy { retries: s.max_commit_attempts.max(1) - 1, base: s.retry_base_delay }
@@ -383,7 +384,7 @@ impl IcebergColdStore {
             // Transient store errors while reading or writing one group are retried (the writer
             // deletes its partial files on failure).
             let (b, g, m) = (&base, &group, &mode);
-            let result = retry_idempotent(&*self.inner.clock, self.transient_retries(), || async move {
+            let result = retry_idempotent(&dotdo_core::SystemClock::new(), self.transient_retries(), || async move {
                 match m {
                     Mode::User(schema) => self.rewrite_user_group(b, g, schema, target).await,
                     _ => self.rewrite_group(b, g, m, target).await,

@@ -439,6 +439,8 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .object_store(faulty.clone())
         .table(["faults"], "compacted")
+        // A clock nobody advances: retries back off in real time.
+        .with_clock(Arc::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH)))
         .settings(dotdo_iceberg::Settings { buckets: 2, max_commit_attempts: 3, ..Default::default() })
         .build()
         .await
