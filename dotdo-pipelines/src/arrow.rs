@@ -90,6 +90,11 @@ impl Buf {
     fn waiting(&self) -> usize {
         self.rows + self.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.num_rows()).sum())
     }
+
+    /// Bytes (Arrow memory size) pending or claimed but not yet committed.
+    fn waiting_bytes(&self) -> usize {
+        self.bytes + self.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.get_array_memory_size()).sum())
+    }
 }
 
 struct Inner {
@@ -111,7 +116,8 @@ struct Inner {
 /// Buffers `RecordBatch`es of the sink's schema and rolls them into exactly-once appends.
 ///
 /// Uses the [`PipelineSettings`] of the event pipeline: `roll_interval`, `roll_rows`,
-/// `roll_bytes`, `capacity` (rows; a full buffer fails fast with a retryable `Unavailable`) and
+/// `roll_bytes`, `capacity` (rows) and `capacity_bytes` (Arrow memory size; a full buffer fails
+/// fast with a retryable `Unavailable`) and
 /// `durability` (`Durable(path)`: a SQLite log of Arrow IPC batches; an acknowledged `send`
 /// survives a process kill). Transforms and spill apply to event pipelines only.
 #[derive(Clone)]
@@ -138,11 +144,14 @@ impl ArrowPipeline {
             return Err(Error::invalid(format!("stream name {stream:?}: 1..=128 ASCII letters, digits, -_.")));
         }
         if settings.capacity == 0
+            || settings.capacity_bytes == 0
             || settings.roll_rows == 0
             || settings.roll_bytes == 0
             || settings.roll_interval.is_zero()
         {
-            return Err(Error::invalid("capacity, roll_rows, roll_bytes and roll_interval must be positive"));
+            return Err(Error::invalid(
+                "capacity, capacity_bytes, roll_rows, roll_bytes and roll_interval must be positive",
+            ));
         }
         let mut buf = Buf::default();
         let log = match &settings.durability {
@@ -200,7 +209,8 @@ impl ArrowPipeline {
 
     /// Accept `batch` (it must have the sink's schema). With a durable log, `Ok` means it
     /// survives a process kill. A full buffer fails with a retryable `Unavailable`; a batch of
-    /// more rows than `capacity` with `LimitExceeded`; after [`close`](Self::close), `Shutdown`.
+    /// more rows than `capacity` or more bytes than `capacity_bytes` with `LimitExceeded`; after
+    /// [`close`](Self::close), `Shutdown`.
     pub fn send(&self, batch: RecordBatch) -> Result<()> {
         let inner = &self.inner;
         if !same_shape(batch.schema_ref(), &inner.sink.schema()) {
@@ -210,9 +220,14 @@ impl ArrowPipeline {
                 inner.sink.schema()
             )));
         }
-        if batch.num_rows() > inner.settings.capacity {
-            // No roll ever makes room for this: not a retryable condition.
-            return Err(Error::limit("rows in one batch", inner.settings.capacity as u64, batch.num_rows() as u64));
+        let (capacity, capacity_bytes) = (inner.settings.capacity, inner.settings.capacity_bytes);
+        let size = batch.get_array_memory_size();
+        // No roll ever makes room for these: not a retryable condition.
+        if batch.num_rows() > capacity {
+            return Err(Error::limit("rows in one batch", capacity as u64, batch.num_rows() as u64));
+        }
+        if size > capacity_bytes {
+            return Err(Error::limit("bytes in one batch", capacity_bytes as u64, size as u64));
         }
         let ipc = inner.log.as_ref().map(|_| encode(&batch)).transpose()?;
         // Everything below happens under one hold of `buf` (lock order: buf, then log, as in
@@ -224,18 +239,18 @@ impl ArrowPipeline {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
         }
-        let waiting = b.waiting();
-        if waiting + batch.num_rows() > inner.settings.capacity {
+        let (waiting, waiting_bytes) = (b.waiting(), b.waiting_bytes());
+        if waiting + batch.num_rows() > capacity || waiting_bytes.saturating_add(size) > capacity_bytes {
             return Err(Error::unavailable(format!(
-                "arrow pipeline buffer full: {waiting} rows waiting, capacity {}",
-                inner.settings.capacity
+                "arrow pipeline buffer full: {waiting} rows ({waiting_bytes} bytes) waiting, capacity {capacity} rows \
+                 ({capacity_bytes} bytes)"
             )));
         }
         if let (Some(log), Some(ipc)) = (&inner.log, ipc) {
             log.lock().execute("INSERT INTO arrow_log (ipc) VALUES (?1)", [ipc]).map_err(|e| sql(e, "append"))?;
         }
         b.rows += batch.num_rows();
-        b.bytes += batch.get_array_memory_size();
+        b.bytes += size;
         inner.rows_in.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
         b.pending.push(batch);
         Ok(())

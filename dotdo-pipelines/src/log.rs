@@ -402,15 +402,17 @@ pub(crate) struct SpillLog {
     mem: MemoryLog,
     disk: SqliteLog,
     mem_capacity: usize,
+    mem_capacity_bytes: usize,
     claimed_from_disk: Mutex<Option<bool>>,
 }
 
 impl SpillLog {
-    pub(crate) fn open(path: &Path, mem_capacity: usize) -> Result<Self> {
+    pub(crate) fn open(path: &Path, mem_capacity: usize, mem_capacity_bytes: usize) -> Result<Self> {
         Ok(SpillLog {
             mem: MemoryLog::default(),
             disk: SqliteLog::open(path)?,
             mem_capacity,
+            mem_capacity_bytes,
             claimed_from_disk: Mutex::new(None),
         })
     }
@@ -418,7 +420,12 @@ impl SpillLog {
 
 impl Log for SpillLog {
     fn append(&self, rows: Vec<Row>) -> Result<()> {
-        if self.disk.depth().0 > 0 || self.mem.depth().0 + rows.len() > self.mem_capacity {
+        let (events, bytes) = self.mem.depth();
+        let adding: usize = rows.iter().map(|r| r.event.size()).sum();
+        if self.disk.depth().0 > 0
+            || events + rows.len() > self.mem_capacity
+            || bytes.saturating_add(adding) > self.mem_capacity_bytes
+        {
             self.disk.append(rows)
         } else {
             self.mem.append(rows)

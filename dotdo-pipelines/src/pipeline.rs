@@ -93,8 +93,15 @@ impl PipelineBuilder {
     /// Validate and open the buffer (replaying a durable log left by a previous process).
     pub fn build(self) -> Result<Pipeline> {
         let s = &self.settings;
-        if s.capacity == 0 || s.roll_rows == 0 || s.roll_bytes == 0 || s.roll_interval.is_zero() {
-            return Err(Error::invalid("capacity, roll_rows, roll_bytes and roll_interval must be positive"));
+        if s.capacity == 0
+            || s.capacity_bytes == 0
+            || s.roll_rows == 0
+            || s.roll_bytes == 0
+            || s.roll_interval.is_zero()
+        {
+            return Err(Error::invalid(
+                "capacity, capacity_bytes, roll_rows, roll_bytes and roll_interval must be positive",
+            ));
         }
         if self.routes.contains_key("") {
             return Err(Error::invalid("the empty route name is the default route"));
@@ -104,7 +111,9 @@ impl PipelineBuilder {
         }
         let log: Box<dyn Log> = match (&s.durability, &s.backpressure) {
             (Durability::Durable(path), _) => Box::new(SqliteLog::open(path)?),
-            (Durability::Memory, Backpressure::Spill(path)) => Box::new(SpillLog::open(path, s.capacity)?),
+            (Durability::Memory, Backpressure::Spill(path)) => {
+                Box::new(SpillLog::open(path, s.capacity, s.capacity_bytes)?)
+            }
             (Durability::Memory, _) => Box::new(MemoryLog::default()),
         };
         let mut routes = self.routes;
@@ -221,7 +230,7 @@ impl Pipeline {
     /// (dropped ones excluded). With [`Durability::Durable`], `Ok` means they survive a process
     /// kill. When the buffer is full: `FailFast` and `Wait` fail with a retryable `Unavailable`
     /// (use [`send_wait`](Self::send_wait) to wait), `Spill` overflows to disk. More events than
-    /// `capacity` in one call (bounded policies): `LimitExceeded`; after
+    /// `capacity` or `capacity_bytes` in one call (bounded policies): `LimitExceeded`; after
     /// [`close`](Self::close): `Shutdown`.
     pub fn send(&self, events: impl IntoIterator<Item = Event>) -> Result<usize> {
         let inner = &self.inner;
@@ -261,18 +270,23 @@ impl Pipeline {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
         }
-        let depth = inner.log.depth().0;
+        let (depth, depth_bytes) = inner.log.depth();
         let bounded = !matches!(inner.settings.backpressure, Backpressure::Spill(_));
-        if bounded && rows.len() > inner.settings.capacity {
+        let (capacity, capacity_bytes) = (inner.settings.capacity, inner.settings.capacity_bytes as u64);
+        if bounded && (rows.len() > capacity || bytes > capacity_bytes) {
             // No roll ever makes room for this: not a retryable condition.
             inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::limit("events in one send", inner.settings.capacity as u64, rows.len() as u64));
+            return Err(if rows.len() > capacity {
+                Error::limit("events in one send", capacity as u64, rows.len() as u64)
+            } else {
+                Error::limit("bytes in one send", capacity_bytes, bytes)
+            });
         }
-        if bounded && depth + rows.len() > inner.settings.capacity {
+        if bounded && (depth + rows.len() > capacity || depth_bytes as u64 + bytes > capacity_bytes) {
             inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(Error::unavailable(format!(
-                "pipeline buffer full: {depth} events waiting, capacity {}; retry after the next roll",
-                inner.settings.capacity
+                "pipeline buffer full: {depth} events ({depth_bytes} bytes) waiting, capacity {capacity} events \
+                 ({capacity_bytes} bytes); retry after the next roll"
             )));
         }
         let n = rows.len();

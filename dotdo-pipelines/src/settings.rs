@@ -13,7 +13,8 @@ pub enum Backpressure {
     /// [`Pipeline::send_wait`](crate::Pipeline::send_wait) waits up to this long for room (a roll
     /// frees it), then fails with a retryable `Unavailable`; `send` behaves like `FailFast`.
     Wait(Duration),
-    /// Overflow to a SQLite file at this path; events are still delivered in order, exactly once.
+    /// Overflow to a SQLite file at this path once `capacity` events or `capacity_bytes` bytes
+    /// wait in memory; events are still delivered in order, exactly once.
     Spill(PathBuf),
 }
 
@@ -39,6 +40,10 @@ pub struct PipelineSettings {
     pub roll_bytes: usize,
     /// Most events waiting (default 1 000 000); then the backpressure policy applies.
     pub capacity: usize,
+    /// Most bytes waiting (default 512 MiB, measured like `roll_bytes`: an event's id, type,
+    /// key and value plus 32; an Arrow batch's memory size); then the backpressure policy
+    /// applies. With `capacity` this bounds the buffer's memory whatever the event sizes.
+    pub capacity_bytes: usize,
     /// Backpressure policy (default `FailFast`).
     pub backpressure: Backpressure,
     /// Buffer durability (default `Memory`).
@@ -57,6 +62,7 @@ impl Default for PipelineSettings {
             roll_rows: 100_000,
             roll_bytes: 64 << 20,
             capacity: 1_000_000,
+            capacity_bytes: 512 << 20,
             backpressure: Backpressure::FailFast,
             durability: Durability::Memory,
             token: FencingToken::new(1),

@@ -97,6 +97,19 @@ async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     assert!(matches!(too_big.kind(), ErrorKind::LimitExceeded { limit: 10, actual: 11, .. }), "{too_big}");
     small.send(batch(500, 10)).expect("fills the buffer");
     assert_eq!(small.send(batch(510, 1)).expect_err("full").kind(), &ErrorKind::Unavailable);
+
+    // By size: the byte capacity holds two of these batches, whatever the row capacity.
+    let size = batch(600, 100).get_array_memory_size();
+    let settings = PipelineSettings { capacity_bytes: size * 5 / 2, ..Default::default() };
+    let sized = ArrowPipeline::open("sized", Arc::new(t.clone()), settings).expect("pipeline");
+    let too_big = sized.send(batch(600, 300)).expect_err("larger than the whole buffer");
+    assert!(matches!(too_big.kind(), ErrorKind::LimitExceeded { .. }), "{too_big}");
+    sized.send(batch(600, 100)).expect("first");
+    sized.send(batch(700, 100)).expect("second");
+    let full = sized.send(batch(800, 100)).expect_err("third");
+    assert_eq!(full.kind(), &ErrorKind::Unavailable, "{full}");
+    assert_eq!(sized.roll().await.expect("roll"), 200);
+    sized.send(batch(800, 100)).expect("room after the roll");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

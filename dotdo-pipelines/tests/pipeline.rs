@@ -365,3 +365,53 @@ async fn every_send_acknowledged_while_closing_is_committed() {
         assert_eq!(landed, acked, "round {round}");
     }
 }
+
+/// `capacity_bytes` bounds the buffer by size whatever the event count: large events fill it
+/// long before `capacity` events wait; one send larger than it can never fit; a roll frees room;
+/// the spill policy overflows to disk by bytes too.
+#[tokio::test]
+async fn byte_capacity_bounds_the_buffer_and_spills_by_size() {
+    let sink = Flaky::new();
+    let big = |i: usize| ev("o0", &format!("b{i:03}"), &"x".repeat(10_000));
+    let settings = PipelineSettings { capacity: 1_000, capacity_bytes: 35_000, ..Default::default() };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings.clone()).build().expect("build");
+    assert_eq!(p.send((0..3).map(big)).expect("three fit"), 3);
+    let e = p.send([big(3)]).expect_err("a fourth does not");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable() && e.to_string().contains("bytes"), "{e}");
+    let e = p.send((10..14).map(big)).expect_err("never fits");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert_eq!(p.metrics().buffer_depth, 3, "nothing of a refused send was taken");
+    assert_eq!(p.roll().await.expect("roll").events, 3);
+    assert_eq!(p.send([big(3)]).expect("room after the roll"), 1);
+    let zero = PipelineSettings { capacity_bytes: 0, ..Default::default() };
+    assert_eq!(Pipeline::builder(sink).with_settings(zero).build().expect_err("zero").kind(), &ErrorKind::InvalidInput);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Flaky::new();
+    let settings = PipelineSettings {
+        backpressure: Backpressure::Spill(dir.path().join("spill.db")),
+        roll_rows: 1_000,
+        ..settings
+    };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("build");
+    for i in 0..10 {
+        p.send([big(i)]).expect("spill never refuses");
+    }
+    let m = p.metrics();
+    assert_eq!((m.buffer_depth, m.buffer_spilled), (10, 7), "3 in memory (35 kB), 7 on disk");
+    assert_eq!(p.roll().await.expect("roll").events, 10);
+    let got: Vec<String> = sink
+        .inner
+        .read_changes(&oid_of("o0"), 0, AsOf::Latest)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(got, (0..10).map(|i| format!("b{i:03}")).collect::<Vec<_>>(), "in send order, exactly once");
+}
+
+fn oid_of(s: &str) -> ObjectId {
+    ObjectId::new(s).expect("valid")
+}
