@@ -283,6 +283,14 @@ async fn flush_all_batches_objects_and_shutdown_releases_leases() {
     }
     let e = incr(&rt, &oid("o0")).await.expect_err("shut down");
     assert_eq!(e.kind(), &ErrorKind::Shutdown);
+    // Nor do prefetch and flush take a lease that nothing would release any more.
+    let e = rt.prefetch(&oid("o1"), &["n".to_string()], &[]).await.expect_err("prefetch after shutdown");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown);
+    let e = rt.flush(&oid("o2")).await.expect_err("flush after shutdown");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown);
+    for i in 0..5 {
+        assert!(w.hot.is_available(&oid(&format!("o{i}"))).await.expect("available"), "no lease taken");
+    }
 }
 
 #[tokio::test]

@@ -330,6 +330,19 @@ impl ObjectRuntime {
         self.inner.slots.lock().entry(object.clone()).or_default().clone()
     }
 
+    /// Count a call in flight, or refuse it with `Shutdown` once shutdown has begun. The call is
+    /// counted before the flag is read (shutdown sets the flag before counting): either the call
+    /// sees the flag, or shutdown sees the call and waits for it. Without this, a call after
+    /// shutdown would take a lease that nothing releases any more.
+    fn enter(&self) -> Result<InFlight<'_>> {
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(&self.inner.in_flight);
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Shutdown, "the runtime is shutting down"));
+        }
+        Ok(guard)
+    }
+
     /// Run `handler` against `object`'s state with the default type name.
     pub async fn invoke<T, E, F>(&self, object: &ObjectId, handler: F) -> Result<T, E>
     where
@@ -353,13 +366,7 @@ impl ObjectRuntime {
         E: From<Error>,
     {
         crate::ids::validate_type_name(type_name)?;
-        // Count this call before looking at the flag (shutdown sets the flag before counting):
-        // either the call sees the flag, or shutdown sees the call and waits for it.
-        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
-        let _guard = InFlight(&self.inner.in_flight);
-        if self.inner.shutting_down.load(Ordering::SeqCst) {
-            return Err(Error::new(ErrorKind::Shutdown, "the runtime is shutting down").into());
-        }
+        let _guard = self.enter()?;
         self.inner.metrics.lock().invokes += 1;
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
@@ -645,7 +652,9 @@ impl ObjectRuntime {
 
     /// Prefetch hook: activate `object` ahead of a predicted call (take the lease, recover its
     /// state per the restore mode, preload `keys` and `prefixes` into the lazy cache).
+    /// `Shutdown` once [`shutdown`](Self::shutdown) has begun.
     pub async fn prefetch(&self, object: &ObjectId, keys: &[String], prefixes: &[String]) -> Result<()> {
+        let _guard = self.enter()?;
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
         self.ensure_active(object, &mut slot).await?;
@@ -676,8 +685,10 @@ impl ObjectRuntime {
     }
 
     /// Drain `object`'s change log to cold storage (exactly once) and truncate it. Takes the
-    /// lease if this runtime does not hold it.
+    /// lease if this runtime does not hold it. `Shutdown` once [`shutdown`](Self::shutdown) has
+    /// begun (shutdown flushes every held object itself).
     pub async fn flush(&self, object: &ObjectId) -> Result<FlushReport> {
+        let _guard = self.enter()?;
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
         self.ensure_active(object, &mut slot).await?;
