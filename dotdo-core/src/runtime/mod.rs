@@ -768,8 +768,10 @@ impl ObjectRuntime {
     }
 
     /// Tier `object` out of hot storage: drain its changes to cold, drop its hot state, release
-    /// the lease. The next call recovers it from cold storage identically.
+    /// the lease. The next call recovers it from cold storage identically. `Shutdown` once
+    /// [`shutdown`](Self::shutdown) has begun.
     pub async fn evict(&self, object: &ObjectId) -> Result<()> {
+        let _guard = self.enter()?;
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
         self.ensure_active(object, &mut slot).await?;
