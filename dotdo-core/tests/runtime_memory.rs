@@ -295,6 +295,19 @@ async fn flush_all_batches_objects_and_shutdown_releases_leases() {
     }
 }
 
+/// An object whose changes span several commits of one `flush_all` counts once.
+#[tokio::test]
+async fn flush_all_counts_each_object_once_across_commits() {
+    let w = World::new();
+    let rt = w.runtime("a", RuntimeSettings { flush_batch_records: 2, ..settings() });
+    for _ in 0..3 {
+        incr(&rt, &oid("o0")).await.expect("incr");
+    }
+    incr(&rt, &oid("o1")).await.expect("incr");
+    let r = rt.flush_all().await.expect("flush all");
+    assert_eq!((r.commits, r.records, r.objects), (2, 4, 2), "{r:?}");
+}
+
 #[tokio::test]
 async fn idle_objects_are_tiered_out_and_come_back() {
     let w = World::new();

@@ -730,6 +730,7 @@ impl ObjectRuntime {
                 Err(e) => return Err(e),
             }
         }
+        let mut drained = std::collections::BTreeSet::new();
         loop {
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
@@ -755,7 +756,10 @@ impl ObjectRuntime {
             for oc in &batch.objects {
                 let through = commit.watermarks.get(&oc.object).map_or(0, |w| w.through);
                 inner.hot.truncate_changes(&oc.object, oc.token, through).await?;
-                report.objects += 1;
+                // An object whose changes span several commits counts once.
+                if drained.insert(oc.object.clone()) {
+                    report.objects += 1;
+                }
             }
             report.commits += u64::from(commit.snapshot.is_some());
             report.records += commit.records_written;
