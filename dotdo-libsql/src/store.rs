@@ -84,6 +84,35 @@ pub(crate) struct Inner {
     replica: Option<Arc<libsql::Database>>,
     /// Keeps the primary's database handle (remote and replica modes) alive.
     _primary: Option<libsql::Database>,
+    /// Set when a pull after a write failed: the replica may lack committed writes (another
+    /// holder's, seen by an acquire), so reads pull first until a pull succeeds.
+    replica_behind: ReplicaBehind,
+}
+
+/// Whether the embedded replica may be missing writes committed on the primary.
+#[derive(Debug, Default)]
+pub(crate) struct ReplicaBehind(std::sync::atomic::AtomicBool);
+
+impl ReplicaBehind {
+    /// A pull after a committed write failed.
+    pub(crate) fn mark(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Before a read: if the replica may be behind, run `pull`; an error stays marked and is
+    /// returned, so nothing is read from a replica that may miss committed writes.
+    pub(crate) async fn catch_up<F: std::future::Future<Output = Result<()>>>(&self, pull: F) -> Result<()> {
+        if !self.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        match pull.await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.mark();
+                Err(e.context("the replica missed writes committed on the primary and could not pull them"))
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -176,16 +205,9 @@ impl LibsqlStoreBuilder {
                 (None, Arc::new(db), None, false)
             }
             Target::Replica { path, url, auth_token, sync_interval } => {
-                let (replica, primary) = open_replica(
-                    path,
-                    &crate::validate_url(url)?,
-                    auth_token,
-                    *sync_interval,
-                    &settings,
-                    &*clock,
-                    &doing,
-                )
-                .await?;
+                let (replica, primary) =
+                    open_replica(path, &crate::validate_url(url)?, auth_token, *sync_interval, &settings, &doing)
+                        .await?;
                 let replica = Arc::new(replica);
                 (Some(primary), replica.clone(), Some(replica), true)
             }
@@ -217,6 +239,7 @@ impl LibsqlStoreBuilder {
             readers,
             replica,
             _primary: write_db,
+            replica_behind: ReplicaBehind::default(),
         };
         let store = LibsqlStore { inner: Arc::new(inner) };
         store.init(&doing).await?;
@@ -247,7 +270,6 @@ async fn open_replica(
     token: &AuthToken,
     sync_interval: Option<Duration>,
     settings: &LibsqlSettings,
-    clock: &dyn Clock,
     doing: &str,
 ) -> Result<(libsql::Database, libsql::Database)> {
     #[cfg(feature = "replica")]
@@ -276,7 +298,7 @@ async fn open_replica(
     }
     #[cfg(not(feature = "replica"))]
     {
-        let _ = (path, url, token, sync_interval, settings, clock);
+        let _ = (path, url, token, sync_interval, settings);
         Err(Error::invalid(format!(
             "{doing}: embedded replicas need dotdo-libsql's `replica` feature (it is not enabled in this build)"
         )))
@@ -486,7 +508,10 @@ impl LibsqlStore {
         let pull = out.as_ref().map_or_else(|e| e.kind() == &ErrorKind::AmbiguousOutcome, |_| true);
         if pull && self.inner.replica.is_some() {
             if let Err(e) = self.sync_replica().await {
-                // The write is committed on the primary; only its local visibility is late.
+                // The write is committed on the primary; only its local visibility is late. The
+                // next read pulls first (or fails): after an acquire, a stale read of the last
+                // holder's state would turn into a lost update.
+                self.inner.replica_behind.mark();
                 tracing::warn!(error = %e, "{doing}: committed on the primary, but the replica could not pull it yet");
             }
         }
@@ -499,6 +524,9 @@ impl LibsqlStore {
         doing: &str,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
+        if self.inner.replica.is_some() {
+            self.inner.replica_behind.catch_up(self.sync_replica()).await.map_err(|e| e.context(doing))?;
+        }
         let settings = &self.inner.settings;
         let pool = &self.inner.readers;
         let mut attempt = 0;
@@ -633,6 +661,36 @@ async fn retry_pause(d: std::time::Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a failed pull, a read pulls first; while pulling fails the read fails (nothing is
+    /// read from a replica that may miss committed writes); once a pull succeeds, reads go
+    /// straight to the replica again.
+    #[tokio::test]
+    async fn a_replica_that_missed_a_pull_catches_up_before_it_is_read() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let behind = ReplicaBehind::default();
+        let pulls = AtomicU32::new(0);
+        let pull = |ok: bool| {
+            let pulls = &pulls;
+            async move {
+                pulls.fetch_add(1, Ordering::SeqCst);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(Error::unavailable("primary unreachable"))
+                }
+            }
+        };
+        behind.catch_up(pull(true)).await.expect("up to date: no pull");
+        assert_eq!(pulls.load(Ordering::SeqCst), 0);
+        behind.mark();
+        let e = behind.catch_up(pull(false)).await.expect_err("cannot catch up");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+        assert!(e.to_string().contains("missed writes"), "{e}");
+        behind.catch_up(pull(true)).await.expect("caught up");
+        behind.catch_up(pull(false)).await.expect("no pull needed any more");
+        assert_eq!(pulls.load(Ordering::SeqCst), 2);
+    }
 
     /// The durability setting is what reaches SQLite on the connection that writes: FULL (2)
     /// fsyncs every commit, NORMAL (1) does not (reopening in one process cannot tell them apart).
