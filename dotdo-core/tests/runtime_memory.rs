@@ -754,16 +754,28 @@ async fn failing_renewals_back_off_until_the_handler_self_fences() {
 }
 
 /// A hot store whose `evict` drops the state and then loses the reply (`AmbiguousOutcome`), as a
-/// remote store's dropped connection would, and whose next `fail_writes` writes fail with a
-/// retryable `Unavailable`.
-#[derive(Debug)]
-struct EvictReplyLost {
+/// remote store's dropped connection would, whose next `fail_writes` writes fail with a
+/// retryable `Unavailable`, and which runs `after_truncate` (once) after the next truncate.
+struct FaultyHot {
     inner: MemoryBackend,
     fail_writes: std::sync::atomic::AtomicU32,
+    after_truncate: parking_lot::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
+}
+
+impl FaultyHot {
+    fn new(inner: MemoryBackend) -> Self {
+        FaultyHot { inner, fail_writes: 0.into(), after_truncate: Default::default() }
+    }
+}
+
+impl std::fmt::Debug for FaultyHot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyHot").field("inner", &self.inner).finish()
+    }
 }
 
 #[async_trait::async_trait]
-impl HotStore for EvictReplyLost {
+impl HotStore for FaultyHot {
     async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
         let left = self.fail_writes.load(std::sync::atomic::Ordering::SeqCst);
         if left > 0 {
@@ -782,7 +794,12 @@ impl HotStore for EvictReplyLost {
         self.inner.read_changes(object, after, limit).await
     }
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
-        self.inner.truncate_changes(object, token, through).await
+        self.inner.truncate_changes(object, token, through).await?;
+        let hook = self.after_truncate.lock().take();
+        if let Some(hook) = hook {
+            hook.await;
+        }
+        Ok(())
     }
     async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
         self.inner.object_info(object).await
@@ -806,7 +823,7 @@ impl HotStore for EvictReplyLost {
 async fn an_eviction_with_an_unknown_outcome_is_not_run_on() {
     let w = World::new();
     let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(EvictReplyLost { inner: w.hot.clone(), fail_writes: 0.into() }))
+        .with_hot_store(Arc::new(FaultyHot::new(w.hot.clone())))
         .with_guard(Arc::new(w.hot.clone()))
         .with_cold_sink(Arc::new(w.cold.clone()))
         .with_accelerator(Arc::new(w.cold.clone()))
@@ -828,7 +845,7 @@ async fn an_eviction_with_an_unknown_outcome_is_not_run_on() {
 #[tokio::test]
 async fn a_failed_commit_with_keep_warm_zero_releases_the_lease() {
     let w = World::new();
-    let hot = Arc::new(EvictReplyLost { inner: w.hot.clone(), fail_writes: 0.into() });
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
     let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
         .with_hot_store(hot.clone())
         .with_guard(Arc::new(w.hot.clone()))
@@ -868,4 +885,48 @@ async fn a_hung_renewal_self_fences_the_handler_at_expiry() {
     ticking.abort();
     let e = r.expect("the handler was stopped").expect_err("self-fenced");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+}
+
+/// A drain whose lease ran out between two rounds never ships the new holder's changes under its
+/// old token (cold fences committers, not record tokens: it would take them, and the new holder's
+/// next activation would find its own change in cold under a lower token and refuse it as
+/// `Corrupt` forever). The drain is fenced; the new holder drains its changes itself.
+#[tokio::test]
+async fn a_drain_never_ships_a_newer_holders_changes_under_its_old_token() {
+    for flush_all in [false, true] {
+        let w = World::new();
+        let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+        let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+            .with_hot_store(hot.clone())
+            .with_guard(Arc::new(w.hot.clone()))
+            .with_cold_sink(Arc::new(w.cold.clone()))
+            .with_clock(Arc::new(w.clock.clone()))
+            .with_settings(RuntimeSettings { flush_batch_records: 2, ..settings() })
+            .build()
+            .expect("build runtime");
+        let o = oid("o");
+        for _ in 0..3 {
+            incr(&rt, &o).await.expect("incr");
+        }
+        // After the first round (seqs 1 and 2) a's lease runs out and node b writes seq 4.
+        let (inner, clock, o2) = (w.hot.clone(), w.clock.clone(), o.clone());
+        *hot.after_truncate.lock() = Some(Box::pin(async move {
+            clock.advance(TTL * 2);
+            let l = inner.acquire(&o2, &NodeId::new("b").expect("valid"), TTL).await.expect("b takes over");
+            inner.put(&o2, l.token, "T", "n", Bytes::from("from-b")).await.expect("b writes");
+            inner.release(&l).await.expect("b releases");
+        }));
+        if flush_all {
+            let r = rt.flush_all().await.expect("flush_all skips the object taken over");
+            assert_eq!(r.records, 2, "{r:?}");
+        } else {
+            let e = rt.flush(&o).await.expect_err("a's lease is gone");
+            assert!(e.is_fenced(), "{e}");
+        }
+        assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 2, "b's change stayed out of cold");
+        let c = w.runtime("c", settings());
+        assert_eq!(get(&c, &o, "n").await.expect("the object activates").as_deref(), Some(&b"from-b"[..]));
+        c.flush(&o).await.expect("c drains a's seq 3 and b's seq 4");
+        assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 4);
+    }
 }

@@ -731,6 +731,7 @@ impl ObjectRuntime {
             }
         }
         let mut drained = std::collections::BTreeSet::new();
+        let mut taken_over = std::collections::BTreeSet::new();
         loop {
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
@@ -738,11 +739,19 @@ impl ObjectRuntime {
                 if budget == 0 {
                     break;
                 }
+                if taken_over.contains(object) {
+                    continue;
+                }
                 let Some(info) = inner.hot.object_info(object).await? else { continue };
                 if !info.has_pending_changes() {
                     continue;
                 }
                 let records = inner.hot.read_changes(object, info.truncated_through, budget).await?;
+                if newer_holder(&records, *token).is_some() {
+                    tracing::info!(object = %object, "dotdo flush_all: another node took the object over; skipped");
+                    taken_over.insert(object.clone());
+                    continue;
+                }
                 budget -= records.len().min(budget);
                 if !records.is_empty() {
                     batch.objects.push(ObjectChanges { object: object.clone(), token: *token, records });
@@ -767,6 +776,11 @@ impl ObjectRuntime {
             m.flushes += u64::from(commit.snapshot.is_some());
             m.records_flushed += commit.records_written;
             tracing::debug!(records = n, snapshot = ?commit.snapshot, "dotdo flush");
+        }
+        for (object, _, guard) in &mut held {
+            if taken_over.contains(object) {
+                guard.active = None;
+            }
         }
         Ok(report)
     }
@@ -1134,6 +1148,13 @@ async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<crate:
     crate::retry::retry_idempotent(&*inner.clock, policy, || inner.cold.append(batch.clone())).await
 }
 
+/// The token of a change written by a newer holder than `token`, if `records` hold one: the
+/// lease ran out and another node wrote since. Such changes must never reach cold under `token`
+/// (cold fences committers, not record tokens): the newer holder drains them under its own.
+fn newer_holder(records: &[ChangeRecord], token: FencingToken) -> Option<FencingToken> {
+    records.iter().map(|r| r.token).find(|t| *t > token)
+}
+
 /// Drain one object's change log to cold storage and truncate it.
 async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Result<FlushReport> {
     let mut report = FlushReport::default();
@@ -1146,6 +1167,9 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
             inner.hot.read_changes(object, info.truncated_through, inner.settings.flush_batch_records).await?;
         if records.is_empty() {
             break;
+        }
+        if let Some(newer) = newer_holder(&records, token) {
+            return Err(Error::fenced(object, token, newer));
         }
         let commit = append_resolving(inner, ColdBatch::single(object.clone(), token, records)).await?;
         let through: Seq = commit.watermarks.get(object).map_or(0, |w| w.through);
