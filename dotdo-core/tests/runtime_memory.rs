@@ -392,11 +392,19 @@ fn invoke_futures_are_send_so_hosts_can_spawn_them() {
     assert_send(&fut);
 }
 
-/// A cold sink that fails every call with a retryable `Unavailable` while `down` is set.
+/// A cold sink that fails every call with a retryable `Unavailable` while `down` is set, and
+/// whose `watermark` never answers while `hang` is set.
 #[derive(Debug)]
 struct FlakyCold {
     inner: MemoryColdStore,
     down: std::sync::atomic::AtomicBool,
+    hang: std::sync::atomic::AtomicBool,
+}
+
+impl FlakyCold {
+    fn new(inner: MemoryColdStore) -> Self {
+        FlakyCold { inner, down: false.into(), hang: false.into() }
+    }
 }
 
 impl FlakyCold {
@@ -416,6 +424,9 @@ impl ColdSink for FlakyCold {
     }
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
         self.check()?;
+        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.inner.watermark(object).await
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
@@ -437,7 +448,7 @@ impl ColdSink for FlakyCold {
 #[tokio::test]
 async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
     let w = World::new();
-    let cold = Arc::new(FlakyCold { inner: w.cold.clone(), down: false.into() });
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
     let rt = w.runtime_with(
         "a",
         Arc::new(w.hot.clone()),
@@ -659,7 +670,7 @@ fn tick_by(w: &World, step: Duration) -> tokio::task::JoinHandle<()> {
 #[tokio::test]
 async fn failed_recovery_and_failed_eviction_do_not_strand_the_lease() {
     let w = World::new();
-    let cold = Arc::new(FlakyCold { inner: w.cold.clone(), down: false.into() });
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
     let rt = flaky_runtime(&w, cold.clone());
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("first"), 1);
@@ -929,4 +940,23 @@ async fn a_drain_never_ships_a_newer_holders_changes_under_its_old_token() {
         c.flush(&o).await.expect("c drains a's seq 3 and b's seq 4");
         assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 4);
     }
+}
+
+/// A call cancelled while it activates the object (a request timeout around `invoke`, here
+/// while cold storage does not answer) leaves no lease behind: the next call on this node gets
+/// the object at once instead of `LeaseHeld` by itself until the lease expires.
+#[tokio::test]
+async fn a_call_cancelled_while_activating_leaves_no_lease_behind() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with("a", Arc::new(w.hot.clone()), cold.clone(), settings());
+    let o = oid("o");
+    cold.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let cancelled = tokio::time::timeout(Duration::from_millis(50), incr(&rt, &o)).await;
+    assert!(cancelled.is_err(), "the activation waits on cold storage");
+    let held = w.hot.current(&o).await.expect("current").expect("the cancelled call took the lease");
+    assert_eq!(held.holder.as_str(), "a");
+    cold.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("the next call activates at once"), 1);
+    assert_eq!(incr(&rt, &o).await.expect("and keeps the object"), 2);
 }

@@ -135,6 +135,10 @@ pub(crate) struct Inner {
     settings: RuntimeSettings,
     ring: Option<parking_lot::RwLock<HashRing>>,
     slots: parking_lot::Mutex<HashMap<ObjectId, Arc<futures::lock::Mutex<Slot>>>>,
+    /// Leases a cancelled call (its future dropped) took or held but could neither keep in a
+    /// slot nor release; the next activation of the object releases them first, so this node
+    /// does not lock itself (and everyone) out of the object until they expire.
+    orphans: parking_lot::Mutex<HashMap<ObjectId, Lease>>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
     metrics: parking_lot::Mutex<RuntimeMetrics>,
@@ -218,6 +222,7 @@ impl ObjectRuntimeBuilder {
                 settings: self.settings,
                 ring: self.ring.map(parking_lot::RwLock::new),
                 slots: parking_lot::Mutex::new(HashMap::new()),
+                orphans: parking_lot::Mutex::new(HashMap::new()),
                 shutting_down: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
                 metrics: parking_lot::Mutex::new(RuntimeMetrics::default()),
@@ -507,19 +512,26 @@ impl ObjectRuntime {
                 }
             }
         }
+        let orphan = inner.orphans.lock().remove(object);
+        if let Some(lease) = orphan {
+            release_quietly(inner, &lease).await;
+        }
         let sw = Stopwatch::start(inner.clock.clone());
         let lease = self.acquire(object).await?;
+        let mut hand = LeaseInHand::new(inner, lease.clone());
         let mut active = Active { lease, last_used: now, lazy: None };
         let loading = Stopwatch::start(inner.clock.clone());
-        let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active).await {
+        let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active, &mut hand).await {
             Ok(r) => r,
             Err(e) => {
                 // Give the lease back: kept unreleased it would lock every node, this one
                 // included, out of the object until it expired.
                 release_quietly(inner, &active.lease).await;
+                hand.disarm();
                 return Err(e);
             }
         };
+        hand.disarm();
         let state_loading = loading.elapsed();
         slot.active = Some(active);
         let mut m = inner.metrics.lock();
@@ -562,7 +574,12 @@ impl ObjectRuntime {
 
     /// Decide whether the object needs recovery from cold storage and perform it per the
     /// restore mode. Returns (recovery, keys loaded, bytes loaded, snapshot).
-    async fn recover(&self, object: &ObjectId, active: &mut Active) -> Result<(Recovery, u64, u64, Option<i64>)> {
+    async fn recover(
+        &self,
+        object: &ObjectId,
+        active: &mut Active,
+        hand: &mut LeaseInHand<'_>,
+    ) -> Result<(Recovery, u64, u64, Option<i64>)> {
         let inner = &self.inner;
         let mut raised = false;
         let (info, hot_has_state, wm) = loop {
@@ -598,6 +615,7 @@ impl ObjectRuntime {
                 inner.hot.write(object, wm.token, floor).await?;
                 release_quietly(inner, &active.lease).await;
                 active.lease = self.acquire(object).await?;
+                hand.replace(active.lease.clone());
                 raised = true;
                 continue;
             }
@@ -793,7 +811,9 @@ impl ObjectRuntime {
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
         self.ensure_active(object, &mut slot).await?;
-        let mut active = slot.active.take().expect("active");
+        // The object stays in its slot while draining (the hot state is intact whatever
+        // happens, a cancelled call included).
+        let active = slot.active.as_mut().expect("active");
         let token = active.lease.token;
         let drained = async {
             if active.lazy.is_some() {
@@ -803,17 +823,21 @@ impl ObjectRuntime {
         }
         .await;
         if let Err(e) = drained {
-            // The hot state is intact: keep the object active for the next call, unless the
-            // lease is gone.
-            if !lease_gone(&e) {
-                slot.active = Some(active);
+            // Keep the object active for the next call, unless the lease is gone.
+            if lease_gone(&e) {
+                slot.active = None;
+            } else {
                 self.after_call(&mut slot).await;
             }
             return Err(e);
         }
+        // From here the hot state may go: never run on it under this activation again.
+        let active = slot.active.take().expect("active");
+        let hand = LeaseInHand::new(&self.inner, active.lease.clone());
         if let Err(e) = self.inner.hot.evict(object, token).await {
             if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidInput) {
                 // Refused, so nothing was dropped: still active.
+                hand.disarm();
                 slot.active = Some(active);
                 self.after_call(&mut slot).await;
             } else {
@@ -821,11 +845,13 @@ impl ObjectRuntime {
                 // run on it again under this activation. The next call activates afresh and
                 // recovers from cold if the state was dropped.
                 release_quietly(&self.inner, &active.lease).await;
+                hand.disarm();
             }
             return Err(e);
         }
         // Evicted: a failed release only means the lease runs out on its own.
         release_quietly(&self.inner, &active.lease).await;
+        hand.disarm();
         self.inner.metrics.lock().evictions += 1;
         Ok(())
     }
@@ -874,7 +900,7 @@ impl ObjectRuntime {
             if now.since(active.last_used) >= inner.settings.keep_warm {
                 let lease = active.lease.clone();
                 guard.active = None;
-                let _ = inner.guard.release(&lease).await;
+                release_quietly(inner, &lease).await;
             } else if active.lease.remaining_at(now) <= inner.settings.lease_ttl * 2 / 3 {
                 match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
                     Ok(l) => active.lease = l,
@@ -1095,8 +1121,42 @@ fn lease_gone(e: &Error) -> bool {
 
 /// Give `lease` back; a failure only means it runs out on its own (logged).
 async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
+    let hand = LeaseInHand::new(inner, lease.clone());
     if let Err(e) = inner.guard.release(lease).await {
         tracing::warn!(object = %lease.object, error = %e, "dotdo lease release failed; it will expire");
+    }
+    hand.disarm();
+}
+
+/// A lease between being taken and being kept in a slot (or given back). If the future holding
+/// it is dropped first (a cancelled call), the lease goes to [`Inner::orphans`] for the next
+/// activation of the object to release.
+struct LeaseInHand<'a> {
+    inner: &'a Inner,
+    lease: Option<Lease>,
+}
+
+impl<'a> LeaseInHand<'a> {
+    fn new(inner: &'a Inner, lease: Lease) -> Self {
+        LeaseInHand { inner, lease: Some(lease) }
+    }
+
+    /// The holder now holds `lease` instead (a re-acquire).
+    fn replace(&mut self, lease: Lease) {
+        self.lease = Some(lease);
+    }
+
+    /// The lease was kept or given back.
+    fn disarm(mut self) {
+        self.lease = None;
+    }
+}
+
+impl Drop for LeaseInHand<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.inner.orphans.lock().insert(lease.object.clone(), lease);
+        }
     }
 }
 
