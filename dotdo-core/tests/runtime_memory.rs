@@ -960,3 +960,47 @@ async fn a_call_cancelled_while_activating_leaves_no_lease_behind() {
     assert_eq!(incr(&rt, &o).await.expect("the next call activates at once"), 1);
     assert_eq!(incr(&rt, &o).await.expect("and keeps the object"), 2);
 }
+
+/// A drain never truncates hot changes that cold skipped as replays when cold holds different
+/// changes at those sequence numbers: a hot store rolled back behind cold, activated while cold
+/// was unreachable, and written again must not lose those writes as "replays". `Corrupt`, and
+/// hot keeps them.
+#[tokio::test]
+async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    for _ in 0..3 {
+        incr(&a, &o).await.expect("incr");
+    }
+    a.flush(&o).await.expect("cold has seqs 1..3");
+    a.shutdown().await.expect("shutdown");
+    // The hot store comes back from an old backup: only seq 1.
+    let rolled_back = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
+    let l = rolled_back.acquire(&o, &NodeId::new("a").expect("valid"), TTL).await.expect("acquire");
+    rolled_back.put(&o, l.token, "T", "n", Bytes::from("1")).await.expect("seq 1");
+    rolled_back.release(&l).await.expect("release");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(rolled_back.clone()))
+        .with_guard(Arc::new(rolled_back.clone()))
+        .with_cold_sink(cold.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime");
+    // Cold is unreachable while the object activates: it runs from hot alone.
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+        t.put("x", "1")?;
+        t.put("y", "2")
+    })
+    .await
+    .expect("acknowledged");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let e = rt.flush(&o).await.expect_err("cold holds other changes at seqs 2 and 3");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let info = rolled_back.object_info(&o).await.expect("info").expect("object");
+    assert_eq!(info.truncated_through, 0, "nothing truncated");
+    assert_eq!(rolled_back.get(&o, "x").await.expect("get").as_deref(), Some(&b"1"[..]));
+}

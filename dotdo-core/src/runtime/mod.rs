@@ -589,7 +589,8 @@ impl ObjectRuntime {
                 Ok(wm) => wm,
                 // The checks against cold below are a safety net for a hot store that lost
                 // state; an unreachable cold store does not keep an object with hot state from
-                // running (a later activation compares what it wrote meanwhile with cold).
+                // running (its drains, and a later activation, compare what it wrote meanwhile
+                // with cold).
                 Err(e) if hot_has_state && e.is_retryable() => {
                     tracing::warn!(object = %object, error = %e, "dotdo: cold watermark unavailable; activating from hot state");
                     return Ok((Recovery::Hot, 0, 0, None));
@@ -780,6 +781,12 @@ impl ObjectRuntime {
             }
             let n = batch.record_count() as u64;
             let commit = append_resolving(inner, batch.clone()).await?;
+            if commit.records_skipped > 0 {
+                for oc in &batch.objects {
+                    let after = oc.records.first().map_or(0, |r| r.seq.saturating_sub(1));
+                    check_skipped(inner, &oc.object, after, &commit).await?;
+                }
+            }
             for oc in &batch.objects {
                 let through = commit.watermarks.get(&oc.object).map_or(0, |w| w.through);
                 inner.hot.truncate_changes(&oc.object, oc.token, through).await?;
@@ -1201,6 +1208,18 @@ async fn check_pending_against_cold(inner: &Arc<Inner>, object: &ObjectId, after
     Ok(())
 }
 
+/// A drain's commit skipped records as already in cold (replays): before they are truncated
+/// from hot, check that cold holds the same changes at those sequence numbers. Differing ones
+/// mean hot and cold diverged (a hot store rolled back behind cold and written again while cold
+/// was unreachable at activation): `Corrupt`, and nothing is truncated, instead of dropping
+/// acknowledged writes as replays.
+async fn check_skipped(inner: &Arc<Inner>, object: &ObjectId, after: Seq, commit: &crate::ColdCommit) -> Result<()> {
+    match commit.watermarks.get(object) {
+        Some(wm) => check_pending_against_cold(inner, object, after, wm).await,
+        None => Ok(()),
+    }
+}
+
 /// Append with the exactly-once rules: on an unknown outcome, retry the same batch (the sink
 /// skips what it already has).
 async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<crate::ColdCommit> {
@@ -1232,6 +1251,9 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
             return Err(Error::fenced(object, token, newer));
         }
         let commit = append_resolving(inner, ColdBatch::single(object.clone(), token, records)).await?;
+        if commit.records_skipped > 0 {
+            check_skipped(inner, object, info.truncated_through, &commit).await?;
+        }
         let through: Seq = commit.watermarks.get(object).map_or(0, |w| w.through);
         inner.hot.truncate_changes(object, token, through).await?;
         report.commits += u64::from(commit.snapshot.is_some());
