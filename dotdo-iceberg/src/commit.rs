@@ -321,7 +321,14 @@ impl IcebergColdStore {
         rewritten.written.push(list_path.clone());
 
         let parent_props = head.map(|h| h.summary().additional_properties.clone()).unwrap_or_default();
-        let mut props: std::collections::HashMap<String, String> = parent_props
+        // The `dotdo.*` state carries over from the nearest dotdo snapshot (the parent, unless
+        // another engine wrote it).
+        let base = match head {
+            Some(h) => crate::summary::dotdo_base(md, h)?,
+            None => None,
+        };
+        let base_props = base.map(|b| b.summary().additional_properties.clone()).unwrap_or_default();
+        let mut props: std::collections::HashMap<String, String> = base_props
             .iter()
             .filter(|(k, _)| {
                 k.starts_with("dotdo.")

@@ -235,13 +235,17 @@ struct FileRead {
 }
 
 impl IcebergColdStore {
-    /// The full watermarks of `snapshot` (checkpoint file + inline), and the inline part and
-    /// checkpoint location it was built from.
+    /// The full watermarks of `snapshot` of the table `md` (checkpoint file + inline), and the
+    /// inline part and checkpoint location it was built from. A snapshot another engine wrote
+    /// has the watermarks of its nearest dotdo ancestor ([`crate::summary::dotdo_base`]).
     pub(crate) async fn watermarks_of(
         &self,
+        md: &iceberg::spec::TableMetadata,
         snapshot: Option<&SnapshotRef>,
     ) -> Result<(crate::summary::Watermarks, crate::summary::Watermarks, Option<String>)> {
         let Some(s) = snapshot else { return Ok(Default::default()) };
+        let Some(s) = crate::summary::dotdo_base(md, s)? else { return Ok(Default::default()) };
+        let s = &s;
         let inline = crate::summary::inline_watermarks(s)?;
         let Some(cp) = crate::summary::checkpoint(s) else { return Ok((inline.clone(), inline, None)) };
         let base = self.checkpoint_file(cp).await?;
@@ -253,9 +257,14 @@ impl IcebergColdStore {
     /// The watermark of one object in `snapshot`, reading the checkpoint only if needed.
     pub(crate) async fn watermark_in(
         &self,
+        md: &iceberg::spec::TableMetadata,
         snapshot: &SnapshotRef,
         object: &ObjectId,
     ) -> Result<dotdo_core::Watermark> {
+        let Some(snapshot) = crate::summary::dotdo_base(md, snapshot)? else {
+            return Ok(dotdo_core::Watermark::default());
+        };
+        let snapshot = &snapshot;
         if let Some(w) = crate::summary::inline_watermarks(snapshot)?.get(object) {
             return Ok(*w);
         }

@@ -802,7 +802,7 @@ impl IcebergColdStore {
                 if let Some(s) = Self::find_commit(&table, &commit_id, since) {
                     // An attempt whose reply was lost did land; report it.
                     let parent = s.parent_snapshot_id().and_then(|p| table.metadata().snapshot_by_id(p)).cloned();
-                    let (parent_wm, _, _) = self.watermarks_of(parent.as_ref()).await?;
+                    let (parent_wm, _, _) = self.watermarks_of(table.metadata(), parent.as_ref()).await?;
                     let p = plan(batch, &parent_wm)?;
                     return Ok(Self::commit_result(&s, &p));
                 }
@@ -810,7 +810,7 @@ impl IcebergColdStore {
             first_head.get_or_insert(head.as_ref().map(|s| s.snapshot_id()));
             let mut head = head;
             let (prev_inline, prev_checkpoint, p) = loop {
-                let (prev, prev_inline, prev_checkpoint) = self.watermarks_of(head.as_ref()).await?;
+                let (prev, prev_inline, prev_checkpoint) = self.watermarks_of(table.metadata(), head.as_ref()).await?;
                 match plan(batch, &prev) {
                     Ok(p) => break (prev_inline, prev_checkpoint, p),
                     // The known table may be stale (another store committed since): a batch that
@@ -940,7 +940,7 @@ impl IcebergColdStore {
             let t = self.reload_for_resolution().await?;
             if let Some(s) = Self::find_commit(&t, &commit_id, first_head.flatten()) {
                 let parent = s.parent_snapshot_id().and_then(|p| t.metadata().snapshot_by_id(p)).cloned();
-                let (parent_wm, _, _) = self.watermarks_of(parent.as_ref()).await?;
+                let (parent_wm, _, _) = self.watermarks_of(t.metadata(), parent.as_ref()).await?;
                 return Ok(Self::commit_result(&s, &plan(batch, &parent_wm)?));
             }
         }
@@ -991,7 +991,7 @@ impl ColdSink for IcebergColdStore {
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
         let table = self.read_table().await?;
         match table.metadata().current_snapshot() {
-            Some(s) => self.watermark_in(s, object).await,
+            Some(s) => self.watermark_in(table.metadata(), s, object).await,
             None => Ok(Watermark::default()),
         }
     }
@@ -1022,7 +1022,7 @@ impl ColdSink for IcebergColdStore {
             // The snapshot's watermark, not only the highest seq still stored: a collapse may have
             // dropped an object's newest records (a delete and what it deleted), and a restore
             // must continue after the watermark, never reuse its sequence numbers.
-            through = through.max(self.watermark_in(s, object).await?.through);
+            through = through.max(self.watermark_in(table.metadata(), s, object).await?.through);
         }
         Ok(ColdState { entries, through, snapshot: snap.map(|s| s.snapshot_id()) })
     }

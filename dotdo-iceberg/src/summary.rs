@@ -39,6 +39,47 @@ pub const MAINTENANCE: &str = "dotdo.maintenance";
 /// Per-object watermarks.
 pub type Watermarks = BTreeMap<ObjectId, Watermark>;
 
+/// Whether `snapshot` was written by dotdo (its summary has `dotdo.*` properties; other engines'
+/// commits carry none over).
+pub fn is_dotdo(snapshot: &Snapshot) -> bool {
+    snapshot.summary().additional_properties.keys().any(|k| k.starts_with("dotdo."))
+}
+
+/// The snapshot whose `dotdo.*` properties (watermarks, checkpoint, stream marks) hold for
+/// `snapshot`'s table state: `snapshot` itself, or, if another engine wrote it (a Spark
+/// compaction, a PyIceberg append), its nearest ancestor written by dotdo. `None` if no
+/// ancestor was (only other engines wrote the table). `Corrupt` if the parent chain breaks at an
+/// expired snapshot before one is found: the watermarks cannot be known, and taking them as
+/// empty would let a stale committer through and write replays twice.
+pub fn dotdo_base(
+    md: &iceberg::spec::TableMetadata,
+    snapshot: &iceberg::spec::SnapshotRef,
+) -> Result<Option<iceberg::spec::SnapshotRef>> {
+    let mut s = snapshot.clone();
+    for _ in 0..=md.snapshots().len() {
+        if is_dotdo(&s) {
+            return Ok(Some(s));
+        }
+        let Some(parent) = s.parent_snapshot_id() else { return Ok(None) };
+        s = match md.snapshot_by_id(parent) {
+            Some(p) => p.clone(),
+            None => {
+                return Err(Error::corrupt(format!(
+                    "table {}: snapshot {} was written by another engine and its ancestors back to \
+                     the expired snapshot {parent} carry no dotdo watermarks",
+                    md.location(),
+                    snapshot.snapshot_id()
+                )))
+            }
+        };
+    }
+    Err(Error::corrupt(format!(
+        "table {}: the parent chain of snapshot {} loops",
+        md.location(),
+        snapshot.snapshot_id()
+    )))
+}
+
 /// Decode the inline watermarks of a snapshot (empty if the snapshot has none, e.g. written by
 /// another engine).
 pub fn inline_watermarks(snapshot: &Snapshot) -> Result<Watermarks> {

@@ -150,11 +150,15 @@ pub(crate) async fn write_user_files(
     w.close().await.map_err(|e| classify(e, what))
 }
 
-/// Stream marks recorded in a snapshot summary.
-fn marks(table: &Table) -> HashMap<String, u64> {
-    table
-        .metadata()
-        .current_snapshot()
+/// Stream marks recorded in the current snapshot's summary (or its nearest dotdo ancestor's, if
+/// another engine wrote it).
+fn marks(table: &Table) -> Result<HashMap<String, u64>> {
+    let md = table.metadata();
+    let base = match md.current_snapshot() {
+        Some(s) => crate::summary::dotdo_base(md, s)?,
+        None => None,
+    };
+    Ok(base
         .map(|s| {
             s.summary()
                 .additional_properties
@@ -162,7 +166,7 @@ fn marks(table: &Table) -> HashMap<String, u64> {
                 .filter_map(|(k, v)| Some((k.strip_prefix(MARK_PREFIX)?.to_string(), v.parse().ok()?)))
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default())
 }
 
 impl ArrowTable {
@@ -182,7 +186,7 @@ impl ArrowTable {
 
     /// The highest batch id committed by `stream` (0 if none).
     pub async fn last_batch(&self, stream: &str) -> Result<u64> {
-        Ok(marks(&self.load().await?).get(stream).copied().unwrap_or(0))
+        Ok(marks(&self.load().await?)?.get(stream).copied().unwrap_or(0))
     }
 
     /// Append `batches` as batch `batch_id` of `stream`, exactly once (see the module docs).
@@ -234,7 +238,7 @@ impl ArrowTable {
                 }
                 Err(e) => return Err(e),
             };
-            let mut m = marks(&table);
+            let mut m = marks(&table)?;
             if m.get(stream).copied().unwrap_or(0) >= batch_id {
                 return Ok(ArrowCommit { snapshot: None, rows: 0 });
             }

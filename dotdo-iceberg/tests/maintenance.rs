@@ -615,3 +615,46 @@ async fn time_travel_into_expired_history_is_not_found() {
     let st = cold.load_state(&o, dotdo_core::AsOf::Latest).await.expect("latest");
     assert_eq!(st.through, 3);
 }
+
+/// A snapshot another engine commits on top of dotdo's (no `dotdo.*` properties, as a Spark
+/// compaction or a PyIceberg append writes them) keeps dotdo's watermarks: replays are still
+/// skipped, a stale committer is still fenced, appends continue; and dotdo's next commit carries
+/// them on. Before, such a head read as "no watermarks" (every token 0, every object at seq 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_engines_snapshot_keeps_dotdos_watermarks() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let o = ObjectId::new("o").expect("id");
+    let first = ColdBatch::single(
+        o.clone(),
+        FencingToken::new(2),
+        vec![common::put(&o, 1, "k", "v1", 2), common::put(&o, 2, "k", "v2", 2)],
+    );
+    cold.append(first.clone()).await.expect("dotdo's commit");
+    let foreign = || async {
+        let table = cold.refresh().await.expect("table");
+        let tx = Transaction::new(&table);
+        let tx = tx
+            .fast_append()
+            .set_snapshot_properties([("engine".to_string(), "another".to_string())].into())
+            .apply(tx)
+            .expect("apply");
+        tx.commit(&*cold.catalog()).await.expect("another engine's commit");
+    };
+    foreign().await;
+    let head = cold.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
+    assert!(!head.summary().additional_properties.keys().any(|k| k.starts_with("dotdo.")), "a foreign head");
+    assert_eq!(cold.watermark(&o).await.expect("watermark").through, 2);
+    let replay = cold.append(first).await.expect("replay");
+    assert_eq!((replay.records_written, replay.records_skipped), (0, 2));
+    let stale = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 3, "k", "stale", 1)]);
+    let e = cold.append(stale).await.expect_err("a stale committer");
+    assert!(e.is_fenced(), "{e}");
+    let next = ColdBatch::single(o.clone(), FencingToken::new(2), vec![common::put(&o, 3, "k", "v3", 2)]);
+    assert_eq!(cold.append(next).await.expect("continues").records_written, 1);
+    foreign().await;
+    let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(cold.watermark(&o).await.expect("watermark").through, 3);
+}
