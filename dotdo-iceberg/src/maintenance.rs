@@ -114,7 +114,9 @@ impl IcebergColdStore {
     /// Delete files under the table's `data/` and `metadata/` directories that no snapshot,
     /// manifest or retained metadata file references and that are older than `retention` (by
     /// the store's clock against the store's last-modified time). Other tables that live under
-    /// this table's location are never touched. A `retention` below
+    /// this table's location (a table named `data` or `metadata` included) are never touched:
+    /// only files in this table's own layout are judged (metadata files directly in `metadata/`,
+    /// data files in `data/` or its `field=value` partition directories). A `retention` below
     /// [`Settings::min_cleanup_retention`](crate::Settings::min_cleanup_retention) (default 1
     /// hour) is `InvalidInput`: it could delete the files of a commit still in flight.
     pub async fn remove_unreferenced_files(&self, retention: Duration) -> Result<CleanupReport> {
@@ -164,11 +166,22 @@ impl IcebergColdStore {
                     // retained older snapshot that needs it lists it as live itself. A file
                     // removed less than `retention` ago is kept anyway: a reader (or a store
                     // with `refresh_reads` off) may still be scanning the snapshot before.
+                    // If the removing snapshot was itself expired since, the removal happened no
+                    // later than the first retained snapshot at or after the manifest's sequence
+                    // number: kept while that one is within the retention (or if there is none).
+                    let removed_by_expired = || {
+                        md.snapshots()
+                            .filter(|s| s.sequence_number() >= mf.sequence_number)
+                            .map(|s| summary::committed_at(s).as_micros())
+                            .min()
+                            .is_none_or(|at| at >= cutoff)
+                    };
                     for e in m.entries() {
                         let recently_removed = !e.is_alive()
-                            && e.snapshot_id()
-                                .and_then(|id| md.snapshot_by_id(id))
-                                .is_some_and(|s| summary::committed_at(s).as_micros() >= cutoff);
+                            && match e.snapshot_id().and_then(|id| md.snapshot_by_id(id)) {
+                                Some(s) => summary::committed_at(s).as_micros() >= cutoff,
+                                None => removed_by_expired(),
+                            };
                         if e.is_alive() || recently_removed {
                             add(e.data_file().file_path())?;
                         }
@@ -194,7 +207,7 @@ impl IcebergColdStore {
         }
         let mut report = CleanupReport { referenced: referenced.len(), ..Default::default() };
         for obj in listed {
-            if referenced.contains(obj.location.as_ref()) {
+            if referenced.contains(obj.location.as_ref()) || !own_layout(&prefix, &obj.location) {
                 continue;
             }
             if obj.last_modified.timestamp_micros() >= cutoff {
@@ -209,6 +222,23 @@ impl IcebergColdStore {
             }
         }
         Ok(report)
+    }
+}
+
+/// Whether `key` (under the table location `prefix`) is where this table's own files go:
+/// metadata files directly in `metadata/`, data files in `data/` or its Hive-style partition
+/// directories (`field=value`). Anything else there belongs to a table the catalog nested under
+/// this one (a table named `data` or `metadata` lives at `<location>/data`, its files in
+/// `<location>/data/data/` and `<location>/data/metadata/`) and is never judged here.
+fn own_layout(prefix: &object_store::path::Path, key: &object_store::path::Path) -> bool {
+    let Some(parts) = key.prefix_match(prefix) else { return false };
+    let parts: Vec<_> = parts.collect();
+    match parts.split_first() {
+        Some((dir, rest)) if dir.as_ref() == "metadata" => rest.len() == 1,
+        Some((dir, rest)) if dir.as_ref() == "data" => {
+            rest.split_last().is_some_and(|(_, dirs)| dirs.iter().all(|d| d.as_ref().contains('=')))
+        }
+        _ => false,
     }
 }
 

@@ -509,21 +509,35 @@ async fn cleanup_leaves_a_table_nested_under_the_location_alone() {
         .await
         .expect("append");
     let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-    let nested = cold.arrow_table(&["m", "changes"], "nested", schema.clone()).await.expect("nested table");
     let outer = cold.refresh().await.expect("refresh").metadata().location().to_string();
-    let inner = cold.catalog().load_table(nested.ident()).await.expect("load").metadata().location().to_string();
-    assert!(inner.starts_with(&outer), "{inner} under {outer}");
-    for id in 1..=3u64 {
-        let b =
-            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![id as i64])) as Arc<dyn Array>])
-                .expect("batch");
-        nested.append("s", id, vec![b]).await.expect("append nested");
+    // Tables named `data` and `metadata` live right in this table's own directories.
+    let mut nested_tables = Vec::new();
+    for name in ["nested", "data", "metadata"] {
+        let nested = cold.arrow_table(&["m", "changes"], name, schema.clone()).await.expect("nested table");
+        let inner = cold.catalog().load_table(nested.ident()).await.expect("load").metadata().location().to_string();
+        assert_eq!(inner, format!("{outer}/{name}"));
+        for id in 1..=3u64 {
+            let b = RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(Int64Array::from(vec![id as i64])) as Arc<dyn Array>],
+            )
+            .expect("batch");
+            nested.append("s", id, vec![b]).await.expect("append nested");
+        }
+        nested_tables.push(nested);
     }
     common::sleep(std::time::Duration::from_millis(20)).await;
     let clean = cold.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
-    assert!(clean.deleted.iter().all(|d| !d.contains("/nested/")), "{clean:?}");
-    let rows: usize = nested.read_all().await.expect("nested still readable").iter().map(|b| b.num_rows()).sum();
-    assert_eq!(rows, 3);
+    for name in ["nested", "data", "metadata"] {
+        for sub in ["data", "metadata"] {
+            let theirs = format!("{outer}/{name}/{sub}/");
+            assert!(clean.deleted.iter().all(|d| !d.starts_with(&theirs)), "{theirs}: {clean:?}");
+        }
+    }
+    for nested in &nested_tables {
+        let rows: usize = nested.read_all().await.expect("nested still readable").iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 3);
+    }
     assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
 }
 
@@ -561,6 +575,30 @@ async fn replaced_files_get_the_retention_period_from_the_compaction() {
     assert_eq!(clean.deleted.iter().filter(|d| d.ends_with(".parquet")).count(), 4, "{clean:?}");
     let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4]);
+
+    // Also when the compaction's own snapshot is expired too (an append after it, then expiry
+    // keeping one snapshot): the removal is no older than the append that followed it.
+    for s in 5..=8 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, s, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    clock.advance(hour * 2);
+    cold.compact(CompactOptions::default()).await.expect("second compaction");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 9, "k", "v", 1)]))
+        .await
+        .expect("append after the compaction");
+    clock.advance(Duration::from_millis(1));
+    cold.expire_snapshots(Duration::ZERO, 1).await.expect("expire the compaction's snapshot too");
+    let t = cold.refresh().await.expect("table");
+    assert_eq!(t.metadata().snapshots().count(), 1, "only the append after the compaction is left");
+    let kept = cold.remove_unreferenced_files(hour).await.expect("cleanup");
+    assert_eq!(kept.deleted.iter().filter(|d| d.ends_with(".parquet")).count(), 0, "{kept:?}");
+    clock.advance(hour * 2);
+    let clean = cold.remove_unreferenced_files(hour).await.expect("cleanup");
+    assert_eq!(clean.deleted.iter().filter(|d| d.ends_with(".parquet")).count(), 5, "{clean:?}");
+    let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
 }
 
 /// A cleanup retention below `Settings::min_cleanup_retention` (default 1 hour) is refused before
