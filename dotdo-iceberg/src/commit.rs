@@ -273,9 +273,10 @@ impl IcebergColdStore {
                 };
                 let df = e.data_file().clone();
                 if removed.contains(df.file_path()) {
+                    // Counts come from manifests: saturate rather than overflow on damaged ones.
                     out.removed_files += 1;
-                    out.removed_records += df.record_count();
-                    out.removed_bytes += df.file_size_in_bytes();
+                    out.removed_records = out.removed_records.saturating_add(df.record_count());
+                    out.removed_bytes = out.removed_bytes.saturating_add(df.file_size_in_bytes());
                     w.add_delete_file(df, data_seq, Some(file_seq))
                 } else {
                     w.add_existing_file(df, added_in, data_seq, Some(file_seq))
@@ -342,8 +343,8 @@ impl IcebergColdStore {
         let at = self.inner.clock.now().max(parent_at);
         props.insert(crate::summary::COMMIT_ID.to_string(), uuid::Uuid::new_v4().to_string());
         props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
-        let added_records: u64 = added.iter().map(|f| f.record_count()).sum();
-        let added_bytes: u64 = added.iter().map(|f| f.file_size_in_bytes()).sum();
+        let added_records: u64 = added.iter().fold(0u64, |a, f| a.saturating_add(f.record_count()));
+        let added_bytes: u64 = added.iter().fold(0u64, |a, f| a.saturating_add(f.file_size_in_bytes()));
         let total = |key: &str, plus: u64, minus: u64| -> Option<String> {
             let before: u64 = parent_props.get(key)?.parse().ok()?;
             Some(before.saturating_add(plus).saturating_sub(minus).to_string())

@@ -374,7 +374,7 @@ impl IcebergColdStore {
         emit(Progress::Planned {
             groups: groups.len(),
             files: groups.iter().map(Vec::len).sum(),
-            bytes: groups.iter().flatten().map(|f| f.size).sum(),
+            bytes: groups.iter().flatten().fold(0u64, |a, f| a.saturating_add(f.size)),
         });
         let target = usize::try_from(target).unwrap_or(usize::MAX);
         let mut removed: HashSet<String> = HashSet::new();
@@ -398,7 +398,8 @@ impl IcebergColdStore {
                     return Err(e.context(&what));
                 }
             };
-            let bytes_in: u64 = group.iter().map(|f| f.size).sum();
+            // Sizes come from manifests: saturate rather than overflow on damaged ones.
+            let bytes_in: u64 = group.iter().fold(0u64, |a, f| a.saturating_add(f.size));
             let bytes_out: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
             report.records_read += read;
             report.records_written += files.iter().map(|f| f.record_count()).sum::<u64>();
@@ -633,11 +634,11 @@ fn plan_bins(live: Vec<LiveFile>, options: &CompactOptions) -> Vec<Vec<LiveFile>
         let mut bin: Vec<LiveFile> = Vec::new();
         let mut bytes = 0u64;
         for f in files {
-            if !bin.is_empty() && bytes + f.size > options.target_file_size {
+            if !bin.is_empty() && bytes.saturating_add(f.size) > options.target_file_size {
                 groups.push(std::mem::take(&mut bin));
                 bytes = 0;
             }
-            bytes += f.size;
+            bytes = bytes.saturating_add(f.size);
             bin.push(f);
         }
         groups.push(bin);
