@@ -11,7 +11,8 @@
 //!    prefixes preloaded, the rest lazily);
 //! 3. the handler reads and writes through an [`ObjectTxn`]; its writes commit as one atomic,
 //!    fenced batch when it returns `Ok`;
-//! 4. during a long handler the lease is renewed; if renewal fails before expiry the handler is
+//! 4. during a long handler the lease is renewed; if the lease is lost, or renewal keeps failing
+//!    (transient failures are retried with backoff) until the lease expires, the handler is
 //!    abandoned and nothing is written (self-fencing);
 //! 5. the lease is released or kept warm for the next call; the change log is drained to cold
 //!    storage exactly once by [`flush`](ObjectRuntime::flush) / [`flush_all`](ObjectRuntime::flush_all)
@@ -172,8 +173,9 @@ impl ObjectRuntimeBuilder {
         self.cold = Some(cold);
         self
     }
-    /// The accelerator used for lazy recovery reads (optional; without it lazy reads load the
-    /// object's cold state once).
+    /// The accelerator used for lazy recovery reads (optional; without it every lazy read of a
+    /// key not yet cached loads the object's whole cold state, so give lazy and hybrid restores
+    /// an accelerator).
     pub fn with_accelerator(mut self, accel: Arc<dyn IndexAccelerator>) -> Self {
         self.accel = Some(accel);
         self
