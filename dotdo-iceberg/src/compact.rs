@@ -489,8 +489,10 @@ impl IcebergColdStore {
         }
         let err = last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left")));
         if maybe_landed {
-            // A committed snapshot stays in the ancestry of the head: not found there means no
-            // attempt landed. Unreadable means unknown, and nothing is deleted.
+            // Look for the commit in the ancestry of the head. Not found there does not prove
+            // that no attempt landed: a concurrent writer can append on top of it and expire it
+            // meanwhile, with its files live in the head. So after an unknown outcome the files
+            // are never deleted here; cleanup removes them once no snapshot references them.
             let mut resolved = None;
             for i in 0..4u32 {
                 match self.reload(&ident).await {
@@ -512,6 +514,10 @@ impl IcebergColdStore {
             if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
                 return Ok(landed(&s, report));
             }
+            return Err(err.context(format!(
+                "{what}: an attempt's outcome was unknown; its {} new files are left to cleanup",
+                added.len()
+            )));
         }
         self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
         Err(err)
