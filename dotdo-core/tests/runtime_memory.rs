@@ -1004,3 +1004,22 @@ async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
     assert_eq!(info.truncated_through, 0, "nothing truncated");
     assert_eq!(rolled_back.get(&o, "x").await.expect("get").as_deref(), Some(&b"1"[..]));
 }
+
+/// A warm lease that lapsed because nothing renewed it (no `maintain`, `keep_warm` longer than
+/// the TTL) does not make `flush_all` or `shutdown` skip the object's changes: it takes the object
+/// again and drains it; an object another node holds now is left to that node.
+#[tokio::test]
+async fn flush_all_retakes_a_lapsed_warm_lease_and_drains_it() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    incr(&rt, &oid("lapsed")).await.expect("incr");
+    incr(&rt, &oid("taken")).await.expect("incr");
+    w.clock.advance(TTL + Duration::from_millis(1));
+    let b = w.hot.acquire(&oid("taken"), &NodeId::new("b").expect("valid"), TTL).await.expect("b takes one");
+    let r = rt.shutdown().await.expect("shutdown");
+    assert_eq!((r.records, r.objects), (1, 1), "{r:?}");
+    assert_eq!(w.cold.watermark(&oid("lapsed")).await.expect("wm").through, 1);
+    assert_eq!(w.cold.watermark(&oid("taken")).await.expect("wm").through, 0, "left to b");
+    assert!(w.hot.is_available(&oid("lapsed")).await.expect("available"), "released at shutdown");
+    assert_eq!(w.hot.current(&oid("taken")).await.expect("current"), Some(b));
+}

@@ -744,6 +744,21 @@ impl ObjectRuntime {
                     let token = a.lease.token;
                     held.push((object, token, guard));
                 }
+                // Lapsed (a warm lease nobody renewed: no `maintain` ran): take the object again
+                // and drain it, unless another holder has it now.
+                Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
+                    guard.active = None;
+                    match self.ensure_active(&object, &mut guard).await {
+                        Ok(()) => {
+                            let token =
+                                guard.active.as_ref().expect("ensure_active leaves the object active").lease.token;
+                            held.push((object, token, guard));
+                        }
+                        Err(e) => {
+                            tracing::info!(object = %object, error = %e, "dotdo flush_all: lapsed lease not retaken; skipped");
+                        }
+                    }
+                }
                 Err(e) if lease_gone(&e) => {
                     tracing::info!(object = %object, error = %e, "dotdo flush_all: lease no longer held; skipped");
                     guard.active = None;
