@@ -486,9 +486,8 @@ impl IcebergColdStore {
     /// Keep `t` as the newest known table unless a newer one is already known.
     pub(crate) fn remember(&self, t: &Table) {
         let mut cur = self.inner.table.lock();
-        let newer = t.metadata().last_updated_ms() >= cur.metadata().last_updated_ms()
-            || t.metadata().last_sequence_number() > cur.metadata().last_sequence_number();
-        if newer {
+        // A different table (dropped and created again) always replaces the old one.
+        if t.metadata().uuid() != cur.metadata().uuid() || version_key(t) >= version_key(&cur) {
             *cur = t.clone();
         }
     }
@@ -1076,6 +1075,21 @@ pub(crate) fn ancestors(md: &iceberg::spec::TableMetadataRef, head: i64) -> Resu
     Ok(chain)
 }
 
+/// How new a table version is: its last sequence number (every snapshot raises it), then the
+/// version number of its metadata file (every commit raises it, metadata-only ones too), then
+/// its last-updated time. Wall-clock times alone can order versions wrongly: another writer's
+/// clock may lag (iceberg allows a minute) and two commits can share a millisecond.
+fn version_key(t: &Table) -> (i64, i64, i64) {
+    let md = t.metadata();
+    (md.last_sequence_number(), metadata_version(t.metadata_location()).unwrap_or(-1), md.last_updated_ms())
+}
+
+/// The version number `NNNNN` of a metadata file `.../metadata/NNNNN-<uuid>.metadata.json`.
+fn metadata_version(location: Option<&str>) -> Option<i64> {
+    let name = location?.rsplit('/').next()?;
+    name.split('-').next()?.parse().ok()
+}
+
 /// Wait `d` before a retry: always real time, never the store's clock, which may be a test's
 /// `ManualClock` that moves only when told to (a retry would then wait forever; the conformance
 /// kit's rule for backends).
@@ -1086,6 +1100,13 @@ pub(crate) async fn retry_pause(d: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_versions_are_read_from_the_file_name() {
+        assert_eq!(metadata_version(Some("file:///w/t/metadata/00012-3f2a.metadata.json")), Some(12));
+        assert_eq!(metadata_version(Some("s3://b/t/metadata/v3.metadata.json")), None);
+        assert_eq!(metadata_version(None), None);
+    }
 
     #[test]
     fn string_chunks_cover_every_row_in_order_within_the_budget() {
