@@ -238,6 +238,17 @@ impl ArrowTable {
                 }
                 Err(e) => return Err(e),
             };
+            // Another handle may have changed the schema since this one was opened: files must
+            // be written under the schema the batches have (the Parquet writer takes the table's).
+            let current = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
+                .map_err(|e| classify(e, &what))?;
+            if current != *self.iceberg_arrow {
+                return Err(Error::invalid(format!(
+                    "{what}: the table's schema changed since this handle was opened (now {:?}); open \
+                     the table again with the new schema",
+                    current.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>()
+                )));
+            }
             let mut m = marks(&table)?;
             if m.get(stream).copied().unwrap_or(0) >= batch_id {
                 return Ok(ArrowCommit { snapshot: None, rows: 0 });

@@ -356,7 +356,17 @@ async fn user_table_schema_evolution_reads_old_files() {
     assert_eq!(t.widen_column("nope", DataType::Int64).await.expect_err("missing").kind(), &ErrorKind::InvalidInput);
     assert_eq!(t.add_column("id", DataType::Utf8).await.expect_err("exists").kind(), &ErrorKind::InvalidInput);
 
+    let stale = t.clone();
     let t = t.add_column("note", DataType::Utf8).await.expect("add column");
+    // A handle opened before the change is refused (it said Corrupt: "cannot decode").
+    let old_shape = RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(Int32Array::from(vec![3])), Arc::new(Float32Array::from(vec![Some(1.0)]))],
+    )
+    .expect("batch");
+    let e = stale.append("s", 9, vec![old_shape]).await.expect_err("stale handle");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("schema changed"), "{e}");
     let t = t.widen_column("id", DataType::Int64).await.expect("widen id");
     let t = t.widen_column("score", DataType::Float64).await.expect("widen score");
     let new_schema = t.schema();
