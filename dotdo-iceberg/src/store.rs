@@ -56,7 +56,9 @@ pub struct Settings {
     /// Reload the table from the catalog before each read and `watermark` call (default true),
     /// so reads see other writers' commits (with a SQL catalog only the table pointer is read
     /// when nothing changed). With `false` a store sees only its own commits until it commits
-    /// again or [`IcebergColdStore::refresh`] is called.
+    /// again or [`IcebergColdStore::refresh`] is called; and if another process's maintenance
+    /// expires the state it holds and cleans up its files (after the cleanup retention), its
+    /// reads fail with `Corrupt` naming a missing file until it refreshes.
     pub refresh_reads: bool,
     /// Name of the catalog (the SQL catalog's `catalog_name` column; default `"dotdo"`).
     pub catalog_name: String,
