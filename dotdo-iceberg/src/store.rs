@@ -771,6 +771,33 @@ impl IcebergColdStore {
         tx.commit(&PinnedCatalog { inner: &*self.inner.catalog, table: table.clone() }).await
     }
 
+    /// The result of our commit `s`, found in `table` after an unknown outcome: planned against
+    /// its parent's watermarks, or, if the parent was expired meanwhile (its watermarks unknown),
+    /// taken from `s` itself (its added records and its watermarks of the batch's objects). A
+    /// commit that landed is never reported as failed.
+    async fn landed_result(&self, table: &Table, s: &SnapshotRef, batch: &ColdBatch) -> Result<ColdCommit> {
+        let md = table.metadata();
+        let parent = s.parent_snapshot_id().and_then(|p| md.snapshot_by_id(p)).cloned();
+        if parent.is_some() || s.parent_snapshot_id().is_none() {
+            let (parent_wm, _, _) = self.watermarks_of(md, parent.as_ref()).await?;
+            if let Ok(p) = plan(batch, &parent_wm) {
+                return Ok(Self::commit_result(s, &p));
+            }
+        }
+        let (marks, _, _) = self.watermarks_of(md, Some(s)).await?;
+        let written = summary::added_records(s);
+        Ok(ColdCommit {
+            snapshot: Some(s.snapshot_id()),
+            records_written: written,
+            records_skipped: (batch.record_count() as u64).saturating_sub(written),
+            watermarks: batch
+                .objects
+                .iter()
+                .filter_map(|oc| marks.get(&oc.object).map(|w| (oc.object.clone(), *w)))
+                .collect(),
+        })
+    }
+
     fn commit_result(snapshot: &SnapshotRef, plan: &Plan) -> ColdCommit {
         ColdCommit {
             snapshot: Some(snapshot.snapshot_id()),
@@ -802,10 +829,7 @@ impl IcebergColdStore {
                 let since = first_head.flatten();
                 if let Some(s) = Self::find_commit(&table, &commit_id, since) {
                     // An attempt whose reply was lost did land; report it.
-                    let parent = s.parent_snapshot_id().and_then(|p| table.metadata().snapshot_by_id(p)).cloned();
-                    let (parent_wm, _, _) = self.watermarks_of(table.metadata(), parent.as_ref()).await?;
-                    let p = plan(batch, &parent_wm)?;
-                    return Ok(Self::commit_result(&s, &p));
+                    return self.landed_result(&table, &s, batch).await;
                 }
             }
             first_head.get_or_insert(head.as_ref().map(|s| s.snapshot_id()));
@@ -940,9 +964,7 @@ impl IcebergColdStore {
             // A final read-back: did an attempt land after all?
             let t = self.reload_for_resolution().await?;
             if let Some(s) = Self::find_commit(&t, &commit_id, first_head.flatten()) {
-                let parent = s.parent_snapshot_id().and_then(|p| t.metadata().snapshot_by_id(p)).cloned();
-                let (parent_wm, _, _) = self.watermarks_of(t.metadata(), parent.as_ref()).await?;
-                return Ok(Self::commit_result(&s, &plan(batch, &parent_wm)?));
+                return self.landed_result(&t, &s, batch).await;
             }
         }
         match last {
