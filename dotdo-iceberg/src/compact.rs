@@ -428,6 +428,7 @@ impl IcebergColdStore {
             (summary::COMMIT_ID.to_string(), commit_id.clone()),
             (summary::MAINTENANCE.to_string(), op_name.to_string()),
         ];
+        let written_under = base.metadata().default_partition_spec_id();
         let mut table = base;
         let attempts = self.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
@@ -437,7 +438,7 @@ impl IcebergColdStore {
         let landed = |s: &iceberg::spec::SnapshotRef, mut report: RewriteReport| {
             report.snapshot = Some(s.snapshot_id());
             report.files_added = added.len() as u64;
-            report.bytes_written = added.iter().map(|f| f.file_size_in_bytes()).sum();
+            report.bytes_written = added.iter().fold(0u64, |a, f| a.saturating_add(f.file_size_in_bytes()));
             report.elapsed = elapsed(started, self.inner.clock.now());
             emit(Progress::Committed { snapshot: s.snapshot_id() });
             report
@@ -446,7 +447,19 @@ impl IcebergColdStore {
             report.attempts = attempt;
             let sid = commit::new_snapshot_id(&table);
             let seq = table.metadata().next_sequence_number();
-            let outcome = match self.rewrite_manifests(&table, sid, seq, &removed, &added).await {
+            // The new files carry partition values of the spec they were written under: never
+            // file them under another (an engine evolved the spec meanwhile).
+            let spec_now = table.metadata().default_partition_spec_id();
+            let rewritten = if spec_now == written_under {
+                self.rewrite_manifests(&table, sid, seq, &removed, &added).await
+            } else {
+                Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("{what}: the partition spec changed from {written_under} to {spec_now} during the rewrite"),
+                )
+                .with_retryable(false))
+            };
+            let outcome = match rewritten {
                 Ok(rw) => {
                     report.files_removed = rw.removed_files;
                     report.bytes_read = rw.removed_bytes;

@@ -374,3 +374,63 @@ async fn reads_stay_complete_after_another_engine_evolves_the_partition_spec() {
         .expect_err("mixed specs");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
+
+/// A compaction during which another engine evolves the partition spec fails with `Conflict`
+/// and commits nothing: its new files carry the old spec's partition values, which must never be
+/// filed under the new spec (reads would prune rows away). Every record stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_racing_a_partition_spec_change_commits_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some(python) = common::python("a_compaction_racing_a_partition_spec_change_commits_nothing") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["interop"], "racing")
+        .build()
+        .await
+        .expect("open");
+    let objects: Vec<ObjectId> = (0..20).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+    for seq in 1..=3u64 {
+        let batch = ColdBatch {
+            objects: objects
+                .iter()
+                .map(|o| ObjectChanges {
+                    object: o.clone(),
+                    token: FencingToken::new(1),
+                    records: vec![rec(o, seq, "k", Some(b"v"), 1)],
+                })
+                .collect(),
+        };
+        cold.append(batch).await.expect("append");
+    }
+    let evolved = Arc::new(AtomicBool::new(false));
+    let (flag, db, warehouse) = (evolved.clone(), dir.path().join("catalog.db"), cold.warehouse().to_string());
+    let progress: dotdo_iceberg::ProgressFn = Arc::new(move |p: &dotdo_iceberg::Progress| {
+        if matches!(p, dotdo_iceberg::Progress::GroupWritten { .. }) && !flag.swap(true, Ordering::SeqCst) {
+            let out = std::process::Command::new(&python)
+                .arg(common::py_dir().join("evolve_spec.py"))
+                .arg(&db)
+                .arg(&warehouse)
+                .arg("interop.racing")
+                .output()
+                .expect("run evolve_spec.py");
+            assert!(out.status.success(), "evolve_spec.py: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    });
+    let options = dotdo_iceberg::CompactOptions { progress: Some(progress), ..Default::default() };
+    let e = cold.compact(options).await.expect_err("the spec changed under the rewrite");
+    assert!(evolved.load(Ordering::SeqCst), "the spec was evolved during the compaction");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["interop"], "racing")
+        .build()
+        .await
+        .expect("reopen");
+    for o in &objects {
+        let seqs: Vec<u64> =
+            fresh.read_changes(o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3], "{o}");
+    }
+}
