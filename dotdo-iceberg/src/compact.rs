@@ -233,8 +233,9 @@ struct LiveFile {
 enum Mode {
     Compact,
     Collapse(Timestamp),
-    /// Compaction of a user table ([`ArrowTable`](crate::ArrowTable)): rows keep their order,
-    /// read through iceberg's reader (old files projected to this schema) and written with it.
+    /// Compaction of a user table ([`ArrowTable`](crate::ArrowTable)): rows read through
+    /// iceberg's reader (old files projected to this schema; rows of one file stay in order,
+    /// files may interleave) and written with it.
     User(arrow_schema::SchemaRef),
 }
 

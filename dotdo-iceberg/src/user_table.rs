@@ -429,7 +429,8 @@ impl ArrowTable {
     }
 
     /// Compact the table's small files (bin-packed to [`CompactOptions::target_file_size`](crate::CompactOptions::target_file_size),
-    /// rows in their order, old files read through the current schema) into one `replace`
+    /// rows of each file in their order though files may interleave, old files read through the
+    /// current schema) into one `replace`
     /// snapshot that keeps every stream's batch marks, so exactly-once appends continue. Same
     /// protocol and catalog requirement as [`IcebergColdStore::compact`].
     pub async fn compact(&self, options: crate::CompactOptions) -> Result<crate::RewriteReport> {

@@ -363,7 +363,10 @@ impl ObjectRuntime {
     /// Run `handler` against `object`'s state; its writes are recorded with `type_name`.
     ///
     /// Calls for one object are serialized within a runtime (one handler at a time, like a
-    /// durable object); across runtimes the lease guarantees it. Errors: `LeaseHeld` if another
+    /// durable object); across runtimes the lease guarantees it. A handler must therefore never
+    /// call `invoke`, `flush`, `evict` or `prefetch` on its own object (directly or through a
+    /// cycle of objects): that call waits for the handler itself, forever, while renewal keeps
+    /// the lease. Calls on other objects are fine. Errors: `LeaseHeld` if another
     /// node holds the lease (after `acquire_timeout`), `Fenced` / `LeaseLost` if the lease was
     /// lost, `Shutdown` during shutdown, the handler's own error (nothing written), or any store
     /// error.
