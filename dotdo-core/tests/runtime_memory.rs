@@ -33,6 +33,19 @@ impl World {
         self.runtime_with(node, Arc::new(self.hot.clone()), Arc::new(self.cold.clone()), settings)
     }
 
+    /// A runtime with its own hot store (a fault-injecting wrapper), the world's guard and
+    /// cold store, and no accelerator.
+    fn runtime_with_hot(&self, node: &str, hot: Arc<dyn HotStore>, settings: RuntimeSettings) -> ObjectRuntime {
+        ObjectRuntime::builder(NodeId::new(node).expect("valid"))
+            .with_hot_store(hot)
+            .with_guard(Arc::new(self.hot.clone()))
+            .with_cold_sink(Arc::new(self.cold.clone()))
+            .with_clock(Arc::new(self.clock.clone()))
+            .with_settings(settings)
+            .build()
+            .expect("build runtime")
+    }
+
     /// A runtime with its own guard and cold sink (fault-injecting wrappers); the accelerator
     /// stays the world's cold store.
     fn runtime_with(
@@ -857,14 +870,7 @@ async fn an_eviction_with_an_unknown_outcome_is_not_run_on() {
 async fn a_failed_commit_with_keep_warm_zero_releases_the_lease() {
     let w = World::new();
     let hot = Arc::new(FaultyHot::new(w.hot.clone()));
-    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(hot.clone())
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() })
-        .build()
-        .expect("build runtime");
+    let rt = w.runtime_with_hot("a", hot.clone(), RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("incr"), 1);
     assert_eq!(w.hot.current(&o).await.expect("current"), None, "released after the call");
@@ -907,14 +913,7 @@ async fn a_drain_never_ships_a_newer_holders_changes_under_its_old_token() {
     for flush_all in [false, true] {
         let w = World::new();
         let hot = Arc::new(FaultyHot::new(w.hot.clone()));
-        let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-            .with_hot_store(hot.clone())
-            .with_guard(Arc::new(w.hot.clone()))
-            .with_cold_sink(Arc::new(w.cold.clone()))
-            .with_clock(Arc::new(w.clock.clone()))
-            .with_settings(RuntimeSettings { flush_batch_records: 2, ..settings() })
-            .build()
-            .expect("build runtime");
+        let rt = w.runtime_with_hot("a", hot.clone(), RuntimeSettings { flush_batch_records: 2, ..settings() });
         let o = oid("o");
         for _ in 0..3 {
             incr(&rt, &o).await.expect("incr");

@@ -143,16 +143,7 @@ impl ArrowPipeline {
         {
             return Err(Error::invalid(format!("stream name {stream:?}: 1..=128 ASCII letters, digits, -_.")));
         }
-        if settings.capacity == 0
-            || settings.capacity_bytes == 0
-            || settings.roll_rows == 0
-            || settings.roll_bytes == 0
-            || settings.roll_interval.is_zero()
-        {
-            return Err(Error::invalid(
-                "capacity, capacity_bytes, roll_rows, roll_bytes and roll_interval must be positive",
-            ));
-        }
+        settings.validate()?;
         let mut buf = Buf::default();
         let log = match &settings.durability {
             Durability::Memory => None,

@@ -93,16 +93,7 @@ impl PipelineBuilder {
     /// Validate and open the buffer (replaying a durable log left by a previous process).
     pub fn build(self) -> Result<Pipeline> {
         let s = &self.settings;
-        if s.capacity == 0
-            || s.capacity_bytes == 0
-            || s.roll_rows == 0
-            || s.roll_bytes == 0
-            || s.roll_interval.is_zero()
-        {
-            return Err(Error::invalid(
-                "capacity, capacity_bytes, roll_rows, roll_bytes and roll_interval must be positive",
-            ));
-        }
+        s.validate()?;
         if self.routes.contains_key("") {
             return Err(Error::invalid("the empty route name is the default route"));
         }

@@ -71,6 +71,21 @@ impl Default for PipelineSettings {
 }
 
 impl PipelineSettings {
+    /// `InvalidInput` unless every capacity, threshold and interval is positive.
+    pub(crate) fn validate(&self) -> dotdo_core::Result<()> {
+        if self.capacity == 0
+            || self.capacity_bytes == 0
+            || self.roll_rows == 0
+            || self.roll_bytes == 0
+            || self.roll_interval.is_zero()
+        {
+            return Err(dotdo_core::Error::invalid(
+                "capacity, capacity_bytes, roll_rows, roll_bytes and roll_interval must be positive",
+            ));
+        }
+        Ok(())
+    }
+
     /// How often a roll loop checks whether a roll is due.
     pub(crate) fn tick(&self) -> Duration {
         (self.roll_interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))
