@@ -46,7 +46,10 @@ impl IcebergColdStore {
     /// keeping the newest `retain_last` (at least 1) snapshots. Deletes no files: run
     /// [`remove_unreferenced_files`](Self::remove_unreferenced_files) afterwards.
     ///
-    /// Watermarks survive expiry: each snapshot's summary holds all of them.
+    /// Watermarks survive expiry: each dotdo snapshot's summary holds all of them, and the chain
+    /// from the head (and from every tag) down to its nearest dotdo snapshot is kept when other
+    /// engines committed on top. Expiry run by another engine that removes that snapshot leaves
+    /// the watermarks unknown: dotdo then refuses the table as `Corrupt` rather than guess.
     pub async fn expire_snapshots(&self, older_than: Duration, retain_last: usize) -> Result<ExpireReport> {
         let what = format!("expiring snapshots of {}", self.table_ident());
         let attempts = self.inner.settings.max_commit_attempts;
@@ -64,11 +67,15 @@ impl IcebergColdStore {
                 .take(retain_last.max(1))
                 .map(|s| s.snapshot_id())
                 .collect();
+            // The head's dotdo watermarks may live in an ancestor (when other engines committed
+            // on top): keep the chain down to it, or the table's watermarks would be lost.
+            keep.extend(chain_to_dotdo_base(table.metadata(), head));
             // Snapshots other engines named (tags, and branches with their history) stay:
             // iceberg refuses to expire a ref's head, and a branch needs its ancestors.
             for (snapshot, is_branch) in other_refs(table.metadata(), &what)? {
                 if !is_branch {
                     keep.insert(snapshot);
+                    keep.extend(chain_to_dotdo_base(table.metadata(), snapshot));
                 } else if table.metadata().snapshot_by_id(snapshot).is_some() {
                     keep.extend(
                         crate::store::ancestors(&table.metadata_ref(), snapshot)?.iter().map(|s| s.snapshot_id()),
@@ -223,6 +230,24 @@ impl IcebergColdStore {
         }
         Ok(report)
     }
+}
+
+/// The ids from snapshot `id` down its parents to its nearest dotdo snapshot (both included),
+/// whose `dotdo.*` properties hold for it ([`summary::dotdo_base`]); as far as the chain goes.
+fn chain_to_dotdo_base(md: &iceberg::spec::TableMetadata, id: i64) -> Vec<i64> {
+    let mut out = Vec::new();
+    let mut next = md.snapshot_by_id(id).cloned();
+    while let Some(s) = next {
+        if out.len() > md.snapshots().len() {
+            break; // a parent cycle: damaged metadata, reported by the readers
+        }
+        out.push(s.snapshot_id());
+        if summary::is_dotdo(&s) {
+            break;
+        }
+        next = s.parent_snapshot_id().and_then(|p| md.snapshot_by_id(p)).cloned();
+    }
+    out
 }
 
 /// Whether `key` (under the table location `prefix`) is where this table's own files go:

@@ -705,4 +705,10 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks() {
     let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, [1, 2, 3]);
     assert_eq!(cold.watermark(&o).await.expect("watermark").through, 3);
+    // Expiry keeping only the (foreign) head keeps the dotdo snapshot its watermarks live in.
+    common::sleep(std::time::Duration::from_millis(5)).await;
+    cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    assert_eq!(cold.watermark(&o).await.expect("watermark after expiry").through, 3);
+    let next = ColdBatch::single(o.clone(), FencingToken::new(2), vec![common::put(&o, 4, "k", "v4", 2)]);
+    assert_eq!(cold.append(next).await.expect("appends continue after expiry").records_written, 1);
 }
