@@ -958,6 +958,16 @@ async fn a_call_cancelled_while_activating_leaves_no_lease_behind() {
     cold.hang.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(incr(&rt, &o).await.expect("the next call activates at once"), 1);
     assert_eq!(incr(&rt, &o).await.expect("and keeps the object"), 2);
+    // A lease left behind for an object this node is not called for again is released by the
+    // next maintenance round.
+    let other = oid("other");
+    cold.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let cancelled = tokio::time::timeout(Duration::from_millis(50), incr(&rt, &other)).await;
+    assert!(cancelled.is_err());
+    cold.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(!w.hot.is_available(&other).await.expect("available"), "held by the cancelled call");
+    rt.maintain().await.expect("maintain");
+    assert!(w.hot.is_available(&other).await.expect("available"), "released by maintain");
 }
 
 /// A drain never truncates hot changes that cold skipped as replays when cold holds different
@@ -1002,6 +1012,15 @@ async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
     let info = rolled_back.object_info(&o).await.expect("info").expect("object");
     assert_eq!(info.truncated_through, 0, "nothing truncated");
     assert_eq!(rolled_back.get(&o, "x").await.expect("get").as_deref(), Some(&b"1"[..]));
+    // flush_all drains the healthy objects in the same commits and still reports the diverged one.
+    let healthy = oid("healthy");
+    incr(&rt, &healthy).await.expect("incr");
+    let e = rt.flush_all().await.expect_err("the diverged object is reported");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert_eq!(rolled_back.object_info(&o).await.expect("info").expect("object").truncated_through, 0);
+    let info = rolled_back.object_info(&healthy).await.expect("info").expect("object");
+    assert!(!info.has_pending_changes(), "the healthy object was drained and truncated: {info:?}");
+    assert_eq!(w.cold.watermark(&healthy).await.expect("wm").through, 1);
 }
 
 /// A warm lease that lapsed because nothing renewed it (no `maintain`, `keep_warm` longer than
@@ -1011,12 +1030,18 @@ async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
 async fn flush_all_retakes_a_lapsed_warm_lease_and_drains_it() {
     let w = World::new();
     let rt = w.runtime("a", settings());
+    incr(&rt, &oid("idle")).await.expect("incr");
+    rt.flush(&oid("idle")).await.expect("nothing pending any more");
     incr(&rt, &oid("lapsed")).await.expect("incr");
     incr(&rt, &oid("taken")).await.expect("incr");
     w.clock.advance(TTL + Duration::from_millis(1));
     let b = w.hot.acquire(&oid("taken"), &NodeId::new("b").expect("valid"), TTL).await.expect("b takes one");
-    let r = rt.shutdown().await.expect("shutdown");
+    let r = rt.flush_all().await.expect("flush_all");
     assert_eq!((r.records, r.objects), (1, 1), "{r:?}");
+    assert!(w.hot.is_available(&oid("idle")).await.expect("available"), "nothing to drain: not retaken");
+    assert!(!w.hot.is_available(&oid("lapsed")).await.expect("available"), "retaken to drain");
+    let r = rt.shutdown().await.expect("shutdown");
+    assert_eq!(r.records, 0, "{r:?}");
     assert_eq!(w.cold.watermark(&oid("lapsed")).await.expect("wm").through, 1);
     assert_eq!(w.cold.watermark(&oid("taken")).await.expect("wm").through, 0, "left to b");
     assert!(w.hot.is_available(&oid("lapsed")).await.expect("available"), "released at shutdown");

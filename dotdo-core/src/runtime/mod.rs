@@ -727,8 +727,17 @@ impl ObjectRuntime {
 
     /// Drain the change logs of every object this runtime holds, batching many objects into each
     /// cold commit (fewer, larger snapshots). Objects with a call in progress are skipped and
-    /// counted in [`FlushReport::busy`].
+    /// counted in [`FlushReport::busy`]; an object whose warm lease lapsed is taken again if it
+    /// has changes to drain. An object whose skipped replays differ from cold's changes is left
+    /// untruncated while the others are drained, and its `Corrupt` is returned at the end.
+    /// `Shutdown` once [`shutdown`](Self::shutdown) has begun (it flushes itself).
     pub async fn flush_all(&self) -> Result<FlushReport> {
+        let _guard = self.enter()?;
+        self.flush_held().await
+    }
+
+    /// [`flush_all`](Self::flush_all) without the shutdown check (shutdown's own flush).
+    async fn flush_held(&self) -> Result<FlushReport> {
         let inner = &self.inner;
         let mut report = FlushReport::default();
         let mut held: Vec<(ObjectId, FencingToken, futures::lock::OwnedMutexGuard<Slot>)> = Vec::new();
@@ -751,6 +760,13 @@ impl ObjectRuntime {
                 // and drain it, unless another holder has it now.
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
                     guard.active = None;
+                    // Only if it has changes to drain: an idle object is left free (another node
+                    // may own it by now).
+                    match inner.hot.object_info(&object).await {
+                        Ok(Some(info)) if info.has_pending_changes() => {}
+                        Ok(_) => continue,
+                        Err(e) => return Err(e),
+                    }
                     match self.ensure_active(&object, &mut guard).await {
                         Ok(()) => {
                             let token =
@@ -770,7 +786,9 @@ impl ObjectRuntime {
             }
         }
         let mut drained = std::collections::BTreeSet::new();
+        // Objects left out of later rounds: taken over by another node, or diverged from cold.
         let mut taken_over = std::collections::BTreeSet::new();
+        let mut first_err: Option<Error> = None;
         loop {
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
@@ -801,13 +819,21 @@ impl ObjectRuntime {
             }
             let n = batch.record_count() as u64;
             let commit = append_resolving(inner, batch.clone()).await?;
+            let mut diverged_now = std::collections::BTreeSet::new();
             if commit.records_skipped > 0 {
                 for oc in &batch.objects {
                     let after = oc.records.first().map_or(0, |r| r.seq.saturating_sub(1));
-                    check_skipped(inner, &oc.object, after, &commit).await?;
+                    if let Err(e) = check_skipped(inner, &oc.object, after, &commit).await {
+                        // This object is left alone (nothing truncated, out of later rounds);
+                        // the others are drained, and the first such error is returned at the end.
+                        tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
+                        diverged_now.insert(oc.object.clone());
+                        taken_over.insert(oc.object.clone());
+                        first_err.get_or_insert(e);
+                    }
                 }
             }
-            for oc in &batch.objects {
+            for oc in batch.objects.iter().filter(|oc| !diverged_now.contains(&oc.object)) {
                 let through = commit.watermarks.get(&oc.object).map_or(0, |w| w.through);
                 inner.hot.truncate_changes(&oc.object, oc.token, through).await?;
                 // An object whose changes span several commits counts once.
@@ -827,7 +853,10 @@ impl ObjectRuntime {
                 guard.active = None;
             }
         }
-        Ok(report)
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
     }
 
     /// Tier `object` out of hot storage: drain its changes to cold, drop its hot state, release
@@ -919,6 +948,7 @@ impl ObjectRuntime {
     pub async fn maintain(&self) -> Result<()> {
         let inner = &self.inner;
         let now = inner.clock.now();
+        release_orphans(inner).await;
         // Tier out first: an object released for `keep_warm` is no longer this runtime's to evict.
         let evicted = self.evict_idle().await;
         for (_, slot) in self.active_slots() {
@@ -976,7 +1006,7 @@ impl ObjectRuntime {
         while inner.in_flight.load(Ordering::SeqCst) > 0 && inner.clock.now() < deadline {
             inner.clock.sleep(Duration::from_millis(2)).await;
         }
-        let flushed = self.flush_all().await;
+        let flushed = self.flush_held().await;
         for (object, slot) in self.active_slots() {
             // A call still running after the wait keeps its slot and its lease: releasing under
             // it would let another node in while it writes. Its lease runs out on its own (the
@@ -989,6 +1019,7 @@ impl ObjectRuntime {
                 let _ = inner.guard.release(&active.lease).await;
             }
         }
+        release_orphans(inner).await;
         flushed
     }
 }
@@ -1147,6 +1178,14 @@ fn lease_gone(e: &Error) -> bool {
 }
 
 /// Give `lease` back; a failure only means it runs out on its own (logged).
+/// Release the leases cancelled calls left behind ([`Inner::orphans`]).
+async fn release_orphans(inner: &Arc<Inner>) {
+    let orphans: Vec<Lease> = inner.orphans.lock().drain().map(|(_, l)| l).collect();
+    for lease in orphans {
+        release_quietly(inner, &lease).await;
+    }
+}
+
 async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
     let hand = LeaseInHand::new(inner, lease.clone());
     if let Err(e) = inner.guard.release(lease).await {
