@@ -220,7 +220,7 @@ impl SqliteLog {
         .map_err(|e| sql(e, &doing))?;
         let (n, b): (i64, i64) = conn
             .query_row(
-                "SELECT count(*), coalesce(sum(length(do_id) + length(type) + length(key) + length(value) + 32), 0) FROM pipeline_log",
+                "SELECT count(*), coalesce(sum(length(CAST(do_id AS BLOB)) + length(CAST(type AS BLOB)) + length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) + 32), 0) FROM pipeline_log",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -384,7 +384,7 @@ impl Log for SqliteLog {
         let conn = self.conn.lock();
         let (n, b): (i64, i64) = conn
             .query_row(
-                "SELECT count(*), coalesce(sum(length(do_id) + length(type) + length(key) + length(value) + 32), 0) FROM pipeline_log WHERE batch = ?1",
+                "SELECT count(*), coalesce(sum(length(CAST(do_id AS BLOB)) + length(CAST(type AS BLOB)) + length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) + 32), 0) FROM pipeline_log WHERE batch = ?1",
                 [id],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
