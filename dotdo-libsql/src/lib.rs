@@ -54,7 +54,7 @@
 //! * Connections are kept and reused (one write connection, a small pool of read connections;
 //!   remote connections share one HTTP client with keep-alive).
 //! * Transient failures (busy database, unreachable or overloaded primary) are retried a bounded
-//!   number of times with doubling backoff on the injected clock, then reported as a retryable
+//!   number of times with doubling backoff (real time, whatever clock is injected), then reported as a retryable
 //!   `Unavailable`. A mutating call whose request may have reached the primary before the
 //!   connection broke is **not** retried blindly: it fails with `AmbiguousOutcome` (read back to
 //!   resolve). A rejected auth token is a non-retryable `Backend` error that says so.
@@ -64,7 +64,9 @@
 //! * Replica mode: after each successful write the store pulls the replica, so this store reads
 //!   its own writes. Other nodes' writes appear after the next pull (`sync_interval`, or
 //!   [`LibsqlStore::sync`]). `validate` and `current` read the replica and may be that stale;
-//!   they are advisory — the fencing check of every write runs on the primary.
+//!   they are advisory — the fencing check of every write runs on the primary. If the pull after
+//!   a write (an acquire included) fails, reads pull first until a pull succeeds and fail with
+//!   `Unavailable` meanwhile: a replica without the last holder's writes is never read.
 //!
 //! ## Configuration
 //!

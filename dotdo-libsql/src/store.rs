@@ -89,29 +89,39 @@ pub(crate) struct Inner {
     replica_behind: ReplicaBehind,
 }
 
-/// Whether the embedded replica may be missing writes committed on the primary.
+/// Whether the embedded replica may be missing writes committed on the primary: pulls after
+/// writes that failed (`marked`) against pulls that caught up since (`pulled`).
 #[derive(Debug, Default)]
-pub(crate) struct ReplicaBehind(std::sync::atomic::AtomicBool);
+pub(crate) struct ReplicaBehind {
+    marked: std::sync::atomic::AtomicU64,
+    pulled: std::sync::atomic::AtomicU64,
+    /// One catch-up pull at a time; readers arriving meanwhile wait for it.
+    pulling: tokio::sync::Mutex<()>,
+}
 
 impl ReplicaBehind {
     /// A pull after a committed write failed.
     pub(crate) fn mark(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.marked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Before a read: if the replica may be behind, run `pull`; an error stays marked and is
-    /// returned, so nothing is read from a replica that may miss committed writes.
+    /// Before a read: if the replica may be behind, run `pull` (or wait for the pull another
+    /// reader runs); an error leaves it behind and is returned, so nothing is read from a
+    /// replica that may miss committed writes.
     pub(crate) async fn catch_up<F: std::future::Future<Output = Result<()>>>(&self, pull: F) -> Result<()> {
-        if !self.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.marked.load(SeqCst) <= self.pulled.load(SeqCst) {
             return Ok(());
         }
-        match pull.await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.mark();
-                Err(e.context("the replica missed writes committed on the primary and could not pull them"))
-            }
+        let _one = self.pulling.lock().await;
+        let target = self.marked.load(SeqCst);
+        if target <= self.pulled.load(SeqCst) {
+            return Ok(()); // another reader caught up meanwhile
         }
+        pull.await
+            .map_err(|e| e.context("the replica missed writes committed on the primary and could not pull them"))?;
+        self.pulled.fetch_max(target, SeqCst);
+        Ok(())
     }
 }
 
@@ -690,6 +700,45 @@ mod tests {
         behind.catch_up(pull(true)).await.expect("caught up");
         behind.catch_up(pull(false)).await.expect("no pull needed any more");
         assert_eq!(pulls.load(Ordering::SeqCst), 2);
+    }
+
+    /// A reader arriving while another reader's catch-up pull runs waits for it instead of
+    /// reading the replica that may still be behind; a failed pull marked during a pull makes
+    /// the next read pull again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_reader_waits_for_the_catch_up_pull_in_flight() {
+        let behind = Arc::new(ReplicaBehind::default());
+        behind.mark();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let first = {
+            let behind = behind.clone();
+            tokio::spawn(async move {
+                behind
+                    .catch_up(async move {
+                        let _ = released.await;
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        // Let the first reader start its pull.
+        while behind.pulling.try_lock().is_ok() {
+            tokio::task::yield_now().await;
+        }
+        let second = {
+            let behind = behind.clone();
+            tokio::spawn(async move { behind.catch_up(async { Err(Error::unavailable("must not pull")) }).await })
+        };
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!second.is_finished(), "the second reader waits for the pull in flight");
+        release.send(()).expect("release the pull");
+        first.await.expect("join").expect("first caught up");
+        second.await.expect("join").expect("the second reader sees the caught-up replica");
+        behind.mark();
+        let e = behind.catch_up(async { Err(Error::unavailable("down")) }).await.expect_err("behind again");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
     }
 
     /// The durability setting is what reaches SQLite on the connection that writes: FULL (2)
