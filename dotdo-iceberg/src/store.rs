@@ -779,9 +779,12 @@ impl IcebergColdStore {
         let md = table.metadata();
         let parent = s.parent_snapshot_id().and_then(|p| md.snapshot_by_id(p)).cloned();
         if parent.is_some() || s.parent_snapshot_id().is_none() {
-            let (parent_wm, _, _) = self.watermarks_of(md, parent.as_ref()).await?;
-            if let Ok(p) = plan(batch, &parent_wm) {
-                return Ok(Self::commit_result(s, &p));
+            // The parent's watermarks may be unknown too (a foreign parent whose dotdo base was
+            // expired): fall back as below rather than report a landed commit as failed.
+            if let Ok((parent_wm, _, _)) = self.watermarks_of(md, parent.as_ref()).await {
+                if let Ok(p) = plan(batch, &parent_wm) {
+                    return Ok(Self::commit_result(s, &p));
+                }
             }
         }
         let (marks, _, _) = self.watermarks_of(md, Some(s)).await?;
