@@ -143,8 +143,8 @@ pub async fn assert_waiting_call_does_not_stall<T: Send + 'static>(
 
 /// For runtime tests on a [`ManualClock`]: advance the clock by `step` once `object`'s lease
 /// outlives the new time, waiting (real time, up to 10 s) for the runtime's renewal to extend it
-/// if needed; meanwhile the clock moves in 1 ms ticks that stop short of the expiry (a renewal
-/// backing off after a transient failure waits on it). A handler kept alive by renewal then never
+/// if needed; meanwhile the clock moves in 1 ms ticks that stop a tenth of `step` short of the
+/// expiry (a renewal backing off after a transient failure waits on it). A handler kept alive by renewal then never
 /// depends on how quickly the renewal task is scheduled; a renewal that never comes fails the
 /// test.
 #[allow(clippy::disallowed_methods)] // real time: waiting for the renewal task
@@ -168,9 +168,10 @@ pub async fn advance_keeping_lease(
             started.elapsed() < std::time::Duration::from_secs(10),
             "the lease of {object} was not renewed past {until:?} within 10 s: {lease:?}"
         );
-        // Time keeps moving in small ticks, never up to the expiry: a renewal that failed
-        // transiently backs off on this clock and must get to try again.
-        if lease.as_ref().is_some_and(|l| l.expires_at > clock.now().plus(tick * 2)) {
+        // Time keeps moving in small ticks, but stops a tenth of `step` short of the expiry: a
+        // renewal task scheduled late or backing off on this clock gets to run, while a renewal
+        // planned for the last moments before the expiry still fails the test.
+        if lease.as_ref().is_some_and(|l| l.expires_at > clock.now().plus(step / 10).plus(tick * 2)) {
             clock.advance(tick);
         }
         tokio::time::sleep(tick).await;
