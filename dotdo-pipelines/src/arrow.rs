@@ -77,6 +77,16 @@ fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
         .map_err(|e| Error::corrupt("arrow pipeline log: undecodable batch").with_source(e))
 }
 
+/// The bytes `batch` holds for `roll_bytes` and `capacity_bytes`: the memory of its own rows
+/// (a slice of a larger batch counts its slice, not the buffers it shares with the rest).
+fn batch_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or_else(|_| c.get_array_memory_size()))
+        .sum()
+}
+
 #[derive(Default)]
 struct Buf {
     pending: Vec<RecordBatch>,
@@ -93,7 +103,7 @@ impl Buf {
 
     /// Bytes (Arrow memory size) pending or claimed but not yet committed.
     fn waiting_bytes(&self) -> usize {
-        self.bytes + self.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.get_array_memory_size()).sum())
+        self.bytes + self.claimed.as_ref().map_or(0, |c| c.1.iter().map(batch_bytes).sum())
     }
 }
 
@@ -189,7 +199,7 @@ impl ArrowPipeline {
                 None => {
                     for b in batches {
                         buf.rows += b.num_rows();
-                        buf.bytes += b.get_array_memory_size();
+                        buf.bytes += batch_bytes(&b);
                         buf.pending.push(b);
                     }
                 }
@@ -212,7 +222,7 @@ impl ArrowPipeline {
             )));
         }
         let (capacity, capacity_bytes) = (inner.settings.capacity, inner.settings.capacity_bytes);
-        let size = batch.get_array_memory_size();
+        let size = batch_bytes(&batch);
         // No roll ever makes room for these: not a retryable condition.
         if batch.num_rows() > capacity {
             return Err(Error::limit("rows in one batch", capacity as u64, batch.num_rows() as u64));

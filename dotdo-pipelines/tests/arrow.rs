@@ -99,7 +99,10 @@ async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     assert_eq!(small.send(batch(510, 1)).expect_err("full").kind(), &ErrorKind::Unavailable);
 
     // By size: the byte capacity holds two of these batches, whatever the row capacity.
-    let size = batch(600, 100).get_array_memory_size();
+    let slice_bytes = |b: &RecordBatch| -> usize {
+        b.columns().iter().map(|c| c.to_data().get_slice_memory_size().expect("slice size")).sum()
+    };
+    let size = slice_bytes(&batch(600, 100));
     let settings = PipelineSettings { capacity_bytes: size * 5 / 2, ..Default::default() };
     let sized = ArrowPipeline::open("sized", Arc::new(t.clone()), settings).expect("pipeline");
     let too_big = sized.send(batch(600, 300)).expect_err("larger than the whole buffer");
@@ -110,6 +113,13 @@ async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     assert_eq!(full.kind(), &ErrorKind::Unavailable, "{full}");
     assert_eq!(sized.roll().await.expect("roll"), 200);
     sized.send(batch(800, 100)).expect("room after the roll");
+    // Slices count their own rows, not the buffers they share with the whole batch.
+    assert_eq!(sized.roll().await.expect("roll"), 100);
+    let whole = batch(1000, 200);
+    for i in 0..4 {
+        sized.send(whole.slice(i * 50, 50)).expect("a slice of a batch larger than the room left");
+    }
+    assert_eq!(sized.roll().await.expect("roll"), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
