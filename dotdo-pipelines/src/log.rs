@@ -46,6 +46,10 @@ pub(crate) trait Log: Send + Sync {
     fn spilled(&self) -> usize {
         0
     }
+    /// The routes of the events left in the log by an earlier process (disk logs only).
+    fn routes(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 fn record(e: &Event, seq: u64, token: FencingToken) -> ChangeRecord {
@@ -59,6 +63,13 @@ fn record(e: &Event, seq: u64, token: FencingToken) -> ChangeRecord {
         timestamp: e.timestamp,
         type_name: e.type_name.clone(),
     }
+}
+
+/// `keys` without repeats, in order of first appearance (a roll over many distinct objects
+/// must not take quadratic time).
+fn distinct_in_order(keys: Vec<(String, ObjectId)>) -> Vec<(String, ObjectId)> {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.into_iter().filter(|k| seen.insert(k.clone())).collect()
 }
 
 /// Events and bytes waiting in a log (claimed ones included).
@@ -128,15 +139,12 @@ impl Log for MemoryLog {
     }
 
     fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>> {
-        let st = self.state.lock();
-        let mut out: Vec<(String, ObjectId)> = Vec::new();
-        for r in st.rows.iter().take(max) {
-            let k = (r.route.clone(), r.event.object.clone());
-            if !out.contains(&k) {
-                out.push(k);
-            }
-        }
-        Ok(out)
+        let keys: Vec<(String, ObjectId)> = {
+            let st = self.state.lock();
+            st.rows.iter().take(max).map(|r| (r.route.clone(), r.event.object.clone())).collect()
+        };
+        // Outside the lock: sends go on meanwhile.
+        Ok(distinct_in_order(keys))
     }
 
     fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>> {
@@ -325,23 +333,34 @@ impl Log for SqliteLog {
         Ok(Some(Claimed { id, rows: out }))
     }
 
+    fn routes(&self) -> Result<Vec<String>> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare("SELECT DISTINCT route FROM pipeline_log").map_err(|e| sql(e, "listing routes"))?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(|e| sql(e, "listing routes"))?;
+        rows.collect::<rusqlite::Result<Vec<String>>>().map_err(|e| sql(e, "listing routes"))
+    }
+
     fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>> {
         let conn = self.conn.lock();
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let rows = Self::rows_of(
-            &conn,
-            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
-            &[&limit],
-        )
-        .map_err(|e| sql(e, "peeking"))?;
-        let mut out: Vec<(String, ObjectId)> = Vec::new();
-        for (_, route, e, _) in rows {
-            let k = (route, e.object);
-            if !out.contains(&k) {
-                out.push(k);
+        let keys: Vec<(String, ObjectId)> = {
+            let mut stmt = conn
+                .prepare_cached("SELECT route, do_id FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1")
+                .map_err(|e| sql(e, "peeking"))?;
+            let rows = stmt
+                .query_map([limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(|e| sql(e, "peeking"))?;
+            let mut keys = Vec::new();
+            for row in rows {
+                let (route, id) = row.map_err(|e| sql(e, "peeking"))?;
+                let object = ObjectId::new(&id)
+                    .map_err(|e| Error::corrupt(format!("pipeline log: invalid object id {id:?}")).with_source(e))?;
+                keys.push((route, object));
             }
-        }
-        Ok(out)
+            keys
+        };
+        drop(conn);
+        Ok(distinct_in_order(keys))
     }
 
     fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>> {
@@ -430,6 +449,10 @@ impl Log for SpillLog {
         } else {
             self.mem.append(rows)
         }
+    }
+
+    fn routes(&self) -> Result<Vec<String>> {
+        self.disk.routes()
     }
 
     fn depth(&self) -> (usize, usize) {

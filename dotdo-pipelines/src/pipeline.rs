@@ -109,6 +109,14 @@ impl PipelineBuilder {
         };
         let mut routes = self.routes;
         routes.insert(String::new(), self.sink);
+        // Events an earlier process left for a route this build does not have could never be
+        // rolled, and every roll would stop at them.
+        if let Some(r) = log.routes()?.into_iter().find(|r| !routes.contains_key(r)) {
+            return Err(Error::invalid(format!(
+                "the pipeline's log holds events for route {r:?}, which this pipeline does not register; \
+                 add it with `with_route`"
+            )));
+        }
         // Sequence numbers are per (route, object) but a sink's watermark is per object: two
         // routes into one sink would number an object's events alike, and the second commit's
         // would be skipped as replays.
@@ -253,8 +261,8 @@ impl Pipeline {
             bytes += e.size() as u64;
             rows.push(Row { route, event: e });
         }
-        inner.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
         if rows.is_empty() {
+            inner.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
             return Ok(0);
         }
         let _gate = inner.send_gate.lock();
@@ -282,6 +290,9 @@ impl Pipeline {
         }
         let n = rows.len();
         inner.log.append(rows)?;
+        // Counted only for a send that was accepted (a refused one is retried, and transformed
+        // again).
+        inner.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
         inner.counters.events_in.fetch_add(n as u64, Ordering::Relaxed);
         inner.counters.bytes_in.fetch_add(bytes, Ordering::Relaxed);
         Ok(n)

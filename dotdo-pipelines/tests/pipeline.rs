@@ -435,3 +435,44 @@ async fn durable_log_byte_count_returns_to_zero_with_non_ascii_keys() {
         assert_eq!((m.buffer_depth, m.buffer_bytes), (0, 0), "{m:?}");
     }
 }
+
+/// A durable log holding events for a route the new build does not register is refused at
+/// build (every roll would stop at those events); with the route, they are delivered. A
+/// transform's dropped events are counted only for sends that were accepted.
+#[tokio::test]
+async fn a_durable_log_with_an_unregistered_route_is_refused_at_build() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (main, audit) = (Flaky::new(), MemoryColdStore::new());
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("log.db")), ..Default::default() };
+    {
+        let p = Pipeline::builder(main.clone())
+            .with_settings(settings.clone())
+            .with_route("audit", Arc::new(audit.clone()))
+            .with_transform(|e| Transformed::Route("audit".into(), e))
+            .build()
+            .expect("build");
+        p.send(events(3)).expect("send");
+    } // the process ends with the audit events unrolled
+    let e = Pipeline::builder(main.clone()).with_settings(settings.clone()).build().expect_err("route missing");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("audit"), "{e}");
+    let p = Pipeline::builder(main.clone())
+        .with_settings(settings)
+        .with_route("audit", Arc::new(audit.clone()))
+        .build()
+        .expect("with the route");
+    assert_eq!(p.close().await.expect("close rolls").events, 3);
+    assert_eq!(committed(&audit, 3).await.len(), 3);
+
+    let settings = PipelineSettings { capacity: 2, ..Default::default() };
+    let p = Pipeline::builder(Flaky::new())
+        .with_settings(settings)
+        .with_transform(|e| if e.key.ends_with('1') { Transformed::Drop } else { Transformed::Keep(e) })
+        .build()
+        .expect("build");
+    p.send(events(2)).expect("one kept, one dropped");
+    p.send(events(1)).expect("fills the buffer");
+    assert!(p.send(events(2)).is_err(), "full");
+    assert_eq!(p.metrics().events_dropped, 1, "the refused send's dropped event is not counted");
+}
