@@ -394,6 +394,14 @@ impl Pipeline {
                 }
             }
             inner.log.ack(claimed.id)?;
+            // With no claim outstanding every assigned sequence number is in the sink, so the
+            // counters can be learned again from its watermarks: forget them rather than keep
+            // one per (route, object) ever seen.
+            let mut seqs = inner.next_seq.lock();
+            if seqs.len() > inner.settings.roll_rows.saturating_mul(4) {
+                seqs.clear();
+            }
+            drop(seqs);
             let now = inner.clock.now();
             *inner.last.lock() = (sw.elapsed(), oldest.map_or(Duration::ZERO, |o| now.since(o)));
         }
