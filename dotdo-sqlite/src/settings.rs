@@ -39,7 +39,10 @@ pub struct SqliteSettings {
     /// reporting busy. Default 2 s.
     pub busy_timeout: Duration,
     /// How many times a busy transaction is retried (with doubling backoff from
-    /// `retry_backoff`) before the call fails with a retryable `Unavailable`. Default 5.
+    /// `retry_backoff`) before the call fails with a retryable `Unavailable`. Default 5. The
+    /// same budget (every attempt's `busy_timeout` plus the backoff) bounds a write call's wait
+    /// for the store's own write connection, so writers queued in one process also fail in
+    /// bounded time.
     pub busy_retries: u32,
     /// First backoff between busy retries. Default 10 ms.
     pub retry_backoff: Duration,

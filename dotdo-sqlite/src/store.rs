@@ -235,6 +235,18 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
     Ok(conn)
 }
 
+/// The longest one write call may spend in busy waits and backoff: every attempt's busy
+/// timeout plus the backoff between attempts.
+fn write_budget(settings: &SqliteSettings) -> Duration {
+    let mut backoff = settings.retry_backoff;
+    let mut total = settings.busy_timeout;
+    for _ in 0..settings.busy_retries {
+        total = total.saturating_add(settings.busy_timeout).saturating_add(backoff);
+        backoff = backoff.saturating_mul(2).min(Duration::from_secs(1));
+    }
+    total
+}
+
 /// Run `f`, retrying busy failures with doubling backoff; map the final error.
 fn with_busy_retry<T>(settings: &SqliteSettings, doing: &str, mut f: impl FnMut() -> TxResult<T>) -> Result<T> {
     let mut backoff = settings.retry_backoff;
@@ -398,7 +410,17 @@ impl SqliteStore {
 impl Inner {
     /// Run `f` in one `BEGIN IMMEDIATE` transaction (statements cached), retrying on busy.
     fn write_tx<T>(&self, doing: &str, f: impl Fn(&Connection) -> TxResult<T>) -> Result<T> {
-        let conn = self.writer.lock();
+        // Writers of this store queue on one connection. Waiting for it counts against the same
+        // budget as the busy retries, so that every queued caller behind another process's lock
+        // gets `Unavailable` in bounded time, not the 10th after ten budgets.
+        let budget = write_budget(&self.settings);
+        let Some(conn) = self.writer.try_lock_for(budget) else {
+            return Err(Error::unavailable(format!(
+                "{doing}: {} is still locked for writing after {budget:?} (other writers of this store are \
+                 waiting for it); retry later",
+                self.path.display()
+            )));
+        };
         with_busy_retry(&self.settings, doing, || {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             let out = f(&conn).and_then(|v| {

@@ -261,3 +261,43 @@ async fn lease_tokens_of_a_predecessor_do_locks_table_fence_writes() {
     assert_eq!(l.token.get(), 8);
     s.put(&a, l.token, "T", "k", b"v".to_vec().into()).await.expect("current token");
 }
+
+/// Eight writers of one store queued behind another process's write lock each get a retryable
+/// `Unavailable` within their own busy budget (plus scheduling), not the last one after eight
+/// budgets: waiting for the store's write connection counts against the same budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = SqliteSettings {
+        busy_timeout: Duration::from_millis(150),
+        busy_retries: 2,
+        retry_backoff: Duration::from_millis(10),
+        execution: Execution::SpawnBlocking,
+        ..Default::default()
+    };
+    let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch("BEGIN EXCLUSIVE").expect("another process holds the write lock");
+    // One budget: 3 attempts of 150 ms plus 10 + 20 ms of backoff = 480 ms.
+    let budget = Duration::from_millis(480);
+    let clock = dotdo_core::SystemClock::new();
+    let started = clock.monotonic();
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let (s, token) = (s.clone(), l.token);
+            tokio::spawn(async move { s.put(&obj(), token, "T", &format!("k{i}"), "v".into()).await })
+        })
+        .collect();
+    for c in calls {
+        let e = c.await.expect("join").expect_err("locked");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable());
+    }
+    let took = clock.monotonic().saturating_sub(started);
+    // Without the bound the last caller waited for all eight in turn (about 3.8 s).
+    assert!(took < budget * 4, "every queued writer failed within about two budgets: took {took:?}");
+    raw.execute_batch("ROLLBACK").expect("release");
+    s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("writes go through again");
+}
