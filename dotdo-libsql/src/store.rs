@@ -472,9 +472,28 @@ impl LibsqlStore {
     ) -> Result<T> {
         let settings = &self.inner.settings;
         let mut attempt = 0;
+        // Writers of this store queue on one connection; waiting for it counts against the same
+        // budget as the retries (every attempt's busy timeout plus the backoff), so every queued
+        // caller behind a locked database fails in bounded time.
+        let clock = SystemClock::new();
+        let started = clock.monotonic();
+        let budget = settings
+            .busy_timeout
+            .saturating_mul(settings.retries.saturating_add(1))
+            .saturating_add(settings.max_total_backoff());
         loop {
             let out = {
-                let mut conn = self.inner.writer.lock().await;
+                let left = budget.saturating_sub(clock.monotonic().saturating_sub(started));
+                let lock = self.inner.writer.lock();
+                let mut conn = match futures::future::select(Box::pin(lock), clock.sleep(left)).await {
+                    futures::future::Either::Left((conn, _)) => conn,
+                    futures::future::Either::Right(_) => {
+                        return Err(Error::unavailable(format!(
+                            "{doing}: the store's write connection is still busy after {budget:?} (other writers \
+                             of this store are waiting for it); retry later"
+                        )))
+                    }
+                };
                 let out = self.drive(self.inner.local_writes, f(&mut conn)).await;
                 if matches!(out, Err(TxError::Sql(_))) && !self.inner.local_writes {
                     // A remote connection's server stream may be gone (expired while idle, or
