@@ -294,9 +294,10 @@ impl ArrowPipeline {
                     if let Some(log) = &inner.log {
                         // Claim durably before committing: a restart re-commits the same id.
                         // Before `pending` is taken, so a failed claim leaves everything in place.
-                        log.lock()
-                            .execute("UPDATE arrow_log SET batch = ?1 WHERE batch IS NULL", [id])
-                            .map_err(|e| sql(e, "claim"))?;
+                        crate::log::fully_synced(&mut log.lock(), |c| {
+                            c.execute("UPDATE arrow_log SET batch = ?1 WHERE batch IS NULL", [id])
+                                .map_err(|e| sql(e, "claim"))
+                        })?;
                     }
                     let batches = std::mem::take(&mut b.pending);
                     b.rows = 0;

@@ -184,6 +184,19 @@ impl Log for MemoryLog {
 
 /// A pipeline log's SQLite error as a dotdo error: busy, locked, full or I/O failures are a
 /// retryable `Unavailable`, a damaged file `Corrupt`, the rest `Backend`.
+/// Run `f` (which commits) with `synchronous=FULL` on a log connection that otherwise runs
+/// `NORMAL`, then go back. A claim must survive a power loss once its batch may be committed to
+/// cold: a claim rolled back by power loss while its commit landed would have its events claimed
+/// again under new sequence numbers (or a new batch id) and delivered twice.
+pub(crate) fn fully_synced<T>(conn: &mut Connection, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+    conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql(e, "synchronous=FULL for a claim"))?;
+    let out = f(conn);
+    let back = conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| sql(e, "synchronous=NORMAL"));
+    let v = out?;
+    back?;
+    Ok(v)
+}
+
 pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
     use rusqlite::ErrorCode::*;
     let code = match &e {
@@ -266,6 +279,49 @@ impl SqliteLog {
             ));
         }
         Ok(out)
+    }
+}
+
+impl SqliteLog {
+    /// Claim up to `max` waiting rows in one transaction on `conn`.
+    fn claim_in(
+        conn: &mut Connection,
+        max: usize,
+        token: FencingToken,
+        next_seq: NextSeq<'_>,
+    ) -> Result<Option<Claimed>> {
+        let tx = conn.transaction().map_err(|e| sql(e, "claim"))?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = Self::rows_of(
+            &tx,
+            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
+            &[&limit],
+        )
+        .map_err(|e| sql(e, "claim"))?;
+        let id: u64 = tx
+            .query_row("SELECT coalesce((SELECT v FROM pipeline_meta WHERE k = 'batch'), 0) + 1", [], |r| r.get(0))
+            .map_err(|e| sql(e, "claim"))?;
+        let mut out = Vec::new();
+        {
+            let mut upd = tx
+                .prepare_cached("UPDATE pipeline_log SET batch = ?2, seq = ?3 WHERE id = ?1")
+                .map_err(|e| sql(e, "claim"))?;
+            for (row_id, route, e, _) in rows {
+                let Some(seq) = next_seq(&route, &e.object) else { break };
+                upd.execute(params![row_id, id, seq]).map_err(|e| sql(e, "claim"))?;
+                out.push((route, record(&e, seq, token)));
+            }
+        }
+        if out.is_empty() {
+            return Ok(None);
+        }
+        tx.execute(
+            "INSERT INTO pipeline_meta (k, v) VALUES ('batch', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            [id],
+        )
+        .map_err(|e| sql(e, "claim"))?;
+        tx.commit().map_err(|e| sql(e, "claim commit"))?;
+        Ok(Some(Claimed { id, rows: out }))
     }
 }
 
@@ -365,38 +421,7 @@ impl Log for SqliteLog {
 
     fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>> {
         let mut conn = self.conn.lock();
-        let tx = conn.transaction().map_err(|e| sql(e, "claim"))?;
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let rows = Self::rows_of(
-            &tx,
-            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
-            &[&limit],
-        )
-        .map_err(|e| sql(e, "claim"))?;
-        let id: u64 = tx
-            .query_row("SELECT coalesce((SELECT v FROM pipeline_meta WHERE k = 'batch'), 0) + 1", [], |r| r.get(0))
-            .map_err(|e| sql(e, "claim"))?;
-        let mut out = Vec::new();
-        {
-            let mut upd = tx
-                .prepare_cached("UPDATE pipeline_log SET batch = ?2, seq = ?3 WHERE id = ?1")
-                .map_err(|e| sql(e, "claim"))?;
-            for (row_id, route, e, _) in rows {
-                let Some(seq) = next_seq(&route, &e.object) else { break };
-                upd.execute(params![row_id, id, seq]).map_err(|e| sql(e, "claim"))?;
-                out.push((route, record(&e, seq, token)));
-            }
-        }
-        if out.is_empty() {
-            return Ok(None);
-        }
-        tx.execute(
-            "INSERT INTO pipeline_meta (k, v) VALUES ('batch', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-            [id],
-        )
-        .map_err(|e| sql(e, "claim"))?;
-        tx.commit().map_err(|e| sql(e, "claim commit"))?;
-        Ok(Some(Claimed { id, rows: out }))
+        fully_synced(&mut conn, |conn| Self::claim_in(conn, max, token, next_seq))
     }
 
     fn ack(&self, id: u64) -> Result<()> {
@@ -506,5 +531,27 @@ impl Log for SpillLog {
             Some(false) => self.mem.ack(id),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claim's transaction commits with `synchronous=FULL` (it must survive a power loss once
+    /// its batch may be in cold storage); the log's other commits stay `NORMAL`.
+    #[test]
+    fn claims_commit_fully_synced_and_the_log_goes_back_to_normal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SqliteLog::open(&dir.path().join("log.db")).expect("open");
+        let mut conn = log.conn.lock();
+        let level = |c: &Connection| c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0));
+        assert_eq!(level(&conn).expect("level"), 1, "NORMAL");
+        let during = fully_synced(&mut conn, |c| level(c).map_err(|e| sql(e, "reading"))).expect("claim");
+        assert_eq!(during, 2, "FULL while claiming");
+        assert_eq!(level(&conn).expect("level"), 1, "NORMAL again");
+        let failed: Result<()> = fully_synced(&mut conn, |_| Err(Error::unavailable("claim failed")));
+        assert!(failed.is_err());
+        assert_eq!(level(&conn).expect("level"), 1, "NORMAL again after a failed claim");
     }
 }

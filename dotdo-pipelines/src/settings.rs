@@ -24,7 +24,9 @@ pub enum Durability {
     /// In memory: fastest; events accepted but not yet rolled are lost if the process dies.
     Memory,
     /// A local SQLite log at this path (WAL, `synchronous=NORMAL`): an acknowledged `send`
-    /// survives a process kill and is delivered exactly once after restart.
+    /// survives a process kill and is delivered exactly once after restart. Claims (what a roll
+    /// is about to commit) are written with `synchronous=FULL`, so a power loss can lose the
+    /// latest sends but never deliver a committed batch twice.
     Durable(PathBuf),
 }
 
