@@ -197,6 +197,35 @@ pub async fn advance_until_finished<T>(
     task.await
 }
 
+/// For SQL backends with a busy budget: while another connection holds the database's write
+/// lock, eight concurrent writes through `hot` (under `token`, to `object`) must each fail with
+/// a retryable `Unavailable`, all within five times one call's `budget`: waiting for the
+/// store's own write connection counts against the budget (without that, the last of eight
+/// queued writers waited for all the others in turn).
+#[allow(clippy::disallowed_methods)] // real time: the measured wait
+pub async fn assert_queued_writers_fail_in_bounded_time(
+    hot: Arc<dyn HotStore>,
+    object: &crate::ObjectId,
+    token: crate::FencingToken,
+    budget: std::time::Duration,
+) {
+    use crate::HotStoreExt;
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let (hot, object) = (hot.clone(), object.clone());
+            tokio::spawn(async move { hot.put(&object, token, "T", &format!("k{i}"), "v".into()).await })
+        })
+        .collect();
+    for c in calls {
+        let e = c.await.expect("join").expect_err("the database is locked");
+        assert_eq!(e.kind(), &crate::ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable(), "{e}");
+    }
+    let took = started.elapsed();
+    assert!(took < budget * 5, "every queued writer failed within about two budgets: took {took:?}");
+}
+
 /// A port on 127.0.0.1 where connections are refused, for as long as the returned socket lives:
 /// it is bound but not listening, so no other test or server can take the port meanwhile (a
 /// port found free and then closed again can be).
