@@ -235,19 +235,9 @@ impl IcebergColdStore {
 /// The ids from snapshot `id` down its parents to its nearest dotdo snapshot (both included),
 /// whose `dotdo.*` properties hold for it ([`summary::dotdo_base`]); as far as the chain goes.
 fn chain_to_dotdo_base(md: &iceberg::spec::TableMetadata, id: i64) -> Vec<i64> {
-    let mut out = Vec::new();
-    let mut next = md.snapshot_by_id(id).cloned();
-    while let Some(s) = next {
-        if out.len() > md.snapshots().len() {
-            break; // a parent cycle: damaged metadata, reported by the readers
-        }
-        out.push(s.snapshot_id());
-        if summary::is_dotdo(&s) {
-            break;
-        }
-        next = s.parent_snapshot_id().and_then(|p| md.snapshot_by_id(p)).cloned();
-    }
-    out
+    md.snapshot_by_id(id)
+        .map(|s| summary::chain_to_dotdo(md, s).0.iter().map(|s| s.snapshot_id()).collect())
+        .unwrap_or_default()
 }
 
 /// Whether `key` (under the table location `prefix`) is where this table's own files go:

@@ -55,29 +55,55 @@ pub fn dotdo_base(
     md: &iceberg::spec::TableMetadata,
     snapshot: &iceberg::spec::SnapshotRef,
 ) -> Result<Option<iceberg::spec::SnapshotRef>> {
-    let mut s = snapshot.clone();
-    for _ in 0..=md.snapshots().len() {
-        if is_dotdo(&s) {
-            return Ok(Some(s));
-        }
-        let Some(parent) = s.parent_snapshot_id() else { return Ok(None) };
-        s = match md.snapshot_by_id(parent) {
-            Some(p) => p.clone(),
-            None => {
-                return Err(Error::corrupt(format!(
-                    "table {}: snapshot {} was written by another engine and its ancestors back to \
-                     the expired snapshot {parent} carry no dotdo watermarks",
-                    md.location(),
-                    snapshot.snapshot_id()
-                )))
-            }
-        };
+    let (mut chain, end) = chain_to_dotdo(md, snapshot);
+    match end {
+        ChainEnd::Dotdo => Ok(chain.pop()),
+        ChainEnd::Root => Ok(None),
+        ChainEnd::Expired(parent) => Err(Error::corrupt(format!(
+            "table {}: snapshot {} was written by another engine and its ancestors back to the expired \
+             snapshot {parent} carry no dotdo watermarks",
+            md.location(),
+            snapshot.snapshot_id()
+        ))),
+        ChainEnd::Loop => Err(Error::corrupt(format!(
+            "table {}: the parent chain of snapshot {} loops",
+            md.location(),
+            snapshot.snapshot_id()
+        ))),
     }
-    Err(Error::corrupt(format!(
-        "table {}: the parent chain of snapshot {} loops",
-        md.location(),
-        snapshot.snapshot_id()
-    )))
+}
+
+/// How [`chain_to_dotdo`] ended.
+pub(crate) enum ChainEnd {
+    /// At a dotdo snapshot (the chain's last).
+    Dotdo,
+    /// At the first snapshot, with no dotdo snapshot on the way.
+    Root,
+    /// At a parent no longer in the metadata (expired).
+    Expired(i64),
+    /// The parents loop (damaged metadata).
+    Loop,
+}
+
+/// `snapshot` and its parents down to its nearest dotdo snapshot (included), and how the walk
+/// ended: the chain whose last snapshot's `dotdo.*` properties hold for `snapshot`.
+pub(crate) fn chain_to_dotdo(
+    md: &iceberg::spec::TableMetadata,
+    snapshot: &iceberg::spec::SnapshotRef,
+) -> (Vec<iceberg::spec::SnapshotRef>, ChainEnd) {
+    let mut chain = vec![snapshot.clone()];
+    while chain.len() <= md.snapshots().len() + 1 {
+        let s = chain.last().expect("never empty");
+        if is_dotdo(s) {
+            return (chain, ChainEnd::Dotdo);
+        }
+        let Some(parent) = s.parent_snapshot_id() else { return (chain, ChainEnd::Root) };
+        match md.snapshot_by_id(parent) {
+            Some(p) => chain.push(p.clone()),
+            None => return (chain, ChainEnd::Expired(parent)),
+        }
+    }
+    (chain, ChainEnd::Loop)
 }
 
 /// Decode the inline watermarks of a snapshot (empty if the snapshot has none, e.g. written by
