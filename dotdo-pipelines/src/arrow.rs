@@ -93,17 +93,20 @@ struct Buf {
     rows: usize,
     bytes: usize,
     claimed: Option<(u64, Vec<RecordBatch>)>,
+    /// Rows and bytes of `claimed`, kept with it (`send` reads them on every call).
+    claimed_rows: usize,
+    claimed_bytes: usize,
 }
 
 impl Buf {
     /// Rows pending or claimed but not yet committed.
     fn waiting(&self) -> usize {
-        self.rows + self.claimed.as_ref().map_or(0, |c| c.1.iter().map(|x| x.num_rows()).sum())
+        self.rows + self.claimed_rows
     }
 
     /// Bytes (Arrow memory size) pending or claimed but not yet committed.
     fn waiting_bytes(&self) -> usize {
-        self.bytes + self.claimed.as_ref().map_or(0, |c| c.1.iter().map(batch_bytes).sum())
+        self.bytes + self.claimed_bytes
     }
 }
 
@@ -195,7 +198,11 @@ impl ArrowPipeline {
         for (ipc, batch) in rows {
             let batches = decode(&ipc)?;
             match batch {
-                Some(id) => buf.claimed.get_or_insert_with(|| (id, Vec::new())).1.extend(batches),
+                Some(id) => {
+                    buf.claimed_rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
+                    buf.claimed_bytes += batches.iter().map(batch_bytes).sum::<usize>();
+                    buf.claimed.get_or_insert_with(|| (id, Vec::new())).1.extend(batches);
+                }
                 None => {
                     for b in batches {
                         buf.rows += b.num_rows();
@@ -300,8 +307,8 @@ impl ArrowPipeline {
                         })?;
                     }
                     let batches = std::mem::take(&mut b.pending);
-                    b.rows = 0;
-                    b.bytes = 0;
+                    b.claimed_rows = std::mem::take(&mut b.rows);
+                    b.claimed_bytes = std::mem::take(&mut b.bytes);
                     b.claimed = Some((id, batches.clone()));
                     (id, batches)
                 }
@@ -314,7 +321,9 @@ impl ArrowPipeline {
             if let Some(log) = &inner.log {
                 log.lock().execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
             }
-            inner.buf.lock().claimed = None;
+            let mut b = inner.buf.lock();
+            (b.claimed, b.claimed_rows, b.claimed_bytes) = (None, 0, 0);
+            drop(b);
             let mut next = inner.next_id.lock();
             *next = Some(next.map_or(id + 1, |n| n.max(id + 1)));
         }
