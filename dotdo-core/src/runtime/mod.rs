@@ -787,7 +787,7 @@ impl ObjectRuntime {
         }
         let mut drained = std::collections::BTreeSet::new();
         // Objects left out of later rounds: taken over by another node, or diverged from cold.
-        let mut taken_over = std::collections::BTreeSet::new();
+        let mut left_out = std::collections::BTreeSet::new();
         let mut first_err: Option<Error> = None;
         loop {
             let mut batch = ColdBatch::default();
@@ -796,7 +796,7 @@ impl ObjectRuntime {
                 if budget == 0 {
                     break;
                 }
-                if taken_over.contains(object) {
+                if left_out.contains(object) {
                     continue;
                 }
                 let Some(info) = inner.hot.object_info(object).await? else { continue };
@@ -806,7 +806,7 @@ impl ObjectRuntime {
                 let records = inner.hot.read_changes(object, info.truncated_through, budget).await?;
                 if newer_holder(&records, *token).is_some() {
                     tracing::info!(object = %object, "dotdo flush_all: another node took the object over; skipped");
-                    taken_over.insert(object.clone());
+                    left_out.insert(object.clone());
                     continue;
                 }
                 budget -= records.len().min(budget);
@@ -828,7 +828,7 @@ impl ObjectRuntime {
                         // the others are drained, and the first such error is returned at the end.
                         tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
                         diverged_now.insert(oc.object.clone());
-                        taken_over.insert(oc.object.clone());
+                        left_out.insert(oc.object.clone());
                         first_err.get_or_insert(e);
                     }
                 }
@@ -849,7 +849,7 @@ impl ObjectRuntime {
             tracing::debug!(records = n, snapshot = ?commit.snapshot, "dotdo flush");
         }
         for (object, _, guard) in &mut held {
-            if taken_over.contains(object) {
+            if left_out.contains(object) {
                 guard.active = None;
             }
         }
@@ -1016,7 +1016,7 @@ impl ObjectRuntime {
                 continue;
             };
             if let Some(active) = guard.active.take() {
-                let _ = inner.guard.release(&active.lease).await;
+                release_quietly(inner, &active.lease).await;
             }
         }
         release_orphans(inner).await;
