@@ -5,9 +5,11 @@
 //!   PyIceberg's `SqlCatalog` opens the same file. It uses sqlx's bundled SQLite
 //!   (libsqlite3-sys 0.30), which is link-compatible with rusqlite 0.32 but **not** with libsql:
 //!   never link dotdo-iceberg and dotdo-libsql into one binary. dotdo switches the database to
-//!   WAL (durable with `synchronous=FULL`, one fsync per commit) and, after each acknowledged
-//!   commit, re-reads the table pointer, because iceberg-catalog-sql 0.10.1 ignores errors of
-//!   the SQL `COMMIT` (see `Settings::verify_commits`).
+//!   WAL (durable with `synchronous=FULL`, one fsync per commit). dotdo's commits move the
+//!   table pointer themselves, with the same compare-and-swap `UPDATE` as iceberg-catalog-sql but
+//!   without re-reading the table metadata first, and, after each acknowledged commit, re-read
+//!   the table pointer, because iceberg-catalog-sql 0.10.1 ignores errors of the SQL `COMMIT`
+//!   (see `Settings::verify_commits`).
 //! * [`CatalogConfig::Memory`]: iceberg's in-memory catalog, for tests (lost on restart).
 //! * `CatalogConfig::Rest` (feature `rest`, on by default): an Iceberg REST catalog (R2 Data
 //!   Catalog, Polaris, Lakekeeper) through `iceberg-catalog-rest`, by configuration.
@@ -16,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -285,10 +288,56 @@ async fn open_memory(name: &str, warehouse: &str, factory: Arc<dyn StorageFactor
 /// cumulative summary. Committing through this view pins the base to the table the watermarks
 /// were read from: if the head moved, the catalog's `RefSnapshotIdMatch` requirement fails with a
 /// conflict, and dotdo re-reads the watermarks before retrying.
+///
+/// With the SQL catalog (`swap` set), a commit to the pinned table is applied to the pinned
+/// table itself and lands by moving the catalog pointer from the pinned table's metadata
+/// location, in one conditional `UPDATE`. iceberg-catalog-sql's own `update_table` first reads
+/// and parses the current metadata JSON again, which holds every retained snapshot: that read
+/// made each commit slower the more snapshots a table had. The pointer compare-and-swap is the
+/// same, so the outcome is too: a commit lands only on the pinned table's metadata, and any
+/// commit that landed since makes it a conflict.
 #[derive(Debug)]
 pub(crate) struct PinnedCatalog<'a> {
-    pub(crate) inner: &'a dyn Catalog,
-    pub(crate) table: Table,
+    inner: &'a dyn Catalog,
+    table: Table,
+    swap: Option<&'a SqlVerifier>,
+}
+
+impl<'a> PinnedCatalog<'a> {
+    /// A view of `inner` pinned to `table`; `swap` is the SQL catalog's pointer access, if the
+    /// catalog is the SQL catalog.
+    pub(crate) fn new(inner: &'a dyn Catalog, table: Table, swap: Option<&'a SqlVerifier>) -> Self {
+        PinnedCatalog { inner, table, swap }
+    }
+
+    /// Commit `commit` on the pinned table through the SQL catalog's pointer swap.
+    async fn swap_commit(&self, swap: &SqlVerifier, commit: TableCommit) -> iceberg::Result<Table> {
+        let ident = commit.identifier().clone();
+        let base = self.table.metadata_location_result()?.to_string();
+        let staged = commit.apply(self.table.clone())?;
+        let location = iceberg::MetadataLocation::from_str(staged.metadata_location_result()?)?;
+        staged.metadata().write_to(staged.file_io(), &location).await?;
+        let new = location.to_string();
+        match swap.swap(&ident, &base, &new).await {
+            Ok(true) => Ok(staged),
+            Ok(false) => {
+                // Nothing references the new metadata file.
+                if let Err(e) = staged.file_io().delete(&new).await {
+                    tracing::debug!(file = %new, error = %e, "could not delete unreferenced table metadata");
+                }
+                Err(iceberg::Error::new(
+                    iceberg::ErrorKind::CatalogCommitConflicts,
+                    format!("commit conflicted for table {ident}: the catalog no longer points at {base}"),
+                )
+                .with_retryable(true))
+            }
+            // Not a conflict: the caller reads the catalog back to learn whether it landed.
+            Err(e) => Err(iceberg::Error::new(
+                iceberg::ErrorKind::Unexpected,
+                format!("moving the catalog pointer of {ident} to {new}: {e}"),
+            )),
+        }
+    }
 }
 
 #[async_trait]
@@ -348,7 +397,10 @@ impl Catalog for PinnedCatalog<'_> {
         self.inner.register_table(table, metadata_location).await
     }
     async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
-        self.inner.update_table(commit).await
+        match self.swap {
+            Some(swap) if commit.identifier() == self.table.identifier() => self.swap_commit(swap, commit).await,
+            _ => self.inner.update_table(commit).await,
+        }
     }
 }
 

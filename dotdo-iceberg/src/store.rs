@@ -427,8 +427,9 @@ fn plan(batch: &ColdBatch, prev: &Watermarks) -> Result<Plan> {
     Ok(Plan { parts, fresh, skipped, ranges, next, batch_marks })
 }
 
-/// Data files written for an attempt, and the per-object seq ranges they hold.
-type Written = (Vec<(ObjectId, Seq, Seq)>, Vec<DataFile>);
+/// Data files written for an attempt: the per-object seq ranges they hold, the partition spec
+/// they were written under, and the files.
+type Written = (Vec<(ObjectId, Seq, Seq)>, i32, Vec<DataFile>);
 
 /// How the last commit attempt ended.
 enum Attempt {
@@ -768,7 +769,7 @@ impl IcebergColdStore {
             .set_snapshot_properties(props)
             .with_check_duplicate(false)
             .apply(tx)?;
-        tx.commit(&PinnedCatalog { inner: &*self.inner.catalog, table: table.clone() }).await
+        tx.commit(&PinnedCatalog::new(&*self.inner.catalog, table.clone(), self.inner.verifier.as_ref())).await
     }
 
     /// The result of our commit `s`, found in `table` after an unknown outcome: planned against
@@ -864,10 +865,13 @@ impl IcebergColdStore {
                     watermarks: p.batch_marks,
                 });
             }
+            // Files are reused by a later attempt only under the spec they were written for:
+            // another engine may have evolved the table's partition spec meanwhile.
+            let spec_id = table.metadata().default_partition_spec_id();
             let files = match &written {
-                Some((ranges, files)) if *ranges == p.ranges => files.clone(),
+                Some((ranges, spec, files)) if *ranges == p.ranges && *spec == spec_id => files.clone(),
                 _ => {
-                    if let (Some((_, old)), Attempt::Conflict) = (written.take(), &last) {
+                    if let (Some((_, _, old)), Attempt::Conflict) = (written.take(), &last) {
                         // The earlier attempt definitely did not commit: its files are garbage.
                         let paths: Vec<String> = old.iter().map(|f| f.file_path().to_string()).collect();
                         self.delete_files(paths).await;
@@ -882,7 +886,7 @@ impl IcebergColdStore {
                             }
                             Err(e) => return Err(e),
                         };
-                    written = Some((p.ranges.clone(), files.clone()));
+                    written = Some((p.ranges.clone(), spec_id, files.clone()));
                     files
                 }
             };

@@ -256,9 +256,12 @@ impl ArrowTable {
             if rows == 0 {
                 return Ok(ArrowCommit { snapshot: None, rows: 0 });
             }
+            // Written files are reused only under the spec they were written for (another
+            // engine may evolve the partition spec between attempts); otherwise rewritten.
+            let spec_id = table.metadata().default_partition_spec_id();
             let data = match &files {
-                Some(f) => Clone::clone(f),
-                None => {
+                Some((spec, f)) if *spec == spec_id => Clone::clone(f),
+                _ => {
                     let f = write_user_files(
                         &self.store,
                         &table,
@@ -267,7 +270,7 @@ impl ArrowTable {
                         &what,
                     )
                     .await?;
-                    files = Some(f.clone());
+                    files = Some((spec_id, f.clone()));
                     f
                 }
             };
@@ -283,7 +286,7 @@ impl ArrowTable {
                 .apply(tx)
                 .map_err(|e| classify(e, &what))?;
             let catalog = self.store.catalog();
-            match tx.commit(&PinnedCatalog { inner: &*catalog, table: table.clone() }).await {
+            match tx.commit(&PinnedCatalog::new(&*catalog, table.clone(), self.store.inner.verifier.as_ref())).await {
                 Ok(t) => {
                     // A reported commit that the catalog did not make durable is not
                     // acknowledged: the next attempt reads the stream's mark back and commits
@@ -331,7 +334,9 @@ impl ArrowTable {
             .apply(tx)
             .map_err(|e| classify(e, &what).with_retryable(false))?;
         let catalog = self.store.catalog();
-        tx.commit(&PinnedCatalog { inner: &*catalog, table: table.clone() }).await.map_err(|e| classify(e, &what))?;
+        tx.commit(&PinnedCatalog::new(&*catalog, table.clone(), self.store.inner.verifier.as_ref()))
+            .await
+            .map_err(|e| classify(e, &what))?;
         let mut fields: Vec<arrow_schema::FieldRef> = self.user.fields().iter().cloned().collect();
         fields.push(Arc::new(arrow_schema::Field::new(name, data_type, true)));
         self.reopen(Arc::new(arrow_schema::Schema::new_with_metadata(fields, self.user.metadata().clone())), &what)

@@ -179,6 +179,79 @@ async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplic
     }
 }
 
+/// The `*.metadata.json` files under `dir`.
+fn metadata_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.to_string_lossy().ends_with(".metadata.json") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_lost_race_leaves_no_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_str().expect("utf-8").to_string();
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let open =
+        || IcebergColdStore::builder(path.clone()).object_store(recorded.clone()).table(["swap"], "changes").build();
+    let a = open().await.expect("writer a");
+    let b = open().await.expect("writer b");
+    let obj = ObjectId::new("obj").expect("id");
+    let batch = |seq: u64| ColdBatch {
+        objects: vec![ObjectChanges {
+            object: obj.clone(),
+            token: FencingToken::new(1),
+            records: vec![put(&obj, seq, &format!("k{seq}"), "v", 1)],
+        }],
+    };
+    a.append(batch(1)).await.expect("first append");
+
+    // Appends on a current table read no table metadata: the commit applies to the table in
+    // hand and moves the catalog pointer with a compare-and-swap.
+    recorded.reads.lock().clear();
+    for seq in 2..=4 {
+        assert_eq!(a.append(batch(seq)).await.expect("append").records_written, 1);
+    }
+    let reads = recorded.reads.lock().clone();
+    let metadata_reads: Vec<&String> = reads.iter().filter(|p| p.ends_with(".metadata.json")).collect();
+    assert!(metadata_reads.is_empty(), "appends re-read table metadata: {metadata_reads:?}");
+
+    // b still holds the table as it was before any append: its swap from that version loses,
+    // it reloads and commits on the current table. The metadata file of the lost attempt is
+    // deleted.
+    let other = ObjectId::new("other").expect("id");
+    let c = b
+        .append(ColdBatch {
+            objects: vec![ObjectChanges {
+                object: other.clone(),
+                token: FencingToken::new(1),
+                records: vec![put(&other, 1, "k", "v", 1)],
+            }],
+        })
+        .await
+        .expect("append from a stale handle");
+    assert_eq!((c.records_written, c.records_skipped), (1, 0));
+    let seqs: Vec<u64> = a.read_changes(&obj, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(a.read_changes(&other, 0, AsOf::Latest).await.expect("read").len(), 1);
+    // One metadata file per table version: creation, the table-property commit if any, and one
+    // per append; the lost attempt's file is gone.
+    let versions = metadata_files(dir.path()).len();
+    let history = a.table().metadata().metadata_log().len() + 1;
+    assert_eq!(versions, history, "metadata files {:?}", metadata_files(dir.path()));
+    assert_eq!(a.table().metadata().snapshots().count(), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_rest_catalog_is_a_retryable_unavailable_error() {
     let (_refusing, port) = dotdo_core::testkit::refused_port();

@@ -143,6 +143,8 @@ pub struct FaultyStore {
     pub injected: AtomicU64,
     /// Faults of kind FailAfter on writes so far.
     pub lost_replies: AtomicU64,
+    /// The paths read (`get_opts`, `get_ranges`) so far, in order.
+    pub reads: Mutex<Vec<String>>,
 }
 
 impl FaultyStore {
@@ -155,6 +157,7 @@ impl FaultyStore {
             enabled: AtomicBool::new(true),
             injected: AtomicU64::new(0),
             lost_replies: AtomicU64::new(0),
+            reads: Mutex::new(Vec::new()),
         }
     }
 
@@ -240,10 +243,12 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.reads.lock().push(location.to_string());
         self.run(false, "get", location, self.inner.get_opts(location, options)).await
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+        self.reads.lock().push(location.to_string());
         self.run(false, "get_ranges", location, self.inner.get_ranges(location, ranges)).await
     }
 
