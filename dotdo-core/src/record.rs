@@ -286,6 +286,29 @@ impl Entry {
     }
 }
 
+/// Check the arguments of [`HotStore::restore`](crate::HotStore::restore) before anything is
+/// written: every entry within the limits, `through_seq` a valid sequence number, each key at
+/// most once (an object's state holds one value per key) and no entry newer than `through_seq`
+/// (writes after the restore continue at `through_seq + 1`). `InvalidInput` otherwise, naming
+/// the offending key.
+pub fn validate_restore(entries: &[Entry], through_seq: Seq) -> Result<()> {
+    validate_seq(through_seq, "restore through_seq")?;
+    let mut keys = std::collections::HashSet::with_capacity(entries.len());
+    for e in entries {
+        e.validate()?;
+        if e.seq > through_seq {
+            return Err(Error::invalid(format!(
+                "restore entry {:?} has seq {} above the restore's through_seq {through_seq}",
+                e.key, e.seq
+            )));
+        }
+        if !keys.insert(e.key.as_str()) {
+            return Err(Error::invalid(format!("restore entries hold key {:?} more than once", e.key)));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -295,8 +295,7 @@ impl HotStore for LibsqlStore {
         through_seq: Seq,
     ) -> Result<()> {
         token.validate()?;
-        entries.iter().try_for_each(Entry::validate)?;
-        dotdo_core::record::validate_seq(through_seq, "restore through_seq")?;
+        dotdo_core::record::validate_restore(&entries, through_seq)?;
         let p = vec![t(object.as_str()), i(token.get()), i(through_seq)];
         // Conflict: pending changes, or a last seq above `through_seq`.
         let conflict = format!("({PENDING} OR {LAST} > ?3)");

@@ -728,8 +728,7 @@ impl HotStore for SqliteStore {
         through_seq: Seq,
     ) -> Result<()> {
         token.validate()?;
-        entries.iter().try_for_each(Entry::validate)?;
-        dotdo_core::record::validate_seq(through_seq, "restore through_seq")?;
+        dotdo_core::record::validate_restore(&entries, through_seq)?;
         let object = object.clone();
         self.run(move |inner| {
             inner.write_tx("restore", |tx| {

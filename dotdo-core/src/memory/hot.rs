@@ -231,8 +231,7 @@ impl HotStore for MemoryBackend {
         entries: Vec<Entry>,
         through_seq: Seq,
     ) -> Result<()> {
-        entries.iter().try_for_each(Entry::validate)?;
-        crate::record::validate_seq(through_seq, "restore through_seq")?;
+        crate::record::validate_restore(&entries, through_seq)?;
         let mut st = self.state.lock();
         st.check_token(object, token)?;
         let (last, truncated) = st.seqs(object);

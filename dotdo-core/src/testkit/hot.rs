@@ -434,6 +434,28 @@ pub async fn restore_installs_state_and_continues_sequence(f: &HotFactory) {
     assert_eq!(fx.hot.get(&l.object, "c").await.expect("get"), Some(b("3")));
 }
 
+/// A restore with a key twice or an entry newer than its `through_seq` is `InvalidInput` and
+/// changes nothing (state, sequence and token stay as they were).
+pub async fn restore_refuses_malformed_state(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let e = |key: &str, seq| crate::Entry { key: key.into(), value: b("v"), seq };
+    fx.hot.restore(&l.object, l.token, vec![e("a", 2)], 2).await.expect("restore");
+    let higher = FencingToken::new(l.token.get() + 1);
+    for (entries, through, why) in [
+        (vec![e("a", 3), e("b", 4), e("a", 5)], 5, "a key twice"),
+        (vec![e("a", 3), e("b", 9)], 5, "an entry above through_seq"),
+    ] {
+        let err = fx.hot.restore(&l.object, higher, entries, through).await.expect_err(why);
+        assert_eq!(err.kind(), &ErrorKind::InvalidInput, "{why}: {err}");
+    }
+    assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list"), vec![e("a", 2)]);
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+    assert_eq!(info.last_seq, 2);
+    let r = fx.hot.put(&l.object, l.token, "T", "b", b("2")).await.expect("the holder still writes");
+    assert_eq!(r.first_seq, 3);
+}
+
 /// A call that is refused (invalid or conflicting) changes nothing, its token included: a
 /// higher token presented by a refused truncate, evict or restore does not fence the holder.
 pub async fn refused_calls_do_not_raise_the_token(f: &HotFactory) {
@@ -1035,6 +1057,7 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         paused_holder_past_ttl_is_fenced,
         evict_requires_drained_changes_and_keeps_sequence,
         restore_installs_state_and_continues_sequence,
+        restore_refuses_malformed_state,
         refused_calls_do_not_raise_the_token,
         concurrent_writers_get_unique_sequences,
         acquire_grants_token_and_blocks_others,

@@ -310,6 +310,7 @@ macro_rules! hot_conformance {
             paused_holder_past_ttl_is_fenced,
             evict_requires_drained_changes_and_keeps_sequence,
             restore_installs_state_and_continues_sequence,
+            restore_refuses_malformed_state,
             refused_calls_do_not_raise_the_token,
             concurrent_writers_get_unique_sequences,
             acquire_grants_token_and_blocks_others,
