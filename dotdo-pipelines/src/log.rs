@@ -201,6 +201,11 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
     use rusqlite::ErrorCode::*;
     let code = match &e {
         rusqlite::Error::SqliteFailure(f, _) => Some(f.code),
+        // A stored value that does not fit the log's schema (an invalid object id, text where a
+        // number belongs): the file was damaged or written by something else.
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => Some(DatabaseCorrupt),
         _ => None,
     };
     let err = match code {
@@ -553,5 +558,25 @@ mod tests {
         let failed: Result<()> = fully_synced(&mut conn, |_| Err(Error::unavailable("claim failed")));
         assert!(failed.is_err());
         assert_eq!(level(&conn).expect("level"), 1, "NORMAL again after a failed claim");
+    }
+
+    /// A log row that does not fit the schema (an invalid object id, a sequence number that is
+    /// not a number) is `Corrupt`, not a backend failure to retry.
+    #[test]
+    fn rows_that_do_not_fit_the_schema_are_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SqliteLog::open(&dir.path().join("log.db")).expect("open");
+        log.conn
+            .lock()
+            .execute_batch(
+                "INSERT INTO pipeline_log (route, do_id, type, key, value, ts, batch, seq) \
+                 VALUES ('r', '', 'T', 'k', x'00', 0, 1, 1);",
+            )
+            .expect("insert");
+        let Err(e) = log.claimed(FencingToken::new(1)) else { panic!("an invalid object id was read") };
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        log.conn.lock().execute_batch("UPDATE pipeline_log SET do_id = 'obj', seq = 'x';").expect("update");
+        let Err(e) = log.claimed(FencingToken::new(1)) else { panic!("a text sequence number was read") };
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
     }
 }
