@@ -159,6 +159,35 @@ async fn long_handler_is_kept_alive_by_renewal() {
     assert!(!w.hot.is_available(&o).await.expect("available"));
 }
 
+/// A read-only call whose lease ran out before it answered (the process paused between the read
+/// and the answer) is refused: another node may have written since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_call_whose_lease_ran_out_is_refused_not_answered() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("first");
+    let clock = w.clock.clone();
+    let r = rt
+        .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
+            let v = t.get("n").await?;
+            // The pause: the clock passes the lease's expiry and the handler answers at once,
+            // before the renewal could run.
+            clock.advance(TTL * 2);
+            Ok::<_, Error>(v)
+        })
+        .await;
+    let e = r.expect_err("the lease ran out before the answer");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    assert_eq!(rt.metrics().self_fenced, 1);
+    // Meanwhile another node took the object over and wrote; the first node's next call
+    // activates again and reads the new state.
+    let b = w.runtime("b", settings());
+    assert_eq!(incr(&b, &o).await.expect("b takes over"), 2);
+    b.shutdown().await.expect("b gives the lease back");
+    assert_eq!(get(&rt, &o, "n").await.expect("read again").as_deref(), Some(&b"2"[..]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_self_fences_when_renewal_fails() {
     let w = World::new();

@@ -368,7 +368,8 @@ impl ObjectRuntime {
     /// cycle of objects): that call waits for the handler itself, forever, while renewal keeps
     /// the lease. Calls on other objects are fine. Errors: `LeaseHeld` if another
     /// node holds the lease (after `acquire_timeout`), `Fenced` / `LeaseLost` if the lease was
-    /// lost, `Shutdown` during shutdown, the handler's own error (nothing written), or any store
+    /// lost (a read-only call also if its lease ran out before the handler finished),
+    /// `Shutdown` during shutdown, the handler's own error (nothing written), or any store
     /// error.
     pub async fn invoke_typed<T, E, F>(&self, object: &ObjectId, type_name: &str, handler: F) -> Result<T, E>
     where
@@ -418,7 +419,22 @@ impl ObjectRuntime {
             }
             Ok(Ok(v)) => v,
         };
-        if !ops.is_empty() {
+        if ops.is_empty() {
+            // A read-only call answers from this node's state, which is current only while its
+            // lease holds: if the lease ran out before the handler finished (a process pause,
+            // or the handler finishing just as the renewal timed out), another node may have
+            // written since, so the answer is refused, like a lost renewal.
+            let expires_at = slot.active.as_ref().map(|a| a.lease.expires_at);
+            if expires_at.is_some_and(|at| self.inner.clock.now() >= at) {
+                self.inner.metrics.lock().self_fenced += 1;
+                slot.active = None;
+                return Err(Error::new(
+                    ErrorKind::LeaseLost { object: object.clone() },
+                    "the lease ran out before the read-only handler finished; its answer may be stale",
+                )
+                .into());
+            }
+        } else {
             if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
                 if lease_gone(&e) {
                     self.inner.metrics.lock().fenced += u64::from(e.is_fenced());
