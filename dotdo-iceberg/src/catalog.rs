@@ -201,6 +201,37 @@ impl SqlVerifier {
     }
 }
 
+/// How a pointer swap ended (see [`SqlVerifier::swap_resolved`]).
+pub(crate) enum Swapped {
+    /// The pointer moved to the new metadata: committed.
+    Landed,
+    /// The pointer was not at the base: another commit landed first; nothing was committed.
+    Lost,
+}
+
+impl SqlVerifier {
+    /// [`swap`](Self::swap), and if the swap itself failed, a read of the pointer to learn
+    /// whether it landed anyway. The error of a swap that did not land keeps its kind
+    /// (`Unavailable` for a busy or unreachable database); `AmbiguousOutcome` if the pointer
+    /// could not be read or points at neither version (ours may have landed and been built on).
+    pub(crate) async fn swap_resolved(&self, ident: &TableIdent, base: &str, new: &str) -> Result<Swapped> {
+        match self.swap(ident, base, new).await {
+            Ok(true) => Ok(Swapped::Landed),
+            Ok(false) => Ok(Swapped::Lost),
+            Err(e) => match self.metadata_location(ident).await {
+                Ok(Some(now)) if now == new => Ok(Swapped::Landed),
+                Ok(Some(now)) if now == base => Err(e),
+                _ => Err(Error::new(
+                    dotdo_core::ErrorKind::AmbiguousOutcome,
+                    format!(
+                        "moving the catalog pointer of {ident} failed and its outcome could not be established: {e}"
+                    ),
+                )),
+            },
+        }
+    }
+}
+
 /// An opened catalog and, for SQL catalogs, its commit verifier.
 pub(crate) struct Opened {
     pub(crate) catalog: Arc<dyn Catalog>,
@@ -257,7 +288,13 @@ async fn open_sql(uri: &str, name: &str, warehouse: &str, factory: Arc<dyn Stora
     } else {
         uri.to_string()
     };
-    let verifier = if uri.starts_with("sqlite:") { Some(SqlVerifier::connect(&uri, name).await?) } else { None };
+    // The verifier opens its own connection: to an in-memory database that would be another,
+    // empty database, so in-memory catalogs commit through iceberg-catalog-sql alone.
+    let verifier = if uri.starts_with("sqlite:") && sqlite_path(&uri).is_some() {
+        Some(SqlVerifier::connect(&uri, name).await?)
+    } else {
+        None
+    };
     let catalog = iceberg_catalog_sql::SqlCatalogBuilder::default()
         .uri(uri.clone())
         .warehouse_location(warehouse.to_string())
@@ -293,9 +330,11 @@ async fn open_memory(name: &str, warehouse: &str, factory: Arc<dyn StorageFactor
 /// table itself and lands by moving the catalog pointer from the pinned table's metadata
 /// location, in one conditional `UPDATE`. iceberg-catalog-sql's own `update_table` first reads
 /// and parses the current metadata JSON again, which holds every retained snapshot: that read
-/// made each commit slower the more snapshots a table had. The pointer compare-and-swap is the
-/// same, so the outcome is too: a commit lands only on the pinned table's metadata, and any
-/// commit that landed since makes it a conflict.
+/// made each commit slower the more snapshots a table had. The compare-and-swap is on the exact
+/// metadata location, which is stricter than iceberg's requirement checks: any commit that
+/// landed since the pinned version (also one that changed only properties, the schema or the
+/// partition spec, which iceberg-catalog-sql would have rebased onto) makes it a conflict, and
+/// the caller reloads and retries.
 #[derive(Debug)]
 pub(crate) struct PinnedCatalog<'a> {
     inner: &'a dyn Catalog,
@@ -318,26 +357,35 @@ impl<'a> PinnedCatalog<'a> {
         let location = iceberg::MetadataLocation::from_str(staged.metadata_location_result()?)?;
         staged.metadata().write_to(staged.file_io(), &location).await?;
         let new = location.to_string();
-        match swap.swap(&ident, &base, &new).await {
-            Ok(true) => Ok(staged),
-            Ok(false) => {
+        match swap.swap_resolved(&ident, &base, &new).await {
+            Ok(Swapped::Landed) => Ok(staged),
+            Ok(Swapped::Lost) => {
                 // Nothing references the new metadata file.
                 if let Err(e) = staged.file_io().delete(&new).await {
                     tracing::debug!(file = %new, error = %e, "could not delete unreferenced table metadata");
                 }
-                Err(iceberg::Error::new(
-                    iceberg::ErrorKind::CatalogCommitConflicts,
-                    format!("commit conflicted for table {ident}: the catalog no longer points at {base}"),
-                )
-                .with_retryable(true))
+                Err(lost_swap(&ident, &base))
             }
-            // Not a conflict: the caller reads the catalog back to learn whether it landed.
+            // Not a conflict: `classify` keeps the error's kind (the source), and callers read
+            // the table back after an unknown outcome.
             Err(e) => Err(iceberg::Error::new(
                 iceberg::ErrorKind::Unexpected,
-                format!("moving the catalog pointer of {ident} to {new}: {e}"),
-            )),
+                format!("moving the catalog pointer of {ident} to {new}"),
+            )
+            .with_source(e)),
         }
     }
+}
+
+/// The error of a pointer swap that lost to another commit: a conflict for dotdo (which
+/// reloads and retries), not retryable for iceberg's own commit retry (a retry on the same
+/// pinned table would lose again).
+pub(crate) fn lost_swap(ident: &TableIdent, base: &str) -> iceberg::Error {
+    iceberg::Error::new(
+        iceberg::ErrorKind::CatalogCommitConflicts,
+        format!("commit conflicted for table {ident}: the catalog no longer points at {base}"),
+    )
+    .with_retryable(false)
 }
 
 #[async_trait]

@@ -21,6 +21,7 @@ use iceberg::{MetadataLocation, TableRequirement, TableUpdate};
 
 use dotdo_core::{Clock, Error, ErrorKind, Result};
 
+use crate::catalog::Swapped;
 use crate::error::classify;
 use crate::store::IcebergColdStore;
 
@@ -80,28 +81,13 @@ impl IcebergColdStore {
         new_md.write_to(table.file_io(), &location).await.map_err(|e| classify(e, what))?;
         let new_location = location.to_string();
         let ident = table.identifier();
-        match verifier.swap(ident, &current, &new_location).await {
-            Ok(true) => {}
-            Ok(false) => {
+        match verifier.swap_resolved(ident, &current, &new_location).await {
+            Ok(Swapped::Landed) => {}
+            Ok(Swapped::Lost) => {
                 self.delete_files(vec![new_location]).await;
                 return Err(Error::new(ErrorKind::Conflict, format!("{what}: the table changed concurrently")));
             }
-            Err(e) => {
-                // Did the UPDATE land before the error?
-                match verifier.metadata_location(ident).await {
-                    Ok(Some(now)) if now == new_location => {}
-                    // Still the base: the update did not land.
-                    Ok(Some(now)) if now == current => return Err(e.context(what)),
-                    // Neither ours nor the base (ours may have landed and been built on), or
-                    // unreadable: unknown.
-                    _ => {
-                        return Err(Error::new(
-                            ErrorKind::AmbiguousOutcome,
-                            format!("{what}: catalog update failed and its outcome could not be established: {e}"),
-                        ))
-                    }
-                }
-            }
+            Err(e) => return Err(e.context(what)),
         }
         // Committed: from here on nothing may report failure (a caller would delete files the
         // new metadata references). The new table is built from what was just written.

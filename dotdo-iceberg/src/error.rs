@@ -153,6 +153,14 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
             Cause::Undecodable
         } else if let Some(ib) = err.downcast_ref::<iceberg::Error>() {
             iceberg_cause(ib)
+        } else if let Some(d) = err.downcast_ref::<Error>() {
+            // dotdo's own errors raised inside an iceberg call (the SQL catalog pointer swap).
+            match d.kind() {
+                ErrorKind::Unavailable => Cause::CatalogUnavailable,
+                ErrorKind::AmbiguousOutcome => Cause::OutcomeUnknown,
+                ErrorKind::Conflict => Cause::CommitConflict,
+                _ => Cause::Other,
+            }
         } else {
             Cause::Other
         };

@@ -222,7 +222,7 @@ impl ArrowTable {
         }
         let rows: u64 = rebatched.iter().map(|b| b.num_rows() as u64).sum();
         let what = format!("appending batch {batch_id} of stream {stream} to {}", self.ident);
-        let mut files = None;
+        let mut files: Option<(i32, Vec<iceberg::spec::DataFile>)> = None;
         let attempts = self.store.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
         for attempt in 0..attempts {
@@ -262,6 +262,14 @@ impl ArrowTable {
             let data = match &files {
                 Some((spec, f)) if *spec == spec_id => Clone::clone(f),
                 _ => {
+                    if let Some((_, old)) = files.take() {
+                        // Written under a spec the table no longer has; after a definite
+                        // conflict nothing references them (after an unknown outcome they may
+                        // be committed: cleanup judges them once they are old enough).
+                        if last_err.as_ref().is_some_and(|e: &Error| e.kind() == &ErrorKind::Conflict) {
+                            self.store.delete_files(old.iter().map(|f| f.file_path().to_string()).collect()).await;
+                        }
+                    }
                     let f = write_user_files(
                         &self.store,
                         &table,
@@ -326,17 +334,54 @@ impl ArrowTable {
             return Err(Error::invalid(format!("{what}: the column exists")));
         }
         let ty = round_trip_type(&data_type, &what)?;
-        let table = self.load().await?;
-        let tx = Transaction::new(&table);
-        let tx = tx
-            .update_schema()
-            .add_column(iceberg::transaction::AddColumn::optional(name, ty))
-            .apply(tx)
-            .map_err(|e| classify(e, &what).with_retryable(false))?;
-        let catalog = self.store.catalog();
-        tx.commit(&PinnedCatalog::new(&*catalog, table.clone(), self.store.inner.verifier.as_ref()))
-            .await
-            .map_err(|e| classify(e, &what))?;
+        // A commit that lands first (an append, another engine's change) makes this one a
+        // conflict: reload and add the column to the new version. An unknown outcome is settled
+        // by the reload too: the column is then in the table.
+        let attempts = self.store.inner.settings.max_commit_attempts.max(1);
+        let mut last_err = None;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                let base = self.store.inner.settings.retry_base_delay;
+                crate::store::retry_pause(base.saturating_mul(2u32.saturating_pow(attempt.min(6)))).await;
+            }
+            let table = match self.load().await {
+                Ok(t) => t,
+                Err(e) if e.is_retryable() => {
+                    last_err = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if table.metadata().current_schema().field_by_name(name).is_some() {
+                last_err = None;
+                break;
+            }
+            let tx = Transaction::new(&table);
+            let tx = tx
+                .update_schema()
+                .add_column(iceberg::transaction::AddColumn::optional(name, ty.clone()))
+                .apply(tx)
+                .map_err(|e| classify(e, &what).with_retryable(false))?;
+            let catalog = self.store.catalog();
+            match tx.commit(&PinnedCatalog::new(&*catalog, table.clone(), self.store.inner.verifier.as_ref())).await {
+                Ok(_) => {
+                    last_err = None;
+                    break;
+                }
+                Err(e) => {
+                    let err = classify(e, &what);
+                    match err.kind() {
+                        ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome => {
+                            last_err = Some(err)
+                        }
+                        _ => return Err(err),
+                    }
+                }
+            }
+        }
+        if let Some(e) = last_err {
+            return Err(e);
+        }
         let mut fields: Vec<arrow_schema::FieldRef> = self.user.fields().iter().cloned().collect();
         fields.push(Arc::new(arrow_schema::Field::new(name, data_type, true)));
         self.reopen(Arc::new(arrow_schema::Schema::new_with_metadata(fields, self.user.metadata().clone())), &what)

@@ -252,6 +252,86 @@ async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_l
     assert_eq!(a.table().metadata().snapshots().count(), 5);
 }
 
+/// While another process holds the SQL catalog's write lock past the busy timeout, a commit
+/// fails with a retryable `Unavailable` (the pointer was read back: still the base), for the
+/// change log and for user tables alike; once the lock is gone the same batch commits once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_sql_catalog_is_a_retryable_unavailable_error_and_nothing_is_committed_twice() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["locked"], "changes")
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["locked"], "events", schema.clone()).await.expect("user table");
+    let rows = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1, 2, 3]))]).expect("batch");
+    let obj = ObjectId::new("obj").expect("id");
+    let batch = ColdBatch {
+        objects: vec![ObjectChanges {
+            object: obj.clone(),
+            token: FencingToken::new(1),
+            records: vec![put(&obj, 1, "k", "v", 1)],
+        }],
+    };
+
+    // Another process takes the catalog database's write lock and keeps it.
+    let lock = rusqlite::Connection::open(dir.path().join("catalog.db")).expect("open catalog db");
+    lock.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
+    let e = cold.append(batch.clone()).await.expect_err("the catalog is locked");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    let e = user.append("s", 1, vec![rows.clone()]).await.expect_err("the catalog is locked");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    lock.execute_batch("ROLLBACK").expect("release the lock");
+
+    let c = cold.append(batch).await.expect("append once the lock is gone");
+    assert_eq!(c.records_written, 1);
+    assert_eq!(cold.read_changes(&obj, 0, AsOf::Latest).await.expect("read").len(), 1);
+    assert_eq!(user.append("s", 1, vec![rows]).await.expect("user append").rows, 3);
+    assert_eq!(cold.table().metadata().snapshots().count(), 1, "the failed attempt left no snapshot");
+}
+
+/// A user-table append that lands while `add_column` commits (between its load and its pointer
+/// swap) makes the schema change a conflict; `add_column` reloads and adds the column on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_column_retries_over_an_append_that_landed_first() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let hooked = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .table(["hook"], "changes")
+        .build()
+        .await
+        .expect("open");
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let t = cold.arrow_table(&["hook"], "events", schema.clone()).await.expect("user table");
+    let rows = |v: Vec<i32>| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(v))]).expect("batch");
+    t.append("s", 1, vec![rows(vec![1])]).await.expect("first append");
+    // The next metadata file written is add_column's: just before it, another writer appends.
+    let other = t.clone();
+    let concurrent = rows(vec![2, 3]);
+    *hooked.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".to_string(),
+        Box::pin(async move {
+            other.append("s", 2, vec![concurrent]).await.expect("concurrent append");
+        }),
+    ));
+    let t = t.add_column("note", DataType::Utf8).await.expect("add_column over a concurrent append");
+    assert!(hooked.before_put.lock().is_none(), "the concurrent append ran");
+    assert_eq!(t.last_batch("s").await.expect("mark"), 2, "the concurrent append is kept");
+    let md = cold.catalog().load_table(&iceberg::TableIdent::from_strs(["hook", "events"]).expect("ident")).await;
+    let md = md.expect("load").metadata().clone();
+    assert!(md.current_schema().field_by_name("note").is_some());
+    assert_eq!(md.snapshots().count(), 2, "both appends are in the table");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_rest_catalog_is_a_retryable_unavailable_error() {
     let (_refusing, port) = dotdo_core::testkit::refused_port();

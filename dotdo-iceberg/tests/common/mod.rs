@@ -145,6 +145,18 @@ pub struct FaultyStore {
     pub lost_replies: AtomicU64,
     /// The paths read (`get_opts`, `get_ranges`) so far, in order.
     pub reads: Mutex<Vec<String>>,
+    /// Run once, before the first put whose path ends with the given suffix (a concurrent
+    /// commit landing at a chosen moment).
+    pub before_put: Mutex<Option<PutHook>>,
+}
+
+/// A future run before the first put whose path ends with `.0` (see [`FaultyStore::before_put`]).
+pub struct PutHook(pub String, pub futures::future::BoxFuture<'static, ()>);
+
+impl fmt::Debug for PutHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PutHook({:?})", self.0)
+    }
 }
 
 impl FaultyStore {
@@ -158,6 +170,7 @@ impl FaultyStore {
             injected: AtomicU64::new(0),
             lost_replies: AtomicU64::new(0),
             reads: Mutex::new(Vec::new()),
+            before_put: Mutex::new(None),
         }
     }
 
@@ -230,6 +243,16 @@ impl ObjectStore for FaultyStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
+        let hook = {
+            let mut h = self.before_put.lock();
+            match h.as_ref() {
+                Some(PutHook(suffix, _)) if location.as_ref().ends_with(suffix.as_str()) => h.take().map(|h| h.1),
+                _ => None,
+            }
+        };
+        if let Some(f) = hook {
+            f.await;
+        }
         self.run(true, "put", location, self.inner.put_opts(location, payload, opts)).await
     }
 
