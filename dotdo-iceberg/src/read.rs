@@ -306,13 +306,13 @@ impl IcebergColdStore {
         Ok(location)
     }
 
-    /// The live data files of `snapshot`.
-    pub(crate) async fn files_of(&self, table: &Table, snapshot: &SnapshotRef) -> Result<Vec<Arc<FileInfo>>> {
+    /// The manifests listed by `snapshot`'s manifest list (cached by path: it is immutable).
+    pub(crate) async fn manifests_of(&self, table: &Table, snapshot: &SnapshotRef) -> Result<Arc<Vec<ManifestFile>>> {
         let cache = &self.inner.cache;
         let list_path = snapshot.manifest_list().to_string();
         let cached = cache.lists.lock().get(&list_path).cloned();
-        let manifests = match cached {
-            Some(m) => m,
+        match cached {
+            Some(m) => Ok(m),
             None => {
                 let list = table
                     .manifest_list_reader(snapshot)
@@ -321,9 +321,20 @@ impl IcebergColdStore {
                     .map_err(|e| classify(e, &format!("manifest list {list_path}")))?;
                 let m = Arc::new(list.entries().to_vec());
                 put_bounded(&cache.lists, list_path, m.clone());
-                m
+                Ok(m)
             }
-        };
+        }
+    }
+
+    /// Remember the manifests of a manifest list this store has just written.
+    pub(crate) fn remember_manifests(&self, list_path: &str, manifests: Vec<ManifestFile>) {
+        put_bounded(&self.inner.cache.lists, list_path.to_string(), Arc::new(manifests));
+    }
+
+    /// The live data files of `snapshot`.
+    pub(crate) async fn files_of(&self, table: &Table, snapshot: &SnapshotRef) -> Result<Vec<Arc<FileInfo>>> {
+        let cache = &self.inner.cache;
+        let manifests = self.manifests_of(table, snapshot).await?;
         let schema = table.metadata().current_schema();
         let id = |n: &str| schema.field_id_by_name(n).unwrap_or(-1);
         let (do_id_f, key_f, seq_f) = (id("do_id"), id("key"), id("seq"));

@@ -762,6 +762,11 @@ impl IcebergColdStore {
         files: Vec<DataFile>,
         props: HashMap<String, String>,
     ) -> iceberg::Result<Table> {
+        if let Some(swap) = &self.inner.verifier {
+            if table.metadata().format_version() == iceberg::spec::FormatVersion::V2 {
+                return self.fast_append(swap, table, files, props).await;
+            }
+        }
         let tx = Transaction::new(table);
         let tx = tx
             .fast_append()

@@ -225,6 +225,23 @@ async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_l
     let reads = recorded.reads.lock().clone();
     let metadata_reads: Vec<&String> = reads.iter().filter(|p| p.ends_with(".metadata.json")).collect();
     assert!(metadata_reads.is_empty(), "appends re-read table metadata: {metadata_reads:?}");
+    // Nor the manifest list of the snapshot before: this store wrote it.
+    let list_reads: Vec<&String> = reads.iter().filter(|p| p.contains("/metadata/snap-")).collect();
+    assert!(list_reads.is_empty(), "appends re-read manifest lists: {list_reads:?}");
+    // The snapshot is the one iceberg's fast append makes: operation append, the added and
+    // total metrics, the parent's manifests plus one new one.
+    let t = a.table();
+    let head = t.metadata().current_snapshot().expect("head").clone();
+    assert_eq!(head.summary().operation, iceberg::spec::Operation::Append);
+    let p = &head.summary().additional_properties;
+    for (k, v) in [("added-records", "1"), ("added-data-files", "1"), ("total-records", "4"), ("total-data-files", "4")]
+    {
+        assert_eq!(p.get(k).map(String::as_str), Some(v), "{k} in {p:?}");
+    }
+    assert_eq!(p.get("total-delete-files").map(String::as_str), Some("0"), "{p:?}");
+    let listed = t.manifest_list_reader(&head).load().await.expect("manifest list");
+    assert_eq!(listed.entries().len(), 4, "one manifest per append");
+    assert!(listed.entries().iter().all(|m| m.sequence_number > 0 && m.min_sequence_number > 0));
 
     // b still holds the table as it was before any append: its swap from that version loses,
     // it reloads and commits on the current table. The metadata file of the lost attempt is
