@@ -91,7 +91,7 @@ impl IcebergColdStore {
         }
         // Committed: from here on nothing may report failure (a caller would delete files the
         // new metadata references). The new table is built from what was just written.
-        let t = match rebuilt(table, new_md, new_location) {
+        let t = match rebuilt(table, new_md, new_location, &self.inner.runtime) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "{what}: committed; rebuilding the table handle failed, reloading");
@@ -457,78 +457,101 @@ impl IcebergColdStore {
             }
         }
 
-        // The new manifest: every file ADDED by this snapshot at its sequence number.
+        if files.is_empty() {
+            return Err(iceberg::Error::new(
+                iceberg::ErrorKind::PreconditionFailed,
+                "an append needs at least one data file",
+            ));
+        }
         let manifest_path = format!("{location}/metadata/{}-m0.avro", uuid::Uuid::new_v4());
-        let mut w = ManifestWriterBuilder::new(
-            io.new_output(&manifest_path)?,
-            Some(snapshot_id),
-            md.current_schema().clone(),
-            spec,
-        )
-        .build_v2_data();
-        for f in files {
-            w.add_file(f, seq)?;
-        }
-        let manifest = w.write_manifest_file().await?;
-        let mut manifests: Vec<ManifestFile> = match &head {
-            Some(h) => self
-                .manifests_of(table, h)
-                .await
-                .map_err(wrap)?
-                .iter()
-                .filter(|m| m.has_added_files() || m.has_existing_files() || m.has_deleted_files())
-                .cloned()
-                .collect(),
-            None => Vec::new(),
-        };
-        manifests.push(manifest);
-
         let list_path = format!("{location}/metadata/snap-{snapshot_id}-0-{}.avro", uuid::Uuid::new_v4());
-        let mut lw = ManifestListWriter::v2(
-            io.new_output(&list_path)?.writer().await?,
-            snapshot_id,
-            head.as_ref().map(|h| h.snapshot_id()),
-            seq,
-        );
-        lw.add_manifests(manifests.iter().cloned())?;
-        let snapshot = Snapshot::builder()
-            .with_snapshot_id(snapshot_id)
-            .with_parent_snapshot_id(head.as_ref().map(|h| h.snapshot_id()))
-            .with_sequence_number(seq)
-            .with_timestamp_ms(dotdo_core::SystemClock::new().now().as_millis().max(md.last_updated_ms()))
-            .with_manifest_list(list_path.clone())
-            .with_summary(Summary { operation: Operation::Append, additional_properties: summary })
-            .with_schema_id(md.current_schema_id())
-            .build();
-        let mut builder = md.clone().into_builder(Some(base.clone()));
-        for u in [
-            TableUpdate::AddSnapshot { snapshot },
-            TableUpdate::SetSnapshotRef {
-                ref_name: MAIN_BRANCH.to_string(),
-                reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
-            },
-        ] {
-            builder = u.apply(builder)?;
+        // The files this attempt writes: deleted unless the commit landed or its outcome is
+        // unknown (a metadata JSON written beside a list that failed must not linger either).
+        let mut written = vec![manifest_path.clone(), list_path.clone()];
+        let prepared = async {
+            // The new manifest: every file ADDED by this snapshot at its sequence number.
+            let mut w = ManifestWriterBuilder::new(
+                io.new_output(&manifest_path)?,
+                Some(snapshot_id),
+                md.current_schema().clone(),
+                spec,
+            )
+            .build_v2_data();
+            for f in files {
+                w.add_file(f, seq)?;
+            }
+            let manifest = w.write_manifest_file().await?;
+            let mut manifests: Vec<ManifestFile> = match &head {
+                Some(h) => self
+                    .manifests_of(table, h)
+                    .await
+                    .map_err(wrap)?
+                    .iter()
+                    .filter(|m| m.has_added_files() || m.has_existing_files() || m.has_deleted_files())
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            };
+            manifests.push(manifest);
+            let mut lw = ManifestListWriter::v2(
+                io.new_output(&list_path)?.writer().await?,
+                snapshot_id,
+                head.as_ref().map(|h| h.snapshot_id()),
+                seq,
+            );
+            lw.add_manifests(manifests.iter().cloned())?;
+            let snapshot = Snapshot::builder()
+                .with_snapshot_id(snapshot_id)
+                .with_parent_snapshot_id(head.as_ref().map(|h| h.snapshot_id()))
+                .with_sequence_number(seq)
+                .with_timestamp_ms(dotdo_core::SystemClock::new().now().as_millis().max(md.last_updated_ms()))
+                .with_manifest_list(list_path.clone())
+                .with_summary(Summary { operation: Operation::Append, additional_properties: summary })
+                .with_schema_id(md.current_schema_id())
+                .build();
+            let mut builder = md.clone().into_builder(Some(base.clone()));
+            for u in [
+                TableUpdate::AddSnapshot { snapshot },
+                TableUpdate::SetSnapshotRef {
+                    ref_name: MAIN_BRANCH.to_string(),
+                    reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
+                },
+            ] {
+                builder = u.apply(builder)?;
+            }
+            let new_md = builder.build()?.metadata;
+            let new_location = MetadataLocation::from_str(&base)?.with_next_version().with_new_metadata(&new_md);
+            written.push(new_location.to_string());
+            let (listed, json) = futures::join!(lw.close(), new_md.write_to(io, &new_location));
+            listed?;
+            json?;
+            Ok::<_, iceberg::Error>((new_md, new_location.to_string(), manifests))
         }
-        let new_md = builder.build()?.metadata;
-        let new_location = MetadataLocation::from_str(&base)?.with_next_version().with_new_metadata(&new_md);
-        let (listed, written) = futures::join!(lw.close(), new_md.write_to(io, &new_location));
-        listed?;
-        written?;
-        let new = new_location.to_string();
+        .await;
+        let (new_md, new, mut manifests) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                self.delete_files(written).await;
+                return Err(e);
+            }
+        };
         let ident = table.identifier();
         match swap.swap_resolved(ident, &base, &new).await {
             Ok(Swapped::Landed) => {}
             Ok(Swapped::Lost) => {
-                self.delete_files(vec![new, list_path, manifest_path]).await;
+                self.delete_files(written).await;
                 return Err(crate::catalog::lost_swap(ident, &base));
             }
             Err(e) => {
+                if e.kind() != &ErrorKind::AmbiguousOutcome {
+                    // The pointer was read back at the base: nothing references these files.
+                    self.delete_files(written).await;
+                }
                 return Err(iceberg::Error::new(
                     iceberg::ErrorKind::Unexpected,
                     format!("moving the catalog pointer of {ident} to {new}"),
                 )
-                .with_source(e))
+                .with_source(e));
             }
         }
         // The list as a reader decodes it: the manifest list writer assigns this snapshot's
@@ -543,7 +566,7 @@ impl IcebergColdStore {
         }
         self.remember_manifests(&list_path, manifests);
         // Committed: from here on nothing may report failure.
-        match rebuilt(table, new_md, new) {
+        match rebuilt(table, new_md, new, &self.inner.runtime) {
             Ok(t) => Ok(t),
             Err(e) => {
                 tracing::warn!(error = %e, "committed; rebuilding the table handle failed, reloading");
@@ -559,13 +582,18 @@ impl IcebergColdStore {
 
 /// A handle on `metadata` (just committed at `location`) with `table`'s identifier and FileIO,
 /// without reading anything back.
-fn rebuilt(table: &Table, metadata: iceberg::spec::TableMetadata, location: String) -> iceberg::Result<Table> {
+fn rebuilt(
+    table: &Table,
+    metadata: iceberg::spec::TableMetadata,
+    location: String,
+    runtime: &iceberg::Runtime,
+) -> iceberg::Result<Table> {
     Table::builder()
         .metadata(metadata)
         .metadata_location(location)
         .identifier(table.identifier().clone())
         .file_io(table.file_io().clone())
-        .runtime(iceberg::Runtime::try_current()?)
+        .runtime(runtime.clone())
         .build()
 }
 

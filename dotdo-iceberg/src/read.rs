@@ -111,6 +111,21 @@ pub(crate) struct FileCache {
 
 const CACHE_LIMIT: usize = 4096;
 
+/// At most this many manifests are cached across all cached manifest lists (then the list cache
+/// starts over). A streaming table's list grows by one manifest per commit, so caching every
+/// list read or written would otherwise hold a quadratic number of entries.
+const LIST_CACHE_MANIFESTS: usize = 100_000;
+
+/// Cache a manifest list, within both [`CACHE_LIMIT`] and [`LIST_CACHE_MANIFESTS`].
+fn put_list(map: &parking_lot::Mutex<HashMap<String, Arc<Vec<ManifestFile>>>>, k: String, v: Arc<Vec<ManifestFile>>) {
+    let mut m = map.lock();
+    let held: usize = m.values().map(|l| l.len()).sum();
+    if m.len() >= CACHE_LIMIT || held + v.len() > LIST_CACHE_MANIFESTS {
+        m.clear();
+    }
+    m.insert(k, v);
+}
+
 /// Bloom filters by (file, row group, column), bounded by their total size.
 #[derive(Default)]
 struct BloomCache {
@@ -320,7 +335,7 @@ impl IcebergColdStore {
                     .await
                     .map_err(|e| classify(e, &format!("manifest list {list_path}")))?;
                 let m = Arc::new(list.entries().to_vec());
-                put_bounded(&cache.lists, list_path, m.clone());
+                put_list(&cache.lists, list_path, m.clone());
                 Ok(m)
             }
         }
@@ -328,7 +343,7 @@ impl IcebergColdStore {
 
     /// Remember the manifests of a manifest list this store has just written.
     pub(crate) fn remember_manifests(&self, list_path: &str, manifests: Vec<ManifestFile>) {
-        put_bounded(&self.inner.cache.lists, list_path.to_string(), Arc::new(manifests));
+        put_list(&self.inner.cache.lists, list_path.to_string(), Arc::new(manifests));
     }
 
     /// The live data files of `snapshot`.
@@ -660,6 +675,36 @@ mod tests {
         assert!(c.get(&("f199".to_string(), 0, 0)).is_some(), "the newest filter survives eviction");
         c.put(("f199".to_string(), 0, 0), one);
         assert_eq!(c.bytes, c.map.len() << 20, "re-inserting a key does not count it twice");
+    }
+
+    #[test]
+    fn list_cache_stays_within_its_manifest_bound() {
+        let one = ManifestFile {
+            manifest_path: "m".into(),
+            manifest_length: 1,
+            partition_spec_id: 0,
+            content: iceberg::spec::ManifestContentType::Data,
+            sequence_number: 1,
+            min_sequence_number: 1,
+            added_snapshot_id: 1,
+            added_files_count: Some(1),
+            existing_files_count: Some(0),
+            deleted_files_count: Some(0),
+            added_rows_count: Some(1),
+            existing_rows_count: Some(0),
+            deleted_rows_count: Some(0),
+            partitions: None,
+            key_metadata: None,
+            first_row_id: None,
+        };
+        let lists = parking_lot::Mutex::new(HashMap::new());
+        // A streaming table: list i holds i manifests.
+        for i in 1..2_000usize {
+            put_list(&lists, format!("snap-{i}"), Arc::new(vec![one.clone(); i]));
+            let held: usize = lists.lock().values().map(|l| l.len()).sum();
+            assert!(held <= LIST_CACHE_MANIFESTS, "{held} manifests cached");
+            assert!(lists.lock().contains_key(&format!("snap-{i}")), "the newest list survives eviction");
+        }
     }
 
     #[test]

@@ -254,6 +254,8 @@ impl IcebergColdStoreBuilder {
                 commit_lock: tokio::sync::Mutex::new(()),
                 bucketer,
                 cache: FileCache::default(),
+                runtime: iceberg::Runtime::try_current()
+                    .map_err(|e| classify(e, "building the store (no tokio runtime)").with_retryable(false))?,
             }),
         })
     }
@@ -357,6 +359,9 @@ pub(crate) struct Inner {
     commit_lock: tokio::sync::Mutex<()>,
     pub(crate) bucketer: Bucketer,
     pub(crate) cache: FileCache,
+    /// The runtime of table handles dotdo builds after its own commits: the one the store was
+    /// built on, which lives as long as the store is used (a call's runtime may not).
+    pub(crate) runtime: iceberg::Runtime,
 }
 
 /// A [`ColdSink`] and [`IndexAccelerator`](dotdo_core::IndexAccelerator) on an Apache Iceberg

@@ -267,6 +267,22 @@ async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_l
     let history = a.table().metadata().metadata_log().len() + 1;
     assert_eq!(versions, history, "metadata files {:?}", metadata_files(dir.path()));
     assert_eq!(a.table().metadata().snapshots().count(), 5);
+    // Every manifest and manifest list on disk is referenced: the lost attempt's are gone.
+    let t = a.table();
+    let mut referenced = std::collections::BTreeSet::new();
+    for s in t.metadata().snapshots() {
+        referenced.insert(s.manifest_list().trim_start_matches("file://").to_string());
+        for m in t.manifest_list_reader(s).load().await.expect("list").entries() {
+            referenced.insert(m.manifest_path.trim_start_matches("file://").to_string());
+        }
+    }
+    let meta_dir = dir.path().join("swap/changes/metadata");
+    let on_disk: std::collections::BTreeSet<String> = std::fs::read_dir(&meta_dir)
+        .expect("metadata dir")
+        .map(|e| e.expect("entry").path().to_string_lossy().into_owned())
+        .filter(|p| p.ends_with(".avro"))
+        .collect();
+    assert_eq!(on_disk, referenced, "unreferenced or missing manifest files");
 }
 
 /// While another process holds the SQL catalog's write lock past the busy timeout, a commit
