@@ -184,6 +184,24 @@ impl ArrowTable {
         self.store.catalog().load_table(&self.ident).await.map_err(|e| classify(e, &format!("loading {}", self.ident)))
     }
 
+    /// The table for commit attempt `attempt` of a retry loop: after a backoff (from the second
+    /// attempt on), freshly loaded. `None` if the load failed transiently (its error is kept in
+    /// `last_err` and the loop goes on); other errors end the loop.
+    async fn attempt_table(&self, attempt: u32, last_err: &mut Option<Error>) -> Result<Option<Table>> {
+        if attempt > 0 {
+            let base = self.store.inner.settings.retry_base_delay;
+            crate::store::retry_pause(base.saturating_mul(2u32.saturating_pow(attempt.min(6)))).await;
+        }
+        match self.load().await {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.is_retryable() => {
+                *last_err = Some(e);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The highest batch id committed by `stream` (0 if none).
     pub async fn last_batch(&self, stream: &str) -> Result<u64> {
         Ok(marks(&self.load().await?)?.get(stream).copied().unwrap_or(0))
@@ -226,18 +244,7 @@ impl ArrowTable {
         let attempts = self.store.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
         for attempt in 0..attempts {
-            if attempt > 0 {
-                let base = self.store.inner.settings.retry_base_delay;
-                crate::store::retry_pause(base.saturating_mul(2u32.saturating_pow(attempt.min(6)))).await;
-            }
-            let table = match self.load().await {
-                Ok(t) => t,
-                Err(e) if e.is_retryable() => {
-                    last_err = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+            let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
             // Another handle may have changed the schema since this one was opened: files must
             // be written under the schema the batches have (the Parquet writer takes the table's).
             let current = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
@@ -340,18 +347,7 @@ impl ArrowTable {
         let attempts = self.store.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
         for attempt in 0..attempts {
-            if attempt > 0 {
-                let base = self.store.inner.settings.retry_base_delay;
-                crate::store::retry_pause(base.saturating_mul(2u32.saturating_pow(attempt.min(6)))).await;
-            }
-            let table = match self.load().await {
-                Ok(t) => t,
-                Err(e) if e.is_retryable() => {
-                    last_err = Some(e);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+            let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
             if table.metadata().current_schema().field_by_name(name).is_some() {
                 last_err = None;
                 break;
