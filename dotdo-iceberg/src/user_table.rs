@@ -169,6 +169,17 @@ fn marks(table: &Table) -> Result<HashMap<String, u64>> {
         .unwrap_or_default())
 }
 
+/// A failed commit's error, if another attempt may succeed (a conflict, an unavailable store or
+/// catalog, an unknown outcome the next attempt's reload settles); otherwise the error itself
+/// as `Err`, which ends the retry loop.
+fn worth_retrying(e: iceberg::Error, what: &str) -> Result<Error> {
+    let err = classify(e, what);
+    match err.kind() {
+        ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome => Ok(err),
+        _ => Err(err),
+    }
+}
+
 impl ArrowTable {
     /// The user schema appends must have.
     pub fn schema(&self) -> SchemaRef {
@@ -318,15 +329,7 @@ impl ArrowTable {
                         Err(e) => return Err(e),
                     }
                 }
-                Err(e) => {
-                    let err = classify(e, &what);
-                    match err.kind() {
-                        ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome => {
-                            last_err = Some(err)
-                        }
-                        _ => return Err(err),
-                    }
-                }
+                Err(e) => last_err = Some(worth_retrying(e, &what)?),
             }
         }
         Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))
@@ -364,15 +367,7 @@ impl ArrowTable {
                     last_err = None;
                     break;
                 }
-                Err(e) => {
-                    let err = classify(e, &what);
-                    match err.kind() {
-                        ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome => {
-                            last_err = Some(err)
-                        }
-                        _ => return Err(err),
-                    }
-                }
+                Err(e) => last_err = Some(worth_retrying(e, &what)?),
             }
         }
         if let Some(e) = last_err {
