@@ -188,6 +188,35 @@ async fn a_read_only_call_whose_lease_ran_out_is_refused_not_answered() {
     assert_eq!(get(&rt, &o, "n").await.expect("read again").as_deref(), Some(&b"2"[..]));
 }
 
+/// When the runtime's clock ran past the lease but the guard's has not, the refused read-only
+/// call still gives the lease back: neither this node nor another waits out the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_read_only_call_gives_its_lease_back() {
+    let w = World::new();
+    let own = ManualClock::new(KIT_EPOCH);
+    let rt = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(own.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime");
+    let o = oid("o");
+    incr(&rt, &o).await.expect("first");
+    let clock = own.clone();
+    let e = rt
+        .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
+            let v = t.get("n").await?;
+            clock.advance(TTL * 2);
+            Ok::<_, Error>(v)
+        })
+        .await
+        .expect_err("the runtime's clock passed the lease");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    assert!(w.hot.is_available(&o).await.expect("availability"), "the guard still saw the lease held");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_self_fences_when_renewal_fails() {
     let w = World::new();

@@ -205,7 +205,9 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
         // number belongs): the file was damaged or written by something else.
         rusqlite::Error::FromSqlConversionFailure(..)
         | rusqlite::Error::InvalidColumnType(..)
-        | rusqlite::Error::IntegralValueOutOfRange(..) => Some(DatabaseCorrupt),
+        | rusqlite::Error::IntegralValueOutOfRange(..) => {
+            return Error::corrupt(format!("pipeline log: {doing}: a row does not fit the log's schema")).with_source(e)
+        }
         _ => None,
     };
     let err = match code {

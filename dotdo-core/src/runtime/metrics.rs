@@ -61,7 +61,8 @@ pub struct RuntimeMetrics {
     pub preload_hits: u64,
     /// Writes rejected because a newer holder fenced this runtime.
     pub fenced: u64,
-    /// Handlers aborted because the lease could not be renewed in time (self-fencing).
+    /// Handlers aborted because the lease could not be renewed in time, and read-only calls
+    /// refused because the lease ran out before the handler finished (self-fencing).
     pub self_fenced: u64,
     /// Cold flushes (commits to cold storage).
     pub flushes: u64,

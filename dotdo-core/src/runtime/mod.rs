@@ -424,10 +424,14 @@ impl ObjectRuntime {
             // lease holds: if the lease ran out before the handler finished (a process pause,
             // or the handler finishing just as the renewal timed out), another node may have
             // written since, so the answer is refused, like a lost renewal.
-            let expires_at = slot.active.as_ref().map(|a| a.lease.expires_at);
-            if expires_at.is_some_and(|at| self.inner.clock.now() >= at) {
+            let expired = slot.active.as_ref().filter(|a| self.inner.clock.now() >= a.lease.expires_at);
+            if let Some(lease) = expired.map(|a| a.lease.clone()) {
                 self.inner.metrics.lock().self_fenced += 1;
                 slot.active = None;
+                // The guard's clock may not have reached the expiry yet: give the lease back so
+                // this node's next call is not refused by its own lease (a release of a lease
+                // that is no longer current changes nothing).
+                release_quietly(&self.inner, &lease).await;
                 return Err(Error::new(
                     ErrorKind::LeaseLost { object: object.clone() },
                     "the lease ran out before the read-only handler finished; its answer may be stale",
@@ -1137,7 +1141,7 @@ pub(crate) async fn complete_restore(
             format!("cold state of {object} moved from seq {} to {} during a lazy restore", state.through, st.through),
         ));
     }
-    inner.hot.restore(object, token, st.entries, st.through).await?;
+    inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| cold_state_error(object, e))?;
     *lazy = None;
     Ok(())
 }
@@ -1202,6 +1206,17 @@ async fn release_orphans(inner: &Arc<Inner>) {
     }
 }
 
+/// A restore refused as `InvalidInput` got its entries from cold storage, not from the caller:
+/// a cold sink that broke its contract (a key twice, an entry above the watermark). `Corrupt`
+/// says so; other errors pass unchanged.
+fn cold_state_error(object: &ObjectId, e: Error) -> Error {
+    if e.kind() == &ErrorKind::InvalidInput {
+        Error::corrupt(format!("cold state of {object} cannot be restored: {e}")).with_source(e)
+    } else {
+        e
+    }
+}
+
 async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
     let hand = LeaseInHand::new(inner, lease.clone());
     if let Err(e) = inner.guard.release(lease).await {
@@ -1250,7 +1265,7 @@ async fn restore_eager(
 ) -> Result<(Recovery, u64, u64, Option<i64>)> {
     let st = inner.cold.load_state(object, AsOf::Latest).await?;
     let (keys, bytes) = (st.entries.len() as u64, st.entries.iter().map(|e| e.value.len() as u64).sum());
-    inner.hot.restore(object, token, st.entries, st.through).await?;
+    inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| cold_state_error(object, e))?;
     inner.metrics.lock().eager_restores += 1;
     Ok((Recovery::Eager, keys, bytes, st.snapshot))
 }
