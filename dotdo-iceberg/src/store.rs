@@ -760,8 +760,10 @@ impl IcebergColdStore {
         }
     }
 
-    /// One commit attempt on the pinned base `table`.
-    async fn try_commit(
+    /// One append attempt of `files` with summary `props` on the pinned base `table` (this
+    /// store's change table or one of its catalog's user tables): dotdo's fast append on the SQL
+    /// catalog, iceberg's otherwise.
+    pub(crate) async fn try_commit(
         &self,
         table: &Table,
         files: Vec<DataFile>,

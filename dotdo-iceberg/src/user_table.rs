@@ -303,16 +303,7 @@ impl ArrowTable {
             m.insert(stream.to_string(), batch_id);
             let props: HashMap<String, String> =
                 m.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v.to_string())).collect();
-            let tx = Transaction::new(&table);
-            let tx = tx
-                .fast_append()
-                .add_data_files(data)
-                .set_snapshot_properties(props)
-                .with_check_duplicate(false)
-                .apply(tx)
-                .map_err(|e| classify(e, &what))?;
-            let catalog = self.store.catalog();
-            match tx.commit(&PinnedCatalog::new(&*catalog, table.clone(), self.store.inner.verifier.as_ref())).await {
+            match self.store.try_commit(&table, data, props).await {
                 Ok(t) => {
                     // A reported commit that the catalog did not make durable is not
                     // acknowledged: the next attempt reads the stream's mark back and commits
