@@ -153,12 +153,8 @@ impl IcebergColdStore {
         let Some(head) = md.current_snapshot() else {
             return Ok(out);
         };
-        let list = table
-            .manifest_list_reader(head)
-            .load()
-            .await
-            .map_err(|e| classify(e, &format!("manifest list {}", head.manifest_list())))?;
-        let result = self.rewrite_listed(table, snapshot_id, removed, list.entries(), &mut out).await;
+        let list = self.manifests_of(table, head).await?;
+        let result = self.rewrite_listed(table, snapshot_id, removed, &list, &mut out).await;
         if let Err(e) = result {
             self.delete_files(out.written.clone()).await;
             return Err(e);
@@ -297,7 +293,8 @@ impl IcebergColdStore {
             .await
             .map_err(|e| classify(e, &list_path))?;
         let mut lw = ManifestListWriter::v2(writer, snapshot_id, head.map(|h| h.snapshot_id()), seq);
-        lw.add_manifests(std::mem::take(&mut rewritten.manifests).into_iter()).map_err(|e| classify(e, &list_path))?;
+        let manifests = std::mem::take(&mut rewritten.manifests);
+        lw.add_manifests(manifests.iter().cloned()).map_err(|e| classify(e, &list_path))?;
         lw.close().await.map_err(|e| classify(e, &list_path))?;
         rewritten.written.push(list_path.clone());
 
@@ -356,7 +353,7 @@ impl IcebergColdStore {
             // (its metadata builder stamps later updates with the wall clock and rejects a log
             // that goes backwards); dotdo's clock goes into `dotdo.committed-at-us` above.
             .with_timestamp_ms(dotdo_core::SystemClock::new().now().as_millis().max(md.last_updated_ms()))
-            .with_manifest_list(list_path)
+            .with_manifest_list(list_path.clone())
             .with_summary(Summary { operation, additional_properties: props })
             .with_schema_id(md.current_schema_id())
             .build();
@@ -377,7 +374,10 @@ impl IcebergColdStore {
             },
         ];
         match self.commit_updates(table, updates, requirements, what).await {
-            Ok(t) => Ok(t),
+            Ok(t) => {
+                self.remember_manifests(&list_path, with_sequence_numbers(manifests, seq));
+                Ok(t)
+            }
             Err(e) => {
                 if e.kind() != &ErrorKind::AmbiguousOutcome {
                     self.delete_files(rewritten.written).await;
@@ -528,7 +528,7 @@ impl IcebergColdStore {
             Ok::<_, iceberg::Error>((new_md, new_location.to_string(), manifests))
         }
         .await;
-        let (new_md, new, mut manifests) = match prepared {
+        let (new_md, new, manifests) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 self.delete_files(written).await;
@@ -554,17 +554,7 @@ impl IcebergColdStore {
                 .with_source(e));
             }
         }
-        // The list as a reader decodes it: the manifest list writer assigns this snapshot's
-        // sequence number to the new manifest.
-        for m in &mut manifests {
-            if m.sequence_number == UNASSIGNED_SEQUENCE_NUMBER {
-                m.sequence_number = seq;
-            }
-            if m.min_sequence_number == UNASSIGNED_SEQUENCE_NUMBER {
-                m.min_sequence_number = seq;
-            }
-        }
-        self.remember_manifests(&list_path, manifests);
+        self.remember_manifests(&list_path, with_sequence_numbers(manifests, seq));
         // Committed: from here on nothing may report failure.
         match rebuilt(table, new_md, new, &self.inner.runtime) {
             Ok(t) => Ok(t),
@@ -578,6 +568,20 @@ impl IcebergColdStore {
             }
         }
     }
+}
+
+/// `manifests` as a reader decodes them from a list written at sequence number `seq`: the
+/// manifest list writer assigns `seq` to manifests that have none yet (the new ones).
+fn with_sequence_numbers(mut manifests: Vec<ManifestFile>, seq: i64) -> Vec<ManifestFile> {
+    for m in &mut manifests {
+        if m.sequence_number == UNASSIGNED_SEQUENCE_NUMBER {
+            m.sequence_number = seq;
+        }
+        if m.min_sequence_number == UNASSIGNED_SEQUENCE_NUMBER {
+            m.min_sequence_number = seq;
+        }
+    }
+    manifests
 }
 
 /// A handle on `metadata` (just committed at `location`) with `table`'s identifier and FileIO,
@@ -605,5 +609,62 @@ pub(crate) fn new_snapshot_id(table: &Table) -> i64 {
         if id != 0 && table.metadata().snapshot_by_id(id).is_none() {
             return id;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dotdo_core::{ChangeRecord, ColdBatch, ColdSink, FencingToken, ObjectChanges, ObjectId, Op, Timestamp};
+
+    use crate::{CompactOptions, IcebergColdStore};
+
+    fn batch(object: &str, seq: u64) -> ColdBatch {
+        let o = ObjectId::new(object).expect("id");
+        ColdBatch {
+            objects: vec![ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: vec![ChangeRecord {
+                    object: o,
+                    seq,
+                    op: Op::Put,
+                    type_name: "T".into(),
+                    key: format!("k{seq}"),
+                    value: bytes::Bytes::from_static(b"v"),
+                    token: FencingToken::new(1),
+                    timestamp: Timestamp::from_millis(1),
+                }],
+            }],
+        }
+    }
+
+    /// The manifest lists this store caches after its own commits (appends and a compaction)
+    /// equal what a reader decodes from the files, field by field.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cached_manifest_lists_equal_the_written_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["t"], "changes")
+            .build()
+            .await
+            .expect("open");
+        for seq in 1..=4 {
+            cold.append(batch("obj", seq)).await.expect("append");
+        }
+        let check = |what: &'static str| {
+            let cold = cold.clone();
+            async move {
+                let t = cold.table();
+                let head = t.metadata().current_snapshot().expect("head").clone();
+                let cached = cold.inner.cache.lists.lock().get(head.manifest_list()).cloned();
+                let cached = cached.unwrap_or_else(|| panic!("{what}: the new list is cached"));
+                let decoded = t.manifest_list_reader(&head).load().await.expect("decode");
+                assert_eq!(cached.as_slice(), decoded.entries(), "{what}");
+            }
+        };
+        check("after appends").await;
+        let report = cold.compact(CompactOptions { min_input_files: 2, ..Default::default() }).await.expect("compact");
+        assert!(report.snapshot.is_some(), "the small files were compacted");
+        check("after a compaction").await;
     }
 }

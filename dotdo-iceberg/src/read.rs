@@ -102,7 +102,7 @@ pub(crate) struct FileInfo {
 /// Caches of immutable files: manifest lists, manifests, Parquet footers.
 #[derive(Default)]
 pub(crate) struct FileCache {
-    lists: parking_lot::Mutex<HashMap<String, Arc<Vec<ManifestFile>>>>,
+    pub(crate) lists: parking_lot::Mutex<HashMap<String, Arc<Vec<ManifestFile>>>>,
     manifests: parking_lot::Mutex<HashMap<String, Arc<Vec<Arc<FileInfo>>>>>,
     footers: parking_lot::Mutex<HashMap<String, Arc<ParquetMetaData>>>,
     checkpoints: parking_lot::Mutex<HashMap<String, Arc<crate::summary::Watermarks>>>,
