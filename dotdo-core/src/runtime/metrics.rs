@@ -41,7 +41,9 @@ pub struct ActivationMetrics {
 /// Counters of one runtime. All monotonic since the runtime was built.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct RuntimeMetrics {
-    /// Handler invocations started.
+    /// Calls to `invoke` past argument checks and shutdown, counted before activation: calls
+    /// refused later (`LeaseHeld`, a failed restore) count too, so this is calls, not handlers
+    /// run.
     pub invokes: u64,
     /// Handler transactions committed with at least one write.
     pub commits: u64,
