@@ -636,17 +636,21 @@ mod tests {
         }
     }
 
+    async fn open(dir: &tempfile::TempDir) -> IcebergColdStore {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["t"], "changes")
+            .build()
+            .await
+            .expect("open")
+    }
+
     /// The summary carries iceberg's added-file metrics, and partition summaries when the table
     /// asks for them (`write.summary.partition-limit`), as iceberg's own fast append writes them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn append_summaries_follow_the_partition_summary_limit() {
         use iceberg::transaction::{ApplyTransactionAction, Transaction};
         let dir = tempfile::tempdir().expect("tempdir");
-        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-            .table(["t"], "changes")
-            .build()
-            .await
-            .expect("open");
+        let cold = open(&dir).await;
         cold.append(batch("obj", 1)).await.expect("append");
         let props = |cold: &IcebergColdStore| {
             cold.table().metadata().current_snapshot().expect("head").summary().additional_properties.clone()
@@ -676,11 +680,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cached_manifest_lists_equal_the_written_files() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-            .table(["t"], "changes")
-            .build()
-            .await
-            .expect("open");
+        let cold = open(&dir).await;
         for seq in 1..=4 {
             cold.append(batch("obj", seq)).await.expect("append");
         }
