@@ -357,22 +357,50 @@ impl<'a> PinnedCatalog<'a> {
         let location = iceberg::MetadataLocation::from_str(staged.metadata_location_result()?)?;
         staged.metadata().write_to(staged.file_io(), &location).await?;
         let new = location.to_string();
-        match swap.swap_resolved(&ident, &base, &new).await {
-            Ok(Swapped::Landed) => Ok(staged),
-            Ok(Swapped::Lost) => {
-                // Nothing references the new metadata file.
-                if let Err(e) = staged.file_io().delete(&new).await {
-                    tracing::debug!(file = %new, error = %e, "could not delete unreferenced table metadata");
+        swap.swap_or_clean(staged.file_io(), &ident, &base, &new, vec![new.clone()]).await?;
+        Ok(staged)
+    }
+}
+
+impl SqlVerifier {
+    /// Move `ident`'s pointer from `base` to `new` for an iceberg-style commit whose attempt
+    /// wrote the files `written` (the new metadata JSON among them). Landed: `Ok`. Lost to
+    /// another commit: the files are deleted (nothing references them) and the error is
+    /// [`lost_swap`]'s conflict. The swap failed: the files are deleted unless the outcome is
+    /// unknown, and the error, with dotdo's error as its source (`classify` keeps its kind), is
+    /// an unknown outcome for the caller, which reads the table back.
+    pub(crate) async fn swap_or_clean(
+        &self,
+        io: &iceberg::io::FileIO,
+        ident: &TableIdent,
+        base: &str,
+        new: &str,
+        written: Vec<String>,
+    ) -> iceberg::Result<()> {
+        let delete = |written: Vec<String>| async move {
+            for f in written {
+                if let Err(e) = io.delete(&f).await {
+                    tracing::debug!(file = %f, error = %e, "could not delete an unreferenced commit file");
                 }
-                Err(lost_swap(&ident, &base))
             }
-            // Not a conflict: `classify` keeps the error's kind (the source), and callers read
-            // the table back after an unknown outcome.
-            Err(e) => Err(iceberg::Error::new(
-                iceberg::ErrorKind::Unexpected,
-                format!("moving the catalog pointer of {ident} to {new}"),
-            )
-            .with_source(e)),
+        };
+        match self.swap_resolved(ident, base, new).await {
+            Ok(Swapped::Landed) => Ok(()),
+            Ok(Swapped::Lost) => {
+                delete(written).await;
+                Err(lost_swap(ident, base))
+            }
+            Err(e) => {
+                if e.kind() != &dotdo_core::ErrorKind::AmbiguousOutcome {
+                    // The pointer was read back at the base: nothing references these files.
+                    delete(written).await;
+                }
+                Err(iceberg::Error::new(
+                    iceberg::ErrorKind::Unexpected,
+                    format!("moving the catalog pointer of {ident} to {new}"),
+                )
+                .with_source(e))
+            }
         }
     }
 }

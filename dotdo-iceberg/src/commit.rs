@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use iceberg::spec::{
     DataFile, FormatVersion, ManifestFile, ManifestListWriter, ManifestStatus, ManifestWriterBuilder, Operation,
-    Snapshot, SnapshotReference, SnapshotRetention, Summary, MAIN_BRANCH, UNASSIGNED_SEQUENCE_NUMBER,
+    Snapshot, SnapshotReference, SnapshotRetention, Summary, TableMetadata, MAIN_BRANCH, UNASSIGNED_SEQUENCE_NUMBER,
 };
 use iceberg::table::Table;
 use iceberg::{MetadataLocation, TableRequirement, TableUpdate};
@@ -69,15 +69,7 @@ impl IcebergColdStore {
             .metadata_location()
             .ok_or_else(|| Error::backend(format!("{what}: table has no metadata location")))?
             .to_string();
-        let mut builder = md.clone().into_builder(Some(current.clone()));
-        for u in updates {
-            builder = u.apply(builder).map_err(|e| classify(e, what).with_retryable(false))?;
-        }
-        let new_md = builder.build().map_err(|e| classify(e, what).with_retryable(false))?.metadata;
-        let location = MetadataLocation::from_str(&current)
-            .map_err(|e| classify(e, what))?
-            .with_next_version()
-            .with_new_metadata(&new_md);
+        let (new_md, location) = staged(md, &current, updates).map_err(|e| classify(e, what).with_retryable(false))?;
         new_md.write_to(table.file_io(), &location).await.map_err(|e| classify(e, what))?;
         let new_location = location.to_string();
         let ident = table.identifier();
@@ -298,16 +290,15 @@ impl IcebergColdStore {
         lw.close().await.map_err(|e| classify(e, &list_path))?;
         rewritten.written.push(list_path.clone());
 
-        let parent_props = head.map(|h| h.summary().additional_properties.clone()).unwrap_or_default();
         // The `dotdo.*` state carries over from the nearest dotdo snapshot (the parent, unless
         // another engine wrote it).
         let base = match head {
             Some(h) => crate::summary::dotdo_base(md, h)?,
             None => None,
         };
-        let base_props = base.map(|b| b.summary().additional_properties.clone()).unwrap_or_default();
-        let mut props: std::collections::HashMap<String, String> = base_props
+        let mut props: std::collections::HashMap<String, String> = base
             .iter()
+            .flat_map(|b| b.summary().additional_properties.iter())
             .filter(|(k, _)| {
                 k.starts_with("dotdo.")
                     && k.as_str() != crate::summary::COMMIT_ID
@@ -322,50 +313,25 @@ impl IcebergColdStore {
         props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
         let added_records: u64 = added.iter().fold(0u64, |a, f| a.saturating_add(f.record_count()));
         let added_bytes: u64 = added.iter().fold(0u64, |a, f| a.saturating_add(f.file_size_in_bytes()));
-        let total = |key: &str, plus: u64, minus: u64| -> Option<String> {
-            let before: u64 = parent_props.get(key)?.parse().ok()?;
-            Some(before.saturating_add(plus).saturating_sub(minus).to_string())
-        };
         for (k, v) in [
-            ("added-data-files", Some(added.len().to_string())),
-            ("deleted-data-files", Some(rewritten.removed_files.to_string())),
-            ("added-records", Some(added_records.to_string())),
-            ("deleted-records", Some(rewritten.removed_records.to_string())),
-            ("added-files-size", Some(added_bytes.to_string())),
-            ("removed-files-size", Some(rewritten.removed_bytes.to_string())),
-            ("total-data-files", total("total-data-files", added.len() as u64, rewritten.removed_files)),
-            ("total-records", total("total-records", added_records, rewritten.removed_records)),
-            ("total-files-size", total("total-files-size", added_bytes, rewritten.removed_bytes)),
-            ("total-delete-files", parent_props.get("total-delete-files").cloned()),
-            ("total-position-deletes", parent_props.get("total-position-deletes").cloned()),
-            ("total-equality-deletes", parent_props.get("total-equality-deletes").cloned()),
+            ("added-data-files", added.len() as u64),
+            ("deleted-data-files", rewritten.removed_files),
+            ("added-records", added_records),
+            ("deleted-records", rewritten.removed_records),
+            ("added-files-size", added_bytes),
+            ("removed-files-size", rewritten.removed_bytes),
         ] {
-            if let Some(v) = v {
-                props.insert(k.to_string(), v);
-            }
+            props.insert(k.to_string(), v.to_string());
         }
+        props.extend(totals(
+            head.map(|h| &h.summary().additional_properties),
+            (added.len() as u64, rewritten.removed_files),
+            (added_records, rewritten.removed_records),
+            (added_bytes, rewritten.removed_bytes),
+        ));
         props.extend(extra);
-        let snapshot = Snapshot::builder()
-            .with_snapshot_id(snapshot_id)
-            .with_parent_snapshot_id(head.map(|h| h.snapshot_id()))
-            .with_sequence_number(seq)
-            // Iceberg's `timestamp-ms` is wall-clock time, as iceberg-rust's own commits write it
-            // (its metadata builder stamps later updates with the wall clock and rejects a log
-            // that goes backwards); dotdo's clock goes into `dotdo.committed-at-us` above.
-            .with_timestamp_ms(dotdo_core::SystemClock::new().now().as_millis().max(md.last_updated_ms()))
-            .with_manifest_list(list_path.clone())
-            .with_summary(Summary { operation, additional_properties: props })
-            .with_schema_id(md.current_schema_id())
-            .build();
-        let updates = vec![
-            TableUpdate::AddSnapshot { snapshot },
-            TableUpdate::SetSnapshotRef {
-                ref_name: MAIN_BRANCH.to_string(),
-                // iceberg 0.10.1 does not expose the refs of a table's metadata, so a retention
-                // policy set on `main` by another engine is not carried (dotdo never sets one).
-                reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
-            },
-        ];
+        let updates =
+            snapshot_updates(md, snapshot_id, list_path.clone(), Summary { operation, additional_properties: props });
         let requirements = vec![
             TableRequirement::UuidMatch { uuid: md.uuid() },
             TableRequirement::RefSnapshotIdMatch {
@@ -407,6 +373,12 @@ impl IcebergColdStore {
         files: Vec<DataFile>,
         props: std::collections::HashMap<String, String>,
     ) -> iceberg::Result<Table> {
+        if files.is_empty() {
+            return Err(iceberg::Error::new(
+                iceberg::ErrorKind::PreconditionFailed,
+                "an append needs at least one data file",
+            ));
+        }
         let wrap = |e: Error| iceberg::Error::new(iceberg::ErrorKind::Unexpected, e.to_string()).with_source(e);
         let md = table.metadata();
         let base = table.metadata_location_result()?.to_string();
@@ -436,31 +408,12 @@ impl IcebergColdStore {
         }
         let mut summary = props;
         summary.extend(collector.build());
-        let parent = head.as_ref().map(|h| &h.summary().additional_properties);
-        for (total, plus) in [
-            ("total-data-files", files.len() as u64),
-            ("total-delete-files", 0),
-            ("total-records", records),
-            ("total-files-size", bytes),
-            ("total-position-deletes", 0),
-            ("total-equality-deletes", 0),
-        ] {
-            // Like iceberg: no total if the parent has none (or an unreadable one).
-            let before = match parent {
-                None => Some(0u64),
-                Some(p) => p.get(total).and_then(|v| v.parse::<u64>().ok()),
-            };
-            if let Some(before) = before {
-                summary.insert(total.to_string(), before.saturating_add(plus).to_string());
-            }
-        }
-
-        if files.is_empty() {
-            return Err(iceberg::Error::new(
-                iceberg::ErrorKind::PreconditionFailed,
-                "an append needs at least one data file",
-            ));
-        }
+        summary.extend(totals(
+            head.as_ref().map(|h| &h.summary().additional_properties),
+            (files.len() as u64, 0),
+            (records, 0),
+            (bytes, 0),
+        ));
         let manifest_path = format!("{location}/metadata/{}-m0.avro", uuid::Uuid::new_v4());
         let list_path = format!("{location}/metadata/snap-{snapshot_id}-0-{}.avro", uuid::Uuid::new_v4());
         // The files this attempt writes: deleted unless the commit landed or its outcome is
@@ -498,27 +451,13 @@ impl IcebergColdStore {
                 seq,
             );
             lw.add_manifests(manifests.iter().cloned())?;
-            let snapshot = Snapshot::builder()
-                .with_snapshot_id(snapshot_id)
-                .with_parent_snapshot_id(head.as_ref().map(|h| h.snapshot_id()))
-                .with_sequence_number(seq)
-                .with_timestamp_ms(dotdo_core::SystemClock::new().now().as_millis().max(md.last_updated_ms()))
-                .with_manifest_list(list_path.clone())
-                .with_summary(Summary { operation: Operation::Append, additional_properties: summary })
-                .with_schema_id(md.current_schema_id())
-                .build();
-            let mut builder = md.clone().into_builder(Some(base.clone()));
-            for u in [
-                TableUpdate::AddSnapshot { snapshot },
-                TableUpdate::SetSnapshotRef {
-                    ref_name: MAIN_BRANCH.to_string(),
-                    reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
-                },
-            ] {
-                builder = u.apply(builder)?;
-            }
-            let new_md = builder.build()?.metadata;
-            let new_location = MetadataLocation::from_str(&base)?.with_next_version().with_new_metadata(&new_md);
+            let updates = snapshot_updates(
+                md,
+                snapshot_id,
+                list_path.clone(),
+                Summary { operation: Operation::Append, additional_properties: summary },
+            );
+            let (new_md, new_location) = staged(md, &base, updates)?;
             written.push(new_location.to_string());
             let (listed, json) = futures::join!(lw.close(), new_md.write_to(io, &new_location));
             listed?;
@@ -534,24 +473,7 @@ impl IcebergColdStore {
             }
         };
         let ident = table.identifier();
-        match swap.swap_resolved(ident, &base, &new).await {
-            Ok(Swapped::Landed) => {}
-            Ok(Swapped::Lost) => {
-                self.delete_files(written).await;
-                return Err(crate::catalog::lost_swap(ident, &base));
-            }
-            Err(e) => {
-                if e.kind() != &ErrorKind::AmbiguousOutcome {
-                    // The pointer was read back at the base: nothing references these files.
-                    self.delete_files(written).await;
-                }
-                return Err(iceberg::Error::new(
-                    iceberg::ErrorKind::Unexpected,
-                    format!("moving the catalog pointer of {ident} to {new}"),
-                )
-                .with_source(e));
-            }
-        }
+        swap.swap_or_clean(io, ident, &base, &new, written).await?;
         self.remember_manifests(&list_path, with_sequence_numbers(manifests, seq));
         // Committed: from here on nothing may report failure.
         match rebuilt(table, new_md, new, &self.inner.runtime) {
@@ -566,6 +488,77 @@ impl IcebergColdStore {
             }
         }
     }
+}
+
+/// Iceberg's running totals after a snapshot that adds and removes `(added, removed)` data files,
+/// records and bytes (no delete files): the parent's total plus the added minus the removed,
+/// from zero without a parent, and none where the parent has no readable total (like iceberg's
+/// `update_snapshot_summaries`, which is crate-private in 0.10.1).
+fn totals(
+    parent: Option<&std::collections::HashMap<String, String>>,
+    files: (u64, u64),
+    records: (u64, u64),
+    bytes: (u64, u64),
+) -> Vec<(String, String)> {
+    [
+        ("total-data-files", files),
+        ("total-records", records),
+        ("total-files-size", bytes),
+        ("total-delete-files", (0, 0)),
+        ("total-position-deletes", (0, 0)),
+        ("total-equality-deletes", (0, 0)),
+    ]
+    .into_iter()
+    .filter_map(|(key, (plus, minus))| {
+        let before = match parent {
+            None => 0,
+            Some(p) => p.get(key)?.parse::<u64>().ok()?,
+        };
+        Some((key.to_string(), before.saturating_add(plus).saturating_sub(minus).to_string()))
+    })
+    .collect()
+}
+
+/// The updates that add snapshot `snapshot_id` (manifest list `list`, `summary`) on top of
+/// `md`'s current snapshot, at its next sequence number, and point `main` at it.
+fn snapshot_updates(md: &TableMetadata, snapshot_id: i64, list: String, summary: Summary) -> Vec<TableUpdate> {
+    let snapshot = Snapshot::builder()
+        .with_snapshot_id(snapshot_id)
+        .with_parent_snapshot_id(md.current_snapshot_id())
+        .with_sequence_number(md.next_sequence_number())
+        // Iceberg's `timestamp-ms` is wall-clock time, as iceberg-rust's own commits write it
+        // (its metadata builder stamps later updates with the wall clock and rejects a log that
+        // goes backwards); dotdo's clock goes into `dotdo.committed-at-us`.
+        .with_timestamp_ms(dotdo_core::SystemClock::new().now().as_millis().max(md.last_updated_ms()))
+        .with_manifest_list(list)
+        .with_summary(summary)
+        .with_schema_id(md.current_schema_id())
+        .build();
+    vec![
+        TableUpdate::AddSnapshot { snapshot },
+        TableUpdate::SetSnapshotRef {
+            ref_name: MAIN_BRANCH.to_string(),
+            // iceberg 0.10.1 does not expose the refs of a table's metadata, so a retention
+            // policy set on `main` by another engine is not carried (dotdo never sets one).
+            reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
+        },
+    ]
+}
+
+/// `md` with `updates` applied (iceberg's metadata builder validates them), and the location of
+/// that next version after the metadata at `base`.
+fn staged(
+    md: &TableMetadata,
+    base: &str,
+    updates: Vec<TableUpdate>,
+) -> iceberg::Result<(TableMetadata, MetadataLocation)> {
+    let mut builder = md.clone().into_builder(Some(base.to_string()));
+    for u in updates {
+        builder = u.apply(builder)?;
+    }
+    let new_md = builder.build()?.metadata;
+    let location = MetadataLocation::from_str(base)?.with_next_version().with_new_metadata(&new_md);
+    Ok((new_md, location))
 }
 
 /// `manifests` as a reader decodes them from a list written at sequence number `seq`: the
@@ -586,7 +579,7 @@ fn with_sequence_numbers(mut manifests: Vec<ManifestFile>, seq: i64) -> Vec<Mani
 /// without reading anything back.
 fn rebuilt(
     table: &Table,
-    metadata: iceberg::spec::TableMetadata,
+    metadata: TableMetadata,
     location: String,
     runtime: &iceberg::Runtime,
 ) -> iceberg::Result<Table> {
