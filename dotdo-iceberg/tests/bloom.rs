@@ -1,7 +1,9 @@
 //! Parquet bloom filters on `do_id` and `key`: the measured false-positive rate against the
 //! configured target, and lookups that skip files through them.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use bytes::Bytes;
 use dotdo_core::{
@@ -49,21 +51,9 @@ async fn open(dir: &Path, settings: Settings) -> IcebergColdStore {
         .expect("open store")
 }
 
-fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            parquet_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "parquet") {
-            out.push(p);
-        }
-    }
-}
-
 /// The bloom filters of column `name` in every row group of every data file under `dir`.
 fn filters(dir: &Path, name: &str) -> Vec<Sbbf> {
-    let mut files = Vec::new();
-    parquet_files(dir, &mut files);
+    let files = common::files_ending_with(dir, ".parquet");
     let mut out = Vec::new();
     for path in files {
         let opts = ReadOptionsBuilder::new()
@@ -194,8 +184,7 @@ async fn bloom_filters_are_configured_per_column() {
     let store = open(dir.path(), Settings { bloom_filter_columns: columns, ..Settings::default() }).await;
     let objects: Vec<ObjectId> = (0..8).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
     store.append(batch(&objects, |i| (0..50).map(|k| format!("k{i}-{k}")).collect(), 1)).await.expect("append");
-    let mut files = Vec::new();
-    parquet_files(dir.path(), &mut files);
+    let files = common::files_ending_with(dir.path(), ".parquet");
     assert!(!files.is_empty());
     for f in &files {
         let r = SerializedFileReader::new(std::fs::File::open(f).expect("open")).expect("parquet");

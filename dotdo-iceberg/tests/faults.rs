@@ -179,23 +179,6 @@ async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplic
     }
 }
 
-/// The `*.metadata.json` files under `dir`.
-fn metadata_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).expect("read dir") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                todo.push(p);
-            } else if p.to_string_lossy().ends_with(".metadata.json") {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_lost_race_leaves_no_file() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -263,9 +246,9 @@ async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_l
     assert_eq!(a.read_changes(&other, 0, AsOf::Latest).await.expect("read").len(), 1);
     // One metadata file per table version: creation, the table-property commit if any, and one
     // per append; the lost attempt's file is gone.
-    let versions = metadata_files(dir.path()).len();
+    let versions = common::files_ending_with(dir.path(), ".metadata.json").len();
     let history = a.table().metadata().metadata_log().len() + 1;
-    assert_eq!(versions, history, "metadata files {:?}", metadata_files(dir.path()));
+    assert_eq!(versions, history, "metadata files {:?}", common::files_ending_with(dir.path(), ".metadata.json"));
     assert_eq!(a.table().metadata().snapshots().count(), 5);
     // Every manifest and manifest list on disk is referenced: the lost attempt's are gone.
     let t = a.table();
@@ -277,11 +260,8 @@ async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_l
         }
     }
     let meta_dir = dir.path().join("swap/changes/metadata");
-    let on_disk: std::collections::BTreeSet<String> = std::fs::read_dir(&meta_dir)
-        .expect("metadata dir")
-        .map(|e| e.expect("entry").path().to_string_lossy().into_owned())
-        .filter(|p| p.ends_with(".avro"))
-        .collect();
+    let on_disk: std::collections::BTreeSet<String> =
+        common::files_ending_with(&meta_dir, ".avro").into_iter().map(|p| p.to_string_lossy().into_owned()).collect();
     assert_eq!(on_disk, referenced, "unreferenced or missing manifest files");
 }
 

@@ -23,6 +23,23 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// The files under `dir` (recursively) whose names end with `suffix`.
+pub fn files_ending_with(dir: &std::path::Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.to_string_lossy().ends_with(suffix) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// A put record for `object` at `seq`.
 pub fn put(object: &ObjectId, seq: u64, key: &str, value: &str, token: u64) -> ChangeRecord {
     ChangeRecord {
