@@ -3,7 +3,10 @@
 //! `scripts/bench dotdo-libsql`; rows go to target/bench/results.json.
 //!
 //! The raw baseline is what a user of the `libsql` crate writes: `Connection::execute` /
-//! `Connection::query` with bound parameters on one kept connection.
+//! `Connection::query` with bound parameters on one kept connection. Every write, ours and raw,
+//! stores a value unlike the key's previous one ([`Values`]): SQLite skips the page write of an
+//! update that changes no byte, so rewriting one fixed value would time a raw upsert that commits
+//! nothing.
 //!
 //! A second part runs remote mode (libsql's HTTP client) against the minimal Hrana server of the
 //! tests (a local libSQL file behind loopback HTTP): not sqld's figures, but the same server for
@@ -11,8 +14,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use dotdo_core::testkit::bench::{record, sample_pair, us};
+use dotdo_core::testkit::bench::{record, sample_pair, us, Values};
 use dotdo_core::{ConsistencyGuard, HotStore, HotStoreExt, NodeId, ObjectId};
 use dotdo_libsql::LibsqlStore;
 use libsql::params;
@@ -148,7 +150,6 @@ fn main() {
 fn remote() {
     const M: usize = 2_000;
     let dir = tempfile::tempdir().expect("tempdir");
-    let value = Bytes::from(vec![42u8; 100]);
     let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i:06}")).collect();
     let obj = ObjectId::new("bench-object").expect("valid");
     let node = NodeId::new("bench-node").expect("valid");
@@ -161,19 +162,21 @@ fn remote() {
         .expect("raw schema");
     let lease = rt.block_on(s.acquire(&obj, &node, Duration::from_secs(3600))).expect("acquire");
     let (mut k, mut r) = (0, 0);
+    let (mut ours_values, mut raw_values) = (Values::new(100), Values::new(100));
     let (ours, base) = sample_pair(
         100,
         M,
         100,
         || {
             k += 1;
-            rt.block_on(s.put(&obj, lease.token, "Bench", &keys[k % KEYS], value.clone())).expect("fenced put");
+            rt.block_on(s.put(&obj, lease.token, "Bench", &keys[k % KEYS], ours_values.next_value()))
+                .expect("fenced put");
         },
         || {
             r += 1;
             rt.block_on(raw.execute(
                 "INSERT INTO kv (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-                params![keys[r % KEYS].as_str(), value.to_vec()],
+                params![keys[r % KEYS].as_str(), raw_values.next_value().to_vec()],
             ))
             .expect("raw remote upsert");
         },
@@ -230,7 +233,6 @@ fn remote() {
 
 fn local() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let value = Bytes::from(vec![42u8; 100]);
     let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i:06}")).collect();
     let obj = ObjectId::new("bench-object").expect("valid");
     let node = NodeId::new("bench-node").expect("valid");
@@ -238,24 +240,28 @@ fn local() {
     let mut raw = rt.block_on(Raw::open(&dir.path().join("raw.db")));
     let s = rt.block_on(LibsqlStore::local(dir.path().join("dotdo.db")).open()).expect("open store");
     let lease = rt.block_on(s.acquire(&obj, &node, Duration::from_secs(3600))).expect("acquire");
+    let (mut ours_values, mut raw_values) = (Values::new(100), Values::new(100));
     // Pre-populate both so gets hit.
     for k in &keys {
-        rt.block_on(s.put(&obj, lease.token, "Bench", k, value.clone())).expect("put");
-        rt.block_on(raw.upsert(&keys, &value));
+        rt.block_on(s.put(&obj, lease.token, "Bench", k, ours_values.next_value())).expect("put");
+        rt.block_on(raw.upsert(&keys, &raw_values.next_value()));
     }
 
     let mut k = 0;
     let mut put = || {
         k += 1;
-        rt.block_on(s.put(&obj, lease.token, "Bench", &keys[k % KEYS], value.clone())).expect("fenced put");
+        rt.block_on(s.put(&obj, lease.token, "Bench", &keys[k % KEYS], ours_values.next_value())).expect("fenced put");
     };
-    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.upsert(&keys, &value)));
+    let (ours, base) =
+        sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.upsert(&keys, &raw_values.next_value())));
     record("libsql/fenced_put_p50", "us", us(ours.p50()), "libsql_upsert_autocommit", us(base.p50()));
     record("libsql/fenced_put_p99", "us", us(ours.p99()), "libsql_upsert_autocommit", us(base.p99()));
     record("libsql/fenced_put_throughput", "ops/s", ours.ops_per_sec(), "libsql_upsert_autocommit", base.ops_per_sec());
-    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.same_schema_txn(&keys, &value)));
+    let (ours, base) =
+        sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.same_schema_txn(&keys, &raw_values.next_value())));
     record("libsql/fenced_put_p50_vs_same_schema", "us", us(ours.p50()), "libsql_same_schema_txn", us(base.p50()));
-    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.log_append(&keys, &value)));
+    let (ours, base) =
+        sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.log_append(&keys, &raw_values.next_value())));
     record("libsql/fenced_put_p50_vs_log_append", "us", us(ours.p50()), "libsql_log_append_autocommit", us(base.p50()));
 
     let mut g = 0;

@@ -1,12 +1,13 @@
 //! dotdo-sqlite against raw rusqlite in the same run (WAL, synchronous=NORMAL, one file each),
 //! measured interleaved so background load affects both alike. Run through `scripts/bench`;
-//! rows go to target/bench/results.json. `DOTDO_BENCH_ONLY=inline|auto_mt|spawn_blocking`
+//! rows go to target/bench/results.json. Every write, ours and raw, stores a value unlike the
+//! key's previous one ([`Values`]): SQLite skips the page write of an update that changes no
+//! byte, so rewriting one fixed value would time a raw upsert that commits nothing. `DOTDO_BENCH_ONLY=inline|auto_mt|spawn_blocking`
 //! restricts the execution modes measured.
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use dotdo_core::testkit::bench::{record, sample_pair, us};
+use dotdo_core::testkit::bench::{record, sample_pair, us, Values};
 use dotdo_core::{ConsistencyGuard, HotStore, HotStoreExt, NodeId, ObjectId, WriteBatch};
 use dotdo_sqlite::{Execution, SqliteSettings, SqliteStore};
 use rusqlite::{params, Connection};
@@ -176,7 +177,6 @@ impl Raw {
 
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let value = Bytes::from(vec![42u8; 100]);
     let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i:06}")).collect();
     let obj = ObjectId::new("bench-object").expect("valid");
     let node = NodeId::new("bench-node").expect("valid");
@@ -203,10 +203,13 @@ fn main() {
             .expect("open store");
         let lease = rt.block_on(s.acquire(&obj, &node, Duration::from_secs(3600))).expect("acquire");
         if !batch_only {
-            point_ops(&rt, &s, &mut raw, label, &lease, &keys, &value);
+            point_ops(&rt, &s, &mut raw, label, &lease, &keys);
         }
         if label == "auto_mt" {
+            // One new value per round, so that every round rewrites every row.
+            let (mut ours_values, mut raw_values) = (Values::new(100), Values::new(100));
             let mut batch = || {
+                let value = ours_values.next_value();
                 let mut b = WriteBatch::new("Bench");
                 for j in 0..ROWS {
                     b = b.put(format!("batch-{j:06}"), value.clone());
@@ -215,9 +218,9 @@ fn main() {
             };
             // Six rounds each, so the WAL checkpoints that sustained batches pay land in both.
             let rows = |s: &dotdo_core::testkit::bench::Samples| ROWS as f64 * s.ops_per_sec();
-            let (ours, base) = sample_pair(1, 6, 1, &mut batch, || raw.batch(&value));
+            let (ours, base) = sample_pair(1, 6, 1, &mut batch, || raw.batch(&raw_values.next_value()));
             record("sqlite/batched_put_100k", "rows/s", rows(&ours), "rusqlite_one_txn_upserts", rows(&base));
-            let (ours, base) = sample_pair(1, 6, 1, &mut batch, || raw.same_schema_batch(&value));
+            let (ours, base) = sample_pair(1, 6, 1, &mut batch, || raw.same_schema_batch(&raw_values.next_value()));
             record(
                 "sqlite/batched_put_100k_vs_same_schema",
                 "rows/s",
@@ -237,16 +240,16 @@ fn point_ops(
     label: &str,
     lease: &dotdo_core::Lease,
     keys: &[String],
-    value: &Bytes,
 ) {
     let obj = lease.object.clone();
     let node = lease.holder.clone();
+    let (mut ours_values, mut raw_values) = (Values::new(100), Values::new(100));
     let mut k = 0;
     let mut put = || {
         k += 1;
-        rt.block_on(s.put(&obj, lease.token, "Bench", &keys[k % KEYS], value.clone())).expect("fenced put");
+        rt.block_on(s.put(&obj, lease.token, "Bench", &keys[k % KEYS], ours_values.next_value())).expect("fenced put");
     };
-    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || raw.upsert(keys, value));
+    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || raw.upsert(keys, &raw_values.next_value()));
     record(
         &format!("sqlite/fenced_put_p50/{label}"),
         "us",
@@ -268,7 +271,7 @@ fn point_ops(
         "rusqlite_upsert_autocommit",
         base.ops_per_sec(),
     );
-    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || raw.same_schema_txn(keys, value));
+    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || raw.same_schema_txn(keys, &raw_values.next_value()));
     record(
         &format!("sqlite/fenced_put_p50_vs_same_schema/{label}"),
         "us",
@@ -276,7 +279,7 @@ fn point_ops(
         "rusqlite_same_schema_txn",
         us(base.p50()),
     );
-    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || raw.log_append(keys, value));
+    let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || raw.log_append(keys, &raw_values.next_value()));
     record(
         &format!("sqlite/fenced_put_p50_vs_log_append/{label}"),
         "us",
@@ -286,13 +289,19 @@ fn point_ops(
     );
     // Raw against raw: what the token check alone costs over the autocommit upsert, with no
     // change log at all (the goal's 1.3x is about this much).
-    let cell = std::cell::RefCell::new(&mut *raw);
+    let cell = std::cell::RefCell::new((&mut *raw, raw_values));
     let (tok, base) = sample_pair(
         2_000,
         N,
         1_000,
-        || cell.borrow_mut().token_upsert(keys, value),
-        || cell.borrow_mut().upsert(keys, value),
+        || {
+            let (raw, values) = &mut *cell.borrow_mut();
+            raw.token_upsert(keys, &values.next_value())
+        },
+        || {
+            let (raw, values) = &mut *cell.borrow_mut();
+            raw.upsert(keys, &values.next_value())
+        },
     );
     record(
         &format!("sqlite/raw_token_checked_upsert_p50/{label}"),

@@ -116,6 +116,32 @@ pub fn sample_pair(
     (finish(a, ta), finish(b, tb))
 }
 
+/// Values that differ on every call: `len` bytes with a running counter in the first 8.
+///
+/// Write benchmarks must use these, for dotdo and for the raw engine alike. SQLite skips the
+/// page write when an update leaves a row's bytes unchanged, so an upsert that rewrites the same
+/// value commits nothing and measures a no-op, not a write.
+#[derive(Debug, Clone)]
+pub struct Values {
+    template: Vec<u8>,
+    next: u64,
+}
+
+impl Values {
+    /// Values of `len` bytes (at least 8).
+    pub fn new(len: usize) -> Self {
+        Values { template: vec![42u8; len.max(8)], next: 0 }
+    }
+
+    /// The next value, unlike every earlier one.
+    pub fn next_value(&mut self) -> bytes::Bytes {
+        self.next += 1;
+        let mut v = self.template.clone();
+        v[..8].copy_from_slice(&self.next.to_le_bytes());
+        bytes::Bytes::from(v)
+    }
+}
+
 /// Microseconds as `f64`.
 pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
