@@ -5,7 +5,7 @@
 //! Plain text here (dotdo-core has no SQLite dependency); each backend executes it.
 
 /// Schema version the backends store in `PRAGMA user_version`.
-pub const SQL_HOT_SCHEMA_VERSION: i64 = 1;
+pub const SQL_HOT_SCHEMA_VERSION: i64 = 2;
 
 /// The `CREATE TABLE IF NOT EXISTS` statements of the schema, and the one-time fold of lease
 /// rows that predate it (run when a file's `user_version` is below [`SQL_HOT_SCHEMA_VERSION`]).
@@ -46,9 +46,11 @@ CREATE TABLE IF NOT EXISTS do_changes (
     type  TEXT NOT NULL,
     PRIMARY KEY (do_id, seq)
 ) WITHOUT ROWID;
--- Invariant: do_objects.max_token >= do_locks.fencing_token for every object (an acquire raises
--- both in one transaction, and writes fence against do_objects alone). Lease rows that were in
--- the file before dotdo's schema (the predecessor's do_locks) are folded in here, once.
+-- An object's fencing floor is max(do_objects.max_token, do_locks.fencing_token): an acquire
+-- writes the lease row alone, and every fenced call checks its token against both rows (since
+-- schema version 2. In version 1 an acquire raised do_objects.max_token too, and writes fenced
+-- against it alone, so a version-1 library must not open a version-2 file). Lease rows that were
+-- in the file before dotdo's schema (the predecessor's do_locks) are folded in here, once.
 INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token)
     SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE true
     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token);
@@ -95,4 +97,27 @@ pub fn validate_busy_timeout(timeout: std::time::Duration) -> crate::Result<()> 
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// dotdo-libsql runs the schema one statement per step, split on `;`: a `;` inside a comment
+    /// would cut a statement in two (and fail every open of a new file).
+    #[test]
+    fn the_schema_splits_into_whole_statements_on_semicolons() {
+        let parts: Vec<&str> = super::SQL_HOT_SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()).collect();
+        assert!(parts.len() >= 5, "{parts:?}");
+        for part in parts {
+            let code: Vec<&str> = part
+                .lines()
+                .map(|l| l.split("--").next().unwrap_or_default().trim())
+                .filter(|l| !l.is_empty())
+                .collect();
+            let first = code.first().copied().unwrap_or_default();
+            assert!(
+                first.starts_with("CREATE TABLE") || first.starts_with("INSERT INTO"),
+                "not a whole statement: {part}"
+            );
+        }
+    }
 }

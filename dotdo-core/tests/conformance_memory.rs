@@ -169,6 +169,7 @@ mod broken {
         let n = names(&failures);
         assert!(n.contains(&"stale_token_write_is_rejected_after_takeover"), "{failures:?}");
         assert!(n.contains(&"paused_holder_past_ttl_is_fenced"), "{failures:?}");
+        assert!(n.contains(&"takeover_fences_an_object_never_written"), "{failures:?}");
         assert!(n.contains(&"none_token_is_rejected"), "{failures:?}");
     }
 

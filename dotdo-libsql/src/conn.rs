@@ -138,9 +138,9 @@ impl Conn {
         use crate::sql::{DIRECT_DEL, DIRECT_LOG, DIRECT_PUT, DIRECT_READ, RAISE_IF_CURRENT};
         self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
         let rows = self.prepared(Step::new(DIRECT_READ, vec![w.object.clone()])).await?;
-        let (max, last) = match rows.first() {
-            Some(r) => (crate::sql::int(r.first())?, crate::sql::int(r.get(1))?),
-            None => (0, 0),
+        let (max, last, known) = match rows.first() {
+            Some(r) => (crate::sql::int(r.first())?, crate::sql::int(r.get(1))?, crate::sql::int(r.get(2))? != 0),
+            None => (0, 0, false),
         };
         if w.token < max {
             return Ok(-max);
@@ -149,7 +149,9 @@ impl Conn {
         if last.checked_add(n).is_none_or(|end| end > dotdo_core::MAX_SEQ as i64) {
             return Ok(SEQ_EXHAUSTED);
         }
-        if w.token > max || rows.is_empty() {
+        // Raise `do_objects.max_token` only for a token above the floor (the lease's own token
+        // needs no write), and create the object's row on its first write.
+        if w.token > max || !known {
             self.prepared(Step::exec(RAISE_IF_CURRENT, vec![w.object.clone(), Value::Integer(w.token)])).await?;
         }
         for (i, (key, value)) in w.ops.iter().enumerate() {
@@ -181,7 +183,16 @@ impl Conn {
         Ok(last + w.ops.len() as i64)
     }
 
-    async fn program_prepared(&mut self, program: Program) -> libsql::Result<Option<i64>> {
+    async fn program_prepared(&mut self, mut program: Program) -> libsql::Result<Option<i64>> {
+        if program.result.is_none() && program.steps.len() == 1 {
+            // One statement is atomic by itself: no `BEGIN` and `COMMIT` around it (two
+            // statements fewer, e.g. for a lease release). A busy snapshot is retried like any
+            // busy failure, and nothing of a failed statement is applied.
+            if let Some(step) = program.steps.pop() {
+                self.prepared(step).await?;
+            }
+            return Ok(None);
+        }
         self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
         for s in program.steps {
             self.prepared(s).await?;

@@ -53,7 +53,8 @@ impl HotStore for LibsqlStore {
                     // One program, one transaction, one round trip: raise the token maximum if
                     // the token is newer, apply every operation only if the token equals the
                     // maximum, report the outcome.
-                    let mut steps = Vec::with_capacity(2 + 2 * direct.ops.len());
+                    let mut steps = Vec::with_capacity(3 + 2 * direct.ops.len());
+                    steps.push(Step::exec(FOLD_LEASE, vec![o.clone()]));
                     steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
                     steps.push(Step::exec(PIN_LAST, vec![o.clone(), tk.clone()]));
                     for (k, value) in &direct.ops {
@@ -175,6 +176,7 @@ impl HotStore for LibsqlStore {
         // Valid: not fenced and `through` not beyond the last sequence number.
         let ok = format!("NOT {FENCED} AND ?3 <= {LAST}");
         let steps = vec![
+            Step::exec(FOLD_LEASE, vec![p[0].clone()]),
             Step::exec(
                 concat!(
                     "UPDATE do_objects SET truncated_through = ?3, last_seq = max(last_seq, ",
@@ -269,6 +271,7 @@ impl HotStore for LibsqlStore {
         let p = vec![t(object.as_str()), i(token.get())];
         let ok = format!("NOT {FENCED} AND NOT {PENDING}");
         let steps = vec![
+            Step::exec(FOLD_LEASE, vec![p[0].clone()]),
             Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
             Step::exec(
                 format!(
@@ -301,6 +304,7 @@ impl HotStore for LibsqlStore {
         let conflict = format!("({PENDING} OR {LAST} > ?3)");
         let ok = format!("NOT {FENCED} AND NOT {conflict}");
         let mut steps = vec![
+            Step::exec(FOLD_LEASE, vec![p[0].clone()]),
             Step::exec(
                 format!(
                     "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \

@@ -31,28 +31,30 @@ impl ConsistencyGuard for LibsqlStore {
                 Value::Integer(expires.as_micros()),
                 i(FencingToken::MAX.get()),
             ];
-            let steps = vec![
-                Step::exec(
-                    "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
-                     SELECT ?1, ?2, ?3, ?4, next FROM (SELECT 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
-                     coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0)) AS next) WHERE next <= ?5 \
-                     ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
-                     expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3",
-                    p.clone(),
-                ),
-                // Runs right after the upsert: `changes()` says whether it took the lease.
-                Step::exec(
-                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
-                     SELECT ?1, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 AND changes() = 1 \
-                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)",
-                    p.clone(),
-                ),
-            ];
+            // Remote (one batch): the upsert, then `changes()` says whether it took the lease.
+            let steps = Arc::new(vec![Step::exec(ACQUIRE, p.clone())]);
             let result = Step::new(
                 "SELECT CASE WHEN changes() = 1 THEN (SELECT fencing_token FROM do_locks WHERE do_id = ?1) ELSE -1 END",
-                p,
+                p.clone(),
             );
-            let token = self.program("acquire lease", steps, result).await?;
+            // A local file: the upsert alone, one autocommit statement returning the token it
+            // granted (no row if refused). Either way the lease row alone is written: fenced calls
+            // fold its token into `do_objects` themselves (`FOLD_LEASE`), so an acquire dirties
+            // one page, not two.
+            let returning = Step::new(format!("{ACQUIRE} RETURNING fencing_token"), p);
+            let token = self
+                .write_call("acquire lease", move |c| {
+                    let (steps, result, returning) = (steps.to_vec(), result.clone(), returning.clone());
+                    Box::pin(async move {
+                        if c.is_batch() {
+                            let program = Program { steps, result: Some(result) };
+                            return Ok(c.run_program(program).await?.unwrap_or(-1));
+                        }
+                        let rows = c.query(returning).await?;
+                        Ok(rows.first().map(|r| int(r.first())).transpose()?.unwrap_or(-1))
+                    })
+                })
+                .await?;
             if token > 0 {
                 return Ok(Lease {
                     object: object.clone(),

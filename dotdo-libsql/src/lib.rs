@@ -28,10 +28,12 @@
 //!   with the `last_seq` floor and the token maximum), `do_state`, `do_changes`.
 //! * **The fencing check and the write are one transaction on the primary.** Every mutating call
 //!   (`write`, `truncate_changes`, `evict`, `restore`, `acquire`, `refresh`, `release`) is one
-//!   *program*: statements whose effect is conditional on the token check (e.g. raise the object's
-//!   token maximum if the token is newer, apply each operation only if the token equals the
-//!   maximum), then one integer result (the last sequence number, or `-current_token` when
-//!   fenced). It runs as one `BEGIN IMMEDIATE` … `COMMIT` transaction. Against a remote primary the
+//!   *program*: statements whose effect is conditional on the token check (e.g. fold the lease's
+//!   token into the object's token maximum, raise it if the token is newer, apply each operation
+//!   only if the token equals the maximum), then one integer result (the last sequence number, or
+//!   `-current_token` when fenced). It runs as one `BEGIN IMMEDIATE` … `COMMIT` transaction (on a
+//!   local file, a call of one statement, such as an acquire or a release, runs as that statement
+//!   alone). Against a remote primary the
 //!   whole transaction is sent as **one batch in one HTTP round trip**, never check-then-write.
 //!   libsql's remote batches return no rows, so the result comes back as the batch's
 //!   `last_insert_rowid`: inside the transaction a `do_locks` row with a negative rowid that
@@ -42,7 +44,9 @@
 //!   `Backend` error, never as a wrong result.) An embedded replica's possibly stale local copy is
 //!   never consulted for the check, so a stale read cannot let a stale token write.
 //! * The lease decision is the SQL form of [`dotdo_core::guard::rules`] (free iff
-//!   `expires_at <= now`; token = 1 + max(previous token, object's token maximum)); a refusal is
+//!   `expires_at <= now`; token = 1 + max(previous token, object's token maximum)). An acquire
+//!   writes the lease row alone: an object's fencing floor is the larger of its lease's token and
+//!   its token maximum, which fenced calls raise to the lease's token first. A refusal is
 //!   explained by reading the row on the primary and applying `rules` itself (`LeaseHeld`,
 //!   `LeaseLost`, `Fenced`).
 //! * Reads are cached prepared statements. Remotely libsql describes a statement once per

@@ -23,7 +23,21 @@ macro_rules! eff_last {
     };
 }
 pub(crate) use eff_last;
-/// `?2` (the presented token) is below the object's maximum.
+/// Take the lease if it is free (expired or released), with a token above every token issued
+/// (the larger of the lease's and `do_objects.max_token`, at most `?5`): the same decision as
+/// `rules::acquire`, as one statement. `?1` object, `?2` holder, `?3` now, `?4` expiry (µs).
+pub(crate) const ACQUIRE: &str = "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
+     SELECT ?1, ?2, ?3, ?4, next FROM (SELECT 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
+     coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0)) AS next) WHERE next <= ?5 \
+     ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
+     expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3";
+/// The first step of every fenced program: fold the lease's token into `do_objects.max_token`
+/// (raise only), so that the steps after it may fence against `do_objects` alone. An acquire
+/// writes the lease row only; the object's fencing floor is the larger of the two.
+pub(crate) const FOLD_LEASE: &str = "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
+     SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 \
+     ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token";
+/// `?2` (the presented token) is below the object's maximum (after [`FOLD_LEASE`]).
 pub(crate) const FENCED: &str = "EXISTS (SELECT 1 FROM do_objects f WHERE f.do_id = ?1 AND f.max_token > ?2)";
 /// The object's effective last sequence number (0 if unknown).
 pub(crate) const LAST: &str =
@@ -54,9 +68,15 @@ pub(crate) const PUT: &str = "INSERT INTO do_state (do_id, key, value, seq) \
 /// Delete a key's state, under the same conditions as [`LOG`] (`?4`).
 pub(crate) const DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?3 \
      AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?4)";
-/// The direct (local) write path's one read: the token maximum and the effective last seq.
-pub(crate) const DIRECT_READ: &str =
-    concat!("SELECT o.max_token, ", eff_last!("o"), " FROM do_objects o WHERE o.do_id = ?1");
+/// The direct (local) write path's one read, always one row: the object's fencing floor (the
+/// larger of `do_objects.max_token` and the lease's token), the effective last seq, and whether
+/// the object has a `do_objects` row.
+pub(crate) const DIRECT_READ: &str = concat!(
+    "SELECT max(coalesce(o.max_token, 0), coalesce((SELECT fencing_token FROM do_locks WHERE do_id = x.id), 0)), \
+     coalesce(",
+    eff_last!("o"),
+    ", 0), o.do_id IS NOT NULL FROM (SELECT ?1 AS id) x LEFT JOIN do_objects o ON o.do_id = x.id"
+);
 /// The direct path's change-log insert, sequence number given.
 pub(crate) const DIRECT_LOG: &str = "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";

@@ -291,22 +291,33 @@ async fn offload<T: Send + 'static>(mode: Execution, f: impl FnOnce() -> Result<
 struct ObjRow {
     last_seq: u64,
     truncated: u64,
+    /// The object's fencing floor: the larger of `do_objects.max_token` and the lease's token.
     max_token: u64,
 }
 
 fn obj_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<ObjRow>> {
     // `do_objects.last_seq` is a floor kept for truncated and restored changes; the effective last
     // sequence number is the larger of it and the newest change still in the log. This keeps the
-    // common write path free of a counter update (one page write fewer per put).
+    // common write path free of a counter update (one page write fewer per put). Likewise the
+    // fencing floor is the larger of `do_objects.max_token` and the lease's token, so that an
+    // acquire writes the lease row alone (see the schema's invariant).
     conn.prepare_cached(
         "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = ?1), 0)), \
-         o.truncated_through, o.max_token FROM do_objects o WHERE o.do_id = ?1",
+         o.truncated_through, max(o.max_token, coalesce((SELECT fencing_token FROM do_locks l WHERE l.do_id = ?1), 0)) \
+         FROM do_objects o WHERE o.do_id = ?1",
     )?
     .query_row([object], |r| Ok(ObjRow { last_seq: r.get(0)?, truncated: r.get(1)?, max_token: r.get(2)? }))
     .optional()
 }
 
-/// Check `token` against the object's maximum and raise the maximum; creates the row if needed.
+/// The token of the object's lease row (live or not), 0 without one.
+fn lease_token(conn: &Connection, object: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0)")?
+        .query_row([object], |r| r.get(0))
+}
+
+/// Check `token` against the object's fencing floor and raise `do_objects.max_token` to it if it
+/// is above the floor; creates the object's row if needed.
 fn check_and_raise(conn: &Connection, object: &ObjectId, token: FencingToken) -> TxResult<ObjRow> {
     match obj_row(conn, object.as_str())? {
         Some(row) if token.get() < row.max_token => {
@@ -321,6 +332,10 @@ fn check_and_raise(conn: &Connection, object: &ObjectId, token: FencingToken) ->
             Ok(row)
         }
         None => {
+            let leased = lease_token(conn, object.as_str())?;
+            if token.get() < leased {
+                return Err(Error::fenced(object, token, FencingToken::new(leased)).into());
+            }
             conn.prepare_cached(
                 "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2)",
             )?
@@ -492,7 +507,7 @@ impl HotStore for SqliteStore {
             let now = inner.clock.now().as_micros();
             let n = batch.ops.len() as u64;
             inner.write_tx("write", |tx| {
-                // Common case: one read, no counter write (the lease already raised max_token).
+                // Common case: one read, no counter write (the token is the object's fencing floor).
                 let prev = match obj_row(tx, object.as_str())? {
                     Some(row) if row.max_token == token.get() => row.last_seq,
                     _ => check_and_raise(tx, &object, token)?.last_seq,
@@ -768,10 +783,13 @@ impl ConsistencyGuard for SqliteStore {
                 let now = inner.clock.now();
                 let current = lease_row(tx, object.as_str())?;
                 let mut row = rules::acquire(&object, current.as_ref(), &holder, ttl, now)?;
+                // Tokens written with (a write may carry a token above every lease's).
                 let floor = obj_row(tx, object.as_str())?.map_or(0, |o| o.max_token);
                 if row.token.get() <= floor {
                     row.token = FencingToken::new(floor).checked_next()?;
                 }
+                // The lease row alone: writes fence against it and `do_objects` both, so an
+                // acquire dirties one page, not two.
                 tx.prepare_cached(
                     "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) VALUES (?1, ?2, ?3, ?4, ?5) \
                      ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
@@ -784,11 +802,6 @@ impl ConsistencyGuard for SqliteStore {
                     row.expires_at.as_micros(),
                     row.token.get()
                 ])?;
-                tx.prepare_cached(
-                    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
-                     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token)",
-                )?
-                .execute(params![object.as_str(), row.token.get()])?;
                 Ok(row.to_lease(&object))
             })
         })

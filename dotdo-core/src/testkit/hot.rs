@@ -393,6 +393,40 @@ pub async fn paused_holder_past_ttl_is_fenced(f: &HotFactory) {
     assert_eq!(fx.hot.get(&a.object, "n").await.expect("get"), Some(b("1")));
 }
 
+/// A lease taken over before the object was ever written fences every call of the old holder:
+/// the new lease alone is the object's fencing floor, before the new holder writes anything.
+pub async fn takeover_fences_an_object_never_written(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let old = lease(&fx, "o1", "n1").await;
+    clock.advance(TTL + Duration::from_millis(1));
+    let new = lease(&fx, "o1", "n2").await;
+    assert!(new.token > old.token);
+    let e = fx.hot.put(&old.object, old.token, "T", "k", b("stale")).await.expect_err("stale first write");
+    match e.kind() {
+        ErrorKind::Fenced { presented, current, .. } => {
+            assert_eq!((*presented, *current), (old.token, new.token));
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    let e = fx.hot.truncate_changes(&old.object, old.token, 0).await.expect_err("stale truncate");
+    assert!(e.is_fenced(), "{e}");
+    let e = fx.hot.evict(&old.object, old.token).await.expect_err("stale evict");
+    assert!(e.is_fenced(), "{e}");
+    let entry = crate::Entry { key: "r".into(), value: b("cold"), seq: 1 };
+    let e = fx.hot.restore(&old.object, old.token, vec![entry], 1).await.expect_err("stale restore");
+    assert!(e.is_fenced(), "{e}");
+    assert_eq!(fx.hot.get(&old.object, "k").await.expect("get"), None);
+    assert_eq!(fx.hot.get(&old.object, "r").await.expect("get"), None);
+    assert!(fx.hot.read_changes(&old.object, 0, 10).await.expect("log").is_empty());
+    let r = fx.hot.put(&new.object, new.token, "T", "k", b("new")).await.expect("new holder writes");
+    assert_eq!((r.first_seq, r.last_seq), (1, 1));
+    let e = fx.hot.put(&old.object, old.token, "T", "k", b("stale")).await.expect_err("stale write");
+    assert!(e.is_fenced(), "{e}");
+    let info = fx.hot.object_info(&new.object).await.expect("info").expect("written");
+    assert_eq!(info.max_token, new.token);
+    assert_eq!(fx.hot.get(&new.object, "k").await.expect("get"), Some(b("new")));
+}
+
 /// Eviction needs every change truncated (acknowledged by cold) and keeps the sequence counter.
 pub async fn evict_requires_drained_changes_and_keeps_sequence(f: &HotFactory) {
     let (fx, _) = open(f).await;
@@ -1055,6 +1089,7 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         sequence_numbers_are_bounded,
         stale_token_write_is_rejected_after_takeover,
         paused_holder_past_ttl_is_fenced,
+        takeover_fences_an_object_never_written,
         evict_requires_drained_changes_and_keeps_sequence,
         restore_installs_state_and_continues_sequence,
         restore_refuses_malformed_state,

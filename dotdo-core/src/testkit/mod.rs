@@ -308,6 +308,7 @@ macro_rules! hot_conformance {
             sequence_numbers_are_bounded,
             stale_token_write_is_rejected_after_takeover,
             paused_holder_past_ttl_is_fenced,
+            takeover_fences_an_object_never_written,
             evict_requires_drained_changes_and_keeps_sequence,
             restore_installs_state_and_continues_sequence,
             restore_refuses_malformed_state,
