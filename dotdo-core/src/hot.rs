@@ -41,7 +41,8 @@ impl ObjectInfo {
 /// * **Fencing.** Every mutating call carries a [`FencingToken`]. The store remembers the highest
 ///   token it has seen per object (including tokens issued by a co-located
 ///   [`ConsistencyGuard`](crate::ConsistencyGuard) sharing its database). A call whose token is
-///   lower fails with [`ErrorKind::Fenced`](crate::ErrorKind::Fenced) and changes nothing; a call
+///   lower fails with [`ErrorKind::Fenced`](crate::ErrorKind::Fenced) and changes nothing visible
+///   (a backend may record the object's newest lease token on the way); a call
 ///   with a higher token raises the remembered maximum. The check and the write are one atomic
 ///   step. [`FencingToken::NONE`] is rejected with `InvalidInput`.
 /// * **Atomicity and order.** [`write`](HotStore::write) applies a whole batch or nothing. Each

@@ -47,10 +47,12 @@ CREATE TABLE IF NOT EXISTS do_changes (
     PRIMARY KEY (do_id, seq)
 ) WITHOUT ROWID;
 -- An object's fencing floor is max(do_objects.max_token, do_locks.fencing_token): an acquire
--- writes the lease row alone, and every fenced call checks its token against both rows (since
--- schema version 2. In version 1 an acquire raised do_objects.max_token too, and writes fenced
--- against it alone, so a version-1 library must not open a version-2 file). Lease rows that were
--- in the file before dotdo's schema (the predecessor's do_locks) are folded in here, once.
+-- writes the lease row alone, and every fenced call checks its token against both rows. This
+-- holds since schema version 2. In version 1 an acquire raised do_objects.max_token too, and
+-- writes fenced against it alone: a version-1 library refuses a version-2 file, and every
+-- version-1 process must be stopped before a version-2 process opens the file (see
+-- docs/upgrading.md). Lease rows that were in the file before dotdo's schema (the predecessor's
+-- do_locks) are folded in here, once.
 INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token)
     SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE true
     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token);

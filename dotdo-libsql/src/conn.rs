@@ -95,7 +95,8 @@ impl Conn {
         Ok(out)
     }
 
-    /// Run a [`Program`] as one `BEGIN IMMEDIATE` … `COMMIT` transaction and return its result.
+    /// Run a [`Program`] as one `BEGIN IMMEDIATE` … `COMMIT` transaction and return its result
+    /// (on a local file, a program of one statement and no result runs as that statement alone).
     ///
     /// On a local file: cached prepared statements, the result read with a query inside the
     /// transaction. Remotely: **one** batch (one HTTP round trip). libsql's remote batches return

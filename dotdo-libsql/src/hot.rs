@@ -50,9 +50,9 @@ impl HotStore for LibsqlStore {
                     if !c.is_batch() {
                         return Ok(Some(c.write_direct(&direct).await?));
                     }
-                    // One program, one transaction, one round trip: raise the token maximum if
-                    // the token is newer, apply every operation only if the token equals the
-                    // maximum, report the outcome.
+                    // One program, one transaction, one round trip: fold the lease's token into
+                    // the token maximum, raise the maximum if the token is newer, apply every
+                    // operation only if the token equals the maximum, report the outcome.
                     let mut steps = Vec::with_capacity(3 + 2 * direct.ops.len());
                     steps.push(Step::exec(FOLD_LEASE, vec![o.clone()]));
                     steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));

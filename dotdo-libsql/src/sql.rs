@@ -44,11 +44,12 @@ pub(crate) const LAST: &str =
     concat!("coalesce((SELECT ", eff_last!("o"), " FROM do_objects o WHERE o.do_id = ?1), 0)");
 /// `-max_token` if `?2` is stale (a fenced call), for result codes.
 pub(crate) const MINUS_MAX: &str = "-(SELECT max_token FROM do_objects WHERE do_id = ?1)";
-/// Raise only (never lower) and only when the token is not stale: the first step of a write.
+/// Raise only (never lower) and only when the token is not stale: the step of a write after
+/// [`FOLD_LEASE`].
 pub(crate) const RAISE_IF_CURRENT: &str =
     "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
      ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token";
-/// The second step of a write: pin the object's `last_seq` floor to its effective last
+/// The step of a write after [`RAISE_IF_CURRENT`]: pin the object's `last_seq` floor to its effective last
 /// sequence number (which it never changes), so the steps after it can test the room left below
 /// `MAX_SEQ` against a value the batch's own inserts do not move. Only with a current token.
 pub(crate) const PIN_LAST: &str =

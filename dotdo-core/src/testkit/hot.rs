@@ -395,36 +395,47 @@ pub async fn paused_holder_past_ttl_is_fenced(f: &HotFactory) {
 
 /// A lease taken over before the object was ever written fences every call of the old holder:
 /// the new lease alone is the object's fencing floor, before the new holder writes anything.
+/// Each kind of call is tried on an object of its own, so that no refused call can have raised
+/// the floor for the next one.
 pub async fn takeover_fences_an_object_never_written(f: &HotFactory) {
     let (fx, clock) = open(f).await;
-    let old = lease(&fx, "o1", "n1").await;
-    clock.advance(TTL + Duration::from_millis(1));
-    let new = lease(&fx, "o1", "n2").await;
-    assert!(new.token > old.token);
-    let e = fx.hot.put(&old.object, old.token, "T", "k", b("stale")).await.expect_err("stale first write");
-    match e.kind() {
-        ErrorKind::Fenced { presented, current, .. } => {
-            assert_eq!((*presented, *current), (old.token, new.token));
-        }
-        other => panic!("expected Fenced, got {other:?}"),
+    let mut pairs = Vec::new();
+    for id in ["put", "truncate", "evict", "restore"] {
+        pairs.push(lease(&fx, id, "n1").await);
     }
-    let e = fx.hot.truncate_changes(&old.object, old.token, 0).await.expect_err("stale truncate");
-    assert!(e.is_fenced(), "{e}");
-    let e = fx.hot.evict(&old.object, old.token).await.expect_err("stale evict");
-    assert!(e.is_fenced(), "{e}");
-    let entry = crate::Entry { key: "r".into(), value: b("cold"), seq: 1 };
-    let e = fx.hot.restore(&old.object, old.token, vec![entry], 1).await.expect_err("stale restore");
-    assert!(e.is_fenced(), "{e}");
-    assert_eq!(fx.hot.get(&old.object, "k").await.expect("get"), None);
-    assert_eq!(fx.hot.get(&old.object, "r").await.expect("get"), None);
-    assert!(fx.hot.read_changes(&old.object, 0, 10).await.expect("log").is_empty());
-    let r = fx.hot.put(&new.object, new.token, "T", "k", b("new")).await.expect("new holder writes");
-    assert_eq!((r.first_seq, r.last_seq), (1, 1));
-    let e = fx.hot.put(&old.object, old.token, "T", "k", b("stale")).await.expect_err("stale write");
-    assert!(e.is_fenced(), "{e}");
-    let info = fx.hot.object_info(&new.object).await.expect("info").expect("written");
-    assert_eq!(info.max_token, new.token);
-    assert_eq!(fx.hot.get(&new.object, "k").await.expect("get"), Some(b("new")));
+    clock.advance(TTL + Duration::from_millis(1));
+    let mut news = Vec::new();
+    for old in &pairs {
+        let new = lease(&fx, old.object.as_str(), "n2").await;
+        assert!(new.token > old.token);
+        news.push(new);
+    }
+    let stale = |e: crate::Error, old: &crate::Lease, new: &crate::Lease| match e.kind() {
+        ErrorKind::Fenced { presented, current, .. } => {
+            assert_eq!((*presented, *current), (old.token, new.token), "{e}");
+        }
+        other => panic!("expected Fenced for {}, got {other:?}", old.object),
+    };
+    let e = fx.hot.put(&pairs[0].object, pairs[0].token, "T", "k", b("stale")).await.expect_err("stale put");
+    stale(e, &pairs[0], &news[0]);
+    let e = fx.hot.truncate_changes(&pairs[1].object, pairs[1].token, 0).await.expect_err("stale truncate");
+    stale(e, &pairs[1], &news[1]);
+    let e = fx.hot.evict(&pairs[2].object, pairs[2].token).await.expect_err("stale evict");
+    stale(e, &pairs[2], &news[2]);
+    let entry = crate::Entry { key: "k".into(), value: b("cold"), seq: 1 };
+    let e = fx.hot.restore(&pairs[3].object, pairs[3].token, vec![entry], 1).await.expect_err("stale restore");
+    stale(e, &pairs[3], &news[3]);
+    for (old, new) in pairs.iter().zip(&news) {
+        assert_eq!(fx.hot.get(&old.object, "k").await.expect("get"), None, "{}", old.object);
+        assert!(fx.hot.read_changes(&old.object, 0, 10).await.expect("log").is_empty());
+        let r = fx.hot.put(&new.object, new.token, "T", "k", b("new")).await.expect("new holder writes");
+        assert_eq!((r.first_seq, r.last_seq), (1, 1));
+        let e = fx.hot.put(&old.object, old.token, "T", "k", b("stale")).await.expect_err("stale write");
+        stale(e, old, new);
+        let info = fx.hot.object_info(&new.object).await.expect("info").expect("written");
+        assert_eq!(info.max_token, new.token);
+        assert_eq!(fx.hot.get(&new.object, "k").await.expect("get"), Some(b("new")));
+    }
 }
 
 /// Eviction needs every change truncated (acknowledged by cold) and keeps the sequence counter.
