@@ -45,7 +45,9 @@ pub(crate) struct Conn {
     batch: bool,
     /// Whether statements go to a remote primary (Hrana), not a local file.
     remote: bool,
-    cache: HashMap<Cow<'static, str>, libsql::Statement>,
+    /// Prepared statements by SQL text (hashed with xxh3: the texts run to hundreds of bytes and
+    /// are looked up several times per call).
+    cache: HashMap<Cow<'static, str>, libsql::Statement, xxhash_rust::xxh3::Xxh3DefaultBuilder>,
     nonce: i64,
 }
 
@@ -53,7 +55,7 @@ impl Conn {
     /// `batch`: render programs as one SQL batch; `remote`: the connection is to a remote
     /// primary (a local one reports `last_insert_rowid` itself).
     pub(crate) fn new(conn: libsql::Connection, batch: bool, remote: bool) -> Self {
-        Conn { conn, batch, remote, cache: HashMap::new(), nonce: 0 }
+        Conn { conn, batch, remote, cache: HashMap::default(), nonce: 0 }
     }
 
     /// Run one statement through the statement cache, collecting its rows.

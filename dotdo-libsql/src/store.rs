@@ -483,15 +483,22 @@ impl LibsqlStore {
             .saturating_add(settings.max_total_backoff());
         loop {
             let out = {
-                let left = budget.saturating_sub(clock.monotonic().saturating_sub(started));
-                let lock = self.inner.writer.lock();
-                let mut conn = match futures::future::select(Box::pin(lock), clock.sleep(left)).await {
-                    futures::future::Either::Left((conn, _)) => conn,
-                    futures::future::Either::Right(_) => {
-                        return Err(Error::unavailable(format!(
-                            "{doing}: the store's write connection is still busy after {budget:?} (other writers \
-                             of this store are waiting for it); retry later"
-                        )))
+                // A free connection is taken at once: arming the timer alone would wake the
+                // timer thread on every call (a context switch per write).
+                let mut conn = match self.inner.writer.try_lock() {
+                    Ok(conn) => conn,
+                    Err(_) => {
+                        let left = budget.saturating_sub(clock.monotonic().saturating_sub(started));
+                        let lock = self.inner.writer.lock();
+                        match futures::future::select(Box::pin(lock), clock.sleep(left)).await {
+                            futures::future::Either::Left((conn, _)) => conn,
+                            futures::future::Either::Right(_) => {
+                                return Err(Error::unavailable(format!(
+                                    "{doing}: the store's write connection is still busy after {budget:?} (other \
+                                     writers of this store are waiting for it); retry later"
+                                )))
+                            }
+                        }
                     }
                 };
                 let out = self.drive(self.inner.local_writes, f(&mut conn)).await;
