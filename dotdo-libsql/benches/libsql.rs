@@ -141,9 +141,13 @@ impl Raw {
 }
 
 fn main() {
-    local();
+    // `DOTDO_BENCH_ONLY=put` measures the local fenced put alone (for profiling).
+    let put_only = std::env::var("DOTDO_BENCH_ONLY").is_ok_and(|o| o == "put");
+    local(put_only);
     #[cfg(feature = "remote")]
-    remote();
+    if !put_only {
+        remote();
+    }
 }
 
 #[cfg(feature = "remote")]
@@ -231,7 +235,7 @@ fn remote() {
     drop(server);
 }
 
-fn local() {
+fn local(put_only: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let keys: Vec<String> = (0..KEYS).map(|i| format!("key-{i:06}")).collect();
     let obj = ObjectId::new("bench-object").expect("valid");
@@ -264,6 +268,9 @@ fn local() {
         sample_pair(2_000, N, 1_000, &mut put, || rt.block_on(raw.log_append(&keys, &raw_values.next_value())));
     record("libsql/fenced_put_p50_vs_log_append", "us", us(ours.p50()), "libsql_log_append_autocommit", us(base.p50()));
 
+    if put_only {
+        return;
+    }
     let mut g = 0;
     let (ours, base) = sample_pair(
         2_000,
