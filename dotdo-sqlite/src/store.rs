@@ -517,7 +517,6 @@ impl HotStore for SqliteStore {
                     "INSERT INTO do_state (do_id, key, value, seq) VALUES (?1, ?2, ?3, ?4) \
                      ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq",
                 )?;
-                let mut del = tx.prepare_cached("DELETE FROM do_state WHERE do_id = ?1 AND key = ?2")?;
                 let mut log = tx.prepare_cached(
                     "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -570,7 +569,8 @@ impl HotStore for SqliteStore {
                             log.execute(params![oid, seq, key, 0, &value[..], tok, now, batch.type_name])?;
                         }
                         WriteOp::Delete { key } => {
-                            del.execute(params![oid, key])?;
+                            tx.prepare_cached("DELETE FROM do_state WHERE do_id = ?1 AND key = ?2")?
+                                .execute(params![oid, key])?;
                             log.execute(params![oid, seq, key, 1, &[][..], tok, now, batch.type_name])?;
                         }
                     }
