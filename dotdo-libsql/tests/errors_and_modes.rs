@@ -489,3 +489,43 @@ async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
     holder.execute("COMMIT", ()).await.expect("release");
     s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("writes go through again");
 }
+
+/// Schema versions: a file of version 1 is upgraded in place (to 2) and keeps its state and its
+/// lease; a file of a newer version than this library's is refused with `Corrupt` and left alone.
+#[tokio::test]
+async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
+    async fn raw(p: &std::path::Path) -> libsql::Connection {
+        libsql::Builder::new_local(p).build().await.expect("raw open").connect().expect("connect")
+    }
+    async fn version(p: &std::path::Path) -> i64 {
+        let mut rows = raw(p).await.query("PRAGMA user_version", ()).await.expect("user_version");
+        rows.next().await.expect("row").expect("one row").get(0).expect("integer")
+    }
+    async fn set_version(p: &std::path::Path, v: i64) {
+        raw(p).await.execute_batch(&format!("PRAGMA user_version = {v}")).await.expect("set user_version");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let lease = {
+        let s = LibsqlStore::local(&path).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(600)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        l
+    };
+    assert_eq!(version(&path).await, 2);
+    set_version(&path, 1).await;
+    {
+        let s = LibsqlStore::local(&path).open().await.expect("open a version-1 file");
+        assert_eq!(s.get(&obj(), "k").await.expect("get"), Some(b"v".to_vec().into()));
+        s.validate(&lease).await.expect("the lease survives the upgrade");
+        s.put(&obj(), lease.token, "T", "k2", b"w".to_vec().into()).await.expect("its token still writes");
+        let e = s.acquire(&obj(), &NodeId::new("m").expect("valid"), Duration::from_secs(5)).await.expect_err("held");
+        assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    }
+    assert_eq!(version(&path).await, 2, "upgraded in place");
+    set_version(&path, 3).await;
+    let e = LibsqlStore::local(&path).open().await.expect_err("a newer file");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("schema version 3"), "{e}");
+    assert_eq!(version(&path).await, 3, "a refused file is left alone");
+}
