@@ -1,6 +1,7 @@
 //! dotdo-libsql against raw libsql calls in the same run (local file, WAL, synchronous=NORMAL, one
 //! file each), measured interleaved so background load affects both alike. Run through
-//! `scripts/bench dotdo-libsql`; rows go to target/bench/results.json.
+//! `scripts/bench dotdo-libsql`; rows go to target/bench/results.json
+//! (`DOTDO_BENCH_PUT_ONLY=1`: the local fenced put alone, for profiling).
 //!
 //! The raw baseline is what a user of the `libsql` crate writes: `Connection::execute` /
 //! `Connection::query` with bound parameters on one kept connection. Every write, ours and raw,
@@ -141,8 +142,8 @@ impl Raw {
 }
 
 fn main() {
-    // `DOTDO_BENCH_ONLY=put` measures the local fenced put alone (for profiling).
-    let put_only = std::env::var("DOTDO_BENCH_ONLY").is_ok_and(|o| o == "put");
+    // `DOTDO_BENCH_PUT_ONLY=1` measures the local fenced put alone (for profiling).
+    let put_only = std::env::var("DOTDO_BENCH_PUT_ONLY").is_ok_and(|o| o == "1");
     local(put_only);
     #[cfg(feature = "remote")]
     if !put_only {

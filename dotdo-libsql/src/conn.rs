@@ -82,8 +82,9 @@ impl Conn {
         out
     }
 
-    /// A read outside any explicit transaction: a cached prepared statement (remotely: described
-    /// once per connection, then one round trip per call).
+    /// One statement outside any explicit transaction, its rows collected: a cached prepared
+    /// statement (remotely: described once per connection, then one round trip per call). Reads,
+    /// and on a local file the acquire's single `INSERT … RETURNING`.
     pub(crate) async fn query(&mut self, step: Step) -> libsql::Result<Vec<Row>> {
         self.prepared(step).await
     }

@@ -46,7 +46,8 @@
 //! * The lease decision is the SQL form of [`dotdo_core::guard::rules`] (free iff
 //!   `expires_at <= now`; token = 1 + max(previous token, object's token maximum)). An acquire
 //!   writes the lease row alone: an object's fencing floor is the larger of its lease's token and
-//!   its token maximum, which fenced calls raise to the lease's token first. A refusal is
+//!   its token maximum, and every fenced call checks both (programs raise the maximum to the
+//!   lease's token first; a local write reads both). A refusal is
 //!   explained by reading the row on the primary and applying `rules` itself (`LeaseHeld`,
 //!   `LeaseLost`, `Fenced`).
 //! * Reads are cached prepared statements. Remotely libsql describes a statement once per
