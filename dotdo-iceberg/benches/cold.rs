@@ -2,7 +2,8 @@
 //! same run (benches/py/bench_pyiceberg.py, run with `DOTDO_PYTHON` or `<workspace>/.venv`):
 //!
 //! * append 1M rows (rows/s) to a local SQL-catalog table;
-//! * a 10-row commit (p50 ms);
+//! * a 10-row commit (p50 ms), also with `Settings::sync_local_files` (every file fsynced;
+//!   PyIceberg does not fsync);
 //! * latest-state read of one object from the 1M-row table (p50 ms).
 //!
 //! `DOTDO_BENCH_ROWS` changes the row count (default 1,000,000).
@@ -168,10 +169,14 @@ fn main() {
     //    commits are measured again on a fresh table after the 1M-row appends: dotdo's measured
     //    1.5x slower there, PyIceberg's did not change (2026-12-03); both figures are recorded.
     let small_dir = tempfile::tempdir().expect("tempdir");
-    let ten_row_commits = |name: &str| {
+    let ten_row_commits = |name: &str, sync_local_files: bool| {
+        let settings = dotdo_iceberg::Settings { sync_local_files, ..Default::default() };
         let small = rt
             .block_on(
-                IcebergColdStore::builder(small_dir.path().to_str().expect("utf-8")).table(["bench"], name).build(),
+                IcebergColdStore::builder(small_dir.path().to_str().expect("utf-8"))
+                    .table(["bench"], name)
+                    .settings(settings)
+                    .build(),
             )
             .expect("open");
         let obj = ObjectId::new("obj-00000").expect("id");
@@ -186,7 +191,8 @@ fn main() {
             rt.block_on(small.append(b)).expect("small append");
         })
     };
-    let commits = ten_row_commits("small");
+    let commits = ten_row_commits("small", false);
+    let commits_synced = ten_row_commits("small_synced", true);
 
     // 2. Append n rows in one commit (three runs on fresh tables; the best is reported, as is
     //    PyIceberg's single run after its warm-up imports).
@@ -251,7 +257,7 @@ fn main() {
         .stats;
     eprintln!("one-object lookup in the {n}-row table: {lookup_stats:?}");
 
-    let commits_after = ten_row_commits("small_after");
+    let commits_after = ten_row_commits("small_after", false);
     let peer_after = pyiceberg(n, 30, scratch.path());
     let p = match (peer_before, peer_after) {
         (Some(a), Some(b)) => Peer {
@@ -265,6 +271,13 @@ fn main() {
     record(&format!("iceberg append {}k rows (rows/s)", n / 1000), "rows/s", ours_rps, label, p.append_rows_per_s);
     record("iceberg 10-row commit p50", "ms", ms(commits.p50()), label, p.commit10_p50_ms);
     record("iceberg 10-row commit p99", "ms", ms(commits.p99()), label, p.commit10_p50_ms);
+    record(
+        "iceberg 10-row commit p50, every file fsynced (sync_local_files)",
+        "ms",
+        ms(commits_synced.p50()),
+        label,
+        p.commit10_p50_ms,
+    );
     record(
         "iceberg 10-row commit p50, after the 1M-row appends",
         "ms",

@@ -8,6 +8,7 @@
 //! object key, e.g. `s3://bucket/wh/ns/t/data/x.parquet` → key `wh/ns/t/data/x.parquet`.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -31,6 +32,9 @@ pub struct StoreRoot {
     pub root: String,
     /// The warehouse location as a URL without a trailing `/` (`s3://bucket/wh`).
     pub warehouse: String,
+    /// Whether the store is a local file system that dotdo opened itself (`file://`), whose
+    /// files it can fsync.
+    local_files: bool,
 }
 
 impl StoreRoot {
@@ -58,11 +62,12 @@ impl StoreRoot {
         if url.scheme() == "memory" {
             return Ok(Self::with_store(Arc::new(object_store::memory::InMemory::new()), &url));
         }
+        let local_files = url.scheme() == "file";
         let (store, _path) = object_store::parse_url_opts(&url, options).map_err(|e| {
             Error::invalid(format!("cannot open warehouse {warehouse}: {e} (is the scheme's cargo feature enabled?)"))
                 .with_source(e)
         })?;
-        Ok(Self::with_store(Arc::from(store), &url))
+        Ok(StoreRoot { local_files, ..Self::with_store(Arc::from(store), &url) })
     }
 
     /// Use an existing object store whose root corresponds to the scheme and authority of
@@ -75,7 +80,7 @@ impl StoreRoot {
     fn with_store(store: Arc<dyn ObjectStore>, url: &Url) -> Self {
         let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
         let warehouse = url.as_str().trim_end_matches('/').to_string();
-        StoreRoot { store, root, warehouse }
+        StoreRoot { store, root, warehouse, local_files: false }
     }
 
     /// The object key of a full location under this root.
@@ -85,7 +90,19 @@ impl StoreRoot {
 
     /// The iceberg storage factory for this store.
     pub fn factory(&self) -> Arc<dyn StorageFactory> {
-        Arc::new(ObjectStoreStorageFactory(ObjectStoreStorage { store: self.store.clone(), root: self.root.clone() }))
+        self.factory_syncing(None)
+    }
+
+    /// The iceberg storage factory for this store; with `synced`, on a local file system that
+    /// [`open`](Self::open) opened, every file written is fsynced (with its directory) before the
+    /// write reports success, and counted in `synced`. Other stores ignore `synced`.
+    pub(crate) fn factory_syncing(&self, synced: Option<Arc<AtomicU64>>) -> Arc<dyn StorageFactory> {
+        let sync = synced.filter(|_| self.local_files);
+        Arc::new(ObjectStoreStorageFactory(ObjectStoreStorage {
+            store: self.store.clone(),
+            root: self.root.clone(),
+            sync,
+        }))
     }
 }
 
@@ -128,6 +145,9 @@ pub struct ObjectStoreStorage {
     #[serde(skip)]
     store: Arc<dyn ObjectStore>,
     root: String,
+    /// Set when written files are fsynced: the count of files synced so far.
+    #[serde(skip)]
+    sync: Option<Arc<AtomicU64>>,
 }
 
 impl<'de> serde::Deserialize<'de> for ObjectStoreStorage {
@@ -140,6 +160,40 @@ impl ObjectStoreStorage {
     fn key(&self, p: &str) -> iceberg::Result<Path> {
         key_of(&self.root, p).map_err(path_err)
     }
+
+    /// After a write: fsync the file at `location` and its directory (so that the file's content
+    /// and its name survive a power loss), if this storage syncs.
+    async fn synced(&self, location: &str) -> iceberg::Result<()> {
+        let Some(count) = &self.sync else { return Ok(()) };
+        sync_local_file(location).await?;
+        count.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// fsync the local file named by `location` (a `file:` URL or an absolute path) and its parent
+/// directory, off the async threads.
+async fn sync_local_file(location: &str) -> iceberg::Result<()> {
+    let path = match Url::parse(location) {
+        Ok(url) if url.scheme() == "file" => url.to_file_path().ok(),
+        _ => Some(std::path::PathBuf::from(location)),
+    }
+    .filter(|p| p.is_absolute())
+    .ok_or_else(|| path_err(format!("cannot sync {location}: not a local file path")))?;
+    let location = location.to_string();
+    let fail = move |what: &str, e: std::io::Error| {
+        iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("cannot fsync {what} of {location}: {e}"))
+            .with_source(e)
+    };
+    let done = tokio::task::spawn_blocking(move || -> iceberg::Result<()> {
+        std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| fail("the file", e))?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| fail("the directory", e))?;
+        }
+        Ok(())
+    })
+    .await;
+    done.map_err(|e| iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("fsync task failed: {e}")))?
 }
 
 #[async_trait]
@@ -166,11 +220,14 @@ impl Storage for ObjectStoreStorage {
     }
 
     async fn write(&self, path: &str, bs: Bytes) -> iceberg::Result<()> {
-        self.store.put(&self.key(path)?, bs.into()).await.map(|_| ()).map_err(os_err)
+        self.store.put(&self.key(path)?, bs.into()).await.map(|_| ()).map_err(os_err)?;
+        self.synced(path).await
     }
 
     async fn writer(&self, path: &str) -> iceberg::Result<Box<dyn FileWrite>> {
-        Ok(Box::new(OsWrite(Some(BufWriter::new(self.store.clone(), self.key(path)?)))))
+        let writer = BufWriter::new(self.store.clone(), self.key(path)?);
+        let sync = self.sync.is_some().then(|| (self.clone(), path.to_string()));
+        Ok(Box::new(OsWrite { writer: Some(writer), sync }))
     }
 
     async fn delete(&self, path: &str) -> iceberg::Result<()> {
@@ -222,23 +279,31 @@ impl FileRead for OsRead {
 }
 
 /// Streams a file through `object_store`'s `BufWriter` (one put when small, multipart when
-/// large).
-struct OsWrite(Option<BufWriter>);
+/// large); with `sync`, fsyncs it once complete.
+struct OsWrite {
+    writer: Option<BufWriter>,
+    sync: Option<(ObjectStoreStorage, String)>,
+}
 
 #[async_trait]
 impl FileWrite for OsWrite {
     async fn write(&mut self, bs: Bytes) -> iceberg::Result<()> {
-        let w = self.0.as_mut().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
+        let w =
+            self.writer.as_mut().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
         w.put(bs).await.map_err(os_err)
     }
 
     async fn close(&mut self) -> iceberg::Result<()> {
         use tokio::io::AsyncWriteExt;
         let mut w =
-            self.0.take().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
+            self.writer.take().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
         // Note: `BufWriter::abort` panics once shutdown has started, so a failed shutdown is
         // only reported; an unfinished multipart upload is left to the store's lifecycle rules.
-        w.shutdown().await.map_err(io_err)
+        w.shutdown().await.map_err(io_err)?;
+        match &self.sync {
+            Some((storage, path)) => storage.synced(path).await,
+            None => Ok(()),
+        }
     }
 }
 

@@ -712,3 +712,31 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks() {
     let next = ColdBatch::single(o.clone(), FencingToken::new(2), vec![common::put(&o, 4, "k", "v4", 2)]);
     assert_eq!(cold.append(next).await.expect("appends continue after expiry").records_written, 1);
 }
+
+/// `Settings::sync_local_files`: every file a local warehouse writes (data files, manifests,
+/// manifest lists, metadata JSON), for the table's creation, appends and a compaction, is fsynced
+/// before its write reports success, each once; without the setting none is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_local_files_fsyncs_every_file_written() {
+    let history = vec![vec![(0, 0, false), (1, 1, false)], vec![(0, 1, false), (2, 0, true)], vec![(3, 2, false)]];
+    for sync in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["m"], "changes")
+            .settings(Settings { buckets: 2, sync_local_files: sync, ..Default::default() })
+            .build()
+            .await
+            .expect("open");
+        for b in batches(&objects(), &history) {
+            cold.append(b).await.expect("append");
+        }
+        cold.compact(CompactOptions::default()).await.expect("compact");
+        let written: usize = [".parquet", ".avro", ".metadata.json"]
+            .iter()
+            .map(|suffix| common::files_ending_with(dir.path(), suffix).len())
+            .sum();
+        assert!(written >= 10, "a creation, three appends and a compaction wrote {written} files");
+        let expected = if sync { written as u64 } else { 0 };
+        assert_eq!(cold.synced_files(), expected, "sync_local_files = {sync}");
+    }
+}
