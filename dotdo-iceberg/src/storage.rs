@@ -90,19 +90,31 @@ impl StoreRoot {
 
     /// The iceberg storage factory for this store.
     pub fn factory(&self) -> Arc<dyn StorageFactory> {
-        self.factory_syncing(None)
+        Arc::new(ObjectStoreStorageFactory(ObjectStoreStorage {
+            store: self.store.clone(),
+            root: self.root.clone(),
+            sync: None,
+        }))
     }
 
     /// The iceberg storage factory for this store; with `synced`, on a local file system that
     /// [`open`](Self::open) opened, every file written is fsynced (with its directory) before the
     /// write reports success, and counted in `synced`. Other stores ignore `synced`.
-    pub(crate) fn factory_syncing(&self, synced: Option<Arc<AtomicU64>>) -> Arc<dyn StorageFactory> {
-        let sync = synced.filter(|_| self.local_files);
-        Arc::new(ObjectStoreStorageFactory(ObjectStoreStorage {
+    pub(crate) fn factory_syncing(&self, synced: Option<Arc<AtomicU64>>) -> Result<Arc<dyn StorageFactory>> {
+        let sync = match synced.filter(|_| self.local_files) {
+            Some(count) => {
+                // The warehouse directory as the local store names it (percent-encoding kept).
+                let warehouse = local_path(&self.root, &self.warehouse)
+                    .map_err(|e| Error::invalid(format!("warehouse {} has no local directory: {e}", self.warehouse)))?;
+                Some(Arc::new(SyncState { count, warehouse, synced_dirs: parking_lot::Mutex::default() }))
+            }
+            None => None,
+        };
+        Ok(Arc::new(ObjectStoreStorageFactory(ObjectStoreStorage {
             store: self.store.clone(),
             root: self.root.clone(),
             sync,
-        }))
+        })))
     }
 }
 
@@ -145,9 +157,27 @@ pub struct ObjectStoreStorage {
     #[serde(skip)]
     store: Arc<dyn ObjectStore>,
     root: String,
-    /// Set when written files are fsynced: the count of files synced so far.
+    /// Set when written files are fsynced.
     #[serde(skip)]
-    sync: Option<Arc<AtomicU64>>,
+    sync: Option<Arc<SyncState>>,
+}
+
+/// What a syncing storage needs: the count of files synced, the warehouse directory (ancestors
+/// above its parent are not its to sync) and the directories whose own entry in their parent is
+/// already durable (a new partition directory's entry needs one sync of its parent; a new file's
+/// entry in its directory needs one every time).
+#[derive(Debug)]
+struct SyncState {
+    count: Arc<AtomicU64>,
+    warehouse: std::path::PathBuf,
+    synced_dirs: parking_lot::Mutex<std::collections::HashSet<std::path::PathBuf>>,
+}
+
+/// The local file system path of `location` exactly as `object_store`'s `LocalFileSystem`
+/// (rooted at `/`, as `parse_url` opens it) writes it.
+fn local_path(root: &str, location: &str) -> std::result::Result<std::path::PathBuf, String> {
+    let key = key_of(root, location)?;
+    object_store::local::LocalFileSystem::new().path_to_filesystem(&key).map_err(|e| e.to_string())
 }
 
 impl<'de> serde::Deserialize<'de> for ObjectStoreStorage {
@@ -161,39 +191,55 @@ impl ObjectStoreStorage {
         key_of(&self.root, p).map_err(path_err)
     }
 
-    /// After a write: fsync the file at `location` and its directory (so that the file's content
-    /// and its name survive a power loss), if this storage syncs.
+    /// After a write: fsync the file at `location`, its directory (for its new entry), and once
+    /// each the directories between that one and the warehouse's parent (any may be new), so
+    /// that the file's content and its name survive a power loss; if this storage syncs.
     async fn synced(&self, location: &str) -> iceberg::Result<()> {
-        let Some(count) = &self.sync else { return Ok(()) };
-        sync_local_file(location).await?;
-        count.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        let Some(sync) = self.sync.clone() else { return Ok(()) };
+        let path = local_path(&self.root, location)
+            .map_err(|e| iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("cannot sync {location}: {e}")))?;
+        let done = tokio::task::spawn_blocking(move || {
+            sync_local_file(&sync, &path)?;
+            sync.count.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+        .await
+        .map_err(|e| iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("fsync task failed: {e}")))?;
+        done.map_err(|(what, e): (String, std::io::Error)| {
+            iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("cannot fsync {what} of {location}: {e}"))
+                .with_source(e)
+        })
     }
 }
 
-/// fsync the local file named by `location` (a `file:` URL or an absolute path) and its parent
-/// directory, off the async threads.
-async fn sync_local_file(location: &str) -> iceberg::Result<()> {
-    let path = match Url::parse(location) {
-        Ok(url) if url.scheme() == "file" => url.to_file_path().ok(),
-        _ => Some(std::path::PathBuf::from(location)),
-    }
-    .filter(|p| p.is_absolute())
-    .ok_or_else(|| path_err(format!("cannot sync {location}: not a local file path")))?;
-    let location = location.to_string();
-    let fail = move |what: &str, e: std::io::Error| {
-        iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("cannot fsync {what} of {location}: {e}"))
-            .with_source(e)
-    };
-    let done = tokio::task::spawn_blocking(move || -> iceberg::Result<()> {
-        std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| fail("the file", e))?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| fail("the directory", e))?;
+/// fsync `path` and its directory, then each ancestor up to the warehouse directory's parent
+/// that no earlier call synced (blocking).
+fn sync_local_file(sync: &SyncState, path: &std::path::Path) -> std::result::Result<(), (String, std::io::Error)> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| ("the file".to_string(), e))?;
+    let Some(parent) = path.parent() else { return Ok(()) };
+    sync_dir(parent)?;
+    let stop = sync.warehouse.parent().unwrap_or(&sync.warehouse);
+    // A directory in `synced_dirs` has its own entry (in its parent) durable already.
+    let mut dir = parent;
+    while dir != stop && dir.starts_with(stop) {
+        let Some(up) = dir.parent() else { break };
+        if !sync.synced_dirs.lock().contains(dir) {
+            sync_dir(up)?;
+            sync.synced_dirs.lock().insert(dir.to_path_buf());
         }
-        Ok(())
-    })
-    .await;
-    done.map_err(|e| iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("fsync task failed: {e}")))?
+        dir = up;
+    }
+    Ok(())
+}
+
+/// fsync a directory (its entries). Where directories cannot be opened for syncing (Windows),
+/// this does nothing.
+fn sync_dir(dir: &std::path::Path) -> std::result::Result<(), (String, std::io::Error)> {
+    if cfg!(unix) {
+        let fail = |e| (format!("the directory {}", dir.display()), e);
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
+    }
+    Ok(())
 }
 
 #[async_trait]

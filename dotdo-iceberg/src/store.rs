@@ -91,7 +91,8 @@ pub struct Settings {
     pub min_cleanup_retention: Duration,
     /// On a `file://` warehouse that dotdo opens itself (not one given with
     /// [`object_store`](IcebergColdStoreBuilder::object_store)), fsync every data, manifest and
-    /// metadata file, and its directory, before its write reports success (default false).
+    /// metadata file, its directory, and once each any new directory up to the warehouse's
+    /// parent, before its write reports success (default false).
     /// The SQL catalog always fsyncs its commit; without this a local warehouse's files are as
     /// durable as the file system's page cache: an acknowledged commit survives a process kill,
     /// and after a power loss or OS crash its files may be missing or empty (`Corrupt` on read).
@@ -247,7 +248,7 @@ impl IcebergColdStoreBuilder {
             None => StoreRoot::open(&self.warehouse, self.options.iter().map(|(k, v)| (k.as_str(), v.clone())))?,
         };
         let synced = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let factory = root.factory_syncing(self.settings.sync_local_files.then(|| synced.clone()));
+        let factory = root.factory_syncing(self.settings.sync_local_files.then(|| synced.clone()))?;
         let crate::catalog::Opened { catalog, verifier } =
             crate::catalog::open(&self.catalog, &self.settings.catalog_name, &root.warehouse, factory).await?;
         let ns = NamespaceIdent::from_vec(self.namespace.clone())

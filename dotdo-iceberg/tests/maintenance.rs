@@ -715,13 +715,15 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks() {
 
 /// `Settings::sync_local_files`: every file a local warehouse writes (data files, manifests,
 /// manifest lists, metadata JSON), for the table's creation, appends and a compaction, is fsynced
-/// before its write reports success, each once; without the setting none is.
+/// before its write reports success, each once; without the setting none is. The warehouse path
+/// has a space, which the local store keeps percent-encoded in its directory names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_local_files_fsyncs_every_file_written() {
     let history = vec![vec![(0, 0, false), (1, 1, false)], vec![(0, 1, false), (2, 0, true)], vec![(3, 2, false)]];
     for sync in [false, true] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        let warehouse = dir.path().join("my lake");
+        let cold = IcebergColdStore::builder(warehouse.to_str().expect("utf-8"))
             .table(["m"], "changes")
             .settings(Settings { buckets: 2, sync_local_files: sync, ..Default::default() })
             .build()
