@@ -21,7 +21,7 @@ use iceberg::{MetadataLocation, TableRequirement, TableUpdate};
 
 use dotdo_core::{Clock, Error, ErrorKind, Result};
 
-use crate::catalog::{SqlVerifier, Swapped};
+use crate::catalog::{PinnedCatalog, SqlVerifier, Swapped};
 use crate::error::classify;
 use crate::store::IcebergColdStore;
 
@@ -82,17 +82,8 @@ impl IcebergColdStore {
             Err(e) => return Err(e.context(what)),
         }
         // Committed: from here on nothing may report failure (a caller would delete files the
-        // new metadata references). The new table is built from what was just written.
-        let t = match rebuilt(table, new_md, new_location, &self.inner.runtime) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "{what}: committed; rebuilding the table handle failed, reloading");
-                match self.inner.catalog.load_table(ident).await {
-                    Ok(t) => t,
-                    Err(_) => table.clone(),
-                }
-            }
-        };
+        // new metadata references).
+        let t = self.committed_handle(table, new_md, new_location, what).await.unwrap_or_else(|_| table.clone());
         if ident == &self.inner.ident {
             self.remember(&t);
         }
@@ -472,21 +463,42 @@ impl IcebergColdStore {
                 return Err(e);
             }
         };
-        let ident = table.identifier();
-        swap.swap_or_clean(io, ident, &base, &new, written).await?;
+        swap.swap_or_clean(io, table.identifier(), &base, &new, written).await?;
         self.remember_manifests(&list_path, with_sequence_numbers(manifests, seq));
-        // Committed: from here on nothing may report failure.
-        match rebuilt(table, new_md, new, &self.inner.runtime) {
+        // Committed: from here on nothing may report failure (on an error the caller reads back
+        // and finds its commit).
+        self.committed_handle(table, new_md, new, "fast append").await
+    }
+
+    /// A handle on `metadata`, just committed at `location` on top of `table`: built from what
+    /// was written (with `table`'s identifier and FileIO and the store's runtime), without
+    /// reading anything back; loaded from the catalog if building it fails.
+    async fn committed_handle(
+        &self,
+        table: &Table,
+        metadata: TableMetadata,
+        location: String,
+        what: &str,
+    ) -> iceberg::Result<Table> {
+        let built = Table::builder()
+            .metadata(metadata)
+            .metadata_location(location)
+            .identifier(table.identifier().clone())
+            .file_io(table.file_io().clone())
+            .runtime(self.inner.runtime.clone())
+            .build();
+        match built {
             Ok(t) => Ok(t),
             Err(e) => {
-                tracing::warn!(error = %e, "committed; rebuilding the table handle failed, reloading");
-                match self.inner.catalog.load_table(ident).await {
-                    Ok(t) => Ok(t),
-                    // The caller reads back and finds its commit.
-                    Err(e) => Err(e),
-                }
+                tracing::warn!(error = %e, "{what}: committed; rebuilding the table handle failed, reloading");
+                self.inner.catalog.load_table(table.identifier()).await
             }
         }
+    }
+
+    /// `catalog` pinned to `table` (see [`PinnedCatalog`]), with the SQL catalog's pointer swap.
+    pub(crate) fn pinned(&self, table: &Table) -> PinnedCatalog<'_> {
+        PinnedCatalog::new(&*self.inner.catalog, table.clone(), self.inner.verifier.as_ref())
     }
 }
 
@@ -573,23 +585,6 @@ fn with_sequence_numbers(mut manifests: Vec<ManifestFile>, seq: i64) -> Vec<Mani
         }
     }
     manifests
-}
-
-/// A handle on `metadata` (just committed at `location`) with `table`'s identifier and FileIO,
-/// without reading anything back.
-fn rebuilt(
-    table: &Table,
-    metadata: TableMetadata,
-    location: String,
-    runtime: &iceberg::Runtime,
-) -> iceberg::Result<Table> {
-    Table::builder()
-        .metadata(metadata)
-        .metadata_location(location)
-        .identifier(table.identifier().clone())
-        .file_io(table.file_io().clone())
-        .runtime(runtime.clone())
-        .build()
 }
 
 /// A snapshot id not used in `table` (positive, random).

@@ -90,10 +90,14 @@ impl StoreRoot {
 
     /// The iceberg storage factory for this store.
     pub fn factory(&self) -> Arc<dyn StorageFactory> {
+        self.factory_with(None)
+    }
+
+    fn factory_with(&self, sync: Option<Arc<SyncState>>) -> Arc<dyn StorageFactory> {
         Arc::new(ObjectStoreStorageFactory(ObjectStoreStorage {
             store: self.store.clone(),
             root: self.root.clone(),
-            sync: None,
+            sync,
         }))
     }
 
@@ -104,17 +108,14 @@ impl StoreRoot {
         let sync = match synced.filter(|_| self.local_files) {
             Some(count) => {
                 // The warehouse directory as the local store names it (percent-encoding kept).
-                let warehouse = local_path(&self.root, &self.warehouse)
+                let warehouse = key_of(&self.root, &self.warehouse)
+                    .and_then(|key| local_path(&key))
                     .map_err(|e| Error::invalid(format!("warehouse {} has no local directory: {e}", self.warehouse)))?;
                 Some(Arc::new(SyncState { count, warehouse, synced_dirs: parking_lot::Mutex::default() }))
             }
             None => None,
         };
-        Ok(Arc::new(ObjectStoreStorageFactory(ObjectStoreStorage {
-            store: self.store.clone(),
-            root: self.root.clone(),
-            sync,
-        })))
+        Ok(self.factory_with(sync))
     }
 }
 
@@ -173,11 +174,10 @@ struct SyncState {
     synced_dirs: parking_lot::Mutex<std::collections::HashSet<std::path::PathBuf>>,
 }
 
-/// The local file system path of `location` exactly as `object_store`'s `LocalFileSystem`
+/// The local file system path of object `key` exactly as `object_store`'s `LocalFileSystem`
 /// (rooted at `/`, as `parse_url` opens it) writes it.
-fn local_path(root: &str, location: &str) -> std::result::Result<std::path::PathBuf, String> {
-    let key = key_of(root, location)?;
-    object_store::local::LocalFileSystem::new().path_to_filesystem(&key).map_err(|e| e.to_string())
+fn local_path(key: &Path) -> std::result::Result<std::path::PathBuf, String> {
+    object_store::local::LocalFileSystem::new().path_to_filesystem(key).map_err(|e| e.to_string())
 }
 
 impl<'de> serde::Deserialize<'de> for ObjectStoreStorage {
@@ -191,12 +191,12 @@ impl ObjectStoreStorage {
         key_of(&self.root, p).map_err(path_err)
     }
 
-    /// After a write: fsync the file at `location`, its directory (for its new entry), and once
-    /// each the directories between that one and the warehouse's parent (any may be new), so
-    /// that the file's content and its name survive a power loss; if this storage syncs.
-    async fn synced(&self, location: &str) -> iceberg::Result<()> {
+    /// After a write: fsync the file `key` (at `location`), its directory (for its new entry),
+    /// and once each the directories between that one and the warehouse's parent (any may be
+    /// new), so that the file's content and its name survive a power loss; if this storage syncs.
+    async fn synced(&self, key: &Path, location: &str) -> iceberg::Result<()> {
         let Some(sync) = self.sync.clone() else { return Ok(()) };
-        let path = local_path(&self.root, location)
+        let path = local_path(key)
             .map_err(|e| iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("cannot sync {location}: {e}")))?;
         let done = tokio::task::spawn_blocking(move || {
             sync_local_file(&sync, &path)?;
@@ -266,13 +266,15 @@ impl Storage for ObjectStoreStorage {
     }
 
     async fn write(&self, path: &str, bs: Bytes) -> iceberg::Result<()> {
-        self.store.put(&self.key(path)?, bs.into()).await.map(|_| ()).map_err(os_err)?;
-        self.synced(path).await
+        let key = self.key(path)?;
+        self.store.put(&key, bs.into()).await.map(|_| ()).map_err(os_err)?;
+        self.synced(&key, path).await
     }
 
     async fn writer(&self, path: &str) -> iceberg::Result<Box<dyn FileWrite>> {
-        let writer = BufWriter::new(self.store.clone(), self.key(path)?);
-        let sync = self.sync.is_some().then(|| (self.clone(), path.to_string()));
+        let key = self.key(path)?;
+        let writer = BufWriter::new(self.store.clone(), key.clone());
+        let sync = self.sync.is_some().then(|| (self.clone(), key, path.to_string()));
         Ok(Box::new(OsWrite { writer: Some(writer), sync }))
     }
 
@@ -328,7 +330,7 @@ impl FileRead for OsRead {
 /// large); with `sync`, fsyncs it once complete.
 struct OsWrite {
     writer: Option<BufWriter>,
-    sync: Option<(ObjectStoreStorage, String)>,
+    sync: Option<(ObjectStoreStorage, Path, String)>,
 }
 
 #[async_trait]
@@ -347,7 +349,7 @@ impl FileWrite for OsWrite {
         // only reported; an unfinished multipart upload is left to the store's lifecycle rules.
         w.shutdown().await.map_err(io_err)?;
         match &self.sync {
-            Some((storage, path)) => storage.synced(path).await,
+            Some((storage, key, path)) => storage.synced(key, path).await,
             None => Ok(()),
         }
     }

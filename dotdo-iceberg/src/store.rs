@@ -25,7 +25,7 @@ use dotdo_core::{
     SnapshotInfo, SystemClock, Timestamp, Watermark,
 };
 
-use crate::catalog::{CatalogConfig, PinnedCatalog};
+use crate::catalog::CatalogConfig;
 use crate::error::classify;
 use crate::read::FileCache;
 use crate::schema::{self, Bucketer};
@@ -804,7 +804,7 @@ impl IcebergColdStore {
             .set_snapshot_properties(props)
             .with_check_duplicate(false)
             .apply(tx)?;
-        tx.commit(&PinnedCatalog::new(&*self.inner.catalog, table.clone(), self.inner.verifier.as_ref())).await
+        tx.commit(&self.pinned(table)).await
     }
 
     /// The result of our commit `s`, found in `table` after an unknown outcome: planned against

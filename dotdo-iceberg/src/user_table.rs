@@ -27,7 +27,6 @@ use parquet::file::properties::WriterProperties;
 
 use dotdo_core::{Error, ErrorKind, Result, SnapshotId};
 
-use crate::catalog::PinnedCatalog;
 use crate::error::classify;
 use crate::store::RETRY_PROP;
 use crate::IcebergColdStore;
@@ -352,8 +351,7 @@ impl ArrowTable {
                 .add_column(iceberg::transaction::AddColumn::optional(name, ty.clone()))
                 .apply(tx)
                 .map_err(|e| classify(e, &what).with_retryable(false))?;
-            let catalog = self.store.catalog();
-            match tx.commit(&PinnedCatalog::new(&*catalog, table.clone(), self.store.inner.verifier.as_ref())).await {
+            match tx.commit(&self.store.pinned(&table)).await {
                 Ok(_) => {
                     last_err = None;
                     break;

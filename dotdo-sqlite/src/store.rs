@@ -319,7 +319,13 @@ fn lease_token(conn: &Connection, object: &str) -> rusqlite::Result<u64> {
 /// Check `token` against the object's fencing floor and raise `do_objects.max_token` to it if it
 /// is above the floor; creates the object's row if needed.
 fn check_and_raise(conn: &Connection, object: &ObjectId, token: FencingToken) -> TxResult<ObjRow> {
-    match obj_row(conn, object.as_str())? {
+    let row = obj_row(conn, object.as_str())?;
+    raise_checked(conn, object, token, row)
+}
+
+/// [`check_and_raise`] with the object's row (`obj_row`) already read in this transaction.
+fn raise_checked(conn: &Connection, object: &ObjectId, token: FencingToken, row: Option<ObjRow>) -> TxResult<ObjRow> {
+    match row {
         Some(row) if token.get() < row.max_token => {
             Err(Error::fenced(object, token, FencingToken::new(row.max_token)).into())
         }
@@ -510,7 +516,7 @@ impl HotStore for SqliteStore {
                 // Common case: one read, no counter write (the token is the object's fencing floor).
                 let prev = match obj_row(tx, object.as_str())? {
                     Some(row) if row.max_token == token.get() => row.last_seq,
-                    _ => check_and_raise(tx, &object, token)?.last_seq,
+                    row => raise_checked(tx, &object, token, row)?.last_seq,
                 };
                 let WriteReceipt { first_seq: first, last_seq: last } = dotdo_core::record::receipt_after(prev, n)?;
                 let mut put = tx.prepare_cached(
