@@ -485,6 +485,34 @@ impl IcebergColdStore {
         bytes: Arc<AtomicU64>,
     ) -> Result<FileRead> {
         let path = self.inner.root.key(&f.path)?;
+        match self.read_file_at(f, &path, object, filter, bytes).await {
+            Err(e) if e.is_retryable() => Err(self.damaged_or(e, f, &path).await),
+            r => r,
+        }
+    }
+
+    /// A read that failed on a reachable file whose size is not the one its manifest records
+    /// failed on damage (an unsynced file after a power loss, a partial upload), which no retry
+    /// mends: `Corrupt` naming the file. Otherwise the original, retryable error.
+    async fn damaged_or(&self, e: Error, f: &FileInfo, path: &Path) -> Error {
+        match self.inner.root.store.head(path).await {
+            Ok(m) if m.size != f.size => Error::corrupt(format!(
+                "data file {}: {} bytes long, its manifest records {} ({e})",
+                f.path, m.size, f.size
+            )),
+            _ => e,
+        }
+    }
+
+    async fn read_file_at(
+        &self,
+        f: &FileInfo,
+        path: &Path,
+        object: &ObjectId,
+        filter: &Filter,
+        bytes: Arc<AtomicU64>,
+    ) -> Result<FileRead> {
+        let path = path.clone();
         let meta = self.footer(f, &path, &bytes).await?;
         let o = object.as_str().as_bytes();
         let col =

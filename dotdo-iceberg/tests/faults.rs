@@ -395,6 +395,39 @@ async fn missing_data_file_is_corrupt_and_names_the_file() {
     assert_eq!(err.kind(), &ErrorKind::Corrupt, "{err}");
 }
 
+/// An empty or truncated data file (an unsynced file after a power loss, a partial upload) is
+/// damage: `Corrupt` naming the file, not a retryable `Unavailable` that a caller would retry
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_or_empty_data_file_is_corrupt_and_names_the_file() {
+    for keep in [0usize, 9, 40] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+        let o = ObjectId::new("o").expect("id");
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+            .await
+            .expect("append");
+        let table = cold.refresh().await.expect("refresh");
+        let snap = table.metadata().current_snapshot().expect("snapshot").clone();
+        let list = table.manifest_list_reader(&snap).load().await.expect("list");
+        let m = list.entries()[0].load_manifest(table.file_io()).await.expect("manifest");
+        let file = m.entries()[0].data_file().file_path().to_string();
+        let local = file.strip_prefix("file://").expect("local").to_string();
+        let bytes = std::fs::read(&local).expect("read");
+        std::fs::write(&local, &bytes[..keep]).expect("truncate");
+        let name = file.rsplit('/').next().expect("name");
+        let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
+        let err = fresh.load_state(&o, AsOf::Latest).await.expect_err("truncated file");
+        assert_eq!(err.kind(), &ErrorKind::Corrupt, "{keep} bytes kept: {err}");
+        assert!(!err.is_retryable(), "{err}");
+        assert!(err.to_string().contains(name), "error names the file: {err}");
+        let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
+        let err = dotdo_core::IndexAccelerator::lookup(&fresh, &o, "k", AsOf::Latest).await.expect_err("lookup");
+        assert_eq!(err.kind(), &ErrorKind::Corrupt, "{keep} bytes kept: {err}");
+        assert!(err.to_string().contains(name), "error names the file: {err}");
+    }
+}
+
 /// A catalog whose commits sometimes succeed but report failure (the reply was lost), or fail
 /// before doing anything.
 #[derive(Debug)]
