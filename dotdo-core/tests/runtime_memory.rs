@@ -366,6 +366,92 @@ async fn flush_all_batches_objects_and_shutdown_releases_leases() {
     }
 }
 
+/// `flush_all` and `shutdown` also drain the changes of objects no runtime holds any more:
+/// released after each call (`keep_warm` 0), released idle by `maintain`. Each is taken, drained
+/// and given back. An object another node holds, or that the ring gives another node, is left
+/// to that node.
+#[tokio::test]
+async fn flush_all_drains_pending_changes_of_objects_no_longer_held() {
+    let w = World::new();
+    let a = w.runtime("a", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    incr(&a, &oid("released")).await.expect("incr");
+    assert_eq!(w.hot.current(&oid("released")).await.expect("current"), None, "released after the call");
+    let b = w.runtime("b", RuntimeSettings { keep_warm: Duration::from_secs(5), ..settings() });
+    incr(&b, &oid("idle")).await.expect("incr");
+    w.clock.advance(Duration::from_secs(6));
+    b.maintain().await.expect("maintain");
+    assert_eq!(w.hot.current(&oid("idle")).await.expect("current"), None, "released idle");
+    let c = w.runtime("c", settings());
+    incr(&c, &oid("theirs")).await.expect("incr");
+
+    // A runtime whose ring gives every object to another node drains nothing.
+    let mut ring = HashRing::new(16).expect("ring");
+    ring.add(NodeId::new("z").expect("node"));
+    let d = ObjectRuntime::builder(NodeId::new("d").expect("node"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .with_ring(ring)
+        .build()
+        .expect("runtime");
+    assert_eq!(d.flush_all().await.expect("flush").records, 0, "the ring's owner drains them");
+
+    let r = a.flush_all().await.expect("flush all");
+    assert_eq!((r.commits, r.records, r.objects), (1, 2, 2), "{r:?}");
+    for o in ["released", "idle"] {
+        assert_eq!(w.cold.watermark(&oid(o)).await.expect("wm").through, 1, "{o} drained");
+        assert_eq!(w.hot.current(&oid(o)).await.expect("current"), None, "{o} given back");
+    }
+    assert_eq!(w.cold.watermark(&oid("theirs")).await.expect("wm").through, 0, "left to the node holding it");
+    assert_eq!(w.hot.objects_with_pending_changes(None, 10).await.expect("pending"), [oid("theirs")]);
+
+    // Shutdown drains the same way; nothing is left once the holder has gone too.
+    assert_eq!(incr(&a, &oid("released")).await.expect("incr"), 2);
+    let r = b.shutdown().await.expect("shutdown");
+    assert_eq!((r.records, r.objects), (1, 1), "{r:?}");
+    c.shutdown().await.expect("shutdown");
+    assert!(w.hot.objects_with_pending_changes(None, 10).await.expect("pending").is_empty());
+    assert_eq!(w.cold.watermark(&oid("released")).await.expect("wm").through, 2);
+    assert_eq!(w.cold.watermark(&oid("theirs")).await.expect("wm").through, 1);
+}
+
+/// A call that outlives shutdown's wait keeps its lease while it runs (renewed), commits, and
+/// gives the lease back when it ends; its change is drained by the next `flush_all`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_outliving_shutdown_gives_its_lease_back_when_it_ends() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let handler = {
+        let (rt, o) = (rt.clone(), o.clone());
+        tokio::spawn(async move {
+            rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+                t.put("n", "1")?;
+                started_tx.send(()).expect("signal");
+                go_rx.await.expect("go");
+                Ok::<_, Error>(())
+            })
+            .await
+        })
+    };
+    started_rx.await.expect("handler running");
+    let ticking = tick(&w);
+    let report = rt.shutdown().await.expect("shutdown");
+    ticking.abort();
+    assert_eq!(report.busy, 1, "{report:?}");
+    assert!(w.hot.current(&o).await.expect("current").is_some(), "held while the call runs");
+    go_tx.send(()).expect("go");
+    tokio::time::timeout(Duration::from_secs(10), handler).await.expect("finished").expect("join").expect("call");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "given back when the call ended");
+    let next = w.runtime("b", settings());
+    assert_eq!(next.flush_all().await.expect("flush").records, 1, "its change is drained by the next flush_all");
+    assert_eq!(get(&next, &o, "n").await.expect("get"), Some(Bytes::from("1")));
+}
+
 /// An object whose changes span several commits of one `flush_all` counts once.
 #[tokio::test]
 async fn flush_all_counts_each_object_once_across_commits() {
@@ -550,6 +636,22 @@ struct FlakyGuard {
     fail_refreshes: std::sync::atomic::AtomicU32,
     /// Refreshes never answer (a hung connection).
     hang_refreshes: std::sync::atomic::AtomicBool,
+    /// Refreshes apply, then report `AmbiguousOutcome` (the connection dropped after sending).
+    ambiguous_refreshes: std::sync::atomic::AtomicU32,
+    /// Refreshes fail with a non-retryable backend error.
+    broken_refreshes: std::sync::atomic::AtomicU32,
+}
+
+impl FlakyGuard {
+    fn new(w: &World) -> Self {
+        FlakyGuard {
+            inner: w.hot.clone(),
+            fail_refreshes: 0.into(),
+            hang_refreshes: false.into(),
+            ambiguous_refreshes: 0.into(),
+            broken_refreshes: 0.into(),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -565,6 +667,17 @@ impl ConsistencyGuard for FlakyGuard {
         if left > 0 {
             self.fail_refreshes.store(left - 1, std::sync::atomic::Ordering::SeqCst);
             return Err(Error::unavailable("guard unreachable (test)"));
+        }
+        let left = self.broken_refreshes.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.broken_refreshes.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::backend("lease table unreadable (test)"));
+        }
+        let left = self.ambiguous_refreshes.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.ambiguous_refreshes.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.refresh(lease, ttl).await?;
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "connection lost after sending (test)"));
         }
         self.inner.refresh(lease, ttl).await
     }
@@ -584,7 +697,7 @@ impl ConsistencyGuard for FlakyGuard {
 #[tokio::test]
 async fn a_transient_refresh_failure_keeps_a_valid_lease() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into(), hang_refreshes: false.into() });
+    let guard = Arc::new(FlakyGuard::new(&w));
     let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("first"), 1);
@@ -595,6 +708,79 @@ async fn a_transient_refresh_failure_keeps_a_valid_lease() {
     rt.maintain().await.expect("maintain");
     assert_eq!(incr(&rt, &o).await.expect("third"), 3);
     assert_eq!(rt.metrics().activations, 1, "the object was never re-activated");
+}
+
+/// A refresh whose outcome is unknown (it applied; the reply was lost) is tried again like a
+/// transient failure: the handler finishes, and neither the warm path nor `maintain` drops the
+/// still-valid lease (dropped unreleased, it would refuse this node's own acquire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_with_an_unknown_outcome_keeps_the_lease() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    // During a handler that outlives a third of the TTL: the renewal's first refresh is
+    // ambiguous.
+    guard.ambiguous_refreshes.store(1, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick(&w);
+    let n = rt
+        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            let stop = w.clock.now().plus(TTL / 2);
+            while w.clock.now() < stop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            t.put("n", "2")?;
+            Ok::<_, Error>(2)
+        })
+        .await
+        .expect("the handler is not self-fenced");
+    ticking.abort();
+    assert_eq!(n, 2);
+    assert_eq!(guard.ambiguous_refreshes.load(std::sync::atomic::Ordering::SeqCst), 0, "the ambiguous refresh ran");
+    // On the warm path and in maintain.
+    w.clock.advance(TTL / 2);
+    guard.ambiguous_refreshes.store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("warm path"), 3);
+    // (The lease's expiry this node knows is the one before the ambiguous refresh: renew it.)
+    rt.maintain().await.expect("maintain");
+    w.clock.advance(TTL / 2);
+    guard.ambiguous_refreshes.store(1, std::sync::atomic::Ordering::SeqCst);
+    rt.maintain().await.expect("maintain");
+    assert_eq!(guard.ambiguous_refreshes.load(std::sync::atomic::Ordering::SeqCst), 0, "maintain's refresh ran");
+    assert_eq!(incr(&rt, &o).await.expect("after maintain"), 4);
+    assert_eq!(rt.metrics().activations, 1, "never re-activated");
+    assert_eq!(rt.metrics().self_fenced, 0);
+}
+
+/// A refresh failure that is neither transient nor a lost lease (a backend error) self-fences
+/// the handler, and the lease is given back: the next call (here, at once) is not refused by
+/// this node's own lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_renewal_gives_the_lease_back() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    guard.broken_refreshes.store(1, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick(&w);
+    let e = rt
+        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            let stop = w.clock.now().plus(TTL / 2);
+            while w.clock.now() < stop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            t.put("n", "99")?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .expect_err("self-fenced");
+    ticking.abort();
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "given back");
+    let other = w.runtime("b", settings());
+    assert_eq!(incr(&other, &o).await.expect("another node at once"), 2, "nothing of the failed call written");
 }
 
 /// A cold sink whose snapshots in `expired` are gone (as after `expire_snapshots`): reads as of
@@ -814,7 +1000,7 @@ async fn flush_all_skips_a_busy_object_instead_of_deadlocking() {
 async fn failing_renewals_back_off_until_the_handler_self_fences() {
     let w = World::new();
     const FAILS: u32 = 100_000;
-    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into(), hang_refreshes: false.into() });
+    let guard = Arc::new(FlakyGuard::new(&w));
     let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
     let o = oid("o");
     incr(&rt, &o).await.expect("activate");
@@ -945,7 +1131,7 @@ async fn a_failed_commit_with_keep_warm_zero_releases_the_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_renewal_self_fences_the_handler_at_expiry() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard { inner: w.hot.clone(), fail_refreshes: 0.into(), hang_refreshes: false.into() });
+    let guard = Arc::new(FlakyGuard::new(&w));
     let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
     let o = oid("o");
     incr(&rt, &o).await.expect("activate");

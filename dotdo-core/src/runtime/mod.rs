@@ -113,6 +113,28 @@ impl Default for RuntimeSettings {
     }
 }
 
+/// An object `flush_all` drains, its slot locked.
+struct Held {
+    object: ObjectId,
+    token: FencingToken,
+    guard: futures::lock::OwnedMutexGuard<Slot>,
+    /// Taken by this flush only (it had changes and no holder): given back afterwards.
+    taken: bool,
+}
+
+/// What one `flush_all` has done so far, across its drain rounds.
+#[derive(Default)]
+struct DrainRounds {
+    /// Objects drained (each counts once in the report).
+    drained: std::collections::BTreeSet<ObjectId>,
+    /// Objects left out of later rounds: taken over by another node, or diverged from cold.
+    left_out: std::collections::BTreeSet<ObjectId>,
+    /// The first error that left one object out while the others went on.
+    first_err: Option<Error>,
+    /// Objects skipped because a call on them was in progress (each counts once).
+    busy: std::collections::BTreeSet<ObjectId>,
+}
+
 /// An activated object held by this runtime.
 #[derive(Debug)]
 struct Active {
@@ -410,7 +432,11 @@ impl ObjectRuntime {
         let value = match outcome {
             Err(lost) => {
                 self.inner.metrics.lock().self_fenced += 1;
-                slot.active = None;
+                // Given back in case the renewal failed without the lease being lost (a release
+                // of a lease that is no longer current changes nothing).
+                if let Some(old) = slot.active.take() {
+                    release_quietly(&self.inner, &old.lease).await;
+                }
                 return Err(lost.into());
             }
             Ok(Err(handler_err)) => {
@@ -469,7 +495,17 @@ impl ObjectRuntime {
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
         if active.lease.remaining_at(inner.clock.now()) <= margin {
-            active.lease = inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await?;
+            active.lease = inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await.map_err(|e| {
+                if e.kind() == &ErrorKind::AmbiguousOutcome {
+                    // The refresh's outcome is unknown, not the write's: nothing was written.
+                    Error::unavailable(
+                        "refreshing the lease before the commit had an unknown outcome; nothing was written",
+                    )
+                    .with_source(e)
+                } else {
+                    e
+                }
+            })?;
         }
         let receipt =
             inner.hot.write(object, active.lease.token, WriteBatch { type_name: type_name.to_string(), ops }).await?;
@@ -502,8 +538,10 @@ impl ObjectRuntime {
         Ok(())
     }
 
+    /// With `keep_warm` 0, or once shutdown has begun (a call that outlived shutdown's wait: no
+    /// `maintain` will release it any more), the lease goes back after the call.
     async fn after_call(&self, slot: &mut Slot) {
-        if self.inner.settings.keep_warm.is_zero() {
+        if self.inner.settings.keep_warm.is_zero() || self.inner.shutting_down.load(Ordering::SeqCst) {
             if let Some(active) = slot.active.take() {
                 release_quietly(&self.inner, &active.lease).await;
             }
@@ -512,6 +550,12 @@ impl ObjectRuntime {
 
     /// Make sure the object is active on this runtime: a current lease and recovered state.
     async fn ensure_active(&self, object: &ObjectId, slot: &mut Slot) -> Result<()> {
+        self.ensure_active_within(object, slot, self.inner.settings.acquire_timeout).await
+    }
+
+    /// [`ensure_active`](Self::ensure_active), waiting at most `wait` for a lease another node
+    /// holds.
+    async fn ensure_active_within(&self, object: &ObjectId, slot: &mut Slot, wait: Duration) -> Result<()> {
         let inner = &self.inner;
         let now = inner.clock.now();
         if let Some(active) = slot.active.as_mut() {
@@ -527,13 +571,17 @@ impl ObjectRuntime {
                 // A transient failure does not lose a lease that is still valid (dropping it
                 // would lock this runtime out of its own object until the TTL ran out); the
                 // handler's renewal and the commit's margin check try again.
-                Err(e) if e.is_retryable() && now < active.lease.expires_at => {
+                Err(e) if refresh_may_retry(&e) && now < active.lease.expires_at => {
                     tracing::debug!(object = %object, error = %e, "dotdo lease refresh failed transiently; keeping the lease");
                     return Ok(());
                 }
                 Err(e) => {
                     tracing::info!(object = %object, error = %e, "dotdo warm lease lost; re-activating");
-                    slot.active = None;
+                    // Given back in case it is still valid (a failure that did not say it was
+                    // lost): kept, it would refuse this node's own acquire until it expired.
+                    if let Some(old) = slot.active.take() {
+                        release_quietly(inner, &old.lease).await;
+                    }
                 }
             }
         }
@@ -542,7 +590,7 @@ impl ObjectRuntime {
             release_quietly(inner, &lease).await;
         }
         let sw = Stopwatch::start(inner.clock.clone());
-        let lease = self.acquire(object).await?;
+        let lease = self.acquire_within(object, wait).await?;
         let mut hand = LeaseInHand::new(inner, lease.clone());
         let mut active = Active { lease, last_used: now, lazy: None };
         let loading = Stopwatch::start(inner.clock.clone());
@@ -574,8 +622,12 @@ impl ObjectRuntime {
     }
 
     async fn acquire(&self, object: &ObjectId) -> Result<Lease> {
+        self.acquire_within(object, self.inner.settings.acquire_timeout).await
+    }
+
+    async fn acquire_within(&self, object: &ObjectId, wait: Duration) -> Result<Lease> {
         let inner = &self.inner;
-        let deadline = inner.clock.now().plus(inner.settings.acquire_timeout);
+        let deadline = inner.clock.now().plus(wait);
         loop {
             match inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await {
                 Ok(l) => return Ok(l),
@@ -748,7 +800,11 @@ impl ObjectRuntime {
     /// Drain the change logs of every object this runtime holds, batching many objects into each
     /// cold commit (fewer, larger snapshots). Objects with a call in progress are skipped and
     /// counted in [`FlushReport::busy`]; an object whose warm lease lapsed is taken again if it
-    /// has changes to drain. An object whose skipped replays differ from cold's changes is left
+    /// has changes to drain. Then the objects whose changes wait in the hot store with no holder
+    /// (released after each call with `keep_warm` 0, released idle by
+    /// [`maintain`](Self::maintain), or left by a runtime that is gone) are taken without
+    /// waiting, drained and given back, except those another node holds or, with a ring, those
+    /// the ring gives another node. An object whose skipped replays differ from cold's changes is left
     /// untruncated while the others are drained, and its `Corrupt` is returned at the end.
     /// `Shutdown` once [`shutdown`](Self::shutdown) has begun (it flushes itself).
     pub async fn flush_all(&self) -> Result<FlushReport> {
@@ -760,12 +816,14 @@ impl ObjectRuntime {
     async fn flush_held(&self) -> Result<FlushReport> {
         let inner = &self.inner;
         let mut report = FlushReport::default();
-        let mut held: Vec<(ObjectId, FencingToken, futures::lock::OwnedMutexGuard<Slot>)> = Vec::new();
+        let mut rounds = DrainRounds::default();
+        let mut held: Vec<Held> = Vec::new();
         for (object, slot) in self.active_slots() {
             // Never wait for a busy slot while holding others: a handler of that object that
             // invokes one of the held objects would wait for us while we wait for it.
             let Some(mut guard) = slot.try_lock_owned() else {
                 report.busy += 1;
+                rounds.busy.insert(object);
                 continue;
             };
             let Some(a) = guard.active.as_ref() else { continue };
@@ -774,7 +832,7 @@ impl ObjectRuntime {
             match inner.guard.validate(&a.lease).await {
                 Ok(()) => {
                     let token = a.lease.token;
-                    held.push((object, token, guard));
+                    held.push(Held { object, token, guard, taken: false });
                 }
                 // Lapsed (a warm lease nobody renewed: no `maintain` ran): take the object again
                 // and drain it, unless another holder has it now.
@@ -791,7 +849,7 @@ impl ObjectRuntime {
                         Ok(()) => {
                             let token =
                                 guard.active.as_ref().expect("ensure_active leaves the object active").lease.token;
-                            held.push((object, token, guard));
+                            held.push(Held { object, token, guard, taken: false });
                         }
                         Err(e) => {
                             tracing::info!(object = %object, error = %e, "dotdo flush_all: lapsed lease not retaken; skipped");
@@ -805,14 +863,42 @@ impl ObjectRuntime {
                 Err(e) => return Err(e),
             }
         }
-        let mut drained = std::collections::BTreeSet::new();
-        // Objects left out of later rounds: taken over by another node, or diverged from cold.
-        let mut left_out = std::collections::BTreeSet::new();
-        let mut first_err: Option<Error> = None;
+        // Then the objects whose changes wait with no holder, a page at a time; the first page
+        // joins the held objects' commits.
+        let mut after: Option<ObjectId> = None;
+        loop {
+            let more = self.take_pending(&mut held, &mut after, &mut report, &mut rounds).await?;
+            let r = self.drain_rounds(&held, &mut report, &mut rounds).await;
+            for h in &mut held {
+                if h.taken {
+                    if let Some(active) = h.guard.active.take() {
+                        release_quietly(inner, &active.lease).await;
+                    }
+                } else if rounds.left_out.contains(&h.object) {
+                    h.guard.active = None;
+                }
+            }
+            r?;
+            held.clear();
+            if !more {
+                break;
+            }
+        }
+        match rounds.first_err {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// Drain the pending changes of `held` objects (this runtime holds each one's lease and
+    /// slot) in cold commits of at most `flush_batch_records` records.
+    async fn drain_rounds(&self, held: &[Held], report: &mut FlushReport, rounds: &mut DrainRounds) -> Result<()> {
+        let inner = &self.inner;
+        let DrainRounds { drained, left_out, first_err, .. } = rounds;
         loop {
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
-            for (object, token, _) in &held {
+            for Held { object, token, .. } in held {
                 if budget == 0 {
                     break;
                 }
@@ -868,15 +954,60 @@ impl ObjectRuntime {
             m.records_flushed += commit.records_written;
             tracing::debug!(records = n, snapshot = ?commit.snapshot, "dotdo flush");
         }
-        for (object, _, guard) in &mut held {
-            if left_out.contains(object) {
-                guard.active = None;
+        Ok(())
+    }
+
+    /// Take the next page of objects whose changes wait in the hot log with no activation on
+    /// this runtime (released after a call with `keep_warm` 0, released idle by
+    /// [`maintain`](Self::maintain), or left by a runtime that is gone), appending them to `held`
+    /// to be drained and given back. Each is taken without waiting, unless another node holds
+    /// it or, with a ring, the ring gives it to another node. Returns whether more pages may
+    /// follow.
+    async fn take_pending(
+        &self,
+        held: &mut Vec<Held>,
+        after: &mut Option<ObjectId>,
+        report: &mut FlushReport,
+        rounds: &mut DrainRounds,
+    ) -> Result<bool> {
+        const PAGE: usize = 256;
+        let inner = &self.inner;
+        let page = inner.hot.objects_with_pending_changes(after.as_ref(), PAGE).await?;
+        let more = page.len() == PAGE;
+        *after = page.last().cloned();
+        for object in page {
+            if rounds.left_out.contains(&object)
+                || rounds.busy.contains(&object)
+                || held.iter().any(|h| h.object == object)
+                || self.owner_hint(&object).is_some_and(|n| n != inner.node)
+            {
+                continue;
+            }
+            let slot = self.slot(&object);
+            let Some(mut guard) = slot.try_lock_owned() else {
+                report.busy += 1;
+                rounds.busy.insert(object);
+                continue;
+            };
+            // Activated here since the held objects were collected: the next flush has it.
+            if guard.active.is_some() {
+                continue;
+            }
+            match self.ensure_active_within(&object, &mut guard, Duration::ZERO).await {
+                Ok(()) => {
+                    let token = guard.active.as_ref().expect("ensure_active leaves the object active").lease.token;
+                    held.push(Held { object, token, guard, taken: true });
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
+                    tracing::debug!(object = %object, "dotdo flush_all: pending changes of an object another node holds; skipped");
+                }
+                Err(e) => {
+                    tracing::warn!(object = %object, error = %e, "dotdo flush_all: object with pending changes not taken");
+                    rounds.first_err.get_or_insert(e);
+                }
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(report),
-        }
+        Ok(more)
     }
 
     /// Tier `object` out of hot storage: drain its changes to cold, drop its hot state, release
@@ -982,8 +1113,12 @@ impl ObjectRuntime {
                 match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
                     Ok(l) => active.lease = l,
                     // Still valid: the next maintain (or call) tries again.
-                    Err(e) if e.is_retryable() && now < active.lease.expires_at => {}
-                    Err(_) => guard.active = None,
+                    Err(e) if refresh_may_retry(&e) && now < active.lease.expires_at => {}
+                    Err(_) => {
+                        let lease = active.lease.clone();
+                        guard.active = None;
+                        release_quietly(inner, &lease).await;
+                    }
                 }
             }
         }
@@ -1015,10 +1150,12 @@ impl ObjectRuntime {
     }
 
     /// Graceful shutdown: refuse new calls, wait for in-flight handlers (up to the lease TTL),
-    /// flush every held object's changes to cold storage, release every lease. Changes that could
-    /// not be flushed stay in the hot change log and are drained by the next runtime. Bounded by
-    /// about one lease TTL plus the flush: a handler still running after the wait keeps its lease
-    /// until it expires (counted in [`FlushReport::busy`]).
+    /// flush every held object's changes to cold storage (and, like
+    /// [`flush_all`](Self::flush_all), those of objects nobody holds), release every lease.
+    /// Changes that could not be flushed stay in the hot change log, and the next `flush_all`
+    /// on the same hot store drains them. Bounded by about one lease TTL plus the flush: a
+    /// handler still running after the wait (counted in [`FlushReport::busy`]) keeps its lease,
+    /// renewed, until it ends, may still commit, and then gives the lease back.
     pub async fn shutdown(&self) -> Result<FlushReport> {
         let inner = &self.inner;
         inner.shutting_down.store(true, Ordering::SeqCst);
@@ -1029,8 +1166,9 @@ impl ObjectRuntime {
         let flushed = self.flush_held().await;
         for (object, slot) in self.active_slots() {
             // A call still running after the wait keeps its slot and its lease: releasing under
-            // it would let another node in while it writes. Its lease runs out on its own (the
-            // handler stops writing at expiry) and its changes stay in hot storage.
+            // it would let another node in while it writes. The call gives the lease back when
+            // it ends (`after_call`); its changes wait in the hot log for the next `flush_all`
+            // on this hot store.
             let Some(mut guard) = slot.try_lock() else {
                 tracing::warn!(object = %object, "dotdo shutdown: a call is still running; its lease is left to expire");
                 continue;
@@ -1175,7 +1313,7 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
                 *lease.lock() = l;
                 backoff = Duration::ZERO;
             }
-            Err(e) if e.is_retryable() && inner.clock.now() < current.expires_at => {
+            Err(e) if refresh_may_retry(&e) && inner.clock.now() < current.expires_at => {
                 backoff = (backoff * 2).max(Duration::from_millis(5)).min(ttl / 10);
                 tracing::debug!(object = %current.object, error = %e, ?backoff, "dotdo lease renewal failed transiently");
             }
@@ -1189,6 +1327,12 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
             }
         }
     }
+}
+
+/// Whether a failed lease refresh may be tried again while the lease is still valid: a transient
+/// failure, or one whose outcome is unknown (a refresh is idempotent, so trying again is safe).
+fn refresh_may_retry(e: &Error) -> bool {
+    e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome
 }
 
 /// Whether `e` says this runtime's lease is no longer valid (fenced by a newer holder, or lost):
