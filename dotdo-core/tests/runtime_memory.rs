@@ -452,6 +452,24 @@ async fn a_call_outliving_shutdown_gives_its_lease_back_when_it_ends() {
     assert_eq!(get(&next, &o, "n").await.expect("get"), Some(Bytes::from("1")));
 }
 
+/// `flush` and `evict` of an object already evicted do nothing: no activation, whose eager
+/// restore would bring the whole state back into hot storage.
+#[tokio::test]
+async fn flush_or_evict_of_an_evicted_object_leaves_it_in_cold() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&rt, &o, 20).await;
+    rt.evict(&o).await.expect("evict");
+    let activations = rt.metrics().activations;
+    assert_eq!(rt.flush(&o).await.expect("flush"), Default::default());
+    rt.evict(&o).await.expect("evict again");
+    assert_eq!(rt.metrics().activations, activations, "not activated");
+    assert_eq!(w.hot.object_info(&o).await.expect("info").map_or(0, |i| i.keys), 0, "still out of hot storage");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "no lease taken");
+    assert_eq!(all_state(&rt, &o).await.len(), 20, "and it comes back on the next call");
+}
+
 /// An object whose changes span several commits of one `flush_all` counts once.
 #[tokio::test]
 async fn flush_all_counts_each_object_once_across_commits() {

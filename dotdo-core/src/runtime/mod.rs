@@ -781,12 +781,19 @@ impl ObjectRuntime {
     }
 
     /// Drain `object`'s change log to cold storage (exactly once) and truncate it. Takes the
-    /// lease if this runtime does not hold it. `Shutdown` once [`shutdown`](Self::shutdown) has
+    /// lease if this runtime does not hold it and there are changes to drain (with none, it
+    /// returns an empty report at once). `Shutdown` once [`shutdown`](Self::shutdown) has
     /// begun (shutdown flushes every held object itself).
     pub async fn flush(&self, object: &ObjectId) -> Result<FlushReport> {
         let _guard = self.enter()?;
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
+        // Nothing to drain for an object not active here: no activation (which, for an evicted
+        // object, would restore its whole state into hot storage).
+        if slot.active.is_none() && !self.inner.hot.object_info(object).await?.is_some_and(|i| i.has_pending_changes())
+        {
+            return Ok(FlushReport::default());
+        }
         self.ensure_active(object, &mut slot).await?;
         let token = slot.active.as_ref().expect("active").lease.token;
         let r = drain(&self.inner, object, token).await;
@@ -1011,12 +1018,21 @@ impl ObjectRuntime {
     }
 
     /// Tier `object` out of hot storage: drain its changes to cold, drop its hot state, release
-    /// the lease. The next call recovers it from cold storage identically. `Shutdown` once
+    /// the lease. The next call recovers it from cold storage identically. An object not active
+    /// here with no live keys and nothing to drain in hot storage (already evicted) is left as
+    /// it is. `Shutdown` once
     /// [`shutdown`](Self::shutdown) has begun.
     pub async fn evict(&self, object: &ObjectId) -> Result<()> {
         let _guard = self.enter()?;
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
+        // Already out of hot storage (no live keys, nothing to drain) and not active here: done,
+        // without an activation that would first restore it.
+        if slot.active.is_none()
+            && self.inner.hot.object_info(object).await?.is_none_or(|i| i.keys == 0 && !i.has_pending_changes())
+        {
+            return Ok(());
+        }
         self.ensure_active(object, &mut slot).await?;
         // The object stays in its slot while draining (the hot state is intact whatever
         // happens, a cancelled call included).
