@@ -134,22 +134,27 @@ impl CloudflareStreamClient {
     /// Send `events`, split into requests of at most `max_request_bytes`, each retried on
     /// transient failures. Delivery is at least once per request (the HTTP endpoint has no
     /// idempotency key); a failure after some requests succeeded reports how far it got in the
-    /// error message. One event larger than the limit is `LimitExceeded`; an invalid event (or a
-    /// value that is not UTF-8) is `InvalidInput`, and then nothing is sent.
+    /// error message. One event larger than the limit once encoded (JSON escaping can grow a
+    /// value up to six times) is `LimitExceeded`; an invalid event (or a value that is not UTF-8)
+    /// is `InvalidInput`. Every event is checked before the first request: on either error
+    /// nothing is sent.
     pub async fn send(&self, events: &[Event]) -> Result<StreamSendReport> {
         let mut report = StreamSendReport::default();
         let mut items = Vec::with_capacity(events.len());
-        for e in events {
+        for (i, e) in events.iter().enumerate() {
             e.validate()?;
-            items.push(event_json(e)?);
+            let v = event_json(e)?;
+            let len = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0) + 1;
+            if len + 2 > self.settings.max_request_bytes {
+                return Err(Error::limit("stream event", self.settings.max_request_bytes as u64, len as u64).context(
+                    format!("event {i} of {} (key {:?}) once encoded; nothing was sent", events.len(), e.key),
+                ));
+            }
+            items.push((v, len));
         }
         let mut chunk: Vec<serde_json::Value> = Vec::new();
         let mut size = 2usize;
-        for v in items {
-            let len = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0) + 1;
-            if len + 2 > self.settings.max_request_bytes {
-                return Err(Error::limit("stream event", self.settings.max_request_bytes as u64, len as u64));
-            }
+        for (v, len) in items {
             if size + len > self.settings.max_request_bytes {
                 self.post(std::mem::take(&mut chunk), &mut report).await?;
                 size = 2;

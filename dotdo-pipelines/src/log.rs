@@ -211,8 +211,14 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
         _ => None,
     };
     let err = match code {
-        Some(DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure | CannotOpen) => {
+        Some(DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure) => {
             Error::unavailable(format!("pipeline log: {doing}"))
+        }
+        // The file cannot be opened or written at all (a missing directory, permissions, a
+        // read-only mount): no retry mends that (as in dotdo-sqlite).
+        Some(CannotOpen | ReadOnly | PermissionDenied) => {
+            Error::unavailable(format!("pipeline log: {doing}: the file cannot be opened or written"))
+                .with_retryable(false)
         }
         Some(DatabaseCorrupt | NotADatabase) => {
             Error::corrupt(format!("pipeline log: {doing}: not a healthy SQLite database"))

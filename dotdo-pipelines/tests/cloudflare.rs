@@ -177,6 +177,29 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
     assert!(!e.to_string().contains("secret"), "{e}");
 }
 
+/// An event that only outgrows the request limit once JSON-escaped, after many small ones: the
+/// whole send is refused before the first request, so a corrected resend duplicates nothing.
+#[tokio::test]
+async fn an_event_too_large_once_encoded_is_refused_before_anything_is_sent() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    let s = CloudflareSettings { max_request_bytes: 2048, ..settings() };
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), s).expect("client");
+    let mut batch = events(30, 10);
+    // 1000 bytes of U+0001 pass `validate` but encode as 6000 bytes of `\u0001`.
+    batch.push(Event::new(
+        ObjectId::new("o").expect("valid"),
+        "T",
+        "escaped",
+        vec![1u8; 1000],
+        dotdo_core::Timestamp::EPOCH,
+    ));
+    let e = client.send(&batch).await.expect_err("too large once encoded");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(e.to_string().contains("nothing was sent"), "{e}");
+    assert!(server.records.lock().is_empty(), "no request was made");
+}
+
 /// A redirect is an error, never a success: followed, it would turn the POST into a body-less
 /// GET whose 200 read as every event accepted.
 #[tokio::test]

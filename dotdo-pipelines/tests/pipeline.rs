@@ -324,6 +324,20 @@ async fn bad_events_and_settings_are_rejected() {
     assert!(e.to_string().contains("share one sink"), "{e}");
 }
 
+/// A durable log that cannot be opened (its directory does not exist) is a permanent error: a
+/// host that retries retryable errors must not spin on it.
+#[tokio::test]
+async fn a_durable_log_that_cannot_be_opened_is_not_retryable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = PipelineSettings {
+        durability: Durability::Durable(dir.path().join("no/such/dir/log.db")),
+        ..Default::default()
+    };
+    let e = Pipeline::builder(Flaky::new()).with_settings(settings).build().expect_err("cannot open");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+}
+
 /// Senders on two threads race `close`: every send that got `Ok` is in the sink once close has
 /// returned (close used to roll only what it saw, so a send that passed the closed check just
 /// before it was set could be acknowledged and left behind).
