@@ -40,7 +40,15 @@ pub(crate) trait Log: Send + Sync {
     fn oldest(&self) -> Option<Timestamp>;
     fn claimed(&self, token: FencingToken) -> Result<Option<Claimed>>;
     fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>>;
-    fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>>;
+    /// Claim the oldest waiting events: at most `max` of them, and no more than `max_bytes`
+    /// (measured like [`Event::size`]) unless the first alone is larger.
+    fn claim(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        token: FencingToken,
+        next_seq: NextSeq<'_>,
+    ) -> Result<Option<Claimed>>;
     fn ack(&self, id: u64) -> Result<()>;
     /// Events overflowed to disk (spill policy only).
     fn spilled(&self) -> usize {
@@ -147,14 +155,25 @@ impl Log for MemoryLog {
         Ok(distinct_in_order(keys))
     }
 
-    fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>> {
+    fn claim(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        token: FencingToken,
+        next_seq: NextSeq<'_>,
+    ) -> Result<Option<Claimed>> {
         let mut st = self.state.lock();
         if st.claimed.is_some() {
             return Err(Error::backend("a claimed batch is still unacknowledged"));
         }
         let mut rows = Vec::new();
+        let mut bytes = 0usize;
         while rows.len() < max {
             let Some(front) = st.rows.front() else { break };
+            bytes = bytes.saturating_add(front.event.size());
+            if !rows.is_empty() && bytes > max_bytes {
+                break;
+            }
             let Some(seq) = next_seq(&front.route, &front.event.object) else { break };
             let r = st.rows.pop_front().expect("front exists");
             rows.push((r.route, record(&r.event, seq, token)));
@@ -296,19 +315,42 @@ impl SqliteLog {
 }
 
 impl SqliteLog {
-    /// Claim up to `max` waiting rows in one transaction on `conn`.
+    /// Claim up to `max` waiting rows, and about `max_bytes`, in one transaction on `conn`.
     fn claim_in(
         conn: &mut Connection,
         max: usize,
+        max_bytes: usize,
         token: FencingToken,
         next_seq: NextSeq<'_>,
     ) -> Result<Option<Claimed>> {
         let tx = conn.transaction().map_err(|e| sql(e, "claim"))?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        // First the last row within the byte bound (sizes only, a row at a time), so a log that
+        // spilled many large events is never loaded whole.
+        let last = {
+            let mut sizes = tx
+                .prepare_cached(
+                    "SELECT id, length(CAST(do_id AS BLOB)) + length(CAST(type AS BLOB)) + length(CAST(key AS BLOB)) + length(value) + 32 FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
+                )
+                .map_err(|e| sql(e, "claim"))?;
+            let mut it = sizes.query([limit]).map_err(|e| sql(e, "claim"))?;
+            let (mut last, mut bytes) = (None, 0usize);
+            while let Some(r) = it.next().map_err(|e| sql(e, "claim"))? {
+                let (id, size): (i64, i64) =
+                    (r.get(0).map_err(|e| sql(e, "claim"))?, r.get(1).map_err(|e| sql(e, "claim"))?);
+                bytes = bytes.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+                if last.is_some() && bytes > max_bytes {
+                    break;
+                }
+                last = Some(id);
+            }
+            last
+        };
+        let Some(last) = last else { return Ok(None) };
         let rows = Self::rows_of(
             &tx,
-            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
-            &[&limit],
+            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL AND id <= ?2 ORDER BY id LIMIT ?1",
+            &[&limit, &last],
         )
         .map_err(|e| sql(e, "claim"))?;
         let id: u64 = tx
@@ -432,9 +474,15 @@ impl Log for SqliteLog {
         Ok(distinct_in_order(keys))
     }
 
-    fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>> {
+    fn claim(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        token: FencingToken,
+        next_seq: NextSeq<'_>,
+    ) -> Result<Option<Claimed>> {
         let mut conn = self.conn.lock();
-        fully_synced(&mut conn, |conn| Self::claim_in(conn, max, token, next_seq))
+        fully_synced(&mut conn, |conn| Self::claim_in(conn, max, max_bytes, token, next_seq))
     }
 
     fn ack(&self, id: u64) -> Result<()> {
@@ -523,13 +571,19 @@ impl Log for SpillLog {
         Ok(v)
     }
 
-    fn claim(&self, max: usize, token: FencingToken, next_seq: NextSeq<'_>) -> Result<Option<Claimed>> {
+    fn claim(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        token: FencingToken,
+        next_seq: NextSeq<'_>,
+    ) -> Result<Option<Claimed>> {
         if self.mem.depth().0 > 0 {
-            let c = self.mem.claim(max, token, next_seq)?;
+            let c = self.mem.claim(max, max_bytes, token, next_seq)?;
             *self.claimed_from_disk.lock() = c.as_ref().map(|_| false);
             return Ok(c);
         }
-        let c = self.disk.claim(max, token, next_seq)?;
+        let c = self.disk.claim(max, max_bytes, token, next_seq)?;
         *self.claimed_from_disk.lock() = c.as_ref().map(|_| true);
         Ok(c)
     }

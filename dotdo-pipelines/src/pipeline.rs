@@ -327,8 +327,8 @@ impl Pipeline {
                 || inner.clock.now().since(*inner.last_roll.lock()) >= inner.settings.roll_interval)
     }
 
-    /// Roll now: commit everything waiting (in batches of at most `roll_rows` events, one cold
-    /// commit per route each), exactly once. A batch claimed by a previous attempt or process is
+    /// Roll now: commit everything waiting (in batches of at most `roll_rows` events and about
+    /// `roll_bytes` bytes, one cold commit per route each), exactly once. A batch claimed by a previous attempt or process is
     /// committed first, with the same sequence numbers.
     pub async fn roll(&self) -> Result<RollReport> {
         let inner = &self.inner;
@@ -357,7 +357,12 @@ impl Pipeline {
                         *slot += 1;
                         Some(s)
                     };
-                    let c = inner.log.claim(inner.settings.roll_rows, inner.settings.token, &mut next);
+                    let c = inner.log.claim(
+                        inner.settings.roll_rows,
+                        inner.settings.roll_bytes,
+                        inner.settings.token,
+                        &mut next,
+                    );
                     drop(seqs);
                     match c {
                         Ok(Some(c)) => c,

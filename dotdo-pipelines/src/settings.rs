@@ -14,7 +14,10 @@ pub enum Backpressure {
     /// frees it), then fails with a retryable `Unavailable`; `send` behaves like `FailFast`.
     Wait(Duration),
     /// Overflow to a SQLite file at this path once `capacity` events or `capacity_bytes` bytes
-    /// wait in memory; events are still delivered in order, exactly once.
+    /// wait in memory; events are still delivered in order, exactly once. Sends are never
+    /// refused for room; a roll reads back at most `roll_rows` events and about `roll_bytes`
+    /// bytes at a time. With [`Durability::Durable`] every event is on disk already: `Spill`
+    /// then only lifts the capacity bounds, and this path is not used.
     Spill(PathBuf),
 }
 

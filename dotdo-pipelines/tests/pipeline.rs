@@ -265,6 +265,44 @@ async fn spill_policy_overflows_to_disk_and_keeps_order() {
     assert_eq!(p.metrics().buffer_spilled, 0);
 }
 
+/// A roll from a spill file claims about `roll_bytes` at a time, not `roll_rows` events
+/// whatever their size: memory stays bounded when many large events spilled.
+#[tokio::test]
+async fn a_roll_from_the_spill_file_claims_at_most_roll_bytes_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Flaky::new();
+    let settings = PipelineSettings {
+        capacity: 2,
+        roll_rows: 100_000,
+        roll_bytes: 4 << 20,
+        backpressure: Backpressure::Spill(dir.path().join("spill.db")),
+        ..Default::default()
+    };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("build");
+    let big: Vec<Event> = (0..30)
+        .map(|i| {
+            Event::new(
+                ObjectId::new(format!("o{}", i % 3)).expect("valid"),
+                "T",
+                format!("k{i}"),
+                vec![b'x'; 1 << 20],
+                Timestamp::EPOCH,
+            )
+        })
+        .collect();
+    for e in big {
+        p.send(vec![e]).expect("spills");
+    }
+    assert!(p.metrics().buffer_spilled >= 28, "{:?}", p.metrics());
+    let r = p.roll().await.expect("roll");
+    assert_eq!(r.events, 30);
+    // Each claim holds three 1 MiB events (a fourth would pass 4 MiB), one commit per claim
+    // (the first claim takes the two events held in memory).
+    assert!(r.commits >= 10, "claims bounded by roll_bytes: {r:?}");
+    let records = committed(&sink.inner, 3).await;
+    assert_eq!(records.len(), 30, "every event once");
+}
+
 #[tokio::test]
 async fn durable_log_is_delivered_after_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
