@@ -47,8 +47,8 @@ impl IcebergColdStore {
     /// [`remove_unreferenced_files`](Self::remove_unreferenced_files) afterwards.
     ///
     /// Watermarks survive expiry: each dotdo snapshot's summary holds all of them, and the chain
-    /// from the head (and from every tag) down to its nearest dotdo snapshot is kept when other
-    /// engines committed on top. Expiry run by another engine that removes that snapshot leaves
+    /// from every snapshot that stays (the head, tags, those younger than `older_than`) down to
+    /// its nearest dotdo snapshot is kept when other engines committed on top. Expiry run by another engine that removes that snapshot leaves
     /// the watermarks unknown: dotdo then refuses the table as `Corrupt` rather than guess.
     pub async fn expire_snapshots(&self, older_than: Duration, retain_last: usize) -> Result<ExpireReport> {
         let what = format!("expiring snapshots of {}", self.table_ident());
@@ -81,6 +81,17 @@ impl IcebergColdStore {
                         crate::store::ancestors(&table.metadata_ref(), snapshot)?.iter().map(|s| s.snapshot_id()),
                     );
                 }
+            }
+            // Every snapshot that stays (kept, or younger than the cutoff) keeps the chain down to
+            // its nearest dotdo snapshot: a read as of it needs that snapshot's watermarks.
+            let staying: Vec<i64> = table
+                .metadata()
+                .snapshots()
+                .filter(|s| keep.contains(&s.snapshot_id()) || summary::committed_at(s) >= cutoff)
+                .map(|s| s.snapshot_id())
+                .collect();
+            for id in staying {
+                keep.extend(chain_to_dotdo_base(table.metadata(), id));
             }
             let expired: Vec<i64> = table
                 .metadata()

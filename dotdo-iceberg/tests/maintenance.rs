@@ -713,6 +713,37 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks() {
     assert_eq!(cold.append(next).await.expect("appends continue after expiry").records_written, 1);
 }
 
+/// A foreign snapshot younger than the expiry's cutoff stays, and so does the older dotdo
+/// snapshot below it whose watermarks a read as of it needs (before, only the head's and the
+/// tags' chains were kept, and `load_state` as of the foreign snapshot was `Corrupt`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_keeps_the_watermark_base_of_every_retained_snapshot() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let o = ObjectId::new("o").expect("id");
+    let d1 = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v1", 1)]);
+    cold.append(d1).await.expect("dotdo's first commit");
+    common::sleep(std::time::Duration::from_millis(800)).await;
+    let table = cold.refresh().await.expect("table");
+    let tx = Transaction::new(&table);
+    let tx = tx
+        .fast_append()
+        .set_snapshot_properties([("engine".to_string(), "another".to_string())].into())
+        .apply(tx)
+        .expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine's commit");
+    let foreign = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    let d2 = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]);
+    cold.append(d2).await.expect("dotdo's second commit");
+    // The cutoff falls between the first commit and the foreign one.
+    let report = cold.expire_snapshots(std::time::Duration::from_millis(400), 1).await.expect("expire");
+    assert!(report.expired.is_empty(), "the first commit is the foreign one's watermark base: {report:?}");
+    let st = cold.load_state(&o, AsOf::Snapshot(foreign)).await.expect("as of the foreign snapshot");
+    assert_eq!(st.through, 1);
+    assert_eq!(st.entries.len(), 1);
+}
+
 /// `Settings::sync_local_files`: every file a local warehouse writes (data files, manifests,
 /// manifest lists, metadata JSON), for the table's creation, appends and a compaction, is fsynced
 /// before its write reports success, each once; without the setting none is. The warehouse path
