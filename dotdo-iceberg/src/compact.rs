@@ -452,7 +452,10 @@ impl IcebergColdStore {
             // file them under another (an engine evolved the spec meanwhile).
             let spec_now = table.metadata().default_partition_spec_id();
             let rewritten = if spec_now == written_under {
-                self.rewrite_manifests(&table, sid, seq, &removed, &added).await
+                match self.added_files_present(&added, &what).await {
+                    Ok(()) => self.rewrite_manifests(&table, sid, seq, &removed, &added).await,
+                    Err(e) => Err(e),
+                }
             } else {
                 Err(Error::new(
                     ErrorKind::Conflict,
@@ -535,6 +538,33 @@ impl IcebergColdStore {
         }
         self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
         Err(err)
+    }
+
+    /// Whether every file this rewrite wrote is still in the store. A cleanup of unreferenced
+    /// files whose retention is shorter than the rewrite has taken so far finds them
+    /// unreferenced and may delete them; a snapshot naming them would be unreadable, and once
+    /// the replaced files were cleaned up too, their rows lost. `Conflict` if one is gone.
+    async fn added_files_present(&self, added: &[DataFile], what: &str) -> Result<()> {
+        use futures::{StreamExt, TryStreamExt};
+        let heads = added.iter().map(|f| async move {
+            let key = self.inner.root.key(f.file_path())?;
+            match self.inner.root.store.head(&key).await {
+                Ok(_) => Ok(()),
+                Err(object_store::Error::NotFound { .. }) => Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{what}: {} written by this rewrite was deleted before the commit (a cleanup of \
+                         unreferenced files with a retention shorter than the rewrite?); nothing committed",
+                        f.file_path()
+                    ),
+                )
+                .with_retryable(false)),
+                Err(e) => {
+                    Err(crate::error::classify_object_store(e).context(format!("{what}: checking {}", f.file_path())))
+                }
+            }
+        });
+        futures::stream::iter(heads).buffer_unordered(8).try_collect::<Vec<()>>().await.map(|_| ())
     }
 
     /// Read one group's files, sort (and for a collapse, filter) the rows, write new files.

@@ -713,6 +713,51 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks() {
     assert_eq!(cold.append(next).await.expect("appends continue after expiry").records_written, 1);
 }
 
+/// A cleanup of unreferenced files that runs while a compaction is between writing its new
+/// files and committing them (a compaction that outlasted the cleanup's retention) deletes
+/// some of them: the compaction then refuses to commit a snapshot naming missing files
+/// (`Conflict`), and the table still reads every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_during_a_compaction_never_lets_it_commit_missing_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let cleaner = open(dir.path(), 2).await;
+    let objects = objects();
+    for n in 0..20u64 {
+        let o = &objects[(n % 5) as usize];
+        let r = common::put(o, n / 5 + 1, &format!("k{n}"), "v", 1);
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
+    }
+    let mut before = Vec::new();
+    for o in &objects {
+        before.push(cold.read_changes(o, 0, AsOf::Latest).await.expect("read"));
+    }
+    let deleted = Arc::new(parking_lot::Mutex::new(0usize));
+    let d = deleted.clone();
+    let opts = CompactOptions {
+        progress: Some(Arc::new(move |p: &Progress| {
+            if matches!(p, Progress::GroupWritten { done: 1, .. }) {
+                let cleaner = cleaner.clone();
+                let n = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(async move {
+                        cleaner.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup")
+                    })
+                });
+                *d.lock() += n.deleted.iter().filter(|f| f.ends_with(".parquet")).count();
+            }
+        })),
+        ..Default::default()
+    };
+    let e = cold.compact(opts).await.expect_err("its new files are gone");
+    assert!(*deleted.lock() > 0, "the cleanup deleted the compaction's first new files");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.to_string().contains("deleted before the commit"), "{e}");
+    let fresh = open(dir.path(), 2).await;
+    for (o, b) in objects.iter().zip(before) {
+        assert_eq!(fresh.read_changes(o, 0, AsOf::Latest).await.expect("every row still reads"), b);
+    }
+}
+
 /// A foreign snapshot younger than the expiry's cutoff stays, and so does the older dotdo
 /// snapshot below it whose watermarks a read as of it needs (before, only the head's and the
 /// tags' chains were kept, and `load_state` as of the foreign snapshot was `Corrupt`).
