@@ -1285,6 +1285,57 @@ async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
     assert_eq!(w.cold.watermark(&healthy).await.expect("wm").through, 1);
 }
 
+/// A hot store rolled back behind cold (a backup holding seqs 1..2 of cold's 1..5, the same
+/// changes), activated while cold was unreachable: its flush re-sends 1..2, which cold skips,
+/// and cold's watermark (5) is past the hot store's last change. The flush is refused with
+/// `Conflict` (not an `InvalidInput` truncation failing every flush, `flush_all` included),
+/// the activation is given up, and the next call restores the object from cold.
+#[tokio::test]
+async fn a_flush_finding_the_hot_store_behind_cold_gives_up_the_activation() {
+    for all in [false, true] {
+        let w = World::new();
+        let a = w.runtime("a", settings());
+        let o = oid("o");
+        for _ in 0..5 {
+            incr(&a, &o).await.expect("incr");
+        }
+        a.flush(&o).await.expect("cold has seqs 1..5");
+        a.shutdown().await.expect("shutdown");
+        let rolled_back = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
+        let l = rolled_back.acquire(&o, &NodeId::new("a").expect("valid"), TTL).await.expect("acquire");
+        for n in ["1", "2"] {
+            rolled_back.put(&o, l.token, "Object", "n", Bytes::from(n)).await.expect("put");
+        }
+        rolled_back.release(&l).await.expect("release");
+        let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+        let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+            .with_hot_store(Arc::new(rolled_back.clone()))
+            .with_guard(Arc::new(rolled_back.clone()))
+            .with_cold_sink(cold.clone())
+            .with_clock(Arc::new(w.clock.clone()))
+            .with_settings(settings())
+            .build()
+            .expect("build runtime");
+        cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(get(&rt, &o, "n").await.expect("runs from hot alone"), Some(Bytes::from("2")));
+        cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        let healthy = oid("healthy");
+        incr(&rt, &healthy).await.expect("incr");
+        let e = if all {
+            let e = rt.flush_all().await.expect_err("the object behind cold is reported");
+            assert_eq!(w.cold.watermark(&healthy).await.expect("wm").through, 1, "the others are drained");
+            e
+        } else {
+            rt.flush(&o).await.expect_err("behind cold")
+        };
+        assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+        assert_eq!(rolled_back.current(&o).await.expect("current"), None, "the activation's lease is given back");
+        assert_eq!(incr(&rt, &o).await.expect("restored from cold on the next call"), 6);
+        rt.flush(&o).await.expect("flushes again");
+        assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 6);
+    }
+}
+
 /// A warm lease that lapsed because nothing renewed it (no `maintain`, `keep_warm` longer than
 /// the TTL) does not make `flush_all` or `shutdown` skip the object's changes: it takes the object
 /// again and drains it; an object another node holds now is left to that node.

@@ -529,9 +529,12 @@ impl ObjectRuntime {
             if let Err(e) = flushed {
                 tracing::warn!(object = %object, error = %e, "dotdo: committed; the auto-flush to cold failed and is left to the next flush");
                 inner.metrics.lock().flush_failures += 1;
-                if lease_gone(&e) {
-                    // Another holder took over while draining: stop using this lease.
-                    slot.active = None;
+                if activation_spent(&e) {
+                    // Another holder took over while draining, or the hot store is behind
+                    // cold: stop using this activation.
+                    if let Some(active) = slot.active.take() {
+                        release_quietly(inner, &active.lease).await;
+                    }
                 }
             }
         }
@@ -797,8 +800,10 @@ impl ObjectRuntime {
         self.ensure_active(object, &mut slot).await?;
         let token = slot.active.as_ref().expect("active").lease.token;
         let r = drain(&self.inner, object, token).await;
-        if r.as_ref().is_err_and(lease_gone) {
-            slot.active = None;
+        if r.as_ref().is_err_and(activation_spent) {
+            if let Some(active) = slot.active.take() {
+                release_quietly(&self.inner, &active.lease).await;
+            }
         }
         self.after_call(&mut slot).await;
         r
@@ -882,7 +887,11 @@ impl ObjectRuntime {
                         release_quietly(inner, &active.lease).await;
                     }
                 } else if rounds.left_out.contains(&h.object) {
-                    h.guard.active = None;
+                    // Taken over (a release of a lease no longer current changes nothing),
+                    // diverged from cold, or behind it: the next activation decides afresh.
+                    if let Some(active) = h.guard.active.take() {
+                        release_quietly(inner, &active.lease).await;
+                    }
                 }
             }
             r?;
@@ -903,6 +912,7 @@ impl ObjectRuntime {
         let inner = &self.inner;
         let DrainRounds { drained, left_out, first_err, .. } = rounds;
         loop {
+            let mut last_seqs = HashMap::new();
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
             for Held { object, token, .. } in held {
@@ -923,6 +933,7 @@ impl ObjectRuntime {
                     continue;
                 }
                 budget -= records.len().min(budget);
+                last_seqs.insert(object.clone(), info.last_seq);
                 if !records.is_empty() {
                     batch.objects.push(ObjectChanges { object: object.clone(), token: *token, records });
                 }
@@ -948,6 +959,14 @@ impl ObjectRuntime {
             }
             for oc in batch.objects.iter().filter(|oc| !diverged_now.contains(&oc.object)) {
                 let through = commit.watermarks.get(&oc.object).map_or(0, |w| w.through);
+                let hot_last = last_seqs.get(&oc.object).copied().unwrap_or(Seq::MAX);
+                if through > hot_last {
+                    let e = hot_behind_cold(&oc.object, hot_last, through);
+                    tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
+                    left_out.insert(oc.object.clone());
+                    first_err.get_or_insert(e);
+                    continue;
+                }
                 inner.hot.truncate_changes(&oc.object, oc.token, through).await?;
                 // An object whose changes span several commits counts once.
                 if drained.insert(oc.object.clone()) {
@@ -1046,9 +1065,12 @@ impl ObjectRuntime {
         }
         .await;
         if let Err(e) = drained {
-            // Keep the object active for the next call, unless the lease is gone.
-            if lease_gone(&e) {
-                slot.active = None;
+            // Keep the object active for the next call, unless the lease is gone (or the hot
+            // store is behind cold storage).
+            if activation_spent(&e) {
+                if let Some(active) = slot.active.take() {
+                    release_quietly(&self.inner, &active.lease).await;
+                }
             } else {
                 self.after_call(&mut slot).await;
             }
@@ -1345,6 +1367,26 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
     }
 }
 
+/// Cold storage acknowledged changes past the hot store's last one: the hot store lost commits
+/// (a power loss, a restored backup) and the object was activated while cold storage could not
+/// be asked. Its next activation restores it from cold storage; this one must not go on.
+fn hot_behind_cold(object: &ObjectId, hot_last: Seq, cold_through: Seq) -> Error {
+    Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "{object}: cold storage holds changes through {cold_through} but the hot store's last is {hot_last} \
+             (it lost commits); the object is restored from cold storage on its next activation"
+        ),
+    )
+    .with_retryable(false)
+}
+
+/// Whether a failed drain leaves the activation unusable (the lease is gone, or the hot store
+/// is behind cold storage): the activation is dropped and its lease given back.
+fn activation_spent(e: &Error) -> bool {
+    lease_gone(e) || e.kind() == &ErrorKind::Conflict
+}
+
 /// Whether a failed lease refresh may be tried again while the lease is still valid: a transient
 /// failure, or one whose outcome is unknown (a refresh is idempotent, so trying again is safe).
 fn refresh_may_retry(e: &Error) -> bool {
@@ -1505,6 +1547,9 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
             check_skipped(inner, object, info.truncated_through, &commit).await?;
         }
         let through: Seq = commit.watermarks.get(object).map_or(0, |w| w.through);
+        if through > info.last_seq {
+            return Err(hot_behind_cold(object, info.last_seq, through));
+        }
         inner.hot.truncate_changes(object, token, through).await?;
         report.commits += u64::from(commit.snapshot.is_some());
         report.records += commit.records_written;
