@@ -60,6 +60,34 @@ fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
         })
 }
 
+/// `batch` in the shape of `target`, columns matched by name: a column the batch lacks is all
+/// nulls if `target` allows it (a column added since the batch was made); `None` if the batch
+/// has a column `target` lacks, a column of another type, or lacks a required one.
+fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
+    let schema = batch.schema_ref();
+    if schema.fields().iter().any(|f| target.field_with_name(f.name()).is_err()) {
+        return None;
+    }
+    let mut columns = Vec::with_capacity(target.fields().len());
+    for field in target.fields() {
+        match schema.index_of(field.name()) {
+            Ok(i) => {
+                let column = batch.column(i);
+                let nulls_ok = field.is_nullable() || column.null_count() == 0;
+                if !column.data_type().equals_datatype(field.data_type()) || !nulls_ok {
+                    return None;
+                }
+                columns.push(column.clone());
+            }
+            Err(_) if field.is_nullable() => {
+                columns.push(arrow_array::new_null_array(field.data_type(), batch.num_rows()))
+            }
+            Err(_) => return None,
+        }
+    }
+    RecordBatch::try_new(target.clone(), columns).ok()
+}
+
 impl IcebergColdStore {
     /// Open the table `namespace.name` with the user schema `schema` (created unpartitioned if
     /// missing) in this store's catalog and warehouse. An existing table with another shape is
@@ -236,13 +264,17 @@ impl ArrowTable {
         }
         let mut rebatched = Vec::with_capacity(batches.len());
         for b in &batches {
-            if !same_shape(b.schema_ref(), &self.user) {
+            // A batch made before columns were added (logged by a pipeline, say) gets nulls in
+            // them.
+            let conformed = if same_shape(b.schema_ref(), &self.user) { None } else { conform(b, &self.user) };
+            if conformed.is_none() && !same_shape(b.schema_ref(), &self.user) {
                 return Err(Error::invalid(format!(
-                    "batch schema {:?} is not the table's {:?}",
+                    "batch schema {:?} is not the table's {:?} (nor an older form of it missing nullable columns)",
                     b.schema(),
                     self.user
                 )));
             }
+            let b = conformed.as_ref().unwrap_or(b);
             rebatched.push(
                 RecordBatch::try_new(self.iceberg_arrow.clone(), b.columns().to_vec())
                     .map_err(|e| Error::invalid("re-labelling a batch with the table schema").with_source(e))?,
@@ -250,22 +282,33 @@ impl ArrowTable {
         }
         let rows: u64 = rebatched.iter().map(|b| b.num_rows() as u64).sum();
         let what = format!("appending batch {batch_id} of stream {stream} to {}", self.ident);
-        let mut files: Option<(i32, Vec<iceberg::spec::DataFile>)> = None;
+        let mut files: Option<((i32, i32), Vec<iceberg::spec::DataFile>)> = None;
         let attempts = self.store.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
         for attempt in 0..attempts {
             let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
-            // Another handle may have changed the schema since this one was opened: files must
-            // be written under the schema the batches have (the Parquet writer takes the table's).
-            let current = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
-                .map_err(|e| classify(e, &what))?;
-            if current != *self.iceberg_arrow {
-                return Err(Error::invalid(format!(
-                    "{what}: the table's schema changed since this handle was opened (now {:?}); open \
-                     the table again with the new schema",
-                    current.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>()
-                )));
-            }
+            // Another handle may have changed the schema since this one was opened: files are
+            // written under the table's current schema (the Parquet writer takes it), so the
+            // batches are given its shape, with nulls in columns added since; any other change
+            // (a column dropped, renamed or retyped) is refused.
+            let current = Arc::new(
+                iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
+                    .map_err(|e| classify(e, &what))?,
+            );
+            let evolved;
+            let to_write: &[RecordBatch] = if current == self.iceberg_arrow {
+                &rebatched
+            } else {
+                evolved =
+                    rebatched.iter().map(|b| conform(b, &current)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{what}: the table's schema changed since this handle was opened in a way other than \
+                         added nullable columns (now {:?}); open the table again with the new schema",
+                            current.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>()
+                        ))
+                    })?;
+                &evolved
+            };
             let mut m = marks(&table)?;
             if m.get(stream).copied().unwrap_or(0) >= batch_id {
                 return Ok(ArrowCommit { snapshot: None, rows: 0 });
@@ -275,7 +318,7 @@ impl ArrowTable {
             }
             // Written files are reused only under the spec they were written for (another
             // engine may evolve the partition spec between attempts); otherwise rewritten.
-            let spec_id = table.metadata().default_partition_spec_id();
+            let spec_id = (table.metadata().default_partition_spec_id(), table.metadata().current_schema_id());
             let data = match &files {
                 Some((spec, f)) if *spec == spec_id => Clone::clone(f),
                 _ => {
@@ -290,7 +333,7 @@ impl ArrowTable {
                     let f = write_user_files(
                         &self.store,
                         &table,
-                        &rebatched,
+                        to_write,
                         self.store.inner.settings.target_file_size,
                         &what,
                     )
@@ -326,8 +369,9 @@ impl ArrowTable {
     }
 
     /// Add an optional (nullable) top-level column `name` of `data_type` through iceberg's
-    /// schema update. Rows written before read as null. Returns the table with the new schema,
-    /// which appends must then use (this handle keeps the old one). Works with every catalog.
+    /// schema update. Rows written before read as null. Returns the table with the new schema.
+    /// This handle keeps the old one and still appends, with nulls in the new column; so do
+    /// batches in the old shape given to the new handle. Works with every catalog.
     pub async fn add_column(&self, name: &str, data_type: arrow_schema::DataType) -> Result<ArrowTable> {
         let what = format!("adding column {name} to {}", self.ident);
         if self.user.field_with_name(name).is_ok() {

@@ -358,16 +358,18 @@ async fn user_table_schema_evolution_reads_old_files() {
 
     let stale = t.clone();
     let t = t.add_column("note", DataType::Utf8).await.expect("add column");
-    // A handle opened before the change is refused (it said Corrupt: "cannot decode").
+    // A handle opened before a column was added still appends: the new column is null.
     let old_shape = RecordBatch::try_new(
         schema.clone(),
         vec![Arc::new(Int32Array::from(vec![3])), Arc::new(Float32Array::from(vec![Some(1.0)]))],
     )
     .expect("batch");
-    let e = stale.append("s", 9, vec![old_shape]).await.expect_err("stale handle");
+    assert_eq!(stale.append("stale", 1, vec![old_shape.clone()]).await.expect("nulls in the new column").rows, 1);
+    let t = t.widen_column("id", DataType::Int64).await.expect("widen id");
+    // After a column's type changed it is refused (it once said Corrupt: "cannot decode").
+    let e = stale.append("stale", 2, vec![old_shape]).await.expect_err("stale handle after a type change");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert!(e.to_string().contains("schema changed"), "{e}");
-    let t = t.widen_column("id", DataType::Int64).await.expect("widen id");
     let t = t.widen_column("score", DataType::Float64).await.expect("widen score");
     let new_schema = t.schema();
     assert_eq!(new_schema.field(0).data_type(), &DataType::Int64);
@@ -402,7 +404,15 @@ async fn user_table_schema_evolution_reads_old_files() {
         }
     }
     rows.sort_by_key(|r| r.0);
-    assert_eq!(rows, vec![(1, Some(0.5), None), (2, None, None), (5_000_000_000, Some(1.25), Some("new".into()))]);
+    assert_eq!(
+        rows,
+        vec![
+            (1, Some(0.5), None),
+            (2, None, None),
+            (3, Some(1.0), None),
+            (5_000_000_000, Some(1.25), Some("new".into()))
+        ]
+    );
 }
 
 /// Orphan cleanup around compaction: a cleanup that runs while a compaction's new files are

@@ -144,6 +144,41 @@ async fn durable_log_recommits_a_claimed_batch_after_reopen() {
     assert_eq!(other.expect_err("bad stream name").kind(), &ErrorKind::InvalidInput);
 }
 
+/// A column added to the table while batches wait in a durable log (and another handle still
+/// has the old schema): the logged batches are committed with nulls in the new column instead of
+/// being refused forever; new batches carry it; the old handle's appends get nulls too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_logged_before_a_column_was_added_still_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("arrow-log.db")), ..Default::default() };
+    {
+        let sink = Arc::new(Flaky { inner: t.clone(), stalled: AtomicBool::new(true), lose: AtomicU32::new(0) });
+        let p = ArrowPipeline::open("orders", sink, settings.clone()).expect("pipeline");
+        p.send(batch(0, 10)).expect("send");
+        assert!(p.roll().await.is_err(), "stalled: claimed but not committed");
+        p.send(batch(10, 5)).expect("send after the claim");
+    } // the process "dies" with both batches in the log
+    let evolved = t.add_column("note", DataType::Utf8).await.expect("add column");
+    let p = ArrowPipeline::open("orders", Arc::new(evolved.clone()), settings).expect("reopen with the new schema");
+    let notes = StringArray::from_iter_values((15..20).map(|i| format!("note-{i}")));
+    let ids_col = Int64Array::from_iter_values(15..20);
+    let names = StringArray::from_iter_values((15..20).map(|i| format!("user-{i}")));
+    let new_batch = RecordBatch::try_new(evolved.schema(), vec![Arc::new(ids_col), Arc::new(names), Arc::new(notes)])
+        .expect("batch");
+    p.send(new_batch).expect("a batch with the new column");
+    assert_eq!(p.close().await.expect("close commits the old and the new batches"), 20);
+    assert_eq!(t.append("old-handle", 1, vec![batch(20, 3)]).await.expect("the old handle still appends").rows, 3);
+    assert_eq!(ids(&evolved).await, (0..23).collect::<Vec<_>>(), "every row exactly once");
+    let mut with_note = 0;
+    for b in evolved.read_all().await.expect("read") {
+        let note = b.column_by_name("note").expect("note column");
+        with_note += note.len() - note.null_count();
+    }
+    assert_eq!(with_note, 5, "only the new batch has notes; older rows read null");
+}
+
 /// Senders on two threads race `close` (memory and durable log): every batch whose `send` got
 /// `Ok` is in the table once close has returned, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
