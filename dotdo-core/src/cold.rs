@@ -162,6 +162,17 @@ pub trait ColdSink: Send + Sync + Debug + 'static {
     /// The durable watermark of `object` (default if unknown).
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark>;
 
+    /// The durable watermarks of `objects`, in their order, each as
+    /// [`watermark`](ColdSink::watermark) gives it. A sink that can reads them all from one
+    /// snapshot; the default asks one object at a time.
+    async fn watermarks(&self, objects: &[ObjectId]) -> Result<Vec<Watermark>> {
+        let mut out = Vec::with_capacity(objects.len());
+        for o in objects {
+            out.push(self.watermark(o).await?);
+        }
+        Ok(out)
+    }
+
     /// Snapshots, oldest first.
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>>;
 
@@ -179,6 +190,9 @@ impl<T: ColdSink + ?Sized> ColdSink for Arc<T> {
     }
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
         (**self).watermark(object).await
+    }
+    async fn watermarks(&self, objects: &[ObjectId]) -> Result<Vec<Watermark>> {
+        (**self).watermarks(objects).await
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         (**self).snapshots().await

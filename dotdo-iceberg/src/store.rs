@@ -1063,6 +1063,14 @@ impl ColdSink for IcebergColdStore {
         }
     }
 
+    /// One table read and one watermark decode (plus the checkpoint file, at most once) for
+    /// all of `objects`.
+    async fn watermarks(&self, objects: &[ObjectId]) -> Result<Vec<Watermark>> {
+        let table = self.read_table().await?;
+        let (all, _, _) = self.watermarks_of(table.metadata(), table.metadata().current_snapshot()).await?;
+        Ok(objects.iter().map(|o| all.get(o).copied().unwrap_or_default()).collect())
+    }
+
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let table = self.read_table().await?;
         let Some(head) = table.metadata().current_snapshot_id() else { return Ok(Vec::new()) };

@@ -342,12 +342,30 @@ impl Pipeline {
                 Some(c) => c,
                 None => {
                     // Learn the watermark of objects not seen yet, then claim.
+                    // One batched read per route (one snapshot for an Iceberg sink), not one per
+                    // object.
                     let objects = inner.log.next_objects(inner.settings.roll_rows)?;
-                    for (route, object) in objects {
-                        let known = inner.next_seq.lock().contains_key(&(route.clone(), object.clone()));
-                        if !known {
-                            let wm = self.sink(&route)?.watermark(&object).await?;
-                            inner.next_seq.lock().entry((route, object)).or_insert(wm.through + 1);
+                    let mut unknown: BTreeMap<String, Vec<ObjectId>> = BTreeMap::new();
+                    {
+                        let seqs = inner.next_seq.lock();
+                        for (route, object) in objects {
+                            if !seqs.contains_key(&(route.clone(), object.clone())) {
+                                unknown.entry(route).or_default().push(object);
+                            }
+                        }
+                    }
+                    for (route, objects) in unknown {
+                        let wms = self.sink(&route)?.watermarks(&objects).await?;
+                        if wms.len() != objects.len() {
+                            return Err(Error::backend(format!(
+                                "route {route:?}: the sink returned {} watermarks for {} objects",
+                                wms.len(),
+                                objects.len()
+                            )));
+                        }
+                        let mut seqs = inner.next_seq.lock();
+                        for (object, wm) in objects.into_iter().zip(wms) {
+                            seqs.entry((route.clone(), object)).or_insert(wm.through + 1);
                         }
                     }
                     let mut seqs = inner.next_seq.lock();

@@ -18,6 +18,9 @@ struct Flaky {
     inner: MemoryColdStore,
     stalled: AtomicBool,
     lose_replies: AtomicU32,
+    /// Calls of `watermark` and of `watermarks`.
+    watermark_calls: AtomicU32,
+    watermarks_calls: AtomicU32,
 }
 
 impl Flaky {
@@ -26,6 +29,8 @@ impl Flaky {
             inner: MemoryColdStore::new(),
             stalled: AtomicBool::new(false),
             lose_replies: AtomicU32::new(0),
+            watermark_calls: AtomicU32::new(0),
+            watermarks_calls: AtomicU32::new(0),
         })
     }
 }
@@ -44,7 +49,12 @@ impl ColdSink for Flaky {
         Ok(c)
     }
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+        self.watermark_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.watermark(object).await
+    }
+    async fn watermarks(&self, objects: &[ObjectId]) -> Result<Vec<Watermark>> {
+        self.watermarks_calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.watermarks(objects).await
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         self.inner.snapshots().await
@@ -557,4 +567,8 @@ async fn many_distinct_objects_over_many_rolls_land_exactly_once() {
         total += seqs.len();
     }
     assert_eq!(total, 120);
+    // The sequence counters of new objects are learned in one batched read per claim.
+    assert_eq!(sink.watermark_calls.load(Ordering::SeqCst), 0, "never one object at a time");
+    let batched = sink.watermarks_calls.load(Ordering::SeqCst);
+    assert!((1..=24).contains(&batched), "{batched} batched reads for 24 claims");
 }

@@ -10,7 +10,7 @@ use proptest_state_machine::ReferenceStateMachine;
 
 use super::{oid, proptest_cases, run_catching, runtime, CaseFailure, ColdFactory, ColdFixture, KIT_EPOCH};
 use crate::accel::ScanQuery;
-use crate::cold::{fold_changes, AsOf, ColdBatch, ObjectChanges};
+use crate::cold::{fold_changes, AsOf, ColdBatch, ObjectChanges, Watermark};
 use crate::error::ErrorKind;
 use crate::ids::{FencingToken, ObjectId, MAX_VALUE_BYTES};
 use crate::record::{ChangeRecord, KeyRange, Op};
@@ -85,6 +85,25 @@ pub async fn replayed_batch_is_skipped(f: &ColdFactory) {
     assert_eq!((again.records_written, again.records_skipped), (0, 4));
     assert_eq!(fx.sink.snapshots().await.expect("snaps").len(), 1);
     assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes").len(), 4);
+}
+
+/// `watermarks` gives, in the order asked, what `watermark` gives for each object: committed,
+/// never committed, asked twice.
+pub async fn watermarks_match_watermark_one_by_one(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let (a, b, never) = (oid("a"), oid("b"), oid("never"));
+    fx.sink.append(ColdBatch::single(a.clone(), tok(2), puts(&a, 1..=3, 2))).await.expect("append a");
+    fx.sink.append(ColdBatch::single(b.clone(), tok(1), puts(&b, 1..=1, 1))).await.expect("append b");
+    let asked = [b.clone(), never.clone(), a.clone(), b.clone()];
+    let batched = fx.sink.watermarks(&asked).await.expect("watermarks");
+    let mut one_by_one = Vec::new();
+    for o in &asked {
+        one_by_one.push(fx.sink.watermark(o).await.expect("watermark"));
+    }
+    assert_eq!(batched, one_by_one);
+    assert_eq!((batched[2].through, batched[2].token), (3, tok(2)));
+    assert_eq!(batched[1], Watermark::default());
+    assert!(fx.sink.watermarks(&[]).await.expect("none asked").is_empty());
 }
 
 /// A batch overlapping what is committed writes only the new tail.
@@ -691,6 +710,7 @@ pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
     let all = cases!(
         append_then_load_state,
         replayed_batch_is_skipped,
+        watermarks_match_watermark_one_by_one,
         overlapping_batch_writes_only_new_records,
         gap_in_sequence_is_rejected,
         stale_committer_is_fenced,

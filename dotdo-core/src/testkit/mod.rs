@@ -347,6 +347,7 @@ macro_rules! cold_conformance {
             overlapping_batch_writes_only_new_records,
             gap_in_sequence_is_rejected,
             stale_committer_is_fenced,
+            watermarks_match_watermark_one_by_one,
             empty_batch_creates_no_snapshot,
             multi_object_batch_is_all_or_nothing,
             deletes_apply_and_time_travel_reads_older_snapshots,
