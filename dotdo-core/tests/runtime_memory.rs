@@ -1046,11 +1046,13 @@ struct FaultyHot {
     inner: MemoryBackend,
     fail_writes: std::sync::atomic::AtomicU32,
     after_truncate: parking_lot::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
+    /// The most change records any `read_changes` returned.
+    most_read: std::sync::atomic::AtomicUsize,
 }
 
 impl FaultyHot {
     fn new(inner: MemoryBackend) -> Self {
-        FaultyHot { inner, fail_writes: 0.into(), after_truncate: Default::default() }
+        FaultyHot { inner, fail_writes: 0.into(), after_truncate: Default::default(), most_read: 0.into() }
     }
 }
 
@@ -1077,7 +1079,9 @@ impl HotStore for FaultyHot {
         self.inner.list(object, range, limit).await
     }
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
-        self.inner.read_changes(object, after, limit).await
+        let r = self.inner.read_changes(object, after, limit).await?;
+        self.most_read.fetch_max(r.len(), std::sync::atomic::Ordering::SeqCst);
+        Ok(r)
     }
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
         self.inner.truncate_changes(object, token, through).await?;
@@ -1100,6 +1104,32 @@ impl HotStore for FaultyHot {
     async fn restore(&self, object: &ObjectId, token: FencingToken, entries: Vec<Entry>, through: Seq) -> Result<()> {
         self.inner.restore(object, token, entries, through).await
     }
+}
+
+/// Activation compares with cold only the pending changes cold may also have (through its
+/// watermark), not every pending change: after a crash between a cold commit of 5 changes and
+/// its truncation, with 500 more pending, it reads 5.
+#[tokio::test]
+async fn activation_reads_only_the_pending_changes_cold_may_have() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    for _ in 0..5 {
+        incr(&a, &o).await.expect("incr");
+    }
+    // Committed to cold, never truncated (the process died in between).
+    let records = w.hot.read_changes(&o, 0, 100).await.expect("changes");
+    let token = records[0].token;
+    w.cold.append(ColdBatch::single(o.clone(), token, records)).await.expect("cold commit");
+    for _ in 0..500 {
+        incr(&a, &o).await.expect("incr");
+    }
+    drop(a); // dies: its lease runs out
+    w.clock.advance(TTL + Duration::from_millis(1));
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    let b = w.runtime_with_hot("b", hot.clone(), RuntimeSettings { flush_batch_records: 50, ..settings() });
+    assert_eq!(get(&b, &o, "n").await.expect("activates"), Some(Bytes::from("505")));
+    assert_eq!(hot.most_read.load(std::sync::atomic::Ordering::SeqCst), 5, "only the overlap was read");
 }
 
 /// An eviction whose outcome is unknown never leaves the object running on what may be an empty

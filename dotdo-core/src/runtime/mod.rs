@@ -1478,7 +1478,13 @@ async fn restore_eager(
 /// and cold diverged, and dropping either side would lose acknowledged writes. `Corrupt` then,
 /// with nothing changed. (A change cold no longer lists, collapsed away, is not compared.)
 async fn check_pending_against_cold(inner: &Arc<Inner>, object: &ObjectId, after: Seq, wm: &Watermark) -> Result<()> {
-    let pending = inner.hot.read_changes(object, after, usize::MAX).await?;
+    // Only the changes cold may also have (through its watermark): after a long cold outage the
+    // pending changes beyond it can be many, and none of them needs checking.
+    let overlap_len = usize::try_from(wm.through.saturating_sub(after)).unwrap_or(usize::MAX);
+    if overlap_len == 0 {
+        return Ok(());
+    }
+    let pending = inner.hot.read_changes(object, after, overlap_len).await?;
     let overlap: Vec<&ChangeRecord> = pending.iter().filter(|r| r.seq <= wm.through).collect();
     if overlap.is_empty() {
         return Ok(());
