@@ -274,7 +274,7 @@ async fn eviction_and_restore_give_identical_state_in_every_mode() {
     for mode in [
         RestoreMode::Eager,
         RestoreMode::Lazy,
-        RestoreMode::Hybrid { keys: vec!["key/0003".into()], prefixes: vec!["key/001".into()] },
+        RestoreMode::Hybrid { keys: vec!["key/0003".into(), "no-such-key".into()], prefixes: vec!["key/001".into()] },
     ] {
         let w = World::new();
         let rt = w.runtime("a", RuntimeSettings { restore: mode.clone(), ..settings() });
@@ -299,8 +299,14 @@ async fn eviction_and_restore_give_identical_state_in_every_mode() {
             }
             RestoreMode::Hybrid { .. } => {
                 assert_eq!(last.recovery, Recovery::Hybrid);
-                assert_eq!(m.preloaded_keys, 11, "key/0003 plus key/0010..=key/0019");
+                assert_eq!(m.preloaded_keys, 11, "key/0003 plus key/0010..=key/0019 (not the absent key)");
                 assert_eq!(m.preload_hits, 1);
+                assert_eq!(get(&b, &o, "key/0003").await.expect("again").as_deref(), Some(&b"value-3"[..]));
+                assert_eq!(get(&b, &o, "no-such-key").await.expect("absent"), None);
+                let m = b.metrics();
+                assert_eq!(m.preload_hits, 1, "a preloaded key counts once however often it is read");
+                b.prefetch(&o, &["key/0003".into()], &["key/001".into()]).await.expect("prefetch again");
+                assert_eq!(b.metrics().preloaded_keys, 11, "keys preloaded already count once");
             }
         }
         assert_eq!(all_state(&b, &o).await, before, "{mode:?}: restored state differs");

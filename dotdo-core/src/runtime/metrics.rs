@@ -57,9 +57,10 @@ pub struct RuntimeMetrics {
     pub lazy_cache_hits: u64,
     /// Lazy reads that had to look up cold storage.
     pub lazy_cache_misses: u64,
-    /// Keys preloaded by hybrid activations or prefetch hooks.
+    /// Keys preloaded by hybrid activations or prefetch hooks (that exist; each once).
     pub preloaded_keys: u64,
-    /// Reads that hit a preloaded key (preload effectiveness = hits / preloaded keys).
+    /// Preloaded keys read at least once (preload effectiveness = hits / preloaded keys, at
+    /// most 1).
     pub preload_hits: u64,
     /// Writes rejected because a newer holder fenced this runtime.
     pub fenced: u64,

@@ -26,7 +26,7 @@
 mod metrics;
 mod txn;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -732,7 +732,7 @@ impl ObjectRuntime {
             mode => {
                 let snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
                 let mut lazy =
-                    LazyState { snapshot, through: wm.through, cache: HashMap::new(), preloaded: HashSet::new() };
+                    LazyState { snapshot, through: wm.through, cache: HashMap::new(), preloaded: HashMap::new() };
                 let (mut keys, mut bytes) = (0, 0);
                 let recovery = if let RestoreMode::Hybrid { keys: named, prefixes } = mode {
                     let (k, b) = preload(inner, object, &mut lazy, named, prefixes).await?;
@@ -1229,10 +1229,16 @@ async fn preload(
 ) -> Result<(u64, u64)> {
     let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
     let (mut n, mut bytes) = (0u64, 0u64);
+    // A key named for preloading that does not exist is cached as absent (its reads need not
+    // ask cold) but not counted; a key preloaded already (a second prefetch) counts once.
     let mut put = |lazy: &mut LazyState, k: String, v: Option<bytes::Bytes>| {
-        bytes += v.as_ref().map_or(0, |v| v.len() as u64);
-        n += 1;
-        lazy.preloaded.insert(k.clone());
+        if let Some(v) = &v {
+            if !lazy.preloaded.contains_key(&k) {
+                lazy.preloaded.insert(k.clone(), false);
+                bytes += v.len() as u64;
+                n += 1;
+            }
+        }
         lazy.cache.insert(k, v);
     };
     match &inner.accel {

@@ -1,6 +1,6 @@
 //! [`ObjectTxn`]: what a handler sees of its object's state.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,7 +18,8 @@ pub(crate) struct LazyState {
     pub(crate) snapshot: Option<SnapshotId>,
     pub(crate) through: Seq,
     pub(crate) cache: HashMap<String, Option<Bytes>>,
-    pub(crate) preloaded: HashSet<String>,
+    /// Keys preloaded, each with whether it was read since.
+    pub(crate) preloaded: HashMap<String, bool>,
 }
 
 /// A handler's view of one object: reads see the object's state plus the handler's own writes;
@@ -66,7 +67,9 @@ impl<'a> ObjectTxn<'a> {
                 if let Some(v) = lazy.cache.get(key) {
                     let mut m = self.inner.metrics.lock();
                     m.lazy_cache_hits += 1;
-                    if lazy.preloaded.contains(key) {
+                    // The first read of each preloaded key: hits never exceed preloaded keys.
+                    if let Some(read) = lazy.preloaded.get_mut(key).filter(|read| !**read) {
+                        *read = true;
                         m.preload_hits += 1;
                     }
                     return Ok(v.clone());
