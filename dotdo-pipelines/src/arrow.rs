@@ -93,7 +93,11 @@ struct Buf {
     rows: usize,
     bytes: usize,
     claimed: Option<(u64, Vec<RecordBatch>)>,
-    /// Rows and bytes of `claimed`, kept with it (`send` reads them on every call).
+    /// Batches a durable log held under further claimed ids at open, in id order: committed one
+    /// after another after `claimed`, each under its own id.
+    later_claims: std::collections::VecDeque<(u64, Vec<RecordBatch>)>,
+    /// Rows and bytes of `claimed` and `later_claims`, kept with them (`send` reads them on
+    /// every call).
     claimed_rows: usize,
     claimed_bytes: usize,
 }
@@ -195,13 +199,17 @@ impl ArrowPipeline {
             .prepare("SELECT ipc, batch FROM arrow_log ORDER BY id")
             .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
             .map_err(|e| sql(e, &doing))?;
+        // Claimed rows stay grouped by their id: each id is committed (or found committed) on
+        // its own, so rows of a later claim are never committed under an earlier id and then
+        // again under their own.
+        let mut claims: std::collections::BTreeMap<u64, Vec<RecordBatch>> = Default::default();
         for (ipc, batch) in rows {
             let batches = decode(&ipc)?;
             match batch {
                 Some(id) => {
                     buf.claimed_rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
                     buf.claimed_bytes += batches.iter().map(batch_bytes).sum::<usize>();
-                    buf.claimed.get_or_insert_with(|| (id, Vec::new())).1.extend(batches);
+                    claims.entry(id).or_default().extend(batches);
                 }
                 None => {
                     for b in batches {
@@ -212,6 +220,9 @@ impl ArrowPipeline {
                 }
             }
         }
+        let mut claims = claims.into_iter();
+        buf.claimed = claims.next();
+        buf.later_claims = claims.collect();
         Ok(c)
     }
 
@@ -282,7 +293,8 @@ impl ArrowPipeline {
         let _g = inner.roll_lock.lock().await;
         let started = inner.clock.now();
         let mut written = 0;
-        for _ in 0..2 {
+        let rounds = 2 + inner.buf.lock().later_claims.len();
+        for _ in 0..rounds {
             let claimed = inner.buf.lock().claimed.clone();
             let (id, batches) = match claimed {
                 Some(c) => c,
@@ -322,7 +334,10 @@ impl ArrowPipeline {
                 log.lock().execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
             }
             let mut b = inner.buf.lock();
-            (b.claimed, b.claimed_rows, b.claimed_bytes) = (None, 0, 0);
+            b.claimed = b.later_claims.pop_front();
+            b.claimed_rows =
+                b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(RecordBatch::num_rows).sum();
+            b.claimed_bytes = b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(batch_bytes).sum();
             drop(b);
             let mut next = inner.next_id.lock();
             *next = Some(next.map_or(id + 1, |n| n.max(id + 1)));

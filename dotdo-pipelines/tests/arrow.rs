@@ -179,6 +179,34 @@ async fn batches_logged_before_a_column_was_added_still_commit() {
     assert_eq!(with_note, 5, "only the new batch has notes; older rows read null");
 }
 
+/// A durable log holding rows under two claimed ids (a claim whose reply was lost, then a
+/// later claim, then a crash) commits each id's rows under that id, once: reopened twice, every
+/// row is in the table exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_with_two_claimed_ids_commits_each_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let path = dir.path().join("arrow-log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(path.clone()), ..Default::default() };
+    {
+        let sink = Arc::new(Flaky { inner: t.clone(), stalled: AtomicBool::new(true), lose: AtomicU32::new(0) });
+        let p = ArrowPipeline::open("orders", sink, settings.clone()).expect("pipeline");
+        p.send(batch(0, 10)).expect("send");
+        assert!(p.roll().await.is_err(), "stalled: claimed as batch 1");
+        p.send(batch(10, 5)).expect("send");
+    }
+    // The second batch's rows claimed as batch 2 as well (what a lost claim reply led to).
+    let c = rusqlite::Connection::open(&path).expect("open log");
+    assert_eq!(c.execute("UPDATE arrow_log SET batch = 2 WHERE batch IS NULL", []).expect("claim"), 1);
+    drop(c);
+    for _ in 0..2 {
+        let p = ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect("reopen");
+        p.close().await.expect("close");
+    }
+    assert_eq!(ids(&t).await, (0..15).collect::<Vec<_>>(), "every row exactly once");
+    assert_eq!(t.last_batch("orders").await.expect("mark"), 2);
+}
+
 /// Senders on two threads race `close` (memory and durable log): every batch whose `send` got
 /// `Ok` is in the table once close has returned, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
