@@ -576,9 +576,20 @@ impl IcebergColdStore {
             AsOf::Timestamp(ts) => {
                 let Some(head) = md.current_snapshot_id() else { return Ok(None) };
                 let md = table.metadata_ref();
+                let chain = ancestors(&md, head)?;
+                // A snapshot's time for this purpose is the latest commit time on its chain
+                // (its own or an ancestor's): another engine's snapshot carries its own clock's
+                // `timestamp-ms`, which can be behind dotdo's, and a child stamped before its
+                // parent must not be chosen for a time at which the parent did not exist yet.
+                let mut effective = vec![Timestamp::from_micros(i64::MIN); chain.len()];
+                let mut latest = Timestamp::from_micros(i64::MIN);
+                for (i, s) in chain.iter().enumerate().rev() {
+                    latest = latest.max(summary::committed_at(s));
+                    effective[i] = latest;
+                }
                 let mut oldest: Option<SnapshotRef> = None;
-                for s in ancestors(&md, head)? {
-                    if summary::committed_at(&s) <= ts {
+                for (s, at) in chain.into_iter().zip(effective) {
+                    if at <= ts {
                         return Ok(Some(s));
                     }
                     oldest = Some(s);

@@ -768,6 +768,43 @@ async fn a_cleanup_during_a_compaction_never_lets_it_commit_missing_files() {
     }
 }
 
+/// Time travel when another engine's clock is behind dotdo's: its snapshot, committed on top of
+/// dotdo's, carries an earlier time than its parent. A read as of a time between the two does not
+/// pick the foreign snapshot (which holds the parent's rows, committed after that time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
+    use dotdo_core::{Clock, ManualClock, SystemClock};
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hour = std::time::Duration::from_secs(3600);
+    let now = SystemClock::new().now();
+    // dotdo's clock runs an hour ahead of the other engine's (the wall clock).
+    let clock = ManualClock::new(now.plus(hour));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .with_clock(Arc::new(clock.clone()))
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v1", 1)]))
+        .await
+        .expect("dotdo's commit");
+    let table = cold.refresh().await.expect("table");
+    let tx = Transaction::new(&table);
+    let tx = tx
+        .fast_append()
+        .set_snapshot_properties([("engine".to_string(), "another".to_string())].into())
+        .apply(tx)
+        .expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine's commit");
+    // Half an hour from now: after the foreign stamp, before dotdo's.
+    let between = now.plus(hour / 2);
+    let st = cold.load_state(&o, AsOf::Timestamp(between)).await.expect("as of between");
+    assert!(st.entries.is_empty(), "nothing existed yet at that time: {st:?}");
+    assert_eq!(cold.load_state(&o, AsOf::Timestamp(clock.now())).await.expect("as of now").entries.len(), 1);
+}
+
 /// A foreign snapshot younger than the expiry's cutoff stays, and so does the older dotdo
 /// snapshot below it whose watermarks a read as of it needs (before, only the head's and the
 /// tags' chains were kept, and `load_state` as of the foreign snapshot was `Corrupt`).
