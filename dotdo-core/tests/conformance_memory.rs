@@ -200,6 +200,110 @@ mod broken {
         assert!(n.contains(&"prop_cold_sink_matches_model"), "{n:?}");
     }
 
+    /// A hot store whose restore merges cold's entries into the live state (keys cold does not
+    /// have survive), and whose empty batches skip the token check.
+    #[derive(Debug, Clone)]
+    struct LaxHot(MemoryBackend);
+
+    #[async_trait]
+    impl HotStore for LaxHot {
+        async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+            if batch.is_empty() && token != FencingToken::NONE {
+                let last = self.0.object_info(object).await?.map_or(0, |i| i.last_seq);
+                return Ok(WriteReceipt { first_seq: last + 1, last_seq: last });
+            }
+            self.0.write(object, token, batch).await
+        }
+        async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+            self.0.get(object, key).await
+        }
+        async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
+            self.0.list(object, range, limit).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+            self.0.read_changes(object, after, limit).await
+        }
+        async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+            self.0.truncate_changes(object, token, through).await
+        }
+        async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+            self.0.object_info(object).await
+        }
+        async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+            self.0.objects_with_pending_changes(after, limit).await
+        }
+        async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+            self.0.evict(object, token).await
+        }
+        async fn restore(
+            &self,
+            object: &ObjectId,
+            token: FencingToken,
+            mut entries: Vec<Entry>,
+            through: Seq,
+        ) -> Result<()> {
+            for e in self.0.list(object, KeyRange::all(), None).await? {
+                if !entries.iter().any(|x| x.key == e.key) {
+                    entries.push(e);
+                }
+            }
+            self.0.restore(object, token, entries, through).await
+        }
+    }
+
+    #[test]
+    fn kit_catches_a_restore_that_merges_and_an_empty_batch_without_a_token_check() {
+        let f = hot_factory(|clock| async move {
+            let b = MemoryBackend::with_clock(Arc::new(clock));
+            HotFixture { hot: Arc::new(LaxHot(b.clone())), guard: Arc::new(b), keep_alive: Box::new(()) }
+        });
+        let n = names(&dotdo_core::testkit::hot::run_all(&f));
+        assert!(n.contains(&"restore_replaces_live_state"), "{n:?}");
+        assert!(n.contains(&"stale_and_none_tokens_are_refused_on_every_path"), "{n:?}");
+    }
+
+    /// An accelerator whose scans apply the time filter to every version, then fold.
+    #[derive(Debug, Clone)]
+    struct FiltersBeforeFolding(MemoryColdStore);
+
+    #[async_trait]
+    impl IndexAccelerator for FiltersBeforeFolding {
+        async fn lookup(&self, object: &ObjectId, key: &str, as_of: AsOf) -> Result<Lookup> {
+            self.0.lookup(object, key, as_of).await
+        }
+        async fn scan(&self, query: ScanQuery) -> Result<Scan> {
+            let Some((from, to)) = query.time_range else { return self.0.scan(query).await };
+            let records = self.0.read_changes(&query.object, 0, query.as_of).await?;
+            let kept = records.into_iter().filter(|r| r.timestamp >= from && r.timestamp < to);
+            let entries = dotdo_core::accel::latest_versions(kept)
+                .into_values()
+                .filter(|v| v.op == Op::Put && query.keys.contains(&v.key))
+                .collect();
+            Ok(Scan { entries, stats: QueryStats::default() })
+        }
+    }
+
+    #[test]
+    fn kit_catches_scan_filters_applied_before_folding_and_passes_a_sink_without_accelerator() {
+        let f = cold_factory(|clock| async move {
+            let inner = MemoryColdStore::with_clock(Arc::new(clock));
+            ColdFixture {
+                sink: Arc::new(inner.clone()),
+                accel: Some(Arc::new(FiltersBeforeFolding(inner))),
+                keep_alive: Box::new(()),
+            }
+        });
+        let n = names(&dotdo_core::testkit::cold::run_all(&f));
+        assert!(n.contains(&"scan_filters_by_range_type_and_time"), "{n:?}");
+        // The accelerator is optional: a sink alone passes every case.
+        let f = cold_factory(|clock| async move {
+            let inner = MemoryColdStore::with_clock(Arc::new(clock));
+            ColdFixture { sink: Arc::new(inner), accel: None, keep_alive: Box::new(()) }
+        });
+        let failures = dotdo_core::testkit::cold::run_all(&f);
+        assert!(failures.is_empty(), "{failures:?}");
+    }
+
     #[test]
     fn kit_passes_the_reference_backends_through_run_all() {
         assert!(dotdo_core::testkit::hot::run_all(&dotdo_core::testkit::memory_hot_factory()).is_empty());

@@ -43,7 +43,7 @@ pub async fn put_then_get_roundtrips(f: &HotFactory) {
     assert_eq!(fx.hot.get(&l.object, "other").await.expect("get"), None);
     let info = fx.hot.object_info(&l.object).await.expect("info").expect("object exists");
     assert_eq!((info.last_seq, info.keys, info.value_bytes), (2, 1, 2));
-    assert!(info.max_token >= l.token);
+    assert_eq!(info.max_token, l.token, "no higher token was ever issued or presented");
 }
 
 /// A delete removes the key from state and appears in the change log.
@@ -479,6 +479,56 @@ pub async fn restore_installs_state_and_continues_sequence(f: &HotFactory) {
     assert_eq!(fx.hot.get(&l.object, "c").await.expect("get"), Some(b("3")));
 }
 
+/// A restore over live state replaces it: keys cold does not have are gone (a restore that
+/// upserted would bring back keys deleted in cold), and the counts follow.
+pub async fn restore_replaces_live_state(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    fx.hot.write(&l.object, l.token, WriteBatch::new("T").put("a", b("1")).put("b", b("22"))).await.expect("w");
+    fx.hot.truncate_changes(&l.object, l.token, 2).await.expect("truncate");
+    let cold = vec![crate::Entry { key: "a".into(), value: b("cold-a"), seq: 5 }];
+    fx.hot.restore(&l.object, l.token, cold.clone(), 5).await.expect("restore over live state");
+    assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list"), cold);
+    assert_eq!(fx.hot.get(&l.object, "b").await.expect("get"), None, "b is not in cold's state");
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+    assert_eq!((info.last_seq, info.truncated_through, info.keys, info.value_bytes), (5, 5, 1, 6));
+    assert!(fx.hot.read_changes(&l.object, 0, 10).await.expect("log").is_empty(), "a restore logs nothing");
+    assert_eq!(fx.hot.put(&l.object, l.token, "T", "b", b("3")).await.expect("put").first_seq, 6);
+}
+
+/// Every mutating call checks the token, an empty batch and the calls after an eviction
+/// included (an eviction keeps the token maximum), and `FencingToken::NONE` is `InvalidInput`
+/// on each of them.
+pub async fn stale_and_none_tokens_are_refused_on_every_path(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let old = lease(&fx, "o1", "n1").await;
+    fx.hot.put(&old.object, old.token, "T", "a", b("1")).await.expect("put");
+    clock.advance(TTL + Duration::from_millis(1));
+    let new = lease(&fx, "o1", "n2").await;
+    let e = fx.hot.write(&old.object, old.token, WriteBatch::new("T")).await.expect_err("stale empty batch");
+    assert!(e.is_fenced(), "{e}");
+    fx.hot.truncate_changes(&new.object, new.token, 1).await.expect("truncate");
+    fx.hot.evict(&new.object, new.token).await.expect("evict");
+    let e = fx.hot.put(&old.object, old.token, "T", "a", b("stale")).await.expect_err("stale write after evict");
+    assert!(e.is_fenced(), "the eviction kept the token maximum: {e}");
+    let e = fx.hot.restore(&old.object, old.token, vec![], 1).await.expect_err("stale restore after evict");
+    assert!(e.is_fenced(), "{e}");
+    let info = fx.hot.object_info(&new.object).await.expect("info").expect("kept");
+    assert_eq!(info.max_token, new.token);
+    let none = FencingToken::NONE;
+    let o = &new.object;
+    let errs = [
+        fx.hot.write(o, none, WriteBatch::new("T")).await.expect_err("empty batch"),
+        fx.hot.truncate_changes(o, none, 0).await.expect_err("truncate"),
+        fx.hot.evict(o, none).await.expect_err("evict"),
+        fx.hot.restore(o, none, vec![], 1).await.expect_err("restore"),
+    ];
+    for e in errs {
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "NONE: {e}");
+    }
+    fx.hot.put(o, new.token, "T", "a", b("2")).await.expect("the holder still writes");
+}
+
 /// A restore with a key twice or an entry newer than its `through_seq` is `InvalidInput` and
 /// changes nothing (state, sequence and token stay as they were).
 pub async fn restore_refuses_malformed_state(f: &HotFactory) {
@@ -658,6 +708,12 @@ pub async fn invalid_ttl_is_rejected(f: &HotFactory) {
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{ttl:?}");
     }
     assert!(fx.guard.is_available(&oid("o1")).await.expect("available"));
+    let l = lease(&fx, "o1", "n1").await;
+    for ttl in [Duration::ZERO, Duration::from_secs(25 * 3600)] {
+        let e = fx.guard.refresh(&l, ttl).await.expect_err("bad ttl");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "refresh {ttl:?}");
+    }
+    assert_eq!(fx.guard.current(&l.object).await.expect("current"), Some(l.clone()), "unchanged");
 }
 
 /// Of many concurrent acquires of one object exactly one wins.
@@ -1104,6 +1160,8 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         evict_requires_drained_changes_and_keeps_sequence,
         restore_installs_state_and_continues_sequence,
         restore_refuses_malformed_state,
+        restore_replaces_live_state,
+        stale_and_none_tokens_are_refused_on_every_path,
         refused_calls_do_not_raise_the_token,
         concurrent_writers_get_unique_sequences,
         acquire_grants_token_and_blocks_others,

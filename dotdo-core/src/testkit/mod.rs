@@ -312,6 +312,8 @@ macro_rules! hot_conformance {
             evict_requires_drained_changes_and_keeps_sequence,
             restore_installs_state_and_continues_sequence,
             restore_refuses_malformed_state,
+            restore_replaces_live_state,
+            stale_and_none_tokens_are_refused_on_every_path,
             refused_calls_do_not_raise_the_token,
             concurrent_writers_get_unique_sequences,
             acquire_grants_token_and_blocks_others,
