@@ -61,3 +61,38 @@ fn local_checkpoint_factory() -> ColdFactory {
 mod local_files_watermark_checkpoints {
     dotdo_core::cold_conformance!(super::local_checkpoint_factory());
 }
+
+/// The warehouse (and its SQL catalog) at a directory the kit reopens: what a commit
+/// acknowledged is there after a restart, also when every watermark read goes through a
+/// checkpoint file.
+mod reopen {
+    use std::sync::Arc;
+
+    use dotdo_core::testkit::{cold_reopen_factory, ColdFixture, ColdReopenFactory};
+    use dotdo_iceberg::IcebergColdStore;
+
+    fn factory(checkpoint_every_commit: bool) -> ColdReopenFactory {
+        cold_reopen_factory(move |clock, dir| async move {
+            let mut settings = dotdo_iceberg::Settings::default();
+            if checkpoint_every_commit {
+                settings.watermark_checkpoint_objects = 0;
+            }
+            let store = IcebergColdStore::builder(dir.to_str().expect("utf-8 path"))
+                .table(["kit"], "changes")
+                .with_clock(Arc::new(clock))
+                .settings(settings)
+                .build()
+                .await
+                .expect("open iceberg cold store");
+            ColdFixture { sink: Arc::new(store.clone()), accel: Some(Arc::new(store)), keep_alive: Box::new(()) }
+        })
+    }
+
+    mod inline_watermarks {
+        dotdo_core::cold_reopen_conformance!(super::factory(false));
+    }
+
+    mod checkpointed_watermarks {
+        dotdo_core::cold_reopen_conformance!(super::factory(true));
+    }
+}

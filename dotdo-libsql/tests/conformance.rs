@@ -29,3 +29,31 @@ mod batched {
     use super::*;
     dotdo_core::hot_conformance!(factory(Transport::Batch));
 }
+
+/// The local database file at a directory the kit reopens (a restart), on both statement paths.
+mod reopen {
+    use std::sync::Arc;
+
+    use dotdo_core::testkit::{hot_reopen_factory, HotFixture, HotReopenFactory};
+    use dotdo_libsql::{LibsqlSettings, LibsqlStore, Transport};
+
+    fn factory(transport: Transport) -> HotReopenFactory {
+        hot_reopen_factory(move |clock, dir| async move {
+            let store = LibsqlStore::local(dir.join("hot.db"))
+                .with_settings(LibsqlSettings { transport, ..Default::default() })
+                .with_clock(Arc::new(clock))
+                .open()
+                .await
+                .expect("open libsql store");
+            HotFixture { hot: Arc::new(store.clone()), guard: Arc::new(store), keep_alive: Box::new(()) }
+        })
+    }
+
+    mod prepared {
+        dotdo_core::hot_reopen_conformance!(super::factory(super::Transport::Auto));
+    }
+
+    mod batched {
+        dotdo_core::hot_reopen_conformance!(super::factory(super::Transport::Batch));
+    }
+}

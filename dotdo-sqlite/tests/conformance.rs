@@ -39,3 +39,31 @@ mod with_memory_map {
 
     dotdo_core::hot_conformance!(factory());
 }
+
+/// The database file at a directory the kit reopens (a restart), with each durability mode.
+mod reopen {
+    use std::sync::Arc;
+
+    use dotdo_core::testkit::{hot_reopen_factory, HotFixture, HotReopenFactory};
+    use dotdo_sqlite::{Durability, SqliteSettings, SqliteStore};
+
+    fn factory(durability: Durability) -> HotReopenFactory {
+        hot_reopen_factory(move |clock, dir| async move {
+            let store = SqliteStore::builder(dir.join("hot.db"))
+                .with_settings(SqliteSettings { durability, ..SqliteSettings::default() })
+                .with_clock(Arc::new(clock))
+                .open()
+                .await
+                .expect("open sqlite store");
+            HotFixture { hot: Arc::new(store.clone()), guard: Arc::new(store), keep_alive: Box::new(()) }
+        })
+    }
+
+    mod normal {
+        dotdo_core::hot_reopen_conformance!(super::factory(super::Durability::Normal));
+    }
+
+    mod full {
+        dotdo_core::hot_reopen_conformance!(super::factory(super::Durability::Full));
+    }
+}

@@ -96,6 +96,28 @@ pub async fn replayed_batch_is_skipped(f: &ColdFactory) {
     assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes").len(), 4);
 }
 
+/// What a cold backend acknowledged survives a reopen (a restart): watermarks (replays are
+/// still skipped, a lower committer token still fenced), state and snapshots.
+pub async fn watermarks_and_state_survive_reopen(f: &super::ColdReopenFactory) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(KIT_EPOCH);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    let o = oid("o1");
+    let batch = ColdBatch::single(o.clone(), tok(5), puts(&o, 1..=3, 5));
+    let c = fx.sink.append(batch.clone()).await.expect("append");
+    let snap = c.snapshot.expect("snapshot");
+    drop(fx);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    let wm = fx.sink.watermark(&o).await.expect("wm");
+    assert_eq!((wm.through, wm.token), (3, tok(5)));
+    let again = fx.sink.append(batch).await.expect("replay");
+    assert_eq!((again.records_written, again.records_skipped, again.snapshot), (0, 3, None));
+    let stale = ColdBatch::single(o.clone(), tok(4), puts(&o, 4..=4, 4));
+    assert!(fx.sink.append(stale).await.expect_err("lower token").is_fenced());
+    assert_eq!(fx.sink.load_state(&o, AsOf::Snapshot(snap)).await.expect("state").through, 3);
+    assert_eq!(fx.sink.snapshots().await.expect("snaps").iter().map(|s| s.id).collect::<Vec<_>>(), [snap]);
+}
+
 /// `watermarks` gives, in the order asked, what `watermark` gives for each object: committed,
 /// never committed, asked twice.
 pub async fn watermarks_match_watermark_one_by_one(f: &ColdFactory) {

@@ -479,6 +479,38 @@ pub async fn restore_installs_state_and_continues_sequence(f: &HotFactory) {
     assert_eq!(fx.hot.get(&l.object, "c").await.expect("get"), Some(b("3")));
 }
 
+/// What a hot backend made durable survives a reopen (a restart): live state, the sequence
+/// counter (also past a truncation), the truncation point, the lease and the token maximum.
+pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactory) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(KIT_EPOCH);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    let old = fx.guard.acquire(&oid("o1"), &nid("n1"), TTL).await.expect("acquire");
+    fx.hot.write(&old.object, old.token, WriteBatch::new("T").put("a", b("1")).put("b", b("2"))).await.expect("w");
+    fx.hot.delete(&old.object, old.token, "T", "b").await.expect("delete");
+    fx.hot.truncate_changes(&old.object, old.token, 3).await.expect("truncate");
+    fx.hot.put(&old.object, old.token, "T", "c", b("3")).await.expect("put");
+    drop(fx);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    assert_eq!(fx.hot.get(&old.object, "a").await.expect("get"), Some(b("1")));
+    assert_eq!(fx.hot.get(&old.object, "b").await.expect("get"), None);
+    let info = fx.hot.object_info(&old.object).await.expect("info").expect("kept");
+    assert_eq!((info.last_seq, info.truncated_through, info.keys), (4, 3, 2));
+    let log = fx.hot.read_changes(&old.object, 0, 10).await.expect("log");
+    assert_eq!(log.iter().map(|r| r.seq).collect::<Vec<_>>(), [4], "the untruncated change only");
+    let e = fx.guard.acquire(&old.object, &nid("n2"), TTL).await.expect_err("the lease survived");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    clock.advance(TTL + Duration::from_millis(1));
+    let new = fx.guard.acquire(&old.object, &nid("n2"), TTL).await.expect("acquire after expiry");
+    assert!(new.token > old.token, "tokens never repeat across a restart");
+    assert!(fx.hot.put(&old.object, old.token, "T", "a", b("stale")).await.expect_err("stale").is_fenced());
+    assert_eq!(fx.hot.put(&new.object, new.token, "T", "d", b("4")).await.expect("put").first_seq, 5);
+    drop(fx);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    assert!(fx.hot.put(&old.object, old.token, "T", "a", b("stale")).await.expect_err("still fenced").is_fenced());
+    assert_eq!(fx.hot.object_info(&old.object).await.expect("info").expect("kept").max_token, new.token);
+}
+
 /// A restore over live state replaces it: keys cold does not have are gone (a restore that
 /// upserted would bring back keys deleted in cold), and the counts follow.
 pub async fn restore_replaces_live_state(f: &HotFactory) {

@@ -65,6 +65,35 @@ pub type HotFactory = Arc<dyn Fn(ManualClock) -> BoxFuture<'static, HotFixture> 
 /// Opens a fresh, empty cold backend that reads time from the given clock.
 pub type ColdFactory = Arc<dyn Fn(ManualClock) -> BoxFuture<'static, ColdFixture> + Send + Sync>;
 
+/// Opens a hot backend that keeps its state under `dir`, reading time from the given clock.
+/// The first call for a directory gets it empty; a later call for the same directory must find
+/// everything an earlier opening made durable (a process restart). For the `*_survive_reopen`
+/// cases ([`hot_reopen_conformance!`](crate::hot_reopen_conformance)); backends without
+/// persistent state have nothing to run them on.
+pub type HotReopenFactory =
+    Arc<dyn Fn(ManualClock, std::path::PathBuf) -> BoxFuture<'static, HotFixture> + Send + Sync>;
+/// Opens a cold backend that keeps its state under `dir`; see [`HotReopenFactory`].
+pub type ColdReopenFactory =
+    Arc<dyn Fn(ManualClock, std::path::PathBuf) -> BoxFuture<'static, ColdFixture> + Send + Sync>;
+
+/// Wrap a closure as a [`HotReopenFactory`].
+pub fn hot_reopen_factory<F, Fut>(f: F) -> HotReopenFactory
+where
+    F: Fn(ManualClock, std::path::PathBuf) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HotFixture> + Send + 'static,
+{
+    Arc::new(move |c, d| Box::pin(f(c, d)))
+}
+
+/// Wrap a closure as a [`ColdReopenFactory`].
+pub fn cold_reopen_factory<F, Fut>(f: F) -> ColdReopenFactory
+where
+    F: Fn(ManualClock, std::path::PathBuf) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ColdFixture> + Send + 'static,
+{
+    Arc::new(move |c, d| Box::pin(f(c, d)))
+}
+
 /// Wrap a closure as a [`HotFactory`].
 pub fn hot_factory<F, Fut>(f: F) -> HotFactory
 where
@@ -368,6 +397,25 @@ macro_rules! cold_conformance {
         fn prop_accelerator_matches_full_scan() {
             $crate::testkit::cold::prop_accelerator_matches_full_scan(&$factory);
         }
+    };
+}
+
+#[doc(hidden)]
+/// Expands to the hot `*_survive_reopen` case for a [`HotReopenFactory`](crate::testkit::HotReopenFactory)
+/// expression (backends with persistent state).
+#[macro_export]
+macro_rules! hot_reopen_conformance {
+    ($factory:expr) => {
+        $crate::__kit_tests!(hot, $factory, state_sequence_and_tokens_survive_reopen);
+    };
+}
+
+/// Expands to the cold `*_survive_reopen` case for a
+/// [`ColdReopenFactory`](crate::testkit::ColdReopenFactory) expression.
+#[macro_export]
+macro_rules! cold_reopen_conformance {
+    ($factory:expr) => {
+        $crate::__kit_tests!(cold, $factory, watermarks_and_state_survive_reopen);
     };
 }
 
