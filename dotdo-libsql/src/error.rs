@@ -146,11 +146,23 @@ pub(crate) fn class_of_remote_text(text: &str) -> Class {
         };
     }
     if text.starts_with("http error: ") {
-        // hyper's error debug text: `hyper::Error(Connect, …)` means the request never left.
-        let connect = ["Connect", "ConnectionRefused", "Connection refused", "dns error", "failed to lookup"]
+        // hyper 0.14's `Display`: only a failure to connect ("error trying to connect: …", DNS
+        // and TLS handshake failures included) proves the request never left. "connection
+        // error: Connection reset by peer", "error reading a body from connection: …" (the
+        // server had answered), "connection closed before message completed": it may have run.
+        // (`Error(Connect` is hyper's `Debug` form of the same kind.)
+        let connect = ["error trying to connect", "Error(Connect,", "dns error", "failed to lookup"]
             .iter()
             .any(|m| text.contains(m));
         return Class::Network { maybe_sent: !connect };
+    }
+    // The server answered, but its answer could not be read (a malformed or cut-off body, an
+    // unexpected shape): the request ran, or may have.
+    if text.starts_with("json error: ")
+        || text.starts_with("unexpected response: ")
+        || text.contains("cursor stream ended prematurely")
+    {
+        return Class::ServerUnavailable { maybe_applied: true };
     }
     if text.starts_with("stream error: ") || text.starts_with("cursor error: ") {
         if let Some(i) = text.find("SQLITE_") {
@@ -323,6 +335,40 @@ mod tests {
         let e = map(libsql::Error::ConnectionFailed("no route".into()), "get", false);
         assert_eq!(e.kind(), &ErrorKind::Unavailable);
         assert!(e.is_retryable());
+    }
+
+    /// The texts libsql really produces (hyper 0.14's `Display`): a reset connection, or a body
+    /// cut off after the server answered, may have run the request; a failure to connect (TCP,
+    /// DNS, TLS) did not.
+    #[test]
+    fn only_a_failure_to_connect_counts_as_not_sent() {
+        for maybe_sent in [
+            "http error: `connection error: Connection reset by peer (os error 104)`",
+            "http error: `error reading a body from connection: Connection reset by peer (os error 104)`",
+            "http error: `connection closed before message completed`",
+            "http error: `error writing a body to connection: Broken pipe (os error 32)`",
+        ] {
+            assert_eq!(class_of(&hrana(maybe_sent)), Class::Network { maybe_sent: true }, "{maybe_sent}");
+            assert_eq!(map(hrana(maybe_sent), "write", true).kind(), &ErrorKind::AmbiguousOutcome, "{maybe_sent}");
+            assert!(!is_transient(class_of(&hrana(maybe_sent)), true), "a write is not repeated: {maybe_sent}");
+        }
+        for unreadable_answer in [
+            "json error: `EOF while parsing a list at line 1 column 26`",
+            "unexpected response: `expected 5 results, got 2`",
+            "cursor error: `cursor stream ended prematurely`",
+        ] {
+            assert_eq!(map(hrana(unreadable_answer), "write", true).kind(), &ErrorKind::AmbiguousOutcome);
+            let read = map(hrana(unreadable_answer), "get", false);
+            assert!(read.kind() == &ErrorKind::Unavailable && read.is_retryable(), "{read}");
+        }
+        for not_sent in [
+            "http error: `error trying to connect: tcp connect error: Connection refused (os error 111)`",
+            "http error: `error trying to connect: dns error: failed to lookup address information`",
+            "http error: `error trying to connect: invalid peer certificate: UnknownIssuer`",
+        ] {
+            assert_eq!(class_of(&hrana(not_sent)), Class::Network { maybe_sent: false }, "{not_sent}");
+            assert_eq!(map(hrana(not_sent), "write", true).kind(), &ErrorKind::Unavailable, "{not_sent}");
+        }
     }
 
     #[test]

@@ -62,6 +62,12 @@ pub struct LibsqlSettings {
     pub wal_autocheckpoint_pages: u32,
     /// How statements travel. Default [`Transport::Auto`].
     pub transport: Transport,
+    /// How long one request to a remote primary (or an embedded replica's pull) may take before
+    /// it is abandoned: libsql's HTTP client has no timeout of its own, so a primary that stops
+    /// answering without closing the connection would hold the caller (and every writer queued
+    /// behind it) for minutes. A write then fails with `AmbiguousOutcome` (it may have run), a
+    /// read is retried like any transient failure. Default 15 s. (No effect on a local file.)
+    pub request_timeout: Duration,
 }
 
 impl Default for LibsqlSettings {
@@ -75,6 +81,7 @@ impl Default for LibsqlSettings {
             read_connections: 4,
             wal_autocheckpoint_pages: 16 * 1024,
             transport: Transport::Auto,
+            request_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -97,6 +104,9 @@ impl LibsqlSettings {
             return Err(Error::invalid("read_connections must be at least 1"));
         }
         dotdo_core::sql_schema::validate_busy_timeout(self.busy_timeout)?;
+        if self.request_timeout.is_zero() {
+            return Err(Error::invalid("request_timeout must be positive"));
+        }
         if self.retry_backoff > self.max_backoff {
             return Err(Error::invalid("retry_backoff must not exceed max_backoff"));
         }

@@ -393,7 +393,13 @@ impl LibsqlStore {
             let settings = &self.inner.settings;
             let mut attempt = 0;
             loop {
-                match db.sync().await {
+                let pull =
+                    futures::future::select(Box::pin(db.sync()), SystemClock::new().sleep(settings.request_timeout));
+                let synced = match pull.await {
+                    futures::future::Either::Left((r, _)) => r.map(|_| ()),
+                    futures::future::Either::Right(_) => Err(timed_out(settings.request_timeout)),
+                };
+                match synced {
                     Ok(_) => return Ok(()),
                     Err(e) => {
                         let class = class_of(&e);
@@ -501,7 +507,15 @@ impl LibsqlStore {
                         }
                     }
                 };
-                let out = self.drive(self.inner.local_writes, f(&mut conn)).await;
+                let out = if self.inner.local_writes {
+                    self.drive(true, f(&mut conn)).await
+                } else {
+                    let timeout = settings.request_timeout;
+                    match futures::future::select(f(&mut conn), clock.sleep(timeout)).await {
+                        futures::future::Either::Left((out, _)) => out,
+                        futures::future::Either::Right(_) => Err(TxError::Sql(timed_out(timeout))),
+                    }
+                };
                 if matches!(out, Err(TxError::Sql(_))) && !self.inner.local_writes {
                     // A remote connection's server stream may be gone (expired while idle, or
                     // closed by the server), and libsql keeps using it: the next attempt or
@@ -571,7 +585,17 @@ impl LibsqlStore {
                 Some(c) => c,
                 None => pool.connect().await.map_err(|e| error::map(e, doing, false))?,
             };
-            let out = self.drive(pool.local_file, f(&mut conn)).await;
+            let out = if pool.local_file {
+                self.drive(true, f(&mut conn)).await
+            } else {
+                let timeout = settings.request_timeout;
+                let sleep = SystemClock::new().sleep(timeout);
+                match futures::future::select(f(&mut conn), sleep).await {
+                    futures::future::Either::Left((out, _)) => out,
+                    // The connection's stream is in an unknown state: not given back.
+                    futures::future::Either::Right(_) => Err(TxError::Sql(timed_out(timeout))),
+                }
+            };
             match out {
                 Ok(v) => {
                     pool.give_back(conn);
@@ -594,6 +618,12 @@ impl LibsqlStore {
             }
         }
     }
+}
+
+/// A remote request that did not answer within `request_timeout`, as the error libsql reports
+/// for a connection that broke off after the request was sent (it may have run).
+fn timed_out(timeout: Duration) -> libsql::Error {
+    libsql::Error::Hrana(format!("stream closed: `no answer within the request timeout ({timeout:?})`").into())
 }
 
 impl LibsqlStore {

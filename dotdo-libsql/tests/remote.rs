@@ -156,6 +156,43 @@ async fn a_write_whose_reply_is_lost_is_ambiguous_and_not_retried_but_a_read_is_
     assert!(server.requests() - before >= 2, "the lost read was retried");
 }
 
+/// A primary that goes silent (executes, never answers, keeps the connection open) does not hold
+/// callers for minutes: a write is abandoned after `request_timeout` with `AmbiguousOutcome` (it
+/// may have run; here it did, once), a read is retried on a new connection.
+#[tokio::test]
+async fn a_silent_primary_is_abandoned_after_the_request_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    let settings = dotdo_libsql::LibsqlSettings {
+        request_timeout: Duration::from_millis(300),
+        retry_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let store = LibsqlStore::remote(server.url(), TOKEN).with_settings(settings).open().await.expect("open");
+    let obj = ObjectId::new("o").expect("valid");
+    let lease = store.acquire(&obj, &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    assert_eq!(store.get(&obj, "k").await.expect("warm the read statement"), None);
+
+    server.hang_replies(1);
+    let e = tokio::time::timeout(Duration::from_secs(10), store.put(&obj, lease.token, "T", "k", "v".into()))
+        .await
+        .expect("abandoned well before TCP would give up")
+        .expect_err("no answer");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert_eq!(store.get(&obj, "k").await.expect("read back").as_deref(), Some(&b"v"[..]));
+    assert_eq!(store.read_changes(&obj, 0, 10).await.expect("log").len(), 1, "applied once");
+
+    server.hang_replies(1);
+    let v = tokio::time::timeout(Duration::from_secs(10), store.get(&obj, "k"))
+        .await
+        .expect("abandoned and retried")
+        .expect("the retry answers");
+    assert_eq!(v.as_deref(), Some(&b"v"[..]));
+    let r = store.put(&obj, lease.token, "T", "k", "w".into()).await.expect("the write connection works again");
+    assert_eq!(r.first_seq, 2);
+}
+
 /// A URL that passes validation opens as validated: surrounding whitespace (an env var's
 /// trailing newline) and an upper-case scheme are accepted and normalised, not handed to libsql
 /// raw; a query string never shows in error messages.

@@ -1,4 +1,4 @@
-//! Conformance cases for [`HotStore`] + [`ConsistencyGuard`] backends.
+//! Conformance cases for [`HotStore`](crate::HotStore) + [`ConsistencyGuard`](crate::ConsistencyGuard) backends.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

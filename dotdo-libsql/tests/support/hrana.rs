@@ -27,6 +27,7 @@ struct State {
     next_baton: AtomicUsize,
     requests: AtomicUsize,
     lose_replies: AtomicUsize,
+    hang_replies: AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -54,6 +55,7 @@ impl HranaServer {
             next_baton: AtomicUsize::new(1),
             requests: AtomicUsize::new(0),
             lose_replies: AtomicUsize::new(0),
+            hang_replies: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
         let s = state.clone();
@@ -79,6 +81,12 @@ impl HranaServer {
     /// on the way back).
     pub fn lose_replies(&self, n: usize) {
         self.state.lose_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// Execute the next `n` requests but never reply (a primary that goes silent without
+    /// closing the connection); the connection stays open until the server stops.
+    pub fn hang_replies(&self, n: usize) {
+        self.state.hang_replies.store(n, Ordering::SeqCst);
     }
 
     /// Forget every open stream, as sqld does with streams left idle too long: a request
@@ -171,6 +179,12 @@ fn serve(stream: TcpStream, state: &State) {
                 Err(e) => ("400 Bad Request", format!("{{\"error\":{:?}}}", e.to_string())),
             }
         };
+        if state.hang_replies.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            while !state.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return;
+        }
         if state.lose_replies.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             let _ = out.shutdown(std::net::Shutdown::Both);
             return;
