@@ -46,4 +46,4 @@ mod settings;
 mod store;
 
 pub use settings::{Durability, Execution, SqliteSettings};
-pub use store::{SqliteStore, SqliteStoreBuilder};
+pub use store::{SqliteStore, SqliteStoreBuilder, MAX_BUSY_RETRIES};

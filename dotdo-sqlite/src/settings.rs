@@ -7,7 +7,8 @@ use std::time::Duration;
 pub enum Durability {
     /// `synchronous = NORMAL` (default). A committed write is in the WAL file before the call
     /// returns, so it **survives a crash or SIGKILL of the process**. After a power loss or OS
-    /// crash the last transactions before the last checkpoint may be lost (never corrupted).
+    /// crash the transactions committed since the WAL was last synced (at a checkpoint) may be
+    /// lost (never corrupted).
     #[default]
     Normal,
     /// `synchronous = FULL`. The WAL is fsynced on every commit: a committed write also
@@ -42,9 +43,10 @@ pub struct SqliteSettings {
     /// `retry_backoff`) before the call fails with a retryable `Unavailable`. Default 5. The
     /// same budget (every attempt's `busy_timeout` plus the backoff) bounds a write call's wait
     /// for the store's own write connection, so writers queued in one process also fail in
-    /// bounded time.
+    /// bounded time. At most [`MAX_BUSY_RETRIES`](crate::MAX_BUSY_RETRIES) (100).
     pub busy_retries: u32,
-    /// First backoff between busy retries. Default 10 ms.
+    /// First backoff between busy retries (doubling, at most 1 s each). Default 10 ms; at most
+    /// 1 s.
     pub retry_backoff: Duration,
     /// Maximum number of read connections kept open. Default 4.
     pub read_connections: usize,

@@ -47,6 +47,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// A private database (`:memory:`, or the empty path's temporary one): each connection
+    /// would open its own, so reads use the write connection.
+    memory: bool,
     /// The background checkpoint thread, stopped when the last clone is dropped.
     checkpointer: Option<Checkpointer>,
 }
@@ -166,12 +169,24 @@ impl SqliteStoreBuilder {
             return Err(Error::invalid("read_connections must be at least 1"));
         }
         dotdo_core::sql_schema::validate_busy_timeout(settings.busy_timeout)?;
+        // Bounded so that a call's budget (every attempt's busy timeout plus the backoff) is
+        // bounded too: a huge value would hang a call instead of giving `Unavailable`.
+        if settings.busy_retries > MAX_BUSY_RETRIES {
+            return Err(Error::invalid(format!("busy_retries {} is over {MAX_BUSY_RETRIES}", settings.busy_retries)));
+        }
+        if settings.retry_backoff > Duration::from_secs(1) {
+            return Err(Error::invalid(format!("retry_backoff {:?} is over 1 s", settings.retry_backoff)));
+        }
+        let memory = is_private_database(&self.path);
+        if memory && settings.read_connections > 1 {
+            tracing::debug!("dotdo-sqlite: a private (in-memory or temporary) database is served by one connection");
+        }
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let path = self.path;
         let open = move || -> Result<SqliteStore> {
             let writer = open_connection(&path, &settings, true)?;
             let checkpointer = match settings.background_checkpoint {
-                Some(every) if !every.is_zero() => Some(Checkpointer::start(&path, &settings, every)?),
+                Some(every) if !every.is_zero() && !memory => Some(Checkpointer::start(&path, &settings, every)?),
                 _ => None,
             };
             Ok(SqliteStore {
@@ -181,6 +196,7 @@ impl SqliteStoreBuilder {
                     clock,
                     writer: Mutex::new(writer),
                     readers: Mutex::new(Vec::new()),
+                    memory,
                     checkpointer,
                 }),
             })
@@ -207,8 +223,7 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
     );
     with_busy_retry(settings, &doing, || conn.execute_batch(&pragmas).map_err(TxError::Sql))?;
     if create {
-        with_busy_retry(settings, &doing, || {
-            let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let newer = |version: i64| -> TxResult<()> {
             if version > schema::VERSION {
                 return Err(TxError::Api(Error::new(
                     ErrorKind::Corrupt,
@@ -219,20 +234,46 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
                     ),
                 )));
             }
+            Ok(())
+        };
+        with_busy_retry(settings, &doing, || {
+            let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            newer(version)?;
             if version < schema::VERSION {
-                conn.execute_batch(&format!(
-                    "BEGIN IMMEDIATE; {} PRAGMA user_version = {}; COMMIT;",
-                    schema::CREATE,
-                    schema::VERSION
-                ))
-                .inspect_err(|_| {
+                // Decided again under the write lock: another process may have upgraded the
+                // file (to this version, or a newer one) while this one waited for the lock.
+                conn.execute_batch("BEGIN IMMEDIATE")?;
+                let upgraded = (|| -> TxResult<()> {
+                    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                    newer(version)?;
+                    if version < schema::VERSION {
+                        conn.execute_batch(&format!("{} PRAGMA user_version = {};", schema::CREATE, schema::VERSION))?;
+                    }
+                    conn.execute_batch("COMMIT")?;
+                    Ok(())
+                })();
+                if upgraded.is_err() && !conn.is_autocommit() {
                     let _ = conn.execute_batch("ROLLBACK");
-                })?;
+                }
+                upgraded?;
             }
             Ok(())
         })?;
     }
     Ok(conn)
+}
+
+/// The most busy retries a store accepts.
+pub const MAX_BUSY_RETRIES: u32 = 100;
+
+/// Whether `path` names a database private to one connection (`:memory:`, the empty path's
+/// temporary database, or an in-memory URI): another connection to it would see another,
+/// empty database.
+fn is_private_database(path: &Path) -> bool {
+    let p = path.to_string_lossy();
+    p.is_empty()
+        || p == ":memory:"
+        || (p.starts_with("file:") && (p.contains("mode=memory") || p.starts_with("file::memory:")))
 }
 
 /// The longest one write call may spend in busy waits and backoff: every attempt's busy
@@ -413,11 +454,10 @@ impl SqliteStore {
     /// Run `PRAGMA integrity_check`; `Corrupt` with SQLite's report if it is not `ok`.
     pub async fn integrity_check(&self) -> Result<()> {
         self.run(|inner| {
-            let conn = inner.writer.lock();
-            let report: Vec<String> = conn
-                .prepare("PRAGMA integrity_check")
-                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-                .map_err(|e| map(e, "integrity check"))?;
+            // On a read connection: in WAL mode it does not hold up this store's writers.
+            let report: Vec<String> = inner.read("integrity check", |conn| {
+                conn.prepare("PRAGMA integrity_check").and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            })?;
             if report == ["ok"] {
                 Ok(())
             } else {
@@ -442,6 +482,10 @@ impl Inner {
                 self.path.display()
             )));
         };
+        if !conn.is_autocommit() {
+            // A transaction left open (a failed rollback): never build on it.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
         with_busy_retry(&self.settings, doing, || {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             let out = f(&conn).and_then(|v| {
@@ -457,6 +501,10 @@ impl Inner {
     }
 
     fn read<T>(&self, doing: &str, f: impl Fn(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        if self.memory {
+            let conn = self.writer.lock();
+            return with_busy_retry(&self.settings, doing, || f(&conn).map_err(TxError::Sql));
+        }
         let pooled = self.readers.lock().pop();
         let conn = match pooled {
             Some(c) => c,

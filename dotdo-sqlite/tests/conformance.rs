@@ -40,6 +40,23 @@ mod with_memory_map {
     dotdo_core::hot_conformance!(factory());
 }
 
+/// The kit on `:memory:` (one connection serves reads and writes).
+mod in_memory {
+    use std::sync::Arc;
+
+    use dotdo_core::testkit::{hot_factory, HotFactory, HotFixture};
+    use dotdo_sqlite::SqliteStore;
+
+    fn factory() -> HotFactory {
+        hot_factory(|clock| async move {
+            let store = SqliteStore::builder(":memory:").with_clock(Arc::new(clock)).open().await.expect("open");
+            HotFixture { hot: Arc::new(store.clone()), guard: Arc::new(store), keep_alive: Box::new(()) }
+        })
+    }
+
+    dotdo_core::hot_conformance!(factory());
+}
+
 /// The database file at a directory the kit reopens (a restart), with each durability mode.
 mod reopen {
     use std::sync::Arc;

@@ -83,6 +83,9 @@ async fn invalid_settings_are_invalid_input_not_a_panic() {
             "30-day busy timeout",
             SqliteSettings { busy_timeout: Duration::from_secs(30 * 86_400), ..Default::default() },
         ),
+        // Either would make a call's budget unbounded: a hang instead of `Unavailable`.
+        ("4 billion busy retries", SqliteSettings { busy_retries: u32::MAX, ..Default::default() }),
+        ("an endless backoff", SqliteSettings { retry_backoff: Duration::MAX, ..Default::default() }),
     ] {
         for execution in [Execution::Inline, Execution::Auto] {
             let settings = SqliteSettings { execution, ..settings.clone() };
@@ -325,4 +328,41 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("schema version 3"), "{e}");
     assert_eq!(version(&path), 3, "a refused file is left alone");
+
+    // The version is decided under the write lock: a version-1 file that another process
+    // upgrades to a newer version while this one waits for the lock is refused, not
+    // downgraded.
+    set_version(&path, 1);
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let upgrader = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let c = rusqlite::Connection::open(&path).expect("raw open");
+            c.execute_batch("BEGIN IMMEDIATE; PRAGMA user_version = 3;").expect("lock");
+            locked_tx.send(()).expect("signal");
+            #[allow(clippy::disallowed_methods)] // the other process holds its lock for a while
+            std::thread::sleep(Duration::from_millis(300));
+            c.execute_batch("COMMIT").expect("commit");
+        })
+    };
+    locked_rx.recv().expect("locked");
+    let e = SqliteStore::builder(&path).open().await.expect_err("upgraded to a newer version meanwhile");
+    upgrader.join().expect("upgrader");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert_eq!(version(&path), 3, "not downgraded");
+}
+
+/// `:memory:` (and the empty path's temporary database) is private to one connection: the
+/// store serves reads from its write connection, so what it writes it reads.
+#[tokio::test]
+async fn an_in_memory_database_reads_what_it_writes() {
+    for path in [":memory:", ""] {
+        let s = SqliteStore::builder(path).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        assert_eq!(s.get(&obj(), "k").await.expect("get"), Some(b"v".to_vec().into()), "{path:?}");
+        assert_eq!(s.current(&obj()).await.expect("current"), Some(l.clone()));
+        assert_eq!(s.read_changes(&obj(), 0, 10).await.expect("log").len(), 1);
+        s.integrity_check().await.expect("integrity");
+    }
 }
