@@ -171,6 +171,7 @@ mod broken {
         assert!(n.contains(&"paused_holder_past_ttl_is_fenced"), "{failures:?}");
         assert!(n.contains(&"takeover_fences_an_object_never_written"), "{failures:?}");
         assert!(n.contains(&"none_token_is_rejected"), "{failures:?}");
+        assert!(n.contains(&"takeover_during_concurrent_writes_fences_every_later_old_write"), "{failures:?}");
     }
 
     #[test]

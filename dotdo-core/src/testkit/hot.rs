@@ -632,6 +632,58 @@ pub async fn concurrent_writers_get_unique_sequences(f: &HotFactory) {
     assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list").len(), 200);
 }
 
+/// A takeover while the old holder's writes are in flight: every old-token write sent after the
+/// new lease was granted is `Fenced` (the check and the write are one atomic step), and along the
+/// change log tokens never go down.
+pub async fn takeover_during_concurrent_writes_fences_every_later_old_write(f: &HotFactory) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (fx, clock) = open(f).await;
+    let old = lease(&fx, "o1", "n1").await;
+    let granted = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..6u8 {
+        let (hot, old, granted) = (fx.hot.clone(), old.clone(), granted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut late_accepted = 0u32;
+            let mut after_grant = 0u32;
+            let mut i = 0u32;
+            while after_grant < 15 {
+                let sent_after_grant = granted.load(Ordering::SeqCst);
+                let r = hot.put(&old.object, old.token, "T", &format!("t{t}-{i}"), Bytes::from(vec![t])).await;
+                match r {
+                    Ok(_) if sent_after_grant => late_accepted += 1,
+                    Ok(_) => {}
+                    Err(e) => assert!(e.is_fenced(), "an old-token write fails only as Fenced: {e}"),
+                }
+                after_grant += u32::from(sent_after_grant);
+                i += 1;
+                tokio::task::yield_now().await;
+            }
+            late_accepted
+        }));
+    }
+    // Let the old holder's writes run for a while, then take over.
+    while fx.hot.object_info(&old.object).await.expect("info").map_or(0, |i| i.last_seq) < 20 {
+        tokio::task::yield_now().await;
+    }
+    clock.advance(TTL + Duration::from_millis(1));
+    let new = lease(&fx, "o1", "n2").await;
+    granted.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut new_writes = 0;
+    for i in 0..10 {
+        fx.hot.put(&new.object, new.token, "T", &format!("new-{i}"), b("n")).await.expect("the new holder writes");
+        new_writes += 1;
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), 0, "an old-token write sent after the takeover was accepted");
+    }
+    let log = fx.hot.read_changes(&old.object, 0, 10_000).await.expect("log");
+    assert!(log.windows(2).all(|w| w[0].token <= w[1].token), "tokens go down along the change log");
+    assert_eq!(log.iter().filter(|r| r.token == new.token).count(), new_writes);
+    assert_eq!(log.last().map(|r| r.token), Some(new.token));
+}
+
 /// Acquire issues a token and blocks other holders with `LeaseHeld` naming the holder.
 pub async fn acquire_grants_token_and_blocks_others(f: &HotFactory) {
     let (fx, clock) = open(f).await;
@@ -1196,6 +1248,7 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         stale_and_none_tokens_are_refused_on_every_path,
         refused_calls_do_not_raise_the_token,
         concurrent_writers_get_unique_sequences,
+        takeover_during_concurrent_writes_fences_every_later_old_write,
         acquire_grants_token_and_blocks_others,
         tokens_strictly_increase_across_holders,
         refresh_extends_and_keeps_token,

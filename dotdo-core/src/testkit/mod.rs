@@ -345,6 +345,7 @@ macro_rules! hot_conformance {
             stale_and_none_tokens_are_refused_on_every_path,
             refused_calls_do_not_raise_the_token,
             concurrent_writers_get_unique_sequences,
+            takeover_during_concurrent_writes_fences_every_later_old_write,
             acquire_grants_token_and_blocks_others,
             tokens_strictly_increase_across_holders,
             refresh_extends_and_keeps_token,
