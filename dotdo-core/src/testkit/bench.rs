@@ -6,7 +6,7 @@
 //! named by `DOTDO_BENCH_JSONL` (`scripts/bench` sets it and merges the lines into
 //! `target/bench/results.json`).
 //!
-//! Latencies are sampled per operation on the [`SystemClock`](crate::SystemClock)'s monotonic
+//! Latencies are sampled per operation on the [`SystemClock`]'s monotonic
 //! time, so percentiles (p50, p99) are real per-call figures, not averages.
 
 use std::io::Write;

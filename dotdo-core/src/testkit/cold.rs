@@ -1,4 +1,4 @@
-//! Conformance cases for [`ColdSink`](crate::ColdSink) + [`IndexAccelerator`](crate::IndexAccelerator)
+//! Conformance cases for [`ColdSink`](crate::ColdSink) + [`IndexAccelerator`]
 //! backends.
 
 use std::collections::BTreeMap;

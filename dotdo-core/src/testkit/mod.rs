@@ -2,7 +2,7 @@
 //! itself, like `object_store`'s shared integration suite.
 //!
 //! A backend crate provides a factory that opens a fresh, empty instance on a given
-//! [`ManualClock`](crate::ManualClock), then expands one macro per trait pair in a test file:
+//! [`ManualClock`], then expands one macro per trait pair in a test file:
 //!
 //! ```text
 //! dotdo_core::hot_conformance!(my_backend_factory());   // HotStore + ConsistencyGuard
