@@ -450,14 +450,38 @@ impl LibsqlStore {
                     .into());
                 }
                 if version < schema::VERSION {
-                    let mut steps: Vec<Step> = schema::CREATE
-                        .split(';')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| Step::exec(s.to_string(), vec![]))
-                        .collect();
+                    // The program's first step checks the version again under the write lock
+                    // (another process may have upgraded the file meanwhile, maybe to a newer
+                    // version): a newer one fails the program (`json()` of a non-JSON text),
+                    // which is then reported as the newer file it is.
+                    let mut steps = vec![Step::new(
+                        format!(
+                            "SELECT CASE WHEN v > {0} THEN json('newer:' || v) END FROM (SELECT user_version AS v FROM pragma_user_version)",
+                            schema::VERSION
+                        ),
+                        vec![],
+                    )];
+                    steps.extend(
+                        schema::CREATE
+                            .split(';')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(|s| Step::exec(s.to_string(), vec![])),
+                    );
                     steps.push(Step::new(format!("PRAGMA user_version = {}", schema::VERSION), vec![]));
-                    c.run_program(Program { steps, result: None }).await?;
+                    if let Err(e) = c.run_program(Program { steps, result: None }).await {
+                        let now = c.query(Step::new("PRAGMA user_version", vec![])).await?;
+                        let now = int(now.first().and_then(|r| r.first()))?;
+                        if now > schema::VERSION {
+                            return Err(Error::corrupt(format!(
+                                "{describe}: schema version {now} is newer than this library's {} (upgraded by \
+                                 another process while this one opened the file)",
+                                schema::VERSION
+                            ))
+                            .into());
+                        }
+                        return Err(e.into());
+                    }
                 }
                 Ok(())
             })

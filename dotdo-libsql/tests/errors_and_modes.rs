@@ -492,7 +492,7 @@ async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
 
 /// Schema versions: a file of version 1 is upgraded in place (to 2) and keeps its state and its
 /// lease; a file of a newer version than this library's is refused with `Corrupt` and left alone.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     async fn raw(p: &std::path::Path) -> libsql::Connection {
         libsql::Builder::new_local(p).build().await.expect("raw open").connect().expect("connect")
@@ -528,4 +528,20 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("schema version 3"), "{e}");
     assert_eq!(version(&path).await, 3, "a refused file is left alone");
+
+    // The version is decided again under the write lock: a version-1 file that another process
+    // upgrades to a newer version while this one waits for the lock is refused, not downgraded.
+    set_version(&path, 1).await;
+    let locker = raw(&path).await;
+    locker.execute_batch("BEGIN IMMEDIATE; PRAGMA user_version = 3;").await.expect("lock");
+    let opening = tokio::spawn({
+        let path = path.clone();
+        async move { LibsqlStore::local(&path).open().await }
+    });
+    #[allow(clippy::disallowed_methods)] // the other process holds its lock for a while
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    locker.execute_batch("COMMIT").await.expect("commit");
+    let e = opening.await.expect("join").expect_err("upgraded to a newer version meanwhile");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert_eq!(version(&path).await, 3, "not downgraded");
 }
