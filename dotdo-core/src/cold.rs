@@ -106,7 +106,8 @@ pub struct ColdCommit {
     pub records_written: u64,
     /// Records skipped because cold storage already had them.
     pub records_skipped: u64,
-    /// The watermarks after the commit, per object of the batch.
+    /// The durable watermarks after the call, per object of the batch (for a call that commits
+    /// nothing, the ones before it: a higher token of a pure replay is not recorded).
     pub watermarks: BTreeMap<ObjectId, Watermark>,
 }
 

@@ -413,6 +413,8 @@ struct Plan {
     ranges: Vec<(ObjectId, Seq, Seq)>,
     next: Watermarks,
     batch_marks: BTreeMap<ObjectId, Watermark>,
+    /// The batch's objects' watermarks before it: what a commit of nothing reports.
+    durable_marks: BTreeMap<ObjectId, Watermark>,
 }
 
 fn plan(batch: &ColdBatch, prev: &Watermarks) -> Result<Plan> {
@@ -448,7 +450,9 @@ fn plan(batch: &ColdBatch, prev: &Watermarks) -> Result<Plan> {
     }
     let batch_marks =
         batch.objects.iter().filter_map(|oc| next.get(&oc.object).map(|w| (oc.object.clone(), *w))).collect();
-    Ok(Plan { parts, fresh, skipped, ranges, next, batch_marks })
+    let durable_marks =
+        batch.objects.iter().map(|oc| (oc.object.clone(), prev.get(&oc.object).copied().unwrap_or_default())).collect();
+    Ok(Plan { parts, fresh, skipped, ranges, next, batch_marks, durable_marks })
 }
 
 /// Data files written for an attempt: the per-object seq ranges they hold, the partition spec
@@ -906,11 +910,12 @@ impl IcebergColdStore {
                 }
             };
             if p.fresh == 0 {
+                // Nothing is committed, so nothing (a higher token included) becomes durable.
                 return Ok(ColdCommit {
                     snapshot: None,
                     records_written: 0,
                     records_skipped: p.skipped,
-                    watermarks: p.batch_marks,
+                    watermarks: p.durable_marks,
                 });
             }
             // Files are reused by a later attempt only under the spec they were written for:

@@ -133,7 +133,15 @@ impl ColdSink for MemoryColdStore {
             }
         }
         if new_records.is_empty() {
-            return Ok(ColdCommit { snapshot: None, records_written: 0, records_skipped: skipped, watermarks });
+            // Nothing is committed, so nothing (a higher token included) becomes durable.
+            let durable =
+                batch.objects.iter().map(|oc| (oc.object.clone(), prev.get(&oc.object).copied().unwrap_or_default()));
+            return Ok(ColdCommit {
+                snapshot: None,
+                records_written: 0,
+                records_skipped: skipped,
+                watermarks: durable.collect(),
+            });
         }
         let id = snaps.last().map_or(1, |s| s.info.id + 1);
         let parent = snaps.last().map(|s| s.info.id);

@@ -137,6 +137,19 @@ pub async fn watermarks_match_watermark_one_by_one(f: &ColdFactory) {
     assert!(fx.sink.watermarks(&[]).await.expect("none asked").is_empty());
 }
 
+/// An append that commits nothing (a replay, here under a higher token) reports the durable
+/// watermarks: the same as `watermark` after it.
+pub async fn a_replay_reports_the_durable_watermark(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=3, 1))).await.expect("append");
+    let replay = fx.sink.append(ColdBatch::single(o.clone(), tok(2), puts(&o, 1..=3, 1))).await.expect("replay");
+    assert_eq!((replay.snapshot, replay.records_written, replay.records_skipped), (None, 0, 3));
+    let durable = fx.sink.watermark(&o).await.expect("wm");
+    assert_eq!(replay.watermarks.get(&o), Some(&durable), "the commit reports what is durable");
+    assert_eq!(durable.through, 3);
+}
+
 /// A batch overlapping what is committed writes only the new tail.
 pub async fn overlapping_batch_writes_only_new_records(f: &ColdFactory) {
     let (fx, _) = open(f).await;
@@ -767,6 +780,7 @@ pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
     let all = cases!(
         append_then_load_state,
         replayed_batch_is_skipped,
+        a_replay_reports_the_durable_watermark,
         watermarks_match_watermark_one_by_one,
         overlapping_batch_writes_only_new_records,
         gap_in_sequence_is_rejected,

@@ -382,6 +382,7 @@ macro_rules! cold_conformance {
             $factory,
             append_then_load_state,
             replayed_batch_is_skipped,
+            a_replay_reports_the_durable_watermark,
             overlapping_batch_writes_only_new_records,
             gap_in_sequence_is_rejected,
             stale_committer_is_fenced,
