@@ -161,6 +161,10 @@ fn put_bounded<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v: V)
     m.insert(k, v);
 }
 
+/// Checkpoint files kept decoded (each holds every object's watermark: a table of a million
+/// objects makes one tens of MB).
+const CHECKPOINTS_CACHED: usize = 2;
+
 fn string_of(d: Option<&Datum>) -> Option<String> {
     match d.map(Datum::literal) {
         Some(PrimitiveLiteral::String(s)) => Some(s.clone()),
@@ -301,7 +305,12 @@ impl IcebergColdStore {
         }
         .map_err(|e| crate::error::classify_object_store(e).context(&what))?;
         let w = Arc::new(crate::summary::decode_watermarks(&bytes, &what)?);
-        put_bounded(&self.inner.cache.checkpoints, location.to_string(), w.clone());
+        let mut cache = self.inner.cache.checkpoints.lock();
+        if cache.len() >= CHECKPOINTS_CACHED {
+            cache.clear();
+        }
+        cache.insert(location.to_string(), w.clone());
+        drop(cache);
         Ok(w)
     }
 
@@ -309,15 +318,18 @@ impl IcebergColdStore {
     pub(crate) async fn write_checkpoint(&self, table: &Table, w: &crate::summary::Watermarks) -> Result<String> {
         let location =
             format!("{}/metadata/dotdo-watermarks-{}.json", table.metadata().location(), uuid::Uuid::new_v4());
-        let key = self.inner.root.key(&location)?;
         let body = crate::summary::encode_watermarks(w);
-        self.inner
-            .root
-            .store
-            .put(&key, Bytes::from(body).into())
-            .await
-            .map_err(|e| crate::error::classify_object_store(e).context(format!("writing {location}")))?;
-        put_bounded(&self.inner.cache.checkpoints, location.clone(), Arc::new(w.clone()));
+        // Through the table's file IO, like every other file of a commit: with
+        // `sync_local_files` it is fsynced before the commit that names it.
+        let out = table.file_io().new_output(&location).map_err(|e| classify(e, &format!("writing {location}")))?;
+        out.write(Bytes::from(body)).await.map_err(|e| classify(e, &format!("writing {location}")))?;
+        // Only the newest checkpoints are worth keeping: each holds every object of the table.
+        let mut cache = self.inner.cache.checkpoints.lock();
+        if cache.len() >= CHECKPOINTS_CACHED {
+            cache.clear();
+        }
+        cache.insert(location.clone(), Arc::new(w.clone()));
+        drop(cache);
         Ok(location)
     }
 

@@ -902,6 +902,14 @@ impl IcebergColdStore {
                         reloaded = true;
                         table = match self.reload_for_resolution().await {
                             Ok(t) => t,
+                            // The verdict was reached on a table that may be stale, and the
+                            // current one cannot be read just now: that (retryable) failure is
+                            // the answer, not a "records would be lost" that blames the batch.
+                            Err(e) if e.is_retryable() => {
+                                return Err(
+                                    e.context(format!("checking the batch against the current table ({plan_err})"))
+                                )
+                            }
                             Err(_) => return Err(plan_err),
                         };
                         head = table.metadata().current_snapshot().cloned();

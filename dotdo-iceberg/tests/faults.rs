@@ -395,6 +395,36 @@ async fn missing_data_file_is_corrupt_and_names_the_file() {
     assert_eq!(err.kind(), &ErrorKind::Corrupt, "{err}");
 }
 
+/// An append by a store whose table is stale (another store committed since) while its object
+/// store is down: a retryable `Unavailable`, never an `InvalidInput` blaming the batch for a
+/// gap it only seems to have; the same append lands once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_seen_on_a_stale_table_while_the_store_is_down_is_retryable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let faulty = Arc::new(FaultyStore::new(local, 7, 1.0));
+    faulty.set_enabled(false);
+    let b = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(faulty.clone())
+        .table(["stale"], "changes")
+        .build()
+        .await
+        .expect("open b");
+    let a = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).table(["stale"], "changes").build().await;
+    let a = a.expect("open a");
+    let o = ObjectId::new("x").expect("id");
+    let first: Vec<_> = (1..=10).map(|s| put(&o, s, "k", "v", 1)).collect();
+    a.append(ColdBatch::single(o.clone(), FencingToken::new(1), first)).await.expect("a commits 1..10");
+    faulty.set_enabled(true);
+    let next: Vec<_> = (11..=15).map(|s| put(&o, s, "k", "v", 1)).collect();
+    let e = b.append(ColdBatch::single(o.clone(), FencingToken::new(1), next.clone())).await.expect_err("store down");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    faulty.set_enabled(false);
+    let c = b.append(ColdBatch::single(o.clone(), FencingToken::new(1), next)).await.expect("once it is back");
+    assert_eq!(c.records_written, 5);
+}
+
 /// An empty or truncated data file (an unsynced file after a power loss, a partial upload) is
 /// damage: `Corrupt` naming the file, not a retryable `Unavailable` that a caller would retry
 /// forever.

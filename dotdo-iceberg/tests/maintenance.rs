@@ -837,7 +837,7 @@ async fn expiry_keeps_the_watermark_base_of_every_retained_snapshot() {
 }
 
 /// `Settings::sync_local_files`: every file a local warehouse writes (data files, manifests,
-/// manifest lists, metadata JSON), for the table's creation, appends and a compaction, is fsynced
+/// manifest lists, metadata JSON, watermark checkpoints), for the table's creation, appends and a compaction, is fsynced
 /// before its write reports success, each once; without the setting none is. The warehouse path
 /// has a space, which the local store keeps percent-encoded in its directory names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -848,7 +848,13 @@ async fn sync_local_files_fsyncs_every_file_written() {
         let warehouse = dir.path().join("my lake");
         let cold = IcebergColdStore::builder(warehouse.to_str().expect("utf-8"))
             .table(["m"], "changes")
-            .settings(Settings { buckets: 2, sync_local_files: sync, ..Default::default() })
+            // A watermark checkpoint file with every commit: it is synced like the others.
+            .settings(Settings {
+                buckets: 2,
+                sync_local_files: sync,
+                watermark_checkpoint_objects: 0,
+                ..Default::default()
+            })
             .build()
             .await
             .expect("open");
@@ -860,7 +866,13 @@ async fn sync_local_files_fsyncs_every_file_written() {
             .iter()
             .map(|suffix| common::files_ending_with(dir.path(), suffix).len())
             .sum();
-        assert!(written >= 10, "a creation, three appends and a compaction wrote {written} files");
+        let checkpoints = common::files_ending_with(dir.path(), ".json")
+            .iter()
+            .filter(|f| f.to_string_lossy().contains("dotdo-watermarks-"))
+            .count();
+        assert!(checkpoints >= 3, "a checkpoint per append: {checkpoints}");
+        let written = written + checkpoints;
+        assert!(written >= 13, "a creation, three appends and a compaction wrote {written} files");
         let expected = if sync { written as u64 } else { 0 };
         assert_eq!(cold.synced_files(), expected, "sync_local_files = {sync}");
     }
