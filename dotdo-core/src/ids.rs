@@ -199,7 +199,14 @@ pub fn validate_value(value: &[u8]) -> Result<()> {
 
 /// Check a type name (1 to [`MAX_TYPE_NAME_BYTES`] bytes, no control characters).
 pub fn validate_type_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_TYPE_NAME_BYTES || name.chars().any(char::is_control) {
+    if name.len() > MAX_TYPE_NAME_BYTES {
+        // Not echoed: a huge name would make a huge message.
+        return Err(Error::invalid(format!(
+            "a type name of {} bytes is over the {MAX_TYPE_NAME_BYTES}-byte limit",
+            name.len()
+        )));
+    }
+    if name.is_empty() || name.chars().any(char::is_control) {
         return Err(Error::invalid(format!(
             "type name {name:?} must be 1..={MAX_TYPE_NAME_BYTES} bytes without control characters"
         )));
@@ -241,5 +248,13 @@ mod tests {
         ));
         assert!(validate_value(&vec![0; MAX_VALUE_BYTES]).is_ok());
         assert!(validate_value(&vec![0; MAX_VALUE_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn an_oversized_type_name_is_not_echoed() {
+        let huge = "T".repeat(1 << 20);
+        let e = validate_type_name(&huge).expect_err("too long");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+        assert!(e.to_string().len() < 200, "{} bytes of message", e.to_string().len());
     }
 }

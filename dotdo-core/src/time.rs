@@ -36,7 +36,7 @@ impl Timestamp {
         self.0
     }
 
-    /// Milliseconds since the epoch (truncated).
+    /// Milliseconds since the epoch (rounded down, also before the epoch).
     pub const fn as_millis(self) -> i64 {
         self.0.div_euclid(1000)
     }
@@ -54,7 +54,10 @@ impl Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:06}s", self.0.div_euclid(1_000_000), self.0.rem_euclid(1_000_000))
+        // Sign, then whole seconds and microseconds of the magnitude: -1 µs is "-0.000001s".
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let m = self.0.unsigned_abs();
+        write!(f, "{sign}{}.{:06}s", m / 1_000_000, m % 1_000_000)
     }
 }
 
@@ -243,6 +246,10 @@ mod tests {
         assert_eq!(t.plus(Duration::from_millis(3)).as_millis(), 8);
         assert_eq!(t.since(Timestamp::from_millis(10)), Duration::ZERO);
         assert_eq!(t.to_string(), "0.005000s");
+        assert_eq!(Timestamp::from_micros(-1).to_string(), "-0.000001s");
+        assert_eq!(Timestamp::from_micros(-1_500_000).to_string(), "-1.500000s");
+        assert_eq!(Timestamp::from_micros(i64::MIN).to_string(), "-9223372036854.775808s");
+        assert_eq!(Timestamp::from_micros(-1).as_millis(), -1, "rounded down");
     }
 
     #[test]

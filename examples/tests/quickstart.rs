@@ -29,6 +29,10 @@ fn quickstart_runs_and_pyiceberg_reads_its_table() {
         assert!(stdout.contains(needle), "quickstart output lacks {needle:?}:\n{stdout}");
     }
     let Some(python) = std::env::var_os("DOTDO_PYTHON") else {
+        assert!(
+            std::env::var_os("DOTDO_REQUIRE_PYTHON").is_none(),
+            "DOTDO_PYTHON is not set but DOTDO_REQUIRE_PYTHON is: the PyIceberg half would be skipped"
+        );
         println!("SKIP pyiceberg half of quickstart_runs_and_pyiceberg_reads_its_table: DOTDO_PYTHON is not set (scripts/test sets it)");
         return;
     };

@@ -55,10 +55,14 @@ pub fn put(object: &ObjectId, seq: u64, key: &str, value: &str, token: u64) -> C
 }
 
 /// The Python of the interop tests (`DOTDO_PYTHON`, set by `scripts/test` after `scripts/pyenv`).
-/// `None` after printing a visible SKIP line naming `test`.
+/// `None` after printing a visible SKIP line naming `test`; a failure instead when
+/// `DOTDO_REQUIRE_PYTHON` is set (as `scripts/test`, and so CI, does).
 pub fn python(test: &str) -> Option<PathBuf> {
     match std::env::var_os("DOTDO_PYTHON") {
         Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ if std::env::var_os("DOTDO_REQUIRE_PYTHON").is_some() => {
+            panic!("{test}: DOTDO_PYTHON is not set but DOTDO_REQUIRE_PYTHON is: the interop test would be skipped")
+        }
         _ => {
             // Written to the real stderr (not the test harness's capture) so it shows up in a
             // normal `cargo test` run.
@@ -102,11 +106,29 @@ impl Moto {
             .spawn()
             .expect("start moto (tests/py/moto_s3.py)");
         let stdout = child.stdout.take().expect("moto stdout");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("moto ready line");
+        // Read the ready line on a thread: a server that hangs before it would otherwise hold
+        // the test (and CI) until the job's own time limit.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let r = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line);
+            let _ = tx.send(r);
+        });
+        let line = match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(Ok(line)) => line,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("moto did not report READY within 120 s: {other:?}");
+            }
+        };
         let port: u16 = match line.trim().strip_prefix("READY ").map(str::parse) {
             Some(Ok(port)) => port,
-            _ => panic!("moto did not start: {line:?}"),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("moto did not start: {line:?}")
+            }
         };
         Moto { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_string() }
     }
