@@ -734,33 +734,41 @@ async fn a_transient_refresh_failure_keeps_a_valid_lease() {
     assert_eq!(rt.metrics().activations, 1, "the object was never re-activated");
 }
 
+/// A runtime on a [`FlakyGuard`] with `o` written once.
+async fn flaky_guard_runtime(w: &World) -> (Arc<FlakyGuard>, ObjectRuntime, ObjectId) {
+    let guard = Arc::new(FlakyGuard::new(w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    (guard, rt, o)
+}
+
+/// A call whose handler runs for half the TTL (so its lease is renewed meanwhile; the caller
+/// ticks the clock), then puts `n` = `value`.
+async fn long_call(w: &World, rt: &ObjectRuntime, o: &ObjectId, value: &'static str) -> Result<()> {
+    rt.invoke(o, async |t: &mut ObjectTxn<'_>| {
+        let stop = w.clock.now().plus(TTL / 2);
+        while w.clock.now() < stop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        t.put("n", value)
+    })
+    .await
+}
+
 /// A refresh whose outcome is unknown (it applied; the reply was lost) is tried again like a
 /// transient failure: the handler finishes, and neither the warm path nor `maintain` drops the
 /// still-valid lease (dropped unreleased, it would refuse this node's own acquire).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_with_an_unknown_outcome_keeps_the_lease() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
-    let o = oid("o");
-    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    let (guard, rt, o) = flaky_guard_runtime(&w).await;
     // During a handler that outlives a third of the TTL: the renewal's first refresh is
     // ambiguous.
     guard.ambiguous_refreshes.store(1, std::sync::atomic::Ordering::SeqCst);
     let ticking = tick(&w);
-    let n = rt
-        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
-            let stop = w.clock.now().plus(TTL / 2);
-            while w.clock.now() < stop {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            t.put("n", "2")?;
-            Ok::<_, Error>(2)
-        })
-        .await
-        .expect("the handler is not self-fenced");
+    long_call(&w, &rt, &o, "2").await.expect("the handler is not self-fenced");
     ticking.abort();
-    assert_eq!(n, 2);
     assert_eq!(guard.ambiguous_refreshes.load(std::sync::atomic::Ordering::SeqCst), 0, "the ambiguous refresh ran");
     // On the warm path and in maintain.
     w.clock.advance(TTL / 2);
@@ -783,23 +791,10 @@ async fn a_refresh_with_an_unknown_outcome_keeps_the_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_renewal_gives_the_lease_back() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
-    let o = oid("o");
-    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    let (guard, rt, o) = flaky_guard_runtime(&w).await;
     guard.broken_refreshes.store(1, std::sync::atomic::Ordering::SeqCst);
     let ticking = tick(&w);
-    let e = rt
-        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
-            let stop = w.clock.now().plus(TTL / 2);
-            while w.clock.now() < stop {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            t.put("n", "99")?;
-            Ok::<_, Error>(())
-        })
-        .await
-        .expect_err("self-fenced");
+    let e = long_call(&w, &rt, &o, "99").await.expect_err("self-fenced");
     ticking.abort();
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
     assert_eq!(w.hot.current(&o).await.expect("current"), None, "given back");

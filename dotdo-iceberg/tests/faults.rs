@@ -368,6 +368,16 @@ async fn unreachable_rest_catalog_is_a_retryable_unavailable_error() {
     assert!(!format!("{cfg:?}").contains("secret-token"), "secrets are redacted in Debug");
 }
 
+/// The table and the location of the first data file of its current snapshot.
+async fn first_data_file(cold: &IcebergColdStore) -> (iceberg::table::Table, String) {
+    let table = cold.refresh().await.expect("refresh");
+    let snap = table.metadata().current_snapshot().expect("snapshot").clone();
+    let list = table.manifest_list_reader(&snap).load().await.expect("list");
+    let m = list.entries()[0].load_manifest(table.file_io()).await.expect("manifest");
+    let file = m.entries()[0].data_file().file_path().to_string();
+    (table, file)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_data_file_is_corrupt_and_names_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -377,11 +387,7 @@ async fn missing_data_file_is_corrupt_and_names_the_file() {
         .await
         .expect("append");
     // Delete the data file behind the table's back.
-    let table = cold.refresh().await.expect("refresh");
-    let snap = table.metadata().current_snapshot().expect("snapshot").clone();
-    let list = table.manifest_list_reader(&snap).load().await.expect("list");
-    let m = list.entries()[0].load_manifest(table.file_io()).await.expect("manifest");
-    let file = m.entries()[0].data_file().file_path().to_string();
+    let (table, file) = first_data_file(&cold).await;
     std::fs::remove_file(file.strip_prefix("file://").expect("local")).expect("remove");
     let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
     let err = fresh.load_state(&o, AsOf::Latest).await.expect_err("missing file");
@@ -437,11 +443,7 @@ async fn truncated_or_empty_data_file_is_corrupt_and_names_the_file() {
         cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
             .await
             .expect("append");
-        let table = cold.refresh().await.expect("refresh");
-        let snap = table.metadata().current_snapshot().expect("snapshot").clone();
-        let list = table.manifest_list_reader(&snap).load().await.expect("list");
-        let m = list.entries()[0].load_manifest(table.file_io()).await.expect("manifest");
-        let file = m.entries()[0].data_file().file_path().to_string();
+        let (_, file) = first_data_file(&cold).await;
         let local = file.strip_prefix("file://").expect("local").to_string();
         let bytes = std::fs::read(&local).expect("read");
         std::fs::write(&local, &bytes[..keep]).expect("truncate");

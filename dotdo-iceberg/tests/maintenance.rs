@@ -674,13 +674,26 @@ async fn time_travel_into_expired_history_is_not_found() {
     assert_eq!(st.through, 3);
 }
 
+/// Another engine's commit on top of the table's head: an append of no files with a snapshot
+/// property, and none of dotdo's summary properties (as a PyIceberg or Spark commit has).
+async fn foreign_commit(cold: &IcebergColdStore) {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let table = cold.refresh().await.expect("table");
+    let tx = Transaction::new(&table);
+    let tx = tx
+        .fast_append()
+        .set_snapshot_properties([("engine".to_string(), "another".to_string())].into())
+        .apply(tx)
+        .expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine's commit");
+}
+
 /// A snapshot another engine commits on top of dotdo's (no `dotdo.*` properties, as a Spark
 /// compaction or a PyIceberg append writes them) keeps dotdo's watermarks: replays are still
 /// skipped, a stale committer is still fenced, appends continue; and dotdo's next commit carries
 /// them on. Before, such a head read as "no watermarks" (every token 0, every object at seq 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_engines_snapshot_keeps_dotdos_watermarks() {
-    use iceberg::transaction::{ApplyTransactionAction, Transaction};
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = open(dir.path(), 4).await;
     let o = ObjectId::new("o").expect("id");
@@ -690,16 +703,7 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks() {
         vec![common::put(&o, 1, "k", "v1", 2), common::put(&o, 2, "k", "v2", 2)],
     );
     cold.append(first.clone()).await.expect("dotdo's commit");
-    let foreign = || async {
-        let table = cold.refresh().await.expect("table");
-        let tx = Transaction::new(&table);
-        let tx = tx
-            .fast_append()
-            .set_snapshot_properties([("engine".to_string(), "another".to_string())].into())
-            .apply(tx)
-            .expect("apply");
-        tx.commit(&*cold.catalog()).await.expect("another engine's commit");
-    };
+    let foreign = || foreign_commit(&cold);
     foreign().await;
     let head = cold.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
     assert!(!head.summary().additional_properties.keys().any(|k| k.starts_with("dotdo.")), "a foreign head");
@@ -774,7 +778,6 @@ async fn a_cleanup_during_a_compaction_never_lets_it_commit_missing_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
     use dotdo_core::{Clock, ManualClock, SystemClock};
-    use iceberg::transaction::{ApplyTransactionAction, Transaction};
     let dir = tempfile::tempdir().expect("tempdir");
     let hour = std::time::Duration::from_secs(3600);
     let now = SystemClock::new().now();
@@ -790,14 +793,7 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
     cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v1", 1)]))
         .await
         .expect("dotdo's commit");
-    let table = cold.refresh().await.expect("table");
-    let tx = Transaction::new(&table);
-    let tx = tx
-        .fast_append()
-        .set_snapshot_properties([("engine".to_string(), "another".to_string())].into())
-        .apply(tx)
-        .expect("apply");
-    tx.commit(&*cold.catalog()).await.expect("another engine's commit");
+    foreign_commit(&cold).await;
     // Half an hour from now: after the foreign stamp, before dotdo's.
     let between = now.plus(hour / 2);
     let st = cold.load_state(&o, AsOf::Timestamp(between)).await.expect("as of between");
@@ -810,21 +806,13 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
 /// tags' chains were kept, and `load_state` as of the foreign snapshot was `Corrupt`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_keeps_the_watermark_base_of_every_retained_snapshot() {
-    use iceberg::transaction::{ApplyTransactionAction, Transaction};
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = open(dir.path(), 4).await;
     let o = ObjectId::new("o").expect("id");
     let d1 = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v1", 1)]);
     cold.append(d1).await.expect("dotdo's first commit");
     common::sleep(std::time::Duration::from_millis(800)).await;
-    let table = cold.refresh().await.expect("table");
-    let tx = Transaction::new(&table);
-    let tx = tx
-        .fast_append()
-        .set_snapshot_properties([("engine".to_string(), "another".to_string())].into())
-        .apply(tx)
-        .expect("apply");
-    tx.commit(&*cold.catalog()).await.expect("another engine's commit");
+    foreign_commit(&cold).await;
     let foreign = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
     let d2 = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]);
     cold.append(d2).await.expect("dotdo's second commit");
