@@ -1263,6 +1263,32 @@ async fn a_call_cancelled_while_activating_leaves_no_lease_behind() {
     assert!(w.hot.is_available(&other).await.expect("available"), "released by maintain");
 }
 
+/// A hot store "restored from an old backup": `o`'s key `n` written with `values` in turn (seqs
+/// 1..), and a runtime "b" on it with the world's cold store behind a [`FlakyCold`].
+async fn rolled_back_runtime(
+    w: &World,
+    o: &ObjectId,
+    type_name: &str,
+    values: &[&'static str],
+) -> (MemoryBackend, Arc<FlakyCold>, ObjectRuntime) {
+    let rolled_back = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
+    let l = rolled_back.acquire(o, &NodeId::new("a").expect("valid"), TTL).await.expect("acquire");
+    for v in values {
+        rolled_back.put(o, l.token, type_name, "n", Bytes::from(*v)).await.expect("put");
+    }
+    rolled_back.release(&l).await.expect("release");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(rolled_back.clone()))
+        .with_guard(Arc::new(rolled_back.clone()))
+        .with_cold_sink(cold.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime");
+    (rolled_back, cold, rt)
+}
+
 /// A drain never truncates hot changes that cold skipped as replays when cold holds different
 /// changes at those sequence numbers: a hot store rolled back behind cold, activated while cold
 /// was unreachable, and written again must not lose those writes as "replays". `Corrupt`, and
@@ -1278,19 +1304,7 @@ async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
     a.flush(&o).await.expect("cold has seqs 1..3");
     a.shutdown().await.expect("shutdown");
     // The hot store comes back from an old backup: only seq 1.
-    let rolled_back = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
-    let l = rolled_back.acquire(&o, &NodeId::new("a").expect("valid"), TTL).await.expect("acquire");
-    rolled_back.put(&o, l.token, "T", "n", Bytes::from("1")).await.expect("seq 1");
-    rolled_back.release(&l).await.expect("release");
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(rolled_back.clone()))
-        .with_guard(Arc::new(rolled_back.clone()))
-        .with_cold_sink(cold.clone())
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
-        .build()
-        .expect("build runtime");
+    let (rolled_back, cold, rt) = rolled_back_runtime(&w, &o, "T", &["1"]).await;
     // Cold is unreachable while the object activates: it runs from hot alone.
     cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
     rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
@@ -1332,21 +1346,7 @@ async fn a_flush_finding_the_hot_store_behind_cold_gives_up_the_activation() {
         }
         a.flush(&o).await.expect("cold has seqs 1..5");
         a.shutdown().await.expect("shutdown");
-        let rolled_back = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
-        let l = rolled_back.acquire(&o, &NodeId::new("a").expect("valid"), TTL).await.expect("acquire");
-        for n in ["1", "2"] {
-            rolled_back.put(&o, l.token, "Object", "n", Bytes::from(n)).await.expect("put");
-        }
-        rolled_back.release(&l).await.expect("release");
-        let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-        let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-            .with_hot_store(Arc::new(rolled_back.clone()))
-            .with_guard(Arc::new(rolled_back.clone()))
-            .with_cold_sink(cold.clone())
-            .with_clock(Arc::new(w.clock.clone()))
-            .with_settings(settings())
-            .build()
-            .expect("build runtime");
+        let (rolled_back, cold, rt) = rolled_back_runtime(&w, &o, "Object", &["1", "2"]).await;
         cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(get(&rt, &o, "n").await.expect("runs from hot alone"), Some(Bytes::from("2")));
         cold.down.store(false, std::sync::atomic::Ordering::SeqCst);

@@ -122,19 +122,29 @@ async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     assert_eq!(sized.roll().await.expect("roll"), 200);
 }
 
+/// A durable pipeline of stream "orders" into `t` whose sink is stalled: `first` rows (ids from
+/// 0) are claimed by a failed roll, then `then` more rows sent; the process "dies" there, leaving
+/// a claimed batch and a pending one in the log at `<dir>/arrow-log.db`. Returns the settings.
+async fn die_with_a_claimed_and_a_pending_batch(
+    dir: &std::path::Path,
+    t: &ArrowTable,
+    first: i64,
+    then: i64,
+) -> PipelineSettings {
+    let settings = PipelineSettings { durability: Durability::Durable(dir.join("arrow-log.db")), ..Default::default() };
+    let sink = Arc::new(Flaky { inner: t.clone(), stalled: AtomicBool::new(true), lose: AtomicU32::new(0) });
+    let p = ArrowPipeline::open("orders", sink, settings.clone()).expect("pipeline");
+    p.send(batch(0, first)).expect("send");
+    assert!(p.roll().await.is_err(), "stalled: claimed but not committed");
+    p.send(batch(first, then)).expect("send after the claim");
+    settings
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_log_recommits_a_claimed_batch_after_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let t = table(dir.path()).await;
-    let settings =
-        PipelineSettings { durability: Durability::Durable(dir.path().join("arrow-log.db")), ..Default::default() };
-    {
-        let sink = Arc::new(Flaky { inner: t.clone(), stalled: AtomicBool::new(true), lose: AtomicU32::new(0) });
-        let p = ArrowPipeline::open("orders", sink, settings.clone()).expect("pipeline");
-        p.send(batch(0, 40)).expect("send");
-        assert!(p.roll().await.is_err(), "stalled: claimed but not committed");
-        p.send(batch(40, 5)).expect("send after the claim");
-    } // the process "dies" with a claimed batch and a pending one in the log
+    let settings = die_with_a_claimed_and_a_pending_batch(dir.path(), &t, 40, 5).await;
     let p = ArrowPipeline::open("orders", Arc::new(t.clone()), settings).expect("reopen");
     assert_eq!(p.counters().3, 45, "both batches survived");
     assert_eq!(p.close().await.expect("close rolls"), 45);
@@ -151,15 +161,7 @@ async fn durable_log_recommits_a_claimed_batch_after_reopen() {
 async fn batches_logged_before_a_column_was_added_still_commit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let t = table(dir.path()).await;
-    let settings =
-        PipelineSettings { durability: Durability::Durable(dir.path().join("arrow-log.db")), ..Default::default() };
-    {
-        let sink = Arc::new(Flaky { inner: t.clone(), stalled: AtomicBool::new(true), lose: AtomicU32::new(0) });
-        let p = ArrowPipeline::open("orders", sink, settings.clone()).expect("pipeline");
-        p.send(batch(0, 10)).expect("send");
-        assert!(p.roll().await.is_err(), "stalled: claimed but not committed");
-        p.send(batch(10, 5)).expect("send after the claim");
-    } // the process "dies" with both batches in the log
+    let settings = die_with_a_claimed_and_a_pending_batch(dir.path(), &t, 10, 5).await;
     let evolved = t.add_column("note", DataType::Utf8).await.expect("add column");
     let p = ArrowPipeline::open("orders", Arc::new(evolved.clone()), settings).expect("reopen with the new schema");
     let notes = StringArray::from_iter_values((15..20).map(|i| format!("note-{i}")));
@@ -187,14 +189,7 @@ async fn a_log_with_two_claimed_ids_commits_each_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let t = table(dir.path()).await;
     let path = dir.path().join("arrow-log.db");
-    let settings = PipelineSettings { durability: Durability::Durable(path.clone()), ..Default::default() };
-    {
-        let sink = Arc::new(Flaky { inner: t.clone(), stalled: AtomicBool::new(true), lose: AtomicU32::new(0) });
-        let p = ArrowPipeline::open("orders", sink, settings.clone()).expect("pipeline");
-        p.send(batch(0, 10)).expect("send");
-        assert!(p.roll().await.is_err(), "stalled: claimed as batch 1");
-        p.send(batch(10, 5)).expect("send");
-    }
+    let settings = die_with_a_claimed_and_a_pending_batch(dir.path(), &t, 10, 5).await;
     // The second batch's rows claimed as batch 2 as well (what a lost claim reply led to).
     let c = rusqlite::Connection::open(&path).expect("open log");
     assert_eq!(c.execute("UPDATE arrow_log SET batch = 2 WHERE batch IS NULL", []).expect("claim"), 1);
