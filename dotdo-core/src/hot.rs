@@ -56,8 +56,8 @@ impl ObjectInfo {
 ///   [`read_changes`](HotStore::read_changes) returns them in sequence order;
 ///   [`truncate_changes`](HotStore::truncate_changes) drops them once cold storage acknowledged
 ///   them.
-/// * **Errors.** Bad ids, keys, type names → `InvalidInput`; keys over 1 KiB and values over
-///   2 MiB → `LimitExceeded`;
+/// * **Errors.** Bad ids, keys, type names → `InvalidInput`; keys over 1 KiB, values over
+///   2 MiB and batches over [`WriteBatch::MAX_BYTES`] → `LimitExceeded`;
 ///   busy or unreachable backend → `Unavailable` (retryable); damaged storage → `Corrupt`.
 #[async_trait]
 pub trait HotStore: Send + Sync + Debug + 'static {

@@ -127,6 +127,11 @@ impl WriteBatch {
     /// Largest number of operations in one batch.
     pub const MAX_OPS: usize = 1_000_000;
 
+    /// Largest total of key and value bytes in one batch (64 MiB): one transaction on every
+    /// backend, and on a remote libSQL primary one HTTP request, which must stay of a size
+    /// servers accept.
+    pub const MAX_BYTES: usize = 64 << 20;
+
     /// An empty batch for objects of `type_name`.
     pub fn new(type_name: impl Into<String>) -> Self {
         WriteBatch { type_name: type_name.into(), ops: Vec::new() }
@@ -154,17 +159,24 @@ impl WriteBatch {
         self.ops.is_empty()
     }
 
-    /// Check every documented limit: type name, keys, value sizes, operation count.
+    /// Check every documented limit: type name, keys, value sizes, operation count, total
+    /// bytes.
     pub fn validate(&self) -> Result<()> {
         validate_type_name(&self.type_name)?;
         if self.ops.len() > Self::MAX_OPS {
             return Err(Error::limit("operations in one batch", Self::MAX_OPS as u64, self.ops.len() as u64));
         }
+        let mut bytes = 0usize;
         for op in &self.ops {
             validate_key(op.key())?;
+            bytes = bytes.saturating_add(op.key().len());
             if let WriteOp::Put { value, .. } = op {
                 validate_value(value)?;
+                bytes = bytes.saturating_add(value.len());
             }
+        }
+        if bytes > Self::MAX_BYTES {
+            return Err(Error::limit("key and value bytes in one batch", Self::MAX_BYTES as u64, bytes as u64));
         }
         Ok(())
     }

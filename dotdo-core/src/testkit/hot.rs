@@ -110,6 +110,14 @@ pub async fn value_at_limit_is_accepted_and_over_limit_rejected(f: &HotFactory) 
         }
         other => panic!("expected LimitExceeded, got {other:?}"),
     }
+    // A batch of values each within the limit, more than `WriteBatch::MAX_BYTES` together:
+    // refused whole.
+    let value = Bytes::from(big);
+    let n = WriteBatch::MAX_BYTES / MAX_VALUE_BYTES + 1;
+    let batch = (0..n).fold(WriteBatch::new("T"), |b, i| b.put(format!("many-{i}"), value.clone()));
+    let e = fx.hot.write(&l.object, l.token, batch).await.expect_err("a batch over the byte limit");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert_eq!(fx.hot.get(&l.object, "many-0").await.expect("get"), None, "nothing of it written");
     let empty = fx.hot.put(&l.object, l.token, "T", "empty", Bytes::new()).await;
     assert!(empty.is_ok(), "an empty value is a valid value");
     assert_eq!(fx.hot.get(&l.object, "empty").await.expect("get"), Some(Bytes::new()));
