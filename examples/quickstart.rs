@@ -63,9 +63,10 @@ async fn add_to_cart(rt: &ObjectRuntime, cart: &ObjectId, item: &str, qty: u32) 
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
+    // The workspace's target directory by default, wherever the command runs from.
     let dir = std::env::var_os("DOTDO_QUICKSTART_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/dotdo-quickstart"));
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/dotdo-quickstart")));
     let marker = dir.join(".dotdo-quickstart");
     if dir.exists() {
         let empty = std::fs::read_dir(&dir).map(|mut d| d.next().is_none()).unwrap_or(false);
@@ -75,12 +76,17 @@ async fn main() -> Result<()> {
                 dir.display()
             )));
         }
-        std::fs::remove_dir_all(&dir)
-            .map_err(|e| Error::unavailable(format!("cleaning {}", dir.display())).with_source(e))?;
+        // Only a directory the quickstart made is recreated; an empty one (a mount point, one
+        // with its own owner or permissions) is used as it is.
+        if marker.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| Error::unavailable(format!("cleaning {}", dir.display())).with_source(e))?;
+        }
     }
     std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(&marker, b"made by the dotdo quickstart; deleted on its next run\n"))
         .map_err(|e| Error::unavailable(format!("creating {}", dir.display())).with_source(e))?;
+    let dir = std::fs::canonicalize(&dir).map_err(|e| Error::unavailable("resolving the directory").with_source(e))?;
     let warehouse = dir.join("warehouse");
     std::fs::create_dir_all(&warehouse)
         .map_err(|e| Error::unavailable(format!("creating {}", warehouse.display())).with_source(e))?;

@@ -69,6 +69,17 @@ fn quickstart_never_deletes_a_directory_it_did_not_make() {
         let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", &own).output().expect("run quickstart");
         assert!(out.status.success(), "run {run}: {}", String::from_utf8_lossy(&out.stderr));
     }
+
+    // An empty directory the caller made is used as it is, not deleted and recreated (its
+    // permissions stay).
+    use std::os::unix::fs::PermissionsExt;
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", &empty).output().expect("run quickstart");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mode = std::fs::metadata(&empty).expect("still there").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o750, "the caller's directory was kept");
 }
 
 /// The custom-backend example, as the README shows it: a wrapper backend passes the whole
