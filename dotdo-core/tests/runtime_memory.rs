@@ -476,6 +476,25 @@ async fn flush_or_evict_of_an_evicted_object_leaves_it_in_cold() {
     assert_eq!(all_state(&rt, &o).await.len(), 20, "and it comes back on the next call");
 }
 
+/// A failure to list the objects nobody holds does not keep `flush_all` from draining the held
+/// ones (it is reported at the end); with `drain_released` off, released objects are left alone.
+#[tokio::test]
+async fn held_objects_are_drained_when_the_released_ones_cannot_be_listed() {
+    let w = World::new();
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    let rt = w.runtime_with_hot("a", hot.clone(), settings());
+    incr(&rt, &oid("held")).await.expect("incr");
+    hot.fail_listing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = rt.flush_all().await.expect_err("the listing failure is reported");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert_eq!(w.cold.watermark(&oid("held")).await.expect("wm").through, 1, "the held object was drained");
+
+    let quiet = w.runtime("q", RuntimeSettings { drain_released: false, keep_warm: Duration::ZERO, ..settings() });
+    incr(&quiet, &oid("released")).await.expect("incr");
+    assert_eq!(quiet.flush_all().await.expect("flush").records, 0, "released objects are left alone");
+    assert_eq!(w.cold.watermark(&oid("released")).await.expect("wm").through, 0);
+}
+
 /// An object whose changes span several commits of one `flush_all` counts once.
 #[tokio::test]
 async fn flush_all_counts_each_object_once_across_commits() {
@@ -580,11 +599,14 @@ struct FlakyCold {
     inner: MemoryColdStore,
     down: std::sync::atomic::AtomicBool,
     hang: std::sync::atomic::AtomicBool,
+    /// Appends that fail with a retryable `Conflict` (contention that outlasted the sink's own
+    /// attempts).
+    conflicts: std::sync::atomic::AtomicU32,
 }
 
 impl FlakyCold {
     fn new(inner: MemoryColdStore) -> Self {
-        FlakyCold { inner, down: false.into(), hang: false.into() }
+        FlakyCold { inner, down: false.into(), hang: false.into(), conflicts: 0.into() }
     }
 }
 
@@ -601,6 +623,11 @@ impl FlakyCold {
 impl ColdSink for FlakyCold {
     async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
         self.check()?;
+        let left = self.conflicts.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.conflicts.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::new(ErrorKind::Conflict, "still conflicting (test)").with_retryable(true));
+        }
         self.inner.append(batch).await
     }
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
@@ -664,6 +691,8 @@ struct FlakyGuard {
     ambiguous_refreshes: std::sync::atomic::AtomicU32,
     /// Refreshes fail with a non-retryable backend error.
     broken_refreshes: std::sync::atomic::AtomicU32,
+    /// Acquires apply, then report `AmbiguousOutcome`.
+    ambiguous_acquires: std::sync::atomic::AtomicU32,
 }
 
 impl FlakyGuard {
@@ -674,6 +703,7 @@ impl FlakyGuard {
             hang_refreshes: false.into(),
             ambiguous_refreshes: 0.into(),
             broken_refreshes: 0.into(),
+            ambiguous_acquires: 0.into(),
         }
     }
 }
@@ -681,6 +711,12 @@ impl FlakyGuard {
 #[async_trait::async_trait]
 impl ConsistencyGuard for FlakyGuard {
     async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
+        let left = self.ambiguous_acquires.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.ambiguous_acquires.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.acquire(object, holder, ttl).await?;
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "connection reset after sending (test)"));
+        }
         self.inner.acquire(object, holder, ttl).await
     }
     async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
@@ -754,6 +790,89 @@ async fn long_call(w: &World, rt: &ObjectRuntime, o: &ObjectId, value: &'static 
         t.put("n", value)
     })
     .await
+}
+
+/// An acquire whose outcome is unknown and that did land is this call's lease (the guard says
+/// this node holds it): the call goes on, instead of failing and leaving a lease that refuses
+/// this node's next acquires for a TTL.
+#[tokio::test]
+async fn an_acquire_with_an_unknown_outcome_that_landed_is_adopted() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    guard.ambiguous_acquires.store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &oid("o")).await.expect("the landed lease is used"), 1);
+    assert_eq!(guard.ambiguous_acquires.load(std::sync::atomic::Ordering::SeqCst), 0, "the ambiguous acquire ran");
+    assert_eq!(incr(&rt, &oid("o")).await.expect("and kept"), 2);
+}
+
+/// A cold commit that is still conflicting after the sink's attempts (retryable `Conflict`:
+/// contention) fails the flush but leaves the activation and its lease alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_contention_does_not_end_the_activation() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = flaky_runtime(&w, cold.clone());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    // More conflicts than the runtime's own retries of the append (which back off on the clock).
+    cold.conflicts.store(6, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick(&w);
+    let e = rt.flush(&o).await.expect_err("contention");
+    ticking.abort();
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(w.hot.current(&o).await.expect("current").is_some(), "still held");
+    let activations = rt.metrics().activations;
+    rt.flush(&o).await.expect("flushes next time");
+    assert_eq!(rt.metrics().activations, activations, "not re-activated");
+}
+
+/// A call that ends during shutdown's wait keeps its lease until shutdown's flush, which drains
+/// its object as a held one: also when the ring gives the object to another node (a node being
+/// scaled down), which the flush of released objects would leave alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_ending_during_shutdowns_wait_is_drained() {
+    let w = World::new();
+    let mut ring = HashRing::new(16).expect("ring");
+    ring.add(NodeId::new("z").expect("node"));
+    let rt = ObjectRuntime::builder(NodeId::new("a").expect("node"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .with_ring(ring)
+        .build()
+        .expect("runtime");
+    let o = oid("o");
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let handler = {
+        let (rt, o) = (rt.clone(), o.clone());
+        tokio::spawn(async move {
+            rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+                t.put("n", "1")?;
+                started_tx.send(()).expect("signal");
+                go_rx.await.expect("go");
+                Ok::<_, Error>(())
+            })
+            .await
+        })
+    };
+    started_rx.await.expect("handler running");
+    let ticking = tick_by(&w, Duration::from_micros(200));
+    let shutdown = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.shutdown().await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    go_tx.send(()).expect("go");
+    handler.await.expect("join").expect("call");
+    let report = shutdown.await.expect("join").expect("shutdown");
+    ticking.abort();
+    assert_eq!((report.records, report.busy), (1, 0), "{report:?}");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1, "drained by shutdown");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "and released");
 }
 
 /// A refresh whose outcome is unknown (it applied; the reply was lost) is tried again like a
@@ -1049,11 +1168,19 @@ struct FaultyHot {
     after_truncate: parking_lot::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
     /// The most change records any `read_changes` returned.
     most_read: std::sync::atomic::AtomicUsize,
+    /// `objects_with_pending_changes` fails.
+    fail_listing: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyHot {
     fn new(inner: MemoryBackend) -> Self {
-        FaultyHot { inner, fail_writes: 0.into(), after_truncate: Default::default(), most_read: 0.into() }
+        FaultyHot {
+            inner,
+            fail_writes: 0.into(),
+            after_truncate: Default::default(),
+            most_read: 0.into(),
+            fail_listing: false.into(),
+        }
     }
 }
 
@@ -1096,6 +1223,9 @@ impl HotStore for FaultyHot {
         self.inner.object_info(object).await
     }
     async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+        if self.fail_listing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable("listing failed (test)"));
+        }
         self.inner.objects_with_pending_changes(after, limit).await
     }
     async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {

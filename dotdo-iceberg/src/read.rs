@@ -163,7 +163,7 @@ fn put_bounded<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v: V)
 
 /// Checkpoint files kept decoded (each holds every object's watermark: a table of a million
 /// objects makes one tens of MB).
-const CHECKPOINTS_CACHED: usize = 2;
+const CHECKPOINTS_CACHED: usize = 4;
 
 fn string_of(d: Option<&Datum>) -> Option<String> {
     match d.map(Datum::literal) {

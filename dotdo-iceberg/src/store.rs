@@ -1087,12 +1087,16 @@ impl ColdSink for IcebergColdStore {
         }
     }
 
-    /// One table read and one watermark decode (plus the checkpoint file, at most once) for
-    /// all of `objects`.
+    /// One table read for all of `objects`; each is looked up in the snapshot's inline part
+    /// and (cached) checkpoint, never by copying every object's watermark.
     async fn watermarks(&self, objects: &[ObjectId]) -> Result<Vec<Watermark>> {
         let table = self.read_table().await?;
-        let (all, _, _) = self.watermarks_of(table.metadata(), table.metadata().current_snapshot()).await?;
-        Ok(objects.iter().map(|o| all.get(o).copied().unwrap_or_default()).collect())
+        let Some(s) = table.metadata().current_snapshot() else { return Ok(vec![Watermark::default(); objects.len()]) };
+        let mut out = Vec::with_capacity(objects.len());
+        for o in objects {
+            out.push(self.watermark_in(table.metadata(), s, o).await?);
+        }
+        Ok(out)
     }
 
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {

@@ -62,8 +62,8 @@ pub struct LibsqlSettings {
     pub wal_autocheckpoint_pages: u32,
     /// How statements travel. Default [`Transport::Auto`].
     pub transport: Transport,
-    /// How long one request to a remote primary (or an embedded replica's pull) may take before
-    /// it is abandoned: libsql's HTTP client has no timeout of its own, so a primary that stops
+    /// How long one request to a remote primary (a write, or a read of a remote store) may take
+    /// before it is abandoned (an embedded replica's pulls are not bounded by it): libsql's HTTP client has no timeout of its own, so a primary that stops
     /// answering without closing the connection would hold the caller (and every writer queued
     /// behind it) for minutes. A write then fails with `AmbiguousOutcome` (it may have run), a
     /// read is retried like any transient failure. Default 15 s. (No effect on a local file.)

@@ -393,13 +393,9 @@ impl LibsqlStore {
             let settings = &self.inner.settings;
             let mut attempt = 0;
             loop {
-                let pull =
-                    futures::future::select(Box::pin(db.sync()), SystemClock::new().sleep(settings.request_timeout));
-                let synced = match pull.await {
-                    futures::future::Either::Left((r, _)) => r.map(|_| ()),
-                    futures::future::Either::Right(_) => Err(timed_out(settings.request_timeout)),
-                };
-                match synced {
+                // Not bounded by `request_timeout`: a pull is many requests, a long catch-up is
+                // legitimate, and libsql's replicator is not made to be dropped midway.
+                match db.sync().await.map(|_| ()) {
                     Ok(_) => return Ok(()),
                     Err(e) => {
                         let class = class_of(&e);

@@ -95,6 +95,13 @@ pub struct RuntimeSettings {
     /// Must not exceed `keep_warm` (objects released after `keep_warm` are no longer this
     /// runtime's to evict). Default None.
     pub evict_idle_after: Option<Duration>,
+    /// Whether [`flush_all`](ObjectRuntime::flush_all) and shutdown also take, drain and give
+    /// back objects whose changes wait in the hot store with no holder (released after a call
+    /// with `keep_warm` 0, released idle, left by a runtime that is gone). Default true. On a
+    /// hot store several runtimes share without a ring, each flush then tries every pending
+    /// object (one acquire each, a failed one for those another runtime holds): turn it off
+    /// there, or set a ring, and make sure some runtime drains released objects.
+    pub drain_released: bool,
 }
 
 impl Default for RuntimeSettings {
@@ -109,6 +116,7 @@ impl Default for RuntimeSettings {
             flush_after_changes: 0,
             flush_batch_records: 100_000,
             evict_idle_after: None,
+            drain_released: true,
         }
     }
 }
@@ -163,6 +171,8 @@ pub(crate) struct Inner {
     /// does not lock itself (and everyone) out of the object until they expire.
     orphans: parking_lot::Mutex<HashMap<ObjectId, Lease>>,
     shutting_down: AtomicBool,
+    /// Set once shutdown's flush has run: a call ending after it gives its lease back.
+    shutdown_flushed: AtomicBool,
     in_flight: AtomicUsize,
     metrics: parking_lot::Mutex<RuntimeMetrics>,
 }
@@ -248,6 +258,7 @@ impl ObjectRuntimeBuilder {
                 slots: parking_lot::Mutex::new(HashMap::new()),
                 orphans: parking_lot::Mutex::new(HashMap::new()),
                 shutting_down: AtomicBool::new(false),
+                shutdown_flushed: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
                 metrics: parking_lot::Mutex::new(RuntimeMetrics::default()),
             }),
@@ -541,10 +552,11 @@ impl ObjectRuntime {
         Ok(())
     }
 
-    /// With `keep_warm` 0, or once shutdown has begun (a call that outlived shutdown's wait: no
-    /// `maintain` will release it any more), the lease goes back after the call.
+    /// With `keep_warm` 0, or once shutdown's flush has run (a call that outlived shutdown's
+    /// wait: no `maintain` will release it any more), the lease goes back after the call. A call
+    /// ending during shutdown's wait keeps it, so that the flush drains its object as held.
     async fn after_call(&self, slot: &mut Slot) {
-        if self.inner.settings.keep_warm.is_zero() || self.inner.shutting_down.load(Ordering::SeqCst) {
+        if self.inner.settings.keep_warm.is_zero() || self.inner.shutdown_flushed.load(Ordering::SeqCst) {
             if let Some(active) = slot.active.take() {
                 release_quietly(&self.inner, &active.lease).await;
             }
@@ -631,9 +643,22 @@ impl ObjectRuntime {
     async fn acquire_within(&self, object: &ObjectId, wait: Duration) -> Result<Lease> {
         let inner = &self.inner;
         let deadline = inner.clock.now().plus(wait);
+        let mut unknown = 0;
         loop {
             match inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await {
                 Ok(l) => return Ok(l),
+                // The acquire may have landed (its reply was lost): the guard says whether this
+                // node holds the object now. If it does, that lease is this call's; if not, the
+                // acquire did not happen and is tried again.
+                Err(e) if e.kind() == &ErrorKind::AmbiguousOutcome => match inner.guard.current(object).await {
+                    Ok(Some(l)) if l.holder == inner.node => return Ok(l),
+                    Ok(_) if unknown < 3 => {
+                        unknown += 1;
+                        tracing::debug!(object = %object, "dotdo: an acquire with an unknown outcome did not land; retrying");
+                        continue;
+                    }
+                    _ => return Err(e.context(format!("acquiring {object} on {}", inner.node))),
+                },
                 Err(e) => {
                     let now = inner.clock.now();
                     let wait = match e.kind() {
@@ -879,7 +904,19 @@ impl ObjectRuntime {
         // joins the held objects' commits.
         let mut after: Option<ObjectId> = None;
         loop {
-            let more = self.take_pending(&mut held, &mut after, &mut report, &mut rounds).await?;
+            // A failure to list them leaves the held objects to be drained all the same.
+            let more = if self.inner.settings.drain_released {
+                match self.take_pending(&mut held, &mut after, &mut report, &mut rounds).await {
+                    Ok(more) => more,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dotdo flush_all: objects with pending changes not listed");
+                        rounds.first_err.get_or_insert(e);
+                        false
+                    }
+                }
+            } else {
+                false
+            };
             let r = self.drain_rounds(&held, &mut report, &mut rounds).await;
             for h in &mut held {
                 if h.taken {
@@ -1202,6 +1239,7 @@ impl ObjectRuntime {
             inner.clock.sleep(Duration::from_millis(2)).await;
         }
         let flushed = self.flush_held().await;
+        inner.shutdown_flushed.store(true, Ordering::SeqCst);
         for (object, slot) in self.active_slots() {
             // A call still running after the wait keeps its slot and its lease: releasing under
             // it would let another node in while it writes. The call gives the lease back when
@@ -1390,7 +1428,9 @@ fn hot_behind_cold(object: &ObjectId, hot_last: Seq, cold_through: Seq) -> Error
 /// Whether a failed drain leaves the activation unusable (the lease is gone, or the hot store
 /// is behind cold storage): the activation is dropped and its lease given back.
 fn activation_spent(e: &Error) -> bool {
-    lease_gone(e) || e.kind() == &ErrorKind::Conflict
+    // `hot_behind_cold` is the non-retryable `Conflict`; a cold commit still conflicting after
+    // its attempts (contention) is retryable and leaves the activation alone.
+    lease_gone(e) || (e.kind() == &ErrorKind::Conflict && !e.is_retryable())
 }
 
 /// Whether a failed lease refresh may be tried again while the lease is still valid: a transient
