@@ -372,6 +372,45 @@ async fn flush_all_batches_objects_and_shutdown_releases_leases() {
     }
 }
 
+/// A runtime `node` whose ring holds only `owner`.
+fn ring_runtime(w: &World, node: &str, owner: &str) -> ObjectRuntime {
+    let mut ring = HashRing::new(16).expect("ring");
+    ring.add(NodeId::new(owner).expect("node"));
+    ObjectRuntime::builder(NodeId::new(node).expect("node"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .with_ring(ring)
+        .build()
+        .expect("runtime")
+}
+
+/// A call on `o` that puts `n` = 1 and then waits: returns once it runs, with the sender that
+/// lets it finish and its task.
+async fn paused_call(
+    rt: &ObjectRuntime,
+    o: &ObjectId,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<()>>) {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let handler = {
+        let (rt, o) = (rt.clone(), o.clone());
+        tokio::spawn(async move {
+            rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+                t.put("n", "1")?;
+                started_tx.send(()).expect("signal");
+                go_rx.await.expect("go");
+                Ok::<_, Error>(())
+            })
+            .await
+        })
+    };
+    started_rx.await.expect("handler running");
+    (go_tx, handler)
+}
+
 /// `flush_all` and `shutdown` also drain the changes of objects no runtime holds any more:
 /// released after each call (`keep_warm` 0), released idle by `maintain`. Each is taken, drained
 /// and given back. An object another node holds, or that the ring gives another node, is left
@@ -391,17 +430,7 @@ async fn flush_all_drains_pending_changes_of_objects_no_longer_held() {
     incr(&c, &oid("theirs")).await.expect("incr");
 
     // A runtime whose ring gives every object to another node drains nothing.
-    let mut ring = HashRing::new(16).expect("ring");
-    ring.add(NodeId::new("z").expect("node"));
-    let d = ObjectRuntime::builder(NodeId::new("d").expect("node"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
-        .with_ring(ring)
-        .build()
-        .expect("runtime");
+    let d = ring_runtime(&w, "d", "z");
     assert_eq!(d.flush_all().await.expect("flush").records, 0, "the ring's owner drains them");
 
     let r = a.flush_all().await.expect("flush all");
@@ -430,21 +459,7 @@ async fn a_call_outliving_shutdown_gives_its_lease_back_when_it_ends() {
     let w = World::new();
     let rt = w.runtime("a", settings());
     let o = oid("o");
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-    let handler = {
-        let (rt, o) = (rt.clone(), o.clone());
-        tokio::spawn(async move {
-            rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
-                t.put("n", "1")?;
-                started_tx.send(()).expect("signal");
-                go_rx.await.expect("go");
-                Ok::<_, Error>(())
-            })
-            .await
-        })
-    };
-    started_rx.await.expect("handler running");
+    let (go_tx, handler) = paused_call(&rt, &o).await;
     let ticking = tick(&w);
     let report = rt.shutdown().await.expect("shutdown");
     ticking.abort();
@@ -833,33 +848,9 @@ async fn cold_contention_does_not_end_the_activation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_ending_during_shutdowns_wait_is_drained() {
     let w = World::new();
-    let mut ring = HashRing::new(16).expect("ring");
-    ring.add(NodeId::new("z").expect("node"));
-    let rt = ObjectRuntime::builder(NodeId::new("a").expect("node"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
-        .with_ring(ring)
-        .build()
-        .expect("runtime");
+    let rt = ring_runtime(&w, "a", "z");
     let o = oid("o");
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-    let handler = {
-        let (rt, o) = (rt.clone(), o.clone());
-        tokio::spawn(async move {
-            rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
-                t.put("n", "1")?;
-                started_tx.send(()).expect("signal");
-                go_rx.await.expect("go");
-                Ok::<_, Error>(())
-            })
-            .await
-        })
-    };
-    started_rx.await.expect("handler running");
+    let (go_tx, handler) = paused_call(&rt, &o).await;
     let ticking = tick_by(&w, Duration::from_micros(200));
     let shutdown = {
         let rt = rt.clone();
