@@ -154,8 +154,13 @@ impl BloomCache {
 }
 
 fn put_bounded<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v: V) {
+    put_bounded_to(map, k, v, CACHE_LIMIT);
+}
+
+/// Insert into a cache of at most `limit` entries (emptied when full).
+fn put_bounded_to<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v: V, limit: usize) {
     let mut m = map.lock();
-    if m.len() >= CACHE_LIMIT {
+    if m.len() >= limit {
         m.clear();
     }
     m.insert(k, v);
@@ -305,12 +310,7 @@ impl IcebergColdStore {
         }
         .map_err(|e| crate::error::classify_object_store(e).context(&what))?;
         let w = Arc::new(crate::summary::decode_watermarks(&bytes, &what)?);
-        let mut cache = self.inner.cache.checkpoints.lock();
-        if cache.len() >= CHECKPOINTS_CACHED {
-            cache.clear();
-        }
-        cache.insert(location.to_string(), w.clone());
-        drop(cache);
+        put_bounded_to(&self.inner.cache.checkpoints, location.to_string(), w.clone(), CHECKPOINTS_CACHED);
         Ok(w)
     }
 
@@ -323,13 +323,7 @@ impl IcebergColdStore {
         // `sync_local_files` it is fsynced before the commit that names it.
         let out = table.file_io().new_output(&location).map_err(|e| classify(e, &format!("writing {location}")))?;
         out.write(Bytes::from(body)).await.map_err(|e| classify(e, &format!("writing {location}")))?;
-        // Only the newest checkpoints are worth keeping: each holds every object of the table.
-        let mut cache = self.inner.cache.checkpoints.lock();
-        if cache.len() >= CHECKPOINTS_CACHED {
-            cache.clear();
-        }
-        cache.insert(location.clone(), Arc::new(w.clone()));
-        drop(cache);
+        put_bounded_to(&self.inner.cache.checkpoints, location.clone(), Arc::new(w.clone()), CHECKPOINTS_CACHED);
         Ok(location)
     }
 

@@ -139,7 +139,8 @@ struct DrainRounds {
     left_out: std::collections::BTreeSet<ObjectId>,
     /// The first error that left one object out while the others went on.
     first_err: Option<Error>,
-    /// Objects skipped because a call on them was in progress (each counts once).
+    /// Objects skipped because a call on them was in progress (each counts once:
+    /// `FlushReport::busy`).
     busy: std::collections::BTreeSet<ObjectId>,
 }
 
@@ -445,9 +446,7 @@ impl ObjectRuntime {
                 self.inner.metrics.lock().self_fenced += 1;
                 // Given back in case the renewal failed without the lease being lost (a release
                 // of a lease that is no longer current changes nothing).
-                if let Some(old) = slot.active.take() {
-                    release_quietly(&self.inner, &old.lease).await;
-                }
+                give_back(&self.inner, &mut slot.active).await;
                 return Err(lost.into());
             }
             Ok(Err(handler_err)) => {
@@ -543,9 +542,7 @@ impl ObjectRuntime {
                 if activation_spent(&e) {
                     // Another holder took over while draining, or the hot store is behind
                     // cold: stop using this activation.
-                    if let Some(active) = slot.active.take() {
-                        release_quietly(inner, &active.lease).await;
-                    }
+                    give_back(inner, &mut slot.active).await;
                 }
             }
         }
@@ -557,9 +554,7 @@ impl ObjectRuntime {
     /// ending during shutdown's wait keeps it, so that the flush drains its object as held.
     async fn after_call(&self, slot: &mut Slot) {
         if self.inner.settings.keep_warm.is_zero() || self.inner.shutdown_flushed.load(Ordering::SeqCst) {
-            if let Some(active) = slot.active.take() {
-                release_quietly(&self.inner, &active.lease).await;
-            }
+            give_back(&self.inner, &mut slot.active).await;
         }
     }
 
@@ -594,9 +589,7 @@ impl ObjectRuntime {
                     tracing::info!(object = %object, error = %e, "dotdo warm lease lost; re-activating");
                     // Given back in case it is still valid (a failure that did not say it was
                     // lost): kept, it would refuse this node's own acquire until it expired.
-                    if let Some(old) = slot.active.take() {
-                        release_quietly(inner, &old.lease).await;
-                    }
+                    give_back(inner, &mut slot.active).await;
                 }
             }
         }
@@ -826,9 +819,7 @@ impl ObjectRuntime {
         let token = slot.active.as_ref().expect("active").lease.token;
         let r = drain(&self.inner, object, token).await;
         if r.as_ref().is_err_and(activation_spent) {
-            if let Some(active) = slot.active.take() {
-                release_quietly(&self.inner, &active.lease).await;
-            }
+            give_back(&self.inner, &mut slot.active).await;
         }
         self.after_call(&mut slot).await;
         r
@@ -859,7 +850,6 @@ impl ObjectRuntime {
             // Never wait for a busy slot while holding others: a handler of that object that
             // invokes one of the held objects would wait for us while we wait for it.
             let Some(mut guard) = slot.try_lock_owned() else {
-                report.busy += 1;
                 rounds.busy.insert(object);
                 continue;
             };
@@ -906,7 +896,7 @@ impl ObjectRuntime {
         loop {
             // A failure to list them leaves the held objects to be drained all the same.
             let more = if self.inner.settings.drain_released {
-                match self.take_pending(&mut held, &mut after, &mut report, &mut rounds).await {
+                match self.take_pending(&mut held, &mut after, &mut rounds).await {
                     Ok(more) => more,
                     Err(e) => {
                         tracing::warn!(error = %e, "dotdo flush_all: objects with pending changes not listed");
@@ -918,17 +908,11 @@ impl ObjectRuntime {
                 false
             };
             let r = self.drain_rounds(&held, &mut report, &mut rounds).await;
+            // Objects taken only for this flush go back, and so do those left out (taken over,
+            // diverged from cold, or behind it: the next activation decides afresh).
             for h in &mut held {
-                if h.taken {
-                    if let Some(active) = h.guard.active.take() {
-                        release_quietly(inner, &active.lease).await;
-                    }
-                } else if rounds.left_out.contains(&h.object) {
-                    // Taken over (a release of a lease no longer current changes nothing),
-                    // diverged from cold, or behind it: the next activation decides afresh.
-                    if let Some(active) = h.guard.active.take() {
-                        release_quietly(inner, &active.lease).await;
-                    }
+                if h.taken || rounds.left_out.contains(&h.object) {
+                    give_back(inner, &mut h.guard.active).await;
                 }
             }
             r?;
@@ -937,6 +921,7 @@ impl ObjectRuntime {
                 break;
             }
         }
+        report.busy = rounds.busy.len() as u64;
         match rounds.first_err {
             Some(e) => Err(e),
             None => Ok(report),
@@ -1030,7 +1015,6 @@ impl ObjectRuntime {
         &self,
         held: &mut Vec<Held>,
         after: &mut Option<ObjectId>,
-        report: &mut FlushReport,
         rounds: &mut DrainRounds,
     ) -> Result<bool> {
         const PAGE: usize = 256;
@@ -1048,7 +1032,6 @@ impl ObjectRuntime {
             }
             let slot = self.slot(&object);
             let Some(mut guard) = slot.try_lock_owned() else {
-                report.busy += 1;
                 rounds.busy.insert(object);
                 continue;
             };
@@ -1105,9 +1088,7 @@ impl ObjectRuntime {
             // Keep the object active for the next call, unless the lease is gone (or the hot
             // store is behind cold storage).
             if activation_spent(&e) {
-                if let Some(active) = slot.active.take() {
-                    release_quietly(&self.inner, &active.lease).await;
-                }
+                give_back(&self.inner, &mut slot.active).await;
             } else {
                 self.after_call(&mut slot).await;
             }
@@ -1181,19 +1162,13 @@ impl ObjectRuntime {
             let Some(mut guard) = slot.try_lock() else { continue };
             let Some(active) = guard.active.as_mut() else { continue };
             if now.since(active.last_used) >= inner.settings.keep_warm {
-                let lease = active.lease.clone();
-                guard.active = None;
-                release_quietly(inner, &lease).await;
+                give_back(inner, &mut guard.active).await;
             } else if active.lease.remaining_at(now) <= inner.settings.lease_ttl * 2 / 3 {
                 match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
                     Ok(l) => active.lease = l,
                     // Still valid: the next maintain (or call) tries again.
                     Err(e) if refresh_may_retry(&e) && now < active.lease.expires_at => {}
-                    Err(_) => {
-                        let lease = active.lease.clone();
-                        guard.active = None;
-                        release_quietly(inner, &lease).await;
-                    }
+                    Err(_) => give_back(inner, &mut guard.active).await,
                 }
             }
         }
@@ -1249,9 +1224,7 @@ impl ObjectRuntime {
                 tracing::warn!(object = %object, "dotdo shutdown: a call is still running; its lease is left to expire");
                 continue;
             };
-            if let Some(active) = guard.active.take() {
-                release_quietly(inner, &active.lease).await;
-            }
+            give_back(inner, &mut guard.active).await;
         }
         release_orphans(inner).await;
         flushed
@@ -1462,6 +1435,14 @@ fn cold_state_error(object: &ObjectId, e: Error) -> Error {
         Error::corrupt(format!("cold state of {object} cannot be restored: {e}")).with_source(e)
     } else {
         e
+    }
+}
+
+/// Drop the activation in `active`, if any, and give its lease back (a release of a lease that
+/// is no longer current changes nothing).
+async fn give_back(inner: &Arc<Inner>, active: &mut Option<Active>) {
+    if let Some(a) = active.take() {
+        release_quietly(inner, &a.lease).await;
     }
 }
 
