@@ -452,10 +452,11 @@ impl IcebergColdStore {
             // file them under another (an engine evolved the spec meanwhile).
             let spec_now = table.metadata().default_partition_spec_id();
             let rewritten = if spec_now == written_under {
-                match self.added_files_present(&added, &what).await {
-                    Ok(()) => self.rewrite_manifests(&table, sid, seq, &removed, &added).await,
-                    Err(e) => Err(e),
+                async {
+                    self.added_files_present(&added, &what).await?;
+                    self.rewrite_manifests(&table, sid, seq, &removed, &added).await
                 }
+                .await
             } else {
                 Err(Error::new(
                     ErrorKind::Conflict,

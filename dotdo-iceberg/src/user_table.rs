@@ -266,15 +266,19 @@ impl ArrowTable {
         for b in &batches {
             // A batch made before columns were added (logged by a pipeline, say) gets nulls in
             // them.
-            let conformed = if same_shape(b.schema_ref(), &self.user) { None } else { conform(b, &self.user) };
-            if conformed.is_none() && !same_shape(b.schema_ref(), &self.user) {
-                return Err(Error::invalid(format!(
-                    "batch schema {:?} is not the table's {:?} (nor an older form of it missing nullable columns)",
-                    b.schema(),
-                    self.user
-                )));
-            }
-            let b = conformed.as_ref().unwrap_or(b);
+            let conformed;
+            let b = if same_shape(b.schema_ref(), &self.user) {
+                b
+            } else {
+                conformed = conform(b, &self.user).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "batch schema {:?} is not the table's {:?} (nor an older form of it missing nullable columns)",
+                        b.schema(),
+                        self.user
+                    ))
+                })?;
+                &conformed
+            };
             rebatched.push(
                 RecordBatch::try_new(self.iceberg_arrow.clone(), b.columns().to_vec())
                     .map_err(|e| Error::invalid("re-labelling a batch with the table schema").with_source(e))?,

@@ -527,15 +527,7 @@ impl LibsqlStore {
                         }
                     }
                 };
-                let out = if self.inner.local_writes {
-                    self.drive(true, f(&mut conn)).await
-                } else {
-                    let timeout = settings.request_timeout;
-                    match futures::future::select(f(&mut conn), clock.sleep(timeout)).await {
-                        futures::future::Either::Left((out, _)) => out,
-                        futures::future::Either::Right(_) => Err(TxError::Sql(timed_out(timeout))),
-                    }
-                };
+                let out = self.drive(self.inner.local_writes, f(&mut conn)).await;
                 if matches!(out, Err(TxError::Sql(_))) && !self.inner.local_writes {
                     // A remote connection's server stream may be gone (expired while idle, or
                     // closed by the server), and libsql keeps using it: the next attempt or
@@ -605,17 +597,9 @@ impl LibsqlStore {
                 Some(c) => c,
                 None => pool.connect().await.map_err(|e| error::map(e, doing, false))?,
             };
-            let out = if pool.local_file {
-                self.drive(true, f(&mut conn)).await
-            } else {
-                let timeout = settings.request_timeout;
-                let sleep = SystemClock::new().sleep(timeout);
-                match futures::future::select(f(&mut conn), sleep).await {
-                    futures::future::Either::Left((out, _)) => out,
-                    // The connection's stream is in an unknown state: not given back.
-                    futures::future::Either::Right(_) => Err(TxError::Sql(timed_out(timeout))),
-                }
-            };
+            // After a timeout (a `TxError::Sql`) the connection is not given back: its stream is
+            // in an unknown state.
+            let out = self.drive(pool.local_file, f(&mut conn)).await;
             match out {
                 Ok(v) => {
                     pool.give_back(conn);
@@ -650,8 +634,9 @@ impl LibsqlStore {
     /// Await `fut`. Calls on a local file run SQLite on the calling thread (libsql's local API is
     /// synchronous inside its async functions, and may wait up to `busy_timeout` for a lock), so
     /// on a multi-threaded tokio runtime they run under `block_in_place`: tokio moves the
-    /// worker's other tasks elsewhere instead of stalling them. Remote calls are truly async.
-    async fn drive<T>(&self, local: bool, fut: BoxFuture<'_, T>) -> T {
+    /// worker's other tasks elsewhere instead of stalling them. Remote calls are truly async,
+    /// and abandoned after `request_timeout` (libsql's HTTP client has no timeout of its own).
+    async fn drive<T>(&self, local: bool, fut: BoxFuture<'_, TxResult<T>>) -> TxResult<T> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         if local {
             if let Ok(h) = Handle::try_current() {
@@ -659,8 +644,13 @@ impl LibsqlStore {
                     return tokio::task::block_in_place(move || h.block_on(fut));
                 }
             }
+            return fut.await;
         }
-        fut.await
+        let timeout = self.inner.settings.request_timeout;
+        match futures::future::select(fut, SystemClock::new().sleep(timeout)).await {
+            futures::future::Either::Left((out, _)) => out,
+            futures::future::Either::Right(_) => Err(TxError::Sql(timed_out(timeout))),
+        }
     }
 }
 

@@ -250,6 +250,14 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
     err.with_source(e)
 }
 
+/// The SQL size of a log row, counted like [`Event::size`](crate::Event::size): UTF-8 bytes of
+/// the id, type and key, bytes of the value, plus 32. (A macro, for `concat!`.)
+macro_rules! row_bytes {
+    () => {
+        "length(CAST(do_id AS BLOB)) + length(CAST(type AS BLOB)) + length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) + 32"
+    };
+}
+
 /// A row of the SQLite log: (row id, route, event, assigned sequence number).
 type LogRow = (i64, String, Event, Option<u64>);
 
@@ -275,11 +283,9 @@ impl SqliteLog {
         )
         .map_err(|e| sql(e, &doing))?;
         let (n, b): (i64, i64) = conn
-            .query_row(
-                "SELECT count(*), coalesce(sum(length(CAST(do_id AS BLOB)) + length(CAST(type AS BLOB)) + length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) + 32), 0) FROM pipeline_log",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row(concat!("SELECT count(*), coalesce(sum(", row_bytes!(), "), 0) FROM pipeline_log"), [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .map_err(|e| sql(e, &doing))?;
         let log = SqliteLog { conn: Mutex::new(conn), depth: Depth::default() };
         log.depth.add(usize::try_from(n).unwrap_or(0), usize::try_from(b).unwrap_or(0));
@@ -332,9 +338,11 @@ impl SqliteLog {
         // spilled many large events is never loaded whole.
         let last = {
             let mut sizes = tx
-                .prepare_cached(
-                    "SELECT id, length(CAST(do_id AS BLOB)) + length(CAST(type AS BLOB)) + length(CAST(key AS BLOB)) + length(value) + 32 FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
-                )
+                .prepare_cached(concat!(
+                    "SELECT id, ",
+                    row_bytes!(),
+                    " FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1"
+                ))
                 .map_err(|e| sql(e, "claim"))?;
             let mut it = sizes.query([limit]).map_err(|e| sql(e, "claim"))?;
             let (mut last, mut bytes) = (None, 0usize);
@@ -492,7 +500,7 @@ impl Log for SqliteLog {
         let conn = self.conn.lock();
         let (n, b): (i64, i64) = conn
             .query_row(
-                "SELECT count(*), coalesce(sum(length(CAST(do_id AS BLOB)) + length(CAST(type AS BLOB)) + length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) + 32), 0) FROM pipeline_log WHERE batch = ?1",
+                concat!("SELECT count(*), coalesce(sum(", row_bytes!(), "), 0) FROM pipeline_log WHERE batch = ?1"),
                 [id],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )

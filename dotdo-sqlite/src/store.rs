@@ -178,9 +178,6 @@ impl SqliteStoreBuilder {
             return Err(Error::invalid(format!("retry_backoff {:?} is over 1 s", settings.retry_backoff)));
         }
         let memory = is_private_database(&self.path);
-        if memory && settings.read_connections > 1 {
-            tracing::debug!("dotdo-sqlite: a private (in-memory or temporary) database is served by one connection");
-        }
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let path = self.path;
         let open = move || -> Result<SqliteStore> {
