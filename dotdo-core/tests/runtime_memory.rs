@@ -491,6 +491,32 @@ async fn flush_or_evict_of_an_evicted_object_leaves_it_in_cold() {
     assert_eq!(all_state(&rt, &o).await.len(), 20, "and it comes back on the next call");
 }
 
+/// An evicted object whose cold storage no longer holds what it acknowledged (a new cold
+/// store, another table) is refused as `Corrupt`, never activated empty.
+#[tokio::test]
+async fn an_evicted_object_whose_cold_lost_its_changes_is_corrupt_not_empty() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&rt, &o, 5).await;
+    rt.evict(&o).await.expect("evict");
+    rt.shutdown().await.expect("shutdown");
+    // The same hot store over a brand-new (empty) cold store.
+    let w2 = World {
+        clock: w.clock.clone(),
+        hot: w.hot.clone(),
+        cold: MemoryColdStore::with_clock(Arc::new(w.clock.clone())),
+    };
+    let rt2 = w2.runtime("b", settings());
+    let err = get(&rt2, &o, "key/0000").await.expect_err("not served empty");
+    assert!(matches!(err.kind(), ErrorKind::Corrupt), "{err}");
+    assert!(err.to_string().contains("through seq 7"), "{err}");
+    assert_eq!(w.hot.object_info(&o).await.expect("info").map_or(0, |i| i.last_seq), 7, "nothing written");
+    // The object is still served from the cold store that has it.
+    let rt3 = w.runtime("c", settings());
+    assert_eq!(all_state(&rt3, &o).await.len(), 5);
+}
+
 /// A failure to list the objects nobody holds does not keep `flush_all` from draining the held
 /// ones (it is reported at the end); with `drain_released` off, released objects are left alone.
 #[tokio::test]
@@ -617,11 +643,19 @@ struct FlakyCold {
     /// Appends that fail with a retryable `Conflict` (contention that outlasted the sink's own
     /// attempts).
     conflicts: std::sync::atomic::AtomicU32,
+    /// Report commits without any watermark (a sink breaking the `ColdSink` contract).
+    forget_watermarks: std::sync::atomic::AtomicBool,
 }
 
 impl FlakyCold {
     fn new(inner: MemoryColdStore) -> Self {
-        FlakyCold { inner, down: false.into(), hang: false.into(), conflicts: 0.into() }
+        FlakyCold {
+            inner,
+            down: false.into(),
+            hang: false.into(),
+            conflicts: 0.into(),
+            forget_watermarks: false.into(),
+        }
     }
 }
 
@@ -643,7 +677,11 @@ impl ColdSink for FlakyCold {
             self.conflicts.store(left - 1, std::sync::atomic::Ordering::SeqCst);
             return Err(Error::new(ErrorKind::Conflict, "still conflicting (test)").with_retryable(true));
         }
-        self.inner.append(batch).await
+        let mut commit = self.inner.append(batch).await?;
+        if self.forget_watermarks.load(std::sync::atomic::Ordering::SeqCst) {
+            commit.watermarks.clear();
+        }
+        Ok(commit)
     }
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
         self.check()?;
@@ -693,6 +731,43 @@ async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
     rt.flush_all().await.expect("flush");
     let changes = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("cold changes");
     assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3], "every change once");
+}
+
+/// A sink whose commits leave an appended object out of their watermarks makes `flush` and
+/// `flush_all` fail with `Backend`, instead of draining the same changes again forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_reports_no_watermark_fails_the_flush_instead_of_looping() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    cold.forget_watermarks.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt = w.runtime_with("a", Arc::new(w.hot.clone()), cold.clone(), settings());
+    let (o, p) = (oid("o"), oid("p"));
+    incr(&rt, &o).await.expect("write");
+    incr(&rt, &p).await.expect("write");
+    // On tasks of their own: a flush that loops without ever waiting would starve a timeout
+    // polled beside it.
+    let (r, x) = (rt.clone(), o.clone());
+    let one = tokio::time::timeout(Duration::from_secs(10), tokio::spawn(async move { r.flush(&x).await }))
+        .await
+        .expect("flush returns")
+        .expect("join");
+    let err = one.expect_err("flush fails");
+    assert!(matches!(err.kind(), ErrorKind::Backend), "{err}");
+    assert!(err.to_string().contains("durable only through seq 0"), "{err}");
+    let r = rt.clone();
+    let all = tokio::time::timeout(Duration::from_secs(10), tokio::spawn(async move { r.flush_all().await }))
+        .await
+        .expect("flush_all returns")
+        .expect("join");
+    assert!(matches!(all.expect_err("flush_all fails").kind(), ErrorKind::Backend));
+    assert_eq!(w.hot.object_info(&p).await.expect("info").map_or(0, |i| i.truncated_through), 0, "not truncated");
+    // A sink that keeps the contract again drains both, each change once.
+    cold.forget_watermarks.store(false, std::sync::atomic::Ordering::SeqCst);
+    rt.flush_all().await.expect("flush");
+    for x in [&o, &p] {
+        let changes = w.cold.read_changes(x, 0, AsOf::Latest).await.expect("cold changes");
+        assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1], "{x}: once");
+    }
 }
 
 /// A guard that fails the next `refresh` calls with a retryable `Unavailable`.

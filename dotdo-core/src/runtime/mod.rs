@@ -727,6 +727,17 @@ impl ObjectRuntime {
         if hot_has_state && hot_seq >= wm.through {
             return Ok((Recovery::Hot, 0, 0, None));
         }
+        if let Some(i) = info.as_ref().filter(|i| !hot_has_state && i.truncated_through > wm.through) {
+            // The hot store dropped changes through `truncated_through` because cold storage
+            // acknowledged them, and cold no longer has them: activating from the empty hot
+            // state would silently serve (and build on) an object without its state.
+            return Err(Error::corrupt(format!(
+                "{object}: cold storage acknowledged changes through seq {} (the hot store truncated them), \
+                 but now holds them only through seq {}; the cold store lost data, or this runtime \
+                 uses a different table or cold store than the one that acknowledged them",
+                i.truncated_through, wm.through
+            )));
+        }
         if !hot_has_state && (wm.through == 0 || hot_seq > wm.through) {
             return Ok((Recovery::Hot, 0, 0, None));
         }
@@ -982,8 +993,13 @@ impl ObjectRuntime {
             for oc in batch.objects.iter().filter(|oc| !diverged_now.contains(&oc.object)) {
                 let through = commit.watermarks.get(&oc.object).map_or(0, |w| w.through);
                 let hot_last = last_seqs.get(&oc.object).copied().unwrap_or(Seq::MAX);
-                if through > hot_last {
-                    let e = hot_behind_cold(&oc.object, hot_last, through);
+                let appended = oc.records.last().map_or(0, |r| r.seq);
+                if through > hot_last || through < appended {
+                    let e = if through > hot_last {
+                        hot_behind_cold(&oc.object, hot_last, through)
+                    } else {
+                        sink_fell_short(&oc.object, appended, through)
+                    };
                     tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
                     left_out.insert(oc.object.clone());
                     first_err.get_or_insert(e);
@@ -1398,6 +1414,16 @@ fn hot_behind_cold(object: &ObjectId, hot_last: Seq, cold_through: Seq) -> Error
     .with_retryable(false)
 }
 
+/// A cold commit that reports an object durable below the changes just appended for it breaks
+/// the `ColdSink` contract; truncating to it and draining again would loop forever.
+fn sink_fell_short(object: &ObjectId, appended: Seq, through: Seq) -> Error {
+    Error::backend(format!(
+        "{object}: the cold sink acknowledged an append of changes through seq {appended} but reports \
+         the object durable only through seq {through} (a ColdSink must report every appended object's \
+         watermark); nothing was truncated"
+    ))
+}
+
 /// Whether a failed drain leaves the activation unusable (the lease is gone, or the hot store
 /// is behind cold storage): the activation is dropped and its lease given back.
 fn activation_spent(e: &Error) -> bool {
@@ -1575,6 +1601,7 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
         if let Some(newer) = newer_holder(&records, token) {
             return Err(Error::fenced(object, token, newer));
         }
+        let appended = records.last().map_or(0, |r| r.seq);
         let commit = append_resolving(inner, ColdBatch::single(object.clone(), token, records)).await?;
         if commit.records_skipped > 0 {
             check_skipped(inner, object, info.truncated_through, &commit).await?;
@@ -1582,6 +1609,9 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
         let through: Seq = commit.watermarks.get(object).map_or(0, |w| w.through);
         if through > info.last_seq {
             return Err(hot_behind_cold(object, info.last_seq, through));
+        }
+        if through < appended {
+            return Err(sink_fell_short(object, appended, through));
         }
         inner.hot.truncate_changes(object, token, through).await?;
         report.commits += u64::from(commit.snapshot.is_some());
