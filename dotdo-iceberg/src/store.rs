@@ -50,8 +50,10 @@ pub struct Settings {
     pub target_file_size: usize,
     /// Commit attempts of one append, conflicts and unknown outcomes included (default 16).
     pub max_commit_attempts: u32,
-    /// Base delay of the backoff between commit attempts (default 10 ms, doubling, capped at
-    /// 1 s).
+    /// Base delay of the backoff between attempts (default 10 ms, at most 1 s). Appends double
+    /// it per attempt up to 1 s; compaction and collapse wait it times the attempt number (at
+    /// most 20 times it), snapshot expiry waits it between attempts, and user-table appends
+    /// double it up to 64 times it.
     pub retry_base_delay: Duration,
     /// Reload the table from the catalog before each read and `watermark` call (default true),
     /// so reads see other writers' commits (with a SQL catalog only the table pointer is read
@@ -227,6 +229,10 @@ impl IcebergColdStoreBuilder {
         }
         if self.settings.max_commit_attempts == 0 || self.settings.buckets == 0 {
             return Err(Error::invalid("max_commit_attempts and buckets must be at least 1"));
+        }
+        if self.settings.retry_base_delay > Duration::from_secs(1) {
+            // Maintenance multiplies it (up to 128 times): a larger base would stall for hours.
+            return Err(Error::invalid(format!("retry_base_delay {:?} is above 1 s", self.settings.retry_base_delay)));
         }
         let fpp = self.settings.bloom_filter_fpp;
         if self.settings.bloom_filters && !(fpp > 0.0 && fpp < 1.0) {

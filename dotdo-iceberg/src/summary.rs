@@ -127,6 +127,15 @@ pub fn decode_watermarks(json: &[u8], what: &str) -> Result<Watermarks> {
     raw.into_iter()
         .map(|(k, (through, token))| {
             let o = ObjectId::new(&k).map_err(|e| Error::corrupt(format!("{what}: watermark for invalid id: {e}")))?;
+            // Sequence numbers and tokens dotdo writes never exceed these: larger values were
+            // not written by dotdo, and arithmetic on them (`through + 1`) would overflow.
+            if through > dotdo_core::MAX_SEQ || token > FencingToken::MAX.get() {
+                return Err(Error::corrupt(format!(
+                    "{what}: watermark of {o} out of range (through {through}, token {token}; at most {} and {})",
+                    dotdo_core::MAX_SEQ,
+                    FencingToken::MAX.get()
+                )));
+            }
             Ok((o, Watermark { through, token: FencingToken::new(token) }))
         })
         .collect()
@@ -194,5 +203,20 @@ mod tests {
         assert_eq!(json, r#"{"a:1":[5,2]}"#);
         assert_eq!(decode_watermarks(json.as_bytes(), "test").expect("decode"), w);
         assert_eq!(decode_watermarks(b"{", "x").expect_err("bad").kind(), &dotdo_core::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn out_of_range_watermarks_are_corrupt() {
+        let max = (dotdo_core::MAX_SEQ, FencingToken::MAX.get());
+        let ok = format!(r#"{{"a":[{},{}]}}"#, max.0, max.1);
+        assert_eq!(
+            decode_watermarks(ok.as_bytes(), "t").expect("at the limits")[&ObjectId::new("a").expect("id")].through,
+            max.0
+        );
+        for json in [format!(r#"{{"a":[{},1]}}"#, u64::MAX), format!(r#"{{"a":[1,{}]}}"#, max.1 + 1)] {
+            let e = decode_watermarks(json.as_bytes(), "checkpoint x").expect_err("out of range");
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+            assert!(e.to_string().contains("checkpoint x"), "{e}");
+        }
     }
 }

@@ -185,16 +185,27 @@ fn marks(table: &Table) -> Result<HashMap<String, u64>> {
         Some(s) => crate::summary::dotdo_base(md, s)?,
         None => None,
     };
-    Ok(base
-        .map(|s| {
-            s.summary()
-                .additional_properties
-                .iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix(MARK_PREFIX)?.to_string(), v.parse().ok()?)))
-                .collect()
-        })
-        .unwrap_or_default())
+    let Some(s) = base else { return Ok(HashMap::new()) };
+    let mut out = HashMap::new();
+    for (k, v) in &s.summary().additional_properties {
+        let Some(stream) = k.strip_prefix(MARK_PREFIX) else { continue };
+        // Batch ids are counted up from 1 by one writer; a mark that is not a number, or beyond
+        // any count a writer reaches (where `mark + 1` could overflow), was not written by dotdo.
+        match v.parse::<u64>() {
+            Ok(m) if m <= MAX_MARK => out.insert(stream.to_string(), m),
+            _ => {
+                return Err(Error::corrupt(format!(
+                    "snapshot {} summary: stream mark {k} = {v:?} is not a batch id (0..={MAX_MARK})",
+                    s.snapshot_id()
+                )))
+            }
+        };
+    }
+    Ok(out)
 }
+
+/// The largest stream mark (batch id) accepted in a summary.
+const MAX_MARK: u64 = i64::MAX as u64;
 
 /// A failed commit's error, if another attempt may succeed (a conflict, an unavailable store or
 /// catalog, an unknown outcome the next attempt's reload settles); otherwise the error itself
@@ -259,8 +270,8 @@ impl ArrowTable {
         {
             return Err(Error::invalid(format!("stream name {stream:?}: 1..=128 ASCII letters, digits, -_.")));
         }
-        if batch_id == 0 {
-            return Err(Error::invalid("batch ids start at 1"));
+        if batch_id == 0 || batch_id > MAX_MARK {
+            return Err(Error::invalid(format!("batch id {batch_id}: batch ids run from 1 to {MAX_MARK}")));
         }
         let mut rebatched = Vec::with_capacity(batches.len());
         for b in &batches {

@@ -463,6 +463,59 @@ async fn orphan_cleanup_spares_in_flight_files_and_removes_replaced_ones() {
     assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
 }
 
+/// A retry delay that maintenance's backoff would stretch to hours is refused at build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_base_delay_above_one_second_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    use std::time::Duration;
+    for (delay, ok) in [(Duration::from_secs(1), true), (Duration::from_secs(3600), false), (Duration::MAX, false)] {
+        let r = IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
+            .table(["d"], "changes")
+            .settings(Settings { retry_base_delay: delay, ..Settings::default() })
+            .build()
+            .await;
+        match r {
+            Ok(_) => assert!(ok, "{delay:?} accepted"),
+            Err(e) => {
+                assert!(!ok, "{delay:?}: {e}");
+                assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+            }
+        }
+    }
+}
+
+/// A stream mark in a user table's summary that is no batch id (not a number, or beyond any
+/// count: `mark + 1` would overflow) is `Corrupt`, never taken as "every batch is a replay"
+/// (which dropped every later batch) nor ignored; a batch id beyond the limit is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_tables_out_of_range_stream_mark_is_corrupt() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let t = cold.arrow_table(&["m"], "marks", schema.clone()).await.expect("table");
+    let batch = || RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1]))]).expect("batch");
+    let e = t.append("s", u64::MAX, vec![batch()]).await.expect_err("id out of range");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    t.append("s", 1, vec![batch()]).await.expect("append");
+    for bad in [u64::MAX.to_string(), "seven".to_string()] {
+        let ident = iceberg::TableIdent::from_strs(["m", "marks"]).expect("ident");
+        let table = cold.catalog().load_table(&ident).await.expect("load");
+        let tx = Transaction::new(&table);
+        let tx = tx
+            .fast_append()
+            .set_snapshot_properties([("dotdo.stream.s".to_string(), bad.clone())].into())
+            .apply(tx)
+            .expect("apply");
+        tx.commit(&*cold.catalog()).await.expect("a corrupt mark");
+        let e = t.append("s", 2, vec![batch()]).await.expect_err("corrupt mark");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{bad}: {e}");
+        assert!(e.to_string().contains("dotdo.stream.s"), "{e}");
+    }
+}
+
 /// A user table (ArrowTable) written in many small appends, with a column added half way:
 /// compaction keeps every row (old rows read with the new column null), commits `replace`,
 /// keeps the stream's batch marks (a replayed batch is skipped), and appends continue.

@@ -149,5 +149,5 @@ mod settings;
 mod sql;
 mod store;
 
-pub use settings::{validate_url, AuthToken, Durability, LibsqlSettings, Target, Transport};
+pub use settings::{validate_url, AuthToken, Durability, LibsqlSettings, Target, Transport, MAX_RETRIES};
 pub use store::{LibsqlStore, LibsqlStoreBuilder};

@@ -35,6 +35,9 @@ pub enum Transport {
     Batch,
 }
 
+/// The largest [`LibsqlSettings::retries`] accepted.
+pub const MAX_RETRIES: u32 = 100;
+
 /// Settings of a [`LibsqlStore`](crate::LibsqlStore).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LibsqlSettings {
@@ -50,6 +53,7 @@ pub struct LibsqlSettings {
     /// primary is never retried: it fails with `AmbiguousOutcome`. Default 5. The same budget
     /// (every attempt's `busy_timeout` plus the backoff) bounds a write call's wait for the
     /// store's own write connection, so writers queued in one process fail in bounded time.
+    /// At most [`MAX_RETRIES`] (100).
     pub retries: u32,
     /// First backoff between retries. Default 10 ms.
     pub retry_backoff: Duration,
@@ -100,6 +104,12 @@ impl LibsqlSettings {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
+        if self.retries > MAX_RETRIES {
+            return Err(Error::invalid(format!(
+                "retries {} is above {MAX_RETRIES}: a call would wait for minutes or hours on a store that is down",
+                self.retries
+            )));
+        }
         if self.read_connections == 0 {
             return Err(Error::invalid("read_connections must be at least 1"));
         }

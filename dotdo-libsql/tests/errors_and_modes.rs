@@ -153,6 +153,9 @@ fn auth_tokens_are_redacted_in_debug_output() {
 fn settings_are_validated() {
     for bad in [
         LibsqlSettings { read_connections: 0, ..Default::default() },
+        // "Retry forever" is no setting: each call would wait unboundedly on a store that is down.
+        LibsqlSettings { retries: u32::MAX, ..Default::default() },
+        LibsqlSettings { retries: dotdo_libsql::MAX_RETRIES + 1, ..Default::default() },
         LibsqlSettings {
             retry_backoff: Duration::from_secs(2),
             max_backoff: Duration::from_secs(1),

@@ -100,6 +100,8 @@ impl PipelineBuilder {
         if s.token == dotdo_core::FencingToken::NONE {
             return Err(Error::invalid("the pipeline's committer token must not be FencingToken::NONE"));
         }
+        // A token above the limit would be accepted by `send` and refused by every commit.
+        s.token.validate()?;
         let log: Box<dyn Log> = match (&s.durability, &s.backpressure) {
             (Durability::Durable(path), _) => Box::new(SqliteLog::open(path)?),
             (Durability::Memory, Backpressure::Spill(path)) => {

@@ -355,6 +355,11 @@ async fn bad_events_and_settings_are_rejected() {
         .build()
         .expect_err("token NONE");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let e = Pipeline::builder(sink.clone())
+        .with_settings(PipelineSettings { token: FencingToken::new(FencingToken::MAX.get() + 1), ..Default::default() })
+        .build()
+        .expect_err("token above the limit");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     // One send larger than the whole buffer can never fit: LimitExceeded, not a retryable
     // "full" that a waiting sender would spin on until its deadline.
     let small = Pipeline::builder(sink)
