@@ -897,7 +897,23 @@ impl IcebergColdStore {
             first_head.get_or_insert(head.as_ref().map(|s| s.snapshot_id()));
             let mut head = head;
             let (prev_inline, prev_checkpoint, p) = loop {
-                let (prev, prev_inline, prev_checkpoint) = self.watermarks_of(table.metadata(), head.as_ref()).await?;
+                let (prev, prev_inline, prev_checkpoint) =
+                    match self.watermarks_of(table.metadata(), head.as_ref()).await {
+                        Ok(w) => w,
+                        // The known table may be stale, and the checkpoint its head names cleaned up
+                        // since (another store expired it): judge once more against the catalog's
+                        // current table; if its watermarks cannot be read either, that error stands.
+                        Err(e) if !reloaded && !e.is_retryable() => {
+                            reloaded = true;
+                            table = match self.reload_for_resolution().await {
+                                Ok(t) => t,
+                                Err(_) => return Err(e),
+                            };
+                            head = table.metadata().current_snapshot().cloned();
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                 match plan(batch, &prev) {
                     Ok(p) => break (prev_inline, prev_checkpoint, p),
                     // The known table may be stale (another store committed since): a batch that

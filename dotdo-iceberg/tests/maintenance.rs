@@ -463,6 +463,62 @@ async fn orphan_cleanup_spares_in_flight_files_and_removes_replaced_ones() {
     assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
 }
 
+/// A store whose known table is stale appends correctly after another store expired the
+/// snapshot its head names and cleaned up that snapshot's watermark checkpoint: the append
+/// judges against the current table. Before, it failed with `Corrupt` (the checkpoint file
+/// missing) until something else refreshed the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_on_a_stale_table_whose_checkpoint_was_cleaned_up_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = Settings {
+        watermark_checkpoint_objects: 1,
+        min_cleanup_retention: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let open_one = || async {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["m"], "changes")
+            .settings(settings.clone())
+            .build()
+            .await
+            .expect("open")
+    };
+    let two = |a: &str, b: &str| {
+        let (a, b) = (ObjectId::new(a).expect("id"), ObjectId::new(b).expect("id"));
+        ColdBatch {
+            objects: [a, b]
+                .into_iter()
+                .map(|o| ObjectChanges {
+                    object: o.clone(),
+                    token: FencingToken::new(1),
+                    records: vec![common::put(&o, 1, "k", "v", 1)],
+                })
+                .collect(),
+        }
+    };
+    let b = open_one().await;
+    b.append(two("o1", "o2")).await.expect("first checkpointed commit");
+    let a = open_one().await;
+    b.append(two("o3", "o4")).await.expect("second checkpointed commit");
+    b.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    let removed = b.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    assert!(
+        removed.deleted.iter().any(|f| f.contains("dotdo-watermarks-")),
+        "the first checkpoint is gone: {:?}",
+        removed.deleted
+    );
+    let o5 = ObjectId::new("o5").expect("id");
+    let commit = a
+        .append(ColdBatch::single(o5.clone(), FencingToken::new(1), vec![common::put(&o5, 1, "k", "v", 1)]))
+        .await
+        .expect("append on a stale table");
+    assert_eq!(commit.records_written, 1);
+    for o in ["o1", "o2", "o3", "o4", "o5"] {
+        let o = ObjectId::new(o).expect("id");
+        assert_eq!(b.watermark(&o).await.expect("watermark").through, 1, "{o}");
+    }
+}
+
 /// A retry delay that maintenance's backoff would stretch to hours is refused at build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_base_delay_above_one_second_is_refused() {
