@@ -152,6 +152,59 @@ impl IcebergColdStore {
             self.inner.clock.now().as_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
         let root = &self.inner.root;
         let mut referenced: HashSet<String> = HashSet::new();
+        let mut manifests = HashSet::new();
+        self.add_referenced(&table, cutoff, &mut referenced, &mut manifests).await?;
+        // Only the table's own `data/` and `metadata/` directories: another table can live
+        // under this table's location (the SQL catalog places `ns.changes.events` at
+        // `<warehouse>/ns/changes/events`), and its files are not ours to judge.
+        let prefix = root.key(md.location())?;
+        let mut listed: Vec<object_store::ObjectMeta> = Vec::new();
+        for dir in ["data", "metadata"] {
+            let mut part: Vec<object_store::ObjectMeta> =
+                root.store.list(Some(&prefix.child(dir))).try_collect().await.map_err(classify_object_store)?;
+            listed.append(&mut part);
+        }
+        // A commit that landed while the table was read and listed (a compaction running longer
+        // than the retention, whose new files are older than the cutoff) references files the
+        // first pass did not see: read the table again and keep what it references too. (A
+        // commit landing during the deletes below is not covered: the retention must exceed the
+        // longest-running writer, as `min_cleanup_retention` documents.)
+        let current = self.refresh().await?;
+        if current.metadata_location() != table.metadata_location() {
+            self.add_referenced(&current, cutoff, &mut referenced, &mut manifests).await?;
+        }
+        let mut report = CleanupReport { referenced: referenced.len(), ..Default::default() };
+        for obj in listed {
+            if referenced.contains(obj.location.as_ref()) || !own_layout(&prefix, &obj.location) {
+                continue;
+            }
+            if obj.last_modified.timestamp_micros() >= cutoff {
+                report.kept_recent += 1;
+                continue;
+            }
+            match root.store.delete(&obj.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                    report.deleted.push(format!("{}/{}", root.root, obj.location));
+                }
+                Err(e) => return Err(classify_object_store(e)),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Add every file `table` references (metadata, manifest lists, manifests, live data files,
+    /// checkpoints, statistics, and files removed less than the retention before `cutoff` ago)
+    /// to `referenced`, as object-store keys; manifests already in `manifests` are not read
+    /// again.
+    async fn add_referenced(
+        &self,
+        table: &iceberg::table::Table,
+        cutoff: i64,
+        referenced: &mut HashSet<String>,
+        manifests: &mut HashSet<String>,
+    ) -> Result<()> {
+        let root = &self.inner.root;
+        let md = table.metadata();
         let mut add = |loc: &str| -> Result<()> {
             referenced.insert(root.key(loc)?.to_string());
             Ok(())
@@ -162,7 +215,6 @@ impl IcebergColdStore {
         for l in md.metadata_log() {
             add(&l.metadata_file)?;
         }
-        let mut manifests = HashSet::new();
         for s in md.snapshots() {
             add(s.manifest_list())?;
             if let Some(cp) = summary::checkpoint(s) {
@@ -213,33 +265,7 @@ impl IcebergColdStore {
         for pf in md.partition_statistics_iter() {
             add(&pf.statistics_path)?;
         }
-        // Only the table's own `data/` and `metadata/` directories: another table can live
-        // under this table's location (the SQL catalog places `ns.changes.events` at
-        // `<warehouse>/ns/changes/events`), and its files are not ours to judge.
-        let prefix = root.key(md.location())?;
-        let mut listed: Vec<object_store::ObjectMeta> = Vec::new();
-        for dir in ["data", "metadata"] {
-            let mut part: Vec<object_store::ObjectMeta> =
-                root.store.list(Some(&prefix.child(dir))).try_collect().await.map_err(classify_object_store)?;
-            listed.append(&mut part);
-        }
-        let mut report = CleanupReport { referenced: referenced.len(), ..Default::default() };
-        for obj in listed {
-            if referenced.contains(obj.location.as_ref()) || !own_layout(&prefix, &obj.location) {
-                continue;
-            }
-            if obj.last_modified.timestamp_micros() >= cutoff {
-                report.kept_recent += 1;
-                continue;
-            }
-            match root.store.delete(&obj.location).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {
-                    report.deleted.push(format!("{}/{}", root.root, obj.location));
-                }
-                Err(e) => return Err(classify_object_store(e)),
-            }
-        }
-        Ok(report)
+        Ok(())
     }
 }
 

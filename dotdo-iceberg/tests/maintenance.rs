@@ -519,6 +519,64 @@ async fn an_append_on_a_stale_table_whose_checkpoint_was_cleaned_up_succeeds() {
     }
 }
 
+/// A compaction that commits while a cleanup lists the table's files (one that ran longer than
+/// the retention, so its new files are older than the cutoff) keeps its files: the cleanup
+/// reads the table again before deleting. Before, it deleted the new data, manifests and
+/// metadata of the commit it had not seen, and reads failed with `Corrupt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_committing_during_a_cleanup_keeps_its_files() {
+    use object_store::ObjectStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=4 {
+        writer
+            .append(ColdBatch::single(
+                o.clone(),
+                FencingToken::new(1),
+                vec![common::put(&o, seq, &format!("k{seq}"), "v", 1)],
+            ))
+            .await
+            .expect("append");
+    }
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    // The cleaner's clock runs two hours ahead: every file the compaction writes is older than
+    // its cutoff, as the files of a compaction running longer than the retention are.
+    use dotdo_core::Clock;
+    let ahead = dotdo_core::SystemClock::new().now().as_micros() + 2 * 3_600_000_000;
+    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .with_clock(Arc::new(dotdo_core::ManualClock::new(Timestamp::from_micros(ahead))))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
+        .build()
+        .await
+        .expect("cleaner");
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    *hooked.before_list.lock() = Some(common::PutHook(
+        String::new(),
+        Box::pin(async move {
+            let _ = started_tx.send(());
+            let _ = go_rx.await;
+        }),
+    ));
+    let compact = async {
+        started_rx.await.expect("the cleanup lists");
+        let report = writer.compact(CompactOptions::default()).await.expect("compact");
+        let _ = go_tx.send(());
+        report
+    };
+    let (cleaned, compacted) = tokio::join!(cleaner.remove_unreferenced_files(std::time::Duration::ZERO), compact);
+    cleaned.expect("cleanup");
+    assert!(compacted.snapshot.is_some(), "{compacted:?}");
+    assert!(hooked.before_list.lock().is_none(), "the compaction ran during the listing");
+    let state = writer.load_state(&o, AsOf::Latest).await.expect("every file of the head is there");
+    assert_eq!(state.through, 4);
+    assert_eq!(state.entries.len(), 4);
+}
+
 /// A retry delay that maintenance's backoff would stretch to hours is refused at build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_base_delay_above_one_second_is_refused() {

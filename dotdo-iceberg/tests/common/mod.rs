@@ -187,6 +187,10 @@ pub struct FaultyStore {
     /// Run once, before the first put whose path ends with the given suffix (a concurrent
     /// commit landing at a chosen moment).
     pub before_put: Mutex<Option<PutHook>>,
+    /// Run once, before the next listing yields its first entry (a concurrent commit landing
+    /// while a cleanup lists the table's files).
+    /// (The hook's path suffix is not used.)
+    pub before_list: Mutex<Option<PutHook>>,
 }
 
 /// A future run before the first put whose path ends with `.0` (see [`FaultyStore::before_put`]).
@@ -210,6 +214,7 @@ impl FaultyStore {
             lost_replies: AtomicU64::new(0),
             reads: Mutex::new(Vec::new()),
             before_put: Mutex::new(None),
+            before_list: Mutex::new(None),
         }
     }
 
@@ -319,7 +324,10 @@ impl ObjectStore for FaultyStore {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix)
+        use futures::StreamExt;
+        let Some(hook) = self.before_list.lock().take() else { return self.inner.list(prefix) };
+        let (inner, prefix) = (self.inner.clone(), prefix.cloned());
+        futures::stream::once(hook.1).flat_map(move |()| inner.list(prefix.as_ref())).boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
