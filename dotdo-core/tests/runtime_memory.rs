@@ -387,6 +387,24 @@ fn ring_runtime(w: &World, node: &str, owner: &str) -> ObjectRuntime {
         .expect("runtime")
 }
 
+/// A ring set after build on a runtime built without one is used: for routing hints and by
+/// `flush_all`, which leaves the objects the ring gives another node to that node.
+#[tokio::test]
+async fn a_ring_set_after_build_is_used() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    assert_eq!(rt.owner_hint(&o), None);
+    let writer = w.runtime("w", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    incr(&writer, &o).await.expect("write, released after the call");
+    let mut ring = HashRing::new(16).expect("ring");
+    ring.add(NodeId::new("b").expect("node"));
+    rt.set_ring(ring);
+    assert_eq!(rt.owner_hint(&o).map(|n| n.to_string()), Some("b".to_string()));
+    rt.flush_all().await.expect("flush_all");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 0, "left to the ring's owner");
+}
+
 /// A call on `o` that puts `n` = 1 and then waits: returns once it runs, with the sender that
 /// lets it finish and its task.
 async fn paused_call(

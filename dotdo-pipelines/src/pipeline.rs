@@ -49,7 +49,8 @@ pub struct PipelineMetrics {
 /// What one roll did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RollReport {
-    /// Cold commits made (one per route touched).
+    /// Cold commits made (one per claimed batch per route touched; a roll claims at most
+    /// `roll_rows` events and about `roll_bytes` bytes at a time).
     pub commits: u64,
     /// Events newly committed.
     pub events: u64,
@@ -185,7 +186,7 @@ struct Inner {
 }
 
 /// The batched streaming write path: cheap `send`, rolls by time / rows / bytes into one cold
-/// commit per roll (per route), exactly once across crashes and retries.
+/// commit per claimed batch and route, exactly once across crashes and retries.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]

@@ -77,8 +77,8 @@ pub struct RuntimeSettings {
     /// How long `invoke` waits for a lease held by another node before failing with
     /// `LeaseHeld`. Default 0 (fail at once, the caller routes elsewhere).
     pub acquire_timeout: Duration,
-    /// A commit is refused (and the lease refreshed first) when less than this is left on the
-    /// lease: a write must not race the lease's expiry. Default 1 s (clamped to TTL/3).
+    /// A commit with less than this left on the lease refreshes the lease first (and fails only
+    /// if that refresh fails): a write must not race the lease's expiry. Default 1 s (clamped to TTL/3).
     pub commit_margin: Duration,
     /// Recovery mode for objects with no hot state.
     pub restore: RestoreMode,
@@ -165,7 +165,7 @@ pub(crate) struct Inner {
     accel: Option<Arc<dyn IndexAccelerator>>,
     clock: Arc<dyn Clock>,
     settings: RuntimeSettings,
-    ring: Option<parking_lot::RwLock<HashRing>>,
+    ring: parking_lot::RwLock<Option<HashRing>>,
     slots: parking_lot::Mutex<HashMap<ObjectId, Arc<futures::lock::Mutex<Slot>>>>,
     /// Leases a cancelled call (its future dropped) took or held but could neither keep in a
     /// slot nor release; the next activation of the object releases them first, so this node
@@ -255,7 +255,7 @@ impl ObjectRuntimeBuilder {
                 accel: self.accel,
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
                 settings: self.settings,
-                ring: self.ring.map(parking_lot::RwLock::new),
+                ring: parking_lot::RwLock::new(self.ring),
                 slots: parking_lot::Mutex::new(HashMap::new()),
                 orphans: parking_lot::Mutex::new(HashMap::new()),
                 shutting_down: AtomicBool::new(false),
@@ -357,14 +357,13 @@ impl ObjectRuntime {
 
     /// The node the ring prefers for `object` (a routing hint), if a ring was configured.
     pub fn owner_hint(&self, object: &ObjectId) -> Option<NodeId> {
-        self.inner.ring.as_ref().and_then(|r| r.read().node_for(object).cloned())
+        self.inner.ring.read().as_ref().and_then(|r| r.node_for(object).cloned())
     }
 
-    /// Replace the ring (nodes joined or left).
+    /// Set or replace the ring (nodes joined or left); a runtime built without one starts
+    /// using it from here on.
     pub fn set_ring(&self, ring: HashRing) {
-        if let Some(r) = &self.inner.ring {
-            *r.write() = ring;
-        }
+        *self.inner.ring.write() = Some(ring);
     }
 
     fn slot(&self, object: &ObjectId) -> Arc<futures::lock::Mutex<Slot>> {

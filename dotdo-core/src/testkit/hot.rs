@@ -1225,7 +1225,7 @@ pub fn prop_guard_matches_model(f: &HotFactory) {
     }
 }
 
-/// Run every hot case (not the property tests) and return the failures instead of panicking.
+/// Run every hot case (and the property tests) and return the failures instead of panicking.
 pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
     macro_rules! cases {
         ($($c:ident),+) => { vec![$((stringify!($c), Box::new(|f: &HotFactory| runtime().block_on($c(f))) as Box<dyn Fn(&HotFactory)>)),+] };
