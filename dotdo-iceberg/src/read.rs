@@ -373,7 +373,7 @@ impl IcebergColdStore {
                 mf.manifest_path
             )));
         }
-        let bucket_at = self.inner.bucketer.spec;
+        let bucket_at = self.bucketer_for(table).and_then(|b| b.spec);
         let loads = manifests.iter().cloned().map(|mf| async move {
             let cached = cache.manifests.lock().get(&mf.manifest_path).cloned();
             if let Some(c) = cached {
@@ -431,11 +431,14 @@ impl IcebergColdStore {
         stats.snapshot = Some(snapshot.snapshot_id());
         let files = self.files_of(table, snapshot).await?;
         stats.files_total = files.len() as u64;
-        let bucket = self.inner.bucketer.bucket(object.as_str())?;
+        let bucket = match self.bucketer_for(table) {
+            Some(b) => Some(b.bucket(object.as_str())?),
+            None => None,
+        };
         let o = object.as_str();
         let mut open = Vec::new();
         for f in files {
-            if f.bucket.is_some_and(|b| b != bucket) {
+            if f.bucket.zip(bucket).is_some_and(|(b, want)| b != want) {
                 stats.pruned_by_partition += 1;
                 continue;
             }

@@ -263,7 +263,8 @@ impl IcebergColdStoreBuilder {
             .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
         let ident = TableIdent::new(ns.clone(), self.table.clone());
         let table = open_table(&*catalog, &ident, &self.settings).await?;
-        let bucketer = table_bucketer(&table)?;
+        let bucketer = Arc::new(table_bucketer(&table)?);
+        let table_uuid = table.metadata().uuid();
         Ok(IcebergColdStore {
             inner: Arc::new(Inner {
                 catalog,
@@ -275,6 +276,7 @@ impl IcebergColdStoreBuilder {
                 table: parking_lot::Mutex::new(table),
                 commit_lock: tokio::sync::Mutex::new(()),
                 bucketer,
+                table_uuid,
                 cache: FileCache::default(),
                 runtime: iceberg::Runtime::try_current()
                     .map_err(|e| classify(e, "building the store (no tokio runtime)").with_retryable(false))?,
@@ -380,7 +382,11 @@ pub(crate) struct Inner {
     pub(crate) table: parking_lot::Mutex<Table>,
     /// Serialises this process's appends (other processes are handled optimistically).
     commit_lock: tokio::sync::Mutex<()>,
-    pub(crate) bucketer: Bucketer,
+    /// The `bucket(do_id)` transform of the table as opened (see [`IcebergColdStore::bucketer_for`]).
+    bucketer: Arc<Bucketer>,
+    /// The uuid of the table as opened: a table dropped and created again under the same name
+    /// may be partitioned differently.
+    table_uuid: uuid::Uuid,
     pub(crate) cache: FileCache,
     /// The runtime of table handles dotdo builds after its own commits: the one the store was
     /// built on, which lives as long as the store is used (a call's runtime may not).
@@ -527,6 +533,17 @@ impl IcebergColdStore {
     }
 
     /// Keep `t` as the newest known table unless a newer one is already known.
+    /// The `bucket(do_id)` transform to prune reads of `table` with: the one of open time, or,
+    /// for a table dropped and created again since, that table's own (`None`: it is not
+    /// partitioned by `do_id`, and nothing is pruned by partition).
+    pub(crate) fn bucketer_for(&self, table: &Table) -> Option<Arc<Bucketer>> {
+        if table.metadata().uuid() == self.inner.table_uuid {
+            Some(self.inner.bucketer.clone())
+        } else {
+            table_bucketer(table).ok().map(Arc::new)
+        }
+    }
+
     pub(crate) fn remember(&self, t: &Table) {
         let mut cur = self.inner.table.lock();
         // A different table (dropped and created again) always replaces the old one.
@@ -646,11 +663,12 @@ impl IcebergColdStore {
         );
         // Partition values by the spec the files are written under: if another engine evolved
         // the spec since this store opened, the bucketer of open time no longer applies.
+        // The same holds for a table dropped and created again since (another uuid).
         let evolved = match self.inner.bucketer.spec {
-            Some((id, _)) if id == spec.spec_id() => None,
+            Some((id, _)) if id == spec.spec_id() && md.uuid() == self.inner.table_uuid => None,
             _ => Some(table_bucketer(table)?),
         };
-        let bucketer = evolved.as_ref().unwrap_or(&self.inner.bucketer);
+        let bucketer = evolved.as_ref().unwrap_or(&*self.inner.bucketer);
         if spec.fields().len() != 1 {
             return Err(Error::invalid(format!(
                 "{}: partition spec {} has {} fields; dotdo writes tables partitioned by bucket(do_id) alone",

@@ -577,6 +577,40 @@ async fn a_compaction_committing_during_a_cleanup_keeps_its_files() {
     assert_eq!(state.entries.len(), 4);
 }
 
+/// A table dropped and created again under the same name with another bucket count, while a
+/// store that opened the old one runs: that store prunes reads and partitions its writes by the
+/// new table's buckets. Before, it pruned by the old count (rows read as absent) and wrote
+/// partition values of the old count under the new spec (rows other stores then skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_created_again_with_other_buckets_is_read_and_written_by_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = open(dir.path(), 16).await;
+    let ident = iceberg::TableIdent::from_strs(["m", "changes"]).expect("ident");
+    a.catalog().drop_table(&ident).await.expect("drop");
+    let b = open(dir.path(), 4).await;
+    let ids: Vec<ObjectId> = (0..12).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+    let batch = |ids: &[ObjectId]| ColdBatch {
+        objects: ids
+            .iter()
+            .map(|o| ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: vec![common::put(o, 1, "k", "v", 1)],
+            })
+            .collect(),
+    };
+    b.append(batch(&ids[..6])).await.expect("b appends to the new table");
+    for o in &ids[..6] {
+        let st = a.load_state(o, AsOf::Latest).await.expect("a reads the new table");
+        assert_eq!(st.entries.len(), 1, "{o} pruned away by the old bucket count");
+    }
+    a.append(batch(&ids[6..])).await.expect("a appends to the new table");
+    for o in &ids[6..] {
+        let st = b.load_state(o, AsOf::Latest).await.expect("b reads a's rows");
+        assert_eq!(st.entries.len(), 1, "{o} written under the wrong bucket");
+    }
+}
+
 /// A retry delay that maintenance's backoff would stretch to hours is refused at build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_base_delay_above_one_second_is_refused() {
