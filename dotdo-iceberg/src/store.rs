@@ -60,7 +60,9 @@ pub struct Settings {
     /// when nothing changed). With `false` a store sees only its own commits until it commits
     /// again or [`IcebergColdStore::refresh`] is called; and if another process's maintenance
     /// expires the state it holds and cleans up its files (after the cleanup retention), its
-    /// reads fail with `Corrupt` naming a missing file until it refreshes.
+    /// reads fail with `Corrupt` naming a missing file until it refreshes. Keep it on where
+    /// another node drains the same objects: an object evicted there whose changes this store
+    /// does not see yet is refused with `Corrupt` by the runtime here.
     pub refresh_reads: bool,
     /// Name of the catalog (the SQL catalog's `catalog_name` column; default `"dotdo"`).
     pub catalog_name: String,
@@ -532,7 +534,6 @@ impl IcebergColdStore {
         Ok(t)
     }
 
-    /// Keep `t` as the newest known table unless a newer one is already known.
     /// The `bucket(do_id)` transform to prune reads of `table` with: the one of open time, or,
     /// for a table dropped and created again since, that table's own (`None`: it is not
     /// partitioned by `do_id`, and nothing is pruned by partition).
@@ -544,6 +545,7 @@ impl IcebergColdStore {
         }
     }
 
+    /// Keep `t` as the newest known table unless a newer one is already known.
     pub(crate) fn remember(&self, t: &Table) {
         let mut cur = self.inner.table.lock();
         // A different table (dropped and created again) always replaces the old one.

@@ -177,31 +177,45 @@ pub(crate) async fn write_user_files(
     w.close().await.map_err(|e| classify(e, what))
 }
 
+/// Stream marks recorded in a snapshot's summary, as stored (each stream's mark is checked only
+/// when that stream is asked for: one foreign or damaged mark does not block the others).
+struct Marks {
+    raw: HashMap<String, String>,
+    snapshot: i64,
+}
+
+impl Marks {
+    /// The mark of `stream` (0 if none).
+    fn get(&self, stream: &str) -> Result<u64> {
+        let Some(v) = self.raw.get(stream) else { return Ok(0) };
+        // Batch ids are counted up from 1 by one writer; a mark that is not a number, or beyond
+        // any count a writer reaches (where `mark + 1` could overflow), was not written by dotdo.
+        match v.parse::<u64>() {
+            Ok(m) if m <= MAX_MARK => Ok(m),
+            _ => Err(Error::corrupt(format!(
+                "snapshot {} summary: stream mark {MARK_PREFIX}{stream} = {v:?} is not a batch id (0..={MAX_MARK})",
+                self.snapshot
+            ))),
+        }
+    }
+}
+
 /// Stream marks recorded in the current snapshot's summary (or its nearest dotdo ancestor's, if
 /// another engine wrote it).
-fn marks(table: &Table) -> Result<HashMap<String, u64>> {
+fn marks(table: &Table) -> Result<Marks> {
     let md = table.metadata();
     let base = match md.current_snapshot() {
         Some(s) => crate::summary::dotdo_base(md, s)?,
         None => None,
     };
-    let Some(s) = base else { return Ok(HashMap::new()) };
-    let mut out = HashMap::new();
-    for (k, v) in &s.summary().additional_properties {
-        let Some(stream) = k.strip_prefix(MARK_PREFIX) else { continue };
-        // Batch ids are counted up from 1 by one writer; a mark that is not a number, or beyond
-        // any count a writer reaches (where `mark + 1` could overflow), was not written by dotdo.
-        match v.parse::<u64>() {
-            Ok(m) if m <= MAX_MARK => out.insert(stream.to_string(), m),
-            _ => {
-                return Err(Error::corrupt(format!(
-                    "snapshot {} summary: stream mark {k} = {v:?} is not a batch id (0..={MAX_MARK})",
-                    s.snapshot_id()
-                )))
-            }
-        };
-    }
-    Ok(out)
+    let Some(s) = base else { return Ok(Marks { raw: HashMap::new(), snapshot: 0 }) };
+    let raw = s
+        .summary()
+        .additional_properties
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(MARK_PREFIX)?.to_string(), v.clone())))
+        .collect();
+    Ok(Marks { raw, snapshot: s.snapshot_id() })
 }
 
 /// The largest stream mark (batch id) accepted in a summary.
@@ -253,7 +267,7 @@ impl ArrowTable {
 
     /// The highest batch id committed by `stream` (0 if none).
     pub async fn last_batch(&self, stream: &str) -> Result<u64> {
-        Ok(marks(&self.load().await?)?.get(stream).copied().unwrap_or(0))
+        marks(&self.load().await?)?.get(stream)
     }
 
     /// Append `batches` as batch `batch_id` of `stream`, exactly once (see the module docs).
@@ -325,7 +339,7 @@ impl ArrowTable {
                 &evolved
             };
             let mut m = marks(&table)?;
-            if m.get(stream).copied().unwrap_or(0) >= batch_id {
+            if m.get(stream)? >= batch_id {
                 return Ok(ArrowCommit { snapshot: None, rows: 0 });
             }
             if rows == 0 {
@@ -357,9 +371,10 @@ impl ArrowTable {
                     f
                 }
             };
-            m.insert(stream.to_string(), batch_id);
+            // Other streams' marks are carried on as stored.
+            m.raw.insert(stream.to_string(), batch_id.to_string());
             let props: HashMap<String, String> =
-                m.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v.to_string())).collect();
+                m.raw.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v)).collect();
             match self.store.try_commit(&table, data, props).await {
                 Ok(t) => {
                     // A reported commit that the catalog did not make durable is not

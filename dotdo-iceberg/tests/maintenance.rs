@@ -661,7 +661,14 @@ async fn a_user_tables_out_of_range_stream_mark_is_corrupt() {
         let e = t.append("s", 2, vec![batch()]).await.expect_err("corrupt mark");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{bad}: {e}");
         assert!(e.to_string().contains("dotdo.stream.s"), "{e}");
+        assert_eq!(t.last_batch("s").await.expect_err("corrupt mark").kind(), &ErrorKind::Corrupt);
     }
+    // Another stream of the table is not held up by it, and its commits carry the bad mark on
+    // as stored (for an operator to repair).
+    let before = t.last_batch("other").await.expect("another stream");
+    t.append("other", before + 1, vec![batch()]).await.expect("another stream appends");
+    assert_eq!(t.last_batch("other").await.expect("mark"), before + 1);
+    assert_eq!(t.last_batch("s").await.expect_err("still corrupt").kind(), &ErrorKind::Corrupt);
 }
 
 /// A user table (ArrowTable) written in many small appends, with a column added half way:

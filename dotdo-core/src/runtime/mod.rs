@@ -732,8 +732,9 @@ impl ObjectRuntime {
             // state would silently serve (and build on) an object without its state.
             return Err(Error::corrupt(format!(
                 "{object}: cold storage acknowledged changes through seq {} (the hot store truncated them), \
-                 but now holds them only through seq {}; the cold store lost data, or this runtime \
-                 uses a different table or cold store than the one that acknowledged them",
+                 but now holds them only through seq {}; the cold store lost data, this runtime \
+                 uses a different table or cold store than the one that acknowledged them, or its \
+                 cold store reads a stale table (Iceberg with refresh_reads off)",
                 i.truncated_through, wm.through
             )));
         }
