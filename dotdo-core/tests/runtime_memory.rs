@@ -663,6 +663,8 @@ struct FlakyCold {
     conflicts: std::sync::atomic::AtomicU32,
     /// Report commits without any watermark (a sink breaking the `ColdSink` contract).
     forget_watermarks: std::sync::atomic::AtomicBool,
+    /// `load_state` calls so far.
+    loads: std::sync::atomic::AtomicU64,
 }
 
 impl FlakyCold {
@@ -673,6 +675,7 @@ impl FlakyCold {
             hang: false.into(),
             conflicts: 0.into(),
             forget_watermarks: false.into(),
+            loads: 0.into(),
         }
     }
 }
@@ -717,6 +720,7 @@ impl ColdSink for FlakyCold {
     }
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         self.check()?;
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.load_state(object, as_of).await
     }
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
@@ -1079,6 +1083,38 @@ async fn a_lazy_object_survives_the_expiry_of_its_snapshot() {
     let mut after = all_state(&b, &o).await;
     after.retain(|(k, _)| k != "n");
     assert_eq!(after, before);
+}
+
+/// Without an accelerator a lazy read of one key costs a read of the object's whole cold state:
+/// the first miss keeps all of it, so later reads (of present and absent keys) ask cold nothing.
+/// Before, every distinct key read the whole state again.
+#[tokio::test]
+async fn a_lazy_object_without_an_accelerator_reads_its_cold_state_once() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 20).await;
+    a.evict(&o).await.expect("evict");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(cold.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+        .build()
+        .expect("build runtime");
+    for i in 0..10 {
+        let key = format!("key/{i:04}");
+        assert_eq!(get(&b, &o, &key).await.expect("lazy read"), Some(Bytes::from(format!("value-{i}"))), "{key}");
+    }
+    assert_eq!(get(&b, &o, "gone").await.expect("absent"), None);
+    assert_eq!(get(&b, &o, "never").await.expect("absent"), None);
+    assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1, "one read of the whole state");
+    assert_eq!(b.metrics().recent_activations.back().map(|m| m.recovery), Some(Recovery::Lazy));
+    // A write completes the restore; every key is there.
+    assert_eq!(incr(&b, &o).await.expect("write"), 1);
+    assert_eq!(all_state(&b, &o).await.len(), 21);
 }
 
 /// `flush_all` skips objects whose lease this runtime no longer holds: their changes are not

@@ -760,8 +760,13 @@ impl ObjectRuntime {
             RestoreMode::Eager => restore_eager(inner, object, token).await,
             mode => {
                 let snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
-                let mut lazy =
-                    LazyState { snapshot, through: wm.through, cache: HashMap::new(), preloaded: HashMap::new() };
+                let mut lazy = LazyState {
+                    snapshot,
+                    through: wm.through,
+                    cache: HashMap::new(),
+                    preloaded: HashMap::new(),
+                    complete: false,
+                };
                 let (mut keys, mut bytes) = (0, 0);
                 let recovery = if let RestoreMode::Hybrid { keys: named, prefixes } = mode {
                     let (k, b) = preload(inner, object, &mut lazy, named, prefixes).await?;
@@ -1283,12 +1288,17 @@ async fn preload(
             }
         }
         None => {
+            // The whole state is read anyway: keep all of it (a named key that does not exist
+            // is then known absent too), counting only the named keys and prefixes.
             let st = inner.cold.load_state(object, as_of).await?;
             for e in st.entries {
                 if keys.contains(&e.key) || prefixes.iter().any(|p| e.key.starts_with(p.as_str())) {
                     put(lazy, e.key, Some(e.value));
+                } else {
+                    lazy.cache.insert(e.key, Some(e.value));
                 }
             }
+            lazy.complete = true;
         }
     }
     inner.metrics.lock().preloaded_keys += n;
@@ -1309,6 +1319,25 @@ pub(crate) async fn repin(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut Lazy
     lazy.snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
     tracing::debug!(object = %object, snapshot = ?lazy.snapshot, "dotdo lazy snapshot expired; re-pinned");
     Ok(lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot))
+}
+
+/// Read the object's whole cold state at the lazy activation's snapshot into its cache (for a
+/// runtime without an accelerator, where any one key costs that read); re-pins an expired
+/// snapshot like any lazy read.
+pub(crate) async fn cache_whole_state(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<()> {
+    let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
+    let st = match inner.cold.load_state(object, as_of).await {
+        Err(e) if e.kind() == &ErrorKind::NotFound && lazy.snapshot.is_some() => {
+            let as_of = repin(inner, object, lazy).await?;
+            inner.cold.load_state(object, as_of).await?
+        }
+        r => r?,
+    };
+    for e in st.entries {
+        lazy.cache.entry(e.key).or_insert(Some(e.value));
+    }
+    lazy.complete = true;
+    Ok(())
 }
 
 /// The value of `key` in the object's cold state as of `as_of` (through the accelerator when

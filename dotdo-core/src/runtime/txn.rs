@@ -20,6 +20,9 @@ pub(crate) struct LazyState {
     pub(crate) cache: HashMap<String, Option<Bytes>>,
     /// Keys preloaded, each with whether it was read since.
     pub(crate) preloaded: HashMap<String, bool>,
+    /// Every key of the state at `snapshot` is in `cache` (loaded whole, as it is without an
+    /// accelerator): a key missing there is absent, with no need to ask cold storage.
+    pub(crate) complete: bool,
 }
 
 /// A handler's view of one object: reads see the object's state plus the handler's own writes;
@@ -74,7 +77,17 @@ impl<'a> ObjectTxn<'a> {
                     }
                     return Ok(v.clone());
                 }
+                if lazy.complete {
+                    self.inner.metrics.lock().lazy_cache_hits += 1;
+                    return Ok(None);
+                }
                 self.inner.metrics.lock().lazy_cache_misses += 1;
+                if self.inner.accel.is_none() {
+                    // Without an accelerator a key's value costs a read of the whole state:
+                    // keep all of it, so each later read is a cache hit.
+                    super::cache_whole_state(self.inner, self.object, lazy).await?;
+                    return Ok(lazy.cache.get(key).cloned().flatten());
+                }
                 let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
                 let v = match super::cold_value(self.inner, self.object, key, as_of).await {
                     Err(e) if e.kind() == &crate::ErrorKind::NotFound && lazy.snapshot.is_some() => {
