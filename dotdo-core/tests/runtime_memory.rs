@@ -46,6 +46,19 @@ impl World {
             .expect("build runtime")
     }
 
+    /// A lazily restoring runtime over the world's hot store and guard with its own cold sink
+    /// and no accelerator.
+    fn lazy_runtime_without_accelerator(&self, node: &str, cold: Arc<dyn ColdSink>) -> ObjectRuntime {
+        ObjectRuntime::builder(NodeId::new(node).expect("valid"))
+            .with_hot_store(Arc::new(self.hot.clone()))
+            .with_guard(Arc::new(self.hot.clone()))
+            .with_cold_sink(cold)
+            .with_clock(Arc::new(self.clock.clone()))
+            .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+            .build()
+            .expect("build runtime")
+    }
+
     /// A runtime with its own guard and cold sink (fault-injecting wrappers); the accelerator
     /// stays the world's cold store.
     fn runtime_with(
@@ -1063,14 +1076,7 @@ async fn a_lazy_object_survives_the_expiry_of_its_snapshot() {
     let before = all_state(&a, &o).await;
     a.evict(&o).await.expect("evict");
     let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
-    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(cold.clone())
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
-        .build()
-        .expect("build runtime");
+    let b = w.lazy_runtime_without_accelerator("b", cold.clone());
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
     let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
     // Other objects move the table on; maintenance expires the snapshot `o` reads.
@@ -1096,14 +1102,7 @@ async fn a_lazy_object_without_an_accelerator_reads_its_cold_state_once() {
     populate(&a, &o, 20).await;
     a.evict(&o).await.expect("evict");
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(cold.clone())
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
-        .build()
-        .expect("build runtime");
+    let b = w.lazy_runtime_without_accelerator("b", cold.clone());
     for i in 0..10 {
         let key = format!("key/{i:04}");
         assert_eq!(get(&b, &o, &key).await.expect("lazy read"), Some(Bytes::from(format!("value-{i}"))), "{key}");

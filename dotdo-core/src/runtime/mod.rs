@@ -1325,14 +1325,7 @@ pub(crate) async fn repin(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut Lazy
 /// runtime without an accelerator, where any one key costs that read); re-pins an expired
 /// snapshot like any lazy read.
 pub(crate) async fn cache_whole_state(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<()> {
-    let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
-    let st = match inner.cold.load_state(object, as_of).await {
-        Err(e) if e.kind() == &ErrorKind::NotFound && lazy.snapshot.is_some() => {
-            let as_of = repin(inner, object, lazy).await?;
-            inner.cold.load_state(object, as_of).await?
-        }
-        r => r?,
-    };
+    let st = load_pinned(inner, object, lazy).await?;
     for e in st.entries {
         lazy.cache.entry(e.key).or_insert(Some(e.value));
     }
@@ -1357,6 +1350,18 @@ pub(crate) async fn cold_value(
     }
 }
 
+/// The object's whole cold state at the lazy activation's snapshot, re-pinning an expired one.
+async fn load_pinned(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<crate::ColdState> {
+    let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
+    match inner.cold.load_state(object, as_of).await {
+        Err(e) if e.kind() == &ErrorKind::NotFound && lazy.snapshot.is_some() => {
+            let as_of = repin(inner, object, lazy).await?;
+            inner.cold.load_state(object, as_of).await
+        }
+        r => r,
+    }
+}
+
 /// Install the object's cold state in hot storage and leave lazy mode.
 pub(crate) async fn complete_restore(
     inner: &Arc<Inner>,
@@ -1365,14 +1370,7 @@ pub(crate) async fn complete_restore(
     lazy: &mut Option<LazyState>,
 ) -> Result<()> {
     let Some(state) = lazy.as_mut() else { return Ok(()) };
-    let as_of = state.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
-    let st = match inner.cold.load_state(object, as_of).await {
-        Err(e) if e.kind() == &ErrorKind::NotFound && state.snapshot.is_some() => {
-            let as_of = repin(inner, object, state).await?;
-            inner.cold.load_state(object, as_of).await?
-        }
-        r => r?,
-    };
+    let st = load_pinned(inner, object, state).await?;
     if st.through != state.through {
         return Err(Error::new(
             ErrorKind::Conflict,
