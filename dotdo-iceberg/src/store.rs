@@ -534,7 +534,8 @@ impl IcebergColdStore {
         Ok(t)
     }
 
-    /// The `bucket(do_id)` transform to prune reads of `table` with: the one of open time, or,
+    /// The `bucket(do_id)` transform of `table` (reads prune by it, writes partition by it when
+    /// its spec is the default one): the one of open time, or,
     /// for a table dropped and created again since, that table's own (`None`: it is not
     /// partitioned by `do_id`, and nothing is pruned by partition).
     pub(crate) fn bucketer_for(&self, table: &Table) -> Option<Arc<Bucketer>> {
@@ -665,12 +666,10 @@ impl IcebergColdStore {
         );
         // Partition values by the spec the files are written under: if another engine evolved
         // the spec since this store opened, the bucketer of open time no longer applies.
-        // The same holds for a table dropped and created again since (another uuid).
-        let evolved = match self.inner.bucketer.spec {
-            Some((id, _)) if id == spec.spec_id() && md.uuid() == self.inner.table_uuid => None,
-            _ => Some(table_bucketer(table)?),
+        let bucketer = match self.bucketer_for(table) {
+            Some(b) if b.spec.is_some_and(|(id, _)| id == spec.spec_id()) => b,
+            _ => Arc::new(table_bucketer(table)?),
         };
-        let bucketer = evolved.as_ref().unwrap_or(&*self.inner.bucketer);
         if spec.fields().len() != 1 {
             return Err(Error::invalid(format!(
                 "{}: partition spec {} has {} fields; dotdo writes tables partitioned by bucket(do_id) alone",

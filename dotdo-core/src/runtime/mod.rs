@@ -999,12 +999,7 @@ impl ObjectRuntime {
                 let through = commit.watermarks.get(&oc.object).map_or(0, |w| w.through);
                 let hot_last = last_seqs.get(&oc.object).copied().unwrap_or(Seq::MAX);
                 let appended = oc.records.last().map_or(0, |r| r.seq);
-                if through > hot_last || through < appended {
-                    let e = if through > hot_last {
-                        hot_behind_cold(&oc.object, hot_last, through)
-                    } else {
-                        sink_fell_short(&oc.object, appended, through)
-                    };
+                if let Err(e) = check_durable_through(&oc.object, hot_last, appended, through) {
                     tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
                     left_out.insert(oc.object.clone());
                     first_err.get_or_insert(e);
@@ -1333,23 +1328,6 @@ pub(crate) async fn cache_whole_state(inner: &Arc<Inner>, object: &ObjectId, laz
     Ok(())
 }
 
-/// The value of `key` in the object's cold state as of `as_of` (through the accelerator when
-/// there is one).
-pub(crate) async fn cold_value(
-    inner: &Arc<Inner>,
-    object: &ObjectId,
-    key: &str,
-    as_of: AsOf,
-) -> Result<Option<bytes::Bytes>> {
-    match &inner.accel {
-        Some(a) => Ok(a.lookup(object, key, as_of).await?.value.map(|v| v.value)),
-        None => {
-            let st = inner.cold.load_state(object, as_of).await?;
-            Ok(st.entries.into_iter().find(|e| e.key == key).map(|e| e.value))
-        }
-    }
-}
-
 /// The object's whole cold state at the lazy activation's snapshot, re-pinning an expired one.
 async fn load_pinned(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<crate::ColdState> {
     let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
@@ -1441,14 +1419,23 @@ fn hot_behind_cold(object: &ObjectId, hot_last: Seq, cold_through: Seq) -> Error
     .with_retryable(false)
 }
 
-/// A cold commit that reports an object durable below the changes just appended for it breaks
-/// the `ColdSink` contract; truncating to it and draining again would loop forever.
-fn sink_fell_short(object: &ObjectId, appended: Seq, through: Seq) -> Error {
-    Error::backend(format!(
-        "{object}: the cold sink acknowledged an append of changes through seq {appended} but reports \
-         the object durable only through seq {through} (a ColdSink must report every appended object's \
-         watermark); nothing was truncated"
-    ))
+/// Whether a drain may truncate the hot change log through `through`, the object's durable
+/// watermark after a cold commit of its changes up to `appended`: not if cold is ahead of the
+/// hot store's last change `hot_last` ([`hot_behind_cold`]), nor if the commit reports the
+/// object durable below what was appended, which breaks the `ColdSink` contract (truncating
+/// to it and draining again would loop forever).
+fn check_durable_through(object: &ObjectId, hot_last: Seq, appended: Seq, through: Seq) -> Result<()> {
+    if through > hot_last {
+        return Err(hot_behind_cold(object, hot_last, through));
+    }
+    if through < appended {
+        return Err(Error::backend(format!(
+            "{object}: the cold sink acknowledged an append of changes through seq {appended} but reports \
+             the object durable only through seq {through} (a ColdSink must report every appended object's \
+             watermark); nothing was truncated"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a failed drain leaves the activation unusable (the lease is gone, or the hot store
@@ -1634,12 +1621,7 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
             check_skipped(inner, object, info.truncated_through, &commit).await?;
         }
         let through: Seq = commit.watermarks.get(object).map_or(0, |w| w.through);
-        if through > info.last_seq {
-            return Err(hot_behind_cold(object, info.last_seq, through));
-        }
-        if through < appended {
-            return Err(sink_fell_short(object, appended, through));
-        }
+        check_durable_through(object, info.last_seq, appended, through)?;
         inner.hot.truncate_changes(object, token, through).await?;
         report.commits += u64::from(commit.snapshot.is_some());
         report.records += commit.records_written;

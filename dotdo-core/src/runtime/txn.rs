@@ -82,20 +82,22 @@ impl<'a> ObjectTxn<'a> {
                     return Ok(None);
                 }
                 self.inner.metrics.lock().lazy_cache_misses += 1;
-                if self.inner.accel.is_none() {
+                let Some(accel) = &self.inner.accel else {
                     // Without an accelerator a key's value costs a read of the whole state:
                     // keep all of it, so each later read is a cache hit.
                     super::cache_whole_state(self.inner, self.object, lazy).await?;
                     return Ok(lazy.cache.get(key).cloned().flatten());
-                }
+                };
                 let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
-                let v = match super::cold_value(self.inner, self.object, key, as_of).await {
+                let v = match accel.lookup(self.object, key, as_of).await {
                     Err(e) if e.kind() == &crate::ErrorKind::NotFound && lazy.snapshot.is_some() => {
                         let as_of = super::repin(self.inner, self.object, lazy).await?;
-                        super::cold_value(self.inner, self.object, key, as_of).await?
+                        accel.lookup(self.object, key, as_of).await?
                     }
                     r => r?,
-                };
+                }
+                .value
+                .map(|v| v.value);
                 lazy.cache.insert(key.to_string(), v.clone());
                 Ok(v)
             }
