@@ -14,7 +14,7 @@ use crate::cold::{fold_changes, AsOf, ColdBatch, ObjectChanges, Watermark};
 use crate::error::ErrorKind;
 use crate::ids::{FencingToken, ObjectId, MAX_VALUE_BYTES};
 use crate::record::{ChangeRecord, KeyRange, Op};
-use crate::time::{ManualClock, Timestamp};
+use crate::time::{Clock, ManualClock, Timestamp};
 use crate::IndexAccelerator;
 
 async fn open(f: &ColdFactory) -> (ColdFixture, ManualClock) {
@@ -157,6 +157,11 @@ pub async fn overlapping_batch_writes_only_new_records(f: &ColdFactory) {
     fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=5, 1))).await.expect("append");
     let c = fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 3..=8, 1))).await.expect("overlap");
     assert_eq!((c.records_written, c.records_skipped), (3, 3));
+    assert_eq!(
+        c.watermarks.get(&o),
+        Some(&Watermark { through: 8, token: tok(1) }),
+        "what is durable, not what was sent"
+    );
     let seqs: Vec<u64> =
         fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
@@ -174,7 +179,13 @@ pub async fn gap_in_sequence_is_rejected(f: &ColdFactory) {
     let e = fx.sink.append(ColdBatch::single(o.clone(), tok(1), bad)).await.expect_err("internal gap");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     assert_eq!(fx.sink.watermark(&o).await.expect("wm").through, 2);
+    // An object cold has never seen must start at sequence number 1.
+    let fresh = oid("o2");
+    let e = fx.sink.append(ColdBatch::single(fresh.clone(), tok(1), puts(&fresh, 3..=5, 1))).await.expect_err("gap");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "a first commit starting at 3: {e}");
+    assert_eq!(fx.sink.watermark(&fresh).await.expect("wm"), Watermark::default());
     assert_eq!(fx.sink.snapshots().await.expect("snaps").len(), 1);
+    fx.sink.append(ColdBatch::single(fresh.clone(), tok(1), puts(&fresh, 1..=2, 1))).await.expect("from 1");
 }
 
 /// A committer token lower than one already committed for the object is `Fenced`.
@@ -241,6 +252,9 @@ pub async fn multi_object_batch_is_all_or_nothing(f: &ColdFactory) {
     };
     let c = fx.sink.append(ok).await.expect("both");
     assert_eq!((c.records_written, c.records_skipped), (4, 1));
+    assert_eq!(c.watermarks.len(), 2, "{:?}", c.watermarks);
+    assert_eq!(c.watermarks.get(&a), Some(&Watermark { through: 3, token: tok(1) }));
+    assert_eq!(c.watermarks.get(&b), Some(&Watermark { through: 2, token: tok(9) }));
     assert_eq!(fx.sink.snapshots().await.expect("snaps").len(), 2);
 }
 
@@ -286,6 +300,46 @@ pub async fn deletes_apply_and_time_travel_reads_older_snapshots(f: &ColdFactory
     assert!(before_all.entries.is_empty());
 }
 
+/// `AsOf::Timestamp` reads the latest snapshot committed at or before the time: between two
+/// commits the earlier one, at a commit's own time that commit, far ahead the latest. Through
+/// `load_state`, `read_changes` and the accelerator alike.
+pub async fn timestamp_reads_pick_the_latest_snapshot_at_or_before(f: &ColdFactory) {
+    let (fx, clock) = open(f).await;
+    let o = oid("o1");
+    let mut at = Vec::new();
+    for (i, v) in ["v1", "v2", "v3"].into_iter().enumerate() {
+        let seq = i as u64 + 1;
+        let c = fx.sink.append(ColdBatch::single(o.clone(), tok(1), vec![rec(&o, seq, "k", Some(v), 1)])).await;
+        c.expect("commit");
+        at.push(clock.now());
+        clock.advance(std::time::Duration::from_secs(1));
+    }
+    let snaps = fx.sink.snapshots().await.expect("snapshots");
+    assert_eq!(snaps.iter().map(|s| s.committed_at).collect::<Vec<_>>(), at, "committed at the kit's clock");
+    let half = std::time::Duration::from_millis(500);
+    let cases = [
+        (at[1].plus(half), Some("v2"), 2),
+        (at[2], Some("v3"), 3),
+        (at[0], Some("v1"), 1),
+        (at[2].plus(std::time::Duration::from_secs(3600)), Some("v3"), 3),
+        (Timestamp::EPOCH, None, 0),
+    ];
+    for (ts, want, through) in cases {
+        let st = fx.sink.load_state(&o, AsOf::Timestamp(ts)).await.expect("load by time");
+        let got = st.entries.first().map(|e| std::str::from_utf8(&e.value).expect("utf-8").to_string());
+        assert_eq!((got.as_deref(), st.through), (want, through), "load_state as of {ts:?}");
+        let n = fx.sink.read_changes(&o, 0, AsOf::Timestamp(ts)).await.expect("changes by time").len();
+        assert_eq!(n as u64, through, "read_changes as of {ts:?}");
+        if let Some(a) = fx.accel.as_ref() {
+            let l = a.lookup(&o, "k", AsOf::Timestamp(ts)).await.expect("lookup by time");
+            let got = l.value.map(|v| std::str::from_utf8(&v.value).expect("utf-8").to_string());
+            assert_eq!(got.as_deref(), want, "lookup as of {ts:?}");
+            let sc = a.scan(ScanQuery::object(o.clone()).as_of(AsOf::Timestamp(ts))).await.expect("scan by time");
+            assert_eq!(sc.entries.len(), usize::from(want.is_some()), "scan as of {ts:?}");
+        }
+    }
+}
+
 /// Reading a snapshot that does not exist is `NotFound`.
 pub async fn unknown_snapshot_is_not_found(f: &ColdFactory) {
     let (fx, _) = open(f).await;
@@ -293,8 +347,12 @@ pub async fn unknown_snapshot_is_not_found(f: &ColdFactory) {
     fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=1, 1))).await.expect("append");
     let e = fx.sink.load_state(&o, AsOf::Snapshot(-4242)).await.expect_err("unknown");
     assert_eq!(e.kind(), &ErrorKind::NotFound);
+    let e = fx.sink.read_changes(&o, 0, AsOf::Snapshot(-4242)).await.expect_err("unknown");
+    assert_eq!(e.kind(), &ErrorKind::NotFound, "read_changes: {e}");
     if let Some(a) = fx.accel.as_ref() {
         assert_eq!(a.lookup(&o, "k1", AsOf::Snapshot(-4242)).await.expect_err("unknown").kind(), &ErrorKind::NotFound);
+        let e = a.scan(ScanQuery::object(o.clone()).as_of(AsOf::Snapshot(-4242))).await.expect_err("unknown");
+        assert_eq!(e.kind(), &ErrorKind::NotFound, "scan: {e}");
     }
 }
 
@@ -303,8 +361,10 @@ pub async fn read_changes_after_a_sequence(f: &ColdFactory) {
     let (fx, _) = open(f).await;
     let o = oid("o1");
     let recs = vec![rec(&o, 1, "a", Some("1"), 3), rec(&o, 2, "a", None, 3), rec(&o, 3, "b", Some("x"), 3)];
-    fx.sink.append(ColdBatch::single(o.clone(), tok(3), recs[..2].to_vec())).await.expect("c1");
+    let c1 = fx.sink.append(ColdBatch::single(o.clone(), tok(3), recs[..2].to_vec())).await.expect("c1");
     fx.sink.append(ColdBatch::single(o.clone(), tok(3), recs[2..].to_vec())).await.expect("c2");
+    let s1 = AsOf::Snapshot(c1.snapshot.expect("snapshot"));
+    assert_eq!(fx.sink.read_changes(&o, 0, s1).await.expect("as of c1"), recs[..2].to_vec());
     assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("all"), recs);
     assert_eq!(fx.sink.read_changes(&o, 1, AsOf::Latest).await.expect("after 1"), recs[1..].to_vec());
     assert!(fx.sink.read_changes(&o, 3, AsOf::Latest).await.expect("none").is_empty());
@@ -403,6 +463,14 @@ pub async fn scan_filters_by_range_type_and_time(f: &ColdFactory) {
     let mut q = ScanQuery::object(o.clone());
     q.limit = Some(1);
     assert_eq!(keys(a.scan(q).await.expect("limit")), ["a"]);
+    // The limit counts live, matching entries: b (deleted) and filtered keys take no place.
+    let mut q = ScanQuery::object(o.clone());
+    q.limit = Some(2);
+    assert_eq!(keys(a.scan(q).await.expect("limit")), ["a", "c"]);
+    let mut q = ScanQuery::object(o.clone());
+    q.type_name = Some("Other".into());
+    q.limit = Some(1);
+    assert_eq!(keys(a.scan(q).await.expect("type and limit")), ["c"]);
     assert!(a.scan(ScanQuery::object(oid("unknown"))).await.expect("unknown").entries.is_empty());
 }
 
@@ -548,6 +616,14 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
                         prop_assert_eq!(c.records_written, keys.len() as u64);
                         prop_assert_eq!(c.records_skipped, (have - from) as u64);
                         prop_assert_eq!(c.snapshot.is_some(), !keys.is_empty());
+                        let durable = fx.sink.watermark(&objs[*o]).await.map_err(cfail)?;
+                        prop_assert_eq!(durable.through, next.records[*o].len() as u64);
+                        prop_assert_eq!(c.watermarks.len(), 1);
+                        prop_assert_eq!(
+                            c.watermarks.get(&objs[*o]),
+                            Some(&durable),
+                            "the commit reports what is durable"
+                        );
                         if let Some(s) = c.snapshot {
                             snap_ids.push(s);
                         }
@@ -788,6 +864,7 @@ pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
         empty_batch_creates_no_snapshot,
         multi_object_batch_is_all_or_nothing,
         deletes_apply_and_time_travel_reads_older_snapshots,
+        timestamp_reads_pick_the_latest_snapshot_at_or_before,
         unknown_snapshot_is_not_found,
         read_changes_after_a_sequence,
         large_values_roundtrip,

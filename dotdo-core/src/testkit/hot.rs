@@ -299,6 +299,10 @@ pub async fn pending_objects_are_listed_until_truncated(f: &HotFactory) {
     let lb = &leases[2];
     fx.hot.truncate_changes(&lb.object, lb.token, 1).await.expect("truncate b");
     assert_eq!(ids(fx.hot.objects_with_pending_changes(None, 10).await.expect("pending")), ["a", "c"]);
+    for other in [&leases[0], &leases[1]] {
+        let log = fx.hot.read_changes(&other.object, 0, 10).await.expect("log");
+        assert_eq!(log.len(), 1, "truncating b left {}'s change log alone", other.object);
+    }
 }
 
 /// Token `NONE` is never accepted.
@@ -347,6 +351,10 @@ pub async fn sequence_numbers_are_bounded(f: &HotFactory) {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     let entry = crate::Entry { key: "k".into(), value: b("v"), seq: crate::MAX_SEQ - 1 };
     fx.hot.restore(&l.object, l.token, vec![entry], crate::MAX_SEQ - 1).await.expect("restore near the end");
+    let two = WriteBatch::new("T").put("x", b("1")).put("y", b("2"));
+    let e = fx.hot.write(&l.object, l.token, two).await.expect_err("a two-op batch would pass MAX_SEQ");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert_eq!(fx.hot.get(&l.object, "x").await.expect("get"), None, "nothing of the refused batch applied");
     let r = fx.hot.put(&l.object, l.token, "T", "a", b("1")).await.expect("the last sequence number");
     assert_eq!(r.last_seq, crate::MAX_SEQ);
     let e = fx.hot.put(&l.object, l.token, "T", "b", b("2")).await.expect_err("past MAX_SEQ");
@@ -792,9 +800,9 @@ pub async fn validate_reports_current_fenced_and_lost(f: &HotFactory) {
     assert!(fx.guard.validate(&forged).await.is_err());
 }
 
-/// TTLs of zero or over a day are `InvalidInput`.
+/// TTLs of zero or over a day are `InvalidInput`; exactly `MIN_TTL` and `MAX_TTL` are valid.
 pub async fn invalid_ttl_is_rejected(f: &HotFactory) {
-    let (fx, _) = open(f).await;
+    let (fx, clock) = open(f).await;
     for ttl in [Duration::ZERO, Duration::from_secs(25 * 3600)] {
         let e = fx.guard.acquire(&oid("o1"), &nid("n1"), ttl).await.expect_err("bad ttl");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{ttl:?}");
@@ -806,6 +814,11 @@ pub async fn invalid_ttl_is_rejected(f: &HotFactory) {
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "refresh {ttl:?}");
     }
     assert_eq!(fx.guard.current(&l.object).await.expect("current"), Some(l.clone()), "unchanged");
+    let e = fx.guard.acquire(&oid("o2"), &nid("n1"), crate::guard::MAX_TTL + Duration::from_millis(1)).await;
+    assert_eq!(e.expect_err("just over MAX_TTL").kind(), &ErrorKind::InvalidInput);
+    let short = fx.guard.acquire(&oid("o2"), &nid("n1"), crate::guard::MIN_TTL).await.expect("MIN_TTL is valid");
+    let long = fx.guard.refresh(&short, crate::guard::MAX_TTL).await.expect("MAX_TTL is valid");
+    assert_eq!((long.token, long.expires_at), (short.token, clock.now().plus(crate::guard::MAX_TTL)));
 }
 
 /// Of many concurrent acquires of one object exactly one wins.
@@ -824,6 +837,109 @@ pub async fn concurrent_acquire_has_one_winner(f: &HotFactory) {
         }
     }
     assert_eq!(winners, 1);
+}
+
+/// Many nodes taking over an expired lease at once: exactly one wins, with a token above every
+/// earlier one, and the others are told who holds it. The same after a release.
+pub async fn concurrent_takeover_has_one_winner(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let mut last = lease(&fx, "o1", "n0").await;
+    for round in 0..2 {
+        if round == 0 {
+            clock.advance(TTL + Duration::from_millis(1));
+        } else {
+            fx.guard.release(&last).await.expect("release");
+        }
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let g = fx.guard.clone();
+            let holder = nid(&format!("r{round}n{i}"));
+            tasks.push(tokio::spawn(async move { g.acquire(&oid("o1"), &holder, TTL).await }));
+        }
+        let (mut winners, mut held_by) = (Vec::new(), Vec::new());
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(l) => winners.push(l),
+                Err(e) => match e.kind() {
+                    ErrorKind::LeaseHeld { holder, .. } => held_by.push(holder.clone()),
+                    _ => assert!(e.is_retryable(), "round {round}: {e}"),
+                },
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: one new holder, got {winners:?}");
+        let w = winners.pop().expect("one winner");
+        assert!(w.token > last.token, "round {round}: token {} after {}", w.token, last.token);
+        assert!(held_by.iter().all(|h| h == &w.holder), "round {round}: losers saw {held_by:?}, winner {}", w.holder);
+        assert_eq!(fx.guard.current(&w.object).await.expect("current"), Some(w.clone()));
+        let e = fx.hot.put(&w.object, last.token, "T", "k", b("stale")).await.expect_err("the old holder");
+        assert!(e.is_fenced(), "round {round}: {e}");
+        last = w;
+    }
+}
+
+/// An evicted object restores at exactly the sequence number it was evicted at (the normal
+/// evict → reactivate path), and writes continue after it.
+pub async fn evicted_object_restores_at_its_sequence(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    fx.hot.write(&l.object, l.token, WriteBatch::new("T").put("a", b("1")).put("b", b("22"))).await.expect("w");
+    fx.hot.truncate_changes(&l.object, l.token, 2).await.expect("truncate");
+    fx.hot.evict(&l.object, l.token).await.expect("evict");
+    let entries = vec![
+        crate::Entry { key: "a".into(), value: b("1"), seq: 1 },
+        crate::Entry { key: "b".into(), value: b("22"), seq: 2 },
+    ];
+    fx.hot.restore(&l.object, l.token, entries.clone(), 2).await.expect("restore at the evicted sequence");
+    assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list"), entries);
+    assert!(fx.hot.read_changes(&l.object, 0, 10).await.expect("log").is_empty(), "a restore logs nothing");
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+    assert_eq!((info.last_seq, info.truncated_through, info.keys, info.value_bytes), (2, 2, 2, 3));
+    let r = fx.hot.put(&l.object, l.token, "T", "c", b("3")).await.expect("put after the restore");
+    assert_eq!(r.first_seq, 3);
+}
+
+/// Keys of exactly 1 KiB (also in multi-byte characters) and type names of exactly 256 bytes are
+/// accepted, stored whole and kept apart: a backend that cut them short would merge keys.
+pub async fn keys_and_type_names_at_the_limit_stay_distinct(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let keys = [
+        "a".repeat(crate::MAX_KEY_BYTES),
+        format!("{}b", "a".repeat(crate::MAX_KEY_BYTES - 1)),
+        "é".repeat(crate::MAX_KEY_BYTES / 2),
+    ];
+    let ty = "t".repeat(crate::ids::MAX_TYPE_NAME_BYTES);
+    let batch =
+        keys.iter().enumerate().fold(WriteBatch::new(ty.clone()), |w, (i, k)| w.put(k.clone(), b(&format!("v{i}"))));
+    fx.hot.write(&l.object, l.token, batch).await.expect("keys and a type name at their limits");
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(fx.hot.get(&l.object, k).await.expect("get"), Some(b(&format!("v{i}"))), "key {i}");
+    }
+    let mut want: Vec<&str> = keys.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    let listed = fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list");
+    assert_eq!(listed.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), want);
+    let log = fx.hot.read_changes(&l.object, 0, 10).await.expect("log");
+    assert_eq!(
+        log.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        keys.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert!(log.iter().all(|r| r.type_name == ty), "the type name is logged whole");
+}
+
+/// Change records carry the time of the write on the store's clock (cold storage keeps it, and
+/// time-range scans filter on it).
+pub async fn change_records_carry_the_write_time(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    clock.advance(Duration::from_millis(1234));
+    let t1 = clock.now();
+    fx.hot.put(&l.object, l.token, "T", "a", b("1")).await.expect("put");
+    clock.advance(Duration::from_millis(1000));
+    let t2 = clock.now();
+    fx.hot.write(&l.object, l.token, WriteBatch::new("T").put("b", b("2")).delete("a")).await.expect("batch");
+    let log = fx.hot.read_changes(&l.object, 0, 10).await.expect("log");
+    assert_eq!(log.iter().map(|r| r.timestamp).collect::<Vec<_>>(), [t1, t2, t2]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1264,7 +1380,11 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         release_is_idempotent_and_never_frees_a_newer_lease,
         validate_reports_current_fenced_and_lost,
         invalid_ttl_is_rejected,
-        concurrent_acquire_has_one_winner
+        concurrent_acquire_has_one_winner,
+        concurrent_takeover_has_one_winner,
+        evicted_object_restores_at_its_sequence,
+        keys_and_type_names_at_the_limit_stay_distinct,
+        change_records_carry_the_write_time
     );
     let mut failures: Vec<CaseFailure> =
         all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect();

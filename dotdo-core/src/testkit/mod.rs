@@ -363,7 +363,11 @@ macro_rules! hot_conformance {
             release_is_idempotent_and_never_frees_a_newer_lease,
             validate_reports_current_fenced_and_lost,
             invalid_ttl_is_rejected,
-            concurrent_acquire_has_one_winner
+            concurrent_acquire_has_one_winner,
+            concurrent_takeover_has_one_winner,
+            evicted_object_restores_at_its_sequence,
+            keys_and_type_names_at_the_limit_stay_distinct,
+            change_records_carry_the_write_time
         );
         #[test]
         fn prop_hot_store_matches_model() {
@@ -394,6 +398,7 @@ macro_rules! cold_conformance {
             empty_batch_creates_no_snapshot,
             multi_object_batch_is_all_or_nothing,
             deletes_apply_and_time_travel_reads_older_snapshots,
+            timestamp_reads_pick_the_latest_snapshot_at_or_before,
             unknown_snapshot_is_not_found,
             read_changes_after_a_sequence,
             large_values_roundtrip,
