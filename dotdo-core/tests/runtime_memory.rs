@@ -678,6 +678,28 @@ struct FlakyCold {
     forget_watermarks: std::sync::atomic::AtomicBool,
     /// `load_state` calls so far.
     loads: std::sync::atomic::AtomicU64,
+    /// Run (once) before the next append: a pause, or something that happens meanwhile.
+    before_append: Hook<futures::future::BoxFuture<'static, ()>>,
+    /// Run before every append.
+    each_append: Hook<Arc<dyn Fn() + Send + Sync>>,
+}
+
+/// A test hook slot (not `Debug` itself).
+struct Hook<T>(parking_lot::Mutex<Option<T>>);
+
+impl<T> Hook<T> {
+    fn new() -> Self {
+        Hook(parking_lot::Mutex::new(None))
+    }
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Option<T>> {
+        self.0.lock()
+    }
+}
+
+impl<T> std::fmt::Debug for Hook<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 impl FlakyCold {
@@ -689,6 +711,8 @@ impl FlakyCold {
             conflicts: 0.into(),
             forget_watermarks: false.into(),
             loads: 0.into(),
+            before_append: Hook::new(),
+            each_append: Hook::new(),
         }
     }
 }
@@ -706,6 +730,14 @@ impl FlakyCold {
 impl ColdSink for FlakyCold {
     async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
         self.check()?;
+        let before = self.before_append.lock().take();
+        if let Some(f) = before {
+            f.await;
+        }
+        let each = self.each_append.lock().clone();
+        if let Some(f) = each {
+            f();
+        }
         let left = self.conflicts.load(std::sync::atomic::Ordering::SeqCst);
         if left > 0 {
             self.conflicts.store(left - 1, std::sync::atomic::Ordering::SeqCst);
@@ -819,6 +851,10 @@ struct FlakyGuard {
     broken_refreshes: std::sync::atomic::AtomicU32,
     /// Acquires apply, then report `AmbiguousOutcome`.
     ambiguous_acquires: std::sync::atomic::AtomicU32,
+    /// Acquires apply, then never answer (the caller gives up on them).
+    hang_acquires: std::sync::atomic::AtomicBool,
+    /// Acquires do not apply, and report `AmbiguousOutcome`.
+    refused_ambiguous_acquires: std::sync::atomic::AtomicU32,
 }
 
 impl FlakyGuard {
@@ -830,6 +866,8 @@ impl FlakyGuard {
             ambiguous_refreshes: 0.into(),
             broken_refreshes: 0.into(),
             ambiguous_acquires: 0.into(),
+            hang_acquires: false.into(),
+            refused_ambiguous_acquires: 0.into(),
         }
     }
 }
@@ -843,7 +881,16 @@ impl ConsistencyGuard for FlakyGuard {
             self.inner.acquire(object, holder, ttl).await?;
             return Err(Error::new(ErrorKind::AmbiguousOutcome, "connection reset after sending (test)"));
         }
-        self.inner.acquire(object, holder, ttl).await
+        let left = self.refused_ambiguous_acquires.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.refused_ambiguous_acquires.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "connection reset before sending (test)"));
+        }
+        let l = self.inner.acquire(object, holder, ttl).await?;
+        if self.hang_acquires.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        Ok(l)
     }
     async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
         if self.hang_refreshes.load(std::sync::atomic::Ordering::SeqCst) {
@@ -1640,4 +1687,222 @@ async fn flush_all_retakes_a_lapsed_warm_lease_and_drains_it() {
     assert_eq!(w.cold.watermark(&oid("taken")).await.expect("wm").through, 0, "left to b");
     assert!(w.hot.is_available(&oid("lapsed")).await.expect("available"), "released at shutdown");
     assert_eq!(w.hot.current(&oid("taken")).await.expect("current"), Some(b));
+}
+
+/// A call cancelled while its acquire was in flight (the acquire landed, the caller's timeout
+/// fired before the reply) does not lock this node out of the object until the lease expires:
+/// the next call adopts the lease, and `maintain` gives back one no call came back for.
+#[tokio::test]
+async fn a_call_cancelled_while_acquiring_does_not_lock_this_node_out() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let (o, other) = (oid("o"), oid("other"));
+    guard.hang_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(tokio::time::timeout(Duration::from_millis(50), incr(&rt, &o)).await.is_err(), "the acquire hangs");
+    assert!(tokio::time::timeout(Duration::from_millis(50), incr(&rt, &other)).await.is_err());
+    guard.hang_acquires.store(false, std::sync::atomic::Ordering::SeqCst);
+    let held = w.hot.current(&o).await.expect("current").expect("the cancelled acquire landed");
+    assert_eq!(held.holder.as_str(), "a");
+    w.clock.advance(Duration::from_millis(10));
+    assert_eq!(incr(&rt, &o).await.expect("the next call adopts the lease"), 1);
+    assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token, "adopted, not re-taken");
+    assert!(!w.hot.is_available(&other).await.expect("available"), "held by the cancelled acquire");
+    rt.maintain().await.expect("maintain");
+    assert!(w.hot.is_available(&other).await.expect("available"), "given back by maintain");
+    assert!(!w.hot.is_available(&o).await.expect("available"), "the adopted lease is kept");
+    assert_eq!(incr(&rt, &o).await.expect("still active"), 2);
+}
+
+/// An acquire whose outcome is unknown adopts only a lease granted to this node since it began:
+/// an older lease under the same node id is another runtime's (node ids need not be unique), and
+/// sharing its token would defeat fencing.
+#[tokio::test]
+async fn an_ambiguous_acquire_never_adopts_an_older_lease_of_the_same_node_id() {
+    let w = World::new();
+    let first = w.runtime("a", settings());
+    let o = oid("o");
+    assert_eq!(incr(&first, &o).await.expect("first"), 1);
+    w.clock.advance(Duration::from_secs(1));
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let second = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    guard.refused_ambiguous_acquires.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = incr(&second, &o).await.expect_err("the lease is the first runtime's");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    assert_eq!(guard.refused_ambiguous_acquires.load(std::sync::atomic::Ordering::SeqCst), 0);
+    second.maintain().await.expect("maintain");
+    assert!(!w.hot.is_available(&o).await.expect("available"), "the first runtime's lease is not given back");
+    assert_eq!(incr(&first, &o).await.expect("the first runtime keeps the object"), 2);
+}
+
+/// `flush_all` holds only the objects it has changes to drain: a call on a clean object does
+/// not wait for a slow cold commit of others.
+#[tokio::test]
+async fn flush_all_does_not_hold_clean_objects() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with("a", Arc::new(w.hot.clone()), cold.clone(), settings());
+    let (dirty, clean) = (oid("dirty"), oid("clean"));
+    incr(&rt, &dirty).await.expect("dirty");
+    incr(&rt, &clean).await.expect("clean");
+    rt.flush(&clean).await.expect("flush clean");
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    *cold.before_append.lock() = Some(Box::pin(async move { g.notified().await }));
+    let flushing = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.flush_all().await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let read = tokio::time::timeout(Duration::from_millis(500), get(&rt, &clean, "n")).await;
+    assert_eq!(read.expect("not held by the flush").expect("get"), Some(Bytes::from("1")));
+    gate.notify_one();
+    let report = flushing.await.expect("task").expect("flush_all");
+    assert_eq!((report.objects, report.records), (1, 1));
+}
+
+/// An object taken over while `flush_all` commits it is left out (its changes are in cold; the
+/// new holder finds them there); the other objects of the same commit are truncated and the
+/// flush succeeds.
+#[tokio::test]
+async fn flush_all_leaves_out_an_object_taken_over_during_its_commit() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with("a", Arc::new(w.hot.clone()), cold.clone(), settings());
+    let (x, y) = (oid("x"), oid("y"));
+    incr(&rt, &x).await.expect("x");
+    incr(&rt, &y).await.expect("y");
+    let (hot, clock, taken) = (w.hot.clone(), w.clock.clone(), x.clone());
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        let l = hot.current(&taken).await.expect("current").expect("held");
+        hot.release(&l).await.expect("release");
+        clock.advance(Duration::from_millis(1));
+        hot.acquire(&taken, &NodeId::new("b").expect("node"), TTL).await.expect("b takes x over");
+    }));
+    let report = rt.flush_all().await.expect("the other objects are drained all the same");
+    assert_eq!(report.records, 2, "both were committed");
+    assert_eq!(report.objects, 1, "only y was truncated");
+    assert!(!w.hot.object_info(&y).await.expect("info").expect("y").has_pending_changes());
+    assert!(w.hot.object_info(&x).await.expect("info").expect("x").has_pending_changes(), "x is b's to drain");
+    let l = w.hot.current(&x).await.expect("current").expect("b's lease");
+    w.hot.release(&l).await.expect("release");
+    let b = w.runtime("b", settings());
+    assert_eq!(incr(&b, &x).await.expect("b goes on from cold and hot"), 2);
+    b.flush(&x).await.expect("b drains x");
+    let seqs: Vec<u64> = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold").iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, [1, 2], "each change once");
+}
+
+/// A flush of several rounds renews the leases of the objects it holds (`maintain` skips them
+/// while they are held): a flush that outlasts the TTL does not lose them.
+#[tokio::test]
+async fn a_long_flush_renews_the_leases_it_holds() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with(
+        "a",
+        Arc::new(w.hot.clone()),
+        cold.clone(),
+        RuntimeSettings { flush_batch_records: 1, ..settings() },
+    );
+    let o = oid("o");
+    for _ in 0..4 {
+        incr(&rt, &o).await.expect("incr");
+    }
+    let before = w.hot.current(&o).await.expect("current").expect("held");
+    // Each of the four one-record commits takes 40% of the TTL.
+    let clock = w.clock.clone();
+    *cold.each_append.lock() = Some(Arc::new(move || clock.advance(TTL * 2 / 5)));
+    let report = rt.flush_all().await.expect("flush");
+    assert_eq!((report.commits, report.records, report.objects), (4, 4, 1));
+    let after = w.hot.current(&o).await.expect("current").expect("still held");
+    assert_eq!(after.token, before.token, "the same lease, renewed");
+    assert!(!w.hot.object_info(&o).await.expect("info").expect("o").has_pending_changes());
+    assert_eq!(incr(&rt, &o).await.expect("still active"), 5);
+    assert_eq!(rt.metrics().activations, 1);
+}
+
+/// After `set_ring` gives an object to another node, the next `maintain` hands it over (gives
+/// its lease back) while no call uses it: the new owner need not wait for `keep_warm`.
+#[tokio::test]
+async fn maintain_hands_over_objects_the_ring_gives_another_node() {
+    let w = World::new();
+    let a = ring_runtime(&w, "a", "a");
+    let o = oid("o");
+    assert_eq!(incr(&a, &o).await.expect("a owns o"), 1);
+    let mut ring = HashRing::new(16).expect("ring");
+    ring.add(NodeId::new("b").expect("node"));
+    a.set_ring(ring);
+    a.maintain().await.expect("maintain");
+    let b = ring_runtime(&w, "b", "b");
+    assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
+}
+
+/// `maintain` is refused once shutdown has begun (it would renew leases shutdown gives back),
+/// and shutdown waits for a round already running instead of skipping the object it holds.
+#[tokio::test]
+async fn maintain_and_shutdown_do_not_race() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with(
+        "a",
+        Arc::new(w.hot.clone()),
+        cold.clone(),
+        RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() },
+    );
+    let (idle, o) = (oid("idle"), oid("o"));
+    incr(&rt, &idle).await.expect("idle");
+    w.clock.advance(Duration::from_secs(6));
+    incr(&rt, &o).await.expect("o");
+    // maintain evicts `idle`; its drain pauses in the cold commit.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    *cold.before_append.lock() = Some(Box::pin(async move { g.notified().await }));
+    let maintaining = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.maintain().await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let shutting = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.shutdown().await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!shutting.is_finished(), "shutdown waits for the maintenance round");
+    gate.notify_one();
+    maintaining.await.expect("task").expect("maintain");
+    let ticking = tick(&w);
+    let report = shutting.await.expect("task").expect("shutdown");
+    ticking.abort();
+    assert_eq!(report.busy, 0);
+    assert!(w.hot.is_available(&o).await.expect("available"), "o given back");
+    assert!(!w.hot.object_info(&o).await.expect("info").expect("o").has_pending_changes(), "o drained");
+    let e = rt.maintain().await.expect_err("after shutdown");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown);
+}
+
+/// `evict_idle` judges each object's idleness when it comes to evict it: an object used while
+/// the ones before it were evicted stays.
+#[tokio::test]
+async fn evict_idle_keeps_an_object_used_meanwhile() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with(
+        "a",
+        Arc::new(w.hot.clone()),
+        cold.clone(),
+        RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() },
+    );
+    let (first, second) = (oid("a-first"), oid("b-second"));
+    incr(&rt, &first).await.expect("first");
+    incr(&rt, &second).await.expect("second");
+    w.clock.advance(Duration::from_secs(6));
+    // While `first` is drained for its eviction, `second` is used.
+    let (rt2, used) = (rt.clone(), second.clone());
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        incr(&rt2, &used).await.expect("a call meanwhile");
+    }));
+    assert_eq!(rt.evict_idle().await.expect("evict_idle"), 1, "only the idle one");
+    assert_eq!(w.hot.object_info(&second).await.expect("info").expect("second").keys, 1, "still in hot storage");
+    assert_eq!(rt.metrics().evictions, 1);
 }

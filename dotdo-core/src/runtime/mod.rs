@@ -171,6 +171,12 @@ pub(crate) struct Inner {
     /// slot nor release; the next activation of the object releases them first, so this node
     /// does not lock itself (and everyone) out of the object until they expire.
     orphans: parking_lot::Mutex<HashMap<ObjectId, Lease>>,
+    /// Acquires whose outcome this runtime never learned: the call was cancelled while the
+    /// guard worked on it, or its reply was lost and the guard could not be asked. Object → this
+    /// runtime's clock just before the acquire. A lease this node was granted at or after that
+    /// time is that acquire's: the next activation of the object adopts it (instead of waiting
+    /// out a lease it holds itself), and `maintain` and `shutdown` give it back.
+    unsure: parking_lot::Mutex<HashMap<ObjectId, Timestamp>>,
     shutting_down: AtomicBool,
     /// Set once shutdown's flush has run: a call ending after it gives its lease back.
     shutdown_flushed: AtomicBool,
@@ -258,6 +264,7 @@ impl ObjectRuntimeBuilder {
                 ring: parking_lot::RwLock::new(self.ring),
                 slots: parking_lot::Mutex::new(HashMap::new()),
                 orphans: parking_lot::Mutex::new(HashMap::new()),
+                unsure: parking_lot::Mutex::new(HashMap::new()),
                 shutting_down: AtomicBool::new(false),
                 shutdown_flushed: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
@@ -361,7 +368,8 @@ impl ObjectRuntime {
     }
 
     /// Set or replace the ring (nodes joined or left); a runtime built without one starts
-    /// using it from here on.
+    /// using it from here on. The next [`maintain`](Self::maintain) gives back the leases of
+    /// objects the new ring gives another node, each once no call is using it.
     pub fn set_ring(&self, ring: HashRing) {
         *self.inner.ring.write() = Some(ring);
     }
@@ -634,38 +642,63 @@ impl ObjectRuntime {
 
     async fn acquire_within(&self, object: &ObjectId, wait: Duration) -> Result<Lease> {
         let inner = &self.inner;
-        let deadline = inner.clock.now().plus(wait);
+        let started = inner.clock.now();
+        let deadline = started.plus(wait);
+        // An earlier acquire of this object whose outcome was never learned may have left this
+        // node a lease: one granted to this node since then is adopted below.
+        let earlier = inner.unsure.lock().remove(object);
+        let mut flight = AcquireInFlight { inner, object, since: earlier.unwrap_or(started), armed: true };
         let mut unknown = 0;
         loop {
-            match inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await {
-                Ok(l) => return Ok(l),
-                // The acquire may have landed (its reply was lost): the guard says whether this
-                // node holds the object now. If it does, that lease is this call's; if not, the
-                // acquire did not happen and is tried again.
-                Err(e) if e.kind() == &ErrorKind::AmbiguousOutcome => match inner.guard.current(object).await {
-                    Ok(Some(l)) if l.holder == inner.node => return Ok(l),
-                    Ok(_) if unknown < 3 => {
+            flight.armed = true;
+            let e = match inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await {
+                Ok(l) => {
+                    flight.armed = false;
+                    return Ok(l);
+                }
+                Err(e) => e,
+            };
+            let ambiguous = e.kind() == &ErrorKind::AmbiguousOutcome;
+            let held_here = matches!(e.kind(), ErrorKind::LeaseHeld { holder, .. } if *holder == inner.node);
+            if ambiguous || (held_here && earlier.is_some()) {
+                // The acquire (this one, or the earlier one) may have landed, its reply lost: the
+                // guard says whether this node holds the object now. A lease granted to this node
+                // since the acquire began is the acquire's; an older one is another runtime's
+                // under the same node id (adopting it would share its token) and is waited for.
+                match inner.guard.current(object).await {
+                    Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= flight.since => {
+                        flight.armed = false;
+                        return Ok(l);
+                    }
+                    Ok(_) if ambiguous && unknown < 3 => {
                         unknown += 1;
                         tracing::debug!(object = %object, "dotdo: an acquire with an unknown outcome did not land; retrying");
                         continue;
                     }
+                    Ok(_) if !ambiguous => {}
+                    // Still unknown: the entry stays for the next activation and `maintain`.
                     _ => return Err(e.context(format!("acquiring {object} on {}", inner.node))),
-                },
-                Err(e) => {
-                    let now = inner.clock.now();
-                    let wait = match e.kind() {
-                        ErrorKind::LeaseHeld { expires_at, .. } => expires_at.since(now),
-                        _ if e.is_retryable() => Duration::from_millis(10),
-                        _ => return Err(e),
-                    };
-                    if now >= deadline {
-                        let hint = self.owner_hint(object).map(|n| format!(" (ring owner: {n})")).unwrap_or_default();
-                        return Err(e.context(format!("acquiring {object} on {}{hint}", inner.node)));
-                    }
-                    let wait = wait.min(deadline.since(now)).clamp(Duration::from_millis(1), Duration::from_millis(50));
-                    inner.clock.sleep(wait).await;
                 }
+            } else if !ambiguous && earlier.is_none() && unknown == 0 {
+                // This call's own acquires were all answered: nothing of it is unsure.
+                flight.armed = false;
             }
+            let now = inner.clock.now();
+            let wait = match e.kind() {
+                ErrorKind::LeaseHeld { expires_at, .. } => expires_at.since(now),
+                _ if e.is_retryable() => Duration::from_millis(10),
+                _ => return Err(e),
+            };
+            if now >= deadline {
+                let hint = self
+                    .owner_hint(object)
+                    .filter(|n| *n != inner.node)
+                    .map(|n| format!(" (ring owner: {n})"))
+                    .unwrap_or_default();
+                return Err(e.context(format!("acquiring {object} on {}{hint}", inner.node)));
+            }
+            let wait = wait.min(deadline.since(now)).clamp(Duration::from_millis(1), Duration::from_millis(50));
+            inner.clock.sleep(wait).await;
         }
     }
 
@@ -843,8 +876,10 @@ impl ObjectRuntime {
 
     /// Drain the change logs of every object this runtime holds, batching many objects into each
     /// cold commit (fewer, larger snapshots). Objects with a call in progress are skipped and
-    /// counted in [`FlushReport::busy`]; an object whose warm lease lapsed is taken again if it
-    /// has changes to drain. Then the objects whose changes wait in the hot store with no holder
+    /// counted in [`FlushReport::busy`]; only objects with changes to drain are held (their
+    /// leases renewed between commits), and an object whose warm lease lapsed is taken again.
+    /// An object taken over by another node during its commit is left to that node (its changes
+    /// are in cold storage, where the new holder's drain finds them). Then the objects whose changes wait in the hot store with no holder
     /// (released after each call with `keep_warm` 0, released idle by
     /// [`maintain`](Self::maintain), or left by a runtime that is gone) are taken without
     /// waiting, drained and given back, except those another node holds or, with a ring, those
@@ -870,6 +905,13 @@ impl ObjectRuntime {
                 continue;
             };
             let Some(a) = guard.active.as_ref() else { continue };
+            // Only objects with changes to drain are held: a call on a clean object need not
+            // wait for the whole flush.
+            match inner.hot.object_info(&object).await {
+                Ok(Some(info)) if info.has_pending_changes() => {}
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
             // Only objects whose lease is still this runtime's: a stale one would either fence
             // the whole multi-object commit or append another holder's changes under it.
             match inner.guard.validate(&a.lease).await {
@@ -881,13 +923,6 @@ impl ObjectRuntime {
                 // and drain it, unless another holder has it now.
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
                     guard.active = None;
-                    // Only if it has changes to drain: an idle object is left free (another node
-                    // may own it by now).
-                    match inner.hot.object_info(&object).await {
-                        Ok(Some(info)) if info.has_pending_changes() => {}
-                        Ok(_) => continue,
-                        Err(e) => return Err(e),
-                    }
                     match self.ensure_active(&object, &mut guard).await {
                         Ok(()) => {
                             let token =
@@ -923,7 +958,7 @@ impl ObjectRuntime {
             } else {
                 false
             };
-            let r = self.drain_rounds(&held, &mut report, &mut rounds).await;
+            let r = self.drain_rounds(&mut held, &mut report, &mut rounds).await;
             // Objects taken only for this flush go back, and so do those left out (taken over,
             // diverged from cold, or behind it: the next activation decides afresh).
             for h in &mut held {
@@ -946,14 +981,15 @@ impl ObjectRuntime {
 
     /// Drain the pending changes of `held` objects (this runtime holds each one's lease and
     /// slot) in cold commits of at most `flush_batch_records` records.
-    async fn drain_rounds(&self, held: &[Held], report: &mut FlushReport, rounds: &mut DrainRounds) -> Result<()> {
+    async fn drain_rounds(&self, held: &mut [Held], report: &mut FlushReport, rounds: &mut DrainRounds) -> Result<()> {
         let inner = &self.inner;
         let DrainRounds { drained, left_out, first_err, .. } = rounds;
         loop {
+            renew_held(inner, held, left_out).await;
             let mut last_seqs = HashMap::new();
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
-            for Held { object, token, .. } in held {
+            for Held { object, token, .. } in held.iter() {
                 if budget == 0 {
                     break;
                 }
@@ -1005,7 +1041,17 @@ impl ObjectRuntime {
                     first_err.get_or_insert(e);
                     continue;
                 }
-                inner.hot.truncate_changes(&oc.object, oc.token, through).await?;
+                match inner.hot.truncate_changes(&oc.object, oc.token, through).await {
+                    Ok(()) => {}
+                    // Taken over since it was held (its changes are in cold all the same; the
+                    // new holder's drain finds them there): left out, the others go on.
+                    Err(e) if lease_gone(&e) => {
+                        tracing::info!(object = %oc.object, error = %e, "dotdo flush_all: taken over before its truncation");
+                        left_out.insert(oc.object.clone());
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
                 // An object whose changes span several commits counts once.
                 if drained.insert(oc.object.clone()) {
                     report.objects += 1;
@@ -1081,6 +1127,11 @@ impl ObjectRuntime {
         let _guard = self.enter()?;
         let slot = self.slot(object);
         let mut slot = slot.lock().await;
+        self.evict_locked(object, &mut slot).await
+    }
+
+    /// [`evict`](Self::evict) of an object whose slot the caller has locked.
+    async fn evict_locked(&self, object: &ObjectId, slot: &mut Slot) -> Result<()> {
         // Already out of hot storage (no live keys, nothing to drain) and not active here: done,
         // without an activation that would first restore it.
         if slot.active.is_none()
@@ -1088,7 +1139,7 @@ impl ObjectRuntime {
         {
             return Ok(());
         }
-        self.ensure_active(object, &mut slot).await?;
+        self.ensure_active(object, slot).await?;
         // The object stays in its slot while draining (the hot state is intact whatever
         // happens, a cancelled call included).
         let active = slot.active.as_mut().expect("active");
@@ -1106,7 +1157,7 @@ impl ObjectRuntime {
             if activation_spent(&e) {
                 give_back(&self.inner, &mut slot.active).await;
             } else {
-                self.after_call(&mut slot).await;
+                self.after_call(slot).await;
             }
             return Err(e);
         }
@@ -1118,7 +1169,7 @@ impl ObjectRuntime {
                 // Refused, so nothing was dropped: still active.
                 hand.disarm();
                 slot.active = Some(active);
-                self.after_call(&mut slot).await;
+                self.after_call(slot).await;
             } else {
                 // The hot state may or may not be gone (a remote store's ambiguous reply): never
                 // run on it again under this activation. The next call activates afresh and
@@ -1135,24 +1186,24 @@ impl ObjectRuntime {
         Ok(())
     }
 
-    /// Tier out every object idle longer than `evict_idle_after`; returns how many.
+    /// Tier out every object idle longer than `evict_idle_after` (judged when its turn comes; an
+    /// object in use is skipped); returns how many. `Shutdown` once shutdown has begun.
     pub async fn evict_idle(&self) -> Result<usize> {
         let Some(idle) = self.inner.settings.evict_idle_after else { return Ok(0) };
-        let now = self.inner.clock.now();
-        let mut victims = Vec::new();
-        for (object, slot) in self.active_slots() {
-            if let Some(guard) = slot.try_lock() {
-                if guard.active.as_ref().is_some_and(|a| now.since(a.last_used) >= idle) {
-                    victims.push(object);
-                }
-            }
-        }
+        let _guard = self.enter()?;
         // One object that cannot be evicted (taken over, cold unreachable) does not keep the
         // others in hot storage: every failure is logged, and the first one is returned only if
         // nothing could be evicted (otherwise the count of evicted objects).
         let (mut evicted, mut first_err) = (0, None);
-        for object in &victims {
-            match self.evict(object).await {
+        for (object, slot) in self.active_slots() {
+            // An object in use is not idle; idleness is judged under the lock, at the time of its
+            // own eviction (evicting the ones before can take a while).
+            let Some(mut guard) = slot.try_lock() else { continue };
+            let now = self.inner.clock.now();
+            if guard.active.as_ref().is_none_or(|a| now.since(a.last_used) < idle) {
+                continue;
+            }
+            match self.evict_locked(&object, &mut guard).await {
                 Ok(()) => evicted += 1,
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "dotdo: idle object not evicted");
@@ -1167,17 +1218,27 @@ impl ObjectRuntime {
     }
 
     /// One round of housekeeping: renew warm leases that need it, release leases idle past
-    /// `keep_warm`, tier out idle objects.
+    /// `keep_warm` and those of objects the ring now gives another node (see
+    /// [`set_ring`](Self::set_ring)), tier out idle objects, give back leases that cancelled
+    /// calls left behind. Counted as a call: `Shutdown` once [`shutdown`](Self::shutdown) has
+    /// begun, and shutdown waits for a round in progress.
     pub async fn maintain(&self) -> Result<()> {
         let inner = &self.inner;
-        let now = inner.clock.now();
+        // Counted like a call: shutdown waits for a round in progress (which may hold a slot
+        // while it renews) rather than skipping that object, and no round renews a lease after
+        // shutdown has begun.
+        let _guard = self.enter()?;
         release_orphans(inner).await;
         // Tier out first: an object released for `keep_warm` is no longer this runtime's to evict.
         let evicted = self.evict_idle().await;
-        for (_, slot) in self.active_slots() {
+        let now = inner.clock.now();
+        for (object, slot) in self.active_slots() {
             let Some(mut guard) = slot.try_lock() else { continue };
             let Some(active) = guard.active.as_mut() else { continue };
-            if now.since(active.last_used) >= inner.settings.keep_warm {
+            // The ring gives the object to another node now (`set_ring`): handed over while no
+            // call is using it, so the new owner need not wait for `keep_warm`.
+            let moved = self.owner_hint(&object).is_some_and(|n| n != inner.node);
+            if moved || now.since(active.last_used) >= inner.settings.keep_warm {
                 give_back(inner, &mut guard.active).await;
             } else if active.lease.remaining_at(now) <= inner.settings.lease_ttl * 2 / 3 {
                 match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
@@ -1209,8 +1270,10 @@ impl ObjectRuntime {
     pub async fn run_maintenance(&self, period: Duration) {
         while !self.inner.shutting_down.load(Ordering::SeqCst) {
             self.inner.clock.sleep(period).await;
-            if let Err(e) = self.maintain().await {
-                tracing::warn!(error = %e, "dotdo maintenance round failed");
+            match self.maintain().await {
+                Ok(()) => {}
+                Err(e) if e.kind() == &ErrorKind::Shutdown => break,
+                Err(e) => tracing::warn!(error = %e, "dotdo maintenance round failed"),
             }
         }
     }
@@ -1459,11 +1522,57 @@ fn lease_gone(e: &Error) -> bool {
 }
 
 /// Give `lease` back; a failure only means it runs out on its own (logged).
+/// Refresh the leases of the objects a flush holds that need it, as `maintain` would (it skips
+/// them while they are held, and a flush of many rounds can outlast a lease). An object whose
+/// lease is gone is left out of the rest of the flush.
+async fn renew_held(inner: &Arc<Inner>, held: &mut [Held], left_out: &mut std::collections::BTreeSet<ObjectId>) {
+    let now = inner.clock.now();
+    for h in held.iter_mut() {
+        if left_out.contains(&h.object) {
+            continue;
+        }
+        let Some(a) = h.guard.active.as_mut() else { continue };
+        if a.lease.remaining_at(now) > inner.settings.lease_ttl * 2 / 3 {
+            continue;
+        }
+        match inner.guard.refresh(&a.lease, inner.settings.lease_ttl).await {
+            Ok(l) => a.lease = l,
+            Err(e) if refresh_may_retry(&e) && now < a.lease.expires_at => {}
+            Err(e) => {
+                tracing::info!(object = %h.object, error = %e, "dotdo flush_all: lease lost during the flush; skipped");
+                left_out.insert(h.object.clone());
+            }
+        }
+    }
+}
+
 /// Release the leases cancelled calls left behind ([`Inner::orphans`]).
 async fn release_orphans(inner: &Arc<Inner>) {
     let orphans: Vec<Lease> = inner.orphans.lock().drain().map(|(_, l)| l).collect();
     for lease in orphans {
         release_quietly(inner, &lease).await;
+    }
+    // Acquires of unknown outcome: a lease granted to this node since one began is given back,
+    // unless a call is activating the object now (it adopts that lease) or holds it.
+    let unsure: Vec<(ObjectId, Timestamp)> = inner.unsure.lock().drain().collect();
+    for (object, since) in unsure {
+        let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
+        let Some(guard) = slot.try_lock() else {
+            inner.unsure.lock().entry(object).or_insert(since);
+            continue;
+        };
+        if guard.active.is_some() {
+            continue;
+        }
+        match inner.guard.current(&object).await {
+            Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= since => release_quietly(inner, &l).await,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(object = %object, error = %e, "dotdo: lease of an acquire with an unknown outcome not checked");
+                inner.unsure.lock().entry(object).or_insert(since);
+            }
+        }
+        drop(guard);
     }
 }
 
@@ -1522,6 +1631,26 @@ impl Drop for LeaseInHand<'_> {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
             self.inner.orphans.lock().insert(lease.object.clone(), lease);
+        }
+    }
+}
+
+/// An acquire whose outcome is not known yet. Dropped armed (the call was cancelled while the
+/// guard worked, or it ended without learning the outcome), it records the object in
+/// [`Inner::unsure`] with the earliest time such an acquire began.
+struct AcquireInFlight<'a> {
+    inner: &'a Inner,
+    object: &'a ObjectId,
+    since: Timestamp,
+    armed: bool,
+}
+
+impl Drop for AcquireInFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut unsure = self.inner.unsure.lock();
+            let since = unsure.get(self.object).map_or(self.since, |t| (*t).min(self.since));
+            unsure.insert(self.object.clone(), since);
         }
     }
 }
