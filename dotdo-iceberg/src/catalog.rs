@@ -133,8 +133,12 @@ fn open_direct(uri: &str) -> Option<parking_lot::Mutex<rusqlite::Connection>> {
 
 impl SqlVerifier {
     async fn connect(uri: &str, catalog: &str) -> Result<Self> {
-        let unavailable =
-            |e: sqlx::Error| crate::error::to_error(crate::error::Cause::CatalogUnavailable, uri, e.to_string());
+        // A busy or unreachable database is `Unavailable`; one that cannot be opened as
+        // configured (a missing directory, a bad option, read-only for the WAL switch) is not.
+        let unavailable = |e: sqlx::Error| {
+            let message = format!("opening the SQL catalog: {e}");
+            crate::error::to_error(crate::error::cause_of(&e), uri, message).with_source(e)
+        };
         let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(uri).await.map_err(unavailable)?;
         // WAL: one fsync per commit instead of the rollback journal's several (same durability
         // with synchronous=FULL, sqlx's default). Persistent in the file; PyIceberg's SqlCatalog
@@ -283,7 +287,9 @@ pub(crate) async fn open(
 }
 
 async fn open_sql(uri: &str, name: &str, warehouse: &str, factory: Arc<dyn StorageFactory>) -> Result<Opened> {
-    let uri = if uri.starts_with("sqlite:") && !uri.contains("mode=") {
+    // `mode=` among the URI's options, not anywhere in it (a directory may be named `mode=prod`).
+    let has_mode = uri.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv.starts_with("mode=")));
+    let uri = if uri.starts_with("sqlite:") && !has_mode {
         format!("{uri}{}mode=rwc", if uri.contains('?') { '&' } else { '?' })
     } else {
         uri.to_string()

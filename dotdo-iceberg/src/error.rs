@@ -3,8 +3,11 @@
 //!
 //! Rules (each has a unit test below):
 //!
-//! * an unreachable or failing store, a busy or unreachable catalog database, a timeout →
-//!   `Unavailable`, retryable;
+//! * an unreachable or failing store, a busy or unreachable catalog database, a timeout, a REST
+//!   catalog connection that broke → `Unavailable`, retryable;
+//! * a store request that can never succeed (an HTTP 4xx other than 408/429, a local path that
+//!   is not a directory, a full or read-only disk) → `Backend`, not retryable;
+//! * a file shorter than its metadata says (a read past its end) → `Corrupt`;
 //! * a missing or undecodable data / metadata / manifest file → `Corrupt`, naming the file;
 //!   an I/O or decoding error *below* a failed store or catalog connection (a peer closing
 //!   early reads as an unexpected EOF) is the connection breaking, so also `Unavailable`; a REST
@@ -31,6 +34,9 @@ pub(crate) enum Cause {
     StoreUnavailable,
     /// The store rejected the credentials or the request.
     StoreDenied,
+    /// The store refused a request that can never succeed as it is (a 4xx answer, a path that
+    /// is not a directory, a full or read-only disk).
+    StoreRefused,
     /// The store or catalog was misconfigured.
     Config,
     /// A file could not be decoded (parquet, avro, JSON, arrow).
@@ -54,12 +60,61 @@ pub(crate) fn object_store_cause(e: &object_store::Error) -> Cause {
     use object_store::Error as E;
     match e {
         E::NotFound { path, .. } => Cause::Missing(path.clone()),
-        E::Generic { .. } | E::JoinError { .. } => Cause::StoreUnavailable,
+        E::Generic { .. } => generic_cause(e),
+        E::JoinError { .. } => Cause::StoreUnavailable,
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => Cause::StoreDenied,
         E::InvalidPath { .. } | E::UnknownConfigurationKey { .. } | E::NotSupported { .. } | E::NotImplemented => {
             Cause::Config
         }
         E::AlreadyExists { .. } | E::Precondition { .. } | E::NotModified { .. } => Cause::Other,
+        _ => Cause::StoreUnavailable,
+    }
+}
+
+/// A `Generic` store error: transient (a connection, a timeout, a throttled or failing server),
+/// unless it says the request can never succeed as it is. object_store keeps the types that say
+/// so private (its range and HTTP status errors), so their texts (object_store 0.12, pinned by
+/// the unit tests below) are what is left to go by; I/O errors under it are typed.
+fn generic_cause(e: &object_store::Error) -> Cause {
+    let mut text = e.to_string();
+    let mut cur = StdError::source(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            if matches!(
+                io.kind(),
+                K::NotADirectory
+                    | K::IsADirectory
+                    | K::StorageFull
+                    | K::ReadOnlyFilesystem
+                    | K::FileTooLarge
+                    | K::InvalidFilename
+                    | K::InvalidInput
+            ) {
+                return Cause::StoreRefused;
+            }
+        }
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        cur = err.source();
+    }
+    // A read starting past the end of the object (the local and in-memory stores' range errors):
+    // the file is shorter than its metadata says.
+    if text.contains("but object was only") || text.contains("Out of range of file") {
+        return Cause::Undecodable;
+    }
+    // S3's bare redirect: a bucket in another region than configured.
+    if text.contains("Received redirect without LOCATION") {
+        return Cause::Config;
+    }
+    const STATUS: &str = "status code: ";
+    let status = text
+        .find(STATUS)
+        .and_then(|i| text.get(i + STATUS.len()..i + STATUS.len() + 3))
+        .and_then(|s| s.parse::<u16>().ok());
+    match status {
+        Some(408 | 429) => Cause::StoreUnavailable,
+        Some(400..=499) => Cause::StoreRefused,
         _ => Cause::StoreUnavailable,
     }
 }
@@ -99,6 +154,11 @@ fn sqlx_cause(e: &sqlx::Error) -> Cause {
 fn iceberg_cause(e: &iceberg::Error) -> Cause {
     use iceberg::ErrorKind as K;
     if e.kind() == K::Unexpected {
+        // iceberg wraps every `reqwest` failure of a REST catalog so (a refused connection, a
+        // timeout, a body cut short): the connection broke.
+        if e.message() == "Failed to execute http request" {
+            return Cause::StoreUnavailable;
+        }
         // iceberg-catalog-rest: a commit answered 500/502/504, or any request answered with a
         // status it does not map (429 and 5xx are the server's or a proxy's trouble, and
         // transient).
@@ -136,7 +196,8 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
     while let Some(err) = cur {
         let c = if let Some(os) = err.downcast_ref::<object_store::Error>() {
             let c = object_store_cause(os);
-            in_transport |= c == Cause::StoreUnavailable;
+            // A `Generic` error was classified whole (its sources included) by `generic_cause`.
+            in_transport |= c == Cause::StoreUnavailable || matches!(os, object_store::Error::Generic { .. });
             c
         } else if in_transport {
             Cause::Other
@@ -152,20 +213,27 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
         {
             Cause::Undecodable
         } else if let Some(ib) = err.downcast_ref::<iceberg::Error>() {
-            iceberg_cause(ib)
+            let c = iceberg_cause(ib);
+            // Below a broken REST connection, an I/O error is how it broke (a body cut short).
+            in_transport |= c == Cause::StoreUnavailable;
+            c
         } else if let Some(d) = err.downcast_ref::<Error>() {
-            // dotdo's own errors raised inside an iceberg call (the SQL catalog pointer swap).
+            // dotdo's own errors raised inside an iceberg call (the SQL catalog pointer swap, a
+            // location the storage cannot map).
             match d.kind() {
                 ErrorKind::Unavailable => Cause::CatalogUnavailable,
                 ErrorKind::AmbiguousOutcome => Cause::OutcomeUnknown,
                 ErrorKind::Conflict => Cause::CommitConflict,
+                ErrorKind::InvalidInput => Cause::Config,
                 _ => Cause::Other,
             }
         } else {
             Cause::Other
         };
-        // A deeper, more specific cause wins over a generic wrapper.
-        if c != Cause::Other {
+        // A deeper, more specific cause wins over a generic wrapper; a missing file keeps the
+        // path its store error named over a deeper I/O "not found" that names none.
+        let keeps_path = matches!(&best, Cause::Missing(p) if !p.is_empty()) && c == Cause::Missing(String::new());
+        if c != Cause::Other && !keeps_path {
             best = c;
         }
         cur = err.source();
@@ -184,6 +252,10 @@ pub(crate) fn to_error(cause: Cause, what: &str, message: String) -> Error {
         Cause::CatalogUnavailable => Error::unavailable(format!("{what}: catalog unavailable: {message}")),
         Cause::StoreDenied => {
             Error::new(ErrorKind::Backend, format!("{what}: access denied: {message}")).with_retryable(false)
+        }
+        Cause::StoreRefused => {
+            Error::new(ErrorKind::Backend, format!("{what}: the store refused the request: {message}"))
+                .with_retryable(false)
         }
         Cause::Config => Error::invalid(format!("{what}: configuration: {message}")),
         Cause::Undecodable | Cause::DataInvalid => Error::corrupt(format!("{what}: cannot decode: {message}")),
@@ -346,5 +418,71 @@ mod tests {
     fn unknown_iceberg_errors_are_backend() {
         let e = classify(iceberg::Error::new(iceberg::ErrorKind::FeatureUnsupported, "nope"), "commit");
         assert_eq!(e.kind(), &ErrorKind::Backend);
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_its_metadata_says_is_corrupt() {
+        use object_store::ObjectStore;
+        let key = object_store::path::Path::from("wh/t/data/x.parquet");
+        let mem = object_store::memory::InMemory::new();
+        mem.put(&key, bytes::Bytes::new().into()).await.expect("put");
+        let e = classify_object_store(mem.get_range(&key, 0..10).await.expect_err("past the end"));
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).expect("local");
+        local.put(&key, bytes::Bytes::new().into()).await.expect("put");
+        let e = classify_object_store(local.get_range(&key, 0..10).await.expect_err("past the end"));
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        assert!(!e.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_request_that_can_never_succeed_is_not_retryable() {
+        use object_store::ObjectStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).expect("local");
+        local.put(&"f".into(), bytes::Bytes::from_static(b"x").into()).await.expect("put");
+        let e = local.put(&"f/under-a-file".into(), bytes::Bytes::from_static(b"y").into()).await;
+        let e = classify_object_store(e.expect_err("a path through a file"));
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{e}");
+        // HTTP stores: object_store's retry error text, status and all.
+        let http = |status: &str| object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::other(format!(
+                "Error performing PUT http://localhost/b/k in 2ms - Server returned non-2xx status code: {status}: "
+            ))),
+        };
+        let e = classify_object_store(http("400 Bad Request"));
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{e}");
+        for transient in ["503 Service Unavailable", "429 Too Many Requests", "408 Request Timeout"] {
+            let e = classify_object_store(http(transient));
+            assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{transient}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_rest_catalog_connection_cut_short_is_unavailable() {
+        let cut = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
+            .with_source(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "body ended early"));
+        let e = classify(cut, "loading table ns.t");
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named_even_when_the_operation_is_not() {
+        let nf = object_store::Error::NotFound {
+            path: "wh/t/metadata/m.avro".into(),
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        };
+        let e = classify(wrapped(nf), "loading table ns.t");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt);
+        assert!(e.message().contains("file wh/t/metadata/m.avro is missing"), "{e}");
+    }
+
+    #[test]
+    fn a_location_outside_the_store_is_invalid_input() {
+        let e = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "location s3a://x/y is not under the store root")
+            .with_source(Error::invalid("location s3a://x/y is not under the store root"));
+        assert_eq!(classify(e, "reading s3a://x/y").kind(), &ErrorKind::InvalidInput);
     }
 }

@@ -44,6 +44,8 @@ impl StoreRoot {
     ///
     /// A bare absolute path is taken as a `file://` URL. Local warehouse directories are
     /// created if missing. `memory://name` opens a fresh in-memory store (each call a new one).
+    /// An option the scheme's store does not know (a typo would otherwise be dropped silently),
+    /// or any option for `file://` and `memory://`, is `InvalidInput`.
     pub fn open<I, K, V>(warehouse: &str, options: I) -> Result<Self>
     where
         I: IntoIterator<Item = (K, V)>,
@@ -51,12 +53,23 @@ impl StoreRoot {
         V: Into<String>,
     {
         let url = parse_warehouse_url(warehouse)?;
+        let options: Vec<(String, String)> =
+            options.into_iter().map(|(k, v)| (k.as_ref().to_string(), v.into())).collect();
+        check_options(&url, &options)?;
         if url.scheme() == "file" {
             let dir = url
                 .to_file_path()
                 .map_err(|()| Error::invalid(format!("warehouse {warehouse} is not a valid local path")))?;
             std::fs::create_dir_all(&dir).map_err(|e| {
-                Error::unavailable(format!("cannot create warehouse directory {}", dir.display())).with_source(e)
+                let msg = format!("cannot create warehouse directory {}: {e}", dir.display());
+                // Only a failure that may pass is worth retrying; a path through a file, a
+                // read-only or full disk, missing permissions are for the operator.
+                use std::io::ErrorKind as K;
+                match e.kind() {
+                    K::Interrupted | K::TimedOut | K::WouldBlock | K::ResourceBusy => Error::unavailable(msg),
+                    _ => Error::new(dotdo_core::ErrorKind::Backend, msg).with_retryable(false),
+                }
+                .with_source(e)
             })?;
         }
         if url.scheme() == "memory" {
@@ -78,8 +91,20 @@ impl StoreRoot {
     }
 
     fn with_store(store: Arc<dyn ObjectStore>, url: &Url) -> Self {
-        let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
         let warehouse = url.as_str().trim_end_matches('/').to_string();
+        // The store's root is the URL without the path object_store reads as the key prefix:
+        // the scheme and authority, and for path-style URLs the bucket or container too
+        // (`https://<account>.r2.cloudflarestorage.com/<bucket>`, `abfss://<container>@…`).
+        let root = match object_store::ObjectStoreScheme::parse(url) {
+            Ok((_, path)) => {
+                let mut root = warehouse.as_str();
+                for _ in 0..path.parts().count() {
+                    root = root.rsplit_once('/').map_or(root, |(before, _)| before);
+                }
+                root.to_string()
+            }
+            Err(_) => format!("{}://{}", url.scheme(), url.host_str().unwrap_or("")),
+        };
         StoreRoot { store, root, warehouse, local_files: false }
     }
 
@@ -119,6 +144,42 @@ impl StoreRoot {
     }
 }
 
+/// Refuse options the warehouse's store would ignore: `object_store` drops keys it cannot parse,
+/// so a misspelt `aws_endpoint` would quietly send requests to AWS.
+fn check_options(url: &Url, options: &[(String, String)]) -> Result<()> {
+    use object_store::ObjectStoreScheme as S;
+    let Some((first, _)) = options.first() else { return Ok(()) };
+    let unknown = |key: &str, store: &str| {
+        Error::invalid(format!("warehouse {url}: {store} has no option {key:?} (see object_store's config keys)"))
+    };
+    match object_store::ObjectStoreScheme::parse(url) {
+        Ok((S::Local | S::Memory, _)) => return Err(unknown(first, "a local or in-memory warehouse")),
+        #[cfg(feature = "s3")]
+        Ok((S::AmazonS3, _)) => {
+            for (key, _) in options {
+                key.parse::<object_store::aws::AmazonS3ConfigKey>().map_err(|_| unknown(key, "S3"))?;
+            }
+        }
+        #[cfg(feature = "gcs")]
+        Ok((S::GoogleCloudStorage, _)) => {
+            for (key, _) in options {
+                key.parse::<object_store::gcp::GoogleConfigKey>().map_err(|_| unknown(key, "GCS"))?;
+            }
+        }
+        #[cfg(feature = "azure")]
+        Ok((S::MicrosoftAzure, _)) => {
+            for (key, _) in options {
+                key.parse::<object_store::azure::AzureConfigKey>().map_err(|_| unknown(key, "Azure"))?;
+            }
+        }
+        // `memory://name` (a host) and schemes whose store is not compiled in: opening fails
+        // (or ignores options) on its own terms.
+        _ if url.scheme() == "memory" => return Err(unknown(first, "an in-memory warehouse")),
+        _ => {}
+    }
+    Ok(())
+}
+
 fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     let trimmed = warehouse.trim_end_matches('/');
     let url = if trimmed.starts_with('/') {
@@ -148,8 +209,10 @@ fn os_err(e: object_store::Error) -> iceberg::Error {
     iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("object store: {e}")).with_source(e)
 }
 
+/// A location this storage cannot map to a key (a catalog handing out locations in another
+/// bucket or scheme): a configuration mistake, `InvalidInput` once classified.
 fn path_err(msg: String) -> iceberg::Error {
-    iceberg::Error::new(iceberg::ErrorKind::DataInvalid, msg)
+    iceberg::Error::new(iceberg::ErrorKind::Unexpected, msg.clone()).with_source(Error::invalid(msg))
 }
 
 /// iceberg `Storage` over an [`ObjectStore`]. Not deserializable (a live store cannot be).
@@ -322,7 +385,11 @@ struct OsRead {
 #[async_trait]
 impl FileRead for OsRead {
     async fn read(&self, range: Range<u64>) -> iceberg::Result<Bytes> {
-        self.store.get_range(&self.path, range).await.map_err(os_err)
+        // The store's own error may not name the object (a range past its end does not).
+        self.store.get_range(&self.path, range.clone()).await.map_err(|e| {
+            let shown = format!("reading bytes {range:?} of {}: {e}", self.path);
+            iceberg::Error::new(iceberg::ErrorKind::Unexpected, shown).with_source(e)
+        })
     }
 }
 
@@ -406,5 +473,46 @@ mod tests {
         let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "/tmp/lake").expect("root");
         assert_eq!((r.root.as_str(), r.warehouse.as_str()), ("file://", "file:///tmp/lake"));
         assert!(StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "not a url").is_err());
+    }
+
+    #[test]
+    fn path_style_urls_keep_their_bucket_in_the_root() {
+        let mem = || -> Arc<dyn ObjectStore> { Arc::new(object_store::memory::InMemory::new()) };
+        let cases = [
+            ("s3://bkt/wh", "s3://bkt", "wh/x"),
+            ("https://acct.r2.cloudflarestorage.com/bkt/wh", "https://acct.r2.cloudflarestorage.com/bkt", "wh/x"),
+            ("https://s3.us-east-1.amazonaws.com/bkt/lake/wh", "https://s3.us-east-1.amazonaws.com/bkt", "lake/wh/x"),
+            ("abfss://c@acct.dfs.core.windows.net/wh", "abfss://c@acct.dfs.core.windows.net", "wh/x"),
+            ("https://acct.blob.core.windows.net/c/wh", "https://acct.blob.core.windows.net/c", "wh/x"),
+            // Local keys keep the URL's percent-encoding; the local store decodes it.
+            ("file:///tmp/my%20lake", "file://", "tmp/my%20lake/x"),
+        ];
+        for (warehouse, root, key) in cases {
+            let r = StoreRoot::from_store(mem(), warehouse).expect("root");
+            assert_eq!(r.root, root, "{warehouse}");
+            assert_eq!(r.key(&format!("{}/x", r.warehouse)).expect("key").as_ref(), key, "{warehouse}");
+        }
+    }
+
+    #[test]
+    fn unknown_options_are_refused() {
+        let e = StoreRoot::open("s3://b/wh", [("aws_region", "us-east-1"), ("aws_endpont", "http://localhost:9000")])
+            .expect_err("a misspelt key");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("aws_endpont"), "{e}");
+        StoreRoot::open("s3://b/wh", [("aws_region", "us-east-1"), ("aws_allow_http", "true")]).expect("known keys");
+        let e = StoreRoot::open("memory://wh", [("aws_region", "x")]).expect_err("memory takes none");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = StoreRoot::open(dir.path().to_str().expect("utf-8"), [("k", "v")]).expect_err("local takes none");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn a_warehouse_under_a_file_is_not_retryable() {
+        let file = tempfile::NamedTempFile::new().expect("file");
+        let wh = format!("{}/wh", file.path().display());
+        let e = StoreRoot::open(&wh, std::iter::empty::<(&str, String)>()).expect_err("not a directory");
+        assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Backend, false), "{e}");
     }
 }

@@ -32,6 +32,33 @@ use crate::schema::{self, Bucketer};
 use crate::storage::StoreRoot;
 use crate::summary::{self, Watermarks};
 
+/// A table's namespace and name become directories of the warehouse: each part must be
+/// non-empty, not `.` or `..`, and free of `/`, backslashes and control characters; namespace parts are
+/// also dot-free (a dot separates them in Iceberg's own notation).
+pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a str>, name: &str) -> Result<()> {
+    let bad = |part: &str| {
+        part.is_empty() || part == "." || part == ".." || part.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+    };
+    let mut parts = 0;
+    for part in namespace {
+        parts += 1;
+        if bad(part) || part.contains('.') {
+            return Err(Error::invalid(format!(
+                "table namespace part {part:?} must be non-empty and free of '.', '/', '\\' and control characters"
+            )));
+        }
+    }
+    if parts == 0 {
+        return Err(Error::invalid("a table namespace needs at least one part"));
+    }
+    if bad(name) {
+        return Err(Error::invalid(format!(
+            "table name {name:?} must be non-empty, not '.' or '..', and free of '/', '\\' and control characters"
+        )));
+    }
+    Ok(())
+}
+
 /// Tunables of an [`IcebergColdStore`]. Plain data with documented defaults.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -226,9 +253,7 @@ impl IcebergColdStoreBuilder {
     /// that an existing table has dotdo's schema. Must run inside a tokio runtime with time
     /// enabled (iceberg uses tokio).
     pub async fn build(self) -> Result<IcebergColdStore> {
-        if self.table.is_empty() || self.namespace.is_empty() {
-            return Err(Error::invalid("table namespace and name must not be empty"));
-        }
+        validate_table_name(self.namespace.iter().map(String::as_str), &self.table)?;
         if self.settings.max_commit_attempts == 0 || self.settings.buckets == 0 {
             return Err(Error::invalid("max_commit_attempts and buckets must be at least 1"));
         }

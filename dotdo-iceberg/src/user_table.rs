@@ -91,12 +91,32 @@ fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
 impl IcebergColdStore {
     /// Open the table `namespace.name` with the user schema `schema` (created unpartitioned if
     /// missing) in this store's catalog and warehouse. An existing table with another shape is
-    /// `InvalidInput`.
+    /// `InvalidInput`, and so is a schema with a column type Iceberg cannot store exactly (it
+    /// would read back as another Arrow type, e.g. `Binary` as `LargeBinary`): checked before
+    /// the table is created.
     pub async fn arrow_table(&self, namespace: &[&str], name: &str, schema: SchemaRef) -> Result<ArrowTable> {
+        crate::store::validate_table_name(namespace.iter().copied(), name)?;
         let ns = NamespaceIdent::from_strs(namespace.iter().copied())
-            .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
+            .map_err(|e| Error::invalid(format!("table namespace {namespace:?}: {e}")))?;
         let ident = TableIdent::new(ns.clone(), name.to_string());
         let what = format!("table {ident}");
+        let ischema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&schema)
+            .map_err(|e| Error::invalid(format!("{what}: the schema has no Iceberg form: {e}")))?;
+        let back = iceberg::arrow::schema_to_arrow_schema(&ischema)
+            .map_err(|e| Error::invalid(format!("{what}: the schema has no Iceberg form: {e}")))?;
+        if !same_shape(&back, &schema) {
+            let differ: Vec<String> = schema
+                .fields()
+                .iter()
+                .zip(back.fields())
+                .filter(|(a, b)| !a.data_type().equals_datatype(b.data_type()))
+                .map(|(a, b)| format!("{} {} (stored as {})", a.name(), a.data_type(), b.data_type()))
+                .collect();
+            return Err(Error::invalid(format!(
+                "{what}: columns without an exact Iceberg type: {}; use the Arrow type each is stored as",
+                differ.join(", ")
+            )));
+        }
         let catalog = self.catalog();
         let table = match catalog.load_table(&ident).await {
             Ok(t) => t,
@@ -108,8 +128,6 @@ impl IcebergColdStore {
                         Err(e) => return Err(classify(e, &what)),
                     }
                 }
-                let ischema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&schema)
-                    .map_err(|e| classify(e, &what).with_retryable(false))?;
                 let creation = TableCreation::builder()
                     .name(name.to_string())
                     .schema(ischema)
@@ -142,7 +160,8 @@ impl IcebergColdStore {
 
 /// The Iceberg type of `dt`, if it converts back to exactly `dt` (what appends will check).
 fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::spec::Type> {
-    let ty = iceberg::arrow::arrow_type_to_type(dt).map_err(|e| classify(e, what).with_retryable(false))?;
+    let ty = iceberg::arrow::arrow_type_to_type(dt)
+        .map_err(|e| Error::invalid(format!("{what}: {dt} has no Iceberg type: {e}")))?;
     match iceberg::arrow::type_to_arrow_type(&ty) {
         Ok(back) if back.equals_datatype(dt) => Ok(ty),
         _ => Err(Error::invalid(format!("{what}: {dt} has no exact Iceberg type (use {ty}'s Arrow type)"))),

@@ -1073,3 +1073,75 @@ async fn sync_local_files_fsyncs_every_file_written() {
         assert_eq!(cold.synced_files(), expected, "sync_local_files = {sync}");
     }
 }
+
+/// A local warehouse whose path has a space (percent-encoded in its URL) is cleaned up like any
+/// other: the local store lists decoded paths, the table's locations keep the encoding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_works_in_a_local_warehouse_with_a_space_in_its_path() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wh = dir.path().join("my lake");
+    let cold = open(&wh, 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for s in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, s, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    cold.compact(CompactOptions::default()).await.expect("compact");
+    common::sleep(Duration::from_millis(20)).await;
+    cold.expire_snapshots(Duration::ZERO, 1).await.expect("expire");
+    let clean = cold.remove_unreferenced_files(Duration::ZERO).await.expect("cleanup");
+    let parquet_deleted = clean.deleted.iter().filter(|d| d.ends_with(".parquet")).count();
+    assert_eq!(parquet_deleted, 3, "the three replaced files: {clean:?}");
+    assert_eq!(live_files(&cold).await, 1);
+    let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+}
+
+/// A user schema with a column Iceberg cannot store exactly is refused before anything is
+/// created (before, the table was created and then refused, and every later call failed the same
+/// way); bad table names are `InvalidInput`, not `Corrupt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_schema_without_an_exact_iceberg_form_creates_nothing() {
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let binary = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int32, false),
+        Field::new("blob", DataType::Binary, true),
+    ]));
+    let e = cold.arrow_table(&["u"], "events", binary).await.expect_err("Binary reads back as LargeBinary");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("blob"), "names the column: {e}");
+    let fine =
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false), Field::new("name", DataType::Utf8, true)]));
+    cold.arrow_table(&["u"], "events", fine).await.expect("nothing was created under the name");
+    let ok = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    for (ns, name) in [(vec!["u"], ""), (vec!["u"], ".."), (vec!["u"], "a/b"), (vec![], "t"), (vec!["a.b"], "t")] {
+        let e = cold.arrow_table(&ns, name, ok.clone()).await.expect_err("a bad name");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{ns:?} {name:?}: {e}");
+    }
+}
+
+/// A user table's data file cut to zero bytes reads as `Corrupt`, naming the file; before, the
+/// read past its end was a retryable `Unavailable` (retried forever) that named no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_file_cut_to_zero_bytes_is_corrupt() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let t = cold.arrow_table(&["z"], "events", schema.clone()).await.expect("table");
+    let b = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1, 2, 3]))]).expect("batch");
+    t.append("s", 1, vec![b]).await.expect("append");
+    let data = dir.path().join("z").join("events").join("data");
+    let files: Vec<_> = std::fs::read_dir(&data).expect("data dir").map(|e| e.expect("entry").path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    std::fs::write(&files[0], b"").expect("truncate");
+    let e = t.read_all().await.expect_err("a file with no bytes");
+    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Corrupt, false), "{e}");
+    let name = files[0].file_name().expect("name").to_str().expect("utf-8");
+    assert!(e.to_string().contains(name), "names {name}: {e}");
+}
