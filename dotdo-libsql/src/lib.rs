@@ -81,7 +81,8 @@
 //! LibsqlStore::local("/var/lib/app/hot.db").open().await?
 //!
 //! # Turso / sqld primary
-//! LibsqlStore::remote("libsql://my-db-my-org.turso.io", std::env::var("TURSO_AUTH_TOKEN")?).open().await?
+//! let token = std::env::var("TURSO_AUTH_TOKEN").map_err(|e| Error::invalid(format!("TURSO_AUTH_TOKEN: {e}")))?;
+//! LibsqlStore::remote("libsql://my-db-my-org.turso.io", token).open().await?
 //! LibsqlStore::remote("http://127.0.0.1:8080", "").open().await?        # sqld without auth
 //!
 //! # embedded replica (features = ["replica"])

@@ -35,5 +35,5 @@ mod pipeline;
 mod settings;
 
 pub use event::{Event, Transformed};
-pub use pipeline::{Pipeline, PipelineBuilder, PipelineMetrics, RollReport, Transform};
+pub use pipeline::{Pipeline, PipelineBuilder, PipelineMetrics, RollReport, Transform, MAX_ROLL_BACKOFF};
 pub use settings::{Backpressure, Durability, PipelineSettings};

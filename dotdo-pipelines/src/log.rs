@@ -266,11 +266,42 @@ type LogRow = (i64, String, Event, Option<u64>);
 pub(crate) struct SqliteLog {
     conn: Mutex<Connection>,
     depth: Depth,
+    /// `<log>.lock`, locked for as long as the log is open: a log serves one pipeline at a time.
+    _lock: std::fs::File,
 }
 
 impl SqliteLog {
+    /// Open (or create) the log at `path`. A log another pipeline has open, in this process or
+    /// another, is refused with a retryable `Conflict`: two pipelines numbering batches from one
+    /// log would each commit events at sequence numbers the other already used, and the sink
+    /// would drop the second as replays.
     pub(crate) fn open(path: &Path) -> Result<Self> {
         let doing = format!("opening {}", path.display());
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
+                // As for the log itself: a file that cannot be created (a missing directory,
+                // permissions, a read-only mount) is not mended by a retry.
+                use std::io::ErrorKind as K;
+                let transient = matches!(e.kind(), K::Interrupted | K::WouldBlock | K::TimedOut);
+                Error::unavailable(format!("pipeline log: {doing}: its lock file cannot be opened: {e}"))
+                    .with_retryable(transient)
+                    .with_source(e)
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::new(
+                    dotdo_core::ErrorKind::Conflict,
+                    format!("{doing}: another pipeline has this log open (one log serves one pipeline at a time)"),
+                )
+                .with_retryable(true))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::unavailable(format!("{doing}: cannot lock it: {e}")).with_source(e))
+            }
+        }
         let conn = Connection::open(path).map_err(|e| sql(e, &doing))?;
         conn.busy_timeout(std::time::Duration::from_secs(2)).map_err(|e| sql(e, &doing))?;
         conn.execute_batch(
@@ -287,7 +318,7 @@ impl SqliteLog {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .map_err(|e| sql(e, &doing))?;
-        let log = SqliteLog { conn: Mutex::new(conn), depth: Depth::default() };
+        let log = SqliteLog { conn: Mutex::new(conn), depth: Depth::default(), _lock: lock };
         log.depth.add(usize::try_from(n).unwrap_or(0), usize::try_from(b).unwrap_or(0));
         Ok(log)
     }

@@ -14,6 +14,9 @@ use crate::event::{Event, Transformed};
 use crate::log::{Log, MemoryLog, Row, SpillLog, SqliteLog};
 use crate::settings::{Backpressure, Durability, PipelineSettings};
 
+/// The longest pause [`Pipeline::run`] makes between failed rolls in a row.
+pub const MAX_ROLL_BACKOFF: Duration = Duration::from_secs(30);
+
 /// A transform applied to every event at `send`: filter, map or re-route.
 pub type Transform = Arc<dyn Fn(Event) -> Transformed + Send + Sync>;
 
@@ -312,7 +315,9 @@ impl Pipeline {
         let sw = Stopwatch::start(clock.clone());
         loop {
             match self.send(events.clone()) {
-                Err(e) if e.kind() == &ErrorKind::Unavailable && sw.elapsed() < deadline => {
+                // Only a full buffer is waited out; a log that cannot take the events (read-only,
+                // cannot be opened) fails at once.
+                Err(e) if e.kind() == &ErrorKind::Unavailable && e.is_retryable() && sw.elapsed() < deadline => {
                     clock.sleep(Duration::from_millis(1)).await;
                 }
                 other => return other,
@@ -453,16 +458,26 @@ impl Pipeline {
     }
 
     /// Roll whenever due, until [`close`](Self::close); spawn this on the host's executor. A
-    /// failed roll is retried on the next tick (the claimed batch stays and is committed again).
+    /// failed roll is tried again (the claimed batch stays and is committed again) after a pause
+    /// that doubles with each failure in a row, from the tick up to [`MAX_ROLL_BACKOFF`]: a sink
+    /// that refuses the batch for good is not hammered.
     pub async fn run(&self) {
         let tick = self.inner.settings.tick();
+        let clock = &self.inner.clock;
+        let (mut failures, mut next_try) = (0u32, clock.now());
         while !self.inner.closed.load(Ordering::Acquire) {
-            if self.roll_due() {
-                if let Err(e) = self.roll().await {
-                    tracing::warn!(error = %e, "dotdo pipeline roll failed; will retry");
+            if clock.now() >= next_try && self.roll_due() {
+                match self.roll().await {
+                    Ok(_) => failures = 0,
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        let pause = tick.saturating_mul(1 << failures.min(12)).min(MAX_ROLL_BACKOFF);
+                        next_try = clock.now().plus(pause);
+                        tracing::warn!(error = %e, failures, retry_in = ?pause, "dotdo pipeline roll failed; will retry");
+                    }
                 }
             }
-            self.inner.clock.sleep(tick).await;
+            clock.sleep(tick).await;
         }
     }
 

@@ -21,6 +21,9 @@ struct Flaky {
     /// Calls of `watermark` and of `watermarks`.
     watermark_calls: AtomicU32,
     watermarks_calls: AtomicU32,
+    /// Refuse every append for good (`InvalidInput`), counting them in `appends`.
+    refusing: AtomicBool,
+    appends: AtomicU32,
 }
 
 impl Flaky {
@@ -31,6 +34,8 @@ impl Flaky {
             lose_replies: AtomicU32::new(0),
             watermark_calls: AtomicU32::new(0),
             watermarks_calls: AtomicU32::new(0),
+            refusing: AtomicBool::new(false),
+            appends: AtomicU32::new(0),
         })
     }
 }
@@ -38,6 +43,10 @@ impl Flaky {
 #[async_trait]
 impl ColdSink for Flaky {
     async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
+        if self.refusing.load(Ordering::SeqCst) {
+            return Err(Error::invalid("the sink refuses this batch for good (test)"));
+        }
         if self.stalled.load(Ordering::SeqCst) {
             return Err(Error::unavailable("sink stalled"));
         }
@@ -576,4 +585,52 @@ async fn many_distinct_objects_over_many_rolls_land_exactly_once() {
     assert_eq!(sink.watermark_calls.load(Ordering::SeqCst), 0, "never one object at a time");
     let batched = sink.watermarks_calls.load(Ordering::SeqCst);
     assert!((1..=24).contains(&batched), "{batched} batched reads for 24 claims");
+}
+
+/// A durable log serves one pipeline at a time: a second pipeline on the same log (a failover
+/// node on a shared volume, a rebuild while the old instance runs) is refused. Two pipelines
+/// numbering batches from one log would commit events at sequence numbers the other already used,
+/// and the sink would drop them as replays. Once the first is dropped, the log opens again.
+#[tokio::test]
+async fn a_durable_log_serves_one_pipeline_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings =
+        || PipelineSettings { durability: Durability::Durable(dir.path().join("log.db")), ..Default::default() };
+    let sink = MemoryColdStore::new();
+    let first = Pipeline::builder(Arc::new(sink.clone())).with_settings(settings()).build().expect("first");
+    let e = Pipeline::builder(Arc::new(sink.clone())).with_settings(settings()).build().expect_err("second");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    first.send(events(3)).expect("send");
+    drop(first);
+    let again = Pipeline::builder(Arc::new(sink.clone())).with_settings(settings()).build().expect("reopened");
+    again.roll().await.expect("roll");
+    assert_exactly_once(&committed(&sink, 3).await, 3);
+}
+
+/// `run` backs off after failed rolls in a row: a sink that refuses the batch for good is not
+/// asked again every tick (it was, about 20 times a second), and the loop rolls again at once
+/// after the sink recovers and the pause ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_backs_off_after_failed_rolls() {
+    let sink = Flaky::new();
+    sink.refusing.store(true, Ordering::SeqCst);
+    let settings = PipelineSettings { roll_interval: Duration::from_millis(8), ..Default::default() };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("pipeline");
+    p.send(events(3)).expect("send");
+    let runner = p.clone();
+    let handle = tokio::spawn(async move { runner.run().await });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let tried = sink.appends.load(Ordering::SeqCst);
+    // Ticks of 2 ms: without a backoff some 500 appends; with it about 9 (4, 8, 16 ... ms).
+    assert!((2..=15).contains(&tried), "appends in one second: {tried}");
+    sink.refusing.store(false, Ordering::SeqCst);
+    let clock = SystemClock::new();
+    let waited = clock.monotonic();
+    while p.metrics().events_committed < 3 && clock.monotonic().saturating_sub(waited) < MAX_ROLL_BACKOFF * 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(p.metrics().events_committed, 3, "committed once the sink takes it");
+    p.close().await.expect("close");
+    handle.await.expect("run ends after close");
 }
