@@ -29,7 +29,9 @@ pub enum Durability {
     /// A local SQLite log at this path (WAL, `synchronous=NORMAL`): an acknowledged `send`
     /// survives a process kill and is delivered exactly once after restart. Claims (what a roll
     /// is about to commit) are written with `synchronous=FULL`, so a power loss can lose the
-    /// latest sends but never deliver a committed batch twice.
+    /// latest sends but never deliver a committed batch twice. One pipeline at a time: the log
+    /// is locked (`<path>.lock`) while a pipeline has it open, and a second one is refused with
+    /// a retryable `Conflict`.
     Durable(PathBuf),
 }
 
