@@ -1906,3 +1906,60 @@ async fn evict_idle_keeps_an_object_used_meanwhile() {
     assert_eq!(w.hot.object_info(&second).await.expect("info").expect("second").keys, 1, "still in hot storage");
     assert_eq!(rt.metrics().evictions, 1);
 }
+
+/// `complete_restores` installs the whole cold state of every lazily restored object in hot
+/// storage, skips an object with a call in progress instead of waiting for it, and is refused
+/// after shutdown.
+#[tokio::test]
+async fn complete_restores_installs_lazy_state_and_skips_busy_objects() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let (o, busy) = (oid("o"), oid("busy"));
+    populate(&a, &o, 20).await;
+    populate(&a, &busy, 5).await;
+    a.evict(&o).await.expect("evict o");
+    a.evict(&busy).await.expect("evict busy");
+    let lazy = RuntimeSettings { restore: RestoreMode::Lazy, ..settings() };
+    let b = w.runtime("b", lazy);
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    assert_eq!(get(&b, &busy, "key/0001").await.expect("lazy read").as_deref(), Some(&b"value-1"[..]));
+    assert_eq!(w.hot.list(&o, KeyRange::all(), None).await.expect("hot").len(), 0, "still lazy");
+    // A call on `busy` is in progress while the restores complete.
+    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let handler = tokio::spawn({
+        let (b, busy, entered, release) = (b.clone(), busy.clone(), entered.clone(), release.clone());
+        async move {
+            b.invoke(&busy, async |_t: &mut ObjectTxn<'_>| {
+                entered.notify_one();
+                release.notified().await;
+                Ok::<_, Error>(())
+            })
+            .await
+        }
+    });
+    entered.notified().await;
+    let done = tokio::time::timeout(Duration::from_millis(500), b.complete_restores()).await;
+    done.expect("does not wait for the busy object").expect("complete_restores");
+    assert_eq!(w.hot.list(&o, KeyRange::all(), None).await.expect("hot").len(), 20, "o installed whole");
+    assert_eq!(w.hot.list(&busy, KeyRange::all(), None).await.expect("hot").len(), 0, "busy skipped");
+    release.notify_one();
+    handler.await.expect("task").expect("handler");
+    b.complete_restores().await.expect("again");
+    assert_eq!(w.hot.list(&busy, KeyRange::all(), None).await.expect("hot").len(), 5);
+    b.shutdown().await.expect("shutdown");
+    assert_eq!(b.complete_restores().await.expect_err("after shutdown").kind(), &ErrorKind::Shutdown);
+}
+
+/// A prefetch counts as use: `maintain` does not evict the object as idle right after it.
+#[tokio::test]
+async fn a_prefetch_keeps_an_idle_object_from_eviction() {
+    let w = World::new();
+    let rt = w.runtime("a", RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() });
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    w.clock.advance(Duration::from_secs(6));
+    rt.prefetch(&o, &["n".to_string()], &[]).await.expect("prefetch");
+    rt.maintain().await.expect("maintain");
+    assert_eq!(rt.metrics().evictions, 0, "just prefetched");
+    assert_eq!(w.hot.object_info(&o).await.expect("info").expect("o").keys, 1);
+}

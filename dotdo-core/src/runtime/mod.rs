@@ -825,23 +825,34 @@ impl ObjectRuntime {
         let mut slot = slot.lock().await;
         self.ensure_active(object, &mut slot).await?;
         let active = slot.active.as_mut().expect("active");
+        // A prefetch announces use: `maintain` must not release or evict the object as idle
+        // right after it.
+        active.last_used = self.inner.clock.now();
         if let Some(lazy) = active.lazy.as_mut() {
             preload(&self.inner, object, lazy, keys, prefixes).await?;
         }
         Ok(())
     }
 
-    /// Complete every pending lazy restore (e.g. from an idle moment).
+    /// Complete every pending lazy restore (e.g. from an idle moment). Objects with a call in
+    /// progress are skipped (their next write completes the restore), so this never waits for a
+    /// handler, and may be called from one. One object that fails does not stop the others; the
+    /// first failure is returned at the end. `Shutdown` once shutdown has begun.
     pub async fn complete_restores(&self) -> Result<()> {
+        let _guard = self.enter()?;
+        let mut first_err = None;
         for (object, slot) in self.active_slots() {
-            let mut slot = slot.lock().await;
+            let Some(mut slot) = slot.try_lock() else { continue };
             if let Some(active) = slot.active.as_mut() {
                 if active.lazy.is_some() {
-                    complete_restore(&self.inner, &object, active.lease.token, &mut active.lazy).await?;
+                    if let Err(e) = complete_restore(&self.inner, &object, active.lease.token, &mut active.lazy).await {
+                        tracing::warn!(object = %object, error = %e, "dotdo: lazy restore not completed");
+                        first_err.get_or_insert(e);
+                    }
                 }
             }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     fn active_slots(&self) -> Vec<(ObjectId, Arc<futures::lock::Mutex<Slot>>)> {
