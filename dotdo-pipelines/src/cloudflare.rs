@@ -51,6 +51,46 @@ pub struct StreamSendReport {
     pub retries: u64,
 }
 
+/// How far a [`CloudflareStreamClient::send`] got before it failed: the `source()` of its error
+/// whenever at least one request was accepted ([`PartialSend::of`] finds it). The accepted
+/// events are always the first `report.events` of the slice sent, so a caller resends
+/// `&events[report.events as usize..]` and duplicates nothing. Its own source is the failure.
+#[derive(Debug)]
+pub struct PartialSend {
+    /// What was done before the failure.
+    pub report: StreamSendReport,
+    cause: Error,
+}
+
+impl std::fmt::Display for PartialSend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of the events were accepted before the send failed", self.report.events)
+    }
+}
+
+impl std::error::Error for PartialSend {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+impl PartialSend {
+    /// The partial progress recorded in `e`, if `e` came from a send that got some events
+    /// accepted.
+    pub fn of(e: &Error) -> Option<&PartialSend> {
+        std::error::Error::source(e).and_then(|s| s.downcast_ref::<PartialSend>())
+    }
+
+    /// `e` with `report` attached as its source, if anything was accepted.
+    fn attach(e: Error, report: StreamSendReport) -> Error {
+        if report.requests == 0 {
+            return e;
+        }
+        let outer = Error::new(e.kind().clone(), e.message().to_string()).with_retryable(e.is_retryable());
+        outer.with_source(PartialSend { report, cause: e })
+    }
+}
+
 /// Sends events to a Cloudflare Pipelines stream over HTTP.
 #[derive(Clone)]
 pub struct CloudflareStreamClient {
@@ -115,6 +155,9 @@ impl CloudflareStreamClient {
         if settings.max_request_bytes < 1024 {
             return Err(Error::invalid("max_request_bytes must be at least 1024"));
         }
+        if settings.timeout.is_zero() {
+            return Err(Error::invalid("the request timeout must be above zero (every request would time out)"));
+        }
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
             // A redirect would turn the POST into a body-less GET (and drop the token across
@@ -133,8 +176,9 @@ impl CloudflareStreamClient {
 
     /// Send `events`, split into requests of at most `max_request_bytes`, each retried on
     /// transient failures. Delivery is at least once per request (the HTTP endpoint has no
-    /// idempotency key); a failure after some requests succeeded reports how far it got in the
-    /// error message. One event larger than the limit once encoded (JSON escaping can grow a
+    /// idempotency key); a failure after some requests succeeded carries how far it got as a
+    /// [`PartialSend`] (the accepted events are a prefix of `events`). A request the endpoint
+    /// refuses as too large (413) is split in two and sent again. One event larger than the limit once encoded (JSON escaping can grow a
     /// value up to six times) is `LimitExceeded`; an invalid event (or a value that is not UTF-8)
     /// is `InvalidInput`. Every event is checked before the first request: on either error
     /// nothing is sent.
@@ -152,25 +196,39 @@ impl CloudflareStreamClient {
             }
             items.push((v, len));
         }
+        let mut chunks = std::collections::VecDeque::new();
         let mut chunk: Vec<serde_json::Value> = Vec::new();
         let mut size = 2usize;
         for (v, len) in items {
             if size + len > self.settings.max_request_bytes {
-                self.post(std::mem::take(&mut chunk), &mut report).await?;
+                chunks.push_back(std::mem::take(&mut chunk));
                 size = 2;
             }
             size += len;
             chunk.push(v);
         }
         if !chunk.is_empty() {
-            self.post(chunk, &mut report).await?;
+            chunks.push_back(chunk);
+        }
+        // In order, so that what is accepted is always a prefix of `events`.
+        while let Some(mut items) = chunks.pop_front() {
+            match self.post(&items, &mut report).await {
+                Ok(()) => {}
+                // The endpoint's limit is below the configured one: halves, in order.
+                Err(e) if matches!(e.kind(), ErrorKind::LimitExceeded { .. }) && items.len() > 1 => {
+                    let second = items.split_off(items.len() / 2);
+                    chunks.push_front(second);
+                    chunks.push_front(items);
+                }
+                Err(e) => return Err(PartialSend::attach(e, report)),
+            }
         }
         Ok(report)
     }
 
-    async fn post(&self, items: Vec<serde_json::Value>, report: &mut StreamSendReport) -> Result<()> {
+    async fn post(&self, items: &[serde_json::Value], report: &mut StreamSendReport) -> Result<()> {
         let n = items.len() as u64;
-        let body = serde_json::to_vec(&items).map_err(|e| Error::invalid("encoding events as JSON").with_source(e))?;
+        let body = serde_json::to_vec(items).map_err(|e| Error::invalid("encoding events as JSON").with_source(e))?;
         let mut backoff = self.settings.backoff;
         let mut attempt = 0;
         loop {
@@ -194,13 +252,15 @@ impl CloudflareStreamClient {
                         408 | 429 | 500..=599 => Error::unavailable(msg),
                         300..=399 => Error::invalid(format!("{msg} (a redirect: configure the final endpoint)")),
                         401 | 403 => Error::backend(format!("{msg} (check the API token)")).with_retryable(false),
+                        // The endpoint takes less than this request (which is within the
+                        // configured `max_request_bytes`).
                         413 => Error::new(
                             ErrorKind::LimitExceeded {
-                                what: "stream request",
-                                limit: self.settings.max_request_bytes as u64,
+                                what: "stream request (the endpoint's own limit)",
+                                limit: body.len().saturating_sub(1) as u64,
                                 actual: body.len() as u64,
                             },
-                            msg,
+                            format!("{msg} (the endpoint refused a {}-byte request)", body.len()),
                         ),
                         _ => Error::invalid(msg),
                     }

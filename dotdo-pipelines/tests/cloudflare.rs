@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dotdo_core::{ErrorKind, ObjectId, Timestamp};
-use dotdo_pipelines::cloudflare::{encode, CloudflareSettings, CloudflareStreamClient};
+use dotdo_pipelines::cloudflare::{encode, CloudflareSettings, CloudflareStreamClient, PartialSend};
 use dotdo_pipelines::Event;
 use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -233,4 +233,38 @@ async fn a_value_that_is_not_utf8_is_refused_and_nothing_is_sent() {
     assert!(server.records.lock().is_empty(), "no event of the call was sent");
     assert_eq!(encode(&batch).expect_err("encode").kind(), &ErrorKind::InvalidInput);
     assert!(encode(&batch[..10]).is_ok());
+}
+
+/// A request the endpoint refuses as too large (its limit is below the configured one) is split
+/// and sent again in order; when a send fails part-way, the error carries how many events were
+/// accepted (always the first ones), so a resend of the rest duplicates nothing.
+#[tokio::test]
+async fn too_large_requests_are_split_and_a_failed_send_says_how_far_it_got() {
+    let server = Arc::new(Server { max_body: 2048, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    let s = CloudflareSettings { max_request_bytes: 8192, ..settings() };
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), s).expect("client");
+    let r = client.send(&events(12, 200)).await.expect("split until the endpoint takes them");
+    assert_eq!(r.events, 12);
+    let keys = |srv: &Server| {
+        srv.records.lock().iter().map(|v| v["key"].as_str().expect("key").to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&server), (0..12).map(|i| format!("k{i}")).collect::<Vec<_>>(), "in order, each once");
+    // Three small events, then one the endpoint never takes.
+    server.records.lock().clear();
+    let mut evs = events(3, 200);
+    evs.extend(events(4, 3000).into_iter().skip(3));
+    let e = client.send(&evs).await.expect_err("the last event is too large for the endpoint");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    let partial = PartialSend::of(&e).expect("how far it got");
+    assert_eq!(partial.report.events, 3, "{partial:?}");
+    assert_eq!(keys(&server), ["k0", "k1", "k2"], "the accepted events are the first ones");
+    // Nothing accepted: no partial progress attached.
+    let e = client.send(&events(4, 3000)[3..]).await.expect_err("too large");
+    assert!(PartialSend::of(&e).is_none(), "{e}");
+    let zero = CloudflareSettings { timeout: Duration::ZERO, ..settings() };
+    assert_eq!(
+        CloudflareStreamClient::new(&url, None, zero).expect_err("zero timeout").kind(),
+        &ErrorKind::InvalidInput
+    );
 }
