@@ -121,6 +121,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     buf: Mutex<Buf>,
     log: Option<Mutex<Connection>>,
+    /// Held while the durable log is open (`<log>.lock`).
+    _log_lock: Option<std::fs::File>,
     next_id: Mutex<Option<u64>>,
     roll_lock: futures::lock::Mutex<()>,
     closed: AtomicBool,
@@ -136,7 +138,9 @@ struct Inner {
 /// `roll_bytes`, `capacity` (rows) and `capacity_bytes` (Arrow memory size; a full buffer fails
 /// fast with a retryable `Unavailable`) and
 /// `durability` (`Durable(path)`: a SQLite log of Arrow IPC batches; an acknowledged `send`
-/// survives a process kill). Transforms and spill apply to event pipelines only.
+/// survives a process kill; one pipeline at a time, like the event pipeline's log).
+/// `backpressure` must be `FailFast`: `Wait` and `Spill` apply to event pipelines only and are
+/// `InvalidInput` here. `token` is not used (batch ids are the exactly-once key).
 #[derive(Clone)]
 pub struct ArrowPipeline {
     inner: Arc<Inner>,
@@ -161,10 +165,19 @@ impl ArrowPipeline {
             return Err(Error::invalid(format!("stream name {stream:?}: 1..=128 ASCII letters, digits, -_.")));
         }
         settings.validate()?;
+        if settings.backpressure != crate::Backpressure::FailFast {
+            return Err(Error::invalid(format!(
+                "ArrowPipeline: backpressure {:?} applies to event pipelines only; use FailFast",
+                settings.backpressure
+            )));
+        }
         let mut buf = Buf::default();
-        let log = match &settings.durability {
-            Durability::Memory => None,
-            Durability::Durable(path) => Some(Mutex::new(Self::open_log(path, &mut buf)?)),
+        let (log, log_lock) = match &settings.durability {
+            Durability::Memory => (None, None),
+            Durability::Durable(path) => {
+                let lock = crate::log::lock_log(path)?;
+                (Some(Mutex::new(Self::open_log(path, &mut buf)?)), Some(lock))
+            }
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let now = clock.now();
@@ -176,6 +189,7 @@ impl ArrowPipeline {
                 clock,
                 buf: Mutex::new(buf),
                 log,
+                _log_lock: log_lock,
                 next_id: Mutex::new(None),
                 roll_lock: futures::lock::Mutex::new(()),
                 closed: AtomicBool::new(false),

@@ -270,6 +270,38 @@ pub(crate) struct SqliteLog {
     _lock: std::fs::File,
 }
 
+/// Lock the log at `path` for this process's pipeline (`<path>.lock`, held as long as the
+/// returned file is open). A log another pipeline has open, in this process or another, is a
+/// retryable `Conflict`.
+pub(crate) fn lock_log(path: &Path) -> Result<std::fs::File> {
+    let doing = format!("opening {}", path.display());
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
+        // As for the log itself: a file that cannot be created (a missing directory,
+        // permissions, a read-only mount) is not mended by a retry.
+        use std::io::ErrorKind as K;
+        let transient = matches!(e.kind(), K::Interrupted | K::WouldBlock | K::TimedOut);
+        Error::unavailable(format!("pipeline log: {doing}: its lock file cannot be opened: {e}"))
+            .with_retryable(transient)
+            .with_source(e)
+    })?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::new(
+                dotdo_core::ErrorKind::Conflict,
+                format!("{doing}: another pipeline has this log open (one log serves one pipeline at a time)"),
+            )
+            .with_retryable(true))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(Error::unavailable(format!("{doing}: cannot lock it: {e}")).with_source(e))
+        }
+    }
+    Ok(lock)
+}
+
 impl SqliteLog {
     /// Open (or create) the log at `path`. A log another pipeline has open, in this process or
     /// another, is refused with a retryable `Conflict`: two pipelines numbering batches from one
@@ -277,31 +309,7 @@ impl SqliteLog {
     /// would drop the second as replays.
     pub(crate) fn open(path: &Path) -> Result<Self> {
         let doing = format!("opening {}", path.display());
-        let mut lock_path = path.as_os_str().to_owned();
-        lock_path.push(".lock");
-        let lock =
-            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
-                // As for the log itself: a file that cannot be created (a missing directory,
-                // permissions, a read-only mount) is not mended by a retry.
-                use std::io::ErrorKind as K;
-                let transient = matches!(e.kind(), K::Interrupted | K::WouldBlock | K::TimedOut);
-                Error::unavailable(format!("pipeline log: {doing}: its lock file cannot be opened: {e}"))
-                    .with_retryable(transient)
-                    .with_source(e)
-            })?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::new(
-                    dotdo_core::ErrorKind::Conflict,
-                    format!("{doing}: another pipeline has this log open (one log serves one pipeline at a time)"),
-                )
-                .with_retryable(true))
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(Error::unavailable(format!("{doing}: cannot lock it: {e}")).with_source(e))
-            }
-        }
+        let lock = lock_log(path)?;
         let conn = Connection::open(path).map_err(|e| sql(e, &doing))?;
         conn.busy_timeout(std::time::Duration::from_secs(2)).map_err(|e| sql(e, &doing))?;
         conn.execute_batch(

@@ -415,6 +415,9 @@ impl Pipeline {
                         .collect(),
                 };
                 let commit = self.append_resolving(&route, batch).await?;
+                // Counted as it lands: a later route or batch of this roll may still fail.
+                inner.counters.committed.fetch_add(commit.records_written, Ordering::Relaxed);
+                inner.counters.replayed.fetch_add(commit.records_skipped, Ordering::Relaxed);
                 report.commits += u64::from(commit.snapshot.is_some());
                 report.events += commit.records_written;
                 report.replayed += commit.records_skipped;
@@ -440,8 +443,6 @@ impl Pipeline {
         // interval plus one commit.
         *inner.last_roll.lock() = started;
         inner.counters.rolls.fetch_add(u64::from(report.events > 0), Ordering::Relaxed);
-        inner.counters.committed.fetch_add(report.events, Ordering::Relaxed);
-        inner.counters.replayed.fetch_add(report.replayed, Ordering::Relaxed);
         if report.events > 0 {
             tracing::debug!(events = report.events, commits = report.commits, "dotdo pipeline roll");
         }

@@ -245,3 +245,28 @@ async fn every_send_acknowledged_while_closing_is_committed() {
         assert_eq!(landed, acked, "round {round}: acknowledged batches committed once");
     }
 }
+
+/// An Arrow pipeline's durable log serves one pipeline at a time, like the event pipeline's
+/// (two would claim and commit the same logged batches); backpressure other than `FailFast` is
+/// refused rather than silently ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrow_log_serves_one_pipeline_and_event_only_settings_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("arrow-log.db")), ..Default::default() };
+    let first = ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect("first");
+    let e = ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect_err("second on the same log");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    first.send(batch(0, 3)).expect("send");
+    drop(first);
+    let again = ArrowPipeline::open("orders", Arc::new(t.clone()), settings).expect("reopened");
+    assert_eq!(again.close().await.expect("close"), 3);
+    assert_eq!(ids(&t).await, [0, 1, 2]);
+    let wait = PipelineSettings {
+        backpressure: dotdo_pipelines::Backpressure::Wait(std::time::Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let e = ArrowPipeline::open("w", Arc::new(t.clone()), wait).expect_err("Wait is for event pipelines");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+}

@@ -24,6 +24,8 @@ struct Flaky {
     /// Refuse every append for good (`InvalidInput`), counting them in `appends`.
     refusing: AtomicBool,
     appends: AtomicU32,
+    /// Refuse appends after this many (`u32::MAX`: never).
+    refuse_after: AtomicU32,
 }
 
 impl Flaky {
@@ -36,6 +38,7 @@ impl Flaky {
             watermarks_calls: AtomicU32::new(0),
             refusing: AtomicBool::new(false),
             appends: AtomicU32::new(0),
+            refuse_after: AtomicU32::new(u32::MAX),
         })
     }
 }
@@ -43,8 +46,8 @@ impl Flaky {
 #[async_trait]
 impl ColdSink for Flaky {
     async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
-        self.appends.fetch_add(1, Ordering::SeqCst);
-        if self.refusing.load(Ordering::SeqCst) {
+        let n = self.appends.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.refusing.load(Ordering::SeqCst) || n > self.refuse_after.load(Ordering::SeqCst) {
             return Err(Error::invalid("the sink refuses this batch for good (test)"));
         }
         if self.stalled.load(Ordering::SeqCst) {
@@ -633,4 +636,21 @@ async fn run_backs_off_after_failed_rolls() {
     assert_eq!(p.metrics().events_committed, 3, "committed once the sink takes it");
     p.close().await.expect("close");
     handle.await.expect("run ends after close");
+}
+
+/// The committed-events counter counts what reached the sink even when a later batch of the same
+/// roll fails (it counted nothing of such a roll, so it lagged the sink for good).
+#[tokio::test]
+async fn metrics_count_commits_of_a_roll_that_fails_part_way() {
+    let sink = Flaky::new();
+    sink.refuse_after.store(1, Ordering::SeqCst);
+    let settings = PipelineSettings { roll_rows: 10, ..Default::default() };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("pipeline");
+    p.send(events(20)).expect("send");
+    p.roll().await.expect_err("the second batch is refused");
+    assert_eq!(p.metrics().events_committed, 10, "the first batch is in the sink");
+    sink.refuse_after.store(u32::MAX, Ordering::SeqCst);
+    p.roll().await.expect("the rest");
+    assert_eq!(p.metrics().events_committed, 20);
+    assert_exactly_once(&committed(&sink.inner, 5).await, 20);
 }
