@@ -466,10 +466,14 @@ impl Log for SqliteLog {
 
     fn oldest(&self) -> Option<Timestamp> {
         let conn = self.conn.lock();
-        conn.query_row("SELECT min(ts) FROM pipeline_log", [], |r| r.get::<_, Option<i64>>(0))
-            .ok()
-            .flatten()
-            .map(Timestamp::from_micros)
+        match conn.query_row("SELECT min(ts) FROM pipeline_log", [], |r| r.get::<_, Option<i64>>(0)) {
+            Ok(ts) => ts.map(Timestamp::from_micros),
+            Err(e) => {
+                // Not "nothing pending": say so (the answer is only a hint for lag reporting).
+                tracing::warn!(error = %e, "dotdo pipeline log: the oldest pending event could not be read");
+                None
+            }
+        }
     }
 
     fn claimed(&self, token: FencingToken) -> Result<Option<Claimed>> {

@@ -512,7 +512,8 @@ impl Pipeline {
         }
     }
 
-    /// The timestamp of the oldest event waiting, if any.
+    /// The timestamp of the oldest event waiting, if any (also `None`, with a warning logged, if
+    /// a durable log cannot be read just now).
     pub fn oldest_pending(&self) -> Option<Timestamp> {
         self.inner.log.oldest()
     }
