@@ -1337,6 +1337,10 @@ struct FaultyHot {
     most_read: std::sync::atomic::AtomicUsize,
     /// `objects_with_pending_changes` fails.
     fail_listing: std::sync::atomic::AtomicBool,
+    /// The next write is held back (not applied) and answered `AmbiguousOutcome`: a request
+    /// still queued at a remote primary when the client gave up on it.
+    hold_next_write: std::sync::atomic::AtomicBool,
+    held: parking_lot::Mutex<Vec<(ObjectId, FencingToken, WriteBatch)>>,
 }
 
 impl FaultyHot {
@@ -1347,6 +1351,8 @@ impl FaultyHot {
             after_truncate: Default::default(),
             most_read: 0.into(),
             fail_listing: false.into(),
+            hold_next_write: false.into(),
+            held: Default::default(),
         }
     }
 }
@@ -1364,6 +1370,10 @@ impl HotStore for FaultyHot {
         if left > 0 {
             self.fail_writes.store(left - 1, std::sync::atomic::Ordering::SeqCst);
             return Err(Error::unavailable("hot store busy (test)"));
+        }
+        if self.hold_next_write.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.held.lock().push((object.clone(), token, batch));
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "the request timed out at the primary (test)"));
         }
         self.inner.write(object, token, batch).await
     }
@@ -1962,4 +1972,64 @@ async fn a_prefetch_keeps_an_idle_object_from_eviction() {
     rt.maintain().await.expect("maintain");
     assert_eq!(rt.metrics().evictions, 0, "just prefetched");
     assert_eq!(w.hot.object_info(&o).await.expect("info").expect("o").keys, 1);
+}
+
+/// An acquire whose ambiguous reply turned out not to have landed is settled: when the other
+/// runtime under the same node id later takes the object again, this runtime neither adopts that
+/// lease nor gives it back in `maintain`.
+#[tokio::test]
+async fn a_settled_ambiguous_acquire_never_adopts_a_later_lease_of_the_same_node_id() {
+    let w = World::new();
+    let first = w.runtime("a", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let o = oid("o");
+    let held = w.hot.acquire(&o, &NodeId::new("a").expect("node"), TTL).await.expect("held by the first");
+    w.clock.advance(Duration::from_secs(1));
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let second = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    guard.refused_ambiguous_acquires.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = incr(&second, &o).await.expect_err("held by the first runtime");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    // The first runtime's lease ends; it takes the object again later.
+    w.hot.release(&held).await.expect("release");
+    w.clock.advance(Duration::from_secs(5));
+    let again = w.hot.acquire(&o, &NodeId::new("a").expect("node"), TTL).await.expect("the first again");
+    let e = incr(&second, &o).await.expect_err("not adopted");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    second.maintain().await.expect("maintain");
+    assert_eq!(w.hot.current(&o).await.expect("current"), Some(again), "not given back by the second runtime");
+    drop(first);
+}
+
+/// A runtime whose ring gives an object to another node from the start (a gateway outside the
+/// ring) keeps it warm through `maintain`: only a ring change hands objects over.
+#[tokio::test]
+async fn maintain_keeps_objects_a_ring_set_at_build_gives_elsewhere() {
+    let w = World::new();
+    let gateway = ring_runtime(&w, "gw", "b");
+    let o = oid("o");
+    incr(&gateway, &o).await.expect("first");
+    gateway.maintain().await.expect("maintain");
+    incr(&gateway, &o).await.expect("second");
+    assert_eq!(gateway.metrics().activations, 1, "kept warm");
+}
+
+/// A commit whose write has an unknown outcome gives the lease back: the next call writes under
+/// a newer token, so the first write, landing late (a request still queued at a remote primary),
+/// is fenced instead of overwriting newer state (a lost update).
+#[tokio::test]
+async fn a_write_of_unknown_outcome_landing_late_is_fenced() {
+    let w = World::new();
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    let rt = w.runtime_with_hot("a", hot.clone(), settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    hot.hold_next_write.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = incr(&rt, &o).await.expect_err("the write's outcome is unknown");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert_eq!(incr(&rt, &o).await.expect("again"), 2);
+    assert_eq!(incr(&rt, &o).await.expect("and again"), 3);
+    let (object, token, batch) = hot.held.lock().pop().expect("the held write");
+    let late = w.hot.write(&object, token, batch).await.expect_err("landing late");
+    assert!(late.is_fenced(), "{late}");
+    assert_eq!(get(&rt, &o, "n").await.expect("get"), Some(Bytes::from("3")), "no lost update");
 }

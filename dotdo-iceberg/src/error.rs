@@ -114,6 +114,8 @@ fn generic_cause(e: &object_store::Error) -> Cause {
         .and_then(|s| s.parse::<u16>().ok());
     match status {
         Some(408 | 429) => Cause::StoreUnavailable,
+        // S3 answers a slow upload with 400 `RequestTimeout`, which its own SDKs retry.
+        Some(400) if text.contains("RequestTimeout") => Cause::StoreUnavailable,
         Some(400..=499) => Cause::StoreRefused,
         _ => Cause::StoreUnavailable,
     }
@@ -154,10 +156,12 @@ fn sqlx_cause(e: &sqlx::Error) -> Cause {
 fn iceberg_cause(e: &iceberg::Error) -> Cause {
     use iceberg::ErrorKind as K;
     if e.kind() == K::Unexpected {
-        // iceberg wraps every `reqwest` failure of a REST catalog so (a refused connection, a
-        // timeout, a body cut short): the connection broke.
+        // iceberg wraps every `reqwest` failure of a REST catalog so: a refused connection, a
+        // timeout, a body cut short (the connection broke), or a request that could not be
+        // built (a bad URI or header: configuration).
         if e.message() == "Failed to execute http request" {
-            return Cause::StoreUnavailable;
+            let built = StdError::source(e).is_some_and(|s| s.to_string().starts_with("builder error"));
+            return if built { Cause::Config } else { Cause::StoreUnavailable };
         }
         // iceberg-catalog-rest: a commit answered 500/502/504, or any request answered with a
         // status it does not map (429 and 5xx are the server's or a proxy's trouble, and
@@ -214,8 +218,9 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
             Cause::Undecodable
         } else if let Some(ib) = err.downcast_ref::<iceberg::Error>() {
             let c = iceberg_cause(ib);
-            // Below a broken REST connection, an I/O error is how it broke (a body cut short).
-            in_transport |= c == Cause::StoreUnavailable;
+            // Below a broken REST connection, an I/O error is how it broke (a body cut short);
+            // below a request that could not be built, nothing more is to be learned.
+            in_transport |= matches!(c, Cause::StoreUnavailable | Cause::Config);
             c
         } else if let Some(d) = err.downcast_ref::<Error>() {
             // dotdo's own errors raised inside an iceberg call (the SQL catalog pointer swap, a
@@ -454,6 +459,8 @@ mod tests {
         };
         let e = classify_object_store(http("400 Bad Request"));
         assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{e}");
+        let slow = http("400 Bad Request: <Error><Code>RequestTimeout</Code></Error>");
+        assert_eq!(classify_object_store(slow).kind(), &ErrorKind::Unavailable, "S3's RequestTimeout");
         for transient in ["503 Service Unavailable", "429 Too Many Requests", "408 Request Timeout"] {
             let e = classify_object_store(http(transient));
             assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{transient}: {e}");
@@ -466,6 +473,10 @@ mod tests {
             .with_source(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "body ended early"));
         let e = classify(cut, "loading table ns.t");
         assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
+        // reqwest's text for a request that could not be built (a REST URI without a scheme).
+        let bad = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
+            .with_source(std::io::Error::other("builder error: relative URL without a base"));
+        assert_eq!(classify(bad, "opening REST catalog").kind(), &ErrorKind::InvalidInput);
     }
 
     #[test]

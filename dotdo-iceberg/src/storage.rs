@@ -91,20 +91,12 @@ impl StoreRoot {
     }
 
     fn with_store(store: Arc<dyn ObjectStore>, url: &Url) -> Self {
+        // The root is the scheme and authority: `s3://bucket`, `az://container`, `gs://bucket`.
+        // (A path-style `https://` URL keeps its bucket in the key, as it always has: changing
+        // that would move every existing table's files. Use `s3://bucket/wh` with
+        // `aws_endpoint` instead; docs/iceberg-cold-store.md.)
+        let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
         let warehouse = url.as_str().trim_end_matches('/').to_string();
-        // The store's root is the URL without the path object_store reads as the key prefix:
-        // the scheme and authority, and for path-style URLs the bucket or container too
-        // (`https://<account>.r2.cloudflarestorage.com/<bucket>`, `abfss://<container>@…`).
-        let root = match object_store::ObjectStoreScheme::parse(url) {
-            Ok((_, path)) => {
-                let mut root = warehouse.as_str();
-                for _ in 0..path.parts().count() {
-                    root = root.rsplit_once('/').map_or(root, |(before, _)| before);
-                }
-                root.to_string()
-            }
-            Err(_) => format!("{}://{}", url.scheme(), url.host_str().unwrap_or("")),
-        };
         StoreRoot { store, root, warehouse, local_files: false }
     }
 
@@ -476,14 +468,14 @@ mod tests {
     }
 
     #[test]
-    fn path_style_urls_keep_their_bucket_in_the_root() {
+    fn the_root_is_the_scheme_and_authority() {
+        // Pinned: a change here moves every existing table's files.
         let mem = || -> Arc<dyn ObjectStore> { Arc::new(object_store::memory::InMemory::new()) };
         let cases = [
             ("s3://bkt/wh", "s3://bkt", "wh/x"),
-            ("https://acct.r2.cloudflarestorage.com/bkt/wh", "https://acct.r2.cloudflarestorage.com/bkt", "wh/x"),
-            ("https://s3.us-east-1.amazonaws.com/bkt/lake/wh", "https://s3.us-east-1.amazonaws.com/bkt", "lake/wh/x"),
-            ("abfss://c@acct.dfs.core.windows.net/wh", "abfss://c@acct.dfs.core.windows.net", "wh/x"),
-            ("https://acct.blob.core.windows.net/c/wh", "https://acct.blob.core.windows.net/c", "wh/x"),
+            ("az://container/lake/wh", "az://container", "lake/wh/x"),
+            ("gs://bkt/wh", "gs://bkt", "wh/x"),
+            ("https://acct.r2.cloudflarestorage.com/bkt/wh", "https://acct.r2.cloudflarestorage.com", "bkt/wh/x"),
             // Local keys keep the URL's percent-encoding; the local store decodes it.
             ("file:///tmp/my%20lake", "file://", "tmp/my%20lake/x"),
         ];

@@ -33,8 +33,7 @@ use crate::storage::StoreRoot;
 use crate::summary::{self, Watermarks};
 
 /// A table's namespace and name become directories of the warehouse: each part must be
-/// non-empty, not `.` or `..`, and free of `/`, backslashes and control characters; namespace parts are
-/// also dot-free (a dot separates them in Iceberg's own notation).
+/// non-empty, not `.` or `..`, and free of `/`, backslashes and control characters.
 pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a str>, name: &str) -> Result<()> {
     let bad = |part: &str| {
         part.is_empty() || part == "." || part == ".." || part.chars().any(|c| c == '/' || c == '\\' || c.is_control())
@@ -42,9 +41,9 @@ pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a st
     let mut parts = 0;
     for part in namespace {
         parts += 1;
-        if bad(part) || part.contains('.') {
+        if bad(part) {
             return Err(Error::invalid(format!(
-                "table namespace part {part:?} must be non-empty and free of '.', '/', '\\' and control characters"
+                "table namespace part {part:?} must be non-empty, not '.' or '..', and free of '/', '\\' and control characters"
             )));
         }
     }

@@ -61,8 +61,10 @@
 //! * Transient failures (busy database, unreachable or overloaded primary) are retried a bounded
 //!   number of times with doubling backoff (real time, whatever clock is injected), then reported as a retryable
 //!   `Unavailable`. A mutating call whose request may have reached the primary before the
-//!   connection broke is **not** retried blindly: it fails with `AmbiguousOutcome` (read back to
-//!   resolve). A rejected auth token is a non-retryable `Backend` error that says so.
+//!   connection broke is **not** retried blindly: it fails with `AmbiguousOutcome`. Reading back
+//!   does not settle a write: the request may still be queued at the primary and land later.
+//!   Take a new lease (a higher token) before writing the object again, so that a late write is
+//!   fenced; `ObjectRuntime` does so itself. A rejected auth token is a non-retryable `Backend` error that says so.
 //! * Durability on a local file is a setting ([`Durability`]): `Normal` (default, WAL +
 //!   `synchronous=NORMAL`) survives a process crash or SIGKILL; `Full` also survives power loss.
 //!   On a remote primary, `Ok` means the primary committed (its own durability settings apply).

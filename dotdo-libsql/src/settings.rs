@@ -256,6 +256,15 @@ impl Target {
                 if path.as_os_str().is_empty() {
                     return Err(Error::invalid("local database path is empty"));
                 }
+                // libsql opens a separate, empty in-memory database for every connection, so the
+                // store's readers would never see what its writer wrote.
+                let name = path.to_string_lossy();
+                if name == ":memory:" || name.starts_with("file::memory:") || name.contains("mode=memory") {
+                    return Err(Error::invalid(
+                        "an in-memory libSQL database is not supported (each connection would get its own); use a \
+                         file, e.g. in a temporary directory",
+                    ));
+                }
                 Ok(())
             }
             Target::Remote { url, auth_token } => {

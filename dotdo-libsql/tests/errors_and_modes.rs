@@ -548,3 +548,13 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert_eq!(version(&path).await, 3, "not downgraded");
 }
+
+/// An in-memory libSQL database is refused before anything opens: libsql gives every connection
+/// its own, so the store's readers would never see its writes (reads failed with "no such table").
+#[tokio::test]
+async fn an_in_memory_database_is_refused() {
+    for path in [":memory:", "file::memory:?cache=shared"] {
+        let e = LibsqlStore::local(path).open().await.expect_err(path);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{path}: {e}");
+    }
+}

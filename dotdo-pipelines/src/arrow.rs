@@ -175,7 +175,7 @@ impl ArrowPipeline {
         let (log, log_lock) = match &settings.durability {
             Durability::Memory => (None, None),
             Durability::Durable(path) => {
-                let lock = crate::log::lock_log(path)?;
+                let lock = crate::log::lock_log(path, "arrow")?;
                 (Some(Mutex::new(Self::open_log(path, &mut buf)?)), Some(lock))
             }
         };

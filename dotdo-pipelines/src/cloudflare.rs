@@ -54,7 +54,9 @@ pub struct StreamSendReport {
 /// How far a [`CloudflareStreamClient::send`] got before it failed: the `source()` of its error
 /// whenever at least one request was accepted ([`PartialSend::of`] finds it). The accepted
 /// events are always the first `report.events` of the slice sent, so a caller resends
-/// `&events[report.events as usize..]` and duplicates nothing. Its own source is the failure.
+/// `&events[report.events as usize..]` and duplicates none of them. (The request that failed may
+/// have been accepted all the same, its reply lost to a timeout or a 5xx: delivery is at least
+/// once.) Its own source is the failure.
 #[derive(Debug)]
 pub struct PartialSend {
     /// What was done before the failure.

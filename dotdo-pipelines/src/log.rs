@@ -270,13 +270,14 @@ pub(crate) struct SqliteLog {
     _lock: std::fs::File,
 }
 
-/// Lock the log at `path` for this process's pipeline (`<path>.lock`, held as long as the
-/// returned file is open). A log another pipeline has open, in this process or another, is a
+/// Lock the log of `kind` (`pipeline` or `arrow`: the two kinds keep separate tables and may
+/// share a file) at `path` for one pipeline (`<path>.<kind>.lock`, held as long as the returned
+/// file is open). A log another pipeline of the kind has open, in this process or another, is a
 /// retryable `Conflict`.
-pub(crate) fn lock_log(path: &Path) -> Result<std::fs::File> {
+pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<std::fs::File> {
     let doing = format!("opening {}", path.display());
     let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
+    lock_path.push(format!(".{kind}.lock"));
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
         // As for the log itself: a file that cannot be created (a missing directory,
         // permissions, a read-only mount) is not mended by a retry.
@@ -309,7 +310,7 @@ impl SqliteLog {
     /// would drop the second as replays.
     pub(crate) fn open(path: &Path) -> Result<Self> {
         let doing = format!("opening {}", path.display());
-        let lock = lock_log(path)?;
+        let lock = lock_log(path, "pipeline")?;
         let conn = Connection::open(path).map_err(|e| sql(e, &doing))?;
         conn.busy_timeout(std::time::Duration::from_secs(2)).map_err(|e| sql(e, &doing))?;
         conn.execute_batch(

@@ -460,8 +460,8 @@ impl Pipeline {
 
     /// Roll whenever due, until [`close`](Self::close); spawn this on the host's executor. A
     /// failed roll is tried again (the claimed batch stays and is committed again) after a pause
-    /// that doubles with each failure in a row, from the tick up to [`MAX_ROLL_BACKOFF`]: a sink
-    /// that refuses the batch for good is not hammered.
+    /// that doubles with each failure in a row, from twice the tick up to [`MAX_ROLL_BACKOFF`]:
+    /// a sink that refuses the batch for good is not hammered.
     pub async fn run(&self) {
         let tick = self.inner.settings.tick();
         let clock = &self.inner.clock;

@@ -30,7 +30,7 @@ pub enum Durability {
     /// survives a process kill and is delivered exactly once after restart. Claims (what a roll
     /// is about to commit) are written with `synchronous=FULL`, so a power loss can lose the
     /// latest sends but never deliver a committed batch twice. One pipeline at a time: the log
-    /// is locked (`<path>.lock`) while a pipeline has it open, and a second one is refused with
+    /// is locked (`<path>.pipeline.lock`) while a pipeline has it open, and a second one is refused with
     /// a retryable `Conflict`.
     Durable(PathBuf),
 }

@@ -258,6 +258,12 @@ async fn an_arrow_log_serves_one_pipeline_and_event_only_settings_are_refused() 
     let first = ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect("first");
     let e = ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect_err("second on the same log");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    // An event pipeline keeps its own table in the same file: it may share it.
+    let events = dotdo_pipelines::Pipeline::builder(Arc::new(dotdo_core::MemoryColdStore::new()))
+        .with_settings(settings.clone())
+        .build()
+        .expect("an event pipeline on the same file");
+    drop(events);
     first.send(batch(0, 3)).expect("send");
     drop(first);
     let again = ArrowPipeline::open("orders", Arc::new(t.clone()), settings).expect("reopened");

@@ -67,21 +67,34 @@ impl Checkpointer {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("dotdo-sqlite-checkpoint".into())
-            .spawn(move || loop {
-                {
-                    let (lock, cv) = &*flag;
-                    let mut stopped = lock.lock();
-                    if !*stopped {
-                        cv.wait_for(&mut stopped, every);
+            .spawn(move || {
+                let mut failures = 0u64;
+                loop {
+                    {
+                        let (lock, cv) = &*flag;
+                        let mut stopped = lock.lock();
+                        if !*stopped {
+                            cv.wait_for(&mut stopped, every);
+                        }
+                        if *stopped {
+                            return;
+                        }
                     }
-                    if *stopped {
-                        return;
+                    // PASSIVE never blocks: frames a reader still needs, or a checkpoint running in
+                    // another process, just wait for the next round.
+                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+                        Ok(_) => failures = 0,
+                        Err(e) => {
+                            // One failure is routine (a checkpoint in another process); many in a
+                            // row (I/O errors, a damaged file) are worth an operator's look.
+                            failures += 1;
+                            if failures % 100 == 10 {
+                                tracing::warn!(error = %e, failures, "background WAL checkpoints keep failing");
+                            } else {
+                                tracing::debug!(error = %e, "background WAL checkpoint failed; retrying next round");
+                            }
+                        }
                     }
-                }
-                // PASSIVE never blocks: frames a reader still needs, or a checkpoint running in
-                // another process, just wait for the next round.
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
-                    tracing::debug!(error = %e, "background WAL checkpoint failed; retrying next round");
                 }
             })
             .map_err(|e| Error::backend(format!("starting the WAL checkpoint thread: {e}")))?;
@@ -176,6 +189,13 @@ impl SqliteStoreBuilder {
         }
         if settings.retry_backoff > Duration::from_secs(1) {
             return Err(Error::invalid(format!("retry_backoff {:?} is over 1 s", settings.retry_backoff)));
+        }
+        // A sub-millisecond period would spin a core on checkpoints (zero turns them off).
+        if settings.background_checkpoint.is_some_and(|d| !d.is_zero() && d < Duration::from_millis(1)) {
+            return Err(Error::invalid(format!(
+                "background_checkpoint {:?} is under 1 ms (None or zero turns it off)",
+                settings.background_checkpoint
+            )));
         }
         let memory = is_private_database(&self.path);
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));

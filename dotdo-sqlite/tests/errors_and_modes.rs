@@ -86,6 +86,11 @@ async fn invalid_settings_are_invalid_input_not_a_panic() {
         // Either would make a call's budget unbounded: a hang instead of `Unavailable`.
         ("4 billion busy retries", SqliteSettings { busy_retries: u32::MAX, ..Default::default() }),
         ("an endless backoff", SqliteSettings { retry_backoff: Duration::MAX, ..Default::default() }),
+        // A thread checkpointing in a tight loop.
+        (
+            "a 1 ns checkpoint period",
+            SqliteSettings { background_checkpoint: Some(Duration::from_nanos(1)), ..Default::default() },
+        ),
     ] {
         for execution in [Execution::Inline, Execution::Auto] {
             let settings = SqliteSettings { execution, ..settings.clone() };

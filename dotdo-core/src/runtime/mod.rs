@@ -166,17 +166,23 @@ pub(crate) struct Inner {
     clock: Arc<dyn Clock>,
     settings: RuntimeSettings,
     ring: parking_lot::RwLock<Option<HashRing>>,
+    /// The ring before the last [`set_ring`](ObjectRuntime::set_ring) (`Some(None)`: there was
+    /// none), `None` if the ring never changed: `maintain` hands over the objects that change
+    /// moved from this node to another.
+    ring_before: parking_lot::RwLock<Option<Option<HashRing>>>,
     slots: parking_lot::Mutex<HashMap<ObjectId, Arc<futures::lock::Mutex<Slot>>>>,
     /// Leases a cancelled call (its future dropped) took or held but could neither keep in a
     /// slot nor release; the next activation of the object releases them first, so this node
     /// does not lock itself (and everyone) out of the object until they expire.
     orphans: parking_lot::Mutex<HashMap<ObjectId, Lease>>,
     /// Acquires whose outcome this runtime never learned: the call was cancelled while the
-    /// guard worked on it, or its reply was lost and the guard could not be asked. Object → this
-    /// runtime's clock just before the acquire. A lease this node was granted at or after that
-    /// time is that acquire's: the next activation of the object adopts it (instead of waiting
-    /// out a lease it holds itself), and `maintain` and `shutdown` give it back.
-    unsure: parking_lot::Mutex<HashMap<ObjectId, Timestamp>>,
+    /// guard worked on it, or its reply was lost and the guard could not be asked. Object → the
+    /// window (this runtime's clock) in which such an acquire may have been granted. A lease
+    /// granted to this node within it is that acquire's: the next activation of the object
+    /// adopts it (instead of waiting out a lease it holds itself), and `maintain` and `shutdown`
+    /// give it back. (The guard's clock and the runtime's must agree, as they do when both are
+    /// the process clock; otherwise such a lease is only waited out.)
+    unsure: parking_lot::Mutex<HashMap<ObjectId, Window>>,
     shutting_down: AtomicBool,
     /// Set once shutdown's flush has run: a call ending after it gives its lease back.
     shutdown_flushed: AtomicBool,
@@ -262,6 +268,7 @@ impl ObjectRuntimeBuilder {
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
                 settings: self.settings,
                 ring: parking_lot::RwLock::new(self.ring),
+                ring_before: parking_lot::RwLock::new(None),
                 slots: parking_lot::Mutex::new(HashMap::new()),
                 orphans: parking_lot::Mutex::new(HashMap::new()),
                 unsure: parking_lot::Mutex::new(HashMap::new()),
@@ -369,9 +376,25 @@ impl ObjectRuntime {
 
     /// Set or replace the ring (nodes joined or left); a runtime built without one starts
     /// using it from here on. The next [`maintain`](Self::maintain) gives back the leases of
-    /// objects the new ring gives another node, each once no call is using it.
+    /// objects this change moved from this node (or, for a runtime that had no ring, from
+    /// anywhere) to another node, each once no call is using it.
     pub fn set_ring(&self, ring: HashRing) {
-        *self.inner.ring.write() = Some(ring);
+        let mut current = self.inner.ring.write();
+        let before = current.replace(ring);
+        *self.inner.ring_before.write() = Some(before);
+    }
+
+    /// Whether the last [`set_ring`](Self::set_ring) moved `object` from this node (or from no
+    /// ring at all) to another node.
+    fn moved_away(&self, object: &ObjectId) -> bool {
+        let node = &self.inner.node;
+        let now_elsewhere = self.owner_hint(object).is_some_and(|n| n != *node);
+        now_elsewhere
+            && match &*self.inner.ring_before.read() {
+                None => false,
+                Some(None) => true,
+                Some(Some(before)) => before.node_for(object) == Some(node),
+            }
     }
 
     fn slot(&self, object: &ObjectId) -> Arc<futures::lock::Mutex<Slot>> {
@@ -486,6 +509,11 @@ impl ObjectRuntime {
                 if lease_gone(&e) {
                     self.inner.metrics.lock().fenced += u64::from(e.is_fenced());
                     slot.active = None;
+                } else if e.kind() == &ErrorKind::AmbiguousOutcome {
+                    // The write may still land later (a request queued at a remote primary):
+                    // reading back cannot settle that. Give the lease back, so that the next
+                    // call writes under a newer token, which fences the write if it lands late.
+                    give_back(&self.inner, &mut slot.active).await;
                 } else {
                     // With keep_warm = 0 the lease goes back after every call, failed ones too.
                     self.after_call(&mut slot).await;
@@ -642,46 +670,57 @@ impl ObjectRuntime {
 
     async fn acquire_within(&self, object: &ObjectId, wait: Duration) -> Result<Lease> {
         let inner = &self.inner;
-        let started = inner.clock.now();
-        let deadline = started.plus(wait);
-        // An earlier acquire of this object whose outcome was never learned may have left this
-        // node a lease: one granted to this node since then is adopted below.
+        let deadline = inner.clock.now().plus(wait);
+        // An earlier acquire of this object whose outcome was never learned (a cancelled call)
+        // may have left this node a lease, granted within that acquire's window.
         let earlier = inner.unsure.lock().remove(object);
-        let mut flight = AcquireInFlight { inner, object, since: earlier.unwrap_or(started), armed: true };
+        let mut flight = AcquireInFlight { inner, object, pending: earlier, sent: None };
         let mut unknown = 0;
         loop {
-            flight.armed = true;
-            let e = match inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await {
+            // Until its answer arrives, this acquire's outcome is unknown (to a cancelled call,
+            // for good).
+            flight.sent = Some(inner.clock.now());
+            let result = inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await;
+            let sent = flight.sent.take().unwrap_or(deadline);
+            let e = match result {
                 Ok(l) => {
-                    flight.armed = false;
+                    // Granted: no other unexpired lease exists, so any earlier acquire is settled.
+                    flight.pending = None;
                     return Ok(l);
                 }
                 Err(e) => e,
             };
             let ambiguous = e.kind() == &ErrorKind::AmbiguousOutcome;
+            if ambiguous {
+                flight.widen((sent, inner.clock.now()));
+            }
             let held_here = matches!(e.kind(), ErrorKind::LeaseHeld { holder, .. } if *holder == inner.node);
-            if ambiguous || (held_here && earlier.is_some()) {
-                // The acquire (this one, or the earlier one) may have landed, its reply lost: the
-                // guard says whether this node holds the object now. A lease granted to this node
-                // since the acquire began is the acquire's; an older one is another runtime's
-                // under the same node id (adopting it would share its token) and is waited for.
+            if ambiguous || (held_here && flight.pending.is_some()) {
+                // An acquire of unknown outcome (this one, or an earlier one) may have landed, its
+                // reply lost: the guard says whether this node holds the object now. A lease
+                // granted to this node within that acquire's window is the acquire's; any other
+                // is another runtime's under the same node id (adopting it would share its token)
+                // and is waited for.
                 match inner.guard.current(object).await {
-                    Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= flight.since => {
-                        flight.armed = false;
+                    Ok(Some(l)) if l.holder == inner.node && flight.covers(l.acquired_at) => {
+                        flight.pending = None;
                         return Ok(l);
                     }
-                    Ok(_) if ambiguous && unknown < 3 => {
-                        unknown += 1;
-                        tracing::debug!(object = %object, "dotdo: an acquire with an unknown outcome did not land; retrying");
-                        continue;
+                    Ok(_) => {
+                        // Not this node's by any unsure acquire: they are settled.
+                        flight.pending = None;
+                        if ambiguous {
+                            if unknown < 3 {
+                                unknown += 1;
+                                tracing::debug!(object = %object, "dotdo: an acquire with an unknown outcome did not land; retrying");
+                                continue;
+                            }
+                            return Err(e.context(format!("acquiring {object} on {}", inner.node)));
+                        }
                     }
-                    Ok(_) if !ambiguous => {}
-                    // Still unknown: the entry stays for the next activation and `maintain`.
-                    _ => return Err(e.context(format!("acquiring {object} on {}", inner.node))),
+                    // Still unknown: remembered for the next activation and `maintain`.
+                    Err(_) => return Err(e.context(format!("acquiring {object} on {}", inner.node))),
                 }
-            } else if !ambiguous && earlier.is_none() && unknown == 0 {
-                // This call's own acquires were all answered: nothing of it is unsure.
-                flight.armed = false;
             }
             let now = inner.clock.now();
             let wait = match e.kind() {
@@ -1229,7 +1268,7 @@ impl ObjectRuntime {
     }
 
     /// One round of housekeeping: renew warm leases that need it, release leases idle past
-    /// `keep_warm` and those of objects the ring now gives another node (see
+    /// `keep_warm` and those of objects the last ring change moved to another node (see
     /// [`set_ring`](Self::set_ring)), tier out idle objects, give back leases that cancelled
     /// calls left behind. Counted as a call: `Shutdown` once [`shutdown`](Self::shutdown) has
     /// begun, and shutdown waits for a round in progress.
@@ -1246,9 +1285,10 @@ impl ObjectRuntime {
         for (object, slot) in self.active_slots() {
             let Some(mut guard) = slot.try_lock() else { continue };
             let Some(active) = guard.active.as_mut() else { continue };
-            // The ring gives the object to another node now (`set_ring`): handed over while no
-            // call is using it, so the new owner need not wait for `keep_warm`.
-            let moved = self.owner_hint(&object).is_some_and(|n| n != inner.node);
+            // The last `set_ring` moved the object from this node to another: handed over while
+            // no call is using it, so the new owner need not wait for `keep_warm`. (Objects the
+            // ring always gave another node, as on a gateway outside the ring, stay warm.)
+            let moved = self.moved_away(&object);
             if moved || now.since(active.last_used) >= inner.settings.keep_warm {
                 give_back(inner, &mut guard.active).await;
             } else if active.lease.remaining_at(now) <= inner.settings.lease_ttl * 2 / 3 {
@@ -1532,7 +1572,6 @@ fn lease_gone(e: &Error) -> bool {
     e.is_fenced() || matches!(e.kind(), ErrorKind::LeaseLost { .. })
 }
 
-/// Give `lease` back; a failure only means it runs out on its own (logged).
 /// Refresh the leases of the objects a flush holds that need it, as `maintain` would (it skips
 /// them while they are held, and a flush of many rounds can outlast a lease). An object whose
 /// lease is gone is left out of the rest of the flush.
@@ -1565,22 +1604,24 @@ async fn release_orphans(inner: &Arc<Inner>) {
     }
     // Acquires of unknown outcome: a lease granted to this node since one began is given back,
     // unless a call is activating the object now (it adopts that lease) or holds it.
-    let unsure: Vec<(ObjectId, Timestamp)> = inner.unsure.lock().drain().collect();
-    for (object, since) in unsure {
+    let unsure: Vec<(ObjectId, Window)> = inner.unsure.lock().drain().collect();
+    for (object, (from, to)) in unsure {
         let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
         let Some(guard) = slot.try_lock() else {
-            inner.unsure.lock().entry(object).or_insert(since);
+            inner.unsure.lock().entry(object).or_insert((from, to));
             continue;
         };
         if guard.active.is_some() {
             continue;
         }
         match inner.guard.current(&object).await {
-            Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= since => release_quietly(inner, &l).await,
+            Ok(Some(l)) if l.holder == inner.node && from <= l.acquired_at && l.acquired_at <= to => {
+                release_quietly(inner, &l).await
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(object = %object, error = %e, "dotdo: lease of an acquire with an unknown outcome not checked");
-                inner.unsure.lock().entry(object).or_insert(since);
+                inner.unsure.lock().entry(object).or_insert((from, to));
             }
         }
         drop(guard);
@@ -1606,6 +1647,7 @@ async fn give_back(inner: &Arc<Inner>, active: &mut Option<Active>) {
     }
 }
 
+/// Give `lease` back; a failure only means it runs out on its own (logged).
 async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
     let hand = LeaseInHand::new(inner, lease.clone());
     if let Err(e) = inner.guard.release(lease).await {
@@ -1646,22 +1688,41 @@ impl Drop for LeaseInHand<'_> {
     }
 }
 
-/// An acquire whose outcome is not known yet. Dropped armed (the call was cancelled while the
-/// guard worked, or it ended without learning the outcome), it records the object in
-/// [`Inner::unsure`] with the earliest time such an acquire began.
+/// When an acquire of unknown outcome may have been granted: from just before it was sent to
+/// when its outcome became unknown (an ambiguous reply, or the call cancelled).
+type Window = (Timestamp, Timestamp);
+
+/// The acquires of one `acquire_within` call whose outcome is not known. Dropped with any (the
+/// call was cancelled while the guard worked, or it ended without learning the outcome), it
+/// records them in [`Inner::unsure`].
 struct AcquireInFlight<'a> {
     inner: &'a Inner,
     object: &'a ObjectId,
-    since: Timestamp,
-    armed: bool,
+    /// Acquires answered ambiguously (or left by an earlier call) and not settled since.
+    pending: Option<Window>,
+    /// When the acquire now in flight was sent.
+    sent: Option<Timestamp>,
+}
+
+impl AcquireInFlight<'_> {
+    fn widen(&mut self, w: Window) {
+        self.pending = Some(self.pending.map_or(w, |p| (p.0.min(w.0), p.1.max(w.1))));
+    }
+
+    fn covers(&self, t: Timestamp) -> bool {
+        self.pending.is_some_and(|(from, to)| from <= t && t <= to)
+    }
 }
 
 impl Drop for AcquireInFlight<'_> {
     fn drop(&mut self) {
-        if self.armed {
+        if let Some(sent) = self.sent.take() {
+            self.widen((sent, self.inner.clock.now()));
+        }
+        if let Some(w) = self.pending {
             let mut unsure = self.inner.unsure.lock();
-            let since = unsure.get(self.object).map_or(self.since, |t| (*t).min(self.since));
-            unsure.insert(self.object.clone(), since);
+            let w = unsure.get(self.object).map_or(w, |p| (p.0.min(w.0), p.1.max(w.1)));
+            unsure.insert(self.object.clone(), w);
         }
     }
 }
