@@ -198,7 +198,12 @@ impl IcebergColdStore {
         for (mf, m) in loaded {
             let touched = m.entries().iter().any(|e| e.is_alive() && removed.contains(e.data_file().file_path()));
             if !touched {
-                out.manifests.push(mf.clone());
+                // A manifest with no live entry left (an earlier rewrite's, listing only the
+                // files it replaced) describes nothing of the new snapshot: dropped, or every
+                // compaction would add one for good, and every read would load them all.
+                if m.entries().iter().any(|e| e.is_alive()) {
+                    out.manifests.push(mf.clone());
+                }
                 continue;
             }
             let (path, w) = match merged.entry(mf.partition_spec_id) {

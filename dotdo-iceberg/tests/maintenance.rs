@@ -1145,3 +1145,29 @@ async fn a_user_table_file_cut_to_zero_bytes_is_corrupt() {
     let name = files[0].file_name().expect("name").to_str().expect("utf-8");
     assert!(e.to_string().contains(name), "names {name}: {e}");
 }
+
+/// Compactions do not leave the manifest list growing: a manifest an earlier compaction left with
+/// only the files it replaced (no live entry) is dropped by the next rewrite instead of being
+/// carried, and loaded by every read, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_compactions_keep_the_manifest_list_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    let mut seq = 0;
+    for _ in 0..6 {
+        for _ in 0..3 {
+            seq += 1;
+            let r = common::put(&o, seq, &format!("k{}", seq % 4), "v", 1);
+            cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
+        }
+        cold.compact(CompactOptions::default()).await.expect("compact");
+    }
+    let t = cold.refresh().await.expect("refresh");
+    let s = t.metadata().current_snapshot().expect("snapshot");
+    let manifests = t.manifest_list_reader(s).load().await.expect("list").entries().len();
+    assert!(manifests <= 3, "{manifests} manifests after 6 compactions");
+    assert_eq!(live_files(&cold).await, 1);
+    let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=18).collect::<Vec<_>>());
+}
