@@ -157,11 +157,15 @@ fn put_bounded<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v: V)
     put_bounded_to(map, k, v, CACHE_LIMIT);
 }
 
-/// Insert into a cache of at most `limit` entries (emptied when full).
+/// Insert into a cache of at most `limit` entries; when full, one other entry goes. (Emptying it
+/// whole made a table with more manifests than the limit miss on nearly every manifest of every
+/// read: each read's pass emptied it again. Now a pass keeps about `limit` of them.)
 fn put_bounded_to<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v: V, limit: usize) {
     let mut m = map.lock();
-    if m.len() >= limit {
-        m.clear();
+    if m.len() >= limit && !m.contains_key(&k) {
+        if let Some(old) = m.keys().next().cloned() {
+            m.remove(&old);
+        }
     }
     m.insert(k, v);
 }
@@ -698,6 +702,19 @@ impl IndexAccelerator for IcebergColdStore {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_full_cache_drops_one_entry_not_all() {
+        let m = parking_lot::Mutex::new(HashMap::new());
+        for i in 0..10 {
+            put_bounded_to(&m, format!("k{i}"), i, 4);
+        }
+        assert_eq!(m.lock().len(), 4);
+        assert_eq!(m.lock().get("k9"), Some(&9), "the newest is kept");
+        put_bounded_to(&m, "k9".to_string(), 99, 4);
+        assert_eq!(m.lock().len(), 4, "replacing a key evicts nothing");
+    }
+
     use super::*;
 
     #[test]
