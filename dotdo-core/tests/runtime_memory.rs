@@ -59,6 +59,13 @@ impl World {
             .expect("build runtime")
     }
 
+    /// A runtime "a" whose cold sink is a [`FlakyCold`] over the world's cold store.
+    fn flaky_cold_runtime(&self, settings: RuntimeSettings) -> (Arc<FlakyCold>, ObjectRuntime) {
+        let cold = Arc::new(FlakyCold::new(self.cold.clone()));
+        let rt = self.runtime_with("a", Arc::new(self.hot.clone()), cold.clone(), settings);
+        (cold, rt)
+    }
+
     /// A runtime with its own guard and cold sink (fault-injecting wrappers); the accelerator
     /// stays the world's cold store.
     fn runtime_with(
@@ -779,13 +786,7 @@ impl ColdSink for FlakyCold {
 #[tokio::test]
 async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
     let w = World::new();
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = w.runtime_with(
-        "a",
-        Arc::new(w.hot.clone()),
-        cold.clone(),
-        RuntimeSettings { flush_after_changes: 1, ..settings() },
-    );
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: 1, ..settings() });
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
     cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1547,8 +1548,7 @@ async fn a_drain_never_ships_a_newer_holders_changes_under_its_old_token() {
 #[tokio::test]
 async fn a_call_cancelled_while_activating_leaves_no_lease_behind() {
     let w = World::new();
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = w.runtime_with("a", Arc::new(w.hot.clone()), cold.clone(), settings());
+    let (cold, rt) = w.flaky_cold_runtime(settings());
     let o = oid("o");
     cold.hang.store(true, std::sync::atomic::Ordering::SeqCst);
     let cancelled = tokio::time::timeout(Duration::from_millis(50), incr(&rt, &o)).await;
@@ -1750,8 +1750,7 @@ async fn an_ambiguous_acquire_never_adopts_an_older_lease_of_the_same_node_id() 
 #[tokio::test]
 async fn flush_all_does_not_hold_clean_objects() {
     let w = World::new();
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = w.runtime_with("a", Arc::new(w.hot.clone()), cold.clone(), settings());
+    let (cold, rt) = w.flaky_cold_runtime(settings());
     let (dirty, clean) = (oid("dirty"), oid("clean"));
     incr(&rt, &dirty).await.expect("dirty");
     incr(&rt, &clean).await.expect("clean");
@@ -1777,8 +1776,7 @@ async fn flush_all_does_not_hold_clean_objects() {
 #[tokio::test]
 async fn flush_all_leaves_out_an_object_taken_over_during_its_commit() {
     let w = World::new();
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = w.runtime_with("a", Arc::new(w.hot.clone()), cold.clone(), settings());
+    let (cold, rt) = w.flaky_cold_runtime(settings());
     let (x, y) = (oid("x"), oid("y"));
     incr(&rt, &x).await.expect("x");
     incr(&rt, &y).await.expect("y");
@@ -1808,13 +1806,7 @@ async fn flush_all_leaves_out_an_object_taken_over_during_its_commit() {
 #[tokio::test]
 async fn a_long_flush_renews_the_leases_it_holds() {
     let w = World::new();
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = w.runtime_with(
-        "a",
-        Arc::new(w.hot.clone()),
-        cold.clone(),
-        RuntimeSettings { flush_batch_records: 1, ..settings() },
-    );
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_batch_records: 1, ..settings() });
     let o = oid("o");
     for _ in 0..4 {
         incr(&rt, &o).await.expect("incr");
@@ -1853,13 +1845,8 @@ async fn maintain_hands_over_objects_the_ring_gives_another_node() {
 #[tokio::test]
 async fn maintain_and_shutdown_do_not_race() {
     let w = World::new();
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = w.runtime_with(
-        "a",
-        Arc::new(w.hot.clone()),
-        cold.clone(),
-        RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() },
-    );
+    let (cold, rt) =
+        w.flaky_cold_runtime(RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() });
     let (idle, o) = (oid("idle"), oid("o"));
     incr(&rt, &idle).await.expect("idle");
     w.clock.advance(Duration::from_secs(6));
@@ -1896,13 +1883,8 @@ async fn maintain_and_shutdown_do_not_race() {
 #[tokio::test]
 async fn evict_idle_keeps_an_object_used_meanwhile() {
     let w = World::new();
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = w.runtime_with(
-        "a",
-        Arc::new(w.hot.clone()),
-        cold.clone(),
-        RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() },
-    );
+    let (cold, rt) =
+        w.flaky_cold_runtime(RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() });
     let (first, second) = (oid("a-first"), oid("b-second"));
     incr(&rt, &first).await.expect("first");
     incr(&rt, &second).await.expect("second");
