@@ -856,6 +856,11 @@ struct FlakyGuard {
     hang_acquires: std::sync::atomic::AtomicBool,
     /// Acquires do not apply, and report `AmbiguousOutcome`.
     refused_ambiguous_acquires: std::sync::atomic::AtomicU32,
+    /// Acquires run on a task of their own that applies them 100 ms (real time) later, as a
+    /// blocking task or a queued request does, also after the caller gave up.
+    late_acquires: std::sync::atomic::AtomicBool,
+    /// Releases that fail with a retryable `Unavailable`.
+    fail_releases: std::sync::atomic::AtomicU32,
 }
 
 impl FlakyGuard {
@@ -869,6 +874,8 @@ impl FlakyGuard {
             ambiguous_acquires: 0.into(),
             hang_acquires: false.into(),
             refused_ambiguous_acquires: 0.into(),
+            late_acquires: false.into(),
+            fail_releases: 0.into(),
         }
     }
 }
@@ -886,6 +893,14 @@ impl ConsistencyGuard for FlakyGuard {
         if left > 0 {
             self.refused_ambiguous_acquires.store(left - 1, std::sync::atomic::Ordering::SeqCst);
             return Err(Error::new(ErrorKind::AmbiguousOutcome, "connection reset before sending (test)"));
+        }
+        if self.late_acquires.load(std::sync::atomic::Ordering::SeqCst) {
+            let (inner, object, holder) = (self.inner.clone(), object.clone(), holder.clone());
+            let late = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                inner.acquire(&object, &holder, ttl).await
+            });
+            return late.await.expect("task");
         }
         let l = self.inner.acquire(object, holder, ttl).await?;
         if self.hang_acquires.load(std::sync::atomic::Ordering::SeqCst) {
@@ -916,6 +931,11 @@ impl ConsistencyGuard for FlakyGuard {
         self.inner.refresh(lease, ttl).await
     }
     async fn release(&self, lease: &Lease) -> Result<()> {
+        let left = self.fail_releases.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.fail_releases.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::unavailable("guard unreachable (test)"));
+        }
         self.inner.release(lease).await
     }
     async fn validate(&self, lease: &Lease) -> Result<()> {
@@ -2014,4 +2034,70 @@ async fn a_write_of_unknown_outcome_landing_late_is_fenced() {
     let late = w.hot.write(&object, token, batch).await.expect_err("landing late");
     assert!(late.is_fenced(), "{late}");
     assert_eq!(get(&rt, &o, "n").await.expect("get"), Some(Bytes::from("3")), "no lost update");
+}
+
+/// An acquire granted after the call that sent it gave up (a blocking task or a queued request
+/// runs on), and after the runtime's clock moved on: the next call still adopts the lease.
+#[allow(clippy::disallowed_methods)] // waits for the late grant in real time
+#[tokio::test]
+async fn an_acquire_granted_after_its_call_gave_up_is_adopted() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let o = oid("o");
+    guard.late_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    w.clock.advance(Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    guard.late_acquires.store(false, std::sync::atomic::Ordering::SeqCst);
+    let held = w.hot.current(&o).await.expect("current").expect("granted late");
+    assert_eq!(held.holder.as_str(), "a");
+    assert_eq!(incr(&rt, &o).await.expect("adopted"), 1);
+    assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token);
+}
+
+/// A second `set_ring` (a periodic membership sync) does not forget an object the first moved
+/// away and no `maintain` has handed over yet.
+#[tokio::test]
+async fn a_repeated_set_ring_keeps_pending_hand_overs() {
+    let w = World::new();
+    let a = ring_runtime(&w, "a", "a");
+    let o = oid("o");
+    incr(&a, &o).await.expect("a owns o");
+    let to_b = || {
+        let mut ring = HashRing::new(16).expect("ring");
+        ring.add(NodeId::new("b").expect("node"));
+        ring
+    };
+    a.set_ring(to_b());
+    a.set_ring(to_b());
+    a.maintain().await.expect("maintain");
+    let b = ring_runtime(&w, "b", "b");
+    assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
+}
+
+/// After a write of unknown outcome, a failed release of the lease is tried again by the next
+/// call instead of locking this node out until the lease expires.
+#[tokio::test]
+async fn a_failed_release_after_an_unknown_write_is_retried() {
+    let w = World::new();
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = ObjectRuntime::builder(NodeId::new("a").expect("node"))
+        .with_hot_store(hot.clone())
+        .with_guard(guard.clone())
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("runtime");
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    let first = w.hot.current(&o).await.expect("current").expect("held");
+    hot.hold_next_write.store(true, std::sync::atomic::Ordering::SeqCst);
+    guard.fail_releases.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = incr(&rt, &o).await.expect_err("unknown outcome");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert_eq!(incr(&rt, &o).await.expect("the release is retried, a new lease taken"), 2);
+    assert!(w.hot.current(&o).await.expect("current").expect("held").token > first.token);
 }

@@ -91,11 +91,12 @@ impl StoreRoot {
     }
 
     fn with_store(store: Arc<dyn ObjectStore>, url: &Url) -> Self {
-        // The root is the scheme and authority: `s3://bucket`, `az://container`, `gs://bucket`.
-        // (A path-style `https://` URL keeps its bucket in the key, as it always has: changing
-        // that would move every existing table's files. Use `s3://bucket/wh` with
-        // `aws_endpoint` instead; docs/iceberg-cold-store.md.)
-        let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+        // The root is the scheme and authority: `s3://bucket`, `az://container`, `gs://bucket`,
+        // `abfss://container@account…` (user part and port included: without them such URLs
+        // mapped no location at all). A path-style `https://` URL keeps its bucket in the key,
+        // as it always has: changing that would move every existing table's files. Use
+        // `s3://bucket/wh` with `aws_endpoint` instead; docs/iceberg-cold-store.md.
+        let root = url[..url::Position::BeforePath].to_string();
         let warehouse = url.as_str().trim_end_matches('/').to_string();
         StoreRoot { store, root, warehouse, local_files: false }
     }
@@ -475,6 +476,8 @@ mod tests {
             ("s3://bkt/wh", "s3://bkt", "wh/x"),
             ("az://container/lake/wh", "az://container", "lake/wh/x"),
             ("gs://bkt/wh", "gs://bkt", "wh/x"),
+            ("abfss://c@acct.dfs.core.windows.net/wh", "abfss://c@acct.dfs.core.windows.net", "wh/x"),
+            ("http://localhost:9000/bkt/wh", "http://localhost:9000", "bkt/wh/x"),
             ("https://acct.r2.cloudflarestorage.com/bkt/wh", "https://acct.r2.cloudflarestorage.com", "bkt/wh/x"),
             // Local keys keep the URL's percent-encoding; the local store decodes it.
             ("file:///tmp/my%20lake", "file://", "tmp/my%20lake/x"),

@@ -121,7 +121,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     buf: Mutex<Buf>,
     log: Option<Mutex<Connection>>,
-    /// Held while the durable log is open (`<log>.lock`).
+    /// Held while the durable log is open (`<log>.<kind>.lock`).
     _log_lock: Option<std::fs::File>,
     next_id: Mutex<Option<u64>>,
     roll_lock: futures::lock::Mutex<()>,

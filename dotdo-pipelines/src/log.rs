@@ -266,7 +266,7 @@ type LogRow = (i64, String, Event, Option<u64>);
 pub(crate) struct SqliteLog {
     conn: Mutex<Connection>,
     depth: Depth,
-    /// `<log>.lock`, locked for as long as the log is open: a log serves one pipeline at a time.
+    /// `<log>.<kind>.lock`, locked for as long as the log is open: a log serves one pipeline at a time.
     _lock: std::fs::File,
 }
 

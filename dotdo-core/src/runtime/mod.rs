@@ -166,23 +166,25 @@ pub(crate) struct Inner {
     clock: Arc<dyn Clock>,
     settings: RuntimeSettings,
     ring: parking_lot::RwLock<Option<HashRing>>,
-    /// The ring before the last [`set_ring`](ObjectRuntime::set_ring) (`Some(None)`: there was
-    /// none), `None` if the ring never changed: `maintain` hands over the objects that change
-    /// moved from this node to another.
-    ring_before: parking_lot::RwLock<Option<Option<HashRing>>>,
+    /// Objects a [`set_ring`](ObjectRuntime::set_ring) moved from this node (or, for a runtime
+    /// that had no ring, from anywhere) to another node, not handed over yet: `maintain` gives
+    /// their leases back once no call uses them.
+    handover: parking_lot::Mutex<std::collections::HashSet<ObjectId>>,
     slots: parking_lot::Mutex<HashMap<ObjectId, Arc<futures::lock::Mutex<Slot>>>>,
     /// Leases a cancelled call (its future dropped) took or held but could neither keep in a
     /// slot nor release; the next activation of the object releases them first, so this node
     /// does not lock itself (and everyone) out of the object until they expire.
     orphans: parking_lot::Mutex<HashMap<ObjectId, Lease>>,
     /// Acquires whose outcome this runtime never learned: the call was cancelled while the
-    /// guard worked on it, or its reply was lost and the guard could not be asked. Object → the
-    /// window (this runtime's clock) in which such an acquire may have been granted. A lease
-    /// granted to this node within it is that acquire's: the next activation of the object
-    /// adopts it (instead of waiting out a lease it holds itself), and `maintain` and `shutdown`
-    /// give it back. (The guard's clock and the runtime's must agree, as they do when both are
-    /// the process clock; otherwise such a lease is only waited out.)
-    unsure: parking_lot::Mutex<HashMap<ObjectId, Window>>,
+    /// guard worked on it, or its reply was lost and the guard could not be asked. Object → when
+    /// such an acquire was sent (this runtime's clock). A lease granted to this node since then
+    /// is that acquire's (it may be granted after the call gave up: a blocking task or a queued
+    /// request runs on): the object's next activation asks the guard first and adopts it
+    /// (instead of waiting out a lease it holds itself), and `maintain` and `shutdown` give it
+    /// back. An answer from the guard settles the entry. (The guard's clock and the runtime's
+    /// must agree, as they do when both are the process clock; otherwise such a lease is only
+    /// waited out.)
+    unsure: parking_lot::Mutex<HashMap<ObjectId, Timestamp>>,
     shutting_down: AtomicBool,
     /// Set once shutdown's flush has run: a call ending after it gives its lease back.
     shutdown_flushed: AtomicBool,
@@ -268,7 +270,7 @@ impl ObjectRuntimeBuilder {
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
                 settings: self.settings,
                 ring: parking_lot::RwLock::new(self.ring),
-                ring_before: parking_lot::RwLock::new(None),
+                handover: parking_lot::Mutex::new(std::collections::HashSet::new()),
                 slots: parking_lot::Mutex::new(HashMap::new()),
                 orphans: parking_lot::Mutex::new(HashMap::new()),
                 unsure: parking_lot::Mutex::new(HashMap::new()),
@@ -379,22 +381,19 @@ impl ObjectRuntime {
     /// objects this change moved from this node (or, for a runtime that had no ring, from
     /// anywhere) to another node, each once no call is using it.
     pub fn set_ring(&self, ring: HashRing) {
-        let mut current = self.inner.ring.write();
-        let before = current.replace(ring);
-        *self.inner.ring_before.write() = Some(before);
-    }
-
-    /// Whether the last [`set_ring`](Self::set_ring) moved `object` from this node (or from no
-    /// ring at all) to another node.
-    fn moved_away(&self, object: &ObjectId) -> bool {
         let node = &self.inner.node;
-        let now_elsewhere = self.owner_hint(object).is_some_and(|n| n != *node);
-        now_elsewhere
-            && match &*self.inner.ring_before.read() {
-                None => false,
-                Some(None) => true,
-                Some(Some(before)) => before.node_for(object) == Some(node),
-            }
+        let objects: Vec<ObjectId> = self.inner.slots.lock().keys().cloned().collect();
+        let mut current = self.inner.ring.write();
+        let moved: Vec<ObjectId> = objects
+            .into_iter()
+            .filter(|o| {
+                let was_here = current.as_ref().is_none_or(|r| r.node_for(o) == Some(node));
+                was_here && ring.node_for(o).is_some_and(|n| n != node)
+            })
+            .collect();
+        *current = Some(ring);
+        // Kept until handed over, also across later ring changes.
+        self.inner.handover.lock().extend(moved);
     }
 
     fn slot(&self, object: &ObjectId) -> Arc<futures::lock::Mutex<Slot>> {
@@ -671,52 +670,52 @@ impl ObjectRuntime {
     async fn acquire_within(&self, object: &ObjectId, wait: Duration) -> Result<Lease> {
         let inner = &self.inner;
         let deadline = inner.clock.now().plus(wait);
+        let mut flight = AcquireInFlight { inner, object, pending: inner.unsure.lock().remove(object), sent: None };
         // An earlier acquire of this object whose outcome was never learned (a cancelled call)
-        // may have left this node a lease, granted within that acquire's window.
-        let earlier = inner.unsure.lock().remove(object);
-        let mut flight = AcquireInFlight { inner, object, pending: earlier, sent: None };
+        // may have left this node a lease, granted since it was sent (possibly after the call
+        // gave up: a blocking task or a queued request runs on). Settled first, on its own.
+        if let Some(since) = flight.pending {
+            match inner.guard.current(object).await {
+                Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= since => {
+                    flight.pending = None;
+                    return Ok(l);
+                }
+                Ok(_) => flight.pending = None,
+                // Still unknown: remembered for the next activation and `maintain`.
+                Err(e) => return Err(e.context(format!("settling an earlier acquire of {object} on {}", inner.node))),
+            }
+        }
         let mut unknown = 0;
         loop {
             // Until its answer arrives, this acquire's outcome is unknown (to a cancelled call,
             // for good).
-            flight.sent = Some(inner.clock.now());
+            let sent = inner.clock.now();
+            flight.sent = Some(sent);
             let result = inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await;
-            let sent = flight.sent.take().unwrap_or(deadline);
+            flight.sent = None;
             let e = match result {
-                Ok(l) => {
-                    // Granted: no other unexpired lease exists, so any earlier acquire is settled.
-                    flight.pending = None;
-                    return Ok(l);
-                }
+                Ok(l) => return Ok(l),
                 Err(e) => e,
             };
-            let ambiguous = e.kind() == &ErrorKind::AmbiguousOutcome;
-            if ambiguous {
-                flight.widen((sent, inner.clock.now()));
-            }
-            let held_here = matches!(e.kind(), ErrorKind::LeaseHeld { holder, .. } if *holder == inner.node);
-            if ambiguous || (held_here && flight.pending.is_some()) {
-                // An acquire of unknown outcome (this one, or an earlier one) may have landed, its
-                // reply lost: the guard says whether this node holds the object now. A lease
-                // granted to this node within that acquire's window is the acquire's; any other
-                // is another runtime's under the same node id (adopting it would share its token)
-                // and is waited for.
+            if e.kind() == &ErrorKind::AmbiguousOutcome {
+                // It may have landed, its reply lost: the guard says whether this node holds the
+                // object now. A lease granted to this node since the acquire was sent is the
+                // acquire's; an older one is another runtime's under the same node id
+                // (adopting it would share its token) and is waited for.
+                flight.pending = Some(sent);
                 match inner.guard.current(object).await {
-                    Ok(Some(l)) if l.holder == inner.node && flight.covers(l.acquired_at) => {
+                    Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= sent => {
                         flight.pending = None;
                         return Ok(l);
                     }
                     Ok(_) => {
-                        // Not this node's by any unsure acquire: they are settled.
                         flight.pending = None;
-                        if ambiguous {
-                            if unknown < 3 {
-                                unknown += 1;
-                                tracing::debug!(object = %object, "dotdo: an acquire with an unknown outcome did not land; retrying");
-                                continue;
-                            }
-                            return Err(e.context(format!("acquiring {object} on {}", inner.node)));
+                        if unknown < 3 {
+                            unknown += 1;
+                            tracing::debug!(object = %object, "dotdo: an acquire with an unknown outcome did not land; retrying");
+                            continue;
                         }
+                        return Err(e.context(format!("acquiring {object} on {}", inner.node)));
                     }
                     // Still unknown: remembered for the next activation and `maintain`.
                     Err(_) => return Err(e.context(format!("acquiring {object} on {}", inner.node))),
@@ -1284,11 +1283,14 @@ impl ObjectRuntime {
         let now = inner.clock.now();
         for (object, slot) in self.active_slots() {
             let Some(mut guard) = slot.try_lock() else { continue };
+            // A `set_ring` moved the object from this node to another (and the ring still says
+            // so): handed over while no call is using it, so the new owner need not wait for
+            // `keep_warm`. (Objects the ring always gave another node, as on a gateway outside
+            // the ring, stay warm.)
+            let moved = self.inner.handover.lock().remove(&object)
+                && guard.active.is_some()
+                && self.owner_hint(&object).is_some_and(|n| n != inner.node);
             let Some(active) = guard.active.as_mut() else { continue };
-            // The last `set_ring` moved the object from this node to another: handed over while
-            // no call is using it, so the new owner need not wait for `keep_warm`. (Objects the
-            // ring always gave another node, as on a gateway outside the ring, stay warm.)
-            let moved = self.moved_away(&object);
             if moved || now.since(active.last_used) >= inner.settings.keep_warm {
                 give_back(inner, &mut guard.active).await;
             } else if active.lease.remaining_at(now) <= inner.settings.lease_ttl * 2 / 3 {
@@ -1307,6 +1309,8 @@ impl ObjectRuntime {
             .slots
             .lock()
             .retain(|_, slot| Arc::strong_count(slot) > 1 || slot.try_lock().is_none_or(|s| s.active.is_some()));
+        let tracked: std::collections::HashSet<ObjectId> = self.inner.slots.lock().keys().cloned().collect();
+        self.inner.handover.lock().retain(|o| tracked.contains(o));
         evicted.map(|_| ())
     }
 
@@ -1604,24 +1608,22 @@ async fn release_orphans(inner: &Arc<Inner>) {
     }
     // Acquires of unknown outcome: a lease granted to this node since one began is given back,
     // unless a call is activating the object now (it adopts that lease) or holds it.
-    let unsure: Vec<(ObjectId, Window)> = inner.unsure.lock().drain().collect();
-    for (object, (from, to)) in unsure {
+    let unsure: Vec<(ObjectId, Timestamp)> = inner.unsure.lock().drain().collect();
+    for (object, since) in unsure {
         let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
         let Some(guard) = slot.try_lock() else {
-            inner.unsure.lock().entry(object).or_insert((from, to));
+            inner.unsure.lock().entry(object).or_insert(since);
             continue;
         };
         if guard.active.is_some() {
             continue;
         }
         match inner.guard.current(&object).await {
-            Ok(Some(l)) if l.holder == inner.node && from <= l.acquired_at && l.acquired_at <= to => {
-                release_quietly(inner, &l).await
-            }
+            Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= since => release_quietly(inner, &l).await,
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(object = %object, error = %e, "dotdo: lease of an acquire with an unknown outcome not checked");
-                inner.unsure.lock().entry(object).or_insert((from, to));
+                inner.unsure.lock().entry(object).or_insert(since);
             }
         }
         drop(guard);
@@ -1650,10 +1652,12 @@ async fn give_back(inner: &Arc<Inner>, active: &mut Option<Active>) {
 /// Give `lease` back; a failure only means it runs out on its own (logged).
 async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
     let hand = LeaseInHand::new(inner, lease.clone());
-    if let Err(e) = inner.guard.release(lease).await {
-        tracing::warn!(object = %lease.object, error = %e, "dotdo lease release failed; it will expire");
+    match inner.guard.release(lease).await {
+        Ok(()) => hand.disarm(),
+        // Kept as an orphan (the hand's drop): the next activation of the object, or
+        // `maintain`, tries again, so this node is not locked out until the lease expires.
+        Err(e) => tracing::warn!(object = %lease.object, error = %e, "dotdo lease release failed; will retry"),
     }
-    hand.disarm();
 }
 
 /// A lease between being taken and being kept in a slot (or given back). If the future holding
@@ -1688,42 +1692,25 @@ impl Drop for LeaseInHand<'_> {
     }
 }
 
-/// When an acquire of unknown outcome may have been granted: from just before it was sent to
-/// when its outcome became unknown (an ambiguous reply, or the call cancelled).
-type Window = (Timestamp, Timestamp);
-
-/// The acquires of one `acquire_within` call whose outcome is not known. Dropped with any (the
-/// call was cancelled while the guard worked, or it ended without learning the outcome), it
-/// records them in [`Inner::unsure`].
+/// The acquire of one `acquire_within` call whose outcome is not known: one answered
+/// ambiguously and not settled since, or one in flight. Dropped with one (the call was
+/// cancelled, or it ended without learning the outcome), it records in [`Inner::unsure`] when
+/// that acquire was sent.
 struct AcquireInFlight<'a> {
     inner: &'a Inner,
     object: &'a ObjectId,
-    /// Acquires answered ambiguously (or left by an earlier call) and not settled since.
-    pending: Option<Window>,
+    /// When an acquire of unknown outcome, not settled since, was sent.
+    pending: Option<Timestamp>,
     /// When the acquire now in flight was sent.
     sent: Option<Timestamp>,
 }
 
-impl AcquireInFlight<'_> {
-    fn widen(&mut self, w: Window) {
-        self.pending = Some(self.pending.map_or(w, |p| (p.0.min(w.0), p.1.max(w.1))));
-    }
-
-    fn covers(&self, t: Timestamp) -> bool {
-        self.pending.is_some_and(|(from, to)| from <= t && t <= to)
-    }
-}
-
 impl Drop for AcquireInFlight<'_> {
     fn drop(&mut self) {
-        if let Some(sent) = self.sent.take() {
-            self.widen((sent, self.inner.clock.now()));
-        }
-        if let Some(w) = self.pending {
-            let mut unsure = self.inner.unsure.lock();
-            let w = unsure.get(self.object).map_or(w, |p| (p.0.min(w.0), p.1.max(w.1)));
-            unsure.insert(self.object.clone(), w);
-        }
+        let Some(since) = self.pending.into_iter().chain(self.sent).min() else { return };
+        let mut unsure = self.inner.unsure.lock();
+        let since = unsure.get(self.object).map_or(since, |t| (*t).min(since));
+        unsure.insert(self.object.clone(), since);
     }
 }
 
