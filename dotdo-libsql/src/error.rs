@@ -196,6 +196,9 @@ pub(crate) fn class_of(e: &libsql::Error) -> Class {
         E::Misuse(m) if m.starts_with(crate::conn::UNREADABLE_RESULT) => {
             Class::ServerUnavailable { maybe_applied: true }
         }
+        // A stored value of the wrong type (dotdo's decoders and libsql's own): the file was
+        // damaged or written by something else, as dotdo-sqlite reports it.
+        E::InvalidColumnType => Class::Corrupt,
         E::NullValue
         | E::Misuse(_)
         | E::ExecuteReturnedRows
@@ -209,7 +212,6 @@ pub(crate) fn class_of(e: &libsql::Error) -> Class {
         | E::ColumnNotFound(_)
         | E::Bincode(_)
         | E::InvalidColumnIndex
-        | E::InvalidColumnType
         | E::Sqlite3SyntaxError(..)
         | E::Sqlite3UnsupportedStatement
         | E::Sqlite3ParserError(_)

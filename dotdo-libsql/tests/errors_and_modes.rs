@@ -558,3 +558,22 @@ async fn an_in_memory_database_is_refused() {
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{path}: {e}");
     }
 }
+
+/// Stored values of the wrong type (a damaged file, another writer) are `Corrupt`, as
+/// dotdo-sqlite reports them, not a `Backend` error.
+#[tokio::test]
+async fn values_of_the_wrong_type_are_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let s = LibsqlStore::local(&path).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n1").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    s.put(&obj(), l.token, "T", "k", bytes::Bytes::from_static(b"v")).await.expect("put");
+    let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+    let c = raw.connect().expect("connect");
+    c.execute("UPDATE do_state SET seq = 'x'", ()).await.expect("damage the state");
+    let e = s.list(&obj(), dotdo_core::KeyRange::all(), None).await.expect_err("list");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    c.execute("UPDATE do_objects SET max_token = 'x'", ()).await.expect("damage the token floor");
+    let e = s.put(&obj(), l.token, "T", "k2", bytes::Bytes::from_static(b"v")).await.expect_err("put");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
