@@ -392,6 +392,7 @@ impl ObjectRuntime {
             })
             .collect();
         *current = Some(ring);
+        drop(current);
         // Kept until handed over, also across later ring changes.
         self.inner.handover.lock().extend(moved);
     }
@@ -1287,9 +1288,11 @@ impl ObjectRuntime {
             // so): handed over while no call is using it, so the new owner need not wait for
             // `keep_warm`. (Objects the ring always gave another node, as on a gateway outside
             // the ring, stay warm.)
-            let moved = self.inner.handover.lock().remove(&object)
-                && guard.active.is_some()
-                && self.owner_hint(&object).is_some_and(|n| n != inner.node);
+            // (The handover lock is released before the ring's is taken: `set_ring` takes them
+            // the other way round.)
+            let pending_move = self.inner.handover.lock().remove(&object);
+            let moved =
+                pending_move && guard.active.is_some() && self.owner_hint(&object).is_some_and(|n| n != inner.node);
             let Some(active) = guard.active.as_mut() else { continue };
             if moved || now.since(active.last_used) >= inner.settings.keep_warm {
                 give_back(inner, &mut guard.active).await;
