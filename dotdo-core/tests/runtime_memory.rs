@@ -393,16 +393,21 @@ async fn flush_all_batches_objects_and_shutdown_releases_leases() {
 }
 
 /// A runtime `node` whose ring holds only `owner`.
-fn ring_runtime(w: &World, node: &str, owner: &str) -> ObjectRuntime {
+/// A ring with one node, `owner`.
+fn ring_of(owner: &str) -> HashRing {
     let mut ring = HashRing::new(16).expect("ring");
     ring.add(NodeId::new(owner).expect("node"));
+    ring
+}
+
+fn ring_runtime(w: &World, node: &str, owner: &str) -> ObjectRuntime {
     ObjectRuntime::builder(NodeId::new(node).expect("node"))
         .with_hot_store(Arc::new(w.hot.clone()))
         .with_guard(Arc::new(w.hot.clone()))
         .with_cold_sink(Arc::new(w.cold.clone()))
         .with_clock(Arc::new(w.clock.clone()))
         .with_settings(settings())
-        .with_ring(ring)
+        .with_ring(ring_of(owner))
         .build()
         .expect("runtime")
 }
@@ -417,9 +422,7 @@ async fn a_ring_set_after_build_is_used() {
     assert_eq!(rt.owner_hint(&o), None);
     let writer = w.runtime("w", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
     incr(&writer, &o).await.expect("write, released after the call");
-    let mut ring = HashRing::new(16).expect("ring");
-    ring.add(NodeId::new("b").expect("node"));
-    rt.set_ring(ring);
+    rt.set_ring(ring_of("b"));
     assert_eq!(rt.owner_hint(&o).map(|n| n.to_string()), Some("b".to_string()));
     rt.flush_all().await.expect("flush_all");
     assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 0, "left to the ring's owner");
@@ -1852,9 +1855,7 @@ async fn maintain_hands_over_objects_the_ring_gives_another_node() {
     let a = ring_runtime(&w, "a", "a");
     let o = oid("o");
     assert_eq!(incr(&a, &o).await.expect("a owns o"), 1);
-    let mut ring = HashRing::new(16).expect("ring");
-    ring.add(NodeId::new("b").expect("node"));
-    a.set_ring(ring);
+    a.set_ring(ring_of("b"));
     a.maintain().await.expect("maintain");
     let b = ring_runtime(&w, "b", "b");
     assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
@@ -2064,13 +2065,8 @@ async fn a_repeated_set_ring_keeps_pending_hand_overs() {
     let a = ring_runtime(&w, "a", "a");
     let o = oid("o");
     incr(&a, &o).await.expect("a owns o");
-    let to_b = || {
-        let mut ring = HashRing::new(16).expect("ring");
-        ring.add(NodeId::new("b").expect("node"));
-        ring
-    };
-    a.set_ring(to_b());
-    a.set_ring(to_b());
+    a.set_ring(ring_of("b"));
+    a.set_ring(ring_of("b"));
     a.maintain().await.expect("maintain");
     let b = ring_runtime(&w, "b", "b");
     assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);

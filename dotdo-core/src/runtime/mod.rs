@@ -604,22 +604,8 @@ impl ObjectRuntime {
         let inner = &self.inner;
         let now = inner.clock.now();
         if let Some(active) = slot.active.as_mut() {
-            let margin = inner.settings.lease_ttl / 3;
-            if active.lease.remaining_at(now) > margin * 2 {
-                return Ok(());
-            }
-            match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
-                Ok(l) => {
-                    active.lease = l;
-                    return Ok(());
-                }
-                // A transient failure does not lose a lease that is still valid (dropping it
-                // would lock this runtime out of its own object until the TTL ran out); the
-                // handler's renewal and the commit's margin check try again.
-                Err(e) if refresh_may_retry(&e) && now < active.lease.expires_at => {
-                    tracing::debug!(object = %object, error = %e, "dotdo lease refresh failed transiently; keeping the lease");
-                    return Ok(());
-                }
+            match renew_if_due(inner, &mut active.lease, now).await {
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::info!(object = %object, error = %e, "dotdo warm lease lost; re-activating");
                     // Given back in case it is still valid (a failure that did not say it was
@@ -677,7 +663,7 @@ impl ObjectRuntime {
         // gave up: a blocking task or a queued request runs on). Settled first, on its own.
         if let Some(since) = flight.pending {
             match inner.guard.current(object).await {
-                Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= since => {
+                Ok(Some(l)) if granted_here_since(inner, &l, since) => {
                     flight.pending = None;
                     return Ok(l);
                 }
@@ -705,7 +691,7 @@ impl ObjectRuntime {
                 // (adopting it would share its token) and is waited for.
                 flight.pending = Some(sent);
                 match inner.guard.current(object).await {
-                    Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= sent => {
+                    Ok(Some(l)) if granted_here_since(inner, &l, sent) => {
                         flight.pending = None;
                         return Ok(l);
                     }
@@ -929,8 +915,9 @@ impl ObjectRuntime {
     /// counted in [`FlushReport::busy`]; only objects with changes to drain are held (their
     /// leases renewed between commits), and an object whose warm lease lapsed is taken again.
     /// An object taken over by another node during its commit is left to that node (its changes
-    /// are in cold storage, where the new holder's drain finds them). Then the objects whose changes wait in the hot store with no holder
-    /// (released after each call with `keep_warm` 0, released idle by
+    /// are in cold storage, where the new holder's drain finds them). Then the objects whose
+    /// changes wait in the hot store with no holder (released after each call with `keep_warm`
+    /// 0, released idle by
     /// [`maintain`](Self::maintain), or left by a runtime that is gone) are taken without
     /// waiting, drained and given back, except those another node holds or, with a ring, those
     /// the ring gives another node. An object whose skipped replays differ from cold's changes is left
@@ -1294,15 +1281,10 @@ impl ObjectRuntime {
             let moved =
                 pending_move && guard.active.is_some() && self.owner_hint(&object).is_some_and(|n| n != inner.node);
             let Some(active) = guard.active.as_mut() else { continue };
-            if moved || now.since(active.last_used) >= inner.settings.keep_warm {
+            // Moved, idle past `keep_warm`, or (otherwise renewed when due) lost: given back.
+            let idle = now.since(active.last_used) >= inner.settings.keep_warm;
+            if moved || idle || renew_if_due(inner, &mut active.lease, now).await.is_err() {
                 give_back(inner, &mut guard.active).await;
-            } else if active.lease.remaining_at(now) <= inner.settings.lease_ttl * 2 / 3 {
-                match inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await {
-                    Ok(l) => active.lease = l,
-                    // Still valid: the next maintain (or call) tries again.
-                    Err(e) if refresh_may_retry(&e) && now < active.lease.expires_at => {}
-                    Err(_) => give_back(inner, &mut guard.active).await,
-                }
             }
         }
         // Forget objects this runtime no longer holds, so the table of slots does not grow with
@@ -1312,8 +1294,8 @@ impl ObjectRuntime {
             .slots
             .lock()
             .retain(|_, slot| Arc::strong_count(slot) > 1 || slot.try_lock().is_none_or(|s| s.active.is_some()));
-        let tracked: std::collections::HashSet<ObjectId> = self.inner.slots.lock().keys().cloned().collect();
-        self.inner.handover.lock().retain(|o| tracked.contains(o));
+        let slots = self.inner.slots.lock();
+        self.inner.handover.lock().retain(|o| slots.contains_key(o));
         evicted.map(|_| ())
     }
 
@@ -1589,18 +1571,36 @@ async fn renew_held(inner: &Arc<Inner>, held: &mut [Held], left_out: &mut std::c
             continue;
         }
         let Some(a) = h.guard.active.as_mut() else { continue };
-        if a.lease.remaining_at(now) > inner.settings.lease_ttl * 2 / 3 {
-            continue;
-        }
-        match inner.guard.refresh(&a.lease, inner.settings.lease_ttl).await {
-            Ok(l) => a.lease = l,
-            Err(e) if refresh_may_retry(&e) && now < a.lease.expires_at => {}
-            Err(e) => {
-                tracing::info!(object = %h.object, error = %e, "dotdo flush_all: lease lost during the flush; skipped");
-                left_out.insert(h.object.clone());
-            }
+        if let Err(e) = renew_if_due(inner, &mut a.lease, now).await {
+            tracing::info!(object = %h.object, error = %e, "dotdo flush_all: lease lost during the flush; skipped");
+            left_out.insert(h.object.clone());
         }
     }
+}
+
+/// Refresh `lease` if no more than two thirds of its TTL are left (activation, `maintain` and a
+/// long flush renew alike). `Err` if the lease is lost; a transient failure while the lease is still valid
+/// keeps it (the next round, or call, tries again).
+async fn renew_if_due(inner: &Inner, lease: &mut Lease, now: Timestamp) -> Result<()> {
+    if lease.remaining_at(now) > inner.settings.lease_ttl * 2 / 3 {
+        return Ok(());
+    }
+    match inner.guard.refresh(lease, inner.settings.lease_ttl).await {
+        Ok(l) => *lease = l,
+        // A transient failure does not lose a lease that is still valid (dropping it would lock
+        // this runtime out of its own object until the TTL ran out).
+        Err(e) if refresh_may_retry(&e) && now < lease.expires_at => {
+            tracing::debug!(object = %lease.object, error = %e, "dotdo lease refresh failed transiently; keeping the lease");
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// Whether `lease` is this node's and was granted at or after `since`: the lease an acquire of
+/// unknown outcome sent then got (an older one is another runtime's under the same node id).
+fn granted_here_since(inner: &Inner, lease: &Lease, since: Timestamp) -> bool {
+    lease.holder == inner.node && lease.acquired_at >= since
 }
 
 /// Release the leases cancelled calls left behind ([`Inner::orphans`]).
@@ -1622,14 +1622,13 @@ async fn release_orphans(inner: &Arc<Inner>) {
             continue;
         }
         match inner.guard.current(&object).await {
-            Ok(Some(l)) if l.holder == inner.node && l.acquired_at >= since => release_quietly(inner, &l).await,
+            Ok(Some(l)) if granted_here_since(inner, &l, since) => release_quietly(inner, &l).await,
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(object = %object, error = %e, "dotdo: lease of an acquire with an unknown outcome not checked");
                 inner.unsure.lock().entry(object).or_insert(since);
             }
         }
-        drop(guard);
     }
 }
 
@@ -1652,7 +1651,7 @@ async fn give_back(inner: &Arc<Inner>, active: &mut Option<Active>) {
     }
 }
 
-/// Give `lease` back; a failure only means it runs out on its own (logged).
+/// Give `lease` back; if that fails (logged), it is kept as an orphan and released again later.
 async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
     let hand = LeaseInHand::new(inner, lease.clone());
     match inner.guard.release(lease).await {
