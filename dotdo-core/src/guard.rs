@@ -65,8 +65,8 @@ pub fn validate_ttl(ttl: Duration) -> Result<()> {
 ///   otherwise it fails with `LeaseHeld { holder, expires_at }` — also when the caller itself holds
 ///   it (a holder extends with `refresh`; re-acquiring would fence its own writes).
 /// * **Refresh** extends an unexpired lease whose token is still current to `now + ttl`;
-///   otherwise `Fenced` if a newer token exists, else `LeaseLost`. A holder should refresh at about TTL/3 and stop writing by itself when
-///   a refresh cannot succeed before expiry.
+///   otherwise `Fenced` if a newer token exists, else `LeaseLost`. A holder should refresh at
+///   about TTL/3 and stop writing by itself when a refresh cannot succeed before expiry.
 /// * **Release** ends the lease if its token is still current (the object is available at once);
 ///   releasing a lease that is no longer current is a no-op `Ok`. The token maximum is kept.
 /// * **Validate** is `Ok` iff the token is current and the lease unexpired; `Fenced` if a newer

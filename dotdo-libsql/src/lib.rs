@@ -64,7 +64,8 @@
 //!   connection broke is **not** retried blindly: it fails with `AmbiguousOutcome`. Reading back
 //!   does not settle a write: the request may still be queued at the primary and land later.
 //!   Take a new lease (a higher token) before writing the object again, so that a late write is
-//!   fenced; `ObjectRuntime` does so itself. A rejected auth token is a non-retryable `Backend` error that says so.
+//!   fenced; `ObjectRuntime` does so itself. A rejected auth token is a non-retryable `Backend`
+//!   error that says so.
 //! * Durability on a local file is a setting ([`Durability`]): `Normal` (default, WAL +
 //!   `synchronous=NORMAL`) survives a process crash or SIGKILL; `Full` also survives power loss.
 //!   On a remote primary, `Ok` means the primary committed (its own durability settings apply).

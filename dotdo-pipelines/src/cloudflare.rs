@@ -180,9 +180,9 @@ impl CloudflareStreamClient {
     /// transient failures. Delivery is at least once per request (the HTTP endpoint has no
     /// idempotency key); a failure after some requests succeeded carries how far it got as a
     /// [`PartialSend`] (the accepted events are a prefix of `events`). A request the endpoint
-    /// refuses as too large (413) is split in two and sent again. One event larger than the limit once encoded (JSON escaping can grow a
-    /// value up to six times) is `LimitExceeded`; an invalid event (or a value that is not UTF-8)
-    /// is `InvalidInput`. Every event is checked before the first request: on either error
+    /// refuses as too large (413) is split in two and sent again. One event larger than the limit
+    /// once encoded (JSON escaping can grow a value up to six times) is `LimitExceeded`; an
+    /// invalid event (or a value that is not UTF-8) is `InvalidInput`. Every event is checked before the first request: on either error
     /// nothing is sent.
     pub async fn send(&self, events: &[Event]) -> Result<StreamSendReport> {
         let mut report = StreamSendReport::default();
