@@ -2057,6 +2057,47 @@ async fn an_acquire_granted_after_its_call_gave_up_is_adopted() {
     assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token);
 }
 
+/// An acquire a cancelled call left in flight that lands only after the next call settled it
+/// as not granted (and sent its own acquire): that call's acquire is refused naming this very
+/// node, and it adopts the late lease instead of failing until the lease expires.
+#[allow(clippy::disallowed_methods)] // waits for the late grants in real time
+#[tokio::test]
+async fn an_acquire_landing_after_it_was_settled_as_not_granted_is_adopted() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let o = oid("o");
+    guard.late_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    // The next call settles the first acquire before it lands; its own acquire lands after it.
+    assert_eq!(incr(&rt, &o).await.expect("the late lease adopted"), 1);
+    let held = w.hot.current(&o).await.expect("current").expect("held");
+    assert_eq!(held.holder.as_str(), "a");
+    guard.late_acquires.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("warm"), 2);
+    assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token);
+}
+
+/// The same race through `maintain`: it finds the cancelled call's acquire not granted yet; the
+/// acquire lands afterwards, and the next call adopts its lease.
+#[allow(clippy::disallowed_methods)] // waits for the late grant in real time
+#[tokio::test]
+async fn an_acquire_landing_after_maintain_checked_it_is_adopted() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let o = oid("o");
+    guard.late_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    rt.maintain().await.expect("maintain");
+    assert!(w.hot.current(&o).await.expect("current").is_none(), "not granted yet when maintain checked");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    guard.late_acquires.store(false, std::sync::atomic::Ordering::SeqCst);
+    let held = w.hot.current(&o).await.expect("current").expect("granted late");
+    assert_eq!(incr(&rt, &o).await.expect("adopted"), 1);
+    assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token);
+}
+
 /// A second `set_ring` (a periodic membership sync) does not forget an object the first moved
 /// away and no `maintain` has handed over yet.
 #[tokio::test]

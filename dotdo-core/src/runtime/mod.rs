@@ -657,7 +657,8 @@ impl ObjectRuntime {
     async fn acquire_within(&self, object: &ObjectId, wait: Duration) -> Result<Lease> {
         let inner = &self.inner;
         let deadline = inner.clock.now().plus(wait);
-        let mut flight = AcquireInFlight { inner, object, pending: inner.unsure.lock().remove(object), sent: None };
+        let mut flight =
+            AcquireInFlight { inner, object, pending: inner.unsure.lock().remove(object), sent: None, earlier: None };
         // An earlier acquire of this object whose outcome was never learned (a cancelled call)
         // may have left this node a lease, granted since it was sent (possibly after the call
         // gave up: a blocking task or a queued request runs on). Settled first, on its own.
@@ -665,9 +666,11 @@ impl ObjectRuntime {
             match inner.guard.current(object).await {
                 Ok(Some(l)) if granted_here_since(inner, &l, since) => {
                     flight.pending = None;
-                    return Ok(l);
+                    return Ok(flight.done(l));
                 }
-                Ok(_) => flight.pending = None,
+                // Not granted (yet): that acquire may still land while this one is sent, and
+                // then refuse it naming this node (see `LeaseHeld` below).
+                Ok(_) => flight.earlier = flight.pending.take(),
                 // Still unknown: remembered for the next activation and `maintain`.
                 Err(e) => return Err(e.context(format!("settling an earlier acquire of {object} on {}", inner.node))),
             }
@@ -681,7 +684,7 @@ impl ObjectRuntime {
             let result = inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await;
             flight.sent = None;
             let e = match result {
-                Ok(l) => return Ok(l),
+                Ok(l) => return Ok(flight.done(l)),
                 Err(e) => e,
             };
             if e.kind() == &ErrorKind::AmbiguousOutcome {
@@ -693,7 +696,7 @@ impl ObjectRuntime {
                 match inner.guard.current(object).await {
                     Ok(Some(l)) if granted_here_since(inner, &l, sent) => {
                         flight.pending = None;
-                        return Ok(l);
+                        return Ok(flight.done(l));
                     }
                     Ok(_) => {
                         flight.pending = None;
@@ -710,7 +713,19 @@ impl ObjectRuntime {
             }
             let now = inner.clock.now();
             let wait = match e.kind() {
-                ErrorKind::LeaseHeld { expires_at, .. } => expires_at.since(now),
+                ErrorKind::LeaseHeld { holder, expires_at, .. } => {
+                    // Refused naming this node: the earlier acquire settled above as not granted
+                    // landed meanwhile (its task ran on). Its lease is this call's to adopt, not
+                    // one to wait out for a TTL.
+                    if let (true, Some(since)) = (*holder == inner.node, flight.earlier) {
+                        match inner.guard.current(object).await {
+                            Ok(Some(l)) if granted_here_since(inner, &l, since) => return Ok(flight.done(l)),
+                            Ok(_) => {}
+                            Err(e) => return Err(e.context(format!("acquiring {object} on {}", inner.node))),
+                        }
+                    }
+                    expires_at.since(now)
+                }
                 _ if e.is_retryable() => Duration::from_millis(10),
                 _ => return Err(e),
             };
@@ -1623,7 +1638,14 @@ async fn release_orphans(inner: &Arc<Inner>) {
         }
         match inner.guard.current(&object).await {
             Ok(Some(l)) if granted_here_since(inner, &l, since) => release_quietly(inner, &l).await,
-            Ok(_) => {}
+            // Not granted yet: within a TTL of being sent it may still land (its task runs
+            // on), and would then refuse this node's next acquire naming this node; remembered
+            // so that acquire adopts it.
+            Ok(_) => {
+                if inner.clock.now() < since.plus(inner.settings.lease_ttl) {
+                    inner.unsure.lock().entry(object).or_insert(since);
+                }
+            }
             Err(e) => {
                 tracing::warn!(object = %object, error = %e, "dotdo: lease of an acquire with an unknown outcome not checked");
                 inner.unsure.lock().entry(object).or_insert(since);
@@ -1705,11 +1727,25 @@ struct AcquireInFlight<'a> {
     pending: Option<Timestamp>,
     /// When the acquire now in flight was sent.
     sent: Option<Timestamp>,
+    /// When an acquire of unknown outcome was sent that was settled as not granted at this
+    /// call's start (it may still land): kept for a TTL after it was sent if the call fails.
+    earlier: Option<Timestamp>,
+}
+
+impl AcquireInFlight<'_> {
+    /// The call got `lease`: nothing of unknown outcome is left.
+    fn done(&mut self, lease: Lease) -> Lease {
+        self.pending = None;
+        self.sent = None;
+        self.earlier = None;
+        lease
+    }
 }
 
 impl Drop for AcquireInFlight<'_> {
     fn drop(&mut self) {
-        let Some(since) = self.pending.into_iter().chain(self.sent).min() else { return };
+        let young = self.earlier.filter(|t| self.inner.clock.now() < t.plus(self.inner.settings.lease_ttl));
+        let Some(since) = self.pending.into_iter().chain(self.sent).chain(young).min() else { return };
         let mut unsure = self.inner.unsure.lock();
         let since = unsure.get(self.object).map_or(since, |t| (*t).min(since));
         unsure.insert(self.object.clone(), since);
