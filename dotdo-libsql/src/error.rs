@@ -29,8 +29,9 @@ pub(crate) enum Class {
     },
     /// The server refused the credentials (HTTP 401 / 403).
     Auth,
-    /// The server answered with a transient failure: 503 / 429 (refused before processing), or
-    /// 500 / 502 / 504 (a gateway or the server failed, maybe after applying the request).
+    /// The server answered with a transient failure: 429 (refused before processing), or another
+    /// 5xx (the server or a gateway failed, maybe after applying the request: a proxy answers 503
+    /// also when the connection to the primary broke off after forwarding it).
     ServerUnavailable {
         /// Whether the request may have been applied.
         maybe_applied: bool,
@@ -139,7 +140,7 @@ pub(crate) fn class_of_remote_text(text: &str) -> Class {
             .unwrap_or(0);
         return match status {
             401 | 403 => Class::Auth,
-            429 | 503 => Class::ServerUnavailable { maybe_applied: false },
+            429 => Class::ServerUnavailable { maybe_applied: false },
             500..=599 => Class::ServerUnavailable { maybe_applied: true },
             400..=499 => Class::Config,
             _ => class_of_batch_step_message(rest.trim_matches('`')),
@@ -403,10 +404,13 @@ mod tests {
             assert_eq!(e.kind(), &ErrorKind::Unavailable, "{status}");
             assert!(e.is_retryable());
         }
-        let e = map(hrana("api error: `status=502 Bad Gateway, body=`"), "write", true);
-        assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "a gateway failure may hide an applied write");
+        for status in ["502 Bad Gateway", "503 Service Unavailable"] {
+            let e = map(hrana(&format!("api error: `status={status}, body=`")), "write", true);
+            assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{status}: a gateway failure may hide an applied write");
+        }
         assert!(!is_transient(class_of(&hrana("api error: `status=500 x, body=`")), true));
-        assert!(is_transient(class_of(&hrana("api error: `status=503 x, body=`")), true));
+        assert!(!is_transient(class_of(&hrana("api error: `status=503 x, body=`")), true));
+        assert!(is_transient(class_of(&hrana("api error: `status=429 x, body=`")), true));
         let e = map(hrana("api error: `status=404 Not Found, body=no such namespace`"), "get", false);
         assert_eq!(e.kind(), &ErrorKind::Backend);
         assert!(!e.is_retryable());

@@ -61,7 +61,9 @@
 //! * Transient failures (busy database, unreachable or overloaded primary) are retried a bounded
 //!   number of times with doubling backoff (real time, whatever clock is injected), then reported as a retryable
 //!   `Unavailable`. A mutating call whose request may have reached the primary before the
-//!   connection broke is **not** retried blindly: it fails with `AmbiguousOutcome`. Reading back
+//!   connection broke, or that got an HTTP 5xx answer (503 included: a proxy answers it also
+//!   after forwarding the request; only a 429 says it was refused unprocessed), is **not**
+//!   retried blindly: it fails with `AmbiguousOutcome`. Reading back
 //!   does not settle a write: the request may still be queued at the primary and land later.
 //!   Take a new lease (a higher token) before writing the object again, so that a late write is
 //!   fenced; `ObjectRuntime` does so itself. A rejected auth token is a non-retryable `Backend`

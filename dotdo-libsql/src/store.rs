@@ -433,7 +433,9 @@ impl LibsqlStore {
             .await?;
         }
         let describe = self.inner.target.describe();
-        self.with_writer(doing, true, move |c| {
+        // Safe to retry whatever its outcome (not `mutating`): the program re-reads the version
+        // first and creates only what does not exist.
+        self.with_writer(doing, false, move |c| {
             let describe = describe.clone();
             Box::pin(async move {
                 let version =
