@@ -81,10 +81,18 @@ impl fmt::Debug for CatalogConfig {
     }
 }
 
-/// The SQLite URI of the default catalog of a local warehouse directory.
+/// The SQLite URI of the default catalog of a local warehouse directory (the path
+/// percent-encoded where a URI needs it: a `?`, `#` or `%` in a directory name stays part of the
+/// path).
 pub fn default_sqlite_uri(warehouse_dir: &std::path::Path) -> String {
-    format!("sqlite:{}?mode=rwc", warehouse_dir.join("catalog.db").display())
+    let path = warehouse_dir.join("catalog.db");
+    let path = percent_encoding::utf8_percent_encode(&path.to_string_lossy(), SQLITE_PATH_ESCAPES).to_string();
+    format!("sqlite:{path}?mode=rwc")
 }
+
+/// What a path in a sqlx SQLite URI must escape: sqlx splits the options off at the first `?`
+/// and percent-decodes the path.
+const SQLITE_PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%').add(b'?').add(b'#');
 
 /// Reads the SQL catalog's table pointer directly, to confirm that a commit the catalog
 /// acknowledged really is durable: iceberg-catalog-sql 0.10.1 ignores errors of the SQL `COMMIT`
@@ -103,7 +111,8 @@ const POINTER_SQL: &str = "SELECT metadata_location FROM iceberg_tables \
      WHERE catalog_name = ? AND table_namespace = ? AND table_name = ?";
 
 /// The file path of a sqlx SQLite URI (`sqlite:/p`, `sqlite:///p`, `sqlite://p`, options after
-/// `?`), `None` for in-memory databases.
+/// `?`, the path percent-decoded as sqlx does), `None` for in-memory databases (and for a path
+/// that does not decode to UTF-8, which sqlx refuses too).
 fn sqlite_path(uri: &str) -> Option<String> {
     let rest = uri.strip_prefix("sqlite:")?;
     let rest = rest.strip_prefix("//").unwrap_or(rest);
@@ -111,7 +120,7 @@ fn sqlite_path(uri: &str) -> Option<String> {
     if path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory") {
         return None;
     }
-    Some(path.to_string())
+    percent_encoding::percent_decode_str(path).decode_utf8().ok().map(|p| p.into_owned())
 }
 
 fn open_direct(uri: &str) -> Option<parking_lot::Mutex<rusqlite::Connection>> {
@@ -254,7 +263,9 @@ pub(crate) async fn open(
     match config {
         CatalogConfig::Default => {
             if let Some(rest) = warehouse.strip_prefix("file://") {
-                let uri = default_sqlite_uri(std::path::Path::new(rest));
+                // The warehouse URL's path is percent-encoded; the catalog file is at the plain path.
+                let dir = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
+                let uri = default_sqlite_uri(std::path::Path::new(&*dir));
                 open_sql(&uri, name, warehouse, factory).await
             } else if warehouse.starts_with("memory://") {
                 plain(open_memory(name, warehouse, factory).await?)
@@ -488,7 +499,7 @@ impl Catalog for PinnedCatalog<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::sqlite_path;
+    use super::{default_sqlite_uri, sqlite_path};
 
     #[test]
     fn sqlite_paths_of_sqlx_uris() {
@@ -498,5 +509,11 @@ mod tests {
         assert_eq!(sqlite_path("sqlite::memory:"), None);
         assert_eq!(sqlite_path("sqlite:/x.db?mode=memory&cache=shared"), None);
         assert_eq!(sqlite_path("postgres://h/db"), None);
+        assert_eq!(sqlite_path("sqlite:/a/my%20lake%20%231/c.db?mode=rwc").as_deref(), Some("/a/my lake #1/c.db"));
+        // A directory name with every character a URI treats specially round-trips.
+        let dir = std::path::Path::new("/data/what? #1 50%25 a&b=c");
+        let uri = default_sqlite_uri(dir);
+        assert_eq!(sqlite_path(&uri).as_deref(), Some("/data/what? #1 50%25 a&b=c/catalog.db"), "{uri}");
+        assert!(uri.ends_with("?mode=rwc"), "{uri}");
     }
 }

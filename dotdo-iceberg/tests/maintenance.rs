@@ -1099,6 +1099,31 @@ async fn cleanup_works_in_a_local_warehouse_with_a_space_in_its_path() {
     assert_eq!(seqs, [1, 2, 3]);
 }
 
+/// `default_sqlite_uri` of a directory whose name holds what a URI treats specially (`?`, `#`,
+/// `%`, a space) puts the catalog in that very directory, and a store works through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sql_catalog_in_a_directory_named_with_uri_characters_is_created_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let catalog_dir = dir.path().join("cat? #1 50%25");
+    std::fs::create_dir(&catalog_dir).expect("mkdir");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(&catalog_dir);
+    let wh = dir.path().join("wh");
+    let cold = IcebergColdStore::builder(wh.to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Sql { uri: uri.clone() })
+        .table(["m"], "changes")
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    assert!(catalog_dir.join("catalog.db").is_file(), "the catalog is in {catalog_dir:?} ({uri})");
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(entries.len(), 2, "nothing created beside the catalog directory and the warehouse: {entries:?}");
+    assert_eq!(cold.watermark(&o).await.expect("watermark").through, 1);
+}
+
 /// A user schema with a column Iceberg cannot store exactly is refused before anything is
 /// created (before, the table was created and then refused, and every later call failed the same
 /// way); bad table names are `InvalidInput`, not `Corrupt`.
