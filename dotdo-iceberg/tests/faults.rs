@@ -3,8 +3,8 @@
 //! retried by the caller until acknowledged; afterwards every acknowledged batch must appear
 //! exactly once, watermarks must be exact, and no snapshot may reference a missing file.
 //!
-//! `DOTDO_FAULTS` sets the minimum number of injected faults (default 200); `DOTDO_FAULT_SEED`
-//! the seed (default: fixed).
+//! `DOTDO_FAULTS` sets the minimum number of injected failures (default and floor 200; delays
+//! come on top and are not counted); `DOTDO_FAULT_SEED` the seed (default: fixed).
 
 mod common;
 
@@ -20,7 +20,7 @@ use common::{put, FaultyStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() {
-    let target: u64 = std::env::var("DOTDO_FAULTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let target = common::fault_target();
     let seed: u64 = std::env::var("DOTDO_FAULT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x00d0_7d0f);
     println!("fault test: target {target} faults, seed {seed}");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -101,10 +101,14 @@ async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() 
     faulty.set_enabled(false);
     println!("fault test: append phase took {:?}", clock.monotonic().saturating_sub(t0));
     println!(
-        "fault test: {acked} batches acknowledged in {round} rounds; {} faults injected ({} lost replies); caller-visible errors {errors:?}",
+        "fault test: {acked} batches acknowledged in {round} rounds; {} failures injected ({} lost replies), {} delays; caller-visible errors {errors:?}",
         faulty.injected.load(Ordering::SeqCst),
-        faulty.lost_replies.load(Ordering::SeqCst)
+        faulty.lost_replies.load(Ordering::SeqCst),
+        faulty.delays.load(Ordering::SeqCst)
     );
+    // The faults reached the caller (not all absorbed by internal retries), lost replies among them.
+    assert!(errors.values().sum::<u64>() > 0, "no injected failure reached the caller");
+    assert!(faulty.lost_replies.load(Ordering::SeqCst) > 0, "no reply was lost");
 
     for o in &objects {
         let want = next_seq[o] - 1;
@@ -460,124 +464,12 @@ async fn truncated_or_empty_data_file_is_corrupt_and_names_the_file() {
     }
 }
 
-/// A catalog whose commits sometimes succeed but report failure (the reply was lost), or fail
-/// before doing anything.
-#[derive(Debug)]
-struct LossyCatalog {
-    inner: Arc<dyn iceberg::Catalog>,
-    rng: parking_lot::Mutex<rand::rngs::StdRng>,
-    lost: std::sync::atomic::AtomicU64,
-    failed: std::sync::atomic::AtomicU64,
-}
-
-#[async_trait::async_trait]
-impl iceberg::Catalog for LossyCatalog {
-    async fn list_namespaces(
-        &self,
-        p: Option<&iceberg::NamespaceIdent>,
-    ) -> iceberg::Result<Vec<iceberg::NamespaceIdent>> {
-        self.inner.list_namespaces(p).await
-    }
-    async fn create_namespace(
-        &self,
-        n: &iceberg::NamespaceIdent,
-        p: std::collections::HashMap<String, String>,
-    ) -> iceberg::Result<iceberg::Namespace> {
-        self.inner.create_namespace(n, p).await
-    }
-    async fn get_namespace(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<iceberg::Namespace> {
-        self.inner.get_namespace(n).await
-    }
-    async fn namespace_exists(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<bool> {
-        self.inner.namespace_exists(n).await
-    }
-    async fn update_namespace(
-        &self,
-        n: &iceberg::NamespaceIdent,
-        p: std::collections::HashMap<String, String>,
-    ) -> iceberg::Result<()> {
-        self.inner.update_namespace(n, p).await
-    }
-    async fn drop_namespace(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<()> {
-        self.inner.drop_namespace(n).await
-    }
-    async fn list_tables(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<Vec<iceberg::TableIdent>> {
-        self.inner.list_tables(n).await
-    }
-    async fn create_table(
-        &self,
-        n: &iceberg::NamespaceIdent,
-        c: iceberg::TableCreation,
-    ) -> iceberg::Result<iceberg::table::Table> {
-        self.inner.create_table(n, c).await
-    }
-    async fn load_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<iceberg::table::Table> {
-        self.inner.load_table(t).await
-    }
-    async fn drop_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<()> {
-        self.inner.drop_table(t).await
-    }
-    async fn purge_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<()> {
-        self.inner.purge_table(t).await
-    }
-    async fn table_exists(&self, t: &iceberg::TableIdent) -> iceberg::Result<bool> {
-        self.inner.table_exists(t).await
-    }
-    async fn rename_table(&self, a: &iceberg::TableIdent, b: &iceberg::TableIdent) -> iceberg::Result<()> {
-        self.inner.rename_table(a, b).await
-    }
-    async fn register_table(&self, t: &iceberg::TableIdent, m: String) -> iceberg::Result<iceberg::table::Table> {
-        self.inner.register_table(t, m).await
-    }
-    async fn update_table(&self, c: iceberg::TableCommit) -> iceberg::Result<iceberg::table::Table> {
-        use rand::Rng;
-        let roll: u32 = self.rng.lock().gen_range(0..10);
-        let reset = || iceberg::Error::new(iceberg::ErrorKind::Unexpected, "injected: connection reset");
-        match roll {
-            0 | 1 => {
-                self.inner.update_table(c).await?;
-                self.lost.fetch_add(1, Ordering::SeqCst);
-                Err(reset())
-            }
-            2 => {
-                self.failed.fetch_add(1, Ordering::SeqCst);
-                Err(reset())
-            }
-            _ => self.inner.update_table(c).await,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
-    use rand::SeedableRng;
     let dir = tempfile::tempdir().expect("tempdir");
     let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
     let warehouse = format!("file://{}", dir.path().display());
-    let lossy: Arc<parking_lot::Mutex<Option<Arc<LossyCatalog>>>> = Arc::default();
-    let slot = lossy.clone();
-    let build: dotdo_iceberg::catalog::CustomCatalog = Arc::new(move |factory| {
-        let (uri, warehouse, slot) = (uri.clone(), warehouse.clone(), slot.clone());
-        Box::pin(async move {
-            use iceberg::CatalogBuilder;
-            let sql = iceberg_catalog_sql::SqlCatalogBuilder::default()
-                .uri(uri)
-                .warehouse_location(warehouse)
-                .sql_bind_style(iceberg_catalog_sql::SqlBindStyle::QMark)
-                .with_storage_factory(factory)
-                .load("dotdo", std::collections::HashMap::new())
-                .await
-                .map_err(|e| dotdo_core::Error::backend(e.to_string()))?;
-            let c = Arc::new(LossyCatalog {
-                inner: Arc::new(sql),
-                rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(7)),
-                lost: Default::default(),
-                failed: Default::default(),
-            });
-            *slot.lock() = Some(c.clone());
-            Ok(c as Arc<dyn iceberg::Catalog>)
-        })
-    });
+    let (build, lossy) = common::lossy_sql_catalog(uri, warehouse, 7);
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
         .table(["lossy"], "changes")
@@ -661,7 +553,7 @@ async fn invalid_records_are_rejected_and_nothing_is_committed() {
 /// exactly once, every snapshot's files exist, and the latest snapshot reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
-    let target: u64 = std::env::var("DOTDO_FAULTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200) / 2;
+    let target = common::fault_target();
     let seed: u64 = std::env::var("DOTDO_FAULT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x0c0_4ac7);
     let dir = tempfile::tempdir().expect("tempdir");
     let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
@@ -692,9 +584,15 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
             loop {
                 tries += 1;
                 assert!(tries < 200, "batch never acknowledged");
-                if cold.append(batch.clone()).await.is_ok() {
-                    next_seq.insert(o.clone(), s + 1);
-                    break;
+                match cold.append(batch.clone()).await {
+                    Ok(_) => {
+                        next_seq.insert(o.clone(), s + 1);
+                        break;
+                    }
+                    Err(e) => assert!(
+                        matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome | ErrorKind::Conflict),
+                        "unexpected append error under store faults: {e}"
+                    ),
                 }
             }
         }
@@ -714,10 +612,13 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
     }
     faulty.set_enabled(false);
     println!(
-        "compaction fault test: {round} rounds, {compacted} compactions committed, failures {failed:?}, {} faults ({} lost replies)",
+        "compaction fault test: {round} rounds, {compacted} compactions committed, failures {failed:?}, {} failures injected ({} lost replies), {} delays",
         faulty.injected.load(Ordering::SeqCst),
-        faulty.lost_replies.load(Ordering::SeqCst)
+        faulty.lost_replies.load(Ordering::SeqCst),
+        faulty.delays.load(Ordering::SeqCst)
     );
+    assert!(compacted > 0, "no compaction committed under faults");
+    assert!(failed.values().sum::<u64>() > 0, "no injected failure reached a compaction");
     assert!(compacted > 0, "some compactions commit despite faults");
     // A clean final compaction, then everything reads back exactly once.
     cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect("clean compaction");

@@ -213,15 +213,19 @@ async fn every_send_acknowledged_while_closing_is_committed() {
             if round % 2 == 0 { Durability::Memory } else { Durability::Durable(dir.path().join("log.db")) };
         let p = ArrowPipeline::open("race", Arc::new(t.clone()), PipelineSettings { durability, ..Default::default() })
             .expect("pipeline");
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let senders: Vec<_> = (0..2i64)
             .map(|th| {
-                let p = p.clone();
+                let (p, sent) = (p.clone(), sent.clone());
                 std::thread::spawn(move || {
                     let mut acked = Vec::new();
                     for i in 0.. {
                         let id = (th << 40) + i;
                         match p.send(batch(id, 1)) {
-                            Ok(()) => acked.push(id),
+                            Ok(()) => {
+                                acked.push(id);
+                                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
                             // Full (close is slow to come on a loaded machine): not
                             // acknowledged, try again.
                             Err(e) if e.kind() == &ErrorKind::Unavailable => std::thread::yield_now(),
@@ -235,10 +239,21 @@ async fn every_send_acknowledged_while_closing_is_committed() {
                 })
             })
             .collect();
-        #[allow(clippy::disallowed_methods)] // let the senders get going
+        // Let the senders get going (on a loaded machine they may take a while to start: the
+        // race needs sends in flight), then close at a moment that varies by round.
+        use dotdo_core::Clock;
+        let started = dotdo_core::SystemClock::new();
+        let t0 = started.monotonic();
+        while sent.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+            assert!(started.monotonic() - t0 < std::time::Duration::from_secs(30), "round {round}: senders never sent");
+            tokio::task::yield_now().await;
+        }
+        #[allow(clippy::disallowed_methods)]
         tokio::time::sleep(std::time::Duration::from_micros(300 + 100 * round as u64)).await;
         p.close().await.expect("close");
+        // Each sender stopped on `Shutdown` (its loop ends only there), after sending.
         let mut acked: Vec<i64> = senders.into_iter().flat_map(|h| h.join().expect("sender")).collect();
+        assert!(acked.len() >= 20, "round {round}: sends raced close");
         acked.sort_unstable();
         let mut landed = ids(&t).await;
         landed.sort_unstable();

@@ -42,13 +42,18 @@ async fn delivered(cold: &IcebergColdStore) -> BTreeMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_event_lost_or_duplicated_under_injected_store_faults() {
-    let target: u64 = std::env::var("DOTDO_FAULTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let target = common::fault_target();
     let dir = tempfile::tempdir().expect("tempdir");
     let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
     let faulty = Arc::new(FaultyStore::new(local, 0x5eed_b10b, 0.1));
     faulty.set_enabled(false);
+    // Commits whose reply is lost after they landed (and commits refused) at the catalog too:
+    // the object store's faults alone never lose the reply of a commit that landed.
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (catalog, lossy) = common::lossy_sql_catalog(uri, format!("file://{}", dir.path().display()), 11);
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .object_store(faulty.clone())
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(catalog))
         .table(["faults"], "events")
         .settings(dotdo_iceberg::Settings { max_commit_attempts: 2, ..Default::default() })
         .build()
@@ -76,11 +81,17 @@ async fn no_event_lost_or_duplicated_under_injected_store_faults() {
     assert!(seen.values().all(|&n| n == 1), "an event was delivered twice");
     let m = p.metrics();
     println!(
-        "pipeline faults: {} injected ({} lost replies), {sent} events, {rolls} rolls ({failed_rolls} failed), {} replayed at commit",
+        "pipeline faults: {} failures injected ({} lost replies), {} delays, {sent} events, {rolls} rolls ({failed_rolls} failed), {} replayed at commit",
         faulty.injected.load(Ordering::SeqCst),
         faulty.lost_replies.load(Ordering::SeqCst),
+        faulty.delays.load(Ordering::SeqCst),
         m.events_replayed
     );
+    let cat = lossy.lock().clone().expect("catalog built");
+    let (lost, refused) = (cat.lost.load(Ordering::SeqCst), cat.failed.load(Ordering::SeqCst));
+    println!("pipeline faults: catalog commits with a lost reply {lost}, refused {refused}");
+    assert!(faulty.lost_replies.load(Ordering::SeqCst) > 0, "no store reply was lost");
+    assert!(lost > 0 && refused > 0, "catalog faults not injected: lost {lost}, refused {refused}");
 }
 
 const CHILD_ENV: &str = "DOTDO_PIPELINE_CHILD_DIR";
@@ -159,8 +170,7 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
         acked.push(first);
         let pause = 20 + (clock.now().as_micros() as u64 % 150);
         std::thread::sleep(Duration::from_millis(pause));
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
+        dotdo_core::testkit::process::sigkill(&mut child, &format!("round {round}"));
         reader.join().expect("reader");
         acked.extend(rx.try_iter());
     }

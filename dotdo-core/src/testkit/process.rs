@@ -26,6 +26,17 @@ use crate::hot::HotStoreExt;
 use crate::time::{Clock, SystemClock};
 use crate::{ConsistencyGuard, HotStore, Lease};
 
+/// SIGKILL `child` and reap it, asserting that the signal is what ended it: `Child::kill`
+/// succeeds on a child that already exited (a panic, an early return), which would otherwise be
+/// counted as a crash injected. Crash tests count only kills confirmed this way.
+#[cfg(unix)]
+pub fn sigkill(child: &mut Child, what: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    child.kill().unwrap_or_else(|e| panic!("{what}: SIGKILL: {e}"));
+    let status = child.wait().unwrap_or_else(|e| panic!("{what}: reaping the child: {e}"));
+    assert_eq!(status.signal(), Some(9), "{what}: the child ended on its own ({status}), not by the SIGKILL");
+}
+
 /// Opens (creating if needed) the backend's database at a path, on the system clock.
 pub type Opener =
     Arc<dyn Fn(PathBuf) -> BoxFuture<'static, Result<(Arc<dyn HotStore>, Arc<dyn ConsistencyGuard>)>> + Send + Sync>;
@@ -307,8 +318,7 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
             }
         }
         std::thread::sleep(Duration::from_millis(5 + rng.below(120)));
-        child.kill().expect("SIGKILL the writer");
-        child.wait().expect("reap");
+        sigkill(&mut child, &format!("round {round}"));
         let _ = lines.handle.join();
         for line in lines.rx.try_iter() {
             if let Some(a) = line.strip_prefix("ACK ") {

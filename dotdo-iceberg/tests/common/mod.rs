@@ -158,6 +158,13 @@ pub async fn sleep(d: Duration) {
     SystemClock::new().sleep(d).await;
 }
 
+/// The number of injected failures a fault test must reach: `DOTDO_FAULTS`, at least 200 (the
+/// acceptance minimum; a smaller setting cannot make a test vacuous).
+#[allow(dead_code)] // not every test binary including this module runs a fault test
+pub fn fault_target() -> u64 {
+    std::env::var("DOTDO_FAULTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200).max(200)
+}
+
 /// What a fault does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -178,8 +185,11 @@ pub struct FaultyStore {
     /// Probability that an operation is faulted.
     pub probability: f64,
     enabled: AtomicBool,
-    /// Faults injected so far.
+    /// Failures injected so far (an operation failed, before or after it ran); delays are
+    /// counted apart, in `delays`.
     pub injected: AtomicU64,
+    /// Operations delayed so far (then run normally).
+    pub delays: AtomicU64,
     /// Faults of kind FailAfter on writes so far.
     pub lost_replies: AtomicU64,
     /// The paths read (`get_opts`, `get_ranges`) so far, in order.
@@ -211,6 +221,7 @@ impl FaultyStore {
             probability,
             enabled: AtomicBool::new(true),
             injected: AtomicU64::new(0),
+            delays: AtomicU64::new(0),
             lost_replies: AtomicU64::new(0),
             reads: Mutex::new(Vec::new()),
             before_put: Mutex::new(None),
@@ -237,7 +248,11 @@ impl FaultyStore {
             1 => Fault::FailBefore,
             _ => Fault::Delay,
         };
-        self.injected.fetch_add(1, Ordering::SeqCst);
+        if f == Fault::Delay {
+            self.delays.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+        }
         if f == Fault::FailAfter {
             self.lost_replies.fetch_add(1, Ordering::SeqCst);
         }
@@ -368,4 +383,129 @@ impl MultipartUpload for FaultyUpload {
     async fn abort(&mut self) -> object_store::Result<()> {
         self.inner.abort().await
     }
+}
+
+/// A catalog whose commits sometimes succeed but report failure (the reply was lost), or fail
+/// before doing anything.
+#[derive(Debug)]
+pub struct LossyCatalog {
+    inner: Arc<dyn iceberg::Catalog>,
+    rng: parking_lot::Mutex<rand::rngs::StdRng>,
+    /// Commits applied whose reply was then lost.
+    pub lost: std::sync::atomic::AtomicU64,
+    /// Commits refused before doing anything.
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl iceberg::Catalog for LossyCatalog {
+    async fn list_namespaces(
+        &self,
+        p: Option<&iceberg::NamespaceIdent>,
+    ) -> iceberg::Result<Vec<iceberg::NamespaceIdent>> {
+        self.inner.list_namespaces(p).await
+    }
+    async fn create_namespace(
+        &self,
+        n: &iceberg::NamespaceIdent,
+        p: std::collections::HashMap<String, String>,
+    ) -> iceberg::Result<iceberg::Namespace> {
+        self.inner.create_namespace(n, p).await
+    }
+    async fn get_namespace(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<iceberg::Namespace> {
+        self.inner.get_namespace(n).await
+    }
+    async fn namespace_exists(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<bool> {
+        self.inner.namespace_exists(n).await
+    }
+    async fn update_namespace(
+        &self,
+        n: &iceberg::NamespaceIdent,
+        p: std::collections::HashMap<String, String>,
+    ) -> iceberg::Result<()> {
+        self.inner.update_namespace(n, p).await
+    }
+    async fn drop_namespace(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<()> {
+        self.inner.drop_namespace(n).await
+    }
+    async fn list_tables(&self, n: &iceberg::NamespaceIdent) -> iceberg::Result<Vec<iceberg::TableIdent>> {
+        self.inner.list_tables(n).await
+    }
+    async fn create_table(
+        &self,
+        n: &iceberg::NamespaceIdent,
+        c: iceberg::TableCreation,
+    ) -> iceberg::Result<iceberg::table::Table> {
+        self.inner.create_table(n, c).await
+    }
+    async fn load_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<iceberg::table::Table> {
+        self.inner.load_table(t).await
+    }
+    async fn drop_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<()> {
+        self.inner.drop_table(t).await
+    }
+    async fn purge_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<()> {
+        self.inner.purge_table(t).await
+    }
+    async fn table_exists(&self, t: &iceberg::TableIdent) -> iceberg::Result<bool> {
+        self.inner.table_exists(t).await
+    }
+    async fn rename_table(&self, a: &iceberg::TableIdent, b: &iceberg::TableIdent) -> iceberg::Result<()> {
+        self.inner.rename_table(a, b).await
+    }
+    async fn register_table(&self, t: &iceberg::TableIdent, m: String) -> iceberg::Result<iceberg::table::Table> {
+        self.inner.register_table(t, m).await
+    }
+    async fn update_table(&self, c: iceberg::TableCommit) -> iceberg::Result<iceberg::table::Table> {
+        use rand::Rng;
+        let roll: u32 = self.rng.lock().gen_range(0..10);
+        let reset = || iceberg::Error::new(iceberg::ErrorKind::Unexpected, "injected: connection reset");
+        match roll {
+            0 | 1 => {
+                self.inner.update_table(c).await?;
+                self.lost.fetch_add(1, Ordering::SeqCst);
+                Err(reset())
+            }
+            2 => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                Err(reset())
+            }
+            _ => self.inner.update_table(c).await,
+        }
+    }
+}
+
+/// A [`LossyCatalog`] over the SQL catalog at `uri`, as a custom catalog for the builder, and the
+/// slot that holds it once built (for its counters).
+#[allow(dead_code)] // not every test binary including this module uses it
+pub fn lossy_sql_catalog(
+    uri: String,
+    warehouse: String,
+    seed: u64,
+) -> (dotdo_iceberg::catalog::CustomCatalog, Arc<Mutex<Option<Arc<LossyCatalog>>>>) {
+    let lossy: Arc<Mutex<Option<Arc<LossyCatalog>>>> = Arc::default();
+    let slot = lossy.clone();
+    let build: dotdo_iceberg::catalog::CustomCatalog = Arc::new(move |factory| {
+        let (uri, warehouse, slot) = (uri.clone(), warehouse.clone(), slot.clone());
+        Box::pin(async move {
+            use iceberg::CatalogBuilder;
+            let sql = iceberg_catalog_sql::SqlCatalogBuilder::default()
+                .uri(uri)
+                .warehouse_location(warehouse)
+                .sql_bind_style(iceberg_catalog_sql::SqlBindStyle::QMark)
+                .with_storage_factory(factory)
+                .load("dotdo", std::collections::HashMap::new())
+                .await
+                .map_err(|e| dotdo_core::Error::backend(e.to_string()))?;
+            let c = Arc::new(LossyCatalog {
+                inner: Arc::new(sql),
+                rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+                lost: Default::default(),
+                failed: Default::default(),
+            });
+            *slot.lock() = Some(c.clone());
+            Ok(c as Arc<dyn iceberg::Catalog>)
+        })
+    });
+    (build, lossy)
 }
