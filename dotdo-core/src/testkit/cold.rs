@@ -474,7 +474,9 @@ pub async fn scan_filters_by_range_type_and_time(f: &ColdFactory) {
     assert!(a.scan(ScanQuery::object(oid("unknown"))).await.expect("unknown").entries.is_empty());
 }
 
-/// Query statistics add up: pruned + opened never exceed the snapshot's files.
+/// Query statistics add up, for a lookup of a present key, of an absent key and for a scan:
+/// every file of the snapshot read is either pruned (by one means) or opened, and a present key
+/// is read from some file.
 pub async fn query_stats_are_consistent(f: &ColdFactory) {
     let (fx, _) = open(f).await;
     if !has_accel(&fx, "query_stats_are_consistent") {
@@ -482,12 +484,21 @@ pub async fn query_stats_are_consistent(f: &ColdFactory) {
     }
     let (o, _) = seed_three_commits(&fx).await;
     let a = accel(&fx);
+    let adds_up = |what: &str, s: &crate::QueryStats| {
+        let pruned = s.pruned_by_partition + s.pruned_by_min_max + s.pruned_by_bloom + s.pruned_by_key_index;
+        assert!(s.files_total >= 1, "{what}: three commits were made: {s:?}");
+        assert_eq!(pruned + s.files_opened, s.files_total, "{what}: every file pruned or opened: {s:?}");
+        assert!(s.snapshot.is_some(), "{what}: the snapshot read: {s:?}");
+    };
     let s = a.lookup(&o, "a", AsOf::Latest).await.expect("lookup").stats;
-    assert!(s.files_total >= 1);
-    assert!(s.files_opened >= 1, "the key exists, so some file must be read");
-    let pruned = s.pruned_by_partition + s.pruned_by_min_max + s.pruned_by_bloom + s.pruned_by_key_index;
-    assert!(pruned + s.files_opened <= s.files_total, "{s:?}");
-    assert!(s.bytes_read > 0);
+    adds_up("lookup of a present key", &s);
+    assert!(s.files_opened >= 1, "the key exists, so some file must be read: {s:?}");
+    assert!(s.bytes_read > 0, "{s:?}");
+    let s = a.lookup(&o, "no-such-key", AsOf::Latest).await.expect("lookup").stats;
+    adds_up("lookup of an absent key", &s);
+    let s = a.scan(ScanQuery::object(o.clone())).await.expect("scan").stats;
+    adds_up("scan", &s);
+    assert!(s.files_opened >= 1, "the object has live keys, so some file must be read: {s:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

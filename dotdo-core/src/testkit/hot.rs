@@ -1053,22 +1053,22 @@ pub fn prop_hot_store_matches_model(f: &HotFactory) {
             for op in &ops {
                 match op {
                     HotOp::Takeover(o) => {
-                        clock.advance(TTL);
-                        let l = fx.guard.acquire(&objs[*o], &nid("n1"), TTL).await.map_err(fail)?;
-                        let prev = leases[*o].last().map_or(FencingToken::NONE, |l| l.token);
-                        prop_assert!(l.token > prev, "token did not increase");
-                        leases[*o].push(l);
-                        // keep the other objects' leases alive
+                        // Only this object's lease expires: the others are renewed first past
+                        // the moment it does (a renewal keeps the token), then time moves on.
+                        let target = leases[*o].last().cloned().expect("one lease per object");
+                        let wait = target.expires_at.since(clock.now()) + Duration::from_millis(1);
                         for (j, ls) in leases.iter_mut().enumerate() {
                             if j != *o {
                                 let cur = ls.last().cloned().expect("one lease per object");
-                                let fresh = match fx.guard.refresh(&cur, TTL).await {
-                                    Ok(l) => l,
-                                    Err(_) => fx.guard.acquire(&objs[j], &nid("n1"), TTL).await.map_err(fail)?,
-                                };
+                                let fresh = fx.guard.refresh(&cur, wait + TTL).await.map_err(fail)?;
+                                prop_assert_eq!(fresh.token, cur.token, "a renewal keeps the token");
                                 ls.push(fresh);
                             }
                         }
+                        clock.advance(wait);
+                        let l = fx.guard.acquire(&objs[*o], &nid("n1"), TTL).await.map_err(fail)?;
+                        prop_assert!(l.token > target.token, "token did not increase");
+                        leases[*o].push(l);
                     }
                     HotOp::Write(o, kv) => {
                         let l = leases[*o].last().expect("lease");
@@ -1086,20 +1086,12 @@ pub fn prop_hot_store_matches_model(f: &HotFactory) {
                     }
                     HotOp::StaleWrite(o, k) => {
                         let ls = &leases[*o];
-                        if ls.len() >= 2 {
-                            let stale = &ls[0];
-                            let current = ls.last().expect("lease").token;
-                            if stale.token < current {
-                                let e = fx
-                                    .hot
-                                    .put(&objs[*o], stale.token, "T", KEYS[*k], Bytes::from_static(b"stale"))
-                                    .await;
-                                prop_assert!(
-                                    e.as_ref().is_err_and(|e| e.is_fenced()),
-                                    "stale write not fenced: {:?}",
-                                    e
-                                );
-                            }
+                        let current = ls.last().expect("lease").token;
+                        // The newest token below the current one (the tightest stale token);
+                        // none before the object's first takeover.
+                        if let Some(stale) = ls.iter().rev().map(|l| l.token).find(|t| *t < current) {
+                            let e = fx.hot.put(&objs[*o], stale, "T", KEYS[*k], Bytes::from_static(b"stale")).await;
+                            prop_assert!(e.as_ref().is_err_and(|e| e.is_fenced()), "stale write not fenced: {:?}", e);
                         }
                     }
                     HotOp::Get(o, k) => {
