@@ -3,8 +3,9 @@
 //! Cold storage for dotdo on **Apache Iceberg**: a [`ColdSink`](dotdo_core::ColdSink) and
 //! [`IndexAccelerator`](dotdo_core::IndexAccelerator) over iceberg-rust 0.10, writing Parquet
 //! (ZSTD) to any `object_store` warehouse (`file://`, `memory://`, `s3://` incl. R2 and MinIO,
-//! `gs://`, `az://`), with the catalog on embedded SQLite by default. Tables are standard Iceberg
-//! v2: PyIceberg, DuckDB, Spark and Trino read them.
+//! `gs://`, `az://`), with the catalog on embedded SQLite by default for a local (`file://`)
+//! warehouse (in memory for `memory://`; an object-store warehouse names its catalog). Tables
+//! are standard Iceberg v2: PyIceberg, DuckDB, Spark and Trino read them.
 //!
 //! ## Why
 //!
@@ -16,7 +17,8 @@
 //! ## How
 //!
 //! * **One snapshot per append.** Each [`append`](dotdo_core::ColdSink::append) writes one
-//!   Parquet file per touched `bucket(do_id)` partition and commits them with a fast append.
+//!   Parquet file per touched `bucket(do_id)` partition (more once a file reaches
+//!   `Settings::target_file_size`) and commits them with a fast append.
 //! * **Watermarks in the snapshot summary.** Every snapshot's summary determines the per-object
 //!   watermarks after it (inline JSON plus, beyond 1000 objects, an immutable checkpoint file it
 //!   names; see [`summary`]), so `watermark()` reads only the current snapshot, and the records

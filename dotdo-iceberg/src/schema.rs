@@ -13,7 +13,8 @@
 //! | `token`     | long                | fencing token the change was made under|
 //!
 //! Partitioned by `bucket(do_id, N)` (N = [`DEFAULT_BUCKETS`] unless configured): one object's
-//! rows of a commit land in exactly one file, and a point read of an object skips every file of
+//! rows of a commit land in one file (a few in a commit larger than the target file size), and
+//! a point read of an object skips every file of
 //! the other N-1 buckets by partition value alone. Within a file rows are sorted by
 //! `do_id, key, seq`, so the file's and each row group's `do_id` min/max bounds prune further.
 
