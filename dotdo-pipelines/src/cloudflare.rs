@@ -4,7 +4,8 @@
 //! Wire protocol (Cloudflare's stream HTTP endpoint): `POST <endpoint>` with a JSON array of
 //! objects as the body, `Content-Type: application/json`, and, when the stream requires it,
 //! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted; 429 and 5xx
-//! are transient; 401/403 mean a bad token; 413 means the request was too large. Each event is
+//! are transient (retried after the backoff, or after the answer's `Retry-After` seconds if longer,
+//! up to [`MAX_RETRY_AFTER`]); 401/403 mean a bad token; 413 means the request was too large. Each event is
 //! sent in the predecessor's shape: `{"do_id", "type", "key", "value", "timestamp"}` with `value`
 //! as the event's text (JSON) and `timestamp` in milliseconds.
 
@@ -23,7 +24,8 @@ pub struct CloudflareSettings {
     pub max_request_bytes: usize,
     /// Retries of a transient failure (429, 5xx, connection errors) per request (default 5).
     pub max_retries: u32,
-    /// First backoff, doubled per retry up to 5 s (default 100 ms).
+    /// First backoff, doubled per retry up to 5 s (default 100 ms). An answer's `Retry-After`
+    /// stretches one wait (up to [`MAX_RETRY_AFTER`]; a longer one fails the send, retryable).
     pub backoff: Duration,
     /// Timeout of one request (default 30 s).
     pub timeout: Duration,
@@ -239,6 +241,7 @@ impl CloudflareStreamClient {
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t);
             }
+            let mut retry_after = None;
             let outcome = match req.send().await {
                 Ok(resp) => {
                     let status = resp.status();
@@ -247,6 +250,7 @@ impl CloudflareStreamClient {
                         report.events += n;
                         return Ok(());
                     }
+                    retry_after = retry_after_of(resp.headers());
                     let text = resp.text().await.unwrap_or_default();
                     let msg =
                         format!("stream endpoint answered {status}: {}", text.chars().take(200).collect::<String>());
@@ -274,10 +278,33 @@ impl CloudflareStreamClient {
                     outcome.context(format!("after {} accepted request(s) and {attempt} retries", report.requests))
                 );
             }
+            // An endpoint that says when to come back (`Retry-After` on a 429 or 503) is not
+            // asked again sooner; one that asks for longer than a call should wait fails the
+            // call (retryable), leaving the wait to the caller.
+            let wait = match retry_after {
+                Some(after) if after > MAX_RETRY_AFTER => {
+                    return Err(outcome.context(format!(
+                        "the endpoint asks to retry after {after:?} (more than {MAX_RETRY_AFTER:?}), after {} accepted request(s)",
+                        report.requests
+                    )));
+                }
+                Some(after) => backoff.max(after),
+                None => backoff,
+            };
             attempt += 1;
             report.retries += 1;
-            self.clock.sleep(backoff).await;
+            self.clock.sleep(wait).await;
             backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// The longest `Retry-After` a send waits out itself.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// A `Retry-After` header in seconds (the HTTP-date form is not used by the stream endpoint and
+/// is ignored: the backoff applies).
+fn retry_after_of(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }

@@ -18,6 +18,8 @@ struct Server {
     records: Mutex<Vec<serde_json::Value>>,
     requests: AtomicU32,
     fail_next: AtomicU32,
+    /// `Retry-After` sent with the failures of `fail_next`.
+    retry_after: Mutex<Option<String>>,
     redirect_next: AtomicU32,
     max_body: usize,
 }
@@ -73,6 +75,9 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                         ("413 Payload Too Large", "{}".to_string())
                     } else if server.fail_next.load(Ordering::SeqCst) > 0 {
                         server.fail_next.fetch_sub(1, Ordering::SeqCst);
+                        if let Some(after) = server.retry_after.lock().clone() {
+                            location = format!("retry-after: {after}\r\n");
+                        }
                         ("503 Service Unavailable", "{}".to_string())
                     } else {
                         let items: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("a JSON array");
@@ -150,6 +155,35 @@ async fn transient_failures_are_retried_and_bad_tokens_are_not() {
     assert_eq!(e.kind(), &ErrorKind::Backend);
     assert!(!e.is_retryable());
     assert_eq!(server.requests.load(Ordering::SeqCst), before + 1, "a bad token is not retried");
+}
+
+/// A 503 with `Retry-After` is retried no sooner than it asks (the backoff here is 5 ms); one
+/// asking for more than `MAX_RETRY_AFTER` fails the send at once, retryable, and says so.
+#[tokio::test]
+async fn retry_after_is_honoured_and_a_long_one_is_left_to_the_caller() {
+    use dotdo_core::Clock;
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "good").await;
+    let client = CloudflareStreamClient::new(&url, Some("good".into()), settings()).expect("client");
+    *server.retry_after.lock() = Some("1".into());
+    server.fail_next.store(1, Ordering::SeqCst);
+    let clock = dotdo_core::SystemClock::new();
+    let started = clock.monotonic();
+    let r = client.send(&events(3, 10)).await.expect("retried after the pause asked for");
+    assert!(clock.monotonic() - started >= Duration::from_secs(1), "retried before Retry-After");
+    assert_eq!((r.events, r.retries), (3, 1));
+    *server.retry_after.lock() = Some("3600".into());
+    server.fail_next.store(1, Ordering::SeqCst);
+    let before = server.requests.load(Ordering::SeqCst);
+    let e = client.send(&events(1, 10)).await.expect_err("an hour is the caller's to wait");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains("retry after"), "{e}");
+    assert_eq!(server.requests.load(Ordering::SeqCst), before + 1, "not asked again within the call");
+    // The HTTP-date form is ignored: the backoff applies.
+    *server.retry_after.lock() = Some("Wed, 21 Oct 2015 07:28:00 GMT".into());
+    server.fail_next.store(1, Ordering::SeqCst);
+    assert_eq!(client.send(&events(1, 10)).await.expect("after the backoff").retries, 1);
 }
 
 #[tokio::test]
