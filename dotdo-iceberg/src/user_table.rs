@@ -237,6 +237,19 @@ fn marks(table: &Table) -> Result<Marks> {
     Ok(Marks { raw, snapshot: s.snapshot_id() })
 }
 
+/// The snapshot that committed batch `batch_id` of `stream` (the oldest one whose summary holds
+/// that mark: later snapshots carry it on), if the table still has it.
+fn snapshot_marking(table: &Table, stream: &str, batch_id: u64) -> Option<SnapshotId> {
+    let key = format!("{MARK_PREFIX}{stream}");
+    let want = batch_id.to_string();
+    table
+        .metadata()
+        .snapshots()
+        .filter(|s| s.summary().additional_properties.get(&key) == Some(&want))
+        .min_by_key(|s| s.sequence_number())
+        .map(|s| s.snapshot_id())
+}
+
 /// The largest stream mark (batch id) accepted in a summary.
 const MAX_MARK: u64 = i64::MAX as u64;
 
@@ -333,6 +346,9 @@ impl ArrowTable {
         let mut files: Option<((i32, i32), Vec<iceberg::spec::DataFile>)> = None;
         let attempts = self.store.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
+        // Whether an earlier attempt of this call may have committed (its reply was lost, or
+        // the commit was not confirmed durable): the mark found next is then this call's own.
+        let mut maybe_landed = false;
         for attempt in 0..attempts {
             let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
             // Another handle may have changed the schema since this one was opened: files are
@@ -359,6 +375,13 @@ impl ArrowTable {
             };
             let mut m = marks(&table)?;
             if m.get(stream)? >= batch_id {
+                // Committed: by an earlier attempt of this call (its rows, its snapshot), or
+                // before the call (a replay).
+                if maybe_landed {
+                    if let Some(snapshot) = snapshot_marking(&table, stream, batch_id) {
+                        return Ok(ArrowCommit { snapshot: Some(snapshot), rows });
+                    }
+                }
                 return Ok(ArrowCommit { snapshot: None, rows: 0 });
             }
             if rows == 0 {
@@ -406,12 +429,35 @@ impl ArrowTable {
                         }
                         Err(e) if e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome => {
                             tracing::warn!(table = %self.ident, error = %e, "dotdo user table commit not durable; reading back");
+                            maybe_landed = true;
                             last_err = Some(e);
                         }
                         Err(e) => return Err(e),
                     }
                 }
-                Err(e) => last_err = Some(worth_retrying(e, &what)?),
+                Err(e) => {
+                    let e = classify(e, &what);
+                    match e.kind() {
+                        ErrorKind::Conflict => {}
+                        // Refused for what it is: no attempt fixes that.
+                        ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. } => return Err(e),
+                        // Any other failure (an unexpected answer, a broken connection) may
+                        // hide a commit that landed: the next attempt reads the mark back.
+                        _ => maybe_landed = true,
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        if maybe_landed {
+            // A final read-back: did an attempt land after all?
+            if let Ok(table) = self.load().await {
+                if marks(&table)?.get(stream)? >= batch_id {
+                    return Ok(match snapshot_marking(&table, stream, batch_id) {
+                        Some(snapshot) => ArrowCommit { snapshot: Some(snapshot), rows },
+                        None => ArrowCommit { snapshot: None, rows: 0 },
+                    });
+                }
             }
         }
         Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))

@@ -505,6 +505,45 @@ async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
     assert_eq!(acked, 60, "every batch reported its own snapshot");
 }
 
+/// A user-table append whose commit landed but whose reply was lost reads its own stream mark
+/// back on the next attempt: it reports its rows and its snapshot, not "a replay, 0 rows"
+/// (a pipeline counting rows committed would lose them from its count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_append_whose_reply_was_lost_reports_its_rows() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, lossy) = common::lossy_sql_catalog(uri, format!("file://{}", dir.path().display()), 5);
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .table(["lossy"], "changes")
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: 8, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["lossy"], "events", schema.clone()).await.expect("user table");
+    let mut snapshots = std::collections::BTreeSet::new();
+    for id in 1..=40u64 {
+        let rows =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![id as i32; 3]))]).expect("batch");
+        let c = user.append("s", id, vec![rows]).await.expect("append (the attempts outlast the faults)");
+        assert_eq!(c.rows, 3, "batch {id}: this call committed it");
+        let snap = c.snapshot.expect("its snapshot");
+        assert!(snapshots.insert(snap), "batch {id}: snapshot {snap} reported twice");
+    }
+    let cat = lossy.lock().clone().expect("catalog built");
+    assert!(cat.lost.load(Ordering::SeqCst) >= 3, "too few lost replies: {}", cat.lost.load(Ordering::SeqCst));
+    assert_eq!(user.last_batch("s").await.expect("mark"), 40);
+    // Each reported snapshot is the one that carries its batch.
+    let t = cold.catalog().load_table(user.ident()).await.expect("load");
+    assert_eq!(t.metadata().snapshots().count(), 40, "one snapshot per batch");
+    for s in t.metadata().snapshots() {
+        assert!(snapshots.contains(&s.snapshot_id()), "snapshot {} not reported", s.snapshot_id());
+    }
+}
+
 #[test]
 fn builder_debug_redacts_store_credentials() {
     let b = IcebergColdStore::builder("s3://bucket/wh")
