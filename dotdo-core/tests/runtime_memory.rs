@@ -862,6 +862,11 @@ struct FlakyGuard {
     /// Acquires run on a task of their own that applies them 100 ms (real time) later, as a
     /// blocking task or a queued request does, also after the caller gave up.
     late_acquires: std::sync::atomic::AtomicBool,
+    /// With `late_acquires`: each late acquire waits for a permit of `late_gate` instead of
+    /// 100 ms, and counts itself in `late_waiting` first (the test decides when each lands).
+    gate_late: std::sync::atomic::AtomicBool,
+    late_gate: Arc<tokio::sync::Semaphore>,
+    late_waiting: Arc<std::sync::atomic::AtomicU32>,
     /// Releases that fail with a retryable `Unavailable`.
     fail_releases: std::sync::atomic::AtomicU32,
 }
@@ -878,6 +883,9 @@ impl FlakyGuard {
             hang_acquires: false.into(),
             refused_ambiguous_acquires: 0.into(),
             late_acquires: false.into(),
+            gate_late: false.into(),
+            late_gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            late_waiting: Arc::default(),
             fail_releases: 0.into(),
         }
     }
@@ -899,8 +907,15 @@ impl ConsistencyGuard for FlakyGuard {
         }
         if self.late_acquires.load(std::sync::atomic::Ordering::SeqCst) {
             let (inner, object, holder) = (self.inner.clone(), object.clone(), holder.clone());
+            let gate = self.gate_late.load(std::sync::atomic::Ordering::SeqCst);
+            let (permits, waiting) = (self.late_gate.clone(), self.late_waiting.clone());
             let late = tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if gate {
+                    waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    permits.acquire().await.expect("gate").forget();
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 inner.acquire(&object, &holder, ttl).await
             });
             return late.await.expect("task");
@@ -2057,45 +2072,92 @@ async fn an_acquire_granted_after_its_call_gave_up_is_adopted() {
     assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token);
 }
 
+/// Waits (real time, bounded) until `cond` holds.
+#[allow(clippy::disallowed_methods)]
+async fn until<F: std::future::Future<Output = bool>>(what: &str, cond: impl Fn() -> F) {
+    for _ in 0..2000 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting: {what}");
+}
+
 /// An acquire a cancelled call left in flight that lands only after the next call settled it
 /// as not granted (and sent its own acquire): that call's acquire is refused naming this very
 /// node, and it adopts the late lease instead of failing until the lease expires.
-#[allow(clippy::disallowed_methods)] // waits for the late grants in real time
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_landing_after_it_was_settled_as_not_granted_is_adopted() {
+    use std::sync::atomic::Ordering::SeqCst;
     let w = World::new();
     let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let rt = Arc::new(w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings()));
     let o = oid("o");
-    guard.late_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
+    guard.late_acquires.store(true, SeqCst);
+    guard.gate_late.store(true, SeqCst);
     assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
-    // The next call settles the first acquire before it lands; its own acquire lands after it.
-    assert_eq!(incr(&rt, &o).await.expect("the late lease adopted"), 1);
+    // The next call settles the first acquire (not granted) and sends its own, which waits too.
+    let (rt2, o2) = (rt.clone(), o.clone());
+    let next = tokio::spawn(async move { incr(&rt2, &o2).await });
+    until("both acquires in flight", || async { guard.late_waiting.load(SeqCst) == 2 }).await;
+    // The first lands, then the second is refused naming this node.
+    guard.late_gate.add_permits(1);
+    until("the first acquire granted", || async { w.hot.current(&o).await.expect("current").is_some() }).await;
     let held = w.hot.current(&o).await.expect("current").expect("held");
+    guard.late_gate.add_permits(1);
+    assert_eq!(next.await.expect("task").expect("the late lease adopted"), 1);
     assert_eq!(held.holder.as_str(), "a");
-    guard.late_acquires.store(false, std::sync::atomic::Ordering::SeqCst);
+    guard.late_acquires.store(false, SeqCst);
     assert_eq!(incr(&rt, &o).await.expect("warm"), 2);
     assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token);
 }
 
 /// The same race through `maintain`: it finds the cancelled call's acquire not granted yet; the
 /// acquire lands afterwards, and the next call adopts its lease.
-#[allow(clippy::disallowed_methods)] // waits for the late grant in real time
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_landing_after_maintain_checked_it_is_adopted() {
+    use std::sync::atomic::Ordering::SeqCst;
     let w = World::new();
     let guard = Arc::new(FlakyGuard::new(&w));
     let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
     let o = oid("o");
-    guard.late_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
+    guard.late_acquires.store(true, SeqCst);
+    guard.gate_late.store(true, SeqCst);
     assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    until("the acquire in flight", || async { guard.late_waiting.load(SeqCst) == 1 }).await;
     rt.maintain().await.expect("maintain");
     assert!(w.hot.current(&o).await.expect("current").is_none(), "not granted yet when maintain checked");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    guard.late_acquires.store(false, std::sync::atomic::Ordering::SeqCst);
+    guard.late_gate.add_permits(1);
+    until("granted late", || async { w.hot.current(&o).await.expect("current").is_some() }).await;
+    guard.late_acquires.store(false, SeqCst);
     let held = w.hot.current(&o).await.expect("current").expect("granted late");
     assert_eq!(incr(&rt, &o).await.expect("adopted"), 1);
     assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token);
+}
+
+/// The record of a cancelled call's acquire holds for a TTL after it was sent: a lease this node
+/// id is granted later than that (another runtime under the same node id) is neither adopted
+/// nor given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_of_the_same_node_id_granted_a_ttl_after_a_cancelled_acquire_is_not_adopted() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let o = oid("o");
+    guard.late_acquires.store(true, SeqCst);
+    guard.gate_late.store(true, SeqCst);
+    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    guard.late_acquires.store(false, SeqCst);
+    // The cancelled acquire never lands; another runtime under node id "a" takes the object
+    // more than a TTL later.
+    w.clock.advance(TTL + Duration::from_secs(1));
+    let theirs = w.hot.acquire(&o, &NodeId::new("a").expect("node"), TTL).await.expect("the other runtime");
+    let e = incr(&rt, &o).await.expect_err("not adopted");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    rt.maintain().await.expect("maintain");
+    assert_eq!(w.hot.current(&o).await.expect("current"), Some(theirs), "not given back either");
 }
 
 /// A second `set_ring` (a periodic membership sync) does not forget an object the first moved

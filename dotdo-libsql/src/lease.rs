@@ -105,7 +105,9 @@ impl ConsistencyGuard for LibsqlStore {
             "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
             vec![t(lease.object.as_str()), i(lease.token.get()), Value::Integer(now)],
         )]);
-        self.write_call("release lease", move |c| {
+        // Safe to repeat (a second run finds the lease already ended), so retried after an
+        // unknown outcome.
+        self.idempotent_write_call("release lease", move |c| {
             let program = Program { steps: steps.to_vec(), result: None };
             Box::pin(async move { Ok(c.run_program(program).await.map(|_| ())?) })
         })

@@ -566,7 +566,26 @@ impl LibsqlStore {
         doing: &str,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
-        let out = self.with_writer(doing, true, f).await;
+        self.write_call_as(doing, true, f).await
+    }
+
+    /// A write that is safe to apply twice (a lease release): retried like a read after an
+    /// answer that leaves its outcome unknown.
+    pub(crate) async fn idempotent_write_call<T: Send>(
+        &self,
+        doing: &str,
+        f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
+    ) -> Result<T> {
+        self.write_call_as(doing, false, f).await
+    }
+
+    async fn write_call_as<T: Send>(
+        &self,
+        doing: &str,
+        mutating: bool,
+        f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
+    ) -> Result<T> {
+        let out = self.with_writer(doing, mutating, f).await;
         // Also after an unknown outcome: the caller resolves it by reading back, and the read
         // must see the primary's answer, not a replica that was never pulled.
         let pull = out.as_ref().map_or_else(|e| e.kind() == &ErrorKind::AmbiguousOutcome, |_| true);

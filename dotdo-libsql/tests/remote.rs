@@ -154,6 +154,13 @@ async fn a_write_whose_reply_is_lost_is_ambiguous_and_not_retried_but_a_read_is_
     let before = server.requests();
     assert_eq!(store.get(&obj, "k").await.expect("a read is retried").as_deref(), Some(&b"v"[..]));
     assert!(server.requests() - before >= 2, "the lost read was retried");
+
+    // A release is safe to repeat: one whose reply is lost is retried, and ends the lease.
+    server.lose_replies(1);
+    let before = server.requests();
+    store.release(&lease).await.expect("a release is retried");
+    assert!(server.requests() - before >= 2, "the lost release was retried");
+    assert_eq!(store.current(&obj).await.expect("current"), None);
 }
 
 /// A primary that goes silent (executes, never answers, keeps the connection open) does not hold

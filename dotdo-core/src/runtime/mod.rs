@@ -670,7 +670,7 @@ impl ObjectRuntime {
                 }
                 // Not granted (yet): that acquire may still land while this one is sent, and
                 // then refuse it naming this node (see `LeaseHeld` below).
-                Ok(_) => flight.earlier = flight.pending.take(),
+                Ok(_) => flight.not_granted_yet(since),
                 // Still unknown: remembered for the next activation and `maintain`.
                 Err(e) => return Err(e.context(format!("settling an earlier acquire of {object} on {}", inner.node))),
             }
@@ -698,6 +698,10 @@ impl ObjectRuntime {
                         flight.pending = None;
                         return Ok(flight.done(l));
                     }
+                    // Not landed: settled, and forgotten. (With a remote guard a queued request
+                    // might still land later; remembering it would also adopt, or give back, a
+                    // lease another runtime under the same node id takes later, which breaks that
+                    // runtime's fencing. A late landing costs this node at most a TTL.)
                     Ok(_) => {
                         flight.pending = None;
                         if unknown < 3 {
@@ -1612,10 +1616,13 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease, now: Timestamp) -> Resul
     Ok(())
 }
 
-/// Whether `lease` is this node's and was granted at or after `since`: the lease an acquire of
-/// unknown outcome sent then got (an older one is another runtime's under the same node id).
+/// Whether `lease` is this node's and was granted at or after `since`, within a TTL of it: the
+/// lease an acquire of unknown outcome sent then got. An older one, or one granted much later, is
+/// taken for another runtime's under the same node id (adopting or releasing it would break
+/// that runtime's fencing); a late acquire landing more than a TTL after it was sent is not
+/// recognised, and its lease is waited out.
 fn granted_here_since(inner: &Inner, lease: &Lease, since: Timestamp) -> bool {
-    lease.holder == inner.node && lease.acquired_at >= since
+    lease.holder == inner.node && lease.acquired_at >= since && lease.acquired_at < since.plus(inner.settings.lease_ttl)
 }
 
 /// Release the leases cancelled calls left behind ([`Inner::orphans`]).
@@ -1625,15 +1632,21 @@ async fn release_orphans(inner: &Arc<Inner>) {
         release_quietly(inner, &lease).await;
     }
     // Acquires of unknown outcome: a lease granted to this node since one began is given back,
-    // unless a call is activating the object now (it adopts that lease) or holds it.
-    let unsure: Vec<(ObjectId, Timestamp)> = inner.unsure.lock().drain().collect();
-    for (object, since) in unsure {
+    // unless a call is activating the object now (it adopts that lease) or holds it. Each record
+    // is taken only under its object's slot lock: a call activating the object meanwhile finds
+    // it (and settles it itself).
+    let objects: Vec<ObjectId> = inner.unsure.lock().keys().cloned().collect();
+    let young = |since: Timestamp| inner.clock.now() < since.plus(inner.settings.lease_ttl);
+    for object in objects {
         let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
-        let Some(guard) = slot.try_lock() else {
-            inner.unsure.lock().entry(object).or_insert(since);
-            continue;
-        };
+        let Some(guard) = slot.try_lock() else { continue };
+        let Some(since) = inner.unsure.lock().remove(&object) else { continue };
         if guard.active.is_some() {
+            // Held now (not through that acquire: it cannot land while this lease is current).
+            // Kept while it may still land after this lease is given back.
+            if young(since) {
+                inner.unsure.lock().entry(object).or_insert(since);
+            }
             continue;
         }
         match inner.guard.current(&object).await {
@@ -1642,7 +1655,7 @@ async fn release_orphans(inner: &Arc<Inner>) {
             // on), and would then refuse this node's next acquire naming this node; remembered
             // so that acquire adopts it.
             Ok(_) => {
-                if inner.clock.now() < since.plus(inner.settings.lease_ttl) {
+                if young(since) {
                     inner.unsure.lock().entry(object).or_insert(since);
                 }
             }
@@ -1727,17 +1740,28 @@ struct AcquireInFlight<'a> {
     pending: Option<Timestamp>,
     /// When the acquire now in flight was sent.
     sent: Option<Timestamp>,
-    /// When an acquire of unknown outcome was sent that was settled as not granted at this
-    /// call's start (it may still land): kept for a TTL after it was sent if the call fails.
+    /// When the earliest acquire of unknown outcome this call found not granted was sent (it may
+    /// still land, also after this call got a lease of its own and gave it back): remembered
+    /// for a TTL after it was sent, also after the call.
     earlier: Option<Timestamp>,
 }
 
 impl AcquireInFlight<'_> {
-    /// The call got `lease`: nothing of unknown outcome is left.
+    /// The acquire sent at `sent` had not been granted when the guard was asked.
+    fn not_granted_yet(&mut self, sent: Timestamp) {
+        self.pending = None;
+        self.earlier = Some(self.earlier.map_or(sent, |t| t.min(sent)));
+    }
+
+    /// The call got `lease`. A lease also kept as an orphan (its release failed) is this call's
+    /// now, not one to release.
     fn done(&mut self, lease: Lease) -> Lease {
         self.pending = None;
         self.sent = None;
-        self.earlier = None;
+        let mut orphans = self.inner.orphans.lock();
+        if orphans.get(self.object).is_some_and(|o| o.token == lease.token) {
+            orphans.remove(self.object);
+        }
         lease
     }
 }
