@@ -95,6 +95,14 @@ impl ColdBatch {
         }
         Ok(())
     }
+
+    /// [`validate`](Self::validate), and every record's own fields
+    /// ([`ChangeRecord::validate`]): what a cold sink must refuse before committing anything
+    /// (a record it stored could never be restored into a hot store).
+    pub fn validate_records(&self) -> Result<()> {
+        self.validate()?;
+        self.objects.iter().flat_map(|o| &o.records).try_for_each(ChangeRecord::validate)
+    }
 }
 
 /// The outcome of [`ColdSink::append`].
@@ -147,6 +155,9 @@ pub struct ColdState {
 ///   `InvalidInput` (a gap would lose rows). A batch with nothing new creates no snapshot.
 /// * **Fencing.** An object's committer token must be `>=` the highest committer token recorded
 ///   for it, else `Fenced` and nothing of the batch is committed.
+/// * **Valid records.** A batch that breaks [`ColdBatch::validate_records`] (a bad key, value,
+///   type name or token in any record) is `InvalidInput` / `LimitExceeded`, and nothing of it is
+///   committed: a record stored could never be restored into a hot store.
 /// * **Unknown outcomes.** If a commit's outcome is unknown the sink resolves it by reading back
 ///   the watermark before retrying, or returns `AmbiguousOutcome`; a caller that gets
 ///   `AmbiguousOutcome` (or any error) may call `append` again with the same batch safely.

@@ -61,7 +61,10 @@ pub enum ErrorKind {
     /// A concurrent change conflicted with this one (optimistic concurrency). Re-read and retry.
     Conflict,
     /// The outcome is unknown: the operation may or may not have been applied (for example the
-    /// reply of a commit was lost). Resolve by reading back, never by blind retry.
+    /// reply of a commit was lost). Only an idempotent operation may simply be sent again (a cold
+    /// append: its watermarks skip what landed); a lease acquire is settled by reading the lease
+    /// back; a hot write needs a new lease first, so that a late landing is fenced (see
+    /// `docs/errors.md`).
     AmbiguousOutcome,
     /// The backend is temporarily unavailable (busy database, unreachable store, timeout).
     /// Retrying later may succeed.

@@ -88,6 +88,18 @@ pub struct ChangeRecord {
     pub type_name: String,
 }
 
+impl ChangeRecord {
+    /// Check the record's own fields against the limits every store shares: the key, the value
+    /// size, the type name, and the token (not `NONE`, at most `FencingToken::MAX`).
+    pub fn validate(&self) -> Result<()> {
+        validate_key(&self.key)
+            .and_then(|()| validate_value(&self.value))
+            .and_then(|()| validate_type_name(&self.type_name))
+            .and_then(|()| self.token.validate())
+            .map_err(|e| e.context(format!("change record {} of {}", self.seq, self.object)))
+    }
+}
+
 /// One operation of a [`WriteBatch`].
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum WriteOp {

@@ -141,7 +141,13 @@ impl ManualClock {
     /// Move time forward and wake every sleeper whose deadline has passed.
     pub fn advance(&self, by: Duration) {
         let mut st = self.state.lock();
-        st.now = Timestamp(st.now).plus(by).0;
+        let to = Timestamp(st.now).plus(by).0;
+        Self::move_to(&mut st, to);
+    }
+
+    /// Set the time to `to` (held under the lock) and wake the sleepers due by then.
+    fn move_to(st: &mut ManualState, to: i64) {
+        st.now = to;
         let now = st.now;
         st.sleepers.retain(|(deadline, slot)| {
             if *deadline <= now {
@@ -157,11 +163,12 @@ impl ManualClock {
         });
     }
 
-    /// Set the time (never backwards: an earlier time is ignored).
+    /// Set the time (never backwards: an earlier time is ignored), in one step with any
+    /// concurrent `advance`.
     pub fn set(&self, to: Timestamp) {
-        let now = Timestamp(self.state.lock().now);
-        if to > now {
-            self.advance(to.since(now));
+        let mut st = self.state.lock();
+        if to.0 > st.now {
+            Self::move_to(&mut st, to.0);
         }
     }
 }
@@ -194,7 +201,10 @@ impl Clock for ManualClock {
 
     fn sleep(&self, duration: Duration) -> Sleep {
         let mut st = self.state.lock();
-        let deadline = Timestamp(st.now).plus(duration).0;
+        // Whole microseconds, rounded up: a sleep never ends before its duration has passed
+        // (and a sub-microsecond one ends with the next advance, not never).
+        let micros = i64::try_from(duration.as_nanos().div_ceil(1000)).unwrap_or(i64::MAX);
+        let deadline = st.now.saturating_add(micros);
         let slot = Arc::new(Mutex::new(SleepSlot { done: duration.is_zero(), waker: None }));
         if !duration.is_zero() {
             st.sleepers.push((deadline, slot.clone()));
@@ -238,6 +248,23 @@ mod tests {
         clock.advance(Duration::from_millis(1));
         assert!(s.now_or_never().is_some());
         assert_eq!(clock.now(), Timestamp::from_millis(1_050));
+    }
+
+    /// A sleep shorter than the clock's microsecond resolution ends with the next advance (it
+    /// did never end), and a sleep of 1.5 µs does not end after 1 µs.
+    #[test]
+    fn manual_clock_sleeps_round_up_to_whole_microseconds() {
+        let clock = ManualClock::new(Timestamp::from_millis(1_000));
+        let mut short = clock.sleep(Duration::from_nanos(500));
+        let mut odd = clock.sleep(Duration::from_nanos(1_500));
+        assert!((&mut short).now_or_never().is_none());
+        clock.advance(Duration::from_micros(1));
+        assert!(short.now_or_never().is_some(), "a sub-microsecond sleep ends");
+        assert!((&mut odd).now_or_never().is_none(), "1.5 µs have not passed");
+        clock.set(Timestamp::from_micros(1_000_002));
+        assert!(odd.now_or_never().is_some());
+        clock.set(Timestamp::from_micros(1_000_001));
+        assert_eq!(clock.now(), Timestamp::from_micros(1_000_002), "never backwards");
     }
 
     #[test]

@@ -1112,13 +1112,14 @@ impl IcebergColdStore {
     }
 }
 
-/// Structural checks and value sizes up front; keys and type names are checked while the
-/// records are converted to Arrow (in parallel, in the same pass over the data), before any
-/// commit.
+/// Structural checks, value sizes and record tokens up front; keys and type names are checked
+/// while the records are converted to Arrow (in parallel, in the same pass over the data), before
+/// any commit. Together: [`ColdBatch::validate_records`].
 fn validate_records(batch: &ColdBatch) -> Result<()> {
     batch.validate()?;
     for r in batch.objects.iter().flat_map(|o| o.records.iter()) {
         validate_value(&r.value)?;
+        r.token.validate().map_err(|e| e.context(format!("change record {} of {}", r.seq, r.object)))?;
     }
     Ok(())
 }

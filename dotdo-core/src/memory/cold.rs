@@ -101,7 +101,7 @@ impl MemoryColdStore {
 #[async_trait]
 impl ColdSink for MemoryColdStore {
     async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
-        batch.validate()?;
+        batch.validate_records()?;
         let mut snaps = self.snapshots.lock();
         let prev: Arc<BTreeMap<ObjectId, Watermark>> = snaps.last().map(|s| s.watermarks.clone()).unwrap_or_default();
         let mut next = (*prev).clone();

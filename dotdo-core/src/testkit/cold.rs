@@ -258,6 +258,41 @@ pub async fn multi_object_batch_is_all_or_nothing(f: &ColdFactory) {
     assert_eq!(fx.sink.snapshots().await.expect("snaps").len(), 2);
 }
 
+/// A record no hot store could take back (an empty key or one with a control character, a value
+/// over the limit, an empty type name, a `NONE` record token) is refused with a typed error, and
+/// nothing of its batch is committed (the other object's records included).
+pub async fn invalid_records_are_refused_and_nothing_committed(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let (a, b) = (oid("a"), oid("b"));
+    type Damage = fn(&mut ChangeRecord);
+    let cases: [(&str, Damage); 5] = [
+        ("empty key", |r| r.key = String::new()),
+        ("key with a control character", |r| r.key = "k\n1".into()),
+        ("value over the limit", |r| r.value = Bytes::from(vec![7u8; MAX_VALUE_BYTES + 1])),
+        ("empty type name", |r| r.type_name = String::new()),
+        ("record token NONE", |r| r.token = FencingToken::NONE),
+    ];
+    for (what, damage) in cases {
+        let mut bad = puts(&b, 1..=2, 1);
+        damage(&mut bad[1]);
+        let batch = ColdBatch {
+            objects: vec![
+                ObjectChanges { object: a.clone(), token: tok(1), records: puts(&a, 1..=2, 1) },
+                ObjectChanges { object: b.clone(), token: tok(1), records: bad },
+            ],
+        };
+        let e = fx.sink.append(batch).await.expect_err(what);
+        assert!(
+            matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. }),
+            "{what}: a typed input error, got {e}"
+        );
+        assert_eq!(fx.sink.watermark(&a).await.expect("wm").through, 0, "{what}: nothing of the batch committed");
+        assert_eq!(fx.sink.watermark(&b).await.expect("wm").through, 0, "{what}: nothing of the batch committed");
+    }
+    assert!(fx.sink.snapshots().await.expect("snaps").is_empty(), "no snapshot for a refused batch");
+    fx.sink.append(ColdBatch::single(b.clone(), tok(1), puts(&b, 1..=2, 1))).await.expect("the valid batch");
+}
+
 /// Deletes remove keys from recovered state; older snapshots (by id and by time) show the
 /// older state.
 pub async fn deletes_apply_and_time_travel_reads_older_snapshots(f: &ColdFactory) {
@@ -874,6 +909,7 @@ pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
         stale_committer_is_fenced,
         empty_batch_creates_no_snapshot,
         multi_object_batch_is_all_or_nothing,
+        invalid_records_are_refused_and_nothing_committed,
         deletes_apply_and_time_travel_reads_older_snapshots,
         timestamp_reads_pick_the_latest_snapshot_at_or_before,
         unknown_snapshot_is_not_found,

@@ -397,6 +397,7 @@ macro_rules! cold_conformance {
             watermarks_match_watermark_one_by_one,
             empty_batch_creates_no_snapshot,
             multi_object_batch_is_all_or_nothing,
+            invalid_records_are_refused_and_nothing_committed,
             deletes_apply_and_time_travel_reads_older_snapshots,
             timestamp_reads_pick_the_latest_snapshot_at_or_before,
             unknown_snapshot_is_not_found,
