@@ -71,8 +71,9 @@ pub fn validate_ttl(ttl: Duration) -> Result<()> {
 ///   releasing a lease that is no longer current is a no-op `Ok`. The token maximum is kept.
 /// * **Validate** is `Ok` iff the token is current and the lease unexpired; `Fenced` if a newer
 ///   token exists, else `LeaseLost`.
-/// * **Durability.** An `Ok` acquire is persisted before returning: after a crash, no lower or
-///   equal token is issued again.
+/// * **Durability.** An `Ok` acquire is persisted before returning: after a crash of the
+///   process, no lower or equal token is issued again (after a power loss, as durable as the
+///   backend's configured durability: see dotdo-sqlite's `Durability`).
 /// * TTLs outside [`MIN_TTL`]..=[`MAX_TTL`] are `InvalidInput`.
 #[async_trait]
 pub trait ConsistencyGuard: Send + Sync + Debug + 'static {

@@ -8,7 +8,9 @@ pub enum Durability {
     /// `synchronous = NORMAL` (default). A committed write is in the WAL file before the call
     /// returns, so it **survives a crash or SIGKILL of the process**. After a power loss or OS
     /// crash the transactions committed since the WAL was last synced (at a checkpoint) may be
-    /// lost (never corrupted).
+    /// lost (never corrupted), lease acquires included: a token may then be issued again. The
+    /// holders that had it ran on this machine and died with it; a cold store that saw the token
+    /// makes the runtime raise the object's token floor above it on the next activation.
     #[default]
     Normal,
     /// `synchronous = FULL`. The WAL is fsynced on every commit: a committed write also

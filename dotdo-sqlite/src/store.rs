@@ -199,7 +199,14 @@ impl SqliteStoreBuilder {
         }
         let memory = is_private_database(&self.path);
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
-        let path = self.path;
+        // Absolute from here on: read connections open lazily, and must open the writer's file
+        // even if the process changes its working directory meanwhile.
+        let path = if memory || self.path.to_string_lossy().starts_with("file:") {
+            self.path
+        } else {
+            std::path::absolute(&self.path)
+                .map_err(|e| Error::invalid(format!("database path {}: {e}", self.path.display())).with_source(e))?
+        };
         let open = move || -> Result<SqliteStore> {
             let writer = open_connection(&path, &settings, true)?;
             let checkpointer = match settings.background_checkpoint {
@@ -329,6 +336,26 @@ fn with_busy_retry<T>(settings: &SqliteSettings, doing: &str, mut f: impl FnMut(
     }
 }
 
+/// A failed `COMMIT`: an I/O error may come after the commit record reached the WAL (then the
+/// transaction is durable), so its outcome is unknown, not a retryable failure (a retry would
+/// apply the writes again under new sequence numbers). Busy and full-disk failures leave nothing
+/// committed and stay what they are.
+fn commit_error(e: rusqlite::Error, doing: &str) -> TxError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::SystemIoFailure => TxError::Api(
+            Error::new(
+                ErrorKind::AmbiguousOutcome,
+                format!(
+                    "{doing}: COMMIT failed with an I/O error, so the transaction may be durable; read back \
+                         (a hot write: take a new lease before writing the object again)"
+                ),
+            )
+            .with_source(e),
+        ),
+        _ => TxError::Sql(e),
+    }
+}
+
 /// Run blocking SQLite work according to the execution mode (see [`Execution`]).
 async fn offload<T: Send + 'static>(mode: Execution, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     use tokio::runtime::{Handle, RuntimeFlavor};
@@ -337,7 +364,13 @@ async fn offload<T: Send + 'static>(mode: Execution, f: impl FnOnce() -> Result<
     };
     match mode {
         Execution::Inline => f(),
-        Execution::SpawnBlocking => spawn(Box::new(f)).await,
+        Execution::SpawnBlocking => match Handle::try_current() {
+            Ok(_) => spawn(Box::new(f)).await,
+            // tokio's blocking pool needs a tokio runtime (this would panic on another executor).
+            Err(_) => Err(Error::invalid(
+                "Execution::SpawnBlocking needs a tokio runtime; use Execution::Auto or Inline on another executor",
+            )),
+        },
         Execution::Auto => match Handle::try_current() {
             Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
             Ok(_) => spawn(Box::new(f)).await,
@@ -506,7 +539,7 @@ impl Inner {
         with_busy_retry(&self.settings, doing, || {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             let out = f(&conn).and_then(|v| {
-                conn.prepare_cached("COMMIT")?.execute([])?;
+                conn.prepare_cached("COMMIT")?.execute([]).map_err(|e| commit_error(e, doing))?;
                 Ok(v)
             });
             if out.is_err() && !conn.is_autocommit() {
@@ -947,6 +980,23 @@ impl ConsistencyGuard for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A COMMIT that failed with an I/O error may be durable: `AmbiguousOutcome`, not a
+    /// retryable failure; busy and full-disk failures keep their kinds.
+    #[test]
+    fn a_commit_io_error_is_an_unknown_outcome() {
+        let failure = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        match commit_error(failure(rusqlite::ffi::SQLITE_IOERR), "put") {
+            TxError::Api(e) => {
+                assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+                assert!(!e.is_retryable(), "{e}");
+            }
+            TxError::Sql(e) => panic!("not an unknown outcome: {e}"),
+        }
+        for code in [rusqlite::ffi::SQLITE_BUSY, rusqlite::ffi::SQLITE_FULL] {
+            assert!(matches!(commit_error(failure(code), "put"), TxError::Sql(_)), "{code}");
+        }
+    }
 
     #[test]
     fn connections_get_the_configured_pragmas() {

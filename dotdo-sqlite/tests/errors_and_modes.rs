@@ -182,6 +182,36 @@ fn every_execution_mode_works_in_its_setting() {
     });
 }
 
+/// `Execution::SpawnBlocking` needs tokio's blocking pool: outside a tokio runtime it is a clear
+/// `InvalidInput`, not a panic.
+#[test]
+fn spawn_blocking_outside_tokio_is_invalid_input_not_a_panic() {
+    futures::executor::block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = SqliteSettings { execution: Execution::SpawnBlocking, ..Default::default() };
+        let e = match SqliteStore::builder(dir.path().join("hot.db")).with_settings(settings).open().await {
+            Ok(s) => s.get(&obj(), "k").await.expect_err("outside tokio"),
+            Err(e) => e,
+        };
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("SpawnBlocking"), "{e}");
+    });
+}
+
+/// A relative path is resolved once, at open: read connections (opened lazily) reach the
+/// writer's file even if the working directory changes later.
+#[tokio::test]
+async fn a_relative_path_is_made_absolute_at_open() {
+    let dir = tempfile::tempdir_in(".").expect("tempdir under the working directory");
+    let name = dir.path().file_name().expect("name").to_owned();
+    let relative = std::path::Path::new(&name).join("hot.db");
+    assert!(relative.is_relative());
+    let s = SqliteStore::builder(&relative).open().await.expect("open");
+    assert!(s.path().is_absolute(), "{}", s.path().display());
+    assert_eq!(s.path(), std::env::current_dir().expect("cwd").join(&relative));
+    assert_eq!(s.get(&obj(), "k").await.expect("get"), None);
+}
+
 /// On a multi-thread runtime with ONE worker, a put that waits for SQLite's write lock (held by
 /// another connection) does not stall the worker: other tasks keep running meanwhile. A put
 /// that blocked the worker thread itself would freeze the ticker until the lock was released.
