@@ -289,6 +289,18 @@ pub(crate) fn classify_object_store(e: object_store::Error) -> Error {
     to_error(cause, &what, msg).with_source(e)
 }
 
+/// Classify an iceberg error raised while decoding a metadata file that was read (a manifest or
+/// manifest list, named by `what`): a failure with no more specific cause (iceberg reports a bad
+/// bound or an unknown field as `Unexpected`) is the file's damage, `Corrupt`, not a backend bug.
+pub(crate) fn classify_metadata_read(e: iceberg::Error, what: &str) -> Error {
+    let cause = match cause_of(&e) {
+        Cause::Other => Cause::Undecodable,
+        c => c,
+    };
+    let msg = e.to_string();
+    to_error(cause, what, msg).with_source(e)
+}
+
 /// Classify a parquet error raised while reading or writing `file`.
 pub(crate) fn classify_parquet(e: parquet::errors::ParquetError, file: &str) -> Error {
     let cause = match cause_of(&e) {
@@ -309,6 +321,20 @@ mod tests {
 
     fn wrapped(e: object_store::Error) -> iceberg::Error {
         iceberg::Error::new(iceberg::ErrorKind::Unexpected, "io").with_source(e)
+    }
+
+    /// A manifest iceberg cannot decode (a bound cut inside a UTF-8 character by another
+    /// engine's writer: `Unexpected`) is `Corrupt` naming it; a store outage while reading it
+    /// stays `Unavailable`.
+    #[test]
+    fn an_undecodable_manifest_is_corrupt_and_an_outage_is_not() {
+        let bad = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "invalid utf-8 sequence in a bound");
+        let e = classify_metadata_read(bad, "manifest s3://b/t/metadata/m1.avro");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("m1.avro"), "{e}");
+        let e = classify_metadata_read(wrapped(os_generic()), "manifest m1.avro");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable());
     }
 
     #[test]

@@ -42,7 +42,7 @@ use dotdo_core::accel::{latest_versions, IndexAccelerator, Lookup, QueryStats, S
 use dotdo_core::time::Stopwatch;
 use dotdo_core::{AsOf, ChangeRecord, Error, KeyRange, ObjectId, Op, Result};
 
-use crate::error::{classify, classify_parquet};
+use crate::error::{classify, classify_metadata_read, classify_parquet};
 use crate::store::IcebergColdStore;
 
 /// Extra restrictions of a read beyond the object.
@@ -173,6 +173,23 @@ fn put_bounded_to<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v:
 /// Checkpoint files kept decoded (each holds every object's watermark: a table of a million
 /// objects makes one tens of MB).
 const CHECKPOINTS_CACHED: usize = 4;
+
+/// `records` (of `object`) in sequence order, one per sequence number. Files are read
+/// concurrently, so without this the order of equal sequence numbers, and which of them a fold
+/// keeps, would vary from read to read: the same record found twice (a file another engine added
+/// twice) counts once, and two different records under one sequence number are `Corrupt` (which
+/// one holds cannot be known).
+fn one_per_seq(records: &mut Vec<ChangeRecord>, object: &ObjectId) -> Result<()> {
+    records.sort_by_key(|r| r.seq);
+    if let Some(w) = records.windows(2).find(|w| w[0].seq == w[1].seq && w[0] != w[1]) {
+        return Err(Error::corrupt(format!(
+            "two different change records of {object} with seq {} are in the table (keys {:?} and {:?})",
+            w[0].seq, w[0].key, w[1].key
+        )));
+    }
+    records.dedup_by(|a, b| a.seq == b.seq);
+    Ok(())
+}
 
 fn string_of(d: Option<&Datum>) -> Option<String> {
     match d.map(Datum::literal) {
@@ -343,7 +360,7 @@ impl IcebergColdStore {
                     .manifest_list_reader(snapshot)
                     .load()
                     .await
-                    .map_err(|e| classify(e, &format!("manifest list {list_path}")))?;
+                    .map_err(|e| classify_metadata_read(e, &format!("manifest list {list_path}")))?;
                 let m = Arc::new(list.entries().to_vec());
                 put_list(&cache.lists, list_path, m.clone());
                 Ok(m)
@@ -386,7 +403,7 @@ impl IcebergColdStore {
             let m = mf
                 .load_manifest(table.file_io())
                 .await
-                .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
+                .map_err(|e| classify_metadata_read(e, &format!("manifest {}", mf.manifest_path)))?;
             let files: Vec<Arc<FileInfo>> = m
                 .entries()
                 .iter()
@@ -472,6 +489,7 @@ impl IcebergColdStore {
             records.extend(r.records);
         }
         stats.bytes_read = bytes.load(Ordering::Relaxed);
+        one_per_seq(&mut records, object)?;
         Ok((records, stats))
     }
 
@@ -702,6 +720,32 @@ impl IndexAccelerator for IcebergColdStore {
 
 #[cfg(test)]
 mod tests {
+
+    fn record(seq: u64, key: &str) -> ChangeRecord {
+        ChangeRecord {
+            object: ObjectId::new("o").expect("id"),
+            seq,
+            key: key.into(),
+            op: dotdo_core::Op::Put,
+            value: bytes::Bytes::from_static(b"v"),
+            token: dotdo_core::FencingToken::new(1),
+            timestamp: dotdo_core::Timestamp::from_micros(seq as i64),
+            type_name: "T".into(),
+        }
+    }
+
+    /// A record read twice counts once, in sequence order whatever order the files were read
+    /// in; two different records under one sequence number are `Corrupt`.
+    #[test]
+    fn records_are_one_per_sequence_number() {
+        let o = ObjectId::new("o").expect("id");
+        let mut rs = vec![record(3, "c"), record(1, "a"), record(3, "c"), record(2, "b")];
+        one_per_seq(&mut rs, &o).expect("duplicates of one record");
+        assert_eq!(rs.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let mut rs = vec![record(2, "b"), record(2, "x")];
+        let e = one_per_seq(&mut rs, &o).expect_err("two records, one seq");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+    }
 
     #[test]
     fn a_full_cache_drops_one_entry_not_all() {

@@ -202,6 +202,14 @@ impl Strs<'_> {
             Strs::View(a) => a.value(i),
         }
     }
+
+    fn is_null(&self, i: usize) -> bool {
+        match self {
+            Strs::Utf8(a) => a.is_null(i),
+            Strs::Large(a) => a.is_null(i),
+            Strs::View(a) => a.is_null(i),
+        }
+    }
 }
 
 enum Bins<'a> {
@@ -211,6 +219,14 @@ enum Bins<'a> {
 }
 
 impl Bins<'_> {
+    fn is_null(&self, i: usize) -> bool {
+        match self {
+            Bins::Binary(a) => a.is_null(i),
+            Bins::Large(a) => a.is_null(i),
+            Bins::View(a) => a.is_null(i),
+        }
+    }
+
     fn get(&self, i: usize) -> &[u8] {
         match self {
             Bins::Binary(a) => a.value(i),
@@ -284,9 +300,24 @@ pub(crate) fn from_batch(
         if !keep(d, k) {
             continue;
         }
-        if seq.is_null(i) || token.is_null(i) || ts.is_null(i) {
+        // Every column is required; another engine's writer may still have put a null (read
+        // back as "" or empty bytes, it would pass for a value).
+        if seq.is_null(i)
+            || token.is_null(i)
+            || ts.is_null(i)
+            || do_id.is_null(i)
+            || key.is_null(i)
+            || ty.is_null(i)
+            || op.is_null(i)
+            || value.is_null(i)
+        {
             return Err(Error::corrupt(format!("data file {file}: null in a required column at row {i}")));
         }
+        // What no hot store could take back (restores would refuse it) is damage, named here.
+        dotdo_core::ids::validate_key(k)
+            .and_then(|()| dotdo_core::ids::validate_type_name(ty.get(i)))
+            .and_then(|()| dotdo_core::ids::validate_value(value.get(i)))
+            .map_err(|e| Error::corrupt(format!("data file {file}: row {i}: {e}")))?;
         let object = match &last_obj {
             Some(o) if o.as_str() == d => o.clone(),
             _ => {
@@ -346,6 +377,51 @@ mod tests {
         out.clear();
         from_batch(&b, "mem", |d, _| d == "p", &mut out).expect("decode");
         assert!(out.is_empty());
+    }
+
+    /// Rows another engine wrote with a null in a required column, a key with a control
+    /// character or an empty type name are `Corrupt` naming the file, not records restores refuse.
+    #[test]
+    fn nulls_and_invalid_keys_or_types_are_corrupt() {
+        use arrow_array::{Int64Array, LargeBinaryArray, StringArray, TimestampMicrosecondArray};
+        use arrow_schema::{Field, Schema, TimeUnit};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("do_id", DataType::Utf8, true),
+            Field::new("type", DataType::Utf8, true),
+            Field::new("key", DataType::Utf8, true),
+            Field::new("value", DataType::LargeBinary, true),
+            Field::new("timestamp", DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())), true),
+            Field::new("op", DataType::Utf8, true),
+            Field::new("seq", DataType::Int64, true),
+            Field::new("token", DataType::Int64, true),
+        ]));
+        let batch = |ty: Option<&str>, key: Option<&str>, value: Option<&[u8]>| {
+            let cols: Vec<ArrayRef> = vec![
+                Arc::new(StringArray::from(vec![Some("o")])),
+                Arc::new(StringArray::from(vec![ty])),
+                Arc::new(StringArray::from(vec![key])),
+                Arc::new(LargeBinaryArray::from(vec![value])),
+                Arc::new(TimestampMicrosecondArray::from(vec![Some(1)]).with_timezone("+00:00")),
+                Arc::new(StringArray::from(vec![Some("put")])),
+                Arc::new(Int64Array::from(vec![Some(1)])),
+                Arc::new(Int64Array::from(vec![Some(1)])),
+            ];
+            RecordBatch::try_new(schema.clone(), cols).expect("batch")
+        };
+        let mut out = Vec::new();
+        from_batch(&batch(Some("T"), Some("k"), Some(b"v")), "f.parquet", |_, _| true, &mut out).expect("valid row");
+        assert_eq!(out.len(), 1);
+        for (what, b) in [
+            ("null key", batch(Some("T"), None, Some(b"v"))),
+            ("null type", batch(None, Some("k"), Some(b"v"))),
+            ("null value", batch(Some("T"), Some("k"), None)),
+            ("key with a control character", batch(Some("T"), Some("k\u{7}"), Some(b"v"))),
+            ("empty type name", batch(Some(""), Some("k"), Some(b"v"))),
+        ] {
+            let e = from_batch(&b, "f.parquet", |_, _| true, &mut out).expect_err(what);
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{what}: {e}");
+            assert!(e.to_string().contains("f.parquet"), "{what}: names the file: {e}");
+        }
     }
 
     #[test]
