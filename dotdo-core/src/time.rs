@@ -138,10 +138,12 @@ impl ManualClock {
         ManualClock { state: Arc::new(Mutex::new(ManualState { now: start.0, sleepers: Vec::new() })) }
     }
 
-    /// Move time forward and wake every sleeper whose deadline has passed.
+    /// Move time forward and wake every sleeper whose deadline has passed. Like sleeps, `by`
+    /// counts in whole microseconds rounded up, so `advance(d)` always ends a `sleep(d)`.
     pub fn advance(&self, by: Duration) {
         let mut st = self.state.lock();
-        let to = Timestamp(st.now).plus(by).0;
+        let micros = i64::try_from(by.as_nanos().div_ceil(1000)).unwrap_or(i64::MAX);
+        let to = st.now.saturating_add(micros);
         Self::move_to(&mut st, to);
     }
 
@@ -265,6 +267,12 @@ mod tests {
         assert!(odd.now_or_never().is_some());
         clock.set(Timestamp::from_micros(1_000_001));
         assert_eq!(clock.now(), Timestamp::from_micros(1_000_002), "never backwards");
+        // A computed duration with a fraction of a microsecond (two thirds of a 10 s TTL):
+        // advancing by it ends a sleep of it.
+        let d = Duration::from_secs(10) * 2 / 3;
+        let mut s = clock.sleep(d);
+        clock.advance(d);
+        assert!((&mut s).now_or_never().is_some(), "advance(d) ends sleep(d)");
     }
 
     #[test]

@@ -1380,6 +1380,8 @@ struct FaultyHot {
     /// still queued at a remote primary when the client gave up on it.
     hold_next_write: std::sync::atomic::AtomicBool,
     held: parking_lot::Mutex<Vec<(ObjectId, FencingToken, WriteBatch)>>,
+    /// Restores apply, then report `AmbiguousOutcome`.
+    ambiguous_restores: std::sync::atomic::AtomicU32,
 }
 
 impl FaultyHot {
@@ -1391,6 +1393,7 @@ impl FaultyHot {
             most_read: 0.into(),
             fail_listing: false.into(),
             hold_next_write: false.into(),
+            ambiguous_restores: 0.into(),
             held: Default::default(),
         }
     }
@@ -1449,7 +1452,35 @@ impl HotStore for FaultyHot {
         Err(Error::new(ErrorKind::AmbiguousOutcome, "evicted, but the reply was lost (test)"))
     }
     async fn restore(&self, object: &ObjectId, token: FencingToken, entries: Vec<Entry>, through: Seq) -> Result<()> {
-        self.inner.restore(object, token, entries, through).await
+        self.inner.restore(object, token, entries, through).await?;
+        let left = self.ambiguous_restores.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.ambiguous_restores.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "restored, but the reply was lost (test)"));
+        }
+        Ok(())
+    }
+}
+
+/// A restore of unknown outcome while activating an object is not the call's write: the caller
+/// gets a retryable `Unavailable` saying nothing of the call was written (not `AmbiguousOutcome`,
+/// which would send it to read back a write that never ran), and the next call goes on.
+#[tokio::test]
+async fn an_activation_step_of_unknown_outcome_is_unavailable_not_ambiguous() {
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let w = World::new();
+        let a = w.runtime("a", settings());
+        let o = oid("o");
+        assert_eq!(incr(&a, &o).await.expect("first"), 1);
+        a.evict(&o).await.expect("evict");
+        let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+        hot.ambiguous_restores.store(1, std::sync::atomic::Ordering::SeqCst);
+        let b = w.runtime_with_hot("b", hot.clone(), RuntimeSettings { restore: mode.clone(), ..settings() });
+        let e = incr(&b, &o).await.expect_err("the restore's outcome is unknown");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{mode:?}: {e}");
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("nothing of the call was written"), "{e}");
+        assert_eq!(incr(&b, &o).await.expect("next call"), 2, "{mode:?}");
     }
 }
 
@@ -2084,6 +2115,19 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, cond: impl Fn(
     panic!("timed out waiting: {what}");
 }
 
+/// Runtime "a" on a [`FlakyGuard`] whose acquires land only when the test lets them through
+/// (`late_gate`), after a call on `o` gave up on its acquire (still in flight).
+async fn cancelled_gated_acquire(w: &World) -> (Arc<FlakyGuard>, Arc<ObjectRuntime>, ObjectId) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let guard = Arc::new(FlakyGuard::new(w));
+    let rt = Arc::new(w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings()));
+    let o = oid("o");
+    guard.late_acquires.store(true, SeqCst);
+    guard.gate_late.store(true, SeqCst);
+    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    (guard, rt, o)
+}
+
 /// An acquire a cancelled call left in flight that lands only after the next call settled it
 /// as not granted (and sent its own acquire): that call's acquire is refused naming this very
 /// node, and it adopts the late lease instead of failing until the lease expires.
@@ -2091,12 +2135,7 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, cond: impl Fn(
 async fn an_acquire_landing_after_it_was_settled_as_not_granted_is_adopted() {
     use std::sync::atomic::Ordering::SeqCst;
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = Arc::new(w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings()));
-    let o = oid("o");
-    guard.late_acquires.store(true, SeqCst);
-    guard.gate_late.store(true, SeqCst);
-    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    let (guard, rt, o) = cancelled_gated_acquire(&w).await;
     // The next call settles the first acquire (not granted) and sends its own, which waits too.
     let (rt2, o2) = (rt.clone(), o.clone());
     let next = tokio::spawn(async move { incr(&rt2, &o2).await });
@@ -2119,12 +2158,7 @@ async fn an_acquire_landing_after_it_was_settled_as_not_granted_is_adopted() {
 async fn an_acquire_landing_after_maintain_checked_it_is_adopted() {
     use std::sync::atomic::Ordering::SeqCst;
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
-    let o = oid("o");
-    guard.late_acquires.store(true, SeqCst);
-    guard.gate_late.store(true, SeqCst);
-    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    let (guard, rt, o) = cancelled_gated_acquire(&w).await;
     until("the acquire in flight", || async { guard.late_waiting.load(SeqCst) == 1 }).await;
     rt.maintain().await.expect("maintain");
     assert!(w.hot.current(&o).await.expect("current").is_none(), "not granted yet when maintain checked");
@@ -2143,12 +2177,7 @@ async fn an_acquire_landing_after_maintain_checked_it_is_adopted() {
 async fn a_lease_of_the_same_node_id_granted_a_ttl_after_a_cancelled_acquire_is_not_adopted() {
     use std::sync::atomic::Ordering::SeqCst;
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
-    let o = oid("o");
-    guard.late_acquires.store(true, SeqCst);
-    guard.gate_late.store(true, SeqCst);
-    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    let (guard, rt, o) = cancelled_gated_acquire(&w).await;
     guard.late_acquires.store(false, SeqCst);
     // The cancelled acquire never lands; another runtime under node id "a" takes the object
     // more than a TTL later.

@@ -294,7 +294,11 @@ pub(crate) fn classify_object_store(e: object_store::Error) -> Error {
 /// bound or an unknown field as `Unexpected`) is the file's damage, `Corrupt`, not a backend bug.
 pub(crate) fn classify_metadata_read(e: iceberg::Error, what: &str) -> Error {
     let cause = match cause_of(&e) {
-        Cause::Other => Cause::Undecodable,
+        // Not a feature iceberg lacks (`FeatureUnsupported`) or a failed precondition: those
+        // stay what they are.
+        Cause::Other if matches!(e.kind(), iceberg::ErrorKind::Unexpected | iceberg::ErrorKind::DataInvalid) => {
+            Cause::Undecodable
+        }
         c => c,
     };
     let msg = e.to_string();
@@ -332,6 +336,11 @@ mod tests {
         let e = classify_metadata_read(bad, "manifest s3://b/t/metadata/m1.avro");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
         assert!(e.to_string().contains("m1.avro"), "{e}");
+        let e = classify_metadata_read(
+            iceberg::Error::new(iceberg::ErrorKind::FeatureUnsupported, "a v3 manifest"),
+            "manifest m1.avro",
+        );
+        assert_ne!(e.kind(), &ErrorKind::Corrupt, "a feature iceberg lacks is not damage: {e}");
         let e = classify_metadata_read(wrapped(os_generic()), "manifest m1.avro");
         assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
         assert!(e.is_retryable());

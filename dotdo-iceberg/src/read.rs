@@ -178,7 +178,8 @@ const CHECKPOINTS_CACHED: usize = 4;
 /// concurrently, so without this the order of equal sequence numbers, and which of them a fold
 /// keeps, would vary from read to read: the same record found twice (a file another engine added
 /// twice) counts once, and two different records under one sequence number are `Corrupt` (which
-/// one holds cannot be known).
+/// one holds cannot be known). Only the rows a read keeps are compared: a key-filtered lookup
+/// may answer where a read of the whole object finds the clash.
 fn one_per_seq(records: &mut Vec<ChangeRecord>, object: &ObjectId) -> Result<()> {
     records.sort_by_key(|r| r.seq);
     if let Some(w) = records.windows(2).find(|w| w[0].seq == w[1].seq && w[0] != w[1]) {

@@ -535,7 +535,9 @@ impl ObjectRuntime {
         let inner = &self.inner;
         let active = slot.active.as_mut().expect("active");
         if active.lazy.is_some() {
-            complete_restore(inner, object, active.lease.token, &mut active.lazy).await?;
+            complete_restore(inner, object, active.lease.token, &mut active.lazy)
+                .await
+                .map_err(|e| before_the_call(e, "completing the object's restore before the commit"))?;
         }
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
@@ -630,7 +632,7 @@ impl ObjectRuntime {
                 // included, out of the object until it expired.
                 release_quietly(inner, &active.lease).await;
                 hand.disarm();
-                return Err(e);
+                return Err(before_the_call(e, "activating the object"));
             }
         };
         hand.disarm();
@@ -1614,6 +1616,18 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease, now: Timestamp) -> Resul
         Err(e) => return Err(e),
     }
     Ok(())
+}
+
+/// An error of a step that runs before a call's own writes (activation, completing a restore):
+/// if that step's outcome is unknown, the call's writes still were not attempted, so the caller
+/// gets a retryable `Unavailable` saying so, not `AmbiguousOutcome` (which would tell it to read
+/// back and take a new lease for a write that never ran).
+fn before_the_call(e: Error, step: &str) -> Error {
+    if e.kind() == &ErrorKind::AmbiguousOutcome {
+        Error::unavailable(format!("{step} had an unknown outcome; nothing of the call was written")).with_source(e)
+    } else {
+        e
+    }
 }
 
 /// Whether `lease` is this node's and was granted at or after `since`, within a TTL of it: the
