@@ -126,7 +126,9 @@ pub struct SnapshotInfo {
     pub id: SnapshotId,
     /// Parent snapshot, if any.
     pub parent: Option<SnapshotId>,
-    /// Commit time.
+    /// Commit time: the time [`AsOf::Timestamp`] reads go by (a sink may report the latest
+    /// commit time on the snapshot's chain, when another writer's clock stamped a snapshot before
+    /// its parent).
     pub committed_at: Timestamp,
     /// Number of records the commit added.
     pub added_records: u64,

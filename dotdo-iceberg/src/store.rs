@@ -1178,6 +1178,14 @@ impl ColdSink for IcebergColdStore {
             })
             .collect();
         out.reverse();
+        // The time `AsOf::Timestamp` goes by: the latest commit time on the snapshot's chain
+        // (another engine's snapshot may be stamped before its parent), so that a read as of a
+        // reported time finds that snapshot.
+        let mut latest = Timestamp::from_micros(i64::MIN);
+        for s in &mut out {
+            latest = latest.max(s.committed_at);
+            s.committed_at = latest;
+        }
         Ok(out)
     }
 

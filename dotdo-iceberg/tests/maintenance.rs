@@ -1011,6 +1011,13 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
     let st = cold.load_state(&o, AsOf::Timestamp(between)).await.expect("as of between");
     assert!(st.entries.is_empty(), "nothing existed yet at that time: {st:?}");
     assert_eq!(cold.load_state(&o, AsOf::Timestamp(clock.now())).await.expect("as of now").entries.len(), 1);
+    // The times `snapshots()` reports are the ones reads go by: as of the foreign snapshot's
+    // reported time, the read finds it (its raw stamp lies before its parent existed).
+    let infos = cold.snapshots().await.expect("snapshots");
+    assert_eq!(infos.len(), 2);
+    assert!(infos[1].committed_at >= infos[0].committed_at, "{infos:?}");
+    let st = cold.load_state(&o, AsOf::Timestamp(infos[1].committed_at)).await.expect("as of the foreign snapshot");
+    assert_eq!(st.entries.len(), 1, "{st:?}");
 }
 
 /// A foreign snapshot younger than the expiry's cutoff stays, and so does the older dotdo
