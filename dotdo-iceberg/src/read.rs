@@ -552,17 +552,25 @@ impl IcebergColdStore {
         let (do_id_c, key_c) = (col("do_id"), col("key"));
         let mut groups = Vec::new();
         for (i, rg) in meta.row_groups().iter().enumerate() {
+            // String bounds only from the current statistics fields: the deprecated min/max of
+            // old writers (parquet-mr before 1.10) were ordered as signed bytes, wrong for
+            // non-ASCII text, and must not prune.
             let stat = |c: Option<usize>| {
-                c.and_then(|c| rg.column(c).statistics()).and_then(|s| Some((s.min_bytes_opt()?, s.max_bytes_opt()?)))
+                c.and_then(|c| rg.column(c).statistics())
+                    .filter(|s| !s.is_min_max_deprecated())
+                    .and_then(|s| Some((s.min_bytes_opt()?, s.max_bytes_opt()?)))
             };
             if let Some((lo, hi)) = stat(do_id_c) {
                 if o < lo || o > hi {
                     continue;
                 }
             }
-            if let Some((lo, hi)) = stat(key_c) {
-                let (lo, hi) = (String::from_utf8_lossy(lo), String::from_utf8_lossy(hi));
-                if !filter.key_overlaps(&lo, &hi) {
+            // Bounds another writer cut inside a UTF-8 character are not text: no pruning by
+            // them (decoded lossily, a lower bound could land above real keys).
+            if let Some((Ok(lo), Ok(hi))) =
+                stat(key_c).map(|(lo, hi)| (std::str::from_utf8(lo), std::str::from_utf8(hi)))
+            {
+                if !filter.key_overlaps(lo, hi) {
                     continue;
                 }
             }
