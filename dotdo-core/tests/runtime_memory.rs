@@ -1462,6 +1462,21 @@ impl HotStore for FaultyHot {
     }
 }
 
+/// An acquire whose outcome stays unknown (four ambiguous answers that did not land) fails the
+/// call before anything of it ran: a retryable `Unavailable` saying so, not `AmbiguousOutcome`.
+#[tokio::test]
+async fn an_acquire_of_unknown_outcome_fails_the_call_as_unavailable() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let o = oid("o");
+    guard.refused_ambiguous_acquires.store(4, std::sync::atomic::Ordering::SeqCst);
+    let e = incr(&rt, &o).await.expect_err("no lease");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.to_string().contains("nothing of the call was written"), "{e}");
+    assert_eq!(incr(&rt, &o).await.expect("next call"), 1);
+}
+
 /// A restore of unknown outcome while activating an object is not the call's write: the caller
 /// gets a retryable `Unavailable` saying nothing of the call was written (not `AmbiguousOutcome`,
 /// which would send it to read back a write that never ran), and the next call goes on.

@@ -82,12 +82,18 @@ impl IcebergColdStore {
                     );
                 }
             }
+            // A snapshot's age is that of its chain's latest commit (the time reads go by): one
+            // another engine stamped before its parent is as young as that parent.
+            let at = summary::effective_committed_at(table.metadata());
+            let committed = |s: &iceberg::spec::SnapshotRef| {
+                at.get(&s.snapshot_id()).copied().unwrap_or_else(|| summary::committed_at(s))
+            };
             // Every snapshot that stays (kept, or younger than the cutoff) keeps the chain down to
             // its nearest dotdo snapshot: a read as of it needs that snapshot's watermarks.
             let staying: Vec<i64> = table
                 .metadata()
                 .snapshots()
-                .filter(|s| keep.contains(&s.snapshot_id()) || summary::committed_at(s) >= cutoff)
+                .filter(|s| keep.contains(&s.snapshot_id()) || committed(s) >= cutoff)
                 .map(|s| s.snapshot_id())
                 .collect();
             for id in staying {
@@ -96,7 +102,7 @@ impl IcebergColdStore {
             let expired: Vec<i64> = table
                 .metadata()
                 .snapshots()
-                .filter(|s| !keep.contains(&s.snapshot_id()) && summary::committed_at(s) < cutoff)
+                .filter(|s| !keep.contains(&s.snapshot_id()) && committed(s) < cutoff)
                 .map(|s| s.snapshot_id())
                 .collect();
             let total = table.metadata().snapshots().len();
@@ -205,6 +211,11 @@ impl IcebergColdStore {
     ) -> Result<()> {
         let root = &self.inner.root;
         let md = table.metadata();
+        // Snapshot times as reads go by them (never before a parent's).
+        let at = summary::effective_committed_at(md);
+        let committed = |s: &iceberg::spec::SnapshotRef| {
+            at.get(&s.snapshot_id()).copied().unwrap_or_else(|| summary::committed_at(s))
+        };
         let mut add = |loc: &str| -> Result<()> {
             referenced.insert(root.key(loc)?.to_string());
             Ok(())
@@ -242,14 +253,14 @@ impl IcebergColdStore {
                     let removed_by_expired = || {
                         md.snapshots()
                             .filter(|s| s.sequence_number() >= mf.sequence_number)
-                            .map(|s| summary::committed_at(s).as_micros())
+                            .map(|s| committed(s).as_micros())
                             .min()
                             .is_none_or(|at| at >= cutoff)
                     };
                     for e in m.entries() {
                         let recently_removed = !e.is_alive()
                             && match e.snapshot_id().and_then(|id| md.snapshot_by_id(id)) {
-                                Some(s) => summary::committed_at(s).as_micros() >= cutoff,
+                                Some(s) => committed(s).as_micros() >= cutoff,
                                 None => removed_by_expired(),
                             };
                         if e.is_alive() || recently_removed {

@@ -152,6 +152,22 @@ pub fn commit_id(snapshot: &Snapshot) -> Option<&str> {
     snapshot.summary().additional_properties.get(COMMIT_ID).map(String::as_str)
 }
 
+/// Every snapshot's time as reads go by it: the latest [`committed_at`] on its chain (its own or
+/// an ancestor's still in the metadata). Another engine's clock may stamp a snapshot before its
+/// parent; a snapshot never counts as older than a snapshot it was built on.
+pub fn effective_committed_at(md: &iceberg::spec::TableMetadata) -> HashMap<i64, Timestamp> {
+    let mut snaps: Vec<&iceberg::spec::SnapshotRef> = md.snapshots().collect();
+    // Parents before children: a child's sequence number is above its parent's.
+    snaps.sort_by_key(|s| s.sequence_number());
+    let mut out: HashMap<i64, Timestamp> = HashMap::with_capacity(snaps.len());
+    for s in snaps {
+        let own = committed_at(s);
+        let parent = s.parent_snapshot_id().and_then(|p| out.get(&p).copied());
+        out.insert(s.snapshot_id(), parent.map_or(own, |p| p.max(own)));
+    }
+    out
+}
+
 /// The commit time of a snapshot: dotdo's clock time if recorded, else Iceberg's `timestamp-ms`.
 pub fn committed_at(snapshot: &Snapshot) -> Timestamp {
     snapshot

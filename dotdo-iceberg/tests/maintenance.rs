@@ -1020,6 +1020,41 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
     assert_eq!(st.entries.len(), 1, "{st:?}");
 }
 
+/// Expiry ages a snapshot by the time reads go by (its chain's latest commit): another engine's
+/// snapshot stamped an hour before its parent is as young as that parent. Expired by its raw
+/// stamp, it cut the chain, and a read as of a time inside the retention window was `NotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_ages_a_snapshot_stamped_before_its_parent_by_its_parent() {
+    use dotdo_core::{Clock, ManualClock, SystemClock};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let minute = std::time::Duration::from_secs(60);
+    let now = SystemClock::new().now();
+    // dotdo's clock runs an hour ahead of the other engine's (the wall clock).
+    let clock = ManualClock::new(now.plus(60 * minute));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .with_clock(Arc::new(clock.clone()))
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v1", 1)]))
+        .await
+        .expect("dotdo's first commit");
+    let first_at = clock.now();
+    foreign_commit(&cold).await;
+    clock.advance(10 * minute);
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]))
+        .await
+        .expect("dotdo's second commit");
+    clock.advance(20 * minute);
+    // Keep 40 minutes: the first commit (30 minutes old) and what was built on it stay.
+    cold.expire_snapshots(40 * minute, 1).await.expect("expire");
+    let st = cold.load_state(&o, AsOf::Timestamp(first_at.plus(5 * minute))).await.expect("within the window");
+    assert_eq!(st.through, 1, "{st:?}");
+    assert_eq!(cold.snapshots().await.expect("snapshots").len(), 3, "nothing inside the window expired");
+}
+
 /// A foreign snapshot younger than the expiry's cutoff stays, and so does the older dotdo
 /// snapshot below it whose watermarks a read as of it needs (before, only the head's and the
 /// tags' chains were kept, and `load_state` as of the foreign snapshot was `Corrupt`).

@@ -621,7 +621,7 @@ impl ObjectRuntime {
             release_quietly(inner, &lease).await;
         }
         let sw = Stopwatch::start(inner.clock.clone());
-        let lease = self.acquire_within(object, wait).await?;
+        let lease = self.acquire_within(object, wait).await.map_err(|e| before_the_call(e, "acquiring the lease"))?;
         let mut hand = LeaseInHand::new(inner, lease.clone());
         let mut active = Active { lease, last_used: now, lazy: None };
         let loading = Stopwatch::start(inner.clock.clone());
@@ -1204,7 +1204,9 @@ impl ObjectRuntime {
         let token = active.lease.token;
         let drained = async {
             if active.lazy.is_some() {
-                complete_restore(&self.inner, object, token, &mut active.lazy).await?;
+                complete_restore(&self.inner, object, token, &mut active.lazy)
+                    .await
+                    .map_err(|e| before_the_call(e, "completing the object's restore before the eviction"))?;
             }
             drain(&self.inner, object, token).await
         }
@@ -1622,7 +1624,7 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease, now: Timestamp) -> Resul
 /// if that step's outcome is unknown, the call's writes still were not attempted, so the caller
 /// gets a retryable `Unavailable` saying so, not `AmbiguousOutcome` (which would tell it to read
 /// back and take a new lease for a write that never ran).
-fn before_the_call(e: Error, step: &str) -> Error {
+pub(crate) fn before_the_call(e: Error, step: &str) -> Error {
     if e.kind() == &ErrorKind::AmbiguousOutcome {
         Error::unavailable(format!("{step} had an unknown outcome; nothing of the call was written")).with_source(e)
     } else {

@@ -127,7 +127,9 @@ impl<'a> ObjectTxn<'a> {
     /// lazily activated object this completes the restore first.
     pub async fn list(&mut self, range: KeyRange) -> Result<Vec<(String, Bytes)>> {
         if self.lazy.is_some() {
-            super::complete_restore(self.inner, self.object, self.token, self.lazy).await?;
+            super::complete_restore(self.inner, self.object, self.token, self.lazy)
+                .await
+                .map_err(|e| super::before_the_call(e, "completing the object's restore before a list"))?;
         }
         let mut merged: BTreeMap<String, Bytes> = self
             .inner
