@@ -142,8 +142,7 @@ impl ManualClock {
     /// counts in whole microseconds rounded up, so `advance(d)` always ends a `sleep(d)`.
     pub fn advance(&self, by: Duration) {
         let mut st = self.state.lock();
-        let micros = i64::try_from(by.as_nanos().div_ceil(1000)).unwrap_or(i64::MAX);
-        let to = st.now.saturating_add(micros);
+        let to = st.now.saturating_add(micros_rounded_up(by));
         Self::move_to(&mut st, to);
     }
 
@@ -175,6 +174,12 @@ impl ManualClock {
     }
 }
 
+/// `d` in whole microseconds, rounded up (saturating): the manual clock's unit for sleeps and
+/// advances alike, so that `advance(d)` always ends a `sleep(d)`.
+fn micros_rounded_up(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos().div_ceil(1000)).unwrap_or(i64::MAX)
+}
+
 struct ManualSleep {
     slot: Arc<Mutex<SleepSlot>>,
 }
@@ -203,10 +208,9 @@ impl Clock for ManualClock {
 
     fn sleep(&self, duration: Duration) -> Sleep {
         let mut st = self.state.lock();
-        // Whole microseconds, rounded up: a sleep never ends before its duration has passed
-        // (and a sub-microsecond one ends with the next advance, not never).
-        let micros = i64::try_from(duration.as_nanos().div_ceil(1000)).unwrap_or(i64::MAX);
-        let deadline = st.now.saturating_add(micros);
+        // A sleep never ends before its duration has passed (and a sub-microsecond one ends
+        // with the next advance, not never).
+        let deadline = st.now.saturating_add(micros_rounded_up(duration));
         let slot = Arc::new(Mutex::new(SleepSlot { done: duration.is_zero(), waker: None }));
         if !duration.is_zero() {
             st.sleepers.push((deadline, slot.clone()));

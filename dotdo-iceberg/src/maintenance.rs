@@ -84,10 +84,7 @@ impl IcebergColdStore {
             }
             // A snapshot's age is that of its chain's latest commit (the time reads go by): one
             // another engine stamped before its parent is as young as that parent.
-            let at = summary::effective_committed_at(table.metadata());
-            let committed = |s: &iceberg::spec::SnapshotRef| {
-                at.get(&s.snapshot_id()).copied().unwrap_or_else(|| summary::committed_at(s))
-            };
+            let committed = summary::effective_committed_at(table.metadata());
             // Every snapshot that stays (kept, or younger than the cutoff) keeps the chain down to
             // its nearest dotdo snapshot: a read as of it needs that snapshot's watermarks.
             let staying: Vec<i64> = table
@@ -212,10 +209,7 @@ impl IcebergColdStore {
         let root = &self.inner.root;
         let md = table.metadata();
         // Snapshot times as reads go by them (never before a parent's).
-        let at = summary::effective_committed_at(md);
-        let committed = |s: &iceberg::spec::SnapshotRef| {
-            at.get(&s.snapshot_id()).copied().unwrap_or_else(|| summary::committed_at(s))
-        };
+        let committed = summary::effective_committed_at(md);
         let mut add = |loc: &str| -> Result<()> {
             referenced.insert(root.key(loc)?.to_string());
             Ok(())

@@ -440,7 +440,7 @@ impl IcebergColdStore {
     }
 
     /// All records of `object` visible in `snapshot` that may match `filter` (callers apply the
-    /// exact filter), with the statistics of the read.
+    /// exact filter), in sequence order, one per sequence number, with the statistics of the read.
     pub(crate) async fn records_of(
         &self,
         table: &Table,

@@ -635,15 +635,10 @@ impl IcebergColdStore {
                 // (its own or an ancestor's): another engine's snapshot carries its own clock's
                 // `timestamp-ms`, which can be behind dotdo's, and a child stamped before its
                 // parent must not be chosen for a time at which the parent did not exist yet.
-                let mut effective = vec![Timestamp::from_micros(i64::MIN); chain.len()];
-                let mut latest = Timestamp::from_micros(i64::MIN);
-                for (i, s) in chain.iter().enumerate().rev() {
-                    latest = latest.max(summary::committed_at(s));
-                    effective[i] = latest;
-                }
+                let at = summary::effective_committed_at(&md);
                 let mut oldest: Option<SnapshotRef> = None;
-                for (s, at) in chain.into_iter().zip(effective) {
-                    if at <= ts {
+                for s in chain {
+                    if at(&s) <= ts {
                         return Ok(Some(s));
                     }
                     oldest = Some(s);
@@ -1168,32 +1163,26 @@ impl ColdSink for IcebergColdStore {
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let table = self.read_table().await?;
         let Some(head) = table.metadata().current_snapshot_id() else { return Ok(Vec::new()) };
+        // The time `AsOf::Timestamp` goes by (another engine's snapshot may be stamped before
+        // its parent), so that a read as of a reported time finds that snapshot.
+        let at = summary::effective_committed_at(table.metadata());
         let mut out: Vec<SnapshotInfo> = ancestors(&table.metadata_ref(), head)?
             .into_iter()
             .map(|s| SnapshotInfo {
                 id: s.snapshot_id(),
                 parent: s.parent_snapshot_id(),
-                committed_at: summary::committed_at(&s),
+                committed_at: at(&s),
                 added_records: summary::added_records(&s),
             })
             .collect();
         out.reverse();
-        // The time `AsOf::Timestamp` goes by: the latest commit time on the snapshot's chain
-        // (another engine's snapshot may be stamped before its parent), so that a read as of a
-        // reported time finds that snapshot.
-        let mut latest = Timestamp::from_micros(i64::MIN);
-        for s in &mut out {
-            latest = latest.max(s.committed_at);
-            s.committed_at = latest;
-        }
         Ok(out)
     }
 
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         let table = self.read_table().await?;
         let snap = Self::resolve(&table, as_of)?;
-        let (mut records, _) = self.records_of(&table, snap.as_ref(), object, &crate::read::Filter::default()).await?;
-        records.sort_by_key(|r| r.seq);
+        let (records, _) = self.records_of(&table, snap.as_ref(), object, &crate::read::Filter::default()).await?;
         let (entries, mut through) = dotdo_core::cold::fold_changes(&records);
         if let Some(s) = &snap {
             // The snapshot's watermark, not only the highest seq still stored: a collapse may have
@@ -1210,7 +1199,6 @@ impl ColdSink for IcebergColdStore {
         let filter = crate::read::Filter { min_seq: Some(after.saturating_add(1)), ..Default::default() };
         let (mut records, _) = self.records_of(&table, snap.as_ref(), object, &filter).await?;
         records.retain(|r| r.seq > after);
-        records.sort_by_key(|r| r.seq);
         Ok(records)
     }
 }

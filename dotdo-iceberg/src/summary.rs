@@ -152,20 +152,35 @@ pub fn commit_id(snapshot: &Snapshot) -> Option<&str> {
     snapshot.summary().additional_properties.get(COMMIT_ID).map(String::as_str)
 }
 
-/// Every snapshot's time as reads go by it: the latest [`committed_at`] on its chain (its own or
-/// an ancestor's still in the metadata). Another engine's clock may stamp a snapshot before its
-/// parent; a snapshot never counts as older than a snapshot it was built on.
-pub fn effective_committed_at(md: &iceberg::spec::TableMetadata) -> HashMap<i64, Timestamp> {
-    let mut snaps: Vec<&iceberg::spec::SnapshotRef> = md.snapshots().collect();
-    // Parents before children: a child's sequence number is above its parent's.
-    snaps.sort_by_key(|s| s.sequence_number());
-    let mut out: HashMap<i64, Timestamp> = HashMap::with_capacity(snaps.len());
-    for s in snaps {
-        let own = committed_at(s);
-        let parent = s.parent_snapshot_id().and_then(|p| out.get(&p).copied());
-        out.insert(s.snapshot_id(), parent.map_or(own, |p| p.max(own)));
+/// Every snapshot's time as reads (`AsOf::Timestamp`), `snapshots()` and expiry go by it: the
+/// latest [`committed_at`] on its chain (its own or an ancestor's still in the metadata).
+/// Another engine's clock may stamp a snapshot before its parent; a snapshot never counts as
+/// older than a snapshot it was built on.
+pub fn effective_committed_at(md: &iceberg::spec::TableMetadata) -> impl Fn(&Snapshot) -> Timestamp {
+    let by_id: HashMap<i64, &Snapshot> = md.snapshots().map(|s| (s.snapshot_id(), s.as_ref())).collect();
+    let mut at: HashMap<i64, Timestamp> = HashMap::with_capacity(by_id.len());
+    for s in by_id.values() {
+        // Up the parents to one already known (bounded: a damaged parent cycle stops there).
+        let mut path = Vec::new();
+        let mut cur = Some(*s);
+        let mut base = Timestamp::from_micros(i64::MIN);
+        while let Some(c) = cur {
+            if let Some(t) = at.get(&c.snapshot_id()) {
+                base = *t;
+                break;
+            }
+            if path.len() > by_id.len() {
+                break;
+            }
+            path.push(c);
+            cur = c.parent_snapshot_id().and_then(|p| by_id.get(&p).copied());
+        }
+        for c in path.into_iter().rev() {
+            base = base.max(committed_at(c));
+            at.insert(c.snapshot_id(), base);
+        }
     }
-    out
+    move |s: &Snapshot| at.get(&s.snapshot_id()).copied().unwrap_or_else(|| committed_at(s))
 }
 
 /// The commit time of a snapshot: dotdo's clock time if recorded, else Iceberg's `timestamp-ms`.

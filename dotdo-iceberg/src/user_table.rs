@@ -237,6 +237,17 @@ fn marks(table: &Table) -> Result<Marks> {
     Ok(Marks { raw, snapshot: s.snapshot_id() })
 }
 
+/// The answer for batch `batch_id` of `stream` (of `rows` rows), which `table`'s mark already
+/// covers: committed by an earlier attempt of this call, if one `maybe_landed` and the table
+/// still has the snapshot that set the mark (its rows, its snapshot), else before the call (a
+/// replay: nothing written).
+fn already_committed(table: &Table, stream: &str, batch_id: u64, rows: u64, maybe_landed: bool) -> ArrowCommit {
+    match maybe_landed.then(|| snapshot_marking(table, stream, batch_id)).flatten() {
+        Some(snapshot) => ArrowCommit { snapshot: Some(snapshot), rows },
+        None => ArrowCommit { snapshot: None, rows: 0 },
+    }
+}
+
 /// The snapshot that committed batch `batch_id` of `stream` (the oldest one whose summary holds
 /// that mark: later snapshots carry it on), if the table still has it.
 fn snapshot_marking(table: &Table, stream: &str, batch_id: u64) -> Option<SnapshotId> {
@@ -375,14 +386,7 @@ impl ArrowTable {
             };
             let mut m = marks(&table)?;
             if m.get(stream)? >= batch_id {
-                // Committed: by an earlier attempt of this call (its rows, its snapshot), or
-                // before the call (a replay).
-                if maybe_landed {
-                    if let Some(snapshot) = snapshot_marking(&table, stream, batch_id) {
-                        return Ok(ArrowCommit { snapshot: Some(snapshot), rows });
-                    }
-                }
-                return Ok(ArrowCommit { snapshot: None, rows: 0 });
+                return Ok(already_committed(&table, stream, batch_id, rows, maybe_landed));
             }
             if rows == 0 {
                 return Ok(ArrowCommit { snapshot: None, rows: 0 });
@@ -453,10 +457,7 @@ impl ArrowTable {
             // A final read-back: did an attempt land after all?
             if let Ok(table) = self.load().await {
                 if marks(&table)?.get(stream)? >= batch_id {
-                    return Ok(match snapshot_marking(&table, stream, batch_id) {
-                        Some(snapshot) => ArrowCommit { snapshot: Some(snapshot), rows },
-                        None => ArrowCommit { snapshot: None, rows: 0 },
-                    });
+                    return Ok(already_committed(&table, stream, batch_id, rows, true));
                 }
             }
         }

@@ -984,18 +984,16 @@ async fn a_cleanup_during_a_compaction_never_lets_it_commit_missing_files() {
     }
 }
 
-/// Time travel when another engine's clock is behind dotdo's: its snapshot, committed on top of
-/// dotdo's, carries an earlier time than its parent. A read as of a time between the two does not
-/// pick the foreign snapshot (which holds the parent's rows, committed after that time).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
+/// A store in `dir` whose clock runs an hour ahead of the wall clock (another engine's), with
+/// dotdo's commit of `o` (seq 1) and, on top, another engine's commit stamped by the wall clock:
+/// an hour before its parent. Returns the store, its clock, the wall-clock time and `o`.
+async fn dotdo_commit_then_an_earlier_stamped_foreign_one(
+    dir: &std::path::Path,
+) -> (IcebergColdStore, dotdo_core::ManualClock, Timestamp, ObjectId) {
     use dotdo_core::{Clock, ManualClock, SystemClock};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hour = std::time::Duration::from_secs(3600);
     let now = SystemClock::new().now();
-    // dotdo's clock runs an hour ahead of the other engine's (the wall clock).
-    let clock = ManualClock::new(now.plus(hour));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+    let clock = ManualClock::new(now.plus(std::time::Duration::from_secs(3600)));
+    let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
         .table(["m"], "changes")
         .with_clock(Arc::new(clock.clone()))
         .build()
@@ -1006,6 +1004,18 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
         .await
         .expect("dotdo's commit");
     foreign_commit(&cold).await;
+    (cold, clock, now, o)
+}
+
+/// Time travel when another engine's clock is behind dotdo's: its snapshot, committed on top of
+/// dotdo's, carries an earlier time than its parent. A read as of a time between the two does not
+/// pick the foreign snapshot (which holds the parent's rows, committed after that time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
+    use dotdo_core::Clock;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hour = std::time::Duration::from_secs(3600);
+    let (cold, clock, now, o) = dotdo_commit_then_an_earlier_stamped_foreign_one(dir.path()).await;
     // Half an hour from now: after the foreign stamp, before dotdo's.
     let between = now.plus(hour / 2);
     let st = cold.load_state(&o, AsOf::Timestamp(between)).await.expect("as of between");
@@ -1025,24 +1035,11 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
 /// stamp, it cut the chain, and a read as of a time inside the retention window was `NotFound`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_ages_a_snapshot_stamped_before_its_parent_by_its_parent() {
-    use dotdo_core::{Clock, ManualClock, SystemClock};
+    use dotdo_core::Clock;
     let dir = tempfile::tempdir().expect("tempdir");
     let minute = std::time::Duration::from_secs(60);
-    let now = SystemClock::new().now();
-    // dotdo's clock runs an hour ahead of the other engine's (the wall clock).
-    let clock = ManualClock::new(now.plus(60 * minute));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .table(["m"], "changes")
-        .with_clock(Arc::new(clock.clone()))
-        .build()
-        .await
-        .expect("open");
-    let o = ObjectId::new("o").expect("id");
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v1", 1)]))
-        .await
-        .expect("dotdo's first commit");
+    let (cold, clock, _, o) = dotdo_commit_then_an_earlier_stamped_foreign_one(dir.path()).await;
     let first_at = clock.now();
-    foreign_commit(&cold).await;
     clock.advance(10 * minute);
     cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]))
         .await

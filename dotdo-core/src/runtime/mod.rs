@@ -1641,6 +1641,12 @@ fn granted_here_since(inner: &Inner, lease: &Lease, since: Timestamp) -> bool {
     lease.holder == inner.node && lease.acquired_at >= since && lease.acquired_at < since.plus(inner.settings.lease_ttl)
 }
 
+/// Whether an acquire of unknown outcome sent at `since` is still remembered: within a TTL of
+/// it, it may land (and [`granted_here_since`] recognises its lease).
+fn may_still_land(inner: &Inner, since: Timestamp) -> bool {
+    inner.clock.now() < since.plus(inner.settings.lease_ttl)
+}
+
 /// Release the leases cancelled calls left behind ([`Inner::orphans`]).
 async fn release_orphans(inner: &Arc<Inner>) {
     let orphans: Vec<Lease> = inner.orphans.lock().drain().map(|(_, l)| l).collect();
@@ -1652,7 +1658,6 @@ async fn release_orphans(inner: &Arc<Inner>) {
     // is taken only under its object's slot lock: a call activating the object meanwhile finds
     // it (and settles it itself).
     let objects: Vec<ObjectId> = inner.unsure.lock().keys().cloned().collect();
-    let young = |since: Timestamp| inner.clock.now() < since.plus(inner.settings.lease_ttl);
     for object in objects {
         let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
         let Some(guard) = slot.try_lock() else { continue };
@@ -1660,7 +1665,7 @@ async fn release_orphans(inner: &Arc<Inner>) {
         if guard.active.is_some() {
             // Held now (not through that acquire: it cannot land while this lease is current).
             // Kept while it may still land after this lease is given back.
-            if young(since) {
+            if may_still_land(inner, since) {
                 inner.unsure.lock().entry(object).or_insert(since);
             }
             continue;
@@ -1671,7 +1676,7 @@ async fn release_orphans(inner: &Arc<Inner>) {
             // on), and would then refuse this node's next acquire naming this node; remembered
             // so that acquire adopts it.
             Ok(_) => {
-                if young(since) {
+                if may_still_land(inner, since) {
                     inner.unsure.lock().entry(object).or_insert(since);
                 }
             }
@@ -1784,7 +1789,7 @@ impl AcquireInFlight<'_> {
 
 impl Drop for AcquireInFlight<'_> {
     fn drop(&mut self) {
-        let young = self.earlier.filter(|t| self.inner.clock.now() < t.plus(self.inner.settings.lease_ttl));
+        let young = self.earlier.filter(|t| may_still_land(self.inner, *t));
         let Some(since) = self.pending.into_iter().chain(self.sent).chain(young).min() else { return };
         let mut unsure = self.inner.unsure.lock();
         let since = unsure.get(self.object).map_or(since, |t| (*t).min(since));
