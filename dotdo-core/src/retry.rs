@@ -11,7 +11,8 @@ use crate::time::Clock;
 pub struct RetryPolicy {
     /// Retries after the first attempt.
     pub retries: u32,
-    /// The n-th retry waits `base << min(n, 7)`.
+    /// The n-th retry waits between half and all of `base << min(n, 7)`, chosen at random so
+    /// that callers retrying the same outage do not all come back in step.
     pub base: Duration,
 }
 
@@ -29,11 +30,25 @@ where
             Ok(v) => return Ok(v),
             Err(e) if (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) && attempt < policy.retries => {
                 attempt += 1;
-                clock.sleep(policy.base.saturating_mul(1u32 << attempt.min(7))).await;
+                clock.sleep(jittered(policy.base.saturating_mul(1u32 << attempt.min(7)))).await;
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// A random duration between half of `d` and `d` ("equal jitter"): a backoff keeps growing with
+/// the attempt, and many callers that failed together spread their retries over half of it
+/// instead of coming back in step. Every retry loop in dotdo waits this way; a budget computed
+/// from the un-jittered waits stays an upper bound.
+pub fn jittered(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh `RandomState` is randomly keyed (per process, then varied per call), so hashing
+    // nothing with it yields a random number without a dependency on a randomness crate.
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let half = d / 2;
+    let spread = u64::try_from((d - half).as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(random % spread.saturating_add(1))
 }
 
 #[cfg(test)]
@@ -73,5 +88,53 @@ mod tests {
         }));
         assert!(r.is_err());
         assert_eq!(calls, 1, "permanent errors are not retried");
+    }
+
+    /// A clock whose sleeps end at once and are recorded.
+    #[derive(Debug, Default)]
+    struct RecordingClock {
+        sleeps: parking_lot::Mutex<Vec<Duration>>,
+    }
+
+    impl Clock for RecordingClock {
+        fn now(&self) -> crate::time::Timestamp {
+            crate::time::Timestamp::EPOCH
+        }
+        fn monotonic(&self) -> Duration {
+            Duration::ZERO
+        }
+        fn sleep(&self, duration: Duration) -> crate::time::Sleep {
+            self.sleeps.lock().push(duration);
+            Box::pin(async {})
+        }
+    }
+
+    #[test]
+    fn waits_grow_with_the_attempt_and_are_spread_at_random() {
+        let policy = RetryPolicy { retries: 9, base: Duration::from_millis(10) };
+        let mut all = Vec::new();
+        for _ in 0..20 {
+            let clock = RecordingClock::default();
+            let r: Result<()> = futures::executor::block_on(retry_idempotent(&clock, policy, || async {
+                Err(Error::unavailable("down"))
+            }));
+            assert!(r.is_err());
+            let sleeps = clock.sleeps.into_inner();
+            assert_eq!(sleeps.len(), 9);
+            for (i, s) in sleeps.iter().enumerate() {
+                let full = policy.base * (1u32 << (i as u32 + 1).min(7));
+                assert!(
+                    *s >= full / 2 && *s <= full,
+                    "retry {} waited {s:?}, outside [{:?}, {full:?}]",
+                    i + 1,
+                    full / 2
+                );
+            }
+            all.push(sleeps);
+        }
+        // Twenty callers failing together do not all wait the same: at 20 draws from a spread
+        // of 10 ms, equal first waits everywhere would be a broken random source.
+        let firsts: std::collections::HashSet<Duration> = all.iter().map(|s| s[0]).collect();
+        assert!(firsts.len() > 10, "first waits barely vary: {firsts:?}");
     }
 }

@@ -1256,11 +1256,11 @@ fn metadata_version(location: Option<&str>) -> Option<i64> {
     name.split('-').next()?.parse().ok()
 }
 
-/// Wait `d` before a retry: always real time, never the store's clock, which may be a test's
+/// Wait `d` (jittered) before a retry: always real time, never the store's clock, which may be a test's
 /// `ManualClock` that moves only when told to (a retry would then wait forever; the conformance
 /// kit's rule for backends).
 pub(crate) async fn retry_pause(d: Duration) {
-    dotdo_core::SystemClock::new().sleep(d).await;
+    dotdo_core::SystemClock::new().sleep(dotdo_core::retry::jittered(d)).await;
 }
 
 #[cfg(test)]

@@ -748,11 +748,11 @@ impl LibsqlStore {
     }
 }
 
-/// Wait `d` before a retry: always real time, never the store's clock, which may be a test's
+/// Wait `d` (jittered) before a retry: always real time, never the store's clock, which may be a test's
 /// `ManualClock` that moves only when told to (a retry would then wait forever; the conformance
 /// kit's rule for backends).
 async fn retry_pause(d: std::time::Duration) {
-    SystemClock::new().sleep(d).await;
+    SystemClock::new().sleep(dotdo_core::retry::jittered(d)).await;
 }
 
 #[cfg(test)]

@@ -288,8 +288,8 @@ impl CloudflareStreamClient {
                         report.requests
                     )));
                 }
-                Some(after) => backoff.max(after),
-                None => backoff,
+                Some(after) => dotdo_core::retry::jittered(backoff).max(after),
+                None => dotdo_core::retry::jittered(backoff),
             };
             attempt += 1;
             report.retries += 1;

@@ -325,7 +325,7 @@ fn with_busy_retry<T>(settings: &SqliteSettings, doing: &str, mut f: impl FnMut(
                     attempt += 1;
                     // Real time on purpose: this runs on a blocking thread, and a backoff must not
                     // wait on an injected (possibly manual) clock that only tests move.
-                    std::thread::sleep(backoff);
+                    std::thread::sleep(dotdo_core::retry::jittered(backoff));
                     backoff = backoff.saturating_mul(2).min(Duration::from_secs(1));
                     continue;
                 }
