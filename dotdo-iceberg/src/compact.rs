@@ -341,7 +341,12 @@ impl IcebergColdStore {
             )));
         }
         let files = self.files_of(table, head).await?;
-        Ok(files.iter().map(|f| LiveFile { path: f.path.clone(), size: f.size, partition: f.bucket }).collect())
+        // Files in formats dotdo cannot decode (another engine's ORC or Avro) are left as they are.
+        Ok(files
+            .iter()
+            .filter(|f| f.is_parquet())
+            .map(|f| LiveFile { path: f.path.clone(), size: f.size, partition: f.bucket })
+            .collect())
     }
 
     async fn rewrite(

@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use iceberg::spec::{DataContentType, Datum, Literal, ManifestFile, PrimitiveLiteral, SnapshotRef};
+use iceberg::spec::{DataContentType, DataFileFormat, Datum, Literal, ManifestFile, PrimitiveLiteral, SnapshotRef};
 use iceberg::table::Table;
 use object_store::path::Path;
 use object_store::ObjectStore;
@@ -40,7 +40,7 @@ use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
 use dotdo_core::accel::{latest_versions, IndexAccelerator, Lookup, QueryStats, Scan, ScanQuery, VersionedValue};
 use dotdo_core::time::Stopwatch;
-use dotdo_core::{AsOf, ChangeRecord, Error, KeyRange, ObjectId, Op, Result};
+use dotdo_core::{AsOf, ChangeRecord, Error, ErrorKind, KeyRange, ObjectId, Op, Result};
 
 use crate::error::{classify, classify_metadata_read, classify_parquet};
 use crate::store::IcebergColdStore;
@@ -97,6 +97,15 @@ pub(crate) struct FileInfo {
     do_id: Option<(String, String)>,
     key: Option<(String, String)>,
     seq_max: Option<i64>,
+    /// The data file's format as its manifest records it (dotdo reads Parquet only).
+    format: DataFileFormat,
+}
+
+impl FileInfo {
+    /// Whether the file is Parquet, the only data file format dotdo decodes.
+    pub(crate) fn is_parquet(&self) -> bool {
+        self.format == DataFileFormat::Parquet
+    }
 }
 
 /// Caches of immutable files: manifest lists, manifests, Parquet footers.
@@ -104,7 +113,7 @@ pub(crate) struct FileInfo {
 pub(crate) struct FileCache {
     pub(crate) lists: parking_lot::Mutex<HashMap<String, Arc<Vec<ManifestFile>>>>,
     manifests: parking_lot::Mutex<HashMap<String, Arc<Vec<Arc<FileInfo>>>>>,
-    footers: parking_lot::Mutex<HashMap<String, Arc<ParquetMetaData>>>,
+    footers: parking_lot::Mutex<Weighed<Arc<ParquetMetaData>>>,
     checkpoints: parking_lot::Mutex<HashMap<String, Arc<crate::summary::Watermarks>>>,
     blooms: parking_lot::Mutex<BloomCache>,
 }
@@ -150,6 +159,49 @@ impl BloomCache {
         if self.map.insert(k, v).is_none() {
             self.bytes += size;
         }
+    }
+}
+
+/// A cache bounded by the bytes its entries hold as well as by their count.
+pub(crate) struct Weighed<V> {
+    map: HashMap<String, (V, usize)>,
+    bytes: usize,
+}
+
+impl<V> Default for Weighed<V> {
+    fn default() -> Self {
+        Weighed { map: HashMap::new(), bytes: 0 }
+    }
+}
+
+/// At most this many bytes of decoded Parquet footers are cached. A footer's size follows its
+/// file's columns and row groups: a few KB for dotdo's files, megabytes for a wide table another
+/// engine wrote, where [`CACHE_LIMIT`] footers alone could hold gigabytes.
+const FOOTER_CACHE_BYTES: usize = 64 << 20;
+
+impl<V: Clone> Weighed<V> {
+    fn get(&self, k: &str) -> Option<V> {
+        self.map.get(k).map(|(v, _)| v.clone())
+    }
+
+    /// Insert `v` weighing `size` bytes; other entries go (one at a time, arbitrary ones, as
+    /// in [`put_bounded_to`]) until at most `limit` entries and `max_bytes` remain. An entry
+    /// larger than `max_bytes` on its own is not kept.
+    fn put(&mut self, k: String, v: V, size: usize, limit: usize, max_bytes: usize) {
+        if let Some((_, old)) = self.map.remove(&k) {
+            self.bytes -= old;
+        }
+        if size > max_bytes {
+            return;
+        }
+        while self.map.len() >= limit || self.bytes + size > max_bytes {
+            let Some(victim) = self.map.keys().next().cloned() else { break };
+            if let Some((_, gone)) = self.map.remove(&victim) {
+                self.bytes -= gone;
+            }
+        }
+        self.bytes += size;
+        self.map.insert(k, (v, size));
     }
 }
 
@@ -428,6 +480,7 @@ impl IcebergColdStore {
                         do_id: bounds(do_id_f),
                         key: bounds(key_f),
                         seq_max: long_of(df.upper_bounds().get(&seq_f)),
+                        format: df.file_format(),
                     })
                 })
                 .collect();
@@ -495,7 +548,7 @@ impl IcebergColdStore {
     }
 
     async fn footer(&self, f: &FileInfo, path: &Path, bytes: &AtomicU64) -> Result<Arc<ParquetMetaData>> {
-        if let Some(m) = self.inner.cache.footers.lock().get(&f.path).cloned() {
+        if let Some(m) = self.inner.cache.footers.lock().get(&f.path) {
             return Ok(m);
         }
         let fetch = FooterFetch { store: &*self.inner.root.store, path, bytes };
@@ -505,7 +558,8 @@ impl IcebergColdStore {
             .await
             .map_err(|e| classify_parquet(e, &f.path))?;
         let m = Arc::new(m);
-        put_bounded(&self.inner.cache.footers, f.path.clone(), m.clone());
+        let size = m.memory_size();
+        self.inner.cache.footers.lock().put(f.path.clone(), m.clone(), size, CACHE_LIMIT, FOOTER_CACHE_BYTES);
         Ok(m)
     }
 
@@ -544,6 +598,14 @@ impl IcebergColdStore {
         filter: &Filter,
         bytes: Arc<AtomicU64>,
     ) -> Result<FileRead> {
+        if !f.is_parquet() {
+            // Another engine's table may hold ORC or Avro data files: they are not damaged,
+            // dotdo cannot decode them (reporting them Corrupt sent operators looking for damage).
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!("data file {} is {:?}: dotdo reads Parquet data files only", f.path, f.format),
+            ));
+        }
         let path = path.clone();
         let meta = self.footer(f, &path, &bytes).await?;
         let o = object.as_str().as_bytes();
@@ -740,6 +802,28 @@ mod tests {
             token: dotdo_core::FencingToken::new(1),
             timestamp: dotdo_core::Timestamp::from_micros(seq as i64),
             type_name: "T".into(),
+        }
+    }
+
+    /// The footer cache holds at most its byte budget and its entry count; an entry over the
+    /// budget alone is not kept, and replacing an entry does not count it twice.
+    #[test]
+    fn weighed_cache_keeps_to_bytes_and_count() {
+        let mut c: Weighed<u32> = Weighed::default();
+        for i in 0..10u32 {
+            c.put(format!("f{i}"), i, 30, 100, 100);
+            assert!(c.bytes <= 100 && c.map.len() <= 3, "{} bytes in {} entries", c.bytes, c.map.len());
+            assert_eq!(c.get(&format!("f{i}")), Some(i), "the newest entry stays");
+        }
+        assert_eq!(c.bytes, c.map.values().map(|(_, s)| s).sum::<usize>());
+        c.put("big".into(), 99, 101, 100, 100);
+        assert_eq!(c.get("big"), None, "larger than the budget: not kept");
+        let held = c.bytes;
+        c.put("f9".into(), 9, 30, 100, 100);
+        assert_eq!(c.bytes, held, "replacing an entry keeps its weight once");
+        for i in 0..10u32 {
+            c.put(format!("g{i}"), i, 1, 4, 100);
+            assert!(c.map.len() <= 4);
         }
     }
 

@@ -939,6 +939,47 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks() {
     assert_eq!(cold.append(next).await.expect("appends continue after expiry").records_written, 1);
 }
 
+/// A data file in a format dotdo cannot decode (another engine's ORC file) fails a read that
+/// must open it as `Backend` naming the file and its format, not `Corrupt`: nothing is damaged.
+/// Compaction leaves such a file alone and compacts the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_file_in_another_format_is_not_reported_corrupt() {
+    use iceberg::spec::{DataContentType, DataFileBuilder, DataFileFormat, Struct};
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let table = cold.refresh().await.expect("table");
+    let orc = format!("{}/data/foreign-00000.orc", table.metadata().location());
+    let file = DataFileBuilder::default()
+        .content(DataContentType::Data)
+        .file_path(orc.clone())
+        .file_format(DataFileFormat::Orc)
+        .partition_spec_id(table.metadata().default_partition_spec_id())
+        .partition(Struct::from_iter([Some(iceberg::spec::Literal::int(0))]))
+        .record_count(1)
+        .file_size_in_bytes(100)
+        .build()
+        .expect("data file");
+    let tx = Transaction::new(&table);
+    let tx = tx.fast_append().add_data_files(vec![file]).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine's ORC append");
+    let e = cold.lookup(&o, "k", AsOf::Latest).await.expect_err("an ORC file to read");
+    assert_eq!(e.kind(), &ErrorKind::Backend, "{e}");
+    assert!(e.to_string().contains("foreign-00000.orc") && e.to_string().contains("Parquet"), "{e}");
+    let e = cold.load_state(&o, AsOf::Latest).await.expect_err("an ORC file to read");
+    assert_eq!(e.kind(), &ErrorKind::Backend, "{e}");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "w", 1)]))
+        .await
+        .expect("append");
+    assert_eq!(live_files(&cold).await, 3);
+    let report = cold.compact(CompactOptions::default()).await.expect("compaction around the ORC file");
+    assert_eq!(live_files(&cold).await, 2, "two Parquet files became one, the ORC file stays: {report:?}");
+}
+
 /// A cleanup of unreferenced files that runs while a compaction is between writing its new
 /// files and committing them (a compaction that outlasted the cleanup's retention) deletes
 /// some of them: the compaction then refuses to commit a snapshot naming missing files
