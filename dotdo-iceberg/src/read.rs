@@ -101,6 +101,32 @@ pub(crate) struct FileInfo {
     format: DataFileFormat,
 }
 
+/// The watermarks of one snapshot: those of the checkpoint file it names (decoded once and
+/// shared: a table of a million objects makes one tens of MB, so an append must not copy it),
+/// and its inline ones, which take precedence.
+#[derive(Default)]
+pub(crate) struct SnapshotMarks {
+    base: Option<Arc<crate::summary::Watermarks>>,
+    /// The snapshot's inline watermarks.
+    pub(crate) inline: crate::summary::Watermarks,
+    /// The checkpoint file it names.
+    pub(crate) checkpoint: Option<String>,
+}
+
+impl SnapshotMarks {
+    /// The watermark of `object`, if the snapshot has one.
+    pub(crate) fn get(&self, object: &ObjectId) -> Option<dotdo_core::Watermark> {
+        self.inline.get(object).or_else(|| self.base.as_ref()?.get(object)).copied()
+    }
+
+    /// Every object's watermark, with `changes` on top (a copy: for writing a new checkpoint).
+    pub(crate) fn full_with(&self, changes: &crate::summary::Watermarks) -> crate::summary::Watermarks {
+        let mut full = self.base.as_deref().cloned().unwrap_or_default();
+        full.extend(self.inline.iter().chain(changes).map(|(k, v)| (k.clone(), *v)));
+        full
+    }
+}
+
 impl FileInfo {
     /// Whether the file is Parquet, the only data file format dotdo decodes.
     pub(crate) fn is_parquet(&self) -> bool {
@@ -333,23 +359,22 @@ struct FileRead {
 }
 
 impl IcebergColdStore {
-    /// The full watermarks of `snapshot` of the table `md` (checkpoint file + inline), and the
-    /// inline part and checkpoint location it was built from. A snapshot another engine wrote
-    /// has the watermarks of its nearest dotdo ancestor ([`crate::summary::dotdo_base`]).
+    /// The watermarks of `snapshot` of the table `md`: its checkpoint file's (shared with the
+    /// cache, not copied) with its inline ones on top. A snapshot another engine wrote has the
+    /// watermarks of its nearest dotdo ancestor ([`crate::summary::dotdo_base`]).
     pub(crate) async fn watermarks_of(
         &self,
         md: &iceberg::spec::TableMetadata,
         snapshot: Option<&SnapshotRef>,
-    ) -> Result<(crate::summary::Watermarks, crate::summary::Watermarks, Option<String>)> {
-        let Some(s) = snapshot else { return Ok(Default::default()) };
-        let Some(s) = crate::summary::dotdo_base(md, s)? else { return Ok(Default::default()) };
-        let s = &s;
-        let inline = crate::summary::inline_watermarks(s)?;
-        let Some(cp) = crate::summary::checkpoint(s) else { return Ok((inline.clone(), inline, None)) };
+    ) -> Result<SnapshotMarks> {
+        let Some(s) = snapshot else { return Ok(SnapshotMarks::default()) };
+        let Some(s) = crate::summary::dotdo_base(md, s)? else { return Ok(SnapshotMarks::default()) };
+        let inline = crate::summary::inline_watermarks(&s)?;
+        let Some(cp) = crate::summary::checkpoint(&s) else {
+            return Ok(SnapshotMarks { base: None, inline, checkpoint: None });
+        };
         let base = self.checkpoint_file(cp).await?;
-        let mut full = (*base).clone();
-        full.extend(inline.iter().map(|(k, v)| (k.clone(), *v)));
-        Ok((full, inline, Some(cp.to_string())))
+        Ok(SnapshotMarks { base: Some(base), inline, checkpoint: Some(cp.to_string()) })
     }
 
     /// The watermark of one object in `snapshot`, reading the checkpoint only if needed.
@@ -359,17 +384,38 @@ impl IcebergColdStore {
         snapshot: &SnapshotRef,
         object: &ObjectId,
     ) -> Result<dotdo_core::Watermark> {
+        let mut w = self.watermarks_in(md, snapshot, std::slice::from_ref(object)).await?;
+        Ok(w.pop().unwrap_or_default())
+    }
+
+    /// The watermarks of `objects` in `snapshot`: its inline watermarks decoded once, the
+    /// checkpoint read only if one of them is not inline.
+    pub(crate) async fn watermarks_in(
+        &self,
+        md: &iceberg::spec::TableMetadata,
+        snapshot: &SnapshotRef,
+        objects: &[ObjectId],
+    ) -> Result<Vec<dotdo_core::Watermark>> {
         let Some(snapshot) = crate::summary::dotdo_base(md, snapshot)? else {
-            return Ok(dotdo_core::Watermark::default());
+            return Ok(vec![dotdo_core::Watermark::default(); objects.len()]);
         };
-        let snapshot = &snapshot;
-        if let Some(w) = crate::summary::inline_watermarks(snapshot)?.get(object) {
-            return Ok(*w);
+        let inline = crate::summary::inline_watermarks(&snapshot)?;
+        let mut base: Option<Arc<crate::summary::Watermarks>> = None;
+        let mut out = Vec::with_capacity(objects.len());
+        for o in objects {
+            let w = match (inline.get(o), crate::summary::checkpoint(&snapshot)) {
+                (Some(w), _) => *w,
+                (None, Some(cp)) => {
+                    if base.is_none() {
+                        base = Some(self.checkpoint_file(cp).await?);
+                    }
+                    base.as_ref().and_then(|b| b.get(o)).copied().unwrap_or_default()
+                }
+                (None, None) => dotdo_core::Watermark::default(),
+            };
+            out.push(w);
         }
-        match crate::summary::checkpoint(snapshot) {
-            Some(cp) => Ok(self.checkpoint_file(cp).await?.get(object).copied().unwrap_or_default()),
-            None => Ok(dotdo_core::Watermark::default()),
-        }
+        Ok(out)
     }
 
     async fn checkpoint_file(&self, location: &str) -> Result<Arc<crate::summary::Watermarks>> {

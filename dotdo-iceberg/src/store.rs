@@ -28,6 +28,7 @@ use dotdo_core::{
 use crate::catalog::CatalogConfig;
 use crate::error::classify;
 use crate::read::FileCache;
+use crate::read::SnapshotMarks;
 use crate::schema::{self, Bucketer};
 use crate::storage::StoreRoot;
 use crate::summary::{self, Watermarks};
@@ -449,20 +450,20 @@ struct Plan {
     skipped: u64,
     /// Per object of the batch: new records' seq range (first, last), for reusing written files.
     ranges: Vec<(ObjectId, Seq, Seq)>,
-    next: Watermarks,
+    /// The batch's objects' watermarks after it.
     batch_marks: BTreeMap<ObjectId, Watermark>,
     /// The batch's objects' watermarks before it: what a commit of nothing reports.
     durable_marks: BTreeMap<ObjectId, Watermark>,
 }
 
-fn plan(batch: &ColdBatch, prev: &Watermarks) -> Result<Plan> {
-    let mut next = prev.clone();
+fn plan(batch: &ColdBatch, prev: &SnapshotMarks) -> Result<Plan> {
+    let mut batch_marks = BTreeMap::new();
     let mut parts = Vec::new();
     let mut fresh = 0u64;
     let mut skipped = 0u64;
     let mut ranges = Vec::new();
     for (i, oc) in batch.objects.iter().enumerate() {
-        let wm = prev.get(&oc.object).copied().unwrap_or_default();
+        let wm = prev.get(&oc.object).unwrap_or_default();
         if oc.token < wm.token {
             return Err(Error::fenced(&oc.object, oc.token, wm.token));
         }
@@ -484,13 +485,11 @@ fn plan(batch: &ColdBatch, prev: &Watermarks) -> Result<Plan> {
             parts.push((i, from));
             fresh += new.len() as u64;
         }
-        next.insert(oc.object.clone(), Watermark { through, token: oc.token.max(wm.token) });
+        batch_marks.insert(oc.object.clone(), Watermark { through, token: oc.token.max(wm.token) });
     }
-    let batch_marks =
-        batch.objects.iter().filter_map(|oc| next.get(&oc.object).map(|w| (oc.object.clone(), *w))).collect();
     let durable_marks =
-        batch.objects.iter().map(|oc| (oc.object.clone(), prev.get(&oc.object).copied().unwrap_or_default())).collect();
-    Ok(Plan { parts, fresh, skipped, ranges, next, batch_marks, durable_marks })
+        batch.objects.iter().map(|oc| (oc.object.clone(), prev.get(&oc.object).unwrap_or_default())).collect();
+    Ok(Plan { parts, fresh, skipped, ranges, batch_marks, durable_marks })
 }
 
 /// Data files written for an attempt: the per-object seq ranges they hold, the partition spec
@@ -878,13 +877,13 @@ impl IcebergColdStore {
         if parent.is_some() || s.parent_snapshot_id().is_none() {
             // The parent's watermarks may be unknown too (a foreign parent whose dotdo base was
             // expired): fall back as below rather than report a landed commit as failed.
-            if let Ok((parent_wm, _, _)) = self.watermarks_of(md, parent.as_ref()).await {
+            if let Ok(parent_wm) = self.watermarks_of(md, parent.as_ref()).await {
                 if let Ok(p) = plan(batch, &parent_wm) {
                     return Ok(Self::commit_result(s, &p));
                 }
             }
         }
-        let (marks, _, _) = self.watermarks_of(md, Some(s)).await?;
+        let marks = self.watermarks_of(md, Some(s)).await?;
         let written = summary::added_records(s);
         Ok(ColdCommit {
             snapshot: Some(s.snapshot_id()),
@@ -893,7 +892,7 @@ impl IcebergColdStore {
             watermarks: batch
                 .objects
                 .iter()
-                .filter_map(|oc| marks.get(&oc.object).map(|w| (oc.object.clone(), *w)))
+                .filter_map(|oc| marks.get(&oc.object).map(|w| (oc.object.clone(), w)))
                 .collect(),
         })
     }
@@ -934,26 +933,25 @@ impl IcebergColdStore {
             }
             first_head.get_or_insert(head.as_ref().map(|s| s.snapshot_id()));
             let mut head = head;
-            let (prev_inline, prev_checkpoint, p) = loop {
-                let (prev, prev_inline, prev_checkpoint) =
-                    match self.watermarks_of(table.metadata(), head.as_ref()).await {
-                        Ok(w) => w,
-                        // The known table may be stale, and the checkpoint its head names cleaned up
-                        // since (another store expired it): judge once more against the catalog's
-                        // current table; if its watermarks cannot be read either, that error stands.
-                        Err(e) if !reloaded && !e.is_retryable() => {
-                            reloaded = true;
-                            table = match self.reload_for_resolution().await {
-                                Ok(t) => t,
-                                Err(_) => return Err(e),
-                            };
-                            head = table.metadata().current_snapshot().cloned();
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    };
+            let (prev, p) = loop {
+                let prev = match self.watermarks_of(table.metadata(), head.as_ref()).await {
+                    Ok(w) => w,
+                    // The known table may be stale, and the checkpoint its head names cleaned up
+                    // since (another store expired it): judge once more against the catalog's
+                    // current table; if its watermarks cannot be read either, that error stands.
+                    Err(e) if !reloaded && !e.is_retryable() => {
+                        reloaded = true;
+                        table = match self.reload_for_resolution().await {
+                            Ok(t) => t,
+                            Err(_) => return Err(e),
+                        };
+                        head = table.metadata().current_snapshot().cloned();
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 match plan(batch, &prev) {
-                    Ok(p) => break (prev_inline, prev_checkpoint, p),
+                    Ok(p) => break (prev, p),
                     // The known table may be stale (another store committed since): a batch that
                     // looks like it skips records is judged once more against the catalog's
                     // current table (not counted as an attempt); if it still does, or the
@@ -1013,10 +1011,10 @@ impl IcebergColdStore {
             };
             let parent_at = head.as_ref().map_or(Timestamp::EPOCH, |s| summary::committed_at(s));
             let at = self.inner.clock.now().max(parent_at);
-            let mut inline = prev_inline;
+            let mut inline = prev.inline.clone();
             inline.extend(p.batch_marks.iter().map(|(k, v)| (k.clone(), *v)));
             let props = if inline.len() > self.inner.settings.watermark_checkpoint_objects {
-                let cp = match self.write_checkpoint(&table, &p.next).await {
+                let cp = match self.write_checkpoint(&table, &prev.full_with(&p.batch_marks)).await {
                     Ok(cp) => cp,
                     Err(e) if e.is_retryable() && attempt + 1 < attempts => {
                         retry_pause(self.backoff(attempt)).await;
@@ -1026,7 +1024,7 @@ impl IcebergColdStore {
                 };
                 summary::properties(&Watermarks::new(), Some(&cp), &commit_id, at)
             } else {
-                summary::properties(&inline, prev_checkpoint.as_deref(), &commit_id, at)
+                summary::properties(&inline, prev.checkpoint.as_deref(), &commit_id, at)
             };
             match self.try_commit(&table, files, props).await {
                 Ok(t) => {
@@ -1153,11 +1151,7 @@ impl ColdSink for IcebergColdStore {
     async fn watermarks(&self, objects: &[ObjectId]) -> Result<Vec<Watermark>> {
         let table = self.read_table().await?;
         let Some(s) = table.metadata().current_snapshot() else { return Ok(vec![Watermark::default(); objects.len()]) };
-        let mut out = Vec::with_capacity(objects.len());
-        for o in objects {
-            out.push(self.watermark_in(table.metadata(), s, o).await?);
-        }
-        Ok(out)
+        self.watermarks_in(table.metadata(), s, objects).await
     }
 
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
