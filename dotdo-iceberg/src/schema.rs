@@ -71,6 +71,26 @@ pub fn table_schema() -> Result<Schema> {
         .map_err(|e| crate::error::classify(e, "building the table schema"))
 }
 
+/// Check that `schema` (a table's current schema) has dotdo's columns, in order and of dotdo's
+/// types, and nothing else. Records are written by column position, so a table whose columns
+/// another engine reordered, retyped, added or dropped would get values under the wrong column
+/// (or lose the other engine's column in a compaction): such a table is refused, `InvalidInput`
+/// naming `what` and the columns found.
+pub(crate) fn check_change_schema(schema: &Schema, what: &str) -> Result<()> {
+    let ours = table_schema()?;
+    let found = schema.as_struct().fields();
+    let same = found.len() == COLUMNS.len()
+        && found.iter().zip(ours.as_struct().fields()).all(|(f, o)| f.name == o.name && f.field_type == o.field_type);
+    if same {
+        return Ok(());
+    }
+    let cols: Vec<String> = found.iter().map(|f| format!("{} {}", f.name, f.field_type)).collect();
+    Err(Error::invalid(format!(
+        "{what} is not (or no longer) a dotdo change table: columns {cols:?}, expected {COLUMNS:?} with dotdo's types, \
+         in that order (another engine changed its schema?)"
+    )))
+}
+
 /// `bucket(do_id, buckets)`.
 pub fn partition_spec(buckets: u32) -> Result<UnboundPartitionSpec> {
     Ok(UnboundPartitionSpec::builder()

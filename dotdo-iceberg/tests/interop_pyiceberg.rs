@@ -375,6 +375,40 @@ async fn reads_stay_complete_after_another_engine_evolves_the_partition_spec() {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
 
+/// Another engine moves `seq` after `token` (PyIceberg `move_after`) while a store is open:
+/// the store's next append is refused (`InvalidInput` naming the columns) instead of writing
+/// records by position, which put each record's token under `seq` and its seq under `token`;
+/// the rows already written still read back as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_after_another_engine_reorders_columns_is_refused() {
+    let Some(python) = common::python("an_append_after_another_engine_reorders_columns_is_refused") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["interop"], "moved")
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let one = |seq: u64| ColdBatch::single(o.clone(), FencingToken::new(5), vec![rec(&o, seq, "k", Some(b"v"), 5)]);
+    cold.append(one(1)).await.expect("append");
+    let out = std::process::Command::new(&python)
+        .arg(common::py_dir().join("move_column.py"))
+        .arg(dir.path().join("catalog.db"))
+        .arg(cold.warehouse())
+        .arg("interop.moved")
+        .output()
+        .expect("run move_column.py");
+    assert!(out.status.success(), "move_column.py: {}", String::from_utf8_lossy(&out.stderr));
+    cold.refresh().await.expect("the store sees the new schema");
+    let e = cold.append(one(2)).await.expect_err("refused");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("no longer) a dotdo change table"), "{e}");
+    let changes = cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes");
+    assert_eq!(changes.iter().map(|c| (c.seq, c.token.get())).collect::<Vec<_>>(), [(1, 5)]);
+}
+
 /// A compaction during which another engine evolves the partition spec fails with `Conflict`
 /// and commits nothing: its new files carry the old spec's partition values, which must never be
 /// filed under the new spec (reads would prune rows away). Every record stays readable.

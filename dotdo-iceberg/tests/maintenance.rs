@@ -980,6 +980,45 @@ async fn a_data_file_in_another_format_is_not_reported_corrupt() {
     assert_eq!(live_files(&cold).await, 2, "two Parquet files became one, the ORC file stays: {report:?}");
 }
 
+/// Another engine changes the change table's schema under an open store (seq dropped and added
+/// back, so it now comes after token; or an extra column added): appends and compaction refuse
+/// with `InvalidInput` naming the columns. Before, records were written by column position, so
+/// seq and token were swapped in the new file (both longs), and a compaction would have dropped
+/// the other engine's column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_another_engine_changed_is_never_written_by_position() {
+    use iceberg::spec::{PrimitiveType, Type};
+    use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
+    for reorder in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = open(dir.path(), 1).await;
+        let o = ObjectId::new("o").expect("id");
+        for seq in 1..=2 {
+            let r = common::put(&o, seq, "k", "v", 5);
+            cold.append(ColdBatch::single(o.clone(), FencingToken::new(5), vec![r])).await.expect("append");
+        }
+        let table = cold.refresh().await.expect("table");
+        let tx = Transaction::new(&table);
+        let update = if reorder {
+            tx.update_schema()
+                .delete_column("op")
+                .add_column(AddColumn::optional("op", Type::Primitive(PrimitiveType::String)))
+        } else {
+            tx.update_schema().add_column(AddColumn::optional("extra", Type::Primitive(PrimitiveType::String)))
+        };
+        let tx = update.apply(tx).expect("apply");
+        tx.commit(&*cold.catalog()).await.expect("another engine's schema change");
+        cold.refresh().await.expect("the store sees it");
+        let r = common::put(&o, 3, "k", "w", 5);
+        let e = cold.append(ColdBatch::single(o.clone(), FencingToken::new(5), vec![r])).await.expect_err("refused");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "reorder {reorder}: {e}");
+        assert!(e.to_string().contains("no longer) a dotdo change table"), "{e}");
+        let e = cold.compact(CompactOptions::default()).await.expect_err("compaction refused");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "reorder {reorder}: {e}");
+        assert_eq!(live_files(&cold).await, 2, "nothing written");
+    }
+}
+
 /// A cleanup of unreferenced files that runs while a compaction is between writing its new
 /// files and committing them (a compaction that outlasted the cleanup's retention) deletes
 /// some of them: the compaction then refuses to commit a snapshot naming missing files
