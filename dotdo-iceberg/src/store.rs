@@ -313,8 +313,10 @@ impl IcebergColdStoreBuilder {
     }
 }
 
-/// The table's `bucket(do_id)` partition transform.
-/// The bucketer of the table's default partition spec (its `do_id` field).
+/// The bucketer of the table's default partition spec: its `bucket(do_id)` field. Only a bucket
+/// field counts: a v1 table keeps a removed partition field as `void(do_id)` (a spec evolved
+/// from bucket[16] to bucket[32] by another engine starts with one), and another engine may
+/// partition by `identity` or `truncate` of do_id, which dotdo cannot prune by.
 fn table_bucketer(table: &Table) -> Result<Bucketer> {
     let spec = table.metadata().default_partition_spec();
     let do_id = table
@@ -326,8 +328,8 @@ fn table_bucketer(table: &Table) -> Result<Bucketer> {
         .fields()
         .iter()
         .enumerate()
-        .find(|(_, f)| f.source_id == do_id)
-        .ok_or_else(|| Error::invalid("table is not partitioned by do_id"))?;
+        .find(|(_, f)| f.source_id == do_id && matches!(f.transform, iceberg::spec::Transform::Bucket(_)))
+        .ok_or_else(|| Error::invalid("table is not partitioned by bucket(do_id)"))?;
     Ok(Bucketer::new(&field.transform)?.with_spec(spec.spec_id(), position))
 }
 
