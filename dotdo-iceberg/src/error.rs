@@ -113,6 +113,9 @@ fn generic_cause(e: &object_store::Error) -> Cause {
         .and_then(|i| text.get(i + STATUS.len()..i + STATUS.len() + 3))
         .and_then(|s| s.parse::<u16>().ok());
     match status {
+        // A range read starting past the end of the object (S3's `InvalidRange`): the file is
+        // shorter than its metadata says, like the local stores' range errors above.
+        Some(416) => Cause::Undecodable,
         Some(408 | 429) => Cause::StoreUnavailable,
         // S3 answers a slow upload with 400 `RequestTimeout`, which its own SDKs retry.
         Some(400) if text.contains("RequestTimeout") => Cause::StoreUnavailable,
@@ -496,6 +499,8 @@ mod tests {
         assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{e}");
         let slow = http("400 Bad Request: <Error><Code>RequestTimeout</Code></Error>");
         assert_eq!(classify_object_store(slow).kind(), &ErrorKind::Unavailable, "S3's RequestTimeout");
+        let short = classify_object_store(http("416 Range Not Satisfiable: <Code>InvalidRange</Code>"));
+        assert_eq!(short.kind(), &ErrorKind::Corrupt, "a range past the end: the file is short: {short}");
         for transient in ["503 Service Unavailable", "429 Too Many Requests", "408 Request Timeout"] {
             let e = classify_object_store(http(transient));
             assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{transient}: {e}");

@@ -77,3 +77,36 @@ fn s3_objects_land_in_the_bucket_and_reopen_from_the_catalog() {
         assert!(b.table().metadata().location().starts_with("s3://dotdo-reopen/reopen/"));
     });
 }
+
+/// A data file on S3 that is shorter than its manifest records (emptied, or cut short: a
+/// partial upload another tool left) is `Corrupt` naming the file, as on local files. S3
+/// answers the range read of an emptied object with 416, which was taken for a request the
+/// store refuses (`Backend`).
+#[test]
+fn a_data_file_shorter_than_its_manifest_says_is_corrupt_on_s3() {
+    let Some(python) = common::python("a_data_file_shorter_than_its_manifest_says_is_corrupt_on_s3") else {
+        return;
+    };
+    let moto = common::Moto::start(&python, "dotdo-short");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        for (n, keep) in [0usize, 10].into_iter().enumerate() {
+            let (cold, _dir) = open_s3(&moto, &format!("short{n}"), Arc::new(dotdo_core::SystemClock::new())).await;
+            let o = ObjectId::new("user:7").expect("id");
+            let recs = (1..=3).map(|s| common::put(&o, s, &format!("k{s}"), "v", 1)).collect();
+            cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), recs)).await.expect("append");
+            let t = cold.table();
+            let snap = t.metadata().current_snapshot().expect("snapshot").clone();
+            let list = t.manifest_list_reader(&snap).load().await.expect("list");
+            let m = list.entries()[0].load_manifest(t.file_io()).await.expect("manifest");
+            let path = m.entries()[0].data_file().file_path().to_string();
+            let bytes = t.file_io().new_input(&path).expect("input").read().await.expect("read");
+            let out = t.file_io().new_output(&path).expect("output");
+            out.write(bytes.slice(..keep)).await.expect("cut the file short");
+            let e = cold.load_state(&o, AsOf::Latest).await.expect_err("a damaged file");
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{keep} bytes kept: {e}");
+            let name = path.rsplit('/').next().expect("name");
+            assert!(e.to_string().contains(name), "{keep} bytes kept: {e}");
+        }
+    });
+}
