@@ -1380,6 +1380,8 @@ struct FaultyHot {
     /// still queued at a remote primary when the client gave up on it.
     hold_next_write: std::sync::atomic::AtomicBool,
     held: parking_lot::Mutex<Vec<(ObjectId, FencingToken, WriteBatch)>>,
+    /// The next write is held back (into `held`) and never answered: the caller gives up on it.
+    hang_next_write: std::sync::atomic::AtomicBool,
     /// Restores apply, then report `AmbiguousOutcome`.
     ambiguous_restores: std::sync::atomic::AtomicU32,
 }
@@ -1393,6 +1395,7 @@ impl FaultyHot {
             most_read: 0.into(),
             fail_listing: false.into(),
             hold_next_write: false.into(),
+            hang_next_write: false.into(),
             ambiguous_restores: 0.into(),
             held: Default::default(),
         }
@@ -1416,6 +1419,10 @@ impl HotStore for FaultyHot {
         if self.hold_next_write.swap(false, std::sync::atomic::Ordering::SeqCst) {
             self.held.lock().push((object.clone(), token, batch));
             return Err(Error::new(ErrorKind::AmbiguousOutcome, "the request timed out at the primary (test)"));
+        }
+        if self.hang_next_write.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.held.lock().push((object.clone(), token, batch));
+            return std::future::pending().await;
         }
         self.inner.write(object, token, batch).await
     }
@@ -2090,6 +2097,27 @@ async fn a_write_of_unknown_outcome_landing_late_is_fenced() {
     hot.hold_next_write.store(true, std::sync::atomic::Ordering::SeqCst);
     let e = incr(&rt, &o).await.expect_err("the write's outcome is unknown");
     assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert_eq!(incr(&rt, &o).await.expect("again"), 2);
+    assert_eq!(incr(&rt, &o).await.expect("and again"), 3);
+    let (object, token, batch) = hot.held.lock().pop().expect("the held write");
+    let late = w.hot.write(&object, token, batch).await.expect_err("landing late");
+    assert!(late.is_fenced(), "{late}");
+    assert_eq!(get(&rt, &o, "n").await.expect("get"), Some(Bytes::from("3")), "no lost update");
+}
+
+/// A call cancelled while its write is in flight (a caller's timeout) leaves a write of unknown
+/// outcome: the next call writes under a newer token, so that write, landing late, is fenced.
+/// Before, the lease stayed in the slot, the next calls wrote under the same token, and the
+/// late write overwrote them (a lost update).
+#[tokio::test]
+async fn a_write_of_a_cancelled_call_landing_late_is_fenced() {
+    let w = World::new();
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    let rt = w.runtime_with_hot("a", hot.clone(), settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    hot.hang_next_write.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
     assert_eq!(incr(&rt, &o).await.expect("again"), 2);
     assert_eq!(incr(&rt, &o).await.expect("and again"), 3);
     let (object, token, batch) = hot.held.lock().pop().expect("the held write");

@@ -554,8 +554,20 @@ impl ObjectRuntime {
                 }
             })?;
         }
-        let receipt =
-            inner.hot.write(object, active.lease.token, WriteBatch { type_name: type_name.to_string(), ops }).await?;
+        // While the write is in flight the activation is out of the slot, its lease in hand: a
+        // call cancelled here (a caller's timeout) leaves a write of unknown outcome, which may
+        // still land (a request queued at a remote primary, a blocking task running on). The
+        // lease then becomes an orphan, released before the object's next activation, so the
+        // next call writes under a newer token and a late landing is fenced. (Left in the slot,
+        // the next calls kept writing under this token and the late write overwrote them.)
+        let taken = slot.active.take().expect("active");
+        let token = taken.lease.token;
+        let hand = LeaseInHand::new(inner, taken.lease.clone());
+        let written = inner.hot.write(object, token, WriteBatch { type_name: type_name.to_string(), ops }).await;
+        hand.disarm();
+        slot.active = Some(taken);
+        let active = slot.active.as_mut().expect("active");
+        let receipt = written?;
         inner.metrics.lock().commits += 1;
         tracing::debug!(object = %object, last_seq = receipt.last_seq, "dotdo commit");
         // The write is durable from here on: what follows is best effort, and its failure is not
