@@ -2247,6 +2247,52 @@ async fn a_repeated_set_ring_keeps_pending_hand_overs() {
     assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
 }
 
+/// A lease given back to fence a write of unknown outcome, whose release keeps failing (so it
+/// is still current), is never adopted as the landing of an acquire a cancelled call left
+/// unsure: the next call waits it out and writes under a newer token, and the held write,
+/// landing late, is fenced. (It was adopted, being "granted to this node since" that acquire,
+/// and the late write overwrote the newer state.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_given_back_for_fencing_is_never_adopted() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = World::new();
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = Arc::new(
+        ObjectRuntime::builder(NodeId::new("a").expect("node"))
+            .with_hot_store(hot.clone())
+            .with_guard(guard.clone())
+            .with_cold_sink(Arc::new(w.cold.clone()))
+            .with_clock(Arc::new(w.clock.clone()))
+            .with_settings(settings())
+            .build()
+            .expect("runtime"),
+    );
+    let o = oid("o");
+    // An acquire left in flight by a cancelled call (it never lands: its gate stays shut).
+    guard.late_acquires.store(true, SeqCst);
+    guard.gate_late.store(true, SeqCst);
+    assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
+    guard.late_acquires.store(false, SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    let first = w.hot.current(&o).await.expect("current").expect("held");
+    hot.hold_next_write.store(true, SeqCst);
+    guard.fail_releases.store(2, SeqCst);
+    let e = incr(&rt, &o).await.expect_err("unknown outcome");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    // The next call cannot release the first lease either: it is refused by it (this node's
+    // own lease, not adopted) until it runs out.
+    let e = incr(&rt, &o).await.expect_err("the given-back lease is still current");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    w.clock.advance(TTL);
+    assert_eq!(incr(&rt, &o).await.expect("under a newer lease"), 2);
+    assert!(w.hot.current(&o).await.expect("current").expect("held").token > first.token);
+    let (object, token, batch) = hot.held.lock().pop().expect("the held write");
+    let late = w.hot.write(&object, token, batch).await.expect_err("landing late");
+    assert!(late.is_fenced(), "{late}");
+    assert_eq!(get(&rt, &o, "n").await.expect("get"), Some(Bytes::from("2")), "no lost update");
+}
+
 /// After a write of unknown outcome, a failed release of the lease is tried again by the next
 /// call instead of locking this node out until the lease expires.
 #[tokio::test]

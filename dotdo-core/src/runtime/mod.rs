@@ -185,6 +185,12 @@ pub(crate) struct Inner {
     /// must agree, as they do when both are the process clock; otherwise such a lease is only
     /// waited out.)
     unsure: parking_lot::Mutex<HashMap<ObjectId, Timestamp>>,
+    /// Per object, the highest token this runtime gave back or left as an orphan (kept while an
+    /// acquire of unknown outcome is remembered for the object). Such a lease is never taken
+    /// for the landing of an unknown acquire: it may have been given back to fence a write of
+    /// unknown outcome, and adopting it (its release failed, so it is still current) would let
+    /// that write land unfenced.
+    given_back: parking_lot::Mutex<HashMap<ObjectId, FencingToken>>,
     shutting_down: AtomicBool,
     /// Set once shutdown's flush has run: a call ending after it gives its lease back.
     shutdown_flushed: AtomicBool,
@@ -274,6 +280,7 @@ impl ObjectRuntimeBuilder {
                 slots: parking_lot::Mutex::new(HashMap::new()),
                 orphans: parking_lot::Mutex::new(HashMap::new()),
                 unsure: parking_lot::Mutex::new(HashMap::new()),
+                given_back: parking_lot::Mutex::new(HashMap::new()),
                 shutting_down: AtomicBool::new(false),
                 shutdown_flushed: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
@@ -1650,7 +1657,17 @@ pub(crate) fn before_the_call(e: Error, step: &str) -> Error {
 /// that runtime's fencing); a late acquire landing more than a TTL after it was sent is not
 /// recognised, and its lease is waited out.
 fn granted_here_since(inner: &Inner, lease: &Lease, since: Timestamp) -> bool {
-    lease.holder == inner.node && lease.acquired_at >= since && lease.acquired_at < since.plus(inner.settings.lease_ttl)
+    lease.holder == inner.node
+        && lease.acquired_at >= since
+        && lease.acquired_at < since.plus(inner.settings.lease_ttl)
+        && inner.given_back.lock().get(&lease.object).is_none_or(|t| lease.token > *t)
+}
+
+/// `lease` is being given back (or left as an orphan): never adopt it (see [`Inner::given_back`]).
+fn note_given_back(inner: &Inner, lease: &Lease) {
+    let mut g = inner.given_back.lock();
+    let t = g.entry(lease.object.clone()).or_insert(lease.token);
+    *t = (*t).max(lease.token);
 }
 
 /// Whether an acquire of unknown outcome sent at `since` is still remembered: within a TTL of
@@ -1698,6 +1715,17 @@ async fn release_orphans(inner: &Arc<Inner>) {
             }
         }
     }
+    // Given-back tokens matter only while an acquire of unknown outcome may land: forgotten for
+    // objects with no such acquire remembered, under the slot lock (a call holding it may be
+    // settling one).
+    let objects: Vec<ObjectId> = inner.given_back.lock().keys().cloned().collect();
+    for object in objects {
+        let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
+        let Some(_held) = slot.try_lock() else { continue };
+        if !inner.unsure.lock().contains_key(&object) {
+            inner.given_back.lock().remove(&object);
+        }
+    }
 }
 
 /// A restore refused as `InvalidInput` got its entries from cold storage, not from the caller:
@@ -1721,6 +1749,7 @@ async fn give_back(inner: &Arc<Inner>, active: &mut Option<Active>) {
 
 /// Give `lease` back; if that fails (logged), it is kept as an orphan and released again later.
 async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
+    note_given_back(inner, lease);
     let hand = LeaseInHand::new(inner, lease.clone());
     match inner.guard.release(lease).await {
         Ok(()) => hand.disarm(),
@@ -1757,6 +1786,7 @@ impl<'a> LeaseInHand<'a> {
 impl Drop for LeaseInHand<'_> {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
+            note_given_back(self.inner, &lease);
             self.inner.orphans.lock().insert(lease.object.clone(), lease);
         }
     }
