@@ -2247,6 +2247,36 @@ async fn a_repeated_set_ring_keeps_pending_hand_overs() {
     assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
 }
 
+/// One object whose cold append is refused for good (here: its hot log starts past what this
+/// cold store holds, so its batch would skip records) does not keep `flush_all` from draining
+/// the others committed with it: they are drained, it is left out, and its error is returned.
+/// (The whole multi-object commit failed, every round, and nothing was drained.)
+#[tokio::test]
+async fn an_object_cold_refuses_does_not_block_flush_all_for_the_others() {
+    let w = World::new();
+    let r1 = w.runtime("r1", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let (a, b) = (oid("a"), oid("b"));
+    for _ in 0..5 {
+        incr(&r1, &b).await.expect("write b");
+    }
+    r1.flush(&b).await.expect("flush b");
+    let fresh = MemoryColdStore::with_clock(Arc::new(w.clock.clone()));
+    let r2 = ObjectRuntime::builder(NodeId::new("r2").expect("node"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(fresh.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("runtime");
+    assert_eq!(incr(&r2, &b).await.expect("b"), 6);
+    assert_eq!(incr(&r2, &a).await.expect("a"), 1);
+    let e = r2.flush_all().await.expect_err("b is refused");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert_eq!(fresh.watermark(&a).await.expect("watermark").through, 1, "a was drained");
+    assert_eq!(fresh.watermark(&b).await.expect("watermark").through, 0);
+}
+
 /// A lease given back to fence a write of unknown outcome, whose release keeps failing (so it
 /// is still current), is never adopted as the landing of an acquire a cancelled call left
 /// unsure: the next call waits it out and writes under a newer token, and the held write,

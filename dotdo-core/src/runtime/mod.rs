@@ -1093,7 +1093,35 @@ impl ObjectRuntime {
                 break;
             }
             let n = batch.record_count() as u64;
-            let commit = append_resolving(inner, batch.clone()).await?;
+            let commit = match append_resolving(inner, batch.clone()).await {
+                Ok(c) => c,
+                // Refused for good: find which objects cold refuses, each appended alone. Those
+                // are left out (the first error is returned at the end); the others' records are
+                // now in cold, and the next round truncates them (found there, and verified).
+                Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
+                    if batch.objects.len() == 1 {
+                        let oc = &batch.objects[0];
+                        tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: cold refused the object's changes");
+                        left_out.insert(oc.object.clone());
+                        first_err.get_or_insert(e);
+                        continue;
+                    }
+                    for oc in batch.objects {
+                        let object = oc.object.clone();
+                        match append_resolving(inner, ColdBatch { objects: vec![oc] }).await {
+                            Ok(_) => {}
+                            Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
+                                tracing::error!(object = %object, error = %e, "dotdo flush_all: cold refused the object's changes");
+                                left_out.insert(object);
+                                first_err.get_or_insert(e);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let mut diverged_now = std::collections::BTreeSet::new();
             if commit.records_skipped > 0 {
                 for oc in &batch.objects {
