@@ -2247,6 +2247,44 @@ async fn a_repeated_set_ring_keeps_pending_hand_overs() {
     assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
 }
 
+/// A call that takes an object's lease after shutdown's flush ran (here a prefetch that waited
+/// for the slot behind a long handler, both entered before shutdown) gives it back when it
+/// ends: nothing would release it any more, and other nodes would wait out its TTL.
+#[allow(clippy::disallowed_methods)] // real-time pauses while tasks reach their waits
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
+    let w = World::new();
+    let rt = Arc::new(w.runtime("a", settings()));
+    let o = oid("o");
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+    let (rt1, o1) = (rt.clone(), o.clone());
+    let long = tokio::spawn(async move {
+        rt1.invoke(&o1, async move |t: &mut ObjectTxn<'_>| {
+            let _ = entered_tx.send(());
+            let _ = gate_rx.await;
+            t.put("k", "v")?;
+            Ok::<_, Error>(())
+        })
+        .await
+    });
+    entered_rx.await.expect("the handler runs");
+    let (rt2, o2) = (rt.clone(), o.clone());
+    let prefetch = tokio::spawn(async move { rt2.prefetch(&o2, &[], &[]).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let rt3 = rt.clone();
+    let shutdown = tokio::spawn(async move { rt3.shutdown().await });
+    while !shutdown.is_finished() {
+        w.clock.advance(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    shutdown.await.expect("task").expect("shutdown");
+    gate_tx.send(()).expect("open the gate");
+    long.await.expect("task").expect("the long call");
+    prefetch.await.expect("task").expect("the prefetch");
+    assert!(w.hot.current(&o).await.expect("current").is_none(), "the prefetch's lease was given back");
+}
+
 /// One object whose cold append is refused for good (here: its hot log starts past what this
 /// cold store holds, so its batch would skip records) does not keep `flush_all` from draining
 /// the others committed with it: they are drained, it is left out, and its error is returned.

@@ -157,6 +157,9 @@ struct Slot {
     active: Option<Active>,
 }
 
+/// An object's slot: its activation on this runtime, one call at a time.
+type SlotRef = Arc<futures::lock::Mutex<Slot>>;
+
 pub(crate) struct Inner {
     node: NodeId,
     hot: Arc<dyn HotStore>,
@@ -170,7 +173,7 @@ pub(crate) struct Inner {
     /// that had no ring, from anywhere) to another node, not handed over yet: `maintain` gives
     /// their leases back once no call uses them.
     handover: parking_lot::Mutex<std::collections::HashSet<ObjectId>>,
-    slots: parking_lot::Mutex<HashMap<ObjectId, Arc<futures::lock::Mutex<Slot>>>>,
+    slots: parking_lot::Mutex<HashMap<ObjectId, SlotRef>>,
     /// Leases a cancelled call (its future dropped) took or held but could neither keep in a
     /// slot nor release; the next activation of the object releases them first, so this node
     /// does not lock itself (and everyone) out of the object until they expire.
@@ -404,8 +407,21 @@ impl ObjectRuntime {
         self.inner.handover.lock().extend(moved);
     }
 
-    fn slot(&self, object: &ObjectId) -> Arc<futures::lock::Mutex<Slot>> {
+    fn slot(&self, object: &ObjectId) -> SlotRef {
         self.inner.slots.lock().entry(object.clone()).or_default().clone()
+    }
+
+    /// At the end of a call: if shutdown's flush ran while the call held its slot, give the
+    /// object's lease back. The call may have decided to keep the lease just before shutdown
+    /// set its flag, and shutdown then skipped the slot the call still held; the flag is set
+    /// before that skip, so it is seen here. (A slot another call holds is left to that call's
+    /// own check.)
+    async fn give_back_if_shut_down(&self, slot: &SlotRef) {
+        if self.inner.shutdown_flushed.load(Ordering::SeqCst) {
+            if let Some(mut held) = slot.try_lock() {
+                give_back(&self.inner, &mut held.active).await;
+            }
+        }
     }
 
     /// Count a call in flight, or refuse it with `Shutdown` once shutdown has begun. The call is
@@ -451,6 +467,17 @@ impl ObjectRuntime {
         let _guard = self.enter()?;
         self.inner.metrics.lock().invokes += 1;
         let slot = self.slot(object);
+        let out = self.invoke_in(object, type_name, handler, &slot).await;
+        self.give_back_if_shut_down(&slot).await;
+        out
+    }
+
+    /// [`invoke_typed`](Self::invoke_typed) in the object's slot.
+    async fn invoke_in<T, E, F>(&self, object: &ObjectId, type_name: &str, handler: F, slot: &SlotRef) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&mut ObjectTxn<'_>) -> Result<T, E>,
+        E: From<Error>,
+    {
         let mut slot = slot.lock().await;
         self.ensure_active(object, &mut slot).await?;
         let active = slot.active.as_mut().expect("ensure_active leaves the object active");
@@ -887,6 +914,12 @@ impl ObjectRuntime {
     pub async fn prefetch(&self, object: &ObjectId, keys: &[String], prefixes: &[String]) -> Result<()> {
         let _guard = self.enter()?;
         let slot = self.slot(object);
+        let out = self.prefetch_in(object, keys, prefixes, &slot).await;
+        self.give_back_if_shut_down(&slot).await;
+        out
+    }
+
+    async fn prefetch_in(&self, object: &ObjectId, keys: &[String], prefixes: &[String], slot: &SlotRef) -> Result<()> {
         let mut slot = slot.lock().await;
         self.ensure_active(object, &mut slot).await?;
         let active = slot.active.as_mut().expect("active");
@@ -933,6 +966,12 @@ impl ObjectRuntime {
     pub async fn flush(&self, object: &ObjectId) -> Result<FlushReport> {
         let _guard = self.enter()?;
         let slot = self.slot(object);
+        let out = self.flush_in(object, &slot).await;
+        self.give_back_if_shut_down(&slot).await;
+        out
+    }
+
+    async fn flush_in(&self, object: &ObjectId, slot: &SlotRef) -> Result<FlushReport> {
         let mut slot = slot.lock().await;
         // Nothing to drain for an object not active here: no activation (which, for an evicted
         // object, would restore its whole state into hot storage).
@@ -1231,8 +1270,9 @@ impl ObjectRuntime {
     pub async fn evict(&self, object: &ObjectId) -> Result<()> {
         let _guard = self.enter()?;
         let slot = self.slot(object);
-        let mut slot = slot.lock().await;
-        self.evict_locked(object, &mut slot).await
+        let out = self.evict_locked(object, &mut *slot.lock().await).await;
+        self.give_back_if_shut_down(&slot).await;
+        out
     }
 
     /// [`evict`](Self::evict) of an object whose slot the caller has locked.
