@@ -154,8 +154,25 @@ impl IcebergColdStore {
         if !same_shape(&iceberg_arrow, &schema) {
             return Err(Error::invalid(format!("{what} exists with another schema: {iceberg_arrow:?}")));
         }
+        check_unpartitioned(&table, &what)?;
         Ok(ArrowTable { store: self.clone(), ident, user: schema, iceberg_arrow })
     }
+}
+
+/// dotdo writes user tables unpartitioned: a table another engine created (or re-specced)
+/// with a partition spec is refused, `InvalidInput`. (Its files would be written without
+/// partition values, which the manifest writer cannot summarise: a panic on the SQL catalog,
+/// invalid metadata elsewhere.)
+fn check_unpartitioned(table: &Table, what: &str) -> Result<()> {
+    let spec = table.metadata().default_partition_spec();
+    if spec.fields().is_empty() {
+        return Ok(());
+    }
+    let fields: Vec<String> = spec.fields().iter().map(|f| format!("{}({})", f.transform, f.name)).collect();
+    Err(Error::invalid(format!(
+        "{what} is partitioned ({}); dotdo appends to and compacts unpartitioned user tables only",
+        fields.join(", ")
+    )))
 }
 
 /// The Iceberg type of `dt`, if it converts back to exactly `dt` (what appends will check).
@@ -177,6 +194,7 @@ pub(crate) async fn write_user_files(
     target: usize,
     what: &str,
 ) -> Result<Vec<iceberg::spec::DataFile>> {
+    check_unpartitioned(table, what)?;
     let md = table.metadata();
     let level =
         ZstdLevel::try_new(store.inner.settings.zstd_level).map_err(|e| Error::invalid(format!("zstd level: {e}")))?;

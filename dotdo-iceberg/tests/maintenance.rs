@@ -675,6 +675,41 @@ async fn a_user_tables_out_of_range_stream_mark_is_corrupt() {
     assert_eq!(t.last_batch("s").await.expect_err("still corrupt").kind(), &ErrorKind::Corrupt);
 }
 
+/// A user table another engine created with a partition spec is refused when opened
+/// (`InvalidInput` naming the spec): dotdo writes user tables unpartitioned, and an append of
+/// unpartitioned files to it panicked in iceberg's manifest writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_user_table_is_refused_not_appended_to() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    use iceberg::spec::{NestedField, PrimitiveType, Transform, Type, UnboundPartitionSpec};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let ns = iceberg::NamespaceIdent::new("p".to_string());
+    cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
+    let schema = iceberg::spec::Schema::builder()
+        .with_fields(vec![NestedField::optional(1, "n", Type::Primitive(PrimitiveType::Long)).into()])
+        .build()
+        .expect("schema");
+    let spec =
+        UnboundPartitionSpec::builder().add_partition_field(1, "n_part", Transform::Identity).expect("field").build();
+    let creation =
+        iceberg::TableCreation::builder().name("parted".to_string()).schema(schema).partition_spec(spec).build();
+    cold.catalog().create_table(&ns, creation).await.expect("another engine's partitioned table");
+    let arrow = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
+    let opened = tokio::spawn({
+        let cold = cold.clone();
+        async move {
+            let t = cold.arrow_table(&["p"], "parted", arrow.clone()).await?;
+            let batch = RecordBatch::try_new(arrow, vec![Arc::new(Int64Array::from(vec![1]))]).expect("batch");
+            t.append("s", 1, vec![batch]).await.map(|_| ())
+        }
+    });
+    let e = opened.await.expect("no panic").expect_err("a partitioned user table");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("partitioned"), "{e}");
+}
+
 /// A user table (ArrowTable) written in many small appends, with a column added half way:
 /// compaction keeps every row (old rows read with the new column null), commits `replace`,
 /// keeps the stream's batch marks (a replayed batch is skipped), and appends continue.
