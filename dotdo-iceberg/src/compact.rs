@@ -552,10 +552,33 @@ impl IcebergColdStore {
     /// the replaced files were cleaned up too, their rows lost. `Conflict` if one is gone.
     async fn added_files_present(&self, added: &[DataFile], what: &str) -> Result<()> {
         use futures::{StreamExt, TryStreamExt};
+        // A cleanup deletes unreferenced files older than its retention (by its clock against
+        // the store's last-modified time), at least `min_cleanup_retention`, and one that runs
+        // while this commit lands may already have judged these files unreferenced: safe only
+        // while they are younger than that by a wide margin. (Zero: no writer runs alongside a
+        // cleanup, by the setting's contract.)
+        let max_age = self.inner.settings.min_cleanup_retention / 2;
+        let now = self.inner.clock.now();
         let heads = added.iter().map(|f| async move {
             let key = self.inner.root.key(f.file_path())?;
             match self.inner.root.store.head(&key).await {
-                Ok(_) => Ok(()),
+                Ok(meta) => {
+                    let written = dotdo_core::Timestamp::from_micros(meta.last_modified.timestamp_micros());
+                    let age = now.since(written);
+                    if max_age.is_zero() || age <= max_age {
+                        return Ok(());
+                    }
+                    Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "{what}: {} was written {age:?} ago, more than half of min_cleanup_retention \
+                             ({max_age:?}): a cleanup running now could delete it after the commit; nothing \
+                             committed (compact fewer partitions per run, or raise min_cleanup_retention)",
+                            f.file_path()
+                        ),
+                    )
+                    .with_retryable(false))
+                }
                 Err(object_store::Error::NotFound { .. }) => Err(Error::new(
                     ErrorKind::Conflict,
                     format!(

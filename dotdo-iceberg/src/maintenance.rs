@@ -170,8 +170,9 @@ impl IcebergColdStore {
         // A commit that landed while the table was read and listed (a compaction running longer
         // than the retention, whose new files are older than the cutoff) references files the
         // first pass did not see: read the table again and keep what it references too. (A
-        // commit landing during the deletes below is not covered: the retention must exceed the
-        // longest-running writer, as `min_cleanup_retention` documents.)
+        // commit landing during the deletes below references no file older than half of
+        // `min_cleanup_retention`: a compaction checks that before it commits, and appends
+        // commit within seconds of writing.)
         let current = self.refresh().await?;
         if current.metadata_location() != table.metadata_location() {
             self.add_referenced(&current, cutoff, &mut referenced, &mut manifests).await?;

@@ -118,9 +118,11 @@ pub struct Settings {
     /// (default 1 hour). A file an append or compaction has written but not yet committed is
     /// unreferenced until its commit lands; a shorter retention could delete it while that
     /// commit is in flight (Spark's `remove_orphan_files` refuses under 24 hours for the same
-    /// reason). Lower it only where no writer can be running, e.g. in tests. A compaction that
-    /// runs longer than the cleanup's retention checks that its new files are all still there
-    /// before it commits, and fails with `Conflict` (nothing committed) if a cleanup took one.
+    /// reason). Lower it only where no writer can be running, e.g. in tests. Before it commits,
+    /// a compaction checks that its new files are all still there and that none was written
+    /// more than half of this ago (a cleanup running meanwhile could judge an older one
+    /// unreferenced and delete it after the commit); otherwise it fails with `Conflict`, nothing
+    /// committed. A compaction that needs longer: fewer partitions per run, or a larger minimum.
     pub min_cleanup_retention: Duration,
     /// On a `file://` warehouse that dotdo opens itself (not one given with
     /// [`object_store`](IcebergColdStoreBuilder::object_store)), fsync every data, manifest and

@@ -817,9 +817,12 @@ async fn replaced_files_get_the_retention_period_from_the_compaction() {
     use std::time::Duration;
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(SystemClock::new().now());
+    // The clock moves ahead of the files' times, so every new file looks hours old: a zero
+    // minimum retention (no writer runs alongside a cleanup here) lets the compactions commit
+    // them (see `a_compaction_whose_files_a_cleanup_could_take_does_not_commit`).
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .table(["m"], "changes")
-        .settings(Settings { buckets: 1, ..Default::default() })
+        .settings(Settings { buckets: 1, min_cleanup_retention: Duration::ZERO, ..Default::default() })
         .with_clock(Arc::new(clock.clone()))
         .build()
         .await
@@ -1052,6 +1055,35 @@ async fn a_schema_another_engine_changed_is_never_written_by_position() {
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "reorder {reorder}: {e}");
         assert_eq!(live_files(&cold).await, 2, "nothing written");
     }
+}
+
+/// A compaction whose new files are older than half of `min_cleanup_retention` when it comes
+/// to commit (here: its clock runs two hours ahead of the store's file times) refuses to commit
+/// (`Conflict`, nothing committed): a cleanup running meanwhile may already have judged those
+/// files unreferenced and would delete them after the commit, under the new head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_whose_files_a_cleanup_could_take_does_not_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wall = dotdo_core::Clock::now(&dotdo_core::SystemClock::new());
+    let clock = dotdo_core::ManualClock::new(wall.plus(std::time::Duration::from_secs(7200)));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .with_clock(Arc::new(clock))
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        let r = common::put(&o, seq, &format!("k{seq}"), "v", 1);
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
+    }
+    let before = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read");
+    let e = cold.compact(CompactOptions::default()).await.expect_err("files too old to commit safely");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.to_string().contains("min_cleanup_retention"), "{e}");
+    assert_eq!(live_files(&cold).await, 3, "nothing committed");
+    assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read"), before);
 }
 
 /// A cleanup of unreferenced files that runs while a compaction is between writing its new
