@@ -55,6 +55,7 @@ impl IcebergColdStore {
         let attempts = self.inner.settings.max_commit_attempts;
         for attempt in 0..attempts {
             let table = self.refresh().await?;
+            gc_enabled(&table, &what)?;
             let Some(head) = table.metadata().current_snapshot_id() else { return Ok(ExpireReport::default()) };
             let cutoff = Timestamp::from_micros(
                 self.inner
@@ -150,6 +151,7 @@ impl IcebergColdStore {
             )));
         }
         let table = self.refresh().await?;
+        gc_enabled(&table, &format!("removing unreferenced files of {}", self.table_ident()))?;
         let md = table.metadata();
         let cutoff =
             self.inner.clock.now().as_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
@@ -319,4 +321,18 @@ fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64,
         }
     }
     Ok(out)
+}
+
+/// Iceberg's `gc.enabled=false` (set where a table's files may be shared with another table, or
+/// to keep history): snapshot expiry and file cleanup are refused, `InvalidInput`, as Java's
+/// maintenance actions refuse them. (iceberg's own refusal surfaced as `Corrupt`, and the file
+/// cleanup ignored the property.)
+fn gc_enabled(table: &iceberg::table::Table, what: &str) -> Result<()> {
+    match table.metadata().properties().get("gc.enabled") {
+        Some(v) if v.eq_ignore_ascii_case("false") => Err(Error::invalid(format!(
+            "{what}: the table has gc.enabled=false (its files may be shared with another table); \
+             set it to true to expire snapshots or remove files"
+        ))),
+        _ => Ok(()),
+    }
 }

@@ -1086,6 +1086,36 @@ async fn a_compaction_whose_files_a_cleanup_could_take_does_not_commit() {
     assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read"), before);
 }
 
+/// A table with `gc.enabled=false` (its files may be shared with another table) is neither
+/// expired nor cleaned: both refuse with `InvalidInput` and delete nothing. (Cleanup ignored the
+/// property and deleted unreferenced files; expiry failed as `Corrupt`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_disabled_tables_are_neither_expired_nor_cleaned() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        let r = common::put(&o, seq, "k", "v", 1);
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
+    }
+    cold.compact(CompactOptions::default()).await.expect("compact");
+    let table = cold.refresh().await.expect("table");
+    let tx = Transaction::new(&table);
+    let tx = tx.update_table_properties().set("gc.enabled".to_string(), "false".to_string()).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("gc.enabled=false");
+    let snapshots = cold.snapshots().await.expect("snapshots").len();
+    let files = common::files_ending_with(dir.path(), ".parquet").len();
+    common::sleep(std::time::Duration::from_millis(5)).await;
+    let e = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("gc disabled");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("gc.enabled"), "{e}");
+    let e = cold.remove_unreferenced_files(std::time::Duration::ZERO).await.expect_err("gc disabled");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert_eq!(cold.snapshots().await.expect("snapshots").len(), snapshots);
+    assert_eq!(common::files_ending_with(dir.path(), ".parquet").len(), files, "nothing deleted");
+}
+
 /// A cleanup of unreferenced files that runs while a compaction is between writing its new
 /// files and committing them (a compaction that outlasted the cleanup's retention) deletes
 /// some of them: the compaction then refuses to commit a snapshot naming missing files
