@@ -206,12 +206,29 @@ impl SqlVerifier {
         .bind(expected)
         .execute(&self.pool)
         .await
-        .map_err(|e| {
-            let cause = crate::error::cause_of(&e);
-            crate::error::to_error(cause, "moving the SQL catalog pointer", e.to_string())
-        })?;
+        .map_err(swap_failure)?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// The error of a failed pointer swap. An SQLite I/O error (`SQLITE_IOERR*`, e.g. a failed WAL
+/// fsync at commit) is `AmbiguousOutcome` whatever a read-back shows: the transaction's frames
+/// may be in the WAL already, and a recovery after a crash replays them, moving the pointer to
+/// the new metadata after all. Its files must then not be deleted (a read-back at the old
+/// location judged "not landed", and the commit's files were deleted).
+fn swap_failure(e: sqlx::Error) -> Error {
+    let io = match &e {
+        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| c & 0xff == 10),
+        _ => false,
+    };
+    if io {
+        return Error::new(
+            dotdo_core::ErrorKind::AmbiguousOutcome,
+            format!("moving the SQL catalog pointer: an I/O error at commit, which a recovery may still apply: {e}"),
+        );
+    }
+    let cause = crate::error::cause_of(&e);
+    crate::error::to_error(cause, "moving the SQL catalog pointer", e.to_string())
 }
 
 /// How a pointer swap ended (see [`SqlVerifier::swap_resolved`]).
@@ -499,7 +516,53 @@ impl Catalog for PinnedCatalog<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{default_sqlite_uri, sqlite_path};
+    use super::{default_sqlite_uri, sqlite_path, swap_failure};
+
+    /// An SQLite error with a result code, as sqlx reports one.
+    #[derive(Debug)]
+    struct Sqlite(&'static str);
+
+    impl std::fmt::Display for Sqlite {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "sqlite error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlite {}
+
+    impl sqlx::error::DatabaseError for Sqlite {
+        fn message(&self) -> &str {
+            "sqlite error"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    /// A swap failing with an SQLite I/O error (here `SQLITE_IOERR_FSYNC`, 1034) may still be
+    /// applied by WAL recovery: `AmbiguousOutcome`, so its files are kept. Busy stays
+    /// `Unavailable`, a full disk (nothing written) is not ambiguous.
+    #[test]
+    fn a_swap_failing_on_an_io_error_is_ambiguous() {
+        use dotdo_core::ErrorKind;
+        let err = |code| swap_failure(sqlx::Error::Database(Box::new(Sqlite(code))));
+        assert_eq!(err("1034").kind(), &ErrorKind::AmbiguousOutcome);
+        assert_eq!(err("10").kind(), &ErrorKind::AmbiguousOutcome);
+        assert_eq!(err("5").kind(), &ErrorKind::Unavailable);
+        assert_ne!(err("13").kind(), &ErrorKind::AmbiguousOutcome);
+    }
 
     #[test]
     fn sqlite_paths_of_sqlx_uris() {
