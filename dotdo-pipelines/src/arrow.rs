@@ -1,6 +1,6 @@
 //! Streams of **any user Arrow schema**: [`ArrowPipeline`] buffers `RecordBatch`es and rolls
 //! them into numbered, exactly-once appends to an [`ArrowSink`] (an Iceberg table with that
-//! schema, [`dotdo_iceberg::ArrowTable`], with the default `iceberg` feature).
+//! schema, `dotdo_iceberg::ArrowTable`, with the default `iceberg` feature).
 //!
 //! Exactly once: a roll *claims* what is waiting under the next batch id (durably, in durable
 //! mode) before appending; the sink records the highest batch id per stream in its snapshot
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use async_trait::async_trait;
-use dotdo_core::{Clock, Error, ErrorKind, Result, SystemClock, Timestamp};
+use dotdo_core::{Clock, Error, ErrorKind, Result, SystemClock};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection};
 
@@ -126,7 +126,8 @@ struct Inner {
     next_id: Mutex<Option<u64>>,
     roll_lock: futures::lock::Mutex<()>,
     closed: AtomicBool,
-    last_roll: Mutex<Timestamp>,
+    /// When the last roll started (the clock's monotonic time).
+    last_roll: Mutex<std::time::Duration>,
     rows_in: AtomicU64,
     rows_committed: AtomicU64,
     rolls: AtomicU64,
@@ -180,7 +181,7 @@ impl ArrowPipeline {
             }
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-        let now = clock.now();
+        let now = clock.monotonic();
         Ok(ArrowPipeline {
             inner: Arc::new(Inner {
                 stream: stream.to_string(),
@@ -297,7 +298,7 @@ impl ArrowPipeline {
             && (b.rows >= inner.settings.roll_rows
                 || b.bytes >= inner.settings.roll_bytes
                 || b.claimed.is_some()
-                || inner.clock.now().since(*inner.last_roll.lock()) >= inner.settings.roll_interval)
+                || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
     }
 
     /// Roll now: commit a claimed batch left by an earlier attempt or process, then everything
@@ -305,7 +306,7 @@ impl ArrowPipeline {
     pub async fn roll(&self) -> Result<u64> {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;
-        let started = inner.clock.now();
+        let started = inner.clock.monotonic();
         let mut written = 0;
         let rounds = 2 + inner.buf.lock().later_claims.len();
         for _ in 0..rounds {
@@ -367,17 +368,19 @@ impl ArrowPipeline {
         crate::settings::retry(&*inner.clock, || inner.sink.append(&inner.stream, id, batches.clone())).await
     }
 
-    /// Roll whenever due until [`close`](Self::close) (spawn it on the host's executor).
+    /// Roll whenever due until [`close`](Self::close) (spawn it on the host's executor). A failed
+    /// roll is tried again after a pause that doubles with each failure in a row, up to
+    /// [`MAX_ROLL_BACKOFF`](crate::MAX_ROLL_BACKOFF), as [`Pipeline::run`](crate::Pipeline::run) does.
     pub async fn run(&self) {
-        let tick = self.inner.settings.tick();
-        while !self.inner.closed.load(Ordering::Acquire) {
-            if self.roll_due() {
-                if let Err(e) = self.roll().await {
-                    tracing::warn!(error = %e, "dotdo arrow pipeline roll failed; will retry");
-                }
-            }
-            self.inner.clock.sleep(tick).await;
-        }
+        let inner = &self.inner;
+        crate::settings::run_rolls(
+            &*inner.clock,
+            inner.settings.tick(),
+            &inner.closed,
+            || self.roll_due(),
+            || self.roll(),
+        )
+        .await
     }
 
     /// Stop accepting batches and roll what is waiting.

@@ -15,7 +15,7 @@
 //! * **Backpressure** when the buffer is full ([`Backpressure`]): fail fast, wait with a
 //!   deadline, or spill to disk.
 //! * **Transforms**: filter, map or re-route events to another sink (table).
-//! * **Cloudflare Pipelines**: [`cloudflare::CloudflareStreamClient`] sends the same events to a
+//! * **Cloudflare Pipelines**: `cloudflare::CloudflareStreamClient` sends the same events to a
 //!   Cloudflare stream over HTTP (feature `cloudflare`).
 //! * **Any user Arrow schema**: [`arrow::ArrowPipeline`] rolls `RecordBatch`es into numbered,
 //!   exactly-once appends to an Iceberg table with that schema ([`arrow::ArrowSink`]).

@@ -281,10 +281,8 @@ pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<std::fs::File> {
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
         // As for the log itself: a file that cannot be created (a missing directory,
         // permissions, a read-only mount) is not mended by a retry.
-        use std::io::ErrorKind as K;
-        let transient = matches!(e.kind(), K::Interrupted | K::WouldBlock | K::TimedOut);
         Error::unavailable(format!("pipeline log: {doing}: its lock file cannot be opened: {e}"))
-            .with_retryable(transient)
+            .with_retryable(transient_io(&e))
             .with_source(e)
     })?;
     match lock.try_lock() {
@@ -296,11 +294,21 @@ pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<std::fs::File> {
             )
             .with_retryable(true))
         }
+        // A file system without locks (some NFS or FUSE mounts: `Unsupported`, `ENOLCK`) is
+        // not mended by a retry.
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(Error::unavailable(format!("{doing}: cannot lock it: {e}")).with_source(e))
+            return Err(Error::unavailable(format!("{doing}: cannot lock it: {e}"))
+                .with_retryable(transient_io(&e))
+                .with_source(e))
         }
     }
     Ok(lock)
+}
+
+/// Whether an I/O error may pass on a retry.
+fn transient_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(e.kind(), K::Interrupted | K::WouldBlock | K::TimedOut)
 }
 
 impl SqliteLog {
@@ -659,6 +667,16 @@ impl Log for SpillLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lock the file system cannot take (no lock support) is not retryable; an interrupted
+    /// call is.
+    #[test]
+    fn lock_failures_without_lock_support_are_not_retryable() {
+        use std::io::{Error as IoError, ErrorKind as K};
+        assert!(!transient_io(&IoError::from(K::Unsupported)));
+        assert!(!transient_io(&IoError::from_raw_os_error(37))); // ENOLCK on Linux
+        assert!(transient_io(&IoError::from(K::Interrupted)));
+    }
 
     /// A claim's transaction commits with `synchronous=FULL` (it must survive a power loss once
     /// its batch may be in cold storage); the log's other commits stay `NORMAL`.

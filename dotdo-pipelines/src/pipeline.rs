@@ -136,7 +136,7 @@ impl PipelineBuilder {
             )));
         }
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
-        let now = clock.now();
+        let now = clock.monotonic();
         Ok(Pipeline {
             inner: Arc::new(Inner {
                 settings: self.settings,
@@ -182,7 +182,8 @@ struct Inner {
     /// depth, and two sends cannot both pass the capacity check on the same room.
     send_gate: Mutex<()>,
     closed: AtomicBool,
-    last_roll: Mutex<Timestamp>,
+    /// When the last roll started (the clock's monotonic time).
+    last_roll: Mutex<Duration>,
     counters: Counters,
     /// (last commit latency, last lag)
     last: Mutex<(Duration, Duration)>,
@@ -238,6 +239,12 @@ impl Pipeline {
     /// `capacity` or `capacity_bytes` in one call (bounded policies): `LimitExceeded`; after
     /// [`close`](Self::close): `Shutdown`.
     pub fn send(&self, events: impl IntoIterator<Item = Event>) -> Result<usize> {
+        self.send_counting(events, true)
+    }
+
+    /// [`send`](Self::send); a refusal for a full buffer counts in `rejected` only if
+    /// `count_full` (a [`send_wait`](Self::send_wait) that tries again counts once, at the end).
+    fn send_counting(&self, events: impl IntoIterator<Item = Event>, count_full: bool) -> Result<usize> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
@@ -288,7 +295,7 @@ impl Pipeline {
             });
         }
         if bounded && (depth + rows.len() > capacity || depth_bytes as u64 + bytes > capacity_bytes) {
-            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            inner.counters.rejected.fetch_add(u64::from(count_full), Ordering::Relaxed);
             return Err(Error::unavailable(format!(
                 "pipeline buffer full: {depth} events ({depth_bytes} bytes) waiting, capacity {capacity} events \
                  ({capacity_bytes} bytes); retry after the next roll"
@@ -314,10 +321,15 @@ impl Pipeline {
         let clock = self.inner.clock.clone();
         let sw = Stopwatch::start(clock.clone());
         loop {
-            match self.send(events.clone()) {
+            match self.send_counting(events.clone(), false) {
                 // Only a full buffer is waited out; a log that cannot take the events (read-only,
                 // cannot be opened) fails at once.
-                Err(e) if e.kind() == &ErrorKind::Unavailable && e.is_retryable() && sw.elapsed() < deadline => {
+                Err(e) if e.kind() == &ErrorKind::Unavailable && e.is_retryable() => {
+                    if sw.elapsed() >= deadline {
+                        // Refused in the end: one rejection (not one per try).
+                        self.inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        return Err(e);
+                    }
                     clock.sleep(Duration::from_millis(1)).await;
                 }
                 other => return other,
@@ -332,7 +344,7 @@ impl Pipeline {
         events > 0
             && (events >= inner.settings.roll_rows
                 || bytes >= inner.settings.roll_bytes
-                || inner.clock.now().since(*inner.last_roll.lock()) >= inner.settings.roll_interval)
+                || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
     }
 
     /// Roll now: commit everything waiting (in batches of at most `roll_rows` events and about
@@ -341,7 +353,7 @@ impl Pipeline {
     pub async fn roll(&self) -> Result<RollReport> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;
-        let started = inner.clock.now();
+        let started = inner.clock.monotonic();
         let mut report = RollReport::default();
         // Commit what is waiting now, not the tail that keeps arriving during the roll.
         let waiting = inner.log.depth().0 as u64;
@@ -463,23 +475,15 @@ impl Pipeline {
     /// that doubles with each failure in a row, from twice the tick up to [`MAX_ROLL_BACKOFF`]:
     /// a sink that refuses the batch for good is not hammered.
     pub async fn run(&self) {
-        let tick = self.inner.settings.tick();
-        let clock = &self.inner.clock;
-        let (mut failures, mut next_try) = (0u32, clock.now());
-        while !self.inner.closed.load(Ordering::Acquire) {
-            if clock.now() >= next_try && self.roll_due() {
-                match self.roll().await {
-                    Ok(_) => failures = 0,
-                    Err(e) => {
-                        failures = failures.saturating_add(1);
-                        let pause = tick.saturating_mul(1 << failures.min(12)).min(MAX_ROLL_BACKOFF);
-                        next_try = clock.now().plus(pause);
-                        tracing::warn!(error = %e, failures, retry_in = ?pause, "dotdo pipeline roll failed; will retry");
-                    }
-                }
-            }
-            clock.sleep(tick).await;
-        }
+        let inner = &self.inner;
+        crate::settings::run_rolls(
+            &*inner.clock,
+            inner.settings.tick(),
+            &inner.closed,
+            || self.roll_due(),
+            || self.roll(),
+        )
+        .await
     }
 
     /// Stop accepting events and roll what is waiting.

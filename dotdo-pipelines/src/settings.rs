@@ -108,3 +108,34 @@ where
     let policy = dotdo_core::retry::RetryPolicy { retries: 8, base: Duration::from_millis(5) };
     dotdo_core::retry::retry_idempotent(clock, policy, op).await
 }
+
+/// The roll loop of both pipeline kinds: roll whenever due until `closed`. A failed roll is
+/// tried again (the claimed batch stays and is committed again) after a pause that doubles
+/// with each failure in a row, from twice the tick up to
+/// [`MAX_ROLL_BACKOFF`](crate::MAX_ROLL_BACKOFF), so a sink that refuses the batch for good is
+/// not hammered. Time is the clock's monotonic time: a wall clock set back must not stop rolls.
+pub(crate) async fn run_rolls<R, Fut>(
+    clock: &dyn dotdo_core::Clock,
+    tick: Duration,
+    closed: &std::sync::atomic::AtomicBool,
+    due: impl Fn() -> bool,
+    mut roll: impl FnMut() -> Fut,
+) where
+    Fut: std::future::Future<Output = dotdo_core::Result<R>>,
+{
+    let (mut failures, mut next_try) = (0u32, clock.monotonic());
+    while !closed.load(std::sync::atomic::Ordering::Acquire) {
+        if clock.monotonic() >= next_try && due() {
+            match roll().await {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let pause = tick.saturating_mul(1 << failures.min(12)).min(crate::MAX_ROLL_BACKOFF);
+                    next_try = clock.monotonic().saturating_add(pause);
+                    tracing::warn!(error = %e, failures, retry_in = ?pause, "dotdo pipeline roll failed; will retry");
+                }
+            }
+        }
+        clock.sleep(tick).await;
+    }
+}

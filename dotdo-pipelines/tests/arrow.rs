@@ -45,6 +45,21 @@ struct Flaky {
     inner: ArrowTable,
     stalled: AtomicBool,
     lose: AtomicU32,
+    /// Refuse every append for good (`InvalidInput`), counting them.
+    refusing: AtomicBool,
+    refused: AtomicU32,
+}
+
+impl Flaky {
+    fn new(inner: ArrowTable, stalled: bool) -> Arc<Self> {
+        Arc::new(Flaky {
+            inner,
+            stalled: AtomicBool::new(stalled),
+            lose: AtomicU32::new(0),
+            refusing: AtomicBool::new(false),
+            refused: AtomicU32::new(0),
+        })
+    }
 }
 
 #[async_trait]
@@ -56,6 +71,10 @@ impl ArrowSink for Flaky {
         self.inner.last_batch(stream).await
     }
     async fn append(&self, stream: &str, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
+        if self.refusing.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(Error::invalid("the sink refuses this batch for good (test)"));
+        }
         if self.stalled.load(Ordering::SeqCst) {
             return Err(Error::unavailable("sink stalled"));
         }
@@ -72,7 +91,7 @@ impl ArrowSink for Flaky {
 async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let t = table(dir.path()).await;
-    let sink = Arc::new(Flaky { inner: t.clone(), stalled: AtomicBool::new(false), lose: AtomicU32::new(0) });
+    let sink = Flaky::new(t.clone(), false);
     let p = ArrowPipeline::open("signups", sink.clone(), PipelineSettings::default()).expect("pipeline");
     p.send(batch(0, 100)).expect("send");
     p.send(batch(100, 50)).expect("send");
@@ -132,7 +151,7 @@ async fn die_with_a_claimed_and_a_pending_batch(
     then: i64,
 ) -> PipelineSettings {
     let settings = PipelineSettings { durability: Durability::Durable(dir.join("arrow-log.db")), ..Default::default() };
-    let sink = Arc::new(Flaky { inner: t.clone(), stalled: AtomicBool::new(true), lose: AtomicU32::new(0) });
+    let sink = Flaky::new(t.clone(), true);
     let p = ArrowPipeline::open("orders", sink, settings.clone()).expect("pipeline");
     p.send(batch(0, first)).expect("send");
     assert!(p.roll().await.is_err(), "stalled: claimed but not committed");
@@ -290,4 +309,30 @@ async fn an_arrow_log_serves_one_pipeline_and_event_only_settings_are_refused() 
     };
     let e = ArrowPipeline::open("w", Arc::new(t.clone()), wait).expect_err("Wait is for event pipelines");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+}
+
+/// A sink that refuses the claimed batch for good is not asked again every tick: `run` backs
+/// off after each failed roll (doubling pauses up to `MAX_ROLL_BACKOFF`), as the event
+/// pipeline does. (It retried every tick, with a catalog read and a warning each time.)
+#[allow(clippy::disallowed_methods)] // the pipeline runs on real time
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_refusing_for_good_is_not_hammered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let sink = Flaky::new(t.clone(), false);
+    sink.refusing.store(true, Ordering::SeqCst);
+    let settings = PipelineSettings { roll_interval: std::time::Duration::from_millis(20), ..Default::default() };
+    let p = Arc::new(ArrowPipeline::open("refused", sink.clone(), settings).expect("pipeline"));
+    p.send(batch(0, 10)).expect("send");
+    let runner = tokio::spawn({
+        let p = p.clone();
+        async move { p.run().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let calls = sink.refused.load(Ordering::SeqCst);
+    assert!((1..10).contains(&calls), "{calls} appends in one second (a tick is 5 ms)");
+    sink.refusing.store(false, Ordering::SeqCst);
+    p.close().await.expect("close commits once the sink accepts");
+    runner.await.expect("run ends at close");
+    assert_eq!(ids(&t).await, (0..10).collect::<Vec<_>>());
 }

@@ -241,6 +241,7 @@ async fn wait_policy_waits_for_room_until_its_deadline() {
     let waited = clock.monotonic() - t0;
     assert_eq!(e.kind(), &ErrorKind::Unavailable);
     assert!(waited >= Duration::from_millis(100) && waited < Duration::from_secs(5), "waited {waited:?}");
+    assert_eq!(p.metrics().rejected, 1, "a send_wait refused in the end is one rejection, not one per try");
     // Now a roll frees room while a sender waits (on a pipeline with a deadline far beyond
     // the roll, so that only a missing wake-up can fail it).
     sink.stalled.store(false, Ordering::SeqCst);
@@ -258,6 +259,7 @@ async fn wait_policy_waits_for_room_until_its_deadline() {
     });
     assert_eq!(p.send_wait(events(1)).await.expect("room after the roll"), 1);
     roller.await.expect("join").expect("roll");
+    assert_eq!(p.metrics().rejected, 0, "a send_wait that got in was not refused");
 }
 
 #[tokio::test]
@@ -653,4 +655,47 @@ async fn metrics_count_commits_of_a_roll_that_fails_part_way() {
     p.roll().await.expect("the rest");
     assert_eq!(p.metrics().events_committed, 20);
     assert_exactly_once(&committed(&sink.inner, 5).await, 20);
+}
+
+/// A clock whose wall time can be set back (an NTP step, an operator) while its monotonic time
+/// and sleeps run on: a manual clock with an offset for `now`.
+#[derive(Debug)]
+struct SteppedClock {
+    inner: ManualClock,
+    back_micros: std::sync::atomic::AtomicI64,
+}
+
+impl Clock for SteppedClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_micros(self.inner.now().as_micros() - self.back_micros.load(Ordering::SeqCst))
+    }
+    fn monotonic(&self) -> Duration {
+        self.inner.monotonic()
+    }
+    fn sleep(&self, duration: Duration) -> dotdo_core::time::Sleep {
+        self.inner.sleep(duration)
+    }
+}
+
+/// Interval rolls go by the clock's monotonic time: after the wall clock is set back an hour,
+/// the next roll is still due one interval later (it was due only once the wall clock had
+/// caught up, an hour later).
+#[tokio::test]
+async fn rolls_stay_due_when_the_wall_clock_is_set_back() {
+    let manual = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+    let clock = Arc::new(SteppedClock { inner: manual.clone(), back_micros: 0.into() });
+    let sink = Arc::new(MemoryColdStore::new());
+    let settings =
+        PipelineSettings { roll_interval: Duration::from_millis(100), roll_rows: 1_000_000, ..Default::default() };
+    let p =
+        Pipeline::builder(sink.clone()).with_settings(settings).with_clock(clock.clone()).build().expect("pipeline");
+    p.send(vec![ev("o0", "e00000", "0")]).expect("send");
+    manual.advance(Duration::from_millis(200));
+    assert!(p.roll_due());
+    p.roll().await.expect("roll");
+    clock.back_micros.store(3_600_000_000, Ordering::SeqCst);
+    p.send(vec![ev("o0", "e00001", "1")]).expect("send");
+    assert!(!p.roll_due(), "not before the interval");
+    manual.advance(Duration::from_millis(300));
+    assert!(p.roll_due(), "due one interval after the last roll, whatever the wall clock says");
 }
