@@ -183,7 +183,7 @@ impl Conn {
                 None => self.prepared(Step::exec(DIRECT_DEL, vec![w.object.clone(), key.clone()])).await?,
             };
         }
-        self.prepared(Step::exec("COMMIT", vec![])).await?;
+        self.commit().await?;
         Ok(last + w.ops.len() as i64)
     }
 
@@ -205,8 +205,13 @@ impl Conn {
             Some(r) => Some(result_of(&self.prepared(r).await?)?),
             None => None,
         };
-        self.prepared(Step::exec("COMMIT", vec![])).await?;
+        self.commit().await?;
         Ok(result)
+    }
+
+    /// `COMMIT` the open transaction (see [`commit_failure`]).
+    async fn commit(&mut self) -> libsql::Result<()> {
+        self.prepared(Step::exec("COMMIT", vec![])).await.map(|_| ()).map_err(commit_failure)
     }
 
     async fn program_rendered(&mut self, program: Program) -> libsql::Result<Option<i64>> {
@@ -262,6 +267,22 @@ const RESULT_FLOOR: i64 = -(1 << 62);
 /// How the `Misuse` error of an unreadable program result starts: the batch had run through its
 /// `COMMIT`, so the program was applied (classified as a maybe-applied failure).
 pub(crate) const UNREADABLE_RESULT: &str = "unreadable program result: ";
+
+/// Marks a `COMMIT` that failed with an I/O error (see [`commit_failure`]).
+pub(crate) const COMMIT_IO_ERROR: &str = "COMMIT failed on I/O: ";
+
+/// The error of a failed `COMMIT`. An I/O error (`SQLITE_IOERR*`: a WAL write or its fsync
+/// failed) may leave the transaction's frames in the WAL, which recovery after a crash applies:
+/// marked so that it maps to `AmbiguousOutcome` (as in dotdo-sqlite), not to a retryable
+/// `Unavailable` whose retry could apply the write twice.
+pub(crate) fn commit_failure(e: libsql::Error) -> libsql::Error {
+    match &e {
+        libsql::Error::SqliteFailure(code, _) if code & 0xff == 10 => {
+            libsql::Error::Misuse(format!("{COMMIT_IO_ERROR}{e}"))
+        }
+        _ => e,
+    }
+}
 
 fn decode_result(rowid: i64, nonce: i64) -> libsql::Result<i64> {
     let x = rowid.wrapping_sub(RESULT_FLOOR);

@@ -36,6 +36,9 @@ pub(crate) enum Class {
         /// Whether the request may have been applied.
         maybe_applied: bool,
     },
+    /// A local `COMMIT` failed with an I/O error (a failed WAL write or fsync): the transaction's
+    /// frames may be in the WAL already, and recovery after a crash applies them.
+    CommitIo,
     /// Misconfiguration that no retry fixes (bad TLS setup, database not found, 4xx).
     Config,
     /// Anything else: a bug or unexpected state.
@@ -113,6 +116,14 @@ fn class_of_batch_step_message(message: &str) -> Class {
         Class::Corrupt
     } else if m.contains("database or disk is full") || m.contains("disk i/o error") {
         // Like a lock timeout, this may be the statement after the COMMIT.
+        Class::ServerUnavailable { maybe_applied: true }
+    } else if m.contains("transaction timed out")
+        || m.contains("cannot handle additional transactions")
+        || m.contains("operation was blocked")
+    {
+        // sqld's own refusals (a transaction rolled back for outlasting `txn_timeout` while
+        // another writer waited, too many open transactions, a blocked operation): it rolls
+        // back between steps, so the failing step may be the one after the COMMIT too.
         Class::ServerUnavailable { maybe_applied: true }
     } else if m.contains("attempt to write a readonly database") {
         Class::Environment { retryable: false }
@@ -197,6 +208,7 @@ pub(crate) fn class_of(e: &libsql::Error) -> Class {
         E::Misuse(m) if m.starts_with(crate::conn::UNREADABLE_RESULT) => {
             Class::ServerUnavailable { maybe_applied: true }
         }
+        E::Misuse(m) if m.starts_with(crate::conn::COMMIT_IO_ERROR) => Class::CommitIo,
         // A stored value of the wrong type (dotdo's decoders and libsql's own): the file was
         // damaged or written by something else, as dotdo-sqlite reports it.
         E::InvalidColumnType => Class::Corrupt,
@@ -258,6 +270,10 @@ pub(crate) fn map_class(class: Class, e: libsql::Error, doing: &str, mutating: b
             format!("{doing}: the primary (or a gateway) failed while handling the request; read back to learn whether it was applied"),
         ),
         Class::ServerUnavailable { .. } => Error::unavailable(format!("{doing}: the primary is temporarily unavailable")),
+        Class::CommitIo => Error::new(
+            ErrorKind::AmbiguousOutcome,
+            format!("{doing}: COMMIT failed with an I/O error; the transaction may still be applied (by WAL recovery after a restart)"),
+        ),
         Class::Auth => Error::backend(format!(
             "{doing}: the primary rejected the auth token (HTTP 401/403); check the token and its permissions"
         ))
@@ -443,7 +459,21 @@ mod tests {
         // Also possibly the statement after the COMMIT.
         let full = map(hrana("api error: `database or disk is full`"), "write", true);
         assert_eq!(full.kind(), &ErrorKind::AmbiguousOutcome, "{full}");
+        // sqld's forced rollback of a transaction that outlasted txn_timeout (possibly after the
+        // COMMIT step ran), and its other refusals: maybe applied, never a plain Backend.
+        for m in ["Transaction timed out", "Server cannot handle additional transactions", "Operation was blocked"] {
+            let e = map(hrana(&format!("api error: `{m}`")), "write", true);
+            assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{m}: {e}");
+            let e = map(hrana(&format!("api error: `{m}`")), "get", false);
+            assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{m}: {e}");
+        }
         // A batch that ran through its COMMIT but whose result could not be read was applied.
+        // A local COMMIT that failed on I/O (here SQLITE_IOERR_FSYNC) may be applied by recovery;
+        // a COMMIT refused as busy was not applied.
+        let io = crate::conn::commit_failure(failure(1034));
+        assert_eq!(map(io, "write", true).kind(), &ErrorKind::AmbiguousOutcome);
+        let busy = crate::conn::commit_failure(failure(SQLITE_BUSY));
+        assert_eq!(map(busy, "write", true).kind(), &ErrorKind::Unavailable);
         let unreadable = libsql::Error::Misuse(format!("{}rowid 5", crate::conn::UNREADABLE_RESULT));
         assert_eq!(map(unreadable, "write", true).kind(), &ErrorKind::AmbiguousOutcome);
         assert_eq!(map(libsql::Error::Misuse("other".into()), "write", true).kind(), &ErrorKind::Backend);
