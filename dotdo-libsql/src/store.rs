@@ -8,6 +8,7 @@ use std::time::Duration;
 use dotdo_core::guard::rules::LeaseRow;
 use dotdo_core::{Clock, Error, ErrorKind, ObjectId, Result, SystemClock};
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use parking_lot::Mutex;
 
 use crate::conn::{Conn, Program, Row, Step};
@@ -668,8 +669,17 @@ impl LibsqlStore {
             return fut.await;
         }
         let timeout = self.inner.settings.request_timeout;
+        // libsql 0.10's HTTP client panics on an error answer whose body is not UTF-8 (a
+        // gateway's binary or Latin-1 page): caught, it is an exchange that broke off after the
+        // request was sent, not a panic in the caller's task.
+        let fut = std::panic::AssertUnwindSafe(fut).catch_unwind();
         match futures::future::select(fut, SystemClock::new().sleep(timeout)).await {
-            futures::future::Either::Left((out, _)) => out,
+            futures::future::Either::Left((Ok(out), _)) => out,
+            futures::future::Either::Left((Err(_), _)) => Err(TxError::Sql(libsql::Error::Hrana(
+                "stream closed: `the client failed on the server's answer (an error body that is not UTF-8?)`"
+                    .to_string()
+                    .into(),
+            ))),
             futures::future::Either::Right(_) => Err(TxError::Sql(timed_out(timeout))),
         }
     }

@@ -28,6 +28,11 @@ fn fast_retries(retries: u32) -> LibsqlSettings {
 
 /// A fake HTTP endpoint answering every request with `status`; counts the requests.
 fn fake_http(status: &'static str) -> (u16, Arc<AtomicUsize>) {
+    fake_http_body(status, b"nope")
+}
+
+/// [`fake_http`] answering with `body`.
+fn fake_http_body(status: &'static str, body: &'static [u8]) -> (u16, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().expect("addr").port();
     let count = Arc::new(AtomicUsize::new(0));
@@ -36,13 +41,13 @@ fn fake_http(status: &'static str) -> (u16, Arc<AtomicUsize>) {
         for stream in l.incoming() {
             let Ok(stream) = stream else { continue };
             let c = c.clone();
-            std::thread::spawn(move || serve(stream, status, &c));
+            std::thread::spawn(move || serve(stream, status, body, &c));
         }
     });
     (port, count)
 }
 
-fn serve(stream: TcpStream, status: &str, count: &AtomicUsize) {
+fn serve(stream: TcpStream, status: &str, msg: &[u8], count: &AtomicUsize) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut stream = stream;
     loop {
@@ -70,10 +75,8 @@ fn serve(stream: TcpStream, status: &str, count: &AtomicUsize) {
             return;
         }
         count.fetch_add(1, Ordering::SeqCst);
-        let msg = "nope";
-        let resp =
-            format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{msg}", msg.len());
-        if stream.write_all(resp.as_bytes()).is_err() {
+        let head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n", msg.len());
+        if stream.write_all(head.as_bytes()).is_err() || stream.write_all(msg).is_err() {
             return;
         }
     }
@@ -202,6 +205,23 @@ async fn an_overloaded_primary_is_retried_exactly_the_configured_number_of_times
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
     assert!(e.is_retryable());
     assert_eq!(requests.load(Ordering::SeqCst), 3, "one try and two retries");
+}
+
+/// A gateway's error answer whose body is not UTF-8 (libsql's client unwraps it as a string)
+/// is a retryable `Unavailable`, not a panic in the caller's task.
+#[cfg(feature = "remote")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_body_that_is_not_utf8_is_unavailable_not_a_panic() {
+    let (port, requests) = fake_http_body("502 Bad Gateway", b"\xff\xfe");
+    let opened = tokio::spawn(async move {
+        LibsqlStore::remote(format!("http://127.0.0.1:{port}"), "tok").with_settings(fast_retries(1)).open().await
+    })
+    .await
+    .expect("no panic");
+    let e = opened.expect_err("502");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert!(requests.load(Ordering::SeqCst) >= 1);
 }
 
 #[cfg(feature = "remote")]
