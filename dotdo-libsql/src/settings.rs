@@ -72,6 +72,14 @@ pub struct LibsqlSettings {
     /// behind it) for minutes. A write then fails with `AmbiguousOutcome` (it may have run), a
     /// read is retried like any transient failure. Default 15 s. (No effect on a local file.)
     pub request_timeout: Duration,
+    /// How long an embedded replica's pull from the primary (at open, after each write, and
+    /// before a read while the replica may lack committed writes) may take before the call
+    /// fails with a retryable `Unavailable`. libsql's replication client has no timeout of its
+    /// own: a primary that stops answering would otherwise hold the call for as long as the OS
+    /// keeps the connection (minutes). The pull itself is not cut off midway (libsql's
+    /// replicator is not made for that): it runs on, and the next pull waits for it. Default
+    /// 60 s. (Only for embedded replicas.)
+    pub sync_timeout: Duration,
 }
 
 impl Default for LibsqlSettings {
@@ -86,6 +94,7 @@ impl Default for LibsqlSettings {
             wal_autocheckpoint_pages: 16 * 1024,
             transport: Transport::Auto,
             request_timeout: Duration::from_secs(15),
+            sync_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -116,6 +125,9 @@ impl LibsqlSettings {
         dotdo_core::sql_schema::validate_busy_timeout(self.busy_timeout)?;
         if self.request_timeout.is_zero() {
             return Err(Error::invalid("request_timeout must be positive"));
+        }
+        if self.sync_timeout.is_zero() {
+            return Err(Error::invalid("sync_timeout must be positive"));
         }
         if self.retry_backoff > self.max_backoff {
             return Err(Error::invalid("retry_backoff must not exceed max_backoff"));

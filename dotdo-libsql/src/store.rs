@@ -293,7 +293,20 @@ async fn open_replica(
             if let Some(d) = sync_interval {
                 b = b.sync_interval(d);
             }
-            match b.build().await {
+            // Bounded like a pull: nothing of a replica that is still being built is kept.
+            let built =
+                match futures::future::select(Box::pin(b.build()), SystemClock::new().sleep(settings.sync_timeout))
+                    .await
+                {
+                    futures::future::Either::Left((r, _)) => r,
+                    futures::future::Either::Right(_) => {
+                        return Err(Error::unavailable(format!(
+                            "{doing}: no answer from the primary within sync_timeout ({:?})",
+                            settings.sync_timeout
+                        )))
+                    }
+                };
+            match built {
                 Ok(replica) => return Ok((replica, primary)),
                 Err(e) => {
                     let class = class_of(&e);
@@ -394,9 +407,34 @@ impl LibsqlStore {
             let settings = &self.inner.settings;
             let mut attempt = 0;
             loop {
-                // Not bounded by `request_timeout`: a pull is many requests, a long catch-up is
-                // legitimate, and libsql's replicator is not made to be dropped midway.
-                match db.sync().await.map(|_| ()) {
+                // Not bounded by `request_timeout` (a pull is many requests; a long catch-up is
+                // legitimate) but by `sync_timeout`, and never dropped midway (libsql's replicator
+                // is not made for that): the pull runs as a task of its own, which a call that
+                // stops waiting leaves running.
+                let pull = {
+                    let db = db.clone();
+                    async move { db.sync().await.map(|_| ()) }
+                };
+                let pulled = match tokio::runtime::Handle::try_current() {
+                    Ok(h) => {
+                        let task = h.spawn(pull);
+                        match futures::future::select(task, SystemClock::new().sleep(settings.sync_timeout)).await {
+                            futures::future::Either::Left((Ok(r), _)) => r,
+                            futures::future::Either::Left((Err(_), _)) => {
+                                Err(libsql::Error::Sync("the replica's pull failed (its task ended abnormally)".into()))
+                            }
+                            futures::future::Either::Right(_) => {
+                                return Err(Error::unavailable(format!(
+                                    "syncing the replica: no answer from the primary within sync_timeout ({:?}); \
+                                     the pull goes on in the background",
+                                    settings.sync_timeout
+                                )))
+                            }
+                        }
+                    }
+                    Err(_) => pull.await,
+                };
+                match pulled {
                     Ok(_) => return Ok(()),
                     Err(e) => {
                         let class = class_of(&e);

@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "replica")]
+#[allow(dead_code)] // only the replica test uses the Hrana test server here
+mod support;
+
 use dotdo_core::{Clock, ConsistencyGuard, ErrorKind, HotStore, HotStoreExt, NodeId, ObjectId, SystemClock};
 use dotdo_libsql::{validate_url, AuthToken, Durability, LibsqlSettings, LibsqlStore, Target, Transport};
 
@@ -189,7 +193,8 @@ async fn an_unreachable_primary_is_unavailable_and_retryable_within_the_retry_bo
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
     assert!(e.is_retryable(), "{e}");
     assert!(e.to_string().contains("after 3 retries"), "{e}");
-    assert!(took >= bound, "retried with backoff: took {took:?}, backoff total {bound:?}");
+    // Each backoff waits between half and all of its nominal length (jitter).
+    assert!(took >= bound / 2, "retried with backoff: took {took:?}, backoff total {bound:?}");
     assert!(took < bound + Duration::from_secs(5), "bounded: took {took:?}");
 }
 
@@ -279,6 +284,32 @@ async fn a_replica_of_an_unreachable_primary_is_unavailable() {
     .expect_err("unreachable");
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
     assert!(e.is_retryable());
+}
+
+/// A primary whose replication endpoint stops answering without closing the connection (the
+/// Hrana endpoint still answers): opening a replica fails with a retryable `Unavailable` within
+/// `sync_timeout`, instead of waiting as long as the OS keeps the connection.
+#[cfg(feature = "replica")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_primary_stops_answering_pulls_is_unavailable_in_bounded_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = support::hrana::HranaServer::start(&dir.path().join("primary.db"), "tok");
+    server.hang_replication();
+    let settings = LibsqlSettings {
+        request_timeout: Duration::from_millis(500),
+        sync_timeout: Duration::from_millis(500),
+        ..fast_retries(1)
+    };
+    let opened = tokio::time::timeout(
+        Duration::from_secs(20),
+        LibsqlStore::replica(dir.path().join("r.db"), server.url(), "tok", None).with_settings(settings).open(),
+    )
+    .await
+    .expect("bounded by sync_timeout");
+    let e = opened.expect_err("the primary does not answer pulls");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("sync_timeout"), "{e}");
 }
 
 #[tokio::test]

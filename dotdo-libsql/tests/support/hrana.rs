@@ -28,6 +28,9 @@ struct State {
     requests: AtomicUsize,
     lose_replies: AtomicUsize,
     hang_replies: AtomicUsize,
+    /// Requests to paths other than the Hrana ones (libsql's replication protocol, gRPC-web
+    /// over HTTP/1.1) are never answered.
+    hang_others: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -56,6 +59,7 @@ impl HranaServer {
             requests: AtomicUsize::new(0),
             lose_replies: AtomicUsize::new(0),
             hang_replies: AtomicUsize::new(0),
+            hang_others: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
         let s = state.clone();
@@ -87,6 +91,13 @@ impl HranaServer {
     /// closing the connection); the connection stays open until the server stops.
     pub fn hang_replies(&self, n: usize) {
         self.state.hang_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// Never answer requests outside the Hrana endpoints (an embedded replica's pulls): a
+    /// primary whose replication stops answering without closing the connection.
+    #[allow(dead_code)] // used by the replica test only, not by every test binary
+    pub fn hang_replication(&self) {
+        self.state.hang_others.store(true, Ordering::SeqCst);
     }
 
     /// Forget every open stream, as sqld does with streams left idle too long: a request
@@ -160,6 +171,13 @@ fn serve(stream: TcpStream, state: &State) {
         let mut body = vec![0; len];
         quickack(&out);
         if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let hrana = path.ends_with("/pipeline") || path.ends_with("/cursor");
+        if !hrana && state.hang_others.load(Ordering::SeqCst) {
+            while !state.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             return;
         }
         let (status, reply) = if !state.token.is_empty() && auth != format!("Bearer {}", state.token) {
