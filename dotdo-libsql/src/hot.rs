@@ -199,16 +199,21 @@ impl HotStore for LibsqlStore {
                 p.clone(),
             ),
         ];
-        // 0: done; < 0: fenced by -code; > 0: `through` is beyond last seq code - 1.
-        let result = Step::new(
-            format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN ?3 > {LAST} THEN {LAST} + 1 ELSE 0 END"),
-            p,
-        );
+        // 0: done; < 0: fenced by -code; 1: `through` is beyond the last seq. (Not the last seq
+        // itself: at MAX_SEQ, last + 1 is outside the range a program result can carry.)
+        let result =
+            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN ?3 > {LAST} THEN 1 ELSE 0 END"), p);
         let code = self.program("truncate changes", steps, result).await?;
         match code {
             0 => Ok(()),
             c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
-            c => Err(Error::invalid(format!("cannot truncate {object} through seq {through}: last seq is {}", c - 1))),
+            _ => {
+                let last = match self.object_info(object).await {
+                    Ok(info) => info.map_or("0".to_string(), |i| i.last_seq.to_string()),
+                    Err(_) => "unknown".to_string(),
+                };
+                Err(Error::invalid(format!("cannot truncate {object} through seq {through}: last seq is {last}")))
+            }
         }
     }
 

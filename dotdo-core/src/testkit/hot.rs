@@ -282,6 +282,12 @@ pub async fn change_log_reads_and_truncates(f: &HotFactory) {
     assert_eq!(fx.hot.get(&l.object, "k0").await.expect("get"), Some(b("0")));
     fx.hot.truncate_changes(&l.object, l.token, 10).await.expect("truncate all");
     assert!(!fx.hot.object_info(&l.object).await.expect("info").expect("exists").has_pending_changes());
+    // At the last sequence number there is: beyond it is still `InvalidInput` naming it.
+    fx.hot.restore(&l.object, l.token, Vec::new(), crate::MAX_SEQ).await.expect("restore at MAX_SEQ");
+    fx.hot.truncate_changes(&l.object, l.token, crate::MAX_SEQ).await.expect("truncate through MAX_SEQ");
+    let e = fx.hot.truncate_changes(&l.object, l.token, crate::MAX_SEQ + 1).await.expect_err("beyond MAX_SEQ");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains(&crate::MAX_SEQ.to_string()), "names the last seq: {e}");
 }
 
 /// Objects with untruncated changes are listed in id order, with paging.
