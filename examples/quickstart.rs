@@ -1,7 +1,7 @@
 //! dotdo quickstart on the embedded default: SQLite hot state + a local Iceberg warehouse.
 //!
 //! ```text
-//! cargo run --release --example quickstart            # files in ./target/dotdo-quickstart (warehouse/ inside)
+//! cargo run --release --example quickstart            # files in the workspace's target/dotdo-quickstart (warehouse/ inside)
 //! DOTDO_QUICKSTART_DIR=/tmp/dd cargo run --release --example quickstart   # a new or empty directory
 //! ```
 //!

@@ -78,9 +78,11 @@ pub struct Settings {
     /// Commit attempts of one append, conflicts and unknown outcomes included (default 16).
     pub max_commit_attempts: u32,
     /// Base delay of the backoff between attempts (default 10 ms, at most 1 s). Appends double
-    /// it per attempt up to 1 s; compaction and collapse wait it times the attempt number (at
-    /// most 20 times it), snapshot expiry waits it between attempts, and user-table appends
-    /// double it up to 64 times it.
+    /// it per attempt up to 1 s; compaction and collapse wait it times the attempt number between
+    /// commit attempts (at most 20 times it) and double it, up to 128 times it, between retries
+    /// of transient store errors while planning and rewriting; snapshot expiry waits it between
+    /// attempts, and user-table appends double it up to 64 times it. Each wait is a random
+    /// length between half of its nominal value and all of it (jitter).
     pub retry_base_delay: Duration,
     /// Reload the table from the catalog before each read and `watermark` call (default true),
     /// so reads see other writers' commits (with a SQL catalog only the table pointer is read

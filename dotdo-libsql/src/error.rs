@@ -262,12 +262,12 @@ pub(crate) fn map_class(class: Class, e: libsql::Error, doing: &str, mutating: b
         Class::TooBig => Error::new(ErrorKind::LimitExceeded { what: "libsql value", limit: 0, actual: 0 }, doing),
         Class::Network { maybe_sent } if mutating && maybe_sent => Error::new(
             ErrorKind::AmbiguousOutcome,
-            format!("{doing}: the connection to the primary broke off after the request was sent; read back to learn whether it was applied"),
+            format!("{doing}: the connection to the primary broke off after the request was sent; it may still be applied (take a new lease before writing the object again)"),
         ),
         Class::Network { .. } => Error::unavailable(format!("{doing}: the primary cannot be reached")),
         Class::ServerUnavailable { maybe_applied: true } if mutating => Error::new(
             ErrorKind::AmbiguousOutcome,
-            format!("{doing}: the primary (or a gateway) failed while handling the request; read back to learn whether it was applied"),
+            format!("{doing}: the primary (or a gateway) failed while handling the request; it may still be applied (take a new lease before writing the object again)"),
         ),
         Class::ServerUnavailable { .. } => Error::unavailable(format!("{doing}: the primary is temporarily unavailable")),
         Class::CommitIo => Error::new(

@@ -59,11 +59,14 @@
 //! * Connections are kept and reused (one write connection, a small pool of read connections;
 //!   remote connections share one HTTP client with keep-alive).
 //! * Transient failures (busy database, unreachable or overloaded primary) are retried a bounded
-//!   number of times with doubling backoff (real time, whatever clock is injected), then reported as a retryable
+//!   number of times with doubling, jittered backoff (real time, whatever clock is injected), then reported as a retryable
 //!   `Unavailable`. A mutating call whose request may have reached the primary before the
 //!   connection broke, or that got an HTTP 5xx answer (503 included: a proxy answers it also
 //!   after forwarding the request; only a 429 says it was refused unprocessed), is **not**
-//!   retried blindly: it fails with `AmbiguousOutcome`. Reading back
+//!   retried blindly: it fails with `AmbiguousOutcome`; so does one whose batch failed at a step
+//!   that may follow its `COMMIT` (a lock timeout, disk full or I/O error, or sqld's own
+//!   refusals: a transaction timed out, too many transactions, a blocked operation), and a local
+//!   `COMMIT` that failed with an I/O error (WAL recovery may still apply it). Reading back
 //!   does not settle a write: the request may still be queued at the primary and land later.
 //!   Take a new lease (a higher token) before writing the object again, so that a late write is
 //!   fenced; `ObjectRuntime` does so itself. A rejected auth token is a non-retryable `Backend`
@@ -76,7 +79,10 @@
 //!   [`LibsqlStore::sync`]). `validate` and `current` read the replica and may be that stale;
 //!   they are advisory — the fencing check of every write runs on the primary. If the pull after
 //!   a write (an acquire included) fails, reads pull first until a pull succeeds and fail with
-//!   `Unavailable` meanwhile: a replica without the last holder's writes is never read.
+//!   `Unavailable` meanwhile: a replica without the last holder's writes is never read. Each
+//!   pull, and building the replica at open, is bounded by `LibsqlSettings::sync_timeout`
+//!   (60 s): past it the call fails with a retryable `Unavailable` while the pull goes on in the
+//!   background (the next pull waits for it).
 //!
 //! ## Configuration
 //!

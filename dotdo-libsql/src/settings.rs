@@ -100,8 +100,9 @@ impl Default for LibsqlSettings {
 }
 
 impl LibsqlSettings {
-    /// The backoff before retry number `attempt` (1-based): `retry_backoff * 2^(attempt-1)`,
-    /// capped at `max_backoff`.
+    /// The nominal backoff before retry number `attempt` (1-based): `retry_backoff *
+    /// 2^(attempt-1)`, capped at `max_backoff`. The store waits a random length between half of
+    /// it and all of it (jitter), so budgets computed from it are upper bounds.
     pub fn backoff(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
         self.retry_backoff.saturating_mul(factor).min(self.max_backoff)

@@ -24,7 +24,8 @@ pub struct CloudflareSettings {
     pub max_request_bytes: usize,
     /// Retries of a transient failure (429, 5xx, connection errors) per request (default 5).
     pub max_retries: u32,
-    /// First backoff, doubled per retry up to 5 s (default 100 ms). An answer's `Retry-After`
+    /// First backoff, doubled per retry up to 5 s (default 100 ms; each wait a random length
+    /// between half of that and all of it). An answer's `Retry-After`
     /// stretches one wait (up to [`MAX_RETRY_AFTER`]; a longer one fails the send, retryable).
     pub backoff: Duration,
     /// Timeout of one request (default 30 s).

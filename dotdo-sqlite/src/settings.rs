@@ -49,8 +49,8 @@ pub struct SqliteSettings {
     /// then in its own busy retries; about 25 s with the defaults). At most
     /// [`MAX_BUSY_RETRIES`](crate::MAX_BUSY_RETRIES) (100).
     pub busy_retries: u32,
-    /// First backoff between busy retries (doubling, at most 1 s each). Default 10 ms; at most
-    /// 1 s.
+    /// First backoff between busy retries (doubling, at most 1 s each; each wait a random length
+    /// between half of that and all of it). Default 10 ms; at most 1 s.
     pub retry_backoff: Duration,
     /// Maximum number of read connections kept open. Default 4.
     pub read_connections: usize,
