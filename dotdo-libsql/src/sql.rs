@@ -118,6 +118,14 @@ pub(crate) fn uint(v: Option<&Value>) -> libsql::Result<u64> {
     u64::try_from(int(v)?).map_err(|_| libsql::Error::InvalidColumnType)
 }
 
+/// An integer of a column that must hold one (a NULL is not read as 0).
+pub(crate) fn int_not_null(v: Option<&Value>) -> libsql::Result<i64> {
+    match v {
+        Some(Value::Integer(i)) => Ok(*i),
+        _ => Err(libsql::Error::InvalidColumnType),
+    }
+}
+
 pub(crate) fn blob(v: Option<&Value>) -> libsql::Result<Vec<u8>> {
     match v {
         Some(Value::Blob(b)) => Ok(b.clone()),
@@ -136,8 +144,9 @@ pub(crate) fn i(v: u64) -> Value {
 }
 
 /// The lease row of a `LEASE_ROW` query. A row that does not decode (a holder that is not a valid
-/// node id, a token or time that is not an integer) is `Corrupt`, never "no lease": reading a
-/// damaged live lease as free would let anyone take it over.
+/// node id, a token or time that is not an integer, NULL included: a `do_locks` table a
+/// predecessor created without NOT NULL) is `Corrupt`, never "no lease": reading a damaged live
+/// lease as free would let anyone take it over.
 pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
     let Some(r) = rows.first() else { return Ok(None) };
     let bad = |what: &str, e: &dyn std::fmt::Display| Error::corrupt(format!("lease row: {what}: {e}"));
@@ -145,9 +154,12 @@ pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
     let holder = NodeId::new(&node).map_err(|e| bad("holder", &e))?;
     Ok(Some(LeaseRow {
         holder,
-        token: FencingToken::new(uint(r.get(1)).map_err(|e| bad("fencing token", &e))?),
-        acquired_at: Timestamp::from_micros(int(r.get(2)).map_err(|e| bad("acquired_at", &e))?),
-        expires_at: Timestamp::from_micros(int(r.get(3)).map_err(|e| bad("expires_at", &e))?),
+        token: FencingToken::new(
+            u64::try_from(int_not_null(r.get(1)).map_err(|e| bad("fencing token", &e))?)
+                .map_err(|e| bad("fencing token", &e))?,
+        ),
+        acquired_at: Timestamp::from_micros(int_not_null(r.get(2)).map_err(|e| bad("acquired_at", &e))?),
+        expires_at: Timestamp::from_micros(int_not_null(r.get(3)).map_err(|e| bad("expires_at", &e))?),
     }))
 }
 

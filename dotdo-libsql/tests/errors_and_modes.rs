@@ -488,6 +488,29 @@ async fn a_lease_row_that_does_not_decode_is_corrupt_never_a_free_lease() {
     }
 }
 
+/// A predecessor's `do_locks` created without NOT NULL, holding a lease whose expiry is NULL:
+/// the lease is `Corrupt` (dotdo-sqlite says the same), never read as free (expiry 0).
+#[tokio::test]
+async fn a_lease_row_with_a_null_time_is_corrupt_never_a_free_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("legacy.db");
+    {
+        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+        let c = raw.connect().expect("connect");
+        c.execute_batch(
+            "CREATE TABLE do_locks (do_id TEXT PRIMARY KEY, node_id TEXT, acquired_at INTEGER, expires_at INTEGER,
+                fencing_token INTEGER, metadata TEXT);
+             INSERT INTO do_locks VALUES ('o1', 'old-node', 0, NULL, 7, NULL);",
+        )
+        .await
+        .expect("predecessor schema");
+    }
+    let s = LibsqlStore::local(&path).open().await.expect("open");
+    let e = s.current(&obj()).await.expect_err("a lease with a NULL expiry");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("expires_at"), "{e}");
+}
+
 /// A file that already has the predecessor's `do_locks` (seed 002) with issued tokens: opening
 /// it folds those tokens into dotdo's fencing state, on both transports.
 #[tokio::test]
