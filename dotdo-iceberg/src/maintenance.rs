@@ -88,13 +88,33 @@ impl IcebergColdStore {
             let committed = summary::effective_committed_at(table.metadata());
             // Every snapshot that stays (kept, or younger than the cutoff) keeps the chain down to
             // its nearest dotdo snapshot: a read as of it needs that snapshot's watermarks.
-            let staying: Vec<i64> = table
+            let mut staying: Vec<i64> = table
                 .metadata()
                 .snapshots()
                 .filter(|s| keep.contains(&s.snapshot_id()) || committed(s) >= cutoff)
                 .map(|s| s.snapshot_id())
                 .collect();
+            // A snapshot that counts as committed at an ancestor's later time (another engine
+            // stamped it before its parent) keeps the ancestors that time comes from: with them
+            // expired it would count as committed at its own earlier stamp, and a read as of a
+            // time before they existed would pick it (holding their rows).
+            let mut raised = Vec::new();
+            for &id in &staying {
+                let mut cur = table.metadata().snapshot_by_id(id);
+                let mut steps = 0;
+                while let Some(s) = cur {
+                    if summary::committed_at(s) >= committed(s) || steps > table.metadata().snapshots().len() {
+                        break;
+                    }
+                    let Some(parent) = s.parent_snapshot_id() else { break };
+                    raised.push(parent);
+                    cur = table.metadata().snapshot_by_id(parent);
+                    steps += 1;
+                }
+            }
+            staying.extend(raised);
             for id in staying {
+                keep.insert(id);
                 keep.extend(chain_to_dotdo_base(table.metadata(), id));
             }
             let expired: Vec<i64> = table

@@ -1229,6 +1229,38 @@ async fn expiry_ages_a_snapshot_stamped_before_its_parent_by_its_parent() {
     assert_eq!(cold.snapshots().await.expect("snapshots").len(), 3, "nothing inside the window expired");
 }
 
+/// A snapshot that counts as committed at an ancestor's later time keeps that ancestor through
+/// expiry while it stays itself. Here the head is a commit of a second dotdo node whose clock is
+/// behind (stamped 10 minutes from now) on top of another engine's commit (stamped now) on top
+/// of the first node's (stamped an hour from now). With the older two expired, the head counted
+/// as committed at its own stamp, and a read as of half an hour from now picked it, holding the
+/// rows committed an hour from now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_keeps_the_ancestors_a_snapshots_time_comes_from() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hour = std::time::Duration::from_secs(3600);
+    let (cold, clock, now, o) = dotdo_commit_then_an_earlier_stamped_foreign_one(dir.path()).await;
+    let behind = dotdo_core::ManualClock::new(now.plus(hour / 6));
+    let second = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .with_clock(Arc::new(behind))
+        .build()
+        .await
+        .expect("a second node");
+    second
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]))
+        .await
+        .expect("the second node's commit");
+    let between = now.plus(hour / 2);
+    assert!(cold.load_state(&o, AsOf::Timestamp(between)).await.expect("before expiry").entries.is_empty());
+    // The first node expires everything but the head (all three are older than its clock).
+    clock.advance(std::time::Duration::from_secs(60));
+    cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    assert_eq!(second.snapshots().await.expect("snapshots").len(), 3, "the head keeps what its time comes from");
+    let st = second.load_state(&o, AsOf::Timestamp(between)).await.expect("as of between");
+    assert!(st.entries.is_empty(), "nothing existed yet at that time: {st:?}");
+}
+
 /// A foreign snapshot younger than the expiry's cutoff stays, and so does the older dotdo
 /// snapshot below it whose watermarks a read as of it needs (before, only the head's and the
 /// tags' chains were kept, and `load_state` as of the foreign snapshot was `Corrupt`).
