@@ -2271,12 +2271,16 @@ async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
     entered_rx.await.expect("the handler runs");
     let (rt2, o2) = (rt.clone(), o.clone());
     let prefetch = tokio::spawn(async move { rt2.prefetch(&o2, &[], &[]).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Let the prefetch enter and queue on the slot (generously: on a loaded machine a spawned
+    // task may wait to be polled).
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let rt3 = rt.clone();
     let shutdown = tokio::spawn(async move { rt3.shutdown().await });
+    // Shutdown waits one TTL (9 s) for the calls; small steps leave the long call's renewal
+    // (due 3 s before expiry) 30 steps to run.
     while !shutdown.is_finished() {
-        w.clock.advance(Duration::from_secs(1));
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        w.clock.advance(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     shutdown.await.expect("task").expect("shutdown");
     gate_tx.send(()).expect("open the gate");
@@ -2313,6 +2317,8 @@ async fn an_object_cold_refuses_does_not_block_flush_all_for_the_others() {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert_eq!(fresh.watermark(&a).await.expect("watermark").through, 1, "a was drained");
     assert_eq!(fresh.watermark(&b).await.expect("watermark").through, 0);
+    assert_eq!(r2.metrics().records_flushed, 1, "a's record counted once");
+    assert_eq!(w.hot.object_info(&a).await.expect("info").expect("a").truncated_through, 1, "and truncated");
 }
 
 /// A lease given back to fence a write of unknown outcome, whose release keeps failing (so it

@@ -188,11 +188,12 @@ pub(crate) struct Inner {
     /// must agree, as they do when both are the process clock; otherwise such a lease is only
     /// waited out.)
     unsure: parking_lot::Mutex<HashMap<ObjectId, Timestamp>>,
-    /// Per object, the highest token this runtime gave back or left as an orphan (kept while an
-    /// acquire of unknown outcome is remembered for the object). Such a lease is never taken
-    /// for the landing of an unknown acquire: it may have been given back to fence a write of
-    /// unknown outcome, and adopting it (its release failed, so it is still current) would let
-    /// that write land unfenced.
+    /// Per object, the highest token this runtime gave back or left as an orphan (recorded at
+    /// every give-back; `maintain` and `shutdown` forget the objects with no acquire of unknown
+    /// outcome remembered, so it holds at most the objects touched between two of them, like the
+    /// slots). Such a lease is never taken for the landing of an unknown acquire: it may have
+    /// been given back to fence a write of unknown outcome, and adopting it (its release failed,
+    /// so it is still current) would let that write land unfenced.
     given_back: parking_lot::Mutex<HashMap<ObjectId, FencingToken>>,
     shutting_down: AtomicBool,
     /// Set once shutdown's flush has run: a call ending after it gives its lease back.
@@ -416,6 +417,16 @@ impl ObjectRuntime {
     /// set its flag, and shutdown then skipped the slot the call still held; the flag is set
     /// before that skip, so it is seen here. (A slot another call holds is left to that call's
     /// own check.)
+    /// [`give_back_if_shut_down`](Self::give_back_if_shut_down) for every slot, at the end of
+    /// a call that holds many (`flush_all`, `maintain`, `evict_idle`, `complete_restores`).
+    async fn give_back_all_if_shut_down(&self) {
+        if self.inner.shutdown_flushed.load(Ordering::SeqCst) {
+            for (_, slot) in self.active_slots() {
+                self.give_back_if_shut_down(&slot).await;
+            }
+        }
+    }
+
     async fn give_back_if_shut_down(&self, slot: &SlotRef) {
         if self.inner.shutdown_flushed.load(Ordering::SeqCst) {
             if let Some(mut held) = slot.try_lock() {
@@ -937,6 +948,12 @@ impl ObjectRuntime {
     /// handler, and may be called from one. One object that fails does not stop the others; the
     /// first failure is returned at the end. `Shutdown` once shutdown has begun.
     pub async fn complete_restores(&self) -> Result<()> {
+        let out = self.complete_restores_in().await;
+        self.give_back_all_if_shut_down().await;
+        out
+    }
+
+    async fn complete_restores_in(&self) -> Result<()> {
         let _guard = self.enter()?;
         let mut first_err = None;
         for (object, slot) in self.active_slots() {
@@ -1003,6 +1020,12 @@ impl ObjectRuntime {
     /// untruncated while the others are drained, and its `Corrupt` is returned at the end.
     /// `Shutdown` once [`shutdown`](Self::shutdown) has begun (it flushes itself).
     pub async fn flush_all(&self) -> Result<FlushReport> {
+        let out = self.flush_all_in().await;
+        self.give_back_all_if_shut_down().await;
+        out
+    }
+
+    async fn flush_all_in(&self) -> Result<FlushReport> {
         let _guard = self.enter()?;
         self.flush_held().await
     }
@@ -1146,9 +1169,22 @@ impl ObjectRuntime {
                         continue;
                     }
                     for oc in batch.objects {
+                        // The held leases stay renewed between these commits, as between rounds.
+                        renew_held(inner, held, left_out).await;
+                        if left_out.contains(&oc.object) {
+                            continue;
+                        }
                         let object = oc.object.clone();
                         match append_resolving(inner, ColdBatch { objects: vec![oc] }).await {
-                            Ok(_) => {}
+                            Ok(c) => {
+                                // Counted here: the next round finds these records in cold
+                                // (skipped, written 0) when it truncates them.
+                                report.commits += u64::from(c.snapshot.is_some());
+                                report.records += c.records_written;
+                                let mut m = inner.metrics.lock();
+                                m.flushes += u64::from(c.snapshot.is_some());
+                                m.records_flushed += c.records_written;
+                            }
                             Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
                                 tracing::error!(object = %object, error = %e, "dotdo flush_all: cold refused the object's changes");
                                 left_out.insert(object);
@@ -1336,6 +1372,12 @@ impl ObjectRuntime {
     /// Tier out every object idle longer than `evict_idle_after` (judged when its turn comes; an
     /// object in use is skipped); returns how many. `Shutdown` once shutdown has begun.
     pub async fn evict_idle(&self) -> Result<usize> {
+        let out = self.evict_idle_in().await;
+        self.give_back_all_if_shut_down().await;
+        out
+    }
+
+    async fn evict_idle_in(&self) -> Result<usize> {
         let Some(idle) = self.inner.settings.evict_idle_after else { return Ok(0) };
         let _guard = self.enter()?;
         // One object that cannot be evicted (taken over, cold unreachable) does not keep the
@@ -1370,6 +1412,12 @@ impl ObjectRuntime {
     /// calls left behind. Counted as a call: `Shutdown` once [`shutdown`](Self::shutdown) has
     /// begun, and shutdown waits for a round in progress.
     pub async fn maintain(&self) -> Result<()> {
+        let out = self.maintain_in().await;
+        self.give_back_all_if_shut_down().await;
+        out
+    }
+
+    async fn maintain_in(&self) -> Result<()> {
         let inner = &self.inner;
         // Counted like a call: shutdown waits for a round in progress (which may hold a slot
         // while it renews) rather than skipping that object, and no round renews a lease after
