@@ -386,7 +386,30 @@ impl IcebergColdStore {
         let mut removed: HashSet<String> = HashSet::new();
         let mut added: Vec<DataFile> = Vec::new();
         let n = groups.len();
+        // The change table's files are judged by `remove_unreferenced_files`, which never runs on
+        // a user table: only the former must commit files younger than half of the cleanup
+        // minimum (see `added_files_present`), and a rewrite that cannot stops early.
+        let guard_age = !matches!(mode, Mode::User(_));
+        let max_age = self.inner.settings.min_cleanup_retention / 2;
+        let mut first_written: Option<dotdo_core::Timestamp> = None;
         for (i, group) in groups.into_iter().enumerate() {
+            if let Some(t) = first_written.filter(|_| guard_age && !max_age.is_zero()) {
+                let age = self.inner.clock.now().since(t);
+                if age > max_age {
+                    self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "{what}: its first files were written {age:?} ago, more than half of \
+                             min_cleanup_retention ({max_age:?}), with {} of {n} groups to go: a cleanup could \
+                             delete them after the commit; nothing committed (compact fewer partitions per run, \
+                             or raise min_cleanup_retention)",
+                            n - i
+                        ),
+                    )
+                    .with_retryable(false));
+                }
+            }
             // Transient store errors while reading or writing one group are retried (the writer
             // deletes its partial files on failure).
             let (b, g, m) = (&base, &group, &mode);
@@ -420,6 +443,7 @@ impl IcebergColdStore {
             });
             removed.extend(group.into_iter().map(|f| f.path));
             added.extend(files);
+            first_written.get_or_insert_with(|| self.inner.clock.now());
         }
         report.groups = n;
         if !matches!(mode, Mode::Collapse(_)) && report.records_read != report.records_written {
@@ -458,7 +482,7 @@ impl IcebergColdStore {
             let spec_now = table.metadata().default_partition_spec_id();
             let rewritten = if spec_now == written_under {
                 async {
-                    self.added_files_present(&added, &what).await?;
+                    self.added_files_present(&added, guard_age, &what).await?;
                     self.rewrite_manifests(&table, sid, seq, &removed, &added).await
                 }
                 .await
@@ -550,7 +574,7 @@ impl IcebergColdStore {
     /// files whose retention is shorter than the rewrite has taken so far finds them
     /// unreferenced and may delete them; a snapshot naming them would be unreadable, and once
     /// the replaced files were cleaned up too, their rows lost. `Conflict` if one is gone.
-    async fn added_files_present(&self, added: &[DataFile], what: &str) -> Result<()> {
+    async fn added_files_present(&self, added: &[DataFile], guard_age: bool, what: &str) -> Result<()> {
         use futures::{StreamExt, TryStreamExt};
         // A cleanup deletes unreferenced files older than its retention (by its clock against
         // the store's last-modified time), at least `min_cleanup_retention`, and one that runs
@@ -565,7 +589,7 @@ impl IcebergColdStore {
                 Ok(meta) => {
                     let written = dotdo_core::Timestamp::from_micros(meta.last_modified.timestamp_micros());
                     let age = now.since(written);
-                    if max_age.is_zero() || age <= max_age {
+                    if !guard_age || max_age.is_zero() || age <= max_age {
                         return Ok(());
                     }
                     Err(Error::new(

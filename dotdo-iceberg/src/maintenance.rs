@@ -348,8 +348,9 @@ fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64,
 /// maintenance actions refuse them. (iceberg's own refusal surfaced as `Corrupt`, and the file
 /// cleanup ignored the property.)
 fn gc_enabled(table: &iceberg::table::Table, what: &str) -> Result<()> {
+    // Parsed as Java's `Boolean.parseBoolean` does: anything but "true" (any case) disables it.
     match table.metadata().properties().get("gc.enabled") {
-        Some(v) if v.eq_ignore_ascii_case("false") => Err(Error::invalid(format!(
+        Some(v) if !v.eq_ignore_ascii_case("true") => Err(Error::invalid(format!(
             "{what}: the table has gc.enabled=false (its files may be shared with another table); \
              set it to true to expire snapshots or remove files"
         ))),

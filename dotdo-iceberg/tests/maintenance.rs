@@ -1102,8 +1102,9 @@ async fn gc_disabled_tables_are_neither_expired_nor_cleaned() {
     cold.compact(CompactOptions::default()).await.expect("compact");
     let table = cold.refresh().await.expect("table");
     let tx = Transaction::new(&table);
-    let tx = tx.update_table_properties().set("gc.enabled".to_string(), "false".to_string()).apply(tx).expect("apply");
-    tx.commit(&*cold.catalog()).await.expect("gc.enabled=false");
+    // Any value but "true" disables it, as Java's Boolean.parseBoolean reads it.
+    let tx = tx.update_table_properties().set("gc.enabled".to_string(), "0".to_string()).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("gc.enabled=0");
     let snapshots = cold.snapshots().await.expect("snapshots").len();
     let files = common::files_ending_with(dir.path(), ".parquet").len();
     common::sleep(std::time::Duration::from_millis(5)).await;
@@ -1114,6 +1115,35 @@ async fn gc_disabled_tables_are_neither_expired_nor_cleaned() {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert_eq!(cold.snapshots().await.expect("snapshots").len(), snapshots);
     assert_eq!(common::files_ending_with(dir.path(), ".parquet").len(), files, "nothing deleted");
+}
+
+/// The age rule of compaction (files younger than half of `min_cleanup_retention` when it
+/// commits) guards the change table, which `remove_unreferenced_files` cleans; a user table's
+/// compaction is not held to it (its clock here runs two hours ahead of the files' times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_table_compaction_is_not_held_to_the_cleanup_age_rule() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wall = dotdo_core::Clock::now(&dotdo_core::SystemClock::new());
+    let clock = dotdo_core::ManualClock::new(wall.plus(std::time::Duration::from_secs(7200)));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .with_clock(Arc::new(clock))
+        .build()
+        .await
+        .expect("open");
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let t = cold.arrow_table(&["m"], "events", schema.clone()).await.expect("table");
+    for id in 1..=3u64 {
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![id as i64]))]).expect("batch");
+        t.append("s", id, vec![batch]).await.expect("append");
+    }
+    let report = t.compact(CompactOptions::default()).await.expect("a user table compacts");
+    assert!(report.snapshot.is_some(), "{report:?}");
+    let rows: usize = t.read_all().await.expect("read").iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 3);
 }
 
 /// A cleanup of unreferenced files that runs while a compaction is between writing its new
