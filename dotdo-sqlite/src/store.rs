@@ -201,12 +201,10 @@ impl SqliteStoreBuilder {
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         // Absolute from here on: read connections open lazily, and must open the writer's file
         // even if the process changes its working directory meanwhile.
-        let path = if memory || self.path.to_string_lossy().starts_with("file:") {
-            self.path
-        } else {
-            std::path::absolute(&self.path)
-                .map_err(|e| Error::invalid(format!("database path {}: {e}", self.path.display())).with_source(e))?
-        };
+        if self.path.to_string_lossy().contains('\0') {
+            return Err(Error::invalid(format!("database path {:?} contains a NUL byte", self.path)));
+        }
+        let path = if memory { self.path } else { absolute_database_path(&self.path)? };
         let open = move || -> Result<SqliteStore> {
             let writer = open_connection(&path, &settings, true)?;
             let checkpointer = match settings.background_checkpoint {
@@ -297,7 +295,29 @@ fn is_private_database(path: &Path) -> bool {
     let p = path.to_string_lossy();
     p.is_empty()
         || p == ":memory:"
+        // `file:` with an empty path is a private temporary database, like "".
+        || p == "file:"
+        || p.starts_with("file:?")
         || (p.starts_with("file:") && (p.contains("mode=memory") || p.starts_with("file::memory:")))
+}
+
+/// `path` made absolute against the working directory, for a plain path or a `file:` URI (whose
+/// path part is made absolute, its query kept; the working directory's `%`, `?` and `#` are
+/// escaped as the URI needs).
+fn absolute_database_path(path: &Path) -> Result<std::path::PathBuf> {
+    let bad = |e: std::io::Error| Error::invalid(format!("database path {}: {e}", path.display())).with_source(e);
+    let text = path.to_string_lossy();
+    let Some(uri) = text.strip_prefix("file:") else { return std::path::absolute(path).map_err(bad) };
+    let (file, query) = match uri.find('?') {
+        Some(i) => (&uri[..i], &uri[i..]),
+        None => (uri, ""),
+    };
+    if file.starts_with('/') {
+        return Ok(path.to_path_buf());
+    }
+    let cwd = std::env::current_dir().map_err(bad)?;
+    let cwd = cwd.to_string_lossy().replace('%', "%25").replace('?', "%3f").replace('#', "%23");
+    Ok(std::path::PathBuf::from(format!("file:{}/{file}{query}", cwd.trim_end_matches('/'))))
 }
 
 /// The longest one write call may spend in busy waits and backoff: every attempt's busy
@@ -372,9 +392,54 @@ async fn offload<T: Send + 'static>(mode: Execution, f: impl FnOnce() -> Result<
             )),
         },
         Execution::Auto => match Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread && !BLOCK_IN_PLACE_REFUSED.get() => {
+                match in_place(f) {
+                    Ok(out) => out,
+                    // Not allowed here (a `LocalSet` on the runtime's `block_on` thread): this
+                    // call and the thread's later ones go to the blocking pool instead.
+                    Err(f) => {
+                        BLOCK_IN_PLACE_REFUSED.set(true);
+                        spawn(f).await
+                    }
+                }
+            }
             Ok(_) => spawn(Box::new(f)).await,
             Err(_) => f(),
+        },
+    }
+}
+
+thread_local! {
+    /// tokio refused `block_in_place` on this thread (see [`in_place`]).
+    static BLOCK_IN_PLACE_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A blocking job handed back to the caller when it could not run.
+type Job<T> = Box<dyn FnOnce() -> Result<T> + Send>;
+
+/// Run `f` under tokio's `block_in_place`, or hand it back if tokio refuses: it panics, before
+/// running anything, on a thread where blocking in place is not allowed although the runtime is
+/// multi-threaded (inside a `LocalSet`, which turns it off). The refusal is caught (a panic
+/// message is printed once per such thread) so that the caller falls back to the blocking pool
+/// instead of panicking; a panic of `f` itself goes on. (With `panic = "abort"`, use
+/// `Execution::SpawnBlocking` inside a `LocalSet`.)
+fn in_place<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::result::Result<Result<T>, Job<T>> {
+    let job = std::sync::Mutex::new(Some(f));
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tokio::task::block_in_place(|| {
+            let f = job.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            f.map(|f| f())
+        })
+    }));
+    match ran {
+        Ok(Some(out)) => Ok(out),
+        Ok(None) => Ok(Err(Error::backend("sqlite job ran twice"))),
+        Err(panic) => match job.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            // Refused before the job started: run it elsewhere.
+            Some(f) => Err(Box::new(f)),
+            None => std::panic::resume_unwind(panic),
         },
     }
 }
@@ -980,6 +1045,28 @@ impl ConsistencyGuard for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Relative `file:` URIs are made absolute (query kept, the working directory escaped);
+    /// absolute ones and private databases are left as they are.
+    #[test]
+    fn database_paths_and_uris_are_made_absolute() {
+        let cwd = std::env::current_dir()
+            .expect("cwd")
+            .to_string_lossy()
+            .replace('%', "%25")
+            .replace('?', "%3f")
+            .replace('#', "%23");
+        let abs = |p: &str| absolute_database_path(Path::new(p)).expect("path").to_string_lossy().into_owned();
+        assert_eq!(abs("file:data/hot.db?mode=rwc"), format!("file:{cwd}/data/hot.db?mode=rwc"));
+        assert_eq!(abs("file:hot.db"), format!("file:{cwd}/hot.db"));
+        assert_eq!(abs("file:/srv/hot.db?cache=shared"), "file:/srv/hot.db?cache=shared");
+        assert_eq!(abs("file:///srv/hot.db"), "file:///srv/hot.db");
+        assert!(Path::new(&abs("data/hot.db")).is_absolute());
+        for private in ["", ":memory:", "file:", "file:?cache=private", "file::memory:", "file:x?mode=memory"] {
+            assert!(is_private_database(Path::new(private)), "{private}");
+        }
+        assert!(!is_private_database(Path::new("file:hot.db")));
+    }
 
     /// A COMMIT that failed with an I/O error may be durable: `AmbiguousOutcome`, not a
     /// retryable failure; busy and full-disk failures keep their kinds.

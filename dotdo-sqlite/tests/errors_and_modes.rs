@@ -401,3 +401,37 @@ async fn an_in_memory_database_reads_what_it_writes() {
         s.integrity_check().await.expect("integrity");
     }
 }
+
+/// `Execution::Auto` (the default) inside a `LocalSet` on a multi-threaded runtime, where tokio
+/// refuses `block_in_place` on the `block_on` thread: calls fall back to the blocking pool
+/// instead of panicking.
+#[test]
+fn auto_execution_in_a_local_set_is_not_a_panic() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(tokio::task::LocalSet::new().run_until(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::builder(dir.path().join("h.db")).open().await.expect("open in a LocalSet");
+        let o = dotdo_core::ObjectId::new("o").expect("id");
+        let l = s
+            .acquire(&o, &dotdo_core::NodeId::new("n").expect("node"), std::time::Duration::from_secs(5))
+            .await
+            .expect("acquire");
+        s.put(&o, l.token, "T", "k", bytes::Bytes::from_static(b"v")).await.expect("put");
+        assert_eq!(s.get(&o, "k").await.expect("get"), Some(bytes::Bytes::from_static(b"v")));
+    }));
+}
+
+/// `file:` with an empty path is SQLite's private temporary database: kept on one connection
+/// like `:memory:` (readers opening it each got an empty database of their own); a path with a
+/// NUL byte is `InvalidInput`.
+#[tokio::test]
+async fn an_empty_file_uri_is_a_private_database_and_a_nul_path_is_refused() {
+    for uri in ["file:", "file:?cache=private"] {
+        let s = SqliteStore::builder(uri).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("node"), Duration::from_secs(5)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "k", bytes::Bytes::from_static(b"v")).await.expect("put");
+        assert_eq!(s.get(&obj(), "k").await.expect("get"), Some(bytes::Bytes::from_static(b"v")), "{uri}");
+    }
+    let e = SqliteStore::builder("hot\0.db").open().await.expect_err("NUL");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+}
