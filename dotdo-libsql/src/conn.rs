@@ -247,7 +247,10 @@ impl Conn {
                  SELECT '', '', 0, 0, 0 WHERE 0;\n",
             );
         }
-        self.conn.execute_batch(&sql).await?;
+        // On a local file the batch ends with its COMMIT: an I/O error may be that COMMIT's
+        // (see `commit_failure`). A remote primary's failures are classified by their text.
+        let ran = self.conn.execute_batch(&sql).await;
+        ran.map_err(|e| if self.remote { e } else { commit_failure(e) })?;
         if program.result.is_none() {
             return Ok(None);
         }

@@ -88,7 +88,16 @@ pub(crate) struct Inner {
     /// Set when a pull after a write failed: the replica may lack committed writes (another
     /// holder's, seen by an acquire), so reads pull first until a pull succeeds.
     replica_behind: ReplicaBehind,
+    /// Completes when the replica's latest pull task ends: a pull that outlived its caller's
+    /// `sync_timeout` is waited for, not joined by another (pulls do not pile up while the
+    /// primary hangs).
+    #[cfg(feature = "replica")]
+    pull_done: parking_lot::Mutex<Option<PullDone>>,
 }
+
+/// See [`Inner::pull_done`].
+#[cfg(feature = "replica")]
+type PullDone = futures::future::Shared<BoxFuture<'static, ()>>;
 
 /// Whether the embedded replica may be missing writes committed on the primary: pulls after
 /// writes that failed (`marked`) against pulls that caught up since (`pulled`).
@@ -251,6 +260,8 @@ impl LibsqlStoreBuilder {
             replica,
             _primary: write_db,
             replica_behind: ReplicaBehind::default(),
+            #[cfg(feature = "replica")]
+            pull_done: parking_lot::Mutex::new(None),
         };
         let store = LibsqlStore { inner: Arc::new(inner) };
         store.init(&doing).await?;
@@ -411,28 +422,43 @@ impl LibsqlStore {
                 // legitimate) but by `sync_timeout`, and never dropped midway (libsql's replicator
                 // is not made for that): the pull runs as a task of its own, which a call that
                 // stops waiting leaves running.
-                let pull = {
-                    let db = db.clone();
-                    async move { db.sync().await.map(|_| ()) }
+                let timed_out = || {
+                    Error::unavailable(format!(
+                        "syncing the replica: no answer from the primary within sync_timeout ({:?}); the pull goes \
+                         on in the background",
+                        settings.sync_timeout
+                    ))
                 };
                 let pulled = match tokio::runtime::Handle::try_current() {
                     Ok(h) => {
-                        let task = h.spawn(pull);
-                        match futures::future::select(task, SystemClock::new().sleep(settings.sync_timeout)).await {
+                        let mut budget = SystemClock::new().sleep(settings.sync_timeout);
+                        // A pull still running (one whose caller stopped waiting) ends first: this
+                        // call's pull must start after its write, and pulls must not pile up.
+                        let earlier = self.inner.pull_done.lock().clone().filter(|d| d.peek().is_none());
+                        if let Some(earlier) = earlier {
+                            if let futures::future::Either::Right(_) =
+                                futures::future::select(earlier, &mut budget).await
+                            {
+                                return Err(timed_out());
+                            }
+                        }
+                        let (done_tx, done_rx) = futures::channel::oneshot::channel::<()>();
+                        *self.inner.pull_done.lock() = Some(done_rx.map(|_| ()).boxed().shared());
+                        let db = db.clone();
+                        let task = h.spawn(async move {
+                            let r = db.sync().await.map(|_| ());
+                            let _ = done_tx.send(());
+                            r
+                        });
+                        match futures::future::select(task, budget).await {
                             futures::future::Either::Left((Ok(r), _)) => r,
                             futures::future::Either::Left((Err(_), _)) => {
                                 Err(libsql::Error::Sync("the replica's pull failed (its task ended abnormally)".into()))
                             }
-                            futures::future::Either::Right(_) => {
-                                return Err(Error::unavailable(format!(
-                                    "syncing the replica: no answer from the primary within sync_timeout ({:?}); \
-                                     the pull goes on in the background",
-                                    settings.sync_timeout
-                                )))
-                            }
+                            futures::future::Either::Right(_) => return Err(timed_out()),
                         }
                     }
-                    Err(_) => pull.await,
+                    Err(_) => db.sync().await.map(|_| ()),
                 };
                 match pulled {
                     Ok(_) => return Ok(()),
@@ -684,6 +710,11 @@ impl LibsqlStore {
     }
 }
 
+thread_local! {
+    /// tokio refused `block_in_place` on this thread (inside a `LocalSet`): local calls run inline.
+    static BLOCK_IN_PLACE_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// A remote request that did not answer within `request_timeout`, as the error libsql reports
 /// for a connection that broke off after the request was sent (it may have run).
 fn timed_out(timeout: Duration) -> libsql::Error {
@@ -700,8 +731,28 @@ impl LibsqlStore {
         use tokio::runtime::{Handle, RuntimeFlavor};
         if local {
             if let Ok(h) = Handle::try_current() {
-                if h.runtime_flavor() == RuntimeFlavor::MultiThread {
-                    return tokio::task::block_in_place(move || h.block_on(fut));
+                if h.runtime_flavor() == RuntimeFlavor::MultiThread && !BLOCK_IN_PLACE_REFUSED.get() {
+                    // tokio refuses `block_in_place` inside a `LocalSet` (on the runtime's
+                    // `block_on` thread), by panicking before it runs anything: caught, the call
+                    // (and the thread's later ones) runs inline instead.
+                    let job = std::sync::Mutex::new(Some(fut));
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        tokio::task::block_in_place(|| {
+                            let fut = job.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                            fut.map(|fut| h.block_on(fut))
+                        })
+                    }));
+                    match ran {
+                        Ok(Some(out)) => return out,
+                        Ok(None) => return Err(TxError::Sql(libsql::Error::Misuse("a call ran twice".into()))),
+                        Err(panic) => match job.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+                            Some(fut) => {
+                                BLOCK_IN_PLACE_REFUSED.set(true);
+                                return fut.await;
+                            }
+                            None => std::panic::resume_unwind(panic),
+                        },
+                    }
                 }
             }
             return fut.await;

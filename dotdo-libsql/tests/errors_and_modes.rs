@@ -651,3 +651,17 @@ async fn values_of_the_wrong_type_are_corrupt() {
     let e = s.put(&obj(), l.token, "T", "k2", bytes::Bytes::from_static(b"v")).await.expect_err("put");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
+
+/// A local store used inside a `LocalSet` on a multi-threaded runtime, where tokio refuses
+/// `block_in_place`: calls run inline instead of panicking.
+#[test]
+fn a_local_store_in_a_local_set_is_not_a_panic() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(tokio::task::LocalSet::new().run_until(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = LibsqlStore::local(dir.path().join("h.db")).open().await.expect("open in a LocalSet");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("node"), Duration::from_secs(5)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    }));
+}
