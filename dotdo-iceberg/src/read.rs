@@ -9,7 +9,8 @@
 //! 3. skips files whose `do_id` (and, for lookups and scans, `key`; for change reads, `seq`)
 //!    lower/upper bounds exclude the query (`pruned_by_min_max`);
 //! 4. reads the Parquet footer of the rest (cached) and skips row groups whose `do_id` / `key`
-//!    statistics exclude the query;
+//!    statistics exclude the query (a file all of whose row groups are excluded counts in
+//!    `pruned_by_min_max`);
 //! 5. probes the `do_id` (and, for a lookup, `key`) bloom filter of each remaining row group
 //!    (cached, memory-bounded) and skips row groups the filter rules out; a file all of whose
 //!    row groups are ruled out this way counts in `pruned_by_bloom`, not in `files_opened`;
@@ -356,6 +357,8 @@ struct FileRead {
     row_groups: u64,
     /// Every row group left after statistics was ruled out by a bloom filter.
     pruned_by_bloom: bool,
+    /// Every row group was ruled out by its statistics (or the file has none): nothing decoded.
+    pruned_by_stats: bool,
 }
 
 impl IcebergColdStore {
@@ -580,7 +583,9 @@ impl IcebergColdStore {
         let results: Vec<FileRead> = futures::stream::iter(reads).buffer_unordered(4).try_collect().await?;
         let mut records = Vec::new();
         for r in results {
-            if r.pruned_by_bloom {
+            if r.pruned_by_stats {
+                stats.pruned_by_min_max += 1;
+            } else if r.pruned_by_bloom {
                 stats.pruned_by_bloom += 1;
             } else {
                 stats.files_opened += 1;
@@ -684,8 +689,12 @@ impl IcebergColdStore {
             }
             groups.push(i);
         }
+        if groups.is_empty() {
+            // Ruled out by row-group statistics: a min/max prune, the file not opened for rows.
+            return Ok(FileRead { records: Vec::new(), row_groups: 0, pruned_by_bloom: false, pruned_by_stats: true });
+        }
         let mut pruned_by_bloom = false;
-        if self.inner.settings.bloom_filters && !groups.is_empty() {
+        if self.inner.settings.bloom_filters {
             let mut probes = vec![(do_id_c, object.as_str())];
             if let Some(k) = &filter.key {
                 probes.push((key_c, k.as_str()));
@@ -700,7 +709,8 @@ impl IcebergColdStore {
             pruned_by_bloom = kept.is_empty();
             groups = kept;
         }
-        let mut out = FileRead { records: Vec::new(), row_groups: groups.len() as u64, pruned_by_bloom };
+        let mut out =
+            FileRead { records: Vec::new(), row_groups: groups.len() as u64, pruned_by_bloom, pruned_by_stats: false };
         if groups.is_empty() {
             return Ok(out);
         }

@@ -49,3 +49,38 @@ async fn lookups_see_commits_of_another_store_on_the_same_catalog() {
     let c = reader.lookup(&o, "c", AsOf::Snapshot(snap)).await.expect("as-of a new snapshot");
     assert_eq!(&c.value.expect("c").value[..], b"4");
 }
+
+/// A file whose bounds span the object but whose every row group the statistics rule out
+/// ("a" and "c" in separate row groups, a lookup of "b") counts as pruned by min/max, not as
+/// opened: no row of it is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_row_groups_statistics_rule_out_is_not_counted_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .settings(dotdo_iceberg::Settings { buckets: 1, row_group_rows: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let (a, c) = (ObjectId::new("a").expect("id"), ObjectId::new("c").expect("id"));
+    let batch = ColdBatch {
+        objects: vec![
+            dotdo_core::ObjectChanges {
+                object: a.clone(),
+                token: FencingToken::new(1),
+                records: vec![put(&a, 1, "k", "v")],
+            },
+            dotdo_core::ObjectChanges {
+                object: c.clone(),
+                token: FencingToken::new(1),
+                records: vec![put(&c, 1, "k", "v")],
+            },
+        ],
+    };
+    cold.append(batch).await.expect("append");
+    let b = ObjectId::new("b").expect("id");
+    let l = cold.lookup(&b, "k", AsOf::Latest).await.expect("lookup");
+    assert!(l.value.is_none());
+    let st = &l.stats;
+    assert_eq!((st.files_total, st.files_opened, st.row_groups_read), (1, 0, 0), "{st:?}");
+    assert_eq!(st.pruned_by_min_max + st.pruned_by_bloom + st.pruned_by_partition, 1, "{st:?}");
+}
