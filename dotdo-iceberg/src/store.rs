@@ -121,8 +121,8 @@ pub struct Settings {
     /// unreferenced until its commit lands; a shorter retention could delete it while that
     /// commit is in flight (Spark's `remove_orphan_files` refuses under 24 hours for the same
     /// reason). Lower it only where no writer can be running, e.g. in tests. Before it commits,
-    /// a compaction checks that its new files are all still there and that none was written
-    /// more than half of this ago (a cleanup running meanwhile could judge an older one
+    /// a compaction of the change table checks that its new files are all still there and that
+    /// none was written more than half of this ago (a cleanup running meanwhile could judge an older one
     /// unreferenced and delete it after the commit); otherwise it fails with `Conflict`, nothing
     /// committed. A compaction that needs longer: fewer partitions per run, or a larger minimum.
     pub min_cleanup_retention: Duration,
