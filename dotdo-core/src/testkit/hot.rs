@@ -531,6 +531,13 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     assert!(fx.hot.put(&old.object, old.token, "T", "a", b("stale")).await.expect_err("still fenced").is_fenced());
     assert_eq!(fx.hot.object_info(&old.object).await.expect("info").expect("kept").max_token, new.token);
+    // A lease released without any write: its token is not issued again after a restart either.
+    let released = fx.guard.acquire(&oid("o2"), &nid("n1"), TTL).await.expect("acquire o2");
+    fx.guard.release(&released).await.expect("release");
+    drop(fx);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    let again = fx.guard.acquire(&oid("o2"), &nid("n2"), TTL).await.expect("acquire o2 again");
+    assert!(again.token > released.token, "{again:?} after {released:?}");
 }
 
 /// A restore over live state replaces it: keys cold does not have are gone (a restore that
@@ -623,6 +630,34 @@ pub async fn refused_calls_do_not_raise_the_token(f: &HotFactory) {
     assert_eq!(r.first_seq, 2);
     let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
     assert_eq!(info.max_token, l.token, "the refused calls raised nothing");
+}
+
+/// A successful truncate, evict or restore under a higher token raises the object's token like
+/// a write does: afterwards the old token is fenced, naming the higher one.
+pub async fn successful_calls_with_a_higher_token_raise_it(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let (t, e, r) = (lease(&fx, "t", "n1").await, lease(&fx, "e", "n1").await, lease(&fx, "r", "n1").await);
+    let higher = |l: &Lease| FencingToken::new(l.token.get() + 7);
+    fx.hot.put(&t.object, t.token, "T", "a", b("1")).await.expect("put");
+    fx.hot.truncate_changes(&t.object, higher(&t), 1).await.expect("truncate under a higher token");
+    fx.hot.put(&e.object, e.token, "T", "a", b("1")).await.expect("put");
+    fx.hot.truncate_changes(&e.object, e.token, 1).await.expect("drain");
+    fx.hot.evict(&e.object, higher(&e)).await.expect("evict under a higher token");
+    let entry = crate::Entry { key: "a".into(), value: b("cold"), seq: 1 };
+    fx.hot.restore(&r.object, higher(&r), vec![entry], 1).await.expect("restore under a higher token");
+    for l in [&t, &e, &r] {
+        let err = fx.hot.put(&l.object, l.token, "T", "a", b("stale")).await.expect_err("the old token");
+        match err.kind() {
+            ErrorKind::Fenced { presented, current, .. } => {
+                assert_eq!((*presented, *current), (l.token, higher(l)), "{}: {err}", l.object)
+            }
+            other => panic!("{}: expected Fenced, got {other:?}", l.object),
+        }
+    }
+    for l in [&t, &r] {
+        let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+        assert_eq!(info.max_token, higher(l), "{}", l.object);
+    }
 }
 
 /// Many concurrent writers under one token each get distinct, gap-free sequence numbers.
@@ -800,10 +835,15 @@ pub async fn validate_reports_current_fenced_and_lost(f: &HotFactory) {
     fx.guard.validate(&l).await.expect("current");
     clock.advance(TTL);
     assert!(matches!(fx.guard.validate(&l).await.expect_err("expired").kind(), ErrorKind::LeaseLost { .. }));
-    let _n = lease(&fx, "o1", "n2").await;
+    let n = lease(&fx, "o1", "n2").await;
     assert!(fx.guard.validate(&l).await.expect_err("fenced").is_fenced());
-    let forged = Lease { holder: nid("n9"), ..l.clone() };
-    assert!(fx.guard.validate(&forged).await.is_err());
+    // The current token under another holder's name is not that holder's lease.
+    let forged = Lease { holder: nid("n9"), ..n.clone() };
+    let e = fx.guard.validate(&forged).await.expect_err("forged holder");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    let e = fx.guard.refresh(&forged, TTL).await.expect_err("forged holder");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    assert_eq!(fx.guard.current(&n.object).await.expect("current"), Some(n.clone()), "unchanged");
 }
 
 /// TTLs of zero or over a day are `InvalidInput`; exactly `MIN_TTL` and `MAX_TTL` are valid.
@@ -1369,6 +1409,7 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         restore_replaces_live_state,
         stale_and_none_tokens_are_refused_on_every_path,
         refused_calls_do_not_raise_the_token,
+        successful_calls_with_a_higher_token_raise_it,
         concurrent_writers_get_unique_sequences,
         takeover_during_concurrent_writes_fences_every_later_old_write,
         acquire_grants_token_and_blocks_others,

@@ -354,6 +354,7 @@ macro_rules! hot_conformance {
             restore_replaces_live_state,
             stale_and_none_tokens_are_refused_on_every_path,
             refused_calls_do_not_raise_the_token,
+            successful_calls_with_a_higher_token_raise_it,
             concurrent_writers_get_unique_sequences,
             takeover_during_concurrent_writes_fences_every_later_old_write,
             acquire_grants_token_and_blocks_others,
