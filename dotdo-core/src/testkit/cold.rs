@@ -116,6 +116,15 @@ pub async fn watermarks_and_state_survive_reopen(f: &super::ColdReopenFactory) {
     assert!(fx.sink.append(stale).await.expect_err("lower token").is_fenced());
     assert_eq!(fx.sink.load_state(&o, AsOf::Snapshot(snap)).await.expect("state").through, 3);
     assert_eq!(fx.sink.snapshots().await.expect("snaps").iter().map(|s| s.id).collect::<Vec<_>>(), [snap]);
+    // The data itself, not only the watermark, came back.
+    let st = fx.sink.load_state(&o, AsOf::Latest).await.expect("latest");
+    let want: Vec<(String, Bytes, u64)> = (1..=3).map(|s| (format!("k{s}"), Bytes::from(format!("v{s}")), s)).collect();
+    assert_eq!(strip(&st.entries), want);
+    assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes"), puts(&o, 1..=3, 5));
+    if let Some(accel) = &fx.accel {
+        let l = accel.lookup(&o, "k2", AsOf::Latest).await.expect("lookup");
+        assert_eq!(l.value.map(|v| v.seq), Some(2));
+    }
 }
 
 /// `watermarks` gives, in the order asked, what `watermark` gives for each object: committed,
@@ -147,7 +156,12 @@ pub async fn a_replay_reports_the_durable_watermark(f: &ColdFactory) {
     assert_eq!((replay.snapshot, replay.records_written, replay.records_skipped), (None, 0, 3));
     let durable = fx.sink.watermark(&o).await.expect("wm");
     assert_eq!(replay.watermarks.get(&o), Some(&durable), "the commit reports what is durable");
-    assert_eq!(durable.through, 3);
+    // The replay's higher token was not recorded (nothing was committed): token 1 still appends.
+    assert_eq!(durable, Watermark { through: 3, token: tok(1) });
+    fx.sink.append(ColdBatch::single(o.clone(), tok(5), vec![])).await.expect("an empty batch");
+    assert_eq!(fx.sink.watermark(&o).await.expect("wm").token, tok(1), "nor an empty batch's");
+    let next = fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 4..=4, 1))).await;
+    assert_eq!(next.expect("token 1 is not fenced").records_written, 1);
 }
 
 /// A batch overlapping what is committed writes only the new tail.

@@ -605,6 +605,20 @@ pub async fn restore_refuses_malformed_state(f: &HotFactory) {
         let err = fx.hot.restore(&l.object, higher, entries, through).await.expect_err(why);
         assert_eq!(err.kind(), &ErrorKind::InvalidInput, "{why}: {err}");
     }
+    let big = |key: String, len: usize| crate::Entry { key, value: Bytes::from(vec![b'x'; len]), seq: 3 };
+    for (entry, why, limit) in [
+        (big("v".into(), crate::MAX_VALUE_BYTES + 1), "a value over the limit", true),
+        (big("k".repeat(crate::MAX_KEY_BYTES + 1), 1), "a key over the limit", true),
+        (e("", 3), "an empty key", false),
+        (e("a\nb", 3), "a key with a control character", false),
+    ] {
+        let err = fx.hot.restore(&l.object, higher, vec![entry], 3).await.expect_err(why);
+        if limit {
+            assert!(matches!(err.kind(), ErrorKind::LimitExceeded { .. }), "{why}: {err}");
+        } else {
+            assert_eq!(err.kind(), &ErrorKind::InvalidInput, "{why}: {err}");
+        }
+    }
     assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list"), vec![e("a", 2)]);
     let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
     assert_eq!(info.last_seq, 2);
