@@ -146,6 +146,10 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
     let exe = std::env::current_exe().expect("exe");
     let mut acked: Vec<String> = Vec::new();
     let clock = SystemClock::new();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    // Rounds after which cold storage held more events than before: the children committed
+    // (and were killed around their commits), not only logged.
+    let (mut committed_before, mut rounds_that_committed) = (0usize, 0u32);
     for round in 0..kills {
         let mut child = Command::new(&exe)
             .args(["pipeline_child_process", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
@@ -173,9 +177,15 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
         dotdo_core::testkit::process::sigkill(&mut child, &format!("round {round}"));
         reader.join().expect("reader");
         acked.extend(rx.try_iter());
+        let now = rt.block_on(async { delivered(&open_cold(dir.path()).await).await.len() });
+        rounds_that_committed += u32::from(now > committed_before);
+        committed_before = now;
     }
+    assert!(
+        rounds_that_committed >= kills / 4,
+        "only {rounds_that_committed} of {kills} rounds committed anything before their kill"
+    );
     // Restart once more: the durable log left by the last kill is replayed and rolled.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     rt.block_on(async {
         let cold = open_cold(dir.path()).await;
         let p = Pipeline::builder(Arc::new(cold.clone())).with_settings(durable(dir.path())).build().expect("reopen");
@@ -191,7 +201,7 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
             &missing[..missing.len().min(5)]
         );
         println!(
-            "pipeline crash: {kills} SIGKILLs, {} acknowledged events, {} delivered, none twice",
+            "pipeline crash: {kills} SIGKILLs ({rounds_that_committed} rounds committed before their kill), {} acknowledged events, {} delivered, none twice",
             acked.len(),
             seen.len()
         );
