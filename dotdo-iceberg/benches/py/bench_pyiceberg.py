@@ -2,7 +2,7 @@
 as benches/cold.rs) appended to a local SQL-catalog table.
 
 usage: bench_pyiceberg.py <workdir> <rows> <objects> <small_commits>
-Prints one JSON line: {"append_s": .., "rows": .., "commit10_p50_ms": .., "read_one_p50_ms": ..}
+Prints one JSON line: {"append_s": .., "rows": .., "commit10_p50_ms": .., "commit10_p99_ms": .., "read_one_p50_ms": ..}
 """
 import json
 import os
@@ -94,5 +94,6 @@ print(json.dumps({
     "append_s": append_s,
     "rows": n_rows,
     "commit10_p50_ms": statistics.median(lat) * 1e3,
+    "commit10_p99_ms": sorted(lat)[min(len(lat) - 1, (len(lat) * 99) // 100)] * 1e3,
     "read_one_p50_ms": statistics.median(reads) * 1e3,
 }))
