@@ -78,7 +78,9 @@ pub trait HotStore: Send + Sync + Debug + 'static {
     /// write. `through` beyond the last sequence number is `InvalidInput`.
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()>;
 
-    /// What the store knows about `object`; `None` if it has never been written or restored.
+    /// What the store knows about `object`; `None` while it has neither a sequence number nor
+    /// state: never written or restored, or only by empty writes and restores at 0 (which may
+    /// still have raised its token, see the fencing rules above).
     async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>>;
 
     /// Objects with untruncated changes, in id order, at most `limit`, starting after `after`.

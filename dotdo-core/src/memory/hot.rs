@@ -186,7 +186,8 @@ impl HotStore for MemoryBackend {
     async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
         let st = self.state.lock();
         let max_token = st.max_token(object);
-        Ok(st.objects.get(object).map(|o| ObjectInfo {
+        // As the SQL backends: an object with neither a sequence number nor state is not one yet.
+        Ok(st.objects.get(object).filter(|o| o.last_seq > 0 || !o.entries.is_empty()).map(|o| ObjectInfo {
             last_seq: o.last_seq,
             truncated_through: o.truncated_through,
             max_token,

@@ -650,6 +650,15 @@ pub async fn refused_calls_do_not_raise_the_token(f: &HotFactory) {
 /// a write does: afterwards the old token is fenced, naming the higher one.
 pub async fn successful_calls_with_a_higher_token_raise_it(f: &HotFactory) {
     let (fx, _) = open(f).await;
+    // An empty write or a restore of nothing at 0 raises the token but makes no object.
+    let (w0, r0) = (lease(&fx, "w0", "n1").await, lease(&fx, "r0", "n1").await);
+    fx.hot.write(&w0.object, FencingToken::new(w0.token.get() + 3), WriteBatch::new("T")).await.expect("empty write");
+    fx.hot.restore(&r0.object, FencingToken::new(r0.token.get() + 3), Vec::new(), 0).await.expect("empty restore");
+    for l in [&w0, &r0] {
+        assert_eq!(fx.hot.object_info(&l.object).await.expect("info"), None, "{}", l.object);
+        let err = fx.hot.put(&l.object, l.token, "T", "a", b("stale")).await.expect_err("raised");
+        assert!(err.is_fenced(), "{}: {err}", l.object);
+    }
     let (t, e, r) = (lease(&fx, "t", "n1").await, lease(&fx, "e", "n1").await, lease(&fx, "r", "n1").await);
     let higher = |l: &Lease| FencingToken::new(l.token.get() + 7);
     fx.hot.put(&t.object, t.token, "T", "a", b("1")).await.expect("put");
