@@ -1032,6 +1032,12 @@ pub enum HotOp {
     Truncate(usize, u64),
     /// Read the change log after `n`.
     ReadChanges(usize, u64),
+    /// Evict: `Conflict` while changes are pending, else the state goes (the sequence stays).
+    Evict(usize),
+    /// Restore the live state without one key (`Conflict` while changes are pending).
+    Restore(usize, usize),
+    /// List the objects with pending changes.
+    Pending,
 }
 
 const OBJS: usize = 3;
@@ -1073,6 +1079,9 @@ impl ReferenceStateMachine for HotMachine {
             2 => (0..OBJS, 0..PREFIXES.len()).prop_map(|(o, p)| HotOp::List(o, p)),
             1 => (0..OBJS, 0..3u64).prop_map(|(o, n)| HotOp::Truncate(o, n)),
             1 => (0..OBJS, 0..6u64).prop_map(|(o, n)| HotOp::ReadChanges(o, n)),
+            1 => (0..OBJS).prop_map(HotOp::Evict),
+            1 => (0..OBJS, 0..KEYS.len()).prop_map(|(o, k)| HotOp::Restore(o, k)),
+            1 => Just(HotOp::Pending),
         ]
         .boxed()
     }
@@ -1097,14 +1106,27 @@ impl ReferenceStateMachine for HotMachine {
                 m.truncated = m.truncated.max(through);
                 m.log.retain(|(seq, _, _)| *seq > m.truncated);
             }
-            HotOp::StaleWrite(..) | HotOp::Get(..) | HotOp::List(..) | HotOp::ReadChanges(..) => {}
+            HotOp::Evict(o) => {
+                let m = &mut s.objects[*o];
+                if m.last_seq == m.truncated {
+                    m.state.clear();
+                }
+            }
+            HotOp::Restore(o, k) => {
+                let m = &mut s.objects[*o];
+                if m.last_seq == m.truncated {
+                    m.state.remove(KEYS[*k]);
+                }
+            }
+            HotOp::StaleWrite(..) | HotOp::Get(..) | HotOp::List(..) | HotOp::ReadChanges(..) | HotOp::Pending => {}
         }
         s
     }
 }
 
-/// Random sequences of writes, stale writes, takeovers, reads, listings and truncations match the
-/// model.
+/// Random sequences of writes, stale writes, takeovers, reads, listings, truncations, evictions,
+/// restores and pending-object listings match the model, down to each object's truncation point
+/// and value bytes.
 pub fn prop_hot_store_matches_model(f: &HotFactory) {
     let rt = runtime();
     let mut runner =
@@ -1203,6 +1225,46 @@ pub fn prop_hot_store_matches_model(f: &HotFactory) {
                             model.objects[*o].log.iter().filter(|(s, _, _)| s > after).cloned().collect();
                         prop_assert_eq!(got, want);
                     }
+                    HotOp::Evict(o) => {
+                        let l = leases[*o].last().expect("lease");
+                        let m = &model.objects[*o];
+                        let r = fx.hot.evict(&objs[*o], l.token).await;
+                        if m.last_seq > m.truncated {
+                            prop_assert!(r.as_ref().is_err_and(|e| e.kind() == &ErrorKind::Conflict), "{:?}", r);
+                        } else {
+                            r.map_err(fail)?;
+                        }
+                    }
+                    HotOp::Restore(o, k) => {
+                        let l = leases[*o].last().expect("lease");
+                        let m = &model.objects[*o];
+                        let entries: Vec<crate::Entry> = m
+                            .state
+                            .iter()
+                            .filter(|(key, _)| key.as_str() != KEYS[*k])
+                            .map(|(key, v)| crate::Entry {
+                                key: key.clone(),
+                                value: Bytes::from(v.clone()),
+                                seq: m.last_seq,
+                            })
+                            .collect();
+                        let r = fx.hot.restore(&objs[*o], l.token, entries, m.last_seq).await;
+                        if m.last_seq > m.truncated {
+                            prop_assert!(r.as_ref().is_err_and(|e| e.kind() == &ErrorKind::Conflict), "{:?}", r);
+                        } else {
+                            r.map_err(fail)?;
+                        }
+                    }
+                    HotOp::Pending => {
+                        let got = fx.hot.objects_with_pending_changes(None, 10).await.map_err(fail)?;
+                        let want: Vec<_> = objs
+                            .iter()
+                            .zip(&model.objects)
+                            .filter(|(_, m)| m.last_seq > m.truncated)
+                            .map(|(o, _)| o.clone())
+                            .collect();
+                        prop_assert_eq!(got, want);
+                    }
                 }
                 model = HotMachine::apply(model, op);
             }
@@ -1210,7 +1272,10 @@ pub fn prop_hot_store_matches_model(f: &HotFactory) {
                 let info = fx.hot.object_info(o).await.map_err(fail)?;
                 let m = &model.objects[i];
                 prop_assert_eq!(info.as_ref().map_or(0, |i| i.last_seq), m.last_seq);
-                prop_assert_eq!(info.map_or(0, |i| i.keys), m.state.len() as u64);
+                prop_assert_eq!(info.as_ref().map_or(0, |i| i.truncated_through), m.truncated);
+                prop_assert_eq!(info.as_ref().map_or(0, |i| i.keys), m.state.len() as u64);
+                let bytes: u64 = m.state.values().map(|v| v.len() as u64).sum();
+                prop_assert_eq!(info.map_or(0, |i| i.value_bytes), bytes);
             }
             Ok(())
         })
