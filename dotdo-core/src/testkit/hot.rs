@@ -1457,6 +1457,12 @@ pub fn prop_guard_matches_model(f: &HotFactory) {
                 for (o, obj) in objs.iter().enumerate() {
                     let avail = fx.guard.is_available(obj).await.map_err(fail)?;
                     prop_assert_eq!(avail, model.now >= model.objects[o].2, "availability of {}", obj);
+                    // Who holds it, under which token: the holder's latest lease.
+                    if let (false, Some(h)) = (avail, model.objects[o].0) {
+                        let cur = fx.guard.current(obj).await.map_err(fail)?;
+                        let want = leases.get(&(o, h)).map(|l| (l.holder.clone(), l.token));
+                        prop_assert_eq!(cur.map(|c| (c.holder, c.token)), want, "holder of {}", obj);
+                    }
                 }
             }
             Ok(())
