@@ -795,11 +795,13 @@ fn cfail(e: crate::Error) -> TestCaseError {
 /// Operations of the accelerator state machine.
 #[derive(Clone, Debug)]
 pub enum AccelOp {
-    /// Commit new records of object `.0`: (key index, put or delete) each.
-    Commit(usize, Vec<(usize, bool)>),
-    /// Check every lookup and a full scan of object `.0` as of snapshot `.1` (modulo the number
-    /// of snapshots plus one; the extra one is `AsOf::Latest`).
-    Check(usize, usize),
+    /// Commit new records of object `.0` (key index, put or delete each) and, in the same commit,
+    /// of a second object `.2` if it is another one (the same file may then hold both).
+    Commit(usize, Vec<(usize, bool)>, usize, Vec<(usize, bool)>),
+    /// Check every lookup, a full scan and a scan of a key range with a limit (`.2`: first key
+    /// index, end key index, limit) of object `.0` as of snapshot `.1` (modulo the number of
+    /// snapshots plus one; the extra one is `AsOf::Latest`).
+    Check(usize, usize, (usize, usize, usize)),
 }
 
 /// The accelerator model: every object's records and, per snapshot, how many each object had.
@@ -821,18 +823,27 @@ impl ReferenceStateMachine for AccelMachine {
 
     fn transitions(_: &AccelModel) -> BoxedStrategy<AccelOp> {
         prop_oneof![
-            3 => (0..COLD_OBJS, proptest::collection::vec((0..COLD_KEYS, proptest::bool::weighted(0.75)), 1..6))
-                .prop_map(|(o, keys)| AccelOp::Commit(o, keys)),
-            2 => (0..COLD_OBJS, 0..8usize).prop_map(|(o, i)| AccelOp::Check(o, i)),
+            3 => (
+                0..COLD_OBJS,
+                proptest::collection::vec((0..COLD_KEYS, proptest::bool::weighted(0.75)), 1..6),
+                0..COLD_OBJS,
+                proptest::collection::vec((0..COLD_KEYS, proptest::bool::weighted(0.75)), 0..4)
+            )
+                .prop_map(|(o, keys, p, more)| AccelOp::Commit(o, keys, p, more)),
+            2 => (0..COLD_OBJS, 0..16usize, (0..COLD_KEYS, 0..=COLD_KEYS, 1..4usize))
+                .prop_map(|(o, i, r)| AccelOp::Check(o, i, r)),
         ]
         .boxed()
     }
 
     fn apply(mut s: AccelModel, t: &AccelOp) -> AccelModel {
-        if let AccelOp::Commit(o, keys) = t {
-            for (k, put) in keys {
-                let seq = s.records[*o].len() as u64 + 1;
-                s.records[*o].push((seq, *k, *put));
+        if let AccelOp::Commit(o, keys, p, more) = t {
+            let second = if p != o { Some((*p, more)) } else { None };
+            for (obj, keys) in std::iter::once((*o, keys)).chain(second) {
+                for (k, put) in keys {
+                    let seq = s.records[obj].len() as u64 + 1;
+                    s.records[obj].push((seq, *k, *put));
+                }
             }
             s.snapshots.push(s.records.iter().map(Vec::len).collect());
         }
@@ -854,7 +865,7 @@ pub fn prop_accelerator_matches_full_scan(f: &ColdFactory) {
             let objs: Vec<ObjectId> = (0..COLD_OBJS).map(|i| oid(&format!("x{i}"))).collect();
             let mut model = init;
             let mut snap_ids: Vec<i64> = Vec::new();
-            let check = |model: &AccelModel, j: usize, as_of: AsOf, count: usize| {
+            let check = |model: &AccelModel, j: usize, as_of: AsOf, count: usize, range: (usize, usize, usize)| {
                 let a = a.clone();
                 let obj = objs[j].clone();
                 let recs = model_records(&obj, &model.records[j][..count], 1);
@@ -869,35 +880,61 @@ pub fn prop_accelerator_matches_full_scan(f: &ColdFactory) {
                     let scan = a.scan(ScanQuery::object(obj.clone()).as_of(as_of)).await.map_err(cfail)?;
                     let got: BTreeMap<String, (Bytes, u64)> =
                         scan.entries.into_iter().map(|v| (v.key, (v.value, v.seq))).collect();
-                    prop_assert_eq!(got, want, "scan {} as of {:?}", obj, as_of);
+                    prop_assert_eq!(&got, &want, "scan {} as of {:?}", obj, as_of);
+                    // A key range with a limit: the first `limit` live keys in it, in key order.
+                    let (from, to, limit) = (format!("key{}", range.0), format!("key{}", range.1), range.2);
+                    let mut q =
+                        ScanQuery::object(obj.clone()).as_of(as_of).keys(KeyRange::between(from.clone(), to.clone()));
+                    q.limit = Some(limit);
+                    let got: Vec<(String, (Bytes, u64))> = a
+                        .scan(q)
+                        .await
+                        .map_err(cfail)?
+                        .entries
+                        .into_iter()
+                        .map(|v| (v.key, (v.value, v.seq)))
+                        .collect();
+                    let want: Vec<(String, (Bytes, u64))> =
+                        want.into_iter().filter(|(k, _)| *k >= from && *k < to).take(limit).collect();
+                    prop_assert_eq!(got, want, "scan {} of [{}, {}) limit {} as of {:?}", obj, from, to, limit, as_of);
                     Ok(())
                 }
             };
             for op in &ops {
                 let next = AccelMachine::apply(model.clone(), op);
                 match op {
-                    AccelOp::Commit(o, _) => {
-                        let start = model.records[*o].len();
-                        let recs = model_records(&objs[*o], &next.records[*o][start..], 1);
-                        let c =
-                            fx.sink.append(ColdBatch::single(objs[*o].clone(), tok(1), recs)).await.map_err(cfail)?;
+                    AccelOp::Commit(o, _, p, _) => {
+                        let mut batch = ColdBatch::default();
+                        for j in [*o, *p] {
+                            let start = model.records[j].len();
+                            if start < next.records[j].len() && batch.objects.iter().all(|c| c.object != objs[j]) {
+                                let recs = model_records(&objs[j], &next.records[j][start..], 1);
+                                batch.objects.push(ObjectChanges {
+                                    object: objs[j].clone(),
+                                    token: tok(1),
+                                    records: recs,
+                                });
+                            }
+                        }
+                        let c = fx.sink.append(batch).await.map_err(cfail)?;
                         snap_ids.push(c.snapshot.expect("a non-empty commit creates a snapshot"));
                     }
-                    AccelOp::Check(o, i) => {
+                    AccelOp::Check(o, i, range) => {
                         let idx = i % (snap_ids.len() + 1);
                         if idx == snap_ids.len() {
-                            check(&model, *o, AsOf::Latest, model.records[*o].len()).await?;
+                            check(&model, *o, AsOf::Latest, model.records[*o].len(), *range).await?;
                         } else {
-                            check(&model, *o, AsOf::Snapshot(snap_ids[idx]), model.snapshots[idx][*o]).await?;
+                            check(&model, *o, AsOf::Snapshot(snap_ids[idx]), model.snapshots[idx][*o], *range).await?;
                         }
                     }
                 }
                 model = next;
             }
             for j in 0..COLD_OBJS {
-                check(&model, j, AsOf::Latest, model.records[j].len()).await?;
+                let range = (j % COLD_KEYS, (j + 3) % (COLD_KEYS + 1), 2);
+                check(&model, j, AsOf::Latest, model.records[j].len(), range).await?;
                 for (idx, id) in snap_ids.iter().enumerate() {
-                    check(&model, j, AsOf::Snapshot(*id), model.snapshots[idx][j]).await?;
+                    check(&model, j, AsOf::Snapshot(*id), model.snapshots[idx][j], range).await?;
                 }
             }
             Ok(())
