@@ -90,8 +90,14 @@ fn generic_cause(e: &object_store::Error) -> Cause {
                     | K::FileTooLarge
                     | K::InvalidFilename
                     | K::InvalidInput
-            ) {
+            ) || io.kind() == K::QuotaExceeded
+            {
                 return Cause::StoreRefused;
+            }
+            // A file or directory the process may not write or read (the local store reports it
+            // as a generic I/O error): for the operator, as the store's own denials are.
+            if io.kind() == K::PermissionDenied {
+                return Cause::StoreDenied;
             }
         }
         text.push_str(": ");
@@ -107,6 +113,11 @@ fn generic_cause(e: &object_store::Error) -> Cause {
     if text.contains("Received redirect without LOCATION") {
         return Cause::Config;
     }
+    // The HTTP client refused to build the request (an `http://` endpoint without
+    // `allow_http`, an endpoint without a scheme): no retry sends it.
+    if text.contains("builder error") || text.contains("URL scheme is not allowed") {
+        return Cause::Config;
+    }
     const STATUS: &str = "status code: ";
     let status = text
         .find(STATUS)
@@ -120,6 +131,8 @@ fn generic_cause(e: &object_store::Error) -> Cause {
         // S3 answers a slow upload with 400 `RequestTimeout`, which its own SDKs retry.
         Some(400) if text.contains("RequestTimeout") => Cause::StoreUnavailable,
         Some(400..=499) => Cause::StoreRefused,
+        // A redirect object_store did not follow (to another endpoint or region).
+        Some(300..=399) => Cause::Config,
         _ => Cause::StoreUnavailable,
     }
 }
@@ -142,8 +155,12 @@ fn sqlx_cause(e: &sqlx::Error) -> Cause {
         }
         E::Database(db) => {
             // SQLITE_BUSY (5) / SQLITE_LOCKED (6), including extended codes.
-            let busy = db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6));
-            if busy {
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
+            let busy = matches!(code, Some(5 | 6));
+            // SQLITE_CORRUPT (11) / SQLITE_NOTADB (26): the catalog file is damaged or another file.
+            if matches!(code, Some(11 | 26)) {
+                Cause::Undecodable
+            } else if busy {
                 Cause::CatalogUnavailable
             } else {
                 Cause::Other
@@ -504,6 +521,41 @@ mod tests {
         for transient in ["503 Service Unavailable", "429 Too Many Requests", "408 Request Timeout"] {
             let e = classify_object_store(http(transient));
             assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{transient}: {e}");
+        }
+        // A redirect object_store did not follow: configuration, not an outage.
+        assert_eq!(classify_object_store(http("301 Moved Permanently")).kind(), &ErrorKind::InvalidInput);
+    }
+
+    /// An `http://` endpoint without `allow_http`: the HTTP client refuses to build the request,
+    /// which no retry changes (it was a retryable Unavailable).
+    #[tokio::test]
+    async fn a_request_the_client_refuses_to_build_is_a_configuration_error() {
+        use object_store::ObjectStore;
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name("b")
+            .with_region("us-east-1")
+            .with_endpoint("http://127.0.0.1:9")
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .build()
+            .expect("s3");
+        let e = s3.put(&"k".into(), bytes::Bytes::from_static(b"x").into()).await.expect_err("http not allowed");
+        let e = classify_object_store(e);
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::InvalidInput, false), "{e}");
+    }
+
+    /// A local file or directory the process may not write is for the operator (it was a
+    /// retryable Unavailable): `Backend`, not retryable. (Built as object_store's local store
+    /// reports it: tests may run as root, where permissions are not enforced.)
+    #[test]
+    fn a_local_permission_error_is_not_retryable() {
+        for kind in [std::io::ErrorKind::PermissionDenied, std::io::ErrorKind::QuotaExceeded] {
+            let e = object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(std::io::Error::new(kind, "Unable to open file /wh/t/data/f.parquet")),
+            };
+            let e = classify_object_store(e);
+            assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{kind:?}: {e}");
         }
     }
 

@@ -42,9 +42,12 @@ pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a st
     let mut parts = 0;
     for part in namespace {
         parts += 1;
-        if bad(part) {
+        // The SQL catalog stores a namespace as its parts joined with '.': ["a.b"] and ["a", "b"]
+        // would be one namespace there, and two directories in the warehouse.
+        if bad(part) || part.contains('.') {
             return Err(Error::invalid(format!(
-                "table namespace part {part:?} must be non-empty, not '.' or '..', and free of '/', '\\' and control characters"
+                "table namespace part {part:?} must be non-empty, free of '.' (the catalog joins parts with it), \
+                 '/', '\\' and control characters"
             )));
         }
     }
@@ -371,7 +374,13 @@ async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Sett
         Ok(false) => match catalog.create_namespace(ns, HashMap::new()).await {
             Ok(_) => {}
             Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
-            Err(e) => return Err(classify(e, &what)),
+            // Another process created it meanwhile (the SQL catalog reports the unique-key
+            // clash as an unexpected error, not NamespaceAlreadyExists).
+            Err(e) => {
+                if !catalog.namespace_exists(ns).await.unwrap_or(false) {
+                    return Err(classify(e, &what));
+                }
+            }
         },
         Err(e) => return Err(classify(e, &what)),
     }
@@ -395,7 +404,13 @@ async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Sett
         Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
             catalog.load_table(ident).await.map_err(|e| classify(e, &what))
         }
-        Err(e) => Err(classify(e, &what)),
+        // Another process created it meanwhile (the SQL catalog reports the unique-key clash as
+        // an unexpected error): the table is there, use it. (The loser's metadata file is left
+        // unreferenced, for `remove_unreferenced_files`.)
+        Err(e) => match catalog.load_table(ident).await {
+            Ok(t) => Ok(t),
+            Err(_) => Err(classify(e, &what)),
+        },
     }
 }
 

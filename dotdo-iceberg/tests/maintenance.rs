@@ -1146,6 +1146,50 @@ async fn user_table_compaction_is_not_held_to_the_cleanup_age_rule() {
     assert_eq!(rows, 3);
 }
 
+/// Two processes opening the same new table at once: the one whose catalog insert loses (the
+/// SQL catalog reports the unique-key clash as an unexpected error) uses the table the other
+/// created (it failed with a non-retryable Backend). Namespace parts with a '.' are refused:
+/// the catalog joins parts with it, so ["a.b"] and ["a", "b"] would be one namespace there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_creating_one_table_at_once_both_open_it() {
+    use object_store::ObjectStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let (reached_tx, reached_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    *hooked.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".into(),
+        Box::pin(async move {
+            let _ = reached_tx.send(());
+            let _ = go_rx.await;
+        }),
+    ));
+    let path = dir.path().to_str().expect("utf-8").to_string();
+    let first = tokio::spawn({
+        let (path, hooked) = (path.clone(), hooked.clone());
+        async move { IcebergColdStore::builder(path).object_store(hooked).table(["m"], "changes").build().await }
+    });
+    reached_rx.await.expect("the first store is creating the table");
+    let second =
+        IcebergColdStore::builder(path.clone()).table(["m"], "changes").build().await.expect("the second creates it");
+    go_tx.send(()).expect("release the first");
+    let first = first.await.expect("task").expect("the first opens the table the second created");
+    assert_eq!(first.table().metadata().uuid(), second.table().metadata().uuid());
+    let e = IcebergColdStore::builder(path).table(["a.b"], "t").build().await.expect_err("a dotted part");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+}
+
+/// A catalog file that is not a database (damaged, or another program's file) is `Corrupt`, as
+/// a damaged hot store is (it was Backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_file_that_is_not_a_database_is_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("catalog.db"), b"not a database at all, just text ".repeat(200)).expect("write");
+    let e = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect_err("garbage catalog");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
 /// A cleanup of unreferenced files that runs while a compaction is between writing its new
 /// files and committing them (a compaction that outlasted the cleanup's retention) deletes
 /// some of them: the compaction then refuses to commit a snapshot naming missing files
