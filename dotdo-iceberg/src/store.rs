@@ -264,6 +264,16 @@ impl IcebergColdStoreBuilder {
         if self.settings.max_commit_attempts == 0 || self.settings.buckets == 0 {
             return Err(Error::invalid("max_commit_attempts and buckets must be at least 1"));
         }
+        if self.settings.catalog_name.trim().is_empty() {
+            return Err(Error::invalid("catalog_name must not be empty"));
+        }
+        if self.store.is_some() && !self.options.is_empty() {
+            // They configure a store this builder would open; a given store is used as it is.
+            return Err(Error::invalid(format!(
+                "options {:?} were given with an object store of your own, which ignores them",
+                self.options.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()
+            )));
+        }
         if self.settings.retry_base_delay > Duration::from_secs(1) {
             // Maintenance multiplies it (up to 128 times): a larger base would stall for hours.
             return Err(Error::invalid(format!("retry_base_delay {:?} is above 1 s", self.settings.retry_base_delay)));

@@ -1176,7 +1176,14 @@ async fn two_stores_creating_one_table_at_once_both_open_it() {
     go_tx.send(()).expect("release the first");
     let first = first.await.expect("task").expect("the first opens the table the second created");
     assert_eq!(first.table().metadata().uuid(), second.table().metadata().uuid());
-    let e = IcebergColdStore::builder(path).table(["a.b"], "t").build().await.expect_err("a dotted part");
+    let e = IcebergColdStore::builder(path.clone()).table(["a.b"], "t").build().await.expect_err("a dotted part");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    // Settings that would be ignored or refused deep inside are refused up front.
+    let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+    let e = IcebergColdStore::builder(path.clone()).object_store(mem).option("aws_region", "x").build().await;
+    assert_eq!(e.expect_err("options with a store of one's own").kind(), &ErrorKind::InvalidInput);
+    let settings = Settings { catalog_name: String::new(), ..Default::default() };
+    let e = IcebergColdStore::builder(path).settings(settings).build().await.expect_err("no catalog name");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
 
