@@ -351,8 +351,8 @@ fn gc_enabled(table: &iceberg::table::Table, what: &str) -> Result<()> {
     // Parsed as Java's `Boolean.parseBoolean` does: anything but "true" (any case) disables it.
     match table.metadata().properties().get("gc.enabled") {
         Some(v) if !v.eq_ignore_ascii_case("true") => Err(Error::invalid(format!(
-            "{what}: the table has gc.enabled=false (its files may be shared with another table); \
-             set it to true to expire snapshots or remove files"
+            "{what}: the table has gc.enabled={v:?}, which disables garbage collection (its files may be \
+             shared with another table); set it to true to expire snapshots or remove files"
         ))),
         _ => Ok(()),
     }

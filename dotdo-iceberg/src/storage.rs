@@ -76,7 +76,11 @@ impl StoreRoot {
             return Ok(Self::with_store(Arc::new(object_store::memory::InMemory::new()), &url));
         }
         let local_files = url.scheme() == "file";
-        let opened = match cloud_store_from_env(&url, &options) {
+        // With no options, a cloud store is configured as its SDKs are, from the environment;
+        // with options, from them alone (mixing the two key by key would sign requests with,
+        // say, the keys given and a session token left in the shell).
+        let from_env = if options.is_empty() { cloud_store_from_env(&url) } else { None };
+        let opened = match from_env {
             Some(opened) => opened,
             None => object_store::parse_url_opts(&url, options).map(|(store, _path)| store),
         };
@@ -141,48 +145,41 @@ impl StoreRoot {
     }
 }
 
-/// Refuse options the warehouse's store would ignore: `object_store` drops keys it cannot parse,
-/// so a misspelt `aws_endpoint` would quietly send requests to AWS.
-/// An S3, GCS or Azure store configured as its SDKs are: from the environment (`AWS_*` —
-/// region, endpoint, keys, web identity for EKS; `GOOGLE_*`; `AZURE_*`), then the URL, then the
-/// given options, which win. `None` for other schemes (and those whose feature is off).
-/// (object_store's `parse_url_opts` ignores the environment.)
-fn cloud_store_from_env(
-    url: &Url,
-    options: &[(String, String)],
-) -> Option<std::result::Result<Box<dyn ObjectStore>, object_store::Error>> {
+/// An S3, GCS or Azure store configured as its SDKs are, from the environment (`AWS_*`:
+/// region, endpoint, keys, web identity for EKS; `GOOGLE_*` and `SERVICE_ACCOUNT`; `AZURE_*`),
+/// then the URL. `None` for other schemes (and those whose feature is off). Used only when no
+/// options are given (object_store's `parse_url_opts` ignores the environment).
+fn cloud_store_from_env(url: &Url) -> Option<std::result::Result<Box<dyn ObjectStore>, object_store::Error>> {
     use object_store::ObjectStoreScheme as S;
     let scheme = object_store::ObjectStoreScheme::parse(url).ok()?.0;
-    let _ = options;
     match scheme {
         #[cfg(feature = "s3")]
-        S::AmazonS3 => Some((|| {
-            let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
-            for (k, v) in options {
-                b = b.with_config(k.parse()?, v);
-            }
-            Ok(Box::new(b.build()?) as Box<dyn ObjectStore>)
-        })()),
+        S::AmazonS3 => Some(
+            object_store::aws::AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .build()
+                .map(|s| Box::new(s) as Box<dyn ObjectStore>),
+        ),
         #[cfg(feature = "gcs")]
-        S::GoogleCloudStorage => Some((|| {
-            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str());
-            for (k, v) in options {
-                b = b.with_config(k.parse()?, v);
-            }
-            Ok(Box::new(b.build()?) as Box<dyn ObjectStore>)
-        })()),
+        S::GoogleCloudStorage => Some(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .build()
+                .map(|s| Box::new(s) as Box<dyn ObjectStore>),
+        ),
         #[cfg(feature = "azure")]
-        S::MicrosoftAzure => Some((|| {
-            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url.as_str());
-            for (k, v) in options {
-                b = b.with_config(k.parse()?, v);
-            }
-            Ok(Box::new(b.build()?) as Box<dyn ObjectStore>)
-        })()),
+        S::MicrosoftAzure => Some(
+            object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .build()
+                .map(|s| Box::new(s) as Box<dyn ObjectStore>),
+        ),
         _ => None,
     }
 }
 
+/// Refuse options the warehouse's store would ignore: `object_store` drops keys it cannot parse,
+/// so a misspelt `aws_endpoint` would quietly send requests to AWS.
 fn check_options(url: &Url, options: &[(String, String)]) -> Result<()> {
     use object_store::ObjectStoreScheme as S;
     let Some((first, _)) = options.first() else { return Ok(()) };
@@ -493,18 +490,23 @@ impl StorageFactory for ObjectStoreStorageFactory {
 mod tests {
     use super::*;
 
-    /// An S3 warehouse takes its configuration from the environment as AWS's SDKs do (it was
-    /// ignored: region, endpoint and EKS web identity fell back to defaults), and the options
-    /// given win over it.
+    /// An S3 warehouse opened without options takes its configuration from the environment as
+    /// AWS's SDKs do (it was ignored: region, endpoint and EKS web identity fell back to
+    /// defaults); one opened with options takes them alone. (The only test of this binary that
+    /// sets a variable; the previous value is put back.)
     #[cfg(feature = "s3")]
     #[test]
-    fn s3_configuration_comes_from_the_environment_then_the_options() {
+    fn s3_configuration_comes_from_the_environment_or_the_options() {
+        let before = std::env::var_os("AWS_REGION");
         std::env::set_var("AWS_REGION", "eu-dotdo-7");
         let root = StoreRoot::open("s3://bucket/wh", Vec::<(String, String)>::new()).expect("open");
         let from_env = format!("{:?}", root.store);
         let root = StoreRoot::open("s3://bucket/wh", [("aws_region", "us-dotdo-2")]).expect("open");
         let overridden = format!("{:?}", root.store);
-        std::env::remove_var("AWS_REGION");
+        match before {
+            Some(v) => std::env::set_var("AWS_REGION", v),
+            None => std::env::remove_var("AWS_REGION"),
+        }
         assert!(from_env.contains("eu-dotdo-7"), "{from_env}");
         assert!(overridden.contains("us-dotdo-2") && !overridden.contains("eu-dotdo-7"), "{overridden}");
     }

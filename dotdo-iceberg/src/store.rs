@@ -42,12 +42,9 @@ pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a st
     let mut parts = 0;
     for part in namespace {
         parts += 1;
-        // The SQL catalog stores a namespace as its parts joined with '.': ["a.b"] and ["a", "b"]
-        // would be one namespace there, and two directories in the warehouse.
-        if bad(part) || part.contains('.') {
+        if bad(part) {
             return Err(Error::invalid(format!(
-                "table namespace part {part:?} must be non-empty, free of '.' (the catalog joins parts with it), \
-                 '/', '\\' and control characters"
+                "table namespace part {part:?} must be non-empty, not '.' or '..', and free of '/', '\\' and control characters"
             )));
         }
     }
@@ -376,22 +373,37 @@ async fn open_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settin
 
 pub(crate) const RETRY_PROP: &str = "commit.retry.num-retries";
 
+/// A namespace about to be created: its parts may not contain '.'. The SQL catalog stores a
+/// namespace as its parts joined with '.', so ["a.b"] and ["a", "b"] would be one namespace
+/// there and two directories in the warehouse. (Existing namespaces open as they are.)
+pub(crate) fn check_new_namespace(ns: &NamespaceIdent) -> Result<()> {
+    match ns.iter().find(|p| p.contains('.')) {
+        Some(part) => Err(Error::invalid(format!(
+            "namespace {ns:?}: part {part:?} contains '.', which catalogs use between parts; not created"
+        ))),
+        None => Ok(()),
+    }
+}
+
 async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settings) -> Result<Table> {
     let what = format!("creating table {ident}");
     let ns = ident.namespace();
     match catalog.namespace_exists(ns).await {
         Ok(true) => {}
-        Ok(false) => match catalog.create_namespace(ns, HashMap::new()).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
-            // Another process created it meanwhile (the SQL catalog reports the unique-key
-            // clash as an unexpected error, not NamespaceAlreadyExists).
-            Err(e) => {
-                if !catalog.namespace_exists(ns).await.unwrap_or(false) {
-                    return Err(classify(e, &what));
+        Ok(false) => {
+            check_new_namespace(ns)?;
+            match catalog.create_namespace(ns, HashMap::new()).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
+                // Another process created it meanwhile (the SQL catalog reports the unique-key
+                // clash as an unexpected error, not NamespaceAlreadyExists).
+                Err(e) => {
+                    if !catalog.namespace_exists(ns).await.unwrap_or(false) {
+                        return Err(classify(e, &what));
+                    }
                 }
             }
-        },
+        }
         Err(e) => return Err(classify(e, &what)),
     }
     let schema = schema::table_schema()?;

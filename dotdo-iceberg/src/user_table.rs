@@ -122,6 +122,7 @@ impl IcebergColdStore {
             Ok(t) => t,
             Err(e) if matches!(e.kind(), iceberg::ErrorKind::TableNotFound | iceberg::ErrorKind::NamespaceNotFound) => {
                 if !catalog.namespace_exists(&ns).await.map_err(|e| classify(e, &what))? {
+                    crate::store::check_new_namespace(&ns)?;
                     match catalog.create_namespace(&ns, HashMap::new()).await {
                         Ok(_) => {}
                         Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
