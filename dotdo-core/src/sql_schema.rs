@@ -123,3 +123,33 @@ mod tests {
         }
     }
 }
+
+/// `path` made absolute against the working directory, for a plain path or a `file:` URI (whose
+/// path part is made absolute, its query kept; the working directory's `%`, `?` and `#` are
+/// escaped as the URI needs). Both SQL backends open their read connections lazily: a relative
+/// path would follow a later change of the working directory to another database.
+pub fn absolute_database_path(path: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    let text = path.to_string_lossy();
+    let Some(uri) = text.strip_prefix("file:") else { return std::path::absolute(path) };
+    let (file, query) = match uri.find('?') {
+        Some(i) => (&uri[..i], &uri[i..]),
+        None => (uri, ""),
+    };
+    if file.starts_with('/') {
+        return Ok(path.to_path_buf());
+    }
+    let cwd = std::env::current_dir()?;
+    let cwd = cwd.to_string_lossy().replace('%', "%25").replace('?', "%3f").replace('#', "%23");
+    Ok(std::path::PathBuf::from(format!("file:{}/{file}{query}", cwd.trim_end_matches('/'))))
+}
+
+/// Whether `path` names a database private to one connection (`""`, `:memory:`, an empty or
+/// in-memory `file:` URI): each connection opening it gets its own, empty one.
+pub fn is_private_database(path: &std::path::Path) -> bool {
+    let p = path.to_string_lossy();
+    p.is_empty()
+        || p == ":memory:"
+        || p == "file:"
+        || p.starts_with("file:?")
+        || (p.starts_with("file:") && (p.contains("mode=memory") || p.starts_with("file::memory:")))
+}

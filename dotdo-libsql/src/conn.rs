@@ -232,7 +232,11 @@ impl Conn {
             render_into(&mut sql, &r.sql, &r.params);
             sql.push_str("), '', '', 0, 0, 0;\nDELETE FROM do_locks WHERE do_id = '';\n");
         }
-        sql.push_str("COMMIT;\n");
+        // On a local file the COMMIT runs on its own, so that an I/O error is known to be the
+        // COMMIT's (see `commit_failure`) and not a body statement's (which rolls back).
+        if self.remote {
+            sql.push_str("COMMIT;\n");
+        }
         // Remote only: on a local file the connection's rowid is read directly, and a statement
         // after COMMIT that failed (busy) would make a committed program look failed, and be
         // retried.
@@ -247,10 +251,10 @@ impl Conn {
                  SELECT '', '', 0, 0, 0 WHERE 0;\n",
             );
         }
-        // On a local file the batch ends with its COMMIT: an I/O error may be that COMMIT's
-        // (see `commit_failure`). A remote primary's failures are classified by their text.
-        let ran = self.conn.execute_batch(&sql).await;
-        ran.map_err(|e| if self.remote { e } else { commit_failure(e) })?;
+        self.conn.execute_batch(&sql).await?;
+        if !self.remote {
+            self.commit().await?;
+        }
         if program.result.is_none() {
             return Ok(None);
         }

@@ -269,10 +269,13 @@ impl Target {
                 if path.as_os_str().is_empty() {
                     return Err(Error::invalid("local database path is empty"));
                 }
-                // libsql opens a separate, empty in-memory database for every connection, so the
-                // store's readers would never see what its writer wrote.
-                let name = path.to_string_lossy();
-                if name == ":memory:" || name.starts_with("file::memory:") || name.contains("mode=memory") {
+                if path.to_string_lossy().contains('\0') {
+                    return Err(Error::invalid(format!("local database path {path:?} contains a NUL byte")));
+                }
+                // libsql opens a separate, empty in-memory (or, for `file:` with no path, temporary)
+                // database for every connection, so the store's readers would never see what its
+                // writer wrote.
+                if dotdo_core::sql_schema::is_private_database(path) {
                     return Err(Error::invalid(
                         "an in-memory libSQL database is not supported (each connection would get its own); use a \
                          file, e.g. in a temporary directory",
@@ -287,6 +290,9 @@ impl Target {
             Target::Replica { path, url, auth_token, sync_interval } => {
                 if path.as_os_str().is_empty() {
                     return Err(Error::invalid("replica path is empty"));
+                }
+                if path.to_string_lossy().contains('\0') {
+                    return Err(Error::invalid(format!("replica path {path:?} contains a NUL byte")));
                 }
                 if sync_interval.is_some_and(|d| d.is_zero()) {
                     return Err(Error::invalid("replica sync interval must be positive"));

@@ -216,6 +216,9 @@ impl LibsqlStoreBuilder {
         let batch_everywhere = settings.transport == Transport::Batch;
         let (write_db, read_db, replica, local_file) = match &target {
             Target::Local { path } => {
+                // Absolute: read connections open lazily, and must open the writer's file even if
+                // the process changes its working directory meanwhile.
+                let path = absolute_path(path)?;
                 let db = libsql::Builder::new_local(path).build().await.map_err(|e| error::map(e, &doing, false))?;
                 (None, Arc::new(db), None, true)
             }
@@ -225,8 +228,9 @@ impl LibsqlStoreBuilder {
                 (None, Arc::new(db), None, false)
             }
             Target::Replica { path, url, auth_token, sync_interval } => {
+                let path = absolute_path(path)?;
                 let (replica, primary) =
-                    open_replica(path, &crate::validate_url(url)?, auth_token, *sync_interval, &settings, &doing)
+                    open_replica(&path, &crate::validate_url(url)?, auth_token, *sync_interval, &settings, &doing)
                         .await?;
                 let replica = Arc::new(replica);
                 (Some(primary), replica.clone(), Some(replica), true)
@@ -433,17 +437,32 @@ impl LibsqlStore {
                     Ok(h) => {
                         let mut budget = SystemClock::new().sleep(settings.sync_timeout);
                         // A pull still running (one whose caller stopped waiting) ends first: this
-                        // call's pull must start after its write, and pulls must not pile up.
-                        let earlier = self.inner.pull_done.lock().clone().filter(|d| d.peek().is_none());
-                        if let Some(earlier) = earlier {
+                        // call's pull must start after its write, and pulls must not pile up. The
+                        // check and the claim are one step under the lock.
+                        let (done_tx, done_rx) = futures::channel::oneshot::channel::<()>();
+                        let mut mine = Some(done_rx.map(|_| ()).boxed().shared());
+                        loop {
+                            let earlier = {
+                                let mut slot = self.inner.pull_done.lock();
+                                match slot.clone().filter(|d| d.peek().is_none()) {
+                                    Some(running) => Some(running),
+                                    None => {
+                                        *slot = mine.take();
+                                        None
+                                    }
+                                }
+                            };
+                            let Some(earlier) = earlier else { break };
                             if let futures::future::Either::Right(_) =
                                 futures::future::select(earlier, &mut budget).await
                             {
-                                return Err(timed_out());
+                                return Err(Error::unavailable(format!(
+                                    "syncing the replica: an earlier pull from the primary did not end within \
+                                     sync_timeout ({:?}); it goes on in the background",
+                                    settings.sync_timeout
+                                )));
                             }
                         }
-                        let (done_tx, done_rx) = futures::channel::oneshot::channel::<()>();
-                        *self.inner.pull_done.lock() = Some(done_rx.map(|_| ()).boxed().shared());
                         let db = db.clone();
                         let task = h.spawn(async move {
                             let r = db.sync().await.map(|_| ());
@@ -708,6 +727,13 @@ impl LibsqlStore {
             }
         }
     }
+}
+
+/// `path` made absolute (a plain path or a `file:` URI), see
+/// [`absolute_database_path`](dotdo_core::sql_schema::absolute_database_path).
+fn absolute_path(path: &std::path::Path) -> Result<std::path::PathBuf> {
+    dotdo_core::sql_schema::absolute_database_path(path)
+        .map_err(|e| Error::invalid(format!("database path {}: {e}", path.display())).with_source(e))
 }
 
 thread_local! {

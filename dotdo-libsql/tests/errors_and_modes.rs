@@ -665,3 +665,36 @@ fn a_local_store_in_a_local_set_is_not_a_panic() {
         assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
     }));
 }
+
+/// Paths libsql would mishandle are refused up front: a NUL byte (libsql panicked on it) and
+/// `file:` with no path (a private temporary database per connection, so readers never saw what
+/// was written); a relative `file:` URI opens like a plain relative path.
+#[tokio::test]
+async fn bad_local_paths_are_refused_and_relative_uris_work() {
+    for bad in ["hot\0.db", "file:", "file:?cache=private"] {
+        let e = LibsqlStore::local(bad).open().await.expect_err(bad);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad:?}: {e}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cwd = std::env::current_dir().expect("cwd");
+    let rel = pathdiff(dir.path(), &cwd).join("h.db");
+    let s = LibsqlStore::local(format!("file:{}", rel.display())).open().await.expect("a relative file: URI");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("node"), Duration::from_secs(5)).await.expect("acquire");
+    s.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+    assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    assert!(dir.path().join("h.db").exists(), "the file is where the relative URI says");
+}
+
+/// `to` as a path relative to `from` (both absolute).
+fn pathdiff(to: &std::path::Path, from: &std::path::Path) -> std::path::PathBuf {
+    let (to, from): (Vec<_>, Vec<_>) = (to.components().collect(), from.components().collect());
+    let common = to.iter().zip(&from).take_while(|(a, b)| a == b).count();
+    let mut out = std::path::PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &to[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}

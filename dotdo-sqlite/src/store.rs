@@ -292,32 +292,12 @@ pub const MAX_BUSY_RETRIES: u32 = 100;
 /// temporary database, or an in-memory URI): another connection to it would see another,
 /// empty database.
 fn is_private_database(path: &Path) -> bool {
-    let p = path.to_string_lossy();
-    p.is_empty()
-        || p == ":memory:"
-        // `file:` with an empty path is a private temporary database, like "".
-        || p == "file:"
-        || p.starts_with("file:?")
-        || (p.starts_with("file:") && (p.contains("mode=memory") || p.starts_with("file::memory:")))
+    dotdo_core::sql_schema::is_private_database(path)
 }
 
-/// `path` made absolute against the working directory, for a plain path or a `file:` URI (whose
-/// path part is made absolute, its query kept; the working directory's `%`, `?` and `#` are
-/// escaped as the URI needs).
 fn absolute_database_path(path: &Path) -> Result<std::path::PathBuf> {
-    let bad = |e: std::io::Error| Error::invalid(format!("database path {}: {e}", path.display())).with_source(e);
-    let text = path.to_string_lossy();
-    let Some(uri) = text.strip_prefix("file:") else { return std::path::absolute(path).map_err(bad) };
-    let (file, query) = match uri.find('?') {
-        Some(i) => (&uri[..i], &uri[i..]),
-        None => (uri, ""),
-    };
-    if file.starts_with('/') {
-        return Ok(path.to_path_buf());
-    }
-    let cwd = std::env::current_dir().map_err(bad)?;
-    let cwd = cwd.to_string_lossy().replace('%', "%25").replace('?', "%3f").replace('#', "%23");
-    Ok(std::path::PathBuf::from(format!("file:{}/{file}{query}", cwd.trim_end_matches('/'))))
+    dotdo_core::sql_schema::absolute_database_path(path)
+        .map_err(|e| Error::invalid(format!("database path {}: {e}", path.display())).with_source(e))
 }
 
 /// The longest one write call may spend in busy waits and backoff: every attempt's busy
