@@ -2277,7 +2277,7 @@ async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
     let rt3 = rt.clone();
     let shutdown = tokio::spawn(async move { rt3.shutdown().await });
     // Shutdown waits one TTL (9 s) for the calls; small steps leave the long call's renewal
-    // (due 3 s before expiry) 30 steps to run.
+    // (due with two thirds of the TTL left, 6 s before expiry) about 60 steps to run.
     while !shutdown.is_finished() {
         w.clock.advance(Duration::from_millis(100));
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -412,11 +412,6 @@ impl ObjectRuntime {
         self.inner.slots.lock().entry(object.clone()).or_default().clone()
     }
 
-    /// At the end of a call: if shutdown's flush ran while the call held its slot, give the
-    /// object's lease back. The call may have decided to keep the lease just before shutdown
-    /// set its flag, and shutdown then skipped the slot the call still held; the flag is set
-    /// before that skip, so it is seen here. (A slot another call holds is left to that call's
-    /// own check.)
     /// [`give_back_if_shut_down`](Self::give_back_if_shut_down) for every slot, at the end of
     /// a call that holds many (`flush_all`, `maintain`, `evict_idle`, `complete_restores`).
     async fn give_back_all_if_shut_down(&self) {
@@ -427,6 +422,11 @@ impl ObjectRuntime {
         }
     }
 
+    /// At the end of a call: if shutdown's flush ran while the call held its slot, give the
+    /// object's lease back. The call may have decided to keep the lease just before shutdown
+    /// set its flag, and shutdown then skipped the slot the call still held; the flag is set
+    /// before that skip, so it is seen here. (A slot another call holds is left to that call's
+    /// own check.)
     async fn give_back_if_shut_down(&self, slot: &SlotRef) {
         if self.inner.shutdown_flushed.load(Ordering::SeqCst) {
             if let Some(mut held) = slot.try_lock() {

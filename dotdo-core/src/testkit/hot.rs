@@ -590,8 +590,9 @@ pub async fn stale_and_none_tokens_are_refused_on_every_path(f: &HotFactory) {
     fx.hot.put(o, new.token, "T", "a", b("2")).await.expect("the holder still writes");
 }
 
-/// A restore with a key twice or an entry newer than its `through_seq` is `InvalidInput` and
-/// changes nothing (state, sequence and token stay as they were).
+/// A restore with a key twice, an entry newer than its `through_seq` or an invalid key is
+/// `InvalidInput`, one with a key or value over its size limit `LimitExceeded`, and none changes
+/// anything (state, sequence and token stay as they were).
 pub async fn restore_refuses_malformed_state(f: &HotFactory) {
     let (fx, _) = open(f).await;
     let l = lease(&fx, "o1", "n1").await;
