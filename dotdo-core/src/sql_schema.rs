@@ -101,29 +101,6 @@ pub fn validate_busy_timeout(timeout: std::time::Duration) -> crate::Result<()> 
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    /// dotdo-libsql runs the schema one statement per step, split on `;`: a `;` inside a comment
-    /// would cut a statement in two (and fail every open of a new file).
-    #[test]
-    fn the_schema_splits_into_whole_statements_on_semicolons() {
-        let parts: Vec<&str> = super::SQL_HOT_SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()).collect();
-        assert!(parts.len() >= 5, "{parts:?}");
-        for part in parts {
-            let code: Vec<&str> = part
-                .lines()
-                .map(|l| l.split("--").next().unwrap_or_default().trim())
-                .filter(|l| !l.is_empty())
-                .collect();
-            let first = code.first().copied().unwrap_or_default();
-            assert!(
-                first.starts_with("CREATE TABLE") || first.starts_with("INSERT INTO"),
-                "not a whole statement: {part}"
-            );
-        }
-    }
-}
-
 /// `path` made absolute against the working directory, for a plain path or a `file:` URI (whose
 /// path part is made absolute, its query kept; the working directory's `%`, `?` and `#` are
 /// escaped as the URI needs). Both SQL backends open their read connections lazily: a relative
@@ -152,4 +129,27 @@ pub fn is_private_database(path: &std::path::Path) -> bool {
         || p == "file:"
         || p.starts_with("file:?")
         || (p.starts_with("file:") && (p.contains("mode=memory") || p.starts_with("file::memory:")))
+}
+
+#[cfg(test)]
+mod tests {
+    /// dotdo-libsql runs the schema one statement per step, split on `;`: a `;` inside a comment
+    /// would cut a statement in two (and fail every open of a new file).
+    #[test]
+    fn the_schema_splits_into_whole_statements_on_semicolons() {
+        let parts: Vec<&str> = super::SQL_HOT_SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()).collect();
+        assert!(parts.len() >= 5, "{parts:?}");
+        for part in parts {
+            let code: Vec<&str> = part
+                .lines()
+                .map(|l| l.split("--").next().unwrap_or_default().trim())
+                .filter(|l| !l.is_empty())
+                .collect();
+            let first = code.first().copied().unwrap_or_default();
+            assert!(
+                first.starts_with("CREATE TABLE") || first.starts_with("INSERT INTO"),
+                "not a whole statement: {part}"
+            );
+        }
+    }
 }
