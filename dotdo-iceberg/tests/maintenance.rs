@@ -1117,6 +1117,58 @@ async fn gc_disabled_tables_are_neither_expired_nor_cleaned() {
     assert_eq!(common::files_ending_with(dir.path(), ".parquet").len(), files, "nothing deleted");
 }
 
+/// A compaction whose first files pass half of `min_cleanup_retention` before its last group is
+/// written stops there (`Conflict`, nothing committed, the rest not rewritten) instead of
+/// rewriting everything and failing at the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_stops_once_its_first_files_are_too_old() {
+    use dotdo_core::Clock;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = dotdo_core::ManualClock::new(dotdo_core::SystemClock::new().now());
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 3, ..Default::default() })
+        .with_clock(Arc::new(clock.clone()))
+        .build()
+        .await
+        .expect("open");
+    let objects: Vec<ObjectId> = (0..30).map(|i| ObjectId::new(format!("o{i}")).expect("id")).collect();
+    for seq in 1..=2 {
+        let batch = ColdBatch {
+            objects: objects
+                .iter()
+                .map(|o| ObjectChanges {
+                    object: o.clone(),
+                    token: FencingToken::new(1),
+                    records: vec![common::put(o, seq, "k", "v", 1)],
+                })
+                .collect(),
+        };
+        cold.append(batch).await.expect("append");
+    }
+    let before = live_files(&cold).await;
+    let written = Arc::new(parking_lot::Mutex::new(0usize));
+    let w = written.clone();
+    let c = clock.clone();
+    let opts = CompactOptions {
+        progress: Some(Arc::new(move |p: &Progress| {
+            if let Progress::GroupWritten { done, of, .. } = p {
+                assert_eq!(*of, 3, "three partitions to compact");
+                *w.lock() = *done;
+                if *done == 2 {
+                    c.advance(std::time::Duration::from_secs(31 * 60));
+                }
+            }
+        })),
+        ..Default::default()
+    };
+    let e = cold.compact(opts).await.expect_err("too old to go on");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.to_string().contains("groups to go"), "{e}");
+    assert_eq!(*written.lock(), 2, "the third group was not rewritten");
+    assert_eq!(live_files(&cold).await, before, "nothing committed");
+}
+
 /// The age rule of compaction (files younger than half of `min_cleanup_retention` when it
 /// commits) guards the change table, which `remove_unreferenced_files` cleans; a user table's
 /// compaction is not held to it (its clock here runs two hours ahead of the files' times).
