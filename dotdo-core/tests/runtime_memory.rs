@@ -46,6 +46,21 @@ impl World {
             .expect("build runtime")
     }
 
+    /// Runtime "a" on a [`FaultyHot`] and a [`FlakyGuard`] over the world's stores.
+    fn faulty_runtime(&self) -> (Arc<FaultyHot>, Arc<FlakyGuard>, ObjectRuntime) {
+        let hot = Arc::new(FaultyHot::new(self.hot.clone()));
+        let guard = Arc::new(FlakyGuard::new(self));
+        let rt = ObjectRuntime::builder(NodeId::new("a").expect("node"))
+            .with_hot_store(hot.clone())
+            .with_guard(guard.clone())
+            .with_cold_sink(Arc::new(self.cold.clone()))
+            .with_clock(Arc::new(self.clock.clone()))
+            .with_settings(settings())
+            .build()
+            .expect("runtime");
+        (hot, guard, rt)
+    }
+
     /// A lazily restoring runtime over the world's hot store and guard with its own cold sink
     /// and no accelerator.
     fn lazy_runtime_without_accelerator(&self, node: &str, cold: Arc<dyn ColdSink>) -> ObjectRuntime {
@@ -2097,12 +2112,18 @@ async fn a_write_of_unknown_outcome_landing_late_is_fenced() {
     hot.hold_next_write.store(true, std::sync::atomic::Ordering::SeqCst);
     let e = incr(&rt, &o).await.expect_err("the write's outcome is unknown");
     assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
-    assert_eq!(incr(&rt, &o).await.expect("again"), 2);
-    assert_eq!(incr(&rt, &o).await.expect("and again"), 3);
+    two_more_then_the_held_write_is_fenced(&w, &hot, &rt, &o).await;
+}
+
+/// After a first increment and a write held back: two more increments, then the held write,
+/// landing late, is fenced and the state is the third increment's.
+async fn two_more_then_the_held_write_is_fenced(w: &World, hot: &FaultyHot, rt: &ObjectRuntime, o: &ObjectId) {
+    assert_eq!(incr(rt, o).await.expect("again"), 2);
+    assert_eq!(incr(rt, o).await.expect("and again"), 3);
     let (object, token, batch) = hot.held.lock().pop().expect("the held write");
     let late = w.hot.write(&object, token, batch).await.expect_err("landing late");
     assert!(late.is_fenced(), "{late}");
-    assert_eq!(get(&rt, &o, "n").await.expect("get"), Some(Bytes::from("3")), "no lost update");
+    assert_eq!(get(rt, o, "n").await.expect("get"), Some(Bytes::from("3")), "no lost update");
 }
 
 /// A call cancelled while its write is in flight (a caller's timeout) leaves a write of unknown
@@ -2118,12 +2139,7 @@ async fn a_write_of_a_cancelled_call_landing_late_is_fenced() {
     assert_eq!(incr(&rt, &o).await.expect("first"), 1);
     hot.hang_next_write.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
-    assert_eq!(incr(&rt, &o).await.expect("again"), 2);
-    assert_eq!(incr(&rt, &o).await.expect("and again"), 3);
-    let (object, token, batch) = hot.held.lock().pop().expect("the held write");
-    let late = w.hot.write(&object, token, batch).await.expect_err("landing late");
-    assert!(late.is_fenced(), "{late}");
-    assert_eq!(get(&rt, &o, "n").await.expect("get"), Some(Bytes::from("3")), "no lost update");
+    two_more_then_the_held_write_is_fenced(&w, &hot, &rt, &o).await;
 }
 
 /// An acquire granted after the call that sent it gave up (a blocking task or a queued request
@@ -2330,18 +2346,8 @@ async fn an_object_cold_refuses_does_not_block_flush_all_for_the_others() {
 async fn a_lease_given_back_for_fencing_is_never_adopted() {
     use std::sync::atomic::Ordering::SeqCst;
     let w = World::new();
-    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = Arc::new(
-        ObjectRuntime::builder(NodeId::new("a").expect("node"))
-            .with_hot_store(hot.clone())
-            .with_guard(guard.clone())
-            .with_cold_sink(Arc::new(w.cold.clone()))
-            .with_clock(Arc::new(w.clock.clone()))
-            .with_settings(settings())
-            .build()
-            .expect("runtime"),
-    );
+    let (hot, guard, rt) = w.faulty_runtime();
+    let rt = Arc::new(rt);
     let o = oid("o");
     // An acquire left in flight by a cancelled call (it never lands: its gate stays shut).
     guard.late_acquires.store(true, SeqCst);
@@ -2372,16 +2378,7 @@ async fn a_lease_given_back_for_fencing_is_never_adopted() {
 #[tokio::test]
 async fn a_failed_release_after_an_unknown_write_is_retried() {
     let w = World::new();
-    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = ObjectRuntime::builder(NodeId::new("a").expect("node"))
-        .with_hot_store(hot.clone())
-        .with_guard(guard.clone())
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
-        .build()
-        .expect("runtime");
+    let (hot, guard, rt) = w.faulty_runtime();
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("first"), 1);
     let first = w.hot.current(&o).await.expect("current").expect("held");
