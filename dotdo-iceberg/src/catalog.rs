@@ -301,12 +301,26 @@ pub(crate) async fn open(
             if let Some(w) = wh {
                 props.insert(iceberg_catalog_rest::REST_CATALOG_PROP_WAREHOUSE.to_string(), w.clone());
             }
+            let secrets: Vec<String> = props
+                .iter()
+                .filter(|(k, v)| is_secret_property(k) && !v.trim().is_empty())
+                .map(|(_, v)| v.trim().to_string())
+                .collect();
             let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
                 .with_storage_factory(factory)
                 .load(name.to_string(), props)
                 .await
-                .map_err(|e| crate::error::classify(e, &format!("opening REST catalog {uri}")))?;
-            plain(Arc::new(catalog))
+                .map_err(|e| {
+                    // iceberg-catalog-rest puts some values in its messages ("Invalid header
+                    // value: …"): the secret ones never reach dotdo's error (nor its logs).
+                    let e = crate::error::classify(e, &format!("opening REST catalog {uri}"));
+                    let mut msg = e.message().to_string();
+                    for s in &secrets {
+                        msg = msg.replace(s.as_str(), "<redacted>");
+                    }
+                    dotdo_core::Error::new(e.kind().clone(), msg).with_retryable(e.is_retryable())
+                })?;
+            plain(Arc::new(Redacted { inner: Arc::new(catalog), uri: uri.clone() }))
         }
         CatalogConfig::Custom(build) => {
             plain(build(factory).await.map_err(|e| e.context(format!("opening catalog {name}")))?)
@@ -514,6 +528,87 @@ impl Catalog for PinnedCatalog<'_> {
     }
 }
 
+#[cfg(feature = "rest")]
+/// Whether a REST catalog property holds a secret (a token, a credential, a header such as
+/// `Authorization`).
+fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.starts_with("header.") || k.contains("token") || k.contains("credential") || k.contains("secret")
+}
+
+#[cfg(feature = "rest")]
+/// A catalog whose `Debug` shows only where it is (iceberg-catalog-rest's derived `Debug`
+/// prints its properties, token and credential included, to whoever prints the catalog).
+struct Redacted {
+    inner: Arc<dyn Catalog>,
+    uri: String,
+}
+
+#[cfg(feature = "rest")]
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RestCatalog").field("uri", &self.uri).finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "rest")]
+#[async_trait]
+impl Catalog for Redacted {
+    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
+        self.inner.list_namespaces(parent).await
+    }
+    async fn create_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<Namespace> {
+        self.inner.create_namespace(namespace, properties).await
+    }
+    async fn get_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<Namespace> {
+        self.inner.get_namespace(namespace).await
+    }
+    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> iceberg::Result<bool> {
+        self.inner.namespace_exists(namespace).await
+    }
+    async fn update_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<()> {
+        self.inner.update_namespace(namespace, properties).await
+    }
+    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<()> {
+        self.inner.drop_namespace(namespace).await
+    }
+    async fn list_tables(&self, namespace: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
+        self.inner.list_tables(namespace).await
+    }
+    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
+        self.inner.create_table(namespace, creation).await
+    }
+    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
+        self.inner.load_table(table).await
+    }
+    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.inner.drop_table(table).await
+    }
+    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.inner.purge_table(table).await
+    }
+    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
+        self.inner.table_exists(table).await
+    }
+    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
+        self.inner.rename_table(src, dest).await
+    }
+    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> iceberg::Result<Table> {
+        self.inner.register_table(table, metadata_location).await
+    }
+    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
+        self.inner.update_table(commit).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{default_sqlite_uri, sqlite_path, swap_failure};
@@ -549,6 +644,32 @@ mod tests {
         fn kind(&self) -> sqlx::error::ErrorKind {
             sqlx::error::ErrorKind::Other
         }
+    }
+
+    /// A REST catalog's secret property values never reach dotdo's error (iceberg-catalog-rest
+    /// puts an invalid header's value in its message), and the catalog prints without them.
+    #[cfg(feature = "rest")]
+    #[tokio::test]
+    async fn rest_catalog_secrets_stay_out_of_errors_and_debug() {
+        use iceberg::CatalogBuilder;
+        let props =
+            std::collections::BTreeMap::from([("header.Authorization".to_string(), "Bearer s3cr3t\n".to_string())]);
+        let config =
+            super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
+        let factory =
+            crate::storage::StoreRoot::open("memory://rest", Vec::<(String, String)>::new()).expect("store").factory();
+        match super::open(&config, "dotdo", "memory://rest", factory).await {
+            Err(e) => assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}"),
+            Ok(opened) => assert!(!format!("{:?}", opened.catalog).contains("s3cr3t")),
+        }
+        let inner: std::sync::Arc<dyn iceberg::Catalog> = std::sync::Arc::new(
+            iceberg::memory::MemoryCatalogBuilder::default()
+                .load("m", std::collections::HashMap::from([("warehouse".to_string(), "memory://m".to_string())]))
+                .await
+                .expect("memory catalog"),
+        );
+        let shown = format!("{:?}", super::Redacted { inner, uri: "https://catalog".into() });
+        assert_eq!(shown, "RestCatalog { uri: \"https://catalog\", .. }");
     }
 
     /// A swap failing with an SQLite I/O error (here `SQLITE_IOERR_FSYNC`, 1034) may still be

@@ -150,6 +150,7 @@ impl StoreRoot {
 /// then the URL. `None` for other schemes (and those whose feature is off). Used only when no
 /// options are given (object_store's `parse_url_opts` ignores the environment).
 fn cloud_store_from_env(url: &Url) -> Option<std::result::Result<Box<dyn ObjectStore>, object_store::Error>> {
+    #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
     use object_store::ObjectStoreScheme as S;
     let scheme = object_store::ObjectStoreScheme::parse(url).ok()?.0;
     match scheme {
