@@ -59,6 +59,10 @@ pub(crate) enum Cause {
 pub(crate) fn object_store_cause(e: &object_store::Error) -> Cause {
     use object_store::Error as E;
     match e {
+        // A missing bucket or container is a configuration error, not a missing (damaged) file.
+        E::NotFound { .. } if chain_text(e).contains("NoSuchBucket") || chain_text(e).contains("ContainerNotFound") => {
+            Cause::Config
+        }
         E::NotFound { path, .. } => Cause::Missing(path.clone()),
         E::Generic { .. } => generic_cause(e),
         E::JoinError { .. } => Cause::StoreUnavailable,
@@ -135,6 +139,18 @@ fn generic_cause(e: &object_store::Error) -> Cause {
         Some(300..=399) => Cause::Config,
         _ => Cause::StoreUnavailable,
     }
+}
+
+/// An error's text with its whole source chain.
+fn chain_text(e: &dyn StdError) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        cur = err.source();
+    }
+    text
 }
 
 fn io_cause(e: &std::io::Error) -> Cause {

@@ -110,3 +110,26 @@ fn a_data_file_shorter_than_its_manifest_says_is_corrupt_on_s3() {
         }
     });
 }
+
+/// A warehouse in a bucket that does not exist is a configuration error (`InvalidInput`), not
+/// "file … is missing" (`Corrupt`, which sends an operator looking for damage).
+#[test]
+fn a_missing_bucket_is_a_configuration_error() {
+    let Some(python) = common::python("a_missing_bucket_is_a_configuration_error") else {
+        return;
+    };
+    let moto = common::Moto::start(&python, "dotdo-exists");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+        let e = IcebergColdStore::builder("s3://no-such-bucket-here/wh")
+            .options(moto.options())
+            .catalog(CatalogConfig::Sql { uri })
+            .table(["kit"], "changes")
+            .build()
+            .await
+            .expect_err("no such bucket");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
+    });
+}
