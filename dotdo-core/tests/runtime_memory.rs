@@ -2305,6 +2305,48 @@ async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
     assert!(w.hot.current(&o).await.expect("current").is_none(), "the prefetch's lease was given back");
 }
 
+/// A flush_all still running after shutdown's flush, whose later round renewed its lease after
+/// shutdown began, gives that lease back when it ends: nothing would release it any more.
+#[allow(clippy::disallowed_methods)] // real-time pauses while the flush blocks a worker
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_all_ending_after_shutdowns_flush_gives_its_leases_back() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_batch_records: 1, ..settings() });
+    let rt = Arc::new(rt);
+    let o = oid("o");
+    for _ in 0..3 {
+        incr(&rt, &o).await.expect("write");
+    }
+    // Each append waits for the test's go (blocking the flush's worker thread).
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let gate = parking_lot::Mutex::new(gate);
+    *cold.each_append.lock() = Some(Arc::new(move || {
+        let _ = gate.lock().recv_timeout(Duration::from_secs(30));
+    }));
+    let rt1 = rt.clone();
+    let flush = tokio::spawn(async move { rt1.flush_all().await });
+    go.send(()).expect("round 1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rt2 = rt.clone();
+    let shutdown = tokio::spawn(async move { rt2.shutdown().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Half a TTL on, round 2 renews the lease (until 1.5 TTL from now-ish), then shutdown's
+    // wait of one TTL runs out and it flushes while the flush still holds the object.
+    w.clock.advance(TTL / 2);
+    go.send(()).expect("round 2");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while !shutdown.is_finished() {
+        w.clock.advance(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    shutdown.await.expect("task").expect("shutdown");
+    let held = w.hot.current(&o).await.expect("current");
+    assert!(held.is_some(), "the flush still holds a renewed lease while it runs");
+    go.send(()).expect("round 3");
+    flush.await.expect("task").expect("flush_all");
+    assert!(w.hot.current(&o).await.expect("current").is_none(), "given back when the flush ended");
+}
+
 /// One object whose cold append is refused for good (here: its hot log starts past what this
 /// cold store holds, so its batch would skip records) does not keep `flush_all` from draining
 /// the others committed with it: they are drained, it is left out, and its error is returned.
