@@ -104,10 +104,13 @@ pub fn validate_busy_timeout(timeout: std::time::Duration) -> crate::Result<()> 
 /// `path` made absolute against the working directory, for a plain path or a `file:` URI (whose
 /// path part is made absolute, its query kept; the working directory's `%`, `?` and `#` are
 /// escaped as the URI needs). Both SQL backends open their read connections lazily: a relative
-/// path would follow a later change of the working directory to another database.
-pub fn absolute_database_path(path: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+/// path would follow a later change of the working directory to another database. A path that
+/// cannot be made absolute (no working directory) is `InvalidInput`.
+pub fn absolute_database_path(path: &std::path::Path) -> crate::Result<std::path::PathBuf> {
+    let bad =
+        |e: std::io::Error| crate::Error::invalid(format!("database path {}: {e}", path.display())).with_source(e);
     let text = path.to_string_lossy();
-    let Some(uri) = text.strip_prefix("file:") else { return std::path::absolute(path) };
+    let Some(uri) = text.strip_prefix("file:") else { return std::path::absolute(path).map_err(bad) };
     let (file, query) = match uri.find('?') {
         Some(i) => (&uri[..i], &uri[i..]),
         None => (uri, ""),
@@ -115,7 +118,7 @@ pub fn absolute_database_path(path: &std::path::Path) -> std::io::Result<std::pa
     if file.starts_with('/') {
         return Ok(path.to_path_buf());
     }
-    let cwd = std::env::current_dir()?;
+    let cwd = std::env::current_dir().map_err(bad)?;
     let cwd = cwd.to_string_lossy().replace('%', "%25").replace('?', "%3f").replace('#', "%23");
     Ok(std::path::PathBuf::from(format!("file:{}/{file}{query}", cwd.trim_end_matches('/'))))
 }
@@ -133,6 +136,31 @@ pub fn is_private_database(path: &std::path::Path) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::{absolute_database_path, is_private_database};
+    use std::path::Path;
+
+    /// Relative `file:` URIs are made absolute (query kept, the working directory escaped);
+    /// absolute ones and private databases are left as they are.
+    #[test]
+    fn database_paths_and_uris_are_made_absolute() {
+        let cwd = std::env::current_dir()
+            .expect("cwd")
+            .to_string_lossy()
+            .replace('%', "%25")
+            .replace('?', "%3f")
+            .replace('#', "%23");
+        let abs = |p: &str| absolute_database_path(Path::new(p)).expect("path").to_string_lossy().into_owned();
+        assert_eq!(abs("file:data/hot.db?mode=rwc"), format!("file:{cwd}/data/hot.db?mode=rwc"));
+        assert_eq!(abs("file:hot.db"), format!("file:{cwd}/hot.db"));
+        assert_eq!(abs("file:/srv/hot.db?cache=shared"), "file:/srv/hot.db?cache=shared");
+        assert_eq!(abs("file:///srv/hot.db"), "file:///srv/hot.db");
+        assert!(Path::new(&abs("data/hot.db")).is_absolute());
+        for private in ["", ":memory:", "file:", "file:?cache=private", "file::memory:", "file:x?mode=memory"] {
+            assert!(is_private_database(Path::new(private)), "{private}");
+        }
+        assert!(!is_private_database(Path::new("file:hot.db")));
+    }
+
     /// dotdo-libsql runs the schema one statement per step, split on `;`: a `;` inside a comment
     /// would cut a statement in two (and fail every open of a new file).
     #[test]

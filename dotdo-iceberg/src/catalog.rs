@@ -464,69 +464,88 @@ pub(crate) fn lost_swap(ident: &TableIdent, base: &str) -> iceberg::Error {
     .with_retryable(false)
 }
 
-#[async_trait]
-impl Catalog for PinnedCatalog<'_> {
-    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
-        self.inner.list_namespaces(parent).await
-    }
-    async fn create_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> iceberg::Result<Namespace> {
-        self.inner.create_namespace(namespace, properties).await
-    }
-    async fn get_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<Namespace> {
-        self.inner.get_namespace(namespace).await
-    }
-    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> iceberg::Result<bool> {
-        self.inner.namespace_exists(namespace).await
-    }
-    async fn update_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> iceberg::Result<()> {
-        self.inner.update_namespace(namespace, properties).await
-    }
-    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<()> {
-        self.inner.drop_namespace(namespace).await
-    }
-    async fn list_tables(&self, namespace: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
-        self.inner.list_tables(namespace).await
-    }
-    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
-        self.inner.create_table(namespace, creation).await
-    }
-    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
-        if table == self.table.identifier() {
-            Ok(self.table.clone())
-        } else {
-            self.inner.load_table(table).await
+/// `impl Catalog for $ty` passing every call to `self.$inner`, except `load_table` and
+/// `update_table`, whose bodies are given (with `self` named by the caller).
+macro_rules! forwarding_catalog {
+    ($ty:ty, $inner:ident,
+     load_table($s1:ident, $table:ident) $load:expr,
+     update_table($s2:ident, $commit:ident) $update:expr) => {
+        #[async_trait]
+        impl Catalog for $ty {
+            async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
+                self.$inner.list_namespaces(parent).await
+            }
+            async fn create_namespace(
+                &self,
+                namespace: &NamespaceIdent,
+                properties: HashMap<String, String>,
+            ) -> iceberg::Result<Namespace> {
+                self.$inner.create_namespace(namespace, properties).await
+            }
+            async fn get_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<Namespace> {
+                self.$inner.get_namespace(namespace).await
+            }
+            async fn namespace_exists(&self, namespace: &NamespaceIdent) -> iceberg::Result<bool> {
+                self.$inner.namespace_exists(namespace).await
+            }
+            async fn update_namespace(
+                &self,
+                namespace: &NamespaceIdent,
+                properties: HashMap<String, String>,
+            ) -> iceberg::Result<()> {
+                self.$inner.update_namespace(namespace, properties).await
+            }
+            async fn drop_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<()> {
+                self.$inner.drop_namespace(namespace).await
+            }
+            async fn list_tables(&self, namespace: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
+                self.$inner.list_tables(namespace).await
+            }
+            async fn create_table(
+                &self,
+                namespace: &NamespaceIdent,
+                creation: TableCreation,
+            ) -> iceberg::Result<Table> {
+                self.$inner.create_table(namespace, creation).await
+            }
+            async fn load_table(&self, $table: &TableIdent) -> iceberg::Result<Table> {
+                let $s1 = self;
+                $load
+            }
+            async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+                self.$inner.drop_table(table).await
+            }
+            async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+                self.$inner.purge_table(table).await
+            }
+            async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
+                self.$inner.table_exists(table).await
+            }
+            async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
+                self.$inner.rename_table(src, dest).await
+            }
+            async fn register_table(&self, table: &TableIdent, metadata_location: String) -> iceberg::Result<Table> {
+                self.$inner.register_table(table, metadata_location).await
+            }
+            async fn update_table(&self, $commit: TableCommit) -> iceberg::Result<Table> {
+                let $s2 = self;
+                $update
+            }
         }
-    }
-    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
-        self.inner.drop_table(table).await
-    }
-    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
-        self.inner.purge_table(table).await
-    }
-    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
-        self.inner.table_exists(table).await
-    }
-    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
-        self.inner.rename_table(src, dest).await
-    }
-    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> iceberg::Result<Table> {
-        self.inner.register_table(table, metadata_location).await
-    }
-    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
-        match self.swap {
-            Some(swap) if commit.identifier() == self.table.identifier() => self.swap_commit(swap, commit).await,
-            _ => self.inner.update_table(commit).await,
-        }
-    }
+    };
 }
+
+forwarding_catalog!(PinnedCatalog<'_>, inner,
+    load_table(this, table) if table == this.table.identifier() {
+        Ok(this.table.clone())
+    } else {
+        this.inner.load_table(table).await
+    },
+    update_table(this, commit) match this.swap {
+        Some(swap) if commit.identifier() == this.table.identifier() => this.swap_commit(swap, commit).await,
+        _ => this.inner.update_table(commit).await,
+    }
+);
 
 #[cfg(feature = "rest")]
 /// Whether a REST catalog property holds a secret (a token, a credential, a header such as
@@ -552,62 +571,10 @@ impl fmt::Debug for Redacted {
 }
 
 #[cfg(feature = "rest")]
-#[async_trait]
-impl Catalog for Redacted {
-    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
-        self.inner.list_namespaces(parent).await
-    }
-    async fn create_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> iceberg::Result<Namespace> {
-        self.inner.create_namespace(namespace, properties).await
-    }
-    async fn get_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<Namespace> {
-        self.inner.get_namespace(namespace).await
-    }
-    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> iceberg::Result<bool> {
-        self.inner.namespace_exists(namespace).await
-    }
-    async fn update_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> iceberg::Result<()> {
-        self.inner.update_namespace(namespace, properties).await
-    }
-    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<()> {
-        self.inner.drop_namespace(namespace).await
-    }
-    async fn list_tables(&self, namespace: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
-        self.inner.list_tables(namespace).await
-    }
-    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
-        self.inner.create_table(namespace, creation).await
-    }
-    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
-        self.inner.load_table(table).await
-    }
-    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
-        self.inner.drop_table(table).await
-    }
-    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
-        self.inner.purge_table(table).await
-    }
-    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
-        self.inner.table_exists(table).await
-    }
-    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
-        self.inner.rename_table(src, dest).await
-    }
-    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> iceberg::Result<Table> {
-        self.inner.register_table(table, metadata_location).await
-    }
-    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
-        self.inner.update_table(commit).await
-    }
-}
+forwarding_catalog!(Redacted, inner,
+    load_table(this, table) this.inner.load_table(table).await,
+    update_table(this, commit) this.inner.update_table(commit).await
+);
 
 #[cfg(test)]
 mod tests {

@@ -403,10 +403,11 @@ impl IcebergColdStore {
             return Ok(vec![dotdo_core::Watermark::default(); objects.len()]);
         };
         let inline = crate::summary::inline_watermarks(&snapshot)?;
+        let checkpoint = crate::summary::checkpoint(&snapshot);
         let mut base: Option<Arc<crate::summary::Watermarks>> = None;
         let mut out = Vec::with_capacity(objects.len());
         for o in objects {
-            let w = match (inline.get(o), crate::summary::checkpoint(&snapshot)) {
+            let w = match (inline.get(o), checkpoint) {
                 (Some(w), _) => *w,
                 (None, Some(cp)) => {
                     if base.is_none() {

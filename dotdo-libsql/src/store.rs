@@ -218,7 +218,7 @@ impl LibsqlStoreBuilder {
             Target::Local { path } => {
                 // Absolute: read connections open lazily, and must open the writer's file even if
                 // the process changes its working directory meanwhile.
-                let path = absolute_path(path)?;
+                let path = dotdo_core::sql_schema::absolute_database_path(path)?;
                 let db = libsql::Builder::new_local(path).build().await.map_err(|e| error::map(e, &doing, false))?;
                 (None, Arc::new(db), None, true)
             }
@@ -228,7 +228,7 @@ impl LibsqlStoreBuilder {
                 (None, Arc::new(db), None, false)
             }
             Target::Replica { path, url, auth_token, sync_interval } => {
-                let path = absolute_path(path)?;
+                let path = dotdo_core::sql_schema::absolute_database_path(path)?;
                 let (replica, primary) =
                     open_replica(&path, &crate::validate_url(url)?, auth_token, *sync_interval, &settings, &doing)
                         .await?;
@@ -727,13 +727,6 @@ impl LibsqlStore {
             }
         }
     }
-}
-
-/// `path` made absolute (a plain path or a `file:` URI), see
-/// [`absolute_database_path`](dotdo_core::sql_schema::absolute_database_path).
-fn absolute_path(path: &std::path::Path) -> Result<std::path::PathBuf> {
-    dotdo_core::sql_schema::absolute_database_path(path)
-        .map_err(|e| Error::invalid(format!("database path {}: {e}", path.display())).with_source(e))
 }
 
 thread_local! {

@@ -197,14 +197,14 @@ impl SqliteStoreBuilder {
                 settings.background_checkpoint
             )));
         }
-        let memory = is_private_database(&self.path);
+        let memory = dotdo_core::sql_schema::is_private_database(&self.path);
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         // Absolute from here on: read connections open lazily, and must open the writer's file
         // even if the process changes its working directory meanwhile.
         if self.path.to_string_lossy().contains('\0') {
             return Err(Error::invalid(format!("database path {:?} contains a NUL byte", self.path)));
         }
-        let path = if memory { self.path } else { absolute_database_path(&self.path)? };
+        let path = if memory { self.path } else { dotdo_core::sql_schema::absolute_database_path(&self.path)? };
         let open = move || -> Result<SqliteStore> {
             let writer = open_connection(&path, &settings, true)?;
             let checkpointer = match settings.background_checkpoint {
@@ -291,15 +291,6 @@ pub const MAX_BUSY_RETRIES: u32 = 100;
 /// Whether `path` names a database private to one connection (`:memory:`, the empty path's
 /// temporary database, or an in-memory URI): another connection to it would see another,
 /// empty database.
-fn is_private_database(path: &Path) -> bool {
-    dotdo_core::sql_schema::is_private_database(path)
-}
-
-fn absolute_database_path(path: &Path) -> Result<std::path::PathBuf> {
-    dotdo_core::sql_schema::absolute_database_path(path)
-        .map_err(|e| Error::invalid(format!("database path {}: {e}", path.display())).with_source(e))
-}
-
 /// The longest one write call may spend in busy waits and backoff: every attempt's busy
 /// timeout plus the backoff between attempts.
 fn write_budget(settings: &SqliteSettings) -> Duration {
@@ -1025,28 +1016,6 @@ impl ConsistencyGuard for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Relative `file:` URIs are made absolute (query kept, the working directory escaped);
-    /// absolute ones and private databases are left as they are.
-    #[test]
-    fn database_paths_and_uris_are_made_absolute() {
-        let cwd = std::env::current_dir()
-            .expect("cwd")
-            .to_string_lossy()
-            .replace('%', "%25")
-            .replace('?', "%3f")
-            .replace('#', "%23");
-        let abs = |p: &str| absolute_database_path(Path::new(p)).expect("path").to_string_lossy().into_owned();
-        assert_eq!(abs("file:data/hot.db?mode=rwc"), format!("file:{cwd}/data/hot.db?mode=rwc"));
-        assert_eq!(abs("file:hot.db"), format!("file:{cwd}/hot.db"));
-        assert_eq!(abs("file:/srv/hot.db?cache=shared"), "file:/srv/hot.db?cache=shared");
-        assert_eq!(abs("file:///srv/hot.db"), "file:///srv/hot.db");
-        assert!(Path::new(&abs("data/hot.db")).is_absolute());
-        for private in ["", ":memory:", "file:", "file:?cache=private", "file::memory:", "file:x?mode=memory"] {
-            assert!(is_private_database(Path::new(private)), "{private}");
-        }
-        assert!(!is_private_database(Path::new("file:hot.db")));
-    }
 
     /// A COMMIT that failed with an I/O error may be durable: `AmbiguousOutcome`, not a
     /// retryable failure; busy and full-disk failures keep their kinds.
