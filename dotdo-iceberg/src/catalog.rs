@@ -301,6 +301,7 @@ pub(crate) async fn open(
             if let Some(w) = wh {
                 props.insert(iceberg_catalog_rest::REST_CATALOG_PROP_WAREHOUSE.to_string(), w.clone());
             }
+            check_rest_headers(&props)?;
             let secrets: Vec<String> = props
                 .iter()
                 .filter(|(k, v)| is_secret_property(k) && !v.trim().is_empty())
@@ -555,6 +556,28 @@ fn is_secret_property(key: &str) -> bool {
     k.starts_with("header.") || k.contains("token") || k.contains("credential") || k.contains("secret")
 }
 
+/// Every `header.*` property and the `token` (sent as `Authorization: Bearer …`) must make a
+/// valid HTTP header: iceberg-catalog-rest would find out on the first call, and report the
+/// value in its message. `InvalidInput` naming the property, never its value.
+#[cfg(feature = "rest")]
+fn check_rest_headers(props: &HashMap<String, String>) -> dotdo_core::Result<()> {
+    for (key, value) in props {
+        let valid = if let Some(name) = key.strip_prefix("header.") {
+            http::HeaderName::from_bytes(name.as_bytes()).is_ok() && http::HeaderValue::from_str(value).is_ok()
+        } else if key == "token" {
+            http::HeaderValue::from_str(&format!("Bearer {value}")).is_ok()
+        } else {
+            true
+        };
+        if !valid {
+            return Err(dotdo_core::Error::invalid(format!(
+                "REST catalog property {key:?}: not a valid HTTP header name and value (the value is not shown)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(feature = "rest")]
 /// A catalog whose `Debug` shows only where it is (iceberg-catalog-rest's derived `Debug`
 /// prints its properties, token and credential included, to whoever prints the catalog).
@@ -625,10 +648,23 @@ mod tests {
             super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
         let factory =
             crate::storage::StoreRoot::open("memory://rest", Vec::<(String, String)>::new()).expect("store").factory();
-        match super::open(&config, "dotdo", "memory://rest", factory).await {
-            Err(e) => assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}"),
-            Ok(opened) => assert!(!format!("{:?}", opened.catalog).contains("s3cr3t")),
+        let e = super::open(&config, "dotdo", "memory://rest", factory.clone()).await.err().expect("a bad header");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
+        assert!(e.message().contains("header.Authorization"), "names the property: {e}");
+        assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
+        for (key, value) in [("token", "s3cr3t\r\n"), ("header.bad name", "s3cr3t")] {
+            let props = std::collections::BTreeMap::from([(key.to_string(), value.to_string())]);
+            let config =
+                super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
+            let e = super::open(&config, "dotdo", "memory://rest", factory.clone()).await.err().expect("refused");
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{key}: {e}");
+            assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
         }
+        let props = std::collections::BTreeMap::from([("token".to_string(), "s3cr3t".to_string())]);
+        let config =
+            super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
+        let opened = super::open(&config, "dotdo", "memory://rest", factory).await.expect("a good token opens");
+        assert!(!format!("{:?}", opened.catalog).contains("s3cr3t"));
         let inner: std::sync::Arc<dyn iceberg::Catalog> = std::sync::Arc::new(
             iceberg::memory::MemoryCatalogBuilder::default()
                 .load("m", std::collections::HashMap::from([("warehouse".to_string(), "memory://m".to_string())]))

@@ -205,10 +205,36 @@ fn iceberg_cause(e: &iceberg::Error) -> Cause {
         if e.message().contains("commit state is unknown") {
             return Cause::OutcomeUnknown;
         }
-        if e.message() == "Received response with unexpected status code" {
-            let shown = e.to_string();
-            if shown.contains("status: 429") || shown.contains("status: 5") {
-                return Cause::StoreUnavailable;
+        if e.message() == "Received response with unexpected status code"
+            && matches!(rest_status(&e.to_string(), "status"), Some(408 | 429 | 500 | 502..=599))
+        {
+            return Cause::StoreUnavailable;
+        }
+        // The OAuth token endpoint answered something other than 200, in a body that is not
+        // an Iceberg error (an HTML or empty 5xx, an RFC 6749 `{"error": "invalid_client"}`).
+        if e.message() == "Received unexpected response" {
+            return token_endpoint_cause(rest_status(&e.to_string(), "code"));
+        }
+        // A 200 answer (of the token endpoint or the catalog) that is not what was asked for: a
+        // proxy's page, a server speaking another protocol. Not a damaged file of the table.
+        if e.message().starts_with("Failed to parse response from rest catalog server") {
+            return Cause::StoreRefused;
+        }
+    }
+    if e.kind() == K::DataInvalid {
+        // A `header.*` property that is no HTTP header (caught at open, see `catalog::open`).
+        if e.message().starts_with("Invalid header name: ") || e.message().starts_with("Invalid header value: ") {
+            return Cause::Config;
+        }
+        // The token endpoint issued a token that cannot be sent in a header.
+        if e.message() == "Invalid token received from catalog server!" {
+            return Cause::StoreRefused;
+        }
+        // The token endpoint answered an Iceberg error (iceberg-catalog-rest turns one into
+        // `DataInvalid` with its `type` and `code`, and no source).
+        if StdError::source(e).is_none() {
+            if let Some(code) = error_model_code(&e.to_string()) {
+                return token_endpoint_cause(Some(code));
             }
         }
     }
@@ -223,6 +249,55 @@ fn iceberg_cause(e: &iceberg::Error) -> Cause {
         | K::FeatureUnsupported => Cause::Other,
         _ => Cause::Other,
     }
+}
+
+/// The HTTP status iceberg-catalog-rest puts first in an error's context (`status` for a
+/// catalog's answer, `code` for the OAuth token endpoint's), as in
+/// `Unexpected, context: { code: 503 Service Unavailable, … } => …`.
+fn rest_status(shown: &str, key: &str) -> Option<u16> {
+    let value = shown.split_once(", context: { ")?.1.strip_prefix(key)?.strip_prefix(": ")?;
+    value.get(..3)?.parse().ok()
+}
+
+/// The `code` of an Iceberg error model the token endpoint answered, as iceberg-catalog-rest
+/// shows it: `DataInvalid, context: { type: …, code: 503 } => …`.
+fn error_model_code(shown: &str) -> Option<u16> {
+    let context = shown.strip_prefix("DataInvalid, context: { type: ")?;
+    context.split_once(", code: ")?.1.get(..3)?.parse().ok()
+}
+
+/// What a status of the REST catalog's OAuth token endpoint means: the server or a proxy is
+/// overloaded or down (transient), the credential was refused (RFC 6749 answers 400 or 401;
+/// retrying the same one cannot help), the endpoint is not where it was configured, or
+/// something else the endpoint will not do.
+fn token_endpoint_cause(status: Option<u16>) -> Cause {
+    match status {
+        Some(408 | 429 | 500..=599) => Cause::StoreUnavailable,
+        Some(400 | 401 | 403) => Cause::StoreDenied,
+        Some(300..=399 | 404 | 405) => Cause::Config,
+        _ => Cause::StoreRefused,
+    }
+}
+
+/// The message of a REST catalog error whose context holds a response body that may carry
+/// secrets: an answer iceberg-catalog-rest could not parse (a token endpoint's 200 may hold an
+/// access token, a table's load result vended storage credentials) or any answer of the OAuth
+/// token endpoint. It keeps the error's kind, message and status, and leaves the body and the
+/// source (a JSON error may quote a value) out. `None` for every other error.
+fn rest_message_without_body(e: &iceberg::Error) -> Option<String> {
+    let shown = e.to_string();
+    let auth = e.message() == "Received unexpected response"
+        || (e.message().starts_with("Failed to parse response") && shown.contains("operation: auth"));
+    if !auth && !e.message().starts_with("Failed to parse response from rest catalog server") {
+        return None;
+    }
+    let status = rest_status(&shown, "code").map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+    let from = if auth { "the REST catalog's OAuth token endpoint" } else { "the REST catalog" };
+    Some(format!(
+        "{}: {from}: {}{status}; the response body is not shown (it may hold credentials)",
+        e.kind(),
+        e.message()
+    ))
 }
 
 /// The most specific cause in the chain of `e`.
@@ -255,8 +330,11 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
         } else if let Some(ib) = err.downcast_ref::<iceberg::Error>() {
             let c = iceberg_cause(ib);
             // Below a broken REST connection, an I/O error is how it broke (a body cut short);
-            // below a request that could not be built, nothing more is to be learned.
-            in_transport |= matches!(c, Cause::StoreUnavailable | Cause::Config);
+            // below a request that could not be built, or an answer iceberg classed by its
+            // status or could not parse, nothing more is to be learned (the JSON error of an
+            // HTML page is no damaged file).
+            in_transport |=
+                matches!(c, Cause::StoreUnavailable | Cause::Config | Cause::StoreDenied | Cause::StoreRefused);
             c
         } else if let Some(d) = err.downcast_ref::<Error>() {
             // dotdo's own errors raised inside an iceberg call (the SQL catalog pointer swap, a
@@ -310,6 +388,10 @@ pub(crate) fn to_error(cause: Cause, what: &str, message: String) -> Error {
 /// Classify an iceberg error raised while doing `what` (which should name the file or table).
 pub(crate) fn classify(e: iceberg::Error, what: &str) -> Error {
     let cause = cause_of(&e);
+    if let Some(msg) = rest_message_without_body(&e) {
+        // Not kept as the source either: its `Debug` prints the body.
+        return to_error(cause, what, msg);
+    }
     let msg = e.to_string();
     to_error(cause, what, msg).with_source(e)
 }
@@ -421,6 +503,73 @@ mod tests {
             "An unknown server-side problem occurred; the commit state is unknown.",
         );
         assert_eq!(classify(unknown, "commit").kind(), &ErrorKind::AmbiguousOutcome);
+        // 501: the server will never do it; a status quoted in a body is no status.
+        assert_eq!(classify(status("501 Not Implemented"), "catalog").kind(), &ErrorKind::Backend);
+        let quoted = status("400 Bad Request").with_context("json", "{\"status: 503\"}");
+        assert_eq!(classify(quoted, "catalog").kind(), &ErrorKind::Backend);
+    }
+
+    /// The OAuth token endpoint's answers, built as iceberg-catalog-rest builds them: busy or
+    /// down is `Unavailable`, a refused credential or a bad token `Backend` (no retry mends
+    /// them), a wrong endpoint `InvalidInput`; none is `Corrupt`, and no response body (which may
+    /// hold a token) reaches the message or the source.
+    #[test]
+    fn rest_token_endpoint_answers() {
+        let unexpected = |code: &str, body: &str| {
+            let parsed = serde_json::from_str::<std::collections::HashMap<String, u8>>(body);
+            iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Received unexpected response")
+                .with_context("code", code.to_string())
+                .with_context("operation", "auth")
+                .with_context("url", "http://catalog/v1/oauth/tokens")
+                .with_context("json", body.to_string())
+                .with_source(parsed.expect_err("not an Iceberg error model"))
+        };
+        let cases = [
+            ("503 Service Unavailable", "<html>busy s3cr3t</html>", ErrorKind::Unavailable),
+            ("429 Too Many Requests", "", ErrorKind::Unavailable),
+            ("401 Unauthorized", r#"{"error":"invalid_client s3cr3t"}"#, ErrorKind::Backend),
+            ("400 Bad Request", r#"{"error":"invalid_grant"}"#, ErrorKind::Backend),
+            ("404 Not Found", "<html>no s3cr3t</html>", ErrorKind::InvalidInput),
+        ];
+        for (code, body, kind) in cases {
+            let e = classify(unexpected(code, body), "table ns.t");
+            assert_eq!(e.kind(), &kind, "{code}: {e}");
+            assert_eq!(e.is_retryable(), kind == ErrorKind::Unavailable, "{code}: {e}");
+            assert!(e.message().contains(&code[..3]), "the status is named: {e}");
+            assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{code}: the body leaked: {e:?}");
+        }
+        // An Iceberg error model from the token endpoint (no source, `type` and `code`).
+        let model = |code: &str| {
+            iceberg::Error::new(iceberg::ErrorKind::DataInvalid, "service is down")
+                .with_context("type", "ServiceUnavailableException")
+                .with_context("code", code.to_string())
+        };
+        assert_eq!(classify(model("503"), "t").kind(), &ErrorKind::Unavailable);
+        assert_eq!(classify(model("401"), "t").kind(), &ErrorKind::Backend);
+        // A 200 whose body is no token answer; the body holds one.
+        let body = r#"{"access_token":"s3cr3t"}"#;
+        let garbled =
+            iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to parse response from rest catalog server!")
+                .with_context("operation", "auth")
+                .with_context("json", body)
+                .with_source(serde_json::from_str::<std::collections::HashMap<String, u8>>(body).expect_err("no u8"));
+        let e = classify(garbled, "t");
+        assert_eq!(e.kind(), &ErrorKind::Backend, "{e}");
+        assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
+        // A table's load result that does not parse may hold vended credentials.
+        let body = r#"{"config":{"s3.secret-access-key":"s3cr3t"}}"#;
+        let garbled =
+            iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to parse response from rest catalog server")
+                .with_context("json", body)
+                .with_source(serde_json::from_str::<u8>(body).expect_err("no u8"));
+        let e = classify(garbled, "t");
+        assert_eq!(e.kind(), &ErrorKind::Backend, "{e}");
+        assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
+        // A token the server issued that no header can carry.
+        let bad = "a\nb".parse::<http::HeaderValue>().expect_err("not a header value");
+        let token = iceberg::Error::new(iceberg::ErrorKind::DataInvalid, "Invalid token received from catalog server!")
+            .with_source(bad);
+        assert_eq!(classify(token, "t").kind(), &ErrorKind::Backend);
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! Every layer only skips data that cannot match (bloom filters have false positives, never
 //! false negatives), so answers equal a full scan's. [`QueryStats`] reports each layer honestly:
 //! `files_opened` counts files whose row groups were decoded, `bytes_read` counts bytes actually
-//! fetched from the store for data files (footers and bloom filters included when not cached).
+//! fetched from the store for data files (footers and bloom filters included when not cached;
+//! a read of a table state the catalog then reported outdated, and which was discarded, included).
 
 use std::collections::HashMap;
 use std::ops::{Bound, Range};
@@ -253,22 +254,34 @@ fn put_bounded_to<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v:
 /// objects makes one tens of MB).
 const CHECKPOINTS_CACHED: usize = 4;
 
-/// `records` (of `object`) in sequence order, one per sequence number. Files are read
-/// concurrently, so without this the order of equal sequence numbers, and which of them a fold
-/// keeps, would vary from read to read: the same record found twice (a file another engine added
-/// twice) counts once, and two different records under one sequence number are `Corrupt` (which
+/// `records` (of `object`, each with the index in `files` of the data file it was read from) in
+/// sequence order, one per sequence number. Files are read concurrently, so without this the
+/// order of equal sequence numbers, and which of them a fold keeps, would vary from read to read:
+/// the same record found twice (a file another engine added twice) counts once, and two
+/// different records under one sequence number are `Corrupt`, naming the files they are in (which
 /// one holds cannot be known). Only the rows a read keeps are compared: a key-filtered lookup
 /// may answer where a read of the whole object finds the clash.
-fn one_per_seq(records: &mut Vec<ChangeRecord>, object: &ObjectId) -> Result<()> {
-    records.sort_by_key(|r| r.seq);
-    if let Some(w) = records.windows(2).find(|w| w[0].seq == w[1].seq && w[0] != w[1]) {
+fn one_per_seq(
+    mut records: Vec<(ChangeRecord, usize)>,
+    files: &[String],
+    object: &ObjectId,
+) -> Result<Vec<ChangeRecord>> {
+    records.sort_by_key(|(r, _)| r.seq);
+    if let Some(w) = records.windows(2).find(|w| w[0].0.seq == w[1].0.seq && w[0].0 != w[1].0) {
+        let ((a, fa), (b, fb)) = (&w[0], &w[1]);
+        let file = |i: &usize| files.get(*i).map_or("?", String::as_str);
+        let place = if fa == fb {
+            format!("both in data file {}", file(fa))
+        } else {
+            format!("in data files {} and {}", file(fa), file(fb))
+        };
         return Err(Error::corrupt(format!(
-            "two different change records of {object} with seq {} are in the table (keys {:?} and {:?})",
-            w[0].seq, w[0].key, w[1].key
+            "two different change records of {object} with seq {} are in the table (keys {:?} and {:?}, {place})",
+            a.seq, a.key, b.key
         )));
     }
-    records.dedup_by(|a, b| a.seq == b.seq);
-    Ok(())
+    records.dedup_by(|a, b| a.0.seq == b.0.seq);
+    Ok(records.into_iter().map(|(r, _)| r).collect())
 }
 
 fn string_of(d: Option<&Datum>) -> Option<String> {
@@ -579,11 +592,13 @@ impl IcebergColdStore {
         let bytes = Arc::new(AtomicU64::new(0));
         let reads = open.into_iter().map(|f| {
             let bytes = bytes.clone();
-            async move { self.read_file(&f, object, filter, bytes).await }
+            async move { Ok((self.read_file(&f, object, filter, bytes).await?, f)) }
         });
-        let results: Vec<FileRead> = futures::stream::iter(reads).buffer_unordered(4).try_collect().await?;
+        let results: Vec<(FileRead, Arc<FileInfo>)> =
+            futures::stream::iter(reads).buffer_unordered(4).try_collect().await?;
         let mut records = Vec::new();
-        for r in results {
+        let mut paths = Vec::with_capacity(results.len());
+        for (r, f) in results {
             if r.pruned_by_stats {
                 stats.pruned_by_min_max += 1;
             } else if r.pruned_by_bloom {
@@ -592,11 +607,12 @@ impl IcebergColdStore {
                 stats.files_opened += 1;
             }
             stats.row_groups_read += r.row_groups;
-            records.extend(r.records);
+            let file = paths.len();
+            paths.push(f.path.clone());
+            records.extend(r.records.into_iter().map(|rec| (rec, file)));
         }
         stats.bytes_read = bytes.load(Ordering::Relaxed);
-        one_per_seq(&mut records, object)?;
-        Ok((records, stats))
+        Ok((one_per_seq(records, &paths, object)?, stats))
     }
 
     async fn footer(&self, f: &FileInfo, path: &Path, bytes: &AtomicU64) -> Result<Arc<ParquetMetaData>> {
@@ -810,7 +826,11 @@ impl IcebergColdStore {
             if current.metadata_location().is_some() && current.metadata_location() == known.metadata_location() {
                 speculative?
             } else {
-                read_on(current).await?
+                // The discarded read's bytes were fetched all the same: they count.
+                let wasted = speculative.as_ref().map_or(0, |(_, s)| s.bytes_read);
+                let (records, mut stats) = read_on(current).await?;
+                stats.bytes_read += wasted;
+                (records, stats)
             }
         } else {
             read_on(self.table()).await?
@@ -889,12 +909,18 @@ mod tests {
     #[test]
     fn records_are_one_per_sequence_number() {
         let o = ObjectId::new("o").expect("id");
-        let mut rs = vec![record(3, "c"), record(1, "a"), record(3, "c"), record(2, "b")];
-        one_per_seq(&mut rs, &o).expect("duplicates of one record");
+        let files = ["data/a.parquet".to_string(), "data/b.parquet".to_string()];
+        let rs = vec![(record(3, "c"), 0), (record(1, "a"), 1), (record(3, "c"), 1), (record(2, "b"), 0)];
+        let rs = one_per_seq(rs, &files, &o).expect("duplicates of one record");
         assert_eq!(rs.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
-        let mut rs = vec![record(2, "b"), record(2, "x")];
-        let e = one_per_seq(&mut rs, &o).expect_err("two records, one seq");
+        let rs = vec![(record(2, "b"), 0), (record(2, "x"), 1)];
+        let e = one_per_seq(rs, &files, &o).expect_err("two records, one seq");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("data/a.parquet") && msg.contains("data/b.parquet"), "names both files: {msg}");
+        let rs = vec![(record(2, "b"), 1), (record(2, "x"), 1)];
+        let e = one_per_seq(rs, &files, &o).expect_err("two records, one seq, one file");
+        assert!(e.to_string().contains("both in data file data/b.parquet"), "{e}");
     }
 
     #[test]

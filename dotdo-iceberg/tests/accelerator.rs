@@ -84,3 +84,32 @@ async fn a_file_whose_row_groups_statistics_rule_out_is_not_counted_opened() {
     assert_eq!((st.files_total, st.files_opened, st.row_groups_read), (1, 0, 0), "{st:?}");
     assert_eq!(st.pruned_by_min_max + st.pruned_by_bloom + st.pruned_by_partition, 1, "{st:?}");
 }
+
+/// A read of the table state the reader knew, discarded because the catalog answered with a newer
+/// one, fetched its bytes all the same: `bytes_read` counts them. Another object's commit (in a
+/// file the object's bounds rule out, so the current read fetches the same bytes) makes the
+/// reader's state stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discarded_read_of_a_stale_table_counts_its_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || async {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
+            .settings(dotdo_iceberg::Settings { buckets: 1, ..Default::default() })
+            .build()
+            .await
+            .expect("open")
+    };
+    let (writer, reader) = (open().await, open().await);
+    let (o, other) = (ObjectId::new("obj-1").expect("id"), ObjectId::new("zzz").expect("id"));
+    let one = FencingToken::new(1);
+    writer.append(ColdBatch::single(o.clone(), one, vec![put(&o, 1, "a", "1")])).await.expect("append");
+    let bytes = || async { reader.lookup(&o, "a", AsOf::Latest).await.expect("lookup").stats.bytes_read };
+    bytes().await; // footers cached from here on
+    let warm = bytes().await;
+    assert!(warm > 0, "a warm lookup reads the row group");
+
+    writer.append(ColdBatch::single(other.clone(), one, vec![put(&other, 1, "a", "2")])).await.expect("append");
+    let stale = bytes().await;
+    assert_eq!(bytes().await, warm, "the other object's file is ruled out by its bounds");
+    assert_eq!(stale, 2 * warm, "the discarded read's bytes count too");
+}

@@ -372,6 +372,90 @@ async fn unreachable_rest_catalog_is_a_retryable_unavailable_error() {
     assert!(!format!("{cfg:?}").contains("secret-token"), "secrets are redacted in Debug");
 }
 
+/// A one-thread HTTP/1.1 server on loopback that answers every request with `status` and
+/// `body` and records each request line. It reads each request whole (headers and
+/// `content-length` body) before answering, so the client sees the answer, not a reset.
+fn answering(status: &'static str, body: &'static str) -> (u16, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            log.lock().push(line.trim().to_string());
+            let mut length = 0usize;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut request_body = vec![0u8; length];
+            let _ = reader.read_exact(&mut request_body);
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    (port, seen)
+}
+
+/// A REST catalog whose OAuth token endpoint is busy, refuses the credential or answers a 200
+/// that is no token: `Unavailable` (retryable) for the first, non-retryable `Backend` for the
+/// others, never `Corrupt`, and neither the credential nor the body (which may hold a token)
+/// is in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_token_endpoint_failures_are_classified_and_keep_secrets() {
+    let cases = [
+        ("503 Service Unavailable", "<html>overloaded s3cr3t-body</html>", ErrorKind::Unavailable),
+        (
+            "503 Service Unavailable",
+            r#"{"error":{"message":"down","type":"ServiceUnavailableException","code":503}}"#,
+            ErrorKind::Unavailable,
+        ),
+        ("429 Too Many Requests", "", ErrorKind::Unavailable),
+        ("401 Unauthorized", r#"{"error":"invalid_client","error_description":"s3cr3t-body"}"#, ErrorKind::Backend),
+        ("400 Bad Request", r#"{"error":"invalid_grant"}"#, ErrorKind::Backend),
+        ("200 OK", r#"{"access_token":"s3cr3t-body"}"#, ErrorKind::Backend),
+    ];
+    for (status, body, kind) in cases {
+        let (port, seen) = answering(status, body);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .catalog(dotdo_iceberg::CatalogConfig::Rest {
+                uri: format!("http://127.0.0.1:{port}"),
+                warehouse: None,
+                properties: [("credential".to_string(), "client:s3cr3t-credential".to_string())].into(),
+            })
+            .build()
+            .await
+            .expect_err("the token endpoint never issues a token");
+        assert!(
+            seen.lock().first().is_some_and(|l| l.starts_with("POST /v1/oauth/tokens")),
+            "the first request asks for a token: {:?}",
+            seen.lock()
+        );
+        assert_eq!(err.kind(), &kind, "{status} {body}: {err}");
+        assert_eq!(err.is_retryable(), kind == ErrorKind::Unavailable, "{status}: {err}");
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("s3cr3t"), "{status}: a secret leaked: {shown}");
+    }
+}
+
 /// The table and the location of the first data file of its current snapshot.
 async fn first_data_file(cold: &IcebergColdStore) -> (iceberg::table::Table, String) {
     let table = cold.refresh().await.expect("refresh");

@@ -50,7 +50,8 @@ pub struct LibsqlSettings {
     /// How many times a transiently failing call (busy database, unreachable or overloaded
     /// primary) is retried, with doubling backoff from `retry_backoff` up to `max_backoff`, before
     /// it fails with a retryable `Unavailable`. A mutating call whose request may have reached the
-    /// primary is never retried: it fails with `AmbiguousOutcome`. Default 5. The same budget
+    /// primary is not retried: it fails with `AmbiguousOutcome` (a lease release and the schema
+    /// program, safe to repeat, are the exceptions). Default 5. The same budget
     /// (every attempt's `busy_timeout` plus the backoff) bounds a write call's wait for the
     /// store's own write connection, so writers queued in one process fail in bounded time.
     /// At most [`MAX_RETRIES`] (100).

@@ -7,12 +7,14 @@
 //! * The lease table `do_locks` (`do_id, node_id, acquired_at, expires_at, fencing_token,
 //!   metadata`), per-object counters, state and the change log live in one database, so the
 //!   fencing check and the write are **one transaction**. Tokens never repeat or go down, also
-//!   across restarts and lease expiry.
+//!   across restarts and lease expiry (after a power loss or OS crash only with
+//!   `Durability::Full`: under `Normal` the last acquires may be lost and a token issued again).
 //! * WAL mode. Durability is a setting ([`Durability`]): `Normal` (default) survives a process
 //!   crash or SIGKILL; `Full` also survives power loss, at the cost of an fsync per commit.
 //! * Many threads and OS processes may share a file; writers serialize on SQLite's write lock with
 //!   a busy timeout and bounded retries, and report a retryable `Unavailable` instead of hanging.
-//! * Async calls never block a tokio executor (see [`Execution`]).
+//! * With the default [`Execution::Auto`], async calls do not stall a tokio executor's other
+//!   tasks (see [`Execution`]).
 //! * A file that is not a healthy SQLite database gives `Corrupt`, never a panic.
 //!
 //! Do not link this crate together with `dotdo-libsql` into one binary: both bundle SQLite
