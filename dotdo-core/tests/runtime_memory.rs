@@ -573,6 +573,34 @@ async fn an_evicted_object_whose_cold_lost_its_changes_is_corrupt_not_empty() {
     assert_eq!(all_state(&rt3, &o).await.len(), 5);
 }
 
+/// An object drained to a cold store that has since lost its changes is not evicted: its hot
+/// state is the only copy (`Corrupt`, nothing dropped, still served from hot).
+#[tokio::test]
+async fn an_object_whose_cold_lost_its_changes_is_not_evicted() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&rt, &o, 5).await;
+    rt.flush(&o).await.expect("flush");
+    rt.shutdown().await.expect("shutdown");
+    let w2 = World {
+        clock: w.clock.clone(),
+        hot: w.hot.clone(),
+        cold: MemoryColdStore::with_clock(Arc::new(w.clock.clone())),
+    };
+    let rt2 = w2.runtime("b", settings());
+    let err = rt2.evict(&o).await.expect_err("the only copy is kept");
+    assert!(matches!(err.kind(), ErrorKind::Corrupt), "{err}");
+    assert!(err.to_string().contains("through seq 7"), "{err}");
+    assert_eq!(w.hot.object_info(&o).await.expect("info").expect("kept").keys, 5, "nothing dropped");
+    assert_eq!(all_state(&rt2, &o).await.len(), 5, "still served from hot");
+    rt2.shutdown().await.expect("shutdown");
+    let rt3 = w.runtime("c", settings());
+    get(&rt3, &o, "key/0000").await.expect("served");
+    rt3.evict(&o).await.expect("the cold store that has the changes allows the eviction");
+    assert_eq!(w.hot.object_info(&o).await.expect("info").map_or(0, |i| i.keys), 0);
+}
+
 /// A failure to list the objects nobody holds does not keep `flush_all` from draining the held
 /// ones (it is reported at the end); with `drain_released` off, released objects are left alone.
 #[tokio::test]
@@ -1165,6 +1193,48 @@ impl ColdSink for ExpiringCold {
     }
 }
 
+#[async_trait::async_trait]
+impl dotdo_core::IndexAccelerator for ExpiringCold {
+    async fn lookup(&self, object: &ObjectId, key: &str, as_of: AsOf) -> Result<dotdo_core::Lookup> {
+        self.check(as_of)?;
+        self.inner.lookup(object, key, as_of).await
+    }
+    async fn scan(&self, query: dotdo_core::ScanQuery) -> Result<dotdo_core::Scan> {
+        self.check(query.as_of)?;
+        self.inner.scan(query).await
+    }
+}
+
+/// A prefetch of a lazily restored object whose snapshot maintenance expired re-pins like a
+/// read does (it used to fail with `NotFound` until some read re-pinned), through the
+/// accelerator's lookups and scans alike.
+#[tokio::test]
+async fn a_prefetch_after_the_expiry_of_a_lazy_snapshot_repins() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let (o, p) = (oid("o"), oid("p"));
+    populate(&a, &o, 20).await;
+    a.evict(&o).await.expect("evict");
+    let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
+    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(cold.clone())
+        .with_accelerator(cold.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+        .build()
+        .expect("build runtime");
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
+    incr(&a, &p).await.expect("other object");
+    a.flush(&p).await.expect("flush other");
+    cold.expired.lock().insert(pinned);
+    b.prefetch(&o, &["key/0001".into()], &["key/001".into()]).await.expect("prefetch after expiry");
+    assert_eq!(b.metrics().preloaded_keys, 11, "key/0001 and key/0010..=key/0019");
+    assert_eq!(get(&b, &o, "key/0015").await.expect("preloaded").as_deref(), Some(&b"value-15"[..]));
+}
+
 /// A lazily restored object keeps working after maintenance expired the snapshot it was
 /// reading: it re-pins the newest snapshot (its own cold state has not moved) instead of failing
 /// every read and write with `NotFound`.
@@ -1184,6 +1254,9 @@ async fn a_lazy_object_survives_the_expiry_of_its_snapshot() {
     incr(&a, &p).await.expect("other object");
     a.flush(&p).await.expect("flush other");
     cold.expired.lock().insert(pinned);
+    // Its whole state is cached already (no accelerator): a prefetch reads nothing, the expired
+    // snapshot included.
+    b.prefetch(&o, &["key/0001".into()], &[]).await.expect("prefetch after expiry");
     assert_eq!(get(&b, &o, "key/0007").await.expect("read after expiry").as_deref(), Some(&b"value-7"[..]));
     assert_eq!(get(&b, &o, "gone").await.expect("deleted stays deleted"), None);
     assert_eq!(incr(&b, &o).await.expect("write completes the restore"), 1);
@@ -1210,6 +1283,8 @@ async fn a_lazy_object_without_an_accelerator_reads_its_cold_state_once() {
     }
     assert_eq!(get(&b, &o, "gone").await.expect("absent"), None);
     assert_eq!(get(&b, &o, "never").await.expect("absent"), None);
+    b.prefetch(&o, &["key/0001".into()], &["key/001".into()]).await.expect("prefetch");
+    assert_eq!(b.metrics().preloaded_keys, 11, "the named key and the prefix's ten");
     assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1, "one read of the whole state");
     assert_eq!(b.metrics().recent_activations.back().map(|m| m.recovery), Some(Recovery::Lazy));
     // A write completes the restore; every key is there.
@@ -1519,6 +1594,26 @@ async fn an_activation_step_of_unknown_outcome_is_unavailable_not_ambiguous() {
         assert!(e.to_string().contains("nothing of the call was written"), "{e}");
         assert_eq!(incr(&b, &o).await.expect("next call"), 2, "{mode:?}");
     }
+}
+
+/// `complete_restores` whose restore has an unknown outcome answers a retryable `Unavailable`
+/// (the restore is simply done again; there is nothing to settle), and the next round completes.
+#[tokio::test]
+async fn complete_restores_of_unknown_outcome_is_unavailable() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    assert_eq!(incr(&a, &o).await.expect("first"), 1);
+    a.evict(&o).await.expect("evict");
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    let b = w.runtime_with_hot("b", hot.clone(), RuntimeSettings { restore: RestoreMode::Lazy, ..settings() });
+    assert_eq!(get(&b, &o, "n").await.expect("lazy read"), Some(Bytes::from("1")));
+    hot.ambiguous_restores.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = b.complete_restores().await.expect_err("the restore's outcome is unknown");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    b.complete_restores().await.expect("done again");
+    assert_eq!(incr(&b, &o).await.expect("next call"), 2);
 }
 
 /// Activation compares with cold only the pending changes cold may also have (through its

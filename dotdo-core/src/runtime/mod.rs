@@ -962,7 +962,9 @@ impl ObjectRuntime {
                 if active.lazy.is_some() {
                     if let Err(e) = complete_restore(&self.inner, &object, active.lease.token, &mut active.lazy).await {
                         tracing::warn!(object = %object, error = %e, "dotdo: lazy restore not completed");
-                        first_err.get_or_insert(e);
+                        // A restore of unknown outcome is simply done again (it is idempotent
+                        // under the lease): nothing for the caller to settle.
+                        first_err.get_or_insert(before_the_call(e, "completing the object's lazy restore"));
                     }
                 }
             }
@@ -1331,7 +1333,13 @@ impl ObjectRuntime {
                     .await
                     .map_err(|e| before_the_call(e, "completing the object's restore before the eviction"))?;
             }
-            drain(&self.inner, object, token).await
+            let report = drain(&self.inner, object, token).await?;
+            if report.objects == 0 {
+                // Nothing was left to drain, so no commit just showed that cold storage holds
+                // the object's changes: make sure it still does before the only other copy goes.
+                cold_holds_hot_changes(&self.inner, object).await?;
+            }
+            Ok(())
         }
         .await;
         if let Err(e) = drained {
@@ -1515,7 +1523,6 @@ async fn preload(
     keys: &[String],
     prefixes: &[String],
 ) -> Result<(u64, u64)> {
-    let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
     let (mut n, mut bytes) = (0u64, 0u64);
     // A key named for preloading that does not exist is cached as absent (its reads need not
     // ask cold) but not counted; a key preloaded already (a second prefetch) counts once.
@@ -1532,29 +1539,33 @@ async fn preload(
     match &inner.accel {
         Some(a) => {
             for k in keys {
-                let v = a.lookup(object, k, as_of).await?.value.map(|v| v.value);
-                put(lazy, k.clone(), v);
+                let found = at_pinned(inner, object, lazy, |as_of| a.lookup(object, k, as_of)).await?;
+                put(lazy, k.clone(), found.value.map(|v| v.value));
             }
             for p in prefixes {
-                let scan =
-                    a.scan(ScanQuery::object(object.clone()).keys(KeyRange::prefix(p.clone())).as_of(as_of)).await?;
-                for e in scan.entries {
+                let query =
+                    |as_of| a.scan(ScanQuery::object(object.clone()).keys(KeyRange::prefix(p.clone())).as_of(as_of));
+                for e in at_pinned(inner, object, lazy, query).await?.entries {
                     put(lazy, e.key, Some(e.value));
                 }
             }
         }
         None => {
-            // The whole state is read anyway: keep all of it (a named key that does not exist
-            // is then known absent too), counting only the named keys and prefixes.
-            let st = inner.cold.load_state(object, as_of).await?;
-            for e in st.entries {
-                if keys.contains(&e.key) || prefixes.iter().any(|p| e.key.starts_with(p.as_str())) {
-                    put(lazy, e.key, Some(e.value));
-                } else {
-                    lazy.cache.insert(e.key, Some(e.value));
-                }
+            // The whole state is read anyway (once: a complete cache is not read again): keep
+            // all of it (a named key that does not exist is then known absent too), counting
+            // only the named keys and prefixes.
+            if !lazy.complete {
+                cache_whole_state(inner, object, lazy).await?;
             }
-            lazy.complete = true;
+            let named: Vec<(String, bytes::Bytes)> = lazy
+                .cache
+                .iter()
+                .filter(|(k, _)| keys.contains(k) || prefixes.iter().any(|p| k.starts_with(p.as_str())))
+                .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+                .collect();
+            for (k, v) in named {
+                put(lazy, k, Some(v));
+            }
         }
     }
     inner.metrics.lock().preloaded_keys += n;
@@ -1591,11 +1602,25 @@ pub(crate) async fn cache_whole_state(inner: &Arc<Inner>, object: &ObjectId, laz
 
 /// The object's whole cold state at the lazy activation's snapshot, re-pinning an expired one.
 async fn load_pinned(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<crate::ColdState> {
+    at_pinned(inner, object, lazy, |as_of| inner.cold.load_state(object, as_of)).await
+}
+
+/// `read` at the lazy activation's snapshot; if that snapshot has expired since (`NotFound`),
+/// re-pinned ([`repin`]) and read again.
+pub(crate) async fn at_pinned<T, F>(
+    inner: &Arc<Inner>,
+    object: &ObjectId,
+    lazy: &mut LazyState,
+    read: impl Fn(AsOf) -> F,
+) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
     let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
-    match inner.cold.load_state(object, as_of).await {
+    match read(as_of).await {
         Err(e) if e.kind() == &ErrorKind::NotFound && lazy.snapshot.is_some() => {
             let as_of = repin(inner, object, lazy).await?;
-            inner.cold.load_state(object, as_of).await
+            read(as_of).await
         }
         r => r,
     }
@@ -2029,6 +2054,28 @@ fn newer_holder(records: &[ChangeRecord], token: FencingToken) -> Option<Fencing
 }
 
 /// Drain one object's change log to cold storage and truncate it.
+/// `Corrupt` if cold storage no longer holds every change the hot store has of `object` (it
+/// truncated them once cold acknowledged them): the cold store lost data, or this runtime uses
+/// another table than the one that acknowledged them. Evicting then would drop the only copy.
+async fn cold_holds_hot_changes(inner: &Arc<Inner>, object: &ObjectId) -> Result<()> {
+    let Some(info) = inner.hot.object_info(object).await? else { return Ok(()) };
+    if info.last_seq == 0 {
+        return Ok(());
+    }
+    let through = inner.cold.watermark(object).await?.through;
+    if through < info.last_seq {
+        return Err(Error::corrupt(format!(
+            "{object}: the hot store holds changes through seq {} and cold storage acknowledged them, \
+             but cold storage now holds them only through seq {through}; the object is not evicted \
+             (its hot state is the only copy). The cold store lost data, this runtime uses a \
+             different table or cold store than the one that acknowledged them, or its cold store \
+             reads a stale table (Iceberg with refresh_reads off)",
+            info.last_seq
+        )));
+    }
+    Ok(())
+}
+
 async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Result<FlushReport> {
     let mut report = FlushReport::default();
     loop {

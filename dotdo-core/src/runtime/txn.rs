@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::Inner;
-use crate::cold::{AsOf, SnapshotId};
+use crate::cold::SnapshotId;
 use crate::error::Result;
 use crate::ids::{validate_key, validate_value, FencingToken, ObjectId};
 use crate::record::{KeyRange, Seq, WriteOp};
@@ -88,16 +88,11 @@ impl<'a> ObjectTxn<'a> {
                     super::cache_whole_state(self.inner, self.object, lazy).await?;
                     return Ok(lazy.cache.get(key).cloned().flatten());
                 };
-                let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
-                let v = match accel.lookup(self.object, key, as_of).await {
-                    Err(e) if e.kind() == &crate::ErrorKind::NotFound && lazy.snapshot.is_some() => {
-                        let as_of = super::repin(self.inner, self.object, lazy).await?;
-                        accel.lookup(self.object, key, as_of).await?
-                    }
-                    r => r?,
-                }
-                .value
-                .map(|v| v.value);
+                let (inner, object) = (self.inner, self.object);
+                let v = super::at_pinned(inner, object, lazy, |as_of| accel.lookup(object, key, as_of))
+                    .await?
+                    .value
+                    .map(|v| v.value);
                 lazy.cache.insert(key.to_string(), v.clone());
                 Ok(v)
             }
