@@ -195,6 +195,25 @@ pub trait ColdSink: Send + Sync + Debug + 'static {
 
     /// An object's change records with `seq > after`, in order, as of a snapshot.
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>>;
+
+    /// An object's change records with `after < seq <= through`, in order, as of a snapshot
+    /// (empty if `through <= after`). The default reads every change after `after` and drops
+    /// the rest; a sink that can skips them while reading, so that a few records are read
+    /// without holding an object's whole tail in memory.
+    async fn read_changes_through(
+        &self,
+        object: &ObjectId,
+        after: Seq,
+        through: Seq,
+        as_of: AsOf,
+    ) -> Result<Vec<ChangeRecord>> {
+        if through <= after {
+            return Ok(Vec::new());
+        }
+        let mut records = self.read_changes(object, after, as_of).await?;
+        records.retain(|r| r.seq <= through);
+        Ok(records)
+    }
 }
 
 #[async_trait]
@@ -216,6 +235,15 @@ impl<T: ColdSink + ?Sized> ColdSink for Arc<T> {
     }
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
         (**self).read_changes(object, after, as_of).await
+    }
+    async fn read_changes_through(
+        &self,
+        object: &ObjectId,
+        after: Seq,
+        through: Seq,
+        as_of: AsOf,
+    ) -> Result<Vec<ChangeRecord>> {
+        (**self).read_changes_through(object, after, through, as_of).await
     }
 }
 

@@ -731,6 +731,8 @@ struct FlakyCold {
     forget_watermarks: std::sync::atomic::AtomicBool,
     /// `load_state` calls so far.
     loads: std::sync::atomic::AtomicU64,
+    /// The most change records one `read_changes`/`read_changes_through` returned.
+    most_changes_read: std::sync::atomic::AtomicUsize,
     /// Run (once) before the next append: a pause, or something that happens meanwhile.
     before_append: Hook<futures::future::BoxFuture<'static, ()>>,
     /// Run before every append.
@@ -764,6 +766,7 @@ impl FlakyCold {
             conflicts: 0.into(),
             forget_watermarks: false.into(),
             loads: 0.into(),
+            most_changes_read: 0.into(),
             before_append: Hook::new(),
             each_append: Hook::new(),
         }
@@ -823,7 +826,21 @@ impl ColdSink for FlakyCold {
     }
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
         self.check()?;
-        self.inner.read_changes(object, after, as_of).await
+        let r = self.inner.read_changes(object, after, as_of).await?;
+        self.most_changes_read.fetch_max(r.len(), std::sync::atomic::Ordering::SeqCst);
+        Ok(r)
+    }
+    async fn read_changes_through(
+        &self,
+        object: &ObjectId,
+        after: Seq,
+        through: Seq,
+        as_of: AsOf,
+    ) -> Result<Vec<ChangeRecord>> {
+        self.check()?;
+        let r = self.inner.read_changes_through(object, after, through, as_of).await?;
+        self.most_changes_read.fetch_max(r.len(), std::sync::atomic::Ordering::SeqCst);
+        Ok(r)
     }
 }
 
@@ -1795,6 +1812,24 @@ async fn rolled_back_runtime(
         .build()
         .expect("build runtime");
     (rolled_back, cold, rt)
+}
+
+/// A hot store restored from an old backup (two pending changes, the same cold has) while cold
+/// holds 300 more: activation compares the two with cold's first two, reading no more of cold
+/// (it used to read cold's whole tail after them), then restores the object from cold.
+#[tokio::test]
+async fn activation_reads_only_the_cold_changes_it_compares() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    for _ in 0..302 {
+        incr(&a, &o).await.expect("incr");
+    }
+    a.flush(&o).await.expect("cold has seqs 1..302");
+    a.shutdown().await.expect("shutdown");
+    let (_rolled_back, cold, rt) = rolled_back_runtime(&w, &o, "Object", &["1", "2"]).await;
+    assert_eq!(get(&rt, &o, "n").await.expect("restored from cold"), Some(Bytes::from("302")));
+    assert_eq!(cold.most_changes_read.load(std::sync::atomic::Ordering::SeqCst), 2, "cold's changes 1 and 2 only");
 }
 
 /// A drain never truncates hot changes that cold skipped as replays when cold holds different

@@ -56,9 +56,15 @@ pub(crate) struct Filter {
     pub range: Option<KeyRange>,
     /// Only records with `seq >= min_seq`.
     pub min_seq: Option<u64>,
+    /// Only records with `seq <= max_seq`.
+    pub max_seq: Option<u64>,
 }
 
 impl Filter {
+    fn keeps_seq(&self, seq: u64) -> bool {
+        self.min_seq.is_none_or(|min| seq >= min) && self.max_seq.is_none_or(|max| seq <= max)
+    }
+
     fn keeps_key(&self, k: &str) -> bool {
         self.key.as_deref().is_none_or(|want| want == k) && self.range.as_ref().is_none_or(|r| r.contains(k))
     }
@@ -98,6 +104,7 @@ pub(crate) struct FileInfo {
     pub(crate) bucket: Option<i32>,
     do_id: Option<(String, String)>,
     key: Option<(String, String)>,
+    seq_min: Option<i64>,
     seq_max: Option<i64>,
     /// The data file's format as its manifest records it (dotdo reads Parquet only).
     format: DataFileFormat,
@@ -542,6 +549,7 @@ impl IcebergColdStore {
                         bucket,
                         do_id: bounds(do_id_f),
                         key: bounds(key_f),
+                        seq_min: long_of(df.lower_bounds().get(&seq_f)),
                         seq_max: long_of(df.upper_bounds().get(&seq_f)),
                         format: df.file_format(),
                     })
@@ -582,7 +590,8 @@ impl IcebergColdStore {
             }
             let out_of_bounds = f.do_id.as_ref().is_some_and(|(lo, hi)| o < lo.as_str() || o > hi.as_str())
                 || f.key.as_ref().is_some_and(|(lo, hi)| !filter.key_overlaps(lo, hi))
-                || f.seq_max.zip(filter.min_seq).is_some_and(|(max, min)| max < i64::try_from(min).unwrap_or(i64::MAX));
+                || f.seq_max.zip(filter.min_seq).is_some_and(|(max, min)| max < i64::try_from(min).unwrap_or(i64::MAX))
+                || f.seq_min.zip(filter.max_seq).is_some_and(|(min, max)| min > i64::try_from(max).unwrap_or(i64::MAX));
             if out_of_bounds {
                 stats.pruned_by_min_max += 1;
                 continue;
@@ -741,7 +750,14 @@ impl IcebergColdStore {
         let oid = object.as_str();
         while let Some(batch) = stream.next().await {
             let batch = batch.map_err(|e| classify_parquet(e, &f.path))?;
+            let from = out.records.len();
             crate::schema::from_batch(&batch, &f.path, |d, k| d == oid && filter.keeps_key(k), &mut out.records)?;
+            // Records outside the filter's sequence range are dropped batch by batch: a read of
+            // a few changes never holds an object's whole tail.
+            if filter.min_seq.is_some() || filter.max_seq.is_some() {
+                let batch_records = out.records.split_off(from);
+                out.records.extend(batch_records.into_iter().filter(|r| filter.keeps_seq(r.seq)));
+            }
         }
         Ok(out)
     }

@@ -1236,6 +1236,24 @@ impl ColdSink for IcebergColdStore {
         records.retain(|r| r.seq > after);
         Ok(records)
     }
+
+    async fn read_changes_through(
+        &self,
+        object: &ObjectId,
+        after: Seq,
+        through: Seq,
+        as_of: AsOf,
+    ) -> Result<Vec<ChangeRecord>> {
+        if through <= after {
+            return Ok(Vec::new());
+        }
+        let table = self.read_table().await?;
+        let snap = Self::resolve(&table, as_of)?;
+        // Files whose sequence bounds lie outside the range are not opened; rows outside it are
+        // dropped as each batch is decoded.
+        let filter = crate::read::Filter { min_seq: Some(after + 1), max_seq: Some(through), ..Default::default() };
+        Ok(self.records_of(&table, snap.as_ref(), object, &filter).await?.0)
+    }
 }
 
 /// String bytes (object ids, type names, keys) per Arrow batch handed to the Parquet writer; well

@@ -2007,10 +2007,10 @@ async fn check_pending_against_cold(inner: &Arc<Inner>, object: &ObjectId, after
     }
     let pending = inner.hot.read_changes(object, after, overlap_len).await?;
     let overlap: Vec<&ChangeRecord> = pending.iter().filter(|r| r.seq <= wm.through).collect();
-    if overlap.is_empty() {
-        return Ok(());
-    }
-    let cold = inner.cold.read_changes(object, after, AsOf::Latest).await?;
+    let Some(last) = overlap.last().map(|r| r.seq) else { return Ok(()) };
+    // Cold's changes up to the last overlapping one only: a hot store restored from an old
+    // backup may hold two pending changes where cold holds millions after them.
+    let cold = inner.cold.read_changes_through(object, after, last, AsOf::Latest).await?;
     let by_seq: HashMap<Seq, &ChangeRecord> = cold.iter().map(|r| (r.seq, r)).collect();
     for r in overlap {
         let differs = r.token > wm.token

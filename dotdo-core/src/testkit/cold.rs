@@ -405,7 +405,8 @@ pub async fn unknown_snapshot_is_not_found(f: &ColdFactory) {
     }
 }
 
-/// `read_changes` returns records after a sequence number, in order, with all fields intact.
+/// `read_changes` returns records after a sequence number, in order, with all fields intact;
+/// `read_changes_through` the ones in a range `(after, through]`, as of a snapshot too.
 pub async fn read_changes_after_a_sequence(f: &ColdFactory) {
     let (fx, _) = open(f).await;
     let o = oid("o1");
@@ -418,6 +419,14 @@ pub async fn read_changes_after_a_sequence(f: &ColdFactory) {
     assert_eq!(fx.sink.read_changes(&o, 1, AsOf::Latest).await.expect("after 1"), recs[1..].to_vec());
     assert!(fx.sink.read_changes(&o, 3, AsOf::Latest).await.expect("none").is_empty());
     assert!(fx.sink.read_changes(&oid("nobody"), 0, AsOf::Latest).await.expect("unknown object").is_empty());
+    let through = |after, through, as_of| fx.sink.read_changes_through(&o, after, through, as_of);
+    assert_eq!(through(0, 1, AsOf::Latest).await.expect("1"), recs[..1].to_vec());
+    assert_eq!(through(1, 2, AsOf::Latest).await.expect("2"), recs[1..2].to_vec());
+    assert_eq!(through(0, 2, AsOf::Latest).await.expect("1..=2"), recs[..2].to_vec());
+    assert_eq!(through(1, 9, AsOf::Latest).await.expect("2.."), recs[1..].to_vec());
+    assert_eq!(through(0, 3, s1).await.expect("as of c1"), recs[..2].to_vec());
+    assert!(through(2, 2, AsOf::Latest).await.expect("empty range").is_empty());
+    assert!(through(3, 1, AsOf::Latest).await.expect("inverted range").is_empty());
 }
 
 /// Values at the 2 MiB limit round-trip byte for byte.
