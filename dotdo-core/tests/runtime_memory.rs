@@ -138,7 +138,9 @@ async fn handler_reads_its_own_writes_and_failures_write_nothing() {
             Err(Error::invalid("handler gives up"))
         })
         .await;
-    assert!(r.is_err());
+    let e = r.expect_err("the handler's own error");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("handler gives up"), "the handler's error, unchanged: {e}");
     assert_eq!(get(&rt, &o, "n").await.expect("get").as_deref(), Some(&b"2"[..]));
     let bad: Result<(), Error> =
         rt.invoke(&o, async |t: &mut ObjectTxn<'_>| t.put("k", vec![0u8; MAX_VALUE_BYTES + 1])).await;
@@ -1222,6 +1224,42 @@ impl dotdo_core::IndexAccelerator for ExpiringCold {
     }
 }
 
+/// A lazily restored object read key by key through the accelerator keeps at most
+/// `lazy_cache_bytes` cached: past it the cache starts over, and keys read again come from cold
+/// storage with the same answers (a read-only object probed with ever new keys grew it without
+/// end). With the default budget every second read is a hit.
+#[tokio::test]
+async fn the_lazy_cache_is_bounded() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 100).await;
+    a.evict(&o).await.expect("evict");
+    a.shutdown().await.expect("shutdown");
+    for (budget, bounded) in [(2_000usize, true), (RuntimeSettings::default().lazy_cache_bytes, false)] {
+        let b = w.runtime("b", RuntimeSettings { restore: RestoreMode::Lazy, lazy_cache_bytes: budget, ..settings() });
+        let read_all = || async {
+            for i in 0..100 {
+                let v = get(&b, &o, &format!("key/{i:04}")).await.expect("lazy read");
+                assert_eq!(v, Some(Bytes::from(format!("value-{i}"))), "key {i}");
+            }
+            assert_eq!(get(&b, &o, "never").await.expect("absent"), None);
+        };
+        read_all().await;
+        let misses = b.metrics().lazy_cache_misses;
+        read_all().await;
+        let again = b.metrics().lazy_cache_misses - misses;
+        if bounded {
+            // About 20 entries fit: at most that many of the second pass's reads are hits.
+            assert!(again >= 80, "the cache kept more than its budget: only {again} misses of 101");
+        } else {
+            assert_eq!(again, 0, "every key is cached under the default budget");
+        }
+        assert!(matches!(b.metrics().recent_activations.back().map(|m| m.recovery), Some(Recovery::Lazy)));
+        b.shutdown().await.expect("shutdown");
+    }
+}
+
 /// A prefetch of a lazily restored object whose snapshot maintenance expired re-pins like a
 /// read does (it used to fail with `NotFound` until some read re-pinned), through the
 /// accelerator's lookups and scans alike.
@@ -2093,7 +2131,14 @@ async fn maintain_and_shutdown_do_not_race() {
         let rt = rt.clone();
         async move { rt.maintain().await }
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Shutdown begins only once maintain's drain is paused in the cold commit (it took the hook).
+    for _ in 0..5_000 {
+        if cold.before_append.lock().is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(cold.before_append.lock().is_none(), "maintain never reached the cold commit");
     let shutting = tokio::spawn({
         let rt = rt.clone();
         async move { rt.shutdown().await }

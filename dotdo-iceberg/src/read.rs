@@ -141,6 +141,14 @@ impl FileInfo {
     pub(crate) fn is_parquet(&self) -> bool {
         self.format == DataFileFormat::Parquet
     }
+
+    /// The key of this file's cached footer and bloom filters: its path and size. dotdo never
+    /// writes a path twice, but the format does not forbid another engine to remove a file and
+    /// add different bytes under its path; a cache keyed by path alone would then prune the new
+    /// file by the old one's statistics.
+    fn cache_key(&self) -> String {
+        format!("{}#{}", self.path, self.size)
+    }
 }
 
 /// Caches of immutable files: manifest lists, manifests, Parquet footers.
@@ -574,6 +582,8 @@ impl IcebergColdStore {
     ) -> Result<(Vec<ChangeRecord>, QueryStats)> {
         let mut stats = QueryStats::default();
         let Some(snapshot) = snapshot else { return Ok((Vec::new(), stats)) };
+        // Another engine may have changed the schema since the table was opened.
+        crate::schema::check_field_ids(table.metadata(), &format!("table {}", table.identifier()))?;
         stats.snapshot = Some(snapshot.snapshot_id());
         let files = self.files_of(table, snapshot).await?;
         stats.files_total = files.len() as u64;
@@ -625,7 +635,7 @@ impl IcebergColdStore {
     }
 
     async fn footer(&self, f: &FileInfo, path: &Path, bytes: &AtomicU64) -> Result<Arc<ParquetMetaData>> {
-        if let Some(m) = self.inner.cache.footers.lock().get(&f.path) {
+        if let Some(m) = self.inner.cache.footers.lock().get(&f.cache_key()) {
             return Ok(m);
         }
         let fetch = FooterFetch { store: &*self.inner.root.store, path, bytes };
@@ -636,7 +646,7 @@ impl IcebergColdStore {
             .map_err(|e| classify_parquet(e, &f.path))?;
         let m = Arc::new(m);
         let size = m.memory_size();
-        self.inner.cache.footers.lock().put(f.path.clone(), m.clone(), size, CACHE_LIMIT, FOOTER_CACHE_BYTES);
+        self.inner.cache.footers.lock().put(f.cache_key(), m.clone(), size, CACHE_LIMIT, FOOTER_CACHE_BYTES);
         Ok(m)
     }
 
@@ -777,8 +787,9 @@ impl IcebergColdStore {
         let mut missing = Vec::new();
         {
             let cache = self.inner.cache.blooms.lock();
+            let key = f.cache_key();
             for &(c, v) in probes {
-                match cache.get(&(f.path.clone(), rg, c)) {
+                match cache.get(&(key.clone(), rg, c)) {
                     Some(sbbf) if !sbbf.check(v) => return Ok(true),
                     Some(_) => {}
                     None => missing.push((c, v)),
@@ -817,7 +828,7 @@ impl IcebergColdStore {
             }
             let sbbf = Arc::new(sbbf);
             excluded |= !sbbf.check(v);
-            self.inner.cache.blooms.lock().put((f.path.clone(), rg, c), sbbf);
+            self.inner.cache.blooms.lock().put((f.cache_key(), rg, c), sbbf);
         }
         Ok(excluded)
     }
@@ -918,6 +929,24 @@ mod tests {
             c.put(format!("g{i}"), i, 1, 4, 100);
             assert!(c.map.len() <= 4);
         }
+    }
+
+    /// A path another engine filled with other bytes (another size, as its manifest records)
+    /// finds none of the old file's cached footer or bloom filters.
+    #[test]
+    fn cached_footers_are_keyed_by_path_and_size() {
+        let file = |size| FileInfo {
+            path: "s3://b/t/data/p.parquet".into(),
+            size,
+            bucket: None,
+            do_id: None,
+            key: None,
+            seq_min: None,
+            seq_max: None,
+            format: DataFileFormat::Parquet,
+        };
+        assert_eq!(file(100).cache_key(), file(100).cache_key());
+        assert_ne!(file(100).cache_key(), file(101).cache_key());
     }
 
     /// A record read twice counts once, in sequence order whatever order the files were read

@@ -91,6 +91,39 @@ pub(crate) fn check_change_schema(schema: &Schema, what: &str) -> Result<()> {
     )))
 }
 
+/// [`check_change_schema`] of a table's current schema, and ([`check_field_ids`]) that none of
+/// dotdo's columns took
+/// another column's field id in any of the table's schemas: dotdo finds a data file's columns by
+/// name while its pruning (manifest bounds) goes by field id, so a table whose columns another
+/// engine renamed into each other (`seq` and `token` swapped, say) would have files skipped by
+/// another column's bounds, and records read from the wrong columns. `InvalidInput` naming the
+/// column.
+pub(crate) fn check_change_table(md: &iceberg::spec::TableMetadata, what: &str) -> Result<()> {
+    check_change_schema(md.current_schema(), what)?;
+    check_field_ids(md, what)
+}
+
+/// The field-id half of [`check_change_table`], for reads (which find columns by name, so a
+/// reordered table reads fine, but not one whose columns were renamed into each other).
+pub(crate) fn check_field_ids(md: &iceberg::spec::TableMetadata, what: &str) -> Result<()> {
+    let current = md.current_schema();
+    for name in COLUMNS {
+        let id = current.field_id_by_name(name);
+        for old in md.schemas_iter() {
+            if let Some(was) = old.field_id_by_name(name).filter(|was| Some(*was) != id) {
+                return Err(Error::invalid(format!(
+                    "{what} is not (or no longer) a dotdo change table: its column {name:?} is field {} now but \
+                     was field {was} in schema {} (another engine renamed columns into each other; dotdo reads \
+                     data files' columns by name)",
+                    id.map_or("?".to_string(), |i| i.to_string()),
+                    old.schema_id()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `bucket(do_id, buckets)`.
 pub fn partition_spec(buckets: u32) -> Result<UnboundPartitionSpec> {
     Ok(UnboundPartitionSpec::builder()

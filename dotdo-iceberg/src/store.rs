@@ -356,7 +356,7 @@ async fn open_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settin
         }
         Err(e) => return Err(classify(e, &what)),
     };
-    schema::check_change_schema(table.metadata().current_schema(), &what)?;
+    schema::check_change_table(table.metadata(), &what)?;
     // dotdo retries commits itself after re-reading the watermarks; iceberg's internal retry
     // would re-apply the same summary on a stale base.
     if table.metadata().properties().get(RETRY_PROP).map(String::as_str) != Some("0") {
@@ -718,7 +718,7 @@ impl IcebergColdStore {
         let md = table.metadata_ref();
         let schema = md.current_schema().clone();
         // Checked at open, and again here: another engine may have changed it since.
-        schema::check_change_schema(&schema, &format!("table {}", table.identifier()))?;
+        schema::check_change_table(&md, &format!("table {}", table.identifier()))?;
         let spec = md.default_partition_spec().clone();
         let arrow = Arc::new(
             iceberg::arrow::schema_to_arrow_schema(&schema).map_err(|e| classify(e, "arrow schema of the table"))?,

@@ -20,34 +20,63 @@ use common::{put, FaultyStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() {
+    appends_under_faults(false).await;
+}
+
+/// The same with a catalog that also loses the replies of commits it applied (and refuses some):
+/// dotdo's own SQL fast path never loses a commit's reply to store faults (the pointer swap is
+/// a database update), so this is where a batch re-sent after a commit that landed must be found
+/// by reading back, not committed twice. Commits go through iceberg's `Transaction` here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_batches_appear_exactly_once_under_store_and_catalog_faults() {
+    appends_under_faults(true).await;
+}
+
+/// Rounds of one- and two-object batches through a faulty store (and, if `lossy_catalog`, a
+/// catalog losing commit replies), each retried until acknowledged; then every acknowledged
+/// batch is there exactly once and no snapshot names a missing file.
+async fn appends_under_faults(lossy_catalog: bool) {
     let target = common::fault_target();
     let seed: u64 = std::env::var("DOTDO_FAULT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x00d0_7d0f);
-    println!("fault test: target {target} faults, seed {seed}");
+    println!("fault test: target {target} faults, seed {seed}, lossy catalog {lossy_catalog}");
     let dir = tempfile::tempdir().expect("tempdir");
     let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
     let faulty = Arc::new(FaultyStore::new(local, seed, 0.08));
     faulty.set_enabled(false);
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(faulty.clone())
-        .table(["faults"], "changes")
-        // A clock nobody advances: retries must back off in real time, not on the store's clock
-        // (they waited forever on a test's manual clock).
-        .with_clock(Arc::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH)))
-        // Few internal attempts, so some failures reach the caller, who retries the same batch.
-        // A checkpoint file every few commits, so checkpoint writes and reads see faults too.
-        .settings(dotdo_iceberg::Settings {
-            max_commit_attempts: 2,
-            watermark_checkpoint_objects: 2,
-            ..Default::default()
-        })
-        .build()
-        .await
-        .expect("open");
+    let (mut catalog, mut lossy) = (None, None);
+    if lossy_catalog {
+        let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+        let (build, slot) = common::lossy_sql_catalog(uri, format!("file://{}", dir.path().display()), seed);
+        (catalog, lossy) = (Some(build), Some(slot));
+    }
+    let builder = || {
+        let b = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .object_store(faulty.clone())
+            .table(["faults"], "changes")
+            // A clock nobody advances: retries must back off in real time, not on the store's
+            // clock (they waited forever on a test's manual clock).
+            .with_clock(Arc::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH)))
+            // Few internal attempts, so some failures reach the caller, who retries the same
+            // batch. A checkpoint file every few commits, so checkpoint writes and reads see
+            // faults too.
+            .settings(dotdo_iceberg::Settings {
+                max_commit_attempts: 2,
+                watermark_checkpoint_objects: 2,
+                ..Default::default()
+            });
+        match &catalog {
+            Some(build) => b.catalog(dotdo_iceberg::CatalogConfig::Custom(build.clone())),
+            None => b,
+        }
+    };
+    let cold = builder().build().await.expect("open");
     faulty.set_enabled(true);
 
     let objects: Vec<ObjectId> = (0..4).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
     let mut next_seq: BTreeMap<ObjectId, u64> = objects.iter().map(|o| (o.clone(), 1)).collect();
     let mut acked = 0u64;
+    // Batches acknowledged after an attempt of theirs had failed: the caller re-sent them.
+    let mut resent = 0u64;
     let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut round = 0u64;
     let clock = dotdo_core::SystemClock::new();
@@ -79,6 +108,7 @@ async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() 
                         next_seq.insert(oc.object.clone(), last + 1);
                     }
                     acked += 1;
+                    resent += u64::from(tries > 1);
                     break;
                 }
                 Err(e) => {
@@ -98,7 +128,6 @@ async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() 
             }
         }
     }
-    faulty.set_enabled(false);
     println!("fault test: append phase took {:?}", clock.monotonic().saturating_sub(t0));
     println!(
         "fault test: {acked} batches acknowledged in {round} rounds; {} failures injected ({} lost replies), {} delays; caller-visible errors {errors:?}",
@@ -108,8 +137,49 @@ async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() 
     );
     // The faults reached the caller (not all absorbed by internal retries), lost replies among them.
     assert!(errors.values().sum::<u64>() > 0, "no injected failure reached the caller");
+    assert!(resent > 0, "no batch was re-sent after a failed attempt");
     assert!(faulty.lost_replies.load(Ordering::SeqCst) > 0, "no reply was lost");
+    if let Some(slot) = &lossy {
+        let cat = slot.lock().clone().expect("catalog built");
+        let (lost, refused) = (cat.lost.load(Ordering::SeqCst), cat.failed.load(Ordering::SeqCst));
+        println!("fault test: the catalog lost {lost} commit replies and refused {refused} commits; {resent} batches re-sent");
+        // Commits that landed with their reply lost: each batch's re-send (inside the store or
+        // by this caller) must find it, or the exact-sequence check below fails.
+        assert!(lost >= 5, "too few commits landed with their reply lost: {lost}");
+    }
 
+    // A store that has cached nothing reads the watermarks (checkpoint files included) through
+    // the faults: retryable errors, then the exact answers.
+    faulty.reads.lock().clear();
+    let mut fresh = None;
+    for _ in 0..100 {
+        match builder().build().await {
+            Ok(s) => {
+                fresh = Some(s);
+                break;
+            }
+            Err(e) => assert!(e.is_retryable(), "opening under faults: {e}"),
+        }
+    }
+    let fresh = fresh.expect("opened under faults");
+    for o in &objects {
+        let mut tries = 0;
+        let through = loop {
+            tries += 1;
+            assert!(tries < 100, "{o}: watermark never read under faults");
+            match fresh.watermark(o).await {
+                Ok(w) => break w.through,
+                Err(e) => assert!(e.is_retryable(), "watermark read under faults: {e}"),
+            }
+        };
+        assert_eq!(through, next_seq[o] - 1, "{o}: watermark read under faults");
+    }
+    assert!(
+        faulty.reads.lock().iter().any(|p| p.contains("/metadata/dotdo-watermarks-")),
+        "no watermark checkpoint was read under faults"
+    );
+
+    faulty.set_enabled(false);
     for o in &objects {
         let want = next_seq[o] - 1;
         assert_eq!(cold.watermark(o).await.expect("watermark").through, want);
@@ -137,9 +207,24 @@ async fn acknowledged_batches_appear_exactly_once_under_injected_store_faults() 
 async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplication() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_str().expect("utf-8").to_string();
-    let open = || IcebergColdStore::builder(path.clone()).table(["conc"], "changes").build();
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let open =
+        || IcebergColdStore::builder(path.clone()).object_store(recorded.clone()).table(["conc"], "changes").build();
     let a = open().await.expect("writer a");
     let b = open().await.expect("writer b");
+    // Whichever writer commits first loses its swap for certain: a third one commits between
+    // its metadata file and its swap (the other losses depend on the interleaving).
+    let third = open().await.expect("writer c");
+    let hook = ObjectId::new("hook").expect("id");
+    let first = ColdBatch::single(hook.clone(), FencingToken::new(1), vec![put(&hook, 1, "k", "v", 1)]);
+    *recorded.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".into(),
+        Box::pin(async move {
+            third.append(first).await.expect("the third writer commits first");
+        }),
+    ));
+    recorded.puts.lock().clear();
     let shared = ObjectId::new("shared").expect("id");
     let run = |cold: IcebergColdStore, own: ObjectId| {
         let shared = shared.clone();
@@ -175,7 +260,11 @@ async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplic
     // Each shared record went in once, by whichever writer committed it first, and the other
     // writer's copy was skipped as a replay: 15 + 15 own + 15 shared written, 15 skipped.
     assert_eq!((wa + wb, sa + sb), (45, 15), "a wrote {wa} skipped {sa}, b wrote {wb} skipped {sb}");
-    for (o, n) in [("only-a", 15u64), ("only-b", 15), ("shared", 15)] {
+    // 31 commits (30 batches and the third writer's); every lost swap wrote one metadata file more.
+    let metadata_files = recorded.puts.lock().iter().filter(|p| p.ends_with(".metadata.json")).count();
+    assert!(metadata_files > 31, "no swap was lost: {metadata_files} metadata files written for 31 commits");
+    assert_eq!(a.table().metadata().snapshots().count(), 31, "one snapshot per commit");
+    for (o, n) in [("only-a", 15u64), ("only-b", 15), ("shared", 15), ("hook", 1)] {
         let o = ObjectId::new(o).expect("id");
         let seqs: Vec<u64> = a.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
         assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "{o}");
@@ -233,6 +322,7 @@ async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_l
     // b still holds the table as it was before any append: its swap from that version loses,
     // it reloads and commits on the current table. The metadata file of the lost attempt is
     // deleted.
+    recorded.puts.lock().clear();
     let other = ObjectId::new("other").expect("id");
     let c = b
         .append(ColdBatch {
@@ -245,6 +335,8 @@ async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_l
         .await
         .expect("append from a stale handle");
     assert_eq!((c.records_written, c.records_skipped), (1, 0));
+    let written: Vec<String> = recorded.puts.lock().iter().filter(|p| p.ends_with(".metadata.json")).cloned().collect();
+    assert_eq!(written.len(), 2, "b lost its first swap and committed with a second metadata file: {written:?}");
     let seqs: Vec<u64> = a.read_changes(&obj, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     assert_eq!(a.read_changes(&other, 0, AsOf::Latest).await.expect("read").len(), 1);
@@ -742,7 +834,13 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
     );
     assert!(compacted > 0, "no compaction committed under faults");
     assert!(failed.values().sum::<u64>() > 0, "no injected failure reached a compaction");
-    assert!(compacted > 0, "some compactions commit despite faults");
+    // Every replace snapshot in the table is a compaction reported committed: none that
+    // failed (for its caller) landed anyway, none landed twice.
+    let table = cold.refresh().await.expect("refresh");
+    let replaces =
+        table.metadata().snapshots().filter(|s| s.summary().operation == iceberg::spec::Operation::Replace).count()
+            as u64;
+    assert_eq!(replaces, compacted, "replace snapshots in the table vs compactions reported committed");
     // A clean final compaction, then everything reads back exactly once.
     cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect("clean compaction");
     for o in &objects {

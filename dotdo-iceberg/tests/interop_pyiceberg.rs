@@ -102,6 +102,9 @@ async fn pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry() {
         },
         ColdBatch::single(a.clone(), FencingToken::new(2), vec![rec(&a, 4, "x", Some("ünï".as_bytes()), 2)]),
     ];
+    // What each commit wrote, as rows: the absolute answer both readers must give.
+    let mut committed: Vec<Vec<Row>> =
+        commits.iter().map(|c| c.objects.iter().flat_map(|oc| oc.records.iter().map(row)).collect()).collect();
     let mut snaps = Vec::new();
     for c in commits {
         snaps.push(cold.append(c).await.expect("append").snapshot.expect("snapshot"));
@@ -117,10 +120,9 @@ async fn pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry() {
     assert_eq!(cold.load_state(&a, AsOf::Snapshot(snaps[0])).await.expect_err("expired").kind(), &ErrorKind::NotFound);
     // Watermarks survive expiry; commits continue.
     assert_eq!(cold.watermark(&a).await.expect("wm").through, 4);
-    let last = cold
-        .append(ColdBatch::single(b.clone(), FencingToken::new(4), vec![rec(&b, 4, "items", None, 4)]))
-        .await
-        .expect("append after expiry");
+    let last_batch = ColdBatch::single(b.clone(), FencingToken::new(4), vec![rec(&b, 4, "items", None, 4)]);
+    committed.push(last_batch.objects[0].records.iter().map(row).collect());
+    let last = cold.append(last_batch).await.expect("append after expiry");
     snaps.push(last.snapshot.expect("snapshot"));
 
     let older = snaps[2];
@@ -142,10 +144,23 @@ async fn pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry() {
     let mut ours_sorted = ours.clone();
     ours_sorted.sort_unstable();
     assert_eq!(py_snaps, ours_sorted, "same snapshots, the expired one gone");
-    assert_eq!(rows_of(&v["latest"]), dotdo_rows(&cold, &objects, AsOf::Latest).await, "latest rows differ");
-    let as_of = dotdo_rows(&cold, &objects, AsOf::Snapshot(older)).await;
-    assert_eq!(rows_of(&v["as_of"]), as_of, "time-travel rows differ");
-    assert_eq!(as_of.len(), 6, "snapshot 3 holds the rows of commits 1-3");
+    let sorted = |commits: &[Vec<Row>]| {
+        let mut rows: Vec<Row> = commits.concat();
+        rows.sort();
+        rows
+    };
+    // Every row written, field by field (the expired snapshot's rows live on in the later ones).
+    let all = sorted(&committed);
+    assert_eq!(all.len(), 8);
+    assert_eq!(rows_of(&v["latest"]), all, "PyIceberg's latest rows differ from what was written");
+    assert_eq!(
+        dotdo_rows(&cold, &objects, AsOf::Latest).await,
+        all,
+        "dotdo's latest rows differ from what was written"
+    );
+    let as_of = sorted(&committed[..3]);
+    assert_eq!(rows_of(&v["as_of"]), as_of, "PyIceberg's time-travel rows differ from commits 1-3");
+    assert_eq!(dotdo_rows(&cold, &objects, AsOf::Snapshot(older)).await, as_of, "dotdo's as-of rows differ");
     assert_eq!(v["summary_keys"], serde_json::json!(["dotdo.commit-id", "dotdo.committed-at-us", "dotdo.watermarks"]));
     let spec = v["partition_spec"].as_str().expect("spec");
     assert!(spec.contains("bucket[16]") && spec.contains("do_id"), "{spec}");
@@ -407,6 +422,49 @@ async fn an_append_after_another_engine_reorders_columns_is_refused() {
     assert!(e.to_string().contains("no longer) a dotdo change table"), "{e}");
     let changes = cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes");
     assert_eq!(changes.iter().map(|c| (c.seq, c.token.get())).collect::<Vec<_>>(), [(1, 5)]);
+}
+
+/// Another engine renames `seq` and `token` into each other (PyIceberg, through a spare name).
+/// Iceberg resolves columns by field id, so the table's `seq` is now the old `token` data; dotdo
+/// decodes by column name (it answered the old `seq` values as `seq`) and prunes by field id
+/// (files could be skipped by the other column's bounds). Every read and write is refused with
+/// `InvalidInput` naming the column instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_a_table_whose_columns_were_renamed_into_each_other_are_refused() {
+    let Some(python) = common::python("reads_of_a_table_whose_columns_were_renamed_into_each_other_are_refused") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["interop"], "swapped")
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let records: Vec<ChangeRecord> = (1..=10).map(|s| rec(&o, s, "n", Some(b"v"), 1)).collect();
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
+    assert_eq!(cold.read_changes(&o, 5, AsOf::Latest).await.expect("before").len(), 5);
+    let out = std::process::Command::new(&python)
+        .arg(common::py_dir().join("swap_columns.py"))
+        .arg(dir.path().join("catalog.db"))
+        .arg(cold.warehouse())
+        .arg("interop.swapped")
+        .output()
+        .expect("run swap_columns.py");
+    assert!(out.status.success(), "swap_columns.py: {}", String::from_utf8_lossy(&out.stderr));
+    cold.refresh().await.expect("the store sees the new schema");
+    let refused = |e: dotdo_core::Error, what: &str| {
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{what}: {e}");
+        assert!(e.to_string().contains("renamed columns into each other"), "{what}: {e}");
+    };
+    refused(cold.read_changes(&o, 5, AsOf::Latest).await.expect_err("read_changes"), "read_changes");
+    refused(cold.load_state(&o, AsOf::Latest).await.expect_err("load_state"), "load_state");
+    refused(cold.lookup(&o, "n", AsOf::Latest).await.expect_err("lookup"), "lookup");
+    let e = cold
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![rec(&o, 11, "n", Some(b"v"), 1)]))
+        .await
+        .expect_err("append");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
 
 /// A format-version 1 table whose spec another engine evolved from bucket[16] to bucket[32]:

@@ -204,7 +204,10 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
     for bad in ["ftp://x/", "not a url", "http://"] {
         assert_eq!(CloudflareStreamClient::new(bad, None, settings()).expect_err(bad).kind(), &ErrorKind::InvalidInput);
     }
-    assert!(CloudflareStreamClient::new("https://x.pipelines.cloudflare.com/", Some("a b".into()), settings()).is_err());
+    let e = CloudflareStreamClient::new("https://x.pipelines.cloudflare.com/", Some("tok\nsecret".into()), settings())
+        .expect_err("a token no header can carry");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(!e.to_string().contains("secret"), "the token is not shown: {e}");
     let e = CloudflareStreamClient::new("https://user:secret@x.pipelines.cloudflare.com/", None, settings())
         .expect_err("credentials in the URL");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);

@@ -92,6 +92,10 @@ async fn no_event_lost_or_duplicated_under_injected_store_faults() {
     println!("pipeline faults: catalog commits with a lost reply {lost}, refused {refused}");
     assert!(faulty.lost_replies.load(Ordering::SeqCst) > 0, "no store reply was lost");
     assert!(lost > 0 && refused > 0, "catalog faults not injected: lost {lost}, refused {refused}");
+    // A commit whose reply the catalog lost is found by the store's read-back (the catalog's
+    // counters above say such commits happened; the exact-once check above says none doubled);
+    // rolls failing and batches skipped as replays at the pipeline happen only when that
+    // read-back fails too, so they are printed, not required.
 }
 
 const CHILD_ENV: &str = "DOTDO_PIPELINE_CHILD_DIR";
@@ -150,6 +154,9 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
     // Rounds after which cold storage held more events than before: the children committed
     // (and were killed around their commits), not only logged.
     let (mut committed_before, mut rounds_that_committed) = (0usize, 0u32);
+    // Rounds whose kill left acknowledged events in the durable log only (not yet in cold
+    // storage): the next start had to deliver them from the log.
+    let mut rounds_leaving_logged_events = 0u32;
     for round in 0..kills {
         let mut child = Command::new(&exe)
             .args(["pipeline_child_process", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
@@ -189,13 +196,22 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
         dotdo_core::testkit::process::sigkill(&mut child, &format!("round {round}"));
         reader.join().expect("reader");
         acked.extend(rx.try_iter());
-        let now = rt.block_on(async { delivered(&open_cold(dir.path()).await).await.len() });
-        rounds_that_committed += u32::from(now > committed_before);
-        committed_before = now;
+        let seen = rt.block_on(async { delivered(&open_cold(dir.path()).await).await });
+        rounds_that_committed += u32::from(seen.len() > committed_before);
+        rounds_leaving_logged_events += u32::from(acked.iter().any(|k| !seen.contains_key(k)));
+        committed_before = seen.len();
     }
+    println!(
+        "pipeline kills: {kills}; {rounds_that_committed} rounds committed before their kill, \
+         {rounds_leaving_logged_events} left acknowledged events in the log only"
+    );
+    // Half of the rounds wait for a commit before their kill, so this holds by construction; the
+    // check is that the log was really left holding acknowledged events that the next start
+    // delivered (the final check below finds every one of them in cold storage).
+    assert!(rounds_that_committed >= kills / 2, "{rounds_that_committed} of {kills} rounds committed");
     assert!(
-        rounds_that_committed >= kills / 2,
-        "only {rounds_that_committed} of {kills} rounds committed anything before their kill"
+        rounds_leaving_logged_events > 0,
+        "no kill left an acknowledged event outside cold storage: the log's replay was never needed"
     );
     // Restart once more: the durable log left by the last kill is replayed and rolled.
     rt.block_on(async {

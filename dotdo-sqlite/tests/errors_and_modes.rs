@@ -209,7 +209,12 @@ async fn a_relative_path_is_made_absolute_at_open() {
     let s = SqliteStore::builder(&relative).open().await.expect("open");
     assert!(s.path().is_absolute(), "{}", s.path().display());
     assert_eq!(s.path(), std::env::current_dir().expect("cwd").join(&relative));
-    assert_eq!(s.get(&obj(), "k").await.expect("get"), None);
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    s.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+    // A second store on the same absolute path reads it (its read connections open that file).
+    let again = SqliteStore::builder(s.path()).open().await.expect("reopen by the absolute path");
+    assert_eq!(again.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
 }
 
 /// On a multi-thread runtime with ONE worker, a put that waits for SQLite's write lock (held by

@@ -102,6 +102,11 @@ pub struct RuntimeSettings {
     /// object (one acquire each, a failed one for those another runtime holds): turn it off
     /// there, or set a ring, and make sure some runtime drains released objects.
     pub drain_released: bool,
+    /// Most bytes (keys, values and 64 per entry) of cold values a lazily restored object keeps
+    /// cached when they come from the accelerator one key at a time; past it the cache starts
+    /// over (preloaded keys included: they are read again if asked for). Without an
+    /// accelerator the whole state is read and kept, whatever its size. Default 64 MiB.
+    pub lazy_cache_bytes: usize,
 }
 
 impl Default for RuntimeSettings {
@@ -117,6 +122,7 @@ impl Default for RuntimeSettings {
             flush_batch_records: 100_000,
             evict_idle_after: None,
             drain_released: true,
+            lazy_cache_bytes: 64 << 20,
         }
     }
 }
@@ -896,13 +902,7 @@ impl ObjectRuntime {
             RestoreMode::Eager => restore_eager(inner, object, token).await,
             mode => {
                 let snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
-                let mut lazy = LazyState {
-                    snapshot,
-                    through: wm.through,
-                    cache: HashMap::new(),
-                    preloaded: HashMap::new(),
-                    complete: false,
-                };
+                let mut lazy = LazyState::new(snapshot, wm.through);
                 let (mut keys, mut bytes) = (0, 0);
                 let recovery = if let RestoreMode::Hybrid { keys: named, prefixes } = mode {
                     let (k, b) = preload(inner, object, &mut lazy, named, prefixes).await?;
@@ -1534,7 +1534,7 @@ async fn preload(
                 n += 1;
             }
         }
-        lazy.cache.insert(k, v);
+        lazy.remember(k, v, inner.settings.lazy_cache_bytes);
     };
     match &inner.accel {
         Some(a) => {
@@ -1594,7 +1594,7 @@ pub(crate) async fn repin(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut Lazy
 pub(crate) async fn cache_whole_state(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<()> {
     let st = load_pinned(inner, object, lazy).await?;
     for e in st.entries {
-        lazy.cache.entry(e.key).or_insert(Some(e.value));
+        lazy.remember_whole(e.key, e.value);
     }
     lazy.complete = true;
     Ok(())

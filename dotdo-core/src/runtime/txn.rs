@@ -23,6 +23,52 @@ pub(crate) struct LazyState {
     /// Every key of the state at `snapshot` is in `cache` (loaded whole, as it is without an
     /// accelerator): a key missing there is absent, with no need to ask cold storage.
     pub(crate) complete: bool,
+    /// What `cache` holds, as [`LazyState::entry_bytes`] counts it.
+    pub(crate) cache_bytes: usize,
+}
+
+impl LazyState {
+    pub(crate) fn new(snapshot: Option<SnapshotId>, through: Seq) -> Self {
+        LazyState {
+            snapshot,
+            through,
+            cache: HashMap::new(),
+            preloaded: HashMap::new(),
+            complete: false,
+            cache_bytes: 0,
+        }
+    }
+
+    /// A cache entry's weight: its key, its value and a fixed overhead.
+    fn entry_bytes(key: &str, value: &Option<Bytes>) -> usize {
+        key.len() + value.as_ref().map_or(0, Bytes::len) + 64
+    }
+
+    /// Cache `key`'s value as read at the snapshot. A cache that does not hold the whole state
+    /// is bounded by `budget` bytes: past it, it starts over with this entry alone (the others
+    /// are read from cold storage again if asked for, at the same snapshot, so answers do not
+    /// change). A read-only object probed with ever new keys used to grow it without end.
+    pub(crate) fn remember(&mut self, key: String, value: Option<Bytes>, budget: usize) {
+        let add = Self::entry_bytes(&key, &value);
+        if !self.complete && self.cache_bytes.saturating_add(add) > budget {
+            self.cache.clear();
+            self.cache_bytes = 0;
+        }
+        if let Some(old) = self.cache.insert(key.clone(), value) {
+            self.cache_bytes -= Self::entry_bytes(&key, &old);
+        }
+        self.cache_bytes += add;
+    }
+
+    /// Cache `key` of the whole state being loaded (no bound: the whole state is the cache),
+    /// keeping a value already cached.
+    pub(crate) fn remember_whole(&mut self, key: String, value: Bytes) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.cache.entry(key) {
+            let value = Some(value);
+            self.cache_bytes += Self::entry_bytes(slot.key(), &value);
+            slot.insert(value);
+        }
+    }
 }
 
 /// A handler's view of one object: reads see the object's state plus the handler's own writes;
@@ -93,7 +139,7 @@ impl<'a> ObjectTxn<'a> {
                     .await?
                     .value
                     .map(|v| v.value);
-                lazy.cache.insert(key.to_string(), v.clone());
+                lazy.remember(key.to_string(), v.clone(), self.inner.settings.lazy_cache_bytes);
                 Ok(v)
             }
         }

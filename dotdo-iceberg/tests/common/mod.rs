@@ -194,6 +194,8 @@ pub struct FaultyStore {
     pub lost_replies: AtomicU64,
     /// The paths read (`get_opts`, `get_ranges`) so far, in order.
     pub reads: Mutex<Vec<String>>,
+    /// The paths written (`put_opts`, `put_multipart_opts`) so far, in order, faulted or not.
+    pub puts: Mutex<Vec<String>>,
     /// Run once, before the first put whose path ends with the given suffix (a concurrent
     /// commit landing at a chosen moment).
     pub before_put: Mutex<Option<PutHook>>,
@@ -224,6 +226,7 @@ impl FaultyStore {
             delays: AtomicU64::new(0),
             lost_replies: AtomicU64::new(0),
             reads: Mutex::new(Vec::new()),
+            puts: Mutex::new(Vec::new()),
             before_put: Mutex::new(None),
             before_list: Mutex::new(None),
         }
@@ -312,6 +315,7 @@ impl ObjectStore for FaultyStore {
         if let Some(f) = hook {
             f.await;
         }
+        self.puts.lock().push(location.to_string());
         self.run(true, "put", location, self.inner.put_opts(location, payload, opts)).await
     }
 
@@ -320,8 +324,9 @@ impl ObjectStore for FaultyStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.puts.lock().push(location.to_string());
         let inner = self.run(true, "put_multipart", location, self.inner.put_multipart_opts(location, opts)).await?;
-        Ok(Box::new(FaultyUpload { inner, fail_complete: self.roll(true).is_some(), location: location.clone() }))
+        Ok(Box::new(FaultyUpload { inner, fault: self.roll(true), location: location.clone() }))
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
@@ -340,13 +345,26 @@ impl ObjectStore for FaultyStore {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         use futures::StreamExt;
+        match self.roll(false) {
+            Some(Fault::Delay) => {
+                let (inner, prefix) = (self.inner.clone(), prefix.cloned());
+                let pause = sleep(Duration::from_millis(2));
+                return futures::stream::once(pause).flat_map(move |()| inner.list(prefix.as_ref())).boxed();
+            }
+            Some(_) => {
+                let location = prefix.cloned().unwrap_or_default();
+                return futures::stream::once(async move { Err(Self::err("list", &location)) }).boxed();
+            }
+            None => {}
+        }
         let Some(hook) = self.before_list.lock().take() else { return self.inner.list(prefix) };
         let (inner, prefix) = (self.inner.clone(), prefix.cloned());
         futures::stream::once(hook.1).flat_map(move |()| inner.list(prefix.as_ref())).boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.inner.list_with_delimiter(prefix).await
+        let location = prefix.cloned().unwrap_or_default();
+        self.run(false, "list", &location, self.inner.list_with_delimiter(prefix)).await
     }
 
     async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
@@ -358,11 +376,12 @@ impl ObjectStore for FaultyStore {
     }
 }
 
-/// A multipart upload whose completion may fail after succeeding (a lost reply).
+/// A multipart upload whose completion may fail before completing, fail after it (a lost
+/// reply) or be delayed, as rolled (and counted) when the upload began.
 #[derive(Debug)]
 struct FaultyUpload {
     inner: Box<dyn MultipartUpload>,
-    fail_complete: bool,
+    fault: Option<Fault>,
     location: Path,
 }
 
@@ -373,11 +392,18 @@ impl MultipartUpload for FaultyUpload {
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
-        let r = self.inner.complete().await?;
-        if self.fail_complete {
-            return Err(FaultyStore::err("complete", &self.location));
+        match self.fault {
+            Some(Fault::FailBefore) => Err(FaultyStore::err("complete", &self.location)),
+            Some(Fault::FailAfter) => {
+                self.inner.complete().await?;
+                Err(FaultyStore::err("complete", &self.location))
+            }
+            Some(Fault::Delay) => {
+                sleep(Duration::from_millis(2)).await;
+                self.inner.complete().await
+            }
+            None => self.inner.complete().await,
         }
-        Ok(r)
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
@@ -459,7 +485,11 @@ impl iceberg::Catalog for LossyCatalog {
     async fn update_table(&self, c: iceberg::TableCommit) -> iceberg::Result<iceberg::table::Table> {
         use rand::Rng;
         let roll: u32 = self.rng.lock().gen_range(0..10);
-        let reset = || iceberg::Error::new(iceberg::ErrorKind::Unexpected, "injected: connection reset");
+        // As iceberg-catalog-rest reports a connection that broke (its reqwest error's source).
+        let reset = || {
+            iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
+                .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
+        };
         match roll {
             0 | 1 => {
                 self.inner.update_table(c).await?;
