@@ -1290,6 +1290,38 @@ async fn a_prefetch_after_the_expiry_of_a_lazy_snapshot_repins() {
     assert_eq!(get(&b, &o, "key/0015").await.expect("preloaded").as_deref(), Some(&b"value-15"[..]));
 }
 
+/// A lazy activation that finds, re-pinning an expired snapshot, that its object's cold state
+/// moved on (another writer appended to cold meanwhile) answers a retryable `Conflict`, and the
+/// next call activates afresh from the new cold state (it kept answering `Conflict` for as long
+/// as calls kept the activation warm).
+#[tokio::test]
+async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let (o, p) = (oid("o"), oid("p"));
+    for _ in 0..3 {
+        incr(&a, &o).await.expect("incr");
+    }
+    a.evict(&o).await.expect("evict");
+    let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
+    let b = w.lazy_runtime_without_accelerator("b", cold.clone());
+    assert_eq!(get(&b, &o, "n").await.expect("lazy read"), Some(Bytes::from("3")));
+    let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
+    // Cold moves on for `o` (a writer outside this runtime), and the pinned snapshot expires.
+    let mut next = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes").pop().expect("last");
+    next.seq += 1;
+    next.value = Bytes::from("10");
+    w.cold.append(ColdBatch::single(o.clone(), next.token, vec![next])).await.expect("cold moves on");
+    incr(&a, &p).await.expect("other object");
+    a.flush(&p).await.expect("flush other");
+    cold.expired.lock().insert(pinned);
+    let e = incr(&b, &o).await.expect_err("the restore cannot complete");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(incr(&b, &o).await.expect("activated afresh"), 11);
+    assert_eq!(get(&b, &o, "n").await.expect("read"), Some(Bytes::from("11")));
+}
+
 /// A lazily restored object keeps working after maintenance expired the snapshot it was
 /// reading: it re-pins the newest snapshot (its own cold state has not moved) instead of failing
 /// every read and write with `NotFound`.

@@ -668,6 +668,12 @@ impl ObjectRuntime {
     async fn ensure_active_within(&self, object: &ObjectId, slot: &mut Slot, wait: Duration) -> Result<()> {
         let inner = &self.inner;
         let now = inner.clock.now();
+        if slot.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved) {
+            // A lazy activation whose cold state moved on answers `Conflict` to every read it
+            // cannot serve from its cache and to every write: start afresh from cold storage.
+            tracing::info!(object = %object, "dotdo: cold state moved during a lazy restore; re-activating");
+            give_back(inner, &mut slot.active).await;
+        }
         if let Some(active) = slot.active.as_mut() {
             match renew_if_due(inner, &mut active.lease, now).await {
                 Ok(()) => return Ok(()),
@@ -1578,6 +1584,7 @@ async fn preload(
 pub(crate) async fn repin(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<AsOf> {
     let through = inner.cold.watermark(object).await?.through;
     if through != lazy.through {
+        lazy.moved = true;
         return Err(Error::new(
             ErrorKind::Conflict,
             format!("cold state of {object} moved from seq {} to {through} during a lazy restore", lazy.through),
@@ -1636,6 +1643,7 @@ pub(crate) async fn complete_restore(
     let Some(state) = lazy.as_mut() else { return Ok(()) };
     let st = load_pinned(inner, object, state).await?;
     if st.through != state.through {
+        state.moved = true;
         return Err(Error::new(
             ErrorKind::Conflict,
             format!("cold state of {object} moved from seq {} to {} during a lazy restore", state.through, st.through),

@@ -25,6 +25,9 @@ pub(crate) struct LazyState {
     pub(crate) complete: bool,
     /// What `cache` holds, as [`LazyState::entry_bytes`] counts it.
     pub(crate) cache_bytes: usize,
+    /// Cold storage moved past `through` (found when the snapshot had to be re-pinned): this
+    /// activation's reads and restore can never complete, the next call activates afresh.
+    pub(crate) moved: bool,
 }
 
 impl LazyState {
@@ -36,6 +39,7 @@ impl LazyState {
             preloaded: HashMap::new(),
             complete: false,
             cache_bytes: 0,
+            moved: false,
         }
     }
 
