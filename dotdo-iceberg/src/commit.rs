@@ -173,8 +173,9 @@ impl IcebergColdStore {
         let schema = md.current_schema().clone();
         let location = md.location().to_string();
         let io = table.file_io();
-        if listed.iter().any(|mf| mf.content != iceberg::spec::ManifestContentType::Data) {
-            // Deletes (from another engine) would not apply to rewritten files.
+        if listed.iter().any(crate::read::lists_live_deletes) {
+            // Deletes (from another engine) would not apply to rewritten files. (A delete
+            // manifest with no live entry is dropped below like any such manifest.)
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!("{}: the table has delete files; dotdo does not rewrite such tables", table.identifier()),
@@ -692,5 +693,87 @@ mod tests {
         let report = cold.compact(CompactOptions { min_input_files: 2, ..Default::default() }).await.expect("compact");
         assert!(report.snapshot.is_some(), "the small files were compacted");
         check("after a compaction").await;
+    }
+
+    /// Commits, on top of the head, a snapshot whose manifest list adds a delete manifest listing
+    /// one position-delete file, ADDED (`live`) or DELETED (a manifest another engine's rewrite
+    /// left with no live entry).
+    async fn commit_delete_manifest(cold: &IcebergColdStore, live: bool) {
+        use iceberg::spec::{
+            DataContentType, DataFileBuilder, DataFileFormat, Literal, ManifestWriterBuilder, Operation, Struct,
+        };
+        let table = cold.refresh().await.expect("refresh");
+        let md = table.metadata();
+        let head = md.current_snapshot().expect("head").clone();
+        let sid = super::new_snapshot_id(&table);
+        let seq = md.next_sequence_number();
+        let spec = md.default_partition_spec().as_ref().clone();
+        let path = format!("{}/metadata/{}-deletes.avro", md.location(), uuid::Uuid::new_v4());
+        let output = table.file_io().new_output(&path).expect("output");
+        let mut w =
+            ManifestWriterBuilder::new(output, Some(sid), md.current_schema().clone(), spec.clone()).build_v2_deletes();
+        let df = DataFileBuilder::default()
+            .content(DataContentType::PositionDeletes)
+            .file_path(format!("{}/data/another-engine-deletes.parquet", md.location()))
+            .file_format(DataFileFormat::Parquet)
+            .partition(Struct::from_iter([Some(Literal::int(0))]))
+            .partition_spec_id(spec.spec_id())
+            .record_count(1)
+            .file_size_in_bytes(100)
+            .build()
+            .expect("delete file");
+        if live {
+            w.add_file(df, seq).expect("add");
+        } else {
+            w.add_delete_file(df, seq, Some(seq)).expect("add deleted");
+        }
+        let deletes = w.write_manifest_file().await.expect("write manifest");
+        let mut manifests = cold.manifests_of(&table, &head).await.expect("manifests").as_ref().clone();
+        manifests.push(deletes);
+        let rewritten =
+            super::Rewritten { manifests, written: Vec::new(), removed_files: 0, removed_records: 0, removed_bytes: 0 };
+        cold.commit_snapshot(&table, sid, Operation::Overwrite, rewritten, &[], Vec::new(), "test commit")
+            .await
+            .expect("commit");
+    }
+
+    /// A delete manifest whose every entry is DELETED describes nothing of its snapshot: reads
+    /// answer, and compaction runs (it refused such tables for good, as dotdo's appends carry
+    /// the manifest forward) and drops the manifest. A live one is refused by both
+    /// (`InvalidInput`): dotdo does not apply another engine's row-level deletes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_delete_manifests_are_ignored_and_live_ones_refused() {
+        use dotdo_core::{AsOf, ErrorKind};
+        let options = || CompactOptions { min_input_files: 2, ..Default::default() };
+        for live in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+                .table(["t"], "changes")
+                .settings(crate::Settings { buckets: 1, ..Default::default() })
+                .build()
+                .await
+                .expect("open");
+            cold.append(batch("obj", 1)).await.expect("append");
+            commit_delete_manifest(&cold, live).await;
+            cold.append(batch("obj", 2)).await.expect("append");
+            let o = ObjectId::new("obj").expect("id");
+            if live {
+                let e = cold.load_state(&o, AsOf::Latest).await.expect_err("live deletes");
+                assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+                let e = cold.compact(options()).await.expect_err("live deletes");
+                assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+                continue;
+            }
+            assert_eq!(cold.load_state(&o, AsOf::Latest).await.expect("read").entries.len(), 2);
+            let report = cold.compact(options()).await.expect("compaction runs");
+            assert!(report.snapshot.is_some(), "{report:?}");
+            let table = cold.refresh().await.expect("refresh");
+            let head = table.metadata().current_snapshot().expect("head").clone();
+            let list = cold.manifests_of(&table, &head).await.expect("manifests");
+            assert!(list.iter().all(|m| m.content == iceberg::spec::ManifestContentType::Data), "dropped: {list:?}");
+            let seqs: Vec<u64> =
+                cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+            assert_eq!(seqs, [1, 2]);
+        }
     }
 }

@@ -334,7 +334,7 @@ impl IcebergColdStore {
             .load()
             .await
             .map_err(|e| classify(e, &format!("manifest list {}", head.manifest_list())))?;
-        if list.entries().iter().any(|mf| mf.content != iceberg::spec::ManifestContentType::Data) {
+        if list.entries().iter().any(crate::read::lists_live_deletes) {
             return Err(Error::invalid(format!(
                 "{}: tables with delete files are not supported by dotdo's maintenance",
                 table.identifier()

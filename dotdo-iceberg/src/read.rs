@@ -265,6 +265,15 @@ fn put_bounded_to<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v:
     m.insert(k, v);
 }
 
+/// Whether `mf` is a delete manifest that may list live delete files (another engine's
+/// row-level deletes, which dotdo does not apply). One whose every entry is DELETED (left by a
+/// rewrite that removed its delete files) describes nothing of its snapshot; counts a manifest
+/// list does not record are taken as live.
+pub(crate) fn lists_live_deletes(mf: &ManifestFile) -> bool {
+    mf.content != iceberg::spec::ManifestContentType::Data
+        && mf.added_files_count.unwrap_or(1).saturating_add(mf.existing_files_count.unwrap_or(1)) > 0
+}
+
 /// Checkpoint files kept decoded (each holds every object's watermark: a table of a million
 /// objects makes one tens of MB).
 const CHECKPOINTS_CACHED: usize = 4;
@@ -513,10 +522,7 @@ impl IcebergColdStore {
         let (do_id_f, key_f, seq_f) = (id("do_id"), id("key"), id("seq"));
         // Row-level deletes (merge-on-read, as Trino or Spark write them) are not applied by
         // dotdo's reads: answering without them would return deleted rows.
-        if let Some(mf) = manifests.iter().find(|mf| {
-            mf.content != iceberg::spec::ManifestContentType::Data
-                && mf.added_files_count.unwrap_or(1) + mf.existing_files_count.unwrap_or(1) > 0
-        }) {
+        if let Some(mf) = manifests.iter().find(|mf| lists_live_deletes(mf)) {
             return Err(Error::invalid(format!(
                 "{}: snapshot {} has row-level delete files (manifest {}), written by another engine; \
                  dotdo does not apply them: rewrite the table without deletes (copy-on-write)",
