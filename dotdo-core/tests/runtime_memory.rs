@@ -1258,6 +1258,18 @@ async fn the_lazy_cache_is_bounded() {
         assert!(matches!(b.metrics().recent_activations.back().map(|m| m.recovery), Some(Recovery::Lazy)));
         b.shutdown().await.expect("shutdown");
     }
+    // Keys the caller preloaded stay cached past the budget.
+    let restore = RestoreMode::Hybrid { keys: vec!["key/0000".into()], prefixes: vec!["key/009".into()] };
+    let b = w.runtime("b", RuntimeSettings { restore, lazy_cache_bytes: 2_000, ..settings() });
+    for i in 0..100 {
+        get(&b, &o, &format!("key/{i:04}")).await.expect("lazy read");
+    }
+    let misses = b.metrics().lazy_cache_misses;
+    for key in ["key/0000", "key/0095", "key/0099"] {
+        assert!(get(&b, &o, key).await.expect("read").is_some(), "{key}");
+    }
+    assert_eq!(b.metrics().lazy_cache_misses, misses, "the preloaded keys were kept");
+    assert_eq!(b.metrics().preloaded_keys, 11);
 }
 
 /// A prefetch of a lazily restored object whose snapshot maintenance expired re-pins like a

@@ -753,7 +753,10 @@ fn plan_bins(live: Vec<LiveFile>, options: &CompactOptions) -> Vec<Vec<LiveFile>
 /// Decode every row of a dotdo data file.
 fn decode(bytes: Bytes, path: &str) -> Result<Vec<ChangeRecord>> {
     let corrupt = |e: parquet::errors::ParquetError| Error::corrupt(format!("data file {path}: {e}"));
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(corrupt)?.with_batch_size(8192).build();
+    let size = bytes.len() as u64;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(corrupt)?;
+    crate::read::check_footer_ranges(builder.metadata().row_groups(), size, path)?;
+    let reader = builder.with_batch_size(8192).build();
     let mut out = Vec::new();
     for b in reader.map_err(corrupt)? {
         let b = b.map_err(|e| Error::corrupt(format!("data file {path}: {e}")))?;
@@ -802,14 +805,24 @@ fn selected(partitions: &Option<BTreeSet<i32>>, p: Option<i32>) -> bool {
     }
 }
 
+/// Saturating: a clock far from now (a custom or manual one) must not overflow the difference.
 fn elapsed(from: Timestamp, to: Timestamp) -> Duration {
-    Duration::from_micros(u64::try_from(to.as_micros() - from.as_micros()).unwrap_or(0))
+    to.since(from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use dotdo_core::{FencingToken, ObjectId};
+
+    /// Clocks at the ends of time (a custom or manual clock) give a saturated duration, not an
+    /// overflow (a panic in debug builds).
+    #[test]
+    fn elapsed_saturates() {
+        let (min, max) = (Timestamp::from_micros(i64::MIN), Timestamp::from_micros(i64::MAX));
+        assert_eq!(elapsed(min, max), Duration::from_micros(i64::MAX as u64));
+        assert_eq!(elapsed(max, min), Duration::ZERO);
+    }
 
     fn rec(key: &str, seq: u64, op: Op, at: i64) -> ChangeRecord {
         ChangeRecord {

@@ -11,7 +11,12 @@
 //! * a missing or undecodable data / metadata / manifest file → `Corrupt`, naming the file;
 //!   an I/O or decoding error *below* a failed store or catalog connection (a peer closing
 //!   early reads as an unexpected EOF) is the connection breaking, so also `Unavailable`; a REST
-//!   catalog's 429 or 5xx answer → `Unavailable`;
+//!   catalog's (or its OAuth token endpoint's) 408, 429 or 5xx answer other than 501 →
+//!   `Unavailable`;
+//! * the token endpoint refusing the credential (400, 401, 403) or answering no token, or a
+//!   catalog's 200 that does not parse → `Backend`; the endpoint not found (3xx, 404, 405) or a
+//!   `header.*`/`token` property no HTTP header can carry → `InvalidInput`; such errors never
+//!   show a response body or a header's value (they may hold credentials);
 //! * a REST commit whose state the server says is unknown → `AmbiguousOutcome` (read back);
 //! * an iceberg commit conflict → `Conflict`, retryable;
 //! * a missing table or namespace → `NotFound`;
@@ -267,12 +272,12 @@ fn error_model_code(shown: &str) -> Option<u16> {
 }
 
 /// What a status of the REST catalog's OAuth token endpoint means: the server or a proxy is
-/// overloaded or down (transient), the credential was refused (RFC 6749 answers 400 or 401;
+/// overloaded or down (transient; 501, "not implemented", is not), the credential was refused (RFC 6749 answers 400 or 401;
 /// retrying the same one cannot help), the endpoint is not where it was configured, or
 /// something else the endpoint will not do.
 fn token_endpoint_cause(status: Option<u16>) -> Cause {
     match status {
-        Some(408 | 429 | 500..=599) => Cause::StoreUnavailable,
+        Some(408 | 429 | 500 | 502..=599) => Cause::StoreUnavailable,
         Some(400 | 401 | 403) => Cause::StoreDenied,
         Some(300..=399 | 404 | 405) => Cause::Config,
         _ => Cause::StoreRefused,
@@ -286,6 +291,15 @@ fn token_endpoint_cause(status: Option<u16>) -> Cause {
 /// source (a JSON error may quote a value) out. `None` for every other error.
 fn rest_message_without_body(e: &iceberg::Error) -> Option<String> {
     let shown = e.to_string();
+    // A header value (a `header.*` property the server sent in its config overrides) may be a
+    // secret: iceberg-catalog-rest quotes it in its message.
+    if e.message().starts_with("Invalid header value: ") || e.message().starts_with("Invalid header name: ") {
+        let what = if e.message().starts_with("Invalid header value") { "value" } else { "name" };
+        return Some(format!(
+            "{}: the REST catalog's configuration holds an invalid header {what} (not shown)",
+            e.kind()
+        ));
+    }
     let auth = e.message() == "Received unexpected response"
         || (e.message().starts_with("Failed to parse response") && shown.contains("operation: auth"));
     if !auth && !e.message().starts_with("Failed to parse response from rest catalog server") {
@@ -530,6 +544,7 @@ mod tests {
             ("401 Unauthorized", r#"{"error":"invalid_client s3cr3t"}"#, ErrorKind::Backend),
             ("400 Bad Request", r#"{"error":"invalid_grant"}"#, ErrorKind::Backend),
             ("404 Not Found", "<html>no s3cr3t</html>", ErrorKind::InvalidInput),
+            ("501 Not Implemented", "", ErrorKind::Backend),
         ];
         for (code, body, kind) in cases {
             let e = classify(unexpected(code, body), "table ns.t");
@@ -570,6 +585,13 @@ mod tests {
         let token = iceberg::Error::new(iceberg::ErrorKind::DataInvalid, "Invalid token received from catalog server!")
             .with_source(bad);
         assert_eq!(classify(token, "t").kind(), &ErrorKind::Backend);
+        // A header value the server sent in its config overrides, quoted by iceberg.
+        let bad = "a\nb".parse::<http::HeaderValue>().expect_err("not a header value");
+        let header =
+            iceberg::Error::new(iceberg::ErrorKind::DataInvalid, "Invalid header value: s3cr3t\n").with_source(bad);
+        let e = classify(header, "t");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+        assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! false negatives), so answers equal a full scan's. [`QueryStats`] reports each layer honestly:
 //! `files_opened` counts files whose row groups were decoded, `bytes_read` counts bytes actually
 //! fetched from the store for data files (footers and bloom filters included when not cached;
-//! a read of a table state the catalog then reported outdated, and which was discarded, included).
+//! a completed read of a table state the catalog then reported outdated, discarded, included).
 
 use std::collections::HashMap;
 use std::ops::{Bound, Range};
@@ -38,7 +38,7 @@ use object_store::ObjectStore;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
 use parquet::bloom_filter::Sbbf;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader, RowGroupMetaData};
 
 use dotdo_core::accel::{latest_versions, IndexAccelerator, Lookup, QueryStats, Scan, ScanQuery, VersionedValue};
 use dotdo_core::time::Stopwatch;
@@ -272,6 +272,37 @@ fn put_bounded_to<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v:
 pub(crate) fn lists_live_deletes(mf: &ManifestFile) -> bool {
     mf.content != iceberg::spec::ManifestContentType::Data
         && mf.added_files_count.unwrap_or(1).saturating_add(mf.existing_files_count.unwrap_or(1)) > 0
+}
+
+/// Every column chunk and bloom filter the footer of the data file `path` (`file_size` bytes)
+/// points at lies inside the file. parquet asserts that the ranges it reads are not negative,
+/// and object stores' range reads panic on a range past the object's end: a damaged or foreign
+/// footer is `Corrupt` here, naming the file, row group and column, before anything reads by it.
+pub(crate) fn check_footer_ranges(row_groups: &[RowGroupMetaData], file_size: u64, path: &str) -> Result<()> {
+    let inside = |start: i64, len: i64| {
+        u64::try_from(start)
+            .ok()
+            .zip(u64::try_from(len).ok())
+            .and_then(|(s, l)| s.checked_add(l))
+            .is_some_and(|end| end <= file_size)
+    };
+    for (rg, group) in row_groups.iter().enumerate() {
+        for (c, col) in group.columns().iter().enumerate() {
+            let start = col.dictionary_page_offset().unwrap_or(col.data_page_offset());
+            let bloom = col.bloom_filter_offset().map(|o| (o, i64::from(col.bloom_filter_length().unwrap_or(0))));
+            let (what, start, len) = match bloom {
+                Some((o, l)) if !inside(o, l) => ("bloom filter", o, l),
+                _ => ("column chunk", start, col.compressed_size()),
+            };
+            if !inside(start, len) {
+                return Err(Error::corrupt(format!(
+                    "data file {path}: row group {rg}, column {c}: its {what} at {start} ({len} bytes) is not \
+                     inside the file ({file_size} bytes)"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checkpoint files kept decoded (each holds every object's watermark: a table of a million
@@ -650,6 +681,7 @@ impl IcebergColdStore {
             .load_and_finish(fetch, f.size)
             .await
             .map_err(|e| classify_parquet(e, &f.path))?;
+        check_footer_ranges(m.row_groups(), f.size, &f.path)?;
         let m = Arc::new(m);
         let size = m.memory_size();
         self.inner.cache.footers.lock().put(f.cache_key(), m.clone(), size, CACHE_LIMIT, FOOTER_CACHE_BYTES);
@@ -934,6 +966,36 @@ mod tests {
         for i in 0..10u32 {
             c.put(format!("g{i}"), i, 1, 4, 100);
             assert!(c.map.len() <= 4);
+        }
+    }
+
+    /// A footer whose column chunk or bloom filter lies outside the file (negative offsets or
+    /// sizes, or past the end: parquet and object stores panicked on them) is `Corrupt` naming
+    /// the file, row group and column; ranges inside it pass.
+    #[test]
+    fn footer_ranges_outside_the_file_are_corrupt() {
+        use parquet::file::metadata::ColumnChunkMetaData;
+        use parquet::schema::types::SchemaDescriptor;
+        let schema = parquet::schema::parser::parse_message_type("message m { required int64 a; }").expect("schema");
+        let descr = Arc::new(SchemaDescriptor::new(Arc::new(schema)));
+        let group = |start: i64, len: i64, bloom: Option<(i64, i32)>| {
+            let col = ColumnChunkMetaData::builder(descr.column(0))
+                .set_data_page_offset(start)
+                .set_total_compressed_size(len)
+                .set_bloom_filter_offset(bloom.map(|b| b.0))
+                .set_bloom_filter_length(bloom.map(|b| b.1))
+                .build()
+                .expect("column");
+            RowGroupMetaData::builder(descr.clone()).set_num_rows(1).set_column_metadata(vec![col]).build().expect("rg")
+        };
+        let check = |g| check_footer_ranges(&[group(4, 10, None), g], 100, "data/f.parquet");
+        check(group(4, 90, Some((94, 6)))).expect("inside");
+        for (start, len, bloom) in
+            [(-1, 10, None), (4, -10, None), (4, 97, None), (i64::MAX, i64::MAX, None), (4, 10, Some((95, 6)))]
+        {
+            let e = check(group(start, len, bloom)).expect_err("outside");
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+            assert!(e.to_string().contains("data/f.parquet") && e.to_string().contains("row group 1"), "{e}");
         }
     }
 

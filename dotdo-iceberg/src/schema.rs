@@ -111,11 +111,11 @@ pub(crate) fn check_field_ids(md: &iceberg::spec::TableMetadata, what: &str) -> 
         let id = current.field_id_by_name(name);
         for old in md.schemas_iter() {
             if let Some(was) = old.field_id_by_name(name).filter(|was| Some(*was) != id) {
+                let now = id.map_or("is missing now".to_string(), |i| format!("is field {i} now"));
                 return Err(Error::invalid(format!(
-                    "{what} is not (or no longer) a dotdo change table: its column {name:?} is field {} now but \
-                     was field {was} in schema {} (another engine renamed columns into each other; dotdo reads \
-                     data files' columns by name)",
-                    id.map_or("?".to_string(), |i| i.to_string()),
+                    "{what} is not (or no longer) a dotdo change table: its column {name:?} {now} but was field \
+                     {was} in schema {} (another engine renamed columns into each other, or dropped and re-added \
+                     one; Iceberg reads such a column by field id, dotdo reads data files' columns by name)",
                     old.schema_id()
                 )));
             }

@@ -576,7 +576,8 @@ impl ArrowTable {
             })
             .collect();
         let new_schema = iceberg::spec::Schema::builder()
-            .with_schema_id(schema.schema_id() + 1)
+            // iceberg assigns the id again; a damaged maximal id must not overflow here.
+            .with_schema_id(schema.schema_id().saturating_add(1))
             .with_fields(fields)
             .with_identifier_field_ids(schema.identifier_field_ids())
             .build()

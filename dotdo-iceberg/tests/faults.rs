@@ -263,7 +263,7 @@ async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplic
     // 31 commits (30 batches and the third writer's); every lost swap wrote one metadata file more.
     let metadata_files = recorded.puts.lock().iter().filter(|p| p.ends_with(".metadata.json")).count();
     assert!(metadata_files > 31, "no swap was lost: {metadata_files} metadata files written for 31 commits");
-    assert_eq!(a.table().metadata().snapshots().count(), 31, "one snapshot per commit");
+    assert_eq!(a.refresh().await.expect("refresh").metadata().snapshots().count(), 31, "one snapshot per commit");
     for (o, n) in [("only-a", 15u64), ("only-b", 15), ("shared", 15), ("hook", 1)] {
         let o = ObjectId::new(o).expect("id");
         let seqs: Vec<u64> = a.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();

@@ -456,6 +456,7 @@ async fn reads_of_a_table_whose_columns_were_renamed_into_each_other_are_refused
     let refused = |e: dotdo_core::Error, what: &str| {
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{what}: {e}");
         assert!(e.to_string().contains("renamed columns into each other"), "{what}: {e}");
+        assert!(e.to_string().contains("\"seq\" is field 8 now but was field 7"), "{what}: {e}");
     };
     refused(cold.read_changes(&o, 5, AsOf::Latest).await.expect_err("read_changes"), "read_changes");
     refused(cold.load_state(&o, AsOf::Latest).await.expect_err("load_state"), "load_state");

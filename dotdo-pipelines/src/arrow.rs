@@ -320,8 +320,8 @@ impl ArrowPipeline {
                     let last = inner.sink.last_batch(&inner.stream).await?;
                     let id = {
                         let mut next = inner.next_id.lock();
-                        let id = next.map_or(last + 1, |n| n.max(last + 1));
-                        *next = Some(id + 1);
+                        let id = next.map_or(last.saturating_add(1), |n| n.max(last.saturating_add(1)));
+                        *next = Some(id.saturating_add(1));
                         id
                     };
                     let mut b = inner.buf.lock();
@@ -355,7 +355,7 @@ impl ArrowPipeline {
             b.claimed_bytes = b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(batch_bytes).sum();
             drop(b);
             let mut next = inner.next_id.lock();
-            *next = Some(next.map_or(id + 1, |n| n.max(id + 1)));
+            *next = Some(next.map_or(id.saturating_add(1), |n| n.max(id.saturating_add(1))));
         }
         *inner.last_roll.lock() = started;
         inner.rows_committed.fetch_add(written, Ordering::Relaxed);

@@ -385,13 +385,21 @@ impl Pipeline {
                         }
                         let mut seqs = inner.next_seq.lock();
                         for (object, wm) in objects.into_iter().zip(wms) {
-                            seqs.entry((route.clone(), object)).or_insert(wm.through + 1);
+                            seqs.entry((route.clone(), object)).or_insert(wm.through.saturating_add(1));
                         }
                     }
                     let mut seqs = inner.next_seq.lock();
+                    // An object whose sequence numbers ran out stops the claim before its event
+                    // (nothing of it is claimed): the roll fails with `LimitExceeded`, where a
+                    // claimed number above the limit would be refused by the sink on every roll.
+                    let mut exhausted: Option<(ObjectId, u64)> = None;
                     let mut next = |route: &str, object: &ObjectId| -> Option<u64> {
                         let slot = seqs.get_mut(&(route.to_string(), object.clone()))?;
                         let s = *slot;
+                        if s > dotdo_core::MAX_SEQ {
+                            exhausted = Some((object.clone(), s));
+                            return None;
+                        }
                         *slot += 1;
                         Some(s)
                     };
@@ -404,7 +412,22 @@ impl Pipeline {
                     drop(seqs);
                     match c {
                         Ok(Some(c)) => c,
-                        Ok(None) => break,
+                        Ok(None) => match exhausted {
+                            Some((object, seq)) => {
+                                return Err(Error::new(
+                                    dotdo_core::ErrorKind::LimitExceeded {
+                                        what: "sequence number",
+                                        limit: dotdo_core::MAX_SEQ,
+                                        actual: seq,
+                                    },
+                                    format!(
+                                        "object {object} has used every sequence number its sink allows; \
+                                         its events stay in the log"
+                                    ),
+                                ));
+                            }
+                            None => break,
+                        },
                         Err(e) => {
                             // The claim did not happen: forget the advanced counters.
                             inner.next_seq.lock().clear();
@@ -435,8 +458,8 @@ impl Pipeline {
                 report.replayed += commit.records_skipped;
                 for (object, wm) in &commit.watermarks {
                     let mut seqs = inner.next_seq.lock();
-                    let slot = seqs.entry((route.clone(), object.clone())).or_insert(wm.through + 1);
-                    *slot = (*slot).max(wm.through + 1);
+                    let slot = seqs.entry((route.clone(), object.clone())).or_insert(wm.through.saturating_add(1));
+                    *slot = (*slot).max(wm.through.saturating_add(1));
                 }
             }
             inner.log.ack(claimed.id)?;

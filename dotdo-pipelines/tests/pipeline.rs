@@ -699,3 +699,48 @@ async fn rolls_stay_due_when_the_wall_clock_is_set_back() {
     manual.advance(Duration::from_millis(300));
     assert!(p.roll_due(), "due one interval after the last roll, whatever the wall clock says");
 }
+
+/// A sink whose watermark of object "full" is at `MAX_SEQ` (its sequence numbers are used up).
+#[derive(Debug)]
+struct Exhausted {
+    inner: MemoryColdStore,
+}
+
+#[async_trait]
+impl ColdSink for Exhausted {
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        self.inner.append(batch).await
+    }
+    async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+        if object.as_str() == "full" {
+            return Ok(Watermark { through: MAX_SEQ, token: FencingToken::new(1) });
+        }
+        self.inner.watermark(object).await
+    }
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.inner.snapshots().await
+    }
+    async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+        self.inner.load_state(object, as_of).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+        self.inner.read_changes(object, after, as_of).await
+    }
+}
+
+/// An object whose sequence numbers are used up stops the roll with `LimitExceeded` before its
+/// event is claimed (a claimed number above `MAX_SEQ` was refused by the sink on every roll,
+/// as `InvalidInput`); the events ahead of it are committed.
+#[tokio::test]
+async fn an_object_out_of_sequence_numbers_is_limit_exceeded() {
+    let sink = Arc::new(Exhausted { inner: MemoryColdStore::new() });
+    let p = Pipeline::builder(sink.clone()).build().expect("build");
+    p.send(vec![ev("ok", "a", "1"), ev("full", "b", "2")]).expect("send");
+    let e = p.roll().await.expect_err("no sequence number left for `full`");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(e.to_string().contains("full"), "{e}");
+    let ok = sink.inner.read_changes(&ObjectId::new("ok").expect("id"), 0, AsOf::Latest).await.expect("read");
+    assert_eq!(ok.len(), 1, "the event ahead of it was committed");
+    let e = p.roll().await.expect_err("still none");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+}

@@ -102,10 +102,11 @@ pub struct RuntimeSettings {
     /// object (one acquire each, a failed one for those another runtime holds): turn it off
     /// there, or set a ring, and make sure some runtime drains released objects.
     pub drain_released: bool,
-    /// Most bytes (keys, values and 64 per entry) of cold values a lazily restored object keeps
-    /// cached when they come from the accelerator one key at a time; past it the cache starts
-    /// over (preloaded keys included: they are read again if asked for). Without an
-    /// accelerator the whole state is read and kept, whatever its size. Default 64 MiB.
+    /// Most bytes (keys, values and 64 per entry), per object, of cold values a lazily restored
+    /// object keeps cached when they come from the accelerator one key at a time; past it those
+    /// entries are dropped (and read again if asked for); keys preloaded by `Hybrid` or
+    /// `prefetch` stay. Without an accelerator the whole state is read and kept, whatever its
+    /// size. Default 64 MiB.
     pub lazy_cache_bytes: usize,
 }
 
@@ -970,7 +971,16 @@ impl ObjectRuntime {
                         tracing::warn!(object = %object, error = %e, "dotdo: lazy restore not completed");
                         // A restore of unknown outcome is simply done again (it is idempotent
                         // under the lease): nothing for the caller to settle.
-                        first_err.get_or_insert(before_the_call(e, "completing the object's lazy restore"));
+                        let e = if e.kind() == &ErrorKind::AmbiguousOutcome {
+                            Error::unavailable(format!(
+                                "{object}: completing its lazy restore had an unknown outcome; it is done again \
+                                 on the next try (nothing else was written)"
+                            ))
+                            .with_source(e)
+                        } else {
+                            e
+                        };
+                        first_err.get_or_insert(e);
                     }
                 }
             }
@@ -2061,7 +2071,6 @@ fn newer_holder(records: &[ChangeRecord], token: FencingToken) -> Option<Fencing
     records.iter().map(|r| r.token).find(|t| *t > token)
 }
 
-/// Drain one object's change log to cold storage and truncate it.
 /// `Corrupt` if cold storage no longer holds every change the hot store has of `object` (it
 /// truncated them once cold acknowledged them): the cold store lost data, or this runtime uses
 /// another table than the one that acknowledged them. Evicting then would drop the only copy.
@@ -2084,6 +2093,7 @@ async fn cold_holds_hot_changes(inner: &Arc<Inner>, object: &ObjectId) -> Result
     Ok(())
 }
 
+/// Drain one object's change log to cold storage and truncate it.
 async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Result<FlushReport> {
     let mut report = FlushReport::default();
     loop {

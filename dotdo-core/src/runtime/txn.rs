@@ -23,7 +23,7 @@ pub(crate) struct LazyState {
     /// Every key of the state at `snapshot` is in `cache` (loaded whole, as it is without an
     /// accelerator): a key missing there is absent, with no need to ask cold storage.
     pub(crate) complete: bool,
-    /// What `cache` holds, as [`LazyState::entry_bytes`] counts it.
+    /// What `cache` holds of keys not preloaded, as [`LazyState::entry_bytes`] counts it.
     pub(crate) cache_bytes: usize,
     /// Cold storage moved past `through` (found when the snapshot had to be re-pinned): this
     /// activation's reads and restore can never complete, the next call activates afresh.
@@ -49,17 +49,23 @@ impl LazyState {
     }
 
     /// Cache `key`'s value as read at the snapshot. A cache that does not hold the whole state
-    /// is bounded by `budget` bytes: past it, it starts over with this entry alone (the others
+    /// is bounded by `budget` bytes: past it, the entries read one at a time are dropped (they
     /// are read from cold storage again if asked for, at the same snapshot, so answers do not
-    /// change). A read-only object probed with ever new keys used to grow it without end.
+    /// change); preloaded keys, which the caller named, stay. A read-only object probed with
+    /// ever new keys used to grow it without end.
     pub(crate) fn remember(&mut self, key: String, value: Option<Bytes>, budget: usize) {
-        let add = Self::entry_bytes(&key, &value);
-        if !self.complete && self.cache_bytes.saturating_add(add) > budget {
-            self.cache.clear();
+        // Preloaded keys are not counted against the budget (nor dropped).
+        let counted = !self.preloaded.contains_key(&key);
+        let add = if counted { Self::entry_bytes(&key, &value) } else { 0 };
+        if !self.complete && counted && self.cache_bytes.saturating_add(add) > budget {
+            let preloaded = &self.preloaded;
+            self.cache.retain(|k, _| preloaded.contains_key(k));
             self.cache_bytes = 0;
         }
         if let Some(old) = self.cache.insert(key.clone(), value) {
-            self.cache_bytes -= Self::entry_bytes(&key, &old);
+            if counted {
+                self.cache_bytes = self.cache_bytes.saturating_sub(Self::entry_bytes(&key, &old));
+            }
         }
         self.cache_bytes += add;
     }
