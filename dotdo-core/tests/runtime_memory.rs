@@ -225,6 +225,29 @@ async fn a_read_only_call_whose_lease_ran_out_is_refused_not_answered() {
     assert_eq!(get(&rt, &o, "n").await.expect("read again").as_deref(), Some(&b"2"[..]));
 }
 
+/// Invalid keys to preload are refused up front: `Hybrid` keys when the runtime is built (each
+/// activation failed with an accelerator; without one the key was silently ignored), a
+/// prefetch's keys before it activates anything.
+#[tokio::test]
+async fn invalid_preload_keys_are_refused_up_front() {
+    let w = World::new();
+    let restore = RestoreMode::Hybrid { keys: vec!["ok".into(), String::new()], prefixes: Vec::new() };
+    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_settings(RuntimeSettings { restore, ..settings() })
+        .build()
+        .expect_err("an empty key");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("Hybrid"), "{e}");
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    let e = rt.prefetch(&o, &["bad\u{0}key".into()], &[]).await.expect_err("a NUL in a key");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert_eq!(rt.metrics().activations, 0, "nothing was activated");
+}
+
 /// When the runtime's clock ran past the lease but the guard's has not, the refused read-only
 /// call still gives the lease back: neither this node nor another waits out the TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -955,8 +955,12 @@ impl ConsistencyGuard for SqliteStore {
             inner.write_tx("refresh lease", |tx| {
                 let now = inner.clock.now();
                 let expires = now.plus(ttl);
-                let updated = tx
-                    .prepare_cached(
+                // A token no guard issues (SQLite integers stop at i64::MAX) is no current lease.
+                let issuable = lease.token <= FencingToken::MAX;
+                let updated = if !issuable {
+                    0
+                } else {
+                    tx.prepare_cached(
                         "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 \
                          AND node_id = ?3 AND expires_at > ?5",
                     )?
@@ -966,7 +970,8 @@ impl ConsistencyGuard for SqliteStore {
                         lease.holder.as_str(),
                         expires.as_micros(),
                         now.as_micros()
-                    ])?;
+                    ])?
+                };
                 if updated == 1 {
                     return Ok(Lease { expires_at: expires, ..lease.clone() });
                 }
@@ -979,6 +984,9 @@ impl ConsistencyGuard for SqliteStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
+        if lease.token > FencingToken::MAX {
+            return Ok(()); // never issued: nothing to release
+        }
         let lease = lease.clone();
         self.run(move |inner| {
             inner.write_tx("release lease", |tx| {

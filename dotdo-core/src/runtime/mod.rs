@@ -268,6 +268,13 @@ impl ObjectRuntimeBuilder {
             return Err(Error::invalid("flush_batch_records must be at least 1"));
         }
         crate::ids::validate_type_name(&self.settings.type_name)?;
+        if let RestoreMode::Hybrid { keys, .. } = &self.settings.restore {
+            // Checked once here, not at every activation (with an accelerator each one failed;
+            // without, a bad key was silently ignored).
+            for k in keys {
+                crate::ids::validate_key(k).map_err(|e| e.context("RestoreMode::Hybrid keys"))?;
+            }
+        }
         if let Some(idle) = self.settings.evict_idle_after {
             if idle > self.settings.keep_warm {
                 return Err(Error::invalid(format!(
@@ -930,6 +937,9 @@ impl ObjectRuntime {
     /// state per the restore mode, preload `keys` and `prefixes` into the lazy cache).
     /// `Shutdown` once [`shutdown`](Self::shutdown) has begun.
     pub async fn prefetch(&self, object: &ObjectId, keys: &[String], prefixes: &[String]) -> Result<()> {
+        for k in keys {
+            crate::ids::validate_key(k)?;
+        }
         let _guard = self.enter()?;
         let slot = self.slot(object);
         let out = self.prefetch_in(object, keys, prefixes, &slot).await;

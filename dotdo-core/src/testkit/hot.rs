@@ -867,6 +867,16 @@ pub async fn validate_reports_current_fenced_and_lost(f: &HotFactory) {
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
     let e = fx.guard.refresh(&forged, TTL).await.expect_err("forged holder");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    // A token no guard ever issues (above `FencingToken::MAX`, as a hand-built lease may carry):
+    // not the current lease either, and nothing to release.
+    for token in [FencingToken::new(FencingToken::MAX.get() + 1), FencingToken::new(u64::MAX)] {
+        let never = Lease { token, ..n.clone() };
+        let e = fx.guard.validate(&never).await.expect_err("never issued");
+        assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{token}: {e}");
+        let e = fx.guard.refresh(&never, TTL).await.expect_err("never issued");
+        assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{token}: {e}");
+        fx.guard.release(&never).await.expect("nothing to release");
+    }
     assert_eq!(fx.guard.current(&n.object).await.expect("current"), Some(n.clone()), "unchanged");
 }
 
