@@ -74,6 +74,16 @@ impl World {
             .expect("build runtime")
     }
 
+    /// The same clock and hot store over a brand-new (empty) cold store: a cold store that lost
+    /// what it acknowledged, or another table.
+    fn over_new_cold(&self) -> World {
+        World {
+            clock: self.clock.clone(),
+            hot: self.hot.clone(),
+            cold: MemoryColdStore::with_clock(Arc::new(self.clock.clone())),
+        }
+    }
+
     /// A runtime "a" whose cold sink is a [`FlakyCold`] over the world's cold store.
     fn flaky_cold_runtime(&self, settings: RuntimeSettings) -> (Arc<FlakyCold>, ObjectRuntime) {
         let cold = Arc::new(FlakyCold::new(self.cold.clone()));
@@ -582,12 +592,7 @@ async fn an_evicted_object_whose_cold_lost_its_changes_is_corrupt_not_empty() {
     populate(&rt, &o, 5).await;
     rt.evict(&o).await.expect("evict");
     rt.shutdown().await.expect("shutdown");
-    // The same hot store over a brand-new (empty) cold store.
-    let w2 = World {
-        clock: w.clock.clone(),
-        hot: w.hot.clone(),
-        cold: MemoryColdStore::with_clock(Arc::new(w.clock.clone())),
-    };
+    let w2 = w.over_new_cold();
     let rt2 = w2.runtime("b", settings());
     let err = get(&rt2, &o, "key/0000").await.expect_err("not served empty");
     assert!(matches!(err.kind(), ErrorKind::Corrupt), "{err}");
@@ -608,11 +613,7 @@ async fn an_object_whose_cold_lost_its_changes_is_not_evicted() {
     populate(&rt, &o, 5).await;
     rt.flush(&o).await.expect("flush");
     rt.shutdown().await.expect("shutdown");
-    let w2 = World {
-        clock: w.clock.clone(),
-        hot: w.hot.clone(),
-        cold: MemoryColdStore::with_clock(Arc::new(w.clock.clone())),
-    };
+    let w2 = w.over_new_cold();
     let rt2 = w2.runtime("b", settings());
     let err = rt2.evict(&o).await.expect_err("the only copy is kept");
     assert!(matches!(err.kind(), ErrorKind::Corrupt), "{err}");
