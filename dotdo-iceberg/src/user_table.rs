@@ -53,6 +53,37 @@ pub struct ArrowTable {
     iceberg_arrow: SchemaRef,
 }
 
+/// `data` with the type `to`, which equals its own but for nested fields' names and metadata (a
+/// user's `List(Field("item", …))` is Iceberg's `List(Field("element", …))` with a field id):
+/// the buffers are the same, only the type is relabelled, children included. Arrow compares
+/// types strictly when a batch is built, so without this no nested column could be appended.
+fn relabel(
+    data: arrow_data::ArrayData,
+    to: &arrow_schema::DataType,
+) -> std::result::Result<arrow_data::ArrayData, arrow_schema::ArrowError> {
+    use arrow_schema::DataType as T;
+    if data.data_type() == to {
+        return Ok(data);
+    }
+    let child_types: Vec<&T> = match to {
+        T::List(f) | T::LargeList(f) | T::FixedSizeList(f, _) | T::Map(f, _) | T::ListView(f) | T::LargeListView(f) => {
+            vec![f.data_type()]
+        }
+        T::Struct(fields) => fields.iter().map(|f| f.data_type()).collect(),
+        _ => Vec::new(),
+    };
+    let children = if child_types.len() == data.child_data().len() {
+        data.child_data()
+            .iter()
+            .zip(child_types)
+            .map(|(c, t)| relabel(c.clone(), t))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+    } else {
+        data.child_data().to_vec()
+    };
+    data.into_builder().data_type(to.clone()).child_data(children).build()
+}
+
 fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
     a.fields().len() == b.fields().len()
         && a.fields().iter().zip(b.fields()).all(|(x, y)| {
@@ -366,10 +397,15 @@ impl ArrowTable {
                 })?;
                 &conformed
             };
-            rebatched.push(
-                RecordBatch::try_new(self.iceberg_arrow.clone(), b.columns().to_vec())
-                    .map_err(|e| Error::invalid("re-labelling a batch with the table schema").with_source(e))?,
-            );
+            let relabelled = b
+                .columns()
+                .iter()
+                .zip(self.iceberg_arrow.fields())
+                .map(|(c, f)| relabel(c.to_data(), f.data_type()).map(arrow_array::make_array))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .and_then(|columns| RecordBatch::try_new(self.iceberg_arrow.clone(), columns))
+                .map_err(|e| Error::invalid("re-labelling a batch with the table schema").with_source(e))?;
+            rebatched.push(relabelled);
         }
         let rows: u64 = rebatched.iter().map(|b| b.num_rows() as u64).sum();
         let what = format!("appending batch {batch_id} of stream {stream} to {}", self.ident);
