@@ -91,9 +91,22 @@ fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
         })
 }
 
+/// Whether a column of type `from` may be written as `to` by widening it, as Iceberg's type
+/// promotions allow (`widen_column`): int to long, float to double, a decimal to a larger
+/// precision of the same scale.
+fn widens(from: &arrow_schema::DataType, to: &arrow_schema::DataType) -> bool {
+    use arrow_schema::DataType as T;
+    match (from, to) {
+        (T::Int32, T::Int64) | (T::Float32, T::Float64) => true,
+        (T::Decimal128(p0, s0), T::Decimal128(p1, s1)) => s0 == s1 && p0 <= p1,
+        _ => false,
+    }
+}
+
 /// `batch` in the shape of `target`, columns matched by name: a column the batch lacks is all
-/// nulls if `target` allows it (a column added since the batch was made); `None` if the batch
-/// has a column `target` lacks, a column of another type, or lacks a required one.
+/// nulls if `target` allows it (a column added since the batch was made), a column of a type
+/// `target` widened is cast (a batch made before `widen_column`); `None` if the batch has a
+/// column `target` lacks, a column of another type, or lacks a required one.
 fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
     let schema = batch.schema_ref();
     if schema.fields().iter().any(|f| target.field_with_name(f.name()).is_err()) {
@@ -103,12 +116,18 @@ fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
     for field in target.fields() {
         match schema.index_of(field.name()) {
             Ok(i) => {
-                let column = batch.column(i);
+                let mut column = batch.column(i).clone();
                 let nulls_ok = field.is_nullable() || column.null_count() == 0;
-                if !column.data_type().equals_datatype(field.data_type()) || !nulls_ok {
+                if !nulls_ok {
                     return None;
                 }
-                columns.push(column.clone());
+                if !column.data_type().equals_datatype(field.data_type()) {
+                    if !widens(column.data_type(), field.data_type()) {
+                        return None;
+                    }
+                    column = arrow_cast::cast(&column, field.data_type()).ok()?;
+                }
+                columns.push(column);
             }
             Err(_) if field.is_nullable() => {
                 columns.push(arrow_array::new_null_array(field.data_type(), batch.num_rows()))
@@ -661,7 +680,14 @@ impl ArrowTable {
     /// protocol and catalog requirement as [`IcebergColdStore::compact`].
     pub async fn compact(&self, options: crate::CompactOptions) -> Result<crate::RewriteReport> {
         let table = self.load().await?;
-        self.store.compact_user_table(table, self.iceberg_arrow.clone(), options).await
+        // The table's schema now, not this handle's: another handle may have added or widened
+        // a column since this one was opened (the scan reads through the current schema).
+        let what = format!("compacting {}", self.ident);
+        let current = Arc::new(
+            iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
+                .map_err(|e| classify(e, &what))?,
+        );
+        self.store.compact_user_table(table, current, options).await
     }
 
     /// Every row of the table at its current snapshot (for tests and small tables).
