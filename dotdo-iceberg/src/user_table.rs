@@ -112,6 +112,11 @@ fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
     if schema.fields().iter().any(|f| target.field_with_name(f.name()).is_err()) {
         return None;
     }
+    // A name the batch uses twice: which column is meant cannot be known (one would be dropped).
+    let mut names = std::collections::HashSet::new();
+    if !schema.fields().iter().all(|f| names.insert(f.name().as_str())) {
+        return None;
+    }
     let mut columns = Vec::with_capacity(target.fields().len());
     for field in target.fields() {
         match schema.index_of(field.name()) {
@@ -150,6 +155,15 @@ impl IcebergColdStore {
             .map_err(|e| Error::invalid(format!("table namespace {namespace:?}: {e}")))?;
         let ident = TableIdent::new(ns.clone(), name.to_string());
         let what = format!("table {ident}");
+        // A batch of no columns has no row count to append, and a name used twice would have its
+        // second column dropped when batches are matched to the table by name.
+        if schema.fields().is_empty() {
+            return Err(Error::invalid(format!("{what}: the schema has no columns")));
+        }
+        let mut names = std::collections::HashSet::new();
+        if let Some(dup) = schema.fields().iter().find(|f| !names.insert(f.name().as_str())) {
+            return Err(Error::invalid(format!("{what}: the schema names column {:?} twice", dup.name())));
+        }
         let ischema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&schema)
             .map_err(|e| Error::invalid(format!("{what}: the schema has no Iceberg form: {e}")))?;
         let back = iceberg::arrow::schema_to_arrow_schema(&ischema)

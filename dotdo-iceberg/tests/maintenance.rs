@@ -1656,3 +1656,29 @@ async fn user_tables_with_nested_columns_take_appends() {
     let n = detail.column(0).as_any().downcast_ref::<Int64Array>().expect("n");
     assert_eq!((n.value(0), n.is_null(1)), (1, true));
 }
+
+/// A user table of no columns, or one naming a column twice, is refused when opened
+/// (`InvalidInput`): the first could take no append, and matching batches by name would drop
+/// the second's column; a batch naming a column twice is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_tables_without_columns_or_with_a_name_twice_are_refused() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let e = cold.arrow_table(&["m"], "none", Arc::new(Schema::empty())).await.expect_err("no columns");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    let twice =
+        Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true), Field::new("a", DataType::Int64, true)]));
+    let e = cold.arrow_table(&["m"], "twice", twice.clone()).await.expect_err("a name twice");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    let schema =
+        Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true), Field::new("b", DataType::Int64, true)]));
+    let t = cold.arrow_table(&["m"], "ok", schema).await.expect("table");
+    let batch =
+        RecordBatch::try_new(twice, vec![Arc::new(Int64Array::from(vec![1])), Arc::new(Int64Array::from(vec![2]))])
+            .expect("batch");
+    let e = t.append("s", 1, vec![batch]).await.expect_err("a batch naming a column twice");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(t.read_all().await.expect("read").is_empty(), "nothing written");
+}
