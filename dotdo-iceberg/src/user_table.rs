@@ -532,7 +532,10 @@ impl ArrowTable {
                     match e.kind() {
                         ErrorKind::Conflict => {}
                         // Refused for what it is: no attempt fixes that.
-                        ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. } => return Err(e),
+                        ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. } => {
+                            self.discard_files(files.take(), maybe_landed).await;
+                            return Err(e);
+                        }
                         // Any other failure (an unexpected answer, a broken connection) may
                         // hide a commit that landed: the next attempt reads the mark back.
                         _ => maybe_landed = true,
@@ -549,7 +552,17 @@ impl ArrowTable {
                 }
             }
         }
+        self.discard_files(files.take(), maybe_landed).await;
         Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))
+    }
+
+    /// Delete the data files an append wrote for commits that all failed for certain (no attempt
+    /// may have landed): nothing references them, and cleanup does not look at user tables.
+    /// After an unknown outcome they may be committed, so they stay.
+    async fn discard_files(&self, files: Option<((i32, i32), Vec<iceberg::spec::DataFile>)>, maybe_landed: bool) {
+        if let (false, Some((_, files))) = (maybe_landed, files) {
+            self.store.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
+        }
     }
 
     /// Add an optional (nullable) top-level column `name` of `data_type` through iceberg's

@@ -681,6 +681,51 @@ async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
     assert_eq!(acked, 60, "every batch reported its own snapshot");
 }
 
+/// A user-table append whose every attempt lost its race (another writer committed between its
+/// files and its swap) deletes the data files it wrote: nothing references them, and cleanup
+/// does not look at user tables (they were left for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_append_that_failed_for_certain_leaves_no_data_files() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(recorded.clone())
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+    let rows = |id: i32| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![id]))]).expect("b");
+    // The other writer is another store on the same catalog and warehouse.
+    let other = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .build()
+        .await
+        .expect("open")
+        .arrow_table(&["u"], "events", schema.clone())
+        .await
+        .expect("table");
+    let first = rows(1);
+    *recorded.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".into(),
+        Box::pin(async move {
+            other.append("other", 1, vec![first]).await.expect("the other stream commits first");
+        }),
+    ));
+    recorded.puts.lock().clear();
+    let e = user.append("s", 1, vec![rows(2)]).await.expect_err("its only attempt lost the race");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    let written: Vec<String> = recorded.puts.lock().iter().filter(|p| p.ends_with(".parquet")).cloned().collect();
+    assert_eq!(written.len(), 1, "this append wrote one data file: {written:?}");
+    let data = common::files_ending_with(dir.path(), ".parquet");
+    assert_eq!(data.len(), 1, "only the committed append's file is left: {data:?}");
+    assert_eq!(user.last_batch("other").await.expect("mark"), 1);
+    assert_eq!(user.last_batch("s").await.expect("mark"), 0);
+}
+
 /// A user-table append whose commit landed but whose reply was lost reads its own stream mark
 /// back on the next attempt: it reports its rows and its snapshot, not "a replay, 0 rows"
 /// (a pipeline counting rows committed would lose them from its count).
