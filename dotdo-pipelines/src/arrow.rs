@@ -177,7 +177,7 @@ impl ArrowPipeline {
             Durability::Memory => (None, None),
             Durability::Durable(path) => {
                 let lock = crate::log::lock_log(path, "arrow")?;
-                (Some(Mutex::new(Self::open_log(path, &mut buf)?)), Some(lock))
+                (Some(Mutex::new(Self::open_log(path, stream, &mut buf)?)), Some(lock))
             }
         };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
@@ -202,14 +202,30 @@ impl ArrowPipeline {
         })
     }
 
-    fn open_log(path: &Path, buf: &mut Buf) -> Result<Connection> {
+    fn open_log(path: &Path, stream: &str, buf: &mut Buf) -> Result<Connection> {
         let doing = format!("opening {}", path.display());
         let c = Connection::open(path).map_err(|e| sql(e, &doing))?;
         c.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
-             CREATE TABLE IF NOT EXISTS arrow_log (id INTEGER PRIMARY KEY, ipc BLOB NOT NULL, batch INTEGER);",
+             CREATE TABLE IF NOT EXISTS arrow_log (id INTEGER PRIMARY KEY, ipc BLOB NOT NULL, batch INTEGER);
+             CREATE TABLE IF NOT EXISTS arrow_log_meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);",
         )
         .map_err(|e| sql(e, &doing))?;
+        // The log's claimed batch ids are the stream's: opened for another stream, a claim that
+        // landed would be committed again under that stream's marks, or one that did not would
+        // be dropped as a replay. The first stream to open a log owns it.
+        c.execute("INSERT OR IGNORE INTO arrow_log_meta (k, v) VALUES ('stream', ?1)", [stream])
+            .map_err(|e| sql(e, &doing))?;
+        let owner: String = c
+            .query_row("SELECT v FROM arrow_log_meta WHERE k = 'stream'", [], |r| r.get(0))
+            .map_err(|e| sql(e, &doing))?;
+        if owner != stream {
+            return Err(Error::invalid(format!(
+                "{}: this durable log belongs to stream {owner:?}, not {stream:?} (its claimed batch ids are that \
+                 stream's); give each stream its own log",
+                path.display()
+            )));
+        }
         let rows: Vec<(Vec<u8>, Option<u64>)> = c
             .prepare("SELECT ipc, batch FROM arrow_log ORDER BY id")
             .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())

@@ -173,6 +173,24 @@ async fn durable_log_recommits_a_claimed_batch_after_reopen() {
     assert_eq!(other.expect_err("bad stream name").kind(), &ErrorKind::InvalidInput);
 }
 
+/// A durable log belongs to the stream that first opened it: opened for another stream, its
+/// claimed batch id would be judged against that stream's marks (committed a second time, or
+/// dropped as a replay). Refused (`InvalidInput`), nothing committed; the owner reopens it and
+/// commits every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_log_is_refused_to_another_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let settings = die_with_a_claimed_and_a_pending_batch(dir.path(), &t, 10, 5).await;
+    let e = ArrowPipeline::open("refunds", Arc::new(t.clone()), settings.clone()).expect_err("another stream's log");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("orders"), "names the owner: {e}");
+    assert!(ids(&t).await.is_empty(), "nothing committed");
+    let p = ArrowPipeline::open("orders", Arc::new(t.clone()), settings).expect("the owner reopens it");
+    assert_eq!(p.close().await.expect("close rolls"), 15);
+    assert_eq!(ids(&t).await, (0..15).collect::<Vec<_>>());
+}
+
 /// A column added to the table while batches wait in a durable log (and another handle still
 /// has the old schema): the logged batches are committed with nulls in the new column instead of
 /// being refused forever; new batches carry it; the old handle's appends get nulls too.
