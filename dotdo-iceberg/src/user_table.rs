@@ -619,60 +619,82 @@ impl ArrowTable {
         use iceberg::spec::{PrimitiveType as P, Type};
         let what = format!("widening column {name} of {}", self.ident);
         let new_ty = round_trip_type(&data_type, &what)?;
-        let table = self.load().await?;
-        let md = table.metadata();
-        let schema = md.current_schema();
-        let field = schema
-            .as_struct()
-            .fields()
-            .iter()
-            .find(|f| f.name == name)
-            .ok_or_else(|| Error::invalid(format!("{what}: no top-level column {name}")))?;
-        let allowed = match (field.field_type.as_ref(), &new_ty) {
-            (Type::Primitive(P::Int), Type::Primitive(P::Long)) => true,
-            (Type::Primitive(P::Float), Type::Primitive(P::Double)) => true,
-            (
-                Type::Primitive(P::Decimal { precision: p0, scale: s0 }),
-                Type::Primitive(P::Decimal { precision: p1, scale: s1 }),
-            ) => s0 == s1 && p1 >= p0,
-            _ => false,
-        };
-        if !allowed {
-            return Err(Error::invalid(format!(
-                "{what}: {} to {new_ty} is not an allowed promotion (int->long, float->double, decimal precision)",
-                field.field_type
-            )));
-        }
-        let fields: Vec<iceberg::spec::NestedFieldRef> = schema
-            .as_struct()
-            .fields()
-            .iter()
-            .map(|f| {
-                if f.name == name {
-                    let mut g = f.as_ref().clone();
-                    g.field_type = Box::new(new_ty.clone());
-                    Arc::new(g)
-                } else {
-                    f.clone()
+        // A commit that lands first (an append) makes this one a conflict: reload and widen the
+        // new version. A widening this handle does not know of yet (an earlier attempt whose
+        // reply was lost, another handle's) is done: the handle is reopened.
+        let attempts = self.store.inner.settings.max_commit_attempts.max(1);
+        let mut last_err = None;
+        for _ in 0..attempts {
+            let table = self.load().await?;
+            let md = table.metadata();
+            let schema = md.current_schema();
+            let field = schema
+                .as_struct()
+                .fields()
+                .iter()
+                .find(|f| f.name == name)
+                .ok_or_else(|| Error::invalid(format!("{what}: no top-level column {name}")))?;
+            let known = self.user.field_with_name(name).map(|f| f.data_type() == &data_type).unwrap_or(false);
+            if *field.field_type == new_ty && !known {
+                last_err = None;
+                break;
+            }
+            let allowed = match (field.field_type.as_ref(), &new_ty) {
+                (Type::Primitive(P::Int), Type::Primitive(P::Long)) => true,
+                (Type::Primitive(P::Float), Type::Primitive(P::Double)) => true,
+                (
+                    Type::Primitive(P::Decimal { precision: p0, scale: s0 }),
+                    Type::Primitive(P::Decimal { precision: p1, scale: s1 }),
+                ) => s0 == s1 && p1 >= p0,
+                _ => false,
+            };
+            if !allowed {
+                return Err(Error::invalid(format!(
+                    "{what}: {} to {new_ty} is not an allowed promotion (int->long, float->double, decimal precision)",
+                    field.field_type
+                )));
+            }
+            let fields: Vec<iceberg::spec::NestedFieldRef> = schema
+                .as_struct()
+                .fields()
+                .iter()
+                .map(|f| {
+                    if f.name == name {
+                        let mut g = f.as_ref().clone();
+                        g.field_type = Box::new(new_ty.clone());
+                        Arc::new(g)
+                    } else {
+                        f.clone()
+                    }
+                })
+                .collect();
+            let new_schema = iceberg::spec::Schema::builder()
+                // iceberg assigns the id again; a damaged maximal id must not overflow here.
+                .with_schema_id(schema.schema_id().saturating_add(1))
+                .with_fields(fields)
+                .with_identifier_field_ids(schema.identifier_field_ids())
+                .build()
+                .map_err(|e| classify(e, &what).with_retryable(false))?;
+            let updates = vec![
+                iceberg::TableUpdate::AddSchema { schema: new_schema },
+                iceberg::TableUpdate::SetCurrentSchema { schema_id: -1 },
+            ];
+            let requirements = vec![
+                iceberg::TableRequirement::UuidMatch { uuid: md.uuid() },
+                iceberg::TableRequirement::CurrentSchemaIdMatch { current_schema_id: md.current_schema_id() },
+            ];
+            match self.store.commit_updates(&table, updates, requirements, &what).await {
+                Ok(_) => {
+                    last_err = None;
+                    break;
                 }
-            })
-            .collect();
-        let new_schema = iceberg::spec::Schema::builder()
-            // iceberg assigns the id again; a damaged maximal id must not overflow here.
-            .with_schema_id(schema.schema_id().saturating_add(1))
-            .with_fields(fields)
-            .with_identifier_field_ids(schema.identifier_field_ids())
-            .build()
-            .map_err(|e| classify(e, &what).with_retryable(false))?;
-        let updates = vec![
-            iceberg::TableUpdate::AddSchema { schema: new_schema },
-            iceberg::TableUpdate::SetCurrentSchema { schema_id: -1 },
-        ];
-        let requirements = vec![
-            iceberg::TableRequirement::UuidMatch { uuid: md.uuid() },
-            iceberg::TableRequirement::CurrentSchemaIdMatch { current_schema_id: md.current_schema_id() },
-        ];
-        self.store.commit_updates(&table, updates, requirements, &what).await?;
+                Err(e) if e.kind() == &ErrorKind::Conflict => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(e) = last_err {
+            return Err(e);
+        }
         let fields: Vec<arrow_schema::FieldRef> = self
             .user
             .fields()
