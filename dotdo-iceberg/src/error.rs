@@ -228,7 +228,7 @@ fn iceberg_cause(e: &iceberg::Error) -> Cause {
     }
     if e.kind() == K::DataInvalid {
         // A `header.*` property that is no HTTP header (caught at open, see `catalog::open`).
-        if e.message().starts_with("Invalid header name: ") || e.message().starts_with("Invalid header value: ") {
+        if quoted_header(e).is_some() {
             return Cause::Config;
         }
         // The token endpoint issued a token that cannot be sent in a header.
@@ -284,25 +284,36 @@ fn token_endpoint_cause(status: Option<u16>) -> Cause {
     }
 }
 
+/// Whether iceberg-catalog-rest refused a header it quotes in its message ("Invalid header
+/// value: …"): `"name"` or `"value"`.
+fn quoted_header(e: &iceberg::Error) -> Option<&'static str> {
+    if e.message().starts_with("Invalid header value: ") {
+        Some("value")
+    } else if e.message().starts_with("Invalid header name: ") {
+        Some("name")
+    } else {
+        None
+    }
+}
+
 /// The message of a REST catalog error whose context holds a response body that may carry
 /// secrets: an answer iceberg-catalog-rest could not parse (a token endpoint's 200 may hold an
 /// access token, a table's load result vended storage credentials) or any answer of the OAuth
 /// token endpoint. It keeps the error's kind, message and status, and leaves the body and the
 /// source (a JSON error may quote a value) out. `None` for every other error.
 fn rest_message_without_body(e: &iceberg::Error) -> Option<String> {
-    let shown = e.to_string();
     // A header value (a `header.*` property the server sent in its config overrides) may be a
     // secret: iceberg-catalog-rest quotes it in its message.
-    if e.message().starts_with("Invalid header value: ") || e.message().starts_with("Invalid header name: ") {
-        let what = if e.message().starts_with("Invalid header value") { "value" } else { "name" };
+    if let Some(what) = quoted_header(e) {
         return Some(format!(
             "{}: the REST catalog's configuration holds an invalid header {what} (not shown)",
             e.kind()
         ));
     }
-    let auth = e.message() == "Received unexpected response"
-        || (e.message().starts_with("Failed to parse response") && shown.contains("operation: auth"));
-    if !auth && !e.message().starts_with("Failed to parse response from rest catalog server") {
+    let shown = e.to_string();
+    let unparsed = e.message().starts_with("Failed to parse response from rest catalog server");
+    let auth = e.message() == "Received unexpected response" || (unparsed && shown.contains("operation: auth"));
+    if !auth && !unparsed {
         return None;
     }
     let status = rest_status(&shown, "code").map(|s| format!(" (HTTP {s})")).unwrap_or_default();

@@ -1229,12 +1229,7 @@ impl ColdSink for IcebergColdStore {
     }
 
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
-        let table = self.read_table().await?;
-        let snap = Self::resolve(&table, as_of)?;
-        let filter = crate::read::Filter { min_seq: Some(after.saturating_add(1)), ..Default::default() };
-        let (mut records, _) = self.records_of(&table, snap.as_ref(), object, &filter).await?;
-        records.retain(|r| r.seq > after);
-        Ok(records)
+        self.changes_between(object, after, None, as_of).await
     }
 
     async fn read_changes_through(
@@ -1247,11 +1242,25 @@ impl ColdSink for IcebergColdStore {
         if through <= after {
             return Ok(Vec::new());
         }
+        self.changes_between(object, after, Some(through), as_of).await
+    }
+}
+
+impl IcebergColdStore {
+    /// The changes of `object` with `seq > after` (and `seq <= through`), as of a snapshot. Files
+    /// whose sequence bounds lie outside the range are not opened; rows outside it are dropped as
+    /// each batch is decoded.
+    async fn changes_between(
+        &self,
+        object: &ObjectId,
+        after: Seq,
+        through: Option<Seq>,
+        as_of: AsOf,
+    ) -> Result<Vec<ChangeRecord>> {
         let table = self.read_table().await?;
         let snap = Self::resolve(&table, as_of)?;
-        // Files whose sequence bounds lie outside the range are not opened; rows outside it are
-        // dropped as each batch is decoded.
-        let filter = crate::read::Filter { min_seq: Some(after + 1), max_seq: Some(through), ..Default::default() };
+        let filter =
+            crate::read::Filter { min_seq: Some(after.saturating_add(1)), max_seq: through, ..Default::default() };
         Ok(self.records_of(&table, snap.as_ref(), object, &filter).await?.0)
     }
 }

@@ -91,6 +91,12 @@ fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
         })
 }
 
+/// A column name `schema` uses more than once.
+fn repeated_name(schema: &arrow_schema::Schema) -> Option<&str> {
+    let mut names = std::collections::HashSet::new();
+    schema.fields().iter().map(|f| f.name().as_str()).find(|n| !names.insert(*n))
+}
+
 /// Whether a column of type `from` may be written as `to` by widening it, as Iceberg's type
 /// promotions allow (`widen_column`): int to long, float to double, a decimal to a larger
 /// precision of the same scale.
@@ -113,8 +119,7 @@ fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
         return None;
     }
     // A name the batch uses twice: which column is meant cannot be known (one would be dropped).
-    let mut names = std::collections::HashSet::new();
-    if !schema.fields().iter().all(|f| names.insert(f.name().as_str())) {
+    if repeated_name(schema).is_some() {
         return None;
     }
     let mut columns = Vec::with_capacity(target.fields().len());
@@ -160,9 +165,8 @@ impl IcebergColdStore {
         if schema.fields().is_empty() {
             return Err(Error::invalid(format!("{what}: the schema has no columns")));
         }
-        let mut names = std::collections::HashSet::new();
-        if let Some(dup) = schema.fields().iter().find(|f| !names.insert(f.name().as_str())) {
-            return Err(Error::invalid(format!("{what}: the schema names column {:?} twice", dup.name())));
+        if let Some(dup) = repeated_name(&schema) {
+            return Err(Error::invalid(format!("{what}: the schema names column {dup:?} twice")));
         }
         let ischema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&schema)
             .map_err(|e| Error::invalid(format!("{what}: the schema has no Iceberg form: {e}")))?;
@@ -616,7 +620,6 @@ impl ArrowTable {
     /// iceberg-rust 0.10.1 has no column update, so this commits the new schema itself and
     /// needs the SQL catalog (`InvalidInput` with another).
     pub async fn widen_column(&self, name: &str, data_type: arrow_schema::DataType) -> Result<ArrowTable> {
-        use iceberg::spec::{PrimitiveType as P, Type};
         let what = format!("widening column {name} of {}", self.ident);
         let new_ty = round_trip_type(&data_type, &what)?;
         // A commit that lands first (an append) makes this one a conflict: reload and widen the
@@ -639,15 +642,10 @@ impl ArrowTable {
                 last_err = None;
                 break;
             }
-            let allowed = match (field.field_type.as_ref(), &new_ty) {
-                (Type::Primitive(P::Int), Type::Primitive(P::Long)) => true,
-                (Type::Primitive(P::Float), Type::Primitive(P::Double)) => true,
-                (
-                    Type::Primitive(P::Decimal { precision: p0, scale: s0 }),
-                    Type::Primitive(P::Decimal { precision: p1, scale: s1 }),
-                ) => s0 == s1 && p1 >= p0,
-                _ => false,
-            };
+            // The spec's promotions, as `conform` casts batches by them (`data_type` is the exact
+            // Arrow form of `new_ty`, checked above).
+            let allowed =
+                iceberg::arrow::type_to_arrow_type(&field.field_type).is_ok_and(|from| widens(&from, &data_type));
             if !allowed {
                 return Err(Error::invalid(format!(
                     "{what}: {} to {new_ty} is not an allowed promotion (int->long, float->double, decimal precision)",

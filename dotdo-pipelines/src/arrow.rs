@@ -336,7 +336,7 @@ impl ArrowPipeline {
                     let last = inner.sink.last_batch(&inner.stream).await?;
                     let id = {
                         let mut next = inner.next_id.lock();
-                        let id = next.map_or(last.saturating_add(1), |n| n.max(last.saturating_add(1)));
+                        let id = next.unwrap_or(0).max(last.saturating_add(1));
                         *next = Some(id.saturating_add(1));
                         id
                     };
@@ -371,7 +371,7 @@ impl ArrowPipeline {
             b.claimed_bytes = b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(batch_bytes).sum();
             drop(b);
             let mut next = inner.next_id.lock();
-            *next = Some(next.map_or(id.saturating_add(1), |n| n.max(id.saturating_add(1))));
+            *next = Some(next.unwrap_or(0).max(id.saturating_add(1)));
         }
         *inner.last_roll.lock() = started;
         inner.rows_committed.fetch_add(written, Ordering::Relaxed);

@@ -414,15 +414,9 @@ impl Pipeline {
                         Ok(Some(c)) => c,
                         Ok(None) => match exhausted {
                             Some((object, seq)) => {
-                                return Err(Error::new(
-                                    dotdo_core::ErrorKind::LimitExceeded {
-                                        what: "sequence number",
-                                        limit: dotdo_core::MAX_SEQ,
-                                        actual: seq,
-                                    },
+                                return Err(Error::limit("sequence number", dotdo_core::MAX_SEQ, seq).context(
                                     format!(
-                                        "object {object} has used every sequence number its sink allows; \
-                                         its events stay in the log"
+                                        "object {object} has used every sequence number; its events stay in the log"
                                     ),
                                 ));
                             }
