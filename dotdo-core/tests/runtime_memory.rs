@@ -1249,7 +1249,7 @@ impl dotdo_core::IndexAccelerator for ExpiringCold {
 }
 
 /// A lazily restored object read key by key through the accelerator keeps at most
-/// `lazy_cache_bytes` cached: past it the cache starts over, and keys read again come from cold
+/// `lazy_cache_bytes` cached: past it the least recently used go, and keys read again come from cold
 /// storage with the same answers (a read-only object probed with ever new keys grew it without
 /// end). With the default budget every second read is a hit.
 #[tokio::test]
@@ -1294,6 +1294,41 @@ async fn the_lazy_cache_is_bounded() {
     }
     assert_eq!(b.metrics().lazy_cache_misses, misses, "the preloaded keys were kept");
     assert_eq!(b.metrics().preloaded_keys, 11);
+}
+
+/// Past its budget the lazy cache drops the least recently used entries, down to half the
+/// budget: a key read between every two others stays cached, and so do the newest reads (the
+/// cache used to start over, dropping every entry, the busiest key too).
+#[tokio::test]
+async fn the_lazy_cache_drops_the_least_recently_used() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 100).await;
+    a.evict(&o).await.expect("evict");
+    a.shutdown().await.expect("shutdown");
+    let b = w.runtime("b", RuntimeSettings { restore: RestoreMode::Lazy, lazy_cache_bytes: 2_000, ..settings() });
+    let (b, o) = (&b, &o);
+    let read = |i: usize| async move {
+        let v = get(b, o, &format!("key/{i:04}")).await.expect("lazy read");
+        assert_eq!(v, Some(Bytes::from(format!("value-{i}"))), "key {i}");
+    };
+    read(0).await;
+    for i in 1..100 {
+        read(i).await;
+        read(0).await;
+    }
+    // About 22 entries fit: the budget was passed several times over, each key read cold once.
+    let m = b.metrics();
+    assert_eq!(m.lazy_cache_misses, 100, "only first reads miss: the busiest key stayed cached");
+    assert_eq!(m.lazy_cache_hits, 99);
+    for i in 95..100 {
+        read(i).await;
+    }
+    assert_eq!(b.metrics().lazy_cache_misses, 100, "the newest reads stay cached past the budget");
+    read(1).await;
+    assert_eq!(b.metrics().lazy_cache_misses, 101, "the oldest read was dropped");
+    b.shutdown().await.expect("shutdown");
 }
 
 /// A prefetch of a lazily restored object whose snapshot maintenance expired re-pins like a

@@ -102,10 +102,10 @@ pub struct RuntimeSettings {
     /// object (one acquire each, a failed one for those another runtime holds): turn it off
     /// there, or set a ring, and make sure some runtime drains released objects.
     pub drain_released: bool,
-    /// Most bytes (keys, values and 64 per entry), per object, of cold values a lazily restored
-    /// object keeps cached when they come from the accelerator one key at a time; past it those
-    /// entries are dropped (and read again if asked for); keys preloaded by `Hybrid` or
-    /// `prefetch` stay. Without an accelerator the whole state is read and kept, whatever its
+    /// Most bytes (keys twice, values and 64 per entry), per object, of cold values a lazily
+    /// restored object keeps cached when they come from the accelerator one key at a time; past
+    /// it the least recently used of those entries are dropped until half the budget is left
+    /// (and read again if asked for); keys preloaded by `Hybrid` or `prefetch` stay. Without an accelerator the whole state is read and kept, whatever its
     /// size. Default 64 MiB.
     pub lazy_cache_bytes: usize,
 }

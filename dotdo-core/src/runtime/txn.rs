@@ -25,6 +25,10 @@ pub(crate) struct LazyState {
     pub(crate) complete: bool,
     /// What `cache` holds of keys not preloaded, as [`LazyState::entry_bytes`] counts it.
     pub(crate) cache_bytes: usize,
+    /// When each cached key not preloaded was last read or cached (ticks of `clock`): past the
+    /// budget the least recently used go first.
+    used: HashMap<String, u64>,
+    clock: u64,
     /// Cold storage moved past `through` (found when the snapshot had to be re-pinned): this
     /// activation's reads and restore can never complete, the next call activates afresh.
     pub(crate) moved: bool,
@@ -39,35 +43,66 @@ impl LazyState {
             preloaded: HashMap::new(),
             complete: false,
             cache_bytes: 0,
+            used: HashMap::new(),
+            clock: 0,
             moved: false,
         }
     }
 
-    /// A cache entry's weight: its key, its value and a fixed overhead.
+    /// A cache entry's weight: its key (kept twice: in the cache and in its recency), its value
+    /// and a fixed overhead.
     fn entry_bytes(key: &str, value: &Option<Bytes>) -> usize {
-        key.len() + value.as_ref().map_or(0, Bytes::len) + 64
+        2 * key.len() + value.as_ref().map_or(0, Bytes::len) + 64
     }
 
     /// Cache `key`'s value as read at the snapshot. A cache that does not hold the whole state
-    /// is bounded by `budget` bytes: past it, the entries read one at a time are dropped (they
-    /// are read from cold storage again if asked for, at the same snapshot, so answers do not
-    /// change); preloaded keys, which the caller named, stay. A read-only object probed with
-    /// ever new keys used to grow it without end.
+    /// is bounded by `budget` bytes: past it, the least recently used of the entries read one at
+    /// a time are dropped until half the budget is left (they are read from cold storage again
+    /// if asked for, at the same snapshot, so answers do not change); preloaded keys, which the
+    /// caller named, stay. A read-only object probed with ever new keys used to grow it without
+    /// end.
     pub(crate) fn remember(&mut self, key: String, value: Option<Bytes>, budget: usize) {
         // Preloaded keys are not counted against the budget (nor dropped).
         let counted = !self.preloaded.contains_key(&key);
         let add = if counted { Self::entry_bytes(&key, &value) } else { 0 };
-        if !self.complete && counted && self.cache_bytes.saturating_add(add) > budget {
-            let preloaded = &self.preloaded;
-            self.cache.retain(|k, _| preloaded.contains_key(k));
-            self.cache_bytes = 0;
-        }
+        // An entry counted before (read one at a time, then preloaded) is counted no more.
+        let was_counted = self.used.remove(&key).is_some();
         if let Some(old) = self.cache.insert(key.clone(), value) {
-            if counted {
+            if was_counted {
                 self.cache_bytes = self.cache_bytes.saturating_sub(Self::entry_bytes(&key, &old));
             }
         }
-        self.cache_bytes += add;
+        if counted {
+            self.cache_bytes = self.cache_bytes.saturating_add(add);
+            self.clock += 1;
+            self.used.insert(key, self.clock);
+        }
+        if !self.complete && self.cache_bytes > budget {
+            self.shrink(budget / 2);
+        }
+    }
+
+    /// A read of `key` served from the cache: it becomes the most recently used.
+    pub(crate) fn touch(&mut self, key: &str) {
+        if let Some(tick) = self.used.get_mut(key) {
+            self.clock += 1;
+            *tick = self.clock;
+        }
+    }
+
+    /// Drop the least recently used counted entries until at most `target` bytes are left.
+    fn shrink(&mut self, target: usize) {
+        let mut by_age: Vec<(u64, String)> = self.used.iter().map(|(k, t)| (*t, k.clone())).collect();
+        by_age.sort_unstable();
+        for (_, key) in by_age {
+            if self.cache_bytes <= target {
+                break;
+            }
+            self.used.remove(&key);
+            if let Some(old) = self.cache.remove(&key) {
+                self.cache_bytes = self.cache_bytes.saturating_sub(Self::entry_bytes(&key, &old));
+            }
+        }
     }
 
     /// Cache `key` of the whole state being loaded (no bound: the whole state is the cache),
@@ -123,7 +158,8 @@ impl<'a> ObjectTxn<'a> {
         match self.lazy.as_mut() {
             None => self.inner.hot.get(self.object, key).await,
             Some(lazy) => {
-                if let Some(v) = lazy.cache.get(key) {
+                if let Some(v) = lazy.cache.get(key).cloned() {
+                    lazy.touch(key);
                     let mut m = self.inner.metrics.lock();
                     m.lazy_cache_hits += 1;
                     // The first read of each preloaded key: hits never exceed preloaded keys.
@@ -131,7 +167,7 @@ impl<'a> ObjectTxn<'a> {
                         *read = true;
                         m.preload_hits += 1;
                     }
-                    return Ok(v.clone());
+                    return Ok(v);
                 }
                 if lazy.complete {
                     self.inner.metrics.lock().lazy_cache_hits += 1;
