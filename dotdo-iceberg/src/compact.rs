@@ -340,7 +340,7 @@ impl IcebergColdStore {
                 table.identifier()
             )));
         }
-        let files = self.files_of(table, head).await?;
+        let (files, _) = self.files_of(table, head, None).await?;
         // Files in formats dotdo cannot decode (another engine's ORC or Avro) are left as they are.
         Ok(files
             .iter()

@@ -3,7 +3,9 @@
 //!
 //! A read of object `o` as of snapshot `s`:
 //!
-//! 1. loads `s`'s manifest list and manifests (cached by path: they are immutable);
+//! 1. loads `s`'s manifest list and the manifests whose partition summary may hold `o`'s
+//!    bucket (cached by path: they are immutable); the live files of the others, as the
+//!    manifest list counts them, are `pruned_by_partition`;
 //! 2. skips every data file whose `bucket(do_id)` partition value differs from `o`'s
 //!    (`pruned_by_partition`);
 //! 3. skips files whose `do_id` (and, for lookups and scans, `key`; for change reads, `seq`)
@@ -31,7 +33,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use iceberg::spec::{DataContentType, DataFileFormat, Datum, Literal, ManifestFile, PrimitiveLiteral, SnapshotRef};
+use iceberg::spec::{
+    DataContentType, DataFileFormat, Datum, Literal, ManifestContentType, ManifestFile, PrimitiveLiteral, SnapshotRef,
+};
 use iceberg::table::Table;
 use object_store::path::Path;
 use object_store::ObjectStore;
@@ -263,6 +267,21 @@ fn put_bounded_to<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v:
         }
     }
     m.insert(k, v);
+}
+
+/// The live data files of manifest `mf` if its partition summary shows it lists none of
+/// `bucket` (`bucket_at`: the bucket spec and field position), else `None`: a manifest of another
+/// spec, without a summary at that field, without both bounds or without file counts is read.
+fn excluded_files(mf: &ManifestFile, bucket_at: Option<(i32, usize)>, bucket: i32) -> Option<u64> {
+    let (spec, pos) = bucket_at?;
+    if mf.partition_spec_id != spec || mf.content != ManifestContentType::Data {
+        return None;
+    }
+    let summary = mf.partitions.as_ref()?.get(pos)?;
+    let int = |b: Option<&Vec<u8>>| b.and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok()).map(i32::from_le_bytes);
+    let (lo, hi) = (int(summary.lower_bound.as_deref())?, int(summary.upper_bound.as_deref())?);
+    let live = u64::from(mf.added_files_count?).saturating_add(u64::from(mf.existing_files_count?));
+    (bucket < lo || bucket > hi).then_some(live)
 }
 
 /// Whether `mf` is a delete manifest that may list live delete files (another engine's
@@ -544,8 +563,15 @@ impl IcebergColdStore {
         put_list(&self.inner.cache.lists, list_path.to_string(), Arc::new(manifests));
     }
 
-    /// The live data files of `snapshot`.
-    pub(crate) async fn files_of(&self, table: &Table, snapshot: &SnapshotRef) -> Result<Vec<Arc<FileInfo>>> {
+    /// The live data files of `snapshot`. With `bucket`, a manifest whose partition summary
+    /// rules that bucket out is not read (nor fetched): the second value counts the live files
+    /// such manifests list, as the manifest list records them.
+    pub(crate) async fn files_of(
+        &self,
+        table: &Table,
+        snapshot: &SnapshotRef,
+        bucket: Option<i32>,
+    ) -> Result<(Vec<Arc<FileInfo>>, u64)> {
         let cache = &self.inner.cache;
         let manifests = self.manifests_of(table, snapshot).await?;
         let schema = table.metadata().current_schema();
@@ -563,7 +589,15 @@ impl IcebergColdStore {
             )));
         }
         let bucket_at = self.bucketer_for(table).and_then(|b| b.spec);
-        let loads = manifests.iter().cloned().map(|mf| async move {
+        let mut skipped = 0u64;
+        let mut wanted = Vec::with_capacity(manifests.len());
+        for mf in manifests.iter() {
+            match bucket.and_then(|b| excluded_files(mf, bucket_at, b)) {
+                Some(n) => skipped = skipped.saturating_add(n),
+                None => wanted.push(mf.clone()),
+            }
+        }
+        let loads = wanted.into_iter().map(|mf| async move {
             let cached = cache.manifests.lock().get(&mf.manifest_path).cloned();
             if let Some(c) = cached {
                 return Ok::<_, Error>(c);
@@ -605,7 +639,7 @@ impl IcebergColdStore {
             Ok(files)
         });
         let per_manifest: Vec<Arc<Vec<Arc<FileInfo>>>> = futures::stream::iter(loads).buffered(8).try_collect().await?;
-        Ok(per_manifest.iter().flat_map(|v| v.iter().cloned()).collect())
+        Ok((per_manifest.iter().flat_map(|v| v.iter().cloned()).collect(), skipped))
     }
 
     /// All records of `object` visible in `snapshot` that may match `filter` (callers apply the
@@ -622,12 +656,13 @@ impl IcebergColdStore {
         // Another engine may have changed the schema since the table was opened.
         crate::schema::check_field_ids(table.metadata(), &format!("table {}", table.identifier()))?;
         stats.snapshot = Some(snapshot.snapshot_id());
-        let files = self.files_of(table, snapshot).await?;
-        stats.files_total = files.len() as u64;
         let bucket = match self.bucketer_for(table) {
             Some(b) => Some(b.bucket(object.as_str())?),
             None => None,
         };
+        let (files, in_skipped_manifests) = self.files_of(table, snapshot, bucket).await?;
+        stats.files_total = (files.len() as u64).saturating_add(in_skipped_manifests);
+        stats.pruned_by_partition = in_skipped_manifests;
         let o = object.as_str();
         let mut open = Vec::new();
         for f in files {

@@ -113,3 +113,66 @@ async fn a_discarded_read_of_a_stale_table_counts_its_bytes() {
     assert_eq!(bytes().await, warm, "the other object's file is ruled out by its bounds");
     assert_eq!(stale, 2 * warm, "the discarded read's bytes count too");
 }
+
+/// A read of one object does not fetch manifests whose partition summary rules its bucket out
+/// (a streaming table has one manifest per commit): on a fresh store, with every other
+/// bucket's manifest damaged, the lookup, the state and the changes of the object still answer,
+/// and the files of the skipped manifests count as pruned by partition. A read of an object in a
+/// damaged manifest's bucket is `Corrupt` naming it (so the damage is real).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_skip_manifests_whose_partition_summary_rules_the_bucket_out() {
+    use iceberg::spec::{Datum, Transform};
+    let bucket = |o: &ObjectId| {
+        let f = iceberg::transform::create_transform_function(&Transform::Bucket(16)).expect("bucket");
+        f.transform_literal(&Datum::string(o.as_str())).expect("transform").expect("some")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || async {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
+            .table(["acc"], "changes")
+            .build()
+            .await
+            .expect("open")
+    };
+    let writer = open().await;
+    let one = FencingToken::new(1);
+    let a = ObjectId::new("obj-a").expect("id");
+    writer.append(ColdBatch::single(a.clone(), one, vec![put(&a, 1, "k", "v")])).await.expect("append a");
+    let manifests = |d: &std::path::Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d.join("acc").join("changes").join("metadata"))
+            .or_else(|_| std::fs::read_dir(d.join("acc.db").join("changes").join("metadata")))
+            .expect("metadata dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.to_string_lossy().ends_with("-m0.avro"))
+            .collect();
+        v.sort();
+        v
+    };
+    let of_a = manifests(dir.path());
+    assert_eq!(of_a.len(), 1, "one commit, one manifest: {of_a:?}");
+    // Ten more commits, each of one object in a bucket other than a's.
+    let others: Vec<ObjectId> = (0..100)
+        .map(|i| ObjectId::new(format!("obj-{i}")).expect("id"))
+        .filter(|o| bucket(o) != bucket(&a))
+        .take(10)
+        .collect();
+    for o in &others {
+        writer.append(ColdBatch::single(o.clone(), one, vec![put(o, 1, "k", "w")])).await.expect("append other");
+    }
+    let damaged: Vec<_> = manifests(dir.path()).into_iter().filter(|p| !of_a.contains(p)).collect();
+    assert_eq!(damaged.len(), 10);
+    for p in &damaged {
+        std::fs::write(p, b"not an avro file").expect("damage manifest");
+    }
+    let reader = open().await;
+    let found = reader.lookup(&a, "k", AsOf::Latest).await.expect("lookup through skipped manifests");
+    assert_eq!(&found.value.expect("k").value[..], b"v");
+    let st = &found.stats;
+    assert_eq!((st.files_total, st.pruned_by_partition, st.files_opened), (11, 10, 1), "{st:?}");
+    let state = reader.load_state(&a, AsOf::Latest).await.expect("state through skipped manifests");
+    assert_eq!(state.entries.len(), 1);
+    assert_eq!(reader.read_changes(&a, 0, AsOf::Latest).await.expect("changes").len(), 1);
+    let e = reader.lookup(&others[0], "k", AsOf::Latest).await.expect_err("its manifest is damaged");
+    assert_eq!(*e.kind(), dotdo_core::ErrorKind::Corrupt, "{e}");
+    assert!(damaged.iter().any(|p| e.to_string().contains(&*p.file_name().expect("name").to_string_lossy())), "{e}");
+}
