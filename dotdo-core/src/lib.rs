@@ -75,7 +75,7 @@ pub use cold::{AsOf, ColdBatch, ColdCommit, ColdSink, ColdState, ObjectChanges, 
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use guard::{ConsistencyGuard, Lease};
 pub use hot::{HotStore, HotStoreExt, ObjectInfo};
-pub use ids::{FencingToken, NodeId, ObjectId, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+pub use ids::{FencingToken, NodeId, ObjectId, MAX_KEY_BYTES, MAX_TYPE_NAME_BYTES, MAX_VALUE_BYTES};
 pub use memory::{MemoryBackend, MemoryColdStore};
 pub use record::{ChangeRecord, Entry, KeyRange, Op, Seq, WriteBatch, WriteOp, WriteReceipt, MAX_SEQ};
 pub use ring::HashRing;

@@ -94,6 +94,112 @@ mod broken {
         }
     }
 
+    /// A guard that finds a lease by object and holder, not by token: a holder's earlier lease
+    /// passes for its current one.
+    #[derive(Debug, Clone)]
+    struct ByHolder(MemoryBackend);
+
+    impl ByHolder {
+        /// `lease` with the token of the holder's current lease, if it holds one.
+        async fn as_current(&self, lease: &Lease) -> Result<Lease> {
+            Ok(match self.0.current(&lease.object).await? {
+                Some(cur) if cur.holder == lease.holder => Lease { token: cur.token, ..lease.clone() },
+                _ => lease.clone(),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl ConsistencyGuard for ByHolder {
+        async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
+            self.0.acquire(object, holder, ttl).await
+        }
+        async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+            self.0.refresh(&self.as_current(lease).await?, ttl).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<()> {
+            self.0.release(&self.as_current(lease).await?).await
+        }
+        async fn validate(&self, lease: &Lease) -> Result<()> {
+            self.0.validate(&self.as_current(lease).await?).await
+        }
+        async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
+            self.0.current(object).await
+        }
+    }
+
+    #[test]
+    fn kit_catches_a_guard_that_finds_leases_by_holder() {
+        let f = hot_factory(|clock| async move {
+            let b = MemoryBackend::with_clock(Arc::new(clock));
+            HotFixture { hot: Arc::new(b.clone()), guard: Arc::new(ByHolder(b)), keep_alive: Box::new(()) }
+        });
+        let n = names(&dotdo_core::testkit::hot::run_all(&f));
+        assert!(n.contains(&"an_earlier_lease_of_the_same_holder_is_not_current"), "{n:?}");
+    }
+
+    /// A hot store that keeps an object's rows under the part of its id before the first
+    /// separator (`o1/x`, `o1:x` and `o1` share rows), as a naive namespace split would.
+    #[derive(Debug, Clone)]
+    struct SplitsIds(MemoryBackend);
+
+    fn base(o: &ObjectId) -> ObjectId {
+        let s = o.as_str();
+        let end = s.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(s.len());
+        ObjectId::new(&s[..end.max(1)]).expect("a prefix of a valid id")
+    }
+
+    #[async_trait]
+    impl HotStore for SplitsIds {
+        async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+            self.0.write(&base(object), token, batch).await
+        }
+        async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+            self.0.get(&base(object), key).await
+        }
+        async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
+            self.0.list(&base(object), range, limit).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+            let mut v = self.0.read_changes(&base(object), after, limit).await?;
+            for r in &mut v {
+                r.object = object.clone();
+            }
+            Ok(v)
+        }
+        async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+            self.0.truncate_changes(&base(object), token, through).await
+        }
+        async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+            self.0.object_info(&base(object)).await
+        }
+        async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+            self.0.objects_with_pending_changes(after, limit).await
+        }
+        async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+            self.0.evict(&base(object), token).await
+        }
+        async fn restore(
+            &self,
+            object: &ObjectId,
+            token: FencingToken,
+            entries: Vec<Entry>,
+            through: Seq,
+        ) -> Result<()> {
+            self.0.restore(&base(object), token, entries, through).await
+        }
+    }
+
+    #[test]
+    fn kit_catches_a_hot_store_that_mixes_objects_sharing_a_prefix() {
+        let f = hot_factory(|clock| async move {
+            let b = MemoryBackend::with_clock(Arc::new(clock));
+            HotFixture { hot: Arc::new(SplitsIds(b.clone())), guard: Arc::new(b), keep_alive: Box::new(()) }
+        });
+        let n = names(&dotdo_core::testkit::hot::run_all(&f));
+        assert_eq!(n, ["objects_whose_ids_share_a_prefix_are_independent"], "{n:?}");
+    }
+
     /// A cold sink that forgets its watermark: every append writes everything again.
     #[derive(Debug, Clone)]
     struct NotIdempotent {

@@ -187,6 +187,69 @@ pub async fn list_by_prefix_range_and_limit(f: &HotFactory) {
     assert_eq!(keys(fx.hot.list(&l.object, one, None).await.expect("one key")), ["user/a"]);
 }
 
+/// Ranges with an open or exclusive end on a non-empty selection, and a limit applied after
+/// deleted keys are left out (a backend that limits first returns too few).
+pub async fn list_honours_open_and_exclusive_bounds(f: &HotFactory) {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let batch = ["user/b", "user/a", "user/c", "userx", "use", "order/1"]
+        .into_iter()
+        .fold(WriteBatch::new("T"), |batch, k| batch.put(k, b(k)));
+    fx.hot.write(&l.object, l.token, batch).await.expect("batch");
+    fx.hot.delete(&l.object, l.token, "T", "user/a").await.expect("delete");
+    let list = |start, end, limit| {
+        let fx = &fx;
+        let o = l.object.clone();
+        async move {
+            let range = KeyRange { start, end };
+            let v = fx.hot.list(&o, range.clone(), limit).await.expect("list");
+            (range, v.into_iter().map(|e| e.key).collect::<Vec<_>>())
+        }
+    };
+    let s = |k: &str| k.to_string();
+    for (start, end, limit, want) in [
+        (Excluded(s("user/b")), Unbounded, None, vec!["user/c", "userx"]),
+        (Excluded(s("use")), Unbounded, None, vec!["user/b", "user/c", "userx"]),
+        (Unbounded, Included(s("use")), None, vec!["order/1", "use"]),
+        (Unbounded, Excluded(s("use")), None, vec!["order/1"]),
+        (Excluded(s("order/1")), Excluded(s("userx")), None, vec!["use", "user/b", "user/c"]),
+        (Included(s("user/")), Excluded(s("user0")), Some(2), vec!["user/b", "user/c"]),
+        (Unbounded, Unbounded, Some(3), vec!["order/1", "use", "user/b"]),
+        (Excluded(s("user/a")), Unbounded, Some(1), vec!["user/b"]),
+    ] {
+        let (range, got) = list(start, end, limit).await;
+        assert_eq!(got, want, "{range:?} limit {limit:?}");
+    }
+    let prefixed = fx.hot.list(&l.object, KeyRange::prefix("user/"), Some(2)).await.expect("prefix");
+    assert_eq!(prefixed.into_iter().map(|e| e.key).collect::<Vec<_>>(), ["user/b", "user/c"], "deleted user/a");
+}
+
+/// Limits count bytes, not characters, and type names are checked on every write: a key of
+/// 513 two-byte characters (1,026 bytes) is over the limit, a type name over 256 bytes or with
+/// a control character is `InvalidInput`, and nothing of a refused write is applied.
+pub async fn limits_count_bytes_and_type_names_are_checked(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let wide = "é".repeat(crate::MAX_KEY_BYTES / 2 + 1);
+    let e = fx.hot.put(&l.object, l.token, "T", &wide, b("v")).await.expect_err("key over the limit in bytes");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    let long_type = "T".repeat(crate::MAX_TYPE_NAME_BYTES + 1);
+    let wide_type = "é".repeat(crate::MAX_TYPE_NAME_BYTES / 2 + 1);
+    for type_name in [long_type.as_str(), wide_type.as_str(), "T\n", "T\u{7}"] {
+        let e = fx.hot.put(&l.object, l.token, type_name, "k", b("v")).await.expect_err("bad type name");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{type_name:?}: {e}");
+        let batch = WriteBatch::new(type_name).put("k", b("v")).delete("j");
+        let e = fx.hot.write(&l.object, l.token, batch).await.expect_err("bad type name in a batch");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{type_name:?}: {e}");
+    }
+    assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), None);
+    assert_eq!(fx.hot.object_info(&l.object).await.expect("info").map_or(0, |i| i.last_seq), 0, "nothing logged");
+    let at_limit = "T".repeat(crate::MAX_TYPE_NAME_BYTES);
+    let r = fx.hot.put(&l.object, l.token, &at_limit, "k", b("v")).await.expect("a type name at the limit");
+    assert_eq!(r.first_seq, 1);
+}
+
 /// An object that was never written reads as empty, not as an error.
 pub async fn unknown_object_reads_empty(f: &HotFactory) {
     let (fx, _) = open(f).await;
@@ -538,6 +601,30 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     let again = fx.guard.acquire(&oid("o2"), &nid("n2"), TTL).await.expect("acquire o2 again");
     assert!(again.token > released.token, "{again:?} after {released:?}");
+    // An object whose log was drained whole, then evicted: its counter survives restarts (a
+    // backend that derives it from the log, or from live state, starts over and reuses numbers).
+    let d = fx.guard.acquire(&oid("o3"), &nid("n1"), TTL).await.expect("acquire o3");
+    fx.hot.write(&d.object, d.token, WriteBatch::new("T").put("a", b("1")).put("b", b("2"))).await.expect("w");
+    fx.hot.delete(&d.object, d.token, "T", "b").await.expect("delete");
+    fx.hot.truncate_changes(&d.object, d.token, 3).await.expect("truncate all");
+    drop(fx);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    let info = fx.hot.object_info(&d.object).await.expect("info").expect("kept");
+    assert_eq!((info.last_seq, info.truncated_through, info.keys), (3, 3, 1), "drained log, after a restart");
+    fx.hot.truncate_changes(&d.object, d.token, 3).await.expect("nothing pending");
+    fx.hot.evict(&d.object, d.token).await.expect("evict");
+    drop(fx);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    let info = fx.hot.object_info(&d.object).await.expect("info").expect("the counter is kept after evict");
+    assert_eq!((info.last_seq, info.keys), (3, 0), "evicted, after a restart");
+    fx.hot
+        .restore(&d.object, d.token, vec![crate::Entry { key: "a".into(), value: b("1"), seq: 1 }], 3)
+        .await
+        .expect("restore");
+    drop(fx);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    assert_eq!(fx.hot.get(&d.object, "a").await.expect("get"), Some(b("1")), "restored state survives a restart");
+    assert_eq!(fx.hot.put(&d.object, d.token, "T", "c", b("3")).await.expect("put").first_seq, 4);
 }
 
 /// A restore over live state replaces it: keys cold does not have are gone (a restore that
@@ -610,6 +697,11 @@ pub async fn restore_refuses_malformed_state(f: &HotFactory) {
     for (entry, why, limit) in [
         (big("v".into(), crate::MAX_VALUE_BYTES + 1), "a value over the limit", true),
         (big("k".repeat(crate::MAX_KEY_BYTES + 1), 1), "a key over the limit", true),
+        (
+            big("é".repeat(crate::MAX_KEY_BYTES / 2 + 1), 1),
+            "a key of fewer characters than the limit, more bytes",
+            true,
+        ),
         (e("", 3), "an empty key", false),
         (e("a\nb", 3), "a key with a control character", false),
     ] {
@@ -899,6 +991,104 @@ pub async fn invalid_ttl_is_rejected(f: &HotFactory) {
     let short = fx.guard.acquire(&oid("o2"), &nid("n1"), crate::guard::MIN_TTL).await.expect("MIN_TTL is valid");
     let long = fx.guard.refresh(&short, crate::guard::MAX_TTL).await.expect("MAX_TTL is valid");
     assert_eq!((long.token, long.expires_at), (short.token, clock.now().plus(crate::guard::MAX_TTL)));
+}
+
+/// A holder's earlier lease is not its current one: after it expired (or was released) and the
+/// same holder acquired again, validate and refresh of the earlier lease are `Fenced`, its
+/// release frees nothing, and its token writes nothing. (A guard that finds the lease by object
+/// and holder alone, not by token, passes every case that switches holders.)
+pub async fn an_earlier_lease_of_the_same_holder_is_not_current(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let first = lease(&fx, "o1", "n1").await;
+    clock.advance(TTL);
+    let second = lease(&fx, "o1", "n1").await;
+    assert!(second.token > first.token, "{second:?} after {first:?}");
+    fx.guard.release(&second).await.expect("release");
+    let third = lease(&fx, "o1", "n1").await;
+    assert!(third.token > second.token, "{third:?} after {second:?}");
+    for earlier in [&first, &second] {
+        let e = fx.guard.validate(earlier).await.expect_err("an earlier lease");
+        assert!(e.is_fenced(), "validate {}: {e}", earlier.token);
+        let e = fx.guard.refresh(earlier, TTL).await.expect_err("an earlier lease");
+        assert!(e.is_fenced(), "refresh {}: {e}", earlier.token);
+        fx.guard.release(earlier).await.expect("releasing an earlier lease is a no-op");
+        let e = fx.hot.put(&earlier.object, earlier.token, "T", "k", b("stale")).await.expect_err("stale");
+        assert!(e.is_fenced(), "put {}: {e}", earlier.token);
+    }
+    assert_eq!(fx.guard.current(&third.object).await.expect("current"), Some(third.clone()));
+    assert!(!fx.guard.is_available(&third.object).await.expect("available"));
+    fx.guard.validate(&third).await.expect("the newest lease is current");
+    assert_eq!(fx.hot.get(&third.object, "k").await.expect("get"), None);
+}
+
+/// Refresh sets the expiry to `now + ttl`, also when that is sooner than the lease's expiry:
+/// a holder that shortens its lease frees the object when the shorter lease ends.
+pub async fn refresh_can_shorten_a_lease(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let short = fx.guard.refresh(&l, crate::guard::MIN_TTL).await.expect("refresh to MIN_TTL");
+    assert_eq!((short.token, short.expires_at), (l.token, clock.now().plus(crate::guard::MIN_TTL)));
+    assert_eq!(fx.guard.current(&l.object).await.expect("current"), Some(short.clone()));
+    clock.advance(crate::guard::MIN_TTL);
+    assert!(fx.guard.is_available(&l.object).await.expect("available"), "the shortened lease ended");
+    let n = lease(&fx, "o1", "n2").await;
+    assert!(n.token > l.token);
+}
+
+/// Objects whose ids share a prefix, or whose id and key joined with a separator would
+/// collide, are independent on every path: state, listing, change log, counts, truncation,
+/// eviction and pending changes. (A backend keying rows by `object + "/" + key`, or selecting
+/// an object's rows with a prefix match, mixes them.)
+pub async fn objects_whose_ids_share_a_prefix_are_independent(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let long = format!("o1{}", "x".repeat(crate::ObjectId::MAX_LEN - 2));
+    let ids = ["o1", "o10", "o1/x", "o1:x", "o1.x", "o1@x", "o", long.as_str()];
+    let mut leases = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let l = lease(&fx, id, "n1").await;
+        // Keys that, joined to the id with a separator, name another object's key.
+        let batch = (0..=i).fold(WriteBatch::new("T"), |batch, j| batch.put(format!("k{j}"), b(&format!("{id}={j}"))));
+        fx.hot.write(&l.object, l.token, batch.put("x/k", b(id)).put("0", b(id))).await.expect("write");
+        leases.push(l);
+    }
+    let keys = |v: Vec<crate::Entry>| v.into_iter().map(|e| e.key).collect::<Vec<_>>();
+    let check = |i: usize, truncated: bool, evicted: bool| {
+        let (fx, l, id) = (&fx, &leases[i], ids[i]);
+        async move {
+            let n = i as u64 + 3;
+            let mut want: Vec<String> = (0..=i).map(|j| format!("k{j}")).chain(["0".into(), "x/k".into()]).collect();
+            want.sort();
+            let listed = keys(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list"));
+            assert_eq!(listed, if evicted { Vec::new() } else { want }, "{id}");
+            let got = fx.hot.get(&l.object, "x/k").await.expect("get");
+            assert_eq!(got, (!evicted).then(|| b(id)), "{id}");
+            let log = fx.hot.read_changes(&l.object, 0, 100).await.expect("log");
+            assert_eq!(log.len() as u64, if truncated { 0 } else { n }, "{id}");
+            assert!(log.iter().all(|r| r.object == l.object), "{id}: another object's change");
+            let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+            assert_eq!(info.last_seq, n, "{id}");
+            assert_eq!(info.keys, if evicted { 0 } else { n }, "{id}");
+            assert_eq!(info.truncated_through, if truncated { n } else { 0 }, "{id}");
+        }
+    };
+    for i in 0..ids.len() {
+        check(i, false, false).await;
+    }
+    let pending = fx.hot.objects_with_pending_changes(None, 100).await.expect("pending");
+    assert_eq!(pending.len(), ids.len(), "{pending:?}");
+    // Truncate and evict "o1": nothing of the others moves.
+    fx.hot.truncate_changes(&leases[0].object, leases[0].token, 3).await.expect("truncate o1");
+    fx.hot.evict(&leases[0].object, leases[0].token).await.expect("evict o1");
+    check(0, true, true).await;
+    for i in 1..ids.len() {
+        check(i, false, false).await;
+    }
+    let pending = fx.hot.objects_with_pending_changes(None, 100).await.expect("pending");
+    assert_eq!(pending.len(), ids.len() - 1, "{pending:?}");
+    assert!(!pending.contains(&leases[0].object), "{pending:?}");
+    // A token of one object does not fence or raise another.
+    let o10 = &leases[1];
+    fx.hot.put(&o10.object, o10.token, "T", "after", b("1")).await.expect("o10 still writes under its own token");
 }
 
 /// Of many concurrent acquires of one object exactly one wins.
@@ -1528,7 +1718,12 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         concurrent_takeover_has_one_winner,
         evicted_object_restores_at_its_sequence,
         keys_and_type_names_at_the_limit_stay_distinct,
-        change_records_carry_the_write_time
+        change_records_carry_the_write_time,
+        an_earlier_lease_of_the_same_holder_is_not_current,
+        refresh_can_shorten_a_lease,
+        objects_whose_ids_share_a_prefix_are_independent,
+        list_honours_open_and_exclusive_bounds,
+        limits_count_bytes_and_type_names_are_checked
     );
     let mut failures: Vec<CaseFailure> =
         all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect();

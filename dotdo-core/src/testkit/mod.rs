@@ -368,7 +368,12 @@ macro_rules! hot_conformance {
             concurrent_takeover_has_one_winner,
             evicted_object_restores_at_its_sequence,
             keys_and_type_names_at_the_limit_stay_distinct,
-            change_records_carry_the_write_time
+            change_records_carry_the_write_time,
+            an_earlier_lease_of_the_same_holder_is_not_current,
+            refresh_can_shorten_a_lease,
+            objects_whose_ids_share_a_prefix_are_independent,
+            list_honours_open_and_exclusive_bounds,
+            limits_count_bytes_and_type_names_are_checked
         );
         #[test]
         fn prop_hot_store_matches_model() {
