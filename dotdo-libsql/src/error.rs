@@ -182,12 +182,57 @@ pub(crate) fn class_of_remote_text(text: &str) -> Class {
                 text[i..].chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
             return class_of_code_name(&name);
         }
+        // A cursor (a remote read's streamed answer) whose body broke off after the headers (a
+        // reset, a proxy cutting the connection) or arrived out of order: the server answered,
+        // the request ran or may have. A failed statement (`error at step`) and a misuse of the
+        // cursor are not.
+        if text.starts_with("cursor error: ")
+            && !text.contains("error at step")
+            && !text.contains("hasn't fetched any rows")
+        {
+            return Class::ServerUnavailable { maybe_applied: true };
+        }
         return Class::Other;
     }
     if text.starts_with("stream closed: ") {
         return Class::Network { maybe_sent: true };
     }
     Class::Other
+}
+
+/// Classify the text of an embedded replica's failure to pull (libsql_replication's errors): a
+/// namespace the primary does not have or a rejected token are not worth retrying, nor is a
+/// replica file that cannot take the frames (injector, meta file, snapshot, fatal errors); the
+/// rest are the network's (the pull may have reached the primary).
+pub(crate) fn class_of_replication_text(text: &str) -> Class {
+    if text.contains("namespace doesn't exist") {
+        Class::Config
+    } else if text.contains("Unauthenticated") || text.contains("PermissionDenied") {
+        Class::Auth
+    } else if [
+        "Injector error",
+        "Fatal replicator error",
+        "Replication meta error",
+        "Invalid snapshot file",
+        "Invalid frame length",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+    {
+        Class::Environment { retryable: false }
+    } else {
+        Class::Network { maybe_sent: true }
+    }
+}
+
+/// libsql reports a local file it cannot open (a missing directory, no permission) as
+/// `ConnectionFailed`, the variant of an unreachable primary: on a local (or replica) file it is
+/// SQLite's `CANTOPEN`, not worth retrying.
+pub(crate) fn local_open_failure(e: libsql::Error) -> libsql::Error {
+    match e {
+        libsql::Error::ConnectionFailed(m) => libsql::Error::SqliteFailure(SQLITE_CANTOPEN, m),
+        e => e,
+    }
 }
 
 /// Classify a libsql error.
@@ -202,7 +247,8 @@ pub(crate) fn class_of(e: &libsql::Error) -> Class {
             Class::Other => Class::Network { maybe_sent: true },
             c => c,
         },
-        E::Replication(_) | E::Sync(_) => Class::Network { maybe_sent: true },
+        E::Replication(inner) => class_of_replication_text(&inner.to_string()),
+        E::Sync(inner) => class_of_replication_text(&inner.to_string()),
         E::InvalidTlsConfiguration(_) => Class::Config,
         // The batch ran to its end (its COMMIT included) but its result could not be read.
         E::Misuse(m) if m.starts_with(crate::conn::UNREADABLE_RESULT) => {
@@ -300,6 +346,49 @@ mod tests {
 
     fn hrana(text: &str) -> libsql::Error {
         libsql::Error::Hrana(text.to_string().into())
+    }
+
+    #[test]
+    fn a_cursor_cut_off_after_the_headers_is_retried_for_reads_and_ambiguous_for_writes() {
+        let cut = hrana("cursor error: `error reading a body from connection: connection reset`");
+        assert_eq!(class_of(&cut), Class::ServerUnavailable { maybe_applied: true });
+        assert!(is_transient(class_of(&cut), false), "a read is retried");
+        assert!(!is_transient(class_of(&cut), true));
+        assert_eq!(map(cut, "put", true).kind(), &ErrorKind::AmbiguousOutcome);
+        let order = hrana("cursor error: `cursor step 2 arrived before step 1 end message`");
+        assert_eq!(class_of(&order), Class::ServerUnavailable { maybe_applied: true });
+        // A failed statement and a misuse are not transient.
+        for text in
+            ["cursor error: `error at step 0: no such table: x`", "cursor error: `cursor hasn't fetched any rows yet`"]
+        {
+            assert_eq!(class_of(&hrana(text)), Class::Other, "{text}");
+        }
+    }
+
+    #[test]
+    fn permanent_replication_failures_are_not_retried() {
+        let rep = |t: &str| libsql::Error::Replication(t.to_string().into());
+        for (text, class) in [
+            ("Requested namespace doesn't exist", Class::Config),
+            ("Replicator client error: status: Unauthenticated, message: \"bad token\"", Class::Auth),
+            ("Injector error: SQLite error: disk I/O error", Class::Environment { retryable: false }),
+            ("Fatal replicator error: boom", Class::Environment { retryable: false }),
+            ("Replication meta error: Invalid meta file", Class::Environment { retryable: false }),
+            ("Replicator client error: transport error", Class::Network { maybe_sent: true }),
+            ("Timeout performing handshake with primary", Class::Network { maybe_sent: true }),
+        ] {
+            assert_eq!(class_of(&rep(text)), class, "{text}");
+        }
+        let e = map(rep("Requested namespace doesn't exist"), "syncing", false);
+        assert!(!e.is_retryable(), "{e}");
+    }
+
+    #[test]
+    fn a_local_file_that_cannot_be_opened_is_not_the_network() {
+        let e = local_open_failure(libsql::Error::ConnectionFailed("unable to open database file".into()));
+        assert_eq!(class_of(&e), Class::Environment { retryable: false });
+        let e = map(e, "opening /x/hot.db", false);
+        assert!(!e.is_retryable() && !e.to_string().contains("primary"), "{e}");
     }
 
     #[test]

@@ -50,7 +50,9 @@ impl ConsistencyGuard for LibsqlStore {
                             let program = Program { steps, result: Some(result) };
                             return Ok(c.run_program(program).await?.unwrap_or(-1));
                         }
-                        let rows = c.query(returning).await?;
+                        // One autocommit statement: an I/O error may be its commit's, which
+                        // WAL recovery can still apply (AmbiguousOutcome, as a COMMIT's).
+                        let rows = c.query(returning).await.map_err(crate::conn::commit_failure)?;
                         Ok(rows.first().map(|r| int(r.first())).transpose()?.unwrap_or(-1))
                     })
                 })

@@ -40,8 +40,9 @@
 //!   encodes the result (and a per-call nonce, so a stale value is detected) is inserted and
 //!   deleted again; nothing of it is committed. (This relies on the primary reporting the
 //!   connection's `last_insert_rowid` with the batch's last step, as the Hrana protocol's step
-//!   results carry it; a primary that does not is detected by the nonce and reported as a
-//!   `Backend` error, never as a wrong result.) An embedded replica's possibly stale local copy is
+//!   results carry it; a primary that does not is detected by the nonce and reported as
+//!   `AmbiguousOutcome` for a write, since its batch ran through the `COMMIT` (`Unavailable`
+//!   for a read), never as a wrong result.) An embedded replica's possibly stale local copy is
 //!   never consulted for the check, so a stale read cannot let a stale token write.
 //! * The lease decision is the SQL form of [`dotdo_core::guard::rules`] (free iff
 //!   `expires_at <= now`; token = 1 + max(previous token, object's token maximum)). An acquire
@@ -80,7 +81,9 @@
 //!   [`LibsqlStore::sync`]). `validate` and `current` read the replica and may be that stale;
 //!   they are advisory — the fencing check of every write runs on the primary. If the pull after
 //!   a write (an acquire included) fails, reads pull first until a pull succeeds and fail with
-//!   `Unavailable` meanwhile: a replica without the last holder's writes is never read. Each
+//!   `Unavailable` meanwhile: a replica without the last holder's writes is never read (retryable
+//!   when the network failed; not when the primary lacks the namespace (`Backend`), rejects the
+//!   token (`Backend`) or the replica file cannot take the frames). Each
 //!   pull, and building the replica at open, is bounded by `LibsqlSettings::sync_timeout`
 //!   (60 s): past it the call fails with a retryable `Unavailable` while the pull goes on in the
 //!   background (the next pull waits for it).

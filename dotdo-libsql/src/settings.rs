@@ -190,13 +190,13 @@ impl From<String> for AuthToken {
     }
 }
 
-/// Validate a primary's URL without contacting it: `libsql://`, `https://` or `http://`, a
+/// Validate a primary's URL without contacting it (messages show it without its query string): `libsql://`, `https://` or `http://`, a
 /// non-empty host, no credentials in the URL, no whitespace. Returns the URL as libsql expects it
 /// (`libsql://` is kept; libsql maps it to HTTPS).
 pub fn validate_url(url: &str) -> Result<String> {
     let url = url.trim();
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-        Error::invalid(format!("primary URL {url:?} has no scheme; use libsql://, https:// or http://"))
+        Error::invalid(format!("primary URL {:?} has no scheme; use libsql://, https:// or http://", shown(url)))
     })?;
     let scheme_lc = scheme.to_ascii_lowercase();
     if !matches!(scheme_lc.as_str(), "libsql" | "https" | "http") {
@@ -205,7 +205,7 @@ pub fn validate_url(url: &str) -> Result<String> {
         )));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::invalid(format!("primary URL {url:?} contains whitespace")));
+        return Err(Error::invalid(format!("primary URL {:?} contains whitespace", shown(url))));
     }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if authority.contains('@') {
@@ -222,18 +222,19 @@ pub fn validate_url(url: &str) -> Result<String> {
         },
     };
     if host.is_empty() {
-        return Err(Error::invalid(format!("primary URL {url:?} has no host")));
+        return Err(Error::invalid(format!("primary URL {:?} has no host", shown(url))));
     }
     if let Some(port) = port {
         if port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(Error::invalid(format!("primary URL {url:?} has an invalid port {port:?}")));
+            return Err(Error::invalid(format!("primary URL {:?} has an invalid port {port:?}", shown(url))));
         }
     }
     Ok(format!("{scheme_lc}://{rest}"))
 }
 
-/// Where the database lives: the three ways to open one.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where the database lives: the three ways to open one. Its `Debug` shows URLs without their
+/// query string (which may carry a token) and redacts the auth token.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Target {
     /// A local database file (created if missing).
     Local {
@@ -260,6 +261,30 @@ pub enum Target {
         /// each write of this store). `None`: only after writes and on [`LibsqlStore::sync`](crate::LibsqlStore::sync).
         sync_interval: Option<Duration>,
     },
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Local { path } => f.debug_struct("Local").field("path", path).finish(),
+            Target::Remote { url, auth_token } => {
+                f.debug_struct("Remote").field("url", &shown(url)).field("auth_token", auth_token).finish()
+            }
+            Target::Replica { path, url, auth_token, sync_interval } => f
+                .debug_struct("Replica")
+                .field("path", path)
+                .field("url", &shown(url))
+                .field("auth_token", auth_token)
+                .field("sync_interval", sync_interval)
+                .finish(),
+        }
+    }
+}
+
+/// A URL as shown in messages and `Debug`: scheme, host and path only (a query string or a
+/// fragment may carry a token).
+fn shown(url: &str) -> &str {
+    url.trim().split(['?', '#']).next().unwrap_or_default()
 }
 
 impl Target {
@@ -306,11 +331,9 @@ impl Target {
 
     /// A short description without secrets, for error messages.
     pub fn describe(&self) -> String {
-        // Scheme, host and path only: a query string may carry a token.
-        let shown = |url: &str| url.trim().split(['?', '#']).next().unwrap_or_default().to_string();
         match self {
             Target::Local { path } => path.display().to_string(),
-            Target::Remote { url, .. } => shown(url),
+            Target::Remote { url, .. } => shown(url).to_string(),
             Target::Replica { path, url, .. } => format!("{} (replica of {})", path.display(), shown(url)),
         }
     }
@@ -318,6 +341,23 @@ impl Target {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_token_in_the_url_is_in_no_debug_output_or_message() {
+        let url = "libsql://db.example.turso.io?authToken=s3cret#s3cret";
+        for target in [
+            Target::Remote { url: url.into(), auth_token: "t0ken".into() },
+            Target::Replica { path: "r.db".into(), url: url.into(), auth_token: "t0ken".into(), sync_interval: None },
+        ] {
+            let shown = format!("{target:?} {}", target.describe());
+            assert!(!shown.contains("s3cret") && !shown.contains("t0ken"), "{shown}");
+            assert!(shown.contains("db.example.turso.io"), "{shown}");
+        }
+        for bad in ["libsql://:0?authToken=s3cret", "libsql://?authToken=s3cret", "libsql://h:99999?authToken=s3cret"] {
+            let e = validate_url(bad).expect_err(bad);
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -51,7 +51,7 @@ struct Pool {
 
 impl Pool {
     async fn connect(&self) -> libsql::Result<Conn> {
-        let conn = self.db.connect()?;
+        let conn = self.db.connect().map_err(|e| if self.local_file { error::local_open_failure(e) } else { e })?;
         if self.local_file {
             conn.busy_timeout(self.settings.busy_timeout)?;
         }
@@ -219,7 +219,10 @@ impl LibsqlStoreBuilder {
                 // Absolute: read connections open lazily, and must open the writer's file even if
                 // the process changes its working directory meanwhile.
                 let path = dotdo_core::sql_schema::absolute_database_path(path)?;
-                let db = libsql::Builder::new_local(path).build().await.map_err(|e| error::map(e, &doing, false))?;
+                let db = libsql::Builder::new_local(path)
+                    .build()
+                    .await
+                    .map_err(|e| error::map(error::local_open_failure(e), &doing, false))?;
                 (None, Arc::new(db), None, true)
             }
             Target::Remote { url, auth_token } => {
@@ -248,8 +251,11 @@ impl LibsqlStoreBuilder {
         };
         let writer_conn = {
             let db = write_db.as_ref().unwrap_or(&*readers.db);
-            let conn = db.connect().map_err(|e| error::map(e, &doing, false))?;
-            if matches!(target, Target::Local { .. }) {
+            let local = matches!(target, Target::Local { .. });
+            let conn = db
+                .connect()
+                .map_err(|e| error::map(if local { error::local_open_failure(e) } else { e }, &doing, false))?;
+            if local {
                 conn.busy_timeout(settings.busy_timeout).map_err(|e| error::map(e, &doing, false))?;
             }
             Conn::new(conn, batch_everywhere || remote_writes, remote_writes)

@@ -361,6 +361,9 @@ async fn a_damaged_database_is_reported_corrupt() {
 async fn an_unopenable_path_is_unavailable() {
     let e = LibsqlStore::local("/nonexistent-dir/for/sure/hot.db").open().await.expect_err("no dir");
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    // SQLite's "cannot open", not an unreachable primary: retrying would not help.
+    assert!(!e.is_retryable(), "{e}");
+    assert!(!e.to_string().contains("primary"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
