@@ -532,8 +532,8 @@ fn plan(batch: &ColdBatch, prev: &SnapshotMarks) -> Result<Plan> {
 }
 
 /// Data files written for an attempt: the per-object seq ranges they hold, the partition spec
-/// they were written under, and the files.
-type Written = (Vec<(ObjectId, Seq, Seq)>, i32, Vec<DataFile>);
+/// they were written under, the files, and when their writing began (by the store's clock).
+type Written = (Vec<(ObjectId, Seq, Seq)>, i32, Vec<DataFile>, Timestamp);
 
 /// How the last commit attempt ended.
 enum Attempt {
@@ -1028,14 +1028,23 @@ impl IcebergColdStore {
             // Files are reused by a later attempt only under the spec they were written for:
             // another engine may have evolved the table's partition spec meanwhile.
             let spec_id = table.metadata().default_partition_spec_id();
+            // Nor once they are older than half of `min_cleanup_retention` (retries after slow
+            // stores, conflicts and unknown outcomes add up): a cleanup running meanwhile may
+            // judge them unreferenced and delete them after the commit lands (a snapshot naming
+            // missing files). New files are written instead, as a compaction's check refuses.
+            let max_age = self.inner.settings.min_cleanup_retention / 2;
+            let young = |at: &Timestamp| max_age.is_zero() || self.inner.clock.now().since(*at) <= max_age;
             let files = match &written {
-                Some((ranges, spec, files)) if *ranges == p.ranges && *spec == spec_id => files.clone(),
+                Some((ranges, spec, files, at)) if *ranges == p.ranges && *spec == spec_id && young(at) => {
+                    files.clone()
+                }
                 _ => {
-                    if let (Some((_, _, old)), Attempt::Conflict) = (written.take(), &last) {
+                    if let (Some((_, _, old, _)), Attempt::Conflict) = (written.take(), &last) {
                         // The earlier attempt definitely did not commit: its files are garbage.
                         let paths: Vec<String> = old.iter().map(|f| f.file_path().to_string()).collect();
                         self.delete_files(paths).await;
                     }
+                    let started = self.inner.clock.now();
                     let files =
                         match self.write_files(&table, batch, &p.parts, self.inner.settings.target_file_size).await {
                             Ok(f) => f,
@@ -1046,7 +1055,7 @@ impl IcebergColdStore {
                             }
                             Err(e) => return Err(e),
                         };
-                    written = Some((p.ranges.clone(), spec_id, files.clone()));
+                    written = Some((p.ranges.clone(), spec_id, files.clone(), started));
                     files
                 }
             };

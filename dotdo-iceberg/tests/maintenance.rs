@@ -1687,3 +1687,65 @@ async fn user_tables_without_columns_or_with_a_name_twice_are_refused() {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert!(t.read_all().await.expect("read").is_empty(), "nothing written");
 }
+
+/// An append whose commit is retried long after it wrote its data files (a conflict, then
+/// retries that took more than half of `min_cleanup_retention`) writes new files instead of
+/// committing the old ones: a cleanup running meanwhile (here with the default minimum and a
+/// clock two hours ahead, as after a long stall) may have deleted them as unreferenced.
+/// Before, the retry committed the deleted files and the object's reads were `Corrupt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_retried_past_half_the_cleanup_minimum_writes_new_files() {
+    use dotdo_core::Clock;
+    use object_store::ObjectStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other = open(dir.path(), 1).await;
+    let (o, p, q) = (ObjectId::new("o").expect("id"), ObjectId::new("p").expect("id"), ObjectId::new("q").expect("id"));
+    let one = FencingToken::new(1);
+    other.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 1, "k", "v", 1)])).await.expect("append o");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let now = dotdo_core::SystemClock::new().now();
+    let clock = dotdo_core::ManualClock::new(now);
+    let writer = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .with_clock(Arc::new(clock.clone()))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("writer");
+    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .with_clock(Arc::new(dotdo_core::ManualClock::new(now.plus(std::time::Duration::from_secs(2 * 3600)))))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("cleaner");
+    let deleted = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let (other2, p2, deleted2) = (other.clone(), p.clone(), deleted.clone());
+    // Before the writer's first commit: another store commits (a conflict), 40 minutes pass for
+    // the writer, and a cleanup deletes what no snapshot references.
+    *hooked.before_put.lock() = Some(common::PutHook(
+        "-m0.avro".into(),
+        Box::pin(async move {
+            other2.append(ColdBatch::single(p2.clone(), one, vec![common::put(&p2, 1, "k", "v", 1)])).await.expect("p");
+            clock.advance(std::time::Duration::from_secs(40 * 60));
+            let report =
+                cleaner.remove_unreferenced_files(std::time::Duration::from_secs(3600)).await.expect("cleanup");
+            deleted2.lock().extend(report.deleted);
+        }),
+    ));
+    let c = writer.append(ColdBatch::single(q.clone(), one, vec![common::put(&q, 1, "k", "w", 1)])).await;
+    c.expect("the append commits");
+    assert!(hooked.before_put.lock().is_none(), "the hook ran");
+    assert!(
+        deleted.lock().iter().any(|f| f.ends_with(".parquet")),
+        "the cleanup deleted the first files: {:?}",
+        deleted.lock()
+    );
+    for (obj, v) in [(&o, "v"), (&p, "v"), (&q, "w")] {
+        let st = other.load_state(obj, AsOf::Latest).await.expect("every file of the head is there");
+        assert_eq!(st.entries.len(), 1, "{obj}");
+        assert_eq!(&st.entries[0].value[..], v.as_bytes(), "{obj}");
+    }
+}
