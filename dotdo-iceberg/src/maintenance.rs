@@ -160,7 +160,11 @@ impl IcebergColdStore {
     /// only files in this table's own layout are judged (metadata files directly in `metadata/`,
     /// data files in `data/` or its `field=value` partition directories). A `retention` below
     /// [`Settings::min_cleanup_retention`](crate::Settings::min_cleanup_retention) (default 1
-    /// hour) is `InvalidInput`: it could delete the files of a commit still in flight.
+    /// hour) is `InvalidInput`: it could delete the files of a commit still in flight. So is one
+    /// below the minimum the table records ([`MIN_CLEANUP_PROP`](crate::MIN_CLEANUP_PROP): the
+    /// largest `min_cleanup_retention` a store opened it with, since that store's compactions
+    /// commit files up to half of it old), and the table is read again before deleting, that
+    /// minimum with it.
     pub async fn remove_unreferenced_files(&self, retention: Duration) -> Result<CleanupReport> {
         let min = self.inner.settings.min_cleanup_retention;
         if retention < min {
@@ -171,10 +175,24 @@ impl IcebergColdStore {
             )));
         }
         let table = self.refresh().await?;
-        gc_enabled(&table, &format!("removing unreferenced files of {}", self.table_ident()))?;
+        let what = format!("removing unreferenced files of {}", self.table_ident());
+        gc_enabled(&table, &what)?;
+        let recorded = table_cleanup_minimum(&table, &what)?;
+        if retention < recorded {
+            return Err(Error::invalid(format!(
+                "{what}: retention {retention:?} is below the minimum the table records ({recorded:?}, table \
+                 property {}: a store opened it with that min_cleanup_retention, and its compactions may \
+                 commit files up to half of it old)",
+                crate::MIN_CLEANUP_PROP
+            )));
+        }
         let md = table.metadata();
-        let cutoff =
-            self.inner.clock.now().as_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
+        let cutoff_for = |retention: Duration| {
+            self.inner.clock.now().as_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX))
+        };
+        let cutoff = cutoff_for(retention);
+        // Unreferenced files modified after this are kept (in-flight commits' files).
+        let mut keep_after = cutoff;
         let root = &self.inner.root;
         let mut referenced: HashSet<String> = HashSet::new();
         let mut manifests = HashSet::new();
@@ -198,13 +216,16 @@ impl IcebergColdStore {
         let current = self.refresh().await?;
         if current.metadata_location() != table.metadata_location() {
             self.add_referenced(&current, cutoff, &mut referenced, &mut manifests).await?;
+            // A store opened meanwhile with a larger minimum (whose compaction may already be
+            // writing): files younger than that stay.
+            keep_after = keep_after.min(cutoff_for(table_cleanup_minimum(&current, &what)?));
         }
         let mut report = CleanupReport { referenced: referenced.len(), ..Default::default() };
         for obj in listed {
             if referenced.contains(obj.location.as_ref()) || !own_layout(&prefix, &obj.location) {
                 continue;
             }
-            if obj.last_modified.timestamp_micros() >= cutoff {
+            if obj.last_modified.timestamp_micros() >= keep_after {
                 report.kept_recent += 1;
                 continue;
             }
@@ -347,6 +368,17 @@ fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64,
 /// to keep history): snapshot expiry and file cleanup are refused, `InvalidInput`, as Java's
 /// maintenance actions refuse them. (iceberg's own refusal surfaced as `Corrupt`, and the file
 /// cleanup ignored the property.)
+/// The cleanup minimum `table` records; `InvalidInput` if the property is not a number.
+fn table_cleanup_minimum(table: &iceberg::table::Table, what: &str) -> Result<Duration> {
+    crate::store::recorded_cleanup_minimum(table).map_err(|v| {
+        Error::invalid(format!(
+            "{what}: table property {}={v:?} is not a number of milliseconds; set it to one (the largest \
+             min_cleanup_retention of the table's writers)",
+            crate::MIN_CLEANUP_PROP
+        ))
+    })
+}
+
 fn gc_enabled(table: &iceberg::table::Table, what: &str) -> Result<()> {
     // Parsed as Java's `Boolean.parseBoolean` does: anything but "true" (any case) disables it.
     match table.metadata().properties().get("gc.enabled") {

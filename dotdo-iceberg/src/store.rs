@@ -125,6 +125,10 @@ pub struct Settings {
     /// none was written more than half of this ago (a cleanup running meanwhile could judge an older one
     /// unreferenced and delete it after the commit); otherwise it fails with `Conflict`, nothing
     /// committed. A compaction that needs longer: fewer partitions per run, or a larger minimum.
+    /// An append whose commit is retried past half of it writes new files. Opening the change
+    /// table records the largest minimum of its stores in the table ([`MIN_CLEANUP_PROP`]), and
+    /// every cleanup keeps to it, whatever its own setting. The ages are taken by the store's
+    /// clock against the object store's last-modified times.
     pub min_cleanup_retention: Duration,
     /// On a `file://` warehouse that dotdo opens itself (not one given with
     /// [`object_store`](IcebergColdStoreBuilder::object_store)), fsync every data, manifest and
@@ -357,21 +361,44 @@ async fn open_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settin
         Err(e) => return Err(classify(e, &what)),
     };
     schema::check_change_table(table.metadata(), &what)?;
+    let mut set = Vec::new();
     // dotdo retries commits itself after re-reading the watermarks; iceberg's internal retry
     // would re-apply the same summary on a stale base.
     if table.metadata().properties().get(RETRY_PROP).map(String::as_str) != Some("0") {
-        let tx = Transaction::new(&table);
-        let tx = tx
-            .update_table_properties()
-            .set(RETRY_PROP.to_string(), "0".to_string())
-            .apply(tx)
-            .map_err(|e| classify(e, &what))?;
-        return tx.commit(catalog).await.map_err(|e| classify(e, &what));
+        set.push((RETRY_PROP, "0".to_string()));
     }
-    Ok(table)
+    // Every cleanup of the table, whatever its own settings, keeps to the largest minimum a
+    // writer opened it with: a compaction of this store commits files up to half of it old.
+    let own = u64::try_from(settings.min_cleanup_retention.as_millis()).unwrap_or(u64::MAX);
+    if own > 0 && recorded_cleanup_minimum(&table).map_or(true, |r| r.as_millis() < u128::from(own)) {
+        set.push((MIN_CLEANUP_PROP, own.to_string()));
+    }
+    if set.is_empty() {
+        return Ok(table);
+    }
+    let tx = Transaction::new(&table);
+    let mut props = tx.update_table_properties();
+    for (k, v) in set {
+        props = props.set(k.to_string(), v);
+    }
+    let tx = props.apply(tx).map_err(|e| classify(e, &what))?;
+    tx.commit(catalog).await.map_err(|e| classify(e, &what))
 }
 
 pub(crate) const RETRY_PROP: &str = "commit.retry.num-retries";
+
+/// The table property recording the largest `min_cleanup_retention` (milliseconds) a store
+/// opened the change table with.
+pub const MIN_CLEANUP_PROP: &str = "dotdo.min-cleanup-retention-ms";
+
+/// The cleanup minimum the table records ([`MIN_CLEANUP_PROP`]): `None` if absent, `Err` if not
+/// a number of milliseconds (another engine's edit).
+pub(crate) fn recorded_cleanup_minimum(table: &Table) -> std::result::Result<Duration, String> {
+    match table.metadata().properties().get(MIN_CLEANUP_PROP) {
+        None => Ok(Duration::ZERO),
+        Some(v) => v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| v.clone()),
+    }
+}
 
 /// A namespace about to be created: its parts may not contain '.'. The SQL catalog stores a
 /// namespace as its parts joined with '.', so ["a.b"] and ["a", "b"] would be one namespace

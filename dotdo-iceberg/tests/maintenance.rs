@@ -1749,3 +1749,87 @@ async fn an_append_retried_past_half_the_cleanup_minimum_writes_new_files() {
         assert_eq!(&st.entries[0].value[..], v.as_bytes(), "{obj}");
     }
 }
+
+/// A store opened with a larger `min_cleanup_retention` records it in the table
+/// (`dotdo.min-cleanup-retention-ms`, raised only): a cleanup on default settings elsewhere
+/// refuses a retention below it (its compactions may commit files up to half of it old; the
+/// cleanup used to judge by its own minimum alone and could delete them first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanups_keep_to_the_largest_minimum_a_writer_opened_the_table_with() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let with_min = |min: std::time::Duration| {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["m"], "changes")
+            .settings(Settings { buckets: 1, min_cleanup_retention: min, ..Default::default() })
+            .build()
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    let recorded =
+        |c: &IcebergColdStore| c.table().metadata().properties().get(dotdo_iceberg::MIN_CLEANUP_PROP).cloned();
+    let cleaner = with_min(hour).await.expect("default minimum");
+    assert_eq!(recorded(&cleaner).as_deref(), Some("3600000"));
+    let compactor = with_min(4 * hour).await.expect("a larger minimum");
+    assert_eq!(recorded(&compactor).as_deref(), Some("14400000"));
+    let e = cleaner.remove_unreferenced_files(hour).await.expect_err("below the table's minimum");
+    assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains(dotdo_iceberg::MIN_CLEANUP_PROP), "{e}");
+    cleaner.remove_unreferenced_files(4 * hour).await.expect("at the table's minimum");
+    // Opening with a smaller minimum does not lower it.
+    let later = with_min(hour).await.expect("reopen");
+    assert_eq!(recorded(&later).as_deref(), Some("14400000"));
+    assert_eq!(
+        later.remove_unreferenced_files(2 * hour).await.expect_err("still below").kind(),
+        &dotdo_core::ErrorKind::InvalidInput
+    );
+}
+
+/// A store with a larger minimum opened while a cleanup lists the table: the cleanup reads the
+/// table again before deleting, minimum included, and keeps unreferenced files younger than
+/// it (files of that store's compaction, maybe already being written). Before, it deleted them
+/// by its first reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minimum_raised_during_a_cleanup_keeps_younger_files() {
+    use dotdo_core::Clock;
+    use object_store::ObjectStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    writer
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    // A data file no snapshot references (as a compaction's before it commits).
+    let stray = common::files_ending_with(dir.path(), ".parquet")[0].with_file_name("in-flight.parquet");
+    std::fs::write(&stray, b"PAR1 not yet committed").expect("stray file");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let ahead = dotdo_core::SystemClock::new().now().plus(std::time::Duration::from_secs(2 * 3600));
+    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .with_clock(Arc::new(dotdo_core::ManualClock::new(ahead)))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("cleaner");
+    let path = dir.path().to_str().expect("utf-8").to_string();
+    *hooked.before_list.lock() = Some(common::PutHook(
+        String::new(),
+        Box::pin(async move {
+            IcebergColdStore::builder(path)
+                .table(["m"], "changes")
+                .settings(Settings {
+                    buckets: 1,
+                    min_cleanup_retention: std::time::Duration::from_secs(4 * 3600),
+                    ..Default::default()
+                })
+                .build()
+                .await
+                .expect("a store with a larger minimum");
+        }),
+    ));
+    let report = cleaner.remove_unreferenced_files(std::time::Duration::from_secs(3600)).await.expect("cleanup");
+    assert!(hooked.before_list.lock().is_none(), "the store opened during the listing");
+    assert!(stray.exists(), "a file younger than the raised minimum was deleted: {report:?}");
+    assert!(report.kept_recent >= 1, "{report:?}");
+}
