@@ -279,12 +279,17 @@ pub async fn invalid_records_are_refused_and_nothing_committed(f: &ColdFactory) 
     let (fx, _) = open(f).await;
     let (a, b) = (oid("a"), oid("b"));
     type Damage = fn(&mut ChangeRecord);
-    let cases: [(&str, Damage); 5] = [
+    let cases: [(&str, Damage); 10] = [
         ("empty key", |r| r.key = String::new()),
         ("key with a control character", |r| r.key = "k\n1".into()),
+        ("key over the limit in bytes, under it in characters", |r| r.key = "é".repeat(crate::MAX_KEY_BYTES / 2 + 1)),
         ("value over the limit", |r| r.value = Bytes::from(vec![7u8; MAX_VALUE_BYTES + 1])),
         ("empty type name", |r| r.type_name = String::new()),
+        ("type name over the limit", |r| r.type_name = "T".repeat(crate::MAX_TYPE_NAME_BYTES + 1)),
+        ("type name with a control character", |r| r.type_name = "T\t".into()),
         ("record token NONE", |r| r.token = FencingToken::NONE),
+        ("record of another object", |r| r.object = oid("a")),
+        ("sequence number 0", |r| r.seq = 0),
     ];
     for (what, damage) in cases {
         let mut bad = puts(&b, 1..=2, 1);
@@ -385,6 +390,80 @@ pub async fn timestamp_reads_pick_the_latest_snapshot_at_or_before(f: &ColdFacto
             assert_eq!(got.as_deref(), want, "lookup as of {ts:?}");
             let sc = a.scan(ScanQuery::object(o.clone()).as_of(AsOf::Timestamp(ts))).await.expect("scan by time");
             assert_eq!(sc.entries.len(), usize::from(want.is_some()), "scan as of {ts:?}");
+        }
+    }
+}
+
+/// Two commits at the same instant of the clock: `AsOf::Timestamp` at that instant reads the
+/// later one (the latest snapshot at or before the time), and snapshot ids that were never
+/// issued (one above the newest, one between two) are `NotFound`, not a neighbour.
+pub async fn same_instant_commits_and_unissued_snapshot_ids(f: &ColdFactory) {
+    let (fx, clock) = open(f).await;
+    let o = oid("o1");
+    let c1 = fx.sink.append(ColdBatch::single(o.clone(), tok(1), vec![rec(&o, 1, "k", Some("v1"), 1)])).await;
+    let c1 = c1.expect("c1");
+    let c2 = fx.sink.append(ColdBatch::single(o.clone(), tok(1), vec![rec(&o, 2, "k", Some("v2"), 1)])).await;
+    let c2 = c2.expect("c2");
+    let at = clock.now();
+    let st = fx.sink.load_state(&o, AsOf::Timestamp(at)).await.expect("load at the instant");
+    assert_eq!((st.snapshot, st.through), (c2.snapshot, 2), "the later of two commits at {at:?}");
+    assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Timestamp(at)).await.expect("changes").len(), 2);
+    if let Some(a) = fx.accel.as_ref() {
+        let l = a.lookup(&o, "k", AsOf::Timestamp(at)).await.expect("lookup at the instant");
+        assert_eq!(l.value.map(|v| v.value), Some(Bytes::from_static(b"v2")));
+    }
+    let ids: Vec<i64> = fx.sink.snapshots().await.expect("snapshots").iter().map(|s| s.id).collect();
+    assert_eq!(ids.len(), 2);
+    let (s1, s2) = (c1.snapshot.expect("snapshot"), c2.snapshot.expect("snapshot"));
+    let mut never =
+        vec![ids.iter().max().expect("ids").saturating_add(1), ids.iter().min().expect("ids").saturating_sub(1)];
+    if s1.abs_diff(s2) > 1 {
+        never.push(s1.min(s2) + 1);
+    }
+    for id in never.into_iter().filter(|id| !ids.contains(id)) {
+        let e = fx.sink.load_state(&o, AsOf::Snapshot(id)).await.expect_err("never issued");
+        assert_eq!(e.kind(), &ErrorKind::NotFound, "load_state as of {id}: {e}");
+        let e = fx.sink.read_changes(&o, 0, AsOf::Snapshot(id)).await.expect_err("never issued");
+        assert_eq!(e.kind(), &ErrorKind::NotFound, "read_changes as of {id}: {e}");
+        if let Some(a) = fx.accel.as_ref() {
+            let e = a.lookup(&o, "k", AsOf::Snapshot(id)).await.expect_err("never issued");
+            assert_eq!(e.kind(), &ErrorKind::NotFound, "lookup as of {id}: {e}");
+        }
+    }
+}
+
+/// Objects whose ids share a prefix (or contain the separators a backend might join ids and
+/// keys with) are independent on every path: state, changes, watermarks, lookups and scans,
+/// also when one batch carries them all.
+pub async fn objects_whose_ids_share_a_prefix_are_independent(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let long = format!("o1{}", "x".repeat(crate::ObjectId::MAX_LEN - 2));
+    let ids: Vec<ObjectId> =
+        ["o1", "o10", "o1/x", "o1:x", "o1.x", "o1@x", "o", long.as_str()].iter().map(|s| oid(s)).collect();
+    let records = |i: usize, o: &ObjectId| -> Vec<ChangeRecord> {
+        (1..=i as u64 + 1).map(|s| rec(o, s, if s == 1 { "x/k" } else { "k" }, Some(&format!("{o}={s}")), 1)).collect()
+    };
+    let batch = ColdBatch {
+        objects: ids
+            .iter()
+            .enumerate()
+            .map(|(i, o)| ObjectChanges { object: o.clone(), token: tok(1), records: records(i, o) })
+            .collect(),
+    };
+    fx.sink.append(batch).await.expect("one batch of every object");
+    for (i, o) in ids.iter().enumerate() {
+        let n = i as u64 + 1;
+        assert_eq!(fx.sink.watermark(o).await.expect("watermark").through, n, "{o}");
+        let changes = fx.sink.read_changes(o, 0, AsOf::Latest).await.expect("changes");
+        assert_eq!(changes, records(i, o), "{o}");
+        let st = fx.sink.load_state(o, AsOf::Latest).await.expect("state");
+        let want: Vec<(String, Bytes)> = fold_changes(&records(i, o)).0.into_iter().map(|e| (e.key, e.value)).collect();
+        assert_eq!(st.entries.into_iter().map(|e| (e.key, e.value)).collect::<Vec<_>>(), want, "{o}");
+        if let Some(a) = fx.accel.as_ref() {
+            let l = a.lookup(o, "x/k", AsOf::Latest).await.expect("lookup");
+            assert_eq!(l.value.map(|v| v.value), Some(Bytes::from(format!("{o}=1"))), "{o}");
+            let sc = a.scan(ScanQuery::object(o.clone())).await.expect("scan");
+            assert_eq!(sc.entries.len(), if n > 1 { 2 } else { 1 }, "{o}: {:?}", sc.entries);
         }
     }
 }
@@ -977,7 +1056,9 @@ pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
         large_values_roundtrip,
         lookup_finds_latest_and_respects_deletes,
         scan_filters_by_range_type_and_time,
-        query_stats_are_consistent
+        query_stats_are_consistent,
+        same_instant_commits_and_unissued_snapshot_ids,
+        objects_whose_ids_share_a_prefix_are_independent
     );
     let mut failures: Vec<CaseFailure> =
         all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect();

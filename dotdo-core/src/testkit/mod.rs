@@ -411,7 +411,9 @@ macro_rules! cold_conformance {
             large_values_roundtrip,
             lookup_finds_latest_and_respects_deletes,
             scan_filters_by_range_type_and_time,
-            query_stats_are_consistent
+            query_stats_are_consistent,
+            same_instant_commits_and_unissued_snapshot_ids,
+            objects_whose_ids_share_a_prefix_are_independent
         );
         #[test]
         fn prop_cold_sink_matches_model() {
