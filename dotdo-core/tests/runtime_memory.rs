@@ -955,6 +955,8 @@ struct FlakyGuard {
     late_waiting: Arc<std::sync::atomic::AtomicU32>,
     /// Releases that fail with a retryable `Unavailable`.
     fail_releases: std::sync::atomic::AtomicU32,
+    /// Releases never answer (a hung connection).
+    hang_releases: std::sync::atomic::AtomicBool,
 }
 
 impl FlakyGuard {
@@ -973,6 +975,7 @@ impl FlakyGuard {
             late_gate: Arc::new(tokio::sync::Semaphore::new(0)),
             late_waiting: Arc::default(),
             fail_releases: 0.into(),
+            hang_releases: false.into(),
         }
     }
 }
@@ -1040,6 +1043,9 @@ impl ConsistencyGuard for FlakyGuard {
             self.fail_releases.store(left - 1, std::sync::atomic::Ordering::SeqCst);
             return Err(Error::unavailable("guard unreachable (test)"));
         }
+        if self.hang_releases.load(std::sync::atomic::Ordering::SeqCst) {
+            futures::future::pending::<()>().await;
+        }
         self.inner.release(lease).await
     }
     async fn validate(&self, lease: &Lease) -> Result<()> {
@@ -1066,6 +1072,89 @@ async fn a_transient_refresh_failure_keeps_a_valid_lease() {
     rt.maintain().await.expect("maintain");
     assert_eq!(incr(&rt, &o).await.expect("third"), 3);
     assert_eq!(rt.metrics().activations, 1, "the object was never re-activated");
+}
+
+/// A `maintain` cancelled while it releases leftover leases (a host's timeout around it, a
+/// release that hangs) keeps the ones it has not released yet: each object's next call
+/// releases its own and activates. Before, they were taken out all at once and the rest were
+/// forgotten: the next call on such an object got `LeaseHeld`, naming this very node.
+#[tokio::test]
+async fn a_cancelled_maintain_keeps_the_leftover_leases_it_has_not_released() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with(
+        "a",
+        guard.clone(),
+        Arc::new(w.cold.clone()),
+        RuntimeSettings { keep_warm: Duration::ZERO, ..settings() },
+    );
+    let (o1, o2) = (oid("o1"), oid("o2"));
+    // Each call gives its lease back (keep_warm 0); both releases fail: two leftover leases.
+    guard.fail_releases.store(2, std::sync::atomic::Ordering::SeqCst);
+    incr(&rt, &o1).await.expect("o1");
+    incr(&rt, &o2).await.expect("o2");
+    assert!(!w.hot.is_available(&o1).await.expect("o1") && !w.hot.is_available(&o2).await.expect("o2"));
+    guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_millis(20), rt.maintain()).await.expect_err("maintain hangs on a release");
+    guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o1).await.expect("o1 again"), 2);
+    assert_eq!(incr(&rt, &o2).await.expect("o2 again"), 2);
+}
+
+/// A handler's error reached after the lease ran out is refused like a read-only answer: it
+/// may rest on reads that another node's writes have made stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_reached_after_the_lease_ran_out_is_refused() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("first");
+    let clock = w.clock.clone();
+    let r = rt
+        .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
+            let _ = t.get("n").await?;
+            clock.advance(TTL * 2);
+            Err::<(), _>(Error::invalid("insufficient balance (computed from a stale read)"))
+        })
+        .await;
+    let e = r.expect_err("refused");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    assert_eq!(rt.metrics().self_fenced, 1);
+    assert!(w.hot.is_available(&o).await.expect("available"), "the lease was given back");
+}
+
+/// A call dropped by its caller while the handler runs, where leases go back after every call
+/// (`keep_warm` 0): its lease is not kept for the next call (which takes a new one, as after
+/// any call), but released before it. Before, the cancelled call's activation stayed warm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_does_not_keep_its_lease_warm() {
+    let w = World::new();
+    let rt = w.runtime("a", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let o = oid("o");
+    let token = |rt: &ObjectRuntime| {
+        let o = o.clone();
+        let rt = rt.clone();
+        async move { rt.invoke(&o, async |t: &mut ObjectTxn<'_>| Ok::<_, Error>(t.token())).await.expect("token") }
+    };
+    let first = token(&rt).await;
+    let second = token(&rt).await;
+    assert!(second > first, "keep_warm 0: every call takes a new lease");
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(20),
+        rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            t.put("k", "v")?;
+            futures::future::pending::<()>().await;
+            Ok::<_, Error>(t.token())
+        }),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the call was cancelled");
+    let after = token(&rt).await;
+    assert!(
+        after.get() > second.get() + 1,
+        "the cancelled call's lease was kept for the next call: {after} after {second}"
+    );
+    assert_eq!(get(&rt, &o, "k").await.expect("get"), None, "the cancelled call wrote nothing");
 }
 
 /// A runtime on a [`FlakyGuard`] with `o` written once.

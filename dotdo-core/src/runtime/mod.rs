@@ -505,30 +505,35 @@ impl ObjectRuntime {
     {
         let mut slot = slot.lock().await;
         self.ensure_active(object, &mut slot).await?;
-        let active = slot.active.as_mut().expect("ensure_active leaves the object active");
-        let lease = active.lease.clone();
-        let mut txn = ObjectTxn {
-            inner: &self.inner,
-            object,
-            token: lease.token,
-            lazy: &mut active.lazy,
-            writes: BTreeMap::new(),
-            ops: Vec::new(),
+        let lease = slot.active.as_ref().expect("ensure_active leaves the object active").lease.clone();
+        // From here until the handler's outcome is known, a dropped call (cancelled by its
+        // caller) or a panicking handler leaves through `CallEnd`'s drop.
+        let mut end = CallEnd { inner: &self.inner, slot: Some(slot), renewed: parking_lot::Mutex::new(lease.clone()) };
+        let (outcome, ops) = {
+            let CallEnd { slot, renewed, .. } = &mut end;
+            let active = slot.as_mut().and_then(|s| s.active.as_mut()).expect("ensure_active leaves the object active");
+            let mut txn = ObjectTxn {
+                inner: &self.inner,
+                object,
+                token: lease.token,
+                lazy: &mut active.lazy,
+                writes: BTreeMap::new(),
+                ops: Vec::new(),
+            };
+            // Run the handler while renewing the lease; a failed renewal abandons the handler.
+            let outcome = {
+                let handler_fut = std::pin::pin!(handler(&mut txn));
+                let renew_fut = std::pin::pin!(renew_loop(&self.inner, renewed));
+                match futures::future::select(handler_fut, renew_fut).await {
+                    Either::Left((out, _)) => Ok(out),
+                    Either::Right((err, _)) => Err(err),
+                }
+            };
+            (outcome, std::mem::take(&mut txn.ops))
         };
-        // Run the handler while renewing the lease; a failed renewal abandons the handler.
-        let renewed = parking_lot::Mutex::new(lease.clone());
-        let outcome = {
-            let handler_fut = std::pin::pin!(handler(&mut txn));
-            let renew_fut = std::pin::pin!(renew_loop(&self.inner, &renewed));
-            match futures::future::select(handler_fut, renew_fut).await {
-                Either::Left((out, _)) => Ok(out),
-                Either::Right((err, _)) => Err(err),
-            }
-        };
-        let ops = std::mem::take(&mut txn.ops);
-        drop(txn);
+        let (mut slot, renewed) = end.finish();
         let active = slot.active.as_mut().expect("still active");
-        active.lease = renewed.into_inner();
+        active.lease = renewed;
         active.last_used = self.inner.clock.now();
         let value = match outcome {
             Err(lost) => {
@@ -539,6 +544,11 @@ impl ObjectRuntime {
                 return Err(lost.into());
             }
             Ok(Err(handler_err)) => {
+                // An error is an answer too: one reached after the lease ran out may rest on
+                // reads another node's writes have made stale (refused like a read-only answer).
+                if let Some(e) = self.refuse_if_ran_out(object, &mut slot, "its error").await {
+                    return Err(e.into());
+                }
                 self.after_call(&mut slot).await;
                 return Err(handler_err);
             }
@@ -549,19 +559,8 @@ impl ObjectRuntime {
             // lease holds: if the lease ran out before the handler finished (a process pause,
             // or the handler finishing just as the renewal timed out), another node may have
             // written since, so the answer is refused, like a lost renewal.
-            let expired = slot.active.as_ref().filter(|a| self.inner.clock.now() >= a.lease.expires_at);
-            if let Some(lease) = expired.map(|a| a.lease.clone()) {
-                self.inner.metrics.lock().self_fenced += 1;
-                slot.active = None;
-                // The guard's clock may not have reached the expiry yet: give the lease back so
-                // this node's next call is not refused by its own lease (a release of a lease
-                // that is no longer current changes nothing).
-                release_quietly(&self.inner, &lease).await;
-                return Err(Error::new(
-                    ErrorKind::LeaseLost { object: object.clone() },
-                    "the lease ran out before the read-only handler finished; its answer may be stale",
-                )
-                .into());
+            if let Some(e) = self.refuse_if_ran_out(object, &mut slot, "its answer").await {
+                return Err(e.into());
             }
         } else {
             if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
@@ -655,6 +654,22 @@ impl ObjectRuntime {
             }
         }
         Ok(())
+    }
+
+    /// `LeaseLost` if the activation's lease ran out before the handler finished (the
+    /// activation is dropped and its lease given back: the guard's clock may not have reached
+    /// the expiry yet, and this node's next call must not be refused by its own lease); what
+    /// the handler returned (`what`) may be stale.
+    async fn refuse_if_ran_out(&self, object: &ObjectId, slot: &mut Slot, what: &str) -> Option<Error> {
+        let expired = slot.active.as_ref().filter(|a| self.inner.clock.now() >= a.lease.expires_at);
+        let lease = expired.map(|a| a.lease.clone())?;
+        self.inner.metrics.lock().self_fenced += 1;
+        slot.active = None;
+        release_quietly(&self.inner, &lease).await;
+        Some(Error::new(
+            ErrorKind::LeaseLost { object: object.clone() },
+            format!("the lease ran out before the handler finished; {what} may be stale"),
+        ))
     }
 
     /// With `keep_warm` 0, or once shutdown's flush has run (a call that outlived shutdown's
@@ -1516,7 +1531,10 @@ impl ObjectRuntime {
     /// Changes that could not be flushed stay in the hot change log, and the next `flush_all`
     /// on the same hot store drains them. Bounded by about one lease TTL plus the flush: a
     /// handler still running after the wait (counted in [`FlushReport::busy`]) keeps its lease,
-    /// renewed, until it ends, may still commit, and then gives the lease back.
+    /// renewed, until it ends, may still commit, and then gives the lease back. A shutdown
+    /// whose future is dropped before it returns (a host's timeout shorter than that bound)
+    /// leaves the runtime refusing calls and `maintain`, its leases held and its changes
+    /// unflushed: call `shutdown` again to finish.
     pub async fn shutdown(&self) -> Result<FlushReport> {
         let inner = &self.inner;
         inner.shutting_down.store(true, Ordering::SeqCst);
@@ -1558,6 +1576,9 @@ async fn preload(
                 lazy.preloaded.insert(k.clone(), false);
                 bytes += v.len() as u64;
                 n += 1;
+                // Counted as it is preloaded: a prefetch that fails partway keeps the keys it
+                // preloaded, and their first reads count as preload hits.
+                inner.metrics.lock().preloaded_keys += 1;
             }
         }
         lazy.remember(k, v, inner.settings.lazy_cache_bytes);
@@ -1594,7 +1615,6 @@ async fn preload(
             }
         }
     }
-    inner.metrics.lock().preloaded_keys += n;
     Ok((n, bytes))
 }
 
@@ -1847,8 +1867,12 @@ fn may_still_land(inner: &Inner, since: Timestamp) -> bool {
 
 /// Release the leases cancelled calls left behind ([`Inner::orphans`]).
 async fn release_orphans(inner: &Arc<Inner>) {
-    let orphans: Vec<Lease> = inner.orphans.lock().drain().map(|(_, l)| l).collect();
-    for lease in orphans {
+    // Taken one at a time: if this is cancelled (a host's timeout around `maintain`), the
+    // orphans not yet released stay recorded (the one being released is put back by
+    // `release_quietly`), and a call activating one of them meanwhile finds and releases it.
+    let objects: Vec<ObjectId> = inner.orphans.lock().keys().cloned().collect();
+    for object in objects {
+        let Some(lease) = inner.orphans.lock().remove(&object) else { continue };
         release_quietly(inner, &lease).await;
     }
     // Acquires of unknown outcome: a lease granted to this node since one began is given back,
@@ -1859,29 +1883,30 @@ async fn release_orphans(inner: &Arc<Inner>) {
     for object in objects {
         let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
         let Some(guard) = slot.try_lock() else { continue };
-        let Some(since) = inner.unsure.lock().remove(&object) else { continue };
-        if guard.active.is_some() {
+        // Read, and removed only once settled: a cancelled round leaves it recorded.
+        let Some(since) = inner.unsure.lock().get(&object).copied() else { continue };
+        let keep = if guard.active.is_some() {
             // Held now (not through that acquire: it cannot land while this lease is current).
             // Kept while it may still land after this lease is given back.
-            if may_still_land(inner, since) {
-                inner.unsure.lock().entry(object).or_insert(since);
-            }
-            continue;
-        }
-        match inner.guard.current(&object).await {
-            Ok(Some(l)) if granted_here_since(inner, &l, since) => release_quietly(inner, &l).await,
-            // Not granted yet: within a TTL of being sent it may still land (its task runs
-            // on), and would then refuse this node's next acquire naming this node; remembered
-            // so that acquire adopts it.
-            Ok(_) => {
-                if may_still_land(inner, since) {
-                    inner.unsure.lock().entry(object).or_insert(since);
+            may_still_land(inner, since)
+        } else {
+            match inner.guard.current(&object).await {
+                Ok(Some(l)) if granted_here_since(inner, &l, since) => {
+                    release_quietly(inner, &l).await;
+                    false
+                }
+                // Not granted yet: within a TTL of being sent it may still land (its task runs
+                // on), and would then refuse this node's next acquire naming this node; kept so
+                // that acquire adopts it.
+                Ok(_) => may_still_land(inner, since),
+                Err(e) => {
+                    tracing::warn!(object = %object, error = %e, "dotdo: lease of an acquire with an unknown outcome not checked");
+                    true
                 }
             }
-            Err(e) => {
-                tracing::warn!(object = %object, error = %e, "dotdo: lease of an acquire with an unknown outcome not checked");
-                inner.unsure.lock().entry(object).or_insert(since);
-            }
+        };
+        if !keep {
+            inner.unsure.lock().remove(&object);
         }
     }
     // Given-back tokens matter only while an acquire of unknown outcome may land: forgotten for
@@ -1925,6 +1950,40 @@ async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
         // Kept as an orphan (the hand's drop): the next activation of the object, or
         // `maintain`, tries again, so this node is not locked out until the lease expires.
         Err(e) => tracing::warn!(object = %lease.object, error = %e, "dotdo lease release failed; will retry"),
+    }
+}
+
+/// A call's slot while its handler runs. If the call never gets the handler's outcome (its
+/// future dropped by the caller, or the handler panicked), the drop writes the lease the
+/// renewal kept back into the slot (a stale expiry would make a later transient refresh
+/// failure look like a lost lease), and where the lease goes back after every call
+/// (`keep_warm` 0, or after shutdown's flush) the activation's lease becomes an orphan,
+/// released by the object's next activation here or by `maintain` (not held until it expires).
+struct CallEnd<'a> {
+    inner: &'a Inner,
+    slot: Option<futures::lock::MutexGuard<'a, Slot>>,
+    renewed: parking_lot::Mutex<Lease>,
+}
+
+impl<'a> CallEnd<'a> {
+    /// The handler's outcome is known: the slot and the renewed lease, for the call to settle.
+    fn finish(mut self) -> (futures::lock::MutexGuard<'a, Slot>, Lease) {
+        let slot = self.slot.take().expect("finish is called once");
+        (slot, self.renewed.lock().clone())
+    }
+}
+
+impl Drop for CallEnd<'_> {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.as_mut() else { return };
+        let Some(active) = slot.active.as_mut() else { return };
+        active.lease = self.renewed.lock().clone();
+        if self.inner.settings.keep_warm.is_zero() || self.inner.shutdown_flushed.load(Ordering::SeqCst) {
+            if let Some(a) = slot.active.take() {
+                note_given_back(self.inner, &a.lease);
+                self.inner.orphans.lock().insert(a.lease.object.clone(), a.lease);
+            }
+        }
     }
 }
 
