@@ -58,6 +58,71 @@ INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token)
     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token);
 "#;
 
+/// The tables of the schema and the columns each must have (a file may have more columns, as
+/// the predecessor's `do_locks` has `metadata`).
+pub const SQL_HOT_TABLES: &[(&str, &[&str])] = &[
+    ("do_locks", &["do_id", "node_id", "acquired_at", "expires_at", "fencing_token"]),
+    ("do_objects", &["do_id", "last_seq", "truncated_through", "max_token"]),
+    ("do_state", &["do_id", "key", "value", "seq"]),
+    ("do_changes", &["do_id", "seq", "key", "op", "value", "token", "ts", "type"]),
+];
+
+/// Every `(table, column)` of a database's tables, as the backends read them to check a file
+/// before and after opening it (SQLite's own `sqlite_*` tables left out).
+pub const SQL_TABLE_COLUMNS: &str =
+    "SELECT m.name AS tbl, p.name AS col FROM sqlite_master m, pragma_table_info(m.name) p \
+     WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY m.name, p.cid";
+
+/// Check a database's tables (`columns`: `(table, column)` as [`SQL_TABLE_COLUMNS`] reads them)
+/// before dotdo writes its schema into it (`version`: its `user_version`). A file at version 0
+/// with tables of its own (other than the predecessor's `do_locks`) is another application's
+/// database: `InvalidInput`, and it is left untouched (dotdo would add its tables and claim the
+/// file's `user_version`). A file at a dotdo version whose dotdo tables lack a column is
+/// `Corrupt`. `source` names the file.
+pub fn check_tables_before(version: i64, columns: &[(String, String)], source: &str) -> crate::Result<()> {
+    if version == 0 {
+        let mut foreign: Vec<&str> = columns
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .filter(|t| !SQL_HOT_TABLES.iter().any(|(name, _)| name.eq_ignore_ascii_case(t)))
+            .collect();
+        foreign.dedup();
+        if !foreign.is_empty() {
+            foreign.truncate(5);
+            return Err(crate::Error::invalid(format!(
+                "{source} is another application's SQLite database (user_version 0, tables {}): dotdo keeps its \
+                 state in a database file of its own",
+                foreign.join(", ")
+            )));
+        }
+        return Ok(());
+    }
+    check_tables_after(columns, source)
+}
+
+/// Check that every table of the schema is there with its columns (after dotdo wrote its
+/// schema, or in a file at a dotdo version): `Corrupt` naming the first table or column
+/// missing.
+pub fn check_tables_after(columns: &[(String, String)], source: &str) -> crate::Result<()> {
+    for (table, wanted) in SQL_HOT_TABLES {
+        // SQLite's names are case-insensitive (a schema sent through some clients comes back as
+        // `KEY`).
+        let have: Vec<&str> =
+            columns.iter().filter(|(t, _)| t.eq_ignore_ascii_case(table)).map(|(_, c)| c.as_str()).collect();
+        if have.is_empty() {
+            return Err(crate::Error::corrupt(format!(
+                "{source}: table {table} is missing: not a dotdo database, or a damaged one"
+            )));
+        }
+        if let Some(c) = wanted.iter().find(|c| !have.iter().any(|h| h.eq_ignore_ascii_case(c))) {
+            return Err(crate::Error::corrupt(format!(
+                "{source}: table {table} has no column {c}: not a dotdo database, or a damaged one"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One `do_changes` row as the backends select it:
 /// `(seq, key, op code, value, token, ts µs, type)` (`SELECT seq, key, op, value, token, ts, type`).
 pub type ChangeRow = (u64, String, i64, Vec<u8>, u64, i64, String);

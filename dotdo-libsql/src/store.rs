@@ -537,6 +537,16 @@ impl LibsqlStore {
                     ))
                     .into());
                 }
+                let tables = async |c: &mut Conn| -> TxResult<Vec<(String, String)>> {
+                    let rows = c.query(Step::new(dotdo_core::sql_schema::SQL_TABLE_COLUMNS, vec![])).await?;
+                    Ok(rows
+                        .iter()
+                        .map(|r| Ok((crate::sql::text(r.first())?, crate::sql::text(r.get(1))?)))
+                        .collect::<libsql::Result<Vec<_>>>()?)
+                };
+                // Another application's database is left as it is; a dotdo file must have
+                // dotdo's tables.
+                dotdo_core::sql_schema::check_tables_before(version, &tables(c).await?, &describe)?;
                 if version < schema::VERSION {
                     // The program's first step checks the version again under the write lock
                     // (another process may have upgraded the file meanwhile, maybe to a newer
@@ -570,6 +580,7 @@ impl LibsqlStore {
                         }
                         return Err(e.into());
                     }
+                    dotdo_core::sql_schema::check_tables_after(&tables(c).await?, &describe)?;
                 }
                 Ok(())
             })

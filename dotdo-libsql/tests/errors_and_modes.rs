@@ -699,3 +699,29 @@ fn pathdiff(to: &std::path::Path, from: &std::path::Path) -> std::path::PathBuf 
     }
     out
 }
+
+/// Another application's database (user_version 0, tables of its own) is refused and left
+/// untouched; one claiming dotdo's version without dotdo's tables is `Corrupt` (as on
+/// dotdo-sqlite: the schema is shared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_applications_database_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("app.db");
+    let db = libsql::Builder::new_local(&path).build().await.expect("raw");
+    let raw = db.connect().expect("connect");
+    raw.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", ()).await.expect("app schema");
+    let e = LibsqlStore::local(&path).open().await.expect_err("another application's file");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("users"), "{e}");
+    let mut rows = raw
+        .query("SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master WHERE name LIKE 'do%')", ())
+        .await
+        .expect("read");
+    let row = rows.next().await.expect("row").expect("one row");
+    assert_eq!((row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n")), (0, 0), "the file was changed");
+    drop(rows);
+    raw.execute("PRAGMA user_version = 2", ()).await.expect("version");
+    let e = LibsqlStore::local(&path).open().await.expect_err("no dotdo tables");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("do_locks"), "{e}");
+}

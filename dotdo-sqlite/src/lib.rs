@@ -15,7 +15,12 @@
 //!   a busy timeout and bounded retries, and report a retryable `Unavailable` instead of hanging.
 //! * With the default [`Execution::Auto`], async calls do not stall a tokio executor's other
 //!   tasks (see [`Execution`]).
-//! * A file that is not a healthy SQLite database gives `Corrupt`, never a panic.
+//! * A file that is not a healthy SQLite database gives `Corrupt`, never a panic; so does a file
+//!   at dotdo's schema version without dotdo's tables, and, within a background checkpoint
+//!   period, a file deleted or replaced (a restored backup) while the store has it open (SQLite
+//!   does not notice that in WAL mode; needs `background_checkpoint`). Another application's
+//!   database (`user_version` 0 with tables of its own) is `InvalidInput` and left untouched,
+//!   and so is a database that cannot run in WAL mode (a VFS without shared memory).
 //!
 //! Do not link this crate together with `dotdo-libsql` into one binary: both bundle SQLite
 //! under the same C symbol names (see the workspace README).

@@ -52,6 +52,9 @@ struct Inner {
     memory: bool,
     /// The background checkpoint thread, stopped when the last clone is dropped.
     checkpointer: Option<Checkpointer>,
+    /// Set by the checkpoint thread when the file at `path` is no longer the one this store
+    /// opened (deleted, or replaced by a restored backup): every call is refused from then on.
+    moved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A thread running `PRAGMA wal_checkpoint(PASSIVE)` on its own connection every `every`.
@@ -61,14 +64,22 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    fn start(path: &Path, settings: &SqliteSettings, every: Duration) -> Result<Self> {
+    fn start(
+        path: &Path,
+        settings: &SqliteSettings,
+        every: Duration,
+        moved: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self> {
         let conn = open_connection(path, settings, false)?;
+        let opened = file_identity(path);
+        let file = path.to_path_buf();
         let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("dotdo-sqlite-checkpoint".into())
             .spawn(move || {
                 let mut failures = 0u64;
+                let mut stuck = false;
                 loop {
                     {
                         let (lock, cv) = &*flag;
@@ -80,16 +91,35 @@ impl Checkpointer {
                             return;
                         }
                     }
+                    // SQLite notices a deleted or replaced file only when it opens a rollback
+                    // journal, never in WAL mode: this store would go on writing into a file no
+                    // other process opens (two databases, two lease tables).
+                    if opened.is_some() && file_identity(&file) != opened {
+                        tracing::error!(path = %file.display(), "the database file was deleted or replaced while open; refusing every call");
+                        moved.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
                     // PASSIVE never blocks: frames a reader still needs, or a checkpoint running in
-                    // another process, just wait for the next round.
-                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
-                        Ok(_) => failures = 0,
+                    // another process, wait for the next round (reported as busy, not as an error).
+                    let round = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    });
+                    match round {
+                        Ok((log, done)) => {
+                            failures = 0;
+                            // Frames nothing can copy (a reader holds them): the WAL only grows.
+                            let behind = log.saturating_sub(done);
+                            if behind >= STUCK_WAL_FRAMES && !stuck {
+                                tracing::warn!(frames = behind, path = %file.display(), "the WAL is not shrinking: a long read transaction holds frames the checkpoint cannot copy");
+                            }
+                            stuck = behind >= STUCK_WAL_FRAMES;
+                        }
                         Err(e) => {
-                            // One failure is routine (a checkpoint in another process); many in a
-                            // row (I/O errors, a damaged file) are worth an operator's look.
+                            // An error is not routine (I/O, a full disk, a damaged file): said at
+                            // once, then every 100th of a streak.
                             failures += 1;
-                            if failures % 100 == 10 {
-                                tracing::warn!(error = %e, failures, "background WAL checkpoints keep failing");
+                            if failures % 100 == 1 {
+                                tracing::warn!(error = %e, failures, path = %file.display(), "background WAL checkpoint failed");
                             } else {
                                 tracing::debug!(error = %e, "background WAL checkpoint failed; retrying next round");
                             }
@@ -100,6 +130,22 @@ impl Checkpointer {
             .map_err(|e| Error::backend(format!("starting the WAL checkpoint thread: {e}")))?;
         Ok(Checkpointer { stop, thread: Some(thread) })
     }
+}
+
+/// WAL frames the background checkpoint could not copy for it to say so (64 MiB of 4 KiB pages).
+const STUCK_WAL_FRAMES: i64 = 16 * 1024;
+
+/// The identity of the file at `path` (device and inode), if it can be read.
+#[cfg(unix)]
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The identity of the file at `path`: not available here (no check).
+#[cfg(not(unix))]
+fn file_identity(_path: &Path) -> Option<(u64, u64)> {
+    None
 }
 
 impl Drop for Checkpointer {
@@ -207,8 +253,11 @@ impl SqliteStoreBuilder {
         let path = if memory { self.path } else { dotdo_core::sql_schema::absolute_database_path(&self.path)? };
         let open = move || -> Result<SqliteStore> {
             let writer = open_connection(&path, &settings, true)?;
+            let moved = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let checkpointer = match settings.background_checkpoint {
-                Some(every) if !every.is_zero() && !memory => Some(Checkpointer::start(&path, &settings, every)?),
+                Some(every) if !every.is_zero() && !memory => {
+                    Some(Checkpointer::start(&path, &settings, every, moved.clone())?)
+                }
                 _ => None,
             };
             Ok(SqliteStore {
@@ -220,6 +269,7 @@ impl SqliteStoreBuilder {
                     readers: Mutex::new(Vec::new()),
                     memory,
                     checkpointer,
+                    moved,
                 }),
             })
         };
@@ -239,10 +289,22 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
         Durability::Full => "FULL",
     };
     let pragmas = format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA cache_size = -{}; PRAGMA foreign_keys = OFF; \
+        "PRAGMA synchronous = {sync}; PRAGMA cache_size = -{}; PRAGMA foreign_keys = OFF; \
          PRAGMA wal_autocheckpoint = {}; PRAGMA mmap_size = {};",
         settings.cache_kib, settings.wal_autocheckpoint_pages, settings.mmap_bytes
     );
+    // SQLite answers with the mode it is in: a VFS without shared memory (`vfs=unix-dotfile`),
+    // or a file opened `immutable`, stays in a rollback journal (where `synchronous=NORMAL` may
+    // corrupt the file on power loss, and readers block writers) without an error.
+    let mode = with_busy_retry(settings, &doing, || {
+        Ok(conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?)
+    })?;
+    if !mode.eq_ignore_ascii_case("wal") && !dotdo_core::sql_schema::is_private_database(path) {
+        return Err(Error::invalid(format!(
+            "{doing}: the database stays in journal mode {mode:?}, not WAL (a VFS without shared memory, or \
+             an `immutable`/`nolock` URI parameter?); dotdo-sqlite needs WAL"
+        )));
+    }
     with_busy_retry(settings, &doing, || conn.execute_batch(&pragmas).map_err(TxError::Sql))?;
     if create {
         let newer = |version: i64| -> TxResult<()> {
@@ -258,9 +320,18 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
             }
             Ok(())
         };
+        let source = path.display().to_string();
+        let tables = || -> TxResult<Vec<(String, String)>> {
+            let mut stmt = conn.prepare(dotdo_core::sql_schema::SQL_TABLE_COLUMNS)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<(String, String)>>>()?)
+        };
         with_busy_retry(settings, &doing, || {
             let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
             newer(version)?;
+            if version == schema::VERSION {
+                dotdo_core::sql_schema::check_tables_after(&tables()?, &source).map_err(TxError::Api)?;
+            }
             if version < schema::VERSION {
                 // Decided again under the write lock: another process may have upgraded the
                 // file (to this version, or a newer one) while this one waited for the lock.
@@ -268,8 +339,12 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
                 let upgraded = (|| -> TxResult<()> {
                     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
                     newer(version)?;
+                    // Another application's database is left as it is; a dotdo file must have
+                    // dotdo's tables, before and after the upgrade.
+                    dotdo_core::sql_schema::check_tables_before(version, &tables()?, &source).map_err(TxError::Api)?;
                     if version < schema::VERSION {
                         conn.execute_batch(&format!("{} PRAGMA user_version = {};", schema::CREATE, schema::VERSION))?;
+                        dotdo_core::sql_schema::check_tables_after(&tables()?, &source).map_err(TxError::Api)?;
                     }
                     conn.execute_batch("COMMIT")?;
                     Ok(())
@@ -556,7 +631,34 @@ impl SqliteStore {
 
 impl Inner {
     /// Run `f` in one `BEGIN IMMEDIATE` transaction (statements cached), retrying on busy.
+    /// `Corrupt` once the checkpoint thread found the file deleted or replaced.
+    fn check_unmoved(&self, doing: &str) -> Result<()> {
+        if self.moved.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::corrupt(format!(
+                "{doing}: {} was deleted or replaced while this store had it open; writes since may be \
+                 in the old file only: open the store again",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A `Corrupt` error names the database file.
+    fn name_file(&self, e: Error) -> Error {
+        let path = self.path.display().to_string();
+        if e.kind() == &ErrorKind::Corrupt && !e.to_string().contains(&path) {
+            e.context(path)
+        } else {
+            e
+        }
+    }
+
     fn write_tx<T>(&self, doing: &str, f: impl Fn(&Connection) -> TxResult<T>) -> Result<T> {
+        self.check_unmoved(doing)?;
+        self.write_tx_in(doing, f).map_err(|e| self.name_file(e))
+    }
+
+    fn write_tx_in<T>(&self, doing: &str, f: impl Fn(&Connection) -> TxResult<T>) -> Result<T> {
         // Writers of this store queue on one connection. Waiting for it counts against the same
         // budget as the busy retries, so that every queued caller behind another process's lock
         // gets `Unavailable` in bounded time, not the 10th after ten budgets.
@@ -587,6 +689,11 @@ impl Inner {
     }
 
     fn read<T>(&self, doing: &str, f: impl Fn(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        self.check_unmoved(doing)?;
+        self.read_in(doing, f).map_err(|e| self.name_file(e))
+    }
+
+    fn read_in<T>(&self, doing: &str, f: impl Fn(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         if self.memory {
             let conn = self.writer.lock();
             return with_busy_retry(&self.settings, doing, || f(&conn).map_err(TxError::Sql));

@@ -71,6 +71,100 @@ async fn rows_that_do_not_fit_the_schema_are_corrupt_never_a_free_lease() {
     c.execute("UPDATE do_changes SET seq = 'x' WHERE do_id = ?1", [obj().as_str()]).expect("damage the log");
     let e = s.read_changes(&obj(), 0, 10).await.expect_err("read changes");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(&path.display().to_string()), "a Corrupt error names the file: {e}");
+}
+
+/// Another application's SQLite database (user_version 0, tables of its own) is refused and
+/// left untouched: dotdo used to add its tables and set user_version, which the other
+/// application reads for its own migrations. A file at dotdo's version without dotdo's tables
+/// (or columns) is `Corrupt`, not a `Backend` error on every call.
+#[tokio::test]
+async fn another_applications_database_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("app.db");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);").expect("app schema");
+    let e = SqliteStore::builder(&path).open().await.expect_err("another application's file");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("users") && e.to_string().contains("app.db"), "{e}");
+    let version: i64 = raw.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+    let tables: i64 = raw
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name LIKE 'do\\_%' ESCAPE '\\'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("tables");
+    assert_eq!((version, tables), (0, 0), "the file was changed");
+    // The same file claiming dotdo's schema version, without its tables.
+    raw.execute_batch("PRAGMA user_version = 2;").expect("version");
+    let e = SqliteStore::builder(&path).open().await.expect_err("no dotdo tables");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("do_locks") && e.to_string().contains("app.db"), "{e}");
+    // A dotdo file with a table missing a column.
+    let path = dir.path().join("hot.db");
+    drop(SqliteStore::builder(&path).open().await.expect("create"));
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch("DROP TABLE do_state; CREATE TABLE do_state (do_id TEXT, key TEXT, value BLOB);")
+        .expect("damage");
+    let e = SqliteStore::builder(&path).open().await.expect_err("a column missing");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("do_state") && e.to_string().contains("seq"), "{e}");
+    // The predecessor's lease table alone is dotdo's to take over.
+    let path = dir.path().join("old.db");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch(
+        "CREATE TABLE do_locks (do_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL, \
+         expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL, metadata TEXT);",
+    )
+    .expect("predecessor schema");
+    SqliteStore::builder(&path).open().await.expect("the predecessor's file opens");
+}
+
+/// A database that cannot be put in WAL mode (a VFS without shared memory) is refused: it
+/// would run with a rollback journal and `synchronous=NORMAL`, which can corrupt the file on
+/// power loss. Before, the open succeeded silently.
+#[tokio::test]
+async fn a_database_that_cannot_use_wal_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = format!("file:{}?vfs=unix-dotfile", dir.path().join("hot.db").display());
+    let e = SqliteStore::builder(&uri).open().await.expect_err("no WAL");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("WAL"), "{e}");
+}
+
+/// A database file deleted (or replaced, as by restoring a backup) while a store has it open:
+/// within a checkpoint period the store refuses every call with `Corrupt`, instead of going on
+/// writing into a file no other process opens (a second store on the path had its own lease
+/// table: two holders of one object).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)]
+async fn a_database_file_deleted_while_open_is_noticed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = SqliteSettings { background_checkpoint: Some(Duration::from_millis(10)), ..Default::default() };
+    let a = SqliteStore::builder(&path).with_settings(settings.clone()).open().await.expect("open");
+    let l = a.acquire(&obj(), &NodeId::new("n1").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    a.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let b = SqliteStore::builder(&path).with_settings(settings).open().await.expect("a new file");
+    b.acquire(&obj(), &NodeId::new("n2").expect("valid"), Duration::from_secs(60)).await.expect("free in the new file");
+    let mut refused = None;
+    for _ in 0..200 {
+        match a.put(&obj(), l.token, "T", "k", b"w".to_vec().into()).await {
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("the store went on writing into the deleted file");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("deleted or replaced"), "{e}");
+    assert_eq!(a.get(&obj(), "k").await.expect_err("reads too").kind(), &ErrorKind::Corrupt);
 }
 
 #[tokio::test]
