@@ -439,15 +439,19 @@ async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Sett
         .name(ident.name().to_string())
         .schema(schema)
         .partition_spec(schema::partition_spec(settings.buckets)?)
-        .sort_order(order)
-        .properties(HashMap::from([
-            (RETRY_PROP.to_string(), "0".to_string()),
-            ("write.format.default".to_string(), "parquet".to_string()),
-            ("write.parquet.compression-codec".to_string(), "zstd".to_string()),
-            ("write.metadata.previous-versions-max".to_string(), "20".to_string()),
-            ("dotdo.format".to_string(), "1".to_string()),
-        ]))
-        .build();
+        .sort_order(order);
+    let mut props = HashMap::from([
+        (RETRY_PROP.to_string(), "0".to_string()),
+        ("write.format.default".to_string(), "parquet".to_string()),
+        ("write.parquet.compression-codec".to_string(), "zstd".to_string()),
+        ("write.metadata.previous-versions-max".to_string(), "20".to_string()),
+        ("dotdo.format".to_string(), "1".to_string()),
+    ]);
+    let min = settings.min_cleanup_retention.as_millis();
+    if min > 0 {
+        props.insert(MIN_CLEANUP_PROP.to_string(), min.to_string());
+    }
+    let creation = creation.properties(props).build();
     match catalog.create_table(ns, creation).await {
         Ok(t) => Ok(t),
         Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {

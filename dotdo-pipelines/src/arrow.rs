@@ -159,6 +159,17 @@ impl ArrowPipeline {
     /// One live pipeline per stream name and table: batch ids are the exactly-once key, so two
     /// producers under one name would drop each other's batches as replays.
     pub fn open(stream: &str, sink: Arc<dyn ArrowSink>, settings: PipelineSettings) -> Result<Self> {
+        Self::open_with_clock(stream, sink, settings, Arc::new(SystemClock::new()))
+    }
+
+    /// [`open`](Self::open) with the clock that times rolls (the roll interval), commit retries
+    /// and the background loop's ticks and backoff, e.g. a `ManualClock` in tests.
+    pub fn open_with_clock(
+        stream: &str,
+        sink: Arc<dyn ArrowSink>,
+        settings: PipelineSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
         if stream.is_empty()
             || stream.len() > 128
             || !stream.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
@@ -180,7 +191,6 @@ impl ArrowPipeline {
                 (Some(Mutex::new(Self::open_log(path, stream, &mut buf)?)), Some(lock))
             }
         };
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let now = clock.monotonic();
         Ok(ArrowPipeline {
             inner: Arc::new(Inner {
@@ -320,8 +330,17 @@ impl ArrowPipeline {
     /// Roll now: commit a claimed batch left by an earlier attempt or process, then everything
     /// waiting, as the next batch id. Returns the rows this roll made durable in the sink.
     pub async fn roll(&self) -> Result<u64> {
+        self.roll_in(false).await
+    }
+
+    /// [`roll`](Self::roll); a roll of the background loop (`background`) does nothing once the
+    /// pipeline is closed.
+    async fn roll_in(&self, background: bool) -> Result<u64> {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;
+        if background && inner.closed.load(Ordering::Acquire) {
+            return Ok(0);
+        }
         let started = inner.clock.monotonic();
         let mut written = 0;
         let rounds = 2 + inner.buf.lock().later_claims.len();
@@ -387,16 +406,19 @@ impl ArrowPipeline {
     /// Roll whenever due until [`close`](Self::close) (spawn it on the host's executor). A failed
     /// roll is tried again after a pause that doubles with each failure in a row, up to
     /// [`MAX_ROLL_BACKOFF`](crate::MAX_ROLL_BACKOFF), as [`Pipeline::run`](crate::Pipeline::run) does.
-    pub async fn run(&self) {
-        let inner = &self.inner;
+    /// Like the event pipeline's, it ends once every handle is dropped, and starts no roll after
+    /// `close` took the roll.
+    pub fn run(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let weak = Arc::downgrade(&self.inner);
+        let (clock, tick) = (self.inner.clock.clone(), self.inner.settings.tick());
         crate::settings::run_rolls(
-            &*inner.clock,
-            inner.settings.tick(),
-            &inner.closed,
-            || self.roll_due(),
-            || self.roll(),
+            clock,
+            tick,
+            move || weak.upgrade().map(|inner| ArrowPipeline { inner }),
+            |p: &ArrowPipeline| p.inner.closed.load(Ordering::Acquire),
+            |p: &ArrowPipeline| p.roll_due(),
+            |p: ArrowPipeline| async move { p.roll_in(true).await },
         )
-        .await
     }
 
     /// Stop accepting batches and roll what is waiting.

@@ -276,7 +276,17 @@ pub(crate) struct SqliteLog {
 /// retryable `Conflict`.
 pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<std::fs::File> {
     let doing = format!("opening {}", path.display());
-    let mut lock_path = path.as_os_str().to_owned();
+    // The lock belongs to the file, not to the name it was opened by: a symlink (or a path
+    // through another directory link) to the same log takes the same lock. (A hard link under
+    // another name is not recognised.)
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        match (std::fs::canonicalize(dir), path.file_name()) {
+            (Ok(dir), Some(name)) => dir.join(name),
+            _ => path.to_path_buf(),
+        }
+    });
+    let mut lock_path = resolved.into_os_string();
     lock_path.push(format!(".{kind}.lock"));
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
         // As for the log itself: a file that cannot be created (a missing directory,

@@ -351,8 +351,17 @@ impl Pipeline {
     /// `roll_bytes` bytes, one cold commit per route each), exactly once. A batch claimed by a previous attempt or process is
     /// committed first, with the same sequence numbers.
     pub async fn roll(&self) -> Result<RollReport> {
+        self.roll_in(false).await
+    }
+
+    /// [`roll`](Self::roll); a roll of the background loop (`background`) does nothing once the
+    /// pipeline is closed (it may have waited for the lock behind `close`'s own roll).
+    async fn roll_in(&self, background: bool) -> Result<RollReport> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;
+        if background && inner.closed.load(Ordering::Acquire) {
+            return Ok(RollReport::default());
+        }
         let started = inner.clock.monotonic();
         let mut report = RollReport::default();
         // Commit what is waiting now, not the tail that keeps arriving during the roll.
@@ -487,20 +496,24 @@ impl Pipeline {
         crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await
     }
 
-    /// Roll whenever due, until [`close`](Self::close); spawn this on the host's executor. A
-    /// failed roll is tried again (the claimed batch stays and is committed again) after a pause
-    /// that doubles with each failure in a row, from twice the tick up to [`MAX_ROLL_BACKOFF`]:
-    /// a sink that refuses the batch for good is not hammered.
-    pub async fn run(&self) {
-        let inner = &self.inner;
+    /// Roll whenever due, until [`close`](Self::close) or until every handle of the pipeline is
+    /// dropped; spawn it on the host's executor (`tokio::spawn(p.run())`: the future holds the
+    /// pipeline only while it rolls, so a dropped pipeline lets go of its durable log). A failed
+    /// roll is tried again (the claimed batch stays and is committed again) after a pause that
+    /// doubles with each failure in a row, from twice the tick up to [`MAX_ROLL_BACKOFF`]: a
+    /// sink that refuses the batch for good is not hammered. No roll of this loop starts after
+    /// `close` took the roll.
+    pub fn run(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let weak = Arc::downgrade(&self.inner);
+        let (clock, tick) = (self.inner.clock.clone(), self.inner.settings.tick());
         crate::settings::run_rolls(
-            &*inner.clock,
-            inner.settings.tick(),
-            &inner.closed,
-            || self.roll_due(),
-            || self.roll(),
+            clock,
+            tick,
+            move || weak.upgrade().map(|inner| Pipeline { inner }),
+            |p: &Pipeline| p.inner.closed.load(Ordering::Acquire),
+            |p: &Pipeline| p.roll_due(),
+            |p: Pipeline| async move { p.roll_in(true).await },
         )
-        .await
     }
 
     /// Stop accepting events and roll what is waiting.

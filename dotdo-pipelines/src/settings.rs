@@ -1,6 +1,7 @@
 //! Pipeline settings: plain data with documented defaults.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dotdo_core::FencingToken;
@@ -17,7 +18,10 @@ pub enum Backpressure {
     /// wait in memory; events are still delivered in order, exactly once. Sends are never
     /// refused for room; a roll reads back at most `roll_rows` events and about `roll_bytes`
     /// bytes at a time. With [`Durability::Durable`] every event is on disk already: `Spill`
-    /// then only lifts the capacity bounds, and this path is not used.
+    /// then only lifts the capacity bounds, and this path is not used. With
+    /// [`Durability::Memory`], a process that dies loses the events still in memory, while
+    /// those in the spill file stay there: the next pipeline opened with this path delivers
+    /// them (after that gap).
     Spill(PathBuf),
 }
 
@@ -30,8 +34,8 @@ pub enum Durability {
     /// survives a process kill and is delivered exactly once after restart. Claims (what a roll
     /// is about to commit) are written with `synchronous=FULL`, so a power loss can lose the
     /// latest sends but never deliver a committed batch twice. One pipeline at a time: the log
-    /// is locked (`<path>.pipeline.lock`) while a pipeline has it open, and a second one is refused with
-    /// a retryable `Conflict`.
+    /// is locked (`<path>.pipeline.lock`, symlinks resolved) while a pipeline has it open, and
+    /// a second one is refused with a retryable `Conflict`.
     Durable(PathBuf),
 }
 
@@ -114,19 +118,25 @@ where
 /// with each failure in a row, from twice the tick up to
 /// [`MAX_ROLL_BACKOFF`](crate::MAX_ROLL_BACKOFF), so a sink that refuses the batch for good is
 /// not hammered. Time is the clock's monotonic time: a wall clock set back must not stop rolls.
-pub(crate) async fn run_rolls<R, Fut>(
-    clock: &dyn dotdo_core::Clock,
+pub(crate) async fn run_rolls<P, R, Fut>(
+    clock: Arc<dyn dotdo_core::Clock>,
     tick: Duration,
-    closed: &std::sync::atomic::AtomicBool,
-    due: impl Fn() -> bool,
-    mut roll: impl FnMut() -> Fut,
+    live: impl Fn() -> Option<P>,
+    closed: impl Fn(&P) -> bool,
+    due: impl Fn(&P) -> bool,
+    roll: impl Fn(P) -> Fut,
 ) where
     Fut: std::future::Future<Output = dotdo_core::Result<R>>,
 {
     let (mut failures, mut next_try) = (0u32, clock.monotonic());
-    while !closed.load(std::sync::atomic::Ordering::Acquire) {
-        if clock.monotonic() >= next_try && due() {
-            match roll().await {
+    // The pipeline is held only while it rolls: once every handle is dropped (without `close`),
+    // the loop ends and the log's lock goes with the pipeline.
+    while let Some(p) = live() {
+        if closed(&p) {
+            return;
+        }
+        if clock.monotonic() >= next_try && due(&p) {
+            match roll(p).await {
                 Ok(_) => failures = 0,
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -135,6 +145,8 @@ pub(crate) async fn run_rolls<R, Fut>(
                     tracing::warn!(error = %e, failures, retry_in = ?pause, "dotdo pipeline roll failed; will retry");
                 }
             }
+        } else {
+            drop(p);
         }
         clock.sleep(tick).await;
     }

@@ -354,3 +354,21 @@ async fn a_sink_refusing_for_good_is_not_hammered() {
     runner.await.expect("run ends at close");
     assert_eq!(ids(&t).await, (0..10).collect::<Vec<_>>());
 }
+
+/// An Arrow pipeline takes the clock its rolls are timed by: the roll interval passes on a
+/// `ManualClock` (it used wall time, with no way to give it another clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrow_pipeline_rolls_by_the_clock_it_is_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let clock = dotdo_core::ManualClock::new(dotdo_core::Timestamp::from_millis(1_000_000));
+    let settings = PipelineSettings { roll_interval: std::time::Duration::from_secs(3600), ..Default::default() };
+    let p = ArrowPipeline::open_with_clock("users", Arc::new(t.clone()), settings, Arc::new(clock.clone()))
+        .expect("pipeline");
+    p.send(batch(0, 3)).expect("send");
+    assert!(!p.roll_due(), "an hour has not passed");
+    clock.advance(std::time::Duration::from_secs(3600));
+    assert!(p.roll_due(), "an hour passed on the pipeline's clock");
+    assert_eq!(p.roll().await.expect("roll"), 3);
+    assert_eq!(ids(&t).await, [0, 1, 2]);
+}

@@ -613,6 +613,47 @@ async fn a_durable_log_serves_one_pipeline_at_a_time() {
     assert_exactly_once(&committed(&sink, 3).await, 3);
 }
 
+/// The roll loop holds the pipeline only while it rolls: once every handle is dropped (without
+/// `close`), the loop ends and the durable log opens again. Before, the spawned loop kept the
+/// pipeline and its log lock for good, and every later open was `Conflict`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pipeline_lets_go_of_its_log_though_its_loop_was_spawned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings =
+        || PipelineSettings { durability: Durability::Durable(dir.path().join("log.db")), ..Default::default() };
+    let sink = MemoryColdStore::new();
+    let p = Pipeline::builder(Arc::new(sink.clone())).with_settings(settings()).build().expect("first");
+    p.send(events(3)).expect("send");
+    let handle = tokio::spawn(p.run());
+    drop(p);
+    tokio::time::timeout(Duration::from_secs(10), handle).await.expect("the loop ended").expect("join");
+    let again = Pipeline::builder(Arc::new(sink.clone())).with_settings(settings()).build().expect("reopened");
+    again.close().await.expect("close");
+    assert_exactly_once(&committed(&sink, 3).await, 3);
+}
+
+/// A log opened through a symlink is the same log: the second pipeline is refused (it took a
+/// lock of its own, named after the link, and both numbered batches from one log).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_log_opened_through_a_symlink_is_the_same_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = MemoryColdStore::new();
+    let real = dir.path().join("log.db");
+    let first = Pipeline::builder(Arc::new(sink.clone()))
+        .with_settings(PipelineSettings { durability: Durability::Durable(real.clone()), ..Default::default() })
+        .build()
+        .expect("first");
+    let alias = dir.path().join("alias.db");
+    std::os::unix::fs::symlink(&real, &alias).expect("symlink");
+    let e = Pipeline::builder(Arc::new(sink.clone()))
+        .with_settings(PipelineSettings { durability: Durability::Durable(alias), ..Default::default() })
+        .build()
+        .expect_err("the same log");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    drop(first);
+}
+
 /// `run` backs off after failed rolls in a row: a sink that refuses the batch for good is not
 /// asked again every tick (it was, about 20 times a second), and the loop rolls again at once
 /// after the sink recovers and the pause ends.
