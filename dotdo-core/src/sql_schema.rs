@@ -75,40 +75,52 @@ pub const SQL_TABLE_COLUMNS: &str =
 
 /// Check a database's tables (`columns`: `(table, column)` as [`SQL_TABLE_COLUMNS`] reads them)
 /// before dotdo writes its schema into it (`version`: its `user_version`). A file at version 0
-/// with tables of its own (other than the predecessor's `do_locks`) is another application's
-/// database: `InvalidInput`, and it is left untouched (dotdo would add its tables and claim the
-/// file's `user_version`). A file at a dotdo version whose dotdo tables lack a column is
-/// `Corrupt`. `source` names the file.
+/// with tables of its own is another application's database: `InvalidInput`, and it is left
+/// untouched (dotdo would add its tables and claim the file's `user_version`), unless it has the
+/// predecessor's lease table `do_locks` (its database, which dotdo takes over beside its other
+/// tables) or its other tables are Litestream's (`_litestream_*`). Any dotdo table already there
+/// must have its columns (`Corrupt` otherwise, before anything is written). A file at a dotdo
+/// version must have all of them. `source` names the file.
 pub fn check_tables_before(version: i64, columns: &[(String, String)], source: &str) -> crate::Result<()> {
-    if version == 0 {
-        let mut foreign: Vec<&str> = columns
-            .iter()
-            .map(|(t, _)| t.as_str())
-            .filter(|t| !SQL_HOT_TABLES.iter().any(|(name, _)| name.eq_ignore_ascii_case(t)))
-            .collect();
-        foreign.dedup();
-        if !foreign.is_empty() {
-            foreign.truncate(5);
-            return Err(crate::Error::invalid(format!(
-                "{source} is another application's SQLite database (user_version 0, tables {}): dotdo keeps its \
-                 state in a database file of its own",
-                foreign.join(", ")
-            )));
-        }
-        return Ok(());
+    if version != 0 {
+        return check_tables_after(columns, source);
     }
-    check_tables_after(columns, source)
+    let dotdo = |t: &str| SQL_HOT_TABLES.iter().any(|(name, _)| name.eq_ignore_ascii_case(t));
+    let mut foreign: Vec<&str> = columns
+        .iter()
+        .map(|(t, _)| t.as_str())
+        .filter(|t| !dotdo(t) && !t.to_ascii_lowercase().starts_with("_litestream_"))
+        .collect();
+    foreign.dedup();
+    let predecessor = columns.iter().any(|(t, _)| t.eq_ignore_ascii_case("do_locks"));
+    if !foreign.is_empty() && !predecessor {
+        foreign.truncate(5);
+        return Err(crate::Error::invalid(format!(
+            "{source} is another application's SQLite database (user_version 0, tables {}): dotdo keeps its \
+             state in a database file of its own",
+            foreign.join(", ")
+        )));
+    }
+    check_columns(columns, source, false)
 }
 
 /// Check that every table of the schema is there with its columns (after dotdo wrote its
 /// schema, or in a file at a dotdo version): `Corrupt` naming the first table or column
 /// missing.
 pub fn check_tables_after(columns: &[(String, String)], source: &str) -> crate::Result<()> {
+    check_columns(columns, source, true)
+}
+
+/// Each dotdo table present has its columns; with `all`, each is present.
+fn check_columns(columns: &[(String, String)], source: &str, all: bool) -> crate::Result<()> {
     for (table, wanted) in SQL_HOT_TABLES {
         // SQLite's names are case-insensitive (a schema sent through some clients comes back as
         // `KEY`).
         let have: Vec<&str> =
             columns.iter().filter(|(t, _)| t.eq_ignore_ascii_case(table)).map(|(_, c)| c.as_str()).collect();
+        if have.is_empty() && !all {
+            continue;
+        }
         if have.is_empty() {
             return Err(crate::Error::corrupt(format!(
                 "{source}: table {table} is missing: not a dotdo database, or a damaged one"
@@ -201,8 +213,38 @@ pub fn is_private_database(path: &std::path::Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{absolute_database_path, is_private_database};
+    use super::{absolute_database_path, check_tables_before, is_private_database, SQL_HOT_TABLES};
+    use crate::ErrorKind;
     use std::path::Path;
+
+    fn cols(tables: &[(&str, &[&str])]) -> Vec<(String, String)> {
+        tables.iter().flat_map(|(t, cs)| cs.iter().map(move |c| (t.to_string(), c.to_string()))).collect()
+    }
+
+    /// Version-0 files: empty, Litestream's and the predecessor's (its `do_locks` beside its own
+    /// tables) are dotdo's to take; another application's is `InvalidInput`; a dotdo table with
+    /// columns missing is `Corrupt` before anything is written. At a dotdo version every table
+    /// must be there.
+    #[test]
+    fn which_files_dotdo_takes_over() {
+        let locks: (&str, &[&str]) = ("do_locks", SQL_HOT_TABLES[0].1);
+        let app: (&str, &[&str]) = ("users", &["id", "name"]);
+        let ok = |v: i64, t: &[(&str, &[&str])]| check_tables_before(v, &cols(t), "f.db");
+        ok(0, &[]).expect("a new file");
+        ok(0, &[("_litestream_seq", &["id", "seq"]), ("_litestream_lock", &["id"])]).expect("Litestream's tables");
+        ok(0, &[locks, app]).expect("the predecessor's database");
+        let e = ok(0, &[app]).expect_err("another application's");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+        let e = ok(0, &[locks, ("do_state", &["do_id", "key", "value"])]).expect_err("a column missing");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = ok(2, &[locks]).expect_err("tables missing at a dotdo version");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        ok(2, SQL_HOT_TABLES).expect("a dotdo file");
+        let upper: Vec<(&str, &[&str])> = SQL_HOT_TABLES.iter().map(|(t, c)| (*t, *c)).collect();
+        let mut shouted = cols(&upper);
+        shouted.iter_mut().for_each(|(_, c)| *c = c.to_ascii_uppercase());
+        check_tables_before(2, &shouted, "f.db").expect("names are case-insensitive");
+    }
 
     /// Relative `file:` URIs are made absolute (query kept, the working directory escaped);
     /// absolute ones and private databases are left as they are.

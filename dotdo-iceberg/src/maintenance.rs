@@ -364,10 +364,6 @@ fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64,
     Ok(out)
 }
 
-/// Iceberg's `gc.enabled=false` (set where a table's files may be shared with another table, or
-/// to keep history): snapshot expiry and file cleanup are refused, `InvalidInput`, as Java's
-/// maintenance actions refuse them. (iceberg's own refusal surfaced as `Corrupt`, and the file
-/// cleanup ignored the property.)
 /// The cleanup minimum `table` records; `InvalidInput` if the property is not a number.
 fn table_cleanup_minimum(table: &iceberg::table::Table, what: &str) -> Result<Duration> {
     crate::store::recorded_cleanup_minimum(table).map_err(|v| {
@@ -379,6 +375,10 @@ fn table_cleanup_minimum(table: &iceberg::table::Table, what: &str) -> Result<Du
     })
 }
 
+/// Iceberg's `gc.enabled=false` (set where a table's files may be shared with another table, or
+/// to keep history): snapshot expiry and file cleanup are refused, `InvalidInput`, as Java's
+/// maintenance actions refuse them. (iceberg's own refusal surfaced as `Corrupt`, and the file
+/// cleanup ignored the property.)
 fn gc_enabled(table: &iceberg::table::Table, what: &str) -> Result<()> {
     // Parsed as Java's `Boolean.parseBoolean` does: anything but "true" (any case) disables it.
     match table.metadata().properties().get("gc.enabled") {

@@ -361,6 +361,36 @@ async fn open_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settin
         Err(e) => return Err(classify(e, &what)),
     };
     schema::check_change_table(table.metadata(), &what)?;
+    let mut table = table;
+    let mut attempt = 0;
+    loop {
+        let set = properties_to_set(&table, settings);
+        if set.is_empty() {
+            return Ok(table);
+        }
+        let tx = Transaction::new(&table);
+        let mut props = tx.update_table_properties();
+        for (k, v) in set {
+            props = props.set(k.to_string(), v);
+        }
+        let tx = props.apply(tx).map_err(|e| classify(e, &what))?;
+        match tx.commit(catalog).await {
+            Ok(t) => return Ok(t),
+            // Another store set them first (nodes opening a table together after an upgrade),
+            // or the commit landed and its reply was lost: read the table again and decide anew.
+            Err(e) if attempt < 3 => {
+                tracing::debug!(table = %ident, error = %e, "setting dotdo's table properties failed; reading again");
+                attempt += 1;
+                table = catalog.load_table(ident).await.map_err(|e| classify(e, &what))?;
+            }
+            Err(e) => return Err(classify(e, &what)),
+        }
+    }
+}
+
+/// The table properties a store with `settings` needs set on the change table, given its
+/// current ones.
+fn properties_to_set(table: &Table, settings: &Settings) -> Vec<(&'static str, String)> {
     let mut set = Vec::new();
     // dotdo retries commits itself after re-reading the watermarks; iceberg's internal retry
     // would re-apply the same summary on a stale base.
@@ -369,30 +399,23 @@ async fn open_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settin
     }
     // Every cleanup of the table, whatever its own settings, keeps to the largest minimum a
     // writer opened it with: a compaction of this store commits files up to half of it old.
+    // (An unreadable value, another engine's edit, is replaced.)
     let own = u64::try_from(settings.min_cleanup_retention.as_millis()).unwrap_or(u64::MAX);
-    if own > 0 && recorded_cleanup_minimum(&table).map_or(true, |r| r.as_millis() < u128::from(own)) {
+    if own > 0 && recorded_cleanup_minimum(table).map_or(true, |r| r.as_millis() < u128::from(own)) {
         set.push((MIN_CLEANUP_PROP, own.to_string()));
     }
-    if set.is_empty() {
-        return Ok(table);
-    }
-    let tx = Transaction::new(&table);
-    let mut props = tx.update_table_properties();
-    for (k, v) in set {
-        props = props.set(k.to_string(), v);
-    }
-    let tx = props.apply(tx).map_err(|e| classify(e, &what))?;
-    tx.commit(catalog).await.map_err(|e| classify(e, &what))
+    set
 }
 
 pub(crate) const RETRY_PROP: &str = "commit.retry.num-retries";
 
 /// The table property recording the largest `min_cleanup_retention` (milliseconds) a store
-/// opened the change table with.
+/// opened the change table with. Stores only raise it; to lower it (no writer with a larger
+/// minimum runs any more), set the property with any Iceberg client.
 pub const MIN_CLEANUP_PROP: &str = "dotdo.min-cleanup-retention-ms";
 
-/// The cleanup minimum the table records ([`MIN_CLEANUP_PROP`]): `None` if absent, `Err` if not
-/// a number of milliseconds (another engine's edit).
+/// The cleanup minimum the table records ([`MIN_CLEANUP_PROP`]): zero if absent, `Err` (the
+/// value) if not a number of milliseconds (another engine's edit).
 pub(crate) fn recorded_cleanup_minimum(table: &Table) -> std::result::Result<Duration, String> {
     match table.metadata().properties().get(MIN_CLEANUP_PROP) {
         None => Ok(Duration::ZERO),

@@ -724,4 +724,18 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     let e = LibsqlStore::local(&path).open().await.expect_err("no dotdo tables");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("do_locks"), "{e}");
+    // A version-0 file with a dotdo table of other columns: refused before anything is written
+    // (the upgrade used to commit, claiming the file, and only then report it).
+    let path = dir.path().join("odd.db");
+    let db = libsql::Builder::new_local(&path).build().await.expect("raw");
+    let raw = db.connect().expect("connect");
+    raw.execute("CREATE TABLE do_state (do_id TEXT, key TEXT, value BLOB)", ()).await.expect("odd table");
+    let e = LibsqlStore::local(&path).open().await.expect_err("a column missing");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let mut rows = raw
+        .query("SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master WHERE name LIKE 'do%')", ())
+        .await
+        .expect("read");
+    let row = rows.next().await.expect("row").expect("one row");
+    assert_eq!((row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n")), (0, 1), "the file was changed");
 }

@@ -279,14 +279,7 @@ pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<std::fs::File> {
     // The lock belongs to the file, not to the name it was opened by: a symlink (or a path
     // through another directory link) to the same log takes the same lock. (A hard link under
     // another name is not recognised.)
-    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        match (std::fs::canonicalize(dir), path.file_name()) {
-            (Ok(dir), Some(name)) => dir.join(name),
-            _ => path.to_path_buf(),
-        }
-    });
-    let mut lock_path = resolved.into_os_string();
+    let mut lock_path = resolve_links(path).into_os_string();
     lock_path.push(format!(".{kind}.lock"));
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
         // As for the log itself: a file that cannot be created (a missing directory,
@@ -313,6 +306,27 @@ pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<std::fs::File> {
         }
     }
     Ok(lock)
+}
+
+/// `path` with its symlinks resolved, also when the file (or a link's target) does not exist
+/// yet: the links are followed by hand (a few hops) and the directory resolved.
+fn resolve_links(path: &Path) -> std::path::PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    let mut p = path.to_path_buf();
+    for _ in 0..8 {
+        let Ok(target) = std::fs::read_link(&p) else { break };
+        p = match p.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match (std::fs::canonicalize(dir), p.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => p,
+    }
 }
 
 /// Whether an I/O error may pass on a retry.

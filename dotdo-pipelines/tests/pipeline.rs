@@ -652,6 +652,19 @@ async fn a_log_opened_through_a_symlink_is_the_same_log() {
         .expect_err("the same log");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     drop(first);
+    // A link made before the log exists (its target missing): the same lock as the real name.
+    let (real, alias) = (dir.path().join("later.db"), dir.path().join("later-alias.db"));
+    std::os::unix::fs::symlink(&real, &alias).expect("symlink");
+    let first = Pipeline::builder(Arc::new(sink.clone()))
+        .with_settings(PipelineSettings { durability: Durability::Durable(alias), ..Default::default() })
+        .build()
+        .expect("through the link");
+    let e = Pipeline::builder(Arc::new(sink.clone()))
+        .with_settings(PipelineSettings { durability: Durability::Durable(real), ..Default::default() })
+        .build()
+        .expect_err("the same log by its real name");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    drop(first);
 }
 
 /// `run` backs off after failed rolls in a row: a sink that refuses the batch for good is not

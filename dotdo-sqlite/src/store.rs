@@ -71,8 +71,9 @@ impl Checkpointer {
         moved: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Self> {
         let conn = open_connection(path, settings, false)?;
-        let opened = file_identity(path);
-        let file = path.to_path_buf();
+        let file = file_path_of(path);
+        let opened = file.as_deref().map_or(FileAt::Unknown, file_identity);
+        let shown_path = path.display().to_string();
         let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -94,8 +95,10 @@ impl Checkpointer {
                     // SQLite notices a deleted or replaced file only when it opens a rollback
                     // journal, never in WAL mode: this store would go on writing into a file no
                     // other process opens (two databases, two lease tables).
-                    if opened.is_some() && file_identity(&file) != opened {
-                        tracing::error!(path = %file.display(), "the database file was deleted or replaced while open; refusing every call");
+                    // (A transient error reading the path is no verdict: checked next round.)
+                    let now = file.as_deref().map_or(FileAt::Unknown, file_identity);
+                    if matches!(opened, FileAt::File(..)) && now != FileAt::Unknown && now != opened {
+                        tracing::error!(path = %shown_path, "the database file was deleted or replaced while open; refusing every call");
                         moved.store(true, std::sync::atomic::Ordering::SeqCst);
                         return;
                     }
@@ -110,7 +113,7 @@ impl Checkpointer {
                             // Frames nothing can copy (a reader holds them): the WAL only grows.
                             let behind = log.saturating_sub(done);
                             if behind >= STUCK_WAL_FRAMES && !stuck {
-                                tracing::warn!(frames = behind, path = %file.display(), "the WAL is not shrinking: a long read transaction holds frames the checkpoint cannot copy");
+                                tracing::warn!(frames = behind, path = %shown_path, "the WAL is not shrinking: a long read transaction holds frames the checkpoint cannot copy");
                             }
                             stuck = behind >= STUCK_WAL_FRAMES;
                         }
@@ -119,7 +122,7 @@ impl Checkpointer {
                             // once, then every 100th of a streak.
                             failures += 1;
                             if failures % 100 == 1 {
-                                tracing::warn!(error = %e, failures, path = %file.display(), "background WAL checkpoint failed");
+                                tracing::warn!(error = %e, failures, path = %shown_path, "background WAL checkpoint failed");
                             } else {
                                 tracing::debug!(error = %e, "background WAL checkpoint failed; retrying next round");
                             }
@@ -135,17 +138,42 @@ impl Checkpointer {
 /// WAL frames the background checkpoint could not copy for it to say so (64 MiB of 4 KiB pages).
 const STUCK_WAL_FRAMES: i64 = 16 * 1024;
 
-/// The identity of the file at `path` (device and inode), if it can be read.
+/// What the checkpoint thread finds at the database's path.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum FileAt {
+    /// A file of this identity (device, inode).
+    File(u64, u64),
+    /// No file.
+    Gone,
+    /// Not known (an I/O error, a platform without inodes): no verdict this round.
+    Unknown,
+}
+
+/// The file system path of a database path or `file:` URI (its query dropped; `None` for a URI
+/// with percent-escapes, which are not decoded here).
+fn file_path_of(path: &Path) -> Option<PathBuf> {
+    let text = path.to_string_lossy();
+    let Some(uri) = text.strip_prefix("file:") else { return Some(path.to_path_buf()) };
+    let file = uri.split(['?', '#']).next().unwrap_or_default();
+    let file = file.strip_prefix("//localhost").or_else(|| file.strip_prefix("//")).unwrap_or(file);
+    (!file.is_empty() && !file.contains('%')).then(|| PathBuf::from(file))
+}
+
+/// The identity of the file at `path`.
 #[cfg(unix)]
-fn file_identity(path: &Path) -> Option<(u64, u64)> {
+fn file_identity(path: &Path) -> FileAt {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    match std::fs::metadata(path) {
+        Ok(m) => FileAt::File(m.dev(), m.ino()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileAt::Gone,
+        Err(_) => FileAt::Unknown,
+    }
 }
 
 /// The identity of the file at `path`: not available here (no check).
 #[cfg(not(unix))]
-fn file_identity(_path: &Path) -> Option<(u64, u64)> {
-    None
+fn file_identity(_path: &Path) -> FileAt {
+    FileAt::Unknown
 }
 
 impl Drop for Checkpointer {
@@ -630,7 +658,6 @@ impl SqliteStore {
 }
 
 impl Inner {
-    /// Run `f` in one `BEGIN IMMEDIATE` transaction (statements cached), retrying on busy.
     /// `Corrupt` once the checkpoint thread found the file deleted or replaced.
     fn check_unmoved(&self, doing: &str) -> Result<()> {
         if self.moved.load(std::sync::atomic::Ordering::SeqCst) {
@@ -653,11 +680,14 @@ impl Inner {
         }
     }
 
+    /// Run `f` in one `BEGIN IMMEDIATE` transaction (statements cached), retrying on busy; a
+    /// `Corrupt` failure names the file.
     fn write_tx<T>(&self, doing: &str, f: impl Fn(&Connection) -> TxResult<T>) -> Result<T> {
         self.check_unmoved(doing)?;
         self.write_tx_in(doing, f).map_err(|e| self.name_file(e))
     }
 
+    /// [`write_tx`](Self::write_tx) without the checks around it.
     fn write_tx_in<T>(&self, doing: &str, f: impl Fn(&Connection) -> TxResult<T>) -> Result<T> {
         // Writers of this store queue on one connection. Waiting for it counts against the same
         // budget as the busy retries, so that every queued caller behind another process's lock
