@@ -912,7 +912,10 @@ impl IcebergColdStore {
             let filter = &filter;
             async move {
                 let snap = Self::resolve(&table, as_of)?;
-                self.records_of(&table, snap.as_ref(), object, filter).await
+                match self.records_of(&table, snap.as_ref(), object, filter).await {
+                    Ok(v) => Ok(v),
+                    Err(e) => Err(self.expired_meanwhile(e, snap.as_ref()).await),
+                }
             }
         };
         let (records, mut stats) = if self.inner.settings.refresh_reads {

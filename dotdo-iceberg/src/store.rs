@@ -1280,14 +1280,21 @@ impl ColdSink for IcebergColdStore {
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         let table = self.read_table().await?;
         let snap = Self::resolve(&table, as_of)?;
-        let (records, _) = self.records_of(&table, snap.as_ref(), object, &crate::read::Filter::default()).await?;
-        let (entries, mut through) = dotdo_core::cold::fold_changes(&records);
-        if let Some(s) = &snap {
-            // The snapshot's watermark, not only the highest seq still stored: a collapse may have
-            // dropped an object's newest records (a delete and what it deleted), and a restore
-            // must continue after the watermark, never reuse its sequence numbers.
-            through = through.max(self.watermark_in(table.metadata(), s, object).await?.through);
-        }
+        let read = async {
+            let (records, _) = self.records_of(&table, snap.as_ref(), object, &crate::read::Filter::default()).await?;
+            let (entries, mut through) = dotdo_core::cold::fold_changes(&records);
+            if let Some(s) = &snap {
+                // The snapshot's watermark, not only the highest seq still stored: a collapse may
+                // have dropped an object's newest records (a delete and what it deleted), and a
+                // restore must continue after the watermark, never reuse its sequence numbers.
+                through = through.max(self.watermark_in(table.metadata(), s, object).await?.through);
+            }
+            Ok::<_, Error>((entries, through))
+        };
+        let (entries, through) = match read.await {
+            Ok(v) => v,
+            Err(e) => return Err(self.expired_meanwhile(e, snap.as_ref()).await),
+        };
         Ok(ColdState { entries, through, snapshot: snap.map(|s| s.snapshot_id()) })
     }
 
@@ -1324,7 +1331,27 @@ impl IcebergColdStore {
         let snap = Self::resolve(&table, as_of)?;
         let filter =
             crate::read::Filter { min_seq: Some(after.saturating_add(1)), max_seq: through, ..Default::default() };
-        Ok(self.records_of(&table, snap.as_ref(), object, &filter).await?.0)
+        match self.records_of(&table, snap.as_ref(), object, &filter).await {
+            Ok((records, _)) => Ok(records),
+            Err(e) => Err(self.expired_meanwhile(e, snap.as_ref()).await),
+        }
+    }
+
+    /// A read of `snap` that found one of its files missing (`Corrupt`): if maintenance expired
+    /// the snapshot meanwhile (between resolving it and reading its files; it is not in the
+    /// current table), `NotFound` as for any expired snapshot, so a reader pinned to it re-pins;
+    /// otherwise the error stands.
+    pub(crate) async fn expired_meanwhile(&self, e: Error, snap: Option<&SnapshotRef>) -> Error {
+        let Some(id) = snap.map(|s| s.snapshot_id()) else { return e };
+        if e.kind() != &ErrorKind::Corrupt {
+            return e;
+        }
+        match self.refresh().await {
+            Ok(t) if t.metadata().snapshot_by_id(id).is_none() => {
+                Error::new(ErrorKind::NotFound, format!("snapshot {id} expired while it was read ({e})")).with_source(e)
+            }
+            _ => e,
+        }
     }
 }
 

@@ -1833,3 +1833,47 @@ async fn a_minimum_raised_during_a_cleanup_keeps_younger_files() {
     assert!(stray.exists(), "a file younger than the raised minimum was deleted: {report:?}");
     assert!(report.kept_recent >= 1, "{report:?}");
 }
+
+/// A snapshot expired (and its files cleaned up) between a reader resolving it and reading its
+/// files is `NotFound`, as an expired snapshot is, so a reader pinned to it re-pins; it used to
+/// be `Corrupt` (a missing file), which the runtime does not re-pin on. The reader here reads the
+/// table state it knows (`refresh_reads` off), which still lists the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_expired_while_it_is_read_is_not_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    let one = FencingToken::new(1);
+    let first = writer
+        .append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 1, "k", "v1", 1)]))
+        .await
+        .expect("append")
+        .snapshot
+        .expect("snapshot");
+    let reader = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(Settings {
+            buckets: 1,
+            refresh_reads: false,
+            min_cleanup_retention: std::time::Duration::ZERO,
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("reader");
+    assert_eq!(reader.load_state(&o, AsOf::Snapshot(first)).await.expect("as of the first").entries.len(), 1);
+    writer.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 2, "k", "v2", 1)])).await.expect("append");
+    // A compaction replaces the first snapshot's data file; expiry and cleanup take it.
+    writer.compact(CompactOptions::default()).await.expect("compact");
+    writer.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    let report = writer.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    assert!(report.deleted.iter().any(|f| f.ends_with(".parquet")), "{report:?}");
+    // The reader's known table still lists the first snapshot; its files are gone.
+    assert!(reader.table().metadata().snapshot_by_id(first).is_some());
+    let e = reader.load_state(&o, AsOf::Snapshot(first)).await.expect_err("expired");
+    assert_eq!(e.kind(), &dotdo_core::ErrorKind::NotFound, "{e}");
+    let e = reader.read_changes(&o, 0, AsOf::Snapshot(first)).await.expect_err("expired");
+    assert_eq!(e.kind(), &dotdo_core::ErrorKind::NotFound, "{e}");
+    let e = dotdo_core::IndexAccelerator::lookup(&reader, &o, "k", AsOf::Snapshot(first)).await.expect_err("expired");
+    assert_eq!(e.kind(), &dotdo_core::ErrorKind::NotFound, "{e}");
+}
