@@ -564,6 +564,40 @@ async fn a_call_outliving_shutdown_gives_its_lease_back_when_it_ends() {
     assert_eq!(get(&next, &o, "n").await.expect("get"), Some(Bytes::from("1")));
 }
 
+/// A call admitted before shutdown that waits on its object's slot behind a call outliving
+/// shutdown does not activate the object anew once shutdown has given the leases back: it is
+/// `Shutdown`, and takes no lease. Before, it acquired a fresh lease (and could restore from
+/// cold) after shutdown had returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_queued_behind_a_busy_slot_does_not_activate_after_shutdown() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    let (go_tx, handler) = paused_call(&rt, &o).await;
+    let queued = {
+        let (rt, o) = (rt.clone(), o.clone());
+        tokio::spawn(async move {
+            rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+                t.put("n", "2")?;
+                Ok::<_, Error>(())
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let ticking = tick(&w);
+    let report = rt.shutdown().await.expect("shutdown");
+    ticking.abort();
+    assert_eq!(report.busy, 1, "{report:?}");
+    go_tx.send(()).expect("go");
+    tokio::time::timeout(Duration::from_secs(10), handler).await.expect("finished").expect("join").expect("call");
+    let e = tokio::time::timeout(Duration::from_secs(10), queued).await.expect("finished").expect("join");
+    let e = e.expect_err("the queued call does not run after shutdown");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown, "{e}");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "no lease taken");
+    assert_eq!(w.hot.get(&o, "n").await.expect("get"), Some(Bytes::from("1")));
+}
+
 /// `flush` and `evict` of an object already evicted do nothing: no activation, whose eager
 /// restore would bring the whole state back into hot storage.
 #[tokio::test]
@@ -2630,9 +2664,10 @@ async fn a_repeated_set_ring_keeps_pending_hand_overs() {
     assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
 }
 
-/// A call that takes an object's lease after shutdown's flush ran (here a prefetch that waited
-/// for the slot behind a long handler, both entered before shutdown) gives it back when it
-/// ends: nothing would release it any more, and other nodes would wait out its TTL.
+/// A call waiting for an object's slot when shutdown's flush ran (here a prefetch behind a long
+/// handler, both entered before shutdown) leaves no lease behind: nothing would release it any
+/// more, and other nodes would wait out its TTL. (It used to take a lease after the flush and
+/// give it back when it ended; it is now refused with `Shutdown` before taking one.)
 #[allow(clippy::disallowed_methods)] // real-time pauses while tasks reach their waits
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
@@ -2668,8 +2703,9 @@ async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
     shutdown.await.expect("task").expect("shutdown");
     gate_tx.send(()).expect("open the gate");
     long.await.expect("task").expect("the long call");
-    prefetch.await.expect("task").expect("the prefetch");
-    assert!(w.hot.current(&o).await.expect("current").is_none(), "the prefetch's lease was given back");
+    let e = prefetch.await.expect("task").expect_err("the prefetch waited past shutdown's flush");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown, "{e}");
+    assert!(w.hot.current(&o).await.expect("current").is_none(), "no lease left behind");
 }
 
 /// A flush_all still running after shutdown's flush, whose later round renewed its lease after

@@ -712,6 +712,11 @@ impl ObjectRuntime {
         if let Some(lease) = orphan {
             release_quietly(inner, &lease).await;
         }
+        if inner.shutdown_flushed.load(Ordering::SeqCst) {
+            // A call admitted before shutdown that waited on a busy slot past shutdown's flush:
+            // no new lease (and no restore) once shutdown has given the leases back.
+            return Err(Error::new(ErrorKind::Shutdown, "the runtime shut down while the call waited for its object"));
+        }
         let sw = Stopwatch::start(inner.clock.clone());
         let lease = self.acquire_within(object, wait).await.map_err(|e| before_the_call(e, "acquiring the lease"))?;
         let mut hand = LeaseInHand::new(inner, lease.clone());
