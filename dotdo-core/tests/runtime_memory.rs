@@ -1157,6 +1157,29 @@ async fn an_error_reached_after_the_lease_ran_out_is_refused() {
     assert!(w.hot.is_available(&o).await.expect("available"), "the lease was given back");
 }
 
+/// A write whose lease ran out before its commit could refresh it is `LeaseLost`, nothing
+/// written, and counts as self-fencing (it was counted nowhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_lease_ran_out_counts_as_self_fencing() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("first");
+    let clock = w.clock.clone();
+    let e = rt
+        .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
+            t.put("n", "99")?;
+            clock.advance(TTL * 2);
+            Ok::<_, Error>(())
+        })
+        .await
+        .expect_err("the lease ran out before the commit");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    let m = rt.metrics();
+    assert_eq!((m.self_fenced, m.fenced), (1, 0), "{m:?}");
+    assert_eq!(get(&rt, &o, "n").await.expect("get"), Some(Bytes::from("1")), "nothing written");
+}
+
 /// A call dropped by its caller while the handler runs, where leases go back after every call
 /// (`keep_warm` 0): its lease is not kept for the next call (which takes a new one, as after
 /// any call), but released before it. Before, the cancelled call's activation stayed warm.

@@ -64,8 +64,9 @@ pub struct RuntimeMetrics {
     pub preload_hits: u64,
     /// Writes rejected because a newer holder fenced this runtime.
     pub fenced: u64,
-    /// Handlers aborted because the lease could not be renewed in time, and read-only calls
-    /// refused because the lease ran out before the handler finished (self-fencing).
+    /// Handlers aborted because the lease could not be renewed in time, calls refused because
+    /// the lease ran out before the handler finished (a read-only answer or an error), and
+    /// commits whose lease ran out before they could refresh it (self-fencing).
     pub self_fenced: u64,
     /// Cold flushes (commits to cold storage).
     pub flushes: u64,

@@ -565,7 +565,15 @@ impl ObjectRuntime {
         } else {
             if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
                 if lease_gone(&e) {
-                    self.inner.metrics.lock().fenced += u64::from(e.is_fenced());
+                    // Fenced by a newer holder, or the lease ran out before the commit could
+                    // refresh it (self-fencing, like a handler whose renewal failed).
+                    let mut m = self.inner.metrics.lock();
+                    if e.is_fenced() {
+                        m.fenced += 1;
+                    } else {
+                        m.self_fenced += 1;
+                    }
+                    drop(m);
                     slot.active = None;
                 } else if e.kind() == &ErrorKind::AmbiguousOutcome {
                     // The write may still land later (a request queued at a remote primary):
