@@ -45,8 +45,10 @@ pub struct SqliteSettings {
     /// `retry_backoff`) before the call fails with a retryable `Unavailable`. Default 5. The
     /// same budget (every attempt's `busy_timeout` plus the backoff) bounds a write call's wait
     /// for the store's own write connection, so writers queued in one process also fail in
-    /// bounded time: a write call waits at most twice the budget in all (for the connection,
-    /// then in its own busy retries; about 25 s with the defaults). At most
+    /// bounded time: a write call waits at most twice the budget in all (for a blocking thread
+    /// and the connection, then in its own busy retries; about 25 s with the defaults). With
+    /// `Execution::Auto` on a multi-threaded runtime the call runs under `block_in_place`, so a
+    /// caller's own timeout around it cannot fire before that bound. At most
     /// [`MAX_BUSY_RETRIES`](crate::MAX_BUSY_RETRIES) (100).
     pub busy_retries: u32,
     /// First backoff between busy retries (doubling, at most 1 s each; each wait a random length

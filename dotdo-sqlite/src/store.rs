@@ -486,6 +486,9 @@ async fn offload<T: Send + 'static>(mode: Execution, f: impl FnOnce() -> Result<
 thread_local! {
     /// tokio refused `block_in_place` on this thread (see [`in_place`]).
     static BLOCK_IN_PLACE_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How long the call running on this thread waited for it (a blocking-pool thread), which
+    /// counts against its write budget.
+    static QUEUED: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
 }
 
 /// A blocking job handed back to the caller when it could not run.
@@ -637,7 +640,16 @@ impl SqliteStore {
 
     async fn run<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
         let inner = self.inner.clone();
-        offload(self.inner.settings.execution, move || f(&inner)).await
+        let queued_at = inner.clock.monotonic();
+        offload(self.inner.settings.execution, move || {
+            // Time spent waiting for a blocking thread counts against the write budget: with
+            // more writers than threads, the last ones waited several budgets in all.
+            QUEUED.set(inner.clock.monotonic().saturating_sub(queued_at));
+            let out = f(&inner);
+            QUEUED.set(Duration::ZERO);
+            out
+        })
+        .await
     }
 
     /// Run `PRAGMA integrity_check`; `Corrupt` with SQLite's report if it is not `ok`.
@@ -693,10 +705,11 @@ impl Inner {
         // budget as the busy retries, so that every queued caller behind another process's lock
         // gets `Unavailable` in bounded time, not the 10th after ten budgets.
         let budget = write_budget(&self.settings);
-        let Some(conn) = self.writer.try_lock_for(budget) else {
+        let queued = QUEUED.get();
+        let Some(conn) = self.writer.try_lock_for(budget.saturating_sub(queued)) else {
             return Err(Error::unavailable(format!(
-                "{doing}: {} is still locked for writing after {budget:?} (other writers of this store are \
-                 waiting for it); retry later",
+                "{doing}: {} is still locked for writing after {budget:?} (with {queued:?} waiting for a \
+                 thread; other writers of this store are waiting for it); retry later",
                 self.path.display()
             )));
         };

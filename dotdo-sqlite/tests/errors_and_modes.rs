@@ -426,6 +426,51 @@ async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
     s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("writes go through again");
 }
 
+/// With more writers than blocking threads (a current-thread runtime whose blocking pool has two
+/// threads), the time a call waits for a thread counts against its write budget: ten writers
+/// behind another process's lock all fail within about two budgets. Before, each pair of
+/// writers waited its own budget after the pair before it (five budgets for the last pair).
+#[test]
+#[allow(clippy::disallowed_methods)]
+fn time_waiting_for_a_blocking_thread_counts_against_the_write_budget() {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().max_blocking_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hot.db");
+        let settings = SqliteSettings {
+            busy_timeout: Duration::from_millis(150),
+            busy_retries: 2,
+            retry_backoff: Duration::from_millis(10),
+            execution: Execution::SpawnBlocking,
+            ..Default::default()
+        };
+        let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        let raw = rusqlite::Connection::open(&path).expect("raw");
+        raw.execute_batch("BEGIN EXCLUSIVE").expect("another process holds the write lock");
+        // One budget: 3 attempts of 150 ms plus 10 + 20 ms of backoff = 480 ms.
+        let budget = Duration::from_millis(480);
+        let started = std::time::Instant::now();
+        let calls: Vec<_> = (0..10)
+            .map(|i| {
+                let (s, token) = (s.clone(), l.token);
+                tokio::spawn(async move { s.put(&obj(), token, "T", &format!("k{i}"), "v".into()).await })
+            })
+            .collect();
+        for c in calls {
+            let e = c.await.expect("join").expect_err("the database is locked");
+            assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+        }
+        // Each call: its wait for a thread and the store's connection within one budget, its
+        // busy retries within another. Without counting the thread wait: about five budgets.
+        let took = started.elapsed();
+        assert!(took < budget * 3, "ten writers on two threads took {took:?}");
+        raw.execute_batch("ROLLBACK").expect("release");
+        s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("writes go through again");
+    });
+}
+
 /// Schema versions: a file of version 1 is upgraded in place (to 2) and keeps its state and its
 /// lease; a file of a newer version than this library's is refused with `Corrupt` and left alone.
 #[tokio::test]
