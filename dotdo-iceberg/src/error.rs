@@ -118,6 +118,15 @@ fn generic_cause(e: &object_store::Error) -> Cause {
     if text.contains("but object was only") || text.contains("Out of range of file") {
         return Cause::Undecodable;
     }
+    // A range the store cannot serve as asked (an empty or inverted range, from a damaged
+    // footer; a server that answers a range request whole or with other bytes): retrying asks
+    // the same again.
+    if text.contains("Received non-partial response when range requested")
+        || (text.contains("Range started at") && text.contains("and ended at"))
+        || (text.contains("Requested") && text.contains(", got "))
+    {
+        return Cause::Undecodable;
+    }
     // S3's bare redirect: a bucket in another region than configured.
     if text.contains("Received redirect without LOCATION") {
         return Cause::Config;
@@ -164,6 +173,15 @@ fn io_cause(e: &std::io::Error) -> Cause {
         K::NotFound => Cause::Missing(String::new()),
         K::InvalidData | K::UnexpectedEof => Cause::Undecodable,
         K::PermissionDenied => Cause::StoreDenied,
+        // As in a store's own write (`generic_cause`): an fsync of `sync_local_files` is where
+        // a full disk or an exhausted quota often shows first (NFS, btrfs).
+        K::NotADirectory
+        | K::IsADirectory
+        | K::StorageFull
+        | K::ReadOnlyFilesystem
+        | K::FileTooLarge
+        | K::InvalidFilename
+        | K::QuotaExceeded => Cause::StoreRefused,
         _ => Cause::StoreUnavailable,
     }
 }
@@ -740,6 +758,25 @@ mod tests {
         let e = s3.put(&"k".into(), bytes::Bytes::from_static(b"x").into()).await.expect_err("http not allowed");
         let e = classify_object_store(e);
         assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::InvalidInput, false), "{e}");
+    }
+
+    /// A full disk or an exhausted quota met at the fsync of `sync_local_files` (a bare I/O
+    /// error under iceberg's) is `Backend`, not retryable, as in a store's own write (it was a
+    /// retryable Unavailable); a range read the store answers whole or refuses as empty is
+    /// `Corrupt` (damaged footer ranges), not retried.
+    #[test]
+    fn a_full_disk_at_fsync_and_unservable_ranges_are_not_retried() {
+        for kind in [std::io::ErrorKind::StorageFull, std::io::ErrorKind::QuotaExceeded] {
+            let e = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "cannot fsync /wh/t/data/f.parquet")
+                .with_source(std::io::Error::from(kind));
+            let e = classify(e, "writing");
+            assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{kind:?}: {e}");
+        }
+        for text in ["Received non-partial response when range requested", "Range started at 10 and ended at 10"] {
+            let e = object_store::Error::Generic { store: "S3", source: text.into() };
+            let e = classify_object_store(e);
+            assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Corrupt, false), "{text}: {e}");
+        }
     }
 
     /// A local file or directory the process may not write is for the operator (it was a

@@ -875,6 +875,11 @@ impl IcebergColdStore {
             let col = meta.row_group(rg).column(c);
             let (Some(off), Some(len)) = (col.bloom_filter_offset(), col.bloom_filter_length()) else { continue };
             let (Ok(off), Ok(len)) = (u64::try_from(off), u64::try_from(len)) else { continue };
+            // A filter of no bytes (another engine's footer) is no filter: nothing to fetch (an
+            // empty range read is refused by some stores), nothing pruned.
+            if len == 0 {
+                continue;
+            }
             ranges.push(off..off + len);
             wanted.push((c, v));
         }

@@ -23,8 +23,10 @@ use url::Url;
 
 use dotdo_core::{Error, Result};
 
-/// An object store and the URL prefix (`scheme://authority`) that maps to its root.
-#[derive(Clone, Debug)]
+/// An object store and the URL prefix (`scheme://authority`) that maps to its root. Its `Debug`
+/// shows the store's `Display` only (object_store's own `Debug` of Azure and GCS stores prints
+/// their credentials).
+#[derive(Clone)]
 pub struct StoreRoot {
     /// The store.
     pub store: Arc<dyn ObjectStore>,
@@ -35,6 +37,17 @@ pub struct StoreRoot {
     /// Whether the store is a local file system that dotdo opened itself (`file://`), whose
     /// files it can fsync.
     local_files: bool,
+}
+
+impl std::fmt::Debug for StoreRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreRoot")
+            .field("store", &format_args!("{}", self.store))
+            .field("root", &self.root)
+            .field("warehouse", &self.warehouse)
+            .field("local_files", &self.local_files)
+            .finish()
+    }
 }
 
 impl StoreRoot {
@@ -226,7 +239,33 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     Ok(url)
 }
 
+/// `location` spelled with the scheme `root` uses, where another engine wrote an alias that
+/// object_store opens as the same store (`s3a://`, `s3n://` for `s3://`; `abfs://` / `abfss://`;
+/// `file://localhost/` for `file:///`).
+fn with_root_scheme<'a>(root: &str, location: &'a str) -> std::borrow::Cow<'a, str> {
+    let scheme = |u: &str| u.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    let (Some(want), Some(have)) = (scheme(root), scheme(location)) else { return location.into() };
+    let family = |s: &str| {
+        match s {
+            "s3" | "s3a" | "s3n" => "s3",
+            "abfs" | "abfss" => "abfs",
+            other => other,
+        }
+        .to_string()
+    };
+    if let Some(rest) = location.strip_prefix("file://localhost/").filter(|_| want == "file") {
+        return format!("file:///{rest}").into();
+    }
+    if want != have && family(&want) == family(&have) {
+        let rest = &location[have.len()..];
+        return format!("{want}{rest}").into();
+    }
+    location.into()
+}
+
 fn key_of(root: &str, location: &str) -> std::result::Result<Path, String> {
+    let spelled = with_root_scheme(root, location);
+    let location = spelled.as_ref();
     let rest = location
         .strip_prefix(root)
         // Whole path segments only: root `s3://b` must not take `s3://bb/x` as its `b/x`.
@@ -250,8 +289,9 @@ fn path_err(msg: String) -> iceberg::Error {
     iceberg::Error::new(iceberg::ErrorKind::Unexpected, msg.clone()).with_source(Error::invalid(msg))
 }
 
-/// iceberg `Storage` over an [`ObjectStore`]. Not deserializable (a live store cannot be).
-#[derive(Clone, Debug, serde::Serialize)]
+/// iceberg `Storage` over an [`ObjectStore`]. Not deserializable (a live store cannot be). Its
+/// `Debug` shows the store's `Display` only (no credentials).
+#[derive(Clone, serde::Serialize)]
 pub struct ObjectStoreStorage {
     #[serde(skip)]
     store: Arc<dyn ObjectStore>,
@@ -259,6 +299,16 @@ pub struct ObjectStoreStorage {
     /// Set when written files are fsynced.
     #[serde(skip)]
     sync: Option<Arc<SyncState>>,
+}
+
+impl std::fmt::Debug for ObjectStoreStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStoreStorage")
+            .field("store", &format_args!("{}", self.store))
+            .field("root", &self.root)
+            .field("sync", &self.sync.is_some())
+            .finish()
+    }
 }
 
 /// What a syncing storage needs: the count of files synced, the warehouse directory (ancestors
@@ -520,6 +570,16 @@ mod tests {
         assert!(key_of("s3://b", "s3://other/x").is_err());
         assert!(key_of("s3://b", "s3://bb/x").is_err(), "a bucket whose name starts with the root's");
         assert_eq!(key_of("s3://b/", "s3://b/x").expect("key").as_ref(), "x");
+        // Locations other engines write with a scheme alias of the same store.
+        assert_eq!(key_of("s3://b", "s3a://b/wh/x").expect("s3a").as_ref(), "wh/x");
+        assert_eq!(key_of("s3://b", "S3N://b/wh/x").expect("s3n").as_ref(), "wh/x");
+        assert_eq!(
+            key_of("abfss://c@a.dfs.core.windows.net", "abfs://c@a.dfs.core.windows.net/x").expect("abfs").as_ref(),
+            "x"
+        );
+        assert_eq!(key_of("file://", "file://localhost/tmp/x").expect("localhost").as_ref(), "tmp/x");
+        assert!(key_of("s3://b", "s3a://other/x").is_err(), "another bucket stays another bucket");
+        assert!(key_of("s3://b", "gs://b/x").is_err(), "another store stays another store");
     }
 
     #[test]
