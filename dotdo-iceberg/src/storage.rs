@@ -230,13 +230,38 @@ fn check_options(url: &Url, options: &[(String, String)]) -> Result<()> {
 
 fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     let trimmed = warehouse.trim_end_matches('/');
-    let url = if trimmed.starts_with('/') {
-        Url::from_directory_path(trimmed)
-            .map_err(|()| Error::invalid(format!("warehouse path {warehouse} is not absolute")))?
-    } else {
-        Url::parse(trimmed).map_err(|e| Error::invalid(format!("warehouse {warehouse} is not a URL")).with_source(e))?
+    let local = |path: &std::path::Path| {
+        Url::from_directory_path(normalized(path))
+            .map_err(|()| Error::invalid(format!("warehouse path {warehouse} is not absolute")))
     };
-    Ok(url)
+    if trimmed.starts_with('/') {
+        return local(std::path::Path::new(trimmed));
+    }
+    let url = Url::parse(trimmed)
+        .map_err(|e| Error::invalid(format!("warehouse {warehouse} is not a URL")).with_source(e))?;
+    match url.to_file_path() {
+        // `file:///a//b`: the same directory as `/a/b` (object paths have no empty segments).
+        Ok(path) if url.scheme() == "file" && url.path().contains("//") => local(&path),
+        _ => Ok(url),
+    }
+}
+
+/// `path` with `.`, `..` and empty components resolved lexically (`/a/b/../c` is `/a/c`), as a
+/// URL parser resolves them in a `file://` URL: the two spellings of a local warehouse name the
+/// same files (object paths may not contain `..`).
+fn normalized(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// `location` spelled with the scheme `root` uses, where another engine wrote an alias that
@@ -570,6 +595,11 @@ mod tests {
         assert!(key_of("s3://b", "s3://other/x").is_err());
         assert!(key_of("s3://b", "s3://bb/x").is_err(), "a bucket whose name starts with the root's");
         assert_eq!(key_of("s3://b/", "s3://b/x").expect("key").as_ref(), "x");
+        // Spellings of one local warehouse name the same directory.
+        for spelled in ["/tmp/x/a/../wh", "/tmp/x/./wh/", "file:///tmp/x//wh", "file:///tmp/x/a/../wh"] {
+            let url = parse_warehouse_url(spelled).expect(spelled);
+            assert_eq!(url.as_str().trim_end_matches('/'), "file:///tmp/x/wh", "{spelled}");
+        }
         // Locations other engines write with a scheme alias of the same store.
         assert_eq!(key_of("s3://b", "s3a://b/wh/x").expect("s3a").as_ref(), "wh/x");
         assert_eq!(key_of("s3://b", "S3N://b/wh/x").expect("s3n").as_ref(), "wh/x");
