@@ -399,13 +399,11 @@ async fn lease_tokens_of_a_predecessor_do_locks_table_fence_writes() {
     s.put(&a, l.token, "T", "k", b"v".to_vec().into()).await.expect("current token");
 }
 
-/// Eight writers of one store queued behind another process's write lock each get a retryable
-/// `Unavailable` within their own busy budget (plus scheduling), not the last one after eight
-/// budgets: waiting for the store's write connection counts against the same budget.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("hot.db");
+/// A store on spawned blocking threads with a short busy budget (3 attempts of 150 ms plus 10 +
+/// 20 ms of backoff: 480 ms), its lease on `obj()`, and a raw connection holding the file's
+/// write lock as another process would.
+async fn locked_store(dir: &std::path::Path) -> (SqliteStore, dotdo_core::Lease, rusqlite::Connection) {
+    let path = dir.join("hot.db");
     let settings = SqliteSettings {
         busy_timeout: Duration::from_millis(150),
         busy_retries: 2,
@@ -417,6 +415,16 @@ async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
     let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
     let raw = rusqlite::Connection::open(&path).expect("raw");
     raw.execute_batch("BEGIN EXCLUSIVE").expect("another process holds the write lock");
+    (s, l, raw)
+}
+
+/// Eight writers of one store queued behind another process's write lock each get a retryable
+/// `Unavailable` within their own busy budget (plus scheduling), not the last one after eight
+/// budgets: waiting for the store's write connection counts against the same budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s, l, raw) = locked_store(dir.path()).await;
     // One budget: 3 attempts of 150 ms plus 10 + 20 ms of backoff = 480 ms. Without the bound the
     // last of eight queued writers took about 4 s.
     let hot: std::sync::Arc<dyn HotStore> = std::sync::Arc::new(s.clone());
@@ -437,18 +445,7 @@ fn time_waiting_for_a_blocking_thread_counts_against_the_write_budget() {
         tokio::runtime::Builder::new_current_thread().max_blocking_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("hot.db");
-        let settings = SqliteSettings {
-            busy_timeout: Duration::from_millis(150),
-            busy_retries: 2,
-            retry_backoff: Duration::from_millis(10),
-            execution: Execution::SpawnBlocking,
-            ..Default::default()
-        };
-        let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
-        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
-        let raw = rusqlite::Connection::open(&path).expect("raw");
-        raw.execute_batch("BEGIN EXCLUSIVE").expect("another process holds the write lock");
+        let (s, l, raw) = locked_store(dir.path()).await;
         // One budget: 3 attempts of 150 ms plus 10 + 20 ms of backoff = 480 ms.
         let budget = Duration::from_millis(480);
         let started = std::time::Instant::now();
