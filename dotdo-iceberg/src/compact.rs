@@ -390,10 +390,10 @@ impl IcebergColdStore {
         // a user table: only the former must commit files younger than half of the cleanup
         // minimum (see `added_files_present`), and a rewrite that cannot stops early.
         let guard_age = !matches!(mode, Mode::User(_));
-        let max_age = self.inner.settings.min_cleanup_retention / 2;
+        let max_age = self.inner.settings.max_uncommitted_age().filter(|_| guard_age);
         let mut first_written: Option<dotdo_core::Timestamp> = None;
         for (i, group) in groups.into_iter().enumerate() {
-            if let Some(t) = first_written.filter(|_| guard_age && !max_age.is_zero()) {
+            if let (Some(t), Some(max_age)) = (first_written, max_age) {
                 let age = self.inner.clock.now().since(t);
                 if age > max_age {
                     self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
@@ -581,7 +581,7 @@ impl IcebergColdStore {
         // while this commit lands may already have judged these files unreferenced: safe only
         // while they are younger than that by a wide margin. (Zero: no writer runs alongside a
         // cleanup, by the setting's contract.)
-        let max_age = self.inner.settings.min_cleanup_retention / 2;
+        let max_age = self.inner.settings.max_uncommitted_age().filter(|_| guard_age);
         let now = self.inner.clock.now();
         let heads = added.iter().map(|f| async move {
             let key = self.inner.root.key(f.file_path())?;
@@ -589,9 +589,7 @@ impl IcebergColdStore {
                 Ok(meta) => {
                     let written = dotdo_core::Timestamp::from_micros(meta.last_modified.timestamp_micros());
                     let age = now.since(written);
-                    if !guard_age || max_age.is_zero() || age <= max_age {
-                        return Ok(());
-                    }
+                    let Some(max_age) = max_age.filter(|max| age > *max) else { return Ok(()) };
                     Err(Error::new(
                         ErrorKind::Conflict,
                         format!(

@@ -917,10 +917,7 @@ impl IcebergColdStore {
             let filter = &filter;
             async move {
                 let snap = Self::resolve(&table, as_of)?;
-                match self.records_of(&table, snap.as_ref(), object, filter).await {
-                    Ok(v) => Ok(v),
-                    Err(e) => Err(self.expired_meanwhile(e, snap.as_ref()).await),
-                }
+                self.read_at(snap.as_ref(), self.records_of(&table, snap.as_ref(), object, filter)).await
             }
         };
         let (records, mut stats) = if self.inner.settings.refresh_reads {

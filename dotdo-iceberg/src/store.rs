@@ -144,6 +144,20 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The oldest a file this store wrote may be when a commit of the change table names it:
+    /// half of `min_cleanup_retention` (a cleanup running meanwhile may judge an older
+    /// unreferenced file deletable and take it after the commit). `None` when that is zero: no
+    /// writer runs beside a cleanup, by the setting's contract.
+    pub(crate) fn max_uncommitted_age(&self) -> Option<Duration> {
+        Some(self.min_cleanup_retention / 2).filter(|age| !age.is_zero())
+    }
+
+    /// The minimum this store records in the change table ([`MIN_CLEANUP_PROP`]), in
+    /// milliseconds; `None` for zero (nothing to record).
+    fn cleanup_minimum_ms(&self) -> Option<u64> {
+        Some(u64::try_from(self.min_cleanup_retention.as_millis()).unwrap_or(u64::MAX)).filter(|ms| *ms > 0)
+    }
+
     /// The bloom filter target of `column`, `None` if it gets no filter.
     pub(crate) fn bloom_fpp(&self, column: &str) -> Option<f64> {
         if !self.bloom_filters {
@@ -400,9 +414,10 @@ fn properties_to_set(table: &Table, settings: &Settings) -> Vec<(&'static str, S
     // Every cleanup of the table, whatever its own settings, keeps to the largest minimum a
     // writer opened it with: a compaction of this store commits files up to half of it old.
     // (An unreadable value, another engine's edit, is replaced.)
-    let own = u64::try_from(settings.min_cleanup_retention.as_millis()).unwrap_or(u64::MAX);
-    if own > 0 && recorded_cleanup_minimum(table).map_or(true, |r| r.as_millis() < u128::from(own)) {
-        set.push((MIN_CLEANUP_PROP, own.to_string()));
+    if let Some(own) = settings.cleanup_minimum_ms() {
+        if recorded_cleanup_minimum(table).map_or(true, |r| r.as_millis() < u128::from(own)) {
+            set.push((MIN_CLEANUP_PROP, own.to_string()));
+        }
     }
     set
 }
@@ -470,8 +485,7 @@ async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Sett
         ("write.metadata.previous-versions-max".to_string(), "20".to_string()),
         ("dotdo.format".to_string(), "1".to_string()),
     ]);
-    let min = settings.min_cleanup_retention.as_millis();
-    if min > 0 {
+    if let Some(min) = settings.cleanup_minimum_ms() {
         props.insert(MIN_CLEANUP_PROP.to_string(), min.to_string());
     }
     let creation = creation.properties(props).build();
@@ -1086,8 +1100,8 @@ impl IcebergColdStore {
             // stores, conflicts and unknown outcomes add up): a cleanup running meanwhile may
             // judge them unreferenced and delete them after the commit lands (a snapshot naming
             // missing files). New files are written instead, as a compaction's check refuses.
-            let max_age = self.inner.settings.min_cleanup_retention / 2;
-            let young = |at: &Timestamp| max_age.is_zero() || self.inner.clock.now().since(*at) <= max_age;
+            let max_age = self.inner.settings.max_uncommitted_age();
+            let young = |at: &Timestamp| max_age.is_none_or(|max| self.inner.clock.now().since(*at) <= max);
             let files = match &written {
                 Some((ranges, spec, files, at)) if *ranges == p.ranges && *spec == spec_id && young(at) => {
                     files.clone()
@@ -1291,10 +1305,7 @@ impl ColdSink for IcebergColdStore {
             }
             Ok::<_, Error>((entries, through))
         };
-        let (entries, through) = match read.await {
-            Ok(v) => v,
-            Err(e) => return Err(self.expired_meanwhile(e, snap.as_ref()).await),
-        };
+        let (entries, through) = self.read_at(snap.as_ref(), read).await?;
         Ok(ColdState { entries, through, snapshot: snap.map(|s| s.snapshot_id()) })
     }
 
@@ -1331,26 +1342,32 @@ impl IcebergColdStore {
         let snap = Self::resolve(&table, as_of)?;
         let filter =
             crate::read::Filter { min_seq: Some(after.saturating_add(1)), max_seq: through, ..Default::default() };
-        match self.records_of(&table, snap.as_ref(), object, &filter).await {
-            Ok((records, _)) => Ok(records),
-            Err(e) => Err(self.expired_meanwhile(e, snap.as_ref()).await),
-        }
+        let read = self.records_of(&table, snap.as_ref(), object, &filter);
+        Ok(self.read_at(snap.as_ref(), read).await?.0)
     }
 
-    /// A read of `snap` that found one of its files missing (`Corrupt`): if maintenance expired
-    /// the snapshot meanwhile (between resolving it and reading its files; it is not in the
-    /// current table), `NotFound` as for any expired snapshot, so a reader pinned to it re-pins;
-    /// otherwise the error stands.
-    pub(crate) async fn expired_meanwhile(&self, e: Error, snap: Option<&SnapshotRef>) -> Error {
-        let Some(id) = snap.map(|s| s.snapshot_id()) else { return e };
-        if e.kind() != &ErrorKind::Corrupt {
-            return e;
-        }
+    /// Run `read` of snapshot `snap`'s files. If it found one of them missing (`Corrupt`) and
+    /// maintenance expired the snapshot meanwhile (between resolving it and reading its files;
+    /// it is not in the current table), the read is `NotFound` as for any expired snapshot, so
+    /// a reader pinned to it re-pins; otherwise its error stands.
+    pub(crate) async fn read_at<T>(
+        &self,
+        snap: Option<&SnapshotRef>,
+        read: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let e = match read.await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let Some(id) = snap.map(|s| s.snapshot_id()).filter(|_| e.kind() == &ErrorKind::Corrupt) else {
+            return Err(e);
+        };
         match self.refresh().await {
             Ok(t) if t.metadata().snapshot_by_id(id).is_none() => {
-                Error::new(ErrorKind::NotFound, format!("snapshot {id} expired while it was read ({e})")).with_source(e)
+                Err(Error::new(ErrorKind::NotFound, format!("snapshot {id} expired while it was read ({e})"))
+                    .with_source(e))
             }
-            _ => e,
+            _ => Err(e),
         }
     }
 }

@@ -18,16 +18,15 @@ fn put(o: &ObjectId, seq: u64, key: &str, value: &'static str) -> ChangeRecord {
     }
 }
 
+/// A store on the `acc.changes` table of the warehouse in `dir` (default settings).
+async fn open_acc(dir: &std::path::Path) -> IcebergColdStore {
+    IcebergColdStore::builder(dir.to_str().expect("utf-8 path")).table(["acc"], "changes").build().await.expect("open")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_see_commits_of_another_store_on_the_same_catalog() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let open = || async {
-        IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
-            .table(["acc"], "changes")
-            .build()
-            .await
-            .expect("open")
-    };
+    let open = || open_acc(dir.path());
     let (writer, reader) = (open().await, open().await);
     let o = ObjectId::new("obj-1").expect("id");
     let one = FencingToken::new(1);
@@ -127,13 +126,7 @@ async fn reads_skip_manifests_whose_partition_summary_rules_the_bucket_out() {
         f.transform_literal(&Datum::string(o.as_str())).expect("transform").expect("some")
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let open = || async {
-        IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
-            .table(["acc"], "changes")
-            .build()
-            .await
-            .expect("open")
-    };
+    let open = || open_acc(dir.path());
     let writer = open().await;
     let one = FencingToken::new(1);
     let a = ObjectId::new("obj-a").expect("id");

@@ -105,8 +105,8 @@ pub struct RuntimeSettings {
     /// Most bytes (keys twice, values and 64 per entry), per object, of cold values a lazily
     /// restored object keeps cached when they come from the accelerator one key at a time; past
     /// it the least recently used of those entries are dropped until half the budget is left
-    /// (and read again if asked for); keys preloaded by `Hybrid` or `prefetch` stay. Without an accelerator the whole state is read and kept, whatever its
-    /// size. Default 64 MiB.
+    /// (and read again if asked for); keys preloaded by `Hybrid` or `prefetch` stay. Without an
+    /// accelerator the whole state is read and kept, whatever its size. Default 64 MiB.
     pub lazy_cache_bytes: usize,
 }
 
@@ -684,7 +684,7 @@ impl ObjectRuntime {
     /// wait: no `maintain` will release it any more), the lease goes back after the call. A call
     /// ending during shutdown's wait keeps it, so that the flush drains its object as held.
     async fn after_call(&self, slot: &mut Slot) {
-        if self.inner.settings.keep_warm.is_zero() || self.inner.shutdown_flushed.load(Ordering::SeqCst) {
+        if leases_go_back_after_calls(&self.inner) {
             give_back(&self.inner, &mut slot.active).await;
         }
     }
@@ -1991,13 +1991,25 @@ impl Drop for CallEnd<'_> {
         let Some(slot) = self.slot.as_mut() else { return };
         let Some(active) = slot.active.as_mut() else { return };
         active.lease = self.renewed.lock().clone();
-        if self.inner.settings.keep_warm.is_zero() || self.inner.shutdown_flushed.load(Ordering::SeqCst) {
+        if leases_go_back_after_calls(self.inner) {
             if let Some(a) = slot.active.take() {
-                note_given_back(self.inner, &a.lease);
-                self.inner.orphans.lock().insert(a.lease.object.clone(), a.lease);
+                leave_orphan(self.inner, a.lease);
             }
         }
     }
+}
+
+/// Whether a call gives its lease back when it ends: with `keep_warm` 0, or once shutdown's
+/// flush has run (no `maintain` will release it any more).
+fn leases_go_back_after_calls(inner: &Inner) -> bool {
+    inner.settings.keep_warm.is_zero() || inner.shutdown_flushed.load(Ordering::SeqCst)
+}
+
+/// Keep `lease` in [`Inner::orphans`], given back, for the object's next activation here (or
+/// `maintain`) to release: a call that cannot await the release (its future dropped).
+fn leave_orphan(inner: &Inner, lease: Lease) {
+    note_given_back(inner, &lease);
+    inner.orphans.lock().insert(lease.object.clone(), lease);
 }
 
 /// A lease between being taken and being kept in a slot (or given back). If the future holding
@@ -2027,8 +2039,7 @@ impl<'a> LeaseInHand<'a> {
 impl Drop for LeaseInHand<'_> {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
-            note_given_back(self.inner, &lease);
-            self.inner.orphans.lock().insert(lease.object.clone(), lease);
+            leave_orphan(self.inner, lease);
         }
     }
 }
