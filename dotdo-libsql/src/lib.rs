@@ -156,6 +156,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod checkpoint;
 mod conn;
 mod error;
 mod hot;

@@ -65,6 +65,15 @@ pub struct LibsqlSettings {
     /// WAL auto-checkpoint threshold in pages for a local file. Default 16 384 (64 MiB of 4 KiB
     /// pages), as in dotdo-sqlite.
     pub wal_autocheckpoint_pages: u32,
+    /// Background WAL checkpoints for a **local file**: a thread per store copies committed WAL
+    /// frames into the database file every this often (`PRAGMA wal_checkpoint(PASSIVE)`, on its
+    /// own connection: it never waits for readers or writers), so a commit rarely crosses
+    /// `wal_autocheckpoint_pages` and pays for the copy and its fsync inline; that threshold
+    /// stays as the safety net. `None`: checkpoints only inline, on the committing writer's
+    /// thread (so does zero). Durability is the same either way. Default 50 ms, as in dotdo-sqlite;
+    /// under 1 ms is refused. (No effect
+    /// on a remote primary or an embedded replica, whose file libsql's replicator writes.)
+    pub background_checkpoint: Option<Duration>,
     /// How statements travel. Default [`Transport::Auto`].
     pub transport: Transport,
     /// How long one request to a remote primary (a write, or a read of a remote store) may take
@@ -93,6 +102,7 @@ impl Default for LibsqlSettings {
             max_backoff: Duration::from_secs(1),
             read_connections: 4,
             wal_autocheckpoint_pages: 16 * 1024,
+            background_checkpoint: Some(Duration::from_millis(50)),
             transport: Transport::Auto,
             request_timeout: Duration::from_secs(15),
             sync_timeout: Duration::from_secs(60),
@@ -127,6 +137,12 @@ impl LibsqlSettings {
         dotdo_core::sql_schema::validate_busy_timeout(self.busy_timeout)?;
         if self.request_timeout.is_zero() {
             return Err(Error::invalid("request_timeout must be positive"));
+        }
+        if self.background_checkpoint.is_some_and(|d| !d.is_zero() && d < Duration::from_millis(1)) {
+            return Err(Error::invalid(format!(
+                "background_checkpoint {:?} is under 1 ms (None or zero turns it off)",
+                self.background_checkpoint
+            )));
         }
         if self.sync_timeout.is_zero() {
             return Err(Error::invalid("sync_timeout must be positive"));

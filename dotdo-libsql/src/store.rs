@@ -93,6 +93,8 @@ pub(crate) struct Inner {
     /// primary hangs).
     #[cfg(feature = "replica")]
     pull_done: parking_lot::Mutex<Option<PullDone>>,
+    /// The background checkpoint thread of a local file, stopped when the last clone is dropped.
+    checkpointer: std::sync::OnceLock<crate::checkpoint::Checkpointer>,
 }
 
 /// See [`Inner::pull_done`].
@@ -137,7 +139,11 @@ impl ReplicaBehind {
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LibsqlStore").field("target", &self.target).field("settings", &self.settings).finish()
+        f.debug_struct("LibsqlStore")
+            .field("target", &self.target)
+            .field("settings", &self.settings)
+            .field("background_checkpoints", &self.checkpointer.get().is_some())
+            .finish()
     }
 }
 
@@ -272,9 +278,24 @@ impl LibsqlStoreBuilder {
             replica_behind: ReplicaBehind::default(),
             #[cfg(feature = "replica")]
             pull_done: parking_lot::Mutex::new(None),
+            checkpointer: std::sync::OnceLock::new(),
         };
         let store = LibsqlStore { inner: Arc::new(inner) };
         store.init(&doing).await?;
+        // After init: the file is in WAL mode with dotdo's schema.
+        let inner = &store.inner;
+        if let (Target::Local { path }, Some(every)) = (&inner.target, inner.settings.background_checkpoint) {
+            if !every.is_zero() && !dotdo_core::sql_schema::is_private_database(path) {
+                let shown = path.display().to_string();
+                let started = crate::checkpoint::Checkpointer::start(
+                    &inner.readers.db,
+                    inner.settings.busy_timeout,
+                    every,
+                    shown,
+                )?;
+                let _ = inner.checkpointer.set(started);
+            }
+        }
         Ok(store)
     }
 }

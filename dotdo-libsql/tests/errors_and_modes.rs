@@ -170,6 +170,8 @@ fn settings_are_validated() {
         },
         // SQLite counts the busy timeout in i32 milliseconds; libsql would truncate this one.
         LibsqlSettings { busy_timeout: Duration::from_secs(30 * 86_400), ..Default::default() },
+        // A thread checkpointing in a tight loop.
+        LibsqlSettings { background_checkpoint: Some(Duration::from_nanos(1)), ..Default::default() },
     ] {
         let e = LibsqlStore::local("x.db").with_settings(bad).validate().expect_err("invalid settings");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput);
@@ -439,6 +441,50 @@ fn roundtrip_in(run: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Outpu
         s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
         assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
     }));
+}
+
+/// With background checkpoints the database file receives the committed pages without any
+/// commit crossing the inline threshold; without them (None or zero) the pages stay in the WAL.
+/// Dropping the store stops the thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_checkpoints_copy_the_wal_into_the_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut db_sizes = Vec::new();
+    for (i, background) in [None, Some(Duration::ZERO), Some(Duration::from_millis(10))].into_iter().enumerate() {
+        let path = dir.path().join(format!("hot-{i}.db"));
+        let settings = LibsqlSettings {
+            background_checkpoint: background,
+            wal_autocheckpoint_pages: 1_000_000,
+            ..Default::default()
+        };
+        let s = LibsqlStore::local(&path).with_settings(settings).open().await.expect("open");
+        assert_eq!(format!("{s:?}").contains("background_checkpoints: true"), i == 2, "{s:?}");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        let empty = std::fs::metadata(&path).expect("db").len();
+        for k in 0..200 {
+            s.put(&obj(), l.token, "T", &format!("k{k}"), vec![7u8; 1000].into()).await.expect("put");
+        }
+        // Real time: the checkpoint thread runs on its own. Without it, 300 ms show that
+        // nothing moves; with it, wait (up to 10 s on a loaded machine) for the pages to arrive.
+        let waited = SystemClock::new();
+        let start = waited.monotonic();
+        loop {
+            #[allow(clippy::disallowed_methods)]
+            tokio::time::sleep(Duration::from_millis(if i == 2 { 10 } else { 300 })).await;
+            let size = std::fs::metadata(&path).expect("db").len();
+            if i < 2 || size > empty + 200 * 1000 || waited.monotonic().saturating_sub(start) > Duration::from_secs(10)
+            {
+                break;
+            }
+        }
+        db_sizes.push((empty, std::fs::metadata(&path).expect("db").len()));
+        drop(s);
+    }
+    for (empty, size) in &db_sizes[..2] {
+        assert_eq!(size, empty, "no checkpoint ran: the pages are still in the WAL: {db_sizes:?}");
+    }
+    let (empty, with) = db_sizes[2];
+    assert!(with > empty + 200 * 1000, "background checkpoints copied the pages: {db_sizes:?}");
 }
 
 #[test]
