@@ -2,11 +2,12 @@
 as benches/cold.rs) appended to a local SQL-catalog table.
 
 usage: bench_pyiceberg.py <workdir> <rows> <objects> <small_commits>
-Prints one JSON line: {"append_s": .., "rows": .., "commit10_p50_ms": .., "commit10_p99_ms": .., "read_one_p50_ms": ..}
+Prints one JSON line: {"append_s": .., "rows": .., "commit10_p50_ms": .., "commit10_p99_ms": ..,
+"read_one_p50_ms": .., "append_bytes": ..}. Like benches/cold.rs: 5 untimed 10-row commits first,
+then <small_commits> timed ones, quantiles by the same nearest-rank rule as dotdo's harness.
 """
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -64,13 +65,20 @@ catalog = SqlCatalog("bench", uri=f"sqlite:///{workdir}/catalog.db", warehouse=f
 catalog.create_namespace_if_not_exists("bench")
 
 # The small commits first, on a quiet machine, as in benches/cold.rs.
+def quantile(samples, q):
+    """dotdo_core::testkit::bench::Samples::quantile: sorted[round((len - 1) * q)]."""
+    s = sorted(samples)
+    return s[round((len(s) - 1) * q)]
+
+
 small = catalog.create_table("bench.small", SCHEMA)
 lat = []
-for c in range(n_small):
+for c in range(5 + n_small):
     b = rows(c * 10, 10, 1)
     start = time.perf_counter()
     small.append(b)
-    lat.append(time.perf_counter() - start)
+    if c >= 5:
+        lat.append(time.perf_counter() - start)
 
 big = rows(0, n_rows, n_objects)
 t = catalog.create_table("bench.big", SCHEMA, properties={"write.parquet.compression-codec": "zstd",
@@ -93,7 +101,10 @@ for i in range(10):
 print(json.dumps({
     "append_s": append_s,
     "rows": n_rows,
-    "commit10_p50_ms": statistics.median(lat) * 1e3,
-    "commit10_p99_ms": sorted(lat)[min(len(lat) - 1, (len(lat) * 99) // 100)] * 1e3,
-    "read_one_p50_ms": statistics.median(reads) * 1e3,
+    "commit10_p50_ms": quantile(lat, 0.5) * 1e3,
+    "commit10_p99_ms": quantile(lat, 0.99) * 1e3,
+    "read_one_p50_ms": quantile(reads, 0.5) * 1e3,
+    "append_bytes": sum(os.path.getsize(os.path.join(d, f))
+                        for d, _, fs in os.walk(t.location().removeprefix("file://"))
+                        for f in fs if f.endswith(".parquet")),
 }))
