@@ -267,7 +267,15 @@ pub(crate) async fn write_user_files(
     let md = table.metadata();
     let level =
         ZstdLevel::try_new(store.inner.settings.zstd_level).map_err(|e| Error::invalid(format!("zstd level: {e}")))?;
-    let props = WriterProperties::builder().set_compression(Compression::ZSTD(level)).build();
+    // Untruncated statistics: parquet truncates string/binary min/max over 64 bytes and marks
+    // them inexact, and iceberg-rust then leaves that row group out of the file's manifest
+    // bounds, so the bounds would exclude real values and every engine pruning on them (PyIceberg,
+    // Spark, Trino, iceberg-rust's own scans) would skip rows. The cost: long values are stored
+    // whole as bounds in the footer and the manifest.
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        .set_statistics_truncate_length(None)
+        .build();
     let location = DefaultLocationGenerator::new(md).map_err(|e| classify(e, what))?;
     let builder = DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
         ParquetWriterBuilder::new(props, md.current_schema().clone()),
