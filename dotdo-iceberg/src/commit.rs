@@ -133,14 +133,17 @@ impl IcebergColdStore {
             out.written.push(path.clone());
             out.manifests.push(w.write_manifest_file().await.map_err(|e| classify(e, &path))?);
         }
-        let Some(head) = md.current_snapshot() else {
-            return Ok(out);
-        };
-        let list = self.manifests_of(table, head).await?;
-        let result = self.rewrite_listed(table, snapshot_id, removed, &list, &mut out).await;
-        if let Err(e) = result {
-            self.delete_files(out.written.clone()).await;
-            return Err(e);
+        // A table without a snapshot (dropped and created again meanwhile) lists none of the
+        // files to replace: the count check below refuses it.
+        if let Some(head) = md.current_snapshot() {
+            let listed = match self.manifests_of(table, head).await {
+                Ok(list) => self.rewrite_listed(table, snapshot_id, removed, &list, &mut out).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = listed {
+                self.delete_files(out.written.clone()).await;
+                return Err(e);
+            }
         }
         if out.removed_files != removed.len() as u64 {
             self.delete_files(out.written.clone()).await;
@@ -196,6 +199,8 @@ impl IcebergColdStore {
         // a streaming table has one manifest per commit, so this also shrinks the manifest list.
         let mut merged: std::collections::BTreeMap<i32, (String, iceberg::spec::ManifestWriter)> =
             std::collections::BTreeMap::new();
+        // A file another engine added twice is live twice: each entry is deleted, it counts once.
+        let mut counted: std::collections::HashSet<String> = std::collections::HashSet::new();
         for (mf, m) in loaded {
             let touched = m.entries().iter().any(|e| e.is_alive() && removed.contains(e.data_file().file_path()));
             if !touched {
@@ -238,10 +243,12 @@ impl IcebergColdStore {
                 };
                 let df = e.data_file().clone();
                 if removed.contains(df.file_path()) {
-                    // Counts come from manifests: saturate rather than overflow on damaged ones.
-                    out.removed_files += 1;
-                    out.removed_records = out.removed_records.saturating_add(df.record_count());
-                    out.removed_bytes = out.removed_bytes.saturating_add(df.file_size_in_bytes());
+                    if counted.insert(df.file_path().to_string()) {
+                        // Counts come from manifests: saturate rather than overflow on damaged ones.
+                        out.removed_files += 1;
+                        out.removed_records = out.removed_records.saturating_add(df.record_count());
+                        out.removed_bytes = out.removed_bytes.saturating_add(df.file_size_in_bytes());
+                    }
                     w.add_delete_file(df, data_seq, Some(file_seq))
                 } else {
                     w.add_existing_file(df, added_in, data_seq, Some(file_seq))
@@ -636,6 +643,38 @@ mod tests {
             .build()
             .await
             .expect("open")
+    }
+
+    /// A table whose head was removed (another engine's `REPLACE TABLE` keeps the table and
+    /// clears its snapshot) lists none of the files a rewrite replaces: refused, not a snapshot
+    /// that adds the rewritten files on top of nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rewrite_of_a_table_without_a_head_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = open(&dir).await;
+        cold.append(batch("o", 1)).await.expect("append");
+        let t = cold.refresh().await.expect("table");
+        let (files, _) = cold.files_of(&t, t.metadata().current_snapshot().expect("head"), None).await.expect("files");
+        let removed: std::collections::HashSet<String> = files.iter().map(|f| f.path.clone()).collect();
+        assert_eq!(removed.len(), 1);
+        cold.commit_updates(
+            &t,
+            vec![iceberg::TableUpdate::RemoveSnapshotRef { ref_name: "main".into() }],
+            vec![],
+            "clearing the head",
+        )
+        .await
+        .expect("clear the head");
+        let t = cold.refresh().await.expect("table");
+        assert!(t.metadata().current_snapshot().is_none());
+        let sid = super::new_snapshot_id(&t);
+        let e = cold
+            .rewrite_manifests(&t, sid, t.metadata().next_sequence_number(), &removed, &[])
+            .await
+            .err()
+            .expect("nothing to replace");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Conflict, "{e}");
+        assert!(!e.is_retryable(), "{e}");
     }
 
     /// The summary carries iceberg's added-file metrics, and partition summaries when the table

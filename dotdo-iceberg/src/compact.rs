@@ -342,9 +342,11 @@ impl IcebergColdStore {
         }
         let (files, _) = self.files_of(table, head, None).await?;
         // Files in formats dotdo cannot decode (another engine's ORC or Avro) are left as they are.
+        // A file another engine added twice is one input (its rows are rewritten once).
+        let mut seen = std::collections::HashSet::new();
         Ok(files
             .iter()
-            .filter(|f| f.is_parquet())
+            .filter(|f| f.is_parquet() && seen.insert(f.path.as_str()))
             .map(|f| LiveFile { path: f.path.clone(), size: f.size, partition: f.bucket })
             .collect())
     }
@@ -459,6 +461,7 @@ impl IcebergColdStore {
             (summary::MAINTENANCE.to_string(), op_name.to_string()),
         ];
         let written_under = base.metadata().default_partition_spec_id();
+        let base_uuid = base.metadata().uuid();
         let mut table = base;
         let attempts = self.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
@@ -514,6 +517,18 @@ impl IcebergColdStore {
                     crate::store::retry_pause(self.inner.settings.retry_base_delay.saturating_mul(attempt.min(20)))
                         .await;
                     match self.reload(&ident).await {
+                        Ok(t) if t.metadata().uuid() != base_uuid => {
+                            // Dropped and created again under the same name: the planned files
+                            // belong to a table that is gone (the new one lists none of them).
+                            last_err = Some(
+                                Error::new(
+                                    ErrorKind::Conflict,
+                                    format!("{what}: the table was replaced (dropped and created again) meanwhile"),
+                                )
+                                .with_retryable(false),
+                            );
+                            break;
+                        }
                         Ok(t) => {
                             if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
                                 return Ok(landed(&s, report));

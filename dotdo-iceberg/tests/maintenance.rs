@@ -1089,6 +1089,74 @@ async fn a_data_file_in_another_format_is_not_reported_corrupt() {
     assert_eq!(live_files(&cold).await, 2, "two Parquet files became one, the ORC file stays: {report:?}");
 }
 
+/// A file another engine appended a second time (live twice in the table) is compacted once:
+/// before, it counted twice among the files to replace and every compaction of its partition
+/// failed with a false "no longer in the table" conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_listed_twice_is_compacted_once() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=2 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let table = cold.refresh().await.expect("table");
+    let head = table.metadata().current_snapshot().expect("head");
+    let list = table.manifest_list_reader(head).load().await.expect("list");
+    let m = list.entries()[0].load_manifest(table.file_io()).await.expect("manifest");
+    let again = m.entries()[0].data_file().clone();
+    let tx = Transaction::new(&table);
+    let tx = tx.fast_append().add_data_files(vec![again]).with_check_duplicate(false).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine appends a live file again");
+    assert_eq!(live_files(&cold).await, 3);
+    let report = cold.compact(CompactOptions::default()).await.expect("compaction");
+    assert_eq!((report.files_removed, report.files_added), (2, 1), "{report:?}");
+    assert_eq!((report.records_read, report.records_written), (2, 2), "{report:?}");
+    assert_eq!(live_files(&cold).await, 1);
+    let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+}
+
+/// The table is dropped and created again under the same name while a compaction rewrites its
+/// files: the compaction refuses (`Conflict`, not retryable) instead of committing the old
+/// table's rows into the new one (whose empty head listed none of the files to replace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_of_a_table_replaced_meanwhile_commits_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let ident = cold.refresh().await.expect("table").identifier().clone();
+    let (catalog, path) = (cold.catalog(), dir.path().to_path_buf());
+    let opts = CompactOptions {
+        progress: Some(Arc::new(move |p: &Progress| {
+            if matches!(p, Progress::GroupWritten { .. }) {
+                let (catalog, ident, path) = (catalog.clone(), ident.clone(), path.clone());
+                tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(async move {
+                        catalog.drop_table(&ident).await.expect("drop");
+                        open(&path, 1).await;
+                    })
+                });
+            }
+        })),
+        ..Default::default()
+    };
+    let e = cold.compact(opts).await.expect_err("the table was replaced");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(!e.is_retryable() && e.to_string().contains("replaced"), "{e}");
+    let fresh = open(dir.path(), 1).await;
+    assert!(fresh.read_changes(&o, 0, AsOf::Latest).await.expect("read").is_empty());
+    assert_eq!(live_files(&fresh).await, 0);
+}
+
 /// Another engine changes the change table's schema under an open store (seq dropped and added
 /// back, so it now comes after token; or an extra column added): appends and compaction refuse
 /// with `InvalidInput` naming the columns. Before, records were written by column position, so
