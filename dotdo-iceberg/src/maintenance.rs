@@ -50,6 +50,11 @@ impl IcebergColdStore {
     /// from every snapshot that stays (the head, tags, those younger than `older_than`) down to
     /// its nearest dotdo snapshot is kept when other engines committed on top. Expiry run by another engine that removes that snapshot leaves
     /// the watermarks unknown: dotdo then refuses the table as `Corrupt` rather than guess.
+    ///
+    /// On the SQL catalog exactly the snapshots this plan names are removed, and every ref
+    /// (tag or branch, whatever retention another engine set on it) stays with its history.
+    /// Through other catalogs the commit is iceberg's expire action, which also applies the
+    /// refs' own retention settings (`max-ref-age-ms`, a branch's snapshot age) on top.
     pub async fn expire_snapshots(&self, older_than: Duration, retain_last: usize) -> Result<ExpireReport> {
         let what = format!("expiring snapshots of {}", self.table_ident());
         let attempts = self.inner.settings.max_commit_attempts;
@@ -127,22 +132,35 @@ impl IcebergColdStore {
             if expired.is_empty() {
                 return Ok(ExpireReport { expired, retained: total });
             }
-            let tx = Transaction::new(&table);
-            let tx = tx
-                .expire_snapshots()
-                .expire_snapshot_ids(expired.clone())
-                .expire_older_than_ms(0)
-                .retain_last(1)
-                .apply(tx)
-                .map_err(|e| classify(e, &what))?;
-            match tx.commit(&*self.inner.catalog).await {
-                Ok(_) => {
+            let committed = if self.inner.verifier.is_some() {
+                // Exactly the snapshots computed above, on exactly the metadata they were computed
+                // from (the pointer swap fails if the table changed). iceberg's expire action
+                // would also apply the refs' own retention: drop a tag or branch past its
+                // `max_ref_age_ms` and expire a branch's ancestors past its snapshot age, which
+                // may hold the watermarks.
+                let update = iceberg::TableUpdate::RemoveSnapshots { snapshot_ids: expired.clone() };
+                self.commit_updates(&table, vec![update], vec![], &what).await.map(|_| ())
+            } else {
+                // Other catalogs take iceberg's action (iceberg-rust 0.10.1 sends no other commit
+                // through them): the refs' own retention settings apply on top of this plan.
+                let tx = Transaction::new(&table);
+                let tx = tx
+                    .expire_snapshots()
+                    .expire_snapshot_ids(expired.clone())
+                    .expire_older_than_ms(0)
+                    .retain_last(1)
+                    .apply(tx)
+                    .map_err(|e| classify(e, &what))?;
+                tx.commit(&*self.inner.catalog).await.map(|_| ()).map_err(|e| classify(e, &what))
+            };
+            match committed {
+                Ok(()) => {
                     self.refresh().await?;
                     return Ok(ExpireReport { retained: total - expired.len(), expired });
                 }
-                Err(e) => {
-                    let err = classify(e, &what);
-                    if !err.is_retryable() || attempt + 1 == attempts {
+                Err(err) => {
+                    let again = err.is_retryable() || err.kind() == &ErrorKind::AmbiguousOutcome;
+                    if !again || attempt + 1 == attempts {
                         return Err(err);
                     }
                     // Expiry is idempotent: reload and recompute.
@@ -387,5 +405,82 @@ fn gc_enabled(table: &iceberg::table::Table, what: &str) -> Result<()> {
              shared with another table); set it to true to expire snapshots or remove files"
         ))),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dotdo_core::{ChangeRecord, ColdBatch, ColdSink, FencingToken, ObjectId, Op, Timestamp};
+    use iceberg::spec::{SnapshotReference, SnapshotRetention};
+
+    use crate::{IcebergColdStore, Settings};
+
+    /// Refs another engine set retention on are kept as they are: a tag past its
+    /// `max_ref_age_ms` and a branch's ancestors past its snapshot age stay (iceberg's expire
+    /// action dropped the tag and expired the ancestors, among them snapshots dotdo keeps).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refs_with_their_own_retention_are_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["t"], "changes")
+            .settings(Settings { buckets: 1, ..Default::default() })
+            .build()
+            .await
+            .expect("open");
+        let o = ObjectId::new("o").expect("id");
+        for seq in 1..=4u64 {
+            let r = ChangeRecord {
+                object: o.clone(),
+                seq,
+                op: Op::Put,
+                type_name: "T".into(),
+                key: format!("k{seq}"),
+                value: bytes::Bytes::from_static(b"v"),
+                token: FencingToken::new(1),
+                timestamp: Timestamp::from_millis(1),
+            };
+            cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
+        }
+        let t = cold.refresh().await.expect("table");
+        let ids: Vec<i64> =
+            crate::store::ancestors(&t.metadata_ref(), t.metadata().current_snapshot_id().expect("head"))
+                .expect("ancestors")
+                .iter()
+                .map(|s| s.snapshot_id())
+                .collect();
+        let (head, first, second) = (ids[0], ids[3], ids[2]);
+        let updates = vec![
+            iceberg::TableUpdate::SetSnapshotRef {
+                ref_name: "audit".into(),
+                reference: SnapshotReference::new(first, SnapshotRetention::Tag { max_ref_age_ms: Some(1) }),
+            },
+            iceberg::TableUpdate::SetSnapshotRef {
+                ref_name: "dev".into(),
+                reference: SnapshotReference::new(
+                    second,
+                    SnapshotRetention::Branch {
+                        min_snapshots_to_keep: Some(1),
+                        max_snapshot_age_ms: Some(1),
+                        max_ref_age_ms: None,
+                    },
+                ),
+            },
+        ];
+        cold.commit_updates(&t, updates, vec![], "setting refs").await.expect("refs");
+        #[allow(clippy::disallowed_methods)]
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let report = cold.expire_snapshots(Duration::ZERO, 1).await.expect("expire");
+        let t = cold.refresh().await.expect("table");
+        assert!(t.metadata().snapshot_for_ref("audit").is_some(), "the tag stays");
+        assert!(t.metadata().snapshot_for_ref("dev").is_some(), "the branch stays");
+        // Kept: the head, the tag's snapshot, and the branch's head with its ancestor.
+        let mut left: Vec<i64> = t.metadata().snapshots().map(|s| s.snapshot_id()).collect();
+        left.sort();
+        let mut want = vec![head, first, second];
+        want.sort();
+        assert_eq!(left, want, "{report:?}");
+        assert_eq!(report.expired, vec![ids[1]]);
     }
 }
