@@ -228,9 +228,23 @@ impl IcebergColdStore {
                     v.insert((path, w))
                 }
             };
+            // The spec the manifest list names for this manifest: entries whose partition has
+            // another shape (a manifest written under a different spec with the same id) cannot
+            // go into a manifest of it (iceberg's writer panics on the mismatch).
+            let arity = md.partition_spec_by_id(mf.partition_spec_id).map_or(0, |s| s.fields().len());
             for e in m.entries() {
                 if e.status() == ManifestStatus::Deleted {
                     continue;
+                }
+                if e.data_file().partition().fields().len() != arity {
+                    return Err(Error::corrupt(format!(
+                        "manifest {}: entry {} has {} partition values, its partition spec {} has {} fields",
+                        mf.manifest_path,
+                        e.file_path(),
+                        e.data_file().partition().fields().len(),
+                        mf.partition_spec_id,
+                        arity
+                    )));
                 }
                 let (Some(data_seq), Some(file_seq), Some(added_in)) =
                     (e.sequence_number, e.file_sequence_number, e.snapshot_id)
@@ -774,6 +788,71 @@ mod tests {
         cold.commit_snapshot(&table, sid, Operation::Overwrite, rewritten, &[], Vec::new(), "test commit")
             .await
             .expect("commit");
+    }
+
+    /// A manifest the manifest list files under the table's spec but whose entries have
+    /// another partition shape (written by another engine under an unpartitioned spec with the
+    /// same id): compaction fails `Corrupt` naming the manifest instead of panicking in
+    /// iceberg's manifest writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_manifest_of_another_partition_shape_is_corrupt_not_a_panic() {
+        use iceberg::spec::{
+            DataContentType, DataFileBuilder, DataFileFormat, ManifestWriterBuilder, Operation, PartitionSpec, Struct,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["t"], "changes")
+            .settings(crate::Settings { buckets: 1, ..Default::default() })
+            .build()
+            .await
+            .expect("open");
+        cold.append(batch("obj", 1)).await.expect("append");
+        cold.append(batch("obj", 2)).await.expect("append");
+        let table = cold.refresh().await.expect("refresh");
+        let md = table.metadata();
+        let head = md.current_snapshot().expect("head").clone();
+        let (files, _) = cold.files_of(&table, &head, None).await.expect("files");
+        let sid = super::new_snapshot_id(&table);
+        let seq = md.next_sequence_number();
+        let path = format!("{}/metadata/{}-foreign.avro", md.location(), uuid::Uuid::new_v4());
+        let output = table.file_io().new_output(&path).expect("output");
+        let mut w = ManifestWriterBuilder::new(
+            output,
+            Some(sid),
+            md.current_schema().clone(),
+            PartitionSpec::unpartition_spec(),
+        )
+        .build_v2_data();
+        for (i, f) in files.iter().enumerate() {
+            let copy = format!("{}/data/foreign-{i}.parquet", md.location());
+            let bytes = table.file_io().new_input(&f.path).expect("input").read().await.expect("read");
+            table.file_io().new_output(&copy).expect("output").write(bytes).await.expect("write");
+            let df = DataFileBuilder::default()
+                .content(DataContentType::Data)
+                .file_path(copy)
+                .file_format(DataFileFormat::Parquet)
+                .partition(Struct::empty())
+                .partition_spec_id(0)
+                .record_count(1)
+                .file_size_in_bytes(f.size)
+                .build()
+                .expect("data file");
+            w.add_file(df, seq).expect("add");
+        }
+        let foreign = w.write_manifest_file().await.expect("write manifest");
+        let mut manifests = cold.manifests_of(&table, &head).await.expect("manifests").as_ref().clone();
+        manifests.push(foreign);
+        let rewritten =
+            super::Rewritten { manifests, written: Vec::new(), removed_files: 0, removed_records: 0, removed_bytes: 0 };
+        cold.commit_snapshot(&table, sid, Operation::Append, rewritten, &[], Vec::new(), "test commit")
+            .await
+            .expect("commit");
+        let e = cold
+            .compact(CompactOptions { min_input_files: 2, ..Default::default() })
+            .await
+            .expect_err("a manifest of another shape");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("-foreign.avro"), "{e}");
     }
 
     /// A delete manifest whose every entry is DELETED describes nothing of its snapshot: reads
