@@ -159,6 +159,52 @@ async fn handler_reads_its_own_writes_and_failures_write_nothing() {
     assert_eq!((m.commits, m.activations), (2, 1));
 }
 
+/// A transaction keeps one write per key: writing a 2 MiB value 40 times (80 MiB of writes,
+/// over one batch's 64 MiB) commits the last value as one change. A write that would take the
+/// transaction itself past a batch's limits fails at that write, which the handler can handle,
+/// and leaves the transaction as it was.
+#[tokio::test]
+async fn a_transaction_commits_each_keys_last_write_and_refuses_the_write_past_its_limits() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+        for i in 0..40u8 {
+            t.put("blob", vec![i; MAX_VALUE_BYTES])?;
+        }
+        t.delete("gone")?;
+        t.put("gone", "back")?;
+        assert_eq!(t.pending_writes(), 2);
+        Ok::<_, Error>(())
+    })
+    .await
+    .expect("each key's last write fits one commit");
+    assert_eq!(get(&rt, &o, "blob").await.expect("get").as_deref(), Some(&vec![39u8; MAX_VALUE_BYTES][..]));
+    assert_eq!(get(&rt, &o, "gone").await.expect("get").as_deref(), Some(&b"back"[..]));
+    let changes = w.hot.read_changes(&o, 0, 100).await.expect("changes");
+    assert_eq!(changes.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(), ["blob", "gone"]);
+
+    let refused = rt
+        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            for i in 0..31u32 {
+                t.put(format!("k{i}"), vec![1u8; MAX_VALUE_BYTES])?;
+            }
+            // 31 distinct 2 MiB values and their keys: a 32nd is past 64 MiB of keys and values.
+            let e = t.put("k31", vec![1u8; MAX_VALUE_BYTES]).expect_err("past the batch's bytes");
+            assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+            assert_eq!(t.pending_writes(), 31);
+            assert_eq!(t.get("k31").await?, None, "the refused write is not buffered");
+            // Shrinking a key's value makes room again.
+            t.put("k0", "small")?;
+            t.put("k31", vec![1u8; MAX_VALUE_BYTES])?;
+            Ok::<_, Error>(t.pending_writes())
+        })
+        .await
+        .expect("the handler handled the refusal");
+    assert_eq!(refused, 32);
+    assert_eq!(get(&rt, &o, "k31").await.expect("get").map(|v| v.len()), Some(MAX_VALUE_BYTES));
+}
+
 #[tokio::test]
 async fn a_second_runtime_is_refused_while_the_first_holds_and_fences_it_after_takeover() {
     let w = World::new();

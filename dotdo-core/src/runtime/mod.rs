@@ -519,6 +519,8 @@ impl ObjectRuntime {
                 lazy: &mut active.lazy,
                 writes: BTreeMap::new(),
                 ops: Vec::new(),
+                slots: HashMap::new(),
+                bytes: 0,
             };
             // Run the handler while renewing the lease; a failed renewal abandons the handler.
             let outcome = {

@@ -7,9 +7,9 @@ use bytes::Bytes;
 
 use super::Inner;
 use crate::cold::SnapshotId;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ids::{validate_key, validate_value, FencingToken, ObjectId};
-use crate::record::{KeyRange, Seq, WriteOp};
+use crate::record::{KeyRange, Seq, WriteBatch, WriteOp};
 
 /// State of an object activated lazily: the hot store has not been restored yet; reads go to cold
 /// storage at `snapshot` (through the accelerator when there is one) and are cached.
@@ -125,7 +125,14 @@ pub struct ObjectTxn<'a> {
     pub(crate) token: FencingToken,
     pub(crate) lazy: &'a mut Option<LazyState>,
     pub(crate) writes: BTreeMap<String, Option<Bytes>>,
+    /// The writes to commit, one per key (a key's later write replaces its earlier one in
+    /// place: the commit is atomic, only each key's last write matters).
     pub(crate) ops: Vec<WriteOp>,
+    /// The index in `ops` of each key's write.
+    pub(crate) slots: HashMap<String, usize>,
+    /// Key and value bytes of `ops`, as [`WriteBatch::validate`](crate::WriteBatch::validate)
+    /// counts them.
+    pub(crate) bytes: usize,
 }
 
 impl std::fmt::Debug for ObjectTxn<'_> {
@@ -191,22 +198,59 @@ impl<'a> ObjectTxn<'a> {
         }
     }
 
-    /// Set `key` to `value` (buffered until commit). Invalid keys and values over 2 MiB fail here.
+    /// Set `key` to `value` (buffered until commit). Invalid keys, values over 2 MiB, and a
+    /// write that would take the transaction past one batch's limits
+    /// ([`WriteBatch::MAX_OPS`](crate::WriteBatch::MAX_OPS) keys written,
+    /// [`WriteBatch::MAX_BYTES`](crate::WriteBatch::MAX_BYTES) of keys and values, counting each
+    /// key's last write) fail here, and leave the transaction as it was.
     pub fn put(&mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Result<()> {
         let (key, value) = (key.into(), value.into());
         validate_key(&key)?;
         validate_value(&value)?;
-        self.writes.insert(key.clone(), Some(value.clone()));
-        self.ops.push(WriteOp::Put { key, value });
-        Ok(())
+        self.buffer(WriteOp::Put { key, value })
     }
 
-    /// Remove `key` (buffered until commit).
+    /// Remove `key` (buffered until commit). Fails like [`put`](Self::put).
     pub fn delete(&mut self, key: impl Into<String>) -> Result<()> {
         let key = key.into();
         validate_key(&key)?;
-        self.writes.insert(key.clone(), None);
-        self.ops.push(WriteOp::Delete { key });
+        self.buffer(WriteOp::Delete { key })
+    }
+
+    /// Buffer `op`, replacing the key's earlier write; refused if the transaction would exceed
+    /// one batch's limits.
+    fn buffer(&mut self, op: WriteOp) -> Result<()> {
+        let size = |op: &WriteOp| match op {
+            WriteOp::Put { key, value } => key.len().saturating_add(value.len()),
+            WriteOp::Delete { key } => key.len(),
+        };
+        let slot = self.slots.get(op.key()).copied();
+        let replaced = slot.map_or(0, |i| size(&self.ops[i]));
+        let bytes = self.bytes.saturating_sub(replaced).saturating_add(size(&op));
+        let n = self.ops.len() + usize::from(slot.is_none());
+        if n > WriteBatch::MAX_OPS {
+            return Err(Error::limit("keys written in one transaction", WriteBatch::MAX_OPS as u64, n as u64));
+        }
+        if bytes > WriteBatch::MAX_BYTES {
+            return Err(Error::limit(
+                "key and value bytes written in one transaction",
+                WriteBatch::MAX_BYTES as u64,
+                bytes as u64,
+            ));
+        }
+        self.bytes = bytes;
+        let value = match &op {
+            WriteOp::Put { value, .. } => Some(value.clone()),
+            WriteOp::Delete { .. } => None,
+        };
+        self.writes.insert(op.key().to_string(), value);
+        match slot {
+            Some(i) => self.ops[i] = op,
+            None => {
+                self.slots.insert(op.key().to_string(), self.ops.len());
+                self.ops.push(op);
+            }
+        }
         Ok(())
     }
 
@@ -235,7 +279,7 @@ impl<'a> ObjectTxn<'a> {
         Ok(merged.into_iter().collect())
     }
 
-    /// Number of buffered write operations.
+    /// Number of keys with a buffered write (a key written twice counts once).
     pub fn pending_writes(&self) -> usize {
         self.ops.len()
     }
