@@ -93,8 +93,10 @@ pub trait HotStore: Send + Sync + Debug + 'static {
 
     /// Install state recovered from cold storage: replaces the object's live state with `entries`
     /// and sets its sequence number to `through_seq` without logging changes (they are already
-    /// cold). Fails with `Conflict` if the object has pending changes or a `last_seq` above
-    /// `through_seq`, and (before writing anything) with `LimitExceeded` if an entry's key or
+    /// cold). Fails with `Conflict` if the object has pending changes (retryable: once they are
+    /// in cold storage and truncated, the restore can succeed) or a `last_seq` above
+    /// `through_seq` (not retryable: the state offered is older than the object's,
+    /// [`restore_behind_hot`](crate::record::restore_behind_hot)), and (before writing anything) with `LimitExceeded` if an entry's key or
     /// value is over its size limit, `InvalidInput` if a key is otherwise invalid, a key appears
     /// twice or an entry's seq is above `through_seq`
     /// ([`validate_restore`](crate::record::validate_restore)).

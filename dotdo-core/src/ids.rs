@@ -28,10 +28,11 @@ fn check_id(what: &str, s: &str, max: usize, extra: &[u8]) -> Result<()> {
     if s.len() > max {
         return Err(Error::invalid(format!("{what} is {} bytes, the limit is {max}", s.len())));
     }
-    if let Some(bad) = s.bytes().find(|b| !(b.is_ascii_alphanumeric() || b"-_.:".contains(b) || extra.contains(b))) {
+    let allowed =
+        |c: char| c.is_ascii_alphanumeric() || "-_.:".contains(c) || (c.is_ascii() && extra.contains(&(c as u8)));
+    if let Some(bad) = s.chars().find(|&c| !allowed(c)) {
         return Err(Error::invalid(format!(
-            "{what} {s:?} contains {:?}; allowed are ASCII letters, digits and -_.:{}",
-            bad as char,
+            "{what} {s:?} contains {bad:?}; allowed are ASCII letters, digits and -_.:{}",
             String::from_utf8_lossy(extra)
         )));
     }
@@ -228,6 +229,18 @@ mod tests {
             let e = ObjectId::new(bad).expect_err(bad);
             assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}");
         }
+    }
+
+    /// The refusal names the character the id holds, also outside ASCII (it named the first
+    /// byte of its UTF-8 encoding read as Latin-1: 'Ã' for 'é').
+    #[test]
+    fn a_refused_id_names_its_character() {
+        let e = ObjectId::new("café").expect_err("non-ASCII");
+        assert!(e.to_string().contains("'é'"), "{e}");
+        let e = NodeId::new("nœud").expect_err("non-ASCII");
+        assert!(e.to_string().contains("'œ'"), "{e}");
+        let e = NodeId::new("a/b").expect_err("slash");
+        assert!(e.to_string().contains("'/'"), "{e}");
     }
 
     #[test]

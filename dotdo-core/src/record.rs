@@ -333,6 +333,22 @@ pub fn validate_restore(entries: &[Entry], through_seq: Seq) -> Result<()> {
     Ok(())
 }
 
+/// The refusal of a restore through `through_seq` when the hot store's sequence (`last`, if
+/// known) is already past it: the state offered is older than the hot state, and no retry of
+/// the same restore can succeed (sequence numbers never go back), so it is a `Conflict` that
+/// is not retryable. (Pending changes are the other, retryable, restore conflict.)
+pub fn restore_behind_hot(object: &crate::ObjectId, through_seq: Seq, last: Option<Seq>) -> Error {
+    let last = last.map_or_else(String::new, |l| format!(" (hot last seq {l})"));
+    Error::new(
+        crate::ErrorKind::Conflict,
+        format!(
+            "cannot restore {object} through seq {through_seq}: the hot store is past it{last}, so the state offered \
+             is older than the object's; sequence numbers never go back"
+        ),
+    )
+    .with_retryable(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

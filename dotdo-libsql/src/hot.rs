@@ -329,11 +329,16 @@ impl HotStore for LibsqlStore {
             format!("UPDATE do_objects SET last_seq = ?3, truncated_through = ?3 WHERE do_id = ?1 AND {ok}"),
             p.clone(),
         ));
-        let result =
-            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {conflict} THEN 1 ELSE 0 END"), p);
+        let result = Step::new(
+            format!(
+                "SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {LAST} > ?3 THEN 2 WHEN {conflict} THEN 1 ELSE 0 END"
+            ),
+            p,
+        );
         match self.program("restore", steps, result).await? {
             0 => Ok(()),
             c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
+            2 => Err(dotdo_core::record::restore_behind_hot(object, through_seq, None)),
             _ => Err(self.pending_conflict(object, &format!("restore through seq {through_seq}")).await),
         }
     }

@@ -1038,7 +1038,10 @@ impl HotStore for SqliteStore {
         self.run(move |inner| {
             inner.write_tx("restore", |tx| {
                 let row = check_and_raise(tx, &object, token)?;
-                if row.last_seq > row.truncated || row.last_seq > through_seq {
+                if row.last_seq > through_seq {
+                    return Err(dotdo_core::record::restore_behind_hot(&object, through_seq, Some(row.last_seq)).into());
+                }
+                if row.last_seq > row.truncated {
                     return Err(Error::new(
                         ErrorKind::Conflict,
                         format!(

@@ -236,7 +236,10 @@ impl HotStore for MemoryBackend {
         let mut st = self.state.lock();
         st.check_token(object, token)?;
         let (last, truncated) = st.seqs(object);
-        if last > truncated || last > through_seq {
+        if last > through_seq {
+            return Err(crate::record::restore_behind_hot(object, through_seq, Some(last)));
+        }
+        if last > truncated {
             return Err(Error::new(
                 crate::ErrorKind::Conflict,
                 format!(

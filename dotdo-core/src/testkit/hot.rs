@@ -558,9 +558,15 @@ pub async fn restore_installs_state_and_continues_sequence(f: &HotFactory) {
     assert_eq!(r.first_seq, 8);
     let e = fx.hot.restore(&l.object, l.token, vec![], 8).await.expect_err("pending changes");
     assert_eq!(e.kind(), &ErrorKind::Conflict);
+    assert!(e.is_retryable(), "once the changes are drained the restore can succeed: {e}");
+    // Pending changes and a sequence past the restore: no retry can make that succeed.
+    let e = fx.hot.restore(&l.object, l.token, vec![], 6).await.expect_err("older than hot");
+    assert_eq!(e.kind(), &ErrorKind::Conflict);
+    assert!(!e.is_retryable(), "the hot sequence never goes back: {e}");
     fx.hot.truncate_changes(&l.object, l.token, 8).await.expect("truncate");
     let e = fx.hot.restore(&l.object, l.token, vec![], 5).await.expect_err("older than hot");
     assert_eq!(e.kind(), &ErrorKind::Conflict);
+    assert!(!e.is_retryable(), "the hot sequence never goes back: {e}");
     assert_eq!(fx.hot.get(&l.object, "c").await.expect("get"), Some(b("3")));
 }
 
