@@ -3,8 +3,8 @@
 //!
 //! Wire protocol (Cloudflare's stream HTTP endpoint): `POST <endpoint>` with a JSON array of
 //! objects as the body, `Content-Type: application/json`, and, when the stream requires it,
-//! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted; 429 and 5xx
-//! are transient (retried after the backoff, or after the answer's `Retry-After` seconds if longer,
+//! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted; 408, 429 and
+//! 5xx (but 501 and 505, which no retry changes) are transient (retried after the backoff, or after the answer's `Retry-After` seconds if longer,
 //! up to [`MAX_RETRY_AFTER`]); 401/403 mean a bad token; 413 means the request was too large. Each event is
 //! sent in the predecessor's shape: `{"do_id", "type", "key", "value", "timestamp"}` with `value`
 //! as the event's text (JSON) and `timestamp` in milliseconds.
@@ -19,8 +19,9 @@ use crate::event::Event;
 /// Settings of a [`CloudflareStreamClient`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CloudflareSettings {
-    /// Largest request body in bytes (default 5 MB, the documented per-request limit); larger
-    /// sends are split into several requests.
+    /// Largest request body in bytes (default 1 MB, the per-request limit Cloudflare documents
+    /// for Pipelines streams; raise it where the endpoint takes more); larger sends are split
+    /// into several requests.
     pub max_request_bytes: usize,
     /// Retries of a transient failure (429, 5xx, connection errors) per request (default 5).
     pub max_retries: u32,
@@ -35,7 +36,7 @@ pub struct CloudflareSettings {
 impl Default for CloudflareSettings {
     fn default() -> Self {
         CloudflareSettings {
-            max_request_bytes: 5_000_000,
+            max_request_bytes: 1_000_000,
             max_retries: 5,
             backoff: Duration::from_millis(100),
             timeout: Duration::from_secs(30),
@@ -142,13 +143,16 @@ fn event_json(e: &Event) -> Result<serde_json::Value> {
 }
 
 impl CloudflareStreamClient {
-    /// A client for the stream at `endpoint` (`https://<id>.pipelines.cloudflare.com/`, or
-    /// `http://` for a local endpoint), with an optional API token.
+    /// A client for the stream at `endpoint` (a stream's `https://<stream-id>.ingest.cloudflare.com`,
+    /// a legacy pipeline's `https://<id>.pipelines.cloudflare.com/`, or `http://` for a local
+    /// endpoint), with an optional API token.
     pub fn new(endpoint: &str, token: Option<String>, settings: CloudflareSettings) -> Result<Self> {
+        // Credentials in the URL are refused below; until then no message may show them.
+        let shown = without_userinfo(endpoint);
         let url =
-            reqwest::Url::parse(endpoint).map_err(|e| Error::invalid(format!("stream endpoint {endpoint:?}: {e}")))?;
+            reqwest::Url::parse(endpoint).map_err(|e| Error::invalid(format!("stream endpoint {shown:?}: {e}")))?;
         if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
-            return Err(Error::invalid(format!("stream endpoint {endpoint:?} must be an http(s) URL with a host")));
+            return Err(Error::invalid(format!("stream endpoint {shown:?} must be an http(s) URL with a host")));
         }
         if !url.username().is_empty() || url.password().is_some() {
             // Credentials in the URL would show up in every error message and Debug output.
@@ -252,10 +256,12 @@ impl CloudflareStreamClient {
                         return Ok(());
                     }
                     retry_after = retry_after_of(resp.headers());
-                    let text = resp.text().await.unwrap_or_default();
+                    let text = error_body_start(resp).await;
                     let msg =
                         format!("stream endpoint answered {status}: {}", text.chars().take(200).collect::<String>());
                     match status.as_u16() {
+                        // Not implemented / HTTP version not supported: no retry can succeed.
+                        501 | 505 => Error::backend(msg).with_retryable(false),
                         408 | 429 | 500..=599 => Error::unavailable(msg),
                         300..=399 => Error::invalid(format!("{msg} (a redirect: configure the final endpoint)")),
                         401 | 403 => Error::backend(format!("{msg} (check the API token)")).with_retryable(false),
@@ -297,6 +303,31 @@ impl CloudflareStreamClient {
             self.clock.sleep(wait).await;
             backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// The start of an error answer's body (at most 4 KiB are read: a proxy's error page can be
+/// large, and only its first 200 characters go into the error).
+async fn error_body_start(mut resp: reqwest::Response) -> String {
+    const MAX: usize = 4096;
+    let mut buf = Vec::new();
+    while buf.len() < MAX {
+        match resp.chunk().await {
+            Ok(Some(c)) => buf.extend_from_slice(&c[..c.len().min(MAX - buf.len())]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// `endpoint` with anything between `://` and an `@` before the path replaced, so a URL with
+/// credentials can be named in an error message.
+fn without_userinfo(endpoint: &str) -> String {
+    let Some((scheme, rest)) = endpoint.split_once("://") else { return endpoint.to_string() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+        None => endpoint.to_string(),
     }
 }
 

@@ -21,6 +21,8 @@ struct Server {
     /// `Retry-After` sent with the failures of `fail_next`.
     retry_after: Mutex<Option<String>>,
     redirect_next: AtomicU32,
+    /// A status line (e.g. `"429 Too Many Requests"`) answered to the next requests instead.
+    status_next: Mutex<Vec<&'static str>>,
     max_body: usize,
 }
 
@@ -41,6 +43,7 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                     }
                     let mut len = 0usize;
                     let mut auth = String::new();
+                    let mut content_type = String::new();
                     loop {
                         let mut h = String::new();
                         r.read_line(&mut h).await.expect("header");
@@ -52,6 +55,7 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                         match k.to_ascii_lowercase().as_str() {
                             "content-length" => len = v.trim().parse().expect("length"),
                             "authorization" => auth = v.trim().to_string(),
+                            "content-type" => content_type = v.trim().to_ascii_lowercase(),
                             _ => {}
                         }
                     }
@@ -73,6 +77,8 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                         ("401 Unauthorized", r#"{"success":false,"errors":[{"message":"Unauthorized"}]}"#.to_string())
                     } else if len > server.max_body {
                         ("413 Payload Too Large", "{}".to_string())
+                    } else if let Some(status) = server.status_next.lock().pop() {
+                        (status, r#"{"success":false}"#.to_string())
                     } else if server.fail_next.load(Ordering::SeqCst) > 0 {
                         server.fail_next.fetch_sub(1, Ordering::SeqCst);
                         if let Some(after) = server.retry_after.lock().clone() {
@@ -80,10 +86,20 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                         }
                         ("503 Service Unavailable", "{}".to_string())
                     } else {
-                        let items: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("a JSON array");
-                        let n = items.len();
-                        server.records.lock().extend(items);
-                        ("200 OK", format!(r#"{{"success":true,"result":{{"committed":{n}}}}}"#))
+                        // The endpoint takes arrays of JSON objects sent as JSON; anything else
+                        // is an error answer, not a panic of this server.
+                        let items = serde_json::from_slice::<Vec<serde_json::Value>>(&body)
+                            .ok()
+                            .filter(|items| items.iter().all(|i| i.is_object()))
+                            .filter(|_| content_type.starts_with("application/json"));
+                        match items {
+                            Some(items) => {
+                                let n = items.len();
+                                server.records.lock().extend(items);
+                                ("200 OK", format!(r#"{{"success":true,"result":{{"committed":{n}}}}}"#))
+                            }
+                            None => ("400 Bad Request", r#"{"success":false}"#.to_string()),
+                        }
                     };
                     let resp = format!(
                         "HTTP/1.1 {status}\r\n{location}content-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
@@ -212,6 +228,38 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
         .expect_err("credentials in the URL");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     assert!(!e.to_string().contains("secret"), "{e}");
+    // Refused for another reason first (a scheme, a port, a missing host): still not shown.
+    for bad in ["ftp://user:secret@x/", "https://user:secret@x:99999/", "https://user:secret@/", "http://user:secret@"]
+    {
+        let e = CloudflareStreamClient::new(bad, None, settings()).expect_err(bad);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+}
+
+/// The answers the endpoint gives besides success: 429 is retried; 501 / 505 (nothing a retry
+/// changes) and 400 (a body the endpoint cannot take) fail at once, not retryable or
+/// `InvalidInput`; an error page's body shows in the error only as its first 200 characters.
+#[tokio::test]
+async fn answers_that_no_retry_changes_are_not_retried() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), settings()).expect("client");
+    server.status_next.lock().push("429 Too Many Requests");
+    let r = client.send(&events(3, 10)).await.expect("429 is retried");
+    assert_eq!((r.events, r.retries), (3, 1));
+    for (status, kind, retryable) in [
+        ("501 Not Implemented", ErrorKind::Backend, false),
+        ("505 HTTP Version Not Supported", ErrorKind::Backend, false),
+        ("400 Bad Request", ErrorKind::InvalidInput, false),
+    ] {
+        let before = server.requests.load(Ordering::SeqCst);
+        server.status_next.lock().push(status);
+        let e = client.send(&events(3, 10)).await.expect_err(status);
+        assert_eq!((e.kind(), e.is_retryable()), (&kind, retryable), "{status}: {e}");
+        assert_eq!(server.requests.load(Ordering::SeqCst), before + 1, "{status} is not retried");
+    }
+    assert_eq!(server.records.lock().len(), 3);
 }
 
 /// An event that only outgrows the request limit once JSON-escaped, after many small ones: the
