@@ -188,6 +188,34 @@ impl SqlVerifier {
 }
 
 impl SqlVerifier {
+    /// The other tables of this catalog database (under any catalog name) whose metadata lives
+    /// in `location`'s `metadata/` directory, compared without regard to case (a case-insensitive
+    /// file system keeps `Changes` and `changes` in one directory), each as
+    /// `namespace.name (catalog c)`. Two tables at one location share their `data/` and
+    /// `metadata/` directories: each one's cleanup would delete the other's files.
+    pub(crate) async fn tables_at(&self, ident: &TableIdent, location: &str) -> Result<Vec<String>> {
+        let rows: Vec<(String, String, String, Option<String>)> =
+            sqlx::query_as("SELECT catalog_name, table_namespace, table_name, metadata_location FROM iceberg_tables")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| {
+                    let cause = crate::error::cause_of(&e);
+                    crate::error::to_error(cause, "listing the SQL catalog's tables", e.to_string())
+                })?;
+        let dir = format!("{}/metadata/", location.trim_end_matches('/')).to_lowercase();
+        let ns = ident.namespace().join(".");
+        Ok(rows
+            .into_iter()
+            .filter(|(c, n, t, _)| !(c == &self.catalog && n == &ns && t == ident.name()))
+            .filter(|(_, _, _, m)| {
+                m.as_deref()
+                    .map(str::to_lowercase)
+                    .is_some_and(|m| m.strip_prefix(&dir).is_some_and(|f| !f.contains('/')))
+            })
+            .map(|(c, n, t, _)| format!("{n}.{t} (catalog {c:?})"))
+            .collect())
+    }
+
     /// Move the table pointer of `ident` from `expected` to `new` in one conditional `UPDATE`
     /// (the same compare-and-swap iceberg-catalog-sql's own commits use). `Ok(false)`: the
     /// pointer was not `expected` (another commit landed first). A failing `COMMIT` is an error

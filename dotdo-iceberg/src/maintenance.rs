@@ -218,6 +218,18 @@ impl IcebergColdStore {
         // Only the table's own `data/` and `metadata/` directories: another table can live
         // under this table's location (the SQL catalog places `ns.changes.events` at
         // `<warehouse>/ns/changes/events`), and its files are not ours to judge.
+        if let Some(v) = &self.inner.verifier {
+            let shared = v.tables_at(&self.inner.ident, md.location()).await?;
+            if !shared.is_empty() {
+                return Err(Error::invalid(format!(
+                    "{what}: its location {} is also the location of {}; a cleanup would delete that table's \
+                     files as unreferenced (tables of two catalog names, or names differing only in case, on \
+                     one warehouse); nothing deleted. Give one of them its own warehouse, namespace or name",
+                    md.location(),
+                    shared.join(", ")
+                )));
+            }
+        }
         let prefix = root.key(md.location())?;
         let mut listed: Vec<object_store::ObjectMeta> = Vec::new();
         for dir in ["data", "metadata"] {

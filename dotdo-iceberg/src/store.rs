@@ -321,7 +321,8 @@ impl IcebergColdStoreBuilder {
         let ns = NamespaceIdent::from_vec(self.namespace.clone())
             .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
         let ident = TableIdent::new(ns.clone(), self.table.clone());
-        let table = open_table(&*catalog, &ident, &self.settings).await?;
+        let placing = Placing { verifier: verifier.as_ref(), warehouse: &root.warehouse };
+        let table = open_table(&*catalog, &ident, &self.settings, placing).await?;
         let bucketer = Arc::new(table_bucketer(&table)?);
         let table_uuid = table.metadata().uuid();
         Ok(IcebergColdStore {
@@ -365,12 +366,25 @@ fn table_bucketer(table: &Table) -> Result<Bucketer> {
     Ok(Bucketer::new(&field.transform)?.with_spec(spec.spec_id(), position))
 }
 
-async fn open_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settings) -> Result<Table> {
+/// What a new table's location is chosen with (the SQL catalog's verifier, to see the tables
+/// already there, and the warehouse the catalog places tables in).
+#[derive(Clone, Copy)]
+struct Placing<'a> {
+    verifier: Option<&'a crate::catalog::SqlVerifier>,
+    warehouse: &'a str,
+}
+
+async fn open_table(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    settings: &Settings,
+    placing: Placing<'_>,
+) -> Result<Table> {
     let what = format!("table {ident}");
     let table = match catalog.load_table(ident).await {
         Ok(t) => t,
         Err(e) if matches!(e.kind(), iceberg::ErrorKind::TableNotFound | iceberg::ErrorKind::NamespaceNotFound) => {
-            create_table(catalog, ident, settings).await?
+            create_table(catalog, ident, settings, placing).await?
         }
         Err(e) => return Err(classify(e, &what)),
     };
@@ -450,7 +464,46 @@ pub(crate) fn check_new_namespace(ns: &NamespaceIdent) -> Result<()> {
     }
 }
 
-async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Settings) -> Result<Table> {
+/// The location the SQL catalog gives a new table `ident` (its namespace's `location`
+/// property, else `<warehouse>/<namespace parts>`, then `/<name>`), or, if another table
+/// (another catalog name's, or a name differing only in case) already lives there, that
+/// location with `-<catalog name>` appended: two tables in one directory would each see the
+/// other's files as unreferenced in a cleanup.
+async fn new_table_location(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    settings: &Settings,
+    placing: Placing<'_>,
+) -> Result<Option<String>> {
+    let Some(verifier) = placing.verifier else { return Ok(None) };
+    let what = format!("placing table {ident}");
+    let ns = catalog.get_namespace(ident.namespace()).await.map_err(|e| classify(e, &what))?;
+    let ns_location = match ns.properties().get("location") {
+        Some(l) => l.clone(),
+        None => format!("{}/{}", placing.warehouse, ident.namespace().join("/")),
+    };
+    let default = format!("{ns_location}/{}", ident.name());
+    if verifier.tables_at(ident, &default).await?.is_empty() {
+        return Ok(None);
+    }
+    let tag: String =
+        settings.catalog_name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).collect();
+    let own = format!("{default}-{tag}");
+    if !verifier.tables_at(ident, &own).await?.is_empty() {
+        return Err(Error::invalid(format!(
+            "{what}: both {default} and {own} hold other tables' metadata; create the namespace with a location \
+             of its own"
+        )));
+    }
+    Ok(Some(own))
+}
+
+async fn create_table(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    settings: &Settings,
+    placing: Placing<'_>,
+) -> Result<Table> {
     let what = format!("creating table {ident}");
     let ns = ident.namespace();
     match catalog.namespace_exists(ns).await {
@@ -488,7 +541,10 @@ async fn create_table(catalog: &dyn Catalog, ident: &TableIdent, settings: &Sett
     if let Some(min) = settings.cleanup_minimum_ms() {
         props.insert(MIN_CLEANUP_PROP.to_string(), min.to_string());
     }
-    let creation = creation.properties(props).build();
+    let creation = match new_table_location(catalog, ident, settings, placing).await? {
+        Some(location) => creation.location(location).properties(props).build(),
+        None => creation.properties(props).build(),
+    };
     match catalog.create_table(ns, creation).await {
         Ok(t) => Ok(t),
         Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {

@@ -1089,6 +1089,60 @@ async fn a_data_file_in_another_format_is_not_reported_corrupt() {
     assert_eq!(live_files(&cold).await, 2, "two Parquet files became one, the ORC file stays: {report:?}");
 }
 
+/// Two catalog names on one warehouse, each with table `m.changes`: the second table gets a
+/// location of its own (the SQL catalog put both at `<warehouse>/m/changes`, and each cleanup
+/// deleted the other's files as unreferenced), and a cleanup of a table that shares its
+/// location anyway (made by an older version, or another engine) is refused, deleting nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_of_two_catalog_names_never_share_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open_as = |catalog: &str| {
+        let settings = Settings {
+            buckets: 1,
+            catalog_name: catalog.to_string(),
+            min_cleanup_retention: std::time::Duration::ZERO,
+            ..Default::default()
+        };
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["m"], "changes")
+            .settings(settings)
+            .build()
+    };
+    let (a, b) = (open_as("a").await.expect("open a"), open_as("b").await.expect("open b"));
+    let o = ObjectId::new("o").expect("id");
+    for (store, seq) in [(&a, 1), (&b, 1), (&b, 2)] {
+        let batch = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, seq, "k", "v", 1)]);
+        store.append(batch).await.expect("append");
+    }
+    let (la, lb) = (
+        a.refresh().await.expect("a").metadata().location().to_string(),
+        b.refresh().await.expect("b").metadata().location().to_string(),
+    );
+    assert_ne!(la, lb);
+    assert!(lb.ends_with("/m/changes-b"), "{lb}");
+    common::sleep(std::time::Duration::from_millis(10)).await;
+    a.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup of a");
+    b.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup of b");
+    let b = open_as("b").await.expect("b reopens");
+    assert_eq!(b.read_changes(&o, 0, AsOf::Latest).await.expect("b's rows").len(), 2);
+    assert_eq!(a.read_changes(&o, 0, AsOf::Latest).await.expect("a's rows").len(), 1);
+
+    // A third catalog's row pointing into a's directory, as a table of an older version would.
+    let a_meta = a.refresh().await.expect("a").metadata_location().expect("location").to_string();
+    let c = rusqlite::Connection::open(dir.path().join("catalog.db")).expect("catalog db");
+    c.execute(
+        "INSERT INTO iceberg_tables (catalog_name, table_namespace, table_name, metadata_location, \
+         previous_metadata_location, iceberg_type) VALUES ('old', 'm', 'Changes', ?1, NULL, 'TABLE')",
+        [&a_meta],
+    )
+    .expect("row");
+    let files_before = live_files(&a).await;
+    let e = a.remove_unreferenced_files(std::time::Duration::ZERO).await.expect_err("shared location");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("m.Changes") && e.to_string().contains("\"old\""), "{e}");
+    assert_eq!(live_files(&a).await, files_before);
+}
+
 /// A file another engine appended a second time (live twice in the table) is compacted once:
 /// before, it counted twice among the files to replace and every compaction of its partition
 /// failed with a false "no longer in the table" conflict.
