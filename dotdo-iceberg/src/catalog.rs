@@ -716,6 +716,23 @@ mod tests {
         assert_ne!(err("13").kind(), &ErrorKind::AmbiguousOutcome);
     }
 
+    /// A catalog read failing on an I/O error (SQLITE_IOERR_READ, 266) is a retryable
+    /// `Unavailable`, as the same errno from the object store is; a full disk is not.
+    #[test]
+    fn a_catalog_read_failing_on_an_io_error_is_unavailable() {
+        use dotdo_core::ErrorKind;
+        let err = |code| {
+            let e = sqlx::Error::Database(Box::new(Sqlite(code)));
+            crate::error::to_error(crate::error::cause_of(&e), "reading the SQL catalog pointer", e.to_string())
+        };
+        for code in ["10", "266", "522"] {
+            let e = err(code);
+            assert_eq!(e.kind(), &ErrorKind::Unavailable, "{code}: {e}");
+            assert!(e.is_retryable(), "{code}: {e}");
+        }
+        assert_ne!(err("13").kind(), &ErrorKind::Unavailable);
+    }
+
     #[test]
     fn sqlite_paths_of_sqlx_uris() {
         assert_eq!(sqlite_path("sqlite:/a/b.db?mode=rwc").as_deref(), Some("/a/b.db"));

@@ -193,9 +193,12 @@ fn sqlx_cause(e: &sqlx::Error) -> Cause {
             Cause::CatalogUnavailable
         }
         E::Database(db) => {
-            // SQLITE_BUSY (5) / SQLITE_LOCKED (6), including extended codes.
+            // SQLITE_BUSY (5) / SQLITE_LOCKED (6), including extended codes, and SQLITE_IOERR
+            // (10: a read or write of the catalog file failed, as on a network file system that
+            // hiccups; the same errno from the object store is `Unavailable` too). A write whose
+            // COMMIT failed that way is an unknown outcome: `swap_failure` decides that first.
             let code = db.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
-            let busy = matches!(code, Some(5 | 6));
+            let busy = matches!(code, Some(5 | 6 | 10));
             // SQLITE_CORRUPT (11) / SQLITE_NOTADB (26): the catalog file is damaged or another file.
             if matches!(code, Some(11 | 26)) {
                 Cause::Undecodable

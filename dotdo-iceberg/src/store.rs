@@ -1108,6 +1108,12 @@ impl IcebergColdStore {
                         reloaded = true;
                         table = match self.reload_for_resolution().await {
                             Ok(t) => t,
+                            // The verdict came from a table that may be stale, and the current
+                            // one cannot be read just now: that (retryable) failure is the
+                            // answer, not a `Corrupt` an operator would be called for.
+                            Err(re) if re.is_retryable() => {
+                                return Err(re.context(format!("checking the batch against the current table ({e})")))
+                            }
                             Err(_) => return Err(e),
                         };
                         head = table.metadata().current_snapshot().cloned();

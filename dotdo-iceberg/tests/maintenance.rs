@@ -548,6 +548,56 @@ async fn an_append_on_a_stale_table_whose_checkpoint_was_cleaned_up_succeeds() {
     }
 }
 
+/// The same stale store, while the store cannot serve the table's current metadata: the append
+/// fails with a retryable error (the outage), not `Corrupt` for the cleaned-up checkpoint of its
+/// stale table, which the runtime would take for damage needing an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_append_during_an_outage_is_retryable_not_corrupt() {
+    use object_store::ObjectStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = Settings {
+        watermark_checkpoint_objects: 1,
+        min_cleanup_retention: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let faulty = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let open_one = |store: Option<Arc<common::FaultyStore>>| {
+        let mut b = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"));
+        if let Some(s) = store {
+            b = b.object_store(s);
+        }
+        b.table(["m"], "changes").settings(settings.clone()).build()
+    };
+    let two = |a: &str, b: &str| {
+        let (a, b) = (ObjectId::new(a).expect("id"), ObjectId::new(b).expect("id"));
+        ColdBatch {
+            objects: [a, b]
+                .into_iter()
+                .map(|o| ObjectChanges {
+                    object: o.clone(),
+                    token: FencingToken::new(1),
+                    records: vec![common::put(&o, 1, "k", "v", 1)],
+                })
+                .collect(),
+        }
+    };
+    let b = open_one(None).await.expect("open b");
+    b.append(two("o1", "o2")).await.expect("first checkpointed commit");
+    let a = open_one(Some(faulty.clone())).await.expect("open a");
+    b.append(two("o3", "o4")).await.expect("second checkpointed commit");
+    b.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    b.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    *faulty.fail_reads_of.lock() = Some(".metadata.json".into());
+    let o5 = ObjectId::new("o5").expect("id");
+    let batch = ColdBatch::single(o5.clone(), FencingToken::new(1), vec![common::put(&o5, 1, "k", "v", 1)]);
+    let e = a.append(batch.clone()).await.expect_err("the current metadata cannot be read");
+    assert!(e.is_retryable(), "{e}");
+    assert_ne!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    *faulty.fail_reads_of.lock() = None;
+    assert_eq!(a.append(batch).await.expect("after the outage").records_written, 1);
+}
+
 /// A compaction that commits while a cleanup lists the table's files (one that ran longer than
 /// the retention, so its new files are older than the cutoff) keeps its files: the cleanup
 /// reads the table again before deleting. Before, it deleted the new data, manifests and

@@ -203,6 +203,9 @@ pub struct FaultyStore {
     /// while a cleanup lists the table's files).
     /// (The hook's path suffix is not used.)
     pub before_list: Mutex<Option<PutHook>>,
+    /// Reads of paths ending with this suffix fail (an outage of part of the store), whatever
+    /// `probability` says.
+    pub fail_reads_of: Mutex<Option<String>>,
 }
 
 /// A future run before the first put whose path ends with `.0` (see [`FaultyStore::before_put`]).
@@ -229,6 +232,7 @@ impl FaultyStore {
             puts: Mutex::new(Vec::new()),
             before_put: Mutex::new(None),
             before_list: Mutex::new(None),
+            fail_reads_of: Mutex::new(None),
         }
     }
 
@@ -331,11 +335,17 @@ impl ObjectStore for FaultyStore {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
         self.reads.lock().push(location.to_string());
+        if self.fail_reads_of.lock().as_deref().is_some_and(|s| location.as_ref().ends_with(s)) {
+            return Err(Self::err("get", location));
+        }
         self.run(false, "get", location, self.inner.get_opts(location, options)).await
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
         self.reads.lock().push(location.to_string());
+        if self.fail_reads_of.lock().as_deref().is_some_and(|s| location.as_ref().ends_with(s)) {
+            return Err(Self::err("get_ranges", location));
+        }
         self.run(false, "get_ranges", location, self.inner.get_ranges(location, ranges)).await
     }
 
