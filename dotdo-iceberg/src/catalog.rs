@@ -468,18 +468,49 @@ impl SqlVerifier {
                 Err(lost_swap(ident, base))
             }
             Err(e) => {
+                let failed = iceberg::Error::new(
+                    iceberg::ErrorKind::Unexpected,
+                    format!("moving the catalog pointer of {ident} to {new}"),
+                );
                 if e.kind() != &dotdo_core::ErrorKind::AmbiguousOutcome {
                     // The pointer was read back at the base: nothing references these files.
                     delete(written).await;
+                    return Err(failed.with_source(NotLanded(e)));
                 }
-                Err(iceberg::Error::new(
-                    iceberg::ErrorKind::Unexpected,
-                    format!("moving the catalog pointer of {ident} to {new}"),
-                )
-                .with_source(e))
+                Err(failed.with_source(e))
             }
         }
     }
+}
+
+/// The source of a commit's error when its pointer swap failed and the pointer was read back at
+/// its base: the commit certainly did not land (its files are deleted), so it is no unknown
+/// outcome; the error inside says why (`Unavailable` for a busy catalog).
+#[derive(Debug)]
+pub(crate) struct NotLanded(pub(crate) Error);
+
+impl std::fmt::Display for NotLanded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the commit did not land: {}", self.0)
+    }
+}
+
+impl std::error::Error for NotLanded {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Whether `e` is a commit error whose pointer swap certainly did not land ([`NotLanded`]).
+pub(crate) fn did_not_land(e: &iceberg::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<NotLanded>().is_some() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The error of a pointer swap that lost to another commit: a conflict for dotdo (which

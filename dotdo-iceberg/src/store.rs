@@ -664,7 +664,14 @@ enum Attempt {
     First,
     Conflict,
     Unknown(Error),
+    /// The commit failed and certainly did not land (its catalog pointer was read back at the
+    /// base): the error says why.
+    Failed(Error),
 }
+
+/// Attempts of one append whose commits certainly failed (a busy or failing catalog) before the
+/// append gives up with that error: each already waited out the catalog's busy timeout.
+const MAX_FAILED_COMMITS: u32 = 2;
 
 impl IcebergColdStore {
     /// Start building a store on the warehouse at `warehouse_url` (`file:///path`, `/path`,
@@ -1086,6 +1093,7 @@ impl IcebergColdStore {
         // Once an attempt's outcome was unknown, every later round first looks for it.
         let mut maybe_landed = false;
         let mut reloaded = false;
+        let mut failed_commits = 0u32;
         let attempts = self.inner.settings.max_commit_attempts;
         for attempt in 0..attempts {
             let head = table.metadata().current_snapshot().cloned();
@@ -1169,7 +1177,7 @@ impl IcebergColdStore {
                     files.clone()
                 }
                 _ => {
-                    if let (Some((_, _, old, _)), Attempt::Conflict) = (written.take(), &last) {
+                    if let (Some((_, _, old, _)), Attempt::Conflict | Attempt::Failed(_)) = (written.take(), &last) {
                         // The earlier attempt definitely did not commit: its files are garbage.
                         let paths: Vec<String> = old.iter().map(|f| f.file_path().to_string()).collect();
                         self.delete_files(paths).await;
@@ -1248,6 +1256,21 @@ impl IcebergColdStore {
                         Err(e) => return Err(e.context("reloading the table after a commit conflict")),
                     };
                 }
+                Err(e) if crate::catalog::did_not_land(&e) => {
+                    let err = classify(e, &format!("committing to {}", self.inner.ident));
+                    tracing::debug!(attempt, error = %err, "cold commit failed and did not land");
+                    failed_commits += 1;
+                    let give_up = !err.is_retryable() || failed_commits >= MAX_FAILED_COMMITS;
+                    last = Attempt::Failed(err);
+                    if give_up {
+                        break;
+                    }
+                    retry_pause(self.backoff(attempt)).await;
+                    table = match self.reload_for_resolution().await {
+                        Ok(t) => t,
+                        Err(e) => return Err(e.context("reloading the table after a failed commit")),
+                    };
+                }
                 Err(e) => {
                     let err = classify(e, &format!("committing to {}", self.inner.ident));
                     tracing::debug!(attempt, error = %err, "cold commit outcome unknown; reading back");
@@ -1275,6 +1298,7 @@ impl IcebergColdStore {
         }
         match last {
             Attempt::Unknown(e) => Err(e.context(format!("cold commit failed after {attempts} attempts"))),
+            Attempt::Failed(e) => Err(e.context("the cold commit did not land")),
             Attempt::Conflict => {
                 Err(Error::new(ErrorKind::Conflict, format!("cold commit still conflicting after {attempts} attempts")))
             }

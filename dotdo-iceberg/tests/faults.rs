@@ -965,3 +965,37 @@ async fn a_snapshot_parent_cycle_is_corrupt_not_a_hang() {
     };
     tokio::time::timeout(std::time::Duration::from_secs(60), checks).await.expect("no endless walk");
 }
+
+/// Another process holds the SQL catalog's write lock: each commit's pointer swap waits out the
+/// catalog's busy timeout, fails, and is read back at its base, so it certainly did not land.
+/// The append gives up after two such attempts with a retryable `Unavailable` (it made 16
+/// attempts, each an "unknown outcome", about 80 s, and kept every attempt's files), and
+/// appends once the lock is gone, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_behind_a_locked_catalog_is_unavailable_in_bounded_time() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let holder = rusqlite::Connection::open(dir.path().join("catalog.db")).expect("catalog db");
+    holder.execute_batch("BEGIN IMMEDIATE").expect("take the catalog's write lock");
+    let batch = ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "w", 1)]);
+    let clock = dotdo_core::SystemClock::new();
+    let started = clock.monotonic();
+    let e = cold.append(batch.clone()).await.expect_err("the catalog is locked");
+    let took = clock.monotonic().saturating_sub(started);
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert!(took < Duration::from_secs(30), "gave up after {took:?}");
+    holder.execute_batch("COMMIT").expect("release");
+    assert_eq!(cold.append(batch).await.expect("after the lock").records_written, 1);
+    let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+}
