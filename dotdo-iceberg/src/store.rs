@@ -1039,6 +1039,13 @@ impl IcebergColdStore {
         tx.commit(&self.pinned(table)).await
     }
 
+    /// Whether `table` is the catalog's current version of the change table (the SQL catalog's
+    /// pointer read; with other catalogs, not known: `false`).
+    async fn is_current(&self, table: &Table) -> Result<bool> {
+        let Some(v) = &self.inner.verifier else { return Ok(false) };
+        Ok(v.metadata_location(&self.inner.ident).await?.as_deref() == table.metadata_location())
+    }
+
     /// The result of our commit `s`, found in `table` after an unknown outcome: planned against
     /// its parent's watermarks, or, if the parent was expired meanwhile (its watermarks unknown),
     /// taken from `s` itself (its added records and its watermarks of the batch's objects). A
@@ -1130,6 +1137,15 @@ impl IcebergColdStore {
                     Err(e) => return Err(e),
                 };
                 match plan(batch, &prev) {
+                    // A batch with nothing new is answered without a commit: from the current
+                    // table, not a known one that may be stale (a higher token committed since,
+                    // which fences this writer; or another engine rolled the table back, and the
+                    // records reported durable would be truncated from the hot store).
+                    Ok(p) if p.fresh == 0 && !reloaded && !self.is_current(&table).await? => {
+                        reloaded = true;
+                        table = self.reload_for_resolution().await?;
+                        head = table.metadata().current_snapshot().cloned();
+                    }
                     Ok(p) => break (prev, p),
                     // The known table may be stale (another store committed since): a batch that
                     // looks like it skips records is judged once more against the catalog's

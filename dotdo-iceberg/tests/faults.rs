@@ -999,3 +999,22 @@ async fn an_append_behind_a_locked_catalog_is_unavailable_in_bounded_time() {
     let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, [1, 2]);
 }
+
+/// A replay (a batch with nothing new) from a writer whose known table is stale is answered from
+/// the current table: a higher token committed since by another store fences it, as the
+/// reference sink does (it was `Ok` with the stale watermarks of its own table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_on_a_stale_table_is_fenced_by_a_newer_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).table(["m"], "changes").build();
+    let (a, b) = (open().await.expect("a"), open().await.expect("b"));
+    let o = ObjectId::new("o").expect("id");
+    let first =
+        ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1), put(&o, 2, "k", "w", 1)]);
+    a.append(first.clone()).await.expect("a commits 1..2");
+    b.append(ColdBatch::single(o.clone(), FencingToken::new(2), vec![put(&o, 3, "k", "x", 2)]))
+        .await
+        .expect("b commits 3 under a newer token");
+    let e = a.append(first).await.expect_err("a's replay under its old token");
+    assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
+}
