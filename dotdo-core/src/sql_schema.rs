@@ -211,6 +211,106 @@ pub fn is_private_database(path: &std::path::Path) -> bool {
         || (p.starts_with("file:") && (p.contains("mode=memory") || p.starts_with("file::memory:")))
 }
 
+/// What one round of a [`CheckpointThread`] found.
+#[derive(Debug)]
+pub enum CheckpointRound {
+    /// `PRAGMA wal_checkpoint(PASSIVE)` ran: frames in the WAL, and frames copied into the
+    /// database file (frames a reader still needs, or a checkpoint another process runs, wait
+    /// for a later round: SQLite reports them as busy, not as an error).
+    Done {
+        /// Frames in the WAL.
+        log: i64,
+        /// Frames copied into the database file.
+        copied: i64,
+    },
+    /// The checkpoint failed (said at once, then every 100th failure of a streak; retried next
+    /// round).
+    Failed(String),
+    /// The thread ends (the round found a reason, and said it).
+    Stop,
+}
+
+/// WAL frames a [`CheckpointThread`] could not copy for it to warn that the WAL is not
+/// shrinking (64 MiB of 4 KiB pages).
+pub const STUCK_WAL_FRAMES: i64 = 16 * 1024;
+
+/// A thread that runs a SQL hot store's background WAL checkpoint (`round`, typically
+/// `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own) every `every`, and says when
+/// the WAL stops shrinking or checkpoints fail. Stopped and joined on drop (at most one round
+/// is in progress then).
+#[derive(Debug)]
+pub struct CheckpointThread {
+    stop: std::sync::Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CheckpointThread {
+    /// Start the thread `name`; `shown_path` names the database in log lines.
+    pub fn start(
+        name: &str,
+        every: std::time::Duration,
+        shown_path: String,
+        mut round: impl FnMut() -> CheckpointRound + Send + 'static,
+    ) -> crate::Result<Self> {
+        let stop = std::sync::Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut failures = 0u64;
+                let mut stuck = false;
+                loop {
+                    {
+                        let (lock, cv) = &*flag;
+                        let mut stopped = lock.lock();
+                        if !*stopped {
+                            cv.wait_for(&mut stopped, every);
+                        }
+                        if *stopped {
+                            return;
+                        }
+                    }
+                    match round() {
+                        CheckpointRound::Done { log, copied } => {
+                            failures = 0;
+                            // Frames nothing can copy (a reader holds them): the WAL only grows.
+                            let behind = log.saturating_sub(copied);
+                            if behind >= STUCK_WAL_FRAMES && !stuck {
+                                tracing::warn!(frames = behind, path = %shown_path, "the WAL is not shrinking: a long read transaction holds frames the checkpoint cannot copy");
+                            }
+                            stuck = behind >= STUCK_WAL_FRAMES;
+                        }
+                        CheckpointRound::Failed(e) => {
+                            // An error is not routine (I/O, a full disk, a damaged file): said at
+                            // once, then every 100th of a streak.
+                            failures += 1;
+                            if failures % 100 == 1 {
+                                tracing::warn!(error = %e, failures, path = %shown_path, "background WAL checkpoint failed");
+                            } else {
+                                tracing::debug!(error = %e, "background WAL checkpoint failed; retrying next round");
+                            }
+                        }
+                        CheckpointRound::Stop => return,
+                    }
+                }
+            })
+            .map_err(|e| crate::Error::backend(format!("starting the WAL checkpoint thread: {e}")))?;
+        Ok(CheckpointThread { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for CheckpointThread {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock() = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            // At most one checkpoint round in progress.
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{absolute_database_path, check_tables_before, is_private_database, SQL_HOT_TABLES};

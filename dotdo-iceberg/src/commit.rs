@@ -626,12 +626,12 @@ pub(crate) fn new_snapshot_id(table: &Table) -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use dotdo_core::{ChangeRecord, ColdBatch, ColdSink, FencingToken, ObjectChanges, ObjectId, Op, Timestamp};
 
     use crate::{CompactOptions, IcebergColdStore};
 
-    fn batch(object: &str, seq: u64) -> ColdBatch {
+    pub(crate) fn batch(object: &str, seq: u64) -> ColdBatch {
         let o = ObjectId::new(object).expect("id");
         ColdBatch {
             objects: vec![ObjectChanges {
@@ -654,6 +654,16 @@ mod tests {
     async fn open(dir: &tempfile::TempDir) -> IcebergColdStore {
         IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
             .table(["t"], "changes")
+            .build()
+            .await
+            .expect("open")
+    }
+
+    /// A store on table `t.changes` with one bucket (every object's rows in one partition).
+    pub(crate) async fn open_one_bucket(dir: &tempfile::TempDir) -> IcebergColdStore {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["t"], "changes")
+            .settings(crate::Settings { buckets: 1, ..Default::default() })
             .build()
             .await
             .expect("open")
@@ -800,12 +810,7 @@ mod tests {
             DataContentType, DataFileBuilder, DataFileFormat, ManifestWriterBuilder, Operation, PartitionSpec, Struct,
         };
         let dir = tempfile::tempdir().expect("tempdir");
-        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-            .table(["t"], "changes")
-            .settings(crate::Settings { buckets: 1, ..Default::default() })
-            .build()
-            .await
-            .expect("open");
+        let cold = open_one_bucket(&dir).await;
         cold.append(batch("obj", 1)).await.expect("append");
         cold.append(batch("obj", 2)).await.expect("append");
         let table = cold.refresh().await.expect("refresh");
@@ -865,12 +870,7 @@ mod tests {
         let options = || CompactOptions { min_input_files: 2, ..Default::default() };
         for live in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-                .table(["t"], "changes")
-                .settings(crate::Settings { buckets: 1, ..Default::default() })
-                .build()
-                .await
-                .expect("open");
+            let cold = open_one_bucket(&dir).await;
             cold.append(batch("obj", 1)).await.expect("append");
             commit_delete_manifest(&cold, live).await;
             cold.append(batch("obj", 2)).await.expect("append");

@@ -424,10 +424,8 @@ fn gc_enabled(table: &iceberg::table::Table, what: &str) -> Result<()> {
 mod tests {
     use std::time::Duration;
 
-    use dotdo_core::{ChangeRecord, ColdBatch, ColdSink, FencingToken, ObjectId, Op, Timestamp};
+    use dotdo_core::ColdSink;
     use iceberg::spec::{SnapshotReference, SnapshotRetention};
-
-    use crate::{IcebergColdStore, Settings};
 
     /// Refs another engine set retention on are kept as they are: a tag past its
     /// `max_ref_age_ms` and a branch's ancestors past its snapshot age stay (iceberg's expire
@@ -435,25 +433,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refs_with_their_own_retention_are_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-            .table(["t"], "changes")
-            .settings(Settings { buckets: 1, ..Default::default() })
-            .build()
-            .await
-            .expect("open");
-        let o = ObjectId::new("o").expect("id");
+        let cold = crate::commit::tests::open_one_bucket(&dir).await;
         for seq in 1..=4u64 {
-            let r = ChangeRecord {
-                object: o.clone(),
-                seq,
-                op: Op::Put,
-                type_name: "T".into(),
-                key: format!("k{seq}"),
-                value: bytes::Bytes::from_static(b"v"),
-                token: FencingToken::new(1),
-                timestamp: Timestamp::from_millis(1),
-            };
-            cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
+            cold.append(crate::commit::tests::batch("o", seq)).await.expect("append");
         }
         let t = cold.refresh().await.expect("table");
         let ids: Vec<i64> =

@@ -492,25 +492,25 @@ async fn orphan_cleanup_spares_in_flight_files_and_removes_replaced_ones() {
     assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
 }
 
-/// A store whose known table is stale appends correctly after another store expired the
-/// snapshot its head names and cleaned up that snapshot's watermark checkpoint: the append
-/// judges against the current table. Before, it failed with `Corrupt` (the checkpoint file
-/// missing) until something else refreshed the store.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_append_on_a_stale_table_whose_checkpoint_was_cleaned_up_succeeds() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Store `b` commits objects o1, o2 (a watermark checkpoint each commit); store `a` opens
+/// (its known table now names that checkpoint; `a` reads through `store` if given); `b` commits
+/// o3, o4, expires every older snapshot and cleans up, deleting the checkpoint `a`'s table
+/// names. Returns `(a, b)` and the paths the cleanup deleted.
+async fn stale_after_checkpoint_cleanup(
+    dir: &std::path::Path,
+    store: Option<Arc<common::FaultyStore>>,
+) -> (IcebergColdStore, IcebergColdStore, Vec<String>) {
     let settings = Settings {
         watermark_checkpoint_objects: 1,
         min_cleanup_retention: std::time::Duration::ZERO,
         ..Default::default()
     };
-    let open_one = || async {
-        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-            .table(["m"], "changes")
-            .settings(settings.clone())
-            .build()
-            .await
-            .expect("open")
+    let open_one = |store: Option<Arc<common::FaultyStore>>| {
+        let mut builder = IcebergColdStore::builder(dir.to_str().expect("utf-8"));
+        if let Some(s) = store {
+            builder = builder.object_store(s);
+        }
+        builder.table(["m"], "changes").settings(settings.clone()).build()
     };
     let two = |a: &str, b: &str| {
         let (a, b) = (ObjectId::new(a).expect("id"), ObjectId::new(b).expect("id"));
@@ -525,17 +525,24 @@ async fn an_append_on_a_stale_table_whose_checkpoint_was_cleaned_up_succeeds() {
                 .collect(),
         }
     };
-    let b = open_one().await;
+    let b = open_one(None).await.expect("open b");
     b.append(two("o1", "o2")).await.expect("first checkpointed commit");
-    let a = open_one().await;
+    let a = open_one(store).await.expect("open a");
     b.append(two("o3", "o4")).await.expect("second checkpointed commit");
     b.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
     let removed = b.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
-    assert!(
-        removed.deleted.iter().any(|f| f.contains("dotdo-watermarks-")),
-        "the first checkpoint is gone: {:?}",
-        removed.deleted
-    );
+    (a, b, removed.deleted)
+}
+
+/// A store whose known table is stale appends correctly after another store expired the
+/// snapshot its head names and cleaned up that snapshot's watermark checkpoint: the append
+/// judges against the current table. Before, it failed with `Corrupt` (the checkpoint file
+/// missing) until something else refreshed the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_on_a_stale_table_whose_checkpoint_was_cleaned_up_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, deleted) = stale_after_checkpoint_cleanup(dir.path(), None).await;
+    assert!(deleted.iter().any(|f| f.contains("dotdo-watermarks-")), "the first checkpoint is gone: {deleted:?}");
     let o5 = ObjectId::new("o5").expect("id");
     let commit = a
         .append(ColdBatch::single(o5.clone(), FencingToken::new(1), vec![common::put(&o5, 1, "k", "v", 1)]))
@@ -555,39 +562,9 @@ async fn an_append_on_a_stale_table_whose_checkpoint_was_cleaned_up_succeeds() {
 async fn a_stale_append_during_an_outage_is_retryable_not_corrupt() {
     use object_store::ObjectStore;
     let dir = tempfile::tempdir().expect("tempdir");
-    let settings = Settings {
-        watermark_checkpoint_objects: 1,
-        min_cleanup_retention: std::time::Duration::ZERO,
-        ..Default::default()
-    };
     let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
     let faulty = Arc::new(common::FaultyStore::new(local, 1, 0.0));
-    let open_one = |store: Option<Arc<common::FaultyStore>>| {
-        let mut b = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"));
-        if let Some(s) = store {
-            b = b.object_store(s);
-        }
-        b.table(["m"], "changes").settings(settings.clone()).build()
-    };
-    let two = |a: &str, b: &str| {
-        let (a, b) = (ObjectId::new(a).expect("id"), ObjectId::new(b).expect("id"));
-        ColdBatch {
-            objects: [a, b]
-                .into_iter()
-                .map(|o| ObjectChanges {
-                    object: o.clone(),
-                    token: FencingToken::new(1),
-                    records: vec![common::put(&o, 1, "k", "v", 1)],
-                })
-                .collect(),
-        }
-    };
-    let b = open_one(None).await.expect("open b");
-    b.append(two("o1", "o2")).await.expect("first checkpointed commit");
-    let a = open_one(Some(faulty.clone())).await.expect("open a");
-    b.append(two("o3", "o4")).await.expect("second checkpointed commit");
-    b.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
-    b.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    let (a, _b, _) = stale_after_checkpoint_cleanup(dir.path(), Some(faulty.clone())).await;
     *faulty.fail_reads_of.lock() = Some(".metadata.json".into());
     let o5 = ObjectId::new("o5").expect("id");
     let batch = ColdBatch::single(o5.clone(), FencingToken::new(1), vec![common::put(&o5, 1, "k", "v", 1)]);

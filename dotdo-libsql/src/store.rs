@@ -94,7 +94,7 @@ pub(crate) struct Inner {
     #[cfg(feature = "replica")]
     pull_done: parking_lot::Mutex<Option<PullDone>>,
     /// The background checkpoint thread of a local file, stopped when the last clone is dropped.
-    checkpointer: std::sync::OnceLock<crate::checkpoint::Checkpointer>,
+    checkpointer: std::sync::OnceLock<dotdo_core::sql_schema::CheckpointThread>,
 }
 
 /// See [`Inner::pull_done`].
@@ -287,12 +287,7 @@ impl LibsqlStoreBuilder {
         if let (Target::Local { path }, Some(every)) = (&inner.target, inner.settings.background_checkpoint) {
             if !every.is_zero() && !dotdo_core::sql_schema::is_private_database(path) {
                 let shown = path.display().to_string();
-                let started = crate::checkpoint::Checkpointer::start(
-                    &inner.readers.db,
-                    inner.settings.busy_timeout,
-                    every,
-                    shown,
-                )?;
+                let started = crate::checkpoint::start(&inner.readers.db, inner.settings.busy_timeout, every, shown)?;
                 let _ = inner.checkpointer.set(started);
             }
         }

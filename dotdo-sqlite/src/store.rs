@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dotdo_core::guard::rules::{self, LeaseRow};
 use dotdo_core::ids::validate_key;
+use dotdo_core::sql_schema::{CheckpointRound, CheckpointThread};
 use dotdo_core::{
     ChangeRecord, Clock, ConsistencyGuard, Entry, Error, ErrorKind, FencingToken, HotStore, KeyRange, Lease, NodeId,
     ObjectId, ObjectInfo, Result, Seq, SystemClock, Timestamp, WriteBatch, WriteOp, WriteReceipt,
@@ -51,17 +52,15 @@ struct Inner {
     /// would open its own, so reads use the write connection.
     memory: bool,
     /// The background checkpoint thread, stopped when the last clone is dropped.
-    checkpointer: Option<Checkpointer>,
+    checkpointer: Option<CheckpointThread>,
     /// Set by the checkpoint thread when the file at `path` is no longer the one this store
     /// opened (deleted, or replaced by a restored backup): every call is refused from then on.
     moved: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// A thread running `PRAGMA wal_checkpoint(PASSIVE)` on its own connection every `every`.
-struct Checkpointer {
-    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// The background checkpoint thread of a store: `PRAGMA wal_checkpoint(PASSIVE)` on its own
+/// connection every `every`, and the check that the file at the path is still the one opened.
+struct Checkpointer;
 
 impl Checkpointer {
     fn start(
@@ -69,74 +68,32 @@ impl Checkpointer {
         settings: &SqliteSettings,
         every: Duration,
         moved: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<Self> {
+    ) -> Result<CheckpointThread> {
         let conn = open_connection(path, settings, false)?;
         let file = file_path_of(path);
         let opened = file.as_deref().map_or(FileAt::Unknown, file_identity);
         let shown_path = path.display().to_string();
-        let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("dotdo-sqlite-checkpoint".into())
-            .spawn(move || {
-                let mut failures = 0u64;
-                let mut stuck = false;
-                loop {
-                    {
-                        let (lock, cv) = &*flag;
-                        let mut stopped = lock.lock();
-                        if !*stopped {
-                            cv.wait_for(&mut stopped, every);
-                        }
-                        if *stopped {
-                            return;
-                        }
-                    }
-                    // SQLite notices a deleted or replaced file only when it opens a rollback
-                    // journal, never in WAL mode: this store would go on writing into a file no
-                    // other process opens (two databases, two lease tables).
-                    // (A transient error reading the path is no verdict: checked next round.)
-                    let now = file.as_deref().map_or(FileAt::Unknown, file_identity);
-                    if matches!(opened, FileAt::File(..)) && now != FileAt::Unknown && now != opened {
-                        tracing::error!(path = %shown_path, "the database file was deleted or replaced while open; refusing every call");
-                        moved.store(true, std::sync::atomic::Ordering::SeqCst);
-                        return;
-                    }
-                    // PASSIVE never blocks: frames a reader still needs, or a checkpoint running in
-                    // another process, wait for the next round (reported as busy, not as an error).
-                    let round = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                    });
-                    match round {
-                        Ok((log, done)) => {
-                            failures = 0;
-                            // Frames nothing can copy (a reader holds them): the WAL only grows.
-                            let behind = log.saturating_sub(done);
-                            if behind >= STUCK_WAL_FRAMES && !stuck {
-                                tracing::warn!(frames = behind, path = %shown_path, "the WAL is not shrinking: a long read transaction holds frames the checkpoint cannot copy");
-                            }
-                            stuck = behind >= STUCK_WAL_FRAMES;
-                        }
-                        Err(e) => {
-                            // An error is not routine (I/O, a full disk, a damaged file): said at
-                            // once, then every 100th of a streak.
-                            failures += 1;
-                            if failures % 100 == 1 {
-                                tracing::warn!(error = %e, failures, path = %shown_path, "background WAL checkpoint failed");
-                            } else {
-                                tracing::debug!(error = %e, "background WAL checkpoint failed; retrying next round");
-                            }
-                        }
-                    }
-                }
-            })
-            .map_err(|e| Error::backend(format!("starting the WAL checkpoint thread: {e}")))?;
-        Ok(Checkpointer { stop, thread: Some(thread) })
+        let shown = shown_path.clone();
+        CheckpointThread::start("dotdo-sqlite-checkpoint", every, shown_path, move || {
+            // SQLite notices a deleted or replaced file only when it opens a rollback journal,
+            // never in WAL mode: this store would go on writing into a file no other process
+            // opens (two databases, two lease tables).
+            // (A transient error reading the path is no verdict: checked next round.)
+            let now = file.as_deref().map_or(FileAt::Unknown, file_identity);
+            if matches!(opened, FileAt::File(..)) && now != FileAt::Unknown && now != opened {
+                tracing::error!(path = %shown, "the database file was deleted or replaced while open; refusing every call");
+                moved.store(true, std::sync::atomic::Ordering::SeqCst);
+                return CheckpointRound::Stop;
+            }
+            match conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+            {
+                Ok((log, copied)) => CheckpointRound::Done { log, copied },
+                Err(e) => CheckpointRound::Failed(e.to_string()),
+            }
+        })
     }
 }
-
-/// WAL frames the background checkpoint could not copy for it to say so (64 MiB of 4 KiB pages).
-const STUCK_WAL_FRAMES: i64 = 16 * 1024;
 
 /// What the checkpoint thread finds at the database's path.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -174,18 +131,6 @@ fn file_identity(path: &Path) -> FileAt {
 #[cfg(not(unix))]
 fn file_identity(_path: &Path) -> FileAt {
     FileAt::Unknown
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        let (lock, cv) = &*self.stop;
-        *lock.lock() = true;
-        cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            // At most one checkpoint round in progress.
-            let _ = t.join();
-        }
-    }
 }
 
 impl std::fmt::Debug for Inner {
