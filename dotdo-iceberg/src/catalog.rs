@@ -189,11 +189,18 @@ impl SqlVerifier {
 
 impl SqlVerifier {
     /// The other tables of this catalog database (under any catalog name) whose metadata lives
-    /// in `location`'s `metadata/` directory, compared without regard to case (a case-insensitive
-    /// file system keeps `Changes` and `changes` in one directory), each as
-    /// `namespace.name (catalog c)`. Two tables at one location share their `data/` and
-    /// `metadata/` directories: each one's cleanup would delete the other's files.
-    pub(crate) async fn tables_at(&self, ident: &TableIdent, location: &str) -> Result<Vec<String>> {
+    /// in `location`'s `metadata/` directory, each as `namespace.name (catalog c)`. Locations
+    /// are compared as `root` maps them to keys of the store (so `file:/x`, `file:///x` and
+    /// `/x`, or `s3a://` and `s3://`, are one place), without regard to case (a case-insensitive
+    /// file system keeps `Changes` and `changes` in one directory). Two tables at one location
+    /// share their `data/` and `metadata/` directories: each one's cleanup would delete the
+    /// other's files.
+    pub(crate) async fn tables_at(
+        &self,
+        ident: &TableIdent,
+        location: &str,
+        root: &crate::StoreRoot,
+    ) -> Result<Vec<String>> {
         let rows: Vec<(String, String, String, Option<String>)> =
             sqlx::query_as("SELECT catalog_name, table_namespace, table_name, metadata_location FROM iceberg_tables")
                 .fetch_all(&self.pool)
@@ -202,15 +209,16 @@ impl SqlVerifier {
                     let cause = crate::error::cause_of(&e);
                     crate::error::to_error(cause, "listing the SQL catalog's tables", e.to_string())
                 })?;
-        let dir = format!("{}/metadata/", location.trim_end_matches('/')).to_lowercase();
+        // A location the store cannot map is no place of this store: nothing there to share.
+        let key = |l: &str| root.key(l).ok().map(|k| k.to_string().to_lowercase());
+        let Some(own) = key(location) else { return Ok(Vec::new()) };
+        let dir = format!("{own}/metadata/");
         let ns = ident.namespace().join(".");
         Ok(rows
             .into_iter()
             .filter(|(c, n, t, _)| !(c == &self.catalog && n == &ns && t == ident.name()))
             .filter(|(_, _, _, m)| {
-                m.as_deref()
-                    .map(str::to_lowercase)
-                    .is_some_and(|m| m.strip_prefix(&dir).is_some_and(|f| !f.contains('/')))
+                m.as_deref().and_then(key).is_some_and(|m| m.strip_prefix(&dir).is_some_and(|f| !f.contains('/')))
             })
             .map(|(c, n, t, _)| format!("{n}.{t} (catalog {c:?})"))
             .collect())

@@ -135,24 +135,28 @@ impl IcebergColdStore {
         }
         // A table without a snapshot (dropped and created again meanwhile) lists none of the
         // files to replace: the count check below refuses it.
+        let mut found = 0;
         if let Some(head) = md.current_snapshot() {
             let listed = match self.manifests_of(table, head).await {
                 Ok(list) => self.rewrite_listed(table, snapshot_id, removed, &list, &mut out).await,
                 Err(e) => Err(e),
             };
-            if let Err(e) = listed {
-                self.delete_files(out.written.clone()).await;
-                return Err(e);
+            match listed {
+                Ok(n) => found = n,
+                Err(e) => {
+                    self.delete_files(out.written.clone()).await;
+                    return Err(e);
+                }
             }
         }
-        if out.removed_files != removed.len() as u64 {
+        if found != removed.len() {
             self.delete_files(out.written.clone()).await;
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
                     "rewriting {}: {} of {} files to replace are no longer in the table",
                     table.identifier(),
-                    (removed.len() as u64).saturating_sub(out.removed_files),
+                    removed.len().saturating_sub(found),
                     removed.len()
                 ),
             )
@@ -170,7 +174,7 @@ impl IcebergColdStore {
         removed: &std::collections::HashSet<String>,
         listed: &[ManifestFile],
         out: &mut Rewritten,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         use futures::{StreamExt, TryStreamExt};
         let md = table.metadata();
         let schema = md.current_schema().clone();
@@ -199,7 +203,7 @@ impl IcebergColdStore {
         // a streaming table has one manifest per commit, so this also shrinks the manifest list.
         let mut merged: std::collections::BTreeMap<i32, (String, iceberg::spec::ManifestWriter)> =
             std::collections::BTreeMap::new();
-        // A file another engine added twice is live twice: each entry is deleted, it counts once.
+        // A file another engine added twice is live twice: each entry is deleted.
         let mut counted: std::collections::HashSet<String> = std::collections::HashSet::new();
         for (mf, m) in loaded {
             let touched = m.entries().iter().any(|e| e.is_alive() && removed.contains(e.data_file().file_path()));
@@ -257,12 +261,13 @@ impl IcebergColdStore {
                 };
                 let df = e.data_file().clone();
                 if removed.contains(df.file_path()) {
-                    if counted.insert(df.file_path().to_string()) {
-                        // Counts come from manifests: saturate rather than overflow on damaged ones.
-                        out.removed_files += 1;
-                        out.removed_records = out.removed_records.saturating_add(df.record_count());
-                        out.removed_bytes = out.removed_bytes.saturating_add(df.file_size_in_bytes());
-                    }
+                    // Every entry counts in the snapshot's totals (each is deleted); the file counts
+                    // once among those to replace.
+                    counted.insert(df.file_path().to_string());
+                    // Counts come from manifests: saturate rather than overflow on damaged ones.
+                    out.removed_files += 1;
+                    out.removed_records = out.removed_records.saturating_add(df.record_count());
+                    out.removed_bytes = out.removed_bytes.saturating_add(df.file_size_in_bytes());
                     w.add_delete_file(df, data_seq, Some(file_seq))
                 } else {
                     w.add_existing_file(df, added_in, data_seq, Some(file_seq))
@@ -274,7 +279,7 @@ impl IcebergColdStore {
             out.written.push(path.clone());
             out.manifests.push(w.write_manifest_file().await.map_err(|e| classify(e, &path))?);
         }
-        Ok(())
+        Ok(counted.len())
     }
 
     /// Commit a snapshot of `operation` with `manifests` on top of `table`'s current snapshot.
@@ -382,8 +387,10 @@ impl IcebergColdStore {
     /// JSON are written concurrently.
     ///
     /// Errors are iceberg's, as from `Transaction::commit`: `CatalogCommitConflicts` if another
-    /// commit landed since `table` (the caller reloads and re-plans), any other error an unknown
-    /// outcome (the caller reads the table back).
+    /// commit landed since `table` (the caller reloads and re-plans); a swap that failed and was
+    /// read back at its base carries [`NotLanded`](crate::catalog::NotLanded) as a source (it
+    /// certainly did not land); any other error an unknown outcome (the caller reads the table
+    /// back).
     pub(crate) async fn fast_append(
         &self,
         swap: &SqlVerifier,

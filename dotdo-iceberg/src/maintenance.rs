@@ -138,8 +138,19 @@ impl IcebergColdStore {
                 // would also apply the refs' own retention: drop a tag or branch past its
                 // `max_ref_age_ms` and expire a branch's ancestors past its snapshot age, which
                 // may hold the watermarks.
-                let update = iceberg::TableUpdate::RemoveSnapshots { snapshot_ids: expired.clone() };
-                self.commit_updates(&table, vec![update], vec![], &what).await.map(|_| ())
+                let md = table.metadata();
+                let mut updates = vec![iceberg::TableUpdate::RemoveSnapshots { snapshot_ids: expired.clone() }];
+                // Their statistics entries go with them, as iceberg's action removes them (the
+                // files stay referenced, so never cleaned up, while an entry names them).
+                for &snapshot_id in &expired {
+                    if md.statistics_for_snapshot(snapshot_id).is_some() {
+                        updates.push(iceberg::TableUpdate::RemoveStatistics { snapshot_id });
+                    }
+                    if md.partition_statistics_for_snapshot(snapshot_id).is_some() {
+                        updates.push(iceberg::TableUpdate::RemovePartitionStatistics { snapshot_id });
+                    }
+                }
+                self.commit_updates(&table, updates, vec![], &what).await.map(|_| ())
             } else {
                 // Other catalogs take iceberg's action (iceberg-rust 0.10.1 sends no other commit
                 // through them): the refs' own retention settings apply on top of this plan.
@@ -219,7 +230,7 @@ impl IcebergColdStore {
         // under this table's location (the SQL catalog places `ns.changes.events` at
         // `<warehouse>/ns/changes/events`), and its files are not ours to judge.
         if let Some(v) = &self.inner.verifier {
-            let shared = v.tables_at(&self.inner.ident, md.location()).await?;
+            let shared = v.tables_at(&self.inner.ident, md.location(), &self.inner.root).await?;
             if !shared.is_empty() {
                 return Err(Error::invalid(format!(
                     "{what}: its location {} is also the location of {}; a cleanup would delete that table's \
@@ -476,5 +487,38 @@ mod tests {
         want.sort();
         assert_eq!(left, want, "{report:?}");
         assert_eq!(report.expired, vec![ids[1]]);
+    }
+
+    /// An expired snapshot's statistics entry goes with it (as iceberg's own expire action
+    /// removes it): left in the metadata it named a snapshot that no longer exists and kept its
+    /// statistics file referenced for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn statistics_of_expired_snapshots_are_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = crate::commit::tests::open_one_bucket(&dir).await;
+        for seq in 1..=3u64 {
+            cold.append(crate::commit::tests::batch("o", seq)).await.expect("append");
+        }
+        let t = cold.refresh().await.expect("table");
+        let head = t.metadata().current_snapshot_id().expect("head");
+        let stats = |snapshot_id| iceberg::TableUpdate::SetStatistics {
+            statistics: iceberg::spec::StatisticsFile {
+                snapshot_id,
+                statistics_path: format!("{}/metadata/stats-{snapshot_id}.puffin", t.metadata().location()),
+                file_size_in_bytes: 100,
+                file_footer_size_in_bytes: 10,
+                key_metadata: None,
+                blob_metadata: Vec::new(),
+            },
+        };
+        let updates = t.metadata().snapshots().map(|s| stats(s.snapshot_id())).collect();
+        cold.commit_updates(&t, updates, vec![], "adding statistics").await.expect("statistics");
+        #[allow(clippy::disallowed_methods)]
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let report = cold.expire_snapshots(Duration::ZERO, 1).await.expect("expire");
+        assert_eq!(report.expired.len(), 2, "{report:?}");
+        let t = cold.refresh().await.expect("table");
+        let left: Vec<i64> = t.metadata().statistics_iter().map(|s| s.snapshot_id).collect();
+        assert_eq!(left, vec![head]);
     }
 }

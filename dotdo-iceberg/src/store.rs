@@ -321,7 +321,7 @@ impl IcebergColdStoreBuilder {
         let ns = NamespaceIdent::from_vec(self.namespace.clone())
             .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
         let ident = TableIdent::new(ns.clone(), self.table.clone());
-        let placing = Placing { verifier: verifier.as_ref(), warehouse: &root.warehouse };
+        let placing = Placing { verifier: verifier.as_ref(), root: &root };
         let table = open_table(&*catalog, &ident, &self.settings, placing).await?;
         let bucketer = Arc::new(table_bucketer(&table)?);
         let table_uuid = table.metadata().uuid();
@@ -367,11 +367,11 @@ fn table_bucketer(table: &Table) -> Result<Bucketer> {
 }
 
 /// What a new table's location is chosen with (the SQL catalog's verifier, to see the tables
-/// already there, and the warehouse the catalog places tables in).
+/// already there, and the store the catalog places tables in).
 #[derive(Clone, Copy)]
-struct Placing<'a> {
-    verifier: Option<&'a crate::catalog::SqlVerifier>,
-    warehouse: &'a str,
+pub(crate) struct Placing<'a> {
+    pub(crate) verifier: Option<&'a crate::catalog::SqlVerifier>,
+    pub(crate) root: &'a StoreRoot,
 }
 
 async fn open_table(
@@ -469,10 +469,10 @@ pub(crate) fn check_new_namespace(ns: &NamespaceIdent) -> Result<()> {
 /// (another catalog name's, or a name differing only in case) already lives there, that
 /// location with `-<catalog name>` appended: two tables in one directory would each see the
 /// other's files as unreferenced in a cleanup.
-async fn new_table_location(
+pub(crate) async fn new_table_location(
     catalog: &dyn Catalog,
     ident: &TableIdent,
-    settings: &Settings,
+    catalog_name: &str,
     placing: Placing<'_>,
 ) -> Result<Option<String>> {
     let Some(verifier) = placing.verifier else { return Ok(None) };
@@ -480,16 +480,16 @@ async fn new_table_location(
     let ns = catalog.get_namespace(ident.namespace()).await.map_err(|e| classify(e, &what))?;
     let ns_location = match ns.properties().get("location") {
         Some(l) => l.clone(),
-        None => format!("{}/{}", placing.warehouse, ident.namespace().join("/")),
+        None => format!("{}/{}", placing.root.warehouse, ident.namespace().join("/")),
     };
     let default = format!("{ns_location}/{}", ident.name());
-    if verifier.tables_at(ident, &default).await?.is_empty() {
+    if verifier.tables_at(ident, &default, placing.root).await?.is_empty() {
         return Ok(None);
     }
     let tag: String =
-        settings.catalog_name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).collect();
+        catalog_name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).collect();
     let own = format!("{default}-{tag}");
-    if !verifier.tables_at(ident, &own).await?.is_empty() {
+    if !verifier.tables_at(ident, &own, placing.root).await?.is_empty() {
         return Err(Error::invalid(format!(
             "{what}: both {default} and {own} hold other tables' metadata; create the namespace with a location \
              of its own"
@@ -541,7 +541,7 @@ async fn create_table(
     if let Some(min) = settings.cleanup_minimum_ms() {
         props.insert(MIN_CLEANUP_PROP.to_string(), min.to_string());
     }
-    let creation = match new_table_location(catalog, ident, settings, placing).await? {
+    let creation = match new_table_location(catalog, ident, &settings.catalog_name, placing).await? {
         Some(location) => creation.location(location).properties(props).build(),
         None => creation.properties(props).build(),
     };

@@ -197,15 +197,21 @@ impl IcebergColdStore {
                         Err(e) => return Err(classify(e, &what)),
                     }
                 }
-                let creation = TableCreation::builder()
-                    .name(name.to_string())
-                    .schema(ischema)
-                    .properties(HashMap::from([
-                        (RETRY_PROP.to_string(), "0".to_string()),
-                        ("write.format.default".to_string(), "parquet".to_string()),
-                        ("write.parquet.compression-codec".to_string(), "zstd".to_string()),
-                    ]))
-                    .build();
+                let props = HashMap::from([
+                    (RETRY_PROP.to_string(), "0".to_string()),
+                    ("write.format.default".to_string(), "parquet".to_string()),
+                    ("write.parquet.compression-codec".to_string(), "zstd".to_string()),
+                ]);
+                let creation = TableCreation::builder().name(name.to_string()).schema(ischema);
+                // Like the change table: never in another table's directory.
+                let placing = crate::store::Placing { verifier: self.inner.verifier.as_ref(), root: &self.inner.root };
+                let at =
+                    crate::store::new_table_location(&*catalog, &ident, &self.inner.settings.catalog_name, placing)
+                        .await?;
+                let creation = match at {
+                    Some(location) => creation.location(location).properties(props).build(),
+                    None => creation.properties(props).build(),
+                };
                 match catalog.create_table(&ns, creation).await {
                     Ok(t) => t,
                     Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {

@@ -1168,6 +1168,28 @@ async fn tables_of_two_catalog_names_never_share_files() {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert!(e.to_string().contains("m.Changes") && e.to_string().contains("\"old\""), "{e}");
     assert_eq!(live_files(&a).await, files_before);
+    // The same place spelled as a Java engine writes it (`file:/path`, no `//`): still refused.
+    c.execute("DELETE FROM iceberg_tables WHERE catalog_name = 'old'", []).expect("delete row");
+    let path = a_meta.trim_start_matches("file://");
+    c.execute(
+        "INSERT INTO iceberg_tables (catalog_name, table_namespace, table_name, metadata_location, \
+         previous_metadata_location, iceberg_type) VALUES ('spark', 'm', 'changes', ?1, NULL, 'TABLE')",
+        [format!("file:{path}")],
+    )
+    .expect("row");
+    let e = a.remove_unreferenced_files(std::time::Duration::ZERO).await.expect_err("shared location");
+    assert!(e.to_string().contains("\"spark\""), "{e}");
+    c.execute("DELETE FROM iceberg_tables WHERE catalog_name = 'spark'", []).expect("delete row");
+
+    // A user table of catalog b named like a's change table goes elsewhere too.
+    let schema =
+        Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new("n", arrow_schema::DataType::Int64, false)]));
+    let (c1, c2) = (open_as("c1").await.expect("open c1"), open_as("c2").await.expect("open c2"));
+    let user = c2.arrow_table(&["m"], "changes-c1", schema).await.expect("user table");
+    let user_location = c2.catalog().load_table(user.ident()).await.expect("load").metadata().location().to_string();
+    let c1_location = c1.refresh().await.expect("c1").metadata().location().to_string();
+    assert_ne!(user_location, c1_location);
+    c1.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup of c1");
 }
 
 /// A file another engine appended a second time (live twice in the table) is compacted once:
@@ -1194,9 +1216,15 @@ async fn a_file_listed_twice_is_compacted_once() {
     tx.commit(&*cold.catalog()).await.expect("another engine appends a live file again");
     assert_eq!(live_files(&cold).await, 3);
     let report = cold.compact(CompactOptions::default()).await.expect("compaction");
-    assert_eq!((report.files_removed, report.files_added), (2, 1), "{report:?}");
+    // Three entries deleted (one file listed twice), the rows of two files rewritten once.
+    assert_eq!((report.files_removed, report.files_added), (3, 1), "{report:?}");
     assert_eq!((report.records_read, report.records_written), (2, 2), "{report:?}");
     assert_eq!(live_files(&cold).await, 1);
+    // The snapshot's totals count what is live: one file, two rows.
+    let table = cold.refresh().await.expect("table");
+    let summary = &table.metadata().current_snapshot().expect("head").summary().additional_properties;
+    assert_eq!(summary.get("total-data-files").map(String::as_str), Some("1"), "{summary:?}");
+    assert_eq!(summary.get("total-records").map(String::as_str), Some("2"), "{summary:?}");
     let seqs: Vec<u64> = cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, [1, 2]);
 }

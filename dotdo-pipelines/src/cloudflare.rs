@@ -23,7 +23,8 @@ pub struct CloudflareSettings {
     /// for Pipelines streams; raise it where the endpoint takes more); larger sends are split
     /// into several requests.
     pub max_request_bytes: usize,
-    /// Retries of a transient failure (429, 5xx, connection errors) per request (default 5).
+    /// Retries of a transient failure (408, 429, 5xx but 501 and 505, connection errors) per
+    /// request (default 5).
     pub max_retries: u32,
     /// First backoff, doubled per retry up to 5 s (default 100 ms; each wait a random length
     /// between half of that and all of it). An answer's `Retry-After`
@@ -320,15 +321,13 @@ async fn error_body_start(mut resp: reqwest::Response) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// `endpoint` with anything between `://` and an `@` before the path replaced, so a URL with
-/// credentials can be named in an error message.
+/// `endpoint` as an error message may show it: not at all if it holds an `@` anywhere (where a
+/// URL ends its user info depends on the parser, and a password may hold `/`, `?` or `#`).
 fn without_userinfo(endpoint: &str) -> String {
-    let Some((scheme, rest)) = endpoint.split_once("://") else { return endpoint.to_string() };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
-        None => endpoint.to_string(),
+    if endpoint.contains('@') {
+        return "<an endpoint with '@', not shown: it may hold credentials>".to_string();
     }
+    endpoint.to_string()
 }
 
 /// The longest `Retry-After` a send waits out itself.
