@@ -106,7 +106,9 @@ impl HotStore for LibsqlStore {
             let step = step.clone();
             Box::pin(async move {
                 let rows = c.query(step).await?;
-                Ok(rows.first().map(|r| blob(r.first())).transpose()?.map(Bytes::from))
+                // The row's value moves into the answer (one copy out of SQLite, as a raw read).
+                let value = rows.into_iter().next().and_then(|r| r.into_iter().next());
+                Ok(value.map(blob_owned).transpose()?.map(Bytes::from))
             })
         })
         .await

@@ -135,6 +135,16 @@ pub(crate) fn blob(v: Option<&Value>) -> libsql::Result<Vec<u8>> {
     }
 }
 
+/// [`blob`] of an owned value: the bytes move, nothing is copied.
+pub(crate) fn blob_owned(v: Value) -> libsql::Result<Vec<u8>> {
+    match v {
+        Value::Blob(b) => Ok(b),
+        Value::Text(s) => Ok(s.into_bytes()),
+        Value::Null => Ok(Vec::new()),
+        _ => Err(libsql::Error::InvalidColumnType),
+    }
+}
+
 pub(crate) fn t(s: &str) -> Value {
     Value::Text(s.to_string())
 }
