@@ -82,9 +82,19 @@ pub const SQL_TABLE_COLUMNS: &str =
 /// must have its columns (`Corrupt` otherwise, before anything is written). A file at a dotdo
 /// version must have all of them. `source` names the file.
 pub fn check_tables_before(version: i64, columns: &[(String, String)], source: &str) -> crate::Result<()> {
+    refuse_foreign(version, columns, source)?;
     if version != 0 {
         return check_tables_after(columns, source);
     }
+    check_columns(columns, source, false)
+}
+
+/// `InvalidInput` if the database is another application's: tables of its own and, at
+/// `user_version` 0, no predecessor lease table `do_locks`, or, at any other version (the
+/// application's own migrations count there too, also past dotdo's), none of dotdo's tables.
+/// Litestream's `_litestream_*` tables are no application's. Run before anything is written,
+/// the WAL switch included; a SQL hot store leaves such a file untouched.
+pub fn refuse_foreign(version: i64, columns: &[(String, String)], source: &str) -> crate::Result<()> {
     let dotdo = |t: &str| SQL_HOT_TABLES.iter().any(|(name, _)| name.eq_ignore_ascii_case(t));
     let mut foreign: Vec<&str> = columns
         .iter()
@@ -92,16 +102,20 @@ pub fn check_tables_before(version: i64, columns: &[(String, String)], source: &
         .filter(|t| !dotdo(t) && !t.to_ascii_lowercase().starts_with("_litestream_"))
         .collect();
     foreign.dedup();
-    let predecessor = columns.iter().any(|(t, _)| t.eq_ignore_ascii_case("do_locks"));
-    if !foreign.is_empty() && !predecessor {
+    let ours = if version == 0 {
+        columns.iter().any(|(t, _)| t.eq_ignore_ascii_case("do_locks"))
+    } else {
+        columns.iter().any(|(t, _)| dotdo(t))
+    };
+    if !foreign.is_empty() && !ours {
         foreign.truncate(5);
         return Err(crate::Error::invalid(format!(
-            "{source} is another application's SQLite database (user_version 0, tables {}): dotdo keeps its \
-             state in a database file of its own",
+            "{source} is another application's SQLite database (user_version {version}, tables {}): dotdo keeps \
+             its state in a database file of its own",
             foreign.join(", ")
         )));
     }
-    check_columns(columns, source, false)
+    Ok(())
 }
 
 /// Check that every table of the schema is there with its columns (after dotdo wrote its

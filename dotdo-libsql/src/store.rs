@@ -520,24 +520,6 @@ impl LibsqlStore {
 
     /// Create the schema if needed; refuse a newer schema version.
     async fn init(&self, doing: &str) -> Result<()> {
-        if let Target::Local { .. } = self.inner.target {
-            let s = &self.inner.settings;
-            let sync = match s.durability {
-                Durability::Normal => "NORMAL",
-                Durability::Full => "FULL",
-            };
-            let pragmas = vec![
-                Step::new("PRAGMA journal_mode = WAL", vec![]),
-                Step::new(format!("PRAGMA synchronous = {sync}"), vec![]),
-                Step::new(format!("PRAGMA wal_autocheckpoint = {}", s.wal_autocheckpoint_pages), vec![]),
-                Step::new("PRAGMA foreign_keys = OFF", vec![]),
-            ];
-            self.with_writer(doing, false, move |c| {
-                let pragmas = pragmas.clone();
-                Box::pin(async move { Ok(c.run_all(pragmas).await.map(|_| ())?) })
-            })
-            .await?;
-        }
         let describe = self.inner.target.describe();
         // Safe to retry whatever its outcome (not `mutating`): the program re-reads the version
         // first and creates only what does not exist.
@@ -546,13 +528,6 @@ impl LibsqlStore {
             Box::pin(async move {
                 let version =
                     int(c.query(Step::new("PRAGMA user_version", vec![])).await?.first().and_then(|r| r.first()))?;
-                if version > schema::VERSION {
-                    return Err(Error::corrupt(format!(
-                        "{describe}: schema version {version} is newer than this library's {}",
-                        schema::VERSION
-                    ))
-                    .into());
-                }
                 let tables = async |c: &mut Conn| -> TxResult<Vec<(String, String)>> {
                     let rows = c.query(Step::new(dotdo_core::sql_schema::SQL_TABLE_COLUMNS, vec![])).await?;
                     Ok(rows
@@ -560,6 +535,14 @@ impl LibsqlStore {
                         .map(|r| Ok((crate::sql::text(r.first())?, crate::sql::text(r.get(1))?)))
                         .collect::<libsql::Result<Vec<_>>>()?)
                 };
+                dotdo_core::sql_schema::refuse_foreign(version, &tables(c).await?, &describe)?;
+                if version > schema::VERSION {
+                    return Err(Error::corrupt(format!(
+                        "{describe}: schema version {version} is newer than this library's {}",
+                        schema::VERSION
+                    ))
+                    .into());
+                }
                 // Another application's database is left as it is; a dotdo file must have
                 // dotdo's tables.
                 dotdo_core::sql_schema::check_tables_before(version, &tables(c).await?, &describe)?;
@@ -602,6 +585,26 @@ impl LibsqlStore {
             })
         })
         .await?;
+        // After the schema checks: the WAL switch persists in the file's header, and another
+        // application's database (or a newer dotdo file), refused above, is left untouched.
+        if let Target::Local { .. } = self.inner.target {
+            let s = &self.inner.settings;
+            let sync = match s.durability {
+                Durability::Normal => "NORMAL",
+                Durability::Full => "FULL",
+            };
+            let pragmas = vec![
+                Step::new("PRAGMA journal_mode = WAL", vec![]),
+                Step::new(format!("PRAGMA synchronous = {sync}"), vec![]),
+                Step::new(format!("PRAGMA wal_autocheckpoint = {}", s.wal_autocheckpoint_pages), vec![]),
+                Step::new("PRAGMA foreign_keys = OFF", vec![]),
+            ];
+            self.with_writer(doing, false, move |c| {
+                let pragmas = pragmas.clone();
+                Box::pin(async move { Ok(c.run_all(pragmas).await.map(|_| ())?) })
+            })
+            .await?;
+        }
         if !self.inner.target_is_local() {
             self.sync_replica().await?;
         }

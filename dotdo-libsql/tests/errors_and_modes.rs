@@ -766,10 +766,30 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     let row = rows.next().await.expect("row").expect("one row");
     assert_eq!((row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n")), (0, 0), "the file was changed");
     drop(rows);
-    raw.execute("PRAGMA user_version = 2", ()).await.expect("version");
-    let e = LibsqlStore::local(&path).open().await.expect_err("no dotdo tables");
+    // Not even switched to WAL (header bytes 18 and 19: 1 in a rollback journal, 2 in WAL).
+    let header = |p: &std::path::Path| std::fs::read(p).expect("file")[18..20].to_vec();
+    assert_eq!(header(&path), [1, 1], "the journal mode was changed");
+    // An application's own migrations set user_version too, also past dotdo's.
+    for v in [1, 2, 7] {
+        raw.execute(&format!("PRAGMA user_version = {v}"), ()).await.expect("version");
+        let e = LibsqlStore::local(&path).open().await.expect_err("another application's file");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "version {v}: {e}");
+        assert!(e.to_string().contains("users"), "{e}");
+        assert_eq!(header(&path), [1, 1], "the journal mode was changed");
+    }
+    // A file at dotdo's version with some of its tables only.
+    let path = dir.path().join("part.db");
+    let db = libsql::Builder::new_local(&path).build().await.expect("raw");
+    let raw = db.connect().expect("connect");
+    raw.execute_batch(
+        "CREATE TABLE do_locks (do_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL, \
+         expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL); PRAGMA user_version = 2;",
+    )
+    .await
+    .expect("part of the schema");
+    let e = LibsqlStore::local(&path).open().await.expect_err("dotdo tables missing");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    assert!(e.to_string().contains("do_locks"), "{e}");
+    assert!(e.to_string().contains("do_objects"), "{e}");
     // A version-0 file with a dotdo table of other columns: refused before anything is written
     // (the upgrade used to commit, claiming the file, and only then report it).
     let path = dir.path().join("odd.db");

@@ -266,19 +266,6 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
          PRAGMA wal_autocheckpoint = {}; PRAGMA mmap_size = {};",
         settings.cache_kib, settings.wal_autocheckpoint_pages, settings.mmap_bytes
     );
-    // SQLite answers with the mode it is in: a VFS without shared memory (`vfs=unix-dotfile`),
-    // or a file opened `immutable`, stays in a rollback journal (where `synchronous=NORMAL` may
-    // corrupt the file on power loss, and readers block writers) without an error.
-    let mode = with_busy_retry(settings, &doing, || {
-        Ok(conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?)
-    })?;
-    if !mode.eq_ignore_ascii_case("wal") && !dotdo_core::sql_schema::is_private_database(path) {
-        return Err(Error::invalid(format!(
-            "{doing}: the database stays in journal mode {mode:?}, not WAL (a VFS without shared memory, or \
-             an `immutable`/`nolock` URI parameter?); dotdo-sqlite needs WAL"
-        )));
-    }
-    with_busy_retry(settings, &doing, || conn.execute_batch(&pragmas).map_err(TxError::Sql))?;
     if create {
         let newer = |version: i64| -> TxResult<()> {
             if version > schema::VERSION {
@@ -301,6 +288,7 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
         };
         with_busy_retry(settings, &doing, || {
             let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            dotdo_core::sql_schema::refuse_foreign(version, &tables()?, &source).map_err(TxError::Api)?;
             newer(version)?;
             if version == schema::VERSION {
                 dotdo_core::sql_schema::check_tables_after(&tables()?, &source).map_err(TxError::Api)?;
@@ -330,6 +318,21 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
             Ok(())
         })?;
     }
+    // After the schema checks: the WAL switch persists in the file's header, and another
+    // application's database (or a newer dotdo file), refused above, is left untouched.
+    // SQLite answers with the mode it is in: a VFS without shared memory (`vfs=unix-dotfile`),
+    // or a file opened `immutable`, stays in a rollback journal (where `synchronous=NORMAL` may
+    // corrupt the file on power loss, and readers block writers) without an error.
+    let mode = with_busy_retry(settings, &doing, || {
+        Ok(conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?)
+    })?;
+    if !mode.eq_ignore_ascii_case("wal") && !dotdo_core::sql_schema::is_private_database(path) {
+        return Err(Error::invalid(format!(
+            "{doing}: the database stays in journal mode {mode:?}, not WAL (a VFS without shared memory, or \
+             an `immutable`/`nolock` URI parameter?); dotdo-sqlite needs WAL"
+        )));
+    }
+    with_busy_retry(settings, &doing, || conn.execute_batch(&pragmas).map_err(TxError::Sql))?;
     Ok(conn)
 }
 

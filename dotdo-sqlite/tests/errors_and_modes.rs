@@ -96,11 +96,30 @@ async fn another_applications_database_is_refused_and_left_untouched() {
         )
         .expect("tables");
     assert_eq!((version, tables), (0, 0), "the file was changed");
-    // The same file claiming dotdo's schema version, without its tables.
-    raw.execute_batch("PRAGMA user_version = 2;").expect("version");
-    let e = SqliteStore::builder(&path).open().await.expect_err("no dotdo tables");
+    // Not even switched to WAL (bytes 18 and 19 of the header are 1 in a rollback journal, 2
+    // in WAL: the switch persists in the file).
+    let header = |p: &std::path::Path| std::fs::read(p).expect("file")[18..20].to_vec();
+    assert_eq!(header(&path), [1, 1], "the journal mode was changed");
+    // An application with migrations of its own sets user_version too, also past dotdo's: with
+    // none of dotdo's tables it is still another application's file.
+    for v in [1, 2, 7] {
+        raw.execute_batch(&format!("PRAGMA user_version = {v};")).expect("version");
+        let e = SqliteStore::builder(&path).open().await.expect_err("another application's file");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "version {v}: {e}");
+        assert!(e.to_string().contains("users") && e.to_string().contains("app.db"), "{e}");
+        assert_eq!(header(&path), [1, 1], "the journal mode was changed");
+    }
+    // A file at dotdo's version with some of its tables only.
+    let path = dir.path().join("part.db");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch(
+        "CREATE TABLE do_locks (do_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL, \
+         expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL); PRAGMA user_version = 2;",
+    )
+    .expect("part of the schema");
+    let e = SqliteStore::builder(&path).open().await.expect_err("dotdo tables missing");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    assert!(e.to_string().contains("do_locks") && e.to_string().contains("app.db"), "{e}");
+    assert!(e.to_string().contains("do_objects") && e.to_string().contains("part.db"), "{e}");
     // A dotdo file with a table missing a column.
     let path = dir.path().join("hot.db");
     drop(SqliteStore::builder(&path).open().await.expect("create"));
