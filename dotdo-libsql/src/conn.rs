@@ -146,6 +146,12 @@ impl Conn {
             Some(r) => (crate::sql::int(r.first())?, crate::sql::int(r.get(1))?, crate::sql::int(r.get(2))? != 0),
             None => (0, 0, false),
         };
+        if max < 0 || last < 0 {
+            // Not a value dotdo writes (tokens and sequence numbers start at 1): a damaged row,
+            // or another tool's. Corrupt, with nothing written (a negative result would read
+            // as "fenced" after a committed write), as dotdo-sqlite reads the same row.
+            return Err(libsql::Error::InvalidColumnType);
+        }
         if w.token < max {
             return Ok(-max);
         }

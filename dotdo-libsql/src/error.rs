@@ -74,7 +74,9 @@ pub(crate) fn class_of_code(code: i32) -> Class {
     match code & 0xff {
         SQLITE_BUSY | SQLITE_LOCKED => Class::Busy,
         SQLITE_CORRUPT | SQLITE_NOTADB => Class::Corrupt,
-        SQLITE_FULL | SQLITE_IOERR | SQLITE_PROTOCOL => Class::Environment { retryable: true },
+        // SQLITE_PROTOCOL: a race on the WAL's locks, transient like busy (as dotdo-sqlite has it).
+        SQLITE_PROTOCOL => Class::Busy,
+        SQLITE_FULL | SQLITE_IOERR => Class::Environment { retryable: true },
         SQLITE_READONLY | SQLITE_CANTOPEN | SQLITE_PERM | SQLITE_NOLFS | SQLITE_NOMEM => {
             Class::Environment { retryable: false }
         }
@@ -97,6 +99,10 @@ fn class_of_code_name(name: &str) -> Class {
         "SQLITE_READONLY" => SQLITE_READONLY,
         "SQLITE_CANTOPEN" => SQLITE_CANTOPEN,
         "SQLITE_TOOBIG" => SQLITE_TOOBIG,
+        "SQLITE_PROTOCOL" => SQLITE_PROTOCOL,
+        "SQLITE_NOMEM" => SQLITE_NOMEM,
+        "SQLITE_PERM" => SQLITE_PERM,
+        "SQLITE_NOLFS" => SQLITE_NOLFS,
         _ => SQLITE_ERROR,
     };
     class_of_code(code)
@@ -181,6 +187,15 @@ pub(crate) fn class_of_remote_text(text: &str) -> Class {
             let name: String =
                 text[i..].chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
             return class_of_code_name(&name);
+        }
+        // sqld's refusals of a whole request (`TRANSACTION_BUSY`, `TRANSACTION_TIMEOUT`, with
+        // their messages), and SQLite's messages without a code: as a failed batch step's.
+        if text.contains("TRANSACTION_BUSY") || text.contains("TRANSACTION_TIMEOUT") {
+            return Class::ServerUnavailable { maybe_applied: true };
+        }
+        let by_message = class_of_batch_step_message(text);
+        if by_message != Class::Other {
+            return by_message;
         }
         // A cursor (a remote read's streamed answer) whose body broke off after the headers (a
         // reset, a proxy cutting the connection) or arrived out of order: the server answered,
@@ -346,6 +361,37 @@ mod tests {
 
     fn hrana(text: &str) -> libsql::Error {
         libsql::Error::Hrana(text.to_string().into())
+    }
+
+    /// sqld's refusal of a whole request (`TRANSACTION_BUSY` / `TRANSACTION_TIMEOUT`, sent as a
+    /// stream error with no SQLite code) is transient, and may have followed a COMMIT: retried
+    /// for reads, an unknown outcome for writes (it was a non-retryable `Backend` error).
+    #[test]
+    fn sqlds_whole_request_refusals_are_transient() {
+        for text in [
+            "stream error: `Error { message: \"Server cannot handle additional transactions\", code: \"TRANSACTION_BUSY\" }`",
+            "stream error: `Error { message: \"Transaction timed out\", code: \"TRANSACTION_TIMEOUT\" }`",
+        ] {
+            let read = map(hrana(text), "get", false);
+            assert_eq!(read.kind(), &ErrorKind::Unavailable, "{text}: {read}");
+            assert!(read.is_retryable() && is_transient(class_of(&hrana(text)), false), "{text}");
+            assert_eq!(map(hrana(text), "write", true).kind(), &ErrorKind::AmbiguousOutcome, "{text}");
+        }
+    }
+
+    /// SQLITE_PROTOCOL (a race on the WAL's locks) is transient like busy, locally and remotely,
+    /// as dotdo-sqlite has it; remote NOMEM/PERM/NOLFS read like the local codes.
+    #[test]
+    fn protocol_errors_are_transient_everywhere() {
+        assert!(is_transient(class_of(&failure(SQLITE_PROTOCOL)), false));
+        let remote = hrana("cursor error: `error at step 0: (error code: SQLITE_PROTOCOL) `locking protocol``");
+        assert_eq!(class_of(&remote), class_of(&failure(SQLITE_PROTOCOL)));
+        for (name, code) in
+            [("SQLITE_NOMEM", SQLITE_NOMEM), ("SQLITE_PERM", SQLITE_PERM), ("SQLITE_NOLFS", SQLITE_NOLFS)]
+        {
+            let remote = hrana(&format!("cursor error: `error at step 0: (error code: {name}) `x``"));
+            assert_eq!(class_of(&remote), class_of(&failure(code)), "{name}");
+        }
     }
 
     #[test]

@@ -352,7 +352,7 @@ async fn open_replica(
                         retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
-                    return Err(map_class(class, e, doing, false));
+                    return Err(self.named(map_class(class, e, doing, false)));
                 }
             }
         }
@@ -673,7 +673,7 @@ impl LibsqlStore {
                         retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
-                    let err = map_class(class, e, doing, mutating);
+                    let err = self.named(map_class(class, e, doing, mutating));
                     return Err(if attempt > 0 { err.context(format!("after {attempt} retries")) } else { err });
                 }
             }
@@ -757,7 +757,7 @@ impl LibsqlStore {
                         retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
-                    let err = map_class(class, e, doing, false);
+                    let err = self.named(map_class(class, e, doing, false));
                     return Err(if attempt > 0 { err.context(format!("after {attempt} retries")) } else { err });
                 }
             }
@@ -825,6 +825,17 @@ impl LibsqlStore {
                     .into(),
             ))),
             futures::future::Either::Right(_) => Err(TxError::Sql(timed_out(timeout))),
+        }
+    }
+}
+
+impl LibsqlStore {
+    /// `e`, naming the database if it is `Corrupt` (an operator needs to know which file).
+    fn named(&self, e: Error) -> Error {
+        if e.kind() == &ErrorKind::Corrupt {
+            e.context(self.inner.target.describe())
+        } else {
+            e
         }
     }
 }

@@ -357,6 +357,7 @@ async fn a_damaged_database_is_reported_corrupt() {
     .await;
     let e = outcome.expect_err("damage must be detected");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("hot.db"), "the error names the file: {e}");
 }
 
 #[tokio::test]
@@ -697,6 +698,19 @@ async fn values_of_the_wrong_type_are_corrupt() {
     c.execute("UPDATE do_objects SET max_token = 'x'", ()).await.expect("damage the token floor");
     let e = s.put(&obj(), l.token, "T", "k2", bytes::Bytes::from_static(b"v")).await.expect_err("put");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    // Negative sequence numbers (no value dotdo writes): Corrupt and nothing written, as
+    // dotdo-sqlite reads the same rows (the write committed, then read as "fenced").
+    c.execute_batch(&format!(
+        "UPDATE do_objects SET max_token = {}, last_seq = -5; UPDATE do_changes SET seq = -5; UPDATE do_state SET seq = 1",
+        l.token.get()
+    ))
+    .await
+    .expect("negative sequence numbers");
+    let e = s.put(&obj(), l.token, "T", "k3", bytes::Bytes::from_static(b"v")).await.expect_err("put");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let mut rows = c.query("SELECT count(*) FROM do_changes WHERE key = 'k3'", ()).await.expect("count");
+    let written: i64 = rows.next().await.expect("row").expect("one").get(0).expect("int");
+    assert_eq!(written, 0, "nothing of the refused put is in the log");
 }
 
 /// A local store used inside a `LocalSet` on a multi-threaded runtime, where tokio refuses
