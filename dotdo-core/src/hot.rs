@@ -96,7 +96,8 @@ pub trait HotStore: Send + Sync + Debug + 'static {
     /// cold). Fails with `Conflict` if the object has pending changes (retryable: once they are
     /// in cold storage and truncated, the restore can succeed) or a `last_seq` above
     /// `through_seq` (not retryable: the state offered is older than the object's,
-    /// [`restore_behind_hot`](crate::record::restore_behind_hot)), and (before writing anything) with `LimitExceeded` if an entry's key or
+    /// [`restore_behind_hot`](crate::record::restore_behind_hot)), and (before writing
+    /// anything) with `LimitExceeded` if an entry's key or
     /// value is over its size limit, `InvalidInput` if a key is otherwise invalid, a key appears
     /// twice or an entry's seq is above `through_seq`
     /// ([`validate_restore`](crate::record::validate_restore)).

@@ -3,11 +3,12 @@
 //!
 //! Wire protocol (Cloudflare's stream HTTP endpoint): `POST <endpoint>` with a JSON array of
 //! objects as the body, `Content-Type: application/json`, and, when the stream requires it,
-//! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted; 408, 429 and
-//! 5xx (but 501 and 505, which no retry changes) are transient (retried after the backoff, or after the answer's `Retry-After` seconds if longer,
-//! up to [`MAX_RETRY_AFTER`]); 401/403 mean a bad token; 413 means the request was too large. Each event is
-//! sent in the predecessor's shape: `{"do_id", "type", "key", "value", "timestamp"}` with `value`
-//! as the event's text (JSON) and `timestamp` in milliseconds.
+//! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted; 408, 429
+//! and 5xx (but 501 and 505, which no retry changes) are transient (retried after the backoff,
+//! or after the answer's `Retry-After` seconds if longer, up to [`MAX_RETRY_AFTER`]); 401/403
+//! mean a bad token; 413 means the request was too large. Each event is sent in the
+//! predecessor's shape: `{"do_id", "type", "key", "value", "timestamp"}` with `value` as the
+//! event's text (JSON) and `timestamp` in milliseconds.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! dotdo-sqlite against raw rusqlite in the same run (WAL, synchronous=NORMAL, one file each; the
 //! raw connections get dotdo's page cache and WAL auto-checkpoint threshold, while dotdo's
-//! background checkpoint thread, which raw rusqlite has no counterpart of, is part of what is measured),
+//! background checkpoint thread, which raw rusqlite has no counterpart of, is part of what is
+//! measured),
 //! measured interleaved so background load affects both alike. Run through `scripts/bench`;
 //! rows go to target/bench/results.json. Every write, ours and raw, stores a value unlike the
 //! key's previous one ([`Values`]): SQLite skips the page write of an update that changes no
