@@ -158,14 +158,16 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
     // storage): the next start had to deliver them from the log.
     let mut rounds_leaving_logged_events = 0u32;
     for round in 0..kills {
-        let mut child = Command::new(&exe)
-            .args(["pipeline_child_process", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
-            .env(CHILD_ENV, dir.path())
-            .env("DOTDO_PIPELINE_ROUND", round.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn");
+        let mut child = dotdo_core::testkit::process::KillOnDrop(
+            Command::new(&exe)
+                .args(["pipeline_child_process", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
+                .env(CHILD_ENV, dir.path())
+                .env("DOTDO_PIPELINE_ROUND", round.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn"),
+        );
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {

@@ -228,13 +228,15 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
     // survivor then drained.
     let mut rounds_with_leftovers = 0u32;
     for round in 0..kills {
-        let mut child = Command::new(&exe)
-            .args(["runtime_child_process", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child");
+        let mut child = dotdo_core::testkit::process::KillOnDrop(
+            Command::new(&exe)
+                .args(["runtime_child_process", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
+                .env(CHILD_ENV, dir.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn child"),
+        );
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {

@@ -37,6 +37,34 @@ pub fn sigkill(child: &mut Child, what: &str) {
     assert_eq!(status.signal(), Some(9), "{what}: the child ended on its own ({status}), not by the SIGKILL");
 }
 
+/// A child process that is killed (SIGKILL) and reaped when dropped, unless it has already
+/// ended: a test that fails before it kills its children (a panic on a deadline) leaves no
+/// process running on after it. Dereferences to the [`Child`].
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Opens (creating if needed) the backend's database at a path, on the system clock.
 pub type Opener =
     Arc<dyn Fn(PathBuf) -> BoxFuture<'static, Result<(Arc<dyn HotStore>, Arc<dyn ConsistencyGuard>)>> + Send + Sync>;
@@ -79,9 +107,9 @@ fn seed() -> u64 {
     t ^ (u64::from(std::process::id()) << 32)
 }
 
-fn spawn_child(child_test: &str, mode: &str, db: &Path, node: &str) -> Child {
+fn spawn_child(child_test: &str, mode: &str, db: &Path, node: &str) -> KillOnDrop {
     let exe = std::env::current_exe().expect("test binary path");
-    Command::new(exe)
+    let child = Command::new(exe)
         .args([child_test, "--exact", "--nocapture", "--test-threads=1", "--quiet"])
         .env(ENV_MODE, mode)
         .env(ENV_DB, db)
@@ -89,7 +117,8 @@ fn spawn_child(child_test: &str, mode: &str, db: &Path, node: &str) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("spawning a child test process")
+        .expect("spawning a child test process");
+    KillOnDrop(child)
 }
 
 /// Lines a child printed that start with `DOTDO `, without the prefix, collected by a thread.
@@ -184,7 +213,7 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
     let rt = runtime();
     rt.block_on(async { (kit.open)(db.clone()).await.expect("create database") });
     let procs: usize = std::env::var("DOTDO_FENCE_PROCS").ok().and_then(|v| v.parse().ok()).unwrap_or(4).max(4);
-    let children: Vec<(Child, Lines)> = (0..procs)
+    let children: Vec<(KillOnDrop, Lines)> = (0..procs)
         .map(|i| {
             let mut c = spawn_child(child_test, "fence", &db, &format!("proc-{i}"));
             let l = collect(&mut c);
@@ -194,8 +223,18 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
     let mut acks: BTreeMap<String, u64> = BTreeMap::new();
     let (mut fenced, mut done, mut retryable) = (0, 0, 0);
     let mut permanent: Vec<String> = Vec::new();
+    // A child that never ends (leases that never free up, a database that stays busy: each child
+    // retries its acquire for as long as it is refused) fails the test instead of hanging CI.
+    let clock = SystemClock::new();
+    let deadline = clock.monotonic() + Duration::from_secs(300);
     for (mut child, lines) in children {
-        let status = child.wait().expect("child exits");
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("child status") {
+                break status;
+            }
+            assert!(clock.monotonic() < deadline, "a contending child still runs after 300 s");
+            std::thread::park_timeout(Duration::from_millis(20));
+        };
         assert!(status.success(), "a contending child failed: {status}");
         // All of the child's output is in once its reader has seen the pipe close.
         let _ = lines.handle.join();
