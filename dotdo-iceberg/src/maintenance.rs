@@ -489,6 +489,40 @@ mod tests {
         assert_eq!(report.expired, vec![ids[1]]);
     }
 
+    /// Another engine replaces the table (`REPLACE TABLE … AS SELECT`: the old snapshots stay,
+    /// `main` starts anew with a snapshot of no parent): the new history's watermarks are
+    /// unknown, so reads of them and appends are `Corrupt`, not "nothing committed" (which wrote
+    /// replays a second time and let stale committers through).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_history_reset_after_dotdos_commits_is_corrupt_not_empty() {
+        use dotdo_core::{ErrorKind, ObjectId};
+        use iceberg::transaction::{ApplyTransactionAction, Transaction};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = crate::commit::tests::open_one_bucket(&dir).await;
+        for seq in 1..=2u64 {
+            cold.append(crate::commit::tests::batch("o", seq)).await.expect("append");
+        }
+        let t = cold.refresh().await.expect("table");
+        let head = t.metadata().current_snapshot().expect("head").clone();
+        let mut files = Vec::new();
+        for mf in t.manifest_list_reader(&head).load().await.expect("list").entries() {
+            let m = mf.load_manifest(t.file_io()).await.expect("manifest");
+            files.extend(m.entries().iter().filter(|e| e.is_alive()).map(|e| e.data_file().clone()));
+        }
+        let reset = vec![iceberg::TableUpdate::RemoveSnapshotRef { ref_name: "main".into() }];
+        cold.commit_updates(&t, reset, vec![], "resetting main").await.expect("reset");
+        let t = cold.refresh().await.expect("table");
+        let tx = Transaction::new(&t);
+        let tx = tx.fast_append().add_data_files(files).with_check_duplicate(false).apply(tx).expect("apply");
+        let t = tx.commit(&*cold.catalog()).await.expect("the replacement's rows");
+        assert!(t.metadata().current_snapshot().expect("head").parent_snapshot_id().is_none());
+        let o = ObjectId::new("o").expect("id");
+        let e = cold.watermark(&o).await.expect_err("unknown watermarks");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.append(crate::commit::tests::batch("o", 1)).await.expect_err("a replay");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    }
+
     /// An expired snapshot's statistics entry goes with it (as iceberg's own expire action
     /// removes it): left in the metadata it named a snapshot that no longer exists and kept its
     /// statistics file referenced for good.

@@ -39,10 +39,14 @@ pub const MAINTENANCE: &str = "dotdo.maintenance";
 /// Per-object watermarks.
 pub type Watermarks = BTreeMap<ObjectId, Watermark>;
 
-/// Whether `snapshot` was written by dotdo (its summary has `dotdo.*` properties; other engines'
-/// commits carry none over).
+/// Whether `snapshot` holds dotdo's state for its table: the change table's watermarks
+/// ([`WATERMARKS`], in every snapshot dotdo commits to it, compactions included) or a user
+/// table's stream marks (`dotdo.stream.*`). Another engine's commits carry none over; one that
+/// sets some other `dotdo.` property (a note, a hand-written key) is still another engine's, so
+/// its missing watermarks are not read as "nothing committed yet".
 pub fn is_dotdo(snapshot: &Snapshot) -> bool {
-    snapshot.summary().additional_properties.keys().any(|k| k.starts_with("dotdo."))
+    let props = &snapshot.summary().additional_properties;
+    props.contains_key(WATERMARKS) || props.keys().any(|k| k.starts_with("dotdo.stream."))
 }
 
 /// The snapshot whose `dotdo.*` properties (watermarks, checkpoint, stream marks) hold for
@@ -58,7 +62,22 @@ pub fn dotdo_base(
     let (mut chain, end) = chain_to_dotdo(md, snapshot);
     match end {
         ChainEnd::Dotdo => Ok(chain.pop()),
-        ChainEnd::Root => Ok(None),
+        // A history that starts without dotdo while dotdo committed to the table earlier: it was
+        // reset (another engine's `REPLACE TABLE … AS SELECT` keeps the old snapshots and starts
+        // `main` anew). Its watermarks are unknown, not empty: taking them as empty would write
+        // replays twice and let a stale committer through.
+        ChainEnd::Root => match chain.last().map(|root| root.sequence_number()) {
+            Some(root) if md.snapshots().any(|s| is_dotdo(s) && s.sequence_number() < root) => {
+                Err(Error::corrupt(format!(
+                    "table {}: the history of snapshot {} starts at snapshot {} without dotdo's watermarks, \
+                     after dotdo's commits (the table was replaced by another engine?)",
+                    md.location(),
+                    snapshot.snapshot_id(),
+                    chain.last().map_or(0, |s| s.snapshot_id())
+                )))
+            }
+            _ => Ok(None),
+        },
         ChainEnd::Expired(parent) => Err(Error::corrupt(format!(
             "table {}: snapshot {} was written by another engine and its ancestors back to the expired \
              snapshot {parent} carry no dotdo watermarks",
