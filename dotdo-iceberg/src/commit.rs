@@ -330,7 +330,7 @@ impl IcebergColdStore {
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let parent_at = head.map_or(dotdo_core::Timestamp::EPOCH, |s| crate::summary::committed_at(s));
+        let parent_at = head.map_or(dotdo_core::Timestamp::EPOCH, |s| crate::summary::parent_time(md, s));
         let at = self.inner.clock.now().max(parent_at);
         props.insert(crate::summary::COMMIT_ID.to_string(), uuid::Uuid::new_v4().to_string());
         props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());

@@ -1213,7 +1213,10 @@ impl IcebergColdStore {
                     files
                 }
             };
-            let parent_at = head.as_ref().map_or(Timestamp::EPOCH, |s| summary::committed_at(s));
+            // Not before the time reads give the parent (its chain's latest commit, which may be
+            // a dotdo commit under another engine's earlier-stamped one): the stored time must not
+            // depend on that ancestor staying in the metadata.
+            let parent_at = head.as_ref().map_or(Timestamp::EPOCH, |s| summary::parent_time(table.metadata(), s));
             let at = self.inner.clock.now().max(parent_at);
             let mut inline = prev.inline.clone();
             inline.extend(p.batch_marks.iter().map(|(k, v)| (k.clone(), *v)));

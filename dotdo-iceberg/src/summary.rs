@@ -125,6 +125,15 @@ pub(crate) fn chain_to_dotdo(
     (chain, ChainEnd::Loop)
 }
 
+/// The time reads give `snapshot` ([`effective_committed_at`]) as a new commit on top of it
+/// needs it: the latest stamp from `snapshot` up to its nearest dotdo snapshot (dotdo stamps
+/// each commit no earlier than its parent's time, so the walk stops there: a commit does not
+/// pay for the whole history).
+pub fn parent_time(md: &iceberg::spec::TableMetadata, snapshot: &iceberg::spec::SnapshotRef) -> Timestamp {
+    let (chain, _) = chain_to_dotdo(md, snapshot);
+    chain.iter().map(|s| committed_at(s)).max().unwrap_or(Timestamp::EPOCH)
+}
+
 /// Decode the inline watermarks of a snapshot (empty if the snapshot has none, e.g. written by
 /// another engine).
 pub fn inline_watermarks(snapshot: &Snapshot) -> Result<Watermarks> {

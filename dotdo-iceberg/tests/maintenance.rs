@@ -1601,6 +1601,30 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
     assert_eq!(st.entries.len(), 1, "{st:?}");
 }
 
+/// A dotdo commit on top of another engine's earlier-stamped snapshot (from a store whose clock
+/// is right) is stamped no earlier than the time reads give its parent (its chain's latest
+/// commit, dotdo's an hour ahead): its stored time must not depend on that ancestor staying in
+/// the metadata (another engine's expiry, which goes by raw stamps, may remove it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_over_an_earlier_stamped_foreign_one_is_not_stamped_before_its_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ahead, _clock, _now, o) = dotdo_commit_then_an_earlier_stamped_foreign_one(dir.path()).await;
+    let first = ahead.snapshots().await.expect("snapshots")[0].committed_at;
+    let right = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .build()
+        .await
+        .expect("open with the system clock");
+    right
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]))
+        .await
+        .expect("append");
+    let head = right.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
+    let stamped: i64 =
+        head.summary().additional_properties.get("dotdo.committed-at-us").expect("stamp").parse().expect("micros");
+    assert!(stamped >= first.as_micros(), "stamped {stamped}, an ancestor at {}", first.as_micros());
+}
+
 /// Expiry ages a snapshot by the time reads go by (its chain's latest commit): another engine's
 /// snapshot stamped an hour before its parent is as young as that parent. Expired by its raw
 /// stamp, it cut the chain, and a read as of a time inside the retention window was `NotFound`.
@@ -1624,34 +1648,34 @@ async fn expiry_ages_a_snapshot_stamped_before_its_parent_by_its_parent() {
 }
 
 /// A snapshot that counts as committed at an ancestor's later time keeps that ancestor through
-/// expiry while it stays itself. Here the head is a commit of a second dotdo node whose clock is
-/// behind (stamped 10 minutes from now) on top of another engine's commit (stamped now) on top
-/// of the first node's (stamped an hour from now). With the older two expired, the head counted
-/// as committed at its own stamp, and a read as of half an hour from now picked it, holding the
-/// rows committed an hour from now.
+/// expiry while it stays itself. Here the head is a commit of an older dotdo node whose clock is
+/// behind (stamped 10 minutes from now; dotdo now stamps a commit no earlier than its chain, so
+/// the commit is made by hand, with the watermarks it would carry) on top of another engine's
+/// commit (stamped now) on top of the first node's (stamped an hour from now). With the older
+/// two expired, the head counted as committed at its own stamp, and a read as of half an hour
+/// from now picked it, holding the rows committed an hour from now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_keeps_the_ancestors_a_snapshots_time_comes_from() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
     let dir = tempfile::tempdir().expect("tempdir");
     let hour = std::time::Duration::from_secs(3600);
     let (cold, clock, now, o) = dotdo_commit_then_an_earlier_stamped_foreign_one(dir.path()).await;
-    let behind = dotdo_core::ManualClock::new(now.plus(hour / 6));
-    let second = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .table(["m"], "changes")
-        .with_clock(Arc::new(behind))
-        .build()
-        .await
-        .expect("a second node");
-    second
-        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]))
-        .await
-        .expect("the second node's commit");
+    let table = cold.refresh().await.expect("table");
+    let first = table.metadata().snapshots().min_by_key(|s| s.sequence_number()).expect("dotdo's").clone();
+    let mut props = first.summary().additional_properties.clone();
+    props.retain(|k, _| k == "dotdo.watermarks");
+    props.insert("dotdo.commit-id".into(), "an-older-node".into());
+    props.insert("dotdo.committed-at-us".into(), now.plus(hour / 6).as_micros().to_string());
+    let tx = Transaction::new(&table);
+    let tx = tx.fast_append().set_snapshot_properties(props).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("the older node's commit");
     let between = now.plus(hour / 2);
     assert!(cold.load_state(&o, AsOf::Timestamp(between)).await.expect("before expiry").entries.is_empty());
     // The first node expires everything but the head (all three are older than its clock).
     clock.advance(std::time::Duration::from_secs(60));
     cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
-    assert_eq!(second.snapshots().await.expect("snapshots").len(), 3, "the head keeps what its time comes from");
-    let st = second.load_state(&o, AsOf::Timestamp(between)).await.expect("as of between");
+    assert_eq!(cold.snapshots().await.expect("snapshots").len(), 3, "the head keeps what its time comes from");
+    let st = cold.load_state(&o, AsOf::Timestamp(between)).await.expect("as of between");
     assert!(st.entries.is_empty(), "nothing existed yet at that time: {st:?}");
 }
 
