@@ -352,7 +352,9 @@ async fn open_replica(
                         retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
-                    return Err(self.named(map_class(class, e, doing, false)));
+                    let err = map_class(class, e, doing, false);
+                    // A damaged replica file: name it, as every Corrupt error does.
+                    return Err(if err.kind() == &ErrorKind::Corrupt { err.context(path.display()) } else { err });
                 }
             }
         }
