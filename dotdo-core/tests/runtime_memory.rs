@@ -129,6 +129,15 @@ async fn incr(rt: &ObjectRuntime, obj: &ObjectId) -> Result<u64> {
     .await
 }
 
+/// A world, runtime "a" and object "o" incremented once (so the runtime holds its lease).
+async fn written_once() -> (World, ObjectRuntime, ObjectId) {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("first");
+    (w, rt, o)
+}
+
 async fn get(rt: &ObjectRuntime, obj: &ObjectId, key: &str) -> Result<Option<Bytes>> {
     let key = key.to_string();
     rt.invoke(obj, async move |t: &mut ObjectTxn<'_>| t.get(&key).await).await
@@ -256,10 +265,7 @@ async fn long_handler_is_kept_alive_by_renewal() {
 /// and the answer) is refused: another node may have written since.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_call_whose_lease_ran_out_is_refused_not_answered() {
-    let w = World::new();
-    let rt = w.runtime("a", settings());
-    let o = oid("o");
-    incr(&rt, &o).await.expect("first");
+    let (w, rt, o) = written_once().await;
     let clock = w.clock.clone();
     let r = rt
         .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
@@ -1185,10 +1191,7 @@ async fn a_cancelled_maintain_keeps_the_leftover_leases_it_has_not_released() {
 /// may rest on reads that another node's writes have made stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_reached_after_the_lease_ran_out_is_refused() {
-    let w = World::new();
-    let rt = w.runtime("a", settings());
-    let o = oid("o");
-    incr(&rt, &o).await.expect("first");
+    let (w, rt, o) = written_once().await;
     let clock = w.clock.clone();
     let r = rt
         .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
@@ -1207,10 +1210,7 @@ async fn an_error_reached_after_the_lease_ran_out_is_refused() {
 /// written, and counts as self-fencing (it was counted nowhere).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_lease_ran_out_counts_as_self_fencing() {
-    let w = World::new();
-    let rt = w.runtime("a", settings());
-    let o = oid("o");
-    incr(&rt, &o).await.expect("first");
+    let (w, rt, o) = written_once().await;
     let clock = w.clock.clone();
     let e = rt
         .invoke(&o, async move |t: &mut ObjectTxn<'_>| {

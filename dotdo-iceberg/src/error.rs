@@ -89,23 +89,12 @@ fn generic_cause(e: &object_store::Error) -> Cause {
     let mut cur = StdError::source(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind as K;
-            if matches!(
-                io.kind(),
-                K::NotADirectory
-                    | K::IsADirectory
-                    | K::StorageFull
-                    | K::ReadOnlyFilesystem
-                    | K::FileTooLarge
-                    | K::InvalidFilename
-                    | K::InvalidInput
-            ) || io.kind() == K::QuotaExceeded
-            {
+            if io_refused(io.kind()) || io.kind() == std::io::ErrorKind::InvalidInput {
                 return Cause::StoreRefused;
             }
             // A file or directory the process may not write or read (the local store reports it
             // as a generic I/O error): for the operator, as the store's own denials are.
-            if io.kind() == K::PermissionDenied {
+            if io.kind() == std::io::ErrorKind::PermissionDenied {
                 return Cause::StoreDenied;
             }
         }
@@ -175,15 +164,25 @@ fn io_cause(e: &std::io::Error) -> Cause {
         K::PermissionDenied => Cause::StoreDenied,
         // As in a store's own write (`generic_cause`): an fsync of `sync_local_files` is where
         // a full disk or an exhausted quota often shows first (NFS, btrfs).
-        K::NotADirectory
-        | K::IsADirectory
-        | K::StorageFull
-        | K::ReadOnlyFilesystem
-        | K::FileTooLarge
-        | K::InvalidFilename
-        | K::QuotaExceeded => Cause::StoreRefused,
+        k if io_refused(k) => Cause::StoreRefused,
         _ => Cause::StoreUnavailable,
     }
+}
+
+/// I/O errors that say the store can never take the request as it is (a full or read-only
+/// disk, an exhausted quota, a path that cannot be a file): no retry helps.
+fn io_refused(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        kind,
+        K::NotADirectory
+            | K::IsADirectory
+            | K::StorageFull
+            | K::ReadOnlyFilesystem
+            | K::FileTooLarge
+            | K::InvalidFilename
+            | K::QuotaExceeded
+    )
 }
 
 fn sqlx_cause(e: &sqlx::Error) -> Cause {

@@ -537,7 +537,8 @@ impl LibsqlStore {
                         .map(|r| Ok((crate::sql::text(r.first())?, crate::sql::text(r.get(1))?)))
                         .collect::<libsql::Result<Vec<_>>>()?)
                 };
-                dotdo_core::sql_schema::refuse_foreign(version, &tables(c).await?, &describe)?;
+                let columns = tables(c).await?;
+                dotdo_core::sql_schema::refuse_foreign(version, &columns, &describe)?;
                 if version > schema::VERSION {
                     return Err(Error::corrupt(format!(
                         "{describe}: schema version {version} is newer than this library's {}",
@@ -547,7 +548,7 @@ impl LibsqlStore {
                 }
                 // Another application's database is left as it is; a dotdo file must have
                 // dotdo's tables.
-                dotdo_core::sql_schema::check_tables_before(version, &tables(c).await?, &describe)?;
+                dotdo_core::sql_schema::check_tables_before(version, &columns, &describe)?;
                 if version < schema::VERSION {
                     // The program's first step checks the version again under the write lock
                     // (another process may have upgraded the file meanwhile, maybe to a newer

@@ -150,7 +150,7 @@ impl CloudflareStreamClient {
     /// endpoint), with an optional API token.
     pub fn new(endpoint: &str, token: Option<String>, settings: CloudflareSettings) -> Result<Self> {
         // Credentials in the URL are refused below; until then no message may show them.
-        let shown = without_userinfo(endpoint);
+        let shown = shown_endpoint(endpoint);
         let url =
             reqwest::Url::parse(endpoint).map_err(|e| Error::invalid(format!("stream endpoint {shown:?}: {e}")))?;
         if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
@@ -324,7 +324,7 @@ async fn error_body_start(mut resp: reqwest::Response) -> String {
 
 /// `endpoint` as an error message may show it: not at all if it holds an `@` anywhere (where a
 /// URL ends its user info depends on the parser, and a password may hold `/`, `?` or `#`).
-fn without_userinfo(endpoint: &str) -> String {
+fn shown_endpoint(endpoint: &str) -> String {
     if endpoint.contains('@') {
         return "<an endpoint with '@', not shown: it may hold credentials>".to_string();
     }

@@ -288,10 +288,11 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
         };
         with_busy_retry(settings, &doing, || {
             let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-            dotdo_core::sql_schema::refuse_foreign(version, &tables()?, &source).map_err(TxError::Api)?;
+            let columns = tables()?;
+            dotdo_core::sql_schema::refuse_foreign(version, &columns, &source).map_err(TxError::Api)?;
             newer(version)?;
             if version == schema::VERSION {
-                dotdo_core::sql_schema::check_tables_after(&tables()?, &source).map_err(TxError::Api)?;
+                dotdo_core::sql_schema::check_tables_after(&columns, &source).map_err(TxError::Api)?;
             }
             if version < schema::VERSION {
                 // Decided again under the write lock: another process may have upgraded the

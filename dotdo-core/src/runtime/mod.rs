@@ -519,7 +519,6 @@ impl ObjectRuntime {
                 lazy: &mut active.lazy,
                 writes: BTreeMap::new(),
                 ops: Vec::new(),
-                slots: HashMap::new(),
                 bytes: 0,
             };
             // Run the handler while renewing the lease; a failed renewal abandons the handler.

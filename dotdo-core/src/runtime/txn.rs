@@ -124,12 +124,11 @@ pub struct ObjectTxn<'a> {
     pub(crate) object: &'a ObjectId,
     pub(crate) token: FencingToken,
     pub(crate) lazy: &'a mut Option<LazyState>,
-    pub(crate) writes: BTreeMap<String, Option<Bytes>>,
+    /// Each written key's index in `ops`.
+    pub(crate) writes: BTreeMap<String, usize>,
     /// The writes to commit, one per key (a key's later write replaces its earlier one in
     /// place: the commit is atomic, only each key's last write matters).
     pub(crate) ops: Vec<WriteOp>,
-    /// The index in `ops` of each key's write.
-    pub(crate) slots: HashMap<String, usize>,
     /// Key and value bytes of `ops`, as [`WriteBatch::validate`](crate::WriteBatch::validate)
     /// counts them.
     pub(crate) bytes: usize,
@@ -159,8 +158,8 @@ impl<'a> ObjectTxn<'a> {
     /// The value of `key`: the handler's own write if any, else the object's state.
     pub async fn get(&mut self, key: &str) -> Result<Option<Bytes>> {
         validate_key(key)?;
-        if let Some(v) = self.writes.get(key) {
-            return Ok(v.clone());
+        if let Some(&i) = self.writes.get(key) {
+            return Ok(written(&self.ops[i]));
         }
         match self.lazy.as_mut() {
             None => self.inner.hot.get(self.object, key).await,
@@ -224,7 +223,7 @@ impl<'a> ObjectTxn<'a> {
             WriteOp::Put { key, value } => key.len().saturating_add(value.len()),
             WriteOp::Delete { key } => key.len(),
         };
-        let slot = self.slots.get(op.key()).copied();
+        let slot = self.writes.get(op.key()).copied();
         let replaced = slot.map_or(0, |i| size(&self.ops[i]));
         let bytes = self.bytes.saturating_sub(replaced).saturating_add(size(&op));
         let n = self.ops.len() + usize::from(slot.is_none());
@@ -239,15 +238,10 @@ impl<'a> ObjectTxn<'a> {
             ));
         }
         self.bytes = bytes;
-        let value = match &op {
-            WriteOp::Put { value, .. } => Some(value.clone()),
-            WriteOp::Delete { .. } => None,
-        };
-        self.writes.insert(op.key().to_string(), value);
         match slot {
             Some(i) => self.ops[i] = op,
             None => {
-                self.slots.insert(op.key().to_string(), self.ops.len());
+                self.writes.insert(op.key().to_string(), self.ops.len());
                 self.ops.push(op);
             }
         }
@@ -270,9 +264,9 @@ impl<'a> ObjectTxn<'a> {
             .into_iter()
             .map(|e| (e.key, e.value))
             .collect();
-        for (k, v) in self.writes.iter().filter(|(k, _)| range.contains(k)) {
-            match v {
-                Some(v) => merged.insert(k.clone(), v.clone()),
+        for (k, &i) in self.writes.iter().filter(|(k, _)| range.contains(k)) {
+            match written(&self.ops[i]) {
+                Some(v) => merged.insert(k.clone(), v),
                 None => merged.remove(k),
             };
         }
@@ -282,5 +276,13 @@ impl<'a> ObjectTxn<'a> {
     /// Number of keys with a buffered write (a key written twice counts once).
     pub fn pending_writes(&self) -> usize {
         self.ops.len()
+    }
+}
+
+/// What a buffered write leaves its key holding (`None`: deleted).
+fn written(op: &WriteOp) -> Option<Bytes> {
+    match op {
+        WriteOp::Put { value, .. } => Some(value.clone()),
+        WriteOp::Delete { .. } => None,
     }
 }
