@@ -96,7 +96,7 @@ fn main() {
     let failures = hot::run_all(&factory);
     let (writes, fenced) = (totals.0.load(Ordering::Relaxed), totals.1.load(Ordering::Relaxed));
     println!("conformance kit on Instrumented<MemoryBackend>: {} failing case(s)", failures.len());
-    println!("the kit issued {writes} writes through the custom backend; {fenced} were fenced stale writes");
+    println!("the kit issued {writes} writes through the custom backend; {fenced} calls (writes, truncations, evictions, restores) were fenced as stale");
     for f in &failures {
         println!("  FAILED {}: {}", f.case, f.message);
     }

@@ -5,8 +5,9 @@
 //! DOTDO_QUICKSTART_DIR=/tmp/dd cargo run --release --example quickstart   # a new or empty directory
 //! ```
 //!
-//! The directory is recreated on every run; one that is not empty and was not made by the
-//! quickstart (no `.dotdo-quickstart` marker in it) is refused rather than deleted.
+//! The directory is emptied on every run (the directory itself is kept); one that is not empty
+//! and was not made by the quickstart (no `.dotdo-quickstart` marker in it) is refused rather
+//! than emptied.
 //!
 //! It creates a few objects, runs handlers, shows a stale holder being fenced, flushes to cold
 //! storage (Iceberg), evicts an object and restores it lazily and eagerly, reads an older
@@ -22,6 +23,54 @@ use dotdo_core::time::Stopwatch;
 use dotdo_core::*;
 use dotdo_iceberg::IcebergColdStore;
 use dotdo_sqlite::SqliteStore;
+
+/// The file the quickstart leaves in a directory it made (and may empty on its next run).
+const MARKER: &str = ".dotdo-quickstart";
+
+/// Make `dir` ready for a run and return it resolved. A directory the quickstart made (with its
+/// marker) is emptied, never removed itself: it may be a mount point, or have its own owner and
+/// permissions. A directory that is not empty and has no marker is refused, not touched.
+fn prepare_dir(dir: &std::path::Path) -> Result<PathBuf> {
+    let failed = |what: &str, e: std::io::Error| Error::unavailable(format!("{what} {}", dir.display())).with_source(e);
+    std::fs::create_dir_all(dir).map_err(|e| failed("creating", e))?;
+    // Resolved before the marker is looked for or written: the marker must be in the directory
+    // that is emptied, whatever name (relative, through a link) the caller gave it.
+    let dir = std::fs::canonicalize(dir).map_err(|e| failed("resolving", e))?;
+    let marker = dir.join(MARKER);
+    let entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .and_then(|d| d.map(|e| e.map(|e| e.path())).collect())
+        .map_err(|e| failed("reading", e))?;
+    if !entries.is_empty() && !marker.exists() {
+        return Err(Error::invalid(format!(
+            "{} is not empty and was not made by the quickstart; choose a new or empty directory",
+            dir.display()
+        )));
+    }
+    // The table's files of a warehouse whose path needs URL escaping (a space, '#', '%') are in
+    // the percent-encoded twin of `warehouse/` (see "Local warehouse paths that need URL
+    // escaping" in docs/iceberg-cold-store.md): emptied with it.
+    let mut stale = entries;
+    stale.extend(escaped_twin(&dir.join("warehouse")).filter(|t| t.exists()));
+    for path in stale.into_iter().filter(|p| *p != marker) {
+        let removed = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| Error::unavailable(format!("cleaning {}", path.display())).with_source(e))?;
+    }
+    std::fs::write(&marker, b"made by the dotdo quickstart; emptied on its next run\n")
+        .map_err(|e| failed("marking", e))?;
+    Ok(dir)
+}
+
+/// Where a local warehouse at `warehouse` keeps its table files if that is not `warehouse`
+/// itself: the directory named by its `file://` URL's percent-encoded path.
+fn escaped_twin(warehouse: &std::path::Path) -> Option<PathBuf> {
+    let url = url::Url::from_directory_path(warehouse).ok()?;
+    let twin = PathBuf::from(url.path());
+    (twin.components().ne(warehouse.components())).then_some(twin)
+}
 
 struct Env {
     hot: SqliteStore,
@@ -63,35 +112,16 @@ async fn add_to_cart(rt: &ObjectRuntime, cart: &ObjectId, item: &str, qty: u32) 
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    // The workspace's target directory by default, wherever the command runs from.
+    // The workspace's target directory by default, wherever the command runs from (also for an
+    // empty `DOTDO_QUICKSTART_DIR=`, which would otherwise name the working directory).
     let dir = std::env::var_os("DOTDO_QUICKSTART_DIR")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/dotdo-quickstart")));
-    let marker = dir.join(".dotdo-quickstart");
-    if dir.exists() {
-        let empty = std::fs::read_dir(&dir).map(|mut d| d.next().is_none()).unwrap_or(false);
-        if !empty && !marker.exists() {
-            return Err(Error::invalid(format!(
-                "{} is not empty and was not made by the quickstart; choose a new or empty directory",
-                dir.display()
-            )));
-        }
-        // Only a directory the quickstart made is recreated; an empty one (a mount point, one
-        // with its own owner or permissions) is used as it is.
-        if marker.exists() {
-            std::fs::remove_dir_all(&dir)
-                .map_err(|e| Error::unavailable(format!("cleaning {}", dir.display())).with_source(e))?;
-        }
-    }
-    std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(&marker, b"made by the dotdo quickstart; deleted on its next run\n"))
-        .map_err(|e| Error::unavailable(format!("creating {}", dir.display())).with_source(e))?;
-    let dir = std::fs::canonicalize(&dir).map_err(|e| Error::unavailable("resolving the directory").with_source(e))?;
+    let dir = prepare_dir(&dir)?;
     let warehouse = dir.join("warehouse");
     std::fs::create_dir_all(&warehouse)
         .map_err(|e| Error::unavailable(format!("creating {}", warehouse.display())).with_source(e))?;
-    let warehouse =
-        std::fs::canonicalize(&warehouse).map_err(|e| Error::unavailable("resolving warehouse").with_source(e))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let total = Stopwatch::start(clock.clone());
 
@@ -100,6 +130,9 @@ async fn main() -> Result<()> {
         dir.join("hot.db").display(),
         warehouse.display()
     );
+    if let Some(twin) = escaped_twin(&warehouse) {
+        println!("  (the path needs URL escaping: the table's files go to {})", twin.display());
+    }
     let t = Stopwatch::start(clock.clone());
     let env = Env {
         hot: SqliteStore::builder(dir.join("hot.db")).open().await?,

@@ -135,8 +135,10 @@ struct Inner {
 
 /// Buffers `RecordBatch`es of the sink's schema and rolls them into exactly-once appends.
 ///
-/// Uses the [`PipelineSettings`] of the event pipeline: `roll_interval`, `roll_rows`,
-/// `roll_bytes`, `capacity` (rows) and `capacity_bytes` (Arrow memory size; a full buffer fails
+/// Uses the [`PipelineSettings`] of the event pipeline: `roll_interval`, `roll_rows` and
+/// `roll_bytes` (a roll is due at either; each commit holds at most `roll_rows` rows and about
+/// `roll_bytes` bytes, whole batches, at least one: a roll commits what waits in as many
+/// commits as that takes), `capacity` (rows) and `capacity_bytes` (Arrow memory size; a full buffer fails
 /// fast with a retryable `Unavailable`) and
 /// `durability` (`Durable(path)`: a SQLite log of Arrow IPC batches; an acknowledged `send`
 /// survives a process kill; one pipeline at a time, like the event pipeline's log).
@@ -187,8 +189,8 @@ impl ArrowPipeline {
         let (log, log_lock) = match &settings.durability {
             Durability::Memory => (None, None),
             Durability::Durable(path) => {
-                let lock = crate::log::lock_log(path, "arrow")?;
-                (Some(Mutex::new(Self::open_log(path, stream, &mut buf)?)), Some(lock))
+                let (lock, resolved) = crate::log::lock_log(path, "arrow")?;
+                (Some(Mutex::new(Self::open_log(&resolved, stream, &mut buf)?)), Some(lock))
             }
         };
         let now = clock.monotonic();
@@ -236,16 +238,25 @@ impl ArrowPipeline {
                 path.display()
             )));
         }
-        let rows: Vec<(Vec<u8>, Option<u64>)> = c
-            .prepare("SELECT ipc, batch FROM arrow_log ORDER BY id")
-            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        let rows: Vec<(i64, Vec<u8>, Option<u64>)> = c
+            .prepare("SELECT id, ipc, batch FROM arrow_log ORDER BY id")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect())
             .map_err(|e| sql(e, &doing))?;
         // Claimed rows stay grouped by their id: each id is committed (or found committed) on
         // its own, so rows of a later claim are never committed under an earlier id and then
         // again under their own.
         let mut claims: std::collections::BTreeMap<u64, Vec<RecordBatch>> = Default::default();
-        for (ipc, batch) in rows {
+        for (row, ipc, batch) in rows {
             let batches = decode(&ipc)?;
+            // A claim takes the first pending batches and the first unclaimed rows alike: each
+            // unclaimed row must be one batch (as `send` writes them).
+            if batch.is_none() && batches.len() != 1 {
+                return Err(Error::corrupt(format!(
+                    "{}: arrow_log row {row} holds {} batches (a send logs one)",
+                    path.display(),
+                    batches.len()
+                )));
+            }
             match batch {
                 Some(id) => {
                     buf.claimed_rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
@@ -343,13 +354,16 @@ impl ArrowPipeline {
         }
         let started = inner.clock.monotonic();
         let mut written = 0;
-        let rounds = 2 + inner.buf.lock().later_claims.len();
-        for _ in 0..rounds {
+        // Commit what is waiting now (claims left over, then the batches pending at the start,
+        // at most `roll_rows` rows and about `roll_bytes` bytes per commit), not the tail that
+        // keeps arriving during the roll.
+        let mut to_claim = inner.buf.lock().pending.len();
+        loop {
             let claimed = inner.buf.lock().claimed.clone();
             let (id, batches) = match claimed {
                 Some(c) => c,
                 None => {
-                    if inner.buf.lock().pending.is_empty() {
+                    if to_claim == 0 || inner.buf.lock().pending.is_empty() {
                         break;
                     }
                     let last = inner.sink.last_batch(&inner.stream).await?;
@@ -360,17 +374,47 @@ impl ArrowPipeline {
                         id
                     };
                     let mut b = inner.buf.lock();
+                    // The first pending batches, at least one, within the roll's bounds.
+                    let (mut n, mut rows, mut bytes) = (0, 0usize, 0usize);
+                    for batch in b.pending.iter().take(to_claim) {
+                        let (r, by) = (batch.num_rows(), batch_bytes(batch));
+                        if n > 0
+                            && (rows.saturating_add(r) > inner.settings.roll_rows
+                                || bytes.saturating_add(by) > inner.settings.roll_bytes)
+                        {
+                            break;
+                        }
+                        (n, rows, bytes) = (n + 1, rows.saturating_add(r), bytes.saturating_add(by));
+                    }
                     if let Some(log) = &inner.log {
                         // Claim durably before committing: a restart re-commits the same id.
                         // Before `pending` is taken, so a failed claim leaves everything in place.
+                        // The log's unclaimed rows are the pending batches, in the same order.
                         crate::log::fully_synced(&mut log.lock(), |c| {
-                            c.execute("UPDATE arrow_log SET batch = ?1 WHERE batch IS NULL", [id])
-                                .map_err(|e| sql(e, "claim"))
+                            let tx = c.transaction().map_err(|e| sql(e, "claim"))?;
+                            let marked = tx
+                                .execute(
+                                    "UPDATE arrow_log SET batch = ?1 WHERE id IN \
+                                     (SELECT id FROM arrow_log WHERE batch IS NULL ORDER BY id LIMIT ?2)",
+                                    params![id, n as i64],
+                                )
+                                .map_err(|e| sql(e, "claim"))?;
+                            if marked != n {
+                                // Rolled back (the transaction is dropped): the log no longer
+                                // matches what is pending.
+                                return Err(Error::corrupt(format!(
+                                    "arrow pipeline log: {n} batches pending but {marked} unclaimed rows"
+                                )));
+                            }
+                            tx.commit().map_err(|e| sql(e, "claim"))
                         })?;
                     }
-                    let batches = std::mem::take(&mut b.pending);
-                    b.claimed_rows = std::mem::take(&mut b.rows);
-                    b.claimed_bytes = std::mem::take(&mut b.bytes);
+                    let batches: Vec<RecordBatch> = b.pending.drain(..n).collect();
+                    to_claim -= n;
+                    b.rows = b.rows.saturating_sub(rows);
+                    b.bytes = b.bytes.saturating_sub(bytes);
+                    b.claimed_rows = rows;
+                    b.claimed_bytes = bytes;
                     b.claimed = Some((id, batches.clone()));
                     (id, batches)
                 }

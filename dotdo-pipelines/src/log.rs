@@ -201,8 +201,6 @@ impl Log for MemoryLog {
     }
 }
 
-/// A pipeline log's SQLite error as a dotdo error: busy, locked, full or I/O failures are a
-/// retryable `Unavailable`, a damaged file `Corrupt`, the rest `Backend`.
 /// Run `f` (which commits) with `synchronous=FULL` on a log connection that otherwise runs
 /// `NORMAL`, then go back. A claim must survive a power loss once its batch may be committed to
 /// cold: a claim rolled back by power loss while its commit landed would have its events claimed
@@ -219,6 +217,8 @@ pub(crate) fn fully_synced<T>(conn: &mut Connection, f: impl FnOnce(&mut Connect
     out
 }
 
+/// A pipeline log's SQLite error as a dotdo error: busy, locked, full or I/O failures are a
+/// retryable `Unavailable`, a damaged file `Corrupt`, the rest `Backend`.
 pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
     use rusqlite::ErrorCode::*;
     let code = match &e {
@@ -228,7 +228,8 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
         rusqlite::Error::FromSqlConversionFailure(..)
         | rusqlite::Error::InvalidColumnType(..)
         | rusqlite::Error::IntegralValueOutOfRange(..) => {
-            return Error::corrupt(format!("pipeline log: {doing}: a row does not fit the log's schema")).with_source(e)
+            return Error::corrupt(format!("pipeline log: {doing}: a row does not fit the log's schema ({e})"))
+                .with_source(e)
         }
         _ => None,
     };
@@ -273,13 +274,15 @@ pub(crate) struct SqliteLog {
 /// Lock the log of `kind` (`pipeline` or `arrow`: the two kinds keep separate tables and may
 /// share a file) at `path` for one pipeline (`<path>.<kind>.lock`, held as long as the returned
 /// file is open). A log another pipeline of the kind has open, in this process or another, is a
-/// retryable `Conflict`.
-pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<std::fs::File> {
+/// retryable `Conflict`. Also returns `path` resolved as the lock resolved it: the log is
+/// opened by that name, so that a link retargeted meanwhile cannot lead to another file.
+pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<(std::fs::File, std::path::PathBuf)> {
     let doing = format!("opening {}", path.display());
     // The lock belongs to the file, not to the name it was opened by: a symlink (or a path
     // through another directory link) to the same log takes the same lock. (A hard link under
     // another name is not recognised.)
-    let mut lock_path = resolve_links(path).into_os_string();
+    let resolved = resolve_links(path);
+    let mut lock_path = resolved.clone().into_os_string();
     lock_path.push(format!(".{kind}.lock"));
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
         // As for the log itself: a file that cannot be created (a missing directory,
@@ -305,7 +308,7 @@ pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<std::fs::File> {
                 .with_source(e))
         }
     }
-    Ok(lock)
+    Ok((lock, resolved))
 }
 
 /// `path` with its symlinks resolved, also when the file (or a link's target) does not exist
@@ -342,8 +345,8 @@ impl SqliteLog {
     /// would drop the second as replays.
     pub(crate) fn open(path: &Path) -> Result<Self> {
         let doing = format!("opening {}", path.display());
-        let lock = lock_log(path, "pipeline")?;
-        let conn = Connection::open(path).map_err(|e| sql(e, &doing))?;
+        let (lock, resolved) = lock_log(path, "pipeline")?;
+        let conn = Connection::open(resolved).map_err(|e| sql(e, &doing))?;
         conn.busy_timeout(std::time::Duration::from_secs(2)).map_err(|e| sql(e, &doing))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 16384;
@@ -384,12 +387,16 @@ impl SqliteLog {
             let (id, route, do_id, type_name, key, value, ts, seq) = row?;
             let object = ObjectId::new(&do_id)
                 .map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e)))?;
-            out.push((
-                id,
-                route,
-                Event { object, type_name, key, value: Bytes::from(value), timestamp: Timestamp::from_micros(ts) },
-                seq,
-            ));
+            let event =
+                Event { object, type_name, key, value: Bytes::from(value), timestamp: Timestamp::from_micros(ts) };
+            // Every event was validated at `send`: one that no longer passes (an empty key, an
+            // oversized value) was damaged on disk or written by something else. As a sink's
+            // refusal it would read as the caller's bad input, retried by `run` for ever.
+            event.validate().map_err(|e| {
+                let e = std::io::Error::other(format!("log row {id}: {e}"));
+                rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(e))
+            })?;
+            out.push((id, route, event, seq));
         }
         Ok(out)
     }
@@ -737,5 +744,22 @@ mod tests {
         log.conn.lock().execute_batch("UPDATE pipeline_log SET do_id = 'obj', seq = 'x';").expect("update");
         let Err(e) = log.claimed(FencingToken::new(1)) else { panic!("a text sequence number was read") };
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        // Rows that fit the schema but not an event's limits (every event was validated at
+        // `send`), claimed or waiting: `Corrupt` naming the row, not the sink's InvalidInput.
+        for damage in ["key = ''", "type = ''", "value = zeroblob(2 * 1024 * 1024 + 1)"] {
+            let c = log.conn.lock();
+            c.execute_batch("UPDATE pipeline_log SET seq = 1, key = 'k', type = 'T', value = x'00';").expect("mend");
+            c.execute_batch(&format!("UPDATE pipeline_log SET {damage};")).expect("damage");
+            drop(c);
+            let Err(e) = log.claimed(FencingToken::new(1)) else { panic!("a damaged claimed row ({damage}) was read") };
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{damage}: {e}");
+            assert!(e.to_string().contains("log row 1"), "{damage}: {e}");
+            log.conn.lock().execute_batch("UPDATE pipeline_log SET batch = NULL, seq = NULL;").expect("unclaim");
+            let Err(e) = log.claim(100, usize::MAX, FencingToken::new(1), &mut |_, _| Some(1)) else {
+                panic!("a damaged waiting row ({damage}) was claimed")
+            };
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{damage}: {e}");
+            log.conn.lock().execute_batch("UPDATE pipeline_log SET batch = 1;").expect("claim again");
+        }
     }
 }
