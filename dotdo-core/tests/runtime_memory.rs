@@ -816,6 +816,42 @@ async fn maintain_evicts_idle_objects_before_releasing_them() {
     assert_eq!(incr(&rt, &o).await.expect("comes back"), 2);
 }
 
+/// An idle eviction that fails for a passing reason (cold unreachable) is tried again by the
+/// next `maintain`: the object stays held (renewed) past `keep_warm` meanwhile. Released in the
+/// round its eviction failed, it was never this runtime's to evict again, and its hot state
+/// stayed until someone used the object.
+#[tokio::test]
+async fn a_failed_idle_eviction_is_tried_again_by_the_next_round() {
+    let w = World::new();
+    let idle = Duration::from_secs(5);
+    let (cold, rt) =
+        w.flaky_cold_runtime(RuntimeSettings { keep_warm: idle, evict_idle_after: Some(idle), ..settings() });
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    w.clock.advance(idle + Duration::from_secs(1));
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    // (The clock ticks during each round: the drain's retries wait on it.)
+    let maintain = async || {
+        let ticking = tick(&w);
+        let out = rt.maintain().await;
+        ticking.abort();
+        out
+    };
+    assert!(maintain().await.is_err(), "the eviction failed");
+    assert!(!w.hot.is_available(&o).await.expect("available"), "still held, for the next try");
+    // Two more rounds, further apart than a TTL in all: kept renewed meanwhile.
+    w.clock.advance(TTL / 2 + Duration::from_secs(1));
+    assert!(maintain().await.is_err(), "cold still down");
+    assert!(!w.hot.is_available(&o).await.expect("available"), "still held");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    w.clock.advance(TTL / 2 + Duration::from_secs(1));
+    maintain().await.expect("maintain");
+    assert_eq!(rt.metrics().evictions, 1);
+    assert!(w.hot.get(&o, "n").await.expect("hot").is_none(), "left hot storage");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1, "drained to cold first");
+    assert!(w.hot.is_available(&o).await.expect("available"), "and released");
+}
+
 #[test]
 fn invoke_futures_are_send_so_hosts_can_spawn_them() {
     fn assert_send<T: Send>(_: &T) {}
@@ -1339,6 +1375,75 @@ async fn a_call_ending_during_shutdowns_wait_is_drained() {
     assert_eq!((report.records, report.busy), (1, 0), "{report:?}");
     assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1, "drained by shutdown");
     assert_eq!(w.hot.current(&o).await.expect("current"), None, "and released");
+}
+
+/// `flush_all` (and `shutdown`) on a runtime whose warm lease lapsed and cannot be taken again
+/// (the guard's acquires stay of unknown outcome) fail, naming why, instead of answering `Ok`
+/// with this runtime's acknowledged changes still in hot storage (with `drain_released` off,
+/// the pass over released objects does not reach them). Once the guard answers, they drain.
+#[tokio::test]
+async fn flush_all_fails_if_a_lapsed_lease_cannot_be_taken_again() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with(
+        "a",
+        guard.clone(),
+        Arc::new(w.cold.clone()),
+        RuntimeSettings { drain_released: false, ..settings() },
+    );
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+    w.clock.advance(TTL + Duration::from_millis(1));
+    guard.refused_ambiguous_acquires.store(4, std::sync::atomic::Ordering::SeqCst);
+    let e = rt.flush_all().await.expect_err("the lapsed object's changes are not drained");
+    assert!(e.is_retryable(), "{e}");
+    assert!(w.hot.object_info(&o).await.expect("info").expect("o").has_pending_changes());
+    let report = rt.shutdown().await.expect("the guard answers again: drained at shutdown");
+    assert_eq!(report.records, 1, "{report:?}");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1);
+}
+
+/// A call admitted before shutdown that gets its object only once shutdown's flush has begun
+/// (it waited for the slot behind a call that outlasted shutdown's wait) is refused with
+/// `Shutdown`, nothing of it run: on the warm path it used to run and commit after the flush
+/// had passed its object, and shutdown answered `Ok` with those changes left in hot storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_gets_its_object_during_shutdowns_flush_is_refused() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    let (x, y) = (oid("x"), oid("y"));
+    incr(&rt, &x).await.expect("x, to be drained");
+    let (go_long, long) = paused_call(&rt, &y).await;
+    let queued = {
+        let (rt, y) = (rt.clone(), y.clone());
+        tokio::spawn(async move { incr(&rt, &y).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!queued.is_finished(), "queued behind the long call");
+    // Shutdown's flush of x pauses in its cold commit; meanwhile the long call ends and the
+    // queued one gets y's slot.
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        entered_tx.send(()).expect("signal");
+        g.notified().await
+    }));
+    let ticking = tick(&w);
+    let shutdown = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.shutdown().await })
+    };
+    entered_rx.await.expect("shutdown's flush reached the cold commit");
+    go_long.send(()).expect("go");
+    long.await.expect("join").expect("the long call");
+    let e = queued.await.expect("join").expect_err("refused");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown, "{e}");
+    gate.notify_one();
+    let report = shutdown.await.expect("join").expect("shutdown");
+    ticking.abort();
+    assert_eq!(report.busy, 1, "y was busy during the flush: {report:?}");
+    assert_eq!(w.hot.get(&y, "n").await.expect("hot"), Some(Bytes::from("1")), "the refused call wrote nothing");
 }
 
 /// A refresh whose outcome is unknown (it applied; the reply was lost) is tried again like a
@@ -2368,6 +2473,30 @@ async fn flush_all_leaves_out_an_object_taken_over_during_its_commit() {
     b.flush(&x).await.expect("b drains x");
     let seqs: Vec<u64> = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold").iter().map(|c| c.seq).collect();
     assert_eq!(seqs, [1, 2], "each change once");
+}
+
+/// A cold commit counts in the metrics as it lands, also when the drain fails after it (here:
+/// the object was taken over during the commit, so its truncation is fenced): the next drain
+/// finds those records in cold and commits nothing, so they would be counted nowhere.
+#[tokio::test]
+async fn a_commit_counts_in_the_metrics_even_if_its_drain_fails_after_it() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    let x = oid("x");
+    incr(&rt, &x).await.expect("x");
+    let (hot, clock, taken) = (w.hot.clone(), w.clock.clone(), x.clone());
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        let l = hot.current(&taken).await.expect("current").expect("held");
+        hot.release(&l).await.expect("release");
+        clock.advance(Duration::from_millis(1));
+        hot.acquire(&taken, &NodeId::new("b").expect("node"), TTL).await.expect("b takes x over");
+    }));
+    let e = rt.flush(&x).await.expect_err("the truncation is fenced");
+    assert!(matches!(e.kind(), ErrorKind::Fenced { .. } | ErrorKind::LeaseLost { .. }), "{e}");
+    let m = rt.metrics();
+    assert_eq!((m.flushes, m.records_flushed), (1, 1), "the commit that landed is counted");
+    let seqs: Vec<u64> = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold").iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, [1], "it did land");
 }
 
 /// A flush of several rounds renews the leases of the objects it holds (`maintain` skips them

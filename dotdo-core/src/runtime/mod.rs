@@ -157,6 +157,10 @@ struct Active {
     lease: Lease,
     last_used: Timestamp,
     lazy: Option<LazyState>,
+    /// Its idle eviction failed with a retryable error (cold unreachable): `maintain` keeps it
+    /// (renewed) past `keep_warm` so that the next round tries again; released, it would no
+    /// longer be this runtime's to evict, and its hot state would stay until someone used it.
+    evict_again: bool,
 }
 
 #[derive(Debug, Default)]
@@ -205,6 +209,9 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     /// Set once shutdown's flush has run: a call ending after it gives its lease back.
     shutdown_flushed: AtomicBool,
+    /// Set when shutdown's flush begins: a call that only then gets its object (it waited for
+    /// the slot past shutdown's wait) is refused, as it could commit after the flush passed.
+    shutdown_flushing: AtomicBool,
     in_flight: AtomicUsize,
     metrics: parking_lot::Mutex<RuntimeMetrics>,
 }
@@ -301,6 +308,7 @@ impl ObjectRuntimeBuilder {
                 given_back: parking_lot::Mutex::new(HashMap::new()),
                 shutting_down: AtomicBool::new(false),
                 shutdown_flushed: AtomicBool::new(false),
+                shutdown_flushing: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
                 metrics: parking_lot::Mutex::new(RuntimeMetrics::default()),
             }),
@@ -366,7 +374,9 @@ pub struct FlushReport {
     /// Objects whose changes were drained.
     pub objects: u64,
     /// Objects `flush_all` skipped because a call on them was in progress (a handler may be
-    /// invoking other objects, so waiting for it could deadlock). Their changes stay in hot
+    /// invoking other objects, so waiting for it could deadlock), or housekeeping held them.
+    /// Counted whether or not they had changes then (a call in progress may still write):
+    /// `busy > 0` means some changes may be left, not that some are. Their changes stay in hot
     /// storage for the next flush.
     pub busy: u64,
 }
@@ -692,6 +702,14 @@ impl ObjectRuntime {
 
     /// Make sure the object is active on this runtime: a current lease and recovered state.
     async fn ensure_active(&self, object: &ObjectId, slot: &mut Slot) -> Result<()> {
+        if self.inner.shutdown_flushing.load(Ordering::SeqCst) {
+            // A call admitted before shutdown that waited for its slot past shutdown's wait
+            // (shutdown's own flush takes objects through `ensure_active_within`).
+            return Err(Error::new(
+                ErrorKind::Shutdown,
+                format!("the runtime began shutting down while the call waited for {object}; nothing of it ran"),
+            ));
+        }
         self.ensure_active_within(object, slot, self.inner.settings.acquire_timeout).await
     }
 
@@ -729,7 +747,7 @@ impl ObjectRuntime {
         let sw = Stopwatch::start(inner.clock.clone());
         let lease = self.acquire_within(object, wait).await.map_err(|e| before_the_call(e, "acquiring the lease"))?;
         let mut hand = LeaseInHand::new(inner, lease.clone());
-        let mut active = Active { lease, last_used: now, lazy: None };
+        let mut active = Active { lease, last_used: now, lazy: None, evict_again: false };
         let loading = Stopwatch::start(inner.clock.clone());
         let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active, &mut hand).await {
             Ok(r) => r,
@@ -1116,17 +1134,28 @@ impl ObjectRuntime {
                     held.push(Held { object, token, guard, taken: false });
                 }
                 // Lapsed (a warm lease nobody renewed: no `maintain` ran): take the object again
-                // and drain it, unless another holder has it now.
+                // and drain it, unless another holder has it now. Without waiting for that
+                // holder (slots are held meanwhile). Any other failure fails the flush: the
+                // pass over released objects may not reach it (`drain_released` off, or the ring
+                // gives it to another node), and this runtime's acknowledged changes would wait
+                // in hot storage behind an `Ok`.
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
-                    guard.active = None;
-                    match self.ensure_active(&object, &mut guard).await {
+                    let lapsed = guard.active.take();
+                    match self.ensure_active_within(&object, &mut guard, Duration::ZERO).await {
                         Ok(()) => {
                             let token =
                                 guard.active.as_ref().expect("ensure_active leaves the object active").lease.token;
                             held.push(Held { object, token, guard, taken: false });
                         }
+                        Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
+                            tracing::info!(object = %object, error = %e, "dotdo flush_all: lapsed lease taken by another holder; skipped");
+                        }
                         Err(e) => {
-                            tracing::info!(object = %object, error = %e, "dotdo flush_all: lapsed lease not retaken; skipped");
+                            tracing::warn!(object = %object, error = %e, "dotdo flush_all: lapsed lease not retaken");
+                            // Still this runtime's to drain: the next flush (or the next call)
+                            // finds the lapsed activation and takes the object again.
+                            guard.active = lapsed;
+                            rounds.first_err.get_or_insert(e);
                         }
                     }
                 }
@@ -1254,6 +1283,10 @@ impl ObjectRuntime {
                 }
                 Err(e) => return Err(e),
             };
+            // Counted as it lands: a check or a truncation below may still fail.
+            count_commit(inner, &commit);
+            report.commits += u64::from(commit.snapshot.is_some());
+            report.records += commit.records_written;
             let mut diverged_now = std::collections::BTreeSet::new();
             if commit.records_skipped > 0 {
                 for oc in &batch.objects {
@@ -1294,11 +1327,6 @@ impl ObjectRuntime {
                     report.objects += 1;
                 }
             }
-            report.commits += u64::from(commit.snapshot.is_some());
-            report.records += commit.records_written;
-            let mut m = inner.metrics.lock();
-            m.flushes += u64::from(commit.snapshot.is_some());
-            m.records_flushed += commit.records_written;
             tracing::debug!(records = n, snapshot = ?commit.snapshot, "dotdo flush");
         }
         Ok(())
@@ -1459,6 +1487,9 @@ impl ObjectRuntime {
                 Ok(()) => evicted += 1,
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "dotdo: idle object not evicted");
+                    if let Some(a) = guard.active.as_mut() {
+                        a.evict_again = e.is_retryable();
+                    }
                     first_err.get_or_insert(e);
                 }
             }
@@ -1502,8 +1533,9 @@ impl ObjectRuntime {
             let moved =
                 pending_move && guard.active.is_some() && self.owner_hint(&object).is_some_and(|n| n != inner.node);
             let Some(active) = guard.active.as_mut() else { continue };
-            // Moved, idle past `keep_warm`, or (otherwise renewed when due) lost: given back.
-            let idle = now.since(active.last_used) >= inner.settings.keep_warm;
+            // Moved, idle past `keep_warm` (unless its eviction is to be tried again), or
+            // (otherwise renewed when due) lost: given back.
+            let idle = now.since(active.last_used) >= inner.settings.keep_warm && !active.evict_again;
             if moved || idle || renew_if_due(inner, &mut active.lease, now).await.is_err() {
                 give_back(inner, &mut guard.active).await;
             }
@@ -1556,6 +1588,7 @@ impl ObjectRuntime {
         while inner.in_flight.load(Ordering::SeqCst) > 0 && inner.clock.now() < deadline {
             inner.clock.sleep(Duration::from_millis(2)).await;
         }
+        inner.shutdown_flushing.store(true, Ordering::SeqCst);
         let flushed = self.flush_held().await;
         inner.shutdown_flushed.store(true, Ordering::SeqCst);
         for (object, slot) in self.active_slots() {
@@ -2205,6 +2238,9 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
         }
         let appended = records.last().map_or(0, |r| r.seq);
         let commit = append_resolving(inner, ColdBatch::single(object.clone(), token, records)).await?;
+        // Counted as it lands: a check or the truncation below may still fail (the next drain
+        // then finds these records in cold and commits nothing to count).
+        count_commit(inner, &commit);
         if commit.records_skipped > 0 {
             check_skipped(inner, object, info.truncated_through, &commit).await?;
         }
@@ -2214,9 +2250,13 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
         report.commits += u64::from(commit.snapshot.is_some());
         report.records += commit.records_written;
         report.objects = 1;
-        let mut m = inner.metrics.lock();
-        m.flushes += u64::from(commit.snapshot.is_some());
-        m.records_flushed += commit.records_written;
     }
     Ok(report)
+}
+
+/// Count a cold commit of a drain in the runtime's metrics.
+fn count_commit(inner: &Inner, commit: &crate::ColdCommit) {
+    let mut m = inner.metrics.lock();
+    m.flushes += u64::from(commit.snapshot.is_some());
+    m.records_flushed += commit.records_written;
 }
