@@ -49,7 +49,8 @@ struct Inner {
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     /// A private database (`:memory:`, or the empty path's temporary one): each connection
-    /// would open its own, so reads use the write connection.
+    /// would open its own, so reads use the write connection (and wait for a write in progress
+    /// within the write budget, then `Unavailable`).
     memory: bool,
     /// The background checkpoint thread, stopped when the last clone is dropped.
     checkpointer: Option<CheckpointThread>,
@@ -687,7 +688,15 @@ impl Inner {
 
     fn read_in<T>(&self, doing: &str, f: impl Fn(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         if self.memory {
-            let conn = self.writer.lock();
+            // The one connection of a private database: waited for within the same budget as a
+            // writer waits (a large write holds it), then `Unavailable`, never without bound.
+            let budget = write_budget(&self.settings);
+            let Some(conn) = self.writer.try_lock_for(budget) else {
+                return Err(Error::unavailable(format!(
+                    "{doing}: the in-memory database's connection is still busy with a write after {budget:?}; \
+                     retry later"
+                )));
+            };
             return with_busy_retry(&self.settings, doing, || f(&conn).map_err(TxError::Sql));
         }
         let pooled = self.readers.lock().pop();

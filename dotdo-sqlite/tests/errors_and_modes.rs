@@ -595,3 +595,46 @@ async fn an_empty_file_uri_is_a_private_database_and_a_nul_path_is_refused() {
     let e = SqliteStore::builder("hot\0.db").open().await.expect_err("NUL");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
+
+/// A read of an in-memory database (one connection, shared with writes) waits for a write in
+/// progress only within the store's write budget, then gets a retryable `Unavailable`: it used
+/// to wait for the connection without bound. (Reads go on every few milliseconds while a large
+/// write runs: those that land while it holds the connection are refused in bounded time.)
+#[test]
+#[allow(clippy::disallowed_methods)] // real time: the read's wait is what is measured
+fn an_in_memory_read_behind_a_long_write_is_unavailable_in_bounded_time() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let settings = SqliteSettings {
+        busy_timeout: Duration::from_millis(10),
+        busy_retries: 0,
+        execution: Execution::SpawnBlocking,
+        ..Default::default()
+    };
+    let s = rt.block_on(SqliteStore::builder(":memory:").with_settings(settings).open()).expect("open");
+    let l =
+        rt.block_on(s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(600))).expect("acquire");
+    let mut b = dotdo_core::WriteBatch::new("T");
+    for j in 0..200_000 {
+        b = b.put(format!("k{j:06}"), vec![1u8; 64]);
+    }
+    let writing = {
+        let (s, token) = (s.clone(), l.token);
+        rt.spawn(async move { s.write(&obj(), token, b).await })
+    };
+    let (mut refused, mut longest) = (0, Duration::ZERO);
+    while !writing.is_finished() {
+        let started = std::time::Instant::now();
+        let read = rt.block_on(s.get(&obj(), "k000000"));
+        longest = longest.max(started.elapsed());
+        if let Err(e) = read {
+            assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+            assert!(e.is_retryable(), "{e}");
+            refused += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    rt.block_on(writing).expect("join").expect("the long write");
+    assert!(refused > 0, "no read was refused while the write held the connection (longest wait {longest:?})");
+    assert!(longest < Duration::from_millis(300), "a read waited {longest:?}");
+    assert!(rt.block_on(s.get(&obj(), "k000000")).expect("after the write").is_some());
+}
