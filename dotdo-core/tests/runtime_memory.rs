@@ -885,6 +885,8 @@ struct FlakyCold {
     before_append: Hook<futures::future::BoxFuture<'static, ()>>,
     /// Run before every append.
     each_append: Hook<Arc<dyn Fn() + Send + Sync>>,
+    /// Run (once) before the next `load_state`: a slow read of the whole state.
+    before_load: Hook<futures::future::BoxFuture<'static, ()>>,
 }
 
 /// A test hook slot (not `Debug` itself).
@@ -917,6 +919,7 @@ impl FlakyCold {
             most_changes_read: 0.into(),
             before_append: Hook::new(),
             each_append: Hook::new(),
+            before_load: Hook::new(),
         }
     }
 }
@@ -970,6 +973,10 @@ impl ColdSink for FlakyCold {
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         self.check()?;
         self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let before = self.before_load.lock().take();
+        if let Some(f) = before {
+            f.await;
+        }
         self.inner.load_state(object, as_of).await
     }
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
@@ -1718,6 +1725,64 @@ async fn a_lazy_object_survives_the_expiry_of_its_snapshot() {
     let mut after = all_state(&b, &o).await;
     after.retain(|(k, _)| k != "n");
     assert_eq!(after, before);
+}
+
+/// Evicting a lazily restored object (its state is in cold already) does not load that state
+/// into hot storage only to drop it: no read of the whole cold state, and the object comes back
+/// whole afterwards.
+#[tokio::test]
+async fn evicting_a_lazy_object_does_not_load_its_cold_state() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 20).await;
+    a.evict(&o).await.expect("evict");
+    let before = all_state(&a, &o).await;
+    a.evict(&o).await.expect("evict again");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let b = w.runtime_with(
+        "b",
+        Arc::new(w.hot.clone()),
+        cold.clone(),
+        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
+    );
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    b.evict(&o).await.expect("evict the lazy object");
+    assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 0, "no read of the whole cold state");
+    assert_eq!(b.metrics().evictions, 1);
+    assert_eq!(w.hot.object_info(&o).await.expect("info").map_or(0, |i| i.keys), 0, "nothing in hot storage");
+    assert_eq!(all_state(&b, &o).await, before, "and it comes back whole");
+}
+
+/// The first commit on a lazily restored object loads its whole state into hot storage first;
+/// the lease is renewed meanwhile, as during the handler: a load that outlasts the lease (here
+/// two TTLs) no longer fails the call with `LeaseLost`.
+#[tokio::test]
+async fn a_slow_restore_before_a_lazy_objects_first_commit_keeps_the_lease() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 20).await;
+    a.evict(&o).await.expect("evict");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let b = w.runtime_with(
+        "b",
+        Arc::new(w.hot.clone()),
+        cold.clone(),
+        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
+    );
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    let clock = w.clock.clone();
+    *cold.before_load.lock() = Some(Box::pin(async move {
+        for _ in 0..20 {
+            clock.advance(TTL / 10);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }));
+    assert_eq!(incr(&b, &o).await.expect("the first write completes the restore"), 1);
+    assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(b.metrics().self_fenced, 0);
+    assert_eq!(all_state(&b, &o).await.len(), 21);
 }
 
 /// Without an accelerator a lazy read of one key costs a read of the object's whole cold state:

@@ -189,6 +189,10 @@ impl IcebergColdStore {
         let table = match catalog.load_table(&ident).await {
             Ok(t) => t,
             Err(e) if matches!(e.kind(), iceberg::ErrorKind::TableNotFound | iceberg::ErrorKind::NamespaceNotFound) => {
+                // Before anything is created (the namespace included).
+                if let Some(col) = schema.fields().iter().find(|f| nanosecond_timestamps(f.data_type())) {
+                    return Err(v3_only(&what, col.name(), col.data_type()));
+                }
                 if !catalog.namespace_exists(&ns).await.map_err(|e| classify(e, &what))? {
                     crate::store::check_new_namespace(&ns)?;
                     match catalog.create_namespace(&ns, HashMap::new()).await {
@@ -248,6 +252,27 @@ fn check_unpartitioned(table: &Table, what: &str) -> Result<()> {
         "{what} is partitioned ({}); dotdo appends to and compacts unpartitioned user tables only",
         fields.join(", ")
     )))
+}
+
+/// Whether `dt` is or holds an Arrow timestamp in nanoseconds: Iceberg's `timestamp_ns` /
+/// `timestamptz_ns`, which only format version 3 has (dotdo creates version 2 tables; engines
+/// refuse such a column in a version 2 table, and Spark has no nanosecond type at all).
+fn nanosecond_timestamps(dt: &arrow_schema::DataType) -> bool {
+    use arrow_schema::DataType as D;
+    match dt {
+        D::Timestamp(arrow_schema::TimeUnit::Nanosecond, _) => true,
+        D::List(f) | D::LargeList(f) | D::FixedSizeList(f, _) | D::Map(f, _) => nanosecond_timestamps(f.data_type()),
+        D::Struct(fields) => fields.iter().any(|f| nanosecond_timestamps(f.data_type())),
+        _ => false,
+    }
+}
+
+/// The refusal of a nanosecond timestamp column `name` in a version 2 table.
+fn v3_only(what: &str, name: &str, dt: &arrow_schema::DataType) -> Error {
+    Error::invalid(format!(
+        "{what}: column {name} ({dt}) holds nanosecond timestamps, which Iceberg has only from format \
+         version 3 (this table is version 2); store them as Timestamp(Microsecond, ..)"
+    ))
 }
 
 /// The Iceberg type of `dt`, if it converts back to exactly `dt` (what appends will check).
@@ -600,6 +625,10 @@ impl ArrowTable {
         let mut last_err = None;
         for attempt in 0..attempts {
             let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
+            if table.metadata().format_version() < iceberg::spec::FormatVersion::V3 && nanosecond_timestamps(&data_type)
+            {
+                return Err(v3_only(&what, name, &data_type));
+            }
             if table.metadata().current_schema().field_by_name(name).is_some() {
                 last_err = None;
                 break;

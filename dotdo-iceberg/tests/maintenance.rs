@@ -333,6 +333,32 @@ async fn rewrites_without_a_sql_catalog_are_invalid_input() {
     assert_eq!(bad.kind(), &ErrorKind::InvalidInput);
 }
 
+/// Nanosecond timestamps (Iceberg's `timestamp_ns` / `timestamptz_ns`) exist only from format
+/// version 3: a user table (version 2) refuses them, at creation and as an added column, also
+/// nested, with `InvalidInput` naming the column; nothing is created. Microseconds are fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_tables_refuse_nanosecond_timestamps_of_format_version_3() {
+    use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let ns = DataType::Timestamp(TimeUnit::Nanosecond, None);
+    let ns_tz = DataType::Timestamp(TimeUnit::Nanosecond, Some("+00:00".into()));
+    let nested = DataType::Struct(Fields::from(vec![Field::new("at", ns_tz.clone(), true)]));
+    for (i, dt) in [ns.clone(), ns_tz, nested].into_iter().enumerate() {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("at", dt, true)]));
+        let e = cold.arrow_table(&["m"], &format!("ns{i}"), schema).await.expect_err("a v3 type in a v2 table");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("column at") && e.to_string().contains("version 3"), "{e}");
+    }
+    let micros = DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into()));
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false), Field::new("at", micros, true)]));
+    // Nothing was created: the name is free for a table of another schema.
+    let t = cold.arrow_table(&["m"], "ns0", schema).await.expect("microseconds are fine");
+    let e = t.add_column("later", ns).await.expect_err("added as a column");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("column later"), "{e}");
+}
+
 /// User tables: add an optional column, widen int to long and float to double; rows written
 /// before read back null / widened; illegal promotions are rejected; reopening with the new
 /// schema works.

@@ -162,7 +162,9 @@ impl Conn {
         // Raise `do_objects.max_token` only for a token above the floor (the lease's own token
         // needs no write), and create the object's row on its first write.
         if w.token > max || !known {
-            self.prepared(Step::exec(RAISE_IF_CURRENT, vec![w.object.clone(), Value::Integer(w.token)])).await?;
+            // (The room was checked above; the statement checks it too, for the batch path.)
+            let room = Value::Integer(dotdo_core::MAX_SEQ as i64 - n);
+            self.prepared(Step::exec(RAISE_IF_CURRENT, vec![w.object.clone(), Value::Integer(w.token), room])).await?;
         }
         for (i, (key, value)) in w.ops.iter().enumerate() {
             let seq = Value::Integer(last + 1 + i as i64);

@@ -55,7 +55,7 @@ impl HotStore for LibsqlStore {
                     // operation only if the token equals the maximum, report the outcome.
                     let mut steps = Vec::with_capacity(3 + 2 * direct.ops.len());
                     steps.push(Step::exec(FOLD_LEASE, vec![o.clone()]));
-                    steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone()]));
+                    steps.push(Step::exec(RAISE_IF_CURRENT, vec![o.clone(), tk.clone(), room.clone()]));
                     steps.push(Step::exec(PIN_LAST, vec![o.clone(), tk.clone()]));
                     for (k, value) in &direct.ops {
                         let (code, v) = match value {

@@ -44,11 +44,16 @@ pub(crate) const LAST: &str =
     concat!("coalesce((SELECT ", eff_last!("o"), " FROM do_objects o WHERE o.do_id = ?1), 0)");
 /// `-max_token` if `?2` is stale (a fenced call), for result codes.
 pub(crate) const MINUS_MAX: &str = "-(SELECT max_token FROM do_objects WHERE do_id = ?1)";
-/// Raise only (never lower) and only when the token is not stale: the step of a write after
-/// [`FOLD_LEASE`].
-pub(crate) const RAISE_IF_CURRENT: &str =
+/// Raise only (never lower), only when the token is not stale and only if the batch fits below
+/// `MAX_SEQ` (`?3`: the largest last seq before the batch that leaves room): a write refused
+/// for room changes nothing, its token included. The step of a write after [`FOLD_LEASE`].
+pub(crate) const RAISE_IF_CURRENT: &str = concat!(
     "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
-     ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token";
+     ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token \
+     AND ",
+    eff_last!("do_objects"),
+    " <= ?3"
+);
 /// The step of a write after [`RAISE_IF_CURRENT`]: pin the object's `last_seq` floor to its effective last
 /// sequence number (which it never changes), so the steps after it can test the room left below
 /// `MAX_SEQ` against a value the batch's own inserts do not move. Only with a current token.
@@ -86,9 +91,12 @@ pub(crate) const DIRECT_PUT: &str = "INSERT INTO do_state (do_id, key, value, se
      ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq";
 /// The direct path's state delete.
 pub(crate) const DIRECT_DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?2";
-/// The result of a write: `-max_token` if fenced, else the effective last sequence number.
+/// The result of a write: `-max_token` if fenced, `?4` if the batch did not fit below `MAX_SEQ`
+/// (the maximum is still below a newer token: [`RAISE_IF_CURRENT`] refused it for room; or the
+/// pinned floor is past the room `?3`), else the effective last sequence number.
 pub(crate) const WRITE_RESULT: &str = concat!(
-    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token WHEN o.last_seq > ?3 THEN ?4 ELSE ",
+    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token WHEN o.max_token < ?2 THEN ?4 \
+     WHEN o.last_seq > ?3 THEN ?4 ELSE ",
     eff_last!("o"),
     " END FROM do_objects o WHERE o.do_id = ?1), 0)"
 );

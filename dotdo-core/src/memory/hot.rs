@@ -232,6 +232,8 @@ impl HotStore for MemoryBackend {
         entries: Vec<Entry>,
         through_seq: Seq,
     ) -> Result<()> {
+        // The token first, as the SQL backends check it.
+        token.validate()?;
         crate::record::validate_restore(&entries, through_seq)?;
         let mut st = self.state.lock();
         st.check_token(object, token)?;

@@ -105,7 +105,8 @@ pub struct RuntimeSettings {
     /// Most bytes (keys twice, values and 64 per entry), per object, of cold values a lazily
     /// restored object keeps cached when they come from the accelerator one key at a time; past
     /// it the least recently used of those entries are dropped until half the budget is left
-    /// (and read again if asked for); keys preloaded by `Hybrid` or `prefetch` stay. Without an
+    /// (and read again if asked for); keys preloaded by `Hybrid` or `prefetch` stay (a key named
+    /// for preloading that does not exist is cached as absent like any read, and may be dropped). Without an
     /// accelerator the whole state is read and kept, whatever its size. Default 64 MiB.
     pub lazy_cache_bytes: usize,
 }
@@ -586,6 +587,10 @@ impl ObjectRuntime {
                     }
                     drop(m);
                     slot.active = None;
+                } else if activation_spent(&e) {
+                    // The hot store is behind cold storage, or a lazy restore found hot state it
+                    // cannot build on: the next activation starts afresh.
+                    give_back(&self.inner, &mut slot.active).await;
                 } else if e.kind() == &ErrorKind::AmbiguousOutcome {
                     // The write may still land later (a request queued at a remote primary):
                     // reading back cannot settle that. Give the lease back, so that the next
@@ -612,9 +617,22 @@ impl ObjectRuntime {
         let inner = &self.inner;
         let active = slot.active.as_mut().expect("active");
         if active.lazy.is_some() {
-            complete_restore(inner, object, active.lease.token, &mut active.lazy)
-                .await
-                .map_err(|e| before_the_call(e, "completing the object's restore before the commit"))?;
+            // A read of the whole cold state and its restore into hot storage: the lease is
+            // renewed meanwhile, as during the handler (a lost renewal abandons the restore,
+            // whose outcome a later activation settles, and fails the call: nothing written).
+            let renewed = parking_lot::Mutex::new(active.lease.clone());
+            let restored = {
+                let restore = std::pin::pin!(complete_restore(inner, object, active.lease.token, &mut active.lazy));
+                let renew = std::pin::pin!(renew_loop(inner, &renewed));
+                match futures::future::select(restore, renew).await {
+                    Either::Left((r, _)) => {
+                        r.map_err(|e| before_the_call(e, "completing the object's restore before the commit"))
+                    }
+                    Either::Right((lost, _)) => Err(lost),
+                }
+            };
+            active.lease = renewed.into_inner();
+            restored?;
         }
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
@@ -1410,12 +1428,11 @@ impl ObjectRuntime {
         // happens, a cancelled call included).
         let active = slot.active.as_mut().expect("active");
         let token = active.lease.token;
+        // A lazy activation's state is in cold storage already (nothing of it was written to
+        // hot; a write completes the restore first): it is not loaded into hot storage only to
+        // be dropped. Whatever hot holds of the object (a late write of an earlier activation,
+        // a restore of unknown outcome) is drained and dropped like any hot state.
         let drained = async {
-            if active.lazy.is_some() {
-                complete_restore(&self.inner, object, token, &mut active.lazy)
-                    .await
-                    .map_err(|e| before_the_call(e, "completing the object's restore before the eviction"))?;
-            }
             let report = drain(&self.inner, object, token).await?;
             if report.objects == 0 {
                 // Nothing was left to drain, so no commit just showed that cold storage holds

@@ -432,6 +432,16 @@ pub async fn sequence_numbers_are_bounded(f: &HotFactory) {
     assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), Some(b("v")));
     let log = fx.hot.read_changes(&l.object, 0, 10).await.expect("log");
     assert_eq!(log.iter().map(|c| c.seq).collect::<Vec<_>>(), [crate::MAX_SEQ]);
+    // A newer token refused for room changes nothing either, its token included: the holder
+    // is not fenced by a write that was refused.
+    let newer = FencingToken::new(l.token.get() + 5);
+    let e = fx.hot.put(&l.object, newer, "T", "c", b("3")).await.expect_err("past MAX_SEQ, newer token");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert_eq!(fx.hot.get(&l.object, "c").await.expect("get"), None, "nothing of the refused write applied");
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("object");
+    assert_eq!(info.max_token, l.token, "the refused write did not raise the token");
+    let r = fx.hot.write(&l.object, l.token, WriteBatch::new("T")).await.expect("the holder is not fenced");
+    assert_eq!(r.last_seq, crate::MAX_SEQ);
 }
 
 /// After another holder takes over, a write with the old token is `Fenced` and changes nothing.
