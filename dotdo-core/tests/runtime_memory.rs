@@ -1727,12 +1727,10 @@ async fn a_lazy_object_survives_the_expiry_of_its_snapshot() {
     assert_eq!(after, before);
 }
 
-/// Evicting a lazily restored object (its state is in cold already) does not load that state
-/// into hot storage only to drop it: no read of the whole cold state, and the object comes back
-/// whole afterwards.
-#[tokio::test]
-async fn evicting_a_lazy_object_does_not_load_its_cold_state() {
-    let w = World::new();
+/// An object of 20 keys written by runtime "a" and evicted to cold, then read once by a lazily
+/// restoring runtime "b" whose cold sink is a [`FlakyCold`] (the accelerator is the world's
+/// cold store): b's activation is lazy. Returns the sink, b, the object and its whole state.
+async fn lazily_restored(w: &World) -> (Arc<FlakyCold>, ObjectRuntime, ObjectId, Vec<(String, Bytes)>) {
     let a = w.runtime("a", settings());
     let o = oid("o");
     populate(&a, &o, 20).await;
@@ -1747,6 +1745,16 @@ async fn evicting_a_lazy_object_does_not_load_its_cold_state() {
         RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
     );
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    (cold, b, o, before)
+}
+
+/// Evicting a lazily restored object (its state is in cold already) does not load that state
+/// into hot storage only to drop it: no read of the whole cold state, and the object comes back
+/// whole afterwards.
+#[tokio::test]
+async fn evicting_a_lazy_object_does_not_load_its_cold_state() {
+    let w = World::new();
+    let (cold, b, o, before) = lazily_restored(&w).await;
     b.evict(&o).await.expect("evict the lazy object");
     assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 0, "no read of the whole cold state");
     assert_eq!(b.metrics().evictions, 1);
@@ -1760,18 +1768,7 @@ async fn evicting_a_lazy_object_does_not_load_its_cold_state() {
 #[tokio::test]
 async fn a_slow_restore_before_a_lazy_objects_first_commit_keeps_the_lease() {
     let w = World::new();
-    let a = w.runtime("a", settings());
-    let o = oid("o");
-    populate(&a, &o, 20).await;
-    a.evict(&o).await.expect("evict");
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let b = w.runtime_with(
-        "b",
-        Arc::new(w.hot.clone()),
-        cold.clone(),
-        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
-    );
-    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    let (cold, b, o, _) = lazily_restored(&w).await;
     let clock = w.clock.clone();
     *cold.before_load.lock() = Some(Box::pin(async move {
         for _ in 0..20 {

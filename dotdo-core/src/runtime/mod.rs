@@ -93,7 +93,9 @@ pub struct RuntimeSettings {
     pub flush_batch_records: usize,
     /// Objects idle this long are tiered out by `evict_idle` and `maintain` (None: never).
     /// Must not exceed `keep_warm` (objects released after `keep_warm` are no longer this
-    /// runtime's to evict). Default None.
+    /// runtime's to evict). An object whose eviction failed for a passing reason (cold storage
+    /// unreachable) stays held past `keep_warm`, its lease renewed, until a later `maintain`
+    /// evicts it. Default None.
     pub evict_idle_after: Option<Duration>,
     /// Whether [`flush_all`](ObjectRuntime::flush_all) and shutdown also take, drain and give
     /// back objects whose changes wait in the hot store with no holder (released after a call
