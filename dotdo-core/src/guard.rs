@@ -75,6 +75,10 @@ pub fn validate_ttl(ttl: Duration) -> Result<()> {
 ///   process, no lower or equal token is issued again (after a power loss, as durable as the
 ///   backend's configured durability: see dotdo-sqlite's `Durability`).
 /// * TTLs outside [`MIN_TTL`]..=[`MAX_TTL`] are `InvalidInput`.
+/// * **Unknown outcomes.** An acquire, refresh or release whose outcome is unknown (its COMMIT
+///   failed with an I/O error, a remote reply was lost) → `AmbiguousOutcome`; ask
+///   [`current`](ConsistencyGuard::current) whether this holder has the lease now (a refresh or
+///   release may simply be sent again). A busy or unreachable backend → `Unavailable`.
 #[async_trait]
 pub trait ConsistencyGuard: Send + Sync + Debug + 'static {
     /// Acquire the lease on `object` for `holder` for `ttl`.

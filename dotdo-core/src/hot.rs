@@ -58,7 +58,12 @@ impl ObjectInfo {
 ///   them.
 /// * **Errors.** Bad ids, keys, type names → `InvalidInput`; keys over 1 KiB, values over
 ///   2 MiB and batches over [`WriteBatch::MAX_BYTES`] → `LimitExceeded`;
-///   busy or unreachable backend → `Unavailable` (retryable); damaged storage → `Corrupt`.
+///   busy or unreachable backend → `Unavailable` (retryable; not retryable when no retry can
+///   mend it: a read-only or unopenable file); damaged storage → `Corrupt`. A mutating call
+///   whose outcome is unknown (a COMMIT that failed with an I/O error, a remote primary's reply
+///   lost after the request was sent) → `AmbiguousOutcome`: it may have applied. Never retry
+///   such a write under the same token: take a new lease (whose token fences the write if it
+///   lands late) and read back.
 #[async_trait]
 pub trait HotStore: Send + Sync + Debug + 'static {
     /// Apply `batch` to `object` atomically under `token`. An empty batch still checks (and

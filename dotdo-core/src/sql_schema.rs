@@ -225,6 +225,71 @@ pub fn is_private_database(path: &std::path::Path) -> bool {
         || (p.starts_with("file:") && (p.contains("mode=memory") || p.starts_with("file::memory:")))
 }
 
+/// The file at a database's path, as a store opened it: SQLite notices a deleted or replaced
+/// database file only when it opens a rollback journal, never in WAL mode, so a store would go
+/// on writing into a file no other process opens (two databases, two lease tables). The SQL hot
+/// stores' checkpoint threads ask [`replaced`](Self::replaced) every round.
+#[derive(Debug, Clone)]
+pub struct FileWatch {
+    file: Option<std::path::PathBuf>,
+    opened: FileAt,
+}
+
+impl FileWatch {
+    /// Remember the identity of the file at `path` (a path or a `file:` URI) now.
+    pub fn new(path: &std::path::Path) -> Self {
+        let file = file_path_of(path);
+        let opened = file.as_deref().map_or(FileAt::Unknown, file_identity);
+        FileWatch { file, opened }
+    }
+
+    /// Whether the file at the path is no longer the one remembered (deleted, or another file
+    /// put in its place). A transient error reading the path is no verdict (`false`: asked
+    /// again next round), nor is a path whose identity was not known at first.
+    pub fn replaced(&self) -> bool {
+        let now = self.file.as_deref().map_or(FileAt::Unknown, file_identity);
+        matches!(self.opened, FileAt::File(..)) && now != FileAt::Unknown && now != self.opened
+    }
+}
+
+/// What is at a database's path.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum FileAt {
+    /// A file of this identity (device, inode).
+    File(u64, u64),
+    /// No file.
+    Gone,
+    /// Not known (an I/O error, a platform without inodes): no verdict this round.
+    Unknown,
+}
+
+/// The file system path of a database path or `file:` URI (its query dropped; `None` for a URI
+/// with percent-escapes, which are not decoded here).
+fn file_path_of(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    let text = path.to_string_lossy();
+    let Some(uri) = text.strip_prefix("file:") else { return Some(path.to_path_buf()) };
+    let file = uri.split(['?', '#']).next().unwrap_or_default();
+    let file = file.strip_prefix("//localhost").or_else(|| file.strip_prefix("//")).unwrap_or(file);
+    (!file.is_empty() && !file.contains('%')).then(|| std::path::PathBuf::from(file))
+}
+
+/// The identity of the file at `path`.
+#[cfg(unix)]
+fn file_identity(path: &std::path::Path) -> FileAt {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => FileAt::File(m.dev(), m.ino()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileAt::Gone,
+        Err(_) => FileAt::Unknown,
+    }
+}
+
+/// The identity of the file at `path`: not available here (no check).
+#[cfg(not(unix))]
+fn file_identity(_path: &std::path::Path) -> FileAt {
+    FileAt::Unknown
+}
+
 /// What one round of a [`CheckpointThread`] found.
 #[derive(Debug)]
 pub enum CheckpointRound {

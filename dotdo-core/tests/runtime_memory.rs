@@ -430,6 +430,7 @@ async fn eviction_and_restore_give_identical_state_in_every_mode() {
                 b.prefetch(&o, &["key/0003".into()], &["key/001".into()]).await.expect("prefetch again");
                 assert_eq!(b.metrics().preloaded_keys, 11, "keys preloaded already count once");
             }
+            other => panic!("no test for restore mode {other:?}"),
         }
         assert_eq!(all_state(&b, &o).await, before, "{mode:?}: restored state differs");
         // Writes continue the sequence after the cold watermark.
@@ -822,34 +823,45 @@ async fn maintain_evicts_idle_objects_before_releasing_them() {
 /// stayed until someone used the object.
 #[tokio::test]
 async fn a_failed_idle_eviction_is_tried_again_by_the_next_round() {
-    let w = World::new();
-    let idle = Duration::from_secs(5);
-    let (cold, rt) =
-        w.flaky_cold_runtime(RuntimeSettings { keep_warm: idle, evict_idle_after: Some(idle), ..settings() });
-    let o = oid("o");
-    incr(&rt, &o).await.expect("incr");
-    w.clock.advance(idle + Duration::from_secs(1));
-    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    // (The clock ticks during each round: the drain's retries wait on it.)
-    let maintain = async || {
-        let ticking = tick(&w);
-        let out = rt.maintain().await;
-        ticking.abort();
-        out
-    };
-    assert!(maintain().await.is_err(), "the eviction failed");
-    assert!(!w.hot.is_available(&o).await.expect("available"), "still held, for the next try");
-    // Two more rounds, further apart than a TTL in all: kept renewed meanwhile.
-    w.clock.advance(TTL / 2 + Duration::from_secs(1));
-    assert!(maintain().await.is_err(), "cold still down");
-    assert!(!w.hot.is_available(&o).await.expect("available"), "still held");
-    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
-    w.clock.advance(TTL / 2 + Duration::from_secs(1));
-    maintain().await.expect("maintain");
-    assert_eq!(rt.metrics().evictions, 1);
-    assert!(w.hot.get(&o, "n").await.expect("hot").is_none(), "left hot storage");
-    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1, "drained to cold first");
-    assert!(w.hot.is_available(&o).await.expect("available"), "and released");
+    // Cold unreachable (`Unavailable`), then a cold commit whose outcome stays unknown
+    // (`AmbiguousOutcome` after the drain's own attempts): both pass.
+    for ambiguous in [false, true] {
+        let w = World::new();
+        let idle = Duration::from_secs(5);
+        let (cold, rt) =
+            w.flaky_cold_runtime(RuntimeSettings { keep_warm: idle, evict_idle_after: Some(idle), ..settings() });
+        let o = oid("o");
+        incr(&rt, &o).await.expect("incr");
+        w.clock.advance(idle + Duration::from_secs(1));
+        let fail = |on: bool| {
+            if ambiguous {
+                cold.ambiguous_appends.store(if on { 100 } else { 0 }, std::sync::atomic::Ordering::SeqCst);
+            } else {
+                cold.down.store(on, std::sync::atomic::Ordering::SeqCst);
+            }
+        };
+        fail(true);
+        // (The clock ticks during each round: the drain's retries wait on it.)
+        let maintain = async || {
+            let ticking = tick(&w);
+            let out = rt.maintain().await;
+            ticking.abort();
+            out
+        };
+        assert!(maintain().await.is_err(), "the eviction failed ({ambiguous})");
+        assert!(!w.hot.is_available(&o).await.expect("available"), "still held, for the next try");
+        // Two more rounds, further apart than a TTL in all: kept renewed meanwhile.
+        w.clock.advance(TTL / 2 + Duration::from_secs(1));
+        assert!(maintain().await.is_err(), "cold still failing");
+        assert!(!w.hot.is_available(&o).await.expect("available"), "still held");
+        fail(false);
+        w.clock.advance(TTL / 2 + Duration::from_secs(1));
+        maintain().await.expect("maintain");
+        assert_eq!(rt.metrics().evictions, 1);
+        assert!(w.hot.get(&o, "n").await.expect("hot").is_none(), "left hot storage");
+        assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1, "drained to cold first");
+        assert!(w.hot.is_available(&o).await.expect("available"), "and released");
+    }
 }
 
 #[test]
@@ -877,6 +889,8 @@ struct FlakyCold {
     conflicts: std::sync::atomic::AtomicU32,
     /// Report commits without any watermark (a sink breaking the `ColdSink` contract).
     forget_watermarks: std::sync::atomic::AtomicBool,
+    /// Appends that answer `AmbiguousOutcome` without landing.
+    ambiguous_appends: std::sync::atomic::AtomicU32,
     /// `load_state` calls so far.
     loads: std::sync::atomic::AtomicU64,
     /// The most change records one `read_changes`/`read_changes_through` returned.
@@ -915,6 +929,7 @@ impl FlakyCold {
             hang: false.into(),
             conflicts: 0.into(),
             forget_watermarks: false.into(),
+            ambiguous_appends: 0.into(),
             loads: 0.into(),
             most_changes_read: 0.into(),
             before_append: Hook::new(),
@@ -944,6 +959,11 @@ impl ColdSink for FlakyCold {
         let each = self.each_append.lock().clone();
         if let Some(f) = each {
             f();
+        }
+        let left = self.ambiguous_appends.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.ambiguous_appends.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "the commit's reply was lost (test)"));
         }
         let left = self.conflicts.load(std::sync::atomic::Ordering::SeqCst);
         if left > 0 {

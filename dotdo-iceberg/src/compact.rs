@@ -199,6 +199,7 @@ impl fmt::Debug for CollapseOptions {
 
 /// What a [`compact`](IcebergColdStore::compact) or [`collapse`](IcebergColdStore::collapse) did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RewriteReport {
     /// The snapshot committed (`None`: nothing to do).
     pub snapshot: Option<SnapshotId>,

@@ -197,7 +197,9 @@ fn sqlx_cause(e: &sqlx::Error) -> Cause {
             // hiccups; the same errno from the object store is `Unavailable` too). A write whose
             // COMMIT failed that way is an unknown outcome: `swap_failure` decides that first.
             let code = db.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
-            let busy = matches!(code, Some(5 | 6 | 10));
+            // SQLITE_PROTOCOL (15): a WAL lock race that SQLite gave up retrying, busy as in
+            // the hot stores.
+            let busy = matches!(code, Some(5 | 6 | 10 | 15));
             // SQLITE_CORRUPT (11) / SQLITE_NOTADB (26): the catalog file is damaged or another file.
             if matches!(code, Some(11 | 26)) {
                 Cause::Undecodable

@@ -59,13 +59,16 @@ pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a st
     Ok(())
 }
 
+/// The largest [`Settings::min_cleanup_retention`] a store accepts (30 days).
+pub const MAX_CLEANUP_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Tunables of an [`IcebergColdStore`]. Plain data with documented defaults.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Number of `bucket(do_id)` partitions of a newly created table (default 16). An existing
     /// table keeps its own spec.
     pub buckets: u32,
-    /// ZSTD level of data files (default 1).
+    /// ZSTD level of data files (default 1; 1 to 22).
     pub zstd_level: i32,
     /// Rows per Parquet row group (default 32 Ki); smaller groups prune finer.
     pub row_group_rows: usize,
@@ -128,7 +131,8 @@ pub struct Settings {
     /// An append whose commit is retried past half of it writes new files. Opening the change
     /// table records the largest minimum of its stores in the table ([`MIN_CLEANUP_PROP`]), and
     /// every cleanup keeps to it, whatever its own setting. The ages are taken by the store's
-    /// clock against the object store's last-modified times.
+    /// clock against the object store's last-modified times. At most [`MAX_CLEANUP_RETENTION`]
+    /// (30 days; it only protects files of commits in flight, not snapshots to time-travel to).
     pub min_cleanup_retention: Duration,
     /// On a `file://` warehouse that dotdo opens itself (not one given with
     /// [`object_store`](IcebergColdStoreBuilder::object_store)), fsync every data, manifest and
@@ -287,6 +291,26 @@ impl IcebergColdStoreBuilder {
             return Err(Error::invalid(format!(
                 "options {:?} were given with an object store of your own, which ignores them",
                 self.options.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()
+            )));
+        }
+        // Checked here, not at the first append: a level parquet refuses (zstd's own "0 means
+        // default" included) or a zero size would fail or degrade every append after a
+        // successful open (a runtime's automatic flush only logs its failures).
+        if let Err(e) = ZstdLevel::try_new(self.settings.zstd_level) {
+            return Err(Error::invalid(format!("zstd_level {}: {e}", self.settings.zstd_level)));
+        }
+        if self.settings.row_group_rows == 0
+            || self.settings.row_group_bytes == 0
+            || self.settings.target_file_size == 0
+        {
+            return Err(Error::invalid("row_group_rows, row_group_bytes and target_file_size must be at least 1"));
+        }
+        if self.settings.min_cleanup_retention > MAX_CLEANUP_RETENTION {
+            // Recorded in the table as the least every store's cleanup keeps, and only ever
+            // raised: a unit slip would block every cleanup of the table for good.
+            return Err(Error::invalid(format!(
+                "min_cleanup_retention {:?} is above {:?}",
+                self.settings.min_cleanup_retention, MAX_CLEANUP_RETENTION
             )));
         }
         if self.settings.retry_base_delay > Duration::from_secs(1) {

@@ -714,6 +714,46 @@ async fn a_retry_base_delay_above_one_second_is_refused() {
     }
 }
 
+/// Settings every append would fail or degrade on are refused at build, `InvalidInput` naming
+/// the setting: a zstd level parquet refuses (0, negative, above 22), zero row-group or file
+/// sizes, a cleanup minimum above the cap (it is recorded in the table for every store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_every_append_would_fail_on_are_refused_at_build() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Settings::default;
+    let cases = [
+        ("zstd_level", Settings { zstd_level: 0, ..d() }),
+        ("zstd_level", Settings { zstd_level: -3, ..d() }),
+        ("zstd_level", Settings { zstd_level: 23, ..d() }),
+        ("row_group_rows", Settings { row_group_rows: 0, ..d() }),
+        ("row_group_bytes", Settings { row_group_bytes: 0, ..d() }),
+        ("target_file_size", Settings { target_file_size: 0, ..d() }),
+        ("min_cleanup_retention", Settings { min_cleanup_retention: Duration::from_secs(3600 * 24 * 365), ..d() }),
+    ];
+    for (name, settings) in cases {
+        let e = IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
+            .table(["d"], "changes")
+            .settings(settings)
+            .build()
+            .await
+            .expect_err(name);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains(name), "{e}");
+    }
+    for ok in [
+        Settings { zstd_level: 22, ..d() },
+        Settings { min_cleanup_retention: dotdo_iceberg::MAX_CLEANUP_RETENTION, ..d() },
+    ] {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
+            .table(["d"], "changes")
+            .settings(ok)
+            .build()
+            .await
+            .expect("within bounds");
+    }
+}
+
 /// A stream mark in a user table's summary that is no batch id (not a number, or beyond any
 /// count: `mark + 1` would overflow) is `Corrupt`, never taken as "every batch is a replay"
 /// (which dropped every later batch) nor ignored; a batch id beyond the limit is refused.

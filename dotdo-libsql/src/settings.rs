@@ -251,6 +251,7 @@ pub fn validate_url(url: &str) -> Result<String> {
 /// Where the database lives: the three ways to open one. Its `Debug` shows URLs without their
 /// query string (which may carry a token) and redacts the auth token.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Target {
     /// A local database file (created if missing).
     Local {

@@ -95,6 +95,10 @@ pub(crate) struct Inner {
     pull_done: parking_lot::Mutex<Option<PullDone>>,
     /// The background checkpoint thread of a local file, stopped when the last clone is dropped.
     checkpointer: std::sync::OnceLock<dotdo_core::sql_schema::CheckpointThread>,
+    /// Set by the checkpoint thread when the file at a local path is no longer the one this
+    /// store opened (deleted, or replaced by a restored backup): every call is refused from
+    /// then on, as dotdo-sqlite does.
+    moved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// See [`Inner::pull_done`].
@@ -279,6 +283,7 @@ impl LibsqlStoreBuilder {
             #[cfg(feature = "replica")]
             pull_done: parking_lot::Mutex::new(None),
             checkpointer: std::sync::OnceLock::new(),
+            moved: Arc::default(),
         };
         let store = LibsqlStore { inner: Arc::new(inner) };
         store.init(&doing).await?;
@@ -287,7 +292,9 @@ impl LibsqlStoreBuilder {
         if let (Target::Local { path }, Some(every)) = (&inner.target, inner.settings.background_checkpoint) {
             if !every.is_zero() && !dotdo_core::sql_schema::is_private_database(path) {
                 let shown = path.display().to_string();
-                let started = crate::checkpoint::start(&inner.readers.db, inner.settings.busy_timeout, every, shown)?;
+                let watch = (dotdo_core::sql_schema::FileWatch::new(path), inner.moved.clone());
+                let started =
+                    crate::checkpoint::start(&inner.readers.db, inner.settings.busy_timeout, every, shown, watch)?;
                 let _ = inner.checkpointer.set(started);
             }
         }
@@ -621,6 +628,7 @@ impl LibsqlStore {
         mutating: bool,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
+        self.check_unmoved(doing)?;
         let settings = &self.inner.settings;
         let mut attempt = 0;
         // Writers of this store queue on one connection; waiting for it counts against the same
@@ -730,6 +738,7 @@ impl LibsqlStore {
         doing: &str,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
+        self.check_unmoved(doing)?;
         if self.inner.replica.is_some() {
             self.inner.replica_behind.catch_up(self.sync_replica()).await.map_err(|e| e.context(doing))?;
         }
@@ -833,6 +842,18 @@ impl LibsqlStore {
 }
 
 impl LibsqlStore {
+    /// `Corrupt` once the checkpoint thread found the local file deleted or replaced.
+    fn check_unmoved(&self, doing: &str) -> Result<()> {
+        if self.inner.moved.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::corrupt(format!(
+                "{doing}: {} was deleted or replaced while this store had it open; writes since may be in the \
+                 old file only: open the store again",
+                self.inner.target.describe()
+            )));
+        }
+        Ok(())
+    }
+
     /// `e`, naming the database if it is `Corrupt` (an operator needs to know which file).
     fn named(&self, e: Error) -> Error {
         if e.kind() == &ErrorKind::Corrupt {

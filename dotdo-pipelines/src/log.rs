@@ -251,6 +251,23 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
     err.with_source(e)
 }
 
+/// A failed COMMIT of events sent to the log: an I/O error there may leave the transaction
+/// durable (WAL recovery applies it), so it is an unknown outcome, not a retryable failure: a
+/// caller retrying the send would have the events delivered twice. Other failures as [`sql`].
+pub(crate) fn commit_error(e: rusqlite::Error, doing: &str) -> Error {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::SystemIoFailure => Error::new(
+            dotdo_core::ErrorKind::AmbiguousOutcome,
+            format!(
+                "pipeline log: {doing}: COMMIT failed with an I/O error, so the events may be in the log \
+                 (delivered once) or not; sending them again may deliver them twice"
+            ),
+        )
+        .with_source(e),
+        _ => sql(e, doing),
+    }
+}
+
 /// The SQL size of a log row, counted like [`Event::size`](crate::Event::size): UTF-8 bytes of
 /// the id, type and key, bytes of the value, plus 32. (A macro, for `concat!`.)
 macro_rules! row_bytes {
@@ -495,7 +512,7 @@ impl Log for SqliteLog {
                 .map_err(|e| sql(e, "append"))?;
             }
         }
-        tx.commit().map_err(|e| sql(e, "append commit"))?;
+        tx.commit().map_err(|e| commit_error(e, "append commit"))?;
         self.depth.add(n, bytes);
         Ok(())
     }
@@ -724,6 +741,19 @@ mod tests {
         let failed: Result<()> = fully_synced(&mut conn, |_| Err(Error::unavailable("claim failed")));
         assert!(failed.is_err());
         assert_eq!(level(&conn).expect("level"), 1, "NORMAL again after a failed claim");
+    }
+
+    /// An I/O error at the COMMIT of a send is an unknown outcome (the events may be durable),
+    /// never a retryable `Unavailable`; other COMMIT failures map as any log error.
+    #[test]
+    fn a_send_commit_io_error_is_an_unknown_outcome() {
+        let failure = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        let e = commit_error(failure(rusqlite::ffi::SQLITE_IOERR), "append commit");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::AmbiguousOutcome, "{e}");
+        assert!(!e.is_retryable(), "{e}");
+        let e = commit_error(failure(rusqlite::ffi::SQLITE_BUSY), "append commit");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable(), "{e}");
     }
 
     /// A log row that does not fit the schema (an invalid object id, a sequence number that is

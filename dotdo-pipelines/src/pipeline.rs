@@ -22,6 +22,7 @@ pub type Transform = Arc<dyn Fn(Event) -> Transformed + Send + Sync>;
 
 /// Counters of a pipeline (monotonic) and its current depth.
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct PipelineMetrics {
     /// Events accepted by `send`.
     pub events_in: u64,
@@ -51,6 +52,7 @@ pub struct PipelineMetrics {
 
 /// What one roll did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RollReport {
     /// Cold commits made (one per claimed batch per route touched; a roll claims at most
     /// `roll_rows` events and about `roll_bytes` bytes at a time).
@@ -237,7 +239,9 @@ impl Pipeline {
     /// kill. When the buffer is full: `FailFast` and `Wait` fail with a retryable `Unavailable`
     /// (use [`send_wait`](Self::send_wait) to wait), `Spill` overflows to disk. More events than
     /// `capacity` or `capacity_bytes` in one call (bounded policies): `LimitExceeded`; after
-    /// [`close`](Self::close): `Shutdown`.
+    /// [`close`](Self::close): `Shutdown`. A durable log whose COMMIT failed with an I/O error:
+    /// `AmbiguousOutcome` (the events may be in the log and then are delivered once; sending
+    /// them again may deliver them twice).
     pub fn send(&self, events: impl IntoIterator<Item = Event>) -> Result<usize> {
         self.send_counting(events, true)
     }

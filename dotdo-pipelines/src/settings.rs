@@ -8,6 +8,7 @@ use dotdo_core::FencingToken;
 
 /// What `send` does when the buffer is full.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Backpressure {
     /// Fail at once with a retryable `Unavailable` naming the buffer depth.
     FailFast,

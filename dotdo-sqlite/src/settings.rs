@@ -20,6 +20,7 @@ pub enum Durability {
 
 /// Where SQLite work runs when called from async code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Execution {
     /// Choose per call (default): on a multi-threaded tokio runtime use `block_in_place` (no
     /// thread hop; tokio moves other tasks off this worker); on a current-thread tokio runtime use

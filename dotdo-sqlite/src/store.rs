@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dotdo_core::guard::rules::{self, LeaseRow};
 use dotdo_core::ids::validate_key;
-use dotdo_core::sql_schema::{CheckpointRound, CheckpointThread};
+use dotdo_core::sql_schema::{CheckpointRound, CheckpointThread, FileWatch};
 use dotdo_core::{
     ChangeRecord, Clock, ConsistencyGuard, Entry, Error, ErrorKind, FencingToken, HotStore, KeyRange, Lease, NodeId,
     ObjectId, ObjectInfo, Result, Seq, SystemClock, Timestamp, WriteBatch, WriteOp, WriteReceipt,
@@ -71,17 +71,11 @@ impl Checkpointer {
         moved: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<CheckpointThread> {
         let conn = open_connection(path, settings, false)?;
-        let file = file_path_of(path);
-        let opened = file.as_deref().map_or(FileAt::Unknown, file_identity);
+        let watch = FileWatch::new(path);
         let shown_path = path.display().to_string();
         let shown = shown_path.clone();
         CheckpointThread::start("dotdo-sqlite-checkpoint", every, shown_path, move || {
-            // SQLite notices a deleted or replaced file only when it opens a rollback journal,
-            // never in WAL mode: this store would go on writing into a file no other process
-            // opens (two databases, two lease tables).
-            // (A transient error reading the path is no verdict: checked next round.)
-            let now = file.as_deref().map_or(FileAt::Unknown, file_identity);
-            if matches!(opened, FileAt::File(..)) && now != FileAt::Unknown && now != opened {
+            if watch.replaced() {
                 tracing::error!(path = %shown, "the database file was deleted or replaced while open; refusing every call");
                 moved.store(true, std::sync::atomic::Ordering::SeqCst);
                 return CheckpointRound::Stop;
@@ -94,44 +88,6 @@ impl Checkpointer {
             }
         })
     }
-}
-
-/// What the checkpoint thread finds at the database's path.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum FileAt {
-    /// A file of this identity (device, inode).
-    File(u64, u64),
-    /// No file.
-    Gone,
-    /// Not known (an I/O error, a platform without inodes): no verdict this round.
-    Unknown,
-}
-
-/// The file system path of a database path or `file:` URI (its query dropped; `None` for a URI
-/// with percent-escapes, which are not decoded here).
-fn file_path_of(path: &Path) -> Option<PathBuf> {
-    let text = path.to_string_lossy();
-    let Some(uri) = text.strip_prefix("file:") else { return Some(path.to_path_buf()) };
-    let file = uri.split(['?', '#']).next().unwrap_or_default();
-    let file = file.strip_prefix("//localhost").or_else(|| file.strip_prefix("//")).unwrap_or(file);
-    (!file.is_empty() && !file.contains('%')).then(|| PathBuf::from(file))
-}
-
-/// The identity of the file at `path`.
-#[cfg(unix)]
-fn file_identity(path: &Path) -> FileAt {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(path) {
-        Ok(m) => FileAt::File(m.dev(), m.ino()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileAt::Gone,
-        Err(_) => FileAt::Unknown,
-    }
-}
-
-/// The identity of the file at `path`: not available here (no check).
-#[cfg(not(unix))]
-fn file_identity(_path: &Path) -> FileAt {
-    FileAt::Unknown
 }
 
 impl std::fmt::Debug for Inner {

@@ -279,6 +279,7 @@ fn modes_roundtrip(execution: Execution) {
         Execution::Auto => {
             tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(run);
         }
+        other => panic!("no test for execution mode {other:?}"),
     }
 }
 

@@ -8,6 +8,7 @@ use crate::ids::ObjectId;
 
 /// How an activation obtained the object's state.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum Recovery {
     /// The hot store had the state (the common case).
     Hot,
@@ -21,6 +22,7 @@ pub enum Recovery {
 
 /// One activation of an object on this runtime (seed 003's cold-start breakdown).
 #[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub struct ActivationMetrics {
     /// The object.
     pub object: ObjectId,
@@ -40,6 +42,7 @@ pub struct ActivationMetrics {
 
 /// Counters of one runtime. All monotonic since the runtime was built.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
 pub struct RuntimeMetrics {
     /// Calls to `invoke` past argument checks and shutdown, counted before activation: calls
     /// refused later (`LeaseHeld`, a failed restore) count too, so this is calls, not handlers

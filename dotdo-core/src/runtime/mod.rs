@@ -50,6 +50,7 @@ use crate::{IndexAccelerator, Seq};
 
 /// How an object whose hot state is missing is recovered from cold storage.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum RestoreMode {
     /// Restore everything before the handler runs.
     #[default]
@@ -369,6 +370,7 @@ impl Drop for InFlight<'_> {
 
 /// What a flush wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FlushReport {
     /// Cold commits made.
     pub commits: u64,
@@ -1507,7 +1509,9 @@ impl ObjectRuntime {
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "dotdo: idle object not evicted");
                     if let Some(a) = guard.active.as_mut() {
-                        a.evict_again = e.is_retryable();
+                        // A cold commit of unknown outcome is settled by the next attempt (the
+                        // same records are re-sent; the sink skips what it has).
+                        a.evict_again = e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome;
                     }
                     first_err.get_or_insert(e);
                 }
@@ -1577,9 +1581,10 @@ impl ObjectRuntime {
         self.inner.slots.lock().len()
     }
 
-    /// Run [`maintain`](Self::maintain) every `period` until shutdown (spawn this on the host's
-    /// executor).
+    /// Run [`maintain`](Self::maintain) every `period` (at least 1 ms: a zero period would
+    /// never yield to the executor) until shutdown (spawn this on the host's executor).
     pub async fn run_maintenance(&self, period: Duration) {
+        let period = period.max(Duration::from_millis(1));
         while !self.inner.shutting_down.load(Ordering::SeqCst) {
             self.inner.clock.sleep(period).await;
             match self.maintain().await {
