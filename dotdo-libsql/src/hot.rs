@@ -139,12 +139,29 @@ impl HotStore for LibsqlStore {
 
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let step = Step::new(
-            "SELECT seq, key, op, value, token, ts, type FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            vec![t(object.as_str()), i(after), Value::Integer(limit)],
-        );
+        let step = if self.inner.reads_for_drain_over_http() {
+            // One HTTP answer must arrive within `request_timeout`: a drain's read of 100 000
+            // changes of large values would time out on every attempt. At most
+            // REMOTE_CHANGES_BYTES of values per read (at least one change); a drain reads on.
+            Step::new(
+                "SELECT seq, key, op, value, token, ts, type FROM (SELECT seq, key, op, value, token, ts, type, \
+                 sum(length(value)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - length(value) AS before \
+                 FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) WHERE before < ?4 ORDER BY seq",
+                vec![
+                    t(object.as_str()),
+                    i(after),
+                    Value::Integer(limit),
+                    Value::Integer(crate::REMOTE_CHANGES_BYTES as i64),
+                ],
+            )
+        } else {
+            Step::new(
+                "SELECT seq, key, op, value, token, ts, type FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                vec![t(object.as_str()), i(after), Value::Integer(limit)],
+            )
+        };
         let rows = self
-            .read("read changes", move |c| {
+            .read_for_drain("read changes", move |c| {
                 let step = step.clone();
                 Box::pin(async move { Ok(c.query(step).await?) })
             })
@@ -228,7 +245,7 @@ impl HotStore for LibsqlStore {
              FROM do_objects o LEFT JOIN do_locks l ON l.do_id = o.do_id WHERE o.do_id = ?1",
             vec![t(object.as_str())],
         );
-        self.read("object info", move |c| {
+        self.read_for_drain("object info", move |c| {
             let step = step.clone();
             Box::pin(async move {
                 let rows = c.query(step).await?;
@@ -259,7 +276,7 @@ impl HotStore for LibsqlStore {
             vec![Value::Text(after), Value::Integer(limit)],
         );
         let rows = self
-            .read("pending objects", move |c| {
+            .read_for_drain("pending objects", move |c| {
                 let step = step.clone();
                 Box::pin(async move { Ok(c.query(step).await?) })
             })

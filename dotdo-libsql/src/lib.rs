@@ -168,3 +168,8 @@ mod store;
 
 pub use settings::{validate_url, AuthToken, Durability, LibsqlSettings, Target, Transport, MAX_RETRIES};
 pub use store::{LibsqlStore, LibsqlStoreBuilder};
+
+/// The most bytes of values one `read_changes` on a remote primary returns (at least one change
+/// whatever its size): the answer must arrive within `request_timeout`, and a drain reads on
+/// until the log is empty.
+pub const REMOTE_CHANGES_BYTES: usize = 8 << 20;

@@ -720,6 +720,16 @@ impl LibsqlStore {
         // Also after an unknown outcome: the caller resolves it by reading back, and the read
         // must see the primary's answer, not a replica that was never pulled.
         let pull = out.as_ref().map_or_else(|e| e.kind() == &ErrorKind::AmbiguousOutcome, |_| true);
+        let refused_before_sending =
+            |e: &Error| matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. });
+        if let (Err(e), Some(_)) = (&out, &self.inner.replica) {
+            if !pull && !refused_before_sending(e) {
+                // A failure that may follow an applied attempt (a retried call, such as a
+                // release, whose first attempt applied and whose retries then failed): the next
+                // read pulls first, without this failing call waiting for the primary again.
+                self.inner.replica_behind.mark();
+            }
+        }
         if pull && self.inner.replica.is_some() {
             if let Err(e) = self.sync_replica().await {
                 // The write is committed on the primary; only its local visibility is late. The
@@ -868,6 +878,12 @@ impl Inner {
     fn target_is_local(&self) -> bool {
         matches!(self.target, Target::Local { .. })
     }
+
+    /// Whether the drain's reads go over HTTP: to a remote primary, or (see
+    /// `LibsqlStore::read_for_drain`) to an embedded replica's primary.
+    pub(crate) fn reads_for_drain_over_http(&self) -> bool {
+        matches!(self.target, Target::Remote { .. }) || self.replica.is_some()
+    }
 }
 
 impl LibsqlStore {
@@ -880,6 +896,23 @@ impl LibsqlStore {
         })
         .await?
         .ok_or_else(|| Error::backend(format!("{doing}: the program returned no result")))
+    }
+
+    /// A read the drain decides on (`object_info`, `objects_with_pending_changes`,
+    /// `read_changes`): on the primary in embedded-replica mode, where the replica is pulled
+    /// only after this store's own writes (or every `sync_interval`) and would not show another
+    /// node's changes: a flush would find nothing pending, an eviction nothing to drain. (Reads
+    /// over HTTP then, with the byte bound of a remote `read_changes`.) Elsewhere, [`read`](Self::read).
+    pub(crate) async fn read_for_drain<T: Send>(
+        &self,
+        doing: &str,
+        f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
+    ) -> Result<T> {
+        if self.inner.replica.is_some() {
+            self.with_writer(doing, false, f).await
+        } else {
+            self.read(doing, f).await
+        }
     }
 
     /// A read on the primary (the write connection), for explaining a refusal.
