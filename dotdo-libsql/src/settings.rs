@@ -52,7 +52,8 @@ pub struct LibsqlSettings {
     /// it fails with a retryable `Unavailable`. A mutating call whose request may have reached the
     /// primary is not retried: it fails with `AmbiguousOutcome` (a lease release and the schema
     /// program, safe to repeat, are the exceptions). Default 5. The same budget
-    /// (every attempt's `busy_timeout` plus the backoff) bounds a write call's wait for the
+    /// (every attempt's `busy_timeout`, or for a remote primary the larger of it and
+    /// `request_timeout`, plus the backoff) bounds a write call's wait for the
     /// store's own write connection, so writers queued in one process fail in bounded time.
     /// At most [`MAX_RETRIES`] (100).
     pub retries: u32,
@@ -245,7 +246,15 @@ pub fn validate_url(url: &str) -> Result<String> {
             return Err(Error::invalid(format!("primary URL {:?} has an invalid port {port:?}", shown(url))));
         }
     }
-    Ok(format!("{scheme_lc}://{rest}"))
+    let normalized = format!("{scheme_lc}://{rest}");
+    // What libsql's HTTP client will build its requests from (it sends libsql:// as https://):
+    // a URL it cannot parse (a non-ASCII host: give an IDN in its ASCII form) would fail inside
+    // every request as an HTTP error, read as an outage, and be retried for ever.
+    let sent = normalized.strip_prefix("libsql://").map_or_else(|| normalized.clone(), |r| format!("https://{r}"));
+    if let Err(e) = http::Uri::try_from(sent.as_str()) {
+        return Err(Error::invalid(format!("primary URL {:?} is not a valid HTTP URI: {e}", shown(url))));
+    }
+    Ok(normalized)
 }
 
 /// Where the database lives: the three ways to open one. Its `Debug` shows URLs without their

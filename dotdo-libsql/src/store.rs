@@ -632,12 +632,18 @@ impl LibsqlStore {
         let settings = &self.inner.settings;
         let mut attempt = 0;
         // Writers of this store queue on one connection; waiting for it counts against the same
-        // budget as the retries (every attempt's busy timeout plus the backoff), so every queued
-        // caller behind a locked database fails in bounded time.
+        // budget as the retries (every attempt's wait plus the backoff), so every queued caller
+        // behind a locked database fails in bounded time. An attempt on a remote primary may
+        // take up to `request_timeout` (a local one waits up to `busy_timeout` for a lock): a
+        // queued writer must not give up before the request ahead of it could.
         let clock = SystemClock::new();
         let started = clock.monotonic();
-        let budget = settings
-            .busy_timeout
+        let attempt_wait = if self.inner.local_writes {
+            settings.busy_timeout
+        } else {
+            settings.busy_timeout.max(settings.request_timeout)
+        };
+        let budget = attempt_wait
             .saturating_mul(settings.retries.saturating_add(1))
             .saturating_add(settings.max_total_backoff());
         loop {

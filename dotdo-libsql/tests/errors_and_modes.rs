@@ -112,6 +112,9 @@ fn urls_are_validated_without_a_server() {
         "http://db.example.com:port",
         "http://db example.com",
         "",
+        // Not an HTTP URI the client can send to (an IDN host must be given in its ASCII form):
+        // failed inside every request before, as an outage.
+        "http://bücher.invalid",
     ] {
         let e = validate_url(bad).expect_err(bad);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");

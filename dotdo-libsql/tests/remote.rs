@@ -252,3 +252,32 @@ async fn remote_change_reads_are_bounded_in_bytes() {
     store.write(&obj, lease.token, small).await.expect("small");
     assert_eq!(store.read_changes(&obj, r.last_seq, 10).await.expect("read").len(), 10, "the row limit still applies");
 }
+
+/// A writer queued behind a remote request that hangs waits as long as that request may take
+/// (`request_timeout`), not only `busy_timeout`: it used to give up ("still busy") before the
+/// request ahead of it had even timed out. Here it then writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_queued_behind_a_slow_remote_request_waits_for_its_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    let settings = dotdo_libsql::LibsqlSettings {
+        request_timeout: Duration::from_millis(1500),
+        busy_timeout: Duration::from_millis(100),
+        retries: 0,
+        ..Default::default()
+    };
+    let store = LibsqlStore::remote(server.url(), TOKEN).with_settings(settings).open().await.expect("open");
+    let obj = ObjectId::new("o").expect("valid");
+    let lease = store.acquire(&obj, &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    server.hang_replies(1);
+    let first = {
+        let (store, obj) = (store.clone(), obj.clone());
+        tokio::spawn(async move { store.put(&obj, lease.token, "T", "a", "1".into()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = store.put(&obj, lease.token, "T", "b", "2".into()).await;
+    let e = first.await.expect("join").expect_err("the hung request");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    queued.expect("the queued writer waited for the hung request's timeout, then wrote");
+    assert_eq!(store.get(&obj, "b").await.expect("get").as_deref(), Some(&b"2"[..]));
+}
