@@ -257,6 +257,7 @@ async fn remote_change_reads_are_bounded_in_bytes() {
 /// (`request_timeout`), not only `busy_timeout`: it used to give up ("still busy") before the
 /// request ahead of it had even timed out. Here it then writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the request timeout is real time
 async fn a_writer_queued_behind_a_slow_remote_request_waits_for_its_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
