@@ -166,7 +166,7 @@ mod settings;
 mod sql;
 mod store;
 
-pub use settings::{validate_url, AuthToken, Durability, LibsqlSettings, Target, Transport, MAX_RETRIES};
+pub use settings::{validate_url, AuthToken, Durability, LibsqlSettings, Target, Transport, MAX_BACKOFF, MAX_RETRIES};
 pub use store::{LibsqlStore, LibsqlStoreBuilder};
 
 /// The most bytes of values one `read_changes` on a remote primary returns (at least one change

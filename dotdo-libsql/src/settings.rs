@@ -38,6 +38,9 @@ pub enum Transport {
 /// The largest [`LibsqlSettings::retries`] accepted.
 pub const MAX_RETRIES: u32 = 100;
 
+/// The largest [`LibsqlSettings::max_backoff`] (60 s).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
 /// Settings of a [`LibsqlStore`](crate::LibsqlStore).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LibsqlSettings {
@@ -59,7 +62,7 @@ pub struct LibsqlSettings {
     pub retries: u32,
     /// First backoff between retries. Default 10 ms.
     pub retry_backoff: Duration,
-    /// Longest backoff between retries. Default 1 s.
+    /// Longest backoff between retries. Default 1 s; at most [`MAX_BACKOFF`] (60 s).
     pub max_backoff: Duration,
     /// Maximum number of read connections kept open on a local file. Default 4.
     pub read_connections: usize,
@@ -150,6 +153,10 @@ impl LibsqlSettings {
         }
         if self.retry_backoff > self.max_backoff {
             return Err(Error::invalid("retry_backoff must not exceed max_backoff"));
+        }
+        if self.max_backoff > MAX_BACKOFF {
+            // One transient failure would hold the call for that long (Duration::MAX: forever).
+            return Err(Error::invalid(format!("max_backoff {:?} is above {MAX_BACKOFF:?}", self.max_backoff)));
         }
         Ok(())
     }
@@ -346,8 +353,12 @@ impl Target {
                 if path.to_string_lossy().contains('\0') {
                     return Err(Error::invalid(format!("replica path {path:?} contains a NUL byte")));
                 }
-                if sync_interval.is_some_and(|d| d.is_zero()) {
-                    return Err(Error::invalid("replica sync interval must be positive"));
+                if sync_interval.is_some_and(|d| d < Duration::from_millis(1)) {
+                    // libsql pulls in a loop with this pause: under 1 ms it pulls continuously.
+                    return Err(Error::invalid(format!(
+                        "replica sync interval {sync_interval:?} is under 1 ms (None: pull after this store's \
+                         writes only)"
+                    )));
                 }
                 validate_url(url)?;
                 auth_token.validate()

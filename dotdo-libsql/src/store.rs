@@ -159,6 +159,10 @@ impl std::fmt::Debug for Inner {
 /// transaction **on the primary**; a fenced write is one round trip to a remote primary. Cheap to
 /// clone; clones share connections.
 ///
+/// Dropping the last clone stops the background checkpoint thread and closes the database on
+/// the dropping thread (SQLite's closing checkpoint and fsync included): drop it outside the
+/// async executor's threads (in `spawn_blocking`, or after the runtime) if that matters.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> dotdo_core::Result<()> {

@@ -139,7 +139,11 @@ async fn bad_urls_and_tokens_are_invalid_input_before_any_io() {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     let e = LibsqlStore::replica("", url.clone(), "t", None).open().await.expect_err("no path");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
-    let e = LibsqlStore::replica("r.db", url, "t", Some(Duration::ZERO)).open().await.expect_err("zero interval");
+    let e =
+        LibsqlStore::replica("r.db", url.clone(), "t", Some(Duration::ZERO)).open().await.expect_err("zero interval");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    // libsql pulls in a loop with this pause: 1 µs would pull continuously.
+    let e = LibsqlStore::replica("r.db", url, "t", Some(Duration::from_micros(1))).open().await.expect_err("1 µs");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
 }
 
@@ -175,6 +179,9 @@ fn settings_are_validated() {
         LibsqlSettings { busy_timeout: Duration::from_secs(30 * 86_400), ..Default::default() },
         // A thread checkpointing in a tight loop.
         LibsqlSettings { background_checkpoint: Some(Duration::from_nanos(1)), ..Default::default() },
+        // One transient failure holding a call for hours (or for ever).
+        LibsqlSettings { max_backoff: dotdo_libsql::MAX_BACKOFF + Duration::from_secs(1), ..Default::default() },
+        LibsqlSettings { retry_backoff: Duration::MAX, max_backoff: Duration::MAX, ..Default::default() },
     ] {
         let e = LibsqlStore::local("x.db").with_settings(bad).validate().expect_err("invalid settings");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput);

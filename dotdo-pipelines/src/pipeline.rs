@@ -241,7 +241,9 @@ impl Pipeline {
     /// `capacity` or `capacity_bytes` in one call (bounded policies): `LimitExceeded`; after
     /// [`close`](Self::close): `Shutdown`. A durable log whose COMMIT failed with an I/O error:
     /// `AmbiguousOutcome` (the events may be in the log and then are delivered once; sending
-    /// them again may deliver them twice).
+    /// them again may deliver them twice). With a durable (or spilling) log, `send` commits to
+    /// SQLite on the calling thread, and may wait for a roll's fully synced claim: from an async
+    /// task, expect a disk write's latency (use `spawn_blocking` for large or hot paths).
     pub fn send(&self, events: impl IntoIterator<Item = Event>) -> Result<usize> {
         self.send_counting(events, true)
     }

@@ -108,6 +108,10 @@ impl std::fmt::Debug for Inner {
 /// busy timeout, bounded retries with backoff); a caller gets a retryable `Unavailable` rather
 /// than a hang. Cheap to clone; clones share connections.
 ///
+/// Dropping the last clone stops the background checkpoint thread and closes the database on
+/// the dropping thread (SQLite's closing checkpoint and fsync included): drop it outside the
+/// async executor's threads (in `spawn_blocking`, or after the runtime) if that matters.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> dotdo_core::Result<()> {
