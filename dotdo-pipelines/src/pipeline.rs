@@ -72,6 +72,18 @@ pub struct PipelineBuilder {
     clock: Option<Arc<dyn Clock>>,
 }
 
+impl std::fmt::Debug for PipelineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineBuilder")
+            .field("sink", &self.sink)
+            .field("routes", &self.routes)
+            .field("settings", &self.settings)
+            .field("transform", &self.transform.is_some())
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
 impl PipelineBuilder {
     /// Settings (default: [`PipelineSettings::default`]).
     pub fn with_settings(mut self, settings: PipelineSettings) -> Self {

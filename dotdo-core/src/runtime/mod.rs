@@ -221,6 +221,7 @@ pub(crate) struct Inner {
 }
 
 /// Builds an [`ObjectRuntime`]; components are injected, settings are plain data.
+#[derive(Debug)]
 pub struct ObjectRuntimeBuilder {
     node: NodeId,
     hot: Option<Arc<dyn HotStore>>,
@@ -238,7 +239,11 @@ impl ObjectRuntimeBuilder {
         self.hot = Some(hot);
         self
     }
-    /// The lease guard (required). It should share fencing state with the hot store.
+    /// The lease guard (required). It must share fencing state with the hot store: an acquire
+    /// raises the token floor the hot store fences writes against, as each SQL store does as
+    /// its own guard (pass the same store to both). With a guard of its own, the hot store learns
+    /// a new holder's token only at that holder's first write: until then a late write of the
+    /// previous activation (a cancelled call's, queued at a remote primary) is not fenced.
     pub fn with_guard(mut self, guard: Arc<dyn ConsistencyGuard>) -> Self {
         self.guard = Some(guard);
         self
