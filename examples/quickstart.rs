@@ -48,9 +48,9 @@ fn prepare_dir(dir: &std::path::Path) -> Result<PathBuf> {
     }
     // The table's files of a warehouse whose path needs URL escaping (a space, '#', '%') are in
     // the percent-encoded twin of `warehouse/` (see "Local warehouse paths that need URL
-    // escaping" in docs/iceberg-cold-store.md): emptied with it.
+    // escaping" in docs/iceberg-cold-store.md): removed with it if an earlier run marked it.
     let mut stale = entries;
-    stale.extend(escaped_twin(&dir.join("warehouse")).filter(|t| t.exists()));
+    stale.extend(escaped_twin(&dir.join("warehouse")).filter(|t| t.join(MARKER).exists()));
     for path in stale.into_iter().filter(|p| *p != marker) {
         let removed = if path.is_dir() && !path.is_symlink() {
             std::fs::remove_dir_all(&path)
@@ -130,7 +130,10 @@ async fn main() -> Result<()> {
         dir.join("hot.db").display(),
         warehouse.display()
     );
-    if let Some(twin) = escaped_twin(&warehouse) {
+    let twin = escaped_twin(&warehouse);
+    // Only a twin this run creates is marked (one that was there and unmarked is someone's).
+    let made_twin = twin.as_ref().filter(|t| !t.exists()).cloned();
+    if let Some(twin) = &twin {
         println!("  (the path needs URL escaping: the table's files go to {})", twin.display());
     }
     let t = Stopwatch::start(clock.clone());
@@ -140,6 +143,15 @@ async fn main() -> Result<()> {
         clock: clock.clone(),
     };
     println!("  opened stores                          {}", ms(t.elapsed()));
+    if let Some(twin) = &made_twin {
+        // Marked as the quickstart's, so that the next run may remove it (it never removes a
+        // directory without its marker).
+        std::fs::create_dir_all(twin)
+            .and_then(|()| {
+                std::fs::write(twin.join(MARKER), b"made by the dotdo quickstart; removed on its next run\n")
+            })
+            .map_err(|e| Error::unavailable(format!("marking {}", twin.display())).with_source(e))?;
+    }
 
     // 1. Objects and handlers.
     let node_a = env.runtime("node-a", RestoreMode::Eager)?;

@@ -76,7 +76,9 @@ pub trait HotStore: Send + Sync + Debug + 'static {
     /// Live entries with keys in `range`, in key order, at most `limit` if given.
     async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>>;
 
-    /// Change records with `seq > after`, in order, at most `limit`.
+    /// Change records with `seq > after`, in order, at most `limit`. A backend may return fewer
+    /// while more exist (dotdo-libsql bounds a remote answer's bytes): read on after the last one
+    /// returned until an empty answer.
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>>;
 
     /// Drop change records with `seq <= through` (cold storage has them). Idempotent. Fenced like a

@@ -2334,6 +2334,79 @@ async fn rolled_back_runtime(
     (rolled_back, cold, rt)
 }
 
+/// A hot store that answers at most one change per `read_changes` (as a backend bounding its
+/// answers may): every other call goes to the memory backend.
+#[derive(Debug)]
+struct OneChangePerRead(MemoryBackend);
+
+#[async_trait::async_trait]
+impl HotStore for OneChangePerRead {
+    async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+        self.0.write(object, token, batch).await
+    }
+    async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+        self.0.get(object, key).await
+    }
+    async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
+        self.0.list(object, range, limit).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+        self.0.read_changes(object, after, limit.min(1)).await
+    }
+    async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+        self.0.truncate_changes(object, token, through).await
+    }
+    async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+        self.0.object_info(object).await
+    }
+    async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+        self.0.objects_with_pending_changes(after, limit).await
+    }
+    async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+        self.0.evict(object, token).await
+    }
+    async fn restore(&self, object: &ObjectId, token: FencingToken, entries: Vec<Entry>, through: Seq) -> Result<()> {
+        self.0.restore(object, token, entries, through).await
+    }
+}
+
+/// The check of hot changes against cold before they are dropped as replays reads on past a
+/// short answer: with a hot store answering one change per read, writes that differ from cold
+/// after a first change that matches are still found (`Corrupt`, nothing truncated) instead of
+/// being dropped as replays after one page.
+#[tokio::test]
+async fn the_divergence_check_reads_every_page_of_hot_changes() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    for _ in 0..3 {
+        incr(&a, &o).await.expect("incr");
+    }
+    a.flush(&o).await.expect("cold has seqs 1..3");
+    a.shutdown().await.expect("shutdown");
+    let (rolled_back, cold, _) = rolled_back_runtime(&w, &o, "T", &["1"]).await;
+    let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(OneChangePerRead(rolled_back.clone())))
+        .with_guard(Arc::new(rolled_back.clone()))
+        .with_cold_sink(cold.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime");
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+        t.put("x", "1")?;
+        t.put("y", "2")
+    })
+    .await
+    .expect("acknowledged");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let e = rt.flush(&o).await.expect_err("cold holds other changes at seqs 2 and 3");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert_eq!(rolled_back.object_info(&o).await.expect("info").expect("object").truncated_through, 0);
+    assert_eq!(rolled_back.get(&o, "y").await.expect("get").as_deref(), Some(&b"2"[..]), "kept");
+}
+
 /// A hot store restored from an old backup (two pending changes, the same cold has) while cold
 /// holds 300 more: activation compares the two with cold's first two, reading no more of cold
 /// (it used to read cold's whole tail after them), then restores the object from cold.

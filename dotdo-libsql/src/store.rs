@@ -296,7 +296,10 @@ impl LibsqlStoreBuilder {
         if let (Target::Local { path }, Some(every)) = (&inner.target, inner.settings.background_checkpoint) {
             if !every.is_zero() && !dotdo_core::sql_schema::is_private_database(path) {
                 let shown = path.display().to_string();
-                let watch = (dotdo_core::sql_schema::FileWatch::new(path), inner.moved.clone());
+                // By the absolute name the file was opened by: a relative one would be looked up
+                // in whatever the working directory is by then.
+                let opened = dotdo_core::sql_schema::absolute_database_path(path)?;
+                let watch = (dotdo_core::sql_schema::FileWatch::new(&opened), inner.moved.clone());
                 let started =
                     crate::checkpoint::start(&inner.readers.db, inner.settings.busy_timeout, every, shown, watch)?;
                 let _ = inner.checkpointer.set(started);
@@ -733,10 +736,11 @@ impl LibsqlStore {
         let refused_before_sending =
             |e: &Error| matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. });
         if let (Err(e), Some(_)) = (&out, &self.inner.replica) {
-            if !pull && !refused_before_sending(e) {
-                // A failure that may follow an applied attempt (a retried call, such as a
-                // release, whose first attempt applied and whose retries then failed): the next
-                // read pulls first, without this failing call waiting for the primary again.
+            if !mutating && !pull && !refused_before_sending(e) {
+                // A call safe to repeat (a release) is retried after attempts that may have
+                // applied, and its failure may follow one that did: the next read pulls first,
+                // without this failing call waiting for the primary again. (A mutating call's
+                // failure other than `AmbiguousOutcome` means nothing was applied.)
                 self.inner.replica_behind.mark();
             }
         }

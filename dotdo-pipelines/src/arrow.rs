@@ -318,7 +318,13 @@ impl ArrowPipeline {
             )));
         }
         if let (Some(log), Some(ipc)) = (&inner.log, ipc) {
-            log.lock().execute("INSERT INTO arrow_log (ipc) VALUES (?1)", [ipc]).map_err(|e| sql(e, "append"))?;
+            // An autocommit insert: an I/O error may come from its COMMIT, after which the row
+            // may be durable. `AmbiguousOutcome` (a re-send could deliver the batch twice); the
+            // next roll then finds the log out of step with what is pending and asks for a
+            // reopen, which delivers such a row once.
+            log.lock()
+                .execute("INSERT INTO arrow_log (ipc) VALUES (?1)", [ipc])
+                .map_err(|e| crate::log::commit_error(e, "append"))?;
         }
         b.rows += batch.num_rows();
         b.bytes += size;
@@ -390,8 +396,21 @@ impl ArrowPipeline {
                         // Claim durably before committing: a restart re-commits the same id.
                         // Before `pending` is taken, so a failed claim leaves everything in place.
                         // The log's unclaimed rows are the pending batches, in the same order.
+                        let pending = b.pending.len();
                         crate::log::fully_synced(&mut log.lock(), |c| {
                             let tx = c.transaction().map_err(|e| sql(e, "claim"))?;
+                            let unclaimed: i64 = tx
+                                .query_row("SELECT count(*) FROM arrow_log WHERE batch IS NULL", [], |r| r.get(0))
+                                .map_err(|e| sql(e, "claim"))?;
+                            if usize::try_from(unclaimed).ok() != Some(pending) {
+                                // A send whose outcome was unknown left a row that is not pending
+                                // (or the file was changed): claiming by position would commit
+                                // the wrong rows under this id. A reopen reads the log afresh.
+                                return Err(Error::corrupt(format!(
+                                    "arrow pipeline log: {unclaimed} unclaimed rows but {pending} batches \
+                                     pending; reopen the pipeline (it delivers what the log holds)"
+                                )));
+                            }
                             let marked = tx
                                 .execute(
                                     "UPDATE arrow_log SET batch = ?1 WHERE id IN \
@@ -424,6 +443,8 @@ impl ArrowPipeline {
             // attempt whose reply was lost wrote it.
             self.append_resolving(id, batches).await?;
             written += rows;
+            // Counted as it lands: a later commit of this roll may still fail.
+            inner.rows_committed.fetch_add(rows, Ordering::Relaxed);
             if let Some(log) = &inner.log {
                 log.lock().execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
             }
@@ -437,7 +458,6 @@ impl ArrowPipeline {
             *next = Some(next.unwrap_or(0).max(id.saturating_add(1)));
         }
         *inner.last_roll.lock() = started;
-        inner.rows_committed.fetch_add(written, Ordering::Relaxed);
         inner.rolls.fetch_add(u64::from(written > 0), Ordering::Relaxed);
         Ok(written)
     }

@@ -295,6 +295,12 @@ pub(crate) struct SqliteLog {
 /// opened by that name, so that a link retargeted meanwhile cannot lead to another file.
 pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<(std::fs::File, std::path::PathBuf)> {
     let doing = format!("opening {}", path.display());
+    let text = path.to_string_lossy();
+    if dotdo_core::sql_schema::is_private_database(path) || text.starts_with("file:") {
+        // `:memory:` (or an empty path) is no durable log, and a `file:` URI's name is not the
+        // file's (its lock would guard another name).
+        return Err(Error::invalid(format!("pipeline log: {doing}: a durable log needs a file path (not {text:?})")));
+    }
     // The lock belongs to the file, not to the name it was opened by: a symlink (or a path
     // through another directory link) to the same log takes the same lock. (A hard link under
     // another name is not recognised.)
@@ -741,6 +747,17 @@ mod tests {
         let failed: Result<()> = fully_synced(&mut conn, |_| Err(Error::unavailable("claim failed")));
         assert!(failed.is_err());
         assert_eq!(level(&conn).expect("level"), 1, "NORMAL again after a failed claim");
+    }
+
+    /// A durable log needs a file path: `:memory:`, an empty path or a `file:` URI is refused
+    /// (the first would lose everything at exit; a URI's name is not the file's, so its lock
+    /// would guard another name).
+    #[test]
+    fn a_durable_log_needs_a_file_path() {
+        for bad in [":memory:", "", "file:log.db?mode=rwc", "file::memory:"] {
+            let Err(e) = lock_log(Path::new(bad), "pipeline") else { panic!("{bad:?} accepted") };
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{bad:?}: {e}");
+        }
     }
 
     /// An I/O error at the COMMIT of a send is an unknown outcome (the events may be durable),

@@ -449,3 +449,35 @@ async fn an_unclaimed_log_row_of_other_than_one_batch_is_corrupt() {
     }
     assert!(ids(&t).await.is_empty(), "nothing committed");
 }
+
+/// A log row that is not a pending batch (a send whose outcome was unknown, whose row landed)
+/// makes the next roll `Corrupt`, nothing claimed or committed, instead of claiming rows out of
+/// step with the batches committed (which left a batch unclaimed, delivered again on reopen);
+/// a reopen reads the log afresh and delivers every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_row_that_is_not_pending_stops_the_roll_until_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let log = dir.path().join("ghost-log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
+    let p = ArrowPipeline::open("ghost", Arc::new(t.clone()), settings.clone()).expect("pipeline");
+    p.send(batch(0, 5)).expect("send");
+    // The row of a send that reported failure but landed.
+    let mut ipc = Vec::new();
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut ipc, &schema()).expect("writer");
+    w.write(&batch(5, 5)).expect("write");
+    w.finish().expect("finish");
+    drop(w);
+    rusqlite::Connection::open(&log)
+        .expect("open log")
+        .execute("INSERT INTO arrow_log (ipc) VALUES (?1)", [&ipc])
+        .expect("insert");
+    p.send(batch(10, 5)).expect("send");
+    let e = p.roll().await.expect_err("out of step");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(ids(&t).await.is_empty(), "nothing committed");
+    drop(p);
+    let p = ArrowPipeline::open("ghost", Arc::new(t.clone()), settings).expect("reopen");
+    assert_eq!(p.close().await.expect("close rolls"), 15);
+    assert_eq!(ids(&t).await, (0..15).collect::<Vec<_>>(), "every row once");
+}

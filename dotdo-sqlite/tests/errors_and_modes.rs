@@ -636,6 +636,7 @@ fn an_in_memory_read_behind_a_long_write_is_unavailable_in_bounded_time() {
     }
     rt.block_on(writing).expect("join").expect("the long write");
     assert!(refused > 0, "no read was refused while the write held the connection (longest wait {longest:?})");
-    assert!(longest < Duration::from_millis(300), "a read waited {longest:?}");
+    // (Each read waits about 10 ms at most; the bound leaves room for a loaded machine.)
+    assert!(longest < Duration::from_secs(1), "a read waited {longest:?}");
     assert!(rt.block_on(s.get(&obj(), "k000000")).expect("after the write").is_some());
 }

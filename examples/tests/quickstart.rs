@@ -97,9 +97,18 @@ fn quickstart_never_deletes_a_directory_it_did_not_make() {
     let first = run(&spaced, "first run in a path with a space");
     assert!(first.contains(&format!("the table's files go to {}", twin.display())), "{first}");
     let after_first = files(&twin);
-    assert!(after_first > 0, "no table files in {}", twin.display());
+    assert!(after_first > 1, "no table files in {}", twin.display());
     run(&spaced, "second run in a path with a space");
     assert_eq!(files(&twin), after_first, "the second run left the first run's table files behind");
+    // A twin directory the quickstart did not mark is never removed.
+    let other = dir.path().join("other space");
+    let other_twin = dir.path().join("other%20space").join("warehouse");
+    std::fs::create_dir_all(&other_twin).expect("mkdir");
+    std::fs::write(other_twin.join("precious.txt"), b"keep me").expect("write");
+    for n in 0..2 {
+        run(&other, &format!("run {n} whose twin exists, unmarked"));
+        assert_eq!(std::fs::read(other_twin.join("precious.txt")).expect("still there"), b"keep me");
+    }
 
     // An empty `DOTDO_QUICKSTART_DIR=` means the default directory, not the working directory
     // (a marker left there would let a later run empty it).

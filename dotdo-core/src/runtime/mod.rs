@@ -2175,28 +2175,34 @@ async fn restore_eager(
 async fn check_pending_against_cold(inner: &Arc<Inner>, object: &ObjectId, after: Seq, wm: &Watermark) -> Result<()> {
     // Only the changes cold may also have (through its watermark): after a long cold outage the
     // pending changes beyond it can be many, and none of them needs checking.
-    let overlap_len = usize::try_from(wm.through.saturating_sub(after)).unwrap_or(usize::MAX);
-    if overlap_len == 0 {
-        return Ok(());
-    }
-    let pending = inner.hot.read_changes(object, after, overlap_len).await?;
-    let overlap: Vec<&ChangeRecord> = pending.iter().filter(|r| r.seq <= wm.through).collect();
-    let Some(last) = overlap.last().map(|r| r.seq) else { return Ok(()) };
-    // Cold's changes up to the last overlapping one only: a hot store restored from an old
-    // backup may hold two pending changes where cold holds millions after them.
-    let cold = inner.cold.read_changes_through(object, after, last, AsOf::Latest).await?;
-    let by_seq: HashMap<Seq, &ChangeRecord> = cold.iter().map(|r| (r.seq, r)).collect();
-    for r in overlap {
-        let differs = r.token > wm.token
-            || by_seq.get(&r.seq).is_some_and(|c| c.key != r.key || c.op != r.op || c.value != r.value);
-        if differs {
-            return Err(Error::corrupt(format!(
-                "{object}: hot change {} (key {:?}, token {}) differs from cold storage's change at that \
-                 sequence number (cold through {}, token {}): hot and cold diverged; nothing was changed \
-                 (operator attention)",
-                r.seq, r.key, r.token, wm.through, wm.token
-            )));
+    // A page at a time: a backend may answer fewer changes than asked for (a remote one bounds
+    // an answer's bytes).
+    let mut from = after;
+    while from < wm.through {
+        let want = usize::try_from(wm.through - from).unwrap_or(usize::MAX);
+        let pending = inner.hot.read_changes(object, from, want).await?;
+        let overlap: Vec<&ChangeRecord> = pending.iter().filter(|r| r.seq <= wm.through).collect();
+        let Some(last) = overlap.last().map(|r| r.seq) else { return Ok(()) };
+        // Cold's changes up to the last overlapping one only: a hot store restored from an old
+        // backup may hold two pending changes where cold holds millions after them.
+        let cold = inner.cold.read_changes_through(object, from, last, AsOf::Latest).await?;
+        let by_seq: HashMap<Seq, &ChangeRecord> = cold.iter().map(|r| (r.seq, r)).collect();
+        for r in overlap {
+            let differs = r.token > wm.token
+                || by_seq.get(&r.seq).is_some_and(|c| c.key != r.key || c.op != r.op || c.value != r.value);
+            if differs {
+                return Err(Error::corrupt(format!(
+                    "{object}: hot change {} (key {:?}, token {}) differs from cold storage's change at that \
+                     sequence number (cold through {}, token {}): hot and cold diverged; nothing was changed \
+                     (operator attention)",
+                    r.seq, r.key, r.token, wm.through, wm.token
+                )));
+            }
         }
+        if last <= from {
+            break; // no progress (a misbehaving backend): checked what it gave
+        }
+        from = last;
     }
     Ok(())
 }
