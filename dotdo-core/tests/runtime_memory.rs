@@ -2316,6 +2316,18 @@ async fn rolled_back_runtime(
     type_name: &str,
     values: &[&'static str],
 ) -> (MemoryBackend, Arc<FlakyCold>, ObjectRuntime) {
+    rolled_back_runtime_over(w, o, type_name, values, false).await
+}
+
+/// [`rolled_back_runtime`]; with `paged`, the runtime's hot store answers one change per
+/// `read_changes` ([`OneChangePerRead`]).
+async fn rolled_back_runtime_over(
+    w: &World,
+    o: &ObjectId,
+    type_name: &str,
+    values: &[&'static str],
+    paged: bool,
+) -> (MemoryBackend, Arc<FlakyCold>, ObjectRuntime) {
     let rolled_back = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
     let l = rolled_back.acquire(o, &NodeId::new("a").expect("valid"), TTL).await.expect("acquire");
     for v in values {
@@ -2323,8 +2335,10 @@ async fn rolled_back_runtime(
     }
     rolled_back.release(&l).await.expect("release");
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let hot: Arc<dyn HotStore> =
+        if paged { Arc::new(OneChangePerRead(rolled_back.clone())) } else { Arc::new(rolled_back.clone()) };
     let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(rolled_back.clone()))
+        .with_hot_store(hot)
         .with_guard(Arc::new(rolled_back.clone()))
         .with_cold_sink(cold.clone())
         .with_clock(Arc::new(w.clock.clone()))
@@ -2370,43 +2384,6 @@ impl HotStore for OneChangePerRead {
     }
 }
 
-/// The check of hot changes against cold before they are dropped as replays reads on past a
-/// short answer: with a hot store answering one change per read, writes that differ from cold
-/// after a first change that matches are still found (`Corrupt`, nothing truncated) instead of
-/// being dropped as replays after one page.
-#[tokio::test]
-async fn the_divergence_check_reads_every_page_of_hot_changes() {
-    let w = World::new();
-    let a = w.runtime("a", settings());
-    let o = oid("o");
-    for _ in 0..3 {
-        incr(&a, &o).await.expect("incr");
-    }
-    a.flush(&o).await.expect("cold has seqs 1..3");
-    a.shutdown().await.expect("shutdown");
-    let (rolled_back, cold, _) = rolled_back_runtime(&w, &o, "T", &["1"]).await;
-    let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(OneChangePerRead(rolled_back.clone())))
-        .with_guard(Arc::new(rolled_back.clone()))
-        .with_cold_sink(cold.clone())
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
-        .build()
-        .expect("build runtime");
-    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
-        t.put("x", "1")?;
-        t.put("y", "2")
-    })
-    .await
-    .expect("acknowledged");
-    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
-    let e = rt.flush(&o).await.expect_err("cold holds other changes at seqs 2 and 3");
-    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    assert_eq!(rolled_back.object_info(&o).await.expect("info").expect("object").truncated_through, 0);
-    assert_eq!(rolled_back.get(&o, "y").await.expect("get").as_deref(), Some(&b"2"[..]), "kept");
-}
-
 /// A hot store restored from an old backup (two pending changes, the same cold has) while cold
 /// holds 300 more: activation compares the two with cold's first two, reading no more of cold
 /// (it used to read cold's whole tail after them), then restores the object from cold.
@@ -2428,9 +2405,16 @@ async fn activation_reads_only_the_cold_changes_it_compares() {
 /// A drain never truncates hot changes that cold skipped as replays when cold holds different
 /// changes at those sequence numbers: a hot store rolled back behind cold, activated while cold
 /// was unreachable, and written again must not lose those writes as "replays". `Corrupt`, and
-/// hot keeps them.
+/// hot keeps them. Also with a hot store answering one change per read: the check reads on past
+/// a short answer (a first change that matches cold's does not end it).
 #[tokio::test]
 async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
+    for paged in [false, true] {
+        drain_refuses_to_drop_differing_writes(paged).await;
+    }
+}
+
+async fn drain_refuses_to_drop_differing_writes(paged: bool) {
     let w = World::new();
     let a = w.runtime("a", settings());
     let o = oid("o");
@@ -2440,7 +2424,7 @@ async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
     a.flush(&o).await.expect("cold has seqs 1..3");
     a.shutdown().await.expect("shutdown");
     // The hot store comes back from an old backup: only seq 1.
-    let (rolled_back, cold, rt) = rolled_back_runtime(&w, &o, "T", &["1"]).await;
+    let (rolled_back, cold, rt) = rolled_back_runtime_over(&w, &o, "T", &["1"], paged).await;
     // Cold is unreachable while the object activates: it runs from hot alone.
     cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
     rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
@@ -2451,10 +2435,11 @@ async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
     .expect("acknowledged");
     cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
     let e = rt.flush(&o).await.expect_err("cold holds other changes at seqs 2 and 3");
-    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "paged {paged}: {e}");
     let info = rolled_back.object_info(&o).await.expect("info").expect("object");
     assert_eq!(info.truncated_through, 0, "nothing truncated");
     assert_eq!(rolled_back.get(&o, "x").await.expect("get").as_deref(), Some(&b"1"[..]));
+    assert_eq!(rolled_back.get(&o, "y").await.expect("get").as_deref(), Some(&b"2"[..]));
     // flush_all drains the healthy objects in the same commits and still reports the diverged one.
     let healthy = oid("healthy");
     incr(&rt, &healthy).await.expect("incr");

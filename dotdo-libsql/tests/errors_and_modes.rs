@@ -459,33 +459,14 @@ fn roundtrip_in(run: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Outpu
 /// as dotdo-sqlite does, instead of going on writing into a file no other process opens (the
 /// second store had its own lease table: two holders of one object).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::disallowed_methods)]
 async fn a_database_file_deleted_while_open_is_noticed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("hot.db");
     let settings = LibsqlSettings { background_checkpoint: Some(Duration::from_millis(10)), ..Default::default() };
-    let a = LibsqlStore::local(&path).with_settings(settings.clone()).open().await.expect("open");
-    let l = a.acquire(&obj(), &NodeId::new("n1").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
-    a.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
-    let b = LibsqlStore::local(&path).with_settings(settings).open().await.expect("a new file");
-    b.acquire(&obj(), &NodeId::new("n2").expect("valid"), Duration::from_secs(60)).await.expect("free in the new file");
-    let mut refused = None;
-    for _ in 0..200 {
-        match a.put(&obj(), l.token, "T", "k", b"w".to_vec().into()).await {
-            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => {
-                refused = Some(e);
-                break;
-            }
-        }
-    }
-    let e = refused.expect("the store went on writing into the deleted file");
-    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    assert!(e.to_string().contains("deleted or replaced"), "{e}");
-    assert_eq!(a.get(&obj(), "k").await.expect_err("reads too").kind(), &ErrorKind::Corrupt);
+    let open = || LibsqlStore::local(&path).with_settings(settings.clone()).open();
+    let a = open().await.expect("open");
+    dotdo_core::testkit::assert_a_deleted_file_is_noticed(&path, a, || async { open().await.expect("a new file") })
+        .await;
 }
 
 /// With background checkpoints the database file receives the committed pages without any

@@ -264,6 +264,43 @@ pub async fn assert_queued_writers_fail_in_bounded_time(
     assert!(took < budget * 5, "every queued writer failed within about two budgets: took {took:?}");
 }
 
+/// For SQL backends on a local file with background checkpoints: the database file at `path`
+/// is deleted while `first` (a store opened on it) has it open, and `open_second` makes a new
+/// one at the path. Within a few checkpoint periods `first` must refuse every call, writes and
+/// reads, with `Corrupt` ("deleted or replaced"), instead of going on writing into a file no
+/// other process opens (the second store has its own lease table: two holders of one object).
+#[allow(clippy::disallowed_methods)] // real time: the store's checkpoint thread runs on its own
+pub async fn assert_a_deleted_file_is_noticed<F, Fut, S>(path: &std::path::Path, first: S, open_second: F)
+where
+    S: HotStore + crate::ConsistencyGuard,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    use crate::HotStoreExt;
+    let o = oid("o1");
+    let l = first.acquire(&o, &nid("n1"), std::time::Duration::from_secs(60)).await.expect("acquire");
+    first.put(&o, l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let second = open_second().await;
+    second.acquire(&o, &nid("n2"), std::time::Duration::from_secs(60)).await.expect("free in the new file");
+    let mut refused = None;
+    for _ in 0..200 {
+        match first.put(&o, l.token, "T", "k", b"w".to_vec().into()).await {
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("the store went on writing into the deleted file");
+    assert_eq!(e.kind(), &crate::ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("deleted or replaced"), "{e}");
+    assert_eq!(first.get(&o, "k").await.expect_err("reads too").kind(), &crate::ErrorKind::Corrupt);
+}
+
 /// A port on 127.0.0.1 where connections are refused, for as long as the returned socket lives:
 /// it is bound but not listening, so no other test or server can take the port meanwhile (a
 /// port found free and then closed again can be).
