@@ -568,14 +568,24 @@ fn totals(
 /// The updates that add snapshot `snapshot_id` (manifest list `list`, `summary`) on top of
 /// `md`'s current snapshot, at its next sequence number, and point `main` at it.
 fn snapshot_updates(md: &TableMetadata, snapshot_id: i64, list: String, summary: Summary) -> Vec<TableUpdate> {
+    // Iceberg's `timestamp-ms` is wall-clock time, as iceberg-rust's own commits write it (its
+    // metadata builder stamps later updates with the wall clock and rejects a log that goes
+    // backwards); dotdo's clock goes into `dotdo.committed-at-us`. When that clock is the wall
+    // clock (its time within a minute of it), `timestamp-ms` is that same instant, so that time
+    // travel by time picks the same snapshot in dotdo and in other engines (PyIceberg's
+    // `snapshot_as_of_timestamp`), not one stamped a manifest write later.
+    let wall = dotdo_core::SystemClock::new().now().as_millis();
+    let at = summary
+        .additional_properties
+        .get(crate::summary::COMMITTED_AT)
+        .and_then(|us| us.parse::<i64>().ok())
+        .map(|us| us.div_euclid(1000))
+        .filter(|ms| ms.abs_diff(wall) < 60_000);
     let snapshot = Snapshot::builder()
         .with_snapshot_id(snapshot_id)
         .with_parent_snapshot_id(md.current_snapshot_id())
         .with_sequence_number(md.next_sequence_number())
-        // Iceberg's `timestamp-ms` is wall-clock time, as iceberg-rust's own commits write it
-        // (its metadata builder stamps later updates with the wall clock and rejects a log that
-        // goes backwards); dotdo's clock goes into `dotdo.committed-at-us`.
-        .with_timestamp_ms(dotdo_core::SystemClock::new().now().as_millis().max(md.last_updated_ms()))
+        .with_timestamp_ms(at.unwrap_or(wall).max(md.last_updated_ms()))
         .with_manifest_list(list)
         .with_summary(summary)
         .with_schema_id(md.current_schema_id())

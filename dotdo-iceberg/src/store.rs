@@ -739,7 +739,10 @@ impl IcebergColdStore {
         self.inner.table.lock().clone()
     }
 
-    /// Reload the table from the catalog.
+    /// Reload the table from the catalog; what the catalog says is the known table from then
+    /// on, also when it is older than the one known (a catalog pointer an operator moved back,
+    /// a backup restored): a known table newer than the catalog's would overstate what is
+    /// durable (a watermark past the catalog's, by which a runtime truncates its hot log).
     pub async fn refresh(&self) -> Result<Table> {
         let t = self
             .inner
@@ -747,7 +750,7 @@ impl IcebergColdStore {
             .load_table(&self.inner.ident)
             .await
             .map_err(|e| classify(e, &format!("loading table {}", self.inner.ident)))?;
-        self.remember(&t);
+        *self.inner.table.lock() = t.clone();
         Ok(t)
     }
 

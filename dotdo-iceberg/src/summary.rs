@@ -11,7 +11,9 @@
 //!   unknown (read back: is a snapshot with this id in the table?).
 //! * `dotdo.committed-at-us`: commit time on the store's [`Clock`](dotdo_core::Clock), never
 //!   earlier than the parent's; `AsOf::Timestamp` and `SnapshotInfo::committed_at` use it. Other
-//!   engines' time travel uses Iceberg's own `timestamp-ms`, which is the wall clock.
+//!   engines' time travel uses Iceberg's own `timestamp-ms`, which is the wall clock: dotdo
+//!   stamps it with the same instant (in ms) when its clock is the wall clock, so both pick the
+//!   same snapshot for a time (PyIceberg's `snapshot_as_of_timestamp` is tested).
 //!
 //! The inline part is bounded, so the table metadata (which holds every retained snapshot's
 //! summary) stays small however many objects a table has; a new checkpoint file is written when

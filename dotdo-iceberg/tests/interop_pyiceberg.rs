@@ -164,6 +164,20 @@ async fn pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry() {
     assert_eq!(v["summary_keys"], serde_json::json!(["dotdo.commit-id", "dotdo.committed-at-us", "dotdo.watermarks"]));
     let spec = v["partition_spec"].as_str().expect("spec");
     assert!(spec.contains("bucket[16]") && spec.contains("do_id"), "{spec}");
+    // Time travel by time picks the same snapshot in both engines: a dotdo commit's Iceberg
+    // `timestamp-ms` is its commit time (it was stamped a manifest write later, so PyIceberg at
+    // dotdo's commit time could pick the parent).
+    let travel = v["time_travel"].as_array().expect("time_travel");
+    assert_eq!(travel.len(), 4, "{travel:?}");
+    for t in travel {
+        let (id, committed, ts_ms, picked) = (t[0].as_i64(), t[1].as_i64(), t[2].as_i64(), t[3].as_i64());
+        let (id, committed) = (id.expect("id"), committed.expect("a dotdo commit time"));
+        assert_eq!(ts_ms, Some(committed.div_euclid(1000)), "snapshot {id}: timestamp-ms is dotdo's commit time");
+        assert_eq!(picked, Some(id), "PyIceberg at snapshot {id}'s commit time");
+        let at = dotdo_core::Timestamp::from_micros(committed);
+        let ours = cold.load_state(&a, AsOf::Timestamp(at)).await.expect("as of the commit time");
+        assert_eq!(ours.snapshot, Some(id), "dotdo at snapshot {id}'s commit time");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -714,6 +714,48 @@ async fn a_retry_base_delay_above_one_second_is_refused() {
     }
 }
 
+/// A catalog pointer moved back (an operator restoring an older metadata file) is what
+/// `refresh` adopts: the known table, the watermark and the reads follow the catalog, and the
+/// next append commits on top of it. (The known table refused an older state, so a handle
+/// without `refresh_reads` kept answering the abandoned history's watermark, past what the
+/// catalog holds: a runtime would truncate its hot log by it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_follows_a_catalog_pointer_moved_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, refresh_reads: false, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("valid");
+    let one = FencingToken::new(1);
+    let mut after_first = None;
+    for seq in 1..=3 {
+        a.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, seq, &format!("k{seq}"), "v", 1)]))
+            .await
+            .expect("append");
+        if seq == 1 {
+            after_first = a.table().metadata_location().map(str::to_string);
+        }
+    }
+    let t1 = after_first.expect("a metadata location");
+    let c = rusqlite::Connection::open(dir.path().join("catalog.db")).expect("catalog");
+    assert_eq!(
+        c.execute("UPDATE iceberg_tables SET metadata_location = ?1 WHERE table_name = 'changes'", [&t1])
+            .expect("move the pointer back"),
+        1
+    );
+    drop(c);
+    assert_eq!(a.watermark(&o).await.expect("wm").through, 3, "not refreshed yet");
+    a.refresh().await.expect("refresh");
+    assert_eq!(a.table().metadata_location(), Some(t1.as_str()));
+    assert_eq!(a.watermark(&o).await.expect("wm").through, 1, "the catalog's watermark");
+    assert_eq!(a.load_state(&o, AsOf::Latest).await.expect("state").entries.len(), 1);
+    a.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 2, "k2", "again", 1)])).await.expect("append");
+    assert_eq!(a.watermark(&o).await.expect("wm").through, 2);
+}
+
 /// Settings every append would fail or degrade on are refused at build, `InvalidInput` naming
 /// the setting: a zstd level parquet refuses (0, negative, above 22), zero row-group or file
 /// sizes, a cleanup minimum above the cap (it is recorded in the table for every store).

@@ -41,4 +41,13 @@ print(json.dumps({
     "sort_order": str(table.sort_order()),
     "operation": current.summary.operation.value,
     "data_files": len(list(table.scan().plan_files())),
+    # Per snapshot: (id, dotdo's commit time in us or None, timestamp-ms, the id PyIceberg's time
+    # travel picks at dotdo's commit time in ms).
+    "time_travel": [
+        [s.snapshot_id, committed, s.timestamp_ms,
+         (table.snapshot_as_of_timestamp(committed // 1000) or s).snapshot_id if committed is not None else None]
+        for s in table.snapshots()
+        for committed in [int(s.summary.additional_properties["dotdo.committed-at-us"])
+                          if "dotdo.committed-at-us" in s.summary.additional_properties else None]
+    ],
 }))
