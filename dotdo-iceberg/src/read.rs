@@ -153,13 +153,19 @@ impl FileInfo {
     fn cache_key(&self) -> String {
         format!("{}#{}", self.path, self.size)
     }
+
+    /// About the bytes this entry holds (its path and bounds, and the fixed part).
+    fn weight(&self) -> usize {
+        let pair = |p: &Option<(String, String)>| p.as_ref().map_or(0, |(a, b)| a.len() + b.len());
+        std::mem::size_of::<FileInfo>() + self.path.len() + pair(&self.do_id) + pair(&self.key) + ENTRY_OVERHEAD
+    }
 }
 
 /// Caches of immutable files: manifest lists, manifests, Parquet footers.
 #[derive(Default)]
 pub(crate) struct FileCache {
     pub(crate) lists: parking_lot::Mutex<HashMap<String, Arc<Vec<ManifestFile>>>>,
-    manifests: parking_lot::Mutex<HashMap<String, Arc<Vec<Arc<FileInfo>>>>>,
+    manifests: parking_lot::Mutex<Weighed<Arc<Vec<Arc<FileInfo>>>>>,
     footers: parking_lot::Mutex<Weighed<Arc<ParquetMetaData>>>,
     checkpoints: parking_lot::Mutex<HashMap<String, Arc<crate::summary::Watermarks>>>,
     blooms: parking_lot::Mutex<BloomCache>,
@@ -192,13 +198,24 @@ struct BloomCache {
 /// At most this many bytes of bloom filters are cached (then the cache starts over).
 const BLOOM_CACHE_BYTES: usize = 64 << 20;
 
+/// What a cache entry holds besides its key's and value's own bytes (the map's slot, `Arc`s,
+/// `Vec` and `String` headers), counted against the byte bounds.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// At most this many bytes of decoded manifests are cached. A compaction writes a manifest
+/// listing most live files under a new path each time; counted by entries alone, superseded ones
+/// could hold many times the live file list.
+const MANIFEST_CACHE_BYTES: usize = 64 << 20;
+
 impl BloomCache {
     fn get(&self, k: &(String, usize, usize)) -> Option<Arc<Sbbf>> {
         self.map.get(k).cloned()
     }
 
     fn put(&mut self, k: (String, usize, usize), v: Arc<Sbbf>) {
-        let size = v.num_blocks() * 32;
+        // The filter's blocks, and what its entry holds besides: the key's path (a filter of
+        // one 32-byte block is common, its key several times that) and the map's slot.
+        let size = v.num_blocks() * 32 + k.0.len() + ENTRY_OVERHEAD;
         if self.bytes + size > BLOOM_CACHE_BYTES {
             self.map.clear();
             self.bytes = 0;
@@ -250,10 +267,6 @@ impl<V: Clone> Weighed<V> {
         self.bytes += size;
         self.map.insert(k, (v, size));
     }
-}
-
-fn put_bounded<V>(map: &parking_lot::Mutex<HashMap<String, V>>, k: String, v: V) {
-    put_bounded_to(map, k, v, CACHE_LIMIT);
 }
 
 /// Insert into a cache of at most `limit` entries; when full, one other entry goes. (Emptying it
@@ -598,7 +611,7 @@ impl IcebergColdStore {
             }
         }
         let loads = wanted.into_iter().map(|mf| async move {
-            let cached = cache.manifests.lock().get(&mf.manifest_path).cloned();
+            let cached = cache.manifests.lock().get(&mf.manifest_path);
             if let Some(c) = cached {
                 return Ok::<_, Error>(c);
             }
@@ -635,7 +648,14 @@ impl IcebergColdStore {
                 })
                 .collect();
             let files = Arc::new(files);
-            put_bounded(&cache.manifests, mf.manifest_path.clone(), files.clone());
+            let weight = files.iter().map(|f| f.weight()).sum::<usize>() + mf.manifest_path.len() + ENTRY_OVERHEAD;
+            cache.manifests.lock().put(
+                mf.manifest_path.clone(),
+                files.clone(),
+                weight,
+                CACHE_LIMIT,
+                MANIFEST_CACHE_BYTES,
+            );
             Ok(files)
         });
         let per_manifest: Vec<Arc<Vec<Arc<FileInfo>>>> = futures::stream::iter(loads).buffered(8).try_collect().await?;
@@ -1057,6 +1077,34 @@ mod tests {
         assert_ne!(file(100).cache_key(), file(101).cache_key());
     }
 
+    /// Cached manifests are bounded in bytes, each entry weighed by its paths and bounds: a
+    /// manifest of files with long key bounds weighs more than the entry count says, and the
+    /// cache keeps within its byte bound whatever the number of entries.
+    #[test]
+    fn cached_manifests_are_bounded_in_bytes() {
+        let long = "k".repeat(1000);
+        let file = |i: usize| FileInfo {
+            path: format!("s3://b/t/data/{i:06}.parquet"),
+            size: 1,
+            bucket: Some(0),
+            do_id: Some(("a".into(), "z".into())),
+            key: Some((long.clone(), long.clone())),
+            seq_min: Some(1),
+            seq_max: Some(2),
+            format: DataFileFormat::Parquet,
+        };
+        assert!(file(0).weight() > 2000, "{}", file(0).weight());
+        let cache = FileCache::default();
+        let manifest: Arc<Vec<Arc<FileInfo>>> = Arc::new((0..1000).map(|i| Arc::new(file(i))).collect());
+        let weight: usize = manifest.iter().map(|f| f.weight()).sum();
+        for m in 0..100 {
+            cache.manifests.lock().put(format!("m{m}"), manifest.clone(), weight, CACHE_LIMIT, MANIFEST_CACHE_BYTES);
+            let held = cache.manifests.lock();
+            assert!(held.bytes <= MANIFEST_CACHE_BYTES, "{} bytes", held.bytes);
+        }
+        assert!(cache.manifests.lock().map.len() < 100, "evicted by bytes, not by count");
+    }
+
     /// A record read twice counts once, in sequence order whatever order the files were read
     /// in; two different records under one sequence number are `Corrupt`.
     #[test]
@@ -1094,14 +1142,26 @@ mod tests {
     fn bloom_cache_stays_within_its_byte_bound() {
         let mut c = BloomCache::default();
         let one = Arc::new(Sbbf::new_with_num_of_bytes(1 << 20));
+        let counted = |c: &BloomCache| -> usize { c.map.keys().map(|k| (1 << 20) + k.0.len() + ENTRY_OVERHEAD).sum() };
         for i in 0..200 {
             c.put((format!("f{i}"), 0, 0), one.clone());
             assert!(c.bytes <= BLOOM_CACHE_BYTES, "{} bytes cached", c.bytes);
-            assert_eq!(c.bytes, c.map.len() << 20);
+            assert_eq!(c.bytes, counted(&c));
         }
         assert!(c.get(&("f199".to_string(), 0, 0)).is_some(), "the newest filter survives eviction");
         c.put(("f199".to_string(), 0, 0), one);
-        assert_eq!(c.bytes, c.map.len() << 20, "re-inserting a key does not count it twice");
+        assert_eq!(c.bytes, counted(&c), "re-inserting a key does not count it twice");
+        // Many one-block filters under long paths (dotdo folds filters of a few keys to one
+        // block): their keys count too, so the bound holds for what the entries really hold.
+        let mut c = BloomCache::default();
+        let small = Arc::new(Sbbf::new_with_num_of_bytes(32));
+        let dir = "s3://bucket/warehouse/app/changes/data/do_id_bucket=7/00000-0-0a1b2c3d-4e5f-6789-abcd-ef0123456789";
+        for i in 0..1000 {
+            c.put((format!("{dir}-{i:06}.parquet"), i % 4, 0), small.clone());
+        }
+        let held: usize = c.map.keys().map(|k| 32 + k.0.len() + ENTRY_OVERHEAD).sum();
+        assert_eq!(c.bytes, held, "each entry counts its key and slot, not only its 32-byte filter");
+        assert!(c.bytes > 1000 * 200, "{} bytes counted", c.bytes);
     }
 
     #[test]
