@@ -1050,10 +1050,11 @@ impl IcebergColdStore {
         table: &Table,
         files: Vec<DataFile>,
         props: HashMap<String, String>,
+        written_at: Option<Timestamp>,
     ) -> iceberg::Result<Table> {
         if let Some(swap) = &self.inner.verifier {
             if table.metadata().format_version() == iceberg::spec::FormatVersion::V2 {
-                return self.fast_append(swap, table, files, props).await;
+                return self.fast_append(swap, table, files, props, written_at).await;
             }
         }
         let tx = Transaction::new(table);
@@ -1260,7 +1261,8 @@ impl IcebergColdStore {
             } else {
                 summary::properties(&inline, prev.checkpoint.as_deref(), &commit_id, at)
             };
-            match self.try_commit(&table, files, props).await {
+            let written_at = written.as_ref().map(|(_, _, _, at)| *at);
+            match self.try_commit(&table, files, props, written_at).await {
                 Ok(t) => {
                     if let Err(e) = self.verify_durable(&t).await {
                         tracing::warn!(error = %e, "acknowledged cold commit is not durable; reading back");

@@ -552,7 +552,7 @@ impl ArrowTable {
             m.raw.insert(stream.to_string(), batch_id.to_string());
             let props: HashMap<String, String> =
                 m.raw.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v)).collect();
-            match self.store.try_commit(&table, data, props).await {
+            match self.store.try_commit(&table, data, props, None).await {
                 Ok(t) => {
                     // A reported commit that the catalog did not make durable is not
                     // acknowledged: the next attempt reads the stream's mark back and commits

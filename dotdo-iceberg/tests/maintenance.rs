@@ -2052,6 +2052,41 @@ async fn user_tables_without_columns_or_with_a_name_twice_are_refused() {
     assert!(t.read_all().await.expect("read").is_empty(), "nothing written");
 }
 
+/// A table in `dir` (one bucket) with object `o` appended by a plain store (returned first); a
+/// writer on a hookable object store (its `before_put` runs before a matching put) with a
+/// manual clock starting now; and a cleaner whose manual clock is two hours ahead (a cleanup
+/// long after the writer's files were written). Both with the default cleanup minimum (1 h).
+async fn stalling_writer_and_cleaner(
+    dir: &std::path::Path,
+) -> (IcebergColdStore, Arc<common::FaultyStore>, dotdo_core::ManualClock, IcebergColdStore, IcebergColdStore) {
+    use dotdo_core::Clock;
+    use object_store::ObjectStore;
+    let other = open(dir, 1).await;
+    let o = ObjectId::new("o").expect("id");
+    let one = FencingToken::new(1);
+    other.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 1, "k", "v", 1)])).await.expect("append o");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let now = dotdo_core::SystemClock::new().now();
+    let clock = dotdo_core::ManualClock::new(now);
+    let store = |clock: dotdo_core::ManualClock, hooked: Option<Arc<common::FaultyStore>>| async move {
+        let b = IcebergColdStore::builder(dir.to_str().expect("utf-8"));
+        let b = match hooked {
+            Some(h) => b.object_store(h),
+            None => b,
+        };
+        b.with_clock(Arc::new(clock))
+            .table(["m"], "changes")
+            .settings(Settings { buckets: 1, ..Default::default() })
+            .build()
+            .await
+            .expect("open")
+    };
+    let writer = store(clock.clone(), Some(hooked.clone())).await;
+    let cleaner = store(dotdo_core::ManualClock::new(now.plus(std::time::Duration::from_secs(2 * 3600))), None).await;
+    (other, hooked, clock, writer, cleaner)
+}
+
 /// An append whose commit is retried long after it wrote its data files (a conflict, then
 /// retries that took more than half of `min_cleanup_retention`) writes new files instead of
 /// committing the old ones: a cleanup running meanwhile (here with the default minimum and a
@@ -2059,32 +2094,10 @@ async fn user_tables_without_columns_or_with_a_name_twice_are_refused() {
 /// Before, the retry committed the deleted files and the object's reads were `Corrupt`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_retried_past_half_the_cleanup_minimum_writes_new_files() {
-    use dotdo_core::Clock;
-    use object_store::ObjectStore;
     let dir = tempfile::tempdir().expect("tempdir");
-    let other = open(dir.path(), 1).await;
+    let (other, hooked, clock, writer, cleaner) = stalling_writer_and_cleaner(dir.path()).await;
     let (o, p, q) = (ObjectId::new("o").expect("id"), ObjectId::new("p").expect("id"), ObjectId::new("q").expect("id"));
     let one = FencingToken::new(1);
-    other.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 1, "k", "v", 1)])).await.expect("append o");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
-    let now = dotdo_core::SystemClock::new().now();
-    let clock = dotdo_core::ManualClock::new(now);
-    let writer = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(hooked.clone())
-        .with_clock(Arc::new(clock.clone()))
-        .table(["m"], "changes")
-        .settings(Settings { buckets: 1, ..Default::default() })
-        .build()
-        .await
-        .expect("writer");
-    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .with_clock(Arc::new(dotdo_core::ManualClock::new(now.plus(std::time::Duration::from_secs(2 * 3600)))))
-        .table(["m"], "changes")
-        .settings(Settings { buckets: 1, ..Default::default() })
-        .build()
-        .await
-        .expect("cleaner");
     let deleted = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let (other2, p2, deleted2) = (other.clone(), p.clone(), deleted.clone());
     // Before the writer's first commit: another store commits (a conflict), 40 minutes pass for
@@ -2108,6 +2121,44 @@ async fn an_append_retried_past_half_the_cleanup_minimum_writes_new_files() {
         deleted.lock()
     );
     for (obj, v) in [(&o, "v"), (&p, "v"), (&q, "w")] {
+        let st = other.load_state(obj, AsOf::Latest).await.expect("every file of the head is there");
+        assert_eq!(st.entries.len(), 1, "{obj}");
+        assert_eq!(&st.entries[0].value[..], v.as_bytes(), "{obj}");
+    }
+}
+
+/// An append whose first attempt stalls past half of `min_cleanup_retention` between writing
+/// its data files and its catalog swap (here while writing its manifest, with a cleanup running
+/// meanwhile that deletes the files as unreferenced) does not commit them: the swap is refused
+/// as a conflict and the append writes new files. Before, the snapshot named deleted files and
+/// the object's reads were `Corrupt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_stalled_past_half_the_cleanup_minimum_writes_new_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (other, hooked, clock, writer, cleaner) = stalling_writer_and_cleaner(dir.path()).await;
+    let (o, q) = (ObjectId::new("o").expect("id"), ObjectId::new("q").expect("id"));
+    let one = FencingToken::new(1);
+    let deleted = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let deleted2 = deleted.clone();
+    // While the writer writes its first manifest: 40 minutes pass for it, and a cleanup deletes
+    // what no snapshot references (its data files). No other commit: no conflict of its own.
+    *hooked.before_put.lock() = Some(common::PutHook(
+        "-m0.avro".into(),
+        Box::pin(async move {
+            clock.advance(std::time::Duration::from_secs(40 * 60));
+            let report =
+                cleaner.remove_unreferenced_files(std::time::Duration::from_secs(3600)).await.expect("cleanup");
+            deleted2.lock().extend(report.deleted);
+        }),
+    ));
+    writer.append(ColdBatch::single(q.clone(), one, vec![common::put(&q, 1, "k", "w", 1)])).await.expect("append");
+    assert!(hooked.before_put.lock().is_none(), "the hook ran");
+    assert!(
+        deleted.lock().iter().any(|f| f.ends_with(".parquet")),
+        "the cleanup deleted the first files: {:?}",
+        deleted.lock()
+    );
+    for (obj, v) in [(&o, "v"), (&q, "w")] {
         let st = other.load_state(obj, AsOf::Latest).await.expect("every file of the head is there");
         assert_eq!(st.entries.len(), 1, "{obj}");
         assert_eq!(&st.entries[0].value[..], v.as_bytes(), "{obj}");
