@@ -189,19 +189,19 @@ impl SqlVerifier {
 }
 
 impl SqlVerifier {
-    /// The other tables of this catalog database (under any catalog name) whose metadata lives
-    /// in `location`'s `metadata/` directory, each as `namespace.name (catalog c)`. Locations
-    /// are compared as `root` maps them to keys of the store (so `file:/x`, `file:///x` and
-    /// `/x`, or `s3a://` and `s3://`, are one place), without regard to case (a case-insensitive
-    /// file system keeps `Changes` and `changes` in one directory). Two tables at one location
-    /// share their `data/` and `metadata/` directories: each one's cleanup would delete the
-    /// other's files.
+    /// For each of `locations`, the other tables of this catalog database (under any catalog
+    /// name) whose metadata lives in that location's `metadata/` directory, each as
+    /// `namespace.name (catalog c)` (the catalog's tables are read once). Locations are compared
+    /// as `root` maps them to keys of the store (so `file:/x`, `file:///x` and `/x`, or `s3a://`
+    /// and `s3://`, are one place), without regard to case (a case-insensitive file system keeps
+    /// `Changes` and `changes` in one directory). Two tables at one location share their `data/`
+    /// and `metadata/` directories: each one's cleanup would delete the other's files.
     pub(crate) async fn tables_at(
         &self,
         ident: &TableIdent,
-        location: &str,
+        locations: &[&str],
         root: &crate::StoreRoot,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<Vec<String>>> {
         let rows: Vec<(String, String, String, Option<String>)> =
             sqlx::query_as("SELECT catalog_name, table_namespace, table_name, metadata_location FROM iceberg_tables")
                 .fetch_all(&self.pool)
@@ -212,16 +212,24 @@ impl SqlVerifier {
                 })?;
         // A location the store cannot map is no place of this store: nothing there to share.
         let key = |l: &str| root.key(l).ok().map(|k| k.to_string().to_lowercase());
-        let Some(own) = key(location) else { return Ok(Vec::new()) };
-        let dir = format!("{own}/metadata/");
         let ns = ident.namespace().join(".");
-        Ok(rows
-            .into_iter()
-            .filter(|(c, n, t, _)| !(c == &self.catalog && n == &ns && t == ident.name()))
-            .filter(|(_, _, _, m)| {
-                m.as_deref().and_then(key).is_some_and(|m| m.strip_prefix(&dir).is_some_and(|f| !f.contains('/')))
+        let others: Vec<_> =
+            rows.iter().filter(|(c, n, t, _)| !(c == &self.catalog && n == &ns && t == ident.name())).collect();
+        Ok(locations
+            .iter()
+            .map(|location| {
+                let Some(own) = key(location) else { return Vec::new() };
+                let dir = format!("{own}/metadata/");
+                others
+                    .iter()
+                    .filter(|(_, _, _, m)| {
+                        m.as_deref()
+                            .and_then(key)
+                            .is_some_and(|m| m.strip_prefix(&dir).is_some_and(|f| !f.contains('/')))
+                    })
+                    .map(|(c, n, t, _)| format!("{n}.{t} (catalog {c:?})"))
+                    .collect()
             })
-            .map(|(c, n, t, _)| format!("{n}.{t} (catalog {c:?})"))
             .collect())
     }
 
@@ -512,14 +520,8 @@ impl std::error::Error for NotLanded {
 
 /// Whether `e` is a commit error whose pointer swap certainly did not land ([`NotLanded`]).
 pub(crate) fn did_not_land(e: &iceberg::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.downcast_ref::<NotLanded>().is_some() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |err| err.source())
+        .any(|err| err.is::<NotLanded>())
 }
 
 /// The error of a pointer swap that lost to another commit: a conflict for dotdo (which

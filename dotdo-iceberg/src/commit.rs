@@ -827,13 +827,24 @@ pub(crate) mod tests {
             w.add_delete_file(df, seq, Some(seq)).expect("add deleted");
         }
         let deletes = w.write_manifest_file().await.expect("write manifest");
-        let mut manifests = cold.manifests_of(&table, &head).await.expect("manifests").as_ref().clone();
-        manifests.push(deletes);
+        commit_with_manifest(cold, &table, &head, sid, deletes, Operation::Overwrite).await;
+    }
+
+    /// Commit snapshot `sid` on top of `head` with `head`'s manifests and `extra` (as another
+    /// engine's commit would add a manifest of its own).
+    async fn commit_with_manifest(
+        cold: &IcebergColdStore,
+        table: &iceberg::table::Table,
+        head: &iceberg::spec::SnapshotRef,
+        sid: i64,
+        extra: iceberg::spec::ManifestFile,
+        operation: iceberg::spec::Operation,
+    ) {
+        let mut manifests = cold.manifests_of(table, head).await.expect("manifests").as_ref().clone();
+        manifests.push(extra);
         let rewritten =
             super::Rewritten { manifests, written: Vec::new(), removed_files: 0, removed_records: 0, removed_bytes: 0 };
-        cold.commit_snapshot(&table, sid, Operation::Overwrite, rewritten, &[], Vec::new(), "test commit")
-            .await
-            .expect("commit");
+        cold.commit_snapshot(table, sid, operation, rewritten, &[], Vec::new(), "test commit").await.expect("commit");
     }
 
     /// A manifest the manifest list files under the table's spec but whose entries have
@@ -881,13 +892,7 @@ pub(crate) mod tests {
             w.add_file(df, seq).expect("add");
         }
         let foreign = w.write_manifest_file().await.expect("write manifest");
-        let mut manifests = cold.manifests_of(&table, &head).await.expect("manifests").as_ref().clone();
-        manifests.push(foreign);
-        let rewritten =
-            super::Rewritten { manifests, written: Vec::new(), removed_files: 0, removed_records: 0, removed_bytes: 0 };
-        cold.commit_snapshot(&table, sid, Operation::Append, rewritten, &[], Vec::new(), "test commit")
-            .await
-            .expect("commit");
+        commit_with_manifest(&cold, &table, &head, sid, foreign, Operation::Append).await;
         let e = cold
             .compact(CompactOptions { min_input_files: 2, ..Default::default() })
             .await

@@ -230,7 +230,7 @@ impl IcebergColdStore {
         // under this table's location (the SQL catalog places `ns.changes.events` at
         // `<warehouse>/ns/changes/events`), and its files are not ours to judge.
         if let Some(v) = &self.inner.verifier {
-            let shared = v.tables_at(&self.inner.ident, md.location(), &self.inner.root).await?;
+            let shared = v.tables_at(&self.inner.ident, &[md.location()], &self.inner.root).await?.concat();
             if !shared.is_empty() {
                 return Err(Error::invalid(format!(
                     "{what}: its location {} is also the location of {}; a cleanup would delete that table's \

@@ -507,13 +507,14 @@ pub(crate) async fn new_table_location(
         None => format!("{}/{}", placing.root.warehouse, ident.namespace().join("/")),
     };
     let default = format!("{ns_location}/{}", ident.name());
-    if verifier.tables_at(ident, &default, placing.root).await?.is_empty() {
-        return Ok(None);
-    }
     let tag: String =
         catalog_name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).collect();
     let own = format!("{default}-{tag}");
-    if !verifier.tables_at(ident, &own, placing.root).await?.is_empty() {
+    let found = verifier.tables_at(ident, &[&default, &own], placing.root).await?;
+    if found[0].is_empty() {
+        return Ok(None);
+    }
+    if !found[1].is_empty() {
         return Err(Error::invalid(format!(
             "{what}: both {default} and {own} hold other tables' metadata; create the namespace with a location \
              of its own"
@@ -782,10 +783,9 @@ impl IcebergColdStore {
         }
         // SQL catalogs: one indexed SELECT tells whether the known table is still current,
         // which saves reading and parsing the metadata JSON on every read.
-        if let Some(v) = &self.inner.verifier {
-            let current = v.metadata_location(&self.inner.ident).await?;
+        if self.inner.verifier.is_some() {
             let known = self.table();
-            if current.is_some() && current.as_deref() == known.metadata_location() {
+            if self.is_current(&known).await? {
                 return Ok(known);
             }
         }
@@ -1071,7 +1071,8 @@ impl IcebergColdStore {
     /// pointer read; with other catalogs, not known: `false`).
     async fn is_current(&self, table: &Table) -> Result<bool> {
         let Some(v) = &self.inner.verifier else { return Ok(false) };
-        Ok(v.metadata_location(&self.inner.ident).await?.as_deref() == table.metadata_location())
+        let current = v.metadata_location(&self.inner.ident).await?;
+        Ok(current.is_some() && current.as_deref() == table.metadata_location())
     }
 
     /// The result of our commit `s`, found in `table` after an unknown outcome: planned against

@@ -139,7 +139,8 @@ impl HotStore for LibsqlStore {
 
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let step = if self.inner.reads_for_drain_over_http() {
+        // Over HTTP unless local: to a remote primary, or (`read_for_drain`) a replica's primary.
+        let step = if !self.inner.target_is_local() {
             // One HTTP answer must arrive within `request_timeout`: a drain's read of 100 000
             // changes of large values would time out on every attempt. At most
             // REMOTE_CHANGES_BYTES of values per read (at least one change); a drain reads on.
@@ -350,7 +351,7 @@ impl HotStore for LibsqlStore {
         ));
         let result = Step::new(
             format!(
-                "SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {LAST} > ?3 THEN 2 WHEN {conflict} THEN 1 ELSE 0 END"
+                "SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {LAST} > ?3 THEN 2 WHEN {PENDING} THEN 1 ELSE 0 END"
             ),
             p,
         );

@@ -95,8 +95,8 @@ pub(crate) const DIRECT_DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND k
 /// (the maximum is still below a newer token: [`RAISE_IF_CURRENT`] refused it for room; or the
 /// pinned floor is past the room `?3`), else the effective last sequence number.
 pub(crate) const WRITE_RESULT: &str = concat!(
-    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token WHEN o.max_token < ?2 THEN ?4 \
-     WHEN o.last_seq > ?3 THEN ?4 ELSE ",
+    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token WHEN o.max_token < ?2 OR o.last_seq > ?3 \
+     THEN ?4 ELSE ",
     eff_last!("o"),
     " END FROM do_objects o WHERE o.do_id = ?1), 0)"
 );

@@ -228,21 +228,22 @@ impl LibsqlStoreBuilder {
         let target = self.target;
         let doing = format!("opening {}", target.describe());
         let batch_everywhere = settings.transport == Transport::Batch;
-        let (write_db, read_db, replica, local_file) = match &target {
+        // `opened`: a local target's file, by the absolute name it was opened by.
+        let (write_db, read_db, replica, local_file, opened) = match &target {
             Target::Local { path } => {
                 // Absolute: read connections open lazily, and must open the writer's file even if
                 // the process changes its working directory meanwhile.
                 let path = dotdo_core::sql_schema::absolute_database_path(path)?;
-                let db = libsql::Builder::new_local(path)
+                let db = libsql::Builder::new_local(&path)
                     .build()
                     .await
                     .map_err(|e| error::map(error::local_open_failure(e), &doing, false))?;
-                (None, Arc::new(db), None, true)
+                (None, Arc::new(db), None, true, Some(path))
             }
             Target::Remote { url, auth_token } => {
                 // The validated form: trimmed, scheme in lower case (libsql needs both).
                 let db = open_remote(&crate::validate_url(url)?, auth_token, &doing).await?;
-                (None, Arc::new(db), None, false)
+                (None, Arc::new(db), None, false, None)
             }
             Target::Replica { path, url, auth_token, sync_interval } => {
                 let path = dotdo_core::sql_schema::absolute_database_path(path)?;
@@ -250,7 +251,7 @@ impl LibsqlStoreBuilder {
                     open_replica(&path, &crate::validate_url(url)?, auth_token, *sync_interval, &settings, &doing)
                         .await?;
                 let replica = Arc::new(replica);
-                (Some(primary), replica.clone(), Some(replica), true)
+                (Some(primary), replica.clone(), Some(replica), true, None)
             }
         };
         let remote_writes = write_db.is_some() || !local_file;
@@ -293,13 +294,14 @@ impl LibsqlStoreBuilder {
         store.init(&doing).await?;
         // After init: the file is in WAL mode with dotdo's schema.
         let inner = &store.inner;
-        if let (Target::Local { path }, Some(every)) = (&inner.target, inner.settings.background_checkpoint) {
+        if let (Target::Local { path }, Some(opened), Some(every)) =
+            (&inner.target, &opened, inner.settings.background_checkpoint)
+        {
             if !every.is_zero() && !dotdo_core::sql_schema::is_private_database(path) {
                 let shown = path.display().to_string();
                 // By the absolute name the file was opened by: a relative one would be looked up
                 // in whatever the working directory is by then.
-                let opened = dotdo_core::sql_schema::absolute_database_path(path)?;
-                let watch = (dotdo_core::sql_schema::FileWatch::new(&opened), inner.moved.clone());
+                let watch = (dotdo_core::sql_schema::FileWatch::new(opened), inner.moved.clone());
                 let started =
                     crate::checkpoint::start(&inner.readers.db, inner.settings.busy_timeout, every, shown, watch)?;
                 let _ = inner.checkpointer.set(started);
@@ -889,14 +891,8 @@ impl LibsqlStore {
 }
 
 impl Inner {
-    fn target_is_local(&self) -> bool {
+    pub(crate) fn target_is_local(&self) -> bool {
         matches!(self.target, Target::Local { .. })
-    }
-
-    /// Whether the drain's reads go over HTTP: to a remote primary, or (see
-    /// `LibsqlStore::read_for_drain`) to an embedded replica's primary.
-    pub(crate) fn reads_for_drain_over_http(&self) -> bool {
-        matches!(self.target, Target::Remote { .. }) || self.replica.is_some()
     }
 }
 
