@@ -542,14 +542,7 @@ impl ObjectRuntime {
                 bytes: 0,
             };
             // Run the handler while renewing the lease; a failed renewal abandons the handler.
-            let outcome = {
-                let handler_fut = std::pin::pin!(handler(&mut txn));
-                let renew_fut = std::pin::pin!(renew_loop(&self.inner, renewed));
-                match futures::future::select(handler_fut, renew_fut).await {
-                    Either::Left((out, _)) => Ok(out),
-                    Either::Right((err, _)) => Err(err),
-                }
-            };
+            let outcome = renewing(&self.inner, renewed, handler(&mut txn)).await;
             (outcome, std::mem::take(&mut txn.ops))
         };
         let (mut slot, renewed) = end.finish();
@@ -630,18 +623,10 @@ impl ObjectRuntime {
             // renewed meanwhile, as during the handler (a lost renewal abandons the restore,
             // whose outcome a later activation settles, and fails the call: nothing written).
             let renewed = parking_lot::Mutex::new(active.lease.clone());
-            let restored = {
-                let restore = std::pin::pin!(complete_restore(inner, object, active.lease.token, &mut active.lazy));
-                let renew = std::pin::pin!(renew_loop(inner, &renewed));
-                match futures::future::select(restore, renew).await {
-                    Either::Left((r, _)) => {
-                        r.map_err(|e| before_the_call(e, "completing the object's restore before the commit"))
-                    }
-                    Either::Right((lost, _)) => Err(lost),
-                }
-            };
+            let restore = complete_restore(inner, object, active.lease.token, &mut active.lazy);
+            let restored = renewing(inner, &renewed, restore).await;
             active.lease = renewed.into_inner();
-            restored?;
+            restored?.map_err(|e| before_the_call(e, "completing the object's restore before the commit"))?;
         }
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
@@ -1772,6 +1757,21 @@ pub(crate) async fn complete_restore(
 
 /// Renew `lease` at about TTL/3 until it cannot be renewed; then return the error (the caller
 /// abandons the handler: self-fencing). Never returns while renewals succeed.
+/// Run `fut` while renewing `lease` (which holds the latest renewal); a renewal that fails
+/// abandons `fut` with the (lost-lease) error.
+async fn renewing<T>(
+    inner: &Arc<Inner>,
+    lease: &parking_lot::Mutex<Lease>,
+    fut: impl std::future::Future<Output = T>,
+) -> std::result::Result<T, Error> {
+    let fut = std::pin::pin!(fut);
+    let renew = std::pin::pin!(renew_loop(inner, lease));
+    match futures::future::select(fut, renew).await {
+        Either::Left((out, _)) => Ok(out),
+        Either::Right((lost, _)) => Err(lost),
+    }
+}
+
 async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Error {
     let ttl = inner.settings.lease_ttl;
     // After a transient failure the next refresh is due at once: back off (doubling from 5 ms,
