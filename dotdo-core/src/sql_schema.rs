@@ -305,8 +305,6 @@ pub enum CheckpointRound {
     /// The checkpoint failed (said at once, then every 100th failure of a streak; retried next
     /// round).
     Failed(String),
-    /// The thread ends (the round found a reason, and said it).
-    Stop,
 }
 
 /// WAL frames a [`CheckpointThread`] could not copy for it to warn that the WAL is not
@@ -315,24 +313,45 @@ pub const STUCK_WAL_FRAMES: i64 = 16 * 1024;
 
 /// A thread that runs a SQL hot store's background WAL checkpoint (`round`, typically
 /// `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own) every `every`, and says when
-/// the WAL stops shrinking or checkpoints fail. Stopped and joined on drop (at most one round
-/// is in progress then).
+/// the WAL stops shrinking or checkpoints fail. Before each round it asks its [`FileWatch`]
+/// whether the database file was deleted or replaced; if so it says so and ends, and
+/// [`replaced`](Self::replaced) is true from then on (the store refuses every call). Stopped and
+/// joined on drop (at most one round is in progress then).
 #[derive(Debug)]
 pub struct CheckpointThread {
     stop: std::sync::Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
+    replaced: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The `Corrupt` error of a call on a store whose database file `path` was deleted or replaced
+/// while open (see [`CheckpointThread::replaced`]).
+pub fn replaced_file_error(doing: &str, path: &str) -> crate::Error {
+    crate::Error::corrupt(format!(
+        "{doing}: {path} was deleted or replaced while this store had it open; writes since may be in the old \
+         file only: open the store again"
+    ))
 }
 
 impl CheckpointThread {
-    /// Start the thread `name`; `shown_path` names the database in log lines.
+    /// Whether the thread found the database file deleted or replaced (it has ended then).
+    pub fn replaced(&self) -> bool {
+        self.replaced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Start the thread `name`; `shown_path` names the database in log lines; `watch`: the
+    /// file as the store opened it.
     pub fn start(
         name: &str,
         every: std::time::Duration,
         shown_path: String,
+        watch: FileWatch,
         mut round: impl FnMut() -> CheckpointRound + Send + 'static,
     ) -> crate::Result<Self> {
         let stop = std::sync::Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
         let flag = stop.clone();
+        let replaced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let found = replaced.clone();
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
@@ -348,6 +367,11 @@ impl CheckpointThread {
                         if *stopped {
                             return;
                         }
+                    }
+                    if watch.replaced() {
+                        tracing::error!(path = %shown_path, "the database file was deleted or replaced while open; refusing every call");
+                        found.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
                     }
                     match round() {
                         CheckpointRound::Done { log, copied } => {
@@ -369,12 +393,11 @@ impl CheckpointThread {
                                 tracing::debug!(error = %e, "background WAL checkpoint failed; retrying next round");
                             }
                         }
-                        CheckpointRound::Stop => return,
                     }
                 }
             })
             .map_err(|e| crate::Error::backend(format!("starting the WAL checkpoint thread: {e}")))?;
-        Ok(CheckpointThread { stop, thread: Some(thread) })
+        Ok(CheckpointThread { stop, thread: Some(thread), replaced })
     }
 }
 

@@ -4,22 +4,18 @@
 
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use dotdo_core::sql_schema::{CheckpointRound, CheckpointThread, FileWatch};
 use dotdo_core::{Error, Result};
 
 /// Start checkpointing the local database `db` every `every` on a connection of its own
-/// (`shown`: its path, for log lines); stopped and joined when the returned thread is dropped.
-/// Each round first asks `watch` whether the file was deleted or replaced; if so it sets the
-/// flag (the store then refuses every call) and the thread ends.
+/// (`shown`: its path, for log lines), watching the file as `watch` remembers it; stopped and
+/// joined when the returned thread is dropped.
 pub(crate) fn start(
     db: &libsql::Database,
     busy_timeout: Duration,
     every: Duration,
     shown: String,
-    watch: (FileWatch, Arc<AtomicBool>),
+    watch: FileWatch,
 ) -> Result<CheckpointThread> {
     let conn =
         db.connect().map_err(|e| Error::backend(format!("opening the WAL checkpoint connection of {shown}: {e}")))?;
@@ -28,14 +24,7 @@ pub(crate) fn start(
     conn.busy_timeout(busy_timeout).map_err(|e| {
         Error::backend(format!("setting the busy timeout of the checkpoint connection of {shown}: {e}"))
     })?;
-    let (watch, moved) = watch;
-    let path = shown.clone();
-    CheckpointThread::start("dotdo-libsql-checkpoint", every, shown, move || {
-        if watch.replaced() {
-            tracing::error!(path = %path, "the database file was deleted or replaced while open; refusing every call");
-            moved.store(true, Ordering::SeqCst);
-            return CheckpointRound::Stop;
-        }
+    CheckpointThread::start("dotdo-libsql-checkpoint", every, shown, watch, move || {
         // libsql's local calls run SQLite synchronously inside their futures: no runtime is
         // needed to drive them.
         match futures::executor::block_on(round(&conn)) {

@@ -94,11 +94,9 @@ pub(crate) struct Inner {
     #[cfg(feature = "replica")]
     pull_done: parking_lot::Mutex<Option<PullDone>>,
     /// The background checkpoint thread of a local file, stopped when the last clone is dropped.
+    /// It also finds the file deleted or replaced (a restored backup): every call is refused
+    /// then, as dotdo-sqlite does.
     checkpointer: std::sync::OnceLock<dotdo_core::sql_schema::CheckpointThread>,
-    /// Set by the checkpoint thread when the file at a local path is no longer the one this
-    /// store opened (deleted, or replaced by a restored backup): every call is refused from
-    /// then on, as dotdo-sqlite does.
-    moved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// See [`Inner::pull_done`].
@@ -288,7 +286,6 @@ impl LibsqlStoreBuilder {
             #[cfg(feature = "replica")]
             pull_done: parking_lot::Mutex::new(None),
             checkpointer: std::sync::OnceLock::new(),
-            moved: Arc::default(),
         };
         let store = LibsqlStore { inner: Arc::new(inner) };
         store.init(&doing).await?;
@@ -301,7 +298,7 @@ impl LibsqlStoreBuilder {
                 let shown = path.display().to_string();
                 // By the absolute name the file was opened by: a relative one would be looked up
                 // in whatever the working directory is by then.
-                let watch = (dotdo_core::sql_schema::FileWatch::new(opened), inner.moved.clone());
+                let watch = dotdo_core::sql_schema::FileWatch::new(opened);
                 let started =
                     crate::checkpoint::start(&inner.readers.db, inner.settings.busy_timeout, every, shown, watch)?;
                 let _ = inner.checkpointer.set(started);
@@ -870,12 +867,8 @@ impl LibsqlStore {
 impl LibsqlStore {
     /// `Corrupt` once the checkpoint thread found the local file deleted or replaced.
     fn check_unmoved(&self, doing: &str) -> Result<()> {
-        if self.inner.moved.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::corrupt(format!(
-                "{doing}: {} was deleted or replaced while this store had it open; writes since may be in the \
-                 old file only: open the store again",
-                self.inner.target.describe()
-            )));
+        if self.inner.checkpointer.get().is_some_and(dotdo_core::sql_schema::CheckpointThread::replaced) {
+            return Err(dotdo_core::sql_schema::replaced_file_error(doing, &self.inner.target.describe()));
         }
         Ok(())
     }

@@ -52,42 +52,22 @@ struct Inner {
     /// would open its own, so reads use the write connection (and wait for a write in progress
     /// within the write budget, then `Unavailable`).
     memory: bool,
-    /// The background checkpoint thread, stopped when the last clone is dropped.
+    /// The background checkpoint thread, stopped when the last clone is dropped. It also finds
+    /// the file at `path` deleted or replaced (a restored backup): every call is refused then.
     checkpointer: Option<CheckpointThread>,
-    /// Set by the checkpoint thread when the file at `path` is no longer the one this store
-    /// opened (deleted, or replaced by a restored backup): every call is refused from then on.
-    moved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The background checkpoint thread of a store: `PRAGMA wal_checkpoint(PASSIVE)` on its own
-/// connection every `every`, and the check that the file at the path is still the one opened.
-struct Checkpointer;
-
-impl Checkpointer {
-    fn start(
-        path: &Path,
-        settings: &SqliteSettings,
-        every: Duration,
-        moved: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<CheckpointThread> {
-        let conn = open_connection(path, settings, false)?;
-        let watch = FileWatch::new(path);
-        let shown_path = path.display().to_string();
-        let shown = shown_path.clone();
-        CheckpointThread::start("dotdo-sqlite-checkpoint", every, shown_path, move || {
-            if watch.replaced() {
-                tracing::error!(path = %shown, "the database file was deleted or replaced while open; refusing every call");
-                moved.store(true, std::sync::atomic::Ordering::SeqCst);
-                return CheckpointRound::Stop;
-            }
-            match conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
-            {
-                Ok((log, copied)) => CheckpointRound::Done { log, copied },
-                Err(e) => CheckpointRound::Failed(e.to_string()),
-            }
-        })
-    }
+/// connection every `every`, watching the file at `path`.
+fn start_checkpoints(path: &Path, settings: &SqliteSettings, every: Duration) -> Result<CheckpointThread> {
+    let conn = open_connection(path, settings, false)?;
+    let shown = path.display().to_string();
+    CheckpointThread::start("dotdo-sqlite-checkpoint", every, shown, FileWatch::new(path), move || {
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
+            Ok((log, copied)) => CheckpointRound::Done { log, copied },
+            Err(e) => CheckpointRound::Failed(e.to_string()),
+        }
+    })
 }
 
 impl std::fmt::Debug for Inner {
@@ -187,11 +167,8 @@ impl SqliteStoreBuilder {
         let path = if memory { self.path } else { dotdo_core::sql_schema::absolute_database_path(&self.path)? };
         let open = move || -> Result<SqliteStore> {
             let writer = open_connection(&path, &settings, true)?;
-            let moved = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let checkpointer = match settings.background_checkpoint {
-                Some(every) if !every.is_zero() && !memory => {
-                    Some(Checkpointer::start(&path, &settings, every, moved.clone())?)
-                }
+                Some(every) if !every.is_zero() && !memory => Some(start_checkpoints(&path, &settings, every)?),
                 _ => None,
             };
             Ok(SqliteStore {
@@ -203,7 +180,6 @@ impl SqliteStoreBuilder {
                     readers: Mutex::new(Vec::new()),
                     memory,
                     checkpointer,
-                    moved,
                 }),
             })
         };
@@ -582,12 +558,8 @@ impl SqliteStore {
 impl Inner {
     /// `Corrupt` once the checkpoint thread found the file deleted or replaced.
     fn check_unmoved(&self, doing: &str) -> Result<()> {
-        if self.moved.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::corrupt(format!(
-                "{doing}: {} was deleted or replaced while this store had it open; writes since may be \
-                 in the old file only: open the store again",
-                self.path.display()
-            )));
+        if self.checkpointer.as_ref().is_some_and(CheckpointThread::replaced) {
+            return Err(dotdo_core::sql_schema::replaced_file_error(doing, &self.path.display().to_string()));
         }
         Ok(())
     }
