@@ -63,10 +63,12 @@ impl Raw {
         let mut rows = conn.query("PRAGMA journal_mode=WAL", ()).await.expect("wal");
         while rows.next().await.expect("row").is_some() {}
         drop(rows);
-        // dotdo's WAL threshold (LibsqlSettings::wal_autocheckpoint_pages) on the raw side too.
+        // dotdo's WAL threshold (LibsqlSettings::wal_autocheckpoint_pages) and page cache
+        // (LibsqlSettings::cache_kib) on the raw side too.
         let mut rows = conn.query("PRAGMA wal_autocheckpoint = 16384", ()).await.expect("autocheckpoint");
         while rows.next().await.expect("row").is_some() {}
         drop(rows);
+        conn.execute("PRAGMA cache_size = -65536", ()).await.expect("cache_size");
         conn.execute_batch(
             "PRAGMA synchronous=NORMAL;
              CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
@@ -150,11 +152,12 @@ impl Raw {
 }
 
 fn main() {
-    // `DOTDO_BENCH_PUT_ONLY=1` measures the local fenced put alone (for profiling).
+    // `DOTDO_BENCH_PUT_ONLY=1` measures the local fenced put alone, `DOTDO_BENCH_GET_ONLY=1` the
+    // local puts and the point get (for profiling).
     let put_only = std::env::var("DOTDO_BENCH_PUT_ONLY").is_ok_and(|o| o == "1");
     local(put_only);
     #[cfg(feature = "remote")]
-    if !put_only {
+    if !put_only && std::env::var("DOTDO_BENCH_GET_ONLY").is_err() {
         remote();
     }
 }
@@ -280,6 +283,7 @@ fn local(put_only: bool) {
     if put_only {
         return;
     }
+    let get_only = std::env::var("DOTDO_BENCH_GET_ONLY").is_ok_and(|o| o == "1");
     let mut g = 0;
     let (ours, base) = sample_pair(
         2_000,
@@ -293,6 +297,9 @@ fn local(put_only: bool) {
     );
     record("libsql/get_p50", "us", us(ours.p50()), "libsql_point_read", us(base.p50()));
     record("libsql/get_p99", "us", us(ours.p99()), "libsql_point_read", us(base.p99()));
+    if get_only {
+        return;
+    }
 
     let other = ObjectId::new("lease-object").expect("valid");
     let (ours, base) = sample_pair(

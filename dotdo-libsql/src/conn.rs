@@ -60,13 +60,7 @@ impl Conn {
 
     /// Run one statement through the statement cache, collecting its rows.
     async fn prepared(&mut self, step: Step) -> libsql::Result<Vec<Row>> {
-        if !self.cache.contains_key(&step.sql) {
-            let stmt = self.conn.prepare(&step.sql).await?;
-            self.cache.insert(step.sql.clone(), stmt);
-        }
-        let Some(stmt) = self.cache.get(&step.sql) else {
-            return Err(libsql::Error::Misuse("statement cache lost an entry".into()));
-        };
+        let stmt = self.statement(&step.sql).await?;
         stmt.reset();
         let params = Params::Positional(step.params);
         let out = if step.rows {
@@ -74,12 +68,49 @@ impl Conn {
         } else {
             stmt.execute(params).await.map(|_| Vec::new())
         };
-        stmt.reset();
-        if out.is_err() {
-            // A statement that failed may be in a bad state; prepare it afresh next time.
-            self.cache.remove(&step.sql);
+        self.finish(&step.sql, out)
+    }
+
+    /// The cached prepared statement of `sql` (prepared on first use).
+    async fn statement(&mut self, sql: &str) -> libsql::Result<&libsql::Statement> {
+        if !self.cache.contains_key(sql) {
+            let stmt = self.conn.prepare(sql).await?;
+            self.cache.insert(Cow::Owned(sql.to_owned()), stmt);
         }
-        out
+        self.cache.get(sql).ok_or_else(|| libsql::Error::Misuse("statement cache lost an entry".into()))
+    }
+
+    /// Reset the statement of `sql` after a use that gave `out`; a statement that failed may be
+    /// in a bad state, so it is prepared afresh next time.
+    fn finish<T>(&mut self, sql: &str, out: libsql::Result<T>) -> libsql::Result<T> {
+        match out {
+            Ok(v) => {
+                if let Some(stmt) = self.cache.get(sql) {
+                    stmt.reset();
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                self.cache.remove(sql);
+                Err(e)
+            }
+        }
+    }
+
+    /// The first column of the first row of one statement, outside any explicit transaction
+    /// (`None`: no row): a point read, without collecting rows as [`Conn::query`] does.
+    pub(crate) async fn query_first(&mut self, step: Step) -> libsql::Result<Option<Value>> {
+        let stmt = self.statement(&step.sql).await?;
+        stmt.reset();
+        let out = match stmt.query(Params::Positional(step.params)).await {
+            Ok(mut rows) => match rows.next().await {
+                Ok(Some(row)) => row.get_value(0).map(Some),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        self.finish(&step.sql, out)
     }
 
     /// One statement outside any explicit transaction, its rows collected: a cached prepared

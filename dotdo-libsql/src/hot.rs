@@ -105,9 +105,8 @@ impl HotStore for LibsqlStore {
         self.read("get", move |c| {
             let step = step.clone();
             Box::pin(async move {
-                let rows = c.query(step).await?;
                 // The row's value moves into the answer (one copy out of SQLite, as a raw read).
-                let value = rows.into_iter().next().and_then(|r| r.into_iter().next());
+                let value = c.query_first(step).await?;
                 Ok(value.map(blob_owned).transpose()?.map(Bytes::from))
             })
         })

@@ -49,11 +49,18 @@ struct Pool {
     pub(crate) settings: LibsqlSettings,
 }
 
+/// What every connection to a local (or replica) file gets: its busy timeout and page cache.
+async fn local_connection_settings(conn: &libsql::Connection, settings: &LibsqlSettings) -> libsql::Result<()> {
+    conn.busy_timeout(settings.busy_timeout)?;
+    conn.execute(&format!("PRAGMA cache_size = -{}", settings.cache_kib), ()).await?;
+    Ok(())
+}
+
 impl Pool {
     async fn connect(&self) -> libsql::Result<Conn> {
         let conn = self.db.connect().map_err(|e| if self.local_file { error::local_open_failure(e) } else { e })?;
         if self.local_file {
-            conn.busy_timeout(self.settings.busy_timeout)?;
+            local_connection_settings(&conn, &self.settings).await?;
         }
         Ok(Conn::new(conn, self.batch, !self.local_file))
     }
@@ -269,7 +276,7 @@ impl LibsqlStoreBuilder {
                 .connect()
                 .map_err(|e| error::map(if local { error::local_open_failure(e) } else { e }, &doing, false))?;
             if local {
-                conn.busy_timeout(settings.busy_timeout).map_err(|e| error::map(e, &doing, false))?;
+                local_connection_settings(&conn, &settings).await.map_err(|e| error::map(e, &doing, false))?;
             }
             Conn::new(conn, batch_everywhere || remote_writes, remote_writes)
         };
@@ -1077,6 +1084,27 @@ mod tests {
                 .await
                 .expect("pragma");
             assert_eq!(got, want, "{durability:?}");
+        }
+    }
+
+    /// Every connection to a local file, the writer and the readers, gets the page cache.
+    #[tokio::test]
+    async fn local_connections_get_the_configured_page_cache() {
+        fn cache_size(c: &mut Conn) -> BoxFuture<'_, TxResult<i64>> {
+            Box::pin(async move {
+                Ok(int(c.query(Step::new("PRAGMA cache_size", vec![])).await?.first().and_then(|r| r.first()))?)
+            })
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        for cache_kib in [2048u32, 96 * 1024] {
+            let s = LibsqlStore::local(dir.path().join(format!("c{cache_kib}.db")))
+                .with_settings(LibsqlSettings { cache_kib, ..Default::default() })
+                .open()
+                .await
+                .expect("open");
+            let writer = s.with_writer("reading cache_size", false, cache_size).await.expect("writer");
+            let reader = s.read("reading cache_size", cache_size).await.expect("reader");
+            assert_eq!((writer, reader), (-i64::from(cache_kib), -i64::from(cache_kib)));
         }
     }
 }
