@@ -93,5 +93,8 @@ pub use catalog::CatalogConfig;
 pub use compact::{CollapseOptions, CompactOptions, Progress, ProgressFn, RewriteReport};
 pub use maintenance::{CleanupReport, ExpireReport};
 pub use storage::StoreRoot;
-pub use store::{IcebergColdStore, IcebergColdStoreBuilder, Settings, MAX_CLEANUP_RETENTION, MIN_CLEANUP_PROP};
+pub use store::{
+    IcebergColdStore, IcebergColdStoreBuilder, Settings, MAX_CLEANUP_RETENTION, MAX_COMMIT_ATTEMPTS, MIN_BLOOM_FPP,
+    MIN_CLEANUP_PROP,
+};
 pub use user_table::{ArrowCommit, ArrowTable};

@@ -62,6 +62,15 @@ pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a st
 /// The largest [`Settings::min_cleanup_retention`] a store accepts (30 days).
 pub const MAX_CLEANUP_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// The largest [`Settings::max_commit_attempts`] a store accepts (100): an append against an
+/// unreachable store must fail in bounded time, not retry for days.
+pub const MAX_COMMIT_ATTEMPTS: u32 = 100;
+
+/// The lowest bloom filter false-positive rate a store accepts (1e-9, about 13 bytes per
+/// distinct value): parquet sizes a filter for a lower rate at its 128 MiB maximum whatever the
+/// row count, so every data file would carry hundreds of MiB of filters.
+pub const MIN_BLOOM_FPP: f64 = 1e-9;
+
 /// Tunables of an [`IcebergColdStore`]. Plain data with documented defaults.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -78,7 +87,8 @@ pub struct Settings {
     pub row_group_bytes: usize,
     /// Target data file size in bytes before rolling to a new file (default 256 MiB).
     pub target_file_size: usize,
-    /// Commit attempts of one append, conflicts and unknown outcomes included (default 16).
+    /// Commit attempts of one append, conflicts and unknown outcomes included (default 16; 1 to
+    /// [`MAX_COMMIT_ATTEMPTS`]).
     pub max_commit_attempts: u32,
     /// Base delay of the backoff between attempts (default 10 ms, at most 1 s). Appends double
     /// it per attempt up to 1 s; compaction and collapse wait it times the attempt number between
@@ -110,12 +120,14 @@ pub struct Settings {
     /// them on reads to skip row groups (and whole files) that cannot hold the object or key
     /// (default true). Files written without filters are read as before.
     pub bloom_filters: bool,
-    /// Target false-positive rate of those bloom filters (default 0.01; must be in `(0, 1)`).
+    /// Target false-positive rate of those bloom filters (default 0.01; must be in
+    /// `[MIN_BLOOM_FPP, 1)`, see [`MIN_BLOOM_FPP`]).
     /// Filters are sized for the rows of a row group at this rate, then folded down to the
     /// smallest size that keeps it, so lower rates cost a few bytes per distinct value.
     pub bloom_filter_fpp: f64,
     /// Per-column bloom filter settings overriding `bloom_filter_fpp`: `"do_id"` or `"key"`
-    /// mapped to `Some(rate)` (a rate in `(0, 1)`) or to `None` (no filter on that column).
+    /// mapped to `Some(rate)` (a rate in `[MIN_BLOOM_FPP, 1)`) or to `None` (no filter on that
+    /// column).
     /// Default empty: both columns at `bloom_filter_fpp`.
     pub bloom_filter_columns: BTreeMap<String, Option<f64>>,
     /// The shortest `retention` that
@@ -283,6 +295,13 @@ impl IcebergColdStoreBuilder {
         if self.settings.max_commit_attempts == 0 || self.settings.buckets == 0 {
             return Err(Error::invalid("max_commit_attempts and buckets must be at least 1"));
         }
+        if self.settings.max_commit_attempts > MAX_COMMIT_ATTEMPTS {
+            return Err(Error::invalid(format!(
+                "max_commit_attempts {} is above {MAX_COMMIT_ATTEMPTS}: an append against an unreachable store \
+                 would retry for hours",
+                self.settings.max_commit_attempts
+            )));
+        }
         if self.settings.catalog_name.trim().is_empty() {
             return Err(Error::invalid("catalog_name must not be empty"));
         }
@@ -318,8 +337,8 @@ impl IcebergColdStoreBuilder {
             return Err(Error::invalid(format!("retry_base_delay {:?} is above 1 s", self.settings.retry_base_delay)));
         }
         let fpp = self.settings.bloom_filter_fpp;
-        if self.settings.bloom_filters && !(fpp > 0.0 && fpp < 1.0) {
-            return Err(Error::invalid(format!("bloom_filter_fpp must be in (0, 1), got {fpp}")));
+        if self.settings.bloom_filters && !(MIN_BLOOM_FPP..1.0).contains(&fpp) {
+            return Err(Error::invalid(format!("bloom_filter_fpp must be in [{MIN_BLOOM_FPP:e}, 1), got {fpp}")));
         }
         for (col, rate) in &self.settings.bloom_filter_columns {
             if !schema::BLOOM_COLUMNS.contains(&col.as_str()) {
@@ -329,8 +348,10 @@ impl IcebergColdStoreBuilder {
                 )));
             }
             if let Some(r) = rate {
-                if !(*r > 0.0 && *r < 1.0) {
-                    return Err(Error::invalid(format!("bloom filter rate of {col} must be in (0, 1), got {r}")));
+                if !(MIN_BLOOM_FPP..1.0).contains(r) {
+                    return Err(Error::invalid(format!(
+                        "bloom filter rate of {col} must be in [{MIN_BLOOM_FPP:e}, 1), got {r}"
+                    )));
                 }
             }
         }
@@ -937,7 +958,8 @@ impl IcebergColdStore {
                 props = props
                     .set_column_bloom_filter_enabled(ColumnPath::from(col), true)
                     .set_column_bloom_filter_fpp(ColumnPath::from(col), fpp)
-                    .set_column_bloom_filter_ndv(ColumnPath::from(col), rows_per_group as u64);
+                    // At most the rows written: a small append gets a small filter.
+                    .set_column_bloom_filter_ndv(ColumnPath::from(col), rows_per_group.min(n).max(1) as u64);
             }
             props = props.set_bloom_filter_position(BloomFilterPosition::End);
         }

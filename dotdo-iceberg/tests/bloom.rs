@@ -154,9 +154,10 @@ async fn lookups_skip_files_whose_bloom_filters_exclude_object_or_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bloom_false_positive_rate_outside_zero_to_one_is_rejected() {
+async fn a_bloom_false_positive_rate_outside_the_accepted_range_is_rejected() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for fpp in [0.0, 1.0, -0.5, f64::NAN] {
+    // Below MIN_BLOOM_FPP parquet sizes every filter at its 128 MiB maximum.
+    for fpp in [0.0, 1.0, -0.5, f64::NAN, 1e-100, dotdo_iceberg::MIN_BLOOM_FPP / 2.0] {
         let r = IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
             .table(["bloom"], "changes")
             .settings(Settings { bloom_filter_fpp: fpp, ..Settings::default() })
@@ -173,6 +174,29 @@ async fn a_bloom_false_positive_rate_outside_zero_to_one_is_rejected() {
         .build()
         .await
         .expect("fpp is not checked with bloom filters off");
+}
+
+/// Filters are sized for the rows written, not for the row-group size: at the lowest accepted
+/// rate, with row groups as large as the settings allow, a one-record append writes a small
+/// file (sized for the row-group setting, each filter would take parquet's 128 MiB maximum).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_append_gets_small_filters_whatever_the_row_group_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = Settings {
+        bloom_filter_fpp: dotdo_iceberg::MIN_BLOOM_FPP,
+        row_group_rows: usize::MAX,
+        row_group_bytes: usize::MAX,
+        ..Settings::default()
+    };
+    let store = open(dir.path(), settings).await;
+    let o = ObjectId::new("obj").expect("id");
+    store.append(batch(std::slice::from_ref(&o), |_| vec!["k".to_string()], 1)).await.expect("append");
+    let files = common::files_ending_with(dir.path(), ".parquet");
+    assert_eq!(files.len(), 1);
+    let size = std::fs::metadata(&files[0]).expect("file").len();
+    assert!(size < 64 * 1024, "a one-record data file of {size} bytes");
+    let hit = store.lookup(&o, "k", AsOf::Latest).await.expect("lookup");
+    assert!(hit.value.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,7 +228,7 @@ async fn bloom_filters_are_configured_per_column() {
     let gone = store.lookup(&ObjectId::new("nobody").expect("id"), "k0-0", AsOf::Latest).await.expect("lookup");
     assert!(gone.value.is_none());
     // Bad column names and rates are refused when the store is built.
-    for (col, rate) in [("value", Some(0.01)), ("key", Some(1.5))] {
+    for (col, rate) in [("value", Some(0.01)), ("key", Some(1.5)), ("key", Some(1e-30))] {
         let mut c = std::collections::BTreeMap::new();
         c.insert(col.to_string(), rate);
         let e = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))

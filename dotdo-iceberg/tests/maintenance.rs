@@ -758,7 +758,8 @@ async fn refresh_follows_a_catalog_pointer_moved_back() {
 
 /// Settings every append would fail or degrade on are refused at build, `InvalidInput` naming
 /// the setting: a zstd level parquet refuses (0, negative, above 22), zero row-group or file
-/// sizes, a cleanup minimum above the cap (it is recorded in the table for every store).
+/// sizes, a cleanup minimum above the cap (it is recorded in the table for every store), more
+/// commit attempts than the cap (an append against an unreachable store would retry for days).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_every_append_would_fail_on_are_refused_at_build() {
     use std::time::Duration;
@@ -772,6 +773,8 @@ async fn settings_every_append_would_fail_on_are_refused_at_build() {
         ("row_group_bytes", Settings { row_group_bytes: 0, ..d() }),
         ("target_file_size", Settings { target_file_size: 0, ..d() }),
         ("min_cleanup_retention", Settings { min_cleanup_retention: Duration::from_secs(3600 * 24 * 365), ..d() }),
+        ("max_commit_attempts", Settings { max_commit_attempts: dotdo_iceberg::MAX_COMMIT_ATTEMPTS + 1, ..d() }),
+        ("max_commit_attempts", Settings { max_commit_attempts: u32::MAX, ..d() }),
     ];
     for (name, settings) in cases {
         let e = IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
@@ -786,6 +789,7 @@ async fn settings_every_append_would_fail_on_are_refused_at_build() {
     for ok in [
         Settings { zstd_level: 22, ..d() },
         Settings { min_cleanup_retention: dotdo_iceberg::MAX_CLEANUP_RETENTION, ..d() },
+        Settings { max_commit_attempts: dotdo_iceberg::MAX_COMMIT_ATTEMPTS, ..d() },
     ] {
         IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
             .table(["d"], "changes")

@@ -17,6 +17,14 @@ use dotdo_core::{Clock, Error, ErrorKind, Result, SystemClock};
 
 use crate::event::Event;
 
+/// The most retries per request [`CloudflareSettings::max_retries`] accepts (100): a send to an
+/// endpoint that keeps failing must end in bounded time.
+pub const MAX_STREAM_RETRIES: u32 = 100;
+
+/// The longest backoff between retries (5 s), and so the largest first backoff
+/// [`CloudflareSettings::backoff`] accepts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Settings of a [`CloudflareStreamClient`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CloudflareSettings {
@@ -25,10 +33,10 @@ pub struct CloudflareSettings {
     /// into several requests.
     pub max_request_bytes: usize,
     /// Retries of a transient failure (408, 429, 5xx but 501 and 505, connection errors) per
-    /// request (default 5).
+    /// request (default 5; at most [`MAX_STREAM_RETRIES`]).
     pub max_retries: u32,
-    /// First backoff, doubled per retry up to 5 s (default 100 ms; each wait a random length
-    /// between half of that and all of it). An answer's `Retry-After`
+    /// First backoff, doubled per retry up to 5 s (default 100 ms; at most 5 s; each wait a
+    /// random length between half of that and all of it). An answer's `Retry-After`
     /// stretches one wait (up to [`MAX_RETRY_AFTER`]; a longer one fails the send, retryable).
     pub backoff: Duration,
     /// Timeout of one request (default 30 s).
@@ -169,6 +177,18 @@ impl CloudflareStreamClient {
         if settings.timeout.is_zero() {
             return Err(Error::invalid("the request timeout must be above zero (every request would time out)"));
         }
+        if settings.max_retries > MAX_STREAM_RETRIES {
+            return Err(Error::invalid(format!(
+                "max_retries {} is above {MAX_STREAM_RETRIES}: a send to a failing endpoint would retry for hours",
+                settings.max_retries
+            )));
+        }
+        if settings.backoff > MAX_BACKOFF {
+            return Err(Error::invalid(format!(
+                "backoff {:?} is above {MAX_BACKOFF:?}, the longest wait between retries",
+                settings.backoff
+            )));
+        }
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
             // A redirect would turn the POST into a body-less GET (and drop the token across
@@ -192,8 +212,15 @@ impl CloudflareStreamClient {
     /// refuses as too large (413) is split in two and sent again. One event larger than the limit
     /// once encoded (JSON escaping can grow a value up to six times) is `LimitExceeded`; an
     /// invalid event (or a value that is not UTF-8) is `InvalidInput`. Every event is checked before the first request: on either error
-    /// nothing is sent.
+    /// nothing is sent. Runs inside a tokio runtime (the HTTP client's timers and DNS need one);
+    /// polled on another executor it is `InvalidInput`, and nothing is sent.
     pub async fn send(&self, events: &[Event]) -> Result<StreamSendReport> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            // reqwest would panic ("there is no reactor running") in the caller's task.
+            return Err(Error::invalid(
+                "CloudflareStreamClient::send must run inside a tokio runtime (its HTTP client needs one)",
+            ));
+        }
         let mut report = StreamSendReport::default();
         let mut items = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
@@ -303,7 +330,7 @@ impl CloudflareStreamClient {
             attempt += 1;
             report.retries += 1;
             self.clock.sleep(wait).await;
-            backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
+            backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
         }
     }
 }

@@ -360,4 +360,35 @@ async fn too_large_requests_are_split_and_a_failed_send_says_how_far_it_got() {
         CloudflareStreamClient::new(&url, None, zero).expect_err("zero timeout").kind(),
         &ErrorKind::InvalidInput
     );
+    // Settings that would hold a send for hours (or for ever) on a failing endpoint.
+    for (what, bad) in [
+        (
+            "max_retries",
+            CloudflareSettings { max_retries: dotdo_pipelines::cloudflare::MAX_STREAM_RETRIES + 1, ..settings() },
+        ),
+        ("max_retries", CloudflareSettings { max_retries: u32::MAX, ..settings() }),
+        ("backoff", CloudflareSettings { backoff: Duration::MAX, ..settings() }),
+        ("backoff", CloudflareSettings { backoff: Duration::from_secs(6), ..settings() }),
+    ] {
+        let e = CloudflareStreamClient::new(&url, None, bad).expect_err(what);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    let most = CloudflareSettings {
+        max_retries: dotdo_pipelines::cloudflare::MAX_STREAM_RETRIES,
+        backoff: Duration::from_secs(5),
+        ..settings()
+    };
+    CloudflareStreamClient::new(&url, None, most).expect("within bounds");
+}
+
+/// Polled outside a tokio runtime (another executor), a send is `InvalidInput` and sends
+/// nothing, instead of a panic in the caller's task (reqwest's timers need tokio's).
+#[test]
+fn a_send_outside_a_tokio_runtime_is_refused() {
+    let client =
+        CloudflareStreamClient::new("http://127.0.0.1:9", None, CloudflareSettings::default()).expect("client");
+    let e = futures::executor::block_on(client.send(&events(1, 10))).expect_err("no runtime");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("tokio runtime"), "{e}");
 }
