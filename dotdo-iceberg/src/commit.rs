@@ -203,34 +203,50 @@ impl IcebergColdStore {
         // a streaming table has one manifest per commit, so this also shrinks the manifest list.
         let mut merged: std::collections::BTreeMap<i32, (String, iceberg::spec::ManifestWriter)> =
             std::collections::BTreeMap::new();
+        // Except the earlier DELETED entries of removals more recent than the cleanup minimum:
+        // they are the cleanup's only record of when those files were removed, and a reader of
+        // a snapshot from before may still need them (`remove_unreferenced_files` keeps a file
+        // removed less than its retention ago). They go, as removals of this snapshot, into a
+        // manifest of their own per spec, which later rewrites leave as it is (no live entry)
+        // and drop once this snapshot is older than the minimum.
+        let mut carried: std::collections::BTreeMap<i32, (String, iceberg::spec::ManifestWriter)> =
+            std::collections::BTreeMap::new();
+        let window = self
+            .inner
+            .settings
+            .min_cleanup_retention
+            .max(crate::store::recorded_cleanup_minimum(table).unwrap_or_default());
+        let cutoff =
+            self.inner.clock.now().as_micros().saturating_sub(i64::try_from(window.as_micros()).unwrap_or(i64::MAX));
+        let removals = crate::maintenance::Removals::new(md, cutoff);
+        let new_writer = |mf: &ManifestFile, suffix: &str| -> Result<(String, iceberg::spec::ManifestWriter)> {
+            let path = format!("{location}/metadata/{}-m{}{suffix}.avro", uuid::Uuid::new_v4(), mf.partition_spec_id);
+            let spec = md
+                .partition_spec_by_id(mf.partition_spec_id)
+                .ok_or_else(|| Error::corrupt(format!("manifest {}: unknown partition spec", mf.manifest_path)))?
+                .as_ref()
+                .clone();
+            let output = io.new_output(&path).map_err(|e| classify(e, &path))?;
+            Ok((path, ManifestWriterBuilder::new(output, Some(snapshot_id), schema.clone(), spec).build_v2_data()))
+        };
         // A file another engine added twice is live twice: each entry is deleted.
         let mut counted: std::collections::HashSet<String> = std::collections::HashSet::new();
         for (mf, m) in loaded {
             let touched = m.entries().iter().any(|e| e.is_alive() && removed.contains(e.data_file().file_path()));
+            let mut recently_removed = removals.of(mf);
             if !touched {
                 // A manifest with no live entry left (an earlier rewrite's, listing only the
-                // files it replaced) describes nothing of the new snapshot: dropped, or every
-                // compaction would add one for good, and every read would load them all.
-                if m.entries().iter().any(|e| e.is_alive()) {
+                // files it replaced) describes nothing of the new snapshot: dropped once its
+                // removals are older than the cleanup minimum (above), or every compaction
+                // would add one for good.
+                if m.entries().iter().any(|e| e.is_alive() || recently_removed(e)) {
                     out.manifests.push(mf.clone());
                 }
                 continue;
             }
             let (path, w) = match merged.entry(mf.partition_spec_id) {
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    let path = format!("{location}/metadata/{}-m{}.avro", uuid::Uuid::new_v4(), mf.partition_spec_id);
-                    let spec = md
-                        .partition_spec_by_id(mf.partition_spec_id)
-                        .ok_or_else(|| {
-                            Error::corrupt(format!("manifest {}: unknown partition spec", mf.manifest_path))
-                        })?
-                        .as_ref()
-                        .clone();
-                    let output = io.new_output(&path).map_err(|e| classify(e, &path))?;
-                    let w = ManifestWriterBuilder::new(output, Some(snapshot_id), schema.clone(), spec).build_v2_data();
-                    v.insert((path, w))
-                }
+                std::collections::btree_map::Entry::Vacant(v) => v.insert(new_writer(mf, "")?),
             };
             // The spec the manifest list names for this manifest: entries whose partition has
             // another shape (a manifest written under a different spec with the same id) cannot
@@ -238,6 +254,19 @@ impl IcebergColdStore {
             let arity = md.partition_spec_by_id(mf.partition_spec_id).map_or(0, |s| s.fields().len());
             for e in m.entries() {
                 if e.status() == ManifestStatus::Deleted {
+                    if let (true, Some(data_seq), Some(file_seq), true) = (
+                        recently_removed(e),
+                        e.sequence_number,
+                        e.file_sequence_number,
+                        e.data_file().partition().fields().len() == arity,
+                    ) {
+                        let (cpath, cw) = match carried.entry(mf.partition_spec_id) {
+                            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                            std::collections::btree_map::Entry::Vacant(v) => v.insert(new_writer(mf, "-removed")?),
+                        };
+                        cw.add_delete_file(e.data_file().clone(), data_seq, Some(file_seq))
+                            .map_err(|e| classify(e, cpath))?;
+                    }
                     continue;
                 }
                 if e.data_file().partition().fields().len() != arity {
@@ -275,7 +304,7 @@ impl IcebergColdStore {
                 .map_err(|e| classify(e, path))?;
             }
         }
-        for (_, (path, w)) in merged {
+        for (_, (path, w)) in merged.into_iter().chain(carried) {
             out.written.push(path.clone());
             out.manifests.push(w.write_manifest_file().await.map_err(|e| classify(e, &path))?);
         }
@@ -903,15 +932,29 @@ pub(crate) mod tests {
 
     /// A delete manifest whose every entry is DELETED describes nothing of its snapshot: reads
     /// answer, and compaction runs (it refused such tables for good, as dotdo's appends carry
-    /// the manifest forward) and drops the manifest. A live one is refused by both
-    /// (`InvalidInput`): dotdo does not apply another engine's row-level deletes.
+    /// the manifest forward) and drops the manifest once its removal is older than the cleanup
+    /// minimum (a reader of the snapshot before may need the file until then; here no minimum,
+    /// and a clock that stands still until the second compaction). A live one is refused by
+    /// both (`InvalidInput`): dotdo does not apply another engine's row-level deletes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dead_delete_manifests_are_ignored_and_live_ones_refused() {
         use dotdo_core::{AsOf, ErrorKind};
         let options = || CompactOptions { min_input_files: 2, ..Default::default() };
         for live in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let cold = open_one_bucket(&dir).await;
+            use dotdo_core::Clock;
+            let clock = dotdo_core::ManualClock::new(dotdo_core::SystemClock::new().now());
+            let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+                .table(["t"], "changes")
+                .settings(crate::Settings {
+                    buckets: 1,
+                    min_cleanup_retention: std::time::Duration::ZERO,
+                    ..Default::default()
+                })
+                .with_clock(std::sync::Arc::new(clock.clone()))
+                .build()
+                .await
+                .expect("open");
             cold.append(batch("obj", 1)).await.expect("append");
             commit_delete_manifest(&cold, live).await;
             cold.append(batch("obj", 2)).await.expect("append");
@@ -924,15 +967,23 @@ pub(crate) mod tests {
                 continue;
             }
             assert_eq!(cold.load_state(&o, AsOf::Latest).await.expect("read").entries.len(), 2);
+            let deletes_listed = || async {
+                let table = cold.refresh().await.expect("refresh");
+                let head = table.metadata().current_snapshot().expect("head").clone();
+                let list = cold.manifests_of(&table, &head).await.expect("manifests");
+                list.iter().any(|m| m.content == iceberg::spec::ManifestContentType::Deletes)
+            };
             let report = cold.compact(options()).await.expect("compaction runs");
             assert!(report.snapshot.is_some(), "{report:?}");
-            let table = cold.refresh().await.expect("refresh");
-            let head = table.metadata().current_snapshot().expect("head").clone();
-            let list = cold.manifests_of(&table, &head).await.expect("manifests");
-            assert!(list.iter().all(|m| m.content == iceberg::spec::ManifestContentType::Data), "dropped: {list:?}");
+            assert!(deletes_listed().await, "the removal is no older than the minimum: kept");
+            clock.advance(std::time::Duration::from_millis(1));
+            cold.append(batch("obj", 3)).await.expect("append");
+            let report = cold.compact(options()).await.expect("compaction runs again");
+            assert!(report.snapshot.is_some(), "{report:?}");
+            assert!(!deletes_listed().await, "dropped");
             let seqs: Vec<u64> =
                 cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
-            assert_eq!(seqs, [1, 2]);
+            assert_eq!(seqs, [1, 2, 3]);
         }
     }
 }

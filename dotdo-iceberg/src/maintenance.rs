@@ -293,8 +293,7 @@ impl IcebergColdStore {
     ) -> Result<()> {
         let root = &self.inner.root;
         let md = table.metadata();
-        // Snapshot times as reads go by them (never before a parent's).
-        let committed = summary::effective_committed_at(md);
+        let removals = Removals::new(md, cutoff);
         let mut add = |loc: &str| -> Result<()> {
             referenced.insert(root.key(loc)?.to_string());
             Ok(())
@@ -326,23 +325,9 @@ impl IcebergColdStore {
                     // retained older snapshot that needs it lists it as live itself. A file
                     // removed less than `retention` ago is kept anyway: a reader (or a store
                     // with `refresh_reads` off) may still be scanning the snapshot before.
-                    // If the removing snapshot was itself expired since, the removal happened no
-                    // later than the first retained snapshot at or after the manifest's sequence
-                    // number: kept while that one is within the retention (or if there is none).
-                    let removed_by_expired = || {
-                        md.snapshots()
-                            .filter(|s| s.sequence_number() >= mf.sequence_number)
-                            .map(|s| committed(s).as_micros())
-                            .min()
-                            .is_none_or(|at| at >= cutoff)
-                    };
+                    let mut recently_removed = removals.of(mf);
                     for e in m.entries() {
-                        let recently_removed = !e.is_alive()
-                            && match e.snapshot_id().and_then(|id| md.snapshot_by_id(id)) {
-                                Some(s) => committed(s).as_micros() >= cutoff,
-                                None => removed_by_expired(),
-                            };
-                        if e.is_alive() || recently_removed {
+                        if e.is_alive() || recently_removed(e) {
                             add(e.data_file().file_path())?;
                         }
                     }
@@ -356,6 +341,51 @@ impl IcebergColdStore {
             add(&pf.statistics_path)?;
         }
         Ok(())
+    }
+}
+
+/// When the files that manifests record as removed (`Deleted` entries) were removed, as far as
+/// table metadata tells: the cleanup keeps a file removed since a cutoff, and a rewrite carries
+/// such records forward (see `rewrite_listed`) so that a later compaction does not erase them.
+pub(crate) struct Removals<'a> {
+    md: &'a iceberg::spec::TableMetadata,
+    /// Snapshot times as reads go by them (never before a parent's).
+    committed: Box<dyn Fn(&iceberg::spec::Snapshot) -> Timestamp + Send + Sync + 'a>,
+    /// Microseconds since the epoch.
+    cutoff: i64,
+}
+
+impl<'a> Removals<'a> {
+    /// Removals of `md`'s manifests judged against `cutoff` (microseconds since the epoch).
+    pub(crate) fn new(md: &'a iceberg::spec::TableMetadata, cutoff: i64) -> Self {
+        Removals { md, committed: Box::new(summary::effective_committed_at(md)), cutoff }
+    }
+
+    /// Whether an entry of manifest `mf` records a file removed at or after the cutoff: by the
+    /// commit time of the snapshot that removed it; if that snapshot was expired since, the
+    /// removal happened no later than the first retained snapshot at or after the manifest's
+    /// sequence number, so it counts as recent while that one is (or if there is none).
+    pub(crate) fn of<'m>(
+        &'m self,
+        mf: &'m iceberg::spec::ManifestFile,
+    ) -> impl FnMut(&iceberg::spec::ManifestEntry) -> bool + 'm {
+        let mut by_expired: Option<bool> = None;
+        move |e| {
+            if e.is_alive() {
+                return false;
+            }
+            match e.snapshot_id().and_then(|id| self.md.snapshot_by_id(id)) {
+                Some(s) => (self.committed)(s).as_micros() >= self.cutoff,
+                None => *by_expired.get_or_insert_with(|| {
+                    self.md
+                        .snapshots()
+                        .filter(|s| s.sequence_number() >= mf.sequence_number)
+                        .map(|s| (self.committed)(s).as_micros())
+                        .min()
+                        .is_none_or(|at| at >= self.cutoff)
+                }),
+            }
+        }
     }
 }
 

@@ -1081,6 +1081,96 @@ async fn replaced_files_get_the_retention_period_from_the_compaction() {
     assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
 }
 
+/// A compaction after an earlier one keeps the earlier one's record of the files it removed
+/// while that is recent (within the cleanup minimum): with the earlier compaction's snapshot
+/// expired, it is the only thing that tells the cleanup those files were removed moments ago,
+/// not long ago, and a reader of a snapshot from before may still need them. Without it they
+/// were deleted at once (their own write times are old). Two shapes: the record in a manifest
+/// of removals only (one bucket, whole-table compactions), and beside live entries that the
+/// later compaction rewrites (two buckets, one compacted at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_compaction_keeps_the_record_of_recent_removals() {
+    recent_removals_survive_a_later_compaction(1, None, None, [3, 2, 5]).await;
+    recent_removals_survive_a_later_compaction(2, Some(0), Some(1), [3, 4, 7]).await;
+}
+
+/// Three appends, the data files made to look two hours old, compaction `first`, an append,
+/// compaction `second`, expiry of all but the head, cleanups within and past the window.
+/// `counts`: files the two compactions remove, files the last cleanup deletes.
+#[allow(clippy::disallowed_methods)] // file times set into the past
+async fn recent_removals_survive_a_later_compaction(
+    buckets: u32,
+    first: Option<i32>,
+    second: Option<i32>,
+    counts: [u64; 3],
+) {
+    use dotdo_core::{Clock, ManualClock, SystemClock};
+    use std::time::{Duration, SystemTime};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(SystemClock::new().now());
+    let open = |refresh_reads| {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["m"], "changes")
+            // The default cleanup minimum (1 hour) is the window the record is kept for.
+            .settings(Settings { buckets, refresh_reads, ..Default::default() })
+            .with_clock(Arc::new(clock.clone()))
+            .build()
+    };
+    let cold = open(true).await.expect("open");
+    let objects: Vec<ObjectId> = (0..8).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+    let batch = |seq: u64| ColdBatch {
+        objects: objects
+            .iter()
+            .map(|o| ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: vec![common::put(o, seq, "k", "v", 1)],
+            })
+            .collect(),
+    };
+    for seq in 1..=3 {
+        cold.append(batch(seq)).await.expect("append");
+    }
+    let hour = Duration::from_secs(3600);
+    let originals = common::files_ending_with(dir.path(), ".parquet");
+    assert_eq!(originals.len(), 3 * buckets as usize, "three appends into every bucket");
+    for f in &originals {
+        let file = std::fs::File::options().write(true).open(f).expect("open data file");
+        file.set_modified(SystemTime::now() - hour * 2).expect("set the file's time");
+    }
+    let stale = open(false).await.expect("a reader that stays on the snapshot before the compactions");
+    let only =
+        |p: Option<i32>| CompactOptions { partitions: p.map(|p| [p].into_iter().collect()), ..Default::default() };
+    assert_eq!(cold.compact(only(first)).await.expect("first compaction").files_removed, counts[0]);
+    cold.append(batch(4)).await.expect("append");
+    assert_eq!(cold.compact(only(second)).await.expect("second compaction").files_removed, counts[1]);
+    clock.advance(Duration::from_millis(1));
+    cold.expire_snapshots(Duration::ZERO, 1).await.expect("expire all but the head");
+    assert_eq!(cold.refresh().await.expect("table").metadata().snapshots().count(), 1);
+    let kept = cold.remove_unreferenced_files(hour).await.expect("cleanup");
+    assert_eq!(kept.deleted.iter().filter(|d| d.ends_with(".parquet")).count(), 0, "{buckets} buckets: {kept:?}");
+    for o in &objects {
+        let seqs: Vec<u64> =
+            stale.read_changes(o, 0, AsOf::Latest).await.expect("stale read").iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3], "{o}");
+    }
+    // Past the window every replaced file goes (the originals among them).
+    clock.advance(hour * 2);
+    let clean = cold.remove_unreferenced_files(hour).await.expect("cleanup");
+    let deleted: Vec<&String> = clean.deleted.iter().filter(|d| d.ends_with(".parquet")).collect();
+    assert_eq!(deleted.len() as u64, counts[2], "{buckets} buckets: {clean:?}");
+    for f in &originals {
+        // The partition directory and the name (one append names its files alike in each).
+        let tail: Vec<&str> = f.iter().rev().take(2).map(|p| p.to_str().expect("utf-8")).collect();
+        let tail = format!("/{}/{}", tail[1], tail[0]);
+        assert!(deleted.iter().any(|d| d.ends_with(&tail)), "{tail} not deleted: {deleted:?}");
+    }
+    for o in &objects {
+        let seqs: Vec<u64> = cold.read_changes(o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4], "{o}");
+    }
+}
+
 /// A cleanup retention below `Settings::min_cleanup_retention` (default 1 hour) is refused before
 /// anything is listed or deleted: it could remove the files of a commit still in flight.
 #[tokio::test]
