@@ -127,6 +127,87 @@ pub async fn watermarks_and_state_survive_reopen(f: &super::ColdReopenFactory) {
     }
 }
 
+/// `append`, sent again after an error a retry may mend (every append is safe to send again):
+/// at most 20 attempts.
+async fn append_retrying(sink: &dyn crate::ColdSink, batch: &ColdBatch) -> crate::ColdCommit {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match sink.append(batch.clone()).await {
+            Ok(c) => return c,
+            Err(e) if attempt < 20 && (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) => {
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("append of {} record(s), attempt {attempt}: {e}", batch.record_count()),
+        }
+    }
+}
+
+/// Two sinks open at once on one table (two nodes draining the same object, or a restarted
+/// drainer racing its predecessor) write each record once: both append the same one-record
+/// batches, concurrently, and the table ends up with every sequence number exactly once; then a
+/// commit under a higher token through one sink fences the lower token through the other. (A
+/// sink that trusts a watermark it read before committing, without a check the commit itself
+/// makes, writes records twice; one that keeps the highest token per handle lets the stale
+/// token in.)
+pub async fn two_sinks_on_one_table_write_each_record_once(f: &super::ColdReopenFactory) {
+    const N: u64 = 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(KIT_EPOCH);
+    let a = f(clock.clone(), dir.path().to_path_buf()).await;
+    let b = f(clock.clone(), dir.path().to_path_buf()).await;
+    let o = oid("o1");
+    let drain = |sink: std::sync::Arc<dyn crate::ColdSink>| {
+        let o = o.clone();
+        tokio::spawn(async move {
+            let mut written = 0u64;
+            for i in 1..=N {
+                let c = append_retrying(&*sink, &ColdBatch::single(o.clone(), tok(1), puts(&o, i..=i, 1))).await;
+                assert_eq!(c.records_written + c.records_skipped, 1, "seq {i}: {c:?}");
+                let through = c.watermarks.get(&o).map_or(0, |w| w.through);
+                assert!(through >= i, "seq {i} is durable, so the watermark is at least {i}: {c:?}");
+                written += c.records_written;
+            }
+            written
+        })
+    };
+    let (ta, tb) = (drain(a.sink.clone()), drain(b.sink.clone()));
+    let (wa, wb) = (ta.await.expect("sink a"), tb.await.expect("sink b"));
+    assert!(wa + wb <= N, "{wa} + {wb} records reported written, of {N}");
+    for (name, fx) in [("a", &a), ("b", &b)] {
+        let changes = fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes");
+        let seqs: Vec<u64> = changes.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=N).collect::<Vec<_>>(), "through sink {name}: each record exactly once");
+        assert_eq!(changes, puts(&o, 1..=N, 1), "through sink {name}");
+        let wm = fx.sink.watermark(&o).await.expect("watermark");
+        assert_eq!(wm, Watermark { through: N, token: tok(1) }, "through sink {name}");
+        let st = fx.sink.load_state(&o, AsOf::Latest).await.expect("state");
+        assert_eq!((st.through, st.entries.len()), (N, N as usize), "through sink {name}");
+    }
+    let c = a
+        .sink
+        .append(ColdBatch::single(o.clone(), tok(2), puts(&o, N + 1..=N + 1, 1)))
+        .await
+        .expect("a higher token through sink a");
+    assert_eq!(c.records_written, 1);
+    let e = b
+        .sink
+        .append(ColdBatch::single(o.clone(), tok(1), puts(&o, N + 2..=N + 2, 1)))
+        .await
+        .expect_err("the lower token through sink b");
+    assert!(e.is_fenced(), "{e}");
+    assert_eq!(b.sink.watermark(&o).await.expect("watermark"), Watermark { through: N + 1, token: tok(2) });
+    let c = b
+        .sink
+        .append(ColdBatch::single(o.clone(), tok(2), puts(&o, N + 2..=N + 2, 1)))
+        .await
+        .expect("the higher token through sink b");
+    assert_eq!(c.records_written, 1);
+    let seqs: Vec<u64> =
+        a.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=N + 2).collect::<Vec<_>>(), "through sink a");
+}
+
 /// `watermarks` gives, in the order asked, what `watermark` gives for each object: committed,
 /// never committed, asked twice.
 pub async fn watermarks_match_watermark_one_by_one(f: &ColdFactory) {
@@ -638,6 +719,113 @@ pub async fn query_stats_are_consistent(f: &ColdFactory) {
     assert!(s.files_opened >= 1, "the object has live keys, so some file must be read: {s:?}");
 }
 
+/// Keys of the largest size that differ only in their last byte (also inside a multi-byte
+/// character), a key that is a prefix of two others, and keys of 2-, 3- and 4-byte characters
+/// up to the largest size, each written in a commit of its own: every lookup and scan finds
+/// them, now and as of an older snapshot. (An accelerator that prunes by statistics cut to a
+/// prefix of the key, or cut inside a character, skips the file that holds one.)
+pub async fn accelerator_finds_long_and_multibyte_keys(f: &ColdFactory) {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let (fx, _) = open(f).await;
+    if !has_accel(&fx, "accelerator_finds_long_and_multibyte_keys") {
+        return;
+    }
+    let a = accel(&fx);
+    let o = oid("long-keys");
+    let max = crate::MAX_KEY_BYTES;
+    let base = "a".repeat(max - 1);
+    let keys: Vec<String> = vec![
+        format!("{base}a"),
+        format!("{base}b"),
+        base.clone(),
+        format!("{}é", "a".repeat(max - 2)),
+        "é".repeat(max / 2),
+        // é is C3 A9 and ê is C3 AA: the last byte differs.
+        format!("{}ê", "é".repeat(max / 2 - 1)),
+        "日本".to_string(),
+        "日本語".to_string(),
+        "😀".repeat(max / 4),
+        format!("{}😁", "😀".repeat(max / 4 - 1)),
+        "\u{10FFFF}".repeat(max / 4),
+    ];
+    for k in &keys {
+        assert!(crate::ids::validate_key(k).is_ok(), "{} bytes", k.len());
+    }
+    let mut all = Vec::new();
+    let mut snaps = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let r = rec(&o, i as u64 + 1, k, Some(&format!("v{i}")), 1);
+        let c = fx.sink.append(ColdBatch::single(o.clone(), tok(1), vec![r.clone()])).await.expect("commit");
+        snaps.push(c.snapshot.expect("snapshot"));
+        all.push(r);
+    }
+    // Another object with the same keys, in one commit: its records are no answer for `o`.
+    let other = oid("long-keys-other");
+    let theirs: Vec<ChangeRecord> =
+        keys.iter().enumerate().map(|(i, k)| rec(&other, i as u64 + 1, k, Some("other"), 1)).collect();
+    fx.sink.append(ColdBatch::single(other.clone(), tok(1), theirs)).await.expect("other object");
+    // Overwrite the first key and delete the fifth.
+    let n = keys.len() as u64;
+    let last = vec![rec(&o, n + 1, &keys[0], Some("new"), 1), rec(&o, n + 2, &keys[4], None, 1)];
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), last.clone())).await.expect("overwrite and delete");
+    all.extend(last);
+    fn short(k: &str) -> String {
+        format!("{}… ({} bytes)", k.chars().take(8).collect::<String>(), k.len())
+    }
+    // As of the sixth commit (keys 0 to 5 written), and now.
+    for (as_of, count) in [(AsOf::Snapshot(snaps[5]), 6), (AsOf::Latest, all.len())] {
+        let want: BTreeMap<String, (Bytes, u64)> =
+            fold_changes(&all[..count]).0.into_iter().map(|e| (e.key, (e.value, e.seq))).collect();
+        for k in &keys {
+            let got = a.lookup(&o, k, as_of).await.expect("lookup").value.map(|v| (v.value, v.seq));
+            assert_eq!(got, want.get(k).cloned(), "lookup of {} as of {as_of:?}", short(k));
+        }
+        let scan = a.scan(ScanQuery::object(o.clone()).as_of(as_of)).await.expect("scan");
+        let got: Vec<(String, (Bytes, u64))> = scan.entries.into_iter().map(|v| (v.key, (v.value, v.seq))).collect();
+        let want: Vec<(String, (Bytes, u64))> = want.into_iter().collect();
+        let names = |v: &[(String, (Bytes, u64))]| v.iter().map(|(k, (_, s))| (short(k), *s)).collect::<Vec<_>>();
+        assert_eq!(names(&got[..]), names(&want[..]), "scan as of {as_of:?}");
+        assert_eq!(got, want, "scan as of {as_of:?}");
+    }
+    // Now: each key alone, and ranges whose bounds differ from the keys only in the last byte.
+    let live: BTreeMap<String, (Bytes, u64)> =
+        fold_changes(&all).0.into_iter().map(|e| (e.key, (e.value, e.seq))).collect();
+    let scan_keys = |range: KeyRange, limit: Option<usize>| {
+        let acc = a;
+        let mut q = ScanQuery::object(o.clone()).keys(range);
+        q.limit = limit;
+        async move { acc.scan(q).await.expect("scan").entries.into_iter().map(|v| v.key).collect::<Vec<String>>() }
+    };
+    for k in &keys {
+        let got = scan_keys(KeyRange { start: Included(k.clone()), end: Included(k.clone()) }, None).await;
+        let want: Vec<String> = live.get(k).map(|_| k.clone()).into_iter().collect();
+        assert_eq!(got, want, "a scan of {} alone", short(k));
+    }
+    let s = |i: usize| keys[i].clone();
+    for (range, limit, want) in [
+        (KeyRange::prefix(base.clone()), None, vec![s(2), s(0), s(1)]),
+        (KeyRange::prefix("é".repeat(max / 2 - 1)), None, vec![s(5)]),
+        (KeyRange::prefix("😀".repeat(max / 4 - 1)), None, vec![s(8), s(9)]),
+        (KeyRange::prefix("日本"), None, vec![s(6), s(7)]),
+        (KeyRange::between(s(0), s(1)), None, vec![s(0)]),
+        (KeyRange { start: Excluded(s(0)), end: Unbounded }, Some(1), vec![s(1)]),
+        (KeyRange { start: Excluded(s(8)), end: Included(s(9)) }, None, vec![s(9)]),
+        (KeyRange { start: Included(s(10)), end: Unbounded }, None, vec![s(10)]),
+    ] {
+        let what = format!(
+            "{:?}..{:?} limit {limit:?}",
+            range.start.as_ref().map(|k| short(k.as_str())),
+            range.end.as_ref().map(|k| short(k.as_str()))
+        );
+        assert_eq!(scan_keys(range, limit).await, want, "{what}");
+    }
+    // The other object kept its own.
+    for k in [&keys[0], &keys[1], &keys[4]] {
+        let got = a.lookup(&other, k, AsOf::Latest).await.expect("lookup").value.map(|v| v.value);
+        assert_eq!(got, Some(Bytes::from_static(b"other")), "lookup of {} in the other object", short(k));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Model-based property tests.
 
@@ -1058,7 +1246,8 @@ pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
         scan_filters_by_range_type_and_time,
         query_stats_are_consistent,
         same_instant_commits_and_unissued_snapshot_ids,
-        objects_whose_ids_share_a_prefix_are_independent
+        objects_whose_ids_share_a_prefix_are_independent,
+        accelerator_finds_long_and_multibyte_keys
     );
     let mut failures: Vec<CaseFailure> =
         all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect();

@@ -353,6 +353,71 @@ pub async fn change_log_reads_and_truncates(f: &HotFactory) {
     assert!(e.to_string().contains(&crate::MAX_SEQ.to_string()), "names the last seq: {e}");
 }
 
+/// `read_changes` may answer with fewer changes than asked while more exist (a backend may
+/// bound an answer's bytes), but never with none: reading on after the last change returned
+/// until an empty answer gives every change once, in order, also when values of the largest
+/// size (alone, two in one batch, next to small and empty ones) fill the answers; and a limit
+/// of 1 gives the next change, however large. (A backend that cuts an answer by bytes before
+/// its first change answers empty while changes remain, and the drain stops.)
+pub async fn change_reads_page_through_values_at_the_limit(f: &HotFactory) {
+    use crate::record::WriteOp;
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let big = |fill: u8| Bytes::from(vec![fill; MAX_VALUE_BYTES]);
+    // Six values of the largest size (12 MiB in all) among small ones.
+    let batches = [
+        WriteBatch::new("T").put("s0", b("small")),
+        WriteBatch::new("T").put("b0", big(1)),
+        WriteBatch::new("T").put("s1", b("x")).put("b1", big(2)).put("s2", Bytes::new()),
+        WriteBatch::new("T").put("b2", big(3)),
+        WriteBatch::new("T").put("b3", big(4)).put("s3", b("y")).put("b4", big(5)),
+        WriteBatch::new("T").delete("s0"),
+        WriteBatch::new("T").put("s4", b("z")),
+        WriteBatch::new("T").put("b5", big(6)),
+        WriteBatch::new("T").put("s5", b("last")),
+    ];
+    let mut want: Vec<(u64, String, Bytes)> = Vec::new();
+    for batch in batches {
+        let ops = batch.ops.clone();
+        let r = fx.hot.write(&l.object, l.token, batch).await.expect("write");
+        for (i, op) in ops.into_iter().enumerate() {
+            let (key, value) = match op {
+                WriteOp::Put { key, value } => (key, value),
+                WriteOp::Delete { key } => (key, Bytes::new()),
+            };
+            want.push((r.first_seq + i as u64, key, value));
+        }
+    }
+    let last_seq = want.len() as u64;
+    assert_eq!(want.iter().map(|w| w.0).collect::<Vec<_>>(), (1..=last_seq).collect::<Vec<_>>());
+    // Compared by sequence number, key, size and first byte (a failure must not print 12 MiB),
+    // then byte for byte.
+    let summary = |v: &[(u64, String, Bytes)]| -> Vec<(u64, String, usize, Option<u8>)> {
+        v.iter().map(|(s, k, v)| (*s, k.clone(), v.len(), v.first().copied())).collect()
+    };
+    for start in [0u64, 2] {
+        let (mut after, mut got, mut pages) = (start, Vec::new(), 0u32);
+        loop {
+            let page = fx.hot.read_changes(&l.object, after, 1000).await.expect("read changes");
+            let Some(last) = page.last() else { break };
+            assert_eq!(page[0].seq, after + 1, "a page starts right after the last change read");
+            after = last.seq;
+            pages += 1;
+            got.extend(page.into_iter().map(|c| (c.seq, c.key, c.value)));
+        }
+        let expected = &want[start as usize..];
+        assert_eq!(summary(&got[..]), summary(expected), "paging from {start} ({pages} pages)");
+        assert!(got.iter().zip(expected).all(|(g, w)| g.2 == w.2), "paging from {start}: a value differs");
+    }
+    for after in [0u64, 1, 2, 3, 5, last_seq - 2] {
+        let page = fx.hot.read_changes(&l.object, after, 1).await.expect("read one change");
+        let got: Vec<(u64, String, Bytes)> = page.into_iter().map(|c| (c.seq, c.key, c.value)).collect();
+        let expected = &want[after as usize..after as usize + 1];
+        assert_eq!(summary(&got[..]), summary(expected), "the change after {after}, with a limit of 1");
+    }
+    assert!(fx.hot.read_changes(&l.object, last_seq, 1000).await.expect("read at the end").is_empty());
+}
+
 /// Objects with untruncated changes are listed in id order, with paging.
 pub async fn pending_objects_are_listed_until_truncated(f: &HotFactory) {
     let (fx, _) = open(f).await;
@@ -643,6 +708,77 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     assert_eq!(fx.hot.put(&d.object, d.token, "T", "c", b("3")).await.expect("put").first_seq, 4);
 }
 
+/// Two handles open at once on one database (two processes, or two stores in one process,
+/// sharing a file) share one fencing state: a lease held through one is `LeaseHeld` through the
+/// other, both ways; a lease granted through one fences every call of the other under an older
+/// token at once, before the new holder writes anything, naming the new token; and a write
+/// through one is visible through the other as soon as it returned. (A backend that remembers
+/// the highest token per handle, or caches leases or state in the handle, passes every case
+/// that uses a single handle.)
+pub async fn fencing_holds_across_two_handles_on_one_database(f: &super::HotReopenFactory) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(KIT_EPOCH);
+    let h1 = f(clock.clone(), dir.path().to_path_buf()).await;
+    let h2 = f(clock.clone(), dir.path().to_path_buf()).await;
+    let held_by = |e: crate::Error, holder: &Lease| match e.kind() {
+        ErrorKind::LeaseHeld { holder: got, expires_at, object } => {
+            assert_eq!((got, *expires_at, object), (&holder.holder, holder.expires_at, &holder.object), "{e}");
+        }
+        other => panic!("expected LeaseHeld by {}, got {other:?}", holder.holder),
+    };
+    let fenced_by = |e: crate::Error, old: &Lease, new: &Lease| match e.kind() {
+        ErrorKind::Fenced { presented, current, .. } => {
+            assert_eq!((*presented, *current), (old.token, new.token), "{e}");
+        }
+        other => panic!("expected Fenced by token {}, got {other:?}", new.token),
+    };
+    let l1 = lease(&h1, "o1", "n1").await;
+    let o = l1.object.clone();
+    h1.hot.put(&o, l1.token, "T", "k", b("h1")).await.expect("h1 writes");
+    let e = h2.guard.acquire(&o, &nid("n2"), TTL).await.expect_err("held through h1");
+    held_by(e, &l1);
+    assert_eq!(h2.guard.current(&o).await.expect("current"), Some(l1.clone()), "h2 sees h1's lease");
+    assert_eq!(h2.hot.get(&o, "k").await.expect("get"), Some(b("h1")), "h2 sees h1's write");
+    clock.advance(TTL + Duration::from_millis(1));
+    let l2 = lease(&h2, "o1", "n2").await;
+    assert!(l2.token > l1.token, "{l2:?} after {l1:?}");
+    // The new lease alone fences h1, before anything is written through h2.
+    let e = h1.hot.put(&o, l1.token, "T", "k", b("stale")).await.expect_err("a stale write through h1");
+    fenced_by(e, &l1, &l2);
+    let e = h1.hot.truncate_changes(&o, l1.token, 1).await.expect_err("a stale truncate through h1");
+    fenced_by(e, &l1, &l2);
+    let e = h1.guard.validate(&l1).await.expect_err("taken over through h2");
+    assert!(e.is_fenced(), "{e}");
+    let e = h1.guard.acquire(&o, &nid("n1"), TTL).await.expect_err("held through h2");
+    held_by(e, &l2);
+    assert_eq!(h1.guard.current(&o).await.expect("current"), Some(l2.clone()), "h1 sees h2's lease");
+    assert_eq!(h1.hot.get(&o, "k").await.expect("get"), Some(b("h1")), "the stale write changed nothing");
+    let r = h2.hot.put(&o, l2.token, "T", "k", b("h2")).await.expect("h2 writes");
+    assert_eq!((r.first_seq, r.last_seq), (2, 2), "h2 continues h1's sequence");
+    assert_eq!(h1.hot.get(&o, "k").await.expect("get"), Some(b("h2")), "h1 sees h2's write");
+    let log = h1.hot.read_changes(&o, 0, 10).await.expect("log through h1");
+    assert_eq!(log.iter().map(|r| (r.seq, r.token)).collect::<Vec<_>>(), [(1, l1.token), (2, l2.token)]);
+    let info = h1.hot.object_info(&o).await.expect("info").expect("written");
+    assert_eq!((info.last_seq, info.max_token), (2, l2.token), "through h1");
+    let e = h1.hot.put(&o, l1.token, "T", "k", b("stale")).await.expect_err("still stale through h1");
+    fenced_by(e, &l1, &l2);
+    // And back: a takeover through h1 fences h2 the same way.
+    clock.advance(TTL + Duration::from_millis(1));
+    let l3 = lease(&h1, "o1", "n3").await;
+    assert!(l3.token > l2.token, "{l3:?} after {l2:?}");
+    let e = h2.hot.put(&o, l2.token, "T", "k", b("stale")).await.expect_err("a stale write through h2");
+    fenced_by(e, &l2, &l3);
+    let e = h2.guard.refresh(&l2, TTL).await.expect_err("taken over through h1");
+    assert!(e.is_fenced(), "{e}");
+    let e = h2.guard.acquire(&o, &nid("n2"), TTL).await.expect_err("held through h1");
+    held_by(e, &l3);
+    let r = h1.hot.put(&o, l3.token, "T", "k", b("h1 again")).await.expect("h1 writes again");
+    assert_eq!(r.first_seq, 3);
+    assert_eq!(h2.hot.get(&o, "k").await.expect("get"), Some(b("h1 again")), "h2 sees h1's write");
+    let info = h2.hot.object_info(&o).await.expect("info").expect("written");
+    assert_eq!((info.last_seq, info.max_token), (3, l3.token), "through h2");
+}
+
 /// A restore over live state replaces it: keys cold does not have are gone (a restore that
 /// upserted would bring back keys deleted in cold), and the counts follow.
 pub async fn restore_replaces_live_state(f: &HotFactory) {
@@ -819,6 +955,121 @@ pub async fn concurrent_writers_get_unique_sequences(f: &HotFactory) {
     all.sort_unstable();
     assert_eq!(all, (1..=200).collect::<Vec<u64>>());
     assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list").len(), 200);
+}
+
+/// Truncation running alongside writers drops exactly what it was told to: a drain loop reads
+/// the change log on from the last change it saw and truncates through it, while writers keep
+/// appending; in the end the changes it saw and the log left over are every change once, in
+/// order, none lost. (A backend whose truncation drops more than `seq <= through`, say every
+/// change of the object in a step of its own, loses changes written between the read and the
+/// truncation.)
+pub async fn truncation_concurrent_with_writes_loses_no_change(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let mut writers = Vec::new();
+    for t in 0..4u8 {
+        let (hot, l) = (fx.hot.clone(), l.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..30 {
+                hot.put(&l.object, l.token, "T", &format!("t{t}-{i}"), Bytes::from(vec![t])).await.expect("put");
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let (mut seen, mut after, mut truncations) = (Vec::new(), 0u64, 0u32);
+    loop {
+        // Decided before the read: a read after every writer finished is the last one.
+        let finished = writers.iter().all(|w| w.is_finished());
+        let page = fx.hot.read_changes(&l.object, after, 1000).await.expect("read changes");
+        if let Some(last) = page.last() {
+            after = last.seq;
+            seen.extend(page.iter().map(|c| c.seq));
+            fx.hot.truncate_changes(&l.object, l.token, after).await.expect("truncate through the last change seen");
+            truncations += 1;
+        }
+        if finished {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    // What is left, read from the start: only changes after the last truncation.
+    let (mut rest, mut from) = (Vec::new(), 0u64);
+    loop {
+        let page = fx.hot.read_changes(&l.object, from, 1000).await.expect("read the rest");
+        let Some(last) = page.last() else { break };
+        from = last.seq;
+        rest.extend(page.iter().map(|c| c.seq));
+    }
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("written");
+    assert_eq!(info.last_seq, 120, "every write got a sequence number");
+    assert_eq!(info.truncated_through, after);
+    let all: Vec<u64> = seen.iter().chain(&rest).copied().collect();
+    assert_eq!(
+        all,
+        (1..=info.last_seq).collect::<Vec<_>>(),
+        "the changes read ({} of them, {truncations} truncations) and the {} left over: each change once, in order",
+        seen.len(),
+        rest.len()
+    );
+    assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list").len(), 120, "state untouched");
+}
+
+/// A batch is atomic to readers running alongside its writer: a listing shows both keys of a
+/// two-key batch with the same value (from the same batch) or neither, and the change log
+/// never holds half of a batch. (A backend that applies a batch's operations in separate
+/// steps, or reads outside one snapshot, shows a half-applied batch.)
+pub async fn a_batch_is_atomic_to_concurrent_readers(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    const ROUNDS: u64 = 300;
+    let writer = {
+        let (hot, l) = (fx.hot.clone(), l.clone());
+        tokio::spawn(async move {
+            for i in 0..ROUNDS {
+                let v = Bytes::from(format!("v{i}"));
+                let batch = WriteBatch::new("T").put("a", v.clone()).put("b", v);
+                let r = hot.write(&l.object, l.token, batch).await.expect("write");
+                assert_eq!((r.first_seq, r.last_seq), (2 * i + 1, 2 * i + 2));
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut reads = 0u32;
+    loop {
+        let finished = writer.is_finished();
+        let listed = fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list");
+        match listed.as_slice() {
+            [] => {}
+            [ea, eb] => {
+                assert_eq!((ea.key.as_str(), eb.key.as_str()), ("a", "b"));
+                assert_eq!(ea.value, eb.value, "a and b listed from different batches (read {reads})");
+                assert_eq!(eb.seq, ea.seq + 1, "a and b listed from different batches (read {reads})");
+            }
+            other => {
+                let keys: Vec<&str> = other.iter().map(|e| e.key.as_str()).collect();
+                panic!("half a batch listed (read {reads}): {keys:?}");
+            }
+        }
+        // The values are a few bytes each: no backend bounds this answer below the whole log.
+        let log = fx.hot.read_changes(&l.object, 0, 10_000).await.expect("read changes");
+        assert_eq!(log.len() % 2, 0, "half a batch in the change log (read {reads}): {} changes", log.len());
+        for (i, pair) in log.chunks(2).enumerate() {
+            assert_eq!((pair[0].seq, pair[1].seq), (2 * i as u64 + 1, 2 * i as u64 + 2), "read {reads}");
+            assert_eq!((pair[0].key.as_str(), pair[1].key.as_str()), ("a", "b"), "read {reads}");
+            assert_eq!(pair[0].value, pair[1].value, "read {reads}");
+        }
+        reads += 1;
+        if finished {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    writer.await.expect("writer");
+    let log = fx.hot.read_changes(&l.object, 0, 10_000).await.expect("read changes");
+    assert_eq!(log.len() as u64, 2 * ROUNDS);
 }
 
 /// A takeover while the old holder's writes are in flight: every old-token write sent after the
@@ -1739,7 +1990,10 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         refresh_can_shorten_a_lease,
         objects_whose_ids_share_a_prefix_are_independent,
         list_honours_open_and_exclusive_bounds,
-        limits_count_bytes_and_type_names_are_checked
+        limits_count_bytes_and_type_names_are_checked,
+        truncation_concurrent_with_writes_loses_no_change,
+        change_reads_page_through_values_at_the_limit,
+        a_batch_is_atomic_to_concurrent_readers
     );
     let mut failures: Vec<CaseFailure> =
         all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect();

@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Each expands to one `#[test]` per case, so a failure names the backend's test file and the
-//! case. A backend with persistent state also proves it survives a restart with a factory that
-//! opens it at a given directory ([`HotReopenFactory`], [`ColdReopenFactory`]):
+//! case. A backend with persistent state also proves it survives a restart, and that two
+//! handles open at once on one directory share it, with a factory that opens it at a given
+//! directory ([`HotReopenFactory`], [`ColdReopenFactory`]):
 //!
 //! ```text
 //! dotdo_core::hot_reopen_conformance!(my_reopen_factory());
@@ -76,9 +77,10 @@ pub type ColdFactory = Arc<dyn Fn(ManualClock) -> BoxFuture<'static, ColdFixture
 
 /// Opens a hot backend that keeps its state under `dir`, reading time from the given clock.
 /// The first call for a directory gets it empty; a later call for the same directory must find
-/// everything an earlier opening made durable (a process restart). For the `*_survive_reopen`
-/// cases ([`hot_reopen_conformance!`](crate::hot_reopen_conformance)); backends without
-/// persistent state have nothing to run them on.
+/// everything an earlier opening made durable (a process restart), and two openings of one
+/// directory alive at once must share it (two processes on one database). For the cases of
+/// [`hot_reopen_conformance!`](crate::hot_reopen_conformance); backends without persistent
+/// state have nothing to run them on.
 pub type HotReopenFactory =
     Arc<dyn Fn(ManualClock, std::path::PathBuf) -> BoxFuture<'static, HotFixture> + Send + Sync>;
 /// Opens a cold backend that keeps its state under `dir`; see [`HotReopenFactory`].
@@ -410,7 +412,10 @@ macro_rules! hot_conformance {
             refresh_can_shorten_a_lease,
             objects_whose_ids_share_a_prefix_are_independent,
             list_honours_open_and_exclusive_bounds,
-            limits_count_bytes_and_type_names_are_checked
+            limits_count_bytes_and_type_names_are_checked,
+            truncation_concurrent_with_writes_loses_no_change,
+            change_reads_page_through_values_at_the_limit,
+            a_batch_is_atomic_to_concurrent_readers
         );
         #[test]
         fn prop_hot_store_matches_model() {
@@ -450,7 +455,8 @@ macro_rules! cold_conformance {
             scan_filters_by_range_type_and_time,
             query_stats_are_consistent,
             same_instant_commits_and_unissued_snapshot_ids,
-            objects_whose_ids_share_a_prefix_are_independent
+            objects_whose_ids_share_a_prefix_are_independent,
+            accelerator_finds_long_and_multibyte_keys
         );
         #[test]
         fn prop_cold_sink_matches_model() {
@@ -463,21 +469,33 @@ macro_rules! cold_conformance {
     };
 }
 
-/// Expands to the hot `*_survive_reopen` case for a [`HotReopenFactory`](crate::testkit::HotReopenFactory)
-/// expression (backends with persistent state).
+/// Expands to the hot cases that open a backend at a directory, for a
+/// [`HotReopenFactory`](crate::testkit::HotReopenFactory) expression (backends with persistent
+/// state): the `*_survive_reopen` case, and two handles open at once on one database.
 #[macro_export]
 macro_rules! hot_reopen_conformance {
     ($factory:expr) => {
-        $crate::__kit_tests!(hot, $factory, state_sequence_and_tokens_survive_reopen);
+        $crate::__kit_tests!(
+            hot,
+            $factory,
+            state_sequence_and_tokens_survive_reopen,
+            fencing_holds_across_two_handles_on_one_database
+        );
     };
 }
 
-/// Expands to the cold `*_survive_reopen` case for a
-/// [`ColdReopenFactory`](crate::testkit::ColdReopenFactory) expression.
+/// Expands to the cold cases that open a backend at a directory, for a
+/// [`ColdReopenFactory`](crate::testkit::ColdReopenFactory) expression: the `*_survive_reopen`
+/// case, and two sinks open at once on one table.
 #[macro_export]
 macro_rules! cold_reopen_conformance {
     ($factory:expr) => {
-        $crate::__kit_tests!(cold, $factory, watermarks_and_state_survive_reopen);
+        $crate::__kit_tests!(
+            cold,
+            $factory,
+            watermarks_and_state_survive_reopen,
+            two_sinks_on_one_table_write_each_record_once
+        );
     };
 }
 
