@@ -69,10 +69,11 @@ pub struct LibsqlSettings {
     /// WAL auto-checkpoint threshold in pages for a local file. Default 16 384 (64 MiB of 4 KiB
     /// pages), as in dotdo-sqlite.
     pub wal_autocheckpoint_pages: u32,
-    /// SQLite page cache of each connection to a local or replica file, in KiB (`PRAGMA
-    /// cache_size`; allocated as used). Default 64 MiB, as in dotdo-sqlite: with SQLite's own
-    /// 2 MiB, reads of a working set beyond it fetch pages from the OS on every call (point reads
-    /// over 10k keys of one object were ~20% slower). (No effect on a remote primary.)
+    /// SQLite page cache of each connection to a local file, in KiB (`PRAGMA cache_size`;
+    /// allocated as used). Default 64 MiB, as in dotdo-sqlite: with SQLite's own 2 MiB, reads of
+    /// a working set beyond it fetch pages from the OS on every call (point reads over 10k keys
+    /// of one object were ~20% slower). (No effect on a remote primary, nor on an embedded
+    /// replica, whose connections libsql does not let set it.)
     pub cache_kib: u32,
     /// Background WAL checkpoints for a **local file**: a thread per store copies committed WAL
     /// frames into the database file every this often (`PRAGMA wal_checkpoint(PASSIVE)`, on its

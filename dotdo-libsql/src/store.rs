@@ -46,13 +46,24 @@ struct Pool {
     idle: Mutex<Vec<Conn>>,
     max_idle: usize,
     local_file: bool,
+    /// Whether connections get `LibsqlSettings::cache_kib` (a local file, not a replica's: its
+    /// connections refuse a `cache_size` with a value).
+    page_cache: bool,
     pub(crate) settings: LibsqlSettings,
 }
 
-/// What every connection to a local (or replica) file gets: its busy timeout and page cache.
-async fn local_connection_settings(conn: &libsql::Connection, settings: &LibsqlSettings) -> libsql::Result<()> {
+/// What every connection to a local or replica file gets: its busy timeout, and on a local file
+/// (`page_cache`) its page cache. (libsql's replica connections parse each statement and refuse
+/// `PRAGMA cache_size = …` as unsupported: every read of a replica would fail.)
+async fn local_connection_settings(
+    conn: &libsql::Connection,
+    settings: &LibsqlSettings,
+    page_cache: bool,
+) -> libsql::Result<()> {
     conn.busy_timeout(settings.busy_timeout)?;
-    conn.execute(&format!("PRAGMA cache_size = -{}", settings.cache_kib), ()).await?;
+    if page_cache {
+        conn.execute(&format!("PRAGMA cache_size = -{}", settings.cache_kib), ()).await?;
+    }
     Ok(())
 }
 
@@ -60,7 +71,7 @@ impl Pool {
     async fn connect(&self) -> libsql::Result<Conn> {
         let conn = self.db.connect().map_err(|e| if self.local_file { error::local_open_failure(e) } else { e })?;
         if self.local_file {
-            local_connection_settings(&conn, &self.settings).await?;
+            local_connection_settings(&conn, &self.settings, self.page_cache).await?;
         }
         Ok(Conn::new(conn, self.batch, !self.local_file))
     }
@@ -267,6 +278,7 @@ impl LibsqlStoreBuilder {
             idle: Mutex::new(Vec::new()),
             max_idle: settings.read_connections,
             local_file,
+            page_cache: matches!(target, Target::Local { .. }),
             settings: settings.clone(),
         };
         let writer_conn = {
@@ -276,7 +288,7 @@ impl LibsqlStoreBuilder {
                 .connect()
                 .map_err(|e| error::map(if local { error::local_open_failure(e) } else { e }, &doing, false))?;
             if local {
-                local_connection_settings(&conn, &settings).await.map_err(|e| error::map(e, &doing, false))?;
+                local_connection_settings(&conn, &settings, true).await.map_err(|e| error::map(e, &doing, false))?;
             }
             Conn::new(conn, batch_everywhere || remote_writes, remote_writes)
         };
@@ -1085,6 +1097,22 @@ mod tests {
                 .expect("pragma");
             assert_eq!(got, want, "{durability:?}");
         }
+    }
+
+    /// A replica file's connections parse every statement and refuse a `cache_size` with a
+    /// value: they get the busy timeout only (with the pragma, every replica read failed).
+    #[cfg(feature = "replica")]
+    #[tokio::test]
+    async fn replica_connections_get_no_page_cache_pragma() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = libsql::Builder::new_local_replica(dir.path().join("r.db")).build().await.expect("replica");
+        let conn = db.connect().expect("connect");
+        let settings = LibsqlSettings::default();
+        local_connection_settings(&conn, &settings, false).await.expect("replica connection settings");
+        assert!(
+            local_connection_settings(&conn, &settings, true).await.is_err(),
+            "libsql now takes the pragma on a replica: it can be given there too"
+        );
     }
 
     /// Every connection to a local file, the writer and the readers, gets the page cache.
