@@ -203,24 +203,23 @@ impl IcebergColdStore {
         // a streaming table has one manifest per commit, so this also shrinks the manifest list.
         let mut merged: std::collections::BTreeMap<i32, (String, iceberg::spec::ManifestWriter)> =
             std::collections::BTreeMap::new();
-        // Except the earlier DELETED entries of removals more recent than the cleanup minimum:
-        // they are the cleanup's only record of when those files were removed, and a reader of
-        // a snapshot from before may still need them (`remove_unreferenced_files` keeps a file
-        // removed less than its retention ago). They go, as removals of this snapshot, into a
-        // manifest of their own per spec, which later rewrites leave as it is (no live entry)
-        // and drop once this snapshot is older than the minimum.
-        let mut carried: std::collections::BTreeMap<i32, (String, iceberg::spec::ManifestWriter)> =
-            std::collections::BTreeMap::new();
+        // A manifest that lists only removals (an earlier rewrite's) is kept while they are
+        // more recent than the cleanup minimum (below): it is the cleanup's record of when
+        // those files were removed, and a reader of a snapshot from before may still need them
+        // (`remove_unreferenced_files` keeps a file removed less than its retention ago). The
+        // cutoff is taken at the earlier of this clock and the head's commit time, so a clock
+        // running ahead of the one that dated the removals drops none early.
         let window = self
             .inner
             .settings
             .min_cleanup_retention
             .max(crate::store::recorded_cleanup_minimum(table).unwrap_or_default());
-        let cutoff =
-            self.inner.clock.now().as_micros().saturating_sub(i64::try_from(window.as_micros()).unwrap_or(i64::MAX));
+        let committed = crate::summary::effective_committed_at(md);
+        let now = md.current_snapshot().map_or(self.inner.clock.now(), |h| self.inner.clock.now().min(committed(h)));
+        let cutoff = now.as_micros().saturating_sub(i64::try_from(window.as_micros()).unwrap_or(i64::MAX));
         let removals = crate::maintenance::Removals::new(md, cutoff);
-        let new_writer = |mf: &ManifestFile, suffix: &str| -> Result<(String, iceberg::spec::ManifestWriter)> {
-            let path = format!("{location}/metadata/{}-m{}{suffix}.avro", uuid::Uuid::new_v4(), mf.partition_spec_id);
+        let new_writer = |mf: &ManifestFile| -> Result<(String, iceberg::spec::ManifestWriter)> {
+            let path = format!("{location}/metadata/{}-m{}.avro", uuid::Uuid::new_v4(), mf.partition_spec_id);
             let spec = md
                 .partition_spec_by_id(mf.partition_spec_id)
                 .ok_or_else(|| Error::corrupt(format!("manifest {}: unknown partition spec", mf.manifest_path)))?
@@ -238,7 +237,11 @@ impl IcebergColdStore {
                 // A manifest with no live entry left (an earlier rewrite's, listing only the
                 // files it replaced) describes nothing of the new snapshot: dropped once its
                 // removals are older than the cleanup minimum (above), or every compaction
-                // would add one for good.
+                // would add one for good. (The DELETED entries of a manifest rewritten below
+                // are dropped: written again they would name this snapshot as the one that
+                // removed them, which other engines' change scans and conflict checks read. A
+                // reader of a version from before is kept its files by the cleanup's walk of the
+                // metadata log instead.)
                 if m.entries().iter().any(|e| e.is_alive() || recently_removed(e)) {
                     out.manifests.push(mf.clone());
                 }
@@ -246,7 +249,7 @@ impl IcebergColdStore {
             }
             let (path, w) = match merged.entry(mf.partition_spec_id) {
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => v.insert(new_writer(mf, "")?),
+                std::collections::btree_map::Entry::Vacant(v) => v.insert(new_writer(mf)?),
             };
             // The spec the manifest list names for this manifest: entries whose partition has
             // another shape (a manifest written under a different spec with the same id) cannot
@@ -254,19 +257,6 @@ impl IcebergColdStore {
             let arity = md.partition_spec_by_id(mf.partition_spec_id).map_or(0, |s| s.fields().len());
             for e in m.entries() {
                 if e.status() == ManifestStatus::Deleted {
-                    if let (true, Some(data_seq), Some(file_seq), true) = (
-                        recently_removed(e),
-                        e.sequence_number,
-                        e.file_sequence_number,
-                        e.data_file().partition().fields().len() == arity,
-                    ) {
-                        let (cpath, cw) = match carried.entry(mf.partition_spec_id) {
-                            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                            std::collections::btree_map::Entry::Vacant(v) => v.insert(new_writer(mf, "-removed")?),
-                        };
-                        cw.add_delete_file(e.data_file().clone(), data_seq, Some(file_seq))
-                            .map_err(|e| classify(e, cpath))?;
-                    }
                     continue;
                 }
                 if e.data_file().partition().fields().len() != arity {
@@ -304,7 +294,7 @@ impl IcebergColdStore {
                 .map_err(|e| classify(e, path))?;
             }
         }
-        for (_, (path, w)) in merged.into_iter().chain(carried) {
+        for (_, (path, w)) in merged {
             out.written.push(path.clone());
             out.manifests.push(w.write_manifest_file().await.map_err(|e| classify(e, &path))?);
         }

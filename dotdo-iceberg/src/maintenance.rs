@@ -334,6 +334,61 @@ impl IcebergColdStore {
                 }
             }
         }
+        // A reader (or a store with `refresh_reads` off) may hold a table version that was
+        // current less than the retention ago and be scanning its head, whose files later
+        // commits replaced and whose snapshot an expiry may have removed since: the versions in
+        // the metadata log that were still current after the cutoff keep their head's manifest
+        // list, manifests and live files. (The log holds the last
+        // `write.metadata.previous-versions-max` versions, 100 by default; one older than that
+        // is not protected this way.)
+        let log = md.metadata_log();
+        for (k, entry) in log.iter().enumerate() {
+            let until_ms = log.get(k + 1).map_or(md.last_updated_ms(), |next| next.timestamp_ms);
+            if until_ms.saturating_mul(1000) < cutoff {
+                continue;
+            }
+            let what = format!("metadata file {}", entry.metadata_file);
+            let old = match iceberg::spec::TableMetadata::read_from(table.file_io(), &entry.metadata_file).await {
+                Ok(old) => old,
+                Err(e) => match classify(e, &what) {
+                    e if e.is_retryable() => return Err(e),
+                    // Gone or damaged: nothing of it can be read, so nothing to keep for it.
+                    _ => continue,
+                },
+            };
+            let Some(head) = old.current_snapshot().cloned() else { continue };
+            add(head.manifest_list())?;
+            if let Some(cp) = summary::checkpoint(&head) {
+                add(cp)?;
+            }
+            let old = iceberg::table::Table::builder()
+                .file_io(table.file_io().clone())
+                .metadata(old)
+                .metadata_location(entry.metadata_file.clone())
+                .identifier(table.identifier().clone())
+                .runtime(self.inner.runtime.clone())
+                .readonly(true)
+                .build()
+                .map_err(|e| Error::backend(format!("{what}: a table handle of it")).with_source(e))?;
+            let list = old
+                .manifest_list_reader(&head)
+                .load()
+                .await
+                .map_err(|e| classify(e, &format!("manifest list {}", head.manifest_list())))?;
+            for mf in list.entries() {
+                // A manifest's entries are the same whichever version lists it.
+                if manifests.insert(mf.manifest_path.clone()) {
+                    add(&mf.manifest_path)?;
+                    let m = mf
+                        .load_manifest(table.file_io())
+                        .await
+                        .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
+                    for e in m.entries().iter().filter(|e| e.is_alive()) {
+                        add(e.data_file().file_path())?;
+                    }
+                }
+            }
+        }
         for sf in md.statistics_iter() {
             add(&sf.statistics_path)?;
         }

@@ -605,6 +605,13 @@ impl IcebergColdStore {
         let mut skipped = 0u64;
         let mut wanted = Vec::with_capacity(manifests.len());
         for mf in manifests.iter() {
+            if mf.content == ManifestContentType::Data
+                && mf.added_files_count == Some(0)
+                && mf.existing_files_count == Some(0)
+            {
+                // Only removals (an earlier rewrite's record, kept for the cleanup): nothing to read.
+                continue;
+            }
             match bucket.and_then(|b| excluded_files(mf, bucket_at, b)) {
                 Some(n) => skipped = skipped.saturating_add(n),
                 None => wanted.push(mf.clone()),

@@ -1081,27 +1081,31 @@ async fn replaced_files_get_the_retention_period_from_the_compaction() {
     assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
 }
 
-/// A compaction after an earlier one keeps the earlier one's record of the files it removed
-/// while that is recent (within the cleanup minimum): with the earlier compaction's snapshot
-/// expired, it is the only thing that tells the cleanup those files were removed moments ago,
-/// not long ago, and a reader of a snapshot from before may still need them. Without it they
-/// were deleted at once (their own write times are old). Two shapes: the record in a manifest
-/// of removals only (one bucket, whole-table compactions), and beside live entries that the
-/// later compaction rewrites (two buckets, one compacted at a time).
+/// Files a compaction replaced stay for the retention after it also when a later compaction
+/// followed and every snapshot but the head is expired: a reader of a table version from before
+/// may still need them, and their own write times are old. (They were deleted at once.) Kept by
+/// the cleanup's walk of the metadata log (the version before the first compaction was current
+/// moments ago), and, where that version has left the log (more than 100 commits since), by the
+/// later compaction keeping the manifest that lists only the first one's removals while they are
+/// recent. Three shapes: one bucket, whole-table compactions; the same with 101 appends between
+/// them; two buckets, one compacted at a time (the later compaction rewrites the manifest that
+/// records the first one's removals beside live entries, and drops that record).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_compaction_keeps_the_record_of_recent_removals() {
-    recent_removals_survive_a_later_compaction(1, None, None, [3, 2, 5]).await;
-    recent_removals_survive_a_later_compaction(2, Some(0), Some(1), [3, 4, 7]).await;
+    recent_removals_survive_a_later_compaction(1, None, None, 1, [3, 2, 5]).await;
+    recent_removals_survive_a_later_compaction(1, None, None, 101, [3, 102, 105]).await;
+    recent_removals_survive_a_later_compaction(2, Some(0), Some(1), 1, [3, 4, 7]).await;
 }
 
-/// Three appends, the data files made to look two hours old, compaction `first`, an append,
-/// compaction `second`, expiry of all but the head, cleanups within and past the window.
-/// `counts`: files the two compactions remove, files the last cleanup deletes.
+/// Three appends, the data files made to look two hours old, compaction `first`, `between`
+/// appends, compaction `second`, expiry of all but the head, cleanups within and past the
+/// window. `counts`: files the two compactions remove, files the last cleanup deletes.
 #[allow(clippy::disallowed_methods)] // file times set into the past
 async fn recent_removals_survive_a_later_compaction(
     buckets: u32,
     first: Option<i32>,
     second: Option<i32>,
+    between: u64,
     counts: [u64; 3],
 ) {
     use dotdo_core::{Clock, ManualClock, SystemClock};
@@ -1142,7 +1146,9 @@ async fn recent_removals_survive_a_later_compaction(
     let only =
         |p: Option<i32>| CompactOptions { partitions: p.map(|p| [p].into_iter().collect()), ..Default::default() };
     assert_eq!(cold.compact(only(first)).await.expect("first compaction").files_removed, counts[0]);
-    cold.append(batch(4)).await.expect("append");
+    for seq in 4..4 + between {
+        cold.append(batch(seq)).await.expect("append");
+    }
     assert_eq!(cold.compact(only(second)).await.expect("second compaction").files_removed, counts[1]);
     clock.advance(Duration::from_millis(1));
     cold.expire_snapshots(Duration::ZERO, 1).await.expect("expire all but the head");
@@ -1167,7 +1173,7 @@ async fn recent_removals_survive_a_later_compaction(
     }
     for o in &objects {
         let seqs: Vec<u64> = cold.read_changes(o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
-        assert_eq!(seqs, vec![1, 2, 3, 4], "{o}");
+        assert_eq!(seqs, (1..4 + between).collect::<Vec<_>>(), "{o}");
     }
 }
 
