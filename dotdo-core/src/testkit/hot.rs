@@ -957,6 +957,27 @@ pub async fn concurrent_writers_get_unique_sequences(f: &HotFactory) {
     assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list").len(), 200);
 }
 
+/// A reader's finished rounds, which writers wait for now and then: so the reads of a case
+/// provably ran while the writes were in flight, also on a backend fast enough to finish every
+/// write before a reader's first read.
+#[derive(Clone, Default)]
+struct Rounds(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Rounds {
+    fn done(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Wait until the reader ran a whole round after this call (two rounds finish: the one
+    /// under way may have read before it).
+    async fn wait_for_a_whole_round(&self) {
+        let since = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        while self.0.load(std::sync::atomic::Ordering::SeqCst) < since + 2 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 /// Truncation running alongside writers drops exactly what it was told to: a drain loop reads
 /// the change log on from the last change it saw and truncates through it, while writers keep
 /// appending; in the end the changes it saw and the log left over are every change once, in
@@ -966,12 +987,17 @@ pub async fn concurrent_writers_get_unique_sequences(f: &HotFactory) {
 pub async fn truncation_concurrent_with_writes_loses_no_change(f: &HotFactory) {
     let (fx, _) = open(f).await;
     let l = lease(&fx, "o1", "n1").await;
+    let rounds = Rounds::default();
     let mut writers = Vec::new();
     for t in 0..4u8 {
-        let (hot, l) = (fx.hot.clone(), l.clone());
+        let (hot, l, rounds) = (fx.hot.clone(), l.clone(), rounds.clone());
         writers.push(tokio::spawn(async move {
             for i in 0..30 {
                 hot.put(&l.object, l.token, "T", &format!("t{t}-{i}"), Bytes::from(vec![t])).await.expect("put");
+                if i % 10 == 4 {
+                    // A drain round runs while this writer has more to write.
+                    rounds.wait_for_a_whole_round().await;
+                }
                 tokio::task::yield_now().await;
             }
         }));
@@ -987,6 +1013,7 @@ pub async fn truncation_concurrent_with_writes_loses_no_change(f: &HotFactory) {
             fx.hot.truncate_changes(&l.object, l.token, after).await.expect("truncate through the last change seen");
             truncations += 1;
         }
+        rounds.done();
         if finished {
             break;
         }
@@ -1006,6 +1033,7 @@ pub async fn truncation_concurrent_with_writes_loses_no_change(f: &HotFactory) {
     let info = fx.hot.object_info(&l.object).await.expect("info").expect("written");
     assert_eq!(info.last_seq, 120, "every write got a sequence number");
     assert_eq!(info.truncated_through, after);
+    assert!(truncations >= 2, "a truncation ran while writers were writing ({truncations} in all)");
     let all: Vec<u64> = seen.iter().chain(&rest).copied().collect();
     assert_eq!(
         all,
@@ -1025,51 +1053,74 @@ pub async fn a_batch_is_atomic_to_concurrent_readers(f: &HotFactory) {
     let (fx, _) = open(f).await;
     let l = lease(&fx, "o1", "n1").await;
     const ROUNDS: u64 = 300;
+    let rounds = Rounds::default();
     let writer = {
-        let (hot, l) = (fx.hot.clone(), l.clone());
+        let (hot, l, rounds) = (fx.hot.clone(), l.clone(), rounds.clone());
         tokio::spawn(async move {
             for i in 0..ROUNDS {
                 let v = Bytes::from(format!("v{i}"));
                 let batch = WriteBatch::new("T").put("a", v.clone()).put("b", v);
                 let r = hot.write(&l.object, l.token, batch).await.expect("write");
                 assert_eq!((r.first_seq, r.last_seq), (2 * i + 1, 2 * i + 2));
+                if i % 25 == 24 {
+                    // A reader round runs while there are batches left to write.
+                    rounds.wait_for_a_whole_round().await;
+                }
                 tokio::task::yield_now().await;
             }
         })
     };
-    let mut reads = 0u32;
+    // The whole log, paged (an answer may be shorter than asked); pages read one after another
+    // while batches land still join to whole batches.
+    let read_log = || async {
+        let (mut log, mut after) = (Vec::new(), 0u64);
+        loop {
+            let page = fx.hot.read_changes(&l.object, after, 10_000).await.expect("read changes");
+            let Some(last) = page.last() else { return log };
+            after = last.seq;
+            log.extend(page);
+        }
+    };
+    let (mut reads, mut midway, mut newest) = (0u32, 0u32, None::<u64>);
     loop {
         let finished = writer.is_finished();
         let listed = fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list");
         match listed.as_slice() {
-            [] => {}
+            [] => assert_eq!(newest, None, "a listing lost both keys (read {reads})"),
             [ea, eb] => {
                 assert_eq!((ea.key.as_str(), eb.key.as_str()), ("a", "b"));
                 assert_eq!(ea.value, eb.value, "a and b listed from different batches (read {reads})");
                 assert_eq!(eb.seq, ea.seq + 1, "a and b listed from different batches (read {reads})");
+                let round = std::str::from_utf8(&ea.value).ok().and_then(|v| v.strip_prefix('v')?.parse().ok());
+                let round: u64 = round.expect("a value this case wrote");
+                assert!(newest.is_none_or(|n| n <= round), "the listing went back from batch {newest:?} to {round}");
+                newest = Some(round);
             }
             other => {
                 let keys: Vec<&str> = other.iter().map(|e| e.key.as_str()).collect();
                 panic!("half a batch listed (read {reads}): {keys:?}");
             }
         }
-        // The values are a few bytes each: no backend bounds this answer below the whole log.
-        let log = fx.hot.read_changes(&l.object, 0, 10_000).await.expect("read changes");
+        let log = read_log().await;
         assert_eq!(log.len() % 2, 0, "half a batch in the change log (read {reads}): {} changes", log.len());
         for (i, pair) in log.chunks(2).enumerate() {
             assert_eq!((pair[0].seq, pair[1].seq), (2 * i as u64 + 1, 2 * i as u64 + 2), "read {reads}");
             assert_eq!((pair[0].key.as_str(), pair[1].key.as_str()), ("a", "b"), "read {reads}");
             assert_eq!(pair[0].value, pair[1].value, "read {reads}");
         }
+        if !listed.is_empty() && (log.len() as u64) < 2 * ROUNDS {
+            midway += 1;
+        }
         reads += 1;
+        rounds.done();
         if finished {
             break;
         }
         tokio::task::yield_now().await;
     }
     writer.await.expect("writer");
-    let log = fx.hot.read_changes(&l.object, 0, 10_000).await.expect("read changes");
-    assert_eq!(log.len() as u64, 2 * ROUNDS);
+    assert!(midway > 0, "no read ran while batches were landing ({reads} reads)");
+    assert_eq!(read_log().await.len() as u64, 2 * ROUNDS);
 }
 
 /// A takeover while the old holder's writes are in flight: every old-token write sent after the
