@@ -212,8 +212,9 @@ impl CloudflareStreamClient {
     /// refuses as too large (413) is split in two and sent again. One event larger than the limit
     /// once encoded (JSON escaping can grow a value up to six times) is `LimitExceeded`; an
     /// invalid event (or a value that is not UTF-8) is `InvalidInput`. Every event is checked before the first request: on either error
-    /// nothing is sent. Runs inside a tokio runtime (the HTTP client's timers and DNS need one);
-    /// polled on another executor it is `InvalidInput`, and nothing is sent.
+    /// nothing is sent. Runs inside a tokio runtime with its time driver enabled (the HTTP
+    /// client's timers and DNS need it: `enable_all()` on the builder, as `#[tokio::main]`
+    /// does); polled on another executor it is `InvalidInput`, and nothing is sent.
     pub async fn send(&self, events: &[Event]) -> Result<StreamSendReport> {
         if tokio::runtime::Handle::try_current().is_err() {
             // reqwest would panic ("there is no reactor running") in the caller's task.
