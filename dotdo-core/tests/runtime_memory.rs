@@ -1250,6 +1250,44 @@ async fn a_cancelled_maintain_keeps_the_leftover_leases_it_has_not_released() {
     assert_eq!(incr(&rt, &o2).await.expect("o2 again"), 2);
 }
 
+/// A leftover lease whose release `maintain` started, then was cancelled, is put back without
+/// replacing a newer leftover lease of the same object: here the old one expired meanwhile and a
+/// later call left a newer one. Before, the old one overwrote it, the next call released the old
+/// (a no-op) and got `LeaseHeld` naming this very node until the newer one expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let rt = w.runtime_with(
+        "a",
+        guard.clone(),
+        Arc::new(w.cold.clone()),
+        RuntimeSettings { keep_warm: Duration::ZERO, ..settings() },
+    );
+    let o = oid("o");
+    guard.fail_releases.store(1, std::sync::atomic::Ordering::SeqCst);
+    incr(&rt, &o).await.expect("first call; its release fails: a leftover lease");
+    // maintain takes it and its release hangs.
+    guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
+    let maintaining = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.maintain().await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!maintaining.is_finished(), "maintain hangs on the release");
+    guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
+    // The old lease expires; a second call takes a newer one, whose release fails too.
+    w.clock.advance(TTL + Duration::from_millis(1));
+    guard.fail_releases.store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("second call"), 2);
+    let newer = w.hot.current(&o).await.expect("current").expect("the newer leftover lease");
+    // The host gives up on maintain: the old lease is put back.
+    maintaining.abort();
+    let _ = maintaining.await;
+    assert_eq!(incr(&rt, &o).await.expect("the next call releases the newer leftover lease"), 3);
+    assert!(w.hot.current(&o).await.expect("current").is_none_or(|l| l.token > newer.token));
+}
+
 /// A handler's error reached after the lease ran out is refused like a read-only answer: it
 /// may rest on reads that another node's writes have made stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1799,6 +1837,38 @@ async fn a_slow_restore_before_a_lazy_objects_first_commit_keeps_the_lease() {
     assert_eq!(incr(&b, &o).await.expect("the first write completes the restore"), 1);
     assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(b.metrics().self_fenced, 0);
+    assert_eq!(all_state(&b, &o).await.len(), 21);
+}
+
+/// A renewal that fails without the lease being lost (a backend error) during the restore before
+/// a lazy object's first commit fails the call and gives the lease back, as a failed renewal
+/// during the handler does: the next call (here, at once) is not refused by this node's own
+/// lease for the rest of its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_renewal_during_a_lazy_restore_gives_the_lease_back() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 20).await;
+    a.evict(&o).await.expect("evict");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let b =
+        w.runtime_with("b", guard.clone(), cold.clone(), RuntimeSettings { restore: RestoreMode::Lazy, ..settings() });
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    // The load takes half a TTL: the renewal due meanwhile fails.
+    let clock = w.clock.clone();
+    *cold.before_load.lock() = Some(Box::pin(async move {
+        for _ in 0..5 {
+            clock.advance(TTL / 10);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }));
+    guard.broken_refreshes.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = incr(&b, &o).await.expect_err("the renewal failed");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "given back");
+    assert_eq!(incr(&b, &o).await.expect("at once"), 1, "nothing of the failed call written");
     assert_eq!(all_state(&b, &o).await.len(), 21);
 }
 
@@ -2670,6 +2740,29 @@ async fn maintain_hands_over_objects_the_ring_gives_another_node() {
     let a = ring_runtime(&w, "a", "a");
     let o = oid("o");
     assert_eq!(incr(&a, &o).await.expect("a owns o"), 1);
+    a.set_ring(ring_of("b"));
+    a.maintain().await.expect("maintain");
+    let b = ring_runtime(&w, "b", "b");
+    assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
+}
+
+/// The same from a ring without members (membership not known yet, or a flap that emptied it):
+/// the objects this node activated meanwhile go to their owner once members arrive. Before,
+/// none was handed over (an empty ring named no owner, so none counted as "was here").
+#[tokio::test]
+async fn maintain_hands_over_objects_activated_under_an_empty_ring() {
+    let w = World::new();
+    let a = ObjectRuntime::builder(NodeId::new("a").expect("node"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .with_ring(HashRing::new(16).expect("ring"))
+        .build()
+        .expect("runtime");
+    let o = oid("o");
+    assert_eq!(incr(&a, &o).await.expect("no owner known: served here"), 1);
     a.set_ring(ring_of("b"));
     a.maintain().await.expect("maintain");
     let b = ring_runtime(&w, "b", "b");

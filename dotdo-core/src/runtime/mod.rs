@@ -432,7 +432,8 @@ impl ObjectRuntime {
         let moved: Vec<ObjectId> = objects
             .into_iter()
             .filter(|o| {
-                let was_here = current.as_ref().is_none_or(|r| r.node_for(o) == Some(node));
+                // No ring, or one without members (no owner anywhere), counts as "here".
+                let was_here = current.as_ref().is_none_or(|r| r.node_for(o).is_none_or(|n| n == node));
                 was_here && ring.node_for(o).is_some_and(|n| n != node)
             })
             .collect();
@@ -578,17 +579,17 @@ impl ObjectRuntime {
             }
         } else {
             if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
-                if lease_gone(&e) {
-                    // Fenced by a newer holder, or the lease ran out before the commit could
-                    // refresh it (self-fencing, like a handler whose renewal failed).
-                    let mut m = self.inner.metrics.lock();
-                    if e.is_fenced() {
-                        m.fenced += 1;
-                    } else {
-                        m.self_fenced += 1;
-                    }
-                    drop(m);
+                if e.is_fenced() {
+                    // A newer holder has the object: the lease is gone.
+                    self.inner.metrics.lock().fenced += 1;
                     slot.active = None;
+                } else if lease_gone(&e) {
+                    // The lease ran out before the commit could refresh it, or a renewal during
+                    // a lazy restore failed (self-fencing, like a handler whose renewal failed):
+                    // given back in case the renewal failed without the lease being lost (a
+                    // release of a lease that is no longer current changes nothing).
+                    self.inner.metrics.lock().self_fenced += 1;
+                    give_back(&self.inner, &mut slot.active).await;
                 } else if activation_spent(&e) {
                     // The hot store is behind cold storage, or a lazy restore found hot state it
                     // cannot build on: the next activation starts afresh.
@@ -2072,7 +2073,12 @@ fn leases_go_back_after_calls(inner: &Inner) -> bool {
 /// `maintain`) to release: a call that cannot await the release (its future dropped).
 fn leave_orphan(inner: &Inner, lease: Lease) {
     note_given_back(inner, &lease);
-    inner.orphans.lock().insert(lease.object.clone(), lease);
+    let mut orphans = inner.orphans.lock();
+    // One per object, the newest: an older one (a cancelled release put back after a newer
+    // call's lease was left here) is no longer current, and releasing it would change nothing.
+    if orphans.get(&lease.object).is_none_or(|kept| kept.token < lease.token) {
+        orphans.insert(lease.object.clone(), lease);
+    }
 }
 
 /// A lease between being taken and being kept in a slot (or given back). If the future holding
