@@ -1442,6 +1442,72 @@ async fn a_call_ending_during_shutdowns_wait_is_drained() {
     assert_eq!(w.hot.current(&o).await.expect("current"), None, "and released");
 }
 
+/// A clock whose wall time can be set back (an NTP step, an operator) while its monotonic time
+/// and sleeps run on: the world's manual clock with an offset for `now`.
+#[derive(Debug)]
+struct SteppedClock {
+    inner: ManualClock,
+    back_micros: std::sync::atomic::AtomicI64,
+}
+
+impl Clock for SteppedClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_micros(
+            self.inner.now().as_micros() - self.back_micros.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+    fn monotonic(&self) -> Duration {
+        self.inner.monotonic()
+    }
+    fn sleep(&self, duration: Duration) -> dotdo_core::time::Sleep {
+        self.inner.sleep(duration)
+    }
+}
+
+/// The runtime's local durations go by the clock's monotonic time, not its wall time: after the
+/// wall clock is set back an hour, an object idle past `keep_warm` is given back by `maintain`
+/// (it stayed warm for an hour more), and shutdown's wait for a call still running ends after
+/// about one lease TTL (it waited an hour more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_waits_and_idleness_ignore_a_wall_clock_set_back() {
+    let w = World::new();
+    let clock = Arc::new(SteppedClock { inner: w.clock.clone(), back_micros: 0.into() });
+    let keep_warm = Duration::from_secs(3);
+    let rt = ObjectRuntime::builder(NodeId::new("a").expect("node"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(clock.clone())
+        .with_settings(RuntimeSettings { keep_warm, ..settings() })
+        .build()
+        .expect("runtime");
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("call"), 1);
+    let hour = 3_600_000_000;
+    clock.back_micros.store(hour, std::sync::atomic::Ordering::SeqCst);
+    w.clock.advance(keep_warm + Duration::from_secs(1));
+    rt.maintain().await.expect("maintain");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "idle past keep_warm: given back");
+
+    let (go_tx, handler) = paused_call(&rt, &o).await;
+    let shutdown = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.shutdown().await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    clock.back_micros.store(2 * hour, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick_by(&w, Duration::from_millis(100));
+    let report = tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("shutdown's wait ends about one TTL later")
+        .expect("join")
+        .expect("shutdown");
+    ticking.abort();
+    assert_eq!(report.busy, 1, "{report:?}");
+    go_tx.send(()).expect("go");
+    let _ = handler.await.expect("join");
+}
+
 /// `flush_all` (and `shutdown`) on a runtime whose warm lease lapsed and cannot be taken again
 /// (the guard's acquires stay of unknown outcome) fail, naming why, instead of answering `Ok`
 /// with this runtime's acknowledged changes still in hot storage (with `drain_released` off,

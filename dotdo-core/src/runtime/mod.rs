@@ -159,7 +159,9 @@ struct DrainRounds {
 #[derive(Debug)]
 struct Active {
     lease: Lease,
-    last_used: Timestamp,
+    /// When a call last used it, on the clock's monotonic time: idleness is a local duration,
+    /// which a wall-clock step must not stretch or cut.
+    last_used: Duration,
     lazy: Option<LazyState>,
     /// Its idle eviction failed with a retryable error (cold unreachable): `maintain` keeps it
     /// (renewed) past `keep_warm` so that the next round tries again; released, it would no
@@ -549,7 +551,7 @@ impl ObjectRuntime {
         let (mut slot, renewed) = end.finish();
         let active = slot.active.as_mut().expect("still active");
         active.lease = renewed;
-        active.last_used = self.inner.clock.now();
+        active.last_used = self.inner.clock.monotonic();
         let value = match outcome {
             Err(lost) => {
                 self.inner.metrics.lock().self_fenced += 1;
@@ -760,7 +762,7 @@ impl ObjectRuntime {
         let sw = Stopwatch::start(inner.clock.clone());
         let lease = self.acquire_within(object, wait).await.map_err(|e| before_the_call(e, "acquiring the lease"))?;
         let mut hand = LeaseInHand::new(inner, lease.clone());
-        let mut active = Active { lease, last_used: now, lazy: None, evict_again: false };
+        let mut active = Active { lease, last_used: inner.clock.monotonic(), lazy: None, evict_again: false };
         let loading = Stopwatch::start(inner.clock.clone());
         let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active, &mut hand).await {
             Ok(r) => r,
@@ -795,7 +797,9 @@ impl ObjectRuntime {
 
     async fn acquire_within(&self, object: &ObjectId, wait: Duration) -> Result<Lease> {
         let inner = &self.inner;
-        let deadline = inner.clock.now().plus(wait);
+        // How long this acquire has waited, on the clock's monotonic time (a wall-clock step
+        // must not stretch or cut `acquire_timeout`).
+        let started = inner.clock.monotonic();
         let mut flight =
             AcquireInFlight { inner, object, pending: inner.unsure.lock().remove(object), sent: None, earlier: None };
         // An earlier acquire of this object whose outcome was never learned (a cancelled call)
@@ -855,7 +859,7 @@ impl ObjectRuntime {
                 }
             }
             let now = inner.clock.now();
-            let wait = match e.kind() {
+            let pause = match e.kind() {
                 ErrorKind::LeaseHeld { holder, expires_at, .. } => {
                     // Refused naming this node: the earlier acquire settled above as not granted
                     // landed meanwhile (its task ran on). Its lease is this call's to adopt, not
@@ -872,7 +876,8 @@ impl ObjectRuntime {
                 _ if e.is_retryable() => Duration::from_millis(10),
                 _ => return Err(e),
             };
-            if now >= deadline {
+            let left = wait.saturating_sub(inner.clock.monotonic().saturating_sub(started));
+            if left.is_zero() {
                 let hint = self
                     .owner_hint(object)
                     .filter(|n| *n != inner.node)
@@ -880,8 +885,8 @@ impl ObjectRuntime {
                     .unwrap_or_default();
                 return Err(e.context(format!("acquiring {object} on {}{hint}", inner.node)));
             }
-            let wait = wait.min(deadline.since(now)).clamp(Duration::from_millis(1), Duration::from_millis(50));
-            inner.clock.sleep(wait).await;
+            let pause = pause.min(left).clamp(Duration::from_millis(1), Duration::from_millis(50));
+            inner.clock.sleep(pause).await;
         }
     }
 
@@ -1013,7 +1018,7 @@ impl ObjectRuntime {
         let active = slot.active.as_mut().expect("active");
         // A prefetch announces use: `maintain` must not release or evict the object as idle
         // right after it.
-        active.last_used = self.inner.clock.now();
+        active.last_used = self.inner.clock.monotonic();
         if let Some(lazy) = active.lazy.as_mut() {
             preload(&self.inner, object, lazy, keys, prefixes).await?;
         }
@@ -1491,8 +1496,8 @@ impl ObjectRuntime {
             // An object in use is not idle; idleness is judged under the lock, at the time of its
             // own eviction (evicting the ones before can take a while).
             let Some(mut guard) = slot.try_lock() else { continue };
-            let now = self.inner.clock.now();
-            if guard.active.as_ref().is_none_or(|a| now.since(a.last_used) < idle) {
+            let now = self.inner.clock.monotonic();
+            if guard.active.as_ref().is_none_or(|a| now.saturating_sub(a.last_used) < idle) {
                 continue;
             }
             match self.evict_locked(&object, &mut guard).await {
@@ -1549,7 +1554,8 @@ impl ObjectRuntime {
             let Some(active) = guard.active.as_mut() else { continue };
             // Moved, idle past `keep_warm` (unless its eviction is to be tried again), or
             // (otherwise renewed when due) lost: given back.
-            let idle = now.since(active.last_used) >= inner.settings.keep_warm && !active.evict_again;
+            let idle = inner.clock.monotonic().saturating_sub(active.last_used) >= inner.settings.keep_warm
+                && !active.evict_again;
             if moved || idle || renew_if_due(inner, &mut active.lease, now).await.is_err() {
                 give_back(inner, &mut guard.active).await;
             }
@@ -1599,8 +1605,12 @@ impl ObjectRuntime {
     pub async fn shutdown(&self) -> Result<FlushReport> {
         let inner = &self.inner;
         inner.shutting_down.store(true, Ordering::SeqCst);
-        let deadline = inner.clock.now().plus(inner.settings.lease_ttl);
-        while inner.in_flight.load(Ordering::SeqCst) > 0 && inner.clock.now() < deadline {
+        // On the clock's monotonic time, as every local wait: a wall-clock step back would
+        // stretch it by the step.
+        let started = inner.clock.monotonic();
+        while inner.in_flight.load(Ordering::SeqCst) > 0
+            && inner.clock.monotonic().saturating_sub(started) < inner.settings.lease_ttl
+        {
             inner.clock.sleep(Duration::from_millis(2)).await;
         }
         inner.shutdown_flushing.store(true, Ordering::SeqCst);
