@@ -596,6 +596,26 @@ async fn flush_all_drains_pending_changes_of_objects_no_longer_held() {
     assert_eq!(w.cold.watermark(&oid("theirs")).await.expect("wm").through, 1);
 }
 
+/// A `flush_all` dropped by its caller while it drains an object it took only for the flush
+/// (a host's timeout around it, a cold commit that hangs) does not keep that object warm: the
+/// next `maintain` gives the lease back. Before, the object stayed active for `keep_warm`,
+/// renewed, and its owner's calls got `LeaseHeld`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_flush_all_gives_back_the_objects_it_took() {
+    let w = World::new();
+    let writer = w.runtime("w", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let o = oid("o");
+    incr(&writer, &o).await.expect("a change left pending, its lease released");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None);
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let a = flaky_runtime(&w, cold.clone());
+    *cold.before_append.lock() = Some(Box::pin(futures::future::pending()));
+    tokio::time::timeout(Duration::from_millis(50), a.flush_all()).await.expect_err("the cold commit hangs");
+    a.maintain().await.expect("maintain");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "given back");
+    assert_eq!(incr(&writer, &o).await.expect("its owner's next call"), 2);
+}
+
 /// A call that outlives shutdown's wait keeps its lease while it runs (renewed), commits, and
 /// gives the lease back when it ends; its change is drained by the next `flush_all`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

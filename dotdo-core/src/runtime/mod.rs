@@ -137,8 +137,20 @@ struct Held {
     object: ObjectId,
     token: FencingToken,
     guard: futures::lock::OwnedMutexGuard<Slot>,
-    /// Taken by this flush only (it had changes and no holder): given back afterwards.
-    taken: bool,
+    /// Taken by this flush only (it had changes and no holder): given back afterwards, or, if
+    /// the flush is dropped first (a host's timeout), left for `maintain` to release (kept, it
+    /// would stay warm for `keep_warm`, refusing its owner's calls).
+    taken: Option<Arc<Inner>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(inner) = &self.taken {
+            if let Some(active) = self.guard.active.take() {
+                leave_orphan(inner, active.lease);
+            }
+        }
+    }
 }
 
 /// What one `flush_all` has done so far, across its drain rounds.
@@ -1149,7 +1161,7 @@ impl ObjectRuntime {
             match inner.guard.validate(&a.lease).await {
                 Ok(()) => {
                     let token = a.lease.token;
-                    held.push(Held { object, token, guard, taken: false });
+                    held.push(Held { object, token, guard, taken: None });
                 }
                 // Lapsed (a warm lease nobody renewed: no `maintain` ran): take the object again
                 // and drain it, unless another holder has it now. Without waiting for that
@@ -1163,7 +1175,7 @@ impl ObjectRuntime {
                         Ok(()) => {
                             let token =
                                 guard.active.as_ref().expect("ensure_active leaves the object active").lease.token;
-                            held.push(Held { object, token, guard, taken: false });
+                            held.push(Held { object, token, guard, taken: None });
                         }
                         Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
                             tracing::info!(object = %object, error = %e, "dotdo flush_all: lapsed lease taken by another holder; skipped");
@@ -1205,7 +1217,7 @@ impl ObjectRuntime {
             // Objects taken only for this flush go back, and so do those left out (taken over,
             // diverged from cold, or behind it: the next activation decides afresh).
             for h in &mut held {
-                if h.taken || rounds.left_out.contains(&h.object) {
+                if h.taken.is_some() || rounds.left_out.contains(&h.object) {
                     give_back(inner, &mut h.guard.active).await;
                 }
             }
@@ -1387,7 +1399,7 @@ impl ObjectRuntime {
             match self.ensure_active_within(&object, &mut guard, Duration::ZERO).await {
                 Ok(()) => {
                     let token = guard.active.as_ref().expect("ensure_active leaves the object active").lease.token;
-                    held.push(Held { object, token, guard, taken: true });
+                    held.push(Held { object, token, guard, taken: Some(inner.clone()) });
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
                     tracing::debug!(object = %object, "dotdo flush_all: pending changes of an object another node holds; skipped");
