@@ -34,9 +34,11 @@ pub struct PipelineMetrics {
     pub rejected: u64,
     /// Rolls that committed at least one event.
     pub rolls: u64,
-    /// Events committed to cold storage.
+    /// Events committed to cold storage (each once, also when an attempt's answer was lost or
+    /// its roll dropped after the commit landed).
     pub events_committed: u64,
-    /// Events skipped at commit because cold storage already had them (replays after a crash).
+    /// Events skipped at commit because cold storage already had them from an earlier process
+    /// (replays after a crash).
     pub events_replayed: u64,
     /// Latency of the last roll's commit.
     pub last_commit_latency: Duration,
@@ -57,9 +59,10 @@ pub struct RollReport {
     /// Cold commits made (one per claimed batch per route touched; a roll claims at most
     /// `roll_rows` events and about `roll_bytes` bytes at a time).
     pub commits: u64,
-    /// Events newly committed.
+    /// Events committed by this roll (also those an earlier attempt of this process landed, its
+    /// answer lost or its roll dropped, and not counted then).
     pub events: u64,
-    /// Events already in cold storage (a replay).
+    /// Events already in cold storage from an earlier process (a replay after a crash).
     pub replayed: u64,
 }
 
@@ -159,6 +162,7 @@ impl PipelineBuilder {
                 transform: self.transform,
                 clock,
                 next_seq: Mutex::new(HashMap::new()),
+                own_claim: Mutex::new(None),
                 roll_lock: futures::lock::Mutex::new(()),
                 send_gate: Mutex::new(()),
                 closed: AtomicBool::new(false),
@@ -190,6 +194,12 @@ struct Inner {
     /// Next sequence number per (route, object), learned from the sink's watermark and advanced
     /// by claims. The pipeline owns these objects' sequence numbers.
     next_seq: Mutex<HashMap<(String, ObjectId), u64>>,
+    /// The batch this process claimed and has not acknowledged yet, with the routes whose commit
+    /// of it is counted already: a roll dropped by its caller after a route's commit landed
+    /// leaves both, and the next roll commits the batch again, where the sink skips what landed.
+    /// Those events count as committed (once), not as replays, which are batches an earlier
+    /// process claimed.
+    own_claim: Mutex<Option<(u64, std::collections::HashSet<String>)>>,
     roll_lock: futures::lock::Mutex<()>,
     /// Held by `send` from its closed and capacity checks through the append, and by `close`
     /// while it sets `closed`: a send that gets `Ok` is in the log before close's roll reads the
@@ -438,7 +448,10 @@ impl Pipeline {
                     );
                     drop(seqs);
                     match c {
-                        Ok(Some(c)) => c,
+                        Ok(Some(c)) => {
+                            *inner.own_claim.lock() = Some((c.id, Default::default()));
+                            c
+                        }
                         Ok(None) => match exhausted {
                             Some((object, seq)) => {
                                 return Err(Error::limit("sequence number", dotdo_core::MAX_SEQ, seq).context(
@@ -472,11 +485,25 @@ impl Pipeline {
                 };
                 let commit = self.append_resolving(&route, batch).await?;
                 // Counted as it lands: a later route or batch of this roll may still fail.
-                inner.counters.committed.fetch_add(commit.records_written, Ordering::Relaxed);
-                inner.counters.replayed.fetch_add(commit.records_skipped, Ordering::Relaxed);
+                let (written, replayed) = {
+                    let mut own = inner.own_claim.lock();
+                    match own.as_mut().filter(|(id, _)| *id == claimed.id) {
+                        // Counted by a roll that was dropped after this commit landed.
+                        Some((_, counted)) if counted.contains(&route) => (0, 0),
+                        // Skipped records of this process's own batch: an earlier, dropped
+                        // attempt of this roll landed them, uncounted.
+                        Some((_, counted)) => {
+                            counted.insert(route.clone());
+                            (commit.records_written.saturating_add(commit.records_skipped), 0)
+                        }
+                        None => (commit.records_written, commit.records_skipped),
+                    }
+                };
+                inner.counters.committed.fetch_add(written, Ordering::Relaxed);
+                inner.counters.replayed.fetch_add(replayed, Ordering::Relaxed);
                 report.commits += u64::from(commit.snapshot.is_some());
-                report.events += commit.records_written;
-                report.replayed += commit.records_skipped;
+                report.events += written;
+                report.replayed += replayed;
                 for (object, wm) in &commit.watermarks {
                     let mut seqs = inner.next_seq.lock();
                     let slot = seqs.entry((route.clone(), object.clone())).or_insert(wm.through.saturating_add(1));
@@ -484,6 +511,7 @@ impl Pipeline {
                 }
             }
             inner.log.ack(claimed.id)?;
+            *inner.own_claim.lock() = None;
             // With no claim outstanding every assigned sequence number is in the sink, so the
             // counters can be learned again from its watermarks: forget them rather than keep
             // one per (route, object) ever seen.

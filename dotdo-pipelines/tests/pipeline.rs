@@ -26,6 +26,8 @@ struct Flaky {
     appends: AtomicU32,
     /// Refuse appends after this many (`u32::MAX`: never).
     refuse_after: AtomicU32,
+    /// Appends that land, then never answer (the caller gives up on them).
+    hang_after_commit: AtomicU32,
 }
 
 impl Flaky {
@@ -39,6 +41,7 @@ impl Flaky {
             refusing: AtomicBool::new(false),
             appends: AtomicU32::new(0),
             refuse_after: AtomicU32::new(u32::MAX),
+            hang_after_commit: AtomicU32::new(0),
         })
     }
 }
@@ -54,6 +57,10 @@ impl ColdSink for Flaky {
             return Err(Error::unavailable("sink stalled"));
         }
         let c = self.inner.append(batch).await?;
+        if self.hang_after_commit.load(Ordering::SeqCst) > 0 {
+            self.hang_after_commit.fetch_sub(1, Ordering::SeqCst);
+            futures::future::pending::<()>().await;
+        }
         if self.lose_replies.load(Ordering::SeqCst) > 0 {
             self.lose_replies.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::new(ErrorKind::AmbiguousOutcome, "reply lost after the commit"));
@@ -135,7 +142,11 @@ async fn a_lost_commit_reply_is_resolved_without_duplicates() {
     p.send(events(50)).expect("send");
     sink.lose_replies.store(2, Ordering::SeqCst);
     let r = p.roll().await.expect("roll retries the same claimed batch");
-    assert_eq!((r.events, r.replayed), (0, 50), "the commit had landed; the retry skipped everything");
+    // The first attempt landed; the retry skipped everything: committed by this roll, once (a
+    // replay is an earlier process's batch).
+    assert_eq!((r.events, r.replayed), (50, 0), "{r:?}");
+    let m = p.metrics();
+    assert_eq!((m.events_committed, m.events_replayed), (50, 0), "{m:?}");
     assert_exactly_once(&committed(&sink.inner, 3).await, 50);
     assert_eq!(sink.inner.snapshots().await.expect("snaps").len(), 1);
 }
@@ -709,6 +720,43 @@ async fn metrics_count_commits_of_a_roll_that_fails_part_way() {
     p.roll().await.expect("the rest");
     assert_eq!(p.metrics().events_committed, 20);
     assert_exactly_once(&committed(&sink.inner, 5).await, 20);
+}
+
+/// A roll dropped by its caller after its commits landed (a host's timeout; here the second
+/// route's sink never answers) leaves its batch claimed; the next roll commits it again, each
+/// sink skips what landed, and every event counts as committed exactly once: the first route's,
+/// counted before the drop, not again; the second route's, uncounted, now (they counted as
+/// replays, and `events_committed` stayed short for good).
+#[tokio::test]
+async fn a_roll_dropped_after_its_commits_landed_counts_each_event_once() {
+    let (main, audit) = (Flaky::new(), Flaky::new());
+    let p = Pipeline::builder(main.clone())
+        .with_route("audit", audit.clone())
+        .with_transform(|e: Event| {
+            if e.key.ends_with(['1', '3', '5', '7', '9']) {
+                Transformed::Route("audit".into(), e)
+            } else {
+                Transformed::Keep(e)
+            }
+        })
+        .build()
+        .expect("pipeline");
+    p.send(events(6)).expect("send");
+    audit.hang_after_commit.store(1, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_millis(50), p.roll()).await.expect_err("the audit commit never answers");
+    assert_eq!(p.metrics().events_committed, 3, "the main route's commit, counted as it landed");
+    let r = p.roll().await.expect("roll again");
+    assert_eq!((r.events, r.replayed), (3, 0), "{r:?}");
+    let m = p.metrics();
+    assert_eq!((m.events_committed, m.events_replayed), (6, 0), "{m:?}");
+    let mut keys: Vec<String> = committed(&main.inner, 3).await.into_iter().map(|r| r.key).collect();
+    keys.extend(committed(&audit.inner, 3).await.into_iter().map(|r| r.key));
+    keys.sort();
+    assert_eq!(keys, (0..6).map(|i| format!("e{i:05}")).collect::<Vec<_>>(), "every event once, in one of the sinks");
+    // A later batch counts as usual.
+    p.send(vec![ev("o0", "e00006", "6")]).expect("send");
+    assert_eq!(p.roll().await.expect("roll").events, 1);
+    assert_eq!(p.metrics().events_committed, 7);
 }
 
 /// A clock whose wall time can be set back (an NTP step, an operator) while its monotonic time
