@@ -2,6 +2,7 @@
 //!
 //! [`LibsqlSettings::background_checkpoint`]: crate::LibsqlSettings::background_checkpoint
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use dotdo_core::sql_schema::{CheckpointRound, CheckpointThread, FileWatch};
@@ -10,12 +11,19 @@ use dotdo_core::{Error, Result};
 /// Start checkpointing the local database `db` every `every` on a connection of its own
 /// (`shown`: its path, for log lines), watching the file as `watch` remembers it; stopped and
 /// joined when the returned thread is dropped.
+///
+/// Each round holds the store's write connection (`writer`), so that no commit of this store
+/// runs while it checkpoints: libSQL bundles an SQLite before 3.51.3, whose "WAL-reset bug" can
+/// corrupt a WAL database when a checkpoint that starts right after another completed races a
+/// commit on another connection (https://www.sqlite.org/wal.html#walresetbug). Commits of
+/// other processes on the same file can still race it (see docs/durability.md).
 pub(crate) fn start(
     db: &libsql::Database,
     busy_timeout: Duration,
     every: Duration,
     shown: String,
     watch: FileWatch,
+    writer: Arc<tokio::sync::Mutex<crate::conn::Conn>>,
 ) -> Result<CheckpointThread> {
     let conn =
         db.connect().map_err(|e| Error::backend(format!("opening the WAL checkpoint connection of {shown}: {e}")))?;
@@ -24,7 +32,13 @@ pub(crate) fn start(
     conn.busy_timeout(busy_timeout).map_err(|e| {
         Error::backend(format!("setting the busy timeout of the checkpoint connection of {shown}: {e}"))
     })?;
+    // macOS: a checkpoint's syncs reach the disk (a plain fsync leaves them in the drive's cache).
+    futures::executor::block_on(conn.execute("PRAGMA checkpoint_fullfsync = ON", ())).map_err(|e| {
+        Error::backend(format!("setting checkpoint_fullfsync on the checkpoint connection of {shown}: {e}"))
+    })?;
     CheckpointThread::start("dotdo-libsql-checkpoint", every, shown, watch, move || {
+        // Between the store's writes (a thread of its own, outside any runtime: it may block).
+        let _no_commit_meanwhile = writer.blocking_lock();
         // libsql's local calls run SQLite synchronously inside their futures: no runtime is
         // needed to drive them.
         match futures::executor::block_on(round(&conn)) {

@@ -93,7 +93,9 @@ pub(crate) struct Inner {
     settings: LibsqlSettings,
     pub(crate) clock: Arc<dyn Clock>,
     /// The one write connection (on the primary). Writers of this store serialize on it.
-    writer: tokio::sync::Mutex<Conn>,
+    /// Shared with the background checkpoint thread, which takes it for each round (see
+    /// `checkpoint::start`).
+    writer: Arc<tokio::sync::Mutex<Conn>>,
     /// Whether the write connection is a local file (its calls block; see `drive`).
     local_writes: bool,
     /// Read connections: the local file, the replica file, or the primary.
@@ -296,7 +298,7 @@ impl LibsqlStoreBuilder {
             target,
             settings,
             clock,
-            writer: tokio::sync::Mutex::new(writer_conn),
+            writer: Arc::new(tokio::sync::Mutex::new(writer_conn)),
             local_writes,
             readers,
             replica,
@@ -318,8 +320,14 @@ impl LibsqlStoreBuilder {
                 // By the absolute name the file was opened by: a relative one would be looked up
                 // in whatever the working directory is by then.
                 let watch = dotdo_core::sql_schema::FileWatch::new(opened);
-                let started =
-                    crate::checkpoint::start(&inner.readers.db, inner.settings.busy_timeout, every, shown, watch)?;
+                let started = crate::checkpoint::start(
+                    &inner.readers.db,
+                    inner.settings.busy_timeout,
+                    every,
+                    shown,
+                    watch,
+                    inner.writer.clone(),
+                )?;
                 let _ = inner.checkpointer.set(started);
             }
         }
@@ -624,13 +632,16 @@ impl LibsqlStore {
         // application's database (or a newer dotdo file), refused above, is left untouched.
         if let Target::Local { .. } = self.inner.target {
             let s = &self.inner.settings;
-            let sync = match s.durability {
-                Durability::Normal => "NORMAL",
-                Durability::Full => "FULL",
+            let (sync, fullfsync) = match s.durability {
+                Durability::Normal => ("NORMAL", "OFF"),
+                Durability::Full => ("FULL", "ON"),
             };
             let pragmas = vec![
                 Step::new("PRAGMA journal_mode = WAL", vec![]),
                 Step::new(format!("PRAGMA synchronous = {sync}"), vec![]),
+                // macOS: a plain fsync does not flush the drive's cache (as in dotdo-sqlite).
+                Step::new(format!("PRAGMA fullfsync = {fullfsync}"), vec![]),
+                Step::new("PRAGMA checkpoint_fullfsync = ON", vec![]),
                 Step::new(format!("PRAGMA wal_autocheckpoint = {}", s.wal_autocheckpoint_pages), vec![]),
                 Step::new("PRAGMA foreign_keys = OFF", vec![]),
             ];
@@ -1086,16 +1097,18 @@ mod tests {
             let got = s
                 .with_writer("reading synchronous", false, |c| {
                     Box::pin(async move {
-                        Ok(int(c
-                            .query(Step::new("PRAGMA synchronous", vec![]))
-                            .await?
-                            .first()
-                            .and_then(|r| r.first()))?)
+                        let mut got = Vec::new();
+                        for p in ["synchronous", "fullfsync", "checkpoint_fullfsync"] {
+                            let rows = c.query(Step::new(format!("PRAGMA {p}"), vec![])).await?;
+                            got.push(int(rows.first().and_then(|r| r.first()))?);
+                        }
+                        Ok(got)
                     })
                 })
                 .await
                 .expect("pragma");
-            assert_eq!(got, want, "{durability:?}");
+            // And macOS's full syncs: a FULL commit's, and every checkpoint's.
+            assert_eq!(got, [want, i64::from(want == 2), 1], "{durability:?}");
         }
     }
 
