@@ -63,7 +63,10 @@ impl ObjectInfo {
 ///   whose outcome is unknown (a COMMIT that failed with an I/O error, a remote primary's reply
 ///   lost after the request was sent) → `AmbiguousOutcome`: it may have applied. Never retry
 ///   such a write under the same token: take a new lease (whose token fences the write if it
-///   lands late) and read back.
+///   lands late) and read back. A call whose future is dropped before it returns (a timeout
+///   around it) has an unknown outcome too: work already under way (a blocking thread, a
+///   request sent) may still apply. dotdo's stores begin and commit nothing for a caller that
+///   has given up, but one dropped during its COMMIT cannot be told apart.
 #[async_trait]
 pub trait HotStore: Send + Sync + Debug + 'static {
     /// Apply `batch` to `object` atomically under `token`. An empty batch still checks (and

@@ -378,6 +378,33 @@ thread_local! {
     /// How long the call running on this thread waited for it (a blocking-pool thread), which
     /// counts against its write budget.
     static QUEUED: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+    /// Set once the caller of the call running on this thread (a blocking-pool thread) has
+    /// dropped its future: a transaction not begun yet is not begun, one not committed yet is
+    /// rolled back (a lease acquired after its caller gave up would refuse the caller's retry).
+    static ABANDONED: std::cell::RefCell<Option<Arc<std::sync::atomic::AtomicBool>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Whether the caller of the call running on this thread has given up on it (see `ABANDONED`).
+fn abandoned() -> bool {
+    ABANDONED.with_borrow(|a| a.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst)))
+}
+
+/// Sets its flag when dropped before [`Abandon::finished`]: the call's future was dropped.
+struct Abandon(Arc<std::sync::atomic::AtomicBool>, bool);
+
+impl Abandon {
+    fn finished(mut self) {
+        self.1 = true;
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// A blocking job handed back to the caller when it could not run.
@@ -529,16 +556,24 @@ impl SqliteStore {
 
     async fn run<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
         let inner = self.inner.clone();
-        let queued_at = inner.clock.monotonic();
-        offload(self.inner.settings.execution, move || {
+        // Real time: the store's clock may be a manual one that a test moves meanwhile.
+        let real = dotdo_core::SystemClock::new();
+        let queued_at = real.monotonic();
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abandon = Abandon(flag.clone(), false);
+        let out = offload(self.inner.settings.execution, move || {
             // Time spent waiting for a blocking thread counts against the write budget: with
             // more writers than threads, the last ones waited several budgets in all.
-            QUEUED.set(inner.clock.monotonic().saturating_sub(queued_at));
+            QUEUED.set(real.monotonic().saturating_sub(queued_at));
+            ABANDONED.set(Some(flag));
             let out = f(&inner);
             QUEUED.set(Duration::ZERO);
+            ABANDONED.set(None);
             out
         })
-        .await
+        .await;
+        abandon.finished();
+        out
     }
 
     /// Run `PRAGMA integrity_check`; `Corrupt` with SQLite's report if it is not `ok`.
@@ -602,9 +637,21 @@ impl Inner {
             // A transaction left open (a failed rollback): never build on it.
             let _ = conn.execute_batch("ROLLBACK");
         }
+        let gave_up = || {
+            // Nobody waits for this answer any more.
+            TxError::Api(Error::unavailable(format!(
+                "{doing}: the caller dropped the call before it committed; nothing written"
+            )))
+        };
         with_busy_retry(&self.settings, doing, || {
+            if abandoned() {
+                return Err(gave_up());
+            }
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             let out = f(&conn).and_then(|v| {
+                if abandoned() {
+                    return Err(gave_up());
+                }
                 conn.prepare_cached("COMMIT")?.execute([]).map_err(|e| commit_error(e, doing))?;
                 Ok(v)
             });

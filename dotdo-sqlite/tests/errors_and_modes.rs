@@ -435,6 +435,27 @@ async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
     s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("writes go through again");
 }
 
+/// A call whose caller gives up (a timeout around it) while its work waits on a blocking thread
+/// does not commit afterwards: here an acquire queued behind another process's write lock, which
+/// is released right after the caller's timeout. Before, the acquire went on and took the lease
+/// with nobody to use it, and the caller's retry got `LeaseHeld` naming itself for a TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the store's work runs on real time
+async fn work_whose_caller_gave_up_does_not_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s, _l, raw) = locked_store(dir.path()).await;
+    let other = ObjectId::new("other").expect("valid");
+    let n = NodeId::new("n").expect("valid");
+    tokio::time::timeout(Duration::from_millis(50), s.acquire(&other, &n, Duration::from_secs(60)))
+        .await
+        .expect_err("the caller gives up while the acquire waits for the lock");
+    raw.execute_batch("ROLLBACK").expect("the other process lets go");
+    // Longer than the acquire's whole budget (480 ms): it would have run by now.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(s.current(&other).await.expect("current"), None, "no lease taken for a caller that left");
+    s.acquire(&other, &n, Duration::from_secs(60)).await.expect("the caller's retry");
+}
+
 /// With more writers than blocking threads (a current-thread runtime whose blocking pool has two
 /// threads), the time a call waits for a thread counts against its write budget: ten writers
 /// behind another process's lock all fail within about two budgets. Before, each pair of
