@@ -517,6 +517,10 @@ impl ArrowTable {
             };
             let mut m = marks(&table)?;
             if m.get(stream)? >= batch_id {
+                // Committed by another call (an earlier one of this producer, dropped by its
+                // caller, landing late): files an attempt of this call wrote and that failed
+                // for certain are nobody's (cleanup does not look at user tables).
+                self.discard_files(files.take(), maybe_landed).await;
                 return Ok(already_committed(&table, stream, batch_id, rows, maybe_landed));
             }
             if rows == 0 {

@@ -726,6 +726,46 @@ async fn a_user_table_append_that_failed_for_certain_leaves_no_data_files() {
     assert_eq!(user.last_batch("s").await.expect("mark"), 0);
 }
 
+/// A user-table append whose attempt lost the race to another call committing the same batch
+/// of its stream (an earlier call of the same producer, dropped by its caller, landing late)
+/// reports the batch as committed and deletes the data file of its losing attempt: nothing
+/// references it, and cleanup does not look at user tables. It was left for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_append_whose_batch_another_call_committed_leaves_no_data_files() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(recorded.clone())
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: 2, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+    let rows = |id: i32| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![id]))]).expect("b");
+    let late = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .build()
+        .await
+        .expect("open")
+        .arrow_table(&["u"], "events", schema.clone())
+        .await
+        .expect("table");
+    let first = rows(1);
+    *recorded.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".into(),
+        Box::pin(async move {
+            late.append("s", 1, vec![first]).await.expect("the earlier call of batch 1 lands first");
+        }),
+    ));
+    user.append("s", 1, vec![rows(1)]).await.expect("batch 1 is committed (by the other call)");
+    assert_eq!(user.last_batch("s").await.expect("mark"), 1);
+    let data = common::files_ending_with(dir.path(), ".parquet");
+    assert_eq!(data.len(), 1, "only the committed call's file is left: {data:?}");
+}
+
 /// A user-table append whose commit landed but whose reply was lost reads its own stream mark
 /// back on the next attempt: it reports its rows and its snapshot, not "a replay, 0 rows"
 /// (a pipeline counting rows committed would lose them from its count).
