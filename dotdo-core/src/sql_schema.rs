@@ -311,6 +311,34 @@ pub enum CheckpointRound {
 /// shrinking (64 MiB of 4 KiB pages).
 pub const STUCK_WAL_FRAMES: i64 = 16 * 1024;
 
+/// WAL frames past which a [`CheckpointThread`] warns that the WAL file keeps growing although
+/// its frames are copied (1 GiB of 4 KiB pages): readers overlapping without a break keep it
+/// from starting over. Well above what one batch of the largest size writes.
+pub const GROWING_WAL_FRAMES: i64 = 256 * 1024;
+
+/// The `journal_size_limit` (bytes) of the SQL stores' connections for a WAL checkpointed at
+/// `wal_autocheckpoint_pages`: once it starts over, a WAL that one large batch grew is cut back
+/// to that size (4 KiB pages, at least 4 MiB) instead of keeping its largest size until every
+/// connection closes.
+pub fn wal_size_limit(wal_autocheckpoint_pages: u32) -> u64 {
+    u64::from(wal_autocheckpoint_pages.max(1024)) * 4096
+}
+
+/// Refuse settings under which nothing checkpoints the WAL (no automatic checkpoints and no
+/// background thread): it would grow with every write until the last connection closes.
+pub fn validate_checkpointing(
+    wal_autocheckpoint_pages: u32,
+    background_checkpoint: Option<std::time::Duration>,
+) -> crate::Result<()> {
+    if wal_autocheckpoint_pages == 0 && background_checkpoint.is_none_or(|d| d.is_zero()) {
+        return Err(crate::Error::invalid(
+            "wal_autocheckpoint_pages 0 with background_checkpoint off: nothing would checkpoint the WAL, which \
+             would grow with every write until the store is closed",
+        ));
+    }
+    Ok(())
+}
+
 /// A thread that runs a SQL hot store's background WAL checkpoint (`round`, typically
 /// `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own) every `every`, and says when
 /// the WAL stops shrinking or checkpoints fail. Before each round it asks its [`FileWatch`]
@@ -356,7 +384,7 @@ impl CheckpointThread {
             .name(name.into())
             .spawn(move || {
                 let mut failures = 0u64;
-                let mut stuck = false;
+                let (mut stuck, mut growing) = (false, false);
                 loop {
                     {
                         let (lock, cv) = &*flag;
@@ -382,6 +410,11 @@ impl CheckpointThread {
                                 tracing::warn!(frames = behind, path = %shown_path, "the WAL is not shrinking: a long read transaction holds frames the checkpoint cannot copy");
                             }
                             stuck = behind >= STUCK_WAL_FRAMES;
+                            // Copied, but the file never starts over (readers keep overlapping).
+                            if log >= GROWING_WAL_FRAMES && !growing {
+                                tracing::warn!(frames = log, path = %shown_path, "the WAL file keeps growing although it is checkpointed: read transactions that overlap without a break keep it from starting over");
+                            }
+                            growing = log >= GROWING_WAL_FRAMES;
                         }
                         CheckpointRound::Failed(e) => {
                             // An error is not routine (I/O, a full disk, a damaged file): said at

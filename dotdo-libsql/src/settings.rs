@@ -67,7 +67,9 @@ pub struct LibsqlSettings {
     /// Maximum number of read connections kept open on a local file. Default 4.
     pub read_connections: usize,
     /// WAL auto-checkpoint threshold in pages for a local file. Default 16 384 (64 MiB of 4 KiB
-    /// pages), as in dotdo-sqlite.
+    /// pages), as in dotdo-sqlite; also the size the WAL file is cut back to when it starts over
+    /// (`journal_size_limit`, at least 4 MiB). Zero with `background_checkpoint` off is refused
+    /// for a local file (nothing would checkpoint it).
     pub wal_autocheckpoint_pages: u32,
     /// SQLite page cache of each connection to a local file, in KiB (`PRAGMA cache_size`;
     /// allocated as used). Default 64 MiB, as in dotdo-sqlite: with SQLite's own 2 MiB, reads of

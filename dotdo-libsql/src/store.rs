@@ -232,6 +232,11 @@ impl LibsqlStoreBuilder {
     /// Validate the configuration (no I/O): URL scheme and host, token shape, settings.
     pub fn validate(&self) -> Result<()> {
         self.settings.validate()?;
+        if let Target::Local { .. } = self.target {
+            // Checkpointing is this store's to do on a local file (a replica's is libsql's).
+            let s = &self.settings;
+            dotdo_core::sql_schema::validate_checkpointing(s.wal_autocheckpoint_pages, s.background_checkpoint)?;
+        }
         self.target.validate()
     }
 
@@ -643,6 +648,13 @@ impl LibsqlStore {
                 Step::new(format!("PRAGMA fullfsync = {fullfsync}"), vec![]),
                 Step::new("PRAGMA checkpoint_fullfsync = ON", vec![]),
                 Step::new(format!("PRAGMA wal_autocheckpoint = {}", s.wal_autocheckpoint_pages), vec![]),
+                Step::new(
+                    format!(
+                        "PRAGMA journal_size_limit = {}",
+                        dotdo_core::sql_schema::wal_size_limit(s.wal_autocheckpoint_pages)
+                    ),
+                    vec![],
+                ),
                 Step::new("PRAGMA foreign_keys = OFF", vec![]),
             ];
             self.with_writer(doing, false, move |c| {
@@ -1098,7 +1110,7 @@ mod tests {
                 .with_writer("reading synchronous", false, |c| {
                     Box::pin(async move {
                         let mut got = Vec::new();
-                        for p in ["synchronous", "fullfsync", "checkpoint_fullfsync"] {
+                        for p in ["synchronous", "fullfsync", "checkpoint_fullfsync", "journal_size_limit"] {
                             let rows = c.query(Step::new(format!("PRAGMA {p}"), vec![])).await?;
                             got.push(int(rows.first().and_then(|r| r.first()))?);
                         }
@@ -1108,7 +1120,8 @@ mod tests {
                 .await
                 .expect("pragma");
             // And macOS's full syncs: a FULL commit's, and every checkpoint's.
-            assert_eq!(got, [want, i64::from(want == 2), 1], "{durability:?}");
+            // The WAL is cut back to 64 MiB (the autocheckpoint size) when it starts over.
+            assert_eq!(got, [want, i64::from(want == 2), 1, 64 << 20], "{durability:?}");
         }
     }
 

@@ -182,10 +182,15 @@ fn settings_are_validated() {
         // One transient failure holding a call for hours (or for ever).
         LibsqlSettings { max_backoff: dotdo_libsql::MAX_BACKOFF + Duration::from_secs(1), ..Default::default() },
         LibsqlSettings { retry_backoff: Duration::MAX, max_backoff: Duration::MAX, ..Default::default() },
+        // Nothing would checkpoint a local file's WAL: it would grow with every write until close.
+        LibsqlSettings { wal_autocheckpoint_pages: 0, background_checkpoint: None, ..Default::default() },
     ] {
         let e = LibsqlStore::local("x.db").with_settings(bad).validate().expect_err("invalid settings");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     }
+    // No effect on a remote primary, whose file is the server's to checkpoint.
+    let none = LibsqlSettings { wal_autocheckpoint_pages: 0, background_checkpoint: None, ..Default::default() };
+    LibsqlStore::remote("https://db.example.com", "").with_settings(none).validate().expect("remote");
 }
 
 #[cfg(feature = "remote")]

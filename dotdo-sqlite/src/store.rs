@@ -157,6 +157,10 @@ impl SqliteStoreBuilder {
                 settings.background_checkpoint
             )));
         }
+        dotdo_core::sql_schema::validate_checkpointing(
+            settings.wal_autocheckpoint_pages,
+            settings.background_checkpoint,
+        )?;
         let memory = dotdo_core::sql_schema::is_private_database(&self.path);
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         // Absolute from here on: read connections open lazily, and must open the writer's file
@@ -203,8 +207,12 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
     // to never corrupt). No effect elsewhere (Linux's fsync flushes).
     let pragmas = format!(
         "PRAGMA synchronous = {sync}; PRAGMA fullfsync = {fullfsync}; PRAGMA checkpoint_fullfsync = ON; \
-         PRAGMA cache_size = -{}; PRAGMA foreign_keys = OFF; PRAGMA wal_autocheckpoint = {}; PRAGMA mmap_size = {};",
-        settings.cache_kib, settings.wal_autocheckpoint_pages, settings.mmap_bytes
+         PRAGMA cache_size = -{}; PRAGMA foreign_keys = OFF; PRAGMA wal_autocheckpoint = {}; PRAGMA mmap_size = {}; \
+         PRAGMA journal_size_limit = {};",
+        settings.cache_kib,
+        settings.wal_autocheckpoint_pages,
+        settings.mmap_bytes,
+        dotdo_core::sql_schema::wal_size_limit(settings.wal_autocheckpoint_pages)
     );
     if create {
         let newer = |version: i64| -> TxResult<()> {
@@ -1153,12 +1161,14 @@ mod tests {
         for (mmap, cache_kib) in [(0u64, 2048u32), (32 << 20, 4096)] {
             let settings = SqliteSettings { mmap_bytes: mmap, cache_kib, ..SqliteSettings::default() };
             let conn = open_connection(&path, &settings, true).expect("open");
-            let got: (u64, i64, String) = (
+            let got: (u64, i64, String, i64) = (
                 conn.query_row("PRAGMA mmap_size", [], |r| r.get(0)).expect("mmap_size"),
                 conn.query_row("PRAGMA cache_size", [], |r| r.get(0)).expect("cache_size"),
                 conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("journal_mode"),
+                conn.query_row("PRAGMA journal_size_limit", [], |r| r.get(0)).expect("journal_size_limit"),
             );
-            assert_eq!(got, (mmap, -i64::from(cache_kib), "wal".to_string()));
+            // The WAL is cut back to 64 MiB (the autocheckpoint size) when it starts over.
+            assert_eq!(got, (mmap, -i64::from(cache_kib), "wal".to_string(), 64 << 20));
         }
         // The durability mode is what reaches SQLite: FULL (2) fsyncs every commit, NORMAL (1)
         // does not; the two cannot be told apart by reopening in the same process.

@@ -185,6 +185,19 @@ async fn invalid_settings_are_invalid_input_not_a_panic() {
             "a 1 ns checkpoint period",
             SqliteSettings { background_checkpoint: Some(Duration::from_nanos(1)), ..Default::default() },
         ),
+        // Nothing would checkpoint the WAL: it would grow with every write until close.
+        (
+            "no checkpoints at all",
+            SqliteSettings { wal_autocheckpoint_pages: 0, background_checkpoint: None, ..Default::default() },
+        ),
+        (
+            "no checkpoints at all (zero period)",
+            SqliteSettings {
+                wal_autocheckpoint_pages: 0,
+                background_checkpoint: Some(Duration::ZERO),
+                ..Default::default()
+            },
+        ),
     ] {
         for execution in [Execution::Inline, Execution::Auto] {
             let settings = SqliteSettings { execution, ..settings.clone() };
@@ -194,6 +207,12 @@ async fn invalid_settings_are_invalid_input_not_a_panic() {
     }
     let limit = SqliteSettings { busy_timeout: dotdo_core::sql_schema::MAX_BUSY_TIMEOUT, ..Default::default() };
     SqliteStore::builder(dir.path().join("s.db")).with_settings(limit).open().await.expect("the maximum is accepted");
+    let background_only = SqliteSettings { wal_autocheckpoint_pages: 0, ..Default::default() };
+    SqliteStore::builder(dir.path().join("s.db"))
+        .with_settings(background_only)
+        .open()
+        .await
+        .expect("checkpoints on the background thread only");
 }
 
 #[tokio::test]
