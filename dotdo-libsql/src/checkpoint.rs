@@ -17,7 +17,7 @@ use dotdo_core::{Error, Result};
 /// corrupt a WAL database when a checkpoint that starts right after another completed races a
 /// commit on another connection (https://www.sqlite.org/wal.html#walresetbug). Commits of
 /// other processes on the same file can still race it (see docs/durability.md).
-pub(crate) fn start(
+pub(crate) async fn start(
     db: &libsql::Database,
     busy_timeout: Duration,
     every: Duration,
@@ -33,7 +33,7 @@ pub(crate) fn start(
         Error::backend(format!("setting the busy timeout of the checkpoint connection of {shown}: {e}"))
     })?;
     // macOS: a checkpoint's syncs reach the disk (a plain fsync leaves them in the drive's cache).
-    futures::executor::block_on(conn.execute("PRAGMA checkpoint_fullfsync = ON", ())).map_err(|e| {
+    conn.execute("PRAGMA checkpoint_fullfsync = ON", ()).await.map_err(|e| {
         Error::backend(format!("setting checkpoint_fullfsync on the checkpoint connection of {shown}: {e}"))
     })?;
     CheckpointThread::start("dotdo-libsql-checkpoint", every, shown, watch, move || {

@@ -332,7 +332,8 @@ impl LibsqlStoreBuilder {
                     shown,
                     watch,
                     inner.writer.clone(),
-                )?;
+                )
+                .await?;
                 let _ = inner.checkpointer.set(started);
             }
         }
