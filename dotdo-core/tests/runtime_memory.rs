@@ -504,13 +504,17 @@ fn ring_of(owner: &str) -> HashRing {
 }
 
 fn ring_runtime(w: &World, node: &str, owner: &str) -> ObjectRuntime {
+    ring_runtime_with(w, node, ring_of(owner))
+}
+
+fn ring_runtime_with(w: &World, node: &str, ring: HashRing) -> ObjectRuntime {
     ObjectRuntime::builder(NodeId::new(node).expect("node"))
         .with_hot_store(Arc::new(w.hot.clone()))
         .with_guard(Arc::new(w.hot.clone()))
         .with_cold_sink(Arc::new(w.cold.clone()))
         .with_clock(Arc::new(w.clock.clone()))
         .with_settings(settings())
-        .with_ring(ring_of(owner))
+        .with_ring(ring)
         .build()
         .expect("runtime")
 }
@@ -1462,28 +1466,6 @@ async fn a_call_ending_during_shutdowns_wait_is_drained() {
     assert_eq!(w.hot.current(&o).await.expect("current"), None, "and released");
 }
 
-/// A clock whose wall time can be set back (an NTP step, an operator) while its monotonic time
-/// and sleeps run on: the world's manual clock with an offset for `now`.
-#[derive(Debug)]
-struct SteppedClock {
-    inner: ManualClock,
-    back_micros: std::sync::atomic::AtomicI64,
-}
-
-impl Clock for SteppedClock {
-    fn now(&self) -> Timestamp {
-        Timestamp::from_micros(
-            self.inner.now().as_micros() - self.back_micros.load(std::sync::atomic::Ordering::SeqCst),
-        )
-    }
-    fn monotonic(&self) -> Duration {
-        self.inner.monotonic()
-    }
-    fn sleep(&self, duration: Duration) -> dotdo_core::time::Sleep {
-        self.inner.sleep(duration)
-    }
-}
-
 /// The runtime's local durations go by the clock's monotonic time, not its wall time: after the
 /// wall clock is set back an hour, an object idle past `keep_warm` is given back by `maintain`
 /// (it stayed warm for an hour more), and shutdown's wait for a call still running ends after
@@ -1491,7 +1473,7 @@ impl Clock for SteppedClock {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_waits_and_idleness_ignore_a_wall_clock_set_back() {
     let w = World::new();
-    let clock = Arc::new(SteppedClock { inner: w.clock.clone(), back_micros: 0.into() });
+    let clock = Arc::new(dotdo_core::testkit::SteppedClock::new(w.clock.clone()));
     let keep_warm = Duration::from_secs(3);
     let rt = ObjectRuntime::builder(NodeId::new("a").expect("node"))
         .with_hot_store(Arc::new(w.hot.clone()))
@@ -1503,8 +1485,8 @@ async fn local_waits_and_idleness_ignore_a_wall_clock_set_back() {
         .expect("runtime");
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("call"), 1);
-    let hour = 3_600_000_000;
-    clock.back_micros.store(hour, std::sync::atomic::Ordering::SeqCst);
+    let hour = Duration::from_secs(3600);
+    clock.set_back(hour);
     w.clock.advance(keep_warm + Duration::from_secs(1));
     rt.maintain().await.expect("maintain");
     assert_eq!(w.hot.current(&o).await.expect("current"), None, "idle past keep_warm: given back");
@@ -1515,7 +1497,7 @@ async fn local_waits_and_idleness_ignore_a_wall_clock_set_back() {
         tokio::spawn(async move { rt.shutdown().await })
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
-    clock.back_micros.store(2 * hour, std::sync::atomic::Ordering::SeqCst);
+    clock.set_back(2 * hour);
     let ticking = tick_by(&w, Duration::from_millis(100));
     let report = tokio::time::timeout(Duration::from_secs(5), shutdown)
         .await
@@ -2838,15 +2820,7 @@ async fn maintain_hands_over_objects_the_ring_gives_another_node() {
 #[tokio::test]
 async fn maintain_hands_over_objects_activated_under_an_empty_ring() {
     let w = World::new();
-    let a = ObjectRuntime::builder(NodeId::new("a").expect("node"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
-        .with_ring(HashRing::new(16).expect("ring"))
-        .build()
-        .expect("runtime");
+    let a = ring_runtime_with(&w, "a", HashRing::new(16).expect("ring"));
     let o = oid("o");
     assert_eq!(incr(&a, &o).await.expect("no owner known: served here"), 1);
     a.set_ring(ring_of("b"));

@@ -281,9 +281,9 @@ impl IcebergColdStore {
     }
 
     /// Add every file `table` references (metadata, manifest lists, manifests, live data files,
-    /// checkpoints, statistics, and files removed less than the retention before `cutoff` ago)
-    /// to `referenced`, as object-store keys; manifests already in `manifests` are not read
-    /// again.
+    /// checkpoints, statistics, files removed less than the retention before `cutoff` ago, and
+    /// the head files of the metadata log's versions current since `cutoff`) to `referenced`, as
+    /// object-store keys; manifests already in `manifests` are not read again.
     async fn add_referenced(
         &self,
         table: &iceberg::table::Table,
@@ -294,45 +294,19 @@ impl IcebergColdStore {
         let root = &self.inner.root;
         let md = table.metadata();
         let removals = Removals::new(md, cutoff);
-        let mut add = |loc: &str| -> Result<()> {
-            referenced.insert(root.key(loc)?.to_string());
-            Ok(())
-        };
+        let mut found = Referenced { root, referenced, manifests };
         if let Some(m) = table.metadata_location() {
-            add(m)?;
+            found.add(m)?;
         }
         for l in md.metadata_log() {
-            add(&l.metadata_file)?;
+            found.add(&l.metadata_file)?;
         }
         for s in md.snapshots() {
-            add(s.manifest_list())?;
-            if let Some(cp) = summary::checkpoint(s) {
-                add(cp)?;
-            }
-            let list = table
-                .manifest_list_reader(s)
-                .load()
-                .await
-                .map_err(|e| classify(e, &format!("manifest list {}", s.manifest_list())))?;
-            for mf in list.entries() {
-                if manifests.insert(mf.manifest_path.clone()) {
-                    add(&mf.manifest_path)?;
-                    let m = mf
-                        .load_manifest(table.file_io())
-                        .await
-                        .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
-                    // A `Deleted` entry records a file a snapshot removed (compaction); a
-                    // retained older snapshot that needs it lists it as live itself. A file
-                    // removed less than `retention` ago is kept anyway: a reader (or a store
-                    // with `refresh_reads` off) may still be scanning the snapshot before.
-                    let mut recently_removed = removals.of(mf);
-                    for e in m.entries() {
-                        if e.is_alive() || recently_removed(e) {
-                            add(e.data_file().file_path())?;
-                        }
-                    }
-                }
-            }
+            // A `Deleted` entry records a file a snapshot removed (compaction); a retained older
+            // snapshot that needs it lists it as live itself. A file removed less than
+            // `retention` ago is kept anyway: a reader (or a store with `refresh_reads` off) may
+            // still be scanning the snapshot before.
+            found.snapshot(table, s, Some(&removals)).await?;
         }
         // A reader (or a store with `refresh_reads` off) may hold a table version that was
         // current less than the retention ago and be scanning its head, whose files later
@@ -357,10 +331,6 @@ impl IcebergColdStore {
                 },
             };
             let Some(head) = old.current_snapshot().cloned() else { continue };
-            add(head.manifest_list())?;
-            if let Some(cp) = summary::checkpoint(&head) {
-                add(cp)?;
-            }
             let old = iceberg::table::Table::builder()
                 .file_io(table.file_io().clone())
                 .metadata(old)
@@ -370,30 +340,64 @@ impl IcebergColdStore {
                 .readonly(true)
                 .build()
                 .map_err(|e| Error::backend(format!("{what}: a table handle of it")).with_source(e))?;
-            let list = old
-                .manifest_list_reader(&head)
-                .load()
-                .await
-                .map_err(|e| classify(e, &format!("manifest list {}", head.manifest_list())))?;
-            for mf in list.entries() {
-                // A manifest's entries are the same whichever version lists it.
-                if manifests.insert(mf.manifest_path.clone()) {
-                    add(&mf.manifest_path)?;
-                    let m = mf
-                        .load_manifest(table.file_io())
-                        .await
-                        .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
-                    for e in m.entries().iter().filter(|e| e.is_alive()) {
-                        add(e.data_file().file_path())?;
-                    }
-                }
-            }
+            // A manifest's entries are the same whichever version lists it.
+            found.snapshot(&old, &head, None).await?;
         }
         for sf in md.statistics_iter() {
-            add(&sf.statistics_path)?;
+            found.add(&sf.statistics_path)?;
         }
         for pf in md.partition_statistics_iter() {
-            add(&pf.statistics_path)?;
+            found.add(&pf.statistics_path)?;
+        }
+        Ok(())
+    }
+}
+
+/// The files a cleanup found referenced, as object-store keys, and the manifests read so far.
+struct Referenced<'a> {
+    root: &'a crate::storage::StoreRoot,
+    referenced: &'a mut HashSet<String>,
+    manifests: &'a mut HashSet<String>,
+}
+
+impl Referenced<'_> {
+    fn add(&mut self, loc: &str) -> Result<()> {
+        self.referenced.insert(self.root.key(loc)?.to_string());
+        Ok(())
+    }
+
+    /// Snapshot `s` of `table`: its manifest list and checkpoint, its manifests not read yet,
+    /// and the data files they list live or, with `removals`, removed since its cutoff.
+    async fn snapshot(
+        &mut self,
+        table: &iceberg::table::Table,
+        s: &iceberg::spec::SnapshotRef,
+        removals: Option<&Removals<'_>>,
+    ) -> Result<()> {
+        self.add(s.manifest_list())?;
+        if let Some(cp) = summary::checkpoint(s) {
+            self.add(cp)?;
+        }
+        let list = table
+            .manifest_list_reader(s)
+            .load()
+            .await
+            .map_err(|e| classify(e, &format!("manifest list {}", s.manifest_list())))?;
+        for mf in list.entries() {
+            if !self.manifests.insert(mf.manifest_path.clone()) {
+                continue;
+            }
+            self.add(&mf.manifest_path)?;
+            let m = mf
+                .load_manifest(table.file_io())
+                .await
+                .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
+            let mut recently_removed = removals.map(|r| r.of(mf));
+            for e in m.entries() {
+                if e.is_alive() || recently_removed.as_mut().is_some_and(|removed| removed(e)) {
+                    self.add(e.data_file().file_path())?;
+                }
+            }
         }
         Ok(())
     }

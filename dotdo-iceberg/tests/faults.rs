@@ -686,28 +686,8 @@ async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
 /// does not look at user tables (they were left for good).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_table_append_that_failed_for_certain_leaves_no_data_files() {
-    use arrow_array::{Int32Array, RecordBatch};
-    use arrow_schema::{DataType, Field, Schema};
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(recorded.clone())
-        .settings(dotdo_iceberg::Settings { max_commit_attempts: 1, ..Default::default() })
-        .build()
-        .await
-        .expect("open");
-    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
-    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
-    let rows = |id: i32| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![id]))]).expect("b");
-    // The other writer is another store on the same catalog and warehouse.
-    let other = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .build()
-        .await
-        .expect("open")
-        .arrow_table(&["u"], "events", schema.clone())
-        .await
-        .expect("table");
+    let (recorded, user, rows, other) = recorded_user_table_and_another_writer(dir.path(), 1).await;
     let first = rows(1);
     *recorded.before_put.lock() = Some(common::PutHook(
         ".metadata.json".into(),
@@ -732,27 +712,9 @@ async fn a_user_table_append_that_failed_for_certain_leaves_no_data_files() {
 /// references it, and cleanup does not look at user tables. It was left for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_table_append_whose_batch_another_call_committed_leaves_no_data_files() {
-    use arrow_array::{Int32Array, RecordBatch};
-    use arrow_schema::{DataType, Field, Schema};
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(recorded.clone())
-        .settings(dotdo_iceberg::Settings { max_commit_attempts: 2, ..Default::default() })
-        .build()
-        .await
-        .expect("open");
-    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
-    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
-    let rows = |id: i32| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![id]))]).expect("b");
-    let late = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .build()
-        .await
-        .expect("open")
-        .arrow_table(&["u"], "events", schema.clone())
-        .await
-        .expect("table");
+    // The other writer is the earlier call, landing late.
+    let (recorded, user, rows, late) = recorded_user_table_and_another_writer(dir.path(), 2).await;
     let first = rows(1);
     *recorded.before_put.lock() = Some(common::PutHook(
         ".metadata.json".into(),
@@ -764,6 +726,38 @@ async fn a_user_table_append_whose_batch_another_call_committed_leaves_no_data_f
     assert_eq!(user.last_batch("s").await.expect("mark"), 1);
     let data = common::files_ending_with(dir.path(), ".parquet");
     assert_eq!(data.len(), 1, "only the committed call's file is left: {data:?}");
+}
+
+/// A user table `u.events` of one `id` column on a store whose object store records its puts
+/// (`attempts` commit attempts per append), a maker of one-row batches, and the same table
+/// through another store on the same catalog and warehouse (another writer).
+async fn recorded_user_table_and_another_writer(
+    dir: &std::path::Path,
+    attempts: u32,
+) -> (Arc<FaultyStore>, dotdo_iceberg::ArrowTable, impl Fn(i32) -> arrow_array::RecordBatch, dotdo_iceberg::ArrowTable)
+{
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
+        .object_store(recorded.clone())
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: attempts, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+    let other = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
+        .build()
+        .await
+        .expect("open")
+        .arrow_table(&["u"], "events", schema.clone())
+        .await
+        .expect("table");
+    let rows =
+        move |id: i32| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![id]))]).expect("b");
+    (recorded, user, rows, other)
 }
 
 /// A user-table append whose commit landed but whose reply was lost reads its own stream mark

@@ -759,33 +759,13 @@ async fn a_roll_dropped_after_its_commits_landed_counts_each_event_once() {
     assert_eq!(p.metrics().events_committed, 7);
 }
 
-/// A clock whose wall time can be set back (an NTP step, an operator) while its monotonic time
-/// and sleeps run on: a manual clock with an offset for `now`.
-#[derive(Debug)]
-struct SteppedClock {
-    inner: ManualClock,
-    back_micros: std::sync::atomic::AtomicI64,
-}
-
-impl Clock for SteppedClock {
-    fn now(&self) -> Timestamp {
-        Timestamp::from_micros(self.inner.now().as_micros() - self.back_micros.load(Ordering::SeqCst))
-    }
-    fn monotonic(&self) -> Duration {
-        self.inner.monotonic()
-    }
-    fn sleep(&self, duration: Duration) -> dotdo_core::time::Sleep {
-        self.inner.sleep(duration)
-    }
-}
-
 /// Interval rolls go by the clock's monotonic time: after the wall clock is set back an hour,
 /// the next roll is still due one interval later (it was due only once the wall clock had
 /// caught up, an hour later).
 #[tokio::test]
 async fn rolls_stay_due_when_the_wall_clock_is_set_back() {
     let manual = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
-    let clock = Arc::new(SteppedClock { inner: manual.clone(), back_micros: 0.into() });
+    let clock = Arc::new(dotdo_core::testkit::SteppedClock::new(manual.clone()));
     let sink = Arc::new(MemoryColdStore::new());
     let settings =
         PipelineSettings { roll_interval: Duration::from_millis(100), roll_rows: 1_000_000, ..Default::default() };
@@ -795,7 +775,7 @@ async fn rolls_stay_due_when_the_wall_clock_is_set_back() {
     manual.advance(Duration::from_millis(200));
     assert!(p.roll_due());
     p.roll().await.expect("roll");
-    clock.back_micros.store(3_600_000_000, Ordering::SeqCst);
+    clock.set_back(Duration::from_secs(3600));
     p.send(vec![ev("o0", "e00001", "1")]).expect("send");
     assert!(!p.roll_due(), "not before the interval");
     manual.advance(Duration::from_millis(300));

@@ -351,6 +351,41 @@ pub(crate) fn run_catching(case: &'static str, f: impl FnOnce()) -> Option<CaseF
     }
 }
 
+/// A clock whose wall time can be set back (an NTP step, an operator) while its monotonic time
+/// and its sleeps run on: a [`ManualClock`] with an offset for `now`. For tests that local
+/// durations (idleness, timeouts, roll intervals) do not follow wall-clock steps.
+#[derive(Debug)]
+pub struct SteppedClock {
+    inner: ManualClock,
+    back_micros: std::sync::atomic::AtomicI64,
+}
+
+impl SteppedClock {
+    /// Wall time equal to `inner`'s until [`set_back`](Self::set_back).
+    pub fn new(inner: ManualClock) -> Self {
+        SteppedClock { inner, back_micros: 0.into() }
+    }
+
+    /// From now on, wall time is `by` behind the manual clock's (not added up: the offset).
+    pub fn set_back(&self, by: std::time::Duration) {
+        let micros = i64::try_from(by.as_micros()).unwrap_or(i64::MAX);
+        self.back_micros.store(micros, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl crate::time::Clock for SteppedClock {
+    fn now(&self) -> Timestamp {
+        let back = self.back_micros.load(std::sync::atomic::Ordering::SeqCst);
+        Timestamp::from_micros(self.inner.now().as_micros().saturating_sub(back))
+    }
+    fn monotonic(&self) -> std::time::Duration {
+        self.inner.monotonic()
+    }
+    fn sleep(&self, duration: std::time::Duration) -> crate::time::Sleep {
+        self.inner.sleep(duration)
+    }
+}
+
 /// Shorthand: an object id, panicking on an invalid literal.
 pub fn oid(s: &str) -> crate::ObjectId {
     crate::ObjectId::new(s).expect("kit object ids are valid")
