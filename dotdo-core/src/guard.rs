@@ -78,10 +78,10 @@ pub fn validate_ttl(ttl: Duration) -> Result<()> {
 /// * **Unknown outcomes.** An acquire, refresh or release whose outcome is unknown (its COMMIT
 ///   failed with an I/O error, a remote reply was lost) → `AmbiguousOutcome`; ask
 ///   [`current`](ConsistencyGuard::current) whether this holder has the lease now (a refresh or
-///   release may simply be sent again). A busy or unreachable backend → `Unavailable`. So does
-///   a call whose future is dropped before it returns (a timeout around it): an acquire under
-///   way may still land, leaving a lease to this holder that its next acquire finds `LeaseHeld`
-///   (the object runtime settles that itself).
+///   release may simply be sent again). A busy or unreachable backend → `Unavailable`. A call
+///   whose future is dropped before it returns (a timeout around it) has an unknown outcome: an
+///   acquire under way may still land, leaving a lease to this holder that its next acquire
+///   finds `LeaseHeld` (the object runtime settles that itself).
 #[async_trait]
 pub trait ConsistencyGuard: Send + Sync + Debug + 'static {
     /// Acquire the lease on `object` for `holder` for `ttl`.

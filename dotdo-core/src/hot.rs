@@ -65,8 +65,9 @@ impl ObjectInfo {
 ///   such a write under the same token: take a new lease (whose token fences the write if it
 ///   lands late) and read back. A call whose future is dropped before it returns (a timeout
 ///   around it) has an unknown outcome too: work already under way (a blocking thread, a
-///   request sent) may still apply. dotdo's stores begin and commit nothing for a caller that
-///   has given up, but one dropped during its COMMIT cannot be told apart.
+///   request sent) may still apply. dotdo-sqlite begins and commits nothing for a caller that
+///   has given up (one dropped during its COMMIT cannot be told apart); a request already sent
+///   to a remote primary runs on.
 #[async_trait]
 pub trait HotStore: Send + Sync + Debug + 'static {
     /// Apply `batch` to `object` atomically under `token`. An empty batch still checks (and

@@ -411,7 +411,7 @@ impl CheckpointThread {
                             }
                             stuck = behind >= STUCK_WAL_FRAMES;
                             // Copied, but the file never starts over (readers keep overlapping).
-                            if log >= GROWING_WAL_FRAMES && !growing {
+                            if log >= GROWING_WAL_FRAMES && behind < STUCK_WAL_FRAMES && !growing {
                                 tracing::warn!(frames = log, path = %shown_path, "the WAL file keeps growing although it is checkpointed: read transactions that overlap without a break keep it from starting over");
                             }
                             growing = log >= GROWING_WAL_FRAMES;

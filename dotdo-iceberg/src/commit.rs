@@ -182,7 +182,8 @@ impl IcebergColdStore {
         let io = table.file_io();
         if listed.iter().any(crate::read::lists_live_deletes) {
             // Deletes (from another engine) would not apply to rewritten files. (A delete
-            // manifest with no live entry is dropped below like any such manifest.)
+            // manifest with no live entry is dropped below like any such manifest, once its
+            // removals are older than the cleanup minimum.)
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!("{}: the table has delete files; dotdo does not rewrite such tables", table.identifier()),

@@ -5,9 +5,10 @@
 //! cleanup. [`IcebergColdStore::expire_snapshots`] expires by dotdo's commit time (the store's
 //! clock), and [`IcebergColdStore::remove_unreferenced_files`] deletes every file under the table
 //! location that the current metadata does not reference (expired manifest lists, files of
-//! failed or conflicting commits, superseded metadata JSON beyond the metadata log), but only
-//! files older than a retention period, so a commit still in flight in another process keeps
-//! its files. The retention must exceed the longest time a commit can take.
+//! failed or conflicting commits, superseded metadata JSON beyond the metadata log; except the
+//! head files of table versions current within the retention, which a reader may still hold),
+//! but only files older than a retention period, so a commit still in flight in another process
+//! keeps its files. The retention must exceed the longest time a commit can take.
 
 use std::collections::HashSet;
 use std::time::Duration;

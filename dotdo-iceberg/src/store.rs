@@ -67,8 +67,8 @@ pub const MAX_CLEANUP_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const MAX_COMMIT_ATTEMPTS: u32 = 100;
 
 /// The lowest bloom filter false-positive rate a store accepts (1e-9, about 13 bytes per
-/// distinct value): parquet sizes a filter for a lower rate at its 128 MiB maximum whatever the
-/// row count, so every data file would carry hundreds of MiB of filters.
+/// distinct value): below it a filter's size per value grows steeply (about 316 bytes at 1e-20)
+/// up to parquet's 128 MiB cap, which extreme rates (1e-100) reach at any row count.
 pub const MIN_BLOOM_FPP: f64 = 1e-9;
 
 /// Tunables of an [`IcebergColdStore`]. Plain data with documented defaults.

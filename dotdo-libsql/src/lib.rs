@@ -18,9 +18,10 @@
 //! Tested: the conformance kit runs on a local file with prepared statements, on a local file with
 //! every program rendered as one batch (the remote path), and in remote mode through libsql's own
 //! HTTP client against a minimal Hrana server in the tests. The replica mode is built by the test
-//! command (`scripts/test` runs `cargo test -p dotdo-libsql --features replica --test
-//! errors_and_modes`: configuration checks and an unreachable primary); running it against data
-//! needs a real sqld / Turso primary, which the test suite does not have.
+//! command (`scripts/test` runs `cargo test -p dotdo-libsql --features replica --lib --test
+//! errors_and_modes`: configuration checks, an unreachable primary, and the connection settings
+//! of a real local replica file); running it against data needs a real sqld / Turso primary,
+//! which the test suite does not have.
 //!
 //! ## Semantics (the same as dotdo-sqlite)
 //!

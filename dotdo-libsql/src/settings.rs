@@ -13,7 +13,8 @@ use dotdo_core::{Error, Result};
 pub enum Durability {
     /// `synchronous = NORMAL` (default). A committed write is in the WAL file before the call
     /// returns, so it **survives a crash or SIGKILL of the process**. After a power loss or OS
-    /// crash the last transactions before the last checkpoint may be lost (never corrupted).
+    /// crash the last transactions before the last checkpoint may be lost (never corrupted; but
+    /// see docs/durability.md on libSQL's bundled SQLite and files several processes write).
     #[default]
     Normal,
     /// `synchronous = FULL`. The WAL is fsynced on every commit: a committed write also
@@ -79,7 +80,8 @@ pub struct LibsqlSettings {
     pub cache_kib: u32,
     /// Background WAL checkpoints for a **local file**: a thread per store copies committed WAL
     /// frames into the database file every this often (`PRAGMA wal_checkpoint(PASSIVE)`, on its
-    /// own connection: it never waits for readers or writers), so a commit rarely crosses
+    /// own connection, holding the store's write connection for the round so that no commit of
+    /// this store runs meanwhile: see docs/durability.md; it never waits for readers), so a commit rarely crosses
     /// `wal_autocheckpoint_pages` and pays for the copy and its fsync inline; that threshold
     /// stays as the safety net. `None`: checkpoints only inline, on the committing writer's
     /// thread (so does zero). Durability is the same either way. Default 50 ms, as in dotdo-sqlite;

@@ -37,8 +37,8 @@ pub struct PipelineMetrics {
     /// Events committed to cold storage (each once, also when an attempt's answer was lost or
     /// its roll dropped after the commit landed).
     pub events_committed: u64,
-    /// Events skipped at commit because cold storage already had them from an earlier process
-    /// (replays after a crash).
+    /// Events skipped at commit because cold storage already had them from an earlier pipeline
+    /// on the same log (replays after a crash or a restart).
     pub events_replayed: u64,
     /// Latency of the last roll's commit.
     pub last_commit_latency: Duration,
@@ -62,7 +62,8 @@ pub struct RollReport {
     /// Events committed by this roll (also those an earlier attempt of this process landed, its
     /// answer lost or its roll dropped, and not counted then).
     pub events: u64,
-    /// Events already in cold storage from an earlier process (a replay after a crash).
+    /// Events already in cold storage from an earlier pipeline on the same log (a replay after a
+    /// crash or a restart).
     pub replayed: u64,
 }
 
