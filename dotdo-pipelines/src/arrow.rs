@@ -217,6 +217,9 @@ impl ArrowPipeline {
     fn open_log(path: &Path, stream: &str, buf: &mut Buf) -> Result<Connection> {
         let doing = format!("opening {}", path.display());
         let c = Connection::open(path).map_err(|e| sql(e, &doing))?;
+        // Plans that do not depend on bound values (SQLite 3.5x re-prepares a statement on every
+        // rebind of a parameter its planner looked at).
+        c.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(|e| sql(e, &doing))?;
         c.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS arrow_log (id INTEGER PRIMARY KEY, ipc BLOB NOT NULL, batch INTEGER);

@@ -371,6 +371,10 @@ impl SqliteLog {
         let (lock, resolved) = lock_log(path, "pipeline")?;
         let conn = Connection::open(resolved).map_err(|e| sql(e, &doing))?;
         conn.busy_timeout(std::time::Duration::from_secs(2)).map_err(|e| sql(e, &doing))?;
+        // Plans that do not depend on bound values (SQLite 3.5x re-prepares a statement on every
+        // rebind of a parameter its planner looked at).
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+            .map_err(|e| sql(e, &doing))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 16384;
              CREATE TABLE IF NOT EXISTS pipeline_log (
