@@ -8,7 +8,9 @@
 //! failed or conflicting commits, superseded metadata JSON beyond the metadata log; except the
 //! head files of table versions current within the retention, which a reader may still hold),
 //! but only files older than a retention period, so a commit still in flight in another process
-//! keeps its files. The retention must exceed the longest time a commit can take.
+//! keeps its files. The retention must exceed the longest time a commit can take. User tables
+//! have the same two ([`ArrowTable::expire_snapshots`](crate::ArrowTable::expire_snapshots),
+//! [`ArrowTable::remove_unreferenced_files`](crate::ArrowTable::remove_unreferenced_files)).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -57,10 +59,31 @@ impl IcebergColdStore {
     /// Through other catalogs the commit is iceberg's expire action, which also applies the
     /// refs' own retention settings (`max-ref-age-ms`, a branch's snapshot age) on top.
     pub async fn expire_snapshots(&self, older_than: Duration, retain_last: usize) -> Result<ExpireReport> {
-        let what = format!("expiring snapshots of {}", self.table_ident());
+        let ident = self.inner.ident.clone();
+        self.expire_snapshots_of(&ident, older_than, retain_last).await
+    }
+
+    /// The table `ident` of this store's catalog, freshly loaded (the change table through
+    /// [`refresh`](Self::refresh), which also updates the table this store reads).
+    pub(crate) async fn load_fresh(&self, ident: &iceberg::TableIdent) -> Result<iceberg::table::Table> {
+        if ident == &self.inner.ident {
+            return self.refresh().await;
+        }
+        self.inner.catalog.load_table(ident).await.map_err(|e| classify(e, &format!("loading table {ident}")))
+    }
+
+    /// [`expire_snapshots`](Self::expire_snapshots) of the table `ident` (the change table or a
+    /// user table of this store's catalog).
+    pub(crate) async fn expire_snapshots_of(
+        &self,
+        ident: &iceberg::TableIdent,
+        older_than: Duration,
+        retain_last: usize,
+    ) -> Result<ExpireReport> {
+        let what = format!("expiring snapshots of {ident}");
         let attempts = self.inner.settings.max_commit_attempts;
         for attempt in 0..attempts {
-            let table = self.refresh().await?;
+            let table = self.load_fresh(ident).await?;
             gc_enabled(&table, &what)?;
             let Some(head) = table.metadata().current_snapshot_id() else { return Ok(ExpireReport::default()) };
             let cutoff = Timestamp::from_micros(
@@ -167,7 +190,9 @@ impl IcebergColdStore {
             };
             match committed {
                 Ok(()) => {
-                    self.refresh().await?;
+                    if ident == &self.inner.ident {
+                        self.refresh().await?;
+                    }
                     return Ok(ExpireReport { retained: total - expired.len(), expired });
                 }
                 Err(err) => {
@@ -196,6 +221,17 @@ impl IcebergColdStore {
     /// commit files up to half of it old), and the table is read again before deleting, that
     /// minimum with it.
     pub async fn remove_unreferenced_files(&self, retention: Duration) -> Result<CleanupReport> {
+        let ident = self.inner.ident.clone();
+        self.remove_unreferenced_files_of(&ident, retention).await
+    }
+
+    /// [`remove_unreferenced_files`](Self::remove_unreferenced_files) of the table `ident` (the
+    /// change table or a user table of this store's catalog).
+    pub(crate) async fn remove_unreferenced_files_of(
+        &self,
+        ident: &iceberg::TableIdent,
+        retention: Duration,
+    ) -> Result<CleanupReport> {
         let min = self.inner.settings.min_cleanup_retention;
         if retention < min {
             return Err(Error::invalid(format!(
@@ -204,8 +240,8 @@ impl IcebergColdStore {
                  only where no writer can be running)"
             )));
         }
-        let table = self.refresh().await?;
-        let what = format!("removing unreferenced files of {}", self.table_ident());
+        let table = self.load_fresh(ident).await?;
+        let what = format!("removing unreferenced files of {ident}");
         gc_enabled(&table, &what)?;
         let recorded = table_cleanup_minimum(&table, &what)?;
         if retention < recorded {
@@ -231,7 +267,7 @@ impl IcebergColdStore {
         // under this table's location (the SQL catalog places `ns.changes.events` at
         // `<warehouse>/ns/changes/events`), and its files are not ours to judge.
         if let Some(v) = &self.inner.verifier {
-            let shared = v.tables_at(&self.inner.ident, &[md.location()], &self.inner.root).await?.concat();
+            let shared = v.tables_at(ident, &[md.location()], &self.inner.root).await?.concat();
             if !shared.is_empty() {
                 return Err(Error::invalid(format!(
                     "{what}: its location {} is also the location of {}; a cleanup would delete that table's \
@@ -255,7 +291,7 @@ impl IcebergColdStore {
         // commit landing during the deletes below references no file older than half of
         // `min_cleanup_retention`: a compaction checks that before it commits, and appends
         // commit within seconds of writing.)
-        let current = self.refresh().await?;
+        let current = self.load_fresh(ident).await?;
         if current.metadata_location() != table.metadata_location() {
             self.add_referenced(&current, cutoff, &mut referenced, &mut manifests).await?;
             // A store opened meanwhile with a larger minimum (whose compaction may already be

@@ -136,12 +136,12 @@ pub struct Settings {
     /// unreferenced until its commit lands; a shorter retention could delete it while that
     /// commit is in flight (Spark's `remove_orphan_files` refuses under 24 hours for the same
     /// reason). Lower it only where no writer can be running, e.g. in tests. Before it commits,
-    /// a compaction of the change table checks that its new files are all still there and that
+    /// a compaction (of the change table or a user table) checks that its new files are all still there and that
     /// none was written more than half of this ago (a cleanup running meanwhile could judge an older one
     /// unreferenced and delete it after the commit); otherwise it fails with `Conflict`, nothing
     /// committed. A compaction that needs longer: fewer partitions per run, or a larger minimum.
     /// An append whose commit is retried past half of it writes new files. Opening the change
-    /// table records the largest minimum of its stores in the table ([`MIN_CLEANUP_PROP`]), and
+    /// table or a user table records the largest minimum of its stores in the table ([`MIN_CLEANUP_PROP`]), and
     /// every cleanup keeps to it, whatever its own setting. The ages are taken by the store's
     /// clock against the object store's last-modified times. At most [`MAX_CLEANUP_RETENTION`]
     /// (30 days; it only protects files of commits in flight, not snapshots to time-travel to).
@@ -160,7 +160,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The oldest a file this store wrote may be when a commit of the change table names it:
+    /// The oldest a file this store wrote may be when a commit names it:
     /// half of `min_cleanup_retention` (a cleanup running meanwhile may judge an older
     /// unreferenced file deletable and take it after the commit). `None` when that is zero: no
     /// writer runs beside a cleanup, by the setting's contract.
@@ -170,7 +170,7 @@ impl Settings {
 
     /// The minimum this store records in the change table ([`MIN_CLEANUP_PROP`]), in
     /// milliseconds; `None` for zero (nothing to record).
-    fn cleanup_minimum_ms(&self) -> Option<u64> {
+    pub(crate) fn cleanup_minimum_ms(&self) -> Option<u64> {
         Some(u64::try_from(self.min_cleanup_retention.as_millis()).unwrap_or(u64::MAX)).filter(|ms| *ms > 0)
     }
 
@@ -434,6 +434,18 @@ async fn open_table(
         Err(e) => return Err(classify(e, &what)),
     };
     schema::check_change_table(table.metadata(), &what)?;
+    set_dotdo_properties(catalog, ident, table, settings).await
+}
+
+/// Set the table properties a store with `settings` needs on `table` (the change table or a
+/// user table, see [`properties_to_set`]) if they are not set yet, and return the table after.
+pub(crate) async fn set_dotdo_properties(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    table: Table,
+    settings: &Settings,
+) -> Result<Table> {
+    let what = format!("setting dotdo's properties of table {ident}");
     let mut table = table;
     let mut attempt = 0;
     loop {
@@ -461,8 +473,8 @@ async fn open_table(
     }
 }
 
-/// The table properties a store with `settings` needs set on the change table, given its
-/// current ones.
+/// The table properties a store with `settings` needs set on a table it writes (the change
+/// table or a user table), given its current ones.
 fn properties_to_set(table: &Table, settings: &Settings) -> Vec<(&'static str, String)> {
     let mut set = Vec::new();
     // dotdo retries commits itself after re-reading the watermarks; iceberg's internal retry
@@ -484,7 +496,8 @@ fn properties_to_set(table: &Table, settings: &Settings) -> Vec<(&'static str, S
 pub(crate) const RETRY_PROP: &str = "commit.retry.num-retries";
 
 /// The table property recording the largest `min_cleanup_retention` (milliseconds) a store
-/// opened the change table with. Stores only raise it; to lower it (no writer with a larger
+/// opened the table (the change table, or a user table through
+/// [`arrow_table`](IcebergColdStore::arrow_table)) with. Stores only raise it; to lower it (no writer with a larger
 /// minimum runs any more), set the property with any Iceberg client.
 pub const MIN_CLEANUP_PROP: &str = "dotdo.min-cleanup-retention-ms";
 

@@ -201,11 +201,14 @@ impl IcebergColdStore {
                         Err(e) => return Err(classify(e, &what)),
                     }
                 }
-                let props = HashMap::from([
+                let mut props = HashMap::from([
                     (RETRY_PROP.to_string(), "0".to_string()),
                     ("write.format.default".to_string(), "parquet".to_string()),
                     ("write.parquet.compression-codec".to_string(), "zstd".to_string()),
                 ]);
+                if let Some(min) = self.inner.settings.cleanup_minimum_ms() {
+                    props.insert(crate::MIN_CLEANUP_PROP.to_string(), min.to_string());
+                }
                 let creation = TableCreation::builder().name(name.to_string()).schema(ischema);
                 // Like the change table: never in another table's directory.
                 let placing = crate::store::Placing { verifier: self.inner.verifier.as_ref(), root: &self.inner.root };
@@ -234,6 +237,9 @@ impl IcebergColdStore {
             return Err(Error::invalid(format!("{what} exists with another schema: {iceberg_arrow:?}")));
         }
         check_unpartitioned(&table, &what)?;
+        // As on the change table: every cleanup keeps to the largest cleanup minimum of the
+        // stores writing the table (their compactions commit files up to half of it old).
+        crate::store::set_dotdo_properties(&*catalog, &ident, table, &self.inner.settings).await?;
         Ok(ArrowTable { store: self.clone(), ident, user: schema, iceberg_arrow })
     }
 }
@@ -485,7 +491,8 @@ impl ArrowTable {
         }
         let rows: u64 = rebatched.iter().map(|b| b.num_rows() as u64).sum();
         let what = format!("appending batch {batch_id} of stream {stream} to {}", self.ident);
-        let mut files: Option<((i32, i32), Vec<iceberg::spec::DataFile>)> = None;
+        // The files an earlier attempt wrote: under which (spec, schema), and when.
+        let mut files: Option<((i32, i32), Vec<iceberg::spec::DataFile>, dotdo_core::Timestamp)> = None;
         let attempts = self.store.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
         // Whether an earlier attempt of this call may have committed (its reply was lost, or
@@ -519,7 +526,7 @@ impl ArrowTable {
             if m.get(stream)? >= batch_id {
                 // Committed by another call (an earlier one of this producer, dropped by its
                 // caller, landing late): files an attempt of this call wrote and that failed
-                // for certain are nobody's (cleanup does not look at user tables).
+                // for certain are nobody's.
                 self.discard_files(files.take(), maybe_landed).await;
                 return Ok(already_committed(&table, stream, batch_id, rows, maybe_landed));
             }
@@ -527,19 +534,25 @@ impl ArrowTable {
                 return Ok(ArrowCommit { snapshot: None, rows: 0 });
             }
             // Written files are reused only under the spec they were written for (another
-            // engine may evolve the partition spec between attempts); otherwise rewritten.
+            // engine may evolve the partition spec between attempts), and only while younger
+            // than half of `min_cleanup_retention` (a cleanup running meanwhile may judge older
+            // ones unreferenced and delete them after the commit lands); otherwise rewritten.
             let spec_id = (table.metadata().default_partition_spec_id(), table.metadata().current_schema_id());
+            let max_age = self.store.inner.settings.max_uncommitted_age();
+            let clock = &self.store.inner.clock;
+            let young = |at: &dotdo_core::Timestamp| max_age.is_none_or(|max| clock.now().since(*at) <= max);
             let data = match &files {
-                Some((spec, f)) if *spec == spec_id => Clone::clone(f),
+                Some((spec, f, at)) if *spec == spec_id && young(at) => Clone::clone(f),
                 _ => {
-                    if let Some((_, old)) = files.take() {
-                        // Written under a spec the table no longer has; after a definite
-                        // conflict nothing references them (after an unknown outcome they may
-                        // be committed: cleanup judges them once they are old enough).
+                    if let Some((_, old, _)) = files.take() {
+                        // Written under a spec the table no longer has, or too long ago; after a
+                        // definite conflict nothing references them (after an unknown outcome
+                        // they may be committed: cleanup judges them once they are old enough).
                         if last_err.as_ref().is_some_and(|e: &Error| e.kind() == &ErrorKind::Conflict) {
                             self.store.delete_files(old.iter().map(|f| f.file_path().to_string()).collect()).await;
                         }
                     }
+                    let started = clock.now();
                     let f = write_user_files(
                         &self.store,
                         &table,
@@ -548,7 +561,7 @@ impl ArrowTable {
                         &what,
                     )
                     .await?;
-                    files = Some((spec_id, f.clone()));
+                    files = Some((spec_id, f.clone(), started));
                     f
                 }
             };
@@ -556,7 +569,8 @@ impl ArrowTable {
             m.raw.insert(stream.to_string(), batch_id.to_string());
             let props: HashMap<String, String> =
                 m.raw.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v)).collect();
-            match self.store.try_commit(&table, data, props, None).await {
+            let written_at = files.as_ref().map(|(_, _, at)| *at);
+            match self.store.try_commit(&table, data, props, written_at).await {
                 Ok(t) => {
                     // A reported commit that the catalog did not make durable is not
                     // acknowledged: the next attempt reads the stream's mark back and commits
@@ -604,10 +618,15 @@ impl ArrowTable {
     }
 
     /// Delete the data files an append wrote for commits that all failed for certain (no attempt
-    /// may have landed): nothing references them, and cleanup does not look at user tables.
-    /// After an unknown outcome they may be committed, so they stay.
-    async fn discard_files(&self, files: Option<((i32, i32), Vec<iceberg::spec::DataFile>)>, maybe_landed: bool) {
-        if let (false, Some((_, files))) = (maybe_landed, files) {
+    /// may have landed): nothing references them. After an unknown outcome they may be
+    /// committed, so they stay ([`remove_unreferenced_files`](Self::remove_unreferenced_files)
+    /// takes them once old enough if they were not).
+    async fn discard_files(
+        &self,
+        files: Option<((i32, i32), Vec<iceberg::spec::DataFile>, dotdo_core::Timestamp)>,
+        maybe_landed: bool,
+    ) {
+        if let (false, Some((_, files, _))) = (maybe_landed, files) {
             self.store.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
         }
     }
@@ -782,6 +801,30 @@ impl ArrowTable {
                 .map_err(|e| classify(e, &what))?,
         );
         self.store.compact_user_table(table, current, options).await
+    }
+
+    /// Expire the table's snapshots committed more than `older_than` ago (by the store's
+    /// clock), always keeping the newest `retain_last` (at least 1): the same rules as
+    /// [`IcebergColdStore::expire_snapshots`], so every stream's batch marks (carried by the
+    /// head) survive and exactly-once appends continue. Deletes no files: run
+    /// [`remove_unreferenced_files`](Self::remove_unreferenced_files) afterwards. A table
+    /// appended to once per pipeline roll gains a snapshot per roll, and every commit rewrites
+    /// the table metadata that lists them all: expire regularly.
+    pub async fn expire_snapshots(
+        &self,
+        older_than: std::time::Duration,
+        retain_last: usize,
+    ) -> Result<crate::ExpireReport> {
+        self.store.expire_snapshots_of(&self.ident, older_than, retain_last).await
+    }
+
+    /// Delete the table's files that nothing references (files a compaction replaced once the
+    /// snapshots that read them are expired, files of failed commits) and that are older than
+    /// `retention`: the same rules as [`IcebergColdStore::remove_unreferenced_files`],
+    /// `retention` at least [`Settings::min_cleanup_retention`](crate::Settings::min_cleanup_retention)
+    /// and the minimum the table records.
+    pub async fn remove_unreferenced_files(&self, retention: std::time::Duration) -> Result<crate::CleanupReport> {
+        self.store.remove_unreferenced_files_of(&self.ident, retention).await
     }
 
     /// Every row of the table at its current snapshot (for tests and small tables).

@@ -687,7 +687,7 @@ async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_table_append_that_failed_for_certain_leaves_no_data_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (recorded, user, rows, other) = recorded_user_table_and_another_writer(dir.path(), 1).await;
+    let (recorded, user, rows, other) = recorded_user_table_and_another_writer(dir.path(), 1, None).await;
     let first = rows(1);
     *recorded.before_put.lock() = Some(common::PutHook(
         ".metadata.json".into(),
@@ -709,12 +709,12 @@ async fn a_user_table_append_that_failed_for_certain_leaves_no_data_files() {
 /// A user-table append whose attempt lost the race to another call committing the same batch
 /// of its stream (an earlier call of the same producer, dropped by its caller, landing late)
 /// reports the batch as committed and deletes the data file of its losing attempt: nothing
-/// references it, and cleanup does not look at user tables. It was left for good.
+/// references it. It was left for good (until a cleanup past the retention).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_table_append_whose_batch_another_call_committed_leaves_no_data_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     // The other writer is the earlier call, landing late.
-    let (recorded, user, rows, late) = recorded_user_table_and_another_writer(dir.path(), 2).await;
+    let (recorded, user, rows, late) = recorded_user_table_and_another_writer(dir.path(), 2, None).await;
     let first = rows(1);
     *recorded.before_put.lock() = Some(common::PutHook(
         ".metadata.json".into(),
@@ -728,24 +728,63 @@ async fn a_user_table_append_whose_batch_another_call_committed_leaves_no_data_f
     assert_eq!(data.len(), 1, "only the committed call's file is left: {data:?}");
 }
 
+/// A user-table append whose first attempt loses the race to another writer and whose files
+/// are past half of `min_cleanup_retention` by the next attempt (a slow store, a stall) writes
+/// them again instead of committing them: a cleanup running meanwhile may already have judged
+/// them unreferenced and would delete them after the commit. The stale file is deleted (that
+/// attempt failed for certain). The old files were committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_append_rewrites_files_too_old_to_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = dotdo_core::ManualClock::new(dotdo_core::SystemClock::new().now());
+    let (recorded, user, rows, other) =
+        recorded_user_table_and_another_writer(dir.path(), 3, Some(clock.clone())).await;
+    let first = rows(1);
+    let c = clock.clone();
+    *recorded.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".into(),
+        Box::pin(async move {
+            other.append("other", 1, vec![first]).await.expect("the other stream commits first");
+            // Default min_cleanup_retention 1 hour: past half of it.
+            c.advance(std::time::Duration::from_secs(31 * 60));
+        }),
+    ));
+    recorded.puts.lock().clear();
+    let commit = user.append("s", 1, vec![rows(2)]).await.expect("committed on a later attempt");
+    assert_eq!(commit.rows, 1);
+    let written: Vec<String> = recorded.puts.lock().iter().filter(|p| p.ends_with(".parquet")).cloned().collect();
+    assert_eq!(written.len(), 2, "the file was written again for the second attempt: {written:?}");
+    let data = common::files_ending_with(dir.path(), ".parquet");
+    assert_eq!(data.len(), 2, "the other writer's file and this append's second one: {data:?}");
+    let name = |p: &String| p.rsplit('/').next().expect("name").to_string();
+    let left: Vec<String> = data.iter().map(|p| name(&p.display().to_string())).collect();
+    assert!(!left.contains(&name(&written[0])), "the stale file was deleted: {left:?}");
+    assert!(left.contains(&name(&written[1])), "the new one committed: {left:?}");
+    let rows: usize = user.read_all().await.expect("read").iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 2);
+}
+
 /// A user table `u.events` of one `id` column on a store whose object store records its puts
-/// (`attempts` commit attempts per append), a maker of one-row batches, and the same table
-/// through another store on the same catalog and warehouse (another writer).
+/// (`attempts` commit attempts per append; the store's clock `clock` if given), a maker of
+/// one-row batches, and the same table through another store on the same catalog and warehouse
+/// (another writer).
 async fn recorded_user_table_and_another_writer(
     dir: &std::path::Path,
     attempts: u32,
+    clock: Option<dotdo_core::ManualClock>,
 ) -> (Arc<FaultyStore>, dotdo_iceberg::ArrowTable, impl Fn(i32) -> arrow_array::RecordBatch, dotdo_iceberg::ArrowTable)
 {
     use arrow_array::{Int32Array, RecordBatch};
     use arrow_schema::{DataType, Field, Schema};
     let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
     let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
-    let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
+    let mut builder = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
         .object_store(recorded.clone())
-        .settings(dotdo_iceberg::Settings { max_commit_attempts: attempts, ..Default::default() })
-        .build()
-        .await
-        .expect("open");
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: attempts, ..Default::default() });
+    if let Some(clock) = clock {
+        builder = builder.with_clock(Arc::new(clock));
+    }
+    let cold = builder.build().await.expect("open");
     let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
     let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
     let other = IcebergColdStore::builder(dir.to_str().expect("utf-8"))

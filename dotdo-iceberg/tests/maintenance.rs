@@ -1639,10 +1639,10 @@ async fn a_compaction_stops_once_its_first_files_are_too_old() {
 }
 
 /// The age rule of compaction (files younger than half of `min_cleanup_retention` when it
-/// commits) guards the change table, which `remove_unreferenced_files` cleans; a user table's
-/// compaction is not held to it (its clock here runs two hours ahead of the files' times).
+/// commits) holds for user tables too, which `remove_unreferenced_files` cleans as well: with
+/// the store's clock two hours ahead of the files' times, the compaction commits nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn user_table_compaction_is_not_held_to_the_cleanup_age_rule() {
+async fn user_table_compaction_is_held_to_the_cleanup_age_rule() {
     use arrow_array::{Int64Array, RecordBatch};
     use arrow_schema::{DataType, Field, Schema};
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1661,10 +1661,94 @@ async fn user_table_compaction_is_not_held_to_the_cleanup_age_rule() {
             RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![id as i64]))]).expect("batch");
         t.append("s", id, vec![batch]).await.expect("append");
     }
-    let report = t.compact(CompactOptions::default()).await.expect("a user table compacts");
-    assert!(report.snapshot.is_some(), "{report:?}");
+    let e = t.compact(CompactOptions::default()).await.expect_err("files too old to commit safely");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.to_string().contains("min_cleanup_retention"), "{e}");
+    let table = cold.catalog().load_table(t.ident()).await.expect("load");
+    assert_eq!(table.metadata().current_snapshot().expect("head").summary().operation, Operation::Append);
+    assert_eq!(common::files_ending_with(dir.path(), ".parquet").len(), 3, "the rewrite's file was deleted");
     let rows: usize = t.read_all().await.expect("read").iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, 3);
+}
+
+/// A user table (one small file per append, as an `ArrowPipeline` writes) is compacted, its
+/// snapshots expired and its unreferenced files removed: the replaced files and expired
+/// manifest lists go, every row and every stream's batch mark stays (a replay of an old batch
+/// still writes nothing), appends go on, and the change table's files are untouched. A store
+/// opened with a larger `min_cleanup_retention` records it in the user table, and a cleanup
+/// below it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_tables_are_expired_and_cleaned_up_keeping_their_marks() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("change table append");
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let t = cold.arrow_table(&["m"], "events", schema.clone()).await.expect("table");
+    let batch = |id: u64| {
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![id as i64, -(id as i64)]))])
+            .expect("batch")
+    };
+    for id in 1..=6u64 {
+        t.append("a", id, vec![batch(id)]).await.expect("append a");
+    }
+    t.append("b", 1, vec![batch(100)]).await.expect("append b");
+    let in_table = |dir: &std::path::Path| common::files_ending_with(&dir.join("m").join("events"), ".parquet").len();
+    let change_files = common::files_ending_with(&dir.path().join("m").join("changes"), ".parquet");
+    assert_eq!(in_table(dir.path()), 7);
+    let report = t.compact(CompactOptions::default()).await.expect("compact");
+    assert_eq!((report.files_removed, report.files_added), (7, 1), "{report:?}");
+    common::sleep(Duration::from_millis(20)).await;
+    let expired = t.expire_snapshots(Duration::ZERO, 1).await.expect("expire");
+    assert_eq!((expired.expired.len(), expired.retained), (7, 1), "{expired:?}");
+    let clean = t.remove_unreferenced_files(Duration::ZERO).await.expect("cleanup");
+    let parquet: Vec<&String> = clean.deleted.iter().filter(|d| d.ends_with(".parquet")).collect();
+    assert_eq!(parquet.len(), 7, "the seven replaced files: {clean:?}");
+    assert!(clean.deleted.iter().all(|d| d.contains("/m/events/")), "only the user table's files: {clean:?}");
+    assert!(clean.deleted.iter().any(|d| d.contains("snap-")), "expired manifest lists: {clean:?}");
+    assert_eq!(in_table(dir.path()), 1);
+    assert_eq!(common::files_ending_with(&dir.path().join("m").join("changes"), ".parquet"), change_files);
+    let mut values: Vec<i64> = t
+        .read_all()
+        .await
+        .expect("read")
+        .iter()
+        .flat_map(|b| {
+            let c = b.column(0).as_any().downcast_ref::<Int64Array>().expect("i64");
+            c.values().to_vec()
+        })
+        .collect();
+    values.sort();
+    let mut want: Vec<i64> = (1..=6).chain([100]).flat_map(|i| [i, -i]).collect();
+    want.sort();
+    assert_eq!(values, want);
+    assert_eq!((t.last_batch("a").await.expect("a"), t.last_batch("b").await.expect("b")), (6, 1));
+    assert_eq!(t.append("a", 3, vec![batch(3)]).await.expect("replay").rows, 0, "batch 3 is still known");
+    assert_eq!(t.append("a", 7, vec![batch(7)]).await.expect("append after cleanup").rows, 2);
+    let rows: usize = t.read_all().await.expect("read").iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 16);
+    assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("change table").len(), 1);
+
+    // A store with a one-hour minimum opens the table: it records the minimum, and every
+    // cleanup keeps to it.
+    let strict = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open")
+        .arrow_table(&["m"], "events", schema.clone())
+        .await
+        .expect("table");
+    let table = cold.catalog().load_table(strict.ident()).await.expect("load");
+    assert_eq!(table.metadata().properties().get(dotdo_iceberg::MIN_CLEANUP_PROP).map(String::as_str), Some("3600000"));
+    let e = t.remove_unreferenced_files(Duration::from_secs(60)).await.expect_err("below the recorded minimum");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
 
 /// Two processes opening the same new table at once: the one whose catalog insert loses (the

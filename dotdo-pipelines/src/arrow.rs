@@ -6,6 +6,10 @@
 //! mode) before appending; the sink records the highest batch id per stream in its snapshot
 //! summary and skips ids at or below it, so re-appending a claimed batch after a crash, a failed
 //! or an ambiguous commit never duplicates rows.
+//!
+//! Each roll is one commit, so an Iceberg table fed by a pipeline gains a small file and a
+//! snapshot per roll: maintain it with `ArrowTable::compact`, `ArrowTable::expire_snapshots` and
+//! `ArrowTable::remove_unreferenced_files` (the batch marks survive all three).
 
 use std::fmt::Debug;
 use std::path::Path;
