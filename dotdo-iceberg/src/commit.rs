@@ -417,7 +417,7 @@ impl IcebergColdStore {
         table: &Table,
         files: Vec<DataFile>,
         props: std::collections::HashMap<String, String>,
-        written_at: Option<dotdo_core::Timestamp>,
+        written_at: Option<std::time::Duration>,
     ) -> iceberg::Result<Table> {
         if files.is_empty() {
             return Err(iceberg::Error::new(
@@ -523,18 +523,10 @@ impl IcebergColdStore {
         // writing the manifests) may already be gone to a cleanup that judged them unreferenced;
         // committed, the snapshot would name missing files. Refused as a conflict: the caller
         // re-plans and writes new files (as it does for files too old to reuse).
-        if let (Some(at), Some(max)) = (written_at, self.inner.settings.max_uncommitted_age()) {
-            let age = self.inner.clock.now().since(at);
-            if age > max {
-                self.delete_files(written).await;
-                return Err(iceberg::Error::new(
-                    iceberg::ErrorKind::CatalogCommitConflicts,
-                    format!(
-                        "the append's data files are {age:?} old, past half of min_cleanup_retention: a cleanup \
-                         may have deleted them; writing them again"
-                    ),
-                ));
-            }
+        let max_age = self.inner.settings.max_uncommitted_age();
+        if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at, max_age)) {
+            self.delete_files(written).await;
+            return Err(crate::store::too_old_to_commit(age));
         }
         swap.swap_or_clean(io, table.identifier(), &base, &new, written).await?;
         self.remember_manifests(&list_path, with_sequence_numbers(manifests, seq));

@@ -168,7 +168,7 @@ impl Settings {
         Some(self.min_cleanup_retention / 2).filter(|age| !age.is_zero())
     }
 
-    /// The minimum this store records in the change table ([`MIN_CLEANUP_PROP`]), in
+    /// The minimum this store records in the tables it writes ([`MIN_CLEANUP_PROP`]), in
     /// milliseconds; `None` for zero (nothing to record).
     pub(crate) fn cleanup_minimum_ms(&self) -> Option<u64> {
         Some(u64::try_from(self.min_cleanup_retention.as_millis()).unwrap_or(u64::MAX)).filter(|ms| *ms > 0)
@@ -434,22 +434,23 @@ async fn open_table(
         Err(e) => return Err(classify(e, &what)),
     };
     schema::check_change_table(table.metadata(), &what)?;
-    set_dotdo_properties(catalog, ident, table, settings).await
+    set_dotdo_properties(catalog, ident, table, settings, true).await
 }
 
-/// Set the table properties a store with `settings` needs on `table` (the change table or a
-/// user table, see [`properties_to_set`]) if they are not set yet, and return the table after.
+/// Set the table properties a store with `settings` needs on `table` (the change table, or a
+/// user table: see [`properties_to_set`]) if they are not set yet, and return the table after.
 pub(crate) async fn set_dotdo_properties(
     catalog: &dyn Catalog,
     ident: &TableIdent,
     table: Table,
     settings: &Settings,
+    change_table: bool,
 ) -> Result<Table> {
     let what = format!("setting dotdo's properties of table {ident}");
     let mut table = table;
     let mut attempt = 0;
     loop {
-        let set = properties_to_set(&table, settings);
+        let set = properties_to_set(&table, settings, change_table);
         if set.is_empty() {
             return Ok(table);
         }
@@ -474,12 +475,14 @@ pub(crate) async fn set_dotdo_properties(
 }
 
 /// The table properties a store with `settings` needs set on a table it writes (the change
-/// table or a user table), given its current ones.
-fn properties_to_set(table: &Table, settings: &Settings) -> Vec<(&'static str, String)> {
+/// table, or a user table: the cleanup minimum alone, other engines' writers of a user table
+/// keep their own retry settings), given its current ones.
+fn properties_to_set(table: &Table, settings: &Settings, change_table: bool) -> Vec<(&'static str, String)> {
     let mut set = Vec::new();
     // dotdo retries commits itself after re-reading the watermarks; iceberg's internal retry
-    // would re-apply the same summary on a stale base.
-    if table.metadata().properties().get(RETRY_PROP).map(String::as_str) != Some("0") {
+    // would re-apply the same summary on a stale base. (Its commits of user tables go through a
+    // catalog wrapper that turns iceberg's retry into a conflict.)
+    if change_table && table.metadata().properties().get(RETRY_PROP).map(String::as_str) != Some("0") {
         set.push((RETRY_PROP, "0".to_string()));
     }
     // Every cleanup of the table, whatever its own settings, keeps to the largest minimum a
@@ -715,8 +718,21 @@ fn plan(batch: &ColdBatch, prev: &SnapshotMarks) -> Result<Plan> {
 }
 
 /// Data files written for an attempt: the per-object seq ranges they hold, the partition spec
-/// they were written under, the files, and when their writing began (by the store's clock).
-type Written = (Vec<(ObjectId, Seq, Seq)>, i32, Vec<DataFile>, Timestamp);
+/// they were written under, the files, and when their writing began (the store clock's
+/// monotonic time: a wall clock set back must not make old files look young).
+type Written = (Vec<(ObjectId, Seq, Seq)>, i32, Vec<DataFile>, Duration);
+
+/// The error of a commit refused because its data files are `age` old, past half of
+/// `min_cleanup_retention`: a conflict, so the caller re-plans and writes new files.
+pub(crate) fn too_old_to_commit(age: Duration) -> iceberg::Error {
+    iceberg::Error::new(
+        iceberg::ErrorKind::CatalogCommitConflicts,
+        format!(
+            "the append's data files are {age:?} old, past half of min_cleanup_retention: a cleanup may have \
+             deleted them; writing them again"
+        ),
+    )
+}
 
 /// How the last commit attempt ended.
 enum Attempt {
@@ -1085,12 +1101,19 @@ impl IcebergColdStore {
         table: &Table,
         files: Vec<DataFile>,
         props: HashMap<String, String>,
-        written_at: Option<Timestamp>,
+        written_at: Option<Duration>,
     ) -> iceberg::Result<Table> {
         if let Some(swap) = &self.inner.verifier {
             if table.metadata().format_version() == iceberg::spec::FormatVersion::V2 {
                 return self.fast_append(swap, table, files, props, written_at).await;
             }
+        }
+        // As dotdo's fast append checks just before its swap: files past half of
+        // `min_cleanup_retention` may already be gone to a cleanup.
+        if let Some(age) =
+            written_at.and_then(|at| self.uncommitted_age_past(at, self.inner.settings.max_uncommitted_age()))
+        {
+            return Err(too_old_to_commit(age));
         }
         let tx = Transaction::new(table);
         let tx = tx
@@ -1100,6 +1123,13 @@ impl IcebergColdStore {
             .with_check_duplicate(false)
             .apply(tx)?;
         tx.commit(&self.pinned(table)).await
+    }
+
+    /// The age of files whose writing began at `written_at` (the store clock's monotonic time),
+    /// if past `max_age` (half of `min_cleanup_retention`; `None`: no limit).
+    pub(crate) fn uncommitted_age_past(&self, written_at: Duration, max_age: Option<Duration>) -> Option<Duration> {
+        let age = self.inner.clock.monotonic().saturating_sub(written_at);
+        max_age.filter(|max| age > *max).map(|_| age)
     }
 
     /// Whether `table` is the catalog's current version of the change table (the SQL catalog's
@@ -1251,18 +1281,23 @@ impl IcebergColdStore {
             // judge them unreferenced and delete them after the commit lands (a snapshot naming
             // missing files). New files are written instead, as a compaction's check refuses.
             let max_age = self.inner.settings.max_uncommitted_age();
-            let young = |at: &Timestamp| max_age.is_none_or(|max| self.inner.clock.now().since(*at) <= max);
+            let young = |at: &Duration| self.uncommitted_age_past(*at, max_age).is_none();
             let files = match &written {
                 Some((ranges, spec, files, at)) if *ranges == p.ranges && *spec == spec_id && young(at) => {
                     files.clone()
                 }
                 _ => {
-                    if let (Some((_, _, old, _)), Attempt::Conflict | Attempt::Failed(_)) = (written.take(), &last) {
-                        // The earlier attempt definitely did not commit: its files are garbage.
+                    if let (Some((_, _, old, _)), Attempt::Conflict | Attempt::Failed(_), false) =
+                        (written.take(), &last, maybe_landed)
+                    {
+                        // No attempt that named them can have committed (the last one certainly
+                        // did not, and none before had an unknown outcome): they are garbage.
+                        // Otherwise they stay for the cleanup (a request that timed out may
+                        // still land).
                         let paths: Vec<String> = old.iter().map(|f| f.file_path().to_string()).collect();
                         self.delete_files(paths).await;
                     }
-                    let started = self.inner.clock.now();
+                    let started = self.inner.clock.monotonic();
                     let files =
                         match self.write_files(&table, batch, &p.parts, self.inner.settings.target_file_size).await {
                             Ok(f) => f,

@@ -239,7 +239,7 @@ impl IcebergColdStore {
         check_unpartitioned(&table, &what)?;
         // As on the change table: every cleanup keeps to the largest cleanup minimum of the
         // stores writing the table (their compactions commit files up to half of it old).
-        crate::store::set_dotdo_properties(&*catalog, &ident, table, &self.inner.settings).await?;
+        crate::store::set_dotdo_properties(&*catalog, &ident, table, &self.inner.settings, false).await?;
         Ok(ArrowTable { store: self.clone(), ident, user: schema, iceberg_arrow })
     }
 }
@@ -381,16 +381,19 @@ fn already_committed(table: &Table, stream: &str, batch_id: u64, rows: u64, mayb
 }
 
 /// The snapshot that committed batch `batch_id` of `stream` (the oldest one whose summary holds
-/// that mark: later snapshots carry it on), if the table still has it.
+/// that mark: later snapshots carry it on), if the table still has it: the oldest holding it
+/// must be the table's first or have its parent in the table without that mark (once the
+/// snapshot that set it is expired, the next one carrying it on is not the answer).
 fn snapshot_marking(table: &Table, stream: &str, batch_id: u64) -> Option<SnapshotId> {
     let key = format!("{MARK_PREFIX}{stream}");
     let want = batch_id.to_string();
-    table
-        .metadata()
-        .snapshots()
-        .filter(|s| s.summary().additional_properties.get(&key) == Some(&want))
-        .min_by_key(|s| s.sequence_number())
-        .map(|s| s.snapshot_id())
+    let md = table.metadata();
+    let marks = |s: &iceberg::spec::Snapshot| s.summary().additional_properties.get(&key) == Some(&want);
+    let oldest = md.snapshots().filter(|s| marks(s)).min_by_key(|s| s.sequence_number())?;
+    match oldest.parent_snapshot_id() {
+        None => Some(oldest.snapshot_id()),
+        Some(parent) => md.snapshot_by_id(parent).filter(|p| !marks(p)).map(|_| oldest.snapshot_id()),
+    }
 }
 
 /// The largest stream mark (batch id) accepted in a summary.
@@ -492,7 +495,7 @@ impl ArrowTable {
         let rows: u64 = rebatched.iter().map(|b| b.num_rows() as u64).sum();
         let what = format!("appending batch {batch_id} of stream {stream} to {}", self.ident);
         // The files an earlier attempt wrote: under which (spec, schema), and when.
-        let mut files: Option<((i32, i32), Vec<iceberg::spec::DataFile>, dotdo_core::Timestamp)> = None;
+        let mut files: Option<((i32, i32), Vec<iceberg::spec::DataFile>, std::time::Duration)> = None;
         let attempts = self.store.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
         // Whether an earlier attempt of this call may have committed (its reply was lost, or
@@ -539,20 +542,21 @@ impl ArrowTable {
             // ones unreferenced and delete them after the commit lands); otherwise rewritten.
             let spec_id = (table.metadata().default_partition_spec_id(), table.metadata().current_schema_id());
             let max_age = self.store.inner.settings.max_uncommitted_age();
-            let clock = &self.store.inner.clock;
-            let young = |at: &dotdo_core::Timestamp| max_age.is_none_or(|max| clock.now().since(*at) <= max);
+            let young = |at: &std::time::Duration| self.store.uncommitted_age_past(*at, max_age).is_none();
             let data = match &files {
                 Some((spec, f, at)) if *spec == spec_id && young(at) => Clone::clone(f),
                 _ => {
                     if let Some((_, old, _)) = files.take() {
-                        // Written under a spec the table no longer has, or too long ago; after a
-                        // definite conflict nothing references them (after an unknown outcome
-                        // they may be committed: cleanup judges them once they are old enough).
-                        if last_err.as_ref().is_some_and(|e: &Error| e.kind() == &ErrorKind::Conflict) {
+                        // Written under a spec the table no longer has, or too long ago; after
+                        // definite conflicts nothing references them (after an unknown outcome
+                        // they may be committed, or land late: cleanup judges them once they are
+                        // old enough).
+                        if !maybe_landed && last_err.as_ref().is_some_and(|e: &Error| e.kind() == &ErrorKind::Conflict)
+                        {
                             self.store.delete_files(old.iter().map(|f| f.file_path().to_string()).collect()).await;
                         }
                     }
-                    let started = clock.now();
+                    let started = self.store.inner.clock.monotonic();
                     let f = write_user_files(
                         &self.store,
                         &table,
@@ -567,8 +571,15 @@ impl ArrowTable {
             };
             // Other streams' marks are carried on as stored.
             m.raw.insert(stream.to_string(), batch_id.to_string());
-            let props: HashMap<String, String> =
+            let mut props: HashMap<String, String> =
                 m.raw.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v)).collect();
+            // Stamped by the store's clock, as the change table's commits and every compaction
+            // are (expiry and time travel go by it), never before the parent's time.
+            let md = table.metadata();
+            let parent_at =
+                md.current_snapshot().map_or(dotdo_core::Timestamp::EPOCH, |s| crate::summary::parent_time(md, s));
+            let at = self.store.inner.clock.now().max(parent_at);
+            props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
             let written_at = files.as_ref().map(|(_, _, at)| *at);
             match self.store.try_commit(&table, data, props, written_at).await {
                 Ok(t) => {
@@ -623,7 +634,7 @@ impl ArrowTable {
     /// takes them once old enough if they were not).
     async fn discard_files(
         &self,
-        files: Option<((i32, i32), Vec<iceberg::spec::DataFile>, dotdo_core::Timestamp)>,
+        files: Option<((i32, i32), Vec<iceberg::spec::DataFile>, std::time::Duration)>,
         maybe_landed: bool,
     ) {
         if let (false, Some((_, files, _))) = (maybe_landed, files) {
@@ -809,7 +820,9 @@ impl ArrowTable {
     /// head) survive and exactly-once appends continue. Deletes no files: run
     /// [`remove_unreferenced_files`](Self::remove_unreferenced_files) afterwards. A table
     /// appended to once per pipeline roll gains a snapshot per roll, and every commit rewrites
-    /// the table metadata that lists them all: expire regularly.
+    /// the table metadata that lists them all: expire regularly. A table no dotdo append ever
+    /// wrote (no batch marks) keeps its whole history: expiry keeps every snapshot's chain down
+    /// to the nearest one dotdo appended, as for the change table's watermarks.
     pub async fn expire_snapshots(
         &self,
         older_than: std::time::Duration,

@@ -764,6 +764,51 @@ async fn a_user_table_append_rewrites_files_too_old_to_commit() {
     assert_eq!(rows, 2);
 }
 
+/// A user-table append that stalls between writing its data file and committing it past half of
+/// `min_cleanup_retention` (the clock jumps while the file is written) does not commit that
+/// file: a cleanup running meanwhile may have judged it unreferenced. It writes it again and
+/// commits the new one; the stale one is deleted. On a format version 2 table (dotdo's fast
+/// append checks just before its catalog swap) and a version 1 table (iceberg's own append,
+/// checked before it starts: that path committed the stale file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_user_table_append_does_not_commit_its_stale_file() {
+    for version in [iceberg::spec::FormatVersion::V2, iceberg::spec::FormatVersion::V1] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = dotdo_core::ManualClock::new(dotdo_core::SystemClock::new().now());
+        if version == iceberg::spec::FormatVersion::V1 {
+            let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+            let arrow =
+                arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
+            let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
+            let ns = iceberg::NamespaceIdent::new("u".into());
+            cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
+            let creation =
+                iceberg::TableCreation::builder().name("events".into()).schema(schema).format_version(version).build();
+            cold.catalog().create_table(&ns, creation).await.expect("a version 1 table");
+        }
+        let (recorded, user, rows, _other) =
+            recorded_user_table_and_another_writer(dir.path(), 3, Some(clock.clone())).await;
+        let probe = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+        let table = probe.catalog().load_table(user.ident()).await.expect("load");
+        assert_eq!(table.metadata().format_version(), version);
+        let c = clock.clone();
+        *recorded.before_put.lock() = Some(common::PutHook(
+            ".parquet".into(),
+            Box::pin(async move { c.advance(std::time::Duration::from_secs(31 * 60)) }),
+        ));
+        recorded.puts.lock().clear();
+        let commit = user.append("s", 1, vec![rows(1)]).await.expect("committed on a later attempt");
+        assert_eq!(commit.rows, 1, "{version:?}");
+        let written: Vec<String> = recorded.puts.lock().iter().filter(|p| p.ends_with(".parquet")).cloned().collect();
+        assert_eq!(written.len(), 2, "{version:?}: the file was written again: {written:?}");
+        let data = common::files_ending_with(dir.path(), ".parquet");
+        assert_eq!(data.len(), 1, "{version:?}: the stale file was deleted: {data:?}");
+        assert!(data[0].display().to_string().ends_with(written[1].rsplit('/').next().expect("name")), "{version:?}");
+        let n: usize = user.read_all().await.expect("read").iter().map(|b| b.num_rows()).sum();
+        assert_eq!(n, 1, "{version:?}");
+    }
+}
+
 /// A user table `u.events` of one `id` column on a store whose object store records its puts
 /// (`attempts` commit attempts per append; the store's clock `clock` if given), a maker of
 /// one-row batches, and the same table through another store on the same catalog and warehouse
