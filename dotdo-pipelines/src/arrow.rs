@@ -104,6 +104,12 @@ struct Buf {
     /// every call).
     claimed_rows: usize,
     claimed_bytes: usize,
+    /// Ids of the claims the durable log held at open: an earlier pipeline claimed them and may
+    /// have committed them before it stopped (rows the sink then skips are not counted).
+    from_earlier: std::collections::HashSet<u64>,
+    /// The claimed batch whose rows this pipeline counted as committed (its commit landed, its
+    /// log entry is not deleted yet): counted once, however often its ack is retried.
+    counted: Option<u64>,
 }
 
 impl Buf {
@@ -279,6 +285,7 @@ impl ArrowPipeline {
                 }
             }
         }
+        buf.from_earlier = claims.keys().copied().collect();
         let mut claims = claims.into_iter();
         buf.claimed = claims.next();
         buf.later_claims = claims.collect();
@@ -367,6 +374,18 @@ impl ArrowPipeline {
         }
         let started = inner.clock.monotonic();
         let mut written = 0;
+        let result = self.roll_batches(&mut written).await;
+        // A roll that committed rows counts, also when a later batch of it failed.
+        inner.rolls.fetch_add(u64::from(written > 0), Ordering::Relaxed);
+        result?;
+        *inner.last_roll.lock() = started;
+        Ok(written)
+    }
+
+    /// The batches of one roll (see [`roll`](Self::roll)), their rows counted into `written` as
+    /// they land.
+    async fn roll_batches(&self, written: &mut u64) -> Result<()> {
+        let inner = &self.inner;
         // Commit what is waiting now (claims left over, then the batches pending at the start,
         // at most `roll_rows` rows and about `roll_bytes` bytes per commit), not the tail that
         // keeps arriving during the roll.
@@ -441,14 +460,31 @@ impl ArrowPipeline {
             let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
             // `Ok` means the batch is in the table exactly once, whether this call or an earlier
             // attempt whose reply was lost wrote it.
-            self.append_resolving(id, batches).await?;
-            written += rows;
-            // Counted as it lands: a later commit of this roll may still fail.
-            inner.rows_committed.fetch_add(rows, Ordering::Relaxed);
+            let appended = self.append_resolving(id, batches).await?;
+            // Counted as it lands (a later commit of this roll may still fail), once: a batch
+            // of this pipeline's own whole (an earlier attempt of it may have landed unseen), a
+            // batch an earlier pipeline claimed as far as the sink wrote it now.
+            let add = {
+                let mut b = inner.buf.lock();
+                if b.counted == Some(id) {
+                    0
+                } else {
+                    b.counted = Some(id);
+                    if b.from_earlier.contains(&id) {
+                        appended
+                    } else {
+                        rows
+                    }
+                }
+            };
+            *written += add;
+            inner.rows_committed.fetch_add(add, Ordering::Relaxed);
             if let Some(log) = &inner.log {
                 log.lock().execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
             }
             let mut b = inner.buf.lock();
+            b.counted = None;
+            b.from_earlier.remove(&id);
             b.claimed = b.later_claims.pop_front();
             b.claimed_rows =
                 b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(RecordBatch::num_rows).sum();
@@ -457,9 +493,7 @@ impl ArrowPipeline {
             let mut next = inner.next_id.lock();
             *next = Some(next.unwrap_or(0).max(id.saturating_add(1)));
         }
-        *inner.last_roll.lock() = started;
-        inner.rolls.fetch_add(u64::from(written > 0), Ordering::Relaxed);
-        Ok(written)
+        Ok(())
     }
 
     async fn append_resolving(&self, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {

@@ -30,7 +30,8 @@ pub struct PipelineMetrics {
     pub events_dropped: u64,
     /// Bytes accepted.
     pub bytes_in: u64,
-    /// Sends refused by backpressure.
+    /// Sends refused: the buffer full (backpressure: at once with `FailFast`, past the deadline
+    /// with `Wait`), a send over the buffer's capacity, or the durable log busy or failing.
     pub rejected: u64,
     /// Rolls that committed at least one event.
     pub rolls: u64,
@@ -40,7 +41,8 @@ pub struct PipelineMetrics {
     /// Events skipped at commit because cold storage already had them from an earlier pipeline
     /// on the same log (replays after a crash or a restart).
     pub events_replayed: u64,
-    /// Latency of the last roll's commit.
+    /// Latency of the last claimed batch's cold commits (a roll commits one per claimed batch
+    /// and route): from just after the claim to its last route's commit.
     pub last_commit_latency: Duration,
     /// Events waiting now (claimed ones included).
     pub buffer_depth: u64,
@@ -48,7 +50,8 @@ pub struct PipelineMetrics {
     pub buffer_bytes: u64,
     /// Events waiting in the spill file now (spill policy).
     pub buffer_spilled: u64,
-    /// End-to-end lag of the last roll: commit time minus the oldest committed event's timestamp.
+    /// End-to-end lag of the last committed batch: its commit time minus its oldest event's
+    /// timestamp.
     pub last_lag: Duration,
 }
 
@@ -393,6 +396,22 @@ impl Pipeline {
         }
         let started = inner.clock.monotonic();
         let mut report = RollReport::default();
+        let result = self.roll_batches(&mut report).await;
+        // A roll that committed events counts, also when a later batch of it failed.
+        inner.counters.rolls.fetch_add(u64::from(report.events > 0), Ordering::Relaxed);
+        result?;
+        // The interval runs from roll start to roll start, so an event waits at most about one
+        // interval plus one commit.
+        *inner.last_roll.lock() = started;
+        if report.events > 0 {
+            tracing::debug!(events = report.events, commits = report.commits, "dotdo pipeline roll");
+        }
+        Ok(report)
+    }
+
+    /// The batches of one roll (see [`roll`](Self::roll)), counted into `report` as they land.
+    async fn roll_batches(&self, report: &mut RollReport) -> Result<()> {
+        let inner = &self.inner;
         // Commit what is waiting now, not the tail that keeps arriving during the roll.
         let waiting = inner.log.depth().0 as u64;
         while report.events + report.replayed < waiting {
@@ -524,14 +543,7 @@ impl Pipeline {
             let now = inner.clock.now();
             *inner.last.lock() = (sw.elapsed(), oldest.map_or(Duration::ZERO, |o| now.since(o)));
         }
-        // The interval runs from roll start to roll start, so an event waits at most about one
-        // interval plus one commit.
-        *inner.last_roll.lock() = started;
-        inner.counters.rolls.fetch_add(u64::from(report.events > 0), Ordering::Relaxed);
-        if report.events > 0 {
-            tracing::debug!(events = report.events, commits = report.commits, "dotdo pipeline roll");
-        }
-        Ok(report)
+        Ok(())
     }
 
     fn sink(&self, route: &str) -> Result<&Arc<dyn ColdSink>> {

@@ -48,6 +48,9 @@ struct Flaky {
     /// Refuse every append for good (`InvalidInput`), counting them.
     refusing: AtomicBool,
     refused: AtomicU32,
+    /// Refuse appends (for good) after this many calls (`u32::MAX`: never).
+    refuse_after: AtomicU32,
+    appends: AtomicU32,
 }
 
 impl Flaky {
@@ -58,6 +61,8 @@ impl Flaky {
             lose: AtomicU32::new(0),
             refusing: AtomicBool::new(false),
             refused: AtomicU32::new(0),
+            refuse_after: AtomicU32::new(u32::MAX),
+            appends: AtomicU32::new(0),
         })
     }
 }
@@ -71,7 +76,8 @@ impl ArrowSink for Flaky {
         self.inner.last_batch(stream).await
     }
     async fn append(&self, stream: &str, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
-        if self.refusing.load(Ordering::SeqCst) {
+        let n = self.appends.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.refusing.load(Ordering::SeqCst) || n > self.refuse_after.load(Ordering::SeqCst) {
             self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(Error::invalid("the sink refuses this batch for good (test)"));
         }
@@ -480,4 +486,102 @@ async fn a_log_row_that_is_not_pending_stops_the_roll_until_a_reopen() {
     let p = ArrowPipeline::open("ghost", Arc::new(t.clone()), settings).expect("reopen");
     assert_eq!(p.close().await.expect("close rolls"), 15);
     assert_eq!(ids(&t).await, (0..15).collect::<Vec<_>>(), "every row once");
+}
+
+/// A batch an earlier pipeline committed before it stopped (its reply lost, its log entry kept)
+/// is committed again after a reopen and skipped by the sink: neither the roll nor the counters
+/// count its rows a second time (they counted the whole claimed batch again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_committed_before_a_restart_is_not_counted_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("arrow-log.db")), ..Default::default() };
+    let sink = Flaky::new(t.clone(), false);
+    sink.lose.store(u32::MAX, Ordering::SeqCst);
+    {
+        let p = ArrowPipeline::open("orders", sink.clone(), settings.clone()).expect("pipeline");
+        p.send(batch(0, 40)).expect("send");
+        p.roll().await.expect_err("every reply is lost");
+    }
+    assert_eq!(ids(&t).await, (0..40).collect::<Vec<_>>(), "the batch landed");
+    let p = ArrowPipeline::open("orders", Arc::new(t.clone()), settings).expect("reopen");
+    p.send(batch(40, 5)).expect("send");
+    assert_eq!(p.roll().await.expect("roll"), 5, "only the rows this pipeline committed");
+    assert_eq!(p.counters(), (5, 5, 1, 0));
+    assert_eq!(ids(&t).await, (0..45).collect::<Vec<_>>());
+}
+
+/// A sink that takes the write lock of the pipeline's log (another writer) once an append has
+/// landed, so that deleting the committed batch from the log fails.
+#[derive(Debug)]
+struct LocksLogAfterAppend {
+    inner: ArrowTable,
+    log: std::path::PathBuf,
+    held: std::sync::Mutex<Option<rusqlite::Connection>>,
+    armed: AtomicBool,
+}
+
+#[async_trait]
+impl ArrowSink for LocksLogAfterAppend {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+    async fn last_batch(&self, stream: &str) -> Result<u64> {
+        self.inner.last_batch(stream).await
+    }
+    async fn append(&self, stream: &str, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
+        let n = self.inner.append(stream, id, batches).await?.rows;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            let c = rusqlite::Connection::open(&self.log).expect("open the log");
+            c.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
+            *self.held.lock().expect("lock") = Some(c);
+        }
+        Ok(n)
+    }
+}
+
+/// A roll whose commit landed but whose deletion of the batch from the durable log failed (the
+/// log busy) commits the batch again on the next roll, which the sink skips: its rows count
+/// once (they counted twice, and `rows committed` passed `rows accepted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_log_entry_outlived_its_commit_counts_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let log = dir.path().join("arrow-log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
+    let sink = Arc::new(LocksLogAfterAppend {
+        inner: t.clone(),
+        log,
+        held: std::sync::Mutex::new(None),
+        armed: AtomicBool::new(true),
+    });
+    let p = ArrowPipeline::open("orders", sink.clone(), settings).expect("pipeline");
+    p.send(batch(0, 30)).expect("send");
+    p.roll().await.expect_err("the log is locked after the commit");
+    assert_eq!(p.counters().1, 30, "the rows landed");
+    drop(sink.held.lock().expect("lock").take());
+    assert_eq!(p.roll().await.expect("the batch again, skipped by the sink"), 0);
+    assert_eq!(p.counters(), (30, 30, 1, 0));
+    assert_eq!(ids(&t).await, (0..30).collect::<Vec<_>>());
+}
+
+/// The rolls counter counts a roll that committed rows and then failed on a later batch (it
+/// counted only rolls that ended well).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roll_that_fails_part_way_counts_as_a_roll() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let sink = Flaky::new(t.clone(), false);
+    sink.refuse_after.store(1, Ordering::SeqCst);
+    let settings = PipelineSettings { roll_rows: 10, ..Default::default() };
+    let p = ArrowPipeline::open("orders", sink.clone(), settings).expect("pipeline");
+    p.send(batch(0, 10)).expect("send");
+    p.send(batch(10, 10)).expect("send");
+    p.roll().await.expect_err("the second batch is refused");
+    assert_eq!(p.counters(), (20, 10, 1, 10), "the first batch committed, in one roll");
+    sink.refuse_after.store(u32::MAX, Ordering::SeqCst);
+    assert_eq!(p.roll().await.expect("the rest"), 10);
+    assert_eq!(p.counters(), (20, 20, 2, 0));
+    assert_eq!(ids(&t).await, (0..20).collect::<Vec<_>>());
 }

@@ -706,7 +706,8 @@ async fn run_backs_off_after_failed_rolls() {
 }
 
 /// The committed-events counter counts what reached the sink even when a later batch of the same
-/// roll fails (it counted nothing of such a roll, so it lagged the sink for good).
+/// roll fails (it counted nothing of such a roll, so it lagged the sink for good), and so does
+/// the rolls counter ("rolls that committed at least one event": it missed such a roll).
 #[tokio::test]
 async fn metrics_count_commits_of_a_roll_that_fails_part_way() {
     let sink = Flaky::new();
@@ -716,9 +717,11 @@ async fn metrics_count_commits_of_a_roll_that_fails_part_way() {
     p.send(events(20)).expect("send");
     p.roll().await.expect_err("the second batch is refused");
     assert_eq!(p.metrics().events_committed, 10, "the first batch is in the sink");
+    assert_eq!(p.metrics().rolls, 1, "a roll that committed events");
     sink.refuse_after.store(u32::MAX, Ordering::SeqCst);
     p.roll().await.expect("the rest");
     assert_eq!(p.metrics().events_committed, 20);
+    assert_eq!(p.metrics().rolls, 2);
     assert_exactly_once(&committed(&sink.inner, 5).await, 20);
 }
 
