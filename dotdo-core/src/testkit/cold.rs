@@ -252,6 +252,8 @@ pub async fn overlapping_batch_writes_only_new_records(f: &ColdFactory) {
     fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=5, 1))).await.expect("append");
     let c = fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 3..=8, 1))).await.expect("overlap");
     assert_eq!((c.records_written, c.records_skipped), (3, 3));
+    let snaps = fx.sink.snapshots().await.expect("snapshots");
+    assert_eq!(snaps.last().map(|s| s.added_records), Some(3), "the snapshot added what was new: {snaps:?}");
     assert_eq!(
         c.watermarks.get(&o),
         Some(&Watermark { through: 8, token: tok(1) }),
@@ -347,6 +349,8 @@ pub async fn multi_object_batch_is_all_or_nothing(f: &ColdFactory) {
     };
     let c = fx.sink.append(ok).await.expect("both");
     assert_eq!((c.records_written, c.records_skipped), (4, 1));
+    let snaps = fx.sink.snapshots().await.expect("snapshots");
+    assert_eq!(snaps.last().map(|s| s.added_records), Some(4), "the snapshot added what was new: {snaps:?}");
     assert_eq!(c.watermarks.len(), 2, "{:?}", c.watermarks);
     assert_eq!(c.watermarks.get(&a), Some(&Watermark { through: 3, token: tok(1) }));
     assert_eq!(c.watermarks.get(&b), Some(&Watermark { through: 2, token: tok(9) }));
@@ -354,13 +358,14 @@ pub async fn multi_object_batch_is_all_or_nothing(f: &ColdFactory) {
 }
 
 /// A record no hot store could take back (an empty key or one with a control character, a value
-/// over the limit, an empty type name, a `NONE` record token) is refused with a typed error, and
+/// over the limit, an empty type name, a `NONE` record token or one above `FencingToken::MAX`),
+/// or a batch whose committer token is `NONE` or above `MAX`, is refused with a typed error, and
 /// nothing of its batch is committed (the other object's records included).
 pub async fn invalid_records_are_refused_and_nothing_committed(f: &ColdFactory) {
     let (fx, _) = open(f).await;
     let (a, b) = (oid("a"), oid("b"));
     type Damage = fn(&mut ChangeRecord);
-    let cases: [(&str, Damage); 10] = [
+    let cases: [(&str, Damage); 11] = [
         ("empty key", |r| r.key = String::new()),
         ("key with a control character", |r| r.key = "k\n1".into()),
         ("key over the limit in bytes, under it in characters", |r| r.key = "é".repeat(crate::MAX_KEY_BYTES / 2 + 1)),
@@ -369,6 +374,7 @@ pub async fn invalid_records_are_refused_and_nothing_committed(f: &ColdFactory) 
         ("type name over the limit", |r| r.type_name = "T".repeat(crate::MAX_TYPE_NAME_BYTES + 1)),
         ("type name with a control character", |r| r.type_name = "T\t".into()),
         ("record token NONE", |r| r.token = FencingToken::NONE),
+        ("record token above MAX", |r| r.token = FencingToken::new(FencingToken::MAX.get() + 1)),
         ("record of another object", |r| r.object = oid("a")),
         ("sequence number 0", |r| r.seq = 0),
     ];
@@ -386,6 +392,21 @@ pub async fn invalid_records_are_refused_and_nothing_committed(f: &ColdFactory) 
             matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. }),
             "{what}: a typed input error, got {e}"
         );
+        assert_eq!(fx.sink.watermark(&a).await.expect("wm").through, 0, "{what}: nothing of the batch committed");
+        assert_eq!(fx.sink.watermark(&b).await.expect("wm").through, 0, "{what}: nothing of the batch committed");
+    }
+    for (what, token) in [
+        ("committer token NONE", FencingToken::NONE),
+        ("committer token above MAX", FencingToken::new(FencingToken::MAX.get() + 1)),
+    ] {
+        let batch = ColdBatch {
+            objects: vec![
+                ObjectChanges { object: a.clone(), token: tok(1), records: puts(&a, 1..=2, 1) },
+                ObjectChanges { object: b.clone(), token, records: puts(&b, 1..=2, 1) },
+            ],
+        };
+        let e = fx.sink.append(batch).await.expect_err(what);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{what}: {e}");
         assert_eq!(fx.sink.watermark(&a).await.expect("wm").through, 0, "{what}: nothing of the batch committed");
         assert_eq!(fx.sink.watermark(&b).await.expect("wm").through, 0, "{what}: nothing of the batch committed");
     }
@@ -974,9 +995,20 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
                             for (j, obj) in objs.iter().enumerate() {
                                 let n = model.snapshots[idx][j];
                                 let want = fold_changes(&model_records(obj, &model.records[j][..n], 0)).0;
-                                let got =
-                                    fx.sink.load_state(obj, AsOf::Snapshot(snap_ids[idx])).await.map_err(cfail)?;
+                                let at = AsOf::Snapshot(snap_ids[idx]);
+                                let got = fx.sink.load_state(obj, at).await.map_err(cfail)?;
                                 prop_assert_eq!(strip(&got.entries), strip(&want));
+                                prop_assert_eq!(got.through, n as u64, "the snapshot's watermark");
+                                prop_assert_eq!(got.snapshot, Some(snap_ids[idx]), "the snapshot read");
+                                let seqs: Vec<u64> = fx
+                                    .sink
+                                    .read_changes(obj, 0, at)
+                                    .await
+                                    .map_err(cfail)?
+                                    .iter()
+                                    .map(|r| r.seq)
+                                    .collect();
+                                prop_assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>(), "changes as of the snapshot");
                             }
                         }
                     }
@@ -1132,6 +1164,9 @@ impl ReferenceStateMachine for AccelMachine {
 /// folding all records of the snapshot (no false negatives, no stale versions).
 pub fn prop_accelerator_matches_full_scan(f: &ColdFactory) {
     let rt = runtime();
+    if !has_accel(&rt.block_on(open(f)).0, "prop_accelerator_matches_full_scan") {
+        return;
+    }
     let mut runner =
         TestRunner::new(Config { cases: proptest_cases().div_ceil(2), failure_persistence: None, ..Config::default() });
     let result = runner.run(&AccelMachine::sequential_strategy(1..16), |(init, ops, _)| {

@@ -457,7 +457,14 @@ pub async fn tokens_are_bounded_and_never_shared_at_the_bound(f: &HotFactory) {
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
         let e = fx.hot.truncate_changes(&o, bad, 0).await.expect_err("token above MAX");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        let e = fx.hot.write(&o, bad, WriteBatch::new("T")).await.expect_err("empty batch, token above MAX");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        let e = fx.hot.evict(&o, bad).await.expect_err("evict, token above MAX");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        let e = fx.hot.restore(&o, bad, vec![], 1).await.expect_err("restore, token above MAX");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
     }
+    assert_eq!(fx.hot.object_info(&o).await.expect("info"), None, "nothing recorded for the object");
     assert_eq!(fx.hot.get(&o, "k").await.expect("get"), None);
     let l = lease(&fx, "o1", "n1").await;
     // A writer presenting MAX itself (the largest valid token) is accepted...
