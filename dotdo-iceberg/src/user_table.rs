@@ -853,3 +853,42 @@ impl ArrowTable {
         stream.try_collect().await.map_err(|e| classify(e, &what))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+
+    /// The snapshot that set a stream's mark is the answer only while the table has it: once it
+    /// is expired, a later snapshot carrying the mark on (another stream's append) is not taken
+    /// for it (a lost-reply append would have reported that snapshot as its own).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_marking_snapshot_is_never_one_that_only_carries_the_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = crate::Settings { min_cleanup_retention: Duration::ZERO, ..Default::default() };
+        let cold = crate::IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .settings(settings)
+            .build()
+            .await
+            .expect("open");
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let t = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+        let batch =
+            |n: i64| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))]).expect("b");
+        let s1 = t.append("s", 1, vec![batch(1)]).await.expect("s 1").snapshot.expect("a snapshot");
+        let s2 = t.append("t", 1, vec![batch(2)]).await.expect("t 1").snapshot.expect("a snapshot");
+        let table = t.load().await.expect("load");
+        assert_eq!(super::snapshot_marking(&table, "s", 1), Some(s1));
+        assert_eq!(super::snapshot_marking(&table, "t", 1), Some(s2));
+        dotdo_core::Clock::sleep(&dotdo_core::SystemClock::new(), Duration::from_millis(5)).await;
+        t.expire_snapshots(Duration::ZERO, 1).await.expect("expire");
+        let table = t.load().await.expect("load");
+        assert!(table.metadata().snapshot_by_id(s1).is_none(), "s1 expired");
+        assert_eq!(super::snapshot_marking(&table, "s", 1), None, "s2 only carries s's mark");
+        assert_eq!(super::snapshot_marking(&table, "t", 1), None, "s2's parent is gone: not known");
+        assert_eq!(t.last_batch("s").await.expect("mark"), 1, "the mark itself stays");
+    }
+}
