@@ -230,6 +230,10 @@ impl ArrowPipeline {
         // Plans that do not depend on bound values (SQLite 3.5x re-prepares a statement on every
         // rebind of a parameter its planner looked at).
         c.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(|e| sql(e, &doing))?;
+        // As the event log (stated, not left to rusqlite's default of 5 s): another connection
+        // to the file (a backup, a tool reading it) may hold a lock for a moment; a write waits
+        // up to 2 s for it.
+        c.busy_timeout(std::time::Duration::from_secs(2)).map_err(|e| sql(e, &doing))?;
         c.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS arrow_log (id INTEGER PRIMARY KEY, ipc BLOB NOT NULL, batch INTEGER);

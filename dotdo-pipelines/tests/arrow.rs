@@ -542,7 +542,7 @@ impl ArrowSink for LocksLogAfterAppend {
 }
 
 /// A roll whose commit landed but whose deletion of the batch from the durable log failed (the
-/// log busy) commits the batch again on the next roll, which the sink skips: its rows count
+/// log locked by another writer past the busy timeout) commits the batch again on the next roll, which the sink skips: its rows count
 /// once (they counted twice, and `rows committed` passed `rows accepted`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_log_entry_outlived_its_commit_counts_once() {
@@ -584,4 +584,38 @@ async fn a_roll_that_fails_part_way_counts_as_a_roll() {
     assert_eq!(p.roll().await.expect("the rest"), 10);
     assert_eq!(p.counters(), (20, 20, 2, 0));
     assert_eq!(ids(&t).await, (0..20).collect::<Vec<_>>());
+}
+
+/// Another connection holding the durable log's write lock for a moment (a backup, a tool) is
+/// waited out: the roll's deletion of its committed batch succeeds once the lock is gone (the
+/// log's busy timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_locked_for_a_moment_is_waited_out() {
+    use dotdo_core::Clock;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let log = dir.path().join("arrow-log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
+    let sink = Arc::new(LocksLogAfterAppend {
+        inner: t.clone(),
+        log,
+        held: std::sync::Mutex::new(None),
+        armed: AtomicBool::new(true),
+    });
+    let p = ArrowPipeline::open("orders", sink.clone(), settings).expect("pipeline");
+    p.send(batch(0, 30)).expect("send");
+    let releaser = {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            let clock = dotdo_core::SystemClock::new();
+            while sink.held.lock().expect("lock").is_none() {
+                clock.sleep(std::time::Duration::from_millis(5)).await;
+            }
+            clock.sleep(std::time::Duration::from_millis(200)).await;
+            drop(sink.held.lock().expect("lock").take());
+        })
+    };
+    assert_eq!(p.roll().await.expect("the lock is waited out"), 30);
+    releaser.await.expect("released");
+    assert_eq!(p.counters(), (30, 30, 1, 0));
 }
