@@ -380,20 +380,40 @@ fn already_committed(table: &Table, stream: &str, batch_id: u64, rows: u64, mayb
     }
 }
 
-/// The snapshot that committed batch `batch_id` of `stream` (the oldest one whose summary holds
-/// that mark: later snapshots carry it on), if the table still has it: the oldest holding it
-/// must be the table's first or have its parent in the table without that mark (once the
-/// snapshot that set it is expired, the next one carrying it on is not the answer).
+/// The snapshot that committed batch `batch_id` of `stream`, if the table still has it: walking
+/// the head's ancestors, the earliest dotdo snapshot whose mark is that batch, below which the
+/// next dotdo snapshot has another mark (or none) or the history begins. Later dotdo snapshots
+/// carry the mark on and snapshots of other engines hold none, so once the chain breaks at an
+/// expired snapshot before that, the answer is not known (`None`): the snapshot that set the mark
+/// may be the expired one.
 fn snapshot_marking(table: &Table, stream: &str, batch_id: u64) -> Option<SnapshotId> {
     let key = format!("{MARK_PREFIX}{stream}");
-    let want = batch_id.to_string();
     let md = table.metadata();
-    let marks = |s: &iceberg::spec::Snapshot| s.summary().additional_properties.get(&key) == Some(&want);
-    let oldest = md.snapshots().filter(|s| marks(s)).min_by_key(|s| s.sequence_number())?;
-    match oldest.parent_snapshot_id() {
-        None => Some(oldest.snapshot_id()),
-        Some(parent) => md.snapshot_by_id(parent).filter(|p| !marks(p)).map(|_| oldest.snapshot_id()),
+    let mut cur = md.current_snapshot().cloned();
+    let mut found: Option<SnapshotId> = None;
+    let mut steps = 0;
+    while let Some(s) = cur {
+        steps += 1;
+        if steps > md.snapshots().len() + 1 {
+            return None;
+        }
+        if crate::summary::is_dotdo(&s) {
+            let mark = s.summary().additional_properties.get(&key).and_then(|v| v.parse::<u64>().ok());
+            match mark {
+                Some(m) if m == batch_id => found = Some(s.snapshot_id()),
+                // Below the snapshot that set it: the mark was lower (or unset) here.
+                _ if found.is_some() => return found,
+                // Not reached yet from above (later batches), or passed (never this batch).
+                Some(m) if m > batch_id => {}
+                _ => return None,
+            }
+        }
+        match s.parent_snapshot_id() {
+            None => return found,
+            Some(parent) => cur = Some(md.snapshot_by_id(parent)?.clone()),
+        }
     }
+    found
 }
 
 /// The largest stream mark (batch id) accepted in a summary.
@@ -890,5 +910,39 @@ mod tests {
         assert_eq!(super::snapshot_marking(&table, "s", 1), None, "s2 only carries s's mark");
         assert_eq!(super::snapshot_marking(&table, "t", 1), None, "s2's parent is gone: not known");
         assert_eq!(t.last_batch("s").await.expect("mark"), 1, "the mark itself stays");
+    }
+
+    /// The same with another engine's snapshot between the one that set the mark and a later
+    /// dotdo append that carries it on, once another engine expired only the first: the later
+    /// one is not taken for it (its parent, holding no marks, looked like the mark's start).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_foreign_snapshot_between_does_not_hide_an_expired_marking_snapshot() {
+        use iceberg::transaction::{ApplyTransactionAction, Transaction};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = crate::IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let t = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+        let batch =
+            |n: i64| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))]).expect("b");
+        let s1 = t.append("s", 1, vec![batch(1)]).await.expect("s 1").snapshot.expect("a snapshot");
+        // Another engine appends (no dotdo properties).
+        let table = t.load().await.expect("load");
+        let relabelled = RecordBatch::try_new(t.iceberg_arrow.clone(), vec![Arc::new(Int64Array::from(vec![2]))])
+            .expect("batch in the table's schema");
+        let files = super::write_user_files(&cold, &table, &[relabelled], 1 << 20, "foreign").await.expect("files");
+        let tx = Transaction::new(&table);
+        let tx = tx.fast_append().add_data_files(files).apply(tx).expect("apply");
+        let table = tx.commit(&*cold.catalog()).await.expect("foreign commit");
+        let foreign = table.metadata().current_snapshot_id().expect("head");
+        assert!(!crate::summary::is_dotdo(table.metadata().current_snapshot().expect("head")));
+        let s3 = t.append("t", 1, vec![batch(3)]).await.expect("t 1").snapshot.expect("a snapshot");
+        let table = t.load().await.expect("load");
+        assert_eq!(super::snapshot_marking(&table, "s", 1), Some(s1), "walked past the foreign snapshot");
+        assert_eq!(super::snapshot_marking(&table, "t", 1), Some(s3));
+        // Another engine expires s1 alone.
+        let removal = vec![iceberg::TableUpdate::RemoveSnapshots { snapshot_ids: vec![s1] }];
+        let table = cold.commit_updates(&table, removal, vec![], "expiring s1").await.expect("expire s1");
+        assert!(table.metadata().snapshot_by_id(foreign).is_some());
+        assert_eq!(super::snapshot_marking(&table, "s", 1), None, "{s3} only carries s's mark");
     }
 }

@@ -682,8 +682,8 @@ async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
 }
 
 /// A user-table append whose every attempt lost its race (another writer committed between its
-/// files and its swap) deletes the data files it wrote: nothing references them, and cleanup
-/// does not look at user tables (they were left for good).
+/// files and its swap) deletes the data files it wrote: nothing references them (they were left
+/// until a cleanup past the retention).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_table_append_that_failed_for_certain_leaves_no_data_files() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -728,11 +728,12 @@ async fn a_user_table_append_whose_batch_another_call_committed_leaves_no_data_f
     assert_eq!(data.len(), 1, "only the committed call's file is left: {data:?}");
 }
 
-/// A user-table append whose first attempt loses the race to another writer and whose files
-/// are past half of `min_cleanup_retention` by the next attempt (a slow store, a stall) writes
-/// them again instead of committing them: a cleanup running meanwhile may already have judged
-/// them unreferenced and would delete them after the commit. The stale file is deleted (that
-/// attempt failed for certain). The old files were committed.
+/// A user-table append whose files are past half of `min_cleanup_retention` before its first
+/// attempt's swap (another writer committed meanwhile, and a slow store or a stall took the
+/// time) is refused just before the swap, and the next attempt writes the files again instead
+/// of reusing them: a cleanup running meanwhile may already have judged them unreferenced and
+/// would delete them after the commit. The stale file is deleted (that attempt failed for
+/// certain). Before, the retry committed the old files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_table_append_rewrites_files_too_old_to_commit() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -104,8 +104,8 @@ struct Buf {
     /// every call).
     claimed_rows: usize,
     claimed_bytes: usize,
-    /// Ids of the claims the durable log held at open: an earlier pipeline claimed them and may
-    /// have committed them before it stopped (rows the sink then skips are not counted).
+    /// Ids of the claims the durable log held at open whose fate is not checked yet: an earlier
+    /// pipeline claimed them and may have committed them before it stopped (then they count 0).
     from_earlier: std::collections::HashSet<u64>,
     /// The claimed batch whose rows this pipeline counted as committed (its commit landed, its
     /// log entry is not deleted yet): counted once, however often its ack is retried.
@@ -462,23 +462,28 @@ impl ArrowPipeline {
                 }
             };
             let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+            // A batch an earlier pipeline claimed: committed by it already if the sink's mark
+            // covers it (then it counts nothing here); otherwise it is this pipeline's to count,
+            // also if an attempt of this one lands with its reply lost.
+            if inner.buf.lock().from_earlier.contains(&id) {
+                let committed_before = inner.sink.last_batch(&inner.stream).await? >= id;
+                let mut b = inner.buf.lock();
+                b.from_earlier.remove(&id);
+                if committed_before {
+                    b.counted = Some(id);
+                }
+            }
             // `Ok` means the batch is in the table exactly once, whether this call or an earlier
             // attempt whose reply was lost wrote it.
-            let appended = self.append_resolving(id, batches).await?;
-            // Counted as it lands (a later commit of this roll may still fail), once: a batch
-            // of this pipeline's own whole (an earlier attempt of it may have landed unseen), a
-            // batch an earlier pipeline claimed as far as the sink wrote it now.
+            self.append_resolving(id, batches).await?;
+            // Counted as it lands (a later commit of this roll may still fail), once.
             let add = {
                 let mut b = inner.buf.lock();
                 if b.counted == Some(id) {
                     0
                 } else {
                     b.counted = Some(id);
-                    if b.from_earlier.contains(&id) {
-                        appended
-                    } else {
-                        rows
-                    }
+                    rows
                 }
             };
             *written += add;
@@ -488,7 +493,6 @@ impl ArrowPipeline {
             }
             let mut b = inner.buf.lock();
             b.counted = None;
-            b.from_earlier.remove(&id);
             b.claimed = b.later_claims.pop_front();
             b.claimed_rows =
                 b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(RecordBatch::num_rows).sum();

@@ -42,7 +42,7 @@ pub struct PipelineMetrics {
     /// on the same log (replays after a crash or a restart).
     pub events_replayed: u64,
     /// Latency of the last claimed batch's cold commits (a roll commits one per claimed batch
-    /// and route): from just after the claim to its last route's commit.
+    /// and route): from just after the claim to the log's acknowledgement of the batch.
     pub last_commit_latency: Duration,
     /// Events waiting now (claimed ones included).
     pub buffer_depth: u64,

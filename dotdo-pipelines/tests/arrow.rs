@@ -619,3 +619,19 @@ async fn a_log_locked_for_a_moment_is_waited_out() {
     releaser.await.expect("released");
     assert_eq!(p.counters(), (30, 30, 1, 0));
 }
+
+/// A batch an earlier pipeline claimed and never committed, committed after a reopen by an
+/// attempt whose reply is lost (the retry finds it there and writes nothing), counts as this
+/// pipeline's rows (it counted what the retry wrote: none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_claim_committed_now_with_its_reply_lost_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let settings = die_with_a_claimed_and_a_pending_batch(dir.path(), &t, 40, 5).await;
+    let sink = Flaky::new(t.clone(), false);
+    sink.lose.store(1, Ordering::SeqCst);
+    let p = ArrowPipeline::open("orders", sink, settings).expect("reopen");
+    assert_eq!(p.close().await.expect("close rolls"), 45, "both batches, committed by this pipeline");
+    assert_eq!(p.counters().1, 45);
+    assert_eq!(ids(&t).await, (0..45).collect::<Vec<_>>());
+}
