@@ -658,11 +658,24 @@ impl LibsqlStore {
                 ),
                 Step::new("PRAGMA foreign_keys = OFF", vec![]),
             ];
-            self.with_writer(doing, false, move |c| {
-                let pragmas = pragmas.clone();
-                Box::pin(async move { Ok(c.run_all(pragmas).await.map(|_| ())?) })
-            })
-            .await?;
+            let answers = self
+                .with_writer(doing, false, move |c| {
+                    let pragmas = pragmas.clone();
+                    Box::pin(async move { Ok(c.run_all(pragmas).await?) })
+                })
+                .await?;
+            // SQLite answers with the mode it is in: a VFS without shared memory
+            // (`vfs=unix-dotfile`), or an `immutable` file, stays in a rollback journal (where
+            // `synchronous=NORMAL` may corrupt the file on power loss, and readers block writers)
+            // without an error. As dotdo-sqlite: refused.
+            let mode = answers.first().and_then(|rows| rows.first()).and_then(|row| row.first());
+            let wal = matches!(mode, Some(libsql::Value::Text(m)) if m.eq_ignore_ascii_case("wal"));
+            if !wal {
+                return Err(Error::invalid(format!(
+                    "{doing}: the database stays in journal mode {mode:?}, not WAL (a VFS without shared memory, or \
+                     an `immutable`/`nolock` URI parameter?); dotdo-libsql needs WAL"
+                )));
+            }
         }
         if !self.inner.target_is_local() {
             self.sync_replica().await?;

@@ -849,3 +849,15 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     let row = rows.next().await.expect("row").expect("one row");
     assert_eq!((row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n")), (0, 1), "the file was changed");
 }
+
+/// A database that cannot be put in WAL mode (a VFS without shared memory) is refused, as by
+/// dotdo-sqlite: it would run with a rollback journal and `synchronous=NORMAL`, which can corrupt
+/// the file on power loss. Before, the open succeeded silently.
+#[tokio::test]
+async fn a_database_that_cannot_use_wal_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = format!("file:{}?vfs=unix-dotfile", dir.path().join("hot.db").display());
+    let e = LibsqlStore::local(&uri).open().await.expect_err("no WAL");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("WAL"), "{e}");
+}
