@@ -1337,6 +1337,9 @@ impl IcebergColdStore {
                 Ok(t) => {
                     if let Err(e) = self.verify_durable(&t).await {
                         tracing::warn!(error = %e, "acknowledged cold commit is not durable; reading back");
+                        // As after every failed attempt: a catalog or store in trouble is not
+                        // hammered with back-to-back attempts.
+                        retry_pause(self.backoff(attempt)).await;
                         table = match self.reload_for_resolution().await {
                             Ok(t) => t,
                             Err(reload) => {
@@ -1393,6 +1396,10 @@ impl IcebergColdStore {
                 Err(e) => {
                     let err = classify(e, &format!("committing to {}", self.inner.ident));
                     tracing::debug!(attempt, error = %err, "cold commit outcome unknown; reading back");
+                    // A pause first, as after a conflict or a failed commit: an unknown outcome
+                    // is mostly a store or catalog in trouble (a throttled REST catalog, an
+                    // object store slowing down), which back-to-back attempts only load more.
+                    retry_pause(self.backoff(attempt)).await;
                     table = match self.reload_for_resolution().await {
                         Ok(t) => t,
                         Err(reload) => {
@@ -1409,8 +1416,14 @@ impl IcebergColdStore {
             }
         }
         if maybe_landed {
-            // A final read-back: did an attempt land after all?
-            let t = self.reload_for_resolution().await?;
+            // A final read-back: did an attempt land after all? (Unreadable: the outcome stays
+            // unknown.)
+            let t = self.reload_for_resolution().await.map_err(|e| {
+                Error::new(
+                    ErrorKind::AmbiguousOutcome,
+                    format!("cold commit outcome unknown after {attempts} attempts, and the table could not be read back ({e})"),
+                )
+            })?;
             if let Some(s) = Self::find_commit(&t, &commit_id, first_head.flatten()) {
                 return self.landed_result(&t, &s, batch).await;
             }

@@ -523,6 +523,20 @@ impl ArrowTable {
         let mut maybe_landed = false;
         for attempt in 0..attempts {
             let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
+            // The mark first: a batch already committed is answered as such whatever became of
+            // the schema since (a replay from a pipeline's log, or this call's own attempt whose
+            // reply was lost, after another engine changed a column).
+            let mut m = marks(&table)?;
+            if m.get(stream)? >= batch_id {
+                // Committed by another call (an earlier one of this producer, dropped by its
+                // caller, landing late): files an attempt of this call wrote and that failed
+                // for certain are nobody's.
+                self.discard_files(files.take(), maybe_landed).await;
+                return Ok(already_committed(&table, stream, batch_id, rows, maybe_landed));
+            }
+            if rows == 0 {
+                return Ok(ArrowCommit { snapshot: None, rows: 0 });
+            }
             // Another handle may have changed the schema since this one was opened: files are
             // written under the table's current schema (the Parquet writer takes it), so the
             // batches are given its shape, with nulls in columns added since; any other change
@@ -545,17 +559,6 @@ impl ArrowTable {
                     })?;
                 &evolved
             };
-            let mut m = marks(&table)?;
-            if m.get(stream)? >= batch_id {
-                // Committed by another call (an earlier one of this producer, dropped by its
-                // caller, landing late): files an attempt of this call wrote and that failed
-                // for certain are nobody's.
-                self.discard_files(files.take(), maybe_landed).await;
-                return Ok(already_committed(&table, stream, batch_id, rows, maybe_landed));
-            }
-            if rows == 0 {
-                return Ok(ArrowCommit { snapshot: None, rows: 0 });
-            }
             // Written files are reused only under the spec they were written for (another
             // engine may evolve the partition spec between attempts), and only while younger
             // than half of `min_cleanup_retention` (a cleanup running meanwhile may judge older
@@ -611,12 +614,13 @@ impl ArrowTable {
                             let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
                             return Ok(ArrowCommit { snapshot, rows });
                         }
-                        Err(e) if e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome => {
+                        // The swap landed; whatever kept it from being confirmed, the outcome is
+                        // unknown, not a failure: the next attempt reads the mark back.
+                        Err(e) => {
                             tracing::warn!(table = %self.ident, error = %e, "dotdo user table commit not durable; reading back");
                             maybe_landed = true;
                             last_err = Some(e);
                         }
-                        Err(e) => return Err(e),
                     }
                 }
                 Err(e) => {

@@ -681,6 +681,37 @@ async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
     assert_eq!(acked, 60, "every batch reported its own snapshot");
 }
 
+/// Attempts whose outcome is unknown (here the new table metadata cannot be written: a store
+/// in trouble) are spaced by the backoff, as conflicts and failed commits are: three of them
+/// take at least half of 100 + 200 + 400 ms (the pauses are jittered down to half). They ran
+/// back to back before. The batch then lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_of_unknown_outcome_back_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let faulty = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(faulty.clone())
+        .table(["m"], "changes")
+        .settings(dotdo_iceberg::Settings {
+            retry_base_delay: std::time::Duration::from_millis(100),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    *faulty.fail_puts_of.lock() = Some((".metadata.json".into(), 3));
+    let clock = dotdo_core::SystemClock::new();
+    let started = clock.monotonic();
+    let c = cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)])).await;
+    let took = clock.monotonic().saturating_sub(started);
+    assert_eq!(c.expect("lands on the fourth attempt").records_written, 1);
+    assert_eq!(faulty.fail_puts_of.lock().as_ref().map(|(_, n)| *n), Some(0), "three failed writes");
+    assert!(took >= std::time::Duration::from_millis(350), "three pauses: {took:?}");
+    assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
+}
+
 /// A user-table append whose every attempt lost its race (another writer committed between its
 /// files and its swap) deletes the data files it wrote: nothing references them (they were left
 /// until a cleanup past the retention).

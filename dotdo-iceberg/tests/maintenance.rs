@@ -2476,3 +2476,35 @@ async fn a_snapshot_expired_while_it_is_read_is_not_found() {
     let e = dotdo_core::IndexAccelerator::lookup(&reader, &o, "k", AsOf::Snapshot(first)).await.expect_err("expired");
     assert_eq!(e.kind(), &dotdo_core::ErrorKind::NotFound, "{e}");
 }
+
+/// A replay of a committed batch through a handle whose schema another engine has since changed
+/// (a column dropped) is answered as committed (0 rows), as a pipeline replaying its log after
+/// a restart needs; only a new batch is refused for the schema. The replay was `InvalidInput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_after_another_engine_changed_the_schema_is_answered_as_committed() {
+    use arrow_array::{Int64Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let schema =
+        Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false), Field::new("tag", DataType::Utf8, true)]));
+    let t = cold.arrow_table(&["m"], "events", schema.clone()).await.expect("table");
+    let batch = |n: i64| {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(vec![n])), Arc::new(StringArray::from(vec!["x"]))],
+        )
+        .expect("batch")
+    };
+    assert_eq!(t.append("s", 1, vec![batch(1)]).await.expect("batch 1").rows, 1);
+    let table = cold.catalog().load_table(t.ident()).await.expect("load");
+    let tx = Transaction::new(&table);
+    let tx = tx.update_schema().delete_column("tag").apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine drops a column");
+    let replay = t.append("s", 1, vec![batch(1)]).await.expect("a replay is answered");
+    assert_eq!((replay.rows, replay.snapshot), (0, None));
+    let e = t.append("s", 2, vec![batch(2)]).await.expect_err("a new batch meets the new schema");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert_eq!(t.last_batch("s").await.expect("mark"), 1);
+}

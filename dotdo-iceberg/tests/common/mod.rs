@@ -206,6 +206,9 @@ pub struct FaultyStore {
     /// Reads of paths ending with this suffix fail (an outage of part of the store), whatever
     /// `probability` says.
     pub fail_reads_of: Mutex<Option<String>>,
+    /// The next `n` puts of paths ending with this suffix fail (before they run), whatever
+    /// `probability` says.
+    pub fail_puts_of: Mutex<Option<(String, u32)>>,
 }
 
 /// A future run before the first put whose path ends with `.0` (see [`FaultyStore::before_put`]).
@@ -233,6 +236,7 @@ impl FaultyStore {
             before_put: Mutex::new(None),
             before_list: Mutex::new(None),
             fail_reads_of: Mutex::new(None),
+            fail_puts_of: Mutex::new(None),
         }
     }
 
@@ -320,6 +324,16 @@ impl ObjectStore for FaultyStore {
             f.await;
         }
         self.puts.lock().push(location.to_string());
+        {
+            let mut fail = self.fail_puts_of.lock();
+            if let Some((suffix, n)) = fail.as_mut() {
+                if *n > 0 && location.as_ref().ends_with(suffix.as_str()) {
+                    *n -= 1;
+                    self.injected.fetch_add(1, Ordering::SeqCst);
+                    return Err(Self::err("put", location));
+                }
+            }
+        }
         self.run(true, "put", location, self.inner.put_opts(location, payload, opts)).await
     }
 
