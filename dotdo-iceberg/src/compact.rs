@@ -468,12 +468,12 @@ impl IcebergColdStore {
         // Once an attempt's outcome was unknown, the data files may be referenced by a committed
         // snapshot: they are deleted only after the table shows that no attempt landed.
         let mut maybe_landed = false;
-        let landed = |s: &iceberg::spec::SnapshotRef, mut report: RewriteReport| {
-            report.snapshot = Some(s.snapshot_id());
+        let landed = |s: i64, mut report: RewriteReport| {
+            report.snapshot = Some(s);
             report.files_added = added.len() as u64;
             report.bytes_written = added.iter().fold(0u64, |a, f| a.saturating_add(f.file_size_in_bytes()));
             report.elapsed = elapsed(started, self.inner.clock.now());
-            emit(Progress::Committed { snapshot: s.snapshot_id() });
+            emit(Progress::Committed { snapshot: s });
             report
         };
         for attempt in 1..=attempts {
@@ -505,12 +505,9 @@ impl IcebergColdStore {
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(t) => {
-                    if let Some(s) = t.metadata().current_snapshot() {
-                        return Ok(landed(s, report));
-                    }
-                    return Err(Error::backend(format!("{what}: committed table has no current snapshot")));
-                }
+                // Landed as snapshot `sid` (the handle returned may be the table before it, if
+                // the committed one could be neither built nor reloaded).
+                Ok(_) => return Ok(landed(sid, report)),
                 Err(e) if e.kind() == &ErrorKind::AmbiguousOutcome || e.is_retryable() => {
                     maybe_landed |= e.kind() == &ErrorKind::AmbiguousOutcome;
                     emit(Progress::Retrying { attempt });
@@ -531,7 +528,7 @@ impl IcebergColdStore {
                         }
                         Ok(t) => {
                             if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
-                                return Ok(landed(&s, report));
+                                return Ok(landed(s.snapshot_id(), report));
                             }
                             table = t;
                         }
@@ -574,7 +571,7 @@ impl IcebergColdStore {
                 ));
             };
             if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
-                return Ok(landed(&s, report));
+                return Ok(landed(s.snapshot_id(), report));
             }
             return Err(err.context(format!(
                 "{what}: an attempt's outcome was unknown; its {} new files are left to cleanup",

@@ -923,6 +923,7 @@ async fn user_table_compaction_keeps_rows_and_stream_marks() {
     assert_eq!(rows(t.read_all().await.expect("read")), before);
     let table = cold.catalog().load_table(t.ident()).await.expect("load");
     assert_eq!(table.metadata().current_snapshot().expect("head").summary().operation, Operation::Replace);
+    assert_eq!(report.snapshot, table.metadata().current_snapshot_id(), "the report names the new head");
     assert_eq!(t.last_batch("s").await.expect("mark"), 8);
     let replay = t.append("s", 3, vec![batch(&t, 3)]).await.expect("replay");
     assert_eq!(replay.rows, 0, "batch 3 was committed before the compaction");
