@@ -3,8 +3,8 @@
 //!
 //! iceberg-rust 0.10.1's `expire_snapshots` rewrites metadata only, and it has no orphan-file
 //! cleanup. [`IcebergColdStore::expire_snapshots`] expires by dotdo's commit time (the store's
-//! clock), and [`IcebergColdStore::remove_unreferenced_files`] deletes every file under the table
-//! location that the current metadata does not reference (expired manifest lists, files of
+//! clock), and [`IcebergColdStore::remove_unreferenced_files`] deletes every file under the
+//! table's `data/` and `metadata/` directories that the current metadata does not reference (expired manifest lists, files of
 //! failed or conflicting commits, superseded metadata JSON beyond the metadata log; except the
 //! head files of table versions current within the retention, which a reader may still hold),
 //! but only files older than a retention period, so a commit still in flight in another process

@@ -76,6 +76,8 @@
 //!   error that says so.
 //! * Durability on a local file is a setting ([`Durability`]): `Normal` (default, WAL +
 //!   `synchronous=NORMAL`) survives a process crash or SIGKILL; `Full` also survives power loss.
+//!   A local database that cannot run in WAL mode (a VFS without shared memory, an `immutable`
+//!   file) is refused with `InvalidInput`, as by dotdo-sqlite.
 //!   On a remote primary, `Ok` means the primary committed (its own durability settings apply).
 //! * Replica mode: after each successful write the store pulls the replica, so this store reads
 //!   its own writes. Other nodes' writes appear after the next pull (`sync_interval`, or
