@@ -541,14 +541,13 @@ impl ArrowSink for LocksLogAfterAppend {
     }
 }
 
-/// A roll whose commit landed but whose deletion of the batch from the durable log failed (the
-/// log locked by another writer past the busy timeout) commits the batch again on the next roll, which the sink skips: its rows count
-/// once (they counted twice, and `rows committed` passed `rows accepted`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_whose_log_entry_outlived_its_commit_counts_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let t = table(dir.path()).await;
-    let log = dir.path().join("arrow-log.db");
+/// A durable pipeline of stream "orders" into `t` (log `<dir>/arrow-log.db`) whose sink takes
+/// the log's write lock once its first append has landed.
+fn pipeline_whose_log_is_locked_after_an_append(
+    dir: &std::path::Path,
+    t: &ArrowTable,
+) -> (Arc<LocksLogAfterAppend>, ArrowPipeline) {
+    let log = dir.join("arrow-log.db");
     let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
     let sink = Arc::new(LocksLogAfterAppend {
         inner: t.clone(),
@@ -557,6 +556,18 @@ async fn a_batch_whose_log_entry_outlived_its_commit_counts_once() {
         armed: AtomicBool::new(true),
     });
     let p = ArrowPipeline::open("orders", sink.clone(), settings).expect("pipeline");
+    (sink, p)
+}
+
+/// A roll whose commit landed but whose deletion of the batch from the durable log failed (the
+/// log locked by another writer past the busy timeout) commits the batch again on the next
+/// roll, which the sink skips: its rows count once (they counted twice, and `rows committed`
+/// passed `rows accepted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_log_entry_outlived_its_commit_counts_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let (sink, p) = pipeline_whose_log_is_locked_after_an_append(dir.path(), &t);
     p.send(batch(0, 30)).expect("send");
     p.roll().await.expect_err("the log is locked after the commit");
     assert_eq!(p.counters().1, 30, "the rows landed");
@@ -594,15 +605,7 @@ async fn a_log_locked_for_a_moment_is_waited_out() {
     use dotdo_core::Clock;
     let dir = tempfile::tempdir().expect("tempdir");
     let t = table(dir.path()).await;
-    let log = dir.path().join("arrow-log.db");
-    let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
-    let sink = Arc::new(LocksLogAfterAppend {
-        inner: t.clone(),
-        log,
-        held: std::sync::Mutex::new(None),
-        armed: AtomicBool::new(true),
-    });
-    let p = ArrowPipeline::open("orders", sink.clone(), settings).expect("pipeline");
+    let (sink, p) = pipeline_whose_log_is_locked_after_an_append(dir.path(), &t);
     p.send(batch(0, 30)).expect("send");
     let releaser = {
         let sink = sink.clone();
