@@ -352,6 +352,17 @@ pub struct CheckpointThread {
     replaced: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// The `InvalidInput` refusal (by `store`, a crate name) of a database that SQLite left in
+/// journal mode `mode` when asked for WAL: a VFS without shared memory (`vfs=unix-dotfile`), or
+/// a file opened `immutable`, stays in a rollback journal without an error, where
+/// `synchronous=NORMAL` may corrupt the file on power loss and readers block writers.
+pub fn not_wal_error(doing: &str, mode: &dyn std::fmt::Debug, store: &str) -> crate::Error {
+    crate::Error::invalid(format!(
+        "{doing}: the database stays in journal mode {mode:?}, not WAL (a VFS without shared memory, or an \
+         `immutable`/`nolock` URI parameter?); {store} needs WAL"
+    ))
+}
+
 /// The `Corrupt` error of a call on a store whose database file `path` was deleted or replaced
 /// while open (see [`CheckpointThread::replaced`]).
 pub fn replaced_file_error(doing: &str, path: &str) -> crate::Error {

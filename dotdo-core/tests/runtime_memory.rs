@@ -2806,11 +2806,17 @@ async fn a_long_flush_renews_the_leases_it_holds() {
 async fn maintain_hands_over_objects_the_ring_gives_another_node() {
     let w = World::new();
     let a = ring_runtime(&w, "a", "a");
+    hands_over_to_b(&w, &a, "a owns o").await;
+}
+
+/// `a` serves object `o` (`why` it may), then its ring names node "b" alone: the next
+/// `maintain` gives `o` back, and a runtime on "b" takes it at once.
+async fn hands_over_to_b(w: &World, a: &ObjectRuntime, why: &str) {
     let o = oid("o");
-    assert_eq!(incr(&a, &o).await.expect("a owns o"), 1);
+    assert_eq!(incr(a, &o).await.expect(why), 1);
     a.set_ring(ring_of("b"));
     a.maintain().await.expect("maintain");
-    let b = ring_runtime(&w, "b", "b");
+    let b = ring_runtime(w, "b", "b");
     assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
 }
 
@@ -2821,12 +2827,7 @@ async fn maintain_hands_over_objects_the_ring_gives_another_node() {
 async fn maintain_hands_over_objects_activated_under_an_empty_ring() {
     let w = World::new();
     let a = ring_runtime_with(&w, "a", HashRing::new(16).expect("ring"));
-    let o = oid("o");
-    assert_eq!(incr(&a, &o).await.expect("no owner known: served here"), 1);
-    a.set_ring(ring_of("b"));
-    a.maintain().await.expect("maintain");
-    let b = ring_runtime(&w, "b", "b");
-    assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
+    hands_over_to_b(&w, &a, "no owner known: served here").await;
 }
 
 /// `maintain` is refused once shutdown has begun (it would renew leases shutdown gives back),

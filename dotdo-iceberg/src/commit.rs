@@ -216,9 +216,10 @@ impl IcebergColdStore {
             .min_cleanup_retention
             .max(crate::store::recorded_cleanup_minimum(table).unwrap_or_default());
         let committed = crate::summary::effective_committed_at(md);
-        let now = md.current_snapshot().map_or(self.inner.clock.now(), |h| self.inner.clock.now().min(committed(h)));
+        let clock_now = self.inner.clock.now();
+        let now = md.current_snapshot().map_or(clock_now, |h| clock_now.min(committed(h)));
         let cutoff = now.as_micros().saturating_sub(i64::try_from(window.as_micros()).unwrap_or(i64::MAX));
-        let removals = crate::maintenance::Removals::new(md, cutoff);
+        let removals = crate::maintenance::Removals::new(md, committed, cutoff);
         let new_writer = |mf: &ManifestFile| -> Result<(String, iceberg::spec::ManifestWriter)> {
             let path = format!("{location}/metadata/{}-m{}.avro", uuid::Uuid::new_v4(), mf.partition_spec_id);
             let spec = md
@@ -350,8 +351,7 @@ impl IcebergColdStore {
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let parent_at = head.map_or(dotdo_core::Timestamp::EPOCH, |s| crate::summary::parent_time(md, s));
-        let at = self.inner.clock.now().max(parent_at);
+        let at = self.commit_time(md);
         props.insert(crate::summary::COMMIT_ID.to_string(), uuid::Uuid::new_v4().to_string());
         props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
         let added_records: u64 = added.iter().fold(0u64, |a, f| a.saturating_add(f.record_count()));
@@ -523,8 +523,7 @@ impl IcebergColdStore {
         // writing the manifests) may already be gone to a cleanup that judged them unreferenced;
         // committed, the snapshot would name missing files. Refused as a conflict: the caller
         // re-plans and writes new files (as it does for files too old to reuse).
-        let max_age = self.inner.settings.max_uncommitted_age();
-        if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at, max_age)) {
+        if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at)) {
             self.delete_files(written).await;
             return Err(crate::store::too_old_to_commit(age));
         }

@@ -330,7 +330,7 @@ impl IcebergColdStore {
     ) -> Result<()> {
         let root = &self.inner.root;
         let md = table.metadata();
-        let removals = Removals::new(md, cutoff);
+        let removals = Removals::new(md, summary::effective_committed_at(md), cutoff);
         let mut found = Referenced { root, referenced, manifests };
         if let Some(m) = table.metadata_location() {
             found.add(m)?;
@@ -452,9 +452,14 @@ pub(crate) struct Removals<'a> {
 }
 
 impl<'a> Removals<'a> {
-    /// Removals of `md`'s manifests judged against `cutoff` (microseconds since the epoch).
-    pub(crate) fn new(md: &'a iceberg::spec::TableMetadata, cutoff: i64) -> Self {
-        Removals { md, committed: Box::new(summary::effective_committed_at(md)), cutoff }
+    /// Removals of `md`'s manifests judged against `cutoff` (microseconds since the epoch), with
+    /// `committed` the snapshot times of `md` ([`summary::effective_committed_at`]).
+    pub(crate) fn new(
+        md: &'a iceberg::spec::TableMetadata,
+        committed: impl Fn(&iceberg::spec::Snapshot) -> Timestamp + Send + Sync + 'a,
+        cutoff: i64,
+    ) -> Self {
+        Removals { md, committed: Box::new(committed), cutoff }
     }
 
     /// Whether an entry of manifest `mf` records a file removed at or after the cutoff: by the

@@ -1110,9 +1110,7 @@ impl IcebergColdStore {
         }
         // As dotdo's fast append checks just before its swap: files past half of
         // `min_cleanup_retention` may already be gone to a cleanup.
-        if let Some(age) =
-            written_at.and_then(|at| self.uncommitted_age_past(at, self.inner.settings.max_uncommitted_age()))
-        {
+        if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at)) {
             return Err(too_old_to_commit(age));
         }
         let tx = Transaction::new(table);
@@ -1125,11 +1123,22 @@ impl IcebergColdStore {
         tx.commit(&self.pinned(table)).await
     }
 
+    /// The time a commit on top of `md`'s current snapshot records (`dotdo.committed-at-us`):
+    /// this store's clock, but not before the time reads give the parent (its chain's latest
+    /// commit, which may be a dotdo commit under another engine's earlier-stamped one), so the
+    /// stored time does not depend on that ancestor staying in the metadata.
+    pub(crate) fn commit_time(&self, md: &iceberg::spec::TableMetadata) -> Timestamp {
+        let parent_at = md.current_snapshot().map_or(Timestamp::EPOCH, |s| summary::parent_time(md, s));
+        self.inner.clock.now().max(parent_at)
+    }
+
     /// The age of files whose writing began at `written_at` (the store clock's monotonic time),
-    /// if past `max_age` (half of `min_cleanup_retention`; `None`: no limit).
-    pub(crate) fn uncommitted_age_past(&self, written_at: Duration, max_age: Option<Duration>) -> Option<Duration> {
+    /// if past [`Settings::max_uncommitted_age`] (half of `min_cleanup_retention`; none if that
+    /// is zero).
+    pub(crate) fn uncommitted_age_past(&self, written_at: Duration) -> Option<Duration> {
+        let max = self.inner.settings.max_uncommitted_age()?;
         let age = self.inner.clock.monotonic().saturating_sub(written_at);
-        max_age.filter(|max| age > *max).map(|_| age)
+        (age > max).then_some(age)
     }
 
     /// Whether `table` is the catalog's current version of the change table (the SQL catalog's
@@ -1280,8 +1289,7 @@ impl IcebergColdStore {
             // stores, conflicts and unknown outcomes add up): a cleanup running meanwhile may
             // judge them unreferenced and delete them after the commit lands (a snapshot naming
             // missing files). New files are written instead, as a compaction's check refuses.
-            let max_age = self.inner.settings.max_uncommitted_age();
-            let young = |at: &Duration| self.uncommitted_age_past(*at, max_age).is_none();
+            let young = |at: &Duration| self.uncommitted_age_past(*at).is_none();
             let files = match &written {
                 Some((ranges, spec, files, at)) if *ranges == p.ranges && *spec == spec_id && young(at) => {
                     files.clone()
@@ -1312,11 +1320,7 @@ impl IcebergColdStore {
                     files
                 }
             };
-            // Not before the time reads give the parent (its chain's latest commit, which may be
-            // a dotdo commit under another engine's earlier-stamped one): the stored time must not
-            // depend on that ancestor staying in the metadata.
-            let parent_at = head.as_ref().map_or(Timestamp::EPOCH, |s| summary::parent_time(table.metadata(), s));
-            let at = self.inner.clock.now().max(parent_at);
+            let at = self.commit_time(table.metadata());
             let mut inline = prev.inline.clone();
             inline.extend(p.batch_marks.iter().map(|(k, v)| (k.clone(), *v)));
             let props = if inline.len() > self.inner.settings.watermark_checkpoint_objects {

@@ -564,8 +564,7 @@ impl ArrowTable {
             // than half of `min_cleanup_retention` (a cleanup running meanwhile may judge older
             // ones unreferenced and delete them after the commit lands); otherwise rewritten.
             let spec_id = (table.metadata().default_partition_spec_id(), table.metadata().current_schema_id());
-            let max_age = self.store.inner.settings.max_uncommitted_age();
-            let young = |at: &std::time::Duration| self.store.uncommitted_age_past(*at, max_age).is_none();
+            let young = |at: &std::time::Duration| self.store.uncommitted_age_past(*at).is_none();
             let data = match &files {
                 Some((spec, f, at)) if *spec == spec_id && young(at) => Clone::clone(f),
                 _ => {
@@ -596,12 +595,9 @@ impl ArrowTable {
             m.raw.insert(stream.to_string(), batch_id.to_string());
             let mut props: HashMap<String, String> =
                 m.raw.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v)).collect();
-            // Stamped by the store's clock, as the change table's commits and every compaction
-            // are (expiry and time travel go by it), never before the parent's time.
-            let md = table.metadata();
-            let parent_at =
-                md.current_snapshot().map_or(dotdo_core::Timestamp::EPOCH, |s| crate::summary::parent_time(md, s));
-            let at = self.store.inner.clock.now().max(parent_at);
+            // Stamped as the change table's commits and every compaction are (expiry and time
+            // travel go by it).
+            let at = self.store.commit_time(table.metadata());
             props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
             let written_at = files.as_ref().map(|(_, _, at)| *at);
             match self.store.try_commit(&table, data, props, written_at).await {

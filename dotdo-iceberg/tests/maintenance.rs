@@ -1123,16 +1123,7 @@ async fn recent_removals_survive_a_later_compaction(
     };
     let cold = open(true).await.expect("open");
     let objects: Vec<ObjectId> = (0..8).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
-    let batch = |seq: u64| ColdBatch {
-        objects: objects
-            .iter()
-            .map(|o| ObjectChanges {
-                object: o.clone(),
-                token: FencingToken::new(1),
-                records: vec![common::put(o, seq, "k", "v", 1)],
-            })
-            .collect(),
-    };
+    let batch = |seq: u64| common::one_put_each(&objects, seq);
     for seq in 1..=3 {
         cold.append(batch(seq)).await.expect("append");
     }
@@ -1604,17 +1595,7 @@ async fn a_compaction_stops_once_its_first_files_are_too_old() {
         .expect("open");
     let objects: Vec<ObjectId> = (0..30).map(|i| ObjectId::new(format!("o{i}")).expect("id")).collect();
     for seq in 1..=2 {
-        let batch = ColdBatch {
-            objects: objects
-                .iter()
-                .map(|o| ObjectChanges {
-                    object: o.clone(),
-                    token: FencingToken::new(1),
-                    records: vec![common::put(o, seq, "k", "v", 1)],
-                })
-                .collect(),
-        };
-        cold.append(batch).await.expect("append");
+        cold.append(common::one_put_each(&objects, seq)).await.expect("append");
     }
     let before = live_files(&cold).await;
     let written = Arc::new(parking_lot::Mutex::new(0usize));

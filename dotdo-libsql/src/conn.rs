@@ -68,7 +68,12 @@ impl Conn {
         } else {
             stmt.execute(params).await.map(|_| Vec::new())
         };
-        self.finish(&step.sql, out)
+        stmt.reset();
+        if out.is_err() {
+            // A statement that failed may be in a bad state; prepare it afresh next time.
+            self.cache.remove(&step.sql);
+        }
+        out
     }
 
     /// The cached prepared statement of `sql` (prepared on first use).
@@ -80,37 +85,25 @@ impl Conn {
         self.cache.get(sql).ok_or_else(|| libsql::Error::Misuse("statement cache lost an entry".into()))
     }
 
-    /// Reset the statement of `sql` after a use that gave `out`; a statement that failed may be
-    /// in a bad state, so it is prepared afresh next time.
-    fn finish<T>(&mut self, sql: &str, out: libsql::Result<T>) -> libsql::Result<T> {
-        match out {
-            Ok(v) => {
-                if let Some(stmt) = self.cache.get(sql) {
-                    stmt.reset();
-                }
-                Ok(v)
-            }
-            Err(e) => {
-                self.cache.remove(sql);
-                Err(e)
-            }
-        }
-    }
-
     /// The first column of the first row of one statement, outside any explicit transaction
     /// (`None`: no row): a point read, without collecting rows as [`Conn::query`] does.
     pub(crate) async fn query_first(&mut self, step: Step) -> libsql::Result<Option<Value>> {
         let stmt = self.statement(&step.sql).await?;
         stmt.reset();
-        let out = match stmt.query(Params::Positional(step.params)).await {
-            Ok(mut rows) => match rows.next().await {
-                Ok(Some(row)) => row.get_value(0).map(Some),
-                Ok(None) => Ok(None),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
-        self.finish(&step.sql, out)
+        let params = Params::Positional(step.params);
+        let out = async {
+            match stmt.query(params).await?.next().await? {
+                Some(row) => row.get_value(0).map(Some),
+                None => Ok(None),
+            }
+        }
+        .await;
+        // Not stepped to its end: reset, so that the read ends here.
+        stmt.reset();
+        if out.is_err() {
+            self.cache.remove(&step.sql);
+        }
+        out
     }
 
     /// One statement outside any explicit transaction, its rows collected: a cached prepared

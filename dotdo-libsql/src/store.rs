@@ -278,6 +278,7 @@ impl LibsqlStoreBuilder {
             }
         };
         let remote_writes = write_db.is_some() || !local_file;
+        // Exactly the `Target::Local` case (a replica writes to its primary).
         let local_writes = !remote_writes;
         let readers = Pool {
             db: read_db,
@@ -285,12 +286,12 @@ impl LibsqlStoreBuilder {
             idle: Mutex::new(Vec::new()),
             max_idle: settings.read_connections,
             local_file,
-            page_cache: matches!(target, Target::Local { .. }),
+            page_cache: local_writes,
             settings: settings.clone(),
         };
         let writer_conn = {
             let db = write_db.as_ref().unwrap_or(&*readers.db);
-            let local = matches!(target, Target::Local { .. });
+            let local = local_writes;
             let conn = db
                 .connect()
                 .map_err(|e| error::map(if local { error::local_open_failure(e) } else { e }, &doing, false))?;
@@ -664,17 +665,11 @@ impl LibsqlStore {
                     Box::pin(async move { Ok(c.run_all(pragmas).await?) })
                 })
                 .await?;
-            // SQLite answers with the mode it is in: a VFS without shared memory
-            // (`vfs=unix-dotfile`), or an `immutable` file, stays in a rollback journal (where
-            // `synchronous=NORMAL` may corrupt the file on power loss, and readers block writers)
-            // without an error. As dotdo-sqlite: refused.
+            // SQLite answers with the mode it is in (see `not_wal_error`); as dotdo-sqlite: refused.
             let mode = answers.first().and_then(|rows| rows.first()).and_then(|row| row.first());
             let wal = matches!(mode, Some(libsql::Value::Text(m)) if m.eq_ignore_ascii_case("wal"));
             if !wal {
-                return Err(Error::invalid(format!(
-                    "{doing}: the database stays in journal mode {mode:?}, not WAL (a VFS without shared memory, or \
-                     an `immutable`/`nolock` URI parameter?); dotdo-libsql needs WAL"
-                )));
+                return Err(dotdo_core::sql_schema::not_wal_error(doing, &mode, "dotdo-libsql"));
             }
         }
         if !self.inner.target_is_local() {

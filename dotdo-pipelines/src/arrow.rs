@@ -226,14 +226,7 @@ impl ArrowPipeline {
 
     fn open_log(path: &Path, stream: &str, buf: &mut Buf) -> Result<Connection> {
         let doing = format!("opening {}", path.display());
-        let c = Connection::open(path).map_err(|e| sql(e, &doing))?;
-        // Plans that do not depend on bound values (SQLite 3.5x re-prepares a statement on every
-        // rebind of a parameter its planner looked at).
-        c.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(|e| sql(e, &doing))?;
-        // As the event log (stated, not left to rusqlite's default of 5 s): another connection
-        // to the file (a backup, a tool reading it) may hold a lock for a moment; a write waits
-        // up to 2 s for it.
-        c.busy_timeout(std::time::Duration::from_secs(2)).map_err(|e| sql(e, &doing))?;
+        let c = crate::log::open_connection(path).map_err(|e| sql(e, &doing))?;
         c.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS arrow_log (id INTEGER PRIMARY KEY, ipc BLOB NOT NULL, batch INTEGER);
@@ -477,15 +470,7 @@ impl ArrowPipeline {
             // attempt whose reply was lost wrote it.
             self.append_resolving(id, batches).await?;
             // Counted as it lands (a later commit of this roll may still fail), once.
-            let add = {
-                let mut b = inner.buf.lock();
-                if b.counted == Some(id) {
-                    0
-                } else {
-                    b.counted = Some(id);
-                    rows
-                }
-            };
+            let add = if inner.buf.lock().counted.replace(id) == Some(id) { 0 } else { rows };
             *written += add;
             inner.rows_committed.fetch_add(add, Ordering::Relaxed);
             if let Some(log) = &inner.log {

@@ -288,6 +288,17 @@ pub(crate) struct SqliteLog {
     _lock: std::fs::File,
 }
 
+/// A connection to a pipeline log file (event or Arrow): a 2 s busy timeout (another
+/// connection, a backup or a tool reading the file, may hold a lock for a moment), and plans
+/// that do not depend on bound values (SQLite 3.5x re-prepares a statement on every rebind of a
+/// parameter its planner looked at).
+pub(crate) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(2))?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    Ok(conn)
+}
+
 /// Lock the log of `kind` (`pipeline` or `arrow`: the two kinds keep separate tables and may
 /// share a file) at `path` for one pipeline (`<path>.<kind>.lock`, held as long as the returned
 /// file is open). A log another pipeline of the kind has open, in this process or another, is a
@@ -369,12 +380,7 @@ impl SqliteLog {
     pub(crate) fn open(path: &Path) -> Result<Self> {
         let doing = format!("opening {}", path.display());
         let (lock, resolved) = lock_log(path, "pipeline")?;
-        let conn = Connection::open(resolved).map_err(|e| sql(e, &doing))?;
-        conn.busy_timeout(std::time::Duration::from_secs(2)).map_err(|e| sql(e, &doing))?;
-        // Plans that do not depend on bound values (SQLite 3.5x re-prepares a statement on every
-        // rebind of a parameter its planner looked at).
-        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
-            .map_err(|e| sql(e, &doing))?;
+        let conn = open_connection(&resolved).map_err(|e| sql(e, &doing))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 16384;
              CREATE TABLE IF NOT EXISTS pipeline_log (

@@ -280,10 +280,7 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
         Ok(conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?)
     })?;
     if !mode.eq_ignore_ascii_case("wal") && !dotdo_core::sql_schema::is_private_database(path) {
-        return Err(Error::invalid(format!(
-            "{doing}: the database stays in journal mode {mode:?}, not WAL (a VFS without shared memory, or \
-             an `immutable`/`nolock` URI parameter?); dotdo-sqlite needs WAL"
-        )));
+        return Err(dotdo_core::sql_schema::not_wal_error(&doing, &mode, "dotdo-sqlite"));
     }
     with_busy_retry(settings, &doing, || conn.execute_batch(&pragmas).map_err(TxError::Sql))?;
     Ok(conn)
@@ -402,20 +399,13 @@ fn abandoned() -> bool {
     ABANDONED.with_borrow(|a| a.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst)))
 }
 
-/// Sets its flag when dropped before [`Abandon::finished`]: the call's future was dropped.
-struct Abandon(Arc<std::sync::atomic::AtomicBool>, bool);
-
-impl Abandon {
-    fn finished(mut self) {
-        self.1 = true;
-    }
-}
+/// Sets its flag when dropped: if the call's future is dropped while its work waits or runs,
+/// the work sees it; once the call has returned, the work is done and nothing reads the flag.
+struct Abandon(Arc<std::sync::atomic::AtomicBool>);
 
 impl Drop for Abandon {
     fn drop(&mut self) {
-        if !self.1 {
-            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -568,24 +558,22 @@ impl SqliteStore {
 
     async fn run<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
         let inner = self.inner.clone();
-        // Real time: the store's clock may be a manual one that a test moves meanwhile.
-        let real = dotdo_core::SystemClock::new();
-        let queued_at = real.monotonic();
+        // Real time, from now (a clock's monotonic time counts from its creation): the store's
+        // clock may be a manual one that a test moves meanwhile.
+        let queued = dotdo_core::SystemClock::new();
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let abandon = Abandon(flag.clone(), false);
-        let out = offload(self.inner.settings.execution, move || {
+        let _abandon = Abandon(flag.clone());
+        offload(self.inner.settings.execution, move || {
             // Time spent waiting for a blocking thread counts against the write budget: with
             // more writers than threads, the last ones waited several budgets in all.
-            QUEUED.set(real.monotonic().saturating_sub(queued_at));
+            QUEUED.set(queued.monotonic());
             ABANDONED.set(Some(flag));
             let out = f(&inner);
             QUEUED.set(Duration::ZERO);
             ABANDONED.set(None);
             out
         })
-        .await;
-        abandon.finished();
-        out
+        .await
     }
 
     /// Run `PRAGMA integrity_check`; `Corrupt` with SQLite's report if it is not `ok`.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use dotdo_core::{ChangeRecord, Clock, FencingToken, ObjectId, Op, SystemClock, Timestamp};
+use dotdo_core::{ChangeRecord, Clock, ColdBatch, FencingToken, ObjectChanges, ObjectId, Op, SystemClock, Timestamp};
 use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
@@ -51,6 +51,21 @@ pub fn put(object: &ObjectId, seq: u64, key: &str, value: &str, token: u64) -> C
         token: FencingToken::new(token),
         timestamp: Timestamp::from_millis(1_767_225_600_000 + seq as i64),
         type_name: "T".to_string(),
+    }
+}
+
+/// A batch of one put (`k` = `v`, token 1) at `seq` for each of `objects`.
+#[allow(dead_code)] // not every test binary including this module uses it
+pub fn one_put_each(objects: &[ObjectId], seq: u64) -> ColdBatch {
+    ColdBatch {
+        objects: objects
+            .iter()
+            .map(|o| ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: vec![put(o, seq, "k", "v", 1)],
+            })
+            .collect(),
     }
 }
 
