@@ -84,6 +84,13 @@ impl World {
         }
     }
 
+    /// Runtime "a" whose guard is a [`FlakyGuard`] over the world's hot store.
+    fn flaky_guard_runtime(&self, settings: RuntimeSettings) -> (Arc<FlakyGuard>, ObjectRuntime) {
+        let guard = Arc::new(FlakyGuard::new(self));
+        let rt = self.runtime_with("a", guard.clone(), Arc::new(self.cold.clone()), settings);
+        (guard, rt)
+    }
+
     /// A runtime "a" whose cold sink is a [`FlakyCold`] over the world's cold store.
     fn flaky_cold_runtime(&self, settings: RuntimeSettings) -> (Arc<FlakyCold>, ObjectRuntime) {
         let cold = Arc::new(FlakyCold::new(self.cold.clone()));
@@ -1234,8 +1241,7 @@ impl ConsistencyGuard for FlakyGuard {
 #[tokio::test]
 async fn a_transient_refresh_failure_keeps_a_valid_lease() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let (guard, rt) = w.flaky_guard_runtime(settings());
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("first"), 1);
     // Past the point where a call refreshes first, well before expiry; the refresh fails once.
@@ -1254,13 +1260,7 @@ async fn a_transient_refresh_failure_keeps_a_valid_lease() {
 #[tokio::test]
 async fn a_cancelled_maintain_keeps_the_leftover_leases_it_has_not_released() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with(
-        "a",
-        guard.clone(),
-        Arc::new(w.cold.clone()),
-        RuntimeSettings { keep_warm: Duration::ZERO, ..settings() },
-    );
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
     let (o1, o2) = (oid("o1"), oid("o2"));
     // Each call gives its lease back (keep_warm 0); both releases fail: two leftover leases.
     guard.fail_releases.store(2, std::sync::atomic::Ordering::SeqCst);
@@ -1281,13 +1281,7 @@ async fn a_cancelled_maintain_keeps_the_leftover_leases_it_has_not_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with(
-        "a",
-        guard.clone(),
-        Arc::new(w.cold.clone()),
-        RuntimeSettings { keep_warm: Duration::ZERO, ..settings() },
-    );
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
     let o = oid("o");
     guard.fail_releases.store(1, std::sync::atomic::Ordering::SeqCst);
     incr(&rt, &o).await.expect("first call; its release fails: a leftover lease");
@@ -1413,8 +1407,7 @@ async fn long_call(w: &World, rt: &ObjectRuntime, o: &ObjectId, value: &'static 
 #[tokio::test]
 async fn an_acquire_with_an_unknown_outcome_that_landed_is_adopted() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let (guard, rt) = w.flaky_guard_runtime(settings());
     guard.ambiguous_acquires.store(1, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(incr(&rt, &oid("o")).await.expect("the landed lease is used"), 1);
     assert_eq!(guard.ambiguous_acquires.load(std::sync::atomic::Ordering::SeqCst), 0, "the ambiguous acquire ran");
@@ -1517,13 +1510,7 @@ async fn local_waits_and_idleness_ignore_a_wall_clock_set_back() {
 #[tokio::test]
 async fn flush_all_fails_if_a_lapsed_lease_cannot_be_taken_again() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with(
-        "a",
-        guard.clone(),
-        Arc::new(w.cold.clone()),
-        RuntimeSettings { drain_released: false, ..settings() },
-    );
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { drain_released: false, ..settings() });
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("first"), 1);
     w.clock.advance(TTL + Duration::from_millis(1));
@@ -2109,8 +2096,7 @@ async fn flush_all_skips_a_busy_object_instead_of_deadlocking() {
 async fn failing_renewals_back_off_until_the_handler_self_fences() {
     let w = World::new();
     const FAILS: u32 = 100_000;
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let (guard, rt) = w.flaky_guard_runtime(settings());
     let o = oid("o");
     incr(&rt, &o).await.expect("activate");
     guard.fail_refreshes.store(FAILS, std::sync::atomic::Ordering::SeqCst);
@@ -2239,8 +2225,7 @@ impl HotStore for FaultyHot {
 #[tokio::test]
 async fn an_acquire_of_unknown_outcome_fails_the_call_as_unavailable() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let (guard, rt) = w.flaky_guard_runtime(settings());
     let o = oid("o");
     guard.refused_ambiguous_acquires.store(4, std::sync::atomic::Ordering::SeqCst);
     let e = incr(&rt, &o).await.expect_err("no lease");
@@ -2364,8 +2349,7 @@ async fn a_failed_commit_with_keep_warm_zero_releases_the_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_renewal_self_fences_the_handler_at_expiry() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let (guard, rt) = w.flaky_guard_runtime(settings());
     let o = oid("o");
     incr(&rt, &o).await.expect("activate");
     guard.hang_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -2657,8 +2641,7 @@ async fn flush_all_retakes_a_lapsed_warm_lease_and_drains_it() {
 #[tokio::test]
 async fn a_call_cancelled_while_acquiring_does_not_lock_this_node_out() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let (guard, rt) = w.flaky_guard_runtime(settings());
     let (o, other) = (oid("o"), oid("other"));
     guard.hang_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(tokio::time::timeout(Duration::from_millis(50), incr(&rt, &o)).await.is_err(), "the acquire hangs");
@@ -3041,8 +3024,7 @@ async fn a_write_of_a_cancelled_call_landing_late_is_fenced() {
 #[tokio::test]
 async fn an_acquire_granted_after_its_call_gave_up_is_adopted() {
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let rt = w.runtime_with("a", guard.clone(), Arc::new(w.cold.clone()), settings());
+    let (guard, rt) = w.flaky_guard_runtime(settings());
     let o = oid("o");
     guard.late_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
