@@ -26,11 +26,20 @@ pub(crate) use eff_last;
 /// Take the lease if it is free (expired or released), with a token above every token issued
 /// (the larger of the lease's and `do_objects.max_token`, at most `?5`): the same decision as
 /// `rules::acquire`, as one statement. `?1` object, `?2` holder, `?3` now, `?4` expiry (µs).
+/// A lease row or token maximum that does not decode (a token that is not a non-negative
+/// integer, times that are not integers, a holder that is no valid node id) is never taken over:
+/// SQL arithmetic would read a text token as 0 and issue a token that was issued before. The
+/// refusal's explanation then reads the row as dotdo-sqlite does: `Corrupt`.
 pub(crate) const ACQUIRE: &str = "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
      SELECT ?1, ?2, ?3, ?4, next FROM (SELECT 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
      coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0)) AS next) WHERE next <= ?5 \
+     AND NOT EXISTS (SELECT 1 FROM do_objects WHERE do_id = ?1 AND typeof(max_token) <> 'integer') \
      ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
-     expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3";
+     expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3 \
+     AND typeof(do_locks.expires_at) = 'integer' AND typeof(do_locks.acquired_at) = 'integer' \
+     AND typeof(do_locks.fencing_token) = 'integer' AND do_locks.fencing_token >= 0 \
+     AND typeof(do_locks.node_id) = 'text' AND length(CAST(do_locks.node_id AS BLOB)) BETWEEN 1 AND 128 \
+     AND do_locks.node_id NOT GLOB '*[^A-Za-z0-9._:-]*'";
 /// The first step of every fenced program: fold the lease's token into `do_objects.max_token`
 /// (raise only), so that the steps after it may fence against `do_objects` alone. An acquire
 /// writes the lease row only; the object's fencing floor is the larger of the two.

@@ -566,6 +566,49 @@ async fn a_lease_row_that_does_not_decode_is_corrupt_never_a_free_lease() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "as dotdo-sqlite says: {e}");
 }
 
+/// An expired lease row (or token maximum) that does not decode is `Corrupt` to an acquire, as
+/// in dotdo-sqlite, and stays as it is: the acquire's SQL read a text token as 0 and issued
+/// token 1 again (a token issued before), and took over rows dotdo-sqlite refuses.
+#[tokio::test]
+async fn an_expired_lease_row_that_does_not_decode_is_corrupt_never_taken_over() {
+    let (n1, n2) = (NodeId::new("n1").expect("valid"), NodeId::new("n2").expect("valid"));
+    for transport in [Transport::Auto, Transport::Batch] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hot.db");
+        let s = LibsqlStore::local(&path)
+            .with_settings(LibsqlSettings { transport, ..Default::default() })
+            .open()
+            .await
+            .expect("open");
+        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+        let c = raw.connect().expect("connect");
+        for (i, (what, damage)) in dotdo_core::testkit::DAMAGED_EXPIRED_LEASE_ROWS.iter().enumerate() {
+            let o = ObjectId::new(format!("o{i}")).expect("valid");
+            let l = s.acquire(&o, &n1, Duration::from_secs(60)).await.expect("acquire");
+            s.put(&o, l.token, "T", "k", "v".into()).await.expect("put");
+            c.execute("UPDATE do_locks SET expires_at = 1 WHERE do_id = ?1", [o.as_str()]).await.expect("expire");
+            c.execute(damage, [o.as_str()]).await.expect(what);
+            let dump = || async {
+                let mut rows = c
+                    .query(
+                        "SELECT quote(node_id) || ' ' || quote(acquired_at) || ' ' || quote(expires_at) || ' ' || \
+                         quote(fencing_token) || ' ' || (SELECT quote(max_token) FROM do_objects WHERE do_id = ?1) \
+                         FROM do_locks WHERE do_id = ?1",
+                        [o.as_str()],
+                    )
+                    .await
+                    .expect("read the rows");
+                let row = rows.next().await.expect("row").expect("a lease row");
+                row.get::<String>(0).expect("text")
+            };
+            let before = dump().await;
+            let e = s.acquire(&o, &n2, Duration::from_secs(60)).await.expect_err(what);
+            assert_eq!(e.kind(), &ErrorKind::Corrupt, "{transport:?}, {what}: {e}");
+            assert_eq!(dump().await, before, "{transport:?}, {what}: the damaged row was taken over");
+        }
+    }
+}
+
 /// A predecessor's `do_locks` created without NOT NULL, holding a lease whose expiry is NULL:
 /// the lease is `Corrupt` (dotdo-sqlite says the same), never read as free (expiry 0).
 #[tokio::test]

@@ -74,6 +74,38 @@ async fn rows_that_do_not_fit_the_schema_are_corrupt_never_a_free_lease() {
     assert!(e.to_string().contains(&path.display().to_string()), "a Corrupt error names the file: {e}");
 }
 
+/// An expired lease row (or token maximum) that does not decode is `Corrupt` to an acquire and
+/// stays as it is (dotdo-libsql shares the list of damage).
+#[tokio::test]
+async fn an_expired_lease_row_that_does_not_decode_is_corrupt_never_taken_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let s = SqliteStore::builder(&path).open().await.expect("open");
+    let (n1, n2) = (NodeId::new("n1").expect("valid"), NodeId::new("n2").expect("valid"));
+    let c = rusqlite::Connection::open(&path).expect("raw open");
+    for (i, (what, damage)) in dotdo_core::testkit::DAMAGED_EXPIRED_LEASE_ROWS.iter().enumerate() {
+        let o = ObjectId::new(format!("o{i}")).expect("valid");
+        let l = s.acquire(&o, &n1, Duration::from_secs(60)).await.expect("acquire");
+        s.put(&o, l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        c.execute("UPDATE do_locks SET expires_at = 1 WHERE do_id = ?1", [o.as_str()]).expect("expire");
+        c.execute(damage, [o.as_str()]).expect(what);
+        let dump = || -> String {
+            c.query_row(
+                "SELECT quote(node_id) || ' ' || quote(acquired_at) || ' ' || quote(expires_at) || ' ' || \
+                 quote(fencing_token) || ' ' || (SELECT quote(max_token) FROM do_objects WHERE do_id = ?1) \
+                 FROM do_locks WHERE do_id = ?1",
+                [o.as_str()],
+                |r| r.get(0),
+            )
+            .expect("read the rows")
+        };
+        let before = dump();
+        let e = s.acquire(&o, &n2, Duration::from_secs(60)).await.expect_err(what);
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{what}: {e}");
+        assert_eq!(dump(), before, "{what}: the damaged row was taken over");
+    }
+}
+
 /// Another application's SQLite database (user_version 0, tables of its own) is refused and
 /// left untouched: dotdo used to add its tables and set user_version, which the other
 /// application reads for its own migrations. A file at dotdo's version without dotdo's tables

@@ -386,6 +386,24 @@ impl crate::time::Clock for SteppedClock {
     }
 }
 
+/// Damage done to an **expired** lease row (or to the object's token maximum) of the SQL
+/// schema, as `(what, statement)` with `?1` the object id, for the SQLite-family backends'
+/// tests: each must make the next acquire `Corrupt` and leave the row as it is. Taking such a
+/// row over would issue a token from SQL arithmetic on damage (a text token reads as 0: a token
+/// issued before).
+pub const DAMAGED_EXPIRED_LEASE_ROWS: &[(&str, &str)] = &[
+    ("text token", "UPDATE do_locks SET fencing_token = 'x' WHERE do_id = ?1"),
+    ("negative token", "UPDATE do_locks SET fencing_token = -3 WHERE do_id = ?1"),
+    ("real token", "UPDATE do_locks SET fencing_token = 2.5 WHERE do_id = ?1"),
+    ("empty holder", "UPDATE do_locks SET node_id = '' WHERE do_id = ?1"),
+    ("holder with a space", "UPDATE do_locks SET node_id = 'a node' WHERE do_id = ?1"),
+    ("holder over 128 bytes", "UPDATE do_locks SET node_id = replace(hex(zeroblob(129)), '00', 'n') WHERE do_id = ?1"),
+    ("blob holder", "UPDATE do_locks SET node_id = x'6e31' WHERE do_id = ?1"),
+    ("text acquired_at", "UPDATE do_locks SET acquired_at = 'x' WHERE do_id = ?1"),
+    ("real expires_at", "UPDATE do_locks SET expires_at = 1.5 WHERE do_id = ?1"),
+    ("text token maximum", "UPDATE do_objects SET max_token = 'x' WHERE do_id = ?1"),
+];
+
 /// Shorthand: an object id, panicking on an invalid literal.
 pub fn oid(s: &str) -> crate::ObjectId {
     crate::ObjectId::new(s).expect("kit object ids are valid")
