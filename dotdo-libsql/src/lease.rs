@@ -81,19 +81,29 @@ impl ConsistencyGuard for LibsqlStore {
 
     async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
         dotdo_core::guard::validate_ttl(ttl)?;
-        let now = self.inner.clock.now();
-        let expires = now.plus(ttl);
-        let steps = vec![Step::exec(
-            "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND node_id = ?3 AND expires_at > ?5",
-            vec![
-                t(lease.object.as_str()),
-                i(lease.token.get()),
-                t(lease.holder.as_str()),
-                Value::Integer(expires.as_micros()),
-                Value::Integer(now.as_micros()),
-            ],
-        )];
-        if self.program("refresh lease", steps, Step::new("SELECT changes()", vec![])).await? == 1 {
+        // The time is read once the writer is this call's, as dotdo-sqlite reads it inside its
+        // transaction: read before queueing, a refresh that waited past the expiry would
+        // extend a lease that had ended meanwhile.
+        let clock = self.inner.clock.clone();
+        let (changed, now, expires) = self
+            .write_call("refresh lease", move |c| {
+                let now = clock.now();
+                let expires = now.plus(ttl);
+                let step = Step::exec(
+                    "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND node_id = ?3 AND expires_at > ?5",
+                    vec![
+                        t(lease.object.as_str()),
+                        i(lease.token.get()),
+                        t(lease.holder.as_str()),
+                        Value::Integer(expires.as_micros()),
+                        Value::Integer(now.as_micros()),
+                    ],
+                );
+                let program = Program { steps: vec![step], result: Some(Step::new("SELECT changes()", vec![])) };
+                Box::pin(async move { Ok((c.run_program(program).await?, now, expires)) })
+            })
+            .await?;
+        if changed == Some(1) {
             return Ok(Lease { expires_at: expires, ..lease.clone() });
         }
         let row = self.lease_row_on_primary(&lease.object).await?;

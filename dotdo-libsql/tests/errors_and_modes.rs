@@ -566,6 +566,41 @@ async fn a_lease_row_that_does_not_decode_is_corrupt_never_a_free_lease() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "as dotdo-sqlite says: {e}");
 }
 
+/// A refresh reads the time once the store's writer is its own: queued behind a write that waits
+/// for another process's lock while the lease runs out, it finds the lease ended (as
+/// dotdo-sqlite, which reads the time inside its transaction). It read the time before queueing
+/// and extended the ended lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: letting the spawned calls queue
+async fn a_refresh_queued_past_the_expiry_finds_the_lease_ended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let clock = Arc::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH));
+    let s = LibsqlStore::local(&path).with_clock(clock.clone()).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(10)).await.expect("acquire");
+    let holder_db = libsql::Builder::new_local(&path).build().await.expect("second handle");
+    let holder = holder_db.connect().expect("connect");
+    holder.execute("BEGIN IMMEDIATE", ()).await.expect("take the write lock");
+    // The put takes the store's writer and waits for the lock; the refresh queues behind it.
+    let put = tokio::spawn({
+        let (s, token) = (s.clone(), l.token);
+        async move { s.put(&obj(), token, "T", "k", "v".into()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refresh = tokio::spawn({
+        let (s, l) = (s.clone(), l.clone());
+        async move { s.refresh(&l, Duration::from_secs(10)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!put.is_finished() && !refresh.is_finished(), "both calls wait");
+    clock.advance(Duration::from_secs(11));
+    holder.execute("COMMIT", ()).await.expect("release the lock");
+    put.await.expect("put task").expect("the put goes through");
+    let e = refresh.await.expect("refresh task").expect_err("the lease ended while the refresh queued");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    assert_eq!(s.current(&obj()).await.expect("current"), None, "the ended lease stays ended");
+}
+
 /// An expired lease row (or token maximum) that does not decode is `Corrupt` to an acquire, as
 /// in dotdo-sqlite, and stays as it is: the acquire's SQL read a text token as 0 and issued
 /// token 1 again (a token issued before), and took over rows dotdo-sqlite refuses.
