@@ -105,6 +105,12 @@ impl PipelineBuilder {
     /// A named route to another sink (another table), for [`Transformed::Route`]. Each route
     /// needs its own table: `build` refuses two routes given the same sink handle (handles
     /// opened separately on one table are not detected; don't).
+    ///
+    /// Routes roll together: a claimed batch is committed to each route it touches in turn and
+    /// acknowledged once all have it, so a route whose sink keeps failing holds back every
+    /// route (the log keeps the events; once the sink answers again, the routes that already
+    /// committed the batch answer its retry as a replay). Give a sink that may be down for long
+    /// a pipeline of its own.
     pub fn with_route(mut self, name: impl Into<String>, sink: Arc<dyn ColdSink>) -> Self {
         self.routes.insert(name.into(), sink);
         self
