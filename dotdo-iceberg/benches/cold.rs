@@ -128,6 +128,77 @@ fn raw_parquet_encode(batch: &ColdBatch) -> (f64, f64, usize) {
 }
 
 /// Bytes of the Parquet data files under `dir` (a table's warehouse directory).
+/// The rows of PyIceberg's peer script (`rows` in benches/py/bench_pyiceberg.py) as one Arrow
+/// batch in its order and schema: row i is object `i % objects`, its `i / objects + 1`-th change.
+fn peer_arrow(n: u64, objects: u64) -> arrow_array::RecordBatch {
+    use arrow_array::builder::{Int64Builder, LargeBinaryBuilder, StringBuilder, TimestampMicrosecondBuilder};
+    use arrow_array::ArrayRef;
+    use arrow_schema::{DataType, Field, Schema, TimeUnit};
+    let value: Vec<u8> = (0..64u32).map(|i| (i % 251) as u8).collect();
+    let (mut d, mut ty, mut k, mut v, mut ts, mut op, mut seq, mut tok) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        LargeBinaryBuilder::new(),
+        TimestampMicrosecondBuilder::new(),
+        StringBuilder::new(),
+        Int64Builder::new(),
+        Int64Builder::new(),
+    );
+    for i in 0..n {
+        let s = i / objects + 1;
+        d.append_value(format!("obj-{:05}", i % objects));
+        ty.append_value("Event");
+        k.append_value(format!("k{}", s % 100));
+        v.append_value(&value);
+        ts.append_value(BASE_US + i as i64);
+        op.append_value("put");
+        seq.append_value(s as i64);
+        tok.append_value(1);
+    }
+    let tz = DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into()));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("do_id", DataType::Utf8, false),
+        Field::new("type", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("value", DataType::LargeBinary, false),
+        Field::new("timestamp", tz, false),
+        Field::new("op", DataType::Utf8, false),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("token", DataType::Int64, false),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(d.finish()),
+        Arc::new(ty.finish()),
+        Arc::new(k.finish()),
+        Arc::new(v.finish()),
+        Arc::new(ts.finish().with_timezone("+00:00")),
+        Arc::new(op.finish()),
+        Arc::new(seq.finish()),
+        Arc::new(tok.finish()),
+    ];
+    arrow_array::RecordBatch::try_new(schema, cols).expect("peer batch")
+}
+
+/// Seconds of a raw single-thread Parquet encode of `rb` into memory with a user table's
+/// settings (ZSTD level 1 on every column, untruncated statistics), as PyIceberg's writer runs.
+fn raw_user_encode(rb: &arrow_array::RecordBatch) -> f64 {
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::{Compression, ZstdLevel};
+    use parquet::file::properties::WriterProperties;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level")))
+        .set_statistics_truncate_length(None)
+        .build();
+    let clock = SystemClock::new();
+    let t = clock.monotonic();
+    let mut w = ArrowWriter::try_new(Vec::with_capacity(64 << 20), rb.schema(), Some(props)).expect("writer");
+    w.write(rb).expect("write");
+    let out = w.into_inner().expect("close");
+    assert!(!out.is_empty());
+    clock.monotonic().saturating_sub(t).as_secs_f64()
+}
+
 fn parquet_bytes(dir: &std::path::Path) -> u64 {
     let mut total = 0;
     for e in std::fs::read_dir(dir).expect("read dir").flatten() {
@@ -289,6 +360,33 @@ fn main() {
         return;
     }
 
+    // 2b. The same Arrow data PyIceberg appends, appended by a user table (`ArrowTable`, one
+    //     commit, unpartitioned, ZSTD level 1 on every column like PyIceberg's table): the
+    //     like-for-like figure (no ChangeRecord conversion, partitioning or sort).
+    let peer_batch = peer_arrow(n, OBJECTS);
+    let mut user_best = f64::MAX;
+    for run in 0..3 {
+        let path = dir.path().join(format!("user{run}"));
+        let cold = rt
+            .block_on(IcebergColdStore::builder(path.to_str().expect("utf-8")).table(["bench"], "changes").build())
+            .expect("open");
+        let t = rt.block_on(cold.arrow_table(&["bench"], "user", peer_batch.schema())).expect("user table");
+        let start = clock.monotonic();
+        let c = rt.block_on(t.append("bench", 1, vec![peer_batch.clone()])).expect("user append");
+        user_best = user_best.min(clock.monotonic().saturating_sub(start).as_secs_f64());
+        assert_eq!(c.rows, n);
+    }
+    let raw_user = (0..3).map(|_| raw_user_encode(&peer_batch)).fold(f64::MAX, f64::min);
+    drop(peer_batch);
+    record(
+        &format!("iceberg user-table append {}k rows of ready Arrow data vs raw parquet encode (rows/s)", n / 1000),
+        "rows/s",
+        n as f64 / user_best,
+        "arrow-rs-58 ArrowWriter zstd(1) every column 1 thread",
+        n as f64 / raw_user,
+    );
+    eprintln!("user-table append of {n} rows: best {:.1} ms", user_best * 1e3);
+
     // 3. Latest state of one object from the n-row table.
     let big = big_table.expect("table");
     let mut i = 0u64;
@@ -323,6 +421,13 @@ fn main() {
     };
     let label = if p.append_rows_per_s > 0.0 { "pyiceberg-0.12" } else { "pyiceberg-0.12 (unavailable)" };
     record(&format!("iceberg append {}k rows (rows/s)", n / 1000), "rows/s", ours_rps, label, p.append_rows_per_s);
+    record(
+        &format!("iceberg user-table append {}k rows of the same Arrow data (rows/s)", n / 1000),
+        "rows/s",
+        n as f64 / user_best,
+        label,
+        p.append_rows_per_s,
+    );
     // PyIceberg ZSTD-compresses every column (dotdo only `value`): the sizes show the trade.
     record(
         &format!("iceberg append {}k rows, data file bytes", n / 1000),

@@ -291,8 +291,15 @@ fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::s
     }
 }
 
+/// Arrow memory per parallel writer of a user-table write: an append (or compaction) holding
+/// more is split into contiguous row ranges written as separate files side by side, one task
+/// each, up to the machine's parallelism (a Parquet encode is single-threaded per file).
+const PARALLEL_WRITE_BYTES: usize = 16 << 20;
+
 /// Write `batches` (already labelled with the table's Iceberg schema) as ZSTD Parquet data files
-/// of about `target` bytes into the unpartitioned user table `table`.
+/// of about `target` bytes into the unpartitioned user table `table`: the files in row order, a
+/// large write in contiguous row ranges encoded in parallel ([`PARALLEL_WRITE_BYTES`]). If any
+/// range fails, the files of the others are deleted and the first error is returned.
 pub(crate) async fn write_user_files(
     store: &IcebergColdStore,
     table: &Table,
@@ -314,18 +321,90 @@ pub(crate) async fn write_user_files(
         .set_statistics_truncate_length(None)
         .build();
     let location = DefaultLocationGenerator::new(md).map_err(|e| classify(e, what))?;
-    let builder = DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
-        ParquetWriterBuilder::new(props, md.current_schema().clone()),
-        target,
-        table.file_io().clone(),
-        location,
-        DefaultFileNameGenerator::new(uuid::Uuid::new_v4().to_string(), None, DataFileFormat::Parquet),
-    ));
-    let mut w = builder.build(None).await.map_err(|e| classify(e, what))?;
-    for b in batches {
-        w.write(b.clone()).await.map_err(|e| classify(e, what))?;
+    let builder = || {
+        // A name prefix per writer: unpartitioned writers side by side share one directory.
+        DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
+            ParquetWriterBuilder::new(props.clone(), md.current_schema().clone()),
+            target,
+            table.file_io().clone(),
+            location.clone(),
+            DefaultFileNameGenerator::new(uuid::Uuid::new_v4().to_string(), None, DataFileFormat::Parquet),
+        ))
+    };
+    let ranges = row_ranges(batches);
+    let rt = tokio::runtime::Handle::try_current().ok().filter(|_| ranges.len() > 1);
+    let Some(rt) = rt else {
+        return write_range(builder(), batches.to_vec(), what.to_string()).await;
+    };
+    let tasks: Vec<_> = ranges.into_iter().map(|r| rt.spawn(write_range(builder(), r, what.to_string()))).collect();
+    let (mut files, mut first_err) = (Vec::new(), None);
+    for t in tasks {
+        match t.await {
+            Ok(Ok(f)) => files.extend(f),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(join) => {
+                first_err
+                    .get_or_insert_with(|| Error::backend(format!("{what}: a data file writer task failed: {join}")));
+            }
+        }
     }
-    w.close().await.map_err(|e| classify(e, what))
+    match first_err {
+        None => Ok(files),
+        Some(e) => {
+            store.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
+            Err(e)
+        }
+    }
+}
+
+type UserFileWriterBuilder =
+    DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>;
+
+/// Write one range's batches with its own rolling writer.
+async fn write_range(
+    builder: UserFileWriterBuilder,
+    batches: Vec<RecordBatch>,
+    what: String,
+) -> Result<Vec<iceberg::spec::DataFile>> {
+    let mut w = builder.build(None).await.map_err(|e| classify(e, &what))?;
+    for b in batches {
+        w.write(b).await.map_err(|e| classify(e, &what))?;
+    }
+    w.close().await.map_err(|e| classify(e, &what))
+}
+
+/// `batches` cut into contiguous row ranges of about equal Arrow memory, one per parallel
+/// writer: as many as [`PARALLEL_WRITE_BYTES`] allows, at most the machine's parallelism (one
+/// range, all of `batches`, for a small write). Slices share the batches' buffers.
+fn row_ranges(batches: &[RecordBatch]) -> Vec<Vec<RecordBatch>> {
+    let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let n = (bytes / PARALLEL_WRITE_BYTES).clamp(1, cores).min(rows.max(1));
+    if n == 1 {
+        return vec![batches.to_vec()];
+    }
+    let per = rows.div_ceil(n);
+    let (mut ranges, mut current, mut in_range) = (Vec::with_capacity(n), Vec::new(), 0);
+    for b in batches {
+        let mut offset = 0;
+        while offset < b.num_rows() {
+            let take = (per - in_range).min(b.num_rows() - offset);
+            current.push(b.slice(offset, take));
+            offset += take;
+            in_range += take;
+            if in_range == per {
+                ranges.push(std::mem::take(&mut current));
+                in_range = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        ranges.push(current);
+    }
+    ranges
 }
 
 /// Stream marks recorded in a snapshot's summary, as stored (each stream's mark is checked only

@@ -876,6 +876,65 @@ async fn recorded_user_table_and_another_writer(
     (recorded, user, rows, other)
 }
 
+/// A large user-table append is written as contiguous row ranges side by side, one file each
+/// (up to the machine's parallelism; a Parquet encode is single-threaded per file), and its
+/// rows read back whole. When one range's file cannot be written the append fails and the
+/// other ranges' files are deleted: nothing references them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_user_table_append_is_written_in_parallel_ranges_and_a_failed_range_leaves_no_files() {
+    use arrow_array::{Array, Int32Array, LargeBinaryArray, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(recorded.clone())
+        .build()
+        .await
+        .expect("open");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int32, false),
+        Field::new("payload", DataType::LargeBinary, false),
+    ]));
+    let user = cold.arrow_table(&["u"], "big", schema.clone()).await.expect("table");
+    // 40 rows of 1 MiB: 40 MiB of Arrow data, two ranges of 16 MiB or more.
+    let ids: Vec<i32> = (0..40).collect();
+    let payloads: Vec<Vec<u8>> = ids.iter().map(|&i| vec![i as u8; 1 << 20]).collect();
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![Arc::new(Int32Array::from(ids.clone())), Arc::new(LargeBinaryArray::from_iter_values(payloads.iter()))],
+    )
+    .expect("batch");
+    let ranges = std::thread::available_parallelism().map_or(1, |n| n.get()).min(2);
+    *recorded.fail_puts_of.lock() = Some((".parquet".into(), 1));
+    let e = user.append("s", 1, vec![batch.clone()]).await.expect_err("one range's file failed");
+    assert!(e.is_retryable(), "{e}");
+    let written = recorded.puts.lock().iter().filter(|p| p.ends_with(".parquet")).count();
+    assert_eq!(written, ranges, "one file per range was written or tried");
+    let left = common::files_ending_with(dir.path(), ".parquet");
+    assert!(left.is_empty(), "the other ranges' files are deleted: {left:?}");
+    assert_eq!(user.last_batch("s").await.expect("mark"), 0);
+
+    let c = user.append("s", 1, vec![batch]).await.expect("append");
+    assert_eq!(c.rows, 40);
+    let files = common::files_ending_with(dir.path(), ".parquet");
+    assert_eq!(files.len(), ranges, "one file per range: {files:?}");
+    let mut back: Vec<(i32, usize, u8)> = Vec::new();
+    for b in user.read_all().await.expect("read") {
+        let id = b.column(0).as_any().downcast_ref::<Int32Array>().expect("ids");
+        let payload = b.column(1).as_any().downcast_ref::<LargeBinaryArray>().expect("payloads");
+        for r in 0..b.num_rows() {
+            let v = payload.value(r);
+            assert!(v.iter().all(|&x| x == v[0]), "row {} is whole", id.value(r));
+            back.push((id.value(r), v.len(), v[0]));
+        }
+        assert_eq!(payload.null_count(), 0);
+    }
+    back.sort_unstable();
+    let expected: Vec<(i32, usize, u8)> = ids.iter().map(|&i| (i, 1 << 20, i as u8)).collect();
+    assert_eq!(back, expected, "every row once, whole");
+}
+
 /// A user-table append whose commit landed but whose reply was lost reads its own stream mark
 /// back on the next attempt: it reports its rows and its snapshot, not "a replay, 0 rows"
 /// (a pipeline counting rows committed would lose them from its count).
