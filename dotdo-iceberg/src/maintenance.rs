@@ -350,7 +350,8 @@ impl IcebergColdStore {
         // commits replaced and whose snapshot an expiry may have removed since: the versions in
         // the metadata log that were still current after the cutoff keep their head's manifest
         // list, manifests and live files. (The log holds the last
-        // `write.metadata.previous-versions-max` versions, 100 by default; one older than that
+        // `write.metadata.previous-versions-max` versions, 20 on the change table dotdo creates
+        // and Iceberg's default of 100 on user tables; one older than that
         // is not protected this way.)
         let log = md.metadata_log();
         for (k, entry) in log.iter().enumerate() {
