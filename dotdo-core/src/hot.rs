@@ -81,8 +81,9 @@ pub trait HotStore: Send + Sync + Debug + 'static {
     async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>>;
 
     /// Change records with `seq > after`, in order, at most `limit`. A backend may return fewer
-    /// while more exist (dotdo-libsql bounds a remote answer's bytes): read on after the last one
-    /// returned until an empty answer.
+    /// while more exist (the SQL stores return at most
+    /// [`READ_CHANGES_BYTES`](crate::sql_schema::READ_CHANGES_BYTES) of values, at least one
+    /// change): read on after the last one returned until an empty answer.
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>>;
 
     /// Drop change records with `seq <= through` (cold storage has them). Idempotent. Fenced like a

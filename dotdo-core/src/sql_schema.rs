@@ -149,6 +149,11 @@ fn check_columns(columns: &[(String, String)], source: &str, all: bool) -> crate
     Ok(())
 }
 
+/// The most bytes of values one `read_changes` of the SQL stores returns (at least one change,
+/// whatever its size): a drain reads on after the last change returned, so a backlog of large
+/// values is never loaded whole (nor sent in one answer by a remote primary).
+pub const READ_CHANGES_BYTES: usize = 8 << 20;
+
 /// One `do_changes` row as the backends select it:
 /// `(seq, key, op code, value, token, ts µs, type)` (`SELECT seq, key, op, value, token, ts, type`).
 pub type ChangeRow = (u64, String, i64, Vec<u8>, u64, i64, String);

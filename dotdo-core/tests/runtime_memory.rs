@@ -777,6 +777,39 @@ async fn flush_all_counts_each_object_once_across_commits() {
     assert_eq!((r.commits, r.records, r.objects), (2, 4, 2), "{r:?}");
 }
 
+/// A flush's cold commits hold at most `flush_batch_bytes` (one record alone if it is larger):
+/// values go up to 2 MiB, and a record count alone let a long backlog into one commit (a
+/// 100 000-record budget: about 200 GB in memory).
+#[tokio::test]
+async fn flush_commits_are_bounded_in_bytes() {
+    for flush_all in [false, true] {
+        let w = World::new();
+        let rt = w.runtime("a", RuntimeSettings { flush_batch_bytes: 1 << 20, ..settings() });
+        let put = async |o: &'static str, key: String, value: Vec<u8>| {
+            rt.invoke(&oid(o), async move |t: &mut ObjectTxn<'_>| t.put(key, value)).await
+        };
+        for o in ["o0", "o1"] {
+            for i in 0..5u8 {
+                put(o, format!("k{i}"), vec![i; 300 << 10]).await.expect("put");
+            }
+        }
+        put("o1", "big".into(), vec![9; 1536 << 10]).await.expect("a record over the budget alone");
+        let (commits, records) = if flush_all {
+            let r = rt.flush_all().await.expect("flush all");
+            (r.commits, r.records)
+        } else {
+            let (a, b) = (rt.flush(&oid("o0")).await.expect("flush"), rt.flush(&oid("o1")).await.expect("flush"));
+            (a.commits + b.commits, a.records + b.records)
+        };
+        // Three 300 KiB records fit in 1 MiB, four do not; the 1.5 MiB record goes alone.
+        assert_eq!((commits, records), (5, 11), "flush_all: {flush_all}");
+        assert_eq!(w.cold.watermark(&oid("o0")).await.expect("wm").through, 5);
+        assert_eq!(w.cold.watermark(&oid("o1")).await.expect("wm").through, 6);
+        let big = get(&rt, &oid("o1"), "big").await.expect("get").expect("the big value");
+        assert_eq!(big.len(), 1536 << 10);
+    }
+}
+
 #[tokio::test]
 async fn idle_objects_are_tiered_out_and_come_back() {
     let w = World::new();

@@ -113,6 +113,37 @@ impl Conn {
         self.prepared(step).await
     }
 
+    /// [`query`](Self::query) on a local file, its rows collected until the blobs of column
+    /// `col` come to more than `max_bytes` (at least one row): the rest is never stepped to.
+    pub(crate) async fn query_bounded(&mut self, step: Step, col: i32, max_bytes: usize) -> libsql::Result<Vec<Row>> {
+        let stmt = self.statement(&step.sql).await?;
+        stmt.reset();
+        let params = Params::Positional(step.params);
+        let out = async {
+            let mut rows = stmt.query(params).await?;
+            let n = rows.column_count();
+            let (mut out, mut bytes) = (Vec::new(), 0usize);
+            while let Some(row) = rows.next().await? {
+                let values = (0..n).map(|i| row.get_value(i)).collect::<libsql::Result<Vec<Value>>>()?;
+                if let Some(Value::Blob(b)) = usize::try_from(col).ok().and_then(|c| values.get(c)) {
+                    bytes = bytes.saturating_add(b.len());
+                }
+                if !out.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                out.push(values);
+            }
+            Ok(out)
+        }
+        .await;
+        // Perhaps not stepped to its end: reset, so that the read ends here.
+        stmt.reset();
+        if out.is_err() {
+            self.cache.remove(&step.sql);
+        }
+        out
+    }
+
     /// Several statements outside any explicit transaction (e.g. pragmas).
     pub(crate) async fn run_all(&mut self, steps: Vec<Step>) -> libsql::Result<Vec<Vec<Row>>> {
         let mut out = Vec::with_capacity(steps.len());

@@ -139,20 +139,19 @@ impl HotStore for LibsqlStore {
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // Over HTTP unless local: to a remote primary, or (`read_for_drain`) a replica's primary.
-        let step = if !self.inner.target_is_local() {
-            // One HTTP answer must arrive within `request_timeout`: a drain's read of 100 000
-            // changes of large values would time out on every attempt. At most
-            // REMOTE_CHANGES_BYTES of values per read (at least one change); a drain reads on.
+        // At most READ_CHANGES_BYTES of values per read (at least one change); a drain reads on.
+        // Over HTTP, one answer must also arrive within `request_timeout` (a drain's read of
+        // 100 000 changes of large values would time out on every attempt): the primary cuts
+        // it. A local file's rows are stepped through until the bound.
+        const BOUND: usize = dotdo_core::sql_schema::READ_CHANGES_BYTES;
+        let local = self.inner.target_is_local();
+        let step = if !local {
             Step::new(
                 "SELECT seq, key, op, value, token, ts, type FROM (SELECT seq, key, op, value, token, ts, type, \
                  sum(length(value)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - length(value) AS before \
-                 FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) WHERE before < ?4 ORDER BY seq",
-                vec![
-                    t(object.as_str()),
-                    i(after),
-                    Value::Integer(limit),
-                    Value::Integer(crate::REMOTE_CHANGES_BYTES as i64),
-                ],
+                 FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) \
+                 WHERE before = 0 OR before + length(value) <= ?4 ORDER BY seq",
+                vec![t(object.as_str()), i(after), Value::Integer(limit), Value::Integer(BOUND as i64)],
             )
         } else {
             Step::new(
@@ -163,7 +162,13 @@ impl HotStore for LibsqlStore {
         let rows = self
             .read_for_drain("read changes", move |c| {
                 let step = step.clone();
-                Box::pin(async move { Ok(c.query(step).await?) })
+                Box::pin(async move {
+                    if local {
+                        Ok(c.query_bounded(step, 3, BOUND).await?)
+                    } else {
+                        Ok(c.query(step).await?)
+                    }
+                })
             })
             .await?;
         let describe = self.inner.target.describe();

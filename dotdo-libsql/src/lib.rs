@@ -172,7 +172,8 @@ mod store;
 pub use settings::{validate_url, AuthToken, Durability, LibsqlSettings, Target, Transport, MAX_BACKOFF, MAX_RETRIES};
 pub use store::{LibsqlStore, LibsqlStoreBuilder};
 
-/// The most bytes of values one `read_changes` on a remote primary returns (at least one change
-/// whatever its size): the answer must arrive within `request_timeout`, and a drain reads on
-/// until the log is empty.
-pub const REMOTE_CHANGES_BYTES: usize = 8 << 20;
+/// The most bytes of values one `read_changes` returns (at least one change whatever its size),
+/// on a local file as on a remote primary, where the answer must also arrive within
+/// `request_timeout`; a drain reads on until the log is empty. The same bound as dotdo-sqlite's
+/// ([`dotdo_core::sql_schema::READ_CHANGES_BYTES`]).
+pub const REMOTE_CHANGES_BYTES: usize = dotdo_core::sql_schema::READ_CHANGES_BYTES;

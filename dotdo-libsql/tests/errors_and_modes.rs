@@ -566,6 +566,15 @@ async fn a_lease_row_that_does_not_decode_is_corrupt_never_a_free_lease() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "as dotdo-sqlite says: {e}");
 }
 
+/// A local `read_changes` returns at most `REMOTE_CHANGES_BYTES` of values too (at least one
+/// change), stepping no further: a drain of a backlog of large values loaded it whole.
+#[tokio::test]
+async fn local_change_reads_are_bounded_in_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = LibsqlStore::local(dir.path().join("hot.db")).open().await.expect("open");
+    dotdo_core::testkit::hot::assert_change_reads_are_bounded_in_bytes(&s, dotdo_libsql::REMOTE_CHANGES_BYTES).await;
+}
+
 /// A refresh reads the time once the store's writer is its own: queued behind a write that waits
 /// for another process's lock while the lease runs out, it finds the lease ended (as
 /// dotdo-sqlite, which reads the time inside its transaction). It read the time before queueing

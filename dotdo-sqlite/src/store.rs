@@ -853,14 +853,23 @@ impl HotStore for SqliteStore {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         self.run(move |inner| {
             let rows: Vec<dotdo_core::sql_schema::ChangeRow> = inner.read("read changes", |c| {
-                c.prepare_cached(
+                let mut stmt = c.prepare_cached(
                     "SELECT seq, key, op, value, token, ts, type FROM do_changes \
                      WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-                )?
-                .query_map(params![object.as_str(), after, limit], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
-                })?
-                .collect()
+                )?;
+                let mut rows = stmt.query(params![object.as_str(), after, limit])?;
+                // At most READ_CHANGES_BYTES of values (at least one change): the rest is read
+                // by the next call, never loaded all at once.
+                let (mut out, mut bytes) = (Vec::new(), 0usize);
+                while let Some(r) = rows.next()? {
+                    let value: Vec<u8> = r.get(3)?;
+                    bytes = bytes.saturating_add(value.len());
+                    if !out.is_empty() && bytes > dotdo_core::sql_schema::READ_CHANGES_BYTES {
+                        break;
+                    }
+                    out.push((r.get(0)?, r.get(1)?, r.get(2)?, value, r.get(4)?, r.get(5)?, r.get(6)?));
+                }
+                Ok(out)
             })?;
             let source = inner.path.display().to_string();
             rows.into_iter().map(|row| dotdo_core::sql_schema::change_record(&object, row, &source)).collect()

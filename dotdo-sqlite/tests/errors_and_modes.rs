@@ -74,6 +74,16 @@ async fn rows_that_do_not_fit_the_schema_are_corrupt_never_a_free_lease() {
     assert!(e.to_string().contains(&path.display().to_string()), "a Corrupt error names the file: {e}");
 }
 
+/// `read_changes` returns at most `READ_CHANGES_BYTES` of values (at least one change),
+/// stepping no further: a drain of a backlog of large values loaded it whole.
+#[tokio::test]
+async fn change_reads_are_bounded_in_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = SqliteStore::builder(dir.path().join("hot.db")).open().await.expect("open");
+    let bound = dotdo_core::sql_schema::READ_CHANGES_BYTES;
+    dotdo_core::testkit::hot::assert_change_reads_are_bounded_in_bytes(&s, bound).await;
+}
+
 /// An expired lease row (or token maximum) that does not decode is `Corrupt` to an acquire and
 /// stays as it is (dotdo-libsql shares the list of damage).
 #[tokio::test]

@@ -92,6 +92,11 @@ pub struct RuntimeSettings {
     pub flush_after_changes: u64,
     /// Most change records per cold commit when flushing. Default 100 000.
     pub flush_batch_records: usize,
+    /// Most bytes (keys, values, type names and 64 per record) per cold commit when flushing;
+    /// a commit holds at least one record whatever its size. Bounds what a flush holds in
+    /// memory: values go up to 2 MiB, so `flush_batch_records` alone would let 100 000 of them
+    /// (about 200 GB) into one commit after a long cold outage. Default 64 MiB.
+    pub flush_batch_bytes: usize,
     /// Objects idle this long are tiered out by `evict_idle` and `maintain` (None: never).
     /// Must not exceed `keep_warm` (objects released after `keep_warm` are no longer this
     /// runtime's to evict). An object whose eviction failed for a passing reason (cold storage
@@ -125,6 +130,7 @@ impl Default for RuntimeSettings {
             type_name: "Object".to_string(),
             flush_after_changes: 0,
             flush_batch_records: 100_000,
+            flush_batch_bytes: 64 << 20,
             evict_idle_after: None,
             drain_released: true,
             lazy_cache_bytes: 64 << 20,
@@ -296,6 +302,9 @@ impl ObjectRuntimeBuilder {
         crate::guard::validate_ttl(self.settings.lease_ttl)?;
         if self.settings.flush_batch_records == 0 {
             return Err(Error::invalid("flush_batch_records must be at least 1"));
+        }
+        if self.settings.flush_batch_bytes == 0 {
+            return Err(Error::invalid("flush_batch_bytes must be at least 1"));
         }
         crate::ids::validate_type_name(&self.settings.type_name)?;
         if let RestoreMode::Hybrid { keys, .. } = &self.settings.restore {
@@ -856,7 +865,8 @@ impl ObjectRuntime {
                     // Not landed: settled, and forgotten. (With a remote guard a queued request
                     // might still land later; remembering it would also adopt, or give back, a
                     // lease another runtime under the same node id takes later, which breaks that
-                    // runtime's fencing. A late landing costs this node at most a TTL.)
+                    // runtime's fencing. A late landing leaves the object held for at most a
+                    // TTL, by no call: every node waits it out.)
                     Ok(_) => {
                         flight.pending = None;
                         if unknown < 3 {
@@ -1244,8 +1254,9 @@ impl ObjectRuntime {
             let mut last_seqs = HashMap::new();
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
+            let mut bytes_left = inner.settings.flush_batch_bytes;
             for Held { object, token, .. } in held.iter() {
-                if budget == 0 {
+                if budget == 0 || bytes_left == 0 {
                     break;
                 }
                 if left_out.contains(object) {
@@ -1255,11 +1266,17 @@ impl ObjectRuntime {
                 if !info.has_pending_changes() {
                     continue;
                 }
-                let records = inner.hot.read_changes(object, info.truncated_through, budget).await?;
+                let mut records = inner.hot.read_changes(object, info.truncated_through, budget).await?;
                 if newer_holder(&records, *token).is_some() {
                     tracing::info!(object = %object, "dotdo flush_all: another node took the object over; skipped");
                     left_out.insert(object.clone());
                     continue;
+                }
+                let read = records.len();
+                bytes_left -= cut_to_bytes(&mut records, bytes_left, batch.objects.is_empty());
+                if read > 0 && records.is_empty() {
+                    // The commit is full: this object's changes go in the next round.
+                    break;
                 }
                 budget -= records.len().min(budget);
                 last_seqs.insert(object.clone(), info.last_seq);
@@ -2291,11 +2308,12 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
         if !info.has_pending_changes() {
             break;
         }
-        let records =
+        let mut records =
             inner.hot.read_changes(object, info.truncated_through, inner.settings.flush_batch_records).await?;
         if records.is_empty() {
             break;
         }
+        cut_to_bytes(&mut records, inner.settings.flush_batch_bytes, true);
         if let Some(newer) = newer_holder(&records, token) {
             return Err(Error::fenced(object, token, newer));
         }
@@ -2315,6 +2333,28 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
         report.objects = 1;
     }
     Ok(report)
+}
+
+/// The bytes a change record counts against `flush_batch_bytes`.
+fn record_bytes(r: &ChangeRecord) -> usize {
+    r.key.len().saturating_add(r.value.len()).saturating_add(r.type_name.len()).saturating_add(64)
+}
+
+/// Keep the longest prefix of `records` within `budget` bytes (at least one record if
+/// `at_least_one`, whatever its size); returns the bytes kept (at most `budget`, or the one
+/// record's).
+fn cut_to_bytes(records: &mut Vec<ChangeRecord>, budget: usize, at_least_one: bool) -> usize {
+    let (mut total, mut keep) = (0usize, 0usize);
+    for r in records.iter() {
+        let b = record_bytes(r);
+        if total.saturating_add(b) > budget && (keep > 0 || !at_least_one) {
+            break;
+        }
+        total = total.saturating_add(b);
+        keep += 1;
+    }
+    records.truncate(keep);
+    total.min(budget)
 }
 
 /// Count a cold commit of a drain in the runtime's metrics.

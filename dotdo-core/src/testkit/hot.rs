@@ -2059,3 +2059,39 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
     failures.extend(run_catching("prop_guard_matches_model", || prop_guard_matches_model(f)));
     failures
 }
+
+/// Not a conformance case (a backend may return any number of changes per read): for backends
+/// that bound `read_changes` by bytes (the SQL stores:
+/// [`READ_CHANGES_BYTES`](crate::sql_schema::READ_CHANGES_BYTES)), check that one read returns at
+/// most `bound` bytes of values and as many changes as fit, in order; that reading on from the
+/// last change returned gives every change once; and that the row limit still applies.
+pub async fn assert_change_reads_are_bounded_in_bytes<S>(store: &S, bound: usize)
+where
+    S: crate::HotStore + crate::ConsistencyGuard,
+{
+    let obj = oid("bounded-reads");
+    let lease = store.acquire(&obj, &nid("n"), Duration::from_secs(3600)).await.expect("acquire");
+    // 1.5 MiB values: a bound that is not a multiple of them shows whether the change that
+    // crosses it is left out.
+    let value = Bytes::from(vec![7u8; 1536 << 10]);
+    let n = bound / value.len() + 3;
+    for k in 0..n {
+        store.put(&obj, lease.token, "T", &format!("k{k:02}"), value.clone()).await.expect("put");
+    }
+    let first = store.read_changes(&obj, 0, 1000).await.expect("read");
+    let bytes: usize = first.iter().map(|c| c.value.len()).sum();
+    assert_eq!(first.len(), bound / value.len(), "as many changes as fit in {bound} bytes, not the row limit");
+    assert!(bytes <= bound, "{bytes} bytes of values in one read, over {bound}");
+    let (mut seen, mut after) = (Vec::new(), 0);
+    loop {
+        let page = store.read_changes(&obj, after, 1000).await.expect("read on");
+        let Some(last) = page.last() else { break };
+        assert!(page.iter().map(|c| c.value.len()).sum::<usize>() <= bound);
+        after = last.seq;
+        seen.extend(page.iter().map(|c| c.seq));
+    }
+    assert_eq!(seen, (1..=n as u64).collect::<Vec<_>>(), "every change once, in order");
+    let small = (0..50).fold(WriteBatch::new("T"), |b, k| b.put(format!("s{k}"), "v"));
+    let r = store.write(&obj, lease.token, small).await.expect("small");
+    assert_eq!(store.read_changes(&obj, r.first_seq - 1, 10).await.expect("read").len(), 10, "the row limit applies");
+}
