@@ -1928,6 +1928,72 @@ async fn a_slow_restore_before_a_lazy_objects_first_commit_keeps_the_lease() {
     assert_eq!(all_state(&b, &o).await.len(), 21);
 }
 
+/// A drain that outlasts the lease (here one cold commit taking two TTLs; a large backlog after
+/// a cold outage) keeps the lease renewed, as a handler does: flush, evict and the automatic
+/// flush after a commit each end holding a live lease (evict then gives it back). They ran
+/// without renewal: another node could take the object over meanwhile, and the drain then
+/// failed fenced after its commits had landed.
+#[tokio::test]
+async fn a_drain_that_outlasts_the_lease_keeps_it() {
+    use std::sync::atomic::Ordering;
+    for how in ["flush", "evict", "auto-flush"] {
+        let w = World::new();
+        let auto = if how == "auto-flush" { 2 } else { 0 };
+        let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: auto, ..settings() });
+        let o = oid("o");
+        incr(&rt, &o).await.expect("incr");
+        // Two TTLs pass during the commit; then node b tries to take the object.
+        let (clock, hot, o2) = (w.clock.clone(), w.hot.clone(), o.clone());
+        let b_refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = b_refused.clone();
+        *cold.before_append.lock() = Some(Box::pin(async move {
+            for _ in 0..20 {
+                clock.advance(TTL / 10);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let b = hot.acquire(&o2, &NodeId::new("b").expect("valid"), TTL).await;
+            refused.store(b.is_err_and(|e| matches!(e.kind(), ErrorKind::LeaseHeld { .. })), Ordering::SeqCst);
+        }));
+        match how {
+            "flush" => assert_eq!(rt.flush(&o).await.expect("flush").records, 1),
+            "evict" => rt.evict(&o).await.expect("evict"),
+            _ => assert_eq!(incr(&rt, &o).await.expect("the second change flushes both"), 2),
+        }
+        assert!(b_refused.load(Ordering::SeqCst), "{how}: node b took the object during the drain");
+        assert_eq!(rt.metrics().self_fenced, 0, "{how}");
+        if how != "evict" {
+            let l = w.hot.current(&o).await.expect("current").expect("the lease is still live");
+            assert_eq!(l.holder.as_str(), "a", "{how}");
+        }
+        assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1 + u64::from(how == "auto-flush"), "{how}");
+    }
+}
+
+/// An eager restore that outlasts the lease (a large state read from cold, here two TTLs)
+/// keeps the lease renewed: the activating call goes through. It ran without renewal, and the
+/// call failed with `LeaseLost` after loading the whole state.
+#[tokio::test]
+async fn an_eager_restore_that_outlasts_the_lease_keeps_it() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 20).await;
+    a.evict(&o).await.expect("evict");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let b = w.runtime_with("b", Arc::new(w.hot.clone()), cold.clone(), settings());
+    let clock = w.clock.clone();
+    *cold.before_load.lock() = Some(Box::pin(async move {
+        for _ in 0..20 {
+            clock.advance(TTL / 10);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }));
+    assert_eq!(incr(&b, &o).await.expect("the activation restores, then the call writes"), 1);
+    assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(b.metrics().self_fenced, 0);
+    assert_eq!(all_state(&b, &o).await.len(), 21);
+}
+
 /// A renewal that fails without the lease being lost (a backend error) during the restore before
 /// a lazy object's first commit fails the call and gives the lease back, as a failed renewal
 /// during the handler does: the next call (here, at once) is not refused by this node's own

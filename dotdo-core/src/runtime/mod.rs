@@ -693,7 +693,7 @@ impl ObjectRuntime {
                 let pending =
                     inner.hot.object_info(object).await?.map_or(0, |i| i.last_seq.saturating_sub(i.truncated_through));
                 if pending >= threshold {
-                    drain(inner, object, token).await?;
+                    with_renewal(inner, &mut active.lease, drain(inner, object, token)).await?;
                 }
                 Ok::<_, Error>(())
             }
@@ -997,10 +997,10 @@ impl ObjectRuntime {
                 // Checked against cold above: these are the very changes cold has.
                 inner.hot.truncate_changes(object, token, hot_seq).await?;
             }
-            return restore_eager(inner, object, token).await;
+            return with_renewal(inner, &mut active.lease, restore_eager(inner, object, token)).await;
         }
         match &inner.settings.restore {
-            RestoreMode::Eager => restore_eager(inner, object, token).await,
+            RestoreMode::Eager => with_renewal(inner, &mut active.lease, restore_eager(inner, object, token)).await,
             mode => {
                 let snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
                 let mut lazy = LazyState::new(snapshot, wm.through);
@@ -1112,8 +1112,9 @@ impl ObjectRuntime {
             return Ok(FlushReport::default());
         }
         self.ensure_active(object, &mut slot).await?;
-        let token = slot.active.as_ref().expect("active").lease.token;
-        let r = drain(&self.inner, object, token).await;
+        let active = slot.active.as_mut().expect("active");
+        let token = active.lease.token;
+        let r = with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token)).await;
         if r.as_ref().is_err_and(activation_spent) {
             give_back(&self.inner, &mut slot.active).await;
         }
@@ -1469,8 +1470,8 @@ impl ObjectRuntime {
                 cold_holds_hot_changes(&self.inner, object).await?;
             }
             Ok(())
-        }
-        .await;
+        };
+        let drained = with_renewal(&self.inner, &mut active.lease, drained).await;
         if let Err(e) = drained {
             // Keep the object active for the next call, unless the lease is gone (or the hot
             // store is behind cold storage).
@@ -1810,6 +1811,23 @@ async fn renewing<T>(
         Either::Left((out, _)) => Ok(out),
         Either::Right((lost, _)) => Err(lost),
     }
+}
+
+/// Run `fut`, a long operation on one object under `lease` (a drain of a large backlog, an
+/// eager restore of a large state), with the lease renewed meanwhile as during a handler, and
+/// keep the renewed lease. A lost renewal abandons `fut` (a drain's commits are idempotent, a
+/// restore's outcome is settled by the next activation) and is the error. Without it an
+/// operation outlasting the TTL let another node take the object over and then failed fenced
+/// (a drain after its commits had landed, a restore after loading the whole state).
+async fn with_renewal<T>(
+    inner: &Arc<Inner>,
+    lease: &mut Lease,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let renewed = parking_lot::Mutex::new(lease.clone());
+    let out = renewing(inner, &renewed, fut).await;
+    *lease = renewed.into_inner();
+    out?
 }
 
 async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Error {
