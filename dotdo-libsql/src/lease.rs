@@ -20,40 +20,47 @@ impl ConsistencyGuard for LibsqlStore {
         // A refusal whose explanation finds the lease free means it was freed in between: try
         // again, a few times (the row and the rules cannot disagree for longer unless damaged).
         for _ in 0..4 {
-            let now = self.inner.clock.now();
-            let expires = now.plus(ttl);
-            // The same decision as `rules::acquire`, in SQL so that it is one round trip: take the
-            // lease if it is free (expired or released), with a token above every token issued.
-            let p = vec![
-                t(object.as_str()),
-                t(holder.as_str()),
-                Value::Integer(now.as_micros()),
-                Value::Integer(expires.as_micros()),
-                i(FencingToken::MAX.get()),
-            ];
-            // Remote (one batch): the upsert, then `changes()` says whether it took the lease.
-            let steps = Arc::new(vec![Step::exec(ACQUIRE, p.clone())]);
-            let result = Step::new(
-                "SELECT CASE WHEN changes() = 1 THEN (SELECT fencing_token FROM do_locks WHERE do_id = ?1) ELSE -1 END",
-                p.clone(),
-            );
-            // A local file: the upsert alone, one autocommit statement returning the token it
-            // granted (no row if refused). Either way the lease row alone is written: fenced calls
-            // fold its token into `do_objects` themselves (`FOLD_LEASE`), so an acquire dirties
-            // one page, not two.
-            let returning = Step::new(format!("{ACQUIRE} RETURNING fencing_token"), p);
-            let token = self
+            // The time is read once the writer is this call's (as `refresh` does): read before
+            // queueing, a lease granted after a long wait was short or already over, and a
+            // lease released meanwhile was refused as held.
+            let (clock, object_, holder_) = (self.inner.clock.clone(), object.clone(), holder.clone());
+            let (token, now, expires) = self
                 .write_call("acquire lease", move |c| {
-                    let (steps, result, returning) = (steps.to_vec(), result.clone(), returning.clone());
+                    let now = clock.now();
+                    let expires = now.plus(ttl);
+                    // The same decision as `rules::acquire`, in SQL so that it is one round
+                    // trip: take the lease if it is free (expired or released), with a token
+                    // above every token issued.
+                    let p = vec![
+                        t(object_.as_str()),
+                        t(holder_.as_str()),
+                        Value::Integer(now.as_micros()),
+                        Value::Integer(expires.as_micros()),
+                        i(FencingToken::MAX.get()),
+                    ];
+                    let batch = c.is_batch();
                     Box::pin(async move {
-                        if c.is_batch() {
-                            let program = Program { steps, result: Some(result) };
-                            return Ok(c.run_program(program).await?.unwrap_or(-1));
+                        if batch {
+                            // Remote (one batch): the upsert, then `changes()` says whether it
+                            // took the lease.
+                            let program = Program {
+                                steps: vec![Step::exec(ACQUIRE, p.clone())],
+                                result: Some(Step::new(
+                                    "SELECT CASE WHEN changes() = 1 THEN (SELECT fencing_token FROM do_locks WHERE do_id = ?1) ELSE -1 END",
+                                    p,
+                                )),
+                            };
+                            return Ok((c.run_program(program).await?.unwrap_or(-1), now, expires));
                         }
-                        // One autocommit statement: an I/O error may be its commit's, which
-                        // WAL recovery can still apply (AmbiguousOutcome, as a COMMIT's).
+                        // A local file: the upsert alone, one autocommit statement returning the
+                        // token it granted (no row if refused). Either way the lease row alone is
+                        // written: fenced calls fold its token into `do_objects` themselves
+                        // (`FOLD_LEASE`), so an acquire dirties one page, not two. An I/O error
+                        // may be its commit's, which WAL recovery can still apply
+                        // (AmbiguousOutcome, as a COMMIT's).
+                        let returning = Step::new(format!("{ACQUIRE} RETURNING fencing_token"), p);
                         let rows = c.query(returning).await.map_err(crate::conn::commit_failure)?;
-                        Ok(rows.first().map(|r| int(r.first())).transpose()?.unwrap_or(-1))
+                        Ok((rows.first().map(|r| int(r.first())).transpose()?.unwrap_or(-1), now, expires))
                     })
                 })
                 .await?;

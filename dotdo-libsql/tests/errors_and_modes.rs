@@ -575,39 +575,77 @@ async fn local_change_reads_are_bounded_in_bytes() {
     dotdo_core::testkit::hot::assert_change_reads_are_bounded_in_bytes(&s, dotdo_libsql::REMOTE_CHANGES_BYTES).await;
 }
 
+/// A store on a manual clock holding the lease of `obj()` (TTL 10 s), and its file's path.
+async fn store_on_a_manual_clock(
+    dir: &std::path::Path,
+) -> (LibsqlStore, Arc<dotdo_core::ManualClock>, dotdo_core::Lease, std::path::PathBuf) {
+    let path = dir.join("hot.db");
+    let clock = Arc::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH));
+    let s = LibsqlStore::local(&path).with_clock(clock.clone()).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(10)).await.expect("acquire");
+    (s, clock, l, path)
+}
+
+/// Run `call` queued for the store's writer behind a put under `lease` that waits for another
+/// process's write lock, while the clock moves on by 11 s (past a 10 s TTL); returns its output.
+#[allow(clippy::disallowed_methods)] // real time: letting the spawned calls queue
+async fn queued_past_a_ttl<T: Send + 'static>(
+    s: &LibsqlStore,
+    path: &std::path::Path,
+    clock: &dotdo_core::ManualClock,
+    lease: &dotdo_core::Lease,
+    call: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let holder_db = libsql::Builder::new_local(path).build().await.expect("second handle");
+    let holder = holder_db.connect().expect("connect");
+    holder.execute("BEGIN IMMEDIATE", ()).await.expect("take the write lock");
+    // The put takes the store's writer and waits for the lock; the call queues behind it.
+    let put = tokio::spawn({
+        let (s, token) = (s.clone(), lease.token);
+        async move { s.put(&obj(), token, "T", "k", "v".into()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let call = tokio::spawn(call);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!put.is_finished() && !call.is_finished(), "both calls wait");
+    clock.advance(Duration::from_secs(11));
+    holder.execute("COMMIT", ()).await.expect("release the lock");
+    put.await.expect("put task").expect("the put goes through");
+    call.await.expect("the call's task")
+}
+
 /// A refresh reads the time once the store's writer is its own: queued behind a write that waits
 /// for another process's lock while the lease runs out, it finds the lease ended (as
 /// dotdo-sqlite, which reads the time inside its transaction). It read the time before queueing
 /// and extended the ended lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::disallowed_methods)] // real time: letting the spawned calls queue
 async fn a_refresh_queued_past_the_expiry_finds_the_lease_ended() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("hot.db");
-    let clock = Arc::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH));
-    let s = LibsqlStore::local(&path).with_clock(clock.clone()).open().await.expect("open");
-    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(10)).await.expect("acquire");
-    let holder_db = libsql::Builder::new_local(&path).build().await.expect("second handle");
-    let holder = holder_db.connect().expect("connect");
-    holder.execute("BEGIN IMMEDIATE", ()).await.expect("take the write lock");
-    // The put takes the store's writer and waits for the lock; the refresh queues behind it.
-    let put = tokio::spawn({
-        let (s, token) = (s.clone(), l.token);
-        async move { s.put(&obj(), token, "T", "k", "v".into()).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let refresh = tokio::spawn({
+    let (s, clock, l, path) = store_on_a_manual_clock(dir.path()).await;
+    let refresh = {
         let (s, l) = (s.clone(), l.clone());
         async move { s.refresh(&l, Duration::from_secs(10)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!put.is_finished() && !refresh.is_finished(), "both calls wait");
-    clock.advance(Duration::from_secs(11));
-    holder.execute("COMMIT", ()).await.expect("release the lock");
-    put.await.expect("put task").expect("the put goes through");
-    let e = refresh.await.expect("refresh task").expect_err("the lease ended while the refresh queued");
+    };
+    let e = queued_past_a_ttl(&s, &path, &clock, &l, refresh).await.expect_err("the lease ended while it queued");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
     assert_eq!(s.current(&obj()).await.expect("current"), None, "the ended lease stays ended");
+}
+
+/// An acquire reads the time once the store's writer is its own: queued behind a write that
+/// waits for another process's lock for longer than the TTL, it is granted a full TTL from the
+/// moment it runs. It read the time before queueing and was granted a lease already over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_queued_past_a_ttl_gets_a_full_ttl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s, clock, l, path) = store_on_a_manual_clock(dir.path()).await;
+    let other = ObjectId::new("other").expect("valid");
+    let acquire = {
+        let (s, other) = (s.clone(), other.clone());
+        async move { s.acquire(&other, &NodeId::new("m").expect("valid"), Duration::from_secs(10)).await }
+    };
+    let granted = queued_past_a_ttl(&s, &path, &clock, &l, acquire).await.expect("granted");
+    assert_eq!(granted.expires_at, clock.now().plus(Duration::from_secs(10)), "a full TTL from now");
+    assert_eq!(s.current(&other).await.expect("current").map(|l| l.token), Some(granted.token), "live");
 }
 
 /// An expired lease row (or token maximum) that does not decode is `Corrupt` to an acquire, as
