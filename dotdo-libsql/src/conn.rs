@@ -197,11 +197,16 @@ impl Conn {
         use crate::sql::{DIRECT_DEL, DIRECT_LOG, DIRECT_PUT, DIRECT_READ, RAISE_IF_CURRENT};
         self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
         let rows = self.prepared(Step::new(DIRECT_READ, vec![w.object.clone()])).await?;
-        let (max, last, known) = match rows.first() {
-            Some(r) => (crate::sql::int(r.first())?, crate::sql::int(r.get(1))?, crate::sql::int(r.get(2))? != 0),
-            None => (0, 0, false),
+        let (max, last, known, truncated) = match rows.first() {
+            Some(r) => (
+                crate::sql::int(r.first())?,
+                crate::sql::int(r.get(1))?,
+                crate::sql::int(r.get(2))? != 0,
+                crate::sql::int(r.get(3))?,
+            ),
+            None => (0, 0, false, 0),
         };
-        if max < 0 || last < 0 {
+        if max < 0 || last < 0 || truncated < 0 {
             // Not a value dotdo writes (tokens and sequence numbers start at 1): a damaged row,
             // or another tool's. Corrupt, with nothing written (a negative result would read
             // as "fenced" after a committed write), as dotdo-sqlite reads the same row.
@@ -325,8 +330,8 @@ impl Conn {
     }
 }
 
-/// Bits of a program result carried in a rowid: results lie in `[-2^44, 2^44)`.
-const RESULT_BITS: u32 = 45;
+/// Bits of a program result carried in a rowid: results lie in `[-2^45, 2^45)`.
+const RESULT_BITS: u32 = 46;
 const RESULT_BIAS: i64 = 1 << (RESULT_BITS - 1);
 /// Bits of the per-call nonce that proves the rowid came from this call.
 const NONCE_BITS: u32 = 16;
@@ -368,6 +373,11 @@ fn decode_result(rowid: i64, nonce: i64) -> libsql::Result<i64> {
 /// `-2^44`, below every `-max_token` (tokens end at 2^44 - 1) and still inside the range a
 /// remote program result can carry.
 pub(crate) const SEQ_EXHAUSTED: i64 = -(1 << 44);
+
+/// The result of a fenced program that found the object's rows damaged (see
+/// [`damaged!`](crate::sql::damaged)) and wrote nothing: `2^44`, above every sequence number
+/// (they end at 2^44 - 1) and inside the range a remote program result can carry.
+pub(crate) const DAMAGED_ROWS: i64 = 1 << 44;
 
 /// The parameters of [`Conn::write_direct`]: `ops` are `(key, Some(value))` puts and
 /// `(key, None)` deletes, in order.
@@ -513,7 +523,11 @@ mod tests {
 
     #[test]
     fn results_round_trip_through_a_negative_rowid_with_the_nonce() {
-        for (r, nonce) in [(0, 1), (1, 7), (-1, 65_535), (RESULT_BIAS - 1, 3), (-RESULT_BIAS, 9), (123_456_789, 42)] {
+        let codes = [(DAMAGED_ROWS, 5), (SEQ_EXHAUSTED, 6), (-(dotdo_core::FencingToken::MAX.get() as i64), 8)];
+        for (r, nonce) in [(0, 1), (1, 7), (-1, 65_535), (RESULT_BIAS - 1, 3), (-RESULT_BIAS, 9), (123_456_789, 42)]
+            .into_iter()
+            .chain(codes)
+        {
             let rowid = RESULT_FLOOR + (nonce << RESULT_BITS) + RESULT_BIAS + r;
             assert!(rowid < 0, "{r} {nonce}");
             assert_eq!(decode_result(rowid, nonce).expect("decodes"), r);
@@ -521,6 +535,10 @@ mod tests {
         }
         assert!(decode_result(0, 0).is_err());
         assert!(decode_result(17, 1).is_err());
+        // The damaged-rows code is above every sequence number, and the SQL says the same.
+        assert!(DAMAGED_ROWS > dotdo_core::MAX_SEQ as i64);
+        assert!(crate::sql::DAMAGED_CASE.ends_with(&format!(" THEN {DAMAGED_ROWS}")));
+        assert!(crate::sql::WRITE_RESULT.contains(&format!(" THEN {DAMAGED_ROWS} ELSE")));
     }
 
     #[test]

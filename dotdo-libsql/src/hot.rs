@@ -85,6 +85,9 @@ impl HotStore for LibsqlStore {
             })
             .await?
             .unwrap_or_default();
+        if r == crate::conn::DAMAGED_ROWS {
+            return Err(self.damaged_rows(&object, "write"));
+        }
         if r == crate::conn::SEQ_EXHAUSTED {
             return Err(Error::limit("sequence number", dotdo_core::MAX_SEQ, dotdo_core::MAX_SEQ.saturating_add(n)));
         }
@@ -198,21 +201,23 @@ impl HotStore for LibsqlStore {
         let (o, tk, th) = (t(object.as_str()), i(token.get()), i(through));
         let p = vec![o, tk, th];
         // Valid: not fenced and `through` not beyond the last sequence number.
-        let ok = format!("NOT {FENCED} AND ?3 <= {LAST}");
+        let ok = format!("NOT {FENCED} AND ?3 <= {LAST} AND NOT {DAMAGED}");
         let steps = vec![
             Step::exec(FOLD_LEASE, vec![p[0].clone()]),
             Step::exec(
-                concat!(
-                    "UPDATE do_objects SET truncated_through = ?3, last_seq = max(last_seq, ",
-                    eff_last!("do_objects"),
-                    ") WHERE do_id = ?1 AND max_token <= ?2 AND ?3 > truncated_through AND ?3 <= ",
-                    eff_last!("do_objects")
+                format!(
+                    "UPDATE do_objects SET truncated_through = ?3, last_seq = max(last_seq, {last}) WHERE do_id = ?1 \
+                     AND max_token <= ?2 AND ?3 > truncated_through AND ?3 <= {last} AND NOT {DAMAGED}",
+                    last = eff_last!("do_objects")
                 ),
                 p.clone(),
             ),
             Step::exec(
-                "DELETE FROM do_changes WHERE do_id = ?1 AND seq <= ?3 AND EXISTS \
-                 (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token <= ?2 AND o.truncated_through >= ?3)",
+                format!(
+                    "DELETE FROM do_changes WHERE do_id = ?1 AND seq <= ?3 AND EXISTS \
+                     (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token <= ?2 AND o.truncated_through >= ?3) \
+                     AND NOT {DAMAGED}"
+                ),
                 p.clone(),
             ),
             Step::exec(
@@ -225,9 +230,11 @@ impl HotStore for LibsqlStore {
         ];
         // 0: done; < 0: fenced by -code; 1: `through` is beyond the last seq. (Not the last seq
         // itself: at MAX_SEQ, last + 1 is outside the range a program result can carry.)
-        let result =
-            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN ?3 > {LAST} THEN 1 ELSE 0 END"), p);
-        let code = self.program("truncate changes", steps, result).await?;
+        let result = Step::new(
+            format!("SELECT CASE {DAMAGED_CASE} WHEN {FENCED} THEN {MINUS_MAX} WHEN ?3 > {LAST} THEN 1 ELSE 0 END"),
+            p,
+        );
+        let code = self.program(object, "truncate changes", steps, result).await?;
         match code {
             0 => Ok(()),
             c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
@@ -298,7 +305,7 @@ impl HotStore for LibsqlStore {
     async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
         token.validate()?;
         let p = vec![t(object.as_str()), i(token.get())];
-        let ok = format!("NOT {FENCED} AND NOT {PENDING}");
+        let ok = format!("NOT {FENCED} AND NOT {PENDING} AND NOT {DAMAGED}");
         let steps = vec![
             Step::exec(FOLD_LEASE, vec![p[0].clone()]),
             Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
@@ -310,9 +317,11 @@ impl HotStore for LibsqlStore {
                 p.clone(),
             ),
         ];
-        let result =
-            Step::new(format!("SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {PENDING} THEN 1 ELSE 0 END"), p);
-        match self.program("evict", steps, result).await? {
+        let result = Step::new(
+            format!("SELECT CASE {DAMAGED_CASE} WHEN {FENCED} THEN {MINUS_MAX} WHEN {PENDING} THEN 1 ELSE 0 END"),
+            p,
+        );
+        match self.program(object, "evict", steps, result).await? {
             0 => Ok(()),
             c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
             _ => Err(self.pending_conflict(object, "evict").await),
@@ -331,7 +340,7 @@ impl HotStore for LibsqlStore {
         let p = vec![t(object.as_str()), i(token.get()), i(through_seq)];
         // Conflict: pending changes, or a last seq above `through_seq`.
         let conflict = format!("({PENDING} OR {LAST} > ?3)");
-        let ok = format!("NOT {FENCED} AND NOT {conflict}");
+        let ok = format!("NOT {FENCED} AND NOT {conflict} AND NOT {DAMAGED}");
         let mut steps = vec![
             Step::exec(FOLD_LEASE, vec![p[0].clone()]),
             Step::exec(
@@ -355,11 +364,11 @@ impl HotStore for LibsqlStore {
         ));
         let result = Step::new(
             format!(
-                "SELECT CASE WHEN {FENCED} THEN {MINUS_MAX} WHEN {LAST} > ?3 THEN 2 WHEN {PENDING} THEN 1 ELSE 0 END"
+                "SELECT CASE {DAMAGED_CASE} WHEN {FENCED} THEN {MINUS_MAX} WHEN {LAST} > ?3 THEN 2 WHEN {PENDING} THEN 1 ELSE 0 END"
             ),
             p,
         );
-        match self.program("restore", steps, result).await? {
+        match self.program(object, "restore", steps, result).await? {
             0 => Ok(()),
             c if c < 0 => Err(Error::fenced(object, token, FencingToken::new(c.unsigned_abs()))),
             2 => Err(dotdo_core::record::restore_behind_hot(object, through_seq, None)),

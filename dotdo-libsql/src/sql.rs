@@ -23,6 +23,32 @@ macro_rules! eff_last {
     };
 }
 pub(crate) use eff_last;
+/// The rows of object `?1` hold values dotdo never writes (a token maximum, sequence floor or
+/// lease token that is not a non-negative integer): another tool's or damaged rows, which
+/// dotdo-sqlite reads as `Corrupt`. SQL would compare or compute with them (a text token is
+/// above every integer and reads as 0 in arithmetic), so every fenced program writes nothing
+/// then and answers [`DAMAGED_ROWS`](crate::conn::DAMAGED_ROWS).
+macro_rules! damaged {
+    () => {
+        "(EXISTS (SELECT 1 FROM do_objects d WHERE d.do_id = ?1 AND (typeof(d.max_token) <> 'integer' \
+         OR d.max_token < 0 OR typeof(d.last_seq) <> 'integer' OR d.last_seq < 0 \
+         OR typeof(d.truncated_through) <> 'integer' OR d.truncated_through < 0)) \
+         OR EXISTS (SELECT 1 FROM do_locks l WHERE l.do_id = ?1 AND (typeof(l.fencing_token) <> 'integer' \
+         OR l.fencing_token < 0)))"
+    };
+}
+/// [`damaged!`] as a constant.
+pub(crate) const DAMAGED: &str = damaged!();
+/// [`DAMAGED_ROWS`](crate::conn::DAMAGED_ROWS) as an SQL literal (checked by a test).
+macro_rules! damaged_code {
+    () => {
+        "17592186044416"
+    };
+}
+/// The first arm of a fenced program's result `CASE`: damaged rows answer
+/// [`DAMAGED_ROWS`](crate::conn::DAMAGED_ROWS).
+pub(crate) const DAMAGED_CASE: &str = concat!("WHEN ", damaged!(), " THEN ", damaged_code!());
+
 /// Take the lease if it is free (expired or released), with a token above every token issued
 /// (the larger of the lease's and `do_objects.max_token`, at most `?5`): the same decision as
 /// `rules::acquire`, as one statement. `?1` object, `?2` holder, `?3` now, `?4` expiry (µs).
@@ -44,7 +70,8 @@ pub(crate) const ACQUIRE: &str = "INSERT INTO do_locks (do_id, node_id, acquired
 /// (raise only), so that the steps after it may fence against `do_objects` alone. An acquire
 /// writes the lease row only; the object's fencing floor is the larger of the two.
 pub(crate) const FOLD_LEASE: &str = "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
-     SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 \
+     SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 AND typeof(fencing_token) = 'integer' \
+     AND fencing_token >= 0 \
      ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token";
 /// `?2` (the presented token) is below the object's maximum (after [`FOLD_LEASE`]).
 pub(crate) const FENCED: &str = "EXISTS (SELECT 1 FROM do_objects f WHERE f.do_id = ?1 AND f.max_token > ?2)";
@@ -61,36 +88,50 @@ pub(crate) const RAISE_IF_CURRENT: &str = concat!(
      ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token \
      AND ",
     eff_last!("do_objects"),
-    " <= ?3"
+    " <= ?3 AND NOT ",
+    damaged!()
 );
 /// The step of a write after [`RAISE_IF_CURRENT`]: pin the object's `last_seq` floor to its effective last
 /// sequence number (which it never changes), so the steps after it can test the room left below
 /// `MAX_SEQ` against a value the batch's own inserts do not move. Only with a current token.
-pub(crate) const PIN_LAST: &str =
-    concat!("UPDATE do_objects AS o SET last_seq = ", eff_last!("o"), " WHERE o.do_id = ?1 AND o.max_token = ?2");
+pub(crate) const PIN_LAST: &str = concat!(
+    "UPDATE do_objects AS o SET last_seq = ",
+    eff_last!("o"),
+    " WHERE o.do_id = ?1 AND o.max_token = ?2 AND NOT ",
+    damaged!()
+);
 /// Append one change with the next sequence number, only if the token is current and the whole
 /// batch fits below `MAX_SEQ` (`?8`: the largest last seq before the batch that leaves room).
 pub(crate) const LOG: &str = concat!(
     "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) SELECT ?1, ",
     eff_last!("o"),
-    " + 1, ?3, ?4, ?5, ?2, ?6, ?7 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?8"
+    " + 1, ?3, ?4, ?5, ?2, ?6, ?7 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?8 AND NOT ",
+    damaged!()
 );
 /// Upsert the state of the change just logged, under the same conditions as [`LOG`] (`?5`).
-pub(crate) const PUT: &str = "INSERT INTO do_state (do_id, key, value, seq) \
+pub(crate) const PUT: &str = concat!(
+    "INSERT INTO do_state (do_id, key, value, seq) \
      SELECT ?1, ?3, ?4, (SELECT max(seq) FROM do_changes c WHERE c.do_id = ?1) \
-     FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?5 \
-     ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq";
+     FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?5 AND NOT ",
+    damaged!(),
+    " ON CONFLICT (do_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq"
+);
 /// Delete a key's state, under the same conditions as [`LOG`] (`?4`).
-pub(crate) const DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND key = ?3 \
-     AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?4)";
+pub(crate) const DEL: &str = concat!(
+    "DELETE FROM do_state WHERE do_id = ?1 AND key = ?3 \
+     AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?4) AND NOT ",
+    damaged!()
+);
 /// The direct (local) write path's one read, always one row: the object's fencing floor (the
-/// larger of `do_objects.max_token` and the lease's token), the effective last seq, and whether
-/// the object has a `do_objects` row.
+/// larger of `do_objects.max_token` and the lease's token), the effective last seq, whether
+/// the object has a `do_objects` row, and its `truncated_through` (read only to refuse a value
+/// dotdo never writes, as dotdo-sqlite does).
 pub(crate) const DIRECT_READ: &str = concat!(
     "SELECT max(coalesce(o.max_token, 0), coalesce((SELECT fencing_token FROM do_locks WHERE do_id = x.id), 0)), \
      coalesce(",
     eff_last!("o"),
-    ", 0), o.do_id IS NOT NULL FROM (SELECT ?1 AS id) x LEFT JOIN do_objects o ON o.do_id = x.id"
+    ", 0), o.do_id IS NOT NULL, coalesce(o.truncated_through, 0) \
+     FROM (SELECT ?1 AS id) x LEFT JOIN do_objects o ON o.do_id = x.id"
 );
 /// The direct path's change-log insert, sequence number given.
 pub(crate) const DIRECT_LOG: &str = "INSERT INTO do_changes (do_id, seq, key, op, value, token, ts, type) \
@@ -104,10 +145,14 @@ pub(crate) const DIRECT_DEL: &str = "DELETE FROM do_state WHERE do_id = ?1 AND k
 /// (the maximum is still below a newer token: [`RAISE_IF_CURRENT`] refused it for room; or the
 /// pinned floor is past the room `?3`), else the effective last sequence number.
 pub(crate) const WRITE_RESULT: &str = concat!(
-    "SELECT coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token WHEN o.max_token < ?2 OR o.last_seq > ?3 \
+    "SELECT CASE WHEN ",
+    damaged!(),
+    " THEN ",
+    damaged_code!(),
+    " ELSE coalesce((SELECT CASE WHEN o.max_token > ?2 THEN -o.max_token WHEN o.max_token < ?2 OR o.last_seq > ?3 \
      THEN ?4 ELSE ",
     eff_last!("o"),
-    " END FROM do_objects o WHERE o.do_id = ?1), 0)"
+    " END FROM do_objects o WHERE o.do_id = ?1), 0) END"
 );
 /// The object has changes cold storage has not acknowledged.
 pub(crate) const PENDING: &str =

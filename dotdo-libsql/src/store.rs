@@ -941,15 +941,30 @@ impl Inner {
 }
 
 impl LibsqlStore {
-    /// Run a program with a result on the primary (a mutating call).
-    pub(crate) async fn program(&self, doing: &str, steps: Vec<Step>, result: Step) -> Result<i64> {
+    /// Run a program with a result on the primary (a mutating call). A fenced program that
+    /// found the object's rows damaged (it wrote nothing) is `Corrupt`.
+    pub(crate) async fn program(&self, object: &ObjectId, doing: &str, steps: Vec<Step>, result: Step) -> Result<i64> {
         let steps = Arc::new(steps);
-        self.write_call(doing, move |c| {
-            let program = Program { steps: steps.to_vec(), result: Some(result.clone()) };
-            Box::pin(async move { Ok(c.run_program(program).await?) })
-        })
-        .await?
-        .ok_or_else(|| Error::backend(format!("{doing}: the program returned no result")))
+        let code = self
+            .write_call(doing, move |c| {
+                let program = Program { steps: steps.to_vec(), result: Some(result.clone()) };
+                Box::pin(async move { Ok(c.run_program(program).await?) })
+            })
+            .await?
+            .ok_or_else(|| Error::backend(format!("{doing}: the program returned no result")))?;
+        if code == crate::conn::DAMAGED_ROWS {
+            return Err(self.damaged_rows(object, doing));
+        }
+        Ok(code)
+    }
+
+    /// The `Corrupt` error of a fenced call that found `object`'s rows damaged and wrote nothing.
+    pub(crate) fn damaged_rows(&self, object: &ObjectId, doing: &str) -> Error {
+        Error::corrupt(format!(
+            "{}: {doing}: the rows of {object} hold values dotdo never writes (a token or sequence number \
+             that is not a non-negative integer; damaged, or written by another tool); nothing was written",
+            self.inner.target.describe()
+        ))
     }
 
     /// A read the drain decides on (`object_info`, `objects_with_pending_changes`,

@@ -648,6 +648,37 @@ async fn an_acquire_queued_past_a_ttl_gets_a_full_ttl() {
     assert_eq!(s.current(&other).await.expect("current").map(|l| l.token), Some(granted.token), "live");
 }
 
+/// Rows of an object with a live lease that do not decode make every fenced call `Corrupt`,
+/// with nothing written, on both transports, as in dotdo-sqlite. The calls deciding in SQL
+/// compared a text token above every integer and read it as 0: `truncate_changes`, `evict` and
+/// `restore` answered "done" having done nothing, or a write answered `Fenced`.
+#[tokio::test]
+async fn fenced_calls_on_rows_that_do_not_decode_are_corrupt_and_write_nothing() {
+    for transport in [Transport::Auto, Transport::Batch] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hot.db");
+        let s = LibsqlStore::local(&path)
+            .with_settings(LibsqlSettings { transport, ..Default::default() })
+            .open()
+            .await
+            .expect("open");
+        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+        let c = raw.connect().expect("connect");
+        for (i, (what, damage)) in dotdo_core::testkit::DAMAGED_OBJECT_ROWS.iter().enumerate() {
+            let o = ObjectId::new(format!("o{i}")).expect("valid");
+            let l = s.acquire(&o, &NodeId::new("n1").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+            s.put(&o, l.token, "T", "k", "v".into()).await.expect("put");
+            c.execute(damage, [o.as_str()]).await.expect(what);
+            let rows = || async {
+                let mut rows = c.query(dotdo_core::testkit::SQL_OBJECT_ROWS, [o.as_str()]).await.expect("rows");
+                rows.next().await.expect("row").expect("one row").get::<String>(0).expect("text")
+            };
+            let what = format!("{transport:?}, {what}");
+            dotdo_core::testkit::assert_fenced_calls_refuse_damaged_rows(&s, &l, &what, rows).await;
+        }
+    }
+}
+
 /// An expired lease row (or token maximum) that does not decode is `Corrupt` to an acquire, as
 /// in dotdo-sqlite, and stays as it is: the acquire's SQL read a text token as 0 and issued
 /// token 1 again (a token issued before), and took over rows dotdo-sqlite refuses.

@@ -84,6 +84,26 @@ async fn change_reads_are_bounded_in_bytes() {
     dotdo_core::testkit::hot::assert_change_reads_are_bounded_in_bytes(&s, bound).await;
 }
 
+/// Rows of an object with a live lease that do not decode make every fenced call `Corrupt`,
+/// with nothing written (dotdo-libsql shares the list of damage and the check).
+#[tokio::test]
+async fn fenced_calls_on_rows_that_do_not_decode_are_corrupt_and_write_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let s = SqliteStore::builder(&path).open().await.expect("open");
+    let c = rusqlite::Connection::open(&path).expect("raw open");
+    for (i, (what, damage)) in dotdo_core::testkit::DAMAGED_OBJECT_ROWS.iter().enumerate() {
+        let o = ObjectId::new(format!("o{i}")).expect("valid");
+        let l = s.acquire(&o, &NodeId::new("n1").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        s.put(&o, l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        c.execute(damage, [o.as_str()]).expect(what);
+        let rows = || async {
+            c.query_row(dotdo_core::testkit::SQL_OBJECT_ROWS, [o.as_str()], |r| r.get::<_, String>(0)).expect("rows")
+        };
+        dotdo_core::testkit::assert_fenced_calls_refuse_damaged_rows(&s, &l, what, rows).await;
+    }
+}
+
 /// An expired lease row (or token maximum) that does not decode is `Corrupt` to an acquire and
 /// stays as it is (dotdo-libsql shares the list of damage).
 #[tokio::test]

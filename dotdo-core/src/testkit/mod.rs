@@ -404,6 +404,54 @@ pub const DAMAGED_EXPIRED_LEASE_ROWS: &[(&str, &str)] = &[
     ("text token maximum", "UPDATE do_objects SET max_token = 'x' WHERE do_id = ?1"),
 ];
 
+/// Damage done to the rows of an object of the SQL schema that has a **live** lease and one
+/// change, as `(what, statement)` with `?1` the object id, for the SQLite-family backends'
+/// tests: each must make every fenced call (a write, an empty write, `truncate_changes`,
+/// `evict`, `restore`) `Corrupt` with nothing written ([`SQL_OBJECT_ROWS`] reads the same
+/// before and after). SQL compares a text value above every integer and reads it as 0 in
+/// arithmetic: a call deciding in SQL answered as if fenced, or as done having done nothing.
+pub const DAMAGED_OBJECT_ROWS: &[(&str, &str)] = &[
+    ("text token maximum", "UPDATE do_objects SET max_token = 'x' WHERE do_id = ?1"),
+    ("text lease token", "UPDATE do_locks SET fencing_token = 'x' WHERE do_id = ?1"),
+    ("text last seq floor", "UPDATE do_objects SET last_seq = 'x' WHERE do_id = ?1"),
+    ("text truncated_through", "UPDATE do_objects SET truncated_through = 'x' WHERE do_id = ?1"),
+];
+
+/// Every row of object `?1` in the SQL schema, as one text (see [`DAMAGED_OBJECT_ROWS`]).
+pub const SQL_OBJECT_ROWS: &str = "SELECT \
+    coalesce((SELECT group_concat(quote(max_token) || ',' || quote(last_seq) || ',' || quote(truncated_through)) \
+        FROM do_objects WHERE do_id = ?1), '-') || ' | ' || \
+    coalesce((SELECT group_concat(quote(node_id) || ',' || quote(fencing_token) || ',' || quote(expires_at)) \
+        FROM do_locks WHERE do_id = ?1), '-') || ' | ' || \
+    (SELECT count(*) || ',' || coalesce(max(seq), '-') FROM do_changes WHERE do_id = ?1) || ' | ' || \
+    (SELECT count(*) || ',' || coalesce(group_concat(key || '=' || hex(value)), '-') FROM do_state WHERE do_id = ?1)";
+
+/// For the SQLite-family backends: every fenced call on `object` (under `lease`, whose rows
+/// `damage` changed through another connection) is `Corrupt` and writes nothing; `rows` reads
+/// [`SQL_OBJECT_ROWS`] through that other connection.
+pub async fn assert_fenced_calls_refuse_damaged_rows<S, R, F>(store: &S, lease: &crate::Lease, what: &str, rows: R)
+where
+    S: crate::HotStore + ?Sized,
+    R: Fn() -> F,
+    F: std::future::Future<Output = String>,
+{
+    use crate::hot::HotStoreExt;
+    let object = &lease.object;
+    let before = rows().await;
+    let calls: [(&str, crate::Result<()>); 5] = [
+        ("put", store.put(object, lease.token, "T", "k2", bytes::Bytes::from("v2")).await.map(|_| ())),
+        ("empty write", store.write(object, lease.token, crate::WriteBatch::new("T")).await.map(|_| ())),
+        ("truncate_changes", store.truncate_changes(object, lease.token, 1).await),
+        ("evict", store.evict(object, lease.token).await),
+        ("restore", store.restore(object, lease.token, Vec::new(), 5).await),
+    ];
+    for (call, out) in calls {
+        let e = out.expect_err(&format!("{what}: {call} on damaged rows"));
+        assert_eq!(e.kind(), &crate::ErrorKind::Corrupt, "{what}: {call}: {e}");
+    }
+    assert_eq!(rows().await, before, "{what}: a call on damaged rows wrote");
+}
+
 /// Shorthand: an object id, panicking on an invalid literal.
 pub fn oid(s: &str) -> crate::ObjectId {
     crate::ObjectId::new(s).expect("kit object ids are valid")
