@@ -1928,6 +1928,30 @@ async fn a_slow_restore_before_a_lazy_objects_first_commit_keeps_the_lease() {
     assert_eq!(all_state(&b, &o).await.len(), 21);
 }
 
+/// A drain that cold refuses because it no longer has the changes the hot store truncated once
+/// cold acknowledged them (it lost data, or this runtime uses another table) is `Corrupt`
+/// saying so, for `flush` and `flush_all`: it was the sink's `InvalidInput` ("fix the input"),
+/// though no input can fix it.
+#[tokio::test]
+async fn a_drain_into_a_cold_store_without_the_acknowledged_changes_is_corrupt() {
+    for flush_all in [false, true] {
+        let w = World::new();
+        let a = w.runtime("a", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+        let o = oid("o");
+        for _ in 0..3 {
+            incr(&a, &o).await.expect("incr");
+        }
+        a.flush(&o).await.expect("flush");
+        let other_cold = Arc::new(MemoryColdStore::with_clock(Arc::new(w.clock.clone())));
+        let b = w.runtime_with("b", Arc::new(w.hot.clone()), other_cold, settings());
+        assert_eq!(incr(&b, &o).await.expect("the hot state serves"), 4);
+        let e =
+            if flush_all { b.flush_all().await.expect_err("flush_all") } else { b.flush(&o).await.expect_err("flush") };
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "flush_all {flush_all}: {e}");
+        assert!(e.to_string().contains("only through seq 0") && e.to_string().contains("seq 4"), "{e}");
+    }
+}
+
 /// A drain that outlasts the lease (here one cold commit taking two TTLs; a large backlog after
 /// a cold outage) keeps the lease renewed, as a handler does: flush, evict and the automatic
 /// flush after a commit each end holding a live lease (evict then gives it back). They ran
@@ -3348,7 +3372,8 @@ async fn an_object_cold_refuses_does_not_block_flush_all_for_the_others() {
     assert_eq!(incr(&r2, &b).await.expect("b"), 6);
     assert_eq!(incr(&r2, &a).await.expect("a"), 1);
     let e = r2.flush_all().await.expect_err("b is refused");
-    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    // Cold storage does not hold what the hot store truncated: damage, not bad input.
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert_eq!(fresh.watermark(&a).await.expect("watermark").through, 1, "a was drained");
     assert_eq!(fresh.watermark(&b).await.expect("watermark").through, 0);
     assert_eq!(r2.metrics().records_flushed, 1, "a's record counted once");

@@ -1297,6 +1297,8 @@ impl ObjectRuntime {
                 Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
                     if batch.objects.len() == 1 {
                         let oc = &batch.objects[0];
+                        let first_seq = oc.records.first().map_or(0, |r| r.seq);
+                        let e = explain_gap(inner, &oc.object, first_seq, e).await;
                         tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: cold refused the object's changes");
                         left_out.insert(oc.object.clone());
                         first_err.get_or_insert(e);
@@ -1309,6 +1311,7 @@ impl ObjectRuntime {
                             continue;
                         }
                         let object = oc.object.clone();
+                        let first_seq = oc.records.first().map_or(0, |r| r.seq);
                         match append_resolving(inner, ColdBatch { objects: vec![oc] }).await {
                             Ok(c) => {
                                 // Counted here: the next round finds these records in cold
@@ -1320,6 +1323,7 @@ impl ObjectRuntime {
                                 m.records_flushed += c.records_written;
                             }
                             Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
+                                let e = explain_gap(inner, &object, first_seq, e).await;
                                 tracing::error!(object = %object, error = %e, "dotdo flush_all: cold refused the object's changes");
                                 left_out.insert(object);
                                 first_err.get_or_insert(e);
@@ -2336,7 +2340,11 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
             return Err(Error::fenced(object, token, newer));
         }
         let appended = records.last().map_or(0, |r| r.seq);
-        let commit = append_resolving(inner, ColdBatch::single(object.clone(), token, records)).await?;
+        let first = records.first().map_or(0, |r| r.seq);
+        let commit = match append_resolving(inner, ColdBatch::single(object.clone(), token, records)).await {
+            Ok(c) => c,
+            Err(e) => return Err(explain_gap(inner, object, first, e).await),
+        };
         // Counted as it lands: a check or the truncation below may still fail (the next drain
         // then finds these records in cold and commits nothing to count).
         count_commit(inner, &commit);
@@ -2373,6 +2381,27 @@ fn cut_to_bytes(records: &mut Vec<ChangeRecord>, budget: usize, at_least_one: bo
     }
     records.truncate(keep);
     total.min(budget)
+}
+
+/// A drain's append that cold refused as `InvalidInput`, starting at seq `first`: if cold holds
+/// the object only through a seq before `first - 1` (the hot store truncated changes cold had
+/// acknowledged, and cold no longer has them), `Corrupt` saying so: no input can be fixed, and
+/// every later drain fails alike. Any other error is returned as it is.
+async fn explain_gap(inner: &Arc<Inner>, object: &ObjectId, first: Seq, e: Error) -> Error {
+    if e.kind() != &ErrorKind::InvalidInput {
+        return e;
+    }
+    match inner.cold.watermark(object).await {
+        Ok(wm) if wm.through.saturating_add(1) < first => Error::corrupt(format!(
+            "{object}: cold storage holds changes only through seq {} but the hot store's next change to \
+             drain is seq {first} (it truncated the changes between once cold storage acknowledged them); \
+             the cold store lost data, or this runtime uses a different table or cold store than the one \
+             that acknowledged them",
+            wm.through
+        ))
+        .with_source(e),
+        _ => e,
+    }
 }
 
 /// Count a cold commit of a drain in the runtime's metrics.
