@@ -1170,6 +1170,8 @@ struct FlakyGuard {
     fail_releases: std::sync::atomic::AtomicU32,
     /// Releases never answer (a hung connection).
     hang_releases: std::sync::atomic::AtomicBool,
+    /// Each refresh takes this long on the world's clock (a slow guard), then applies.
+    slow_refreshes: parking_lot::Mutex<Option<(dotdo_core::ManualClock, Duration)>>,
 }
 
 impl FlakyGuard {
@@ -1189,6 +1191,7 @@ impl FlakyGuard {
             late_waiting: Arc::default(),
             fail_releases: 0.into(),
             hang_releases: false.into(),
+            slow_refreshes: parking_lot::Mutex::new(None),
         }
     }
 }
@@ -1229,6 +1232,9 @@ impl ConsistencyGuard for FlakyGuard {
         Ok(l)
     }
     async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        if let Some((clock, takes)) = self.slow_refreshes.lock().clone() {
+            clock.advance(takes);
+        }
         if self.hang_refreshes.load(std::sync::atomic::Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
@@ -1926,6 +1932,29 @@ async fn a_slow_restore_before_a_lazy_objects_first_commit_keeps_the_lease() {
     assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(b.metrics().self_fenced, 0);
     assert_eq!(all_state(&b, &o).await.len(), 21);
+}
+
+/// `maintain` reads the time for each lease it renews: behind a slow guard (a refresh takes a
+/// quarter of a TTL), a lease not yet due when the round began but due by the time the round gets to it is
+/// renewed. With the time read once per round it looked fresher than it was and was left to
+/// run out before the next round.
+#[tokio::test]
+async fn maintain_judges_each_lease_by_the_time_it_gets_to_it() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    incr(&rt, &oid("a")).await.expect("a");
+    w.clock.advance(TTL / 10);
+    incr(&rt, &oid("b")).await.expect("b");
+    // a has 0.64 TTL left (due: at most two thirds), b 0.74 (not yet); a is renewed first (in id
+    // order), which takes a quarter of a TTL: b then has 0.49 left, and is due.
+    w.clock.advance(TTL * 36 / 100 - TTL / 10);
+    let expiry = async |o: &str| w.hot.current(&oid(o)).await.expect("current").expect("held").expires_at;
+    let before = [expiry("a").await, expiry("b").await];
+    *guard.slow_refreshes.lock() = Some((w.clock.clone(), TTL / 4));
+    rt.maintain().await.expect("maintain");
+    for (o, was) in ["a", "b"].into_iter().zip(before) {
+        assert!(expiry(o).await > was, "{o} was not renewed");
+    }
 }
 
 /// A drain that cold refuses because it no longer has the changes the hot store truncated once

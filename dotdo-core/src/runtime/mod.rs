@@ -753,7 +753,6 @@ impl ObjectRuntime {
     /// holds.
     async fn ensure_active_within(&self, object: &ObjectId, slot: &mut Slot, wait: Duration) -> Result<()> {
         let inner = &self.inner;
-        let now = inner.clock.now();
         if slot.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved) {
             // A lazy activation whose cold state moved on answers `Conflict` to every read it
             // cannot serve from its cache and to every write: start afresh from cold storage.
@@ -761,7 +760,7 @@ impl ObjectRuntime {
             give_back(inner, &mut slot.active).await;
         }
         if let Some(active) = slot.active.as_mut() {
-            match renew_if_due(inner, &mut active.lease, now).await {
+            match renew_if_due(inner, &mut active.lease).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::info!(object = %object, error = %e, "dotdo warm lease lost; re-activating");
@@ -1573,7 +1572,6 @@ impl ObjectRuntime {
         release_orphans(inner).await;
         // Tier out first: an object released for `keep_warm` is no longer this runtime's to evict.
         let evicted = self.evict_idle().await;
-        let now = inner.clock.now();
         for (object, slot) in self.active_slots() {
             let Some(mut guard) = slot.try_lock() else { continue };
             // A `set_ring` moved the object from this node to another (and the ring still says
@@ -1590,7 +1588,7 @@ impl ObjectRuntime {
             // (otherwise renewed when due) lost: given back.
             let idle = inner.clock.monotonic().saturating_sub(active.last_used) >= inner.settings.keep_warm
                 && !active.evict_again;
-            if moved || idle || renew_if_due(inner, &mut active.lease, now).await.is_err() {
+            if moved || idle || renew_if_due(inner, &mut active.lease).await.is_err() {
                 give_back(inner, &mut guard.active).await;
             }
         }
@@ -1934,13 +1932,12 @@ fn lease_gone(e: &Error) -> bool {
 /// them while they are held, and a flush of many rounds can outlast a lease). An object whose
 /// lease is gone is left out of the rest of the flush.
 async fn renew_held(inner: &Arc<Inner>, held: &mut [Held], left_out: &mut std::collections::BTreeSet<ObjectId>) {
-    let now = inner.clock.now();
     for h in held.iter_mut() {
         if left_out.contains(&h.object) {
             continue;
         }
         let Some(a) = h.guard.active.as_mut() else { continue };
-        if let Err(e) = renew_if_due(inner, &mut a.lease, now).await {
+        if let Err(e) = renew_if_due(inner, &mut a.lease).await {
             tracing::info!(object = %h.object, error = %e, "dotdo flush_all: lease lost during the flush; skipped");
             left_out.insert(h.object.clone());
         }
@@ -1949,8 +1946,10 @@ async fn renew_held(inner: &Arc<Inner>, held: &mut [Held], left_out: &mut std::c
 
 /// Refresh `lease` if no more than two thirds of its TTL are left (activation, `maintain` and a
 /// long flush renew alike). `Err` if the lease is lost; a transient failure while the lease is still valid
-/// keeps it (the next round, or call, tries again).
-async fn renew_if_due(inner: &Inner, lease: &mut Lease, now: Timestamp) -> Result<()> {
+/// keeps it (the next round, or call, tries again). The time is read for each lease: a round over
+/// many leases, one guard round trip each, must not judge the last of them by the time it began.
+async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
+    let now = inner.clock.now();
     if lease.remaining_at(now) > inner.settings.lease_ttl * 2 / 3 {
         return Ok(());
     }
