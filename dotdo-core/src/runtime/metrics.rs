@@ -30,7 +30,10 @@ pub struct ActivationMetrics {
     pub recovery: Recovery,
     /// Lease acquisition plus activation, until the handler could run.
     pub cold_start: Duration,
-    /// Time spent loading state from cold storage during activation (eager restore or preload).
+    /// Time from the lease in hand until the object was ready: deciding how to recover it
+    /// (reading hot and cold watermarks, checking pending changes against cold, raising a token
+    /// floor), plus loading state from cold storage (eager restore or preload). Nonzero for
+    /// `Recovery::Hot` too.
     pub state_loading: Duration,
     /// Keys loaded during activation.
     pub keys_loaded: u64,
@@ -60,7 +63,8 @@ pub struct RuntimeMetrics {
     pub lazy_cache_hits: u64,
     /// Lazy reads that had to look up cold storage.
     pub lazy_cache_misses: u64,
-    /// Keys preloaded by hybrid activations or prefetch hooks (that exist; each once).
+    /// Keys preloaded by hybrid activations or prefetch hooks (that exist; each once; counted as
+    /// loaded, also when the activation then fails).
     pub preloaded_keys: u64,
     /// Preloaded keys read at least once (preload effectiveness = hits / preloaded keys, at
     /// most 1).

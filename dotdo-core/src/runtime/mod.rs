@@ -1798,10 +1798,8 @@ pub(crate) async fn complete_restore(
     Ok(())
 }
 
-/// Renew `lease` at about TTL/3 until it cannot be renewed; then return the error (the caller
-/// abandons the handler: self-fencing). Never returns while renewals succeed.
-/// Run `fut` while renewing `lease` (which holds the latest renewal); a renewal that fails
-/// abandons `fut` with the (lost-lease) error.
+/// Run `fut` while renewing `lease` (which holds the latest renewal, see [`renew_loop`]); a
+/// renewal that fails abandons `fut` with the (lost-lease) error.
 async fn renewing<T>(
     inner: &Arc<Inner>,
     lease: &parking_lot::Mutex<Lease>,
@@ -1832,6 +1830,8 @@ async fn with_renewal<T>(
     out?
 }
 
+/// Renew `lease` at about TTL/3 until it cannot be renewed; then return the error (the caller
+/// abandons the handler: self-fencing). Never returns while renewals succeed.
 async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Error {
     let ttl = inner.settings.lease_ttl;
     // After a transient failure the next refresh is due at once: back off (doubling from 5 ms,
