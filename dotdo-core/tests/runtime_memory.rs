@@ -965,6 +965,8 @@ struct FlakyCold {
     each_append: Hook<Arc<dyn Fn() + Send + Sync>>,
     /// Run (once) before the next `load_state`: a slow read of the whole state.
     before_load: Hook<futures::future::BoxFuture<'static, ()>>,
+    /// An entry added to every loaded state (a sink that broke its contract).
+    extra_entry: parking_lot::Mutex<Option<Entry>>,
 }
 
 /// A test hook slot (not `Debug` itself).
@@ -999,6 +1001,7 @@ impl FlakyCold {
             before_append: Hook::new(),
             each_append: Hook::new(),
             before_load: Hook::new(),
+            extra_entry: parking_lot::Mutex::new(None),
         }
     }
 }
@@ -1061,7 +1064,9 @@ impl ColdSink for FlakyCold {
         if let Some(f) = before {
             f.await;
         }
-        self.inner.load_state(object, as_of).await
+        let mut state = self.inner.load_state(object, as_of).await?;
+        state.entries.extend(self.extra_entry.lock().clone());
+        Ok(state)
     }
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
         self.check()?;
@@ -1954,6 +1959,33 @@ async fn maintain_judges_each_lease_by_the_time_it_gets_to_it() {
     rt.maintain().await.expect("maintain");
     for (o, was) in ["a", "b"].into_iter().zip(before) {
         assert!(expiry(o).await > was, "{o} was not renewed");
+    }
+}
+
+/// A cold state the hot store refuses to restore (a sink that broke its contract: a value over
+/// the size limit, a key twice) is `Corrupt` naming the object, whatever the refusal's kind: a
+/// value over the limit was passed on as `LimitExceeded`, which tells the caller its own input
+/// was too large.
+#[tokio::test]
+async fn a_cold_state_the_hot_store_cannot_restore_is_corrupt() {
+    for (what, entry) in [
+        (
+            "a value over the limit",
+            Entry { key: "big".into(), value: Bytes::from(vec![0; MAX_VALUE_BYTES + 1]), seq: 1 },
+        ),
+        ("a key twice", Entry { key: "key/0001".into(), value: Bytes::from("again"), seq: 1 }),
+    ] {
+        let w = World::new();
+        let a = w.runtime("a", settings());
+        let o = oid("o");
+        populate(&a, &o, 3).await;
+        a.evict(&o).await.expect("evict");
+        let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+        *cold.extra_entry.lock() = Some(entry);
+        let b = w.runtime_with("b", Arc::new(w.hot.clone()), cold, settings());
+        let e = incr(&b, &o).await.expect_err(what);
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.to_string().contains("cold state of o cannot be restored"), "{what}: {e}");
     }
 }
 

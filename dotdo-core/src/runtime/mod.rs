@@ -2059,11 +2059,11 @@ async fn release_orphans(inner: &Arc<Inner>) {
     }
 }
 
-/// A restore refused as `InvalidInput` got its entries from cold storage, not from the caller:
-/// a cold sink that broke its contract (a key twice, an entry above the watermark). `Corrupt`
-/// says so; other errors pass unchanged.
+/// A restore refused as `InvalidInput` or `LimitExceeded` got its entries from cold storage, not
+/// from the caller: a cold sink that broke its contract (a key twice, an entry above the
+/// watermark, a value over the size limit). `Corrupt` says so; other errors pass unchanged.
 fn cold_state_error(object: &ObjectId, e: Error) -> Error {
-    if e.kind() == &ErrorKind::InvalidInput {
+    if matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. }) {
         Error::corrupt(format!("cold state of {object} cannot be restored: {e}")).with_source(e)
     } else {
         e
