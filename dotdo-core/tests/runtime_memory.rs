@@ -1962,6 +1962,33 @@ async fn maintain_judges_each_lease_by_the_time_it_gets_to_it() {
     }
 }
 
+/// A hot store answering each `read_changes` with a few changes (the SQL stores stop at 8 MiB of
+/// values) still drains into commits as large as `flush_batch_records`/`flush_batch_bytes`
+/// allow: the drain reads on. It committed each answer on its own, up to 12 times more
+/// snapshots and files for a backlog of small values.
+#[tokio::test]
+async fn a_drain_reads_on_past_short_answers_to_fill_its_commit() {
+    for flush_all in [false, true] {
+        let w = World::new();
+        let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+        let rt = w.runtime_with_hot("a", hot.clone(), settings());
+        for o in ["o0", "o1"] {
+            for _ in 0..10 {
+                incr(&rt, &oid(o)).await.expect("incr");
+            }
+        }
+        hot.changes_per_read.store(3, std::sync::atomic::Ordering::SeqCst);
+        let (commits, records) = if flush_all {
+            let r = rt.flush_all().await.expect("flush_all");
+            (r.commits, r.records)
+        } else {
+            let (a, b) = (rt.flush(&oid("o0")).await.expect("flush"), rt.flush(&oid("o1")).await.expect("flush"));
+            (a.commits + b.commits, a.records + b.records)
+        };
+        assert_eq!((commits, records), (if flush_all { 1 } else { 2 }, 20), "flush_all {flush_all}");
+    }
+}
+
 /// A cold state the hot store refuses to restore (a sink that broke its contract: a value over
 /// the size limit, a key twice) is `Corrupt` naming the object, whatever the refusal's kind: a
 /// value over the limit was passed on as `LimitExceeded`, which tells the caller its own input
@@ -2319,6 +2346,9 @@ struct FaultyHot {
     hang_next_write: std::sync::atomic::AtomicBool,
     /// Restores apply, then report `AmbiguousOutcome`.
     ambiguous_restores: std::sync::atomic::AtomicU32,
+    /// At most this many changes per `read_changes` (0: as many as asked), as the SQL stores
+    /// answer past 8 MiB of values.
+    changes_per_read: std::sync::atomic::AtomicUsize,
 }
 
 impl FaultyHot {
@@ -2333,6 +2363,7 @@ impl FaultyHot {
             hang_next_write: false.into(),
             ambiguous_restores: 0.into(),
             held: Default::default(),
+            changes_per_read: 0.into(),
         }
     }
 }
@@ -2368,6 +2399,8 @@ impl HotStore for FaultyHot {
         self.inner.list(object, range, limit).await
     }
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+        let most = self.changes_per_read.load(std::sync::atomic::Ordering::SeqCst);
+        let limit = if most > 0 { limit.min(most) } else { limit };
         let r = self.inner.read_changes(object, after, limit).await?;
         self.most_read.fetch_max(r.len(), std::sync::atomic::Ordering::SeqCst);
         Ok(r)

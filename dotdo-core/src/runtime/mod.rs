@@ -1266,18 +1266,19 @@ impl ObjectRuntime {
                 if !info.has_pending_changes() {
                     continue;
                 }
-                let mut records = inner.hot.read_changes(object, info.truncated_through, budget).await?;
+                let first_in_commit = batch.objects.is_empty();
+                let (records, used, read_any) =
+                    read_for_commit(inner, object, info.truncated_through, budget, bytes_left, first_in_commit).await?;
                 if newer_holder(&records, *token).is_some() {
                     tracing::info!(object = %object, "dotdo flush_all: another node took the object over; skipped");
                     left_out.insert(object.clone());
                     continue;
                 }
-                let read = records.len();
-                bytes_left -= cut_to_bytes(&mut records, bytes_left, batch.objects.is_empty());
-                if read > 0 && records.is_empty() {
+                if read_any && records.is_empty() {
                     // The commit is full: this object's changes go in the next round.
                     break;
                 }
+                bytes_left -= used;
                 budget -= records.len().min(budget);
                 last_seqs.insert(object.clone(), info.last_seq);
                 if !records.is_empty() {
@@ -2329,12 +2330,18 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
         if !info.has_pending_changes() {
             break;
         }
-        let mut records =
-            inner.hot.read_changes(object, info.truncated_through, inner.settings.flush_batch_records).await?;
+        let (records, _, _) = read_for_commit(
+            inner,
+            object,
+            info.truncated_through,
+            inner.settings.flush_batch_records,
+            inner.settings.flush_batch_bytes,
+            true,
+        )
+        .await?;
         if records.is_empty() {
             break;
         }
-        cut_to_bytes(&mut records, inner.settings.flush_batch_bytes, true);
         if let Some(newer) = newer_holder(&records, token) {
             return Err(Error::fenced(object, token, newer));
         }
@@ -2358,6 +2365,33 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
         report.objects = 1;
     }
     Ok(report)
+}
+
+/// The next changes of `object` after `after` for one cold commit: read page after page (a hot
+/// store may answer a read with fewer changes than asked, as the SQL stores do past 8 MiB of
+/// values) until `max_records` changes or `max_bytes` bytes ([`record_bytes`]) are reached or
+/// the log is read to its end, then cut to `max_bytes` (at least one change if `at_least_one`).
+/// Returns the changes, the bytes they count, and whether any change was read (none kept then
+/// means the commit is full).
+async fn read_for_commit(
+    inner: &Inner,
+    object: &ObjectId,
+    after: Seq,
+    max_records: usize,
+    max_bytes: usize,
+    at_least_one: bool,
+) -> Result<(Vec<ChangeRecord>, usize, bool)> {
+    let (mut records, mut bytes, mut after) = (Vec::new(), 0usize, after);
+    while records.len() < max_records && bytes < max_bytes {
+        let page = inner.hot.read_changes(object, after, max_records - records.len()).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        bytes = page.iter().map(record_bytes).fold(bytes, usize::saturating_add);
+        records.extend(page);
+    }
+    let read_any = !records.is_empty();
+    let used = cut_to_bytes(&mut records, max_bytes, at_least_one);
+    Ok((records, used, read_any))
 }
 
 /// The bytes a change record counts against `flush_batch_bytes`.
