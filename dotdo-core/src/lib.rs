@@ -16,7 +16,8 @@
 //! The crate depends on no async runtime and no storage engine. Backends live in their own crates
 //! (`dotdo-sqlite`, `dotdo-libsql`, `dotdo-iceberg`); the in-memory reference backends
 //! ([`MemoryBackend`], [`MemoryColdStore`]) implement the contracts exactly and serve as the model
-//! in property tests. The `testkit` feature exposes the conformance kit that every backend runs.
+//! in property tests. The `testkit` feature exposes the conformance kit that every backend runs;
+//! `arrow` the Arrow size helper the Arrow-speaking crates share (module `arrow_size`).
 //!
 //! ## Why
 //!
@@ -54,6 +55,8 @@
 #![warn(missing_docs)]
 
 pub mod accel;
+#[cfg(feature = "arrow")]
+pub mod arrow_size;
 pub mod cold;
 pub mod error;
 pub mod guard;

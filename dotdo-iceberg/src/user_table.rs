@@ -291,8 +291,8 @@ fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::s
     }
 }
 
-/// Arrow memory per parallel writer of a user-table write: an append (or compaction) holding
-/// more is split into contiguous row ranges written as separate files side by side, one task
+/// Arrow data per parallel writer of a user-table write: an append (or compaction) holding more
+/// is split into contiguous row ranges written as separate files side by side, one task
 /// each, up to the machine's parallelism (a Parquet encode is single-threaded per file).
 const PARALLEL_WRITE_BYTES: usize = 16 << 20;
 
@@ -332,16 +332,21 @@ pub(crate) async fn write_user_files(
         ))
     };
     let ranges = row_ranges(batches);
-    let rt = tokio::runtime::Handle::try_current().ok().filter(|_| ranges.len() > 1);
-    let Some(rt) = rt else {
+    if ranges.len() < 2 || tokio::runtime::Handle::try_current().is_err() {
         return write_range(builder(), batches.to_vec(), what.to_string()).await;
-    };
-    let tasks: Vec<_> = ranges.into_iter().map(|r| rt.spawn(write_range(builder(), r, what.to_string()))).collect();
-    let (mut files, mut first_err) = (Vec::new(), None);
-    for t in tasks {
-        match t.await {
-            Ok(Ok(f)) => files.extend(f),
-            Ok(Err(e)) => {
+    }
+    // A set of tasks, aborted if this future is dropped (a caller's timeout): no writer runs on
+    // for an append that is gone (what it wrote is unreferenced, for the cleanup).
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, r) in ranges.into_iter().enumerate() {
+        let write = write_range(builder(), r, what.to_string());
+        tasks.spawn(async move { (i, write.await) });
+    }
+    let (mut done, mut first_err) = (Vec::new(), None);
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((i, Ok(f))) => done.push((i, f)),
+            Ok((_, Err(e))) => {
                 first_err.get_or_insert(e);
             }
             Err(join) => {
@@ -350,6 +355,9 @@ pub(crate) async fn write_user_files(
             }
         }
     }
+    // In row order, whatever order the ranges finished in.
+    done.sort_by_key(|(i, _)| *i);
+    let files: Vec<_> = done.into_iter().flat_map(|(_, f)| f).collect();
     match first_err {
         None => Ok(files),
         Some(e) => {
@@ -379,7 +387,10 @@ async fn write_range(
 /// writer: as many as [`PARALLEL_WRITE_BYTES`] allows, at most the machine's parallelism (one
 /// range, all of `batches`, for a small write). Slices share the batches' buffers.
 fn row_ranges(batches: &[RecordBatch]) -> Vec<Vec<RecordBatch>> {
-    let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+    // The bytes the rows hold (a slice of a larger batch, or a buffer grown by doubling, holds
+    // more memory than its rows).
+    let bytes: usize =
+        batches.iter().flat_map(|b| b.columns()).map(|c| dotdo_core::arrow_size::rows_bytes(&c.to_data())).sum();
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     let n = (bytes / PARALLEL_WRITE_BYTES).clamp(1, cores).min(rows.max(1));
@@ -960,6 +971,37 @@ mod tests {
 
     use arrow_array::{Int64Array, RecordBatch};
     use arrow_schema::{DataType, Field, Schema};
+
+    /// Ranges are sized by the data the rows hold, not by the buffers behind them (a slice of a
+    /// large batch reported the whole batch's memory and was split as if it held all of it), and
+    /// they keep every row once, in order, across the input batches.
+    #[test]
+    fn row_ranges_count_the_rows_data_and_keep_every_row_in_order() {
+        use arrow_array::{Array, Int32Array, LargeBinaryArray};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int32, false),
+            Field::new("payload", DataType::LargeBinary, false),
+        ]));
+        let ids: Vec<i32> = (0..200).collect();
+        let payloads = LargeBinaryArray::from_iter_values(ids.iter().map(|_| vec![1u8; 256 << 10]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(ids.clone())), Arc::new(payloads)])
+            .expect("batch");
+        // 20 rows hold 5 MiB: one range, though their buffers hold 50 MiB.
+        assert_eq!(super::row_ranges(&[batch.slice(0, 20)]).len(), 1);
+        // All 50 MiB: three ranges of 16 MiB or more, at most one per core.
+        let ranges = super::row_ranges(&[batch.slice(0, 120), batch.slice(120, 80)]);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        assert_eq!(ranges.len(), cores.min(3));
+        let back: Vec<i32> = ranges
+            .iter()
+            .flatten()
+            .flat_map(|b| {
+                let id = b.column(0).as_any().downcast_ref::<Int32Array>().expect("ids").clone();
+                (0..id.len()).map(move |r| id.value(r))
+            })
+            .collect();
+        assert_eq!(back, ids, "every row once, in order");
+    }
 
     /// The snapshot that set a stream's mark is the answer only while the table has it: once it
     /// is expired, a later snapshot carrying the mark on (another stream's append) is not taken

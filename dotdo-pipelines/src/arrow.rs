@@ -84,11 +84,7 @@ fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
 /// The bytes `batch` holds for `roll_bytes` and `capacity_bytes`: the memory of its own rows
 /// (a slice of a larger batch counts its slice, not the buffers it shares with the rest).
 fn batch_bytes(batch: &RecordBatch) -> usize {
-    batch
-        .columns()
-        .iter()
-        .map(|c| c.to_data().get_slice_memory_size().unwrap_or_else(|_| c.get_array_memory_size()))
-        .sum()
+    batch.columns().iter().map(|c| dotdo_core::arrow_size::rows_bytes(&c.to_data())).sum()
 }
 
 #[derive(Default)]
@@ -301,6 +297,14 @@ impl ArrowPipeline {
                 batch.schema(),
                 inner.sink.schema()
             )));
+        }
+        if batch.num_rows() == 0 {
+            // Nothing to deliver. Buffered (and logged), each empty batch would hold memory and a
+            // log row that no capacity counts and no roll is ever due for.
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
+            }
+            return Ok(());
         }
         let (capacity, capacity_bytes) = (inner.settings.capacity, inner.settings.capacity_bytes);
         let size = batch_bytes(&batch);

@@ -93,6 +93,32 @@ impl ArrowSink for Flaky {
     }
 }
 
+/// A batch of no rows is accepted and dropped: nothing buffered, nothing logged. Each was kept in
+/// memory and as a row of the durable log, counted by no capacity and due for no roll, so a
+/// producer of empty (filtered) batches grew both without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_batches_are_accepted_and_hold_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let log = dir.path().join("arrow-log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
+    let p = ArrowPipeline::open("empty", Flaky::new(t.clone(), false), settings).expect("pipeline");
+    for _ in 0..100 {
+        p.send(batch(0, 0)).expect("an empty batch");
+    }
+    assert_eq!(p.counters(), (0, 0, 0, 0));
+    assert!(!p.roll_due());
+    let logged: i64 = rusqlite::Connection::open(&log)
+        .expect("log")
+        .query_row("SELECT count(*) FROM arrow_log", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(logged, 0, "nothing logged");
+    p.send(batch(0, 3)).expect("send");
+    assert_eq!(p.close().await.expect("close"), 3);
+    assert_eq!(p.send(batch(0, 0)).expect_err("closed").kind(), &ErrorKind::Shutdown);
+    assert_eq!(ids(&t).await, vec![0, 1, 2]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
