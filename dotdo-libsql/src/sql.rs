@@ -69,10 +69,14 @@ pub(crate) const ACQUIRE: &str = "INSERT INTO do_locks (do_id, node_id, acquired
 /// The first step of every fenced program: fold the lease's token into `do_objects.max_token`
 /// (raise only), so that the steps after it may fence against `do_objects` alone. An acquire
 /// writes the lease row only; the object's fencing floor is the larger of the two.
-pub(crate) const FOLD_LEASE: &str = "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
+pub(crate) const FOLD_LEASE: &str = concat!(
+    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
      SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 AND typeof(fencing_token) = 'integer' \
      AND fencing_token >= 0 \
-     ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token";
+     ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token \
+     AND NOT ",
+    damaged!()
+);
 /// `?2` (the presented token) is below the object's maximum (after [`FOLD_LEASE`]).
 pub(crate) const FENCED: &str = "EXISTS (SELECT 1 FROM do_objects f WHERE f.do_id = ?1 AND f.max_token > ?2)";
 /// The object's effective last sequence number (0 if unknown).
@@ -84,8 +88,9 @@ pub(crate) const MINUS_MAX: &str = "-(SELECT max_token FROM do_objects WHERE do_
 /// `MAX_SEQ` (`?3`: the largest last seq before the batch that leaves room): a write refused
 /// for room changes nothing, its token included. The step of a write after [`FOLD_LEASE`].
 pub(crate) const RAISE_IF_CURRENT: &str = concat!(
-    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES (?1, 0, 0, ?2) \
-     ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token \
+    "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE NOT ",
+    damaged!(),
+    " ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token \
      AND ",
     eff_last!("do_objects"),
     " <= ?3 AND NOT ",

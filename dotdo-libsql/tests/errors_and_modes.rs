@@ -664,11 +664,13 @@ async fn fenced_calls_on_rows_that_do_not_decode_are_corrupt_and_write_nothing()
             .expect("open");
         let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
         let c = raw.connect().expect("connect");
-        for (i, (what, damage)) in dotdo_core::testkit::DAMAGED_OBJECT_ROWS.iter().enumerate() {
+        for (i, (what, damage, written)) in dotdo_core::testkit::damaged_object_rows().enumerate() {
             let o = ObjectId::new(format!("o{i}")).expect("valid");
             let l = s.acquire(&o, &NodeId::new("n1").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
-            s.put(&o, l.token, "T", "k", "v".into()).await.expect("put");
-            c.execute(damage, [o.as_str()]).await.expect(what);
+            if written {
+                s.put(&o, l.token, "T", "k", "v".into()).await.expect("put");
+            }
+            c.execute(damage, [o.as_str()]).await.expect(&what);
             let rows = || async {
                 let mut rows = c.query(dotdo_core::testkit::SQL_OBJECT_ROWS, [o.as_str()]).await.expect("rows");
                 rows.next().await.expect("row").expect("one row").get::<String>(0).expect("text")

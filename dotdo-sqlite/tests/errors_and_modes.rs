@@ -92,15 +92,17 @@ async fn fenced_calls_on_rows_that_do_not_decode_are_corrupt_and_write_nothing()
     let path = dir.path().join("hot.db");
     let s = SqliteStore::builder(&path).open().await.expect("open");
     let c = rusqlite::Connection::open(&path).expect("raw open");
-    for (i, (what, damage)) in dotdo_core::testkit::DAMAGED_OBJECT_ROWS.iter().enumerate() {
+    for (i, (what, damage, written)) in dotdo_core::testkit::damaged_object_rows().enumerate() {
         let o = ObjectId::new(format!("o{i}")).expect("valid");
         let l = s.acquire(&o, &NodeId::new("n1").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
-        s.put(&o, l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
-        c.execute(damage, [o.as_str()]).expect(what);
+        if written {
+            s.put(&o, l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        }
+        c.execute(damage, [o.as_str()]).expect(&what);
         let rows = || async {
             c.query_row(dotdo_core::testkit::SQL_OBJECT_ROWS, [o.as_str()], |r| r.get::<_, String>(0)).expect("rows")
         };
-        dotdo_core::testkit::assert_fenced_calls_refuse_damaged_rows(&s, &l, what, rows).await;
+        dotdo_core::testkit::assert_fenced_calls_refuse_damaged_rows(&s, &l, &what, rows).await;
     }
 }
 

@@ -417,6 +417,18 @@ pub const DAMAGED_OBJECT_ROWS: &[(&str, &str)] = &[
     ("text truncated_through", "UPDATE do_objects SET truncated_through = 'x' WHERE do_id = ?1"),
 ];
 
+/// The cases of [`DAMAGED_OBJECT_ROWS`] as `(what, statement, written)`: each on an object with
+/// one change (`written`), and the lease-row damage also on an object only acquired (no
+/// `do_objects` row yet: a call must not create one).
+pub fn damaged_object_rows() -> impl Iterator<Item = (String, &'static str, bool)> {
+    let written = DAMAGED_OBJECT_ROWS.iter().map(|(what, sql)| (what.to_string(), *sql, true));
+    let acquired_only = DAMAGED_OBJECT_ROWS
+        .iter()
+        .filter(|(_, sql)| sql.contains("do_locks"))
+        .map(|(what, sql)| (format!("{what}, object never written"), *sql, false));
+    written.chain(acquired_only)
+}
+
 /// Every row of object `?1` in the SQL schema, as one text (see [`DAMAGED_OBJECT_ROWS`]).
 pub const SQL_OBJECT_ROWS: &str = "SELECT \
     coalesce((SELECT group_concat(quote(max_token) || ',' || quote(last_seq) || ',' || quote(truncated_through)) \
