@@ -86,6 +86,13 @@ impl IcebergColdStore {
             let table = self.load_fresh(ident).await?;
             gc_enabled(&table, &what)?;
             let Some(head) = table.metadata().current_snapshot_id() else { return Ok(ExpireReport::default()) };
+            // A head whose history another engine reset (dotdo's snapshots are off its chain)
+            // reads as `Corrupt`: expiring those snapshots would erase the evidence, and its
+            // watermarks would then read as empty (replays written twice, stale committers let
+            // through). Refused, nothing expired.
+            if let Some(h) = table.metadata().current_snapshot() {
+                summary::dotdo_base(table.metadata(), h).map_err(|e| e.context(what.clone()))?;
+            }
             let cutoff = Timestamp::from_micros(
                 self.inner
                     .clock
@@ -378,8 +385,18 @@ impl IcebergColdStore {
                 .readonly(true)
                 .build()
                 .map_err(|e| Error::backend(format!("{what}: a table handle of it")).with_source(e))?;
-            // A manifest's entries are the same whichever version lists it.
-            found.snapshot(&old, &head, None).await?;
+            // A manifest's entries are the same whichever version lists it. A head whose manifest
+            // list or manifests are gone (another engine's expiry deletes them at once; an
+            // earlier cleanup with a shorter retention) protects what of it is left: no reader
+            // can scan it whole, and failing here would block every cleanup until the version
+            // left the retention.
+            match found.snapshot(&old, &head, None).await {
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(file = %entry.metadata_file, error = %e, "cleanup: an old head's files are gone")
+                }
+                Ok(()) => {}
+            }
         }
         for sf in md.statistics_iter() {
             found.add(&sf.statistics_path)?;
@@ -653,6 +670,33 @@ mod tests {
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
         let e = cold.append(crate::commit::tests::batch("o", 1)).await.expect_err("a replay");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        // Expiring dotdo's old snapshots would erase the evidence (the watermarks would then read
+        // as empty): refused, nothing expired, the table still reads as Corrupt.
+        let e = cold.expire_snapshots(Duration::ZERO, 1).await.expect_err("the evidence stays");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        assert_eq!(cold.refresh().await.expect("table").metadata().snapshots().count(), 3);
+        let e = cold.watermark(&o).await.expect_err("still unknown");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    }
+
+    /// A table version in the metadata log whose head's manifest list is gone (another engine's
+    /// expiry deletes it at once) does not block the cleanup: it protects what of that head is
+    /// left. The cleanup failed with `Corrupt` until that version left the retention.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_logged_version_whose_head_files_are_gone_does_not_block_the_cleanup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = crate::commit::tests::open_one_bucket(&dir).await;
+        cold.append(crate::commit::tests::batch("o", 1)).await.expect("append");
+        let t = cold.refresh().await.expect("table");
+        let first_list = t.metadata().current_snapshot().expect("head").manifest_list().to_string();
+        cold.append(crate::commit::tests::batch("o", 2)).await.expect("append");
+        dotdo_core::Clock::sleep(&dotdo_core::SystemClock::new(), Duration::from_millis(5)).await;
+        assert_eq!(cold.expire_snapshots(Duration::ZERO, 1).await.expect("expire").expired.len(), 1);
+        std::fs::remove_file(first_list.trim_start_matches("file://")).expect("another engine deletes the list");
+        let report = cold.remove_unreferenced_files(Duration::from_secs(3600)).await.expect("the cleanup runs");
+        assert!(report.deleted.is_empty(), "{report:?}");
+        let st = cold.load_state(&dotdo_core::ObjectId::new("o").expect("id"), dotdo_core::AsOf::Latest).await;
+        assert_eq!(st.expect("the table reads").through, 2);
     }
 
     /// An expired snapshot's statistics entry goes with it (as iceberg's own expire action

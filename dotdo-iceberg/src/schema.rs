@@ -379,10 +379,16 @@ pub(crate) fn from_batch(
                 o
             }
         };
-        let s = u64::try_from(seq.value(i))
-            .map_err(|_| Error::corrupt(format!("data file {file}: negative seq at row {i}")))?;
-        let t = u64::try_from(token.value(i))
-            .map_err(|_| Error::corrupt(format!("data file {file}: negative token at row {i}")))?;
+        // Sequence numbers and tokens dotdo issues are 1..=MAX_SEQ and 1..=FencingToken::MAX; a
+        // larger one (another writer's) would surface later as a restore refused for a bad
+        // argument, naming no file.
+        let s =
+            u64::try_from(seq.value(i)).ok().filter(|s| (1..=dotdo_core::MAX_SEQ).contains(s)).ok_or_else(|| {
+                Error::corrupt(format!("data file {file}: row {i}: seq {} is not one dotdo issues", seq.value(i)))
+            })?;
+        let t = u64::try_from(token.value(i)).ok().filter(|t| (1..=FencingToken::MAX.get()).contains(t)).ok_or_else(
+            || Error::corrupt(format!("data file {file}: row {i}: token {} is not one dotdo issues", token.value(i))),
+        )?;
         out.push(ChangeRecord {
             object,
             seq: s,
@@ -430,6 +436,29 @@ mod tests {
         out.clear();
         from_batch(&b, "mem", |d, _| d == "p", &mut out).expect("decode");
         assert!(out.is_empty());
+        // A seq or token no dotdo writer issues (another writer's row) is `Corrupt` naming the
+        // file, not a record whose restore is later refused as a bad argument naming none.
+        let max_token = FencingToken::MAX.get();
+        for (seq, token) in [(dotdo_core::MAX_SEQ + 1, 3), (0, 3), (7, 0), (7, max_token + 1)] {
+            let bad = ChangeRecord { seq, token: FencingToken::new(token), ..out_record(&o) };
+            let b = to_batch(&arrow, &[&bad]).expect("batch");
+            let e = from_batch(&b, "f.parquet", |_, _| true, &mut Vec::new()).expect_err("not dotdo's");
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{seq} {token}: {e}");
+            assert!(e.to_string().contains("f.parquet") && e.to_string().contains("not one dotdo issues"), "{e}");
+        }
+    }
+
+    fn out_record(o: &ObjectId) -> ChangeRecord {
+        ChangeRecord {
+            object: o.clone(),
+            seq: 1,
+            key: "k".into(),
+            op: Op::Put,
+            value: Bytes::from_static(b"v"),
+            token: FencingToken::new(1),
+            timestamp: Timestamp::from_micros(42),
+            type_name: "T".into(),
+        }
     }
 
     /// Rows another engine wrote with a null in a required column, a key with a control
