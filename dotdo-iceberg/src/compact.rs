@@ -664,6 +664,10 @@ impl IcebergColdStore {
         let read = records.len() as u64;
         records.sort_by(|a, b| (&a.object, &a.key, a.seq).cmp(&(&b.object, &b.key, b.seq)));
         if let Mode::Collapse(horizon) = mode {
+            // Reads refuse two different records of one object with one seq (`Corrupt`); a
+            // collapse would keep one of them, in no particular order, and erase the evidence
+            // (and perhaps the acknowledged one). A compaction keeps both.
+            different_records_with_one_seq(&records, group)?;
             records = collapse_sorted(records, *horizon);
         }
         if records.is_empty() {
@@ -773,6 +777,31 @@ fn decode(bytes: Bytes, path: &str) -> Result<Vec<ChangeRecord>> {
         schema::from_batch(&b, path, |_, _| true, &mut out)?;
     }
     Ok(out)
+}
+
+/// `Corrupt` if `records` (read from the files of `group`) hold two different change records of
+/// one object with one seq.
+fn different_records_with_one_seq(records: &[ChangeRecord], group: &[LiveFile]) -> Result<()> {
+    let mut by_seq: Vec<(&dotdo_core::ObjectId, u64, usize)> =
+        records.iter().enumerate().map(|(i, r)| (&r.object, r.seq, i)).collect();
+    by_seq.sort_unstable();
+    let clash = by_seq.windows(2).find(|w| w[0].0 == w[1].0 && w[0].1 == w[1].1 && records[w[0].2] != records[w[1].2]);
+    match clash {
+        None => Ok(()),
+        Some(w) => {
+            let (a, b) = (&records[w[0].2], &records[w[1].2]);
+            let files: Vec<&str> = group.iter().map(|f| f.path.as_str()).collect();
+            Err(Error::corrupt(format!(
+                "two different change records of {} with seq {} (keys {:?} and {:?}) are in the data files {}; \
+                 nothing was collapsed",
+                a.object,
+                a.seq,
+                a.key,
+                b.key,
+                files.join(", ")
+            )))
+        }
+    }
 }
 
 /// Keep, of each key's versions (sorted by object, key, seq), those not superseded at or before

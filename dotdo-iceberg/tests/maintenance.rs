@@ -1405,6 +1405,35 @@ async fn tables_of_two_catalog_names_never_share_files() {
     c1.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup of c1");
 }
 
+/// Two different change records of one object with one seq (another writer's file appended
+/// into the table) make a collapse `Corrupt` with nothing committed, as reads are: it kept one
+/// of them, in no particular order, erasing the evidence and perhaps the acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collapse_over_two_records_with_one_seq_is_corrupt_and_commits_nothing() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let (dir, other_dir) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let (cold, other) = (open(dir.path(), 1).await, open(other_dir.path(), 1).await);
+    let o = ObjectId::new("o").expect("id");
+    let one = |value: &str| ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", value, 1)]);
+    cold.append(one("v")).await.expect("append");
+    other.append(one("w")).await.expect("another table's seq 1");
+    let theirs = other.refresh().await.expect("table");
+    let list = theirs.manifest_list_reader(theirs.metadata().current_snapshot().expect("head")).load().await;
+    let m = list.expect("list").entries()[0].load_manifest(theirs.file_io()).await.expect("manifest");
+    let file = m.entries()[0].data_file().clone();
+    let table = cold.refresh().await.expect("table");
+    let tx = Transaction::new(&table);
+    let tx = tx.fast_append().add_data_files(vec![file]).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine appends the file");
+    let snapshots = cold.refresh().await.expect("table").metadata().snapshots().count();
+    let horizon = Timestamp::from_millis(i64::MAX / 1000);
+    let e = cold.collapse(dotdo_iceberg::CollapseOptions::new(horizon)).await.expect_err("two records with seq 1");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("seq 1"), "{e}");
+    assert_eq!(cold.refresh().await.expect("table").metadata().snapshots().count(), snapshots, "nothing committed");
+    assert_eq!(live_files(&cold).await, 2);
+}
+
 /// A file another engine appended a second time (live twice in the table) is compacted once:
 /// before, it counted twice among the files to replace and every compaction of its partition
 /// failed with a false "no longer in the table" conflict.
