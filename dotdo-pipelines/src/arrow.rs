@@ -114,6 +114,11 @@ impl Buf {
         self.rows + self.claimed_rows
     }
 
+    /// Whether anything waits for a roll (pending rows, or a claimed batch not yet committed).
+    fn has_waiting(&self) -> bool {
+        self.rows > 0 || self.claimed.is_some()
+    }
+
     /// Bytes (Arrow memory size) pending or claimed but not yet committed.
     fn waiting_bytes(&self) -> usize {
         self.bytes + self.claimed_bytes
@@ -352,7 +357,7 @@ impl ArrowPipeline {
     pub fn roll_due(&self) -> bool {
         let inner = &self.inner;
         let b = inner.buf.lock();
-        (b.rows > 0 || b.claimed.is_some())
+        b.has_waiting()
             && (b.rows >= inner.settings.roll_rows
                 || b.bytes >= inner.settings.roll_bytes
                 || b.claimed.is_some()
@@ -366,11 +371,11 @@ impl ArrowPipeline {
     }
 
     /// [`roll`](Self::roll); a roll of the background loop (`background`) does nothing once the
-    /// pipeline is closed.
+    /// pipeline is closed with nothing waiting; what a failed `close` left is its to roll.
     async fn roll_in(&self, background: bool) -> Result<u64> {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;
-        if background && inner.closed.load(Ordering::Acquire) {
+        if background && inner.closed.load(Ordering::Acquire) && !inner.buf.lock().has_waiting() {
             return Ok(0);
         }
         let started = inner.clock.monotonic();
@@ -501,8 +506,8 @@ impl ArrowPipeline {
     /// Roll whenever due until [`close`](Self::close) (spawn it on the host's executor). A failed
     /// roll is tried again after a pause that doubles with each failure in a row, up to
     /// [`MAX_ROLL_BACKOFF`](crate::MAX_ROLL_BACKOFF), as [`Pipeline::run`](crate::Pipeline::run) does.
-    /// Like the event pipeline's, it ends once every handle is dropped, and starts no roll after
-    /// `close` took the roll.
+    /// Like the event pipeline's, it ends once every handle is dropped, and after `close` once
+    /// nothing waits (what a failed or dropped `close` left, it keeps rolling).
     pub fn run(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let weak = Arc::downgrade(&self.inner);
         let (clock, tick) = (self.inner.clock.clone(), self.inner.settings.tick());
@@ -511,12 +516,15 @@ impl ArrowPipeline {
             tick,
             move || weak.upgrade().map(|inner| ArrowPipeline { inner }),
             |p: &ArrowPipeline| p.inner.closed.load(Ordering::Acquire),
+            |p: &ArrowPipeline| p.inner.buf.lock().has_waiting(),
             |p: &ArrowPipeline| p.roll_due(),
             |p: ArrowPipeline| async move { p.roll_in(true).await },
         )
     }
 
-    /// Stop accepting batches and roll what is waiting.
+    /// Stop accepting batches and roll what is waiting. If that roll fails (or this call is
+    /// dropped), what waits stays pending: the background loop ([`run`](Self::run)) keeps
+    /// rolling it until it is committed, and `close` (or `roll`) may be called again.
     pub async fn close(&self) -> Result<u64> {
         {
             // Under `buf`, as `send` checks it: every send that got `Ok` is pending now.

@@ -340,7 +340,13 @@ impl Pipeline {
             )));
         }
         let n = rows.len();
-        inner.log.append(rows)?;
+        if let Err(e) = inner.log.append(rows) {
+            // A busy log is waited out like a full buffer by `send_wait` (which counts the final
+            // refusal once); any other failure is a refusal now.
+            let full_like = e.kind() == &ErrorKind::Unavailable && e.is_retryable();
+            inner.counters.rejected.fetch_add(u64::from(count_full || !full_like), Ordering::Relaxed);
+            return Err(e);
+        }
         // Counted only for a send that was accepted (a refused one is retried, and transformed
         // again).
         inner.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
@@ -393,11 +399,12 @@ impl Pipeline {
     }
 
     /// [`roll`](Self::roll); a roll of the background loop (`background`) does nothing once the
-    /// pipeline is closed (it may have waited for the lock behind `close`'s own roll).
+    /// pipeline is closed with nothing waiting (it may have waited for the lock behind `close`'s
+    /// own roll); what a failed `close` left is its to roll.
     async fn roll_in(&self, background: bool) -> Result<RollReport> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;
-        if background && inner.closed.load(Ordering::Acquire) {
+        if background && inner.closed.load(Ordering::Acquire) && inner.log.depth().0 == 0 {
             return Ok(RollReport::default());
         }
         let started = inner.clock.monotonic();
@@ -566,8 +573,9 @@ impl Pipeline {
     /// pipeline only while it rolls, so a dropped pipeline lets go of its durable log). A failed
     /// roll is tried again (the claimed batch stays and is committed again) after a pause that
     /// doubles with each failure in a row, from twice the tick up to [`MAX_ROLL_BACKOFF`]: a
-    /// sink that refuses the batch for good is not hammered. No roll of this loop starts after
-    /// `close` took the roll.
+    /// sink that refuses the batch for good is not hammered. After [`close`](Self::close) it
+    /// ends once nothing waits: what a failed (or dropped) `close` left, it keeps rolling with
+    /// the same backoff until it is committed.
     pub fn run(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let weak = Arc::downgrade(&self.inner);
         let (clock, tick) = (self.inner.clock.clone(), self.inner.settings.tick());
@@ -576,12 +584,15 @@ impl Pipeline {
             tick,
             move || weak.upgrade().map(|inner| Pipeline { inner }),
             |p: &Pipeline| p.inner.closed.load(Ordering::Acquire),
+            |p: &Pipeline| p.inner.log.depth().0 > 0,
             |p: &Pipeline| p.roll_due(),
             |p: Pipeline| async move { p.roll_in(true).await },
         )
     }
 
-    /// Stop accepting events and roll what is waiting.
+    /// Stop accepting events and roll what is waiting. If that roll fails (or this call is
+    /// dropped), what waits stays pending: the background loop ([`run`](Self::run)) keeps
+    /// rolling it until it is committed, and `close` (or `roll`) may be called again.
     pub async fn close(&self) -> Result<RollReport> {
         {
             let _gate = self.inner.send_gate.lock();

@@ -124,6 +124,7 @@ pub(crate) async fn run_rolls<P, R, Fut>(
     tick: Duration,
     live: impl Fn() -> Option<P>,
     closed: impl Fn(&P) -> bool,
+    waiting: impl Fn(&P) -> bool,
     due: impl Fn(&P) -> bool,
     roll: impl Fn(P) -> Fut,
 ) where
@@ -133,10 +134,14 @@ pub(crate) async fn run_rolls<P, R, Fut>(
     // The pipeline is held only while it rolls: once every handle is dropped (without `close`),
     // the loop ends and the log's lock goes with the pipeline.
     while let Some(p) = live() {
-        if closed(&p) {
+        // Closed: done once nothing waits. A `close` whose roll failed (or that its caller
+        // dropped) leaves what waits to this loop, rolled with the same backoff until it is
+        // committed: the loop stopping then left it for good.
+        let closed = closed(&p);
+        if closed && !waiting(&p) {
             return;
         }
-        if clock.monotonic() >= next_try && due(&p) {
+        if clock.monotonic() >= next_try && (closed || due(&p)) {
             match roll(p).await {
                 Ok(_) => failures = 0,
                 Err(e) => {

@@ -93,6 +93,29 @@ impl ArrowSink for Flaky {
     }
 }
 
+/// A `close` whose roll fails leaves what waits to the background loop, which rolls it once the
+/// sink takes it, then ends (it stopped at `close`, leaving the rows for a manual `roll`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the loop's ticks
+async fn a_failed_close_leaves_what_waits_to_the_roll_loop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let sink = Flaky::new(t.clone(), false);
+    let settings = PipelineSettings { roll_interval: std::time::Duration::from_millis(8), ..Default::default() };
+    let p = ArrowPipeline::open("closing", sink.clone(), settings).expect("pipeline");
+    let runner = p.clone();
+    let handle = tokio::spawn(async move { runner.run().await });
+    p.send(batch(0, 3)).expect("send");
+    sink.refusing.store(true, Ordering::SeqCst);
+    p.close().await.expect_err("the sink refuses the final roll");
+    sink.refusing.store(false, Ordering::SeqCst);
+    tokio::time::timeout(std::time::Duration::from_secs(10), handle)
+        .await
+        .expect("the loop rolled and ended")
+        .expect("join");
+    assert_eq!(ids(&t).await, vec![0, 1, 2]);
+}
+
 /// A batch of no rows is accepted and dropped: nothing buffered, nothing logged. Each was kept in
 /// memory and as a row of the durable log, counted by no capacity and due for no roll, so a
 /// producer of empty (filtered) batches grew both without bound.

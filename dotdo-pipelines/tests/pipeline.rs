@@ -705,6 +705,44 @@ async fn run_backs_off_after_failed_rolls() {
     handle.await.expect("run ends after close");
 }
 
+/// A send the durable log cannot take (here: locked by another connection past its busy
+/// timeout) counts in `rejected`, as its metric says; it counted nothing.
+#[tokio::test]
+async fn a_send_the_log_refuses_counts_as_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(path.clone()), ..Default::default() };
+    let p = Pipeline::builder(Arc::new(MemoryColdStore::new())).with_settings(settings).build().expect("pipeline");
+    let other = rusqlite::Connection::open(&path).expect("another connection");
+    other.execute_batch("BEGIN EXCLUSIVE").expect("lock the log");
+    let e = p.send(events(1)).expect_err("the log is locked");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert_eq!(p.metrics().rejected, 1);
+    assert_eq!(p.metrics().events_in, 0);
+    other.execute_batch("COMMIT").expect("unlock");
+    p.send(events(1)).expect("send");
+    assert_eq!(p.metrics().rejected, 1);
+}
+
+/// A `close` whose roll fails leaves what waits to the background loop, which keeps rolling it
+/// (with its backoff) until the sink takes it, then ends: the loop stopped at `close`, and
+/// events waited for a manual `roll` that a host shutting down never makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_close_leaves_what_waits_to_the_roll_loop() {
+    let sink = Flaky::new();
+    let settings = PipelineSettings { roll_interval: Duration::from_millis(8), ..Default::default() };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("pipeline");
+    let runner = p.clone();
+    let handle = tokio::spawn(async move { runner.run().await });
+    p.send(events(3)).expect("send");
+    sink.refusing.store(true, Ordering::SeqCst);
+    p.close().await.expect_err("the sink refuses the final roll");
+    sink.refusing.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), handle).await.expect("the loop rolled and ended").expect("join");
+    assert_eq!(p.metrics().events_committed, 3, "committed by the loop after the failed close");
+    assert_exactly_once(&committed(&sink.inner, 3).await, 3);
+}
+
 /// The committed-events counter counts what reached the sink even when a later batch of the same
 /// roll fails (it counted nothing of such a roll, so it lagged the sink for good), and so does
 /// the rolls counter ("rolls that committed at least one event": it missed such a roll).
