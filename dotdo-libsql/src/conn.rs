@@ -225,6 +225,12 @@ impl Conn {
             // (The room was checked above; the statement checks it too, for the batch path.)
             let room = Value::Integer(dotdo_core::MAX_SEQ as i64 - n);
             self.prepared(Step::exec(RAISE_IF_CURRENT, vec![w.object.clone(), Value::Integer(w.token), room])).await?;
+            // It raises (or creates) the row unless the object's rows are damaged (the room was
+            // checked above): a negative lease token, say, which the read's `max` hid. Corrupt,
+            // rolled back; writing the changes without their object row would lose them.
+            if self.conn.changes() == 0 {
+                return Err(libsql::Error::InvalidColumnType);
+            }
         }
         for (i, (key, value)) in w.ops.iter().enumerate() {
             let seq = Value::Integer(last + 1 + i as i64);

@@ -422,10 +422,15 @@ pub const DAMAGED_OBJECT_ROWS: &[(&str, &str)] = &[
 /// `do_objects` row yet: a call must not create one).
 pub fn damaged_object_rows() -> impl Iterator<Item = (String, &'static str, bool)> {
     let written = DAMAGED_OBJECT_ROWS.iter().map(|(what, sql)| (what.to_string(), *sql, true));
+    // A negative lease token too: with no `do_objects` row it is the object's whole fencing
+    // state (with one, the row's maximum covers it).
+    let negative = ("negative lease token", "UPDATE do_locks SET fencing_token = -3 WHERE do_id = ?1");
     let acquired_only = DAMAGED_OBJECT_ROWS
         .iter()
+        .copied()
+        .chain([negative])
         .filter(|(_, sql)| sql.contains("do_locks"))
-        .map(|(what, sql)| (format!("{what}, object never written"), *sql, false));
+        .map(|(what, sql)| (format!("{what}, object never written"), sql, false));
     written.chain(acquired_only)
 }
 
