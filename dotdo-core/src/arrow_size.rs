@@ -18,8 +18,12 @@ use arrow_data::ArrayData;
 /// # Ok::<(), arrow_schema::ArrowError>(())
 /// ```
 pub fn rows_bytes(d: &ArrayData) -> usize {
+    // Only the variable-width layouts (strings, binaries) index their offsets buffer.
     fn offsets_present(d: &ArrayData) -> bool {
-        (!d.is_empty() || d.buffers().iter().all(|b| !b.is_empty())) && d.child_data().iter().all(offsets_present)
+        use arrow_schema::DataType::{Binary, LargeBinary, LargeUtf8, Utf8};
+        let indexes_offsets = matches!(d.data_type(), Utf8 | Binary | LargeUtf8 | LargeBinary);
+        let missing = indexes_offsets && d.buffers().first().is_none_or(|b| b.is_empty());
+        !missing && d.child_data().iter().all(offsets_present)
     }
     fn buffer_bytes(d: &ArrayData) -> usize {
         let own: usize = d.buffers().iter().map(|b| b.len()).sum();
@@ -69,5 +73,21 @@ mod tests {
             .build()
             .expect("two strings");
         assert_eq!(super::rows_bytes(&strings.slice(1, 1)), 4 + 2, "the slice's offset and bytes");
+        // Empty lists over an empty string child that has its offset: arrow's own slice size.
+        let child = ArrayData::builder(DataType::Utf8)
+            .len(0)
+            .add_buffer(Buffer::from_slice_ref([0i32]))
+            .add_buffer(Buffer::from_vec(Vec::<u8>::new()))
+            .build()
+            .expect("an empty string array");
+        let item = Arc::new(Field::new("item", DataType::Utf8, true));
+        let lists = ArrayData::builder(DataType::List(item))
+            .len(4)
+            .add_buffer(Buffer::from_slice_ref([0i32, 0, 0, 0, 0]))
+            .add_child_data(child)
+            .build()
+            .expect("four empty lists");
+        let two = lists.slice(1, 2);
+        assert_eq!(super::rows_bytes(&two), two.get_slice_memory_size().expect("size"));
     }
 }

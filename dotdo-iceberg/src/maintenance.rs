@@ -386,17 +386,10 @@ impl IcebergColdStore {
                 .build()
                 .map_err(|e| Error::backend(format!("{what}: a table handle of it")).with_source(e))?;
             // A manifest's entries are the same whichever version lists it. A head whose manifest
-            // list or manifests are gone (another engine's expiry deletes them at once; an
-            // earlier cleanup with a shorter retention) protects what of it is left: no reader
-            // can scan it whole, and failing here would block every cleanup until the version
-            // left the retention.
-            match found.snapshot(&old, &head, None).await {
-                Err(e) if e.is_retryable() => return Err(e),
-                Err(e) => {
-                    tracing::debug!(file = %entry.metadata_file, error = %e, "cleanup: an old head's files are gone")
-                }
-                Ok(()) => {}
-            }
+            // list or some manifests are gone or damaged (another engine's expiry deletes them at
+            // once; an earlier cleanup with a shorter retention) protects what of it is left:
+            // failing here would block every cleanup until the version left the retention.
+            found.snapshot_tolerant(&old, &head).await?;
         }
         for sf in md.statistics_iter() {
             found.add(&sf.statistics_path)?;
@@ -429,24 +422,52 @@ impl Referenced<'_> {
         s: &iceberg::spec::SnapshotRef,
         removals: Option<&Removals<'_>>,
     ) -> Result<()> {
+        self.snapshot_as(table, s, removals, false).await
+    }
+
+    /// [`snapshot`](Self::snapshot) of an old version's head: a manifest list or manifest that
+    /// is gone or damaged (`Corrupt`) is skipped, the others read; any other error fails.
+    async fn snapshot_tolerant(&mut self, table: &iceberg::table::Table, s: &iceberg::spec::SnapshotRef) -> Result<()> {
+        self.snapshot_as(table, s, None, true).await
+    }
+
+    async fn snapshot_as(
+        &mut self,
+        table: &iceberg::table::Table,
+        s: &iceberg::spec::SnapshotRef,
+        removals: Option<&Removals<'_>>,
+        tolerant: bool,
+    ) -> Result<()> {
+        let skip = |e: &Error| tolerant && e.kind() == &ErrorKind::Corrupt;
         self.add(s.manifest_list())?;
         if let Some(cp) = summary::checkpoint(s) {
             self.add(cp)?;
         }
-        let list = table
-            .manifest_list_reader(s)
-            .load()
-            .await
-            .map_err(|e| classify(e, &format!("manifest list {}", s.manifest_list())))?;
+        let list = match table.manifest_list_reader(s).load().await {
+            Ok(list) => list,
+            Err(e) => match classify(e, &format!("manifest list {}", s.manifest_list())) {
+                e if skip(&e) => {
+                    tracing::debug!(error = %e, "cleanup: an old head's manifest list is gone");
+                    return Ok(());
+                }
+                e => return Err(e),
+            },
+        };
         for mf in list.entries() {
             if !self.manifests.insert(mf.manifest_path.clone()) {
                 continue;
             }
             self.add(&mf.manifest_path)?;
-            let m = mf
-                .load_manifest(table.file_io())
-                .await
-                .map_err(|e| classify(e, &format!("manifest {}", mf.manifest_path)))?;
+            let m = match mf.load_manifest(table.file_io()).await {
+                Ok(m) => m,
+                Err(e) => match classify(e, &format!("manifest {}", mf.manifest_path)) {
+                    e if skip(&e) => {
+                        tracing::debug!(error = %e, "cleanup: an old head's manifest is gone");
+                        continue;
+                    }
+                    e => return Err(e),
+                },
+            };
             let mut recently_removed = removals.map(|r| r.of(mf));
             for e in m.entries() {
                 if e.is_alive() || recently_removed.as_mut().is_some_and(|removed| removed(e)) {

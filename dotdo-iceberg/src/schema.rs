@@ -379,16 +379,17 @@ pub(crate) fn from_batch(
                 o
             }
         };
-        // Sequence numbers and tokens dotdo issues are 1..=MAX_SEQ and 1..=FencingToken::MAX; a
-        // larger one (another writer's) would surface later as a restore refused for a bad
-        // argument, naming no file.
+        // Sequence numbers dotdo issues are 1..=MAX_SEQ, tokens at most FencingToken::MAX (0, NONE,
+        // in tables a pipeline wrote with it before appends checked record tokens); a larger one
+        // (another writer's) would surface later as a restore refused for a bad argument, naming
+        // no file.
         let s =
             u64::try_from(seq.value(i)).ok().filter(|s| (1..=dotdo_core::MAX_SEQ).contains(s)).ok_or_else(|| {
                 Error::corrupt(format!("data file {file}: row {i}: seq {} is not one dotdo issues", seq.value(i)))
             })?;
-        let t = u64::try_from(token.value(i)).ok().filter(|t| (1..=FencingToken::MAX.get()).contains(t)).ok_or_else(
-            || Error::corrupt(format!("data file {file}: row {i}: token {} is not one dotdo issues", token.value(i))),
-        )?;
+        let t = u64::try_from(token.value(i)).ok().filter(|t| *t <= FencingToken::MAX.get()).ok_or_else(|| {
+            Error::corrupt(format!("data file {file}: row {i}: token {} is not one dotdo issues", token.value(i)))
+        })?;
         out.push(ChangeRecord {
             object,
             seq: s,
@@ -439,7 +440,7 @@ mod tests {
         // A seq or token no dotdo writer issues (another writer's row) is `Corrupt` naming the
         // file, not a record whose restore is later refused as a bad argument naming none.
         let max_token = FencingToken::MAX.get();
-        for (seq, token) in [(dotdo_core::MAX_SEQ + 1, 3), (0, 3), (7, 0), (7, max_token + 1)] {
+        for (seq, token) in [(dotdo_core::MAX_SEQ + 1, 3), (0, 3), (7, max_token + 1)] {
             let bad = ChangeRecord { seq, token: FencingToken::new(token), ..out_record(&o) };
             let b = to_batch(&arrow, &[&bad]).expect("batch");
             let e = from_batch(&b, "f.parquet", |_, _| true, &mut Vec::new()).expect_err("not dotdo's");

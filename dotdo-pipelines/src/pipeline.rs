@@ -343,8 +343,10 @@ impl Pipeline {
         if let Err(e) = inner.log.append(rows) {
             // A busy log is waited out like a full buffer by `send_wait` (which counts the final
             // refusal once); any other failure is a refusal now.
+            // An unknown outcome is no refusal: the events may be in the log (and committed later).
             let full_like = e.kind() == &ErrorKind::Unavailable && e.is_retryable();
-            inner.counters.rejected.fetch_add(u64::from(count_full || !full_like), Ordering::Relaxed);
+            let refused = e.kind() != &ErrorKind::AmbiguousOutcome && (count_full || !full_like);
+            inner.counters.rejected.fetch_add(u64::from(refused), Ordering::Relaxed);
             return Err(e);
         }
         // Counted only for a send that was accepted (a refused one is retried, and transformed

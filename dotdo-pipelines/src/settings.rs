@@ -144,6 +144,13 @@ pub(crate) async fn run_rolls<P, R, Fut>(
         if clock.monotonic() >= next_try && (closed || due(&p)) {
             match roll(p).await {
                 Ok(_) => failures = 0,
+                // After `close`, a refusal no retry can mend (a sink refusing the batch for good,
+                // sequence numbers used up, a log to reopen) ends the loop: a host awaiting it
+                // at shutdown must not wait for ever. What waits stays in the log.
+                Err(e) if closed && !e.is_retryable() && e.kind() != &dotdo_core::ErrorKind::AmbiguousOutcome => {
+                    tracing::error!(error = %e, "dotdo pipeline: the roll after close was refused for good; the loop ends");
+                    return;
+                }
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     let pause = tick.saturating_mul(1 << failures.min(12)).min(crate::MAX_ROLL_BACKOFF);

@@ -93,8 +93,9 @@ impl ArrowSink for Flaky {
     }
 }
 
-/// A `close` whose roll fails leaves what waits to the background loop, which rolls it once the
-/// sink takes it, then ends (it stopped at `close`, leaving the rows for a manual `roll`).
+/// A `close` whose roll fails for a passing reason leaves what waits to the background loop,
+/// which rolls it once the sink takes it, then ends (it stopped at `close`, leaving the rows for
+/// a manual `roll`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::disallowed_methods)] // real time: the loop's ticks
 async fn a_failed_close_leaves_what_waits_to_the_roll_loop() {
@@ -106,9 +107,9 @@ async fn a_failed_close_leaves_what_waits_to_the_roll_loop() {
     let runner = p.clone();
     let handle = tokio::spawn(async move { runner.run().await });
     p.send(batch(0, 3)).expect("send");
-    sink.refusing.store(true, Ordering::SeqCst);
-    p.close().await.expect_err("the sink refuses the final roll");
-    sink.refusing.store(false, Ordering::SeqCst);
+    sink.stalled.store(true, Ordering::SeqCst);
+    p.close().await.expect_err("the sink fails the final roll");
+    sink.stalled.store(false, Ordering::SeqCst);
     tokio::time::timeout(std::time::Duration::from_secs(10), handle)
         .await
         .expect("the loop rolled and ended")

@@ -724,23 +724,30 @@ async fn a_send_the_log_refuses_counts_as_rejected() {
     assert_eq!(p.metrics().rejected, 1);
 }
 
-/// A `close` whose roll fails leaves what waits to the background loop, which keeps rolling it
-/// (with its backoff) until the sink takes it, then ends: the loop stopped at `close`, and
-/// events waited for a manual `roll` that a host shutting down never makes.
+/// A `close` whose roll fails for a passing reason leaves what waits to the background loop,
+/// which keeps rolling it (with its backoff) until the sink takes it, then ends: the loop stopped
+/// at `close`, and events waited for a manual `roll` that a host shutting down never makes. A
+/// refusal for good ends the loop (a host awaiting it must not wait for ever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_close_leaves_what_waits_to_the_roll_loop() {
-    let sink = Flaky::new();
-    let settings = PipelineSettings { roll_interval: Duration::from_millis(8), ..Default::default() };
-    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("pipeline");
-    let runner = p.clone();
-    let handle = tokio::spawn(async move { runner.run().await });
-    p.send(events(3)).expect("send");
-    sink.refusing.store(true, Ordering::SeqCst);
-    p.close().await.expect_err("the sink refuses the final roll");
-    sink.refusing.store(false, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(10), handle).await.expect("the loop rolled and ended").expect("join");
-    assert_eq!(p.metrics().events_committed, 3, "committed by the loop after the failed close");
-    assert_exactly_once(&committed(&sink.inner, 3).await, 3);
+    for for_good in [false, true] {
+        let sink = Flaky::new();
+        let settings = PipelineSettings { roll_interval: Duration::from_millis(8), ..Default::default() };
+        let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("pipeline");
+        let runner = p.clone();
+        let handle = tokio::spawn(async move { runner.run().await });
+        p.send(events(3)).expect("send");
+        let flag = if for_good { &sink.refusing } else { &sink.stalled };
+        flag.store(true, Ordering::SeqCst);
+        p.close().await.expect_err("the sink fails the final roll");
+        if !for_good {
+            sink.stalled.store(false, Ordering::SeqCst);
+        }
+        tokio::time::timeout(Duration::from_secs(10), handle).await.expect("the loop ended").expect("join");
+        let committed_events = if for_good { 0 } else { 3 };
+        assert_eq!(p.metrics().events_committed, committed_events, "for good: {for_good}");
+        assert_eq!(p.metrics().buffer_depth, 3 - committed_events, "for good: {for_good}");
+    }
 }
 
 /// The committed-events counter counts what reached the sink even when a later batch of the same
