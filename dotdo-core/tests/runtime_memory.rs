@@ -1926,17 +1926,23 @@ async fn evicting_a_lazy_object_does_not_load_its_cold_state() {
 async fn a_slow_restore_before_a_lazy_objects_first_commit_keeps_the_lease() {
     let w = World::new();
     let (cold, b, o, _) = lazily_restored(&w).await;
-    let clock = w.clock.clone();
-    *cold.before_load.lock() = Some(Box::pin(async move {
-        for _ in 0..20 {
-            clock.advance(TTL / 10);
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }));
+    *cold.before_load.lock() = Some(clock_moves_on(&w.clock, 20));
     assert_eq!(incr(&b, &o).await.expect("the first write completes the restore"), 1);
     assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(b.metrics().self_fenced, 0);
     assert_eq!(all_state(&b, &o).await.len(), 21);
+}
+
+/// A slow cold read or commit: the world's clock moves on by `tenths` tenths of a TTL, a tenth at
+/// a time with a real millisecond between, so the runtime's renewal task gets to run.
+fn clock_moves_on(clock: &dotdo_core::ManualClock, tenths: u32) -> futures::future::BoxFuture<'static, ()> {
+    let clock = clock.clone();
+    Box::pin(async move {
+        for _ in 0..tenths {
+            clock.advance(TTL / 10);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
 }
 
 /// `maintain` reads the time for each lease it renews: behind a slow guard (a refresh takes a
@@ -2055,14 +2061,11 @@ async fn a_drain_that_outlasts_the_lease_keeps_it() {
         let o = oid("o");
         incr(&rt, &o).await.expect("incr");
         // Two TTLs pass during the commit; then node b tries to take the object.
-        let (clock, hot, o2) = (w.clock.clone(), w.hot.clone(), o.clone());
+        let (slow, hot, o2) = (clock_moves_on(&w.clock, 20), w.hot.clone(), o.clone());
         let b_refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refused = b_refused.clone();
         *cold.before_append.lock() = Some(Box::pin(async move {
-            for _ in 0..20 {
-                clock.advance(TTL / 10);
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            slow.await;
             let b = hot.acquire(&o2, &NodeId::new("b").expect("valid"), TTL).await;
             refused.store(b.is_err_and(|e| matches!(e.kind(), ErrorKind::LeaseHeld { .. })), Ordering::SeqCst);
         }));
@@ -2093,13 +2096,7 @@ async fn an_eager_restore_that_outlasts_the_lease_keeps_it() {
     a.evict(&o).await.expect("evict");
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
     let b = w.runtime_with("b", Arc::new(w.hot.clone()), cold.clone(), settings());
-    let clock = w.clock.clone();
-    *cold.before_load.lock() = Some(Box::pin(async move {
-        for _ in 0..20 {
-            clock.advance(TTL / 10);
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }));
+    *cold.before_load.lock() = Some(clock_moves_on(&w.clock, 20));
     assert_eq!(incr(&b, &o).await.expect("the activation restores, then the call writes"), 1);
     assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(b.metrics().self_fenced, 0);
@@ -2123,13 +2120,7 @@ async fn a_failed_renewal_during_a_lazy_restore_gives_the_lease_back() {
         w.runtime_with("b", guard.clone(), cold.clone(), RuntimeSettings { restore: RestoreMode::Lazy, ..settings() });
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
     // The load takes half a TTL: the renewal due meanwhile fails.
-    let clock = w.clock.clone();
-    *cold.before_load.lock() = Some(Box::pin(async move {
-        for _ in 0..5 {
-            clock.advance(TTL / 10);
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }));
+    *cold.before_load.lock() = Some(clock_moves_on(&w.clock, 5));
     guard.broken_refreshes.store(1, std::sync::atomic::Ordering::SeqCst);
     let e = incr(&b, &o).await.expect_err("the renewal failed");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");

@@ -55,44 +55,17 @@ fn rows(start: u64, n: u64, objects: u64) -> ColdBatch {
 /// filters on `do_id` and `key`, 32k-row groups), single-threaded, unpartitioned, no commit.
 /// Returns (seconds for build + encode, seconds for encode only, bytes written).
 fn raw_parquet_encode(batch: &ColdBatch) -> (f64, f64, usize) {
-    use arrow_array::builder::{Int64Builder, LargeBinaryBuilder, StringBuilder, TimestampMicrosecondBuilder};
-    use arrow_array::{ArrayRef, RecordBatch};
     use parquet::arrow::ArrowWriter;
     use parquet::basic::{Compression, ZstdLevel};
     use parquet::file::properties::WriterProperties;
     let clock = SystemClock::new();
     let t_build = clock.monotonic();
-    let (mut d, mut ty, mut k, mut v, mut ts, mut op, mut seq, mut tok) = (
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        LargeBinaryBuilder::new(),
-        TimestampMicrosecondBuilder::new(),
-        StringBuilder::new(),
-        Int64Builder::new(),
-        Int64Builder::new(),
-    );
+    let mut c = Columns::default();
     for r in batch.objects.iter().flat_map(|o| o.records.iter()) {
-        d.append_value(r.object.as_str());
-        ty.append_value(&r.type_name);
-        k.append_value(&r.key);
-        v.append_value(&r.value);
-        ts.append_value(r.timestamp.as_micros());
-        op.append_value(r.op.as_str());
-        seq.append_value(r.seq as i64);
-        tok.append_value(r.token.get() as i64);
+        let (seq, token) = (r.seq as i64, r.token.get() as i64);
+        c.push(r.object.as_str(), &r.type_name, &r.key, &r.value, r.timestamp.as_micros(), r.op.as_str(), seq, token);
     }
-    let cols: Vec<(&str, ArrayRef)> = vec![
-        ("do_id", Arc::new(d.finish())),
-        ("type", Arc::new(ty.finish())),
-        ("key", Arc::new(k.finish())),
-        ("value", Arc::new(v.finish())),
-        ("timestamp", Arc::new(ts.finish().with_timezone("+00:00"))),
-        ("op", Arc::new(op.finish())),
-        ("seq", Arc::new(seq.finish())),
-        ("token", Arc::new(tok.finish())),
-    ];
-    let rb = RecordBatch::try_from_iter(cols).expect("batch");
+    let rb = c.finish();
     use dotdo_iceberg::schema::{BLOOM_COLUMNS, DELTA_COLUMNS, UNCOMPRESSED_COLUMNS};
     use parquet::file::properties::EnabledStatistics;
     use parquet::schema::types::ColumnPath;
@@ -127,57 +100,72 @@ fn raw_parquet_encode(batch: &ColdBatch) -> (f64, f64, usize) {
     (end.saturating_sub(t_build).as_secs_f64(), end.saturating_sub(t).as_secs_f64(), out.len())
 }
 
-/// Bytes of the Parquet data files under `dir` (a table's warehouse directory).
+/// Builders of the change table's eight columns, in its order and with its types.
+#[derive(Default)]
+struct Columns {
+    d: arrow_array::builder::StringBuilder,
+    ty: arrow_array::builder::StringBuilder,
+    k: arrow_array::builder::StringBuilder,
+    v: arrow_array::builder::LargeBinaryBuilder,
+    ts: arrow_array::builder::TimestampMicrosecondBuilder,
+    op: arrow_array::builder::StringBuilder,
+    seq: arrow_array::builder::Int64Builder,
+    tok: arrow_array::builder::Int64Builder,
+}
+
+impl Columns {
+    #[allow(clippy::too_many_arguments)]
+    fn push(&mut self, d: &str, ty: &str, k: &str, v: &[u8], ts: i64, op: &str, seq: i64, tok: i64) {
+        self.d.append_value(d);
+        self.ty.append_value(ty);
+        self.k.append_value(k);
+        self.v.append_value(v);
+        self.ts.append_value(ts);
+        self.op.append_value(op);
+        self.seq.append_value(seq);
+        self.tok.append_value(tok);
+    }
+
+    /// The batch, every column required (as PyIceberg's table declares them).
+    fn finish(mut self) -> arrow_array::RecordBatch {
+        use arrow_array::ArrayRef;
+        use arrow_schema::{DataType, Field, Schema, TimeUnit};
+        let tz = DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into()));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("do_id", DataType::Utf8, false),
+            Field::new("type", DataType::Utf8, false),
+            Field::new("key", DataType::Utf8, false),
+            Field::new("value", DataType::LargeBinary, false),
+            Field::new("timestamp", tz, false),
+            Field::new("op", DataType::Utf8, false),
+            Field::new("seq", DataType::Int64, false),
+            Field::new("token", DataType::Int64, false),
+        ]));
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.d.finish()),
+            Arc::new(self.ty.finish()),
+            Arc::new(self.k.finish()),
+            Arc::new(self.v.finish()),
+            Arc::new(self.ts.finish().with_timezone("+00:00")),
+            Arc::new(self.op.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.tok.finish()),
+        ];
+        arrow_array::RecordBatch::try_new(schema, cols).expect("batch")
+    }
+}
+
 /// The rows of PyIceberg's peer script (`rows` in benches/py/bench_pyiceberg.py) as one Arrow
 /// batch in its order and schema: row i is object `i % objects`, its `i / objects + 1`-th change.
 fn peer_arrow(n: u64, objects: u64) -> arrow_array::RecordBatch {
-    use arrow_array::builder::{Int64Builder, LargeBinaryBuilder, StringBuilder, TimestampMicrosecondBuilder};
-    use arrow_array::ArrayRef;
-    use arrow_schema::{DataType, Field, Schema, TimeUnit};
     let value: Vec<u8> = (0..64u32).map(|i| (i % 251) as u8).collect();
-    let (mut d, mut ty, mut k, mut v, mut ts, mut op, mut seq, mut tok) = (
-        StringBuilder::new(),
-        StringBuilder::new(),
-        StringBuilder::new(),
-        LargeBinaryBuilder::new(),
-        TimestampMicrosecondBuilder::new(),
-        StringBuilder::new(),
-        Int64Builder::new(),
-        Int64Builder::new(),
-    );
+    let mut c = Columns::default();
     for i in 0..n {
         let s = i / objects + 1;
-        d.append_value(format!("obj-{:05}", i % objects));
-        ty.append_value("Event");
-        k.append_value(format!("k{}", s % 100));
-        v.append_value(&value);
-        ts.append_value(BASE_US + i as i64);
-        op.append_value("put");
-        seq.append_value(s as i64);
-        tok.append_value(1);
+        let (d, k) = (format!("obj-{:05}", i % objects), format!("k{}", s % 100));
+        c.push(&d, "Event", &k, &value, BASE_US + i as i64, "put", s as i64, 1);
     }
-    let tz = DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into()));
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("do_id", DataType::Utf8, false),
-        Field::new("type", DataType::Utf8, false),
-        Field::new("key", DataType::Utf8, false),
-        Field::new("value", DataType::LargeBinary, false),
-        Field::new("timestamp", tz, false),
-        Field::new("op", DataType::Utf8, false),
-        Field::new("seq", DataType::Int64, false),
-        Field::new("token", DataType::Int64, false),
-    ]));
-    let cols: Vec<ArrayRef> = vec![
-        Arc::new(d.finish()),
-        Arc::new(ty.finish()),
-        Arc::new(k.finish()),
-        Arc::new(v.finish()),
-        Arc::new(ts.finish().with_timezone("+00:00")),
-        Arc::new(op.finish()),
-        Arc::new(seq.finish()),
-        Arc::new(tok.finish()),
-    ];
-    arrow_array::RecordBatch::try_new(schema, cols).expect("peer batch")
+    c.finish()
 }
 
 /// Seconds of a raw single-thread Parquet encode of `rb` into memory with a user table's
@@ -199,6 +187,7 @@ fn raw_user_encode(rb: &arrow_array::RecordBatch) -> f64 {
     clock.monotonic().saturating_sub(t).as_secs_f64()
 }
 
+/// Bytes of the Parquet data files under `dir` (a table's warehouse directory).
 fn parquet_bytes(dir: &std::path::Path) -> u64 {
     let mut total = 0;
     for e in std::fs::read_dir(dir).expect("read dir").flatten() {

@@ -648,6 +648,22 @@ async fn an_acquire_queued_past_a_ttl_gets_a_full_ttl() {
     assert_eq!(s.current(&other).await.expect("current").map(|l| l.token), Some(granted.token), "live");
 }
 
+/// A store on the local file `path` with `transport`, and a raw connection to the same file
+/// (its database handle kept alive beside it) for damaging rows.
+async fn store_and_raw_connection(
+    path: &std::path::Path,
+    transport: Transport,
+) -> (LibsqlStore, libsql::Database, libsql::Connection) {
+    let s = LibsqlStore::local(path)
+        .with_settings(LibsqlSettings { transport, ..Default::default() })
+        .open()
+        .await
+        .expect("open");
+    let raw = libsql::Builder::new_local(path).build().await.expect("raw open");
+    let c = raw.connect().expect("connect");
+    (s, raw, c)
+}
+
 /// Rows of an object with a live lease that do not decode make every fenced call `Corrupt`,
 /// with nothing written, on both transports, as in dotdo-sqlite. The calls deciding in SQL
 /// compared a text token above every integer and read it as 0: `truncate_changes`, `evict` and
@@ -656,14 +672,7 @@ async fn an_acquire_queued_past_a_ttl_gets_a_full_ttl() {
 async fn fenced_calls_on_rows_that_do_not_decode_are_corrupt_and_write_nothing() {
     for transport in [Transport::Auto, Transport::Batch] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("hot.db");
-        let s = LibsqlStore::local(&path)
-            .with_settings(LibsqlSettings { transport, ..Default::default() })
-            .open()
-            .await
-            .expect("open");
-        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
-        let c = raw.connect().expect("connect");
+        let (s, _raw, c) = store_and_raw_connection(&dir.path().join("hot.db"), transport).await;
         for (i, (what, damage, written)) in dotdo_core::testkit::damaged_object_rows().enumerate() {
             let o = ObjectId::new(format!("o{i}")).expect("valid");
             let l = s.acquire(&o, &NodeId::new("n1").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
@@ -689,14 +698,7 @@ async fn an_expired_lease_row_that_does_not_decode_is_corrupt_never_taken_over()
     let (n1, n2) = (NodeId::new("n1").expect("valid"), NodeId::new("n2").expect("valid"));
     for transport in [Transport::Auto, Transport::Batch] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("hot.db");
-        let s = LibsqlStore::local(&path)
-            .with_settings(LibsqlSettings { transport, ..Default::default() })
-            .open()
-            .await
-            .expect("open");
-        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
-        let c = raw.connect().expect("connect");
+        let (s, _raw, c) = store_and_raw_connection(&dir.path().join("hot.db"), transport).await;
         for (i, (what, damage)) in dotdo_core::testkit::DAMAGED_EXPIRED_LEASE_ROWS.iter().enumerate() {
             let o = ObjectId::new(format!("o{i}")).expect("valid");
             let l = s.acquire(&o, &n1, Duration::from_secs(60)).await.expect("acquire");
