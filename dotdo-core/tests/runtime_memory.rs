@@ -2084,16 +2084,22 @@ async fn a_drain_that_outlasts_the_lease_keeps_it() {
     }
 }
 
+/// Object "o" with 20 keys written by runtime "a", then evicted (its state in cold storage only).
+async fn populated_then_evicted(w: &World) -> ObjectId {
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 20).await;
+    a.evict(&o).await.expect("evict");
+    o
+}
+
 /// An eager restore that outlasts the lease (a large state read from cold, here two TTLs)
 /// keeps the lease renewed: the activating call goes through. It ran without renewal, and the
 /// call failed with `LeaseLost` after loading the whole state.
 #[tokio::test]
 async fn an_eager_restore_that_outlasts_the_lease_keeps_it() {
     let w = World::new();
-    let a = w.runtime("a", settings());
-    let o = oid("o");
-    populate(&a, &o, 20).await;
-    a.evict(&o).await.expect("evict");
+    let o = populated_then_evicted(&w).await;
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
     let b = w.runtime_with("b", Arc::new(w.hot.clone()), cold.clone(), settings());
     *cold.before_load.lock() = Some(clock_moves_on(&w.clock, 20));
@@ -2110,10 +2116,7 @@ async fn an_eager_restore_that_outlasts_the_lease_keeps_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_renewal_during_a_lazy_restore_gives_the_lease_back() {
     let w = World::new();
-    let a = w.runtime("a", settings());
-    let o = oid("o");
-    populate(&a, &o, 20).await;
-    a.evict(&o).await.expect("evict");
+    let o = populated_then_evicted(&w).await;
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
     let guard = Arc::new(FlakyGuard::new(&w));
     let b =
@@ -2135,10 +2138,7 @@ async fn a_failed_renewal_during_a_lazy_restore_gives_the_lease_back() {
 #[tokio::test]
 async fn a_lazy_object_without_an_accelerator_reads_its_cold_state_once() {
     let w = World::new();
-    let a = w.runtime("a", settings());
-    let o = oid("o");
-    populate(&a, &o, 20).await;
-    a.evict(&o).await.expect("evict");
+    let o = populated_then_evicted(&w).await;
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
     let b = w.lazy_runtime_without_accelerator("b", cold.clone());
     for i in 0..10 {
