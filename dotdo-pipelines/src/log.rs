@@ -270,9 +270,12 @@ pub(crate) fn commit_error(e: rusqlite::Error, doing: &str) -> Error {
 
 /// The SQL size of a log row, counted like [`Event::size`](crate::Event::size): UTF-8 bytes of
 /// the id, type and key, bytes of the value, plus 32. (A macro, for `concat!`.)
+// The value is always stored as a BLOB, whose `length` SQLite reads from the record header
+// without loading it (a CAST would load every value of the rows summed: up to `roll_bytes` read
+// again on each ack); the text columns are cast for their byte lengths.
 macro_rules! row_bytes {
     () => {
-        "length(CAST(do_id AS BLOB)) + length(CAST(type AS BLOB)) + length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) + 32"
+        "length(CAST(do_id AS BLOB)) + length(CAST(type AS BLOB)) + length(CAST(key AS BLOB)) + length(value) + 32"
     };
 }
 
