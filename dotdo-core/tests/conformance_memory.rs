@@ -138,10 +138,15 @@ mod broken {
         assert!(n.contains(&"an_earlier_lease_of_the_same_holder_is_not_current"), "{n:?}");
     }
 
-    /// A hot store that keeps an object's rows under the part of its id before the first
-    /// separator (`o1/x`, `o1:x` and `o1` share rows), as a naive namespace split would.
+    /// A hot store that keeps an object's rows under another id: the part of its id before the
+    /// first separator (`o1/x`, `o1:x` and `o1` share rows, as a naive namespace split would), or
+    /// its id in lower case (as a case-insensitive collation or file system would).
     #[derive(Debug, Clone)]
-    struct SplitsIds(MemoryBackend);
+    struct SplitsIds(MemoryBackend, fn(&ObjectId) -> ObjectId);
+
+    fn lower(o: &ObjectId) -> ObjectId {
+        ObjectId::new(o.as_str().to_ascii_lowercase()).expect("a valid id in lower case")
+    }
 
     fn base(o: &ObjectId) -> ObjectId {
         let s = o.as_str();
@@ -152,32 +157,32 @@ mod broken {
     #[async_trait]
     impl HotStore for SplitsIds {
         async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
-            self.0.write(&base(object), token, batch).await
+            self.0.write(&(self.1)(object), token, batch).await
         }
         async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
-            self.0.get(&base(object), key).await
+            self.0.get(&(self.1)(object), key).await
         }
         async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
-            self.0.list(&base(object), range, limit).await
+            self.0.list(&(self.1)(object), range, limit).await
         }
         async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
-            let mut v = self.0.read_changes(&base(object), after, limit).await?;
+            let mut v = self.0.read_changes(&(self.1)(object), after, limit).await?;
             for r in &mut v {
                 r.object = object.clone();
             }
             Ok(v)
         }
         async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
-            self.0.truncate_changes(&base(object), token, through).await
+            self.0.truncate_changes(&(self.1)(object), token, through).await
         }
         async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
-            self.0.object_info(&base(object)).await
+            self.0.object_info(&(self.1)(object)).await
         }
         async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
             self.0.objects_with_pending_changes(after, limit).await
         }
         async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
-            self.0.evict(&base(object), token).await
+            self.0.evict(&(self.1)(object), token).await
         }
         async fn restore(
             &self,
@@ -186,7 +191,7 @@ mod broken {
             entries: Vec<Entry>,
             through: Seq,
         ) -> Result<()> {
-            self.0.restore(&base(object), token, entries, through).await
+            self.0.restore(&(self.1)(object), token, entries, through).await
         }
     }
 
@@ -194,10 +199,20 @@ mod broken {
     fn kit_catches_a_hot_store_that_mixes_objects_sharing_a_prefix() {
         let f = hot_factory(|clock| async move {
             let b = MemoryBackend::with_clock(Arc::new(clock));
-            HotFixture { hot: Arc::new(SplitsIds(b.clone())), guard: Arc::new(b), keep_alive: Box::new(()) }
+            HotFixture { hot: Arc::new(SplitsIds(b.clone(), base)), guard: Arc::new(b), keep_alive: Box::new(()) }
         });
         let n = names(&dotdo_core::testkit::hot::run_all(&f));
         assert_eq!(n, ["objects_whose_ids_share_a_prefix_are_independent"], "{n:?}");
+    }
+
+    #[test]
+    fn kit_catches_a_hot_store_that_folds_the_case_of_ids() {
+        let f = hot_factory(|clock| async move {
+            let b = MemoryBackend::with_clock(Arc::new(clock));
+            HotFixture { hot: Arc::new(SplitsIds(b.clone(), lower)), guard: Arc::new(b), keep_alive: Box::new(()) }
+        });
+        let n = names(&dotdo_core::testkit::hot::run_all(&f));
+        assert_eq!(n, ["keys_and_ids_differing_only_in_case_or_form_stay_distinct"], "{n:?}");
     }
 
     /// A cold sink that forgets its watermark: every append writes everything again.

@@ -713,6 +713,45 @@ pub async fn scan_filters_by_range_type_and_time(f: &ColdFactory) {
     assert!(a.scan(ScanQuery::object(oid("unknown"))).await.expect("unknown").entries.is_empty());
 }
 
+/// A scan's type filter applies to each key's latest version, and a scan as of an older
+/// snapshot or time returns that snapshot's values: a key written as one type and later as
+/// another matches only the later type (a filter applied before folding returned its older
+/// version); a scan picking the snapshot after the time returned newer values with the right
+/// count.
+pub async fn scan_filters_and_time_travel_apply_to_the_right_versions(f: &ColdFactory) {
+    let (fx, clock) = open(f).await;
+    if !has_accel(&fx, "scan_filters_and_time_travel_apply_to_the_right_versions") {
+        return;
+    }
+    let o = oid("retyped");
+    let mut first = vec![rec(&o, 1, "c", Some("c1"), 1), rec(&o, 2, "d", Some("d1"), 1)];
+    first[0].type_name = "Other".into();
+    let c1 = fx.sink.append(ColdBatch::single(o.clone(), tok(1), first)).await.expect("c1");
+    let after_first = clock.now();
+    clock.advance(std::time::Duration::from_millis(10));
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), vec![rec(&o, 3, "c", Some("c2"), 1)])).await.expect("c2");
+    let a = accel(&fx);
+    let scan = |type_name: Option<&str>, as_of: AsOf| {
+        let mut q = ScanQuery::object(o.clone()).as_of(as_of);
+        q.type_name = type_name.map(str::to_string);
+        async move {
+            let s = a.scan(q).await.expect("scan");
+            s.entries
+                .into_iter()
+                .map(|e| (e.key, String::from_utf8(e.value.to_vec()).expect("utf-8")))
+                .collect::<Vec<_>>()
+        }
+    };
+    let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+    assert_eq!(scan(Some("Other"), AsOf::Latest).await, [], "c's latest version is a T");
+    assert_eq!(scan(Some("T"), AsOf::Latest).await, [pair("c", "c2"), pair("d", "d1")]);
+    let first_snapshot = AsOf::Snapshot(c1.snapshot.expect("snapshot"));
+    assert_eq!(scan(Some("Other"), first_snapshot).await, [pair("c", "c1")]);
+    assert_eq!(scan(None, first_snapshot).await, [pair("c", "c1"), pair("d", "d1")]);
+    let before_second = AsOf::Timestamp(after_first.plus(std::time::Duration::from_millis(5)));
+    assert_eq!(scan(None, before_second).await, [pair("c", "c1"), pair("d", "d1")]);
+}
+
 /// Query statistics add up, for a lookup of a present key, of an absent key and for a scan:
 /// every file of the snapshot read is either pruned (by one means) or opened, and a present key
 /// is read from some file.
@@ -1279,6 +1318,7 @@ pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
         large_values_roundtrip,
         lookup_finds_latest_and_respects_deletes,
         scan_filters_by_range_type_and_time,
+        scan_filters_and_time_travel_apply_to_the_right_versions,
         query_stats_are_consistent,
         same_instant_commits_and_unissued_snapshot_ids,
         objects_whose_ids_share_a_prefix_are_independent,

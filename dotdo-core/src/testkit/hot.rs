@@ -1416,6 +1416,59 @@ pub async fn objects_whose_ids_share_a_prefix_are_independent(f: &HotFactory) {
     fx.hot.put(&o10.object, o10.token, "T", "after", b("1")).await.expect("o10 still writes under its own token");
 }
 
+/// Keys that differ only in case, in Unicode normalization form or in how UTF-16 would order
+/// them stay distinct, read back as written and list in byte order; object ids that differ
+/// only in case are separate objects (a case- or accent-insensitive collation, or one file per
+/// key on a case-insensitive file system, would merge them; a UTF-16 sort would misorder them).
+pub async fn keys_and_ids_differing_only_in_case_or_form_stay_distinct(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let upper = lease(&fx, "Ab", "n1").await;
+    let keys = ["k", "K", "\u{e9}", "e\u{301}", "\u{df}", "ss", "\u{fffd}", "\u{1f600}", "a", "B"];
+    let batch = keys.iter().fold(WriteBatch::new("T"), |batch, k| batch.put(*k, b(&format!("v-{k}"))));
+    fx.hot.write(&upper.object, upper.token, batch).await.expect("write");
+    for k in keys {
+        assert_eq!(fx.hot.get(&upper.object, k).await.expect("get"), Some(b(&format!("v-{k}"))), "{k:?}");
+    }
+    let listed: Vec<String> =
+        fx.hot.list(&upper.object, KeyRange::all(), None).await.expect("list").into_iter().map(|e| e.key).collect();
+    let mut in_byte_order: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    in_byte_order.sort();
+    assert_eq!(listed, in_byte_order, "every key, in byte order");
+    // "ab" is another object: its own lease, its own state and log.
+    let lower = lease(&fx, "ab", "n1").await;
+    fx.hot.put(&lower.object, lower.token, "T", "k", b("lower")).await.expect("put");
+    assert_eq!(fx.hot.get(&upper.object, "k").await.expect("get"), Some(b("v-k")));
+    assert_eq!(fx.hot.list(&lower.object, KeyRange::all(), None).await.expect("list").len(), 1);
+    assert_eq!(fx.hot.read_changes(&lower.object, 0, 100).await.expect("log").len(), 1);
+    assert_eq!(fx.hot.read_changes(&upper.object, 0, 100).await.expect("log").len(), keys.len());
+    fx.guard.validate(&upper).await.expect("the first object's lease is untouched");
+}
+
+/// A stale holder's evict, restore and truncation of a drained object that still has live state
+/// are `Fenced` and change nothing (an evict that dropped the state before checking the token,
+/// or a restore that replaced it, would pass a check on objects with pending changes only).
+pub async fn stale_calls_on_a_drained_object_change_nothing(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let old = lease(&fx, "o1", "n1").await;
+    fx.hot.write(&old.object, old.token, WriteBatch::new("T").put("a", b("1")).put("b", b("2"))).await.expect("w");
+    fx.hot.truncate_changes(&old.object, old.token, 2).await.expect("drained");
+    clock.advance(TTL * 2);
+    let new = lease(&fx, "o1", "n2").await;
+    let before = fx.hot.list(&old.object, KeyRange::all(), None).await.expect("list");
+    let e = fx.hot.evict(&old.object, old.token).await.expect_err("stale evict");
+    assert!(e.is_fenced(), "{e}");
+    let entries = vec![crate::Entry { key: "z".into(), value: b("x"), seq: 2 }];
+    let e = fx.hot.restore(&old.object, old.token, entries, 2).await.expect_err("stale restore");
+    assert!(e.is_fenced(), "{e}");
+    let e = fx.hot.truncate_changes(&old.object, old.token, 2).await.expect_err("stale truncate");
+    assert!(e.is_fenced(), "{e}");
+    assert_eq!(fx.hot.list(&old.object, KeyRange::all(), None).await.expect("list"), before, "state unchanged");
+    let info = fx.hot.object_info(&old.object).await.expect("info").expect("exists");
+    assert_eq!((info.last_seq, info.truncated_through, info.keys), (2, 2, 2));
+    let r = fx.hot.put(&new.object, new.token, "T", "c", b("3")).await.expect("the new holder writes");
+    assert_eq!(r.first_seq, 3);
+}
+
 /// Of many concurrent acquires of one object exactly one wins.
 pub async fn concurrent_acquire_has_one_winner(f: &HotFactory) {
     let (fx, _) = open(f).await;
@@ -2047,6 +2100,8 @@ pub fn run_all(f: &HotFactory) -> Vec<CaseFailure> {
         an_earlier_lease_of_the_same_holder_is_not_current,
         refresh_can_shorten_a_lease,
         objects_whose_ids_share_a_prefix_are_independent,
+        keys_and_ids_differing_only_in_case_or_form_stay_distinct,
+        stale_calls_on_a_drained_object_change_nothing,
         list_honours_open_and_exclusive_bounds,
         limits_count_bytes_and_type_names_are_checked,
         truncation_concurrent_with_writes_loses_no_change,
