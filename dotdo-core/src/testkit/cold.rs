@@ -96,8 +96,9 @@ pub async fn replayed_batch_is_skipped(f: &ColdFactory) {
     assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes").len(), 4);
 }
 
-/// What a cold backend acknowledged survives a reopen (a restart): watermarks (replays are
-/// still skipped, a lower committer token still fenced), state and snapshots.
+/// What a cold backend acknowledged survives a reopen (a restart after a crash: the old handle
+/// is never dropped, see [`crash`](super::crash)): watermarks (replays are still skipped, a
+/// lower committer token still fenced), state and snapshots.
 pub async fn watermarks_and_state_survive_reopen(f: &super::ColdReopenFactory) {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(KIT_EPOCH);
@@ -106,7 +107,7 @@ pub async fn watermarks_and_state_survive_reopen(f: &super::ColdReopenFactory) {
     let batch = ColdBatch::single(o.clone(), tok(5), puts(&o, 1..=3, 5));
     let c = fx.sink.append(batch.clone()).await.expect("append");
     let snap = c.snapshot.expect("snapshot");
-    drop(fx);
+    super::crash(fx);
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     let wm = fx.sink.watermark(&o).await.expect("wm");
     assert_eq!((wm.through, wm.token), (3, tok(5)));

@@ -652,8 +652,9 @@ pub async fn restore_installs_state_and_continues_sequence(f: &HotFactory) {
     assert_eq!(fx.hot.get(&l.object, "c").await.expect("get"), Some(b("3")));
 }
 
-/// What a hot backend made durable survives a reopen (a restart): live state, the sequence
-/// counter (also past a truncation), the truncation point, the lease and the token maximum.
+/// What a hot backend made durable survives a reopen (a restart after a crash: the old handle is
+/// never dropped, see [`crash`](super::crash)): live state, the sequence counter (also past a
+/// truncation), the truncation point, the lease and the token maximum.
 pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactory) {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::new(KIT_EPOCH);
@@ -663,7 +664,7 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     fx.hot.delete(&old.object, old.token, "T", "b").await.expect("delete");
     fx.hot.truncate_changes(&old.object, old.token, 3).await.expect("truncate");
     fx.hot.put(&old.object, old.token, "T", "c", b("3")).await.expect("put");
-    drop(fx);
+    super::crash(fx);
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     assert_eq!(fx.hot.get(&old.object, "a").await.expect("get"), Some(b("1")));
     assert_eq!(fx.hot.get(&old.object, "b").await.expect("get"), None);
@@ -678,14 +679,14 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     assert!(new.token > old.token, "tokens never repeat across a restart");
     assert!(fx.hot.put(&old.object, old.token, "T", "a", b("stale")).await.expect_err("stale").is_fenced());
     assert_eq!(fx.hot.put(&new.object, new.token, "T", "d", b("4")).await.expect("put").first_seq, 5);
-    drop(fx);
+    super::crash(fx);
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     assert!(fx.hot.put(&old.object, old.token, "T", "a", b("stale")).await.expect_err("still fenced").is_fenced());
     assert_eq!(fx.hot.object_info(&old.object).await.expect("info").expect("kept").max_token, new.token);
     // A lease released without any write: its token is not issued again after a restart either.
     let released = fx.guard.acquire(&oid("o2"), &nid("n1"), TTL).await.expect("acquire o2");
     fx.guard.release(&released).await.expect("release");
-    drop(fx);
+    super::crash(fx);
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     let again = fx.guard.acquire(&oid("o2"), &nid("n2"), TTL).await.expect("acquire o2 again");
     assert!(again.token > released.token, "{again:?} after {released:?}");
@@ -695,13 +696,13 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     fx.hot.write(&d.object, d.token, WriteBatch::new("T").put("a", b("1")).put("b", b("2"))).await.expect("w");
     fx.hot.delete(&d.object, d.token, "T", "b").await.expect("delete");
     fx.hot.truncate_changes(&d.object, d.token, 3).await.expect("truncate all");
-    drop(fx);
+    super::crash(fx);
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     let info = fx.hot.object_info(&d.object).await.expect("info").expect("kept");
     assert_eq!((info.last_seq, info.truncated_through, info.keys), (3, 3, 1), "drained log, after a restart");
     fx.hot.truncate_changes(&d.object, d.token, 3).await.expect("nothing pending");
     fx.hot.evict(&d.object, d.token).await.expect("evict");
-    drop(fx);
+    super::crash(fx);
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     let info = fx.hot.object_info(&d.object).await.expect("info").expect("the counter is kept after evict");
     assert_eq!((info.last_seq, info.keys), (3, 0), "evicted, after a restart");
@@ -709,7 +710,7 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
         .restore(&d.object, d.token, vec![crate::Entry { key: "a".into(), value: b("1"), seq: 1 }], 3)
         .await
         .expect("restore");
-    drop(fx);
+    super::crash(fx);
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     assert_eq!(fx.hot.get(&d.object, "a").await.expect("get"), Some(b("1")), "restored state survives a restart");
     assert_eq!(fx.hot.put(&d.object, d.token, "T", "c", b("3")).await.expect("put").first_seq, 4);

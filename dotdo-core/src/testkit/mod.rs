@@ -469,6 +469,14 @@ where
     assert_eq!(rows().await, before, "{what}: a call on damaged rows wrote");
 }
 
+/// End a backend handle as a crash would before the reopen cases open the same storage again:
+/// it is leaked, so no destructor runs (a backend that made acknowledged state durable only on
+/// drop, flushing or checkpointing at close, loses it and fails the case; with `drop` it
+/// passed).
+pub fn crash<T>(handle: T) {
+    std::mem::forget(handle);
+}
+
 /// Shorthand: an object id, panicking on an invalid literal.
 pub fn oid(s: &str) -> crate::ObjectId {
     crate::ObjectId::new(s).expect("kit object ids are valid")
