@@ -347,6 +347,10 @@ pub(crate) async fn open(
                 props.insert(iceberg_catalog_rest::REST_CATALOG_PROP_WAREHOUSE.to_string(), w.clone());
             }
             check_rest_headers(&props)?;
+            // An OAuth credential without a fixed token: the token it was exchanged for is
+            // exchanged anew when the catalog says it expired (iceberg-catalog-rest keeps the
+            // first one for good).
+            let renews = props.contains_key("credential") && !props.contains_key("token");
             let secrets: Vec<String> = props
                 .iter()
                 .filter(|(k, v)| is_secret_property(k) && !v.trim().is_empty())
@@ -366,7 +370,7 @@ pub(crate) async fn open(
                     }
                     dotdo_core::Error::new(e.kind().clone(), msg).with_retryable(e.is_retryable())
                 })?;
-            plain(Arc::new(Redacted { inner: Arc::new(catalog), uri: uri.clone() }))
+            plain(Arc::new(Redacted { inner: Arc::new(catalog), uri: uri.clone(), renews }))
         }
         CatalogConfig::Custom(build) => {
             plain(build(factory).await.map_err(|e| e.context(format!("opening catalog {name}")))?)
@@ -649,11 +653,52 @@ fn check_rest_headers(props: &HashMap<String, String>) -> dotdo_core::Result<()>
 }
 
 #[cfg(feature = "rest")]
-/// A catalog whose `Debug` shows only where it is (iceberg-catalog-rest's derived `Debug`
-/// prints its properties, token and credential included, to whoever prints the catalog).
+/// A REST catalog whose `Debug` shows only where it is (iceberg-catalog-rest's derived `Debug`
+/// prints its properties, token and credential included, to whoever prints the catalog), and
+/// which renews an expired OAuth token.
 struct Redacted {
-    inner: Arc<dyn Catalog>,
+    inner: Arc<iceberg_catalog_rest::RestCatalog>,
     uri: String,
+    /// A credential is configured (not a fixed token): a token the catalog answers as expired
+    /// (401, or 419 as the REST spec has it) is exchanged anew.
+    renews: bool,
+}
+
+#[cfg(feature = "rest")]
+impl Redacted {
+    /// Whether the token was refused as expired and renewed (it is an error if it cannot be).
+    async fn renewed(&self, e: &iceberg::Error) -> iceberg::Result<bool> {
+        if !self.renews || !crate::error::token_refused(e) {
+            return Ok(false);
+        }
+        self.inner.regenerate_token().await?;
+        Ok(true)
+    }
+
+    /// `call`, and once more if its token was refused as expired and renewed: the refused
+    /// request was not applied.
+    async fn renewing<T, F, Fut>(&self, call: F) -> iceberg::Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = iceberg::Result<T>>,
+    {
+        match call().await {
+            Err(e) if self.renewed(&e).await? => call().await,
+            other => other,
+        }
+    }
+
+    /// A call that cannot be sent again from here (its argument is consumed): after a renewal
+    /// it fails retryably ([`TOKEN_RENEWED`](crate::error::TOKEN_RENEWED)) and the caller's
+    /// next attempt carries the new token.
+    async fn renewed_or<T>(&self, out: iceberg::Result<T>) -> iceberg::Result<T> {
+        match out {
+            Err(e) if self.renewed(&e).await? => {
+                Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, crate::error::TOKEN_RENEWED).with_source(e))
+            }
+            other => other,
+        }
+    }
 }
 
 #[cfg(feature = "rest")]
@@ -664,14 +709,183 @@ impl fmt::Debug for Redacted {
 }
 
 #[cfg(feature = "rest")]
-forwarding_catalog!(Redacted, inner,
-    load_table(this, table) this.inner.load_table(table).await,
-    update_table(this, commit) this.inner.update_table(commit).await
-);
+#[async_trait]
+impl Catalog for Redacted {
+    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> iceberg::Result<Vec<NamespaceIdent>> {
+        self.renewing(|| self.inner.list_namespaces(parent)).await
+    }
+    async fn create_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<Namespace> {
+        self.renewing(|| self.inner.create_namespace(namespace, properties.clone())).await
+    }
+    async fn get_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<Namespace> {
+        self.renewing(|| self.inner.get_namespace(namespace)).await
+    }
+    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> iceberg::Result<bool> {
+        self.renewing(|| self.inner.namespace_exists(namespace)).await
+    }
+    async fn update_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> iceberg::Result<()> {
+        self.renewing(|| self.inner.update_namespace(namespace, properties.clone())).await
+    }
+    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> iceberg::Result<()> {
+        self.renewing(|| self.inner.drop_namespace(namespace)).await
+    }
+    async fn list_tables(&self, namespace: &NamespaceIdent) -> iceberg::Result<Vec<TableIdent>> {
+        self.renewing(|| self.inner.list_tables(namespace)).await
+    }
+    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
+        let out = self.inner.create_table(namespace, creation).await;
+        self.renewed_or(out).await
+    }
+    async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
+        self.renewing(|| self.inner.load_table(table)).await
+    }
+    async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.renewing(|| self.inner.drop_table(table)).await
+    }
+    async fn purge_table(&self, table: &TableIdent) -> iceberg::Result<()> {
+        self.renewing(|| self.inner.purge_table(table)).await
+    }
+    async fn table_exists(&self, table: &TableIdent) -> iceberg::Result<bool> {
+        self.renewing(|| self.inner.table_exists(table)).await
+    }
+    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> iceberg::Result<()> {
+        self.renewing(|| self.inner.rename_table(src, dest)).await
+    }
+    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> iceberg::Result<Table> {
+        self.renewing(|| self.inner.register_table(table, metadata_location.clone())).await
+    }
+    async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
+        let out = self.inner.update_table(commit).await;
+        self.renewed_or(out).await
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::{default_sqlite_uri, sqlite_path, swap_failure};
+
+    /// A REST catalog server for one test: a token endpoint that issues `t1`, `t2`, …, a config
+    /// endpoint, and catalog endpoints that refuse the odd tokens as expired (401: a catalog's
+    /// first token, the renewed one is even) and answer the others. Returns its port and the
+    /// requests seen (request line and authorization).
+    #[cfg(feature = "rest")]
+    fn expiring_token_server() -> (u16, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            let mut issued = 0;
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let (mut length, mut auth) = (0usize, String::new());
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = header.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                        if name.eq_ignore_ascii_case("authorization") {
+                            auth = value.trim().to_string();
+                        }
+                    }
+                }
+                let mut body = vec![0u8; length];
+                let _ = reader.read_exact(&mut body);
+                let line = line.trim().to_string();
+                log.lock().push(format!("{line} [{auth}]"));
+                let (status, answer) = if line.starts_with("POST /v1/oauth/tokens") {
+                    issued += 1;
+                    let token = format!(r#"{{"access_token":"t{issued}","token_type":"bearer"}}"#);
+                    ("200 OK", token)
+                } else if line.starts_with("GET /v1/config") {
+                    ("200 OK", r#"{"defaults":{},"overrides":{}}"#.to_string())
+                } else if auth.strip_prefix("Bearer t").and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n % 2 == 1)
+                {
+                    let expired = r#"{"error":{"message":"token expired","type":"NotAuthorizedException","code":401}}"#;
+                    ("401 Unauthorized", expired.to_string())
+                } else if line.starts_with("GET /v1/namespaces") {
+                    ("200 OK", r#"{"namespaces":[]}"#.to_string())
+                } else {
+                    let gone =
+                        r#"{"error":{"message":"no such namespace","type":"NoSuchNamespaceException","code":404}}"#;
+                    ("404 Not Found", gone.to_string())
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = conn.write_all(reply.as_bytes());
+            }
+        });
+        (port, seen)
+    }
+
+    /// A REST catalog whose OAuth token expires gets a new one for the credential: a call the
+    /// catalog refused as unauthorized is sent again with it, and a commit or table creation
+    /// (whose argument is consumed) fails retryably (`Unavailable`), its next attempt carrying
+    /// the new token. iceberg-catalog-rest kept the first token for good: after its expiry every
+    /// call failed until the process restarted.
+    #[cfg(feature = "rest")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_rest_token_is_renewed() {
+        use iceberg::{Catalog, CatalogBuilder, NamespaceIdent, TableCreation};
+        let (port, seen) = expiring_token_server();
+        let open = |renews: bool| async move {
+            let mut props = std::collections::HashMap::from([
+                (iceberg_catalog_rest::REST_CATALOG_PROP_URI.to_string(), format!("http://127.0.0.1:{port}")),
+                ("credential".to_string(), "client:secret".to_string()),
+            ]);
+            if !renews {
+                props.insert("token".to_string(), "t1".to_string());
+            }
+            let factory: std::sync::Arc<dyn iceberg::io::StorageFactory> =
+                std::sync::Arc::new(iceberg::io::LocalFsStorageFactory);
+            let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
+                .with_storage_factory(factory)
+                .load("rest", props)
+                .await
+                .expect("catalog");
+            super::Redacted { inner: std::sync::Arc::new(catalog), uri: String::new(), renews }
+        };
+        let c = open(true).await;
+        assert_eq!(c.list_namespaces(None).await.expect("listed with a renewed token"), vec![]);
+        let tokens = seen.lock().iter().filter(|l| l.starts_with("POST /v1/oauth/tokens")).count();
+        assert_eq!(tokens, 2, "{:?}", seen.lock());
+        assert!(seen.lock().last().is_some_and(|l| l.ends_with("[Bearer t2]")), "{:?}", seen.lock());
+        // A creation refused for its token: retryable, the next attempt has the new token.
+        let c = open(true).await;
+        let schema = iceberg::spec::Schema::builder().build().expect("schema");
+        let ns = NamespaceIdent::new("ns".to_string());
+        let creation = TableCreation::builder().name("t".to_string()).schema(schema).build();
+        let e = c.create_table(&ns, creation).await.expect_err("refused for its token");
+        let e = crate::error::classify(e, "creating t");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable(), "{e}");
+        assert!(seen.lock().last().is_some_and(|l| l.starts_with("POST /v1/oauth/tokens")), "{:?}", seen.lock());
+        // A fixed token is not exchanged: its refusal is the caller's to see.
+        let before = seen.lock().len();
+        let e = open(false).await.list_namespaces(None).await.expect_err("a fixed, expired token");
+        assert!(crate::error::token_refused(&e), "{e}");
+        assert!(!seen.lock()[before..].iter().any(|l| l.starts_with("POST /v1/oauth/tokens")), "{:?}", seen.lock());
+    }
 
     /// An SQLite error with a result code, as sqlx reports one.
     #[derive(Debug)]
@@ -735,13 +949,14 @@ mod tests {
             super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
         let opened = super::open(&config, "dotdo", "memory://rest", factory).await.expect("a good token opens");
         assert!(!format!("{:?}", opened.catalog).contains("s3cr3t"));
-        let inner: std::sync::Arc<dyn iceberg::Catalog> = std::sync::Arc::new(
-            iceberg::memory::MemoryCatalogBuilder::default()
-                .load("m", std::collections::HashMap::from([("warehouse".to_string(), "memory://m".to_string())]))
-                .await
-                .expect("memory catalog"),
+        let props = std::collections::HashMap::from([
+            (iceberg_catalog_rest::REST_CATALOG_PROP_URI.to_string(), "http://127.0.0.1:1".to_string()),
+            ("token".to_string(), "s3cr3t".to_string()),
+        ]);
+        let inner = std::sync::Arc::new(
+            iceberg_catalog_rest::RestCatalogBuilder::default().load("r", props).await.expect("a lazy REST catalog"),
         );
-        let shown = format!("{:?}", super::Redacted { inner, uri: "https://catalog".into() });
+        let shown = format!("{:?}", super::Redacted { inner, uri: "https://catalog".into(), renews: false });
         assert_eq!(shown, "RestCatalog { uri: \"https://catalog\", .. }");
     }
 

@@ -216,8 +216,24 @@ fn sqlx_cause(e: &sqlx::Error) -> Cause {
     }
 }
 
+/// The message of a REST catalog call refused because its OAuth token expired, after the
+/// token was renewed: nothing was applied, and a retry carries the new token.
+pub(crate) const TOKEN_RENEWED: &str = "the REST catalog refused an expired token; a new one was obtained, retry";
+
+/// Whether a REST catalog answered `e` because it refused the request's token: 401
+/// Unauthorized, or 419 (the REST spec's "authentication timeout"), as an Iceberg error model
+/// or as a bare status.
+pub(crate) fn token_refused(e: &iceberg::Error) -> bool {
+    let shown = e.to_string();
+    let status = error_model_code(&shown).or_else(|| rest_status(&shown, "status"));
+    matches!(status, Some(401 | 419))
+}
+
 fn iceberg_cause(e: &iceberg::Error) -> Cause {
     use iceberg::ErrorKind as K;
+    if e.kind() == K::Unexpected && e.message() == TOKEN_RENEWED {
+        return Cause::StoreUnavailable;
+    }
     if e.kind() == K::Unexpected {
         // iceberg wraps every `reqwest` failure of a REST catalog so: a refused connection, a
         // timeout, a body cut short (the connection broke), or a request that could not be
