@@ -73,12 +73,24 @@ impl fmt::Debug for CatalogConfig {
             #[cfg(feature = "rest")]
             CatalogConfig::Rest { uri, warehouse, properties } => f
                 .debug_struct("Rest")
-                .field("uri", uri)
+                .field("uri", &without_password(uri))
                 .field("warehouse", warehouse)
                 .field("properties", &properties.keys().map(|k| (k.as_str(), "<redacted>")).collect::<Vec<_>>())
                 .finish(),
             CatalogConfig::Custom(_) => f.write_str("Custom(..)"),
         }
+    }
+}
+
+/// `uri` with the password of its user info (`https://user:pass@host`, which the HTTP client
+/// sends as Basic auth) replaced, for messages and `Debug`.
+pub(crate) fn without_password(uri: &str) -> String {
+    match url::Url::parse(uri) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        _ => uri.to_string(),
     }
 }
 
@@ -363,14 +375,14 @@ pub(crate) async fn open(
                 .map_err(|e| {
                     // iceberg-catalog-rest puts some values in its messages ("Invalid header
                     // value: …"): the secret ones never reach dotdo's error (nor its logs).
-                    let e = crate::error::classify(e, &format!("opening REST catalog {uri}"));
+                    let e = crate::error::classify(e, &format!("opening REST catalog {}", without_password(uri)));
                     let mut msg = e.message().to_string();
                     for s in &secrets {
                         msg = msg.replace(s.as_str(), "<redacted>");
                     }
                     dotdo_core::Error::new(e.kind().clone(), msg).with_retryable(e.is_retryable())
                 })?;
-            plain(Arc::new(Redacted { inner: Arc::new(catalog), uri: uri.clone(), renews }))
+            plain(Arc::new(Redacted { inner: Arc::new(catalog), uri: without_password(uri), renews }))
         }
         CatalogConfig::Custom(build) => {
             plain(build(factory).await.map_err(|e| e.context(format!("opening catalog {name}")))?)
@@ -958,6 +970,13 @@ mod tests {
         );
         let shown = format!("{:?}", super::Redacted { inner, uri: "https://catalog".into(), renews: false });
         assert_eq!(shown, "RestCatalog { uri: \"https://catalog\", .. }");
+        let config = super::CatalogConfig::Rest {
+            uri: "https://user:s3cr3t@catalog/api".into(),
+            warehouse: None,
+            properties: Default::default(),
+        };
+        assert!(!format!("{config:?}").contains("s3cr3t"), "{config:?}");
+        assert_eq!(super::without_password("https://user:s3cr3t@catalog/api"), "https://user:redacted@catalog/api");
     }
 
     /// A swap failing with an SQLite I/O error (here `SQLITE_IOERR_FSYNC`, 1034) may still be

@@ -239,6 +239,14 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     }
     let url = Url::parse(trimmed)
         .map_err(|e| Error::invalid(format!("warehouse {warehouse} is not a URL")).with_source(e))?;
+    // A query or fragment would become part of every table location (`s3://b/wh?x=1/ns/t/…`),
+    // and a password part of every message naming the warehouse; credentials go in options.
+    if url.query().is_some() || url.fragment().is_some() || url.password().is_some() {
+        let shown = crate::catalog::without_password(trimmed);
+        return Err(Error::invalid(format!(
+            "warehouse {shown}: a warehouse URL has no query, fragment or password (give credentials as store options)"
+        )));
+    }
     match url.to_file_path() {
         // `file:///a//b`: the same directory as `/a/b` (object paths have no empty segments).
         Ok(path) if url.scheme() == "file" && url.path().contains("//") => local(&path),
@@ -460,6 +468,13 @@ impl Storage for ObjectStoreStorage {
 
     async fn delete_prefix(&self, path: &str) -> iceberg::Result<()> {
         let prefix = self.key(path)?;
+        // The warehouse's own root (or the store's): deleting it would delete every table.
+        if prefix.as_ref().is_empty() || self.key(&self.root).is_ok_and(|root| root == prefix) {
+            return Err(iceberg::Error::new(
+                iceberg::ErrorKind::DataInvalid,
+                format!("refusing to delete everything under the warehouse root {path}"),
+            ));
+        }
         let locs = self.store.list(Some(&prefix)).map_ok(|m| m.location).boxed();
         let mut s = self.store.delete_stream(locs);
         while let Some(r) = s.next().await {
@@ -619,6 +634,29 @@ mod tests {
         let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "/tmp/lake").expect("root");
         assert_eq!((r.root.as_str(), r.warehouse.as_str()), ("file://", "file:///tmp/lake"));
         assert!(StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "not a url").is_err());
+        // A query or fragment would become part of every table location, a password part of
+        // every message naming the warehouse: refused, the password not shown.
+        for bad in ["s3://b/wh?x=1", "memory://wh#frag", "https://user:s3cr3t@host/wh"] {
+            let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{bad}: {e}");
+            assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
+        }
+    }
+
+    /// Deleting the warehouse root's whole prefix (through iceberg's `FileIO`, which may ask to
+    /// delete a table's prefix) is refused: it listed and deleted every object of the store.
+    #[tokio::test]
+    async fn the_root_prefix_is_never_deleted() {
+        use object_store::ObjectStore;
+        let mem = Arc::new(object_store::memory::InMemory::new());
+        let root = StoreRoot::from_store(mem.clone(), "memory://wh").expect("root");
+        mem.put(&Path::from("ns/t/a"), bytes::Bytes::from_static(b"x").into()).await.expect("put");
+        let storage = root.factory().build(&iceberg::io::StorageConfig::new()).expect("storage");
+        storage.delete_prefix("memory://wh").await.expect_err("the whole warehouse");
+        storage.delete_prefix("memory://wh/").await.expect_err("the whole warehouse");
+        assert!(mem.head(&Path::from("ns/t/a")).await.is_ok(), "nothing was deleted");
+        storage.delete_prefix("memory://wh/ns/t").await.expect("a table's prefix");
+        assert!(mem.head(&Path::from("ns/t/a")).await.is_err(), "the table's files are gone");
     }
 
     #[test]
