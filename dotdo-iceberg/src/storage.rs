@@ -299,15 +299,19 @@ fn with_root_scheme<'a>(root: &str, location: &'a str) -> std::borrow::Cow<'a, s
 fn key_of(root: &str, location: &str) -> std::result::Result<Path, String> {
     let spelled = with_root_scheme(root, location);
     let location = spelled.as_ref();
-    let rest = location
-        .strip_prefix(root)
-        // Whole path segments only: root `s3://b` must not take `s3://bb/x` as its `b/x`.
-        .filter(|rest| root.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
-        .or_else(|| {
-            // `file:/abs` and `/abs` spellings of local paths.
-            (root == "file://").then(|| location.strip_prefix("file:").unwrap_or(location))
-        })
-        .ok_or_else(|| format!("location {location} is not under the store root {root}"))?;
+    let rest = if root == "file://" {
+        // Local paths, absolute only: `file:///abs`, `file:/abs`, `/abs`. A relative path, one
+        // with a host (`file://server/share`) or a drive (`C:/x`) names no file of this store
+        // (it was mapped to `/wh/x`, `/server/share`, `/C:/x`).
+        let path = location.strip_prefix("file://").or_else(|| location.strip_prefix("file:")).unwrap_or(location);
+        Some(path).filter(|p| p.starts_with('/'))
+    } else {
+        location
+            .strip_prefix(root)
+            // Whole path segments only: root `s3://b` must not take `s3://bb/x` as its `b/x`.
+            .filter(|rest| root.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+    }
+    .ok_or_else(|| format!("location {location} is not under the store root {root}"))?;
     Path::parse(rest.trim_start_matches('/'))
         .map_err(|e| format!("location {location} is not a valid object path: {e}"))
 }
@@ -623,6 +627,11 @@ mod tests {
             "x"
         );
         assert_eq!(key_of("file://", "file://localhost/tmp/x").expect("localhost").as_ref(), "tmp/x");
+        assert_eq!(key_of("file://", "file:/tmp/x").expect("file:/abs").as_ref(), "tmp/x");
+        // Relative, host-qualified and drive-letter locations name no local file of this store.
+        for other in ["wh/x", "file://server/share/x", "C:/wh/x", "file:wh/x"] {
+            assert!(key_of("file://", other).is_err(), "{other}");
+        }
         assert!(key_of("s3://b", "s3a://other/x").is_err(), "another bucket stays another bucket");
         assert!(key_of("s3://b", "gs://b/x").is_err(), "another store stays another store");
     }
