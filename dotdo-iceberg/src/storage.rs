@@ -534,7 +534,17 @@ impl FileWrite for OsWrite {
     async fn write(&mut self, bs: Bytes) -> iceberg::Result<()> {
         let w =
             self.writer.as_mut().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
-        w.put(bs).await.map_err(os_err)
+        match w.put(bs).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The file is abandoned: a multipart upload begun for it is aborted (its parts
+                // are billed until then on S3 and GCS).
+                if let Some(mut w) = self.writer.take() {
+                    let _ = w.abort().await;
+                }
+                Err(os_err(e))
+            }
+        }
     }
 
     async fn close(&mut self) -> iceberg::Result<()> {
@@ -542,11 +552,24 @@ impl FileWrite for OsWrite {
         let mut w =
             self.writer.take().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
         // Note: `BufWriter::abort` panics once shutdown has started, so a failed shutdown is
-        // only reported; an unfinished multipart upload is left to the store's lifecycle rules.
+        // only reported; its unfinished multipart upload is left to the store's lifecycle rules
+        // (a failed write, or a writer dropped unfinished, aborts it).
         w.shutdown().await.map_err(io_err)?;
         match &self.sync {
             Some((storage, key, path)) => storage.synced(key, path).await,
             None => Ok(()),
+        }
+    }
+}
+
+/// A writer dropped unfinished (its caller gave up, a failed sibling's task was aborted) aborts
+/// its multipart upload, if it began one, on the runtime it ran on.
+impl Drop for OsWrite {
+    fn drop(&mut self) {
+        if let (Some(mut w), Ok(rt)) = (self.writer.take(), tokio::runtime::Handle::try_current()) {
+            drop(rt.spawn(async move {
+                let _ = w.abort().await;
+            }));
         }
     }
 }

@@ -876,6 +876,34 @@ async fn recorded_user_table_and_another_writer(
     (recorded, user, rows, other)
 }
 
+/// A file abandoned mid-upload (its writer dropped unfinished: a caller's timeout, an aborted
+/// sibling range of a parallel write) aborts its multipart upload. Its parts were left for the
+/// bucket's lifecycle rules (billed until then on S3 and GCS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: waiting for the spawned abort
+async fn an_abandoned_multipart_upload_is_aborted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(recorded.clone())
+        .build()
+        .await
+        .expect("open");
+    let table = cold.refresh().await.expect("table");
+    let path = format!("{}/data/abandoned.bin", table.metadata().location());
+    let mut w = table.file_io().new_output(&path).expect("output").writer().await.expect("writer");
+    // Past the buffer of one put: a multipart upload begins.
+    w.write(bytes::Bytes::from(vec![7u8; 12 << 20])).await.expect("write");
+    drop(w);
+    let started = std::time::Instant::now();
+    while recorded.aborts.load(Ordering::SeqCst) == 0 && started.elapsed() < std::time::Duration::from_secs(10) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(recorded.aborts.load(Ordering::SeqCst), 1, "the upload was aborted");
+    assert!(common::files_ending_with(dir.path(), ".bin").is_empty(), "no file");
+}
+
 /// A large user-table append is written as contiguous row ranges side by side, one file each
 /// (up to the machine's parallelism; a Parquet encode is single-threaded per file), and its
 /// rows read back whole. When one range's file cannot be written the append fails and the

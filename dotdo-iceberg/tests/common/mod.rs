@@ -224,6 +224,8 @@ pub struct FaultyStore {
     /// The next `n` puts of paths ending with this suffix fail (before they run), whatever
     /// `probability` says.
     pub fail_puts_of: Mutex<Option<(String, u32)>>,
+    /// Multipart uploads aborted so far.
+    pub aborts: Arc<AtomicU64>,
 }
 
 /// A future run before the first put whose path ends with `.0` (see [`FaultyStore::before_put`]).
@@ -252,6 +254,7 @@ impl FaultyStore {
             before_list: Mutex::new(None),
             fail_reads_of: Mutex::new(None),
             fail_puts_of: Mutex::new(None),
+            aborts: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -359,7 +362,12 @@ impl ObjectStore for FaultyStore {
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
         self.puts.lock().push(location.to_string());
         let inner = self.run(true, "put_multipart", location, self.inner.put_multipart_opts(location, opts)).await?;
-        Ok(Box::new(FaultyUpload { inner, fault: self.roll(true), location: location.clone() }))
+        Ok(Box::new(FaultyUpload {
+            inner,
+            fault: self.roll(true),
+            location: location.clone(),
+            aborts: self.aborts.clone(),
+        }))
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
@@ -422,6 +430,7 @@ struct FaultyUpload {
     inner: Box<dyn MultipartUpload>,
     fault: Option<Fault>,
     location: Path,
+    aborts: Arc<AtomicU64>,
 }
 
 #[async_trait]
@@ -446,6 +455,7 @@ impl MultipartUpload for FaultyUpload {
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
+        self.aborts.fetch_add(1, Ordering::SeqCst);
         self.inner.abort().await
     }
 }
