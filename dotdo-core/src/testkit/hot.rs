@@ -716,6 +716,67 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     assert_eq!(fx.hot.put(&d.object, d.token, "T", "c", b("3")).await.expect("put").first_seq, 4);
 }
 
+/// Two handles open at once on one database race: of acquires made through both at once exactly
+/// one is granted, and writes through both under that lease get every sequence number once (a
+/// guard or counter that decides read-then-write under an in-process lock grants two, or hands
+/// out one number twice, across handles).
+pub async fn races_through_two_handles_have_one_winner_and_unique_sequences(f: &super::HotReopenFactory) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(KIT_EPOCH);
+    let h1 = std::sync::Arc::new(f(clock.clone(), dir.path().to_path_buf()).await);
+    let h2 = std::sync::Arc::new(f(clock.clone(), dir.path().to_path_buf()).await);
+    for round in 0..5 {
+        let o = oid(&format!("race{round}"));
+        // Acquires through both handles at once: exactly one is granted, the other is held.
+        let tries: Vec<_> = (0..8)
+            .map(|i| {
+                let (h, o) = (if i % 2 == 0 { h1.clone() } else { h2.clone() }, o.clone());
+                tokio::spawn(async move { h.guard.acquire(&o, &nid(&format!("n{i}")), TTL).await })
+            })
+            .collect();
+        let mut granted = Vec::new();
+        for t in tries {
+            match t.await.expect("task") {
+                Ok(l) => granted.push(l),
+                Err(e) => assert!(
+                    matches!(e.kind(), ErrorKind::LeaseHeld { .. }) || e.is_retryable(),
+                    "round {round}: a lost race is LeaseHeld (or busy): {e}"
+                ),
+            }
+        }
+        assert_eq!(granted.len(), 1, "round {round}: one winner across the two handles: {granted:?}");
+        let l = granted.remove(0);
+        // Writes under that lease through both handles at once: every sequence number once.
+        let writes: Vec<_> = (0..8)
+            .map(|i| {
+                let (h, l) = (if i % 2 == 0 { h1.clone() } else { h2.clone() }, l.clone());
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for j in 0..5 {
+                        let key = format!("k{i}-{j}");
+                        loop {
+                            match h.hot.put(&l.object, l.token, "T", &key, b("v")).await {
+                                Ok(r) => break seqs.push(r.first_seq),
+                                Err(e) if e.is_retryable() => continue,
+                                Err(e) => panic!("write through two handles: {e}"),
+                            }
+                        }
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for w in writes {
+            seqs.extend(w.await.expect("task"));
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=40).collect::<Vec<u64>>(), "round {round}: sequence numbers 1..=40, each once");
+        let log = h2.hot.read_changes(&l.object, 0, 100).await.expect("log");
+        assert_eq!(log.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=40).collect::<Vec<u64>>());
+    }
+}
+
 /// Two handles open at once on one database (two processes, or two stores in one process,
 /// sharing a file) share one fencing state: a lease held through one is `LeaseHeld` through the
 /// other, both ways; a lease granted through one fences every call of the other under an older

@@ -608,7 +608,8 @@ macro_rules! hot_reopen_conformance {
             hot,
             $factory,
             state_sequence_and_tokens_survive_reopen,
-            fencing_holds_across_two_handles_on_one_database
+            fencing_holds_across_two_handles_on_one_database,
+            races_through_two_handles_have_one_winner_and_unique_sequences
         );
     };
 }
