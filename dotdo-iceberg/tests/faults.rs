@@ -876,6 +876,19 @@ async fn recorded_user_table_and_another_writer(
     (recorded, user, rows, other)
 }
 
+/// A store on local files at `dir` through a [`FaultyStore`] that injects nothing (it records
+/// puts and aborts, and takes faults when told).
+async fn recorded_local_store(dir: &std::path::Path) -> (Arc<FaultyStore>, IcebergColdStore) {
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
+        .object_store(recorded.clone())
+        .build()
+        .await
+        .expect("open");
+    (recorded, cold)
+}
+
 /// A file abandoned mid-upload (its writer dropped unfinished: a caller's timeout, an aborted
 /// sibling range of a parallel write) aborts its multipart upload. Its parts were left for the
 /// bucket's lifecycle rules (billed until then on S3 and GCS).
@@ -883,13 +896,7 @@ async fn recorded_user_table_and_another_writer(
 #[allow(clippy::disallowed_methods)] // real time: waiting for the spawned abort
 async fn an_abandoned_multipart_upload_is_aborted() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(recorded.clone())
-        .build()
-        .await
-        .expect("open");
+    let (recorded, cold) = recorded_local_store(dir.path()).await;
     let table = cold.refresh().await.expect("table");
     let path = format!("{}/data/abandoned.bin", table.metadata().location());
     let mut w = table.file_io().new_output(&path).expect("output").writer().await.expect("writer");
@@ -913,13 +920,7 @@ async fn a_large_user_table_append_is_written_in_parallel_ranges_and_a_failed_ra
     use arrow_array::{Array, Int32Array, LargeBinaryArray, RecordBatch};
     use arrow_schema::{DataType, Field, Schema};
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(recorded.clone())
-        .build()
-        .await
-        .expect("open");
+    let (recorded, cold) = recorded_local_store(dir.path()).await;
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int32, false),
         Field::new("payload", DataType::LargeBinary, false),
