@@ -790,7 +790,7 @@ mod tests {
     /// requests seen (request line and authorization).
     #[cfg(feature = "rest")]
     fn expiring_token_server() -> (u16, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
-        use std::io::{BufRead, BufReader, Read, Write};
+        use std::io::Write;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
@@ -799,29 +799,11 @@ mod tests {
             let mut issued = 0;
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
-                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                let (mut length, mut auth) = (0usize, String::new());
-                loop {
-                    let mut header = String::new();
-                    if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((name, value)) = header.split_once(':') {
-                        if name.eq_ignore_ascii_case("content-length") {
-                            length = value.trim().parse().unwrap_or(0);
-                        }
-                        if name.eq_ignore_ascii_case("authorization") {
-                            auth = value.trim().to_string();
-                        }
-                    }
-                }
-                let mut body = vec![0u8; length];
-                let _ = reader.read_exact(&mut body);
-                let line = line.trim().to_string();
+                let Some((line, headers, _)) = dotdo_core::testkit::read_http_request(&conn) else { continue };
+                let auth = headers
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+                    .map_or_else(String::new, |(_, value)| value.clone());
                 log.lock().push(format!("{line} [{auth}]"));
                 let (status, answer) = if line.starts_with("POST /v1/oauth/tokens") {
                     issued += 1;

@@ -468,7 +468,7 @@ async fn unreachable_rest_catalog_is_a_retryable_unavailable_error() {
 /// `body` and records each request line. It reads each request whole (headers and
 /// `content-length` body) before answering, so the client sees the answer, not a reset.
 fn answering(status: &'static str, body: &'static str) -> (u16, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
@@ -476,26 +476,8 @@ fn answering(status: &'static str, body: &'static str) -> (u16, std::sync::Arc<p
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
-            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            log.lock().push(line.trim().to_string());
-            let mut length = 0usize;
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                    break;
-                }
-                if let Some((name, value)) = header.split_once(':') {
-                    if name.eq_ignore_ascii_case("content-length") {
-                        length = value.trim().parse().unwrap_or(0);
-                    }
-                }
-            }
-            let mut request_body = vec![0u8; length];
-            let _ = reader.read_exact(&mut request_body);
+            let Some((line, _, _)) = dotdo_core::testkit::read_http_request(&conn) else { continue };
+            log.lock().push(line);
             let answer = format!(
                 "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()

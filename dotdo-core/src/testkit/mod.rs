@@ -477,6 +477,36 @@ pub fn crash<T>(handle: T) {
     std::mem::forget(handle);
 }
 
+/// One HTTP request as [`read_http_request`] reads it: the request line, the headers as
+/// `(name, value)`, and the body.
+pub type HttpRequest = (String, Vec<(String, String)>, Vec<u8>);
+
+/// For tests that stand in for an HTTP service on a plain `TcpListener`: read one request from
+/// `conn` (request line, headers, and a body of its `content-length`); `None` if the
+/// connection closed before a request line.
+pub fn read_http_request(conn: &std::net::TcpStream) -> Option<HttpRequest> {
+    use std::io::{BufRead, BufReader, Read};
+    let mut reader = BufReader::new(conn.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let (mut headers, mut length) = (Vec::new(), 0usize);
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    let mut body = vec![0u8; length];
+    let _ = reader.read_exact(&mut body);
+    Some((line.trim().to_string(), headers, body))
+}
+
 /// Shorthand: an object id, panicking on an invalid literal.
 pub fn oid(s: &str) -> crate::ObjectId {
     crate::ObjectId::new(s).expect("kit object ids are valid")
