@@ -1036,24 +1036,38 @@ impl IcebergColdStore {
                 w.close().await.map_err(|e| classify(e, &what))
             }));
         }
-        let mut files = Vec::new();
-        let mut first_err = None;
+        let mut results = Vec::with_capacity(tasks.len());
         for t in tasks {
-            match t.await {
+            results.push(t.await);
+        }
+        self.files_of_writers(results, "writing data files").await
+    }
+
+    /// The data files parallel writer tasks wrote (`results`, in order), or the first failure,
+    /// with every file the others wrote deleted (nothing references them).
+    pub(crate) async fn files_of_writers(
+        &self,
+        results: impl IntoIterator<Item = std::result::Result<Result<Vec<DataFile>>, tokio::task::JoinError>>,
+        what: &str,
+    ) -> Result<Vec<DataFile>> {
+        let (mut files, mut first_err) = (Vec::new(), None);
+        for r in results {
+            match r {
                 Ok(Ok(f)) => files.extend(f),
                 Ok(Err(e)) => {
                     first_err.get_or_insert(e);
                 }
                 Err(join) => {
-                    first_err.get_or_insert_with(|| Error::backend(format!("data file writer task failed: {join}")));
+                    first_err.get_or_insert_with(|| {
+                        Error::backend(format!("{what}: a data file writer task failed: {join}"))
+                    });
                 }
             }
         }
         match first_err {
             None => Ok(files),
             Some(e) => {
-                let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
-                self.delete_files(paths).await;
+                self.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
                 Err(e)
             }
         }

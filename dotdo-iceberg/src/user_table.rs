@@ -342,29 +342,16 @@ pub(crate) async fn write_user_files(
         let write = write_range(builder(), r, what.to_string());
         tasks.spawn(async move { (i, write.await) });
     }
-    let (mut done, mut first_err) = (Vec::new(), None);
+    let mut done = Vec::new();
     while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((i, Ok(f))) => done.push((i, f)),
-            Ok((_, Err(e))) => {
-                first_err.get_or_insert(e);
-            }
-            Err(join) => {
-                first_err
-                    .get_or_insert_with(|| Error::backend(format!("{what}: a data file writer task failed: {join}")));
-            }
-        }
+        done.push(match joined {
+            Ok((i, r)) => (i, Ok(r)),
+            Err(join) => (usize::MAX, Err(join)),
+        });
     }
     // In row order, whatever order the ranges finished in.
     done.sort_by_key(|(i, _)| *i);
-    let files: Vec<_> = done.into_iter().flat_map(|(_, f)| f).collect();
-    match first_err {
-        None => Ok(files),
-        Some(e) => {
-            store.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
-            Err(e)
-        }
-    }
+    store.files_of_writers(done.into_iter().map(|(_, r)| r), what).await
 }
 
 type UserFileWriterBuilder =

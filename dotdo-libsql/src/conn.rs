@@ -60,11 +60,16 @@ impl Conn {
 
     /// Run one statement through the statement cache, collecting its rows.
     async fn prepared(&mut self, step: Step) -> libsql::Result<Vec<Row>> {
+        self.prepared_within(step, None).await
+    }
+
+    /// [`prepared`](Self::prepared), its rows collected within `bound` (see [`collect`]).
+    async fn prepared_within(&mut self, step: Step, bound: Option<(usize, usize)>) -> libsql::Result<Vec<Row>> {
         let stmt = self.statement(&step.sql).await?;
         stmt.reset();
         let params = Params::Positional(step.params);
         let out = if step.rows {
-            collect(stmt.query(params).await).await
+            collect(stmt.query(params).await, bound).await
         } else {
             stmt.execute(params).await.map(|_| Vec::new())
         };
@@ -113,35 +118,10 @@ impl Conn {
         self.prepared(step).await
     }
 
-    /// [`query`](Self::query) on a local file, its rows collected until the blobs of column
-    /// `col` come to more than `max_bytes` (at least one row): the rest is never stepped to.
-    pub(crate) async fn query_bounded(&mut self, step: Step, col: i32, max_bytes: usize) -> libsql::Result<Vec<Row>> {
-        let stmt = self.statement(&step.sql).await?;
-        stmt.reset();
-        let params = Params::Positional(step.params);
-        let out = async {
-            let mut rows = stmt.query(params).await?;
-            let n = rows.column_count();
-            let (mut out, mut bytes) = (Vec::new(), 0usize);
-            while let Some(row) = rows.next().await? {
-                let values = (0..n).map(|i| row.get_value(i)).collect::<libsql::Result<Vec<Value>>>()?;
-                if let Some(Value::Blob(b)) = usize::try_from(col).ok().and_then(|c| values.get(c)) {
-                    bytes = bytes.saturating_add(b.len());
-                }
-                if !out.is_empty() && bytes > max_bytes {
-                    break;
-                }
-                out.push(values);
-            }
-            Ok(out)
-        }
-        .await;
-        // Perhaps not stepped to its end: reset, so that the read ends here.
-        stmt.reset();
-        if out.is_err() {
-            self.cache.remove(&step.sql);
-        }
-        out
+    /// [`query`](Self::query), its rows collected until the blobs of column `col` come to more
+    /// than `max_bytes` (at least one row): the rest is never stepped to.
+    pub(crate) async fn query_bounded(&mut self, step: Step, col: usize, max_bytes: usize) -> libsql::Result<Vec<Row>> {
+        self.prepared_within(step, Some((col, max_bytes))).await
     }
 
     /// Several statements outside any explicit transaction (e.g. pragmas).
@@ -409,14 +389,25 @@ fn result_of(rows: &[Row]) -> libsql::Result<i64> {
     }
 }
 
-async fn collect(rows: libsql::Result<libsql::Rows>) -> libsql::Result<Vec<Row>> {
+/// The rows of a query; with `bound` `(col, max_bytes)`, only until the blobs of column `col`
+/// come to more than `max_bytes` (at least one row), the rest never stepped to (the statement
+/// is reset after).
+async fn collect(rows: libsql::Result<libsql::Rows>, bound: Option<(usize, usize)>) -> libsql::Result<Vec<Row>> {
     let mut rows = rows?;
     let n = rows.column_count();
-    let mut out = Vec::new();
+    let (mut out, mut bytes) = (Vec::new(), 0usize);
     while let Some(row) = rows.next().await? {
         let mut values = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
         for i in 0..n {
             values.push(row.get_value(i)?);
+        }
+        if let Some((col, max_bytes)) = bound {
+            if let Some(Value::Blob(b)) = values.get(col) {
+                bytes = bytes.saturating_add(b.len());
+            }
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
         }
         out.push(values);
     }

@@ -646,11 +646,11 @@ impl ObjectRuntime {
             // A read of the whole cold state and its restore into hot storage: the lease is
             // renewed meanwhile, as during the handler (a lost renewal abandons the restore,
             // whose outcome a later activation settles, and fails the call: nothing written).
-            let renewed = parking_lot::Mutex::new(active.lease.clone());
             let restore = complete_restore(inner, object, active.lease.token, &mut active.lazy);
-            let restored = renewing(inner, &renewed, restore).await;
-            active.lease = renewed.into_inner();
-            restored?.map_err(|e| before_the_call(e, "completing the object's restore before the commit"))?;
+            let restore = async {
+                restore.await.map_err(|e| before_the_call(e, "completing the object's restore before the commit"))
+            };
+            with_renewal(inner, &mut active.lease, restore).await?;
         }
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
