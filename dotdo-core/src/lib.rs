@@ -17,7 +17,8 @@
 //! (`dotdo-sqlite`, `dotdo-libsql`, `dotdo-iceberg`); the in-memory reference backends
 //! ([`MemoryBackend`], [`MemoryColdStore`]) implement the contracts exactly and serve as the model
 //! in property tests. The `testkit` feature exposes the conformance kit that every backend runs;
-//! `arrow` the Arrow size helper the Arrow-speaking crates share (module `arrow_size`).
+//! `arrow` the Arrow helpers the Arrow-speaking crates share (modules `arrow_size`,
+//! `arrow_shape`).
 //!
 //! ## Why
 //!
@@ -55,6 +56,8 @@
 #![warn(missing_docs)]
 
 pub mod accel;
+#[cfg(feature = "arrow")]
+pub mod arrow_shape;
 #[cfg(feature = "arrow")]
 pub mod arrow_size;
 pub mod cold;

@@ -84,13 +84,6 @@ fn relabel(
     data.into_builder().data_type(to.clone()).child_data(children).build()
 }
 
-fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
-    a.fields().len() == b.fields().len()
-        && a.fields().iter().zip(b.fields()).all(|(x, y)| {
-            x.name() == y.name() && x.data_type().equals_datatype(y.data_type()) && x.is_nullable() == y.is_nullable()
-        })
-}
-
 /// A column name `schema` uses more than once.
 fn repeated_name(schema: &arrow_schema::Schema) -> Option<&str> {
     let mut names = std::collections::HashSet::new();
@@ -131,7 +124,7 @@ fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
                 if !nulls_ok {
                     return None;
                 }
-                if !column.data_type().equals_datatype(field.data_type()) {
+                if !dotdo_core::arrow_shape::same_type(column.data_type(), field.data_type()) {
                     if !widens(column.data_type(), field.data_type()) {
                         return None;
                     }
@@ -172,12 +165,12 @@ impl IcebergColdStore {
             .map_err(|e| Error::invalid(format!("{what}: the schema has no Iceberg form: {e}")))?;
         let back = iceberg::arrow::schema_to_arrow_schema(&ischema)
             .map_err(|e| Error::invalid(format!("{what}: the schema has no Iceberg form: {e}")))?;
-        if !same_shape(&back, &schema) {
+        if !dotdo_core::arrow_shape::same_shape(&back, &schema) {
             let differ: Vec<String> = schema
                 .fields()
                 .iter()
                 .zip(back.fields())
-                .filter(|(a, b)| !a.data_type().equals_datatype(b.data_type()))
+                .filter(|(a, b)| !dotdo_core::arrow_shape::same_type(a.data_type(), b.data_type()))
                 .map(|(a, b)| format!("{} {} (stored as {})", a.name(), a.data_type(), b.data_type()))
                 .collect();
             return Err(Error::invalid(format!(
@@ -233,7 +226,7 @@ impl IcebergColdStore {
             iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
                 .map_err(|e| classify(e, &what))?,
         );
-        if !same_shape(&iceberg_arrow, &schema) {
+        if !dotdo_core::arrow_shape::same_shape(&iceberg_arrow, &schema) {
             return Err(Error::invalid(format!("{what} exists with another schema: {iceberg_arrow:?}")));
         }
         check_unpartitioned(&table, &what)?;
@@ -286,7 +279,7 @@ fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::s
     let ty = iceberg::arrow::arrow_type_to_type(dt)
         .map_err(|e| Error::invalid(format!("{what}: {dt} has no Iceberg type: {e}")))?;
     match iceberg::arrow::type_to_arrow_type(&ty) {
-        Ok(back) if back.equals_datatype(dt) => Ok(ty),
+        Ok(back) if dotdo_core::arrow_shape::same_type(&back, dt) => Ok(ty),
         _ => Err(Error::invalid(format!("{what}: {dt} has no exact Iceberg type (use {ty}'s Arrow type)"))),
     }
 }
@@ -567,7 +560,7 @@ impl ArrowTable {
             // A batch made before columns were added (logged by a pipeline, say) gets nulls in
             // them.
             let conformed;
-            let b = if same_shape(b.schema_ref(), &self.user) {
+            let b = if dotdo_core::arrow_shape::same_shape(b.schema_ref(), &self.user) {
                 b
             } else {
                 conformed = conform(b, &self.user).ok_or_else(|| {
@@ -888,7 +881,7 @@ impl ArrowTable {
         let iceberg_arrow = Arc::new(
             iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema()).map_err(|e| classify(e, what))?,
         );
-        if !same_shape(&iceberg_arrow, &user) {
+        if !dotdo_core::arrow_shape::same_shape(&iceberg_arrow, &user) {
             return Err(Error::invalid(format!("{what}: the table's schema is now {iceberg_arrow:?}")));
         }
         Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow })

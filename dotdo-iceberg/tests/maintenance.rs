@@ -2221,6 +2221,41 @@ async fn user_tables_with_nested_columns_take_appends() {
     assert_eq!((n.value(0), n.is_null(1)), (1, true));
 }
 
+/// A batch whose struct column has the table's field types under other names, or in another
+/// order, is refused (`InvalidInput`), nothing written: arrow's type equality compares struct
+/// fields by position and type only, so `loc: Struct<lon, lat>` was taken for the table's
+/// `Struct<lat, lon>` and each value landed in the other's column. The table's own shape lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn struct_columns_are_matched_by_field_name() {
+    use arrow_array::{Float64Array, RecordBatch, StructArray};
+    use arrow_schema::{DataType, Field, Fields, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let loc = |a: &str, b: &str| {
+        Fields::from(vec![Field::new(a, DataType::Float64, false), Field::new(b, DataType::Float64, false)])
+    };
+    let schema_of = |f: Fields| Arc::new(Schema::new(vec![Field::new("loc", DataType::Struct(f), false)]));
+    let t = cold.arrow_table(&["m"], "places", schema_of(loc("lat", "lon"))).await.expect("table");
+    let batch = |f: Fields| {
+        let column = StructArray::new(
+            f.clone(),
+            vec![Arc::new(Float64Array::from(vec![52.5])), Arc::new(Float64Array::from(vec![13.4]))],
+            None,
+        );
+        RecordBatch::try_new(schema_of(f), vec![Arc::new(column)]).expect("batch")
+    };
+    for (a, b) in [("lon", "lat"), ("latitude", "longitude")] {
+        let e = t.append("s", 1, vec![batch(loc(a, b))]).await.expect_err("struct fields under other names");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    }
+    assert!(t.read_all().await.expect("read").is_empty(), "nothing written");
+    assert_eq!(t.append("s", 1, vec![batch(loc("lat", "lon"))]).await.expect("the table's shape").rows, 1);
+    let read = t.read_all().await.expect("read");
+    let back = read[0].column(0).as_any().downcast_ref::<StructArray>().expect("struct");
+    let lat = back.column_by_name("lat").expect("lat").as_any().downcast_ref::<Float64Array>().expect("f64");
+    assert_eq!(lat.value(0), 52.5);
+}
+
 /// A user table of no columns, or one naming a column twice, is refused when opened
 /// (`InvalidInput`): the first could take no append, and matching batches by name would drop
 /// the second's column; a batch naming a column twice is refused too.

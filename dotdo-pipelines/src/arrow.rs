@@ -53,13 +53,6 @@ impl ArrowSink for dotdo_iceberg::ArrowTable {
     }
 }
 
-fn same_shape(a: &arrow_schema::Schema, b: &arrow_schema::Schema) -> bool {
-    a.fields().len() == b.fields().len()
-        && a.fields().iter().zip(b.fields()).all(|(x, y)| {
-            x.name() == y.name() && x.data_type().equals_datatype(y.data_type()) && x.is_nullable() == y.is_nullable()
-        })
-}
-
 fn sql(e: rusqlite::Error, doing: &str) -> Error {
     crate::log::sql(e, &format!("arrow_log {doing}"))
 }
@@ -296,7 +289,7 @@ impl ArrowPipeline {
     /// [`close`](Self::close), `Shutdown`.
     pub fn send(&self, batch: RecordBatch) -> Result<()> {
         let inner = &self.inner;
-        if !same_shape(batch.schema_ref(), &inner.sink.schema()) {
+        if !dotdo_core::arrow_shape::same_shape(batch.schema_ref(), &inner.sink.schema()) {
             return Err(Error::invalid(format!(
                 "batch schema {:?} is not the sink's {:?}",
                 batch.schema(),

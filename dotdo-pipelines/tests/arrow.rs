@@ -143,6 +143,36 @@ async fn empty_batches_are_accepted_and_hold_nothing() {
     assert_eq!(ids(&t).await, vec![0, 1, 2]);
 }
 
+/// A batch whose struct column has the sink's field types under other names or in another order
+/// is refused at `send` (`InvalidInput`, nothing buffered): arrow's type equality ignores struct
+/// field names, so `Struct<lon, lat>` was buffered for a `Struct<lat, lon>` table and each value
+/// committed into the other's column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn struct_fields_under_other_names_are_refused_at_send() {
+    use arrow_array::{Float64Array, StructArray};
+    use arrow_schema::Fields;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("store");
+    let loc = |a: &str, b: &str| {
+        Fields::from(vec![Field::new(a, DataType::Float64, false), Field::new(b, DataType::Float64, false)])
+    };
+    let schema_of = |f: Fields| Arc::new(Schema::new(vec![Field::new("loc", DataType::Struct(f), false)]));
+    let t = store.arrow_table(&["app"], "places", schema_of(loc("lat", "lon"))).await.expect("user table");
+    let batch = |f: Fields| {
+        let column = StructArray::new(
+            f.clone(),
+            vec![Arc::new(Float64Array::from(vec![52.5])), Arc::new(Float64Array::from(vec![13.4]))],
+            None,
+        );
+        RecordBatch::try_new(schema_of(f), vec![Arc::new(column)]).expect("batch")
+    };
+    let p = ArrowPipeline::open("places", Arc::new(t), PipelineSettings::default()).expect("pipeline");
+    let e = p.send(batch(loc("lon", "lat"))).expect_err("fields swapped");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    p.send(batch(loc("lat", "lon"))).expect("the sink's shape");
+    assert_eq!(p.counters(), (1, 0, 0, 1), "only the batch of the sink's shape waits");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,0 +1,152 @@
+//! Whether two Arrow schemas describe the same columns (feature `arrow`): what dotdo-pipelines
+//! and dotdo-iceberg check before they accept a batch as a table's.
+
+use arrow_schema::{DataType, Schema};
+
+/// Whether `a` and `b` are the same type for a table's data: arrow's `equals_datatype` (nested
+/// field metadata ignored, nullability compared), except that the fields of a struct must also
+/// have the same names in the same order. arrow compares struct fields by position and type only,
+/// so a `Struct<lat: f64, lon: f64>` would equal a `Struct<lon: f64, lat: f64>` and its values
+/// would be written into each other's columns. The names of a list's item field and of a map's
+/// entries (`item`/`element`, `entries`/`key_value`, `keys`/`key`) are ignored: writers name
+/// them differently and a value has no other way to reach them.
+///
+/// ```
+/// use arrow_schema::{DataType, Field, Fields};
+/// use dotdo_core::arrow_shape::same_type;
+/// let point = |a: &str, b: &str| {
+///     DataType::Struct(Fields::from(vec![Field::new(a, DataType::Float64, false), Field::new(b, DataType::Float64, false)]))
+/// };
+/// assert!(same_type(&point("lat", "lon"), &point("lat", "lon")));
+/// assert!(!same_type(&point("lat", "lon"), &point("lon", "lat")));
+/// let list = |item: &str| DataType::List(Field::new(item, DataType::Int64, true).into());
+/// assert!(same_type(&list("item"), &list("element")));
+/// ```
+pub fn same_type(a: &DataType, b: &DataType) -> bool {
+    use DataType as T;
+    match (a, b) {
+        (T::List(x), T::List(y))
+        | (T::LargeList(x), T::LargeList(y))
+        | (T::ListView(x), T::ListView(y))
+        | (T::LargeListView(x), T::LargeListView(y)) => {
+            x.is_nullable() == y.is_nullable() && same_type(x.data_type(), y.data_type())
+        }
+        (T::FixedSizeList(x, n), T::FixedSizeList(y, m)) => {
+            n == m && x.is_nullable() == y.is_nullable() && same_type(x.data_type(), y.data_type())
+        }
+        (T::Map(x, xs), T::Map(y, ys)) => {
+            // The entries struct's own field names (key/value) vary by writer: compared by position.
+            xs == ys
+                && x.is_nullable() == y.is_nullable()
+                && match (x.data_type(), y.data_type()) {
+                    (T::Struct(f), T::Struct(g)) => {
+                        f.len() == g.len()
+                            && f.iter().zip(g).all(|(p, q)| {
+                                p.is_nullable() == q.is_nullable() && same_type(p.data_type(), q.data_type())
+                            })
+                    }
+                    (p, q) => same_type(p, q),
+                }
+        }
+        (T::Struct(f), T::Struct(g)) => {
+            f.len() == g.len()
+                && f.iter().zip(g).all(|(p, q)| {
+                    p.name() == q.name()
+                        && p.is_nullable() == q.is_nullable()
+                        && same_type(p.data_type(), q.data_type())
+                })
+        }
+        (T::Dictionary(xk, xv), T::Dictionary(yk, yv)) => same_type(xk, yk) && same_type(xv, yv),
+        (T::RunEndEncoded(xr, xv), T::RunEndEncoded(yr, yv)) => {
+            xr.is_nullable() == yr.is_nullable()
+                && same_type(xr.data_type(), yr.data_type())
+                && xv.is_nullable() == yv.is_nullable()
+                && same_type(xv.data_type(), yv.data_type())
+        }
+        (T::Union(f, fm), T::Union(g, gm)) => {
+            fm == gm
+                && f.len() == g.len()
+                && f.iter().all(|(id, p)| {
+                    g.iter().any(|(jd, q)| {
+                        id == jd
+                            && p.name() == q.name()
+                            && p.is_nullable() == q.is_nullable()
+                            && same_type(p.data_type(), q.data_type())
+                    })
+                })
+        }
+        _ => a.equals_datatype(b),
+    }
+}
+
+/// Whether `a` and `b` have the same columns in the same order: names, nullability and
+/// [`same_type`] (schema and field metadata ignored).
+pub fn same_shape(a: &Schema, b: &Schema) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields().iter().zip(b.fields()).all(|(x, y)| {
+            x.name() == y.name() && x.is_nullable() == y.is_nullable() && same_type(x.data_type(), y.data_type())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_schema::{Field, Fields};
+
+    fn point(a: &str, b: &str) -> DataType {
+        DataType::Struct(Fields::from(vec![
+            Field::new(a, DataType::Float64, false),
+            Field::new(b, DataType::Float64, true),
+        ]))
+    }
+
+    #[test]
+    fn struct_fields_match_by_name_nested_too() {
+        assert!(same_type(&point("lat", "lon"), &point("lat", "lon")));
+        assert!(!same_type(&point("lat", "lon"), &point("lon", "lat")));
+        assert!(!same_type(&point("lat", "lon"), &point("lat", "lng")));
+        let listed = |t: DataType| DataType::List(Field::new("item", t, true).into());
+        assert!(!same_type(&listed(point("lat", "lon")), &listed(point("lon", "lat"))));
+        let schema = |t: DataType| Schema::new(vec![Field::new("loc", t, true)]);
+        assert!(same_shape(&schema(point("lat", "lon")), &schema(point("lat", "lon"))));
+        assert!(!same_shape(&schema(point("lat", "lon")), &schema(point("lon", "lat"))));
+    }
+
+    #[test]
+    fn list_item_and_map_entry_names_are_ignored() {
+        let list = |item: &str| DataType::List(Field::new(item, DataType::Utf8, true).into());
+        assert!(same_type(&list("item"), &list("element")));
+        let map = |entries: &str, k: &str, v: &str| {
+            DataType::Map(
+                Field::new(
+                    entries,
+                    DataType::Struct(Fields::from(vec![
+                        Field::new(k, DataType::Utf8, false),
+                        Field::new(v, point("lat", "lon"), true),
+                    ])),
+                    false,
+                )
+                .into(),
+                false,
+            )
+        };
+        assert!(same_type(&map("entries", "keys", "values"), &map("key_value", "key", "value")));
+        // A struct inside a map's value is still matched by name.
+        let swapped = DataType::Map(
+            Field::new(
+                "entries",
+                DataType::Struct(Fields::from(vec![
+                    Field::new("keys", DataType::Utf8, false),
+                    Field::new("values", point("lon", "lat"), true),
+                ])),
+                false,
+            )
+            .into(),
+            false,
+        );
+        assert!(!same_type(&map("entries", "keys", "values"), &swapped));
+        // Nullability and types still count.
+        assert!(!same_type(&list("item"), &DataType::List(Field::new("item", DataType::Utf8, false).into())));
+        assert!(!same_type(&list("item"), &DataType::List(Field::new("item", DataType::Binary, true).into())));
+    }
+}
