@@ -1,6 +1,14 @@
 //! A client for Cloudflare Pipelines streams: HTTP JSON batches with an auth token, retries with
 //! backoff, and the per-request size limit (feature `cloudflare`, on by default).
 //!
+//! Delivery is **at least once**: the endpoint has no idempotency key and the records carry no
+//! id it could deduplicate by, so a request whose reply was lost (a timeout, a dropped
+//! connection, a gateway error after the stream took it) and that is sent again delivers its
+//! events twice. A send whose retries run out after such an attempt fails with
+//! `AmbiguousOutcome` (its events may be there); `Unavailable` means none of the failed
+//! request's attempts can have been taken. Readers that need each event once deduplicate on
+//! `(do_id, key, timestamp)` or a field of the value.
+//!
 //! Wire protocol (Cloudflare's stream HTTP endpoint): `POST <endpoint>` with a JSON array of
 //! objects as the body, `Content-Type: application/json`, and, when the stream requires it,
 //! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted; 408, 429
@@ -21,6 +29,10 @@ use crate::event::Event;
 /// endpoint that keeps failing must end in bounded time.
 pub const MAX_STREAM_RETRIES: u32 = 100;
 
+/// The longest request timeout [`CloudflareSettings::timeout`] accepts (5 minutes): an endpoint
+/// that takes a connection and never answers must not hold a send for ever.
+pub const MAX_STREAM_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// The longest backoff between retries (5 s), and so the largest first backoff
 /// [`CloudflareSettings::backoff`] accepts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -39,7 +51,8 @@ pub struct CloudflareSettings {
     /// random length between half of that and all of it). An answer's `Retry-After`
     /// stretches one wait (up to [`MAX_RETRY_AFTER`]; a longer one fails the send, retryable).
     pub backoff: Duration,
-    /// Timeout of one request (default 30 s).
+    /// Timeout of one request (default 30 s; at most [`MAX_STREAM_TIMEOUT`]). A connection not
+    /// made within the shorter of this and 10 s fails that attempt (retried: nothing was sent).
     pub timeout: Duration,
 }
 
@@ -68,8 +81,9 @@ pub struct StreamSendReport {
 /// How far a [`CloudflareStreamClient::send`] got before it failed: the `source()` of its error
 /// whenever at least one request was accepted ([`PartialSend::of`] finds it). The accepted
 /// events are always the first `report.events` of the slice sent, so a caller resends
-/// `&events[report.events as usize..]` and duplicates none of them. (The request that failed may
-/// have been accepted all the same, its reply lost to a timeout or a 5xx: delivery is at least
+/// `&events[report.events as usize..]` and duplicates none of the accepted ones. (When the error
+/// is `AmbiguousOutcome`, the request that failed may have been accepted all the same, its reply
+/// lost to a timeout or a gateway error: its events may then arrive twice; delivery is at least
 /// once.) Its own source is the failure.
 #[derive(Debug)]
 pub struct PartialSend {
@@ -177,6 +191,18 @@ impl CloudflareStreamClient {
         if settings.timeout.is_zero() {
             return Err(Error::invalid("the request timeout must be above zero (every request would time out)"));
         }
+        if settings.timeout > MAX_STREAM_TIMEOUT {
+            return Err(Error::invalid(format!(
+                "the request timeout {:?} is above {MAX_STREAM_TIMEOUT:?}: a silent endpoint would hold a send that long per attempt",
+                settings.timeout
+            )));
+        }
+        // A token would cross the network in clear text: only to this machine.
+        if token.is_some() && url.scheme() == "http" && !is_loopback(&url) {
+            return Err(Error::invalid(format!(
+                "stream endpoint {shown:?}: an API token is sent only over https (or http to this machine's loopback)"
+            )));
+        }
         if settings.max_retries > MAX_STREAM_RETRIES {
             return Err(Error::invalid(format!(
                 "max_retries {} is above {MAX_STREAM_RETRIES}: a send to a failing endpoint would retry for hours",
@@ -191,6 +217,7 @@ impl CloudflareStreamClient {
         }
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(CONNECT_TIMEOUT))
             // A redirect would turn the POST into a body-less GET (and drop the token across
             // hosts), whose 2xx would then read as events accepted.
             .redirect(reqwest::redirect::Policy::none())
@@ -270,6 +297,10 @@ impl CloudflareStreamClient {
         let body = serde_json::to_vec(items).map_err(|e| Error::invalid("encoding events as JSON").with_source(e))?;
         let mut backoff = self.settings.backoff;
         let mut attempt = 0;
+        // Whether an attempt may have been accepted although no 2xx came back (its reply lost
+        // to a timeout or a dropped connection, or a gateway error after the request was
+        // forwarded): then the failure is `AmbiguousOutcome`, whatever later attempts answer.
+        let mut uncertain = None;
         loop {
             let mut req =
                 self.http.post(self.endpoint.clone()).header("content-type", "application/json").body(body.clone());
@@ -292,6 +323,13 @@ impl CloudflareStreamClient {
                     match status.as_u16() {
                         // Not implemented / HTTP version not supported: no retry can succeed.
                         501 | 505 => Error::backend(msg).with_retryable(false),
+                        // An internal or gateway error may come after the stream took the
+                        // records (a proxy that lost the origin's reply): retried, but the
+                        // events may be there.
+                        500 | 502 | 504 => {
+                            uncertain.get_or_insert(attempt);
+                            Error::unavailable(msg)
+                        }
                         408 | 429 | 500..=599 => Error::unavailable(msg),
                         300..=399 => Error::invalid(format!("{msg} (a redirect: configure the final endpoint)")),
                         401 | 403 => Error::backend(format!("{msg} (check the API token)")).with_retryable(false),
@@ -308,22 +346,47 @@ impl CloudflareStreamClient {
                         _ => Error::invalid(msg),
                     }
                 }
-                Err(e) => Error::unavailable(format!("stream endpoint {} unreachable", self.endpoint)).with_source(e),
+                // No connection (refused, DNS, TLS handshake): nothing was sent.
+                Err(e) if e.is_connect() => {
+                    Error::unavailable(format!("stream endpoint {} unreachable", self.endpoint)).with_source(e)
+                }
+                // Sent, or partly sent, and no answer (a timeout, a connection closed before
+                // the reply): the stream may have taken the records.
+                Err(e) => {
+                    uncertain.get_or_insert(attempt);
+                    Error::unavailable(format!("stream endpoint {} did not answer", self.endpoint)).with_source(e)
+                }
+            };
+            let done = |outcome: Error| {
+                let outcome =
+                    outcome.context(format!("after {} accepted request(s) and {attempt} retries", report.requests));
+                match uncertain {
+                    // A request too large is split and sent again, which delivers at least once
+                    // anyway; anything else says the events may be there.
+                    Some(first) if !matches!(outcome.kind(), ErrorKind::LimitExceeded { .. }) => Error::new(
+                        ErrorKind::AmbiguousOutcome,
+                        format!(
+                            "a request of {n} events to the stream endpoint may have been accepted (attempt {} \
+                             had no answer or a gateway error); they may be delivered already",
+                            first + 1
+                        ),
+                    )
+                    .with_retryable(true)
+                    .with_source(outcome),
+                    _ => outcome,
+                }
             };
             if !outcome.is_retryable() || attempt >= self.settings.max_retries {
-                return Err(
-                    outcome.context(format!("after {} accepted request(s) and {attempt} retries", report.requests))
-                );
+                return Err(done(outcome));
             }
             // An endpoint that says when to come back (`Retry-After` on a 429 or 503) is not
             // asked again sooner; one that asks for longer than a call should wait fails the
             // call (retryable), leaving the wait to the caller.
             let wait = match retry_after {
                 Some(after) if after > MAX_RETRY_AFTER => {
-                    return Err(outcome.context(format!(
-                        "the endpoint asks to retry after {after:?} (more than {MAX_RETRY_AFTER:?}), after {} accepted request(s)",
-                        report.requests
-                    )));
+                    return Err(done(outcome.context(format!(
+                        "the endpoint asks to retry after {after:?} (more than {MAX_RETRY_AFTER:?})"
+                    ))));
                 }
                 Some(after) => dotdo_core::retry::jittered(backoff).max(after),
                 None => dotdo_core::retry::jittered(backoff),
@@ -334,6 +397,16 @@ impl CloudflareStreamClient {
             backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
         }
     }
+}
+
+/// The longest wait for a connection to the endpoint (10 s, or the request timeout if shorter).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether `url`'s host is this machine: `localhost` or a loopback address.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || bare.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
 }
 
 /// The start of an error answer's body (at most 4 KiB are read: a proxy's error page can be

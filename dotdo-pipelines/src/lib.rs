@@ -11,14 +11,18 @@
 //!   acknowledged `send` survives a process kill and is delivered after restart.
 //! * **Exactly once**: a roll first *claims* events, durably assigning each its per-object
 //!   sequence number; the cold commit records per-object watermarks, so re-committing a claimed
-//!   batch after a crash or an unknown outcome never duplicates or drops an event.
+//!   batch after an unknown outcome (or, with the durable log, after a crash) never duplicates
+//!   or drops an event.
 //! * **Backpressure** when the buffer is full ([`Backpressure`]): fail fast, wait with a
 //!   deadline, or spill to disk.
 //! * **Transforms**: filter, map or re-route events to another sink (table).
 //! * **Cloudflare Pipelines**: `cloudflare::CloudflareStreamClient` sends the same events to a
-//!   Cloudflare stream over HTTP (feature `cloudflare`).
-//! * **Any user Arrow schema**: [`arrow::ArrowPipeline`] rolls `RecordBatch`es into numbered,
-//!   exactly-once appends to an Iceberg table with that schema ([`arrow::ArrowSink`]).
+//!   Cloudflare stream over HTTP (feature `cloudflare`), **at least once**: the stream's HTTP
+//!   endpoint has no idempotency key, so a request whose reply was lost and that is sent again
+//!   may deliver its events twice (such a failure is `AmbiguousOutcome`).
+//! * **User Arrow schemas**: [`arrow::ArrowPipeline`] rolls `RecordBatch`es into numbered,
+//!   exactly-once appends to an Iceberg table with that schema ([`arrow::ArrowSink`]; the
+//!   Arrow types Iceberg stores exactly, see `dotdo_iceberg::ArrowTable`).
 //! * **Metrics**: events in, bytes, rolls, commit latency, buffer depth, end-to-end lag.
 //!
 //! A pipeline owns the sequence numbers of the objects it writes: give it its own table (or at

@@ -23,6 +23,8 @@ struct Server {
     redirect_next: AtomicU32,
     /// A status line (e.g. `"429 Too Many Requests"`) answered to the next requests instead.
     status_next: Mutex<Vec<&'static str>>,
+    /// Requests taken (their records kept) whose connection is then closed with no reply.
+    drop_next: AtomicU32,
     max_body: usize,
 }
 
@@ -77,6 +79,11 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                         ("401 Unauthorized", r#"{"success":false,"errors":[{"message":"Unauthorized"}]}"#.to_string())
                     } else if len > server.max_body {
                         ("413 Payload Too Large", "{}".to_string())
+                    } else if server.drop_next.load(Ordering::SeqCst) > 0 {
+                        server.drop_next.fetch_sub(1, Ordering::SeqCst);
+                        let items: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("a JSON array");
+                        server.records.lock().extend(items);
+                        return;
                     } else if let Some(status) = server.status_next.lock().pop() {
                         (status, r#"{"success":false}"#.to_string())
                     } else if server.fail_next.load(Ordering::SeqCst) > 0 {
@@ -173,6 +180,44 @@ async fn transient_failures_are_retried_and_bad_tokens_are_not() {
     assert_eq!(server.requests.load(Ordering::SeqCst), before + 1, "a bad token is not retried");
 }
 
+/// A request whose reply is lost (the connection closed after the stream took the records) or
+/// that meets a gateway error is retried, but when retries run out the failure is
+/// `AmbiguousOutcome` (the events may be there), not "unreachable": a caller resending them
+/// knows it may duplicate them. Failures that say nothing was taken (503s, a refused connection)
+/// stay `Unavailable`.
+#[tokio::test]
+async fn lost_replies_and_gateway_errors_are_ambiguous_not_unreachable() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    let s = CloudflareSettings { max_retries: 2, ..settings() };
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), s).expect("client");
+    // Taken, reply lost, then retries answered 503: the events are there once.
+    server.drop_next.store(1, Ordering::SeqCst);
+    server.fail_next.store(5, Ordering::SeqCst);
+    let e = client.send(&events(2, 10)).await.expect_err("retries run out");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(server.records.lock().len(), 2, "the first attempt was taken");
+    // A lost reply whose retry succeeds: delivered twice (at least once), and Ok.
+    server.records.lock().clear();
+    server.fail_next.store(0, Ordering::SeqCst);
+    server.drop_next.store(1, Ordering::SeqCst);
+    let r = client.send(&events(2, 10)).await.expect("the retry is answered");
+    assert_eq!((r.events, r.retries), (2, 1));
+    assert_eq!(server.records.lock().len(), 4, "at least once: the lost attempt's records stay");
+    // 502s throughout: the gateway may have forwarded them.
+    for _ in 0..3 {
+        server.status_next.lock().push("502 Bad Gateway");
+    }
+    let e = client.send(&events(1, 10)).await.expect_err("502s");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    // 503s throughout: refused, nothing taken.
+    server.fail_next.store(5, Ordering::SeqCst);
+    let e = client.send(&events(1, 10)).await.expect_err("503s");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    server.fail_next.store(0, Ordering::SeqCst);
+}
+
 /// A 503 with `Retry-After` is retried no sooner than it asks (the backoff here is 5 ms); one
 /// asking for more than `MAX_RETRY_AFTER` fails the send at once, retryable, and says so.
 #[tokio::test]
@@ -217,6 +262,15 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
     let c = CloudflareStreamClient::new(&format!("http://127.0.0.1:{port}/"), None, s).expect("client");
     let e = c.send(&events(1, 10)).await.expect_err("unreachable");
     assert_eq!(e.kind(), &ErrorKind::Unavailable);
+    // A token goes over plain http only to this machine.
+    for plain in ["http://stream.example.com/", "http://10.0.0.1:8080/", "http://[fe80::1]/"] {
+        let e = CloudflareStreamClient::new(plain, Some("tok".into()), settings()).expect_err(plain);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+        CloudflareStreamClient::new(plain, None, settings()).expect("no token: plain http allowed");
+    }
+    for local in ["http://localhost:8080/", "http://127.0.0.2/", "http://[::1]:9000/"] {
+        CloudflareStreamClient::new(local, Some("tok".into()), settings()).expect(local);
+    }
     for bad in ["ftp://x/", "not a url", "http://"] {
         assert_eq!(CloudflareStreamClient::new(bad, None, settings()).expect_err(bad).kind(), &ErrorKind::InvalidInput);
     }
@@ -355,6 +409,12 @@ async fn too_large_requests_are_split_and_a_failed_send_says_how_far_it_got() {
     // Nothing accepted: no partial progress attached.
     let e = client.send(&events(4, 3000)[3..]).await.expect_err("too large");
     assert!(PartialSend::of(&e).is_none(), "{e}");
+    // A timeout no silent endpoint should be allowed to hold a send for.
+    let long = CloudflareSettings { timeout: Duration::MAX, ..settings() };
+    let e = CloudflareStreamClient::new(&url, None, long).expect_err("no timeout to speak of");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    let most = CloudflareSettings { timeout: dotdo_pipelines::cloudflare::MAX_STREAM_TIMEOUT, ..settings() };
+    CloudflareStreamClient::new(&url, None, most).expect("the longest timeout");
     let zero = CloudflareSettings { timeout: Duration::ZERO, ..settings() };
     assert_eq!(
         CloudflareStreamClient::new(&url, None, zero).expect_err("zero timeout").kind(),
