@@ -67,11 +67,76 @@ fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The batches of a logged IPC stream, or `Corrupt`. The stream's framing is checked first:
+/// arrow's reader trusts a message's body length and buffer offsets, and a damaged one makes it
+/// allocate the length it reads (aborting the process on a huge one) or panic slicing past the
+/// body. Whatever else arrow may panic on is caught and is `Corrupt` too.
 fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
-    let r = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
-        .map_err(|e| Error::corrupt("arrow pipeline log: undecodable batch").with_source(e))?;
-    r.collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::corrupt("arrow pipeline log: undecodable batch").with_source(e))
+    let undecodable = |why: String| Error::corrupt(format!("arrow pipeline log: undecodable batch ({why})"));
+    check_ipc_frames(bytes).map_err(undecodable)?;
+    let read = || {
+        let r = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+        r.collect::<std::result::Result<Vec<_>, _>>()
+    };
+    match std::panic::catch_unwind(read) {
+        Ok(Ok(batches)) => Ok(batches),
+        Ok(Err(e)) => Err(undecodable(e.to_string()).with_source(e)),
+        Err(_) => Err(undecodable("the Arrow IPC reader panicked on it".to_string())),
+    }
+}
+
+/// Whether `bytes` is a well-framed Arrow IPC stream: each message's metadata is a valid
+/// flatbuffer within the bytes, its body lies within them, and every buffer a record or
+/// dictionary batch names lies within its body.
+fn check_ipc_frames(bytes: &[u8]) -> std::result::Result<(), String> {
+    let mut at = 0usize;
+    let word = |at: usize| -> std::result::Result<[u8; 4], String> {
+        bytes
+            .get(at..at + 4)
+            .map(|w| [w[0], w[1], w[2], w[3]])
+            .ok_or_else(|| format!("the stream ends at byte {at} inside a message header"))
+    };
+    loop {
+        if at == bytes.len() {
+            // A stream without its end marker: arrow's reader takes it as ended.
+            return Ok(());
+        }
+        let mut w = word(at)?;
+        at += 4;
+        if w == [0xff; 4] {
+            w = word(at)?;
+            at += 4;
+        }
+        let len = i32::from_le_bytes(w);
+        if len == 0 {
+            return Ok(());
+        }
+        let meta = usize::try_from(len)
+            .ok()
+            .and_then(|l| bytes.get(at..at.checked_add(l)?))
+            .ok_or_else(|| format!("a message's metadata of {len} bytes at byte {at} does not fit in the stream"))?;
+        let message = arrow_ipc::root_as_message(meta).map_err(|e| format!("message metadata at byte {at}: {e}"))?;
+        at += meta.len();
+        let body = usize::try_from(message.bodyLength())
+            .ok()
+            .filter(|b| at.checked_add(*b).is_some_and(|end| end <= bytes.len()))
+            .ok_or_else(|| {
+                format!("a message body of {} bytes at byte {at} does not fit in the stream", message.bodyLength())
+            })?;
+        let batch =
+            message.header_as_record_batch().or_else(|| message.header_as_dictionary_batch().and_then(|d| d.data()));
+        for b in batch.and_then(|b| b.buffers()).into_iter().flatten() {
+            let end = b.offset().checked_add(b.length());
+            if b.offset() < 0 || b.length() < 0 || end.is_none_or(|e| e > body as i64) {
+                return Err(format!(
+                    "a buffer at {} of {} bytes lies outside its {body}-byte message body",
+                    b.offset(),
+                    b.length()
+                ));
+            }
+        }
+        at += body;
+    }
 }
 
 /// The bytes `batch` holds for `roll_bytes` and `capacity_bytes`: the memory of its own rows
@@ -251,7 +316,7 @@ impl ArrowPipeline {
         // again under their own.
         let mut claims: std::collections::BTreeMap<u64, Vec<RecordBatch>> = Default::default();
         for (row, ipc, batch) in rows {
-            let batches = decode(&ipc)?;
+            let batches = decode(&ipc).map_err(|e| e.context(format!("{}: arrow_log row {row}", path.display())))?;
             // A claim takes the first pending batches and the first unclaimed rows alike: each
             // unclaimed row must be one batch (as `send` writes them).
             if batch.is_none() && batches.len() != 1 {

@@ -536,6 +536,47 @@ async fn an_unclaimed_log_row_of_other_than_one_batch_is_corrupt() {
     assert!(ids(&t).await.is_empty(), "nothing committed");
 }
 
+/// A damaged log row (any byte of its Arrow IPC stream overwritten) is `Corrupt` at open naming
+/// the row, or decodes; never a panic or an abort: arrow's IPC reader trusts a message's body
+/// length (a negative one panicked, a huge one aborted the process allocating it) and its
+/// buffer offsets (past the body: a panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_log_rows_are_corrupt_not_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let log = dir.path().join("damaged-log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
+    let p = ArrowPipeline::open("damaged", Arc::new(t.clone()), settings.clone()).expect("pipeline");
+    p.send(batch(0, 3)).expect("send");
+    drop(p);
+    let c = rusqlite::Connection::open(&log).expect("open log");
+    let good: Vec<u8> = c.query_row("SELECT ipc FROM arrow_log", [], |r| r.get(0)).expect("the row");
+    let (mut corrupt, mut decoded) = (0, 0);
+    for at in 0..good.len() {
+        for value in [0x00u8, 0x7f, 0x80, 0xff] {
+            if good[at] == value {
+                continue;
+            }
+            let mut bad = good.clone();
+            bad[at] = value;
+            c.execute("UPDATE arrow_log SET ipc = ?1", [&bad]).expect("damage");
+            match ArrowPipeline::open("damaged", Arc::new(t.clone()), settings.clone()) {
+                Ok(_) => decoded += 1,
+                Err(e) => {
+                    assert_eq!(e.kind(), &ErrorKind::Corrupt, "byte {at} = {value:#x}: {e}");
+                    assert!(e.to_string().contains("arrow_log row 1"), "{e}");
+                    corrupt += 1;
+                }
+            }
+        }
+    }
+    assert!(corrupt > 100, "{corrupt} damaged rows refused, {decoded} decoded");
+    println!("{} bytes damaged: {corrupt} Corrupt, {decoded} decoded", good.len());
+    c.execute("UPDATE arrow_log SET ipc = ?1", [&good]).expect("mend");
+    let p = ArrowPipeline::open("damaged", Arc::new(t.clone()), settings).expect("the mended log");
+    assert_eq!(p.close().await.expect("close"), 3);
+}
+
 /// A log row that is not a pending batch (a send whose outcome was unknown, whose row landed)
 /// makes the next roll `Corrupt`, nothing claimed or committed, instead of claiming rows out of
 /// step with the batches committed (which left a batch unclaimed, delivered again on reopen);
