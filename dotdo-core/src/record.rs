@@ -179,11 +179,16 @@ impl WriteBatch {
             return Err(Error::limit("operations in one batch", Self::MAX_OPS as u64, self.ops.len() as u64));
         }
         let mut bytes = 0usize;
-        for op in &self.ops {
-            validate_key(op.key())?;
+        for (i, op) in self.ops.iter().enumerate() {
+            // Which operation of the batch: a batch may hold a million.
+            let which = |e: Error| {
+                let key: String = op.key().chars().take(64).collect();
+                e.context(format!("operation {i} of the batch (key {key:?})"))
+            };
+            validate_key(op.key()).map_err(which)?;
             bytes = bytes.saturating_add(op.key().len());
             if let WriteOp::Put { value, .. } = op {
-                validate_value(value)?;
+                validate_value(value).map_err(which)?;
                 bytes = bytes.saturating_add(value.len());
             }
         }
@@ -373,5 +378,13 @@ mod tests {
         assert!(big.validate().is_err());
         assert!(WriteBatch::new("").validate().is_err());
         assert!(WriteBatch::new("T").put("", "x").validate().is_err());
+        // The error says which operation of the batch, and its key.
+        let third =
+            WriteBatch::new("T").put("a", "x").delete("b").put("profile", vec![0u8; crate::MAX_VALUE_BYTES + 1]);
+        let e = third.validate().expect_err("oversized");
+        assert!(matches!(e.kind(), crate::ErrorKind::LimitExceeded { .. }), "{e}");
+        assert!(e.to_string().contains("operation 2 of the batch (key \"profile\")"), "{e}");
+        let e = WriteBatch::new("T").put("a", "x").put("bad\u{1}key", "x").validate().expect_err("control char");
+        assert!(e.to_string().contains("operation 1"), "{e}");
     }
 }

@@ -158,8 +158,11 @@ pub const READ_CHANGES_BYTES: usize = 8 << 20;
 /// `(seq, key, op code, value, token, ts µs, type)` (`SELECT seq, key, op, value, token, ts, type`).
 pub type ChangeRow = (u64, String, i64, Vec<u8>, u64, i64, String);
 
-/// The change record of `object` stored as `row` (op code 0 put, 1 delete); an unknown op code is
-/// `Corrupt`, naming `source` (the database).
+/// The change record of `object` stored as `row` (op code 0 put, 1 delete). A row no dotdo
+/// writer stores (an unknown op code, a sequence number of 0 or above `MAX_SEQ`, a token of 0 or
+/// above `FencingToken::MAX`, an empty or overlong key, an oversized value, an invalid type
+/// name) is `Corrupt`, naming `source` (the database): passed on, the cold sink refused the drain
+/// as the caller's `InvalidInput`, or a token above the holder's read as another node's takeover.
 pub fn change_record(object: &crate::ObjectId, row: ChangeRow, source: &str) -> crate::Result<crate::ChangeRecord> {
     let (seq, key, op, value, token, ts, type_name) = row;
     let op = match op {
@@ -171,7 +174,7 @@ pub fn change_record(object: &crate::ObjectId, row: ChangeRow, source: &str) -> 
             )))
         }
     };
-    Ok(crate::ChangeRecord {
+    let record = crate::ChangeRecord {
         object: object.clone(),
         seq,
         key,
@@ -180,7 +183,15 @@ pub fn change_record(object: &crate::ObjectId, row: ChangeRow, source: &str) -> 
         token: crate::FencingToken::new(token),
         timestamp: crate::Timestamp::from_micros(ts),
         type_name,
-    })
+    };
+    if seq == 0 || seq > crate::MAX_SEQ {
+        return Err(crate::Error::corrupt(format!(
+            "{source}: change of {object} with sequence number {seq}, outside 1..={}",
+            crate::MAX_SEQ
+        )));
+    }
+    record.validate().map_err(|e| crate::Error::corrupt(format!("{source}: a stored change no writer makes: {e}")))?;
+    Ok(record)
 }
 
 /// The longest busy timeout SQLite can take: it counts milliseconds in a C `int`.

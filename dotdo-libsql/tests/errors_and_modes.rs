@@ -664,6 +664,20 @@ async fn store_and_raw_connection(
     (s, raw, c)
 }
 
+/// A change row no dotdo writer stores (a token or sequence number out of range, an invalid key,
+/// value or type) is `Corrupt` to `read_changes`, naming the database, as in dotdo-sqlite.
+#[tokio::test]
+async fn change_rows_no_writer_makes_are_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let (s, _raw, c) = store_and_raw_connection(&path, Transport::Auto).await;
+    let c = &c;
+    let damage = |sql: &'static str, o: ObjectId| async move {
+        c.execute(sql, [o.as_str()]).await.expect(sql);
+    };
+    dotdo_core::testkit::assert_damaged_change_rows_are_corrupt(&s, "hot.db", damage).await;
+}
+
 /// Rows of an object with a live lease that do not decode make every fenced call `Corrupt`,
 /// with nothing written, on both transports, as in dotdo-sqlite. The calls deciding in SQL
 /// compared a text token above every integer and read it as 0: `truncate_changes`, `evict` and

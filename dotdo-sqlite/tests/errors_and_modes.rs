@@ -84,6 +84,22 @@ async fn change_reads_are_bounded_in_bytes() {
     dotdo_core::testkit::hot::assert_change_reads_are_bounded_in_bytes(&s, bound).await;
 }
 
+/// A change row no dotdo writer stores (a token or sequence number out of range, an invalid key,
+/// value or type) is `Corrupt` to `read_changes`, naming the database (dotdo-libsql shares the
+/// list and the check).
+#[tokio::test]
+async fn change_rows_no_writer_makes_are_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let s = SqliteStore::builder(&path).open().await.expect("open");
+    let c = rusqlite::Connection::open(&path).expect("raw open");
+    let damage = |sql: &'static str, o: ObjectId| {
+        c.execute(sql, [o.as_str()]).expect(sql);
+        std::future::ready(())
+    };
+    dotdo_core::testkit::assert_damaged_change_rows_are_corrupt(&s, &path.display().to_string(), damage).await;
+}
+
 /// Rows of an object with a live lease that do not decode make every fenced call `Corrupt`,
 /// with nothing written (dotdo-libsql shares the list of damage and the check).
 #[tokio::test]

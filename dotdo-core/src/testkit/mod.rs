@@ -434,6 +434,44 @@ pub fn damaged_object_rows() -> impl Iterator<Item = (String, &'static str, bool
     written.chain(acquired_only)
 }
 
+/// Damage done to the one change row (seq 1, key `k`) of object `?1` in the SQL schema's
+/// `do_changes`, as `(what, statement)`, for the SQLite-family backends' tests: no dotdo writer
+/// stores such a row, and each must make `read_changes` of the object `Corrupt` naming the
+/// database (passed on, a drain's cold sink refused it as the caller's `InvalidInput`, or a token
+/// above the holder's read as another node's takeover and the object was skipped for good).
+pub const DAMAGED_CHANGE_ROWS: &[(&str, &str)] = &[
+    ("unknown op code", "UPDATE do_changes SET op = 7 WHERE do_id = ?1"),
+    ("token 0", "UPDATE do_changes SET token = 0 WHERE do_id = ?1"),
+    ("token above the largest ever issued", "UPDATE do_changes SET token = 17592186044416 WHERE do_id = ?1"),
+    ("empty key", "UPDATE do_changes SET key = '' WHERE do_id = ?1"),
+    // (Not a NUL: libsql's text reads end at the first NUL, so the key would read as "a".)
+    ("key with a control character", "UPDATE do_changes SET key = 'a' || char(1) || 'b' WHERE do_id = ?1"),
+    ("value over 2 MiB", "UPDATE do_changes SET value = zeroblob(2097153) WHERE do_id = ?1"),
+    ("empty type name", "UPDATE do_changes SET type = '' WHERE do_id = ?1"),
+    ("sequence number above the largest", "UPDATE do_changes SET seq = 17592186044416 WHERE do_id = ?1"),
+];
+
+/// For the SQLite-family backends: after each of [`DAMAGED_CHANGE_ROWS`] (run by `damage` with
+/// the object id) on an object that `store` gave one change, `read_changes` is `Corrupt` and
+/// names `source` (the database as the backend shows it). Each case on its own object.
+pub async fn assert_damaged_change_rows_are_corrupt<S, D, F>(store: &S, source: &str, damage: D)
+where
+    S: crate::HotStore + crate::ConsistencyGuard + ?Sized,
+    D: Fn(&'static str, crate::ObjectId) -> F,
+    F: std::future::Future<Output = ()>,
+{
+    use crate::hot::HotStoreExt;
+    for (i, (what, sql)) in DAMAGED_CHANGE_ROWS.iter().enumerate() {
+        let object = oid(&format!("damaged-change-{i}"));
+        let lease = store.acquire(&object, &nid("n1"), std::time::Duration::from_secs(60)).await.expect("acquire");
+        store.put(&object, lease.token, "T", "k", bytes::Bytes::from("v")).await.expect("put");
+        damage(sql, object.clone()).await;
+        let e = store.read_changes(&object, 0, 10).await.expect_err(what);
+        assert_eq!(e.kind(), &crate::ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.to_string().contains(source), "{what}: the database is named: {e}");
+    }
+}
+
 /// Every row of object `?1` in the SQL schema, as one text (see [`DAMAGED_OBJECT_ROWS`]).
 pub const SQL_OBJECT_ROWS: &str = "SELECT \
     coalesce((SELECT group_concat(quote(max_token) || ',' || quote(last_seq) || ',' || quote(truncated_through)) \
