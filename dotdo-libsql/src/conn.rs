@@ -186,9 +186,10 @@ impl Conn {
             ),
             None => (0, 0, false, 0),
         };
-        if max < 0 || last < 0 || truncated < 0 {
-            // Not a value dotdo writes (tokens and sequence numbers start at 1): a damaged row,
-            // or another tool's. Corrupt, with nothing written (a negative result would read
+        let most = dotdo_core::MAX_SEQ as i64;
+        if [max, last, truncated].iter().any(|v| !(0..=most).contains(v)) {
+            // Not a value dotdo writes (tokens and sequence numbers run from 1 to MAX_SEQ =
+            // FencingToken::MAX): a damaged row, or another tool's. Corrupt, with nothing written (a negative result would read
             // as "fenced" after a committed write), as dotdo-sqlite reads the same row.
             return Err(libsql::Error::InvalidColumnType);
         }

@@ -130,7 +130,7 @@ impl HotStore for LibsqlStore {
                 let out: libsql::Result<Vec<Entry>> = rows
                     .iter()
                     .map(|r| {
-                        Ok(Entry { key: text(r.first())?, value: Bytes::from(blob(r.get(1))?), seq: uint(r.get(2))? })
+                        Ok(Entry { key: text(r.first())?, value: Bytes::from(blob(r.get(1))?), seq: stored(r.get(2))? })
                     })
                     .collect();
                 Ok(out?)
@@ -265,9 +265,9 @@ impl HotStore for LibsqlStore {
                     .first()
                     .map(|r| -> libsql::Result<ObjectInfo> {
                         Ok(ObjectInfo {
-                            last_seq: uint(r.first())?,
-                            truncated_through: uint(r.get(1))?,
-                            max_token: FencingToken::new(uint(r.get(2))?),
+                            last_seq: stored(r.first())?,
+                            truncated_through: stored(r.get(1))?,
+                            max_token: FencingToken::new(stored(r.get(2))?),
                             keys: uint(r.get(3))?,
                             value_bytes: uint(r.get(4))?,
                         })

@@ -24,17 +24,18 @@ macro_rules! eff_last {
 }
 pub(crate) use eff_last;
 /// The rows of object `?1` hold values dotdo never writes (a token maximum, sequence floor or
-/// lease token that is not a non-negative integer): another tool's or damaged rows, which
+/// lease token that is not an integer from 0 to `MAX_SEQ` = `FencingToken::MAX`): another tool's or damaged rows, which
 /// dotdo-sqlite reads as `Corrupt`. SQL would compare or compute with them (a text token is
 /// above every integer and reads as 0 in arithmetic), so every fenced program writes nothing
 /// then and answers [`DAMAGED_ROWS`](crate::conn::DAMAGED_ROWS).
 macro_rules! damaged {
     () => {
         "(EXISTS (SELECT 1 FROM do_objects d WHERE d.do_id = ?1 AND (typeof(d.max_token) <> 'integer' \
-         OR d.max_token < 0 OR typeof(d.last_seq) <> 'integer' OR d.last_seq < 0 \
-         OR typeof(d.truncated_through) <> 'integer' OR d.truncated_through < 0)) \
+         OR d.max_token NOT BETWEEN 0 AND 17592186044415 OR typeof(d.last_seq) <> 'integer' \
+         OR d.last_seq NOT BETWEEN 0 AND 17592186044415 OR typeof(d.truncated_through) <> 'integer' \
+         OR d.truncated_through NOT BETWEEN 0 AND 17592186044415)) \
          OR EXISTS (SELECT 1 FROM do_locks l WHERE l.do_id = ?1 AND (typeof(l.fencing_token) <> 'integer' \
-         OR l.fencing_token < 0)))"
+         OR l.fencing_token NOT BETWEEN 0 AND 17592186044415)))"
     };
 }
 /// [`damaged!`] as a constant.
@@ -63,7 +64,7 @@ pub(crate) const ACQUIRE: &str = "INSERT INTO do_locks (do_id, node_id, acquired
      ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
      expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3 \
      AND typeof(do_locks.expires_at) = 'integer' AND typeof(do_locks.acquired_at) = 'integer' \
-     AND typeof(do_locks.fencing_token) = 'integer' AND do_locks.fencing_token >= 0 \
+     AND typeof(do_locks.fencing_token) = 'integer' AND do_locks.fencing_token BETWEEN 0 AND 17592186044415 \
      AND typeof(do_locks.node_id) = 'text' AND length(CAST(do_locks.node_id AS BLOB)) BETWEEN 1 AND 128 \
      AND do_locks.node_id NOT GLOB '*[^A-Za-z0-9._:-]*'";
 /// The first step of every fenced program: fold the lease's token into `do_objects.max_token`
@@ -72,7 +73,7 @@ pub(crate) const ACQUIRE: &str = "INSERT INTO do_locks (do_id, node_id, acquired
 pub(crate) const FOLD_LEASE: &str = concat!(
     "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
      SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 AND typeof(fencing_token) = 'integer' \
-     AND fencing_token >= 0 \
+     AND fencing_token BETWEEN 0 AND 17592186044415 \
      ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token \
      AND NOT ",
     damaged!()
@@ -185,6 +186,13 @@ pub(crate) fn uint(v: Option<&Value>) -> libsql::Result<u64> {
     u64::try_from(int(v)?).map_err(|_| libsql::Error::InvalidColumnType)
 }
 
+/// A sequence number or token as every writer stores them: an integer from 0 to `MAX_SEQ`
+/// (= `FencingToken::MAX`); above it the row is damage, not a token never issued that fences
+/// every write and makes every acquire `LimitExceeded`.
+pub(crate) fn stored(v: Option<&Value>) -> libsql::Result<u64> {
+    uint(v).and_then(|n| if n > dotdo_core::MAX_SEQ { Err(libsql::Error::InvalidColumnType) } else { Ok(n) })
+}
+
 /// An integer of a column that must hold one (a NULL is not read as 0).
 pub(crate) fn int_not_null(v: Option<&Value>) -> libsql::Result<i64> {
     match v {
@@ -233,7 +241,9 @@ pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
         holder,
         token: FencingToken::new(
             u64::try_from(int_not_null(r.get(1)).map_err(|e| bad("fencing token", &e))?)
-                .map_err(|e| bad("fencing token", &e))?,
+                .ok()
+                .filter(|t| *t <= FencingToken::MAX.get())
+                .ok_or_else(|| bad("fencing token", &"not an integer from 0 to FencingToken::MAX"))?,
         ),
         acquired_at: Timestamp::from_micros(int_not_null(r.get(2)).map_err(|e| bad("acquired_at", &e))?),
         expires_at: Timestamp::from_micros(int_not_null(r.get(3)).map_err(|e| bad("expires_at", &e))?),

@@ -1032,10 +1032,10 @@ impl LibsqlStore {
             .await?;
         let v = rows
             .first()
-            .map(|r| crate::sql::int(r.first()))
+            .map(|r| crate::sql::stored(r.first()))
             .transpose()
             .map_err(|e| Error::corrupt(format!("token maximum of {object} does not decode")).with_source(e))?;
-        Ok(dotdo_core::FencingToken::new(v.unwrap_or(0).max(0).unsigned_abs()))
+        Ok(dotdo_core::FencingToken::new(v.unwrap_or(0)))
     }
 }
 

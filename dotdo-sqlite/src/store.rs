@@ -446,6 +446,17 @@ struct ObjRow {
     max_token: u64,
 }
 
+/// A sequence number or token of column `i`: at most `MAX_SEQ` (= `FencingToken::MAX`), as
+/// every writer stores them; above it the row is damage (`Corrupt`), not a token never issued
+/// that fences every write and makes every acquire `LimitExceeded`.
+fn stored(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
+    let v: u64 = r.get(i)?;
+    if v > dotdo_core::MAX_SEQ {
+        return Err(rusqlite::Error::IntegralValueOutOfRange(i, i64::try_from(v).unwrap_or(i64::MAX)));
+    }
+    Ok(v)
+}
+
 fn obj_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<ObjRow>> {
     // `do_objects.last_seq` is a floor kept for truncated and restored changes; the effective last
     // sequence number is the larger of it and the newest change still in the log. This keeps the
@@ -457,14 +468,14 @@ fn obj_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<ObjRow>> 
          o.truncated_through, max(o.max_token, coalesce((SELECT fencing_token FROM do_locks l WHERE l.do_id = ?1), 0)) \
          FROM do_objects o WHERE o.do_id = ?1",
     )?
-    .query_row([object], |r| Ok(ObjRow { last_seq: r.get(0)?, truncated: r.get(1)?, max_token: r.get(2)? }))
+    .query_row([object], |r| Ok(ObjRow { last_seq: stored(r, 0)?, truncated: stored(r, 1)?, max_token: stored(r, 2)? }))
     .optional()
 }
 
 /// The token of the object's lease row (live or not), 0 without one.
 fn lease_token(conn: &Connection, object: &str) -> rusqlite::Result<u64> {
     conn.prepare_cached("SELECT coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0)")?
-        .query_row([object], |r| r.get(0))
+        .query_row([object], |r| stored(r, 0))
 }
 
 /// Check `token` against the object's fencing floor and raise `do_objects.max_token` to it if it
@@ -512,7 +523,7 @@ fn lease_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<LeaseRo
                 .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
             Ok(LeaseRow {
                 holder,
-                token: FencingToken::new(r.get::<_, u64>(1)?),
+                token: FencingToken::new(stored(r, 1)?),
                 acquired_at: Timestamp::from_micros(r.get::<_, i64>(2)?),
                 expires_at: Timestamp::from_micros(r.get::<_, i64>(3)?),
             })
@@ -917,9 +928,9 @@ impl HotStore for SqliteStore {
                 )?
                 .query_row([object.as_str()], |r| {
                     Ok(ObjectInfo {
-                        last_seq: r.get(0)?,
-                        truncated_through: r.get(1)?,
-                        max_token: FencingToken::new(r.get(2)?),
+                        last_seq: stored(r, 0)?,
+                        truncated_through: stored(r, 1)?,
+                        max_token: FencingToken::new(stored(r, 2)?),
                         keys: r.get(3)?,
                         value_bytes: r.get(4)?,
                     })

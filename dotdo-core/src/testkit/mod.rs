@@ -402,6 +402,13 @@ pub const DAMAGED_EXPIRED_LEASE_ROWS: &[(&str, &str)] = &[
     ("text acquired_at", "UPDATE do_locks SET acquired_at = 'x' WHERE do_id = ?1"),
     ("real expires_at", "UPDATE do_locks SET expires_at = 1.5 WHERE do_id = ?1"),
     ("text token maximum", "UPDATE do_objects SET max_token = 'x' WHERE do_id = ?1"),
+    // Above `FencingToken::MAX`: no token so high is ever issued (the next acquire's token would
+    // be `LimitExceeded`, the object locked for good).
+    ("token above the largest ever issued", "UPDATE do_locks SET fencing_token = 17592186044416 WHERE do_id = ?1"),
+    (
+        "token maximum above the largest ever issued",
+        "UPDATE do_objects SET max_token = 17592186044416 WHERE do_id = ?1",
+    ),
 ];
 
 /// Damage done to the rows of an object of the SQL schema that has a **live** lease and one
@@ -415,6 +422,21 @@ pub const DAMAGED_OBJECT_ROWS: &[(&str, &str)] = &[
     ("text lease token", "UPDATE do_locks SET fencing_token = 'x' WHERE do_id = ?1"),
     ("text last seq floor", "UPDATE do_objects SET last_seq = 'x' WHERE do_id = ?1"),
     ("text truncated_through", "UPDATE do_objects SET truncated_through = 'x' WHERE do_id = ?1"),
+    // Above `FencingToken::MAX` / `MAX_SEQ`: no writer stores them (a write was `Fenced` by a
+    // token never issued; on a remote primary the result could not be read back).
+    (
+        "token maximum above the largest ever issued",
+        "UPDATE do_objects SET max_token = 17592186044416 WHERE do_id = ?1",
+    ),
+    (
+        "lease token above the largest ever issued",
+        "UPDATE do_locks SET fencing_token = 17592186044416 WHERE do_id = ?1",
+    ),
+    ("last seq floor above the largest", "UPDATE do_objects SET last_seq = 17592186044416 WHERE do_id = ?1"),
+    (
+        "truncated_through above the largest",
+        "UPDATE do_objects SET truncated_through = 17592186044416 WHERE do_id = ?1",
+    ),
 ];
 
 /// The cases of [`DAMAGED_OBJECT_ROWS`] as `(what, statement, written)`: each on an object with
