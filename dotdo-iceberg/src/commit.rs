@@ -319,7 +319,7 @@ impl IcebergColdStore {
     ) -> Result<Table> {
         let md = table.metadata();
         let head = md.current_snapshot();
-        let seq = md.next_sequence_number();
+        let seq = next_sequence_number(md)?;
         let list_path = format!("{}/metadata/snap-{snapshot_id}-1-{}.avro", md.location(), uuid::Uuid::new_v4());
         let io = table.file_io();
         let writer = io
@@ -373,8 +373,13 @@ impl IcebergColdStore {
             (added_bytes, rewritten.removed_bytes),
         ));
         props.extend(extra);
-        let updates =
-            snapshot_updates(md, snapshot_id, list_path.clone(), Summary { operation, additional_properties: props });
+        let updates = snapshot_updates(
+            md,
+            snapshot_id,
+            seq,
+            list_path.clone(),
+            Summary { operation, additional_properties: props },
+        );
         let requirements = vec![
             TableRequirement::UuidMatch { uuid: md.uuid() },
             TableRequirement::RefSnapshotIdMatch {
@@ -430,7 +435,7 @@ impl IcebergColdStore {
         let base = table.metadata_location_result()?.to_string();
         let head = md.current_snapshot().cloned();
         let snapshot_id = new_snapshot_id(table);
-        let seq = md.next_sequence_number();
+        let seq = next_sequence_number(md).map_err(not_landed)?;
         let io = table.file_io();
         let location = md.location();
         let spec = md.default_partition_spec().as_ref().clone();
@@ -500,6 +505,7 @@ impl IcebergColdStore {
             let updates = snapshot_updates(
                 md,
                 snapshot_id,
+                seq,
                 list_path.clone(),
                 Summary { operation: Operation::Append, additional_properties: summary },
             );
@@ -515,7 +521,15 @@ impl IcebergColdStore {
             Ok(p) => p,
             Err(e) => {
                 self.delete_files(written).await;
-                return Err(e);
+                // Nothing was swapped: the commit certainly did not land. A failure no retry
+                // changes (a damaged parent manifest list, a full disk) says so, and the append
+                // gives up at once instead of resolving an "unknown outcome" 16 times over; a
+                // passing one (a store in trouble) is left to the append's retries as before.
+                let err = classify(e, "preparing a fast append");
+                if err.is_retryable() {
+                    return Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, err.to_string()).with_source(err));
+                }
+                return Err(not_landed(err));
             }
         };
         // Just before the swap: data files written (`written_at`) more than half of
@@ -597,7 +611,34 @@ fn totals(
 
 /// The updates that add snapshot `snapshot_id` (manifest list `list`, `summary`) on top of
 /// `md`'s current snapshot, at its next sequence number, and point `main` at it.
-fn snapshot_updates(md: &TableMetadata, snapshot_id: i64, list: String, summary: Summary) -> Vec<TableUpdate> {
+/// `e` as the iceberg error of a commit that certainly did not land (nothing was swapped).
+fn not_landed(e: Error) -> iceberg::Error {
+    iceberg::Error::new(iceberg::ErrorKind::Unexpected, "the commit was not made")
+        .with_source(crate::catalog::NotLanded(e))
+}
+
+/// The sequence number of the next snapshot of `md`: `Corrupt` when the metadata's last one is
+/// `i64::MAX` (iceberg adds one unchecked: a panic in a debug build, a wrap in release).
+pub(crate) fn next_sequence_number(md: &TableMetadata) -> Result<i64> {
+    match md.last_sequence_number().checked_add(1) {
+        Some(_) => Ok(md.next_sequence_number()),
+        None => Err(Error::corrupt(format!(
+            "table metadata at {}: last-sequence-number {} leaves no sequence number for another snapshot",
+            md.location(),
+            md.last_sequence_number()
+        ))),
+    }
+}
+
+/// The updates that add a snapshot of sequence number `seq` (from [`next_sequence_number`]) and
+/// make it main's head.
+fn snapshot_updates(
+    md: &TableMetadata,
+    snapshot_id: i64,
+    seq: i64,
+    list: String,
+    summary: Summary,
+) -> Vec<TableUpdate> {
     // Iceberg's `timestamp-ms` is wall-clock time, as iceberg-rust's own commits write it (its
     // metadata builder stamps later updates with the wall clock and rejects a log that goes
     // backwards); dotdo's clock goes into `dotdo.committed-at-us`. When that clock is the wall
@@ -614,7 +655,7 @@ fn snapshot_updates(md: &TableMetadata, snapshot_id: i64, list: String, summary:
     let snapshot = Snapshot::builder()
         .with_snapshot_id(snapshot_id)
         .with_parent_snapshot_id(md.current_snapshot_id())
-        .with_sequence_number(md.next_sequence_number())
+        .with_sequence_number(seq)
         .with_timestamp_ms(at.unwrap_or(wall).max(md.last_updated_ms()))
         .with_manifest_list(list)
         .with_summary(summary)

@@ -407,6 +407,7 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
                 ErrorKind::AmbiguousOutcome => Cause::OutcomeUnknown,
                 ErrorKind::Conflict => Cause::CommitConflict,
                 ErrorKind::InvalidInput => Cause::Config,
+                ErrorKind::Corrupt => Cause::Undecodable,
                 _ => Cause::Other,
             }
         } else {

@@ -163,9 +163,20 @@ pub(crate) struct Bucketer {
 
 impl Bucketer {
     pub(crate) fn new(transform: &Transform) -> Result<Self> {
-        if matches!(transform, Transform::Bucket(0)) {
+        match transform {
             // iceberg's bucket function takes the hash modulo N: N = 0 would divide by zero.
-            return Err(Error::corrupt("the table's partition spec has bucket[0], which no engine can evaluate"));
+            Transform::Bucket(0) => {
+                return Err(Error::corrupt("the table's partition spec has bucket[0], which no engine can evaluate"))
+            }
+            // iceberg-rust takes N as an i32: a larger N wraps to another modulus (partition
+            // values no other engine computes), and Java engines cannot read it at all.
+            Transform::Bucket(n) if i32::try_from(*n).is_err() => {
+                return Err(Error::corrupt(format!(
+                    "the table's partition spec has bucket[{n}], above the largest bucket count engines evaluate \
+                     (2^31 - 1)"
+                )))
+            }
+            _ => {}
         }
         let f = iceberg::transform::create_transform_function(transform)
             .map_err(|e| crate::error::classify(e, "partition transform"))?;
@@ -412,6 +423,9 @@ mod tests {
     fn a_bucket_transform_of_zero_is_corrupt_not_a_division_by_zero() {
         let e = Bucketer::new(&Transform::Bucket(0)).expect_err("bucket[0]");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt);
+        let e = Bucketer::new(&Transform::Bucket(3_000_000_000)).expect_err("bucket[3e9] wraps as an i32");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        assert!(Bucketer::new(&Transform::Bucket(i32::MAX as u32)).is_ok());
         assert!(Bucketer::new(&Transform::Bucket(16)).expect("bucket[16]").bucket("o").is_ok());
     }
 

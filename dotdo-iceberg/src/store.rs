@@ -71,11 +71,14 @@ pub const MAX_COMMIT_ATTEMPTS: u32 = 100;
 /// up to parquet's 128 MiB cap, which extreme rates (1e-100) reach at any row count.
 pub const MIN_BLOOM_FPP: f64 = 1e-9;
 
+/// The most `bucket(do_id)` partitions [`Settings::buckets`] accepts (65,536).
+pub const MAX_BUCKETS: u32 = 1 << 16;
+
 /// Tunables of an [`IcebergColdStore`]. Plain data with documented defaults.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Number of `bucket(do_id)` partitions of a newly created table (default 16). An existing
-    /// table keeps its own spec.
+    /// Number of `bucket(do_id)` partitions of a newly created table (default 16; 1 to
+    /// [`MAX_BUCKETS`]). An existing table keeps its own spec.
     pub buckets: u32,
     /// ZSTD level of data files (default 1; 1 to 22).
     pub zstd_level: i32,
@@ -294,6 +297,13 @@ impl IcebergColdStoreBuilder {
         validate_table_name(self.namespace.iter().map(String::as_str), &self.table)?;
         if self.settings.max_commit_attempts == 0 || self.settings.buckets == 0 {
             return Err(Error::invalid("max_commit_attempts and buckets must be at least 1"));
+        }
+        if self.settings.buckets > MAX_BUCKETS {
+            return Err(Error::invalid(format!(
+                "buckets {} is above {MAX_BUCKETS}: each bucket is a partition, and a commit writes a file per \
+                 partition it touches (engines evaluate bucket[N] only for N up to 2^31 - 1)",
+                self.settings.buckets
+            )));
         }
         if self.settings.max_commit_attempts > MAX_COMMIT_ATTEMPTS {
             return Err(Error::invalid(format!(

@@ -563,6 +563,32 @@ async fn missing_data_file_is_corrupt_and_names_the_file() {
     assert_eq!(err.kind(), &ErrorKind::Corrupt, "{err}");
 }
 
+/// An append on a table whose head's manifest list is damaged fails at once, `Corrupt` naming
+/// the file, and says it did not land: preparing the commit (reading the parent's manifest list,
+/// writing the new one) failed before anything was swapped, yet was taken for an unknown outcome
+/// and read back and retried 16 times over about ten seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_cannot_be_prepared_did_not_land_and_is_not_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let (table, _) = first_data_file(&cold).await;
+    let list = table.metadata().current_snapshot().expect("head").manifest_list().to_string();
+    std::fs::write(list.strip_prefix("file://").expect("local"), b"not an avro file").expect("damage");
+    let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
+    let e = fresh
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "w", 1)]))
+        .await
+        .expect_err("the parent's manifest list is damaged");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let name = list.rsplit('/').next().expect("name");
+    assert!(e.to_string().contains(name), "names the file: {e}");
+    assert!(e.to_string().contains("did not land"), "not an unknown outcome retried: {e}");
+}
+
 /// An append by a store whose table is stale (another store committed since) while its object
 /// store is down: a retryable `Unavailable`, never an `InvalidInput` blaming the batch for a
 /// gap it only seems to have; the same append lands once the store is back.

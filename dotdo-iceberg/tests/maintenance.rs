@@ -775,6 +775,9 @@ async fn settings_every_append_would_fail_on_are_refused_at_build() {
         ("min_cleanup_retention", Settings { min_cleanup_retention: Duration::from_secs(3600 * 24 * 365), ..d() }),
         ("max_commit_attempts", Settings { max_commit_attempts: dotdo_iceberg::MAX_COMMIT_ATTEMPTS + 1, ..d() }),
         ("max_commit_attempts", Settings { max_commit_attempts: u32::MAX, ..d() }),
+        // iceberg-rust evaluates bucket[N] modulo N as an i32: 3e9 wrapped to a negative modulus.
+        ("buckets", Settings { buckets: 3_000_000_000, ..d() }),
+        ("buckets", Settings { buckets: dotdo_iceberg::MAX_BUCKETS + 1, ..d() }),
     ];
     for (name, settings) in cases {
         let e = IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
@@ -790,6 +793,7 @@ async fn settings_every_append_would_fail_on_are_refused_at_build() {
         Settings { zstd_level: 22, ..d() },
         Settings { min_cleanup_retention: dotdo_iceberg::MAX_CLEANUP_RETENTION, ..d() },
         Settings { max_commit_attempts: dotdo_iceberg::MAX_COMMIT_ATTEMPTS, ..d() },
+        Settings { buckets: dotdo_iceberg::MAX_BUCKETS, ..d() },
     ] {
         IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
             .table(["d"], "changes")
