@@ -589,6 +589,32 @@ async fn a_commit_that_cannot_be_prepared_did_not_land_and_is_not_retried() {
     assert!(e.to_string().contains("did not land"), "not an unknown outcome retried: {e}");
 }
 
+/// Table metadata whose last sequence number is `i64::MAX` (damaged, or another engine's) leaves
+/// no number for the next snapshot: an append is `Corrupt` naming the metadata and did not land
+/// (iceberg adds one unchecked: a panic in a debug build, a wrapped number in release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_with_no_sequence_number_left_is_corrupt_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let (table, _) = first_data_file(&cold).await;
+    let meta = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).expect("read")).expect("json");
+    json["last-sequence-number"] = serde_json::json!(i64::MAX);
+    std::fs::write(&meta, serde_json::to_vec(&json).expect("encode")).expect("write");
+    let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
+    let e = fresh
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "w", 1)]))
+        .await
+        .expect_err("no sequence number left");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("last-sequence-number"), "{e}");
+    assert!(e.to_string().contains("did not land"), "{e}");
+}
+
 /// An append by a store whose table is stale (another store committed since) while its object
 /// store is down: a retryable `Unavailable`, never an `InvalidInput` blaming the batch for a
 /// gap it only seems to have; the same append lands once the store is back.
