@@ -658,6 +658,7 @@ async fn a_call_queued_behind_a_busy_slot_does_not_activate_after_shutdown() {
     let rt = w.runtime("a", settings());
     let o = oid("o");
     let (go_tx, handler) = paused_call(&rt, &o).await;
+    let admitted = rt.metrics().invokes;
     let queued = {
         let (rt, o) = (rt.clone(), o.clone());
         tokio::spawn(async move {
@@ -668,7 +669,8 @@ async fn a_call_queued_behind_a_busy_slot_does_not_activate_after_shutdown() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Admitted before shutdown (counted past the shutdown check, then waiting for the slot).
+    until("the queued call is admitted", || async { rt.metrics().invokes > admitted }).await;
     let ticking = tick(&w);
     let report = rt.shutdown().await.expect("shutdown");
     ticking.abort();
@@ -1493,7 +1495,8 @@ async fn a_call_ending_during_shutdowns_wait_is_drained() {
         let rt = rt.clone();
         tokio::spawn(async move { rt.shutdown().await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The call ends only once shutdown has begun (and waits for it).
+    until("shutdown has begun", || shutting_down(&rt)).await;
     go_tx.send(()).expect("go");
     handler.await.expect("join").expect("call");
     let report = shutdown.await.expect("join").expect("shutdown");
@@ -1578,11 +1581,12 @@ async fn a_call_that_gets_its_object_during_shutdowns_flush_is_refused() {
     let (x, y) = (oid("x"), oid("y"));
     incr(&rt, &x).await.expect("x, to be drained");
     let (go_long, long) = paused_call(&rt, &y).await;
+    let admitted = rt.metrics().invokes;
     let queued = {
         let (rt, y) = (rt.clone(), y.clone());
         tokio::spawn(async move { incr(&rt, &y).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    until("the queued call is admitted", || async { rt.metrics().invokes > admitted }).await;
     assert!(!queued.is_finished(), "queued behind the long call");
     // Shutdown's flush of x pauses in its cold commit; meanwhile the long call ends and the
     // queued one gets y's slot.
@@ -2905,7 +2909,8 @@ async fn flush_all_does_not_hold_clean_objects() {
         let rt = rt.clone();
         async move { rt.flush_all().await }
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // flush_all is in its cold commit (it took the hook), holding what it holds.
+    until("flush_all is committing", || async { cold.before_append.lock().is_none() }).await;
     let read = tokio::time::timeout(Duration::from_millis(500), get(&rt, &clean, "n")).await;
     assert_eq!(read.expect("not held by the flush").expect("get"), Some(Bytes::from("1")));
     gate.notify_one();
@@ -3237,12 +3242,18 @@ async fn an_acquire_granted_after_its_call_gave_up_is_adopted() {
     guard.late_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(tokio::time::timeout(Duration::from_millis(20), incr(&rt, &o)).await.is_err(), "gave up");
     w.clock.advance(Duration::from_secs(1));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until("the late acquire is granted", || async { w.hot.current(&o).await.expect("current").is_some() }).await;
     guard.late_acquires.store(false, std::sync::atomic::Ordering::SeqCst);
     let held = w.hot.current(&o).await.expect("current").expect("granted late");
     assert_eq!(held.holder.as_str(), "a");
     assert_eq!(incr(&rt, &o).await.expect("adopted"), 1);
     assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token);
+}
+
+/// Whether `rt` has begun shutting down: a flush of an object it never saw is then refused
+/// with `Shutdown` (and otherwise does nothing).
+async fn shutting_down(rt: &ObjectRuntime) -> bool {
+    matches!(rt.flush(&oid("shutdown-probe")).await, Err(e) if e.kind() == &ErrorKind::Shutdown)
 }
 
 /// Waits (real time, bounded) until `cond` holds.
