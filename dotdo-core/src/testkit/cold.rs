@@ -175,6 +175,20 @@ pub async fn two_sinks_on_one_table_write_each_record_once(f: &super::ColdReopen
     let (ta, tb) = (drain(a.sink.clone()), drain(b.sink.clone()));
     let (wa, wb) = (ta.await.expect("sink a"), tb.await.expect("sink b"));
     assert!(wa + wb <= N, "{wa} + {wb} records reported written, of {N}");
+    // In lockstep on another object, so that every append of b comes after a's commit of the
+    // same record, whatever the scheduling above did: b, having read that object's watermark
+    // before, must find each record committed (skip it), never write it again.
+    let o2 = oid("o2");
+    append_retrying(&*b.sink, &ColdBatch::single(o2.clone(), tok(1), puts(&o2, 1..=1, 1))).await;
+    for i in 2..=N {
+        let batch = ColdBatch::single(o2.clone(), tok(1), puts(&o2, i..=i, 1));
+        let ca = append_retrying(&*a.sink, &batch).await;
+        assert_eq!((ca.records_written, ca.records_skipped), (1, 0), "seq {i} of o2 through a: {ca:?}");
+        let cb = append_retrying(&*b.sink, &batch).await;
+        assert_eq!((cb.records_written, cb.records_skipped), (0, 1), "seq {i} of o2 again through b: {cb:?}");
+    }
+    let seqs: Vec<u64> = b.sink.read_changes(&o2, 0, AsOf::Latest).await.expect("o2").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>(), "o2: each record exactly once");
     for (name, fx) in [("a", &a), ("b", &b)] {
         let changes = fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes");
         let seqs: Vec<u64> = changes.iter().map(|r| r.seq).collect();
