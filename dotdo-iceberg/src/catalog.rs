@@ -630,7 +630,11 @@ forwarding_catalog!(PinnedCatalog<'_>, inner,
     },
     update_table(this, commit) match this.swap {
         Some(swap) if commit.identifier() == this.table.identifier() => this.swap_commit(swap, commit).await,
-        _ => this.inner.update_table(commit).await,
+        // Every dotdo attempt is one catalog call: an error iceberg would retry by itself (a
+        // REST 409, a custom catalog's "retry" after a broken connection) would re-send the
+        // commit on the same pinned base, which loses to the commit itself if that landed, and
+        // a conflict then reads as "did not land". dotdo reloads and decides.
+        _ => this.inner.update_table(commit).await.map_err(|e| e.with_retryable(false)),
     }
 );
 

@@ -470,6 +470,9 @@ pub struct LossyCatalog {
     pub lost: std::sync::atomic::AtomicU64,
     /// Commits refused before doing anything.
     pub failed: std::sync::atomic::AtomicU64,
+    /// Whether its errors say "retry" to iceberg (a catalog that marks a broken connection
+    /// retryable: iceberg's own commit retry then re-sends the commit on its stale base).
+    pub retryable: bool,
 }
 
 #[async_trait::async_trait]
@@ -538,6 +541,7 @@ impl iceberg::Catalog for LossyCatalog {
         let reset = || {
             iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
                 .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
+                .with_retryable(self.retryable)
         };
         match roll {
             0 | 1 => {
@@ -562,6 +566,17 @@ pub fn lossy_sql_catalog(
     warehouse: String,
     seed: u64,
 ) -> (dotdo_iceberg::catalog::CustomCatalog, Arc<Mutex<Option<Arc<LossyCatalog>>>>) {
+    lossy_sql_catalog_with(uri, warehouse, seed, false)
+}
+
+/// [`lossy_sql_catalog`] whose errors are `retryable` to iceberg or not.
+#[allow(dead_code)] // not every test binary including this module uses it
+pub fn lossy_sql_catalog_with(
+    uri: String,
+    warehouse: String,
+    seed: u64,
+    retryable: bool,
+) -> (dotdo_iceberg::catalog::CustomCatalog, Arc<Mutex<Option<Arc<LossyCatalog>>>>) {
     let lossy: Arc<Mutex<Option<Arc<LossyCatalog>>>> = Arc::default();
     let slot = lossy.clone();
     let build: dotdo_iceberg::catalog::CustomCatalog = Arc::new(move |factory| {
@@ -581,6 +596,7 @@ pub fn lossy_sql_catalog(
                 rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
                 lost: Default::default(),
                 failed: Default::default(),
+                retryable,
             });
             *slot.lock() = Some(c.clone());
             Ok(c as Arc<dyn iceberg::Catalog>)
