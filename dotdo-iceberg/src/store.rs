@@ -731,7 +731,7 @@ fn plan(batch: &ColdBatch, prev: &SnapshotMarks) -> Result<Plan> {
 /// Data files written for an attempt: the per-object seq ranges they hold, the partition spec
 /// they were written under, the files, and when their writing began (the store clock's
 /// monotonic time: a wall clock set back must not make old files look young).
-type Written = (Vec<(ObjectId, Seq, Seq)>, i32, Vec<DataFile>, Duration);
+type Written = (Vec<(ObjectId, Seq, Seq)>, (uuid::Uuid, i32), Vec<DataFile>, Duration);
 
 /// The error of a commit refused because its data files are `age` old, past half of
 /// `min_cleanup_retention`: a conflict, so the caller re-plans and writes new files.
@@ -1307,9 +1307,11 @@ impl IcebergColdStore {
                     watermarks: p.durable_marks,
                 });
             }
-            // Files are reused by a later attempt only under the spec they were written for:
-            // another engine may have evolved the table's partition spec meanwhile.
-            let spec_id = table.metadata().default_partition_spec_id();
+            // Files are reused by a later attempt only in the table and under the spec they were
+            // written for: another engine may have evolved the table's partition spec meanwhile,
+            // or dropped the table and created it again under the same name (spec ids start
+            // over at 0 there: files of the old table's buckets, perhaps purged with it).
+            let spec_id = (table.metadata().uuid(), table.metadata().default_partition_spec_id());
             // Nor once they are older than half of `min_cleanup_retention` (retries after slow
             // stores, conflicts and unknown outcomes add up): a cleanup running meanwhile may
             // judge them unreferenced and delete them after the commit lands (a snapshot naming

@@ -284,6 +284,10 @@ fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::s
     }
 }
 
+/// Data files an append attempt wrote, for a later attempt to reuse: the table (uuid), spec and
+/// schema they were written for, the files, and when their writing began.
+type WrittenFiles = ((uuid::Uuid, i32, i32), Vec<iceberg::spec::DataFile>, std::time::Duration);
+
 /// Arrow data per parallel writer of a user-table write: an append (or compaction) holding more
 /// is split into contiguous row ranges written as separate files side by side, one task
 /// each, up to the machine's parallelism (a Parquet encode is single-threaded per file).
@@ -585,7 +589,7 @@ impl ArrowTable {
         let rows: u64 = rebatched.iter().map(|b| b.num_rows() as u64).sum();
         let what = format!("appending batch {batch_id} of stream {stream} to {}", self.ident);
         // The files an earlier attempt wrote: under which (spec, schema), and when.
-        let mut files: Option<((i32, i32), Vec<iceberg::spec::DataFile>, std::time::Duration)> = None;
+        let mut files: Option<WrittenFiles> = None;
         let attempts = self.store.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
         // Whether an earlier attempt of this call may have committed (its reply was lost, or
@@ -633,7 +637,13 @@ impl ArrowTable {
             // engine may evolve the partition spec between attempts), and only while younger
             // than half of `min_cleanup_retention` (a cleanup running meanwhile may judge older
             // ones unreferenced and delete them after the commit lands); otherwise rewritten.
-            let spec_id = (table.metadata().default_partition_spec_id(), table.metadata().current_schema_id());
+            // (And only in the table they were written for: one dropped and created again under
+            // the same name starts its spec and schema ids over.)
+            let spec_id = (
+                table.metadata().uuid(),
+                table.metadata().default_partition_spec_id(),
+                table.metadata().current_schema_id(),
+            );
             let young = |at: &std::time::Duration| self.store.uncommitted_age_past(*at).is_none();
             let data = match &files {
                 Some((spec, f, at)) if *spec == spec_id && young(at) => Clone::clone(f),
@@ -722,11 +732,7 @@ impl ArrowTable {
     /// may have landed): nothing references them. After an unknown outcome they may be
     /// committed, so they stay ([`remove_unreferenced_files`](Self::remove_unreferenced_files)
     /// takes them once old enough if they were not).
-    async fn discard_files(
-        &self,
-        files: Option<((i32, i32), Vec<iceberg::spec::DataFile>, std::time::Duration)>,
-        maybe_landed: bool,
-    ) {
+    async fn discard_files(&self, files: Option<WrittenFiles>, maybe_landed: bool) {
         if let (false, Some((_, files, _))) = (maybe_landed, files) {
             self.store.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
         }

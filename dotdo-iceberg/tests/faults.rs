@@ -441,6 +441,60 @@ async fn add_column_retries_over_an_append_that_landed_first() {
     assert_eq!(md.snapshots().count(), 2, "both appends are in the table");
 }
 
+/// An append whose first attempt loses to its table being dropped and created again under the
+/// same name (with another bucket count) writes new files for the new table: the files it wrote
+/// for the old one carry the old table's bucket values (spec ids start over at 0 in the new
+/// table, so the spec check alone let them be reused), and reads of the new table, pruned by
+/// bucket, missed their rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_never_reused_across_a_table_dropped_and_created_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let warehouse = dir.path().to_str().expect("utf-8").to_string();
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let hooked = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let two = dotdo_iceberg::Settings { buckets: 2, ..Default::default() };
+    let cold = IcebergColdStore::builder(&warehouse)
+        .object_store(hooked.clone())
+        .table(["re"], "changes")
+        .settings(two)
+        .build()
+        .await
+        .expect("open");
+    let objects: Vec<ObjectId> = (0..8).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+    let batch = ColdBatch {
+        objects: objects
+            .iter()
+            .map(|o| ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: vec![put(o, 1, "k", "v", 1)],
+            })
+            .collect(),
+    };
+    let (catalog, wh) = (cold.catalog(), warehouse.clone());
+    *hooked.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".to_string(),
+        Box::pin(async move {
+            let ident = iceberg::TableIdent::from_strs(["re", "changes"]).expect("ident");
+            catalog.drop_table(&ident).await.expect("drop");
+            let four = dotdo_iceberg::Settings { buckets: 4, ..Default::default() };
+            IcebergColdStore::builder(&wh)
+                .table(["re"], "changes")
+                .settings(four)
+                .build()
+                .await
+                .expect("created again");
+        }),
+    ));
+    cold.append(batch).await.expect("lands in the table created again");
+    assert!(hooked.before_put.lock().is_none(), "the table was dropped and created again");
+    let fresh = IcebergColdStore::builder(&warehouse).table(["re"], "changes").build().await.expect("reopen");
+    for o in &objects {
+        let st = fresh.load_state(o, AsOf::Latest).await.expect("state");
+        assert_eq!(st.entries.len(), 1, "{o}: {st:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_rest_catalog_is_a_retryable_unavailable_error() {
     let (_refusing, port) = dotdo_core::testkit::refused_port();
