@@ -59,7 +59,8 @@
 //!   `block_in_place`, so a call waiting on a lock does not stall the worker's other tasks.
 //!   Remote calls are truly asynchronous (and need a tokio runtime, as libsql's HTTP client does).
 //! * Connections are kept and reused (one write connection, a small pool of read connections;
-//!   remote connections share one HTTP client with keep-alive).
+//!   each remote one keeps its own keep-alive HTTP connection, as libsql builds an HTTP client
+//!   per connection: a connection replaced after an error costs a new TLS handshake).
 //! * Transient failures (busy database, unreachable or overloaded primary) are retried a bounded
 //!   number of times with doubling, jittered backoff (real time, whatever clock is injected), then reported as a retryable
 //!   `Unavailable`. A mutating call whose request may have reached the primary before the

@@ -97,8 +97,9 @@ pub struct LibsqlSettings {
     /// read is retried like any transient failure. Default 15 s. (No effect on a local file.)
     pub request_timeout: Duration,
     /// How long an embedded replica's pull from the primary (at open, after each write, and
-    /// before a read while the replica may lack committed writes) may take before the call
-    /// fails with a retryable `Unavailable`. libsql's replication client has no timeout of its
+    /// before a read while the replica may lack committed writes) may take: at open and before a
+    /// read the call then fails with a retryable `Unavailable`; after a write (committed on the
+    /// primary) the write returns, and the next read pulls first. libsql's replication client has no timeout of its
     /// own: a primary that stops answering would otherwise hold the call for as long as the OS
     /// keeps the connection (minutes). The pull itself is not cut off midway (libsql's
     /// replicator is not made for that): it runs on, and the next pull waits for it. Default
@@ -173,7 +174,8 @@ impl LibsqlSettings {
     }
 }
 
-/// An auth token for a remote primary. Never printed: its `Debug` and `Display` are redacted.
+/// An auth token for a remote primary. Never printed: its `Debug` is redacted (it has no
+/// `Display`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct AuthToken(String);
 
@@ -188,8 +190,8 @@ impl AuthToken {
         &self.0
     }
 
-    /// Check the token's shape without a server: no whitespace or control characters (it goes
-    /// into an HTTP header), at most 16 KiB. An empty token is allowed (sqld without auth).
+    /// Check the token's shape without a server: visible ASCII only, no whitespace or control
+    /// characters (it goes into an HTTP header), at most 16 KiB. An empty token is allowed (sqld without auth).
     pub fn validate(&self) -> Result<()> {
         if self.0.len() > 16 * 1024 {
             return Err(Error::invalid(format!("auth token is {} bytes, longer than 16 KiB", self.0.len())));
@@ -198,6 +200,11 @@ impl AuthToken {
             return Err(Error::invalid(
                 "auth token contains whitespace or control characters (pass the bare token, without `Bearer `)",
             ));
+        }
+        // An HTTP header value and a gRPC metadata value (the replica's) take visible ASCII only:
+        // a replica refused a non-ASCII token as a replication failure, retried as an outage.
+        if !self.0.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::invalid("auth token has characters other than visible ASCII"));
         }
         Ok(())
     }
@@ -245,6 +252,15 @@ pub fn validate_url(url: &str) -> Result<String> {
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if authority.contains('@') {
         return Err(Error::invalid("primary URL must not carry credentials; pass the auth token separately"));
+    }
+    if rest.contains(['?', '#']) {
+        // libsql appends a query to every request line (an `?authToken=` would travel in clear
+        // in every proxy's log, and is ignored: a 401) and a fragment breaks the request path.
+        return Err(Error::invalid(format!(
+            "primary URL {:?} has a query or fragment, which libsql would send with every request; pass the auth \
+             token separately",
+            shown(url)
+        )));
     }
     let (host, port) = match authority.strip_prefix('[') {
         Some(v6) => {

@@ -134,9 +134,15 @@ pub(crate) struct ReplicaBehind {
 }
 
 impl ReplicaBehind {
-    /// A pull after a committed write failed.
-    pub(crate) fn mark(&self) {
-        self.marked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    /// The replica may miss a committed write (until a pull that starts after this): the mark's
+    /// number, for [`pulled_through`](Self::pulled_through).
+    pub(crate) fn mark(&self) -> u64 {
+        self.marked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
+    /// A pull that started after mark `m` succeeded: the writes of marks up to `m` are local.
+    pub(crate) fn pulled_through(&self, m: u64) {
+        self.pulled.fetch_max(m, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Before a read: if the replica may be behind, run `pull` (or wait for the pull another
@@ -795,12 +801,17 @@ impl LibsqlStore {
             }
         }
         if pull && self.inner.replica.is_some() {
-            if let Err(e) = self.sync_replica().await {
-                // The write is committed on the primary; only its local visibility is late. The
-                // next read pulls first (or fails): after an acquire, a stale read of the last
-                // holder's state would turn into a lost update.
-                self.inner.replica_behind.mark();
-                tracing::warn!(error = %e, "{doing}: committed on the primary, but the replica could not pull it yet");
+            // Marked before the pull, cleared once it succeeds: a caller that stops waiting (its
+            // future dropped mid-pull) leaves the replica marked behind, so the next read pulls
+            // first. If the pull fails, the write is committed on the primary and only its local
+            // visibility is late: the next read pulls first (or fails); after an acquire, a stale
+            // read of the last holder's state would turn into a lost update.
+            let mark = self.inner.replica_behind.mark();
+            match self.sync_replica().await {
+                Ok(()) => self.inner.replica_behind.pulled_through(mark),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{doing}: committed on the primary, but the replica could not pull it yet")
+                }
             }
         }
         out
