@@ -411,13 +411,17 @@ impl ArrowPipeline {
         Ok(())
     }
 
-    /// Whether a roll is due (interval elapsed with rows waiting, or a row/byte threshold hit).
+    /// Whether a roll is due (interval elapsed with rows waiting, a row/byte threshold hit, or
+    /// the buffer half full by rows or bytes: with thresholds above the capacity, senders were
+    /// refused as "full" until the interval passed).
     pub fn roll_due(&self) -> bool {
         let inner = &self.inner;
         let b = inner.buf.lock();
         b.has_waiting()
             && (b.rows >= inner.settings.roll_rows
                 || b.bytes >= inner.settings.roll_bytes
+                || b.waiting().saturating_mul(2) >= inner.settings.capacity
+                || b.waiting_bytes().saturating_mul(2) >= inner.settings.capacity_bytes
                 || b.claimed.is_some()
                 || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
     }

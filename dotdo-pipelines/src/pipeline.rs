@@ -383,13 +383,17 @@ impl Pipeline {
         }
     }
 
-    /// Whether a roll is due (interval elapsed with events waiting, or a row/byte threshold hit).
+    /// Whether a roll is due (interval elapsed with events waiting, a row/byte threshold hit, or
+    /// the buffer half full by events or bytes: with thresholds above the capacity, senders
+    /// were refused as "full" until the interval passed).
     pub fn roll_due(&self) -> bool {
         let inner = &self.inner;
         let (events, bytes) = inner.log.depth();
         events > 0
             && (events >= inner.settings.roll_rows
                 || bytes >= inner.settings.roll_bytes
+                || events.saturating_mul(2) >= inner.settings.capacity
+                || bytes.saturating_mul(2) >= inner.settings.capacity_bytes
                 || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
     }
 

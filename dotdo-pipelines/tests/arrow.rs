@@ -457,6 +457,15 @@ async fn an_arrow_pipeline_rolls_by_the_clock_it_is_given() {
     assert!(p.roll_due(), "an hour passed on the pipeline's clock");
     assert_eq!(p.roll().await.expect("roll"), 3);
     assert_eq!(ids(&t).await, [0, 1, 2]);
+    // A buffer half full is due whatever the thresholds (above the capacity here).
+    let small =
+        PipelineSettings { roll_interval: std::time::Duration::from_secs(3600), capacity: 10, ..Default::default() };
+    let p =
+        ArrowPipeline::open_with_clock("small", Arc::new(t.clone()), small, Arc::new(clock.clone())).expect("pipeline");
+    p.send(batch(10, 4)).expect("send");
+    assert!(!p.roll_due(), "4 of 10 rows");
+    p.send(batch(14, 1)).expect("send");
+    assert!(p.roll_due(), "5 of 10 rows");
 }
 
 /// A roll commits at most `roll_rows` rows (whole batches, at least one) per commit, as the

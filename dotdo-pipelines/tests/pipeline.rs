@@ -177,6 +177,26 @@ async fn rolls_are_due_by_rows_bytes_and_interval() {
     p.roll().await.expect("roll");
     p.send(vec![ev("o0", "big", &"x".repeat(5000))]).expect("send");
     assert!(p.roll_due(), "byte threshold");
+    p.roll().await.expect("roll");
+    // Thresholds above what the buffer holds: a roll is due once it is half full, by events or
+    // by bytes (senders were refused as "full" until the interval passed).
+    for (capacity, capacity_bytes, n, value) in [(8, 1 << 20, 4, 1), (1000, 4096, 2, 1100)] {
+        let settings = PipelineSettings {
+            roll_interval: Duration::from_secs(3600),
+            capacity,
+            capacity_bytes,
+            ..Default::default()
+        };
+        let p = Pipeline::builder(sink.clone())
+            .with_settings(settings)
+            .with_clock(Arc::new(clock.clone()))
+            .build()
+            .expect("build");
+        p.send((1..n).map(|i| ev("o0", &format!("h{i}"), &"x".repeat(value))).collect::<Vec<_>>()).expect("send");
+        assert!(!p.roll_due(), "below half of capacity {capacity} / {capacity_bytes} bytes");
+        p.send(vec![ev("o0", "half", &"x".repeat(value))]).expect("send");
+        assert!(p.roll_due(), "half of capacity {capacity} / {capacity_bytes} bytes waits");
+    }
 }
 
 #[tokio::test]
