@@ -144,11 +144,13 @@ impl<T: IndexAccelerator + ?Sized> IndexAccelerator for Arc<T> {
 }
 
 /// The latest version of each key among `records` (any order; deletes included), keyed by key.
-/// Accelerators fold what they read with this, so every backend answers like a full scan.
+/// Accelerators fold what they read with this, so every backend answers like a full scan. Of
+/// two records of one key with the same sequence number (which no valid log holds) the later
+/// one read wins, as in [`fold_changes`](crate::cold::fold_changes).
 pub fn latest_versions(records: impl IntoIterator<Item = ChangeRecord>) -> BTreeMap<String, VersionedValue> {
     let mut latest: BTreeMap<String, VersionedValue> = BTreeMap::new();
     for r in records {
-        if latest.get(&r.key).is_none_or(|v| v.seq < r.seq) {
+        if latest.get(&r.key).is_none_or(|v| v.seq <= r.seq) {
             latest.insert(
                 r.key.clone(),
                 VersionedValue {
@@ -163,4 +165,36 @@ pub fn latest_versions(records: impl IntoIterator<Item = ChangeRecord>) -> BTree
         }
     }
     latest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FencingToken, ObjectId, Op, Timestamp};
+
+    fn rec(seq: u64, key: &str, value: &str) -> ChangeRecord {
+        ChangeRecord {
+            object: ObjectId::new("o").expect("id"),
+            seq,
+            key: key.into(),
+            op: Op::Put,
+            value: bytes::Bytes::from(value.to_string()),
+            token: FencingToken::new(1),
+            timestamp: Timestamp::EPOCH,
+            type_name: "T".into(),
+        }
+    }
+
+    /// An accelerator's fold and a full read's fold agree, also on two records of one key with
+    /// one sequence number (the later one read wins in both; the accelerator's kept the first).
+    #[test]
+    fn latest_versions_agree_with_fold_changes_on_ties() {
+        let records = vec![rec(1, "a", "x"), rec(2, "a", "first"), rec(2, "a", "second"), rec(1, "b", "y")];
+        let (entries, _) = crate::cold::fold_changes(&records);
+        let latest = latest_versions(records.clone());
+        let folded: Vec<(String, bytes::Bytes)> = entries.into_iter().map(|e| (e.key, e.value)).collect();
+        let accel: Vec<(String, bytes::Bytes)> = latest.into_values().map(|v| (v.key, v.value)).collect();
+        assert_eq!(accel, folded);
+        assert_eq!(accel[0].1, "second");
+    }
 }

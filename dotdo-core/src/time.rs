@@ -213,6 +213,10 @@ impl Clock for ManualClock {
         let deadline = st.now.saturating_add(micros_rounded_up(duration));
         let slot = Arc::new(Mutex::new(SleepSlot { done: duration.is_zero(), waker: None }));
         if !duration.is_zero() {
+            // Sleeps dropped unfinished (a timeout's, a `select!` loser's) are forgotten here:
+            // kept, a loop that makes and drops long sleeps grew the list, and every advance
+            // walked it all.
+            st.sleepers.retain(|(_, s)| Arc::strong_count(s) > 1);
             st.sleepers.push((deadline, slot.clone()));
         }
         Box::pin(ManualSleep { slot })
@@ -243,6 +247,21 @@ impl Stopwatch {
 mod tests {
     use super::*;
     use futures::FutureExt;
+
+    /// Sleeps dropped unfinished are forgotten: 10,000 made and dropped leave only the live ones
+    /// (each advance walked every one ever made), and the live ones still end on time.
+    #[test]
+    fn dropped_manual_sleeps_are_forgotten() {
+        let clock = ManualClock::new(Timestamp::from_millis(1_000));
+        let mut live = clock.sleep(Duration::from_secs(10));
+        for _ in 0..10_000 {
+            drop(clock.sleep(Duration::from_secs(3600)));
+        }
+        let _another = clock.sleep(Duration::from_secs(3600));
+        assert!(clock.state.lock().sleepers.len() <= 3, "{}", clock.state.lock().sleepers.len());
+        clock.advance(Duration::from_secs(10));
+        assert!((&mut live).now_or_never().is_some());
+    }
 
     #[test]
     fn manual_clock_sleep_completes_only_after_advance() {

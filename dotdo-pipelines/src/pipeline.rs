@@ -433,7 +433,7 @@ impl Pipeline {
         let inner = &self.inner;
         // Commit what is waiting now, not the tail that keeps arriving during the roll.
         let waiting = inner.log.depth().0 as u64;
-        while report.events + report.replayed < waiting {
+        while report.events.saturating_add(report.replayed) < waiting {
             let claimed = match inner.log.claimed(inner.settings.token)? {
                 Some(c) => c,
                 None => {
@@ -541,8 +541,9 @@ impl Pipeline {
                 inner.counters.committed.fetch_add(written, Ordering::Relaxed);
                 inner.counters.replayed.fetch_add(replayed, Ordering::Relaxed);
                 report.commits += u64::from(commit.snapshot.is_some());
-                report.events += written;
-                report.replayed += replayed;
+                // Saturating: the counts are a sink's (a user's `ColdSink` may report anything).
+                report.events = report.events.saturating_add(written);
+                report.replayed = report.replayed.saturating_add(replayed);
                 for (object, wm) in &commit.watermarks {
                     let mut seqs = inner.next_seq.lock();
                     let slot = seqs.entry((route.clone(), object.clone())).or_insert(wm.through.saturating_add(1));

@@ -1317,10 +1317,10 @@ impl ObjectRuntime {
                                 // Counted here: the next round finds these records in cold
                                 // (skipped, written 0) when it truncates them.
                                 report.commits += u64::from(c.snapshot.is_some());
-                                report.records += c.records_written;
+                                report.records = report.records.saturating_add(c.records_written);
                                 let mut m = inner.metrics.lock();
                                 m.flushes += u64::from(c.snapshot.is_some());
-                                m.records_flushed += c.records_written;
+                                m.records_flushed = m.records_flushed.saturating_add(c.records_written);
                             }
                             Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
                                 let e = explain_gap(inner, &object, first_seq, e).await;
@@ -1338,7 +1338,7 @@ impl ObjectRuntime {
             // Counted as it lands: a check or a truncation below may still fail.
             count_commit(inner, &commit);
             report.commits += u64::from(commit.snapshot.is_some());
-            report.records += commit.records_written;
+            report.records = report.records.saturating_add(commit.records_written);
             let mut diverged_now = std::collections::BTreeSet::new();
             if commit.records_skipped > 0 {
                 for oc in &batch.objects {
@@ -2361,7 +2361,7 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Re
         check_durable_through(object, info.last_seq, appended, through)?;
         inner.hot.truncate_changes(object, token, through).await?;
         report.commits += u64::from(commit.snapshot.is_some());
-        report.records += commit.records_written;
+        report.records = report.records.saturating_add(commit.records_written);
         report.objects = 1;
     }
     Ok(report)
@@ -2441,5 +2441,5 @@ async fn explain_gap(inner: &Arc<Inner>, object: &ObjectId, first: Seq, e: Error
 fn count_commit(inner: &Inner, commit: &crate::ColdCommit) {
     let mut m = inner.metrics.lock();
     m.flushes += u64::from(commit.snapshot.is_some());
-    m.records_flushed += commit.records_written;
+    m.records_flushed = m.records_flushed.saturating_add(commit.records_written);
 }
