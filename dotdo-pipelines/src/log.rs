@@ -567,8 +567,24 @@ impl Log for SqliteLog {
         )
         .map_err(|e| sql(e, "reading claimed batch"))?;
         let mut out = Vec::with_capacity(rows.len());
-        for (_, route, e, seq) in rows {
-            let seq = seq.ok_or_else(|| Error::corrupt("pipeline log: claimed row without a sequence number"))?;
+        // A claim numbers each object's events of a route consecutively, in row order: other
+        // numbers are damage, `Corrupt` naming the row (passed on, the sink refused the batch as
+        // the caller's `InvalidInput`, retried by every roll for ever).
+        let mut last: std::collections::HashMap<(String, ObjectId), u64> = std::collections::HashMap::new();
+        for (row, route, e, seq) in rows {
+            let seq = seq
+                .ok_or_else(|| Error::corrupt(format!("pipeline log row {row}: claimed without a sequence number")))?;
+            let prev = last.insert((route.clone(), e.object.clone()), seq);
+            if seq == 0 || seq > dotdo_core::MAX_SEQ || prev.is_some_and(|p| p.checked_add(1) != Some(seq)) {
+                return Err(Error::corrupt(format!(
+                    "pipeline log row {row}: claimed sequence number {seq} of {} (route {route:?}) does not follow {}",
+                    e.object,
+                    prev.map_or_else(
+                        || "nothing (it must be 1 or above, at most MAX_SEQ)".to_string(),
+                        |p| p.to_string()
+                    )
+                )));
+            }
             out.push((route, record(&e, seq, token)));
         }
         Ok(Some(Claimed { id, rows: out }))

@@ -399,6 +399,39 @@ async fn durable_log_is_delivered_after_reopen() {
     assert_exactly_once(&committed(&sink.inner, 3).await, 62);
 }
 
+/// A claimed batch in the durable log whose sequence numbers a claim never assigns (0, a gap,
+/// a repeat, above `MAX_SEQ`) is `Corrupt` naming the row, nothing committed: the sink refused
+/// it as the caller's `InvalidInput`, and every roll of `run` retried it for ever.
+#[tokio::test]
+async fn damaged_claimed_sequence_numbers_are_corrupt() {
+    for (what, damage) in [
+        ("zero", "UPDATE pipeline_log SET seq = 0 WHERE id = (SELECT min(id) FROM pipeline_log)"),
+        ("a gap", "UPDATE pipeline_log SET seq = seq + 5 WHERE id = (SELECT max(id) FROM pipeline_log)"),
+        ("a repeat", "UPDATE pipeline_log SET seq = 1"),
+        ("above MAX_SEQ", "UPDATE pipeline_log SET seq = 17592186044416 WHERE id = (SELECT min(id) FROM pipeline_log)"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = Flaky::new();
+        let log = dir.path().join("log.db");
+        let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
+        {
+            let p = Pipeline::builder(sink.clone()).with_settings(settings.clone()).build().expect("build");
+            p.send((0..3).map(|i| ev("o0", &format!("k{i}"), "v")).collect::<Vec<_>>()).expect("send");
+            sink.stalled.store(true, Ordering::SeqCst);
+            assert!(p.roll().await.is_err(), "claimed, not committed");
+        }
+        sink.stalled.store(false, Ordering::SeqCst);
+        rusqlite::Connection::open(&log).expect("log").execute(damage, []).expect(what);
+        let e = match Pipeline::builder(sink.clone()).with_settings(settings).build() {
+            Ok(p) => p.roll().await.expect_err(what),
+            Err(e) => e,
+        };
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.to_string().contains("pipeline log row"), "{what}: names the row: {e}");
+        assert!(committed(&sink.inner, 1).await.is_empty(), "{what}: nothing committed");
+    }
+}
+
 #[tokio::test]
 async fn bad_events_and_settings_are_rejected() {
     let sink = Flaky::new();
