@@ -526,7 +526,14 @@ impl IcebergColdStore {
         if let Some(w) = self.inner.cache.checkpoints.lock().get(location).cloned() {
             return Ok(w);
         }
-        let key = self.inner.root.key(location)?;
+        // The location comes from a snapshot summary (dotdo writes it next to the table's
+        // metadata): one this warehouse cannot read is damage, not the caller's bad input.
+        let key = self.inner.root.key(location).map_err(|e| {
+            Error::corrupt(format!(
+                "a snapshot summary names watermark checkpoint {location:?}, which is no location in this warehouse: {}",
+                e.message()
+            ))
+        })?;
         let what = format!("watermark checkpoint {location}");
         let bytes = match self.inner.root.store.get(&key).await {
             Ok(r) => r.bytes().await,

@@ -669,6 +669,38 @@ async fn a_table_with_no_sequence_number_left_is_corrupt_not_a_panic() {
     assert!(e.to_string().contains("did not land"), "{e}");
 }
 
+/// A snapshot summary whose watermark checkpoint names no location of the warehouse (damaged,
+/// or edited) is `Corrupt` saying so, not the caller's `InvalidInput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_location_outside_the_warehouse_is_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let every = dotdo_iceberg::Settings { watermark_checkpoint_objects: 0, ..Default::default() };
+    let cold =
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).settings(every).build().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let (table, _) = first_data_file(&cold).await;
+    let meta = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).expect("read")).expect("json");
+    let mut damaged = 0;
+    for snap in json["snapshots"].as_array_mut().expect("snapshots") {
+        if let Some(summary) = snap["summary"].as_object_mut() {
+            if summary.contains_key("dotdo.watermarks-checkpoint") {
+                summary.insert("dotdo.watermarks-checkpoint".into(), "ftp://elsewhere/wm.json".into());
+                damaged += 1;
+            }
+        }
+    }
+    assert!(damaged > 0, "the commit wrote a checkpoint");
+    std::fs::write(&meta, serde_json::to_vec(&json).expect("encode")).expect("write");
+    let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
+    let e = fresh.watermark(&o).await.expect_err("an unreadable checkpoint location");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("ftp://elsewhere/wm.json"), "{e}");
+}
+
 /// An append by a store whose table is stale (another store committed since) while its object
 /// store is down: a retryable `Unavailable`, never an `InvalidInput` blaming the batch for a
 /// gap it only seems to have; the same append lands once the store is back.
