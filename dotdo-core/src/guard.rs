@@ -141,7 +141,7 @@ pub mod rules {
         pub token: FencingToken,
         /// When that token was issued.
         pub acquired_at: Timestamp,
-        /// Expiry (set to the release time on release).
+        /// Expiry ([`RELEASED`] once released).
         pub expires_at: Timestamp,
     }
 
@@ -157,6 +157,11 @@ pub mod rules {
             }
         }
     }
+
+    /// The expiry a release writes: the Unix epoch, in the past on every node's clock. (The
+    /// releasing node's time was written before: a node whose clock is behind the releaser's
+    /// saw the object as held for as long as the two clocks are apart.)
+    pub const RELEASED: Timestamp = Timestamp::EPOCH;
 
     /// Decide an acquire: the new row, or `LeaseHeld`.
     pub fn acquire(

@@ -1104,10 +1104,16 @@ impl ConsistencyGuard for SqliteStore {
         self.run(move |inner| {
             inner.write_tx("release lease", |tx| {
                 let now = inner.clock.now().as_micros();
+                // Ended for every node's clock (`rules::RELEASED`), not at this node's time.
                 tx.prepare_cached(
-                    "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
+                    "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
                 )?
-                .execute(params![lease.object.as_str(), lease.token.get(), now])?;
+                .execute(params![
+                    lease.object.as_str(),
+                    lease.token.get(),
+                    now,
+                    dotdo_core::guard::rules::RELEASED.as_micros()
+                ])?;
                 Ok(())
             })
         })

@@ -290,7 +290,7 @@ impl ConsistencyGuard for MemoryBackend {
         let mut st = self.state.lock();
         if let Some(row) = st.leases.get_mut(&lease.object) {
             if row.token == lease.token && row.expires_at > now {
-                row.expires_at = now;
+                row.expires_at = crate::guard::rules::RELEASED;
             }
         }
         Ok(())

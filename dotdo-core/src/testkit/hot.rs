@@ -716,6 +716,28 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     assert_eq!(fx.hot.put(&d.object, d.token, "T", "c", b("3")).await.expect("put").first_seq, 4);
 }
 
+/// A lease released through a handle whose clock runs ahead is free at once through a handle
+/// whose clock is behind (nodes' clocks are never exactly in step): a release that wrote the
+/// releaser's time as the expiry left the object held, for the other node, for as long as the
+/// clocks are apart. The released token is never issued again.
+pub async fn a_release_frees_the_object_for_a_node_whose_clock_is_behind(f: &super::HotReopenFactory) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ahead, behind) = (ManualClock::new(KIT_EPOCH.plus(Duration::from_secs(5))), ManualClock::new(KIT_EPOCH));
+    let h1 = f(ahead.clone(), dir.path().to_path_buf()).await;
+    let h2 = f(behind.clone(), dir.path().to_path_buf()).await;
+    let o = oid("skewed");
+    let l1 = h1.guard.acquire(&o, &nid("ahead"), TTL).await.expect("acquire ahead");
+    h1.guard.release(&l1).await.expect("release ahead");
+    let l2 = h2.guard.acquire(&o, &nid("behind"), TTL).await.expect("free at once for the node behind");
+    assert!(l2.token > l1.token, "{l2:?} after {l1:?}");
+    h2.guard.release(&l2).await.expect("release behind");
+    let l3 = h1.guard.acquire(&o, &nid("ahead"), TTL).await.expect("and for the node ahead");
+    assert!(l3.token > l2.token, "{l3:?} after {l2:?}");
+    // A release of an old lease does not end the current one.
+    h2.guard.release(&l2).await.expect("a stale release");
+    h1.guard.validate(&l3).await.expect("the current lease still holds");
+}
+
 /// Two handles open at once on one database race: of acquires made through both at once exactly
 /// one is granted, and writes through both under that lease get every sequence number once (a
 /// guard or counter that decides read-then-write under an in-process lock grants two, or hands

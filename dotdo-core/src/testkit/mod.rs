@@ -699,7 +699,8 @@ macro_rules! hot_reopen_conformance {
             $factory,
             state_sequence_and_tokens_survive_reopen,
             fencing_holds_across_two_handles_on_one_database,
-            races_through_two_handles_have_one_winner_and_unique_sequences
+            races_through_two_handles_have_one_winner_and_unique_sequences,
+            a_release_frees_the_object_for_a_node_whose_clock_is_behind
         );
     };
 }
