@@ -121,7 +121,10 @@ pub struct Scan {
 ///   records of the snapshot in sequence order gives for that key (latest change wins, a delete
 ///   means absent); a scan returns the latest live version of each key in the range that
 ///   matches the filters (filters apply to that latest version). Pruning may skip work, never
-///   results: no false negatives.
+///   results: no false negatives. The checks of damage a full read of the object makes (two
+///   different records with one sequence number, a row missing a required value) cover the rows
+///   a lookup reads: a lookup of one key may answer where a full read of the object finds damage
+///   among other keys' rows and is `Corrupt`.
 /// * **Snapshots.** `AsOf` selects the snapshot; an unknown or expired snapshot is `NotFound`.
 /// * **Stats.** Every answer carries [`QueryStats`] describing what was pruned and read.
 #[async_trait]

@@ -23,7 +23,10 @@ pub enum AsOf {
     Latest,
     /// A given snapshot.
     Snapshot(SnapshotId),
-    /// The latest snapshot committed at or before the timestamp.
+    /// The latest snapshot committed at or before the timestamp, on the chain of the current
+    /// head (walking back through its parents). After another engine rolled the table back, a
+    /// time when an abandoned snapshot was current reads the head's ancestor of that time, where
+    /// engines that read the table's snapshot log (Spark, PyIceberg) may pick the abandoned one.
     Timestamp(Timestamp),
 }
 

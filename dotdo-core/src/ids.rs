@@ -6,7 +6,9 @@
 //!   not starting with `/` or `.`.
 //! * [`NodeId`]: 1 to [`NodeId::MAX_LEN`] bytes of ASCII letters, digits and `- _ . :`.
 //! * keys ([`validate_key`]): 1 to [`MAX_KEY_BYTES`] bytes of UTF-8 without NUL or control
-//!   characters.
+//!   characters (Unicode's `Cc`; format characters such as U+200B or U+202E are allowed).
+//!   Keys are compared and ordered byte by byte, unnormalized: `"é"` as one code point and as
+//!   `e` + a combining accent are two keys, and every backend agrees.
 //! * values: at most [`MAX_VALUE_BYTES`] (2 MiB, the platform limit of the predecessor).
 
 use std::fmt;

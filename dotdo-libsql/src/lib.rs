@@ -90,7 +90,11 @@
 //!   token (`Backend`) or the replica file cannot take the frames). Each
 //!   pull, and building the replica at open, is bounded by `LibsqlSettings::sync_timeout`
 //!   (60 s): past it the call fails with a retryable `Unavailable` while the pull goes on in the
-//!   background (the next pull waits for it).
+//!   background (the next pull waits for it). Pulls run one at a time per store, and each
+//!   write (lease calls included) waits for its own: a store's write rate in replica mode is
+//!   bounded by the pull's round trips. Read-your-writes holds when the replication endpoint is
+//!   the primary (a pull catches up to the primary's position at its handshake); a lagging edge
+//!   endpoint can answer a pull without the store's own last write.
 //!
 //! ## Configuration
 //!

@@ -55,7 +55,9 @@ pub struct PipelineSettings {
     pub capacity: usize,
     /// Most bytes waiting (default 512 MiB, measured like `roll_bytes`: an event's id, type,
     /// key and value plus 32; an Arrow batch's memory size); then the backpressure policy
-    /// applies. With `capacity` this bounds the buffer's memory whatever the event sizes.
+    /// applies. With `capacity` this bounds the buffer's memory whatever the event sizes (for
+    /// Arrow batches, the bytes of their own rows: a small slice of a large batch keeps the
+    /// whole batch's buffers alive while counting only its rows; send copies of such slices).
     pub capacity_bytes: usize,
     /// Backpressure policy (default `FailFast`).
     pub backpressure: Backpressure,
