@@ -140,6 +140,12 @@ fn class_of_batch_step_message(message: &str) -> Class {
     }
 }
 
+/// Whether `e` is sqld's refusal of a server stream that expired while idle (nothing of the
+/// request ran; a new connection works).
+pub(crate) fn is_stream_expired(e: &libsql::Error) -> bool {
+    e.to_string().contains("STREAM_EXPIRED")
+}
+
 /// Classify the `Display` text of a remote (Hrana) failure; see the module docs for why text.
 pub(crate) fn class_of_remote_text(text: &str) -> Class {
     // sqld refuses a request on a server stream that expired while idle (its baton is no longer

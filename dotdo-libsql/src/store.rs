@@ -80,6 +80,11 @@ impl Pool {
         self.idle.lock().pop()
     }
 
+    /// Drop every idle connection.
+    fn clear(&self) {
+        self.idle.lock().clear();
+    }
+
     fn give_back(&self, conn: Conn) {
         let mut idle = self.idle.lock();
         if idle.len() < self.max_idle {
@@ -829,7 +834,7 @@ impl LibsqlStore {
         }
         let settings = &self.inner.settings;
         let pool = &self.inner.readers;
-        let mut attempt = 0;
+        let (mut attempt, mut pool_refreshed) = (0, false);
         loop {
             let mut conn = match pool.take() {
                 Some(c) => c,
@@ -848,6 +853,16 @@ impl LibsqlStore {
                     return Err(e);
                 }
                 Err(TxError::Sql(e)) => {
+                    // The primary expired this pooled connection's stream while it was idle: the
+                    // other idle ones have most likely expired alike. Dropped all at once and the
+                    // read sent again on a new connection, once per call, without a retry or a
+                    // pause (nothing is wrong with the primary; one by one, each cost a retry and
+                    // a backoff, and a pool larger than the retries failed the read).
+                    if !pool_refreshed && error::is_stream_expired(&e) {
+                        pool_refreshed = true;
+                        pool.clear();
+                        continue;
+                    }
                     let class = class_of(&e);
                     if is_transient(class, false) && attempt < settings.retries {
                         attempt += 1;

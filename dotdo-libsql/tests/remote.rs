@@ -125,6 +125,35 @@ async fn writes_go_on_after_the_server_expires_idle_streams() {
     assert_eq!(s.get(&obj, "k").await.expect("get").as_deref(), Some(&b"after"[..]));
 }
 
+/// Pooled read connections whose server streams expired while idle (each holds one) are all
+/// dropped on the first one found expired, and the read goes on, on a new connection: taken
+/// one by one, each cost a retry and a backoff, and with more pooled connections than retries
+/// a read of a healthy primary failed `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_after_the_server_expires_the_streams_of_every_pooled_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    let settings = dotdo_libsql::LibsqlSettings { read_connections: 8, retries: 2, ..Default::default() };
+    let s = LibsqlStore::remote(server.url(), TOKEN).with_settings(settings).open().await.expect("open");
+    let obj = ObjectId::new("pooled").expect("valid");
+    let l = s.acquire(&obj, &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    s.put(&obj, l.token, "T", "k", "v".into()).await.expect("write");
+    // Eight reads at once: eight pooled connections, each with a server stream.
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let (s, obj) = (s.clone(), obj.clone());
+            tokio::spawn(async move { s.get(&obj, "k").await })
+        })
+        .collect();
+    for r in reads {
+        assert_eq!(r.await.expect("task").expect("read").as_deref(), Some(&b"v"[..]));
+    }
+    assert!(server.expire_streams() >= 3, "the pooled connections held streams");
+    for round in 0..3 {
+        assert_eq!(s.get(&obj, "k").await.expect("a read of a healthy primary").as_deref(), Some(&b"v"[..]), "{round}");
+    }
+}
+
 #[tokio::test]
 async fn a_write_whose_reply_is_lost_is_ambiguous_and_not_retried_but_a_read_is_retried() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -185,7 +185,12 @@ fn serve(stream: TcpStream, state: &State) {
         } else if path.ends_with("/cursor") {
             state.requests.fetch_add(1, Ordering::SeqCst);
             match serde_json::from_slice::<CursorReqBody>(&body) {
-                Ok(req) => ("200 OK", cursor(state, req)),
+                // A baton that names no stream (expired) is refused before the cursor starts, as
+                // sqld does: HTTP 400 with the error as the body.
+                Ok(req) => match cursor(state, req) {
+                    Ok(lines) => ("200 OK", lines),
+                    Err(e) => ("400 Bad Request", serde_json::to_string(&e).expect("json")),
+                },
                 Err(e) => ("400 Bad Request", format!("{{\"error\":{:?}}}", e.to_string())),
             }
         } else if !path.ends_with("/pipeline") {
@@ -241,17 +246,11 @@ fn keep(state: &State, conn: libsql::Connection) -> String {
     b
 }
 
-/// A cursor request: one JSON line with the baton, then one line per entry.
-fn cursor(state: &State, req: CursorReqBody) -> String {
+/// A cursor request: one JSON line with the baton, then one line per entry; the error of a
+/// baton that names no stream.
+fn cursor(state: &State, req: CursorReqBody) -> Result<String, HError> {
     let mut lines = Vec::new();
-    let conn = match stream_conn(state, &req.baton) {
-        Ok(c) => c,
-        Err(error) => {
-            lines.push(serde_json::to_string(&CursorRespBody { baton: None, base_url: None }).expect("json"));
-            lines.push(serde_json::to_string(&CursorEntry::Error { error }).expect("json"));
-            return lines.join("\n") + "\n";
-        }
-    };
+    let conn = stream_conn(state, &req.baton)?;
     let mut entries = Vec::new();
     let mut result = BatchResult { step_results: Vec::new(), step_errors: Vec::new(), replication_index: None };
     for (i, step) in req.batch.steps.into_iter().enumerate() {
@@ -286,7 +285,7 @@ fn cursor(state: &State, req: CursorReqBody) -> String {
     for e in entries {
         lines.push(serde_json::to_string(&e).expect("json"));
     }
-    lines.join("\n") + "\n"
+    Ok(lines.join("\n") + "\n")
 }
 
 fn describe(conn: &libsql::Connection, sql: &str) -> Result<DescribeResult, HError> {
