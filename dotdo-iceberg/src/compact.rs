@@ -479,7 +479,7 @@ impl IcebergColdStore {
         for attempt in 1..=attempts {
             report.attempts = attempt;
             let sid = commit::new_snapshot_id(&table);
-            let seq = table.metadata().next_sequence_number();
+            let seq = commit::next_sequence_number(table.metadata())?;
             // The new files carry partition values of the spec they were written under: never
             // file them under another (an engine evolved the spec meanwhile).
             let spec_now = table.metadata().default_partition_spec_id();

@@ -1128,6 +1128,8 @@ impl IcebergColdStore {
         props: HashMap<String, String>,
         written_at: Option<Duration>,
     ) -> iceberg::Result<Table> {
+        // iceberg numbers the snapshot last-sequence-number + 1, unchecked.
+        crate::commit::next_sequence_number(table.metadata()).map_err(crate::commit::not_landed)?;
         if let Some(swap) = &self.inner.verifier {
             if table.metadata().format_version() == iceberg::spec::FormatVersion::V2 {
                 return self.fast_append(swap, table, files, props, written_at).await;

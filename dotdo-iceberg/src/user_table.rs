@@ -700,9 +700,18 @@ impl ArrowTable {
                     }
                 }
                 Err(e) => {
+                    let did_not_land = crate::catalog::did_not_land(&e);
                     let e = classify(e, &what);
                     match e.kind() {
                         ErrorKind::Conflict => {}
+                        // Failed before anything was swapped, for good (a damaged parent
+                        // manifest list, no sequence number left): no attempt fixes that.
+                        _ if did_not_land && !e.is_retryable() => {
+                            self.discard_files(files.take(), maybe_landed).await;
+                            return Err(e.context("the commit did not land"));
+                        }
+                        // Failed before the swap, for now: nothing landed.
+                        _ if did_not_land => {}
                         // Refused for what it is: no attempt fixes that.
                         ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. } => {
                             self.discard_files(files.take(), maybe_landed).await;

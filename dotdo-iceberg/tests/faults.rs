@@ -648,25 +648,45 @@ async fn a_commit_that_cannot_be_prepared_did_not_land_and_is_not_retried() {
 /// (iceberg adds one unchecked: a panic in a debug build, a wrapped number in release).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_with_no_sequence_number_left_is_corrupt_not_a_panic() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
     let o = ObjectId::new("o").expect("id");
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
-        .await
-        .expect("append");
+    for seq in 1..=2 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let rows = |v: i32| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![v]))]).expect("batch");
+    let user = cold.arrow_table(&["dotdo"], "users", schema.clone()).await.expect("user table");
+    user.append("s", 1, vec![rows(1)]).await.expect("user append");
+    let exhaust = |location: String| {
+        let meta = location.strip_prefix("file://").expect("local").to_string();
+        let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).expect("read")).expect("json");
+        json["last-sequence-number"] = serde_json::json!(i64::MAX);
+        std::fs::write(&meta, serde_json::to_vec(&json).expect("encode")).expect("write");
+    };
     let (table, _) = first_data_file(&cold).await;
-    let meta = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).expect("read")).expect("json");
-    json["last-sequence-number"] = serde_json::json!(i64::MAX);
-    std::fs::write(&meta, serde_json::to_vec(&json).expect("encode")).expect("write");
+    exhaust(table.metadata_location().expect("metadata").to_string());
+    let user_table = cold.catalog().load_table(user.ident()).await.expect("load");
+    exhaust(user_table.metadata_location().expect("metadata").to_string());
     let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
     let e = fresh
-        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "w", 1)]))
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 3, "k", "w", 1)]))
         .await
         .expect_err("no sequence number left");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("last-sequence-number"), "{e}");
     assert!(e.to_string().contains("did not land"), "{e}");
+    let e = fresh.compact(dotdo_iceberg::CompactOptions::default()).await.expect_err("a compaction too");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    // A user table: the same, at once (it was retried as an unknown outcome).
+    let user = fresh.arrow_table(&["dotdo"], "users", schema.clone()).await.expect("user table");
+    let e = user.append("s", 2, vec![rows(2)]).await.expect_err("no sequence number left");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.message().starts_with("the commit did not land"), "given up at once, as not landed: {e}");
 }
 
 /// A snapshot summary whose watermark checkpoint names no location of the warehouse (damaged,
