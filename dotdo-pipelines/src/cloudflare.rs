@@ -52,7 +52,8 @@ pub struct CloudflareSettings {
     /// stretches one wait (up to [`MAX_RETRY_AFTER`]; a longer one fails the send, retryable).
     pub backoff: Duration,
     /// Timeout of one request (default 30 s; at most [`MAX_STREAM_TIMEOUT`]). A connection not
-    /// made within the shorter of this and 10 s fails that attempt (retried: nothing was sent).
+    /// made within the shorter of half of this and 10 s fails that attempt (retried: nothing
+    /// was sent).
     pub timeout: Duration,
 }
 
@@ -215,9 +216,17 @@ impl CloudflareStreamClient {
                 settings.backoff
             )));
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        if is_loopback(&url) {
+            // A token allowed over plain http to this machine must not go to a proxy that the
+            // environment (HTTP_PROXY, ALL_PROXY) names instead.
+            http = http.no_proxy();
+        }
+        let http = http
             .timeout(settings.timeout)
-            .connect_timeout(settings.timeout.min(CONNECT_TIMEOUT))
+            // Shorter than the request's own timeout, which otherwise fires first and makes a
+            // connection that never came up read as a request sent and unanswered.
+            .connect_timeout((settings.timeout / 2).min(CONNECT_TIMEOUT))
             // A redirect would turn the POST into a body-less GET (and drop the token across
             // hosts), whose 2xx would then read as events accepted.
             .redirect(reqwest::redirect::Policy::none())
@@ -267,24 +276,27 @@ impl CloudflareStreamClient {
         let mut size = 2usize;
         for (v, len) in items {
             if size + len > self.settings.max_request_bytes {
-                chunks.push_back(std::mem::take(&mut chunk));
+                chunks.push_back((std::mem::take(&mut chunk), false));
                 size = 2;
             }
             size += len;
             chunk.push(v);
         }
         if !chunk.is_empty() {
-            chunks.push_back(chunk);
+            chunks.push_back((chunk, false));
         }
-        // In order, so that what is accepted is always a prefix of `events`.
-        while let Some(mut items) = chunks.pop_front() {
-            match self.post(&items, &mut report).await {
+        // In order, so that what is accepted is always a prefix of `events`. Each chunk carries
+        // whether an attempt of a request that held it may have been taken (a request split
+        // after such an attempt: its halves' events may be there already).
+        while let Some((mut items, uncertain)) = chunks.pop_front() {
+            let mut taken = uncertain;
+            match self.post(&items, &mut report, &mut taken).await {
                 Ok(()) => {}
                 // The endpoint's limit is below the configured one: halves, in order.
                 Err(e) if matches!(e.kind(), ErrorKind::LimitExceeded { .. }) && items.len() > 1 => {
                     let second = items.split_off(items.len() / 2);
-                    chunks.push_front(second);
-                    chunks.push_front(items);
+                    chunks.push_front((second, taken));
+                    chunks.push_front((items, taken));
                 }
                 Err(e) => return Err(PartialSend::attach(e, report)),
             }
@@ -292,15 +304,18 @@ impl CloudflareStreamClient {
         Ok(report)
     }
 
-    async fn post(&self, items: &[serde_json::Value], report: &mut StreamSendReport) -> Result<()> {
+    /// Post one request of `items`, retried; `uncertain` says (and is set when) an attempt may
+    /// have been taken although no 2xx came back.
+    async fn post(
+        &self,
+        items: &[serde_json::Value],
+        report: &mut StreamSendReport,
+        uncertain: &mut bool,
+    ) -> Result<()> {
         let n = items.len() as u64;
         let body = serde_json::to_vec(items).map_err(|e| Error::invalid("encoding events as JSON").with_source(e))?;
         let mut backoff = self.settings.backoff;
         let mut attempt = 0;
-        // Whether an attempt may have been accepted although no 2xx came back (its reply lost
-        // to a timeout or a dropped connection, or a gateway error after the request was
-        // forwarded): then the failure is `AmbiguousOutcome`, whatever later attempts answer.
-        let mut uncertain = None;
         loop {
             let mut req =
                 self.http.post(self.endpoint.clone()).header("content-type", "application/json").body(body.clone());
@@ -327,7 +342,7 @@ impl CloudflareStreamClient {
                         // records (a proxy that lost the origin's reply): retried, but the
                         // events may be there.
                         500 | 502 | 504 => {
-                            uncertain.get_or_insert(attempt);
+                            *uncertain = true;
                             Error::unavailable(msg)
                         }
                         408 | 429 | 500..=599 => Error::unavailable(msg),
@@ -353,27 +368,30 @@ impl CloudflareStreamClient {
                 // Sent, or partly sent, and no answer (a timeout, a connection closed before
                 // the reply): the stream may have taken the records.
                 Err(e) => {
-                    uncertain.get_or_insert(attempt);
+                    *uncertain = true;
                     Error::unavailable(format!("stream endpoint {} did not answer", self.endpoint)).with_source(e)
                 }
             };
             let done = |outcome: Error| {
                 let outcome =
                     outcome.context(format!("after {} accepted request(s) and {attempt} retries", report.requests));
-                match uncertain {
-                    // A request too large is split and sent again, which delivers at least once
-                    // anyway; anything else says the events may be there.
-                    Some(first) if !matches!(outcome.kind(), ErrorKind::LimitExceeded { .. }) => Error::new(
+                // A request too large is split and its halves sent on (carrying the flag); a
+                // single event too large is `LimitExceeded` whatever came before. Anything else
+                // says the events may be there, retryable as the last answer is.
+                let single_too_large = matches!(outcome.kind(), ErrorKind::LimitExceeded { .. });
+                if *uncertain && !single_too_large {
+                    let retryable = outcome.is_retryable();
+                    Error::new(
                         ErrorKind::AmbiguousOutcome,
                         format!(
-                            "a request of {n} events to the stream endpoint may have been accepted (attempt {} \
-                             had no answer or a gateway error); they may be delivered already",
-                            first + 1
+                            "a request of {n} events to the stream endpoint may have been accepted (an attempt had \
+                             no answer or a gateway error); they may be delivered already"
                         ),
                     )
-                    .with_retryable(true)
-                    .with_source(outcome),
-                    _ => outcome,
+                    .with_retryable(retryable)
+                    .with_source(outcome)
+                } else {
+                    outcome
                 }
             };
             if !outcome.is_retryable() || attempt >= self.settings.max_retries {
@@ -399,7 +417,8 @@ impl CloudflareStreamClient {
     }
 }
 
-/// The longest wait for a connection to the endpoint (10 s, or the request timeout if shorter).
+/// The longest wait for a connection to the endpoint (10 s, or half the request timeout if
+/// shorter).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether `url`'s host is this machine: `localhost` or a loopback address.

@@ -216,6 +216,20 @@ async fn lost_replies_and_gateway_errors_are_ambiguous_not_unreachable() {
     let e = client.send(&events(1, 10)).await.expect_err("503s");
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
     server.fail_next.store(0, Ordering::SeqCst);
+    // Taken and its reply lost, then refused for good (400): ambiguous, and not retryable.
+    server.drop_next.store(1, Ordering::SeqCst);
+    server.status_next.lock().push("400 Bad Request");
+    let e = client.send(&events(1, 10)).await.expect_err("400 after a lost reply");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert!(!e.is_retryable(), "the last answer says no retry can succeed: {e}");
+    // Taken and its reply lost, then 413: the request is split, and when its halves fail the
+    // failure still says the events may be there (the halves knew nothing of the lost reply).
+    server.drop_next.store(1, Ordering::SeqCst);
+    server.status_next.lock().push("413 Payload Too Large");
+    server.fail_next.store(100, Ordering::SeqCst);
+    let e = client.send(&events(4, 10)).await.expect_err("halves refused");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    server.fail_next.store(0, Ordering::SeqCst);
 }
 
 /// A 503 with `Retry-After` is retried no sooner than it asks (the backoff here is 5 ms); one
