@@ -537,6 +537,12 @@ mod tests {
         assert!(DAMAGED_ROWS > dotdo_core::MAX_SEQ as i64);
         assert!(crate::sql::DAMAGED_CASE.ends_with(&format!(" THEN {DAMAGED_ROWS}")));
         assert!(crate::sql::WRITE_RESULT.contains(&format!(" THEN {DAMAGED_ROWS} ELSE")));
+        // The SQL's bound of stored tokens and sequence numbers is MAX_SEQ = FencingToken::MAX.
+        assert_eq!(dotdo_core::MAX_SEQ, dotdo_core::FencingToken::MAX.get());
+        let most = dotdo_core::MAX_SEQ.to_string();
+        assert_eq!(crate::sql::DAMAGED.matches(&most).count(), 5, "{}", crate::sql::DAMAGED);
+        assert!(crate::sql::ACQUIRE.contains(&format!("BETWEEN 0 AND {most}")));
+        assert!(crate::sql::FOLD_LEASE.contains(&format!("BETWEEN 0 AND {most}")));
     }
 
     #[test]

@@ -35,7 +35,8 @@ macro_rules! damaged {
          OR d.last_seq NOT BETWEEN 0 AND 17592186044415 OR typeof(d.truncated_through) <> 'integer' \
          OR d.truncated_through NOT BETWEEN 0 AND 17592186044415)) \
          OR EXISTS (SELECT 1 FROM do_locks l WHERE l.do_id = ?1 AND (typeof(l.fencing_token) <> 'integer' \
-         OR l.fencing_token NOT BETWEEN 0 AND 17592186044415)))"
+         OR l.fencing_token NOT BETWEEN 0 AND 17592186044415)) \
+         OR EXISTS (SELECT 1 FROM do_changes c WHERE c.do_id = ?1 AND c.seq > 17592186044415))"
     };
 }
 /// [`damaged!`] as a constant.

@@ -849,7 +849,7 @@ impl HotStore for SqliteStore {
                 params.extend(args.iter().map(|a| a as &dyn rusqlite::ToSql));
                 params.push(&limit);
                 let rows = stmt.query_map(params.as_slice(), |r| {
-                    Ok(Entry { key: r.get(0)?, value: Bytes::from(r.get::<_, Vec<u8>>(1)?), seq: r.get(2)? })
+                    Ok(Entry { key: r.get(0)?, value: Bytes::from(r.get::<_, Vec<u8>>(1)?), seq: stored(r, 2)? })
                 })?;
                 rows.collect()
             })

@@ -437,6 +437,8 @@ pub const DAMAGED_OBJECT_ROWS: &[(&str, &str)] = &[
         "truncated_through above the largest",
         "UPDATE do_objects SET truncated_through = 17592186044416 WHERE do_id = ?1",
     ),
+    // (A remote or batch write copied it into the object's sequence floor before refusing.)
+    ("change sequence number above the largest", "UPDATE do_changes SET seq = 17592186044416 WHERE do_id = ?1"),
 ];
 
 /// The cases of [`DAMAGED_OBJECT_ROWS`] as `(what, statement, written)`: each on an object with
