@@ -490,9 +490,10 @@ pub(crate) async fn set_dotdo_properties(
 fn properties_to_set(table: &Table, settings: &Settings, change_table: bool) -> Vec<(&'static str, String)> {
     let mut set = Vec::new();
     // dotdo retries commits itself after re-reading the watermarks; iceberg's internal retry
-    // would re-apply the same summary on a stale base. (All of dotdo's commits also go through a
-    // catalog wrapper whose errors iceberg never retries, for tables whose property another
-    // engine set.)
+    // would re-apply the same summary on a stale base. (dotdo's appends, to the change table and
+    // to user tables, also go through a catalog wrapper whose errors iceberg never retries, for
+    // tables whose property another engine set; property updates and expiries on non-SQL
+    // catalogs take iceberg's retry, which re-applies the same idempotent change.)
     if change_table && table.metadata().properties().get(RETRY_PROP).map(String::as_str) != Some("0") {
         set.push((RETRY_PROP, "0".to_string()));
     }
