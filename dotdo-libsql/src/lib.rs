@@ -113,8 +113,10 @@
 //!                      Some(Duration::from_secs(1))).open().await?
 //! ```
 //!
-//! URLs must be `libsql://`, `https://` or `http://` with a host and no credentials; anything else
-//! is `InvalidInput` before any I/O. The token is redacted in every `Debug` output.
+//! URLs must be `libsql://`, `https://` or `http://` with a host, no credentials and no query or
+//! fragment (pass the token as `AuthToken`, never `?authToken=`); an auth token must be visible
+//! ASCII, at most 16 KiB. Anything else is `InvalidInput` before any I/O. The token is redacted in
+//! every `Debug` output.
 //!
 //! ## Do not link libsql and rusqlite into one binary
 //!

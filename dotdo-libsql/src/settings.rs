@@ -232,8 +232,9 @@ impl From<String> for AuthToken {
     }
 }
 
-/// Validate a primary's URL without contacting it (messages show it without its query string): `libsql://`, `https://` or `http://`, a
-/// non-empty host, no credentials in the URL, no whitespace. Returns the URL as libsql expects it
+/// Validate a primary's URL without contacting it (messages show it without its query string):
+/// `libsql://`, `https://` or `http://`, a non-empty host, no credentials, query or fragment in
+/// the URL, no whitespace. Returns the URL as libsql expects it
 /// (`libsql://` is kept; libsql maps it to HTTPS).
 pub fn validate_url(url: &str) -> Result<String> {
     let url = url.trim();

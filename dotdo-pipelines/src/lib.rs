@@ -2,6 +2,7 @@
 //!
 //! The batched streaming write path into cold storage. `send(events)` is cheap enough to call on
 //! every state change; events wait in a bounded buffer that **rolls** by interval, rows or bytes
+//! (and once half full)
 //! into one cold commit per claimed batch (at most `roll_rows` events) and route — larger
 //! files and far fewer commits than per-event writes —
 //! through the same [`ColdSink`](dotdo_core::ColdSink) commit path as the direct writer

@@ -223,7 +223,8 @@ struct Inner {
     last: Mutex<(Duration, Duration)>,
 }
 
-/// The batched streaming write path: cheap `send`, rolls by time / rows / bytes into one cold
+/// The batched streaming write path: cheap `send`, rolls by time / rows / bytes (and once the
+/// buffer is half full) into one cold
 /// commit per claimed batch and route, exactly once across crashes and retries.
 ///
 /// ```
