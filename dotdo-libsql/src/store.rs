@@ -714,6 +714,7 @@ impl LibsqlStore {
         let budget = attempt_wait
             .saturating_mul(settings.retries.saturating_add(1))
             .saturating_add(settings.max_total_backoff());
+        let mut stream_renewed = false;
         loop {
             let out = {
                 // A free connection is taken at once: arming the timer alone would wake the
@@ -751,6 +752,14 @@ impl LibsqlStore {
                 Ok(v) => return Ok(v),
                 Err(TxError::Api(e)) => return Err(e),
                 Err(TxError::Sql(e)) => {
+                    // The writer's server stream expired while idle: sqld refused the whole
+                    // request before running any of it, and the connection was renewed above.
+                    // Sent again at once, once per call, as a read is (it cost a retry and a
+                    // backoff: with `retries: 0`, every call after an idle spell failed).
+                    if !stream_renewed && !self.inner.local_writes && error::is_stream_expired(&e) {
+                        stream_renewed = true;
+                        continue;
+                    }
                     let class = class_of(&e);
                     if is_transient(class, mutating) && attempt < settings.retries {
                         attempt += 1;

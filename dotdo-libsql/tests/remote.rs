@@ -152,6 +152,19 @@ async fn reads_go_on_after_the_server_expires_the_streams_of_every_pooled_connec
     for round in 0..3 {
         assert_eq!(s.get(&obj, "k").await.expect("a read of a healthy primary").as_deref(), Some(&b"v"[..]), "{round}");
     }
+    // Writes too, with no retries at all: the writer's expired stream is renewed and the
+    // request sent again at once (it cost a retry: every write after an idle spell failed).
+    let strict = dotdo_libsql::LibsqlSettings { retries: 0, ..Default::default() };
+    let w = LibsqlStore::remote(server.url(), TOKEN).with_settings(strict).open().await.expect("open");
+    let o2 = ObjectId::new("strict").expect("valid");
+    let l2 = w.acquire(&o2, &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    for round in 0..3 {
+        // A refused acquire reads the lease through the writer's stream, which stays open.
+        let e = w.acquire(&o2, &NodeId::new("other").expect("valid"), Duration::from_secs(1)).await.expect_err("held");
+        assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+        server.expire_streams();
+        w.put(&o2, l2.token, "T", "k", format!("v{round}").into()).await.expect("a write after the streams expired");
+    }
 }
 
 #[tokio::test]
