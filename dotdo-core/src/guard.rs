@@ -67,7 +67,8 @@ pub fn validate_ttl(ttl: Duration) -> Result<()> {
 /// * **Refresh** extends an unexpired lease whose token is still current to `now + ttl`;
 ///   otherwise `Fenced` if a newer token exists, else `LeaseLost`. A holder should refresh at
 ///   about TTL/3 and stop writing by itself when a refresh cannot succeed before expiry.
-/// * **Release** ends the lease if its token is still current (the object is available at once);
+/// * **Release** ends the lease if its token is still current (the object is available at once,
+///   for every node whatever its clock: also a lease the releaser's clock sees run out);
 ///   releasing a lease that is no longer current is a no-op `Ok`. The token maximum is kept.
 /// * **Validate** is `Ok` iff the token is current and the lease unexpired; `Fenced` if a newer
 ///   token exists, else `LeaseLost`.

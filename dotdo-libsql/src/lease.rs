@@ -119,16 +119,11 @@ impl ConsistencyGuard for LibsqlStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let now = self.inner.clock.now().as_micros();
-        // Ended for every node's clock (`rules::RELEASED`), not at this node's time.
+        // Ended for every node's clock (`rules::RELEASED`), not at this node's time, also when
+        // this node's clock sees it ended already (another node's may be behind).
         let steps = Arc::new(vec![Step::exec(
-            "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
-            vec![
-                t(lease.object.as_str()),
-                i(lease.token.get()),
-                Value::Integer(now),
-                Value::Integer(rules::RELEASED.as_micros()),
-            ],
+            "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
+            vec![t(lease.object.as_str()), i(lease.token.get()), Value::Integer(rules::RELEASED.as_micros())],
         )]);
         // Safe to repeat (a second run finds the lease already ended), so retried after an
         // unknown outcome.

@@ -1103,15 +1103,14 @@ impl ConsistencyGuard for SqliteStore {
         let lease = lease.clone();
         self.run(move |inner| {
             inner.write_tx("release lease", |tx| {
-                let now = inner.clock.now().as_micros();
-                // Ended for every node's clock (`rules::RELEASED`), not at this node's time.
+                // Ended for every node's clock (`rules::RELEASED`), not at this node's time, also
+                // when this node's clock sees it ended already (another node's may be behind).
                 tx.prepare_cached(
-                    "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
+                    "UPDATE do_locks SET expires_at = ?3 WHERE do_id = ?1 AND fencing_token = ?2 AND expires_at > ?3",
                 )?
                 .execute(params![
                     lease.object.as_str(),
                     lease.token.get(),
-                    now,
                     dotdo_core::guard::rules::RELEASED.as_micros()
                 ])?;
                 Ok(())

@@ -733,6 +733,16 @@ pub async fn a_release_frees_the_object_for_a_node_whose_clock_is_behind(f: &sup
     h2.guard.release(&l2).await.expect("release behind");
     let l3 = h1.guard.acquire(&o, &nid("ahead"), TTL).await.expect("and for the node ahead");
     assert!(l3.token > l2.token, "{l3:?} after {l2:?}");
+    // Released by the node ahead once its own clock saw the lease run out (a runtime giving back
+    // a lease that outlived its call): the node behind, whose clock still sees it live, finds it
+    // free all the same.
+    ahead.advance(TTL + Duration::from_millis(1));
+    h1.guard.release(&l3).await.expect("release of a lease run out by the releaser's clock");
+    let l4 = h2.guard.acquire(&o, &nid("behind"), TTL).await.expect("free for the node behind");
+    assert!(l4.token > l3.token, "{l4:?} after {l3:?}");
+    h2.guard.release(&l4).await.expect("release behind");
+    ahead.advance(TTL * 2);
+    let l3 = h1.guard.acquire(&o, &nid("ahead"), TTL).await.expect("the node ahead again");
     // A release of an old lease does not end the current one.
     h2.guard.release(&l2).await.expect("a stale release");
     h1.guard.validate(&l3).await.expect("the current lease still holds");
