@@ -205,7 +205,8 @@ struct Inner {
 /// Buffers `RecordBatch`es of the sink's schema and rolls them into exactly-once appends.
 ///
 /// Uses the [`PipelineSettings`] of the event pipeline: `roll_interval`, `roll_rows` and
-/// `roll_bytes` (a roll is due at either; each commit holds at most `roll_rows` rows and about
+/// `roll_bytes` (a roll is due at either, and once half of `capacity` or `capacity_bytes` waits;
+/// each commit holds at most `roll_rows` rows and about
 /// `roll_bytes` bytes, whole batches, at least one: a roll commits what waits in as many
 /// commits as that takes), `capacity` (rows) and `capacity_bytes` (Arrow memory size; a full buffer fails
 /// fast with a retryable `Unavailable`) and
@@ -327,6 +328,14 @@ impl ArrowPipeline {
                 )));
             }
             match batch {
+                // No claim takes id 0 (batch ids start at 1): read as committed, the rows were
+                // dropped by a sink that answers replays with 0 rows, or refused at every roll.
+                Some(0) => {
+                    return Err(Error::corrupt(format!(
+                        "{}: arrow_log row {row} is claimed under batch id 0, which no claim takes",
+                        path.display()
+                    )));
+                }
                 Some(id) => {
                     buf.claimed_rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
                     buf.claimed_bytes += batches.iter().map(batch_bytes).sum::<usize>();

@@ -390,11 +390,13 @@ impl Pipeline {
     pub fn roll_due(&self) -> bool {
         let inner = &self.inner;
         let (events, bytes) = inner.log.depth();
+        // (Not with `Spill`: nothing waits for room there, and the capacities are lifted.)
+        let bounded = !matches!(inner.settings.backpressure, Backpressure::Spill(_));
         events > 0
             && (events >= inner.settings.roll_rows
                 || bytes >= inner.settings.roll_bytes
-                || events.saturating_mul(2) >= inner.settings.capacity
-                || bytes.saturating_mul(2) >= inner.settings.capacity_bytes
+                || (bounded && events.saturating_mul(2) >= inner.settings.capacity)
+                || (bounded && bytes.saturating_mul(2) >= inner.settings.capacity_bytes)
                 || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
     }
 

@@ -51,7 +51,8 @@ pub struct PipelineSettings {
     /// Roll once this many bytes are pending (default 64 MiB).
     pub roll_bytes: usize,
     /// Most events waiting (default 1 000 000); then the backpressure policy applies. A roll is
-    /// due once half of it (or of `capacity_bytes`) waits, whatever `roll_rows`/`roll_bytes` say.
+    /// due once half of it (or of `capacity_bytes`) waits, whatever `roll_rows`/`roll_bytes` say
+    /// (not with `Backpressure::Spill`, which lifts the capacities).
     pub capacity: usize,
     /// Most bytes waiting (default 512 MiB, measured like `roll_bytes`: an event's id, type,
     /// key and value plus 32; an Arrow batch's memory size); then the backpressure policy

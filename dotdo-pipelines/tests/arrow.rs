@@ -542,6 +542,15 @@ async fn an_unclaimed_log_row_of_other_than_one_batch_is_corrupt() {
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{n} batches: {e}");
         assert!(e.to_string().contains("row 7"), "{e}");
     }
+    // A row claimed under batch id 0, which no claim takes: read as committed (every mark is at
+    // least 0), its rows were dropped or refused at every roll.
+    let c = rusqlite::Connection::open(&log).expect("open log");
+    c.execute("DELETE FROM arrow_log WHERE id > 1", []).expect("clear");
+    c.execute("UPDATE arrow_log SET batch = 0 WHERE id = 1", []).expect("damage");
+    drop(c);
+    let e = ArrowPipeline::open("odd", Arc::new(t.clone()), settings.clone()).expect_err("batch id 0");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("row 1"), "{e}");
     assert!(ids(&t).await.is_empty(), "nothing committed");
 }
 

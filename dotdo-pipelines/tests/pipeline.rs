@@ -197,6 +197,21 @@ async fn rolls_are_due_by_rows_bytes_and_interval() {
         p.send(vec![ev("o0", "half", &"x".repeat(value))]).expect("send");
         assert!(p.roll_due(), "half of capacity {capacity} / {capacity_bytes} bytes waits");
     }
+    // With `Spill` the capacities are lifted: no roll for half of them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = PipelineSettings {
+        roll_interval: Duration::from_secs(3600),
+        capacity: 8,
+        backpressure: Backpressure::Spill(dir.path().join("spill.db")),
+        ..Default::default()
+    };
+    let p = Pipeline::builder(sink.clone())
+        .with_settings(spill)
+        .with_clock(Arc::new(clock.clone()))
+        .build()
+        .expect("build");
+    p.send((0..6).map(|i| ev("o0", &format!("s{i}"), "x")).collect::<Vec<_>>()).expect("send");
+    assert!(!p.roll_due(), "Spill lifts the capacity");
 }
 
 #[tokio::test]
