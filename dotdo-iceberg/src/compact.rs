@@ -479,7 +479,14 @@ impl IcebergColdStore {
         for attempt in 1..=attempts {
             report.attempts = attempt;
             let sid = commit::new_snapshot_id(&table);
-            let seq = commit::next_sequence_number(table.metadata())?;
+            let seq = match commit::next_sequence_number(table.metadata()) {
+                Ok(seq) => seq,
+                // (Not `?`: the new files are deleted below.)
+                Err(e) => {
+                    last_err = Some(e);
+                    break;
+                }
+            };
             // The new files carry partition values of the spec they were written under: never
             // file them under another (an engine evolved the spec meanwhile).
             let spec_now = table.metadata().default_partition_spec_id();

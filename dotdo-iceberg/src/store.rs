@@ -1462,6 +1462,13 @@ impl IcebergColdStore {
                 return self.landed_result(&t, &s, batch).await;
             }
         }
+        if let (Attempt::Conflict | Attempt::Failed(_), false, Some((_, _, files, _))) =
+            (&last, maybe_landed, written.take())
+        {
+            // As between attempts: no attempt that named them can have committed (the last one
+            // certainly did not, and none before had an unknown outcome): nothing references them.
+            self.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
+        }
         match last {
             Attempt::Unknown(e) => Err(e.context(format!("cold commit failed after {attempts} attempts"))),
             Attempt::Failed(e) => Err(e.context("the cold commit did not land")),

@@ -706,9 +706,16 @@ impl ArrowTable {
                         ErrorKind::Conflict => {}
                         // Failed before anything was swapped, for good (a damaged parent
                         // manifest list, no sequence number left): no attempt fixes that.
+                        // (After an earlier attempt of unknown outcome, that one may still land: the
+                        // read-back below settles it.)
                         _ if did_not_land && !e.is_retryable() => {
+                            let e = e.context("the commit did not land");
+                            if maybe_landed {
+                                last_err = Some(e);
+                                break;
+                            }
                             self.discard_files(files.take(), maybe_landed).await;
-                            return Err(e.context("the commit did not land"));
+                            return Err(e);
                         }
                         // Failed before the swap, for now: nothing landed.
                         _ if did_not_land => {}

@@ -673,6 +673,8 @@ async fn a_table_with_no_sequence_number_left_is_corrupt_not_a_panic() {
     let user_table = cold.catalog().load_table(user.ident()).await.expect("load");
     exhaust(user_table.metadata_location().expect("metadata").to_string());
     let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
+    let data_files = || common::files_ending_with(dir.path(), ".parquet").len();
+    let before = data_files();
     let e = fresh
         .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 3, "k", "w", 1)]))
         .await
@@ -687,6 +689,35 @@ async fn a_table_with_no_sequence_number_left_is_corrupt_not_a_panic() {
     let e = user.append("s", 2, vec![rows(2)]).await.expect_err("no sequence number left");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.message().starts_with("the commit did not land"), "given up at once, as not landed: {e}");
+    assert_eq!(data_files(), before, "the data files the failed commits would have named are deleted");
+}
+
+/// The same through iceberg's own commit path (a catalog other than the SQL one): `Corrupt`,
+/// did not land, no panic (iceberg numbered the snapshot last-sequence-number + 1, unchecked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sequence_number_left_on_iceberg_s_own_commit_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Memory)
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let (table, _) = first_data_file(&cold).await;
+    let meta = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).expect("read")).expect("json");
+    json["last-sequence-number"] = serde_json::json!(i64::MAX);
+    std::fs::write(&meta, serde_json::to_vec(&json).expect("encode")).expect("write");
+    cold.refresh().await.expect("reload the damaged metadata");
+    let e = cold
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "w", 1)]))
+        .await
+        .expect_err("no sequence number left");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("did not land"), "{e}");
 }
 
 /// A snapshot summary whose watermark checkpoint names no location of the warehouse (damaged,
