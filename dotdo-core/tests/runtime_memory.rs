@@ -2892,6 +2892,29 @@ async fn an_ambiguous_acquire_never_adopts_an_older_lease_of_the_same_node_id() 
     assert_eq!(incr(&first, &o).await.expect("the first runtime keeps the object"), 2);
 }
 
+/// A held object whose lease runs out during a long `flush_all` (its first commit took longer
+/// than the TTL) is not drained, and the flush says so (`Err`): it answered `Ok` while that
+/// object's acknowledged changes waited in hot storage.
+#[tokio::test]
+async fn a_lease_run_out_during_flush_all_fails_the_flush() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_batch_records: 1, ..settings() });
+    let (a, b) = (oid("a"), oid("b"));
+    incr(&rt, &a).await.expect("a");
+    incr(&rt, &b).await.expect("b");
+    // The first commit takes longer than the TTL (on the runtime's clock).
+    let clock = w.clock.clone();
+    *cold.before_append.lock() = Some(Box::pin(async move { clock.advance(TTL * 2) }));
+    let e = rt.flush_all().await.expect_err("one object's lease ran out before its commit");
+    assert!(e.to_string().contains("the lease ran out during the flush"), "{e}");
+    let pending: Vec<u64> = futures::future::join_all([&a, &b].map(|o| w.cold.watermark(o)))
+        .await
+        .into_iter()
+        .map(|wm| wm.expect("watermark").through)
+        .collect();
+    assert_eq!(pending.iter().filter(|t| **t == 0).count(), 1, "one object left in hot storage: {pending:?}");
+}
+
 /// `flush_all` holds only the objects it has changes to drain: a call on a clean object does
 /// not wait for a slow cold commit of others.
 #[tokio::test]

@@ -1250,7 +1250,7 @@ impl ObjectRuntime {
         let inner = &self.inner;
         let DrainRounds { drained, left_out, first_err, .. } = rounds;
         loop {
-            renew_held(inner, held, left_out).await;
+            renew_held(inner, held, left_out, first_err).await;
             let mut last_seqs = HashMap::new();
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
@@ -1306,7 +1306,7 @@ impl ObjectRuntime {
                     }
                     for oc in batch.objects {
                         // The held leases stay renewed between these commits, as between rounds.
-                        renew_held(inner, held, left_out).await;
+                        renew_held(inner, held, left_out, first_err).await;
                         if left_out.contains(&oc.object) {
                             continue;
                         }
@@ -1932,15 +1932,34 @@ fn lease_gone(e: &Error) -> bool {
 /// Refresh the leases of the objects a flush holds that need it, as `maintain` would (it skips
 /// them while they are held, and a flush of many rounds can outlast a lease). An object whose
 /// lease is gone is left out of the rest of the flush.
-async fn renew_held(inner: &Arc<Inner>, held: &mut [Held], left_out: &mut std::collections::BTreeSet<ObjectId>) {
+async fn renew_held(
+    inner: &Arc<Inner>,
+    held: &mut [Held],
+    left_out: &mut std::collections::BTreeSet<ObjectId>,
+    first_err: &mut Option<Error>,
+) {
     for h in held.iter_mut() {
         if left_out.contains(&h.object) {
             continue;
         }
         let Some(a) = h.guard.active.as_mut() else { continue };
-        if let Err(e) = renew_if_due(inner, &mut a.lease).await {
-            tracing::info!(object = %h.object, error = %e, "dotdo flush_all: lease lost during the flush; skipped");
-            left_out.insert(h.object.clone());
+        match renew_if_due(inner, &mut a.lease).await {
+            Ok(()) => {}
+            // Taken over: the new holder drains its changes.
+            Err(e) if e.is_fenced() => {
+                tracing::info!(object = %h.object, error = %e, "dotdo flush_all: object taken over during the flush; skipped");
+                left_out.insert(h.object.clone());
+            }
+            // Run out (a flush longer than the TTL) or unrenewable: its changes are still this
+            // runtime's and still only in hot storage, so the flush must not answer `Ok`.
+            Err(e) => {
+                tracing::warn!(object = %h.object, error = %e, "dotdo flush_all: lease lost during the flush; not drained");
+                left_out.insert(h.object.clone());
+                first_err.get_or_insert(e.context(format!(
+                    "{}: the lease ran out during the flush; its changes wait in hot storage",
+                    h.object
+                )));
+            }
         }
     }
 }
