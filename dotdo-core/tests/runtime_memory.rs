@@ -1113,6 +1113,34 @@ async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
     assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3], "every change once");
 }
 
+/// After an automatic flush fails, the next commits skip theirs for a while (`AUTO_FLUSH_PAUSE`,
+/// doubling): each ran the flush's retries inside the call, after its write was durable, so
+/// every call of a busy object waited out a cold outage (here, with the clock stopped, they
+/// never returned). Once the pause is over a commit flushes again, everything pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_auto_flush_calls_do_not_wait_for_cold_storage() {
+    use dotdo_core::runtime::AUTO_FLUSH_PAUSE;
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: 1, ..settings() });
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick_by(&w, Duration::from_millis(50));
+    assert_eq!(incr(&rt, &o).await.expect("committed although cold is down"), 2);
+    ticking.abort();
+    assert_eq!(rt.metrics().flush_failures, 1);
+    // The clock stands still: a flush's retries would never end.
+    for n in 3..=6 {
+        let call = tokio::time::timeout(Duration::from_secs(5), incr(&rt, &o)).await;
+        assert_eq!(call.expect("the call does not wait for cold storage").expect("committed"), n);
+    }
+    assert_eq!(rt.metrics().flush_failures, 1, "no flush tried during the pause");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    w.clock.advance(AUTO_FLUSH_PAUSE * 2);
+    assert_eq!(incr(&rt, &o).await.expect("flushed again"), 7);
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 7, "everything pending flushed");
+}
+
 /// A sink whose commits leave an appended object out of their watermarks makes `flush` and
 /// `flush_all` fail with `Backend`, instead of draining the same changes again forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,6 +89,9 @@ pub struct RuntimeSettings {
     /// (0: never automatically; call `flush`). Default 0. Best effort: the commit is durable
     /// before it, so a failed automatic flush does not fail the call (it is logged and counted in
     /// `RuntimeMetrics::flush_failures`; the changes wait in the hot log for the next flush).
+    /// After a failure the next automatic flushes are skipped for [`AUTO_FLUSH_PAUSE`], doubling
+    /// with failures in a row up to [`AUTO_FLUSH_MAX_PAUSE`], so calls do not each wait out a cold
+    /// outage's retries.
     pub flush_after_changes: u64,
     /// Most change records per cold commit when flushing. Default 100 000.
     pub flush_batch_records: usize,
@@ -238,7 +241,20 @@ pub(crate) struct Inner {
     shutdown_flushing: AtomicBool,
     in_flight: AtomicUsize,
     metrics: parking_lot::Mutex<RuntimeMetrics>,
+    /// Automatic flushes that failed in a row, and until when (the clock's monotonic time) the
+    /// next ones are skipped: see [`AUTO_FLUSH_PAUSE`].
+    auto_flush_pause: parking_lot::Mutex<(u32, Duration)>,
 }
+
+/// After an automatic flush fails (cold storage unreachable, say), the next commits skip theirs
+/// for this long, doubling with each failure in a row up to [`AUTO_FLUSH_MAX_PAUSE`]: each one
+/// ran the flush's retries inside the caller's `invoke` after its write was durable, so every
+/// call of a busy object waited out the outage's retries (and a caller timing out would repeat a
+/// write that had landed). The changes wait in the hot log for the next flush either way.
+pub const AUTO_FLUSH_PAUSE: Duration = Duration::from_secs(1);
+
+/// The longest pause of automatic flushes after failures in a row (60 s).
+pub const AUTO_FLUSH_MAX_PAUSE: Duration = Duration::from_secs(60);
 
 /// Builds an [`ObjectRuntime`]; components are injected, settings are plain data.
 #[derive(Debug)]
@@ -343,6 +359,7 @@ impl ObjectRuntimeBuilder {
                 shutdown_flushing: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
                 metrics: parking_lot::Mutex::new(RuntimeMetrics::default()),
+                auto_flush_pause: parking_lot::Mutex::new((0, Duration::ZERO)),
             }),
         })
     }
@@ -687,7 +704,11 @@ impl ObjectRuntime {
         // the call's (a caller told "failed" would repeat a write that happened). Undrained
         // changes stay in the hot log for the next flush.
         let threshold = inner.settings.flush_after_changes;
-        if threshold > 0 {
+        let paused = {
+            let until = inner.auto_flush_pause.lock().1;
+            inner.clock.monotonic() < until
+        };
+        if threshold > 0 && !paused {
             let token = active.lease.token;
             let flushed = async {
                 let pending =
@@ -698,9 +719,13 @@ impl ObjectRuntime {
                 Ok::<_, Error>(())
             }
             .await;
+            if flushed.is_ok() {
+                inner.auto_flush_pause.lock().0 = 0;
+            }
             if let Err(e) = flushed {
                 tracing::warn!(object = %object, error = %e, "dotdo: committed; the auto-flush to cold failed and is left to the next flush");
                 inner.metrics.lock().flush_failures += 1;
+                pause_auto_flush(inner);
                 if activation_spent(&e) {
                     // Another holder took over while draining, or the hot store is behind
                     // cold: stop using this activation.
@@ -2310,6 +2335,16 @@ async fn check_skipped(inner: &Arc<Inner>, object: &ObjectId, after: Seq, commit
 async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<crate::ColdCommit> {
     let policy = crate::retry::RetryPolicy { retries: 5, base: Duration::from_millis(10) };
     crate::retry::retry_idempotent(&*inner.clock, policy, || inner.cold.append(batch.clone())).await
+}
+
+/// Skip automatic flushes for a while after one failed ([`AUTO_FLUSH_PAUSE`], doubling with
+/// failures in a row up to [`AUTO_FLUSH_MAX_PAUSE`]).
+fn pause_auto_flush(inner: &Inner) {
+    let now = inner.clock.monotonic();
+    let mut pause = inner.auto_flush_pause.lock();
+    pause.0 = pause.0.saturating_add(1);
+    let wait = AUTO_FLUSH_PAUSE.saturating_mul(1 << (pause.0 - 1).min(6)).min(AUTO_FLUSH_MAX_PAUSE);
+    pause.1 = now.saturating_add(wait);
 }
 
 /// The token of a change written by a newer holder than `token`, if `records` hold one: the
