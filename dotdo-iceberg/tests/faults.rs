@@ -663,10 +663,7 @@ async fn a_table_with_no_sequence_number_left_is_corrupt_not_a_panic() {
     let user = cold.arrow_table(&["dotdo"], "users", schema.clone()).await.expect("user table");
     user.append("s", 1, vec![rows(1)]).await.expect("user append");
     let exhaust = |location: String| {
-        let meta = location.strip_prefix("file://").expect("local").to_string();
-        let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).expect("read")).expect("json");
-        json["last-sequence-number"] = serde_json::json!(i64::MAX);
-        std::fs::write(&meta, serde_json::to_vec(&json).expect("encode")).expect("write");
+        edit_metadata(&location, |json| json["last-sequence-number"] = serde_json::json!(i64::MAX));
     };
     let (table, _) = first_data_file(&cold).await;
     exhaust(table.metadata_location().expect("metadata").to_string());
@@ -707,10 +704,9 @@ async fn no_sequence_number_left_on_iceberg_s_own_commit_path() {
         .await
         .expect("append");
     let (table, _) = first_data_file(&cold).await;
-    let meta = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).expect("read")).expect("json");
-    json["last-sequence-number"] = serde_json::json!(i64::MAX);
-    std::fs::write(&meta, serde_json::to_vec(&json).expect("encode")).expect("write");
+    edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        json["last-sequence-number"] = serde_json::json!(i64::MAX)
+    });
     cold.refresh().await.expect("reload the damaged metadata");
     let e = cold
         .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "w", 1)]))
@@ -718,6 +714,14 @@ async fn no_sequence_number_left_on_iceberg_s_own_commit_path() {
         .expect_err("no sequence number left");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("did not land"), "{e}");
+}
+
+/// Edit the table metadata JSON at `location` (a `file://` location) in place.
+fn edit_metadata(location: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = location.strip_prefix("file://").expect("local");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+    edit(&mut json);
+    std::fs::write(path, serde_json::to_vec(&json).expect("encode")).expect("write");
 }
 
 /// A snapshot summary whose watermark checkpoint names no location of the warehouse (damaged,
@@ -733,19 +737,18 @@ async fn a_checkpoint_location_outside_the_warehouse_is_corrupt() {
         .await
         .expect("append");
     let (table, _) = first_data_file(&cold).await;
-    let meta = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).expect("read")).expect("json");
     let mut damaged = 0;
-    for snap in json["snapshots"].as_array_mut().expect("snapshots") {
-        if let Some(summary) = snap["summary"].as_object_mut() {
-            if summary.contains_key("dotdo.watermarks-checkpoint") {
-                summary.insert("dotdo.watermarks-checkpoint".into(), "ftp://elsewhere/wm.json".into());
-                damaged += 1;
+    edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        for snap in json["snapshots"].as_array_mut().expect("snapshots") {
+            if let Some(summary) = snap["summary"].as_object_mut() {
+                if summary.contains_key("dotdo.watermarks-checkpoint") {
+                    summary.insert("dotdo.watermarks-checkpoint".into(), "ftp://elsewhere/wm.json".into());
+                    damaged += 1;
+                }
             }
         }
-    }
+    });
     assert!(damaged > 0, "the commit wrote a checkpoint");
-    std::fs::write(&meta, serde_json::to_vec(&json).expect("encode")).expect("write");
     let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
     let e = fresh.watermark(&o).await.expect_err("an unreadable checkpoint location");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
@@ -1378,15 +1381,13 @@ async fn a_snapshot_parent_cycle_is_corrupt_not_a_hang() {
     }
     let table = cold.refresh().await.expect("refresh");
     let head = table.metadata().current_snapshot_id().expect("head");
-    let meta = table.metadata_location().expect("metadata").to_string();
-    let path = meta.strip_prefix("file://").expect("local").to_string();
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
-    for s in json["snapshots"].as_array_mut().expect("snapshots") {
-        if s["snapshot-id"].as_i64() != Some(head) {
-            s["parent-snapshot-id"] = serde_json::json!(head); // the first snapshot's parent is the head
+    edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        for s in json["snapshots"].as_array_mut().expect("snapshots") {
+            if s["snapshot-id"].as_i64() != Some(head) {
+                s["parent-snapshot-id"] = serde_json::json!(head); // the first snapshot's parent is the head
+            }
         }
-    }
-    std::fs::write(&path, serde_json::to_vec(&json).expect("encode")).expect("damage");
+    });
     let checks = async {
         let fresh = match IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await {
             Ok(f) => f,
