@@ -178,6 +178,11 @@ pub(crate) fn class_of_remote_text(text: &str) -> Class {
         let connect = ["error trying to connect", "Error(Connect,", "dns error", "failed to lookup"]
             .iter()
             .any(|m| text.contains(m));
+        // A TLS handshake the primary's certificate failed (unknown issuer, wrong name, expired):
+        // nothing was sent, and no retry changes it (it was retried as an outage for ever).
+        if connect && text.contains("certificate") {
+            return Class::Config;
+        }
         return Class::Network { maybe_sent: !connect };
     }
     // The server answered, but its answer could not be read (a malformed or cut-off body, an
@@ -524,10 +529,19 @@ mod tests {
         for not_sent in [
             "http error: `error trying to connect: tcp connect error: Connection refused (os error 111)`",
             "http error: `error trying to connect: dns error: failed to lookup address information`",
-            "http error: `error trying to connect: invalid peer certificate: UnknownIssuer`",
         ] {
             assert_eq!(class_of(&hrana(not_sent)), Class::Network { maybe_sent: false }, "{not_sent}");
             assert_eq!(map(hrana(not_sent), "write", true).kind(), &ErrorKind::Unavailable, "{not_sent}");
+        }
+        // A certificate the TLS handshake refused: nothing sent, and no retry changes it.
+        for cert in [
+            "http error: `error trying to connect: invalid peer certificate: UnknownIssuer`",
+            "http error: `error trying to connect: invalid peer certificate: NotValidForName`",
+        ] {
+            assert_eq!(class_of(&hrana(cert)), Class::Config, "{cert}");
+            let e = map(hrana(cert), "write", true);
+            assert!(!e.is_retryable(), "{cert}: {e}");
+            assert_ne!(e.kind(), &ErrorKind::AmbiguousOutcome, "{cert}: {e}");
         }
     }
 
