@@ -14,7 +14,9 @@
 //! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted; 408, 429
 //! and 5xx (but 501 and 505, which no retry changes) are transient (retried after the backoff,
 //! or after the answer's `Retry-After` seconds if longer, up to [`MAX_RETRY_AFTER`]); 401/403
-//! mean a bad token; 413 means the request was too large. Each event is sent in the
+//! mean a bad token; 413 means the request was too large. A 2xx whose JSON body says
+//! `"success": false` is a refusal, and one whose `result.committed` is not the count sent an
+//! `AmbiguousOutcome` (a body of no such shape, or none, reads as accepted). Each event is sent in the
 //! predecessor's shape: `{"do_id", "type", "key", "value", "timestamp"}` with `value` as the
 //! event's text (JSON) and `timestamp` in milliseconds.
 
@@ -327,9 +329,21 @@ impl CloudflareStreamClient {
                 Ok(resp) => {
                     let status = resp.status();
                     if status.is_success() {
-                        report.requests += 1;
-                        report.events += n;
-                        return Ok(());
+                        // A 2xx whose JSON says otherwise (`{"success": false}`, or fewer records
+                        // committed than sent) is not taken as every event accepted; it fails
+                        // the request (ambiguous after an attempt that may have been taken).
+                        let text = error_body_start(resp).await;
+                        match refused_despite_2xx(&text, n) {
+                            Some(refusal) => {
+                                *uncertain |= refusal.kind() == &ErrorKind::AmbiguousOutcome;
+                                return Err(done_with(refusal, *uncertain, n, report.requests, attempt));
+                            }
+                            None => {
+                                report.requests += 1;
+                                report.events += n;
+                                return Ok(());
+                            }
+                        }
                     }
                     retry_after = retry_after_of(resp.headers());
                     let text = error_body_start(resp).await;
@@ -372,28 +386,7 @@ impl CloudflareStreamClient {
                     Error::unavailable(format!("stream endpoint {} did not answer", self.endpoint)).with_source(e)
                 }
             };
-            let done = |outcome: Error| {
-                let outcome =
-                    outcome.context(format!("after {} accepted request(s) and {attempt} retries", report.requests));
-                // A request too large is split and its halves sent on (carrying the flag); a
-                // single event too large is `LimitExceeded` whatever came before. Anything else
-                // says the events may be there, retryable as the last answer is.
-                let single_too_large = matches!(outcome.kind(), ErrorKind::LimitExceeded { .. });
-                if *uncertain && !single_too_large {
-                    let retryable = outcome.is_retryable();
-                    Error::new(
-                        ErrorKind::AmbiguousOutcome,
-                        format!(
-                            "a request of {n} events to the stream endpoint may have been accepted (an attempt had \
-                             no answer or a gateway error); they may be delivered already"
-                        ),
-                    )
-                    .with_retryable(retryable)
-                    .with_source(outcome)
-                } else {
-                    outcome
-                }
-            };
+            let done = |outcome: Error| done_with(outcome, *uncertain, n, report.requests, attempt);
             if !outcome.is_retryable() || attempt >= self.settings.max_retries {
                 return Err(done(outcome));
             }
@@ -426,6 +419,51 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     let Some(host) = url.host_str() else { return false };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost") || bare.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+}
+
+/// The failure `outcome` of a request of `n` events after `attempt` retries (`accepted`
+/// requests before it): `AmbiguousOutcome` if an attempt may have been taken (`uncertain`), but
+/// for a request too large (split and its halves sent on, carrying the flag, or a single event
+/// too large: `LimitExceeded` whatever came before); retryable as the last answer is.
+fn done_with(outcome: Error, uncertain: bool, n: u64, accepted: u64, attempt: u32) -> Error {
+    let outcome = outcome.context(format!("after {accepted} accepted request(s) and {attempt} retries"));
+    let too_large = matches!(outcome.kind(), ErrorKind::LimitExceeded { .. });
+    if uncertain && !too_large && outcome.kind() != &ErrorKind::AmbiguousOutcome {
+        let retryable = outcome.is_retryable();
+        Error::new(
+            ErrorKind::AmbiguousOutcome,
+            format!(
+                "a request of {n} events to the stream endpoint may have been accepted (an attempt had no answer \
+                 or a gateway error); they may be delivered already"
+            ),
+        )
+        .with_retryable(retryable)
+        .with_source(outcome)
+    } else {
+        outcome
+    }
+}
+
+/// The error of a 2xx answer whose JSON body (`text`, the legacy endpoint's
+/// `{"success": …, "result": {"committed": N}}`) says the `n` events were not all taken:
+/// `success: false` is a refusal (nothing taken; the answer's errors shown), a `committed` count
+/// other than `n` an `AmbiguousOutcome` (some may be there). Any other body (none, or another
+/// shape) reads as accepted.
+fn refused_despite_2xx(text: &str, n: u64) -> Option<Error> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let shown: String = text.chars().take(200).collect();
+    if v.get("success").and_then(serde_json::Value::as_bool) == Some(false) {
+        return Some(
+            Error::backend(format!("stream endpoint answered 2xx with success: false: {shown}")).with_retryable(false),
+        );
+    }
+    let committed = v.get("result").and_then(|r| r.get("committed")).and_then(serde_json::Value::as_u64)?;
+    (committed != n).then(|| {
+        Error::new(
+            ErrorKind::AmbiguousOutcome,
+            format!("stream endpoint committed {committed} of {n} events sent in one request: {shown}"),
+        )
+    })
 }
 
 /// The start of an error answer's body (at most 4 KiB are read: a proxy's error page can be

@@ -232,6 +232,28 @@ async fn lost_replies_and_gateway_errors_are_ambiguous_not_unreachable() {
     server.fail_next.store(0, Ordering::SeqCst);
 }
 
+/// A 2xx whose JSON body says the events were not taken (`"success": false`) is an error, not
+/// every event accepted (a misrouted endpoint answering 200 lost them silently); nothing is
+/// counted as accepted.
+#[tokio::test]
+async fn a_2xx_that_says_success_false_is_not_an_acceptance() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), settings()).expect("client");
+    server.status_next.lock().push("200 OK");
+    let e = client.send(&events(2, 10)).await.expect_err("success: false");
+    assert_eq!(e.kind(), &ErrorKind::Backend, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+    assert!(PartialSend::of(&e).is_none(), "nothing counted as accepted: {e}");
+    let r = client.send(&events(2, 10)).await.expect("an ordinary acceptance");
+    assert_eq!(r.events, 2);
+    // After an attempt whose reply was lost, the same answer leaves the events' fate unknown.
+    server.drop_next.store(1, Ordering::SeqCst);
+    server.status_next.lock().push("200 OK");
+    let e = client.send(&events(2, 10)).await.expect_err("success: false after a lost reply");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+}
+
 /// A 503 with `Retry-After` is retried no sooner than it asks (the backoff here is 5 ms); one
 /// asking for more than `MAX_RETRY_AFTER` fails the send at once, retryable, and says so.
 #[tokio::test]
