@@ -1030,7 +1030,9 @@ impl ObjectRuntime {
                 let mut lazy = LazyState::new(snapshot, wm.through);
                 let (mut keys, mut bytes) = (0, 0);
                 let recovery = if let RestoreMode::Hybrid { keys: named, prefixes } = mode {
-                    let (k, b) = preload(inner, object, &mut lazy, named, prefixes).await?;
+                    let (k, b) =
+                        with_renewal(inner, &mut active.lease, preload(inner, object, &mut lazy, named, prefixes))
+                            .await?;
                     keys += k;
                     bytes += b;
                     Recovery::Hybrid
@@ -1066,7 +1068,7 @@ impl ObjectRuntime {
         // right after it.
         active.last_used = self.inner.clock.monotonic();
         if let Some(lazy) = active.lazy.as_mut() {
-            preload(&self.inner, object, lazy, keys, prefixes).await?;
+            with_renewal(&self.inner, &mut active.lease, preload(&self.inner, object, lazy, keys, prefixes)).await?;
         }
         Ok(())
     }
@@ -1088,7 +1090,9 @@ impl ObjectRuntime {
             let Some(mut slot) = slot.try_lock() else { continue };
             if let Some(active) = slot.active.as_mut() {
                 if active.lazy.is_some() {
-                    if let Err(e) = complete_restore(&self.inner, &object, active.lease.token, &mut active.lazy).await {
+                    let token = active.lease.token;
+                    let restored = complete_restore(&self.inner, &object, token, &mut active.lazy);
+                    if let Err(e) = with_renewal(&self.inner, &mut active.lease, restored).await {
                         tracing::warn!(object = %object, error = %e, "dotdo: lazy restore not completed");
                         // A restore of unknown outcome is simply done again (it is idempotent
                         // under the lease): nothing for the caller to settle.
@@ -1850,9 +1854,22 @@ async fn with_renewal<T>(
     lease: &mut Lease,
     fut: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
+    /// Writes the renewed lease back also when the operation is dropped unfinished (its caller
+    /// cancelled): the slot kept the old expiry, and a later transient refresh failure past it
+    /// read as a lost lease.
+    struct WriteBack<'a> {
+        lease: &'a mut Lease,
+        renewed: parking_lot::Mutex<Lease>,
+    }
+    impl Drop for WriteBack<'_> {
+        fn drop(&mut self) {
+            *self.lease = self.renewed.lock().clone();
+        }
+    }
     let renewed = parking_lot::Mutex::new(lease.clone());
-    let out = renewing(inner, &renewed, fut).await;
-    *lease = renewed.into_inner();
+    let back = WriteBack { lease, renewed };
+    let out = renewing(inner, &back.renewed, fut).await;
+    drop(back);
     out?
 }
 
