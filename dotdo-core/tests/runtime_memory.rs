@@ -826,6 +826,25 @@ async fn idle_objects_are_tiered_out_and_come_back() {
     assert_eq!(incr(&rt, &oid("idle")).await.expect("comes back"), 2);
 }
 
+/// An idle activation whose lease lapsed (no `maintain` renewed it) and that another node took
+/// meanwhile is dropped by `evict_idle`, not taken back to be evicted: it failed `LeaseHeld`
+/// every round (with `acquire_timeout` set, after waiting it out), and the other node's object
+/// stayed in this node's activations.
+#[tokio::test]
+async fn evict_idle_leaves_an_object_another_node_took_over() {
+    let w = World::new();
+    let a = w.runtime("a", RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() });
+    let o = oid("o");
+    incr(&a, &o).await.expect("a");
+    w.clock.advance(TTL * 2 + Duration::from_secs(5));
+    let b = w.runtime("b", settings());
+    assert_eq!(incr(&b, &o).await.expect("b takes the lapsed object"), 2);
+    assert_eq!(a.evict_idle().await.expect("nothing of a's to evict"), 0);
+    assert_eq!(w.hot.current(&o).await.expect("current").expect("b's lease").holder.as_str(), "b");
+    assert_eq!(w.hot.get(&o, "n").await.expect("hot").as_deref(), Some(&b"2"[..]), "b's state stays in hot storage");
+    assert_eq!(a.evict_idle().await.expect("and a does not try again"), 0);
+}
+
 #[tokio::test]
 async fn auto_flush_after_threshold_and_release_without_keep_warm() {
     let w = World::new();

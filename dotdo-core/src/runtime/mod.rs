@@ -1472,13 +1472,14 @@ impl ObjectRuntime {
     pub async fn evict(&self, object: &ObjectId) -> Result<()> {
         let _guard = self.enter()?;
         let slot = self.slot(object);
-        let out = self.evict_locked(object, &mut *slot.lock().await).await;
+        let out = self.evict_locked(object, &mut *slot.lock().await, None).await;
         self.give_back_if_shut_down(&slot).await;
         out
     }
 
     /// [`evict`](Self::evict) of an object whose slot the caller has locked.
-    async fn evict_locked(&self, object: &ObjectId, slot: &mut Slot) -> Result<()> {
+    /// `wait`: how long to wait for a lease another node holds (`None`: as a call does).
+    async fn evict_locked(&self, object: &ObjectId, slot: &mut Slot, wait: Option<Duration>) -> Result<()> {
         // Already out of hot storage (no live keys, nothing to drain) and not active here: done,
         // without an activation that would first restore it.
         if slot.active.is_none()
@@ -1486,7 +1487,10 @@ impl ObjectRuntime {
         {
             return Ok(());
         }
-        self.ensure_active(object, slot).await?;
+        match wait {
+            None => self.ensure_active(object, slot).await?,
+            Some(wait) => self.ensure_active_within(object, slot, wait).await?,
+        }
         // The object stays in its slot while draining (the hot state is intact whatever
         // happens, a cancelled call included).
         let active = slot.active.as_mut().expect("active");
@@ -1563,8 +1567,15 @@ impl ObjectRuntime {
             if guard.active.as_ref().is_none_or(|a| now.saturating_sub(a.last_used) < idle) {
                 continue;
             }
-            match self.evict_locked(&object, &mut guard).await {
+            // Not waiting for another node: an idle activation whose lease lapsed (no `maintain`
+            // renewed it) and that another node took meanwhile is that node's now, not to be
+            // taken back just to be evicted (it waited `acquire_timeout` and failed `LeaseHeld`).
+            match self.evict_locked(&object, &mut guard, Some(Duration::ZERO)).await {
                 Ok(()) => evicted += 1,
+                Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
+                    tracing::info!(object = %object, error = %e, "dotdo: idle object held by another node now; its stale activation dropped");
+                    give_back(&self.inner, &mut guard.active).await;
+                }
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "dotdo: idle object not evicted");
                     if let Some(a) = guard.active.as_mut() {
