@@ -1,7 +1,7 @@
 //! Whether two Arrow schemas describe the same columns (feature `arrow`): what dotdo-pipelines
 //! and dotdo-iceberg check before they accept a batch as a table's.
 
-use arrow_schema::{DataType, Schema};
+use arrow_schema::{DataType, Field, Fields, Schema};
 
 /// Whether `a` and `b` are the same type for a table's data: arrow's `equals_datatype` (nested
 /// field metadata ignored, nullability compared), except that the fields of a struct must also
@@ -28,52 +28,24 @@ pub fn same_type(a: &DataType, b: &DataType) -> bool {
         (T::List(x), T::List(y))
         | (T::LargeList(x), T::LargeList(y))
         | (T::ListView(x), T::ListView(y))
-        | (T::LargeListView(x), T::LargeListView(y)) => {
-            x.is_nullable() == y.is_nullable() && same_type(x.data_type(), y.data_type())
-        }
-        (T::FixedSizeList(x, n), T::FixedSizeList(y, m)) => {
-            n == m && x.is_nullable() == y.is_nullable() && same_type(x.data_type(), y.data_type())
-        }
+        | (T::LargeListView(x), T::LargeListView(y)) => same_field(x, y, false),
+        (T::FixedSizeList(x, n), T::FixedSizeList(y, m)) => n == m && same_field(x, y, false),
         (T::Map(x, xs), T::Map(y, ys)) => {
             // The entries struct's own field names (key/value) vary by writer: compared by position.
             xs == ys
                 && x.is_nullable() == y.is_nullable()
                 && match (x.data_type(), y.data_type()) {
-                    (T::Struct(f), T::Struct(g)) => {
-                        f.len() == g.len()
-                            && f.iter().zip(g).all(|(p, q)| {
-                                p.is_nullable() == q.is_nullable() && same_type(p.data_type(), q.data_type())
-                            })
-                    }
+                    (T::Struct(f), T::Struct(g)) => same_fields(f, g, false),
                     (p, q) => same_type(p, q),
                 }
         }
-        (T::Struct(f), T::Struct(g)) => {
-            f.len() == g.len()
-                && f.iter().zip(g).all(|(p, q)| {
-                    p.name() == q.name()
-                        && p.is_nullable() == q.is_nullable()
-                        && same_type(p.data_type(), q.data_type())
-                })
-        }
+        (T::Struct(f), T::Struct(g)) => same_fields(f, g, true),
         (T::Dictionary(xk, xv), T::Dictionary(yk, yv)) => same_type(xk, yk) && same_type(xv, yv),
-        (T::RunEndEncoded(xr, xv), T::RunEndEncoded(yr, yv)) => {
-            xr.is_nullable() == yr.is_nullable()
-                && same_type(xr.data_type(), yr.data_type())
-                && xv.is_nullable() == yv.is_nullable()
-                && same_type(xv.data_type(), yv.data_type())
-        }
+        (T::RunEndEncoded(xr, xv), T::RunEndEncoded(yr, yv)) => same_field(xr, yr, false) && same_field(xv, yv, false),
         (T::Union(f, fm), T::Union(g, gm)) => {
             fm == gm
                 && f.len() == g.len()
-                && f.iter().all(|(id, p)| {
-                    g.iter().any(|(jd, q)| {
-                        id == jd
-                            && p.name() == q.name()
-                            && p.is_nullable() == q.is_nullable()
-                            && same_type(p.data_type(), q.data_type())
-                    })
-                })
+                && f.iter().all(|(id, p)| g.iter().any(|(jd, q)| id == jd && same_field(p, q, true)))
         }
         _ => a.equals_datatype(b),
     }
@@ -82,10 +54,18 @@ pub fn same_type(a: &DataType, b: &DataType) -> bool {
 /// Whether `a` and `b` have the same columns in the same order: names, nullability and
 /// [`same_type`] (schema and field metadata ignored).
 pub fn same_shape(a: &Schema, b: &Schema) -> bool {
-    a.fields().len() == b.fields().len()
-        && a.fields().iter().zip(b.fields()).all(|(x, y)| {
-            x.name() == y.name() && x.is_nullable() == y.is_nullable() && same_type(x.data_type(), y.data_type())
-        })
+    same_fields(a.fields(), b.fields(), true)
+}
+
+/// Whether two fields have the same nullability and [`same_type`], and the same name if
+/// `by_name`.
+fn same_field(p: &Field, q: &Field, by_name: bool) -> bool {
+    (!by_name || p.name() == q.name()) && p.is_nullable() == q.is_nullable() && same_type(p.data_type(), q.data_type())
+}
+
+/// [`same_field`] pairwise over two field lists of the same length.
+fn same_fields(f: &Fields, g: &Fields, by_name: bool) -> bool {
+    f.len() == g.len() && f.iter().zip(g).all(|(p, q)| same_field(p, q, by_name))
 }
 
 #[cfg(test)]

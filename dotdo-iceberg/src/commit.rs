@@ -526,10 +526,7 @@ impl IcebergColdStore {
                 // gives up at once instead of resolving an "unknown outcome" 16 times over; a
                 // passing one (a store in trouble) is left to the append's retries as before.
                 let err = classify(e, "preparing a fast append");
-                if err.is_retryable() {
-                    return Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, err.to_string()).with_source(err));
-                }
-                return Err(not_landed(err));
+                return Err(if err.is_retryable() { wrap(err) } else { not_landed(err) });
             }
         };
         // Just before the swap: data files written (`written_at`) more than half of

@@ -1055,6 +1055,16 @@ impl IcebergColdStore {
         self.files_of_writers(results, "writing data files").await
     }
 
+    /// Delete the data files an append attempt wrote (`written`) when no attempt that named them
+    /// can have committed: the last one certainly did not (`Conflict`, `Failed`) and none before
+    /// had an unknown outcome. Otherwise they stay for the cleanup (a request that timed out may
+    /// still land).
+    async fn discard_unlanded(&self, written: Option<Written>, last: &Attempt, maybe_landed: bool) {
+        if let (Some((_, _, files, _)), Attempt::Conflict | Attempt::Failed(_), false) = (written, last, maybe_landed) {
+            self.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
+        }
+    }
+
     /// The data files parallel writer tasks wrote (`results`, in order), or the first failure,
     /// with every file the others wrote deleted (nothing references them).
     pub(crate) async fn files_of_writers(
@@ -1129,13 +1139,14 @@ impl IcebergColdStore {
         props: HashMap<String, String>,
         written_at: Option<Duration>,
     ) -> iceberg::Result<Table> {
-        // iceberg numbers the snapshot last-sequence-number + 1, unchecked.
-        crate::commit::next_sequence_number(table.metadata()).map_err(crate::commit::not_landed)?;
         if let Some(swap) = &self.inner.verifier {
             if table.metadata().format_version() == iceberg::spec::FormatVersion::V2 {
                 return self.fast_append(swap, table, files, props, written_at).await;
             }
         }
+        // iceberg numbers the snapshot last-sequence-number + 1, unchecked (the fast append
+        // checks it itself).
+        crate::commit::next_sequence_number(table.metadata()).map_err(crate::commit::not_landed)?;
         // As dotdo's fast append checks just before its swap: files past half of
         // `min_cleanup_retention` may already be gone to a cleanup.
         if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at)) {
@@ -1325,16 +1336,7 @@ impl IcebergColdStore {
                     files.clone()
                 }
                 _ => {
-                    if let (Some((_, _, old, _)), Attempt::Conflict | Attempt::Failed(_), false) =
-                        (written.take(), &last, maybe_landed)
-                    {
-                        // No attempt that named them can have committed (the last one certainly
-                        // did not, and none before had an unknown outcome): they are garbage.
-                        // Otherwise they stay for the cleanup (a request that timed out may
-                        // still land).
-                        let paths: Vec<String> = old.iter().map(|f| f.file_path().to_string()).collect();
-                        self.delete_files(paths).await;
-                    }
+                    self.discard_unlanded(written.take(), &last, maybe_landed).await;
                     let started = self.inner.clock.monotonic();
                     let files =
                         match self.write_files(&table, batch, &p.parts, self.inner.settings.target_file_size).await {
@@ -1462,13 +1464,7 @@ impl IcebergColdStore {
                 return self.landed_result(&t, &s, batch).await;
             }
         }
-        if let (Attempt::Conflict | Attempt::Failed(_), false, Some((_, _, files, _))) =
-            (&last, maybe_landed, written.take())
-        {
-            // As between attempts: no attempt that named them can have committed (the last one
-            // certainly did not, and none before had an unknown outcome): nothing references them.
-            self.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
-        }
+        self.discard_unlanded(written.take(), &last, maybe_landed).await;
         match last {
             Attempt::Unknown(e) => Err(e.context(format!("cold commit failed after {attempts} attempts"))),
             Attempt::Failed(e) => Err(e.context("the cold commit did not land")),

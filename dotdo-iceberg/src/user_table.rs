@@ -708,14 +708,11 @@ impl ArrowTable {
                         // manifest list, no sequence number left): no attempt fixes that.
                         // (After an earlier attempt of unknown outcome, that one may still land: the
                         // read-back below settles it.)
+                        // (The loop's end reads back first if an earlier attempt may have landed,
+                        // else deletes the files.)
                         _ if did_not_land && !e.is_retryable() => {
-                            let e = e.context("the commit did not land");
-                            if maybe_landed {
-                                last_err = Some(e);
-                                break;
-                            }
-                            self.discard_files(files.take(), maybe_landed).await;
-                            return Err(e);
+                            last_err = Some(e.context("the commit did not land"));
+                            break;
                         }
                         // Failed before the swap, for now: nothing landed.
                         _ if did_not_land => {}

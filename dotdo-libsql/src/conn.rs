@@ -197,14 +197,14 @@ impl Conn {
             return Ok(-max);
         }
         let n = i64::try_from(w.ops.len()).unwrap_or(i64::MAX);
-        if last.checked_add(n).is_none_or(|end| end > dotdo_core::MAX_SEQ as i64) {
+        if last.checked_add(n).is_none_or(|end| end > most) {
             return Ok(SEQ_EXHAUSTED);
         }
         // Raise `do_objects.max_token` only for a token above the floor (the lease's own token
         // needs no write), and create the object's row on its first write.
         if w.token > max || !known {
             // (The room was checked above; the statement checks it too, for the batch path.)
-            let room = Value::Integer(dotdo_core::MAX_SEQ as i64 - n);
+            let room = Value::Integer(most - n);
             self.prepared(Step::exec(RAISE_IF_CURRENT, vec![w.object.clone(), Value::Integer(w.token), room])).await?;
             // It raises (or creates) the row unless the object's rows are damaged (the room was
             // checked above): a negative lease token, say, which the read's `max` hid. Corrupt,

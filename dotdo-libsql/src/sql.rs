@@ -28,15 +28,30 @@ pub(crate) use eff_last;
 /// dotdo-sqlite reads as `Corrupt`. SQL would compare or compute with them (a text token is
 /// above every integer and reads as 0 in arithmetic), so every fenced program writes nothing
 /// then and answers [`DAMAGED_ROWS`](crate::conn::DAMAGED_ROWS).
+/// `MAX_SEQ` = `FencingToken::MAX` (2^44 - 1) as an SQL literal, the largest sequence number
+/// or token a row may hold (checked by a test).
+macro_rules! max_seq {
+    () => {
+        "17592186044415"
+    };
+}
 macro_rules! damaged {
     () => {
-        "(EXISTS (SELECT 1 FROM do_objects d WHERE d.do_id = ?1 AND (typeof(d.max_token) <> 'integer' \
-         OR d.max_token NOT BETWEEN 0 AND 17592186044415 OR typeof(d.last_seq) <> 'integer' \
-         OR d.last_seq NOT BETWEEN 0 AND 17592186044415 OR typeof(d.truncated_through) <> 'integer' \
-         OR d.truncated_through NOT BETWEEN 0 AND 17592186044415)) \
-         OR EXISTS (SELECT 1 FROM do_locks l WHERE l.do_id = ?1 AND (typeof(l.fencing_token) <> 'integer' \
-         OR l.fencing_token NOT BETWEEN 0 AND 17592186044415)) \
-         OR EXISTS (SELECT 1 FROM do_changes c WHERE c.do_id = ?1 AND c.seq > 17592186044415))"
+        concat!(
+            "(EXISTS (SELECT 1 FROM do_objects d WHERE d.do_id = ?1 AND (typeof(d.max_token) <> 'integer' \
+             OR d.max_token NOT BETWEEN 0 AND ",
+            max_seq!(),
+            " OR typeof(d.last_seq) <> 'integer' OR d.last_seq NOT BETWEEN 0 AND ",
+            max_seq!(),
+            " OR typeof(d.truncated_through) <> 'integer' OR d.truncated_through NOT BETWEEN 0 AND ",
+            max_seq!(),
+            ")) OR EXISTS (SELECT 1 FROM do_locks l WHERE l.do_id = ?1 AND (typeof(l.fencing_token) <> 'integer' \
+             OR l.fencing_token NOT BETWEEN 0 AND ",
+            max_seq!(),
+            ")) OR EXISTS (SELECT 1 FROM do_changes c WHERE c.do_id = ?1 AND c.seq > ",
+            max_seq!(),
+            "))"
+        )
     };
 }
 /// [`damaged!`] as a constant.
@@ -58,24 +73,28 @@ pub(crate) const DAMAGED_CASE: &str = concat!("WHEN ", damaged!(), " THEN ", dam
 /// integer, times that are not integers, a holder that is no valid node id) is never taken over:
 /// SQL arithmetic would read a text token as 0 and issue a token that was issued before. The
 /// refusal's explanation then reads the row as dotdo-sqlite does: `Corrupt`.
-pub(crate) const ACQUIRE: &str = "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
+pub(crate) const ACQUIRE: &str = concat!(
+    "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
      SELECT ?1, ?2, ?3, ?4, next FROM (SELECT 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
      coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0)) AS next) WHERE next <= ?5 \
      AND NOT EXISTS (SELECT 1 FROM do_objects WHERE do_id = ?1 AND typeof(max_token) <> 'integer') \
      ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
      expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3 \
      AND typeof(do_locks.expires_at) = 'integer' AND typeof(do_locks.acquired_at) = 'integer' \
-     AND typeof(do_locks.fencing_token) = 'integer' AND do_locks.fencing_token BETWEEN 0 AND 17592186044415 \
-     AND typeof(do_locks.node_id) = 'text' AND length(CAST(do_locks.node_id AS BLOB)) BETWEEN 1 AND 128 \
-     AND do_locks.node_id NOT GLOB '*[^A-Za-z0-9._:-]*'";
+     AND typeof(do_locks.fencing_token) = 'integer' AND do_locks.fencing_token BETWEEN 0 AND ",
+    max_seq!(),
+    " AND typeof(do_locks.node_id) = 'text' AND length(CAST(do_locks.node_id AS BLOB)) BETWEEN 1 AND 128 \
+     AND do_locks.node_id NOT GLOB '*[^A-Za-z0-9._:-]*'"
+);
 /// The first step of every fenced program: fold the lease's token into `do_objects.max_token`
 /// (raise only), so that the steps after it may fence against `do_objects` alone. An acquire
 /// writes the lease row only; the object's fencing floor is the larger of the two.
 pub(crate) const FOLD_LEASE: &str = concat!(
     "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) \
      SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE do_id = ?1 AND typeof(fencing_token) = 'integer' \
-     AND fencing_token BETWEEN 0 AND 17592186044415 \
-     ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token \
+     AND fencing_token BETWEEN 0 AND ",
+    max_seq!(),
+    " ON CONFLICT (do_id) DO UPDATE SET max_token = excluded.max_token WHERE excluded.max_token > do_objects.max_token \
      AND NOT ",
     damaged!()
 );

@@ -429,8 +429,7 @@ impl ArrowPipeline {
         b.has_waiting()
             && (b.rows >= inner.settings.roll_rows
                 || b.bytes >= inner.settings.roll_bytes
-                || b.waiting().saturating_mul(2) >= inner.settings.capacity
-                || b.waiting_bytes().saturating_mul(2) >= inner.settings.capacity_bytes
+                || inner.settings.half_full(b.waiting(), b.waiting_bytes())
                 || b.claimed.is_some()
                 || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
     }

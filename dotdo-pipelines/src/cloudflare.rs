@@ -201,7 +201,8 @@ impl CloudflareStreamClient {
             )));
         }
         // A token would cross the network in clear text: only to this machine.
-        if token.is_some() && url.scheme() == "http" && !is_loopback(&url) {
+        let loopback = is_loopback(&url);
+        if token.is_some() && url.scheme() == "http" && !loopback {
             return Err(Error::invalid(format!(
                 "stream endpoint {shown:?}: an API token is sent only over https (or http to this machine's loopback)"
             )));
@@ -219,7 +220,7 @@ impl CloudflareStreamClient {
             )));
         }
         let mut http = reqwest::Client::builder();
-        if is_loopback(&url) {
+        if loopback {
             // A token allowed over plain http to this machine must not go to a proxy that the
             // environment (HTTP_PROXY, ALL_PROXY) names instead.
             http = http.no_proxy();
@@ -333,46 +334,45 @@ impl CloudflareStreamClient {
                         // committed than sent) is not taken as every event accepted; it fails
                         // the request (ambiguous after an attempt that may have been taken).
                         let text = error_body_start(resp).await;
-                        match refused_despite_2xx(&text, n) {
-                            Some(refusal) => {
-                                *uncertain |= refusal.kind() == &ErrorKind::AmbiguousOutcome;
-                                return Err(done_with(refusal, *uncertain, n, report.requests, attempt));
+                        let Some(refusal) = refused_despite_2xx(&text, n) else {
+                            report.requests += 1;
+                            report.events += n;
+                            return Ok(());
+                        };
+                        // Not retryable: it fails the request below.
+                        refusal
+                    } else {
+                        retry_after = retry_after_of(resp.headers());
+                        let text = error_body_start(resp).await;
+                        let msg = format!(
+                            "stream endpoint answered {status}: {}",
+                            text.chars().take(200).collect::<String>()
+                        );
+                        match status.as_u16() {
+                            // Not implemented / HTTP version not supported: no retry can succeed.
+                            501 | 505 => Error::backend(msg).with_retryable(false),
+                            // An internal or gateway error may come after the stream took the
+                            // records (a proxy that lost the origin's reply): retried, but the
+                            // events may be there.
+                            500 | 502 | 504 => {
+                                *uncertain = true;
+                                Error::unavailable(msg)
                             }
-                            None => {
-                                report.requests += 1;
-                                report.events += n;
-                                return Ok(());
-                            }
+                            408 | 429 | 500..=599 => Error::unavailable(msg),
+                            300..=399 => Error::invalid(format!("{msg} (a redirect: configure the final endpoint)")),
+                            401 | 403 => Error::backend(format!("{msg} (check the API token)")).with_retryable(false),
+                            // The endpoint takes less than this request (which is within the
+                            // configured `max_request_bytes`).
+                            413 => Error::new(
+                                ErrorKind::LimitExceeded {
+                                    what: "stream request (the endpoint's own limit)",
+                                    limit: body.len().saturating_sub(1) as u64,
+                                    actual: body.len() as u64,
+                                },
+                                format!("{msg} (the endpoint refused a {}-byte request)", body.len()),
+                            ),
+                            _ => Error::invalid(msg),
                         }
-                    }
-                    retry_after = retry_after_of(resp.headers());
-                    let text = error_body_start(resp).await;
-                    let msg =
-                        format!("stream endpoint answered {status}: {}", text.chars().take(200).collect::<String>());
-                    match status.as_u16() {
-                        // Not implemented / HTTP version not supported: no retry can succeed.
-                        501 | 505 => Error::backend(msg).with_retryable(false),
-                        // An internal or gateway error may come after the stream took the
-                        // records (a proxy that lost the origin's reply): retried, but the
-                        // events may be there.
-                        500 | 502 | 504 => {
-                            *uncertain = true;
-                            Error::unavailable(msg)
-                        }
-                        408 | 429 | 500..=599 => Error::unavailable(msg),
-                        300..=399 => Error::invalid(format!("{msg} (a redirect: configure the final endpoint)")),
-                        401 | 403 => Error::backend(format!("{msg} (check the API token)")).with_retryable(false),
-                        // The endpoint takes less than this request (which is within the
-                        // configured `max_request_bytes`).
-                        413 => Error::new(
-                            ErrorKind::LimitExceeded {
-                                what: "stream request (the endpoint's own limit)",
-                                limit: body.len().saturating_sub(1) as u64,
-                                actual: body.len() as u64,
-                            },
-                            format!("{msg} (the endpoint refused a {}-byte request)", body.len()),
-                        ),
-                        _ => Error::invalid(msg),
                     }
                 }
                 // No connection (refused, DNS, TLS handshake): nothing was sent.
@@ -451,17 +451,18 @@ fn done_with(outcome: Error, uncertain: bool, n: u64, accepted: u64, attempt: u3
 /// shape) reads as accepted.
 fn refused_despite_2xx(text: &str, n: u64) -> Option<Error> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    let shown: String = text.chars().take(200).collect();
+    let shown = || text.chars().take(200).collect::<String>();
     if v.get("success").and_then(serde_json::Value::as_bool) == Some(false) {
         return Some(
-            Error::backend(format!("stream endpoint answered 2xx with success: false: {shown}")).with_retryable(false),
+            Error::backend(format!("stream endpoint answered 2xx with success: false: {}", shown()))
+                .with_retryable(false),
         );
     }
     let committed = v.get("result").and_then(|r| r.get("committed")).and_then(serde_json::Value::as_u64)?;
     (committed != n).then(|| {
         Error::new(
             ErrorKind::AmbiguousOutcome,
-            format!("stream endpoint committed {committed} of {n} events sent in one request: {shown}"),
+            format!("stream endpoint committed {committed} of {n} events sent in one request: {}", shown()),
         )
     })
 }

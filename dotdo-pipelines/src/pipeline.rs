@@ -322,7 +322,7 @@ impl Pipeline {
             return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
         }
         let (depth, depth_bytes) = inner.log.depth();
-        let bounded = !matches!(inner.settings.backpressure, Backpressure::Spill(_));
+        let bounded = inner.settings.bounded();
         let (capacity, capacity_bytes) = (inner.settings.capacity, inner.settings.capacity_bytes as u64);
         if bounded && (rows.len() > capacity || bytes > capacity_bytes) {
             // No roll ever makes room for this: not a retryable condition.
@@ -390,13 +390,10 @@ impl Pipeline {
     pub fn roll_due(&self) -> bool {
         let inner = &self.inner;
         let (events, bytes) = inner.log.depth();
-        // (Not with `Spill`: nothing waits for room there, and the capacities are lifted.)
-        let bounded = !matches!(inner.settings.backpressure, Backpressure::Spill(_));
         events > 0
             && (events >= inner.settings.roll_rows
                 || bytes >= inner.settings.roll_bytes
-                || (bounded && events.saturating_mul(2) >= inner.settings.capacity)
-                || (bounded && bytes.saturating_mul(2) >= inner.settings.capacity_bytes)
+                || inner.settings.half_full(events, bytes)
                 || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
     }
 

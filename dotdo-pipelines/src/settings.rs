@@ -102,6 +102,17 @@ impl PipelineSettings {
         Ok(())
     }
 
+    /// Whether the capacities bound the buffer (every policy but `Spill`, which lifts them).
+    pub(crate) fn bounded(&self) -> bool {
+        !matches!(self.backpressure, Backpressure::Spill(_))
+    }
+
+    /// Whether `events` (rows) and `bytes` waiting fill a bounded buffer half: a roll is then due
+    /// whatever `roll_rows`/`roll_bytes` say.
+    pub(crate) fn half_full(&self, events: usize, bytes: usize) -> bool {
+        self.bounded() && (events.saturating_mul(2) >= self.capacity || bytes.saturating_mul(2) >= self.capacity_bytes)
+    }
+
     /// How often a roll loop checks whether a roll is due.
     pub(crate) fn tick(&self) -> Duration {
         (self.roll_interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))

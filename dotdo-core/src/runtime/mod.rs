@@ -704,11 +704,7 @@ impl ObjectRuntime {
         // the call's (a caller told "failed" would repeat a write that happened). Undrained
         // changes stay in the hot log for the next flush.
         let threshold = inner.settings.flush_after_changes;
-        let paused = {
-            let until = inner.auto_flush_pause.lock().1;
-            inner.clock.monotonic() < until
-        };
-        if threshold > 0 && !paused {
+        if threshold > 0 && !auto_flush_paused(inner) {
             let token = active.lease.token;
             let flushed = async {
                 let pending =
@@ -719,17 +715,17 @@ impl ObjectRuntime {
                 Ok::<_, Error>(())
             }
             .await;
-            if flushed.is_ok() {
-                inner.auto_flush_pause.lock().0 = 0;
-            }
-            if let Err(e) = flushed {
-                tracing::warn!(object = %object, error = %e, "dotdo: committed; the auto-flush to cold failed and is left to the next flush");
-                inner.metrics.lock().flush_failures += 1;
-                pause_auto_flush(inner);
-                if activation_spent(&e) {
-                    // Another holder took over while draining, or the hot store is behind
-                    // cold: stop using this activation.
-                    give_back(inner, &mut slot.active).await;
+            match flushed {
+                Ok(()) => inner.auto_flush_pause.lock().0 = 0,
+                Err(e) => {
+                    tracing::warn!(object = %object, error = %e, "dotdo: committed; the auto-flush to cold failed and is left to the next flush");
+                    inner.metrics.lock().flush_failures += 1;
+                    pause_auto_flush(inner);
+                    if activation_spent(&e) {
+                        // Another holder took over while draining, or the hot store is behind
+                        // cold: stop using this activation.
+                        give_back(inner, &mut slot.active).await;
+                    }
                 }
             }
         }
@@ -1347,9 +1343,7 @@ impl ObjectRuntime {
                                 // (skipped, written 0) when it truncates them.
                                 report.commits += u64::from(c.snapshot.is_some());
                                 report.records = report.records.saturating_add(c.records_written);
-                                let mut m = inner.metrics.lock();
-                                m.flushes += u64::from(c.snapshot.is_some());
-                                m.records_flushed = m.records_flushed.saturating_add(c.records_written);
+                                count_commit(inner, &c);
                             }
                             Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
                                 let e = explain_gap(inner, &object, first_seq, e).await;
@@ -2363,6 +2357,12 @@ async fn check_skipped(inner: &Arc<Inner>, object: &ObjectId, after: Seq, commit
 async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<crate::ColdCommit> {
     let policy = crate::retry::RetryPolicy { retries: 5, base: Duration::from_millis(10) };
     crate::retry::retry_idempotent(&*inner.clock, policy, || inner.cold.append(batch.clone())).await
+}
+
+/// Whether automatic flushes are paused after a failure (see [`pause_auto_flush`]).
+fn auto_flush_paused(inner: &Inner) -> bool {
+    let until = inner.auto_flush_pause.lock().1;
+    inner.clock.monotonic() < until
 }
 
 /// Skip automatic flushes for a while after one failed ([`AUTO_FLUSH_PAUSE`], doubling with
