@@ -136,6 +136,7 @@ impl StoreRoot {
         Arc::new(ObjectStoreStorageFactory(ObjectStoreStorage {
             store: self.store.clone(),
             root: self.root.clone(),
+            warehouse: self.warehouse.clone(),
             sync,
         }))
     }
@@ -333,6 +334,8 @@ pub struct ObjectStoreStorage {
     #[serde(skip)]
     store: Arc<dyn ObjectStore>,
     root: String,
+    /// The warehouse location (the root plus the warehouse's path, if any).
+    warehouse: String,
     /// Set when written files are fsynced.
     #[serde(skip)]
     sync: Option<Arc<SyncState>>,
@@ -343,6 +346,7 @@ impl std::fmt::Debug for ObjectStoreStorage {
         f.debug_struct("ObjectStoreStorage")
             .field("store", &format_args!("{}", self.store))
             .field("root", &self.root)
+            .field("warehouse", &self.warehouse)
             .field("sync", &self.sync.is_some())
             .finish()
     }
@@ -472,8 +476,10 @@ impl Storage for ObjectStoreStorage {
 
     async fn delete_prefix(&self, path: &str) -> iceberg::Result<()> {
         let prefix = self.key(path)?;
-        // The warehouse's own root (or the store's): deleting it would delete every table.
-        if prefix.as_ref().is_empty() || self.key(&self.root).is_ok_and(|root| root == prefix) {
+        // The store's root, or the warehouse's own location (`s3://b/wh`: every table under it):
+        // deleting either would delete every table. (The check compared the store's root with
+        // itself, so a warehouse with a path was not protected.)
+        if prefix.as_ref().is_empty() || self.key(&self.warehouse).is_ok_and(|wh| wh == prefix) {
             return Err(iceberg::Error::new(
                 iceberg::ErrorKind::DataInvalid,
                 format!("refusing to delete everything under the warehouse root {path}"),
@@ -689,6 +695,16 @@ mod tests {
         assert!(mem.head(&Path::from("ns/t/a")).await.is_ok(), "nothing was deleted");
         storage.delete_prefix("memory://wh/ns/t").await.expect("a table's prefix");
         assert!(mem.head(&Path::from("ns/t/a")).await.is_err(), "the table's files are gone");
+        // A warehouse with a path: that path is every table too.
+        let root = StoreRoot::from_store(mem.clone(), "memory://bucket/lake").expect("root");
+        mem.put(&Path::from("lake/ns/t/a"), bytes::Bytes::from_static(b"x").into()).await.expect("put");
+        let storage = root.factory().build(&iceberg::io::StorageConfig::new()).expect("storage");
+        for whole in ["memory://bucket/lake", "memory://bucket/lake/", "memory://bucket"] {
+            storage.delete_prefix(whole).await.expect_err(whole);
+        }
+        assert!(mem.head(&Path::from("lake/ns/t/a")).await.is_ok(), "nothing was deleted");
+        storage.delete_prefix("memory://bucket/lake/ns/t").await.expect("a table's prefix");
+        assert!(mem.head(&Path::from("lake/ns/t/a")).await.is_err(), "the table's files are gone");
     }
 
     #[test]
