@@ -202,7 +202,11 @@ mod broken {
             HotFixture { hot: Arc::new(SplitsIds(b.clone(), base)), guard: Arc::new(b), keep_alive: Box::new(()) }
         });
         let n = names(&dotdo_core::testkit::hot::run_all(&f));
-        assert_eq!(n, ["objects_whose_ids_share_a_prefix_are_independent"], "{n:?}");
+        assert_eq!(
+            n,
+            ["objects_whose_ids_share_a_prefix_are_independent", "pending_objects_page_in_byte_order"],
+            "{n:?}"
+        );
     }
 
     #[test]
@@ -212,7 +216,141 @@ mod broken {
             HotFixture { hot: Arc::new(SplitsIds(b.clone(), lower)), guard: Arc::new(b), keep_alive: Box::new(()) }
         });
         let n = names(&dotdo_core::testkit::hot::run_all(&f));
-        assert_eq!(n, ["keys_and_ids_differing_only_in_case_or_form_stay_distinct"], "{n:?}");
+        assert_eq!(
+            n,
+            ["keys_and_ids_differing_only_in_case_or_form_stay_distinct", "pending_objects_page_in_byte_order"],
+            "{n:?}"
+        );
+    }
+
+    /// One plausible bug each, on top of the reference backend (store and guard in one).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Quirk {
+        /// `evict` drops the object's lease with its state ("everything but the counter").
+        EvictDropsTheLease,
+        /// A write under a higher token raises the token before validating the batch.
+        RaisesTheTokenFirst,
+        /// Holders are stored in 64 bytes: leases come back with the holder cut short.
+        CutsHolders,
+        /// `release` frees the lease for any token at or above the current one.
+        ReleasesAtOrAbove,
+        /// Objects with pending changes are ordered (and paged) case-insensitively.
+        CaseInsensitiveOrder,
+        /// The change log takes a put of an empty value for a delete.
+        EmptyPutIsLoggedAsDelete,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Quirky(MemoryBackend, Quirk);
+
+    #[async_trait]
+    impl HotStore for Quirky {
+        async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
+            if self.1 == Quirk::RaisesTheTokenFirst {
+                self.0.write(object, token, WriteBatch::new("T")).await?;
+            }
+            self.0.write(object, token, batch).await
+        }
+        async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
+            self.0.get(object, key).await
+        }
+        async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>> {
+            self.0.list(object, range, limit).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+            let mut v = self.0.read_changes(object, after, limit).await?;
+            if self.1 == Quirk::EmptyPutIsLoggedAsDelete {
+                v.iter_mut().filter(|r| r.value.is_empty()).for_each(|r| r.op = Op::Delete);
+            }
+            Ok(v)
+        }
+        async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+            self.0.truncate_changes(object, token, through).await
+        }
+        async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+            self.0.object_info(object).await
+        }
+        async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+            if self.1 != Quirk::CaseInsensitiveOrder {
+                return self.0.objects_with_pending_changes(after, limit).await;
+            }
+            let mut all = self.0.objects_with_pending_changes(None, usize::MAX).await?;
+            let folded = |o: &ObjectId| o.as_str().to_ascii_lowercase();
+            all.sort_by_key(folded);
+            let from = after.map_or(0, |a| all.iter().position(|o| folded(o) > folded(a)).unwrap_or(all.len()));
+            Ok(all.into_iter().skip(from).take(limit).collect())
+        }
+        async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+            self.0.evict(object, token).await?;
+            if self.1 == Quirk::EvictDropsTheLease {
+                if let Some(l) = self.0.current(object).await? {
+                    self.0.release(&l).await?;
+                }
+            }
+            Ok(())
+        }
+        async fn restore(
+            &self,
+            object: &ObjectId,
+            token: FencingToken,
+            entries: Vec<Entry>,
+            through: Seq,
+        ) -> Result<()> {
+            self.0.restore(object, token, entries, through).await
+        }
+    }
+
+    impl Quirky {
+        fn cut(&self, mut l: Lease) -> Lease {
+            if self.1 == Quirk::CutsHolders && l.holder.as_str().len() > 64 {
+                l.holder = NodeId::new(&l.holder.as_str()[..64]).expect("a prefix of a valid node id");
+            }
+            l
+        }
+    }
+
+    #[async_trait]
+    impl ConsistencyGuard for Quirky {
+        async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
+            Ok(self.cut(self.0.acquire(object, holder, ttl).await?))
+        }
+        async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+            Ok(self.cut(self.0.refresh(lease, ttl).await?))
+        }
+        async fn release(&self, lease: &Lease) -> Result<()> {
+            match self.0.current(&lease.object).await? {
+                Some(cur) if self.1 == Quirk::ReleasesAtOrAbove && lease.token >= cur.token => {
+                    self.0.release(&cur).await
+                }
+                _ => self.0.release(lease).await,
+            }
+        }
+        async fn validate(&self, lease: &Lease) -> Result<()> {
+            self.0.validate(lease).await
+        }
+        async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
+            Ok(self.0.current(object).await?.map(|l| self.cut(l)))
+        }
+    }
+
+    #[test]
+    fn kit_catches_each_quirk() {
+        let cases = [
+            (Quirk::EvictDropsTheLease, "evict_and_restore_keep_the_lease"),
+            (Quirk::RaisesTheTokenFirst, "refused_batches_under_a_higher_token_change_nothing"),
+            (Quirk::CutsHolders, "holders_at_the_id_limit_stay_distinct"),
+            (Quirk::ReleasesAtOrAbove, "release_is_idempotent_and_never_frees_a_newer_lease"),
+            (Quirk::CaseInsensitiveOrder, "pending_objects_page_in_byte_order"),
+            (Quirk::EmptyPutIsLoggedAsDelete, "value_at_limit_is_accepted_and_over_limit_rejected"),
+        ];
+        for (quirk, case) in cases {
+            let f = hot_factory(move |clock| async move {
+                let q = Quirky(MemoryBackend::with_clock(Arc::new(clock)), quirk);
+                HotFixture { hot: Arc::new(q.clone()), guard: Arc::new(q), keep_alive: Box::new(()) }
+            });
+            let n = names(&dotdo_core::testkit::hot::run_all(&f));
+            assert!(n.contains(&case), "{quirk:?} is caught by {case}: {n:?}");
+        }
     }
 
     /// A cold sink that forgets its watermark: every append writes everything again.
@@ -245,6 +383,44 @@ mod broken {
         async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
             self.inner.read_changes(object, after, as_of).await
         }
+    }
+
+    /// A cold sink that takes a put of an empty value for a delete ("no value, no row").
+    #[derive(Debug, Clone)]
+    struct EmptyPutIsDelete(MemoryColdStore);
+
+    #[async_trait]
+    impl ColdSink for EmptyPutIsDelete {
+        async fn append(&self, mut batch: ColdBatch) -> Result<ColdCommit> {
+            for r in batch.objects.iter_mut().flat_map(|oc| oc.records.iter_mut()) {
+                if r.value.is_empty() {
+                    r.op = Op::Delete;
+                }
+            }
+            self.0.append(batch).await
+        }
+        async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+            self.0.watermark(object).await
+        }
+        async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+            self.0.snapshots().await
+        }
+        async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+            self.0.load_state(object, as_of).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+            self.0.read_changes(object, after, as_of).await
+        }
+    }
+
+    #[test]
+    fn kit_catches_a_cold_sink_that_takes_an_empty_put_for_a_delete() {
+        let f = cold_factory(|clock| async move {
+            let inner = MemoryColdStore::with_clock(Arc::new(clock));
+            ColdFixture { sink: Arc::new(EmptyPutIsDelete(inner)), accel: None, keep_alive: Box::new(()) }
+        });
+        let n = names(&dotdo_core::testkit::cold::run_all(&f));
+        assert!(n.contains(&"empty_values_and_names_at_the_limit_roundtrip"), "{n:?}");
     }
 
     /// An accelerator that ignores `AsOf` and always answers from the latest snapshot.

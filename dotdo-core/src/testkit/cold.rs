@@ -639,6 +639,47 @@ pub async fn large_values_roundtrip(f: &ColdFactory) {
     assert!(st.entries[0].value[..] == big[..], "2 MiB value differs after the round trip");
 }
 
+/// Empty values, keys of exactly 1 KiB (also in two-byte characters) and type names of exactly
+/// 256 bytes round-trip whole: an empty put stays a put (not a delete, whose value is empty
+/// too), and no key or type name is cut short (which would merge keys).
+pub async fn empty_values_and_names_at_the_limit_roundtrip(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    let max = crate::MAX_KEY_BYTES;
+    let keys = ["empty".to_string(), "a".repeat(max), format!("{}b", "a".repeat(max - 1)), "é".repeat(max / 2)];
+    let ty = "t".repeat(crate::ids::MAX_TYPE_NAME_BYTES);
+    let first: Vec<ChangeRecord> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let mut r = rec(&o, i as u64 + 1, k, Some(if i == 0 { "" } else { "v" }), 1);
+            r.type_name = ty.clone();
+            r
+        })
+        .collect();
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), first.clone())).await.expect("append");
+    assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes"), first, "every record whole");
+    let st = fx.sink.load_state(&o, AsOf::Latest).await.expect("load");
+    let mut want: Vec<(&str, &[u8])> =
+        keys.iter().enumerate().map(|(i, k)| (k.as_str(), if i == 0 { &b""[..] } else { &b"v"[..] })).collect();
+    want.sort_unstable();
+    let got: Vec<(&str, &[u8])> = st.entries.iter().map(|e| (e.key.as_str(), &e.value[..])).collect();
+    assert_eq!(got, want, "the empty put is live, every key whole");
+    if let Some(a) = fx.accel.as_deref() {
+        let l = a.lookup(&o, "empty", AsOf::Latest).await.expect("lookup");
+        let v = l.value.expect("an empty put is live");
+        assert_eq!((v.op, v.value.len(), v.type_name.len()), (Op::Put, 0, ty.len()));
+    }
+    // Deleting it afterwards removes it; the put's record stays as it was.
+    let del = rec(&o, 5, "empty", None, 1);
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), vec![del.clone()])).await.expect("delete");
+    let st = fx.sink.load_state(&o, AsOf::Latest).await.expect("load");
+    assert_eq!(st.entries.len(), keys.len() - 1);
+    assert!(st.entries.iter().all(|e| e.key != "empty"), "deleted");
+    let log = fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes");
+    assert_eq!((log[0].op, log[4].op), (Op::Put, Op::Delete));
+}
+
 async fn seed_three_commits(fx: &ColdFixture) -> (ObjectId, Vec<i64>) {
     let o = oid("acc");
     let other = oid("zzz-other");
@@ -1313,32 +1354,9 @@ pub fn prop_accelerator_matches_full_scan(f: &ColdFactory) {
 /// Run every cold case (and the property tests) and return the failures instead of panicking.
 pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
     macro_rules! cases {
-        ($($c:ident),+) => { vec![$((stringify!($c), Box::new(|f: &ColdFactory| runtime().block_on($c(f))) as Box<dyn Fn(&ColdFactory)>)),+] };
+        ($($c:ident),+ $(,)?) => { vec![$((stringify!($c), Box::new(|f: &ColdFactory| runtime().block_on($c(f))) as Box<dyn Fn(&ColdFactory)>)),+] };
     }
-    let all = cases!(
-        append_then_load_state,
-        replayed_batch_is_skipped,
-        a_replay_reports_the_durable_watermark,
-        watermarks_match_watermark_one_by_one,
-        overlapping_batch_writes_only_new_records,
-        gap_in_sequence_is_rejected,
-        stale_committer_is_fenced,
-        empty_batch_creates_no_snapshot,
-        multi_object_batch_is_all_or_nothing,
-        invalid_records_are_refused_and_nothing_committed,
-        deletes_apply_and_time_travel_reads_older_snapshots,
-        timestamp_reads_pick_the_latest_snapshot_at_or_before,
-        unknown_snapshot_is_not_found,
-        read_changes_after_a_sequence,
-        large_values_roundtrip,
-        lookup_finds_latest_and_respects_deletes,
-        scan_filters_by_range_type_and_time,
-        scan_filters_and_time_travel_apply_to_the_right_versions,
-        query_stats_are_consistent,
-        same_instant_commits_and_unissued_snapshot_ids,
-        objects_whose_ids_share_a_prefix_are_independent,
-        accelerator_finds_long_and_multibyte_keys
-    );
+    let all = crate::__cold_cases!([cases]());
     let mut failures: Vec<CaseFailure> =
         all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect();
     failures.extend(run_catching("prop_cold_sink_matches_model", || prop_cold_sink_matches_model(f)));

@@ -322,10 +322,11 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("building a tokio runtime for the conformance kit")
 }
 
-/// Number of property-test cases (`DOTDO_PROPTEST_CASES`, default 24); the cold property tests
-/// run half as many, rounded up.
+/// Number of property-test cases (`DOTDO_PROPTEST_CASES`, default 24, at least 1: zero cases
+/// would pass every property test without running it); the cold property tests run half as
+/// many, rounded up.
 pub fn proptest_cases() -> u32 {
-    std::env::var("DOTDO_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24)
+    std::env::var("DOTDO_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24).max(1)
 }
 
 /// One failed case of a [`hot::run_all`] / [`cold::run_all`] run.
@@ -584,9 +585,75 @@ pub fn nid(s: &str) -> crate::NodeId {
 #[macro_export]
 macro_rules! hot_conformance {
     ($factory:expr) => {
+        $crate::__hot_cases!([$crate::__kit_tests](hot, $factory,));
+        #[test]
+        fn prop_hot_store_matches_model() {
+            $crate::testkit::hot::prop_hot_store_matches_model(&$factory);
+        }
+        #[test]
+        fn prop_guard_matches_model() {
+            $crate::testkit::hot::prop_guard_matches_model(&$factory);
+        }
+    };
+}
+
+/// Expands to one `#[test]` per cold conformance case (ColdSink + IndexAccelerator) for the given
+/// [`ColdFactory`](crate::testkit::ColdFactory) expression.
+#[macro_export]
+macro_rules! cold_conformance {
+    ($factory:expr) => {
+        $crate::__cold_cases!([$crate::__kit_tests](cold, $factory,));
+        #[test]
+        fn prop_cold_sink_matches_model() {
+            $crate::testkit::cold::prop_cold_sink_matches_model(&$factory);
+        }
+        #[test]
+        fn prop_accelerator_matches_full_scan() {
+            $crate::testkit::cold::prop_accelerator_matches_full_scan(&$factory);
+        }
+    };
+}
+
+/// Expands to the hot cases that open a backend at a directory, for a
+/// [`HotReopenFactory`](crate::testkit::HotReopenFactory) expression (backends with persistent
+/// state): the `*_survive_reopen` case, and two handles open at once on one database.
+#[macro_export]
+macro_rules! hot_reopen_conformance {
+    ($factory:expr) => {
         $crate::__kit_tests!(
             hot,
             $factory,
+            state_sequence_and_tokens_survive_reopen,
+            fencing_holds_across_two_handles_on_one_database,
+            races_through_two_handles_have_one_winner_and_unique_sequences,
+            a_release_frees_the_object_for_a_node_whose_clock_is_behind
+        );
+    };
+}
+
+/// Expands to the cold cases that open a backend at a directory, for a
+/// [`ColdReopenFactory`](crate::testkit::ColdReopenFactory) expression: the `*_survive_reopen`
+/// case, and two sinks open at once on one table.
+#[macro_export]
+macro_rules! cold_reopen_conformance {
+    ($factory:expr) => {
+        $crate::__kit_tests!(
+            cold,
+            $factory,
+            watermarks_and_state_survive_reopen,
+            two_sinks_on_one_table_write_each_record_once
+        );
+    };
+}
+
+/// The hot conformance cases (one list for [`hot_conformance!`](crate::hot_conformance) and
+/// [`hot::run_all`]): calls the macro at `[path]` with `args` followed by every case name.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __hot_cases {
+    ([$($m:tt)*] ($($args:tt)*)) => {
+        $($m)*! {
+            $($args)*
             put_then_get_roundtrips,
             delete_removes_key_and_is_logged,
             empty_batch_assigns_no_sequence,
@@ -635,27 +702,23 @@ macro_rules! hot_conformance {
             limits_count_bytes_and_type_names_are_checked,
             truncation_concurrent_with_writes_loses_no_change,
             change_reads_page_through_values_at_the_limit,
-            a_batch_is_atomic_to_concurrent_readers
-        );
-        #[test]
-        fn prop_hot_store_matches_model() {
-            $crate::testkit::hot::prop_hot_store_matches_model(&$factory);
-        }
-        #[test]
-        fn prop_guard_matches_model() {
-            $crate::testkit::hot::prop_guard_matches_model(&$factory);
+            a_batch_is_atomic_to_concurrent_readers,
+            evict_and_restore_keep_the_lease,
+            refused_batches_under_a_higher_token_change_nothing,
+            holders_at_the_id_limit_stay_distinct,
+            pending_objects_page_in_byte_order,
         }
     };
 }
 
-/// Expands to one `#[test]` per cold conformance case (ColdSink + IndexAccelerator) for the given
-/// [`ColdFactory`](crate::testkit::ColdFactory) expression.
+/// The cold conformance cases (one list for [`cold_conformance!`](crate::cold_conformance) and
+/// [`cold::run_all`]); see `__hot_cases`.
+#[doc(hidden)]
 #[macro_export]
-macro_rules! cold_conformance {
-    ($factory:expr) => {
-        $crate::__kit_tests!(
-            cold,
-            $factory,
+macro_rules! __cold_cases {
+    ([$($m:tt)*] ($($args:tt)*)) => {
+        $($m)*! {
+            $($args)*
             append_then_load_state,
             replayed_batch_is_skipped,
             a_replay_reports_the_durable_watermark,
@@ -677,48 +740,9 @@ macro_rules! cold_conformance {
             query_stats_are_consistent,
             same_instant_commits_and_unissued_snapshot_ids,
             objects_whose_ids_share_a_prefix_are_independent,
-            accelerator_finds_long_and_multibyte_keys
-        );
-        #[test]
-        fn prop_cold_sink_matches_model() {
-            $crate::testkit::cold::prop_cold_sink_matches_model(&$factory);
+            accelerator_finds_long_and_multibyte_keys,
+            empty_values_and_names_at_the_limit_roundtrip,
         }
-        #[test]
-        fn prop_accelerator_matches_full_scan() {
-            $crate::testkit::cold::prop_accelerator_matches_full_scan(&$factory);
-        }
-    };
-}
-
-/// Expands to the hot cases that open a backend at a directory, for a
-/// [`HotReopenFactory`](crate::testkit::HotReopenFactory) expression (backends with persistent
-/// state): the `*_survive_reopen` case, and two handles open at once on one database.
-#[macro_export]
-macro_rules! hot_reopen_conformance {
-    ($factory:expr) => {
-        $crate::__kit_tests!(
-            hot,
-            $factory,
-            state_sequence_and_tokens_survive_reopen,
-            fencing_holds_across_two_handles_on_one_database,
-            races_through_two_handles_have_one_winner_and_unique_sequences,
-            a_release_frees_the_object_for_a_node_whose_clock_is_behind
-        );
-    };
-}
-
-/// Expands to the cold cases that open a backend at a directory, for a
-/// [`ColdReopenFactory`](crate::testkit::ColdReopenFactory) expression: the `*_survive_reopen`
-/// case, and two sinks open at once on one table.
-#[macro_export]
-macro_rules! cold_reopen_conformance {
-    ($factory:expr) => {
-        $crate::__kit_tests!(
-            cold,
-            $factory,
-            watermarks_and_state_survive_reopen,
-            two_sinks_on_one_table_write_each_record_once
-        );
     };
 }
 
