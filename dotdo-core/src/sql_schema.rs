@@ -238,7 +238,35 @@ pub fn is_private_database(path: &std::path::Path) -> bool {
         || p == ":memory:"
         || p == "file:"
         || p.starts_with("file:?")
-        || (p.starts_with("file:") && (p.contains("mode=memory") || p.starts_with("file::memory:")))
+        || p.starts_with("file::memory:")
+        || uri_parameters(&p).any(|param| param == "mode=memory")
+}
+
+/// The parameters of a `file:` URI's query (`name=value`, as written), none for a plain path.
+/// Only the query counts: a directory named `mode=memory` is part of the path.
+fn uri_parameters(p: &str) -> impl Iterator<Item = &str> {
+    let query = p.strip_prefix("file:").and_then(|uri| uri.split('#').next()?.split_once('?')).map(|(_, q)| q);
+    query.into_iter().flat_map(|q| q.split('&'))
+}
+
+/// `path` for a connection that must not create the database (a store's readers and checkpoint
+/// connection open the file its writer made): a `file:` URI's `mode=rwc` becomes `mode=rw`.
+/// SQLite refuses a URI asking for more access than the open flags allow, so without this a
+/// `file:...?mode=rwc` database failed on every read.
+pub fn without_create_mode(path: &std::path::Path) -> std::path::PathBuf {
+    let p = path.to_string_lossy();
+    if !uri_parameters(&p).any(|param| param == "mode=rwc") {
+        return path.to_path_buf();
+    }
+    let (head, fragment) = p.split_once('#').map_or((&*p, None), |(h, f)| (h, Some(f)));
+    let (file, query) = head.split_once('?').expect("a URI with parameters has a query");
+    let query: Vec<&str> = query.split('&').map(|param| if param == "mode=rwc" { "mode=rw" } else { param }).collect();
+    let mut out = format!("{file}?{}", query.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    std::path::PathBuf::from(out)
 }
 
 /// The file at a database's path, as a store opened it: SQLite notices a deleted or replaced
@@ -346,6 +374,14 @@ pub fn validate_checkpointing(
     wal_autocheckpoint_pages: u32,
     background_checkpoint: Option<std::time::Duration>,
 ) -> crate::Result<()> {
+    // SQLite reads the pragma's value as a 32-bit integer and takes anything larger as 0: off.
+    if wal_autocheckpoint_pages > i32::MAX as u32 {
+        return Err(crate::Error::invalid(format!(
+            "wal_autocheckpoint_pages {wal_autocheckpoint_pages} is over {} (SQLite would read it as 0: no automatic \
+             checkpoints)",
+            i32::MAX
+        )));
+    }
     if wal_autocheckpoint_pages == 0 && background_checkpoint.is_none_or(|d| d.is_zero()) {
         return Err(crate::Error::invalid(
             "wal_autocheckpoint_pages 0 with background_checkpoint off: nothing would checkpoint the WAL, which \
@@ -528,6 +564,29 @@ mod tests {
             assert!(is_private_database(Path::new(private)), "{private}");
         }
         assert!(!is_private_database(Path::new("file:hot.db")));
+        // Only the query says "memory": a directory of that name is part of a file's path.
+        for file in ["file:/srv/mode=memory/hot.db", "file:/srv/mode=memory/hot.db?mode=rwc", "file:x#?mode=memory"] {
+            assert!(!is_private_database(Path::new(file)), "{file}");
+        }
+        assert!(is_private_database(Path::new("file:x?cache=shared&mode=memory")));
+    }
+
+    /// Connections that must not create the database ask for `mode=rw` where the URI says
+    /// `mode=rwc`; everything else is kept as written.
+    #[test]
+    fn create_mode_is_dropped_for_connections_that_must_not_create() {
+        let rw = |p: &str| super::without_create_mode(Path::new(p)).to_string_lossy().into_owned();
+        assert_eq!(rw("file:/srv/hot.db?mode=rwc"), "file:/srv/hot.db?mode=rw");
+        assert_eq!(
+            rw("file:/srv/hot.db?cache=shared&mode=rwc&vfs=unix"),
+            "file:/srv/hot.db?cache=shared&mode=rw&vfs=unix"
+        );
+        assert_eq!(rw("file:/srv/hot.db?mode=rwc#frag"), "file:/srv/hot.db?mode=rw#frag");
+        for same in
+            ["/srv/mode=rwc/hot.db", "file:/srv/mode=rwc/hot.db", "file:/srv/hot.db?mode=ro", "file:/srv/hot.db"]
+        {
+            assert_eq!(rw(same), same);
+        }
     }
 
     /// dotdo-libsql runs the schema one statement per step, split on `;`: a `;` inside a comment

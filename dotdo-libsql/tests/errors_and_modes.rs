@@ -189,6 +189,8 @@ fn settings_are_validated() {
         LibsqlSettings { retry_backoff: Duration::MAX, max_backoff: Duration::MAX, ..Default::default() },
         // Nothing would checkpoint a local file's WAL: it would grow with every write until close.
         LibsqlSettings { wal_autocheckpoint_pages: 0, background_checkpoint: None, ..Default::default() },
+        // SQLite reads a value over i32::MAX as 0: automatic checkpoints off.
+        LibsqlSettings { wal_autocheckpoint_pages: 1 << 31, background_checkpoint: None, ..Default::default() },
     ] {
         let e = LibsqlStore::local("x.db").with_settings(bad).validate().expect_err("invalid settings");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput);

@@ -194,8 +194,12 @@ impl SqliteStoreBuilder {
 fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Result<Connection> {
     let doing = format!("opening {}", path.display());
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
-    let flags = if create { flags | OpenFlags::SQLITE_OPEN_CREATE } else { flags };
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| map(e, &doing))?;
+    let conn = if create {
+        Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_CREATE)
+    } else {
+        Connection::open_with_flags(dotdo_core::sql_schema::without_create_mode(path), flags)
+    }
+    .map_err(|e| map(e, &doing))?;
     conn.busy_timeout(settings.busy_timeout).map_err(|e| map(e, &doing))?;
     conn.set_prepared_statement_cache_capacity(64);
     // Plans that do not depend on bound values: SQLite 3.5x re-prepares a statement on every

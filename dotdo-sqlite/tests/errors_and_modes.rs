@@ -278,6 +278,11 @@ async fn invalid_settings_are_invalid_input_not_a_panic() {
                 ..Default::default()
             },
         ),
+        // SQLite reads a value over i32::MAX as 0: automatic checkpoints off.
+        (
+            "2^31 autocheckpoint pages",
+            SqliteSettings { wal_autocheckpoint_pages: 1 << 31, background_checkpoint: None, ..Default::default() },
+        ),
     ] {
         for execution in [Execution::Inline, Execution::Auto] {
             let settings = SqliteSettings { execution, ..settings.clone() };
@@ -293,6 +298,26 @@ async fn invalid_settings_are_invalid_input_not_a_panic() {
         .open()
         .await
         .expect("checkpoints on the background thread only");
+}
+
+/// A `file:` URI asking SQLite to create the file (`mode=rwc`) opens a working store, with and
+/// without the background checkpoint thread: the readers and the checkpoint connection, which
+/// must not create the file, were refused ("access mode not allowed") and every read failed.
+#[tokio::test]
+async fn a_uri_with_mode_rwc_opens_a_working_store() {
+    use dotdo_core::{ConsistencyGuard, HotStoreExt, NodeId, ObjectId};
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, background) in [("a.db", Some(Duration::from_millis(10))), ("b.db", None)] {
+        let uri = format!("file:{}?mode=rwc", dir.path().join(name).display());
+        let settings = SqliteSettings { background_checkpoint: background, ..Default::default() };
+        let store = SqliteStore::builder(&uri).with_settings(settings).open().await.expect(name);
+        let o = ObjectId::new("o1").expect("id");
+        let l = store.acquire(&o, &NodeId::new("n1").expect("id"), Duration::from_secs(10)).await.expect("acquire");
+        store.put(&o, l.token, "T", "k", "v".into()).await.expect("put");
+        assert_eq!(store.get(&o, "k").await.expect("a read on a reader connection").as_deref(), Some(&b"v"[..]));
+        assert_eq!(store.current(&o).await.expect("current"), Some(l));
+        assert!(dir.path().join(name).exists(), "{name}: the file is where the URI says");
+    }
 }
 
 #[tokio::test]
