@@ -369,7 +369,7 @@ pub(crate) async fn open(
                 .map(|(_, v)| v.trim().to_string())
                 .collect();
             let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
-                .with_storage_factory(factory)
+                .with_storage_factory(factory.clone())
                 .load(name.to_string(), props)
                 .await
                 .map_err(|e| {
@@ -382,7 +382,7 @@ pub(crate) async fn open(
                     }
                     dotdo_core::Error::new(e.kind().clone(), msg).with_retryable(e.is_retryable())
                 })?;
-            plain(Arc::new(Redacted { inner: Arc::new(catalog), uri: without_password(uri), renews }))
+            plain(Arc::new(Redacted::new(catalog, without_password(uri), renews, factory)))
         }
         CatalogConfig::Custom(build) => {
             plain(build(factory).await.map_err(|e| e.context(format!("opening catalog {name}")))?)
@@ -678,10 +678,42 @@ struct Redacted {
     /// A credential is configured (not a fixed token): a token the catalog answers as expired
     /// (401, or 419 as the REST spec has it) is exchanged anew.
     renews: bool,
+    /// dotdo's storage, and the runtime tables run on, for the tables handed out.
+    factory: Arc<dyn StorageFactory>,
+    runtime: iceberg::Runtime,
 }
 
 #[cfg(feature = "rest")]
 impl Redacted {
+    /// Wrap `inner` (call within the tokio runtime its tables are to use).
+    fn new(
+        inner: iceberg_catalog_rest::RestCatalog,
+        uri: String,
+        renews: bool,
+        factory: Arc<dyn StorageFactory>,
+    ) -> Self {
+        let runtime = iceberg::Runtime::current();
+        Redacted { inner: Arc::new(inner), uri, renews, factory, runtime }
+    }
+
+    /// `table` with a FileIO of dotdo's storage alone. iceberg-catalog-rest builds each table's
+    /// FileIO from the catalog's own properties (the OAuth credential, the token, headers) and
+    /// the table's vended configuration (storage keys), and a table's `Debug` prints them all;
+    /// dotdo's storage takes nothing from them.
+    fn scrubbed(&self, table: iceberg::Result<Table>) -> iceberg::Result<Table> {
+        let table = table?;
+        let mut b = Table::builder()
+            .metadata(table.metadata_ref())
+            .identifier(table.identifier().clone())
+            .file_io(iceberg::io::FileIOBuilder::new(self.factory.clone()).build())
+            .readonly(table.readonly())
+            .runtime(self.runtime.clone());
+        if let Some(location) = table.metadata_location() {
+            b = b.metadata_location(location);
+        }
+        b.build()
+    }
+
     /// Whether the token was refused as expired and renewed (it is an error if it cannot be).
     async fn renewed(&self, e: &iceberg::Error) -> iceberg::Result<bool> {
         if !self.renews || !crate::error::token_refused(e) {
@@ -710,7 +742,10 @@ impl Redacted {
     async fn renewed_or<T>(&self, out: iceberg::Result<T>) -> iceberg::Result<T> {
         match out {
             Err(e) if self.renewed(&e).await? => {
-                Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, crate::error::TOKEN_RENEWED).with_source(e))
+                // Refused for its token: nothing was applied (a commit's files are no one's).
+                let refused = crate::error::classify(e, "a call refused for its expired token");
+                Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, crate::error::TOKEN_RENEWED)
+                    .with_source(NotLanded(refused)))
             }
             other => other,
         }
@@ -758,10 +793,10 @@ impl Catalog for Redacted {
     }
     async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
         let out = self.inner.create_table(namespace, creation).await;
-        self.renewed_or(out).await
+        self.scrubbed(self.renewed_or(out).await)
     }
     async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
-        self.renewing(|| self.inner.load_table(table)).await
+        self.scrubbed(self.renewing(|| self.inner.load_table(table)).await)
     }
     async fn drop_table(&self, table: &TableIdent) -> iceberg::Result<()> {
         self.renewing(|| self.inner.drop_table(table)).await
@@ -776,11 +811,11 @@ impl Catalog for Redacted {
         self.renewing(|| self.inner.rename_table(src, dest)).await
     }
     async fn register_table(&self, table: &TableIdent, metadata_location: String) -> iceberg::Result<Table> {
-        self.renewing(|| self.inner.register_table(table, metadata_location.clone())).await
+        self.scrubbed(self.renewing(|| self.inner.register_table(table, metadata_location.clone())).await)
     }
     async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
         let out = self.inner.update_table(commit).await;
-        self.renewed_or(out).await
+        self.scrubbed(self.renewed_or(out).await)
     }
 }
 
@@ -799,6 +834,22 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
         let log = seen.clone();
+        // Table `ns.t`, with storage keys vended in its configuration.
+        let creation = iceberg::TableCreation::builder()
+            .name("t".to_string())
+            .location("memory://rest/ns/t".to_string())
+            .schema(iceberg::spec::Schema::builder().build().expect("schema"))
+            .build();
+        let metadata = iceberg::spec::TableMetadataBuilder::from_table_creation(creation)
+            .and_then(|b| b.build())
+            .expect("table metadata")
+            .metadata;
+        let table = serde_json::json!({
+            "metadata-location": "memory://rest/ns/t/metadata/00000-x.metadata.json",
+            "metadata": metadata,
+            "config": {"s3.secret-access-key": "vended-s3cr3t"},
+        })
+        .to_string();
         std::thread::spawn(move || {
             let mut issued = 0;
             for conn in listener.incoming() {
@@ -819,6 +870,8 @@ mod tests {
                 {
                     let expired = r#"{"error":{"message":"token expired","type":"NotAuthorizedException","code":401}}"#;
                     ("401 Unauthorized", expired.to_string())
+                } else if line.starts_with("GET /v1/namespaces/ns/tables/t ") {
+                    ("200 OK", table.clone())
                 } else if line.starts_with("GET /v1/namespaces") {
                     ("200 OK", r#"{"namespaces":[]}"#.to_string())
                 } else {
@@ -857,11 +910,11 @@ mod tests {
             let factory: std::sync::Arc<dyn iceberg::io::StorageFactory> =
                 std::sync::Arc::new(iceberg::io::LocalFsStorageFactory);
             let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
-                .with_storage_factory(factory)
+                .with_storage_factory(factory.clone())
                 .load("rest", props)
                 .await
                 .expect("catalog");
-            super::Redacted { inner: std::sync::Arc::new(catalog), uri: String::new(), renews }
+            super::Redacted::new(catalog, String::new(), renews, factory)
         };
         let c = open(true).await;
         assert_eq!(c.list_namespaces(None).await.expect("listed with a renewed token"), vec![]);
@@ -878,6 +931,25 @@ mod tests {
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::Unavailable, "{e}");
         assert!(e.is_retryable(), "{e}");
         assert!(seen.lock().last().is_some_and(|l| l.starts_with("POST /v1/oauth/tokens")), "{:?}", seen.lock());
+        // Refused for its token, the call was not applied: a commit's files are no one's.
+        let c = open(true).await;
+        let e = c
+            .create_table(
+                &ns,
+                TableCreation::builder()
+                    .name("u".to_string())
+                    .schema(iceberg::spec::Schema::builder().build().expect("schema"))
+                    .build(),
+            )
+            .await
+            .expect_err("refused for its token");
+        assert!(super::did_not_land(&e), "{e}");
+        // A loaded table prints neither the catalog's credential nor the storage keys the
+        // catalog vended for it (iceberg-catalog-rest puts both in the table's FileIO).
+        let t = c.load_table(&iceberg::TableIdent::new(ns.clone(), "t".to_string())).await.expect("load");
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("secret") && !shown.contains("s3cr3t"), "{shown}");
+        assert_eq!(t.metadata().location(), "memory://rest/ns/t");
         // A fixed token is not exchanged: its refusal is the caller's to see.
         let before = seen.lock().len();
         let e = open(false).await.list_namespaces(None).await.expect_err("a fixed, expired token");
@@ -951,10 +1023,10 @@ mod tests {
             (iceberg_catalog_rest::REST_CATALOG_PROP_URI.to_string(), "http://127.0.0.1:1".to_string()),
             ("token".to_string(), "s3cr3t".to_string()),
         ]);
-        let inner = std::sync::Arc::new(
-            iceberg_catalog_rest::RestCatalogBuilder::default().load("r", props).await.expect("a lazy REST catalog"),
-        );
-        let shown = format!("{:?}", super::Redacted { inner, uri: "https://catalog".into(), renews: false });
+        let inner = iceberg_catalog_rest::RestCatalogBuilder::default().load("r", props).await.expect("a lazy catalog");
+        let factory: std::sync::Arc<dyn iceberg::io::StorageFactory> =
+            std::sync::Arc::new(iceberg::io::LocalFsStorageFactory);
+        let shown = format!("{:?}", super::Redacted::new(inner, "https://catalog".into(), false, factory));
         assert_eq!(shown, "RestCatalog { uri: \"https://catalog\", .. }");
         let config = super::CatalogConfig::Rest {
             uri: "https://user:s3cr3t@catalog/api".into(),

@@ -95,11 +95,22 @@ impl StoreRoot {
         let from_env = if options.is_empty() { cloud_store_from_env(&url) } else { None };
         let opened = match from_env {
             Some(opened) => opened,
-            None => object_store::parse_url_opts(&url, options).map(|(store, _path)| store),
+            None => object_store::parse_url_opts(&url, options.clone()).map(|(store, _path)| store),
         };
         let store = opened.map_err(|e| {
-            Error::invalid(format!("cannot open warehouse {warehouse}: {e} (is the scheme's cargo feature enabled?)"))
-                .with_source(e)
+            // object_store may quote an option's value (a service-account key passed where a
+            // file name goes, or taken from the environment): none is shown, and its error is
+            // not kept as the source (its Debug would show it).
+            let mut shown = e.to_string();
+            let env = std::env::vars().filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)));
+            for (_, value) in options.iter().cloned().chain(env) {
+                if value.len() >= 4 {
+                    shown = shown.replace(&value, "<redacted>");
+                }
+            }
+            Error::invalid(format!(
+                "cannot open warehouse {warehouse}: {shown} (is the scheme's cargo feature enabled?)"
+            ))
         })?;
         Ok(StoreRoot { local_files, ..Self::with_store(Arc::from(store), &url) })
     }
@@ -238,15 +249,34 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     if trimmed.starts_with('/') {
         return local(std::path::Path::new(trimmed));
     }
-    let url = Url::parse(trimmed)
-        .map_err(|e| Error::invalid(format!("warehouse {warehouse} is not a URL")).with_source(e))?;
+    let url = Url::parse(trimmed).map_err(|e| {
+        // Not shown: what does not parse may hold a password the parser could not take apart.
+        let scheme = trimmed.split_once("://").map_or("", |(s, _)| s);
+        Error::invalid(format!("warehouse ({scheme}://…) is not a URL: {e}"))
+    })?;
     // A query or fragment would become part of every table location (`s3://b/wh?x=1/ns/t/…`),
     // and a password part of every message naming the warehouse; credentials go in options.
     if url.query().is_some() || url.fragment().is_some() || url.password().is_some() {
-        let shown = crate::catalog::without_password(trimmed);
+        let mut shown = url.clone();
+        shown.set_query(None);
+        shown.set_fragment(None);
+        if shown.password().is_some() {
+            let _ = shown.set_password(Some("redacted"));
+        }
         return Err(Error::invalid(format!(
             "warehouse {shown}: a warehouse URL has no query, fragment or password (give credentials as store options)"
         )));
+    }
+    if url.scheme() == "file" {
+        // `file:lake`, `file:./wh` and `file:C:/wh` parse as `/lake`, `/wh` and `/C:/wh`: a
+        // relative path would be taken from the root. And `file://host/…` names no local path.
+        let absolute = trimmed.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("file:/"));
+        if !absolute || url.to_file_path().is_err() {
+            return Err(Error::invalid(format!(
+                "warehouse {warehouse}: a file: warehouse URL names an absolute local path (file:///abs/path), or \
+                 give the path itself"
+            )));
+        }
     }
     match url.to_file_path() {
         // `file:///a//b`: the same directory as `/a/b` (object paths have no empty segments).
@@ -476,13 +506,22 @@ impl Storage for ObjectStoreStorage {
 
     async fn delete_prefix(&self, path: &str) -> iceberg::Result<()> {
         let prefix = self.key(path)?;
-        // The store's root, or the warehouse's own location (`s3://b/wh`: every table under it):
-        // deleting either would delete every table. (The check compared the store's root with
-        // itself, so a warehouse with a path was not protected.)
-        if prefix.as_ref().is_empty() || self.key(&self.warehouse).is_ok_and(|wh| wh == prefix) {
+        // Only a table's prefix or one under it (at least a namespace and a table below the
+        // warehouse): the store's root, the warehouse's own location, a namespace, or anything
+        // above or beside the warehouse (`s3://b/a` of warehouse `s3://b/a/wh`) would delete
+        // tables, or other data, wholesale.
+        let warehouse = self.key(&self.warehouse).map_err(|e| {
+            iceberg::Error::new(iceberg::ErrorKind::DataInvalid, format!("the warehouse's own location: {e}"))
+        })?;
+        let below = prefix.prefix_match(&warehouse).map_or(0, |parts| parts.count());
+        if below < 2 {
             return Err(iceberg::Error::new(
                 iceberg::ErrorKind::DataInvalid,
-                format!("refusing to delete everything under the warehouse root {path}"),
+                format!(
+                    "refusing to delete everything under {path}: only a table's prefix under the warehouse {} is \
+                     deleted whole",
+                    self.warehouse
+                ),
             ));
         }
         let locs = self.store.list(Some(&prefix)).map_ok(|m| m.location).boxed();
@@ -674,10 +713,27 @@ mod tests {
         assert!(StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "not a url").is_err());
         // A query or fragment would become part of every table location, a password part of
         // every message naming the warehouse: refused, the password not shown.
-        for bad in ["s3://b/wh?x=1", "memory://wh#frag", "https://user:s3cr3t@host/wh"] {
+        for bad in [
+            "s3://b/wh?x=1",
+            "memory://wh#frag",
+            "https://user:s3cr3t@host/wh",
+            // A pasted presigned URL, a key as a query parameter, a URL that does not parse.
+            "s3://b/wh?X-Amz-Credential=AKIA&X-Amz-Signature=s3cr3t",
+            "s3://b/wh?secret_access_key=s3cr3t",
+            "https://u:s3cr3t@host:99999/wh",
+        ] {
             let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{bad}: {e}");
             assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
+        }
+        // A file: URL with a relative path (taken from the root) or a host (no local path).
+        for bad in ["file:lake", "file:./data/wh", "file:../wh", "file:C:/wh", "file://nas/lake"] {
+            let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{bad}: {e}");
+        }
+        for good in ["file:///tmp/lake", "file:/tmp/lake", "FILE:///tmp/lake", "file://localhost/tmp/lake"] {
+            let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), good).expect(good);
+            assert_eq!(r.warehouse, "file:///tmp/lake", "{good}");
         }
     }
 
@@ -701,6 +757,18 @@ mod tests {
         let storage = root.factory().build(&iceberg::io::StorageConfig::new()).expect("storage");
         for whole in ["memory://bucket/lake", "memory://bucket/lake/", "memory://bucket"] {
             storage.delete_prefix(whole).await.expect_err(whole);
+        }
+        // Above or beside the warehouse, or a whole namespace: refused too.
+        let nested = StoreRoot::from_store(mem.clone(), "memory://bucket/a/wh").expect("root");
+        let nested = nested.factory().build(&iceberg::io::StorageConfig::new()).expect("storage");
+        for key in ["a/wh/ns/t/x", "a/other/y", "b/z"] {
+            mem.put(&Path::from(key), bytes::Bytes::from_static(b"x").into()).await.expect("put");
+        }
+        for refused in ["memory://bucket/a", "memory://bucket/a/", "memory://bucket/b", "memory://bucket/a/wh/ns"] {
+            nested.delete_prefix(refused).await.expect_err(refused);
+        }
+        for key in ["a/wh/ns/t/x", "a/other/y", "b/z"] {
+            assert!(mem.head(&Path::from(key)).await.is_ok(), "{key} was deleted");
         }
         assert!(mem.head(&Path::from("lake/ns/t/a")).await.is_ok(), "nothing was deleted");
         storage.delete_prefix("memory://bucket/lake/ns/t").await.expect("a table's prefix");
@@ -735,6 +803,12 @@ mod tests {
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("aws_endpont"), "{e}");
         StoreRoot::open("s3://b/wh", [("aws_region", "us-east-1"), ("aws_allow_http", "true")]).expect("known keys");
+        // object_store quotes a value it cannot use (a GCS service-account key given where a
+        // file name goes is quoted so): no option's value is shown, nor kept in a source.
+        let e = StoreRoot::open("s3://b/wh", [("aws_allow_http", "not-a-bool-s3cr3t")]).expect_err("not a boolean");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput);
+        assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
+        assert!(e.to_string().contains("<redacted>"), "{e}");
         let e = StoreRoot::open("memory://wh", [("aws_region", "x")]).expect_err("memory takes none");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput);
         let dir = tempfile::tempdir().expect("tempdir");
