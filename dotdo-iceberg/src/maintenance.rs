@@ -672,6 +672,7 @@ mod tests {
         for seq in 1..=2u64 {
             cold.append(crate::commit::tests::batch("o", seq)).await.expect("append");
         }
+        let before_reset = cold.snapshots().await.expect("snapshots").last().expect("dotdo's").committed_at;
         let t = cold.refresh().await.expect("table");
         let head = t.metadata().current_snapshot().expect("head").clone();
         let mut files = Vec::new();
@@ -680,6 +681,8 @@ mod tests {
             files.extend(m.entries().iter().filter(|e| e.is_alive()).map(|e| e.data_file().clone()));
         }
         let reset = vec![iceberg::TableUpdate::RemoveSnapshotRef { ref_name: "main".into() }];
+        // The replacement is stamped after dotdo's last commit.
+        dotdo_core::Clock::sleep(&dotdo_core::SystemClock::new(), Duration::from_millis(5)).await;
         cold.commit_updates(&t, reset, vec![], "resetting main").await.expect("reset");
         let t = cold.refresh().await.expect("table");
         let tx = Transaction::new(&t);
@@ -690,6 +693,9 @@ mod tests {
         let e = cold.watermark(&o).await.expect_err("unknown watermarks");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
         let e = cold.append(crate::commit::tests::batch("o", 1)).await.expect_err("a replay");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        // A read as of a time before the new history began: dotdo's old state, not nothing.
+        let e = cold.load_state(&o, dotdo_core::AsOf::Timestamp(before_reset)).await.expect_err("not empty");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
         // Expiring dotdo's old snapshots would erase the evidence (the watermarks would then read
         // as empty): refused, nothing expired, the table still reads as Corrupt.

@@ -946,13 +946,19 @@ impl IcebergColdStore {
     }
 
     async fn query(&self, object: &ObjectId, as_of: AsOf, filter: Filter) -> Result<(Vec<ChangeRecord>, QueryStats)> {
+        self.latest_once_more(as_of, || self.query_once(object, as_of, &filter)).await
+    }
+
+    async fn query_once(
+        &self,
+        object: &ObjectId,
+        as_of: AsOf,
+        filter: &Filter,
+    ) -> Result<(Vec<ChangeRecord>, QueryStats)> {
         let sw = Stopwatch::start(self.inner.clock.clone());
-        let read_on = |table: Table| {
-            let filter = &filter;
-            async move {
-                let snap = Self::resolve(&table, as_of)?;
-                self.read_at(snap.as_ref(), self.records_of(&table, snap.as_ref(), object, filter)).await
-            }
+        let read_on = |table: Table| async move {
+            let snap = Self::resolve(&table, as_of)?;
+            self.read_at(snap.as_ref(), self.records_of(&table, snap.as_ref(), object, filter)).await
         };
         let (records, mut stats) = if self.inner.settings.refresh_reads {
             // Read the table state we know while the catalog is asked whether it is still

@@ -103,9 +103,10 @@ pub struct Settings {
     /// Reload the table from the catalog before each read and `watermark` call (default true),
     /// so reads see other writers' commits (with a SQL catalog only the table pointer is read
     /// when nothing changed). With `false` a store sees only its own commits until it commits
-    /// again or [`IcebergColdStore::refresh`] is called; and if another process's maintenance
-    /// expires the state it holds and cleans up its files (after the cleanup retention), its
-    /// reads fail with `Corrupt` naming a missing file until it refreshes. Keep it on where
+    /// again or [`IcebergColdStore::refresh`] is called; if another process's maintenance
+    /// expires the state it holds and cleans up its files (after the cleanup retention), a read
+    /// that finds a file missing refreshes: a read of the latest state is then made again on the
+    /// current table, a read of the expired snapshot (by id or time) is `NotFound`. Keep it on where
     /// another node drains the same objects: an object evicted there whose changes this store
     /// does not see yet is refused with `Corrupt` by the runtime here.
     pub refresh_reads: bool,
@@ -903,12 +904,21 @@ impl IcebergColdStore {
                 }
                 // The walk ended before `ts`. If the oldest retained ancestor still has a parent,
                 // the history before it was expired: the state at `ts` is unknown, not empty.
-                match oldest.and_then(|s| s.parent_snapshot_id()) {
-                    Some(parent) => Err(Error::new(
+                match oldest.as_ref().map(|s| (s, s.parent_snapshot_id())) {
+                    Some((_, Some(parent))) => Err(Error::new(
                         ErrorKind::NotFound,
                         format!("no retained snapshot at or before {ts:?}: history before snapshot {parent}'s child was expired"),
                     )),
-                    None => Ok(None),
+                    // A history that another engine started anew after dotdo's commits: what
+                    // was there at `ts` is dotdo's old history, not nothing (reads of the
+                    // latest state and appends are `Corrupt` on such a table too).
+                    Some((root, None)) if summary::replaced_history(&md, root) => Err(Error::corrupt(format!(
+                        "table {}: the history of snapshot {head} starts at snapshot {} after dotdo's commits (the \
+                         table was replaced by another engine?): the state at {ts:?} is not in it",
+                        md.location(),
+                        root.snapshot_id()
+                    ))),
+                    _ => Ok(None),
                 }
             }
         }
@@ -1547,6 +1557,44 @@ impl ColdSink for IcebergColdStore {
     }
 
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+        self.latest_once_more(as_of, || self.load_state_once(object, as_of)).await
+    }
+
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+        self.latest_once_more(as_of, || self.changes_between(object, after, None, as_of)).await
+    }
+
+    async fn read_changes_through(
+        &self,
+        object: &ObjectId,
+        after: Seq,
+        through: Seq,
+        as_of: AsOf,
+    ) -> Result<Vec<ChangeRecord>> {
+        if through <= after {
+            return Ok(Vec::new());
+        }
+        self.latest_once_more(as_of, || self.changes_between(object, after, Some(through), as_of)).await
+    }
+}
+
+impl IcebergColdStore {
+    /// `read`, and once more if it asked for the latest state and found the snapshot it read
+    /// expired meanwhile (`NotFound` from [`read_at`](Self::read_at), which has refreshed the
+    /// table): a caller of `AsOf::Latest` has nothing to re-pin. Only for `Latest`: a read of a
+    /// given snapshot or time keeps its `NotFound`.
+    pub(crate) async fn latest_once_more<T, F, Fut>(&self, as_of: AsOf, read: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        match read().await {
+            Err(e) if as_of == AsOf::Latest && e.kind() == &ErrorKind::NotFound => read().await,
+            other => other,
+        }
+    }
+
+    async fn load_state_once(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         let table = self.read_table().await?;
         let snap = Self::resolve(&table, as_of)?;
         let read = async {
@@ -1564,25 +1612,6 @@ impl ColdSink for IcebergColdStore {
         Ok(ColdState { entries, through, snapshot: snap.map(|s| s.snapshot_id()) })
     }
 
-    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
-        self.changes_between(object, after, None, as_of).await
-    }
-
-    async fn read_changes_through(
-        &self,
-        object: &ObjectId,
-        after: Seq,
-        through: Seq,
-        as_of: AsOf,
-    ) -> Result<Vec<ChangeRecord>> {
-        if through <= after {
-            return Ok(Vec::new());
-        }
-        self.changes_between(object, after, Some(through), as_of).await
-    }
-}
-
-impl IcebergColdStore {
     /// The changes of `object` with `seq > after` (and `seq <= through`), as of a snapshot. Files
     /// whose sequence bounds lie outside the range are not opened; rows outside it are dropped as
     /// each batch is decoded.

@@ -68,16 +68,14 @@ pub fn dotdo_base(
         // reset (another engine's `REPLACE TABLE … AS SELECT` keeps the old snapshots and starts
         // `main` anew). Its watermarks are unknown, not empty: taking them as empty would write
         // replays twice and let a stale committer through.
-        ChainEnd::Root => match chain.last().map(|root| root.sequence_number()) {
-            Some(root) if md.snapshots().any(|s| is_dotdo(s) && s.sequence_number() < root) => {
-                Err(Error::corrupt(format!(
-                    "table {}: the history of snapshot {} starts at snapshot {} without dotdo's watermarks, \
+        ChainEnd::Root => match chain.last() {
+            Some(root) if replaced_history(md, root) => Err(Error::corrupt(format!(
+                "table {}: the history of snapshot {} starts at snapshot {} without dotdo's watermarks, \
                      after dotdo's commits (the table was replaced by another engine?)",
-                    md.location(),
-                    snapshot.snapshot_id(),
-                    chain.last().map_or(0, |s| s.snapshot_id())
-                )))
-            }
+                md.location(),
+                snapshot.snapshot_id(),
+                chain.last().map_or(0, |s| s.snapshot_id())
+            ))),
             _ => Ok(None),
         },
         ChainEnd::Expired(parent) => Err(Error::corrupt(format!(
@@ -92,6 +90,13 @@ pub fn dotdo_base(
             snapshot.snapshot_id()
         ))),
     }
+}
+
+/// Whether `root`, the first snapshot of a history (no parent), started after dotdo had
+/// committed to the table: a dotdo snapshot with a lower sequence number is in the metadata.
+/// Such a history replaced dotdo's (another engine's `REPLACE TABLE … AS SELECT`).
+pub(crate) fn replaced_history(md: &iceberg::spec::TableMetadata, root: &Snapshot) -> bool {
+    md.snapshots().any(|s| is_dotdo(s) && s.sequence_number() < root.sequence_number())
 }
 
 /// How [`chain_to_dotdo`] ended.

@@ -2513,6 +2513,19 @@ async fn a_snapshot_expired_while_it_is_read_is_not_found() {
         .await
         .expect("reader");
     assert_eq!(reader.load_state(&o, AsOf::Snapshot(first)).await.expect("as of the first").entries.len(), 1);
+    // Readers of the latest state, each knowing only the first snapshot as the latest.
+    let latest_readers = [(); 3].map(|()| {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).table(["m"], "changes").settings(Settings {
+            buckets: 1,
+            refresh_reads: false,
+            min_cleanup_retention: std::time::Duration::ZERO,
+            ..Default::default()
+        })
+    });
+    let mut latest = Vec::new();
+    for b in latest_readers {
+        latest.push(b.build().await.expect("reader"));
+    }
     writer.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 2, "k", "v2", 1)])).await.expect("append");
     // A compaction replaces the first snapshot's data file; expiry and cleanup take it.
     writer.compact(CompactOptions::default()).await.expect("compact");
@@ -2527,6 +2540,15 @@ async fn a_snapshot_expired_while_it_is_read_is_not_found() {
     assert_eq!(e.kind(), &dotdo_core::ErrorKind::NotFound, "{e}");
     let e = dotdo_core::IndexAccelerator::lookup(&reader, &o, "k", AsOf::Snapshot(first)).await.expect_err("expired");
     assert_eq!(e.kind(), &dotdo_core::ErrorKind::NotFound, "{e}");
+    // A read of the latest state has nothing to re-pin: it reads the current table instead
+    // (it was `NotFound` for a snapshot the caller never named).
+    assert!(latest.iter().all(|r| r.table().metadata().current_snapshot_id() == Some(first)));
+    let st = latest[0].load_state(&o, AsOf::Latest).await.expect("the current state");
+    assert_eq!((st.through, st.entries[0].value.as_ref()), (2, &b"v2"[..]));
+    let changes = latest[1].read_changes(&o, 0, AsOf::Latest).await.expect("the current changes");
+    assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2]);
+    let l = dotdo_core::IndexAccelerator::lookup(&latest[2], &o, "k", AsOf::Latest).await.expect("the current value");
+    assert_eq!(l.value.map(|v| v.value), Some(bytes::Bytes::from_static(b"v2")));
 }
 
 /// A replay of a committed batch through a handle whose schema another engine has since changed
