@@ -76,7 +76,9 @@ pub struct SqliteSettings {
     /// ~175k to ~330k rows/s with a 1 GiB map). It costs small write transactions: a lease
     /// acquire + release went from 24.6-25.2 µs to 29-31 µs with the map in the same bench, so
     /// the default is off. Writes still go through the WAL with `write()`; the map is address
-    /// space, not memory. Default `0` (no map).
+    /// space, not memory. Default `0` (no map). SQLite maps at most its compile-time
+    /// `SQLITE_MAX_MMAP_SIZE` (0x7fff0000 bytes, just under 2 GiB, in the bundled build): a
+    /// larger value maps that much.
     pub mmap_bytes: u64,
     /// Background WAL checkpoints: a thread per store copies committed WAL frames into the
     /// database file every this often (`PRAGMA wal_checkpoint(PASSIVE)`: it never waits for
