@@ -9,6 +9,10 @@ mod memory_cold {
     dotdo_core::cold_conformance!(dotdo_core::testkit::memory_cold_factory());
 }
 
+mod memory_cold_lost_replies {
+    dotdo_core::cold_fault_conformance!(dotdo_core::testkit::memory_cold_fault_factory());
+}
+
 mod broken {
     use std::sync::Arc;
     use std::time::Duration;
@@ -421,6 +425,70 @@ mod broken {
         });
         let n = names(&dotdo_core::testkit::cold::run_all(&f));
         assert!(n.contains(&"empty_values_and_names_at_the_limit_roundtrip"), "{n:?}");
+    }
+
+    /// A cold sink that "retries" a commit whose reply was lost without reading back: the
+    /// batch, renumbered after the watermark it finds, is committed a second time.
+    #[derive(Debug)]
+    struct BlindRetry {
+        inner: NotIdempotent,
+        armed: std::sync::atomic::AtomicBool,
+        fired: std::sync::atomic::AtomicBool,
+    }
+
+    impl dotdo_core::testkit::LoseNextReply for BlindRetry {
+        fn arm(&self) {
+            self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn fired(&self) -> bool {
+            self.fired.swap(false, std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl ColdSink for BlindRetry {
+        async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+            let commit = self.inner.inner.append(batch.clone()).await?;
+            if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                self.fired.store(true, std::sync::atomic::Ordering::SeqCst);
+                // The reply was lost: send it again, as if nothing had landed.
+                return self.inner.append(batch).await;
+            }
+            Ok(commit)
+        }
+        async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+            self.inner.watermark(object).await
+        }
+        async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+            self.inner.snapshots().await
+        }
+        async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+            self.inner.load_state(object, as_of).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+            self.inner.read_changes(object, after, as_of).await
+        }
+    }
+
+    #[test]
+    fn kit_catches_a_cold_sink_that_resends_a_lost_commit_blindly() {
+        let f = dotdo_core::testkit::cold_fault_factory(|clock| async move {
+            let inner = MemoryColdStore::with_clock(Arc::new(clock));
+            let sink = Arc::new(BlindRetry {
+                inner: NotIdempotent { inner: inner.clone() },
+                armed: false.into(),
+                fired: false.into(),
+            });
+            dotdo_core::testkit::ColdFaultFixture {
+                fixture: ColdFixture { sink: sink.clone(), accel: Some(Arc::new(inner)), keep_alive: Box::new(()) },
+                lose_next_reply: sink,
+            }
+        });
+        let n = names(&dotdo_core::testkit::cold::run_fault_cases(&f));
+        assert!(n.contains(&"a_commit_whose_reply_was_lost_lands_once"), "{n:?}");
+        assert!(
+            dotdo_core::testkit::cold::run_fault_cases(&dotdo_core::testkit::memory_cold_fault_factory()).is_empty()
+        );
     }
 
     /// An accelerator that ignores `AsOf` and always answers from the latest snapshot.

@@ -1351,6 +1351,82 @@ pub fn prop_accelerator_matches_full_scan(f: &ColdFactory) {
     }
 }
 
+async fn open_faulty(f: &super::ColdFaultFactory) -> super::ColdFaultFixture {
+    f(ManualClock::new(KIT_EPOCH)).await
+}
+
+/// An append whose reply was lost after its commit landed: it answers `Ok` (the backend found
+/// its commit) or an error a caller retries (`AmbiguousOutcome`, or retryable); sending the
+/// batch again then writes nothing, and every record is stored once, in one snapshot. Also for
+/// a batch of two objects.
+pub async fn a_commit_whose_reply_was_lost_lands_once(f: &super::ColdFaultFactory) {
+    let ff = open_faulty(f).await;
+    let (fx, lose) = (&ff.fixture, &ff.lose_next_reply);
+    let (o, p) = (oid("o1"), oid("o2"));
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=3, 1))).await.expect("first append");
+    let batches = [
+        ColdBatch::single(o.clone(), tok(1), puts(&o, 4..=6, 1)),
+        ColdBatch {
+            objects: vec![
+                ObjectChanges { object: o.clone(), token: tok(1), records: puts(&o, 7..=7, 1) },
+                ObjectChanges { object: p.clone(), token: tok(1), records: puts(&p, 1..=2, 1) },
+            ],
+        },
+    ];
+    for (i, batch) in batches.into_iter().enumerate() {
+        lose.arm();
+        let first = fx.sink.append(batch.clone()).await;
+        assert!(lose.fired(), "batch {i}: the backend committed it (the switch fired)");
+        if let Err(e) = &first {
+            assert!(e.kind() == &ErrorKind::AmbiguousOutcome || e.is_retryable(), "batch {i}: {e}");
+        }
+        let again = fx.sink.append(batch.clone()).await.expect("the batch sent again");
+        let total: u64 = batch.objects.iter().map(|oc| oc.records.len() as u64).sum();
+        assert_eq!((again.records_written, again.records_skipped), (0, total), "batch {i}: it had landed");
+        assert_eq!(again.snapshot, None, "batch {i}: nothing new, no snapshot");
+    }
+    let seqs = |v: Vec<ChangeRecord>| v.into_iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("o1")), (1..=7).collect::<Vec<_>>());
+    assert_eq!(seqs(fx.sink.read_changes(&p, 0, AsOf::Latest).await.expect("o2")), [1, 2]);
+    let snaps = fx.sink.snapshots().await.expect("snapshots");
+    assert_eq!(snaps.iter().map(|s| s.added_records).collect::<Vec<_>>(), [3, 3, 3], "one snapshot per batch");
+    assert_eq!(fx.sink.watermark(&o).await.expect("watermark").through, 7);
+}
+
+/// The token of a commit whose reply was lost is the object's: an older committer is `Fenced`
+/// afterwards, and writes nothing.
+pub async fn a_commit_whose_reply_was_lost_keeps_its_token(f: &super::ColdFaultFactory) {
+    let ff = open_faulty(f).await;
+    let (fx, lose) = (&ff.fixture, &ff.lose_next_reply);
+    let o = oid("o1");
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=2, 1))).await.expect("first append");
+    lose.arm();
+    let first = fx.sink.append(ColdBatch::single(o.clone(), tok(2), puts(&o, 3..=4, 2))).await;
+    assert!(lose.fired(), "the backend committed it (the switch fired)");
+    if let Err(e) = &first {
+        assert!(e.kind() == &ErrorKind::AmbiguousOutcome || e.is_retryable(), "{e}");
+    }
+    let e = fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 5..=5, 1))).await.expect_err("stale");
+    assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
+    let wm = fx.sink.watermark(&o).await.expect("watermark");
+    assert_eq!((wm.through, wm.token), (4, tok(2)));
+}
+
+/// Run the reply-losing cases and return the failures instead of panicking.
+pub fn run_fault_cases(f: &super::ColdFaultFactory) -> Vec<CaseFailure> {
+    [
+        run_catching("a_commit_whose_reply_was_lost_lands_once", || {
+            runtime().block_on(a_commit_whose_reply_was_lost_lands_once(f))
+        }),
+        run_catching("a_commit_whose_reply_was_lost_keeps_its_token", || {
+            runtime().block_on(a_commit_whose_reply_was_lost_keeps_its_token(f))
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 /// Run every cold case (and the property tests) and return the failures instead of panicking.
 pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
     macro_rules! cases {

@@ -19,6 +19,14 @@
 //! dotdo_core::cold_reopen_conformance!(my_cold_reopen_factory());
 //! ```
 //!
+//! A cold backend also proves how it settles a commit whose reply was lost, with a factory that
+//! hands the kit a [`LoseNextReply`] switch wired into its I/O (a catalog or store wrapper that
+//! applies the next commit and then fails the call):
+//!
+//! ```text
+//! dotdo_core::cold_fault_conformance!(my_cold_fault_factory());
+//! ```
+//!
 //! [`hot::run_all`] and [`cold::run_all`] run every case and return the failures instead of
 //! panicking, which is how a deliberately broken backend is shown to be caught.
 //!
@@ -64,6 +72,39 @@ pub struct ColdFixture {
     pub accel: Option<Arc<dyn IndexAccelerator>>,
     /// Anything that must live as long as the fixture (temporary directories, servers).
     pub keep_alive: Box<dyn Any + Send + Sync>,
+}
+
+/// A switch into a backend under test that loses one reply: once [armed](Self::arm), the
+/// backend's next commit lands durably and then its call fails as if the answer never came (an
+/// I/O error after the commit, a connection that broke before the reply). A backend wires it
+/// where its own I/O happens (a catalog or store wrapper), so the kit sees how the backend
+/// settles an unknown outcome; see [`cold_fault_conformance!`](crate::cold_fault_conformance).
+pub trait LoseNextReply: Send + Sync + 'static {
+    /// Lose the reply of the next commit.
+    fn arm(&self);
+    /// Whether an armed loss has happened since [`arm`](Self::arm) (and disarm).
+    fn fired(&self) -> bool;
+}
+
+/// A fresh cold backend opened by a [`ColdFaultFactory`], with its fault switch.
+pub struct ColdFaultFixture {
+    /// The backend.
+    pub fixture: ColdFixture,
+    /// Loses the reply of the backend's next commit.
+    pub lose_next_reply: Arc<dyn LoseNextReply>,
+}
+
+/// Opens a fresh, empty cold backend with a [`LoseNextReply`] switch, reading time from the
+/// given clock.
+pub type ColdFaultFactory = Arc<dyn Fn(ManualClock) -> BoxFuture<'static, ColdFaultFixture> + Send + Sync>;
+
+/// Wrap a closure as a [`ColdFaultFactory`].
+pub fn cold_fault_factory<F, Fut>(f: F) -> ColdFaultFactory
+where
+    F: Fn(ManualClock) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ColdFaultFixture> + Send + 'static,
+{
+    Arc::new(move |c| Box::pin(f(c)))
 }
 
 /// Opens a fresh, empty hot backend that reads time from the given clock.
@@ -137,6 +178,73 @@ pub fn memory_cold_factory() -> ColdFactory {
         let c = crate::MemoryColdStore::with_clock(Arc::new(clock));
         ColdFixture { sink: Arc::new(c.clone()), accel: Some(Arc::new(c)), keep_alive: Box::new(()) }
     })
+}
+
+/// The reference cold backend with a reply-losing switch (what dotdo-core's own tests run): its
+/// appends have no I/O to fail, so an armed append commits and then answers
+/// `AmbiguousOutcome`, as a sink that cannot read back would.
+pub fn memory_cold_fault_factory() -> ColdFaultFactory {
+    cold_fault_factory(|clock| async move {
+        let c = LosingColdSink::new(crate::MemoryColdStore::with_clock(Arc::new(clock)));
+        ColdFaultFixture {
+            fixture: ColdFixture { sink: c.clone(), accel: Some(Arc::new(c.inner.clone())), keep_alive: Box::new(()) },
+            lose_next_reply: c,
+        }
+    })
+}
+
+/// [`MemoryColdStore`](crate::MemoryColdStore) whose armed append commits, then answers
+/// `AmbiguousOutcome`.
+#[derive(Debug)]
+struct LosingColdSink {
+    inner: crate::MemoryColdStore,
+    armed: std::sync::atomic::AtomicBool,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl LosingColdSink {
+    fn new(inner: crate::MemoryColdStore) -> Arc<Self> {
+        Arc::new(LosingColdSink { inner, armed: false.into(), fired: false.into() })
+    }
+}
+
+impl LoseNextReply for LosingColdSink {
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn fired(&self) -> bool {
+        self.fired.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl ColdSink for LosingColdSink {
+    async fn append(&self, batch: crate::ColdBatch) -> crate::Result<crate::ColdCommit> {
+        use std::sync::atomic::Ordering;
+        let commit = self.inner.append(batch).await?;
+        if commit.snapshot.is_some() && self.armed.swap(false, Ordering::SeqCst) {
+            self.fired.store(true, Ordering::SeqCst);
+            return Err(crate::Error::new(crate::ErrorKind::AmbiguousOutcome, "injected: the commit's reply was lost"));
+        }
+        Ok(commit)
+    }
+    async fn watermark(&self, object: &crate::ObjectId) -> crate::Result<crate::Watermark> {
+        self.inner.watermark(object).await
+    }
+    async fn snapshots(&self) -> crate::Result<Vec<crate::SnapshotInfo>> {
+        self.inner.snapshots().await
+    }
+    async fn load_state(&self, object: &crate::ObjectId, as_of: crate::AsOf) -> crate::Result<crate::ColdState> {
+        self.inner.load_state(object, as_of).await
+    }
+    async fn read_changes(
+        &self,
+        object: &crate::ObjectId,
+        after: crate::Seq,
+        as_of: crate::AsOf,
+    ) -> crate::Result<Vec<crate::ChangeRecord>> {
+        self.inner.read_changes(object, after, as_of).await
+    }
 }
 
 /// For backends that run blocking SQLite calls on tokio's worker threads: run `call` (which
@@ -611,6 +719,22 @@ macro_rules! cold_conformance {
         fn prop_accelerator_matches_full_scan() {
             $crate::testkit::cold::prop_accelerator_matches_full_scan(&$factory);
         }
+    };
+}
+
+/// Expands to the cold cases that lose a commit's reply, for a
+/// [`ColdFaultFactory`](crate::testkit::ColdFaultFactory) expression: after a lost reply the
+/// commit is found landed once (the backend settles it itself, or answers `AmbiguousOutcome`
+/// and a re-send of the batch writes nothing twice), and its token fences older committers.
+#[macro_export]
+macro_rules! cold_fault_conformance {
+    ($factory:expr) => {
+        $crate::__kit_tests!(
+            cold,
+            $factory,
+            a_commit_whose_reply_was_lost_lands_once,
+            a_commit_whose_reply_was_lost_keeps_its_token
+        );
     };
 }
 

@@ -473,6 +473,19 @@ pub struct LossyCatalog {
     /// Whether its errors say "retry" to iceberg (a catalog that marks a broken connection
     /// retryable: iceberg's own commit retry then re-sends the commit on its stale base).
     pub retryable: bool,
+    /// Random faults (else only the armed one, see `dotdo_core::testkit::LoseNextReply`).
+    pub random: bool,
+    armed: AtomicBool,
+    fired: AtomicBool,
+}
+
+impl dotdo_core::testkit::LoseNextReply for LossyCatalog {
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+    fn fired(&self) -> bool {
+        self.fired.swap(false, Ordering::SeqCst)
+    }
 }
 
 #[async_trait::async_trait]
@@ -543,7 +556,17 @@ impl iceberg::Catalog for LossyCatalog {
                 .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
                 .with_retryable(self.retryable)
         };
+        let armed = self.armed.swap(false, Ordering::SeqCst);
+        if armed {
+            self.fired.store(true, Ordering::SeqCst);
+        }
         match roll {
+            _ if armed => {
+                self.inner.update_table(c).await?;
+                self.lost.fetch_add(1, Ordering::SeqCst);
+                Err(reset())
+            }
+            _ if !self.random => self.inner.update_table(c).await,
             0 | 1 => {
                 self.inner.update_table(c).await?;
                 self.lost.fetch_add(1, Ordering::SeqCst);
@@ -569,6 +592,16 @@ pub fn lossy_sql_catalog(
     lossy_sql_catalog_with(uri, warehouse, seed, false)
 }
 
+/// A [`LossyCatalog`] over the SQL catalog at `uri` that loses only the replies it is armed to
+/// lose (the conformance kit's `LoseNextReply`).
+#[allow(dead_code)] // not every test binary including this module uses it
+pub fn switched_sql_catalog(
+    uri: String,
+    warehouse: String,
+) -> (dotdo_iceberg::catalog::CustomCatalog, Arc<Mutex<Option<Arc<LossyCatalog>>>>) {
+    lossy_catalog(uri, warehouse, 0, false, false)
+}
+
 /// [`lossy_sql_catalog`] whose errors are `retryable` to iceberg or not.
 #[allow(dead_code)] // not every test binary including this module uses it
 pub fn lossy_sql_catalog_with(
@@ -576,6 +609,16 @@ pub fn lossy_sql_catalog_with(
     warehouse: String,
     seed: u64,
     retryable: bool,
+) -> (dotdo_iceberg::catalog::CustomCatalog, Arc<Mutex<Option<Arc<LossyCatalog>>>>) {
+    lossy_catalog(uri, warehouse, seed, retryable, true)
+}
+
+fn lossy_catalog(
+    uri: String,
+    warehouse: String,
+    seed: u64,
+    retryable: bool,
+    random: bool,
 ) -> (dotdo_iceberg::catalog::CustomCatalog, Arc<Mutex<Option<Arc<LossyCatalog>>>>) {
     let lossy: Arc<Mutex<Option<Arc<LossyCatalog>>>> = Arc::default();
     let slot = lossy.clone();
@@ -597,6 +640,9 @@ pub fn lossy_sql_catalog_with(
                 lost: Default::default(),
                 failed: Default::default(),
                 retryable,
+                random,
+                armed: false.into(),
+                fired: false.into(),
             });
             *slot.lock() = Some(c.clone());
             Ok(c as Arc<dyn iceberg::Catalog>)
