@@ -130,3 +130,69 @@ mod tests {
         assert!(!same_type(&list("item"), &DataType::List(Field::new("item", DataType::Binary, true).into())));
     }
 }
+
+/// `InvalidInput` (naming the column) if a decimal value of `batch`, nested ones included, has
+/// more digits than its type's precision. Arrow builds such arrays without a check, and the
+/// Parquet writer stores a decimal in the width its precision gives: a value beyond it was
+/// written cut to that width (4294967297 in a `decimal(5,2)` column read back as 0.01) or out of
+/// its declared range. Null slots are not checked.
+///
+/// ```
+/// use std::sync::Arc;
+/// use arrow_array::{Decimal128Array, RecordBatch};
+/// let column = |v: i128| Decimal128Array::from(vec![v]).with_precision_and_scale(5, 2).expect("type");
+/// let ok = RecordBatch::try_from_iter([("d", Arc::new(column(99_999)) as _)]).expect("batch");
+/// assert!(dotdo_core::arrow_shape::check_decimals(&ok).is_ok());
+/// let wide = RecordBatch::try_from_iter([("d", Arc::new(column(100_000)) as _)]).expect("batch");
+/// assert!(dotdo_core::arrow_shape::check_decimals(&wide).is_err());
+/// ```
+pub fn check_decimals(batch: &arrow_array::RecordBatch) -> crate::Result<()> {
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .try_for_each(|(f, c)| check_column_decimals(c.as_ref(), f.name()))
+}
+
+/// `InvalidInput` if a decimal value in `column` (nested ones included) has more digits than its
+/// type's precision: Arrow does not check them, and the Parquet writer stores such a value cut
+/// to the width the precision gives (a wrapped, different number) or out of its declared range.
+fn check_column_decimals(column: &dyn arrow_array::Array, name: &str) -> crate::Result<()> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::Array;
+    use arrow_schema::DataType as T;
+    let within = |values: &arrow_array::ArrayRef, from: usize, to: usize, inner: &str| {
+        check_column_decimals(values.slice(from, to.saturating_sub(from)).as_ref(), inner)
+    };
+    match column.data_type() {
+        T::Decimal128(precision, _) => column
+            .as_primitive::<arrow_array::types::Decimal128Type>()
+            .validate_decimal_precision(*precision)
+            .map_err(|e| crate::Error::invalid(format!("column {name}: {e}"))),
+        T::Struct(_) => {
+            let s = column.as_struct();
+            s.fields()
+                .iter()
+                .zip(s.columns())
+                .try_for_each(|(f, c)| check_column_decimals(c.as_ref(), &format!("{name}.{}", f.name())))
+        }
+        T::List(_) if !column.is_empty() => {
+            let l = column.as_list::<i32>();
+            let o = l.value_offsets();
+            within(l.values(), o[0] as usize, o[o.len() - 1] as usize, &format!("{name}[]"))
+        }
+        T::LargeList(_) if !column.is_empty() => {
+            let l = column.as_list::<i64>();
+            let o = l.value_offsets();
+            within(l.values(), o[0] as usize, o[o.len() - 1] as usize, &format!("{name}[]"))
+        }
+        T::Map(..) if !column.is_empty() => {
+            let m = column.as_map();
+            let o = m.value_offsets();
+            let entries: arrow_array::ArrayRef = std::sync::Arc::new(m.entries().clone());
+            within(&entries, o[0] as usize, o[o.len() - 1] as usize, name)
+        }
+        _ => Ok(()),
+    }
+}

@@ -2551,6 +2551,98 @@ async fn a_snapshot_expired_while_it_is_read_is_not_found() {
     assert_eq!(l.value.map(|v| v.value), Some(bytes::Bytes::from_static(b"v2")));
 }
 
+/// Decimal values with more digits than their column's precision are `InvalidInput`, nothing
+/// written: Arrow does not check them, and the Parquet writer stored them cut to the precision's
+/// physical width (4294967297 in a `decimal(5,2)` read back as 0.01) or out of range. Also in a
+/// struct and in a list. A batch without columns is refused (its rows would be all nulls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decimals_beyond_their_precision_and_batches_without_columns_are_refused() {
+    use arrow_array::builder::{Decimal128Builder, ListBuilder};
+    use arrow_array::{ArrayRef, Decimal128Array, RecordBatch, StructArray};
+    use arrow_schema::{DataType, Field, Fields, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let dec = DataType::Decimal128(5, 2);
+    let inner = Fields::from(vec![Field::new("d", dec.clone(), true)]);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("top", dec.clone(), true),
+        Field::new("s", DataType::Struct(inner.clone()), true),
+        Field::new("l", DataType::List(Arc::new(Field::new("item", dec.clone(), true))), true),
+    ]));
+    let t = cold.arrow_table(&["m"], "decimals", schema.clone()).await.expect("table");
+    let column = |v: i128| -> ArrayRef {
+        Arc::new(Decimal128Array::from(vec![Some(v)]).with_precision_and_scale(5, 2).expect("type"))
+    };
+    let list = |v: i128| -> ArrayRef {
+        let mut b = ListBuilder::new(Decimal128Builder::new().with_data_type(dec.clone()));
+        b.values().append_value(v);
+        b.append(true);
+        Arc::new(b.finish())
+    };
+    let batch = |top: i128, nested: i128, listed: i128| {
+        let s = StructArray::new(inner.clone(), vec![column(nested)], None);
+        RecordBatch::try_new(schema.clone(), vec![column(top), Arc::new(s), list(listed)]).expect("batch")
+    };
+    for (what, b) in [
+        ("a column", batch(4_294_967_297, 1, 1)),
+        ("a column, in range of the physical type", batch(10_000_000, 1, 1)),
+        ("a struct field", batch(1, -100_000, 1)),
+        ("a list item", batch(1, 1, 123_456)),
+    ] {
+        let e = t.append("s", 1, vec![b]).await.expect_err(what);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{what}: {e}");
+    }
+    assert_eq!(t.last_batch("s").await.expect("mark"), 0, "nothing committed");
+    let ok = t.append("s", 1, vec![batch(99_999, -99_999, 12_345)]).await.expect("the largest values of decimal(5,2)");
+    assert_eq!(ok.rows, 1);
+    let read = t.read_all().await.expect("read");
+    let top = read[0].column(0).as_any().downcast_ref::<Decimal128Array>().expect("decimal").value(0);
+    assert_eq!(top, 99_999);
+    let empty = RecordBatch::try_new_with_options(
+        Arc::new(Schema::empty()),
+        vec![],
+        &arrow_array::RecordBatchOptions::new().with_row_count(Some(1000)),
+    )
+    .expect("a batch of no columns");
+    let e = t.append("s", 2, vec![empty]).await.expect_err("no columns");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert_eq!(t.last_batch("s").await.expect("mark"), 1);
+}
+
+/// A replay through a handle opened again with the schema another engine changed (a column
+/// dropped), of a batch in the old shape (from a pipeline's log), is answered as committed: it
+/// was `InvalidInput` (the batch has a column the table no longer has), and the log never
+/// drained. A new batch in the old shape is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_in_the_old_shape_through_a_reopened_handle_is_answered_as_committed() {
+    use arrow_array::{Int64Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let old =
+        Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false), Field::new("tag", DataType::Utf8, true)]));
+    let t = cold.arrow_table(&["m"], "events", old.clone()).await.expect("table");
+    let batch = |n: i64| {
+        RecordBatch::try_new(
+            old.clone(),
+            vec![Arc::new(Int64Array::from(vec![n])), Arc::new(StringArray::from(vec!["x"]))],
+        )
+        .expect("batch")
+    };
+    t.append("s", 1, vec![batch(1)]).await.expect("batch 1");
+    let table = cold.catalog().load_table(t.ident()).await.expect("load");
+    let tx = Transaction::new(&table);
+    let tx = tx.update_schema().delete_column("tag").apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine drops a column");
+    let new = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let reopened = cold.arrow_table(&["m"], "events", new).await.expect("opened with the new schema");
+    let replay = reopened.append("s", 1, vec![batch(1)]).await.expect("a replay is answered");
+    assert_eq!((replay.rows, replay.snapshot), (0, None));
+    let e = reopened.append("s", 2, vec![batch(2)]).await.expect_err("a new batch in the old shape");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+}
+
 /// A replay of a committed batch through a handle whose schema another engine has since changed
 /// (a column dropped) is answered as committed (0 rows), as a pipeline replaying its log after
 /// a restart needs; only a new batch is refused for the schema. The replay was `InvalidInput`.

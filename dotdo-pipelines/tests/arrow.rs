@@ -173,6 +173,29 @@ async fn struct_fields_under_other_names_are_refused_at_send() {
     assert_eq!(p.counters(), (1, 0, 0, 1), "only the batch of the sink's shape waits");
 }
 
+/// A batch with a decimal beyond its column's precision is refused at `send` (`InvalidInput`,
+/// nothing buffered): the table refuses it for good, so once logged it failed every roll and
+/// the batches behind it waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decimals_beyond_their_precision_are_refused_at_send() {
+    use arrow_array::Decimal128Array;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("store");
+    let schema = Arc::new(Schema::new(vec![Field::new("price", DataType::Decimal128(5, 2), false)]));
+    let t = store.arrow_table(&["app"], "prices", schema.clone()).await.expect("user table");
+    let batch = |v: i128| {
+        let column = Decimal128Array::from(vec![v]).with_precision_and_scale(5, 2).expect("type");
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(column)]).expect("batch")
+    };
+    let p = ArrowPipeline::open("prices", Arc::new(t), PipelineSettings::default()).expect("pipeline");
+    let e = p.send(batch(4_294_967_297)).expect_err("beyond decimal(5,2)");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("price"), "names the column: {e}");
+    p.send(batch(99_999)).expect("within decimal(5,2)");
+    assert_eq!(p.close().await.expect("the roll commits"), 1);
+    assert_eq!(p.counters(), (1, 1, 1, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
