@@ -68,69 +68,6 @@ fn same_fields(f: &Fields, g: &Fields, by_name: bool) -> bool {
     f.len() == g.len() && f.iter().zip(g).all(|(p, q)| same_field(p, q, by_name))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arrow_schema::{Field, Fields};
-
-    fn point(a: &str, b: &str) -> DataType {
-        DataType::Struct(Fields::from(vec![
-            Field::new(a, DataType::Float64, false),
-            Field::new(b, DataType::Float64, true),
-        ]))
-    }
-
-    #[test]
-    fn struct_fields_match_by_name_nested_too() {
-        assert!(same_type(&point("lat", "lon"), &point("lat", "lon")));
-        assert!(!same_type(&point("lat", "lon"), &point("lon", "lat")));
-        assert!(!same_type(&point("lat", "lon"), &point("lat", "lng")));
-        let listed = |t: DataType| DataType::List(Field::new("item", t, true).into());
-        assert!(!same_type(&listed(point("lat", "lon")), &listed(point("lon", "lat"))));
-        let schema = |t: DataType| Schema::new(vec![Field::new("loc", t, true)]);
-        assert!(same_shape(&schema(point("lat", "lon")), &schema(point("lat", "lon"))));
-        assert!(!same_shape(&schema(point("lat", "lon")), &schema(point("lon", "lat"))));
-    }
-
-    #[test]
-    fn list_item_and_map_entry_names_are_ignored() {
-        let list = |item: &str| DataType::List(Field::new(item, DataType::Utf8, true).into());
-        assert!(same_type(&list("item"), &list("element")));
-        let map = |entries: &str, k: &str, v: &str| {
-            DataType::Map(
-                Field::new(
-                    entries,
-                    DataType::Struct(Fields::from(vec![
-                        Field::new(k, DataType::Utf8, false),
-                        Field::new(v, point("lat", "lon"), true),
-                    ])),
-                    false,
-                )
-                .into(),
-                false,
-            )
-        };
-        assert!(same_type(&map("entries", "keys", "values"), &map("key_value", "key", "value")));
-        // A struct inside a map's value is still matched by name.
-        let swapped = DataType::Map(
-            Field::new(
-                "entries",
-                DataType::Struct(Fields::from(vec![
-                    Field::new("keys", DataType::Utf8, false),
-                    Field::new("values", point("lon", "lat"), true),
-                ])),
-                false,
-            )
-            .into(),
-            false,
-        );
-        assert!(!same_type(&map("entries", "keys", "values"), &swapped));
-        // Nullability and types still count.
-        assert!(!same_type(&list("item"), &DataType::List(Field::new("item", DataType::Utf8, false).into())));
-        assert!(!same_type(&list("item"), &DataType::List(Field::new("item", DataType::Binary, true).into())));
-    }
-}
-
 /// `InvalidInput` (naming the column) if a decimal value of `batch`, nested ones included, has
 /// more digits than its type's precision. Arrow builds such arrays without a check, and the
 /// Parquet writer stores a decimal in the width its precision gives: a value beyond it was
@@ -194,5 +131,68 @@ fn check_column_decimals(column: &dyn arrow_array::Array, name: &str) -> crate::
             within(&entries, o[0] as usize, o[o.len() - 1] as usize, name)
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_schema::{Field, Fields};
+
+    fn point(a: &str, b: &str) -> DataType {
+        DataType::Struct(Fields::from(vec![
+            Field::new(a, DataType::Float64, false),
+            Field::new(b, DataType::Float64, true),
+        ]))
+    }
+
+    #[test]
+    fn struct_fields_match_by_name_nested_too() {
+        assert!(same_type(&point("lat", "lon"), &point("lat", "lon")));
+        assert!(!same_type(&point("lat", "lon"), &point("lon", "lat")));
+        assert!(!same_type(&point("lat", "lon"), &point("lat", "lng")));
+        let listed = |t: DataType| DataType::List(Field::new("item", t, true).into());
+        assert!(!same_type(&listed(point("lat", "lon")), &listed(point("lon", "lat"))));
+        let schema = |t: DataType| Schema::new(vec![Field::new("loc", t, true)]);
+        assert!(same_shape(&schema(point("lat", "lon")), &schema(point("lat", "lon"))));
+        assert!(!same_shape(&schema(point("lat", "lon")), &schema(point("lon", "lat"))));
+    }
+
+    #[test]
+    fn list_item_and_map_entry_names_are_ignored() {
+        let list = |item: &str| DataType::List(Field::new(item, DataType::Utf8, true).into());
+        assert!(same_type(&list("item"), &list("element")));
+        let map = |entries: &str, k: &str, v: &str| {
+            DataType::Map(
+                Field::new(
+                    entries,
+                    DataType::Struct(Fields::from(vec![
+                        Field::new(k, DataType::Utf8, false),
+                        Field::new(v, point("lat", "lon"), true),
+                    ])),
+                    false,
+                )
+                .into(),
+                false,
+            )
+        };
+        assert!(same_type(&map("entries", "keys", "values"), &map("key_value", "key", "value")));
+        // A struct inside a map's value is still matched by name.
+        let swapped = DataType::Map(
+            Field::new(
+                "entries",
+                DataType::Struct(Fields::from(vec![
+                    Field::new("keys", DataType::Utf8, false),
+                    Field::new("values", point("lon", "lat"), true),
+                ])),
+                false,
+            )
+            .into(),
+            false,
+        );
+        assert!(!same_type(&map("entries", "keys", "values"), &swapped));
+        // Nullability and types still count.
+        assert!(!same_type(&list("item"), &DataType::List(Field::new("item", DataType::Utf8, false).into())));
+        assert!(!same_type(&list("item"), &DataType::List(Field::new("item", DataType::Binary, true).into())));
     }
 }
