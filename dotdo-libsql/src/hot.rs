@@ -103,8 +103,10 @@ impl HotStore for LibsqlStore {
 
     async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
         validate_key(key)?;
-        let step =
-            Step::new("SELECT value FROM do_state WHERE do_id = ?1 AND key = ?2", vec![t(object.as_str()), t(key)]);
+        let step = Step::new(
+            "SELECT CAST(value AS BLOB) FROM do_state WHERE do_id = ?1 AND key = ?2",
+            vec![t(object.as_str()), t(key)],
+        );
         self.read("get", move |c| {
             let step = step.clone();
             Box::pin(async move {
@@ -150,15 +152,27 @@ impl HotStore for LibsqlStore {
         let local = self.inner.target_is_local();
         let step = if !local {
             Step::new(
-                "SELECT seq, key, op, value, token, ts, type FROM (SELECT seq, key, op, value, token, ts, type, \
-                 sum(length(value)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - length(value) AS before \
-                 FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) \
-                 WHERE before = 0 OR before + length(value) <= ?4 ORDER BY seq",
+                concat!(
+                    "SELECT seq, ",
+                    text_column!("key"),
+                    ", op, CAST(value AS BLOB), token, ts, ",
+                    text_column!("type"),
+                    " FROM (SELECT seq, key, op, value, token, ts, type, \
+                     sum(length(value)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - length(value) AS before \
+                     FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) \
+                     WHERE before = 0 OR before + length(value) <= ?4 ORDER BY seq"
+                ),
                 vec![t(object.as_str()), i(after), Value::Integer(limit), Value::Integer(BOUND as i64)],
             )
         } else {
             Step::new(
-                "SELECT seq, key, op, value, token, ts, type FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                concat!(
+                    "SELECT seq, ",
+                    text_column!("key"),
+                    ", op, CAST(value AS BLOB), token, ts, ",
+                    text_column!("type"),
+                    " FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                ),
                 vec![t(object.as_str()), i(after), Value::Integer(limit)],
             )
         };
@@ -284,7 +298,11 @@ impl HotStore for LibsqlStore {
         let after = after.map(|a| a.as_str().to_string()).unwrap_or_default();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let step = Step::new(
-            "SELECT DISTINCT do_id FROM do_changes WHERE do_id > ?1 ORDER BY do_id LIMIT ?2",
+            concat!(
+                "SELECT ",
+                text_column!("d"),
+                " FROM (SELECT DISTINCT do_id AS d FROM do_changes WHERE do_id > ?1 ORDER BY do_id LIMIT ?2) ORDER BY d"
+            ),
             vec![Value::Text(after), Value::Integer(limit)],
         );
         let rows = self

@@ -45,8 +45,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Settings of a [`LibsqlStore`](crate::LibsqlStore).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LibsqlSettings {
-    /// Durability of acknowledged writes to a local file (local and replica files). Default
-    /// [`Durability::Normal`].
+    /// Durability of acknowledged writes to a local file. Default [`Durability::Normal`]. No
+    /// effect on a remote primary (the server's setting) nor on an embedded replica's file (a
+    /// write is durable once the primary has it; the replica file is libsql's to sync).
     pub durability: Durability,
     /// How long one local SQLite call waits for a lock held by another connection or process
     /// before reporting busy. Default 2 s. (No effect on a remote primary.)

@@ -11,6 +11,16 @@ use crate::conn::Row;
 
 /// The effective last sequence number of object row `o`: `do_objects.last_seq` is a floor kept for
 /// truncated and restored changes; the newest change still in the log may be above it.
+/// A text column as the store reads it: its bytes as a blob (decoded by [`text`]), or NULL if
+/// it holds no text. libsql reads a text value as a C string: it ended at a NUL (a damaged key
+/// `a\0b` read as `a`) and panicked on bytes that are not UTF-8; a blob would pass for text.
+macro_rules! text_column {
+    ($c:literal) => {
+        concat!("CASE WHEN typeof(", $c, ") = 'text' THEN CAST(", $c, " AS BLOB) END")
+    };
+}
+pub(crate) use text_column;
+
 macro_rules! eff_last {
     ($o:literal) => {
         concat!(
@@ -183,8 +193,11 @@ pub(crate) const WRITE_RESULT: &str = concat!(
 /// The object has changes cold storage has not acknowledged.
 pub(crate) const PENDING: &str =
     concat!("EXISTS (SELECT 1 FROM do_objects p WHERE p.do_id = ?1 AND ", eff_last!("p"), " > p.truncated_through)");
-pub(crate) const LEASE_ROW: &str =
-    "SELECT node_id, fencing_token, acquired_at, expires_at FROM do_locks WHERE do_id = ?1";
+pub(crate) const LEASE_ROW: &str = concat!(
+    "SELECT ",
+    text_column!("node_id"),
+    ", fencing_token, acquired_at, expires_at FROM do_locks WHERE do_id = ?1"
+);
 
 pub(crate) fn text(v: Option<&Value>) -> libsql::Result<String> {
     match v {
@@ -271,7 +284,11 @@ pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
 }
 
 pub(crate) fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
-    let mut sql = String::from("SELECT key, value, seq FROM do_state WHERE do_id = ?1");
+    let mut sql = String::from(concat!(
+        "SELECT ",
+        text_column!("key"),
+        ", CAST(value AS BLOB), seq FROM do_state WHERE do_id = ?1"
+    ));
     let mut args = Vec::new();
     for (b, inc, exc) in [(&range.start, ">=", ">"), (&range.end, "<=", "<")] {
         match b {

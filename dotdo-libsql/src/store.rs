@@ -53,8 +53,10 @@ struct Pool {
 }
 
 /// What every connection to a local or replica file gets: its busy timeout, and on a local file
-/// (`page_cache`) its page cache. (libsql's replica connections parse each statement and refuse
-/// `PRAGMA cache_size = …` as unsupported: every read of a replica would fail.)
+/// (`page_cache`) its page cache and the writer's sync settings (the last connection to close
+/// runs SQLite's final checkpoint, a reader's too: it must sync as the writer's would).
+/// (libsql's replica connections parse each statement and refuse `PRAGMA cache_size = …` as
+/// unsupported: every read of a replica would fail.)
 async fn local_connection_settings(
     conn: &libsql::Connection,
     settings: &LibsqlSettings,
@@ -62,9 +64,24 @@ async fn local_connection_settings(
 ) -> libsql::Result<()> {
     conn.busy_timeout(settings.busy_timeout)?;
     if page_cache {
-        conn.execute(&format!("PRAGMA cache_size = -{}", settings.cache_kib), ()).await?;
+        let (sync, fullfsync) = sync_pragmas(settings.durability);
+        conn.execute_batch(&format!(
+            "PRAGMA cache_size = -{}; PRAGMA synchronous = {sync}; PRAGMA fullfsync = {fullfsync}; \
+             PRAGMA checkpoint_fullfsync = ON;",
+            settings.cache_kib
+        ))
+        .await?;
     }
     Ok(())
+}
+
+/// `synchronous` and `fullfsync` for a durability (macOS: a plain fsync does not flush the
+/// drive's cache, as in dotdo-sqlite).
+fn sync_pragmas(durability: Durability) -> (&'static str, &'static str) {
+    match durability {
+        Durability::Normal => ("NORMAL", "OFF"),
+        Durability::Full => ("FULL", "ON"),
+    }
 }
 
 impl Pool {
@@ -650,10 +667,7 @@ impl LibsqlStore {
         // application's database (or a newer dotdo file), refused above, is left untouched.
         if let Target::Local { .. } = self.inner.target {
             let s = &self.inner.settings;
-            let (sync, fullfsync) = match s.durability {
-                Durability::Normal => ("NORMAL", "OFF"),
-                Durability::Full => ("FULL", "ON"),
-            };
+            let (sync, fullfsync) = sync_pragmas(s.durability);
             let pragmas = vec![
                 Step::new("PRAGMA journal_mode = WAL", vec![]),
                 Step::new(format!("PRAGMA synchronous = {sync}"), vec![]),
@@ -847,7 +861,17 @@ impl LibsqlStore {
         loop {
             let mut conn = match pool.take() {
                 Some(c) => c,
-                None => pool.connect().await.map_err(|e| error::map(e, doing, false))?,
+                None => match pool.connect().await {
+                    Ok(c) => c,
+                    // Its pragmas read the schema: busy while another process holds the database
+                    // (recovering its WAL after a crash), retried as a statement would be.
+                    Err(e) if is_transient(class_of(&e), false) && attempt < settings.retries => {
+                        attempt += 1;
+                        retry_pause(settings.backoff(attempt)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(error::map(e, doing, false)),
+                },
             };
             // After a timeout (a `TxError::Sql`) the connection is not given back: its stream is
             // in an unknown state.
@@ -1203,21 +1227,29 @@ mod tests {
     /// Every connection to a local file, the writer and the readers, gets the page cache.
     #[tokio::test]
     async fn local_connections_get_the_configured_page_cache() {
-        fn cache_size(c: &mut Conn) -> BoxFuture<'_, TxResult<i64>> {
+        fn pragma<'c>(c: &'c mut Conn, name: &'static str) -> BoxFuture<'c, TxResult<i64>> {
             Box::pin(async move {
-                Ok(int(c.query(Step::new("PRAGMA cache_size", vec![])).await?.first().and_then(|r| r.first()))?)
+                Ok(int(c.query(Step::new(format!("PRAGMA {name}"), vec![])).await?.first().and_then(|r| r.first()))?)
             })
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        for cache_kib in [2048u32, 96 * 1024] {
+        for (cache_kib, durability) in [(2048u32, Durability::Normal), (96 * 1024, Durability::Full)] {
             let s = LibsqlStore::local(dir.path().join(format!("c{cache_kib}.db")))
-                .with_settings(LibsqlSettings { cache_kib, ..Default::default() })
+                .with_settings(LibsqlSettings { cache_kib, durability, ..Default::default() })
                 .open()
                 .await
                 .expect("open");
-            let writer = s.with_writer("reading cache_size", false, cache_size).await.expect("writer");
-            let reader = s.read("reading cache_size", cache_size).await.expect("reader");
+            let writer = s.with_writer("reading cache_size", false, |c| pragma(c, "cache_size")).await.expect("writer");
+            let reader = s.read("reading cache_size", |c| pragma(c, "cache_size")).await.expect("reader");
             assert_eq!((writer, reader), (-i64::from(cache_kib), -i64::from(cache_kib)));
+            // The sync settings too: the last connection to close, a reader's included, runs
+            // SQLite's final checkpoint.
+            let (sync, full) = if durability == Durability::Full { (2, 1) } else { (1, 0) };
+            for (name, want) in [("synchronous", sync), ("fullfsync", full), ("checkpoint_fullfsync", 1)] {
+                let w = s.with_writer(name, false, |c| pragma(c, name)).await.expect("writer");
+                let r = s.read(name, |c| pragma(c, name)).await.expect("reader");
+                assert_eq!((w, r), (want, want), "{name} with {durability:?}");
+            }
         }
     }
 }

@@ -577,8 +577,13 @@ pub const DAMAGED_CHANGE_ROWS: &[(&str, &str)] = &[
     ("token 0", "UPDATE do_changes SET token = 0 WHERE do_id = ?1"),
     ("token above the largest ever issued", "UPDATE do_changes SET token = 17592186044416 WHERE do_id = ?1"),
     ("empty key", "UPDATE do_changes SET key = '' WHERE do_id = ?1"),
-    // (Not a NUL: libsql's text reads end at the first NUL, so the key would read as "a".)
     ("key with a control character", "UPDATE do_changes SET key = 'a' || char(1) || 'b' WHERE do_id = ?1"),
+    // libsql's text reads ended at a NUL (the key read as "a") and panicked on text that is not
+    // UTF-8; a blob is not a key either.
+    ("key with a NUL", "UPDATE do_changes SET key = 'a' || char(0) || 'b' WHERE do_id = ?1"),
+    ("key that is not UTF-8", "UPDATE do_changes SET key = CAST(X'61FF' AS TEXT) WHERE do_id = ?1"),
+    ("blob key", "UPDATE do_changes SET key = X'6B' WHERE do_id = ?1"),
+    ("type name that is not UTF-8", "UPDATE do_changes SET type = CAST(X'FF' AS TEXT) WHERE do_id = ?1"),
     ("value over 2 MiB", "UPDATE do_changes SET value = zeroblob(2097153) WHERE do_id = ?1"),
     ("empty type name", "UPDATE do_changes SET type = '' WHERE do_id = ?1"),
     ("sequence number above the largest", "UPDATE do_changes SET seq = 17592186044416 WHERE do_id = ?1"),
@@ -602,6 +607,43 @@ where
         let e = store.read_changes(&object, 0, 10).await.expect_err(what);
         assert_eq!(e.kind(), &crate::ErrorKind::Corrupt, "{what}: {e}");
         assert!(e.to_string().contains(source), "{what}: the database is named: {e}");
+    }
+}
+
+/// For the SQLite-family backends: text columns other readers damaged (text that is not UTF-8, a
+/// NUL, a blob where text belongs), each on its own object that `store` gave a lease and a
+/// change (`damage` runs the statement with the object id): the read that returns the column is
+/// `Corrupt`, not a panic and not a shortened value. `list` for a state key, `current` for a
+/// holder, `objects_with_pending_changes` for an object id in the change log (last: its damage
+/// stays in every later listing).
+pub async fn assert_damaged_text_is_corrupt<S, D, F>(store: &S, damage: D)
+where
+    S: crate::HotStore + crate::ConsistencyGuard + ?Sized,
+    D: Fn(&'static str, crate::ObjectId) -> F,
+    F: std::future::Future<Output = ()>,
+{
+    use crate::hot::HotStoreExt;
+    let cases: [(&str, &str); 6] = [
+        ("state key that is not UTF-8", "UPDATE do_state SET key = CAST(X'61FF' AS TEXT) WHERE do_id = ?1"),
+        ("blob state key", "UPDATE do_state SET key = X'6B' WHERE do_id = ?1"),
+        ("holder that is not UTF-8", "UPDATE do_locks SET node_id = CAST(X'6EFF' AS TEXT) WHERE do_id = ?1"),
+        ("holder with a NUL", "UPDATE do_locks SET node_id = 'n1' || char(0) || 'x' WHERE do_id = ?1"),
+        ("blob holder", "UPDATE do_locks SET node_id = X'6E31' WHERE do_id = ?1"),
+        ("object id that is not UTF-8", "UPDATE do_changes SET do_id = CAST(X'6FFF' AS TEXT) WHERE do_id = ?1"),
+    ];
+    for (i, (what, sql)) in cases.into_iter().enumerate() {
+        let object = oid(&format!("damaged-text-{i}"));
+        let lease = store.acquire(&object, &nid("n1"), std::time::Duration::from_secs(60)).await.expect("acquire");
+        store.put(&object, lease.token, "T", "k", bytes::Bytes::from("v")).await.expect("put");
+        damage(sql, object.clone()).await;
+        let e = if sql.contains("do_state") {
+            store.list(&object, crate::KeyRange::all(), None).await.map(drop).expect_err(what)
+        } else if sql.contains("do_locks") {
+            store.current(&object).await.map(drop).expect_err(what)
+        } else {
+            store.objects_with_pending_changes(None, 100).await.map(drop).expect_err(what)
+        };
+        assert_eq!(e.kind(), &crate::ErrorKind::Corrupt, "{what}: {e}");
     }
 }
 
