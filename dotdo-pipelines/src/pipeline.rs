@@ -204,12 +204,9 @@ struct Inner {
     /// Next sequence number per (route, object), learned from the sink's watermark and advanced
     /// by claims. The pipeline owns these objects' sequence numbers.
     next_seq: Mutex<HashMap<(String, ObjectId), u64>>,
-    /// The batch this process claimed and has not acknowledged yet, with the routes whose commit
-    /// of it is counted already: a roll dropped by its caller after a route's commit landed
-    /// leaves both, and the next roll commits the batch again, where the sink skips what landed.
-    /// Those events count as committed (once), not as replays, which are batches an earlier
-    /// process claimed.
-    own_claim: Mutex<Option<(u64, std::collections::HashSet<String>)>>,
+    /// The claimed batch this process is committing and has not acknowledged yet, with the
+    /// routes whose commit of it is counted already (see [`OwnClaim`]).
+    own_claim: Mutex<Option<OwnClaim>>,
     roll_lock: futures::lock::Mutex<()>,
     /// Held by `send` from its closed and capacity checks through the append, and by `close`
     /// while it sets `closed`: a send that gets `Ok` is in the log before close's roll reads the
@@ -255,6 +252,38 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
+/// Events of one send, validated and transformed, with their bytes and the count the transform
+/// dropped.
+#[derive(Clone)]
+struct Prepared {
+    rows: Vec<Row>,
+    bytes: u64,
+    dropped: u64,
+}
+
+/// The most waiting events whose objects one claim learns the sequence counters of: `roll_rows`,
+/// at most [`MAX_LEARN_WINDOW`]. A claim stops at the first object it has not learned, so a
+/// smaller window only makes more claims; with `roll_rows` of `usize::MAX` (rolls by bytes or
+/// time) every claim read the whole log and the counters were never forgotten.
+fn learn_window(settings: &PipelineSettings) -> usize {
+    settings.roll_rows.min(MAX_LEARN_WINDOW)
+}
+
+/// See [`learn_window`].
+const MAX_LEARN_WINDOW: usize = 65_536;
+
+/// A claimed batch being committed (see `Inner::own_claim`). A roll dropped by its caller after
+/// a route's commit landed, or failed on a later route, leaves it, and the next roll commits the
+/// batch again, where the sink skips what landed: each route is counted once. Events of a
+/// batch this process claimed count as committed; of one an earlier process claimed
+/// (`inherited`), what the sink skipped counts as replayed (that process committed it).
+#[derive(Debug)]
+struct OwnClaim {
+    id: u64,
+    counted: std::collections::HashSet<String>,
+    inherited: bool,
+}
+
 impl Pipeline {
     /// A builder writing to `sink` (the default route).
     pub fn builder(sink: Arc<dyn ColdSink>) -> PipelineBuilder {
@@ -284,6 +313,12 @@ impl Pipeline {
     /// [`send`](Self::send); a refusal for a full buffer counts in `rejected` only if
     /// `count_full` (a [`send_wait`](Self::send_wait) that tries again counts once, at the end).
     fn send_counting(&self, events: impl IntoIterator<Item = Event>, count_full: bool) -> Result<usize> {
+        let prepared = self.prepare(events)?;
+        self.admit(prepared, count_full)
+    }
+
+    /// `events` validated and transformed, ready for [`admit`](Self::admit).
+    fn prepare(&self, events: impl IntoIterator<Item = Event>) -> Result<Prepared> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
@@ -313,6 +348,27 @@ impl Pipeline {
             bytes += e.size() as u64;
             rows.push(Row { route, event: e });
         }
+        Ok(Prepared { rows, bytes, dropped })
+    }
+
+    /// Whether `prepared` fits in the buffer now, or never will (then [`admit`](Self::admit)
+    /// says so at once); the check under the send gate decides.
+    fn worth_admitting(&self, prepared: &Prepared) -> bool {
+        let settings = &self.inner.settings;
+        if !settings.bounded() {
+            return true;
+        }
+        let (n, bytes) = (prepared.rows.len(), prepared.bytes);
+        let (capacity, capacity_bytes) = (settings.capacity, settings.capacity_bytes as u64);
+        let (depth, depth_bytes) = self.inner.log.depth();
+        let never = n > capacity || bytes > capacity_bytes;
+        never || (depth + n <= capacity && depth_bytes as u64 + bytes <= capacity_bytes)
+    }
+
+    /// Append `prepared` to the buffer, within its capacity (see [`send`](Self::send)).
+    fn admit(&self, prepared: Prepared, count_full: bool) -> Result<usize> {
+        let inner = &self.inner;
+        let Prepared { rows, bytes, dropped } = prepared;
         if rows.is_empty() {
             inner.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
             return Ok(0);
@@ -367,8 +423,20 @@ impl Pipeline {
         };
         let clock = self.inner.clock.clone();
         let sw = Stopwatch::start(clock.clone());
+        // Validated and transformed once (a transform's side effects happen once per send).
+        let prepared = self.prepare(events)?;
         loop {
-            match self.send_counting(events.clone(), false) {
+            // Copied for an attempt only when there is room for it.
+            let attempt = if self.worth_admitting(&prepared) {
+                self.admit(prepared.clone(), false)
+            } else {
+                let (depth, _) = self.inner.log.depth();
+                Err(Error::unavailable(format!(
+                    "pipeline buffer full: {depth} events waiting, capacity {}; retry after the next roll",
+                    self.inner.settings.capacity
+                )))
+            };
+            match attempt {
                 // Only a full buffer is waited out; a log that cannot take the events (read-only,
                 // cannot be opened) fails at once.
                 Err(e) if e.kind() == &ErrorKind::Unavailable && e.is_retryable() => {
@@ -435,12 +503,22 @@ impl Pipeline {
         let waiting = inner.log.depth().0 as u64;
         while report.events.saturating_add(report.replayed) < waiting {
             let claimed = match inner.log.claimed(inner.settings.token)? {
-                Some(c) => c,
+                Some(c) => {
+                    // A batch an earlier process (or a failed roll of this one) claimed: which of
+                    // its routes this process saw land is remembered, so that a route counted once
+                    // is not counted again when a later route fails and the batch is re-committed.
+                    let mut own = inner.own_claim.lock();
+                    if own.as_ref().is_none_or(|o| o.id != c.id) {
+                        *own = Some(OwnClaim { id: c.id, counted: Default::default(), inherited: true });
+                    }
+                    drop(own);
+                    c
+                }
                 None => {
                     // Learn the watermark of objects not seen yet, then claim.
                     // One batched read per route (one snapshot for an Iceberg sink), not one per
                     // object.
-                    let objects = inner.log.next_objects(inner.settings.roll_rows)?;
+                    let objects = inner.log.next_objects(learn_window(&inner.settings))?;
                     let mut unknown: BTreeMap<String, Vec<ObjectId>> = BTreeMap::new();
                     {
                         let seqs = inner.next_seq.lock();
@@ -488,7 +566,8 @@ impl Pipeline {
                     drop(seqs);
                     match c {
                         Ok(Some(c)) => {
-                            *inner.own_claim.lock() = Some((c.id, Default::default()));
+                            *inner.own_claim.lock() =
+                                Some(OwnClaim { id: c.id, counted: Default::default(), inherited: false });
                             c
                         }
                         Ok(None) => match exhausted {
@@ -526,13 +605,19 @@ impl Pipeline {
                 // Counted as it lands: a later route or batch of this roll may still fail.
                 let (written, replayed) = {
                     let mut own = inner.own_claim.lock();
-                    match own.as_mut().filter(|(id, _)| *id == claimed.id) {
-                        // Counted by a roll that was dropped after this commit landed.
-                        Some((_, counted)) if counted.contains(&route) => (0, 0),
+                    match own.as_mut().filter(|o| o.id == claimed.id) {
+                        // Counted by an earlier roll of this process (dropped after this commit
+                        // landed, or failed on a later route).
+                        Some(o) if o.counted.contains(&route) => (0, 0),
+                        // An earlier process's batch: what the sink skipped, it had committed.
+                        Some(o) if o.inherited => {
+                            o.counted.insert(route.clone());
+                            (commit.records_written, commit.records_skipped)
+                        }
                         // Skipped records of this process's own batch: an earlier, dropped
                         // attempt of this roll landed them, uncounted.
-                        Some((_, counted)) => {
-                            counted.insert(route.clone());
+                        Some(o) => {
+                            o.counted.insert(route.clone());
                             (commit.records_written.saturating_add(commit.records_skipped), 0)
                         }
                         None => (commit.records_written, commit.records_skipped),
@@ -556,7 +641,7 @@ impl Pipeline {
             // counters can be learned again from its watermarks: forget them rather than keep
             // one per (route, object) ever seen.
             let mut seqs = inner.next_seq.lock();
-            if seqs.len() > inner.settings.roll_rows.saturating_mul(4) {
+            if seqs.len() > learn_window(&inner.settings).saturating_mul(4) {
                 seqs.clear();
             }
             drop(seqs);

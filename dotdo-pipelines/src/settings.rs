@@ -22,7 +22,10 @@ pub enum Backpressure {
     /// then only lifts the capacity bounds, and this path is not used. With
     /// [`Durability::Memory`], a process that dies loses the events still in memory, while
     /// those in the spill file stay there: the next pipeline opened with this path delivers
-    /// them (after that gap).
+    /// them (after that gap). Such a gap can also cost spilled events: if the dead process's
+    /// last commit of in-memory events was still under way (sent to a remote catalog) and lands
+    /// after the next pipeline numbered spilled events of the same objects, the sink takes
+    /// those as replays. Use `Durable` where no accepted event may be lost.
     Spill(PathBuf),
 }
 

@@ -288,6 +288,25 @@ async fn wait_policy_waits_for_room_until_its_deadline() {
     assert_eq!(e.kind(), &ErrorKind::Unavailable);
     assert!(waited >= Duration::from_millis(100) && waited < Duration::from_secs(5), "waited {waited:?}");
     assert_eq!(p.metrics().rejected, 1, "a send_wait refused in the end is one rejection, not one per try");
+    // The events are transformed once, not once per try (about one per millisecond).
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let settings = PipelineSettings {
+        capacity: 10,
+        backpressure: Backpressure::Wait(Duration::from_millis(50)),
+        ..Default::default()
+    };
+    let counting = Pipeline::builder(sink.clone())
+        .with_settings(settings)
+        .with_transform(move |e| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Transformed::Keep(e)
+        })
+        .build()
+        .expect("build");
+    counting.send(events(10)).expect("fill");
+    counting.send_wait(events(1)).await.expect_err("deadline");
+    assert_eq!(calls.load(Ordering::SeqCst), 11, "ten for the fill, one for the waiting send");
     // Now a roll frees room while a sender waits (on a pipeline with a deadline far beyond
     // the roll, so that only a missing wake-up can fail it).
     sink.stalled.store(false, Ordering::SeqCst);
@@ -695,6 +714,35 @@ async fn many_distinct_objects_over_many_rolls_land_exactly_once() {
     assert!((1..=24).contains(&batched), "{batched} batched reads for 24 claims");
 }
 
+/// With `roll_rows` unbounded (rolls by bytes or time only), a claim learns the sequence counters
+/// of at most 65,536 waiting events' objects at a time (it read the whole log for every claim,
+/// and never forgot a counter): 70,000 events of as many objects take two batched reads, and
+/// each lands once.
+#[tokio::test]
+async fn an_unbounded_roll_rows_learns_counters_in_bounded_windows() {
+    let sink = Flaky::new();
+    let settings = PipelineSettings {
+        roll_rows: usize::MAX,
+        roll_bytes: usize::MAX,
+        capacity: 100_000,
+        capacity_bytes: usize::MAX,
+        ..Default::default()
+    };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("build");
+    let n = 70_000;
+    p.send((0..n).map(|i| ev(&format!("o{i}"), "k", "v"))).expect("send");
+    let r = p.roll().await.expect("roll");
+    assert_eq!(r.events, n as u64, "{r:?}");
+    assert_eq!(sink.watermarks_calls.load(Ordering::SeqCst), 2, "two windows of counters");
+    for i in [0, 65_535, 65_536, n - 1] {
+        let o = ObjectId::new(format!("o{i}")).expect("id");
+        let seqs: Vec<u64> =
+            sink.inner.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, [1], "o{i}");
+    }
+    assert_eq!(p.metrics().events_committed, n as u64);
+}
+
 /// A durable log serves one pipeline at a time: a second pipeline on the same log (a failover
 /// node on a shared volume, a rebuild while the old instance runs) is refused. Two pipelines
 /// numbering batches from one log would commit events at sequence numbers the other already used,
@@ -860,6 +908,52 @@ async fn metrics_count_commits_of_a_roll_that_fails_part_way() {
     assert_eq!(p.metrics().events_committed, 20);
     assert_eq!(p.metrics().rolls, 2);
     assert_exactly_once(&committed(&sink.inner, 5).await, 20);
+}
+
+/// A batch an earlier process claimed, whose first route landed before the second refused it:
+/// after the restart, the first route's events count once as replayed (the earlier process
+/// committed them) however often the second route fails again, and the second route's as
+/// committed once it takes them. The first route's skip was counted as a replay on every retry.
+#[tokio::test]
+async fn an_inherited_claim_counts_each_route_once_across_failed_rolls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (main, audit) = (Flaky::new(), Flaky::new());
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("log.db")), ..Default::default() };
+    let build = || {
+        Pipeline::builder(main.clone())
+            .with_settings(settings.clone())
+            .with_route("audit", audit.clone())
+            .with_transform(|e: Event| {
+                if e.key.ends_with(['1', '3', '5']) {
+                    Transformed::Route("audit".into(), e)
+                } else {
+                    Transformed::Keep(e)
+                }
+            })
+            .build()
+            .expect("pipeline")
+    };
+    audit.refusing.store(true, Ordering::SeqCst);
+    {
+        let p = build();
+        p.send(events(6)).expect("send");
+        p.roll().await.expect_err("the audit route refuses");
+        assert_eq!(p.metrics().events_committed, 3, "the main route landed");
+    } // the process ends with the batch claimed
+    let p = build();
+    for _ in 0..3 {
+        p.roll().await.expect_err("the audit route still refuses");
+    }
+    audit.refusing.store(false, Ordering::SeqCst);
+    let r = p.roll().await.expect("the audit route takes it");
+    assert_eq!((r.events, r.replayed), (3, 0), "{r:?}");
+    let m = p.metrics();
+    assert_eq!((m.events_committed, m.events_replayed), (3, 3), "{m:?}");
+    let mut keys: Vec<String> = committed(&main.inner, 3).await.into_iter().map(|r| r.key).collect();
+    keys.extend(committed(&audit.inner, 3).await.into_iter().map(|r| r.key));
+    keys.sort();
+    assert_eq!(keys, (0..6).map(|i| format!("e{i:05}")).collect::<Vec<_>>(), "every event once, in one of the sinks");
 }
 
 /// A roll dropped by its caller after its commits landed (a host's timeout; here the second
