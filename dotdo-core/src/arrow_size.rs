@@ -5,7 +5,9 @@ use arrow_data::ArrayData;
 
 /// The bytes the rows of `d` hold: arrow's `get_slice_memory_size` (a slice of a larger array
 /// counts its own rows only; a buffer grown by doubling counts what it holds, not its
-/// capacity), except where that would index an empty offsets buffer (an empty string, binary or
+/// capacity), with the child of a list, map or fixed-size list counted for the rows' items only
+/// (arrow counts a sliced list's whole child: 10 rows of a 100 MiB list column counted
+/// 100 MiB), except where that would index an empty offsets buffer (an empty string, binary or
 /// list array with no offsets at all, which arrow accepts and whose slice size then panics, as
 /// an FFI-imported array may be): there the buffers' lengths are counted instead. Never panics.
 ///
@@ -33,10 +35,50 @@ pub fn rows_bytes(d: &ArrayData) -> usize {
     if d.is_empty() {
         return 0;
     }
-    match offsets_present(d).then(|| d.get_slice_memory_size()) {
-        Some(Ok(n)) => n,
-        _ => buffer_bytes(d),
+    match offsets_present(d).then(|| slice_bytes(d)).flatten() {
+        Some(n) => n,
+        None => buffer_bytes(d),
     }
+}
+
+/// `get_slice_memory_size` of `d` with the children of lists, maps and fixed-size lists cut to
+/// the items of `d`'s rows; `None` where the offsets do not cover the rows or point past the
+/// child (damaged or foreign data: the caller counts buffer lengths).
+fn slice_bytes(d: &ArrayData) -> Option<usize> {
+    use arrow_schema::DataType as T;
+    let whole = d.get_slice_memory_size().ok()?;
+    let children_whole = d.child_data().iter().map(|c| c.get_slice_memory_size().ok()).sum::<Option<usize>>()?;
+    let own = whole.checked_sub(children_whole)?;
+    let items = |start: usize, end: usize| -> Option<usize> {
+        let child = d.child_data().first()?;
+        if start > end || end > child.len() {
+            return None;
+        }
+        if start == end {
+            return Some(0);
+        }
+        slice_bytes(&child.slice(start, end - start))
+    };
+    // The offsets of the rows' first and last item, read from the bytes (no alignment assumed:
+    // a foreign buffer may not be).
+    let offset = |i: usize, width: usize| -> Option<usize> {
+        let at = d.offset().checked_add(i)?.checked_mul(width)?;
+        let b = d.buffers().first()?.as_slice().get(at..at.checked_add(width)?)?;
+        match width {
+            4 => usize::try_from(i32::from_ne_bytes(b.try_into().ok()?)).ok(),
+            _ => usize::try_from(i64::from_ne_bytes(b.try_into().ok()?)).ok(),
+        }
+    };
+    let children = match d.data_type() {
+        T::List(_) | T::Map(..) => items(offset(0, 4)?, offset(d.len(), 4)?)?,
+        T::LargeList(_) => items(offset(0, 8)?, offset(d.len(), 8)?)?,
+        T::FixedSizeList(_, n) => {
+            let n = usize::try_from(*n).ok()?;
+            items(d.offset().checked_mul(n)?, (d.offset() + d.len()).checked_mul(n)?)?
+        }
+        _ => d.child_data().iter().map(slice_bytes).sum::<Option<usize>>()?,
+    };
+    own.checked_add(children)
 }
 
 #[cfg(test)]
@@ -89,5 +131,45 @@ mod tests {
             .expect("four empty lists");
         let two = lists.slice(1, 2);
         assert_eq!(super::rows_bytes(&two), two.get_slice_memory_size().expect("size"));
+    }
+
+    /// A slice of a list column counts its own rows' items: arrow counts a sliced list's whole
+    /// child (two rows of 1,000 lists of 1 KiB strings counted 1 MB).
+    #[test]
+    fn a_sliced_list_counts_its_own_items() {
+        let n = 1000usize;
+        let offsets: Vec<i32> = (0..=n as i32).map(|i| i * 1024).collect();
+        let strings = ArrayData::builder(DataType::Utf8)
+            .len(n)
+            .add_buffer(Buffer::from_vec(offsets))
+            .add_buffer(Buffer::from_vec(vec![b'x'; n * 1024]))
+            .build()
+            .expect("strings");
+        let item = Arc::new(Field::new("item", DataType::Utf8, true));
+        let list_offsets: Vec<i32> = (0..=n as i32).collect();
+        let lists = ArrayData::builder(DataType::List(item.clone()))
+            .len(n)
+            .add_buffer(Buffer::from_vec(list_offsets))
+            .add_child_data(strings.clone())
+            .build()
+            .expect("lists of one string");
+        let whole = super::rows_bytes(&lists);
+        assert!(whole > n * 1024, "{whole}");
+        let two = super::rows_bytes(&lists.slice(500, 2));
+        assert_eq!(two, 2 * 4 + (2 * 4 + 2 * 1024), "two offsets, and two strings with theirs");
+        // Large lists and fixed-size lists alike.
+        let large = ArrayData::builder(DataType::LargeList(item.clone()))
+            .len(n)
+            .add_buffer(Buffer::from_vec((0..=n as i64).collect::<Vec<i64>>()))
+            .add_child_data(strings.clone())
+            .build()
+            .expect("large lists");
+        assert_eq!(super::rows_bytes(&large.slice(10, 2)), 2 * 8 + (2 * 4 + 2 * 1024));
+        let fixed = ArrayData::builder(DataType::FixedSizeList(item, 1))
+            .len(n)
+            .add_child_data(strings)
+            .build()
+            .expect("fixed-size lists");
+        assert_eq!(super::rows_bytes(&fixed.slice(10, 2)), 2 * 4 + 2 * 1024);
     }
 }

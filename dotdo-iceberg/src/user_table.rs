@@ -130,6 +130,11 @@ fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
                     }
                     column = arrow_cast::cast(&column, field.data_type()).ok()?;
                 }
+                // The target's own names for nested fields (`item` / `element`, map entries):
+                // arrow builds a batch only from exactly equal types.
+                if column.data_type() != field.data_type() {
+                    column = arrow_array::make_array(relabel(column.to_data(), field.data_type()).ok()?);
+                }
                 columns.push(column);
             }
             Err(_) if field.is_nullable() => {
@@ -765,7 +770,10 @@ impl ArrowTable {
     /// Add an optional (nullable) top-level column `name` of `data_type` through iceberg's
     /// schema update. Rows written before read as null. Returns the table with the new schema.
     /// This handle keeps the old one and still appends, with nulls in the new column; so do
-    /// batches in the old shape given to the new handle. Works with every catalog.
+    /// batches in the old shape given to the new handle. Works with every catalog. Nested types
+    /// (lists, structs, maps) are `InvalidInput` here (iceberg-rust 0.10's Arrow conversion needs
+    /// field ids on nested fields); add such a column with another engine, then open the table
+    /// again with the new schema.
     pub async fn add_column(&self, name: &str, data_type: arrow_schema::DataType) -> Result<ArrowTable> {
         let what = format!("adding column {name} to {}", self.ident);
         if self.user.field_with_name(name).is_ok() {

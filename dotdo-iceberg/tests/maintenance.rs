@@ -2609,6 +2609,34 @@ async fn decimals_beyond_their_precision_and_batches_without_columns_are_refused
     assert_eq!(t.last_batch("s").await.expect("mark"), 1);
 }
 
+/// A batch from before a column was added, whose list column names its item `item` (arrow's
+/// `ListBuilder`) where the table's schema says `element`, is given the new column as nulls:
+/// it was `InvalidInput` (arrow builds a batch only from exactly equal types).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_batch_whose_list_item_has_another_name_is_conformed() {
+    use arrow_array::builder::{ListBuilder, StringBuilder};
+    use arrow_array::RecordBatch;
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let element = DataType::List(Arc::new(Field::new("element", DataType::Utf8, true)));
+    let schema = Arc::new(Schema::new(vec![Field::new("tags", element, true)]));
+    let t = cold.arrow_table(&["m"], "tagged", schema).await.expect("table");
+    let batch = || {
+        let mut b = ListBuilder::new(StringBuilder::new());
+        b.values().append_value("a");
+        b.append(true);
+        let tags = b.finish();
+        let item = Arc::new(Schema::new(vec![Field::new("tags", arrow_array::Array::data_type(&tags).clone(), true)]));
+        RecordBatch::try_new(item, vec![Arc::new(tags)]).expect("batch")
+    };
+    t.append("s", 1, vec![batch()]).await.expect("the table's shape, item named otherwise");
+    let added = t.add_column("note", DataType::Utf8).await.expect("add a column");
+    assert_eq!(added.append("s", 2, vec![batch()]).await.expect("an older batch").rows, 1);
+    let rows: usize = added.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(rows, 2);
+}
+
 /// A replay through a handle opened again with the schema another engine changed (a column
 /// dropped), of a batch in the old shape (from a pipeline's log), is answered as committed: it
 /// was `InvalidInput` (the batch has a column the table no longer has), and the log never
