@@ -96,39 +96,79 @@ pub fn check_decimals(batch: &arrow_array::RecordBatch) -> crate::Result<()> {
 /// type's precision: Arrow does not check them, and the Parquet writer stores such a value cut
 /// to the width the precision gives (a wrapped, different number) or out of its declared range.
 fn check_column_decimals(column: &dyn arrow_array::Array, name: &str) -> crate::Result<()> {
+    check_decimals_where(column, name, &|_| true)
+}
+
+/// [`check_column_decimals`] for the slots `shown` says a reader sees (a struct's child values
+/// under its null slots are not: arrow allows anything there).
+fn check_decimals_where(
+    column: &dyn arrow_array::Array,
+    name: &str,
+    shown: &dyn Fn(usize) -> bool,
+) -> crate::Result<()> {
     use arrow_array::cast::AsArray;
+    use arrow_array::types::{Decimal128Type, DecimalType};
     use arrow_array::Array;
     use arrow_schema::DataType as T;
-    let within = |values: &arrow_array::ArrayRef, from: usize, to: usize, inner: &str| {
-        check_column_decimals(values.slice(from, to.saturating_sub(from)).as_ref(), inner)
+    let items = |values: &arrow_array::ArrayRef, from: usize, to: usize, inner: &str| {
+        if from >= to || to > values.len() {
+            return Ok(());
+        }
+        check_decimals_where(values.slice(from, to - from).as_ref(), inner, &|_| true)
     };
+    let offsets = |o: &[usize]| (o.first().copied().unwrap_or(0), o.last().copied().unwrap_or(0));
     match column.data_type() {
-        T::Decimal128(precision, _) => column
-            .as_primitive::<arrow_array::types::Decimal128Type>()
-            .validate_decimal_precision(*precision)
-            .map_err(|e| crate::Error::invalid(format!("column {name}: {e}"))),
+        T::Decimal128(precision, _) => {
+            let a = column.as_primitive::<Decimal128Type>();
+            match (0..a.len()).find(|&i| {
+                a.is_valid(i) && shown(i) && !Decimal128Type::is_valid_decimal_precision(a.value(i), *precision)
+            }) {
+                None => Ok(()),
+                Some(i) => Err(crate::Error::invalid(format!(
+                    "column {name}: row {i} holds {}, more digits than its precision {precision} allows",
+                    a.value(i)
+                ))),
+            }
+        }
         T::Struct(_) => {
             let s = column.as_struct();
+            let nulls = s.nulls();
+            let here = |i: usize| shown(i) && nulls.is_none_or(|n| n.is_valid(i));
             s.fields()
                 .iter()
                 .zip(s.columns())
-                .try_for_each(|(f, c)| check_column_decimals(c.as_ref(), &format!("{name}.{}", f.name())))
+                .try_for_each(|(f, c)| check_decimals_where(c.as_ref(), &format!("{name}.{}", f.name()), &here))
         }
-        T::List(_) if !column.is_empty() => {
+        T::List(_) => {
             let l = column.as_list::<i32>();
-            let o = l.value_offsets();
-            within(l.values(), o[0] as usize, o[o.len() - 1] as usize, &format!("{name}[]"))
+            let o: Vec<usize> = l.value_offsets().iter().map(|&v| usize::try_from(v).unwrap_or(0)).collect();
+            let (from, to) = offsets(&o);
+            items(l.values(), from, to, &format!("{name}[]"))
         }
-        T::LargeList(_) if !column.is_empty() => {
+        T::LargeList(_) => {
             let l = column.as_list::<i64>();
-            let o = l.value_offsets();
-            within(l.values(), o[0] as usize, o[o.len() - 1] as usize, &format!("{name}[]"))
+            let o: Vec<usize> = l.value_offsets().iter().map(|&v| usize::try_from(v).unwrap_or(0)).collect();
+            let (from, to) = offsets(&o);
+            items(l.values(), from, to, &format!("{name}[]"))
         }
-        T::Map(..) if !column.is_empty() => {
+        T::FixedSizeList(_, n) => {
+            let l = column.as_fixed_size_list();
+            let n = usize::try_from(*n).unwrap_or(0);
+            let nulls = l.nulls();
+            let here = |j: usize| n > 0 && shown(j / n) && nulls.is_none_or(|x| x.is_valid(j / n));
+            // The list's values as its rows see them (a sliced list keeps its whole child).
+            let (from, to) = (l.offset() * n, (l.offset() + l.len()) * n);
+            if from >= to || to > l.values().len() {
+                return Ok(());
+            }
+            check_decimals_where(l.values().slice(from, to - from).as_ref(), &format!("{name}[]"), &here)
+        }
+        T::Map(..) => {
             let m = column.as_map();
-            let o = m.value_offsets();
+            let o: Vec<usize> = m.value_offsets().iter().map(|&v| usize::try_from(v).unwrap_or(0)).collect();
+            let (from, to) = offsets(&o);
             let entries: arrow_array::ArrayRef = std::sync::Arc::new(m.entries().clone());
-            within(&entries, o[0] as usize, o[o.len() - 1] as usize, name)
+            items(&entries, from, to, name)
         }
         _ => Ok(()),
     }
@@ -194,5 +234,30 @@ mod tests {
         // Nullability and types still count.
         assert!(!same_type(&list("item"), &DataType::List(Field::new("item", DataType::Utf8, false).into())));
         assert!(!same_type(&list("item"), &DataType::List(Field::new("item", DataType::Binary, true).into())));
+    }
+
+    /// Decimals are checked where a reader sees them: a struct's child under a null struct slot
+    /// may hold anything (arrow allows it), a fixed-size list's items are checked like a list's.
+    #[test]
+    fn decimals_are_checked_where_readers_see_them() {
+        use arrow_array::{Array, ArrayRef, Decimal128Array, FixedSizeListArray, RecordBatch, StructArray};
+        use std::sync::Arc;
+        let dec = |v: Vec<i128>| -> ArrayRef {
+            Arc::new(Decimal128Array::from(v).with_precision_and_scale(5, 2).expect("type"))
+        };
+        let fields = Fields::from(vec![Field::new("d", DataType::Decimal128(5, 2), true)]);
+        let nulls = arrow_buffer::NullBuffer::from(vec![true, false]);
+        let hidden = StructArray::new(fields.clone(), vec![dec(vec![1, 10_000_000])], Some(nulls));
+        let batch = |a: ArrayRef| RecordBatch::try_from_iter([("c", a)]).expect("batch");
+        check_decimals(&batch(Arc::new(hidden))).expect("the wide value is under a null slot");
+        let shown = StructArray::new(fields, vec![dec(vec![1, 10_000_000])], None);
+        let e = check_decimals(&batch(Arc::new(shown))).expect_err("a wide value a reader sees");
+        assert!(e.to_string().contains("c.d") && e.to_string().contains("row 1"), "{e}");
+        let item = Arc::new(Field::new("item", DataType::Decimal128(5, 2), true));
+        let fixed = FixedSizeListArray::new(item, 2, dec(vec![1, 2, 3, 10_000_000]), None);
+        assert!(check_decimals(&batch(Arc::new(fixed.clone()))).is_err(), "a fixed-size list's item");
+        check_decimals(&batch(Arc::new(fixed.slice(0, 1)))).expect("the wide item is not in the slice");
+        assert_eq!(fixed.slice(1, 1).len(), 1);
+        assert!(check_decimals(&batch(Arc::new(fixed.slice(1, 1)))).is_err());
     }
 }

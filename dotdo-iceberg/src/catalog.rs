@@ -345,7 +345,8 @@ pub(crate) async fn open(
                 plain(open_memory(name, warehouse, factory).await?)
             } else {
                 Err(Error::invalid(format!(
-                    "warehouse {warehouse} has no default catalog: configure CatalogConfig::Sql, Memory or Custom"
+                    "warehouse {warehouse} has no default catalog: configure CatalogConfig::Sql (an SQLite file or \
+                     server database), Rest, Memory or Custom"
                 )))
             }
         }

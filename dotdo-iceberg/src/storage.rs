@@ -55,7 +55,8 @@ impl StoreRoot {
     /// `aws_endpoint`, `aws_access_key_id`, `aws_secret_access_key`, `aws_region`,
     /// `aws_allow_http`, …; see `object_store`'s builders).
     ///
-    /// A bare absolute path is taken as a `file://` URL. Local warehouse directories are
+    /// A bare path is taken as a `file://` URL (a relative one from the working directory at
+    /// open, as the hot stores take theirs). Local warehouse directories are
     /// created if missing. `memory://name` opens a fresh in-memory store (each call a new one).
     /// An option the scheme's store does not know (a typo would otherwise be dropped silently),
     /// or any option for `file://` and `memory://`, is `InvalidInput`.
@@ -102,7 +103,10 @@ impl StoreRoot {
             // file name goes, or taken from the environment): none is shown, and its error is
             // not kept as the source (its Debug would show it).
             let mut shown = e.to_string();
-            let env = std::env::vars().filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)));
+            // (`vars_os`: `vars` panics on a variable that is not UTF-8.)
+            let env = std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)));
             for (_, value) in options.iter().cloned().chain(env) {
                 if value.len() >= 4 {
                     shown = shown.replace(&value, "<redacted>");
@@ -249,10 +253,24 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     if trimmed.starts_with('/') {
         return local(std::path::Path::new(trimmed));
     }
+    // A relative local path (`warehouse`, `./data/wh`): from the working directory, as the hot
+    // stores take theirs. A URL names its scheme (`s3://`, `file:`).
+    let is_url = trimmed.contains("://") || trimmed.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("file:"));
+    if !is_url && !trimmed.is_empty() {
+        let cwd = std::env::current_dir().map_err(|e| {
+            Error::invalid(format!("warehouse path {warehouse} is relative and the working directory is unknown: {e}"))
+        })?;
+        return local(&cwd.join(trimmed));
+    }
     let url = Url::parse(trimmed).map_err(|e| {
-        // Not shown: what does not parse may hold a password the parser could not take apart.
-        let scheme = trimmed.split_once("://").map_or("", |(s, _)| s);
-        Error::invalid(format!("warehouse ({scheme}://…) is not a URL: {e}"))
+        // A password in it is not shown (what does not parse may hold one the parser could not
+        // take apart): only the scheme then.
+        let shown = if trimmed.contains('@') {
+            format!("({}://…)", trimmed.split_once("://").map_or("", |(s, _)| s))
+        } else {
+            trimmed.to_string()
+        };
+        Error::invalid(format!("warehouse {shown} is not a URL: {e}"))
     })?;
     // A query or fragment would become part of every table location (`s3://b/wh?x=1/ns/t/…`),
     // and a password part of every message naming the warehouse; credentials go in options.
@@ -710,7 +728,13 @@ mod tests {
         assert_eq!((r.root.as_str(), r.warehouse.as_str()), ("memory://wh", "memory://wh"));
         let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "/tmp/lake").expect("root");
         assert_eq!((r.root.as_str(), r.warehouse.as_str()), ("file://", "file:///tmp/lake"));
-        assert!(StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "not a url").is_err());
+        // A relative path is a local directory under the working directory, as the hot stores'.
+        let cwd = std::env::current_dir().expect("cwd");
+        for relative in ["lake", "./data/../lake", "lake/"] {
+            let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), relative).expect(relative);
+            assert_eq!(r.warehouse, format!("file://{}/lake", cwd.display()), "{relative}");
+        }
+        assert!(StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "").is_err());
         // A query or fragment would become part of every table location, a password part of
         // every message naming the warehouse: refused, the password not shown.
         for bad in [

@@ -762,8 +762,11 @@ enum Attempt {
 const MAX_FAILED_COMMITS: u32 = 2;
 
 impl IcebergColdStore {
-    /// Start building a store on the warehouse at `warehouse_url` (`file:///path`, `/path`,
-    /// `memory://name`, `s3://bucket/prefix`, `gs://…`, `az://…`).
+    /// Start building a store on the warehouse at `warehouse_url` (`file:///path`, `/path`, a
+    /// relative path from the working directory, `memory://name`, `s3://bucket/prefix`,
+    /// `gs://…`, `az://…`). A warehouse other than a local directory or `memory://` needs a
+    /// catalog ([`catalog`](IcebergColdStoreBuilder::catalog): `CatalogConfig::Sql`, `Rest`,
+    /// `Memory` or `Custom`).
     pub fn builder(warehouse_url: impl Into<String>) -> IcebergColdStoreBuilder {
         IcebergColdStoreBuilder {
             warehouse: warehouse_url.into(),

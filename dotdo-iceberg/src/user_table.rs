@@ -542,6 +542,44 @@ impl ArrowTable {
         }
     }
 
+    /// `batches` in the table's Iceberg shape, or why they cannot be appended (`InvalidInput`).
+    fn rebatch(&self, stream: &str, batch_id: u64, batches: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
+        let mut rebatched = Vec::with_capacity(batches.len());
+        for b in batches {
+            // No columns: the rows would be all nulls (no form of a table has no columns).
+            if b.num_columns() == 0 {
+                return Err(Error::invalid(format!("batch {batch_id} of stream {stream}: a batch without columns")));
+            }
+            // A batch made before columns were added (logged by a pipeline, say) gets nulls in
+            // them.
+            let conformed;
+            let b = if dotdo_core::arrow_shape::same_shape(b.schema_ref(), &self.user) {
+                b
+            } else {
+                conformed = conform(b, &self.user).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "batch schema {:?} is not the table's {:?} (nor an older form of it missing nullable columns)",
+                        b.schema(),
+                        self.user
+                    ))
+                })?;
+                &conformed
+            };
+            dotdo_core::arrow_shape::check_decimals(b)
+                .map_err(|e| e.context(format!("batch {batch_id} of stream {stream}")))?;
+            let relabelled = b
+                .columns()
+                .iter()
+                .zip(self.iceberg_arrow.fields())
+                .map(|(c, f)| relabel(c.to_data(), f.data_type()).map(arrow_array::make_array))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .and_then(|columns| RecordBatch::try_new(self.iceberg_arrow.clone(), columns))
+                .map_err(|e| Error::invalid("re-labelling a batch with the table schema").with_source(e))?;
+            rebatched.push(relabelled);
+        }
+        Ok(rebatched)
+    }
+
     /// The highest batch id committed by `stream` (0 if none).
     pub async fn last_batch(&self, stream: &str) -> Result<u64> {
         marks(&self.load().await?)?.get(stream)
@@ -564,44 +602,18 @@ impl ArrowTable {
         if batch_id == 0 || batch_id > MAX_MARK {
             return Err(Error::invalid(format!("batch id {batch_id}: batch ids run from 1 to {MAX_MARK}")));
         }
-        let mut rebatched = Vec::with_capacity(batches.len());
-        for b in &batches {
-            // No columns: the rows would be all nulls (no form of a table has no columns).
-            if b.num_columns() == 0 {
-                return Err(Error::invalid(format!("batch {batch_id} of stream {stream}: a batch without columns")));
-            }
-            // A batch made before columns were added (logged by a pipeline, say) gets nulls in
-            // them.
-            let conformed;
-            let b = if dotdo_core::arrow_shape::same_shape(b.schema_ref(), &self.user) {
-                b
-            } else if let Some(c) = conform(b, &self.user) {
-                conformed = c;
-                &conformed
-            } else {
-                // A replay of a batch committed before the schema changed (from a pipeline's
-                // log) is answered as committed whatever its shape, as the loop below does.
+        let rebatched = match self.rebatch(stream, batch_id, &batches) {
+            Ok(rebatched) => rebatched,
+            Err(refused) => {
+                // A replay of a batch already committed (from a pipeline's log, made by an older
+                // version or before the schema changed) is answered as committed whatever it
+                // holds, as the loop below does.
                 if marks(&self.load().await?)?.get(stream)? >= batch_id {
                     return Ok(ArrowCommit { snapshot: None, rows: 0 });
                 }
-                return Err(Error::invalid(format!(
-                    "batch schema {:?} is not the table's {:?} (nor an older form of it missing nullable columns)",
-                    b.schema(),
-                    self.user
-                )));
-            };
-            dotdo_core::arrow_shape::check_decimals(b)
-                .map_err(|e| e.context(format!("batch {batch_id} of stream {stream}")))?;
-            let relabelled = b
-                .columns()
-                .iter()
-                .zip(self.iceberg_arrow.fields())
-                .map(|(c, f)| relabel(c.to_data(), f.data_type()).map(arrow_array::make_array))
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .and_then(|columns| RecordBatch::try_new(self.iceberg_arrow.clone(), columns))
-                .map_err(|e| Error::invalid("re-labelling a batch with the table schema").with_source(e))?;
-            rebatched.push(relabelled);
-        }
+                return Err(refused);
+            }
+        };
         let rows: u64 = rebatched.iter().map(|b| b.num_rows() as u64).sum();
         let what = format!("appending batch {batch_id} of stream {stream} to {}", self.ident);
         // The files an earlier attempt wrote: under which (spec, schema), and when.

@@ -98,7 +98,7 @@ impl Conn {
         let params = Params::Positional(step.params);
         let out = async {
             match stmt.query(params).await?.next().await? {
-                Some(row) => row.get_value(0).map(Some),
+                Some(row) => value_at(&row, 0).map(Some),
                 None => Ok(None),
             }
         }
@@ -400,7 +400,7 @@ async fn collect(rows: libsql::Result<libsql::Rows>, bound: Option<(usize, usize
     while let Some(row) = rows.next().await? {
         let mut values = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
         for i in 0..n {
-            values.push(row.get_value(i)?);
+            values.push(value_at(&row, i)?);
         }
         if let Some((col, max_bytes)) = bound {
             if let Some(Value::Blob(b)) = values.get(col) {
@@ -487,6 +487,15 @@ fn hex_into(out: &mut String, bytes: &[u8]) {
         out.push(HEX[usize::from(b & 0xf)] as char);
     }
     out.push('\'');
+}
+
+/// Column `i` of `row`. libsql converts a text value with `CStr::to_str().unwrap()`: text that is
+/// not UTF-8 (damage, or another program's write) panicked in the caller's task. Such a value is
+/// `InvalidColumnType` here, which the store reports as `Corrupt`. (Text columns are read as
+/// blobs anyway, see `text_column!`; this covers the others, integers stored as text.)
+fn value_at(row: &libsql::Row, i: i32) -> libsql::Result<Value> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| row.get_value(i)))
+        .unwrap_or(Err(libsql::Error::InvalidColumnType))
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ impl HotStore for LibsqlStore {
     async fn get(&self, object: &ObjectId, key: &str) -> Result<Option<Bytes>> {
         validate_key(key)?;
         let step = Step::new(
-            "SELECT CAST(value AS BLOB) FROM do_state WHERE do_id = ?1 AND key = ?2",
+            concat!("SELECT ", value_column!("value"), " FROM do_state WHERE do_id = ?1 AND key = ?2"),
             vec![t(object.as_str()), t(key)],
         );
         self.read("get", move |c| {
@@ -155,7 +155,9 @@ impl HotStore for LibsqlStore {
                 concat!(
                     "SELECT seq, ",
                     text_column!("key"),
-                    ", op, CAST(value AS BLOB), token, ts, ",
+                    ", op, ",
+                    value_column!("value"),
+                    ", token, ts, ",
                     text_column!("type"),
                     " FROM (SELECT seq, key, op, value, token, ts, type, \
                      sum(length(value)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - length(value) AS before \
@@ -169,7 +171,9 @@ impl HotStore for LibsqlStore {
                 concat!(
                     "SELECT seq, ",
                     text_column!("key"),
-                    ", op, CAST(value AS BLOB), token, ts, ",
+                    ", op, ",
+                    value_column!("value"),
+                    ", token, ts, ",
                     text_column!("type"),
                     " FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
                 ),

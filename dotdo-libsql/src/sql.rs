@@ -9,8 +9,6 @@ use std::ops::Bound;
 
 use crate::conn::Row;
 
-/// The effective last sequence number of object row `o`: `do_objects.last_seq` is a floor kept for
-/// truncated and restored changes; the newest change still in the log may be above it.
 /// A text column as the store reads it: its bytes as a blob (decoded by [`text`]), or NULL if
 /// it holds no text. libsql reads a text value as a C string: it ended at a NUL (a damaged key
 /// `a\0b` read as `a`) and panicked on bytes that are not UTF-8; a blob would pass for text.
@@ -21,6 +19,17 @@ macro_rules! text_column {
 }
 pub(crate) use text_column;
 
+/// A value column as the store reads it: a blob, or text's bytes (never cut at a NUL); an
+/// integer or real stays one (not a value any writer stores: `Corrupt`, as in dotdo-sqlite).
+macro_rules! value_column {
+    ($c:literal) => {
+        concat!("CASE WHEN typeof(", $c, ") IN ('blob', 'text') THEN CAST(", $c, " AS BLOB) ELSE ", $c, " END")
+    };
+}
+pub(crate) use value_column;
+
+/// The effective last sequence number of object row `o`: `do_objects.last_seq` is a floor kept for
+/// truncated and restored changes; the newest change still in the log may be above it.
 macro_rules! eff_last {
     ($o:literal) => {
         concat!(
@@ -287,7 +296,9 @@ pub(crate) fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
     let mut sql = String::from(concat!(
         "SELECT ",
         text_column!("key"),
-        ", CAST(value AS BLOB), seq FROM do_state WHERE do_id = ?1"
+        ", ",
+        value_column!("value"),
+        ", seq FROM do_state WHERE do_id = ?1"
     ));
     let mut args = Vec::new();
     for (b, inc, exc) in [(&range.start, ">=", ">"), (&range.end, "<=", "<")] {

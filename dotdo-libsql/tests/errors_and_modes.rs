@@ -682,7 +682,9 @@ async fn change_rows_no_writer_makes_are_corrupt() {
     let damage = |sql: &'static str, o: ObjectId| async move {
         c.execute(sql, [o.as_str()]).await.expect(sql);
     };
-    dotdo_core::testkit::assert_damaged_change_rows_are_corrupt(&s, "hot.db", damage).await; // Text that is not UTF-8, a NUL, a blob where text belongs, in the other columns reads return.
+    dotdo_core::testkit::assert_damaged_change_rows_are_corrupt(&s, "hot.db", damage).await;
+    // Text that is not UTF-8, a NUL, a blob where text belongs, numbers stored as text, in the
+    // columns other reads return.
     dotdo_core::testkit::assert_damaged_text_is_corrupt(&s, damage).await;
 }
 

@@ -426,8 +426,9 @@ impl Pipeline {
         // Validated and transformed once (a transform's side effects happen once per send).
         let prepared = self.prepare(events)?;
         loop {
-            // Copied for an attempt only when there is room for it.
-            let attempt = if self.worth_admitting(&prepared) {
+            // Copied for an attempt only when there is room for it (or the pipeline closed: then
+            // `admit` says so).
+            let attempt = if self.inner.closed.load(Ordering::Acquire) || self.worth_admitting(&prepared) {
                 self.admit(prepared.clone(), false)
             } else {
                 let (depth, _) = self.inner.log.depth();

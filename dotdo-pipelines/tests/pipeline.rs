@@ -307,6 +307,23 @@ async fn wait_policy_waits_for_room_until_its_deadline() {
     counting.send(events(10)).expect("fill");
     counting.send_wait(events(1)).await.expect_err("deadline");
     assert_eq!(calls.load(Ordering::SeqCst), 11, "ten for the fill, one for the waiting send");
+    // A close while a sender waits ends its wait with `Shutdown` (not its deadline's
+    // `Unavailable`), even when close's roll fails.
+    let settings = PipelineSettings {
+        capacity: 10,
+        backpressure: Backpressure::Wait(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let closing = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("build");
+    closing.send(events(10)).expect("fill");
+    let waiter = tokio::spawn({
+        let p = closing.clone();
+        async move { p.send_wait(events(1)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    closing.close().await.expect_err("the stalled sink fails close's roll");
+    let e = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("ends at once").expect("join");
+    assert_eq!(e.expect_err("closed").kind(), &ErrorKind::Shutdown);
     // Now a roll frees room while a sender waits (on a pipeline with a deadline far beyond
     // the roll, so that only a missing wake-up can fail it).
     sink.stalled.store(false, Ordering::SeqCst);

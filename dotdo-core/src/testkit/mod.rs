@@ -584,6 +584,8 @@ pub const DAMAGED_CHANGE_ROWS: &[(&str, &str)] = &[
     ("key that is not UTF-8", "UPDATE do_changes SET key = CAST(X'61FF' AS TEXT) WHERE do_id = ?1"),
     ("blob key", "UPDATE do_changes SET key = X'6B' WHERE do_id = ?1"),
     ("type name that is not UTF-8", "UPDATE do_changes SET type = CAST(X'FF' AS TEXT) WHERE do_id = ?1"),
+    ("op code that is text, not UTF-8", "UPDATE do_changes SET op = CAST(X'FF' AS TEXT) WHERE do_id = ?1"),
+    ("value that is an integer", "UPDATE do_changes SET value = 5 WHERE do_id = ?1"),
     ("value over 2 MiB", "UPDATE do_changes SET value = zeroblob(2097153) WHERE do_id = ?1"),
     ("empty type name", "UPDATE do_changes SET type = '' WHERE do_id = ?1"),
     ("sequence number above the largest", "UPDATE do_changes SET seq = 17592186044416 WHERE do_id = ?1"),
@@ -623,12 +625,17 @@ where
     F: std::future::Future<Output = ()>,
 {
     use crate::hot::HotStoreExt;
-    let cases: [(&str, &str); 6] = [
+    let cases: [(&str, &str); 8] = [
         ("state key that is not UTF-8", "UPDATE do_state SET key = CAST(X'61FF' AS TEXT) WHERE do_id = ?1"),
         ("blob state key", "UPDATE do_state SET key = X'6B' WHERE do_id = ?1"),
         ("holder that is not UTF-8", "UPDATE do_locks SET node_id = CAST(X'6EFF' AS TEXT) WHERE do_id = ?1"),
         ("holder with a NUL", "UPDATE do_locks SET node_id = 'n1' || char(0) || 'x' WHERE do_id = ?1"),
         ("blob holder", "UPDATE do_locks SET node_id = X'6E31' WHERE do_id = ?1"),
+        (
+            "lease token that is text, not UTF-8",
+            "UPDATE do_locks SET fencing_token = CAST(X'FF' AS TEXT) WHERE do_id = ?1",
+        ),
+        ("state value that is an integer", "UPDATE do_state SET value = 5 WHERE do_id = ?1"),
         ("object id that is not UTF-8", "UPDATE do_changes SET do_id = CAST(X'6FFF' AS TEXT) WHERE do_id = ?1"),
     ];
     for (i, (what, sql)) in cases.into_iter().enumerate() {
