@@ -1160,6 +1160,35 @@ async fn after_a_failed_auto_flush_calls_do_not_wait_for_cold_storage() {
     assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 7, "everything pending flushed");
 }
 
+/// An automatic flush makes one cold commit per call: a backlog an outage left (here three
+/// commits' worth) is not drained inside one caller's call (six commits of retries and writes a
+/// caller may time out on, and then repeat a write that happened); the next calls and
+/// `flush_all` drain the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_flush_drains_one_commit_per_call() {
+    use dotdo_core::runtime::AUTO_FLUSH_PAUSE;
+    let w = World::new();
+    let settings = RuntimeSettings { flush_after_changes: 1, flush_batch_records: 2, ..settings() };
+    let (cold, rt) = w.flaky_cold_runtime(settings);
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick_by(&w, Duration::from_millis(50));
+    assert_eq!(incr(&rt, &o).await.expect("committed although cold is down"), 2);
+    ticking.abort();
+    for n in 3..=7 {
+        assert_eq!(incr(&rt, &o).await.expect("committed during the pause"), n);
+    }
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    w.clock.advance(AUTO_FLUSH_PAUSE * 2);
+    let snapshots = w.cold.snapshots().await.expect("snapshots").len();
+    assert_eq!(incr(&rt, &o).await.expect("commits, then flushes once"), 8);
+    assert_eq!(w.cold.snapshots().await.expect("snapshots").len(), snapshots + 1, "one cold commit");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 3, "two more records (flush_batch_records)");
+    rt.flush_all().await.expect("flush the rest");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 8);
+}
+
 /// A sink whose commits leave an appended object out of their watermarks makes `flush` and
 /// `flush_all` fail with `Backend`, instead of draining the same changes again forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2862,6 +2891,7 @@ async fn a_flush_finding_the_hot_store_behind_cold_gives_up_the_activation() {
             rt.flush(&o).await.expect_err("behind cold")
         };
         assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+        assert!(e.is_retryable(), "the next activation restores from cold: a retry succeeds: {e}");
         assert_eq!(rolled_back.current(&o).await.expect("current"), None, "the activation's lease is given back");
         assert_eq!(incr(&rt, &o).await.expect("restored from cold on the next call"), 6);
         rt.flush(&o).await.expect("flushes again");
@@ -3373,6 +3403,30 @@ async fn an_acquire_landing_after_it_was_settled_as_not_granted_is_adopted() {
     guard.late_acquires.store(false, SeqCst);
     assert_eq!(incr(&rt, &o).await.expect("warm"), 2);
     assert_eq!(w.hot.current(&o).await.expect("current").expect("held").token, held.token);
+}
+
+/// Once the late acquire's lease is adopted, that acquire is settled: after the runtime gives the
+/// lease back, a lease another runtime under the same node id takes (within the first acquire's
+/// TTL) is not released by `maintain` as an orphan of it. The settled acquire stayed recorded
+/// and `maintain` released the other runtime's lease while its handler ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_late_acquire_is_forgotten() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = World::new();
+    let (guard, rt, o) = cancelled_gated_acquire(&w).await;
+    let (rt2, o2) = (rt.clone(), o.clone());
+    let next = tokio::spawn(async move { incr(&rt2, &o2).await });
+    until("both acquires in flight", || async { guard.late_waiting.load(SeqCst) == 2 }).await;
+    guard.late_gate.add_permits(1);
+    until("the first acquire granted", || async { w.hot.current(&o).await.expect("current").is_some() }).await;
+    guard.late_gate.add_permits(1);
+    assert_eq!(next.await.expect("task").expect("the late lease adopted"), 1);
+    guard.late_acquires.store(false, SeqCst);
+    rt.evict(&o).await.expect("the lease goes back");
+    assert!(w.hot.current(&o).await.expect("current").is_none(), "given back");
+    let theirs = w.hot.acquire(&o, &NodeId::new("a").expect("node"), TTL).await.expect("the other runtime");
+    rt.maintain().await.expect("maintain");
+    assert_eq!(w.hot.current(&o).await.expect("current"), Some(theirs), "not released as an orphan");
 }
 
 /// The same race through `maintain`: it finds the cancelled call's acquire not granted yet; the

@@ -91,7 +91,8 @@ pub struct RuntimeSettings {
     /// `RuntimeMetrics::flush_failures`; the changes wait in the hot log for the next flush).
     /// After a failure the next automatic flushes are skipped for [`AUTO_FLUSH_PAUSE`], doubling
     /// with failures in a row up to [`AUTO_FLUSH_MAX_PAUSE`], so calls do not each wait out a cold
-    /// outage's retries.
+    /// outage's retries. An automatic flush makes one cold commit (`flush_batch_records`): a
+    /// longer backlog drains over the next calls, or with `flush` / `flush_all`.
     pub flush_after_changes: u64,
     /// Most change records per cold commit when flushing. Default 100 000.
     pub flush_batch_records: usize,
@@ -710,7 +711,9 @@ impl ObjectRuntime {
                 let pending =
                     inner.hot.object_info(object).await?.map_or(0, |i| i.last_seq.saturating_sub(i.truncated_through));
                 if pending >= threshold {
-                    with_renewal(inner, &mut active.lease, drain(inner, object, token)).await?;
+                    // One commit per call: a backlog an outage left (many commits' worth) is not
+                    // drained inside one caller's call; the next calls and `flush_all` go on.
+                    with_renewal(inner, &mut active.lease, drain(inner, object, token, 1)).await?;
                 }
                 Ok::<_, Error>(())
             }
@@ -908,7 +911,13 @@ impl ObjectRuntime {
                     // one to wait out for a TTL.
                     if let (true, Some(since)) = (*holder == inner.node, flight.earlier) {
                         match inner.guard.current(object).await {
-                            Ok(Some(l)) if granted_here_since(inner, &l, since) => return Ok(flight.done(l)),
+                            Ok(Some(l)) if granted_here_since(inner, &l, since) => {
+                                // Settled: landed, and adopted. Remembered still, it would have
+                                // `maintain` release (or a call adopt) a lease another runtime
+                                // under this node id takes once this one is given back.
+                                flight.earlier = None;
+                                return Ok(flight.done(l));
+                            }
                             Ok(_) => {}
                             Err(e) => return Err(e.context(format!("acquiring {object} on {}", inner.node))),
                         }
@@ -1138,12 +1147,12 @@ impl ObjectRuntime {
         self.ensure_active(object, &mut slot).await?;
         let active = slot.active.as_mut().expect("active");
         let token = active.lease.token;
-        let r = with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token)).await;
+        let r = with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token, usize::MAX)).await;
         if r.as_ref().is_err_and(activation_spent) {
             give_back(&self.inner, &mut slot.active).await;
         }
         self.after_call(&mut slot).await;
-        r
+        r.map_err(retry_restores)
     }
 
     /// Drain the change logs of every object this runtime holds, batching many objects into each
@@ -1162,7 +1171,7 @@ impl ObjectRuntime {
     pub async fn flush_all(&self) -> Result<FlushReport> {
         let out = self.flush_all_in().await;
         self.give_back_all_if_shut_down().await;
-        out
+        out.map_err(retry_restores)
     }
 
     async fn flush_all_in(&self) -> Result<FlushReport> {
@@ -1494,7 +1503,7 @@ impl ObjectRuntime {
         // be dropped. Whatever hot holds of the object (a late write of an earlier activation,
         // a restore of unknown outcome) is drained and dropped like any hot state.
         let drained = async {
-            let report = drain(&self.inner, object, token).await?;
+            let report = drain(&self.inner, object, token, usize::MAX).await?;
             if report.objects == 0 {
                 // Nothing was left to drain, so no commit just showed that cold storage holds
                 // the object's changes: make sure it still does before the only other copy goes.
@@ -1511,7 +1520,7 @@ impl ObjectRuntime {
             } else {
                 self.after_call(slot).await;
             }
-            return Err(e);
+            return Err(retry_restores(e));
         }
         // From here the hot state may go: never run on it under this activation again.
         let active = slot.active.take().expect("active");
@@ -1931,11 +1940,25 @@ fn hot_behind_cold(object: &ObjectId, hot_last: Seq, cold_through: Seq) -> Error
         ErrorKind::Conflict,
         format!(
             "{object}: cold storage holds changes through {cold_through} but the hot store's last is {hot_last} \
-             (it lost commits); the object is restored from cold storage on its next activation"
+             (it lost commits); {HOT_BEHIND_COLD}"
         ),
     )
     .with_retryable(false)
 }
+
+/// A flush's or evict's error for its caller: [`hot_behind_cold`] is non-retryable inside the
+/// runtime (it marks the activation spent), but the activation has been given back and the
+/// next one restores the object from cold storage, so a caller's retry succeeds: retryable.
+fn retry_restores(e: Error) -> Error {
+    if e.kind() == &ErrorKind::Conflict && !e.is_retryable() && e.message().contains(HOT_BEHIND_COLD) {
+        e.with_retryable(true)
+    } else {
+        e
+    }
+}
+
+/// The words [`hot_behind_cold`] errors carry.
+const HOT_BEHIND_COLD: &str = "the object is restored from cold storage on its next activation";
 
 /// Whether a drain may truncate the hot change log through `through`, the object's durable
 /// watermark after a cold commit of its changes up to `appended`: not if cold is ahead of the
@@ -2404,10 +2427,11 @@ async fn cold_holds_hot_changes(inner: &Arc<Inner>, object: &ObjectId) -> Result
     Ok(())
 }
 
-/// Drain one object's change log to cold storage and truncate it.
-async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken) -> Result<FlushReport> {
+/// Drain one object's change log to cold storage and truncate it, in at most `max_commits`
+/// cold commits (of `flush_batch_records` records each).
+async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken, max_commits: usize) -> Result<FlushReport> {
     let mut report = FlushReport::default();
-    loop {
+    for _ in 0..max_commits {
         let Some(info) = inner.hot.object_info(object).await? else { break };
         if !info.has_pending_changes() {
             break;
