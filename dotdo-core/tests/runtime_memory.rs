@@ -984,6 +984,8 @@ struct FlakyCold {
     before_append: Hook<futures::future::BoxFuture<'static, ()>>,
     /// Run before every append.
     each_append: Hook<Arc<dyn Fn() + Send + Sync>>,
+    /// Run before every `watermark` read.
+    each_watermark: Hook<Arc<dyn Fn() + Send + Sync>>,
     /// Run (once) before the next `load_state`: a slow read of the whole state.
     before_load: Hook<futures::future::BoxFuture<'static, ()>>,
     /// An entry added to every loaded state (a sink that broke its contract).
@@ -1021,6 +1023,7 @@ impl FlakyCold {
             most_changes_read: 0.into(),
             before_append: Hook::new(),
             each_append: Hook::new(),
+            each_watermark: Hook::new(),
             before_load: Hook::new(),
             extra_entry: parking_lot::Mutex::new(None),
         }
@@ -1069,6 +1072,10 @@ impl ColdSink for FlakyCold {
     }
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
         self.check()?;
+        let each = self.each_watermark.lock().clone();
+        if let Some(f) = each {
+            f();
+        }
         if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
@@ -3094,6 +3101,30 @@ async fn a_long_flush_renews_the_leases_it_holds() {
     assert!(!w.hot.object_info(&o).await.expect("info").expect("o").has_pending_changes());
     assert_eq!(incr(&rt, &o).await.expect("still active"), 5);
     assert_eq!(rt.metrics().activations, 1);
+}
+
+/// Collecting many released objects to drain (an acquire and a cold watermark read each, here
+/// 50 ms of the clock per read: 256 of them outlast the TTL) keeps the leases already held
+/// renewed: the first drain round found them run out, and `flush_all` failed every time.
+#[tokio::test]
+async fn collecting_many_released_objects_keeps_held_leases_renewed() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    let held = oid("held");
+    incr(&rt, &held).await.expect("a warm object with a pending change");
+    let other = NodeId::new("gone").expect("node");
+    for i in 0..256 {
+        let o = oid(&format!("released-{i:03}"));
+        let l = w.hot.acquire(&o, &other, TTL).await.expect("acquire");
+        w.hot.put(&o, l.token, "Object", "n", Bytes::from("1")).await.expect("put");
+        w.hot.release(&l).await.expect("release");
+    }
+    let clock = w.clock.clone();
+    *cold.each_watermark.lock() = Some(Arc::new(move || clock.advance(Duration::from_millis(50))));
+    let report = rt.flush_all().await.expect("every object drained");
+    assert_eq!(report.objects, 257, "{report:?}");
+    assert!(!w.hot.object_info(&held).await.expect("info").expect("held").has_pending_changes());
+    assert_eq!(incr(&rt, &held).await.expect("still active"), 2);
 }
 
 /// After `set_ring` gives an object to another node, the next `maintain` hands it over (gives

@@ -175,6 +175,25 @@ struct DrainRounds {
     /// Objects skipped because a call on them was in progress (each counts once:
     /// `FlushReport::busy`).
     busy: std::collections::BTreeSet<ObjectId>,
+    /// When the held leases were last renewed (the clock's monotonic time), while objects are
+    /// still being collected: see [`DrainRounds::keep_renewed`].
+    renewed_at: Option<Duration>,
+}
+
+impl DrainRounds {
+    /// Renew the leases of `held` if a sixth of a TTL passed since the last time: collecting
+    /// the objects to drain (a cold watermark read and an acquire per released object, pages of
+    /// 256) can outlast a lease, and `renew_if_due` refreshes only leases with less than two
+    /// thirds of a TTL left. Without this the first drain round found them run out and failed
+    /// the flush, every time.
+    async fn keep_renewed(&mut self, inner: &Arc<Inner>, held: &mut [Held]) {
+        let now = inner.clock.monotonic();
+        let since = self.renewed_at.get_or_insert(now);
+        if now.saturating_sub(*since) >= inner.settings.lease_ttl / 6 {
+            *since = now;
+            renew_held(inner, held, &mut self.left_out, &mut self.first_err).await;
+        }
+    }
 }
 
 /// An activated object held by this runtime.
@@ -1188,6 +1207,7 @@ impl ObjectRuntime {
         for (object, slot) in self.active_slots() {
             // Never wait for a busy slot while holding others: a handler of that object that
             // invokes one of the held objects would wait for us while we wait for it.
+            rounds.keep_renewed(inner, &mut held).await;
             let Some(mut guard) = slot.try_lock_owned() else {
                 rounds.busy.insert(object);
                 continue;
@@ -1441,6 +1461,7 @@ impl ObjectRuntime {
             {
                 continue;
             }
+            rounds.keep_renewed(inner, held).await;
             let slot = self.slot(&object);
             let Some(mut guard) = slot.try_lock_owned() else {
                 rounds.busy.insert(object);
