@@ -962,6 +962,23 @@ fn invoke_futures_are_send_so_hosts_can_spawn_them() {
     assert_send(&fut);
 }
 
+/// The README's maintenance task compiles and runs as written: a clone of the runtime moved into
+/// a spawned task running `run_maintenance`, which ends once `shutdown` has begun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_maintenance_can_be_spawned_and_ends_at_shutdown() {
+    let w = World::new();
+    let rt = w.runtime("a", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    let m = rt.clone();
+    let task = tokio::spawn(async move { m.run_maintenance(Duration::from_millis(1)).await });
+    rt.shutdown().await.expect("shutdown");
+    // The task's sleeps are on the manual clock: keep it moving until the task sees the shutdown.
+    dotdo_core::testkit::advance_until_finished(&w.clock, Duration::from_millis(1), task)
+        .await
+        .expect("the maintenance task ends");
+}
+
 /// A cold sink that fails every call with a retryable `Unavailable` while `down` is set, and
 /// whose `watermark` never answers while `hang` is set.
 #[derive(Debug)]
