@@ -134,8 +134,11 @@
 //!   dotdo-iceberg) in one binary.
 //!
 //! This crate depends on none of them, not even as a dev-dependency, so its tests, benchmarks and
-//! doctests are single-flavoured. A host that needs both a libSQL hot store and an Iceberg SQL
-//! catalog runs them in separate processes, or uses a non-SQLite Iceberg catalog.
+//! doctests are single-flavoured. `dotdo-iceberg` links its SQL catalog whichever catalog is
+//! configured, and the object runtime needs its hot store and cold sink in one process: a
+//! runtime on libSQL needs a cold sink that links no SQLite (your own `ColdSink`, or the
+//! in-memory reference). Draining libSQL changes into Iceberg from another process (reading the
+//! change log through the primary) is not provided.
 //!
 //! ## Example
 //!
