@@ -107,6 +107,7 @@ pub fn default_sqlite_uri(warehouse_dir: &std::path::Path) -> String {
 /// and percent-decodes the path.
 const SQLITE_PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%').add(b'?').add(b'#');
 
+#[cfg(feature = "sql")]
 /// Reads the SQL catalog's table pointer directly, to confirm that a commit the catalog
 /// acknowledged really is durable: iceberg-catalog-sql 0.10.1 ignores errors of the SQL `COMMIT`
 /// (apache/iceberg-rust#3061), so an acknowledged commit might not have persisted.
@@ -120,12 +121,14 @@ pub(crate) struct SqlVerifier {
     direct: Option<parking_lot::Mutex<rusqlite::Connection>>,
 }
 
+#[cfg(feature = "sql")]
 const POINTER_SQL: &str = "SELECT metadata_location FROM iceberg_tables \
      WHERE catalog_name = ? AND table_namespace = ? AND table_name = ?";
 
 /// The file path of a sqlx SQLite URI (`sqlite:/p`, `sqlite:///p`, `sqlite://p`, options after
 /// `?`, the path percent-decoded as sqlx does), `None` for in-memory databases (and for a path
 /// that does not decode to UTF-8, which sqlx refuses too).
+#[cfg(feature = "sql")]
 fn sqlite_path(uri: &str) -> Option<String> {
     let rest = uri.strip_prefix("sqlite:")?;
     let rest = rest.strip_prefix("//").unwrap_or(rest);
@@ -136,6 +139,7 @@ fn sqlite_path(uri: &str) -> Option<String> {
     percent_encoding::percent_decode_str(path).decode_utf8().ok().map(|p| p.into_owned())
 }
 
+#[cfg(feature = "sql")]
 fn open_direct(uri: &str) -> Option<parking_lot::Mutex<rusqlite::Connection>> {
     use rusqlite::OpenFlags;
     let path = sqlite_path(uri)?;
@@ -153,6 +157,7 @@ fn open_direct(uri: &str) -> Option<parking_lot::Mutex<rusqlite::Connection>> {
     }
 }
 
+#[cfg(feature = "sql")]
 impl SqlVerifier {
     async fn connect(uri: &str, catalog: &str) -> Result<Self> {
         // A busy or unreachable database is `Unavailable`; one that cannot be opened as
@@ -200,6 +205,7 @@ impl SqlVerifier {
     }
 }
 
+#[cfg(feature = "sql")]
 impl SqlVerifier {
     /// For each of `locations`, the other tables of this catalog database (under any catalog
     /// name) whose metadata lives in that location's `metadata/` directory, each as
@@ -273,6 +279,7 @@ impl SqlVerifier {
 /// may be in the WAL already, and a recovery after a crash replays them, moving the pointer to
 /// the new metadata after all. Its files must then not be deleted (a read-back at the old
 /// location judged "not landed", and the commit's files were deleted).
+#[cfg(feature = "sql")]
 fn swap_failure(e: sqlx::Error) -> Error {
     let io = match &e {
         sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| c & 0xff == 10),
@@ -289,6 +296,7 @@ fn swap_failure(e: sqlx::Error) -> Error {
 }
 
 /// How a pointer swap ended (see [`SqlVerifier::swap_resolved`]).
+#[cfg_attr(not(feature = "sql"), allow(dead_code))] // made by the SQL catalog's swap only
 pub(crate) enum Swapped {
     /// The pointer moved to the new metadata: committed.
     Landed,
@@ -296,6 +304,7 @@ pub(crate) enum Swapped {
     Lost,
 }
 
+#[cfg(feature = "sql")]
 impl SqlVerifier {
     /// [`swap`](Self::swap), and if the swap itself failed, a read of the pointer to learn
     /// whether it landed anyway. The error of a swap that did not land keeps its kind
@@ -391,6 +400,51 @@ pub(crate) async fn open(
     }
 }
 
+/// Without the `sql` feature (a build that links no SQLite, e.g. beside dotdo-libsql): no SQL
+/// catalog, the default of a local warehouse included.
+#[cfg(not(feature = "sql"))]
+async fn open_sql(_uri: &str, _name: &str, warehouse: &str, _factory: Arc<dyn StorageFactory>) -> Result<Opened> {
+    Err(Error::invalid(format!(
+        "warehouse {warehouse}: the SQL catalog (also the default of a local warehouse) needs dotdo-iceberg's `sql` \
+         feature; configure CatalogConfig::Rest, Memory or Custom"
+    )))
+}
+
+/// Without the `sql` feature there is no SQL catalog to verify or swap through: never
+/// constructed (every `Option<SqlVerifier>` is `None`), so these are never called.
+#[cfg(not(feature = "sql"))]
+#[derive(Debug)]
+pub(crate) enum SqlVerifier {}
+
+#[cfg(not(feature = "sql"))]
+impl SqlVerifier {
+    pub(crate) async fn metadata_location(&self, _ident: &TableIdent) -> Result<Option<String>> {
+        match *self {}
+    }
+    pub(crate) async fn tables_at(
+        &self,
+        _ident: &TableIdent,
+        _locations: &[&str],
+        _root: &crate::StoreRoot,
+    ) -> Result<Vec<Vec<String>>> {
+        match *self {}
+    }
+    pub(crate) async fn swap_resolved(&self, _ident: &TableIdent, _base: &str, _new: &str) -> Result<Swapped> {
+        match *self {}
+    }
+    pub(crate) async fn swap_or_clean(
+        &self,
+        _io: &iceberg::io::FileIO,
+        _ident: &TableIdent,
+        _base: &str,
+        _new: &str,
+        _written: Vec<String>,
+    ) -> iceberg::Result<()> {
+        match *self {}
+    }
+}
+
+#[cfg(feature = "sql")]
 async fn open_sql(uri: &str, name: &str, warehouse: &str, factory: Arc<dyn StorageFactory>) -> Result<Opened> {
     // `mode=` among the URI's options, not anywhere in it (a directory may be named `mode=prod`).
     let has_mode = uri.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv.starts_with("mode=")));
@@ -473,6 +527,7 @@ impl<'a> PinnedCatalog<'a> {
     }
 }
 
+#[cfg(feature = "sql")]
 impl SqlVerifier {
     /// Move `ident`'s pointer from `base` to `new` for an iceberg-style commit whose attempt
     /// wrote the files `written` (the new metadata JSON among them). Landed: `Ok`. Lost to
@@ -544,6 +599,7 @@ pub(crate) fn did_not_land(e: &iceberg::Error) -> bool {
 /// The error of a pointer swap that lost to another commit: a conflict for dotdo (which
 /// reloads and retries), not retryable for iceberg's own commit retry (a retry on the same
 /// pinned table would lose again).
+#[cfg_attr(not(feature = "sql"), allow(dead_code))] // the SQL catalog's swap only
 pub(crate) fn lost_swap(ident: &TableIdent, base: &str) -> iceberg::Error {
     iceberg::Error::new(
         iceberg::ErrorKind::CatalogCommitConflicts,

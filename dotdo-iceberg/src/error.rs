@@ -185,6 +185,19 @@ fn io_refused(kind: std::io::ErrorKind) -> bool {
     )
 }
 
+/// The cause of an SQL catalog (sqlx) error in a source chain, if `err` is one.
+#[cfg(feature = "sql")]
+fn sql_cause_of(err: &(dyn StdError + 'static)) -> Option<Cause> {
+    err.downcast_ref::<sqlx::Error>().map(sqlx_cause)
+}
+
+/// No SQL catalog in this build (feature `sql` off).
+#[cfg(not(feature = "sql"))]
+fn sql_cause_of(_err: &(dyn StdError + 'static)) -> Option<Cause> {
+    None
+}
+
+#[cfg(feature = "sql")]
 fn sqlx_cause(e: &sqlx::Error) -> Cause {
     use sqlx::Error as E;
     match e {
@@ -381,8 +394,7 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
             Cause::Other
         } else if let Some(io) = err.downcast_ref::<std::io::Error>() {
             io_cause(io)
-        } else if let Some(sq) = err.downcast_ref::<sqlx::Error>() {
-            let c = sqlx_cause(sq);
+        } else if let Some(c) = sql_cause_of(err) {
             in_transport |= c == Cause::CatalogUnavailable;
             c
         } else if err.downcast_ref::<parquet::errors::ParquetError>().is_some()
@@ -688,6 +700,7 @@ mod tests {
         assert_eq!(classify(ns, "load").kind(), &ErrorKind::NotFound);
     }
 
+    #[cfg(feature = "sql")]
     #[test]
     fn catalog_database_failures_are_unavailable() {
         let ib = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "sql").with_source(sqlx::Error::PoolTimedOut);

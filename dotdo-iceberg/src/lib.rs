@@ -7,6 +7,14 @@
 //! warehouse (in memory for `memory://`; an object-store warehouse names its catalog). Tables
 //! are standard Iceberg v2: PyIceberg, DuckDB, Spark and Trino read them.
 //!
+//! Features: `s3` and `rest` (default) for S3-compatible warehouses and the REST catalog, `gcs`,
+//! `azure`; `sql` (default), the SQL catalog on SQLite, which links SQLite. Without `sql`
+//! (`default-features = false, features = ["s3", "rest"]`) the crate links no SQLite and goes in
+//! one binary with dotdo-libsql (whose libSQL bundles SQLite under the same symbols); its tables
+//! then use a REST, memory or custom catalog, and compaction, collapse and `widen_column`
+//! (which commit through the SQL catalog) are refused. `tests-libsql-iceberg/` runs the object
+//! runtime on both.
+//!
 //! ## Why
 //!
 //! Hot state is small and fast; history and evicted objects belong in cheap object storage, in

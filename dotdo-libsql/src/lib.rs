@@ -128,17 +128,18 @@
 //! * **valid:** a binary with `dotdo-libsql` (any of its features) and `dotdo-core` and other
 //!   crates that do not link SQLite;
 //! * **valid:** a binary with `dotdo-sqlite` and no `dotdo-libsql`;
+//! * **valid:** `dotdo-libsql` with `dotdo-iceberg` built without its SQL catalog
+//!   (`default-features = false, features = ["s3", "rest"]`): a REST, memory or custom catalog
+//!   (`tests-libsql-iceberg/` runs the object runtime on the two);
 //! * **invalid:** `dotdo-libsql` together with `dotdo-sqlite`, `rusqlite` (bundled or system),
-//!   `dotdo-iceberg` (its SQL catalog pulls `libsqlite3-sys` through sqlx) or `dotdo-pipelines`
-//!   (its buffers use rusqlite with bundled SQLite; its default `iceberg` feature adds
-//!   dotdo-iceberg) in one binary.
+//!   `dotdo-iceberg` with its `sql` feature (default: its SQL catalog pulls `libsqlite3-sys`
+//!   through sqlx) or `dotdo-pipelines` (its buffers use rusqlite with bundled SQLite) in one
+//!   binary.
 //!
 //! This crate depends on none of them, not even as a dev-dependency, so its tests, benchmarks and
-//! doctests are single-flavoured. `dotdo-iceberg` links its SQL catalog whichever catalog is
-//! configured, and the object runtime needs its hot store and cold sink in one process: a
-//! runtime on libSQL needs a cold sink that links no SQLite (your own `ColdSink`, or the
-//! in-memory reference). Draining libSQL changes into Iceberg from another process (reading the
-//! change log through the primary) is not provided.
+//! doctests are single-flavoured. Note that cargo unifies a crate's features across a
+//! workspace's members: a workspace where any member turns dotdo-iceberg's `sql` on builds every
+//! binary with it; put the libSQL + Iceberg binary in a workspace (or build) of its own.
 //!
 //! ## Example
 //!
