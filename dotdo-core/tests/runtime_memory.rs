@@ -2543,6 +2543,7 @@ async fn an_acquire_of_unknown_outcome_fails_the_call_as_unavailable() {
     let e = incr(&rt, &o).await.expect_err("no lease");
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
     assert!(e.to_string().contains("nothing of the call was written"), "{e}");
+    assert!(e.message().starts_with("o: "), "names the object: {e}");
     assert_eq!(incr(&rt, &o).await.expect("next call"), 1);
 }
 

@@ -685,7 +685,9 @@ impl ObjectRuntime {
             // whose outcome a later activation settles, and fails the call: nothing written).
             let restore = complete_restore(inner, object, active.lease.token, &mut active.lazy);
             let restore = async {
-                restore.await.map_err(|e| before_the_call(e, "completing the object's restore before the commit"))
+                restore
+                    .await
+                    .map_err(|e| before_the_call(e, object, "completing the object's restore before the commit"))
             };
             with_renewal(inner, &mut active.lease, restore).await?;
         }
@@ -820,10 +822,14 @@ impl ObjectRuntime {
         if inner.shutdown_flushed.load(Ordering::SeqCst) {
             // A call admitted before shutdown that waited on a busy slot past shutdown's flush:
             // no new lease (and no restore) once shutdown has given the leases back.
-            return Err(Error::new(ErrorKind::Shutdown, "the runtime shut down while the call waited for its object"));
+            return Err(Error::new(
+                ErrorKind::Shutdown,
+                format!("{object}: the runtime shut down while the call waited for the object"),
+            ));
         }
         let sw = Stopwatch::start(inner.clock.clone());
-        let lease = self.acquire_within(object, wait).await.map_err(|e| before_the_call(e, "acquiring the lease"))?;
+        let lease =
+            self.acquire_within(object, wait).await.map_err(|e| before_the_call(e, object, "acquiring the lease"))?;
         let mut hand = LeaseInHand::new(inner, lease.clone());
         let mut active = Active { lease, last_used: inner.clock.monotonic(), lazy: None, evict_again: false };
         let loading = Stopwatch::start(inner.clock.clone());
@@ -834,7 +840,7 @@ impl ObjectRuntime {
                 // included, out of the object until it expired.
                 release_quietly(inner, &active.lease).await;
                 hand.disarm();
-                return Err(before_the_call(e, "activating the object"));
+                return Err(before_the_call(e, object, "activating the object"));
             }
         };
         hand.disarm();
@@ -2080,9 +2086,10 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
 /// if that step's outcome is unknown, the call's writes still were not attempted, so the caller
 /// gets a retryable `Unavailable` saying so, not `AmbiguousOutcome` (which would tell it to read
 /// back and take a new lease for a write that never ran).
-pub(crate) fn before_the_call(e: Error, step: &str) -> Error {
+pub(crate) fn before_the_call(e: Error, object: &ObjectId, step: &str) -> Error {
     if e.kind() == &ErrorKind::AmbiguousOutcome {
-        Error::unavailable(format!("{step} had an unknown outcome; nothing of the call was written")).with_source(e)
+        Error::unavailable(format!("{object}: {step} had an unknown outcome; nothing of the call was written"))
+            .with_source(e)
     } else {
         e
     }

@@ -254,7 +254,7 @@ impl<'a> ObjectTxn<'a> {
         if self.lazy.is_some() {
             super::complete_restore(self.inner, self.object, self.token, self.lazy)
                 .await
-                .map_err(|e| super::before_the_call(e, "completing the object's restore before a list"))?;
+                .map_err(|e| super::before_the_call(e, self.object, "completing the object's restore before a list"))?;
         }
         let mut merged: BTreeMap<String, Bytes> = self
             .inner
