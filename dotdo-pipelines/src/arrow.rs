@@ -7,6 +7,10 @@
 //! summary and skips ids at or below it, so re-appending a claimed batch after a crash, a failed
 //! or an ambiguous commit never duplicates rows.
 //!
+//! A batch the sink refuses for good (a table whose schema another engine changed, a user sink's
+//! refusal) would stop every roll, since a claimed batch is committed first:
+//! [`ArrowPipeline::take_refused`] takes it out (it is the caller's then) and the rest goes on.
+//!
 //! Each roll is one commit, so an Iceberg table fed by a pipeline gains a small file and a
 //! snapshot per roll: maintain it with `ArrowTable::compact`, `ArrowTable::expire_snapshots` and
 //! `ArrowTable::remove_unreferenced_files` (the batch marks survive all three).
@@ -202,6 +206,16 @@ struct Inner {
     rolls: AtomicU64,
 }
 
+/// A claimed batch taken out of an [`ArrowPipeline`] by
+/// [`take_refused`](ArrowPipeline::take_refused): never committed under its id.
+#[derive(Debug, Clone)]
+pub struct RefusedBatch {
+    /// The batch id it was claimed under.
+    pub id: u64,
+    /// Its record batches, in the order they were sent.
+    pub batches: Vec<RecordBatch>,
+}
+
 /// Buffers `RecordBatch`es of the sink's schema and rolls them into exactly-once appends.
 ///
 /// Uses the [`PipelineSettings`] of the event pipeline: `roll_interval`, `roll_rows` and
@@ -256,11 +270,14 @@ impl ArrowPipeline {
             )));
         }
         let mut buf = Buf::default();
+        let mut next_id = None;
         let (log, log_lock) = match &settings.durability {
             Durability::Memory => (None, None),
             Durability::Durable(path) => {
                 let (lock, resolved) = crate::log::lock_log(path, "arrow")?;
-                (Some(Mutex::new(Self::open_log(&resolved, stream, &mut buf)?)), Some(lock))
+                let c = Self::open_log(&resolved, stream, &mut buf)?;
+                next_id = Self::next_id_floor(&c, &resolved)?;
+                (Some(Mutex::new(c)), Some(lock))
             }
         };
         let now = clock.monotonic();
@@ -273,7 +290,7 @@ impl ArrowPipeline {
                 buf: Mutex::new(buf),
                 log,
                 _log_lock: log_lock,
-                next_id: Mutex::new(None),
+                next_id: Mutex::new(next_id),
                 roll_lock: futures::lock::Mutex::new(()),
                 closed: AtomicBool::new(false),
                 last_roll: Mutex::new(now),
@@ -355,6 +372,77 @@ impl ArrowPipeline {
         buf.claimed = claims.next();
         buf.later_claims = claims.collect();
         Ok(c)
+    }
+
+    /// The lowest batch id the log's next claim may take: above every id a batch was taken out
+    /// under ([`take_refused`](Self::take_refused)), recorded so that no later pipeline on the
+    /// log claims such an id again (`None` if none was).
+    fn next_id_floor(c: &Connection, path: &Path) -> Result<Option<u64>> {
+        let doing = format!("opening {}", path.display());
+        let v: Option<String> = c
+            .query_row("SELECT v FROM arrow_log_meta WHERE k = 'next_id'", [], |r| r.get(0))
+            .map(Some)
+            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
+            .map_err(|e| sql(e, &doing))?;
+        v.map(|v| {
+            v.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                Error::corrupt(format!("{}: arrow_log_meta next_id {v:?} is not a batch id", path.display()))
+            })
+        })
+        .transpose()
+    }
+
+    /// Take the claimed batch out of the pipeline (the one every roll commits first), so that
+    /// the batches behind it go on: the way out of a batch the sink refuses for good (a table
+    /// whose schema another engine changed, a user sink's refusal), which otherwise stops the
+    /// pipeline for good. The sink is asked first: a batch it has committed (an attempt whose
+    /// reply was lost) is acknowledged as a roll would, and so is `None` returned, as when no
+    /// claimed batch waits. Otherwise the batch leaves the pipeline (and its durable log) and is
+    /// the caller's: store it, fix it, send it again. Its id is not claimed again, by this
+    /// pipeline nor (with a durable log) by the next one on the log. Waits for a roll in progress.
+    pub async fn take_refused(&self) -> Result<Option<RefusedBatch>> {
+        let inner = &self.inner;
+        let _g = inner.roll_lock.lock().await;
+        let Some((id, batches)) = inner.buf.lock().claimed.clone() else { return Ok(None) };
+        if inner.sink.last_batch(&inner.stream).await? >= id {
+            // Committed: by this pipeline (its reply lost: count it) or an earlier one (not).
+            let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+            let earlier = inner.buf.lock().from_earlier.remove(&id);
+            if !earlier && inner.buf.lock().counted.replace(id) != Some(id) {
+                inner.rows_committed.fetch_add(rows, Ordering::Relaxed);
+            }
+            self.finish_claim(id, None)?;
+            return Ok(None);
+        }
+        self.finish_claim(id, Some(id.saturating_add(1)))?;
+        inner.buf.lock().from_earlier.remove(&id);
+        Ok(Some(RefusedBatch { id, batches }))
+    }
+
+    /// The claimed batch `id` is done (committed, or taken out): its log rows go (with a durable
+    /// `floor` for the next id, for a batch taken out), and the next claim left by an earlier
+    /// process becomes the claimed one.
+    fn finish_claim(&self, id: u64, floor: Option<u64>) -> Result<()> {
+        let inner = &self.inner;
+        if let Some(log) = &inner.log {
+            let mut c = log.lock();
+            let tx = c.transaction().map_err(|e| sql(e, "ack"))?;
+            tx.execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
+            if let Some(floor) = floor {
+                tx.execute("INSERT OR REPLACE INTO arrow_log_meta (k, v) VALUES ('next_id', ?1)", [floor.to_string()])
+                    .map_err(|e| sql(e, "ack"))?;
+            }
+            tx.commit().map_err(|e| sql(e, "ack"))?;
+        }
+        let mut b = inner.buf.lock();
+        b.counted = None;
+        b.claimed = b.later_claims.pop_front();
+        b.claimed_rows = b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(RecordBatch::num_rows).sum();
+        b.claimed_bytes = b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(batch_bytes).sum();
+        drop(b);
+        let mut next = inner.next_id.lock();
+        *next = Some(next.unwrap_or(0).max(id.saturating_add(1)));
+        Ok(())
     }
 
     /// Accept `batch` (it must have the sink's schema). With a durable log, `Ok` means it
@@ -555,18 +643,7 @@ impl ArrowPipeline {
             let add = if inner.buf.lock().counted.replace(id) == Some(id) { 0 } else { rows };
             *written += add;
             inner.rows_committed.fetch_add(add, Ordering::Relaxed);
-            if let Some(log) = &inner.log {
-                log.lock().execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
-            }
-            let mut b = inner.buf.lock();
-            b.counted = None;
-            b.claimed = b.later_claims.pop_front();
-            b.claimed_rows =
-                b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(RecordBatch::num_rows).sum();
-            b.claimed_bytes = b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(batch_bytes).sum();
-            drop(b);
-            let mut next = inner.next_id.lock();
-            *next = Some(next.unwrap_or(0).max(id.saturating_add(1)));
+            self.finish_claim(id, None)?;
         }
         Ok(())
     }

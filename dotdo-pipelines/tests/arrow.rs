@@ -464,6 +464,71 @@ async fn a_sink_refusing_for_good_is_not_hammered() {
     assert_eq!(ids(&t).await, (0..10).collect::<Vec<_>>());
 }
 
+/// A batch the sink refuses for good stops every roll (it is committed first); `take_refused`
+/// takes it out, and the batches behind it go on. A batch that turned out committed is
+/// acknowledged instead. With a durable log, the taken-out batch leaves the log, and its id is
+/// not claimed again after a reopen (the sink's mark is below it: a reused id would make a
+/// late landing of the refused batch pass for the new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_is_taken_out_and_the_rest_goes_on() {
+    use dotdo_pipelines::arrow::RefusedBatch;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    for durable in [false, true] {
+        let stream = if durable { "durable" } else { "memory" };
+        let log = dir.path().join(format!("{stream}-log.db"));
+        let settings = PipelineSettings {
+            durability: if durable { Durability::Durable(log.clone()) } else { Durability::Memory },
+            ..Default::default()
+        };
+        let sink = Flaky::new(t.clone(), false);
+        let p = ArrowPipeline::open(stream, sink.clone(), settings.clone()).expect("pipeline");
+        assert!(p.take_refused().await.expect("nothing claimed").is_none());
+        sink.refusing.store(true, Ordering::SeqCst);
+        p.send(batch(0, 3)).expect("send");
+        p.roll().await.expect_err("refused for good");
+        sink.refusing.store(false, Ordering::SeqCst);
+        p.send(batch(3, 2)).expect("send");
+        // The refused batch is claimed: it goes first, and is refused again.
+        sink.refusing.store(true, Ordering::SeqCst);
+        p.roll().await.expect_err("still refused");
+        sink.refusing.store(false, Ordering::SeqCst);
+        let RefusedBatch { id, batches } = p.take_refused().await.expect("take").expect("the refused batch");
+        assert_eq!((id, batches.len(), batches[0].num_rows()), (1, 1, 3));
+        assert_eq!(p.roll().await.expect("the rest"), 2);
+        assert_eq!(t.last_batch(stream).await.expect("mark"), 2, "under the next id");
+        assert_eq!(p.counters(), (5, 2, 1, 0));
+        // A claimed batch found committed is acknowledged, not taken out.
+        sink.refusing.store(true, Ordering::SeqCst);
+        p.send(batch(5, 1)).expect("send");
+        p.roll().await.expect_err("refused");
+        t.append(stream, 3, vec![batch(5, 1)]).await.expect("an attempt that landed after all");
+        sink.refusing.store(false, Ordering::SeqCst);
+        assert!(p.take_refused().await.expect("take").is_none(), "committed");
+        assert_eq!(p.counters(), (6, 3, 1, 0));
+        if durable {
+            // Taken out, then a reopen: the log holds nothing, and the next claim takes an id
+            // above the one taken out (the sink's mark, 3, is below it).
+            sink.refusing.store(true, Ordering::SeqCst);
+            p.send(batch(6, 1)).expect("send");
+            p.roll().await.expect_err("refused");
+            let taken = p.take_refused().await.expect("take").expect("refused");
+            assert_eq!(taken.id, 4);
+            drop(p);
+            sink.refusing.store(false, Ordering::SeqCst);
+            let p = ArrowPipeline::open(stream, sink.clone(), settings).expect("reopen");
+            assert_eq!(p.counters().3, 0, "nothing waits");
+            p.send(batch(7, 1)).expect("send");
+            assert_eq!(p.roll().await.expect("roll"), 1);
+            assert_eq!(t.last_batch(stream).await.expect("mark"), 5, "id 4 is not claimed again");
+        }
+    }
+    let mut want: Vec<i64> = (3..6).collect();
+    want.extend([3, 4, 5, 7]);
+    want.sort_unstable();
+    assert_eq!(ids(&t).await, want, "the taken-out batches' rows are not in the table");
+}
+
 /// An Arrow pipeline takes the clock its rolls are timed by: the roll interval passes on a
 /// `ManualClock` (it used wall time, with no way to give it another clock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
