@@ -17,6 +17,9 @@
 //! * **Backpressure** when the buffer is full ([`Backpressure`]): fail fast, wait with a
 //!   deadline, or spill to disk.
 //! * **Transforms**: filter, map or re-route events to another sink (table).
+//! * **Refused for good**: a batch a sink refuses for good would stop every roll (a claimed
+//!   batch is committed first): `Pipeline::take_refused` and `ArrowPipeline::take_refused` take
+//!   it out, to the caller, and the rest goes on.
 //! * **Cloudflare Pipelines**: `cloudflare::CloudflareStreamClient` sends the same events to a
 //!   Cloudflare stream over HTTP (feature `cloudflare`), **at least once**: the stream's HTTP
 //!   endpoint has no idempotency key, so a request whose reply was lost and that is sent again

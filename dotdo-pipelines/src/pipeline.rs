@@ -683,6 +683,51 @@ impl Pipeline {
         )
     }
 
+    /// Take the events of the claimed batch that did not land out of the pipeline (the batch
+    /// every roll commits first), so that the events behind them go on: the way out of events a
+    /// sink refuses for good, which otherwise stop the pipeline for good. Each event comes with
+    /// its route (`""`: the default sink). Events of the batch a sink holds already (a route
+    /// whose commit landed, an attempt whose reply was lost) stay committed and are not
+    /// returned; an empty list when no batch is claimed. The taken-out events are the caller's
+    /// (store them, fix them, send them again: they get new sequence numbers then). Waits for a
+    /// roll in progress.
+    pub async fn take_refused(&self) -> Result<Vec<(String, Event)>> {
+        let inner = &self.inner;
+        let _guard = inner.roll_lock.lock().await;
+        let Some(claimed) = inner.log.claimed(inner.settings.token)? else { return Ok(Vec::new()) };
+        let mut by_route: BTreeMap<String, Vec<ChangeRecord>> = BTreeMap::new();
+        for (route, r) in claimed.rows {
+            by_route.entry(route).or_default().push(r);
+        }
+        let mut refused = Vec::new();
+        for (route, records) in by_route {
+            let mut objects: Vec<ObjectId> = records.iter().map(|r| r.object.clone()).collect();
+            objects.sort();
+            objects.dedup();
+            let wms = self.sink(&route)?.watermarks(&objects).await?;
+            if wms.len() != objects.len() {
+                return Err(Error::backend(format!(
+                    "route {route:?}: the sink returned {} watermarks for {} objects",
+                    wms.len(),
+                    objects.len()
+                )));
+            }
+            let through: HashMap<ObjectId, u64> = objects.into_iter().zip(wms.iter().map(|w| w.through)).collect();
+            for r in records {
+                if through.get(&r.object).is_none_or(|t| r.seq > *t) {
+                    let event = Event::new(r.object, r.type_name, r.key, r.value, r.timestamp);
+                    refused.push((route.clone(), event));
+                }
+            }
+        }
+        inner.log.ack(claimed.id)?;
+        *inner.own_claim.lock() = None;
+        // The taken-out events' sequence numbers never landed: every counter is learned again
+        // from the sinks, so that the next events of those objects follow their watermarks.
+        inner.next_seq.lock().clear();
+        Ok(refused)
+    }
+
     /// Stop accepting events and roll what is waiting. If that roll fails (or this call is
     /// dropped), what waits stays pending: the background loop ([`run`](Self::run)) keeps
     /// rolling it until it is committed, and `close` (or `roll`) may be called again.

@@ -973,6 +973,64 @@ async fn an_inherited_claim_counts_each_route_once_across_failed_rolls() {
     assert_eq!(keys, (0..6).map(|i| format!("e{i:05}")).collect::<Vec<_>>(), "every event once, in one of the sinks");
 }
 
+/// Events a sink refuses for good stop every roll (their claimed batch goes first);
+/// `take_refused` takes out the ones that did not land (here the audit route's; the main
+/// route's landed and stay), and the events behind them go on, with sequence numbers following
+/// what the sinks hold. Also from a durable log after a restart.
+#[tokio::test]
+async fn refused_events_are_taken_out_and_the_rest_goes_on() {
+    for durable in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (main, audit) = (Flaky::new(), Flaky::new());
+        let settings = PipelineSettings {
+            durability: if durable { Durability::Durable(dir.path().join("log.db")) } else { Durability::Memory },
+            ..Default::default()
+        };
+        let build = || {
+            Pipeline::builder(main.clone())
+                .with_settings(settings.clone())
+                .with_route("audit", audit.clone())
+                .with_transform(|e: Event| {
+                    if e.key.starts_with("audit") {
+                        Transformed::Route("audit".into(), e)
+                    } else {
+                        Transformed::Keep(e)
+                    }
+                })
+                .build()
+                .expect("pipeline")
+        };
+        let mut p = build();
+        assert!(p.take_refused().await.expect("nothing claimed").is_empty());
+        audit.refusing.store(true, Ordering::SeqCst);
+        p.send(vec![ev("o0", "k0", "a"), ev("o0", "audit-1", "b"), ev("o1", "audit-2", "c")]).expect("send");
+        p.roll().await.expect_err("the audit route refuses");
+        p.send(vec![ev("o1", "audit-3", "d"), ev("o0", "k1", "e")]).expect("send");
+        p.roll().await.expect_err("the refused batch goes first");
+        if durable {
+            drop(p);
+            p = build();
+        }
+        let taken = p.take_refused().await.expect("take");
+        let keys: Vec<(&str, &str)> = taken.iter().map(|(r, e)| (r.as_str(), e.key.as_str())).collect();
+        assert_eq!(keys, [("audit", "audit-1"), ("audit", "audit-2")], "the main route's event landed");
+        audit.refusing.store(false, Ordering::SeqCst);
+        let r = p.roll().await.expect("the rest");
+        assert_eq!(r.events, 2, "{r:?}");
+        let seqs = |v: Vec<ChangeRecord>| v.into_iter().map(|c| (c.key, c.seq)).collect::<Vec<_>>();
+        let o0 = ObjectId::new("o0").expect("id");
+        let o1 = ObjectId::new("o1").expect("id");
+        assert_eq!(
+            seqs(main.inner.read_changes(&o0, 0, AsOf::Latest).await.expect("main")),
+            [("k0".into(), 1), ("k1".into(), 2)]
+        );
+        // The audit route's sequence numbers start at 1 again: the taken-out ones never landed.
+        assert_eq!(seqs(audit.inner.read_changes(&o1, 0, AsOf::Latest).await.expect("audit")), [("audit-3".into(), 1)]);
+        assert!(audit.inner.read_changes(&o0, 0, AsOf::Latest).await.expect("audit").is_empty());
+        assert_eq!(p.metrics().buffer_depth, 0);
+    }
+}
+
 /// A roll dropped by its caller after its commits landed (a host's timeout; here the second
 /// route's sink never answers) leaves its batch claimed; the next roll commits it again, each
 /// sink skips what landed, and every event counts as committed exactly once: the first route's,
