@@ -2,9 +2,10 @@
 //!
 //! * [`CatalogConfig::Sql`]: iceberg-rust's SQL catalog on SQLite, the durable embedded default
 //!   (no server). For a `file://` warehouse the database defaults to `<warehouse>/catalog.db`.
-//!   PyIceberg's `SqlCatalog` opens the same file. It uses sqlx's bundled SQLite
-//!   (libsqlite3-sys 0.30), which is link-compatible with rusqlite 0.32 but **not** with libsql:
-//!   never link dotdo-iceberg and dotdo-libsql into one binary. dotdo switches the database to
+//!   PyIceberg's `SqlCatalog` opens the same file. Feature `sql` (default). It uses sqlx's
+//!   bundled SQLite (libsqlite3-sys 0.30), which is link-compatible with rusqlite 0.32 but
+//!   **not** with libsql: a binary with dotdo-libsql builds dotdo-iceberg without `sql` (then
+//!   `CatalogConfig::Sql` and a local warehouse's default are `InvalidInput`). dotdo switches the database to
 //!   WAL (durable with `synchronous=FULL`, one fsync per commit). dotdo's commits move the
 //!   table pointer themselves, with the same compare-and-swap `UPDATE` as iceberg-catalog-sql but
 //!   without re-reading the table metadata first, and, after each acknowledged commit, re-read
@@ -878,6 +879,7 @@ impl Catalog for Redacted {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(feature = "sql")]
     use super::{default_sqlite_uri, sqlite_path, swap_failure};
 
     /// A REST catalog server for one test: a token endpoint that issues `t1`, `t2`, …, a config
@@ -1015,17 +1017,21 @@ mod tests {
     }
 
     /// An SQLite error with a result code, as sqlx reports one.
+    #[cfg(feature = "sql")]
     #[derive(Debug)]
     struct Sqlite(&'static str);
 
+    #[cfg(feature = "sql")]
     impl std::fmt::Display for Sqlite {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             write!(f, "sqlite error {}", self.0)
         }
     }
 
+    #[cfg(feature = "sql")]
     impl std::error::Error for Sqlite {}
 
+    #[cfg(feature = "sql")]
     impl sqlx::error::DatabaseError for Sqlite {
         fn message(&self) -> &str {
             "sqlite error"
@@ -1097,6 +1103,7 @@ mod tests {
     /// A swap failing with an SQLite I/O error (here `SQLITE_IOERR_FSYNC`, 1034) may still be
     /// applied by WAL recovery: `AmbiguousOutcome`, so its files are kept. Busy stays
     /// `Unavailable`, a full disk (nothing written) is not ambiguous.
+    #[cfg(feature = "sql")]
     #[test]
     fn a_swap_failing_on_an_io_error_is_ambiguous() {
         use dotdo_core::ErrorKind;
@@ -1109,6 +1116,7 @@ mod tests {
 
     /// A catalog read failing on an I/O error (SQLITE_IOERR_READ, 266) is a retryable
     /// `Unavailable`, as the same errno from the object store is; a full disk is not.
+    #[cfg(feature = "sql")]
     #[test]
     fn a_catalog_read_failing_on_an_io_error_is_unavailable() {
         use dotdo_core::ErrorKind;
@@ -1125,6 +1133,7 @@ mod tests {
         assert_ne!(err("13").kind(), &ErrorKind::Unavailable);
     }
 
+    #[cfg(feature = "sql")]
     #[test]
     fn sqlite_paths_of_sqlx_uris() {
         assert_eq!(sqlite_path("sqlite:/a/b.db?mode=rwc").as_deref(), Some("/a/b.db"));

@@ -41,9 +41,14 @@ impl IcebergColdStore {
     /// (`InvalidInput` naming `what` with any other catalog).
     pub(crate) fn sql_catalog(&self, what: &str) -> Result<&crate::catalog::SqlVerifier> {
         self.inner.verifier.as_ref().ok_or_else(|| {
+            let sql = if cfg!(feature = "sql") {
+                "CatalogConfig::Sql or the default on a file:// warehouse"
+            } else {
+                "dotdo-iceberg's `sql` feature, off in this build"
+            };
             Error::invalid(format!(
-                "{what}: needs the SQL catalog (CatalogConfig::Sql or the default on a file:// warehouse); \
-                 iceberg-rust 0.10.1 cannot send this commit through other catalogs"
+                "{what}: needs the SQL catalog ({sql}); iceberg-rust 0.10.1 cannot send this commit through other \
+                 catalogs"
             ))
         })
     }
