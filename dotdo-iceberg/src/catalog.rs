@@ -506,13 +506,31 @@ pub(crate) struct PinnedCatalog<'a> {
     inner: &'a dyn Catalog,
     table: Table,
     swap: Option<&'a SqlVerifier>,
+    /// Whether a commit reached the catalog (its `update_table`, or the SQL pointer swap): an
+    /// error before that (writing manifests or the metadata file) is one of a commit not sent.
+    sent: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> PinnedCatalog<'a> {
     /// A view of `inner` pinned to `table`; `swap` is the SQL catalog's pointer access, if the
     /// catalog is the SQL catalog.
     pub(crate) fn new(inner: &'a dyn Catalog, table: Table, swap: Option<&'a SqlVerifier>) -> Self {
-        PinnedCatalog { inner, table, swap }
+        PinnedCatalog { inner, table, swap, sent: false.into() }
+    }
+
+    /// Whether a commit was sent to the catalog through this view.
+    pub(crate) fn was_sent(&self) -> bool {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `e` of a commit through this view: marked not sent ([`NotSent`]) if it failed before
+    /// reaching the catalog, unless already marked.
+    pub(crate) fn mark(&self, e: iceberg::Error) -> iceberg::Error {
+        if self.was_sent() || did_not_land(&e) {
+            e
+        } else {
+            not_sent_error(crate::error::classify(e, "preparing a commit"))
+        }
     }
 
     /// Commit `commit` on the pinned table through the SQL catalog's pointer swap.
@@ -523,6 +541,7 @@ impl<'a> PinnedCatalog<'a> {
         let location = iceberg::MetadataLocation::from_str(staged.metadata_location_result()?)?;
         staged.metadata().write_to(staged.file_io(), &location).await?;
         let new = location.to_string();
+        self.sent.store(true, std::sync::atomic::Ordering::SeqCst);
         swap.swap_or_clean(staged.file_io(), &ident, &base, &new, vec![new.clone()]).await?;
         Ok(staged)
     }
@@ -591,10 +610,41 @@ impl std::error::Error for NotLanded {
     }
 }
 
-/// Whether `e` is a commit error whose pointer swap certainly did not land ([`NotLanded`]).
+/// Whether `e` is a commit error whose pointer swap certainly did not land ([`NotLanded`], or
+/// [`NotSent`]: never sent).
 pub(crate) fn did_not_land(e: &iceberg::Error) -> bool {
     std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |err| err.source())
-        .any(|err| err.is::<NotLanded>())
+        .any(|err| err.is::<NotLanded>() || err.is::<NotSent>())
+}
+
+/// The source of a commit's error when it failed before anything was sent to the catalog
+/// (writing its manifests or metadata file): it certainly did not land, and no catalog refused
+/// it either, so it does not count as a failed commit (a store in trouble is retried as long as
+/// the append's attempts last).
+#[derive(Debug)]
+pub(crate) struct NotSent(pub(crate) Error);
+
+impl std::fmt::Display for NotSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the commit was not sent: {}", self.0)
+    }
+}
+
+impl std::error::Error for NotSent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Whether `e` is a commit error from before anything was sent ([`NotSent`]).
+pub(crate) fn not_sent(e: &iceberg::Error) -> bool {
+    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |err| err.source())
+        .any(|err| err.is::<NotSent>())
+}
+
+/// `e` as the iceberg error of a commit that failed before it was sent.
+pub(crate) fn not_sent_error(e: Error) -> iceberg::Error {
+    iceberg::Error::new(iceberg::ErrorKind::Unexpected, "the commit was not sent").with_source(NotSent(e))
 }
 
 /// The error of a pointer swap that lost to another commit: a conflict for dotdo (which
@@ -692,7 +742,10 @@ forwarding_catalog!(PinnedCatalog<'_>, inner,
         // REST 409, a custom catalog's "retry" after a broken connection) would re-send the
         // commit on the same pinned base, which loses to the commit itself if that landed, and
         // a conflict then reads as "did not land". dotdo reloads and decides.
-        _ => this.inner.update_table(commit).await.map_err(|e| e.with_retryable(false)),
+        _ => {
+            this.sent.store(true, std::sync::atomic::Ordering::SeqCst);
+            this.inner.update_table(commit).await.map_err(|e| e.with_retryable(false))
+        }
     }
 );
 

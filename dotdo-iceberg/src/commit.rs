@@ -531,7 +531,7 @@ impl IcebergColdStore {
                 // gives up at once instead of resolving an "unknown outcome" 16 times over; a
                 // passing one (a store in trouble) is left to the append's retries as before.
                 let err = classify(e, "preparing a fast append");
-                return Err(if err.is_retryable() { wrap(err) } else { not_landed(err) });
+                return Err(if err.is_retryable() { crate::catalog::not_sent_error(err) } else { not_landed(err) });
             }
         };
         // Just before the swap: data files written (`written_at`) more than half of

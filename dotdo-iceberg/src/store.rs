@@ -1038,6 +1038,7 @@ impl IcebergColdStore {
                 DefaultFileNameGenerator::new(prefix.clone(), None, DataFileFormat::Parquet),
             ));
             let (batch, arrow, ident) = (batch.clone(), arrow.clone(), ident.clone());
+            let chunk = write_chunk_bytes(target_file_size as u64);
             tasks.push(rt.spawn(async move {
                 // Objects in id order; each object's records by key, then seq (a stable sort of
                 // records already in seq order).
@@ -1050,10 +1051,11 @@ impl IcebergColdStore {
                 }
                 let what = format!("writing data files of {ident}");
                 let mut w = builder.build(Some(pk)).await.map_err(|e| classify(e, &what))?;
-                // Arrow batches of at most WRITE_CHUNK_BYTES of string data: a string column
-                // holds at most 2 GiB (32-bit offsets), and a partition of a large append or
-                // collapse can hold more.
-                for range in string_chunks(&rows, WRITE_CHUNK_BYTES) {
+                // Arrow batches of at most `chunk` bytes: a string column holds at most 2 GiB
+                // (32-bit offsets), and a partition of a large append or collapse can hold more;
+                // and the rolling writer starts a new file only between batches, so a batch of a
+                // whole partition made one file of it whatever `target_file_size` said.
+                for range in write_chunks(&rows, chunk) {
                     let rb = schema::to_batch(&arrow, &rows[range])?;
                     w.write(rb).await.map_err(|e| classify(e, &what))?;
                 }
@@ -1172,7 +1174,8 @@ impl IcebergColdStore {
             .set_snapshot_properties(props)
             .with_check_duplicate(false)
             .apply(tx)?;
-        tx.commit(&self.pinned(table)).await
+        let pinned = self.pinned(table);
+        tx.commit(&pinned).await.map_err(|e| pinned.mark(e))
     }
 
     /// The time a commit on top of `md`'s current snapshot records (`dotdo.committed-at-us`):
@@ -1428,9 +1431,13 @@ impl IcebergColdStore {
                     };
                 }
                 Err(e) if crate::catalog::did_not_land(&e) => {
+                    let sent = !crate::catalog::not_sent(&e);
                     let err = classify(e, &format!("committing to {}", self.inner.ident));
                     tracing::debug!(attempt, error = %err, "cold commit failed and did not land");
-                    failed_commits += 1;
+                    // Failed before it was sent (a store in trouble while writing the manifests):
+                    // retried while attempts last, as an unknown outcome was, not counted as a
+                    // catalog failing commits.
+                    failed_commits += u32::from(sent);
                     let give_up = !err.is_retryable() || failed_commits >= MAX_FAILED_COMMITS;
                     last = Attempt::Failed(err);
                     if give_up {
@@ -1659,17 +1666,24 @@ impl IcebergColdStore {
     }
 }
 
-/// String bytes (object ids, type names, keys) per Arrow batch handed to the Parquet writer; well
-/// under the 2 GiB a 32-bit-offset string column can hold.
+/// Most bytes per Arrow batch handed to the Parquet writer; well under the 2 GiB a
+/// 32-bit-offset string column can hold.
 const WRITE_CHUNK_BYTES: usize = 256 << 20;
 
-/// Consecutive ranges of `rows` covering all of them, each with at most `max_bytes` of string
-/// data (object id, type name, key, op) unless a single row alone has more.
-fn string_chunks(rows: &[&ChangeRecord], max_bytes: usize) -> Vec<std::ops::Range<usize>> {
+/// The bytes per Arrow batch handed to a Parquet writer rolling files at `target_file_size`: an
+/// eighth of it (a file ends at most that far past the target), at least 1 MiB, at most
+/// [`WRITE_CHUNK_BYTES`].
+fn write_chunk_bytes(target_file_size: u64) -> usize {
+    usize::try_from(target_file_size / 8).unwrap_or(usize::MAX).clamp(1 << 20, WRITE_CHUNK_BYTES)
+}
+
+/// Consecutive ranges of `rows` covering all of them, each with at most `max_bytes` of data
+/// (object id, type name, key, op, value) unless a single row alone has more.
+fn write_chunks(rows: &[&ChangeRecord], max_bytes: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0usize);
     for (i, r) in rows.iter().enumerate() {
-        let b = r.object.as_str().len() + r.type_name.len() + r.key.len() + 8;
+        let b = r.object.as_str().len() + r.type_name.len() + r.key.len() + r.value.len() + 8;
         if i > start && bytes + b > max_bytes {
             out.push(start..i);
             (start, bytes) = (i, 0);
@@ -1731,7 +1745,7 @@ mod tests {
     }
 
     #[test]
-    fn string_chunks_cover_every_row_in_order_within_the_budget() {
+    fn write_chunks_cover_every_row_in_order_within_the_budget() {
         let o = ObjectId::new("obj").expect("id");
         let rec = |key: &str| ChangeRecord {
             object: o.clone(),
@@ -1746,9 +1760,18 @@ mod tests {
         // Each row: 3 (id) + 1 (type) + key + 8.
         let records: Vec<ChangeRecord> = ["a", "bb", "c", "dddddddddddddddddddddddddddddd", "e"].map(rec).into();
         let rows: Vec<&ChangeRecord> = records.iter().collect();
-        assert_eq!(string_chunks(&rows, usize::MAX), std::iter::once(0..5).collect::<Vec<_>>());
-        assert_eq!(string_chunks(&rows, 27), [0..2, 2..3, 3..4, 4..5], "a row over the budget goes alone");
-        assert_eq!(string_chunks(&rows, 40), [0..3, 3..4, 4..5]);
-        assert!(string_chunks(&[], 10).is_empty());
+        assert_eq!(write_chunks(&rows, usize::MAX), std::iter::once(0..5).collect::<Vec<_>>());
+        assert_eq!(write_chunks(&rows, 27), [0..2, 2..3, 3..4, 4..5], "a row over the budget goes alone");
+        assert_eq!(write_chunks(&rows, 40), [0..3, 3..4, 4..5]);
+        assert!(write_chunks(&[], 10).is_empty());
+        // Values count: four rows of 100-byte values in chunks of about 250 bytes.
+        let big: Vec<ChangeRecord> = (0..4)
+            .map(|i| ChangeRecord { value: bytes::Bytes::from(vec![b'v'; 100]), ..rec(&format!("k{i}")) })
+            .collect();
+        let rows: Vec<&ChangeRecord> = big.iter().collect();
+        assert_eq!(write_chunks(&rows, 250), [0..2, 2..4]);
+        assert_eq!(super::write_chunk_bytes(256 << 20), 32 << 20);
+        assert_eq!(super::write_chunk_bytes(1), 1 << 20);
+        assert_eq!(super::write_chunk_bytes(u64::MAX), super::WRITE_CHUNK_BYTES);
     }
 }

@@ -886,6 +886,38 @@ async fn attempts_of_unknown_outcome_back_off() {
     assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
 }
 
+/// An append whose commit fails before anything is sent to the catalog (its manifest cannot be
+/// written), while the table cannot be read back either (an object-store outage), is a
+/// retryable `Unavailable`: it certainly did not land. It was `AmbiguousOutcome` (an unknown
+/// outcome that could not be read back), which tells a caller a commit may have happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_was_never_sent_is_unavailable_not_ambiguous() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let faulty = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(faulty.clone())
+        .table(["m"], "changes")
+        .settings(dotdo_iceberg::Settings { refresh_reads: false, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("a first commit");
+    *faulty.fail_puts_of.lock() = Some(("-m0.avro".into(), 1000));
+    *faulty.fail_reads_of.lock() = Some(".metadata.json".into());
+    let batch = ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "w", 1)]);
+    let e = cold.append(batch.clone()).await.expect_err("the store is out");
+    assert_eq!(e.kind(), &dotdo_core::ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    *faulty.fail_puts_of.lock() = None;
+    *faulty.fail_reads_of.lock() = None;
+    assert_eq!(cold.refresh().await.expect("table").metadata().snapshots().count(), 1, "nothing landed");
+    assert_eq!(cold.append(batch).await.expect("once the store is back").records_written, 1);
+}
+
 /// A user-table append whose every attempt lost its race (another writer committed between its
 /// files and its swap) deletes the data files it wrote: nothing references them (they were left
 /// until a cleanup past the retention).

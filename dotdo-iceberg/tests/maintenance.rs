@@ -25,7 +25,38 @@ async fn open(dir: &std::path::Path, buckets: u32) -> IcebergColdStore {
         .expect("open")
 }
 
-/// Live data files of the current snapshot.
+/// A partition's rows are written in chunks the rolling writer can end a file between:
+/// `target_file_size` holds also for a partition whose values make most of its bytes (64 values
+/// of 256 KiB at a 1 MiB target: many files, not one of 16 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_are_split_at_the_target_file_size() {
+    use rand::RngCore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, target_file_size: 1 << 20, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let mut rng = rand::thread_rng();
+    let records: Vec<_> = (1..=64u64)
+        .map(|seq| {
+            let mut value = vec![0u8; 256 << 10];
+            rng.fill_bytes(&mut value);
+            dotdo_core::ChangeRecord {
+                value: bytes::Bytes::from(value),
+                ..common::put(&o, seq, &format!("k{seq}"), "", 1)
+            }
+        })
+        .collect();
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
+    let files = live_files(&cold).await;
+    assert!(files >= 8, "{files} data files for 16 MiB at a 1 MiB target");
+    assert_eq!(cold.load_state(&o, AsOf::Latest).await.expect("state").entries.len(), 64);
+}
+
+/// Live data files of the current snapshot./// Live data files of the current snapshot.
 async fn live_files(cold: &IcebergColdStore) -> usize {
     let t = cold.refresh().await.expect("refresh");
     let Some(s) = t.metadata().current_snapshot() else { return 0 };
