@@ -153,12 +153,7 @@ impl HotStore for LibsqlStore {
         let step = if !local {
             Step::new(
                 concat!(
-                    "SELECT seq, ",
-                    text_column!("key"),
-                    ", op, ",
-                    value_column!("value"),
-                    ", token, ts, ",
-                    text_column!("type"),
+                    change_columns!(),
                     " FROM (SELECT seq, key, op, value, token, ts, type, \
                      sum(length(value)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - length(value) AS before \
                      FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) \
@@ -168,15 +163,7 @@ impl HotStore for LibsqlStore {
             )
         } else {
             Step::new(
-                concat!(
-                    "SELECT seq, ",
-                    text_column!("key"),
-                    ", op, ",
-                    value_column!("value"),
-                    ", token, ts, ",
-                    text_column!("type"),
-                    " FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
-                ),
+                concat!(change_columns!(), " FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"),
                 vec![t(object.as_str()), i(after), Value::Integer(limit)],
             )
         };

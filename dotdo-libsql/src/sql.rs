@@ -28,6 +28,21 @@ macro_rules! value_column {
 }
 pub(crate) use value_column;
 
+/// The `SELECT` list of a change read: seq, key, op, value, token, ts, type.
+macro_rules! change_columns {
+    () => {
+        concat!(
+            "SELECT seq, ",
+            text_column!("key"),
+            ", op, ",
+            value_column!("value"),
+            ", token, ts, ",
+            text_column!("type")
+        )
+    };
+}
+pub(crate) use change_columns;
+
 /// The effective last sequence number of object row `o`: `do_objects.last_seq` is a floor kept for
 /// truncated and restored changes; the newest change still in the log may be above it.
 macro_rules! eff_last {

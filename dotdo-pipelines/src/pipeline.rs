@@ -530,14 +530,7 @@ impl Pipeline {
                         }
                     }
                     for (route, objects) in unknown {
-                        let wms = self.sink(&route)?.watermarks(&objects).await?;
-                        if wms.len() != objects.len() {
-                            return Err(Error::backend(format!(
-                                "route {route:?}: the sink returned {} watermarks for {} objects",
-                                wms.len(),
-                                objects.len()
-                            )));
-                        }
+                        let wms = self.watermarks(&route, &objects).await?;
                         let mut seqs = inner.next_seq.lock();
                         for (object, wm) in objects.into_iter().zip(wms) {
                             seqs.entry((route.clone(), object)).or_insert(wm.through.saturating_add(1));
@@ -652,6 +645,20 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The watermarks of `objects` in `route`'s sink, one per object (checked: a sink is a
+    /// user's to write).
+    async fn watermarks(&self, route: &str, objects: &[ObjectId]) -> Result<Vec<dotdo_core::Watermark>> {
+        let wms = self.sink(route)?.watermarks(objects).await?;
+        if wms.len() != objects.len() {
+            return Err(Error::backend(format!(
+                "route {route:?}: the sink returned {} watermarks for {} objects",
+                wms.len(),
+                objects.len()
+            )));
+        }
+        Ok(wms)
+    }
+
     fn sink(&self, route: &str) -> Result<&Arc<dyn ColdSink>> {
         self.inner.routes.get(route).ok_or_else(|| Error::invalid(format!("unknown route {route:?}")))
     }
@@ -704,14 +711,7 @@ impl Pipeline {
             let mut objects: Vec<ObjectId> = records.iter().map(|r| r.object.clone()).collect();
             objects.sort();
             objects.dedup();
-            let wms = self.sink(&route)?.watermarks(&objects).await?;
-            if wms.len() != objects.len() {
-                return Err(Error::backend(format!(
-                    "route {route:?}: the sink returned {} watermarks for {} objects",
-                    wms.len(),
-                    objects.len()
-                )));
-            }
+            let wms = self.watermarks(&route, &objects).await?;
             let through: HashMap<ObjectId, u64> = objects.into_iter().zip(wms.iter().map(|w| w.through)).collect();
             for r in records {
                 if through.get(&r.object).is_none_or(|t| r.seq > *t) {
