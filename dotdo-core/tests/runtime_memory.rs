@@ -3145,6 +3145,30 @@ async fn collecting_many_released_objects_keeps_held_leases_renewed() {
     assert_eq!(incr(&rt, &held).await.expect("still active"), 2);
 }
 
+/// A held lease that is short when `flush_all` collects it (nothing renewed it for most of a
+/// TTL) is renewed at once: the pacing of the renewals during collection reached it only after a
+/// sixth of a TTL, by when it had run out.
+#[tokio::test]
+async fn a_short_held_lease_is_renewed_when_flush_all_collects_it() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    let held = oid("held");
+    incr(&rt, &held).await.expect("a warm object with a pending change");
+    w.clock.advance(TTL - Duration::from_millis(500));
+    let other = NodeId::new("gone").expect("node");
+    for i in 0..20 {
+        let o = oid(&format!("released-{i:02}"));
+        let l = w.hot.acquire(&o, &other, TTL).await.expect("acquire");
+        w.hot.put(&o, l.token, "Object", "n", Bytes::from("1")).await.expect("put");
+        w.hot.release(&l).await.expect("release");
+    }
+    let clock = w.clock.clone();
+    *cold.each_watermark.lock() = Some(Arc::new(move || clock.advance(Duration::from_millis(50))));
+    let report = rt.flush_all().await.expect("every object drained");
+    assert_eq!(report.objects, 21, "{report:?}");
+    assert!(!w.hot.object_info(&held).await.expect("info").expect("held").has_pending_changes());
+}
+
 /// After `set_ring` gives an object to another node, the next `maintain` hands it over (gives
 /// its lease back) while no call uses it: the new owner need not wait for `keep_warm`.
 #[tokio::test]

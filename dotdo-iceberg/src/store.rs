@@ -1671,8 +1671,8 @@ impl IcebergColdStore {
 const WRITE_CHUNK_BYTES: usize = 256 << 20;
 
 /// The bytes per Arrow batch handed to a Parquet writer rolling files at `target_file_size`: an
-/// eighth of it (a file ends at most that far past the target), at least 1 MiB, at most
-/// [`WRITE_CHUNK_BYTES`].
+/// eighth of it (a file ends about that far past the target at most), at least 1 MiB (so a
+/// target under 8 MiB may be passed by up to 1 MiB), at most [`WRITE_CHUNK_BYTES`].
 fn write_chunk_bytes(target_file_size: u64) -> usize {
     usize::try_from(target_file_size / 8).unwrap_or(usize::MAX).clamp(1 << 20, WRITE_CHUNK_BYTES)
 }

@@ -56,7 +56,7 @@ async fn large_values_are_split_at_the_target_file_size() {
     assert_eq!(cold.load_state(&o, AsOf::Latest).await.expect("state").entries.len(), 64);
 }
 
-/// Live data files of the current snapshot./// Live data files of the current snapshot.
+/// Live data files of the current snapshot.
 async fn live_files(cold: &IcebergColdStore) -> usize {
     let t = cold.refresh().await.expect("refresh");
     let Some(s) = t.metadata().current_snapshot() else { return 0 };

@@ -399,7 +399,11 @@ impl ArrowPipeline {
     /// reply was lost) is acknowledged as a roll would, and so is `None` returned, as when no
     /// claimed batch waits. Otherwise the batch leaves the pipeline (and its durable log) and is
     /// the caller's: store it, fix it, send it again. Its id is not claimed again, by this
-    /// pipeline nor (with a durable log) by the next one on the log. Waits for a roll in progress.
+    /// pipeline nor (with a durable log) by the next one on the log (an older dotdo version
+    /// reopening the log ignores that). Waits for a roll in progress. `None` may also mean the
+    /// head batch was found committed while others are claimed behind it: call again until
+    /// the refused one comes out, then `roll` (the background loop keeps its backoff from the
+    /// failed rolls). Rows taken out are not counted as committed.
     pub async fn take_refused(&self) -> Result<Option<RefusedBatch>> {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;
@@ -425,14 +429,25 @@ impl ArrowPipeline {
     fn finish_claim(&self, id: u64, floor: Option<u64>) -> Result<()> {
         let inner = &self.inner;
         if let Some(log) = &inner.log {
-            let mut c = log.lock();
-            let tx = c.transaction().map_err(|e| sql(e, "ack"))?;
-            tx.execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
-            if let Some(floor) = floor {
-                tx.execute("INSERT OR REPLACE INTO arrow_log_meta (k, v) VALUES ('next_id', ?1)", [floor.to_string()])
+            let ack = |c: &mut Connection| -> Result<()> {
+                let tx = c.transaction().map_err(|e| sql(e, "ack"))?;
+                tx.execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
+                if let Some(floor) = floor {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO arrow_log_meta (k, v) VALUES ('next_id', ?1)",
+                        [floor.to_string()],
+                    )
                     .map_err(|e| sql(e, "ack"))?;
+                }
+                tx.commit().map_err(|e| sql(e, "ack"))
+            };
+            let mut c = log.lock();
+            match floor {
+                // A batch handed to the caller leaves the log for good, also across a power
+                // loss: come back, it could be committed beside the caller's own re-send.
+                Some(_) => crate::log::fully_synced(&mut c, ack)?,
+                None => ack(&mut c)?,
             }
-            tx.commit().map_err(|e| sql(e, "ack"))?;
         }
         let mut b = inner.buf.lock();
         b.counted = None;

@@ -696,8 +696,10 @@ impl Pipeline {
     /// its route (`""`: the default sink). Events of the batch a sink holds already (a route
     /// whose commit landed, an attempt whose reply was lost) stay committed and are not
     /// returned; an empty list when no batch is claimed. The taken-out events are the caller's
-    /// (store them, fix them, send them again: they get new sequence numbers then). Waits for a
-    /// roll in progress.
+    /// (store them, fix them, send them again: they get new sequence numbers then, and pass the
+    /// transform again: they are returned as the transform made them). Waits for a roll in
+    /// progress; then `roll` (the background loop keeps its backoff from the failed rolls).
+    /// Taken-out events are not counted as committed.
     pub async fn take_refused(&self) -> Result<Vec<(String, Event)>> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;

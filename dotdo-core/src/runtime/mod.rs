@@ -1232,6 +1232,10 @@ impl ObjectRuntime {
                 Ok(()) => {
                     let token = a.lease.token;
                     held.push(Held { object, token, guard, taken: None });
+                    // Renewed now if its lease is short (no `maintain` ran lately): the pacing
+                    // of `keep_renewed` would reach it only after a sixth of a TTL.
+                    let n = held.len();
+                    renew_held(inner, &mut held[n - 1..], &mut rounds.left_out, &mut rounds.first_err).await;
                 }
                 // Lapsed (a warm lease nobody renewed: no `maintain` ran): take the object again
                 // and drain it, unless another holder has it now. Without waiting for that
