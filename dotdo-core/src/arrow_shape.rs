@@ -72,7 +72,8 @@ fn same_fields(f: &Fields, g: &Fields, by_name: bool) -> bool {
 /// more digits than its type's precision. Arrow builds such arrays without a check, and the
 /// Parquet writer stores a decimal in the width its precision gives: a value beyond it was
 /// written cut to that width (4294967297 in a `decimal(5,2)` column read back as 0.01) or out of
-/// its declared range. Null slots are not checked.
+/// its declared range. Null slots are not checked, nor values under a null struct slot (arrow
+/// allows anything there); the items of lists and maps are checked whatever their list's slot.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -116,7 +117,11 @@ fn check_decimals_where(
         }
         check_decimals_where(values.slice(from, to - from).as_ref(), inner, &|_| true)
     };
-    let offsets = |o: &[usize]| (o.first().copied().unwrap_or(0), o.last().copied().unwrap_or(0));
+    // The first and last offset of a list's rows (its items' range in the child).
+    fn range<O: arrow_array::OffsetSizeTrait>(o: &[O]) -> (usize, usize) {
+        let at = |v: Option<&O>| v.and_then(|v| v.to_usize()).unwrap_or(0);
+        (at(o.first()), at(o.last()))
+    }
     match column.data_type() {
         T::Decimal128(precision, _) => {
             let a = column.as_primitive::<Decimal128Type>();
@@ -141,14 +146,12 @@ fn check_decimals_where(
         }
         T::List(_) => {
             let l = column.as_list::<i32>();
-            let o: Vec<usize> = l.value_offsets().iter().map(|&v| usize::try_from(v).unwrap_or(0)).collect();
-            let (from, to) = offsets(&o);
+            let (from, to) = range(l.value_offsets());
             items(l.values(), from, to, &format!("{name}[]"))
         }
         T::LargeList(_) => {
             let l = column.as_list::<i64>();
-            let o: Vec<usize> = l.value_offsets().iter().map(|&v| usize::try_from(v).unwrap_or(0)).collect();
-            let (from, to) = offsets(&o);
+            let (from, to) = range(l.value_offsets());
             items(l.values(), from, to, &format!("{name}[]"))
         }
         T::FixedSizeList(_, n) => {
@@ -165,8 +168,7 @@ fn check_decimals_where(
         }
         T::Map(..) => {
             let m = column.as_map();
-            let o: Vec<usize> = m.value_offsets().iter().map(|&v| usize::try_from(v).unwrap_or(0)).collect();
-            let (from, to) = offsets(&o);
+            let (from, to) = range(m.value_offsets());
             let entries: arrow_array::ArrayRef = std::sync::Arc::new(m.entries().clone());
             items(&entries, from, to, name)
         }

@@ -354,10 +354,13 @@ pub(crate) async fn open(
             } else if warehouse.starts_with("memory://") {
                 plain(open_memory(name, warehouse, factory).await?)
             } else {
-                Err(Error::invalid(format!(
-                    "warehouse {warehouse} has no default catalog: configure CatalogConfig::Sql (an SQLite file or \
-                     server database), Rest, Memory or Custom"
-                )))
+                let options = match (cfg!(feature = "sql"), cfg!(feature = "rest")) {
+                    (true, true) => "CatalogConfig::Sql (an SQLite file), Rest, Memory (not durable) or Custom",
+                    (true, false) => "CatalogConfig::Sql (an SQLite file), Memory (not durable) or Custom",
+                    (false, true) => "CatalogConfig::Rest, Memory (not durable) or Custom",
+                    (false, false) => "CatalogConfig::Memory (not durable) or Custom",
+                };
+                Err(Error::invalid(format!("warehouse {warehouse} has no default catalog: configure {options}")))
             }
         }
         CatalogConfig::Sql { uri } => open_sql(uri, name, warehouse, factory).await,
@@ -613,8 +616,12 @@ impl std::error::Error for NotLanded {
 /// Whether `e` is a commit error whose pointer swap certainly did not land ([`NotLanded`], or
 /// [`NotSent`]: never sent).
 pub(crate) fn did_not_land(e: &iceberg::Error) -> bool {
-    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |err| err.source())
-        .any(|err| err.is::<NotLanded>() || err.is::<NotSent>())
+    in_chain::<NotLanded>(e) || in_chain::<NotSent>(e)
+}
+
+/// Whether `e` or one of its sources is a `T`.
+fn in_chain<T: std::error::Error + 'static>(e: &iceberg::Error) -> bool {
+    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |err| err.source()).any(|err| err.is::<T>())
 }
 
 /// The source of a commit's error when it failed before anything was sent to the catalog
@@ -638,8 +645,7 @@ impl std::error::Error for NotSent {
 
 /// Whether `e` is a commit error from before anything was sent ([`NotSent`]).
 pub(crate) fn not_sent(e: &iceberg::Error) -> bool {
-    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |err| err.source())
-        .any(|err| err.is::<NotSent>())
+    in_chain::<NotSent>(e)
 }
 
 /// `e` as the iceberg error of a commit that failed before it was sent.

@@ -715,7 +715,8 @@ pub(crate) fn new_snapshot_id(table: &Table) -> i64 {
     }
 }
 
-#[cfg(test)]
+// The tests open local warehouses, whose default catalog is the SQL catalog.
+#[cfg(all(test, feature = "sql"))]
 pub(crate) mod tests {
     use dotdo_core::{ChangeRecord, ColdBatch, ColdSink, FencingToken, ObjectChanges, ObjectId, Op, Timestamp};
 

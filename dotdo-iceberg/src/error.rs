@@ -236,6 +236,7 @@ pub(crate) const TOKEN_RENEWED: &str = "the REST catalog refused an expired toke
 /// Whether a REST catalog answered `e` because it refused the request's token: 401
 /// Unauthorized, or 419 (the REST spec's "authentication timeout"), as an Iceberg error model
 /// or as a bare status.
+#[cfg(feature = "rest")]
 pub(crate) fn token_refused(e: &iceberg::Error) -> bool {
     let shown = e.to_string();
     let status = error_model_code(&shown).or_else(|| rest_status(&shown, "status"));

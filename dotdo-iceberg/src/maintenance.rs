@@ -601,7 +601,8 @@ fn gc_enabled(table: &iceberg::table::Table, what: &str) -> Result<()> {
     }
 }
 
-#[cfg(test)]
+// The tests open local warehouses, whose default catalog is the SQL catalog.
+#[cfg(all(test, feature = "sql"))]
 mod tests {
     use std::time::Duration;
 

@@ -278,9 +278,7 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
         let mut shown = url.clone();
         shown.set_query(None);
         shown.set_fragment(None);
-        if shown.password().is_some() {
-            let _ = shown.set_password(Some("redacted"));
-        }
+        let shown = crate::catalog::without_password(shown.as_str());
         return Err(Error::invalid(format!(
             "warehouse {shown}: a warehouse URL has no query, fragment or password (give credentials as store options)"
         )));

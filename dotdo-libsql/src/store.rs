@@ -667,13 +667,9 @@ impl LibsqlStore {
         // application's database (or a newer dotdo file), refused above, is left untouched.
         if let Target::Local { .. } = self.inner.target {
             let s = &self.inner.settings;
-            let (sync, fullfsync) = sync_pragmas(s.durability);
+            // (The sync pragmas each connection gets when it opens: `local_connection_settings`.)
             let pragmas = vec![
                 Step::new("PRAGMA journal_mode = WAL", vec![]),
-                Step::new(format!("PRAGMA synchronous = {sync}"), vec![]),
-                // macOS: a plain fsync does not flush the drive's cache (as in dotdo-sqlite).
-                Step::new(format!("PRAGMA fullfsync = {fullfsync}"), vec![]),
-                Step::new("PRAGMA checkpoint_fullfsync = ON", vec![]),
                 Step::new(format!("PRAGMA wal_autocheckpoint = {}", s.wal_autocheckpoint_pages), vec![]),
                 Step::new(
                     format!(

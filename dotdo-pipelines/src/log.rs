@@ -50,6 +50,11 @@ pub(crate) trait Log: Send + Sync {
         next_seq: NextSeq<'_>,
     ) -> Result<Option<Claimed>>;
     fn ack(&self, id: u64) -> Result<()>;
+    /// [`ack`](Log::ack), durable across a power loss (disk logs: `synchronous=FULL`): for a
+    /// batch handed to the caller, which must not come back.
+    fn ack_durably(&self, id: u64) -> Result<()> {
+        self.ack(id)
+    }
     /// Events overflowed to disk (spill policy only).
     fn spilled(&self) -> usize {
         0
@@ -632,7 +637,17 @@ impl Log for SqliteLog {
     }
 
     fn ack(&self, id: u64) -> Result<()> {
-        let conn = self.conn.lock();
+        self.ack_on(&self.conn.lock(), id)
+    }
+
+    fn ack_durably(&self, id: u64) -> Result<()> {
+        fully_synced(&mut self.conn.lock(), |c| self.ack_on(c, id))
+    }
+}
+
+impl SqliteLog {
+    /// Delete the rows of claimed batch `id` through `conn` (the log's connection).
+    fn ack_on(&self, conn: &Connection, id: u64) -> Result<()> {
         let (n, b): (i64, i64) = conn
             .query_row(
                 concat!("SELECT count(*), coalesce(sum(", row_bytes!(), "), 0) FROM pipeline_log WHERE batch = ?1"),
@@ -741,6 +756,14 @@ impl Log for SpillLog {
     fn ack(&self, id: u64) -> Result<()> {
         match self.claimed_from_disk.lock().take() {
             Some(true) => self.disk.ack(id),
+            Some(false) => self.mem.ack(id),
+            None => Ok(()),
+        }
+    }
+
+    fn ack_durably(&self, id: u64) -> Result<()> {
+        match self.claimed_from_disk.lock().take() {
+            Some(true) => self.disk.ack_durably(id),
             Some(false) => self.mem.ack(id),
             None => Ok(()),
         }

@@ -709,20 +709,35 @@ impl Pipeline {
             by_route.entry(route).or_default().push(r);
         }
         let mut refused = Vec::new();
+        // Routes whose landing is not counted yet are counted as a roll would: this process's
+        // own batch as committed, an earlier process's as replayed.
+        let (counted, inherited) = match inner.own_claim.lock().as_ref().filter(|o| o.id == claimed.id) {
+            Some(o) => (o.counted.clone(), o.inherited),
+            None => (Default::default(), true),
+        };
         for (route, records) in by_route {
             let mut objects: Vec<ObjectId> = records.iter().map(|r| r.object.clone()).collect();
             objects.sort();
             objects.dedup();
             let wms = self.watermarks(&route, &objects).await?;
             let through: HashMap<ObjectId, u64> = objects.into_iter().zip(wms.iter().map(|w| w.through)).collect();
+            let mut landed = 0u64;
             for r in records {
                 if through.get(&r.object).is_none_or(|t| r.seq > *t) {
                     let event = Event::new(r.object, r.type_name, r.key, r.value, r.timestamp);
                     refused.push((route.clone(), event));
+                } else {
+                    landed += 1;
                 }
             }
+            if !counted.contains(&route) {
+                let counter = if inherited { &inner.counters.replayed } else { &inner.counters.committed };
+                counter.fetch_add(landed, Ordering::Relaxed);
+            }
         }
-        inner.log.ack(claimed.id)?;
+        // Gone for good, also across a power loss: come back, the events could land beside the
+        // caller's own re-send.
+        inner.log.ack_durably(claimed.id)?;
         *inner.own_claim.lock() = None;
         // The taken-out events' sequence numbers never landed: every counter is learned again
         // from the sinks, so that the next events of those objects follow their watermarks.

@@ -1028,6 +1028,11 @@ async fn refused_events_are_taken_out_and_the_rest_goes_on() {
         assert_eq!(seqs(audit.inner.read_changes(&o1, 0, AsOf::Latest).await.expect("audit")), [("audit-3".into(), 1)]);
         assert!(audit.inner.read_changes(&o0, 0, AsOf::Latest).await.expect("audit").is_empty());
         assert_eq!(p.metrics().buffer_depth, 0);
+        // The main route's event counts once: committed by this process, or (after the
+        // restart) replayed, since the earlier process committed it.
+        let m = p.metrics();
+        let want = if durable { (2, 1) } else { (3, 0) };
+        assert_eq!((m.events_committed, m.events_replayed), want, "{m:?}");
     }
 }
 
