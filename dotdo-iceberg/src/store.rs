@@ -1371,6 +1371,10 @@ impl IcebergColdStore {
             let at = self.commit_time(table.metadata());
             let mut inline = prev.inline.clone();
             inline.extend(p.batch_marks.iter().map(|(k, v)| (k.clone(), *v)));
+            // The checkpoint this attempt writes, if any: deleted if the attempt certainly did not
+            // land (nothing else names it; it stayed until a cleanup, tens of MB at a million
+            // objects, per lost attempt).
+            let mut own_checkpoint = None;
             let props = if inline.len() > self.inner.settings.watermark_checkpoint_objects {
                 let cp = match self.write_checkpoint(&table, &prev.full_with(&p.batch_marks)).await {
                     Ok(cp) => cp,
@@ -1380,6 +1384,7 @@ impl IcebergColdStore {
                     }
                     Err(e) => return Err(e),
                 };
+                own_checkpoint = Some(cp.clone());
                 summary::properties(&Watermarks::new(), Some(&cp), &commit_id, at)
             } else {
                 summary::properties(&inline, prev.checkpoint.as_deref(), &commit_id, at)
@@ -1423,6 +1428,7 @@ impl IcebergColdStore {
                 }
                 Err(e) if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts => {
                     tracing::debug!(attempt, "cold commit conflict; re-reading watermarks");
+                    self.delete_files(own_checkpoint.into_iter().collect()).await;
                     last = Attempt::Conflict;
                     retry_pause(self.backoff(attempt)).await;
                     table = match self.reload_for_resolution().await {
@@ -1431,6 +1437,7 @@ impl IcebergColdStore {
                     };
                 }
                 Err(e) if crate::catalog::did_not_land(&e) => {
+                    self.delete_files(own_checkpoint.into_iter().collect()).await;
                     let sent = !crate::catalog::not_sent(&e);
                     let err = classify(e, &format!("committing to {}", self.inner.ident));
                     tracing::debug!(attempt, error = %err, "cold commit failed and did not land");

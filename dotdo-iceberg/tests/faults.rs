@@ -404,6 +404,52 @@ async fn a_locked_sql_catalog_is_a_retryable_unavailable_error_and_nothing_is_co
     assert_eq!(cold.table().metadata().snapshots().count(), 1, "the failed attempt left no snapshot");
 }
 
+/// The watermark checkpoint of an append attempt that lost to another writer's commit is
+/// deleted (nothing names it): after one lost attempt and the one that landed, the table holds
+/// one checkpoint per landed commit. It stayed until a cleanup (tens of MB per lost attempt at a
+/// million objects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_of_a_lost_attempt_is_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let hooked = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let settings = || dotdo_iceberg::Settings { watermark_checkpoint_objects: 0, ..Default::default() };
+    let open = |store: Option<Arc<FaultyStore>>| {
+        let b =
+            IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).table(["m"], "changes").settings(settings());
+        let b = match store {
+            Some(s) => b.object_store(s),
+            None => b,
+        };
+        b.build()
+    };
+    let cold = open(Some(hooked.clone())).await.expect("open");
+    let other = open(None).await.expect("another writer");
+    let (o, p) = (ObjectId::new("o").expect("id"), ObjectId::new("p").expect("id"));
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("first");
+    // Just before this append's metadata file, the other writer commits: the attempt loses.
+    let theirs = ColdBatch::single(p.clone(), FencingToken::new(1), vec![put(&p, 1, "k", "v", 1)]);
+    *hooked.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".to_string(),
+        Box::pin(async move {
+            other.append(theirs).await.expect("the other writer commits first");
+        }),
+    ));
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "w", 1)]))
+        .await
+        .expect("lands");
+    assert!(hooked.before_put.lock().is_none(), "the other writer ran");
+    let commits = cold.refresh().await.expect("table").metadata().snapshots().count();
+    assert_eq!(commits, 3);
+    let checkpoints = common::files_ending_with(dir.path(), ".json")
+        .into_iter()
+        .filter(|f| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("dotdo-watermarks-")))
+        .count();
+    assert_eq!(checkpoints, commits, "one checkpoint per landed commit");
+}
+
 /// A user-table append that lands while `add_column` commits (between its load and its pointer
 /// swap) makes the schema change a conflict; `add_column` reloads and adds the column on top.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
