@@ -3130,8 +3130,18 @@ async fn collecting_many_released_objects_keeps_held_leases_renewed() {
     let (cold, rt) = w.flaky_cold_runtime(settings());
     let held = oid("held");
     incr(&rt, &held).await.expect("a warm object with a pending change");
+    released_objects_slow_to_check(&w, &cold, 256).await;
+    let report = rt.flush_all().await.expect("every object drained");
+    assert_eq!(report.objects, 257, "{report:?}");
+    assert!(!w.hot.object_info(&held).await.expect("info").expect("held").has_pending_changes());
+    assert_eq!(incr(&rt, &held).await.expect("still active"), 2);
+}
+
+/// `n` objects with a pending change and no holder (a node that is gone released them), and a
+/// cold sink each of whose watermark reads takes 50 ms of the clock.
+async fn released_objects_slow_to_check(w: &World, cold: &FlakyCold, n: usize) {
     let other = NodeId::new("gone").expect("node");
-    for i in 0..256 {
+    for i in 0..n {
         let o = oid(&format!("released-{i:03}"));
         let l = w.hot.acquire(&o, &other, TTL).await.expect("acquire");
         w.hot.put(&o, l.token, "Object", "n", Bytes::from("1")).await.expect("put");
@@ -3139,10 +3149,6 @@ async fn collecting_many_released_objects_keeps_held_leases_renewed() {
     }
     let clock = w.clock.clone();
     *cold.each_watermark.lock() = Some(Arc::new(move || clock.advance(Duration::from_millis(50))));
-    let report = rt.flush_all().await.expect("every object drained");
-    assert_eq!(report.objects, 257, "{report:?}");
-    assert!(!w.hot.object_info(&held).await.expect("info").expect("held").has_pending_changes());
-    assert_eq!(incr(&rt, &held).await.expect("still active"), 2);
 }
 
 /// A held lease that is short when `flush_all` collects it (nothing renewed it for most of a
@@ -3155,15 +3161,7 @@ async fn a_short_held_lease_is_renewed_when_flush_all_collects_it() {
     let held = oid("held");
     incr(&rt, &held).await.expect("a warm object with a pending change");
     w.clock.advance(TTL - Duration::from_millis(500));
-    let other = NodeId::new("gone").expect("node");
-    for i in 0..20 {
-        let o = oid(&format!("released-{i:02}"));
-        let l = w.hot.acquire(&o, &other, TTL).await.expect("acquire");
-        w.hot.put(&o, l.token, "Object", "n", Bytes::from("1")).await.expect("put");
-        w.hot.release(&l).await.expect("release");
-    }
-    let clock = w.clock.clone();
-    *cold.each_watermark.lock() = Some(Arc::new(move || clock.advance(Duration::from_millis(50))));
+    released_objects_slow_to_check(&w, &cold, 20).await;
     let report = rt.flush_all().await.expect("every object drained");
     assert_eq!(report.objects, 21, "{report:?}");
     assert!(!w.hot.object_info(&held).await.expect("info").expect("held").has_pending_changes());
