@@ -307,9 +307,14 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Check the key and value limits (what a restore must refuse before writing anything).
+    /// Check the key and value limits and the sequence number, 1 to [`MAX_SEQ`] (what a restore
+    /// must refuse before writing anything: an entry at 0 was set by no change, and left the
+    /// object with live keys and a last sequence number of 0).
     pub fn validate(&self) -> Result<()> {
         validate_key(&self.key)?;
+        if self.seq == 0 {
+            return Err(Error::invalid(format!("entry {:?} has seq 0: sequence numbers start at 1", self.key)));
+        }
         validate_seq(self.seq, "entry seq")?;
         validate_value(&self.value)
     }

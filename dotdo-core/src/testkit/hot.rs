@@ -945,6 +945,7 @@ pub async fn restore_refuses_malformed_state(f: &HotFactory) {
     for (entries, through, why) in [
         (vec![e("a", 3), e("b", 4), e("a", 5)], 5, "a key twice"),
         (vec![e("a", 3), e("b", 9)], 5, "an entry above through_seq"),
+        (vec![e("a", 3), e("b", 0)], 5, "an entry at seq 0, set by no change"),
     ] {
         let err = fx.hot.restore(&l.object, higher, entries, through).await.expect_err(why);
         assert_eq!(err.kind(), &ErrorKind::InvalidInput, "{why}: {err}");
