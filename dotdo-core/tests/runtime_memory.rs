@@ -3452,6 +3452,22 @@ async fn cancelled_gated_acquire(w: &World) -> (Arc<FlakyGuard>, Arc<ObjectRunti
     (guard, rt, o)
 }
 
+/// After [`cancelled_gated_acquire`]: the next call settles the first acquire (not granted) and
+/// sends its own, which waits too; the first lands, the second is refused naming this node, and
+/// the call adopts the late lease (its first increment). Returns that lease.
+async fn adopt_the_late_acquire(w: &World, guard: &FlakyGuard, rt: &Arc<ObjectRuntime>, o: &ObjectId) -> Lease {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (rt2, o2) = (rt.clone(), o.clone());
+    let next = tokio::spawn(async move { incr(&rt2, &o2).await });
+    until("both acquires in flight", || async { guard.late_waiting.load(SeqCst) == 2 }).await;
+    guard.late_gate.add_permits(1);
+    until("the first acquire granted", || async { w.hot.current(o).await.expect("current").is_some() }).await;
+    let held = w.hot.current(o).await.expect("current").expect("held");
+    guard.late_gate.add_permits(1);
+    assert_eq!(next.await.expect("task").expect("the late lease adopted"), 1);
+    held
+}
+
 /// An acquire a cancelled call left in flight that lands only after the next call settled it
 /// as not granted (and sent its own acquire): that call's acquire is refused naming this very
 /// node, and it adopts the late lease instead of failing until the lease expires.
@@ -3460,16 +3476,7 @@ async fn an_acquire_landing_after_it_was_settled_as_not_granted_is_adopted() {
     use std::sync::atomic::Ordering::SeqCst;
     let w = World::new();
     let (guard, rt, o) = cancelled_gated_acquire(&w).await;
-    // The next call settles the first acquire (not granted) and sends its own, which waits too.
-    let (rt2, o2) = (rt.clone(), o.clone());
-    let next = tokio::spawn(async move { incr(&rt2, &o2).await });
-    until("both acquires in flight", || async { guard.late_waiting.load(SeqCst) == 2 }).await;
-    // The first lands, then the second is refused naming this node.
-    guard.late_gate.add_permits(1);
-    until("the first acquire granted", || async { w.hot.current(&o).await.expect("current").is_some() }).await;
-    let held = w.hot.current(&o).await.expect("current").expect("held");
-    guard.late_gate.add_permits(1);
-    assert_eq!(next.await.expect("task").expect("the late lease adopted"), 1);
+    let held = adopt_the_late_acquire(&w, &guard, &rt, &o).await;
     assert_eq!(held.holder.as_str(), "a");
     guard.late_acquires.store(false, SeqCst);
     assert_eq!(incr(&rt, &o).await.expect("warm"), 2);
@@ -3485,13 +3492,7 @@ async fn an_adopted_late_acquire_is_forgotten() {
     use std::sync::atomic::Ordering::SeqCst;
     let w = World::new();
     let (guard, rt, o) = cancelled_gated_acquire(&w).await;
-    let (rt2, o2) = (rt.clone(), o.clone());
-    let next = tokio::spawn(async move { incr(&rt2, &o2).await });
-    until("both acquires in flight", || async { guard.late_waiting.load(SeqCst) == 2 }).await;
-    guard.late_gate.add_permits(1);
-    until("the first acquire granted", || async { w.hot.current(&o).await.expect("current").is_some() }).await;
-    guard.late_gate.add_permits(1);
-    assert_eq!(next.await.expect("task").expect("the late lease adopted"), 1);
+    adopt_the_late_acquire(&w, &guard, &rt, &o).await;
     guard.late_acquires.store(false, SeqCst);
     rt.evict(&o).await.expect("the lease goes back");
     assert!(w.hot.current(&o).await.expect("current").is_none(), "given back");

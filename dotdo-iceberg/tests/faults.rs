@@ -640,14 +640,23 @@ async fn first_data_file(cold: &IcebergColdStore) -> (iceberg::table::Table, Str
     (table, file)
 }
 
+/// A store on a new local warehouse at `dir` (default settings) whose object `o` has puts of key
+/// `k` at sequence numbers 1 to `n`, one commit each.
+async fn store_with_puts(dir: &std::path::Path, n: u64) -> (IcebergColdStore, ObjectId) {
+    let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8")).build().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=n {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    (cold, o)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_data_file_is_corrupt_and_names_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-    let o = ObjectId::new("o").expect("id");
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
-        .await
-        .expect("append");
+    let (cold, o) = store_with_puts(dir.path(), 1).await;
     // Delete the data file behind the table's back.
     let (table, file) = first_data_file(&cold).await;
     std::fs::remove_file(file.strip_prefix("file://").expect("local")).expect("remove");
@@ -670,11 +679,7 @@ async fn missing_data_file_is_corrupt_and_names_the_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_cannot_be_prepared_did_not_land_and_is_not_retried() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-    let o = ObjectId::new("o").expect("id");
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
-        .await
-        .expect("append");
+    let (cold, o) = store_with_puts(dir.path(), 1).await;
     let (table, _) = first_data_file(&cold).await;
     let list = table.metadata().current_snapshot().expect("head").manifest_list().to_string();
     std::fs::write(list.strip_prefix("file://").expect("local"), b"not an avro file").expect("damage");
@@ -697,13 +702,7 @@ async fn a_table_with_no_sequence_number_left_is_corrupt_not_a_panic() {
     use arrow_array::{Int32Array, RecordBatch};
     use arrow_schema::{DataType, Field, Schema};
     let dir = tempfile::tempdir().expect("tempdir");
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-    let o = ObjectId::new("o").expect("id");
-    for seq in 1..=2 {
-        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
-            .await
-            .expect("append");
-    }
+    let (cold, o) = store_with_puts(dir.path(), 2).await;
     let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
     let rows = |v: i32| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int32Array::from(vec![v]))]).expect("batch");
     let user = cold.arrow_table(&["dotdo"], "users", schema.clone()).await.expect("user table");
@@ -1450,13 +1449,7 @@ async fn assert_no_missing_files(cold: &IcebergColdStore, faulty: &Arc<FaultySto
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_parent_cycle_is_corrupt_not_a_hang() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-    let o = ObjectId::new("o").expect("id");
-    for seq in 1..=2 {
-        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
-            .await
-            .expect("append");
-    }
+    let (cold, o) = store_with_puts(dir.path(), 2).await;
     let table = cold.refresh().await.expect("refresh");
     let head = table.metadata().current_snapshot_id().expect("head");
     edit_metadata(table.metadata_location().expect("metadata"), |json| {

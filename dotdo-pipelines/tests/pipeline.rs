@@ -86,6 +86,15 @@ impl ColdSink for Flaky {
     }
 }
 
+/// Events `e00000` to `e{n-1}` (of objects `o0`..`o2`) are committed once each, in one of the
+/// two sinks.
+async fn assert_each_event_once_in(main: &Flaky, audit: &Flaky, n: usize) {
+    let mut keys: Vec<String> = committed(&main.inner, 3).await.into_iter().map(|r| r.key).collect();
+    keys.extend(committed(&audit.inner, 3).await.into_iter().map(|r| r.key));
+    keys.sort();
+    assert_eq!(keys, (0..n).map(|i| format!("e{i:05}")).collect::<Vec<_>>(), "every event once, in one of the sinks");
+}
+
 fn ev(obj: &str, key: &str, value: &str) -> Event {
     Event::new(ObjectId::new(obj).expect("valid"), "T", key, value.to_string(), Timestamp::from_millis(1_000))
 }
@@ -967,10 +976,7 @@ async fn an_inherited_claim_counts_each_route_once_across_failed_rolls() {
     assert_eq!((r.events, r.replayed), (3, 0), "{r:?}");
     let m = p.metrics();
     assert_eq!((m.events_committed, m.events_replayed), (3, 3), "{m:?}");
-    let mut keys: Vec<String> = committed(&main.inner, 3).await.into_iter().map(|r| r.key).collect();
-    keys.extend(committed(&audit.inner, 3).await.into_iter().map(|r| r.key));
-    keys.sort();
-    assert_eq!(keys, (0..6).map(|i| format!("e{i:05}")).collect::<Vec<_>>(), "every event once, in one of the sinks");
+    assert_each_event_once_in(&main, &audit, 6).await;
 }
 
 /// Events a sink refuses for good stop every roll (their claimed batch goes first);
@@ -1063,10 +1069,7 @@ async fn a_roll_dropped_after_its_commits_landed_counts_each_event_once() {
     assert_eq!((r.events, r.replayed), (3, 0), "{r:?}");
     let m = p.metrics();
     assert_eq!((m.events_committed, m.events_replayed), (6, 0), "{m:?}");
-    let mut keys: Vec<String> = committed(&main.inner, 3).await.into_iter().map(|r| r.key).collect();
-    keys.extend(committed(&audit.inner, 3).await.into_iter().map(|r| r.key));
-    keys.sort();
-    assert_eq!(keys, (0..6).map(|i| format!("e{i:05}")).collect::<Vec<_>>(), "every event once, in one of the sinks");
+    assert_each_event_once_in(&main, &audit, 6).await;
     // A later batch counts as usual.
     p.send(vec![ev("o0", "e00006", "6")]).expect("send");
     assert_eq!(p.roll().await.expect("roll").events, 1);
