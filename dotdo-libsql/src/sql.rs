@@ -296,11 +296,9 @@ pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
     let holder = NodeId::new(&node).map_err(|e| bad("holder", &e))?;
     Ok(Some(LeaseRow {
         holder,
+        // An integer (not NULL) from 0 to `FencingToken::MAX`, as every writer stores it.
         token: FencingToken::new(
-            u64::try_from(int_not_null(r.get(1)).map_err(|e| bad("fencing token", &e))?)
-                .ok()
-                .filter(|t| *t <= FencingToken::MAX.get())
-                .ok_or_else(|| bad("fencing token", &"not an integer from 0 to FencingToken::MAX"))?,
+            int_not_null(r.get(1)).and_then(|_| stored(r.get(1))).map_err(|e| bad("fencing token", &e))?,
         ),
         acquired_at: Timestamp::from_micros(int_not_null(r.get(2)).map_err(|e| bad("acquired_at", &e))?),
         expires_at: Timestamp::from_micros(int_not_null(r.get(3)).map_err(|e| bad("expires_at", &e))?),

@@ -25,7 +25,7 @@ use arrow_schema::SchemaRef;
 use async_trait::async_trait;
 use dotdo_core::{Clock, Error, ErrorKind, Result, SystemClock};
 use parking_lot::Mutex;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::settings::{Durability, PipelineSettings};
 
@@ -381,8 +381,7 @@ impl ArrowPipeline {
         let doing = format!("opening {}", path.display());
         let v: Option<String> = c
             .query_row("SELECT v FROM arrow_log_meta WHERE k = 'next_id'", [], |r| r.get(0))
-            .map(Some)
-            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
+            .optional()
             .map_err(|e| sql(e, &doing))?;
         v.map(|v| {
             v.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
@@ -411,15 +410,15 @@ impl ArrowPipeline {
         if inner.sink.last_batch(&inner.stream).await? >= id {
             // Committed: by this pipeline (its reply lost: count it) or an earlier one (not).
             let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
-            let earlier = inner.buf.lock().from_earlier.remove(&id);
-            if !earlier && inner.buf.lock().counted.replace(id) != Some(id) {
+            let mut b = inner.buf.lock();
+            if !b.from_earlier.contains(&id) && b.counted.replace(id) != Some(id) {
                 inner.rows_committed.fetch_add(rows, Ordering::Relaxed);
             }
+            drop(b);
             self.finish_claim(id, None)?;
             return Ok(None);
         }
         self.finish_claim(id, Some(id.saturating_add(1)))?;
-        inner.buf.lock().from_earlier.remove(&id);
         Ok(Some(RefusedBatch { id, batches }))
     }
 
@@ -451,9 +450,13 @@ impl ArrowPipeline {
         }
         let mut b = inner.buf.lock();
         b.counted = None;
+        b.from_earlier.remove(&id);
+        if let Some((_, done)) = b.claimed.take() {
+            let (rows, bytes) = done.iter().fold((0, 0), |(r, by), x| (r + x.num_rows(), by + batch_bytes(x)));
+            b.claimed_rows = b.claimed_rows.saturating_sub(rows);
+            b.claimed_bytes = b.claimed_bytes.saturating_sub(bytes);
+        }
         b.claimed = b.later_claims.pop_front();
-        b.claimed_rows = b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(RecordBatch::num_rows).sum();
-        b.claimed_bytes = b.later_claims.iter().chain(&b.claimed).flat_map(|(_, v)| v).map(batch_bytes).sum();
         drop(b);
         let mut next = inner.next_id.lock();
         *next = Some(next.unwrap_or(0).max(id.saturating_add(1)));

@@ -416,9 +416,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether `url`'s host is this machine: `localhost` or a loopback address.
 fn is_loopback(url: &reqwest::Url) -> bool {
-    let Some(host) = url.host_str() else { return false };
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || bare.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+    use url::Host;
+    match url.host() {
+        Some(Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(Host::Ipv4(a)) => a.is_loopback(),
+        Some(Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
+    }
 }
 
 /// The failure `outcome` of a request of `n` events after `attempt` retries (`accepted`

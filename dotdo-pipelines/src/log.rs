@@ -673,6 +673,16 @@ pub(crate) struct SpillLog {
 }
 
 impl SpillLog {
+    /// Acknowledge claim `id` in the log it was claimed from (the file: `durably` if asked).
+    fn ack_with(&self, id: u64, durably: bool) -> Result<()> {
+        match self.claimed_from_disk.lock().take() {
+            Some(true) if durably => self.disk.ack_durably(id),
+            Some(true) => self.disk.ack(id),
+            Some(false) => self.mem.ack(id),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn open(path: &Path, mem_capacity: usize, mem_capacity_bytes: usize) -> Result<Self> {
         Ok(SpillLog {
             mem: MemoryLog::default(),
@@ -754,19 +764,11 @@ impl Log for SpillLog {
     }
 
     fn ack(&self, id: u64) -> Result<()> {
-        match self.claimed_from_disk.lock().take() {
-            Some(true) => self.disk.ack(id),
-            Some(false) => self.mem.ack(id),
-            None => Ok(()),
-        }
+        self.ack_with(id, false)
     }
 
     fn ack_durably(&self, id: u64) -> Result<()> {
-        match self.claimed_from_disk.lock().take() {
-            Some(true) => self.disk.ack_durably(id),
-            Some(false) => self.mem.ack(id),
-            None => Ok(()),
-        }
+        self.ack_with(id, true)
     }
 }
 

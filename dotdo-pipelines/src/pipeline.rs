@@ -351,18 +351,33 @@ impl Pipeline {
         Ok(Prepared { rows, bytes, dropped })
     }
 
-    /// Whether `prepared` fits in the buffer now, or never will (then [`admit`](Self::admit)
-    /// says so at once); the check under the send gate decides.
-    fn worth_admitting(&self, prepared: &Prepared) -> bool {
-        let settings = &self.inner.settings;
-        if !settings.bounded() {
-            return true;
+    /// Whether `n` events of `bytes` fit in a bounded buffer now: `LimitExceeded` if they never
+    /// will (counted as a refusal), a retryable `Unavailable` if it is full now (counted only if
+    /// `count_full`). Decided under the send gate by [`admit`](Self::admit).
+    fn room(&self, n: usize, bytes: u64, count_full: bool) -> Result<()> {
+        let inner = &self.inner;
+        if !inner.settings.bounded() {
+            return Ok(());
         }
-        let (n, bytes) = (prepared.rows.len(), prepared.bytes);
-        let (capacity, capacity_bytes) = (settings.capacity, settings.capacity_bytes as u64);
-        let (depth, depth_bytes) = self.inner.log.depth();
-        let never = n > capacity || bytes > capacity_bytes;
-        never || (depth + n <= capacity && depth_bytes as u64 + bytes <= capacity_bytes)
+        let (depth, depth_bytes) = inner.log.depth();
+        let (capacity, capacity_bytes) = (inner.settings.capacity, inner.settings.capacity_bytes as u64);
+        if n > capacity || bytes > capacity_bytes {
+            // No roll ever makes room for this: not a retryable condition.
+            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(if n > capacity {
+                Error::limit("events in one send", capacity as u64, n as u64)
+            } else {
+                Error::limit("bytes in one send", capacity_bytes, bytes)
+            });
+        }
+        if depth + n > capacity || depth_bytes as u64 + bytes > capacity_bytes {
+            inner.counters.rejected.fetch_add(u64::from(count_full), Ordering::Relaxed);
+            return Err(Error::unavailable(format!(
+                "pipeline buffer full: {depth} events ({depth_bytes} bytes) waiting, capacity {capacity} events \
+                 ({capacity_bytes} bytes); retry after the next roll"
+            )));
+        }
+        Ok(())
     }
 
     /// Append `prepared` to the buffer, within its capacity (see [`send`](Self::send)).
@@ -377,25 +392,7 @@ impl Pipeline {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
         }
-        let (depth, depth_bytes) = inner.log.depth();
-        let bounded = inner.settings.bounded();
-        let (capacity, capacity_bytes) = (inner.settings.capacity, inner.settings.capacity_bytes as u64);
-        if bounded && (rows.len() > capacity || bytes > capacity_bytes) {
-            // No roll ever makes room for this: not a retryable condition.
-            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(if rows.len() > capacity {
-                Error::limit("events in one send", capacity as u64, rows.len() as u64)
-            } else {
-                Error::limit("bytes in one send", capacity_bytes, bytes)
-            });
-        }
-        if bounded && (depth + rows.len() > capacity || depth_bytes as u64 + bytes > capacity_bytes) {
-            inner.counters.rejected.fetch_add(u64::from(count_full), Ordering::Relaxed);
-            return Err(Error::unavailable(format!(
-                "pipeline buffer full: {depth} events ({depth_bytes} bytes) waiting, capacity {capacity} events \
-                 ({capacity_bytes} bytes); retry after the next roll"
-            )));
-        }
+        self.room(rows.len(), bytes, count_full)?;
         let n = rows.len();
         if let Err(e) = inner.log.append(rows) {
             // A busy log is waited out like a full buffer by `send_wait` (which counts the final
@@ -426,16 +423,12 @@ impl Pipeline {
         // Validated and transformed once (a transform's side effects happen once per send).
         let prepared = self.prepare(events)?;
         loop {
-            // Copied for an attempt only when there is room for it (or the pipeline closed: then
-            // `admit` says so).
-            let attempt = if self.inner.closed.load(Ordering::Acquire) || self.worth_admitting(&prepared) {
+            // Copied for an attempt only when there is room for it (or nothing to send, or the
+            // pipeline closed: then `admit` says so).
+            let attempt = if self.inner.closed.load(Ordering::Acquire) || prepared.rows.is_empty() {
                 self.admit(prepared.clone(), false)
             } else {
-                let (depth, _) = self.inner.log.depth();
-                Err(Error::unavailable(format!(
-                    "pipeline buffer full: {depth} events waiting, capacity {}; retry after the next roll",
-                    self.inner.settings.capacity
-                )))
+                self.room(prepared.rows.len(), prepared.bytes, false).and_then(|()| self.admit(prepared.clone(), false))
             };
             match attempt {
                 // Only a full buffer is waited out; a log that cannot take the events (read-only,
@@ -508,11 +501,7 @@ impl Pipeline {
                     // A batch an earlier process (or a failed roll of this one) claimed: which of
                     // its routes this process saw land is remembered, so that a route counted once
                     // is not counted again when a later route fails and the batch is re-committed.
-                    let mut own = inner.own_claim.lock();
-                    if own.as_ref().is_none_or(|o| o.id != c.id) {
-                        *own = Some(OwnClaim { id: c.id, counted: Default::default(), inherited: true });
-                    }
-                    drop(own);
+                    self.own_claim_for(c.id);
                     c
                 }
                 None => {
@@ -597,26 +586,8 @@ impl Pipeline {
                 };
                 let commit = self.append_resolving(&route, batch).await?;
                 // Counted as it lands: a later route or batch of this roll may still fail.
-                let (written, replayed) = {
-                    let mut own = inner.own_claim.lock();
-                    match own.as_mut().filter(|o| o.id == claimed.id) {
-                        // Counted by an earlier roll of this process (dropped after this commit
-                        // landed, or failed on a later route).
-                        Some(o) if o.counted.contains(&route) => (0, 0),
-                        // An earlier process's batch: what the sink skipped, it had committed.
-                        Some(o) if o.inherited => {
-                            o.counted.insert(route.clone());
-                            (commit.records_written, commit.records_skipped)
-                        }
-                        // Skipped records of this process's own batch: an earlier, dropped
-                        // attempt of this roll landed them, uncounted.
-                        Some(o) => {
-                            o.counted.insert(route.clone());
-                            (commit.records_written.saturating_add(commit.records_skipped), 0)
-                        }
-                        None => (commit.records_written, commit.records_skipped),
-                    }
-                };
+                let (written, replayed) =
+                    self.count_landed(claimed.id, &route, commit.records_written, commit.records_skipped);
                 inner.counters.committed.fetch_add(written, Ordering::Relaxed);
                 inner.counters.replayed.fetch_add(replayed, Ordering::Relaxed);
                 report.commits += u64::from(commit.snapshot.is_some());
@@ -643,6 +614,31 @@ impl Pipeline {
             *inner.last.lock() = (sw.elapsed(), oldest.map_or(Duration::ZERO, |o| now.since(o)));
         }
         Ok(())
+    }
+
+    /// Make `id` the claim being committed, as one an earlier process claimed unless this
+    /// process claimed it (its record is kept).
+    fn own_claim_for(&self, id: u64) {
+        let mut own = self.inner.own_claim.lock();
+        if own.as_ref().is_none_or(|o| o.id != id) {
+            *own = Some(OwnClaim { id, counted: Default::default(), inherited: true });
+        }
+    }
+
+    /// (committed, replayed) for `route`'s landing of claim `id`, whose commit wrote `written`
+    /// records and skipped `skipped` (see [`OwnClaim`]): nothing if the route was counted
+    /// already; an earlier process's batch counts what the sink skipped as replayed, this
+    /// process's own as committed (an earlier, dropped attempt landed it uncounted).
+    fn count_landed(&self, id: u64, route: &str, written: u64, skipped: u64) -> (u64, u64) {
+        let mut own = self.inner.own_claim.lock();
+        let Some(o) = own.as_mut().filter(|o| o.id == id) else { return (written, skipped) };
+        if !o.counted.insert(route.to_string()) {
+            (0, 0)
+        } else if o.inherited {
+            (written, skipped)
+        } else {
+            (written.saturating_add(skipped), 0)
+        }
     }
 
     /// The watermarks of `objects` in `route`'s sink, one per object (checked: a sink is a
@@ -709,12 +705,7 @@ impl Pipeline {
             by_route.entry(route).or_default().push(r);
         }
         let mut refused = Vec::new();
-        // Routes whose landing is not counted yet are counted as a roll would: this process's
-        // own batch as committed, an earlier process's as replayed.
-        let (counted, inherited) = match inner.own_claim.lock().as_ref().filter(|o| o.id == claimed.id) {
-            Some(o) => (o.counted.clone(), o.inherited),
-            None => (Default::default(), true),
-        };
+        self.own_claim_for(claimed.id);
         for (route, records) in by_route {
             let mut objects: Vec<ObjectId> = records.iter().map(|r| r.object.clone()).collect();
             objects.sort();
@@ -730,10 +721,10 @@ impl Pipeline {
                     landed += 1;
                 }
             }
-            if !counted.contains(&route) {
-                let counter = if inherited { &inner.counters.replayed } else { &inner.counters.committed };
-                counter.fetch_add(landed, Ordering::Relaxed);
-            }
+            // Landed events not counted yet are counted as a roll would.
+            let (written, replayed) = self.count_landed(claimed.id, &route, 0, landed);
+            inner.counters.committed.fetch_add(written, Ordering::Relaxed);
+            inner.counters.replayed.fetch_add(replayed, Ordering::Relaxed);
         }
         // Gone for good, also across a power loss: come back, the events could land beside the
         // caller's own re-send.
