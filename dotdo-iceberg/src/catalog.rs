@@ -390,10 +390,7 @@ pub(crate) async fn open(
                     // iceberg-catalog-rest puts some values in its messages ("Invalid header
                     // value: …"): the secret ones never reach dotdo's error (nor its logs).
                     let e = crate::error::classify(e, &format!("opening REST catalog {}", without_password(uri)));
-                    let mut msg = e.message().to_string();
-                    for s in &secrets {
-                        msg = msg.replace(s.as_str(), "<redacted>");
-                    }
+                    let msg = crate::error::redact(e.message(), &secrets);
                     dotdo_core::Error::new(e.kind().clone(), msg).with_retryable(e.is_retryable())
                 })?;
             plain(Arc::new(Redacted::new(catalog, without_password(uri), renews, factory)))
@@ -795,8 +792,8 @@ struct Redacted {
     /// A credential is configured (not a fixed token): a token the catalog answers as expired
     /// (401, or 419 as the REST spec has it) is exchanged anew.
     renews: bool,
-    /// dotdo's storage, and the runtime tables run on, for the tables handed out.
-    factory: Arc<dyn StorageFactory>,
+    /// A FileIO on dotdo's storage, and the runtime tables run on, for the tables handed out.
+    file_io: iceberg::io::FileIO,
     runtime: iceberg::Runtime,
 }
 
@@ -810,7 +807,8 @@ impl Redacted {
         factory: Arc<dyn StorageFactory>,
     ) -> Self {
         let runtime = iceberg::Runtime::current();
-        Redacted { inner: Arc::new(inner), uri, renews, factory, runtime }
+        let file_io = iceberg::io::FileIOBuilder::new(factory).build();
+        Redacted { inner: Arc::new(inner), uri, renews, file_io, runtime }
     }
 
     /// `table` with a FileIO of dotdo's storage alone. iceberg-catalog-rest builds each table's
@@ -822,7 +820,7 @@ impl Redacted {
         let mut b = Table::builder()
             .metadata(table.metadata_ref())
             .identifier(table.identifier().clone())
-            .file_io(iceberg::io::FileIOBuilder::new(self.factory.clone()).build())
+            .file_io(self.file_io.clone())
             .readonly(table.readonly())
             .runtime(self.runtime.clone());
         if let Some(location) = table.metadata_location() {

@@ -611,8 +611,6 @@ fn totals(
     .collect()
 }
 
-/// The updates that add snapshot `snapshot_id` (manifest list `list`, `summary`) on top of
-/// `md`'s current snapshot, at its next sequence number, and point `main` at it.
 /// `e` as the iceberg error of a commit that certainly did not land (nothing was swapped).
 pub(crate) fn not_landed(e: Error) -> iceberg::Error {
     iceberg::Error::new(iceberg::ErrorKind::Unexpected, "the commit was not made")

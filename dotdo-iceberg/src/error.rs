@@ -229,6 +229,11 @@ fn sqlx_cause(e: &sqlx::Error) -> Cause {
     }
 }
 
+/// `msg` with every one of `secrets` in it replaced by `<redacted>`.
+pub(crate) fn redact(msg: &str, secrets: &[String]) -> String {
+    secrets.iter().fold(msg.to_string(), |m, s| m.replace(s.as_str(), "<redacted>"))
+}
+
 /// The message of a REST catalog call refused because its OAuth token expired, after the
 /// token was renewed: nothing was applied, and a retry carries the new token.
 pub(crate) const TOKEN_RENEWED: &str = "the REST catalog refused an expired token; a new one was obtained, retry";

@@ -102,16 +102,13 @@ impl StoreRoot {
             // object_store may quote an option's value (a service-account key passed where a
             // file name goes, or taken from the environment): none is shown, and its error is
             // not kept as the source (its Debug would show it).
-            let mut shown = e.to_string();
             // (`vars_os`: `vars` panics on a variable that is not UTF-8.)
             let env = std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
                 .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)));
-            for (_, value) in options.iter().cloned().chain(env) {
-                if value.len() >= 4 {
-                    shown = shown.replace(&value, "<redacted>");
-                }
-            }
+            let values: Vec<String> =
+                options.iter().cloned().chain(env).map(|(_, v)| v).filter(|v| v.len() >= 4).collect();
+            let shown = crate::error::redact(&e.to_string(), &values);
             Error::invalid(format!(
                 "cannot open warehouse {warehouse}: {shown} (is the scheme's cargo feature enabled?)"
             ))

@@ -907,15 +907,16 @@ impl IcebergColdStore {
                 }
                 // The walk ended before `ts`. If the oldest retained ancestor still has a parent,
                 // the history before it was expired: the state at `ts` is unknown, not empty.
-                match oldest.as_ref().map(|s| (s, s.parent_snapshot_id())) {
-                    Some((_, Some(parent))) => Err(Error::new(
+                let Some(root) = oldest.as_ref() else { return Ok(None) };
+                match root.parent_snapshot_id() {
+                    Some(parent) => Err(Error::new(
                         ErrorKind::NotFound,
                         format!("no retained snapshot at or before {ts:?}: history before snapshot {parent}'s child was expired"),
                     )),
                     // A history that another engine started anew after dotdo's commits: what
                     // was there at `ts` is dotdo's old history, not nothing (reads of the
                     // latest state and appends are `Corrupt` on such a table too).
-                    Some((root, None)) if summary::replaced_history(&md, root) => Err(Error::corrupt(format!(
+                    None if summary::replaced_history(&md, root) => Err(Error::corrupt(format!(
                         "table {}: the history of snapshot {head} starts at snapshot {} after dotdo's commits (the \
                          table was replaced by another engine?): the state at {ts:?} is not in it",
                         md.location(),
@@ -1024,6 +1025,7 @@ impl IcebergColdStore {
         let rt = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::backend("dotdo-iceberg must run inside a tokio runtime (iceberg-rust needs one)"))?;
         let mut tasks = Vec::with_capacity(groups.len());
+        let chunk = write_chunk_bytes(target_file_size as u64);
         for (bucket, mut members) in groups {
             let pk = PartitionKey::new(
                 spec.as_ref().clone(),
@@ -1038,7 +1040,6 @@ impl IcebergColdStore {
                 DefaultFileNameGenerator::new(prefix.clone(), None, DataFileFormat::Parquet),
             ));
             let (batch, arrow, ident) = (batch.clone(), arrow.clone(), ident.clone());
-            let chunk = write_chunk_bytes(target_file_size as u64);
             tasks.push(rt.spawn(async move {
                 // Objects in id order; each object's records by key, then seq (a stable sort of
                 // records already in seq order).
@@ -1374,7 +1375,7 @@ impl IcebergColdStore {
             // The checkpoint this attempt writes, if any: deleted if the attempt certainly did not
             // land (nothing else names it; it stayed until a cleanup, tens of MB at a million
             // objects, per lost attempt).
-            let mut own_checkpoint = None;
+            let mut own_checkpoint: Option<String> = None;
             let props = if inline.len() > self.inner.settings.watermark_checkpoint_objects {
                 let cp = match self.write_checkpoint(&table, &prev.full_with(&p.batch_marks)).await {
                     Ok(cp) => cp,
@@ -1390,7 +1391,15 @@ impl IcebergColdStore {
                 summary::properties(&inline, prev.checkpoint.as_deref(), &commit_id, at)
             };
             let written_at = written.as_ref().map(|(_, _, _, at)| *at);
-            match self.try_commit(&table, files, props, written_at).await {
+            let committed = self.try_commit(&table, files, props, written_at).await;
+            let lost = |e: &iceberg::Error| {
+                e.kind() == iceberg::ErrorKind::CatalogCommitConflicts || crate::catalog::did_not_land(e)
+            };
+            if committed.as_ref().is_err_and(lost) {
+                // This attempt certainly did not land: its checkpoint is nobody's.
+                self.delete_files(own_checkpoint.into_iter().collect()).await;
+            }
+            match committed {
                 Ok(t) => {
                     if let Err(e) = self.verify_durable(&t).await {
                         tracing::warn!(error = %e, "acknowledged cold commit is not durable; reading back");
@@ -1428,7 +1437,6 @@ impl IcebergColdStore {
                 }
                 Err(e) if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts => {
                     tracing::debug!(attempt, "cold commit conflict; re-reading watermarks");
-                    self.delete_files(own_checkpoint.into_iter().collect()).await;
                     last = Attempt::Conflict;
                     retry_pause(self.backoff(attempt)).await;
                     table = match self.reload_for_resolution().await {
@@ -1437,7 +1445,6 @@ impl IcebergColdStore {
                     };
                 }
                 Err(e) if crate::catalog::did_not_land(&e) => {
-                    self.delete_files(own_checkpoint.into_iter().collect()).await;
                     let sent = !crate::catalog::not_sent(&e);
                     let err = classify(e, &format!("committing to {}", self.inner.ident));
                     tracing::debug!(attempt, error = %err, "cold commit failed and did not land");
@@ -1606,7 +1613,7 @@ impl IcebergColdStore {
         Fut: std::future::Future<Output = Result<T>>,
     {
         match read().await {
-            Err(e) if as_of == AsOf::Latest && e.kind() == &ErrorKind::NotFound => read().await,
+            Err(e) if as_of == AsOf::Latest && expired_while_read(&e) => read().await,
             other => other,
         }
     }
@@ -1666,11 +1673,35 @@ impl IcebergColdStore {
         match self.refresh().await {
             Ok(t) if t.metadata().snapshot_by_id(id).is_none() => {
                 Err(Error::new(ErrorKind::NotFound, format!("snapshot {id} expired while it was read ({e})"))
-                    .with_source(e))
+                    .with_source(ExpiredWhileRead(e)))
             }
             _ => Err(e),
         }
     }
+}
+
+/// The source of [`read_at`](IcebergColdStore::read_at)'s `NotFound`: the snapshot read expired
+/// meanwhile (the error inside is the read's, a file found missing).
+#[derive(Debug)]
+struct ExpiredWhileRead(Error);
+
+impl std::fmt::Display for ExpiredWhileRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ExpiredWhileRead {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Whether `e` is [`read_at`](IcebergColdStore::read_at)'s answer for a snapshot that expired
+/// while it was read (and only that `NotFound`: a missing table is not read again).
+fn expired_while_read(e: &Error) -> bool {
+    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |x| x.source())
+        .any(|x| x.is::<ExpiredWhileRead>())
 }
 
 /// Most bytes per Arrow batch handed to the Parquet writer; well under the 2 GiB a

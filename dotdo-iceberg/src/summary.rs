@@ -74,7 +74,7 @@ pub fn dotdo_base(
                      after dotdo's commits (the table was replaced by another engine?)",
                 md.location(),
                 snapshot.snapshot_id(),
-                chain.last().map_or(0, |s| s.snapshot_id())
+                root.snapshot_id()
             ))),
             _ => Ok(None),
         },
