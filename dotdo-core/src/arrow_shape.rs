@@ -90,18 +90,11 @@ pub fn check_decimals(batch: &arrow_array::RecordBatch) -> crate::Result<()> {
         .fields()
         .iter()
         .zip(batch.columns())
-        .try_for_each(|(f, c)| check_column_decimals(c.as_ref(), f.name()))
+        .try_for_each(|(f, c)| check_decimals_where(c.as_ref(), f.name(), &|_| true))
 }
 
-/// `InvalidInput` if a decimal value in `column` (nested ones included) has more digits than its
-/// type's precision: Arrow does not check them, and the Parquet writer stores such a value cut
-/// to the width the precision gives (a wrapped, different number) or out of its declared range.
-fn check_column_decimals(column: &dyn arrow_array::Array, name: &str) -> crate::Result<()> {
-    check_decimals_where(column, name, &|_| true)
-}
-
-/// [`check_column_decimals`] for the slots `shown` says a reader sees (a struct's child values
-/// under its null slots are not: arrow allows anything there).
+/// [`check_decimals`] for one column named `name`, at the slots `shown` says a reader sees (a
+/// struct's child values under its null slots are not: arrow allows anything there).
 fn check_decimals_where(
     column: &dyn arrow_array::Array,
     name: &str,
@@ -111,11 +104,12 @@ fn check_decimals_where(
     use arrow_array::types::{Decimal128Type, DecimalType};
     use arrow_array::Array;
     use arrow_schema::DataType as T;
-    let items = |values: &arrow_array::ArrayRef, from: usize, to: usize, inner: &str| {
+    // Items `from..to` of a list's child, at the slots `seen` says a reader sees.
+    let items = |values: &arrow_array::ArrayRef, from: usize, to: usize, inner: &str, seen: &dyn Fn(usize) -> bool| {
         if from >= to || to > values.len() {
             return Ok(());
         }
-        check_decimals_where(values.slice(from, to - from).as_ref(), inner, &|_| true)
+        check_decimals_where(values.slice(from, to - from).as_ref(), inner, seen)
     };
     // The first and last offset of a list's rows (its items' range in the child).
     fn range<O: arrow_array::OffsetSizeTrait>(o: &[O]) -> (usize, usize) {
@@ -147,12 +141,12 @@ fn check_decimals_where(
         T::List(_) => {
             let l = column.as_list::<i32>();
             let (from, to) = range(l.value_offsets());
-            items(l.values(), from, to, &format!("{name}[]"))
+            items(l.values(), from, to, &format!("{name}[]"), &|_| true)
         }
         T::LargeList(_) => {
             let l = column.as_list::<i64>();
             let (from, to) = range(l.value_offsets());
-            items(l.values(), from, to, &format!("{name}[]"))
+            items(l.values(), from, to, &format!("{name}[]"), &|_| true)
         }
         T::FixedSizeList(_, n) => {
             let l = column.as_fixed_size_list();
@@ -160,17 +154,13 @@ fn check_decimals_where(
             let nulls = l.nulls();
             let here = |j: usize| n > 0 && shown(j / n) && nulls.is_none_or(|x| x.is_valid(j / n));
             // The list's values as its rows see them (a sliced list keeps its whole child).
-            let (from, to) = (l.offset() * n, (l.offset() + l.len()) * n);
-            if from >= to || to > l.values().len() {
-                return Ok(());
-            }
-            check_decimals_where(l.values().slice(from, to - from).as_ref(), &format!("{name}[]"), &here)
+            items(l.values(), l.offset() * n, (l.offset() + l.len()) * n, &format!("{name}[]"), &here)
         }
         T::Map(..) => {
             let m = column.as_map();
             let (from, to) = range(m.value_offsets());
             let entries: arrow_array::ArrayRef = std::sync::Arc::new(m.entries().clone());
-            items(&entries, from, to, name)
+            items(&entries, from, to, name, &|_| true)
         }
         _ => Ok(()),
     }

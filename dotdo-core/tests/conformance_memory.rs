@@ -432,25 +432,14 @@ mod broken {
     #[derive(Debug)]
     struct BlindRetry {
         inner: NotIdempotent,
-        armed: std::sync::atomic::AtomicBool,
-        fired: std::sync::atomic::AtomicBool,
-    }
-
-    impl dotdo_core::testkit::LoseNextReply for BlindRetry {
-        fn arm(&self) {
-            self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        fn fired(&self) -> bool {
-            self.fired.swap(false, std::sync::atomic::Ordering::SeqCst)
-        }
+        switch: Arc<dotdo_core::testkit::ReplySwitch>,
     }
 
     #[async_trait]
     impl ColdSink for BlindRetry {
         async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
             let commit = self.inner.inner.append(batch.clone()).await?;
-            if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                self.fired.store(true, std::sync::atomic::Ordering::SeqCst);
+            if self.switch.take_armed() {
                 // The reply was lost: send it again, as if nothing had landed.
                 return self.inner.append(batch).await;
             }
@@ -474,14 +463,11 @@ mod broken {
     fn kit_catches_a_cold_sink_that_resends_a_lost_commit_blindly() {
         let f = dotdo_core::testkit::cold_fault_factory(|clock| async move {
             let inner = MemoryColdStore::with_clock(Arc::new(clock));
-            let sink = Arc::new(BlindRetry {
-                inner: NotIdempotent { inner: inner.clone() },
-                armed: false.into(),
-                fired: false.into(),
-            });
+            let switch = Arc::new(dotdo_core::testkit::ReplySwitch::default());
+            let sink = Arc::new(BlindRetry { inner: NotIdempotent { inner: inner.clone() }, switch: switch.clone() });
             dotdo_core::testkit::ColdFaultFixture {
-                fixture: ColdFixture { sink: sink.clone(), accel: Some(Arc::new(inner)), keep_alive: Box::new(()) },
-                lose_next_reply: sink,
+                fixture: ColdFixture { sink, accel: Some(Arc::new(inner)), keep_alive: Box::new(()) },
+                lose_next_reply: switch,
             }
         });
         let n = names(&dotdo_core::testkit::cold::run_fault_cases(&f));

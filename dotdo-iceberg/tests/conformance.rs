@@ -56,7 +56,7 @@ fn lost_reply_factory() -> dotdo_core::testkit::ColdFaultFactory {
                 accel: Some(Arc::new(store)),
                 keep_alive: Box::new(dir),
             },
-            lose_next_reply: lose,
+            lose_next_reply: lose.switch.clone(),
         }
     })
 }

@@ -175,25 +175,6 @@ struct DrainRounds {
     /// Objects skipped because a call on them was in progress (each counts once:
     /// `FlushReport::busy`).
     busy: std::collections::BTreeSet<ObjectId>,
-    /// When the held leases were last renewed (the clock's monotonic time), while objects are
-    /// still being collected: see [`DrainRounds::keep_renewed`].
-    renewed_at: Option<Duration>,
-}
-
-impl DrainRounds {
-    /// Renew the leases of `held` if a sixth of a TTL passed since the last time: collecting
-    /// the objects to drain (a cold watermark read and an acquire per released object, pages of
-    /// 256) can outlast a lease, and `renew_if_due` refreshes only leases with less than two
-    /// thirds of a TTL left. Without this the first drain round found them run out and failed
-    /// the flush, every time.
-    async fn keep_renewed(&mut self, inner: &Arc<Inner>, held: &mut [Held]) {
-        let now = inner.clock.monotonic();
-        let since = self.renewed_at.get_or_insert(now);
-        if now.saturating_sub(*since) >= inner.settings.lease_ttl / 6 {
-            *since = now;
-            renew_held(inner, held, &mut self.left_out, &mut self.first_err).await;
-        }
-    }
 }
 
 /// An activated object held by this runtime.
@@ -1213,7 +1194,10 @@ impl ObjectRuntime {
         for (object, slot) in self.active_slots() {
             // Never wait for a busy slot while holding others: a handler of that object that
             // invokes one of the held objects would wait for us while we wait for it.
-            rounds.keep_renewed(inner, &mut held).await;
+            // The leases held so far, renewed where due: collecting the objects to drain (a cold
+            // watermark read and an acquire per released object, pages of 256) can outlast a
+            // lease, and the first drain round found them run out and failed the flush.
+            renew_held(inner, &mut held, &mut rounds.left_out, &mut rounds.first_err).await;
             let Some(mut guard) = slot.try_lock_owned() else {
                 rounds.busy.insert(object);
                 continue;
@@ -1232,10 +1216,6 @@ impl ObjectRuntime {
                 Ok(()) => {
                     let token = a.lease.token;
                     held.push(Held { object, token, guard, taken: None });
-                    // Renewed now if its lease is short (no `maintain` ran lately): the pacing
-                    // of `keep_renewed` would reach it only after a sixth of a TTL.
-                    let n = held.len();
-                    renew_held(inner, &mut held[n - 1..], &mut rounds.left_out, &mut rounds.first_err).await;
                 }
                 // Lapsed (a warm lease nobody renewed: no `maintain` ran): take the object again
                 // and drain it, unless another holder has it now. Without waiting for that
@@ -1380,9 +1360,7 @@ impl ObjectRuntime {
                             Ok(c) => {
                                 // Counted here: the next round finds these records in cold
                                 // (skipped, written 0) when it truncates them.
-                                report.commits += u64::from(c.snapshot.is_some());
-                                report.records = report.records.saturating_add(c.records_written);
-                                count_commit(inner, &c);
+                                count_commit(inner, report, &c);
                             }
                             Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
                                 let e = explain_gap(inner, &object, first_seq, e).await;
@@ -1398,9 +1376,7 @@ impl ObjectRuntime {
                 Err(e) => return Err(e),
             };
             // Counted as it lands: a check or a truncation below may still fail.
-            count_commit(inner, &commit);
-            report.commits += u64::from(commit.snapshot.is_some());
-            report.records = report.records.saturating_add(commit.records_written);
+            count_commit(inner, report, &commit);
             let mut diverged_now = std::collections::BTreeSet::new();
             if commit.records_skipped > 0 {
                 for oc in &batch.objects {
@@ -1471,7 +1447,8 @@ impl ObjectRuntime {
             {
                 continue;
             }
-            rounds.keep_renewed(inner, held).await;
+            // As while collecting the held objects.
+            renew_held(inner, held, &mut rounds.left_out, &mut rounds.first_err).await;
             let slot = self.slot(&object);
             let Some(mut guard) = slot.try_lock_owned() else {
                 rounds.busy.insert(object);
@@ -2491,15 +2468,13 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken, max_c
         };
         // Counted as it lands: a check or the truncation below may still fail (the next drain
         // then finds these records in cold and commits nothing to count).
-        count_commit(inner, &commit);
+        count_commit(inner, &mut report, &commit);
         if commit.records_skipped > 0 {
             check_skipped(inner, object, info.truncated_through, &commit).await?;
         }
         let through: Seq = commit.watermarks.get(object).map_or(0, |w| w.through);
         check_durable_through(object, info.last_seq, appended, through)?;
         inner.hot.truncate_changes(object, token, through).await?;
-        report.commits += u64::from(commit.snapshot.is_some());
-        report.records = report.records.saturating_add(commit.records_written);
         report.objects = 1;
     }
     Ok(report)
@@ -2575,8 +2550,10 @@ async fn explain_gap(inner: &Arc<Inner>, object: &ObjectId, first: Seq, e: Error
     }
 }
 
-/// Count a cold commit of a drain in the runtime's metrics.
-fn count_commit(inner: &Inner, commit: &crate::ColdCommit) {
+/// Count a cold commit of a drain in the flush's report and the runtime's metrics.
+fn count_commit(inner: &Inner, report: &mut FlushReport, commit: &crate::ColdCommit) {
+    report.commits += u64::from(commit.snapshot.is_some());
+    report.records = report.records.saturating_add(commit.records_written);
     let mut m = inner.metrics.lock();
     m.flushes += u64::from(commit.snapshot.is_some());
     m.records_flushed = m.records_flushed.saturating_add(commit.records_written);

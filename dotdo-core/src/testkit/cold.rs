@@ -1414,17 +1414,11 @@ pub async fn a_commit_whose_reply_was_lost_keeps_its_token(f: &super::ColdFaultF
 
 /// Run the reply-losing cases and return the failures instead of panicking.
 pub fn run_fault_cases(f: &super::ColdFaultFactory) -> Vec<CaseFailure> {
-    [
-        run_catching("a_commit_whose_reply_was_lost_lands_once", || {
-            runtime().block_on(a_commit_whose_reply_was_lost_lands_once(f))
-        }),
-        run_catching("a_commit_whose_reply_was_lost_keeps_its_token", || {
-            runtime().block_on(a_commit_whose_reply_was_lost_keeps_its_token(f))
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
+    macro_rules! cases {
+        ($($c:ident),+ $(,)?) => { vec![$((stringify!($c), Box::new(|f: &super::ColdFaultFactory| runtime().block_on($c(f))) as Box<dyn Fn(&super::ColdFaultFactory)>)),+] };
+    }
+    let all = crate::__cold_fault_cases!([cases]());
+    all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect()
 }
 
 /// Run every cold case (and the property tests) and return the failures instead of panicking.

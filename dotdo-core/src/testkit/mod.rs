@@ -21,7 +21,7 @@
 //!
 //! A cold backend also proves how it settles a commit whose reply was lost, with a factory that
 //! hands the kit a [`LoseNextReply`] switch wired into its I/O (a catalog or store wrapper that
-//! applies the next commit and then fails the call):
+//! applies the next commit and then fails the call; [`ReplySwitch`] is one such switch to consult):
 //!
 //! ```text
 //! dotdo_core::cold_fault_conformance!(my_cold_fault_factory());
@@ -84,6 +84,34 @@ pub trait LoseNextReply: Send + Sync + 'static {
     fn arm(&self);
     /// Whether an armed loss has happened since [`arm`](Self::arm) (and disarm).
     fn fired(&self) -> bool;
+}
+
+/// A [`LoseNextReply`] switch for a backend's I/O wrapper to consult: at a commit,
+/// [`take_armed`](Self::take_armed) says whether to lose its reply (and records that it fired).
+#[derive(Debug, Default)]
+pub struct ReplySwitch {
+    armed: std::sync::atomic::AtomicBool,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl ReplySwitch {
+    /// Whether this commit's reply is to be lost: once per [`arm`](LoseNextReply::arm).
+    pub fn take_armed(&self) -> bool {
+        let armed = self.armed.swap(false, std::sync::atomic::Ordering::SeqCst);
+        if armed {
+            self.fired.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        armed
+    }
+}
+
+impl LoseNextReply for ReplySwitch {
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn fired(&self) -> bool {
+        self.fired.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// A fresh cold backend opened by a [`ColdFaultFactory`], with its fault switch.
@@ -185,10 +213,12 @@ pub fn memory_cold_factory() -> ColdFactory {
 /// `AmbiguousOutcome`, as a sink that cannot read back would.
 pub fn memory_cold_fault_factory() -> ColdFaultFactory {
     cold_fault_factory(|clock| async move {
-        let c = LosingColdSink::new(crate::MemoryColdStore::with_clock(Arc::new(clock)));
+        let inner = crate::MemoryColdStore::with_clock(Arc::new(clock));
+        let switch = Arc::new(ReplySwitch::default());
+        let sink = Arc::new(LosingColdSink { inner: inner.clone(), switch: switch.clone() });
         ColdFaultFixture {
-            fixture: ColdFixture { sink: c.clone(), accel: Some(Arc::new(c.inner.clone())), keep_alive: Box::new(()) },
-            lose_next_reply: c,
+            fixture: ColdFixture { sink, accel: Some(Arc::new(inner)), keep_alive: Box::new(()) },
+            lose_next_reply: switch,
         }
     })
 }
@@ -198,32 +228,14 @@ pub fn memory_cold_fault_factory() -> ColdFaultFactory {
 #[derive(Debug)]
 struct LosingColdSink {
     inner: crate::MemoryColdStore,
-    armed: std::sync::atomic::AtomicBool,
-    fired: std::sync::atomic::AtomicBool,
-}
-
-impl LosingColdSink {
-    fn new(inner: crate::MemoryColdStore) -> Arc<Self> {
-        Arc::new(LosingColdSink { inner, armed: false.into(), fired: false.into() })
-    }
-}
-
-impl LoseNextReply for LosingColdSink {
-    fn arm(&self) {
-        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-    fn fired(&self) -> bool {
-        self.fired.swap(false, std::sync::atomic::Ordering::SeqCst)
-    }
+    switch: Arc<ReplySwitch>,
 }
 
 #[async_trait::async_trait]
 impl ColdSink for LosingColdSink {
     async fn append(&self, batch: crate::ColdBatch) -> crate::Result<crate::ColdCommit> {
-        use std::sync::atomic::Ordering;
         let commit = self.inner.append(batch).await?;
-        if commit.snapshot.is_some() && self.armed.swap(false, Ordering::SeqCst) {
-            self.fired.store(true, Ordering::SeqCst);
+        if commit.snapshot.is_some() && self.switch.take_armed() {
             return Err(crate::Error::new(crate::ErrorKind::AmbiguousOutcome, "injected: the commit's reply was lost"));
         }
         Ok(commit)
@@ -778,12 +790,22 @@ macro_rules! cold_conformance {
 #[macro_export]
 macro_rules! cold_fault_conformance {
     ($factory:expr) => {
-        $crate::__kit_tests!(
-            cold,
-            $factory,
+        $crate::__cold_fault_cases!([$crate::__kit_tests](cold, $factory,));
+    };
+}
+
+/// The reply-losing cold cases (one list for
+/// [`cold_fault_conformance!`](crate::cold_fault_conformance) and [`cold::run_fault_cases`]);
+/// see `__hot_cases`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __cold_fault_cases {
+    ([$($m:tt)*] ($($args:tt)*)) => {
+        $($m)*! {
+            $($args)*
             a_commit_whose_reply_was_lost_lands_once,
-            a_commit_whose_reply_was_lost_keeps_its_token
-        );
+            a_commit_whose_reply_was_lost_keeps_its_token,
+        }
     };
 }
 

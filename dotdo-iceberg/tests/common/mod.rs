@@ -475,17 +475,8 @@ pub struct LossyCatalog {
     pub retryable: bool,
     /// Random faults (else only the armed one, see `dotdo_core::testkit::LoseNextReply`).
     pub random: bool,
-    armed: AtomicBool,
-    fired: AtomicBool,
-}
-
-impl dotdo_core::testkit::LoseNextReply for LossyCatalog {
-    fn arm(&self) {
-        self.armed.store(true, Ordering::SeqCst);
-    }
-    fn fired(&self) -> bool {
-        self.fired.swap(false, Ordering::SeqCst)
-    }
+    /// The reply it is armed to lose.
+    pub switch: Arc<dotdo_core::testkit::ReplySwitch>,
 }
 
 #[async_trait::async_trait]
@@ -556,10 +547,7 @@ impl iceberg::Catalog for LossyCatalog {
                 .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
                 .with_retryable(self.retryable)
         };
-        let armed = self.armed.swap(false, Ordering::SeqCst);
-        if armed {
-            self.fired.store(true, Ordering::SeqCst);
-        }
+        let armed = self.switch.take_armed();
         match roll {
             _ if armed => {
                 self.inner.update_table(c).await?;
@@ -641,8 +629,7 @@ fn lossy_catalog(
                 failed: Default::default(),
                 retryable,
                 random,
-                armed: false.into(),
-                fired: false.into(),
+                switch: Default::default(),
             });
             *slot.lock() = Some(c.clone());
             Ok(c as Arc<dyn iceberg::Catalog>)
