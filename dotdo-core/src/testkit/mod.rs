@@ -612,12 +612,8 @@ where
     D: Fn(&'static str, crate::ObjectId) -> F,
     F: std::future::Future<Output = ()>,
 {
-    use crate::hot::HotStoreExt;
     for (i, (what, sql)) in DAMAGED_CHANGE_ROWS.iter().enumerate() {
-        let object = oid(&format!("damaged-change-{i}"));
-        let lease = store.acquire(&object, &nid("n1"), std::time::Duration::from_secs(60)).await.expect("acquire");
-        store.put(&object, lease.token, "T", "k", bytes::Bytes::from("v")).await.expect("put");
-        damage(sql, object.clone()).await;
+        let object = damaged_object(store, &format!("damaged-change-{i}"), sql, &damage).await;
         let e = store.read_changes(&object, 0, 10).await.expect_err(what);
         assert_eq!(e.kind(), &crate::ErrorKind::Corrupt, "{what}: {e}");
         assert!(e.to_string().contains(source), "{what}: the database is named: {e}");
@@ -636,7 +632,6 @@ where
     D: Fn(&'static str, crate::ObjectId) -> F,
     F: std::future::Future<Output = ()>,
 {
-    use crate::hot::HotStoreExt;
     let cases: [(&str, &str); 8] = [
         ("state key that is not UTF-8", "UPDATE do_state SET key = CAST(X'61FF' AS TEXT) WHERE do_id = ?1"),
         ("blob state key", "UPDATE do_state SET key = X'6B' WHERE do_id = ?1"),
@@ -651,10 +646,7 @@ where
         ("object id that is not UTF-8", "UPDATE do_changes SET do_id = CAST(X'6FFF' AS TEXT) WHERE do_id = ?1"),
     ];
     for (i, (what, sql)) in cases.into_iter().enumerate() {
-        let object = oid(&format!("damaged-text-{i}"));
-        let lease = store.acquire(&object, &nid("n1"), std::time::Duration::from_secs(60)).await.expect("acquire");
-        store.put(&object, lease.token, "T", "k", bytes::Bytes::from("v")).await.expect("put");
-        damage(sql, object.clone()).await;
+        let object = damaged_object(store, &format!("damaged-text-{i}"), sql, &damage).await;
         let e = if sql.contains("do_state") {
             store.list(&object, crate::KeyRange::all(), None).await.map(drop).expect_err(what)
         } else if sql.contains("do_locks") {
@@ -664,6 +656,21 @@ where
         };
         assert_eq!(e.kind(), &crate::ErrorKind::Corrupt, "{what}: {e}");
     }
+}
+
+/// Object `id`, given a lease and one change through `store`, then `damage`d with `sql`.
+async fn damaged_object<S, D, F>(store: &S, id: &str, sql: &'static str, damage: &D) -> crate::ObjectId
+where
+    S: crate::HotStore + crate::ConsistencyGuard + ?Sized,
+    D: Fn(&'static str, crate::ObjectId) -> F,
+    F: std::future::Future<Output = ()>,
+{
+    use crate::hot::HotStoreExt;
+    let object = oid(id);
+    let lease = store.acquire(&object, &nid("n1"), std::time::Duration::from_secs(60)).await.expect("acquire");
+    store.put(&object, lease.token, "T", "k", bytes::Bytes::from("v")).await.expect("put");
+    damage(sql, object.clone()).await;
+    object
 }
 
 /// Every row of object `?1` in the SQL schema, as one text (see [`DAMAGED_OBJECT_ROWS`]).
