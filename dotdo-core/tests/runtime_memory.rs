@@ -1133,20 +1133,27 @@ impl ColdSink for FlakyCold {
     }
 }
 
+/// A runtime on a cold sink that goes down after the first (flushed) increment of `o`: the second
+/// increment commits, and its automatic flush fails (its retries sleep on the manual clock,
+/// kept moving meanwhile). Cold stays down.
+async fn a_failed_auto_flush(w: &World, settings: RuntimeSettings) -> (Arc<FlakyCold>, ObjectRuntime, ObjectId) {
+    let (cold, rt) = w.flaky_cold_runtime(settings);
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick_by(w, Duration::from_millis(50));
+    let second = incr(&rt, &o).await;
+    ticking.abort();
+    assert_eq!(second.expect("committed although cold is down"), 2);
+    (cold, rt, o)
+}
+
 /// A committed write is reported as committed even when the automatic flush after it fails: a
 /// caller told "failed" would repeat it. The changes reach cold exactly once with the next flush.
 #[tokio::test]
 async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
     let w = World::new();
-    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: 1, ..settings() });
-    let o = oid("o");
-    assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
-    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    // The flush's retries sleep on the manual clock: keep it moving.
-    let ticking = tick_by(&w, Duration::from_millis(50));
-    let second = incr(&rt, &o).await;
-    ticking.abort();
-    assert_eq!(second.expect("committed although cold is down"), 2);
+    let (cold, rt, o) = a_failed_auto_flush(&w, RuntimeSettings { flush_after_changes: 1, ..settings() }).await;
     assert_eq!(rt.metrics().flush_failures, 1);
     assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1, "the second change is still pending");
     cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1164,13 +1171,7 @@ async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
 async fn after_a_failed_auto_flush_calls_do_not_wait_for_cold_storage() {
     use dotdo_core::runtime::AUTO_FLUSH_PAUSE;
     let w = World::new();
-    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: 1, ..settings() });
-    let o = oid("o");
-    assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
-    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    let ticking = tick_by(&w, Duration::from_millis(50));
-    assert_eq!(incr(&rt, &o).await.expect("committed although cold is down"), 2);
-    ticking.abort();
+    let (cold, rt, o) = a_failed_auto_flush(&w, RuntimeSettings { flush_after_changes: 1, ..settings() }).await;
     assert_eq!(rt.metrics().flush_failures, 1);
     // The clock stands still: a flush's retries would never end.
     for n in 3..=6 {
@@ -1193,13 +1194,7 @@ async fn an_automatic_flush_drains_one_commit_per_call() {
     use dotdo_core::runtime::AUTO_FLUSH_PAUSE;
     let w = World::new();
     let settings = RuntimeSettings { flush_after_changes: 1, flush_batch_records: 2, ..settings() };
-    let (cold, rt) = w.flaky_cold_runtime(settings);
-    let o = oid("o");
-    assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
-    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    let ticking = tick_by(&w, Duration::from_millis(50));
-    assert_eq!(incr(&rt, &o).await.expect("committed although cold is down"), 2);
-    ticking.abort();
+    let (cold, rt, o) = a_failed_auto_flush(&w, settings).await;
     for n in 3..=7 {
         assert_eq!(incr(&rt, &o).await.expect("committed during the pause"), n);
     }
