@@ -6,15 +6,20 @@
 //! connection, a gateway error after the stream took it) and that is sent again delivers its
 //! events twice. A send whose retries run out after such an attempt fails with
 //! `AmbiguousOutcome` (its events may be there); `Unavailable` means none of the failed
-//! request's attempts can have been taken. Readers that need each event once deduplicate on
-//! `(do_id, key, timestamp)` or a field of the value.
+//! request's attempts can have been taken. Readers that need each event once deduplicate on an
+//! id the application puts into the value: `(do_id, key, timestamp)` is not unique (the
+//! timestamp is sent in milliseconds, and two events of one key may share one).
 //!
 //! Wire protocol (Cloudflare's stream HTTP endpoint): `POST <endpoint>` with a JSON array of
 //! objects as the body, `Content-Type: application/json`, and, when the stream requires it,
-//! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted; 408, 429
-//! and 5xx (but 501 and 505, which no retry changes) are transient (retried after the backoff,
-//! or after the answer's `Retry-After` seconds if longer, up to [`MAX_RETRY_AFTER`]); 401/403
-//! mean a bad token; 413 means the request was too large. A 2xx whose JSON body says
+//! `Authorization: Bearer <API token>`. A 2xx answer means the records were accepted (taken in:
+//! a stream with a schema checks records afterwards, and drops those that do not fit it); 408,
+//! 429 and 5xx (but 501 and 505, which no retry changes) are transient (retried after the
+//! backoff, or after the answer's `Retry-After` seconds if longer, up to [`MAX_RETRY_AFTER`]).
+//! Of those, a 5xx other than 503 (not handled) and Cloudflare's 521-523, 525 and 526 (the edge
+//! never reached the origin) may come after the records were taken, and leaves the events'
+//! fate unknown. 401/403 mean a bad token; 404 (`NotFound`) no stream at the endpoint; 413 a
+//! request too large. A 2xx whose JSON body says
 //! `"success": false` is a refusal, and one whose `result.committed` is not the count sent an
 //! `AmbiguousOutcome` (a body of no such shape, or none, reads as accepted). Each event is sent in the
 //! predecessor's shape: `{"do_id", "type", "key", "value", "timestamp"}` with `value` as the
@@ -351,14 +356,20 @@ impl CloudflareStreamClient {
                         match status.as_u16() {
                             // Not implemented / HTTP version not supported: no retry can succeed.
                             501 | 505 => Error::backend(msg).with_retryable(false),
-                            // An internal or gateway error may come after the stream took the
-                            // records (a proxy that lost the origin's reply): retried, but the
-                            // events may be there.
-                            500 | 502 | 504 => {
+                            // The server says it did not handle the request (503), or
+                            // Cloudflare's edge never reached the origin (521 down, 522/523
+                            // unreachable, 525/526 TLS): nothing was taken.
+                            408 | 429 | 503 | 521 | 522 | 523 | 525 | 526 => Error::unavailable(msg),
+                            // Any other server or gateway error (500, 502, 504, Cloudflare's 520
+                            // "unknown" and 524 "the origin took it and timed out", ...) may
+                            // come after the stream took the records: retried, but the events
+                            // may be there.
+                            500..=599 => {
                                 *uncertain = true;
                                 Error::unavailable(msg)
                             }
-                            408 | 429 | 500..=599 => Error::unavailable(msg),
+                            // No such stream (deleted, or a mistyped endpoint).
+                            404 => Error::new(ErrorKind::NotFound, format!("{msg} (no stream at this endpoint)")),
                             300..=399 => Error::invalid(format!("{msg} (a redirect: configure the final endpoint)")),
                             401 | 403 => Error::backend(format!("{msg} (check the API token)")).with_retryable(false),
                             // The endpoint takes less than this request (which is within the

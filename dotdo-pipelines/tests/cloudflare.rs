@@ -25,6 +25,8 @@ struct Server {
     status_next: Mutex<Vec<&'static str>>,
     /// Requests taken (their records kept) whose connection is then closed with no reply.
     drop_next: AtomicU32,
+    /// Requests taken whose answer says one record fewer was committed.
+    short_next: AtomicU32,
     max_body: usize,
 }
 
@@ -101,8 +103,12 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                             .filter(|_| content_type.starts_with("application/json"));
                         match items {
                             Some(items) => {
-                                let n = items.len();
+                                let mut n = items.len();
                                 server.records.lock().extend(items);
+                                if server.short_next.load(Ordering::SeqCst) > 0 {
+                                    server.short_next.fetch_sub(1, Ordering::SeqCst);
+                                    n -= 1;
+                                }
                                 ("200 OK", format!(r#"{{"success":true,"result":{{"committed":{n}}}}}"#))
                             }
                             None => ("400 Bad Request", r#"{"success":false}"#.to_string()),
@@ -205,16 +211,43 @@ async fn lost_replies_and_gateway_errors_are_ambiguous_not_unreachable() {
     let r = client.send(&events(2, 10)).await.expect("the retry is answered");
     assert_eq!((r.events, r.retries), (2, 1));
     assert_eq!(server.records.lock().len(), 4, "at least once: the lost attempt's records stay");
-    // 502s throughout: the gateway may have forwarded them.
-    for _ in 0..3 {
-        server.status_next.lock().push("502 Bad Gateway");
+    // Server and gateway errors throughout (Cloudflare's 520 "unknown" and 524 "the origin
+    // timed out" among them): the request may have been taken.
+    for status in
+        ["500 Internal Server Error", "502 Bad Gateway", "504 Gateway Timeout", "520 Unknown", "524 A Timeout"]
+    {
+        for _ in 0..6 {
+            server.status_next.lock().push(status);
+        }
+        let e = client.send(&events(1, 10)).await.expect_err(status);
+        assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{status}: {e}");
+        assert!(e.is_retryable(), "{status}: {e}");
+        server.status_next.lock().clear();
     }
-    let e = client.send(&events(1, 10)).await.expect_err("502s");
-    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
-    // 503s throughout: refused, nothing taken.
+    // 503s throughout: refused, nothing taken; so for Cloudflare's edge not reaching the origin.
     server.fail_next.store(5, Ordering::SeqCst);
     let e = client.send(&events(1, 10)).await.expect_err("503s");
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    server.fail_next.store(0, Ordering::SeqCst);
+    for _ in 0..6 {
+        server.status_next.lock().push("522 Connection Timed Out");
+    }
+    let e = client.send(&events(1, 10)).await.expect_err("522s");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    server.status_next.lock().clear();
+    // An answer committing fewer records than sent: some may be there, and no retry tells.
+    let before = server.requests.load(Ordering::SeqCst);
+    server.short_next.store(1, Ordering::SeqCst);
+    let e = client.send(&events(3, 10)).await.expect_err("2 of 3 committed");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+    assert_eq!(server.requests.load(Ordering::SeqCst), before + 1, "not sent again");
+    // No stream at the endpoint: NotFound, not retried.
+    let before = server.requests.load(Ordering::SeqCst);
+    server.status_next.lock().push("404 Not Found");
+    let e = client.send(&events(1, 10)).await.expect_err("404");
+    assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
+    assert_eq!(server.requests.load(Ordering::SeqCst), before + 1, "not sent again");
     server.fail_next.store(0, Ordering::SeqCst);
     // Taken and its reply lost, then refused for good (400): ambiguous, and not retryable.
     server.drop_next.store(1, Ordering::SeqCst);
@@ -277,8 +310,9 @@ async fn retry_after_is_honoured_and_a_long_one_is_left_to_the_caller() {
     assert!(e.is_retryable());
     assert!(e.to_string().contains("retry after"), "{e}");
     assert_eq!(server.requests.load(Ordering::SeqCst), before + 1, "not asked again within the call");
-    // The HTTP-date form is ignored: the backoff applies.
-    *server.retry_after.lock() = Some("Wed, 21 Oct 2015 07:28:00 GMT".into());
+    // The HTTP-date form is ignored: the backoff applies (read as a date, this one would be
+    // far past `MAX_RETRY_AFTER` and fail the send).
+    *server.retry_after.lock() = Some("Fri, 01 Jan 2100 00:00:00 GMT".into());
     server.fail_next.store(1, Ordering::SeqCst);
     assert_eq!(client.send(&events(1, 10)).await.expect("after the backoff").retries, 1);
 }
