@@ -1274,6 +1274,12 @@ struct FlakyGuard {
     hang_releases: std::sync::atomic::AtomicBool,
     /// Each refresh takes this long on the world's clock (a slow guard), then applies.
     slow_refreshes: parking_lot::Mutex<Option<(dotdo_core::ManualClock, Duration)>>,
+    /// Refreshes grant half the TTL asked for (a guard whose clock is behind the runtime's).
+    short_refreshes: std::sync::atomic::AtomicBool,
+    /// Refreshes answer with the next token (a guard breaking the contract).
+    retoken_refreshes: std::sync::atomic::AtomicBool,
+    /// Refreshes asked for.
+    refreshes: std::sync::atomic::AtomicU32,
 }
 
 impl FlakyGuard {
@@ -1294,6 +1300,9 @@ impl FlakyGuard {
             fail_releases: 0.into(),
             hang_releases: false.into(),
             slow_refreshes: parking_lot::Mutex::new(None),
+            short_refreshes: false.into(),
+            retoken_refreshes: false.into(),
+            refreshes: 0.into(),
         }
     }
 }
@@ -1334,6 +1343,7 @@ impl ConsistencyGuard for FlakyGuard {
         Ok(l)
     }
     async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        self.refreshes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some((clock, takes)) = self.slow_refreshes.lock().clone() {
             clock.advance(takes);
         }
@@ -1356,7 +1366,12 @@ impl ConsistencyGuard for FlakyGuard {
             self.inner.refresh(lease, ttl).await?;
             return Err(Error::new(ErrorKind::AmbiguousOutcome, "connection lost after sending (test)"));
         }
-        self.inner.refresh(lease, ttl).await
+        let short = self.short_refreshes.load(std::sync::atomic::Ordering::SeqCst);
+        let mut l = self.inner.refresh(lease, if short { ttl / 2 } else { ttl }).await?;
+        if self.retoken_refreshes.load(std::sync::atomic::Ordering::SeqCst) {
+            l.token = l.token.next();
+        }
+        Ok(l)
     }
     async fn release(&self, lease: &Lease) -> Result<()> {
         let left = self.fail_releases.load(std::sync::atomic::Ordering::SeqCst);
@@ -1375,6 +1390,84 @@ impl ConsistencyGuard for FlakyGuard {
     async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
         self.inner.current(object).await
     }
+}
+
+/// A guard whose renewed leases have less than two thirds of the TTL left (its clock behind the
+/// runtime's) is refreshed at most every tenth of the TTL during a long handler, which goes on
+/// and commits. Every wait was zero: a refresh per millisecond.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the renewal task runs between the steps
+async fn renewals_under_a_guard_granting_short_leases_are_paced() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("activate"), 1);
+    guard.short_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (rt2, o2) = (rt.clone(), o.clone());
+    let task = tokio::spawn(async move {
+        rt2.invoke(&o2, async move |t: &mut ObjectTxn<'_>| {
+            t.put("k", "v")?;
+            rx.await.map_err(|_| Error::backend("signal dropped"))?;
+            Ok::<_, Error>(())
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before = guard.refreshes.load(std::sync::atomic::Ordering::SeqCst);
+    // Two TTLs in 200 steps, each long enough for the renewal task to run.
+    for _ in 0..200 {
+        w.clock.advance(TTL / 100);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let refreshes = guard.refreshes.load(std::sync::atomic::Ordering::SeqCst) - before;
+    tx.send(()).expect("signal");
+    task.await.expect("join").expect("the handler commits");
+    assert!((10..=40).contains(&refreshes), "{refreshes} refreshes in two TTLs");
+    assert_eq!(get(&rt, &o, "k").await.expect("get").as_deref(), Some(&b"v"[..]));
+}
+
+/// A refresh that comes back under another token (a guard breaking the contract) loses the
+/// lease: the handler's reads were made under the old token, and its writes are not committed
+/// under the new one: after the renewal during a handler, and after the refresh before a
+/// commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_under_another_token_loses_the_lease() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("activate"), 1);
+    guard.retoken_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The refresh before a commit (the lease within the commit margin) and the renewal during a
+    // handler: each call activates afresh (after the old lease ran out), then the clock moves.
+    // Moved before the renewal's first poll, the clock leaves it asleep (its wait is reckoned
+    // from then): only the commit's refresh runs. Moved after, past a third of the TTL: the
+    // renewal runs.
+    for (step, renewal_asleep_first) in [(TTL - Duration::from_millis(1), false), (TTL * 2 / 5, true)] {
+        w.clock.advance(TTL * 2);
+        let clock = w.clock.clone();
+        let e = rt
+            .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
+                let n = t.get("n").await?;
+                if renewal_asleep_first {
+                    for _ in 0..20 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                clock.advance(step);
+                for _ in 0..20 {
+                    tokio::task::yield_now().await;
+                }
+                t.put("n", "100")?;
+                Ok::<_, Error>(n)
+            })
+            .await
+            .expect_err("renewed under another token");
+        assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{step:?}: {e}");
+    }
+    guard.retoken_refreshes.store(false, std::sync::atomic::Ordering::SeqCst);
+    w.clock.advance(TTL * 2);
+    assert_eq!(incr(&rt, &o).await.expect("a fresh lease"), 2, "nothing was written under a new token");
 }
 
 /// A transient refresh failure keeps a lease that is still valid: the runtime does not lock

@@ -675,7 +675,7 @@ impl ObjectRuntime {
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
         if active.lease.remaining_at(inner.clock.now()) <= margin {
-            active.lease = inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await.map_err(|e| {
+            let refreshed = inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await.map_err(|e| {
                 if e.kind() == &ErrorKind::AmbiguousOutcome {
                     // The refresh's outcome is unknown, not the write's: nothing was written.
                     Error::unavailable(
@@ -686,6 +686,7 @@ impl ObjectRuntime {
                     e
                 }
             })?;
+            active.lease = same_token(&active.lease, refreshed)?;
         }
         // While the write is in flight the activation is out of the slot, its lease in hand: a
         // call cancelled here (a caller's timeout) leaves a write of unknown outcome, which may
@@ -1902,11 +1903,15 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
     // After a transient failure the next refresh is due at once: back off (doubling from 5 ms,
     // at most a tenth of the TTL) instead of hammering a guard that is already struggling.
     let mut backoff = Duration::ZERO;
+    // After a success, the next refresh waits at least a tenth of the TTL: a guard whose leases
+    // come back with less than two thirds of the TTL left (its clock behind this runtime's)
+    // made every wait zero, a refresh per millisecond for the whole handler.
+    let mut floor = Duration::ZERO;
     loop {
         let current = lease.lock().clone();
         let now = inner.clock.now();
         let renew_at = current.expires_at.since(now).saturating_sub(ttl * 2 / 3);
-        inner.clock.sleep(renew_at.max(backoff).max(Duration::from_millis(1))).await;
+        inner.clock.sleep(renew_at.max(backoff).max(floor).max(Duration::from_millis(1))).await;
         // A refresh that does not answer before the lease runs out (a hung connection) must not
         // keep the handler running past expiry, beside a new holder's.
         let left = current.expires_at.since(inner.clock.now());
@@ -1919,12 +1924,14 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
             Either::Left((r, _)) => r,
             Either::Right(_) => Err(Error::unavailable("lease renewal did not answer before the lease expired")),
         };
-        match refreshed {
+        match refreshed.and_then(|l| same_token(&current, l)) {
             Ok(l) => {
                 *lease.lock() = l;
                 backoff = Duration::ZERO;
+                floor = ttl / 10;
             }
             Err(e) if refresh_may_retry(&e) && inner.clock.now() < current.expires_at => {
+                floor = Duration::ZERO;
                 backoff = (backoff * 2).max(Duration::from_millis(5)).min(ttl / 10);
                 tracing::debug!(object = %current.object, error = %e, ?backoff, "dotdo lease renewal failed transiently");
             }
@@ -2051,7 +2058,7 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
     if lease.remaining_at(now) > inner.settings.lease_ttl * 2 / 3 {
         return Ok(());
     }
-    match inner.guard.refresh(lease, inner.settings.lease_ttl).await {
+    match inner.guard.refresh(lease, inner.settings.lease_ttl).await.and_then(|l| same_token(lease, l)) {
         Ok(l) => *lease = l,
         // A transient failure does not lose a lease that is still valid (dropping it would lock
         // this runtime out of its own object until the TTL ran out).
@@ -2061,6 +2068,24 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
         Err(e) => return Err(e),
     }
     Ok(())
+}
+
+/// `renewed`, the answer to a refresh of `current`, if it kept `current`'s token; else
+/// `LeaseLost`. A refresh never changes the token (the guard contract): reads made under the old
+/// token, committed under a new one, would overwrite what another holder wrote in between.
+fn same_token(current: &Lease, renewed: Lease) -> Result<Lease> {
+    if renewed.token == current.token && renewed.object == current.object {
+        return Ok(renewed);
+    }
+    Err(Error::new(
+        ErrorKind::LeaseLost { object: current.object.clone() },
+        format!(
+            "the guard renewed the lease of {} under token {} (it held {}): a refresh must keep the token",
+            current.object,
+            renewed.token.get(),
+            current.token.get()
+        ),
+    ))
 }
 
 /// An error of a step that runs before a call's own writes (activation, completing a restore):
