@@ -163,7 +163,11 @@ pub(crate) fn class_of_remote_text(text: &str) -> Class {
             .unwrap_or(0);
         return match status {
             401 | 403 => Class::Auth,
-            429 => Class::ServerUnavailable { maybe_applied: false },
+            // Too many requests; the request not received in time (nothing of it ran).
+            408 | 429 => Class::ServerUnavailable { maybe_applied: false },
+            // The server or a proxy in front of it refused the request's size (a remote value
+            // travels as hex, twice its size): no retry changes that.
+            413 => Class::TooBig,
             500..=599 => Class::ServerUnavailable { maybe_applied: true },
             400..=499 => Class::Config,
             _ => class_of_batch_step_message(rest.trim_matches('`')),
@@ -231,7 +235,10 @@ pub(crate) fn class_of_remote_text(text: &str) -> Class {
 /// replica file that cannot take the frames (injector, meta file, snapshot, fatal errors); the
 /// rest are the network's (the pull may have reached the primary).
 pub(crate) fn class_of_replication_text(text: &str) -> Class {
-    if text.contains("namespace doesn't exist") {
+    // A replica file SQLite finds damaged (whatever step of the pull found it): `Corrupt`.
+    if text.contains("database disk image is malformed") || text.contains("file is not a database") {
+        Class::Corrupt
+    } else if text.contains("namespace doesn't exist") {
         Class::Config
     } else if text.contains("Unauthenticated") || text.contains("PermissionDenied") {
         Class::Auth
@@ -331,7 +338,10 @@ pub(crate) fn map_class(class: Class, e: libsql::Error, doing: &str, mutating: b
             Error::new(ErrorKind::Unavailable, format!("{doing}: storage environment failure"))
                 .with_retryable(retryable)
         }
-        Class::TooBig => Error::new(ErrorKind::LimitExceeded { what: "libsql value", limit: 0, actual: 0 }, doing),
+        Class::TooBig => Error::new(
+            ErrorKind::LimitExceeded { what: "libsql value or request", limit: 0, actual: 0 },
+            format!("{doing}: too large (a value over SQLite's limit, or a request over the server's or a proxy's; the limit is not known here)"),
+        ),
         Class::Network { maybe_sent } if mutating && maybe_sent => Error::new(
             ErrorKind::AmbiguousOutcome,
             format!("{doing}: the connection to the primary broke off after the request was sent; it may still be applied (take a new lease before writing the object again)"),
@@ -431,6 +441,8 @@ mod tests {
             ("Injector error: SQLite error: disk I/O error", Class::Environment { retryable: false }),
             ("Fatal replicator error: boom", Class::Environment { retryable: false }),
             ("Replication meta error: Invalid meta file", Class::Environment { retryable: false }),
+            ("Injector error: SQLite error: database disk image is malformed", Class::Corrupt),
+            ("Injector error: SQLite error: file is not a database", Class::Corrupt),
             ("Replicator client error: transport error", Class::Network { maybe_sent: true }),
             ("Timeout performing handshake with primary", Class::Network { maybe_sent: true }),
         ] {
@@ -582,6 +594,11 @@ mod tests {
         assert!(!is_transient(class_of(&hrana("api error: `status=500 x, body=`")), true));
         assert!(!is_transient(class_of(&hrana("api error: `status=503 x, body=`")), true));
         assert!(is_transient(class_of(&hrana("api error: `status=429 x, body=`")), true));
+        // A request not received in time ran nothing; one too large never runs.
+        let e = map(hrana("api error: `status=408 Request Timeout, body=`"), "put", true);
+        assert!(e.kind() == &ErrorKind::Unavailable && e.is_retryable(), "{e}");
+        let e = map(hrana("api error: `status=413 Payload Too Large, body=`"), "put", true);
+        assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }) && !e.is_retryable(), "{e}");
         let e = map(hrana("api error: `status=404 Not Found, body=no such namespace`"), "get", false);
         assert_eq!(e.kind(), &ErrorKind::Backend);
         assert!(!e.is_retryable());

@@ -143,7 +143,7 @@ impl HotStore for LibsqlStore {
 
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // Over HTTP unless local: to a remote primary, or (`read_for_drain`) a replica's primary.
+        // Over HTTP unless local: to a remote primary, or (`read_primary_in_replica`) a replica's primary.
         // At most READ_CHANGES_BYTES of values per read (at least one change); a drain reads on.
         // Over HTTP, one answer must also arrive within `request_timeout` (a drain's read of
         // 100 000 changes of large values would time out on every attempt): the primary cuts
@@ -168,7 +168,7 @@ impl HotStore for LibsqlStore {
             )
         };
         let rows = self
-            .read_for_drain("read changes", move |c| {
+            .read_primary_in_replica("read changes", move |c| {
                 let step = step.clone();
                 Box::pin(async move {
                     if local {
@@ -262,7 +262,7 @@ impl HotStore for LibsqlStore {
              FROM do_objects o LEFT JOIN do_locks l ON l.do_id = o.do_id WHERE o.do_id = ?1",
             vec![t(object.as_str())],
         );
-        self.read_for_drain("object info", move |c| {
+        self.read_primary_in_replica("object info", move |c| {
             let step = step.clone();
             Box::pin(async move {
                 let rows = c.query(step).await?;
@@ -297,7 +297,7 @@ impl HotStore for LibsqlStore {
             vec![Value::Text(after), Value::Integer(limit)],
         );
         let rows = self
-            .read_for_drain("pending objects", move |c| {
+            .read_primary_in_replica("pending objects", move |c| {
                 let step = step.clone();
                 Box::pin(async move { Ok(c.query(step).await?) })
             })

@@ -137,7 +137,7 @@ impl ConsistencyGuard for LibsqlStore {
     async fn validate(&self, lease: &Lease) -> Result<()> {
         let step = Step::new(LEASE_ROW, vec![t(lease.object.as_str())]);
         let row = self
-            .read("validate lease", move |c| {
+            .read_primary_in_replica("validate lease", move |c| {
                 let step = step.clone();
                 Box::pin(async move { Ok(lease_row(&c.query(step).await?)?) })
             })
@@ -148,7 +148,7 @@ impl ConsistencyGuard for LibsqlStore {
     async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
         let step = Step::new(LEASE_ROW, vec![t(object.as_str())]);
         let row = self
-            .read("read lease", move |c| {
+            .read_primary_in_replica("read lease", move |c| {
                 let step = step.clone();
                 Box::pin(async move { Ok(lease_row(&c.query(step).await?)?) })
             })

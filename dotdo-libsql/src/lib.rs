@@ -82,8 +82,9 @@
 //!   On a remote primary, `Ok` means the primary committed (its own durability settings apply).
 //! * Replica mode: after each successful write the store pulls the replica, so this store reads
 //!   its own writes. Other nodes' writes appear after the next pull (`sync_interval`, or
-//!   [`LibsqlStore::sync`]). `validate` and `current` read the replica and may be that stale;
-//!   they are advisory — the fencing check of every write runs on the primary. If the pull after
+//!   [`LibsqlStore::sync`]). The reads a decision rests on go to the primary: the guard's
+//!   `validate` and `current`, and the drain's reads (`object_info`, pending objects, changes);
+//!   and the fencing check of every write runs on the primary. If the pull after
 //!   a write (an acquire included) fails, reads pull first until a pull succeeds and fail with
 //!   `Unavailable` meanwhile: a replica without the last holder's writes is never read (retryable
 //!   when the network failed; not when the primary lacks the namespace (`Backend`), rejects the

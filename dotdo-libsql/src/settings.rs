@@ -345,8 +345,19 @@ impl fmt::Debug for Target {
 
 /// A URL as shown in messages and `Debug`: scheme, host and path only (a query string or a
 /// fragment may carry a token).
-fn shown(url: &str) -> &str {
-    url.trim().split(['?', '#']).next().unwrap_or_default()
+fn shown(url: &str) -> String {
+    let base = url.trim().split(['?', '#']).next().unwrap_or_default();
+    let (scheme, rest) = match base.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, base),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    // A `user:password@` (refused, but shown in that very message, and in a builder's Debug).
+    let authority = authority.rsplit_once('@').map_or_else(|| authority.to_string(), |(_, host)| format!("***@{host}"));
+    match scheme {
+        Some(scheme) => format!("{scheme}://{authority}{path}"),
+        None => format!("{authority}{path}"),
+    }
 }
 
 impl Target {
@@ -399,7 +410,7 @@ impl Target {
     pub fn describe(&self) -> String {
         match self {
             Target::Local { path } => path.display().to_string(),
-            Target::Remote { url, .. } => shown(url).to_string(),
+            Target::Remote { url, .. } => shown(url),
             Target::Replica { path, url, .. } => format!("{} (replica of {})", path.display(), shown(url)),
         }
     }

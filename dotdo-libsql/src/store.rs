@@ -1022,12 +1022,14 @@ impl LibsqlStore {
         ))
     }
 
-    /// A read the drain decides on (`object_info`, `objects_with_pending_changes`,
-    /// `read_changes`): on the primary in embedded-replica mode, where the replica is pulled
-    /// only after this store's own writes (or every `sync_interval`) and would not show another
-    /// node's changes: a flush would find nothing pending, an eviction nothing to drain. (Reads
-    /// over HTTP then, with the byte bound of a remote `read_changes`.) Elsewhere, [`read`](Self::read).
-    pub(crate) async fn read_for_drain<T: Send>(
+    /// A read something is decided on (the drain's `object_info`, `objects_with_pending_changes`
+    /// and `read_changes`; the guard's `validate` and `current`): on the primary in
+    /// embedded-replica mode, where the replica is pulled only after this store's own writes (or
+    /// every `sync_interval`) and would not show another node's changes: a flush would find
+    /// nothing pending, an eviction nothing to drain, a lease another node took since would read
+    /// as still this node's (the runtime flushes under a lease `validate` passed). (Reads over
+    /// HTTP then, with the byte bound of a remote `read_changes`.) Elsewhere, [`read`](Self::read).
+    pub(crate) async fn read_primary_in_replica<T: Send>(
         &self,
         doing: &str,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
