@@ -2046,6 +2046,50 @@ async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
     assert_eq!(get(&b, &o, "n").await.expect("read"), Some(Bytes::from("11")));
 }
 
+/// A read-only handler on a lazy activation (key by key through the accelerator) that swallows
+/// the `Conflict` of a read which found the object's cold state moved on, and answers from what
+/// it had cached, is refused: that answer rests on the old state (it was `Ok`).
+#[tokio::test]
+async fn a_read_only_answer_after_the_cold_state_moved_is_refused() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let (o, p) = (oid("o"), oid("p"));
+    for _ in 0..3 {
+        incr(&a, &o).await.expect("incr");
+    }
+    a.evict(&o).await.expect("evict");
+    let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
+    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(cold.clone())
+        .with_accelerator(cold.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+        .build()
+        .expect("build runtime");
+    assert_eq!(get(&b, &o, "n").await.expect("lazy read"), Some(Bytes::from("3")));
+    let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
+    let mut next = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes").pop().expect("last");
+    next.seq += 1;
+    next.value = Bytes::from("10");
+    w.cold.append(ColdBatch::single(o.clone(), next.token, vec![next])).await.expect("cold moves on");
+    incr(&a, &p).await.expect("other object");
+    a.flush(&p).await.expect("flush other");
+    cold.expired.lock().insert(pinned);
+    let e = b
+        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            let missed = t.get("not-cached").await;
+            assert!(missed.is_err_and(|e| e.kind() == &ErrorKind::Conflict), "the read finds the move");
+            t.get("n").await
+        })
+        .await
+        .expect_err("the answer rests on moved state");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(get(&b, &o, "n").await.expect("activated afresh"), Some(Bytes::from("10")));
+}
+
 /// A lazily restored object keeps working after maintenance expired the snapshot it was
 /// reading: it re-pins the newest snapshot (its own cold state has not moved) instead of failing
 /// every read and write with `NotFound`.

@@ -618,6 +618,19 @@ impl ObjectRuntime {
             if let Some(e) = self.refuse_if_ran_out(object, &mut slot, "its answer").await {
                 return Err(e.into());
             }
+            // A lazy restore found the object's cold state moved on during the call (a read
+            // answered `Conflict`): an answer the handler made anyway (that error swallowed)
+            // rests on the old state's cache.
+            if slot.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved) {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "the cold state of {object} moved on during the call's lazy restore; its answer may be stale \
+                         (the next call activates afresh)"
+                    ),
+                )
+                .into());
+            }
         } else {
             if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
                 if e.is_fenced() {
