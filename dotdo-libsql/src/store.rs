@@ -153,6 +153,8 @@ pub(crate) struct ReplicaBehind {
     pulled: std::sync::atomic::AtomicU64,
     /// One catch-up pull at a time; readers arriving meanwhile wait for it.
     pulling: tokio::sync::Mutex<()>,
+    /// Catch-up pulls that failed so far.
+    failed: std::sync::atomic::AtomicU64,
 }
 
 impl ReplicaBehind {
@@ -169,19 +171,29 @@ impl ReplicaBehind {
 
     /// Before a read: if the replica may be behind, run `pull` (or wait for the pull another
     /// reader runs); an error leaves it behind and is returned, so nothing is read from a
-    /// replica that may miss committed writes.
+    /// replica that may miss committed writes. A reader that waited for another's pull which
+    /// failed fails with it (retryable) instead of pulling again: readers queued behind a hung
+    /// replication endpoint each waited out a whole pull, one after another.
     pub(crate) async fn catch_up<F: std::future::Future<Output = Result<()>>>(&self, pull: F) -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
         if self.marked.load(SeqCst) <= self.pulled.load(SeqCst) {
             return Ok(());
         }
+        let failed_before = self.failed.load(SeqCst);
         let _one = self.pulling.lock().await;
         let target = self.marked.load(SeqCst);
         if target <= self.pulled.load(SeqCst) {
             return Ok(()); // another reader caught up meanwhile
         }
-        pull.await
-            .map_err(|e| e.context("the replica missed writes committed on the primary and could not pull them"))?;
+        if self.failed.load(SeqCst) != failed_before {
+            return Err(Error::unavailable(
+                "the replica missed writes committed on the primary, and the pull another read ran meanwhile failed",
+            ));
+        }
+        if let Err(e) = pull.await {
+            self.failed.fetch_add(1, SeqCst);
+            return Err(e.context("the replica missed writes committed on the primary and could not pull them"));
+        }
         self.pulled.fetch_max(target, SeqCst);
         Ok(())
     }
@@ -1106,6 +1118,47 @@ async fn retry_pause(d: std::time::Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Readers queued behind a catch-up pull that fails fail with it, retryably, without each
+    /// running a pull of its own (each waited out a whole pull, one after another).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::disallowed_methods)] // real time: the readers queue up
+    async fn readers_queued_behind_a_failed_pull_fail_with_it() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let behind = Arc::new(ReplicaBehind::default());
+        behind.mark();
+        let pulls = Arc::new(AtomicU32::new(0));
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let started = Arc::new(tokio::sync::Barrier::new(6));
+        let readers: Vec<_> = (0..5)
+            .map(|_| {
+                let (behind, pulls, mut gate) = (behind.clone(), pulls.clone(), gate.clone());
+                let started = started.clone();
+                tokio::spawn(async move {
+                    started.wait().await;
+                    behind
+                        .catch_up(async move {
+                            pulls.fetch_add(1, Ordering::SeqCst);
+                            let _ = gate.wait_for(|open| *open).await;
+                            Err(Error::unavailable("replication endpoint hung (test)"))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        started.wait().await;
+        // Every reader is at the lock (one of them pulling) before the pull fails.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(pulls.load(Ordering::SeqCst), 1);
+        release.send(true).expect("release");
+        for r in readers {
+            let e = r.await.expect("join").expect_err("behind");
+            assert!(e.is_retryable(), "{e}");
+        }
+        assert_eq!(pulls.load(Ordering::SeqCst), 1, "one pull for the readers that queued behind it");
+        // A later read pulls again.
+        behind.catch_up(async { Ok(()) }).await.expect("a new pull");
+    }
 
     /// After a failed pull, a read pulls first; while pulling fails the read fails (nothing is
     /// read from a replica that may miss committed writes); once a pull succeeds, reads go
