@@ -1,5 +1,5 @@
 //! Pipeline benchmarks, each beside a raw baseline measured in the same run:
-//! * `send` of one event in memory mode (p50 / p99, events/s on one core) vs a bounded std
+//! * `send` of one event in memory mode (p50 / p99, events/s on one core) vs an unbounded std
 //!   channel send of the same event;
 //! * durable mode (batches of 100 events per `send`) vs raw rusqlite inserting the same rows in
 //!   one transaction per batch;
@@ -62,7 +62,7 @@ fn main() {
     let now = clock.now();
     let objects: Vec<ObjectId> = (0..64).map(|i| ObjectId::new(format!("obj-{i}")).expect("valid")).collect();
 
-    // Memory mode send vs a bounded channel.
+    // Memory mode send vs an unbounded channel.
     let settings = PipelineSettings {
         capacity: 50_000_000,
         roll_interval: Duration::from_secs(3600),
