@@ -117,7 +117,8 @@ pub struct Settings {
     /// without this an acknowledged commit could, rarely, not be durable.
     pub verify_commits: bool,
     /// Watermarks of at most this many objects are kept inline in a snapshot summary (default
-    /// 1000); beyond that a checkpoint file with all of them is written (see
+    /// 1000), and at most about [`INLINE_WATERMARK_BYTES`](crate::summary::INLINE_WATERMARK_BYTES)
+    /// of them; beyond that a checkpoint file with all of them is written (see
     /// [`summary`](crate::summary)). Keeps table metadata small with many objects.
     pub watermark_checkpoint_objects: usize,
     /// Write Parquet bloom filters on the `do_id` and `key` columns of every row group, and use
@@ -1376,7 +1377,9 @@ impl IcebergColdStore {
             // land (nothing else names it; it stayed until a cleanup, tens of MB at a million
             // objects, per lost attempt).
             let mut own_checkpoint: Option<String> = None;
-            let props = if inline.len() > self.inner.settings.watermark_checkpoint_objects {
+            let props = if inline.len() > self.inner.settings.watermark_checkpoint_objects
+                || summary::inline_too_large(&inline)
+            {
                 let cp = match self.write_checkpoint(&table, &prev.full_with(&p.batch_marks)).await {
                     Ok(cp) => cp,
                     Err(e) if e.is_retryable() && attempt + 1 < attempts => {

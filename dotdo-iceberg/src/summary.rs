@@ -6,7 +6,9 @@
 //!   holding the watermarks of every other object. The full map is checkpoint + inline.
 //!   [`ColdSink::watermark`](dotdo_core::ColdSink::watermark) reads the current snapshot (and
 //!   at most its checkpoint, cached), so expiring old snapshots loses nothing, and the inline part
-//!   stays below `Settings::watermark_checkpoint_objects` entries.
+//!   stays within `Settings::watermark_checkpoint_objects` entries and about
+//!   [`INLINE_WATERMARK_BYTES`] (64 KiB; 1,000 ids of 256 bytes would be 290 KB in every
+//!   snapshot's summary, all of which the table metadata holds).
 //! * `dotdo.commit-id`: a UUID per logical append, used to resolve a commit whose outcome is
 //!   unknown (read back: is a snapshot with this id in the table?).
 //! * `dotdo.committed-at-us`: commit time on the store's [`Clock`](dotdo_core::Clock), never
@@ -40,6 +42,17 @@ pub const MAINTENANCE: &str = "dotdo.maintenance";
 
 /// Per-object watermarks.
 pub type Watermarks = BTreeMap<ObjectId, Watermark>;
+
+/// The most bytes of inline watermarks a snapshot summary holds (about: each entry is counted
+/// at its id's length plus the most its two numbers, quotes and separators take); past it, a
+/// commit writes a checkpoint file instead, whatever `Settings::watermark_checkpoint_objects`
+/// allows.
+pub const INLINE_WATERMARK_BYTES: usize = 64 << 10;
+
+/// Whether `inline` would take more than [`INLINE_WATERMARK_BYTES`] in a summary.
+pub(crate) fn inline_too_large(inline: &Watermarks) -> bool {
+    inline.keys().map(|id| id.as_str().len() + 46).sum::<usize>() > INLINE_WATERMARK_BYTES
+}
 
 /// Whether `snapshot` holds dotdo's state for its table: the change table's watermarks
 /// ([`WATERMARKS`], in every snapshot dotdo commits to it, compactions included) or a user
@@ -80,7 +93,8 @@ pub fn dotdo_base(
         },
         ChainEnd::Expired(parent) => Err(Error::corrupt(format!(
             "table {}: snapshot {} was written by another engine and its ancestors back to the expired \
-             snapshot {parent} carry no dotdo watermarks",
+             snapshot {parent} carry no dotdo watermarks (another engine's expiry removed the newest \
+             snapshot dotdo wrote; expire with dotdo's expire_snapshots, which keeps it)",
             md.location(),
             snapshot.snapshot_id()
         ))),
@@ -229,11 +243,11 @@ pub fn committed_at(snapshot: &Snapshot) -> Timestamp {
         .unwrap_or_else(|| Timestamp::from_millis(snapshot.timestamp_ms()))
 }
 
-/// Records added by a snapshot (its `added-records` metric; 0 for dotdo's maintenance
-/// snapshots, which only rewrite rows already in the table).
+/// Records added by a snapshot (its `added-records` metric; 0 for a `replace` snapshot, dotdo's
+/// maintenance or another engine's compaction, which only rewrites rows already in the table).
 pub fn added_records(snapshot: &Snapshot) -> u64 {
     let p = &snapshot.summary().additional_properties;
-    if p.contains_key(MAINTENANCE) {
+    if p.contains_key(MAINTENANCE) || snapshot.summary().operation == iceberg::spec::Operation::Replace {
         return 0;
     }
     p.get("added-records").and_then(|v| v.parse().ok()).unwrap_or(0)
@@ -269,6 +283,28 @@ mod tests {
         assert_eq!(json, r#"{"a:1":[5,2]}"#);
         assert_eq!(decode_watermarks(json.as_bytes(), "test").expect("decode"), w);
         assert_eq!(decode_watermarks(b"{", "x").expect_err("bad").kind(), &dotdo_core::ErrorKind::Corrupt);
+    }
+
+    /// Another engine's compaction (a `replace` snapshot with no dotdo keys) added no records,
+    /// whatever its `added-records` metric counts of the rows it rewrote.
+    #[test]
+    fn a_replace_snapshot_added_no_records() {
+        use iceberg::spec::{Operation, Snapshot, Summary};
+        let snap = |operation| {
+            Snapshot::builder()
+                .with_snapshot_id(1)
+                .with_sequence_number(1)
+                .with_timestamp_ms(1)
+                .with_manifest_list("file:///t/metadata/snap-1.avro")
+                .with_summary(Summary {
+                    operation,
+                    additional_properties: HashMap::from([("added-records".to_string(), "5".to_string())]),
+                })
+                .with_schema_id(0)
+                .build()
+        };
+        assert_eq!(added_records(&snap(Operation::Append)), 5);
+        assert_eq!(added_records(&snap(Operation::Replace)), 0);
     }
 
     #[test]

@@ -1276,6 +1276,37 @@ async fn foreign_commit_with(cold: &IcebergColdStore, key: &str) {
     tx.commit(&*cold.catalog()).await.expect("another engine's commit");
 }
 
+/// Inline watermarks are bounded in bytes too: 400 objects with 256-byte ids (within the default
+/// 1,000 objects) go to a checkpoint file instead of putting ~120 KB into the summary, which
+/// every later metadata file would carry; they read back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_object_ids_go_to_a_checkpoint_not_the_summary() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let objects: Vec<ObjectId> =
+        (0..400).map(|i| ObjectId::new(format!("{i:03}{}", "x".repeat(253))).expect("id")).collect();
+    let batch = ColdBatch {
+        objects: objects
+            .iter()
+            .map(|o| ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: vec![common::put(o, 1, "k", "v", 1)],
+            })
+            .collect(),
+    };
+    cold.append(batch).await.expect("append");
+    let head = cold.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
+    let props = &head.summary().additional_properties;
+    let inline = props.get("dotdo.watermarks").map_or(0, String::len);
+    assert!(inline <= dotdo_iceberg::summary::INLINE_WATERMARK_BYTES, "{inline} bytes inline");
+    assert!(props.contains_key("dotdo.watermarks-checkpoint"), "a checkpoint holds them");
+    let fresh = open(dir.path(), 4).await;
+    for o in [&objects[0], &objects[399]] {
+        assert_eq!(fresh.watermark(o).await.expect("watermark").through, 1);
+    }
+}
+
 /// A snapshot another engine commits on top of dotdo's (no `dotdo.*` properties, as a Spark
 /// compaction or a PyIceberg append writes them) keeps dotdo's watermarks: replays are still
 /// skipped, a stale committer is still fenced, appends continue; and dotdo's next commit carries
