@@ -652,6 +652,7 @@ fn snapshot_updates(
         .and_then(|us| us.parse::<i64>().ok())
         .map(|us| us.div_euclid(1000))
         .filter(|ms| ms.abs_diff(wall) < 60_000);
+    let last_commit = crate::summary::last_commit_property(&summary.additional_properties, Some(snapshot_id), seq);
     let snapshot = Snapshot::builder()
         .with_snapshot_id(snapshot_id)
         .with_parent_snapshot_id(md.current_snapshot_id())
@@ -661,7 +662,7 @@ fn snapshot_updates(
         .with_summary(summary)
         .with_schema_id(md.current_schema_id())
         .build();
-    vec![
+    let mut updates = vec![
         TableUpdate::AddSnapshot { snapshot },
         TableUpdate::SetSnapshotRef {
             ref_name: MAIN_BRANCH.to_string(),
@@ -669,7 +670,12 @@ fn snapshot_updates(
             // policy set on `main` by another engine is not carried (dotdo never sets one).
             reference: SnapshotReference::new(snapshot_id, SnapshotRetention::branch(None, None, None)),
         },
-    ]
+    ];
+    // The snapshot's dotdo state, also as a table property (`summary::LAST_COMMIT`).
+    if let Some((k, v)) = last_commit {
+        updates.push(TableUpdate::SetProperties { updates: std::collections::HashMap::from([(k, v)]) });
+    }
+    updates
 }
 
 /// `md` with `updates` applied (iceberg's metadata builder validates them), and the location of

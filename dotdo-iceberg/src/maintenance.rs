@@ -391,6 +391,11 @@ impl IcebergColdStore {
             // failing here would block every cleanup until the version left the retention.
             found.snapshot_tolerant(&old, &head).await?;
         }
+        // The checkpoint of the newest dotdo commit, named by the table property too: after
+        // another engine's expiry removed that commit's snapshot, it holds the watermarks.
+        if let Some(cp) = summary::last_commit_checkpoint(md) {
+            found.add(&cp)?;
+        }
         for sf in md.statistics_iter() {
             found.add(&sf.statistics_path)?;
         }

@@ -1163,19 +1163,25 @@ impl IcebergColdStore {
         }
         // iceberg numbers the snapshot last-sequence-number + 1, unchecked (the fast append
         // checks it itself).
-        crate::commit::next_sequence_number(table.metadata()).map_err(crate::commit::not_landed)?;
+        let seq = crate::commit::next_sequence_number(table.metadata()).map_err(crate::commit::not_landed)?;
+        // The snapshot's dotdo state, also as a table property (`summary::LAST_COMMIT`; the
+        // snapshot id iceberg picks is not known here), in the same commit.
+        let last_commit = summary::last_commit_property(&props, None, seq);
         // As dotdo's fast append checks just before its swap: files past half of
         // `min_cleanup_retention` may already be gone to a cleanup.
         if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at)) {
             return Err(too_old_to_commit(age));
         }
         let tx = Transaction::new(table);
-        let tx = tx
+        let mut tx = tx
             .fast_append()
             .add_data_files(files)
             .set_snapshot_properties(props)
             .with_check_duplicate(false)
             .apply(tx)?;
+        if let Some((k, v)) = last_commit {
+            tx = tx.update_table_properties().set(k, v).apply(tx)?;
+        }
         let pinned = self.pinned(table);
         tx.commit(&pinned).await.map_err(|e| pinned.mark(e))
     }

@@ -91,19 +91,106 @@ pub fn dotdo_base(
             ))),
             _ => Ok(None),
         },
-        ChainEnd::Expired(parent) => Err(Error::corrupt(format!(
-            "table {}: snapshot {} was written by another engine and its ancestors back to the expired \
-             snapshot {parent} carry no dotdo watermarks (another engine's expiry removed the newest \
-             snapshot dotdo wrote; expire with dotdo's expire_snapshots, which keeps it)",
-            md.location(),
-            snapshot.snapshot_id()
-        ))),
+        // Another engine's expiry removed the newest dotdo snapshot below the head (a Spark
+        // compaction, then its `expire_snapshots`): the `dotdo.*` state it held is in the table
+        // property each dotdo commit sets, if that commit is the cut-off ancestor.
+        ChainEnd::Expired(parent) => match last_commit_base(md, &chain, parent)? {
+            Some(base) => Ok(Some(base)),
+            None => Err(Error::corrupt(format!(
+                "table {}: snapshot {} was written by another engine and its ancestors back to the expired \
+                 snapshot {parent} carry no dotdo watermarks, nor does the table's {LAST_COMMIT} property \
+                 (another engine's expiry removed the newest snapshot dotdo wrote; expire with dotdo's \
+                 expire_snapshots, which keeps it)",
+                md.location(),
+                snapshot.snapshot_id()
+            ))),
+        },
         ChainEnd::Loop => Err(Error::corrupt(format!(
             "table {}: the parent chain of snapshot {} loops",
             md.location(),
             snapshot.snapshot_id()
         ))),
     }
+}
+
+/// The table property in which each dotdo commit also records its snapshot's `dotdo.*` summary
+/// keys (with its snapshot id where known, and its sequence number), in the same commit: other
+/// engines carry table properties over, so when another engine's expiry removes the newest dotdo
+/// snapshot below a head of theirs, its state is still known (see [`dotdo_base`]).
+pub const LAST_COMMIT: &str = "dotdo.last-commit";
+
+/// The [`LAST_COMMIT`] property of a commit whose summary is `summary` (of snapshot
+/// `snapshot_id`, if known, at sequence number `seq`): `None` if the summary holds no dotdo
+/// state (no watermarks, no stream marks).
+pub(crate) fn last_commit_property(
+    summary: &HashMap<String, String>,
+    snapshot_id: Option<i64>,
+    seq: i64,
+) -> Option<(String, String)> {
+    let keys: serde_json::Map<String, serde_json::Value> = summary
+        .iter()
+        .filter(|(k, _)| *k == WATERMARKS || *k == CHECKPOINT || k.starts_with("dotdo.stream."))
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    if keys.is_empty() {
+        return None;
+    }
+    let mut v = serde_json::json!({ "summary": keys, "sequence-number": seq });
+    if let Some(id) = snapshot_id {
+        v["snapshot-id"] = id.into();
+    }
+    Some((LAST_COMMIT.to_string(), v.to_string()))
+}
+
+/// The checkpoint the [`LAST_COMMIT`] property names, if any (a cleanup keeps it: after another
+/// engine's expiry it may be the only record of the watermarks).
+pub(crate) fn last_commit_checkpoint(md: &iceberg::spec::TableMetadata) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(md.properties().get(LAST_COMMIT)?).ok()?;
+    Some(v.get("summary")?.get(CHECKPOINT)?.as_str()?.to_string())
+}
+
+/// The dotdo state below `chain` (a head's ancestors down to one whose parent `cut` is expired,
+/// none of them dotdo's) from the [`LAST_COMMIT`] property, as a snapshot carrying its summary
+/// keys: if the property's commit is that cut-off ancestor (its snapshot is `cut`, or, on a
+/// format-v2 table, it is no longer in the metadata and older than every snapshot of `chain`).
+/// `None` otherwise (no property, or a commit elsewhere: `main` rolled back past it).
+fn last_commit_base(
+    md: &iceberg::spec::TableMetadata,
+    chain: &[iceberg::spec::SnapshotRef],
+    cut: i64,
+) -> Result<Option<iceberg::spec::SnapshotRef>> {
+    let Some(raw) = md.properties().get(LAST_COMMIT) else { return Ok(None) };
+    let damaged = |why: &str| Error::corrupt(format!("table {}: property {LAST_COMMIT} {why}", md.location()));
+    let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| damaged(&format!("is not JSON: {e}")))?;
+    let id = v.get("snapshot-id").and_then(serde_json::Value::as_i64);
+    let seq = v.get("sequence-number").and_then(serde_json::Value::as_i64);
+    let oldest = chain.last().map(|s| s.sequence_number());
+    let below = md.format_version() >= iceberg::spec::FormatVersion::V2
+        && matches!((seq, oldest), (Some(seq), Some(oldest))
+            if seq < oldest && !md.snapshots().any(|s| s.sequence_number() == seq));
+    if id != Some(cut) && !below {
+        return Ok(None);
+    }
+    let Some(keys) = v.get("summary").and_then(serde_json::Value::as_object) else {
+        return Err(damaged("has no summary"));
+    };
+    let mut props = HashMap::new();
+    for (k, v) in keys {
+        let v = v.as_str().ok_or_else(|| damaged(&format!("holds a {k} that is not text")))?;
+        props.insert(k.clone(), v.to_string());
+    }
+    let snapshot = iceberg::spec::Snapshot::builder()
+        .with_snapshot_id(id.unwrap_or(cut))
+        .with_sequence_number(seq.unwrap_or(0))
+        .with_timestamp_ms(0)
+        .with_manifest_list(String::new())
+        .with_summary(iceberg::spec::Summary {
+            operation: iceberg::spec::Operation::Append,
+            additional_properties: props,
+        })
+        .with_schema_id(md.current_schema_id())
+        .build();
+    Ok(Some(std::sync::Arc::new(snapshot)))
 }
 
 /// Whether `root`, the first snapshot of a history (no parent), started after dotdo had

@@ -1307,6 +1307,93 @@ async fn long_object_ids_go_to_a_checkpoint_not_the_summary() {
     }
 }
 
+/// Another engine's compaction on top of dotdo's last commit, then its snapshot expiry removing
+/// that commit (Spark's `rewrite_data_files`, then `expire_snapshots(retain_last => 1)`): the
+/// watermarks still read (from the table property dotdo's commits set), a replay is skipped, a
+/// stale token is fenced, and dotdo's cleanup keeps the checkpoint only that property names.
+/// Every append and watermark read was `Corrupt`, with no repair path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_engines_expiry_of_dotdos_last_snapshot_keeps_the_watermarks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open_store = || {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["m"], "changes")
+            .settings(Settings {
+                watermark_checkpoint_objects: 0,
+                min_cleanup_retention: std::time::Duration::ZERO,
+                ..Default::default()
+            })
+            .build()
+    };
+    let cold = open_store().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let first = ColdBatch::single(
+        o.clone(),
+        FencingToken::new(2),
+        vec![common::put(&o, 1, "k", "v1", 2), common::put(&o, 2, "k", "v2", 2)],
+    );
+    cold.append(first.clone()).await.expect("dotdo's commit");
+    let dotdos = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    foreign_commit(&cold).await;
+    foreign_commit(&cold).await;
+    // The other engine's expiry: dotdo's snapshot and the first foreign one are gone.
+    let table = cold.refresh().await.expect("table");
+    let location = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&location).expect("read")).expect("json");
+    let head = json["current-snapshot-id"].as_i64().expect("head");
+    let keep = |s: &serde_json::Value| s["snapshot-id"].as_i64() == Some(head);
+    json["snapshots"].as_array_mut().expect("snapshots").retain(keep);
+    json["snapshot-log"].as_array_mut().expect("log").retain(keep);
+    std::fs::write(&location, serde_json::to_vec(&json).expect("encode")).expect("write");
+    assert_ne!(dotdos, head);
+
+    let fresh = open_store().await.expect("reopen");
+    assert_eq!(fresh.watermark(&o).await.expect("watermark").through, 2);
+    fresh.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    let fresh = open_store().await.expect("reopen after the cleanup");
+    let w = fresh.watermark(&o).await.expect("watermark after the cleanup");
+    assert_eq!((w.through, w.token), (2, FencingToken::new(2)));
+    assert_eq!(fresh.append(first).await.expect("a replay").records_written, 0, "skipped");
+    let stale = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 3, "k", "v3", 1)]);
+    let e = fresh.append(stale).await.expect_err("a stale token");
+    assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
+    let next = ColdBatch::single(o.clone(), FencingToken::new(2), vec![common::put(&o, 3, "k", "v3", 2)]);
+    assert_eq!(fresh.append(next).await.expect("appends go on").records_written, 1);
+    let seqs: Vec<u64> = fresh.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+}
+
+/// The table property of dotdo's last commit is not taken for a head it is no ancestor of:
+/// `main` rolled back to a snapshot of another engine older than that commit, whose parent
+/// (dotdo's first commit) was expired, reads as `Corrupt`, not with the later commit's
+/// watermarks (which would skip as replays what the rollback removed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("dotdo's first commit");
+    let first = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    foreign_commit(&cold).await;
+    let foreign = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "w", 1)]))
+        .await
+        .expect("dotdo's second commit");
+    let table = cold.refresh().await.expect("table");
+    let location = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&location).expect("read")).expect("json");
+    json["snapshots"].as_array_mut().expect("snapshots").retain(|s| s["snapshot-id"].as_i64() != Some(first));
+    json["snapshot-log"].as_array_mut().expect("log").retain(|s| s["snapshot-id"].as_i64() != Some(first));
+    json["current-snapshot-id"] = foreign.into();
+    json["refs"]["main"]["snapshot-id"] = foreign.into();
+    std::fs::write(&location, serde_json::to_vec(&json).expect("encode")).expect("write");
+    let fresh = open(dir.path(), 4).await;
+    let e = fresh.watermark(&o).await.expect_err("unknown watermarks");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
 /// A snapshot another engine commits on top of dotdo's (no `dotdo.*` properties, as a Spark
 /// compaction or a PyIceberg append writes them) keeps dotdo's watermarks: replays are still
 /// skipped, a stale committer is still fenced, appends continue; and dotdo's next commit carries
