@@ -194,10 +194,15 @@ fn last_commit_base(
 }
 
 /// Whether `root`, the first snapshot of a history (no parent), started after dotdo had
-/// committed to the table: a dotdo snapshot with a lower sequence number is in the metadata.
+/// committed to the table: a dotdo snapshot with a lower sequence number is in the metadata (on
+/// a format-v1 table, whose snapshots all have sequence number 0, an earlier `timestamp-ms`).
 /// Such a history replaced dotdo's (another engine's `REPLACE TABLE … AS SELECT`).
 pub(crate) fn replaced_history(md: &iceberg::spec::TableMetadata, root: &Snapshot) -> bool {
-    md.snapshots().any(|s| is_dotdo(s) && s.sequence_number() < root.sequence_number())
+    let v1 = md.format_version() == iceberg::spec::FormatVersion::V1;
+    md.snapshots().any(|s| {
+        is_dotdo(s)
+            && if v1 { s.timestamp_ms() < root.timestamp_ms() } else { s.sequence_number() < root.sequence_number() }
+    })
 }
 
 /// How [`chain_to_dotdo`] ended.

@@ -1394,6 +1394,53 @@ async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 
+/// A format-v1 user table whose history another engine started anew after dotdo's commits (a
+/// root snapshot with no dotdo marks, dotdo's snapshot off its chain) reads as `Corrupt`: every
+/// snapshot of a v1 table has sequence number 0, and the stream marks read as "nothing
+/// committed" (batch 1 would have been written again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the other engine's snapshot is stamped later
+async fn a_replaced_history_on_a_v1_table_is_corrupt() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let arrow = arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
+    let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
+    let ns = iceberg::NamespaceIdent::new("u".into());
+    cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
+    let creation = iceberg::TableCreation::builder()
+        .name("events".into())
+        .schema(schema)
+        .format_version(iceberg::spec::FormatVersion::V1)
+        .build();
+    cold.catalog().create_table(&ns, creation).await.expect("a version 1 table");
+    let arrow = Arc::new(arrow);
+    let user = cold.arrow_table(&["u"], "events", arrow.clone()).await.expect("user table");
+    let rows = arrow_array::RecordBatch::try_new(arrow, vec![Arc::new(arrow_array::Int32Array::from(vec![1, 2]))])
+        .expect("batch");
+    user.append("s", 1, vec![rows.clone()]).await.expect("dotdo's append");
+    // Another engine's snapshot, made the root of a new history.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let t = cold.catalog().load_table(user.ident()).await.expect("load");
+    let tx = Transaction::new(&t);
+    let tx = tx.fast_append().set_snapshot_properties([("engine".to_string(), "x".to_string())].into()).apply(tx);
+    tx.expect("apply").commit(&*cold.catalog()).await.expect("another engine's commit");
+    let t = cold.catalog().load_table(user.ident()).await.expect("load");
+    let location = t.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&location).expect("read")).expect("json");
+    let head = json["current-snapshot-id"].as_i64().expect("head");
+    for s in json["snapshots"].as_array_mut().expect("snapshots") {
+        if s["snapshot-id"].as_i64() == Some(head) {
+            s.as_object_mut().expect("snapshot").remove("parent-snapshot-id");
+        }
+    }
+    std::fs::write(&location, serde_json::to_vec(&json).expect("encode")).expect("write");
+    let fresh = open(dir.path(), 4).await;
+    let user = fresh.arrow_table(&["u"], "events", user.schema().clone()).await.expect("user table");
+    let e = user.last_batch("s").await.expect_err("the marks are unknown");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
 /// A snapshot another engine commits on top of dotdo's (no `dotdo.*` properties, as a Spark
 /// compaction or a PyIceberg append writes them) keeps dotdo's watermarks: replays are still
 /// skipped, a stale committer is still fenced, appends continue; and dotdo's next commit carries
