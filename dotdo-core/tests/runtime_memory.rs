@@ -2014,12 +2014,10 @@ async fn a_prefetch_after_the_expiry_of_a_lazy_snapshot_repins() {
     assert_eq!(get(&b, &o, "key/0015").await.expect("preloaded").as_deref(), Some(&b"value-15"[..]));
 }
 
-/// A lazy activation that finds, re-pinning an expired snapshot, that its object's cold state
-/// moved on (another writer appended to cold meanwhile) answers a retryable `Conflict`, and the
-/// next call activates afresh from the new cold state (it kept answering `Conflict` for as long
-/// as calls kept the activation warm).
-#[tokio::test]
-async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
+/// Object `o` (`n` = 3, written by runtime "a", evicted) read lazily by runtime "b" (through
+/// the accelerator, or without one: its whole state cached), then its cold state moves on (a
+/// writer outside "b": `n` = 10) and the snapshot "b" pinned expires.
+async fn lazily_read_then_cold_moves_on(with_accelerator: bool) -> (ObjectRuntime, ObjectId) {
     let w = World::new();
     let a = w.runtime("a", settings());
     let (o, p) = (oid("o"), oid("p"));
@@ -2028,10 +2026,21 @@ async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
     }
     a.evict(&o).await.expect("evict");
     let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
-    let b = w.lazy_runtime_without_accelerator("b", cold.clone());
+    let b = if with_accelerator {
+        ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+            .with_hot_store(Arc::new(w.hot.clone()))
+            .with_guard(Arc::new(w.hot.clone()))
+            .with_cold_sink(cold.clone())
+            .with_accelerator(cold.clone())
+            .with_clock(Arc::new(w.clock.clone()))
+            .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+            .build()
+            .expect("build runtime")
+    } else {
+        w.lazy_runtime_without_accelerator("b", cold.clone())
+    };
     assert_eq!(get(&b, &o, "n").await.expect("lazy read"), Some(Bytes::from("3")));
     let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
-    // Cold moves on for `o` (a writer outside this runtime), and the pinned snapshot expires.
     let mut next = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes").pop().expect("last");
     next.seq += 1;
     next.value = Bytes::from("10");
@@ -2039,6 +2048,16 @@ async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
     incr(&a, &p).await.expect("other object");
     a.flush(&p).await.expect("flush other");
     cold.expired.lock().insert(pinned);
+    (b, o)
+}
+
+/// A lazy activation that finds, re-pinning an expired snapshot, that its object's cold state
+/// moved on (another writer appended to cold meanwhile) answers a retryable `Conflict`, and the
+/// next call activates afresh from the new cold state (it kept answering `Conflict` for as long
+/// as calls kept the activation warm).
+#[tokio::test]
+async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
+    let (b, o) = lazily_read_then_cold_moves_on(false).await;
     let e = incr(&b, &o).await.expect_err("the restore cannot complete");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert!(e.is_retryable(), "{e}");
@@ -2051,32 +2070,7 @@ async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
 /// it had cached, is refused: that answer rests on the old state (it was `Ok`).
 #[tokio::test]
 async fn a_read_only_answer_after_the_cold_state_moved_is_refused() {
-    let w = World::new();
-    let a = w.runtime("a", settings());
-    let (o, p) = (oid("o"), oid("p"));
-    for _ in 0..3 {
-        incr(&a, &o).await.expect("incr");
-    }
-    a.evict(&o).await.expect("evict");
-    let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
-    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(cold.clone())
-        .with_accelerator(cold.clone())
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
-        .build()
-        .expect("build runtime");
-    assert_eq!(get(&b, &o, "n").await.expect("lazy read"), Some(Bytes::from("3")));
-    let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
-    let mut next = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes").pop().expect("last");
-    next.seq += 1;
-    next.value = Bytes::from("10");
-    w.cold.append(ColdBatch::single(o.clone(), next.token, vec![next])).await.expect("cold moves on");
-    incr(&a, &p).await.expect("other object");
-    a.flush(&p).await.expect("flush other");
-    cold.expired.lock().insert(pinned);
+    let (b, o) = lazily_read_then_cold_moves_on(true).await;
     let e = b
         .invoke(&o, async |t: &mut ObjectTxn<'_>| {
             let missed = t.get("not-cached").await;

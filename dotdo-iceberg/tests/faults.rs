@@ -507,16 +507,7 @@ async fn files_are_never_reused_across_a_table_dropped_and_created_again() {
         .await
         .expect("open");
     let objects: Vec<ObjectId> = (0..8).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
-    let batch = ColdBatch {
-        objects: objects
-            .iter()
-            .map(|o| ObjectChanges {
-                object: o.clone(),
-                token: FencingToken::new(1),
-                records: vec![put(o, 1, "k", "v", 1)],
-            })
-            .collect(),
-    };
+    let batch = common::one_put_each(&objects, 1);
     let (catalog, wh) = (cold.catalog(), warehouse.clone());
     *hooked.before_put.lock() = Some(common::PutHook(
         ".metadata.json".to_string(),
@@ -708,7 +699,7 @@ async fn a_table_with_no_sequence_number_left_is_corrupt_not_a_panic() {
     let user = cold.arrow_table(&["dotdo"], "users", schema.clone()).await.expect("user table");
     user.append("s", 1, vec![rows(1)]).await.expect("user append");
     let exhaust = |location: String| {
-        edit_metadata(&location, |json| json["last-sequence-number"] = serde_json::json!(i64::MAX));
+        common::edit_metadata(&location, |json| json["last-sequence-number"] = serde_json::json!(i64::MAX));
     };
     let (table, _) = first_data_file(&cold).await;
     exhaust(table.metadata_location().expect("metadata").to_string());
@@ -749,7 +740,7 @@ async fn no_sequence_number_left_on_iceberg_s_own_commit_path() {
         .await
         .expect("append");
     let (table, _) = first_data_file(&cold).await;
-    edit_metadata(table.metadata_location().expect("metadata"), |json| {
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
         json["last-sequence-number"] = serde_json::json!(i64::MAX)
     });
     cold.refresh().await.expect("reload the damaged metadata");
@@ -759,14 +750,6 @@ async fn no_sequence_number_left_on_iceberg_s_own_commit_path() {
         .expect_err("no sequence number left");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("did not land"), "{e}");
-}
-
-/// Edit the table metadata JSON at `location` (a `file://` location) in place.
-fn edit_metadata(location: &str, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = location.strip_prefix("file://").expect("local");
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
-    edit(&mut json);
-    std::fs::write(path, serde_json::to_vec(&json).expect("encode")).expect("write");
 }
 
 /// A snapshot summary whose watermark checkpoint names no location of the warehouse (damaged,
@@ -783,7 +766,7 @@ async fn a_checkpoint_location_outside_the_warehouse_is_corrupt() {
         .expect("append");
     let (table, _) = first_data_file(&cold).await;
     let mut damaged = 0;
-    edit_metadata(table.metadata_location().expect("metadata"), |json| {
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
         for snap in json["snapshots"].as_array_mut().expect("snapshots") {
             if let Some(summary) = snap["summary"].as_object_mut() {
                 if summary.contains_key("dotdo.watermarks-checkpoint") {
@@ -1452,7 +1435,7 @@ async fn a_snapshot_parent_cycle_is_corrupt_not_a_hang() {
     let (cold, o) = store_with_puts(dir.path(), 2).await;
     let table = cold.refresh().await.expect("refresh");
     let head = table.metadata().current_snapshot_id().expect("head");
-    edit_metadata(table.metadata_location().expect("metadata"), |json| {
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
         for s in json["snapshots"].as_array_mut().expect("snapshots") {
             if s["snapshot-id"].as_i64() != Some(head) {
                 s["parent-snapshot-id"] = serde_json::json!(head); // the first snapshot's parent is the head

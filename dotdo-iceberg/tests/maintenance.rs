@@ -702,16 +702,7 @@ async fn a_table_created_again_with_other_buckets_is_read_and_written_by_its_own
     a.catalog().drop_table(&ident).await.expect("drop");
     let b = open(dir.path(), 4).await;
     let ids: Vec<ObjectId> = (0..12).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
-    let batch = |ids: &[ObjectId]| ColdBatch {
-        objects: ids
-            .iter()
-            .map(|o| ObjectChanges {
-                object: o.clone(),
-                token: FencingToken::new(1),
-                records: vec![common::put(o, 1, "k", "v", 1)],
-            })
-            .collect(),
-    };
+    let batch = |ids: &[ObjectId]| common::one_put_each(ids, 1);
     b.append(batch(&ids[..6])).await.expect("b appends to the new table");
     for o in &ids[..6] {
         let st = a.load_state(o, AsOf::Latest).await.expect("a reads the new table");
@@ -1285,17 +1276,7 @@ async fn long_object_ids_go_to_a_checkpoint_not_the_summary() {
     let cold = open(dir.path(), 4).await;
     let objects: Vec<ObjectId> =
         (0..400).map(|i| ObjectId::new(format!("{i:03}{}", "x".repeat(253))).expect("id")).collect();
-    let batch = ColdBatch {
-        objects: objects
-            .iter()
-            .map(|o| ObjectChanges {
-                object: o.clone(),
-                token: FencingToken::new(1),
-                records: vec![common::put(o, 1, "k", "v", 1)],
-            })
-            .collect(),
-    };
-    cold.append(batch).await.expect("append");
+    cold.append(common::one_put_each(&objects, 1)).await.expect("append");
     let head = cold.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
     let props = &head.summary().additional_properties;
     let inline = props.get("dotdo.watermarks").map_or(0, String::len);
@@ -1338,13 +1319,12 @@ async fn another_engines_expiry_of_dotdos_last_snapshot_keeps_the_watermarks() {
     foreign_commit(&cold).await;
     // The other engine's expiry: dotdo's snapshot and the first foreign one are gone.
     let table = cold.refresh().await.expect("table");
-    let location = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&location).expect("read")).expect("json");
-    let head = json["current-snapshot-id"].as_i64().expect("head");
-    let keep = |s: &serde_json::Value| s["snapshot-id"].as_i64() == Some(head);
-    json["snapshots"].as_array_mut().expect("snapshots").retain(keep);
-    json["snapshot-log"].as_array_mut().expect("log").retain(keep);
-    std::fs::write(&location, serde_json::to_vec(&json).expect("encode")).expect("write");
+    let head = table.metadata().current_snapshot_id().expect("head");
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        let keep = |s: &serde_json::Value| s["snapshot-id"].as_i64() == Some(head);
+        json["snapshots"].as_array_mut().expect("snapshots").retain(keep);
+        json["snapshot-log"].as_array_mut().expect("log").retain(keep);
+    });
     assert_ne!(dotdos, head);
 
     let fresh = open_store().await.expect("reopen");
@@ -1382,13 +1362,12 @@ async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
         .await
         .expect("dotdo's second commit");
     let table = cold.refresh().await.expect("table");
-    let location = table.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&location).expect("read")).expect("json");
-    json["snapshots"].as_array_mut().expect("snapshots").retain(|s| s["snapshot-id"].as_i64() != Some(first));
-    json["snapshot-log"].as_array_mut().expect("log").retain(|s| s["snapshot-id"].as_i64() != Some(first));
-    json["current-snapshot-id"] = foreign.into();
-    json["refs"]["main"]["snapshot-id"] = foreign.into();
-    std::fs::write(&location, serde_json::to_vec(&json).expect("encode")).expect("write");
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        json["snapshots"].as_array_mut().expect("snapshots").retain(|s| s["snapshot-id"].as_i64() != Some(first));
+        json["snapshot-log"].as_array_mut().expect("log").retain(|s| s["snapshot-id"].as_i64() != Some(first));
+        json["current-snapshot-id"] = foreign.into();
+        json["refs"]["main"]["snapshot-id"] = foreign.into();
+    });
     let fresh = open(dir.path(), 4).await;
     let e = fresh.watermark(&o).await.expect_err("unknown watermarks");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
@@ -1426,15 +1405,14 @@ async fn a_replaced_history_on_a_v1_table_is_corrupt() {
     let tx = tx.fast_append().set_snapshot_properties([("engine".to_string(), "x".to_string())].into()).apply(tx);
     tx.expect("apply").commit(&*cold.catalog()).await.expect("another engine's commit");
     let t = cold.catalog().load_table(user.ident()).await.expect("load");
-    let location = t.metadata_location().expect("metadata").strip_prefix("file://").expect("local").to_string();
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&location).expect("read")).expect("json");
-    let head = json["current-snapshot-id"].as_i64().expect("head");
-    for s in json["snapshots"].as_array_mut().expect("snapshots") {
-        if s["snapshot-id"].as_i64() == Some(head) {
-            s.as_object_mut().expect("snapshot").remove("parent-snapshot-id");
+    let head = t.metadata().current_snapshot_id().expect("head");
+    common::edit_metadata(t.metadata_location().expect("metadata"), |json| {
+        for s in json["snapshots"].as_array_mut().expect("snapshots") {
+            if s["snapshot-id"].as_i64() == Some(head) {
+                s.as_object_mut().expect("snapshot").remove("parent-snapshot-id");
+            }
         }
-    }
-    std::fs::write(&location, serde_json::to_vec(&json).expect("encode")).expect("write");
+    });
     let fresh = open(dir.path(), 4).await;
     let user = fresh.arrow_table(&["u"], "events", user.schema().clone()).await.expect("user table");
     let e = user.last_batch("s").await.expect_err("the marks are unknown");

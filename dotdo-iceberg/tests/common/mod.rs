@@ -54,6 +54,16 @@ pub fn put(object: &ObjectId, seq: u64, key: &str, value: &str, token: u64) -> C
     }
 }
 
+/// Edit the table metadata JSON file at `location` (a `file://` URL) in place, as another
+/// engine or damage would.
+#[allow(dead_code)] // not every test binary including this module uses it
+pub fn edit_metadata(location: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = location.strip_prefix("file://").expect("local");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+    edit(&mut json);
+    std::fs::write(path, serde_json::to_vec(&json).expect("encode")).expect("write");
+}
+
 /// A batch of one put (`k` = `v`, token 1) at `seq` for each of `objects`.
 #[allow(dead_code)] // not every test binary including this module uses it
 pub fn one_put_each(objects: &[ObjectId], seq: u64) -> ColdBatch {
