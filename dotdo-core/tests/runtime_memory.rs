@@ -242,22 +242,30 @@ async fn a_second_runtime_is_refused_while_the_first_holds_and_fences_it_after_t
     assert_eq!(get(&b, &o, "n").await.expect("get").as_deref(), Some(&b"2"[..]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_handler_is_kept_alive_by_renewal() {
-    let w = World::new();
-    let rt = w.runtime("a", settings());
-    let o = oid("o");
+/// A call on `o` (spawned) whose handler puts `k` = `v`, then waits for the returned signal.
+fn put_until_signalled(
+    rt: &ObjectRuntime,
+    o: &ObjectId,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<()>>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let rt2 = rt.clone();
-    let o2 = o.clone();
+    let (rt, o) = (rt.clone(), o.clone());
     let task = tokio::spawn(async move {
-        rt2.invoke(&o2, async move |t: &mut ObjectTxn<'_>| {
+        rt.invoke(&o, async move |t: &mut ObjectTxn<'_>| {
             t.put("k", "v")?;
             rx.await.map_err(|_| Error::backend("signal dropped"))?;
             Ok::<_, Error>(())
         })
         .await
     });
+    (tx, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_handler_is_kept_alive_by_renewal() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    let (tx, task) = put_until_signalled(&rt, &o);
     // 3 TTLs pass in small steps; the runtime renews each time.
     for _ in 0..12 {
         testkit::advance_keeping_lease(&w.hot, &w.clock, &o, TTL / 4).await;
@@ -1403,16 +1411,7 @@ async fn renewals_under_a_guard_granting_short_leases_are_paced() {
     let o = oid("o");
     assert_eq!(incr(&rt, &o).await.expect("activate"), 1);
     guard.short_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (rt2, o2) = (rt.clone(), o.clone());
-    let task = tokio::spawn(async move {
-        rt2.invoke(&o2, async move |t: &mut ObjectTxn<'_>| {
-            t.put("k", "v")?;
-            rx.await.map_err(|_| Error::backend("signal dropped"))?;
-            Ok::<_, Error>(())
-        })
-        .await
-    });
+    let (tx, task) = put_until_signalled(&rt, &o);
     tokio::time::sleep(Duration::from_millis(20)).await;
     let before = guard.refreshes.load(std::sync::atomic::Ordering::SeqCst);
     // Two TTLs in 200 steps, each long enough for the renewal task to run.
