@@ -164,6 +164,12 @@ impl ManualClock {
         });
     }
 
+    /// Sleeps on this clock that are waiting (started, not ended, not dropped): a test can wait
+    /// for a background task to be asleep before it moves the clock.
+    pub fn pending_sleeps(&self) -> usize {
+        self.state.lock().sleepers.iter().filter(|(_, s)| Arc::strong_count(s) > 1).count()
+    }
+
     /// Set the time (never backwards: an earlier time is ignored), in one step with any
     /// concurrent `advance`.
     pub fn set(&self, to: Timestamp) {

@@ -1412,12 +1412,17 @@ async fn renewals_under_a_guard_granting_short_leases_are_paced() {
     assert_eq!(incr(&rt, &o).await.expect("activate"), 1);
     guard.short_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
     let (tx, task) = put_until_signalled(&rt, &o);
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let asleep = || async {
+        while w.clock.pending_sleeps() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    asleep().await;
     let before = guard.refreshes.load(std::sync::atomic::Ordering::SeqCst);
-    // Two TTLs in 200 steps, each long enough for the renewal task to run.
+    // Two TTLs in 200 steps, each once the renewal task is asleep again.
     for _ in 0..200 {
         w.clock.advance(TTL / 100);
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        asleep().await;
     }
     let refreshes = guard.refreshes.load(std::sync::atomic::Ordering::SeqCst) - before;
     tx.send(()).expect("signal");
@@ -2016,7 +2021,7 @@ async fn a_prefetch_after_the_expiry_of_a_lazy_snapshot_repins() {
 /// Object `o` (`n` = 3, written by runtime "a", evicted) read lazily by runtime "b" (through
 /// the accelerator, or without one: its whole state cached), then its cold state moves on (a
 /// writer outside "b": `n` = 10) and the snapshot "b" pinned expires.
-async fn lazily_read_then_cold_moves_on(with_accelerator: bool) -> (ObjectRuntime, ObjectId) {
+async fn lazily_read_then_cold_moves_on(with_accelerator: bool) -> (ObjectRuntime, ObjectId, World) {
     let w = World::new();
     let a = w.runtime("a", settings());
     let (o, p) = (oid("o"), oid("p"));
@@ -2047,7 +2052,7 @@ async fn lazily_read_then_cold_moves_on(with_accelerator: bool) -> (ObjectRuntim
     incr(&a, &p).await.expect("other object");
     a.flush(&p).await.expect("flush other");
     cold.expired.lock().insert(pinned);
-    (b, o)
+    (b, o, w)
 }
 
 /// A lazy activation that finds, re-pinning an expired snapshot, that its object's cold state
@@ -2056,7 +2061,7 @@ async fn lazily_read_then_cold_moves_on(with_accelerator: bool) -> (ObjectRuntim
 /// as calls kept the activation warm).
 #[tokio::test]
 async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
-    let (b, o) = lazily_read_then_cold_moves_on(false).await;
+    let (b, o, _w) = lazily_read_then_cold_moves_on(false).await;
     let e = incr(&b, &o).await.expect_err("the restore cannot complete");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert!(e.is_retryable(), "{e}");
@@ -2069,7 +2074,7 @@ async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
 /// it had cached, is refused: that answer rests on the old state (it was `Ok`).
 #[tokio::test]
 async fn a_read_only_answer_after_the_cold_state_moved_is_refused() {
-    let (b, o) = lazily_read_then_cold_moves_on(true).await;
+    let (b, o, w) = lazily_read_then_cold_moves_on(true).await;
     let e = b
         .invoke(&o, async |t: &mut ObjectTxn<'_>| {
             let missed = t.get("not-cached").await;
@@ -2080,6 +2085,7 @@ async fn a_read_only_answer_after_the_cold_state_moved_is_refused() {
         .expect_err("the answer rests on moved state");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert!(e.is_retryable(), "{e}");
+    assert!(w.hot.is_available(&o).await.expect("available"), "the spent activation's lease went back");
     assert_eq!(get(&b, &o, "n").await.expect("activated afresh"), Some(Bytes::from("10")));
 }
 

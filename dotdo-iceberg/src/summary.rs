@@ -94,7 +94,7 @@ pub fn dotdo_base(
         // Another engine's expiry removed the newest dotdo snapshot below the head (a Spark
         // compaction, then its `expire_snapshots`): the `dotdo.*` state it held is in the table
         // property each dotdo commit sets, if that commit is the cut-off ancestor.
-        ChainEnd::Expired(parent) => match last_commit_base(md, &chain, parent)? {
+        ChainEnd::Expired(parent) => match last_commit_base(md, parent)? {
             Some(base) => Ok(Some(base)),
             None => Err(Error::corrupt(format!(
                 "table {}: snapshot {} was written by another engine and its ancestors back to the expired \
@@ -149,26 +149,19 @@ pub(crate) fn last_commit_checkpoint(md: &iceberg::spec::TableMetadata) -> Optio
     Some(v.get("summary")?.get(CHECKPOINT)?.as_str()?.to_string())
 }
 
-/// The dotdo state below `chain` (a head's ancestors down to one whose parent `cut` is expired,
-/// none of them dotdo's) from the [`LAST_COMMIT`] property, as a snapshot carrying its summary
-/// keys: if the property's commit is that cut-off ancestor (its snapshot is `cut`, or, on a
-/// format-v2 table, it is no longer in the metadata and older than every snapshot of `chain`).
-/// `None` otherwise (no property, or a commit elsewhere: `main` rolled back past it).
-fn last_commit_base(
-    md: &iceberg::spec::TableMetadata,
-    chain: &[iceberg::spec::SnapshotRef],
-    cut: i64,
-) -> Result<Option<iceberg::spec::SnapshotRef>> {
+/// The dotdo state below a head whose ancestors, none of them dotdo's, end at the expired parent
+/// `cut`, from the [`LAST_COMMIT`] property, as a snapshot carrying its summary keys: if the
+/// property's commit is that very snapshot (its id is `cut`). `None` otherwise: no property, one
+/// without a snapshot id (written through iceberg's own commit path, which picks the id itself),
+/// or another commit's (a `main` rolled back past it, more snapshots expired than the parent:
+/// whether the property's commit is an ancestor of the head is not known).
+fn last_commit_base(md: &iceberg::spec::TableMetadata, cut: i64) -> Result<Option<iceberg::spec::SnapshotRef>> {
     let Some(raw) = md.properties().get(LAST_COMMIT) else { return Ok(None) };
     let damaged = |why: &str| Error::corrupt(format!("table {}: property {LAST_COMMIT} {why}", md.location()));
     let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| damaged(&format!("is not JSON: {e}")))?;
     let id = v.get("snapshot-id").and_then(serde_json::Value::as_i64);
     let seq = v.get("sequence-number").and_then(serde_json::Value::as_i64);
-    let oldest = chain.last().map(|s| s.sequence_number());
-    let below = md.format_version() >= iceberg::spec::FormatVersion::V2
-        && matches!((seq, oldest), (Some(seq), Some(oldest))
-            if seq < oldest && !md.snapshots().any(|s| s.sequence_number() == seq));
-    if id != Some(cut) && !below {
+    if id != Some(cut) {
         return Ok(None);
     }
     let Some(keys) = v.get("summary").and_then(serde_json::Value::as_object) else {

@@ -1316,8 +1316,7 @@ async fn another_engines_expiry_of_dotdos_last_snapshot_keeps_the_watermarks() {
     cold.append(first.clone()).await.expect("dotdo's commit");
     let dotdos = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
     foreign_commit(&cold).await;
-    foreign_commit(&cold).await;
-    // The other engine's expiry: dotdo's snapshot and the first foreign one are gone.
+    // The other engine's expiry: dotdo's snapshot is gone.
     let table = cold.refresh().await.expect("table");
     let head = table.metadata().current_snapshot_id().expect("head");
     common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
@@ -1344,9 +1343,11 @@ async fn another_engines_expiry_of_dotdos_last_snapshot_keeps_the_watermarks() {
 }
 
 /// The table property of dotdo's last commit is not taken for a head it is no ancestor of:
-/// `main` rolled back to a snapshot of another engine older than that commit, whose parent
-/// (dotdo's first commit) was expired, reads as `Corrupt`, not with the later commit's
-/// watermarks (which would skip as replays what the rollback removed).
+/// `main` rolled back to dotdo's first commit, another engine's snapshot on top of it, then an
+/// expiry of both dotdo snapshots reads as `Corrupt`, not with the rolled-back commit's
+/// watermarks (which would skip as replays what the rollback removed); and so does a head with
+/// more than one expired snapshot below it (whether the property's commit is among them is not
+/// known).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1356,20 +1357,45 @@ async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
         .await
         .expect("dotdo's first commit");
     let first = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
-    foreign_commit(&cold).await;
-    let foreign = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
     cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "w", 1)]))
         .await
         .expect("dotdo's second commit");
+    let second = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    // Another engine rolls `main` back to the first commit and commits on top of it.
     let table = cold.refresh().await.expect("table");
     common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
-        json["snapshots"].as_array_mut().expect("snapshots").retain(|s| s["snapshot-id"].as_i64() != Some(first));
-        json["snapshot-log"].as_array_mut().expect("log").retain(|s| s["snapshot-id"].as_i64() != Some(first));
-        json["current-snapshot-id"] = foreign.into();
-        json["refs"]["main"]["snapshot-id"] = foreign.into();
+        json["current-snapshot-id"] = first.into();
+        json["refs"]["main"]["snapshot-id"] = first.into();
+    });
+    let reopened = open(dir.path(), 4).await;
+    foreign_commit(&reopened).await;
+    // Then its expiry removes both dotdo snapshots.
+    let table = reopened.refresh().await.expect("table");
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        let gone = |s: &serde_json::Value| [Some(first), Some(second)].contains(&s["snapshot-id"].as_i64());
+        json["snapshots"].as_array_mut().expect("snapshots").retain(|s| !gone(s));
+        json["snapshot-log"].as_array_mut().expect("log").retain(|s| !gone(s));
     });
     let fresh = open(dir.path(), 4).await;
     let e = fresh.watermark(&o).await.expect_err("unknown watermarks");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+
+    // Dotdo's commit with two foreign ones above it, all but the head expired.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("dotdo's commit");
+    foreign_commit(&cold).await;
+    foreign_commit(&cold).await;
+    let table = cold.refresh().await.expect("table");
+    let head = table.metadata().current_snapshot_id().expect("head");
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        let keep = |s: &serde_json::Value| s["snapshot-id"].as_i64() == Some(head);
+        json["snapshots"].as_array_mut().expect("snapshots").retain(keep);
+        json["snapshot-log"].as_array_mut().expect("log").retain(keep);
+    });
+    let e = open(dir.path(), 4).await.watermark(&o).await.expect_err("unknown watermarks");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 

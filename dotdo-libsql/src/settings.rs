@@ -251,10 +251,12 @@ pub fn validate_url(url: &str) -> Result<String> {
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(Error::invalid(format!("primary URL {:?} contains whitespace", shown(url))));
     }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('@') {
+    // Any `@`: a `user:password@` whose password holds `/`, `?` or `#` unescaped would be taken
+    // for a host and port or path (and shown in the message).
+    if rest.contains('@') {
         return Err(Error::invalid("primary URL must not carry credentials; pass the auth token separately"));
     }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if rest.contains(['?', '#']) {
         // libsql appends a query to every request line (an `?authToken=` would travel in clear
         // in every proxy's log, and is ignored: a 401) and a fragment breaks the request path.
@@ -346,17 +348,19 @@ impl fmt::Debug for Target {
 /// A URL as shown in messages and `Debug`: scheme, host and path only (a query string or a
 /// fragment may carry a token).
 fn shown(url: &str) -> String {
-    let base = url.trim().split(['?', '#']).next().unwrap_or_default();
-    let (scheme, rest) = match base.split_once("://") {
+    let url = url.trim();
+    let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, base),
+        None => (None, url),
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    // A `user:password@` (refused, but shown in that very message, and in a builder's Debug).
-    let authority = authority.rsplit_once('@').map_or_else(|| authority.to_string(), |(_, host)| format!("***@{host}"));
+    // A `user:password@` (refused, but shown in that very message, and in a builder's Debug),
+    // whatever the password holds (`/`, `?`, `#` unescaped): everything up to the last `@` goes
+    // (an `@` further on, in a query, hides the host too, which is the safe side).
+    let rest = rest.rsplit_once('@').map_or_else(|| rest.to_string(), |(_, after)| format!("***@{after}"));
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
     match scheme {
-        Some(scheme) => format!("{scheme}://{authority}{path}"),
-        None => format!("{authority}{path}"),
+        Some(scheme) => format!("{scheme}://{rest}"),
+        None => rest.to_string(),
     }
 }
 

@@ -155,6 +155,12 @@ pub(crate) struct ReplicaBehind {
     pulling: tokio::sync::Mutex<()>,
     /// Catch-up pulls that failed so far.
     failed: std::sync::atomic::AtomicU64,
+    /// The last failed catch-up pull's error (its kind, whether a retry may help, its text), for
+    /// the readers that waited for it.
+    last_failure: parking_lot::Mutex<Option<(ErrorKind, bool, String)>>,
+    /// Readers that passed the up-to-date check and went for the pull lock (test-only count).
+    #[cfg(test)]
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 impl ReplicaBehind {
@@ -172,25 +178,38 @@ impl ReplicaBehind {
     /// Before a read: if the replica may be behind, run `pull` (or wait for the pull another
     /// reader runs); an error leaves it behind and is returned, so nothing is read from a
     /// replica that may miss committed writes. A reader that waited for another's pull which
-    /// failed fails with it (retryable) instead of pulling again: readers queued behind a hung
-    /// replication endpoint each waited out a whole pull, one after another.
+    /// failed fails with it (its kind, retryable or not) instead of pulling again: readers
+    /// queued behind a hung replication endpoint each waited out a whole pull, one after another.
     pub(crate) async fn catch_up<F: std::future::Future<Output = Result<()>>>(&self, pull: F) -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
         if self.marked.load(SeqCst) <= self.pulled.load(SeqCst) {
             return Ok(());
         }
         let failed_before = self.failed.load(SeqCst);
+        #[cfg(test)]
+        self.queued.fetch_add(1, SeqCst);
         let _one = self.pulling.lock().await;
         let target = self.marked.load(SeqCst);
         if target <= self.pulled.load(SeqCst) {
             return Ok(()); // another reader caught up meanwhile
         }
         if self.failed.load(SeqCst) != failed_before {
-            return Err(Error::unavailable(
-                "the replica missed writes committed on the primary, and the pull another read ran meanwhile failed",
+            let (kind, retryable, text) = self.last_failure.lock().clone().unwrap_or((
+                ErrorKind::Unavailable,
+                true,
+                "no error recorded".to_string(),
             ));
+            return Err(Error::new(
+                kind,
+                format!(
+                    "the replica missed writes committed on the primary, and the pull another read ran meanwhile \
+                     failed: {text}"
+                ),
+            )
+            .with_retryable(retryable));
         }
         if let Err(e) = pull.await {
+            *self.last_failure.lock() = Some((e.kind().clone(), e.is_retryable(), e.to_string()));
             self.failed.fetch_add(1, SeqCst);
             return Err(e.context("the replica missed writes committed on the primary and could not pull them"));
         }
@@ -1119,7 +1138,7 @@ async fn retry_pause(d: std::time::Duration) {
 mod tests {
     use super::*;
 
-    /// Readers queued behind a catch-up pull that fails fail with it, retryably, without each
+    /// Readers queued behind a catch-up pull that fails fail with its error, without each
     /// running a pull of its own (each waited out a whole pull, one after another).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[allow(clippy::disallowed_methods)] // real time: the readers queue up
@@ -1140,7 +1159,7 @@ mod tests {
                         .catch_up(async move {
                             pulls.fetch_add(1, Ordering::SeqCst);
                             let _ = gate.wait_for(|open| *open).await;
-                            Err(Error::unavailable("replication endpoint hung (test)"))
+                            Err(Error::corrupt("the replica file is damaged (test)"))
                         })
                         .await
                 })
@@ -1148,12 +1167,16 @@ mod tests {
             .collect();
         started.wait().await;
         // Every reader is at the lock (one of them pulling) before the pull fails.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        while behind.queued.load(Ordering::SeqCst) < 5 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         assert_eq!(pulls.load(Ordering::SeqCst), 1);
         release.send(true).expect("release");
         for r in readers {
             let e = r.await.expect("join").expect_err("behind");
-            assert!(e.is_retryable(), "{e}");
+            // The pull's own failure, for every reader: a damaged replica is no outage.
+            assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+            assert!(!e.is_retryable(), "{e}");
         }
         assert_eq!(pulls.load(Ordering::SeqCst), 1, "one pull for the readers that queued behind it");
         // A later read pulls again.

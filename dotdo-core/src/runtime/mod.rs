@@ -622,6 +622,9 @@ impl ObjectRuntime {
             // answered `Conflict`): an answer the handler made anyway (that error swallowed)
             // rests on the old state's cache.
             if slot.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved) {
+                // The activation is spent (the next call starts afresh): its lease goes back now,
+                // not at its expiry (no later call or `maintain` may come for it).
+                give_back(&self.inner, &mut slot.active).await;
                 return Err(Error::new(
                     ErrorKind::Conflict,
                     format!(
@@ -1916,9 +1919,10 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
     // After a transient failure the next refresh is due at once: back off (doubling from 5 ms,
     // at most a tenth of the TTL) instead of hammering a guard that is already struggling.
     let mut backoff = Duration::ZERO;
-    // After a success, the next refresh waits at least a tenth of the TTL: a guard whose leases
-    // come back with less than two thirds of the TTL left (its clock behind this runtime's)
-    // made every wait zero, a refresh per millisecond for the whole handler.
+    // After a success, the next refresh waits at least a tenth of the TTL (or a third of what
+    // the renewed lease has left, if less): a guard whose leases come back with less than two
+    // thirds of the TTL left (its clock behind this runtime's) made every wait zero, a refresh
+    // per millisecond for the whole handler.
     let mut floor = Duration::ZERO;
     loop {
         let current = lease.lock().clone();
@@ -1939,9 +1943,9 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
         };
         match refreshed.and_then(|l| same_token(&current, l)) {
             Ok(l) => {
+                floor = (ttl / 10).min(l.expires_at.since(inner.clock.now()) / 3);
                 *lease.lock() = l;
                 backoff = Duration::ZERO;
-                floor = ttl / 10;
             }
             Err(e) if refresh_may_retry(&e) && inner.clock.now() < current.expires_at => {
                 floor = Duration::ZERO;
