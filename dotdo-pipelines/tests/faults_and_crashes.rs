@@ -211,6 +211,11 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
             }
         }
         dotdo_core::testkit::process::sigkill(&mut child, &format!("round {round}"));
+        // The durable log the child was writing when killed is a healthy SQLite database.
+        let check = rusqlite::Connection::open(dir.path().join("log.db")).expect("open the log");
+        let integrity: String = check.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity check");
+        assert_eq!(integrity, "ok", "round {round}: the durable log after the kill");
+        drop(check);
         replayed_by_children += reader.join().expect("reader");
         acked.extend(rx.try_iter());
         let seen = rt.block_on(async { delivered(&open_cold(dir.path()).await).await });

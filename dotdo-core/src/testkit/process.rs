@@ -221,13 +221,16 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
         })
         .collect();
     let mut acks: BTreeMap<String, u64> = BTreeMap::new();
+    // Each acknowledged write: (object, value) -> (token, child).
+    let mut acked_writes: BTreeMap<(String, u64), (u64, usize)> = BTreeMap::new();
+    let mut children_acking = std::collections::BTreeSet::new();
     let (mut fenced, mut done, mut retryable) = (0, 0, 0);
     let mut permanent: Vec<String> = Vec::new();
     // A child that never ends (leases that never free up, a database that stays busy: each child
     // retries its acquire for as long as it is refused) fails the test instead of hanging CI.
     let clock = SystemClock::new();
     let deadline = clock.monotonic() + Duration::from_secs(300);
-    for (mut child, lines) in children {
+    for (child_index, (mut child, lines)) in children.into_iter().enumerate() {
         let status = loop {
             if let Some(status) = child.try_wait().expect("child status") {
                 break status;
@@ -241,7 +244,14 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
         for line in lines.rx.try_iter() {
             let parts: Vec<&str> = line.split(' ').collect();
             match parts[0] {
-                "ACK" => *acks.entry(parts[1].to_string()).or_default() += 1,
+                "ACK" => {
+                    *acks.entry(parts[1].to_string()).or_default() += 1;
+                    let number =
+                        |i: usize| parts.get(i).and_then(|v| v.parse::<u64>().ok()).expect("ACK object token value");
+                    let previous = acked_writes.insert((parts[1].to_string(), number(3)), (number(2), child_index));
+                    assert!(previous.is_none(), "value {} of {} acknowledged twice", number(3), parts[1]);
+                    children_acking.insert(child_index);
+                }
                 "FENCED" => fenced += 1,
                 "DONE" => done += 1,
                 "ERR" if parts.get(2) == Some(&"retryable") => retryable += 1,
@@ -256,6 +266,8 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
     // Holders pausing past the TTL while others wait for the same counters: some stale writes
     // must have been attempted, or the test proved nothing about fencing.
     assert!(fenced > 0, "no stale write was attempted ({retryable} retryable errors)");
+    // Every child got writes in: the processes contended, none finished before the others began.
+    assert_eq!(children_acking.len(), procs, "children with acknowledged writes");
     rt.block_on(async {
         let (hot, _) = (kit.open)(db.clone()).await.expect("reopen");
         let mut total = 0;
@@ -271,12 +283,18 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
             assert_eq!(value, acked, "{object}: final counter {value} but {acked} acknowledged increments");
             let log = hot.read_changes(&object, 0, 1_000_000).await.expect("change log");
             assert_eq!(log.len() as u64, acked, "{object}: every accepted write is in the change log");
+            // Each lease writes once (acquire, one put, release), so tokens strictly rise along
+            // the log: a stale holder's write after a newer one, or a token handed out twice,
+            // breaks the order. Each entry is the acknowledged write of its value, under the token
+            // its child reported.
             let mut last_token = crate::FencingToken::NONE;
             for (i, c) in log.iter().enumerate() {
                 let v: u64 = String::from_utf8_lossy(&c.value).parse().expect("number");
                 assert_eq!(v, i as u64 + 1, "{object}: a stale write was accepted at seq {}", c.seq);
-                assert!(c.token >= last_token, "{object}: token went down at seq {}", c.seq);
+                assert!(c.token > last_token, "{object}: token {} after {} at seq {}", c.token, last_token, c.seq);
                 last_token = c.token;
+                let acked = acked_writes.get(&(object.as_str().to_string(), v)).map(|(token, _)| *token);
+                assert_eq!(acked, Some(c.token.get()), "{object}: the write of value {v} is not the one acknowledged");
             }
             total += acked;
         }
