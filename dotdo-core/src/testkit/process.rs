@@ -334,6 +334,7 @@ async fn crash_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, n
         for j in 1..=n {
             batch = batch.put(format!("k{}", i + j), Bytes::from(format!("{}/{}", i + j, i + n)));
         }
+        println!("DOTDO W {}", i + 1);
         let r = hot.write(&object, lease.token, batch).await.expect("write while holding the lease");
         assert_eq!(r.first_seq, i + 1);
         i = r.last_seq;
@@ -353,6 +354,8 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
     let mut rng = Rng::new(seed());
     let mut max_acked = 0u64;
     let mut last_token = 0u64;
+    // Rounds whose child was killed with a write in flight (its last line a `W`, no `ACK` after).
+    let mut killed_mid_write = 0;
     for round in 0..kills {
         let mut child = spawn_child(child_test, "crash", &db, &format!("writer-{round}"));
         let lines = collect(&mut child);
@@ -378,13 +381,18 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
         std::thread::sleep(Duration::from_millis(5 + rng.below(120)));
         sigkill(&mut child, &format!("round {round}"));
         let _ = lines.handle.join();
+        let mut in_flight = false;
         for line in lines.rx.try_iter() {
             if let Some(a) = line.strip_prefix("ACK ") {
                 max_acked = max_acked.max(a.parse().expect("seq"));
+                in_flight = false;
             } else if let Some(t) = line.strip_prefix("TOKEN ") {
                 token = Some(t.parse().expect("token"));
+            } else if line.starts_with("W ") {
+                in_flight = true;
             }
         }
+        killed_mid_write += u32::from(in_flight);
         let token = token.expect("child reported its token");
         assert!(token > last_token, "round {round}: token {token} not above previous {last_token}");
         last_token = token;
@@ -402,8 +410,14 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
             let log = hot.read_changes(&object, 0, 10_000_000).await.expect("log");
             assert_eq!(log.len() as u64, info.last_seq, "round {round}: change log has gaps");
             let mut want = Vec::with_capacity(log.len());
+            let mut prev_token = crate::FencingToken::NONE;
             for (i, c) in log.iter().enumerate() {
                 assert_eq!(c.seq, i as u64 + 1);
+                // Writers took the object in turn, each under a larger token: never lower along
+                // the log, and never above the last one handed out.
+                assert!(c.token >= prev_token, "round {round}: token went down at seq {}", c.seq);
+                assert!(c.token.get() <= token, "round {round}: token {} above the last issued {token}", c.token);
+                prev_token = c.token;
                 let text = String::from_utf8_lossy(&c.value).into_owned();
                 let (seq, batch_last) = text
                     .split_once('/')
@@ -424,7 +438,12 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
             assert_eq!(state, want, "round {round}: the state differs from the change log");
         });
     }
-    println!("crash: {kills} SIGKILLs survived, {max_acked} acknowledged writes all present, final token {last_token}");
+    println!(
+        "crash: {kills} SIGKILLs survived ({killed_mid_write} with a write in flight), {max_acked} acknowledged writes \
+         all present, final token {last_token}"
+    );
+    // The kills landed inside the write path, not only between writes.
+    assert!(killed_mid_write > 0, "no kill landed while a write was in flight");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
