@@ -66,9 +66,10 @@ catalog.create_namespace_if_not_exists("bench")
 
 # The small commits first, on a quiet machine, as in benches/cold.rs.
 def quantile(samples, q):
-    """dotdo_core::testkit::bench::Samples::quantile: sorted[round((len - 1) * q)]."""
+    """dotdo_core::testkit::bench::Samples::quantile: sorted[round((len - 1) * q)], halves
+    rounded up as Rust's f64::round does (Python's round() rounds them to even)."""
     s = sorted(samples)
-    return s[round((len(s) - 1) * q)]
+    return s[int((len(s) - 1) * q + 0.5)]
 
 
 small = catalog.create_table("bench.small", SCHEMA)
