@@ -1474,6 +1474,34 @@ async fn a_refresh_under_another_token_loses_the_lease() {
     assert_eq!(incr(&rt, &o).await.expect("a fresh lease"), 2, "nothing was written under a new token");
 }
 
+/// A `maintain` whose lease refresh never answers (a hung guard connection) ends once the lease
+/// has run out, and drops the activation: it waited for ever, holding the object's slot, so
+/// every call on the object waited too. Calls go on once the guard answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the maintain task runs between the steps
+async fn a_hung_refresh_in_maintain_ends_when_the_lease_runs_out() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("activate"), 1);
+    // Past the point where `maintain` refreshes; the refresh hangs.
+    w.clock.advance(TTL / 2);
+    guard.hang_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt2 = rt.clone();
+    let maintain = tokio::spawn(async move { rt2.maintain().await });
+    while w.clock.pending_sleeps() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    w.clock.advance(TTL);
+    tokio::time::timeout(Duration::from_secs(10), maintain)
+        .await
+        .expect("maintain ends once the lease ran out")
+        .expect("join")
+        .expect("maintain");
+    guard.hang_refreshes.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("a new activation"), 2);
+}
+
 /// A transient refresh failure keeps a lease that is still valid: the runtime does not lock
 /// itself out of its own object (acquire would answer `LeaseHeld`, naming this very node).
 #[tokio::test]

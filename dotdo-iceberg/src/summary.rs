@@ -81,14 +81,18 @@ pub fn dotdo_base(
         // reset (another engine's `REPLACE TABLE … AS SELECT` keeps the old snapshots and starts
         // `main` anew). Its watermarks are unknown, not empty: taking them as empty would write
         // replays twice and let a stale committer through.
+        // (Also once the old snapshots are expired: the table property dotdo's commits set says
+        // dotdo committed to this table, and none of its commits is on this history.)
         ChainEnd::Root => match chain.last() {
-            Some(root) if replaced_history(md, root) => Err(Error::corrupt(format!(
-                "table {}: the history of snapshot {} starts at snapshot {} without dotdo's watermarks, \
+            Some(root) if replaced_history(md, root) || md.properties().contains_key(LAST_COMMIT) => {
+                Err(Error::corrupt(format!(
+                    "table {}: the history of snapshot {} starts at snapshot {} without dotdo's watermarks, \
                      after dotdo's commits (the table was replaced by another engine?)",
-                md.location(),
-                snapshot.snapshot_id(),
-                root.snapshot_id()
-            ))),
+                    md.location(),
+                    snapshot.snapshot_id(),
+                    root.snapshot_id()
+                )))
+            }
             _ => Ok(None),
         },
         // Another engine's expiry removed the newest dotdo snapshot below the head (a Spark

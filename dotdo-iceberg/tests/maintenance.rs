@@ -1445,6 +1445,36 @@ async fn a_replaced_history_on_a_v1_table_is_corrupt() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 
+/// A history another engine started anew after dotdo's commits, once dotdo's old snapshots are
+/// expired too, still reads as `Corrupt` (the table property of dotdo's last commit says dotdo
+/// wrote this table): the watermarks read as "nothing committed" (replays written twice, stale
+/// committers let through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_history_whose_old_snapshots_are_expired_is_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("dotdo's commit");
+    let dotdos = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    foreign_commit(&cold).await;
+    let table = cold.refresh().await.expect("table");
+    let head = table.metadata().current_snapshot_id().expect("head");
+    // The new history's root (no parent), and dotdo's old snapshot expired.
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        json["snapshots"].as_array_mut().expect("snapshots").retain(|s| s["snapshot-id"].as_i64() != Some(dotdos));
+        json["snapshot-log"].as_array_mut().expect("log").retain(|s| s["snapshot-id"].as_i64() != Some(dotdos));
+        for s in json["snapshots"].as_array_mut().expect("snapshots") {
+            if s["snapshot-id"].as_i64() == Some(head) {
+                s.as_object_mut().expect("snapshot").remove("parent-snapshot-id");
+            }
+        }
+    });
+    let e = open(dir.path(), 4).await.watermark(&o).await.expect_err("unknown watermarks");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
 /// A snapshot another engine commits on top of dotdo's (no `dotdo.*` properties, as a Spark
 /// compaction or a PyIceberg append writes them) keeps dotdo's watermarks: replays are still
 /// skipped, a stale committer is still fenced, appends continue; and dotdo's next commit carries

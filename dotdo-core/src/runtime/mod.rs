@@ -2075,11 +2075,23 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
     if lease.remaining_at(now) > inner.settings.lease_ttl * 2 / 3 {
         return Ok(());
     }
-    match inner.guard.refresh(lease, inner.settings.lease_ttl).await.and_then(|l| same_token(lease, l)) {
+    // A refresh that does not answer before the lease runs out (a hung connection) fails: the
+    // callers (`maintain`, `flush_all`, an activation's reuse) hold the object's slot meanwhile,
+    // and every call on it waited for as long as the guard did.
+    let refreshed = match futures::future::select(
+        Box::pin(inner.guard.refresh(lease, inner.settings.lease_ttl)),
+        Box::pin(inner.clock.sleep(lease.expires_at.since(now))),
+    )
+    .await
+    {
+        Either::Left((r, _)) => r.and_then(|l| same_token(lease, l)),
+        Either::Right(_) => Err(Error::unavailable("the lease refresh did not answer before the lease expired")),
+    };
+    match refreshed {
         Ok(l) => *lease = l,
         // A transient failure does not lose a lease that is still valid (dropping it would lock
-        // this runtime out of its own object until the TTL ran out).
-        Err(e) if refresh_may_retry(&e) && now < lease.expires_at => {
+        // this runtime out of its own object until the TTL ran out); valid now, after the wait.
+        Err(e) if refresh_may_retry(&e) && inner.clock.now() < lease.expires_at => {
             tracing::debug!(object = %lease.object, error = %e, "dotdo lease refresh failed transiently; keeping the lease");
         }
         Err(e) => return Err(e),
