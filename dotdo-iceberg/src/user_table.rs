@@ -592,6 +592,10 @@ impl ArrowTable {
     /// for a replay of a batch already committed and writes nothing. A stream name therefore
     /// belongs to **one** producer: two producers appending under the same name would each
     /// take the other's batches for their own and drop data.
+    ///
+    /// Errors: `Unavailable` and `Conflict` mean the batch did not land (retry it); an
+    /// `AmbiguousOutcome` that it may have (an attempt's reply was lost and the table could not
+    /// be read back): append the same batch id again, which answers a landed batch as a replay.
     pub async fn append(&self, stream: &str, batch_id: u64, batches: Vec<RecordBatch>) -> Result<ArrowCommit> {
         if stream.is_empty()
             || stream.len() > 128
@@ -759,9 +763,24 @@ impl ArrowTable {
         }
         if maybe_landed {
             // A final read-back: did an attempt land after all?
-            if let Ok(table) = self.load().await {
-                if marks(&table)?.get(stream)? >= batch_id {
-                    return Ok(already_committed(&table, stream, batch_id, rows, true));
+            match self.load().await {
+                Ok(table) => {
+                    if marks(&table)?.get(stream)? >= batch_id {
+                        return Ok(already_committed(&table, stream, batch_id, rows, true));
+                    }
+                }
+                // Not known: an attempt may have landed (its files stay). `Unavailable` would
+                // tell the caller it did not, and one re-sending the rows under another batch id
+                // would write them twice.
+                Err(load) => {
+                    let last = last_err.map_or_else(String::new, |e| format!("; last attempt: {e}"));
+                    return Err(Error::new(
+                        ErrorKind::AmbiguousOutcome,
+                        format!(
+                            "{what}: an attempt may have landed and the table could not be read back ({load}){last}; \
+                             append the same batch id again to find out"
+                        ),
+                    ));
                 }
             }
         }

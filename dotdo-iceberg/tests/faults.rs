@@ -946,6 +946,47 @@ async fn a_commit_that_was_never_sent_is_unavailable_not_ambiguous() {
     assert_eq!(cold.append(batch).await.expect("once the store is back").records_written, 1);
 }
 
+/// A user-table append whose commit landed with its reply lost, after which the table cannot be
+/// read back (its metadata unreadable while the store is out), fails with `AmbiguousOutcome`:
+/// it was `Unavailable`, which says the batch did not land (re-sent under another batch id, its
+/// rows went in twice). Once the store is back, the same batch id is answered as committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_append_of_unknown_outcome_that_cannot_be_read_back_is_ambiguous() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    use dotdo_core::testkit::LoseNextReply;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+    let faulty = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(faulty.clone())
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: 2, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+    let rows = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1, 2, 3]))]).expect("batch");
+    // The commit lands and its reply is lost; from its new metadata file on, metadata reads fail.
+    slot.lock().clone().expect("catalog built").switch.arm();
+    let outage = faulty.clone();
+    *faulty.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".to_string(),
+        Box::pin(async move {
+            *outage.fail_reads_of.lock() = Some(".metadata.json".into());
+        }),
+    ));
+    let e = user.append("s", 1, vec![rows.clone()]).await.expect_err("unknown outcome");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    *faulty.fail_reads_of.lock() = None;
+    let c = user.append("s", 1, vec![rows]).await.expect("the same batch once the store is back");
+    assert_eq!((c.rows, c.snapshot), (0, None), "a replay: the earlier call committed it");
+    assert_eq!(user.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
+}
+
 /// A user-table append whose every attempt lost its race (another writer committed between its
 /// files and its swap) deletes the data files it wrote: nothing references them (they were left
 /// until a cleanup past the retention).
