@@ -1193,6 +1193,39 @@ async fn after_a_failed_auto_flush_calls_do_not_wait_for_cold_storage() {
     assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 7, "everything pending flushed");
 }
 
+/// The automatic-flush pause doubles with failures in a row; commits that flush nothing (below
+/// the threshold, here another object's) do not reset it: they did, so during a cold outage
+/// the pause never grew past its first second, and a caller paid a failing flush every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_below_the_flush_threshold_do_not_end_the_auto_flush_backoff() {
+    use dotdo_core::runtime::AUTO_FLUSH_PAUSE;
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: 2, ..settings() });
+    let (o, p) = (oid("o"), oid("p"));
+    assert_eq!(incr(&rt, &o).await.expect("below the threshold"), 1);
+    assert_eq!(get(&rt, &p, "n").await.expect("p activated (its activation reads cold)"), None);
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failing_flush = |n: u64| {
+        let (rt, o, ticking) = (rt.clone(), o.clone(), tick_by(&w, Duration::from_millis(50)));
+        async move {
+            let r = incr(&rt, &o).await;
+            ticking.abort();
+            assert_eq!(r.expect("committed although cold is down"), n);
+        }
+    };
+    failing_flush(2).await;
+    assert_eq!(rt.metrics().flush_failures, 1);
+    w.clock.advance(AUTO_FLUSH_PAUSE * 3 / 2);
+    assert_eq!(incr(&rt, &p).await.expect("another object, below the threshold"), 1);
+    failing_flush(3).await;
+    assert_eq!(rt.metrics().flush_failures, 2, "the pause was over");
+    // The second failure in a row doubled the pause: half again of the first is not enough.
+    w.clock.advance(AUTO_FLUSH_PAUSE * 3 / 2);
+    let call = tokio::time::timeout(Duration::from_secs(5), incr(&rt, &o)).await;
+    assert_eq!(call.expect("no flush tried: the call does not wait for cold").expect("committed"), 4);
+    assert_eq!(rt.metrics().flush_failures, 2, "still paused");
+}
+
 /// An automatic flush makes one cold commit per call: a backlog an outage left (here three
 /// commits' worth) is not drained inside one caller's call (six commits of retries and writes a
 /// caller may time out on, and then repeat a write that happened); the next calls and

@@ -729,16 +729,20 @@ impl ObjectRuntime {
             let flushed = async {
                 let pending =
                     inner.hot.object_info(object).await?.map_or(0, |i| i.last_seq.saturating_sub(i.truncated_through));
-                if pending >= threshold {
-                    // One commit per call: a backlog an outage left (many commits' worth) is not
-                    // drained inside one caller's call; the next calls and `flush_all` go on.
-                    with_renewal(inner, &mut active.lease, drain(inner, object, token, 1)).await?;
+                if pending < threshold {
+                    return Ok::<_, Error>(false);
                 }
-                Ok::<_, Error>(())
+                // One commit per call: a backlog an outage left (many commits' worth) is not
+                // drained inside one caller's call; the next calls and `flush_all` go on.
+                with_renewal(inner, &mut active.lease, drain(inner, object, token, 1)).await?;
+                Ok(true)
             }
             .await;
             match flushed {
-                Ok(()) => inner.auto_flush_pause.lock().0 = 0,
+                // Only a flush that ran ends the backoff: commits below the threshold (other
+                // objects', during a cold outage) kept resetting it to its first second.
+                Ok(true) => inner.auto_flush_pause.lock().0 = 0,
+                Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "dotdo: committed; the auto-flush to cold failed and is left to the next flush");
                     inner.metrics.lock().flush_failures += 1;
