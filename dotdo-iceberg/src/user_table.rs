@@ -863,8 +863,10 @@ impl ArrowTable {
         // reply was lost, another handle's) is done: the handle is reopened.
         let attempts = self.store.inner.settings.max_commit_attempts.max(1);
         let mut last_err = None;
-        for _ in 0..attempts {
-            let table = self.load().await?;
+        for attempt in 0..attempts {
+            // After a backoff from the second attempt on (a pipeline appending every few
+            // milliseconds made every immediate retry conflict), freshly loaded.
+            let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
             let md = table.metadata();
             let schema = md.current_schema();
             let field = schema
@@ -922,7 +924,17 @@ impl ArrowTable {
                     last_err = None;
                     break;
                 }
-                Err(e) if e.kind() == &ErrorKind::Conflict => last_err = Some(e),
+                // Lost to another commit, or a store or catalog in trouble, or an unknown outcome
+                // (the reload settles it: the column is then widened): another attempt, as
+                // `add_column` makes.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome
+                    ) =>
+                {
+                    last_err = Some(e)
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -987,6 +987,21 @@ async fn a_user_table_append_of_unknown_outcome_that_cannot_be_read_back_is_ambi
     assert_eq!(user.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
 }
 
+/// `widen_column` retries a commit that failed for now (its metadata file could not be
+/// written: a store in trouble), as `add_column` does: it gave up at the first `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widen_column_retries_a_commit_that_failed_for_now() {
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (faulty, cold) = recorded_local_store(dir.path()).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["u"], "events", schema).await.expect("table");
+    *faulty.fail_puts_of.lock() = Some((".metadata.json".into(), 1));
+    let wider = user.widen_column("n", DataType::Int64).await.expect("widened on the second attempt");
+    assert_eq!(wider.schema().field(0).data_type(), &DataType::Int64);
+    assert_eq!(faulty.fail_puts_of.lock().as_ref().map(|(_, n)| *n), Some(0), "the first attempt failed");
+}
+
 /// A user-table append whose every attempt lost its race (another writer committed between its
 /// files and its swap) deletes the data files it wrote: nothing references them (they were left
 /// until a cleanup past the retention).
