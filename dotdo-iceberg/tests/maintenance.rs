@@ -1342,6 +1342,14 @@ async fn another_engines_expiry_of_dotdos_last_snapshot_keeps_the_watermarks() {
     assert_eq!(seqs, [1, 2, 3]);
 }
 
+/// Append a put of `o` at `seq` (key `k`, token 1) and return the snapshot it made.
+async fn put_at(cold: &IcebergColdStore, o: &ObjectId, seq: u64) -> i64 {
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(o, seq, "k", "v", 1)]))
+        .await
+        .expect("dotdo's commit");
+    cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head")
+}
+
 /// The table property of dotdo's last commit is not taken for a head it is no ancestor of:
 /// `main` rolled back to dotdo's first commit, another engine's snapshot on top of it, then an
 /// expiry of both dotdo snapshots reads as `Corrupt`, not with the rolled-back commit's
@@ -1353,14 +1361,8 @@ async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = open(dir.path(), 4).await;
     let o = ObjectId::new("o").expect("id");
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
-        .await
-        .expect("dotdo's first commit");
-    let first = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "w", 1)]))
-        .await
-        .expect("dotdo's second commit");
-    let second = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    let first = put_at(&cold, &o, 1).await;
+    let second = put_at(&cold, &o, 2).await;
     // Another engine rolls `main` back to the first commit and commits on top of it.
     let table = cold.refresh().await.expect("table");
     common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
@@ -1383,9 +1385,7 @@ async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
     // Dotdo's commit with two foreign ones above it, all but the head expired.
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = open(dir.path(), 4).await;
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
-        .await
-        .expect("dotdo's commit");
+    put_at(&cold, &o, 1).await;
     foreign_commit(&cold).await;
     foreign_commit(&cold).await;
     let table = cold.refresh().await.expect("table");
@@ -1454,10 +1454,7 @@ async fn a_replaced_history_whose_old_snapshots_are_expired_is_corrupt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = open(dir.path(), 4).await;
     let o = ObjectId::new("o").expect("id");
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
-        .await
-        .expect("dotdo's commit");
-    let dotdos = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    let dotdos = put_at(&cold, &o, 1).await;
     foreign_commit(&cold).await;
     let table = cold.refresh().await.expect("table");
     let head = table.metadata().current_snapshot_id().expect("head");
