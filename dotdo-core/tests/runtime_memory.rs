@@ -302,58 +302,6 @@ async fn a_read_only_call_whose_lease_ran_out_is_refused_not_answered() {
     assert_eq!(get(&rt, &o, "n").await.expect("read again").as_deref(), Some(&b"2"[..]));
 }
 
-/// A clock whose wall time was stepped back by `back` (an NTP step) while its monotonic time
-/// runs on.
-#[derive(Debug)]
-struct SteppedBack {
-    inner: ManualClock,
-    back: parking_lot::Mutex<Duration>,
-}
-
-impl dotdo_core::Clock for SteppedBack {
-    fn now(&self) -> dotdo_core::Timestamp {
-        let back = i64::try_from(self.back.lock().as_micros()).expect("small");
-        dotdo_core::Timestamp::from_micros(self.inner.now().as_micros() - back)
-    }
-    fn monotonic(&self) -> Duration {
-        self.inner.monotonic()
-    }
-    fn sleep(&self, d: Duration) -> dotdo_core::time::Sleep {
-        self.inner.sleep(d)
-    }
-}
-
-/// A read-only call whose lease ran out by the monotonic clock is refused also when the wall
-/// clock was stepped back meanwhile (past the TTL): by the wall clock alone the lease still
-/// looked valid, and the answer went out while another node could write.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wall_clock_stepped_back_does_not_extend_a_lease() {
-    let (w, _, o) = written_once().await;
-    let stepped = Arc::new(SteppedBack { inner: w.clock.clone(), back: parking_lot::Mutex::new(Duration::ZERO) });
-    let rt = ObjectRuntime::builder(NodeId::new("c").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_clock(stepped.clone())
-        .with_settings(settings())
-        .build()
-        .expect("runtime");
-    w.clock.advance(TTL * 2);
-    let (clock, step) = (w.clock.clone(), stepped.clone());
-    let r = rt
-        .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
-            let v = t.get("n").await?;
-            // The wall clock steps back 30 s; then 2 TTLs pass (by both clocks), and the handler
-            // answers at once.
-            *step.back.lock() = Duration::from_secs(30);
-            clock.advance(TTL * 2);
-            Ok::<_, Error>(v)
-        })
-        .await;
-    let e = r.expect_err("the lease ran out by the monotonic clock");
-    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
-}
-
 /// Invalid keys to preload are refused up front: `Hybrid` keys when the runtime is built (each
 /// activation failed with an accelerator; without one the key was silently ignored), a
 /// prefetch's keys before it activates anything.

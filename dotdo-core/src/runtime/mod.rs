@@ -200,10 +200,6 @@ struct Slot {
 type SlotRef = Arc<futures::lock::Mutex<Slot>>;
 
 pub(crate) struct Inner {
-    /// The wall time (µs) at the clock's monotonic zero, as the runtime was built: with the
-    /// monotonic time, what the wall clock would say had it not been stepped since
-    /// ([`lease_now`]).
-    wall_at_monotonic_zero: i64,
     node: NodeId,
     hot: Arc<dyn HotStore>,
     guard: Arc<dyn ConsistencyGuard>,
@@ -344,9 +340,6 @@ impl ObjectRuntimeBuilder {
                 )));
             }
         }
-        let clock: Arc<dyn Clock> = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
-        let wall_at_monotonic_zero =
-            monotonic_micros(&*clock).map_or(i64::MIN, |m| clock.now().as_micros().saturating_sub(m));
         Ok(ObjectRuntime {
             inner: Arc::new(Inner {
                 node: self.node,
@@ -354,8 +347,7 @@ impl ObjectRuntimeBuilder {
                 guard: self.guard.ok_or_else(|| missing("a guard"))?,
                 cold: self.cold.ok_or_else(|| missing("a cold sink"))?,
                 accel: self.accel,
-                wall_at_monotonic_zero,
-                clock,
+                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
                 settings: self.settings,
                 ring: parking_lot::RwLock::new(self.ring),
                 handover: parking_lot::Mutex::new(std::collections::HashSet::new()),
@@ -698,7 +690,7 @@ impl ObjectRuntime {
         }
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
-        if active.lease.remaining_at(lease_now(inner)) <= margin {
+        if active.lease.remaining_at(inner.clock.now()) <= margin {
             let refreshed = inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await.map_err(|e| {
                 if e.kind() == &ErrorKind::AmbiguousOutcome {
                     // The refresh's outcome is unknown, not the write's: nothing was written.
@@ -771,7 +763,7 @@ impl ObjectRuntime {
     /// the expiry yet, and this node's next call must not be refused by its own lease); what
     /// the handler returned (`what`) may be stale.
     async fn refuse_if_ran_out(&self, object: &ObjectId, slot: &mut Slot, what: &str) -> Option<Error> {
-        let expired = slot.active.as_ref().filter(|a| lease_now(&self.inner) >= a.lease.expires_at);
+        let expired = slot.active.as_ref().filter(|a| self.inner.clock.now() >= a.lease.expires_at);
         let lease = expired.map(|a| a.lease.clone())?;
         self.inner.metrics.lock().self_fenced += 1;
         slot.active = None;
@@ -1938,12 +1930,12 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
     let mut floor = Duration::ZERO;
     loop {
         let current = lease.lock().clone();
-        let now = lease_now(inner);
+        let now = inner.clock.now();
         let renew_at = current.expires_at.since(now).saturating_sub(ttl * 2 / 3);
         inner.clock.sleep(renew_at.max(backoff).max(floor).max(Duration::from_millis(1))).await;
         // A refresh that does not answer before the lease runs out (a hung connection) must not
         // keep the handler running past expiry, beside a new holder's.
-        let left = current.expires_at.since(lease_now(inner));
+        let left = current.expires_at.since(inner.clock.now());
         let refreshed = match futures::future::select(
             Box::pin(inner.guard.refresh(&current, ttl)),
             Box::pin(inner.clock.sleep(left)),
@@ -1955,11 +1947,11 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
         };
         match refreshed.and_then(|l| same_token(&current, l)) {
             Ok(l) => {
-                floor = (ttl / 10).min(l.expires_at.since(lease_now(inner)) / 3);
+                floor = (ttl / 10).min(l.expires_at.since(inner.clock.now()) / 3);
                 *lease.lock() = l;
                 backoff = Duration::ZERO;
             }
-            Err(e) if refresh_may_retry(&e) && lease_now(inner) < current.expires_at => {
+            Err(e) if refresh_may_retry(&e) && inner.clock.now() < current.expires_at => {
                 floor = Duration::ZERO;
                 backoff = (backoff * 2).max(Duration::from_millis(5)).min(ttl / 10);
                 tracing::debug!(object = %current.object, error = %e, ?backoff, "dotdo lease renewal failed transiently");
@@ -2083,7 +2075,7 @@ async fn renew_held(
 /// keeps it (the next round, or call, tries again). The time is read for each lease: a round over
 /// many leases, one guard round trip each, must not judge the last of them by the time it began.
 async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
-    let now = lease_now(inner);
+    let now = inner.clock.now();
     if lease.remaining_at(now) > inner.settings.lease_ttl * 2 / 3 {
         return Ok(());
     }
@@ -2103,32 +2095,12 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
         Ok(l) => *lease = l,
         // A transient failure does not lose a lease that is still valid (dropping it would lock
         // this runtime out of its own object until the TTL ran out); valid now, after the wait.
-        Err(e) if refresh_may_retry(&e) && lease_now(inner) < lease.expires_at => {
+        Err(e) if refresh_may_retry(&e) && inner.clock.now() < lease.expires_at => {
             tracing::debug!(object = %lease.object, error = %e, "dotdo lease refresh failed transiently; keeping the lease");
         }
         Err(e) => return Err(e),
     }
     Ok(())
-}
-
-/// The time this runtime judges its leases by: the wall clock, or, if that was stepped back
-/// since the runtime was built (an NTP step, a VM restored), the wall time the monotonic clock
-/// says it is. Guards stamp expiries in wall time; a wall clock stepped back past the TTL let a
-/// lease that had run out look valid here (read-only answers went on while another node
-/// wrote). A wall clock stepped forward only makes leases run out sooner here.
-fn lease_now(inner: &Inner) -> Timestamp {
-    let wall = inner.clock.now();
-    match monotonic_micros(&*inner.clock) {
-        Some(m) if inner.wall_at_monotonic_zero != i64::MIN => {
-            wall.max(Timestamp::from_micros(inner.wall_at_monotonic_zero.saturating_add(m)))
-        }
-        _ => wall,
-    }
-}
-
-/// The clock's monotonic time in µs (`None` past what an `i64` holds).
-fn monotonic_micros(clock: &dyn Clock) -> Option<i64> {
-    i64::try_from(clock.monotonic().as_micros()).ok()
 }
 
 /// `renewed`, the answer to a refresh of `current`, if it kept `current`'s token; else
