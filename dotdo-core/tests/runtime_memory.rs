@@ -1206,7 +1206,9 @@ async fn commits_below_the_flush_threshold_do_not_end_the_auto_flush_backoff() {
     assert_eq!(get(&rt, &p, "n").await.expect("p activated (its activation reads cold)"), None);
     cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
     let failing_flush = |n: u64| {
-        let (rt, o, ticking) = (rt.clone(), o.clone(), tick_by(&w, Duration::from_millis(50)));
+        // Small ticks: those between the failure (the pause set) and the abort count against
+        // the pause.
+        let (rt, o, ticking) = (rt.clone(), o.clone(), tick_by(&w, Duration::from_millis(5)));
         async move {
             let r = incr(&rt, &o).await;
             ticking.abort();
@@ -1533,6 +1535,26 @@ async fn a_hung_refresh_in_maintain_ends_when_the_lease_runs_out() {
         .expect("maintain");
     guard.hang_refreshes.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(incr(&rt, &o).await.expect("a new activation"), 2);
+    // The same with the release that follows hanging too: it is left to the orphan path.
+    w.clock.advance(TTL / 2);
+    guard.hang_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
+    guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt2 = rt.clone();
+    let maintain = tokio::spawn(async move { rt2.maintain().await });
+    for _ in 0..2 {
+        while w.clock.pending_sleeps() == 0 && !maintain.is_finished() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        w.clock.advance(TTL * 2);
+    }
+    tokio::time::timeout(Duration::from_secs(10), maintain)
+        .await
+        .expect("maintain ends although the release hangs")
+        .expect("join")
+        .expect("maintain");
+    guard.hang_refreshes.store(false, std::sync::atomic::Ordering::SeqCst);
+    guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("a new activation"), 3);
 }
 
 /// A transient refresh failure keeps a lease that is still valid: the runtime does not lock

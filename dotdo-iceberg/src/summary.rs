@@ -81,18 +81,18 @@ pub fn dotdo_base(
         // reset (another engine's `REPLACE TABLE … AS SELECT` keeps the old snapshots and starts
         // `main` anew). Its watermarks are unknown, not empty: taking them as empty would write
         // replays twice and let a stale committer through.
-        // (Also once the old snapshots are expired: the table property dotdo's commits set says
-        // dotdo committed to this table, and none of its commits is on this history.)
+        // (Also once the old snapshots are expired, on a format-v2 table: the table property
+        // dotdo's commits set says dotdo committed to it at a sequence number below the root's.
+        // A root older than that, a snapshot from before dotdo's first commit, is not a replaced
+        // history: time travel to it reads no dotdo state.)
         ChainEnd::Root => match chain.last() {
-            Some(root) if replaced_history(md, root) || md.properties().contains_key(LAST_COMMIT) => {
-                Err(Error::corrupt(format!(
-                    "table {}: the history of snapshot {} starts at snapshot {} without dotdo's watermarks, \
+            Some(root) if replaced_history(md, root) || last_commit_before(md, root) => Err(Error::corrupt(format!(
+                "table {}: the history of snapshot {} starts at snapshot {} without dotdo's watermarks, \
                      after dotdo's commits (the table was replaced by another engine?)",
-                    md.location(),
-                    snapshot.snapshot_id(),
-                    root.snapshot_id()
-                )))
-            }
+                md.location(),
+                snapshot.snapshot_id(),
+                root.snapshot_id()
+            ))),
             _ => Ok(None),
         },
         // Another engine's expiry removed the newest dotdo snapshot below the head (a Spark
@@ -144,6 +144,19 @@ pub(crate) fn last_commit_property(
         v["snapshot-id"] = id.into();
     }
     Some((LAST_COMMIT.to_string(), v.to_string()))
+}
+
+/// Whether the [`LAST_COMMIT`] property records a dotdo commit at a sequence number below
+/// `root`'s (format-v2 tables; v1 sequence numbers are all 0).
+fn last_commit_before(md: &iceberg::spec::TableMetadata, root: &Snapshot) -> bool {
+    if md.format_version() < iceberg::spec::FormatVersion::V2 {
+        return false;
+    }
+    let Some(raw) = md.properties().get(LAST_COMMIT) else { return false };
+    let seq = serde_json::from_str::<serde_json::Value>(raw)
+        .ok()
+        .and_then(|v| v.get("sequence-number").and_then(serde_json::Value::as_i64));
+    seq.is_some_and(|seq| seq < root.sequence_number())
 }
 
 /// The checkpoint the [`LAST_COMMIT`] property names, if any (a cleanup keeps it: after another

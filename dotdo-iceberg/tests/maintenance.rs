@@ -1472,6 +1472,22 @@ async fn a_replaced_history_whose_old_snapshots_are_expired_is_corrupt() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 
+/// On a table another engine wrote before dotdo's first commit, time travel to that engine's
+/// first snapshot reads no dotdo state (it is no replaced history: dotdo's commits came later),
+/// while the table property of dotdo's last commit exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_travel_before_dotdos_first_commit_reads_empty() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    foreign_commit(&cold).await;
+    let foreign = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    let o = ObjectId::new("o").expect("id");
+    put_at(&cold, &o, 1).await;
+    let state = cold.load_state(&o, AsOf::Snapshot(foreign)).await.expect("the state before dotdo's commits");
+    assert_eq!(state.through, 0);
+    assert_eq!(cold.watermark(&o).await.expect("watermark").through, 1);
+}
+
 /// A snapshot another engine commits on top of dotdo's (no `dotdo.*` properties, as a Spark
 /// compaction or a PyIceberg append writes them) keeps dotdo's watermarks: replays are still
 /// skipped, a stale committer is still fenced, appends continue; and dotdo's next commit carries

@@ -2239,7 +2239,18 @@ async fn give_back(inner: &Arc<Inner>, active: &mut Option<Active>) {
 async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
     note_given_back(inner, lease);
     let hand = LeaseInHand::new(inner, lease.clone());
-    match inner.guard.release(lease).await {
+    // A release that does not answer within a TTL (a hung connection) is left to the orphan
+    // path: the callers (`maintain` among them) hold the object's slot meanwhile.
+    let released = match futures::future::select(
+        Box::pin(inner.guard.release(lease)),
+        Box::pin(inner.clock.sleep(inner.settings.lease_ttl)),
+    )
+    .await
+    {
+        Either::Left((r, _)) => r,
+        Either::Right(_) => Err(Error::unavailable("the lease release did not answer within the lease's TTL")),
+    };
+    match released {
         Ok(()) => hand.disarm(),
         // Kept as an orphan (the hand's drop): the next activation of the object, or
         // `maintain`, tries again, so this node is not locked out until the lease expires.
