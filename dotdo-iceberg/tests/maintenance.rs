@@ -1317,13 +1317,7 @@ async fn another_engines_expiry_of_dotdos_last_snapshot_keeps_the_watermarks() {
     let dotdos = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
     foreign_commit(&cold).await;
     // The other engine's expiry: dotdo's snapshot is gone.
-    let table = cold.refresh().await.expect("table");
-    let head = table.metadata().current_snapshot_id().expect("head");
-    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
-        let keep = |s: &serde_json::Value| s["snapshot-id"].as_i64() == Some(head);
-        json["snapshots"].as_array_mut().expect("snapshots").retain(keep);
-        json["snapshot-log"].as_array_mut().expect("log").retain(keep);
-    });
+    let head = expire_all_but_the_head(&cold).await;
     assert_ne!(dotdos, head);
 
     let fresh = open_store().await.expect("reopen");
@@ -1340,6 +1334,19 @@ async fn another_engines_expiry_of_dotdos_last_snapshot_keeps_the_watermarks() {
     assert_eq!(fresh.append(next).await.expect("appends go on").records_written, 1);
     let seqs: Vec<u64> = fresh.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, [1, 2, 3]);
+}
+
+/// Another engine's expiry of every snapshot but the head of `cold`'s table (its metadata file
+/// edited in place); the head's id.
+async fn expire_all_but_the_head(cold: &IcebergColdStore) -> i64 {
+    let table = cold.refresh().await.expect("table");
+    let head = table.metadata().current_snapshot_id().expect("head");
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        let keep = |s: &serde_json::Value| s["snapshot-id"].as_i64() == Some(head);
+        json["snapshots"].as_array_mut().expect("snapshots").retain(keep);
+        json["snapshot-log"].as_array_mut().expect("log").retain(keep);
+    });
+    head
 }
 
 /// Append a put of `o` at `seq` (key `k`, token 1) and return the snapshot it made.
@@ -1388,13 +1395,7 @@ async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
     put_at(&cold, &o, 1).await;
     foreign_commit(&cold).await;
     foreign_commit(&cold).await;
-    let table = cold.refresh().await.expect("table");
-    let head = table.metadata().current_snapshot_id().expect("head");
-    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
-        let keep = |s: &serde_json::Value| s["snapshot-id"].as_i64() == Some(head);
-        json["snapshots"].as_array_mut().expect("snapshots").retain(keep);
-        json["snapshot-log"].as_array_mut().expect("log").retain(keep);
-    });
+    expire_all_but_the_head(&cold).await;
     let e = open(dir.path(), 4).await.watermark(&o).await.expect_err("unknown watermarks");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
