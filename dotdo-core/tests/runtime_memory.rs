@@ -1435,16 +1435,22 @@ impl ConsistencyGuard for FlakyGuard {
     }
 }
 
+/// A world, runtime "a" under a [`FlakyGuard`], and object `o` activated by one increment.
+async fn activated_under_a_flaky_guard() -> (World, Arc<FlakyGuard>, ObjectRuntime, ObjectId) {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("activate"), 1);
+    (w, guard, rt, o)
+}
+
 /// A guard whose renewed leases have less than two thirds of the TTL left (its clock behind the
 /// runtime's) is refreshed at most every tenth of the TTL during a long handler, which goes on
 /// and commits. Every wait was zero: a refresh per millisecond.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::disallowed_methods)] // real time: the renewal task runs between the steps
 async fn renewals_under_a_guard_granting_short_leases_are_paced() {
-    let w = World::new();
-    let (guard, rt) = w.flaky_guard_runtime(settings());
-    let o = oid("o");
-    assert_eq!(incr(&rt, &o).await.expect("activate"), 1);
+    let (w, guard, rt, o) = activated_under_a_flaky_guard().await;
     guard.short_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
     let (tx, task) = put_until_signalled(&rt, &o);
     let asleep = || async {
@@ -1472,10 +1478,7 @@ async fn renewals_under_a_guard_granting_short_leases_are_paced() {
 /// commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_under_another_token_loses_the_lease() {
-    let w = World::new();
-    let (guard, rt) = w.flaky_guard_runtime(settings());
-    let o = oid("o");
-    assert_eq!(incr(&rt, &o).await.expect("activate"), 1);
+    let (w, guard, rt, o) = activated_under_a_flaky_guard().await;
     guard.retoken_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
     // The refresh before a commit (the lease within the commit margin) and the renewal during a
     // handler: each call activates afresh (after the old lease ran out), then the clock moves.
@@ -1515,10 +1518,7 @@ async fn a_refresh_under_another_token_loses_the_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::disallowed_methods)] // real time: the maintain task runs between the steps
 async fn a_hung_refresh_in_maintain_ends_when_the_lease_runs_out() {
-    let w = World::new();
-    let (guard, rt) = w.flaky_guard_runtime(settings());
-    let o = oid("o");
-    assert_eq!(incr(&rt, &o).await.expect("activate"), 1);
+    let (w, guard, rt, o) = activated_under_a_flaky_guard().await;
     // Past the point where `maintain` refreshes; the refresh hangs.
     w.clock.advance(TTL / 2);
     guard.hang_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);

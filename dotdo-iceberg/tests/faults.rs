@@ -207,8 +207,7 @@ async fn appends_under_faults(lossy_catalog: bool) {
 async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplication() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_str().expect("utf-8").to_string();
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let recorded = FaultyStore::quiet_local();
     let open =
         || IcebergColdStore::builder(path.clone()).object_store(recorded.clone()).table(["conc"], "changes").build();
     let a = open().await.expect("writer a");
@@ -276,8 +275,7 @@ async fn two_writers_committing_concurrently_both_succeed_without_loss_or_duplic
 async fn sql_catalog_commits_swap_the_pointer_without_rereading_metadata_and_a_lost_race_leaves_no_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_str().expect("utf-8").to_string();
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let recorded = FaultyStore::quiet_local();
     let open =
         || IcebergColdStore::builder(path.clone()).object_store(recorded.clone()).table(["swap"], "changes").build();
     let a = open().await.expect("writer a");
@@ -411,8 +409,7 @@ async fn a_locked_sql_catalog_is_a_retryable_unavailable_error_and_nothing_is_co
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checkpoint_of_a_lost_attempt_is_deleted() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let hooked = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let hooked = FaultyStore::quiet_local();
     let settings = || dotdo_iceberg::Settings { watermark_checkpoint_objects: 0, ..Default::default() };
     let open = |store: Option<Arc<FaultyStore>>| {
         let b =
@@ -457,8 +454,7 @@ async fn add_column_retries_over_an_append_that_landed_first() {
     use arrow_array::{Int32Array, RecordBatch};
     use arrow_schema::{DataType, Field, Schema};
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let hooked = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let hooked = FaultyStore::quiet_local();
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .object_store(hooked.clone())
         .table(["hook"], "changes")
@@ -496,8 +492,7 @@ async fn add_column_retries_over_an_append_that_landed_first() {
 async fn files_are_never_reused_across_a_table_dropped_and_created_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     let warehouse = dir.path().to_str().expect("utf-8").to_string();
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let hooked = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let hooked = FaultyStore::quiet_local();
     let two = dotdo_iceberg::Settings { buckets: 2, ..Default::default() };
     let cold = IcebergColdStore::builder(&warehouse)
         .object_store(hooked.clone())
@@ -890,8 +885,7 @@ async fn commits_whose_reply_was_lost_are_found_by_reading_back_not_repeated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_of_unknown_outcome_back_off() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let faulty = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let faulty = FaultyStore::quiet_local();
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .object_store(faulty.clone())
         .table(["m"], "changes")
@@ -921,8 +915,7 @@ async fn attempts_of_unknown_outcome_back_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_was_never_sent_is_unavailable_not_ambiguous() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let faulty = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let faulty = FaultyStore::quiet_local();
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .object_store(faulty.clone())
         .table(["m"], "changes")
@@ -956,8 +949,7 @@ async fn a_user_table_append_of_unknown_outcome_that_cannot_be_read_back_is_ambi
     use arrow_schema::{DataType, Field, Schema};
     use dotdo_core::testkit::LoseNextReply;
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let faulty = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let faulty = FaultyStore::quiet_local();
     let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
     let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
@@ -1143,8 +1135,7 @@ async fn recorded_user_table_and_another_writer(
 {
     use arrow_array::{Int32Array, RecordBatch};
     use arrow_schema::{DataType, Field, Schema};
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let recorded = FaultyStore::quiet_local();
     let mut builder = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
         .object_store(recorded.clone())
         .settings(dotdo_iceberg::Settings { max_commit_attempts: attempts, ..Default::default() });
@@ -1169,8 +1160,7 @@ async fn recorded_user_table_and_another_writer(
 /// A store on local files at `dir` through a [`FaultyStore`] that injects nothing (it records
 /// puts and aborts, and takes faults when told).
 async fn recorded_local_store(dir: &std::path::Path) -> (Arc<FaultyStore>, IcebergColdStore) {
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let recorded = Arc::new(FaultyStore::new(local, 1, 0.0));
+    let recorded = FaultyStore::quiet_local();
     let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
         .object_store(recorded.clone())
         .build()

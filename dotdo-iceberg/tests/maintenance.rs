@@ -617,10 +617,8 @@ async fn an_append_on_a_stale_table_whose_checkpoint_was_cleaned_up_succeeds() {
 /// stale table, which the runtime would take for damage needing an operator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_append_during_an_outage_is_retryable_not_corrupt() {
-    use object_store::ObjectStore;
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let faulty = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let faulty = common::FaultyStore::quiet_local();
     let (a, _b, _) = stale_after_checkpoint_cleanup(dir.path(), Some(faulty.clone())).await;
     *faulty.fail_reads_of.lock() = Some(".metadata.json".into());
     let o5 = ObjectId::new("o5").expect("id");
@@ -638,7 +636,6 @@ async fn a_stale_append_during_an_outage_is_retryable_not_corrupt() {
 /// metadata of the commit it had not seen, and reads failed with `Corrupt`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_committing_during_a_cleanup_keeps_its_files() {
-    use object_store::ObjectStore;
     let dir = tempfile::tempdir().expect("tempdir");
     let writer = open(dir.path(), 1).await;
     let o = ObjectId::new("o").expect("id");
@@ -652,8 +649,7 @@ async fn a_compaction_committing_during_a_cleanup_keeps_its_files() {
             .await
             .expect("append");
     }
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let hooked = common::FaultyStore::quiet_local();
     // The cleaner's clock runs two hours ahead: every file the compaction writes is older than
     // its cutoff, as the files of a compaction running longer than the retention are.
     use dotdo_core::Clock;
@@ -2018,8 +2014,7 @@ async fn user_tables_are_expired_and_cleaned_up_keeping_their_marks() {
 async fn two_stores_creating_one_table_at_once_both_open_it() {
     use object_store::ObjectStore;
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let hooked = common::FaultyStore::quiet_local();
     let (reached_tx, reached_rx) = tokio::sync::oneshot::channel::<()>();
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
     *hooked.before_put.lock() = Some(common::PutHook(
@@ -2540,13 +2535,11 @@ async fn stalling_writer_and_cleaner(
     dir: &std::path::Path,
 ) -> (IcebergColdStore, Arc<common::FaultyStore>, dotdo_core::ManualClock, IcebergColdStore, IcebergColdStore) {
     use dotdo_core::Clock;
-    use object_store::ObjectStore;
     let other = open(dir, 1).await;
     let o = ObjectId::new("o").expect("id");
     let one = FencingToken::new(1);
     other.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 1, "k", "v", 1)])).await.expect("append o");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let hooked = common::FaultyStore::quiet_local();
     let now = dotdo_core::SystemClock::new().now();
     let clock = dotdo_core::ManualClock::new(now);
     let store = |clock: dotdo_core::ManualClock, hooked: Option<Arc<common::FaultyStore>>| async move {
@@ -2685,7 +2678,6 @@ async fn cleanups_keep_to_the_largest_minimum_a_writer_opened_the_table_with() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minimum_raised_during_a_cleanup_keeps_younger_files() {
     use dotdo_core::Clock;
-    use object_store::ObjectStore;
     let dir = tempfile::tempdir().expect("tempdir");
     let writer = open(dir.path(), 1).await;
     let o = ObjectId::new("o").expect("id");
@@ -2696,8 +2688,7 @@ async fn a_minimum_raised_during_a_cleanup_keeps_younger_files() {
     // A data file no snapshot references (as a compaction's before it commits).
     let stray = common::files_ending_with(dir.path(), ".parquet")[0].with_file_name("in-flight.parquet");
     std::fs::write(&stray, b"PAR1 not yet committed").expect("stray file");
-    let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let hooked = Arc::new(common::FaultyStore::new(local, 1, 0.0));
+    let hooked = common::FaultyStore::quiet_local();
     let ahead = dotdo_core::SystemClock::new().now().plus(std::time::Duration::from_secs(2 * 3600));
     let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .object_store(hooked.clone())

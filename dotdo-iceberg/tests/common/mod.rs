@@ -268,6 +268,13 @@ impl FaultyStore {
         }
     }
 
+    /// One over local files that injects nothing: it records reads and puts, and takes the
+    /// faults a test asks for (`fail_puts_of`, `fail_reads_of`, `before_put`).
+    #[allow(dead_code)] // not every test binary including this module uses it
+    pub fn quiet_local() -> Arc<Self> {
+        Arc::new(FaultyStore::new(Arc::new(object_store::local::LocalFileSystem::new()), 1, 0.0))
+    }
+
     /// Turn fault injection on or off.
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::SeqCst);
