@@ -139,11 +139,21 @@ pub(crate) fn last_commit_property(
     if keys.is_empty() {
         return None;
     }
-    let mut v = serde_json::json!({ "summary": keys, "sequence-number": seq });
+    let mut v = serde_json::json!({ LAST_COMMIT_SUMMARY: keys, LAST_COMMIT_SEQ: seq });
     if let Some(id) = snapshot_id {
-        v["snapshot-id"] = id.into();
+        v[LAST_COMMIT_ID] = id.into();
     }
     Some((LAST_COMMIT.to_string(), v.to_string()))
+}
+
+// The fields of the [`LAST_COMMIT`] property's JSON object.
+const LAST_COMMIT_SUMMARY: &str = "summary";
+const LAST_COMMIT_SEQ: &str = "sequence-number";
+const LAST_COMMIT_ID: &str = "snapshot-id";
+
+/// `md`'s [`LAST_COMMIT`] property parsed, if it has one (`Err` if it is not JSON).
+fn last_commit_of(md: &iceberg::spec::TableMetadata) -> Option<serde_json::Result<serde_json::Value>> {
+    md.properties().get(LAST_COMMIT).map(|raw| serde_json::from_str(raw))
 }
 
 /// Whether the [`LAST_COMMIT`] property records a dotdo commit at a sequence number below
@@ -152,18 +162,15 @@ fn last_commit_before(md: &iceberg::spec::TableMetadata, root: &Snapshot) -> boo
     if md.format_version() < iceberg::spec::FormatVersion::V2 {
         return false;
     }
-    let Some(raw) = md.properties().get(LAST_COMMIT) else { return false };
-    let seq = serde_json::from_str::<serde_json::Value>(raw)
-        .ok()
-        .and_then(|v| v.get("sequence-number").and_then(serde_json::Value::as_i64));
+    let seq = last_commit_of(md).and_then(|v| v.ok()?.get(LAST_COMMIT_SEQ)?.as_i64());
     seq.is_some_and(|seq| seq < root.sequence_number())
 }
 
 /// The checkpoint the [`LAST_COMMIT`] property names, if any (a cleanup keeps it: after another
 /// engine's expiry it may be the only record of the watermarks).
 pub(crate) fn last_commit_checkpoint(md: &iceberg::spec::TableMetadata) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(md.properties().get(LAST_COMMIT)?).ok()?;
-    Some(v.get("summary")?.get(CHECKPOINT)?.as_str()?.to_string())
+    let v = last_commit_of(md)?.ok()?;
+    Some(v.get(LAST_COMMIT_SUMMARY)?.get(CHECKPOINT)?.as_str()?.to_string())
 }
 
 /// The dotdo state below a head whose ancestors, none of them dotdo's, end at the expired parent
@@ -173,15 +180,14 @@ pub(crate) fn last_commit_checkpoint(md: &iceberg::spec::TableMetadata) -> Optio
 /// or another commit's (a `main` rolled back past it, more snapshots expired than the parent:
 /// whether the property's commit is an ancestor of the head is not known).
 fn last_commit_base(md: &iceberg::spec::TableMetadata, cut: i64) -> Result<Option<iceberg::spec::SnapshotRef>> {
-    let Some(raw) = md.properties().get(LAST_COMMIT) else { return Ok(None) };
+    let Some(v) = last_commit_of(md) else { return Ok(None) };
     let damaged = |why: &str| Error::corrupt(format!("table {}: property {LAST_COMMIT} {why}", md.location()));
-    let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| damaged(&format!("is not JSON: {e}")))?;
-    let id = v.get("snapshot-id").and_then(serde_json::Value::as_i64);
-    let seq = v.get("sequence-number").and_then(serde_json::Value::as_i64);
-    if id != Some(cut) {
+    let v = v.map_err(|e| damaged(&format!("is not JSON: {e}")))?;
+    if v.get(LAST_COMMIT_ID).and_then(serde_json::Value::as_i64) != Some(cut) {
         return Ok(None);
     }
-    let Some(keys) = v.get("summary").and_then(serde_json::Value::as_object) else {
+    let seq = v.get(LAST_COMMIT_SEQ).and_then(serde_json::Value::as_i64);
+    let Some(keys) = v.get(LAST_COMMIT_SUMMARY).and_then(serde_json::Value::as_object) else {
         return Err(damaged("has no summary"));
     };
     let mut props = HashMap::new();
@@ -190,7 +196,7 @@ fn last_commit_base(md: &iceberg::spec::TableMetadata, cut: i64) -> Result<Optio
         props.insert(k.clone(), v.to_string());
     }
     let snapshot = iceberg::spec::Snapshot::builder()
-        .with_snapshot_id(id.unwrap_or(cut))
+        .with_snapshot_id(cut)
         .with_sequence_number(seq.unwrap_or(0))
         .with_timestamp_ms(0)
         .with_manifest_list(String::new())

@@ -503,10 +503,16 @@ const MAX_MARK: u64 = i64::MAX as u64;
 /// as `Err`, which ends the retry loop.
 fn worth_retrying(e: iceberg::Error, what: &str) -> Result<Error> {
     let err = classify(e, what);
-    match err.kind() {
-        ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome => Ok(err),
-        _ => Err(err),
+    if another_attempt_may_succeed(&err) {
+        Ok(err)
+    } else {
+        Err(err)
     }
+}
+
+/// Whether a failed schema commit is worth another attempt (see [`worth_retrying`]).
+fn another_attempt_may_succeed(err: &Error) -> bool {
+    matches!(err.kind(), ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome)
 }
 
 impl ArrowTable {
@@ -927,14 +933,7 @@ impl ArrowTable {
                 // Lost to another commit, or a store or catalog in trouble, or an unknown outcome
                 // (the reload settles it: the column is then widened): another attempt, as
                 // `add_column` makes.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome
-                    ) =>
-                {
-                    last_err = Some(e)
-                }
+                Err(e) if another_attempt_may_succeed(&e) => last_err = Some(e),
                 Err(e) => return Err(e),
             }
         }

@@ -196,6 +196,13 @@ struct Slot {
     active: Option<Active>,
 }
 
+impl Slot {
+    /// Whether a lazy activation found its object's cold state moved on (it is spent).
+    fn lazy_moved(&self) -> bool {
+        self.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved)
+    }
+}
+
 /// An object's slot: its activation on this runtime, one call at a time.
 type SlotRef = Arc<futures::lock::Mutex<Slot>>;
 
@@ -621,7 +628,7 @@ impl ObjectRuntime {
             // A lazy restore found the object's cold state moved on during the call (a read
             // answered `Conflict`): an answer the handler made anyway (that error swallowed)
             // rests on the old state's cache.
-            if slot.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved) {
+            if slot.lazy_moved() {
                 // The activation is spent (the next call starts afresh): its lease goes back now,
                 // not at its expiry (no later call or `maintain` may come for it).
                 give_back(&self.inner, &mut slot.active).await;
@@ -691,7 +698,7 @@ impl ObjectRuntime {
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
         if active.lease.remaining_at(inner.clock.now()) <= margin {
-            let refreshed = inner.guard.refresh(&active.lease, inner.settings.lease_ttl).await.map_err(|e| {
+            active.lease = refresh_lease(inner, &active.lease).await.map_err(|e| {
                 if e.kind() == &ErrorKind::AmbiguousOutcome {
                     // The refresh's outcome is unknown, not the write's: nothing was written.
                     Error::unavailable(
@@ -702,7 +709,6 @@ impl ObjectRuntime {
                     e
                 }
             })?;
-            active.lease = same_token(&active.lease, refreshed)?;
         }
         // While the write is in flight the activation is out of the slot, its lease in hand: a
         // call cancelled here (a caller's timeout) leaves a write of unknown outcome, which may
@@ -800,7 +806,7 @@ impl ObjectRuntime {
     /// holds.
     async fn ensure_active_within(&self, object: &ObjectId, slot: &mut Slot, wait: Duration) -> Result<()> {
         let inner = &self.inner;
-        if slot.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved) {
+        if slot.lazy_moved() {
             // A lazy activation whose cold state moved on answers `Conflict` to every read it
             // cannot serve from its cache and to every write: start afresh from cold storage.
             tracing::info!(object = %object, "dotdo: cold state moved during a lazy restore; re-activating");
@@ -1936,16 +1942,14 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
         // A refresh that does not answer before the lease runs out (a hung connection) must not
         // keep the handler running past expiry, beside a new holder's.
         let left = current.expires_at.since(inner.clock.now());
-        let refreshed = match futures::future::select(
-            Box::pin(inner.guard.refresh(&current, ttl)),
-            Box::pin(inner.clock.sleep(left)),
+        let refreshed = within(
+            inner,
+            left,
+            refresh_lease(inner, &current),
+            "lease renewal did not answer before the lease expired",
         )
-        .await
-        {
-            Either::Left((r, _)) => r,
-            Either::Right(_) => Err(Error::unavailable("lease renewal did not answer before the lease expired")),
-        };
-        match refreshed.and_then(|l| same_token(&current, l)) {
+        .await;
+        match refreshed {
             Ok(l) => {
                 floor = (ttl / 10).min(l.expires_at.since(inner.clock.now()) / 3);
                 *lease.lock() = l;
@@ -2082,15 +2086,10 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
     // A refresh that does not answer before the lease runs out (a hung connection) fails: the
     // callers (`maintain`, `flush_all`, an activation's reuse) hold the object's slot meanwhile,
     // and every call on it waited for as long as the guard did.
-    let refreshed = match futures::future::select(
-        Box::pin(inner.guard.refresh(lease, inner.settings.lease_ttl)),
-        Box::pin(inner.clock.sleep(lease.expires_at.since(now))),
-    )
-    .await
-    {
-        Either::Left((r, _)) => r.and_then(|l| same_token(lease, l)),
-        Either::Right(_) => Err(Error::unavailable("the lease refresh did not answer before the lease expired")),
-    };
+    let left = lease.expires_at.since(now);
+    let refreshed =
+        within(inner, left, refresh_lease(inner, lease), "the lease refresh did not answer before the lease expired")
+            .await;
     match refreshed {
         Ok(l) => *lease = l,
         // A transient failure does not lose a lease that is still valid (dropping it would lock
@@ -2101,6 +2100,26 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
         Err(e) => return Err(e),
     }
     Ok(())
+}
+
+/// `fut`'s outcome, or `Unavailable` saying `what` if it does not end within `limit` on the
+/// runtime's clock (a guard call on a hung connection).
+async fn within<T>(
+    inner: &Inner,
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+    what: &str,
+) -> Result<T> {
+    match futures::future::select(std::pin::pin!(fut), inner.clock.sleep(limit)).await {
+        Either::Left((r, _)) => r,
+        Either::Right(_) => Err(Error::unavailable(what)),
+    }
+}
+
+/// `lease` refreshed for the runtime's TTL, checked to keep its token ([`same_token`]).
+async fn refresh_lease(inner: &Inner, lease: &Lease) -> Result<Lease> {
+    let renewed = inner.guard.refresh(lease, inner.settings.lease_ttl).await?;
+    same_token(lease, renewed)
 }
 
 /// `renewed`, the answer to a refresh of `current`, if it kept `current`'s token; else
@@ -2241,16 +2260,10 @@ async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
     let hand = LeaseInHand::new(inner, lease.clone());
     // A release that does not answer within a TTL (a hung connection) is left to the orphan
     // path: the callers (`maintain` among them) hold the object's slot meanwhile.
-    let released = match futures::future::select(
-        Box::pin(inner.guard.release(lease)),
-        Box::pin(inner.clock.sleep(inner.settings.lease_ttl)),
-    )
-    .await
+    let ttl = inner.settings.lease_ttl;
+    match within(inner, ttl, inner.guard.release(lease), "the lease release did not answer within the lease's TTL")
+        .await
     {
-        Either::Left((r, _)) => r,
-        Either::Right(_) => Err(Error::unavailable("the lease release did not answer within the lease's TTL")),
-    };
-    match released {
         Ok(()) => hand.disarm(),
         // Kept as an orphan (the hand's drop): the next activation of the object, or
         // `maintain`, tries again, so this node is not locked out until the lease expires.
