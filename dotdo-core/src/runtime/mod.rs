@@ -157,7 +157,7 @@ impl Drop for Held {
     fn drop(&mut self) {
         if let Some(inner) = &self.taken {
             if let Some(active) = self.guard.active.take() {
-                leave_orphan(inner, active.lease);
+                leave_orphan(inner, active.lease.granted);
             }
         }
     }
@@ -180,7 +180,7 @@ struct DrainRounds {
 /// An activated object held by this runtime.
 #[derive(Debug)]
 struct Active {
-    lease: Lease,
+    lease: HeldLease,
     /// When a call last used it, on the clock's monotonic time: idleness is a local duration,
     /// which a wall-clock step must not stretch or cut.
     last_used: Duration,
@@ -697,7 +697,7 @@ impl ObjectRuntime {
         }
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
-        if active.lease.remaining_at(inner.clock.now()) <= margin {
+        if active.lease.left(inner) <= margin {
             active.lease = refresh_lease(inner, &active.lease).await.map_err(|e| {
                 if e.kind() == &ErrorKind::AmbiguousOutcome {
                     // The refresh's outcome is unknown, not the write's: nothing was written.
@@ -718,7 +718,7 @@ impl ObjectRuntime {
         // the next calls kept writing under this token and the late write overwrote them.)
         let taken = slot.active.take().expect("active");
         let token = taken.lease.token;
-        let hand = LeaseInHand::new(inner, taken.lease.clone());
+        let hand = LeaseInHand::new(inner, taken.lease.granted.clone());
         let written = inner.hot.write(object, token, WriteBatch { type_name: type_name.to_string(), ops }).await;
         hand.disarm();
         slot.active = Some(taken);
@@ -769,8 +769,8 @@ impl ObjectRuntime {
     /// the expiry yet, and this node's next call must not be refused by its own lease); what
     /// the handler returned (`what`) may be stale.
     async fn refuse_if_ran_out(&self, object: &ObjectId, slot: &mut Slot, what: &str) -> Option<Error> {
-        let expired = slot.active.as_ref().filter(|a| self.inner.clock.now() >= a.lease.expires_at);
-        let lease = expired.map(|a| a.lease.clone())?;
+        let expired = slot.active.as_ref().filter(|a| a.lease.left(&self.inner).is_zero());
+        let lease = expired.map(|a| a.lease.granted.clone())?;
         self.inner.metrics.lock().self_fenced += 1;
         slot.active = None;
         release_quietly(&self.inner, &lease).await;
@@ -838,7 +838,7 @@ impl ObjectRuntime {
         let sw = Stopwatch::start(inner.clock.clone());
         let lease =
             self.acquire_within(object, wait).await.map_err(|e| before_the_call(e, object, "acquiring the lease"))?;
-        let mut hand = LeaseInHand::new(inner, lease.clone());
+        let mut hand = LeaseInHand::new(inner, lease.granted.clone());
         let mut active = Active { lease, last_used: inner.clock.monotonic(), lazy: None, evict_again: false };
         let loading = Stopwatch::start(inner.clock.clone());
         let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active, &mut hand).await {
@@ -868,11 +868,11 @@ impl ObjectRuntime {
         Ok(())
     }
 
-    async fn acquire(&self, object: &ObjectId) -> Result<Lease> {
+    async fn acquire(&self, object: &ObjectId) -> Result<HeldLease> {
         self.acquire_within(object, self.inner.settings.acquire_timeout).await
     }
 
-    async fn acquire_within(&self, object: &ObjectId, wait: Duration) -> Result<Lease> {
+    async fn acquire_within(&self, object: &ObjectId, wait: Duration) -> Result<HeldLease> {
         let inner = &self.inner;
         // How long this acquire has waited, on the clock's monotonic time (a wall-clock step
         // must not stretch or cut `acquire_timeout`).
@@ -886,7 +886,7 @@ impl ObjectRuntime {
             match inner.guard.current(object).await {
                 Ok(Some(l)) if granted_here_since(inner, &l, since) => {
                     flight.pending = None;
-                    return Ok(flight.done(l));
+                    return Ok(HeldLease::new(inner, flight.done(l), SentAt::now(inner)));
                 }
                 // Not granted (yet): that acquire may still land while this one is sent, and
                 // then refuse it naming this node (see `LeaseHeld` below).
@@ -899,12 +899,13 @@ impl ObjectRuntime {
         loop {
             // Until its answer arrives, this acquire's outcome is unknown (to a cancelled call,
             // for good).
-            let sent = inner.clock.now();
+            let sent_at = SentAt::now(inner);
+            let sent = sent_at.wall;
             flight.sent = Some(sent);
             let result = inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await;
             flight.sent = None;
             let e = match result {
-                Ok(l) => return Ok(flight.done(l)),
+                Ok(l) => return Ok(HeldLease::new(inner, flight.done(l), sent_at)),
                 Err(e) => e,
             };
             if e.kind() == &ErrorKind::AmbiguousOutcome {
@@ -916,7 +917,8 @@ impl ObjectRuntime {
                 match inner.guard.current(object).await {
                     Ok(Some(l)) if granted_here_since(inner, &l, sent) => {
                         flight.pending = None;
-                        return Ok(flight.done(l));
+                        // Granted no earlier than this acquire was sent.
+                        return Ok(HeldLease::new(inner, flight.done(l), sent_at));
                     }
                     // Not landed: settled, and forgotten. (With a remote guard a queued request
                     // might still land later; remembering it would also adopt, or give back, a
@@ -949,7 +951,7 @@ impl ObjectRuntime {
                                 // `maintain` release (or a call adopt) a lease another runtime
                                 // under this node id takes once this one is given back.
                                 flight.earlier = None;
-                                return Ok(flight.done(l));
+                                return Ok(HeldLease::new(inner, flight.done(l), SentAt::now(inner)));
                             }
                             Ok(_) => {}
                             Err(e) => return Err(e.context(format!("acquiring {object} on {}", inner.node))),
@@ -1018,7 +1020,7 @@ impl ObjectRuntime {
                 inner.hot.write(object, wm.token, floor).await?;
                 release_quietly(inner, &active.lease).await;
                 active.lease = self.acquire(object).await?;
-                hand.replace(active.lease.clone());
+                hand.replace(active.lease.granted.clone());
                 raised = true;
                 continue;
             }
@@ -1559,7 +1561,7 @@ impl ObjectRuntime {
         }
         // From here the hot state may go: never run on it under this activation again.
         let active = slot.active.take().expect("active");
-        let hand = LeaseInHand::new(&self.inner, active.lease.clone());
+        let hand = LeaseInHand::new(&self.inner, active.lease.granted.clone());
         if let Err(e) = self.inner.hot.evict(object, token).await {
             if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidInput) {
                 // Refused, so nothing was dropped: still active.
@@ -1881,7 +1883,7 @@ pub(crate) async fn complete_restore(
 /// renewal that fails abandons `fut` with the (lost-lease) error.
 async fn renewing<T>(
     inner: &Arc<Inner>,
-    lease: &parking_lot::Mutex<Lease>,
+    lease: &parking_lot::Mutex<HeldLease>,
     fut: impl std::future::Future<Output = T>,
 ) -> std::result::Result<T, Error> {
     let fut = std::pin::pin!(fut);
@@ -1900,15 +1902,15 @@ async fn renewing<T>(
 /// (a drain after its commits had landed, a restore after loading the whole state).
 async fn with_renewal<T>(
     inner: &Arc<Inner>,
-    lease: &mut Lease,
+    lease: &mut HeldLease,
     fut: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
     /// Writes the renewed lease back also when the operation is dropped unfinished (its caller
     /// cancelled): the slot kept the old expiry, and a later transient refresh failure past it
     /// read as a lost lease.
     struct WriteBack<'a> {
-        lease: &'a mut Lease,
-        renewed: parking_lot::Mutex<Lease>,
+        lease: &'a mut HeldLease,
+        renewed: parking_lot::Mutex<HeldLease>,
     }
     impl Drop for WriteBack<'_> {
         fn drop(&mut self) {
@@ -1924,7 +1926,7 @@ async fn with_renewal<T>(
 
 /// Renew `lease` at about TTL/3 until it cannot be renewed; then return the error (the caller
 /// abandons the handler: self-fencing). Never returns while renewals succeed.
-async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Error {
+async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<HeldLease>) -> Error {
     let ttl = inner.settings.lease_ttl;
     // After a transient failure the next refresh is due at once: back off (doubling from 5 ms,
     // at most a tenth of the TTL) instead of hammering a guard that is already struggling.
@@ -1936,12 +1938,11 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
     let mut floor = Duration::ZERO;
     loop {
         let current = lease.lock().clone();
-        let now = inner.clock.now();
-        let renew_at = current.expires_at.since(now).saturating_sub(ttl * 2 / 3);
+        let renew_at = current.left(inner).saturating_sub(ttl * 2 / 3);
         inner.clock.sleep(renew_at.max(backoff).max(floor).max(Duration::from_millis(1))).await;
         // A refresh that does not answer before the lease runs out (a hung connection) must not
         // keep the handler running past expiry, beside a new holder's.
-        let left = current.expires_at.since(inner.clock.now());
+        let left = current.left(inner);
         let refreshed = within(
             inner,
             left,
@@ -1951,11 +1952,11 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<Lease>) -> Er
         .await;
         match refreshed {
             Ok(l) => {
-                floor = (ttl / 10).min(l.expires_at.since(inner.clock.now()) / 3);
+                floor = (ttl / 10).min(l.left(inner) / 3);
                 *lease.lock() = l;
                 backoff = Duration::ZERO;
             }
-            Err(e) if refresh_may_retry(&e) && inner.clock.now() < current.expires_at => {
+            Err(e) if refresh_may_retry(&e) && !current.left(inner).is_zero() => {
                 floor = Duration::ZERO;
                 backoff = (backoff * 2).max(Duration::from_millis(5)).min(ttl / 10);
                 tracing::debug!(object = %current.object, error = %e, ?backoff, "dotdo lease renewal failed transiently");
@@ -2078,15 +2079,14 @@ async fn renew_held(
 /// long flush renew alike). `Err` if the lease is lost; a transient failure while the lease is still valid
 /// keeps it (the next round, or call, tries again). The time is read for each lease: a round over
 /// many leases, one guard round trip each, must not judge the last of them by the time it began.
-async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
-    let now = inner.clock.now();
-    if lease.remaining_at(now) > inner.settings.lease_ttl * 2 / 3 {
+async fn renew_if_due(inner: &Inner, lease: &mut HeldLease) -> Result<()> {
+    let left = lease.left(inner);
+    if left > inner.settings.lease_ttl * 2 / 3 {
         return Ok(());
     }
     // A refresh that does not answer before the lease runs out (a hung connection) fails: the
     // callers (`maintain`, `flush_all`, an activation's reuse) hold the object's slot meanwhile,
     // and every call on it waited for as long as the guard did.
-    let left = lease.expires_at.since(now);
     let refreshed =
         within(inner, left, refresh_lease(inner, lease), "the lease refresh did not answer before the lease expired")
             .await;
@@ -2094,7 +2094,7 @@ async fn renew_if_due(inner: &Inner, lease: &mut Lease) -> Result<()> {
         Ok(l) => *lease = l,
         // A transient failure does not lose a lease that is still valid (dropping it would lock
         // this runtime out of its own object until the TTL ran out); valid now, after the wait.
-        Err(e) if refresh_may_retry(&e) && inner.clock.now() < lease.expires_at => {
+        Err(e) if refresh_may_retry(&e) && !lease.left(inner).is_zero() => {
             tracing::debug!(object = %lease.object, error = %e, "dotdo lease refresh failed transiently; keeping the lease");
         }
         Err(e) => return Err(e),
@@ -2117,9 +2117,58 @@ async fn within<T>(
 }
 
 /// `lease` refreshed for the runtime's TTL, checked to keep its token ([`same_token`]).
-async fn refresh_lease(inner: &Inner, lease: &Lease) -> Result<Lease> {
+async fn refresh_lease(inner: &Inner, lease: &Lease) -> Result<HeldLease> {
+    let sent = SentAt::now(inner);
     let renewed = inner.guard.refresh(lease, inner.settings.lease_ttl).await?;
-    same_token(lease, renewed)
+    Ok(HeldLease::new(inner, same_token(lease, renewed)?, sent))
+}
+
+/// When a request to the guard was sent, on both of the runtime's clocks.
+#[derive(Clone, Copy, Debug)]
+struct SentAt {
+    wall: Timestamp,
+    monotonic: Duration,
+}
+
+impl SentAt {
+    fn now(inner: &Inner) -> Self {
+        SentAt { wall: inner.clock.now(), monotonic: inner.clock.monotonic() }
+    }
+}
+
+/// A lease this runtime holds, and when it runs out on the clock's monotonic time. The runtime
+/// counts a lease as run out at the earlier of its `expires_at` on the wall clock and that
+/// deadline: a wall clock stepped back (by NTP, by hand) must not stretch it, since another
+/// node whose clock did not step takes the object over once the guard's time passes the expiry,
+/// and an answer read under the stretched lease would be stale.
+#[derive(Clone, Debug)]
+struct HeldLease {
+    granted: Lease,
+    /// The clock's monotonic time at which the lease runs out: its TTL (or what the guard's
+    /// `expires_at` left of it, if less) after the request that got it was sent.
+    deadline: Duration,
+}
+
+impl HeldLease {
+    /// `lease`, granted (or refreshed) in answer to a request sent at `sent`: it lasts at most
+    /// the runtime's TTL from then (the guard granted it no earlier).
+    fn new(inner: &Inner, lease: Lease, sent: SentAt) -> Self {
+        let lasts = inner.settings.lease_ttl.min(lease.expires_at.since(sent.wall));
+        HeldLease { deadline: sent.monotonic.saturating_add(lasts), granted: lease }
+    }
+
+    /// Time left before the lease runs out, by the earlier of the two clocks (zero once it has).
+    fn left(&self, inner: &Inner) -> Duration {
+        let by_wall = self.granted.expires_at.since(inner.clock.now());
+        by_wall.min(self.deadline.saturating_sub(inner.clock.monotonic()))
+    }
+}
+
+impl std::ops::Deref for HeldLease {
+    type Target = Lease;
+    fn deref(&self) -> &Lease {
+        &self.granted
+    }
 }
 
 /// `renewed`, the answer to a refresh of `current`, if it kept `current`'s token; else
@@ -2280,12 +2329,12 @@ async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
 struct CallEnd<'a> {
     inner: &'a Inner,
     slot: Option<futures::lock::MutexGuard<'a, Slot>>,
-    renewed: parking_lot::Mutex<Lease>,
+    renewed: parking_lot::Mutex<HeldLease>,
 }
 
 impl<'a> CallEnd<'a> {
     /// The handler's outcome is known: the slot and the renewed lease, for the call to settle.
-    fn finish(mut self) -> (futures::lock::MutexGuard<'a, Slot>, Lease) {
+    fn finish(mut self) -> (futures::lock::MutexGuard<'a, Slot>, HeldLease) {
         let slot = self.slot.take().expect("finish is called once");
         (slot, self.renewed.lock().clone())
     }
@@ -2298,7 +2347,7 @@ impl Drop for CallEnd<'_> {
         active.lease = self.renewed.lock().clone();
         if leases_go_back_after_calls(self.inner) {
             if let Some(a) = slot.active.take() {
-                leave_orphan(self.inner, a.lease);
+                leave_orphan(self.inner, a.lease.granted);
             }
         }
     }
