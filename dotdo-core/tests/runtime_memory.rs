@@ -3424,6 +3424,37 @@ async fn a_long_flush_renews_the_leases_it_holds() {
     assert_eq!(rt.metrics().activations, 1);
 }
 
+/// One `flush_all` commit that outlasts the TTL (a large batch to a slow store, here two TTLs)
+/// keeps the held leases renewed: another node cannot take the objects over meanwhile, and the
+/// flush ends with the objects still this runtime's. The leases were renewed only between
+/// commits: they ran out under the commit and the flush failed after its changes had landed.
+#[tokio::test]
+async fn a_flush_all_commit_that_outlasts_the_lease_keeps_the_held_leases() {
+    use std::sync::atomic::Ordering;
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    let (x, y) = (oid("x"), oid("y"));
+    incr(&rt, &x).await.expect("x");
+    incr(&rt, &y).await.expect("y");
+    let (slow, hot, taken) = (clock_moves_on(&w.clock, 20), w.hot.clone(), x.clone());
+    let b_refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = b_refused.clone();
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        slow.await;
+        let b = hot.acquire(&taken, &NodeId::new("b").expect("valid"), TTL).await;
+        refused.store(b.is_err_and(|e| matches!(e.kind(), ErrorKind::LeaseHeld { .. })), Ordering::SeqCst);
+    }));
+    let report = rt.flush_all().await.expect("flush_all");
+    assert_eq!((report.commits, report.records, report.objects), (1, 2, 2));
+    assert!(b_refused.load(Ordering::SeqCst), "node b took x over during the commit");
+    for o in [&x, &y] {
+        let l = w.hot.current(o).await.expect("current").expect("still held");
+        assert_eq!(l.holder.as_str(), "a", "{o}");
+    }
+    assert_eq!(incr(&rt, &x).await.expect("x is still active here"), 2);
+    assert_eq!(rt.metrics().activations, 2, "x and y, once each");
+}
+
 /// Collecting many released objects to drain (an acquire and a cold watermark read each, here
 /// 50 ms of the clock per read: 256 of them outlast the TTL) keeps the leases already held
 /// renewed: the first drain round found them run out, and `flush_all` failed every time.

@@ -1362,7 +1362,9 @@ impl ObjectRuntime {
                 break;
             }
             let n = batch.record_count() as u64;
-            let commit = match append_resolving(inner, batch.clone()).await {
+            let appended =
+                renewing_held(inner, held, left_out, first_err, append_resolving(inner, batch.clone())).await;
+            let commit = match appended {
                 Ok(c) => c,
                 // Refused for good: find which objects cold refuses, each appended alone. Those
                 // are left out (the first error is returned at the end); the others' records are
@@ -1385,7 +1387,8 @@ impl ObjectRuntime {
                         }
                         let object = oc.object.clone();
                         let first_seq = oc.records.first().map_or(0, |r| r.seq);
-                        match append_resolving(inner, ColdBatch { objects: vec![oc] }).await {
+                        let alone = append_resolving(inner, ColdBatch { objects: vec![oc] });
+                        match renewing_held(inner, held, left_out, first_err, alone).await {
                             Ok(c) => {
                                 // Counted here: the next round finds these records in cold
                                 // (skipped, written 0) when it truncates them.
@@ -2072,6 +2075,29 @@ async fn renew_held(
                 )));
             }
         }
+    }
+}
+
+/// `fut`, a cold commit of the held objects' changes, with their leases renewed meanwhile
+/// ([`renew_held`] every tenth of a TTL): one commit (up to `flush_batch_bytes`, with its
+/// retries, to a slow store) can outlast the leases, and the objects were then lost to the flush
+/// (another node could take them over) after their changes had landed.
+async fn renewing_held<T>(
+    inner: &Arc<Inner>,
+    held: &mut [Held],
+    left_out: &mut std::collections::BTreeSet<ObjectId>,
+    first_err: &mut Option<Error>,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    let renew = async {
+        loop {
+            inner.clock.sleep(inner.settings.lease_ttl / 10).await;
+            renew_held(inner, held, left_out, first_err).await;
+        }
+    };
+    match futures::future::select(std::pin::pin!(fut), std::pin::pin!(renew)).await {
+        Either::Left((out, _)) => out,
+        Either::Right(((), fut)) => fut.await,
     }
 }
 
