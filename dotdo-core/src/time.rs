@@ -69,7 +69,9 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// Current wall-clock time.
     fn now(&self) -> Timestamp;
 
-    /// Monotonic time since an arbitrary fixed origin; use for measuring durations.
+    /// Monotonic time since an arbitrary fixed origin; use for measuring durations. It must
+    /// not follow steps of the wall clock: the runtime also judges leases by it, so that a wall
+    /// clock stepped back does not stretch them.
     fn monotonic(&self) -> Duration;
 
     /// A future that completes once `duration` has passed on this clock.

@@ -28,8 +28,8 @@
 //!   Parquet file per touched `bucket(do_id)` partition (more once a file reaches
 //!   `Settings::target_file_size`) and commits them with a fast append.
 //! * **Watermarks in the snapshot summary.** Every snapshot's summary determines the per-object
-//!   watermarks after it (inline JSON plus, beyond 1000 objects, an immutable checkpoint file it
-//!   names; see [`summary`]), so `watermark()` reads only the current snapshot, and the records
+//!   watermarks after it (inline JSON plus, beyond 1000 objects or about 64 KiB of inline JSON,
+//!   an immutable checkpoint file it names; see [`summary`]), so `watermark()` reads only the current snapshot, and the records
 //!   to skip, the gaps to reject and the stale tokens to fence are decided against exactly the
 //!   snapshot the commit is based on.
 //! * **Optimistic concurrency without blind retries.** iceberg's own commit retry is disabled

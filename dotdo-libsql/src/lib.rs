@@ -100,8 +100,9 @@
 //! ## Configuration
 //!
 //! ```text
-//! # local file (default features are enough)
-//! dotdo-libsql = { version = "0.1" }
+//! # local file (default features are enough; the crates are not on crates.io: a path or git
+//! # dependency on a checkout, see the repository's README)
+//! dotdo-libsql = { path = "../dotdo/dotdo-libsql" }
 //! LibsqlStore::local("/var/lib/app/hot.db").open().await?
 //!
 //! # Turso / sqld primary
