@@ -626,36 +626,72 @@ impl LibsqlStore {
         Ok(())
     }
 
-    /// Create the schema if needed; refuse a newer schema version.
+    /// Create the schema if needed; refuse a newer schema version, another application's
+    /// database and (local files) one that cannot run in WAL mode, each left untouched.
     async fn init(&self, doing: &str) -> Result<()> {
         let describe = self.inner.target.describe();
-        // Safe to retry whatever its outcome (not `mutating`): the program re-reads the version
-        // first and creates only what does not exist.
-        self.with_writer(doing, false, move |c| {
+        // Read-only checks first.
+        let version = {
             let describe = describe.clone();
-            Box::pin(async move {
-                let version =
-                    int(c.query(Step::new("PRAGMA user_version", vec![])).await?.first().and_then(|r| r.first()))?;
-                let tables = async |c: &mut Conn| -> TxResult<Vec<(String, String)>> {
-                    let rows = c.query(Step::new(dotdo_core::sql_schema::SQL_TABLE_COLUMNS, vec![])).await?;
-                    Ok(rows
-                        .iter()
-                        .map(|r| Ok((crate::sql::text(r.first())?, crate::sql::text(r.get(1))?)))
-                        .collect::<libsql::Result<Vec<_>>>()?)
-                };
-                let columns = tables(c).await?;
-                dotdo_core::sql_schema::refuse_foreign(version, &columns, &describe)?;
-                if version > schema::VERSION {
-                    return Err(Error::corrupt(format!(
-                        "{describe}: schema version {version} is newer than this library's {}",
-                        schema::VERSION
-                    ))
-                    .into());
-                }
-                // Another application's database is left as it is; a dotdo file must have
-                // dotdo's tables.
-                dotdo_core::sql_schema::check_tables_before(version, &columns, &describe)?;
-                if version < schema::VERSION {
+            self.with_writer(doing, false, move |c| {
+                let describe = describe.clone();
+                Box::pin(async move {
+                    let version =
+                        int(c.query(Step::new("PRAGMA user_version", vec![])).await?.first().and_then(|r| r.first()))?;
+                    let columns = table_columns(c).await?;
+                    dotdo_core::sql_schema::refuse_foreign(version, &columns, &describe)?;
+                    if version > schema::VERSION {
+                        return Err(Error::corrupt(format!(
+                            "{describe}: schema version {version} is newer than this library's {}",
+                            schema::VERSION
+                        ))
+                        .into());
+                    }
+                    // Another application's database is left as it is; a dotdo file must have
+                    // dotdo's tables.
+                    dotdo_core::sql_schema::check_tables_before(version, &columns, &describe)?;
+                    Ok(version)
+                })
+            })
+            .await?
+        };
+        // After the read-only checks (the WAL switch persists in the file's header: another
+        // application's database, or a newer dotdo file, refused above, is left untouched) and
+        // before the schema is written (a file that cannot run in WAL mode is left untouched too).
+        if let Target::Local { .. } = self.inner.target {
+            let s = &self.inner.settings;
+            // (The sync pragmas each connection gets when it opens: `local_connection_settings`.)
+            let pragmas = vec![
+                Step::new("PRAGMA journal_mode = WAL", vec![]),
+                Step::new(format!("PRAGMA wal_autocheckpoint = {}", s.wal_autocheckpoint_pages), vec![]),
+                Step::new(
+                    format!(
+                        "PRAGMA journal_size_limit = {}",
+                        dotdo_core::sql_schema::wal_size_limit(s.wal_autocheckpoint_pages)
+                    ),
+                    vec![],
+                ),
+                Step::new("PRAGMA foreign_keys = OFF", vec![]),
+            ];
+            let answers = self
+                .with_writer(doing, false, move |c| {
+                    let pragmas = pragmas.clone();
+                    Box::pin(async move { Ok(c.run_all(pragmas).await?) })
+                })
+                .await?;
+            // SQLite answers with the mode it is in (see `not_wal_error`); as dotdo-sqlite: refused.
+            let mode = answers.first().and_then(|rows| rows.first()).and_then(|row| row.first());
+            let wal = matches!(mode, Some(libsql::Value::Text(m)) if m.eq_ignore_ascii_case("wal"));
+            if !wal {
+                return Err(dotdo_core::sql_schema::not_wal_error(doing, &mode, "dotdo-libsql"));
+            }
+        }
+        if version < schema::VERSION {
+            // Safe to retry whatever its outcome (not `mutating`): the program re-reads the
+            // version first and creates only what does not exist.
+            self.with_writer(doing, false, move |c| {
+                let describe = describe.clone();
+                Box::pin(async move {
                     // The program's first step checks the version again under the write lock
                     // (another process may have upgraded the file meanwhile, maybe to a newer
                     // version): a newer one fails the program (`json()` of a non-JSON text),
@@ -688,41 +724,11 @@ impl LibsqlStore {
                         }
                         return Err(e.into());
                     }
-                    dotdo_core::sql_schema::check_tables_after(&tables(c).await?, &describe)?;
-                }
-                Ok(())
-            })
-        })
-        .await?;
-        // After the schema checks: the WAL switch persists in the file's header, and another
-        // application's database (or a newer dotdo file), refused above, is left untouched.
-        if let Target::Local { .. } = self.inner.target {
-            let s = &self.inner.settings;
-            // (The sync pragmas each connection gets when it opens: `local_connection_settings`.)
-            let pragmas = vec![
-                Step::new("PRAGMA journal_mode = WAL", vec![]),
-                Step::new(format!("PRAGMA wal_autocheckpoint = {}", s.wal_autocheckpoint_pages), vec![]),
-                Step::new(
-                    format!(
-                        "PRAGMA journal_size_limit = {}",
-                        dotdo_core::sql_schema::wal_size_limit(s.wal_autocheckpoint_pages)
-                    ),
-                    vec![],
-                ),
-                Step::new("PRAGMA foreign_keys = OFF", vec![]),
-            ];
-            let answers = self
-                .with_writer(doing, false, move |c| {
-                    let pragmas = pragmas.clone();
-                    Box::pin(async move { Ok(c.run_all(pragmas).await?) })
+                    dotdo_core::sql_schema::check_tables_after(&table_columns(c).await?, &describe)?;
+                    Ok(())
                 })
-                .await?;
-            // SQLite answers with the mode it is in (see `not_wal_error`); as dotdo-sqlite: refused.
-            let mode = answers.first().and_then(|rows| rows.first()).and_then(|row| row.first());
-            let wal = matches!(mode, Some(libsql::Value::Text(m)) if m.eq_ignore_ascii_case("wal"));
-            if !wal {
-                return Err(dotdo_core::sql_schema::not_wal_error(doing, &mode, "dotdo-libsql"));
-            }
+            })
+            .await?;
         }
         if !self.inner.target_is_local() {
             self.sync_replica().await?;
@@ -776,6 +782,12 @@ impl LibsqlStore {
                         }
                     }
                 };
+                // Again once the connection is this call's, on every attempt: a call that waited
+                // (behind this store's other writers, or another process's lock) must not write
+                // into a file the checkpoint thread has meanwhile found replaced. (It may find it
+                // only while this attempt waits for the lock: its rounds take the write connection
+                // too. So a success is checked once more below.)
+                self.check_unmoved(doing)?;
                 let out = self.drive(self.inner.local_writes, f(&mut conn)).await;
                 if matches!(out, Err(TxError::Sql(_))) && !self.inner.local_writes {
                     // A remote connection's server stream may be gone (expired while idle, or
@@ -790,7 +802,10 @@ impl LibsqlStore {
                 out
             };
             match out {
-                Ok(v) => return Ok(v),
+                // Committed, but into the old file if it was replaced meanwhile (found while the
+                // attempt waited for another connection's lock): not acknowledged then, since no
+                // other process opens that file (the error says the write may be in it).
+                Ok(v) => return self.check_unmoved(doing).map(|()| v),
                 Err(TxError::Api(e)) => return Err(e),
                 Err(TxError::Sql(e)) => {
                     // The writer's server stream expired while idle: sqld refused the whole
@@ -999,6 +1014,15 @@ impl LibsqlStore {
             futures::future::Either::Right(_) => Err(TxError::Sql(timed_out(timeout))),
         }
     }
+}
+
+/// The database's tables and their columns ([`SQL_TABLE_COLUMNS`](dotdo_core::sql_schema::SQL_TABLE_COLUMNS)).
+async fn table_columns(c: &mut Conn) -> TxResult<Vec<(String, String)>> {
+    let rows = c.query(Step::new(dotdo_core::sql_schema::SQL_TABLE_COLUMNS, vec![])).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Ok((crate::sql::text(r.first())?, crate::sql::text(r.get(1))?)))
+        .collect::<libsql::Result<Vec<_>>>()?)
 }
 
 impl LibsqlStore {

@@ -845,6 +845,28 @@ async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
     s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("writes go through again");
 }
 
+/// A write waiting for another connection's write lock while the file is replaced (a restored
+/// backup renamed over it) is refused with `Corrupt` once it gets the lock, as in dotdo-sqlite:
+/// the file was checked only when the call began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_the_lock_while_the_file_is_replaced_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = LibsqlSettings {
+        background_checkpoint: Some(Duration::from_millis(10)),
+        busy_timeout: Duration::from_millis(200),
+        retries: 20,
+        ..Default::default()
+    };
+    let s = LibsqlStore::local(&path).with_settings(settings).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    let holder_db = libsql::Builder::new_local(&path).build().await.expect("second handle");
+    let holder = holder_db.connect().expect("connect");
+    holder.execute("BEGIN IMMEDIATE", ()).await.expect("take the write lock");
+    dotdo_core::testkit::assert_a_write_waiting_while_the_file_is_replaced_is_refused(&path, s, l, (holder, holder_db))
+        .await;
+}
+
 /// Schema versions: a file of version 1 is upgraded in place (to 2) and keeps its state and its
 /// lease; a file of a newer version than this library's is refused with `Corrupt` and left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1052,12 +1074,26 @@ async fn another_applications_database_is_refused_and_left_untouched() {
 
 /// A database that cannot be put in WAL mode (a VFS without shared memory) is refused, as by
 /// dotdo-sqlite: it would run with a rollback journal and `synchronous=NORMAL`, which can corrupt
-/// the file on power loss. Before, the open succeeded silently.
+/// the file on power loss. Before, the open succeeded silently. It is left untouched: the
+/// schema was written (and committed) before the WAL switch was refused.
 #[tokio::test]
 async fn a_database_that_cannot_use_wal_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let uri = format!("file:{}?vfs=unix-dotfile", dir.path().join("hot.db").display());
+    let path = dir.path().join("hot.db");
+    let uri = format!("file:{}?vfs=unix-dotfile", path.display());
     let e = LibsqlStore::local(&uri).open().await.expect_err("no WAL");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert!(e.to_string().contains("WAL"), "{e}");
+    let db = libsql::Builder::new_local(&path).build().await.expect("raw");
+    let raw = db.connect().expect("connect");
+    let mut rows = raw
+        .query("SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master)", ())
+        .await
+        .expect("read");
+    let row = rows.next().await.expect("row").expect("one row");
+    assert_eq!(
+        (row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n")),
+        (0, 0),
+        "nothing of dotdo's schema was written"
+    );
 }

@@ -242,7 +242,7 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<rusqlite::Result<Vec<(String, String)>>>()?)
         };
-        with_busy_retry(settings, &doing, || {
+        let version = with_busy_retry(settings, &doing, || {
             let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
             let columns = tables()?;
             dotdo_core::sql_schema::refuse_foreign(version, &columns, &source).map_err(TxError::Api)?;
@@ -250,9 +250,17 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
             if version == schema::VERSION {
                 dotdo_core::sql_schema::check_tables_after(&columns, &source).map_err(TxError::Api)?;
             }
-            if version < schema::VERSION {
+            Ok(version)
+        })?;
+        // After the read-only checks (the WAL switch persists in the file's header: another
+        // application's database, or a newer dotdo file, refused above, is left untouched) and
+        // before the schema is written (a file that cannot run in WAL mode is left untouched
+        // too).
+        switch_to_wal(&conn, path, settings, &doing)?;
+        if version < schema::VERSION {
+            with_busy_retry(settings, &doing, || {
                 // Decided again under the write lock: another process may have upgraded the
-                // file (to this version, or a newer one) while this one waited for the lock.
+                // file (to this version, or a newer one) since it was read above.
                 conn.execute_batch("BEGIN IMMEDIATE")?;
                 let upgraded = (|| -> TxResult<()> {
                     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -270,24 +278,28 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
                 if upgraded.is_err() && !conn.is_autocommit() {
                     let _ = conn.execute_batch("ROLLBACK");
                 }
-                upgraded?;
-            }
-            Ok(())
-        })?;
-    }
-    // After the schema checks: the WAL switch persists in the file's header, and another
-    // application's database (or a newer dotdo file), refused above, is left untouched.
-    // SQLite answers with the mode it is in: a VFS without shared memory (`vfs=unix-dotfile`),
-    // or a file opened `immutable`, stays in a rollback journal (where `synchronous=NORMAL` may
-    // corrupt the file on power loss, and readers block writers) without an error.
-    let mode = with_busy_retry(settings, &doing, || {
-        Ok(conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?)
-    })?;
-    if !mode.eq_ignore_ascii_case("wal") && !dotdo_core::sql_schema::is_private_database(path) {
-        return Err(dotdo_core::sql_schema::not_wal_error(&doing, &mode, "dotdo-sqlite"));
+                upgraded
+            })?;
+        }
+    } else {
+        switch_to_wal(&conn, path, settings, &doing)?;
     }
     with_busy_retry(settings, &doing, || conn.execute_batch(&pragmas).map_err(TxError::Sql))?;
     Ok(conn)
+}
+
+/// Put the database in WAL mode. SQLite answers with the mode it is in: a VFS without shared
+/// memory (`vfs=unix-dotfile`), or a file opened `immutable`, stays in a rollback journal (where
+/// `synchronous=NORMAL` may corrupt the file on power loss, and readers block writers) without
+/// an error; that is `InvalidInput` here, except for a private database (`:memory:`).
+fn switch_to_wal(conn: &Connection, path: &Path, settings: &SqliteSettings, doing: &str) -> Result<()> {
+    let mode = with_busy_retry(settings, doing, || {
+        Ok(conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?)
+    })?;
+    if !mode.eq_ignore_ascii_case("wal") && !dotdo_core::sql_schema::is_private_database(path) {
+        return Err(dotdo_core::sql_schema::not_wal_error(doing, &mode, "dotdo-sqlite"));
+    }
+    Ok(())
 }
 
 /// The most busy retries a store accepts.
@@ -634,7 +646,10 @@ impl Inner {
         self.write_tx_in(doing, f).map_err(|e| self.name_file(e))
     }
 
-    /// [`write_tx`](Self::write_tx) without the checks around it.
+    /// [`write_tx`](Self::write_tx) without naming the file. The deleted-or-replaced check is
+    /// repeated once the writer is this call's and before each `BEGIN` and `COMMIT`: a call that
+    /// waited (behind this store's other writers or another process's lock) must not commit
+    /// into a file the checkpoint thread has meanwhile found replaced.
     fn write_tx_in<T>(&self, doing: &str, f: impl Fn(&Connection) -> TxResult<T>) -> Result<T> {
         // Writers of this store queue on one connection. Waiting for it counts against the same
         // budget as the busy retries, so that every queued caller behind another process's lock
@@ -662,11 +677,13 @@ impl Inner {
             if abandoned() {
                 return Err(gave_up());
             }
+            self.check_unmoved(doing).map_err(TxError::Api)?;
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             let out = f(&conn).and_then(|v| {
                 if abandoned() {
                     return Err(gave_up());
                 }
+                self.check_unmoved(doing).map_err(TxError::Api)?;
                 conn.prepare_cached("COMMIT")?.execute([]).map_err(|e| commit_error(e, doing))?;
                 Ok(v)
             });

@@ -225,14 +225,20 @@ async fn another_applications_database_is_refused_and_left_untouched() {
 
 /// A database that cannot be put in WAL mode (a VFS without shared memory) is refused: it
 /// would run with a rollback journal and `synchronous=NORMAL`, which can corrupt the file on
-/// power loss. Before, the open succeeded silently.
+/// power loss. Before, the open succeeded silently. It is left untouched: the schema was
+/// written (and committed) before the WAL switch was refused.
 #[tokio::test]
 async fn a_database_that_cannot_use_wal_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let uri = format!("file:{}?vfs=unix-dotfile", dir.path().join("hot.db").display());
+    let path = dir.path().join("hot.db");
+    let uri = format!("file:{}?vfs=unix-dotfile", path.display());
     let e = SqliteStore::builder(&uri).open().await.expect_err("no WAL");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert!(e.to_string().contains("WAL"), "{e}");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    let version: i64 = raw.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("user_version");
+    let tables: i64 = raw.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0)).expect("tables");
+    assert_eq!((version, tables), (0, 0), "nothing of dotdo's schema was written");
 }
 
 /// A database file deleted (or replaced, as by restoring a backup) while a store has it open:
@@ -248,6 +254,26 @@ async fn a_database_file_deleted_while_open_is_noticed() {
     let a = open().await.expect("open");
     dotdo_core::testkit::assert_a_deleted_file_is_noticed(&path, a, || async { open().await.expect("a new file") })
         .await;
+}
+
+/// A write waiting for another process's write lock while the file is replaced (a restored
+/// backup renamed over it) is refused with `Corrupt` once it gets the lock: the file was checked
+/// only when the call began, and the write committed into the old file and answered `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_the_lock_while_the_file_is_replaced_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = SqliteSettings {
+        background_checkpoint: Some(Duration::from_millis(10)),
+        busy_timeout: Duration::from_millis(200),
+        busy_retries: 20,
+        ..Default::default()
+    };
+    let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch("BEGIN IMMEDIATE").expect("another process holds the write lock");
+    dotdo_core::testkit::assert_a_write_waiting_while_the_file_is_replaced_is_refused(&path, s, l, raw).await;
 }
 
 #[tokio::test]

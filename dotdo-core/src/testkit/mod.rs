@@ -423,6 +423,38 @@ where
     assert_eq!(first.get(&o, "k").await.expect_err("reads too").kind(), &crate::ErrorKind::Corrupt);
 }
 
+/// For SQL backends on a local file with background checkpoints: a write through `store` under
+/// `lease` waits for the database's write lock, which `holder` (another connection, as another
+/// process's would be) holds until it is dropped; meanwhile the file at `path` is replaced (a
+/// copy renamed over it, as when a backup is restored). Once the checkpoint thread has had
+/// several periods to notice and `holder` lets go, the waiting write must fail with `Corrupt`
+/// ("deleted or replaced") instead of committing into the old file, which no other process
+/// opens any more, and answering `Ok`.
+#[allow(clippy::disallowed_methods)] // real time: the store's checkpoint thread runs on its own
+pub async fn assert_a_write_waiting_while_the_file_is_replaced_is_refused<S, H>(
+    path: &std::path::Path,
+    store: S,
+    lease: crate::Lease,
+    holder: H,
+) where
+    S: HotStore + Clone,
+    H: Send + 'static,
+{
+    use crate::HotStoreExt;
+    let object = lease.object.clone();
+    let writer = tokio::spawn(async move { store.put(&object, lease.token, "T", "k", b"v".to_vec().into()).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!writer.is_finished(), "the write should be waiting for the lock: {:?}", writer.await);
+    let restored = path.with_extension("restored");
+    std::fs::copy(path, &restored).expect("copy the database file");
+    std::fs::rename(&restored, path).expect("put the copy in the file's place");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(holder);
+    let e = writer.await.expect("join").expect_err("the waiting write committed into the replaced file");
+    assert_eq!(e.kind(), &crate::ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("deleted or replaced"), "{e}");
+}
+
 /// A port on 127.0.0.1 where connections are refused, for as long as the returned socket lives:
 /// it is bound but not listening, so no other test or server can take the port meanwhile (a
 /// port found free and then closed again can be).
