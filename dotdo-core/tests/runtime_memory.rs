@@ -3455,6 +3455,62 @@ async fn a_flush_all_commit_that_outlasts_the_lease_keeps_the_held_leases() {
     assert_eq!(rt.metrics().activations, 2, "x and y, once each");
 }
 
+/// A held object whose lease runs out while a commit is in flight (the guard unreachable for two
+/// TTLs), but whose changes that commit lands and truncates, does not fail the flush: it
+/// answered `Err` saying the object's changes waited in hot storage while they were in cold.
+#[tokio::test]
+async fn a_lease_lost_during_a_commit_that_drained_the_object_does_not_fail_the_flush() {
+    use std::sync::atomic::Ordering;
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with("a", guard.clone(), cold.clone(), settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    let (slow, g) = (clock_moves_on(&w.clock, 20), guard.clone());
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        g.fail_refreshes.store(u32::MAX, Ordering::SeqCst);
+        slow.await;
+        g.fail_refreshes.store(0, Ordering::SeqCst);
+    }));
+    let report = rt.flush_all().await.expect("the object was drained");
+    assert_eq!((report.commits, report.records, report.objects), (1, 1, 1));
+    assert!(guard.refreshes.load(Ordering::SeqCst) > 0, "renewals were tried during the commit");
+    assert!(!w.hot.object_info(&o).await.expect("info").expect("o").has_pending_changes());
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1);
+}
+
+/// A held lease with little left when a long commit begins (its refreshes failed transiently
+/// just before) is tried again before it runs out, not a tenth of a TTL later: the flush keeps
+/// the object instead of losing its lease mid-commit.
+#[tokio::test]
+async fn a_held_lease_with_little_left_is_renewed_early_during_a_commit() {
+    use std::sync::atomic::Ordering;
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with("a", guard.clone(), cold.clone(), settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    // 5% of the TTL left, and the flush's first two refreshes (collecting, then the first round)
+    // fail transiently: the commit begins with the lease about to run out.
+    w.clock.advance(TTL * 95 / 100);
+    guard.fail_refreshes.store(2, Ordering::SeqCst);
+    let clock = w.clock.clone();
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        for _ in 0..100 {
+            clock.advance(TTL / 100);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }));
+    let report = rt.flush_all().await.expect("flush_all");
+    assert_eq!((report.records, report.objects), (1, 1));
+    let l = w.hot.current(&o).await.expect("current").expect("still held");
+    assert_eq!(l.holder.as_str(), "a");
+    assert_eq!(incr(&rt, &o).await.expect("still active"), 2);
+    assert_eq!(rt.metrics().activations, 1, "the object kept its activation");
+}
+
 /// Collecting many released objects to drain (an acquire and a cold watermark read each, here
 /// 50 ms of the clock per read: 256 of them outlast the TTL) keeps the leases already held
 /// renewed: the first drain round found them run out, and `flush_all` failed every time.

@@ -172,6 +172,11 @@ struct DrainRounds {
     left_out: std::collections::BTreeSet<ObjectId>,
     /// The first error that left one object out while the others went on.
     first_err: Option<Error>,
+    /// Objects whose lease ran out (or could not be renewed) while the flush held them, with
+    /// that error: one for the flush only if the object's changes still wait in hot storage
+    /// once its page is drained ([`settle_lapsed`]); its changes may have landed and been
+    /// truncated in a commit already in flight.
+    lapsed: std::collections::BTreeMap<ObjectId, Error>,
     /// Objects skipped because a call on them was in progress (each counts once:
     /// `FlushReport::busy`).
     busy: std::collections::BTreeSet<ObjectId>,
@@ -584,7 +589,7 @@ impl ObjectRuntime {
             let mut txn = ObjectTxn {
                 inner: &self.inner,
                 object,
-                token: lease.token,
+                token: lease.granted.token,
                 lazy: &mut active.lazy,
                 writes: BTreeMap::new(),
                 ops: Vec::new(),
@@ -687,7 +692,7 @@ impl ObjectRuntime {
             // A read of the whole cold state and its restore into hot storage: the lease is
             // renewed meanwhile, as during the handler (a lost renewal abandons the restore,
             // whose outcome a later activation settles, and fails the call: nothing written).
-            let restore = complete_restore(inner, object, active.lease.token, &mut active.lazy);
+            let restore = complete_restore(inner, object, active.lease.granted.token, &mut active.lazy);
             let restore = async {
                 restore
                     .await
@@ -698,7 +703,7 @@ impl ObjectRuntime {
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
         if active.lease.left(inner) <= margin {
-            active.lease = refresh_lease(inner, &active.lease).await.map_err(|e| {
+            active.lease = refresh_lease(inner, &active.lease.granted).await.map_err(|e| {
                 if e.kind() == &ErrorKind::AmbiguousOutcome {
                     // The refresh's outcome is unknown, not the write's: nothing was written.
                     Error::unavailable(
@@ -717,7 +722,7 @@ impl ObjectRuntime {
         // next call writes under a newer token and a late landing is fenced. (Left in the slot,
         // the next calls kept writing under this token and the late write overwrote them.)
         let taken = slot.active.take().expect("active");
-        let token = taken.lease.token;
+        let token = taken.lease.granted.token;
         let hand = LeaseInHand::new(inner, taken.lease.granted.clone());
         let written = inner.hot.write(object, token, WriteBatch { type_name: type_name.to_string(), ops }).await;
         hand.disarm();
@@ -731,7 +736,7 @@ impl ObjectRuntime {
         // changes stay in the hot log for the next flush.
         let threshold = inner.settings.flush_after_changes;
         if threshold > 0 && !auto_flush_paused(inner) {
-            let token = active.lease.token;
+            let token = active.lease.granted.token;
             let flushed = async {
                 let pending =
                     inner.hot.object_info(object).await?.map_or(0, |i| i.last_seq.saturating_sub(i.truncated_through));
@@ -846,7 +851,7 @@ impl ObjectRuntime {
             Err(e) => {
                 // Give the lease back: kept unreleased it would lock every node, this one
                 // included, out of the object until it expired.
-                release_quietly(inner, &active.lease).await;
+                release_quietly(inner, &active.lease.granted).await;
                 hand.disarm();
                 return Err(before_the_call(e, object, "activating the object"));
             }
@@ -1004,21 +1009,21 @@ impl ObjectRuntime {
             // Tokens only go up and a lease is never issued twice: a new lease at or below a
             // token cold storage has already seen means the hot store or the guard lost
             // (rolled back) lease state.
-            if active.lease.token <= wm.token {
+            if active.lease.granted.token <= wm.token {
                 if raised {
                     return Err(Error::corrupt(format!(
                         "{object}: the guard issues token {} but cold storage has already seen token {}; \
                          the guard's lease state was lost and it does not floor tokens at the hot store's",
-                        active.lease.token, wm.token
+                        active.lease.granted.token, wm.token
                     )));
                 }
                 // Raise the hot store's token floor to cold's and take a lease above it, or
                 // every cold commit would be fenced; then decide afresh under the new lease.
-                tracing::warn!(object = %object, lease = %active.lease.token, cold = %wm.token,
+                tracing::warn!(object = %object, lease = %active.lease.granted.token, cold = %wm.token,
                     "dotdo: the lease token is not above cold storage's; the hot store or guard lost state");
                 let floor = WriteBatch::new(inner.settings.type_name.clone());
                 inner.hot.write(object, wm.token, floor).await?;
-                release_quietly(inner, &active.lease).await;
+                release_quietly(inner, &active.lease.granted).await;
                 active.lease = self.acquire(object).await?;
                 hand.replace(active.lease.granted.clone());
                 raised = true;
@@ -1048,7 +1053,7 @@ impl ObjectRuntime {
         if !hot_has_state && (wm.through == 0 || hot_seq > wm.through) {
             return Ok((Recovery::Hot, 0, 0, None));
         }
-        let token = active.lease.token;
+        let token = active.lease.granted.token;
         if hot_has_state {
             // The hot store is behind cold storage (it lost committed transactions: power loss
             // under synchronous=NORMAL, a restored backup, a lagging replica). Cold has every
@@ -1130,7 +1135,7 @@ impl ObjectRuntime {
             let Some(mut slot) = slot.try_lock() else { continue };
             if let Some(active) = slot.active.as_mut() {
                 if active.lazy.is_some() {
-                    let token = active.lease.token;
+                    let token = active.lease.granted.token;
                     let restored = complete_restore(&self.inner, &object, token, &mut active.lazy);
                     if let Err(e) = with_renewal(&self.inner, &mut active.lease, restored).await {
                         tracing::warn!(object = %object, error = %e, "dotdo: lazy restore not completed");
@@ -1181,7 +1186,7 @@ impl ObjectRuntime {
         }
         self.ensure_active(object, &mut slot).await?;
         let active = slot.active.as_mut().expect("active");
-        let token = active.lease.token;
+        let token = active.lease.granted.token;
         let r = with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token, usize::MAX)).await;
         if r.as_ref().is_err_and(activation_spent) {
             give_back(&self.inner, &mut slot.active).await;
@@ -1226,7 +1231,7 @@ impl ObjectRuntime {
             // The leases held so far, renewed where due: collecting the objects to drain (a cold
             // watermark read and an acquire per released object, pages of 256) can outlast a
             // lease, and the first drain round found them run out and failed the flush.
-            renew_held(inner, &mut held, &mut rounds.left_out, &mut rounds.first_err).await;
+            renew_held(inner, &mut held, &mut rounds.left_out, &mut rounds.lapsed).await;
             let Some(mut guard) = slot.try_lock_owned() else {
                 rounds.busy.insert(object);
                 continue;
@@ -1241,9 +1246,9 @@ impl ObjectRuntime {
             }
             // Only objects whose lease is still this runtime's: a stale one would either fence
             // the whole multi-object commit or append another holder's changes under it.
-            match inner.guard.validate(&a.lease).await {
+            match inner.guard.validate(&a.lease.granted).await {
                 Ok(()) => {
-                    let token = a.lease.token;
+                    let token = a.lease.granted.token;
                     held.push(Held { object, token, guard, taken: None });
                 }
                 // Lapsed (a warm lease nobody renewed: no `maintain` ran): take the object again
@@ -1256,8 +1261,13 @@ impl ObjectRuntime {
                     let lapsed = guard.active.take();
                     match self.ensure_active_within(&object, &mut guard, Duration::ZERO).await {
                         Ok(()) => {
-                            let token =
-                                guard.active.as_ref().expect("ensure_active leaves the object active").lease.token;
+                            let token = guard
+                                .active
+                                .as_ref()
+                                .expect("ensure_active leaves the object active")
+                                .lease
+                                .granted
+                                .token;
                             held.push(Held { object, token, guard, taken: None });
                         }
                         Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
@@ -1305,6 +1315,7 @@ impl ObjectRuntime {
                 }
             }
             r?;
+            settle_lapsed(inner, &mut rounds).await;
             held.clear();
             if !more {
                 break;
@@ -1321,9 +1332,9 @@ impl ObjectRuntime {
     /// slot) in cold commits of at most `flush_batch_records` records.
     async fn drain_rounds(&self, held: &mut [Held], report: &mut FlushReport, rounds: &mut DrainRounds) -> Result<()> {
         let inner = &self.inner;
-        let DrainRounds { drained, left_out, first_err, .. } = rounds;
+        let DrainRounds { drained, left_out, first_err, lapsed, .. } = rounds;
         loop {
-            renew_held(inner, held, left_out, first_err).await;
+            renew_held(inner, held, left_out, lapsed).await;
             let mut last_seqs = HashMap::new();
             let mut batch = ColdBatch::default();
             let mut budget = inner.settings.flush_batch_records;
@@ -1362,8 +1373,7 @@ impl ObjectRuntime {
                 break;
             }
             let n = batch.record_count() as u64;
-            let appended =
-                renewing_held(inner, held, left_out, first_err, append_resolving(inner, batch.clone())).await;
+            let appended = renewing_held(inner, held, left_out, lapsed, append_resolving(inner, batch.clone())).await;
             let commit = match appended {
                 Ok(c) => c,
                 // Refused for good: find which objects cold refuses, each appended alone. Those
@@ -1381,14 +1391,14 @@ impl ObjectRuntime {
                     }
                     for oc in batch.objects {
                         // The held leases stay renewed between these commits, as between rounds.
-                        renew_held(inner, held, left_out, first_err).await;
+                        renew_held(inner, held, left_out, lapsed).await;
                         if left_out.contains(&oc.object) {
                             continue;
                         }
                         let object = oc.object.clone();
                         let first_seq = oc.records.first().map_or(0, |r| r.seq);
                         let alone = append_resolving(inner, ColdBatch { objects: vec![oc] });
-                        match renewing_held(inner, held, left_out, first_err, alone).await {
+                        match renewing_held(inner, held, left_out, lapsed, alone).await {
                             Ok(c) => {
                                 // Counted here: the next round finds these records in cold
                                 // (skipped, written 0) when it truncates them.
@@ -1480,7 +1490,7 @@ impl ObjectRuntime {
                 continue;
             }
             // As while collecting the held objects.
-            renew_held(inner, held, &mut rounds.left_out, &mut rounds.first_err).await;
+            renew_held(inner, held, &mut rounds.left_out, &mut rounds.lapsed).await;
             let slot = self.slot(&object);
             let Some(mut guard) = slot.try_lock_owned() else {
                 rounds.busy.insert(object);
@@ -1492,7 +1502,8 @@ impl ObjectRuntime {
             }
             match self.ensure_active_within(&object, &mut guard, Duration::ZERO).await {
                 Ok(()) => {
-                    let token = guard.active.as_ref().expect("ensure_active leaves the object active").lease.token;
+                    let token =
+                        guard.active.as_ref().expect("ensure_active leaves the object active").lease.granted.token;
                     held.push(Held { object, token, guard, taken: Some(inner.clone()) });
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
@@ -1537,7 +1548,7 @@ impl ObjectRuntime {
         // The object stays in its slot while draining (the hot state is intact whatever
         // happens, a cancelled call included).
         let active = slot.active.as_mut().expect("active");
-        let token = active.lease.token;
+        let token = active.lease.granted.token;
         // A lazy activation's state is in cold storage already (nothing of it was written to
         // hot; a write completes the restore first): it is not loaded into hot storage only to
         // be dropped. Whatever hot holds of the object (a late write of an earlier activation,
@@ -1575,13 +1586,13 @@ impl ObjectRuntime {
                 // The hot state may or may not be gone (a remote store's ambiguous reply): never
                 // run on it again under this activation. The next call activates afresh and
                 // recovers from cold if the state was dropped.
-                release_quietly(&self.inner, &active.lease).await;
+                release_quietly(&self.inner, &active.lease.granted).await;
                 hand.disarm();
             }
             return Err(e);
         }
         // Evicted: a failed release only means the lease runs out on its own.
-        release_quietly(&self.inner, &active.lease).await;
+        release_quietly(&self.inner, &active.lease.granted).await;
         hand.disarm();
         self.inner.metrics.lock().evictions += 1;
         Ok(())
@@ -1949,7 +1960,7 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<HeldLease>) -
         let refreshed = within(
             inner,
             left,
-            refresh_lease(inner, &current),
+            refresh_lease(inner, &current.granted),
             "lease renewal did not answer before the lease expired",
         )
         .await;
@@ -1962,12 +1973,12 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<HeldLease>) -
             Err(e) if refresh_may_retry(&e) && !current.left(inner).is_zero() => {
                 floor = Duration::ZERO;
                 backoff = (backoff * 2).max(Duration::from_millis(5)).min(ttl / 10);
-                tracing::debug!(object = %current.object, error = %e, ?backoff, "dotdo lease renewal failed transiently");
+                tracing::debug!(object = %current.granted.object, error = %e, ?backoff, "dotdo lease renewal failed transiently");
             }
             Err(e) => {
-                tracing::warn!(object = %current.object, error = %e, "dotdo lease renewal failed; self-fencing");
+                tracing::warn!(object = %current.granted.object, error = %e, "dotdo lease renewal failed; self-fencing");
                 return Error::new(
-                    ErrorKind::LeaseLost { object: current.object.clone() },
+                    ErrorKind::LeaseLost { object: current.granted.object.clone() },
                     "lease renewal failed during the handler; nothing was written",
                 )
                 .with_source(e);
@@ -2050,7 +2061,7 @@ async fn renew_held(
     inner: &Arc<Inner>,
     held: &mut [Held],
     left_out: &mut std::collections::BTreeSet<ObjectId>,
-    first_err: &mut Option<Error>,
+    lapsed: &mut std::collections::BTreeMap<ObjectId, Error>,
 ) {
     for h in held.iter_mut() {
         if left_out.contains(&h.object) {
@@ -2069,30 +2080,59 @@ async fn renew_held(
             Err(e) => {
                 tracing::warn!(object = %h.object, error = %e, "dotdo flush_all: lease lost during the flush; not drained");
                 left_out.insert(h.object.clone());
-                first_err.get_or_insert(e.context(format!(
-                    "{}: the lease ran out during the flush; its changes wait in hot storage",
-                    h.object
-                )));
+                lapsed.insert(
+                    h.object.clone(),
+                    e.context(format!(
+                        "{}: the lease ran out during the flush; its changes wait in hot storage",
+                        h.object
+                    )),
+                );
+            }
+        }
+    }
+}
+
+/// The objects whose lease ran out while a flush held them ([`DrainRounds::lapsed`]): an error
+/// for the flush if their changes still wait in hot storage (or that cannot be read); none if
+/// they were drained before the lease was found run out (a commit in flight landed them and
+/// they were truncated).
+async fn settle_lapsed(inner: &Arc<Inner>, rounds: &mut DrainRounds) {
+    for (object, e) in std::mem::take(&mut rounds.lapsed) {
+        match inner.hot.object_info(&object).await {
+            Ok(info) if !info.as_ref().is_some_and(|i| i.has_pending_changes()) => {
+                tracing::debug!(object = %object, "dotdo flush_all: the lease ran out after the object was drained");
+            }
+            _ => {
+                rounds.first_err.get_or_insert(e);
             }
         }
     }
 }
 
 /// `fut`, a cold commit of the held objects' changes, with their leases renewed meanwhile
-/// ([`renew_held`] every tenth of a TTL): one commit (up to `flush_batch_bytes`, with its
+/// ([`renew_held`] every tenth of a TTL, or sooner for a lease with less than a fifth left): one commit (up to `flush_batch_bytes`, with its
 /// retries, to a slow store) can outlast the leases, and the objects were then lost to the flush
 /// (another node could take them over) after their changes had landed.
 async fn renewing_held<T>(
     inner: &Arc<Inner>,
     held: &mut [Held],
     left_out: &mut std::collections::BTreeSet<ObjectId>,
-    first_err: &mut Option<Error>,
+    lapsed: &mut std::collections::BTreeMap<ObjectId, Error>,
     fut: impl std::future::Future<Output = T>,
 ) -> T {
     let renew = async {
         loop {
-            inner.clock.sleep(inner.settings.lease_ttl / 10).await;
-            renew_held(inner, held, left_out, first_err).await;
+            // Sooner for a lease with little left (its last refresh failed transiently): half
+            // of what it has left, so that it is tried again before it runs out.
+            let soonest = held
+                .iter()
+                .filter(|h| !left_out.contains(&h.object))
+                .filter_map(|h| h.guard.active.as_ref().map(|a| a.lease.left(inner)))
+                .min()
+                .unwrap_or(Duration::MAX);
+            let wait = (inner.settings.lease_ttl / 10).min(soonest / 2).max(Duration::from_millis(1));
+            inner.clock.sleep(wait).await;
+            renew_held(inner, held, left_out, lapsed).await;
         }
     };
     match futures::future::select(std::pin::pin!(fut), std::pin::pin!(renew)).await {
@@ -2113,15 +2153,19 @@ async fn renew_if_due(inner: &Inner, lease: &mut HeldLease) -> Result<()> {
     // A refresh that does not answer before the lease runs out (a hung connection) fails: the
     // callers (`maintain`, `flush_all`, an activation's reuse) hold the object's slot meanwhile,
     // and every call on it waited for as long as the guard did.
-    let refreshed =
-        within(inner, left, refresh_lease(inner, lease), "the lease refresh did not answer before the lease expired")
-            .await;
+    let refreshed = within(
+        inner,
+        left,
+        refresh_lease(inner, &lease.granted),
+        "the lease refresh did not answer before the lease expired",
+    )
+    .await;
     match refreshed {
         Ok(l) => *lease = l,
         // A transient failure does not lose a lease that is still valid (dropping it would lock
         // this runtime out of its own object until the TTL ran out); valid now, after the wait.
         Err(e) if refresh_may_retry(&e) && !lease.left(inner).is_zero() => {
-            tracing::debug!(object = %lease.object, error = %e, "dotdo lease refresh failed transiently; keeping the lease");
+            tracing::debug!(object = %lease.granted.object, error = %e, "dotdo lease refresh failed transiently; keeping the lease");
         }
         Err(e) => return Err(e),
     }
@@ -2166,7 +2210,8 @@ impl SentAt {
 /// counts a lease as run out at the earlier of its `expires_at` on the wall clock and that
 /// deadline: a wall clock stepped back (by NTP, by hand) must not stretch it, since another
 /// node whose clock did not step takes the object over once the guard's time passes the expiry,
-/// and an answer read under the stretched lease would be stale.
+/// and an answer read under the stretched lease would be stale. (No `Deref` to [`Lease`]: its
+/// wall-clock-only `remaining_at` must not judge a held lease; [`left`](Self::left) does.)
 #[derive(Clone, Debug)]
 struct HeldLease {
     granted: Lease,
@@ -2187,13 +2232,6 @@ impl HeldLease {
     fn left(&self, inner: &Inner) -> Duration {
         let by_wall = self.granted.expires_at.since(inner.clock.now());
         by_wall.min(self.deadline.saturating_sub(inner.clock.monotonic()))
-    }
-}
-
-impl std::ops::Deref for HeldLease {
-    type Target = Lease;
-    fn deref(&self) -> &Lease {
-        &self.granted
     }
 }
 
@@ -2325,7 +2363,7 @@ fn cold_state_error(object: &ObjectId, e: Error) -> Error {
 /// is no longer current changes nothing).
 async fn give_back(inner: &Arc<Inner>, active: &mut Option<Active>) {
     if let Some(a) = active.take() {
-        release_quietly(inner, &a.lease).await;
+        release_quietly(inner, &a.lease.granted).await;
     }
 }
 
