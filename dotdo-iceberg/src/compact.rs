@@ -75,7 +75,7 @@ use dotdo_core::{ChangeRecord, ColdBatch, Error, ErrorKind, ObjectChanges, Op, R
 
 use dotdo_core::retry::{retry_idempotent, RetryPolicy};
 
-use crate::error::{classify, classify_object_store};
+use crate::error::{classify, classify_metadata_read, classify_object_store};
 use crate::store::IcebergColdStore;
 use crate::{commit, schema, summary};
 
@@ -334,7 +334,7 @@ impl IcebergColdStore {
             .manifest_list_reader(head)
             .load()
             .await
-            .map_err(|e| classify(e, &format!("manifest list {}", head.manifest_list())))?;
+            .map_err(|e| classify_metadata_read(e, &format!("manifest list {}", head.manifest_list())))?;
         if list.entries().iter().any(crate::read::lists_live_deletes) {
             return Err(Error::invalid(format!(
                 "{}: tables with delete files are not supported by dotdo's maintenance",

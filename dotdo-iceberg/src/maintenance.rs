@@ -20,7 +20,7 @@ use iceberg::transaction::{ApplyTransactionAction, Transaction};
 
 use dotdo_core::{Error, ErrorKind, Result, SnapshotId, Timestamp};
 
-use crate::error::{classify, classify_object_store};
+use crate::error::{classify, classify_metadata_read, classify_object_store};
 use crate::store::IcebergColdStore;
 use crate::summary;
 
@@ -82,8 +82,13 @@ impl IcebergColdStore {
     ) -> Result<ExpireReport> {
         let what = format!("expiring snapshots of {ident}");
         let attempts = self.inner.settings.max_commit_attempts;
+        // What failed attempts meant to expire: gone from the table a later attempt loads, they
+        // were expired (that attempt landed after all), and the report says so.
+        let mut unsure: Vec<i64> = Vec::new();
         for attempt in 0..attempts {
             let table = self.load_fresh(ident).await?;
+            let landed: Vec<i64> =
+                unsure.iter().copied().filter(|id| table.metadata().snapshot_by_id(*id).is_none()).collect();
             gc_enabled(&table, &what)?;
             let Some(head) = table.metadata().current_snapshot_id() else { return Ok(ExpireReport::default()) };
             // A head whose history another engine reset (dotdo's snapshots are off its chain)
@@ -161,7 +166,7 @@ impl IcebergColdStore {
                 .collect();
             let total = table.metadata().snapshots().len();
             if expired.is_empty() {
-                return Ok(ExpireReport { expired, retained: total });
+                return Ok(ExpireReport { expired: landed, retained: total });
             }
             let committed = if self.inner.verifier.is_some() {
                 // Exactly the snapshots computed above, on exactly the metadata they were computed
@@ -197,16 +202,24 @@ impl IcebergColdStore {
             };
             match committed {
                 Ok(()) => {
+                    // The expiry landed: a failure to reload the table now (a busy catalog) is no
+                    // failure of it (reads reload the table themselves).
                     if ident == &self.inner.ident {
-                        self.refresh().await?;
+                        if let Err(e) = self.refresh().await {
+                            tracing::warn!(error = %e, "{what}: expired, but the table could not be reloaded");
+                        }
                     }
-                    return Ok(ExpireReport { retained: total - expired.len(), expired });
+                    let retained = total - expired.len();
+                    return Ok(ExpireReport { expired: landed.into_iter().chain(expired).collect(), retained });
                 }
                 Err(err) => {
                     let again = err.is_retryable() || err.kind() == &ErrorKind::AmbiguousOutcome;
                     if !again || attempt + 1 == attempts {
                         return Err(err);
                     }
+                    // It may have landed (a reply lost, which a catalog may report as a broken
+                    // connection): its snapshots gone at the next attempt were expired by it.
+                    unsure.extend(expired.iter().filter(|id| !unsure.contains(id)).collect::<Vec<_>>());
                     // Expiry is idempotent: reload and recompute.
                     crate::store::retry_pause(self.inner.settings.retry_base_delay).await;
                 }
@@ -450,7 +463,7 @@ impl Referenced<'_> {
         }
         let list = match table.manifest_list_reader(s).load().await {
             Ok(list) => list,
-            Err(e) => match classify(e, &format!("manifest list {}", s.manifest_list())) {
+            Err(e) => match classify_metadata_read(e, &format!("manifest list {}", s.manifest_list())) {
                 e if skip(&e) => {
                     tracing::debug!(error = %e, "cleanup: an old head's manifest list is gone");
                     return Ok(());
@@ -465,7 +478,7 @@ impl Referenced<'_> {
             self.add(&mf.manifest_path)?;
             let m = match mf.load_manifest(table.file_io()).await {
                 Ok(m) => m,
-                Err(e) => match classify(e, &format!("manifest {}", mf.manifest_path)) {
+                Err(e) => match classify_metadata_read(e, &format!("manifest {}", mf.manifest_path)) {
                     e if skip(&e) => {
                         tracing::debug!(error = %e, "cleanup: an old head's manifest is gone");
                         continue;

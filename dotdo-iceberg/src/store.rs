@@ -1666,7 +1666,9 @@ impl IcebergColdStore {
     /// Run `read` of snapshot `snap`'s files. If it found one of them missing (`Corrupt`) and
     /// maintenance expired the snapshot meanwhile (between resolving it and reading its files;
     /// it is not in the current table), the read is `NotFound` as for any expired snapshot, so
-    /// a reader pinned to it re-pins; otherwise its error stands.
+    /// a reader pinned to it re-pins; if the table cannot be loaded to tell (the catalog busy or
+    /// unreachable), it is that retryable error, naming the missing file (a retry decides);
+    /// otherwise its error stands.
     pub(crate) async fn read_at<T>(
         &self,
         snap: Option<&SnapshotRef>,
@@ -1684,6 +1686,11 @@ impl IcebergColdStore {
                 Err(Error::new(ErrorKind::NotFound, format!("snapshot {id} expired while it was read ({e})"))
                     .with_source(ExpiredWhileRead(e)))
             }
+            // `Corrupt` is for good: it must not stand for a snapshot that may just have expired.
+            Err(re) if re.is_retryable() => Err(re.context(format!(
+                "a read of snapshot {id} found a file missing ({e}); whether the snapshot expired meanwhile could \
+                 not be checked"
+            ))),
             _ => Err(e),
         }
     }

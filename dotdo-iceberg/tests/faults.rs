@@ -979,6 +979,39 @@ async fn a_user_table_append_of_unknown_outcome_that_cannot_be_read_back_is_ambi
     assert_eq!(user.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
 }
 
+/// An expiry whose commit landed but whose reply was lost reports the snapshots it expired (the
+/// retry finds them gone and nothing left to expire: it reported none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_whose_reply_was_lost_reports_what_it_expired() {
+    use dotdo_core::testkit::LoseNextReply;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let before: Vec<i64> = cold.snapshots().await.expect("snapshots").iter().map(|s| s.id).collect();
+    assert_eq!(before.len(), 3);
+    slot.lock().clone().expect("catalog built").switch.arm();
+    let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    let after: Vec<i64> = cold.snapshots().await.expect("snapshots").iter().map(|s| s.id).collect();
+    assert_eq!(after.len(), 1, "{after:?}");
+    let mut expired = report.expired.clone();
+    expired.sort_unstable();
+    let mut gone: Vec<i64> = before.into_iter().filter(|id| !after.contains(id)).collect();
+    gone.sort_unstable();
+    assert_eq!(expired, gone, "{report:?}");
+    assert_eq!(report.retained, 1, "{report:?}");
+}
+
 /// `widen_column` retries a commit that failed for now (its metadata file could not be
 /// written: a store in trouble), as `add_column` does: it gave up at the first `Unavailable`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

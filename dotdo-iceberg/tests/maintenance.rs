@@ -2786,6 +2786,50 @@ async fn a_snapshot_expired_while_it_is_read_is_not_found() {
     assert_eq!(l.value.map(|v| v.value), Some(bytes::Bytes::from_static(b"v2")));
 }
 
+/// A read that finds a file missing while the catalog cannot be reached (so whether its snapshot
+/// expired meanwhile cannot be told) is a retryable error, not a `Corrupt` for good: a reader
+/// pinned to an expired snapshot failed for good instead of re-pinning on its retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_file_read_while_the_catalog_is_unreachable_is_retryable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    let one = FencingToken::new(1);
+    let first = writer
+        .append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 1, "k", "v1", 1)]))
+        .await
+        .expect("append")
+        .snapshot
+        .expect("snapshot");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
+    let reader = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .table(["m"], "changes")
+        .settings(Settings {
+            buckets: 1,
+            refresh_reads: false,
+            min_cleanup_retention: std::time::Duration::ZERO,
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("reader");
+    writer.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 2, "k", "v2", 1)])).await.expect("append");
+    writer.compact(CompactOptions::default()).await.expect("compact");
+    writer.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    writer.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    let catalog = slot.lock().clone().expect("the reader's catalog");
+    catalog.fail_loads.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = reader.load_state(&o, AsOf::Snapshot(first)).await.expect_err("a file is missing");
+    assert!(e.is_retryable(), "{e}");
+    assert_ne!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("missing") || e.to_string().contains("not found"), "names the missing file: {e}");
+    catalog.fail_loads.store(false, std::sync::atomic::Ordering::SeqCst);
+    let e = reader.load_state(&o, AsOf::Snapshot(first)).await.expect_err("expired");
+    assert_eq!(e.kind(), &dotdo_core::ErrorKind::NotFound, "the retry tells: {e}");
+}
+
 /// Decimal values with more digits than their column's precision are `InvalidInput`, nothing
 /// written: Arrow does not check them, and the Parquet writer stored them cut to the precision's
 /// physical width (4294967297 in a `decimal(5,2)` read back as 0.01) or out of range. Also in a

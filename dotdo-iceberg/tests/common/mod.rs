@@ -494,6 +494,8 @@ pub struct LossyCatalog {
     pub random: bool,
     /// The reply it is armed to lose.
     pub switch: Arc<dotdo_core::testkit::ReplySwitch>,
+    /// While set, every `load_table` fails as a broken connection would (retryable).
+    pub fail_loads: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -538,6 +540,11 @@ impl iceberg::Catalog for LossyCatalog {
         self.inner.create_table(n, c).await
     }
     async fn load_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<iceberg::table::Table> {
+        if self.fail_loads.load(Ordering::SeqCst) {
+            return Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
+                .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
+                .with_retryable(true));
+        }
         self.inner.load_table(t).await
     }
     async fn drop_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<()> {
@@ -647,6 +654,7 @@ fn lossy_catalog(
                 retryable,
                 random,
                 switch: Default::default(),
+                fail_loads: Default::default(),
             });
             *slot.lock() = Some(c.clone());
             Ok(c as Arc<dyn iceberg::Catalog>)
