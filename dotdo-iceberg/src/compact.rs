@@ -657,9 +657,15 @@ impl IcebergColdStore {
                 }
                 .map_err(|e| classify_object_store(e).context(format!("reading data file {}", f.path)))?;
                 let path = f.path.clone();
-                tokio::task::spawn_blocking(move || decode(bytes, &path))
-                    .await
-                    .map_err(|e| Error::backend(format!("decoding {}: {e}", f.path)))?
+                match tokio::task::spawn_blocking(move || decode(bytes, &path)).await {
+                    Ok(decoded) => decoded,
+                    // parquet 58 asserts on some damaged bytes: the file's damage, not a failure
+                    // of the task.
+                    Err(e) if e.is_panic() => {
+                        Err(crate::error::panicked(&format!("data file {}", f.path), e.into_panic().as_ref()))
+                    }
+                    Err(e) => Err(Error::backend(format!("decoding {}: {e}", f.path))),
+                }
             })
             .buffered(4)
             .try_collect()

@@ -505,6 +505,30 @@ pub(crate) fn classify_metadata_read(e: iceberg::Error, what: &str) -> Error {
     to_error(cause, what, msg).with_source(e)
 }
 
+/// `fut`, a decode of the file `what` names, with a panic inside it turned into `Corrupt` naming
+/// the file: parquet 58 asserts on some damaged bytes (a bit width past its type's, in
+/// `bit_util`), and a damaged file must not take its reader down.
+pub(crate) async fn panic_is_corrupt<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = dotdo_core::Result<T>>,
+) -> dotdo_core::Result<T> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(r) => r,
+        Err(p) => Err(panicked(what, p.as_ref())),
+    }
+}
+
+/// The `Corrupt` error of a decode of `what` that panicked with `payload`.
+pub(crate) fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> Error {
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    Error::corrupt(format!("{what}: decoding it panicked ({msg}); the file is damaged"))
+}
+
 /// Classify a parquet error raised while reading or writing `file`.
 pub(crate) fn classify_parquet(e: parquet::errors::ParquetError, file: &str) -> Error {
     let cause = match cause_of(&e) {

@@ -765,7 +765,8 @@ impl IcebergColdStore {
         bytes: Arc<AtomicU64>,
     ) -> Result<FileRead> {
         let path = self.inner.root.key(&f.path)?;
-        match self.read_file_at(f, &path, object, filter, bytes).await {
+        let read = self.read_file_at(f, &path, object, filter, bytes);
+        match crate::error::panic_is_corrupt(&format!("data file {}", f.path), read).await {
             Err(e) if e.is_retryable() => Err(self.damaged_or(e, f, &path).await),
             r => r,
         }

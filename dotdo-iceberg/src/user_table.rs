@@ -1018,9 +1018,17 @@ impl ArrowTable {
             return Ok(Vec::new());
         }
         let what = format!("scanning {}", self.ident);
-        let stream =
-            table.scan().build().map_err(|e| classify(e, &what))?.to_arrow().await.map_err(|e| classify(e, &what))?;
-        stream.try_collect().await.map_err(|e| classify(e, &what))
+        let scan = async {
+            let stream = table
+                .scan()
+                .build()
+                .map_err(|e| classify(e, &what))?
+                .to_arrow()
+                .await
+                .map_err(|e| classify(e, &what))?;
+            stream.try_collect().await.map_err(|e| classify(e, &what))
+        };
+        crate::error::panic_is_corrupt(&format!("a data file of {}", self.ident), scan).await
     }
 }
 

@@ -1590,3 +1590,89 @@ async fn a_replay_on_a_stale_table_is_fenced_by_a_newer_token() {
     let e = a.append(first).await.expect_err("a's replay under its old token");
     assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
 }
+
+/// Every single damaged byte in a data file's pages (each of them flipped in turn) gives a read
+/// that answers or fails with `Corrupt` naming the file; none panics (parquet 58 asserts on some
+/// damaged bit widths, and a read took its task down). Parquet pages carry no checksums here
+/// (parquet 58 writes none), so some flips go unnoticed and answer other values: counted, not
+/// asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_bytes_in_a_data_file_never_panic_a_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let records: Vec<_> =
+        (1..=40u64).map(|s| put(&o, s, &format!("key-{}", s % 13), &format!("value number {s}"), 1)).collect();
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
+    let good = cold.load_state(&o, AsOf::Latest).await.expect("state").entries;
+    let (_, file) = first_data_file(&cold).await;
+    let local = file.strip_prefix("file://").expect("local").to_string();
+    let name = file.rsplit('/').next().expect("name").to_string();
+    let bytes = std::fs::read(&local).expect("read");
+    let footer = u32::from_le_bytes(bytes[bytes.len() - 8..bytes.len() - 4].try_into().expect("4 bytes")) as usize;
+    let pages = 4..bytes.len() - 8 - footer;
+    let (mut same, mut differ, mut corrupt, mut panicked) = (0, 0, 0, 0);
+    for pos in pages {
+        let mut damaged = bytes.clone();
+        damaged[pos] ^= 0x5a;
+        std::fs::write(&local, &damaged).expect("write");
+        let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
+        let reads = [
+            fresh.load_state(&o, AsOf::Latest).await.map(|s| Some(s.entries)),
+            dotdo_core::IndexAccelerator::lookup(&fresh, &o, "key-3", AsOf::Latest).await.map(|_| None),
+        ];
+        for r in reads {
+            match r {
+                Ok(Some(entries)) if entries == good => same += 1,
+                Ok(Some(_)) => differ += 1,
+                Ok(None) => {}
+                Err(e) => {
+                    assert_eq!(e.kind(), &ErrorKind::Corrupt, "byte {pos}: {e}");
+                    assert!(e.to_string().contains(&name), "byte {pos}: the error names the file: {e}");
+                    corrupt += 1;
+                    panicked += usize::from(e.to_string().contains("panicked"));
+                }
+            }
+        }
+    }
+    std::fs::write(&local, &bytes).expect("restore");
+    println!("damaged bytes: {same} reads unchanged, {differ} changed unnoticed, {corrupt} Corrupt ({panicked} from a decoder panic)");
+    assert!(corrupt > 0, "no damage was noticed at all");
+}
+
+/// A compaction that meets a data file whose damage makes the Parquet decoder panic is `Corrupt`
+/// naming the file (it was `Backend`, "decoding … panicked", from the failed blocking task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_over_a_file_that_panics_the_decoder_is_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = dotdo_iceberg::Settings { buckets: 1, ..Default::default() };
+    let open = || IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).settings(settings.clone()).build();
+    let cold = open().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let records: Vec<_> =
+        (1..=40u64).map(|s| put(&o, s, &format!("key-{}", s % 13), &format!("value number {s}"), 1)).collect();
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
+    let (_, file) = first_data_file(&cold).await;
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 41, "k", "v", 1)]))
+        .await
+        .expect("a second file");
+    let local = file.strip_prefix("file://").expect("local").to_string();
+    let name = file.rsplit('/').next().expect("name").to_string();
+    let bytes = std::fs::read(&local).expect("read");
+    // The first damaged byte whose read the decoder panics on (the read says so).
+    let mut found = false;
+    for pos in 4..bytes.len() {
+        let mut damaged = bytes.clone();
+        damaged[pos] ^= 0x5a;
+        std::fs::write(&local, &damaged).expect("write");
+        let fresh = open().await.expect("reopen");
+        if fresh.load_state(&o, AsOf::Latest).await.is_err_and(|e| e.to_string().contains("panicked")) {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no damaged byte made the decoder panic");
+    let e = open().await.expect("reopen").compact(dotdo_iceberg::CompactOptions::default()).await.expect_err("damaged");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(&name), "the error names the file: {e}");
+}
