@@ -22,7 +22,7 @@ use iceberg::{MetadataLocation, TableRequirement, TableUpdate};
 use dotdo_core::{Clock, Error, ErrorKind, Result};
 
 use crate::catalog::{PinnedCatalog, SqlVerifier, Swapped};
-use crate::error::{classify, classify_metadata_read};
+use crate::error::classify;
 use crate::store::IcebergColdStore;
 
 /// The result of [`rewrite_manifests`]: the manifests of a snapshot that removes some files and
@@ -197,10 +197,8 @@ impl IcebergColdStore {
         }
         let loaded: Vec<(&ManifestFile, iceberg::spec::Manifest)> = futures::stream::iter(listed)
             .map(|mf| async move {
-                let m = mf
-                    .load_manifest(io)
-                    .await
-                    .map_err(|e| classify_metadata_read(e, &format!("manifest {}", mf.manifest_path)))?;
+                let what = format!("manifest {}", mf.manifest_path);
+                let m = crate::error::read_metadata_file(&what, mf.load_manifest(io)).await?;
                 Ok::<_, Error>((mf, m))
             })
             .buffered(8)

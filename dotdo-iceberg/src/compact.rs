@@ -75,7 +75,7 @@ use dotdo_core::{ChangeRecord, ColdBatch, Error, ErrorKind, ObjectChanges, Op, R
 
 use dotdo_core::retry::{retry_idempotent, RetryPolicy};
 
-use crate::error::{classify, classify_metadata_read, classify_object_store};
+use crate::error::{classify, classify_object_store};
 use crate::store::IcebergColdStore;
 use crate::{commit, schema, summary};
 
@@ -330,11 +330,8 @@ impl IcebergColdStore {
     /// manifest reads).
     async fn live_files(&self, table: &Table) -> Result<Vec<LiveFile>> {
         let Some(head) = table.metadata().current_snapshot() else { return Ok(Vec::new()) };
-        let list = table
-            .manifest_list_reader(head)
-            .load()
-            .await
-            .map_err(|e| classify_metadata_read(e, &format!("manifest list {}", head.manifest_list())))?;
+        let what = format!("manifest list {}", head.manifest_list());
+        let list = crate::error::read_metadata_file(&what, table.manifest_list_reader(head).load()).await?;
         if list.entries().iter().any(crate::read::lists_live_deletes) {
             return Err(Error::invalid(format!(
                 "{}: tables with delete files are not supported by dotdo's maintenance",

@@ -505,6 +505,16 @@ pub(crate) fn classify_metadata_read(e: iceberg::Error, what: &str) -> Error {
     to_error(cause, what, msg).with_source(e)
 }
 
+/// `fut`, a read of the metadata file `what` names (a manifest list or manifest), its error
+/// classified by [`classify_metadata_read`]; a panic inside it (apache-avro 0.21 unwraps the
+/// result of parsing a damaged file's embedded schema names) is `Corrupt` naming the file.
+pub(crate) async fn read_metadata_file<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = iceberg::Result<T>>,
+) -> dotdo_core::Result<T> {
+    panic_is_corrupt(what, async { fut.await.map_err(|e| classify_metadata_read(e, what)) }).await
+}
+
 /// `fut`, a decode of the file `what` names, with a panic inside it turned into `Corrupt` naming
 /// the file: parquet 58 asserts on some damaged bytes (a bit width past its type's, in
 /// `bit_util`), and a damaged file must not take its reader down.

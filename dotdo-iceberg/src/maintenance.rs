@@ -20,7 +20,7 @@ use iceberg::transaction::{ApplyTransactionAction, Transaction};
 
 use dotdo_core::{Error, ErrorKind, Result, SnapshotId, Timestamp};
 
-use crate::error::{classify, classify_metadata_read, classify_object_store};
+use crate::error::{classify, classify_object_store, read_metadata_file};
 use crate::store::IcebergColdStore;
 use crate::summary;
 
@@ -461,30 +461,28 @@ impl Referenced<'_> {
         if let Some(cp) = summary::checkpoint(s) {
             self.add(cp)?;
         }
-        let list = match table.manifest_list_reader(s).load().await {
+        let what = format!("manifest list {}", s.manifest_list());
+        let list = match read_metadata_file(&what, table.manifest_list_reader(s).load()).await {
             Ok(list) => list,
-            Err(e) => match classify_metadata_read(e, &format!("manifest list {}", s.manifest_list())) {
-                e if skip(&e) => {
-                    tracing::debug!(error = %e, "cleanup: an old head's manifest list is gone");
-                    return Ok(());
-                }
-                e => return Err(e),
-            },
+            Err(e) if skip(&e) => {
+                tracing::debug!(error = %e, "cleanup: an old head's manifest list is gone");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         };
         for mf in list.entries() {
             if !self.manifests.insert(mf.manifest_path.clone()) {
                 continue;
             }
             self.add(&mf.manifest_path)?;
-            let m = match mf.load_manifest(table.file_io()).await {
+            let what = format!("manifest {}", mf.manifest_path);
+            let m = match read_metadata_file(&what, mf.load_manifest(table.file_io())).await {
                 Ok(m) => m,
-                Err(e) => match classify_metadata_read(e, &format!("manifest {}", mf.manifest_path)) {
-                    e if skip(&e) => {
-                        tracing::debug!(error = %e, "cleanup: an old head's manifest is gone");
-                        continue;
-                    }
-                    e => return Err(e),
-                },
+                Err(e) if skip(&e) => {
+                    tracing::debug!(error = %e, "cleanup: an old head's manifest is gone");
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             let mut recently_removed = removals.map(|r| r.of(mf));
             for e in m.entries() {

@@ -48,7 +48,7 @@ use dotdo_core::accel::{latest_versions, IndexAccelerator, Lookup, QueryStats, S
 use dotdo_core::time::Stopwatch;
 use dotdo_core::{AsOf, ChangeRecord, Error, ErrorKind, KeyRange, ObjectId, Op, Result};
 
-use crate::error::{classify, classify_metadata_read, classify_parquet};
+use crate::error::{classify, classify_parquet, read_metadata_file};
 use crate::store::IcebergColdStore;
 
 /// Extra restrictions of a read beyond the object.
@@ -566,11 +566,8 @@ impl IcebergColdStore {
         match cached {
             Some(m) => Ok(m),
             None => {
-                let list = table
-                    .manifest_list_reader(snapshot)
-                    .load()
-                    .await
-                    .map_err(|e| classify_metadata_read(e, &format!("manifest list {list_path}")))?;
+                let what = format!("manifest list {list_path}");
+                let list = read_metadata_file(&what, table.manifest_list_reader(snapshot).load()).await?;
                 let m = Arc::new(list.entries().to_vec());
                 put_list(&cache.lists, list_path, m.clone());
                 Ok(m)
@@ -629,10 +626,8 @@ impl IcebergColdStore {
             if let Some(c) = cached {
                 return Ok::<_, Error>(c);
             }
-            let m = mf
-                .load_manifest(table.file_io())
-                .await
-                .map_err(|e| classify_metadata_read(e, &format!("manifest {}", mf.manifest_path)))?;
+            let what = format!("manifest {}", mf.manifest_path);
+            let m = read_metadata_file(&what, mf.load_manifest(table.file_io())).await?;
             let files: Vec<Arc<FileInfo>> = m
                 .entries()
                 .iter()
