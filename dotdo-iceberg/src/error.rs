@@ -529,6 +529,32 @@ pub(crate) async fn panic_is_corrupt<T>(
     }
 }
 
+/// [`panic_is_corrupt`] for a call that answers with iceberg's result (a commit through
+/// iceberg's `Transaction`, which reads the parent snapshot's manifest list): the panic is an
+/// iceberg error whose source is the `Corrupt` error, which [`classify`] keeps.
+pub(crate) async fn iceberg_panic_is_corrupt<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = iceberg::Result<T>>,
+) -> iceberg::Result<T> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(r) => r,
+        Err(p) => {
+            let e = panicked(what, p.as_ref());
+            Err(iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string()).with_source(e))
+        }
+    }
+}
+
+/// What iceberg's commit on top of `table`'s head reads: its manifest list and manifests (named
+/// in [`iceberg_panic_is_corrupt`]'s error).
+pub(crate) fn head_metadata_files(table: &iceberg::table::Table) -> String {
+    match table.metadata().current_snapshot() {
+        Some(s) => format!("manifest list {} (or a manifest it lists), read by iceberg's commit", s.manifest_list()),
+        None => format!("a metadata file of table {}, read by iceberg's commit", table.identifier()),
+    }
+}
+
 /// The `Corrupt` error of a decode of `what` that panicked with `payload`.
 pub(crate) fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> Error {
     let msg = payload

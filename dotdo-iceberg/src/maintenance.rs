@@ -198,7 +198,11 @@ impl IcebergColdStore {
                     .retain_last(1)
                     .apply(tx)
                     .map_err(|e| classify(e, &what))?;
-                tx.commit(&*self.inner.catalog).await.map(|_| ()).map_err(|e| classify(e, &what))
+                let read = crate::error::head_metadata_files(&table);
+                crate::error::iceberg_panic_is_corrupt(&read, tx.commit(&*self.inner.catalog))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(e, &what))
             };
             match committed {
                 Ok(()) => {

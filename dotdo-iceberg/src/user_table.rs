@@ -838,7 +838,8 @@ impl ArrowTable {
                 .add_column(iceberg::transaction::AddColumn::optional(name, ty.clone()))
                 .apply(tx)
                 .map_err(|e| classify(e, &what).with_retryable(false))?;
-            match tx.commit(&self.store.pinned(&table)).await {
+            let read = crate::error::head_metadata_files(&table);
+            match crate::error::iceberg_panic_is_corrupt(&read, tx.commit(&self.store.pinned(&table))).await {
                 Ok(_) => {
                     last_err = None;
                     break;

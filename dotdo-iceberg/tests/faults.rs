@@ -1732,3 +1732,44 @@ async fn damaged_bytes_in_manifests_never_panic_a_read() {
     println!("{panicked} Corrupt from a decoder panic");
     assert!(panicked > 0, "no damaged byte made the decoder panic: the guard is not exercised");
 }
+
+/// An append through a catalog other than dotdo's SQL one (iceberg's own fast append reads the
+/// parent's manifest list) onto a manifest list whose damage makes the Avro decoder panic is
+/// `Corrupt`, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_onto_a_manifest_list_that_panics_the_decoder_is_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, _slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let table = cold.refresh().await.expect("refresh");
+    let list = table.metadata().current_snapshot().expect("snapshot").manifest_list().to_string();
+    let local = list.strip_prefix("file://").expect("local").to_string();
+    let bytes = std::fs::read(&local).expect("read");
+    let mut found = false;
+    for pos in 0..bytes.len() {
+        let mut damaged = bytes.clone();
+        damaged[pos] ^= 0x5a;
+        std::fs::write(&local, &damaged).expect("write");
+        let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
+        if fresh.load_state(&o, AsOf::Latest).await.is_err_and(|e| e.to_string().contains("panicked")) {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no damaged byte made the decoder panic");
+    let e = cold
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "v", 1)]))
+        .await
+        .expect_err("the parent's manifest list is damaged");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(list.rsplit('/').next().expect("name")), "the error names the file: {e}");
+}
