@@ -2030,12 +2030,20 @@ async fn a_failed_renewal_gives_the_lease_back() {
 struct ExpiringCold {
     inner: MemoryColdStore,
     expired: parking_lot::Mutex<std::collections::HashSet<SnapshotId>>,
+    /// Every snapshot read is `NotFound` (each expires before it can be read), while
+    /// `snapshots` still lists them.
+    all_expired: std::sync::atomic::AtomicBool,
 }
 
 impl ExpiringCold {
+    fn new(inner: MemoryColdStore) -> Self {
+        ExpiringCold { inner, expired: Default::default(), all_expired: Default::default() }
+    }
+
     fn check(&self, as_of: AsOf) -> Result<()> {
+        let all = self.all_expired.load(std::sync::atomic::Ordering::SeqCst);
         match as_of {
-            AsOf::Snapshot(id) if self.expired.lock().contains(&id) => {
+            AsOf::Snapshot(id) if all || self.expired.lock().contains(&id) => {
                 Err(Error::new(ErrorKind::NotFound, format!("snapshot {id} expired (test)")))
             }
             _ => Ok(()),
@@ -2170,7 +2178,7 @@ async fn a_prefetch_after_the_expiry_of_a_lazy_snapshot_repins() {
     let (o, p) = (oid("o"), oid("p"));
     populate(&a, &o, 20).await;
     a.evict(&o).await.expect("evict");
-    let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
+    let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
     let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
         .with_hot_store(Arc::new(w.hot.clone()))
         .with_guard(Arc::new(w.hot.clone()))
@@ -2201,7 +2209,7 @@ async fn lazily_read_then_cold_moves_on(with_accelerator: bool) -> (ObjectRuntim
         incr(&a, &o).await.expect("incr");
     }
     a.evict(&o).await.expect("evict");
-    let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
+    let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
     let b = if with_accelerator {
         ObjectRuntime::builder(NodeId::new("b").expect("valid"))
             .with_hot_store(Arc::new(w.hot.clone()))
@@ -2261,6 +2269,104 @@ async fn a_read_only_answer_after_the_cold_state_moved_is_refused() {
     assert_eq!(get(&b, &o, "n").await.expect("activated afresh"), Some(Bytes::from("10")));
 }
 
+/// A handler on a lazy activation that swallows the `Conflict` of a read which found the
+/// object's cold state moved on and answers with an error of its own (computed from what it had
+/// cached) is refused like an answer: its error rests on the old state too (it was passed on,
+/// and the spent activation kept its lease).
+#[tokio::test]
+async fn a_handler_error_after_the_cold_state_moved_is_refused() {
+    let (b, o, w) = lazily_read_then_cold_moves_on(true).await;
+    let e = b
+        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            let missed = t.get("not-cached").await;
+            assert!(missed.is_err_and(|e| e.kind() == &ErrorKind::Conflict), "the read finds the move");
+            let n = t.get("n").await?;
+            Err::<(), _>(Error::invalid(format!("over the limit at {n:?}")))
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(w.hot.is_available(&o).await.expect("available"), "the spent activation's lease went back");
+    assert_eq!(get(&b, &o, "n").await.expect("activated afresh"), Some(Bytes::from("10")));
+}
+
+/// A write on a lazy activation whose restore finds the cold state moved on fails with
+/// `Conflict` and gives the spent activation's lease back at once (it was kept until the next
+/// call or `maintain`).
+#[tokio::test]
+async fn a_write_that_finds_the_cold_state_moved_gives_the_lease_back() {
+    let (b, o, w) = lazily_read_then_cold_moves_on(false).await;
+    let e = incr(&b, &o).await.expect_err("the restore cannot complete");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(w.hot.is_available(&o).await.expect("available"), "the spent activation's lease went back");
+}
+
+/// A lazy object whose every pinned snapshot expires before it can be read (a table expiring
+/// aggressively) gives up after a few re-pins with a retryable `Unavailable`: it answered
+/// `NotFound` after one re-pin, which says "no such object" for one that exists.
+#[tokio::test]
+async fn a_lazy_read_whose_snapshots_keep_expiring_is_unavailable_not_not_found() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 5).await;
+    a.evict(&o).await.expect("evict");
+    let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
+    cold.all_expired.store(true, std::sync::atomic::Ordering::SeqCst);
+    let b = w.lazy_runtime_without_accelerator("b", cold.clone());
+    let e = get(&b, &o, "key/0001").await.expect_err("every pinned snapshot expired");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    cold.all_expired.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(get(&b, &o, "key/0001").await.expect("once they stay").as_deref(), Some(&b"value-1"[..]));
+}
+
+/// A write on a lazy activation that a read found moved on (its accelerator's snapshot expired
+/// and re-pinning found newer cold state; the handler swallowed that `Conflict`) is refused, also
+/// when the cold sink still loads the old snapshot: the restore before the commit installed the
+/// old state and the write went on top of it, over the newer value in cold.
+#[tokio::test]
+async fn a_write_after_a_read_found_the_cold_state_moved_is_refused() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let (o, p) = (oid("o"), oid("p"));
+    for _ in 0..3 {
+        incr(&a, &o).await.expect("incr");
+    }
+    a.evict(&o).await.expect("evict");
+    // The accelerator's view expires snapshots; the cold sink's does not.
+    let accel = Arc::new(ExpiringCold::new(w.cold.clone()));
+    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_accelerator(accel.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+        .build()
+        .expect("build runtime");
+    assert_eq!(get(&b, &o, "n").await.expect("lazy read"), Some(Bytes::from("3")));
+    let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
+    let mut next = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes").pop().expect("last");
+    next.seq += 1;
+    next.value = Bytes::from("10");
+    w.cold.append(ColdBatch::single(o.clone(), next.token, vec![next])).await.expect("cold moves on");
+    incr(&a, &p).await.expect("other object");
+    a.flush(&p).await.expect("flush other");
+    accel.expired.lock().insert(pinned);
+    let e = b
+        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            let missed = t.get("not-cached").await;
+            assert!(missed.is_err_and(|e| e.kind() == &ErrorKind::Conflict), "the read finds the move");
+            t.put("n", "4")?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .expect_err("the write rests on moved state");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert_eq!(get(&b, &o, "n").await.expect("activated afresh"), Some(Bytes::from("10")));
+}
+
 /// A lazily restored object keeps working after maintenance expired the snapshot it was
 /// reading: it re-pins the newest snapshot (its own cold state has not moved) instead of failing
 /// every read and write with `NotFound`.
@@ -2272,7 +2378,7 @@ async fn a_lazy_object_survives_the_expiry_of_its_snapshot() {
     populate(&a, &o, 20).await;
     let before = all_state(&a, &o).await;
     a.evict(&o).await.expect("evict");
-    let cold = Arc::new(ExpiringCold { inner: w.cold.clone(), expired: Default::default() });
+    let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
     let b = w.lazy_runtime_without_accelerator("b", cold.clone());
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
     let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");

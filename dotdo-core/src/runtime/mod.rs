@@ -617,6 +617,11 @@ impl ObjectRuntime {
                 if let Some(e) = self.refuse_if_ran_out(object, &mut slot, "its error").await {
                     return Err(e.into());
                 }
+                // And one made after a lazy restore found the cold state moved on (the
+                // handler swallowed that `Conflict` and went on from the old state's cache).
+                if let Some(e) = self.refuse_if_lazy_moved(object, &mut slot, "its error").await {
+                    return Err(e.into());
+                }
                 self.after_call(&mut slot).await;
                 return Err(handler_err);
             }
@@ -633,18 +638,8 @@ impl ObjectRuntime {
             // A lazy restore found the object's cold state moved on during the call (a read
             // answered `Conflict`): an answer the handler made anyway (that error swallowed)
             // rests on the old state's cache.
-            if slot.lazy_moved() {
-                // The activation is spent (the next call starts afresh): its lease goes back now,
-                // not at its expiry (no later call or `maintain` may come for it).
-                give_back(&self.inner, &mut slot.active).await;
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!(
-                        "the cold state of {object} moved on during the call's lazy restore; its answer may be stale \
-                         (the next call activates afresh)"
-                    ),
-                )
-                .into());
+            if let Some(e) = self.refuse_if_lazy_moved(object, &mut slot, "its answer").await {
+                return Err(e.into());
             }
         } else {
             if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
@@ -659,9 +654,10 @@ impl ObjectRuntime {
                     // release of a lease that is no longer current changes nothing).
                     self.inner.metrics.lock().self_fenced += 1;
                     give_back(&self.inner, &mut slot.active).await;
-                } else if activation_spent(&e) {
+                } else if activation_spent(&e) || slot.lazy_moved() {
                     // The hot store is behind cold storage, or a lazy restore found hot state it
-                    // cannot build on: the next activation starts afresh.
+                    // cannot build on, or found the cold state moved on: the next activation
+                    // starts afresh (its lease goes back now, not at the next call or `maintain`).
                     give_back(&self.inner, &mut slot.active).await;
                 } else if e.kind() == &ErrorKind::AmbiguousOutcome {
                     // The write may still land later (a request queued at a remote primary):
@@ -782,6 +778,24 @@ impl ObjectRuntime {
         Some(Error::new(
             ErrorKind::LeaseLost { object: object.clone() },
             format!("the lease ran out before the handler finished; {what} may be stale"),
+        ))
+    }
+
+    /// `Conflict` if a lazy restore found the object's cold state moved on during the call: what
+    /// the handler made anyway (`what`: its answer, or its error; it swallowed that `Conflict`)
+    /// rests on the old state's cache. The activation is spent (the next call starts afresh): its
+    /// lease goes back now, not at its expiry (no later call or `maintain` may come for it).
+    async fn refuse_if_lazy_moved(&self, object: &ObjectId, slot: &mut Slot, what: &str) -> Option<Error> {
+        if !slot.lazy_moved() {
+            return None;
+        }
+        give_back(&self.inner, &mut slot.active).await;
+        Some(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "the cold state of {object} moved on during the call's lazy restore; {what} may be stale (the next \
+                 call activates afresh)"
+            ),
         ))
     }
 
@@ -1852,7 +1866,9 @@ async fn load_pinned(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState
 }
 
 /// `read` at the lazy activation's snapshot; if that snapshot has expired since (`NotFound`),
-/// re-pinned ([`repin`]) and read again.
+/// re-pinned ([`repin`]) and read again, up to [`REPINS`] times (the newly pinned snapshot may
+/// expire too, on a table that expires aggressively); then a retryable `Unavailable` (`NotFound`
+/// said "no such object" for one that exists).
 pub(crate) async fn at_pinned<T, F>(
     inner: &Arc<Inner>,
     object: &ObjectId,
@@ -1862,15 +1878,29 @@ pub(crate) async fn at_pinned<T, F>(
 where
     F: std::future::Future<Output = Result<T>>,
 {
-    let as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
-    match read(as_of).await {
-        Err(e) if e.kind() == &ErrorKind::NotFound && lazy.snapshot.is_some() => {
-            let as_of = repin(inner, object, lazy).await?;
-            read(as_of).await
+    let mut as_of = lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot);
+    let mut repins = 0;
+    loop {
+        match read(as_of).await {
+            Err(e) if e.kind() == &ErrorKind::NotFound && lazy.snapshot.is_some() => {
+                if repins == REPINS {
+                    return Err(Error::unavailable(format!(
+                        "{object}: the snapshots a lazy restore pinned expired {} times in a row while it read \
+                         them; try again",
+                        REPINS + 1
+                    ))
+                    .with_source(e));
+                }
+                repins += 1;
+                as_of = repin(inner, object, lazy).await?;
+            }
+            r => return r,
         }
-        r => r,
     }
 }
+
+/// How many times in a row [`at_pinned`] re-pins an expired snapshot before it gives up.
+const REPINS: u32 = 3;
 
 /// Install the object's cold state in hot storage and leave lazy mode.
 pub(crate) async fn complete_restore(
@@ -1880,6 +1910,13 @@ pub(crate) async fn complete_restore(
     lazy: &mut Option<LazyState>,
 ) -> Result<()> {
     let Some(state) = lazy.as_mut() else { return Ok(()) };
+    if state.moved {
+        // Spent: found moved by an earlier read of this activation.
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!("cold state of {object} moved on from seq {} during a lazy restore", state.through),
+        ));
+    }
     let st = load_pinned(inner, object, state).await?;
     if st.through != state.through {
         state.moved = true;

@@ -563,6 +563,55 @@ pub async fn paused_holder_past_ttl_is_fenced(f: &HotFactory) {
     assert_eq!(fx.hot.get(&a.object, "n").await.expect("get"), Some(b("1")));
 }
 
+/// A newer lease keeps fencing the older holder after it ended (released, or run out) without
+/// its holder writing anything: the store remembers every token the guard issued, not only the
+/// leases in force. (A store whose floor counts only leases in force, or drops released lease
+/// rows, accepted the old holder's writes once the newer lease was gone.) Each end and each kind
+/// of call runs on an object of its own, written by the old holder or never written; `current`
+/// is `None` once the newer lease has ended.
+pub async fn a_newer_lease_keeps_fencing_after_it_ends(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    for end in ["released", "expired"] {
+        for written in [true, false] {
+            for call in ["put", "truncate", "evict", "restore"] {
+                // Alphanumeric and lower case: ids sharing a prefix or differing in case are other cases' matter.
+                let id = format!("{call}{end}{}", if written { "written" } else { "blank" });
+                let old = lease(&fx, &id, "n1").await;
+                if written {
+                    fx.hot.put(&old.object, old.token, "T", "k", b("old")).await.expect("put");
+                }
+                clock.advance(TTL + Duration::from_millis(1));
+                let new = lease(&fx, &id, "n2").await;
+                assert!(new.token > old.token);
+                if end == "released" {
+                    fx.guard.release(&new).await.expect("release");
+                } else {
+                    clock.advance(TTL + Duration::from_millis(1));
+                }
+                assert_eq!(fx.guard.current(&old.object).await.expect("current"), None, "{id}: the newer lease {end}");
+                let e = match call {
+                    "put" => fx.hot.put(&old.object, old.token, "T", "k", b("stale")).await.map(|_| ()),
+                    "truncate" => fx.hot.truncate_changes(&old.object, old.token, 0).await,
+                    "evict" => fx.hot.evict(&old.object, old.token).await,
+                    _ => {
+                        let entry = crate::Entry { key: "k".into(), value: b("cold"), seq: 5 };
+                        fx.hot.restore(&old.object, old.token, vec![entry], 5).await
+                    }
+                }
+                .expect_err(&format!("{id}: a stale call after the newer lease {end}"));
+                match e.kind() {
+                    ErrorKind::Fenced { presented, current, .. } => {
+                        assert_eq!((*presented, *current), (old.token, new.token), "{id}: {e}");
+                    }
+                    other => panic!("{id}: expected Fenced, got {other:?}: {e}"),
+                }
+                let value = if written { Some(b("old")) } else { None };
+                assert_eq!(fx.hot.get(&old.object, "k").await.expect("get"), value, "{id}: nothing changed");
+            }
+        }
+    }
+}
+
 /// A lease taken over before the object was ever written fences every call of the old holder:
 /// the new lease alone is the object's fencing floor, before the new holder writes anything.
 /// Each kind of call is tried on an object of its own, so that no refused call can have raised
@@ -717,6 +766,20 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     assert_eq!(fx.hot.get(&d.object, "a").await.expect("get"), Some(b("1")), "restored state survives a restart");
     assert_eq!(fx.hot.put(&d.object, d.token, "T", "c", b("3")).await.expect("put").first_seq, 4);
+    // A lease acquired with nothing after it (no write, no release) survives a restart: an
+    // acquire is durable when it answers, not once a later call flushes it.
+    let held = fx.guard.acquire(&oid("o4"), &nid("n1"), TTL).await.expect("acquire o4");
+    super::crash(fx);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    match fx.guard.acquire(&held.object, &nid("n2"), TTL).await {
+        Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { holder, .. } if *holder == held.holder) => {}
+        other => panic!("the lease acquired before the restart was lost: {other:?}"),
+    }
+    let current = fx.guard.current(&held.object).await.expect("current").map(|l| (l.holder, l.token));
+    assert_eq!(current, Some((held.holder.clone(), held.token)), "the lease after the restart");
+    clock.advance(TTL + Duration::from_millis(1));
+    let next = fx.guard.acquire(&held.object, &nid("n2"), TTL).await.expect("acquire o4 after expiry");
+    assert!(next.token > held.token, "{next:?} after {held:?}");
 }
 
 /// A lease released through a handle whose clock runs ahead is free at once through a handle
