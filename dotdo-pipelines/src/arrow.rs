@@ -609,7 +609,10 @@ impl ArrowPipeline {
                         // The log's unclaimed rows are the pending batches, in the same order.
                         let pending = b.pending.len();
                         crate::log::fully_synced(&mut log.lock(), |c| {
-                            let tx = c.transaction().map_err(|e| sql(e, "claim"))?;
+                            // Immediate, as the event log's claim (it reads before it writes).
+                            let tx = c
+                                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                                .map_err(|e| sql(e, "claim"))?;
                             let unclaimed: i64 = tx
                                 .query_row("SELECT count(*) FROM arrow_log WHERE batch IS NULL", [], |r| r.get(0))
                                 .map_err(|e| sql(e, "claim"))?;

@@ -452,7 +452,11 @@ impl SqliteLog {
         token: FencingToken,
         next_seq: NextSeq<'_>,
     ) -> Result<Option<Claimed>> {
-        let tx = conn.transaction().map_err(|e| sql(e, "claim"))?;
+        // Immediate: the claim reads before it writes, and a deferred transaction's upgrade to a
+        // writer fails at once (`SQLITE_BUSY`, no busy timeout) if another connection on the
+        // file (a pipeline sharing it) committed since the read began.
+        let tx =
+            conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| sql(e, "claim"))?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         // First the last row within the byte bound (sizes only, a row at a time), so a log that
         // spilled many large events is never loaded whole.

@@ -865,3 +865,68 @@ async fn an_earlier_claim_committed_now_with_its_reply_lost_counts() {
     assert_eq!(p.counters().1, 45);
     assert_eq!(ids(&t).await, (0..45).collect::<Vec<_>>());
 }
+
+/// An event pipeline and an Arrow pipeline sharing one durable log file (allowed: each keeps its
+/// own table) both roll while the other keeps sending: a claim reads the log before it writes,
+/// and as a deferred transaction it failed with `SQLITE_BUSY` whenever the other pipeline
+/// committed a send in between (the busy timeout does not apply to that upgrade), so rolls kept
+/// failing on a busy shared file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_sharing_a_log_file_roll_while_the_other_sends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("shared-log.db")), ..Default::default() };
+    let arrow = ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect("arrow pipeline");
+    let cold = Arc::new(dotdo_core::MemoryColdStore::new());
+    let events =
+        dotdo_pipelines::Pipeline::builder(cold.clone()).with_settings(settings).build().expect("event pipeline");
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each side sends from a thread of its own while this task rolls the other side.
+    let sender = {
+        let (events, stop) = (events.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let o = dotdo_core::ObjectId::new(format!("o{}", sent % 7)).expect("id");
+                let e = dotdo_pipelines::Event::new(o, "T", format!("k{sent}"), "v", dotdo_core::Timestamp::EPOCH);
+                events.send([e]).expect("event send");
+                sent += 1;
+            }
+            sent
+        })
+    };
+    let mut rolled = 0;
+    for round in 0..30 {
+        arrow.send(batch(round * 10, 10)).expect("arrow send");
+        rolled += arrow.roll().await.expect("an Arrow roll while events are sent");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = sender.join().expect("sender");
+    assert_eq!(rolled, 300);
+    let arrow_sender = {
+        let (arrow, stop) = (arrow.clone(), Arc::new(AtomicBool::new(false)));
+        let flag = stop.clone();
+        (
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !flag.load(Ordering::SeqCst) {
+                    arrow.send(batch(1_000 + n * 5, 5)).expect("arrow send");
+                    n += 1;
+                }
+                n
+            }),
+            stop,
+        )
+    };
+    let mut delivered = 0;
+    for _ in 0..30 {
+        delivered += events.roll().await.expect("an event roll while Arrow batches are sent").events;
+    }
+    arrow_sender.1.store(true, Ordering::SeqCst);
+    let arrow_batches = arrow_sender.0.join().expect("arrow sender");
+    delivered += events.close().await.expect("close").events;
+    assert_eq!(delivered, sent, "every event delivered once");
+    let rows = arrow.close().await.expect("close arrow");
+    assert_eq!(rows, u64::try_from(arrow_batches * 5).expect("positive"), "the Arrow batches sent meanwhile");
+}
