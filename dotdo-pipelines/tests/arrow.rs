@@ -930,3 +930,24 @@ async fn pipelines_sharing_a_log_file_roll_while_the_other_sends() {
     let rows = arrow.close().await.expect("close arrow");
     assert_eq!(rows, u64::try_from(arrow_batches * 5).expect("positive"), "the Arrow batches sent meanwhile");
 }
+
+/// A durable Arrow log whose recorded next batch id is past what a batch id can be (damaged, or
+/// edited by hand) is refused at open as `Corrupt` naming the row: it opened, and every roll
+/// failed for good (`Backend` binding the id, or `InvalidInput` from the table's stream marks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrow_log_whose_next_batch_id_is_out_of_range_is_corrupt() {
+    for bad in [i64::MAX.to_string(), u64::MAX.to_string(), "0".to_string(), "x".to_string()] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = table(dir.path()).await;
+        let path = dir.path().join("arrow-log.db");
+        let settings = PipelineSettings { durability: Durability::Durable(path.clone()), ..Default::default() };
+        drop(ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect("open"));
+        rusqlite::Connection::open(&path)
+            .expect("open log")
+            .execute("INSERT OR REPLACE INTO arrow_log_meta (k, v) VALUES ('next_id', ?1)", [&bad])
+            .expect("damage");
+        let e = ArrowPipeline::open("orders", Arc::new(t), settings).expect_err("a damaged floor");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{bad}: {e}");
+        assert!(e.to_string().contains("next_id"), "{bad}: {e}");
+    }
+}
