@@ -326,6 +326,39 @@ impl IcebergColdStore {
         RetryPolicy { retries: s.max_commit_attempts.max(1) - 1, base: s.retry_base_delay }
     }
 
+    /// The file scan tasks `scan` (a scan of `table`'s current snapshot) plans, checked against
+    /// the live data files dotdo's own (panic-guarded) manifest reads list: iceberg plans on tasks
+    /// of its own, and one that panics decoding a damaged manifest (apache-avro 0.21 unwraps a
+    /// damaged schema name) ends the plan short, without an error; a read of it answered part of
+    /// the table as the whole.
+    pub(crate) async fn planned_tasks(
+        &self,
+        table: &Table,
+        scan: &iceberg::scan::TableScan,
+        what: &str,
+    ) -> Result<Vec<iceberg::scan::FileScanTask>> {
+        use futures::TryStreamExt;
+        // Planning reads the manifest list and manifests: a file iceberg cannot decode is damage
+        // (`Corrupt`), as in dotdo's own reads of them.
+        let metadata_read = |e| crate::error::classify_metadata_read(e, what);
+        let tasks: Vec<iceberg::scan::FileScanTask> =
+            scan.plan_files().await.map_err(metadata_read)?.try_collect().await.map_err(metadata_read)?;
+        let Some(head) = table.metadata().current_snapshot() else { return Ok(tasks) };
+        let (live, _) = self.files_of(table, head, None).await?;
+        let planned: HashSet<&str> = tasks.iter().map(|t| t.data_file_path.as_str()).collect();
+        if let Some(missing) = live.iter().find(|f| !planned.contains(f.path.as_str())) {
+            return Err(Error::corrupt(format!(
+                "{what}: iceberg's scan planned {} of the {} live data files of snapshot {} (not {}): a manifest \
+                 it could not decode",
+                planned.len(),
+                live.iter().map(|f| f.path.as_str()).collect::<HashSet<_>>().len(),
+                head.snapshot_id(),
+                missing.path
+            )));
+        }
+        Ok(tasks)
+    }
+
     /// The live data files of `table`'s current snapshot (through the accelerator's cached
     /// manifest reads).
     async fn live_files(&self, table: &Table) -> Result<Vec<LiveFile>> {
@@ -712,24 +745,24 @@ impl IcebergColdStore {
         let what = format!("compacting {}", table.identifier());
         let wanted: HashSet<&str> = group.iter().map(|f| f.path.as_str()).collect();
         let scan = table.scan().select_all().build().map_err(|e| classify(e, &what))?;
-        let tasks: Vec<iceberg::scan::FileScanTask> = scan
-            .plan_files()
-            .await
-            .map_err(|e| classify(e, &what))?
-            .try_collect()
-            .await
-            .map_err(|e| classify(e, &what))?;
+        let tasks = self.planned_tasks(table, &scan, &what).await?;
         let tasks: Vec<_> = tasks.into_iter().filter(|t| wanted.contains(t.data_file_path.as_str())).collect();
         if tasks.len() != group.len() {
             return Err(Error::new(ErrorKind::Conflict, format!("{what}: files to compact changed while planning")));
         }
-        let stream = table
-            .reader_builder()
-            .build()
-            .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))
-            .map_err(|e| classify(e, &what))?
-            .stream();
-        let batches: Vec<arrow_array::RecordBatch> = stream.try_collect().await.map_err(|e| classify(e, &what))?;
+        // iceberg's reader decodes the Parquet files on this task: parquet 58 asserts on some
+        // damaged bytes.
+        let read = async {
+            let stream = table
+                .reader_builder()
+                .build()
+                .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))
+                .map_err(|e| classify(e, &what))?
+                .stream();
+            stream.try_collect::<Vec<arrow_array::RecordBatch>>().await.map_err(|e| classify(e, &what))
+        };
+        let files: Vec<&str> = group.iter().map(|f| f.path.as_str()).collect();
+        let batches = crate::error::panic_is_corrupt(&format!("one of the data files {files:?}"), read).await?;
         let read: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
         let batches = batches
             .into_iter()

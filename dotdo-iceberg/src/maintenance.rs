@@ -222,8 +222,12 @@ impl IcebergColdStore {
                         return Err(err);
                     }
                     // It may have landed (a reply lost, which a catalog may report as a broken
-                    // connection): its snapshots gone at the next attempt were expired by it.
-                    unsure.extend(expired.iter().filter(|id| !unsure.contains(id)).collect::<Vec<_>>());
+                    // connection): its snapshots gone at the next attempt were expired by it. Not
+                    // after a `Conflict`: that attempt did not land (another writer's commit
+                    // did, and may have expired them itself).
+                    if err.kind() != &ErrorKind::Conflict {
+                        unsure.extend(expired.iter().filter(|id| !unsure.contains(id)).collect::<Vec<_>>());
+                    }
                     // Expiry is idempotent: reload and recompute.
                     crate::store::retry_pause(self.inner.settings.retry_base_delay).await;
                 }

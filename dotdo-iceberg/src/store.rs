@@ -1668,7 +1668,7 @@ impl IcebergColdStore {
     /// maintenance expired the snapshot meanwhile (between resolving it and reading its files;
     /// it is not in the current table), the read is `NotFound` as for any expired snapshot, so
     /// a reader pinned to it re-pins; if the table cannot be loaded to tell (the catalog busy or
-    /// unreachable), it is that retryable error, naming the missing file (a retry decides);
+    /// unreachable), it is that retryable error, naming the read's error (a retry decides);
     /// otherwise its error stands.
     pub(crate) async fn read_at<T>(
         &self,
@@ -1689,8 +1689,7 @@ impl IcebergColdStore {
             }
             // `Corrupt` is for good: it must not stand for a snapshot that may just have expired.
             Err(re) if re.is_retryable() => Err(re.context(format!(
-                "a read of snapshot {id} found a file missing ({e}); whether the snapshot expired meanwhile could \
-                 not be checked"
+                "a read of snapshot {id} failed ({e}); whether the snapshot expired meanwhile could not be checked"
             ))),
             _ => Err(e),
         }

@@ -1020,13 +1020,14 @@ impl ArrowTable {
         }
         let what = format!("scanning {}", self.ident);
         let scan = async {
+            let scan = table.scan().build().map_err(|e| classify(e, &what))?;
+            let tasks = self.store.planned_tasks(&table, &scan, &what).await?;
             let stream = table
-                .scan()
+                .reader_builder()
                 .build()
+                .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))
                 .map_err(|e| classify(e, &what))?
-                .to_arrow()
-                .await
-                .map_err(|e| classify(e, &what))?;
+                .stream();
             stream.try_collect().await.map_err(|e| classify(e, &what))
         };
         crate::error::panic_is_corrupt(&format!("a data file of {}", self.ident), scan).await

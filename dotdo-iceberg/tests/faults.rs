@@ -1773,3 +1773,115 @@ async fn an_append_onto_a_manifest_list_that_panics_the_decoder_is_corrupt() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains(list.rsplit('/').next().expect("name")), "the error names the file: {e}");
 }
+
+/// The user table `u.events` at `dir` (id, name), through a fresh store (no cached manifests).
+async fn events_table(dir: &std::path::Path) -> dotdo_iceberg::ArrowTable {
+    use arrow_schema::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, false),
+    ]));
+    let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8")).build().await.expect("open");
+    cold.arrow_table(&["u"], "events", schema).await.expect("table")
+}
+
+/// [`events_table`] with two appends of 50 rows each (two data files).
+async fn user_table_of_two_files(dir: &std::path::Path) {
+    use arrow_array::{Int64Array, RecordBatch, StringArray};
+    let user = events_table(dir).await;
+    let schema = user.schema();
+    {
+        for b in 0..2i64 {
+            let ids: Vec<i64> = (b * 50..b * 50 + 50).collect();
+            let names: Vec<String> = ids.iter().map(|i| format!("name number {i}")).collect();
+            let rows = RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))],
+            )
+            .expect("batch");
+            user.append("s", u64::try_from(b + 1).expect("id"), vec![rows]).await.expect("append");
+        }
+    }
+}
+
+/// The files under a user table's directory whose names end with `suffix`.
+fn user_table_files(dir: &std::path::Path, sub: &str, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir.join("u").join("events").join(sub))
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    out.sort();
+    out
+}
+
+/// A user-table scan over a manifest whose damage makes the Avro decoder panic is `Corrupt`:
+/// iceberg plans the scan on tasks of its own, and the panicking one ended the plan short
+/// without an error, so `read_all` answered `Ok` with part of the table. Every third byte of
+/// the first manifest is damaged in turn; each read answers all 100 rows or fails with a typed
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_scan_over_a_damaged_manifest_never_answers_part_of_the_table() {
+    use arrow_array::RecordBatch;
+    let dir = tempfile::tempdir().expect("tempdir");
+    user_table_of_two_files(dir.path()).await;
+    let manifests: Vec<_> = user_table_files(dir.path(), "metadata", ".avro")
+        .into_iter()
+        .filter(|p| !p.file_name().expect("name").to_string_lossy().starts_with("snap-"))
+        .collect();
+    assert_eq!(manifests.len(), 2, "{manifests:?}");
+    let (mut whole, mut refused, mut panicked) = (0, 0, 0);
+    for manifest in &manifests[..1] {
+        let bytes = std::fs::read(manifest).expect("read");
+        for pos in (0..bytes.len()).step_by(3) {
+            let mut damaged = bytes.clone();
+            damaged[pos] ^= 0x5a;
+            std::fs::write(manifest, &damaged).expect("write");
+            match events_table(dir.path()).await.read_all().await {
+                Ok(b) => {
+                    assert_eq!(
+                        b.iter().map(RecordBatch::num_rows).sum::<usize>(),
+                        100,
+                        "byte {pos}: part of the table"
+                    );
+                    whole += 1;
+                }
+                Err(e) => {
+                    assert!(matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidInput), "byte {pos}: {e}");
+                    panicked += usize::from(e.to_string().contains("panicked") || e.to_string().contains("planned"));
+                    refused += 1;
+                }
+            }
+        }
+        std::fs::write(manifest, &bytes).expect("restore");
+    }
+    println!("user-table manifests damaged: {whole} reads whole, {refused} refused ({panicked} after a decoder panic)");
+    assert!(panicked > 0, "no damaged byte made the decoder panic: the check is not exercised");
+}
+
+/// A user-table compaction over a data file whose damage makes the Parquet decoder panic is
+/// `Corrupt` naming the files it read (the panic took the caller's task down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_compaction_over_a_file_that_panics_the_decoder_is_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    user_table_of_two_files(dir.path()).await;
+    let file = user_table_files(dir.path(), "data", ".parquet").remove(0);
+    let bytes = std::fs::read(&file).expect("read");
+    let mut found = false;
+    for pos in 4..bytes.len() {
+        let mut damaged = bytes.clone();
+        damaged[pos] ^= 0x5a;
+        std::fs::write(&file, &damaged).expect("write");
+        let read = events_table(dir.path()).await.read_all().await;
+        if read.is_err_and(|e| e.to_string().contains("panicked")) {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no damaged byte made the decoder panic");
+    let user = events_table(dir.path()).await;
+    let e = user.compact(dotdo_iceberg::CompactOptions::default()).await.expect_err("damaged");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let name = file.file_name().expect("name").to_string_lossy().to_string();
+    assert!(e.to_string().contains(&name), "the error names the file: {e}");
+}

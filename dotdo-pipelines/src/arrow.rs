@@ -385,8 +385,8 @@ impl ArrowPipeline {
             .map_err(|e| sql(e, &doing))?;
         v.map(|v| {
             // Batch ids are stream marks, at most `i64::MAX` (and bound as `i64` in the log): a
-            // floor at or above it would make every claim fail, for good.
-            v.parse::<u64>().ok().filter(|&n| n > 0 && n < i64::MAX as u64).ok_or_else(|| {
+            // floor above it would make every claim fail, for good.
+            v.parse::<u64>().ok().filter(|&n| n > 0 && n <= i64::MAX as u64).ok_or_else(|| {
                 Error::corrupt(format!("{}: arrow_log_meta next_id {v:?} is not a batch id", path.display()))
             })
         })

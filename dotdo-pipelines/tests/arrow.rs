@@ -892,6 +892,8 @@ async fn pipelines_sharing_a_log_file_roll_while_the_other_sends() {
                 let e = dotdo_pipelines::Event::new(o, "T", format!("k{sent}"), "v", dotdo_core::Timestamp::EPOCH);
                 events.send([e]).expect("event send");
                 sent += 1;
+                // Not a tight loop: the other pipeline's lock waits poll (no fairness).
+                std::thread::yield_now();
             }
             sent
         })
@@ -913,6 +915,7 @@ async fn pipelines_sharing_a_log_file_roll_while_the_other_sends() {
                 while !flag.load(Ordering::SeqCst) {
                     arrow.send(batch(1_000 + n * 5, 5)).expect("arrow send");
                     n += 1;
+                    std::thread::yield_now();
                 }
                 n
             }),
@@ -931,12 +934,13 @@ async fn pipelines_sharing_a_log_file_roll_while_the_other_sends() {
     assert_eq!(rows, u64::try_from(arrow_batches * 5).expect("positive"), "the Arrow batches sent meanwhile");
 }
 
-/// A durable Arrow log whose recorded next batch id is past what a batch id can be (damaged, or
+/// A durable Arrow log whose recorded next batch id is past what a batch id can be (`i64::MAX`;
+/// damaged, or
 /// edited by hand) is refused at open as `Corrupt` naming the row: it opened, and every roll
 /// failed for good (`Backend` binding the id, or `InvalidInput` from the table's stream marks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arrow_log_whose_next_batch_id_is_out_of_range_is_corrupt() {
-    for bad in [i64::MAX.to_string(), u64::MAX.to_string(), "0".to_string(), "x".to_string()] {
+    for bad in [(i64::MAX as u64 + 1).to_string(), u64::MAX.to_string(), "0".to_string(), "x".to_string()] {
         let dir = tempfile::tempdir().expect("tempdir");
         let t = table(dir.path()).await;
         let path = dir.path().join("arrow-log.db");
