@@ -242,6 +242,9 @@ mod broken {
         CaseInsensitiveOrder,
         /// The change log takes a put of an empty value for a delete.
         EmptyPutIsLoggedAsDelete,
+        /// A batch goes to the store one operation per call, yielding between them (a backend
+        /// without transactions): a call dropped midway leaves part of its batch.
+        WritesOpByOp,
     }
 
     #[derive(Debug, Clone)]
@@ -252,6 +255,16 @@ mod broken {
         async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
             if self.1 == Quirk::RaisesTheTokenFirst {
                 self.0.write(object, token, WriteBatch::new("T")).await?;
+            }
+            if self.1 == Quirk::WritesOpByOp && batch.ops.len() > 1 {
+                let mut receipt: Option<WriteReceipt> = None;
+                for op in batch.ops {
+                    let one = WriteBatch { type_name: batch.type_name.clone(), ops: vec![op] };
+                    let r = self.0.write(object, token, one).await?;
+                    receipt = Some(WriteReceipt { first_seq: receipt.map_or(r.first_seq, |p| p.first_seq), ..r });
+                    tokio::task::yield_now().await;
+                }
+                return Ok(receipt.expect("more than one op"));
             }
             self.0.write(object, token, batch).await
         }
@@ -346,6 +359,7 @@ mod broken {
             (Quirk::ReleasesAtOrAbove, "release_is_idempotent_and_never_frees_a_newer_lease"),
             (Quirk::CaseInsensitiveOrder, "pending_objects_page_in_byte_order"),
             (Quirk::EmptyPutIsLoggedAsDelete, "value_at_limit_is_accepted_and_over_limit_rejected"),
+            (Quirk::WritesOpByOp, "a_write_dropped_midway_is_whole_or_absent"),
         ];
         for (quirk, case) in cases {
             let f = hot_factory(move |clock| async move {

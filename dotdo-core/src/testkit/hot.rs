@@ -563,6 +563,60 @@ pub async fn paused_holder_past_ttl_is_fenced(f: &HotFactory) {
     assert_eq!(fx.hot.get(&a.object, "n").await.expect("get"), Some(b("1")));
 }
 
+/// A write dropped after any number of polls (a caller's timeout around it) is whole or absent:
+/// the next write on the object (which, as on any store, may only follow the dropped one's end)
+/// continues the change log without a gap, every dropped batch is in the log whole or not at
+/// all, and the state is the log's fold. (An async backend that gave a connection back with the
+/// dropped call's transaction still open let the next write commit half a batch.)
+pub async fn a_write_dropped_midway_is_whole_or_absent(f: &HotFactory) {
+    let (fx, _clock) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    fx.hot.put(&l.object, l.token, "T", "gone", b("x")).await.expect("put");
+    for polls in 1..=8u32 {
+        let batch = WriteBatch::new("T")
+            .put(format!("a{polls}"), b("1"))
+            .put(format!("b{polls}"), b("2"))
+            .delete("gone")
+            .put(format!("c{polls}"), b("3"));
+        {
+            let mut write = std::pin::pin!(fx.hot.write(&l.object, l.token, batch));
+            for _ in 0..polls {
+                if futures::poll!(write.as_mut()).is_ready() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        fx.hot
+            .put(&l.object, l.token, "T", "after", b(&polls.to_string()))
+            .await
+            .expect("a write after the dropped one");
+    }
+    let mut log = Vec::new();
+    loop {
+        let after = log.last().map_or(0, |r: &crate::ChangeRecord| r.seq);
+        let page = fx.hot.read_changes(&l.object, after, 100).await.expect("log");
+        if page.is_empty() {
+            break;
+        }
+        log.extend(page);
+    }
+    let seqs: Vec<u64> = log.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=log.len() as u64).collect::<Vec<_>>(), "the log has no gaps: {seqs:?}");
+    for polls in 1..=8u32 {
+        let keys = [format!("a{polls}"), format!("b{polls}"), format!("c{polls}")];
+        let present = keys.iter().filter(|k| log.iter().any(|r| &r.key == *k)).count();
+        assert!(present == 0 || present == 3, "the batch dropped after {polls} polls is in the log in part");
+    }
+    let mut folded: BTreeMap<String, Option<Bytes>> = BTreeMap::new();
+    for r in &log {
+        folded.insert(r.key.clone(), (r.op == Op::Put).then(|| r.value.clone()));
+    }
+    for (key, value) in folded {
+        assert_eq!(fx.hot.get(&l.object, &key).await.expect("get"), value, "{key}: the state is the log's fold");
+    }
+}
+
 /// A newer lease keeps fencing the older holder after it ended (released, or run out) without
 /// its holder writing anything: the store remembers every token the guard issued, not only the
 /// leases in force. (A store whose floor counts only leases in force, or drops released lease

@@ -906,6 +906,7 @@ macro_rules! __hot_cases {
             stale_token_write_is_rejected_after_takeover,
             paused_holder_past_ttl_is_fenced,
             a_newer_lease_keeps_fencing_after_it_ends,
+            a_write_dropped_midway_is_whole_or_absent,
             takeover_fences_an_object_never_written,
             evict_requires_drained_changes_and_keeps_sequence,
             restore_installs_state_and_continues_sequence,
