@@ -245,6 +245,9 @@ mod broken {
         /// A batch goes to the store one operation per call, yielding between them (a backend
         /// without transactions): a call dropped midway leaves part of its batch.
         WritesOpByOp,
+        /// An acquire of a held object is answered "busy, retry" (`Unavailable`), never
+        /// `LeaseHeld` naming the holder: callers retry every few ms instead of waiting it out.
+        BusyWhenHeld,
         /// Not a bug: `read_changes` answers one record per call (the contract allows
         /// fewer than the limit while more exist).
         ShortChangePages,
@@ -333,6 +336,9 @@ mod broken {
     #[async_trait]
     impl ConsistencyGuard for Quirky {
         async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
+            if self.1 == Quirk::BusyWhenHeld && self.0.current(object).await?.is_some() {
+                return Err(Error::unavailable(format!("{object} is busy; retry")));
+            }
             Ok(self.cut(self.0.acquire(object, holder, ttl).await?))
         }
         async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
@@ -364,6 +370,7 @@ mod broken {
             (Quirk::CaseInsensitiveOrder, "pending_objects_page_in_byte_order"),
             (Quirk::EmptyPutIsLoggedAsDelete, "value_at_limit_is_accepted_and_over_limit_rejected"),
             (Quirk::WritesOpByOp, "a_write_dropped_midway_is_whole_or_absent"),
+            (Quirk::BusyWhenHeld, "concurrent_acquire_has_one_winner"),
         ];
         for (quirk, case) in cases {
             let f = hot_factory(move |clock| async move {

@@ -1816,14 +1816,31 @@ pub async fn concurrent_acquire_has_one_winner(f: &HotFactory) {
         let g = fx.guard.clone();
         tasks.push(tokio::spawn(async move { g.acquire(&oid("o1"), &nid(&format!("n{i}")), TTL).await }));
     }
-    let mut winners = 0;
+    let (mut winners, mut held_by) = (Vec::new(), Vec::new());
     for t in tasks {
         match t.await.expect("task") {
-            Ok(_) => winners += 1,
-            Err(e) => assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }) || e.is_retryable(), "{e}"),
+            Ok(l) => winners.push(l),
+            Err(e) => match e.kind() {
+                ErrorKind::LeaseHeld { holder, .. } => held_by.push(holder.clone()),
+                _ => assert!(e.is_retryable(), "{e}"),
+            },
         }
     }
-    assert_eq!(winners, 1);
+    assert_eq!(winners.len(), 1, "one holder, got {winners:?}");
+    let w = winners.pop().expect("one winner");
+    assert!(held_by.iter().all(|h| h == &w.holder), "losers saw {held_by:?}, winner {}", w.holder);
+    assert_late_acquire_names(&fx, &w).await;
+}
+
+/// Once a race for `winner`'s object is over, `current` is the winner's lease and a late
+/// acquire by another node is `LeaseHeld` naming the winner (a loser of the race may have been
+/// told only "busy, retry"; this answer must name the holder).
+async fn assert_late_acquire_names(fx: &HotFixture, winner: &Lease) {
+    assert_eq!(fx.guard.current(&winner.object).await.expect("current"), Some(winner.clone()));
+    match fx.guard.acquire(&winner.object, &nid("late"), TTL).await {
+        Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { holder, .. } if *holder == winner.holder) => {}
+        other => panic!("a late acquire must be LeaseHeld naming {}: {other:?}", winner.holder),
+    }
 }
 
 /// Many nodes taking over an expired lease at once: exactly one wins, with a token above every
@@ -1857,7 +1874,7 @@ pub async fn concurrent_takeover_has_one_winner(f: &HotFactory) {
         let w = winners.pop().expect("one winner");
         assert!(w.token > last.token, "round {round}: token {} after {}", w.token, last.token);
         assert!(held_by.iter().all(|h| h == &w.holder), "round {round}: losers saw {held_by:?}, winner {}", w.holder);
-        assert_eq!(fx.guard.current(&w.object).await.expect("current"), Some(w.clone()));
+        assert_late_acquire_names(&fx, &w).await;
         let e = fx.hot.put(&w.object, last.token, "T", "k", b("stale")).await.expect_err("the old holder");
         assert!(e.is_fenced(), "round {round}: {e}");
         last = w;
