@@ -338,11 +338,16 @@ impl IcebergColdStore {
         what: &str,
     ) -> Result<Vec<iceberg::scan::FileScanTask>> {
         use futures::TryStreamExt;
-        // Planning reads the manifest list and manifests: a file iceberg cannot decode is damage
-        // (`Corrupt`), as in dotdo's own reads of them.
+        // Planning reads the manifest list (on this task: a decoder panic is caught here) and
+        // the manifests: a file iceberg cannot decode is damage (`Corrupt`), as in dotdo's own
+        // reads of them.
         let metadata_read = |e| crate::error::classify_metadata_read(e, what);
-        let tasks: Vec<iceberg::scan::FileScanTask> =
-            scan.plan_files().await.map_err(metadata_read)?.try_collect().await.map_err(metadata_read)?;
+        let plan = async { scan.plan_files().await.map_err(metadata_read)?.try_collect().await.map_err(metadata_read) };
+        let read = match table.metadata().current_snapshot() {
+            Some(s) => format!("manifest list {} (or a manifest it lists)", s.manifest_list()),
+            None => format!("a metadata file of table {}", table.identifier()),
+        };
+        let tasks: Vec<iceberg::scan::FileScanTask> = crate::error::panic_is_corrupt(&read, plan).await?;
         let Some(head) = table.metadata().current_snapshot() else { return Ok(tasks) };
         let (live, _) = self.files_of(table, head, None).await?;
         let planned: HashSet<&str> = tasks.iter().map(|t| t.data_file_path.as_str()).collect();
@@ -730,6 +735,28 @@ impl IcebergColdStore {
     }
 }
 
+/// The rows of `tasks` (planned on `table`), read through iceberg's reader (`what`: the
+/// operation, for errors). iceberg decodes the Parquet files on this task, and parquet 58
+/// asserts on some damaged bytes: a panic is `Corrupt` naming `files`.
+pub(crate) async fn read_tasks(
+    table: &Table,
+    tasks: Vec<iceberg::scan::FileScanTask>,
+    what: &str,
+    files: &str,
+) -> Result<Vec<arrow_array::RecordBatch>> {
+    use futures::TryStreamExt;
+    let read = async {
+        let stream = table
+            .reader_builder()
+            .build()
+            .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))
+            .map_err(|e| classify(e, what))?
+            .stream();
+        stream.try_collect().await.map_err(|e| classify(e, what))
+    };
+    crate::error::panic_is_corrupt(files, read).await
+}
+
 impl IcebergColdStore {
     /// Read one group of a user table's files through iceberg's reader (projected to the
     /// current schema) and write them, in order, as files of about `target` bytes.
@@ -740,8 +767,6 @@ impl IcebergColdStore {
         schema: &arrow_schema::SchemaRef,
         target: usize,
     ) -> Result<(Vec<DataFile>, u64)> {
-        use futures::TryStreamExt;
-
         let what = format!("compacting {}", table.identifier());
         let wanted: HashSet<&str> = group.iter().map(|f| f.path.as_str()).collect();
         let scan = table.scan().select_all().build().map_err(|e| classify(e, &what))?;
@@ -750,19 +775,8 @@ impl IcebergColdStore {
         if tasks.len() != group.len() {
             return Err(Error::new(ErrorKind::Conflict, format!("{what}: files to compact changed while planning")));
         }
-        // iceberg's reader decodes the Parquet files on this task: parquet 58 asserts on some
-        // damaged bytes.
-        let read = async {
-            let stream = table
-                .reader_builder()
-                .build()
-                .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))
-                .map_err(|e| classify(e, &what))?
-                .stream();
-            stream.try_collect::<Vec<arrow_array::RecordBatch>>().await.map_err(|e| classify(e, &what))
-        };
         let files: Vec<&str> = group.iter().map(|f| f.path.as_str()).collect();
-        let batches = crate::error::panic_is_corrupt(&format!("one of the data files {files:?}"), read).await?;
+        let batches = read_tasks(table, tasks, &what, &format!("one of the data files {files:?}")).await?;
         let read: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
         let batches = batches
             .into_iter()

@@ -1013,24 +1013,14 @@ impl ArrowTable {
 
     /// Every row of the table at its current snapshot (for tests and small tables).
     pub async fn read_all(&self) -> Result<Vec<RecordBatch>> {
-        use futures::TryStreamExt;
         let table = self.load().await?;
         if table.metadata().current_snapshot().is_none() {
             return Ok(Vec::new());
         }
         let what = format!("scanning {}", self.ident);
-        let scan = async {
-            let scan = table.scan().build().map_err(|e| classify(e, &what))?;
-            let tasks = self.store.planned_tasks(&table, &scan, &what).await?;
-            let stream = table
-                .reader_builder()
-                .build()
-                .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))
-                .map_err(|e| classify(e, &what))?
-                .stream();
-            stream.try_collect().await.map_err(|e| classify(e, &what))
-        };
-        crate::error::panic_is_corrupt(&format!("a data file of {}", self.ident), scan).await
+        let scan = table.scan().build().map_err(|e| classify(e, &what))?;
+        let tasks = self.store.planned_tasks(&table, &scan, &what).await?;
+        crate::compact::read_tasks(&table, tasks, &what, &format!("a data file of {}", self.ident)).await
     }
 }
 

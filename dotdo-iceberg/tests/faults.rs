@@ -1659,19 +1659,10 @@ async fn a_compaction_over_a_file_that_panics_the_decoder_is_corrupt() {
     let local = file.strip_prefix("file://").expect("local").to_string();
     let name = file.rsplit('/').next().expect("name").to_string();
     let bytes = std::fs::read(&local).expect("read");
-    // The first damaged byte whose read the decoder panics on (the read says so).
-    let mut found = false;
-    for pos in 4..bytes.len() {
-        let mut damaged = bytes.clone();
-        damaged[pos] ^= 0x5a;
-        std::fs::write(&local, &damaged).expect("write");
-        let fresh = open().await.expect("reopen");
-        if fresh.load_state(&o, AsOf::Latest).await.is_err_and(|e| e.to_string().contains("panicked")) {
-            found = true;
-            break;
-        }
-    }
-    assert!(found, "no damaged byte made the decoder panic");
+    damage_until_the_decoder_panics(local.as_ref(), &bytes, || async {
+        open().await.expect("reopen").load_state(&o, AsOf::Latest).await.map(|_| ())
+    })
+    .await;
     let e = open().await.expect("reopen").compact(dotdo_iceberg::CompactOptions::default()).await.expect_err("damaged");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains(&name), "the error names the file: {e}");
@@ -1754,18 +1745,11 @@ async fn an_append_onto_a_manifest_list_that_panics_the_decoder_is_corrupt() {
     let list = table.metadata().current_snapshot().expect("snapshot").manifest_list().to_string();
     let local = list.strip_prefix("file://").expect("local").to_string();
     let bytes = std::fs::read(&local).expect("read");
-    let mut found = false;
-    for pos in 0..bytes.len() {
-        let mut damaged = bytes.clone();
-        damaged[pos] ^= 0x5a;
-        std::fs::write(&local, &damaged).expect("write");
+    damage_until_the_decoder_panics(local.as_ref(), &bytes, || async {
         let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("reopen");
-        if fresh.load_state(&o, AsOf::Latest).await.is_err_and(|e| e.to_string().contains("panicked")) {
-            found = true;
-            break;
-        }
-    }
-    assert!(found, "no damaged byte made the decoder panic");
+        fresh.load_state(&o, AsOf::Latest).await.map(|_| ())
+    })
+    .await;
     let e = cold
         .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "v", 1)]))
         .await
@@ -1867,21 +1851,32 @@ async fn a_user_table_compaction_over_a_file_that_panics_the_decoder_is_corrupt(
     user_table_of_two_files(dir.path()).await;
     let file = user_table_files(dir.path(), "data", ".parquet").remove(0);
     let bytes = std::fs::read(&file).expect("read");
-    let mut found = false;
-    for pos in 4..bytes.len() {
-        let mut damaged = bytes.clone();
-        damaged[pos] ^= 0x5a;
-        std::fs::write(&file, &damaged).expect("write");
-        let read = events_table(dir.path()).await.read_all().await;
-        if read.is_err_and(|e| e.to_string().contains("panicked")) {
-            found = true;
-            break;
-        }
-    }
-    assert!(found, "no damaged byte made the decoder panic");
+    damage_until_the_decoder_panics(&file, &bytes, || async {
+        events_table(dir.path()).await.read_all().await.map(|_| ())
+    })
+    .await;
     let user = events_table(dir.path()).await;
     let e = user.compact(dotdo_iceberg::CompactOptions::default()).await.expect_err("damaged");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     let name = file.file_name().expect("name").to_string_lossy().to_string();
     assert!(e.to_string().contains(&name), "the error names the file: {e}");
+}
+
+/// Damage `file` (whose intact content is `bytes`) one byte at a time, from the start, until
+/// `read` fails saying the decoder panicked; the file is left with that damage. Panics if no
+/// single damaged byte does.
+async fn damage_until_the_decoder_panics<F, Fut>(file: &std::path::Path, bytes: &[u8], read: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = dotdo_core::Result<()>>,
+{
+    for pos in 0..bytes.len() {
+        let mut damaged = bytes.to_vec();
+        damaged[pos] ^= 0x5a;
+        std::fs::write(file, &damaged).expect("write");
+        if read().await.is_err_and(|e| e.to_string().contains("panicked")) {
+            return;
+        }
+    }
+    panic!("no damaged byte of {} made the decoder panic", file.display());
 }
