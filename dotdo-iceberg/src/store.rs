@@ -708,6 +708,14 @@ fn plan(batch: &ColdBatch, prev: &SnapshotMarks) -> Result<Plan> {
         }
         // Records are validated contiguous and increasing: the new ones are a suffix.
         let from = oc.records.partition_point(|r| r.seq <= wm.through);
+        // The new records' keys and type names are checked while they are converted to Arrow;
+        // the skipped replays are never converted, and a bad one among them must refuse the
+        // batch as well (the `ColdSink` contract: nothing of it is committed).
+        for r in &oc.records[..from] {
+            dotdo_core::ids::validate_key(&r.key)
+                .and_then(|()| dotdo_core::ids::validate_type_name(&r.type_name))
+                .map_err(|e| e.context(format!("change record {} of {}", r.seq, oc.object)))?;
+        }
         let new = &oc.records[from..];
         skipped += from as u64;
         if let Some(first) = new.first() {
@@ -1462,6 +1470,21 @@ impl IcebergColdStore {
                     // retried while attempts last, as an unknown outcome was, not counted as a
                     // catalog failing commits.
                     failed_commits += u32::from(sent);
+                    // Prepared on a known table that may be stale: its head's manifest list,
+                    // which the commit reads, may be gone to another store's cleanup (`Corrupt`).
+                    // Judged once against the catalog's current table: if that moved on, this
+                    // is a conflict, planned again on it.
+                    if !err.is_retryable() && !reloaded {
+                        reloaded = true;
+                        if let Ok(t) = self.reload_for_resolution().await {
+                            if t.metadata_location() != table.metadata_location() {
+                                tracing::debug!(attempt, error = %err, "cold commit prepared on a stale table; planning again");
+                                last = Attempt::Conflict;
+                                table = t;
+                                continue;
+                            }
+                        }
+                    }
                     let give_up = !err.is_retryable() || failed_commits >= MAX_FAILED_COMMITS;
                     last = Attempt::Failed(err);
                     if give_up {

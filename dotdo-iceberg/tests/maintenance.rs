@@ -2786,6 +2786,38 @@ async fn a_snapshot_expired_while_it_is_read_is_not_found() {
     assert_eq!(l.value.map(|v| v.value), Some(bytes::Bytes::from_static(b"v2")));
 }
 
+/// A store whose known table is old (it last read it before another store expired that head and
+/// cleaned up its manifest list) appends all the same: it plans again on the current table. It
+/// failed for good with `Corrupt`, since its commit reads the old head's manifest list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_on_a_stale_table_whose_head_was_cleaned_up_plans_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = || {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["m"], "changes")
+            .settings(Settings { buckets: 1, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
+            .build()
+    };
+    let (o, p) = (ObjectId::new("o").expect("id"), ObjectId::new("p").expect("id"));
+    let one = FencingToken::new(1);
+    let first = store().await.expect("first");
+    first.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 1, "k", "v1", 1)])).await.expect("append");
+    // `a` knows that head, and has read none of its files.
+    let a = store().await.expect("a");
+    let b = store().await.expect("b");
+    b.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 2, "k", "v2", 1)])).await.expect("b appends");
+    b.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    let report = b.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    assert!(report.deleted.iter().any(|f| f.contains("/snap-")), "the old head's manifest list went: {report:?}");
+    let c = a
+        .append(ColdBatch::single(p.clone(), one, vec![common::put(&p, 1, "k", "v", 1)]))
+        .await
+        .expect("planned again on the current table");
+    assert_eq!(c.records_written, 1);
+    assert_eq!(a.watermark(&o).await.expect("wm").through, 2);
+    assert_eq!(a.load_state(&p, AsOf::Latest).await.expect("state").entries.len(), 1);
+}
+
 /// A read that finds a file missing while the catalog cannot be reached (so whether its snapshot
 /// expired meanwhile cannot be told) is a retryable error, not a `Corrupt` for good: a reader
 /// pinned to an expired snapshot failed for good instead of re-pinning on its retry.

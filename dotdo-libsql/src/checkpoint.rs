@@ -16,7 +16,8 @@ use dotdo_core::{Error, Result};
 /// runs while it checkpoints: libSQL bundles an SQLite before 3.51.3, whose "WAL-reset bug" can
 /// corrupt a WAL database when a checkpoint that starts right after another completed races a
 /// commit on another connection (https://www.sqlite.org/wal.html#walresetbug). Commits of
-/// other processes on the same file can still race it (see docs/durability.md).
+/// other processes, or of other store handles in this process, on the same file can still race
+/// it (see docs/durability.md).
 pub(crate) async fn start(
     db: &libsql::Database,
     busy_timeout: Duration,

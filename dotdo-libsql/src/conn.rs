@@ -153,6 +153,16 @@ impl Conn {
         out
     }
 
+    /// Roll back a transaction an earlier call left open on this connection (a panic between
+    /// its `BEGIN` and `COMMIT`, or a failed rollback), as dotdo-sqlite does before each write:
+    /// never build on it (an autocommit acquire run inside it would answer a token that is
+    /// never committed, and issued again).
+    pub(crate) async fn roll_back_leftover(&mut self) {
+        if !self.batch && !self.conn.is_autocommit() {
+            let _ = self.conn.execute("ROLLBACK", ()).await;
+        }
+    }
+
     /// Whether this connection renders programs as one SQL batch (remote, or forced).
     pub(crate) fn is_batch(&self) -> bool {
         self.batch
@@ -246,9 +256,10 @@ impl Conn {
         if program.result.is_none() && program.steps.len() == 1 {
             // One statement is atomic by itself: no `BEGIN` and `COMMIT` around it (two
             // statements fewer, e.g. for a lease release). A busy snapshot is retried like any
-            // busy failure, and nothing of a failed statement is applied.
+            // busy failure, and nothing of a failed statement is applied. Its implicit commit
+            // can fail on I/O as a COMMIT can: an unknown outcome, as for the local acquire.
             if let Some(step) = program.steps.pop() {
-                self.prepared(step).await?;
+                self.prepared(step).await.map_err(commit_failure)?;
             }
             return Ok(None);
         }

@@ -427,6 +427,22 @@ pub async fn invalid_records_are_refused_and_nothing_committed(f: &ColdFactory) 
     }
     assert!(fx.sink.snapshots().await.expect("snaps").is_empty(), "no snapshot for a refused batch");
     fx.sink.append(ColdBatch::single(b.clone(), tok(1), puts(&b, 1..=2, 1))).await.expect("the valid batch");
+    // A bad record among the replays a batch repeats (seqs cold already has) refuses the batch
+    // too: a sink that checks only the records it writes committed the rest.
+    for (what, damage) in cases.iter().take(7) {
+        let mut replay = puts(&b, 1..=3, 1);
+        damage(&mut replay[0]);
+        let e = fx.sink.append(ColdBatch::single(b.clone(), tok(1), replay)).await.expect_err(what);
+        assert!(
+            matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. }),
+            "{what} in a replayed record: a typed input error, got {e}"
+        );
+        assert_eq!(
+            fx.sink.watermark(&b).await.expect("wm").through,
+            2,
+            "{what} in a replayed record: nothing committed"
+        );
+    }
 }
 
 /// Deletes remove keys from recovered state; older snapshots (by id and by time) show the
