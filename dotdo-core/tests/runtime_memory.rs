@@ -1695,6 +1695,10 @@ async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() 
     let o = oid("o");
     guard.fail_releases.store(1, std::sync::atomic::Ordering::SeqCst);
     incr(&rt, &o).await.expect("first call; its release fails: a leftover lease");
+    // Half the lease's time passes first: the old lease then runs out before maintain's wait for
+    // the hung release (a TTL) ends, and maintain stays in that release until it is aborted.
+    // (Had the wait ended, maintain would go on to release the newer leftover lease itself.)
+    w.clock.advance(TTL / 2);
     // maintain takes it and its release hangs.
     guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
     let maintaining = {
@@ -1705,7 +1709,7 @@ async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() 
     assert!(!maintaining.is_finished(), "maintain hangs on the release");
     guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
     // The old lease expires; a second call takes a newer one, whose release fails too.
-    w.clock.advance(TTL + Duration::from_millis(1));
+    w.clock.advance(TTL / 2 + Duration::from_millis(1));
     guard.fail_releases.store(1, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(incr(&rt, &o).await.expect("second call"), 2);
     let newer = w.hot.current(&o).await.expect("current").expect("the newer leftover lease");

@@ -1476,13 +1476,23 @@ impl IcebergColdStore {
                     // is a conflict, planned again on it.
                     if !err.is_retryable() && !reloaded {
                         reloaded = true;
-                        if let Ok(t) = self.reload_for_resolution().await {
-                            if t.metadata_location() != table.metadata_location() {
+                        match self.reload_for_resolution().await {
+                            Ok(t) if t.metadata_location() != table.metadata_location() => {
                                 tracing::debug!(attempt, error = %err, "cold commit prepared on a stale table; planning again");
                                 last = Attempt::Conflict;
                                 table = t;
                                 continue;
                             }
+                            Ok(_) => {}
+                            // The verdict came from a table that may be stale, and the current
+                            // one cannot be read just now: that (retryable) failure is the
+                            // answer, as in the planning above.
+                            Err(re) if re.is_retryable() => {
+                                return Err(
+                                    re.context(format!("checking the failed commit against the current table ({err})"))
+                                )
+                            }
+                            Err(_) => {}
                         }
                     }
                     let give_up = !err.is_retryable() || failed_commits >= MAX_FAILED_COMMITS;

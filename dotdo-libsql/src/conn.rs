@@ -157,10 +157,16 @@ impl Conn {
     /// its `BEGIN` and `COMMIT`, or a failed rollback), as dotdo-sqlite does before each write:
     /// never build on it (an autocommit acquire run inside it would answer a token that is
     /// never committed, and issued again).
-    pub(crate) async fn roll_back_leftover(&mut self) {
-        if !self.batch && !self.conn.is_autocommit() {
+    pub(crate) async fn roll_back_leftover(&mut self) -> libsql::Result<()> {
+        if !self.remote && !self.conn.is_autocommit() {
             let _ = self.conn.execute("ROLLBACK", ()).await;
+            if !self.conn.is_autocommit() {
+                return Err(libsql::Error::Misuse(
+                    "the write connection is still inside a transaction an earlier call left open".into(),
+                ));
+            }
         }
+        Ok(())
     }
 
     /// Whether this connection renders programs as one SQL batch (remote, or forced).

@@ -782,7 +782,9 @@ impl LibsqlStore {
                         }
                     }
                 };
-                conn.roll_back_leftover().await;
+                if let Err(e) = conn.roll_back_leftover().await {
+                    return Err(self.named(error::map(e, doing, mutating)));
+                }
                 // Again once the connection is this call's, on every attempt: a call that waited
                 // (behind this store's other writers, or another process's lock) must not write
                 // into a file the checkpoint thread has meanwhile found replaced. (It may find it

@@ -281,7 +281,7 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
                 .map(|b| String::from_utf8_lossy(&b).parse().expect("number"))
                 .unwrap_or(0);
             assert_eq!(value, acked, "{object}: final counter {value} but {acked} acknowledged increments");
-            let log = hot.read_changes(&object, 0, 1_000_000).await.expect("change log");
+            let log = super::hot::changes(&*hot, &object, 0, usize::MAX).await.expect("change log");
             assert_eq!(log.len() as u64, acked, "{object}: every accepted write is in the change log");
             // Each lease writes once (acquire, one put, release), so tokens strictly rise along
             // the log: a stale holder's write after a newer one, or a token handed out twice,
@@ -407,7 +407,7 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
                 info.last_seq
             );
             assert!(info.max_token.get() >= token);
-            let log = hot.read_changes(&object, 0, 10_000_000).await.expect("log");
+            let log = super::hot::changes(&*hot, &object, 0, usize::MAX).await.expect("log");
             assert_eq!(log.len() as u64, info.last_seq, "round {round}: change log has gaps");
             let mut want = Vec::with_capacity(log.len());
             let mut prev_token = crate::FencingToken::NONE;
