@@ -2202,10 +2202,22 @@ async fn a_prefetch_after_the_expiry_of_a_lazy_snapshot_repins() {
     assert_eq!(get(&b, &o, "key/0015").await.expect("preloaded").as_deref(), Some(&b"value-15"[..]));
 }
 
-/// Object `o` (`n` = 3, written by runtime "a", evicted) read lazily by runtime "b" (through
-/// the accelerator, or without one: its whole state cached), then its cold state moves on (a
-/// writer outside "b": `n` = 10) and the snapshot "b" pinned expires.
-async fn lazily_read_then_cold_moves_on(with_accelerator: bool) -> (ObjectRuntime, ObjectId, World) {
+/// How runtime "b" of [`lazily_read_then_cold_moves_on`] reads cold storage.
+#[derive(Clone, Copy, PartialEq)]
+enum LazyView {
+    /// Its cold sink has no accelerator: the whole state is cached at the first read.
+    NoAccelerator,
+    /// Key by key through an accelerator that is also its cold sink; both see the expiry.
+    Accelerator,
+    /// Key by key through an accelerator that sees the expiry, while its cold sink (the world's
+    /// cold store) still loads the expired snapshot.
+    OnlyTheAcceleratorExpires,
+}
+
+/// Object `o` (`n` = 3, written by runtime "a", evicted) read lazily by runtime "b" (see
+/// [`LazyView`]), then its cold state moves on (a writer outside "b": `n` = 10) and the
+/// snapshot "b" pinned expires.
+async fn lazily_read_then_cold_moves_on(view: LazyView) -> (ObjectRuntime, ObjectId, World) {
     let w = World::new();
     let a = w.runtime("a", settings());
     let (o, p) = (oid("o"), oid("p"));
@@ -2214,11 +2226,13 @@ async fn lazily_read_then_cold_moves_on(with_accelerator: bool) -> (ObjectRuntim
     }
     a.evict(&o).await.expect("evict");
     let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
-    let b = if with_accelerator {
+    let b = if view != LazyView::NoAccelerator {
+        let sink: Arc<dyn ColdSink> =
+            if view == LazyView::Accelerator { cold.clone() } else { Arc::new(w.cold.clone()) };
         ObjectRuntime::builder(NodeId::new("b").expect("valid"))
             .with_hot_store(Arc::new(w.hot.clone()))
             .with_guard(Arc::new(w.hot.clone()))
-            .with_cold_sink(cold.clone())
+            .with_cold_sink(sink)
             .with_accelerator(cold.clone())
             .with_clock(Arc::new(w.clock.clone()))
             .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
@@ -2245,7 +2259,7 @@ async fn lazily_read_then_cold_moves_on(with_accelerator: bool) -> (ObjectRuntim
 /// as calls kept the activation warm).
 #[tokio::test]
 async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
-    let (b, o, _w) = lazily_read_then_cold_moves_on(false).await;
+    let (b, o, _w) = lazily_read_then_cold_moves_on(LazyView::NoAccelerator).await;
     let e = incr(&b, &o).await.expect_err("the restore cannot complete");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert!(e.is_retryable(), "{e}");
@@ -2258,7 +2272,7 @@ async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
 /// it had cached, is refused: that answer rests on the old state (it was `Ok`).
 #[tokio::test]
 async fn a_read_only_answer_after_the_cold_state_moved_is_refused() {
-    let (b, o, w) = lazily_read_then_cold_moves_on(true).await;
+    let (b, o, w) = lazily_read_then_cold_moves_on(LazyView::Accelerator).await;
     let e = b
         .invoke(&o, async |t: &mut ObjectTxn<'_>| {
             let missed = t.get("not-cached").await;
@@ -2279,7 +2293,7 @@ async fn a_read_only_answer_after_the_cold_state_moved_is_refused() {
 /// and the spent activation kept its lease).
 #[tokio::test]
 async fn a_handler_error_after_the_cold_state_moved_is_refused() {
-    let (b, o, w) = lazily_read_then_cold_moves_on(true).await;
+    let (b, o, w) = lazily_read_then_cold_moves_on(LazyView::Accelerator).await;
     let e = b
         .invoke(&o, async |t: &mut ObjectTxn<'_>| {
             let missed = t.get("not-cached").await;
@@ -2299,7 +2313,7 @@ async fn a_handler_error_after_the_cold_state_moved_is_refused() {
 /// call or `maintain`).
 #[tokio::test]
 async fn a_write_that_finds_the_cold_state_moved_gives_the_lease_back() {
-    let (b, o, w) = lazily_read_then_cold_moves_on(false).await;
+    let (b, o, w) = lazily_read_then_cold_moves_on(LazyView::NoAccelerator).await;
     let e = incr(&b, &o).await.expect_err("the restore cannot complete");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert!(w.hot.is_available(&o).await.expect("available"), "the spent activation's lease went back");
@@ -2331,33 +2345,7 @@ async fn a_lazy_read_whose_snapshots_keep_expiring_is_unavailable_not_not_found(
 /// old state and the write went on top of it, over the newer value in cold.
 #[tokio::test]
 async fn a_write_after_a_read_found_the_cold_state_moved_is_refused() {
-    let w = World::new();
-    let a = w.runtime("a", settings());
-    let (o, p) = (oid("o"), oid("p"));
-    for _ in 0..3 {
-        incr(&a, &o).await.expect("incr");
-    }
-    a.evict(&o).await.expect("evict");
-    // The accelerator's view expires snapshots; the cold sink's does not.
-    let accel = Arc::new(ExpiringCold::new(w.cold.clone()));
-    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_accelerator(accel.clone())
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
-        .build()
-        .expect("build runtime");
-    assert_eq!(get(&b, &o, "n").await.expect("lazy read"), Some(Bytes::from("3")));
-    let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
-    let mut next = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes").pop().expect("last");
-    next.seq += 1;
-    next.value = Bytes::from("10");
-    w.cold.append(ColdBatch::single(o.clone(), next.token, vec![next])).await.expect("cold moves on");
-    incr(&a, &p).await.expect("other object");
-    a.flush(&p).await.expect("flush other");
-    accel.expired.lock().insert(pinned);
+    let (b, o, _w) = lazily_read_then_cold_moves_on(LazyView::OnlyTheAcceleratorExpires).await;
     let e = b
         .invoke(&o, async |t: &mut ObjectTxn<'_>| {
             let missed = t.get("not-cached").await;
