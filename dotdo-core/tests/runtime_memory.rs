@@ -2253,6 +2253,24 @@ async fn lazily_read_then_cold_moves_on(view: LazyView) -> (ObjectRuntime, Objec
     (b, o, w)
 }
 
+/// A call on `o` whose handler first reads a key it has not cached, finding that the cold state
+/// moved on (a `Conflict` it swallows), then goes on with `then`: the call's error (it must
+/// fail: what it made rests on the old state).
+async fn a_call_that_swallows_the_move<T>(
+    b: &ObjectRuntime,
+    o: &ObjectId,
+    then: impl AsyncFnOnce(&mut ObjectTxn<'_>) -> Result<T>,
+) -> Error {
+    let r = b
+        .invoke(o, async move |t: &mut ObjectTxn<'_>| {
+            let missed = t.get("not-cached").await;
+            assert!(missed.is_err_and(|e| e.kind() == &ErrorKind::Conflict), "the read finds the move");
+            then(t).await
+        })
+        .await;
+    r.err().expect("the call rests on moved state")
+}
+
 /// A lazy activation that finds, re-pinning an expired snapshot, that its object's cold state
 /// moved on (another writer appended to cold meanwhile) answers a retryable `Conflict`, and the
 /// next call activates afresh from the new cold state (it kept answering `Conflict` for as long
@@ -2273,14 +2291,7 @@ async fn a_lazy_activation_whose_cold_state_moved_starts_afresh() {
 #[tokio::test]
 async fn a_read_only_answer_after_the_cold_state_moved_is_refused() {
     let (b, o, w) = lazily_read_then_cold_moves_on(LazyView::Accelerator).await;
-    let e = b
-        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
-            let missed = t.get("not-cached").await;
-            assert!(missed.is_err_and(|e| e.kind() == &ErrorKind::Conflict), "the read finds the move");
-            t.get("n").await
-        })
-        .await
-        .expect_err("the answer rests on moved state");
+    let e = a_call_that_swallows_the_move(&b, &o, async |t: &mut ObjectTxn<'_>| t.get("n").await).await;
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert!(e.is_retryable(), "{e}");
     assert!(w.hot.is_available(&o).await.expect("available"), "the spent activation's lease went back");
@@ -2294,15 +2305,11 @@ async fn a_read_only_answer_after_the_cold_state_moved_is_refused() {
 #[tokio::test]
 async fn a_handler_error_after_the_cold_state_moved_is_refused() {
     let (b, o, w) = lazily_read_then_cold_moves_on(LazyView::Accelerator).await;
-    let e = b
-        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
-            let missed = t.get("not-cached").await;
-            assert!(missed.is_err_and(|e| e.kind() == &ErrorKind::Conflict), "the read finds the move");
-            let n = t.get("n").await?;
-            Err::<(), _>(Error::invalid(format!("over the limit at {n:?}")))
-        })
-        .await
-        .expect_err("refused");
+    let e = a_call_that_swallows_the_move(&b, &o, async |t: &mut ObjectTxn<'_>| {
+        let n = t.get("n").await?;
+        Err::<(), _>(Error::invalid(format!("over the limit at {n:?}")))
+    })
+    .await;
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert!(w.hot.is_available(&o).await.expect("available"), "the spent activation's lease went back");
     assert_eq!(get(&b, &o, "n").await.expect("activated afresh"), Some(Bytes::from("10")));
@@ -2346,15 +2353,7 @@ async fn a_lazy_read_whose_snapshots_keep_expiring_is_unavailable_not_not_found(
 #[tokio::test]
 async fn a_write_after_a_read_found_the_cold_state_moved_is_refused() {
     let (b, o, _w) = lazily_read_then_cold_moves_on(LazyView::OnlyTheAcceleratorExpires).await;
-    let e = b
-        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
-            let missed = t.get("not-cached").await;
-            assert!(missed.is_err_and(|e| e.kind() == &ErrorKind::Conflict), "the read finds the move");
-            t.put("n", "4")?;
-            Ok::<_, Error>(())
-        })
-        .await
-        .expect_err("the write rests on moved state");
+    let e = a_call_that_swallows_the_move(&b, &o, async |t: &mut ObjectTxn<'_>| t.put("n", "4")).await;
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert_eq!(get(&b, &o, "n").await.expect("activated afresh"), Some(Bytes::from("10")));
 }

@@ -985,13 +985,7 @@ async fn a_user_table_append_of_unknown_outcome_that_cannot_be_read_back_is_ambi
 async fn an_expiry_whose_reply_was_lost_reports_what_it_expired() {
     use dotdo_core::testkit::LoseNextReply;
     let dir = tempfile::tempdir().expect("tempdir");
-    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
-    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
-        .build()
-        .await
-        .expect("open");
+    let (cold, slot) = switched_store(dir.path()).await;
     let o = ObjectId::new("o").expect("id");
     for seq in 1..=3 {
         cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
@@ -1730,13 +1724,7 @@ async fn damaged_bytes_in_manifests_never_panic_a_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_onto_a_manifest_list_that_panics_the_decoder_is_corrupt() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
-    let (build, _slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
-        .build()
-        .await
-        .expect("open");
+    let (cold, _slot) = switched_store(dir.path()).await;
     let o = ObjectId::new("o").expect("id");
     cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
         .await
@@ -1879,4 +1867,20 @@ where
         }
     }
     panic!("no damaged byte of {} made the decoder panic", file.display());
+}
+
+/// A store on a new local warehouse at `dir` whose SQL catalog loses a reply when armed
+/// ([`common::switched_sql_catalog`]; commits then go through iceberg's `Transaction`), and the
+/// slot holding that catalog once built.
+async fn switched_store(
+    dir: &std::path::Path,
+) -> (IcebergColdStore, Arc<parking_lot::Mutex<Option<Arc<common::LossyCatalog>>>>) {
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir);
+    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.display()));
+    let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .build()
+        .await
+        .expect("open");
+    (cold, slot)
 }

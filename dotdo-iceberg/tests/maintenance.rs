@@ -2720,6 +2720,28 @@ async fn a_minimum_raised_during_a_cleanup_keeps_younger_files() {
     assert!(report.kept_recent >= 1, "{report:?}");
 }
 
+/// Settings of a reader that reads the table state it knows (`refresh_reads` off), on a
+/// one-bucket table whose files a cleanup may take at once.
+fn stale_reader_settings() -> Settings {
+    Settings {
+        buckets: 1,
+        refresh_reads: false,
+        min_cleanup_retention: std::time::Duration::ZERO,
+        ..Default::default()
+    }
+}
+
+/// On `writer`'s table, where `o` has one put at seq 1: a second put, then a compaction that
+/// replaces the first snapshot's data file, an expiry of all but the head and a cleanup that
+/// takes the replaced file; the cleanup's report.
+async fn replace_the_first_snapshots_files(writer: &IcebergColdStore, o: &ObjectId) -> dotdo_iceberg::CleanupReport {
+    let put = vec![common::put(o, 2, "k", "v2", 1)];
+    writer.append(ColdBatch::single(o.clone(), FencingToken::new(1), put)).await.expect("append");
+    writer.compact(CompactOptions::default()).await.expect("compact");
+    writer.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    writer.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup")
+}
+
 /// A snapshot expired (and its files cleaned up) between a reader resolving it and reading its
 /// files is `NotFound`, as an expired snapshot is, so a reader pinned to it re-pins; it used to
 /// be `Corrupt` (a missing file), which the runtime does not re-pin on. The reader here reads the
@@ -2738,34 +2760,23 @@ async fn a_snapshot_expired_while_it_is_read_is_not_found() {
         .expect("snapshot");
     let reader = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .table(["m"], "changes")
-        .settings(Settings {
-            buckets: 1,
-            refresh_reads: false,
-            min_cleanup_retention: std::time::Duration::ZERO,
-            ..Default::default()
-        })
+        .settings(stale_reader_settings())
         .build()
         .await
         .expect("reader");
     assert_eq!(reader.load_state(&o, AsOf::Snapshot(first)).await.expect("as of the first").entries.len(), 1);
     // Readers of the latest state, each knowing only the first snapshot as the latest.
     let latest_readers = [(); 3].map(|()| {
-        IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).table(["m"], "changes").settings(Settings {
-            buckets: 1,
-            refresh_reads: false,
-            min_cleanup_retention: std::time::Duration::ZERO,
-            ..Default::default()
-        })
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["m"], "changes")
+            .settings(stale_reader_settings())
     });
     let mut latest = Vec::new();
     for b in latest_readers {
         latest.push(b.build().await.expect("reader"));
     }
-    writer.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 2, "k", "v2", 1)])).await.expect("append");
     // A compaction replaces the first snapshot's data file; expiry and cleanup take it.
-    writer.compact(CompactOptions::default()).await.expect("compact");
-    writer.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
-    let report = writer.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    let report = replace_the_first_snapshots_files(&writer, &o).await;
     assert!(report.deleted.iter().any(|f| f.ends_with(".parquet")), "{report:?}");
     // The reader's known table still lists the first snapshot; its files are gone.
     assert!(reader.table().metadata().snapshot_by_id(first).is_some());
@@ -2838,19 +2849,11 @@ async fn a_missing_file_read_while_the_catalog_is_unreachable_is_retryable() {
     let reader = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
         .table(["m"], "changes")
-        .settings(Settings {
-            buckets: 1,
-            refresh_reads: false,
-            min_cleanup_retention: std::time::Duration::ZERO,
-            ..Default::default()
-        })
+        .settings(stale_reader_settings())
         .build()
         .await
         .expect("reader");
-    writer.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 2, "k", "v2", 1)])).await.expect("append");
-    writer.compact(CompactOptions::default()).await.expect("compact");
-    writer.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
-    writer.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    replace_the_first_snapshots_files(&writer, &o).await;
     let catalog = slot.lock().clone().expect("the reader's catalog");
     catalog.fail_loads.store(true, std::sync::atomic::Ordering::SeqCst);
     let e = reader.load_state(&o, AsOf::Snapshot(first)).await.expect_err("a file is missing");
