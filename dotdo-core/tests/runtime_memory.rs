@@ -302,47 +302,13 @@ async fn a_read_only_call_whose_lease_ran_out_is_refused_not_answered() {
     assert_eq!(get(&rt, &o, "n").await.expect("read again").as_deref(), Some(&b"2"[..]));
 }
 
-/// A runtime's clock whose wall time can be stepped back (NTP, an operator) while its monotonic
-/// time and its sleeps go on with the world's clock.
-#[derive(Debug)]
-struct SteppedBack {
-    clock: ManualClock,
-    back_micros: std::sync::atomic::AtomicI64,
-}
-
-impl SteppedBack {
-    fn new(clock: &ManualClock) -> Arc<Self> {
-        Arc::new(SteppedBack { clock: clock.clone(), back_micros: Default::default() })
-    }
-
-    fn step_back(&self, by: Duration) {
-        let micros = i64::try_from(by.as_micros()).expect("small");
-        self.back_micros.fetch_add(micros, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Clock for SteppedBack {
-    fn now(&self) -> Timestamp {
-        let back = self.back_micros.load(std::sync::atomic::Ordering::SeqCst);
-        Timestamp::from_micros(self.clock.now().as_micros() - back)
-    }
-
-    fn monotonic(&self) -> Duration {
-        self.clock.monotonic()
-    }
-
-    fn sleep(&self, duration: Duration) -> time::Sleep {
-        self.clock.sleep(duration)
-    }
-}
-
 /// A node whose wall clock is stepped back by many TTLs still takes its lease for run out a TTL
 /// after it got it: another node (whose clock did not step) takes the object over then, and the
 /// first node's read-only call must not answer from its own, now stale, hot state.
 #[tokio::test]
 async fn a_wall_clock_stepped_back_does_not_stretch_a_lease() {
     let w = World::new();
-    let stepped = SteppedBack::new(&w.clock);
+    let stepped = Arc::new(testkit::SteppedClock::new(w.clock.clone()));
     // Node "a": its own hot store, the world's guard and cold store, the stepped clock.
     let a = ObjectRuntime::builder(NodeId::new("a").expect("node"))
         .with_hot_store(Arc::new(MemoryBackend::with_clock(stepped.clone())))
@@ -355,7 +321,7 @@ async fn a_wall_clock_stepped_back_does_not_stretch_a_lease() {
     let o = oid("o");
     assert_eq!(incr(&a, &o).await.expect("a writes"), 1);
     a.flush_all().await.expect("a drains to cold");
-    stepped.step_back(TTL * 10);
+    stepped.set_back(TTL * 10);
     w.clock.advance(TTL + Duration::from_millis(1));
     // "b" (the world's hot store and clock) takes the run-out lease over and writes.
     let b = w.runtime("b", settings());
@@ -370,7 +336,7 @@ async fn a_wall_clock_stepped_back_does_not_stretch_a_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_keeps_to_the_monotonic_clock_when_the_wall_clock_steps_back() {
     let w = World::new();
-    let stepped = SteppedBack::new(&w.clock);
+    let stepped = Arc::new(testkit::SteppedClock::new(w.clock.clone()));
     let rt = ObjectRuntime::builder(NodeId::new("a").expect("node"))
         .with_hot_store(Arc::new(w.hot.clone()))
         .with_guard(Arc::new(w.hot.clone()))
@@ -382,7 +348,7 @@ async fn renewal_keeps_to_the_monotonic_clock_when_the_wall_clock_steps_back() {
     let o = oid("o");
     let (tx, task) = put_until_signalled(&rt, &o);
     testkit::advance_keeping_lease(&w.hot, &w.clock, &o, TTL / 4).await;
-    stepped.step_back(TTL * 10);
+    stepped.set_back(TTL * 10);
     for _ in 0..12 {
         testkit::advance_keeping_lease(&w.hot, &w.clock, &o, TTL / 4).await;
     }

@@ -612,14 +612,9 @@ impl ObjectRuntime {
                 return Err(lost.into());
             }
             Ok(Err(handler_err)) => {
-                // An error is an answer too: one reached after the lease ran out may rest on
-                // reads another node's writes have made stale (refused like a read-only answer).
-                if let Some(e) = self.refuse_if_ran_out(object, &mut slot, "its error").await {
-                    return Err(e.into());
-                }
-                // And one made after a lazy restore found the cold state moved on (the
-                // handler swallowed that `Conflict` and went on from the old state's cache).
-                if let Some(e) = self.refuse_if_lazy_moved(object, &mut slot, "its error").await {
+                // An error is an answer too: it may rest on stale reads, refused like a
+                // read-only answer.
+                if let Some(e) = self.refuse_if_stale(object, &mut slot, "its error").await {
                     return Err(e.into());
                 }
                 self.after_call(&mut slot).await;
@@ -629,16 +624,8 @@ impl ObjectRuntime {
         };
         if ops.is_empty() {
             // A read-only call answers from this node's state, which is current only while its
-            // lease holds: if the lease ran out before the handler finished (a process pause,
-            // or the handler finishing just as the renewal timed out), another node may have
-            // written since, so the answer is refused, like a lost renewal.
-            if let Some(e) = self.refuse_if_ran_out(object, &mut slot, "its answer").await {
-                return Err(e.into());
-            }
-            // A lazy restore found the object's cold state moved on during the call (a read
-            // answered `Conflict`): an answer the handler made anyway (that error swallowed)
-            // rests on the old state's cache.
-            if let Some(e) = self.refuse_if_lazy_moved(object, &mut slot, "its answer").await {
+            // lease holds (and while the cold state a lazy restore reads has not moved on).
+            if let Some(e) = self.refuse_if_stale(object, &mut slot, "its answer").await {
                 return Err(e.into());
             }
         } else {
@@ -779,6 +766,17 @@ impl ObjectRuntime {
             ErrorKind::LeaseLost { object: object.clone() },
             format!("the lease ran out before the handler finished; {what} may be stale"),
         ))
+    }
+
+    /// What a call made (`what`: its answer, or its error) may rest on stale reads: refused by
+    /// [`refuse_if_ran_out`](Self::refuse_if_ran_out) (the lease ran out before the handler
+    /// finished: a process pause, or the handler finishing just as the renewal timed out; another
+    /// node may have written since), then by [`refuse_if_lazy_moved`](Self::refuse_if_lazy_moved).
+    async fn refuse_if_stale(&self, object: &ObjectId, slot: &mut Slot, what: &str) -> Option<Error> {
+        match self.refuse_if_ran_out(object, slot, what).await {
+            Some(e) => Some(e),
+            None => self.refuse_if_lazy_moved(object, slot, what).await,
+        }
     }
 
     /// `Conflict` if a lazy restore found the object's cold state moved on during the call: what
@@ -1837,11 +1835,7 @@ async fn preload(
 pub(crate) async fn repin(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<AsOf> {
     let through = inner.cold.watermark(object).await?.through;
     if through != lazy.through {
-        lazy.moved = true;
-        return Err(Error::new(
-            ErrorKind::Conflict,
-            format!("cold state of {object} moved from seq {} to {through} during a lazy restore", lazy.through),
-        ));
+        return Err(lazy.moved_on(object, Some(through)));
     }
     lazy.snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
     tracing::debug!(object = %object, snapshot = ?lazy.snapshot, "dotdo lazy snapshot expired; re-pinned");
@@ -1912,18 +1906,11 @@ pub(crate) async fn complete_restore(
     let Some(state) = lazy.as_mut() else { return Ok(()) };
     if state.moved {
         // Spent: found moved by an earlier read of this activation.
-        return Err(Error::new(
-            ErrorKind::Conflict,
-            format!("cold state of {object} moved on from seq {} during a lazy restore", state.through),
-        ));
+        return Err(state.moved_on(object, None));
     }
     let st = load_pinned(inner, object, state).await?;
     if st.through != state.through {
-        state.moved = true;
-        return Err(Error::new(
-            ErrorKind::Conflict,
-            format!("cold state of {object} moved from seq {} to {} during a lazy restore", state.through, st.through),
-        ));
+        return Err(state.moved_on(object, Some(st.through)));
     }
     inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| cold_state_error(object, e))?;
     *lazy = None;

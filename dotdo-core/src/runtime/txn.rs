@@ -35,6 +35,17 @@ pub(crate) struct LazyState {
 }
 
 impl LazyState {
+    /// The activation found its object's cold state moved on from `through` (to `to`, if
+    /// known): it is spent (`moved`), and this is the `Conflict` its calls answer.
+    pub(crate) fn moved_on(&mut self, object: &ObjectId, to: Option<Seq>) -> Error {
+        self.moved = true;
+        let to = to.map_or_else(String::new, |t| format!(" to {t}"));
+        Error::new(
+            crate::error::ErrorKind::Conflict,
+            format!("cold state of {object} moved from seq {}{to} during a lazy restore", self.through),
+        )
+    }
+
     pub(crate) fn new(snapshot: Option<SnapshotId>, through: Seq) -> Self {
         LazyState {
             snapshot,

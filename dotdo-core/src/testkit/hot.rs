@@ -624,13 +624,8 @@ pub async fn a_write_dropped_midway_is_whole_or_absent(f: &HotFactory) {
         let present = keys.iter().filter(|k| log.iter().any(|r| &r.key == *k)).count();
         assert!(present == 0 || present == 3, "the batch dropped after {polls} polls is in the log in part");
     }
-    let mut folded: BTreeMap<String, Bytes> = BTreeMap::new();
-    for r in &log {
-        match r.op {
-            Op::Put => folded.insert(r.key.clone(), r.value.clone()),
-            Op::Delete => folded.remove(&r.key),
-        };
-    }
+    let folded: BTreeMap<String, Bytes> =
+        crate::cold::fold_changes(&log).0.into_iter().map(|e| (e.key, e.value)).collect();
     let state: BTreeMap<String, Bytes> = fx
         .hot
         .list(&l.object, KeyRange::all(), None)
