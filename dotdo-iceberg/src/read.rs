@@ -589,11 +589,7 @@ impl IcebergColdStore {
         snapshot: &SnapshotRef,
         bucket: Option<i32>,
     ) -> Result<(Vec<Arc<FileInfo>>, u64)> {
-        let cache = &self.inner.cache;
         let manifests = self.manifests_of(table, snapshot).await?;
-        let schema = table.metadata().current_schema();
-        let id = |n: &str| schema.field_id_by_name(n).unwrap_or(-1);
-        let (do_id_f, key_f, seq_f) = (id("do_id"), id("key"), id("seq"));
         // Row-level deletes (merge-on-read, as Trino or Spark write them) are not applied by
         // dotdo's reads: answering without them would return deleted rows.
         if let Some(mf) = manifests.iter().find(|mf| lists_live_deletes(mf)) {
@@ -605,6 +601,22 @@ impl IcebergColdStore {
                 mf.manifest_path
             )));
         }
+        self.data_files_of(table, snapshot, bucket).await
+    }
+
+    /// [`files_of`](Self::files_of) without refusing row-level delete files (for a reader that
+    /// applies them itself: iceberg's, in user-table scans).
+    pub(crate) async fn data_files_of(
+        &self,
+        table: &Table,
+        snapshot: &SnapshotRef,
+        bucket: Option<i32>,
+    ) -> Result<(Vec<Arc<FileInfo>>, u64)> {
+        let cache = &self.inner.cache;
+        let manifests = self.manifests_of(table, snapshot).await?;
+        let schema = table.metadata().current_schema();
+        let id = |n: &str| schema.field_id_by_name(n).unwrap_or(-1);
+        let (do_id_f, key_f, seq_f) = (id("do_id"), id("key"), id("seq"));
         let bucket_at = self.bucketer_for(table).and_then(|b| b.spec);
         let mut skipped = 0u64;
         let mut wanted = Vec::with_capacity(manifests.len());
