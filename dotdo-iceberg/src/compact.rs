@@ -341,15 +341,16 @@ impl IcebergColdStore {
         // Planning reads the manifest list (on this task: a decoder panic is caught here) and
         // the manifests: a file iceberg cannot decode is damage (`Corrupt`), as in dotdo's own
         // reads of them.
+        // (The callers plan only tables with a snapshot: `read_all` answers an empty table itself,
+        // and compaction has no files to rewrite there.)
+        let Some(head) = table.metadata().current_snapshot() else { return Ok(Vec::new()) };
         let metadata_read = |e| crate::error::classify_metadata_read(e, what);
         let plan = async { scan.plan_files().await.map_err(metadata_read)?.try_collect().await.map_err(metadata_read) };
-        let read = match table.metadata().current_snapshot() {
-            Some(s) => format!("manifest list {} (or a manifest it lists)", s.manifest_list()),
-            None => format!("a metadata file of table {}", table.identifier()),
-        };
+        let read = crate::error::head_metadata_files(table);
         let tasks: Vec<iceberg::scan::FileScanTask> = crate::error::panic_is_corrupt(&read, plan).await?;
-        let Some(head) = table.metadata().current_snapshot() else { return Ok(tasks) };
-        let (live, _) = self.files_of(table, head, None).await?;
+        // Data files only: a user table's delete files (another engine's) are iceberg's reader's
+        // to apply, and compared with nothing here.
+        let (live, _) = self.data_files_of(table, head, None).await?;
         let planned: HashSet<&str> = tasks.iter().map(|t| t.data_file_path.as_str()).collect();
         if let Some(missing) = live.iter().find(|f| !planned.contains(f.path.as_str())) {
             return Err(Error::corrupt(format!(
@@ -368,9 +369,7 @@ impl IcebergColdStore {
     /// manifest reads).
     async fn live_files(&self, table: &Table) -> Result<Vec<LiveFile>> {
         let Some(head) = table.metadata().current_snapshot() else { return Ok(Vec::new()) };
-        let what = format!("manifest list {}", head.manifest_list());
-        let list = crate::error::read_metadata_file(&what, table.manifest_list_reader(head).load()).await?;
-        if list.entries().iter().any(crate::read::lists_live_deletes) {
+        if self.manifests_of(table, head).await?.iter().any(crate::read::lists_live_deletes) {
             return Err(Error::invalid(format!(
                 "{}: tables with delete files are not supported by dotdo's maintenance",
                 table.identifier()

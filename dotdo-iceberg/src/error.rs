@@ -522,36 +522,37 @@ pub(crate) async fn panic_is_corrupt<T>(
     what: &str,
     fut: impl std::future::Future<Output = dotdo_core::Result<T>>,
 ) -> dotdo_core::Result<T> {
-    use futures::FutureExt;
-    match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
-        Ok(r) => r,
-        Err(p) => Err(panicked(what, p.as_ref())),
-    }
+    catching(fut, || what.to_string()).await?
 }
 
-/// [`panic_is_corrupt`] for a call that answers with iceberg's result (a commit through
-/// iceberg's `Transaction`, which reads the parent snapshot's manifest list): the panic is an
-/// iceberg error whose source is the `Corrupt` error, which [`classify`] keeps.
+/// [`panic_is_corrupt`] for a commit through iceberg's `Transaction` on top of `table`'s head
+/// (it reads the head's manifest list): the panic is an iceberg error whose source is the
+/// `Corrupt` error naming that list, which [`classify`] keeps.
 pub(crate) async fn iceberg_panic_is_corrupt<T>(
-    what: &str,
+    table: &iceberg::table::Table,
     fut: impl std::future::Future<Output = iceberg::Result<T>>,
 ) -> iceberg::Result<T> {
-    use futures::FutureExt;
-    match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
-        Ok(r) => r,
-        Err(p) => {
-            let e = panicked(what, p.as_ref());
-            Err(iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string()).with_source(e))
-        }
-    }
+    let read = || format!("{}, read by iceberg's commit", head_metadata_files(table));
+    catching(fut, read)
+        .await
+        .unwrap_or_else(|e| Err(iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string()).with_source(e)))
 }
 
-/// What iceberg's commit on top of `table`'s head reads: its manifest list and manifests (named
-/// in [`iceberg_panic_is_corrupt`]'s error).
+/// `fut`, with a panic inside it caught: the `Corrupt` error of [`panicked`] naming `what()`
+/// (built only then).
+async fn catching<R>(
+    fut: impl std::future::Future<Output = R>,
+    what: impl FnOnce() -> String,
+) -> dotdo_core::Result<R> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(fut).catch_unwind().await.map_err(|p| panicked(&what(), p.as_ref()))
+}
+
+/// The metadata files a read of `table`'s head decodes: its manifest list and manifests.
 pub(crate) fn head_metadata_files(table: &iceberg::table::Table) -> String {
     match table.metadata().current_snapshot() {
-        Some(s) => format!("manifest list {} (or a manifest it lists), read by iceberg's commit", s.manifest_list()),
-        None => format!("a metadata file of table {}, read by iceberg's commit", table.identifier()),
+        Some(s) => format!("manifest list {} (or a manifest it lists)", s.manifest_list()),
+        None => format!("a metadata file of table {}", table.identifier()),
     }
 }
 

@@ -198,8 +198,7 @@ impl IcebergColdStore {
                     .retain_last(1)
                     .apply(tx)
                     .map_err(|e| classify(e, &what))?;
-                let read = crate::error::head_metadata_files(&table);
-                crate::error::iceberg_panic_is_corrupt(&read, tx.commit(&*self.inner.catalog))
+                crate::error::iceberg_panic_is_corrupt(&table, tx.commit(&*self.inner.catalog))
                     .await
                     .map(|_| ())
                     .map_err(|e| classify(e, &what))
@@ -226,7 +225,11 @@ impl IcebergColdStore {
                     // after a `Conflict`: that attempt did not land (another writer's commit
                     // did, and may have expired them itself).
                     if err.kind() != &ErrorKind::Conflict {
-                        unsure.extend(expired.iter().filter(|id| !unsure.contains(id)).collect::<Vec<_>>());
+                        for &id in &expired {
+                            if !unsure.contains(&id) {
+                                unsure.push(id);
+                            }
+                        }
                     }
                     // Expiry is idempotent: reload and recompute.
                     crate::store::retry_pause(self.inner.settings.retry_base_delay).await;

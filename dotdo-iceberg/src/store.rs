@@ -1191,8 +1191,7 @@ impl IcebergColdStore {
             tx = tx.update_table_properties().set(k, v).apply(tx)?;
         }
         let pinned = self.pinned(table);
-        let what = crate::error::head_metadata_files(table);
-        crate::error::iceberg_panic_is_corrupt(&what, tx.commit(&pinned)).await.map_err(|e| pinned.mark(e))
+        crate::error::iceberg_panic_is_corrupt(table, tx.commit(&pinned)).await.map_err(|e| pinned.mark(e))
     }
 
     /// The time a commit on top of `md`'s current snapshot records (`dotdo.committed-at-us`):

@@ -838,8 +838,7 @@ impl ArrowTable {
                 .add_column(iceberg::transaction::AddColumn::optional(name, ty.clone()))
                 .apply(tx)
                 .map_err(|e| classify(e, &what).with_retryable(false))?;
-            let read = crate::error::head_metadata_files(&table);
-            match crate::error::iceberg_panic_is_corrupt(&read, tx.commit(&self.store.pinned(&table))).await {
+            match crate::error::iceberg_panic_is_corrupt(&table, tx.commit(&self.store.pinned(&table))).await {
                 Ok(_) => {
                     last_err = None;
                     break;

@@ -146,11 +146,20 @@ impl Conn {
     /// INSERT statements and libsql's client reads it from the batch's last statement only.
     pub(crate) async fn run_program(&mut self, program: Program) -> libsql::Result<Option<i64>> {
         let out = if self.batch { self.program_rendered(program).await } else { self.program_prepared(program).await };
-        if out.is_err() && !self.conn.is_autocommit() {
+        if out.is_err() {
             // Nothing of a failed transaction may stay applied.
-            let _ = self.conn.execute("ROLLBACK", ()).await;
+            self.roll_back_if_open().await;
         }
         out
+    }
+
+    /// Roll back the transaction open on this connection, if any; whether one is still open
+    /// afterwards (the rollback failed).
+    async fn roll_back_if_open(&self) -> bool {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute("ROLLBACK", ()).await;
+        }
+        !self.conn.is_autocommit()
     }
 
     /// Roll back a transaction an earlier call left open on this connection (a panic between
@@ -158,13 +167,10 @@ impl Conn {
     /// never build on it (an autocommit acquire run inside it would answer a token that is
     /// never committed, and issued again).
     pub(crate) async fn roll_back_leftover(&mut self) -> libsql::Result<()> {
-        if !self.remote && !self.conn.is_autocommit() {
-            let _ = self.conn.execute("ROLLBACK", ()).await;
-            if !self.conn.is_autocommit() {
-                return Err(libsql::Error::Misuse(
-                    "the write connection is still inside a transaction an earlier call left open".into(),
-                ));
-            }
+        if !self.remote && self.roll_back_if_open().await {
+            return Err(libsql::Error::Misuse(
+                "the write connection is still inside a transaction an earlier call left open".into(),
+            ));
         }
         Ok(())
     }
@@ -180,11 +186,9 @@ impl Conn {
     /// for one put instead of six). Returns `-max_token` if fenced, else the last sequence number.
     pub(crate) async fn write_direct(&mut self, w: &DirectWrite) -> libsql::Result<i64> {
         let out = self.write_direct_tx(w).await;
-        if !self.conn.is_autocommit() {
+        if out.is_err() || out.as_ref().is_ok_and(|r| *r < 0) {
             // Fenced (nothing written) or failed: nothing may stay applied.
-            if out.is_err() || out.as_ref().is_ok_and(|r| *r < 0) {
-                let _ = self.conn.execute("ROLLBACK", ()).await;
-            }
+            self.roll_back_if_open().await;
         }
         out
     }
