@@ -3518,6 +3518,17 @@ async fn a_flush_all_commit_that_outlasts_the_lease_keeps_the_held_leases() {
     assert_eq!(rt.metrics().activations, 2, "x and y, once each");
 }
 
+/// Runtime "a" on a [`FlakyGuard`] and a [`FlakyCold`] over `w`'s stores, and object "o" it
+/// incremented once (so it holds its lease).
+async fn written_under_a_flaky_guard_and_cold(w: &World) -> (Arc<FlakyGuard>, Arc<FlakyCold>, ObjectRuntime, ObjectId) {
+    let guard = Arc::new(FlakyGuard::new(w));
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with("a", guard.clone(), cold.clone(), settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    (guard, cold, rt, o)
+}
+
 /// A held object whose lease runs out while a commit is in flight (the guard unreachable for two
 /// TTLs), but whose changes that commit lands and truncates, does not fail the flush: it
 /// answered `Err` saying the object's changes waited in hot storage while they were in cold.
@@ -3525,11 +3536,7 @@ async fn a_flush_all_commit_that_outlasts_the_lease_keeps_the_held_leases() {
 async fn a_lease_lost_during_a_commit_that_drained_the_object_does_not_fail_the_flush() {
     use std::sync::atomic::Ordering;
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = w.runtime_with("a", guard.clone(), cold.clone(), settings());
-    let o = oid("o");
-    incr(&rt, &o).await.expect("incr");
+    let (guard, cold, rt, o) = written_under_a_flaky_guard_and_cold(&w).await;
     let (slow, g) = (clock_moves_on(&w.clock, 20), guard.clone());
     *cold.before_append.lock() = Some(Box::pin(async move {
         g.fail_refreshes.store(u32::MAX, Ordering::SeqCst);
@@ -3550,11 +3557,7 @@ async fn a_lease_lost_during_a_commit_that_drained_the_object_does_not_fail_the_
 async fn a_held_lease_with_little_left_is_renewed_early_during_a_commit() {
     use std::sync::atomic::Ordering;
     let w = World::new();
-    let guard = Arc::new(FlakyGuard::new(&w));
-    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let rt = w.runtime_with("a", guard.clone(), cold.clone(), settings());
-    let o = oid("o");
-    incr(&rt, &o).await.expect("incr");
+    let (guard, cold, rt, o) = written_under_a_flaky_guard_and_cold(&w).await;
     // 5% of the TTL left, and the flush's first two refreshes (collecting, then the first round)
     // fail transiently: the commit begins with the lease about to run out.
     w.clock.advance(TTL * 95 / 100);

@@ -1595,8 +1595,7 @@ async fn damaged_bytes_in_a_data_file_never_panic_a_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
     let o = ObjectId::new("o").expect("id");
-    let records: Vec<_> =
-        (1..=40u64).map(|s| put(&o, s, &format!("key-{}", s % 13), &format!("value number {s}"), 1)).collect();
+    let records = forty_puts(&o);
     cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
     let good = cold.load_state(&o, AsOf::Latest).await.expect("state").entries;
     let (_, file) = first_data_file(&cold).await;
@@ -1643,8 +1642,7 @@ async fn a_compaction_over_a_file_that_panics_the_decoder_is_corrupt() {
     let open = || IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).settings(settings.clone()).build();
     let cold = open().await.expect("open");
     let o = ObjectId::new("o").expect("id");
-    let records: Vec<_> =
-        (1..=40u64).map(|s| put(&o, s, &format!("key-{}", s % 13), &format!("value number {s}"), 1)).collect();
+    let records = forty_puts(&o);
     cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
     let (_, file) = first_data_file(&cold).await;
     cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 41, "k", "v", 1)]))
@@ -1672,8 +1670,7 @@ async fn damaged_bytes_in_manifests_never_panic_a_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
     let o = ObjectId::new("o").expect("id");
-    let records: Vec<_> =
-        (1..=40u64).map(|s| put(&o, s, &format!("key-{}", s % 13), &format!("value number {s}"), 1)).collect();
+    let records = forty_puts(&o);
     cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
     let table = cold.refresh().await.expect("refresh");
     let snap = table.metadata().current_snapshot().expect("snapshot").clone();
@@ -1883,4 +1880,9 @@ async fn switched_store(
         .await
         .expect("open");
     (cold, slot)
+}
+
+/// Puts of `o` at seqs 1 to 40 over 13 keys, with values of some length (pages worth damaging).
+fn forty_puts(o: &ObjectId) -> Vec<dotdo_core::ChangeRecord> {
+    (1..=40u64).map(|s| put(o, s, &format!("key-{}", s % 13), &format!("value number {s}"), 1)).collect()
 }
