@@ -52,7 +52,10 @@ impl IcebergColdStore {
     /// Watermarks survive expiry: each dotdo snapshot's summary holds all of them, and the chain
     /// from every snapshot that stays (the head, tags, those younger than `older_than`) down to
     /// its nearest dotdo snapshot is kept when other engines committed on top. Expiry run by another engine that removes that snapshot leaves
-    /// the watermarks unknown: dotdo then refuses the table as `Corrupt` rather than guess.
+    /// the watermarks unknown: dotdo then refuses the table as `Corrupt` rather than guess,
+    /// unless the table property `dotdo.last-commit` names that snapshot and the foreign head
+    /// sits directly on it (format-v2 tables on the SQL catalog; see
+    /// `docs/iceberg-cold-store.md`, Maintenance).
     ///
     /// On the SQL catalog exactly the snapshots this plan names are removed, and every ref
     /// (tag or branch, whatever retention another engine set on it) stays with its history.
