@@ -140,17 +140,37 @@ fn class_of_batch_step_message(message: &str) -> Class {
     }
 }
 
-/// Whether `e` is sqld's refusal of a server stream that expired while idle (nothing of the
-/// request ran; a new connection works).
+/// Whether `e` is sqld's refusal of the server stream a request named (nothing of the request
+/// ran; a new connection works): see [`names_a_stale_stream`].
 pub(crate) fn is_stream_expired(e: &libsql::Error) -> bool {
-    e.to_string().contains("STREAM_EXPIRED")
+    names_a_stale_stream(&e.to_string())
+}
+
+/// Whether `text` is sqld's refusal of a request's server stream, made before any of the request
+/// runs: a stream that expired while idle (`STREAM_EXPIRED`, for 5 minutes after the 10 s of
+/// idleness), one cleaned up after that or lost to a restart of the server (its baton is then
+/// unknown: `BATON_INVALID`, "Received an invalid baton" in sqld's plain-text answer), a baton
+/// already used (`BATON_REUSED`: a request of an earlier call that was dropped by its caller
+/// moved the stream on) or a stream closed (`BATON_STREAM_CLOSED`).
+pub(crate) fn names_a_stale_stream(text: &str) -> bool {
+    const REFUSALS: [&str; 7] = [
+        "STREAM_EXPIRED",
+        "BATON_INVALID",
+        "BATON_REUSED",
+        "BATON_STREAM_CLOSED",
+        "Received an invalid baton",
+        "Received a baton that has already been used",
+        "Stream for this baton was closed",
+    ];
+    REFUSALS.iter().any(|r| text.contains(r))
 }
 
 /// Classify the `Display` text of a remote (Hrana) failure; see the module docs for why text.
 pub(crate) fn class_of_remote_text(text: &str) -> Class {
-    // sqld refuses a request on a server stream that expired while idle (its baton is no longer
-    // known), as a stream error or an HTTP 400: nothing of it ran, and a new connection works.
-    if text.contains("STREAM_EXPIRED") {
+    // sqld refuses a request on a server stream that expired while idle, or whose baton it no
+    // longer knows, as a stream error or an HTTP 400 or 500: nothing of it ran, and a new
+    // connection works.
+    if names_a_stale_stream(text) {
         return Class::Network { maybe_sent: false };
     }
     if let Some(rest) = text.strip_prefix("api error: ") {
@@ -661,6 +681,24 @@ mod tests {
         let e = hrana("stream error: `Error { message: \"stream baton-4 not found\", code: \"STREAM_EXPIRED\" }`");
         assert_eq!(class_of(&e), Class::Network { maybe_sent: false });
         assert!(is_transient(class_of(&e), true), "safe to retry even a write");
+        // After the expired stream is cleaned up (5 minutes on), or once sqld restarted, its baton
+        // is unknown: sqld answers 400 with its protocol error as plain text. A baton moved on by
+        // a request an earlier call dropped is refused alike.
+        for body in [
+            "Received an invalid baton",
+            "Received a baton that has already been used",
+            "Stream for this baton was closed",
+            "{\"message\":\"invalid baton\",\"code\":\"BATON_INVALID\"}",
+            "{\"message\":\"baton reused\",\"code\":\"BATON_REUSED\"}",
+        ] {
+            let e = hrana(&format!("api error: `status=400 Bad Request, body={body}`"));
+            assert_eq!(class_of(&e), Class::Network { maybe_sent: false }, "{body}");
+            assert!(is_stream_expired(&e), "{body}");
+        }
+        // Another 400 stays a refusal of the request itself.
+        let e = hrana("api error: `status=400 Bad Request, body=Cannot deserialize client message from JSON`");
+        assert_eq!(class_of(&e), Class::Config);
+        assert!(!is_stream_expired(&e));
     }
 
     #[test]

@@ -155,9 +155,10 @@ impl HotStore for LibsqlStore {
                 concat!(
                     change_columns!(),
                     " FROM (SELECT seq, key, op, value, token, ts, type, \
-                     sum(length(value)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - length(value) AS before \
+                     sum(ifnull(length(value), 0)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) \
+                     - ifnull(length(value), 0) AS before \
                      FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) \
-                     WHERE before = 0 OR before + length(value) <= ?4 ORDER BY seq"
+                     WHERE before = 0 OR before + ifnull(length(value), 0) <= ?4 ORDER BY seq"
                 ),
                 vec![t(object.as_str()), i(after), Value::Integer(limit), Value::Integer(BOUND as i64)],
             )

@@ -125,6 +125,49 @@ async fn writes_go_on_after_the_server_expires_idle_streams() {
     assert_eq!(s.get(&obj, "k").await.expect("get").as_deref(), Some(&b"after"[..]));
 }
 
+/// Streams the server no longer knows at all (sqld cleans an expired stream up 5 minutes after it
+/// expired, and a restarted sqld knows none of the old batons) are refused with HTTP 400 "Received
+/// an invalid baton", before anything runs: reads, writes and lease calls go on, on new
+/// connections, with no retries allowed. (They failed for good with `Backend`, "the primary
+/// rejected the request", after any idle spell over 5 minutes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_go_on_after_the_server_forgets_the_streams() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    let strict = dotdo_libsql::LibsqlSettings { retries: 0, read_connections: 4, ..Default::default() };
+    let s = LibsqlStore::remote(server.url(), TOKEN).with_settings(strict).open().await.expect("open");
+    let obj = ObjectId::new("forgotten").expect("valid");
+    let node = NodeId::new("n").expect("valid");
+    let l = s.acquire(&obj, &node, Duration::from_secs(30)).await.expect("acquire");
+    for round in 0..3 {
+        s.put(&obj, l.token, "T", "k", format!("v{round}").into()).await.expect("write");
+        // Reads at once: several pooled connections, each holding a server stream.
+        let reads: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, obj) = (s.clone(), obj.clone());
+                tokio::spawn(async move { s.get(&obj, "k").await })
+            })
+            .collect();
+        for r in reads {
+            r.await.expect("task").expect("read");
+        }
+        // A refused acquire reads the lease through the writer's stream, which stays open.
+        let e = s.acquire(&obj, &NodeId::new("other").expect("valid"), Duration::from_secs(1)).await.expect_err("held");
+        assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+        assert!(server.forget_streams() >= 1, "the store's connections held streams");
+        assert_eq!(
+            s.get(&obj, "k").await.expect("a read after the streams were forgotten").as_deref(),
+            Some(format!("v{round}").as_bytes())
+        );
+    }
+    assert!(server.forget_streams() >= 1);
+    s.put(&obj, l.token, "T", "k", "after".into()).await.expect("write after the streams were forgotten");
+    server.forget_streams();
+    s.refresh(&l, Duration::from_secs(30)).await.expect("refresh after the streams were forgotten");
+    assert_eq!(s.get(&obj, "k").await.expect("get").as_deref(), Some(&b"after"[..]));
+    assert_eq!(s.read_changes(&obj, 0, 10).await.expect("log").len(), 4, "each write once");
+}
+
 /// Pooled read connections whose server streams expired while idle (each holds one) are all
 /// dropped on the first one found expired, and the read goes on, on a new connection: taken
 /// one by one, each cost a retry and a backoff, and with more pooled connections than retries

@@ -31,6 +31,10 @@ struct State {
     /// Requests to paths other than the Hrana ones (libsql's replication protocol, gRPC-web
     /// over HTTP/1.1) are never answered.
     hang_others: AtomicBool,
+    /// A baton that names no stream gets sqld's answer for a baton it does not know (a stream
+    /// cleaned up 5 minutes after it expired, or a server restarted): HTTP 400 with the protocol
+    /// error as plain text, not `STREAM_EXPIRED`.
+    unknown_batons: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -60,6 +64,7 @@ impl HranaServer {
             lose_replies: AtomicUsize::new(0),
             hang_replies: AtomicUsize::new(0),
             hang_others: AtomicBool::new(false),
+            unknown_batons: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
         let s = state.clone();
@@ -107,6 +112,15 @@ impl HranaServer {
         let n = streams.len();
         streams.clear();
         n
+    }
+
+    /// Forget every open stream as sqld does once an expired stream is cleaned up or after a
+    /// restart (a new baton key): from then on a request naming a stream it does not know gets
+    /// HTTP 400 "Received an invalid baton".
+    #[allow(dead_code)] // used by the remote tests only, not by every test binary
+    pub fn forget_streams(&self) -> usize {
+        self.state.unknown_batons.store(true, Ordering::SeqCst);
+        self.expire_streams()
     }
 
     /// Pipeline requests (HTTP round trips) served so far.
@@ -180,8 +194,18 @@ fn serve(stream: TcpStream, state: &State) {
             }
             return;
         }
+        let unknown_baton = || {
+            let baton = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("baton").and_then(|b| b.as_str().map(str::to_string)));
+            baton.is_some_and(|b| !state.streams.lock().expect("streams").contains_key(&b))
+        };
         let (status, reply) = if !state.token.is_empty() && auth != format!("Bearer {}", state.token) {
             ("401 Unauthorized", "{\"error\":\"Unauthorized\"}".to_string())
+        } else if hrana && state.unknown_batons.load(Ordering::SeqCst) && unknown_baton() {
+            // sqld: `ProtocolError::BatonInvalid`, answered as text before anything runs.
+            state.requests.fetch_add(1, Ordering::SeqCst);
+            ("400 Bad Request", "Received an invalid baton".to_string())
         } else if path.ends_with("/cursor") {
             state.requests.fetch_add(1, Ordering::SeqCst);
             match serde_json::from_slice::<CursorReqBody>(&body) {
