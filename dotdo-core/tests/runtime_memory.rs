@@ -2799,6 +2799,8 @@ struct FaultyHot {
     most_read: std::sync::atomic::AtomicUsize,
     /// `objects_with_pending_changes` fails.
     fail_listing: std::sync::atomic::AtomicBool,
+    /// Runs once, after `objects_with_pending_changes` read its answer and before it returns it.
+    after_listing: parking_lot::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
     /// The next write is held back (not applied) and answered `AmbiguousOutcome`: a request
     /// still queued at a remote primary when the client gave up on it.
     hold_next_write: std::sync::atomic::AtomicBool,
@@ -2820,6 +2822,7 @@ impl FaultyHot {
             after_truncate: Default::default(),
             most_read: 0.into(),
             fail_listing: false.into(),
+            after_listing: Default::default(),
             hold_next_write: false.into(),
             hang_next_write: false.into(),
             ambiguous_restores: 0.into(),
@@ -2881,7 +2884,12 @@ impl HotStore for FaultyHot {
         if self.fail_listing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::unavailable("listing failed (test)"));
         }
-        self.inner.objects_with_pending_changes(after, limit).await
+        let listed = self.inner.objects_with_pending_changes(after, limit).await?;
+        let hook = self.after_listing.lock().take();
+        if let Some(hook) = hook {
+            hook.await;
+        }
+        Ok(listed)
     }
     async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
         self.inner.evict(object, token).await?;
@@ -2979,6 +2987,33 @@ async fn activation_reads_only_the_pending_changes_cold_may_have() {
     let b = w.runtime_with_hot("b", hot.clone(), RuntimeSettings { flush_batch_records: 50, ..settings() });
     assert_eq!(get(&b, &o, "n").await.expect("activates"), Some(Bytes::from("505")));
     assert_eq!(hot.most_read.load(std::sync::atomic::Ordering::SeqCst), 5, "only the overlap was read");
+}
+
+/// An object `flush_all` lists with changes waiting and no holder, but that its holder drains and
+/// evicts before `flush_all` takes its lease, is left evicted: looked at again under the lease,
+/// it has nothing to drain. (It was activated, and its whole state restored from cold storage
+/// into hot storage with nobody holding it, undoing the eviction.)
+#[tokio::test]
+async fn flush_all_does_not_restore_an_object_evicted_after_it_was_listed() {
+    let w = World::new();
+    let b = w.runtime("b", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let x = oid("x");
+    incr(&b, &x).await.expect("b writes x");
+    incr(&b, &x).await.expect("b writes x again");
+    assert_eq!(w.hot.objects_with_pending_changes(None, 10).await.expect("pending"), [oid("x")]);
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    let a = w.runtime_with_hot("a", hot.clone(), settings());
+    let (b2, taken) = (b.clone(), x.clone());
+    *hot.after_listing.lock() = Some(Box::pin(async move {
+        b2.evict(&taken).await.expect("b drains and evicts x");
+    }));
+    let report = a.flush_all().await.expect("flush_all");
+    assert_eq!(report.records, 0, "b drained x: {report:?}");
+    let info = w.hot.object_info(&x).await.expect("info");
+    assert!(info.as_ref().is_none_or(|i| i.keys == 0), "x stays evicted: {info:?}");
+    assert_eq!(a.metrics().activations, 0, "a never activated x");
+    assert_eq!(w.hot.current(&x).await.expect("current"), None, "a gave the lease back");
+    assert_eq!(incr(&a, &x).await.expect("x comes back from cold"), 3);
 }
 
 /// An eviction whose outcome is unknown never leaves the object running on what may be an empty
@@ -3438,6 +3473,35 @@ async fn flush_all_leaves_out_an_object_taken_over_during_its_commit() {
     b.flush(&x).await.expect("b drains x");
     let seqs: Vec<u64> = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold").iter().map(|c| c.seq).collect();
     assert_eq!(seqs, [1, 2], "each change once");
+}
+
+/// An object whose changes cold refuses as `Fenced` during `flush_all` (another node took it
+/// over and drained it under its higher token while the flush was committing) is left to its new
+/// holder, as the runtime docs say: the flush drains the others and answers `Ok`. (It failed with
+/// that `Fenced`, which a caller reads as final, though nothing of this runtime's was left.)
+#[tokio::test]
+async fn flush_all_leaves_out_an_object_cold_refuses_as_fenced() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    let (x, y) = (oid("x"), oid("y"));
+    incr(&rt, &x).await.expect("x");
+    incr(&rt, &y).await.expect("y");
+    let (hot, sink, clock, taken) = (w.hot.clone(), w.cold.clone(), w.clock.clone(), x.clone());
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        let l = hot.current(&taken).await.expect("current").expect("held");
+        hot.release(&l).await.expect("release");
+        clock.advance(Duration::from_millis(1));
+        let b = hot.acquire(&taken, &NodeId::new("b").expect("node"), TTL).await.expect("b takes x over");
+        // b drains x under its own token.
+        let records = hot.read_changes(&taken, 0, 10).await.expect("x's log");
+        sink.append(ColdBatch::single(taken.clone(), b.token, records)).await.expect("b's commit");
+    }));
+    let report = rt.flush_all().await.expect("x is b's: the flush drains the others and succeeds");
+    assert_eq!(report.objects, 1, "y: {report:?}");
+    assert!(!w.hot.object_info(&y).await.expect("info").expect("y").has_pending_changes(), "y is drained");
+    assert_eq!(w.cold.watermark(&y).await.expect("wm y").through, 1);
+    let seqs: Vec<u64> = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold").iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, [1], "x's change once, under b's commit");
 }
 
 /// A cold commit counts in the metrics as it lands, also when the drain fails after it (here:

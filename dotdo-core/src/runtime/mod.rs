@@ -808,6 +808,23 @@ impl ObjectRuntime {
 
     /// Make sure the object is active on this runtime: a current lease and recovered state.
     async fn ensure_active(&self, object: &ObjectId, slot: &mut Slot) -> Result<()> {
+        self.refuse_if_shutting_down(object)?;
+        self.ensure_active_within(object, slot, self.inner.settings.acquire_timeout).await
+    }
+
+    /// [`ensure_active`](Self::ensure_active) for a drain: an object not active here is activated
+    /// only if, once its lease is taken, its changes still wait in hot storage (`false`: nothing
+    /// to drain, the lease given back, nothing restored). Between a look at the hot store and
+    /// the acquire, another runtime, or an `evict` here, may drain and evict the object:
+    /// activating it then would restore its whole state from cold storage into hot storage,
+    /// undoing the eviction.
+    async fn ensure_active_to_drain(&self, object: &ObjectId, slot: &mut Slot, wait: Duration) -> Result<bool> {
+        self.activate(object, slot, wait, true).await
+    }
+
+    /// `Shutdown` for a call admitted before shutdown that waited for its slot past shutdown's
+    /// wait (shutdown's own flush takes objects through `ensure_active_within`).
+    fn refuse_if_shutting_down(&self, object: &ObjectId) -> Result<()> {
         if self.inner.shutdown_flushing.load(Ordering::SeqCst) {
             // A call admitted before shutdown that waited for its slot past shutdown's wait
             // (shutdown's own flush takes objects through `ensure_active_within`).
@@ -816,12 +833,19 @@ impl ObjectRuntime {
                 format!("the runtime began shutting down while the call waited for {object}; nothing of it ran"),
             ));
         }
-        self.ensure_active_within(object, slot, self.inner.settings.acquire_timeout).await
+        Ok(())
     }
 
     /// [`ensure_active`](Self::ensure_active), waiting at most `wait` for a lease another node
     /// holds.
     async fn ensure_active_within(&self, object: &ObjectId, slot: &mut Slot, wait: Duration) -> Result<()> {
+        self.activate(object, slot, wait, false).await.map(|_| ())
+    }
+
+    /// Activate `object` (see [`ensure_active_within`](Self::ensure_active_within)); with
+    /// `only_to_drain`, as [`ensure_active_to_drain`](Self::ensure_active_to_drain). Whether it
+    /// is active.
+    async fn activate(&self, object: &ObjectId, slot: &mut Slot, wait: Duration, only_to_drain: bool) -> Result<bool> {
         let inner = &self.inner;
         if slot.lazy_moved() {
             // A lazy activation whose cold state moved on answers `Conflict` to every read it
@@ -831,7 +855,7 @@ impl ObjectRuntime {
         }
         if let Some(active) = slot.active.as_mut() {
             match renew_if_due(inner, &mut active.lease).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(true),
                 Err(e) => {
                     tracing::info!(object = %object, error = %e, "dotdo warm lease lost; re-activating");
                     // Given back in case it is still valid (a failure that did not say it was
@@ -856,6 +880,15 @@ impl ObjectRuntime {
         let lease =
             self.acquire_within(object, wait).await.map_err(|e| before_the_call(e, object, "acquiring the lease"))?;
         let mut hand = LeaseInHand::new(inner, lease.granted.clone());
+        if only_to_drain {
+            // Looked at again under the lease: no other runtime drains or evicts it from now on.
+            let pending = inner.hot.object_info(object).await.map(|i| i.is_some_and(|i| i.has_pending_changes()));
+            if !matches!(pending, Ok(true)) {
+                release_quietly(inner, &lease.granted).await;
+                hand.disarm();
+                return pending.map_err(|e| before_the_call(e, object, "reading the object's hot state"));
+            }
+        }
         let mut active = Active { lease, last_used: inner.clock.monotonic(), lazy: None, evict_again: false };
         let loading = Stopwatch::start(inner.clock.clone());
         let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active, &mut hand).await {
@@ -882,7 +915,7 @@ impl ObjectRuntime {
             bytes_loaded: bytes,
             snapshot,
         });
-        Ok(())
+        Ok(true)
     }
 
     async fn acquire(&self, object: &ObjectId) -> Result<HeldLease> {
@@ -1196,7 +1229,11 @@ impl ObjectRuntime {
         {
             return Ok(FlushReport::default());
         }
-        self.ensure_active(object, &mut slot).await?;
+        self.refuse_if_shutting_down(object)?;
+        if !self.ensure_active_to_drain(object, &mut slot, self.inner.settings.acquire_timeout).await? {
+            // Drained and evicted by another runtime meanwhile.
+            return Ok(FlushReport::default());
+        }
         let active = slot.active.as_mut().expect("active");
         let token = active.lease.granted.token;
         let r = with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token, usize::MAX)).await;
@@ -1271,8 +1308,10 @@ impl ObjectRuntime {
                 // in hot storage behind an `Ok`.
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
                     let lapsed = guard.active.take();
-                    match self.ensure_active_within(&object, &mut guard, Duration::ZERO).await {
-                        Ok(()) => {
+                    match self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await {
+                        // Drained and evicted by another runtime since it lapsed.
+                        Ok(false) => {}
+                        Ok(true) => {
                             let token = guard
                                 .active
                                 .as_ref()
@@ -1394,6 +1433,13 @@ impl ObjectRuntime {
                 Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
                     if batch.objects.len() == 1 {
                         let oc = &batch.objects[0];
+                        if e.is_fenced() {
+                            // Taken over, and drained by its new holder under a newer token
+                            // during this commit: left to that node, as a fenced renewal is.
+                            tracing::info!(object = %oc.object, error = %e, "dotdo flush_all: cold fenced the object; left to its new holder");
+                            left_out.insert(oc.object.clone());
+                            continue;
+                        }
                         let first_seq = oc.records.first().map_or(0, |r| r.seq);
                         let e = explain_gap(inner, &oc.object, first_seq, e).await;
                         tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: cold refused the object's changes");
@@ -1415,6 +1461,10 @@ impl ObjectRuntime {
                                 // Counted here: the next round finds these records in cold
                                 // (skipped, written 0) when it truncates them.
                                 count_commit(inner, report, &c);
+                            }
+                            Err(e) if e.is_fenced() => {
+                                tracing::info!(object = %object, error = %e, "dotdo flush_all: cold fenced the object; left to its new holder");
+                                left_out.insert(object);
                             }
                             Err(e) if !e.is_retryable() && e.kind() != &ErrorKind::AmbiguousOutcome => {
                                 let e = explain_gap(inner, &object, first_seq, e).await;
@@ -1512,8 +1562,10 @@ impl ObjectRuntime {
             if guard.active.is_some() {
                 continue;
             }
-            match self.ensure_active_within(&object, &mut guard, Duration::ZERO).await {
-                Ok(()) => {
+            match self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await {
+                // Drained (and evicted) by its holder since the page was read.
+                Ok(false) => {}
+                Ok(true) => {
                     let token =
                         guard.active.as_ref().expect("ensure_active leaves the object active").lease.granted.token;
                     held.push(Held { object, token, guard, taken: Some(inner.clone()) });
