@@ -391,6 +391,7 @@ impl IcebergColdStoreBuilder {
                 clock: self.clock,
                 settings: self.settings,
                 table: parking_lot::Mutex::new(table),
+                table_installs: std::sync::atomic::AtomicU64::new(0),
                 commit_lock: tokio::sync::Mutex::new(()),
                 bucketer,
                 table_uuid,
@@ -646,6 +647,9 @@ pub(crate) struct Inner {
     pub(crate) settings: Settings,
     /// The newest table state this store knows.
     pub(crate) table: parking_lot::Mutex<Table>,
+    /// How many times `table` was replaced (changed under its lock): a reload installs what it
+    /// loaded only if nothing was installed while it loaded, or if it is no older.
+    table_installs: std::sync::atomic::AtomicU64,
     /// Serialises this process's appends (other processes are handled optimistically).
     commit_lock: tokio::sync::Mutex<()>,
     /// The `bucket(do_id)` transform of the table as opened (see [`IcebergColdStore::bucketer_for`]).
@@ -819,14 +823,26 @@ impl IcebergColdStore {
     /// on, also when it is older than the one known (a catalog pointer an operator moved back,
     /// a backup restored): a known table newer than the catalog's would overstate what is
     /// durable (a watermark past the catalog's, by which a runtime truncates its hot log).
+    /// Except that a newer table this store learnt while the reload was under way (its own
+    /// commit, acknowledged meanwhile, or another reload's answer) is kept: the reload's answer
+    /// may predate it.
     pub async fn refresh(&self) -> Result<Table> {
+        use std::sync::atomic::Ordering;
+        let installs = self.inner.table_installs.load(Ordering::SeqCst);
         let t = self
             .inner
             .catalog
             .load_table(&self.inner.ident)
             .await
             .map_err(|e| classify(e, &format!("loading table {}", self.inner.ident)))?;
-        *self.inner.table.lock() = t.clone();
+        let mut cur = self.inner.table.lock();
+        if self.inner.table_installs.load(Ordering::SeqCst) == installs
+            || t.metadata().uuid() != cur.metadata().uuid()
+            || version_key(&t) >= version_key(&cur)
+        {
+            *cur = t.clone();
+            self.inner.table_installs.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(t)
     }
 
@@ -848,6 +864,7 @@ impl IcebergColdStore {
         // A different table (dropped and created again) always replaces the old one.
         if t.metadata().uuid() != cur.metadata().uuid() || version_key(t) >= version_key(&cur) {
             *cur = t.clone();
+            self.inner.table_installs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -1588,19 +1605,22 @@ impl ColdSink for IcebergColdStore {
     }
 
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
-        let table = self.read_table().await?;
-        match table.metadata().current_snapshot() {
-            Some(s) => self.watermark_in(table.metadata(), s, object).await,
-            None => Ok(Watermark::default()),
-        }
+        Ok(self.watermarks(std::slice::from_ref(object)).await?.pop().unwrap_or_default())
     }
 
     /// One table read for all of `objects`; each is looked up in the snapshot's inline part
-    /// and (cached) checkpoint, never by copying every object's watermark.
+    /// and (cached) checkpoint, never by copying every object's watermark. As the other reads of
+    /// the latest state: read once more if the snapshot read was expired meanwhile (on a stale
+    /// known table, its checkpoint may be gone to another store's cleanup).
     async fn watermarks(&self, objects: &[ObjectId]) -> Result<Vec<Watermark>> {
-        let table = self.read_table().await?;
-        let Some(s) = table.metadata().current_snapshot() else { return Ok(vec![Watermark::default(); objects.len()]) };
-        self.watermarks_in(table.metadata(), s, objects).await
+        self.latest_once_more(AsOf::Latest, || async {
+            let table = self.read_table().await?;
+            let Some(s) = table.metadata().current_snapshot() else {
+                return Ok(vec![Watermark::default(); objects.len()]);
+            };
+            self.read_at(Some(s), self.watermarks_in(table.metadata(), s, objects)).await
+        })
+        .await
     }
 
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
@@ -1723,6 +1743,11 @@ impl IcebergColdStore {
             Err(re) if re.is_retryable() => Err(re.context(format!(
                 "a read of snapshot {id} failed ({e}); whether the snapshot expired meanwhile could not be checked"
             ))),
+            // The table itself is gone (dropped, and its files purged): `NotFound`, as for any
+            // read of a missing table, not damage.
+            Err(re) if re.kind() == &ErrorKind::NotFound => {
+                Err(re.context(format!("a read of snapshot {id} failed ({e})")))
+            }
             _ => Err(e),
         }
     }

@@ -1866,6 +1866,123 @@ where
     panic!("no damaged byte of {} made the decoder panic", file.display());
 }
 
+/// A reload whose answer predates a commit the store acknowledged meanwhile does not take the
+/// store's known table back past that commit: with `refresh_reads` off, reads still see the
+/// store's own acknowledged commit. (A maintenance call's or a read's reload, racing a flush,
+/// put the older table back, and reads missed the flushed changes until the next commit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reload_does_not_hide_a_commit_acknowledged_meanwhile() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .settings(dotdo_iceberg::Settings { refresh_reads: false, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let catalog = slot.lock().clone().expect("catalog built");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "one", 1)]))
+        .await
+        .expect("first commit");
+    let release = Arc::new(tokio::sync::Notify::new());
+    *catalog.hold_next_load.lock() = Some(release.clone());
+    let reloading = tokio::spawn({
+        let cold = cold.clone();
+        async move { cold.refresh().await }
+    });
+    while !catalog.load_held.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::task::yield_now().await;
+    }
+    let c = cold
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "two", 1)]))
+        .await
+        .expect("second commit, while the reload is under way");
+    release.notify_one();
+    reloading.await.expect("task").expect("reload");
+    assert_eq!(
+        cold.table().metadata().current_snapshot().map(|s| s.snapshot_id()),
+        c.snapshot,
+        "the store's own commit"
+    );
+    assert_eq!(cold.watermark(&o).await.expect("watermark").through, 2);
+    let state = cold.load_state(&o, AsOf::Latest).await.expect("state");
+    assert_eq!(state.entries.iter().map(|e| &e.value[..]).collect::<Vec<_>>(), [&b"two"[..]]);
+}
+
+/// Files under `dir` whose names contain `part`.
+fn files_named(dir: &std::path::Path, part: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(part)) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A store without `refresh_reads` whose known head was expired by another store, and whose
+/// watermark checkpoint was then cleaned up, reads the watermarks of the current table, as its
+/// latest-state reads do. (`watermarks` and `watermark` answered `Corrupt`, "checkpoint
+/// missing", for a table that is whole, until something refreshed the store.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watermarks_on_a_stale_table_whose_checkpoint_was_cleaned_up_read_the_current_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = || dotdo_iceberg::Settings { watermark_checkpoint_objects: 0, ..Default::default() };
+    let open = |refresh_reads| {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .settings(dotdo_iceberg::Settings { refresh_reads, ..settings() })
+            .build()
+    };
+    let b = open(true).await.expect("open b");
+    let o = ObjectId::new("o").expect("id");
+    b.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "one", 1)]))
+        .await
+        .expect("first commit");
+    let first_checkpoints = files_named(dir.path(), "dotdo-watermarks-");
+    assert_eq!(first_checkpoints.len(), 1, "{first_checkpoints:?}");
+    let a = open(false).await.expect("open a: it knows the first commit");
+    b.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "two", 1)]))
+        .await
+        .expect("second commit");
+    b.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire the first");
+    // What a cleanup does once the retention has passed: the expired snapshot's checkpoint goes.
+    std::fs::remove_file(&first_checkpoints[0]).expect("remove the first checkpoint");
+    let marks = a.watermarks(std::slice::from_ref(&o)).await.expect("the current table's watermarks");
+    assert_eq!(marks[0].through, 2);
+    assert_eq!(a.watermark(&o).await.expect("watermark").through, 2);
+}
+
+/// A read that finds a file gone because the table itself was dropped and purged is `NotFound`
+/// (a missing table), not `Corrupt` (damage an operator is called for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_of_a_dropped_and_purged_table_is_not_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .settings(dotdo_iceberg::Settings { refresh_reads: false, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "one", 1)]))
+        .await
+        .expect("commit");
+    let ident = cold.table().identifier().clone();
+    cold.catalog().drop_table(&ident).await.expect("drop the table");
+    for f in files_named(dir.path(), ".parquet") {
+        std::fs::remove_file(f).expect("purge a data file");
+    }
+    let e = cold.load_state(&o, AsOf::Latest).await.expect_err("the table is gone");
+    assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
+}
+
 /// A store on a new local warehouse at `dir` whose SQL catalog loses a reply when armed
 /// ([`common::switched_sql_catalog`]; commits then go through iceberg's `Transaction`), and the
 /// slot holding that catalog once built.

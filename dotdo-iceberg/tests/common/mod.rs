@@ -496,6 +496,11 @@ pub struct LossyCatalog {
     pub switch: Arc<dotdo_core::testkit::ReplySwitch>,
     /// While set, every `load_table` fails as a broken connection would (retryable).
     pub fail_loads: std::sync::atomic::AtomicBool,
+    /// The next `load_table` reads the table, sets `load_held`, then waits for this before it
+    /// answers (a slow reply carrying what was current when the catalog read it).
+    pub hold_next_load: parking_lot::Mutex<Option<Arc<tokio::sync::Notify>>>,
+    /// Set once a held `load_table` has read the table.
+    pub load_held: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -545,7 +550,13 @@ impl iceberg::Catalog for LossyCatalog {
                 .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
                 .with_retryable(true));
         }
-        self.inner.load_table(t).await
+        let held = self.hold_next_load.lock().take();
+        let table = self.inner.load_table(t).await?;
+        if let Some(release) = held {
+            self.load_held.store(true, Ordering::SeqCst);
+            release.notified().await;
+        }
+        Ok(table)
     }
     async fn drop_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<()> {
         self.inner.drop_table(t).await
@@ -655,6 +666,8 @@ fn lossy_catalog(
                 random,
                 switch: Default::default(),
                 fail_loads: Default::default(),
+                hold_next_load: Default::default(),
+                load_held: Default::default(),
             });
             *slot.lock() = Some(c.clone());
             Ok(c as Arc<dyn iceberg::Catalog>)
