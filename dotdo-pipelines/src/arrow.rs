@@ -198,6 +198,10 @@ struct Inner {
     _log_lock: Option<std::fs::File>,
     next_id: Mutex<Option<u64>>,
     roll_lock: futures::lock::Mutex<()>,
+    /// Set while a sink commit of a roll is under way, and left set if the roll was dropped then
+    /// (its caller gave up on it): the commit may still land, so `take_refused` waits for a roll
+    /// that settles it.
+    committing: AtomicBool,
     closed: AtomicBool,
     /// When the last roll started (the clock's monotonic time).
     last_roll: Mutex<std::time::Duration>,
@@ -292,6 +296,7 @@ impl ArrowPipeline {
                 _log_lock: log_lock,
                 next_id: Mutex::new(next_id),
                 roll_lock: futures::lock::Mutex::new(()),
+                committing: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 last_roll: Mutex::new(now),
                 rows_in: AtomicU64::new(0),
@@ -404,11 +409,14 @@ impl ArrowPipeline {
     /// reopening the log ignores that). Waits for a roll in progress. `None` may also mean the
     /// head batch was found committed while others are claimed behind it: call again until
     /// the refused one comes out, then `roll` (the background loop keeps its backoff from the
-    /// failed rolls). Rows taken out are not counted as committed.
+    /// failed rolls). Rows taken out are not counted as committed. A retryable `Conflict` if a
+    /// roll was dropped (by its caller) while the sink committed the batch: that commit may still
+    /// land, and the batch is not handed out until a roll settles it (call `roll`, then again).
     pub async fn take_refused(&self) -> Result<Option<RefusedBatch>> {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;
         let Some((id, batches)) = inner.buf.lock().claimed.clone() else { return Ok(None) };
+        crate::settings::refuse_if_committing(&inner.committing, id)?;
         if inner.sink.last_batch(&inner.stream).await? >= id {
             // Committed: by this pipeline (its reply lost: count it) or an earlier one (not).
             let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
@@ -673,7 +681,11 @@ impl ArrowPipeline {
 
     async fn append_resolving(&self, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
         let inner = &self.inner;
-        crate::settings::retry(&*inner.clock, || inner.sink.append(&inner.stream, id, batches.clone())).await
+        inner.committing.store(true, Ordering::SeqCst);
+        let out = crate::settings::retry(&*inner.clock, || inner.sink.append(&inner.stream, id, batches.clone())).await;
+        // Not reached if this roll is dropped while the sink commits.
+        inner.committing.store(false, Ordering::SeqCst);
+        out
     }
 
     /// Roll whenever due until [`close`](Self::close) (spawn it on the host's executor). A failed

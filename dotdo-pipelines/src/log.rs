@@ -106,6 +106,11 @@ impl Depth {
     fn get(&self) -> (usize, usize) {
         (self.events.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
     }
+
+    fn set(&self, (events, bytes): (usize, usize)) {
+        self.events.store(events, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -398,14 +403,19 @@ impl SqliteLog {
              CREATE TABLE IF NOT EXISTS pipeline_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
         )
         .map_err(|e| sql(e, &doing))?;
-        let (n, b): (i64, i64) = conn
-            .query_row(concat!("SELECT count(*), coalesce(sum(", row_bytes!(), "), 0) FROM pipeline_log"), [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .map_err(|e| sql(e, &doing))?;
         let log = SqliteLog { conn: Mutex::new(conn), depth: Depth::default(), _lock: lock };
-        log.depth.add(usize::try_from(n).unwrap_or(0), usize::try_from(b).unwrap_or(0));
+        log.depth.set(Self::rows_in(&log.conn.lock()).map_err(|e| sql(e, &doing))?);
         Ok(log)
+    }
+
+    /// The events and bytes the log holds (claimed ones included), counted in SQL.
+    fn rows_in(conn: &Connection) -> rusqlite::Result<(usize, usize)> {
+        let (n, b): (i64, i64) = conn.query_row(
+            concat!("SELECT count(*), coalesce(sum(", row_bytes!(), "), 0) FROM pipeline_log"),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((usize::try_from(n).unwrap_or(0), usize::try_from(b).unwrap_or(0)))
     }
 
     fn rows_of(conn: &Connection, sql_text: &str, p: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<LogRow>> {
@@ -540,7 +550,18 @@ impl Log for SqliteLog {
                 .map_err(|e| sql(e, "append"))?;
             }
         }
-        tx.commit().map_err(|e| commit_error(e, "append commit"))?;
+        if let Err(e) = tx.commit() {
+            let err = commit_error(e, "append commit");
+            if err.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome {
+                // The events may be in the log: counted as the log says (else a roll or `close`
+                // would leave them out, and an ack of a batch claiming them would count the
+                // waiting events short). Unreadable: counted as not there, until a reopen.
+                if let Ok(depth) = Self::rows_in(&conn) {
+                    self.depth.set(depth);
+                }
+            }
+            return Err(err);
+        }
         self.depth.add(n, bytes);
         Ok(())
     }

@@ -174,6 +174,7 @@ impl PipelineBuilder {
                 next_seq: Mutex::new(HashMap::new()),
                 own_claim: Mutex::new(None),
                 roll_lock: futures::lock::Mutex::new(()),
+                committing: AtomicBool::new(false),
                 send_gate: Mutex::new(()),
                 closed: AtomicBool::new(false),
                 last_roll: Mutex::new(now),
@@ -208,6 +209,10 @@ struct Inner {
     /// routes whose commit of it is counted already (see [`OwnClaim`]).
     own_claim: Mutex<Option<OwnClaim>>,
     roll_lock: futures::lock::Mutex<()>,
+    /// Set while a sink commit of a roll is under way, and left set if the roll was dropped then
+    /// (its caller gave up on it): the commit may still land, so `take_refused` waits for a roll
+    /// that settles it.
+    committing: AtomicBool,
     /// Held by `send` from its closed and capacity checks through the append, and by `close`
     /// while it sets `closed`: a send that gets `Ok` is in the log before close's roll reads the
     /// depth, and two sends cannot both pass the capacity check on the same room.
@@ -661,7 +666,11 @@ impl Pipeline {
 
     async fn append_resolving(&self, route: &str, batch: ColdBatch) -> Result<dotdo_core::ColdCommit> {
         let sink = self.sink(route)?;
-        crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await
+        self.inner.committing.store(true, Ordering::SeqCst);
+        let out = crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await;
+        // Not reached if this roll is dropped while the sink commits.
+        self.inner.committing.store(false, Ordering::SeqCst);
+        out
     }
 
     /// Roll whenever due, until [`close`](Self::close) or until every handle of the pipeline is
@@ -695,11 +704,14 @@ impl Pipeline {
     /// (store them, fix them, send them again: they get new sequence numbers then, and pass the
     /// transform again: they are returned as the transform made them). Waits for a roll in
     /// progress; then `roll` (the background loop keeps its backoff from the failed rolls).
-    /// Taken-out events are not counted as committed.
+    /// Taken-out events are not counted as committed. A retryable `Conflict` if a roll was dropped
+    /// (by its caller) while a sink committed the batch: that commit may still land, and the
+    /// events are not handed out until a roll settles it (call `roll`, then again).
     pub async fn take_refused(&self) -> Result<Vec<(String, Event)>> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;
         let Some(claimed) = inner.log.claimed(inner.settings.token)? else { return Ok(Vec::new()) };
+        crate::settings::refuse_if_committing(&inner.committing, claimed.id)?;
         let mut by_route: BTreeMap<String, Vec<ChangeRecord>> = BTreeMap::new();
         for (route, r) in claimed.rows {
             by_route.entry(route).or_default().push(r);

@@ -122,6 +122,21 @@ impl PipelineSettings {
     }
 }
 
+/// `take_refused`'s refusal of claimed batch `id` while `committing` says a roll was dropped
+/// during its sink commit (that commit may still land).
+pub(crate) fn refuse_if_committing(committing: &std::sync::atomic::AtomicBool, id: u64) -> dotdo_core::Result<()> {
+    if committing.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(dotdo_core::Error::new(
+            dotdo_core::ErrorKind::Conflict,
+            format!(
+                "batch {id}: a roll was dropped while the sink committed it, so that commit may still land; \
+                 roll again (it settles the commit) before taking the batch out"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Commit retries of both pipeline kinds: 8 retries, waiting 10 ms doubling to 640 ms.
 pub(crate) async fn retry<T, F, Fut>(clock: &dyn dotdo_core::Clock, op: F) -> dotdo_core::Result<T>
 where

@@ -51,6 +51,8 @@ struct Flaky {
     /// Refuse appends (for good) after this many calls (`u32::MAX`: never).
     refuse_after: AtomicU32,
     appends: AtomicU32,
+    /// The next append never answers (a commit still under way when its caller gives up).
+    hang_next: AtomicBool,
 }
 
 impl Flaky {
@@ -63,6 +65,7 @@ impl Flaky {
             refused: AtomicU32::new(0),
             refuse_after: AtomicU32::new(u32::MAX),
             appends: AtomicU32::new(0),
+            hang_next: AtomicBool::new(false),
         })
     }
 }
@@ -77,6 +80,9 @@ impl ArrowSink for Flaky {
     }
     async fn append(&self, stream: &str, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
         let n = self.appends.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.hang_next.swap(false, Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
         if self.refusing.load(Ordering::SeqCst) || n > self.refuse_after.load(Ordering::SeqCst) {
             self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(Error::invalid("the sink refuses this batch for good (test)"));
@@ -462,6 +468,28 @@ async fn a_sink_refusing_for_good_is_not_hammered() {
     p.close().await.expect("close commits once the sink accepts");
     runner.await.expect("run ends at close");
     assert_eq!(ids(&t).await, (0..10).collect::<Vec<_>>());
+}
+
+/// A roll dropped by its caller while the sink was committing its batch (a timeout around it)
+/// leaves that commit's outcome open: `take_refused` refuses to hand the batch out until a roll
+/// has settled it (handed out, a re-send under a new id would land beside a late landing of the
+/// old commit: its rows twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_commit_a_dropped_roll_left_under_way_is_not_taken_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let sink = Flaky::new(t.clone(), false);
+    let p = ArrowPipeline::open("dropped", sink.clone(), PipelineSettings::default()).expect("pipeline");
+    p.send(batch(0, 3)).expect("send");
+    sink.hang_next.store(true, Ordering::SeqCst);
+    let dropped = tokio::time::timeout(std::time::Duration::from_millis(50), p.roll()).await;
+    assert!(dropped.is_err(), "the roll was still committing when it was dropped");
+    let e = p.take_refused().await.expect_err("the batch's commit may still land");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(p.roll().await.expect("a roll settles it"), 3);
+    assert!(p.take_refused().await.expect("nothing claimed").is_none());
+    assert_eq!(ids(&t).await, [0, 1, 2]);
 }
 
 /// A batch the sink refuses for good stops every roll (it is committed first); `take_refused`

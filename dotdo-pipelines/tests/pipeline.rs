@@ -28,6 +28,8 @@ struct Flaky {
     refuse_after: AtomicU32,
     /// Appends that land, then never answer (the caller gives up on them).
     hang_after_commit: AtomicU32,
+    /// The next append never answers and lands nothing (yet).
+    hang_next: AtomicBool,
 }
 
 impl Flaky {
@@ -42,6 +44,7 @@ impl Flaky {
             appends: AtomicU32::new(0),
             refuse_after: AtomicU32::new(u32::MAX),
             hang_after_commit: AtomicU32::new(0),
+            hang_next: AtomicBool::new(false),
         })
     }
 }
@@ -50,6 +53,9 @@ impl Flaky {
 impl ColdSink for Flaky {
     async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
         let n = self.appends.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.hang_next.swap(false, Ordering::SeqCst) {
+            return futures::future::pending().await;
+        }
         if self.refusing.load(Ordering::SeqCst) || n > self.refuse_after.load(Ordering::SeqCst) {
             return Err(Error::invalid("the sink refuses this batch for good (test)"));
         }
@@ -977,6 +983,26 @@ async fn an_inherited_claim_counts_each_route_once_across_failed_rolls() {
     let m = p.metrics();
     assert_eq!((m.events_committed, m.events_replayed), (3, 3), "{m:?}");
     assert_each_event_once_in(&main, &audit, 6).await;
+}
+
+/// A roll dropped by its caller while a sink committed its batch leaves that commit's outcome
+/// open: `take_refused` refuses to hand the events out until a roll has settled it (handed out
+/// and sent again, they would get the sequence numbers of the old commit, which may still land
+/// in place of the re-sent ones).
+#[tokio::test]
+async fn events_whose_commit_a_dropped_roll_left_under_way_are_not_taken_out() {
+    let sink = Flaky::new();
+    let p = Pipeline::builder(sink.clone()).build().expect("pipeline");
+    p.send(vec![ev("o0", "k0", "a"), ev("o1", "k1", "b")]).expect("send");
+    sink.hang_next.store(true, Ordering::SeqCst);
+    let dropped = tokio::time::timeout(std::time::Duration::from_millis(50), p.roll()).await;
+    assert!(dropped.is_err(), "the roll was still committing when it was dropped");
+    let e = p.take_refused().await.expect_err("the batch's commit may still land");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(p.roll().await.expect("a roll settles it").events, 2);
+    assert!(p.take_refused().await.expect("nothing claimed").is_empty());
+    assert_eq!(p.metrics().buffer_depth, 0);
 }
 
 /// Events a sink refuses for good stop every roll (their claimed batch goes first);
