@@ -734,6 +734,20 @@ impl IcebergColdStore {
     }
 }
 
+/// `tasks` read through `table`'s current schema (each of its top-level columns, by field id),
+/// not the head snapshot's, which iceberg's scan plans them with: a schema change makes no
+/// snapshot, so a column added, dropped, renamed or widened since the last append would be read
+/// by the older schema (and a rewrite that pairs its columns with the current schema's by
+/// position would write one column's values under another).
+pub(crate) fn through_current_schema(table: &Table, tasks: &mut [iceberg::scan::FileScanTask]) {
+    let schema = table.metadata().current_schema().clone();
+    let ids: Vec<i32> = schema.as_struct().fields().iter().map(|f| f.id).collect();
+    for t in tasks {
+        t.schema = schema.clone();
+        t.project_field_ids = ids.clone();
+    }
+}
+
 /// The rows of `tasks` (planned on `table`), read through iceberg's reader (`what`: the
 /// operation, for errors). iceberg decodes the Parquet files on this task, and parquet 58
 /// asserts on some damaged bytes: a panic is `Corrupt` naming `files`.
@@ -770,10 +784,11 @@ impl IcebergColdStore {
         let wanted: HashSet<&str> = group.iter().map(|f| f.path.as_str()).collect();
         let scan = table.scan().select_all().build().map_err(|e| classify(e, &what))?;
         let tasks = self.planned_tasks(table, &scan, &what).await?;
-        let tasks: Vec<_> = tasks.into_iter().filter(|t| wanted.contains(t.data_file_path.as_str())).collect();
+        let mut tasks: Vec<_> = tasks.into_iter().filter(|t| wanted.contains(t.data_file_path.as_str())).collect();
         if tasks.len() != group.len() {
             return Err(Error::new(ErrorKind::Conflict, format!("{what}: files to compact changed while planning")));
         }
+        through_current_schema(table, &mut tasks);
         let files: Vec<&str> = group.iter().map(|f| f.path.as_str()).collect();
         let batches = read_tasks(table, tasks, &what, &format!("one of the data files {files:?}")).await?;
         let read: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();

@@ -1010,7 +1010,8 @@ impl ArrowTable {
         self.store.remove_unreferenced_files_of(&self.ident, retention).await
     }
 
-    /// Every row of the table at its current snapshot (for tests and small tables).
+    /// Every row of the table at its current snapshot (for tests and small tables), in the
+    /// table's current schema (columns added since a row was written read as null).
     pub async fn read_all(&self) -> Result<Vec<RecordBatch>> {
         let table = self.load().await?;
         if table.metadata().current_snapshot().is_none() {
@@ -1018,7 +1019,8 @@ impl ArrowTable {
         }
         let what = format!("scanning {}", self.ident);
         let scan = table.scan().build().map_err(|e| classify(e, &what))?;
-        let tasks = self.store.planned_tasks(&table, &scan, &what).await?;
+        let mut tasks = self.store.planned_tasks(&table, &scan, &what).await?;
+        crate::compact::through_current_schema(&table, &mut tasks);
         crate::compact::read_tasks(&table, tasks, &what, &format!("a data file of {}", self.ident)).await
     }
 }
