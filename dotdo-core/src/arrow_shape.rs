@@ -73,7 +73,8 @@ fn same_fields(f: &Fields, g: &Fields, by_name: bool) -> bool {
 /// Parquet writer stores a decimal in the width its precision gives: a value beyond it was
 /// written cut to that width (4294967297 in a `decimal(5,2)` column read back as 0.01) or out of
 /// its declared range. Null slots are not checked, nor values under a null struct slot (arrow
-/// allows anything there); the items of lists and maps are checked whatever their list's slot.
+/// allows anything there), list and map items included; the items of lists and maps are checked
+/// whatever their own list's slot.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -116,6 +117,11 @@ fn check_decimals_where(
         let at = |v: Option<&O>| v.and_then(|v| v.to_usize()).unwrap_or(0);
         (at(o.first()), at(o.last()))
     }
+    // The row of a list whose items hold child slot `item` (offsets ascend; of several rows
+    // starting there, the empty ones come first).
+    fn row_of<O: arrow_array::OffsetSizeTrait>(o: &[O], item: usize) -> usize {
+        o.partition_point(|v| v.to_usize().is_some_and(|v| v <= item)).saturating_sub(1)
+    }
     match column.data_type() {
         T::Decimal128(precision, _) => {
             let a = column.as_primitive::<Decimal128Type>();
@@ -140,13 +146,13 @@ fn check_decimals_where(
         }
         T::List(_) => {
             let l = column.as_list::<i32>();
-            let (from, to) = range(l.value_offsets());
-            items(l.values(), from, to, &format!("{name}[]"), &|_| true)
+            let (o, (from, to)) = (l.value_offsets(), range(l.value_offsets()));
+            items(l.values(), from, to, &format!("{name}[]"), &|k| shown(row_of(o, from + k)))
         }
         T::LargeList(_) => {
             let l = column.as_list::<i64>();
-            let (from, to) = range(l.value_offsets());
-            items(l.values(), from, to, &format!("{name}[]"), &|_| true)
+            let (o, (from, to)) = (l.value_offsets(), range(l.value_offsets()));
+            items(l.values(), from, to, &format!("{name}[]"), &|k| shown(row_of(o, from + k)))
         }
         T::FixedSizeList(_, n) => {
             let l = column.as_fixed_size_list();
@@ -158,9 +164,9 @@ fn check_decimals_where(
         }
         T::Map(..) => {
             let m = column.as_map();
-            let (from, to) = range(m.value_offsets());
+            let (o, (from, to)) = (m.value_offsets(), range(m.value_offsets()));
             let entries: arrow_array::ArrayRef = std::sync::Arc::new(m.entries().clone());
-            items(&entries, from, to, name, &|_| true)
+            items(&entries, from, to, name, &|k| shown(row_of(o, from + k)))
         }
         _ => Ok(()),
     }
@@ -251,5 +257,27 @@ mod tests {
         check_decimals(&batch(Arc::new(fixed.slice(0, 1)))).expect("the wide item is not in the slice");
         assert_eq!(fixed.slice(1, 1).len(), 1);
         assert!(check_decimals(&batch(Arc::new(fixed.slice(1, 1)))).is_err());
+        // A list's items under a null struct slot are not seen either; those of the rows shown
+        // are (row 2's list holds the wide item; row 1 is empty, starting where row 2 does).
+        let list_item = Arc::new(Field::new("item", DataType::Decimal128(5, 2), true));
+        let lists = |offsets: Vec<i32>, values: Vec<i128>| -> ArrayRef {
+            Arc::new(arrow_array::ListArray::new(
+                list_item.clone(),
+                arrow_buffer::OffsetBuffer::new(offsets.into()),
+                dec(values),
+                None,
+            ))
+        };
+        let in_struct = |l: ArrayRef, struct_nulls: Vec<bool>| -> ArrayRef {
+            let f = Fields::from(vec![Field::new("l", l.data_type().clone(), true)]);
+            Arc::new(StructArray::new(f, vec![l], Some(arrow_buffer::NullBuffer::from(struct_nulls))))
+        };
+        let under_null = in_struct(lists(vec![0, 1, 1, 2], vec![1, 10_000_000]), vec![true, true, false]);
+        check_decimals(&batch(under_null)).expect("the wide item's struct slot is null");
+        let seen = in_struct(lists(vec![0, 1, 1, 2], vec![1, 10_000_000]), vec![true, true, true]);
+        let e = check_decimals(&batch(seen)).expect_err("a wide item a reader sees");
+        assert!(e.to_string().contains("c.l[]"), "{e}");
+        let first_hidden = in_struct(lists(vec![0, 1, 1, 2], vec![10_000_000, 1]), vec![false, true, true]);
+        check_decimals(&batch(first_hidden)).expect("the wide item is row 0's, under a null slot");
     }
 }
