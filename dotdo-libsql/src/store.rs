@@ -521,11 +521,13 @@ impl LibsqlStore {
         &self.inner.settings
     }
 
-    /// Run `PRAGMA integrity_check` (on the local file, the replica file, or the primary);
-    /// `Corrupt` with SQLite's report if it is not `ok`.
+    /// Run `PRAGMA integrity_check` (on the local file, or on the primary: remote and
+    /// embedded-replica modes, where libsql sends that pragma to the primary whatever the
+    /// connection; here over HTTP, bounded by `request_timeout`); `Corrupt` with SQLite's report
+    /// if it is not `ok`.
     pub async fn integrity_check(&self) -> Result<()> {
         let report: Vec<Row> = self
-            .read("integrity check", |c| {
+            .read_primary_in_replica("integrity check", |c| {
                 Box::pin(async move { Ok(c.query(Step::new("PRAGMA integrity_check", vec![])).await?) })
             })
             .await?;
