@@ -342,6 +342,7 @@ impl IcebergColdStore {
         // The `dotdo.*` state carries over from the nearest dotdo snapshot (the parent, unless
         // another engine wrote it).
         let base = match head {
+            Some(h) if table.identifier() != &self.inner.ident => crate::summary::user_table_base(md, h)?,
             Some(h) => crate::summary::dotdo_base(md, h)?,
             None => None,
         };

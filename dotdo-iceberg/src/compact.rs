@@ -757,6 +757,34 @@ pub(crate) async fn read_tasks(
     what: &str,
     files: &str,
 ) -> Result<Vec<arrow_array::RecordBatch>> {
+    let e = match read_tasks_once(table, tasks.clone(), what, files).await {
+        Ok(batches) => return Ok(batches),
+        Err(e) => e,
+    };
+    // Damage found in one of several files, by an error that does not say which (iceberg's
+    // "Failed to load Parquet metadata" of a damaged footer, a decoder's panic): each is read
+    // alone to name it, as `Corrupt` must.
+    if e.kind() != &ErrorKind::Corrupt || tasks.iter().any(|t| e.to_string().contains(&t.data_file_path)) {
+        return Err(e);
+    }
+    for t in tasks {
+        let path = t.data_file_path.clone();
+        if let Err(alone) = read_tasks_once(table, vec![t], what, &format!("data file {path}")).await {
+            if alone.kind() == &ErrorKind::Corrupt {
+                return Err(alone.context(format!("data file {path}")));
+            }
+        }
+    }
+    Err(e)
+}
+
+/// [`read_tasks`], all at once.
+async fn read_tasks_once(
+    table: &Table,
+    tasks: Vec<iceberg::scan::FileScanTask>,
+    what: &str,
+    files: &str,
+) -> Result<Vec<arrow_array::RecordBatch>> {
     use futures::TryStreamExt;
     let read = async {
         let stream = table

@@ -99,7 +99,8 @@ impl IcebergColdStore {
             // watermarks would then read as empty (replays written twice, stale committers let
             // through). Refused, nothing expired.
             if let Some(h) = table.metadata().current_snapshot() {
-                summary::dotdo_base(table.metadata(), h).map_err(|e| e.context(what.clone()))?;
+                let base = if ident != &self.inner.ident { summary::user_table_base } else { summary::dotdo_base };
+                base(table.metadata(), h).map_err(|e| e.context(what.clone()))?;
             }
             let cutoff = Timestamp::from_micros(
                 self.inner

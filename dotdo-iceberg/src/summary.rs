@@ -117,6 +117,24 @@ pub fn dotdo_base(
     }
 }
 
+/// [`dotdo_base`] for a user table: a history another engine expired (the head's parent chain
+/// breaks at an expired snapshot before any dotdo snapshot) holds no dotdo state, no stream
+/// marks, if nothing says dotdo ever committed to the table: no [`LAST_COMMIT`] property (every
+/// dotdo commit sets it, in the same commit) and no dotdo snapshot among those the table keeps.
+/// A table other engines wrote and expired was refused as `Corrupt` for good. (A table only a
+/// dotdo build from before that property appended to, whose dotdo snapshots another engine
+/// then expired, reads as holding no marks: replays of its batches would be appended again.)
+/// The change table, which only dotdo creates, keeps [`dotdo_base`]'s rule.
+pub(crate) fn user_table_base(
+    md: &iceberg::spec::TableMetadata,
+    snapshot: &iceberg::spec::SnapshotRef,
+) -> Result<Option<iceberg::spec::SnapshotRef>> {
+    match chain_to_dotdo(md, snapshot).1 {
+        ChainEnd::Expired(_) if last_commit_of(md).is_none() && !md.snapshots().any(|s| is_dotdo(s)) => Ok(None),
+        _ => dotdo_base(md, snapshot),
+    }
+}
+
 /// The table property in which each dotdo commit also records its snapshot's `dotdo.*` summary
 /// keys (with its snapshot id where known, and its sequence number), in the same commit: other
 /// engines carry table properties over, so when another engine's expiry removes the newest dotdo

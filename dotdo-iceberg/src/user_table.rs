@@ -102,10 +102,22 @@ fn widens(from: &arrow_schema::DataType, to: &arrow_schema::DataType) -> bool {
     }
 }
 
+/// Whether `t` is or holds a struct without fields.
+fn has_empty_struct(t: &arrow_schema::DataType) -> bool {
+    use arrow_schema::DataType as T;
+    match t {
+        T::Struct(fields) => fields.is_empty() || fields.iter().any(|f| has_empty_struct(f.data_type())),
+        T::List(f) | T::LargeList(f) | T::FixedSizeList(f, _) | T::Map(f, _) => has_empty_struct(f.data_type()),
+        _ => false,
+    }
+}
+
 /// `batch` in the shape of `target`, columns matched by name: a column the batch lacks is all
 /// nulls if `target` allows it (a column added since the batch was made), a column of a type
 /// `target` widened is cast (a batch made before `widen_column`); `None` if the batch has a
-/// column `target` lacks, a column of another type, or lacks a required one.
+/// column `target` lacks, a column of another type, or lacks a required one, or if a column
+/// both name with an Iceberg field id has another id in `target` (dropped and added again
+/// under the same name since: another column).
 fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
     let schema = batch.schema_ref();
     if schema.fields().iter().any(|f| target.field_with_name(f.name()).is_err()) {
@@ -115,10 +127,16 @@ fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
     if repeated_name(schema).is_some() {
         return None;
     }
+    let field_id = |f: &arrow_schema::Field| f.metadata().get(parquet::arrow::PARQUET_FIELD_ID_META_KEY).cloned();
     let mut columns = Vec::with_capacity(target.fields().len());
     for field in target.fields() {
         match schema.index_of(field.name()) {
             Ok(i) => {
+                if let (Some(was), Some(now)) = (field_id(schema.field(i)), field_id(field)) {
+                    if was != now {
+                        return None;
+                    }
+                }
                 let mut column = batch.column(i).clone();
                 let nulls_ok = field.is_nullable() || column.null_count() == 0;
                 if !nulls_ok {
@@ -165,6 +183,13 @@ impl IcebergColdStore {
         }
         if let Some(dup) = repeated_name(&schema) {
             return Err(Error::invalid(format!("{what}: the schema names column {dup:?} twice")));
+        }
+        // Parquet cannot write a struct of no fields: every append would fail.
+        if let Some(col) = schema.fields().iter().find(|f| has_empty_struct(f.data_type())) {
+            return Err(Error::invalid(format!(
+                "{what}: column {} holds a struct without fields, which Parquet cannot store",
+                col.name()
+            )));
         }
         let ischema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&schema)
             .map_err(|e| Error::invalid(format!("{what}: the schema has no Iceberg form: {e}")))?;
@@ -365,11 +390,21 @@ async fn write_range(
     batches: Vec<RecordBatch>,
     what: String,
 ) -> Result<Vec<iceberg::spec::DataFile>> {
-    let mut w = builder.build(None).await.map_err(|e| classify(e, &what))?;
+    // A Parquet or Arrow error here is the writer's refusal, not damaged data (which is what
+    // `classify` makes of those errors on reads).
+    let failed = |e: iceberg::Error| {
+        let err = classify(e, &what);
+        if err.kind() == &ErrorKind::Corrupt {
+            Error::backend(format!("{what}: writing a data file failed: {err}")).with_source(err)
+        } else {
+            err
+        }
+    };
+    let mut w = builder.build(None).await.map_err(failed)?;
     for b in batches {
-        w.write(b).await.map_err(|e| classify(e, &what))?;
+        w.write(b).await.map_err(failed)?;
     }
-    w.close().await.map_err(|e| classify(e, &what))
+    w.close().await.map_err(failed)
 }
 
 /// `batches` cut into contiguous row ranges of about equal Arrow memory, one per parallel
@@ -435,7 +470,7 @@ impl Marks {
 fn marks(table: &Table) -> Result<Marks> {
     let md = table.metadata();
     let base = match md.current_snapshot() {
-        Some(s) => crate::summary::dotdo_base(md, s)?,
+        Some(s) => crate::summary::user_table_base(md, s)?,
         None => None,
     };
     let Some(s) = base else { return Ok(Marks { raw: HashMap::new(), snapshot: 0 }) };
@@ -1127,5 +1162,45 @@ mod tests {
         let table = cold.commit_updates(&table, removal, vec![], "expiring s1").await.expect("expire s1");
         assert!(table.metadata().snapshot_by_id(foreign).is_some());
         assert_eq!(super::snapshot_marking(&table, "s", 1), None, "{s3} only carries s's mark");
+    }
+
+    /// A table only other engines wrote, whose oldest snapshot another engine expired, holds no
+    /// stream marks: dotdo appends to it, compacts and expires it. (Its broken parent chain read
+    /// as dotdo's watermarks lost: `Corrupt` on every append, for good.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_only_other_engines_wrote_and_expired_takes_dotdo_appends() {
+        use iceberg::transaction::{ApplyTransactionAction, Transaction};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = crate::IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let t = cold.arrow_table(&["u"], "foreign", schema.clone()).await.expect("table");
+        let mut first = None;
+        for n in [1i64, 2] {
+            let table = t.load().await.expect("load");
+            let rows = RecordBatch::try_new(t.iceberg_arrow.clone(), vec![Arc::new(Int64Array::from(vec![n]))])
+                .expect("batch in the table's schema");
+            let files = super::write_user_files(&cold, &table, &[rows], 1 << 20, "foreign").await.expect("files");
+            let tx = Transaction::new(&table);
+            let tx = tx.fast_append().add_data_files(files).apply(tx).expect("apply");
+            let table = tx.commit(&*cold.catalog()).await.expect("another engine's append");
+            first.get_or_insert(table.metadata().current_snapshot_id().expect("head"));
+        }
+        let table = t.load().await.expect("load");
+        let removal = vec![iceberg::TableUpdate::RemoveSnapshots { snapshot_ids: vec![first.expect("first")] }];
+        cold.commit_updates(&table, removal, vec![], "another engine's expiry").await.expect("expire");
+        let t = cold.arrow_table(&["u"], "foreign", schema.clone()).await.expect("opened again");
+        assert_eq!(t.last_batch("s").await.expect("no marks"), 0);
+        let batch =
+            |n: i64| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))]).expect("b");
+        assert_eq!(t.append("s", 1, vec![batch(3)]).await.expect("dotdo appends").rows, 1);
+        assert_eq!(t.append("s", 1, vec![batch(3)]).await.expect("a replay").rows, 0);
+        assert_eq!(t.append("s", 2, vec![batch(4)]).await.expect("dotdo appends").rows, 1);
+        assert_eq!(t.last_batch("s").await.expect("mark"), 2);
+        let report = t.compact(crate::CompactOptions::default()).await.expect("compact");
+        assert!(report.files_removed >= 2, "{report:?}");
+        t.expire_snapshots(Duration::ZERO, 1).await.expect("expire");
+        assert_eq!(t.last_batch("s").await.expect("mark survives"), 2);
+        let rows: usize = t.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum();
+        assert_eq!(rows, 4, "two foreign rows and two of dotdo's, once each");
     }
 }

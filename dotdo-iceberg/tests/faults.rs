@@ -1784,6 +1784,30 @@ fn user_table_files(dir: &std::path::Path, sub: &str, suffix: &str) -> Vec<std::
     out
 }
 
+/// A user-table read over a data file whose footer is damaged (its closing magic bytes) is
+/// `Corrupt` naming that file: iceberg's "Failed to load Parquet metadata" names none, and
+/// `read_all` reads many files at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_read_over_a_damaged_footer_names_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    user_table_of_two_files(dir.path()).await;
+    let files = user_table_files(dir.path(), "data", ".parquet");
+    assert_eq!(files.len(), 2, "{files:?}");
+    for damaged in &files {
+        let good = std::fs::read(damaged).expect("read");
+        let mut bytes = good.clone();
+        let n = bytes.len();
+        bytes[n - 4..].copy_from_slice(b"XXXX");
+        std::fs::write(damaged, &bytes).expect("damage");
+        let user = events_table(dir.path()).await;
+        let e = user.read_all().await.expect_err("a damaged footer");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let name = damaged.file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(e.to_string().contains(name), "names {name}: {e}");
+        std::fs::write(damaged, &good).expect("mend");
+    }
+}
+
 /// A user-table scan over a manifest whose damage makes the Avro decoder panic is `Corrupt`:
 /// iceberg plans the scan on tasks of its own, and the panicking one ended the plan short
 /// without an error, so `read_all` answered `Ok` with part of the table. Every third byte of

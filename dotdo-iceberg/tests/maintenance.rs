@@ -1043,6 +1043,69 @@ async fn user_table_compaction_reads_through_the_current_schema_by_field_id() {
     assert!(all.iter().all(|b| b.schema().fields().len() == 5 && b.column_by_name("more").is_some()));
 }
 
+/// A handle opened before another engine dropped a column and added another of the same name
+/// (a new Iceberg field id) refuses a new batch (`InvalidInput`), as for a dropped column: its
+/// values were written into the new column, matched by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_handle_does_not_write_into_a_column_added_again_under_the_same_name() {
+    use arrow_array::{Int64Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use iceberg::spec::{PrimitiveType, Type};
+    use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("n", DataType::Int64, false),
+        Field::new("status", DataType::Utf8, true),
+    ]));
+    let t = cold.arrow_table(&["m"], "renamed", schema.clone()).await.expect("table");
+    let batch = |n: i64| {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(vec![n])), Arc::new(StringArray::from(vec!["old meaning"]))],
+        )
+        .expect("batch")
+    };
+    t.append("s", 1, vec![batch(1)]).await.expect("batch 1");
+    let table = cold.catalog().load_table(t.ident()).await.expect("load");
+    let tx = Transaction::new(&table);
+    let tx = tx
+        .update_schema()
+        .delete_column("status")
+        .add_column(AddColumn::optional("status", Type::Primitive(PrimitiveType::String)))
+        .apply(tx)
+        .expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine replaces the column");
+    let e = t.append("s", 2, vec![batch(2)]).await.expect_err("the column is another one now");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert_eq!(t.last_batch("s").await.expect("mark"), 1, "nothing committed");
+    // A handle opened on the table as it is now writes to the new column.
+    let reopened = cold.arrow_table(&["m"], "renamed", schema.clone()).await.expect("reopened");
+    assert_eq!(reopened.append("s", 2, vec![batch(2)]).await.expect("append").rows, 1);
+}
+
+/// A user schema with a struct of no fields (at any depth) is refused before the table is
+/// created: Parquet cannot write it, so every append failed (as `Corrupt`, naming no damage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_with_an_empty_struct_is_refused_before_the_table_is_created() {
+    use arrow_schema::{DataType, Field, Fields, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let empty = DataType::Struct(Fields::empty());
+    for (name, meta) in [
+        ("top", empty.clone()),
+        ("in_list", DataType::List(Arc::new(Field::new("item", empty.clone(), true)))),
+        ("nested", DataType::Struct(Fields::from(vec![Field::new("inner", empty.clone(), true)]))),
+    ] {
+        let schema =
+            Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false), Field::new("meta", meta, true)]));
+        let e = cold.arrow_table(&["m"], name, schema).await.expect_err("no Parquet form");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{name}: {e}");
+        let ident = iceberg::TableIdent::from_strs(["m", name]).expect("ident");
+        assert!(!cold.catalog().table_exists(&ident).await.expect("exists"), "{name}: not created");
+    }
+}
+
 /// A user table's file bounds cover every value, also a long string in a later row group:
 /// parquet truncates long statistics and marks them inexact, and iceberg-rust left such a row
 /// group out of the bounds, so a filtered scan (here iceberg-rust's own) pruned the file and
