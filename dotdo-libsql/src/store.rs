@@ -324,7 +324,7 @@ impl LibsqlStoreBuilder {
             }
             Target::Remote { url, auth_token } => {
                 // The validated form: trimmed, scheme in lower case (libsql needs both).
-                let db = open_remote(&crate::validate_url(url)?, auth_token, &doing).await?;
+                let db = open_remote(&crate::validate_url(url)?, auth_token, &settings, &doing).await?;
                 (None, Arc::new(db), None, false, None)
             }
             Target::Replica { path, url, auth_token, sync_interval } => {
@@ -401,21 +401,45 @@ impl LibsqlStoreBuilder {
     }
 }
 
-async fn open_remote(url: &str, token: &AuthToken, doing: &str) -> Result<libsql::Database> {
+async fn open_remote(url: &str, token: &AuthToken, settings: &LibsqlSettings, doing: &str) -> Result<libsql::Database> {
     #[cfg(feature = "remote")]
     {
         libsql::Builder::new_remote(url.to_string(), token.expose().to_string())
+            .connector(connector(settings, doing)?)
             .build()
             .await
             .map_err(|e| error::map(e, doing, false))
     }
     #[cfg(not(feature = "remote"))]
     {
-        let _ = (url, token);
+        let _ = (url, token, settings);
         Err(Error::invalid(format!(
             "{doing}: remote primaries need dotdo-libsql's `remote` feature (it is not enabled in this build)"
         )))
     }
+}
+
+/// The HTTP connector of remote primaries: libsql's own (native root certificates, HTTP/1,
+/// `TCP_NODELAY`, `http://` allowed) with a connect timeout of half of `request_timeout`.
+/// libsql's has none: a primary that drops packets (a firewall, a host gone) kept a connect
+/// waiting until `request_timeout`, whose error cannot tell an unsent request from a sent one,
+/// so every write was `AmbiguousOutcome`. A connect that times out is "error trying to
+/// connect": nothing was sent, a retryable `Unavailable`.
+#[cfg(feature = "remote")]
+fn connector(
+    settings: &LibsqlSettings,
+    doing: &str,
+) -> Result<hyper_rustls_025::HttpsConnector<hyper_014::client::HttpConnector>> {
+    let mut http = hyper_014::client::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some((settings.request_timeout / 2).max(Duration::from_millis(1))));
+    Ok(hyper_rustls_025::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| error::map(libsql::Error::InvalidTlsConfiguration(e), doing, false))?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http))
 }
 
 async fn open_replica(
@@ -428,10 +452,11 @@ async fn open_replica(
 ) -> Result<(libsql::Database, libsql::Database)> {
     #[cfg(feature = "replica")]
     {
-        let primary = open_remote(url, token, doing).await?;
+        let primary = open_remote(url, token, settings, doing).await?;
         let mut attempt = 0;
         loop {
             let mut b = libsql::Builder::new_remote_replica(path, url.to_string(), token.expose().to_string())
+                .connector(connector(settings, doing)?)
                 .read_your_writes(true);
             if let Some(d) = sync_interval {
                 b = b.sync_interval(d);

@@ -285,6 +285,43 @@ async fn a_silent_primary_is_abandoned_after_the_request_timeout() {
     assert_eq!(r.first_seq, 2);
 }
 
+/// A primary that drops connection attempts (a firewall, a host gone: here a listener whose
+/// accept queue is full, so the kernel drops further SYNs) is `Unavailable`, retryable, within
+/// the connect timeout (half of `request_timeout`): nothing was sent. libsql's own connector has
+/// no connect timeout, so the call waited out `request_timeout`, whose error cannot tell an
+/// unsent request from a sent one (a write was then `AmbiguousOutcome`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the kernel's connect timing
+async fn a_primary_that_drops_connection_attempts_is_unavailable_within_the_connect_timeout() {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let _listener = socket.listen(1).expect("listen, never accepting");
+    // Fill the accept queue: the first attempt that does not connect at once means it is full.
+    let mut held = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(c)) => held.push(c),
+            Ok(Err(e)) => panic!("connect: {e}"),
+            Err(_) => break,
+        }
+        assert!(held.len() < 64, "the accept queue never filled");
+    }
+    let settings =
+        dotdo_libsql::LibsqlSettings { request_timeout: Duration::from_secs(4), retries: 0, ..Default::default() };
+    let started = std::time::Instant::now();
+    let e = LibsqlStore::remote(format!("http://{addr}"), TOKEN)
+        .with_settings(settings)
+        .open()
+        .await
+        .expect_err("the primary drops connection attempts");
+    let took = started.elapsed();
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert!(took < Duration::from_millis(3500), "within the connect timeout (2 s), not the request timeout: {took:?}");
+    assert!(!e.to_string().contains("request timeout"), "nothing was sent: {e}");
+}
+
 /// A URL that passes validation opens as validated: surrounding whitespace (an env var's
 /// trailing newline) and an upper-case scheme are accepted and normalised, not handed to libsql
 /// raw; a query string never shows in error messages.
