@@ -320,6 +320,9 @@ async fn a_primary_that_drops_connection_attempts_is_unavailable_within_the_conn
     assert!(e.is_retryable(), "{e}");
     assert!(took < Duration::from_millis(3500), "within the connect timeout (2 s), not the request timeout: {took:?}");
     assert!(!e.to_string().contains("request timeout"), "nothing was sent: {e}");
+    // The failure to connect itself (what a write's classification reads as "not sent").
+    let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+    assert!(cause.contains("error trying to connect"), "{cause}");
 }
 
 /// A URL that passes validation opens as validated: surrounding whitespace (an env var's
