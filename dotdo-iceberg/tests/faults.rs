@@ -135,6 +135,13 @@ async fn appends_under_faults(lossy_catalog: bool) {
         faulty.lost_replies.load(Ordering::SeqCst),
         faulty.delays.load(Ordering::SeqCst)
     );
+    let put_faults = faulty.put_faults.lock().clone();
+    println!("fault test: failed file writes by kind (failures, lost replies): {put_faults:?}");
+    // Writes of every file a commit makes failed, and had their reply lost, not only reads.
+    for kind in ["data", "manifest", "metadata"] {
+        let (failed, lost) = put_faults.get(kind).copied().unwrap_or_default();
+        assert!(failed >= 5 && lost >= 2, "too few faults on {kind} file writes: {failed} failed, {lost} lost");
+    }
     // The faults reached the caller (not all absorbed by internal retries), lost replies among them.
     assert!(errors.values().sum::<u64>() > 0, "no injected failure reached the caller");
     assert!(resent > 0, "no batch was re-sent after a failed attempt");

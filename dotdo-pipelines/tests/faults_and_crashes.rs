@@ -98,6 +98,13 @@ async fn no_event_lost_or_duplicated_under_injected_store_faults() {
     let cat = lossy.lock().clone().expect("catalog built");
     let (lost, refused) = (cat.lost.load(Ordering::SeqCst), cat.failed.load(Ordering::SeqCst));
     println!("pipeline faults: catalog commits with a lost reply {lost}, refused {refused}");
+    let put_faults = faulty.put_faults.lock().clone();
+    println!("pipeline faults: failed file writes by kind (failures, lost replies): {put_faults:?}");
+    // Writes of every file a commit makes failed, and some had their reply lost: not only reads.
+    for kind in ["data", "manifest", "metadata"] {
+        let (failed, lost) = put_faults.get(kind).copied().unwrap_or_default();
+        assert!(failed >= 2 && lost >= 1, "too few faults on {kind} file writes: {failed} failed, {lost} lost");
+    }
     assert!(faulty.lost_replies.load(Ordering::SeqCst) > 0, "no store reply was lost");
     assert!(lost > 0 && refused > 0, "catalog faults not injected: lost {lost}, refused {refused}");
     // A commit whose reply the catalog lost is found by the store's read-back (the catalog's

@@ -236,6 +236,41 @@ pub struct FaultyStore {
     pub fail_puts_of: Mutex<Option<(String, u32)>>,
     /// Multipart uploads aborted so far.
     pub aborts: Arc<AtomicU64>,
+    /// Failed writes of files (puts and multipart completions, as they fire) by kind of file
+    /// (see [`file_kind`]): (failures, of which lost replies).
+    pub put_faults: PutFaults,
+}
+
+/// Failed file writes by kind of file: (failures, of which lost replies).
+pub type PutFaults = Arc<Mutex<std::collections::BTreeMap<&'static str, (u64, u64)>>>;
+
+/// The kind of file at `location`, for [`FaultyStore::put_faults`].
+pub fn file_kind(location: &Path) -> &'static str {
+    let l = location.as_ref();
+    if l.ends_with(".parquet") {
+        "data"
+    } else if l.ends_with(".metadata.json") {
+        "metadata"
+    } else if l.contains("dotdo-watermarks-") {
+        "checkpoint"
+    } else if l.ends_with(".avro") {
+        "manifest"
+    } else {
+        "other"
+    }
+}
+
+/// Count a fault that fired on a write of `location`.
+fn count_put_fault(faults: &PutFaults, location: &Path, fault: Option<Fault>) {
+    let lost = match fault {
+        Some(Fault::FailBefore) => 0,
+        Some(Fault::FailAfter) => 1,
+        _ => return,
+    };
+    let mut f = faults.lock();
+    let e = f.entry(file_kind(location)).or_default();
+    e.0 += 1;
+    e.1 += lost;
 }
 
 /// A future run before the first put whose path ends with `.0` (see [`FaultyStore::before_put`]).
@@ -265,6 +300,7 @@ impl FaultyStore {
             fail_reads_of: Mutex::new(None),
             fail_puts_of: Mutex::new(None),
             aborts: Arc::new(AtomicU64::new(0)),
+            put_faults: Default::default(),
         }
     }
 
@@ -319,7 +355,11 @@ impl FaultyStore {
         location: &Path,
         op: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> object_store::Result<T> {
-        match self.roll(write) {
+        let fault = self.roll(write);
+        if what == "put" {
+            count_put_fault(&self.put_faults, location, fault);
+        }
+        match fault {
             None => op.await,
             Some(Fault::FailBefore) => Err(Self::err(what, location)),
             Some(Fault::FailAfter) => {
@@ -384,6 +424,7 @@ impl ObjectStore for FaultyStore {
             fault: self.roll(true),
             location: location.clone(),
             aborts: self.aborts.clone(),
+            put_faults: self.put_faults.clone(),
         }))
     }
 
@@ -448,6 +489,7 @@ struct FaultyUpload {
     fault: Option<Fault>,
     location: Path,
     aborts: Arc<AtomicU64>,
+    put_faults: PutFaults,
 }
 
 #[async_trait]
@@ -457,6 +499,7 @@ impl MultipartUpload for FaultyUpload {
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
+        count_put_fault(&self.put_faults, &self.location, self.fault);
         match self.fault {
             Some(Fault::FailBefore) => Err(FaultyStore::err("complete", &self.location)),
             Some(Fault::FailAfter) => {
