@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dotdo_core::runtime::{ObjectRuntime, RestoreMode, RuntimeSettings};
-use dotdo_core::testkit::bench::{ms, record, sample_pair, us};
+use dotdo_core::testkit::bench::{ms, record, record_goal, sample_pair, us};
 use dotdo_core::*;
 use dotdo_iceberg::IcebergColdStore;
 use dotdo_sqlite::SqliteStore;
@@ -114,8 +114,8 @@ fn main() {
             // No same-run peer exists for a restore; the baseline column holds the goal
             // (`goal_ms`) or, where none is set, the predecessor's remote figure.
             let (goal_name, goal_val) = if goal.is_nan() { ("seed_remote_lazy_ms", 62.0) } else { ("goal_ms", goal) };
-            record(&format!("runtime/restore_{label}_{name}_p50"), "ms", ms(p(0.5)), goal_name, goal_val);
-            record(&format!("runtime/restore_{label}_{name}_p95"), "ms", ms(p(0.95)), goal_name, goal_val);
+            record_goal(&format!("runtime/restore_{label}_{name}_p50"), "ms", ms(p(0.5)), goal_name, goal_val);
+            record_goal(&format!("runtime/restore_{label}_{name}_p95"), "ms", ms(p(0.95)), goal_name, goal_val);
         }
     }
 }

@@ -1,8 +1,10 @@
 //! A tiny benchmark harness shared by every dotdo benchmark.
 //!
 //! Each benchmark measures dotdo's figure and the raw engine's (or a peer's) figure **in the same
-//! run** and records one row `{name, unit, ours, baseline_name, baseline, ratio}` where
-//! `ratio = ours / baseline` in `unit`. Rows are printed and appended as JSON lines to the file
+//! run** and records one row `{name, unit, ours, baseline_name, baseline, ratio, baseline_kind}`
+//! where `ratio = ours / baseline` in `unit` and `baseline_kind` is `"same_run"`. Where no peer
+//! can run ([`record_goal`]: a restore, a pipeline's end-to-end lag), the baseline is a goal or
+//! bound and `baseline_kind` says `"goal"`. Rows are printed and appended as JSON lines to the file
 //! named by `DOTDO_BENCH_JSONL` (`scripts/bench` sets it and merges the lines into
 //! `target/bench/results.json`).
 //!
@@ -152,18 +154,31 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Record one result row: print it and append it to `DOTDO_BENCH_JSONL` if set.
+/// Record one result row whose baseline was measured in the same run: print it and append it
+/// to `DOTDO_BENCH_JSONL` if set.
 pub fn record(name: &str, unit: &str, ours: f64, baseline_name: &str, baseline: f64) {
+    write_row(name, unit, ours, baseline_name, baseline, "same_run");
+}
+
+/// Record one result row whose baseline is a goal or bound (no peer measured in the run), marked
+/// so in its output (`baseline_kind: "goal"`, and "goal" before the baseline when printed).
+pub fn record_goal(name: &str, unit: &str, ours: f64, goal_name: &str, goal: f64) {
+    write_row(name, unit, ours, goal_name, goal, "goal");
+}
+
+fn write_row(name: &str, unit: &str, ours: f64, baseline_name: &str, baseline: f64, kind: &str) {
     let ratio = if baseline == 0.0 { f64::NAN } else { ours / baseline };
-    println!("{name:<48} {unit:>8}  ours {ours:>14.3}  {baseline_name} {baseline:>14.3}  ratio {ratio:.3}");
+    let goal = if kind == "goal" { "goal " } else { "" };
+    println!("{name:<48} {unit:>8}  ours {ours:>14.3}  {goal}{baseline_name} {baseline:>14.3}  ratio {ratio:.3}");
     let row = format!(
-        "{{\"name\":{},\"unit\":{},\"ours\":{},\"baseline_name\":{},\"baseline\":{},\"ratio\":{}}}",
+        "{{\"name\":{},\"unit\":{},\"ours\":{},\"baseline_name\":{},\"baseline\":{},\"ratio\":{},\"baseline_kind\":{}}}",
         json_str(name),
         json_str(unit),
         json_num(ours),
         json_str(baseline_name),
         json_num(baseline),
-        json_num(ratio)
+        json_num(ratio),
+        json_str(kind)
     );
     if let Ok(path) = std::env::var("DOTDO_BENCH_JSONL") {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
