@@ -210,17 +210,26 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
         });
         // Wait for the first acknowledgement, then kill at a random-ish moment.
         let first = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|e| panic!("round {round}: no ack: {e}"));
+        // Events acknowledged by earlier children: this one replays those of them its
+        // predecessors left in the durable log.
+        let acked_earlier = acked.len();
         acked.push(first);
         let pause = 20 + (clock.now().as_micros() as u64 % 150);
         std::thread::sleep(Duration::from_millis(pause));
         if round % 2 == 0 {
-            // Every other round is killed only once its child has committed something (however
-            // slow the machine): those rounds certainly kill a child that has been rolling.
+            // Every other round is killed only once its child has committed something and has
+            // delivered every event earlier children acknowledged (however slow the machine):
+            // those rounds certainly kill a child that has been rolling, and show that a started
+            // child replays what its predecessors left in the log.
             let waited = clock.monotonic();
-            while rt.block_on(async { delivered(&open_cold(dir.path()).await).await.len() }) <= committed_before {
+            loop {
+                let seen = rt.block_on(async { delivered(&open_cold(dir.path()).await).await });
+                if seen.len() > committed_before && acked[..acked_earlier].iter().all(|k| seen.contains_key(k)) {
+                    break;
+                }
                 assert!(
                     clock.monotonic() - waited < Duration::from_secs(60),
-                    "round {round}: the child never committed"
+                    "round {round}: the child never committed, or never delivered what earlier children left in the log"
                 );
                 std::thread::sleep(Duration::from_millis(20));
             }
