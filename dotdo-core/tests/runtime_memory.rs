@@ -3504,6 +3504,28 @@ async fn flush_all_leaves_out_an_object_cold_refuses_as_fenced() {
     assert_eq!(seqs, [1], "x's change once, under b's commit");
 }
 
+/// The same when the object cold refuses is the only one in the flush's commit.
+#[tokio::test]
+async fn flush_all_leaves_out_a_lone_object_cold_refuses_as_fenced() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    let x = oid("x");
+    incr(&rt, &x).await.expect("x");
+    let (hot, sink, clock, taken) = (w.hot.clone(), w.cold.clone(), w.clock.clone(), x.clone());
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        let l = hot.current(&taken).await.expect("current").expect("held");
+        hot.release(&l).await.expect("release");
+        clock.advance(Duration::from_millis(1));
+        let b = hot.acquire(&taken, &NodeId::new("b").expect("node"), TTL).await.expect("b takes x over");
+        let records = hot.read_changes(&taken, 0, 10).await.expect("x's log");
+        sink.append(ColdBatch::single(taken.clone(), b.token, records)).await.expect("b's commit");
+    }));
+    let report = rt.flush_all().await.expect("x is b's: nothing of this runtime's is left");
+    assert_eq!((report.objects, report.records), (0, 0), "{report:?}");
+    let seqs: Vec<u64> = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold").iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, [1]);
+}
+
 /// A cold commit counts in the metrics as it lands, also when the drain fails after it (here:
 /// the object was taken over during the commit, so its truncation is fenced): the next drain
 /// finds those records in cold and commits nothing, so they would be counted nowhere.

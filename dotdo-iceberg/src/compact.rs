@@ -763,19 +763,25 @@ pub(crate) async fn read_tasks(
     };
     // Damage found in one of several files, by an error that does not say which (iceberg's
     // "Failed to load Parquet metadata" of a damaged footer, a decoder's panic): each is read
-    // alone to name it, as `Corrupt` must.
+    // alone to name it, as `Corrupt` must. Named only if others read well: an error every file
+    // meets (a delete file they share, a schema they cannot be read through) is not one file's.
     if e.kind() != &ErrorKind::Corrupt || tasks.iter().any(|t| e.to_string().contains(&t.data_file_path)) {
         return Err(e);
     }
+    let several = tasks.len() > 1;
+    let (mut damaged, mut read_well) = (None, false);
     for t in tasks {
         let path = t.data_file_path.clone();
-        if let Err(alone) = read_tasks_once(table, vec![t], what, &format!("data file {path}")).await {
-            if alone.kind() == &ErrorKind::Corrupt {
-                return Err(alone.context(format!("data file {path}")));
-            }
+        match read_tasks_once(table, vec![t], what, &format!("data file {path}")).await {
+            Ok(_) => read_well = true,
+            Err(alone) if alone.kind() == &ErrorKind::Corrupt && damaged.is_none() => damaged = Some((path, alone)),
+            Err(_) => {}
         }
     }
-    Err(e)
+    match damaged {
+        Some((path, alone)) if read_well || !several => Err(alone.context(format!("data file {path}"))),
+        _ => Err(e),
+    }
 }
 
 /// [`read_tasks`], all at once.

@@ -467,6 +467,18 @@ pub(crate) fn to_error(cause: Cause, what: &str, message: String) -> Error {
     }
 }
 
+/// [`classify`] for a failure while writing data files: a Parquet or Arrow error there is the
+/// writer's refusal, not damaged data (what `classify` makes of those errors on reads), so it is
+/// `Backend`.
+pub(crate) fn classify_write(e: iceberg::Error, what: &str) -> Error {
+    let err = classify(e, what);
+    if err.kind() == &ErrorKind::Corrupt {
+        Error::backend(format!("{what}: writing a data file failed: {err}")).with_source(err)
+    } else {
+        err
+    }
+}
+
 /// Classify an iceberg error raised while doing `what` (which should name the file or table).
 pub(crate) fn classify(e: iceberg::Error, what: &str) -> Error {
     let cause = cause_of(&e);

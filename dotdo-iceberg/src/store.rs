@@ -26,7 +26,7 @@ use dotdo_core::{
 };
 
 use crate::catalog::CatalogConfig;
-use crate::error::classify;
+use crate::error::{classify, classify_write};
 use crate::read::FileCache;
 use crate::read::SnapshotMarks;
 use crate::schema::{self, Bucketer};
@@ -1077,17 +1077,17 @@ impl IcebergColdStore {
                     rows[start..].sort_by(|a, b| a.key.cmp(&b.key));
                 }
                 let what = format!("writing data files of {ident}");
-                let mut w = builder.build(Some(pk)).await.map_err(|e| classify(e, &what))?;
+                let mut w = builder.build(Some(pk)).await.map_err(|e| classify_write(e, &what))?;
                 // Arrow batches of at most `chunk` bytes: a string column holds at most 2 GiB
                 // (32-bit offsets), and a partition of a large append or collapse can hold more;
                 // and the rolling writer starts a new file only between batches, so a batch of a
                 // whole partition made one file of it whatever `target_file_size` said.
                 for range in write_chunks(&rows, chunk) {
                     let rb = schema::to_batch(&arrow, &rows[range])?;
-                    w.write(rb).await.map_err(|e| classify(e, &what))?;
+                    w.write(rb).await.map_err(|e| classify_write(e, &what))?;
                 }
                 drop(rows);
-                w.close().await.map_err(|e| classify(e, &what))
+                w.close().await.map_err(|e| classify_write(e, &what))
             }));
         }
         let mut results = Vec::with_capacity(tasks.len());
@@ -1743,11 +1743,6 @@ impl IcebergColdStore {
             Err(re) if re.is_retryable() => Err(re.context(format!(
                 "a read of snapshot {id} failed ({e}); whether the snapshot expired meanwhile could not be checked"
             ))),
-            // The table itself is gone (dropped, and its files purged): `NotFound`, as for any
-            // read of a missing table, not damage.
-            Err(re) if re.kind() == &ErrorKind::NotFound => {
-                Err(re.context(format!("a read of snapshot {id} failed ({e})")))
-            }
             _ => Err(e),
         }
     }

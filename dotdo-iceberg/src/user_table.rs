@@ -390,16 +390,7 @@ async fn write_range(
     batches: Vec<RecordBatch>,
     what: String,
 ) -> Result<Vec<iceberg::spec::DataFile>> {
-    // A Parquet or Arrow error here is the writer's refusal, not damaged data (which is what
-    // `classify` makes of those errors on reads).
-    let failed = |e: iceberg::Error| {
-        let err = classify(e, &what);
-        if err.kind() == &ErrorKind::Corrupt {
-            Error::backend(format!("{what}: writing a data file failed: {err}")).with_source(err)
-        } else {
-            err
-        }
-    };
+    let failed = |e| crate::error::classify_write(e, &what);
     let mut w = builder.build(None).await.map_err(failed)?;
     for b in batches {
         w.write(b).await.map_err(failed)?;

@@ -95,9 +95,10 @@ pub struct LibsqlSettings {
     /// before it is abandoned (an embedded replica's pulls are not bounded by it): libsql's HTTP client has no timeout of its own, so a primary that stops
     /// answering without closing the connection would hold the caller (and every writer queued
     /// behind it) for minutes. A write then fails with `AmbiguousOutcome` (it may have run), a
-    /// read is retried like any transient failure. Opening a connection to the primary may take
-    /// half of it: a primary that drops connection attempts (a firewall, a host gone) is then a
-    /// retryable `Unavailable`, nothing sent. Default 15 s. (No effect on a local file.)
+    /// read is retried like any transient failure. A TCP connect to the primary may take half of
+    /// it: a primary that drops connection attempts (a firewall, a host gone) is then a retryable
+    /// `Unavailable`, nothing sent. (A DNS lookup or TLS handshake that stalls still waits out the
+    /// whole timeout.) Default 15 s. (No effect on a local file.)
     pub request_timeout: Duration,
     /// How long an embedded replica's pull from the primary (at open, after each write, and
     /// before a read while the replica may lack committed writes) may take: at open and before a

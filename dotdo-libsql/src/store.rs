@@ -420,7 +420,8 @@ async fn open_remote(url: &str, token: &AuthToken, settings: &LibsqlSettings, do
 }
 
 /// The HTTP connector of remote primaries: libsql's own (native root certificates, HTTP/1,
-/// `TCP_NODELAY`, `http://` allowed) with a connect timeout of half of `request_timeout`.
+/// `TCP_NODELAY`, `http://` allowed) with a TCP connect timeout of half of `request_timeout`
+/// (DNS and the TLS handshake are not bounded by it).
 /// libsql's has none: a primary that drops packets (a firewall, a host gone) kept a connect
 /// waiting until `request_timeout`, whose error cannot tell an unsent request from a sent one,
 /// so every write was `AmbiguousOutcome`. A connect that times out is "error trying to
@@ -546,13 +547,13 @@ impl LibsqlStore {
         &self.inner.settings
     }
 
-    /// Run `PRAGMA integrity_check` (on the local file, or on the primary: remote and
-    /// embedded-replica modes, where libsql sends that pragma to the primary whatever the
-    /// connection; here over HTTP, bounded by `request_timeout`); `Corrupt` with SQLite's report
-    /// if it is not `ok`.
+    /// Run `PRAGMA integrity_check` (on the local file, or on the primary: remote mode, and
+    /// embedded-replica mode, where libsql sends that pragma to the primary whatever the
+    /// connection, with no timeout: a check of a large database takes as long as it takes);
+    /// `Corrupt` with SQLite's report if it is not `ok`.
     pub async fn integrity_check(&self) -> Result<()> {
         let report: Vec<Row> = self
-            .read_primary_in_replica("integrity check", |c| {
+            .read("integrity check", |c| {
                 Box::pin(async move { Ok(c.query(Step::new("PRAGMA integrity_check", vec![])).await?) })
             })
             .await?;

@@ -683,8 +683,11 @@ impl ArrowPipeline {
         let inner = &self.inner;
         inner.committing.store(true, Ordering::SeqCst);
         let out = crate::settings::retry(&*inner.clock, || inner.sink.append(&inner.stream, id, batches.clone())).await;
-        // Not reached if this roll is dropped while the sink commits.
-        inner.committing.store(false, Ordering::SeqCst);
+        // Settled only by an answer that says whether the commit landed: `Ok`, or a refusal for
+        // good (nothing landed). Not reached if this roll is dropped while the sink commits.
+        if crate::settings::settles_the_commit(&out) {
+            inner.committing.store(false, Ordering::SeqCst);
+        }
         out
     }
 

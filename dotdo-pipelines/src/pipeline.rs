@@ -668,8 +668,11 @@ impl Pipeline {
         let sink = self.sink(route)?;
         self.inner.committing.store(true, Ordering::SeqCst);
         let out = crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await;
-        // Not reached if this roll is dropped while the sink commits.
-        self.inner.committing.store(false, Ordering::SeqCst);
+        // Settled only by an answer that says whether the commit landed: `Ok`, or a refusal for
+        // good (nothing landed). Not reached if this roll is dropped while the sink commits.
+        if crate::settings::settles_the_commit(&out) {
+            self.inner.committing.store(false, Ordering::SeqCst);
+        }
         out
     }
 

@@ -122,6 +122,16 @@ impl PipelineSettings {
     }
 }
 
+/// Whether a sink commit's answer settles whether it landed: `Ok`, or a refusal for good. A
+/// retryable failure or an unknown outcome leaves an earlier commit of the batch, whose roll was
+/// dropped, possibly still under way.
+pub(crate) fn settles_the_commit<T>(out: &dotdo_core::Result<T>) -> bool {
+    match out {
+        Ok(_) => true,
+        Err(e) => !e.is_retryable() && e.kind() != &dotdo_core::ErrorKind::AmbiguousOutcome,
+    }
+}
+
 /// `take_refused`'s refusal of claimed batch `id` while `committing` says a roll was dropped
 /// during its sink commit (that commit may still land).
 pub(crate) fn refuse_if_committing(committing: &std::sync::atomic::AtomicBool, id: u64) -> dotdo_core::Result<()> {

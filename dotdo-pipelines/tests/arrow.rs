@@ -487,6 +487,12 @@ async fn a_batch_whose_commit_a_dropped_roll_left_under_way_is_not_taken_out() {
     let e = p.take_refused().await.expect_err("the batch's commit may still land");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert!(e.is_retryable(), "{e}");
+    // A roll that fails for now settles nothing: the dropped commit may still land.
+    sink.stalled.store(true, Ordering::SeqCst);
+    p.roll().await.expect_err("the sink is stalled");
+    let e = p.take_refused().await.expect_err("still unsettled");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    sink.stalled.store(false, Ordering::SeqCst);
     assert_eq!(p.roll().await.expect("a roll settles it"), 3);
     assert!(p.take_refused().await.expect("nothing claimed").is_none());
     assert_eq!(ids(&t).await, [0, 1, 2]);
