@@ -103,8 +103,17 @@ async fn add_to_cart(rt: &ObjectRuntime, cart: &ObjectId, item: &str, qty: u32) 
     let item = item.to_string();
     rt.invoke_typed(cart, "Cart", async move |t: &mut ObjectTxn<'_>| {
         let key = format!("item/{item}");
-        let have: u32 = t.get(&key).await?.map_or(0, |b| String::from_utf8_lossy(&b).parse().unwrap_or(0));
-        t.put(key, (have + qty).to_string())?;
+        // A stored quantity that is not a number is an error, not 0 to overwrite.
+        let have: u32 = match t.get(&key).await? {
+            Some(b) => std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| Error::corrupt(format!("{key} is not a quantity")))?,
+            None => 0,
+        };
+        let total =
+            have.checked_add(qty).ok_or_else(|| Error::invalid(format!("{key}: {have} + {qty} is too many")))?;
+        t.put(key, total.to_string())?;
         Ok::<_, Error>(t.list(KeyRange::prefix("item/")).await?.len())
     })
     .await

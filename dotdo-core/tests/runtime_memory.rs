@@ -3475,6 +3475,20 @@ async fn flush_all_leaves_out_an_object_taken_over_during_its_commit() {
     assert_eq!(seqs, [1, 2], "each change once");
 }
 
+/// Before the next append of `cold`, node "b" takes `x` over (the lease given up, the clock moved
+/// on) and drains its change log into the world's cold store under its own token.
+fn taken_over_and_drained_before_the_append(w: &World, cold: &FlakyCold, x: &ObjectId) {
+    let (hot, sink, clock, taken) = (w.hot.clone(), w.cold.clone(), w.clock.clone(), x.clone());
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        let l = hot.current(&taken).await.expect("current").expect("held");
+        hot.release(&l).await.expect("release");
+        clock.advance(Duration::from_millis(1));
+        let b = hot.acquire(&taken, &NodeId::new("b").expect("node"), TTL).await.expect("b takes x over");
+        let records = hot.read_changes(&taken, 0, 10).await.expect("x's log");
+        sink.append(ColdBatch::single(taken.clone(), b.token, records)).await.expect("b's commit");
+    }));
+}
+
 /// An object whose changes cold refuses as `Fenced` during `flush_all` (another node took it
 /// over and drained it under its higher token while the flush was committing) is left to its new
 /// holder, as the runtime docs say: the flush drains the others and answers `Ok`. (It failed with
@@ -3486,16 +3500,7 @@ async fn flush_all_leaves_out_an_object_cold_refuses_as_fenced() {
     let (x, y) = (oid("x"), oid("y"));
     incr(&rt, &x).await.expect("x");
     incr(&rt, &y).await.expect("y");
-    let (hot, sink, clock, taken) = (w.hot.clone(), w.cold.clone(), w.clock.clone(), x.clone());
-    *cold.before_append.lock() = Some(Box::pin(async move {
-        let l = hot.current(&taken).await.expect("current").expect("held");
-        hot.release(&l).await.expect("release");
-        clock.advance(Duration::from_millis(1));
-        let b = hot.acquire(&taken, &NodeId::new("b").expect("node"), TTL).await.expect("b takes x over");
-        // b drains x under its own token.
-        let records = hot.read_changes(&taken, 0, 10).await.expect("x's log");
-        sink.append(ColdBatch::single(taken.clone(), b.token, records)).await.expect("b's commit");
-    }));
+    taken_over_and_drained_before_the_append(&w, &cold, &x);
     let report = rt.flush_all().await.expect("x is b's: the flush drains the others and succeeds");
     assert_eq!(report.objects, 1, "y: {report:?}");
     assert!(!w.hot.object_info(&y).await.expect("info").expect("y").has_pending_changes(), "y is drained");
@@ -3511,15 +3516,7 @@ async fn flush_all_leaves_out_a_lone_object_cold_refuses_as_fenced() {
     let (cold, rt) = w.flaky_cold_runtime(settings());
     let x = oid("x");
     incr(&rt, &x).await.expect("x");
-    let (hot, sink, clock, taken) = (w.hot.clone(), w.cold.clone(), w.clock.clone(), x.clone());
-    *cold.before_append.lock() = Some(Box::pin(async move {
-        let l = hot.current(&taken).await.expect("current").expect("held");
-        hot.release(&l).await.expect("release");
-        clock.advance(Duration::from_millis(1));
-        let b = hot.acquire(&taken, &NodeId::new("b").expect("node"), TTL).await.expect("b takes x over");
-        let records = hot.read_changes(&taken, 0, 10).await.expect("x's log");
-        sink.append(ColdBatch::single(taken.clone(), b.token, records)).await.expect("b's commit");
-    }));
+    taken_over_and_drained_before_the_append(&w, &cold, &x);
     let report = rt.flush_all().await.expect("x is b's: nothing of this runtime's is left");
     assert_eq!((report.objects, report.records), (0, 0), "{report:?}");
     let seqs: Vec<u64> = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold").iter().map(|c| c.seq).collect();

@@ -1942,23 +1942,6 @@ async fn a_slow_reload_does_not_hide_a_commit_acknowledged_meanwhile() {
     assert_eq!(state.entries.iter().map(|e| &e.value[..]).collect::<Vec<_>>(), [&b"two"[..]]);
 }
 
-/// Files under `dir` whose names contain `part`.
-fn files_named(dir: &std::path::Path, part: &str) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(part)) {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// A store without `refresh_reads` whose known head was expired by another store, and whose
 /// watermark checkpoint was then cleaned up, reads the watermarks of the current table, as its
 /// latest-state reads do. (`watermarks` and `watermark` answered `Corrupt`, "checkpoint
@@ -1977,7 +1960,13 @@ async fn watermarks_on_a_stale_table_whose_checkpoint_was_cleaned_up_read_the_cu
     b.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "one", 1)]))
         .await
         .expect("first commit");
-    let first_checkpoints = files_named(dir.path(), "dotdo-watermarks-");
+    let checkpoints = || -> Vec<_> {
+        common::files_ending_with(dir.path(), ".json")
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains("dotdo-watermarks-"))
+            .collect()
+    };
+    let first_checkpoints = checkpoints();
     assert_eq!(first_checkpoints.len(), 1, "{first_checkpoints:?}");
     let a = open(false).await.expect("open a: it knows the first commit");
     let a2 = open(false).await.expect("open another: it knows the first commit");

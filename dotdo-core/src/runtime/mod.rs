@@ -396,7 +396,14 @@ impl ObjectRuntimeBuilder {
 /// let obj = ObjectId::new("counter:1")?;
 /// let n = rt
 ///     .invoke(&obj, async |txn: &mut runtime::ObjectTxn<'_>| {
-///         let n: u64 = txn.get("n").await?.map_or(0, |b| String::from_utf8_lossy(&b).parse().unwrap_or(0));
+///         // A stored value that is not a number is an error, not a count of 0 to overwrite.
+///         let n: u64 = match txn.get("n").await? {
+///             Some(b) => std::str::from_utf8(&b)
+///                 .ok()
+///                 .and_then(|s| s.parse().ok())
+///                 .ok_or_else(|| Error::corrupt("counter:1: n is not a number"))?,
+///             None => 0,
+///         };
 ///         txn.put("n", (n + 1).to_string())?;
 ///         Ok::<_, Error>(n + 1)
 ///     })
