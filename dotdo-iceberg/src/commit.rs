@@ -75,6 +75,7 @@ impl IcebergColdStore {
             .ok_or_else(|| Error::backend(format!("{what}: table has no metadata location")))?
             .to_string();
         let (new_md, location) = staged(md, &current, updates).map_err(|e| classify(e, what).with_retryable(false))?;
+        check_update_time(&new_md, what)?;
         new_md.write_to(table.file_io(), &location).await.map_err(|e| classify(e, what))?;
         let new_location = location.to_string();
         let ident = table.identifier();
@@ -681,6 +682,27 @@ fn snapshot_updates(
 
 /// `md` with `updates` applied (iceberg's metadata builder validates them), and the location of
 /// that next version after the metadata at `base`.
+/// `Unavailable` (retryable) if `md`, a version about to be committed, is stamped more than a
+/// minute before the version it follows (its last metadata-log entry): iceberg's readers (Java's
+/// and iceberg-rust's alike) refuse such metadata, and the table would be unreadable for every
+/// engine until someone moved its pointer back. A commit that adds no snapshot (an expiry, a
+/// schema or property change) is stamped with this host's wall clock, so a host whose clock is
+/// over a minute behind the last committer's (or stepped back) would write one. Retryable: the
+/// gap closes as time passes.
+pub(crate) fn check_update_time(md: &TableMetadata, what: &str) -> Result<()> {
+    let Some(last) = md.metadata_log().last() else { return Ok(()) };
+    if md.last_updated_ms().saturating_sub(last.timestamp_ms) < -60_000 {
+        return Err(Error::unavailable(format!(
+            "{what}: this host's clock (at {} ms) is over a minute behind the table's last update (at {} ms, by \
+             a host whose clock runs ahead, or before this one's stepped back): metadata stamped so would be \
+             unreadable, so nothing was committed; retry once the clocks agree",
+            md.last_updated_ms(),
+            last.timestamp_ms
+        )));
+    }
+    Ok(())
+}
+
 fn staged(
     md: &TableMetadata,
     base: &str,
@@ -763,6 +785,43 @@ pub(crate) mod tests {
             .build()
             .await
             .expect("open")
+    }
+
+    /// A commit that adds no snapshot (here an expiry) on a table whose last update another
+    /// host stamped minutes ahead of this host's clock is refused, retryably, and writes
+    /// nothing: stamped with this host's clock, its metadata would be more than a minute before
+    /// the version it follows, which iceberg's readers refuse (the table was unreadable after it,
+    /// for every engine).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_stamped_over_a_minute_before_the_last_update_is_refused() {
+        use std::str::FromStr;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = open(&dir).await;
+        cold.append(batch("o", 1)).await.expect("append");
+        cold.append(batch("o", 2)).await.expect("append");
+        let t = cold.refresh().await.expect("table");
+        // Another host, its clock three minutes ahead, committed the current version.
+        let mut json = serde_json::to_value(t.metadata()).expect("metadata as JSON");
+        let ahead = dotdo_core::Clock::now(&dotdo_core::SystemClock::new()).as_millis() + 180_000;
+        json["last-updated-ms"] = serde_json::json!(ahead);
+        let ahead_md: iceberg::spec::TableMetadata = serde_json::from_value(json).expect("valid metadata");
+        let current = t.metadata_location().expect("location").to_string();
+        let location = iceberg::MetadataLocation::from_str(&current)
+            .expect("location")
+            .with_next_version()
+            .with_new_metadata(&ahead_md);
+        ahead_md.write_to(t.file_io(), &location).await.expect("write");
+        let verifier = cold.sql_catalog("test").expect("SQL catalog");
+        let swapped = verifier.swap_resolved(t.identifier(), &current, &location.to_string()).await.expect("swap");
+        assert!(matches!(swapped, crate::catalog::Swapped::Landed));
+        let t = cold.refresh().await.expect("the other host's version reads");
+        assert_eq!(t.metadata().last_updated_ms(), ahead);
+        let e = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("refused");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable(), "{e}");
+        let t = cold.refresh().await.expect("the table still reads");
+        assert_eq!(t.metadata_location(), Some(location.to_string().as_str()), "nothing committed");
+        assert_eq!(t.metadata().snapshots().count(), 2);
     }
 
     /// A table whose head was removed (another engine's `REPLACE TABLE` keeps the table and
