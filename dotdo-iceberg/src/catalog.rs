@@ -74,7 +74,7 @@ impl fmt::Debug for CatalogConfig {
             #[cfg(feature = "rest")]
             CatalogConfig::Rest { uri, warehouse, properties } => f
                 .debug_struct("Rest")
-                .field("uri", &without_password(uri))
+                .field("uri", &without_credentials(uri))
                 .field("warehouse", warehouse)
                 .field("properties", &properties.keys().map(|k| (k.as_str(), "<redacted>")).collect::<Vec<_>>())
                 .finish(),
@@ -83,20 +83,30 @@ impl fmt::Debug for CatalogConfig {
     }
 }
 
-/// `uri` with the user info (`https://user:pass@host`, which the HTTP client sends as Basic auth)
-/// redacted, for messages and `Debug`: the password, or a user name alone (`https://TOKEN@host`:
-/// a token carried as the user name, with an empty password).
+/// `uri` with the password of its user info (`https://user:pass@host`, which the HTTP client
+/// sends as Basic auth) replaced, for messages and `Debug`. (A warehouse URL's user part is not
+/// secret: `abfss://container@account…` names the container.)
 pub(crate) fn without_password(uri: &str) -> String {
     match url::Url::parse(uri) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("redacted"));
             u.to_string()
         }
-        Ok(mut u) if !u.username().is_empty() => {
+        _ => uri.to_string(),
+    }
+}
+
+/// A catalog URI for messages and `Debug`: [`without_password`], and a user name alone
+/// redacted too (`https://TOKEN@host`: a token carried as the user name, with an empty
+/// password, which the HTTP client sends as Basic auth).
+#[cfg(feature = "rest")]
+pub(crate) fn without_credentials(uri: &str) -> String {
+    match url::Url::parse(uri) {
+        Ok(mut u) if u.password().is_none() && !u.username().is_empty() => {
             let _ = u.set_username("redacted");
             u.to_string()
         }
-        _ => uri.to_string(),
+        _ => without_password(uri),
     }
 }
 
@@ -404,11 +414,11 @@ pub(crate) async fn open(
                 .map_err(|e| {
                     // iceberg-catalog-rest puts some values in its messages ("Invalid header
                     // value: …"): the secret ones never reach dotdo's error (nor its logs).
-                    let e = crate::error::classify(e, &format!("opening REST catalog {}", without_password(uri)));
+                    let e = crate::error::classify(e, &format!("opening REST catalog {}", without_credentials(uri)));
                     let msg = crate::error::redact(e.message(), &secrets);
                     dotdo_core::Error::new(e.kind().clone(), msg).with_retryable(e.is_retryable())
                 })?;
-            plain(Arc::new(Redacted::new(catalog, without_password(uri), renews, factory)))
+            plain(Arc::new(Redacted::new(catalog, without_credentials(uri), renews, factory)))
         }
         CatalogConfig::Custom(build) => {
             plain(build(factory).await.map_err(|e| e.context(format!("opening catalog {name}")))?)
@@ -552,11 +562,17 @@ impl<'a> PinnedCatalog<'a> {
     async fn swap_commit(&self, swap: &SqlVerifier, commit: TableCommit) -> iceberg::Result<Table> {
         let ident = commit.identifier().clone();
         let base = self.table.metadata_location_result()?.to_string();
-        let staged = commit.apply(self.table.clone())?;
-        crate::commit::check_update_time(staged.metadata(), &format!("committing to {ident}")).map_err(|e| {
+        let what = format!("committing to {ident}");
+        let unreadable = |e: Error| {
             iceberg::Error::new(iceberg::ErrorKind::Unexpected, "the commit's metadata would be unreadable")
                 .with_source(e)
+        };
+        // iceberg's builder refuses a version stamped over a minute before the table's last
+        // snapshot: this host's clock, not the table, is the trouble (a retryable refusal).
+        let staged = commit.apply(self.table.clone()).map_err(|e| {
+            crate::commit::refuse_if_clock_behind(self.table.metadata(), &what).err().map_or(e, unreadable)
         })?;
+        crate::commit::check_update_time(staged.metadata(), &what).map_err(unreadable)?;
         let location = iceberg::MetadataLocation::from_str(staged.metadata_location_result()?)?;
         staged.metadata().write_to(staged.file_io(), &location).await?;
         let new = location.to_string();
@@ -811,14 +827,6 @@ struct Redacted {
     /// A credential is configured (not a fixed token): a token the catalog answers as expired
     /// (401, or 419 as the REST spec has it) is exchanged anew.
     renews: bool,
-    /// Tokens exchanged anew so far (the one in use is of this generation; 0: the first).
-    generation: std::sync::atomic::AtomicU64,
-    /// The latest token generation a call succeeded with (0 for the first token): once two
-    /// tokens in a row were exchanged anew and refused before any call succeeded with them,
-    /// they are refused for what they may do, not for their age, and no more are exchanged
-    /// (each commit would fail retryably for ever). (One such token may just have expired
-    /// unused, after an idle spell.)
-    worked: std::sync::atomic::AtomicU64,
     /// A FileIO on dotdo's storage, and the runtime tables run on, for the tables handed out.
     file_io: iceberg::io::FileIO,
     runtime: iceberg::Runtime,
@@ -835,15 +843,7 @@ impl Redacted {
     ) -> Self {
         let runtime = iceberg::Runtime::current();
         let file_io = iceberg::io::FileIOBuilder::new(factory).build();
-        Redacted {
-            inner: Arc::new(inner),
-            uri,
-            renews,
-            generation: Default::default(),
-            worked: Default::default(),
-            file_io,
-            runtime,
-        }
+        Redacted { inner: Arc::new(inner), uri, renews, file_io, runtime }
     }
 
     /// `table` with a FileIO of dotdo's storage alone. iceberg-catalog-rest builds each table's
@@ -864,42 +864,12 @@ impl Redacted {
         b.build()
     }
 
-    /// The generation of the token calls are sent with now.
-    fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// `out` of a call sent with a token of generation `sent`: noted if it succeeded.
-    fn noted<T>(&self, sent: u64, out: iceberg::Result<T>) -> iceberg::Result<T> {
-        if out.is_ok() {
-            self.worked.fetch_max(sent, std::sync::atomic::Ordering::SeqCst);
-        }
-        out
-    }
-
-    /// Whether the token a call was sent with (of generation `sent`) was refused as expired and
-    /// a new one is in place: exchanged here, or by another call meanwhile. An error if it cannot
-    /// be exchanged, or if it is the second token in a row exchanged anew and refused before any
-    /// call succeeded with one (refused for what it may do: `Backend`, not retryable, nothing
-    /// applied).
-    async fn renewed(&self, e: &iceberg::Error, sent: u64) -> iceberg::Result<bool> {
+    /// Whether the token was refused as expired and renewed (it is an error if it cannot be).
+    async fn renewed(&self, e: &iceberg::Error) -> iceberg::Result<bool> {
         if !self.renews || !crate::error::token_refused(e) {
             return Ok(false);
         }
-        if self.generation() != sent {
-            return Ok(true);
-        }
-        if sent >= self.worked.load(std::sync::atomic::Ordering::SeqCst).saturating_add(2) {
-            let refused = Error::backend(format!("the catalog refused a token issued just before the call: {e}"))
-                .with_retryable(false);
-            return Err(iceberg::Error::new(
-                iceberg::ErrorKind::Unexpected,
-                "the catalog refused a token issued just before: the credential lacks the permission for this call",
-            )
-            .with_source(NotLanded(refused)));
-        }
         self.inner.regenerate_token().await?;
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(true)
     }
 
@@ -910,29 +880,24 @@ impl Redacted {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = iceberg::Result<T>>,
     {
-        let sent = self.generation();
         match call().await {
-            Err(e) if self.renewed(&e, sent).await? => {
-                let again = self.generation();
-                self.noted(again, call().await)
-            }
-            other => self.noted(sent, other),
+            Err(e) if self.renewed(&e).await? => call().await,
+            other => other,
         }
     }
 
-    /// A call that cannot be sent again from here (its argument is consumed), sent with a token
-    /// of generation `sent`: after a renewal it fails retryably
-    /// ([`TOKEN_RENEWED`](crate::error::TOKEN_RENEWED)) and the caller's next attempt carries
-    /// the new token.
-    async fn renewed_or<T>(&self, sent: u64, out: iceberg::Result<T>) -> iceberg::Result<T> {
+    /// A call that cannot be sent again from here (its argument is consumed): after a renewal
+    /// it fails retryably ([`TOKEN_RENEWED`](crate::error::TOKEN_RENEWED)) and the caller's
+    /// next attempt carries the new token.
+    async fn renewed_or<T>(&self, out: iceberg::Result<T>) -> iceberg::Result<T> {
         match out {
-            Err(e) if self.renewed(&e, sent).await? => {
+            Err(e) if self.renewed(&e).await? => {
                 // Refused for its token: nothing was applied (a commit's files are no one's).
                 let refused = crate::error::classify(e, "a call refused for its expired token");
                 Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, crate::error::TOKEN_RENEWED)
                     .with_source(NotLanded(refused)))
             }
-            other => self.noted(sent, other),
+            other => other,
         }
     }
 }
@@ -977,9 +942,8 @@ impl Catalog for Redacted {
         self.renewing(|| self.inner.list_tables(namespace)).await
     }
     async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> iceberg::Result<Table> {
-        let sent = self.generation();
         let out = self.inner.create_table(namespace, creation).await;
-        self.scrubbed(self.renewed_or(sent, out).await)
+        self.scrubbed(self.renewed_or(out).await)
     }
     async fn load_table(&self, table: &TableIdent) -> iceberg::Result<Table> {
         self.scrubbed(self.renewing(|| self.inner.load_table(table)).await)
@@ -1000,9 +964,8 @@ impl Catalog for Redacted {
         self.scrubbed(self.renewing(|| self.inner.register_table(table, metadata_location.clone())).await)
     }
     async fn update_table(&self, commit: TableCommit) -> iceberg::Result<Table> {
-        let sent = self.generation();
         let out = self.inner.update_table(commit).await;
-        self.scrubbed(self.renewed_or(sent, out).await)
+        self.scrubbed(self.renewed_or(out).await)
     }
 }
 
@@ -1017,13 +980,6 @@ mod tests {
     /// requests seen (request line and authorization).
     #[cfg(feature = "rest")]
     fn expiring_token_server() -> (u16, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
-        token_server(false)
-    }
-
-    /// [`expiring_token_server`], or, with `refuse_every_token`, one that refuses every token it
-    /// issues (a credential whose tokens may not do what is asked).
-    #[cfg(feature = "rest")]
-    fn token_server(refuse_every_token: bool) -> (u16, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
         use std::io::Write;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -1061,10 +1017,7 @@ mod tests {
                     ("200 OK", token)
                 } else if line.starts_with("GET /v1/config") {
                     ("200 OK", r#"{"defaults":{},"overrides":{}}"#.to_string())
-                } else if auth
-                    .strip_prefix("Bearer t")
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .is_some_and(|n| refuse_every_token || n % 2 == 1)
+                } else if auth.strip_prefix("Bearer t").and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n % 2 == 1)
                 {
                     let expired = r#"{"error":{"message":"token expired","type":"NotAuthorizedException","code":401}}"#;
                     ("401 Unauthorized", expired.to_string())
@@ -1153,50 +1106,6 @@ mod tests {
         let e = open(false).await.list_namespaces(None).await.expect_err("a fixed, expired token");
         assert!(crate::error::token_refused(&e), "{e}");
         assert!(!seen.lock()[before..].iter().any(|l| l.starts_with("POST /v1/oauth/tokens")), "{:?}", seen.lock());
-    }
-
-    /// A token exchanged anew that the catalog refuses too (a credential whose tokens may not do
-    /// what is asked) is not exchanged again: a table creation (or commit) refused with it fails
-    /// for good, nothing applied. Each attempt exchanged a token and failed retryably, for ever.
-    #[cfg(feature = "rest")]
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_renewed_token_refused_too_is_not_renewed_again() {
-        use iceberg::{Catalog, CatalogBuilder, NamespaceIdent, TableCreation};
-        let (port, seen) = token_server(true);
-        let props = std::collections::HashMap::from([
-            (iceberg_catalog_rest::REST_CATALOG_PROP_URI.to_string(), format!("http://127.0.0.1:{port}")),
-            ("credential".to_string(), "client:secret".to_string()),
-        ]);
-        let factory: std::sync::Arc<dyn iceberg::io::StorageFactory> =
-            std::sync::Arc::new(iceberg::io::LocalFsStorageFactory);
-        let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
-            .with_storage_factory(factory.clone())
-            .load("rest", props)
-            .await
-            .expect("catalog");
-        let c = super::Redacted::new(catalog, String::new(), true, factory);
-        let ns = NamespaceIdent::new("ns".to_string());
-        let creation = |name: &str| {
-            let schema = iceberg::spec::Schema::builder().build().expect("schema");
-            TableCreation::builder().name(name.to_string()).schema(schema).build()
-        };
-        let tokens = || seen.lock().iter().filter(|l| l.starts_with("POST /v1/oauth/tokens")).count();
-        // The first token, then one exchanged anew (it may have expired unused): each refusal
-        // renews, retryably.
-        for attempt in 0..2 {
-            let e = c.create_table(&ns, creation("t")).await.expect_err("refused for its token");
-            assert!(crate::error::classify(e, "creating t").is_retryable(), "refusal {attempt} renews");
-        }
-        let exchanged = tokens();
-        let e = c.create_table(&ns, creation("t")).await.expect_err("refused with the new token");
-        assert!(super::did_not_land(&e), "{e}");
-        let e = crate::error::classify(e, "creating t");
-        assert!(!e.is_retryable(), "{e}");
-        assert_eq!(tokens(), exchanged, "no token exchanged again: {:?}", seen.lock());
-        // A call that can be sent again from here fails the same way, after its one renewal.
-        let e = c.list_namespaces(None).await.expect_err("refused");
-        assert!(!crate::error::classify(e, "listing").is_retryable());
-        assert_eq!(tokens(), exchanged, "{:?}", seen.lock());
     }
 
     /// An SQLite error with a result code, as sqlx reports one.
@@ -1296,7 +1205,13 @@ mod tests {
         assert!(!format!("{config:?}").contains("s3cr3t"), "{config:?}");
         assert_eq!(super::without_password("https://user:s3cr3t@catalog/api"), "https://user:redacted@catalog/api");
         // A token carried as the user name alone.
-        assert_eq!(super::without_password("https://t0k3n@catalog/api"), "https://redacted@catalog/api");
+        assert_eq!(super::without_credentials("https://t0k3n@catalog/api"), "https://redacted@catalog/api");
+        assert_eq!(super::without_credentials("https://user:s3cr3t@catalog/api"), "https://user:redacted@catalog/api");
+        // A warehouse URL's user part names a container: kept.
+        assert_eq!(
+            super::without_password("abfss://data@acct.dfs.core.windows.net/wh"),
+            "abfss://data@acct.dfs.core.windows.net/wh"
+        );
     }
 
     /// A swap failing with an SQLite I/O error (here `SQLITE_IOERR_FSYNC`, 1034) may still be

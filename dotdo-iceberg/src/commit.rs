@@ -74,7 +74,15 @@ impl IcebergColdStore {
             .metadata_location()
             .ok_or_else(|| Error::backend(format!("{what}: table has no metadata location")))?
             .to_string();
-        let (new_md, location) = staged(md, &current, updates).map_err(|e| classify(e, what).with_retryable(false))?;
+        // A commit that adds no snapshot is stamped with this host's wall clock.
+        if !updates.iter().any(|u| matches!(u, TableUpdate::AddSnapshot { .. })) {
+            refuse_if_clock_behind(md, what)?;
+        }
+        let (new_md, location) = staged(md, &current, updates).map_err(|e| {
+            // iceberg's builder refuses a version stamped over a minute before the table's last
+            // snapshot: this host's clock, not the table, is the trouble.
+            refuse_if_clock_behind(md, what).err().unwrap_or_else(|| classify(e, what).with_retryable(false))
+        })?;
         check_update_time(&new_md, what)?;
         new_md.write_to(table.file_io(), &location).await.map_err(|e| classify(e, what))?;
         let new_location = location.to_string();
@@ -680,8 +688,6 @@ fn snapshot_updates(
     updates
 }
 
-/// `md` with `updates` applied (iceberg's metadata builder validates them), and the location of
-/// that next version after the metadata at `base`.
 /// `Unavailable` (retryable) if `md`, a version about to be committed, is stamped more than a
 /// minute before the version it follows (its last metadata-log entry): iceberg's readers (Java's
 /// and iceberg-rust's alike) refuse such metadata, and the table would be unreadable for every
@@ -690,19 +696,33 @@ fn snapshot_updates(
 /// over a minute behind the last committer's (or stepped back) would write one. Retryable: the
 /// gap closes as time passes.
 pub(crate) fn check_update_time(md: &TableMetadata, what: &str) -> Result<()> {
-    let Some(last) = md.metadata_log().last() else { return Ok(()) };
-    if md.last_updated_ms().saturating_sub(last.timestamp_ms) < -60_000 {
+    clock_refusal(md.last_updated_ms(), md.metadata_log().last().map(|l| l.timestamp_ms), what)
+}
+
+/// [`check_update_time`] before a commit on `md` is built: `Unavailable` (retryable) if this
+/// host's wall clock, which stamps a commit that adds no snapshot, is over a minute behind the
+/// table's last update or its last snapshot (iceberg's builder refuses the second, and readers
+/// the first).
+pub(crate) fn refuse_if_clock_behind(md: &TableMetadata, what: &str) -> Result<()> {
+    let latest = md.history().last().map_or(md.last_updated_ms(), |s| s.timestamp_ms.max(md.last_updated_ms()));
+    clock_refusal(dotdo_core::SystemClock::new().now().as_millis(), Some(latest), what)
+}
+
+/// The refusal of a commit stamped `at` after a version stamped `before` (ms since the epoch).
+fn clock_refusal(at: i64, before: Option<i64>, what: &str) -> Result<()> {
+    let Some(before) = before else { return Ok(()) };
+    if at.saturating_sub(before) < -60_000 {
         return Err(Error::unavailable(format!(
-            "{what}: this host's clock (at {} ms) is over a minute behind the table's last update (at {} ms, by \
-             a host whose clock runs ahead, or before this one's stepped back): metadata stamped so would be \
-             unreadable, so nothing was committed; retry once the clocks agree",
-            md.last_updated_ms(),
-            last.timestamp_ms
+            "{what}: this host's clock (at {at} ms) is over a minute behind the table's last update (at \
+             {before} ms, by a host whose clock runs ahead, or before this one's stepped back): metadata \
+             stamped so would be unreadable, so nothing was committed; retry once the clocks agree"
         )));
     }
     Ok(())
 }
 
+/// `md` with `updates` applied (iceberg's metadata builder validates them), and the location of
+/// that next version after the metadata at `base`.
 fn staged(
     md: &TableMetadata,
     base: &str,
@@ -787,11 +807,12 @@ pub(crate) mod tests {
             .expect("open")
     }
 
-    /// A commit that adds no snapshot (here an expiry) on a table whose last update another
-    /// host stamped minutes ahead of this host's clock is refused, retryably, and writes
-    /// nothing: stamped with this host's clock, its metadata would be more than a minute before
-    /// the version it follows, which iceberg's readers refuse (the table was unreadable after it,
-    /// for every engine).
+    /// A commit that adds no snapshot (here an expiry, then a table property set at open) on a
+    /// table whose last append another host stamped minutes ahead of this host's clock is
+    /// refused, retryably, and writes nothing: stamped with this host's clock, its metadata
+    /// would be more than a minute before the version it follows, which iceberg's readers refuse
+    /// (the table was unreadable after it, for every engine; after an append, iceberg's builder
+    /// refused it as `Corrupt`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_stamped_over_a_minute_before_the_last_update_is_refused() {
         use std::str::FromStr;
@@ -800,10 +821,19 @@ pub(crate) mod tests {
         cold.append(batch("o", 1)).await.expect("append");
         cold.append(batch("o", 2)).await.expect("append");
         let t = cold.refresh().await.expect("table");
-        // Another host, its clock three minutes ahead, committed the current version.
+        // Another host, its clock three minutes ahead, committed the current version: an append
+        // (the last snapshot and its snapshot-log entry stamped ahead too).
         let mut json = serde_json::to_value(t.metadata()).expect("metadata as JSON");
         let ahead = dotdo_core::Clock::now(&dotdo_core::SystemClock::new()).as_millis() + 180_000;
         json["last-updated-ms"] = serde_json::json!(ahead);
+        let head = t.metadata().current_snapshot_id().expect("head");
+        for s in json["snapshots"].as_array_mut().expect("snapshots") {
+            if s["snapshot-id"] == serde_json::json!(head) {
+                s["timestamp-ms"] = serde_json::json!(ahead);
+            }
+        }
+        let log = json["snapshot-log"].as_array_mut().expect("snapshot log");
+        log.last_mut().expect("an entry")["timestamp-ms"] = serde_json::json!(ahead);
         let ahead_md: iceberg::spec::TableMetadata = serde_json::from_value(json).expect("valid metadata");
         let current = t.metadata_location().expect("location").to_string();
         let location = iceberg::MetadataLocation::from_str(&current)
@@ -822,6 +852,18 @@ pub(crate) mod tests {
         let t = cold.refresh().await.expect("the table still reads");
         assert_eq!(t.metadata_location(), Some(location.to_string().as_str()), "nothing committed");
         assert_eq!(t.metadata().snapshots().count(), 2);
+        // A store opening with a longer cleanup minimum sets a table property: refused alike.
+        let settings =
+            crate::Settings { min_cleanup_retention: std::time::Duration::from_secs(7200), ..Default::default() };
+        let e = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["t"], "changes")
+            .settings(settings)
+            .build()
+            .await
+            .expect_err("refused");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Unavailable, "{e}");
+        let t = cold.refresh().await.expect("the table still reads");
+        assert_eq!(t.metadata_location(), Some(location.to_string().as_str()), "nothing committed");
     }
 
     /// A table whose head was removed (another engine's `REPLACE TABLE` keeps the table and

@@ -771,6 +771,9 @@ pub(crate) async fn read_tasks(
     let several = tasks.len() > 1;
     let (mut damaged, mut read_well) = (None, false);
     for t in tasks {
+        if damaged.is_some() && read_well {
+            break;
+        }
         let path = t.data_file_path.clone();
         match read_tasks_once(table, vec![t], what, &format!("data file {path}")).await {
             Ok(_) => read_well = true,

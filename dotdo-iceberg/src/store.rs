@@ -467,6 +467,9 @@ pub(crate) async fn set_dotdo_properties(
         if set.is_empty() {
             return Ok(table);
         }
+        // Stamped with this host's wall clock (no snapshot): refused while it is over a minute
+        // behind the table's last update, as dotdo's own commits are.
+        crate::commit::refuse_if_clock_behind(table.metadata(), &what)?;
         let tx = Transaction::new(&table);
         let mut props = tx.update_table_properties();
         for (k, v) in set {

@@ -198,10 +198,8 @@ struct Inner {
     _log_lock: Option<std::fs::File>,
     next_id: Mutex<Option<u64>>,
     roll_lock: futures::lock::Mutex<()>,
-    /// Set while a sink commit of a roll is under way, and left set if the roll was dropped then
-    /// (its caller gave up on it): the commit may still land, so `take_refused` waits for a roll
-    /// that settles it.
-    committing: AtomicBool,
+    /// Whether a dropped roll's sink commit may still be under way (see `take_refused`).
+    commits: crate::settings::CommitWatch,
     closed: AtomicBool,
     /// When the last roll started (the clock's monotonic time).
     last_roll: Mutex<std::time::Duration>,
@@ -296,7 +294,7 @@ impl ArrowPipeline {
                 _log_lock: log_lock,
                 next_id: Mutex::new(next_id),
                 roll_lock: futures::lock::Mutex::new(()),
-                committing: AtomicBool::new(false),
+                commits: Default::default(),
                 closed: AtomicBool::new(false),
                 last_roll: Mutex::new(now),
                 rows_in: AtomicU64::new(0),
@@ -416,7 +414,7 @@ impl ArrowPipeline {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;
         let Some((id, batches)) = inner.buf.lock().claimed.clone() else { return Ok(None) };
-        crate::settings::refuse_if_committing(&inner.committing, id)?;
+        inner.commits.refuse_if_open(id)?;
         if inner.sink.last_batch(&inner.stream).await? >= id {
             // Committed: by this pipeline (its reply lost: count it) or an earlier one (not).
             let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
@@ -681,13 +679,10 @@ impl ArrowPipeline {
 
     async fn append_resolving(&self, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
         let inner = &self.inner;
-        inner.committing.store(true, Ordering::SeqCst);
+        inner.commits.start();
         let out = crate::settings::retry(&*inner.clock, || inner.sink.append(&inner.stream, id, batches.clone())).await;
-        // Settled only by an answer that says whether the commit landed: `Ok`, or a refusal for
-        // good (nothing landed). Not reached if this roll is dropped while the sink commits.
-        if crate::settings::settles_the_commit(&out) {
-            inner.committing.store(false, Ordering::SeqCst);
-        }
+        // Not reached if this roll is dropped while the sink commits.
+        inner.commits.end(&out);
         out
     }
 

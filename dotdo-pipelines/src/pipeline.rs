@@ -174,7 +174,7 @@ impl PipelineBuilder {
                 next_seq: Mutex::new(HashMap::new()),
                 own_claim: Mutex::new(None),
                 roll_lock: futures::lock::Mutex::new(()),
-                committing: AtomicBool::new(false),
+                commits: Default::default(),
                 send_gate: Mutex::new(()),
                 closed: AtomicBool::new(false),
                 last_roll: Mutex::new(now),
@@ -209,10 +209,8 @@ struct Inner {
     /// routes whose commit of it is counted already (see [`OwnClaim`]).
     own_claim: Mutex<Option<OwnClaim>>,
     roll_lock: futures::lock::Mutex<()>,
-    /// Set while a sink commit of a roll is under way, and left set if the roll was dropped then
-    /// (its caller gave up on it): the commit may still land, so `take_refused` waits for a roll
-    /// that settles it.
-    committing: AtomicBool,
+    /// Whether a dropped roll's sink commit may still be under way (see `take_refused`).
+    commits: crate::settings::CommitWatch,
     /// Held by `send` from its closed and capacity checks through the append, and by `close`
     /// while it sets `closed`: a send that gets `Ok` is in the log before close's roll reads the
     /// depth, and two sends cannot both pass the capacity check on the same room.
@@ -666,13 +664,10 @@ impl Pipeline {
 
     async fn append_resolving(&self, route: &str, batch: ColdBatch) -> Result<dotdo_core::ColdCommit> {
         let sink = self.sink(route)?;
-        self.inner.committing.store(true, Ordering::SeqCst);
+        self.inner.commits.start();
         let out = crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await;
-        // Settled only by an answer that says whether the commit landed: `Ok`, or a refusal for
-        // good (nothing landed). Not reached if this roll is dropped while the sink commits.
-        if crate::settings::settles_the_commit(&out) {
-            self.inner.committing.store(false, Ordering::SeqCst);
-        }
+        // Not reached if this roll is dropped while the sink commits.
+        self.inner.commits.end(&out);
         out
     }
 
@@ -714,7 +709,7 @@ impl Pipeline {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;
         let Some(claimed) = inner.log.claimed(inner.settings.token)? else { return Ok(Vec::new()) };
-        crate::settings::refuse_if_committing(&inner.committing, claimed.id)?;
+        inner.commits.refuse_if_open(claimed.id)?;
         let mut by_route: BTreeMap<String, Vec<ChangeRecord>> = BTreeMap::new();
         for (route, r) in claimed.rows {
             by_route.entry(route).or_default().push(r);

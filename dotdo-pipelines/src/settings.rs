@@ -122,29 +122,58 @@ impl PipelineSettings {
     }
 }
 
-/// Whether a sink commit's answer settles whether it landed: `Ok`, or a refusal for good. A
-/// retryable failure or an unknown outcome leaves an earlier commit of the batch, whose roll was
-/// dropped, possibly still under way.
-pub(crate) fn settles_the_commit<T>(out: &dotdo_core::Result<T>) -> bool {
-    match out {
-        Ok(_) => true,
-        Err(e) => !e.is_retryable() && e.kind() != &dotdo_core::ErrorKind::AmbiguousOutcome,
-    }
+/// Whether a sink commit a roll started may still be under way: its roll was dropped (its caller
+/// gave up on it) during the commit, and no commit of the batch has settled since. Such a commit
+/// may still land (a request queued at a remote catalog), so `take_refused` does not hand its
+/// batch out meanwhile (sent again under a new id, its rows could land twice).
+#[derive(Debug, Default)]
+pub(crate) struct CommitWatch {
+    /// A sink commit is under way (left set by a roll dropped during it).
+    committing: std::sync::atomic::AtomicBool,
+    /// A roll was dropped during its commit, and no answer has settled the batch since.
+    unsettled: std::sync::atomic::AtomicBool,
 }
 
-/// `take_refused`'s refusal of claimed batch `id` while `committing` says a roll was dropped
-/// during its sink commit (that commit may still land).
-pub(crate) fn refuse_if_committing(committing: &std::sync::atomic::AtomicBool, id: u64) -> dotdo_core::Result<()> {
-    if committing.load(std::sync::atomic::Ordering::SeqCst) {
-        return Err(dotdo_core::Error::new(
-            dotdo_core::ErrorKind::Conflict,
-            format!(
-                "batch {id}: a roll was dropped while the sink committed it, so that commit may still land; \
-                 roll again (it settles the commit) before taking the batch out"
-            ),
-        ));
+impl CommitWatch {
+    /// Before a sink commit.
+    pub(crate) fn start(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.committing.swap(true, SeqCst) {
+            // The previous commit never returned: its roll was dropped during it.
+            self.unsettled.store(true, SeqCst);
+        }
     }
-    Ok(())
+
+    /// After a sink commit that returned `out`: settled by an answer that says whether the
+    /// batch landed (`Ok`, or a refusal for good); a retryable failure or an unknown outcome
+    /// leaves a dropped roll's commit possibly under way.
+    pub(crate) fn end<T>(&self, out: &dotdo_core::Result<T>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.committing.store(false, SeqCst);
+        let settled = match out {
+            Ok(_) => true,
+            Err(e) => !e.is_retryable() && e.kind() != &dotdo_core::ErrorKind::AmbiguousOutcome,
+        };
+        if settled {
+            self.unsettled.store(false, SeqCst);
+        }
+    }
+
+    /// `take_refused`'s refusal of claimed batch `id` (called with the roll lock held, so no
+    /// roll's commit is under way but a dropped one's).
+    pub(crate) fn refuse_if_open(&self, id: u64) -> dotdo_core::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.committing.load(SeqCst) || self.unsettled.load(SeqCst) {
+            return Err(dotdo_core::Error::new(
+                dotdo_core::ErrorKind::Conflict,
+                format!(
+                    "batch {id}: a roll was dropped while the sink committed it, so that commit may still land; \
+                     roll again (a roll the sink answers settles it) before taking the batch out"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Commit retries of both pipeline kinds: 8 retries, waiting 10 ms doubling to 640 ms.

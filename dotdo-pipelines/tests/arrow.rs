@@ -496,6 +496,13 @@ async fn a_batch_whose_commit_a_dropped_roll_left_under_way_is_not_taken_out() {
     assert_eq!(p.roll().await.expect("a roll settles it"), 3);
     assert!(p.take_refused().await.expect("nothing claimed").is_none());
     assert_eq!(ids(&t).await, [0, 1, 2]);
+    // A roll that fails for now without being dropped leaves no commit under way: its batch
+    // can be taken out.
+    p.send(batch(3, 2)).expect("send");
+    sink.stalled.store(true, Ordering::SeqCst);
+    p.roll().await.expect_err("the sink is stalled");
+    let taken = p.take_refused().await.expect("no commit under way").expect("the claimed batch");
+    assert_eq!(taken.batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
 }
 
 /// A batch the sink refuses for good stops every roll (it is committed first); `take_refused`

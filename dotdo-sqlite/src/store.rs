@@ -200,6 +200,16 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
         Connection::open_with_flags(dotdo_core::sql_schema::without_create_mode(path), flags)
     }
     .map_err(|e| map(e, &doing))?;
+    // SQLite opens a file it may not write (its permissions, a read-only mount) read-only without
+    // an error, and a dotdo file already in WAL mode needs no write to open: every write would
+    // then fail. Refused at open, as a file that cannot be written at all.
+    if create && conn.is_readonly(rusqlite::DatabaseName::Main).map_err(|e| map(e, &doing))? {
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            format!("{doing}: the file cannot be written (its permissions, or a read-only mount)"),
+        )
+        .with_retryable(false));
+    }
     conn.busy_timeout(settings.busy_timeout).map_err(|e| map(e, &doing))?;
     conn.set_prepared_statement_cache_capacity(64);
     // Plans that do not depend on bound values: SQLite 3.5x re-prepares a statement on every
@@ -249,6 +259,10 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
             newer(version)?;
             if version == schema::VERSION {
                 dotdo_core::sql_schema::check_tables_after(&columns, &source).map_err(TxError::Api)?;
+            } else {
+                // Before the WAL switch, which persists in the file: a look-alike or damaged file
+                // (dotdo's table names, other columns) is refused untouched, as dotdo-libsql does.
+                dotdo_core::sql_schema::check_tables_before(version, &columns, &source).map_err(TxError::Api)?;
             }
             Ok(version)
         })?;

@@ -203,6 +203,16 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     let e = SqliteStore::builder(&path).open().await.expect_err("dotdo tables missing");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("do_objects") && e.to_string().contains("part.db"), "{e}");
+    // A look-alike at version 0: the predecessor's lease table name with other columns. Refused
+    // (`Corrupt`) before the WAL switch: the file is left as it was (it was switched to WAL,
+    // then refused).
+    let path = dir.path().join("lookalike.db");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch("CREATE TABLE do_locks (id INTEGER, owner TEXT);").expect("look-alike schema");
+    let e = SqliteStore::builder(&path).open().await.expect_err("not dotdo's lease table");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("do_locks") && e.to_string().contains("lookalike.db"), "{e}");
+    assert_eq!(header(&path), [1, 1], "the journal mode was changed");
     // A dotdo file with a table missing a column.
     let path = dir.path().join("hot.db");
     drop(SqliteStore::builder(&path).open().await.expect("create"));
@@ -347,6 +357,21 @@ async fn a_uri_with_mode_rwc_opens_a_working_store() {
         assert_eq!(store.current(&o).await.expect("current"), Some(l));
         assert!(dir.path().join(name).exists(), "{name}: the file is where the URI says");
     }
+}
+
+/// A dotdo file SQLite can only open read-only (here `mode=ro`; its permissions or a read-only
+/// mount alike) is refused at open: it is already in WAL mode, so nothing at open writes, and
+/// the store opened, every write then failing.
+#[tokio::test]
+async fn a_file_that_opens_read_only_is_refused_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    drop(SqliteStore::builder(&path).open().await.expect("create"));
+    let uri = format!("file:{}?mode=ro", path.display());
+    let e = SqliteStore::builder(&uri).open().await.expect_err("read-only");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("cannot be written") && e.to_string().contains("hot.db"), "{e}");
 }
 
 #[tokio::test]
