@@ -563,16 +563,23 @@ impl<'a> PinnedCatalog<'a> {
         let ident = commit.identifier().clone();
         let base = self.table.metadata_location_result()?.to_string();
         let what = format!("committing to {ident}");
-        let unreadable = |e: Error| {
-            iceberg::Error::new(iceberg::ErrorKind::Unexpected, "the commit's metadata would be unreadable")
-                .with_source(e)
+        let unreadable = |e: Error, why: String| {
+            iceberg::Error::new(
+                iceberg::ErrorKind::Unexpected,
+                format!("the commit's metadata would be unreadable{why}"),
+            )
+            .with_source(e)
         };
         // iceberg's builder refuses a version stamped over a minute before the table's last
-        // snapshot: this host's clock, not the table, is the trouble (a retryable refusal).
+        // snapshot (iceberg's own append stamps the wall clock): this host's clock, not the
+        // table, is the trouble (a retryable refusal; the builder's error is kept in the message).
         let staged = commit.apply(self.table.clone()).map_err(|e| {
-            crate::commit::refuse_if_clock_behind(self.table.metadata(), &what).err().map_or(e, unreadable)
+            match crate::commit::refuse_if_clock_behind(self.table.metadata(), &what) {
+                Err(clock) => unreadable(clock, format!(" ({e})")),
+                Ok(()) => e,
+            }
         })?;
-        crate::commit::check_update_time(staged.metadata(), &what).map_err(unreadable)?;
+        crate::commit::check_update_time(staged.metadata(), &what).map_err(|e| unreadable(e, String::new()))?;
         let location = iceberg::MetadataLocation::from_str(staged.metadata_location_result()?)?;
         staged.metadata().write_to(staged.file_io(), &location).await?;
         let new = location.to_string();

@@ -78,11 +78,7 @@ impl IcebergColdStore {
         if !updates.iter().any(|u| matches!(u, TableUpdate::AddSnapshot { .. })) {
             refuse_if_clock_behind(md, what)?;
         }
-        let (new_md, location) = staged(md, &current, updates).map_err(|e| {
-            // iceberg's builder refuses a version stamped over a minute before the table's last
-            // snapshot: this host's clock, not the table, is the trouble.
-            refuse_if_clock_behind(md, what).err().unwrap_or_else(|| classify(e, what).with_retryable(false))
-        })?;
+        let (new_md, location) = staged(md, &current, updates).map_err(|e| classify(e, what).with_retryable(false))?;
         check_update_time(&new_md, what)?;
         new_md.write_to(table.file_io(), &location).await.map_err(|e| classify(e, what))?;
         let new_location = location.to_string();

@@ -679,10 +679,10 @@ impl ArrowPipeline {
 
     async fn append_resolving(&self, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
         let inner = &self.inner;
-        inner.commits.start();
+        inner.commits.start("");
         let out = crate::settings::retry(&*inner.clock, || inner.sink.append(&inner.stream, id, batches.clone())).await;
         // Not reached if this roll is dropped while the sink commits.
-        inner.commits.end(&out);
+        inner.commits.end("", &out);
         out
     }
 

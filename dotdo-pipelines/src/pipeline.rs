@@ -664,10 +664,10 @@ impl Pipeline {
 
     async fn append_resolving(&self, route: &str, batch: ColdBatch) -> Result<dotdo_core::ColdCommit> {
         let sink = self.sink(route)?;
-        self.inner.commits.start();
+        self.inner.commits.start(route);
         let out = crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await;
         // Not reached if this roll is dropped while the sink commits.
-        self.inner.commits.end(&out);
+        self.inner.commits.end(route, &out);
         out
     }
 

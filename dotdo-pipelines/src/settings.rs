@@ -122,53 +122,57 @@ impl PipelineSettings {
     }
 }
 
-/// Whether a sink commit a roll started may still be under way: its roll was dropped (its caller
-/// gave up on it) during the commit, and no commit of the batch has settled since. Such a commit
-/// may still land (a request queued at a remote catalog), so `take_refused` does not hand its
-/// batch out meanwhile (sent again under a new id, its rows could land twice).
+/// Whether a sink commit a roll started may still be under way, per sink (an event pipeline's
+/// route; `""` for an Arrow pipeline's one sink): its roll was dropped (its caller gave up on it,
+/// or the sink panicked) during the commit, and no answer of that sink has settled the batch
+/// since. Such a commit may still land (a request queued at a remote catalog), so `take_refused`
+/// does not hand the batch out meanwhile (sent again, its rows could land twice).
 #[derive(Debug, Default)]
 pub(crate) struct CommitWatch {
-    /// A sink commit is under way (left set by a roll dropped during it).
-    committing: std::sync::atomic::AtomicBool,
-    /// A roll was dropped during its commit, and no answer has settled the batch since.
-    unsettled: std::sync::atomic::AtomicBool,
+    /// Per sink: (a commit is under way, left so by a roll dropped during it; a roll was
+    /// dropped during a commit and no answer has settled the batch since).
+    open: parking_lot::Mutex<std::collections::HashMap<String, (bool, bool)>>,
 }
 
 impl CommitWatch {
-    /// Before a sink commit.
-    pub(crate) fn start(&self) {
-        use std::sync::atomic::Ordering::SeqCst;
-        if self.committing.swap(true, SeqCst) {
-            // The previous commit never returned: its roll was dropped during it.
-            self.unsettled.store(true, SeqCst);
-        }
+    /// Before a commit to `sink`.
+    pub(crate) fn start(&self, sink: &str) {
+        let mut open = self.open.lock();
+        let (committing, unsettled) = open.entry(sink.to_string()).or_default();
+        // The previous commit to this sink never returned: its roll was dropped during it.
+        *unsettled |= *committing;
+        *committing = true;
     }
 
-    /// After a sink commit that returned `out`: settled by an answer that says whether the
+    /// After a commit to `sink` that returned `out`: settled by an answer that says whether the
     /// batch landed (`Ok`, or a refusal for good); a retryable failure or an unknown outcome
     /// leaves a dropped roll's commit possibly under way.
-    pub(crate) fn end<T>(&self, out: &dotdo_core::Result<T>) {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.committing.store(false, SeqCst);
+    pub(crate) fn end<T>(&self, sink: &str, out: &dotdo_core::Result<T>) {
         let settled = match out {
             Ok(_) => true,
             Err(e) => !e.is_retryable() && e.kind() != &dotdo_core::ErrorKind::AmbiguousOutcome,
         };
-        if settled {
-            self.unsettled.store(false, SeqCst);
+        let mut open = self.open.lock();
+        if let Some((committing, unsettled)) = open.get_mut(sink) {
+            *committing = false;
+            *unsettled &= !settled;
+            if !*unsettled {
+                open.remove(sink);
+            }
         }
     }
 
     /// `take_refused`'s refusal of claimed batch `id` (called with the roll lock held, so no
     /// roll's commit is under way but a dropped one's).
     pub(crate) fn refuse_if_open(&self, id: u64) -> dotdo_core::Result<()> {
-        use std::sync::atomic::Ordering::SeqCst;
-        if self.committing.load(SeqCst) || self.unsettled.load(SeqCst) {
+        let open = self.open.lock();
+        if let Some(sink) = open.iter().find(|(_, (c, u))| *c || *u).map(|(s, _)| s) {
+            let to = if sink.is_empty() { String::new() } else { format!(" to route {sink:?}") };
             return Err(dotdo_core::Error::new(
                 dotdo_core::ErrorKind::Conflict,
                 format!(
-                    "batch {id}: a roll was dropped while the sink committed it, so that commit may still land; \
-                     roll again (a roll the sink answers settles it) before taking the batch out"
+                    "batch {id}: a roll was dropped while it committed{to}, so that commit may still land; roll \
+                     again (a roll the sink answers settles it) before taking the batch out"
                 ),
             ));
         }

@@ -1005,6 +1005,38 @@ async fn events_whose_commit_a_dropped_roll_left_under_way_are_not_taken_out() {
     assert_eq!(p.metrics().buffer_depth, 0);
 }
 
+/// The same with two routes: a later roll whose commit to the main route is answered does not
+/// settle the audit route's commit that a dropped roll left under way (one flag for the whole
+/// pipeline was cleared by the main route's answer, and the events were handed out).
+#[tokio::test]
+async fn a_dropped_commit_to_one_route_is_not_settled_by_another_route() {
+    let (main, audit) = (Flaky::new(), Flaky::new());
+    let p = Pipeline::builder(main.clone())
+        .with_route("audit", audit.clone())
+        .with_transform(|e: Event| {
+            if e.key.starts_with("audit") {
+                Transformed::Route("audit".into(), e)
+            } else {
+                Transformed::Keep(e)
+            }
+        })
+        .build()
+        .expect("pipeline");
+    p.send(vec![ev("o0", "k0", "a"), ev("o1", "audit-1", "b")]).expect("send");
+    audit.hang_next.store(true, Ordering::SeqCst);
+    let dropped = tokio::time::timeout(std::time::Duration::from_millis(50), p.roll()).await;
+    assert!(dropped.is_err(), "the roll was still committing to the audit route when it was dropped");
+    // The next roll: the main route answers (its commit landed before), the audit route fails for now.
+    audit.stalled.store(true, Ordering::SeqCst);
+    p.roll().await.expect_err("the audit route is stalled");
+    let e = p.take_refused().await.expect_err("the audit route's dropped commit may still land");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.to_string().contains("audit"), "{e}");
+    audit.stalled.store(false, Ordering::SeqCst);
+    p.roll().await.expect("a roll the audit route answers settles it");
+    assert!(p.take_refused().await.expect("nothing claimed").is_empty());
+}
+
 /// Events a sink refuses for good stop every roll (their claimed batch goes first);
 /// `take_refused` takes out the ones that did not land (here the audit route's; the main
 /// route's landed and stay), and the events behind them go on, with sequence numbers following
