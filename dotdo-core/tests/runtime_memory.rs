@@ -1056,6 +1056,8 @@ struct FlakyCold {
     forget_watermarks: std::sync::atomic::AtomicBool,
     /// Appends that answer `AmbiguousOutcome` without landing.
     ambiguous_appends: std::sync::atomic::AtomicU32,
+    /// Appends that land, then answer `AmbiguousOutcome` (the reply was lost).
+    lost_replies: std::sync::atomic::AtomicU32,
     /// `load_state` calls so far.
     loads: std::sync::atomic::AtomicU64,
     /// The most change records one `read_changes`/`read_changes_through` returned.
@@ -1099,6 +1101,7 @@ impl FlakyCold {
             conflicts: 0.into(),
             forget_watermarks: false.into(),
             ambiguous_appends: 0.into(),
+            lost_replies: 0.into(),
             loads: 0.into(),
             most_changes_read: 0.into(),
             before_append: Hook::new(),
@@ -1142,6 +1145,11 @@ impl ColdSink for FlakyCold {
             return Err(Error::new(ErrorKind::Conflict, "still conflicting (test)").with_retryable(true));
         }
         let mut commit = self.inner.append(batch).await?;
+        let lost = self.lost_replies.load(std::sync::atomic::Ordering::SeqCst);
+        if lost > 0 {
+            self.lost_replies.store(lost - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "the commit landed, its reply was lost (test)"));
+        }
         if self.forget_watermarks.load(std::sync::atomic::Ordering::SeqCst) {
             commit.watermarks.clear();
             // A real store waits on I/O here: a drain that loops on this answer yields, so the
@@ -3521,6 +3529,35 @@ async fn flush_all_leaves_out_a_lone_object_cold_refuses_as_fenced() {
     assert_eq!((report.objects, report.records), (0, 0), "{report:?}");
     let seqs: Vec<u64> = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold").iter().map(|c| c.seq).collect();
     assert_eq!(seqs, [1]);
+}
+
+/// A cold commit whose reply was lost, which the retry then finds in cold (every record
+/// skipped), counts in the flush report and the metrics: it was this call's. (The retry's
+/// answer, nothing written, was all that was counted.)
+#[tokio::test]
+async fn a_commit_whose_reply_was_lost_counts_once() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    let (x, y) = (oid("x"), oid("y"));
+    for _ in 0..3 {
+        incr(&rt, &x).await.expect("x");
+    }
+    cold.lost_replies.store(1, std::sync::atomic::Ordering::SeqCst);
+    // The retry waits on the test's clock.
+    let ticking = tick(&w);
+    let report = rt.flush(&x).await.expect("flush");
+    assert_eq!((report.commits, report.records), (1, 3), "{report:?}");
+    let m = rt.metrics();
+    assert_eq!((m.flushes, m.records_flushed), (1, 3));
+    incr(&rt, &y).await.expect("y");
+    cold.lost_replies.store(1, std::sync::atomic::Ordering::SeqCst);
+    let report = rt.flush_all().await.expect("flush_all");
+    assert_eq!((report.commits, report.records), (1, 1), "{report:?}");
+    let m = rt.metrics();
+    assert_eq!((m.flushes, m.records_flushed), (2, 4));
+    ticking.abort();
+    let seqs: Vec<u64> = w.cold.read_changes(&x, 0, AsOf::Latest).await.expect("cold").iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, [1, 2, 3], "each change once");
 }
 
 /// A cold commit counts in the metrics as it lands, also when the drain fails after it (here:

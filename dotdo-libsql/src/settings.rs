@@ -85,7 +85,8 @@ pub struct LibsqlSettings {
     /// this store runs meanwhile: see docs/durability.md; it never waits for readers), so a commit rarely crosses
     /// `wal_autocheckpoint_pages` and pays for the copy and its fsync inline; that threshold
     /// stays as the safety net. `None`: checkpoints only inline, on the committing writer's
-    /// thread (so does zero). Durability is the same either way. Default 50 ms, as in dotdo-sqlite;
+    /// thread (so does zero). Under `Durability::Normal` the WAL reaches the disk at checkpoints,
+    /// so this period bounds what a power loss can take (see docs/durability.md). Default 50 ms, as in dotdo-sqlite;
     /// under 1 ms is refused. (No effect
     /// on a remote primary or an embedded replica, whose file libsql's replicator writes.)
     pub background_checkpoint: Option<Duration>,

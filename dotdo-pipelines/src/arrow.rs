@@ -307,8 +307,9 @@ impl ArrowPipeline {
     fn open_log(path: &Path, stream: &str, buf: &mut Buf) -> Result<Connection> {
         let doing = format!("opening {}", path.display());
         let c = crate::log::open_connection(path).map_err(|e| sql(e, &doing))?;
+        crate::log::wal_mode(&c, &doing)?;
         c.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+            "PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS arrow_log (id INTEGER PRIMARY KEY, ipc BLOB NOT NULL, batch INTEGER);
              CREATE TABLE IF NOT EXISTS arrow_log_meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);",
         )

@@ -306,6 +306,20 @@ impl CloudflareStreamClient {
                     chunks.push_front((second, taken));
                     chunks.push_front((items, taken));
                 }
+                // A single event too large, whose request may have been taken by an attempt before
+                // the endpoint refused its size: delivered or not, unknown.
+                Err(e) if taken && matches!(e.kind(), ErrorKind::LimitExceeded { .. }) => {
+                    let n = items.len();
+                    let unknown = Error::new(
+                        ErrorKind::AmbiguousOutcome,
+                        format!(
+                            "a request of {n} event(s) the stream endpoint refused as too large may have been \
+                             accepted by an earlier attempt (it had no answer, or a gateway error)"
+                        ),
+                    )
+                    .with_source(e);
+                    return Err(PartialSend::attach(unknown, report));
+                }
                 Err(e) => return Err(PartialSend::attach(e, report)),
             }
         }
@@ -438,8 +452,9 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 
 /// The failure `outcome` of a request of `n` events after `attempt` retries (`accepted`
 /// requests before it): `AmbiguousOutcome` if an attempt may have been taken (`uncertain`), but
-/// for a request too large (split and its halves sent on, carrying the flag, or a single event
-/// too large: `LimitExceeded` whatever came before); retryable as the last answer is.
+/// for a request too large (`LimitExceeded`: split and its halves sent on, carrying the flag; a
+/// single event too large after such an attempt is made `AmbiguousOutcome` by `send`);
+/// retryable as the last answer is.
 fn done_with(outcome: Error, uncertain: bool, n: u64, accepted: u64, attempt: u32) -> Error {
     let outcome = outcome.context(format!("after {accepted} accepted request(s) and {attempt} retries"));
     let too_large = matches!(outcome.kind(), ErrorKind::LimitExceeded { .. });
@@ -463,15 +478,18 @@ fn done_with(outcome: Error, uncertain: bool, n: u64, accepted: u64, attempt: u3
 /// `{"success": …, "result": {"committed": N}}`) says the `n` events were not all taken:
 /// `success: false` is a refusal (nothing taken; the answer's errors shown), a `committed` count
 /// other than `n` an `AmbiguousOutcome` (some may be there). Any other body (none, or another
-/// shape) reads as accepted.
+/// shape) reads as accepted; a body cut short by the 4 KiB read (or broken off) that does not
+/// parse is still a refusal if it says `"success": false`.
 fn refused_despite_2xx(text: &str, n: u64) -> Option<Error> {
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
     let shown = || text.chars().take(200).collect::<String>();
+    let refusal = || {
+        Error::backend(format!("stream endpoint answered 2xx with success: false: {}", shown())).with_retryable(false)
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return says_success_false(text).then(refusal);
+    };
     if v.get("success").and_then(serde_json::Value::as_bool) == Some(false) {
-        return Some(
-            Error::backend(format!("stream endpoint answered 2xx with success: false: {}", shown()))
-                .with_retryable(false),
-        );
+        return Some(refusal());
     }
     let committed = v.get("result").and_then(|r| r.get("committed")).and_then(serde_json::Value::as_u64)?;
     (committed != n).then(|| {
@@ -479,6 +497,14 @@ fn refused_despite_2xx(text: &str, n: u64) -> Option<Error> {
             ErrorKind::AmbiguousOutcome,
             format!("stream endpoint committed {committed} of {n} events sent in one request: {}", shown()),
         )
+    })
+}
+
+/// Whether `text` (the start of a JSON body) holds `"success"` set to `false`.
+fn says_success_false(text: &str) -> bool {
+    text.match_indices("\"success\"").any(|(i, key)| {
+        let rest = text[i + key.len()..].trim_start();
+        rest.strip_prefix(':').is_some_and(|v| v.trim_start().starts_with("false"))
     })
 }
 

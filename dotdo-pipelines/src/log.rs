@@ -217,11 +217,15 @@ impl Log for MemoryLog {
 /// again under new sequence numbers (or a new batch id) and delivered twice.
 pub(crate) fn fully_synced<T>(conn: &mut Connection, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
     conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql(e, "synchronous=FULL for a claim"))?;
+    // (On macOS, FULL's fsync reaches the disk only with F_FULLFSYNC.)
+    conn.pragma_update(None, "fullfsync", "ON").map_err(|e| sql(e, "fullfsync for a claim"))?;
     let out = f(conn);
     // A claim that committed is reported as done even if going back to NORMAL fails (the
     // connection then stays at FULL: slower, as safe): reported as failed, the caller would
     // not know the rows are claimed and could claim them again under another id.
-    if let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
+    let back =
+        conn.pragma_update(None, "synchronous", "NORMAL").and_then(|()| conn.pragma_update(None, "fullfsync", "OFF"));
+    if let Err(e) = back {
         tracing::warn!(error = %e, "dotdo pipeline log: synchronous=NORMAL after a claim failed; staying at FULL");
     }
     out
@@ -309,7 +313,24 @@ pub(crate) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(2))?;
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    // On macOS a plain fsync leaves data in the drive's cache: checkpoints (which `NORMAL`'s
+    // never-corrupted guarantee relies on) sync fully; claims do too (`fully_synced`).
+    conn.pragma_update(None, "checkpoint_fullfsync", "ON")?;
     Ok(conn)
+}
+
+/// Put a log in WAL mode (persistent in the file). SQLite answers with the mode it is in: a
+/// file that stays in a rollback journal (a VFS without shared memory) would run
+/// `synchronous=NORMAL` where a power loss may corrupt it, so it is refused (`InvalidInput`),
+/// as the SQL hot stores refuse one.
+pub(crate) fn wal_mode(conn: &Connection, doing: &str) -> Result<()> {
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| sql(e, doing))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::invalid(format!(
+            "{doing}: the log cannot run in WAL mode (SQLite answered journal_mode {mode:?})"
+        )));
+    }
+    Ok(())
 }
 
 /// Lock the log of `kind` (`pipeline` or `arrow`: the two kinds keep separate tables and may
@@ -394,8 +415,9 @@ impl SqliteLog {
         let doing = format!("opening {}", path.display());
         let (lock, resolved) = lock_log(path, "pipeline")?;
         let conn = open_connection(&resolved).map_err(|e| sql(e, &doing))?;
+        wal_mode(&conn, &doing)?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 16384;
+            "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 16384;
              CREATE TABLE IF NOT EXISTS pipeline_log (
                 id INTEGER PRIMARY KEY, route TEXT NOT NULL, do_id TEXT NOT NULL, type TEXT NOT NULL,
                 key TEXT NOT NULL, value BLOB NOT NULL, ts INTEGER NOT NULL, batch INTEGER, seq INTEGER);
@@ -800,6 +822,31 @@ impl Log for SpillLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log's connection runs in WAL mode and syncs checkpoints fully, and a claim's commit
+    /// (`synchronous=FULL`) fully too (on macOS a plain fsync leaves data in the drive's cache);
+    /// after the claim the connection is back at `NORMAL`.
+    #[test]
+    fn log_connections_sync_fully_where_it_matters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SqliteLog::open(&dir.path().join("log.db")).expect("open");
+        let mut conn = log.conn.lock();
+        let pragma = |c: &Connection, p: &str| -> String {
+            c.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, rusqlite::types::Value>(0))
+                .map(|v| match v {
+                    rusqlite::types::Value::Text(t) => t,
+                    rusqlite::types::Value::Integer(i) => i.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .expect("pragma")
+        };
+        assert_eq!(pragma(&conn, "journal_mode"), "wal");
+        assert_eq!(pragma(&conn, "checkpoint_fullfsync"), "1");
+        let during =
+            fully_synced(&mut conn, |c| Ok((pragma(c, "synchronous"), pragma(c, "fullfsync")))).expect("claim");
+        assert_eq!(during, ("2".to_string(), "1".to_string()), "FULL and fullfsync during a claim");
+        assert_eq!((pragma(&conn, "synchronous"), pragma(&conn, "fullfsync")), ("1".to_string(), "0".to_string()));
+    }
 
     /// A lock the file system cannot take (no lock support) is not retryable; an interrupted
     /// call is.

@@ -23,11 +23,16 @@ struct Server {
     redirect_next: AtomicU32,
     /// A status line (e.g. `"429 Too Many Requests"`) answered to the next requests instead.
     status_next: Mutex<Vec<&'static str>>,
+    /// The body of those answers (`{"success":false}` if none).
+    status_body: Mutex<Option<String>>,
     /// Requests taken (their records kept) whose connection is then closed with no reply.
     drop_next: AtomicU32,
     /// Requests taken whose answer says one record fewer was committed.
     short_next: AtomicU32,
     max_body: usize,
+    /// From the request after this many (0: never), bodies over `small_body` are too large.
+    small_after: u32,
+    small_body: usize,
 }
 
 async fn serve(server: Arc<Server>, token: &'static str) -> String {
@@ -79,7 +84,11 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                         ("302 Found", "{}".to_string())
                     } else if auth != format!("Bearer {token}") {
                         ("401 Unauthorized", r#"{"success":false,"errors":[{"message":"Unauthorized"}]}"#.to_string())
-                    } else if len > server.max_body {
+                    } else if len > server.max_body
+                        || (server.small_after > 0
+                            && server.requests.load(Ordering::SeqCst) > server.small_after
+                            && len > server.small_body)
+                    {
                         ("413 Payload Too Large", "{}".to_string())
                     } else if server.drop_next.load(Ordering::SeqCst) > 0 {
                         server.drop_next.fetch_sub(1, Ordering::SeqCst);
@@ -87,7 +96,8 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                         server.records.lock().extend(items);
                         return;
                     } else if let Some(status) = server.status_next.lock().pop() {
-                        (status, r#"{"success":false}"#.to_string())
+                        let body = server.status_body.lock().clone();
+                        (status, body.unwrap_or_else(|| r#"{"success":false}"#.to_string()))
                     } else if server.fail_next.load(Ordering::SeqCst) > 0 {
                         server.fail_next.fetch_sub(1, Ordering::SeqCst);
                         if let Some(after) = server.retry_after.lock().clone() {
@@ -280,11 +290,35 @@ async fn a_2xx_that_says_success_false_is_not_an_acceptance() {
     assert!(PartialSend::of(&e).is_none(), "nothing counted as accepted: {e}");
     let r = client.send(&events(2, 10)).await.expect("an ordinary acceptance");
     assert_eq!(r.events, 2);
+    // A refusal whose body is longer than the part read (its errors listed at length): still a
+    // refusal, not an acceptance of a body that did not parse.
+    let long = format!(r#"{{"success" : false,"errors":[{{"message":"{}"}}]}}"#, "x".repeat(8000));
+    *server.status_body.lock() = Some(long);
+    server.status_next.lock().push("200 OK");
+    let e = client.send(&events(2, 10)).await.expect_err("success: false, at length");
+    assert_eq!(e.kind(), &ErrorKind::Backend, "{e}");
+    *server.status_body.lock() = None;
     // After an attempt whose reply was lost, the same answer leaves the events' fate unknown.
     server.drop_next.store(1, Ordering::SeqCst);
     server.status_next.lock().push("200 OK");
     let e = client.send(&events(2, 10)).await.expect_err("success: false after a lost reply");
     assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+}
+
+/// An event too large for the endpoint alone, after an attempt of the request that held it may
+/// have been taken (a gateway error), is `AmbiguousOutcome` (it may be delivered already), with
+/// the size refusal as its source: it was `LimitExceeded`, read as "nothing of it was sent".
+#[tokio::test]
+async fn an_event_too_large_after_an_uncertain_attempt_is_ambiguous() {
+    let server = Arc::new(Server { max_body: 64 * 1024, small_after: 1, small_body: 1000, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), settings()).expect("client");
+    let mut evs = events(1, 10);
+    evs.extend(events(1, 1500));
+    server.status_next.lock().push("502 Bad Gateway");
+    let e = client.send(&evs).await.expect_err("the second event is too large alone");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert_eq!(PartialSend::of(&e).map(|p| p.report.events), Some(1), "the first event was accepted: {e}");
 }
 
 /// A 503 with `Retry-After` is retried no sooner than it asks (the backoff here is 5 ms); one

@@ -1432,7 +1432,7 @@ impl ObjectRuntime {
             }
             let n = batch.record_count() as u64;
             let appended = renewing_held(inner, held, left_out, lapsed, append_resolving(inner, batch.clone())).await;
-            let commit = match appended {
+            let appended = match appended {
                 Ok(c) => c,
                 // Refused for good: find which objects cold refuses, each appended alone. Those
                 // are left out (the first error is returned at the end); the others' records are
@@ -1487,7 +1487,8 @@ impl ObjectRuntime {
                 Err(e) => return Err(e),
             };
             // Counted as it lands: a check or a truncation below may still fail.
-            count_commit(inner, report, &commit);
+            count_commit(inner, report, &appended);
+            let commit = appended.commit;
             let mut diverged_now = std::collections::BTreeSet::new();
             if commit.records_skipped > 0 {
                 for oc in &batch.objects {
@@ -2664,9 +2665,28 @@ async fn check_skipped(inner: &Arc<Inner>, object: &ObjectId, after: Seq, commit
 
 /// Append with the exactly-once rules: on an unknown outcome, retry the same batch (the sink
 /// skips what it already has).
-async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<crate::ColdCommit> {
+async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<Appended> {
     let policy = crate::retry::RetryPolicy { retries: 5, base: Duration::from_millis(10) };
-    crate::retry::retry_idempotent(&*inner.clock, policy, || inner.cold.append(batch.clone())).await
+    let unsure = std::sync::atomic::AtomicBool::new(false);
+    let commit = crate::retry::retry_idempotent(&*inner.clock, policy, || async {
+        let out = inner.cold.append(batch.clone()).await;
+        if out.as_ref().is_err_and(|e| e.kind() == &ErrorKind::AmbiguousOutcome) {
+            unsure.store(true, Ordering::SeqCst);
+        }
+        out
+    })
+    .await?;
+    // An attempt whose outcome was unknown, and a later one that found every record already
+    // in cold: the first landed them (a commit is whole or absent).
+    let landed_unseen = unsure.load(Ordering::SeqCst) && commit.snapshot.is_none() && commit.records_skipped > 0;
+    Ok(Appended { commit, landed_unseen })
+}
+
+/// A cold append's answer, and whether an attempt of the call whose reply was lost landed it
+/// (the answer then reports its records as skipped: [`count_commit`] counts them as written).
+struct Appended {
+    commit: crate::ColdCommit,
+    landed_unseen: bool,
 }
 
 /// Whether automatic flushes are paused after a failure (see [`pause_auto_flush`]).
@@ -2740,13 +2760,14 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken, max_c
         }
         let appended = records.last().map_or(0, |r| r.seq);
         let first = records.first().map_or(0, |r| r.seq);
-        let commit = match append_resolving(inner, ColdBatch::single(object.clone(), token, records)).await {
+        let resolved = match append_resolving(inner, ColdBatch::single(object.clone(), token, records)).await {
             Ok(c) => c,
             Err(e) => return Err(explain_gap(inner, object, first, e).await),
         };
         // Counted as it lands: a check or the truncation below may still fail (the next drain
         // then finds these records in cold and commits nothing to count).
-        count_commit(inner, &mut report, &commit);
+        count_commit(inner, &mut report, &resolved);
+        let commit = resolved.commit;
         if commit.records_skipped > 0 {
             check_skipped(inner, object, info.truncated_through, &commit).await?;
         }
@@ -2828,11 +2849,18 @@ async fn explain_gap(inner: &Arc<Inner>, object: &ObjectId, first: Seq, e: Error
     }
 }
 
-/// Count a cold commit of a drain in the flush's report and the runtime's metrics.
-fn count_commit(inner: &Inner, report: &mut FlushReport, commit: &crate::ColdCommit) {
-    report.commits += u64::from(commit.snapshot.is_some());
-    report.records = report.records.saturating_add(commit.records_written);
+/// Count a cold commit of a drain in the flush's report and the runtime's metrics (one an
+/// attempt whose reply was lost made too: its records are the answer's skipped ones).
+fn count_commit(inner: &Inner, report: &mut FlushReport, appended: &Appended) {
+    let c = &appended.commit;
+    let (commits, records) = if appended.landed_unseen {
+        (1, c.records_skipped)
+    } else {
+        (u64::from(c.snapshot.is_some()), c.records_written)
+    };
+    report.commits += commits;
+    report.records = report.records.saturating_add(records);
     let mut m = inner.metrics.lock();
-    m.flushes += u64::from(commit.snapshot.is_some());
-    m.records_flushed = m.records_flushed.saturating_add(commit.records_written);
+    m.flushes += commits;
+    m.records_flushed = m.records_flushed.saturating_add(records);
 }
