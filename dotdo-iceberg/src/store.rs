@@ -378,13 +378,7 @@ impl IcebergColdStoreBuilder {
         let ns = NamespaceIdent::from_vec(self.namespace.clone())
             .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
         let ident = TableIdent::new(ns.clone(), self.table.clone());
-        // A REST catalog's server builds and stamps the metadata of a commit; the others build
-        // it here, stamped with this host's clock.
-        #[cfg(feature = "rest")]
-        let stamped_here = !matches!(self.catalog, crate::catalog::CatalogConfig::Rest { .. });
-        #[cfg(not(feature = "rest"))]
-        let stamped_here = true;
-        let placing = Placing { verifier: verifier.as_ref(), root: &root, stamped_here };
+        let placing = Placing { verifier: verifier.as_ref(), root: &root };
         let table = open_table(&*catalog, &ident, &self.settings, placing).await?;
         let bucketer = Arc::new(table_bucketer(&table)?);
         let table_uuid = table.metadata().uuid();
@@ -398,7 +392,6 @@ impl IcebergColdStoreBuilder {
                 settings: self.settings,
                 table: parking_lot::Mutex::new(table),
                 table_installs: std::sync::atomic::AtomicU64::new(0),
-                stamped_here,
                 commit_lock: tokio::sync::Mutex::new(()),
                 bucketer,
                 table_uuid,
@@ -437,8 +430,6 @@ fn table_bucketer(table: &Table) -> Result<Bucketer> {
 pub(crate) struct Placing<'a> {
     pub(crate) verifier: Option<&'a crate::catalog::SqlVerifier>,
     pub(crate) root: &'a StoreRoot,
-    /// The catalog's commits are built (and stamped) in this process: not on a REST catalog.
-    pub(crate) stamped_here: bool,
 }
 
 async fn open_table(
@@ -456,7 +447,7 @@ async fn open_table(
         Err(e) => return Err(classify(e, &what)),
     };
     schema::check_change_table(table.metadata(), &what)?;
-    set_dotdo_properties(catalog, ident, table, settings, true, placing.stamped_here).await
+    set_dotdo_properties(catalog, ident, table, settings, true).await
 }
 
 /// Set the table properties a store with `settings` needs on `table` (the change table, or a
@@ -467,7 +458,6 @@ pub(crate) async fn set_dotdo_properties(
     table: Table,
     settings: &Settings,
     change_table: bool,
-    stamped_here: bool,
 ) -> Result<Table> {
     let what = format!("setting dotdo's properties of table {ident}");
     let mut table = table;
@@ -477,12 +467,10 @@ pub(crate) async fn set_dotdo_properties(
         if set.is_empty() {
             return Ok(table);
         }
-        // Stamped with this host's wall clock (no snapshot) where the commit is built here:
-        // refused while it is over a minute behind the table's last update, as dotdo's own
-        // commits are. (A REST catalog's server stamps it with its own.)
-        if stamped_here {
-            crate::commit::refuse_if_clock_behind(table.metadata(), &what)?;
-        }
+        // Stamped with this host's wall clock (no snapshot): refused while it is over a minute
+        // behind the table's last update, as dotdo's own commits are. (Also on a REST catalog:
+        // iceberg builds the new metadata here before it sends the commit, and refuses it.)
+        crate::commit::refuse_if_clock_behind(table.metadata(), &what)?;
         let tx = Transaction::new(&table);
         let mut props = tx.update_table_properties();
         for (k, v) in set {
@@ -663,8 +651,6 @@ pub(crate) struct Inner {
     pub(crate) settings: Settings,
     /// The newest table state this store knows.
     pub(crate) table: parking_lot::Mutex<Table>,
-    /// The catalog's commits are built (and stamped) in this process: not on a REST catalog.
-    pub(crate) stamped_here: bool,
     /// How many times `table` was replaced (changed under its lock): a reload installs what it
     /// loaded only if nothing was installed while it loaded, or if it is no older.
     table_installs: std::sync::atomic::AtomicU64,

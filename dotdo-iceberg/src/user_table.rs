@@ -234,11 +234,7 @@ impl IcebergColdStore {
                 }
                 let creation = TableCreation::builder().name(name.to_string()).schema(ischema);
                 // Like the change table: never in another table's directory.
-                let placing = crate::store::Placing {
-                    verifier: self.inner.verifier.as_ref(),
-                    root: &self.inner.root,
-                    stamped_here: self.inner.stamped_here,
-                };
+                let placing = crate::store::Placing { verifier: self.inner.verifier.as_ref(), root: &self.inner.root };
                 let at =
                     crate::store::new_table_location(&*catalog, &ident, &self.inner.settings.catalog_name, placing)
                         .await?;
@@ -266,15 +262,7 @@ impl IcebergColdStore {
         check_unpartitioned(&table, &what)?;
         // As on the change table: every cleanup keeps to the largest cleanup minimum of the
         // stores writing the table (their compactions commit files up to half of it old).
-        crate::store::set_dotdo_properties(
-            &*catalog,
-            &ident,
-            table,
-            &self.inner.settings,
-            false,
-            self.inner.stamped_here,
-        )
-        .await?;
+        crate::store::set_dotdo_properties(&*catalog, &ident, table, &self.inner.settings, false).await?;
         Ok(ArrowTable { store: self.clone(), ident, user: schema, iceberg_arrow })
     }
 }

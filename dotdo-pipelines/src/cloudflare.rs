@@ -500,12 +500,18 @@ fn refused_despite_2xx(text: &str, n: u64) -> Option<Error> {
     })
 }
 
-/// Whether `text` (the start of a JSON body) holds `"success"` set to `false`.
+/// Whether `text` (the start of a JSON object) sets `"success"` to `false` as its first key
+/// named so (the top-level one: the endpoint writes it first; a nested `"success"` further on,
+/// in an accepted answer's details, is not it).
 fn says_success_false(text: &str) -> bool {
-    text.match_indices("\"success\"").any(|(i, key)| {
-        let rest = text[i + key.len()..].trim_start();
-        rest.strip_prefix(':').is_some_and(|v| v.trim_start().starts_with("false"))
-    })
+    text.trim_start().starts_with('{')
+        && text.match_indices("\"success\"").next().is_some_and(|(i, key)| {
+            let rest = text[i + key.len()..].trim_start();
+            rest.strip_prefix(':').is_some_and(|v| {
+                let v = v.trim_start();
+                v.starts_with("false") && !v[5..].starts_with(|c: char| c.is_ascii_alphanumeric())
+            })
+        })
 }
 
 /// The start of an error answer's body (at most 4 KiB are read: a proxy's error page can be
@@ -539,4 +545,20 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 fn retry_after_of(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    /// A body cut short is a refusal only if its top-level `"success"` (the first key named so)
+    /// is `false`: a nested one further on in an accepted answer, or a longer word, is not.
+    #[test]
+    fn success_false_is_read_from_the_first_key_only() {
+        use super::says_success_false as says;
+        assert!(says(r#"{"success": false, "errors": [{"message": "xxxx"#));
+        assert!(says(r#" {"success":false"#));
+        assert!(!says(r#"{"success":true,"result":{"details":[{"success":false}]"#));
+        assert!(!says(r#"{"success": falsey"#));
+        assert!(!says(r#"<html>"success": false"#));
+        assert!(!says(r#"{"message":"the \"success\": false case"#));
+    }
 }

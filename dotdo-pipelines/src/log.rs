@@ -216,17 +216,17 @@ impl Log for MemoryLog {
 /// cold: a claim rolled back by power loss while its commit landed would have its events claimed
 /// again under new sequence numbers (or a new batch id) and delivered twice.
 pub(crate) fn fully_synced<T>(conn: &mut Connection, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-    conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql(e, "synchronous=FULL for a claim"))?;
     // (On macOS, FULL's fsync reaches the disk only with F_FULLFSYNC.)
     conn.pragma_update(None, "fullfsync", "ON").map_err(|e| sql(e, "fullfsync for a claim"))?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql(e, "synchronous=FULL for a claim"))?;
     let out = f(conn);
     // A claim that committed is reported as done even if going back to NORMAL fails (the
     // connection then stays at FULL: slower, as safe): reported as failed, the caller would
     // not know the rows are claimed and could claim them again under another id.
-    let back =
-        conn.pragma_update(None, "synchronous", "NORMAL").and_then(|()| conn.pragma_update(None, "fullfsync", "OFF"));
-    if let Err(e) = back {
-        tracing::warn!(error = %e, "dotdo pipeline log: synchronous=NORMAL after a claim failed; staying at FULL");
+    for (pragma, value) in [("synchronous", "NORMAL"), ("fullfsync", "OFF")] {
+        if let Err(e) = conn.pragma_update(None, pragma, value) {
+            tracing::warn!(error = %e, pragma, "dotdo pipeline log: a pragma could not be set back after a claim; it stays (slower, as safe)");
+        }
     }
     out
 }

@@ -580,7 +580,12 @@ impl Pipeline {
             for (route, r) in claimed.rows {
                 by_route.entry(route).or_default().entry(r.object.clone()).or_default().push(r);
             }
-            for (route, objects) in by_route {
+            // Routes whose commit a dropped roll left open go first: their answer settles it (a
+            // route refused for good ahead of them would keep every roll from reaching them,
+            // and `take_refused` waits for them).
+            let mut routes: Vec<_> = by_route.into_iter().collect();
+            routes.sort_by_key(|(route, _)| !inner.commits.is_open(route));
+            for (route, objects) in routes {
                 let batch = ColdBatch {
                     objects: objects
                         .into_iter()

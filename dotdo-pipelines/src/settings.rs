@@ -162,6 +162,11 @@ impl CommitWatch {
         }
     }
 
+    /// Whether a dropped roll's commit to `sink` may still be under way.
+    pub(crate) fn is_open(&self, sink: &str) -> bool {
+        self.open.lock().get(sink).is_some_and(|(c, u)| *c || *u)
+    }
+
     /// `take_refused`'s refusal of claimed batch `id` (called with the roll lock held, so no
     /// roll's commit is under way but a dropped one's).
     pub(crate) fn refuse_if_open(&self, id: u64) -> dotdo_core::Result<()> {

@@ -1035,6 +1035,22 @@ async fn a_dropped_commit_to_one_route_is_not_settled_by_another_route() {
     audit.stalled.store(false, Ordering::SeqCst);
     p.roll().await.expect("a roll the audit route answers settles it");
     assert!(p.take_refused().await.expect("nothing claimed").is_empty());
+
+    // A route refusing for good ahead of the open one (in route order) does not keep every roll
+    // from settling it: the open route is committed first. (Each roll stopped at the main route,
+    // and `take_refused` answered `Conflict` for ever.)
+    p.send(vec![ev("o2", "k2", "c"), ev("o3", "audit-2", "d")]).expect("send");
+    audit.hang_next.store(true, Ordering::SeqCst);
+    let dropped = tokio::time::timeout(std::time::Duration::from_millis(50), p.roll()).await;
+    assert!(dropped.is_err(), "dropped during the audit route's commit (the main route's landed)");
+    main.refusing.store(true, Ordering::SeqCst);
+    p.roll().await.expect_err("the main route refuses for good");
+    let taken = p.take_refused().await.expect("the audit route was settled first");
+    assert!(taken.is_empty(), "both routes' events landed: {taken:?}");
+    assert_eq!(
+        audit.inner.read_changes(&ObjectId::new("o3").expect("id"), 0, AsOf::Latest).await.expect("audit").len(),
+        1
+    );
 }
 
 /// Events a sink refuses for good stop every roll (their claimed batch goes first);
