@@ -1005,13 +1005,10 @@ async fn events_whose_commit_a_dropped_roll_left_under_way_are_not_taken_out() {
     assert_eq!(p.metrics().buffer_depth, 0);
 }
 
-/// The same with two routes: a later roll whose commit to the main route is answered does not
-/// settle the audit route's commit that a dropped roll left under way (one flag for the whole
-/// pipeline was cleared by the main route's answer, and the events were handed out).
-#[tokio::test]
-async fn a_dropped_commit_to_one_route_is_not_settled_by_another_route() {
-    let (main, audit) = (Flaky::new(), Flaky::new());
-    let p = Pipeline::builder(main.clone())
+/// A pipeline into `main` whose events with keys starting `audit` go to the route "audit".
+fn audit_routed(main: &Arc<Flaky>, audit: &Arc<Flaky>, settings: PipelineSettings) -> Pipeline {
+    Pipeline::builder(main.clone())
+        .with_settings(settings)
         .with_route("audit", audit.clone())
         .with_transform(|e: Event| {
             if e.key.starts_with("audit") {
@@ -1021,7 +1018,16 @@ async fn a_dropped_commit_to_one_route_is_not_settled_by_another_route() {
             }
         })
         .build()
-        .expect("pipeline");
+        .expect("pipeline")
+}
+
+/// The same with two routes: a later roll whose commit to the main route is answered does not
+/// settle the audit route's commit that a dropped roll left under way (one flag for the whole
+/// pipeline was cleared by the main route's answer, and the events were handed out).
+#[tokio::test]
+async fn a_dropped_commit_to_one_route_is_not_settled_by_another_route() {
+    let (main, audit) = (Flaky::new(), Flaky::new());
+    let p = audit_routed(&main, &audit, PipelineSettings::default());
     p.send(vec![ev("o0", "k0", "a"), ev("o1", "audit-1", "b")]).expect("send");
     audit.hang_next.store(true, Ordering::SeqCst);
     let dropped = tokio::time::timeout(std::time::Duration::from_millis(50), p.roll()).await;
@@ -1066,20 +1072,7 @@ async fn refused_events_are_taken_out_and_the_rest_goes_on() {
             durability: if durable { Durability::Durable(dir.path().join("log.db")) } else { Durability::Memory },
             ..Default::default()
         };
-        let build = || {
-            Pipeline::builder(main.clone())
-                .with_settings(settings.clone())
-                .with_route("audit", audit.clone())
-                .with_transform(|e: Event| {
-                    if e.key.starts_with("audit") {
-                        Transformed::Route("audit".into(), e)
-                    } else {
-                        Transformed::Keep(e)
-                    }
-                })
-                .build()
-                .expect("pipeline")
-        };
+        let build = || audit_routed(&main, &audit, settings.clone());
         let mut p = build();
         assert!(p.take_refused().await.expect("nothing claimed").is_empty());
         audit.refusing.store(true, Ordering::SeqCst);
