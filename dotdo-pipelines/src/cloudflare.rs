@@ -501,8 +501,9 @@ fn refused_despite_2xx(text: &str, n: u64) -> Option<Error> {
 }
 
 /// Whether `text` (the start of a JSON object) sets `"success"` to `false` as its first key
-/// named so (the top-level one: the endpoint writes it first; a nested `"success"` further on,
-/// in an accepted answer's details, is not it).
+/// named so (taken for the top-level one: the legacy endpoint's answers are small, and a refusal's
+/// error entries carry no `"success"`; a nested one after it, in an accepted answer's details, is
+/// not it).
 fn says_success_false(text: &str) -> bool {
     text.trim_start().starts_with('{')
         && text.match_indices("\"success\"").next().is_some_and(|(i, key)| {
