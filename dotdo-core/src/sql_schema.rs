@@ -149,6 +149,51 @@ fn check_columns(columns: &[(String, String)], source: &str, all: bool) -> crate
     Ok(())
 }
 
+/// The unique keys each table of the schema must have: the statements' `ON CONFLICT` targets
+/// (and the uniqueness the fencing relies on). A file whose table lacks one (rebuilt by hand,
+/// damaged) would refuse every acquire or write with an SQL error.
+pub const SQL_HOT_KEYS: &[(&str, &[&str])] = &[
+    ("do_locks", &["do_id"]),
+    ("do_objects", &["do_id"]),
+    ("do_state", &["do_id", "key"]),
+    ("do_changes", &["do_id", "seq"]),
+];
+
+/// Every `(table, unique index, column)` of the schema's tables, as the backends read them to
+/// check a file against [`SQL_HOT_KEYS`] with [`check_keys`] (a primary key shows as an index
+/// too, except a rowid alias, which no key of the schema is).
+pub const SQL_UNIQUE_KEYS: &str =
+    "SELECT m.name, il.name, ii.name FROM sqlite_master m, pragma_index_list(m.name) il, \
+     pragma_index_info(il.name) ii WHERE m.type = 'table' AND il.\"unique\" = 1 \
+     AND m.name IN ('do_locks', 'do_objects', 'do_state', 'do_changes') ORDER BY m.name, il.name, ii.seqno";
+
+/// `Corrupt` naming `source` if a table of the schema lacks its unique key ([`SQL_HOT_KEYS`];
+/// `keys`: the rows of [`SQL_UNIQUE_KEYS`]). For a file with every table ([`check_tables_after`]).
+pub fn check_keys(keys: &[(String, String, String)], source: &str) -> crate::Result<()> {
+    for (table, wanted) in SQL_HOT_KEYS {
+        let mut indexes: Vec<(&str, Vec<String>)> = Vec::new();
+        for (_, index, column) in keys.iter().filter(|(t, _, _)| t.eq_ignore_ascii_case(table)) {
+            match indexes.iter_mut().find(|(i, _)| *i == index.as_str()) {
+                Some((_, cols)) => cols.push(column.to_ascii_lowercase()),
+                None => indexes.push((index.as_str(), vec![column.to_ascii_lowercase()])),
+            }
+        }
+        let mut want: Vec<String> = wanted.iter().map(|c| c.to_string()).collect();
+        want.sort();
+        let found = indexes.into_iter().any(|(_, mut cols)| {
+            cols.sort();
+            cols == want
+        });
+        if !found {
+            return Err(crate::Error::corrupt(format!(
+                "{source}: table {table} has no unique key ({}): not a dotdo database, or a damaged one",
+                wanted.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The most bytes of values one `read_changes` of the SQL stores returns (at least one change,
 /// whatever its size): a drain reads on after the last change returned, so a backlog of large
 /// values is never loaded whole (nor sent in one answer by a remote primary).

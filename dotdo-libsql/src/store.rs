@@ -676,8 +676,11 @@ impl LibsqlStore {
                         .into());
                     }
                     // Another application's database is left as it is; a dotdo file must have
-                    // dotdo's tables.
+                    // dotdo's tables, and their unique keys.
                     dotdo_core::sql_schema::check_tables_before(version, &columns, &describe)?;
+                    if version != 0 {
+                        dotdo_core::sql_schema::check_keys(&table_keys(c).await?, &describe)?;
+                    }
                     Ok(version)
                 })
             })
@@ -753,6 +756,7 @@ impl LibsqlStore {
                         return Err(e.into());
                     }
                     dotdo_core::sql_schema::check_tables_after(&table_columns(c).await?, &describe)?;
+                    dotdo_core::sql_schema::check_keys(&table_keys(c).await?, &describe)?;
                     Ok(())
                 })
             })
@@ -1048,6 +1052,15 @@ impl LibsqlStore {
 }
 
 /// The database's tables and their columns ([`SQL_TABLE_COLUMNS`](dotdo_core::sql_schema::SQL_TABLE_COLUMNS)).
+/// The unique keys of the schema's tables (`SQL_UNIQUE_KEYS`).
+async fn table_keys(c: &mut Conn) -> TxResult<Vec<(String, String, String)>> {
+    let rows = c.query(Step::new(dotdo_core::sql_schema::SQL_UNIQUE_KEYS, vec![])).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Ok((crate::sql::text(r.first())?, crate::sql::text(r.get(1))?, crate::sql::text(r.get(2))?)))
+        .collect::<libsql::Result<Vec<_>>>()?)
+}
+
 async fn table_columns(c: &mut Conn) -> TxResult<Vec<(String, String)>> {
     let rows = c.query(Step::new(dotdo_core::sql_schema::SQL_TABLE_COLUMNS, vec![])).await?;
     Ok(rows

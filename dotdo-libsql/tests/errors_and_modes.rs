@@ -1070,6 +1070,21 @@ async fn another_applications_database_is_refused_and_left_untouched() {
         .expect("read");
     let row = rows.next().await.expect("row").expect("one row");
     assert_eq!((row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n")), (0, 1), "the file was changed");
+    // A dotdo file whose state table lost its unique key (rebuilt by hand): every put would fail
+    // with an SQL error (its `ON CONFLICT` has no key to match), so the open refuses it.
+    let path = dir.path().join("nokey.db");
+    drop(LibsqlStore::local(&path).open().await.expect("create"));
+    let db = libsql::Builder::new_local(&path).build().await.expect("raw");
+    let raw = db.connect().expect("connect");
+    raw.execute_batch(
+        "DROP TABLE do_state; CREATE TABLE do_state (do_id TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, \
+         seq INTEGER NOT NULL);",
+    )
+    .await
+    .expect("rebuilt without its key");
+    let e = LibsqlStore::local(&path).open().await.expect_err("no unique key");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("do_state") && e.to_string().contains("unique key"), "{e}");
 }
 
 /// A database that cannot be put in WAL mode (a VFS without shared memory) is refused, as by

@@ -252,6 +252,13 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<rusqlite::Result<Vec<(String, String)>>>()?)
         };
+        // The tables' unique keys (for a file with all of them): `Corrupt` if one is missing.
+        let check_keys = || -> TxResult<()> {
+            let mut stmt = conn.prepare(dotdo_core::sql_schema::SQL_UNIQUE_KEYS)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let keys = rows.collect::<rusqlite::Result<Vec<(String, String, String)>>>()?;
+            dotdo_core::sql_schema::check_keys(&keys, &source).map_err(TxError::Api)
+        };
         let version = with_busy_retry(settings, &doing, || {
             let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
             let columns = tables()?;
@@ -259,6 +266,7 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
             newer(version)?;
             if version == schema::VERSION {
                 dotdo_core::sql_schema::check_tables_after(&columns, &source).map_err(TxError::Api)?;
+                check_keys()?;
             } else {
                 // Before the WAL switch, which persists in the file: a look-alike or damaged file
                 // (dotdo's table names, other columns) is refused untouched, as dotdo-libsql does.
@@ -285,6 +293,7 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
                     if version < schema::VERSION {
                         conn.execute_batch(&format!("{} PRAGMA user_version = {};", schema::CREATE, schema::VERSION))?;
                         dotdo_core::sql_schema::check_tables_after(&tables()?, &source).map_err(TxError::Api)?;
+                        check_keys()?;
                     }
                     conn.execute_batch("COMMIT")?;
                     Ok(())

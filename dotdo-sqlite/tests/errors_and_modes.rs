@@ -203,6 +203,19 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     let e = SqliteStore::builder(&path).open().await.expect_err("dotdo tables missing");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("do_objects") && e.to_string().contains("part.db"), "{e}");
+    // A dotdo file whose lease table lost its primary key (rebuilt by hand): every acquire would
+    // fail with an SQL error (its `ON CONFLICT` has no key to match), so the open refuses it.
+    let path = dir.path().join("nokey.db");
+    drop(SqliteStore::builder(&path).open().await.expect("create"));
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch(
+        "DROP TABLE do_locks; CREATE TABLE do_locks (do_id TEXT NOT NULL, node_id TEXT NOT NULL, \
+         acquired_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL, metadata TEXT);",
+    )
+    .expect("rebuilt without its key");
+    let e = SqliteStore::builder(&path).open().await.expect_err("no unique key");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("do_locks") && e.to_string().contains("unique key"), "{e}");
     // A look-alike at version 0: the predecessor's lease table name with other columns. Refused
     // (`Corrupt`) before the WAL switch: the file is left as it was (it was switched to WAL,
     // then refused).
