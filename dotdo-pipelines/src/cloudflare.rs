@@ -190,6 +190,13 @@ impl CloudflareStreamClient {
             // Credentials in the URL would show up in every error message and Debug output.
             return Err(Error::invalid("the stream endpoint must not carry credentials; pass the API token instead"));
         }
+        if url.query().is_some() || url.fragment().is_some() {
+            // A key in the query would show up in every error message and Debug output too; the
+            // stream endpoints take none.
+            return Err(Error::invalid(
+                "the stream endpoint must not carry a query or fragment; pass the API token instead",
+            ));
+        }
         if token.as_deref().is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control())) {
             return Err(Error::invalid("the API token must be non-empty without whitespace"));
         }

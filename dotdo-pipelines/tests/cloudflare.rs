@@ -386,6 +386,12 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
         .expect_err("credentials in the URL");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     assert!(!e.to_string().contains("secret"), "{e}");
+    // A key in the query (or fragment) would be shown in every error: refused too.
+    for keyed in ["https://x.pipelines.cloudflare.com/?token=secret", "https://x.pipelines.cloudflare.com/#secret"] {
+        let e = CloudflareStreamClient::new(keyed, None, settings()).expect_err(keyed);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
     // Refused for another reason first (a scheme, a port, a missing host): still not shown.
     for bad in [
         "ftp://user:secret@x/",
