@@ -162,15 +162,19 @@ pub const SQL_HOT_KEYS: &[(&str, &[&str])] = &[
 /// Every `(table, unique index, column)` of the schema's tables, as the backends read them to
 /// check a file against [`SQL_HOT_KEYS`] with [`check_keys`] (a primary key shows as an index
 /// too, except a rowid alias, which no key of the schema is).
-pub const SQL_UNIQUE_KEYS: &str =
-    "SELECT m.name, il.name, ii.name FROM sqlite_master m, pragma_index_list(m.name) il, \
-     pragma_index_info(il.name) ii WHERE m.type = 'table' AND il.\"unique\" = 1 \
-     AND m.name IN ('do_locks', 'do_objects', 'do_state', 'do_changes') ORDER BY m.name, il.name, ii.seqno";
+pub const SQL_UNIQUE_KEYS: &str = "SELECT m.name, il.name, coalesce(ii.name, '') FROM sqlite_master m, \
+     pragma_index_list(m.name) il, pragma_index_info(il.name) ii WHERE m.type = 'table' AND il.\"unique\" = 1 \
+     AND il.partial = 0 AND lower(m.name) IN ('do_locks', 'do_objects', 'do_state', 'do_changes') \
+     ORDER BY m.name, il.name, ii.seqno";
 
-/// `Corrupt` naming `source` if a table of the schema lacks its unique key ([`SQL_HOT_KEYS`];
-/// `keys`: the rows of [`SQL_UNIQUE_KEYS`]). For a file with every table ([`check_tables_after`]).
-pub fn check_keys(keys: &[(String, String, String)], source: &str) -> crate::Result<()> {
+/// `Corrupt` naming `source` if a table of the schema that the database has (`columns`, as
+/// [`SQL_TABLE_COLUMNS`] reads them) lacks its unique key ([`SQL_HOT_KEYS`]; `keys`: the rows of
+/// [`SQL_UNIQUE_KEYS`]). Run before anything is written, and again once the schema is in place.
+pub fn check_keys(keys: &[(String, String, String)], columns: &[(String, String)], source: &str) -> crate::Result<()> {
     for (table, wanted) in SQL_HOT_KEYS {
+        if !columns.iter().any(|(t, _)| t.eq_ignore_ascii_case(table)) {
+            continue;
+        }
         let mut indexes: Vec<(&str, Vec<String>)> = Vec::new();
         for (_, index, column) in keys.iter().filter(|(t, _, _)| t.eq_ignore_ascii_case(table)) {
             match indexes.iter_mut().find(|(i, _)| *i == index.as_str()) {

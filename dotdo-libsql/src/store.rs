@@ -678,9 +678,7 @@ impl LibsqlStore {
                     // Another application's database is left as it is; a dotdo file must have
                     // dotdo's tables, and their unique keys.
                     dotdo_core::sql_schema::check_tables_before(version, &columns, &describe)?;
-                    if version != 0 {
-                        dotdo_core::sql_schema::check_keys(&table_keys(c).await?, &describe)?;
-                    }
+                    dotdo_core::sql_schema::check_keys(&table_keys(c).await?, &columns, &describe)?;
                     Ok(version)
                 })
             })
@@ -755,8 +753,9 @@ impl LibsqlStore {
                         }
                         return Err(e.into());
                     }
-                    dotdo_core::sql_schema::check_tables_after(&table_columns(c).await?, &describe)?;
-                    dotdo_core::sql_schema::check_keys(&table_keys(c).await?, &describe)?;
+                    let columns = table_columns(c).await?;
+                    dotdo_core::sql_schema::check_tables_after(&columns, &describe)?;
+                    dotdo_core::sql_schema::check_keys(&table_keys(c).await?, &columns, &describe)?;
                     Ok(())
                 })
             })
@@ -1051,8 +1050,7 @@ impl LibsqlStore {
     }
 }
 
-/// The database's tables and their columns ([`SQL_TABLE_COLUMNS`](dotdo_core::sql_schema::SQL_TABLE_COLUMNS)).
-/// The unique keys of the schema's tables (`SQL_UNIQUE_KEYS`).
+/// The unique keys of the schema's tables ([`SQL_UNIQUE_KEYS`](dotdo_core::sql_schema::SQL_UNIQUE_KEYS)).
 async fn table_keys(c: &mut Conn) -> TxResult<Vec<(String, String, String)>> {
     let rows = c.query(Step::new(dotdo_core::sql_schema::SQL_UNIQUE_KEYS, vec![])).await?;
     Ok(rows
@@ -1061,6 +1059,7 @@ async fn table_keys(c: &mut Conn) -> TxResult<Vec<(String, String, String)>> {
         .collect::<libsql::Result<Vec<_>>>()?)
 }
 
+/// The database's tables and their columns ([`SQL_TABLE_COLUMNS`](dotdo_core::sql_schema::SQL_TABLE_COLUMNS)).
 async fn table_columns(c: &mut Conn) -> TxResult<Vec<(String, String)>> {
     let rows = c.query(Step::new(dotdo_core::sql_schema::SQL_TABLE_COLUMNS, vec![])).await?;
     Ok(rows

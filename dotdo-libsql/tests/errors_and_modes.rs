@@ -1085,6 +1085,26 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     let e = LibsqlStore::local(&path).open().await.expect_err("no unique key");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("do_state") && e.to_string().contains("unique key"), "{e}");
+    // The predecessor's lease table without a key on do_id (version 0): refused before the
+    // upgrade commits, the file left unclaimed.
+    let path = dir.path().join("keyless-predecessor.db");
+    let db = libsql::Builder::new_local(&path).build().await.expect("raw");
+    let raw = db.connect().expect("connect");
+    raw.execute(
+        "CREATE TABLE do_locks (do_id TEXT NOT NULL, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL, \
+         expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL)",
+        (),
+    )
+    .await
+    .expect("keyless lease table");
+    let e = LibsqlStore::local(&path).open().await.expect_err("no unique key");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let mut rows = raw
+        .query("SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master WHERE name LIKE 'do%')", ())
+        .await
+        .expect("read");
+    let row = rows.next().await.expect("row").expect("one row");
+    assert_eq!((row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n")), (0, 1), "the file was claimed");
 }
 
 /// A database that cannot be put in WAL mode (a VFS without shared memory) is refused, as by

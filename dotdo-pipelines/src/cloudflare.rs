@@ -194,7 +194,8 @@ impl CloudflareStreamClient {
             // A key in the query would show up in every error message and Debug output too; the
             // stream endpoints take none.
             return Err(Error::invalid(
-                "the stream endpoint must not carry a query or fragment; pass the API token instead",
+                "the stream endpoint must not carry a query or fragment (the stream endpoints take none; a key \
+                 belongs in the API token)",
             ));
         }
         if token.as_deref().is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control())) {
@@ -537,10 +538,14 @@ async fn error_body_start(mut resp: reqwest::Response) -> String {
 }
 
 /// `endpoint` as an error message may show it: not at all if it holds an `@` anywhere (where a
-/// URL ends its user info depends on the parser, and a password may hold `/`, `?` or `#`).
+/// URL ends its user info depends on the parser, and a password may hold `/`, `?` or `#`), nor a
+/// query or fragment (a key there), whatever refuses it first.
 fn shown_endpoint(endpoint: &str) -> String {
     if endpoint.contains('@') {
         return "<an endpoint with '@', not shown: it may hold credentials>".to_string();
+    }
+    if endpoint.contains(['?', '#']) {
+        return "<an endpoint with a query or fragment, not shown: it may hold a key>".to_string();
     }
     endpoint.to_string()
 }

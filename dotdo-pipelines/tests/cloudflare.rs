@@ -387,7 +387,13 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     assert!(!e.to_string().contains("secret"), "{e}");
     // A key in the query (or fragment) would be shown in every error: refused too.
-    for keyed in ["https://x.pipelines.cloudflare.com/?token=secret", "https://x.pipelines.cloudflare.com/#secret"] {
+    for keyed in [
+        "https://x.pipelines.cloudflare.com/?token=secret",
+        "https://x.pipelines.cloudflare.com/#secret",
+        // Refused for another reason first (a scheme, a port): still not shown.
+        "ftp://x/?token=secret",
+        "https://x:99999/?token=secret",
+    ] {
         let e = CloudflareStreamClient::new(keyed, None, settings()).expect_err(keyed);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
         assert!(!e.to_string().contains("secret"), "{e}");

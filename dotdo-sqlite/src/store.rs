@@ -252,12 +252,12 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<rusqlite::Result<Vec<(String, String)>>>()?)
         };
-        // The tables' unique keys (for a file with all of them): `Corrupt` if one is missing.
-        let check_keys = || -> TxResult<()> {
+        // The unique keys of the dotdo tables the file has (`columns`): `Corrupt` if one lacks it.
+        let check_keys = |columns: &[(String, String)]| -> TxResult<()> {
             let mut stmt = conn.prepare(dotdo_core::sql_schema::SQL_UNIQUE_KEYS)?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             let keys = rows.collect::<rusqlite::Result<Vec<(String, String, String)>>>()?;
-            dotdo_core::sql_schema::check_keys(&keys, &source).map_err(TxError::Api)
+            dotdo_core::sql_schema::check_keys(&keys, columns, &source).map_err(TxError::Api)
         };
         let version = with_busy_retry(settings, &doing, || {
             let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -266,12 +266,12 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
             newer(version)?;
             if version == schema::VERSION {
                 dotdo_core::sql_schema::check_tables_after(&columns, &source).map_err(TxError::Api)?;
-                check_keys()?;
             } else {
                 // Before the WAL switch, which persists in the file: a look-alike or damaged file
                 // (dotdo's table names, other columns) is refused untouched, as dotdo-libsql does.
                 dotdo_core::sql_schema::check_tables_before(version, &columns, &source).map_err(TxError::Api)?;
             }
+            check_keys(&columns)?;
             Ok(version)
         })?;
         // After the read-only checks (the WAL switch persists in the file's header: another
@@ -292,8 +292,9 @@ fn open_connection(path: &Path, settings: &SqliteSettings, create: bool) -> Resu
                     dotdo_core::sql_schema::check_tables_before(version, &tables()?, &source).map_err(TxError::Api)?;
                     if version < schema::VERSION {
                         conn.execute_batch(&format!("{} PRAGMA user_version = {};", schema::CREATE, schema::VERSION))?;
-                        dotdo_core::sql_schema::check_tables_after(&tables()?, &source).map_err(TxError::Api)?;
-                        check_keys()?;
+                        let columns = tables()?;
+                        dotdo_core::sql_schema::check_tables_after(&columns, &source).map_err(TxError::Api)?;
+                        check_keys(&columns)?;
                     }
                     conn.execute_batch("COMMIT")?;
                     Ok(())

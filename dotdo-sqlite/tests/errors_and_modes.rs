@@ -216,6 +216,29 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     let e = SqliteStore::builder(&path).open().await.expect_err("no unique key");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("do_locks") && e.to_string().contains("unique key"), "{e}");
+    // The predecessor's lease table without a key on do_id (version 0): refused before anything
+    // is written, the file left as it was.
+    let path = dir.path().join("keyless-predecessor.db");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch(
+        "CREATE TABLE do_locks (do_id TEXT NOT NULL, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL, \
+         expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL);",
+    )
+    .expect("keyless lease table");
+    let e = SqliteStore::builder(&path).open().await.expect_err("no unique key");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert_eq!(header(&path), [1, 1], "the journal mode was changed");
+    let version: i64 = raw.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+    assert_eq!(version, 0, "the file was claimed");
+    // The predecessor's table under another case of its name is the same table: taken over.
+    let path = dir.path().join("upper-predecessor.db");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch(
+        "CREATE TABLE DO_LOCKS (do_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL, \
+         expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL);",
+    )
+    .expect("upper-case lease table");
+    drop(SqliteStore::builder(&path).open().await.expect("taken over"));
     // A look-alike at version 0: the predecessor's lease table name with other columns. Refused
     // (`Corrupt`) before the WAL switch: the file is left as it was (it was switched to WAL,
     // then refused).
