@@ -556,14 +556,36 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// A `Retry-After` header in seconds (the HTTP-date form is not used by the stream endpoint and
 /// is ignored: the backoff applies).
 fn retry_after_of(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    match v.parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        // More seconds than a u64 holds: far longer than `MAX_RETRY_AFTER`, as such (it was
+        // ignored, and the endpoint asked again within the plain backoff).
+        Err(_) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => Some(Duration::MAX),
+        Err(_) => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     /// A body cut short is a refusal only if its top-level `"success"` (the first key named so)
     /// is `false`: a nested one further on in an accepted answer, or a longer word, is not.
+    /// `Retry-After` in seconds, also more than a u64 holds (as long as can be); the HTTP-date
+    /// form and anything else is ignored.
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        let of = |v: &str| {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::RETRY_AFTER, v.parse().expect("header value"));
+            super::retry_after_of(&h)
+        };
+        assert_eq!(of("7"), Some(std::time::Duration::from_secs(7)));
+        assert_eq!(of(" 12 "), Some(std::time::Duration::from_secs(12)));
+        assert_eq!(of("18446744073709551616"), Some(std::time::Duration::MAX));
+        assert_eq!(of("Wed, 21 Oct 2026 07:28:00 GMT"), None);
+        assert_eq!(of("-3"), None);
+    }
+
     #[test]
     fn success_false_is_read_from_the_first_key_only() {
         use super::says_success_false as says;
