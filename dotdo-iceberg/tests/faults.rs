@@ -1600,10 +1600,7 @@ async fn a_replay_on_a_stale_table_is_fenced_by_a_newer_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_bytes_in_a_data_file_never_panic_a_read() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-    let o = ObjectId::new("o").expect("id");
-    let records = forty_puts(&o);
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
+    let (cold, o) = forty_puts_committed(dir.path()).await;
     let good = cold.load_state(&o, AsOf::Latest).await.expect("state").entries;
     let (_, file) = first_data_file(&cold).await;
     let local = file.strip_prefix("file://").expect("local").to_string();
@@ -1675,10 +1672,7 @@ async fn a_compaction_over_a_file_that_panics_the_decoder_is_corrupt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_bytes_in_manifests_never_panic_a_read() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-    let o = ObjectId::new("o").expect("id");
-    let records = forty_puts(&o);
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
+    let (cold, o) = forty_puts_committed(dir.path()).await;
     let table = cold.refresh().await.expect("refresh");
     let snap = table.metadata().current_snapshot().expect("snapshot").clone();
     let list = table.manifest_list_reader(&snap).load().await.expect("list");
@@ -1996,6 +1990,14 @@ async fn switched_store(
         .await
         .expect("open");
     (cold, slot)
+}
+
+/// A store on a new local warehouse at `dir` with [`forty_puts`] of object `o` committed.
+async fn forty_puts_committed(dir: &std::path::Path) -> (IcebergColdStore, ObjectId) {
+    let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8")).build().await.expect("open");
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), forty_puts(&o))).await.expect("append");
+    (cold, o)
 }
 
 /// Puts of `o` at seqs 1 to 40 over 13 keys, with values of some length (pages worth damaging).

@@ -953,6 +953,22 @@ async fn user_table_compaction_keeps_rows_and_stream_marks() {
     assert_eq!(rows(t.read_all().await.expect("read")).len(), 18);
 }
 
+/// What another engine does to drop column `name` of table `ident` and add a new optional string
+/// column under the same name (a new Iceberg field id).
+async fn replace_with_a_string_column(cold: &IcebergColdStore, ident: &iceberg::TableIdent, name: &str) {
+    use iceberg::spec::{PrimitiveType, Type};
+    use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
+    let table = cold.catalog().load_table(ident).await.expect("load");
+    let tx = Transaction::new(&table);
+    let tx = tx
+        .update_schema()
+        .delete_column(name)
+        .add_column(AddColumn::optional(name, Type::Primitive(PrimitiveType::String)))
+        .apply(tx)
+        .expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine replaces the column");
+}
+
 /// A user table's compaction reads its files through the table's current schema, by field id:
 /// after another engine dropped column `a` and added a new `a` (so the columns now run `n, b,
 /// a`), the old `b` values stay `b` and the new `a` reads null (the scan read through the head
@@ -964,8 +980,6 @@ async fn user_table_compaction_keeps_rows_and_stream_marks() {
 async fn user_table_compaction_reads_through_the_current_schema_by_field_id() {
     use arrow_array::{Array, Int64Array, RecordBatch, StringArray};
     use arrow_schema::{DataType, Field, Schema};
-    use iceberg::spec::{PrimitiveType, Type};
-    use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = open(dir.path(), 1).await;
     let schema = Arc::new(Schema::new(vec![
@@ -986,15 +1000,8 @@ async fn user_table_compaction_reads_through_the_current_schema_by_field_id() {
         .expect("batch");
         t.append("s", id as u64, vec![b]).await.expect("append");
     }
-    let table = cold.catalog().load_table(t.ident()).await.expect("load");
-    let tx = Transaction::new(&table);
-    let tx = tx
-        .update_schema()
-        .delete_column("a")
-        .add_column(AddColumn::optional("a", Type::Primitive(PrimitiveType::String)))
-        .apply(tx)
-        .expect("apply");
-    tx.commit(&*cold.catalog()).await.expect("another engine drops a and adds a new a");
+    // Another engine drops a and adds a new a.
+    replace_with_a_string_column(&cold, t.ident(), "a").await;
     let now = Arc::new(Schema::new(vec![
         Field::new("n", DataType::Int64, false),
         Field::new("b", DataType::Utf8, true),
@@ -1050,8 +1057,6 @@ async fn user_table_compaction_reads_through_the_current_schema_by_field_id() {
 async fn a_stale_handle_does_not_write_into_a_column_added_again_under_the_same_name() {
     use arrow_array::{Int64Array, RecordBatch, StringArray};
     use arrow_schema::{DataType, Field, Schema};
-    use iceberg::spec::{PrimitiveType, Type};
-    use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = open(dir.path(), 1).await;
     let schema = Arc::new(Schema::new(vec![
@@ -1067,15 +1072,8 @@ async fn a_stale_handle_does_not_write_into_a_column_added_again_under_the_same_
         .expect("batch")
     };
     t.append("s", 1, vec![batch(1)]).await.expect("batch 1");
-    let table = cold.catalog().load_table(t.ident()).await.expect("load");
-    let tx = Transaction::new(&table);
-    let tx = tx
-        .update_schema()
-        .delete_column("status")
-        .add_column(AddColumn::optional("status", Type::Primitive(PrimitiveType::String)))
-        .apply(tx)
-        .expect("apply");
-    tx.commit(&*cold.catalog()).await.expect("another engine replaces the column");
+    // Another engine replaces the column.
+    replace_with_a_string_column(&cold, t.ident(), "status").await;
     let e = t.append("s", 2, vec![batch(2)]).await.expect_err("the column is another one now");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert_eq!(t.last_batch("s").await.expect("mark"), 1, "nothing committed");

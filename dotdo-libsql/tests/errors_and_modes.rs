@@ -1064,12 +1064,7 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     raw.execute("CREATE TABLE do_state (do_id TEXT, key TEXT, value BLOB)", ()).await.expect("odd table");
     let e = LibsqlStore::local(&path).open().await.expect_err("a column missing");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    let mut rows = raw
-        .query("SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master WHERE name LIKE 'do%')", ())
-        .await
-        .expect("read");
-    let row = rows.next().await.expect("row").expect("one row");
-    assert_eq!((row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n")), (0, 1), "the file was changed");
+    assert_eq!(version_and_dotdo_tables(&raw).await, (0, 1), "the file was changed");
     // A dotdo file whose state table lost its unique key (rebuilt by hand): every put would fail
     // with an SQL error (its `ON CONFLICT` has no key to match), so the open refuses it.
     let path = dir.path().join("nokey.db");
@@ -1099,12 +1094,17 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     .expect("keyless lease table");
     let e = LibsqlStore::local(&path).open().await.expect_err("no unique key");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert_eq!(version_and_dotdo_tables(&raw).await, (0, 1), "the file was claimed");
+}
+
+/// A database's `user_version` and how many of its tables' names start with `do`.
+async fn version_and_dotdo_tables(raw: &libsql::Connection) -> (i64, i64) {
     let mut rows = raw
         .query("SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_master WHERE name LIKE 'do%')", ())
         .await
         .expect("read");
     let row = rows.next().await.expect("row").expect("one row");
-    assert_eq!((row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n")), (0, 1), "the file was claimed");
+    (row.get::<i64>(0).expect("v"), row.get::<i64>(1).expect("n"))
 }
 
 /// A database that cannot be put in WAL mode (a VFS without shared memory) is refused, as by
