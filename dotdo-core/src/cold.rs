@@ -15,7 +15,8 @@ use crate::time::Timestamp;
 /// Identifier of a cold snapshot (an Iceberg snapshot id for the Iceberg backend).
 pub type SnapshotId = i64;
 
-/// Which version of cold state to read.
+/// Which version of cold state to read. `Latest` on a table without snapshots, and a
+/// `Timestamp` before the first snapshot, read as empty (no entries, `through` 0), not `NotFound`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub enum AsOf {
     /// The latest committed snapshot.
@@ -193,6 +194,41 @@ pub trait ColdSink: Send + Sync + Debug + 'static {
     /// Snapshots, oldest first.
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>>;
 
+    /// The newest snapshot and `object`'s watermark in it, as one answer: a lazy restore pins
+    /// the snapshot and serves reads there as the object's state through the watermark. The
+    /// default reads the watermark, then the snapshots, and checks that the newest snapshot
+    /// holds the change at the watermark: if it does not (the store answered an older table to
+    /// the second read, as a lagging catalog replica may), or if that snapshot expired
+    /// meanwhile, `Unavailable` (retryable). A sink that can should answer both from one read of
+    /// its table.
+    async fn head(&self, object: &ObjectId) -> Result<(Option<SnapshotId>, Watermark)> {
+        let wm = self.watermark(object).await?;
+        let snapshot = self.snapshots().await?.last().map(|s| s.id);
+        let holds = match snapshot {
+            _ if wm.through == 0 => true,
+            None => false,
+            Some(s) => match self.read_changes_through(object, wm.through - 1, wm.through, AsOf::Snapshot(s)).await {
+                Ok(changes) => !changes.is_empty(),
+                // Expired since it was listed (a table expiring aggressively): ask again.
+                Err(e) if e.kind() == &crate::ErrorKind::NotFound => {
+                    return Err(crate::Error::unavailable(format!(
+                        "{object}: the cold store's newest snapshot {s} expired while it was read; retry"
+                    ))
+                    .with_source(e));
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        if !holds {
+            return Err(crate::Error::unavailable(format!(
+                "{object}: the cold store's newest snapshot ({snapshot:?}) does not hold seq {}, its watermark \
+                 read just before: the store answered an older table; retry",
+                wm.through
+            )));
+        }
+        Ok((snapshot, wm))
+    }
+
     /// An object's state as of a snapshot.
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState>;
 
@@ -232,6 +268,9 @@ impl<T: ColdSink + ?Sized> ColdSink for Arc<T> {
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         (**self).snapshots().await
+    }
+    async fn head(&self, object: &ObjectId) -> Result<(Option<SnapshotId>, Watermark)> {
+        (**self).head(object).await
     }
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         (**self).load_state(object, as_of).await

@@ -59,19 +59,21 @@ pub fn validate_ttl(ttl: Duration) -> Result<()> {
 ///   per object.
 /// * **Tokens.** Every successful [`acquire`](ConsistencyGuard::acquire) issues a token strictly
 ///   greater than every token ever issued for that object, by any holder, across restarts,
-///   releases and expiry. Tokens are never reused. [`refresh`](ConsistencyGuard::refresh) keeps the
+///   releases and expiry, and than every token a co-located [`HotStore`](crate::HotStore)
+///   accepted for it (an acquire once [`FencingToken::MAX`] is used is `LimitExceeded`). Tokens are never reused. [`refresh`](ConsistencyGuard::refresh) keeps the
 ///   token.
 /// * **Acquire** succeeds if the object has no lease, or its lease expired or was released;
 ///   otherwise it fails with `LeaseHeld { holder, expires_at }` — also when the caller itself holds
 ///   it (a holder extends with `refresh`; re-acquiring would fence its own writes).
-/// * **Refresh** extends an unexpired lease whose token is still current to `now + ttl`;
-///   otherwise `Fenced` if a newer token exists, else `LeaseLost`. A holder should refresh at
+/// * **Refresh** extends an unexpired lease whose token is still current and held by
+///   `lease.holder` to `now + ttl`; otherwise `Fenced` if a newer token exists, else `LeaseLost`
+///   (also for an object never leased). A holder should refresh at
 ///   about TTL/3 and stop writing by itself when a refresh cannot succeed before expiry.
 /// * **Release** ends the lease if its token is still current (the object is available at once,
 ///   for every node whatever its clock: also a lease the releaser's clock sees run out);
 ///   releasing a lease that is no longer current is a no-op `Ok`. The token maximum is kept.
-/// * **Validate** is `Ok` iff the token is current and the lease unexpired; `Fenced` if a newer
-///   token exists, else `LeaseLost`.
+/// * **Validate** is `Ok` iff the token is current, held by `lease.holder` and unexpired;
+///   `Fenced` if a newer token exists, else `LeaseLost` (also for an object never leased).
 /// * **Durability.** An `Ok` acquire is persisted before returning: after a crash of the
 ///   process, no lower or equal token is issued again (after a power loss, as durable as the
 ///   backend's configured durability: see dotdo-sqlite's `Durability`).

@@ -19,7 +19,8 @@ pub struct ObjectInfo {
     /// Changes up to and including this sequence number were acknowledged by cold storage and
     /// may have been truncated from the change log.
     pub truncated_through: Seq,
-    /// The highest fencing token this store has seen for the object.
+    /// The highest fencing token this store has seen for the object, including the token of a
+    /// lease its co-located guard granted before any write under it.
     pub max_token: FencingToken,
     /// Number of live keys.
     pub keys: u64,
@@ -43,7 +44,9 @@ impl ObjectInfo {
 ///   [`ConsistencyGuard`](crate::ConsistencyGuard) sharing its database). A call whose token is
 ///   lower fails with [`ErrorKind::Fenced`](crate::ErrorKind::Fenced) and changes nothing visible
 ///   (a backend may record the object's newest lease token on the way); a call
-///   with a higher token raises the remembered maximum. The check and the write are one atomic
+///   with a higher token that succeeds raises the remembered maximum, and one refused for
+///   another reason (an invalid batch, a truncation beyond the last change, a refused evict or
+///   restore) changes nothing, its token included. The check and the write are one atomic
 ///   step. [`FencingToken::NONE`] is rejected with `InvalidInput`.
 /// * **Atomicity and order.** [`write`](HotStore::write) applies a whole batch or nothing. Each
 ///   operation gets the next per-object sequence number (no gaps, never reused, also after
@@ -87,7 +90,8 @@ pub trait HotStore: Send + Sync + Debug + 'static {
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>>;
 
     /// Drop change records with `seq <= through` (cold storage has them). Idempotent. Fenced like a
-    /// write. `through` beyond the last sequence number is `InvalidInput`.
+    /// write. `through` beyond the last sequence number (0 for an object never written) is
+    /// `InvalidInput` naming the last sequence number.
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()>;
 
     /// What the store knows about `object`; `None` while it has neither a sequence number nor

@@ -251,6 +251,17 @@ mod broken {
         /// Not a bug: `read_changes` answers one record per call (the contract allows
         /// fewer than the limit while more exist).
         ShortChangePages,
+        /// Paging of pending objects finds `after` in the pending list and starts over from
+        /// the first when it is not there (drained meanwhile).
+        PagesAfterByPosition,
+        /// Truncating an object the store has no row for is `Ok` whatever `through`.
+        TruncatesUnknownQuietly,
+        /// `object_info` reports the highest token of a logged write, not of a lease.
+        InfoCountsWriteTokensOnly,
+        /// `read_changes` answers at least one change, also for a limit of 0.
+        AtLeastOneChange,
+        /// Validate and refresh of an object without a lease row are `NotFound`.
+        NoLeaseIsNotFound,
     }
 
     #[derive(Debug, Clone)]
@@ -281,7 +292,11 @@ mod broken {
             self.0.list(object, range, limit).await
         }
         async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
-            let limit = if self.1 == Quirk::ShortChangePages { limit.min(1) } else { limit };
+            let limit = match self.1 {
+                Quirk::ShortChangePages => limit.min(1),
+                Quirk::AtLeastOneChange => limit.max(1),
+                _ => limit,
+            };
             let mut v = self.0.read_changes(object, after, limit).await?;
             if self.1 == Quirk::EmptyPutIsLoggedAsDelete {
                 v.iter_mut().filter(|r| r.value.is_empty()).for_each(|r| r.op = Op::Delete);
@@ -289,12 +304,25 @@ mod broken {
             Ok(v)
         }
         async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+            if self.1 == Quirk::TruncatesUnknownQuietly && self.0.object_info(object).await?.is_none() {
+                return Ok(());
+            }
             self.0.truncate_changes(object, token, through).await
         }
         async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
-            self.0.object_info(object).await
+            let info = self.0.object_info(object).await?;
+            if self.1 != Quirk::InfoCountsWriteTokensOnly {
+                return Ok(info);
+            }
+            let logged = self.0.read_changes(object, 0, usize::MAX).await?;
+            Ok(info.map(|i| ObjectInfo { max_token: logged.iter().map(|r| r.token).max().unwrap_or(i.max_token), ..i }))
         }
         async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+            if self.1 == Quirk::PagesAfterByPosition {
+                let all = self.0.objects_with_pending_changes(None, usize::MAX).await?;
+                let from = after.and_then(|a| all.iter().position(|o| o == a)).map_or(0, |p| p + 1);
+                return Ok(all.into_iter().skip(from).take(limit).collect());
+            }
             if self.1 != Quirk::CaseInsensitiveOrder {
                 return self.0.objects_with_pending_changes(after, limit).await;
             }
@@ -325,6 +353,15 @@ mod broken {
     }
 
     impl Quirky {
+        async fn no_lease_is_not_found(&self, lease: &Lease) -> Result<()> {
+            let unknown =
+                self.0.object_info(&lease.object).await?.is_none() && self.0.current(&lease.object).await?.is_none();
+            if self.1 == Quirk::NoLeaseIsNotFound && unknown {
+                return Err(Error::new(ErrorKind::NotFound, format!("no lease row for {}", lease.object)));
+            }
+            Ok(())
+        }
+
         fn cut(&self, mut l: Lease) -> Lease {
             if self.1 == Quirk::CutsHolders && l.holder.as_str().len() > 64 {
                 l.holder = NodeId::new(&l.holder.as_str()[..64]).expect("a prefix of a valid node id");
@@ -342,6 +379,7 @@ mod broken {
             Ok(self.cut(self.0.acquire(object, holder, ttl).await?))
         }
         async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+            self.no_lease_is_not_found(lease).await?;
             Ok(self.cut(self.0.refresh(lease, ttl).await?))
         }
         async fn release(&self, lease: &Lease) -> Result<()> {
@@ -353,6 +391,7 @@ mod broken {
             }
         }
         async fn validate(&self, lease: &Lease) -> Result<()> {
+            self.no_lease_is_not_found(lease).await?;
             self.0.validate(lease).await
         }
         async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
@@ -371,6 +410,11 @@ mod broken {
             (Quirk::EmptyPutIsLoggedAsDelete, "value_at_limit_is_accepted_and_over_limit_rejected"),
             (Quirk::WritesOpByOp, "a_write_dropped_midway_is_whole_or_absent"),
             (Quirk::BusyWhenHeld, "concurrent_acquire_has_one_winner"),
+            (Quirk::PagesAfterByPosition, "pending_objects_are_listed_until_truncated"),
+            (Quirk::TruncatesUnknownQuietly, "unknown_object_reads_empty"),
+            (Quirk::InfoCountsWriteTokensOnly, "a_takeover_raises_the_reported_token_before_any_write"),
+            (Quirk::AtLeastOneChange, "change_log_reads_and_truncates"),
+            (Quirk::NoLeaseIsNotFound, "guard_calls_on_an_object_never_leased"),
         ];
         for (quirk, case) in cases {
             let f = hot_factory(move |clock| async move {
@@ -451,6 +495,108 @@ mod broken {
         }
         async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
             self.0.read_changes(object, after, as_of).await
+        }
+    }
+
+    /// One plausible bug each, on top of the reference sink.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum ColdQuirk {
+        /// A batch of replays alone is answered `Ok` before the committer token is checked.
+        SkipsReplaysBeforeTheToken,
+        /// The committer token is recorded (in a table of its own) before the batch is checked.
+        RecordsTheTokenFirst,
+        /// A batch of several objects is committed one object at a time.
+        OneObjectAtATime,
+    }
+
+    #[derive(Debug, Clone)]
+    struct QuirkyCold(
+        MemoryColdStore,
+        ColdQuirk,
+        Arc<std::sync::Mutex<std::collections::BTreeMap<ObjectId, FencingToken>>>,
+    );
+
+    #[async_trait]
+    impl ColdSink for QuirkyCold {
+        async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+            match self.1 {
+                ColdQuirk::SkipsReplaysBeforeTheToken => {
+                    let mut watermarks = std::collections::BTreeMap::new();
+                    for oc in &batch.objects {
+                        watermarks.insert(oc.object.clone(), self.0.watermark(&oc.object).await?);
+                    }
+                    let replay = batch
+                        .objects
+                        .iter()
+                        .all(|oc| oc.records.iter().all(|r| r.seq <= watermarks[&oc.object].through));
+                    if replay && batch.objects.iter().any(|oc| !oc.records.is_empty()) {
+                        let skipped = batch.objects.iter().map(|oc| oc.records.len() as u64).sum();
+                        return Ok(ColdCommit {
+                            snapshot: None,
+                            records_written: 0,
+                            records_skipped: skipped,
+                            watermarks,
+                        });
+                    }
+                }
+                ColdQuirk::RecordsTheTokenFirst => {
+                    let mut tokens = self.2.lock().expect("tokens");
+                    for oc in &batch.objects {
+                        let seen = tokens.entry(oc.object.clone()).or_insert(oc.token);
+                        if oc.token < *seen {
+                            return Err(Error::fenced(&oc.object, oc.token, *seen));
+                        }
+                        *seen = oc.token;
+                    }
+                }
+                ColdQuirk::OneObjectAtATime if batch.objects.len() > 1 => {
+                    let mut last = None;
+                    for oc in batch.objects {
+                        last = Some(self.0.append(ColdBatch { objects: vec![oc] }).await?);
+                        // The next commit's I/O (a real sink's takes about a millisecond).
+                        #[allow(clippy::disallowed_methods)]
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    return Ok(last.expect("more than one object"));
+                }
+                ColdQuirk::OneObjectAtATime => {}
+            }
+            self.0.append(batch).await
+        }
+        async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+            let wm = self.0.watermark(object).await?;
+            let recorded = self.2.lock().expect("tokens").get(object).copied().unwrap_or(wm.token);
+            Ok(Watermark { token: wm.token.max(recorded), ..wm })
+        }
+        async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+            self.0.snapshots().await
+        }
+        async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+            self.0.load_state(object, as_of).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+            self.0.read_changes(object, after, as_of).await
+        }
+    }
+
+    #[test]
+    fn kit_catches_each_cold_quirk() {
+        let cases = [
+            (ColdQuirk::SkipsReplaysBeforeTheToken, "stale_committer_is_fenced"),
+            (ColdQuirk::RecordsTheTokenFirst, "gap_in_sequence_is_rejected"),
+            (ColdQuirk::OneObjectAtATime, "a_batch_is_atomic_to_concurrent_readers"),
+        ];
+        for (quirk, case) in cases {
+            let f = cold_factory(move |clock| async move {
+                let inner = MemoryColdStore::with_clock(Arc::new(clock));
+                ColdFixture {
+                    sink: Arc::new(QuirkyCold(inner, quirk, Default::default())),
+                    accel: None,
+                    keep_alive: Box::new(()),
+                }
+            });
+            let n = names(&dotdo_core::testkit::cold::run_all(&f));
+            assert!(n.contains(&case), "{quirk:?} is caught by {case}: {n:?}");
         }
     }
 

@@ -1072,6 +1072,9 @@ struct FlakyCold {
     before_load: Hook<futures::future::BoxFuture<'static, ()>>,
     /// An entry added to every loaded state (a sink that broke its contract).
     extra_entry: parking_lot::Mutex<Option<Entry>>,
+    /// `snapshots` answers without the newest snapshot (a catalog replica lagging behind the
+    /// one the watermark was read from).
+    lagging_snapshots: std::sync::atomic::AtomicBool,
 }
 
 /// A test hook slot (not `Debug` itself).
@@ -1109,6 +1112,7 @@ impl FlakyCold {
             each_watermark: Hook::new(),
             before_load: Hook::new(),
             extra_entry: parking_lot::Mutex::new(None),
+            lagging_snapshots: false.into(),
         }
     }
 }
@@ -1171,7 +1175,11 @@ impl ColdSink for FlakyCold {
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         self.check()?;
-        self.inner.snapshots().await
+        let mut snapshots = self.inner.snapshots().await?;
+        if self.lagging_snapshots.load(std::sync::atomic::Ordering::SeqCst) {
+            snapshots.pop();
+        }
+        Ok(snapshots)
     }
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         self.check()?;
@@ -2569,6 +2577,36 @@ async fn populated_then_evicted(w: &World) -> ObjectId {
     populate(&a, &o, 20).await;
     a.evict(&o).await.expect("evict");
     o
+}
+
+/// A lazy activation pins the snapshot its watermark is in: on a cold store whose snapshot list
+/// lags its watermark (a catalog answering an older table to one read), the activation fails
+/// retryably. It pinned the older snapshot and served its values as the object's latest state.
+#[tokio::test]
+async fn a_lazy_activation_never_pins_a_snapshot_older_than_its_watermark() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 20).await;
+    a.flush(&o).await.expect("first snapshot");
+    let put = async |t: &mut ObjectTxn<'_>| t.put("key/0003", "newer");
+    a.invoke(&o, put).await.expect("overwrite");
+    a.evict(&o).await.expect("evict: a second snapshot");
+    assert_eq!(w.cold.snapshots().await.expect("snapshots").len(), 2);
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    cold.lagging_snapshots.store(true, std::sync::atomic::Ordering::SeqCst);
+    let b = w.runtime_with(
+        "b",
+        Arc::new(w.hot.clone()),
+        cold.clone(),
+        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
+    );
+    let e = get(&b, &o, "key/0003").await.expect_err("the snapshot list lags the watermark");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    cold.lagging_snapshots.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"newer"[..]));
+    assert_eq!(all_state(&b, &o).await.len(), 20);
 }
 
 /// An eager restore that outlasts the lease (a large state read from cold, here two TTLs)

@@ -22,7 +22,7 @@ use parquet::schema::types::ColumnPath;
 use dotdo_core::ids::validate_value;
 use dotdo_core::{
     AsOf, ChangeRecord, Clock, ColdBatch, ColdCommit, ColdSink, ColdState, Error, ErrorKind, ObjectId, Result, Seq,
-    SnapshotInfo, SystemClock, Timestamp, Watermark,
+    SnapshotId, SnapshotInfo, SystemClock, Timestamp, Watermark,
 };
 
 use crate::catalog::CatalogConfig;
@@ -1623,6 +1623,18 @@ impl ColdSink for IcebergColdStore {
                 return Ok(vec![Watermark::default(); objects.len()]);
             };
             self.read_at(Some(s), self.watermarks_in(table.metadata(), s, objects)).await
+        })
+        .await
+    }
+
+    /// One table read: the current snapshot and the object's watermark recorded in it.
+    async fn head(&self, object: &ObjectId) -> Result<(Option<SnapshotId>, Watermark)> {
+        self.latest_once_more(AsOf::Latest, || async {
+            let table = self.read_table().await?;
+            let Some(s) = table.metadata().current_snapshot() else { return Ok((None, Watermark::default())) };
+            let mut wm =
+                self.read_at(Some(s), self.watermarks_in(table.metadata(), s, std::slice::from_ref(object))).await?;
+            Ok((Some(s.snapshot_id()), wm.pop().unwrap_or_default()))
         })
         .await
     }

@@ -1123,8 +1123,18 @@ impl ObjectRuntime {
         match &inner.settings.restore {
             RestoreMode::Eager => with_renewal(inner, &mut active.lease, restore_eager(inner, object, token)).await,
             mode => {
-                let snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
-                let mut lazy = LazyState::new(snapshot, wm.through);
+                // The snapshot and the watermark it pins, from one answer: reads are served there as
+                // the state through the watermark.
+                let (snapshot, at) = inner.cold.head(object).await?;
+                if at.through < wm.through {
+                    // Decided on `wm` above: a store answering an older table now must not pin
+                    // state older than what it acknowledged.
+                    return Err(Error::unavailable(format!(
+                        "{object}: cold storage answered watermark {} after {}: it answered an older table; retry",
+                        at.through, wm.through
+                    )));
+                }
+                let mut lazy = LazyState::new(snapshot, at.through);
                 let (mut keys, mut bytes) = (0, 0);
                 let recovery = if let RestoreMode::Hybrid { keys: named, prefixes } = mode {
                     let (k, b) =

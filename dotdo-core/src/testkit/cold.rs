@@ -67,6 +67,8 @@ pub async fn append_then_load_state(f: &ColdFactory) {
     assert_eq!(c.watermarks.get(&o).map(|w| w.through), Some(3));
     let wm = fx.sink.watermark(&o).await.expect("watermark");
     assert_eq!((wm.through, wm.token), (3, tok(1)));
+    assert_eq!(fx.sink.head(&o).await.expect("head"), (c.snapshot, wm), "the newest snapshot and its watermark");
+    assert_eq!(fx.sink.head(&oid("other")).await.expect("head"), (c.snapshot, Watermark::default()));
     let st = fx.sink.load_state(&o, AsOf::Latest).await.expect("load");
     assert_eq!(st.through, 3);
     assert_eq!(st.snapshot, c.snapshot);
@@ -298,6 +300,73 @@ pub async fn gap_in_sequence_is_rejected(f: &ColdFactory) {
     assert_eq!(fx.sink.watermark(&fresh).await.expect("wm"), Watermark::default());
     assert_eq!(fx.sink.snapshots().await.expect("snaps").len(), 1);
     fx.sink.append(ColdBatch::single(fresh.clone(), tok(1), puts(&fresh, 1..=2, 1))).await.expect("from 1");
+    // A batch refused under a higher token records nothing of it, its token included: the
+    // committer of token 1 goes on.
+    let e = fx.sink.append(ColdBatch::single(o.clone(), tok(9), puts(&o, 4..=5, 9))).await.expect_err("gap");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    let mut bad = puts(&o, 3..=4, 9);
+    bad[1].key = String::new();
+    let e = fx.sink.append(ColdBatch::single(o.clone(), tok(9), bad)).await.expect_err("an invalid record");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert_eq!(fx.sink.watermark(&o).await.expect("wm"), Watermark { through: 2, token: tok(1) });
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 3..=3, 1))).await.expect("token 1 is not fenced");
+}
+
+/// A commit's records become visible together: a reader polling while two-object batches land
+/// sees whole batches only, in an object's state and in the other object's changes at the
+/// snapshot it read. (A sink that commits one object at a time, or makes records visible before
+/// its snapshot, shows half a batch.)
+pub async fn a_batch_is_atomic_to_concurrent_readers(f: &ColdFactory) {
+    const ROUNDS: u64 = 8;
+    let (fx, _) = open(f).await;
+    let (a, b) = (oid("a"), oid("b"));
+    let rounds = super::hot::Rounds::default();
+    let writer = {
+        let (sink, a, b, rounds) = (fx.sink.clone(), a.clone(), b.clone(), rounds.clone());
+        tokio::spawn(async move {
+            for i in 0..ROUNDS {
+                let (from, to) = (2 * i + 1, 2 * i + 2);
+                let batch = ColdBatch {
+                    objects: vec![
+                        ObjectChanges { object: a.clone(), token: tok(1), records: puts(&a, from..=to, 1) },
+                        ObjectChanges { object: b.clone(), token: tok(1), records: puts(&b, from..=to, 1) },
+                    ],
+                };
+                sink.append(batch).await.expect("append");
+                if i % 3 == 1 {
+                    // A reader round runs while there are batches left to commit.
+                    rounds.wait_for_a_whole_round().await;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let (mut reads, mut midway, mut newest) = (0u32, 0u32, 0u64);
+    loop {
+        let finished = writer.is_finished();
+        let st = fx.sink.load_state(&a, AsOf::Latest).await.expect("load a");
+        assert_eq!(st.through % 2, 0, "half a batch of a visible (read {reads}): through {}", st.through);
+        assert_eq!(st.entries.len() as u64, st.through, "a's keys (read {reads})");
+        assert!(st.through >= newest, "the latest state went back from {newest} to {} (read {reads})", st.through);
+        newest = st.through;
+        if let Some(snapshot) = st.snapshot {
+            let of_b = fx.sink.read_changes(&b, 0, AsOf::Snapshot(snapshot)).await.expect("b at a's snapshot");
+            let seqs: Vec<u64> = of_b.iter().map(|r| r.seq).collect();
+            assert_eq!(seqs, (1..=st.through).collect::<Vec<_>>(), "b's half of the batches a shows (read {reads})");
+            if st.through < 2 * ROUNDS {
+                midway += 1;
+            }
+        }
+        reads += 1;
+        rounds.done();
+        if finished {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    writer.await.expect("writer");
+    assert!(midway > 0, "no read ran while batches were landing ({reads} reads)");
+    assert_eq!(fx.sink.load_state(&a, AsOf::Latest).await.expect("load").through, 2 * ROUNDS);
 }
 
 /// A committer token lower than one already committed for the object is `Fenced`.
@@ -307,6 +376,9 @@ pub async fn stale_committer_is_fenced(f: &ColdFactory) {
     fx.sink.append(ColdBatch::single(o.clone(), tok(5), puts(&o, 1..=2, 5))).await.expect("append");
     let e = fx.sink.append(ColdBatch::single(o.clone(), tok(4), puts(&o, 3..=3, 4))).await.expect_err("stale");
     assert!(e.is_fenced(), "{e}");
+    // Also a batch of replays alone (records cold already has): the token is checked first.
+    let e = fx.sink.append(ColdBatch::single(o.clone(), tok(4), puts(&o, 1..=2, 5))).await.expect_err("stale replay");
+    assert!(e.is_fenced(), "a replay under a stale token: {e}");
     // A newer committer may commit records written under older tokens.
     fx.sink.append(ColdBatch::single(o.clone(), tok(7), puts(&o, 3..=3, 4))).await.expect("newer committer");
     assert_eq!(fx.sink.watermark(&o).await.expect("wm").token, tok(7));
@@ -322,6 +394,7 @@ pub async fn empty_batch_creates_no_snapshot(f: &ColdFactory) {
     let c = fx.sink.append(ColdBatch::single(oid("o1"), tok(1), vec![])).await.expect("no records");
     assert_eq!(c.snapshot, None);
     assert!(fx.sink.snapshots().await.expect("snaps").is_empty());
+    assert_eq!(fx.sink.head(&oid("o1")).await.expect("head of an empty table"), (None, Watermark::default()));
     let st = fx.sink.load_state(&oid("o1"), AsOf::Latest).await.expect("load empty table");
     assert!(st.entries.is_empty());
     assert_eq!(st.through, 0);

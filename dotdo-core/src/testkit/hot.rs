@@ -161,6 +161,8 @@ pub async fn invalid_keys_and_type_names_are_rejected(f: &HotFactory) {
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }));
     let e = fx.hot.get(&l.object, "").await.expect_err("get empty key");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    let e = fx.hot.get(&l.object, &"k".repeat(crate::MAX_KEY_BYTES + 1)).await.expect_err("get long key");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
     // Unicode keys are fine and round-trip.
     fx.hot.put(&l.object, l.token, "T", "clé/日本", b("u")).await.expect("unicode key");
     assert_eq!(fx.hot.get(&l.object, "clé/日本").await.expect("get"), Some(b("u")));
@@ -283,6 +285,13 @@ pub async fn unknown_object_reads_empty(f: &HotFactory) {
     assert_eq!(fx.hot.object_info(&o).await.expect("info"), None);
     assert!(fx.guard.is_available(&o).await.expect("available"));
     assert_eq!(fx.guard.current(&o).await.expect("current"), None);
+    // Leased, never written: there is no change to truncate through 1.
+    let l = lease(&fx, "leased-only", "n1").await;
+    let e = fx.hot.truncate_changes(&l.object, l.token, 1).await.expect_err("beyond the last sequence number, 0");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    fx.hot.truncate_changes(&l.object, l.token, 0).await.expect("through 0: nothing to do");
+    let r = fx.hot.put(&l.object, l.token, "T", "k", b("v")).await.expect("put");
+    assert_eq!(r.first_seq, 1, "a refused truncation changes no sequence number");
 }
 
 /// Sequence numbers are per object, start at 1 and have no gaps across batches.
@@ -352,6 +361,7 @@ pub async fn change_log_reads_and_truncates(f: &HotFactory) {
     }
     let page = changes(&*fx.hot, &l.object, 3, 4).await.expect("page");
     assert_eq!(page.iter().map(|c| c.seq).collect::<Vec<_>>(), [4, 5, 6, 7]);
+    assert!(fx.hot.read_changes(&l.object, 0, 0).await.expect("limit 0").is_empty(), "at most `limit`: none");
     assert_eq!(page[0].key, "k3");
     assert_eq!(page[0].object, l.object);
     fx.hot.truncate_changes(&l.object, l.token, 6).await.expect("truncate");
@@ -453,9 +463,21 @@ pub async fn pending_objects_are_listed_until_truncated(f: &HotFactory) {
     let ids = |v: Vec<crate::ObjectId>| v.into_iter().map(|o| o.to_string()).collect::<Vec<_>>();
     assert_eq!(ids(fx.hot.objects_with_pending_changes(None, 10).await.expect("pending")), ["a", "b", "c"]);
     assert_eq!(ids(fx.hot.objects_with_pending_changes(Some(&oid("a")), 1).await.expect("page")), ["b"]);
+    // Paging on from an id that is not (or no longer) pending: a drainer pages on from the last
+    // object it drained, which it has truncated meanwhile.
+    let after = |id: &str| {
+        let fx = &fx;
+        let id = oid(id);
+        async move { ids(fx.hot.objects_with_pending_changes(Some(&id), 10).await.expect("page")) }
+    };
+    assert_eq!(after("a0").await, ["b", "c"], "after an id never written");
+    assert_eq!(after("zz").await, Vec::<String>::new(), "after every pending id");
     let lb = &leases[2];
     fx.hot.truncate_changes(&lb.object, lb.token, 1).await.expect("truncate b");
     assert_eq!(ids(fx.hot.objects_with_pending_changes(None, 10).await.expect("pending")), ["a", "c"]);
+    assert_eq!(after("b").await, ["c"], "after an object drained meanwhile");
+    assert_eq!(after("a0").await, ["c"]);
+    assert_eq!(after("a").await, ["c"]);
     for other in [&leases[0], &leases[1]] {
         let log = fx.hot.read_changes(&other.object, 0, 10).await.expect("log");
         assert_eq!(log.len(), 1, "truncating b left {}'s change log alone", other.object);
@@ -1203,16 +1225,16 @@ pub async fn concurrent_writers_get_unique_sequences(f: &HotFactory) {
 /// provably ran while the writes were in flight, also on a backend fast enough to finish every
 /// write before a reader's first read.
 #[derive(Clone, Default)]
-struct Rounds(std::sync::Arc<std::sync::atomic::AtomicU64>);
+pub(crate) struct Rounds(std::sync::Arc<std::sync::atomic::AtomicU64>);
 
 impl Rounds {
-    fn done(&self) {
+    pub(crate) fn done(&self) {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Wait until the reader ran a whole round after this call (two rounds finish: the one
     /// under way may have read before it).
-    async fn wait_for_a_whole_round(&self) {
+    pub(crate) async fn wait_for_a_whole_round(&self) {
         let since = self.0.load(std::sync::atomic::Ordering::SeqCst);
         while self.0.load(std::sync::atomic::Ordering::SeqCst) < since + 2 {
             tokio::task::yield_now().await;
@@ -1558,6 +1580,49 @@ pub async fn tokens_strictly_increase_across_holders(f: &HotFactory) {
     }
 }
 
+/// A lease taken over raises the token the store reports (`ObjectInfo::max_token` counts tokens
+/// its co-located guard issued) before the new holder writes anything, and the old holder's
+/// token is refused at once.
+pub async fn a_takeover_raises_the_reported_token_before_any_write(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let l1 = lease(&fx, "o1", "n1").await;
+    fx.hot.put(&l1.object, l1.token, "T", "k", b("v1")).await.expect("put");
+    clock.advance(TTL);
+    let l2 = lease(&fx, "o1", "n2").await;
+    let info = fx.hot.object_info(&l1.object).await.expect("info").expect("written");
+    assert_eq!(info.max_token, l2.token, "the new lease's token, before it wrote");
+    let e = fx.hot.put(&l1.object, l1.token, "T", "k", b("late")).await.expect_err("old token");
+    assert!(e.is_fenced(), "{e}");
+    fx.guard.release(&l2).await.expect("release");
+    let info = fx.hot.object_info(&l1.object).await.expect("info").expect("written");
+    assert_eq!(info.max_token, l2.token, "a release keeps the token maximum");
+}
+
+/// Validate, refresh, release and current on an object that was never leased: validate and
+/// refresh are `LeaseLost` (no newer token exists), release is a no-op `Ok`, current is `None`,
+/// and the object can be acquired afterwards.
+pub async fn guard_calls_on_an_object_never_leased(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let o = oid("never-leased");
+    let now = clock.now();
+    let forged = Lease {
+        object: o.clone(),
+        holder: nid("n1"),
+        token: FencingToken::new(1),
+        acquired_at: now,
+        expires_at: now.plus(TTL),
+    };
+    let e = fx.guard.validate(&forged).await.expect_err("no lease");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "validate: {e}");
+    let e = fx.guard.refresh(&forged, TTL).await.expect_err("no lease");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "refresh: {e}");
+    fx.guard.release(&forged).await.expect("nothing to release is a no-op");
+    assert_eq!(fx.guard.current(&o).await.expect("current"), None);
+    assert!(fx.guard.is_available(&o).await.expect("available"));
+    let l = lease(&fx, "never-leased", "n1").await;
+    fx.guard.validate(&l).await.expect("the lease acquired afterwards is current");
+}
+
 /// Refresh extends the expiry and keeps the token.
 pub async fn refresh_extends_and_keeps_token(f: &HotFactory) {
     let (fx, clock) = open(f).await;
@@ -1567,6 +1632,14 @@ pub async fn refresh_extends_and_keeps_token(f: &HotFactory) {
     assert_eq!(r.token, l.token);
     assert_eq!(r.acquired_at, l.acquired_at);
     assert_eq!(r.expires_at, clock.now().plus(TTL));
+    // Others are told the extended expiry.
+    let e = fx.guard.acquire(&l.object, &nid("n2"), TTL).await.expect_err("held");
+    match e.kind() {
+        ErrorKind::LeaseHeld { holder, expires_at, .. } => {
+            assert_eq!((holder, *expires_at), (&l.holder, r.expires_at), "{e}");
+        }
+        other => panic!("expected LeaseHeld, got {other:?}"),
+    }
     clock.advance(TTL * 3 / 4);
     // Without the refresh this would have expired.
     assert!(!fx.guard.is_available(&l.object).await.expect("available"));

@@ -943,6 +943,8 @@ macro_rules! __hot_cases {
             refused_batches_under_a_higher_token_change_nothing,
             holders_at_the_id_limit_stay_distinct,
             pending_objects_page_in_byte_order,
+            a_takeover_raises_the_reported_token_before_any_write,
+            guard_calls_on_an_object_never_leased,
         }
     };
 }
@@ -978,6 +980,7 @@ macro_rules! __cold_cases {
             objects_whose_ids_share_a_prefix_are_independent,
             accelerator_finds_long_and_multibyte_keys,
             empty_values_and_names_at_the_limit_roundtrip,
+            a_batch_is_atomic_to_concurrent_readers,
         }
     };
 }
