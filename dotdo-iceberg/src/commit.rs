@@ -435,7 +435,7 @@ impl IcebergColdStore {
         table: &Table,
         files: Vec<DataFile>,
         props: std::collections::HashMap<String, String>,
-        written_at: Option<std::time::Duration>,
+        written_at: Option<crate::store::WriteStart>,
     ) -> iceberg::Result<Table> {
         if files.is_empty() {
             return Err(iceberg::Error::new(

@@ -33,6 +33,19 @@ use crate::schema::{self, Bucketer};
 use crate::storage::StoreRoot;
 use crate::summary::{self, Watermarks};
 
+/// When writing a commit's files began, on the store's clock: its monotonic time and its wall
+/// clock. Their age before the commit is the larger of the two measures. Monotonic time stops
+/// while the machine is suspended (`Instant` is CLOCK_MONOTONIC on Linux, CLOCK_UPTIME_RAW on
+/// macOS), and a cleanup on another node judges the files by wall time meanwhile: by the
+/// monotonic age alone, files written before a suspend of hours were committed after that
+/// cleanup had deleted them. (A wall clock stepped forward makes files look older: they are
+/// written again, never committed late.)
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WriteStart {
+    monotonic: Duration,
+    wall: Timestamp,
+}
+
 /// A table's namespace and name become directories of the warehouse: each part must be
 /// non-empty, not `.` or `..`, and free of `/`, backslashes and control characters.
 pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a str>, name: &str) -> Result<()> {
@@ -750,7 +763,7 @@ fn plan(batch: &ColdBatch, prev: &SnapshotMarks) -> Result<Plan> {
 /// Data files written for an attempt: the per-object seq ranges they hold, the partition spec
 /// they were written under, the files, and when their writing began (the store clock's
 /// monotonic time: a wall clock set back must not make old files look young).
-type Written = (Vec<(ObjectId, Seq, Seq)>, (uuid::Uuid, i32), Vec<DataFile>, Duration);
+type Written = (Vec<(ObjectId, Seq, Seq)>, (uuid::Uuid, i32), Vec<DataFile>, WriteStart);
 
 /// The error of a commit refused because its data files are `age` old, past half of
 /// `min_cleanup_retention`: a conflict, so the caller re-plans and writes new files.
@@ -1183,7 +1196,7 @@ impl IcebergColdStore {
         table: &Table,
         files: Vec<DataFile>,
         props: HashMap<String, String>,
-        written_at: Option<Duration>,
+        written_at: Option<WriteStart>,
     ) -> iceberg::Result<Table> {
         if let Some(swap) = &self.inner.verifier {
             if table.metadata().format_version() == iceberg::spec::FormatVersion::V2 {
@@ -1224,12 +1237,18 @@ impl IcebergColdStore {
         self.inner.clock.now().max(parent_at)
     }
 
-    /// The age of files whose writing began at `written_at` (the store clock's monotonic time),
-    /// if past [`Settings::max_uncommitted_age`] (half of `min_cleanup_retention`; none if that
-    /// is zero).
-    pub(crate) fn uncommitted_age_past(&self, written_at: Duration) -> Option<Duration> {
+    /// When writing files begins, on this store's clock (see [`WriteStart`]).
+    pub(crate) fn write_start(&self) -> WriteStart {
+        WriteStart { monotonic: self.inner.clock.monotonic(), wall: self.inner.clock.now() }
+    }
+
+    /// The age of files whose writing began at `written_at`, if past
+    /// [`Settings::max_uncommitted_age`] (half of `min_cleanup_retention`; none if that is
+    /// zero): the larger of its monotonic and its wall-clock age (see [`WriteStart`]).
+    pub(crate) fn uncommitted_age_past(&self, written_at: WriteStart) -> Option<Duration> {
         let max = self.inner.settings.max_uncommitted_age()?;
-        let age = self.inner.clock.monotonic().saturating_sub(written_at);
+        let clock = &self.inner.clock;
+        let age = clock.monotonic().saturating_sub(written_at.monotonic).max(clock.now().since(written_at.wall));
         (age > max).then_some(age)
     }
 
@@ -1383,14 +1402,14 @@ impl IcebergColdStore {
             // stores, conflicts and unknown outcomes add up): a cleanup running meanwhile may
             // judge them unreferenced and delete them after the commit lands (a snapshot naming
             // missing files). New files are written instead, as a compaction's check refuses.
-            let young = |at: &Duration| self.uncommitted_age_past(*at).is_none();
+            let young = |at: &WriteStart| self.uncommitted_age_past(*at).is_none();
             let files = match &written {
                 Some((ranges, spec, files, at)) if *ranges == p.ranges && *spec == spec_id && young(at) => {
                     files.clone()
                 }
                 _ => {
                     self.discard_unlanded(written.take(), &last, maybe_landed).await;
-                    let started = self.inner.clock.monotonic();
+                    let started = self.write_start();
                     let files =
                         match self.write_files(&table, batch, &p.parts, self.inner.settings.target_file_size).await {
                             Ok(f) => f,

@@ -316,7 +316,7 @@ fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::s
 
 /// Data files an append attempt wrote, for a later attempt to reuse: the table (uuid), spec and
 /// schema they were written for, the files, and when their writing began.
-type WrittenFiles = ((uuid::Uuid, i32, i32), Vec<iceberg::spec::DataFile>, std::time::Duration);
+type WrittenFiles = ((uuid::Uuid, i32, i32), Vec<iceberg::spec::DataFile>, crate::store::WriteStart);
 
 /// Arrow data per parallel writer of a user-table write: an append (or compaction) holding more
 /// is split into contiguous row ranges written as separate files side by side, one task
@@ -708,7 +708,7 @@ impl ArrowTable {
                 table.metadata().default_partition_spec_id(),
                 table.metadata().current_schema_id(),
             );
-            let young = |at: &std::time::Duration| self.store.uncommitted_age_past(*at).is_none();
+            let young = |at: &crate::store::WriteStart| self.store.uncommitted_age_past(*at).is_none();
             let data = match &files {
                 Some((spec, f, at)) if *spec == spec_id && young(at) => Clone::clone(f),
                 _ => {
@@ -722,7 +722,7 @@ impl ArrowTable {
                             self.store.delete_files(old.iter().map(|f| f.file_path().to_string()).collect()).await;
                         }
                     }
-                    let started = self.store.inner.clock.monotonic();
+                    let started = self.store.write_start();
                     let f = write_user_files(
                         &self.store,
                         &table,

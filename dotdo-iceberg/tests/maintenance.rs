@@ -2685,6 +2685,30 @@ async fn user_tables_without_columns_or_with_a_name_twice_are_refused() {
 async fn stalling_writer_and_cleaner(
     dir: &std::path::Path,
 ) -> (IcebergColdStore, Arc<common::FaultyStore>, dotdo_core::ManualClock, IcebergColdStore, IcebergColdStore) {
+    stalling_writer_and_cleaner_with(dir, |c| Arc::new(c)).await
+}
+
+/// A clock whose monotonic time stands still while its wall clock moves (a machine suspended:
+/// `Instant` does not count the time asleep).
+#[derive(Debug)]
+struct Asleep(dotdo_core::ManualClock);
+
+impl dotdo_core::Clock for Asleep {
+    fn now(&self) -> dotdo_core::Timestamp {
+        self.0.now()
+    }
+    fn monotonic(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+    fn sleep(&self, d: std::time::Duration) -> dotdo_core::time::Sleep {
+        self.0.sleep(d)
+    }
+}
+
+async fn stalling_writer_and_cleaner_with(
+    dir: &std::path::Path,
+    writer_clock: impl Fn(dotdo_core::ManualClock) -> Arc<dyn dotdo_core::Clock>,
+) -> (IcebergColdStore, Arc<common::FaultyStore>, dotdo_core::ManualClock, IcebergColdStore, IcebergColdStore) {
     use dotdo_core::Clock;
     let other = open(dir, 1).await;
     let o = ObjectId::new("o").expect("id");
@@ -2693,21 +2717,22 @@ async fn stalling_writer_and_cleaner(
     let hooked = common::FaultyStore::quiet_local();
     let now = dotdo_core::SystemClock::new().now();
     let clock = dotdo_core::ManualClock::new(now);
-    let store = |clock: dotdo_core::ManualClock, hooked: Option<Arc<common::FaultyStore>>| async move {
+    let store = |clock: Arc<dyn dotdo_core::Clock>, hooked: Option<Arc<common::FaultyStore>>| async move {
         let b = IcebergColdStore::builder(dir.to_str().expect("utf-8"));
         let b = match hooked {
             Some(h) => b.object_store(h),
             None => b,
         };
-        b.with_clock(Arc::new(clock))
+        b.with_clock(clock)
             .table(["m"], "changes")
             .settings(Settings { buckets: 1, ..Default::default() })
             .build()
             .await
             .expect("open")
     };
-    let writer = store(clock.clone(), Some(hooked.clone())).await;
-    let cleaner = store(dotdo_core::ManualClock::new(now.plus(std::time::Duration::from_secs(2 * 3600))), None).await;
+    let writer = store(writer_clock(clock.clone()), Some(hooked.clone())).await;
+    let cleaner =
+        store(Arc::new(dotdo_core::ManualClock::new(now.plus(std::time::Duration::from_secs(2 * 3600)))), None).await;
     (other, hooked, clock, writer, cleaner)
 }
 
@@ -2758,8 +2783,22 @@ async fn an_append_retried_past_half_the_cleanup_minimum_writes_new_files() {
 /// the object's reads were `Corrupt`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_stalled_past_half_the_cleanup_minimum_writes_new_files() {
+    an_append_stalled_past_half_the_cleanup_minimum(|c| Arc::new(c)).await;
+}
+
+/// The same stall while the writer's machine is suspended: its monotonic clock stands still
+/// while the wall clock (the cleanup's measure) moves 40 minutes. The files' age is the larger
+/// of the two measures; by the monotonic one alone the append committed the deleted files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_stalled_through_a_suspend_writes_new_files() {
+    an_append_stalled_past_half_the_cleanup_minimum(|c| Arc::new(Asleep(c))).await;
+}
+
+async fn an_append_stalled_past_half_the_cleanup_minimum(
+    writer_clock: impl Fn(dotdo_core::ManualClock) -> Arc<dyn dotdo_core::Clock>,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (other, hooked, clock, writer, cleaner) = stalling_writer_and_cleaner(dir.path()).await;
+    let (other, hooked, clock, writer, cleaner) = stalling_writer_and_cleaner_with(dir.path(), writer_clock).await;
     let (o, q) = (ObjectId::new("o").expect("id"), ObjectId::new("q").expect("id"));
     let one = FencingToken::new(1);
     let deleted = Arc::new(parking_lot::Mutex::new(Vec::new()));
