@@ -120,6 +120,13 @@ fn generic_cause(e: &object_store::Error) -> Cause {
     if text.contains("Received redirect without LOCATION") {
         return Cause::Config;
     }
+    // A certificate the TLS client does not accept (rustls: self-signed without
+    // `allow_invalid_certificates`, a name it is not valid for, such as a bucket with dots under
+    // virtual-hosted style): no retry is accepted either (it was `Unavailable`, retried for
+    // good).
+    if text.contains("invalid peer certificate") {
+        return Cause::Config;
+    }
     // The HTTP client refused to build the request (an `http://` endpoint without
     // `allow_http`, an endpoint without a scheme): no retry sends it.
     if text.contains("builder error") || text.contains("URL scheme is not allowed") {
@@ -617,6 +624,21 @@ mod tests {
         let e = classify_metadata_read(wrapped(os_generic()), "manifest m1.avro");
         assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
         assert!(e.is_retryable());
+    }
+
+    /// A certificate the TLS client refuses (rustls's error, under reqwest's and hyper's) is a
+    /// configuration error, not retryable.
+    #[test]
+    fn a_refused_certificate_is_not_retryable() {
+        for cause in ["invalid peer certificate: UnknownIssuer", "invalid peer certificate: NotValidForName"] {
+            let tls = object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(std::io::Error::new(std::io::ErrorKind::InvalidData, cause)),
+            };
+            let e = classify(wrapped(tls), "table t");
+            assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{cause}: {e}");
+            assert!(!e.is_retryable(), "{e}");
+        }
     }
 
     #[test]

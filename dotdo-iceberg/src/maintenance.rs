@@ -443,6 +443,11 @@ struct Referenced<'a> {
 
 impl Referenced<'_> {
     fn add(&mut self, loc: &str) -> Result<()> {
+        // A location in another bucket or scheme (another engine may write statistics or data
+        // there) names no file this store lists: nothing to keep (it failed the cleanup).
+        if !self.root.holds(loc) {
+            return Ok(());
+        }
         self.referenced.insert(self.root.key(loc)?.to_string());
         Ok(())
     }
@@ -789,5 +794,32 @@ mod tests {
         let t = cold.refresh().await.expect("table");
         let left: Vec<i64> = t.metadata().statistics_iter().map(|s| s.snapshot_id).collect();
         assert_eq!(left, vec![head]);
+    }
+
+    /// A statistics file another engine keeps in another bucket or scheme names no file of this
+    /// store: the cleanup runs (it failed with `InvalidInput` for good, and unreferenced files
+    /// piled up).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_referenced_outside_the_store_does_not_block_the_cleanup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = crate::commit::tests::open_one_bucket(&dir).await;
+        cold.append(crate::commit::tests::batch("o", 1)).await.expect("append");
+        let t = cold.refresh().await.expect("table");
+        let head = t.metadata().current_snapshot_id().expect("head");
+        let elsewhere = iceberg::TableUpdate::SetStatistics {
+            statistics: iceberg::spec::StatisticsFile {
+                snapshot_id: head,
+                statistics_path: "gs://elsewhere/stats.puffin".to_string(),
+                file_size_in_bytes: 100,
+                file_footer_size_in_bytes: 10,
+                key_metadata: None,
+                blob_metadata: Vec::new(),
+            },
+        };
+        cold.commit_updates(&t, vec![elsewhere], vec![], "statistics elsewhere").await.expect("statistics");
+        let report = cold.remove_unreferenced_files(Duration::from_secs(3600)).await.expect("the cleanup runs");
+        assert!(report.deleted.is_empty(), "{report:?}");
+        let st = cold.load_state(&dotdo_core::ObjectId::new("o").expect("id"), dotdo_core::AsOf::Latest).await;
+        assert_eq!(st.expect("the table reads").through, 1);
     }
 }

@@ -398,8 +398,10 @@ impl AsyncFileReader for StoreReader {
         async move {
             let b = self
                 .store
-                .get_range(&self.path, range)
+                .get_range(&self.path, range.clone())
                 .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+            crate::storage::check_range_read(&self.path, &range, &b)
                 .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
             self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
             Ok(b)
@@ -414,6 +416,10 @@ impl AsyncFileReader for StoreReader {
                 .get_ranges(&self.path, &ranges)
                 .await
                 .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+            for (range, got) in ranges.iter().zip(&b) {
+                crate::storage::check_range_read(&self.path, range, got)
+                    .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+            }
             self.bytes.fetch_add(b.iter().map(|x| x.len() as u64).sum(), Ordering::Relaxed);
             Ok(b)
         }

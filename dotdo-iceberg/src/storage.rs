@@ -37,6 +37,8 @@ pub struct StoreRoot {
     /// Whether the store is a local file system that dotdo opened itself (`file://`), whose
     /// files it can fsync.
     local_files: bool,
+    /// The bucket's location prefix of a path-style S3 URL over http(s) (see [`bucket_prefix`]).
+    bucket: Option<String>,
 }
 
 impl std::fmt::Debug for StoreRoot {
@@ -131,12 +133,20 @@ impl StoreRoot {
         // `s3://bucket/wh` with `aws_endpoint` instead; docs/iceberg-cold-store.md.
         let root = url[..url::Position::BeforePath].to_string();
         let warehouse = url.as_str().trim_end_matches('/').to_string();
-        StoreRoot { store, root, warehouse, local_files: false }
+        StoreRoot { store, root, warehouse, local_files: false, bucket: bucket_prefix(url) }
     }
 
     /// The object key of a full location under this root.
     pub fn key(&self, location: &str) -> Result<Path> {
-        key_of(&self.root, location).map_err(Error::invalid)
+        key_in(&self.root, self.bucket.as_deref(), location).map_err(Error::invalid)
+    }
+
+    /// Whether `location` is under this root (its scheme, authority and bucket), whether or not
+    /// its path is a valid object path: a location elsewhere (another bucket or scheme) names no
+    /// object this store lists.
+    pub(crate) fn holds(&self, location: &str) -> bool {
+        self.bucket.as_deref().is_none_or(|b| in_bucket(b, location))
+            && root_rest(&self.root, &with_root_scheme(&self.root, location)).is_some()
     }
 
     /// The iceberg storage factory for this store.
@@ -149,6 +159,7 @@ impl StoreRoot {
             store: self.store.clone(),
             root: self.root.clone(),
             warehouse: self.warehouse.clone(),
+            bucket: self.bucket.clone(),
             sync,
         }))
     }
@@ -252,7 +263,13 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     }
     // A relative local path (`warehouse`, `./data/wh`): from the working directory, as the hot
     // stores take theirs. A URL names its scheme (`s3://`, `file:`).
-    let is_url = trimmed.contains("://") || trimmed.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("file:"));
+    // (A scheme of two characters or more: `C:` starts a Windows path.)
+    let scheme = warehouse.split_once(':').map(|(s, _)| s).filter(|s| {
+        s.len() >= 2
+            && s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    });
+    let is_url = scheme.is_some();
     if !is_url && !trimmed.is_empty() {
         let cwd = std::env::current_dir().map_err(|e| {
             Error::invalid(format!("warehouse path {warehouse} is relative and the working directory is unknown: {e}"))
@@ -278,6 +295,13 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
         let shown = crate::catalog::without_password(shown.as_str());
         return Err(Error::invalid(format!(
             "warehouse {shown}: a warehouse URL has no query, fragment or password (give credentials as store options)"
+        )));
+    }
+    // `memory://`, `s3://` and `s3:/b/wh` name no store or bucket (they were taken for a
+    // relative local directory named `memory:` or `s3:`).
+    if url.scheme() != "file" && url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::invalid(format!(
+            "warehouse {warehouse} names no bucket or store (`s3://bucket/path`, `memory://name`)"
         )));
     }
     if url.scheme() == "file" {
@@ -340,10 +364,40 @@ fn with_root_scheme<'a>(root: &str, location: &'a str) -> std::borrow::Cow<'a, s
     location.into()
 }
 
-fn key_of(root: &str, location: &str) -> std::result::Result<Path, String> {
-    let spelled = with_root_scheme(root, location);
-    let location = spelled.as_ref();
-    let rest = if root == "file://" {
+/// For a path-style S3 URL over http(s) (`https://acct.r2.cloudflarestorage.com/bkt/wh`), the
+/// location prefix of its bucket (`https://acct.r2.cloudflarestorage.com/bkt`): object_store
+/// binds the store to that bucket, so a location in another bucket of the same host names no
+/// object of this store (it was read and written as a key of this bucket).
+fn bucket_prefix(url: &Url) -> Option<String> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
+    }
+    let (scheme, _) = object_store::ObjectStoreScheme::parse(url).ok()?;
+    if !matches!(scheme, object_store::ObjectStoreScheme::AmazonS3) {
+        return None;
+    }
+    let bucket = url.path_segments()?.next().filter(|s| !s.is_empty())?;
+    Some(format!("{}/{bucket}", &url[..url::Position::BeforePath]))
+}
+
+/// Whether `location` is in the bucket whose location prefix is `bucket`.
+fn in_bucket(bucket: &str, location: &str) -> bool {
+    location.strip_prefix(bucket).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// [`key_of`], refusing a location outside `bucket` (see [`bucket_prefix`]).
+fn key_in(root: &str, bucket: Option<&str>, location: &str) -> std::result::Result<Path, String> {
+    if let Some(b) = bucket {
+        if !in_bucket(b, location) {
+            return Err(format!("location {location} is not in the warehouse's bucket {b}"));
+        }
+    }
+    key_of(root, location)
+}
+
+/// The path part of `location` (spelled with the root's scheme) if it is under `root`.
+fn root_rest<'a>(root: &str, location: &'a str) -> Option<&'a str> {
+    if root == "file://" {
         // Local paths, absolute only: `file:///abs`, `file:/abs`, `/abs`. A relative path, one
         // with a host (`file://server/share`) or a drive (`C:/x`) names no file of this store
         // (it was mapped to `/wh/x`, `/server/share`, `/C:/x`).
@@ -355,9 +409,30 @@ fn key_of(root: &str, location: &str) -> std::result::Result<Path, String> {
             // Whole path segments only: root `s3://b` must not take `s3://bb/x` as its `b/x`.
             .filter(|rest| root.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
     }
-    .ok_or_else(|| format!("location {location} is not under the store root {root}"))?;
+}
+
+fn key_of(root: &str, location: &str) -> std::result::Result<Path, String> {
+    let spelled = with_root_scheme(root, location);
+    let location = spelled.as_ref();
+    let rest =
+        root_rest(root, location).ok_or_else(|| format!("location {location} is not under the store root {root}"))?;
     Path::parse(rest.trim_start_matches('/'))
         .map_err(|e| format!("location {location} is not a valid object path: {e}"))
+}
+
+/// A ranged read must answer the whole range: object_store answers a range that ends past the
+/// end of the object with what there is (a file cut short by a crash, or replaced by a shorter
+/// one), and decoders then fail on their own terms, or panic. `Corrupt` naming the file.
+pub(crate) fn check_range_read(path: &Path, range: &Range<u64>, bytes: &Bytes) -> Result<()> {
+    let want = range.end.saturating_sub(range.start);
+    if bytes.len() as u64 != want {
+        return Err(Error::corrupt(format!(
+            "{path}: bytes {range:?} asked, {} read: the file is shorter than its reader expects (cut short or \
+             replaced)",
+            bytes.len()
+        )));
+    }
+    Ok(())
 }
 
 fn os_err(e: object_store::Error) -> iceberg::Error {
@@ -379,6 +454,9 @@ pub struct ObjectStoreStorage {
     root: String,
     /// The warehouse location (the root plus the warehouse's path, if any).
     warehouse: String,
+    /// The bucket's location prefix of a path-style S3 URL over http(s).
+    #[serde(skip)]
+    bucket: Option<String>,
     /// Set when written files are fsynced.
     #[serde(skip)]
     sync: Option<Arc<SyncState>>,
@@ -420,7 +498,7 @@ impl<'de> serde::Deserialize<'de> for ObjectStoreStorage {
 
 impl ObjectStoreStorage {
     fn key(&self, p: &str) -> iceberg::Result<Path> {
-        key_of(&self.root, p).map_err(path_err)
+        key_in(&self.root, self.bucket.as_deref(), p).map_err(path_err)
     }
 
     /// After a write: fsync the file `key` (at `location`), its directory (for its new entry),
@@ -450,10 +528,13 @@ fn sync_local_file(sync: &SyncState, path: &std::path::Path) -> std::result::Res
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| ("the file".to_string(), e))?;
     let Some(parent) = path.parent() else { return Ok(()) };
     sync_dir(parent)?;
-    let stop = sync.warehouse.parent().unwrap_or(&sync.warehouse);
+    let within = sync.warehouse.parent().unwrap_or(&sync.warehouse);
+    // A file outside the warehouse (a table at a namespace's own location, or placed by another
+    // engine): every ancestor up to the file system's root, any may be new.
+    let stop = Some(within).filter(|w| parent.starts_with(w));
     // A directory in `synced_dirs` has its own entry (in its parent) durable already.
     let mut dir = parent;
-    while dir != stop && dir.starts_with(stop) {
+    while Some(dir) != stop {
         let Some(up) = dir.parent() else { break };
         if !sync.synced_dirs.lock().contains(dir) {
             sync_dir(up)?;
@@ -573,10 +654,13 @@ struct OsRead {
 impl FileRead for OsRead {
     async fn read(&self, range: Range<u64>) -> iceberg::Result<Bytes> {
         // The store's own error may not name the object (a range past its end does not).
-        self.store.get_range(&self.path, range.clone()).await.map_err(|e| {
+        let bytes = self.store.get_range(&self.path, range.clone()).await.map_err(|e| {
             let shown = format!("reading bytes {range:?} of {}: {e}", self.path);
             iceberg::Error::new(iceberg::ErrorKind::Unexpected, shown).with_source(e)
-        })
+        })?;
+        check_range_read(&self.path, &range, &bytes)
+            .map_err(|e| iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string()).with_source(e))?;
+        Ok(bytes)
     }
 }
 
@@ -730,6 +814,12 @@ mod tests {
             assert_eq!(r.warehouse, format!("file://{}/lake", cwd.display()), "{relative}");
         }
         assert!(StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), "").is_err());
+        // No store or bucket named: refused (they were a relative local directory `memory:` or
+        // `s3:`, created under the working directory).
+        for bad in ["memory://", "memory:///", "s3://", "gs://", "s3:/b/wh", "az:///c"] {
+            let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{bad}: {e}");
+        }
         // A query or fragment would become part of every table location, a password part of
         // every message naming the warehouse: refused, the password not shown.
         for bad in [
@@ -794,6 +884,53 @@ mod tests {
         assert!(mem.head(&Path::from("lake/ns/t/a")).await.is_err(), "the table's files are gone");
     }
 
+    /// A file written outside the warehouse (a table at a namespace's own location) has every
+    /// new directory on its path synced, up to the file system's root: they were left unsynced
+    /// (the loop stopped at once), and a power loss could drop the file's directory entries
+    /// under a commit the catalog had made durable.
+    #[test]
+    fn files_outside_the_warehouse_have_their_directories_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let warehouse = dir.path().join("lake/wh");
+        let table = dir.path().join("elsewhere/ns/t");
+        std::fs::create_dir_all(&warehouse).expect("warehouse");
+        std::fs::create_dir_all(table.join("data")).expect("table");
+        let file = table.join("data/f.parquet");
+        std::fs::write(&file, b"x").expect("file");
+        let sync = SyncState { count: Arc::default(), warehouse, synced_dirs: parking_lot::Mutex::default() };
+        sync_local_file(&sync, &file).expect("sync");
+        let synced = sync.synced_dirs.lock().clone();
+        for d in [table.join("data"), table.clone(), dir.path().join("elsewhere"), dir.path().to_path_buf()] {
+            assert!(synced.contains(&d), "{} not synced: {synced:?}", d.display());
+        }
+        // Inside the warehouse: up to its parent, not above.
+        let inside = dir.path().join("wh/ns/t/data");
+        std::fs::create_dir_all(&inside).expect("inside");
+        std::fs::write(inside.join("g.parquet"), b"x").expect("file");
+        let sync =
+            SyncState { count: Arc::default(), warehouse: dir.path().join("wh"), synced_dirs: Default::default() };
+        sync_local_file(&sync, &inside.join("g.parquet")).expect("sync");
+        let synced = sync.synced_dirs.lock().clone();
+        assert!(synced.contains(&dir.path().join("wh")), "{synced:?}");
+        assert!(!synced.contains(dir.path()), "above the warehouse's parent: {synced:?}");
+    }
+
+    /// A ranged read that ends past the end of a file (cut short by a crash, or replaced by a
+    /// shorter one) is `Corrupt` naming the file; it answered the bytes there were.
+    #[tokio::test]
+    async fn a_read_past_the_end_of_a_file_is_corrupt() {
+        use object_store::ObjectStore;
+        let mem = Arc::new(object_store::memory::InMemory::new());
+        let root = StoreRoot::from_store(mem.clone(), "memory://wh").expect("root");
+        mem.put(&Path::from("ns/t/f"), bytes::Bytes::from_static(b"0123456789").into()).await.expect("put");
+        let storage = root.factory().build(&iceberg::io::StorageConfig::new()).expect("storage");
+        let reader = storage.reader("memory://wh/ns/t/f").await.expect("reader");
+        assert_eq!(&reader.read(2..5).await.expect("within")[..], b"234");
+        let e = crate::error::classify(reader.read(5..20).await.expect_err("past the end"), "read");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("ns/t/f"), "{e}");
+    }
+
     #[test]
     fn the_root_is_the_scheme_and_authority() {
         // Pinned: a change here moves every existing table's files.
@@ -813,6 +950,20 @@ mod tests {
             assert_eq!(r.root, root, "{warehouse}");
             assert_eq!(r.key(&format!("{}/x", r.warehouse)).expect("key").as_ref(), key, "{warehouse}");
         }
+        // A path-style S3 URL's store is bound to its bucket: a location in another bucket of
+        // the host is refused (it was read and written as a key of this bucket).
+        let r = StoreRoot::from_store(mem(), "https://acct.r2.cloudflarestorage.com/bkt/wh").expect("root");
+        for other in ["https://acct.r2.cloudflarestorage.com/other/x", "https://acct.r2.cloudflarestorage.com/bktx/x"] {
+            let e = r.key(other).expect_err(other);
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{other}: {e}");
+        }
+        assert_eq!(
+            r.key("https://acct.r2.cloudflarestorage.com/bkt/other/x").expect("same bucket").as_ref(),
+            "bkt/other/x"
+        );
+        // A plain HTTP store (no bucket) takes any path of its host.
+        let r = StoreRoot::from_store(mem(), "http://localhost:9000/dav/wh").expect("root");
+        assert_eq!(r.key("http://localhost:9000/other/x").expect("another path").as_ref(), "other/x");
     }
 
     #[test]
