@@ -560,6 +560,8 @@ async fn flush_all_batches_objects_and_shutdown_releases_leases() {
     assert_eq!(e.kind(), &ErrorKind::Shutdown);
     let e = rt.evict(&oid("o3")).await.expect_err("evict after shutdown");
     assert_eq!(e.kind(), &ErrorKind::Shutdown);
+    let e = rt.evict_idle().await.expect_err("evict_idle after shutdown (no evict_idle_after set)");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown);
     for i in 0..5 {
         assert!(w.hot.is_available(&oid(&format!("o{i}"))).await.expect("available"), "no lease taken");
     }

@@ -45,7 +45,10 @@
 //!
 //! See [`schema`] for the table layout and [`summary`] for what each snapshot records. Every
 //! failure is a [`dotdo_core::Error`]: an unreachable store is `Unavailable` (retryable), a missing
-//! or undecodable file is `Corrupt` naming the file.
+//! or undecodable file is `Corrupt` naming the file, with these exceptions: a read of a snapshot
+//! that expired while it was read is `NotFound`; a data file in a format other than Parquet
+//! (another engine's ORC or Avro) is `Backend`; a file missing while the catalog cannot be read
+//! again to tell whether the table moved on is that read's (retryable) error.
 //!
 //! ## Example
 //!

@@ -562,8 +562,10 @@ impl ObjectRuntime {
     /// the lease. Calls on other objects are fine. Errors: `LeaseHeld` if another
     /// node holds the lease (after `acquire_timeout`), `Fenced` / `LeaseLost` if the lease was
     /// lost (a read-only call also if its lease ran out before the handler finished),
-    /// `Shutdown` during shutdown, the handler's own error (nothing written), or any store
-    /// error.
+    /// `Conflict` (retryable) if a lazy restore found the object's cold state moved on while the
+    /// handler read (its answer or error rests on the old state; the lease is given back and the
+    /// next call activates afresh), `Shutdown` during shutdown, the handler's own error (nothing
+    /// written), or any store error.
     pub async fn invoke_typed<T, E, F>(&self, object: &ObjectId, type_name: &str, handler: F) -> Result<T, E>
     where
         F: AsyncFnOnce(&mut ObjectTxn<'_>) -> Result<T, E>,
@@ -1264,7 +1266,8 @@ impl ObjectRuntime {
     /// Drain the change logs of every object this runtime holds, batching many objects into each
     /// cold commit (fewer, larger snapshots). Objects with a call in progress are skipped and
     /// counted in [`FlushReport::busy`]; only objects with changes to drain are held (their
-    /// leases renewed between commits), and an object whose warm lease lapsed is taken again.
+    /// leases renewed between and during commits), and an object whose warm lease lapsed is
+    /// taken again.
     /// An object taken over by another node during its commit is left to that node (its changes
     /// are in cold storage, where the new holder's drain finds them). Then the objects whose
     /// changes wait in the hot store with no holder (released after each call with `keep_warm`
@@ -1681,7 +1684,11 @@ impl ObjectRuntime {
     }
 
     /// Tier out every object idle longer than `evict_idle_after` (judged when its turn comes; an
-    /// object in use is skipped); returns how many. `Shutdown` once shutdown has begun.
+    /// object in use is skipped); returns how many (0 without `evict_idle_after`). `Shutdown`
+    /// once shutdown has begun. An object that cannot be evicted (cold storage unreachable, taken
+    /// over) does not stop the others: each failure is logged, and the first one is the error
+    /// only if nothing was evicted (otherwise `Ok` with the count; the others are tried again
+    /// next time).
     pub async fn evict_idle(&self) -> Result<usize> {
         let out = self.evict_idle_in().await;
         self.give_back_all_if_shut_down().await;
@@ -1689,8 +1696,8 @@ impl ObjectRuntime {
     }
 
     async fn evict_idle_in(&self) -> Result<usize> {
-        let Some(idle) = self.inner.settings.evict_idle_after else { return Ok(0) };
         let _guard = self.enter()?;
+        let Some(idle) = self.inner.settings.evict_idle_after else { return Ok(0) };
         // One object that cannot be evicted (taken over, cold unreachable) does not keep the
         // others in hot storage: every failure is logged, and the first one is returned only if
         // nothing could be evicted (otherwise the count of evicted objects).
