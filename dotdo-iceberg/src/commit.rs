@@ -66,6 +66,7 @@ impl IcebergColdStore {
         what: &str,
     ) -> Result<Table> {
         let verifier = self.sql_catalog(what)?;
+        refuse_v1_refs(table, what).await?;
         let md = table.metadata();
         for r in &requirements {
             r.check(Some(md)).map_err(|e| classify(e, what))?;
@@ -1116,4 +1117,44 @@ pub(crate) mod tests {
             assert_eq!(seqs, [1, 2, 3]);
         }
     }
+}
+/// Refuse to write a format-v1 table whose metadata names refs other than `main` (tags and
+/// branches: Spark and PyIceberg record them in v1 metadata too). iceberg-rust 0.10.1 reads v1
+/// metadata without its `refs` and writes every new version without them: a commit dropped
+/// the other engines' tags and branches, and an expiry then expired (and a cleanup deleted the
+/// files of) the snapshots they kept. `InvalidInput`: upgrade the table to format version 2.
+/// Reads the metadata file once more, for v1 tables only.
+pub(crate) async fn refuse_v1_refs(table: &Table, what: &str) -> Result<()> {
+    if table.metadata().format_version() != iceberg::spec::FormatVersion::V1 {
+        return Ok(());
+    }
+    let Some(location) = table.metadata_location() else { return Ok(()) };
+    let read = async {
+        let bytes = table.file_io().new_input(location)?.read().await?;
+        Ok::<_, iceberg::Error>(bytes)
+    };
+    let bytes = read.await.map_err(|e| classify(e, &format!("{what}: reading {location}")))?;
+    let unreadable = |e: std::io::Error| Error::corrupt(format!("{what}: {location}: {e}"));
+    let json: serde_json::Value = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text).map_err(unreadable)?;
+        serde_json::from_slice(&text).map_err(|e| unreadable(e.into()))?
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| unreadable(e.into()))?
+    };
+    let others: Vec<&String> = json
+        .get("refs")
+        .and_then(|r| r.as_object())
+        .map(|r| r.keys().filter(|k| *k != "main").collect())
+        .unwrap_or_default();
+    if !others.is_empty() {
+        return Err(Error::invalid(format!(
+            "{what}: the table is format version 1 with refs {others:?} (tags or branches another engine \
+             set); iceberg-rust 0.10 writes v1 metadata without them, so a commit would drop them and an \
+             expiry would expire the snapshots they keep: upgrade the table to format version 2 (Spark: \
+             ALTER TABLE .. SET TBLPROPERTIES ('format-version'='2'); PyIceberg: \
+             transaction().upgrade_table_version(2))"
+        )));
+    }
+    Ok(())
 }

@@ -93,6 +93,7 @@ impl IcebergColdStore {
             let landed: Vec<i64> =
                 unsure.iter().copied().filter(|id| table.metadata().snapshot_by_id(*id).is_none()).collect();
             gc_enabled(&table, &what)?;
+            crate::commit::refuse_v1_refs(&table, &what).await?;
             let Some(head) = table.metadata().current_snapshot_id() else { return Ok(ExpireReport::default()) };
             // A head whose history another engine reset (dotdo's snapshots are off its chain)
             // reads as `Corrupt`: expiring those snapshots would erase the evidence, and its

@@ -484,6 +484,7 @@ pub(crate) async fn set_dotdo_properties(
         // behind the table's last update, as dotdo's own commits are. (Also on a REST catalog:
         // iceberg builds the new metadata here before it sends the commit, and refuses it.)
         crate::commit::refuse_if_clock_behind(table.metadata(), &what)?;
+        crate::commit::refuse_v1_refs(&table, &what).await?;
         let tx = Transaction::new(&table);
         let mut props = tx.update_table_properties();
         for (k, v) in set {
@@ -1203,6 +1204,10 @@ impl IcebergColdStore {
                 return self.fast_append(swap, table, files, props, written_at).await;
             }
         }
+        // Only a v1 table reaches here with another engine's refs iceberg would drop.
+        crate::commit::refuse_v1_refs(table, &format!("appending to {}", table.identifier()))
+            .await
+            .map_err(crate::commit::not_landed)?;
         // iceberg numbers the snapshot last-sequence-number + 1, unchecked (the fast append
         // checks it itself).
         let seq = crate::commit::next_sequence_number(table.metadata()).map_err(crate::commit::not_landed)?;

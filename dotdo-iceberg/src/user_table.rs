@@ -858,6 +858,7 @@ impl ArrowTable {
                 last_err = None;
                 break;
             }
+            crate::commit::refuse_v1_refs(&table, &what).await?;
             let tx = Transaction::new(&table);
             let tx = tx
                 .update_schema()

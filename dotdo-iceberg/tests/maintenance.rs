@@ -1593,6 +1593,56 @@ async fn a_replaced_history_on_a_v1_table_is_corrupt() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 
+/// A format-v1 user table with a tag another engine set (Spark and PyIceberg write refs into v1
+/// metadata too) is refused for appends, schema changes and expiry (`InvalidInput`):
+/// iceberg-rust 0.10 reads v1 metadata without its refs and writes every new version without
+/// them, so an append dropped the tag and an expiry then expired the snapshot it kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_table_with_another_engines_tag_is_not_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let arrow = arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
+    let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
+    let ns = iceberg::NamespaceIdent::new("u".into());
+    cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
+    let creation = iceberg::TableCreation::builder()
+        .name("events".into())
+        .schema(schema)
+        .format_version(iceberg::spec::FormatVersion::V1)
+        .build();
+    cold.catalog().create_table(&ns, creation).await.expect("a version 1 table");
+    let arrow = Arc::new(arrow);
+    let user = cold.arrow_table(&["u"], "events", arrow.clone()).await.expect("user table");
+    let rows = arrow_array::RecordBatch::try_new(arrow, vec![Arc::new(arrow_array::Int32Array::from(vec![1, 2]))])
+        .expect("batch");
+    for id in 1..=3 {
+        user.append("s", id, vec![rows.clone()]).await.expect("dotdo's append");
+    }
+    let t = cold.catalog().load_table(user.ident()).await.expect("load");
+    let root = t.metadata().snapshots().find(|s| s.parent_snapshot_id().is_none());
+    let first = root.map(|s| s.snapshot_id()).expect("the first snapshot");
+    let location = t.metadata_location().expect("metadata").to_string();
+    common::edit_metadata(&location, |json| {
+        let refs = json.as_object_mut().expect("metadata").entry("refs").or_insert_with(|| serde_json::json!({}));
+        refs["audit"] = serde_json::json!({"snapshot-id": first, "type": "tag"});
+    });
+    let fresh = open(dir.path(), 4).await;
+    let user = fresh.arrow_table(&["u"], "events", user.schema().clone()).await.expect("user table");
+    let e = user.append("s", 4, vec![rows.clone()]).await.expect_err("an append would drop the tag");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("audit"), "{e}");
+    let e = user.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("expiry would expire the tagged one");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    let e = user.add_column("extra", arrow_schema::DataType::Int64).await.expect_err("a schema change too");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    let t = fresh.catalog().load_table(user.ident()).await.expect("load");
+    assert_eq!(t.metadata_location(), Some(location.as_str()), "nothing committed");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(location.trim_start_matches("file://")).expect("read")).expect("json");
+    assert_eq!(json["refs"]["audit"]["snapshot-id"].as_i64(), Some(first), "the tag is kept");
+    assert_eq!(t.metadata().snapshots().count(), 3, "every snapshot is kept");
+}
+
 /// A history another engine started anew after dotdo's commits, once dotdo's old snapshots are
 /// expired too, still reads as `Corrupt` (the table property of dotdo's last commit says dotdo
 /// wrote this table): the watermarks read as "nothing committed" (replays written twice, stale
