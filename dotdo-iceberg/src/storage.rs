@@ -435,6 +435,10 @@ pub(crate) fn check_range_read(path: &Path, range: &Range<u64>, bytes: &Bytes) -
     Ok(())
 }
 
+/// Above this many bytes, [`Storage::write`] uploads in parts (the streamed writer's buffer,
+/// `object_store`'s `BufWriter` default: a payload up to it is one PUT there too).
+const LARGE_WRITE: usize = 10 * 1024 * 1024;
+
 fn os_err(e: object_store::Error) -> iceberg::Error {
     iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("object store: {e}")).with_source(e)
 }
@@ -579,6 +583,15 @@ impl Storage for ObjectStoreStorage {
     }
 
     async fn write(&self, path: &str, bs: Bytes) -> iceberg::Result<()> {
+        // A large payload (a watermark checkpoint of millions of objects: tens to hundreds of
+        // MB) goes up in parts, as the streamed writer's files do: in one PUT it must finish
+        // within the HTTP client's whole-request timeout (object_store's default is 30 s), and
+        // on a slow link failed on every attempt (S3 also refuses a PUT over 5 GiB).
+        if bs.len() > LARGE_WRITE {
+            let mut w = self.writer(path).await?;
+            w.write(bs).await?;
+            return w.close().await;
+        }
         let key = self.key(path)?;
         self.store.put(&key, bs.into()).await.map(|_| ()).map_err(os_err)?;
         self.synced(&key, path).await

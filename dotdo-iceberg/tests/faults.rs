@@ -2004,3 +2004,24 @@ async fn forty_puts_committed(dir: &std::path::Path) -> (IcebergColdStore, Objec
 fn forty_puts(o: &ObjectId) -> Vec<dotdo_core::ChangeRecord> {
     (1..=40u64).map(|s| put(o, s, &format!("key-{}", s % 13), &format!("value number {s}"), 1)).collect()
 }
+
+/// A large write through iceberg's `Storage::write` (a watermark checkpoint of millions of
+/// objects) goes up in parts: a store that cannot take it in one request (a slow link under the
+/// client's whole-request timeout) takes it. It was one PUT, failed on every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_write_goes_up_in_parts() {
+    use iceberg::io::Storage;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FaultyStore::quiet_local();
+    store.max_put_bytes.store(4 << 20, Ordering::SeqCst);
+    let root = dotdo_iceberg::StoreRoot::from_store(store.clone(), dir.path().to_str().expect("utf-8")).expect("root");
+    let storage = root.factory().build(&iceberg::io::StorageConfig::new()).expect("storage");
+    let small = bytes::Bytes::from(vec![1u8; 1 << 20]);
+    let small_at = format!("{}/ns/t/metadata/small", root.warehouse);
+    storage.write(&small_at, small.clone()).await.expect("one put");
+    let large = bytes::Bytes::from((0..24u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let large_at = format!("{}/ns/t/metadata/large", root.warehouse);
+    storage.write(&large_at, large.clone()).await.expect("written in parts");
+    assert_eq!(std::fs::read(dir.path().join("ns/t/metadata/large")).expect("read"), large);
+    assert_eq!(std::fs::read(dir.path().join("ns/t/metadata/small")).expect("read"), small);
+}

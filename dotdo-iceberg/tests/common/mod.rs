@@ -236,6 +236,9 @@ pub struct FaultyStore {
     pub fail_puts_of: Mutex<Option<(String, u32)>>,
     /// Multipart uploads aborted so far.
     pub aborts: Arc<AtomicU64>,
+    /// Single puts of more bytes than this fail (a request that cannot finish within the
+    /// client's timeout on a slow link); 0: no limit.
+    pub max_put_bytes: AtomicU64,
     /// Failed writes of files (puts and multipart completions, as they fire) by kind of file
     /// (see [`file_kind`]): (failures, of which lost replies).
     pub put_faults: PutFaults,
@@ -301,6 +304,7 @@ impl FaultyStore {
             fail_puts_of: Mutex::new(None),
             aborts: Arc::new(AtomicU64::new(0)),
             put_faults: Default::default(),
+            max_put_bytes: AtomicU64::new(0),
         }
     }
 
@@ -399,6 +403,13 @@ impl ObjectStore for FaultyStore {
             f.await;
         }
         self.puts.lock().push(location.to_string());
+        let max = self.max_put_bytes.load(Ordering::SeqCst);
+        if max > 0 && payload.content_length() as u64 > max {
+            return Err(object_store::Error::Generic {
+                store: "faulty",
+                source: format!("put of {location}: request timed out ({} bytes)", payload.content_length()).into(),
+            });
+        }
         {
             let mut fail = self.fail_puts_of.lock();
             if let Some((suffix, n)) = fail.as_mut() {
