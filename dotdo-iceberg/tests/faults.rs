@@ -2010,7 +2010,6 @@ fn forty_puts(o: &ObjectId) -> Vec<dotdo_core::ChangeRecord> {
 /// client's whole-request timeout) takes it. It was one PUT, failed on every attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_write_goes_up_in_parts() {
-    use iceberg::io::Storage;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = FaultyStore::quiet_local();
     store.max_put_bytes.store(4 << 20, Ordering::SeqCst);
