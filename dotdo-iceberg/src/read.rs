@@ -707,7 +707,10 @@ impl IcebergColdStore {
             Some(b) => Some(b.bucket(object.as_str())?),
             None => None,
         };
-        let (files, in_skipped_manifests) = self.files_of(table, snapshot, bucket).await?;
+        let (mut files, in_skipped_manifests) = self.files_of(table, snapshot, bucket).await?;
+        // A file another engine added twice is one file: read (and counted) once.
+        let mut seen = std::collections::HashSet::new();
+        files.retain(|f| seen.insert(f.path.clone()));
         stats.files_total = (files.len() as u64).saturating_add(in_skipped_manifests);
         stats.pruned_by_partition = in_skipped_manifests;
         let o = object.as_str();

@@ -1902,6 +1902,10 @@ async fn a_file_listed_twice_is_compacted_once() {
     let tx = tx.fast_append().add_data_files(vec![again]).with_check_duplicate(false).apply(tx).expect("apply");
     tx.commit(&*cold.catalog()).await.expect("another engine appends a live file again");
     assert_eq!(live_files(&cold).await, 3);
+    // Reads take it for one file: opened once, counted once.
+    let found = dotdo_core::IndexAccelerator::lookup(&cold, &o, "k", AsOf::Latest).await.expect("lookup");
+    assert_eq!(found.stats.files_total, 2, "{:?}", found.stats);
+    assert!(found.stats.files_opened <= 2, "{:?}", found.stats);
     let report = cold.compact(CompactOptions::default()).await.expect("compaction");
     // Three entries deleted (one file listed twice), the rows of two files rewritten once.
     assert_eq!((report.files_removed, report.files_added), (3, 1), "{report:?}");
