@@ -195,36 +195,49 @@ pub trait ColdSink: Send + Sync + Debug + 'static {
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>>;
 
     /// The newest snapshot and `object`'s watermark in it, as one answer: a lazy restore pins
-    /// the snapshot and serves reads there as the object's state through the watermark. The
-    /// default reads the watermark, then the snapshots, and checks that the newest snapshot
-    /// holds the change at the watermark: if it does not (the store answered an older table to
-    /// the second read, as a lagging catalog replica may), or if that snapshot expired
-    /// meanwhile, `Unavailable` (retryable). A sink that can should answer both from one read of
-    /// its table.
+    /// the snapshot and serves reads there as the object's state through the watermark. A sink
+    /// that can should answer both from one read of its table (dotdo-iceberg does; a wrapper
+    /// should forward this). The default reads the watermark, then the snapshots, and checks
+    /// that the newest snapshot holds the change at the watermark and none after it; when it
+    /// does not (the change may have been collapsed away), it reads the object's state at that
+    /// snapshot and compares its `through`. A mismatch (one of the reads answered an older
+    /// table, as a lagging catalog replica may), or the snapshot expiring meanwhile, is
+    /// `Unavailable` (retryable).
     async fn head(&self, object: &ObjectId) -> Result<(Option<SnapshotId>, Watermark)> {
         let wm = self.watermark(object).await?;
         let snapshot = self.snapshots().await?.last().map(|s| s.id);
-        let holds = match snapshot {
-            _ if wm.through == 0 => true,
-            None => false,
-            Some(s) => match self.read_changes_through(object, wm.through - 1, wm.through, AsOf::Snapshot(s)).await {
-                Ok(changes) => !changes.is_empty(),
-                // Expired since it was listed (a table expiring aggressively): ask again.
-                Err(e) if e.kind() == &crate::ErrorKind::NotFound => {
-                    return Err(crate::Error::unavailable(format!(
-                        "{object}: the cold store's newest snapshot {s} expired while it was read; retry"
-                    ))
-                    .with_source(e));
-                }
-                Err(e) => return Err(e),
-            },
-        };
-        if !holds {
-            return Err(crate::Error::unavailable(format!(
-                "{object}: the cold store's newest snapshot ({snapshot:?}) does not hold seq {}, its watermark \
-                 read just before: the store answered an older table; retry",
+        let moved = || {
+            crate::Error::unavailable(format!(
+                "{object}: the cold store's newest snapshot ({snapshot:?}) does not hold the object's watermark \
+                 {} read just before: one of the reads answered an older table; retry",
                 wm.through
-            )));
+            ))
+        };
+        let Some(s) = snapshot else {
+            return if wm.through == 0 { Ok((None, wm)) } else { Err(moved()) };
+        };
+        // Expired since it was listed (a table expiring aggressively): ask again.
+        let expired = |e: crate::Error| {
+            if e.kind() == &crate::ErrorKind::NotFound {
+                crate::Error::unavailable(format!(
+                    "{object}: the cold store's newest snapshot {s} expired while it was read; retry"
+                ))
+                .with_source(e)
+            } else {
+                e
+            }
+        };
+        let around = self
+            .read_changes_through(object, wm.through.saturating_sub(1), wm.through.saturating_add(1), AsOf::Snapshot(s))
+            .await
+            .map_err(expired)?;
+        let seqs: Vec<Seq> = around.iter().map(|r| r.seq).collect();
+        let holds = if wm.through == 0 { seqs.is_empty() } else { seqs == [wm.through] };
+        if !holds {
+            let at = self.load_state(object, AsOf::Snapshot(s)).await.map_err(expired)?;
+            if at.through != wm.through {
+                return Err(moved());
+            }
         }
         Ok((snapshot, wm))
     }

@@ -1077,6 +1077,8 @@ struct FlakyCold {
     /// `snapshots` answers without the newest snapshot (a catalog replica lagging behind the
     /// one the watermark was read from).
     lagging_snapshots: std::sync::atomic::AtomicBool,
+    /// `watermark` answers this (a replica lagging behind the one the snapshots come from).
+    stale_watermark: parking_lot::Mutex<Option<Watermark>>,
 }
 
 /// A test hook slot (not `Debug` itself).
@@ -1115,6 +1117,7 @@ impl FlakyCold {
             before_load: Hook::new(),
             extra_entry: parking_lot::Mutex::new(None),
             lagging_snapshots: false.into(),
+            stale_watermark: parking_lot::Mutex::new(None),
         }
     }
 }
@@ -1172,6 +1175,9 @@ impl ColdSink for FlakyCold {
         }
         if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
             std::future::pending::<()>().await;
+        }
+        if let Some(stale) = *self.stale_watermark.lock() {
+            return Ok(stale);
         }
         self.inner.watermark(object).await
     }
@@ -2609,6 +2615,88 @@ async fn a_lazy_activation_never_pins_a_snapshot_older_than_its_watermark() {
     cold.lagging_snapshots.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"newer"[..]));
     assert_eq!(all_state(&b, &o).await.len(), 20);
+}
+
+/// The other direction: a watermark read from a replica behind the one the snapshot list comes
+/// from. The pinned snapshot would hold changes past the watermark, and the object's next write
+/// would take a sequence number cold already has. The activation fails retryably.
+#[tokio::test]
+async fn a_lazy_activation_never_pins_a_snapshot_newer_than_its_watermark() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 20).await;
+    a.flush(&o).await.expect("first snapshot");
+    let older = w.cold.watermark(&o).await.expect("watermark");
+    let put = async |t: &mut ObjectTxn<'_>| t.put("key/0003", "newer");
+    a.invoke(&o, put).await.expect("overwrite");
+    a.evict(&o).await.expect("evict: a second snapshot");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    *cold.stale_watermark.lock() = Some(older);
+    // Another node with a hot store of its own (it knows nothing of the object's truncations).
+    let fresh = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
+    let b = ObjectRuntime::builder(NodeId::new("b").expect("node"))
+        .with_hot_store(Arc::new(fresh.clone()))
+        .with_guard(Arc::new(fresh))
+        .with_cold_sink(cold.clone())
+        .with_accelerator(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+        .build()
+        .expect("runtime");
+    let e = get(&b, &o, "key/0003").await.expect_err("the watermark lags the snapshot list");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    *cold.stale_watermark.lock() = None;
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"newer"[..]));
+}
+
+/// A cold sink whose change at an object's watermark is gone (collapsed away: a delete older than
+/// the horizon goes with the versions before it, and the watermark stays) answers the default
+/// `head` from the object's state at the snapshot: a lazy activation goes through. (Checking
+/// only for the change at the watermark refused it for good.)
+#[tokio::test]
+async fn a_lazy_activation_whose_last_change_was_collapsed_away_goes_through() {
+    let w = World::new();
+    let o = populated_then_evicted(&w).await;
+    let wm = w.cold.watermark(&o).await.expect("watermark");
+    let cold = Arc::new(Collapsed { inner: w.cold.clone(), gone: wm.through });
+    let (snapshot, at) = cold.head(&o).await.expect("head");
+    assert_eq!((snapshot, at), (w.cold.snapshots().await.expect("snapshots").last().map(|s| s.id), wm));
+    let b = w.runtime_with(
+        "b",
+        Arc::new(w.hot.clone()),
+        cold,
+        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
+    );
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+}
+
+/// A cold sink that no longer holds the change of sequence number `gone` (collapsed away).
+#[derive(Debug)]
+struct Collapsed {
+    inner: MemoryColdStore,
+    gone: Seq,
+}
+
+#[async_trait::async_trait]
+impl ColdSink for Collapsed {
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        self.inner.append(batch).await
+    }
+    async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+        self.inner.watermark(object).await
+    }
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.inner.snapshots().await
+    }
+    async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+        self.inner.load_state(object, as_of).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+        let mut records = self.inner.read_changes(object, after, as_of).await?;
+        records.retain(|r| r.seq != self.gone);
+        Ok(records)
+    }
 }
 
 /// An eager restore that outlasts the lease (a large state read from cold, here two TTLs)
