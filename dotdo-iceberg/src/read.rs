@@ -446,8 +446,10 @@ impl parquet::arrow::async_reader::MetadataFetch for FooterFetch<'_> {
         async move {
             let b = self
                 .store
-                .get_range(self.path, range)
+                .get_range(self.path, range.clone())
                 .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+            crate::storage::check_range_read(self.path, &range, &b)
                 .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
             self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
             Ok(b)
@@ -944,6 +946,9 @@ impl IcebergColdStore {
             .get_ranges(path, &ranges)
             .await
             .map_err(|e| crate::error::classify_object_store(e).context(format!("bloom filters of {}", f.path)))?;
+        for (range, b) in ranges.iter().zip(&fetched) {
+            crate::storage::check_range_read(path, range, b)?;
+        }
         bytes.fetch_add(fetched.iter().map(|b| b.len() as u64).sum(), Ordering::Relaxed);
         let mut excluded = false;
         for ((c, v), b) in wanted.into_iter().zip(fetched) {

@@ -263,13 +263,18 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     }
     // A relative local path (`warehouse`, `./data/wh`): from the working directory, as the hot
     // stores take theirs. A URL names its scheme (`s3://`, `file:`).
-    // (A scheme of two characters or more: `C:` starts a Windows path.)
-    let scheme = warehouse.split_once(':').map(|(s, _)| s).filter(|s| {
+    // A scheme (two characters or more: `C:` starts a Windows path) followed by `/` (`s3:/b`,
+    // `memory://`, `file:///x`), or `file:` (`file:lake`, refused below); a colon elsewhere is
+    // part of a directory's name (`wh-2024-06-01T12:00:00`, `lake:v2`).
+    let scheme_then_slash = warehouse.split_once(':').is_some_and(|(s, rest)| {
         s.len() >= 2
             && s.starts_with(|c: char| c.is_ascii_alphabetic())
             && s.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+            && rest.starts_with('/')
     });
-    let is_url = scheme.is_some();
+    let is_url = scheme_then_slash
+        || trimmed.contains("://")
+        || trimmed.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("file:"));
     if !is_url && !trimmed.is_empty() {
         let cwd = std::env::current_dir().map_err(|e| {
             Error::invalid(format!("warehouse path {warehouse} is relative and the working directory is unknown: {e}"))
@@ -364,16 +369,20 @@ fn with_root_scheme<'a>(root: &str, location: &'a str) -> std::borrow::Cow<'a, s
     location.into()
 }
 
-/// For a path-style S3 URL over http(s) (`https://acct.r2.cloudflarestorage.com/bkt/wh`), the
-/// location prefix of its bucket (`https://acct.r2.cloudflarestorage.com/bkt`): object_store
-/// binds the store to that bucket, so a location in another bucket of the same host names no
-/// object of this store (it was read and written as a key of this bucket).
+/// For an http(s) URL whose first path segment names the bucket or container
+/// (`https://acct.r2.cloudflarestorage.com/bkt/wh`, `https://s3.<region>.amazonaws.com/bkt/wh`,
+/// `https://acct.blob.core.windows.net/container/wh`: object_store takes it off the path and
+/// binds the store to it), the location prefix of that bucket
+/// (`https://acct.r2.cloudflarestorage.com/bkt`): a location in another bucket of the same
+/// host names no object of this store (it was read and written as a key of this bucket). Not
+/// for a virtual-hosted URL (`https://bkt.s3.<region>.amazonaws.com/wh`: the bucket is the
+/// host) nor a plain HTTP store.
 fn bucket_prefix(url: &Url) -> Option<String> {
     if !matches!(url.scheme(), "http" | "https") {
         return None;
     }
-    let (scheme, _) = object_store::ObjectStoreScheme::parse(url).ok()?;
-    if !matches!(scheme, object_store::ObjectStoreScheme::AmazonS3) {
+    let (_, path) = object_store::ObjectStoreScheme::parse(url).ok()?;
+    if path == Path::from_url_path(url.path()).ok()? {
         return None;
     }
     let bucket = url.path_segments()?.next().filter(|s| !s.is_empty())?;
@@ -541,7 +550,12 @@ fn sync_local_file(sync: &SyncState, path: &std::path::Path) -> std::result::Res
     while Some(dir) != stop {
         let Some(up) = dir.parent() else { break };
         if !sync.synced_dirs.lock().contains(dir) {
-            sync_dir(up)?;
+            match sync_dir(up) {
+                // Outside the warehouse, an ancestor this process may not open (`chmod 711`,
+                // another user's) is not one it made an entry in: the walk ends there.
+                Err((_, e)) if stop.is_none() && e.kind() == std::io::ErrorKind::PermissionDenied => break,
+                r => r?,
+            }
             sync.synced_dirs.lock().insert(dir.to_path_buf());
         }
         dir = up;
@@ -833,6 +847,11 @@ mod tests {
             let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{bad}: {e}");
         }
+        // A colon not followed by `/` is part of a relative directory's name.
+        for relative in ["wh-2024-06-01T12:00:00", "lake:v2"] {
+            let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), relative).expect(relative);
+            assert_eq!(r.warehouse, format!("file://{}/{relative}", cwd.display()), "{relative}");
+        }
         // A query or fragment would become part of every table location, a password part of
         // every message naming the warehouse: refused, the password not shown.
         for bad in [
@@ -974,9 +993,17 @@ mod tests {
             r.key("https://acct.r2.cloudflarestorage.com/bkt/other/x").expect("same bucket").as_ref(),
             "bkt/other/x"
         );
-        // A plain HTTP store (no bucket) takes any path of its host.
+        // So does an Azure container in an https URL's path.
+        let r = StoreRoot::from_store(mem(), "https://acct.blob.core.windows.net/container/wh").expect("root");
+        assert!(r.key("https://acct.blob.core.windows.net/other/x").is_err());
+        assert!(r.key("https://acct.blob.core.windows.net/container/x").is_ok());
+        // A plain HTTP store (no bucket), or a virtual-hosted S3 URL (the bucket is the host),
+        // takes any path of its host.
         let r = StoreRoot::from_store(mem(), "http://localhost:9000/dav/wh").expect("root");
         assert_eq!(r.key("http://localhost:9000/other/x").expect("another path").as_ref(), "other/x");
+        let r = StoreRoot::from_store(mem(), "https://bkt.s3.us-east-1.amazonaws.com/wh").expect("root");
+        let other = r.key("https://bkt.s3.us-east-1.amazonaws.com/lake/ns/t/x").expect("elsewhere in the bucket");
+        assert_eq!(other.as_ref(), "lake/ns/t/x");
     }
 
     #[test]
