@@ -255,16 +255,18 @@ impl IcebergColdStore {
     }
 
     /// Compact the user table `table` (see [`ArrowTable::compact`](crate::ArrowTable::compact)).
-    pub(crate) async fn compact_user_table(
-        &self,
-        table: Table,
-        schema: arrow_schema::SchemaRef,
-        options: CompactOptions,
-    ) -> Result<RewriteReport> {
+    pub(crate) async fn compact_user_table(&self, table: Table, options: CompactOptions) -> Result<RewriteReport> {
         if options.target_file_size == 0 {
             return Err(Error::invalid("compact: target_file_size must be positive"));
         }
         let (table, live) = self.current_files(table.identifier()).await?;
+        // The schema of the table as loaded here, not as any handle opened it: another handle
+        // may have added or widened a column since (the scan reads through the current schema).
+        let what = format!("compacting {}", table.identifier());
+        let schema = Arc::new(
+            iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
+                .map_err(|e| classify(e, &what))?,
+        );
         let groups = plan_bins(live, &options);
         self.rewrite(table, groups, Mode::User(schema), options.target_file_size, options.progress).await
     }
@@ -289,6 +291,18 @@ impl IcebergColdStore {
                 table.identifier()
             )));
         }
+        // A partition with files in another format (another engine's ORC or Avro, which dotdo
+        // cannot decode) may hold puts that a delete dropped here supersedes: every other
+        // engine's fold of the table would show the key again.
+        let foreign = self.foreign_format_files(&table).await?;
+        if let Some(f) = foreign.iter().find(|(_, p)| selected(&options.partitions, *p)) {
+            return Err(Error::invalid(format!(
+                "collapse of {}: the partition of {} also holds data files dotdo cannot read (not Parquet); \
+                 a delete dropped by the collapse could let their older versions show again",
+                table.identifier(),
+                f.0
+            )));
+        }
         let mut by_partition: BTreeMap<Option<i32>, Vec<LiveFile>> = BTreeMap::new();
         for f in live {
             if selected(&options.partitions, f.partition) {
@@ -297,6 +311,13 @@ impl IcebergColdStore {
         }
         let groups = by_partition.into_values().collect();
         self.rewrite(table, groups, Mode::Collapse(options.horizon), options.target_file_size, options.progress).await
+    }
+
+    /// The live data files of `table` in a format other than Parquet, with their partitions.
+    async fn foreign_format_files(&self, table: &Table) -> Result<Vec<(String, Option<i32>)>> {
+        let Some(head) = table.metadata().current_snapshot() else { return Ok(Vec::new()) };
+        let (files, _) = self.files_of(table, head, None).await?;
+        Ok(files.iter().filter(|f| !f.is_parquet()).map(|f| (f.path.clone(), f.bucket)).collect())
     }
 
     /// Reload table `ident` (this store's own table or another one in its catalog).
@@ -822,6 +843,17 @@ impl IcebergColdStore {
         let scan = table.scan().select_all().build().map_err(|e| classify(e, &what))?;
         let tasks = self.planned_tasks(table, &scan, &what).await?;
         let mut tasks: Vec<_> = tasks.into_iter().filter(|t| wanted.contains(t.data_file_path.as_str())).collect();
+        // A file listed twice (another engine added it again) is read twice by every engine's
+        // scan: compacting it once would change the table's rows. Refused, naming it (as a
+        // retryable conflict, it was retried for good).
+        let mut seen = HashSet::new();
+        let twice: Vec<&str> = tasks.iter().map(|t| t.data_file_path.as_str()).filter(|p| !seen.insert(*p)).collect();
+        if !twice.is_empty() {
+            return Err(Error::invalid(format!(
+                "{what}: data files listed twice in the table: {twice:?}; remove the second entry with the engine \
+                 that added it"
+            )));
+        }
         if tasks.len() != group.len() {
             return Err(Error::new(ErrorKind::Conflict, format!("{what}: files to compact changed while planning")));
         }
@@ -836,7 +868,7 @@ impl IcebergColdStore {
                     .map_err(|e| Error::backend(format!("{what}: a batch does not match the table schema: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let files = crate::user_table::write_user_files(self, table, &batches, target, &what).await?;
+        let files = crate::user_table::write_user_files(self, table, &batches, target, false, &what).await?;
         Ok((files, read))
     }
 }

@@ -332,6 +332,7 @@ pub(crate) async fn write_user_files(
     table: &Table,
     batches: &[RecordBatch],
     target: usize,
+    parallel: bool,
     what: &str,
 ) -> Result<Vec<iceberg::spec::DataFile>> {
     check_unpartitioned(table, what)?;
@@ -358,7 +359,10 @@ pub(crate) async fn write_user_files(
             DefaultFileNameGenerator::new(uuid::Uuid::new_v4().to_string(), None, DataFileFormat::Parquet),
         ))
     };
-    let ranges = row_ranges(batches);
+    // Without `parallel` (a compaction), one rolling writer: files of `target` size. Parallel
+    // writers each end a file of their own, smaller than the small-file threshold on two cores
+    // or more, and every compaction rewrote the previous one's output again.
+    let ranges = if parallel { row_ranges(batches) } else { vec![batches.to_vec()] };
     if ranges.len() < 2 || tokio::runtime::Handle::try_current().is_err() {
         return write_range(builder(), batches.to_vec(), what.to_string()).await;
     }
@@ -728,6 +732,7 @@ impl ArrowTable {
                         &table,
                         to_write,
                         self.store.inner.settings.target_file_size,
+                        true,
                         &what,
                     )
                     .await?;
@@ -1001,14 +1006,7 @@ impl ArrowTable {
     /// protocol and catalog requirement as [`IcebergColdStore::compact`].
     pub async fn compact(&self, options: crate::CompactOptions) -> Result<crate::RewriteReport> {
         let table = self.load().await?;
-        // The table's schema now, not this handle's: another handle may have added or widened
-        // a column since this one was opened (the scan reads through the current schema).
-        let what = format!("compacting {}", self.ident);
-        let current = Arc::new(
-            iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
-                .map_err(|e| classify(e, &what))?,
-        );
-        self.store.compact_user_table(table, current, options).await
+        self.store.compact_user_table(table, options).await
     }
 
     /// Expire the table's snapshots committed more than `older_than` ago (by the store's
@@ -1139,7 +1137,8 @@ mod tests {
         let table = t.load().await.expect("load");
         let relabelled = RecordBatch::try_new(t.iceberg_arrow.clone(), vec![Arc::new(Int64Array::from(vec![2]))])
             .expect("batch in the table's schema");
-        let files = super::write_user_files(&cold, &table, &[relabelled], 1 << 20, "foreign").await.expect("files");
+        let files =
+            super::write_user_files(&cold, &table, &[relabelled], 1 << 20, true, "foreign").await.expect("files");
         let tx = Transaction::new(&table);
         let tx = tx.fast_append().add_data_files(files).apply(tx).expect("apply");
         let table = tx.commit(&*cold.catalog()).await.expect("foreign commit");
@@ -1171,7 +1170,7 @@ mod tests {
             let table = t.load().await.expect("load");
             let rows = RecordBatch::try_new(t.iceberg_arrow.clone(), vec![Arc::new(Int64Array::from(vec![n]))])
                 .expect("batch in the table's schema");
-            let files = super::write_user_files(&cold, &table, &[rows], 1 << 20, "foreign").await.expect("files");
+            let files = super::write_user_files(&cold, &table, &[rows], 1 << 20, true, "foreign").await.expect("files");
             let tx = Transaction::new(&table);
             let tx = tx.fast_append().add_data_files(files).apply(tx).expect("apply");
             let table = tx.commit(&*cold.catalog()).await.expect("another engine's append");

@@ -953,6 +953,70 @@ async fn user_table_compaction_keeps_rows_and_stream_marks() {
     assert_eq!(rows(t.read_all().await.expect("read")).len(), 18);
 }
 
+/// A user table's compaction writes its output with one rolling writer, in files of the target
+/// size: compacting again finds nothing to do. With parallel writers (as an append of this much
+/// data uses on two cores or more) each writer ended a file of its own under the small-file
+/// threshold, and every compaction rewrote the previous one's output again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_compaction_settles() {
+    use arrow_array::{Int64Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("n", DataType::Int64, false),
+        Field::new("payload", DataType::Utf8, false),
+    ]));
+    let t = cold.arrow_table(&["m"], "blobs", schema.clone()).await.expect("table");
+    // Four appends of about 10 MiB of Arrow data each (small files once compressed): 40 MiB to
+    // compact, more than two parallel writers' worth (16 MiB each).
+    for id in 0..4i64 {
+        let n: Vec<i64> = (id * 1000..id * 1000 + 1000).collect();
+        let payload: Vec<String> = n.iter().map(|i| format!("{i:010}").repeat(1000)).collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(n)), Arc::new(StringArray::from(payload))],
+        )
+        .expect("batch");
+        t.append("s", id as u64 + 1, vec![batch]).await.expect("append");
+    }
+    let first = t.compact(CompactOptions::default()).await.expect("compact");
+    assert_eq!((first.files_removed, first.files_added), (4, 1), "{first:?}");
+    let again = t.compact(CompactOptions::default()).await.expect("compact again");
+    assert_eq!(again.snapshot, None, "nothing left to compact: {again:?}");
+    assert_eq!(t.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum::<usize>(), 4000);
+}
+
+/// A user-table data file another engine added a second time is read twice by every engine's
+/// scan: compaction refuses (`InvalidInput`, naming the file) rather than change the table's
+/// rows. It was a retryable `Conflict` ("files changed while planning") on every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_file_listed_twice_is_not_compacted() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let t = cold.arrow_table(&["m"], "twice", schema.clone()).await.expect("table");
+    for id in 1..=2i64 {
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![id]))]).expect("batch");
+        t.append("s", id as u64, vec![batch]).await.expect("append");
+    }
+    let table = cold.catalog().load_table(t.ident()).await.expect("load");
+    let head = table.metadata().current_snapshot().expect("head");
+    let list = table.manifest_list_reader(head).load().await.expect("list");
+    let m = list.entries()[0].load_manifest(table.file_io()).await.expect("manifest");
+    let again = m.entries()[0].data_file().clone();
+    let path = again.file_path().to_string();
+    let tx = Transaction::new(&table);
+    let tx = tx.fast_append().add_data_files(vec![again]).with_check_duplicate(false).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine appends a live file again");
+    let e = t.compact(CompactOptions::default()).await.expect_err("a file listed twice");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains(&path), "{e}");
+}
+
 /// What another engine does to drop column `name` of table `ident` and add a new optional string
 /// column under the same name (a new Iceberg field id).
 async fn replace_with_a_string_column(cold: &IcebergColdStore, ident: &iceberg::TableIdent, name: &str) {
@@ -1772,6 +1836,14 @@ async fn a_data_file_in_another_format_is_not_reported_corrupt() {
     assert_eq!(live_files(&cold).await, 3);
     let report = cold.compact(CompactOptions::default()).await.expect("compaction around the ORC file");
     assert_eq!(live_files(&cold).await, 2, "two Parquet files became one, the ORC file stays: {report:?}");
+    // A collapse of its partition could drop a delete that supersedes the ORC file's rows (every
+    // other engine's fold would show them again): refused, naming it.
+    let horizon = dotdo_core::Clock::now(&dotdo_core::SystemClock::new());
+    let e =
+        cold.collapse(dotdo_iceberg::CollapseOptions::new(horizon)).await.expect_err("an ORC file in the partition");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("foreign-00000.orc"), "{e}");
+    assert_eq!(live_files(&cold).await, 2, "nothing committed");
 }
 
 /// Two catalog names on one warehouse, each with table `m.changes`: the second table gets a
