@@ -205,8 +205,20 @@ fn main() {
             .block_on(SqliteStore::builder(dir.path().join(format!("dotdo-{label}.db"))).with_settings(settings).open())
             .expect("open store");
         let lease = rt.block_on(s.acquire(&obj, &node, Duration::from_secs(3600))).expect("acquire");
-        if !batch_only {
-            point_ops(&rt, &s, &mut raw, label, &lease, &keys);
+        if !batch_only && multi {
+            // From a task on a runtime worker, as a handler calls: `Execution::Auto` then hands
+            // the worker's core off (`block_in_place`), which a call made through the main
+            // thread's `block_on` never does. (Each call is driven to completion on the worker.)
+            let (s2, lease2, keys2, label2) = (s.clone(), lease.clone(), keys.clone(), label.to_string());
+            raw = rt
+                .block_on(rt.spawn(async move {
+                    let mut raw = raw;
+                    point_ops(&|f| futures::executor::block_on(f), &s2, &mut raw, &label2, &lease2, &keys2);
+                    raw
+                }))
+                .expect("benchmark task");
+        } else if !batch_only {
+            point_ops(&|f| rt.block_on(f), &s, &mut raw, label, &lease, &keys);
         }
         if label == "auto_mt" {
             // One new value per round, so that every round rewrites every row.
@@ -220,6 +232,21 @@ fn main() {
                 rt.block_on(s.write(&obj, lease.token, b)).expect("batch");
             };
             // Six rounds each, so the WAL checkpoints that sustained batches pay land in both.
+            // The raw file gets the checkpoint thread dotdo's store runs (PASSIVE, every 50 ms,
+            // on a connection of its own): without it the raw rounds paid SQLite's inline
+            // checkpoints while ours were copied on the other core, partly during raw rounds.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let checkpointer = {
+                let (path, stop) = (dir.path().join(format!("raw-{label}.db")), stop.clone());
+                std::thread::spawn(move || {
+                    let c = Connection::open(path).expect("checkpoint connection");
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let _ = c.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+                        #[allow(clippy::disallowed_methods)] // a benchmark's pacing, real time
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                })
+            };
             let rows = |s: &dotdo_core::testkit::bench::Samples| ROWS as f64 * s.ops_per_sec();
             let (ours, base) = sample_pair(1, 6, 1, &mut batch, || raw.batch(&raw_values.next_value()));
             record("sqlite/batched_put_100k", "rows/s", rows(&ours), "rusqlite_one_txn_upserts", rows(&base));
@@ -231,13 +258,18 @@ fn main() {
                 "rusqlite_same_schema_batch",
                 rows(&base),
             );
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            checkpointer.join().expect("checkpoint thread");
         }
     }
 }
 
+/// Drives one of our calls to completion (the main thread's `block_on`, or a worker task's).
+type Block<'a> = &'a dyn for<'f> Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'f>>);
+
 #[allow(clippy::too_many_arguments)]
 fn point_ops(
-    rt: &tokio::runtime::Runtime,
+    block: Block<'_>,
     s: &SqliteStore,
     raw: &mut Raw,
     label: &str,
@@ -250,7 +282,10 @@ fn point_ops(
     let mut k = 0;
     let mut put = || {
         k += 1;
-        rt.block_on(s.put(&obj, lease.token, "Bench", &keys[k % KEYS], ours_values.next_value())).expect("fenced put");
+        let value = ours_values.next_value();
+        block(Box::pin(async {
+            s.put(&obj, lease.token, "Bench", &keys[k % KEYS], value).await.expect("fenced put");
+        }));
     };
     let (ours, base) = sample_pair(2_000, N, 1_000, &mut put, || raw.upsert(keys, &raw_values.next_value()));
     record(
@@ -320,7 +355,9 @@ fn point_ops(
         1_000,
         || {
             g += 1;
-            std::hint::black_box(rt.block_on(s.get(&obj, &keys[g % KEYS])).expect("get"));
+            block(Box::pin(async {
+                std::hint::black_box(s.get(&obj, &keys[g % KEYS]).await.expect("get"));
+            }));
         },
         || raw.get(keys),
     );
@@ -331,10 +368,10 @@ fn point_ops(
         N / 2,
         1_000,
         || {
-            rt.block_on(async {
+            block(Box::pin(async {
                 let l = s.acquire(&other, &node, Duration::from_secs(30)).await.expect("acquire");
                 s.release(&l).await.expect("release");
-            })
+            }))
         },
         || raw.lease_pair(),
     );

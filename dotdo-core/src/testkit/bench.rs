@@ -4,7 +4,8 @@
 //! run** and records one row `{name, unit, ours, baseline_name, baseline, ratio, baseline_kind}`
 //! where `ratio = ours / baseline` in `unit` and `baseline_kind` is `"same_run"`. Where no peer
 //! can run ([`record_goal`]: a restore, a pipeline's end-to-end lag), the baseline is a goal or
-//! bound and `baseline_kind` says `"goal"`. Rows are printed and appended as JSON lines to the file
+//! bound and `baseline_kind` says `"goal"`; beside a figure given for reference only (a
+//! predecessor's, [`record_reference`]) it says `"reference"`. Rows are printed and appended as JSON lines to the file
 //! named by `DOTDO_BENCH_JSONL` (`scripts/bench` sets it and merges the lines into
 //! `target/bench/results.json`).
 //!
@@ -77,9 +78,9 @@ pub fn sample(warmup: usize, iters: usize, ops_per_call: u64, mut f: impl FnMut(
     Samples { sorted, total, ops: ops_per_call * iters as u64 }
 }
 
-/// Measure two operations interleaved in chunks of `chunk` calls (ours, then baseline, then ours
-/// ...), so that background load on the machine affects both figures alike. Returns
-/// `(ours, baseline)`.
+/// Measure two operations interleaved in chunks of `chunk` calls (ours then baseline, then
+/// baseline then ours, ...), so that background load on the machine, and work either side
+/// leaves behind, affect both figures alike. Returns `(ours, baseline)`.
 pub fn sample_pair(
     warmup: usize,
     iters: usize,
@@ -96,11 +97,18 @@ pub fn sample_pair(
     let mut b = Vec::with_capacity(iters);
     let (mut ta, mut tb) = (Duration::ZERO, Duration::ZERO);
     let chunk = chunk.max(1);
+    let mut ours_first = true;
     while a.len() < iters {
         let n = chunk.min(iters - a.len());
-        for (f, out, total) in
-            [(&mut ours as &mut dyn FnMut(), &mut a, &mut ta), (&mut baseline as &mut dyn FnMut(), &mut b, &mut tb)]
-        {
+        let mut sides =
+            [(&mut ours as &mut dyn FnMut(), &mut a, &mut ta), (&mut baseline as &mut dyn FnMut(), &mut b, &mut tb)];
+        // Alternate which side goes first in each chunk: work one side leaves behind (a
+        // checkpoint, frees) would otherwise always fall into the other side's window.
+        if !ours_first {
+            sides.reverse();
+        }
+        ours_first = !ours_first;
+        for (f, out, total) in sides {
             let start = clock.monotonic();
             for _ in 0..n {
                 let t = clock.monotonic();
@@ -164,6 +172,12 @@ pub fn record(name: &str, unit: &str, ours: f64, baseline_name: &str, baseline: 
 /// so in its output (`baseline_kind: "goal"`, and "goal" before the baseline when printed).
 pub fn record_goal(name: &str, unit: &str, ours: f64, goal_name: &str, goal: f64) {
     write_row(name, unit, ours, goal_name, goal, "goal");
+}
+
+/// Record one result row beside a figure for reference only (neither measured in the run nor a
+/// goal: a predecessor's published figure), marked `baseline_kind: "reference"`.
+pub fn record_reference(name: &str, unit: &str, ours: f64, reference_name: &str, reference: f64) {
+    write_row(name, unit, ours, reference_name, reference, "reference");
 }
 
 fn write_row(name: &str, unit: &str, ours: f64, baseline_name: &str, baseline: f64, kind: &str) {
