@@ -196,50 +196,11 @@ pub trait ColdSink: Send + Sync + Debug + 'static {
 
     /// The newest snapshot and `object`'s watermark in it, as one answer: a lazy restore pins
     /// the snapshot and serves reads there as the object's state through the watermark. A sink
-    /// that can should answer both from one read of its table (dotdo-iceberg does; a wrapper
-    /// should forward this). The default reads the watermark, then the snapshots, and checks
-    /// that the newest snapshot holds the change at the watermark and none after it; when it
-    /// does not (the change may have been collapsed away), it reads the object's state at that
-    /// snapshot and compares its `through`. A mismatch (one of the reads answered an older
-    /// table, as a lagging catalog replica may), or the snapshot expiring meanwhile, is
-    /// `Unavailable` (retryable).
+    /// should answer both from one read of its table (dotdo-iceberg and [`MemoryColdStore`]
+    /// (crate::MemoryColdStore) do; a wrapper should forward this). The default is
+    /// [`head_by_reads`]: it reads the object's whole state at the snapshot to check it.
     async fn head(&self, object: &ObjectId) -> Result<(Option<SnapshotId>, Watermark)> {
-        let wm = self.watermark(object).await?;
-        let snapshot = self.snapshots().await?.last().map(|s| s.id);
-        let moved = || {
-            crate::Error::unavailable(format!(
-                "{object}: the cold store's newest snapshot ({snapshot:?}) does not hold the object's watermark \
-                 {} read just before: one of the reads answered an older table; retry",
-                wm.through
-            ))
-        };
-        let Some(s) = snapshot else {
-            return if wm.through == 0 { Ok((None, wm)) } else { Err(moved()) };
-        };
-        // Expired since it was listed (a table expiring aggressively): ask again.
-        let expired = |e: crate::Error| {
-            if e.kind() == &crate::ErrorKind::NotFound {
-                crate::Error::unavailable(format!(
-                    "{object}: the cold store's newest snapshot {s} expired while it was read; retry"
-                ))
-                .with_source(e)
-            } else {
-                e
-            }
-        };
-        let around = self
-            .read_changes_through(object, wm.through.saturating_sub(1), wm.through.saturating_add(1), AsOf::Snapshot(s))
-            .await
-            .map_err(expired)?;
-        let seqs: Vec<Seq> = around.iter().map(|r| r.seq).collect();
-        let holds = if wm.through == 0 { seqs.is_empty() } else { seqs == [wm.through] };
-        if !holds {
-            let at = self.load_state(object, AsOf::Snapshot(s)).await.map_err(expired)?;
-            if at.through != wm.through {
-                return Err(moved());
-            }
-        }
-        Ok((snapshot, wm))
+        head_by_reads(self, object).await
     }
 
     /// An object's state as of a snapshot.
@@ -266,6 +227,44 @@ pub trait ColdSink: Send + Sync + Debug + 'static {
         records.retain(|r| r.seq <= through);
         Ok(records)
     }
+}
+
+/// [`ColdSink::head`] from separate reads: the watermark, the snapshot list, then the object's
+/// state at the newest snapshot, whose `through` must equal the watermark (one of the reads may
+/// have answered an older table, as a lagging catalog replica may; a check of the changes around
+/// the watermark alone is fooled by changes collapsed away). A mismatch, or the snapshot expiring
+/// meanwhile, is `Unavailable` (retryable). Costs a read of the object's whole state.
+pub async fn head_by_reads<S: ColdSink + ?Sized>(
+    sink: &S,
+    object: &ObjectId,
+) -> Result<(Option<SnapshotId>, Watermark)> {
+    let wm = sink.watermark(object).await?;
+    let snapshot = sink.snapshots().await?.last().map(|s| s.id);
+    let moved = |at: Seq| {
+        Error::unavailable(format!(
+            "{object}: the cold store's newest snapshot ({snapshot:?}) holds the object through seq {at}, its \
+             watermark read just before says {}: one of the reads answered an older table; retry",
+            wm.through
+        ))
+    };
+    let Some(s) = snapshot else {
+        return if wm.through == 0 { Ok((None, wm)) } else { Err(moved(0)) };
+    };
+    let at = sink.load_state(object, AsOf::Snapshot(s)).await.map_err(|e| {
+        if e.kind() == &crate::ErrorKind::NotFound {
+            // Expired since it was listed (a table expiring aggressively): ask again.
+            Error::unavailable(format!(
+                "{object}: the cold store's newest snapshot {s} expired while it was read; retry"
+            ))
+            .with_source(e)
+        } else {
+            e
+        }
+    })?;
+    if at.through != wm.through {
+        return Err(moved(at.through));
+    }
+    Ok((snapshot, wm))
 }
 
 #[async_trait]

@@ -295,7 +295,8 @@ impl IcebergColdStore {
         // cannot decode) may hold puts that a delete dropped here supersedes: every other
         // engine's fold of the table would show the key again.
         let foreign = self.foreign_format_files(&table).await?;
-        if let Some(f) = foreign.iter().find(|(_, p)| selected(&options.partitions, *p)) {
+        // (One of an unknown partition, written under another spec, may hold any object's rows.)
+        if let Some(f) = foreign.iter().find(|(_, p)| p.is_none() || selected(&options.partitions, *p)) {
             return Err(Error::invalid(format!(
                 "collapse of {}: the partition of {} also holds data files dotdo cannot read (not Parquet); \
                  a delete dropped by the collapse could let their older versions show again",

@@ -275,6 +275,17 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     let is_url = scheme_then_slash
         || trimmed.contains("://")
         || trimmed.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("file:"));
+    // An object store's scheme without `//` (`s3:bucket/wh`, `memory:x`): a typo, not a local
+    // directory named `s3:bucket`.
+    const STORES: [&str; 11] = ["s3", "s3a", "s3n", "gs", "az", "adl", "azure", "abfs", "abfss", "memory", "https"];
+    if let Some((scheme, _)) = trimmed.split_once(':').filter(|(s, _)| STORES.iter().any(|k| s.eq_ignore_ascii_case(k)))
+    {
+        if !is_url {
+            return Err(Error::invalid(format!(
+                "warehouse {warehouse}: a {scheme} warehouse is a URL ({scheme}://bucket/path)"
+            )));
+        }
+    }
     if !is_url && !trimmed.is_empty() {
         let cwd = std::env::current_dir().map_err(|e| {
             Error::invalid(format!("warehouse path {warehouse} is relative and the working directory is unknown: {e}"))
@@ -378,11 +389,19 @@ fn with_root_scheme<'a>(root: &str, location: &'a str) -> std::borrow::Cow<'a, s
 /// for a virtual-hosted URL (`https://bkt.s3.<region>.amazonaws.com/wh`: the bucket is the
 /// host) nor a plain HTTP store.
 fn bucket_prefix(url: &Url) -> Option<String> {
-    if !matches!(url.scheme(), "http" | "https") {
+    if url.scheme() != "https" {
         return None;
     }
-    let (_, path) = object_store::ObjectStoreScheme::parse(url).ok()?;
-    if path == Path::from_url_path(url.path()).ok()? {
+    // As object_store's builders take them (`AmazonS3Builder`: `s3.<region>.amazonaws.com` is
+    // path-style, `<bucket>.s3.<region>.amazonaws.com` virtual-hosted, also for a bucket named
+    // `s3-…`; R2 and Azure's https hosts keep the bucket or container in the path).
+    let host = url.host_str()?;
+    let path_style = (host.ends_with(".amazonaws.com") && host.split('.').next() == Some("s3"))
+        || host.ends_with(".r2.cloudflarestorage.com")
+        || ["dfs.core.windows.net", "blob.core.windows.net", "dfs.fabric.microsoft.com", "blob.fabric.microsoft.com"]
+            .iter()
+            .any(|h| host.ends_with(h));
+    if !path_style {
         return None;
     }
     let bucket = url.path_segments()?.next().filter(|s| !s.is_empty())?;
@@ -553,7 +572,11 @@ fn sync_local_file(sync: &SyncState, path: &std::path::Path) -> std::result::Res
             match sync_dir(up) {
                 // Outside the warehouse, an ancestor this process may not open (`chmod 711`,
                 // another user's) is not one it made an entry in: the walk ends there.
-                Err((_, e)) if stop.is_none() && e.kind() == std::io::ErrorKind::PermissionDenied => break,
+                Err((_, e)) if stop.is_none() && e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    // Not tried again for every file.
+                    sync.synced_dirs.lock().insert(dir.to_path_buf());
+                    break;
+                }
                 r => r?,
             }
             sync.synced_dirs.lock().insert(dir.to_path_buf());
@@ -847,6 +870,11 @@ mod tests {
             let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{bad}: {e}");
         }
+        // An object store's scheme without `//` is a typo, refused.
+        for typo in ["s3:bucket/wh", "gs:bkt/wh", "memory:x"] {
+            let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), typo).expect_err(typo);
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{typo}: {e}");
+        }
         // A colon not followed by `/` is part of a relative directory's name.
         for relative in ["wh-2024-06-01T12:00:00", "lake:v2"] {
             let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), relative).expect(relative);
@@ -997,8 +1025,12 @@ mod tests {
         let r = StoreRoot::from_store(mem(), "https://acct.blob.core.windows.net/container/wh").expect("root");
         assert!(r.key("https://acct.blob.core.windows.net/other/x").is_err());
         assert!(r.key("https://acct.blob.core.windows.net/container/x").is_ok());
-        // A plain HTTP store (no bucket), or a virtual-hosted S3 URL (the bucket is the host),
-        // takes any path of its host.
+        // A plain HTTP store (no bucket), or a virtual-hosted S3 URL (the bucket is the host,
+        // also one named `s3-…`), takes any path of its host.
+        let r = StoreRoot::from_store(mem(), "https://s3-logs.s3.us-east-1.amazonaws.com/wh").expect("root");
+        assert!(r.key("https://s3-logs.s3.us-east-1.amazonaws.com/lake/x").is_ok());
+        let r = StoreRoot::from_store(mem(), "https://s3.us-east-1.amazonaws.com/bkt/wh").expect("root");
+        assert!(r.key("https://s3.us-east-1.amazonaws.com/other/x").is_err(), "path-style: another bucket");
         let r = StoreRoot::from_store(mem(), "http://localhost:9000/dav/wh").expect("root");
         assert_eq!(r.key("http://localhost:9000/other/x").expect("another path").as_ref(), "other/x");
         let r = StoreRoot::from_store(mem(), "https://bkt.s3.us-east-1.amazonaws.com/wh").expect("root");

@@ -205,19 +205,11 @@ fn main() {
             .block_on(SqliteStore::builder(dir.path().join(format!("dotdo-{label}.db"))).with_settings(settings).open())
             .expect("open store");
         let lease = rt.block_on(s.acquire(&obj, &node, Duration::from_secs(3600))).expect("acquire");
-        if !batch_only && multi {
-            // From a task on a runtime worker, as a handler calls: `Execution::Auto` then hands
-            // the worker's core off (`block_in_place`), which a call made through the main
-            // thread's `block_on` never does. (Each call is driven to completion on the worker.)
-            let (s2, lease2, keys2, label2) = (s.clone(), lease.clone(), keys.clone(), label.to_string());
-            raw = rt
-                .block_on(rt.spawn(async move {
-                    let mut raw = raw;
-                    point_ops(&|f| futures::executor::block_on(f), &s2, &mut raw, &label2, &lease2, &keys2);
-                    raw
-                }))
-                .expect("benchmark task");
-        } else if !batch_only {
+        if !batch_only {
+            // Every mode's calls are driven by `block_on` from the main thread (on the
+            // multi-thread runtime `Execution::Auto`'s `block_in_place` then runs in place: no
+            // hand-off of a worker's core, which a call from a handler task pays on its first
+            // blocking call of a poll).
             point_ops(&|f| rt.block_on(f), &s, &mut raw, label, &lease, &keys);
         }
         if label == "auto_mt" {

@@ -164,6 +164,13 @@ impl ColdSink for MemoryColdStore {
         Ok(self.snapshots.lock().iter().map(|s| s.info.clone()).collect())
     }
 
+    /// One read under the lock: the newest snapshot and the object's watermark in it.
+    async fn head(&self, object: &ObjectId) -> Result<(Option<crate::SnapshotId>, Watermark)> {
+        let snaps = self.snapshots.lock();
+        let last = snaps.last();
+        Ok((last.map(|s| s.info.id), last.and_then(|s| s.watermarks.get(object).copied()).unwrap_or_default()))
+    }
+
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         let snaps = self.snapshots.lock();
         let idx = Self::resolve(&snaps, as_of)?;
