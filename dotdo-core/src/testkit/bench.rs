@@ -182,7 +182,11 @@ pub fn record_reference(name: &str, unit: &str, ours: f64, reference_name: &str,
 
 fn write_row(name: &str, unit: &str, ours: f64, baseline_name: &str, baseline: f64, kind: &str) {
     let ratio = if baseline == 0.0 { f64::NAN } else { ours / baseline };
-    let goal = if kind == "goal" { "goal " } else { "" };
+    let goal = match kind {
+        "goal" => "goal ",
+        "reference" => "ref ",
+        _ => "",
+    };
     println!("{name:<48} {unit:>8}  ours {ours:>14.3}  {goal}{baseline_name} {baseline:>14.3}  ratio {ratio:.3}");
     let row = format!(
         "{{\"name\":{},\"unit\":{},\"ours\":{},\"baseline_name\":{},\"baseline\":{},\"ratio\":{},\"baseline_kind\":{}}}",
