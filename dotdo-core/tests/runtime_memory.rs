@@ -2709,6 +2709,28 @@ impl ColdSink for Collapsed {
     }
 }
 
+/// A lazy activation on a sink without a single read of its table (the default `head` reads the
+/// object's whole state to check the snapshot it pins) keeps its lease renewed meanwhile, as an
+/// eager restore does: a read outlasting the TTL (here two) goes through.
+#[tokio::test]
+async fn a_lazy_activation_whose_head_outlasts_the_lease_keeps_it() {
+    let w = World::new();
+    let o = populated_then_evicted(&w).await;
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    // The store's own watermark, given as a "stale" one: `head` goes through separate reads.
+    *cold.stale_watermark.lock() = Some(w.cold.watermark(&o).await.expect("watermark"));
+    *cold.before_load.lock() = Some(clock_moves_on(&w.clock, 20));
+    let b = w.runtime_with(
+        "b",
+        Arc::new(w.hot.clone()),
+        cold.clone(),
+        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
+    );
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1, "head read the state once");
+    assert_eq!(b.metrics().self_fenced, 0);
+}
+
 /// An eager restore that outlasts the lease (a large state read from cold, here two TTLs)
 /// keeps the lease renewed: the activating call goes through. It ran without renewal, and the
 /// call failed with `LeaseLost` after loading the whole state.

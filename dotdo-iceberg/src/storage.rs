@@ -572,11 +572,7 @@ fn sync_local_file(sync: &SyncState, path: &std::path::Path) -> std::result::Res
             match sync_dir(up) {
                 // Outside the warehouse, an ancestor this process may not open (`chmod 711`,
                 // another user's) is not one it made an entry in: the walk ends there.
-                Err((_, e)) if stop.is_none() && e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    // Not tried again for every file.
-                    sync.synced_dirs.lock().insert(dir.to_path_buf());
-                    break;
-                }
+                Err((_, e)) if stop.is_none() && e.kind() == std::io::ErrorKind::PermissionDenied => break,
                 r => r?,
             }
             sync.synced_dirs.lock().insert(dir.to_path_buf());

@@ -256,7 +256,7 @@ fn main() {
     }
 }
 
-/// Drives one of our calls to completion (the main thread's `block_on`, or a worker task's).
+/// Drives one of our calls to completion (the main thread's `block_on`).
 type Block<'a> = &'a dyn for<'f> Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'f>>);
 
 #[allow(clippy::too_many_arguments)]

@@ -1127,7 +1127,9 @@ impl ObjectRuntime {
             mode => {
                 // The snapshot and the watermark it pins, from one answer: reads are served there as
                 // the state through the watermark.
-                let (snapshot, at) = inner.cold.head(object).await?;
+                // (A sink without a single read of its table reads the object's state for it:
+                // renewed as a restore is.)
+                let (snapshot, at) = with_renewal(inner, &mut active.lease, inner.cold.head(object)).await?;
                 if at.through < wm.through {
                     // Decided on `wm` above: a store answering an older table now must not pin
                     // state older than what it acknowledged.

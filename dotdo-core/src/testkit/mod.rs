@@ -246,6 +246,9 @@ impl ColdSink for LosingColdSink {
     async fn snapshots(&self) -> crate::Result<Vec<crate::SnapshotInfo>> {
         self.inner.snapshots().await
     }
+    async fn head(&self, object: &crate::ObjectId) -> crate::Result<(Option<crate::SnapshotId>, crate::Watermark)> {
+        self.inner.head(object).await
+    }
     async fn load_state(&self, object: &crate::ObjectId, as_of: crate::AsOf) -> crate::Result<crate::ColdState> {
         self.inner.load_state(object, as_of).await
     }
