@@ -2597,20 +2597,28 @@ async fn populated_then_evicted(w: &World) -> ObjectId {
     o
 }
 
+/// Object "o" populated with 20 keys and flushed (the first snapshot, whose watermark is
+/// returned), then `key/0003` overwritten with "newer" and the object evicted (a second one).
+async fn overwritten_then_evicted(w: &World) -> (ObjectId, Watermark) {
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    populate(&a, &o, 20).await;
+    a.flush(&o).await.expect("first snapshot");
+    let first = w.cold.watermark(&o).await.expect("watermark");
+    let put = async |t: &mut ObjectTxn<'_>| t.put("key/0003", "newer");
+    a.invoke(&o, put).await.expect("overwrite");
+    a.evict(&o).await.expect("evict: a second snapshot");
+    assert_eq!(w.cold.snapshots().await.expect("snapshots").len(), 2);
+    (o, first)
+}
+
 /// A lazy activation pins the snapshot its watermark is in: on a cold store whose snapshot list
 /// lags its watermark (a catalog answering an older table to one read), the activation fails
 /// retryably. It pinned the older snapshot and served its values as the object's latest state.
 #[tokio::test]
 async fn a_lazy_activation_never_pins_a_snapshot_older_than_its_watermark() {
     let w = World::new();
-    let a = w.runtime("a", settings());
-    let o = oid("o");
-    populate(&a, &o, 20).await;
-    a.flush(&o).await.expect("first snapshot");
-    let put = async |t: &mut ObjectTxn<'_>| t.put("key/0003", "newer");
-    a.invoke(&o, put).await.expect("overwrite");
-    a.evict(&o).await.expect("evict: a second snapshot");
-    assert_eq!(w.cold.snapshots().await.expect("snapshots").len(), 2);
+    let (o, _) = overwritten_then_evicted(&w).await;
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
     cold.lagging_snapshots.store(true, std::sync::atomic::Ordering::SeqCst);
     let b = w.runtime_with(
@@ -2633,14 +2641,7 @@ async fn a_lazy_activation_never_pins_a_snapshot_older_than_its_watermark() {
 #[tokio::test]
 async fn a_lazy_activation_never_pins_a_snapshot_newer_than_its_watermark() {
     let w = World::new();
-    let a = w.runtime("a", settings());
-    let o = oid("o");
-    populate(&a, &o, 20).await;
-    a.flush(&o).await.expect("first snapshot");
-    let older = w.cold.watermark(&o).await.expect("watermark");
-    let put = async |t: &mut ObjectTxn<'_>| t.put("key/0003", "newer");
-    a.invoke(&o, put).await.expect("overwrite");
-    a.evict(&o).await.expect("evict: a second snapshot");
+    let (o, older) = overwritten_then_evicted(&w).await;
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
     *cold.stale_watermark.lock() = Some(older);
     // Another node with a hot store of its own (it knows nothing of the object's truncations).

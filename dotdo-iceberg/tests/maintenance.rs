@@ -1611,16 +1611,9 @@ async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 
-/// A format-v1 user table whose history another engine started anew after dotdo's commits (a
-/// root snapshot with no dotdo marks, dotdo's snapshot off its chain) reads as `Corrupt`: every
-/// snapshot of a v1 table has sequence number 0, and the stream marks read as "nothing
-/// committed" (batch 1 would have been written again).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::disallowed_methods)] // real time: the other engine's snapshot is stamped later
-async fn a_replaced_history_on_a_v1_table_is_corrupt() {
-    use iceberg::transaction::{ApplyTransactionAction, Transaction};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cold = open(dir.path(), 4).await;
+/// A format-v1 user table `u.events` (one `id` column) made as another engine would, its
+/// handle, and a batch of two rows for it.
+async fn v1_user_table(cold: &IcebergColdStore) -> (dotdo_iceberg::ArrowTable, arrow_array::RecordBatch) {
     let arrow = arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
     let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
     let ns = iceberg::NamespaceIdent::new("u".into());
@@ -1635,6 +1628,20 @@ async fn a_replaced_history_on_a_v1_table_is_corrupt() {
     let user = cold.arrow_table(&["u"], "events", arrow.clone()).await.expect("user table");
     let rows = arrow_array::RecordBatch::try_new(arrow, vec![Arc::new(arrow_array::Int32Array::from(vec![1, 2]))])
         .expect("batch");
+    (user, rows)
+}
+
+/// A format-v1 user table whose history another engine started anew after dotdo's commits (a
+/// root snapshot with no dotdo marks, dotdo's snapshot off its chain) reads as `Corrupt`: every
+/// snapshot of a v1 table has sequence number 0, and the stream marks read as "nothing
+/// committed" (batch 1 would have been written again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the other engine's snapshot is stamped later
+async fn a_replaced_history_on_a_v1_table_is_corrupt() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let (user, rows) = v1_user_table(&cold).await;
     user.append("s", 1, vec![rows.clone()]).await.expect("dotdo's append");
     // Another engine's snapshot, made the root of a new history.
     std::thread::sleep(std::time::Duration::from_millis(5));
@@ -1665,20 +1672,7 @@ async fn a_replaced_history_on_a_v1_table_is_corrupt() {
 async fn a_v1_table_with_another_engines_tag_is_not_written() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = open(dir.path(), 4).await;
-    let arrow = arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
-    let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
-    let ns = iceberg::NamespaceIdent::new("u".into());
-    cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
-    let creation = iceberg::TableCreation::builder()
-        .name("events".into())
-        .schema(schema)
-        .format_version(iceberg::spec::FormatVersion::V1)
-        .build();
-    cold.catalog().create_table(&ns, creation).await.expect("a version 1 table");
-    let arrow = Arc::new(arrow);
-    let user = cold.arrow_table(&["u"], "events", arrow.clone()).await.expect("user table");
-    let rows = arrow_array::RecordBatch::try_new(arrow, vec![Arc::new(arrow_array::Int32Array::from(vec![1, 2]))])
-        .expect("batch");
+    let (user, rows) = v1_user_table(&cold).await;
     for id in 1..=3 {
         user.append("s", id, vec![rows.clone()]).await.expect("dotdo's append");
     }
