@@ -482,6 +482,15 @@ impl IcebergColdStore {
                 Ok(r) => r,
                 Err(e) => {
                     self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
+                    if e.kind() == &ErrorKind::Corrupt {
+                        if let Some(gone) = self.replaced_meanwhile(&ident, &group).await {
+                            return Err(Error::new(
+                                ErrorKind::Conflict,
+                                format!("{what}: input file {gone} left the table while it was read; plan again"),
+                            )
+                            .with_source(e));
+                        }
+                    }
                     return Err(e.context(&what));
                 }
             };
@@ -643,6 +652,17 @@ impl IcebergColdStore {
         }
         self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
         Err(err)
+    }
+
+    /// A file of `group` the current table no longer lists (another engine's compaction replaced
+    /// it, and an expiry and cleanup may have deleted it, while this rewrite read it): read as
+    /// missing or damaged, it is a conflict, not damage. `None` if every file is still live, or
+    /// the table cannot be read now.
+    async fn replaced_meanwhile(&self, ident: &iceberg::TableIdent, group: &[LiveFile]) -> Option<String> {
+        let table = self.reload(ident).await.ok()?;
+        let live = self.live_files(&table).await.ok()?;
+        let paths: HashSet<&str> = live.iter().map(|f| f.path.as_str()).collect();
+        group.iter().find(|f| !paths.contains(f.path.as_str())).map(|f| f.path.clone())
     }
 
     /// Whether every file this rewrite wrote is still in the store. A cleanup of unreferenced

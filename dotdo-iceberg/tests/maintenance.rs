@@ -953,6 +953,54 @@ async fn user_table_compaction_keeps_rows_and_stream_marks() {
     assert_eq!(rows(t.read_all().await.expect("read")).len(), 18);
 }
 
+/// An input file that another engine's compaction replaced, and its cleanup deleted, while this
+/// compaction read it: a retryable `Conflict` (plan again), not `Corrupt` (nothing is damaged;
+/// it read as a missing file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_file_replaced_and_deleted_meanwhile_is_a_conflict() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hooked = common::FaultyStore::quiet_local();
+    let ours = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        ours.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let inputs: Vec<String> =
+        hooked.puts.lock().iter().filter(|p| p.ends_with(".parquet")).map(|p| format!("/{p}")).collect();
+    assert_eq!(inputs.len(), 3);
+    let path = dir.path().to_path_buf();
+    *hooked.before_get.lock() = Some(common::PutHook(
+        ".parquet".into(),
+        Box::pin(async move {
+            // Another process's compaction (a runtime of its own), then its cleanup.
+            let other = move || {
+                let rt = tokio::runtime::Runtime::new().expect("runtime");
+                rt.block_on(async {
+                    let other = open(&path, 1).await;
+                    other.compact(CompactOptions::default()).await.expect("another engine's compaction");
+                });
+            };
+            tokio::task::spawn_blocking(other).await.expect("the other compaction");
+            for f in &inputs {
+                std::fs::remove_file(f).expect("and its cleanup");
+            }
+        }),
+    ));
+    let e = ours.compact(CompactOptions::default()).await.expect_err("its inputs were replaced");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    let st = ours.load_state(&o, AsOf::Latest).await.expect("the other compaction's output reads");
+    assert_eq!(st.through, 3);
+}
+
 /// A user table's compaction writes its output with one rolling writer, in files of the target
 /// size: compacting again finds nothing to do. With parallel writers (as an append of this much
 /// data uses on two cores or more) each writer ended a file of its own under the small-file

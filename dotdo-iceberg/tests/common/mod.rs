@@ -236,6 +236,9 @@ pub struct FaultyStore {
     pub fail_puts_of: Mutex<Option<(String, u32)>>,
     /// Multipart uploads aborted so far.
     pub aborts: Arc<AtomicU64>,
+    /// Run once, before the first read (`get_opts`, `get_ranges`) of a path ending with the given
+    /// suffix (another engine's work landing while a file is read).
+    pub before_get: Mutex<Option<PutHook>>,
     /// Single puts of more bytes than this fail (a request that cannot finish within the
     /// client's timeout on a slow link); 0: no limit.
     pub max_put_bytes: AtomicU64,
@@ -305,6 +308,7 @@ impl FaultyStore {
             aborts: Arc::new(AtomicU64::new(0)),
             put_faults: Default::default(),
             max_put_bytes: AtomicU64::new(0),
+            before_get: Mutex::new(None),
         }
     }
 
@@ -313,6 +317,19 @@ impl FaultyStore {
     #[allow(dead_code)] // not every test binary including this module uses it
     pub fn quiet_local() -> Arc<Self> {
         Arc::new(FaultyStore::new(Arc::new(object_store::local::LocalFileSystem::new()), 1, 0.0))
+    }
+
+    async fn run_before_get(&self, location: &Path) {
+        let hook = {
+            let mut h = self.before_get.lock();
+            match h.as_ref() {
+                Some(PutHook(suffix, _)) if location.as_ref().ends_with(suffix.as_str()) => h.take().map(|h| h.1),
+                _ => None,
+            }
+        };
+        if let Some(f) = hook {
+            f.await;
+        }
     }
 
     /// Turn fault injection on or off.
@@ -440,6 +457,7 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.run_before_get(location).await;
         self.reads.lock().push(location.to_string());
         if self.fail_reads_of.lock().as_deref().is_some_and(|s| location.as_ref().ends_with(s)) {
             return Err(Self::err("get", location));
@@ -448,6 +466,7 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+        self.run_before_get(location).await;
         self.reads.lock().push(location.to_string());
         if self.fail_reads_of.lock().as_deref().is_some_and(|s| location.as_ref().ends_with(s)) {
             return Err(Self::err("get_ranges", location));
