@@ -1601,6 +1601,49 @@ async fn a_refresh_under_another_token_loses_the_lease() {
     assert_eq!(incr(&rt, &o).await.expect("a fresh lease"), 2, "nothing was written under a new token");
 }
 
+/// A commit whose lease needs a refresh first, from a guard that never answers (a hung
+/// connection), ends once the lease has run out, writing nothing: it waited for ever, holding
+/// the object's slot, so every later call on the object waited too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the clock ticks while the call waits
+async fn a_hung_refresh_before_a_commit_ends_when_the_lease_runs_out() {
+    let (w, guard, rt, o) = activated_under_a_flaky_guard().await;
+    let (clock, g, rt2, o2) = (w.clock.clone(), guard.clone(), rt.clone(), o.clone());
+    let call = tokio::spawn(async move {
+        rt2.invoke(&o2, async move |t: &mut ObjectTxn<'_>| {
+            t.put("n", "100")?;
+            // Within the commit margin of the lease's end, the guard hung from here on.
+            g.hang_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
+            clock.advance(TTL - Duration::from_millis(1));
+            Ok::<_, Error>(())
+        })
+        .await
+    });
+    let ticking = tick(&w);
+    let ended = tokio::time::timeout(Duration::from_secs(10), call).await;
+    ticking.abort();
+    let e = ended.expect("the call ends once the lease ran out").expect("join").expect_err("not committed");
+    assert!(e.is_retryable() || matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    guard.hang_refreshes.store(false, std::sync::atomic::Ordering::SeqCst);
+    w.clock.advance(TTL * 2);
+    assert_eq!(incr(&rt, &o).await.expect("calls go on"), 2, "nothing of the hung call was written");
+}
+
+/// `flush` of an object with no holder takes its lease only to drain it, and gives it back at
+/// once, as `flush_all` does: kept warm for `keep_warm`, it refused the owner's calls.
+#[tokio::test]
+async fn a_flush_gives_back_a_lease_it_took_only_to_drain() {
+    let w = World::new();
+    let o = oid("o");
+    let b = w.runtime("b", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    incr(&b, &o).await.expect("b's call, released after it");
+    assert!(w.hot.is_available(&o).await.expect("available"));
+    let a = w.runtime("a", settings());
+    assert_eq!(a.flush(&o).await.expect("flush").records, 1);
+    assert!(w.hot.is_available(&o).await.expect("available"), "a gave the lease back");
+    assert_eq!(incr(&b, &o).await.expect("the owner goes on"), 2);
+}
+
 /// A `maintain` whose lease refresh never answers (a hung guard connection) ends once the lease
 /// has run out, and drops the activation: it waited for ever, holding the object's slot, so
 /// every call on the object waited too. Calls go on once the guard answers again.

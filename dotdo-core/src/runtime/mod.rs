@@ -694,8 +694,17 @@ impl ObjectRuntime {
         }
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
-        if active.lease.left(inner) <= margin {
-            active.lease = refresh_lease(inner, &active.lease.granted).await.map_err(|e| {
+        let left = active.lease.left(inner);
+        if left <= margin {
+            // Bounded by what the lease has left, as every other guard call: a refresh that
+            // never answers (a hung connection) held the object's slot for ever.
+            let refreshed = within(
+                inner,
+                left,
+                refresh_lease(inner, &active.lease.granted),
+                "the lease refresh before the commit did not answer before the lease expired; nothing was written",
+            );
+            active.lease = refreshed.await.map_err(|e| {
                 if e.kind() == &ErrorKind::AmbiguousOutcome {
                     // The refresh's outcome is unknown, not the write's: nothing was written.
                     Error::unavailable(
@@ -1251,6 +1260,7 @@ impl ObjectRuntime {
             return Ok(FlushReport::default());
         }
         self.refuse_if_shutting_down(object)?;
+        let taken_to_drain = slot.active.is_none();
         if !self.ensure_active_to_drain(object, &mut slot, self.inner.settings.acquire_timeout).await? {
             // Drained and evicted by another runtime meanwhile.
             return Ok(FlushReport::default());
@@ -1258,7 +1268,9 @@ impl ObjectRuntime {
         let active = slot.active.as_mut().expect("active");
         let token = active.lease.granted.token;
         let r = with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token, usize::MAX)).await;
-        if r.as_ref().is_err_and(activation_spent) {
+        // A lease taken only to drain goes back at once, as `flush_all` gives such objects back:
+        // kept warm, it refused its owner's calls for `keep_warm`.
+        if taken_to_drain || r.as_ref().is_err_and(activation_spent) {
             give_back(&self.inner, &mut slot.active).await;
         }
         self.after_call(&mut slot).await;
