@@ -48,6 +48,11 @@ pub(crate) struct Conn {
     /// Prepared statements by SQL text (hashed with xxh3: the texts run to hundreds of bytes and
     /// are looked up several times per call).
     cache: HashMap<Cow<'static, str>, libsql::Statement, xxhash_rust::xxh3::Xxh3DefaultBuilder>,
+    /// Whether a statement may be run again: not on an embedded replica's connection, whose
+    /// statements (libsql 0.10's `RemoteStatement` over a local one) cannot be reset. A cached
+    /// one ran on from where the previous call left it: a point read answered `None`, then the
+    /// previous call's key, and a list re-ran the first object's query.
+    reuse: bool,
     nonce: i64,
 }
 
@@ -55,7 +60,14 @@ impl Conn {
     /// `batch`: render programs as one SQL batch; `remote`: the connection is to a remote
     /// primary (a local one reports `last_insert_rowid` itself).
     pub(crate) fn new(conn: libsql::Connection, batch: bool, remote: bool) -> Self {
-        Conn { conn, batch, remote, cache: HashMap::default(), nonce: 0 }
+        Conn { conn, batch, remote, cache: HashMap::default(), reuse: true, nonce: 0 }
+    }
+
+    /// A connection whose statements are prepared for each call and dropped after it (an
+    /// embedded replica's: see `reuse`).
+    pub(crate) fn without_statement_reuse(mut self) -> Self {
+        self.reuse = false;
+        self
     }
 
     /// Run one statement through the statement cache, collecting its rows.
@@ -74,7 +86,7 @@ impl Conn {
             stmt.execute(params).await.map(|_| Vec::new())
         };
         stmt.reset();
-        if out.is_err() {
+        if out.is_err() || !self.reuse {
             // A statement that failed may be in a bad state; prepare it afresh next time.
             self.cache.remove(&step.sql);
         }
@@ -103,9 +115,10 @@ impl Conn {
             }
         }
         .await;
-        // Not stepped to its end: reset, so that the read ends here.
+        // Not stepped to its end: reset, so that the read ends here (dropped where a reset does
+        // nothing, which also ends the read).
         stmt.reset();
-        if out.is_err() {
+        if out.is_err() || !self.reuse {
             self.cache.remove(&step.sql);
         }
         out
@@ -522,6 +535,25 @@ fn value_at(row: &libsql::Row, i: i32) -> libsql::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An embedded replica's connection answers every read with its own parameters: its
+    /// statements cannot be reset, and a cached one ran on from the previous call (a point read
+    /// answered `None`, then the previous key's value; a query re-ran the first parameters).
+    #[cfg(feature = "replica")]
+    #[tokio::test]
+    async fn replica_reads_answer_their_own_parameters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = libsql::Builder::new_local_replica(dir.path().join("r.db")).build().await.expect("replica");
+        let mut c = Conn::new(db.connect().expect("connect"), false, false).without_statement_reuse();
+        for n in 1..=3i64 {
+            let got = c.query_first(Step::new("SELECT ?1", vec![Value::Integer(n)])).await.expect("read");
+            assert_eq!(got, Some(Value::Integer(n)), "point read {n}");
+        }
+        for n in 1..=2i64 {
+            let got = c.query(Step::new("SELECT ?1 AS x", vec![Value::Integer(n)])).await.expect("query");
+            assert_eq!(got, vec![vec![Value::Integer(n)]], "query {n}");
+        }
+    }
 
     fn render(sql: &str, params: &[Value]) -> String {
         let mut s = String::new();

@@ -90,7 +90,9 @@ impl Pool {
         if self.local_file {
             local_connection_settings(&conn, &self.settings, self.page_cache).await?;
         }
-        Ok(Conn::new(conn, self.batch, !self.local_file))
+        let conn = Conn::new(conn, self.batch, !self.local_file);
+        // A replica's reader (a local file whose writes go to the primary): no statement reuse.
+        Ok(if self.local_file && !self.page_cache { conn.without_statement_reuse() } else { conn })
     }
 
     fn take(&self) -> Option<Conn> {
