@@ -62,6 +62,17 @@ impl World {
     }
 
     /// A lazily restoring runtime over the world's hot store and guard with its own cold sink
+    /// (a fault-injecting wrapper); the accelerator stays the world's cold store.
+    fn lazy_runtime(&self, node: &str, cold: Arc<dyn ColdSink>) -> ObjectRuntime {
+        self.runtime_with(
+            node,
+            Arc::new(self.hot.clone()),
+            cold,
+            RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
+        )
+    }
+
+    /// A lazily restoring runtime over the world's hot store and guard with its own cold sink
     /// and no accelerator.
     fn lazy_runtime_without_accelerator(&self, node: &str, cold: Arc<dyn ColdSink>) -> ObjectRuntime {
         ObjectRuntime::builder(NodeId::new(node).expect("valid"))
@@ -2442,12 +2453,7 @@ async fn lazily_restored(w: &World) -> (Arc<FlakyCold>, ObjectRuntime, ObjectId,
     let before = all_state(&a, &o).await;
     a.evict(&o).await.expect("evict again");
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
-    let b = w.runtime_with(
-        "b",
-        Arc::new(w.hot.clone()),
-        cold.clone(),
-        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
-    );
+    let b = w.lazy_runtime("b", cold.clone());
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
     (cold, b, o, before)
 }
@@ -2664,12 +2670,7 @@ async fn a_lazy_activation_never_pins_a_snapshot_older_than_its_watermark() {
     let (o, _) = overwritten_then_evicted(&w).await;
     let cold = Arc::new(FlakyCold::new(w.cold.clone()));
     cold.lagging_snapshots.store(true, std::sync::atomic::Ordering::SeqCst);
-    let b = w.runtime_with(
-        "b",
-        Arc::new(w.hot.clone()),
-        cold.clone(),
-        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
-    );
+    let b = w.lazy_runtime("b", cold.clone());
     let e = get(&b, &o, "key/0003").await.expect_err("the snapshot list lags the watermark");
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
     assert!(e.is_retryable(), "{e}");
@@ -2716,12 +2717,7 @@ async fn a_lazy_activation_whose_last_change_was_collapsed_away_goes_through() {
     let cold = Arc::new(Collapsed { inner: w.cold.clone(), gone: wm.through });
     let (snapshot, at) = cold.head(&o).await.expect("head");
     assert_eq!((snapshot, at), (w.cold.snapshots().await.expect("snapshots").last().map(|s| s.id), wm));
-    let b = w.runtime_with(
-        "b",
-        Arc::new(w.hot.clone()),
-        cold,
-        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
-    );
+    let b = w.lazy_runtime("b", cold);
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
 }
 
@@ -2764,12 +2760,7 @@ async fn a_lazy_activation_whose_head_outlasts_the_lease_keeps_it() {
     // The store's own watermark, given as a "stale" one: `head` goes through separate reads.
     *cold.stale_watermark.lock() = Some(w.cold.watermark(&o).await.expect("watermark"));
     *cold.before_load.lock() = Some(clock_moves_on(&w.clock, 20));
-    let b = w.runtime_with(
-        "b",
-        Arc::new(w.hot.clone()),
-        cold.clone(),
-        RuntimeSettings { restore: RestoreMode::Lazy, ..settings() },
-    );
+    let b = w.lazy_runtime("b", cold.clone());
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
     assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 1, "head read the state once");
     assert_eq!(b.metrics().self_fenced, 0);

@@ -399,11 +399,10 @@ impl IcebergColdStore {
         }
         let (files, _) = self.files_of(table, head, None).await?;
         // Files in formats dotdo cannot decode (another engine's ORC or Avro) are left as they are.
-        // A file another engine added twice is one input (its rows are rewritten once).
-        let mut seen = std::collections::HashSet::new();
+        // (A file another engine added twice is one input: `files_of` lists it once.)
         Ok(files
             .iter()
-            .filter(|f| f.is_parquet() && seen.insert(f.path.as_str()))
+            .filter(|f| f.is_parquet())
             .map(|f| LiveFile { path: f.path.clone(), size: f.size, partition: f.bucket })
             .collect())
     }

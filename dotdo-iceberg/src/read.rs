@@ -393,6 +393,12 @@ struct StoreReader {
     metadata: Arc<ParquetMetaData>,
 }
 
+/// [`check_range_read`](crate::storage::check_range_read) as a Parquet reader's error.
+fn whole_range(path: &Path, range: &Range<u64>, bytes: &Bytes) -> parquet::errors::Result<()> {
+    crate::storage::check_range_read(path, range, bytes)
+        .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+}
+
 impl AsyncFileReader for StoreReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
         async move {
@@ -401,8 +407,7 @@ impl AsyncFileReader for StoreReader {
                 .get_range(&self.path, range.clone())
                 .await
                 .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
-            crate::storage::check_range_read(&self.path, &range, &b)
-                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+            whole_range(&self.path, &range, &b)?;
             self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
             Ok(b)
         }
@@ -417,8 +422,7 @@ impl AsyncFileReader for StoreReader {
                 .await
                 .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
             for (range, got) in ranges.iter().zip(&b) {
-                crate::storage::check_range_read(&self.path, range, got)
-                    .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+                whole_range(&self.path, range, got)?;
             }
             self.bytes.fetch_add(b.iter().map(|x| x.len() as u64).sum(), Ordering::Relaxed);
             Ok(b)
@@ -449,8 +453,7 @@ impl parquet::arrow::async_reader::MetadataFetch for FooterFetch<'_> {
                 .get_range(self.path, range.clone())
                 .await
                 .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
-            crate::storage::check_range_read(self.path, &range, &b)
-                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+            whole_range(self.path, &range, &b)?;
             self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
             Ok(b)
         }
@@ -588,7 +591,8 @@ impl IcebergColdStore {
         put_list(&self.inner.cache.lists, list_path.to_string(), Arc::new(manifests));
     }
 
-    /// The live data files of `snapshot`. With `bucket`, a manifest whose partition summary
+    /// The live data files of `snapshot`, each once (also one another engine added twice). With
+    /// `bucket`, a manifest whose partition summary
     /// rules that bucket out is not read (nor fetched): the second value counts the live files
     /// such manifests list, as the manifest list records them.
     pub(crate) async fn files_of(
@@ -688,7 +692,11 @@ impl IcebergColdStore {
             Ok(files)
         });
         let per_manifest: Vec<Arc<Vec<Arc<FileInfo>>>> = futures::stream::iter(loads).buffered(8).try_collect().await?;
-        Ok((per_manifest.iter().flat_map(|v| v.iter().cloned()).collect(), skipped))
+        // A file another engine added twice is one file: read, counted and rewritten once.
+        let mut seen = std::collections::HashSet::new();
+        let files =
+            per_manifest.iter().flat_map(|v| v.iter()).filter(|f| seen.insert(f.path.as_str())).cloned().collect();
+        Ok((files, skipped))
     }
 
     /// All records of `object` visible in `snapshot` that may match `filter` (callers apply the
@@ -709,10 +717,7 @@ impl IcebergColdStore {
             Some(b) => Some(b.bucket(object.as_str())?),
             None => None,
         };
-        let (mut files, in_skipped_manifests) = self.files_of(table, snapshot, bucket).await?;
-        // A file another engine added twice is one file: read (and counted) once.
-        let mut seen = std::collections::HashSet::new();
-        files.retain(|f| seen.insert(f.path.clone()));
+        let (files, in_skipped_manifests) = self.files_of(table, snapshot, bucket).await?;
         stats.files_total = (files.len() as u64).saturating_add(in_skipped_manifests);
         stats.pruned_by_partition = in_skipped_manifests;
         let o = object.as_str();

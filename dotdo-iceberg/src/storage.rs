@@ -275,18 +275,17 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     let is_url = scheme_then_slash
         || trimmed.contains("://")
         || trimmed.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("file:"));
-    // An object store's scheme without `//` (`s3:bucket/wh`, `memory:x`): a typo, not a local
-    // directory named `s3:bucket`.
-    const STORES: [&str; 11] = ["s3", "s3a", "s3n", "gs", "az", "adl", "azure", "abfs", "abfss", "memory", "https"];
-    if let Some((scheme, _)) = trimmed.split_once(':').filter(|(s, _)| STORES.iter().any(|k| s.eq_ignore_ascii_case(k)))
-    {
-        if !is_url {
+    if !is_url && !trimmed.is_empty() {
+        // An object store's scheme without `//` (`s3:bucket/wh`, `memory:x`): a typo, not a
+        // local directory named `s3:bucket`.
+        const STORES: [&str; 11] = ["s3", "s3a", "s3n", "gs", "az", "adl", "azure", "abfs", "abfss", "memory", "https"];
+        if let Some((scheme, _)) =
+            trimmed.split_once(':').filter(|(s, _)| STORES.iter().any(|k| s.eq_ignore_ascii_case(k)))
+        {
             return Err(Error::invalid(format!(
                 "warehouse {warehouse}: a {scheme} warehouse is a URL ({scheme}://bucket/path)"
             )));
         }
-    }
-    if !is_url && !trimmed.is_empty() {
         let cwd = std::env::current_dir().map_err(|e| {
             Error::invalid(format!("warehouse path {warehouse} is relative and the working directory is unknown: {e}"))
         })?;

@@ -1621,6 +1621,22 @@ fn drop_batch(batch: Arc<ColdBatch>, records: u64) {
     }
 }
 
+impl IcebergColdStore {
+    /// The current snapshot and the watermarks of `objects` recorded in it, from one table read
+    /// (read once more if the snapshot read was expired meanwhile).
+    async fn head_watermarks(&self, objects: &[ObjectId]) -> Result<(Option<SnapshotId>, Vec<Watermark>)> {
+        self.latest_once_more(AsOf::Latest, || async {
+            let table = self.read_table().await?;
+            let Some(s) = table.metadata().current_snapshot() else {
+                return Ok((None, vec![Watermark::default(); objects.len()]));
+            };
+            let watermarks = self.read_at(Some(s), self.watermarks_in(table.metadata(), s, objects)).await?;
+            Ok((Some(s.snapshot_id()), watermarks))
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl ColdSink for IcebergColdStore {
     async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
@@ -1641,26 +1657,13 @@ impl ColdSink for IcebergColdStore {
     /// the latest state: read once more if the snapshot read was expired meanwhile (on a stale
     /// known table, its checkpoint may be gone to another store's cleanup).
     async fn watermarks(&self, objects: &[ObjectId]) -> Result<Vec<Watermark>> {
-        self.latest_once_more(AsOf::Latest, || async {
-            let table = self.read_table().await?;
-            let Some(s) = table.metadata().current_snapshot() else {
-                return Ok(vec![Watermark::default(); objects.len()]);
-            };
-            self.read_at(Some(s), self.watermarks_in(table.metadata(), s, objects)).await
-        })
-        .await
+        Ok(self.head_watermarks(objects).await?.1)
     }
 
     /// One table read: the current snapshot and the object's watermark recorded in it.
     async fn head(&self, object: &ObjectId) -> Result<(Option<SnapshotId>, Watermark)> {
-        self.latest_once_more(AsOf::Latest, || async {
-            let table = self.read_table().await?;
-            let Some(s) = table.metadata().current_snapshot() else { return Ok((None, Watermark::default())) };
-            let mut wm =
-                self.read_at(Some(s), self.watermarks_in(table.metadata(), s, std::slice::from_ref(object))).await?;
-            Ok((Some(s.snapshot_id()), wm.pop().unwrap_or_default()))
-        })
-        .await
+        let (snapshot, mut wm) = self.head_watermarks(std::slice::from_ref(object)).await?;
+        Ok((snapshot, wm.pop().unwrap_or_default()))
     }
 
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
