@@ -1700,6 +1700,34 @@ async fn a_hung_refresh_in_maintain_ends_when_the_lease_runs_out() {
     assert_eq!(incr(&rt, &o).await.expect("a new activation"), 3);
 }
 
+/// A shutdown whose lease releases never answer (a hung guard connection) gives the leases
+/// back within one lease TTL in all, not one TTL per warm object (five TTLs here); the leases it
+/// could not give back expire, and another node takes the objects over then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the clock ticks while shutdown waits
+async fn a_shutdown_under_a_hung_guard_gives_leases_back_within_one_ttl() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    let objects: Vec<ObjectId> = (0..5).map(|i| oid(&format!("o{i}"))).collect();
+    for o in &objects {
+        assert_eq!(incr(&rt, o).await.expect("activate"), 1);
+    }
+    guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
+    let started = w.clock.monotonic();
+    let ticking = tick(&w);
+    let ended = tokio::time::timeout(Duration::from_secs(20), rt.shutdown()).await;
+    ticking.abort();
+    ended.expect("shutdown ends").expect("everything was flushed");
+    let took = w.clock.monotonic().saturating_sub(started);
+    assert!(took < TTL * 2, "shutdown took {took:?} of clock time, TTL {TTL:?}");
+    guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
+    w.clock.advance(TTL * 2);
+    let b = w.runtime("b", settings());
+    for o in &objects {
+        assert_eq!(incr(&b, o).await.expect("taken over once the lease expired"), 2);
+    }
+}
+
 /// A transient refresh failure keeps a lease that is still valid: the runtime does not lock
 /// itself out of its own object (acquire would answer `LeaseHeld`, naming this very node).
 #[tokio::test]

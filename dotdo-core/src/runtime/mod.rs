@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::Either;
+use futures::StreamExt as _;
 
 pub use metrics::{ActivationMetrics, Recovery, RuntimeMetrics};
 use txn::LazyState;
@@ -1826,7 +1827,9 @@ impl ObjectRuntime {
     /// flush every held object's changes to cold storage (and, like
     /// [`flush_all`](Self::flush_all), those of objects nobody holds), release every lease.
     /// Changes that could not be flushed stay in the hot change log, and the next `flush_all`
-    /// on the same hot store drains them. Bounded by about one lease TTL plus the flush: a
+    /// on the same hot store drains them. Bounded by about two lease TTLs plus the flush: up to
+    /// one waiting for handlers, up to one giving leases back (those a guard that does not answer
+    /// has not taken back by then are left to expire). A
     /// handler still running after the wait (counted in [`FlushReport::busy`]) keeps its lease,
     /// renewed, until it ends, may still commit, and then gives the lease back. A shutdown
     /// whose future is dropped before it returns (a host's timeout shorter than that bound)
@@ -1846,18 +1849,33 @@ impl ObjectRuntime {
         inner.shutdown_flushing.store(true, Ordering::SeqCst);
         let flushed = self.flush_held().await;
         inner.shutdown_flushed.store(true, Ordering::SeqCst);
-        for (object, slot) in self.active_slots() {
-            // A call still running after the wait keeps its slot and its lease: releasing under
-            // it would let another node in while it writes. The call gives the lease back when
-            // it ends (`after_call`); its changes wait in the hot log for the next `flush_all`
-            // on this hot store.
-            let Some(mut guard) = slot.try_lock() else {
-                tracing::warn!(object = %object, "dotdo shutdown: a call is still running; its lease is left to expire");
-                continue;
-            };
-            give_back(inner, &mut guard.active).await;
+        // The leases go back a few at a time, all within one lease TTL: each release waits up to
+        // a TTL for the guard, so one by one a hung guard held shutdown for a TTL per warm
+        // object, while every lease would have expired after the first. What is not given back
+        // by then is left to expire (a release cut short is recorded as an orphan first).
+        let slots = self.active_slots();
+        let give_backs = async {
+            futures::stream::iter(&slots)
+                .for_each_concurrent(SHUTDOWN_RELEASES, |(object, slot)| async move {
+                    // A call still running after the wait keeps its slot and its lease:
+                    // releasing under it would let another node in while it writes. The call
+                    // gives the lease back when it ends (`after_call`); its changes wait in the
+                    // hot log for the next `flush_all` on this hot store.
+                    let Some(mut guard) = slot.try_lock() else {
+                        tracing::warn!(object = %object, "dotdo shutdown: a call is still running; its lease is left to expire");
+                        return;
+                    };
+                    give_back(inner, &mut guard.active).await;
+                })
+                .await;
+            release_orphans(inner).await;
+            Ok(())
+        };
+        let limit = inner.settings.lease_ttl;
+        if let Err(e) = within(inner, limit, give_backs, "the leases were not all given back within a lease TTL").await
+        {
+            tracing::warn!(error = %e, "dotdo shutdown: leases not given back are left to expire");
         }
-        release_orphans(inner).await;
         flushed
     }
 }
@@ -2407,6 +2425,9 @@ fn may_still_land(inner: &Inner, since: Timestamp) -> bool {
 }
 
 /// Release the leases cancelled calls left behind ([`Inner::orphans`]).
+/// How many leases `shutdown` gives back at once.
+const SHUTDOWN_RELEASES: usize = 16;
+
 async fn release_orphans(inner: &Arc<Inner>) {
     // Taken one at a time: if this is cancelled (a host's timeout around `maintain`), the
     // orphans not yet released stay recorded (the one being released is put back by
