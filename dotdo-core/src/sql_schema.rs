@@ -343,6 +343,24 @@ impl FileWatch {
         let now = self.file.as_deref().map_or(FileAt::Unknown, file_identity);
         matches!(self.opened, FileAt::File(..)) && now != FileAt::Unknown && now != self.opened
     }
+
+    /// The database's WAL file (`<file>-wal`), if the path names a file.
+    fn wal(&self) -> Option<std::path::PathBuf> {
+        self.file.as_deref().map(|f| {
+            let mut wal = f.as_os_str().to_owned();
+            wal.push("-wal");
+            std::path::PathBuf::from(wal)
+        })
+    }
+}
+
+/// Sync the WAL file at `wal` to disk (a file that is not there has nothing to sync).
+fn sync_wal(wal: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::OpenOptions::new().write(true).open(wal) {
+        Ok(f) => f.sync_data(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// What is at a database's path.
@@ -442,7 +460,11 @@ pub fn validate_checkpointing(
 
 /// A thread that runs a SQL hot store's background WAL checkpoint (`round`, typically
 /// `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own) every `every`, and says when
-/// the WAL stops shrinking or checkpoints fail. Before each round it asks its [`FileWatch`]
+/// the WAL stops shrinking or checkpoints fail. A round that leaves frames uncopied (a read
+/// transaction holds them) syncs the WAL file itself: SQLite syncs the WAL only when a
+/// checkpoint copies frames, so under `synchronous=NORMAL` the commits a long read overlapped
+/// would wait for it to end to reach the disk, while the checkpoint period is documented to
+/// bound what a power loss can take. Before each round it asks its [`FileWatch`]
 /// whether the database file was deleted or replaced; if so it says so and ends, and
 /// [`replaced`](Self::replaced) is true from then on (the store refuses every call). Stopped and
 /// joined on drop (at most one round is in progress then).
@@ -451,6 +473,7 @@ pub struct CheckpointThread {
     stop: std::sync::Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
     replaced: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wal_syncs: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The `InvalidInput` refusal (by `store`, a crate name) of a database that SQLite left in
@@ -479,6 +502,11 @@ impl CheckpointThread {
         self.replaced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// How many rounds synced the WAL file themselves (frames were left uncopied).
+    pub fn wal_syncs(&self) -> u64 {
+        self.wal_syncs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Start the thread `name`; `shown_path` names the database in log lines; `watch`: the
     /// file as the store opened it.
     pub fn start(
@@ -492,6 +520,9 @@ impl CheckpointThread {
         let flag = stop.clone();
         let replaced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let found = replaced.clone();
+        let wal_syncs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let synced = wal_syncs.clone();
+        let wal = watch.wal();
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
@@ -527,6 +558,18 @@ impl CheckpointThread {
                                 tracing::warn!(frames = log, path = %shown_path, "the WAL file keeps growing although it is checkpointed: read transactions that overlap without a break keep it from starting over");
                             }
                             growing = log >= GROWING_WAL_FRAMES;
+                            if behind > 0 {
+                                if let Some(wal) = &wal {
+                                    match sync_wal(wal) {
+                                        Ok(()) => {
+                                            synced.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                        }
+                                        Err(e) => {
+                                            tracing::warn!(error = %e, path = %shown_path, "syncing the WAL file failed")
+                                        }
+                                    }
+                                }
+                            }
                         }
                         CheckpointRound::Failed(e) => {
                             // An error is not routine (I/O, a full disk, a damaged file): said at
@@ -542,7 +585,7 @@ impl CheckpointThread {
                 }
             })
             .map_err(|e| crate::Error::backend(format!("starting the WAL checkpoint thread: {e}")))?;
-        Ok(CheckpointThread { stop, thread: Some(thread), replaced })
+        Ok(CheckpointThread { stop, thread: Some(thread), replaced, wal_syncs })
     }
 }
 

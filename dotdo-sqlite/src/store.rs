@@ -1216,6 +1216,41 @@ mod tests {
         assert_eq!(v, rusqlite::version());
     }
 
+    /// Commits a long read overlaps reach the disk within a checkpoint period: SQLite syncs the
+    /// WAL only when a checkpoint copies frames, and the reader keeps every new frame from being
+    /// copied, so under `synchronous=NORMAL` they stayed unsynced for as long as the read lasted
+    /// (the background checkpoint period is what the docs say a power loss can take).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::disallowed_methods)] // real time: the checkpoint thread runs on its own
+    async fn commits_under_a_long_read_are_synced_within_a_checkpoint_period() {
+        use dotdo_core::{ConsistencyGuard, HotStoreExt, NodeId, ObjectId};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hot.db");
+        let settings = SqliteSettings { background_checkpoint: Some(Duration::from_millis(10)), ..Default::default() };
+        let store = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
+        let o = ObjectId::new("o").expect("id");
+        let lease = store.acquire(&o, &NodeId::new("n").expect("node"), Duration::from_secs(60)).await.expect("lease");
+        store.put(&o, lease.token, "T", "k", "0".into()).await.expect("put");
+        let syncs = || store.inner.checkpointer.as_ref().expect("checkpoint thread").wal_syncs();
+        let settle = |want: &dyn Fn(u64) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !want(syncs()) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // Every frame copied: the checkpoints synced the WAL themselves.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(syncs(), 0, "nothing was left uncopied");
+        let reader = rusqlite::Connection::open(&path).expect("reader");
+        reader.execute_batch("BEGIN; SELECT count(*) FROM do_state;").expect("a long read");
+        for i in 1..=5 {
+            store.put(&o, lease.token, "T", "k", i.to_string().into()).await.expect("put under the read");
+        }
+        settle(&|n| n > 0);
+        assert!(syncs() > 0, "the WAL was synced while the read held its frames");
+        reader.execute_batch("COMMIT").expect("the read ends");
+    }
+
     #[test]
     fn connections_get_the_configured_pragmas() {
         let dir = tempfile::tempdir().expect("tempdir");
