@@ -1090,6 +1090,9 @@ struct FlakyCold {
     lagging_snapshots: std::sync::atomic::AtomicBool,
     /// `watermark` answers this (a replica lagging behind the one the snapshots come from).
     stale_watermark: parking_lot::Mutex<Option<Watermark>>,
+    /// `load_state` of the latest state answers the state at the second-newest snapshot (a
+    /// replica lagging behind the one the watermark was read from).
+    lagging_loads: std::sync::atomic::AtomicBool,
 }
 
 /// A test hook slot (not `Debug` itself).
@@ -1128,6 +1131,7 @@ impl FlakyCold {
             before_load: Hook::new(),
             extra_entry: parking_lot::Mutex::new(None),
             lagging_snapshots: false.into(),
+            lagging_loads: false.into(),
             stale_watermark: parking_lot::Mutex::new(None),
         }
     }
@@ -1217,6 +1221,13 @@ impl ColdSink for FlakyCold {
         if let Some(f) = before {
             f.await;
         }
+        let as_of = match as_of {
+            AsOf::Latest if self.lagging_loads.load(std::sync::atomic::Ordering::SeqCst) => {
+                let snapshots = self.inner.snapshots().await?;
+                AsOf::Snapshot(snapshots[snapshots.len() - 2].id)
+            }
+            as_of => as_of,
+        };
         let mut state = self.inner.load_state(object, as_of).await?;
         state.entries.extend(self.extra_entry.lock().clone());
         Ok(state)
@@ -2687,6 +2698,38 @@ async fn overwritten_then_evicted(w: &World) -> (ObjectId, Watermark) {
     a.evict(&o).await.expect("evict: a second snapshot");
     assert_eq!(w.cold.snapshots().await.expect("snapshots").len(), 2);
     (o, first)
+}
+
+/// An eager restore installs no state older than the watermark it decided on: from a cold store
+/// whose state read lags its watermark read (a catalog replica answering an older table), it
+/// fails retryably and writes nothing. Into a fresh hot store it installed the older state, so
+/// the acknowledged change was not served and the next write took a sequence number cold already
+/// held (its drain then `Corrupt`); into the store that evicted the object it was a `Conflict`
+/// no retry could mend.
+#[tokio::test]
+async fn an_eager_restore_never_installs_state_older_than_its_watermark() {
+    let w = World::new();
+    let (o, _) = overwritten_then_evicted(&w).await;
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let fresh = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
+    for (node, hot) in [("b", fresh.clone()), ("c", w.hot.clone())] {
+        let rt = ObjectRuntime::builder(NodeId::new(node).expect("valid"))
+            .with_hot_store(Arc::new(hot.clone()))
+            .with_guard(Arc::new(w.hot.clone()))
+            .with_cold_sink(cold.clone())
+            .with_clock(Arc::new(w.clock.clone()))
+            .with_settings(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() })
+            .build()
+            .expect("build runtime");
+        cold.lagging_loads.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = get(&rt, &o, "key/0003").await.expect_err("the state read lags the watermark");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{node}: {e}");
+        assert!(e.is_retryable(), "{node}: {e}");
+        cold.lagging_loads.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(get(&rt, &o, "key/0003").await.expect("restored").as_deref(), Some(&b"newer"[..]), "{node}");
+        assert_eq!(all_state(&rt, &o).await.len(), 20, "{node}");
+        rt.evict(&o).await.expect("evicted again");
+    }
 }
 
 /// A lazy activation pins the snapshot its watermark is in: on a cold store whose snapshot list

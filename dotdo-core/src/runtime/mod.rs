@@ -1130,10 +1130,12 @@ impl ObjectRuntime {
                 // Checked against cold above: these are the very changes cold has.
                 inner.hot.truncate_changes(object, token, hot_seq).await?;
             }
-            return with_renewal(inner, &mut active.lease, restore_eager(inner, object, token)).await;
+            return with_renewal(inner, &mut active.lease, restore_eager(inner, object, token, &wm)).await;
         }
         match &inner.settings.restore {
-            RestoreMode::Eager => with_renewal(inner, &mut active.lease, restore_eager(inner, object, token)).await,
+            RestoreMode::Eager => {
+                with_renewal(inner, &mut active.lease, restore_eager(inner, object, token, &wm)).await
+            }
             mode => {
                 // The snapshot and the watermark it pins, from one answer: reads are served there as
                 // the state through the watermark.
@@ -2650,13 +2652,25 @@ impl Drop for AcquireInFlight<'_> {
     }
 }
 
-/// Install the object's latest cold state in the hot store under `token`.
+/// Install the object's latest cold state in the hot store under `token`: retryable `Unavailable`
+/// if cold answers a state older than `wm`, the watermark the restore was decided on.
 async fn restore_eager(
     inner: &Arc<Inner>,
     object: &ObjectId,
     token: FencingToken,
+    wm: &Watermark,
 ) -> Result<(Recovery, u64, u64, Option<i64>)> {
     let st = inner.cold.load_state(object, AsOf::Latest).await?;
+    if st.through < wm.through {
+        // Decided on `wm`: a store answering an older table to this read (a lagging catalog
+        // replica) must not have its state installed as the object's. Into a fresh hot store
+        // that state would be served, and new writes would take sequence numbers cold holds.
+        return Err(Error::unavailable(format!(
+            "{object}: cold storage answered the state through seq {} after watermark {}: it answered an older \
+             table; retry",
+            st.through, wm.through
+        )));
+    }
     let (keys, bytes) = (st.entries.len() as u64, st.entries.iter().map(|e| e.value.len() as u64).sum());
     inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| cold_state_error(object, e))?;
     inner.metrics.lock().eager_restores += 1;
