@@ -2419,6 +2419,27 @@ async fn a_write_that_finds_the_cold_state_moved_gives_the_lease_back() {
     assert!(w.hot.is_available(&o).await.expect("available"), "the spent activation's lease went back");
 }
 
+/// `complete_restores` and `prefetch` on a lazy activation whose restore finds the cold state
+/// moved on fail with `Conflict` and give the spent activation's lease back, as a call does: it
+/// was kept (renewed by `maintain` for `keep_warm`), so other nodes met `LeaseHeld`.
+#[tokio::test]
+async fn restores_outside_calls_that_find_the_cold_state_moved_give_the_lease_back() {
+    for prefetch in [false, true] {
+        // Without an accelerator the first read loaded the whole state: nothing for a preload
+        // to read.
+        let view = if prefetch { LazyView::Accelerator } else { LazyView::NoAccelerator };
+        let (b, o, w) = lazily_read_then_cold_moves_on(view).await;
+        let e = if prefetch {
+            b.prefetch(&o, &[], &["".to_string()]).await.expect_err("the preload cannot read the old snapshot")
+        } else {
+            b.complete_restores().await.expect_err("the restore cannot complete")
+        };
+        assert_eq!(e.kind(), &ErrorKind::Conflict, "prefetch {prefetch}: {e}");
+        assert!(w.hot.is_available(&o).await.expect("available"), "prefetch {prefetch}: the lease went back");
+        assert_eq!(get(&b, &o, "n").await.expect("the next call activates afresh"), Some(Bytes::from("10")));
+    }
+}
+
 /// A lazy object whose every pinned snapshot expires before it can be read (a table expiring
 /// aggressively) gives up after a few re-pins with a retryable `Unavailable`: it answered
 /// `NotFound` after one re-pin, which says "no such object" for one that exists.

@@ -1191,7 +1191,12 @@ impl ObjectRuntime {
         // right after it.
         active.last_used = self.inner.clock.monotonic();
         if let Some(lazy) = active.lazy.as_mut() {
-            with_renewal(&self.inner, &mut active.lease, preload(&self.inner, object, lazy, keys, prefixes)).await?;
+            let preloaded =
+                with_renewal(&self.inner, &mut active.lease, preload(&self.inner, object, lazy, keys, prefixes)).await;
+            if let Err(e) = preloaded {
+                give_back_if_spent(&self.inner, &mut slot, &e).await;
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -1217,6 +1222,7 @@ impl ObjectRuntime {
                     let restored = complete_restore(&self.inner, &object, token, &mut active.lazy);
                     if let Err(e) = with_renewal(&self.inner, &mut active.lease, restored).await {
                         tracing::warn!(object = %object, error = %e, "dotdo: lazy restore not completed");
+                        give_back_if_spent(&self.inner, &mut slot, &e).await;
                         // A restore of unknown outcome is simply done again (it is idempotent
                         // under the lease): nothing for the caller to settle.
                         let e = if e.kind() == &ErrorKind::AmbiguousOutcome {
@@ -2171,6 +2177,15 @@ fn check_durable_through(object: &ObjectId, hot_last: Seq, appended: Seq, throug
 
 /// Whether a failed drain leaves the activation unusable (the lease is gone, or the hot store
 /// is behind cold storage): the activation is dropped and its lease given back.
+/// Give the activation in `slot` back if `e` (from working on it outside a call) left it of no
+/// further use: its lease is gone, or its lazy restore found the cold state moved on (the next
+/// call activates afresh). Kept, it held the lease for nothing, and other nodes met `LeaseHeld`.
+async fn give_back_if_spent(inner: &Arc<Inner>, slot: &mut Slot, e: &Error) {
+    if activation_spent(e) || slot.lazy_moved() {
+        give_back(inner, &mut slot.active).await;
+    }
+}
+
 fn activation_spent(e: &Error) -> bool {
     // `hot_behind_cold` is the non-retryable `Conflict`; a cold commit still conflicting after
     // its attempts (contention) is retryable and leaves the activation alone.
