@@ -91,6 +91,34 @@ pub(crate) fn check_change_schema(schema: &Schema, what: &str) -> Result<()> {
     )))
 }
 
+/// Check that `md`'s current schema has each of dotdo's columns, by name and of dotdo's type, in
+/// any order and beside other columns, and ([`check_field_ids`]) that none took another's field
+/// id: what reads need (they find columns by name), so a store still opens a table another
+/// engine added a column to or reordered (its appends are refused, [`check_change_table`]),
+/// while a table that is not a dotdo change table at all is `InvalidInput` naming `what`.
+pub(crate) fn check_readable_table(md: &iceberg::spec::TableMetadata, what: &str) -> Result<()> {
+    let schema = md.current_schema();
+    let ours = table_schema()?;
+    let wrong: Vec<String> = ours
+        .as_struct()
+        .fields()
+        .iter()
+        .filter_map(|o| match schema.field_by_name(&o.name) {
+            Some(f) if f.field_type == o.field_type => None,
+            Some(f) => Some(format!("{} is {}, not {}", o.name, f.field_type, o.field_type)),
+            None => Some(format!("{} is missing", o.name)),
+        })
+        .collect();
+    if !wrong.is_empty() {
+        return Err(Error::invalid(format!(
+            "{what} is not (or no longer) a dotdo change table: {} (expected the columns {COLUMNS:?} with dotdo's \
+             types)",
+            wrong.join(", ")
+        )));
+    }
+    check_field_ids(md, what)
+}
+
 /// [`check_change_schema`] of a table's current schema, and ([`check_field_ids`]) that none of
 /// dotdo's columns took
 /// another column's field id in any of the table's schemas: dotdo finds a data file's columns by

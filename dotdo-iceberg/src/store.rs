@@ -393,7 +393,9 @@ impl IcebergColdStoreBuilder {
         let ident = TableIdent::new(ns.clone(), self.table.clone());
         let placing = Placing { verifier: verifier.as_ref(), root: &root };
         let table = open_table(&*catalog, &ident, &self.settings, placing).await?;
-        let bucketer = Arc::new(table_bucketer(&table)?);
+        // A table another engine partitioned otherwise is still read (without pruning by
+        // bucket); its appends are refused.
+        let bucketer = table_bucketer(&table).ok().map(Arc::new);
         let table_uuid = table.metadata().uuid();
         Ok(IcebergColdStore {
             inner: Arc::new(Inner {
@@ -459,7 +461,9 @@ async fn open_table(
         }
         Err(e) => return Err(classify(e, &what)),
     };
-    schema::check_change_table(table.metadata(), &what)?;
+    // What reads need: appends check the whole layout each time (another engine may change it
+    // while a store is open, and a store opened after such a change still reads the table).
+    schema::check_readable_table(table.metadata(), &what)?;
     set_dotdo_properties(catalog, ident, table, settings, true).await
 }
 
@@ -670,8 +674,9 @@ pub(crate) struct Inner {
     table_installs: std::sync::atomic::AtomicU64,
     /// Serialises this process's appends (other processes are handled optimistically).
     commit_lock: tokio::sync::Mutex<()>,
-    /// The `bucket(do_id)` transform of the table as opened (see [`IcebergColdStore::bucketer_for`]).
-    bucketer: Arc<Bucketer>,
+    /// The `bucket(do_id)` transform of the table as opened (see [`IcebergColdStore::bucketer_for`]);
+    /// `None` if another engine had partitioned it otherwise.
+    bucketer: Option<Arc<Bucketer>>,
     /// The uuid of the table as opened: a table dropped and created again under the same name
     /// may be partitioned differently.
     table_uuid: uuid::Uuid,
@@ -869,10 +874,9 @@ impl IcebergColdStore {
     /// for a table dropped and created again since, that table's own (`None`: it is not
     /// partitioned by `do_id`, and nothing is pruned by partition).
     pub(crate) fn bucketer_for(&self, table: &Table) -> Option<Arc<Bucketer>> {
-        if table.metadata().uuid() == self.inner.table_uuid {
-            Some(self.inner.bucketer.clone())
-        } else {
-            table_bucketer(table).ok().map(Arc::new)
+        match &self.inner.bucketer {
+            Some(b) if table.metadata().uuid() == self.inner.table_uuid => Some(b.clone()),
+            _ => table_bucketer(table).ok().map(Arc::new),
         }
     }
 
@@ -1410,6 +1414,9 @@ impl IcebergColdStore {
             let young = |at: &WriteStart| self.uncommitted_age_past(*at).is_none();
             let files = match &written {
                 Some((ranges, spec, files, at)) if *ranges == p.ranges && *spec == spec_id && young(at) => {
+                    // As `write_files` checks for new files: another engine may have changed the
+                    // schema since these were written (the attempt lost its swap to that change).
+                    schema::check_change_table(table.metadata(), &format!("table {}", table.identifier()))?;
                     files.clone()
                 }
                 _ => {

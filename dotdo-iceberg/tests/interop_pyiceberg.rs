@@ -404,6 +404,50 @@ async fn reads_stay_complete_after_another_engine_evolves_the_partition_spec() {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
 
+/// Another engine partitions the change table by `identity(do_id)`: a store opened after that
+/// reads every object's rows (without pruning by bucket) and refuses appends (`InvalidInput`);
+/// it refused to open, so a restarted node could read nothing of the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_another_engine_partitioned_otherwise_is_read_not_appended_to() {
+    let Some(python) = common::python("a_table_another_engine_partitioned_otherwise_is_read_not_appended_to") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || async {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).table(["interop"], "identity").build().await
+    };
+    let cold = open().await.expect("open");
+    let objects: Vec<ObjectId> = (0..10).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+    let batch = |seq: u64| ColdBatch {
+        objects: objects
+            .iter()
+            .map(|o| ObjectChanges {
+                object: o.clone(),
+                token: FencingToken::new(1),
+                records: vec![rec(o, seq, "k", Some(b"v"), 1)],
+            })
+            .collect(),
+    };
+    cold.append(batch(1)).await.expect("append under bucket[16]");
+    let out = std::process::Command::new(&python)
+        .arg(common::py_dir().join("evolve_spec.py"))
+        .arg(dir.path().join("catalog.db"))
+        .arg(cold.warehouse())
+        .arg("interop.identity")
+        .arg("identity")
+        .output()
+        .expect("run evolve_spec.py");
+    assert!(out.status.success(), "evolve_spec.py: {}", String::from_utf8_lossy(&out.stderr));
+    let cold = open().await.expect("a store opens the table");
+    for o in &objects {
+        assert_eq!(cold.load_state(o, AsOf::Latest).await.expect("state").entries.len(), 1, "{o}");
+        let l = cold.lookup(o, "k", AsOf::Latest).await.expect("lookup");
+        assert_eq!(l.value.map(|v| v.value), Some(bytes::Bytes::from_static(b"v")), "{o}");
+    }
+    let e = cold.append(batch(2)).await.expect_err("not partitioned by bucket(do_id)");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+}
+
 /// Another engine moves `seq` after `token` (PyIceberg `move_after`) while a store is open:
 /// the store's next append is refused (`InvalidInput` naming the columns) instead of writing
 /// records by position, which put each record's token under `seq` and its seq under `token`;
@@ -436,6 +480,17 @@ async fn an_append_after_another_engine_reorders_columns_is_refused() {
     assert!(e.to_string().contains("no longer) a dotdo change table"), "{e}");
     let changes = cold.read_changes(&o, 0, AsOf::Latest).await.expect("changes");
     assert_eq!(changes.iter().map(|c| (c.seq, c.token.get())).collect::<Vec<_>>(), [(1, 5)]);
+    // A store opened after the change (a restarted node) reads the table as the open one does,
+    // and refuses appends the same way; it refused to open.
+    let reopened = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["interop"], "moved")
+        .build()
+        .await
+        .expect("a store opens the reordered table");
+    let changes = reopened.read_changes(&o, 0, AsOf::Latest).await.expect("changes");
+    assert_eq!(changes.iter().map(|c| (c.seq, c.token.get())).collect::<Vec<_>>(), [(1, 5)]);
+    let e = reopened.append(one(2)).await.expect_err("refused");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
 
 /// Another engine renames `seq` and `token` into each other (PyIceberg, through a spare name).
