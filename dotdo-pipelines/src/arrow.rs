@@ -691,7 +691,9 @@ impl ArrowPipeline {
     /// roll is tried again after a pause that doubles with each failure in a row, up to
     /// [`MAX_ROLL_BACKOFF`](crate::MAX_ROLL_BACKOFF), as [`Pipeline::run`](crate::Pipeline::run) does.
     /// Like the event pipeline's, it ends once every handle is dropped, and after `close` once
-    /// nothing waits (what a failed or dropped `close` left, it keeps rolling).
+    /// nothing waits (what a failed or dropped `close` left, it keeps rolling) or once a roll is
+    /// refused for good (not retryable, not an unknown outcome): what waits then stays pending,
+    /// for [`take_refused`](Self::take_refused) or a `roll` once the cause is mended.
     pub fn run(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let weak = Arc::downgrade(&self.inner);
         let (clock, tick) = (self.inner.clock.clone(), self.inner.settings.tick());
@@ -708,7 +710,8 @@ impl ArrowPipeline {
 
     /// Stop accepting batches and roll what is waiting. If that roll fails (or this call is
     /// dropped), what waits stays pending: the background loop ([`run`](Self::run)) keeps
-    /// rolling it until it is committed, and `close` (or `roll`) may be called again.
+    /// rolling it until it is committed or a roll is refused for good (see `run`), and `close`
+    /// (or `roll`) may be called again.
     pub async fn close(&self) -> Result<u64> {
         {
             // Under `buf`, as `send` checks it: every send that got `Ok` is pending now.

@@ -350,8 +350,31 @@ impl Pipeline {
             e.validate()?;
             bytes += e.size() as u64;
             rows.push(Row { route, event: e });
+            // A call that can never fit is refused at its first event past the bounds, not
+            // after reading (and transforming) the rest of a long or endless iterator.
+            if inner.settings.bounded() {
+                self.refuse_oversized(rows.len(), bytes)
+                    .map_err(|e| e.context("events were read up to the first past the bound"))?;
+            }
         }
         Ok(Prepared { rows, bytes, dropped })
+    }
+
+    /// `LimitExceeded` (counted as a refusal) if `n` events of `bytes` are more than a bounded
+    /// buffer ever holds.
+    fn refuse_oversized(&self, n: usize, bytes: u64) -> Result<()> {
+        let inner = &self.inner;
+        let (capacity, capacity_bytes) = (inner.settings.capacity, inner.settings.capacity_bytes as u64);
+        if n > capacity || bytes > capacity_bytes {
+            // No roll ever makes room for this: not a retryable condition.
+            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(if n > capacity {
+                Error::limit("events in one send", capacity as u64, n as u64)
+            } else {
+                Error::limit("bytes in one send", capacity_bytes, bytes)
+            });
+        }
+        Ok(())
     }
 
     /// Whether `n` events of `bytes` fit in a bounded buffer now: `LimitExceeded` if they never
@@ -364,15 +387,7 @@ impl Pipeline {
         }
         let (depth, depth_bytes) = inner.log.depth();
         let (capacity, capacity_bytes) = (inner.settings.capacity, inner.settings.capacity_bytes as u64);
-        if n > capacity || bytes > capacity_bytes {
-            // No roll ever makes room for this: not a retryable condition.
-            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(if n > capacity {
-                Error::limit("events in one send", capacity as u64, n as u64)
-            } else {
-                Error::limit("bytes in one send", capacity_bytes, bytes)
-            });
-        }
+        self.refuse_oversized(n, bytes)?;
         if depth + n > capacity || depth_bytes as u64 + bytes > capacity_bytes {
             inner.counters.rejected.fetch_add(u64::from(count_full), Ordering::Relaxed);
             return Err(Error::unavailable(format!(
@@ -683,7 +698,12 @@ impl Pipeline {
     /// doubles with each failure in a row, from twice the tick up to [`MAX_ROLL_BACKOFF`]: a
     /// sink that refuses the batch for good is not hammered. After [`close`](Self::close) it
     /// ends once nothing waits: what a failed (or dropped) `close` left, it keeps rolling with
-    /// the same backoff until it is committed.
+    /// the same backoff until it is committed, unless a roll is refused for good (not retryable,
+    /// not an unknown outcome: a sink refusing the batch, sequence numbers used up, a log to
+    /// reopen). Then the loop ends, so that a host awaiting it at shutdown does not wait for
+    /// ever, and what waits stays pending: with [`Durability::Memory`](crate::Durability::Memory)
+    /// take it out with [`take_refused`](Self::take_refused) (or mend the cause and `roll`)
+    /// before dropping the pipeline, or it is lost.
     pub fn run(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let weak = Arc::downgrade(&self.inner);
         let (clock, tick) = (self.inner.clock.clone(), self.inner.settings.tick());
@@ -753,7 +773,8 @@ impl Pipeline {
 
     /// Stop accepting events and roll what is waiting. If that roll fails (or this call is
     /// dropped), what waits stays pending: the background loop ([`run`](Self::run)) keeps
-    /// rolling it until it is committed, and `close` (or `roll`) may be called again.
+    /// rolling it until it is committed or a roll is refused for good (see `run`), and `close`
+    /// (or `roll`) may be called again.
     pub async fn close(&self) -> Result<RollReport> {
         {
             let _gate = self.inner.send_gate.lock();

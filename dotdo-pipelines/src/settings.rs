@@ -33,6 +33,12 @@ pub enum Backpressure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Durability {
     /// In memory: fastest; events accepted but not yet rolled are lost if the process dies.
+    /// A pipeline whose roll was dropped (a timeout around `roll` or `close`) may still have its
+    /// commit under way at a remote catalog: a new pipeline on the same tables that numbers
+    /// events of the same objects before that commit lands loses them (the sink takes them as
+    /// replays of the dropped roll's, and the roll counts them as committed). Let a dropped roll's
+    /// request time out (the catalog client's timeout) before starting another pipeline, or use
+    /// `Durable`, whose successor commits the inherited claim first.
     Memory,
     /// A local SQLite log at this path (WAL, `synchronous=NORMAL`): an acknowledged `send`
     /// survives a process kill and is delivered exactly once after restart. Claims (what a roll

@@ -532,6 +532,15 @@ async fn bad_events_and_settings_are_rejected() {
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { limit: 10, actual: 11, .. }), "{e}");
     assert!(!e.is_retryable());
     assert_eq!(small.send(events(10)).expect("exactly the capacity fits"), 10);
+    // Refused at the first event past the bound: a long (or endless) iterator is not read on.
+    let pulled = std::cell::Cell::new(0u64);
+    let endless = (0u64..1000).map(|i| {
+        pulled.set(pulled.get() + 1);
+        ev(&format!("o{}", i % 3), &format!("e{i:05}"), "v")
+    });
+    let e = small.send(endless).expect_err("more than the buffer holds");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { limit: 10, actual: 11, .. }), "{e}");
+    assert_eq!(pulled.get(), 11, "read up to the first event past the bound");
     // Two routes into one sink would number an object's events alike: refused at build.
     let shared = Flaky::new();
     let e = Pipeline::builder(shared.clone()).with_route("copy", shared).build().expect_err("shared sink");
