@@ -157,11 +157,14 @@ impl SqliteStoreBuilder {
                 settings.background_checkpoint
             )));
         }
-        dotdo_core::sql_schema::validate_checkpointing(
-            settings.wal_autocheckpoint_pages,
-            settings.background_checkpoint,
-        )?;
         let memory = dotdo_core::sql_schema::is_private_database(&self.path);
+        // A private database has no WAL to checkpoint.
+        if !memory {
+            dotdo_core::sql_schema::validate_checkpointing(
+                settings.wal_autocheckpoint_pages,
+                settings.background_checkpoint,
+            )?;
+        }
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         // Absolute from here on: read connections open lazily, and must open the writer's file
         // even if the process changes its working directory meanwhile.

@@ -373,6 +373,13 @@ async fn invalid_settings_are_invalid_input_not_a_panic() {
         .open()
         .await
         .expect("checkpoints on the background thread only");
+    // A private database has no WAL: no checkpoints at all is no reason to refuse it.
+    let none = SqliteSettings { wal_autocheckpoint_pages: 0, background_checkpoint: None, ..Default::default() };
+    let memory = SqliteStore::builder(":memory:").with_settings(none).open().await.expect("a private database");
+    assert_eq!(
+        dotdo_core::HotStore::get(&memory, &dotdo_core::ObjectId::new("o").expect("id"), "k").await.expect("get"),
+        None
+    );
 }
 
 /// A `file:` URI asking SQLite to create the file (`mode=rwc`) opens a working store, with and
