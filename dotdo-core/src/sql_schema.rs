@@ -52,9 +52,11 @@ CREATE TABLE IF NOT EXISTS do_changes (
 -- writes fenced against it alone: a version-1 library refuses a version-2 file, and every
 -- version-1 process must be stopped before a version-2 process opens the file (see
 -- docs/upgrading.md). Lease rows that were in the file before dotdo's schema (the predecessor's
--- do_locks) are folded in here, once.
+-- do_locks) are folded in here, once. A row with a NULL id or token (a predecessor table created
+-- without NOT NULL) is left out: the open failed on it with a constraint error, and a damaged
+-- lease row is `Corrupt` when its object is used, as any other.
 INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token)
-    SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE true
+    SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE do_id IS NOT NULL AND fencing_token IS NOT NULL
     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token);
 "#;
 
@@ -68,9 +70,12 @@ pub const SQL_HOT_TABLES: &[(&str, &[&str])] = &[
 ];
 
 /// Every `(table, column)` of a database's tables, as the backends read them to check a file
-/// before and after opening it (SQLite's own `sqlite_*` tables left out).
-pub const SQL_TABLE_COLUMNS: &str =
-    "SELECT m.name AS tbl, p.name AS col FROM sqlite_master m, pragma_table_info(m.name) p \
+/// before and after opening it (SQLite's own `sqlite_*` tables left out). A virtual table is one
+/// row with an empty column: asking for its columns loads its module, and one this SQLite lacks
+/// (another application's extension) failed the whole query, so the file was not recognised as
+/// another application's.
+pub const SQL_TABLE_COLUMNS: &str = "SELECT m.name AS tbl, coalesce(p.name, '') AS col FROM sqlite_master m \
+     LEFT JOIN pragma_table_info(CASE WHEN m.sql LIKE 'CREATE VIRTUAL%' THEN NULL ELSE m.name END) p \
      WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY m.name, p.cid";
 
 /// Check a database's tables (`columns`: `(table, column)` as [`SQL_TABLE_COLUMNS`] reads them)

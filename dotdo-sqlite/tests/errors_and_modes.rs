@@ -192,6 +192,20 @@ async fn another_applications_database_is_refused_and_left_untouched() {
         assert!(e.to_string().contains("users") && e.to_string().contains("app.db"), "{e}");
         assert_eq!(header(&path), [1, 1], "the journal mode was changed");
     }
+    // One whose virtual table needs a module this SQLite lacks (another application's
+    // extension, sqlite-vec say): still another application's file, not a `Backend` error.
+    let path = dir.path().join("vec.db");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY); PRAGMA writable_schema = ON; \
+         INSERT INTO sqlite_master VALUES ('table', 'vectors', 'vectors', 0, 'CREATE VIRTUAL TABLE vectors USING vec0(x)'); \
+         PRAGMA writable_schema = OFF;",
+    )
+    .expect("app schema");
+    drop(raw);
+    let e = SqliteStore::builder(&path).open().await.expect_err("another application's file");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("vectors") && e.to_string().contains("vec.db"), "{e}");
     // A file at dotdo's version with some of its tables only.
     let path = dir.path().join("part.db");
     let raw = rusqlite::Connection::open(&path).expect("raw");
@@ -267,6 +281,25 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     )
     .expect("predecessor schema");
     SqliteStore::builder(&path).open().await.expect("the predecessor's file opens");
+    // One created without NOT NULL, with a row whose token is NULL: the file opens (the fold of
+    // its lease rows failed with a constraint error, a `Backend` error on every open), and the
+    // damaged row is `Corrupt` when its object is used, never a free lease.
+    let path = dir.path().join("nullable.db");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute_batch(
+        "CREATE TABLE do_locks (do_id TEXT PRIMARY KEY, node_id TEXT, acquired_at INTEGER, expires_at INTEGER, \
+         fencing_token INTEGER, metadata TEXT); \
+         INSERT INTO do_locks VALUES ('o', 'n', 0, 0, NULL, NULL), (NULL, 'n', 0, 0, 3, NULL), ('p', 'n', 0, 0, 4, NULL);",
+    )
+    .expect("predecessor schema");
+    let s = SqliteStore::builder(&path).open().await.expect("the predecessor's file opens");
+    let n = NodeId::new("n2").expect("node");
+    let o = dotdo_core::ObjectId::new("o").expect("id");
+    let e = s.acquire(&o, &n, Duration::from_secs(60)).await.expect_err("a damaged lease row");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let p = dotdo_core::ObjectId::new("p").expect("id");
+    let l = s.acquire(&p, &n, Duration::from_secs(60)).await.expect("another object's lease");
+    assert!(l.token.get() > 4, "above the predecessor's token: {}", l.token);
 }
 
 /// A database that cannot be put in WAL mode (a VFS without shared memory) is refused: it
