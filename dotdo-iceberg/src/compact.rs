@@ -326,7 +326,13 @@ impl IcebergColdStore {
         if ident == &self.inner.ident {
             return self.refresh().await;
         }
-        self.inner.catalog.load_table(ident).await.map_err(|e| classify(e, &format!("loading table {ident}")))
+        match self.inner.catalog.load_table(ident).await {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                let what = format!("loading table {ident}");
+                Err(crate::store::load_failure(self.inner.verifier.as_ref(), ident, e, &what).await)
+            }
+        }
     }
 
     /// Table `ident` as the catalog has it now and its live data files, retrying transient

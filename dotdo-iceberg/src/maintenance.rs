@@ -72,7 +72,13 @@ impl IcebergColdStore {
         if ident == &self.inner.ident {
             return self.refresh().await;
         }
-        self.inner.catalog.load_table(ident).await.map_err(|e| classify(e, &format!("loading table {ident}")))
+        match self.inner.catalog.load_table(ident).await {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                let what = format!("loading table {ident}");
+                Err(crate::store::load_failure(self.inner.verifier.as_ref(), ident, e, &what).await)
+            }
+        }
     }
 
     /// [`expire_snapshots`](Self::expire_snapshots) of the table `ident` (the change table or a

@@ -459,12 +459,35 @@ async fn open_table(
         Err(e) if matches!(e.kind(), iceberg::ErrorKind::TableNotFound | iceberg::ErrorKind::NamespaceNotFound) => {
             create_table(catalog, ident, settings, placing).await?
         }
-        Err(e) => return Err(classify(e, &what)),
+        Err(e) => return Err(load_failure(placing.verifier, ident, e, &what).await),
     };
     // What reads need: appends check the whole layout each time (another engine may change it
     // while a store is open, and a store opened after such a change still reads the table).
     schema::check_readable_table(table.metadata(), &what)?;
     set_dotdo_properties(catalog, ident, table, settings, true).await
+}
+
+/// `e`, from loading `ident`'s table, classified; a `Corrupt` one names the metadata file the
+/// SQL catalog points at (iceberg's error for metadata JSON it cannot parse names no file).
+pub(crate) async fn load_failure(
+    verifier: Option<&crate::catalog::SqlVerifier>,
+    ident: &TableIdent,
+    e: iceberg::Error,
+    what: &str,
+) -> Error {
+    let err = classify(e, what);
+    if err.kind() != &ErrorKind::Corrupt {
+        return err;
+    }
+    match verifier {
+        Some(v) => match v.metadata_location(ident).await {
+            Ok(Some(location)) if !err.to_string().contains(&location) => {
+                err.context(format!("metadata file {location}"))
+            }
+            _ => err,
+        },
+        None => err,
+    }
 }
 
 /// Set the table properties a store with `settings` needs on `table` (the change table, or a
@@ -852,12 +875,13 @@ impl IcebergColdStore {
     pub async fn refresh(&self) -> Result<Table> {
         use std::sync::atomic::Ordering;
         let installs = self.inner.table_installs.load(Ordering::SeqCst);
-        let t = self
-            .inner
-            .catalog
-            .load_table(&self.inner.ident)
-            .await
-            .map_err(|e| classify(e, &format!("loading table {}", self.inner.ident)))?;
+        let t = match self.inner.catalog.load_table(&self.inner.ident).await {
+            Ok(t) => t,
+            Err(e) => {
+                let what = format!("loading table {}", self.inner.ident);
+                return Err(load_failure(self.inner.verifier.as_ref(), &self.inner.ident, e, &what).await);
+            }
+        };
         let mut cur = self.inner.table.lock();
         if self.inner.table_installs.load(Ordering::SeqCst) == installs
             || t.metadata().uuid() != cur.metadata().uuid()

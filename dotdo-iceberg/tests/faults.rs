@@ -663,6 +663,12 @@ async fn missing_data_file_is_corrupt_and_names_the_file() {
     std::fs::write(meta.strip_prefix("file://").expect("local"), b"{ not json").expect("damage");
     let err = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect_err("damaged");
     assert_eq!(err.kind(), &ErrorKind::Corrupt, "{err}");
+    let name = meta.rsplit('/').next().expect("name");
+    assert!(err.to_string().contains(name), "error names the metadata file: {err}");
+    // And so does a reload of a store that was open.
+    let err = fresh.refresh().await.expect_err("damaged");
+    assert_eq!(err.kind(), &ErrorKind::Corrupt, "{err}");
+    assert!(err.to_string().contains(name), "error names the metadata file: {err}");
 }
 
 /// An append on a table whose head's manifest list is damaged fails at once, `Corrupt` naming
