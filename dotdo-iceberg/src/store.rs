@@ -1334,8 +1334,25 @@ impl IcebergColdStore {
 }
 
 impl IcebergColdStore {
-    /// The append protocol (see the crate docs) for a validated batch.
+    /// The append protocol (see the crate docs) for a validated batch. Once an attempt's outcome
+    /// was unknown, a later failure to read the table back (or to go on) is `AmbiguousOutcome`:
+    /// that attempt may still land.
     async fn append_validated(&self, batch: &Arc<ColdBatch>) -> Result<ColdCommit> {
+        let mut maybe_landed = false;
+        let out = self.append_attempts(batch, &mut maybe_landed).await;
+        out.map_err(|e| {
+            if maybe_landed && e.is_retryable() {
+                let message = format!("an earlier attempt's outcome is unknown, and the append then failed ({e})");
+                Error::new(ErrorKind::AmbiguousOutcome, message).with_source(e)
+            } else {
+                e
+            }
+        })
+    }
+
+    /// The attempts of [`append_validated`](Self::append_validated); `maybe_landed` is set while
+    /// an attempt of unknown outcome is unsettled (cleared once a read-back found it absent).
+    async fn append_attempts(&self, batch: &Arc<ColdBatch>, maybe_landed: &mut bool) -> Result<ColdCommit> {
         let _serial = self.inner.commit_lock.lock().await;
         let commit_id = uuid::Uuid::new_v4().to_string();
         let mut table = self.table();
@@ -1345,13 +1362,12 @@ impl IcebergColdStore {
         let mut written: Option<Written> = None;
         let mut last = Attempt::First;
         // Once an attempt's outcome was unknown, every later round first looks for it.
-        let mut maybe_landed = false;
         let mut reloaded = false;
         let mut failed_commits = 0u32;
         let attempts = self.inner.settings.max_commit_attempts;
         for attempt in 0..attempts {
             let head = table.metadata().current_snapshot().cloned();
-            if maybe_landed {
+            if *maybe_landed {
                 let since = first_head.flatten();
                 if let Some(s) = Self::find_commit(&table, &commit_id, since) {
                     // An attempt whose reply was lost did land; report it.
@@ -1444,7 +1460,7 @@ impl IcebergColdStore {
                     files.clone()
                 }
                 _ => {
-                    self.discard_unlanded(written.take(), &last, maybe_landed).await;
+                    self.discard_unlanded(written.take(), &last, *maybe_landed).await;
                     let started = self.write_start();
                     let files =
                         match self.write_files(&table, batch, &p.parts, self.inner.settings.target_file_size).await {
@@ -1510,7 +1526,7 @@ impl IcebergColdStore {
                                 ))
                             }
                         };
-                        maybe_landed = true;
+                        *maybe_landed = true;
                         last = Attempt::Unknown(e);
                         continue;
                     }
@@ -1598,12 +1614,12 @@ impl IcebergColdStore {
                             .with_source(err))
                         }
                     };
-                    maybe_landed = true;
+                    *maybe_landed = true;
                     last = Attempt::Unknown(err);
                 }
             }
         }
-        if maybe_landed {
+        if *maybe_landed {
             // A final read-back: did an attempt land after all? (Unreadable: the outcome stays
             // unknown.)
             let t = self.reload_for_resolution().await.map_err(|e| {
@@ -1616,7 +1632,9 @@ impl IcebergColdStore {
                 return self.landed_result(&t, &s, batch).await;
             }
         }
-        self.discard_unlanded(written.take(), &last, maybe_landed).await;
+        self.discard_unlanded(written.take(), &last, *maybe_landed).await;
+        // Read back above: no attempt landed (the last error is the answer).
+        *maybe_landed = false;
         match last {
             Attempt::Unknown(e) => Err(e.context(format!("cold commit failed after {attempts} attempts"))),
             Attempt::Failed(e) => Err(e.context("the cold commit did not land")),

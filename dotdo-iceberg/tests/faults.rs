@@ -952,6 +952,33 @@ async fn a_commit_that_was_never_sent_is_unavailable_not_ambiguous() {
     assert_eq!(cold.append(batch).await.expect("once the store is back").records_written, 1);
 }
 
+/// An append with an attempt of unknown outcome, whose next attempt then conflicts while the
+/// table cannot be read back, is `AmbiguousOutcome`: the first attempt may still land. It was a
+/// retryable `Unavailable`, which says the batch did not land. Once the catalog answers again,
+/// the same batch is committed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsettled_append_that_cannot_read_back_after_a_conflict_is_ambiguous() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let catalog = slot.lock().clone().expect("catalog built");
+    catalog.reset_next_update.store(true, std::sync::atomic::Ordering::SeqCst);
+    catalog.conflict_then_fail_loads.store(true, std::sync::atomic::Ordering::SeqCst);
+    let batch = ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]);
+    let e = cold.append(batch.clone()).await.expect_err("unknown outcome, then no read-back");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    catalog.fail_loads.store(false, std::sync::atomic::Ordering::SeqCst);
+    let c = cold.append(batch).await.expect("once the catalog answers");
+    assert_eq!(c.records_written + c.records_skipped, 1);
+    assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
+}
+
 /// A user-table append whose commit landed with its reply lost, after which the table cannot be
 /// read back (its metadata unreadable while the store is out), fails with `AmbiguousOutcome`:
 /// it was `Unavailable`, which says the batch did not land (re-sent under another batch id, its

@@ -574,6 +574,12 @@ pub struct LossyCatalog {
     pub hold_next_load: parking_lot::Mutex<Option<Arc<tokio::sync::Notify>>>,
     /// Set once a held `load_table` has read the table.
     pub load_held: std::sync::atomic::AtomicBool,
+    /// The next commit fails as a broken connection would, without landing (an unknown
+    /// outcome to the caller).
+    pub reset_next_update: std::sync::atomic::AtomicBool,
+    /// The next commit after that is refused as a conflict, and every `load_table` fails from
+    /// then on (`fail_loads`).
+    pub conflict_then_fail_loads: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -656,6 +662,13 @@ impl iceberg::Catalog for LossyCatalog {
                 .with_retryable(self.retryable)
         };
         let armed = self.switch.take_armed();
+        if self.reset_next_update.swap(false, Ordering::SeqCst) {
+            return Err(reset());
+        }
+        if self.conflict_then_fail_loads.swap(false, Ordering::SeqCst) {
+            self.fail_loads.store(true, Ordering::SeqCst);
+            return Err(iceberg::Error::new(iceberg::ErrorKind::CatalogCommitConflicts, "injected: conflict"));
+        }
         match roll {
             _ if armed => {
                 self.inner.update_table(c).await?;
@@ -741,6 +754,8 @@ fn lossy_catalog(
                 fail_loads: Default::default(),
                 hold_next_load: Default::default(),
                 load_held: Default::default(),
+                reset_next_update: Default::default(),
+                conflict_then_fail_loads: Default::default(),
             });
             *slot.lock() = Some(c.clone());
             Ok(c as Arc<dyn iceberg::Catalog>)
