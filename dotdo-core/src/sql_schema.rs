@@ -417,6 +417,11 @@ pub enum CheckpointRound {
         log: i64,
         /// Frames copied into the database file.
         copied: i64,
+        /// `PRAGMA data_version` on the round's connection, read before the checkpoint (`None`:
+        /// not read). It changes when another connection commits: a round that leaves frames
+        /// uncopied syncs the WAL only if it changed since the last sync (`None`: every such
+        /// round syncs).
+        data_version: Option<i64>,
     },
     /// The checkpoint failed (said at once, then every 100th failure of a streak; retried next
     /// round).
@@ -533,6 +538,8 @@ impl CheckpointThread {
             .spawn(move || {
                 let mut failures = 0u64;
                 let (mut stuck, mut growing) = (false, false);
+                // The `data_version` of the last round that synced the WAL itself.
+                let mut synced_version: Option<i64> = None;
                 loop {
                     {
                         let (lock, cv) = &*flag;
@@ -550,7 +557,7 @@ impl CheckpointThread {
                         return;
                     }
                     match round() {
-                        CheckpointRound::Done { log, copied } => {
+                        CheckpointRound::Done { log, copied, data_version } => {
                             failures = 0;
                             // Frames nothing can copy (a reader holds them): the WAL only grows.
                             let behind = log.saturating_sub(copied);
@@ -563,11 +570,16 @@ impl CheckpointThread {
                                 tracing::warn!(frames = log, path = %shown_path, "the WAL file keeps growing although it is checkpointed: read transactions that overlap without a break keep it from starting over");
                             }
                             growing = log >= GROWING_WAL_FRAMES;
-                            if behind > 0 {
+                            // Nothing committed since the last sync: nothing new to sync (a
+                            // long reader, Litestream's say, would have the WAL synced 20
+                            // times a second with nothing in it).
+                            let unchanged = data_version.is_some() && data_version == synced_version;
+                            if behind > 0 && !unchanged {
                                 if let Some(wal) = &wal {
                                     match sync_wal(wal) {
                                         Ok(()) => {
                                             synced.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                            synced_version = data_version;
                                         }
                                         Err(e) => {
                                             tracing::warn!(error = %e, path = %shown_path, "syncing the WAL file failed")

@@ -318,7 +318,7 @@ impl IcebergColdStore {
     async fn foreign_format_files(&self, table: &Table) -> Result<Vec<(String, Option<i32>)>> {
         let Some(head) = table.metadata().current_snapshot() else { return Ok(Vec::new()) };
         let (files, _) = self.files_of(table, head, None).await?;
-        Ok(files.iter().filter(|f| !f.is_parquet()).map(|f| (f.path.clone(), f.bucket)).collect())
+        Ok(files.iter().filter(|f| !f.is_parquet()).map(|f| (f.path.clone(), f.partition.map(|(_, b)| b))).collect())
     }
 
     /// Reload table `ident` (this store's own table or another one in its catalog).
@@ -409,7 +409,7 @@ impl IcebergColdStore {
         Ok(files
             .iter()
             .filter(|f| f.is_parquet())
-            .map(|f| LiveFile { path: f.path.clone(), size: f.size, partition: f.bucket })
+            .map(|f| LiveFile { path: f.path.clone(), size: f.size, partition: f.partition.map(|(_, b)| b) })
             .collect())
     }
 

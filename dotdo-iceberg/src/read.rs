@@ -105,7 +105,11 @@ impl Filter {
 pub(crate) struct FileInfo {
     pub(crate) path: String,
     pub(crate) size: u64,
-    pub(crate) bucket: Option<i32>,
+    /// `(spec id, bucket)`: the file's `bucket(do_id)` value under the partition spec of that
+    /// id (the bucketer's when the manifest was read and cached). A read prunes by it only under
+    /// the same spec: the bucketer of a store can follow the table's current spec, which another
+    /// engine may change meanwhile.
+    pub(crate) partition: Option<(i32, i32)>,
     do_id: Option<(String, String)>,
     key: Option<(String, String)>,
     seq_min: Option<i64>,
@@ -660,9 +664,9 @@ impl IcebergColdStore {
                     let df = e.data_file();
                     // Only under the spec the bucketer belongs to, at its do_id field: a file
                     // written under another spec (evolved by another engine) is never pruned.
-                    let bucket = match bucket_at {
+                    let partition = match bucket_at {
                         Some((spec, pos)) if spec == mf.partition_spec_id => match df.partition().fields().get(pos) {
-                            Some(Some(Literal::Primitive(PrimitiveLiteral::Int(b)))) => Some(*b),
+                            Some(Some(Literal::Primitive(PrimitiveLiteral::Int(b)))) => Some((spec, *b)),
                             _ => None,
                         },
                         _ => None,
@@ -671,7 +675,7 @@ impl IcebergColdStore {
                     Arc::new(FileInfo {
                         path: df.file_path().to_string(),
                         size: df.file_size_in_bytes(),
-                        bucket,
+                        partition,
                         do_id: bounds(do_id_f),
                         key: bounds(key_f),
                         seq_min: long_of(df.lower_bounds().get(&seq_f)),
@@ -713,17 +717,18 @@ impl IcebergColdStore {
         // Another engine may have changed the schema since the table was opened.
         crate::schema::check_field_ids(table.metadata(), &format!("table {}", table.identifier()))?;
         stats.snapshot = Some(snapshot.snapshot_id());
+        // The object's bucket under the spec the bucketer belongs to.
         let bucket = match self.bucketer_for(table) {
-            Some(b) => Some(b.bucket(object.as_str())?),
+            Some(b) => b.spec.map(|(spec, _)| b.bucket(object.as_str()).map(|n| (spec, n))).transpose()?,
             None => None,
         };
-        let (files, in_skipped_manifests) = self.files_of(table, snapshot, bucket).await?;
+        let (files, in_skipped_manifests) = self.files_of(table, snapshot, bucket.map(|(_, n)| n)).await?;
         stats.files_total = (files.len() as u64).saturating_add(in_skipped_manifests);
         stats.pruned_by_partition = in_skipped_manifests;
         let o = object.as_str();
         let mut open = Vec::new();
         for f in files {
-            if f.bucket.zip(bucket).is_some_and(|(b, want)| b != want) {
+            if f.partition.zip(bucket).is_some_and(|((spec, b), (want_spec, want))| spec == want_spec && b != want) {
                 stats.pruned_by_partition += 1;
                 continue;
             }
@@ -1113,7 +1118,7 @@ mod tests {
         let file = |size| FileInfo {
             path: "s3://b/t/data/p.parquet".into(),
             size,
-            bucket: None,
+            partition: None,
             do_id: None,
             key: None,
             seq_min: None,
@@ -1133,7 +1138,7 @@ mod tests {
         let file = |i: usize| FileInfo {
             path: format!("s3://b/t/data/{i:06}.parquet"),
             size: 1,
-            bucket: Some(0),
+            partition: Some((0, 0)),
             do_id: Some(("a".into(), "z".into())),
             key: Some((long.clone(), long.clone())),
             seq_min: Some(1),

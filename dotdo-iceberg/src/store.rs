@@ -306,8 +306,9 @@ impl IcebergColdStoreBuilder {
     }
 
     /// Open the warehouse and catalog, create the namespace and table if missing, and check
-    /// that an existing table has dotdo's schema. Must run inside a tokio runtime with time
-    /// enabled (iceberg uses tokio).
+    /// that an existing table has dotdo's columns, readable by name (another engine may have
+    /// added or reordered columns, or partitioned it otherwise: it is read, and its appends are
+    /// `InvalidInput`). Must run inside a tokio runtime with time enabled (iceberg uses tokio).
     pub async fn build(self) -> Result<IcebergColdStore> {
         validate_table_name(self.namespace.iter().map(String::as_str), &self.table)?;
         if self.settings.max_commit_attempts == 0 || self.settings.buckets == 0 {
@@ -395,7 +396,12 @@ impl IcebergColdStoreBuilder {
         let table = open_table(&*catalog, &ident, &self.settings, placing).await?;
         // A table another engine partitioned otherwise is still read (without pruning by
         // bucket); its appends are refused.
-        let bucketer = table_bucketer(&table).ok().map(Arc::new);
+        let bucketer = match table_bucketer(&table) {
+            Ok(b) => Some(Arc::new(b)),
+            Err(e) if e.kind() == &ErrorKind::InvalidInput => None,
+            // A bucket transform no engine could have written (`bucket[0]`): damaged metadata.
+            Err(e) => return Err(e),
+        };
         let table_uuid = table.metadata().uuid();
         Ok(IcebergColdStore {
             inner: Arc::new(Inner {
@@ -1469,6 +1475,25 @@ impl IcebergColdStore {
                                 retry_pause(self.backoff(attempt)).await;
                                 last = Attempt::First;
                                 continue;
+                            }
+                            // A refusal of the table's layout, judged on a known table that may
+                            // be stale (another engine changed it back since): judged once
+                            // more on the catalog's current table, as a plan's verdict is.
+                            Err(e) if !e.is_retryable() && !reloaded => {
+                                reloaded = true;
+                                match self.reload_for_resolution().await {
+                                    Ok(t) if t.metadata_location() != table.metadata_location() => {
+                                        table = t;
+                                        continue;
+                                    }
+                                    Ok(_) => return Err(e),
+                                    Err(re) if re.is_retryable() => {
+                                        return Err(
+                                            re.context(format!("checking the batch against the current table ({e})"))
+                                        )
+                                    }
+                                    Err(_) => return Err(e),
+                                }
                             }
                             Err(e) => return Err(e),
                         };

@@ -43,15 +43,19 @@ pub(crate) async fn start(
         // libsql's local calls run SQLite synchronously inside their futures: no runtime is
         // needed to drive them.
         match futures::executor::block_on(round(&conn)) {
-            Ok((log, copied)) => CheckpointRound::Done { log, copied },
+            Ok((log, copied, data_version)) => CheckpointRound::Done { log, copied, data_version: Some(data_version) },
             Err(e) => CheckpointRound::Failed(e.to_string()),
         }
     })
 }
 
-/// One passive checkpoint: (frames in the WAL, frames copied into the database file).
-async fn round(conn: &libsql::Connection) -> libsql::Result<(i64, i64)> {
+/// One passive checkpoint: (frames in the WAL, frames copied into the database file, the
+/// connection's `data_version` read before it).
+async fn round(conn: &libsql::Connection) -> libsql::Result<(i64, i64, i64)> {
+    let mut rows = conn.query("PRAGMA data_version", ()).await?;
+    let data_version = rows.next().await?.ok_or(libsql::Error::QueryReturnedNoRows)?.get::<i64>(0)?;
+    drop(rows);
     let mut rows = conn.query("PRAGMA wal_checkpoint(PASSIVE)", ()).await?;
     let row = rows.next().await?.ok_or(libsql::Error::QueryReturnedNoRows)?;
-    Ok((row.get::<i64>(1)?, row.get::<i64>(2)?))
+    Ok((row.get::<i64>(1)?, row.get::<i64>(2)?, data_version))
 }

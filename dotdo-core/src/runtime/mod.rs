@@ -2175,8 +2175,6 @@ fn check_durable_through(object: &ObjectId, hot_last: Seq, appended: Seq, throug
     Ok(())
 }
 
-/// Whether a failed drain leaves the activation unusable (the lease is gone, or the hot store
-/// is behind cold storage): the activation is dropped and its lease given back.
 /// Give the activation in `slot` back if `e` (from working on it outside a call) left it of no
 /// further use: its lease is gone, or its lazy restore found the cold state moved on (the next
 /// call activates afresh). Kept, it held the lease for nothing, and other nodes met `LeaseHeld`.
@@ -2186,6 +2184,8 @@ async fn give_back_if_spent(inner: &Arc<Inner>, slot: &mut Slot, e: &Error) {
     }
 }
 
+/// Whether a failed drain leaves the activation unusable (the lease is gone, or the hot store
+/// is behind cold storage): the activation is dropped and its lease given back.
 fn activation_spent(e: &Error) -> bool {
     // `hot_behind_cold` is the non-retryable `Conflict`; a cold commit still conflicting after
     // its attempts (contention) is retryable and leaves the activation alone.
@@ -2441,10 +2441,10 @@ fn may_still_land(inner: &Inner, since: Timestamp) -> bool {
     inner.clock.now() < since.plus(inner.settings.lease_ttl)
 }
 
-/// Release the leases cancelled calls left behind ([`Inner::orphans`]).
 /// How many leases `shutdown` gives back at once.
 const SHUTDOWN_RELEASES: usize = 16;
 
+/// Release the leases cancelled calls left behind ([`Inner::orphans`]).
 async fn release_orphans(inner: &Arc<Inner>) {
     // Taken one at a time: if this is cancelled (a host's timeout around `maintain`), the
     // orphans not yet released stay recorded (the one being released is put back by
