@@ -86,13 +86,17 @@ impl fmt::Debug for CatalogConfig {
 /// `uri` with the password of its user info (`https://user:pass@host`, which the HTTP client
 /// sends as Basic auth) replaced, for messages and `Debug`. (A warehouse URL's user part is not
 /// secret: `abfss://container@account…` names the container.)
+/// A URI that does not parse is shown as its scheme alone if it may hold user info (an `@`:
+/// the parser could not take a password apart from it).
 pub(crate) fn without_password(uri: &str) -> String {
     match url::Url::parse(uri) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("redacted"));
             u.to_string()
         }
-        _ => uri.to_string(),
+        Ok(_) => uri.to_string(),
+        Err(_) if uri.contains('@') => format!("{}://…", uri.split_once("://").map_or("", |(s, _)| s)),
+        Err(_) => uri.to_string(),
     }
 }
 
@@ -1214,6 +1218,14 @@ mod tests {
         // A token carried as the user name alone.
         assert_eq!(super::without_credentials("https://t0k3n@catalog/api"), "https://redacted@catalog/api");
         assert_eq!(super::without_credentials("https://user:s3cr3t@catalog/api"), "https://user:redacted@catalog/api");
+        // One that does not parse (port out of range) is shown as its scheme only: the parser
+        // could not take its password apart.
+        let bad = "https://user:s3cr3t@catalog:99999/api";
+        assert_eq!(super::without_password(bad), "https://…");
+        let config = super::CatalogConfig::Rest { uri: bad.into(), warehouse: None, properties: Default::default() };
+        assert!(!format!("{config:?}").contains("s3cr3t"), "{config:?}");
+        let builder = crate::IcebergColdStore::builder("s3://AKIA:s3cr3t@bucket/wh");
+        assert!(!format!("{builder:?}").contains("s3cr3t"), "{builder:?}");
         // A warehouse URL's user part names a container: kept.
         assert_eq!(
             super::without_password("abfss://data@acct.dfs.core.windows.net/wh"),

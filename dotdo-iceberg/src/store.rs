@@ -46,18 +46,24 @@ pub(crate) struct WriteStart {
     wall: Timestamp,
 }
 
-/// A table's namespace and name become directories of the warehouse: each part must be
-/// non-empty, not `.` or `..`, and free of `/`, backslashes and control characters.
+/// A table's namespace and name become directories of the warehouse and segments of REST
+/// catalog URLs (which iceberg's REST client joins in without percent-encoding): each part must
+/// be non-empty, not `.` or `..`, and free of `/`, backslashes, `#`, `?`, `%` and control
+/// characters. (`events#x` was sent as `…/tables/events`: another table's.)
 pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a str>, name: &str) -> Result<()> {
     let bad = |part: &str| {
-        part.is_empty() || part == "." || part == ".." || part.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+        part.is_empty()
+            || part == "."
+            || part == ".."
+            || part.chars().any(|c| matches!(c, '/' | '\\' | '#' | '?' | '%') || c.is_control())
     };
     let mut parts = 0;
     for part in namespace {
         parts += 1;
         if bad(part) {
             return Err(Error::invalid(format!(
-                "table namespace part {part:?} must be non-empty, not '.' or '..', and free of '/', '\\' and control characters"
+                "table namespace part {part:?} must be non-empty, not '.' or '..', and free of '/', '\\', '#', '?', '%' \
+                 and control characters"
             )));
         }
     }
@@ -66,7 +72,8 @@ pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a st
     }
     if bad(name) {
         return Err(Error::invalid(format!(
-            "table name {name:?} must be non-empty, not '.' or '..', and free of '/', '\\' and control characters"
+            "table name {name:?} must be non-empty, not '.' or '..', and free of '/', '\\', '#', '?', '%' and control \
+             characters"
         )));
     }
     Ok(())
@@ -243,7 +250,7 @@ impl std::fmt::Debug for IcebergColdStoreBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Option values may be credentials: print keys only.
         f.debug_struct("IcebergColdStoreBuilder")
-            .field("warehouse", &self.warehouse)
+            .field("warehouse", &crate::catalog::without_password(&self.warehouse))
             .field("options", &self.options.iter().map(|(k, _)| (k.as_str(), "<redacted>")).collect::<Vec<_>>())
             .field("store", &self.store.as_ref().map(|s| s.to_string()))
             .field("catalog", &self.catalog)

@@ -2680,7 +2680,19 @@ async fn a_user_schema_without_an_exact_iceberg_form_creates_nothing() {
         Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false), Field::new("name", DataType::Utf8, true)]));
     cold.arrow_table(&["u"], "events", fine).await.expect("nothing was created under the name");
     let ok = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
-    for (ns, name) in [(vec!["u"], ""), (vec!["u"], ".."), (vec!["u"], "a/b"), (vec![], "t"), (vec![".."], "t")] {
+    // `#`, `?` and `%` would be read as a URL's fragment, query or escape by a REST catalog
+    // client that joins names into its URLs as they are (`events#x` loaded `events`).
+    for (ns, name) in [
+        (vec!["u"], ""),
+        (vec!["u"], ".."),
+        (vec!["u"], "a/b"),
+        (vec![], "t"),
+        (vec![".."], "t"),
+        (vec!["u"], "events#x"),
+        (vec!["u"], "events?x=1"),
+        (vec!["u"], "%2e%2e"),
+        (vec!["u#x"], "t"),
+    ] {
         let e = cold.arrow_table(&ns, name, ok.clone()).await.expect_err("a bad name");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{ns:?} {name:?}: {e}");
     }
