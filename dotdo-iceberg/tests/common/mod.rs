@@ -107,6 +107,92 @@ pub fn py_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("py")
 }
 
+/// Start the server script `script` of `tests/py` with `python` on a free port of 127.0.0.1
+/// (its first argument 0, then `args`), and wait for its `READY <port>` line: the child and the
+/// port.
+#[allow(dead_code)] // not every test binary including this module uses it
+pub fn start_server(python: &std::path::Path, script: &str, args: &[&str]) -> (Child, u16) {
+    // Port 0: the server binds a free port itself and reports it (a port found free here and
+    // handed over could be taken by another test's server in between).
+    let mut child = Command::new(python)
+        .arg(py_dir().join(script))
+        .arg("0")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start tests/py/{script}: {e}"));
+    let stdout = child.stdout.take().expect("server stdout");
+    // Read the ready line on a thread: a server that hangs before it would otherwise hold the
+    // test (and CI) until the job's own time limit.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let r = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line);
+        let _ = tx.send(r);
+    });
+    let line = match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+        Ok(Ok(line)) => line,
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{script} did not report READY within 120 s: {other:?}");
+        }
+    };
+    match line.trim().strip_prefix("READY ").map(str::parse) {
+        Some(Ok(port)) => (child, port),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{script} did not start: {line:?}")
+        }
+    }
+}
+
+/// An Iceberg REST catalog (tests/py/rest_catalog.py: PyIceberg's SqlCatalog behind the REST
+/// protocol) on 127.0.0.1 with its warehouse in a directory of its own, killed on drop (and
+/// exiting by itself when this process dies).
+#[allow(dead_code)] // not every test binary including this module uses it
+pub struct RestCatalogServer {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub uri: String,
+    /// The warehouse directory the catalog places tables in.
+    pub warehouse: tempfile::TempDir,
+}
+
+#[allow(dead_code)] // not every test binary including this module uses it
+impl RestCatalogServer {
+    /// Start the catalog with `python`.
+    pub fn start(python: &std::path::Path) -> RestCatalogServer {
+        let warehouse = tempfile::tempdir().expect("tempdir");
+        let db = warehouse.path().join("rest-catalog.db");
+        let url = format!("file://{}", warehouse.path().display());
+        let (child, port) = start_server(python, "rest_catalog.py", &[db.to_str().expect("utf-8"), &url]);
+        RestCatalogServer { child, uri: format!("http://127.0.0.1:{port}"), warehouse }
+    }
+
+    /// A plain HTTP/1.1 request to the server's test controls: the reply's body.
+    pub fn control(&self, method: &str, path: &str) -> String {
+        use std::io::{Read, Write};
+        let addr = self.uri.strip_prefix("http://").expect("http");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to the REST catalog");
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("reply");
+        assert!(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"), "{reply}");
+        reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    }
+}
+
+impl Drop for RestCatalogServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A local S3-compatible server (moto) on 127.0.0.1, killed on drop. The server also exits by
 /// itself when this process dies.
 pub struct Moto {
@@ -120,41 +206,7 @@ pub struct Moto {
 impl Moto {
     /// Start moto with `python` and create `bucket`.
     pub fn start(python: &std::path::Path, bucket: &str) -> Moto {
-        // Port 0: the server binds a free port itself and reports it (a port found free here
-        // and handed over could be taken by another test's server in between).
-        let mut child = Command::new(python)
-            .arg(py_dir().join("moto_s3.py"))
-            .arg("0")
-            .arg(bucket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start moto (tests/py/moto_s3.py)");
-        let stdout = child.stdout.take().expect("moto stdout");
-        // Read the ready line on a thread: a server that hangs before it would otherwise hold
-        // the test (and CI) until the job's own time limit.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let r = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line);
-            let _ = tx.send(r);
-        });
-        let line = match rx.recv_timeout(std::time::Duration::from_secs(120)) {
-            Ok(Ok(line)) => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("moto did not report READY within 120 s: {other:?}");
-            }
-        };
-        let port: u16 = match line.trim().strip_prefix("READY ").map(str::parse) {
-            Some(Ok(port)) => port,
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("moto did not start: {line:?}")
-            }
-        };
+        let (child, port) = start_server(python, "moto_s3.py", &[bucket]);
         Moto { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_string() }
     }
 

@@ -1,0 +1,200 @@
+"""An Iceberg REST catalog on 127.0.0.1:<port> (0: a free port the system picks) in front of
+PyIceberg's SqlCatalog (SQLite file <catalog-db>, warehouse <warehouse-url>), speaking the REST
+catalog protocol that iceberg's REST client uses: config, namespaces, and tables (load, create,
+commit with the request's requirements checked by PyIceberg). Prints "READY <port>", and exits
+when the parent process (the Rust test) goes away or after a hard time limit.
+
+Test controls (not part of the protocol):
+  POST /control/lose-next-commit   the next table commit is applied, then its connection is
+                                   closed without a reply (a reply lost on the way back)
+  GET  /control/stats              {"commits": n, "lost": n, "refused": n}
+
+usage: rest_catalog.py <port> <catalog-db> <warehouse-url>
+"""
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlparse
+
+from pyiceberg.catalog.rest import CreateTableRequest
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NamespaceAlreadyExistsError,
+    NoSuchNamespaceError,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+)
+from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC
+from pyiceberg.table import CommitTableRequest
+from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
+
+port, db, warehouse = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+limit_s = float(os.environ.get("DOTDO_MOTO_LIMIT_S", "1800"))
+catalog = SqlCatalog("dotdo", uri=f"sqlite:///{db}", warehouse=warehouse)
+lock = threading.Lock()
+state = {"lose_next": False, "commits": 0, "lost": 0, "refused": 0}
+
+
+def namespace_of(part):
+    # The REST protocol joins a multi-level namespace with the unit separator.
+    return tuple(unquote(part).split("\x1f"))
+
+
+def table_json(table):
+    return {
+        "metadata-location": table.metadata_location,
+        "metadata": json.loads(table.metadata.model_dump_json()),
+        "config": {},
+    }
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, body=None):
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(code)
+        if body is not None:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if data and self.command != "HEAD":
+            self.wfile.write(data)
+
+    def error(self, code, kind, message):
+        self.reply(code, {"error": {"message": message, "type": kind, "code": code}})
+
+    def body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def route(self):
+        path = urlparse(self.path).path
+        parts = [p for p in path.split("/") if p]
+        if parts[:1] == ["control"]:
+            return self.control(parts[1:])
+        if parts[:1] != ["v1"]:
+            return self.error(404, "NotFound", f"no route {path}")
+        parts = parts[1:]
+        try:
+            with lock:
+                return self.v1(parts)
+        except (NoSuchTableError, NoSuchNamespaceError) as e:
+            kind = "NoSuchTableException" if isinstance(e, NoSuchTableError) else "NoSuchNamespaceException"
+            return self.error(404, kind, str(e))
+        except (TableAlreadyExistsError, NamespaceAlreadyExistsError) as e:
+            return self.error(409, "AlreadyExistsException", str(e))
+        except CommitFailedException as e:
+            state["refused"] += 1
+            return self.error(409, "CommitFailedException", str(e))
+        except Exception as e:  # noqa: BLE001 - any other failure is the server's
+            import traceback
+
+            traceback.print_exc()
+            return self.error(500, "ServerError", f"{type(e).__name__}: {e}")
+
+    def control(self, parts):
+        if parts == ["lose-next-commit"] and self.command == "POST":
+            self.body()
+            state["lose_next"] = True
+            return self.reply(200, {})
+        if parts == ["stats"]:
+            return self.reply(200, {k: v for k, v in state.items() if k != "lose_next"})
+        return self.error(404, "NotFound", "no such control")
+
+    def v1(self, parts):
+        method = self.command
+        if parts == ["config"]:
+            return self.reply(200, {"defaults": {}, "overrides": {}})
+        if parts == ["namespaces"]:
+            if method == "GET":
+                return self.reply(200, {"namespaces": [list(n) for n in catalog.list_namespaces()]})
+            req = json.loads(self.body() or b"{}")
+            catalog.create_namespace(tuple(req["namespace"]), req.get("properties") or {})
+            return self.reply(200, {"namespace": req["namespace"], "properties": req.get("properties") or {}})
+        if len(parts) == 2 and parts[0] == "namespaces":
+            ns = namespace_of(parts[1])
+            props = catalog.load_namespace_properties(ns)
+            if method == "HEAD":
+                return self.reply(204)
+            return self.reply(200, {"namespace": list(ns), "properties": props})
+        if len(parts) == 3 and parts[0] == "namespaces" and parts[2] == "tables":
+            ns = namespace_of(parts[1])
+            if method == "GET":
+                tables = [{"namespace": list(t[:-1]), "name": t[-1]} for t in catalog.list_tables(ns)]
+                return self.reply(200, {"identifiers": tables})
+            # Optional in the protocol, required fields of PyIceberg's model.
+            body = json.loads(self.body())
+            for key in ("location", "partition-spec", "write-order"):
+                body.setdefault(key, None)
+            # An unbound spec's field ids are optional (PyIceberg assigns fresh ones anyway).
+            for i, field in enumerate((body.get("partition-spec") or {}).get("fields", [])):
+                field.setdefault("field-id", 1000 + i)
+            req = CreateTableRequest.model_validate(body)
+            table = catalog.create_table(
+                ns + (req.name,),
+                schema=req.table_schema,
+                location=req.location,
+                partition_spec=req.partition_spec or UNPARTITIONED_PARTITION_SPEC,
+                sort_order=req.write_order or UNSORTED_SORT_ORDER,
+                properties=req.properties or {},
+            )
+            return self.reply(200, table_json(table))
+        if len(parts) == 4 and parts[0] == "namespaces" and parts[2] == "tables":
+            ident = namespace_of(parts[1]) + (unquote(parts[3]),)
+            if method in ("GET", "HEAD"):
+                table = catalog.load_table(ident)
+                return self.reply(204) if method == "HEAD" else self.reply(200, table_json(table))
+            if method == "DELETE":
+                catalog.drop_table(ident)
+                return self.reply(204)
+            req = CommitTableRequest.model_validate_json(self.body())
+            table = catalog.load_table(ident)
+            response = catalog.commit_table(table, tuple(req.requirements), tuple(req.updates))
+            state["commits"] += 1
+            if state["lose_next"]:
+                state["lose_next"] = False
+                state["lost"] += 1
+                # Applied; the reply never arrives.
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
+            return self.reply(
+                200,
+                {
+                    "metadata-location": response.metadata_location,
+                    "metadata": json.loads(response.metadata.model_dump_json()),
+                },
+            )
+        return self.error(404, "NotFound", f"no route {method} {'/'.join(parts)}")
+
+    def do_GET(self):
+        self.route()
+
+    def do_HEAD(self):
+        self.route()
+
+    def do_POST(self):
+        self.route()
+
+    def do_DELETE(self):
+        self.route()
+
+
+server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+server.daemon_threads = True
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print("READY", server.server_address[1], flush=True)
+parent = os.getppid()
+start = time.monotonic()
+while os.getppid() == parent and time.monotonic() - start < limit_s:
+    time.sleep(0.2)
+server.shutdown()
