@@ -194,8 +194,8 @@ async fn appends_under_faults(lossy_catalog: bool) {
         assert_eq!(seqs, (1..=want).collect::<Vec<_>>(), "{o}: rows lost or doubled");
     }
 
-    // No snapshot points at a missing file: every manifest list, manifest and data file exists,
-    // and every snapshot reads back.
+    // No snapshot points at a missing file: every manifest list, manifest and data file exists
+    // (checked for every snapshot), and every 20th snapshot and the last read back.
     let table = cold.refresh().await.expect("refresh");
     let checked = assert_no_missing_files(&cold, &faulty, false).await;
     let n_snaps = table.metadata().snapshots().len();
@@ -1356,6 +1356,10 @@ async fn user_table_appends_under_lost_replies(retryable: bool) {
             let tx = iceberg::transaction::ApplyTransactionAction::apply(props, tx).expect("apply");
             let _ = tx.commit(&*cold.catalog()).await;
         }
+        // The premise: the table has iceberg's own retry on (else this is the case above).
+        let t = cold.catalog().load_table(user.ident()).await.expect("load");
+        let retries = t.metadata().properties().get("commit.retry.num-retries").cloned();
+        assert_eq!(retries.as_deref(), Some("4"), "iceberg's commit retry is on");
     }
     let mut snapshots = std::collections::BTreeSet::new();
     for id in 1..=40u64 {
