@@ -229,6 +229,9 @@ fn main() {
     }
     rt.block_on(p.close()).expect("close");
     handle.abort();
+    // About five rolls in 5.5 s at a 1 s interval: a median of fewer is no median (and none
+    // would record a lag of 0).
+    assert!(lags.len() >= 3, "only {} rolls seen in 5.5 s", lags.len());
     lags.sort_unstable();
     commits.sort_unstable();
     let lag = lags.get(lags.len() / 2).copied().unwrap_or_default();

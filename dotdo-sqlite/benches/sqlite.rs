@@ -79,8 +79,9 @@ impl Raw {
         c.prepare_cached("COMMIT").expect("p").execute([]).expect("commit");
     }
 
-    /// The same work as a fenced put, hand-written: read token and sequence, upsert the state,
-    /// append the change, in one transaction.
+    /// The same work as a fenced put, hand-written: read the object's token floor, upsert the
+    /// state, append the change, in one transaction (the sequence number is counted here, not
+    /// read: ours reads it, and the lease row, so this side does a little less).
     fn same_schema_txn(&mut self, keys: &[String], value: &[u8]) {
         self.i += 1;
         self.seq += 1;
