@@ -135,5 +135,14 @@ fn custom_backend_example_passes_the_kit() {
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
         .expect("write count in the output");
-    assert!(writes > 0, "{stdout}");
+    let fenced: u64 = stdout
+        .split("; ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("fenced count in the output");
+    // About a thousand writes and over a hundred stale calls fenced: a wrapper that forwarded
+    // few calls (or none that the kit fences) would not show the kit ran through it.
+    assert!(writes >= 500, "{stdout}");
+    assert!(fenced >= 50, "{stdout}");
 }
