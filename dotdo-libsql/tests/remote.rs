@@ -31,6 +31,44 @@ fn factory() -> HotFactory {
 
 dotdo_core::hot_conformance!(factory());
 
+/// The kit's reopen cases on a remote primary: a directory the kit names is one primary (a
+/// Hrana server on `<dir>/primary.db`, kept for the rest of the run), and each store the kit
+/// opens on it is another client: a second node, or the same one restarted. Fencing must hold
+/// across them through the primary alone (nothing cached per handle).
+mod reopen {
+    use std::collections::HashMap;
+    use std::sync::{Arc, OnceLock};
+
+    use dotdo_core::testkit::{hot_reopen_factory, HotFixture, HotReopenFactory};
+    use dotdo_libsql::LibsqlStore;
+
+    use super::{HranaServer, TOKEN};
+
+    fn factory() -> HotReopenFactory {
+        hot_reopen_factory(|clock, dir| async move {
+            static SERVERS: OnceLock<parking_lot::Mutex<HashMap<std::path::PathBuf, String>>> = OnceLock::new();
+            let url = SERVERS
+                .get_or_init(Default::default)
+                .lock()
+                .entry(dir.clone())
+                .or_insert_with(|| {
+                    // Serves until the test binary exits.
+                    let server = Box::leak(Box::new(HranaServer::start(&dir.join("primary.db"), TOKEN)));
+                    server.url()
+                })
+                .clone();
+            let store = LibsqlStore::remote(url, TOKEN)
+                .with_clock(Arc::new(clock))
+                .open()
+                .await
+                .expect("open remote libsql store");
+            HotFixture { hot: Arc::new(store.clone()), guard: Arc::new(store), keep_alive: Box::new(()) }
+        })
+    }
+
+    dotdo_core::hot_reopen_conformance!(factory());
+}
+
 #[tokio::test]
 async fn a_fenced_write_is_one_round_trip_to_the_primary() {
     let dir = tempfile::tempdir().expect("tempdir");
