@@ -1450,6 +1450,9 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
     let objects: Vec<ObjectId> = (0..3).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
     let mut next_seq: BTreeMap<ObjectId, u64> = objects.iter().map(|o| (o.clone(), 1)).collect();
     let (mut compacted, mut failed, mut round) = (0u64, BTreeMap::<&'static str, u64>::new(), 0u64);
+    // Faults delivered during compactions (not the appends between them): (failures, lost
+    // replies), and failed writes by kind of file.
+    let (mut in_compaction, mut compaction_puts) = ((0u64, 0u64), BTreeMap::<&'static str, (u64, u64)>::new());
     while faulty.injected.load(Ordering::SeqCst) < target {
         round += 1;
         assert!(round < 2_000, "too many rounds without reaching {target} faults");
@@ -1474,7 +1477,18 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
                 }
             }
         }
-        match cold.compact(dotdo_iceberg::CompactOptions::default()).await {
+        let before = (faulty.injected.load(Ordering::SeqCst), faulty.lost_replies.load(Ordering::SeqCst));
+        let puts_before = faulty.put_faults.lock().clone();
+        let outcome = cold.compact(dotdo_iceberg::CompactOptions::default()).await;
+        in_compaction.0 += faulty.injected.load(Ordering::SeqCst) - before.0;
+        in_compaction.1 += faulty.lost_replies.load(Ordering::SeqCst) - before.1;
+        for (kind, (n, lost)) in faulty.put_faults.lock().iter() {
+            let (n0, lost0) = puts_before.get(kind).copied().unwrap_or_default();
+            let e = compaction_puts.entry(kind).or_default();
+            e.0 += n - n0;
+            e.1 += lost - lost0;
+        }
+        match outcome {
             Ok(r) => compacted += u64::from(r.snapshot.is_some()),
             Err(e) => {
                 assert!(
@@ -1495,8 +1509,18 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
         faulty.lost_replies.load(Ordering::SeqCst),
         faulty.delays.load(Ordering::SeqCst)
     );
+    println!(
+        "  during compactions: {} failures ({} lost replies); failed writes by kind (failures, lost replies): {compaction_puts:?}",
+        in_compaction.0, in_compaction.1
+    );
     assert!(compacted > 0, "no compaction committed under faults");
     assert!(failed.values().sum::<u64>() > 0, "no injected failure reached a compaction");
+    // The faults reached the compactions themselves, writes and lost replies included (not
+    // only the appends between them).
+    assert!(in_compaction.0 >= target / 4, "only {} of the faults hit compactions", in_compaction.0);
+    assert!(in_compaction.1 >= 3, "only {} lost replies hit compactions", in_compaction.1);
+    let writes: u64 = compaction_puts.values().map(|(n, _)| n).sum();
+    assert!(writes >= 5, "only {writes} failed writes in compactions: {compaction_puts:?}");
     // Every replace snapshot in the table is a compaction reported committed: none that
     // failed (for its caller) landed anyway, none landed twice.
     let table = cold.refresh().await.expect("refresh");

@@ -262,13 +262,13 @@ pub struct FaultyStore {
     /// Probability that an operation is faulted.
     pub probability: f64,
     enabled: AtomicBool,
-    /// Failures injected so far (an operation failed, before or after it ran); delays are
-    /// counted apart, in `delays`.
-    pub injected: AtomicU64,
+    /// Failures injected so far (an operation failed, before or after it ran), counted when
+    /// the caller got them; delays are counted apart, in `delays`.
+    pub injected: Arc<AtomicU64>,
     /// Operations delayed so far (then run normally).
-    pub delays: AtomicU64,
-    /// Faults of kind FailAfter on writes so far.
-    pub lost_replies: AtomicU64,
+    pub delays: Arc<AtomicU64>,
+    /// Writes that ran and whose reply was then lost (FailAfter delivered) so far.
+    pub lost_replies: Arc<AtomicU64>,
     /// The paths read (`get_opts`, `get_ranges`) so far, in order.
     pub reads: Mutex<Vec<String>>,
     /// The paths written (`put_opts`, `put_multipart_opts`) so far, in order, faulted or not.
@@ -348,9 +348,9 @@ impl FaultyStore {
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             probability,
             enabled: AtomicBool::new(true),
-            injected: AtomicU64::new(0),
-            delays: AtomicU64::new(0),
-            lost_replies: AtomicU64::new(0),
+            injected: Default::default(),
+            delays: Default::default(),
+            lost_replies: Default::default(),
             reads: Mutex::new(Vec::new()),
             puts: Mutex::new(Vec::new()),
             before_put: Mutex::new(None),
@@ -397,21 +397,19 @@ impl FaultyStore {
         if !rng.gen_bool(self.probability) {
             return None;
         }
-        let f = match rng.gen_range(0..3) {
+        // Counted when delivered ([`Counts::delivered`]): a fault whose operation is never
+        // completed (a listing not read, an upload aborted) or whose operation failed by itself
+        // reached no one.
+        Some(match rng.gen_range(0..3) {
             0 => Fault::FailBefore,
             1 if write => Fault::FailAfter,
             1 => Fault::FailBefore,
             _ => Fault::Delay,
-        };
-        if f == Fault::Delay {
-            self.delays.fetch_add(1, Ordering::SeqCst);
-        } else {
-            self.injected.fetch_add(1, Ordering::SeqCst);
-        }
-        if f == Fault::FailAfter {
-            self.lost_replies.fetch_add(1, Ordering::SeqCst);
-        }
-        Some(f)
+        })
+    }
+
+    fn counts(&self) -> Counts {
+        Counts { injected: self.injected.clone(), delays: self.delays.clone(), lost_replies: self.lost_replies.clone() }
     }
 
     fn err(what: &str, location: &Path) -> object_store::Error {
@@ -429,21 +427,8 @@ impl FaultyStore {
         op: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> object_store::Result<T> {
         let fault = self.roll(write);
-        if what == "put" {
-            count_put_fault(&self.put_faults, location, fault);
-        }
-        match fault {
-            None => op.await,
-            Some(Fault::FailBefore) => Err(Self::err(what, location)),
-            Some(Fault::FailAfter) => {
-                op.await?;
-                Err(Self::err(what, location))
-            }
-            Some(Fault::Delay) => {
-                sleep(Duration::from_millis(2)).await;
-                op.await
-            }
-        }
+        let put = (what == "put").then_some(&self.put_faults);
+        deliver(fault, &self.counts(), put, location, what, op).await
     }
 }
 
@@ -505,6 +490,7 @@ impl ObjectStore for FaultyStore {
             location: location.clone(),
             aborts: self.aborts.clone(),
             put_faults: self.put_faults.clone(),
+            counts: self.counts(),
         }))
     }
 
@@ -532,15 +518,23 @@ impl ObjectStore for FaultyStore {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         use futures::StreamExt;
+        // Counted once the listing is read (a listing dropped unread delivered nothing).
         match self.roll(false) {
             Some(Fault::Delay) => {
-                let (inner, prefix) = (self.inner.clone(), prefix.cloned());
-                let pause = sleep(Duration::from_millis(2));
+                let (inner, prefix, delays) = (self.inner.clone(), prefix.cloned(), self.delays.clone());
+                let pause = async move {
+                    delays.fetch_add(1, Ordering::SeqCst);
+                    sleep(Duration::from_millis(2)).await
+                };
                 return futures::stream::once(pause).flat_map(move |()| inner.list(prefix.as_ref())).boxed();
             }
             Some(_) => {
-                let location = prefix.cloned().unwrap_or_default();
-                return futures::stream::once(async move { Err(Self::err("list", &location)) }).boxed();
+                let (location, injected) = (prefix.cloned().unwrap_or_default(), self.injected.clone());
+                return futures::stream::once(async move {
+                    injected.fetch_add(1, Ordering::SeqCst);
+                    Err(Self::err("list", &location))
+                })
+                .boxed();
             }
             None => {}
         }
@@ -564,7 +558,7 @@ impl ObjectStore for FaultyStore {
 }
 
 /// A multipart upload whose completion may fail before completing, fail after it (a lost
-/// reply) or be delayed, as rolled (and counted) when the upload began.
+/// reply) or be delayed, as rolled when the upload began (and counted when it completes).
 #[derive(Debug)]
 struct FaultyUpload {
     inner: Box<dyn MultipartUpload>,
@@ -572,6 +566,50 @@ struct FaultyUpload {
     location: Path,
     aborts: Arc<AtomicU64>,
     put_faults: PutFaults,
+    counts: Counts,
+}
+
+/// A [`FaultyStore`]'s fault counters.
+#[derive(Debug, Clone)]
+struct Counts {
+    injected: Arc<AtomicU64>,
+    delays: Arc<AtomicU64>,
+    lost_replies: Arc<AtomicU64>,
+}
+
+/// Run `op` (`what` of `location`) under `fault`, counting the fault only as the caller gets
+/// it (a lost reply only if the operation itself succeeded), and in `put` by kind of file.
+async fn deliver<T>(
+    fault: Option<Fault>,
+    counts: &Counts,
+    put: Option<&PutFaults>,
+    location: &Path,
+    what: &str,
+    op: impl std::future::Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    let fail = |lost: bool| {
+        counts.injected.fetch_add(1, Ordering::SeqCst);
+        if lost {
+            counts.lost_replies.fetch_add(1, Ordering::SeqCst);
+        }
+        if let Some(faults) = put {
+            count_put_fault(faults, location, Some(if lost { Fault::FailAfter } else { Fault::FailBefore }));
+        }
+        FaultyStore::err(what, location)
+    };
+    match fault {
+        None => op.await,
+        Some(Fault::FailBefore) => Err(fail(false)),
+        Some(Fault::FailAfter) => {
+            op.await?;
+            Err(fail(true))
+        }
+        Some(Fault::Delay) => {
+            counts.delays.fetch_add(1, Ordering::SeqCst);
+            sleep(Duration::from_millis(2)).await;
+            op.await
+        }
+    }
 }
 
 #[async_trait]
@@ -581,19 +619,9 @@ impl MultipartUpload for FaultyUpload {
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
-        count_put_fault(&self.put_faults, &self.location, self.fault);
-        match self.fault {
-            Some(Fault::FailBefore) => Err(FaultyStore::err("complete", &self.location)),
-            Some(Fault::FailAfter) => {
-                self.inner.complete().await?;
-                Err(FaultyStore::err("complete", &self.location))
-            }
-            Some(Fault::Delay) => {
-                sleep(Duration::from_millis(2)).await;
-                self.inner.complete().await
-            }
-            None => self.inner.complete().await,
-        }
+        let fault = self.fault;
+        let (counts, faults, location) = (self.counts.clone(), self.put_faults.clone(), self.location.clone());
+        deliver(fault, &counts, Some(&faults), &location, "complete", self.inner.complete()).await
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
