@@ -65,7 +65,8 @@ pub struct SqliteSettings {
     /// Default 16 384 pages (64 MiB with 4 KiB pages); SQLite's own default is 1 000. Also the
     /// size the WAL file is cut back to when it starts over (`journal_size_limit`, at least
     /// 4 MiB). Zero turns automatic checkpoints off; with `background_checkpoint` off too,
-    /// nothing would checkpoint, and the store refuses to open (`InvalidInput`).
+    /// nothing would checkpoint, and the store refuses to open (`InvalidInput`; not a private
+    /// `:memory:` database, which has no WAL).
     pub wal_autocheckpoint_pages: u32,
     /// SQLite page cache per connection, in KiB (allocated as used). Default 64 MiB, so a batch of 100k rows does not spill dirty pages mid-transaction.
     pub cache_kib: u32,
