@@ -46,10 +46,11 @@ pub(crate) struct WriteStart {
     wall: Timestamp,
 }
 
-/// A table's namespace and name become directories of the warehouse and segments of REST
-/// catalog URLs (which iceberg's REST client joins in without percent-encoding): each part must
-/// be non-empty, not `.` or `..`, and free of `/`, backslashes, `#`, `?`, `%` and control
-/// characters. (`events#x` was sent as `…/tables/events`: another table's.)
+/// A table's namespace and name become directories of the warehouse, so parts of the table's
+/// location URI that other engines parse, and segments of REST catalog URLs (which iceberg's
+/// REST client joins in without percent-encoding): each part must be non-empty, not `.` or
+/// `..`, and free of `/`, backslashes, `#`, `?`, `%` and control characters, whatever the
+/// catalog. (`events#x` was sent as `…/tables/events`: another table's.)
 pub(crate) fn validate_table_name<'a>(namespace: impl IntoIterator<Item = &'a str>, name: &str) -> Result<()> {
     let bad = |part: &str| {
         part.is_empty()

@@ -1518,9 +1518,10 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
     // The faults reached the compactions themselves, writes and lost replies included (not
     // only the appends between them).
     assert!(in_compaction.0 >= target / 4, "only {} of the faults hit compactions", in_compaction.0);
-    assert!(in_compaction.1 >= 3, "only {} lost replies hit compactions", in_compaction.1);
     let writes: u64 = compaction_puts.values().map(|(n, _)| n).sum();
+    let lost_writes: u64 = compaction_puts.values().map(|(_, lost)| lost).sum();
     assert!(writes >= 5, "only {writes} failed writes in compactions: {compaction_puts:?}");
+    assert!(lost_writes >= 2, "only {lost_writes} file writes in compactions lost their reply: {compaction_puts:?}");
     // Every replace snapshot in the table is a compaction reported committed: none that
     // failed (for its caller) landed anyway, none landed twice.
     let table = cold.refresh().await.expect("refresh");

@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use dotdo_core::testkit::{cold_factory, ColdFixture, LoseNextReply};
 use dotdo_core::{AsOf, ColdBatch, ColdSink, FencingToken, ObjectId};
@@ -26,131 +26,155 @@ async fn open(server: &common::RestCatalogServer, table: &str, clock: Arc<dyn do
         .expect("open through the REST catalog")
 }
 
-/// The server shared by the kit's cases in this binary (none of them arms a lost reply), or
-/// `None` without Python.
-fn shared(test: &str) -> Option<&'static common::RestCatalogServer> {
-    static SERVER: OnceLock<Option<common::RestCatalogServer>> = OnceLock::new();
-    let python = common::python(test)?;
-    SERVER.get_or_init(|| Some(common::RestCatalogServer::start(&python))).as_ref()
+/// The server's statistics (see tests/py/rest_catalog.py).
+fn stats(server: &common::RestCatalogServer) -> serde_json::Value {
+    serde_json::from_str(&server.control("GET", "/control/stats")).expect("stats json")
+}
+
+/// Commits the server applied to tables whose name starts with `prefix`, and commits it refused
+/// on a stale base.
+fn table_counts(server: &common::RestCatalogServer, prefix: &str) -> (u64, u64) {
+    let s = stats(server);
+    let tables = s["by_table"].as_object().expect("by_table");
+    tables
+        .iter()
+        .filter(|(name, _)| name.starts_with(prefix))
+        .map(|(_, t)| (t["commits"].as_u64().unwrap_or(0), t["refused"].as_u64().unwrap_or(0)))
+        .fold((0, 0), |(c, r), (c2, r2)| (c + c2, r + r2))
 }
 
 #[test]
 fn a_rest_catalog_passes_the_cold_conformance_kit() {
-    let Some(server) = shared("a_rest_catalog_passes_the_cold_conformance_kit") else { return };
-    // Every commit goes through PyIceberg (about 5 s per property-test case here): 6 cases by
-    // default rather than the kit's 24; a soak run (`DOTDO_SOAK=1 scripts/test`) sets its own.
-    if std::env::var_os("DOTDO_PROPTEST_CASES").is_none() {
-        std::env::set_var("DOTDO_PROPTEST_CASES", "6");
-    }
+    let Some(python) = common::python("a_rest_catalog_passes_the_cold_conformance_kit") else { return };
+    let server = Arc::new(common::RestCatalogServer::start(&python));
     let tables = Arc::new(AtomicU64::new(0));
+    let s = server.clone();
     let factory = cold_factory(move |clock| {
-        let n = tables.fetch_add(1, Ordering::SeqCst);
+        let (n, s) = (tables.fetch_add(1, Ordering::SeqCst), s.clone());
         async move {
-            let store = open(server, &format!("changes{n}"), Arc::new(clock)).await;
+            let store = open(&s, &format!("changes{n}"), Arc::new(clock)).await;
             ColdFixture { sink: Arc::new(store.clone()), accel: Some(Arc::new(store)), keep_alive: Box::new(()) }
         }
     });
-    let failures = dotdo_core::testkit::cold::run_all(&factory);
+    // Every commit goes through PyIceberg (about 5 s per property-test case here): 6 cases
+    // unless `DOTDO_PROPTEST_CASES` says (a soak run sets it).
+    let cases = std::env::var_os("DOTDO_PROPTEST_CASES").map_or(6, |_| dotdo_core::testkit::proptest_cases());
+    let failures = dotdo_core::testkit::cold::run_all_with(&factory, cases);
     assert!(failures.is_empty(), "the REST catalog failed kit cases: {failures:#?}");
-    let stats = server.control("GET", "/control/stats");
-    println!("REST catalog at {}: every cold conformance case passed ({stats})", server.uri);
+    let (commits, _) = table_counts(&server, "kit.changes");
+    assert!(commits >= 50, "only {commits} commits went through the REST catalog");
+    println!("REST catalog: every cold conformance case passed; {commits} commits");
 }
 
-/// The kit's reopen cases: a directory the kit names is one table of the shared catalog (a
-/// second store on it is a second node, or the same one restarted).
-mod reopen {
-    use super::*;
-
-    fn factory() -> dotdo_core::testkit::ColdReopenFactory {
-        // One map for every case of the binary (each case builds a factory of its own).
-        static TABLES: OnceLock<parking_lot::Mutex<HashMap<std::path::PathBuf, usize>>> = OnceLock::new();
-        dotdo_core::testkit::cold_reopen_factory(move |clock, dir| {
-            let server = shared("rest_catalog::reopen").expect("python (DOTDO_PYTHON)");
-            let n = {
-                let mut t = TABLES.get_or_init(Default::default).lock();
-                let next = t.len();
-                *t.entry(dir).or_insert(next)
-            };
-            async move {
-                let store = open(server, &format!("reopened{n}"), Arc::new(clock)).await;
-                ColdFixture { sink: Arc::new(store.clone()), accel: Some(Arc::new(store)), keep_alive: Box::new(()) }
-            }
-        })
-    }
-
-    dotdo_core::cold_reopen_conformance!(factory());
+/// The kit's reopen cases: a directory the kit names is one table of the server (a second store
+/// on it is a second node, or the same one restarted).
+#[test]
+fn a_rest_catalog_passes_the_reopen_cases() {
+    let Some(python) = common::python("a_rest_catalog_passes_the_reopen_cases") else { return };
+    let server = Arc::new(common::RestCatalogServer::start(&python));
+    let tables: Arc<parking_lot::Mutex<HashMap<std::path::PathBuf, usize>>> = Arc::default();
+    let s = server.clone();
+    let factory = dotdo_core::testkit::cold_reopen_factory(move |clock, dir| {
+        let n = {
+            let mut t = tables.lock();
+            let next = t.len();
+            *t.entry(dir).or_insert(next)
+        };
+        let s = s.clone();
+        async move {
+            let store = open(&s, &format!("reopened{n}"), Arc::new(clock)).await;
+            ColdFixture { sink: Arc::new(store.clone()), accel: Some(Arc::new(store)), keep_alive: Box::new(()) }
+        }
+    });
+    let failures = dotdo_core::testkit::cold::run_reopen_cases(&factory);
+    assert!(failures.is_empty(), "the REST catalog failed reopen cases: {failures:#?}");
 }
 
 /// The REST server's lost-reply switch: armed, its next commit is applied and its connection
-/// closed without a reply.
-struct DropReply(&'static common::RestCatalogServer, AtomicU64);
+/// closed without a reply. Fired when the server's count of lost replies went up by one since
+/// it was armed.
+struct DropReply {
+    server: Arc<common::RestCatalogServer>,
+    armed_at: parking_lot::Mutex<Option<u64>>,
+    arms: Arc<AtomicU64>,
+}
+
+impl DropReply {
+    fn lost(&self) -> u64 {
+        stats(&self.server)["lost"].as_u64().expect("lost count")
+    }
+}
 
 impl LoseNextReply for DropReply {
     fn arm(&self) {
-        self.0.control("POST", "/control/lose-next-commit");
+        *self.armed_at.lock() = Some(self.lost());
+        self.arms.fetch_add(1, Ordering::SeqCst);
+        self.server.control("POST", "/control/lose-next-commit");
     }
     fn fired(&self) -> bool {
-        let stats: serde_json::Value =
-            serde_json::from_str(&self.0.control("GET", "/control/stats")).expect("stats json");
-        let lost = stats["lost"].as_u64().expect("lost count");
-        self.1.swap(lost, Ordering::SeqCst) < lost
+        match self.armed_at.lock().take() {
+            Some(at) => self.lost() == at + 1,
+            None => false,
+        }
     }
 }
 
 /// The kit's lost-reply cases through the REST catalog: a commit whose reply never came (the
 /// server applied it) lands once, and keeps its token. The cases run one after another on a
-/// server of their own (an armed loss would hit whichever commit comes next).
+/// server of their own (an armed loss hits whichever commit comes next).
 #[test]
 fn a_rest_catalog_settles_commits_whose_reply_was_lost() {
     let Some(python) = common::python("a_rest_catalog_settles_commits_whose_reply_was_lost") else { return };
-    let server: &'static common::RestCatalogServer = Box::leak(Box::new(common::RestCatalogServer::start(&python)));
-    let tables = Arc::new(AtomicU64::new(0));
+    let server = Arc::new(common::RestCatalogServer::start(&python));
+    let (tables, arms) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (s, a) = (server.clone(), arms.clone());
     let factory = dotdo_core::testkit::cold_fault_factory(move |clock| {
-        let n = tables.fetch_add(1, Ordering::SeqCst);
+        let (n, s, a) = (tables.fetch_add(1, Ordering::SeqCst), s.clone(), a.clone());
         async move {
-            let store = open(server, &format!("lossy{n}"), Arc::new(clock)).await;
+            let store = open(&s, &format!("lossy{n}"), Arc::new(clock)).await;
             dotdo_core::testkit::ColdFaultFixture {
                 fixture: ColdFixture {
                     sink: Arc::new(store.clone()),
                     accel: Some(Arc::new(store)),
                     keep_alive: Box::new(()),
                 },
-                lose_next_reply: Arc::new(DropReply(server, AtomicU64::new(0))),
+                lose_next_reply: Arc::new(DropReply { server: s, armed_at: Default::default(), arms: a }),
             }
         }
     });
     let failures = dotdo_core::testkit::cold::run_fault_cases(&factory);
     assert!(failures.is_empty(), "the REST catalog failed lost-reply cases: {failures:#?}");
-    let stats: serde_json::Value = serde_json::from_str(&server.control("GET", "/control/stats")).expect("stats json");
-    assert!(stats["lost"].as_u64().expect("lost") >= 2, "every case lost a reply: {stats}");
+    let (lost, arms) = (stats(&server)["lost"].as_u64().expect("lost"), arms.load(Ordering::SeqCst));
+    assert!(arms >= 2, "each case armed a loss: {arms}");
+    assert_eq!(lost, arms, "every armed loss happened");
 }
 
-/// Two stores on one table through the REST catalog, appending in turn from concurrent tasks:
-/// every batch lands once (the server refuses a commit on a stale base; the loser reads the
-/// watermarks again and commits on the new head).
+/// Two stores on one table through the REST catalog, appending in turn: each append is made on
+/// a known table the other store's commit left behind, so the server refuses it (a stale base)
+/// and the store reads the watermarks again and commits on the new head. Every batch lands once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_through_a_rest_catalog_lose_and_double_nothing() {
-    let Some(server) = shared("two_writers_through_a_rest_catalog_lose_and_double_nothing") else { return };
-    let clock: Arc<dyn dotdo_core::Clock> = Arc::new(dotdo_core::SystemClock::new());
-    let (a, b) = (open(server, "contended", clock.clone()).await, open(server, "contended", clock).await);
-    let writer = |store: IcebergColdStore, name: &'static str| {
-        tokio::spawn(async move {
-            let o = ObjectId::new(name).expect("id");
-            for seq in 1..=15u64 {
-                let r = common::put(&o, seq, &format!("k{seq}"), "v", 1);
-                store.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
-            }
-        })
+    let Some(python) = common::python("two_writers_through_a_rest_catalog_lose_and_double_nothing") else {
+        return;
     };
-    let (ta, tb) = (writer(a.clone(), "a"), writer(b, "b"));
-    ta.await.expect("writer a");
-    tb.await.expect("writer b");
+    let server = common::RestCatalogServer::start(&python);
+    let clock: Arc<dyn dotdo_core::Clock> = Arc::new(dotdo_core::SystemClock::new());
+    let (a, b) = (open(&server, "contended", clock.clone()).await, open(&server, "contended", clock).await);
+    for seq in 1..=10u64 {
+        for (store, name) in [(&a, "a"), (&b, "b")] {
+            let o = ObjectId::new(name).expect("id");
+            let r = common::put(&o, seq, &format!("k{seq}"), "v", 1);
+            store.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
+        }
+    }
     for name in ["a", "b"] {
         let o = ObjectId::new(name).expect("id");
         let seqs: Vec<u64> =
             a.read_changes(&o, 0, AsOf::Latest).await.expect("changes").iter().map(|c| c.seq).collect();
-        assert_eq!(seqs, (1..=15).collect::<Vec<_>>(), "{name}: every batch once");
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "{name}: every batch once");
     }
     let t = a.refresh().await.expect("table");
-    assert_eq!(t.metadata().snapshots().count(), 30, "one snapshot per batch");
+    assert_eq!(t.metadata().snapshots().count(), 20, "one snapshot per batch");
+    let (commits, refused) = table_counts(&server, "kit.contended");
+    assert!(refused >= 10, "appends on a stale base were refused by the server: {refused} of {commits}");
 }

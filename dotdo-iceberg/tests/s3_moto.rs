@@ -134,37 +134,24 @@ fn a_missing_bucket_is_a_configuration_error() {
     });
 }
 
-/// The kit's reopen cases and lost-reply cases on S3: a directory the kit names is a warehouse
-/// prefix in one moto bucket, with its SQL catalog in that directory (a second store on it is a
-/// second node, or the same one restarted); the lost-reply cases commit through a SQL catalog
-/// that drops an armed commit's reply after applying it.
-mod s3_kits {
-    use std::collections::HashMap;
-    use std::sync::{Arc, OnceLock};
-
-    use dotdo_core::testkit::{ColdFaultFixture, ColdFixture};
-    use dotdo_iceberg::{CatalogConfig, IcebergColdStore};
-
-    use super::common;
-
-    fn moto(test: &str) -> &'static common::Moto {
-        static MOTO: OnceLock<common::Moto> = OnceLock::new();
-        let python = common::python(test).expect("python (DOTDO_PYTHON)");
-        MOTO.get_or_init(|| common::Moto::start(&python, "dotdo-kits"))
-    }
-
-    /// The warehouse prefix of a directory (the same one each time the kit reopens it).
-    fn prefix(dir: &std::path::Path) -> String {
-        static PREFIXES: OnceLock<parking_lot::Mutex<HashMap<std::path::PathBuf, usize>>> = OnceLock::new();
-        let mut p = PREFIXES.get_or_init(Default::default).lock();
-        let next = p.len();
-        format!("kits/wh{}", *p.entry(dir.to_path_buf()).or_insert(next))
-    }
-
-    fn reopen_factory() -> dotdo_core::testkit::ColdReopenFactory {
-        dotdo_core::testkit::cold_reopen_factory(|clock, dir| async move {
-            let m = moto("s3_kits::reopen");
-            let store = IcebergColdStore::builder(format!("s3://{}/{}", m.bucket, prefix(&dir)))
+/// The kit's reopen cases on S3: a directory the kit names is a warehouse prefix in one moto
+/// bucket, with its SQL catalog in that directory (a second store on it is a second node, or the
+/// same one restarted).
+#[test]
+fn s3_warehouse_passes_the_reopen_cases() {
+    let Some(python) = common::python("s3_warehouse_passes_the_reopen_cases") else { return };
+    let moto = Arc::new(common::Moto::start(&python, "dotdo-reopen-kit"));
+    let prefixes: Arc<parking_lot::Mutex<std::collections::HashMap<std::path::PathBuf, usize>>> = Arc::default();
+    let m = moto.clone();
+    let factory = dotdo_core::testkit::cold_reopen_factory(move |clock, dir| {
+        let n = {
+            let mut p = prefixes.lock();
+            let next = p.len();
+            *p.entry(dir.clone()).or_insert(next)
+        };
+        let m = m.clone();
+        async move {
+            let store = IcebergColdStore::builder(format!("s3://{}/wh{n}", m.bucket))
                 .options(m.options())
                 .catalog(CatalogConfig::Sql { uri: dotdo_iceberg::catalog::default_sqlite_uri(&dir) })
                 .table(["kit"], "changes")
@@ -173,14 +160,25 @@ mod s3_kits {
                 .await
                 .expect("open the s3 warehouse");
             ColdFixture { sink: Arc::new(store.clone()), accel: Some(Arc::new(store)), keep_alive: Box::new(()) }
-        })
-    }
+        }
+    });
+    let failures = dotdo_core::testkit::cold::run_reopen_cases(&factory);
+    assert!(failures.is_empty(), "s3 (moto) backend failed reopen cases: {failures:#?}");
+}
 
-    fn lost_reply_factory() -> dotdo_core::testkit::ColdFaultFactory {
-        dotdo_core::testkit::cold_fault_factory(|clock| async move {
-            let m = moto("s3_kits::lost_replies");
+/// The kit's lost-reply cases on S3, through a SQL catalog that drops an armed commit's reply
+/// after applying it.
+#[test]
+fn s3_warehouse_settles_commits_whose_reply_was_lost() {
+    let Some(python) = common::python("s3_warehouse_settles_commits_whose_reply_was_lost") else { return };
+    let moto = Arc::new(common::Moto::start(&python, "dotdo-lossy-kit"));
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let m = moto.clone();
+    let factory = dotdo_core::testkit::cold_fault_factory(move |clock| {
+        let (m, n) = (m.clone(), counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        async move {
             let dir = tempfile::tempdir().expect("tempdir");
-            let warehouse = format!("s3://{}/{}", m.bucket, prefix(dir.path()));
+            let warehouse = format!("s3://{}/wh{n}", m.bucket);
             let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
             let (build, slot) = common::switched_sql_catalog(uri, warehouse.clone());
             let store = IcebergColdStore::builder(warehouse)
@@ -192,7 +190,7 @@ mod s3_kits {
                 .await
                 .expect("open the s3 warehouse");
             let lose = slot.lock().clone().expect("the catalog was built");
-            ColdFaultFixture {
+            dotdo_core::testkit::ColdFaultFixture {
                 fixture: ColdFixture {
                     sink: Arc::new(store.clone()),
                     accel: Some(Arc::new(store)),
@@ -200,14 +198,8 @@ mod s3_kits {
                 },
                 lose_next_reply: lose.switch.clone(),
             }
-        })
-    }
-
-    mod reopen {
-        dotdo_core::cold_reopen_conformance!(super::reopen_factory());
-    }
-
-    mod lost_replies {
-        dotdo_core::cold_fault_conformance!(super::lost_reply_factory());
-    }
+        }
+    });
+    let failures = dotdo_core::testkit::cold::run_fault_cases(&factory);
+    assert!(failures.is_empty(), "s3 (moto) backend failed lost-reply cases: {failures:#?}");
 }

@@ -1132,9 +1132,14 @@ fn model_records(obj: &ObjectId, recs: &[(u64, usize, bool)], token: u64) -> Vec
 /// sink's state, watermarks and every snapshot's state equal to the model; nothing is lost or
 /// doubled.
 pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
+    prop_cold_sink_matches_model_with(f, proptest_cases());
+}
+
+/// [`prop_cold_sink_matches_model`] with `cases` in place of [`proptest_cases`] (it runs half).
+pub fn prop_cold_sink_matches_model_with(f: &ColdFactory, cases: u32) {
     let rt = runtime();
     let mut runner =
-        TestRunner::new(Config { cases: proptest_cases().div_ceil(2), failure_persistence: None, ..Config::default() });
+        TestRunner::new(Config { cases: cases.div_ceil(2), failure_persistence: None, ..Config::default() });
     let stale_checked = std::sync::atomic::AtomicU32::new(0);
     let result = runner.run(&ColdMachine::sequential_strategy(1..14), |(init, ops, _)| {
         rt.block_on(async {
@@ -1241,11 +1246,11 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
     }
     // Each case ends with a stale commit on every object it committed to, so with more than a
     // handful of cases one is attempted (a case without any commit has well under even odds).
-    if proptest_cases() >= 8 {
+    if cases >= 8 {
         assert!(
             stale_checked.load(std::sync::atomic::Ordering::Relaxed) > 0,
             "no stale commit was attempted in {} cases",
-            proptest_cases().div_ceil(2)
+            cases.div_ceil(2)
         );
     }
 }
@@ -1347,12 +1352,18 @@ impl ReferenceStateMachine for AccelMachine {
 /// every lookup and every full scan, current and as of each snapshot, equals the answer of
 /// folding all records of the snapshot (no false negatives, no stale versions).
 pub fn prop_accelerator_matches_full_scan(f: &ColdFactory) {
+    prop_accelerator_matches_full_scan_with(f, proptest_cases());
+}
+
+/// [`prop_accelerator_matches_full_scan`] with `cases` in place of [`proptest_cases`] (it runs
+/// half).
+pub fn prop_accelerator_matches_full_scan_with(f: &ColdFactory, cases: u32) {
     let rt = runtime();
     if !has_accel(&rt.block_on(open(f)).0, "prop_accelerator_matches_full_scan") {
         return;
     }
     let mut runner =
-        TestRunner::new(Config { cases: proptest_cases().div_ceil(2), failure_persistence: None, ..Config::default() });
+        TestRunner::new(Config { cases: cases.div_ceil(2), failure_persistence: None, ..Config::default() });
     let result = runner.run(&AccelMachine::sequential_strategy(1..16), |(init, ops, _)| {
         rt.block_on(async {
             let (fx, _) = open(f).await;
@@ -1510,15 +1521,34 @@ pub fn run_fault_cases(f: &super::ColdFaultFactory) -> Vec<CaseFailure> {
     all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect()
 }
 
+/// Run the cases that reopen a backend at a directory
+/// ([`cold_reopen_conformance!`](crate::cold_reopen_conformance)) and return the failures
+/// instead of panicking.
+pub fn run_reopen_cases(f: &super::ColdReopenFactory) -> Vec<CaseFailure> {
+    macro_rules! cases {
+        ($($c:ident),+ $(,)?) => { vec![$((stringify!($c), Box::new(|f: &super::ColdReopenFactory| runtime().block_on($c(f))) as Box<dyn Fn(&super::ColdReopenFactory)>)),+] };
+    }
+    let all = crate::__cold_reopen_cases!([cases]());
+    all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect()
+}
+
 /// Run every cold case (and the property tests) and return the failures instead of panicking.
 pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
+    run_all_with(f, proptest_cases())
+}
+
+/// [`run_all`] with `cases` property-test cases in place of [`proptest_cases`] (a backend
+/// whose every commit is slow runs fewer).
+pub fn run_all_with(f: &ColdFactory, cases: u32) -> Vec<CaseFailure> {
     macro_rules! cases {
         ($($c:ident),+ $(,)?) => { vec![$((stringify!($c), Box::new(|f: &ColdFactory| runtime().block_on($c(f))) as Box<dyn Fn(&ColdFactory)>)),+] };
     }
     let all = crate::__cold_cases!([cases]());
     let mut failures: Vec<CaseFailure> =
         all.into_iter().filter_map(|(name, case)| run_catching(name, || case(f))).collect();
-    failures.extend(run_catching("prop_cold_sink_matches_model", || prop_cold_sink_matches_model(f)));
-    failures.extend(run_catching("prop_accelerator_matches_full_scan", || prop_accelerator_matches_full_scan(f)));
+    failures.extend(run_catching("prop_cold_sink_matches_model", || prop_cold_sink_matches_model_with(f, cases)));
+    failures.extend(run_catching("prop_accelerator_matches_full_scan", || {
+        prop_accelerator_matches_full_scan_with(f, cases)
+    }));
     failures
 }

@@ -874,12 +874,22 @@ macro_rules! hot_reopen_conformance {
 #[macro_export]
 macro_rules! cold_reopen_conformance {
     ($factory:expr) => {
-        $crate::__kit_tests!(
-            cold,
-            $factory,
+        $crate::__cold_reopen_cases!([$crate::__kit_tests](cold, $factory,));
+    };
+}
+
+/// The cold cases that reopen a backend (one list for
+/// [`cold_reopen_conformance!`](crate::cold_reopen_conformance) and
+/// [`cold::run_reopen_cases`]); see `__hot_cases`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __cold_reopen_cases {
+    ([$($m:tt)*] ($($args:tt)*)) => {
+        $($m)*! {
+            $($args)*
             watermarks_and_state_survive_reopen,
-            two_sinks_on_one_table_write_each_record_once
-        );
+            two_sinks_on_one_table_write_each_record_once,
+        }
     };
 }
 

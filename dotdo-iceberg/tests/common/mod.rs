@@ -151,7 +151,8 @@ pub fn start_server(python: &std::path::Path, script: &str, args: &[&str]) -> (C
 
 /// An Iceberg REST catalog (tests/py/rest_catalog.py: PyIceberg's SqlCatalog behind the REST
 /// protocol) on 127.0.0.1 with its warehouse in a directory of its own, killed on drop (and
-/// exiting by itself when this process dies).
+/// exiting by itself when this process dies, removing the directory: a server in a `static`
+/// is never dropped).
 #[allow(dead_code)] // not every test binary including this module uses it
 pub struct RestCatalogServer {
     child: Child,
@@ -168,7 +169,8 @@ impl RestCatalogServer {
         let warehouse = tempfile::tempdir().expect("tempdir");
         let db = warehouse.path().join("rest-catalog.db");
         let url = format!("file://{}", warehouse.path().display());
-        let (child, port) = start_server(python, "rest_catalog.py", &[db.to_str().expect("utf-8"), &url]);
+        let dir = warehouse.path().to_str().expect("utf-8");
+        let (child, port) = start_server(python, "rest_catalog.py", &[db.to_str().expect("utf-8"), &url, dir]);
         RestCatalogServer { child, uri: format!("http://127.0.0.1:{port}"), warehouse }
     }
 

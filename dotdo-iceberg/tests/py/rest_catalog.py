@@ -7,12 +7,16 @@ when the parent process (the Rust test) goes away or after a hard time limit.
 Test controls (not part of the protocol):
   POST /control/lose-next-commit   the next table commit is applied, then its connection is
                                    closed without a reply (a reply lost on the way back)
-  GET  /control/stats              {"commits": n, "lost": n, "refused": n}
+  GET  /control/stats              {"commits": n, "lost": n, "refused": n,
+                                    "by_table": {"ns.table": {"commits": n, "refused": n}}}
 
-usage: rest_catalog.py <port> <catalog-db> <warehouse-url>
+Removes <warehouse-dir> (its catalog and tables) when it exits.
+
+usage: rest_catalog.py <port> <catalog-db> <warehouse-url> <warehouse-dir>
 """
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -32,12 +36,20 @@ from pyiceberg.exceptions import (
 from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC
 from pyiceberg.table import CommitTableRequest
 from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
+from pydantic import ValidationError
 
-port, db, warehouse = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+port, db, warehouse, warehouse_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 limit_s = float(os.environ.get("DOTDO_MOTO_LIMIT_S", "1800"))
 catalog = SqlCatalog("dotdo", uri=f"sqlite:///{db}", warehouse=warehouse)
 lock = threading.Lock()
-state = {"lose_next": False, "commits": 0, "lost": 0, "refused": 0}
+state = {"lose_next": False, "commits": 0, "lost": 0, "refused": 0, "by_table": {}}
+
+
+def count(ident, what):
+    """Count a commit or a refusal of table `ident` (under `lock`)."""
+    state[what] += 1
+    table = state["by_table"].setdefault(".".join(ident), {"commits": 0, "refused": 0})
+    table[what] += 1
 
 
 def namespace_of(part):
@@ -93,8 +105,10 @@ class Handler(BaseHTTPRequestHandler):
         except (TableAlreadyExistsError, NamespaceAlreadyExistsError) as e:
             return self.error(409, "AlreadyExistsException", str(e))
         except CommitFailedException as e:
-            state["refused"] += 1
             return self.error(409, "CommitFailedException", str(e))
+        except (ValidationError, ValueError) as e:
+            # A request the server cannot take (not "state unknown", which a 500 says).
+            return self.error(400, "BadRequestException", f"{type(e).__name__}: {e}")
         except Exception as e:  # noqa: BLE001 - any other failure is the server's
             import traceback
 
@@ -104,10 +118,13 @@ class Handler(BaseHTTPRequestHandler):
     def control(self, parts):
         if parts == ["lose-next-commit"] and self.command == "POST":
             self.body()
-            state["lose_next"] = True
+            with lock:
+                state["lose_next"] = True
             return self.reply(200, {})
         if parts == ["stats"]:
-            return self.reply(200, {k: v for k, v in state.items() if k != "lose_next"})
+            with lock:
+                stats = json.loads(json.dumps({k: v for k, v in state.items() if k != "lose_next"}))
+            return self.reply(200, stats)
         return self.error(404, "NotFound", "no such control")
 
     def v1(self, parts):
@@ -122,6 +139,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200, {"namespace": req["namespace"], "properties": req.get("properties") or {}})
         if len(parts) == 2 and parts[0] == "namespaces":
             ns = namespace_of(parts[1])
+            if method == "DELETE":
+                catalog.drop_namespace(ns)
+                return self.reply(204)
+            if method not in ("GET", "HEAD"):
+                return self.error(406, "UnsupportedOperationException", f"{method} on a namespace")
             props = catalog.load_namespace_properties(ns)
             if method == "HEAD":
                 return self.reply(204)
@@ -158,8 +180,12 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(204)
             req = CommitTableRequest.model_validate_json(self.body())
             table = catalog.load_table(ident)
-            response = catalog.commit_table(table, tuple(req.requirements), tuple(req.updates))
-            state["commits"] += 1
+            try:
+                response = catalog.commit_table(table, tuple(req.requirements), tuple(req.updates))
+            except CommitFailedException:
+                count(ident, "refused")
+                raise
+            count(ident, "commits")
             if state["lose_next"]:
                 state["lose_next"] = False
                 state["lost"] += 1
@@ -174,7 +200,7 @@ class Handler(BaseHTTPRequestHandler):
                     "metadata": json.loads(response.metadata.model_dump_json()),
                 },
             )
-        return self.error(404, "NotFound", f"no route {method} {'/'.join(parts)}")
+        return self.error(406, "UnsupportedOperationException", f"not served: {method} {'/'.join(parts)}")
 
     def do_GET(self):
         self.route()
@@ -189,6 +215,7 @@ class Handler(BaseHTTPRequestHandler):
         self.route()
 
 
+ThreadingHTTPServer.request_queue_size = 64
 server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
 server.daemon_threads = True
 threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -198,3 +225,4 @@ start = time.monotonic()
 while os.getppid() == parent and time.monotonic() - start < limit_s:
     time.sleep(0.2)
 server.shutdown()
+shutil.rmtree(warehouse_dir, ignore_errors=True)
