@@ -318,9 +318,10 @@ fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::s
 /// schema they were written for, the files, and when their writing began.
 type WrittenFiles = ((uuid::Uuid, i32, i32), Vec<iceberg::spec::DataFile>, crate::store::WriteStart);
 
-/// Arrow data per parallel writer of a user-table write: an append (or compaction) holding more
-/// is split into contiguous row ranges written as separate files side by side, one task
-/// each, up to the machine's parallelism (a Parquet encode is single-threaded per file).
+/// Arrow data per parallel writer of a user-table write: an append (or compaction) holding at
+/// least twice this is split into contiguous row ranges of at least this much, written side by
+/// side, one task each, up to the machine's parallelism (a Parquet encode is single-threaded
+/// per file).
 const PARALLEL_WRITE_BYTES: usize = 16 << 20;
 
 /// Write `batches` (already labelled with the table's Iceberg schema) as ZSTD Parquet data files
@@ -627,7 +628,9 @@ impl ArrowTable {
     /// `(stream, batch_id)` is the idempotency key: an id at or below the stream's mark is taken
     /// for a replay of a batch already committed and writes nothing. A stream name therefore
     /// belongs to **one** producer: two producers appending under the same name would each
-    /// take the other's batches for their own and drop data.
+    /// take the other's batches for their own and drop data. One append of a stream at a time,
+    /// too: if a later id commits first, the earlier one is answered as a replay (0 rows) and
+    /// its rows are dropped (`ArrowPipeline` appends one claim at a time).
     ///
     /// Errors: `Unavailable` and `Conflict` mean the batch did not land (retry it); an
     /// `AmbiguousOutcome` that it may have (an attempt's reply was lost and the table could not

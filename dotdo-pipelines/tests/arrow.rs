@@ -645,9 +645,10 @@ async fn a_roll_commits_at_most_roll_rows_per_commit() {
 
 /// A claim takes the log's first unclaimed rows as the first pending batches: an unclaimed row
 /// that is not one batch (a send logs one) is `Corrupt` at open, naming the row, not claimed
-/// out of step with what is pending.
+/// out of step with what is pending. So is a claimed one: one of no batch (its bytes cut after
+/// the schema) was committed as nothing and its log rows deleted, the batch lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unclaimed_log_row_of_other_than_one_batch_is_corrupt() {
+async fn a_log_row_of_other_than_one_batch_is_corrupt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let t = table(dir.path()).await;
     let log = dir.path().join("log.db");
@@ -655,7 +656,7 @@ async fn an_unclaimed_log_row_of_other_than_one_batch_is_corrupt() {
     let p = ArrowPipeline::open("odd", Arc::new(t.clone()), settings.clone()).expect("pipeline");
     p.send(batch(0, 3)).expect("send");
     drop(p);
-    for n in [0, 2] {
+    for (n, claimed) in [(0, None), (2, None), (0, Some(1)), (2, Some(1))] {
         let mut ipc = Vec::new();
         let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut ipc, &schema()).expect("writer");
         for i in 0..n {
@@ -665,10 +666,11 @@ async fn an_unclaimed_log_row_of_other_than_one_batch_is_corrupt() {
         drop(w);
         let c = rusqlite::Connection::open(&log).expect("open log");
         c.execute("DELETE FROM arrow_log WHERE id > 1", []).expect("clear");
-        c.execute("INSERT INTO arrow_log (id, ipc) VALUES (7, ?1)", [&ipc]).expect("insert");
+        c.execute("INSERT INTO arrow_log (id, ipc, batch) VALUES (7, ?1, ?2)", rusqlite::params![&ipc, claimed])
+            .expect("insert");
         drop(c);
         let e = ArrowPipeline::open("odd", Arc::new(t.clone()), settings.clone()).expect_err("odd row");
-        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{n} batches: {e}");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{n} batches, claimed {claimed:?}: {e}");
         assert!(e.to_string().contains("row 7"), "{e}");
     }
     // A row claimed under batch id 0, which no claim takes: read as committed (every mark is at
