@@ -116,8 +116,8 @@ fn has_empty_struct(t: &arrow_schema::DataType) -> bool {
 /// nulls if `target` allows it (a column added since the batch was made), a column of a type
 /// `target` widened is cast (a batch made before `widen_column`); `None` if the batch has a
 /// column `target` lacks, a column of another type, or lacks a required one, or if a column
-/// both name with an Iceberg field id has another id in `target` (dropped and added again
-/// under the same name since: another column).
+/// (or a field nested in one) both name with an Iceberg field id has another id in `target`
+/// (dropped and added again under the same name since: another column).
 fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
     let schema = batch.schema_ref();
     if schema.fields().iter().any(|f| target.field_with_name(f.name()).is_err()) {
@@ -136,6 +136,10 @@ fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
                     if was != now {
                         return None;
                     }
+                }
+                // The same within the column (a struct's field dropped and added again).
+                if !same_nested_ids(schema.field(i).data_type(), field.data_type()) {
+                    return None;
                 }
                 let mut column = batch.column(i).clone();
                 let nulls_ok = field.is_nullable() || column.null_count() == 0;
@@ -162,6 +166,27 @@ fn conform(batch: &RecordBatch, target: &SchemaRef) -> Option<RecordBatch> {
         }
     }
     RecordBatch::try_new(target.clone(), columns).ok()
+}
+
+/// Whether the nested fields `a` and `b` hold carry the same Iceberg field id wherever both
+/// carry one (struct fields matched by name, list elements and map entries by position).
+fn same_nested_ids(a: &arrow_schema::DataType, b: &arrow_schema::DataType) -> bool {
+    use arrow_schema::DataType as T;
+    let id = |f: &arrow_schema::Field| f.metadata().get(parquet::arrow::PARQUET_FIELD_ID_META_KEY).cloned();
+    let agree = |x: &arrow_schema::Field, y: &arrow_schema::Field| {
+        id(x).zip(id(y)).is_none_or(|(i, j)| i == j) && same_nested_ids(x.data_type(), y.data_type())
+    };
+    match (a, b) {
+        (T::Struct(xs), T::Struct(ys)) => {
+            xs.iter().all(|x| ys.iter().find(|y| y.name() == x.name()).is_none_or(|y| agree(x, y)))
+        }
+        (
+            T::List(x) | T::LargeList(x) | T::FixedSizeList(x, _),
+            T::List(y) | T::LargeList(y) | T::FixedSizeList(y, _),
+        )
+        | (T::Map(x, _), T::Map(y, _)) => agree(x, y),
+        _ => true,
+    }
 }
 
 impl IcebergColdStore {

@@ -1194,6 +1194,54 @@ async fn a_stale_handle_does_not_write_into_a_column_added_again_under_the_same_
     assert_eq!(reopened.append("s", 2, vec![batch(2)]).await.expect("append").rows, 1);
 }
 
+/// The same for a field nested in a struct column: another engine drops `s.b` and adds a new
+/// `s.b` (the struct's shape is as before, its field id another). A handle opened before refuses
+/// the append (`InvalidInput`): it wrote the old `b` values into the new field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_handle_does_not_write_into_a_nested_field_added_again_under_the_same_name() {
+    use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, StructArray};
+    use arrow_schema::{DataType, Field, Fields, Schema};
+    use iceberg::spec::{PrimitiveType, Type};
+    use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let fields = Fields::from(vec![Field::new("a", DataType::Int64, true), Field::new("b", DataType::Utf8, true)]);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("n", DataType::Int64, false),
+        Field::new("s", DataType::Struct(fields.clone()), true),
+    ]));
+    let t = cold.arrow_table(&["m"], "nested", schema.clone()).await.expect("table");
+    let batch = |n: i64| {
+        let s = StructArray::new(
+            fields.clone(),
+            vec![Arc::new(Int64Array::from(vec![n])) as ArrayRef, Arc::new(StringArray::from(vec!["old meaning"]))],
+            None,
+        );
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n])), Arc::new(s)]).expect("batch")
+    };
+    t.append("s", 1, vec![batch(1)]).await.expect("batch 1");
+    // Another engine replaces the nested field.
+    for step in 0..2 {
+        let table = cold.catalog().load_table(t.ident()).await.expect("load");
+        let tx = Transaction::new(&table);
+        let update = tx.update_schema();
+        let update = if step == 0 {
+            update.delete_column("s.b")
+        } else {
+            update.add_column(
+                AddColumn::builder().parent("s").name("b").field_type(Type::Primitive(PrimitiveType::String)).build(),
+            )
+        };
+        let tx = update.apply(tx).expect("apply");
+        tx.commit(&*cold.catalog()).await.expect("another engine replaces the nested field");
+    }
+    let e = t.append("s", 2, vec![batch(2)]).await.expect_err("the nested field is another one now");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert_eq!(t.last_batch("s").await.expect("mark"), 1, "nothing committed");
+    let reopened = cold.arrow_table(&["m"], "nested", schema.clone()).await.expect("reopened");
+    assert_eq!(reopened.append("s", 2, vec![batch(2)]).await.expect("append").rows, 1);
+}
+
 /// A user schema with a struct of no fields (at any depth) is refused before the table is
 /// created: Parquet cannot write it, so every append failed (as `Corrupt`, naming no damage).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
