@@ -864,7 +864,9 @@ impl ArrowTable {
     }
 
     /// Add an optional (nullable) top-level column `name` of `data_type` through iceberg's
-    /// schema update. Rows written before read as null. Returns the table with the new schema.
+    /// schema update. Rows written before read as null. Returns the table with the new schema
+    /// (this handle's columns and the new one; columns another writer added meanwhile get nulls
+    /// from its appends, as from a handle opened before they were added).
     /// This handle keeps the old one and still appends, with nulls in the new column; so do
     /// batches in the old shape given to the new handle. Works with every catalog. Nested types
     /// (lists, structs, maps) are `InvalidInput` here (iceberg-rust 0.10's Arrow conversion needs
@@ -1016,15 +1018,33 @@ impl ArrowTable {
             .await
     }
 
+    /// The handle with user schema `user` after a schema change (`what`) landed: the table must
+    /// hold each of its columns, of its type. Columns another writer added meanwhile may be there
+    /// too (this handle's batches get nulls in them, as a handle opened before a column was
+    /// added does): the change landed, so refusing would report a failure for it.
     async fn reopen(&self, user: SchemaRef, what: &str) -> Result<ArrowTable> {
         let table = self.load().await?;
         let iceberg_arrow = Arc::new(
             iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema()).map_err(|e| classify(e, what))?,
         );
-        if !dotdo_core::arrow_shape::same_shape(&iceberg_arrow, &user) {
-            return Err(Error::invalid(format!("{what}: the table's schema is now {iceberg_arrow:?}")));
+        if dotdo_core::arrow_shape::same_shape(&iceberg_arrow, &user) {
+            return Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow });
         }
-        Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow })
+        // The table's columns of `user`, in its order: the handle's Iceberg shape as this
+        // handle knows the table; appends give batches the table's current shape from it.
+        let known: Option<Vec<arrow_schema::FieldRef>> = user
+            .fields()
+            .iter()
+            .map(|f| {
+                let g = iceberg_arrow.field_with_name(f.name()).ok()?;
+                dotdo_core::arrow_shape::same_type(f.data_type(), g.data_type()).then(|| Arc::new(g.clone()))
+            })
+            .collect();
+        let Some(known) = known else {
+            return Err(Error::invalid(format!("{what}: the table's schema is now {iceberg_arrow:?}")));
+        };
+        let known = Arc::new(arrow_schema::Schema::new_with_metadata(known, iceberg_arrow.metadata().clone()));
+        Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow: known })
     }
 
     /// Compact the table's small files (bin-packed to [`CompactOptions::target_file_size`](crate::CompactOptions::target_file_size),

@@ -1194,6 +1194,35 @@ async fn a_stale_handle_does_not_write_into_a_column_added_again_under_the_same_
     assert_eq!(reopened.append("s", 2, vec![batch(2)]).await.expect("append").rows, 1);
 }
 
+/// A column added from a handle that does not know of another column added since (by another
+/// handle) is added, and the returned handle appends (nulls in the other column): it was
+/// `InvalidInput` ("the table's schema is now …") for a change that landed, on every retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_from_a_stale_handle_is_added() {
+    use arrow_array::{Array, Int64Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let a = cold.arrow_table(&["m"], "two_adds", schema.clone()).await.expect("table");
+    let b = a.clone();
+    a.add_column("x", DataType::Utf8).await.expect("a adds x");
+    let b = b.add_column("y", DataType::Utf8).await.expect("b adds y beside x");
+    let with_y = RecordBatch::try_new(
+        b.schema().clone(),
+        vec![Arc::new(Int64Array::from(vec![1])), Arc::new(StringArray::from(vec!["why"]))],
+    )
+    .expect("batch");
+    assert_eq!(b.append("s", 1, vec![with_y]).await.expect("append through b").rows, 1);
+    let rows = b.read_all().await.expect("read");
+    let batch = &rows[0];
+    let names: Vec<&str> = batch.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["n", "x", "y"]);
+    assert!(batch.column(1).is_null(0), "x is null");
+    let y = batch.column(2).as_any().downcast_ref::<StringArray>().expect("y");
+    assert_eq!(y.value(0), "why");
+}
+
 /// The same for a field nested in a struct column: another engine drops `s.b` and adds a new
 /// `s.b` (the struct's shape is as before, its field id another). A handle opened before refuses
 /// the append (`InvalidInput`): it wrote the old `b` values into the new field.
