@@ -344,9 +344,9 @@ fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::s
 type WrittenFiles = ((uuid::Uuid, i32, i32), Vec<iceberg::spec::DataFile>, crate::store::WriteStart);
 
 /// Arrow data per parallel writer of a user-table write: an append (or compaction) holding at
-/// least twice this is split into contiguous row ranges of at least this much, written side by
-/// side, one task each, up to the machine's parallelism (a Parquet encode is single-threaded
-/// per file).
+/// least twice this is split into as many contiguous row ranges (equal row counts) as it holds
+/// this much, written side by side, one task each, up to the machine's parallelism (a Parquet
+/// encode is single-threaded per file).
 const PARALLEL_WRITE_BYTES: usize = 16 << 20;
 
 /// Write `batches` (already labelled with the table's Iceberg schema) as ZSTD Parquet data files
@@ -428,7 +428,7 @@ async fn write_range(
     w.close().await.map_err(failed)
 }
 
-/// `batches` cut into contiguous row ranges of about equal Arrow memory, one per parallel
+/// `batches` cut into contiguous row ranges of equal row counts, one per parallel
 /// writer: as many as [`PARALLEL_WRITE_BYTES`] allows, at most the machine's parallelism (one
 /// range, all of `batches`, for a small write). Slices share the batches' buffers.
 fn row_ranges(batches: &[RecordBatch]) -> Vec<Vec<RecordBatch>> {
@@ -1031,16 +1031,27 @@ impl ArrowTable {
             return Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow });
         }
         // The table's columns of `user`, in its order: the handle's Iceberg shape as this
-        // handle knows the table; appends give batches the table's current shape from it.
+        // handle knows the table; appends give batches the table's current shape from it. Each
+        // of the same type and nullability, and (those this handle knew) the same column by
+        // field id, nested fields included; the table's other columns nullable (they get nulls).
+        let id = |f: &arrow_schema::Field| f.metadata().get(parquet::arrow::PARQUET_FIELD_ID_META_KEY).cloned();
         let known: Option<Vec<arrow_schema::FieldRef>> = user
             .fields()
             .iter()
             .map(|f| {
                 let g = iceberg_arrow.field_with_name(f.name()).ok()?;
-                dotdo_core::arrow_shape::same_type(f.data_type(), g.data_type()).then(|| Arc::new(g.clone()))
+                let same_column = self.iceberg_arrow.field_with_name(f.name()).ok().is_none_or(|was| {
+                    id(was).zip(id(g)).is_none_or(|(a, b)| a == b) && same_nested_ids(was.data_type(), g.data_type())
+                });
+                (same_column
+                    && f.is_nullable() == g.is_nullable()
+                    && dotdo_core::arrow_shape::same_type(f.data_type(), g.data_type()))
+                .then(|| Arc::new(g.clone()))
             })
             .collect();
-        let Some(known) = known else {
+        let others_nullable =
+            iceberg_arrow.fields().iter().all(|g| g.is_nullable() || user.field_with_name(g.name()).is_ok());
+        let Some(known) = known.filter(|_| others_nullable) else {
             return Err(Error::invalid(format!("{what}: the table's schema is now {iceberg_arrow:?}")));
         };
         let known = Arc::new(arrow_schema::Schema::new_with_metadata(known, iceberg_arrow.metadata().clone()));

@@ -1206,7 +1206,7 @@ async fn a_column_added_from_a_stale_handle_is_added() {
     let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
     let a = cold.arrow_table(&["m"], "two_adds", schema.clone()).await.expect("table");
     let b = a.clone();
-    a.add_column("x", DataType::Utf8).await.expect("a adds x");
+    let a = a.add_column("x", DataType::Utf8).await.expect("a adds x");
     let b = b.add_column("y", DataType::Utf8).await.expect("b adds y beside x");
     let with_y = RecordBatch::try_new(
         b.schema().clone(),
@@ -1221,6 +1221,11 @@ async fn a_column_added_from_a_stale_handle_is_added() {
     assert!(batch.column(1).is_null(0), "x is null");
     let y = batch.column(2).as_any().downcast_ref::<StringArray>().expect("y");
     assert_eq!(y.value(0), "why");
+    // Another engine drops `x` and adds a new `x`: a handle that knew the old one is not handed
+    // the new one by adding a column (its batches' `x` values would land in it).
+    replace_with_a_string_column(&cold, a.ident(), "x").await;
+    let e = a.add_column("z", DataType::Utf8).await.expect_err("x is another column now");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
 
 /// The same for a field nested in a struct column: another engine drops `s.b` and adds a new

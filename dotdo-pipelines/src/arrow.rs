@@ -339,16 +339,16 @@ impl ArrowPipeline {
         let mut claims: std::collections::BTreeMap<u64, Vec<RecordBatch>> = Default::default();
         for (row, ipc, batch) in rows {
             let batches = decode(&ipc).map_err(|e| e.context(format!("{}: arrow_log row {row}", path.display())))?;
-            // Every row is one batch of at least one row, as `send` logs them (a claim marks rows,
-            // it does not merge them): a row of no batch (its bytes cut after the schema, or a
-            // zeroed length word, which IPC reads as the end of the stream) is damage. Taken as
-            // empty, a claimed one was committed as nothing and its log rows deleted.
-            if batches.len() != 1 || batches[0].num_rows() == 0 {
+            // Every row is one batch, as `send` logs them (a claim marks rows, it does not merge
+            // them): a row of no batch (its bytes cut after the schema, or a zeroed length word,
+            // which IPC reads as the end of the stream) is damage. Taken as empty, a claimed one
+            // was committed as nothing and its log rows deleted. (A batch of no rows is not:
+            // earlier versions logged them.)
+            if batches.len() != 1 {
                 return Err(Error::corrupt(format!(
-                    "{}: arrow_log row {row} holds {} batches of {} rows (a send logs one batch of at least one row)",
+                    "{}: arrow_log row {row} holds {} batches (a send logs one)",
                     path.display(),
-                    batches.len(),
-                    batches.iter().map(RecordBatch::num_rows).sum::<usize>()
+                    batches.len()
                 )));
             }
             match batch {

@@ -1138,6 +1138,7 @@ pub fn prop_cold_sink_matches_model(f: &ColdFactory) {
 /// [`prop_cold_sink_matches_model`] with `cases` in place of [`proptest_cases`] (it runs half).
 pub fn prop_cold_sink_matches_model_with(f: &ColdFactory, cases: u32) {
     let rt = runtime();
+    let cases = cases.max(1);
     let mut runner =
         TestRunner::new(Config { cases: cases.div_ceil(2), failure_persistence: None, ..Config::default() });
     let stale_checked = std::sync::atomic::AtomicU32::new(0);
@@ -1362,6 +1363,7 @@ pub fn prop_accelerator_matches_full_scan_with(f: &ColdFactory, cases: u32) {
     if !has_accel(&rt.block_on(open(f)).0, "prop_accelerator_matches_full_scan") {
         return;
     }
+    let cases = cases.max(1);
     let mut runner =
         TestRunner::new(Config { cases: cases.div_ceil(2), failure_persistence: None, ..Config::default() });
     let result = runner.run(&AccelMachine::sequential_strategy(1..16), |(init, ops, _)| {
