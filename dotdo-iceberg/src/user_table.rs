@@ -1019,21 +1019,22 @@ impl ArrowTable {
     }
 
     /// The handle with user schema `user` after a schema change (`what`) landed: the table must
-    /// hold each of its columns, of its type. Columns another writer added meanwhile may be there
-    /// too (this handle's batches get nulls in them, as a handle opened before a column was
-    /// added does): the change landed, so refusing would report a failure for it.
+    /// hold each of its columns, of its type, nullable where it is, and the columns this handle
+    /// knew under the same field ids (else `InvalidInput`, though the change landed: another
+    /// engine replaced a column meanwhile). Nullable columns another writer added meanwhile may
+    /// be there too (this handle's batches get nulls in them, as a handle opened before a column
+    /// was added does).
     async fn reopen(&self, user: SchemaRef, what: &str) -> Result<ArrowTable> {
         let table = self.load().await?;
         let iceberg_arrow = Arc::new(
             iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema()).map_err(|e| classify(e, what))?,
         );
-        if dotdo_core::arrow_shape::same_shape(&iceberg_arrow, &user) {
-            return Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow });
-        }
         // The table's columns of `user`, in its order: the handle's Iceberg shape as this
-        // handle knows the table; appends give batches the table's current shape from it. Each
-        // of the same type and nullability, and (those this handle knew) the same column by
-        // field id, nested fields included; the table's other columns nullable (they get nulls).
+        // handle knows the table (the table's own when it has no other columns); appends give
+        // batches the table's current shape from it. Each of the same type, nullable where the
+        // user's column is, and (those this handle knew) the same column by field id, nested
+        // fields included, also when the shape is the same; the table's other columns nullable
+        // (they get nulls).
         let id = |f: &arrow_schema::Field| f.metadata().get(parquet::arrow::PARQUET_FIELD_ID_META_KEY).cloned();
         let known: Option<Vec<arrow_schema::FieldRef>> = user
             .fields()
@@ -1044,7 +1045,7 @@ impl ArrowTable {
                     id(was).zip(id(g)).is_none_or(|(a, b)| a == b) && same_nested_ids(was.data_type(), g.data_type())
                 });
                 (same_column
-                    && f.is_nullable() == g.is_nullable()
+                    && (g.is_nullable() || !f.is_nullable())
                     && dotdo_core::arrow_shape::same_type(f.data_type(), g.data_type()))
                 .then(|| Arc::new(g.clone()))
             })
@@ -1052,7 +1053,10 @@ impl ArrowTable {
         let others_nullable =
             iceberg_arrow.fields().iter().all(|g| g.is_nullable() || user.field_with_name(g.name()).is_ok());
         let Some(known) = known.filter(|_| others_nullable) else {
-            return Err(Error::invalid(format!("{what}: the table's schema is now {iceberg_arrow:?}")));
+            return Err(Error::invalid(format!(
+                "{what}: the change is in the table, but this handle's columns are not as they were (the table's \
+                 schema is now {iceberg_arrow:?}): open the table again"
+            )));
         };
         let known = Arc::new(arrow_schema::Schema::new_with_metadata(known, iceberg_arrow.metadata().clone()));
         Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow: known })

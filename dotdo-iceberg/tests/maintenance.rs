@@ -1226,6 +1226,12 @@ async fn a_column_added_from_a_stale_handle_is_added() {
     replace_with_a_string_column(&cold, a.ident(), "x").await;
     let e = a.add_column("z", DataType::Utf8).await.expect_err("x is another column now");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    // The same on a table of the handle's very shape (no column another writer added).
+    let c = cold.arrow_table(&["m"], "one_add", schema.clone()).await.expect("table");
+    let c = c.add_column("x", DataType::Utf8).await.expect("c adds x");
+    replace_with_a_string_column(&cold, c.ident(), "x").await;
+    let e = c.add_column("z", DataType::Utf8).await.expect_err("x is another column now");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
 
 /// The same for a field nested in a struct column: another engine drops `s.b` and adds a new
