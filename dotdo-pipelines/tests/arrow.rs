@@ -685,6 +685,30 @@ async fn a_log_row_of_other_than_one_batch_is_corrupt() {
     assert!(ids(&t).await.is_empty(), "nothing committed");
 }
 
+/// A log row of one batch of no rows (earlier versions logged them) opens and rolls with the
+/// rows beside it: only a row of no batch, or of several, is damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_row_of_an_empty_batch_still_opens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let log = dir.path().join("log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
+    let p = ArrowPipeline::open("empty", Arc::new(t.clone()), settings.clone()).expect("pipeline");
+    p.send(batch(0, 3)).expect("send");
+    drop(p);
+    let mut ipc = Vec::new();
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut ipc, &schema()).expect("writer");
+    w.write(&batch(0, 0)).expect("an empty batch");
+    w.finish().expect("finish");
+    drop(w);
+    let c = rusqlite::Connection::open(&log).expect("open log");
+    c.execute("INSERT INTO arrow_log (id, ipc) VALUES (7, ?1)", [&ipc]).expect("insert");
+    drop(c);
+    let p = ArrowPipeline::open("empty", Arc::new(t.clone()), settings).expect("an empty batch is no damage");
+    p.close().await.expect("close rolls");
+    assert_eq!(ids(&t).await, vec![0, 1, 2], "the other row's batch committed");
+}
+
 /// A damaged log row (any byte of its Arrow IPC stream overwritten) is `Corrupt` at open naming
 /// the row, or decodes; never a panic or an abort: arrow's IPC reader trusts a message's body
 /// length (a negative one panicked, a huge one aborted the process allocating it) and its
