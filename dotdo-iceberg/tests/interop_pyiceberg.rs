@@ -63,20 +63,6 @@ fn rec(o: &ObjectId, seq: u64, key: &str, value: Option<&[u8]>, token: u64) -> C
     r
 }
 
-/// One batch putting `k` = `value` at `seq` for each of `objects` under token 1.
-fn one_put_each(objects: &[ObjectId], seq: u64, value: &[u8]) -> ColdBatch {
-    ColdBatch {
-        objects: objects
-            .iter()
-            .map(|o| ObjectChanges {
-                object: o.clone(),
-                token: FencingToken::new(1),
-                records: vec![rec(o, seq, "k", Some(value), 1)],
-            })
-            .collect(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry() {
     let Some(python) = common::python("pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry") else {
@@ -374,7 +360,7 @@ async fn reads_stay_complete_after_another_engine_evolves_the_partition_spec() {
     };
     let cold = open().await;
     let objects: Vec<ObjectId> = (0..40).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
-    let batch = |seq: u64, value: &str| one_put_each(&objects, seq, value.as_bytes());
+    let batch = |seq: u64, value: &str| common::one_value_each(&objects, seq, value);
     cold.append(batch(1, "old-spec")).await.expect("append under bucket[16]");
     let out = std::process::Command::new(&python)
         .arg(common::py_dir().join("evolve_spec.py"))
@@ -423,7 +409,7 @@ async fn a_table_another_engine_partitioned_otherwise_is_read_not_appended_to() 
     };
     let cold = open().await.expect("open");
     let objects: Vec<ObjectId> = (0..10).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
-    let batch = |seq: u64| one_put_each(&objects, seq, b"v");
+    let batch = |seq: u64| common::one_value_each(&objects, seq, "v");
     cold.append(batch(1)).await.expect("append under bucket[16]");
     let out = std::process::Command::new(&python)
         .arg(common::py_dir().join("evolve_spec.py"))
@@ -590,7 +576,7 @@ async fn a_v1_table_with_a_voided_partition_field_reads_by_its_bucket_field() {
     };
     let cold = open().await;
     let objects: Vec<ObjectId> = (0..20).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
-    let batch = |seq: u64| one_put_each(&objects, seq, b"v1");
+    let batch = |seq: u64| common::one_value_each(&objects, seq, "v1");
     cold.append(batch(1)).await.expect("append to the v1 table");
     run("evolve_spec.py");
     let cold = open().await;

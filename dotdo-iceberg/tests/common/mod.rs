@@ -67,13 +67,19 @@ pub fn edit_metadata(location: &str, edit: impl FnOnce(&mut serde_json::Value)) 
 /// A batch of one put (`k` = `v`, token 1) at `seq` for each of `objects`.
 #[allow(dead_code)] // not every test binary including this module uses it
 pub fn one_put_each(objects: &[ObjectId], seq: u64) -> ColdBatch {
+    one_value_each(objects, seq, "v")
+}
+
+/// A batch of one put (`k` = `value`, token 1) at `seq` for each of `objects`.
+#[allow(dead_code)] // not every test binary including this module uses it
+pub fn one_value_each(objects: &[ObjectId], seq: u64, value: &str) -> ColdBatch {
     ColdBatch {
         objects: objects
             .iter()
             .map(|o| ObjectChanges {
                 object: o.clone(),
                 token: FencingToken::new(1),
-                records: vec![put(o, seq, "k", "v", 1)],
+                records: vec![put(o, seq, "k", value, 1)],
             })
             .collect(),
     }
