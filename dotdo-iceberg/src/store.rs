@@ -1348,6 +1348,21 @@ impl IcebergColdStore {
 }
 
 impl IcebergColdStore {
+    /// The catalog's current table, to judge `verdict` (about `what`, reached on a known table
+    /// that may be stale) once more: `None` if it cannot be read for good (the verdict stands).
+    /// A retryable failure to read it is the answer (with the verdict as context): the current
+    /// table cannot be read just now, and the verdict may blame a stale one (a `Corrupt` an
+    /// operator would be called for, "records would be lost" blaming the batch).
+    async fn judged_again(&self, verdict: &Error, what: &str) -> Result<Option<Table>> {
+        match self.reload_for_resolution().await {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.is_retryable() => {
+                Err(e.context(format!("checking {what} against the current table ({verdict})")))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
     /// The append protocol (see the crate docs) for a validated batch. Once an attempt's outcome
     /// was unknown, a later failure to read the table back (or to go on) is `AmbiguousOutcome`:
     /// that attempt may still land.
@@ -1398,16 +1413,8 @@ impl IcebergColdStore {
                     // current table; if its watermarks cannot be read either, that error stands.
                     Err(e) if !reloaded && !e.is_retryable() => {
                         reloaded = true;
-                        table = match self.reload_for_resolution().await {
-                            Ok(t) => t,
-                            // The verdict came from a table that may be stale, and the current
-                            // one cannot be read just now: that (retryable) failure is the
-                            // answer, not a `Corrupt` an operator would be called for.
-                            Err(re) if re.is_retryable() => {
-                                return Err(re.context(format!("checking the batch against the current table ({e})")))
-                            }
-                            Err(_) => return Err(e),
-                        };
+                        let Some(t) = self.judged_again(&e, "the batch").await? else { return Err(e) };
+                        table = t;
                         head = table.metadata().current_snapshot().cloned();
                         continue;
                     }
@@ -1430,18 +1437,8 @@ impl IcebergColdStore {
                     // table cannot be read, the plan's error stands.
                     Err(plan_err) if !reloaded => {
                         reloaded = true;
-                        table = match self.reload_for_resolution().await {
-                            Ok(t) => t,
-                            // The verdict was reached on a table that may be stale, and the
-                            // current one cannot be read just now: that (retryable) failure is
-                            // the answer, not a "records would be lost" that blames the batch.
-                            Err(e) if e.is_retryable() => {
-                                return Err(
-                                    e.context(format!("checking the batch against the current table ({plan_err})"))
-                                )
-                            }
-                            Err(_) => return Err(plan_err),
-                        };
+                        let Some(t) = self.judged_again(&plan_err, "the batch").await? else { return Err(plan_err) };
+                        table = t;
                         head = table.metadata().current_snapshot().cloned();
                     }
                     Err(e) => return Err(e),
@@ -1489,18 +1486,12 @@ impl IcebergColdStore {
                             // more on the catalog's current table, as a plan's verdict is.
                             Err(e) if !e.is_retryable() && !reloaded => {
                                 reloaded = true;
-                                match self.reload_for_resolution().await {
-                                    Ok(t) if t.metadata_location() != table.metadata_location() => {
+                                match self.judged_again(&e, "the batch").await? {
+                                    Some(t) if t.metadata_location() != table.metadata_location() => {
                                         table = t;
                                         continue;
                                     }
-                                    Ok(_) => return Err(e),
-                                    Err(re) if re.is_retryable() => {
-                                        return Err(
-                                            re.context(format!("checking the batch against the current table ({e})"))
-                                        )
-                                    }
-                                    Err(_) => return Err(e),
+                                    _ => return Err(e),
                                 }
                             }
                             Err(e) => return Err(e),
@@ -1600,23 +1591,12 @@ impl IcebergColdStore {
                     // is a conflict, planned again on it.
                     if !err.is_retryable() && !reloaded {
                         reloaded = true;
-                        match self.reload_for_resolution().await {
-                            Ok(t) if t.metadata_location() != table.metadata_location() => {
-                                tracing::debug!(attempt, error = %err, "cold commit prepared on a stale table; planning again");
-                                last = Attempt::Conflict;
-                                table = t;
-                                continue;
-                            }
-                            Ok(_) => {}
-                            // The verdict came from a table that may be stale, and the current
-                            // one cannot be read just now: that (retryable) failure is the
-                            // answer, as in the planning above.
-                            Err(re) if re.is_retryable() => {
-                                return Err(
-                                    re.context(format!("checking the failed commit against the current table ({err})"))
-                                )
-                            }
-                            Err(_) => {}
+                        let current = self.judged_again(&err, "the failed commit").await?;
+                        if let Some(t) = current.filter(|t| t.metadata_location() != table.metadata_location()) {
+                            tracing::debug!(attempt, error = %err, "cold commit prepared on a stale table; planning again");
+                            last = Attempt::Conflict;
+                            table = t;
+                            continue;
                         }
                     }
                     let give_up = !err.is_retryable() || failed_commits >= MAX_FAILED_COMMITS;

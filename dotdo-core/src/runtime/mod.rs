@@ -1142,14 +1142,9 @@ impl ObjectRuntime {
                 // (A sink without a single read of its table reads the object's state for it:
                 // renewed as a restore is.)
                 let (snapshot, at) = with_renewal(inner, &mut active.lease, inner.cold.head(object)).await?;
-                if at.through < wm.through {
-                    // Decided on `wm` above: a store answering an older table now must not pin
-                    // state older than what it acknowledged.
-                    return Err(Error::unavailable(format!(
-                        "{object}: cold storage answered watermark {} after {}: it answered an older table; retry",
-                        at.through, wm.through
-                    )));
-                }
+                // Decided on `wm` above: a store answering an older table now must not pin state
+                // older than what it acknowledged.
+                refuse_older_than_decided(object, "watermark", at.through, &wm)?;
                 let mut lazy = LazyState::new(snapshot, at.through);
                 let (mut keys, mut bytes) = (0, 0);
                 let recovery = if let RestoreMode::Hybrid { keys: named, prefixes } = mode {
@@ -2667,6 +2662,19 @@ impl Drop for AcquireInFlight<'_> {
     }
 }
 
+/// A retryable `Unavailable` if cold storage answered `what` `through` older than `wm`, the
+/// watermark a restore was decided on (it answered an older table, as a lagging catalog replica
+/// may).
+fn refuse_older_than_decided(object: &ObjectId, what: &str, through: Seq, wm: &Watermark) -> Result<()> {
+    if through < wm.through {
+        return Err(Error::unavailable(format!(
+            "{object}: cold storage answered {what} {through} after watermark {}: it answered an older table; retry",
+            wm.through
+        )));
+    }
+    Ok(())
+}
+
 /// Install the object's latest cold state in the hot store under `token`: retryable `Unavailable`
 /// if cold answers a state older than `wm`, the watermark the restore was decided on.
 async fn restore_eager(
@@ -2676,16 +2684,10 @@ async fn restore_eager(
     wm: &Watermark,
 ) -> Result<(Recovery, u64, u64, Option<i64>)> {
     let st = inner.cold.load_state(object, AsOf::Latest).await?;
-    if st.through < wm.through {
-        // Decided on `wm`: a store answering an older table to this read (a lagging catalog
-        // replica) must not have its state installed as the object's. Into a fresh hot store
-        // that state would be served, and new writes would take sequence numbers cold holds.
-        return Err(Error::unavailable(format!(
-            "{object}: cold storage answered the state through seq {} after watermark {}: it answered an older \
-             table; retry",
-            st.through, wm.through
-        )));
-    }
+    // Decided on `wm`: a store answering an older table to this read (a lagging catalog
+    // replica) must not have its state installed as the object's. Into a fresh hot store that
+    // state would be served, and new writes would take sequence numbers cold holds.
+    refuse_older_than_decided(object, "the state through seq", st.through, wm)?;
     let (keys, bytes) = (st.entries.len() as u64, st.entries.iter().map(|e| e.value.len() as u64).sum());
     inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| cold_state_error(object, e))?;
     inner.metrics.lock().eager_restores += 1;
