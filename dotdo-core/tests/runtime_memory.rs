@@ -1434,6 +1434,12 @@ struct FlakyGuard {
     retoken_refreshes: std::sync::atomic::AtomicBool,
     /// Refreshes asked for.
     refreshes: std::sync::atomic::AtomicU32,
+    /// Lease checks (`validate`) that fail with a retryable `Unavailable`.
+    fail_validates: std::sync::atomic::AtomicU32,
+    /// Lease checks never answer (a hung connection).
+    hang_validates: std::sync::atomic::AtomicBool,
+    /// Lease lookups (`current`) never answer.
+    hang_currents: std::sync::atomic::AtomicBool,
 }
 
 impl FlakyGuard {
@@ -1457,6 +1463,9 @@ impl FlakyGuard {
             short_refreshes: false.into(),
             retoken_refreshes: false.into(),
             refreshes: 0.into(),
+            fail_validates: 0.into(),
+            hang_validates: false.into(),
+            hang_currents: false.into(),
         }
     }
 }
@@ -1539,9 +1548,20 @@ impl ConsistencyGuard for FlakyGuard {
         self.inner.release(lease).await
     }
     async fn validate(&self, lease: &Lease) -> Result<()> {
+        let left = self.fail_validates.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.fail_validates.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::unavailable("guard unreachable (test)"));
+        }
+        if self.hang_validates.load(std::sync::atomic::Ordering::SeqCst) {
+            futures::future::pending::<()>().await;
+        }
         self.inner.validate(lease).await
     }
     async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
+        if self.hang_currents.load(std::sync::atomic::Ordering::SeqCst) {
+            futures::future::pending::<()>().await;
+        }
         self.inner.current(object).await
     }
 }
@@ -1664,6 +1684,45 @@ async fn a_flush_gives_back_a_lease_it_took_only_to_drain() {
     assert_eq!(a.flush(&o).await.expect("flush").records, 1);
     assert!(w.hot.is_available(&o).await.expect("available"), "a gave the lease back");
     assert_eq!(incr(&b, &o).await.expect("the owner goes on"), 2);
+}
+
+/// `flush` and `evict` of an object with no holder, cancelled by the host while the drain's
+/// cold append hangs, leave the lease they took only for that to `maintain`, which gives it back:
+/// it stayed warm in the slot, renewed by `maintain` for `keep_warm`, and the owner met
+/// `LeaseHeld`. An eviction whose drain fails gives such a lease back at once.
+#[tokio::test]
+async fn a_cancelled_flush_or_evict_gives_back_a_lease_taken_only_for_it() {
+    let w = World::new();
+    let o = oid("o");
+    let b = w.runtime("b", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let (cold, a) = w.flaky_cold_runtime(settings());
+    let mut n = 0;
+    for cancelled in ["flush", "evict"] {
+        n += 1;
+        assert_eq!(incr(&b, &o).await.expect("b's call, released after it"), n);
+        *cold.before_append.lock() = Some(Box::pin(futures::future::pending()));
+        let op = async {
+            match cancelled {
+                "flush" => a.flush(&o).await.map(|_| ()),
+                _ => a.evict(&o).await,
+            }
+        };
+        assert!(tokio::time::timeout(Duration::from_millis(20), op).await.is_err(), "{cancelled} hangs");
+        cold.before_append.lock().take();
+        a.maintain().await.expect("maintain");
+        assert!(w.hot.is_available(&o).await.expect("available"), "{cancelled}: given back by maintain");
+    }
+    n += 1;
+    assert_eq!(incr(&b, &o).await.expect("the owner goes on"), n);
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The drain's retries sleep on the manual clock, kept moving meanwhile.
+    let ticking = tick_by(&w, Duration::from_millis(50));
+    let failed = a.evict(&o).await;
+    ticking.abort();
+    failed.expect_err("cold storage is down");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(w.hot.is_available(&o).await.expect("available"), "a failed eviction gave back its lease");
+    assert_eq!(incr(&b, &o).await.expect("the owner goes on"), n + 1);
 }
 
 /// A `maintain` whose lease refresh never answers (a hung guard connection) ends once the lease
@@ -1850,6 +1909,31 @@ async fn a_commit_whose_lease_ran_out_counts_as_self_fencing() {
     let m = rt.metrics();
     assert_eq!((m.self_fenced, m.fenced), (1, 0), "{m:?}");
     assert_eq!(get(&rt, &o, "n").await.expect("get"), Some(Bytes::from("1")), "nothing written");
+}
+
+/// The same with a guard that does not answer at once (a blocking task, a remote request): the
+/// commit is self-fencing (`LeaseLost`), not a refresh raced against a zero timer. The timer won:
+/// the call failed as a retryable `Unavailable`, uncounted, and kept the run-out activation.
+#[tokio::test]
+async fn a_commit_whose_lease_ran_out_is_lease_lost_under_a_guard_that_answers_later() {
+    let (w, guard, rt, o) = activated_under_a_flaky_guard().await;
+    let (clock, g) = (w.clock.clone(), guard.clone());
+    let refreshes = guard.refreshes.load(std::sync::atomic::Ordering::SeqCst);
+    let e = rt
+        .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
+            t.put("n", "99")?;
+            g.hang_refreshes.store(true, std::sync::atomic::Ordering::SeqCst);
+            clock.advance(TTL * 2);
+            Ok::<_, Error>(())
+        })
+        .await
+        .expect_err("the lease ran out before the commit");
+    guard.hang_refreshes.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    assert_eq!(guard.refreshes.load(std::sync::atomic::Ordering::SeqCst), refreshes, "no refresh of a run-out lease");
+    let m = rt.metrics();
+    assert_eq!((m.self_fenced, m.fenced), (1, 0), "{m:?}");
+    assert_eq!(incr(&rt, &o).await.expect("a new activation"), 2, "nothing of the call was written");
 }
 
 /// A call dropped by its caller while the handler runs, where leases go back after every call
@@ -3667,6 +3751,76 @@ async fn a_call_cancelled_while_acquiring_does_not_lock_this_node_out() {
     assert!(w.hot.is_available(&other).await.expect("available"), "given back by maintain");
     assert!(!w.hot.is_available(&o).await.expect("available"), "the adopted lease is kept");
     assert_eq!(incr(&rt, &o).await.expect("still active"), 2);
+}
+
+/// A lease check that fails for a passing reason on one object leaves that object out of
+/// `flush_all` (and of shutdown's flush), not the others: the whole flush stopped at it, and a
+/// shutdown drained nothing. The failure is returned at the end; the next flush drains the rest.
+#[tokio::test]
+async fn a_passing_guard_failure_on_one_object_does_not_stop_the_whole_flush() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    let (a, b) = (oid("a"), oid("b"));
+    for o in [&a, &b] {
+        assert_eq!(incr(&rt, o).await.expect("write"), 1);
+    }
+    guard.fail_validates.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = rt.flush_all().await.expect_err("a's lease was not checked");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 0, "a left out");
+    assert_eq!(w.cold.watermark(&b).await.expect("wm").through, 1, "b drained all the same");
+    assert_eq!(incr(&rt, &a).await.expect("a stays active"), 2);
+    assert_eq!(incr(&rt, &b).await.expect("b stays active"), 2);
+    guard.fail_validates.store(1, std::sync::atomic::Ordering::SeqCst);
+    rt.shutdown().await.expect_err("a's lease was not checked");
+    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 0, "a left out");
+    assert_eq!(w.cold.watermark(&b).await.expect("wm").through, 2, "b drained at shutdown all the same");
+    let c = w.runtime("c", settings());
+    assert_eq!(c.flush_all().await.expect("a's changes wait in hot storage").records, 2);
+    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 2);
+}
+
+/// Guard calls `flush_all`, shutdown and `maintain` make while holding an object's slot end
+/// once a lease TTL has passed when the guard never answers (a hung connection): a lease check,
+/// a lookup settling an acquire of unknown outcome, an acquire. Each waited for ever, holding
+/// the slot (every call on the object waited too), and shutdown never returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the clock ticks while the calls wait
+async fn hung_guard_calls_made_holding_a_slot_end_after_a_ttl() {
+    let (w, guard, rt, o) = activated_under_a_flaky_guard().await;
+    let ended = |task: tokio::task::JoinHandle<Result<()>>| async {
+        let ticking = tick(&w);
+        let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
+        ticking.abort();
+        ended.expect("ends once a TTL has passed").expect("join")
+    };
+    // A lease check in `flush_all`, then in shutdown's flush.
+    guard.hang_validates.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt2 = rt.clone();
+    let e = ended(tokio::spawn(async move { rt2.flush_all().await.map(|_| ()) })).await.expect_err("not checked");
+    assert!(e.is_retryable(), "{e}");
+    guard.hang_validates.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("calls go on"), 2);
+    // An acquire that lands and never answers: given up on after a TTL, its outcome remembered.
+    let p = oid("p");
+    guard.hang_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt2 = rt.clone();
+    let p2 = p.clone();
+    let e = ended(tokio::spawn(async move { incr(&rt2, &p2).await.map(|_| ()) })).await.expect_err("no answer");
+    assert!(e.is_retryable(), "{e}");
+    guard.hang_acquires.store(false, std::sync::atomic::Ordering::SeqCst);
+    // The lookup settling it in `maintain` hangs too: `maintain` ends all the same.
+    guard.hang_currents.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt2 = rt.clone();
+    let before = w.clock.monotonic();
+    ended(tokio::spawn(async move { rt2.maintain().await })).await.expect("maintain");
+    assert!(w.clock.monotonic() - before >= TTL, "maintain asked the guard, and waited a TTL");
+    guard.hang_currents.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &p).await.expect("calls go on"), 1);
+    guard.hang_validates.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt2 = rt.clone();
+    let e = ended(tokio::spawn(async move { rt2.shutdown().await.map(|_| ()) })).await.expect_err("not checked");
+    assert!(e.is_retryable(), "{e}");
 }
 
 /// An acquire whose outcome is unknown adopts only a lease granted to this node since it began:

@@ -164,6 +164,37 @@ impl Drop for Held {
     }
 }
 
+/// An object's slot while `flush` or `evict` drains it. If the object was activated only for
+/// that (`only`) and the future is dropped before [`finish`](Self::finish) (a host's timeout
+/// around a slow cold append), its lease is left for `maintain` to release, as `flush_all`'s
+/// [`Held`] does: kept in the slot, it stayed warm for `keep_warm`, refusing its owner's calls.
+struct TakenOnlyFor<'a> {
+    inner: &'a Inner,
+    slot: &'a mut Slot,
+    only: bool,
+}
+
+impl<'a> TakenOnlyFor<'a> {
+    fn new(inner: &'a Inner, slot: &'a mut Slot, only: bool) -> Self {
+        TakenOnlyFor { inner, slot, only }
+    }
+
+    /// Disarmed: the drain ended. Whether the object was activated only for it.
+    fn finish(mut self) -> bool {
+        std::mem::take(&mut self.only)
+    }
+}
+
+impl Drop for TakenOnlyFor<'_> {
+    fn drop(&mut self) {
+        if self.only {
+            if let Some(active) = self.slot.active.take() {
+                leave_orphan(self.inner, active.lease.granted);
+            }
+        }
+    }
+}
+
 /// What one `flush_all` has done so far, across its drain rounds.
 #[derive(Default)]
 struct DrainRounds {
@@ -696,6 +727,15 @@ impl ObjectRuntime {
         // Never race the lease's expiry: refresh first if too little is left.
         let margin = inner.settings.commit_margin.min(inner.settings.lease_ttl / 3);
         let left = active.lease.left(inner);
+        if left.is_zero() {
+            // Run out already (a process pause during the handler): self-fencing, not a refresh
+            // raced against a zero timer, which answered a retryable `Unavailable` when the timer
+            // won and kept the run-out activation.
+            return Err(Error::new(
+                ErrorKind::LeaseLost { object: object.clone() },
+                "the lease ran out before the commit; nothing was written",
+            ));
+        }
         if left <= margin {
             // Bounded by what the lease has left, as every other guard call: a refresh that
             // never answers (a hung connection) held the object's slot for ever.
@@ -952,7 +992,7 @@ impl ObjectRuntime {
         // may have left this node a lease, granted since it was sent (possibly after the call
         // gave up: a blocking task or a queued request runs on). Settled first, on its own.
         if let Some(since) = flight.pending {
-            match inner.guard.current(object).await {
+            match current_within_ttl(inner, object).await {
                 Ok(Some(l)) if granted_here_since(inner, &l, since) => {
                     flight.pending = None;
                     return Ok(HeldLease::new(inner, flight.done(l), SentAt::now(inner)));
@@ -971,7 +1011,25 @@ impl ObjectRuntime {
             let sent_at = SentAt::now(inner);
             let sent = sent_at.wall;
             flight.sent = Some(sent);
-            let result = inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl).await;
+            // An acquire that does not answer within a TTL (a hung connection) is given up on: the
+            // call holds the object's slot meanwhile, and `flush_all` the slots of every object
+            // it collected. Its outcome stays unknown (`flight` records it when dropped), settled
+            // by the object's next activation or `maintain`.
+            let result = match futures::future::select(
+                std::pin::pin!(inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl)),
+                inner.clock.sleep(inner.settings.lease_ttl),
+            )
+            .await
+            {
+                Either::Left((r, _)) => r,
+                Either::Right(_) => {
+                    return Err(Error::unavailable(format!(
+                        "acquiring {object} on {}: the guard did not answer within the lease's TTL; the acquire \
+                         may still land (the next activation settles it)",
+                        inner.node
+                    )));
+                }
+            };
             flight.sent = None;
             let e = match result {
                 Ok(l) => return Ok(HeldLease::new(inner, flight.done(l), sent_at)),
@@ -983,7 +1041,7 @@ impl ObjectRuntime {
                 // acquire's; an older one is another runtime's under the same node id
                 // (adopting it would share its token) and is waited for.
                 flight.pending = Some(sent);
-                match inner.guard.current(object).await {
+                match current_within_ttl(inner, object).await {
                     Ok(Some(l)) if granted_here_since(inner, &l, sent) => {
                         flight.pending = None;
                         // Granted no earlier than this acquire was sent.
@@ -1014,7 +1072,7 @@ impl ObjectRuntime {
                     // landed meanwhile (its task ran on). Its lease is this call's to adopt, not
                     // one to wait out for a TTL.
                     if let (true, Some(since)) = (*holder == inner.node, flight.earlier) {
-                        match inner.guard.current(object).await {
+                        match current_within_ttl(inner, object).await {
                             Ok(Some(l)) if granted_here_since(inner, &l, since) => {
                                 // Settled: landed, and adopted. Remembered still, it would have
                                 // `maintain` release (or a call adopt) a lease another runtime
@@ -1269,12 +1327,13 @@ impl ObjectRuntime {
             // Drained and evicted by another runtime meanwhile.
             return Ok(FlushReport::default());
         }
-        let active = slot.active.as_mut().expect("active");
+        let taken = TakenOnlyFor::new(&self.inner, &mut slot, taken_to_drain);
+        let active = taken.slot.active.as_mut().expect("active");
         let token = active.lease.granted.token;
         let r = with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token, usize::MAX)).await;
         // A lease taken only to drain goes back at once, as `flush_all` gives such objects back:
         // kept warm, it refused its owner's calls for `keep_warm`.
-        if taken_to_drain || r.as_ref().is_err_and(activation_spent) {
+        if taken.finish() || r.as_ref().is_err_and(activation_spent) {
             give_back(&self.inner, &mut slot.active).await;
         }
         self.after_call(&mut slot).await;
@@ -1293,7 +1352,10 @@ impl ObjectRuntime {
     /// [`maintain`](Self::maintain), or left by a runtime that is gone) are taken without
     /// waiting, drained and given back, except those another node holds or, with a ring, those
     /// the ring gives another node. An object whose skipped replays differ from cold's changes is left
-    /// untruncated while the others are drained, and its `Corrupt` is returned at the end.
+    /// untruncated while the others are drained, and its `Corrupt` is returned at the end; so
+    /// is the error of an object whose hot state or lease could not be read (it stays active,
+    /// its changes in hot storage). A guard call that does not answer within the lease's time
+    /// (a hung connection) fails as a retryable `Unavailable`.
     /// `Shutdown` once [`shutdown`](Self::shutdown) has begun (it flushes itself).
     pub async fn flush_all(&self) -> Result<FlushReport> {
         let out = self.flush_all_in().await;
@@ -1326,24 +1388,39 @@ impl ObjectRuntime {
             let Some(a) = guard.active.as_ref() else { continue };
             // Only objects with changes to drain are held: a call on a clean object need not
             // wait for the whole flush.
+            // A failure here leaves this object out (still active, its changes in hot storage)
+            // and the flush goes on with the others; it is returned at the end. (It failed the
+            // whole flush, and a shutdown then drained nothing.)
             match inner.hot.object_info(&object).await {
                 Ok(Some(info)) if info.has_pending_changes() => {}
                 Ok(_) => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(object = %object, error = %e, "dotdo flush_all: object not read; left out");
+                    rounds.first_err.get_or_insert(e);
+                    continue;
+                }
             }
             // Only objects whose lease is still this runtime's: a stale one would either fence
-            // the whole multi-object commit or append another holder's changes under it.
-            match inner.guard.validate(&a.lease.granted).await {
+            // the whole multi-object commit or append another holder's changes under it. Bounded
+            // by what the lease has left, as every guard call made holding a slot: a check that
+            // never answers (a hung connection) held the slot, and the flush, for ever.
+            let checked = within(
+                inner,
+                a.lease.left(inner),
+                inner.guard.validate(&a.lease.granted),
+                "the lease check did not answer before the lease expired",
+            );
+            match checked.await {
                 Ok(()) => {
                     let token = a.lease.granted.token;
                     held.push(Held { object, token, guard, taken: None });
                 }
                 // Lapsed (a warm lease nobody renewed: no `maintain` ran): take the object again
                 // and drain it, unless another holder has it now. Without waiting for that
-                // holder (slots are held meanwhile). Any other failure fails the flush: the
-                // pass over released objects may not reach it (`drain_released` off, or the ring
-                // gives it to another node), and this runtime's acknowledged changes would wait
-                // in hot storage behind an `Ok`.
+                // holder (slots are held meanwhile). Any other failure leaves the object out and
+                // fails the flush at its end: the pass over released objects may not reach it
+                // (`drain_released` off, or the ring gives it to another node), and this
+                // runtime's acknowledged changes would wait in hot storage behind an `Ok`.
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
                     let lapsed = guard.active.take();
                     match self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await {
@@ -1375,7 +1452,10 @@ impl ObjectRuntime {
                     tracing::info!(object = %object, error = %e, "dotdo flush_all: lease no longer held; skipped");
                     guard.active = None;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(object = %object, error = %e, "dotdo flush_all: lease not checked; left out");
+                    rounds.first_err.get_or_insert(e);
+                }
             }
         }
         // Then the objects whose changes wait with no holder, a page at a time; the first page
@@ -1644,13 +1724,15 @@ impl ObjectRuntime {
         {
             return Ok(());
         }
+        let taken_to_evict = slot.active.is_none();
         match wait {
             None => self.ensure_active(object, slot).await?,
             Some(wait) => self.ensure_active_within(object, slot, wait).await?,
         }
         // The object stays in its slot while draining (the hot state is intact whatever
         // happens, a cancelled call included).
-        let active = slot.active.as_mut().expect("active");
+        let taken = TakenOnlyFor::new(&self.inner, slot, taken_to_evict);
+        let active = taken.slot.active.as_mut().expect("active");
         let token = active.lease.granted.token;
         // A lazy activation's state is in cold storage already (nothing of it was written to
         // hot; a write completes the restore first): it is not loaded into hot storage only to
@@ -1666,10 +1748,12 @@ impl ObjectRuntime {
             Ok(())
         };
         let drained = with_renewal(&self.inner, &mut active.lease, drained).await;
+        let taken_to_evict = taken.finish();
         if let Err(e) = drained {
             // Keep the object active for the next call, unless the lease is gone (or the hot
-            // store is behind cold storage).
-            if activation_spent(&e) {
+            // store is behind cold storage), or it was taken only for this eviction (kept warm,
+            // it would refuse its owner's calls for `keep_warm`).
+            if activation_spent(&e) || taken_to_evict {
                 give_back(&self.inner, &mut slot.active).await;
             } else {
                 self.after_call(slot).await;
@@ -2331,6 +2415,13 @@ async fn within<T>(
     }
 }
 
+/// The guard's current lease of `object`, or `Unavailable` if it does not answer within a lease
+/// TTL (a hung connection): every caller holds a slot meanwhile.
+async fn current_within_ttl(inner: &Inner, object: &ObjectId) -> Result<Option<Lease>> {
+    let lookup = inner.guard.current(object);
+    within(inner, inner.settings.lease_ttl, lookup, "the lease lookup did not answer within the lease's TTL").await
+}
+
 /// `lease` refreshed for the runtime's TTL, checked to keep its token ([`same_token`]).
 async fn refresh_lease(inner: &Inner, lease: &Lease) -> Result<HeldLease> {
     let sent = SentAt::now(inner);
@@ -2464,7 +2555,7 @@ async fn release_orphans(inner: &Arc<Inner>) {
             // Kept while it may still land after this lease is given back.
             may_still_land(inner, since)
         } else {
-            match inner.guard.current(&object).await {
+            match current_within_ttl(inner, &object).await {
                 Ok(Some(l)) if granted_here_since(inner, &l, since) => {
                     release_quietly(inner, &l).await;
                     false
