@@ -42,6 +42,11 @@ pub struct CleanupReport {
     pub kept_recent: usize,
     /// Files referenced by the table.
     pub referenced: usize,
+    /// Unreferenced-looking files kept because the table names a file of the same name at a
+    /// location this store does not map to its own keys (another spelling of the bucket's URL,
+    /// such as `s3://bkt/…` for a store opened on `https://host/bkt/…`): possibly the very
+    /// file, and never deleted on a guess.
+    pub kept_named_elsewhere: usize,
 }
 
 impl IcebergColdStore {
@@ -282,7 +287,7 @@ impl IcebergColdStore {
                  only where no writer can be running)"
             )));
         }
-        let table = self.load_fresh(ident).await?;
+        let mut table = self.load_fresh(ident).await?;
         let what = format!("removing unreferenced files of {ident}");
         gc_enabled(&table, &what)?;
         let recorded = table_cleanup_minimum(&table, &what)?;
@@ -294,7 +299,6 @@ impl IcebergColdStore {
                 crate::MIN_CLEANUP_PROP
             )));
         }
-        let md = table.metadata();
         let cutoff_for = |retention: Duration| {
             self.inner.clock.now().as_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX))
         };
@@ -304,7 +308,13 @@ impl IcebergColdStore {
         let root = &self.inner.root;
         let mut referenced: HashSet<String> = HashSet::new();
         let mut manifests = HashSet::new();
-        self.add_referenced(&table, cutoff, &mut referenced, &mut manifests).await?;
+        let mut elsewhere = HashSet::new();
+        let mut found = Gathered { referenced: &mut referenced, manifests: &mut manifests, elsewhere: &mut elsewhere };
+        let moved = self.gather_settled(ident, &mut table, cutoff, &mut found, &what).await?;
+        if moved {
+            keep_after = keep_after.min(cutoff_for(table_cleanup_minimum(&table, &what)?));
+        }
+        let md = table.metadata();
         // Only the table's own `data/` and `metadata/` directories: another table can live
         // under this table's location (the SQL catalog places `ns.changes.events` at
         // `<warehouse>/ns/changes/events`), and its files are not ours to judge.
@@ -333,9 +343,9 @@ impl IcebergColdStore {
         // commit landing during the deletes below references no file older than half of
         // `min_cleanup_retention`: a compaction checks that before it commits, and appends
         // commit within seconds of writing.)
-        let current = self.load_fresh(ident).await?;
+        let mut current = self.load_fresh(ident).await?;
         if current.metadata_location() != table.metadata_location() {
-            self.add_referenced(&current, cutoff, &mut referenced, &mut manifests).await?;
+            self.gather_settled(ident, &mut current, cutoff, &mut found, &what).await?;
             // A store opened meanwhile with a larger minimum (whose compaction may already be
             // writing): files younger than that stay.
             keep_after = keep_after.min(cutoff_for(table_cleanup_minimum(&current, &what)?));
@@ -343,6 +353,10 @@ impl IcebergColdStore {
         let mut report = CleanupReport { referenced: referenced.len(), ..Default::default() };
         for obj in listed {
             if referenced.contains(obj.location.as_ref()) || !own_layout(&prefix, &obj.location) {
+                continue;
+            }
+            if obj.location.filename().is_some_and(|n| elsewhere.contains(n)) {
+                report.kept_named_elsewhere += 1;
                 continue;
             }
             if obj.last_modified.timestamp_micros() >= keep_after {
@@ -359,6 +373,47 @@ impl IcebergColdStore {
         Ok(report)
     }
 
+    /// [`add_referenced`](Self::add_referenced) of `table`, settled against a table that moves
+    /// on meanwhile. A file the table names that goes missing while it is read is what another
+    /// engine's (or node's) expiry and cleanup leave behind when they remove a snapshot during
+    /// the read: the table is read again and its files gathered from the newer version (what
+    /// was gathered stays kept), which `table` becomes; the missing file is `Corrupt` only if
+    /// the table did not move on. (It failed the cleanup with `Corrupt`, for an intact table.)
+    /// Whether `table` was replaced; a table that keeps moving is a retryable `Conflict`.
+    async fn gather_settled(
+        &self,
+        ident: &iceberg::TableIdent,
+        table: &mut iceberg::table::Table,
+        cutoff: i64,
+        found: &mut Gathered<'_>,
+        what: &str,
+    ) -> Result<bool> {
+        let mut moved = false;
+        let mut attempts = 0;
+        loop {
+            let gathered = self.add_referenced(table, cutoff, found.referenced, found.manifests, found.elsewhere).await;
+            let Err(e) = gathered else { return Ok(moved) };
+            if e.is_retryable() {
+                return Err(e);
+            }
+            let now = self.load_fresh(ident).await?;
+            if now.metadata_location() == table.metadata_location() {
+                return Err(e);
+            }
+            attempts += 1;
+            if attempts > 3 {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("{what}: the table kept changing while its files were read ({e}); nothing deleted, retry"),
+                )
+                .with_source(e));
+            }
+            gc_enabled(&now, what)?;
+            *table = now;
+            moved = true;
+        }
+    }
+
     /// Add every file `table` references (metadata, manifest lists, manifests, live data files,
     /// checkpoints, statistics, files removed less than the retention before `cutoff` ago, and
     /// the head files of the metadata log's versions current since `cutoff`) to `referenced`, as
@@ -369,11 +424,12 @@ impl IcebergColdStore {
         cutoff: i64,
         referenced: &mut HashSet<String>,
         manifests: &mut HashSet<String>,
+        elsewhere: &mut HashSet<String>,
     ) -> Result<()> {
         let root = &self.inner.root;
         let md = table.metadata();
         let removals = Removals::new(md, summary::effective_committed_at(md), cutoff);
-        let mut found = Referenced { root, referenced, manifests };
+        let mut found = Referenced { root, referenced, manifests, elsewhere };
         if let Some(m) = table.metadata_location() {
             found.add(m)?;
         }
@@ -441,18 +497,40 @@ impl IcebergColdStore {
     }
 }
 
+/// The last segment of a location (its file name), if any: query and fragment left off.
+fn file_name(location: &str) -> Option<&str> {
+    let path = location.split(['?', '#']).next().unwrap_or(location);
+    path.rsplit('/').next().filter(|n| !n.is_empty())
+}
+
+/// What a cleanup gathered so far: the files referenced (object-store keys), the manifests read,
+/// and the file names of referenced locations elsewhere.
+struct Gathered<'a> {
+    referenced: &'a mut HashSet<String>,
+    manifests: &'a mut HashSet<String>,
+    elsewhere: &'a mut HashSet<String>,
+}
+
 /// The files a cleanup found referenced, as object-store keys, and the manifests read so far.
 struct Referenced<'a> {
     root: &'a crate::storage::StoreRoot,
     referenced: &'a mut HashSet<String>,
     manifests: &'a mut HashSet<String>,
+    /// The file names of referenced locations this store does not map to its keys.
+    elsewhere: &'a mut HashSet<String>,
 }
 
 impl Referenced<'_> {
     fn add(&mut self, loc: &str) -> Result<()> {
         // A location in another bucket or scheme (another engine may write statistics or data
-        // there) names no file this store lists: nothing to keep (it failed the cleanup).
+        // there) names no file this store lists by that name (it failed the cleanup). But it
+        // may be another spelling of this very store (`s3://bkt/…` for `https://host/bkt/…`,
+        // `az://` for `abfss://`): its file name is kept aside, and a listed file of that name
+        // is never deleted.
         if !self.root.holds(loc) {
+            if let Some(name) = file_name(loc) {
+                self.elsewhere.insert(name.to_string());
+            }
             return Ok(());
         }
         self.referenced.insert(self.root.key(loc)?.to_string());

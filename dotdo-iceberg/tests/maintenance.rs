@@ -3480,3 +3480,81 @@ async fn a_replay_after_another_engine_changed_the_schema_is_answered_as_committ
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert_eq!(t.last_batch("s").await.expect("mark"), 1);
 }
+
+/// A snapshot another node expires and cleans up while a cleanup reads the table (its manifest
+/// list deleted under the reader): the cleanup reads the table again and finishes, deleting
+/// nothing live. It failed with `Corrupt` naming the missing file, for an intact table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_expired_and_cleaned_up_during_a_cleanup_does_not_fail_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        put_at(&writer, &o, seq).await;
+    }
+    let table = writer.refresh().await.expect("table");
+    let oldest = table.metadata().snapshots().min_by_key(|s| s.sequence_number()).expect("snapshots");
+    let list = oldest.manifest_list().to_string();
+    let name = list.rsplit('/').next().expect("file name").to_string();
+    let hooked = common::FaultyStore::quiet_local();
+    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
+        .build()
+        .await
+        .expect("cleaner");
+    let other = writer.clone();
+    *hooked.before_get.lock() = Some(common::PutHook(
+        name,
+        Box::pin(async move {
+            other.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+            let path = list.strip_prefix("file://").expect("local");
+            std::fs::remove_file(path).expect("the other node's cleanup deletes the manifest list");
+        }),
+    ));
+    common::sleep(std::time::Duration::from_millis(20)).await;
+    cleaner.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    assert!(hooked.before_get.lock().is_none(), "the expiry ran during the cleanup's read");
+    // What the first read of the table gathered stayed kept; the next cleanup takes it.
+    let report = cleaner.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    assert!(report.deleted.iter().any(|f| f.contains("/snap-")), "the expired lists went: {report:?}");
+    let fresh = open(dir.path(), 1).await;
+    let state = fresh.load_state(&o, AsOf::Latest).await.expect("every file of the head is there");
+    assert_eq!(state.through, 3);
+    assert_eq!(fresh.read_changes(&o, 0, AsOf::Latest).await.expect("history of the head").len(), 3);
+}
+
+/// A file the table names at a location this store does not map to its keys (another engine's
+/// spelling of the same bucket: `s3://bkt/…` for a store opened on `https://host/bkt/…`) may be
+/// the very file the cleanup lists under its own name: a listed file of that name is kept, not
+/// deleted as unreferenced. (It was deleted while the table still referenced it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_named_by_another_spelling_of_the_store_is_not_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    let head = put_at(&cold, &o, 1).await;
+    let table = cold.refresh().await.expect("table");
+    let location = table.metadata().location().to_string();
+    let local = format!("{}/metadata/stats-{head}.puffin", location.strip_prefix("file://").expect("local"));
+    std::fs::write(&local, b"PFA1 statistics another engine wrote").expect("write statistics");
+    let unlisted = format!("{}/metadata/left-over.puffin", location.strip_prefix("file://").expect("local"));
+    std::fs::write(&unlisted, b"PFA1 a file nothing names").expect("write");
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        json["statistics"] = serde_json::json!([{
+            "snapshot-id": head,
+            "statistics-path": format!("s3://bkt/wh/m/changes/metadata/stats-{head}.puffin"),
+            "file-size-in-bytes": 36,
+            "file-footer-size-in-bytes": 4,
+            "blob-metadata": [],
+        }]);
+    });
+    common::sleep(std::time::Duration::from_millis(20)).await;
+    let fresh = open(dir.path(), 1).await;
+    let report = fresh.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+    assert!(std::path::Path::new(&local).exists(), "a file of the name the table references is kept: {report:?}");
+    assert_eq!(report.kept_named_elsewhere, 1, "{report:?}");
+    assert!(!std::path::Path::new(&unlisted).exists(), "a file nothing names goes: {report:?}");
+    assert_eq!(fresh.load_state(&o, AsOf::Latest).await.expect("state").through, 1);
+}
