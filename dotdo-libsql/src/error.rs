@@ -131,6 +131,16 @@ fn class_of_batch_step_message(message: &str) -> Class {
         // another writer waited, too many open transactions, a blocked operation): it rolls
         // back between steps, so the failing step may be the one after the COMMIT too.
         Class::ServerUnavailable { maybe_applied: true }
+    } else if m.contains("response is too large")
+        || m.contains("response_too_large")
+        || m == "interrupted"
+        || m.ends_with(": interrupted")
+        || m.contains("out of memory")
+    {
+        // Failures of the server, not of the statement: sqld checks its response budget (a
+        // server-wide total under load) at every step and stops the batch there, an interrupt
+        // or an allocation failure hits whatever step runs. So also the step after the COMMIT.
+        Class::ServerUnavailable { maybe_applied: true }
     } else if m.contains("attempt to write a readonly database") {
         Class::Environment { retryable: false }
     } else if m.contains("string or blob too big") {
@@ -402,6 +412,29 @@ mod tests {
 
     fn hrana(text: &str) -> libsql::Error {
         libsql::Error::Hrana(text.to_string().into())
+    }
+
+    /// Failures of the server rather than of a statement, which sqld reports at whatever step of
+    /// a batch runs when they strike, the one after a write's `COMMIT` included (its response
+    /// budget, an interrupt, an allocation failure): an unknown outcome for writes, retried for
+    /// reads. A write told `Backend` (not retryable, nothing said of the outcome) was reported
+    /// failed although it may have committed.
+    #[test]
+    fn server_failures_at_any_step_may_follow_a_commit() {
+        for text in [
+            "stream error: `Error { message: \"Response is too large\", code: \"RESPONSE_TOO_LARGE\" }`",
+            "api error: `Response is too large`",
+            "api error: `interrupted`",
+            "stream error: `Error { message: \"out of memory\", code: \"UNKNOWN\" }`",
+        ] {
+            assert_eq!(map(hrana(text), "write", true).kind(), &ErrorKind::AmbiguousOutcome, "{text}");
+            let read = map(hrana(text), "get", false);
+            assert_eq!(read.kind(), &ErrorKind::Unavailable, "{text}: {read}");
+            assert!(is_transient(class_of(&hrana(text)), false), "{text}");
+        }
+        // A statement's own failure stays what it was.
+        let text = "api error: `UNIQUE constraint failed: do_state.key`";
+        assert_eq!(map(hrana(text), "write", true).kind(), &ErrorKind::Backend, "{text}");
     }
 
     /// sqld's refusal of a whole request (`TRANSACTION_BUSY` / `TRANSACTION_TIMEOUT`, sent as a

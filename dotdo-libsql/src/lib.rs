@@ -118,7 +118,11 @@
 //! URLs must be `libsql://`, `https://` or `http://` with a host, no credentials and no query or
 //! fragment (pass the token as `AuthToken`, never `?authToken=`); an auth token must be visible
 //! ASCII, at most 16 KiB. Anything else is `InvalidInput` before any I/O. The token is redacted in
-//! every `Debug` output.
+//! every `Debug` output. TLS (`libsql://`, `https://`) trusts the platform's root certificates,
+//! read from `SSL_CERT_FILE` / `SSL_CERT_DIR` when set; if none can be loaded, `open` is a
+//! non-retryable `Backend` error naming them. A plain `http://` primary needs none. The token
+//! travels in every request's `Authorization` header: over `http://` it is sent in the clear, so
+//! use plain HTTP only on a loopback or otherwise private link.
 //!
 //! ## Do not link libsql and rusqlite into one binary
 //!

@@ -407,7 +407,7 @@ async fn open_remote(url: &str, token: &AuthToken, settings: &LibsqlSettings, do
     #[cfg(feature = "remote")]
     {
         libsql::Builder::new_remote(url.to_string(), token.expose().to_string())
-            .connector(connector(settings, doing)?)
+            .connector(connector(url, settings, doing)?)
             .build()
             .await
             .map_err(|e| error::map(e, doing, false))
@@ -430,6 +430,7 @@ async fn open_remote(url: &str, token: &AuthToken, settings: &LibsqlSettings, do
 /// connect": nothing was sent, a retryable `Unavailable`.
 #[cfg(feature = "remote")]
 fn connector(
+    url: &str,
     settings: &LibsqlSettings,
     doing: &str,
 ) -> Result<hyper_rustls_025::HttpsConnector<hyper_014::client::HttpConnector>> {
@@ -437,12 +438,44 @@ fn connector(
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some((settings.request_timeout / 2).max(Duration::from_millis(1))));
+    let config = rustls_022::ClientConfig::builder()
+        .with_root_certificates(root_certificates(url, doing)?)
+        .with_no_client_auth();
     Ok(hyper_rustls_025::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(|e| error::map(libsql::Error::InvalidTlsConfiguration(e), doing, false))?
+        .with_tls_config(config)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http))
+}
+
+/// The platform's root certificates (`SSL_CERT_FILE` / `SSL_CERT_DIR` when set), loaded here:
+/// hyper-rustls 0.25's `with_native_roots` panics when those name a path it cannot read (an
+/// `open` that panicked). A plain `http://` primary needs none: it opens without them (a local
+/// sqld in an image with no certificate store failed to open). For a TLS primary, none found
+/// is a non-retryable `Backend` error naming the variables.
+#[cfg(feature = "remote")]
+fn root_certificates(url: &str, doing: &str) -> Result<rustls_022::RootCertStore> {
+    let plain_http = url.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://"));
+    let mut roots = rustls_022::RootCertStore::empty();
+    let failure = match rustls_native_certs_07::load_native_certs() {
+        Ok(certs) => {
+            // Certificates the store cannot parse are skipped, as hyper-rustls does.
+            for cert in certs {
+                let _ = roots.add(cert);
+            }
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    if roots.is_empty() && !plain_http {
+        let why = failure.unwrap_or_else(|| "none found".to_string());
+        return Err(Error::backend(format!(
+            "{doing}: the platform's root certificates could not be loaded ({why}); install a CA \
+             certificate store, or point SSL_CERT_FILE / SSL_CERT_DIR at one"
+        ))
+        .with_retryable(false));
+    }
+    Ok(roots)
 }
 
 async fn open_replica(
@@ -459,7 +492,7 @@ async fn open_replica(
         let mut attempt = 0;
         loop {
             let mut b = libsql::Builder::new_remote_replica(path, url.to_string(), token.expose().to_string())
-                .connector(connector(settings, doing)?)
+                .connector(connector(url, settings, doing)?)
                 .read_your_writes(true);
             if let Some(d) = sync_interval {
                 b = b.sync_interval(d);
