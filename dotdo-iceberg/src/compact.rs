@@ -435,8 +435,19 @@ impl IcebergColdStore {
             }
         };
         let mut report = RewriteReport::default();
-        // Fail before rewriting anything.
+        // Fail before rewriting anything: the catalog, the table's format (only version 2
+        // tables are rewritten) and, for a user table, its partitioning. (A v1 or partitioned
+        // user table had every group read and written, then the commit refused.)
         self.sql_catalog(&what)?;
+        let version = base.metadata().format_version();
+        if version != iceberg::spec::FormatVersion::V2 {
+            return Err(Error::invalid(format!(
+                "{what}: only format version 2 tables are rewritten (the table is {version:?}); nothing written"
+            )));
+        }
+        if matches!(mode, Mode::User(_)) {
+            crate::user_table::check_unpartitioned(&base, &what)?;
+        }
         if groups.is_empty() {
             report.elapsed = elapsed(started, self.inner.clock.now());
             return Ok(report);

@@ -330,7 +330,9 @@ pub fn commit_id(snapshot: &Snapshot) -> Option<&str> {
 /// Every snapshot's time as reads (`AsOf::Timestamp`), `snapshots()` and expiry go by it: the
 /// latest [`committed_at`] on its chain (its own or an ancestor's still in the metadata).
 /// Another engine's clock may stamp a snapshot before its parent; a snapshot never counts as
-/// older than a snapshot it was built on.
+/// older than a snapshot it was built on, and one stamped before its parent counts as one
+/// microsecond after it (tied with it, a read as of the parent's own time picked the child,
+/// whose changes came later). A child stamped at its parent's very time keeps that time.
 pub fn effective_committed_at(md: &iceberg::spec::TableMetadata) -> impl Fn(&Snapshot) -> Timestamp {
     let by_id: HashMap<i64, &Snapshot> = md.snapshots().map(|s| (s.snapshot_id(), s.as_ref())).collect();
     let mut at: HashMap<i64, Timestamp> = HashMap::with_capacity(by_id.len());
@@ -351,7 +353,8 @@ pub fn effective_committed_at(md: &iceberg::spec::TableMetadata) -> impl Fn(&Sna
             cur = c.parent_snapshot_id().and_then(|p| by_id.get(&p).copied());
         }
         for c in path.into_iter().rev() {
-            base = base.max(committed_at(c));
+            let own = committed_at(c);
+            base = if own < base { base.plus(std::time::Duration::from_micros(1)) } else { own };
             at.insert(c.snapshot_id(), base);
         }
     }

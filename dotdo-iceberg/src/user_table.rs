@@ -296,7 +296,7 @@ impl IcebergColdStore {
 /// with a partition spec is refused, `InvalidInput`. (Its files would be written without
 /// partition values, which the manifest writer cannot summarise: a panic on the SQL catalog,
 /// invalid metadata elsewhere.)
-fn check_unpartitioned(table: &Table, what: &str) -> Result<()> {
+pub(crate) fn check_unpartitioned(table: &Table, what: &str) -> Result<()> {
     let spec = table.metadata().default_partition_spec();
     if spec.fields().is_empty() {
         return Ok(());

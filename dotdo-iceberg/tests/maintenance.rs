@@ -2552,6 +2552,12 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
     assert!(infos[1].committed_at >= infos[0].committed_at, "{infos:?}");
     let st = cold.load_state(&o, AsOf::Timestamp(infos[1].committed_at)).await.expect("as of the foreign snapshot");
     assert_eq!(st.entries.len(), 1, "{st:?}");
+    assert_eq!(st.snapshot, Some(infos[1].id));
+    // As of the parent's own time, the parent: the child, counted as committed just after it,
+    // is not picked (tied with it, it was, and a foreign delete of the rows read as done then).
+    assert!(infos[1].committed_at > infos[0].committed_at, "{infos:?}");
+    let st = cold.load_state(&o, AsOf::Timestamp(infos[0].committed_at)).await.expect("as of dotdo's snapshot");
+    assert_eq!(st.snapshot, Some(infos[0].id), "{infos:?}");
 }
 
 /// A dotdo commit on top of another engine's earlier-stamped snapshot (from a store whose clock
@@ -3557,4 +3563,32 @@ async fn a_file_named_by_another_spelling_of_the_store_is_not_deleted() {
     assert_eq!(report.kept_named_elsewhere, 1, "{report:?}");
     assert!(!std::path::Path::new(&unlisted).exists(), "a file nothing names goes: {report:?}");
     assert_eq!(fresh.load_state(&o, AsOf::Latest).await.expect("state").through, 1);
+}
+
+/// A compaction of a format-v1 user table (appended to like any other) is refused before any
+/// group is read or written: it rewrote every group, then the commit refused, and deleted its
+/// output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_user_table_compaction_is_refused_before_rewriting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let (user, rows) = v1_user_table(&cold).await;
+    for n in 1..=3 {
+        user.append("s", n, vec![rows.clone()]).await.expect("append");
+    }
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = written.clone();
+    let opts = CompactOptions {
+        progress: Some(Arc::new(move |p: &Progress| {
+            if matches!(p, Progress::GroupWritten { .. }) {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })),
+        ..Default::default()
+    };
+    let e = user.compact(opts).await.expect_err("v1 is not rewritten");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert_eq!(written.load(std::sync::atomic::Ordering::SeqCst), 0, "no group rewritten first");
+    let read: usize = user.read_all().await.expect("read").iter().map(|b| b.num_rows()).sum();
+    assert_eq!(read, 6);
 }
