@@ -76,6 +76,25 @@ fn slice_bytes(d: &ArrayData) -> Option<usize> {
             let n = usize::try_from(*n).ok()?;
             items(d.offset().checked_mul(n)?, (d.offset() + d.len()).checked_mul(n)?)?
         }
+        // Arrow's slice size counts the 16-byte views only: the bytes of every value over 12
+        // bytes live in the data buffers (1 KiB strings counted 16 bytes each). Each valid
+        // row's long value is counted (a value two views share counts twice: an upper bound).
+        T::Utf8View | T::BinaryView => {
+            let views = d.buffers().first()?.as_slice();
+            let mut long = 0usize;
+            for i in 0..d.len() {
+                if !d.is_valid(i) {
+                    continue;
+                }
+                let at = d.offset().checked_add(i)?.checked_mul(16)?;
+                let len = u32::from_le_bytes(views.get(at..at.checked_add(4)?)?.try_into().ok()?);
+                let len = usize::try_from(len).ok()?;
+                if len > 12 {
+                    long = long.checked_add(len)?;
+                }
+            }
+            long
+        }
         _ => d.child_data().iter().map(slice_bytes).sum::<Option<usize>>()?,
     };
     own.checked_add(children)
@@ -84,6 +103,26 @@ fn slice_bytes(d: &ArrayData) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    /// String and binary views count the bytes of their long values, kept in data buffers
+    /// beside the views: 1 000 strings of 1 KiB counted 16 000 bytes (the views alone), so a
+    /// pipeline's memory bound let 64 times its size in. A slice counts its own rows' values.
+    #[test]
+    fn view_arrays_count_their_long_values() {
+        use arrow_array::{Array, BinaryViewArray, StringViewArray};
+        let long = "x".repeat(1024);
+        let strings = StringViewArray::from_iter_values(std::iter::repeat_n(long.as_str(), 1000));
+        let n = super::rows_bytes(&strings.to_data());
+        assert!((1000 * 1024..1000 * (1024 + 16) + 4096).contains(&n), "{n}");
+        let ten = super::rows_bytes(&strings.slice(10, 10).to_data());
+        assert!((10 * 1024..10 * (1024 + 16) + 64).contains(&ten), "{ten}");
+        // Short values live in their views: 16 bytes a row.
+        let short = StringViewArray::from_iter_values(std::iter::repeat_n("short", 100));
+        assert_eq!(super::rows_bytes(&short.to_data()), 100 * 16);
+        let mixed = BinaryViewArray::from_iter([Some(&b"tiny"[..]), None, Some(long.as_bytes())]);
+        let m = super::rows_bytes(&mixed.to_data());
+        assert!((3 * 16 + 1024..3 * 16 + 1024 + 64).contains(&m), "{m}");
+    }
 
     use arrow_buffer::Buffer;
     use arrow_data::ArrayData;

@@ -262,6 +262,10 @@ mod broken {
         AtLeastOneChange,
         /// Validate and refresh of an object without a lease row are `NotFound`.
         NoLeaseIsNotFound,
+        /// `evict` checks that some changes were truncated, not all: it drops the rest.
+        EvictsAfterAnyTruncation,
+        /// A refresh of a lease its holder released takes the object again for that holder.
+        RefreshRevivesReleased,
     }
 
     #[derive(Debug, Clone)]
@@ -333,6 +337,11 @@ mod broken {
             Ok(all.into_iter().skip(from).take(limit).collect())
         }
         async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+            if self.1 == Quirk::EvictsAfterAnyTruncation {
+                if let Some(i) = self.0.object_info(object).await?.filter(|i| i.truncated_through > 0) {
+                    self.0.truncate_changes(object, token, i.last_seq).await?;
+                }
+            }
             self.0.evict(object, token).await?;
             if self.1 == Quirk::EvictDropsTheLease {
                 if let Some(l) = self.0.current(object).await? {
@@ -380,7 +389,13 @@ mod broken {
         }
         async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
             self.no_lease_is_not_found(lease).await?;
-            Ok(self.cut(self.0.refresh(lease, ttl).await?))
+            match self.0.refresh(lease, ttl).await {
+                Err(e) if self.1 == Quirk::RefreshRevivesReleased && self.0.current(&lease.object).await?.is_none() => {
+                    let _ = e;
+                    Ok(self.cut(self.0.acquire(&lease.object, &lease.holder, ttl).await?))
+                }
+                r => Ok(self.cut(r?)),
+            }
         }
         async fn release(&self, lease: &Lease) -> Result<()> {
             match self.0.current(&lease.object).await? {
@@ -415,6 +430,8 @@ mod broken {
             (Quirk::InfoCountsWriteTokensOnly, "a_takeover_raises_the_reported_token_before_any_write"),
             (Quirk::AtLeastOneChange, "change_log_reads_and_truncates"),
             (Quirk::NoLeaseIsNotFound, "guard_calls_on_an_object_never_leased"),
+            (Quirk::EvictsAfterAnyTruncation, "evict_requires_drained_changes_and_keeps_sequence"),
+            (Quirk::RefreshRevivesReleased, "release_is_idempotent_and_never_frees_a_newer_lease"),
         ];
         for (quirk, case) in cases {
             let f = hot_factory(move |clock| async move {

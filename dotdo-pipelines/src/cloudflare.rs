@@ -54,7 +54,8 @@ pub struct CloudflareSettings {
     /// Retries of a transient failure (408, 429, 5xx but 501 and 505, connection errors) per
     /// request (default 5; at most [`MAX_STREAM_RETRIES`]).
     pub max_retries: u32,
-    /// First backoff, doubled per retry up to 5 s (default 100 ms; at most 5 s; each wait a
+    /// First backoff, doubled per retry up to 5 s (default 100 ms; at most 5 s, above zero
+    /// unless `max_retries` is 0; each wait a
     /// random length between half of that and all of it). An answer's `Retry-After`
     /// stretches one wait (up to [`MAX_RETRY_AFTER`]; a longer one fails the send, retryable).
     pub backoff: Duration,
@@ -225,6 +226,12 @@ impl CloudflareStreamClient {
                 "max_retries {} is above {MAX_STREAM_RETRIES}: a send to a failing endpoint would retry for hours",
                 settings.max_retries
             )));
+        }
+        if settings.backoff.is_zero() && settings.max_retries > 0 {
+            return Err(Error::invalid(
+                "backoff must be above zero when retries are on (doubling zero stays zero: every retry would \
+                 follow the failure at once, at an endpoint that is already failing)",
+            ));
         }
         if settings.backoff > MAX_BACKOFF {
             return Err(Error::invalid(format!(

@@ -545,6 +545,8 @@ async fn too_large_requests_are_split_and_a_failed_send_says_how_far_it_got() {
         ("max_retries", CloudflareSettings { max_retries: u32::MAX, ..settings() }),
         ("backoff", CloudflareSettings { backoff: Duration::MAX, ..settings() }),
         ("backoff", CloudflareSettings { backoff: Duration::from_secs(6), ..settings() }),
+        // Retries back to back at a failing endpoint.
+        ("backoff", CloudflareSettings { backoff: Duration::ZERO, ..settings() }),
     ] {
         let e = CloudflareStreamClient::new(&url, None, bad).expect_err(what);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
@@ -556,6 +558,8 @@ async fn too_large_requests_are_split_and_a_failed_send_says_how_far_it_got() {
         ..settings()
     };
     CloudflareStreamClient::new(&url, None, most).expect("within bounds");
+    let no_retries = CloudflareSettings { max_retries: 0, backoff: Duration::ZERO, ..settings() };
+    CloudflareStreamClient::new(&url, None, no_retries).expect("no retries, no backoff");
 }
 
 /// Polled outside a tokio runtime (another executor), a send is `InvalidInput` and sends

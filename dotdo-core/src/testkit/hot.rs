@@ -761,6 +761,12 @@ pub async fn evict_requires_drained_changes_and_keeps_sequence(f: &HotFactory) {
     let e = fx.hot.evict(&l.object, l.token).await.expect_err("undrained");
     assert_eq!(e.kind(), &ErrorKind::Conflict);
     assert_eq!(fx.hot.get(&l.object, "a").await.expect("get"), Some(b("1")), "failed evict keeps state");
+    // Drained in part: still refused (the change above the truncation is cold storage's only
+    // way to learn of `b`).
+    fx.hot.truncate_changes(&l.object, l.token, 1).await.expect("truncate the first");
+    let e = fx.hot.evict(&l.object, l.token).await.expect_err("one change undrained");
+    assert_eq!(e.kind(), &ErrorKind::Conflict);
+    assert_eq!(fx.hot.read_changes(&l.object, 1, 10).await.expect("log").len(), 1, "the pending change stays");
     fx.hot.truncate_changes(&l.object, l.token, 2).await.expect("truncate");
     fx.hot.evict(&l.object, l.token).await.expect("evict");
     assert_eq!(fx.hot.get(&l.object, "a").await.expect("get"), None);
@@ -1425,6 +1431,11 @@ pub async fn takeover_during_concurrent_writes_fences_every_later_old_write(f: &
     clock.advance(TTL + Duration::from_millis(1));
     let new = lease(&fx, "o1", "n2").await;
     granted.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Every change logged after the grant is the new holder's: an old-token write whose check
+    // ran before the grant and whose write landed after it (a check and a write that are not
+    // one atomic step) shows as an old token above this point, whether or not its caller
+    // counted it as sent after the grant.
+    let floor = fx.hot.object_info(&old.object).await.expect("info").map_or(0, |i| i.last_seq);
     let mut new_writes = 0;
     for i in 0..10 {
         fx.hot.put(&new.object, new.token, "T", &format!("new-{i}"), b("n")).await.expect("the new holder writes");
@@ -1435,6 +1446,8 @@ pub async fn takeover_during_concurrent_writes_fences_every_later_old_write(f: &
     }
     let log = changes(&*fx.hot, &old.object, 0, 10_000).await.expect("log");
     assert!(log.windows(2).all(|w| w[0].token <= w[1].token), "tokens go down along the change log");
+    let late = log.iter().filter(|r| r.seq > floor && r.token < new.token).count();
+    assert_eq!(late, 0, "old-token writes landed after the takeover was granted (seq above {floor})");
     assert_eq!(log.iter().filter(|r| r.token == new.token).count(), new_writes);
     assert_eq!(log.last().map(|r| r.token), Some(new.token));
 }
@@ -1669,6 +1682,11 @@ pub async fn release_is_idempotent_and_never_frees_a_newer_lease(f: &HotFactory)
     assert!(fx.guard.is_available(&l.object).await.expect("available"));
     let e = fx.guard.validate(&l).await.expect_err("released");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }));
+    // A released lease is not brought back by a refresh (its holder gave it up; another node
+    // may be taking the object).
+    let e = fx.guard.refresh(&l, TTL).await.expect_err("released");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }) || e.is_fenced(), "{e}");
+    assert!(fx.guard.is_available(&l.object).await.expect("available"), "still free after the refresh");
     let n = lease(&fx, "o1", "n2").await;
     assert!(n.token > l.token);
     fx.guard.release(&l).await.expect("stale release is a no-op");
