@@ -74,7 +74,8 @@ fn same_fields(f: &Fields, g: &Fields, by_name: bool) -> bool {
 /// written cut to that width (4294967297 in a `decimal(5,2)` column read back as 0.01) or out of
 /// its declared range. Null slots are not checked, nor values under a null struct slot (arrow
 /// allows anything there), list and map items included; the items of lists and maps are checked
-/// whatever their own list's slot.
+/// whatever their own list's slot. A dictionary-encoded column is checked at the dictionary
+/// values its rows use. Run-end-encoded and list-view columns are not looked into.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -168,6 +169,17 @@ fn check_decimals_where(
             let entries: arrow_array::ArrayRef = std::sync::Arc::new(m.entries().clone());
             items(&entries, from, to, name, &|k| shown(row_of(o, from + k)))
         }
+        // A dictionary's values at the keys of the rows a reader sees (a dictionary may hold
+        // values no row uses). Dictionary-encoded decimals passed unchecked.
+        T::Dictionary(..) => {
+            let Some(d) = column.as_any_dictionary_opt() else { return Ok(()) };
+            let keys = d.normalized_keys();
+            let used: std::collections::HashSet<usize> = (0..column.len())
+                .filter(|&i| column.is_valid(i) && shown(i))
+                .filter_map(|i| keys.get(i).copied())
+                .collect();
+            check_decimals_where(d.values().as_ref(), name, &|k| used.contains(&k))
+        }
         _ => Ok(()),
     }
 }
@@ -176,6 +188,24 @@ fn check_decimals_where(
 mod tests {
     use super::*;
     use arrow_schema::{Field, Fields};
+
+    /// Dictionary-encoded decimals are checked at the values the rows use (they passed
+    /// unchecked, and a sink could cut them to the declared width); a value no row uses is not
+    /// held against the batch.
+    #[test]
+    fn dictionary_encoded_decimals_are_checked_where_used() {
+        use arrow_array::{Array, ArrayRef, Decimal128Array, DictionaryArray, Int32Array, RecordBatch};
+        use std::sync::Arc;
+        let values = Decimal128Array::from(vec![100, 10_000_000]).with_precision_and_scale(5, 2).expect("decimals");
+        let dict = |keys: Vec<i32>| -> RecordBatch {
+            let d = DictionaryArray::try_new(Int32Array::from(keys), Arc::new(values.clone())).expect("dictionary");
+            let f = Field::new("price", d.data_type().clone(), true);
+            RecordBatch::try_new(Arc::new(Schema::new(vec![f])), vec![Arc::new(d) as ArrayRef]).expect("batch")
+        };
+        let e = check_decimals(&dict(vec![0, 1])).expect_err("10000000 has 8 digits, precision 5");
+        assert!(e.to_string().contains("price"), "{e}");
+        check_decimals(&dict(vec![0, 0])).expect("the oversized value is in the dictionary, used by no row");
+    }
 
     fn point(a: &str, b: &str) -> DataType {
         DataType::Struct(Fields::from(vec![

@@ -172,6 +172,14 @@ impl ReplicaBehind {
         self.marked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
     }
 
+    /// A guard that marks the replica behind if it is dropped before [`MarkIfDropped::disarm`]:
+    /// held across a write to the primary, whose caller may stop waiting (its future dropped)
+    /// after the primary committed it. Unmarked, the next read used the replica without pulling
+    /// and missed this store's own write.
+    pub(crate) fn mark_if_dropped(&self) -> MarkIfDropped<'_> {
+        MarkIfDropped(Some(self))
+    }
+
     /// A pull that started after mark `m` succeeded: the writes of marks up to `m` are local.
     pub(crate) fn pulled_through(&self, m: u64) {
         self.pulled.fetch_max(m, std::sync::atomic::Ordering::SeqCst);
@@ -217,6 +225,24 @@ impl ReplicaBehind {
         }
         self.pulled.fetch_max(target, SeqCst);
         Ok(())
+    }
+}
+
+/// See [`ReplicaBehind::mark_if_dropped`].
+pub(crate) struct MarkIfDropped<'a>(Option<&'a ReplicaBehind>);
+
+impl MarkIfDropped<'_> {
+    /// The write ended (its outcome is handled by the caller): nothing to mark.
+    pub(crate) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for MarkIfDropped<'_> {
+    fn drop(&mut self) {
+        if let Some(behind) = self.0 {
+            behind.mark();
+        }
     }
 }
 
@@ -924,7 +950,13 @@ impl LibsqlStore {
         mutating: bool,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
+        // A caller that stops waiting mid-write (its future dropped, perhaps after the primary
+        // committed) leaves the replica marked behind: the next read pulls first.
+        let dropped = self.inner.replica.as_ref().map(|_| self.inner.replica_behind.mark_if_dropped());
         let out = self.with_writer(doing, mutating, f).await;
+        if let Some(guard) = dropped {
+            guard.disarm();
+        }
         // Also after an unknown outcome: the caller resolves it by reading back, and the read
         // must see the primary's answer, not a replica that was never pulled.
         let pull = out.as_ref().map_or_else(|e| e.kind() == &ErrorKind::AmbiguousOutcome, |_| true);
@@ -1239,6 +1271,33 @@ async fn retry_pause(d: std::time::Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write dropped by its caller mid-way (perhaps after the primary committed it) leaves
+    /// the replica marked behind, so the next read pulls first; one that ends does not.
+    #[tokio::test]
+    async fn a_write_dropped_midway_marks_the_replica_behind() {
+        let behind = ReplicaBehind::default();
+        use std::sync::atomic::Ordering;
+        let pulls = std::sync::atomic::AtomicU32::new(0);
+        let pull = || async {
+            pulls.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        behind.mark_if_dropped().disarm();
+        behind.catch_up(pull()).await.expect("up to date");
+        assert_eq!(pulls.load(Ordering::SeqCst), 0, "an ended write marks nothing");
+        {
+            let write = async {
+                let _guard = behind.mark_if_dropped();
+                futures::future::pending::<()>().await;
+            };
+            assert!(tokio::time::timeout(Duration::from_millis(10), write).await.is_err(), "dropped");
+        }
+        behind.catch_up(pull()).await.expect("pulled");
+        assert_eq!(pulls.load(Ordering::SeqCst), 1, "the next read pulled first");
+        behind.catch_up(pull()).await.expect("up to date again");
+        assert_eq!(pulls.load(Ordering::SeqCst), 1);
+    }
 
     /// Readers queued behind a catch-up pull that fails fail with its error, without each
     /// running a pull of its own (each waited out a whole pull, one after another).
