@@ -677,6 +677,57 @@ mod broken {
         );
     }
 
+    /// A cold sink that takes a commit which failed before it was sent for a landed one, and
+    /// answers `Ok` with the watermark it expected: nothing was stored.
+    #[derive(Debug)]
+    struct AssumesLanded {
+        inner: MemoryColdStore,
+        switch: Arc<dotdo_core::testkit::ReplySwitch>,
+    }
+
+    #[async_trait]
+    impl ColdSink for AssumesLanded {
+        async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+            if self.switch.take_failure() {
+                let mut watermarks = std::collections::BTreeMap::new();
+                for oc in &batch.objects {
+                    let through = oc.records.last().map_or(0, |r| r.seq);
+                    watermarks.insert(oc.object.clone(), Watermark { through, token: oc.token });
+                }
+                let written = batch.objects.iter().map(|oc| oc.records.len() as u64).sum();
+                return Ok(ColdCommit { snapshot: Some(1), watermarks, records_written: written, records_skipped: 0 });
+            }
+            self.inner.append(batch).await
+        }
+        async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+            self.inner.watermark(object).await
+        }
+        async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+            self.inner.snapshots().await
+        }
+        async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+            self.inner.load_state(object, as_of).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+            self.inner.read_changes(object, after, as_of).await
+        }
+    }
+
+    #[test]
+    fn kit_catches_a_cold_sink_that_takes_a_failed_commit_for_a_landed_one() {
+        let f = dotdo_core::testkit::cold_fault_factory(|clock| async move {
+            let inner = MemoryColdStore::with_clock(Arc::new(clock));
+            let switch = Arc::new(dotdo_core::testkit::ReplySwitch::default());
+            let sink = Arc::new(AssumesLanded { inner: inner.clone(), switch: switch.clone() });
+            dotdo_core::testkit::ColdFaultFixture {
+                fixture: ColdFixture { sink, accel: Some(Arc::new(inner)), keep_alive: Box::new(()) },
+                lose_next_reply: switch,
+            }
+        });
+        let n = names(&dotdo_core::testkit::cold::run_fault_cases(&f));
+        assert!(n.contains(&"a_commit_that_failed_before_landing_is_not_reported_landed"), "{n:?}");
+    }
+
     /// An accelerator that ignores `AsOf` and always answers from the latest snapshot.
     #[derive(Debug, Clone)]
     struct IgnoresAsOf(MemoryColdStore);

@@ -1514,6 +1514,45 @@ pub async fn a_commit_whose_reply_was_lost_keeps_its_token(f: &super::ColdFaultF
     assert_eq!((wm.through, wm.token), (4, tok(2)));
 }
 
+/// A commit that fails before it lands (armed with [`arm_failure`](super::LoseNextReply::arm_failure)):
+/// the append answers an error a caller retries and nothing of the batch is stored, or (a
+/// backend that retries by itself) `Ok` with the batch stored; never `Ok` for a batch that is
+/// not there (a sink that takes a broken connection for a landed commit, or reports a watermark
+/// it cached before the commit swapped in: the runtime then truncates hot storage and the
+/// changes are lost). Sent again, the batch is stored once.
+pub async fn a_commit_that_failed_before_landing_is_not_reported_landed(f: &super::ColdFaultFactory) {
+    let ff = open_faulty(f).await;
+    let (fx, switch) = (&ff.fixture, &ff.lose_next_reply);
+    let o = oid("o1");
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=3, 1))).await.expect("first append");
+    if !switch.arm_failure() {
+        eprintln!("SKIP a_commit_that_failed_before_landing_is_not_reported_landed: the switch cannot fail a commit");
+        return;
+    }
+    let batch = ColdBatch::single(o.clone(), tok(1), puts(&o, 4..=6, 1));
+    let first = fx.sink.append(batch.clone()).await;
+    assert!(switch.failure_fired(), "the backend consulted the switch at its commit (take_failure)");
+    let seqs = |v: Vec<ChangeRecord>| v.into_iter().map(|r| r.seq).collect::<Vec<_>>();
+    let stored = seqs(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("read"));
+    match &first {
+        Ok(c) => {
+            assert_eq!(stored, (1..=6).collect::<Vec<_>>(), "answered Ok ({c:?}), so the batch is stored");
+            assert_eq!(fx.sink.watermark(&o).await.expect("watermark").through, 6);
+        }
+        Err(e) => {
+            assert!(e.kind() == &ErrorKind::AmbiguousOutcome || e.is_retryable(), "a retryable error: {e}");
+            if e.kind() != &ErrorKind::AmbiguousOutcome {
+                assert_eq!(stored, [1, 2, 3], "the commit failed before landing: nothing of it is stored ({e})");
+                assert_eq!(fx.sink.watermark(&o).await.expect("watermark").through, 3, "{e}");
+            }
+        }
+    }
+    let again = fx.sink.append(batch).await.expect("the batch sent again");
+    assert_eq!(again.records_written + again.records_skipped, 3, "{again:?}");
+    assert_eq!(seqs(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("read")), (1..=6).collect::<Vec<_>>());
+    assert_eq!(fx.sink.watermark(&o).await.expect("watermark").through, 6);
+}
+
 /// Run the reply-losing cases and return the failures instead of panicking.
 pub fn run_fault_cases(f: &super::ColdFaultFactory) -> Vec<CaseFailure> {
     macro_rules! cases {

@@ -21,7 +21,9 @@
 //!
 //! A cold backend also proves how it settles a commit whose reply was lost, with a factory that
 //! hands the kit a [`LoseNextReply`] switch wired into its I/O (a catalog or store wrapper that
-//! applies the next commit and then fails the call; [`ReplySwitch`] is one such switch to consult):
+//! applies the next commit and then fails the call; [`ReplySwitch`] is one such switch to consult),
+//! and, where the switch can ([`LoseNextReply::arm_failure`]; `ReplySwitch` can once the wrapper
+//! consults [`ReplySwitch::take_failure`]), how it answers a commit that failed before landing:
 //!
 //! ```text
 //! dotdo_core::cold_fault_conformance!(my_cold_fault_factory());
@@ -84,6 +86,18 @@ pub trait LoseNextReply: Send + Sync + 'static {
     fn arm(&self);
     /// Whether an armed loss has happened since [`arm`](Self::arm) (and disarm).
     fn fired(&self) -> bool;
+    /// Fail the next commit before it lands (nothing of it is stored; the call sees a
+    /// connection that broke before the request arrived). `false` if this switch cannot: the
+    /// kit's failed-commit case then skips, saying so. [`ReplySwitch`] can, once its wrapper
+    /// consults [`ReplySwitch::take_failure`].
+    fn arm_failure(&self) -> bool {
+        false
+    }
+    /// Whether an armed failure has happened since [`arm_failure`](Self::arm_failure) (and
+    /// disarm).
+    fn failure_fired(&self) -> bool {
+        false
+    }
 }
 
 /// A [`LoseNextReply`] switch for a backend's I/O wrapper to consult: at a commit,
@@ -92,9 +106,21 @@ pub trait LoseNextReply: Send + Sync + 'static {
 pub struct ReplySwitch {
     armed: std::sync::atomic::AtomicBool,
     fired: std::sync::atomic::AtomicBool,
+    fail_armed: std::sync::atomic::AtomicBool,
+    fail_fired: std::sync::atomic::AtomicBool,
 }
 
 impl ReplySwitch {
+    /// Whether this commit is to fail before it lands (apply nothing, fail as a connection
+    /// broken before sending): once per [`arm_failure`](LoseNextReply::arm_failure).
+    pub fn take_failure(&self) -> bool {
+        let armed = self.fail_armed.swap(false, std::sync::atomic::Ordering::SeqCst);
+        if armed {
+            self.fail_fired.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        armed
+    }
+
     /// Whether this commit's reply is to be lost: once per [`arm`](LoseNextReply::arm).
     pub fn take_armed(&self) -> bool {
         let armed = self.armed.swap(false, std::sync::atomic::Ordering::SeqCst);
@@ -111,6 +137,13 @@ impl LoseNextReply for ReplySwitch {
     }
     fn fired(&self) -> bool {
         self.fired.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+    fn arm_failure(&self) -> bool {
+        self.fail_armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        true
+    }
+    fn failure_fired(&self) -> bool {
+        self.fail_fired.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -234,6 +267,9 @@ struct LosingColdSink {
 #[async_trait::async_trait]
 impl ColdSink for LosingColdSink {
     async fn append(&self, batch: crate::ColdBatch) -> crate::Result<crate::ColdCommit> {
+        if self.switch.take_failure() {
+            return Err(crate::Error::unavailable("injected: the connection broke before the commit was sent"));
+        }
         let commit = self.inner.append(batch).await?;
         if commit.snapshot.is_some() && self.switch.take_armed() {
             return Err(crate::Error::new(crate::ErrorKind::AmbiguousOutcome, "injected: the commit's reply was lost"));
@@ -847,6 +883,7 @@ macro_rules! __cold_fault_cases {
             $($args)*
             a_commit_whose_reply_was_lost_lands_once,
             a_commit_whose_reply_was_lost_keeps_its_token,
+            a_commit_that_failed_before_landing_is_not_reported_landed,
         }
     };
 }

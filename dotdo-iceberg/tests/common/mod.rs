@@ -749,6 +749,11 @@ impl iceberg::Catalog for LossyCatalog {
                 .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
                 .with_retryable(self.retryable)
         };
+        // A commit failed before it was sent (the kit's failed-commit case): nothing applied.
+        if self.switch.take_failure() {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(reset());
+        }
         let armed = self.switch.take_armed();
         if self.reset_next_update.swap(false, Ordering::SeqCst) {
             return Err(reset());
