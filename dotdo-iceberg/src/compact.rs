@@ -447,6 +447,10 @@ impl IcebergColdStore {
         }
         if matches!(mode, Mode::User(_)) {
             crate::user_table::check_unpartitioned(&base, &what)?;
+        } else {
+            // A change table another engine changed is not rewritten (its files' columns are
+            // found by field id, which a column dropped and added again no longer matches).
+            schema::check_change_table(base.metadata(), &format!("{what}: table {ident}"))?;
         }
         if groups.is_empty() {
             report.elapsed = elapsed(started, self.inner.clock.now());
@@ -739,6 +743,8 @@ impl IcebergColdStore {
         target: usize,
     ) -> Result<(Vec<DataFile>, u64)> {
         use futures::{StreamExt, TryStreamExt};
+        // Data files' columns are found by their field ids in the current schema.
+        let ids = schema::ColumnIds::of(table.metadata().current_schema());
         // Fetch and decode a few files at a time (small files are latency-bound).
         let parts: Vec<Vec<ChangeRecord>> = futures::stream::iter(group)
             .map(|f| async move {
@@ -749,7 +755,7 @@ impl IcebergColdStore {
                 }
                 .map_err(|e| classify_object_store(e).context(format!("reading data file {}", f.path)))?;
                 let path = f.path.clone();
-                match tokio::task::spawn_blocking(move || decode(bytes, &path)).await {
+                match tokio::task::spawn_blocking(move || decode(bytes, &path, &ids)).await {
                     Ok(decoded) => decoded,
                     // parquet 58 asserts on some damaged bytes: the file's damage, not a failure
                     // of the task.
@@ -942,7 +948,7 @@ fn plan_bins(live: Vec<LiveFile>, options: &CompactOptions) -> Vec<Vec<LiveFile>
 }
 
 /// Decode every row of a dotdo data file.
-fn decode(bytes: Bytes, path: &str) -> Result<Vec<ChangeRecord>> {
+fn decode(bytes: Bytes, path: &str, ids: &schema::ColumnIds) -> Result<Vec<ChangeRecord>> {
     let corrupt = |e: parquet::errors::ParquetError| Error::corrupt(format!("data file {path}: {e}"));
     let size = bytes.len() as u64;
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(corrupt)?;
@@ -951,7 +957,7 @@ fn decode(bytes: Bytes, path: &str) -> Result<Vec<ChangeRecord>> {
     let mut out = Vec::new();
     for b in reader.map_err(corrupt)? {
         let b = b.map_err(|e| Error::corrupt(format!("data file {path}: {e}")))?;
-        schema::from_batch(&b, path, |_, _| true, &mut out)?;
+        schema::from_batch(&b, path, ids, |_, _| true, &mut out)?;
     }
     Ok(out)
 }

@@ -743,9 +743,11 @@ impl IcebergColdStore {
             open.push(f);
         }
         let bytes = Arc::new(AtomicU64::new(0));
+        // Data files' columns are found by their field ids in the current schema.
+        let ids = crate::schema::ColumnIds::of(table.metadata().current_schema());
         let reads = open.into_iter().map(|f| {
             let bytes = bytes.clone();
-            async move { Ok((self.read_file(&f, object, filter, bytes).await?, f)) }
+            async move { Ok((self.read_file(&f, object, filter, &ids, bytes).await?, f)) }
         });
         let results: Vec<(FileRead, Arc<FileInfo>)> =
             futures::stream::iter(reads).buffer_unordered(4).try_collect().await?;
@@ -790,10 +792,11 @@ impl IcebergColdStore {
         f: &FileInfo,
         object: &ObjectId,
         filter: &Filter,
+        ids: &crate::schema::ColumnIds,
         bytes: Arc<AtomicU64>,
     ) -> Result<FileRead> {
         let path = self.inner.root.key(&f.path)?;
-        let read = self.read_file_at(f, &path, object, filter, bytes);
+        let read = self.read_file_at(f, &path, object, filter, ids, bytes);
         match crate::error::panic_is_corrupt(&format!("data file {}", f.path), read).await {
             Err(e) if e.is_retryable() => Err(self.damaged_or(e, f, &path).await),
             r => r,
@@ -819,6 +822,7 @@ impl IcebergColdStore {
         path: &Path,
         object: &ObjectId,
         filter: &Filter,
+        ids: &crate::schema::ColumnIds,
         bytes: Arc<AtomicU64>,
     ) -> Result<FileRead> {
         if !f.is_parquet() {
@@ -832,8 +836,7 @@ impl IcebergColdStore {
         let path = path.clone();
         let meta = self.footer(f, &path, &bytes).await?;
         let o = object.as_str().as_bytes();
-        let col =
-            |name: &str| meta.file_metadata().schema_descr().columns().iter().position(|c| c.path().string() == name);
+        let col = |name: &str| ids.parquet_column(meta.file_metadata().schema_descr(), name);
         let (do_id_c, key_c) = (col("do_id"), col("key"));
         let mut groups = Vec::new();
         for (i, rg) in meta.row_groups().iter().enumerate() {
@@ -897,7 +900,7 @@ impl IcebergColdStore {
         while let Some(batch) = stream.next().await {
             let batch = batch.map_err(|e| classify_parquet(e, &f.path))?;
             let from = out.records.len();
-            crate::schema::from_batch(&batch, &f.path, |d, k| d == oid && filter.keeps_key(k), &mut out.records)?;
+            crate::schema::from_batch(&batch, &f.path, ids, |d, k| d == oid && filter.keeps_key(k), &mut out.records)?;
             // Records outside the filter's sequence range are dropped batch by batch: a read of
             // a few changes never holds an object's whole tail.
             if filter.min_seq.is_some() || filter.max_seq.is_some() {

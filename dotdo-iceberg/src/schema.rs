@@ -121,18 +121,18 @@ pub(crate) fn check_readable_table(md: &iceberg::spec::TableMetadata, what: &str
 
 /// [`check_change_schema`] of a table's current schema, and ([`check_field_ids`]) that none of
 /// dotdo's columns took
-/// another column's field id in any of the table's schemas: dotdo finds a data file's columns by
-/// name while its pruning (manifest bounds) goes by field id, so a table whose columns another
-/// engine renamed into each other (`seq` and `token` swapped, say) would have files skipped by
-/// another column's bounds, and records read from the wrong columns. `InvalidInput` naming the
-/// column.
+/// another column's field id in any of the table's schemas: data files hold a column's values
+/// under its field id (dotdo finds them, and prunes, by id), so in a table whose columns another
+/// engine renamed into each other (`seq` and `token` swapped, say) dotdo's `seq` would read the
+/// old files' tokens. `InvalidInput` naming the column.
 pub(crate) fn check_change_table(md: &iceberg::spec::TableMetadata, what: &str) -> Result<()> {
     check_change_schema(md.current_schema(), what)?;
     check_field_ids(md, what)
 }
 
-/// The field-id half of [`check_change_table`], for reads (which find columns by name, so a
-/// reordered table reads fine, but not one whose columns were renamed into each other).
+/// The field-id half of [`check_change_table`], for reads (which find columns by field id, so
+/// a reordered table, or a column renamed and renamed back, reads fine, but not one whose
+/// columns were renamed into each other).
 pub(crate) fn check_field_ids(md: &iceberg::spec::TableMetadata, what: &str) -> Result<()> {
     let current = md.current_schema();
     for name in COLUMNS {
@@ -143,7 +143,8 @@ pub(crate) fn check_field_ids(md: &iceberg::spec::TableMetadata, what: &str) -> 
                 return Err(Error::invalid(format!(
                     "{what} is not (or no longer) a dotdo change table: its column {name:?} {now} but was field \
                      {was} in schema {} (another engine renamed columns into each other, or dropped and re-added \
-                     one; Iceberg reads such a column by field id, dotdo reads data files' columns by name)",
+                     one; data files hold a column's values under its field id, so dotdo's column would read \
+                     another's values)",
                     old.schema_id()
                 )));
             }
@@ -328,12 +329,55 @@ impl Bins<'_> {
     }
 }
 
-fn column<'a>(batch: &'a RecordBatch, name: &str, file: &str) -> Result<&'a ArrayRef> {
+/// The field ids of dotdo's columns in a table's schema (its current one), by name: what data
+/// files' columns are found by. Iceberg ties a column's data to its field id, not its name:
+/// another engine may rename a column, write files under the new name, and rename it back.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ColumnIds([Option<i32>; COLUMNS.len()]);
+
+impl ColumnIds {
+    /// The ids of `schema`'s columns named as dotdo's (`None` for one it lacks).
+    pub(crate) fn of(schema: &Schema) -> Self {
+        ColumnIds(COLUMNS.map(|name| schema.field_id_by_name(name)))
+    }
+
+    fn get(&self, name: &str) -> Option<i32> {
+        COLUMNS.iter().position(|c| *c == name).and_then(|i| self.0[i])
+    }
+
+    /// The leaf column of a Parquet file's schema holding dotdo's column `name`: by field id
+    /// where the file records ids, else by name (a file without ids).
+    pub(crate) fn parquet_column(&self, descr: &parquet::schema::types::SchemaDescriptor, name: &str) -> Option<usize> {
+        let id_of = |c: &parquet::schema::types::ColumnDescPtr| {
+            let info = c.self_type().get_basic_info();
+            info.has_id().then(|| info.id())
+        };
+        let columns = descr.columns();
+        match self.get(name) {
+            Some(id) if columns.iter().any(|c| id_of(c).is_some()) => columns.iter().position(|c| id_of(c) == Some(id)),
+            _ => columns.iter().position(|c| c.path().string() == name),
+        }
+    }
+}
+
+/// Column `name` of a batch read from `file`: by its field id in `ids` where the file's columns
+/// carry ids (`PARQUET:field_id`), else by name.
+fn column<'a>(batch: &'a RecordBatch, name: &str, file: &str, ids: &ColumnIds) -> Result<&'a ArrayRef> {
+    let field_id = |f: &arrow_schema::Field| {
+        f.metadata().get(parquet::arrow::PARQUET_FIELD_ID_META_KEY).and_then(|v| v.parse::<i32>().ok())
+    };
+    let fields = batch.schema_ref().fields();
+    if let Some(id) = ids.get(name).filter(|_| fields.iter().any(|f| field_id(f).is_some())) {
+        return match fields.iter().position(|f| field_id(f) == Some(id)) {
+            Some(i) => Ok(batch.column(i)),
+            None => Err(Error::corrupt(format!("data file {file} has no column of field id {id} ({name})"))),
+        };
+    }
     batch.column_by_name(name).ok_or_else(|| Error::corrupt(format!("data file {file} has no column {name}")))
 }
 
-fn strs<'a>(batch: &'a RecordBatch, name: &str, file: &str) -> Result<Strs<'a>> {
-    let c = column(batch, name, file)?;
+fn strs<'a>(batch: &'a RecordBatch, name: &str, file: &str, ids: &ColumnIds) -> Result<Strs<'a>> {
+    let c = column(batch, name, file, ids)?;
     let any = c.as_any();
     if let Some(a) = any.downcast_ref::<arrow_array::StringArray>() {
         Ok(Strs::Utf8(a))
@@ -346,8 +390,8 @@ fn strs<'a>(batch: &'a RecordBatch, name: &str, file: &str) -> Result<Strs<'a>> 
     }
 }
 
-fn bins<'a>(batch: &'a RecordBatch, name: &str, file: &str) -> Result<Bins<'a>> {
-    let c = column(batch, name, file)?;
+fn bins<'a>(batch: &'a RecordBatch, name: &str, file: &str, ids: &ColumnIds) -> Result<Bins<'a>> {
+    let c = column(batch, name, file, ids)?;
     let any = c.as_any();
     if let Some(a) = any.downcast_ref::<arrow_array::BinaryArray>() {
         Ok(Bins::Binary(a))
@@ -360,8 +404,8 @@ fn bins<'a>(batch: &'a RecordBatch, name: &str, file: &str) -> Result<Bins<'a>> 
     }
 }
 
-fn longs<'a>(batch: &'a RecordBatch, name: &str, file: &str) -> Result<&'a arrow_array::Int64Array> {
-    let c = column(batch, name, file)?;
+fn longs<'a>(batch: &'a RecordBatch, name: &str, file: &str, ids: &ColumnIds) -> Result<&'a arrow_array::Int64Array> {
+    let c = column(batch, name, file, ids)?;
     c.as_any()
         .downcast_ref::<arrow_array::Int64Array>()
         .ok_or_else(|| Error::corrupt(format!("data file {file}: column {name} is {} not a long", c.data_type())))
@@ -371,17 +415,18 @@ fn longs<'a>(batch: &'a RecordBatch, name: &str, file: &str) -> Result<&'a arrow
 pub(crate) fn from_batch(
     batch: &RecordBatch,
     file: &str,
+    ids: &ColumnIds,
     mut keep: impl FnMut(&str, &str) -> bool,
     out: &mut Vec<ChangeRecord>,
 ) -> Result<()> {
-    let do_id = strs(batch, "do_id", file)?;
-    let ty = strs(batch, "type", file)?;
-    let key = strs(batch, "key", file)?;
-    let value = bins(batch, "value", file)?;
-    let op = strs(batch, "op", file)?;
-    let seq = longs(batch, "seq", file)?;
-    let token = longs(batch, "token", file)?;
-    let tsc = column(batch, "timestamp", file)?;
+    let do_id = strs(batch, "do_id", file, ids)?;
+    let ty = strs(batch, "type", file, ids)?;
+    let key = strs(batch, "key", file, ids)?;
+    let value = bins(batch, "value", file, ids)?;
+    let op = strs(batch, "op", file, ids)?;
+    let seq = longs(batch, "seq", file, ids)?;
+    let token = longs(batch, "token", file, ids)?;
+    let tsc = column(batch, "timestamp", file, ids)?;
     let ts = tsc
         .as_any()
         .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
@@ -460,6 +505,7 @@ mod tests {
     #[test]
     fn records_roundtrip_through_a_batch() {
         let schema = table_schema().expect("schema");
+        let ids = ColumnIds::of(&schema);
         let arrow = Arc::new(iceberg::arrow::schema_to_arrow_schema(&schema).expect("arrow"));
         let o = ObjectId::new("o").expect("id");
         let r = ChangeRecord {
@@ -474,10 +520,10 @@ mod tests {
         };
         let b = to_batch(&arrow, &[&r]).expect("batch");
         let mut out = Vec::new();
-        from_batch(&b, "mem", |d, _| d == "o", &mut out).expect("decode");
+        from_batch(&b, "mem", &ids, |d, _| d == "o", &mut out).expect("decode");
         assert_eq!(out, vec![r]);
         out.clear();
-        from_batch(&b, "mem", |d, _| d == "p", &mut out).expect("decode");
+        from_batch(&b, "mem", &ids, |d, _| d == "p", &mut out).expect("decode");
         assert!(out.is_empty());
         // A seq or token no dotdo writer issues (another writer's row) is `Corrupt` naming the
         // file, not a record whose restore is later refused as a bad argument naming none.
@@ -485,7 +531,7 @@ mod tests {
         for (seq, token) in [(dotdo_core::MAX_SEQ + 1, 3), (0, 3), (7, max_token + 1)] {
             let bad = ChangeRecord { seq, token: FencingToken::new(token), ..out_record(&o) };
             let b = to_batch(&arrow, &[&bad]).expect("batch");
-            let e = from_batch(&b, "f.parquet", |_, _| true, &mut Vec::new()).expect_err("not dotdo's");
+            let e = from_batch(&b, "f.parquet", &ids, |_, _| true, &mut Vec::new()).expect_err("not dotdo's");
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{seq} {token}: {e}");
             assert!(e.to_string().contains("f.parquet") && e.to_string().contains("not one dotdo issues"), "{e}");
         }
@@ -533,8 +579,11 @@ mod tests {
             ];
             RecordBatch::try_new(schema.clone(), cols).expect("batch")
         };
+        // No field ids in these batches: columns are found by name.
+        let ids = ColumnIds::of(&table_schema().expect("schema"));
         let mut out = Vec::new();
-        from_batch(&batch(Some("T"), Some("k"), Some(b"v")), "f.parquet", |_, _| true, &mut out).expect("valid row");
+        from_batch(&batch(Some("T"), Some("k"), Some(b"v")), "f.parquet", &ids, |_, _| true, &mut out)
+            .expect("valid row");
         assert_eq!(out.len(), 1);
         for (what, b) in [
             ("null key", batch(Some("T"), None, Some(b"v"))),
@@ -543,7 +592,7 @@ mod tests {
             ("key with a control character", batch(Some("T"), Some("k\u{7}"), Some(b"v"))),
             ("empty type name", batch(Some(""), Some("k"), Some(b"v"))),
         ] {
-            let e = from_batch(&b, "f.parquet", |_, _| true, &mut out).expect_err(what);
+            let e = from_batch(&b, "f.parquet", &ids, |_, _| true, &mut out).expect_err(what);
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{what}: {e}");
             assert!(e.to_string().contains("f.parquet"), "{what}: names the file: {e}");
         }

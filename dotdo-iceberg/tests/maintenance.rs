@@ -3594,3 +3594,95 @@ async fn a_v1_user_table_compaction_is_refused_before_rewriting() {
     let read: usize = user.read_all().await.expect("read").iter().map(|b| b.num_rows()).sum();
     assert_eq!(read, 6);
 }
+
+/// Data files' columns are found by field id, not name: a file whose `type` column is named
+/// `kind` (another engine renamed the column, appended, and renamed it back; Iceberg ties data
+/// to field ids) is read, looked up and compacted like the others. It was `Corrupt` ("has no
+/// column type"), and with columns renamed into each other and the old schemas gone, reads
+/// pruned by one column's bounds (field id) while reading another's values (name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_file_columns_are_found_by_field_id_not_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    put_at(&cold, &o, 1).await;
+    // Rename the `type` column of the one data file's Parquet schema to `kind`, in place (a
+    // string of the same length in the footer's Thrift: the file keeps its size).
+    let files = common::files_ending_with(dir.path(), ".parquet");
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut bytes = std::fs::read(&files[0]).expect("read");
+    let footer_len = u32::from_le_bytes(bytes[bytes.len() - 8..bytes.len() - 4].try_into().expect("4 bytes")) as usize;
+    let footer = bytes.len() - 8 - footer_len..bytes.len() - 8;
+    let mut renamed = 0;
+    for i in footer.clone() {
+        if bytes[i..].starts_with(b"\x08type") || bytes[i..].starts_with(b"\x04type") {
+            bytes[i + 1..i + 5].copy_from_slice(b"kind");
+            renamed += 1;
+        }
+    }
+    assert!(renamed >= 1, "the column's name found in the footer");
+    // And in the Arrow schema the writer embedded (base64 of an IPC schema; a string there is
+    // a little-endian u32 length and its bytes), as a writer of the renamed column has it.
+    let key = b"ARROW:schema";
+    let at = bytes[footer.clone()].windows(key.len()).position(|w| w == key).expect("an embedded Arrow schema")
+        + footer.start
+        + key.len();
+    // Thrift: the value's field header, then its varint length, then the base64 text.
+    let text_at = (at..at + 8).find(|&i| bytes[i] & 0x80 == 0 && i > at).expect("length") + 1;
+    let end = (text_at..footer.end).find(|&i| !is_b64(bytes[i])).expect("end of the text");
+    let mut ipc = b64_decode(&bytes[text_at..end]);
+    let mut in_schema = 0;
+    for i in 0..ipc.len().saturating_sub(8) {
+        if ipc[i..].starts_with(b"\x04\0\0\0type") {
+            ipc[i + 4..i + 8].copy_from_slice(b"kind");
+            in_schema += 1;
+        }
+    }
+    assert_eq!(in_schema, 1, "the column's name in the Arrow schema");
+    let text = b64_encode(&ipc);
+    assert_eq!(text.len(), end - text_at);
+    bytes[text_at..end].copy_from_slice(&text);
+    std::fs::write(&files[0], &bytes).expect("write");
+    let fresh = open(dir.path(), 1).await;
+    let changes = fresh.read_changes(&o, 0, AsOf::Latest).await.expect("read by field id");
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].type_name, "T", "{changes:?}");
+    let state = fresh.load_state(&o, AsOf::Latest).await.expect("state");
+    assert_eq!(state.entries.len(), 1);
+    assert!(fresh.lookup(&o, "k", AsOf::Latest).await.expect("lookup").value.is_some());
+    put_at(&fresh, &o, 2).await;
+    let report = fresh.compact(CompactOptions::default()).await.expect("compaction reads it too");
+    assert!(report.snapshot.is_some(), "{report:?}");
+    assert_eq!(fresh.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 2);
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn is_b64(c: u8) -> bool {
+    B64.contains(&c) || c == b'='
+}
+
+fn b64_decode(text: &[u8]) -> Vec<u8> {
+    let value = |c: u8| B64.iter().position(|&b| b == c).expect("base64") as u32;
+    let mut out = Vec::new();
+    for chunk in text.chunks(4) {
+        let n = chunk.iter().filter(|&&c| c != b'=').count();
+        let mut v = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            v |= if c == b'=' { 0 } else { value(c) } << (18 - 6 * i);
+        }
+        out.extend_from_slice(&[(v >> 16) as u8, (v >> 8) as u8, v as u8][..n - 1]);
+    }
+    out
+}
+
+fn b64_encode(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(3) {
+        let v = chunk.iter().enumerate().fold(0u32, |v, (i, &b)| v | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { B64[(v >> (18 - 6 * i)) as usize & 63] } else { b'=' });
+        }
+    }
+    out
+}
