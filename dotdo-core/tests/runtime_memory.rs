@@ -1440,6 +1440,8 @@ struct FlakyGuard {
     hang_validates: std::sync::atomic::AtomicBool,
     /// Lease lookups (`current`) never answer.
     hang_currents: std::sync::atomic::AtomicBool,
+    /// Lease checks answer on their second poll (a blocking task, a network call), not at once.
+    yielding_validates: std::sync::atomic::AtomicBool,
 }
 
 impl FlakyGuard {
@@ -1466,6 +1468,7 @@ impl FlakyGuard {
             fail_validates: 0.into(),
             hang_validates: false.into(),
             hang_currents: false.into(),
+            yielding_validates: false.into(),
         }
     }
 }
@@ -1555,6 +1558,9 @@ impl ConsistencyGuard for FlakyGuard {
         }
         if self.hang_validates.load(std::sync::atomic::Ordering::SeqCst) {
             futures::future::pending::<()>().await;
+        }
+        if self.yielding_validates.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::task::yield_now().await;
         }
         self.inner.validate(lease).await
     }
@@ -3191,6 +3197,8 @@ struct FaultyHot {
     /// At most this many changes per `read_changes` (0: as many as asked), as the SQL stores
     /// answer past 8 MiB of values.
     changes_per_read: std::sync::atomic::AtomicUsize,
+    /// `evict` is refused (`Conflict`: a change landed after the drain), dropping nothing.
+    refuse_evicts: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyHot {
@@ -3207,6 +3215,7 @@ impl FaultyHot {
             ambiguous_restores: 0.into(),
             held: Default::default(),
             changes_per_read: 0.into(),
+            refuse_evicts: false.into(),
         }
     }
 }
@@ -3271,6 +3280,9 @@ impl HotStore for FaultyHot {
         Ok(listed)
     }
     async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {
+        if self.refuse_evicts.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Conflict, "a change is pending (test)"));
+        }
         self.inner.evict(object, token).await?;
         Err(Error::new(ErrorKind::AmbiguousOutcome, "evicted, but the reply was lost (test)"))
     }
@@ -3704,6 +3716,23 @@ async fn a_flush_finding_the_hot_store_behind_cold_gives_up_the_activation() {
     }
 }
 
+/// An eviction the hot store refuses (`Conflict`) of an object activated only for it gives the
+/// lease back: kept warm, it refused the owner's calls for `keep_warm`.
+#[tokio::test]
+async fn a_refused_eviction_gives_back_a_lease_taken_only_for_it() {
+    let w = World::new();
+    let o = oid("o");
+    let b = w.runtime("b", RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    assert_eq!(incr(&b, &o).await.expect("b's call, released after it"), 1);
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    hot.refuse_evicts.store(true, std::sync::atomic::Ordering::SeqCst);
+    let a = w.runtime_with_hot("a", hot.clone(), settings());
+    let e = a.evict(&o).await.expect_err("refused");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(w.hot.is_available(&o).await.expect("available"), "the lease taken to evict went back");
+    assert_eq!(incr(&b, &o).await.expect("the owner goes on"), 2);
+}
+
 /// A warm lease that lapsed because nothing renewed it (no `maintain`, `keep_warm` longer than
 /// the TTL) does not make `flush_all` or `shutdown` skip the object's changes: it takes the object
 /// again and drains it; an object another node holds now is left to that node.
@@ -3727,6 +3756,27 @@ async fn flush_all_retakes_a_lapsed_warm_lease_and_drains_it() {
     assert_eq!(w.cold.watermark(&oid("taken")).await.expect("wm").through, 0, "left to b");
     assert!(w.hot.is_available(&oid("lapsed")).await.expect("available"), "released at shutdown");
     assert_eq!(w.hot.current(&oid("taken")).await.expect("current"), Some(b));
+}
+
+/// The same under a guard whose lease check does not answer at once (SQLite's blocking task,
+/// a remote libSQL call): the lapsed lease goes straight to being taken again. Its check raced
+/// a zero-length timer (the time the lapsed lease had left), which won: the object was left
+/// out and every `flush_all`, and shutdown, failed without draining it.
+#[tokio::test]
+async fn flush_all_retakes_a_lapsed_warm_lease_under_a_guard_that_answers_later() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    guard.yielding_validates.store(true, std::sync::atomic::Ordering::SeqCst);
+    incr(&rt, &oid("lapsed")).await.expect("incr");
+    w.clock.advance(TTL + Duration::from_millis(1));
+    let r = rt.flush_all().await.expect("flush_all");
+    assert_eq!((r.records, r.objects), (1, 1), "{r:?}");
+    assert_eq!(w.cold.watermark(&oid("lapsed")).await.expect("wm").through, 1);
+    incr(&rt, &oid("lapsed")).await.expect("incr");
+    w.clock.advance(TTL + Duration::from_millis(1));
+    let r = rt.shutdown().await.expect("shutdown");
+    assert_eq!(r.records, 1, "{r:?}");
+    assert_eq!(w.cold.watermark(&oid("lapsed")).await.expect("wm").through, 2);
 }
 
 /// A call cancelled while its acquire was in flight (the acquire landed, the caller's timeout

@@ -376,10 +376,12 @@ impl IcebergColdStore {
     /// [`add_referenced`](Self::add_referenced) of `table`, settled against a table that moves
     /// on meanwhile. A file the table names that goes missing while it is read is what another
     /// engine's (or node's) expiry and cleanup leave behind when they remove a snapshot during
-    /// the read: the table is read again and its files gathered from the newer version (what
-    /// was gathered stays kept), which `table` becomes; the missing file is `Corrupt` only if
-    /// the table did not move on. (It failed the cleanup with `Corrupt`, for an intact table.)
-    /// Whether `table` was replaced; a table that keeps moving is a retryable `Conflict`.
+    /// the read: the table is read again and its files gathered from the newer version, which
+    /// `table` becomes; the missing file is `Corrupt` only if the table did not move on. (It
+    /// failed the cleanup with `Corrupt`, for an intact table.) A failed pass's partial
+    /// gathering is dropped (what earlier passes gathered stays kept). Whether `table`
+    /// was replaced; a table that moves on at every one of four passes leaves the last pass's
+    /// error (a damaged file stays `Corrupt`, whatever else commits meanwhile).
     async fn gather_settled(
         &self,
         ident: &iceberg::TableIdent,
@@ -391,23 +393,19 @@ impl IcebergColdStore {
         let mut moved = false;
         let mut attempts = 0;
         loop {
+            let before = (found.referenced.clone(), found.manifests.clone(), found.elsewhere.clone());
             let gathered = self.add_referenced(table, cutoff, found.referenced, found.manifests, found.elsewhere).await;
             let Err(e) = gathered else { return Ok(moved) };
+            (*found.referenced, *found.manifests, *found.elsewhere) = before;
             if e.is_retryable() {
                 return Err(e);
             }
             let now = self.load_fresh(ident).await?;
-            if now.metadata_location() == table.metadata_location() {
+            attempts += 1;
+            if now.metadata_location() == table.metadata_location() || attempts > 3 {
                 return Err(e);
             }
-            attempts += 1;
-            if attempts > 3 {
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!("{what}: the table kept changing while its files were read ({e}); nothing deleted, retry"),
-                )
-                .with_source(e));
-            }
+            tracing::debug!(error = %e, "{what}: a file went missing while the table moved on; reading the newer table");
             gc_enabled(&now, what)?;
             *table = now;
             moved = true;
@@ -576,7 +574,10 @@ impl Referenced<'_> {
             Err(e) => return Err(e),
         };
         for mf in list.entries() {
-            if !self.manifests.insert(mf.manifest_path.clone()) {
+            // Recorded as read only once its files are gathered: one whose read failed (and
+            // a failed pass gathered again, see `gather_settled`) is read again, never skipped
+            // with its data files left unreferenced.
+            if self.manifests.contains(&mf.manifest_path) {
                 continue;
             }
             self.add(&mf.manifest_path)?;
@@ -595,6 +596,7 @@ impl Referenced<'_> {
                     self.add(e.data_file().file_path())?;
                 }
             }
+            self.manifests.insert(mf.manifest_path.clone());
         }
         Ok(())
     }

@@ -278,7 +278,19 @@ pub(crate) fn chain_to_dotdo(
 /// pay for the whole history).
 pub fn parent_time(md: &iceberg::spec::TableMetadata, snapshot: &iceberg::spec::SnapshotRef) -> Timestamp {
     let (chain, _) = chain_to_dotdo(md, snapshot);
-    chain.iter().map(|s| committed_at(s)).max().unwrap_or(Timestamp::EPOCH)
+    // As `effective_committed_at` folds it: from the oldest up, a snapshot stamped before the
+    // one below counts as one microsecond after it.
+    chain
+        .iter()
+        .rev()
+        .fold(None, |below: Option<Timestamp>, s| {
+            let own = committed_at(s);
+            Some(match below {
+                Some(b) if own < b => b.plus(std::time::Duration::from_micros(1)),
+                _ => own,
+            })
+        })
+        .unwrap_or(Timestamp::EPOCH)
 }
 
 /// Decode the inline watermarks of a snapshot (empty if the snapshot has none, e.g. written by

@@ -2568,7 +2568,10 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
 async fn a_commit_over_an_earlier_stamped_foreign_one_is_not_stamped_before_its_chain() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ahead, _clock, _now, o) = dotdo_commit_then_an_earlier_stamped_foreign_one(dir.path()).await;
-    let first = ahead.snapshots().await.expect("snapshots")[0].committed_at;
+    // The foreign head's time as reads give it (just after its parent's).
+    let infos = ahead.snapshots().await.expect("snapshots");
+    let first = infos[1].committed_at;
+    assert!(first > infos[0].committed_at, "{infos:?}");
     let right = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .table(["m"], "changes")
         .build()
@@ -2581,7 +2584,7 @@ async fn a_commit_over_an_earlier_stamped_foreign_one_is_not_stamped_before_its_
     let head = right.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
     let stamped: i64 =
         head.summary().additional_properties.get("dotdo.committed-at-us").expect("stamp").parse().expect("micros");
-    assert!(stamped >= first.as_micros(), "stamped {stamped}, an ancestor at {}", first.as_micros());
+    assert!(stamped >= first.as_micros(), "stamped {stamped}, its parent read at {}", first.as_micros());
 }
 
 /// Expiry ages a snapshot by the time reads go by (its chain's latest commit): another engine's
@@ -3685,4 +3688,51 @@ fn b64_encode(bytes: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A manifest that cannot be read while the table moves on (here damaged, as another engine's
+/// file dotdo cannot decode would be, with an append landing meanwhile): the cleanup reads the
+/// newer table, finds the manifest failing again, and fails `Corrupt`, deleting nothing. It
+/// took the manifest as read on the second pass (recorded before its failed load), its data
+/// files unreferenced, and deleted them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_that_fails_while_the_table_moves_on_keeps_its_data_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=2 {
+        put_at(&writer, &o, seq).await;
+    }
+    let table = writer.refresh().await.expect("table");
+    let head = table.metadata().current_snapshot().expect("head").clone();
+    let list = table.manifest_list_reader(&head).load().await.expect("list");
+    let manifest = list.entries().iter().map(|m| m.manifest_path.clone()).min().expect("a manifest");
+    let name = manifest.rsplit('/').next().expect("file name").to_string();
+    let data_before = common::files_ending_with(dir.path(), ".parquet");
+    assert_eq!(data_before.len(), 2);
+    let hooked = common::FaultyStore::quiet_local();
+    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
+        .build()
+        .await
+        .expect("cleaner");
+    let (other, o2) = (writer.clone(), o.clone());
+    *hooked.before_get.lock() = Some(common::PutHook(
+        name,
+        Box::pin(async move {
+            let path = manifest.strip_prefix("file://").expect("local").to_string();
+            let len = std::fs::metadata(&path).expect("manifest").len() as usize;
+            std::fs::write(&path, vec![0x5a; len]).expect("damage the manifest");
+            put_at(&other, &o2, 3).await;
+        }),
+    ));
+    common::sleep(std::time::Duration::from_millis(20)).await;
+    let e = cleaner.remove_unreferenced_files(std::time::Duration::ZERO).await.expect_err("a damaged manifest");
+    assert!(hooked.before_get.lock().is_none(), "the manifest was damaged during the cleanup's read");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    for f in &data_before {
+        assert!(f.exists(), "{} was deleted while a manifest naming it could not be read", f.display());
+    }
 }

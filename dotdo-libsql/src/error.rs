@@ -41,6 +41,10 @@ pub(crate) enum Class {
     CommitIo,
     /// Misconfiguration that no retry fixes (bad TLS setup, database not found, 4xx).
     Config,
+    /// sqld stopped a request at the step where its answer passed the server's response size
+    /// limit (`RESPONSE_TOO_LARGE`): a write's earlier steps, its `COMMIT` included, may have
+    /// run; a read that large fails the same way again.
+    ResponseTooLarge,
     /// Anything else: a bug or unexpected state.
     Other,
 }
@@ -131,15 +135,13 @@ fn class_of_batch_step_message(message: &str) -> Class {
         // another writer waited, too many open transactions, a blocked operation): it rolls
         // back between steps, so the failing step may be the one after the COMMIT too.
         Class::ServerUnavailable { maybe_applied: true }
-    } else if m.contains("response is too large")
-        || m.contains("response_too_large")
-        || m == "interrupted"
-        || m.ends_with(": interrupted")
-        || m.contains("out of memory")
-    {
-        // Failures of the server, not of the statement: sqld checks its response budget (a
-        // server-wide total under load) at every step and stops the batch there, an interrupt
-        // or an allocation failure hits whatever step runs. So also the step after the COMMIT.
+    } else if m.contains("response is too large") || m.contains("response_too_large") {
+        // sqld checks the answer's size at every step and stops the batch there: also at the
+        // step after a write's COMMIT.
+        Class::ResponseTooLarge
+    } else if m == "interrupted" || m.ends_with(": interrupted") || m.contains("out of memory") {
+        // Failures of the server, not of the statement: an interrupt or an allocation failure
+        // hits whatever step runs, the one after a write's COMMIT included.
         Class::ServerUnavailable { maybe_applied: true }
     } else if m.contains("attempt to write a readonly database") {
         Class::Environment { retryable: false }
@@ -392,6 +394,14 @@ pub(crate) fn map_class(class: Class, e: libsql::Error, doing: &str, mutating: b
         .with_retryable(false),
         Class::Config => Error::backend(format!("{doing}: the primary rejected the request (configuration)"))
             .with_retryable(false),
+        Class::ResponseTooLarge if mutating => Error::new(
+            ErrorKind::AmbiguousOutcome,
+            format!("{doing}: the primary stopped the request at its response size limit; it may still be applied (take a new lease before writing the object again)"),
+        ),
+        Class::ResponseTooLarge => Error::new(
+            ErrorKind::LimitExceeded { what: "libsql response", limit: 0, actual: 0 },
+            format!("{doing}: the answer is over the primary's response size limit (sqld's max_total_response_size); no retry changes that"),
+        ),
         Class::Other => Error::backend(format!("{doing}: libsql failure")),
     };
     err.with_source(e)
@@ -421,16 +431,23 @@ mod tests {
     /// failed although it may have committed.
     #[test]
     fn server_failures_at_any_step_may_follow_a_commit() {
-        for text in [
-            "stream error: `Error { message: \"Response is too large\", code: \"RESPONSE_TOO_LARGE\" }`",
-            "api error: `Response is too large`",
-            "api error: `interrupted`",
-            "stream error: `Error { message: \"out of memory\", code: \"UNKNOWN\" }`",
-        ] {
+        for text in
+            ["api error: `interrupted`", "stream error: `Error { message: \"out of memory\", code: \"UNKNOWN\" }`"]
+        {
             assert_eq!(map(hrana(text), "write", true).kind(), &ErrorKind::AmbiguousOutcome, "{text}");
             let read = map(hrana(text), "get", false);
             assert_eq!(read.kind(), &ErrorKind::Unavailable, "{text}: {read}");
             assert!(is_transient(class_of(&hrana(text)), false), "{text}");
+        }
+        // The answer's size limit: an unknown outcome for writes; for reads, no retry helps.
+        for text in [
+            "stream error: `Error { message: \"Response is too large\", code: \"RESPONSE_TOO_LARGE\" }`",
+            "api error: `Response is too large`",
+        ] {
+            assert_eq!(map(hrana(text), "write", true).kind(), &ErrorKind::AmbiguousOutcome, "{text}");
+            let read = map(hrana(text), "get", false);
+            assert!(matches!(read.kind(), ErrorKind::LimitExceeded { .. }), "{text}: {read}");
+            assert!(!read.is_retryable() && !is_transient(class_of(&hrana(text)), false), "{text}");
         }
         // A statement's own failure stays what it was.
         let text = "api error: `UNIQUE constraint failed: do_state.key`";

@@ -1401,16 +1401,22 @@ impl ObjectRuntime {
                 }
             }
             // Only objects whose lease is still this runtime's: a stale one would either fence
-            // the whole multi-object commit or append another holder's changes under it. Bounded
-            // by what the lease has left, as every guard call made holding a slot: a check that
-            // never answers (a hung connection) held the slot, and the flush, for ever.
-            let checked = within(
-                inner,
-                a.lease.left(inner),
-                inner.guard.validate(&a.lease.granted),
-                "the lease check did not answer before the lease expired",
-            );
-            match checked.await {
+            // the whole multi-object commit or append another holder's changes under it. A
+            // lease run out already goes straight to being taken again (checked, it raced a
+            // zero-length timer, which beat any guard that does not answer at once). The check
+            // is bounded by one TTL, as every guard call made holding a slot: one that never
+            // answers (a hung connection) held the slot, and the flush, for ever.
+            let checked = if a.lease.left(inner).is_zero() {
+                Err(Error::new(
+                    ErrorKind::LeaseLost { object: object.clone() },
+                    "the warm lease ran out (nothing renewed it)",
+                ))
+            } else {
+                let check = inner.guard.validate(&a.lease.granted);
+                within(inner, inner.settings.lease_ttl, check, "the lease check did not answer within the lease's TTL")
+                    .await
+            };
+            match checked {
                 Ok(()) => {
                     let token = a.lease.granted.token;
                     held.push(Held { object, token, guard, taken: None });
@@ -1765,10 +1771,15 @@ impl ObjectRuntime {
         let hand = LeaseInHand::new(&self.inner, active.lease.granted.clone());
         if let Err(e) = self.inner.hot.evict(object, token).await {
             if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidInput) {
-                // Refused, so nothing was dropped: still active.
+                // Refused, so nothing was dropped: still active, unless activated only for
+                // this eviction (kept warm, it would refuse its owner's calls).
                 hand.disarm();
                 slot.active = Some(active);
-                self.after_call(slot).await;
+                if taken_to_evict {
+                    give_back(&self.inner, &mut slot.active).await;
+                } else {
+                    self.after_call(slot).await;
+                }
             } else {
                 // The hot state may or may not be gone (a remote store's ambiguous reply): never
                 // run on it again under this activation. The next call activates afresh and
