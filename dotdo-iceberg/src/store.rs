@@ -1795,7 +1795,32 @@ impl IcebergColdStore {
                 // The snapshot's watermark, not only the highest seq still stored: a collapse may
                 // have dropped an object's newest records (a delete and what it deleted), and a
                 // restore must continue after the watermark, never reuse its sequence numbers.
-                through = through.max(self.watermark_in(table.metadata(), s, object).await?.through);
+                let md = table.metadata();
+                let wm = match self.watermark_in(md, s, object).await {
+                    // An older snapshot another engine wrote over a dotdo snapshot its expiry
+                    // removed (the table's last-commit property names a later one): its history
+                    // is expired, as for any expired snapshot, not damage (it read `Corrupt`).
+                    Err(e)
+                        if e.kind() == &ErrorKind::Corrupt
+                            && md.current_snapshot_id() != Some(s.snapshot_id())
+                            && matches!(
+                                crate::summary::chain_to_dotdo(md, s).1,
+                                crate::summary::ChainEnd::Expired(_)
+                            ) =>
+                    {
+                        return Err(Error::new(
+                            ErrorKind::NotFound,
+                            format!(
+                                "snapshot {}: the dotdo snapshot below it was expired, so its watermarks are \
+                                 unknown (its history is expired); read a later snapshot",
+                                s.snapshot_id()
+                            ),
+                        )
+                        .with_source(e));
+                    }
+                    r => r?,
+                };
+                through = through.max(wm.through);
             }
             Ok::<_, Error>((entries, through))
         };

@@ -3736,3 +3736,29 @@ async fn a_manifest_that_fails_while_the_table_moves_on_keeps_its_data_files() {
         assert!(f.exists(), "{} was deleted while a manifest naming it could not be read", f.display());
     }
 }
+
+/// A retained snapshot another engine wrote over a dotdo snapshot that engine's expiry removed,
+/// with a later dotdo commit on top (so the table's last-commit property names that one): its
+/// state as of it is `NotFound` (its history is expired), as for an expired snapshot, not
+/// `Corrupt`; the head reads as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_as_of_a_foreign_snapshot_whose_dotdo_base_was_expired_is_not_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let o = ObjectId::new("o").expect("id");
+    let first = put_at(&cold, &o, 1).await;
+    foreign_commit(&cold).await;
+    let foreign = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
+    put_at(&cold, &o, 2).await;
+    let table = cold.refresh().await.expect("table");
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        let gone = |s: &serde_json::Value| s["snapshot-id"].as_i64() == Some(first);
+        json["snapshots"].as_array_mut().expect("snapshots").retain(|s| !gone(s));
+        json["snapshot-log"].as_array_mut().expect("log").retain(|s| !gone(s));
+    });
+    let fresh = open(dir.path(), 4).await;
+    let e = fresh.load_state(&o, AsOf::Snapshot(foreign)).await.expect_err("history expired");
+    assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
+    let st = fresh.load_state(&o, AsOf::Latest).await.expect("the head reads");
+    assert_eq!(st.through, 2);
+}
