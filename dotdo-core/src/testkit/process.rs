@@ -344,7 +344,10 @@ async fn crash_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, n
 
 /// A writer process is killed with SIGKILL at random moments (`DOTDO_CRASH_KILLS`, default 20,
 /// at least 20); after each kill every acknowledged write is present with its value, tokens only go
-/// up, sequence numbers are gap-free and the backend's integrity check passes.
+/// up, sequence numbers are gap-free and the backend's integrity check passes. One round in five
+/// (after the first) kills the writer as soon as it reports its lease, before it has written:
+/// the token it was granted must have been stored (the object reports it, and the next writer's
+/// is larger), not derived from the highest token written.
 pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
     let kills: usize = std::env::var("DOTDO_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20).max(20);
     let dir = tempfile_dir();
@@ -356,6 +359,8 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
     let mut last_token = 0u64;
     // Rounds whose child was killed with a write in flight (its last line a `W`, no `ACK` after).
     let mut killed_mid_write = 0;
+    // Rounds whose child was killed as soon as it reported its token.
+    let mut killed_at_the_grant = 0;
     for round in 0..kills {
         let mut child = spawn_child(child_test, "crash", &db, &format!("writer-{round}"));
         let lines = collect(&mut child);
@@ -364,7 +369,8 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
         let mut acked_this_round = 0;
         let deadline = Duration::from_secs(30);
         let started = clock.monotonic();
-        while acked_this_round == 0 {
+        let at_the_grant = round % 5 == 2;
+        while if at_the_grant { token.is_none() } else { acked_this_round == 0 } {
             assert!(clock.monotonic() - started < deadline, "round {round}: child never acknowledged a write");
             if let Ok(line) = lines.rx.recv_timeout(Duration::from_millis(50)) {
                 if let Some(t) = line.strip_prefix("TOKEN ") {
@@ -378,7 +384,11 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
                 panic!("round {round}: child exited early: {status}");
             }
         }
-        std::thread::sleep(Duration::from_millis(5 + rng.below(120)));
+        if at_the_grant {
+            killed_at_the_grant += 1;
+        } else {
+            std::thread::sleep(Duration::from_millis(5 + rng.below(120)));
+        }
         sigkill(&mut child, &format!("round {round}"));
         let _ = lines.handle.join();
         let mut in_flight = false;
@@ -406,7 +416,11 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
                 "round {round}: acknowledged seq {max_acked} lost (last {})",
                 info.last_seq
             );
-            assert!(info.max_token.get() >= token);
+            assert!(
+                info.max_token.get() >= token,
+                "round {round}: the object reports token {} below the {token} granted (the grant was not stored)",
+                info.max_token
+            );
             let log = super::hot::changes(&*hot, &object, 0, usize::MAX).await.expect("log");
             assert_eq!(log.len() as u64, info.last_seq, "round {round}: change log has gaps");
             let mut want = Vec::with_capacity(log.len());
@@ -439,8 +453,8 @@ pub fn crash_recovery(kit: &ProcessKit, child_test: &str) {
         });
     }
     println!(
-        "crash: {kills} SIGKILLs survived ({killed_mid_write} with a write in flight), {max_acked} acknowledged writes \
-         all present, final token {last_token}"
+        "crash: {kills} SIGKILLs survived ({killed_mid_write} with a write in flight, {killed_at_the_grant} right after \
+         the grant), {max_acked} acknowledged writes all present, final token {last_token}"
     );
     // The kills landed inside the write path, not only between writes.
     assert!(killed_mid_write > 0, "no kill landed while a write was in flight");
