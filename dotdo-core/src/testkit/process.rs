@@ -181,6 +181,8 @@ async fn fence_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, n
     for _ in 0..iterations {
         let object = oid(&format!("counter-{}", rng.below(FENCE_OBJECTS)));
         let lease = acquire_retrying(&*guard, &object, node, FENCE_TTL).await;
+        // When the grant was in hand, on the wall clock every process on this machine shares.
+        println!("DOTDO GRANT {object} {} {}", lease.token, clock.now().as_micros());
         let current: u64 = match hot.get(&object, "n").await {
             Ok(v) => v.map(|b| String::from_utf8_lossy(&b).parse().expect("counter is a number")).unwrap_or(0),
             Err(e) => {
@@ -193,9 +195,10 @@ async fn fence_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, n
             clock.sleep(FENCE_TTL * 2).await;
         }
         let next = current + 1;
+        let sent = clock.now().as_micros();
         match hot.put(&object, lease.token, "Counter", "n", Bytes::from(next.to_string())).await {
-            Ok(_) => println!("DOTDO ACK {object} {} {next}", lease.token),
-            Err(e) if e.is_fenced() => println!("DOTDO FENCED {object} {}", lease.token),
+            Ok(_) => println!("DOTDO ACK {object} {} {next} {sent}", lease.token),
+            Err(e) if e.is_fenced() => println!("DOTDO FENCED {object} {} {sent}", lease.token),
             Err(e) => println!("DOTDO ERR write {} {e}", if e.is_retryable() { "retryable" } else { "permanent" }),
         }
         let _ = guard.release(&lease).await;
@@ -205,8 +208,11 @@ async fn fence_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, n
 
 /// At least 4 OS processes contend for 3 counters on one database file; each holder sometimes
 /// pauses past its TTL before its read-modify-write. Asserts: zero stale writes accepted (every
-/// accepted increment follows the previous value, tokens never go down along the change log),
-/// and each final counter equals its number of acknowledged increments.
+/// accepted increment follows the previous value, tokens never go down along the change log,
+/// and no write was accepted that was sent, by the machine's wall clock, after a newer lease of
+/// its object had been granted: a check and write that are not one atomic step let such a
+/// write through whenever the new holder had not written yet), and each final counter equals
+/// its number of acknowledged increments.
 pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
     let dir = tempfile_dir();
     let db = dir.join("fence.db");
@@ -223,6 +229,12 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
     let mut acks: BTreeMap<String, u64> = BTreeMap::new();
     // Each acknowledged write: (object, value) -> (token, child).
     let mut acked_writes: BTreeMap<(String, u64), (u64, usize)> = BTreeMap::new();
+    // Each acknowledged write as (object, token, sent at), and each grant as (object, token,
+    // granted at), in wall-clock microseconds.
+    let mut sends: Vec<(String, u64, i64)> = Vec::new();
+    let mut grants: Vec<(String, u64, i64)> = Vec::new();
+    // Each write refused as `Fenced`, as (object, token, sent at).
+    let mut refused_sends: Vec<(String, u64, i64)> = Vec::new();
     let mut children_acking = std::collections::BTreeSet::new();
     let (mut fenced, mut done, mut retryable) = (0, 0, 0);
     let mut permanent: Vec<String> = Vec::new();
@@ -251,8 +263,20 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
                     let previous = acked_writes.insert((parts[1].to_string(), number(3)), (number(2), child_index));
                     assert!(previous.is_none(), "value {} of {} acknowledged twice", number(3), parts[1]);
                     children_acking.insert(child_index);
+                    let sent = parts.get(4).and_then(|v| v.parse::<i64>().ok()).expect("ACK sent-at");
+                    sends.push((parts[1].to_string(), number(2), sent));
                 }
-                "FENCED" => fenced += 1,
+                "GRANT" => {
+                    let token = parts.get(2).and_then(|v| v.parse::<u64>().ok()).expect("GRANT token");
+                    let at = parts.get(3).and_then(|v| v.parse::<i64>().ok()).expect("GRANT time");
+                    grants.push((parts[1].to_string(), token, at));
+                }
+                "FENCED" => {
+                    fenced += 1;
+                    let token = parts.get(2).and_then(|v| v.parse::<u64>().ok()).expect("FENCED token");
+                    let sent = parts.get(3).and_then(|v| v.parse::<i64>().ok()).expect("FENCED sent-at");
+                    refused_sends.push((parts[1].to_string(), token, sent));
+                }
                 "DONE" => done += 1,
                 "ERR" if parts.get(2) == Some(&"retryable") => retryable += 1,
                 "ERR" => permanent.push(line.clone()),
@@ -261,6 +285,23 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
         }
     }
     assert_eq!(done, procs, "every child finished");
+    // No write was accepted that was sent after a newer lease of its object was granted (a
+    // millisecond of slack for the clock reads around the calls). Some refused ones were: the
+    // case arose.
+    let newer_granted = |object: &String, token: &u64, sent: &i64| {
+        grants.iter().find(|(o, t, at)| o == object && t > token && at + 1_000 < *sent)
+    };
+    let arose = refused_sends.iter().filter(|(o, t, s)| newer_granted(o, t, s).is_some()).count();
+    assert!(arose > 0, "no write was sent after a newer grant ({fenced} refused)");
+    for (object, token, sent) in &sends {
+        let newer = newer_granted(object, token, sent);
+        assert!(
+            newer.is_none(),
+            "{object}: a write under token {token} sent at {sent} us was accepted after token {} was granted at {} us",
+            newer.map_or(0, |g| g.1),
+            newer.map_or(0, |g| g.2)
+        );
+    }
     // A stale write must be refused as `Fenced`, nothing else; busy moments are retryable.
     assert!(permanent.is_empty(), "calls failed with a non-retryable error other than Fenced: {permanent:?}");
     // Holders pausing past the TTL while others wait for the same counters: some stale writes
@@ -298,7 +339,10 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
             }
             total += acked;
         }
-        println!("fencing: {procs} processes, {total} acknowledged increments, {fenced} stale writes rejected");
+        println!(
+            "fencing: {procs} processes, {total} acknowledged increments, {fenced} stale writes rejected \
+             ({arose} of them sent after a newer grant)"
+        );
         assert!(total > 0, "no increment was acknowledged");
     });
     let _ = std::fs::remove_dir_all(&dir);
