@@ -1442,6 +1442,9 @@ struct FlakyGuard {
     hang_currents: std::sync::atomic::AtomicBool,
     /// Lease checks answer on their second poll (a blocking task, a network call), not at once.
     yielding_validates: std::sync::atomic::AtomicBool,
+    /// Each acquire takes this long on the world's clock before the guard grants it (its lease
+    /// then lasts that much past what the runtime counts from sending it).
+    slow_acquires: parking_lot::Mutex<Option<(dotdo_core::ManualClock, Duration)>>,
 }
 
 impl FlakyGuard {
@@ -1469,6 +1472,7 @@ impl FlakyGuard {
             hang_validates: false.into(),
             hang_currents: false.into(),
             yielding_validates: false.into(),
+            slow_acquires: parking_lot::Mutex::new(None),
         }
     }
 }
@@ -1501,6 +1505,9 @@ impl ConsistencyGuard for FlakyGuard {
                 inner.acquire(&object, &holder, ttl).await
             });
             return late.await.expect("task");
+        }
+        if let Some((clock, takes)) = self.slow_acquires.lock().clone() {
+            clock.advance(takes);
         }
         let l = self.inner.acquire(object, holder, ttl).await?;
         if self.hang_acquires.load(std::sync::atomic::Ordering::SeqCst) {
@@ -3777,6 +3784,30 @@ async fn flush_all_retakes_a_lapsed_warm_lease_under_a_guard_that_answers_later(
     let r = rt.shutdown().await.expect("shutdown");
     assert_eq!(r.records, 1, "{r:?}");
     assert_eq!(w.cold.watermark(&oid("lapsed")).await.expect("wm").through, 2);
+}
+
+/// A warm lease the runtime counts as run out (from when it sent the acquire) while the guard
+/// still holds it for this node (granted later, a round trip or a clock skew): `flush_all`
+/// cannot take it again yet, and says so (the object's changes wait in hot storage); the next
+/// flush, once the guard's lease has expired, drains them. It answered `Ok`, taking the refusal
+/// naming this very node for another holder's.
+#[tokio::test]
+async fn flush_all_reports_a_lapsed_lease_the_guard_still_holds_for_this_node() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    *guard.slow_acquires.lock() = Some((w.clock.clone(), Duration::from_secs(2)));
+    incr(&rt, &oid("o")).await.expect("incr");
+    *guard.slow_acquires.lock() = None;
+    // Run out here (TTL after sending), still held at the guard (TTL after granting).
+    w.clock.advance(TTL - Duration::from_secs(1));
+    assert!(!w.hot.is_available(&oid("o")).await.expect("available"), "still held at the guard");
+    let e = rt.flush_all().await.expect_err("not drained, and said so");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    assert_eq!(w.cold.watermark(&oid("o")).await.expect("wm").through, 0);
+    w.clock.advance(Duration::from_secs(2));
+    let r = rt.flush_all().await.expect("flush_all");
+    assert_eq!(r.records, 1, "{r:?}");
+    assert_eq!(w.cold.watermark(&oid("o")).await.expect("wm").through, 1);
 }
 
 /// A call cancelled while its acquire was in flight (the acquire landed, the caller's timeout

@@ -42,8 +42,9 @@ pub(crate) enum Class {
     /// Misconfiguration that no retry fixes (bad TLS setup, database not found, 4xx).
     Config,
     /// sqld stopped a request at the step where its answer passed the server's response size
-    /// limit (`RESPONSE_TOO_LARGE`): a write's earlier steps, its `COMMIT` included, may have
-    /// run; a read that large fails the same way again.
+    /// limits (`RESPONSE_TOO_LARGE`: one answer's, or the total of the answers in flight, which
+    /// clears as other clients' answers go out): a write's earlier steps, its `COMMIT`
+    /// included, may have run; a read is retried.
     ResponseTooLarge,
     /// Anything else: a bug or unexpected state.
     Other,
@@ -357,6 +358,7 @@ pub(crate) fn is_transient(class: Class, mutating: bool) -> bool {
         Class::Busy => true,
         Class::ServerUnavailable { maybe_applied } => !(mutating && maybe_applied),
         Class::Network { maybe_sent } => !(mutating && maybe_sent),
+        Class::ResponseTooLarge => !mutating,
         _ => false,
     }
 }
@@ -398,10 +400,10 @@ pub(crate) fn map_class(class: Class, e: libsql::Error, doing: &str, mutating: b
             ErrorKind::AmbiguousOutcome,
             format!("{doing}: the primary stopped the request at its response size limit; it may still be applied (take a new lease before writing the object again)"),
         ),
-        Class::ResponseTooLarge => Error::new(
-            ErrorKind::LimitExceeded { what: "libsql response", limit: 0, actual: 0 },
-            format!("{doing}: the answer is over the primary's response size limit (sqld's max_total_response_size); no retry changes that"),
-        ),
+        Class::ResponseTooLarge => Error::unavailable(format!(
+            "{doing}: the answer passed the primary's response size limits (sqld's max_response_size, or \
+             max_total_response_size under load)"
+        )),
         Class::Other => Error::backend(format!("{doing}: libsql failure")),
     };
     err.with_source(e)
@@ -439,15 +441,16 @@ mod tests {
             assert_eq!(read.kind(), &ErrorKind::Unavailable, "{text}: {read}");
             assert!(is_transient(class_of(&hrana(text)), false), "{text}");
         }
-        // The answer's size limit: an unknown outcome for writes; for reads, no retry helps.
+        // The answer's size limits: an unknown outcome for writes; reads are retried (the total
+        // of the answers in flight is one of them, and clears).
         for text in [
             "stream error: `Error { message: \"Response is too large\", code: \"RESPONSE_TOO_LARGE\" }`",
             "api error: `Response is too large`",
         ] {
             assert_eq!(map(hrana(text), "write", true).kind(), &ErrorKind::AmbiguousOutcome, "{text}");
             let read = map(hrana(text), "get", false);
-            assert!(matches!(read.kind(), ErrorKind::LimitExceeded { .. }), "{text}: {read}");
-            assert!(!read.is_retryable() && !is_transient(class_of(&hrana(text)), false), "{text}");
+            assert_eq!(read.kind(), &ErrorKind::Unavailable, "{text}: {read}");
+            assert!(read.is_retryable() && is_transient(class_of(&hrana(text)), false), "{text}");
         }
         // A statement's own failure stays what it was.
         let text = "api error: `UNIQUE constraint failed: do_state.key`";

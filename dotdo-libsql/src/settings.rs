@@ -99,7 +99,9 @@ pub struct LibsqlSettings {
     /// read is retried like any transient failure. A TCP connect to the primary may take half of
     /// it: a primary that drops connection attempts (a firewall, a host gone) is then a retryable
     /// `Unavailable`, nothing sent. (A DNS lookup or TLS handshake that stalls still waits out the
-    /// whole timeout.) Default 15 s. (No effect on a local file.)
+    /// whole timeout.) Default 15 s. It must cover the largest request a caller sends: a write
+    /// batch near `WriteBatch::MAX_BYTES` (64 MiB) travels as hex text, twice its size, and on
+    /// a slow link or primary needs longer. (No effect on a local file.)
     pub request_timeout: Duration,
     /// How long an embedded replica's pull from the primary (at open, after each write, and
     /// before a read while the replica may lack committed writes) may take: at open and before a

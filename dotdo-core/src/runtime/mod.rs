@@ -1442,9 +1442,15 @@ impl ObjectRuntime {
                                 .token;
                             held.push(Held { object, token, guard, taken: None });
                         }
-                        Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
+                        Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { ref holder, .. } if *holder != inner.node) =>
+                        {
                             tracing::info!(object = %object, error = %e, "dotdo flush_all: lapsed lease taken by another holder; skipped");
                         }
+                        // Held by this very node still (its lease counted as run out here a round
+                        // trip, or a clock skew, before the guard's expiry), or any other failure:
+                        // the changes are this runtime's to drain and were not, which the flush
+                        // reports. (Counted as another holder's, the flush answered `Ok` with
+                        // them left in hot storage.)
                         Err(e) => {
                             tracing::warn!(object = %object, error = %e, "dotdo flush_all: lapsed lease not retaken");
                             // Still this runtime's to drain: the next flush (or the next call)

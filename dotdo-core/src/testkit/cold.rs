@@ -1531,7 +1531,11 @@ pub async fn a_commit_that_failed_before_landing_is_not_reported_landed(f: &supe
     }
     let batch = ColdBatch::single(o.clone(), tok(1), puts(&o, 4..=6, 1));
     let first = fx.sink.append(batch.clone()).await;
-    assert!(switch.failure_fired(), "the backend consulted the switch at its commit (take_failure)");
+    assert!(
+        switch.failure_fired(),
+        "the armed failure never fired: a backend's wrapper must consult the switch at its commit, before applying \
+         it (ReplySwitch::take_failure; see LoseNextReply::arm_failure)"
+    );
     let seqs = |v: Vec<ChangeRecord>| v.into_iter().map(|r| r.seq).collect::<Vec<_>>();
     let stored = seqs(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("read"));
     match &first {

@@ -138,6 +138,16 @@ pub async fn value_at_limit_is_accepted_and_over_limit_rejected(f: &HotFactory) 
     let e = fx.hot.write(&l.object, l.token, batch).await.expect_err("a batch over the byte limit");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
     assert_eq!(fx.hot.get(&l.object, "many-0").await.expect("get"), None, "nothing of it written");
+    // Two values fewer, just under the byte limit with their keys (62 MiB): accepted whole, in
+    // one call (a backend whose requests or transactions cap below the limit fails here).
+    let under = n - 2;
+    let batch = (0..under).fold(WriteBatch::new("T"), |b, i| b.put(format!("most-{i:02}"), value.clone()));
+    let r = fx.hot.write(&l.object, l.token, batch).await.expect("a batch just under the byte limit");
+    assert_eq!(r.last_seq + 1 - r.first_seq, under as u64);
+    for i in [0, under / 2, under - 1] {
+        let got = fx.hot.get(&l.object, &format!("most-{i:02}")).await.expect("get");
+        assert!(got.as_ref() == Some(&value), "most-{i:02}: {:?} bytes", got.map(|v| v.len()));
+    }
     let empty = fx.hot.put(&l.object, l.token, "T", "empty", Bytes::new()).await.expect("an empty value is valid");
     assert_eq!(fx.hot.get(&l.object, "empty").await.expect("get"), Some(Bytes::new()));
     // Logged as a put of nothing, not taken for a delete (whose value is empty too).
