@@ -1800,13 +1800,16 @@ impl IcebergColdStore {
                     // An older snapshot another engine wrote over a dotdo snapshot its expiry
                     // removed (the table's last-commit property names a later one): its history
                     // is expired, as for any expired snapshot, not damage (it read `Corrupt`).
+                    // Damaged watermarks (a checkpoint, the property itself) stay `Corrupt`.
                     Err(e)
                         if e.kind() == &ErrorKind::Corrupt
                             && md.current_snapshot_id() != Some(s.snapshot_id())
-                            && matches!(
-                                crate::summary::chain_to_dotdo(md, s).1,
-                                crate::summary::ChainEnd::Expired(_)
-                            ) =>
+                            && match crate::summary::chain_to_dotdo(md, s).1 {
+                                crate::summary::ChainEnd::Expired(parent) => {
+                                    matches!(crate::summary::last_commit_base(md, parent), Ok(None))
+                                }
+                                _ => false,
+                            } =>
                     {
                         return Err(Error::new(
                             ErrorKind::NotFound,

@@ -197,7 +197,10 @@ pub(crate) fn last_commit_checkpoint(md: &iceberg::spec::TableMetadata) -> Optio
 /// without a snapshot id (written through iceberg's own commit path, which picks the id itself),
 /// or another commit's (a `main` rolled back past it, more snapshots expired than the parent:
 /// whether the property's commit is an ancestor of the head is not known).
-fn last_commit_base(md: &iceberg::spec::TableMetadata, cut: i64) -> Result<Option<iceberg::spec::SnapshotRef>> {
+pub(crate) fn last_commit_base(
+    md: &iceberg::spec::TableMetadata,
+    cut: i64,
+) -> Result<Option<iceberg::spec::SnapshotRef>> {
     let Some(v) = last_commit_of(md) else { return Ok(None) };
     let damaged = |why: &str| Error::corrupt(format!("table {}: property {LAST_COMMIT} {why}", md.location()));
     let v = v.map_err(|e| damaged(&format!("is not JSON: {e}")))?;

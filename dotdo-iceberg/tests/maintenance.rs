@@ -3505,14 +3505,7 @@ async fn a_snapshot_expired_and_cleaned_up_during_a_cleanup_does_not_fail_it() {
     let oldest = table.metadata().snapshots().min_by_key(|s| s.sequence_number()).expect("snapshots");
     let list = oldest.manifest_list().to_string();
     let name = list.rsplit('/').next().expect("file name").to_string();
-    let hooked = common::FaultyStore::quiet_local();
-    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(hooked.clone())
-        .table(["m"], "changes")
-        .settings(Settings { buckets: 1, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
-        .build()
-        .await
-        .expect("cleaner");
+    let (hooked, cleaner) = hooked_cleaner(dir.path()).await;
     let other = writer.clone();
     *hooked.before_get.lock() = Some(common::PutHook(
         name,
@@ -3710,14 +3703,7 @@ async fn a_manifest_that_fails_while_the_table_moves_on_keeps_its_data_files() {
     let name = manifest.rsplit('/').next().expect("file name").to_string();
     let data_before = common::files_ending_with(dir.path(), ".parquet");
     assert_eq!(data_before.len(), 2);
-    let hooked = common::FaultyStore::quiet_local();
-    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(hooked.clone())
-        .table(["m"], "changes")
-        .settings(Settings { buckets: 1, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
-        .build()
-        .await
-        .expect("cleaner");
+    let (hooked, cleaner) = hooked_cleaner(dir.path()).await;
     let (other, o2) = (writer.clone(), o.clone());
     *hooked.before_get.lock() = Some(common::PutHook(
         name,
@@ -3761,4 +3747,18 @@ async fn state_as_of_a_foreign_snapshot_whose_dotdo_base_was_expired_is_not_foun
     assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
     let st = fresh.load_state(&o, AsOf::Latest).await.expect("the head reads");
     assert_eq!(st.through, 2);
+}
+
+/// A store on `dir`'s table (one bucket, no cleanup minimum) over local files through a quiet
+/// [`common::FaultyStore`], whose hooks a test sets.
+async fn hooked_cleaner(dir: &std::path::Path) -> (Arc<common::FaultyStore>, IcebergColdStore) {
+    let hooked = common::FaultyStore::quiet_local();
+    let cleaner = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
+        .build()
+        .await
+        .expect("cleaner");
+    (hooked, cleaner)
 }

@@ -100,8 +100,9 @@ pub struct LibsqlSettings {
     /// it: a primary that drops connection attempts (a firewall, a host gone) is then a retryable
     /// `Unavailable`, nothing sent. (A DNS lookup or TLS handshake that stalls still waits out the
     /// whole timeout.) Default 15 s. It must cover the largest request a caller sends: a write
-    /// batch near `WriteBatch::MAX_BYTES` (64 MiB) travels as hex text, twice its size, and on
-    /// a slow link or primary needs longer. (No effect on a local file.)
+    /// batch near `WriteBatch::MAX_BYTES` (64 MiB) travels as hex text with each value twice
+    /// (change log and state), about four times its size, and on a slow link or primary needs
+    /// longer. (No effect on a local file.)
     pub request_timeout: Duration,
     /// How long an embedded replica's pull from the primary (at open, after each write, and
     /// before a read while the replica may lack committed writes) may take: at open and before a

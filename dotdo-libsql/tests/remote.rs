@@ -20,8 +20,9 @@ fn factory() -> HotFactory {
     hot_factory(|clock| async move {
         let dir = tempfile::tempdir().expect("tempdir");
         let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
-        // The kit writes a batch just under the 64 MiB limit: 124 MiB of hex JSON to this
-        // debug-build server and back take longer than the default request timeout.
+        // The kit writes a batch just under the 64 MiB limit: each value travels twice (change
+        // log and state) as hex text, about 250 MiB of JSON to this debug-build server, which
+        // takes longer than the default request timeout.
         let settings = dotdo_libsql::LibsqlSettings { request_timeout: Duration::from_secs(120), ..Default::default() };
         let store = LibsqlStore::remote(server.url(), TOKEN)
             .with_clock(Arc::new(clock))

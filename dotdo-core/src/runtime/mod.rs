@@ -1429,7 +1429,36 @@ impl ObjectRuntime {
                 // runtime's acknowledged changes would wait in hot storage behind an `Ok`.
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
                     let lapsed = guard.active.take();
-                    match self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await {
+                    let mut retaken = self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await;
+                    // Refused naming this very node: the lapsed lease may still be current at
+                    // the guard (counted as run out here a round trip, or a clock skew, before
+                    // the guard's expiry). Then it is given back and the object taken again.
+                    // A lease under another token is another runtime's under this node id,
+                    // left to it as another holder's.
+                    let own_still_current = match &retaken {
+                        Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { ref holder, .. } if *holder == inner.node) =>
+                        {
+                            let token = lapsed.as_ref().map(|a| a.lease.granted.token);
+                            match current_within_ttl(inner, &object).await {
+                                Ok(Some(cur)) if Some(cur.token) == token => Some(cur),
+                                Ok(_) => {
+                                    tracing::info!(object = %object, "dotdo flush_all: held by another runtime under this node id; skipped");
+                                    retaken = Ok(false);
+                                    None
+                                }
+                                Err(e) => {
+                                    retaken = Err(e);
+                                    None
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    if let Some(cur) = own_still_current {
+                        release_quietly(inner, &cur).await;
+                        retaken = self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await;
+                    }
+                    match retaken {
                         // Drained and evicted by another runtime since it lapsed.
                         Ok(false) => {}
                         Ok(true) => {
@@ -1446,11 +1475,10 @@ impl ObjectRuntime {
                         {
                             tracing::info!(object = %object, error = %e, "dotdo flush_all: lapsed lease taken by another holder; skipped");
                         }
-                        // Held by this very node still (its lease counted as run out here a round
-                        // trip, or a clock skew, before the guard's expiry), or any other failure:
-                        // the changes are this runtime's to drain and were not, which the flush
-                        // reports. (Counted as another holder's, the flush answered `Ok` with
-                        // them left in hot storage.)
+                        // Any other failure (this node's lapsed lease not given back, say): the
+                        // changes are this runtime's to drain and were not, which the flush
+                        // reports. (A refusal naming this node counted as another holder's, and
+                        // the flush answered `Ok` with them left in hot storage.)
                         Err(e) => {
                             tracing::warn!(object = %object, error = %e, "dotdo flush_all: lapsed lease not retaken");
                             // Still this runtime's to drain: the next flush (or the next call)
