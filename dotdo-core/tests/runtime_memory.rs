@@ -1445,6 +1445,8 @@ struct FlakyGuard {
     /// Each acquire takes this long on the world's clock before the guard grants it (its lease
     /// then lasts that much past what the runtime counts from sending it).
     slow_acquires: parking_lot::Mutex<Option<(dotdo_core::ManualClock, Duration)>>,
+    /// Each lease lookup (`current`) takes this long on the world's clock, then answers.
+    slow_currents: parking_lot::Mutex<Option<(dotdo_core::ManualClock, Duration)>>,
 }
 
 impl FlakyGuard {
@@ -1473,6 +1475,7 @@ impl FlakyGuard {
             hang_currents: false.into(),
             yielding_validates: false.into(),
             slow_acquires: parking_lot::Mutex::new(None),
+            slow_currents: parking_lot::Mutex::new(None),
         }
     }
 }
@@ -1574,6 +1577,9 @@ impl ConsistencyGuard for FlakyGuard {
     async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
         if self.hang_currents.load(std::sync::atomic::Ordering::SeqCst) {
             futures::future::pending::<()>().await;
+        }
+        if let Some((clock, takes)) = self.slow_currents.lock().clone() {
+            clock.advance(takes);
         }
         self.inner.current(object).await
     }
@@ -3812,6 +3818,24 @@ async fn flush_all_retakes_a_lapsed_lease_the_guard_still_holds_for_this_node() 
     let r = rt.flush_all().await.expect("the twin's object is left to it");
     assert_eq!(r.records, 0, "{r:?}");
     assert_eq!(twin.flush_all().await.expect("the twin drains").records, 2);
+}
+
+/// The same when the guard's lease runs out between the refusal and the lookup (the lookup
+/// finds no lease): the object is taken again and drained, not skipped as another runtime's
+/// (with `drain_released` off, no later pass of the flush picked it up).
+#[tokio::test]
+async fn flush_all_retakes_a_lapsed_lease_that_runs_out_at_the_guard_meanwhile() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { drain_released: false, ..settings() });
+    *guard.slow_acquires.lock() = Some((w.clock.clone(), Duration::from_secs(2)));
+    incr(&rt, &oid("o")).await.expect("incr");
+    *guard.slow_acquires.lock() = None;
+    w.clock.advance(TTL - Duration::from_secs(1));
+    *guard.slow_currents.lock() = Some((w.clock.clone(), Duration::from_secs(2)));
+    let r = rt.flush_all().await.expect("flush_all");
+    *guard.slow_currents.lock() = None;
+    assert_eq!(r.records, 1, "{r:?}");
+    assert_eq!(w.cold.watermark(&oid("o")).await.expect("wm").through, 1);
 }
 
 /// A call cancelled while its acquire was in flight (the acquire landed, the caller's timeout

@@ -1429,35 +1429,52 @@ impl ObjectRuntime {
                 // runtime's acknowledged changes would wait in hot storage behind an `Ok`.
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
                     let lapsed = guard.active.take();
-                    let mut retaken = self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await;
+                    let lapsed_token = lapsed.as_ref().map(|a| a.lease.granted.token);
                     // Refused naming this very node: the lapsed lease may still be current at
                     // the guard (counted as run out here a round trip, or a clock skew, before
-                    // the guard's expiry). Then it is given back and the object taken again.
-                    // A lease under another token is another runtime's under this node id,
-                    // left to it as another holder's.
-                    let own_still_current = match &retaken {
-                        Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { ref holder, .. } if *holder == inner.node) =>
-                        {
-                            let token = lapsed.as_ref().map(|a| a.lease.granted.token);
-                            match current_within_ttl(inner, &object).await {
-                                Ok(Some(cur)) if Some(cur.token) == token => Some(cur),
-                                Ok(_) => {
-                                    tracing::info!(object = %object, "dotdo flush_all: held by another runtime under this node id; skipped");
-                                    retaken = Ok(false);
-                                    None
-                                }
-                                Err(e) => {
-                                    retaken = Err(e);
-                                    None
-                                }
-                            }
+                    // the guard's expiry). Then it is given back and the object taken again;
+                    // one that ran out meanwhile is simply taken again. A lease under another
+                    // token is another runtime's under this node id, left to it as another
+                    // holder's.
+                    let mut released = false;
+                    let mut tries = 0;
+                    let retaken = loop {
+                        let attempt = self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await;
+                        tries += 1;
+                        let own_refusal = matches!(&attempt, Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { ref holder, .. } if *holder == inner.node));
+                        if !own_refusal || tries >= 3 {
+                            break attempt;
                         }
-                        _ => None,
+                        match current_within_ttl(inner, &object).await {
+                            Ok(Some(cur)) if Some(cur.token) == lapsed_token && !released => {
+                                release_quietly(inner, &cur).await;
+                                released = true;
+                            }
+                            // Ran out meanwhile: taken again at once.
+                            Ok(None) => {}
+                            // Still this runtime's (its release failed): reported below.
+                            Ok(Some(cur)) if Some(cur.token) == lapsed_token => break attempt,
+                            Ok(Some(_)) => {
+                                tracing::info!(object = %object, "dotdo flush_all: held by another runtime under this node id; skipped");
+                                break Ok(false);
+                            }
+                            Err(e) => break Err(e),
+                        }
                     };
-                    if let Some(cur) = own_still_current {
-                        release_quietly(inner, &cur).await;
-                        retaken = self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await;
-                    }
+                    let retaken = match retaken {
+                        Err(e)
+                            if released
+                                && !matches!(e.kind(), ErrorKind::LeaseHeld { ref holder, .. } if *holder != inner.node) =>
+                        {
+                            // Given back (or queued for release as an orphan): the lapsed
+                            // activation is never restored, its lease no longer this runtime's.
+                            drop(lapsed);
+                            tracing::warn!(object = %object, error = %e, "dotdo flush_all: lapsed lease given back, object not retaken");
+                            rounds.first_err.get_or_insert(e);
+                            continue;
+                        }
+                        r => r,
+                    };
                     match retaken {
                         // Drained and evicted by another runtime since it lapsed.
                         Ok(false) => {}
