@@ -394,7 +394,7 @@ impl IcebergColdStore {
         let mut attempts = 0;
         loop {
             let before = (found.referenced.clone(), found.manifests.clone(), found.elsewhere.clone());
-            let gathered = self.add_referenced(table, cutoff, found.referenced, found.manifests, found.elsewhere).await;
+            let gathered = self.add_referenced(table, cutoff, found).await;
             let Err(e) = gathered else { return Ok(moved) };
             (*found.referenced, *found.manifests, *found.elsewhere) = before;
             if e.is_retryable() {
@@ -420,13 +420,12 @@ impl IcebergColdStore {
         &self,
         table: &iceberg::table::Table,
         cutoff: i64,
-        referenced: &mut HashSet<String>,
-        manifests: &mut HashSet<String>,
-        elsewhere: &mut HashSet<String>,
+        gathered: &mut Gathered<'_>,
     ) -> Result<()> {
         let root = &self.inner.root;
         let md = table.metadata();
         let removals = Removals::new(md, summary::effective_committed_at(md), cutoff);
+        let Gathered { referenced, manifests, elsewhere } = gathered;
         let mut found = Referenced { root, referenced, manifests, elsewhere };
         if let Some(m) = table.metadata_location() {
             found.add(m)?;

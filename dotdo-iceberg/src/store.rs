@@ -1804,12 +1804,7 @@ impl IcebergColdStore {
                     Err(e)
                         if e.kind() == &ErrorKind::Corrupt
                             && md.current_snapshot_id() != Some(s.snapshot_id())
-                            && match crate::summary::chain_to_dotdo(md, s).1 {
-                                crate::summary::ChainEnd::Expired(parent) => {
-                                    matches!(crate::summary::last_commit_base(md, parent), Ok(None))
-                                }
-                                _ => false,
-                            } =>
+                            && crate::summary::history_expired_below(md, s) =>
                     {
                         return Err(Error::new(
                             ErrorKind::NotFound,

@@ -117,6 +117,17 @@ pub fn dotdo_base(
     }
 }
 
+/// Whether `snapshot`'s watermarks are unknown because its history is expired: [`dotdo_base`]
+/// refuses it (`Corrupt`) for the chain breaking at an expired snapshot with no dotdo
+/// watermarks below and no [`LAST_COMMIT`] property naming that snapshot. Damaged watermarks
+/// (the property itself) are not this.
+pub(crate) fn history_expired_below(md: &iceberg::spec::TableMetadata, snapshot: &iceberg::spec::SnapshotRef) -> bool {
+    match chain_to_dotdo(md, snapshot).1 {
+        ChainEnd::Expired(parent) => matches!(last_commit_base(md, parent), Ok(None)),
+        _ => false,
+    }
+}
+
 /// [`dotdo_base`] for a user table: a history another engine expired (the head's parent chain
 /// breaks at an expired snapshot before any dotdo snapshot) holds no dotdo state, no stream
 /// marks, if nothing says dotdo ever committed to the table: no [`LAST_COMMIT`] property (every
@@ -197,10 +208,7 @@ pub(crate) fn last_commit_checkpoint(md: &iceberg::spec::TableMetadata) -> Optio
 /// without a snapshot id (written through iceberg's own commit path, which picks the id itself),
 /// or another commit's (a `main` rolled back past it, more snapshots expired than the parent:
 /// whether the property's commit is an ancestor of the head is not known).
-pub(crate) fn last_commit_base(
-    md: &iceberg::spec::TableMetadata,
-    cut: i64,
-) -> Result<Option<iceberg::spec::SnapshotRef>> {
+fn last_commit_base(md: &iceberg::spec::TableMetadata, cut: i64) -> Result<Option<iceberg::spec::SnapshotRef>> {
     let Some(v) = last_commit_of(md) else { return Ok(None) };
     let damaged = |why: &str| Error::corrupt(format!("table {}: property {LAST_COMMIT} {why}", md.location()));
     let v = v.map_err(|e| damaged(&format!("is not JSON: {e}")))?;
@@ -286,13 +294,7 @@ pub fn parent_time(md: &iceberg::spec::TableMetadata, snapshot: &iceberg::spec::
     chain
         .iter()
         .rev()
-        .fold(None, |below: Option<Timestamp>, s| {
-            let own = committed_at(s);
-            Some(match below {
-                Some(b) if own < b => b.plus(std::time::Duration::from_micros(1)),
-                _ => own,
-            })
-        })
+        .fold(None, |below, s| Some(below.map_or_else(|| committed_at(s), |b| time_over(b, s))))
         .unwrap_or(Timestamp::EPOCH)
 }
 
@@ -368,12 +370,22 @@ pub fn effective_committed_at(md: &iceberg::spec::TableMetadata) -> impl Fn(&Sna
             cur = c.parent_snapshot_id().and_then(|p| by_id.get(&p).copied());
         }
         for c in path.into_iter().rev() {
-            let own = committed_at(c);
-            base = if own < base { base.plus(std::time::Duration::from_micros(1)) } else { own };
+            base = time_over(base, c);
             at.insert(c.snapshot_id(), base);
         }
     }
     move |s: &Snapshot| at.get(&s.snapshot_id()).copied().unwrap_or_else(|| committed_at(s))
+}
+
+/// The time reads give snapshot `s` built on one they give `below`: its own [`committed_at`],
+/// or one microsecond after `below` if it is stamped earlier (another engine's clock behind).
+fn time_over(below: Timestamp, s: &Snapshot) -> Timestamp {
+    let own = committed_at(s);
+    if own < below {
+        below.plus(std::time::Duration::from_micros(1))
+    } else {
+        own
+    }
 }
 
 /// The commit time of a snapshot: dotdo's clock time if recorded, else Iceberg's `timestamp-ms`.

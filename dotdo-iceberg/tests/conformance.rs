@@ -40,24 +40,8 @@ mod common;
 fn lost_reply_factory() -> dotdo_core::testkit::ColdFaultFactory {
     dotdo_core::testkit::cold_fault_factory(|clock| async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
-        let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
-        let store = IcebergColdStore::builder(dir.path().to_str().expect("utf-8 path"))
-            .catalog(CatalogConfig::Custom(build))
-            .table(["kit"], "changes")
-            .with_clock(Arc::new(clock))
-            .build()
-            .await
-            .expect("open iceberg cold store");
-        let lose = slot.lock().clone().expect("the catalog was built");
-        dotdo_core::testkit::ColdFaultFixture {
-            fixture: ColdFixture {
-                sink: Arc::new(store.clone()),
-                accel: Some(Arc::new(store)),
-                keep_alive: Box::new(dir),
-            },
-            lose_next_reply: lose.switch.clone(),
-        }
+        let warehouse = format!("file://{}", dir.path().display());
+        common::switched_fault_fixture(dir, warehouse, Vec::new(), clock).await
     })
 }
 

@@ -178,26 +178,7 @@ fn s3_warehouse_settles_commits_whose_reply_was_lost() {
         let (m, n) = (m.clone(), counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
         async move {
             let dir = tempfile::tempdir().expect("tempdir");
-            let warehouse = format!("s3://{}/wh{n}", m.bucket);
-            let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
-            let (build, slot) = common::switched_sql_catalog(uri, warehouse.clone());
-            let store = IcebergColdStore::builder(warehouse)
-                .options(m.options())
-                .catalog(CatalogConfig::Custom(build))
-                .table(["kit"], "changes")
-                .with_clock(Arc::new(clock))
-                .build()
-                .await
-                .expect("open the s3 warehouse");
-            let lose = slot.lock().clone().expect("the catalog was built");
-            dotdo_core::testkit::ColdFaultFixture {
-                fixture: ColdFixture {
-                    sink: Arc::new(store.clone()),
-                    accel: Some(Arc::new(store)),
-                    keep_alive: Box::new(dir),
-                },
-                lose_next_reply: lose.switch.clone(),
-            }
+            common::switched_fault_fixture(dir, format!("s3://{}/wh{n}", m.bucket), m.options(), clock).await
         }
     });
     let failures = dotdo_core::testkit::cold::run_fault_cases(&factory);

@@ -481,8 +481,10 @@ fn connector(
 /// is a non-retryable `Backend` error naming the variables.
 #[cfg(feature = "remote")]
 fn root_certificates(url: &str, doing: &str) -> Result<rustls_022::RootCertStore> {
-    let plain_http = url.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://"));
     let mut roots = rustls_022::RootCertStore::empty();
+    if url.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://")) {
+        return Ok(roots);
+    }
     let failure = match rustls_native_certs_07::load_native_certs() {
         Ok(certs) => {
             // Certificates the store cannot parse are skipped, as hyper-rustls does.
@@ -493,7 +495,7 @@ fn root_certificates(url: &str, doing: &str) -> Result<rustls_022::RootCertStore
         }
         Err(e) => Some(e.to_string()),
     };
-    if roots.is_empty() && !plain_http {
+    if roots.is_empty() {
         let why = failure.unwrap_or_else(|| "none found".to_string());
         return Err(Error::backend(format!(
             "{doing}: the platform's root certificates could not be loaded ({why}); install a CA \

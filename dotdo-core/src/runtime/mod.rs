@@ -1015,20 +1015,13 @@ impl ObjectRuntime {
             // call holds the object's slot meanwhile, and `flush_all` the slots of every object
             // it collected. Its outcome stays unknown (`flight` records it when dropped), settled
             // by the object's next activation or `maintain`.
-            let result = match futures::future::select(
-                std::pin::pin!(inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl)),
-                inner.clock.sleep(inner.settings.lease_ttl),
-            )
-            .await
-            {
-                Either::Left((r, _)) => r,
-                Either::Right(_) => {
-                    return Err(Error::unavailable(format!(
-                        "acquiring {object} on {}: the guard did not answer within the lease's TTL; the acquire \
-                         may still land (the next activation settles it)",
-                        inner.node
-                    )));
-                }
+            let acquire = inner.guard.acquire(object, &inner.node, inner.settings.lease_ttl);
+            let Some(result) = timed(inner, inner.settings.lease_ttl, acquire).await else {
+                return Err(Error::unavailable(format!(
+                    "acquiring {object} on {}: the guard did not answer within the lease's TTL; the acquire may \
+                     still land (the next activation settles it)",
+                    inner.node
+                )));
             };
             flight.sent = None;
             let e = match result {
@@ -1368,6 +1361,46 @@ impl ObjectRuntime {
         self.flush_held().await
     }
 
+    /// Take `object` again to drain it after its warm lease (token `lapsed`) ran out here, without
+    /// waiting for another holder: whether it is active again (`false`: drained and evicted
+    /// meanwhile, or another runtime under this node id holds it), and whether the lapsed lease
+    /// was given back. Refused naming this very node, the lapsed lease may still be current at
+    /// the guard (counted as run out here a round trip, or a clock skew, before the guard's
+    /// expiry): then it is given back and the object taken again; one that ran out meanwhile is
+    /// simply taken again. A lease under another token is another runtime's under this node
+    /// id, left to it as another holder's.
+    async fn retake_lapsed(
+        &self,
+        object: &ObjectId,
+        slot: &mut Slot,
+        lapsed: Option<FencingToken>,
+    ) -> (Result<bool>, bool) {
+        let inner = &self.inner;
+        let mut released = false;
+        for _ in 0..2 {
+            let attempt = self.ensure_active_to_drain(object, slot, Duration::ZERO).await;
+            if !matches!(&attempt, Err(e) if held_by(e, &inner.node) == Some(true)) {
+                return (attempt, released);
+            }
+            match current_within_ttl(inner, object).await {
+                Ok(Some(cur)) if Some(cur.token) == lapsed && !released => {
+                    release_quietly(inner, &cur).await;
+                    released = true;
+                }
+                // Ran out meanwhile: taken again at once.
+                Ok(None) => {}
+                // Still this runtime's (its release failed): reported by the caller.
+                Ok(Some(cur)) if Some(cur.token) == lapsed => return (attempt, released),
+                Ok(Some(_)) => {
+                    tracing::info!(object = %object, "dotdo flush_all: held by another runtime under this node id; skipped");
+                    return (Ok(false), released);
+                }
+                Err(e) => return (Err(e), released),
+            }
+        }
+        (self.ensure_active_to_drain(object, slot, Duration::ZERO).await, released)
+    }
+
     /// [`flush_all`](Self::flush_all) without the shutdown check (shutdown's own flush).
     async fn flush_held(&self) -> Result<FlushReport> {
         let inner = &self.inner;
@@ -1430,42 +1463,9 @@ impl ObjectRuntime {
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
                     let lapsed = guard.active.take();
                     let lapsed_token = lapsed.as_ref().map(|a| a.lease.granted.token);
-                    // Refused naming this very node: the lapsed lease may still be current at
-                    // the guard (counted as run out here a round trip, or a clock skew, before
-                    // the guard's expiry). Then it is given back and the object taken again;
-                    // one that ran out meanwhile is simply taken again. A lease under another
-                    // token is another runtime's under this node id, left to it as another
-                    // holder's.
-                    let mut released = false;
-                    let mut tries = 0;
-                    let retaken = loop {
-                        let attempt = self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await;
-                        tries += 1;
-                        let own_refusal = matches!(&attempt, Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { ref holder, .. } if *holder == inner.node));
-                        if !own_refusal || tries >= 3 {
-                            break attempt;
-                        }
-                        match current_within_ttl(inner, &object).await {
-                            Ok(Some(cur)) if Some(cur.token) == lapsed_token && !released => {
-                                release_quietly(inner, &cur).await;
-                                released = true;
-                            }
-                            // Ran out meanwhile: taken again at once.
-                            Ok(None) => {}
-                            // Still this runtime's (its release failed): reported below.
-                            Ok(Some(cur)) if Some(cur.token) == lapsed_token => break attempt,
-                            Ok(Some(_)) => {
-                                tracing::info!(object = %object, "dotdo flush_all: held by another runtime under this node id; skipped");
-                                break Ok(false);
-                            }
-                            Err(e) => break Err(e),
-                        }
-                    };
+                    let (retaken, released) = self.retake_lapsed(&object, &mut guard, lapsed_token).await;
                     let retaken = match retaken {
-                        Err(e)
-                            if released
-                                && !matches!(e.kind(), ErrorKind::LeaseHeld { ref holder, .. } if *holder != inner.node) =>
-                        {
+                        Err(e) if released && held_by(&e, &inner.node) != Some(false) => {
                             // Given back (or queued for release as an orphan): the lapsed
                             // activation is never restored, its lease no longer this runtime's.
                             drop(lapsed);
@@ -1488,8 +1488,7 @@ impl ObjectRuntime {
                                 .token;
                             held.push(Held { object, token, guard, taken: None });
                         }
-                        Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { ref holder, .. } if *holder != inner.node) =>
-                        {
+                        Err(e) if held_by(&e, &inner.node) == Some(false) => {
                             tracing::info!(object = %object, error = %e, "dotdo flush_all: lapsed lease taken by another holder; skipped");
                         }
                         // Any other failure (this node's lapsed lease not given back, say): the
@@ -2471,9 +2470,23 @@ async fn within<T>(
     fut: impl std::future::Future<Output = Result<T>>,
     what: &str,
 ) -> Result<T> {
+    timed(inner, limit, fut).await.unwrap_or_else(|| Err(Error::unavailable(what)))
+}
+
+/// `fut`'s output, or `None` if it does not end within `limit` on the runtime's clock.
+async fn timed<T>(inner: &Inner, limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
     match futures::future::select(std::pin::pin!(fut), inner.clock.sleep(limit)).await {
-        Either::Left((r, _)) => r,
-        Either::Right(_) => Err(Error::unavailable(what)),
+        Either::Left((r, _)) => Some(r),
+        Either::Right(_) => None,
+    }
+}
+
+/// Whether `e` is a refusal naming `node` as the holder (`Some(true)`), naming another holder
+/// (`Some(false)`), or no `LeaseHeld` at all (`None`).
+fn held_by(e: &Error, node: &NodeId) -> Option<bool> {
+    match e.kind() {
+        ErrorKind::LeaseHeld { holder, .. } => Some(holder == node),
+        _ => None,
     }
 }
 

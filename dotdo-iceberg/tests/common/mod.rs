@@ -804,6 +804,36 @@ pub fn switched_sql_catalog(
     lossy_catalog(uri, warehouse, 0, false, false)
 }
 
+/// A kit fault fixture: a store at `warehouse` (with object-store `options`), its SQL catalog in
+/// `dir` behind [`switched_sql_catalog`], whose switch is the fixture's.
+#[allow(dead_code)] // not every test binary including this module uses it
+pub async fn switched_fault_fixture(
+    dir: tempfile::TempDir,
+    warehouse: String,
+    options: Vec<(&'static str, String)>,
+    clock: dotdo_core::ManualClock,
+) -> dotdo_core::testkit::ColdFaultFixture {
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, slot) = switched_sql_catalog(uri, warehouse.clone());
+    let store = dotdo_iceberg::IcebergColdStore::builder(warehouse)
+        .options(options)
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .table(["kit"], "changes")
+        .with_clock(Arc::new(clock))
+        .build()
+        .await
+        .expect("open the iceberg cold store");
+    let lose = slot.lock().clone().expect("the catalog was built");
+    dotdo_core::testkit::ColdFaultFixture {
+        fixture: dotdo_core::testkit::ColdFixture {
+            sink: Arc::new(store.clone()),
+            accel: Some(Arc::new(store)),
+            keep_alive: Box::new(dir),
+        },
+        lose_next_reply: lose.switch.clone(),
+    }
+}
+
 /// [`lossy_sql_catalog`] whose errors are `retryable` to iceberg or not.
 #[allow(dead_code)] // not every test binary including this module uses it
 pub fn lossy_sql_catalog_with(
