@@ -125,16 +125,15 @@ impl HotStore for LibsqlStore {
         params.extend(args);
         params.push(Value::Integer(limit));
         let step = Step::new(sql, params);
+        let (object, range) = (t(object.as_str()), Arc::new(range));
         self.read("list", move |c| {
-            let step = step.clone();
+            let (step, object, range) = (step.clone(), object.clone(), range.clone());
             Box::pin(async move {
+                if c.is_remote() {
+                    return Ok(list_remote(c, object, range, limit).await?);
+                }
                 let rows = c.query(step).await?;
-                let out: libsql::Result<Vec<Entry>> = rows
-                    .iter()
-                    .map(|r| {
-                        Ok(Entry { key: text(r.first())?, value: Bytes::from(blob(r.get(1))?), seq: stored(r.get(2))? })
-                    })
-                    .collect();
+                let out: libsql::Result<Vec<Entry>> = rows.iter().map(entry).collect();
                 Ok(out?)
             })
         })
@@ -146,19 +145,24 @@ impl HotStore for LibsqlStore {
         // Over HTTP unless local: to a remote primary, or (`read_primary_in_replica`) a replica's primary.
         // At most READ_CHANGES_BYTES of values per read (at least one change); a drain reads on.
         // Over HTTP, one answer must also arrive within `request_timeout` (a drain's read of
-        // 100 000 changes of large values would time out on every attempt): the primary cuts
-        // it. A local file's rows are stepped through until the bound.
+        // 100 000 changes of large values would time out on every attempt) and stay under the
+        // primary's `max_response_size` (10 MB by default, which counts keys and the other
+        // columns too: 9 000 changes of 1 KiB keys and small values passed it): the primary cuts
+        // it at READ_CHANGES_BYTES of estimated answer (`answer_size!`). A local file's rows are
+        // stepped through until the bound.
         const BOUND: usize = dotdo_core::sql_schema::READ_CHANGES_BYTES;
         let local = self.inner.target_is_local();
         let step = if !local {
             Step::new(
                 concat!(
                     change_columns!(),
-                    " FROM (SELECT seq, key, op, value, token, ts, type, \
-                     sum(ifnull(length(value), 0)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) \
-                     - ifnull(length(value), 0) AS before \
+                    " FROM (SELECT seq, key, op, value, token, ts, type, ",
+                    answer_size!("type"),
+                    " AS size, sum(",
+                    answer_size!("type"),
+                    ") OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto \
                      FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) \
-                     WHERE before = 0 OR before + ifnull(length(value), 0) <= ?4 ORDER BY seq"
+                     WHERE upto = size OR upto <= ?4 ORDER BY seq"
                 ),
                 vec![t(object.as_str()), i(after), Value::Integer(limit), Value::Integer(BOUND as i64)],
             )
@@ -385,4 +389,71 @@ impl HotStore for LibsqlStore {
             _ => Err(self.pending_conflict(object, &format!("restore through seq {through_seq}")).await),
         }
     }
+}
+
+/// One listed entry: key, value, seq.
+fn entry(r: &crate::conn::Row) -> libsql::Result<Entry> {
+    Ok(Entry { key: text(r.first())?, value: Bytes::from(blob(r.get(1))?), seq: stored(r.get(2))? })
+}
+
+/// A listing from a remote primary, whose answers have a size limit (sqld's
+/// `max_response_size`, 10 MB by default; an object's entries may come to far more): read in
+/// pages of at most [`READ_CHANGES_BYTES`](dotdo_core::sql_schema::READ_CHANGES_BYTES) of
+/// estimated answer. A listing that fits in one page is that one round trip; a longer one is
+/// read again, every page inside one read transaction, so that the pages are one snapshot (no
+/// batch seen half-applied). The whole listing runs within one `request_timeout`.
+async fn list_remote(
+    c: &mut crate::conn::Conn,
+    object: Value,
+    range: Arc<KeyRange>,
+    limit: i64,
+) -> libsql::Result<Vec<Entry>> {
+    let (first, more) = list_page(c, &object, &range, limit).await?;
+    if !more {
+        return Ok(first);
+    }
+    drop(first);
+    c.in_read_transaction(|c| {
+        Box::pin(async move {
+            let mut out: Vec<Entry> = Vec::new();
+            let mut page_range = (*range).clone();
+            loop {
+                let left = if limit < 0 { -1 } else { limit - i64::try_from(out.len()).unwrap_or(i64::MAX) };
+                if left == 0 {
+                    return Ok(out);
+                }
+                let (page, more) = list_page(c, &object, &page_range, left).await?;
+                out.extend(page);
+                match (more, out.last()) {
+                    (true, Some(last)) => page_range.start = std::ops::Bound::Excluded(last.key.clone()),
+                    _ => return Ok(out),
+                }
+            }
+        })
+    })
+    .await
+}
+
+/// One page of [`list_remote`]: its entries, and whether the listing goes on after them.
+async fn list_page(
+    c: &mut crate::conn::Conn,
+    object: &Value,
+    range: &KeyRange,
+    limit: i64,
+) -> libsql::Result<(Vec<Entry>, bool)> {
+    let (sql, args) = range_page_sql(range);
+    let mut params = vec![object.clone()];
+    params.extend(args);
+    params.push(Value::Integer(limit));
+    params.push(Value::Integer(dotdo_core::sql_schema::READ_CHANGES_BYTES as i64));
+    let rows = c.query(Step::new(sql, params)).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        if int(r.get(3))? == 0 {
+            // The row after the last one that fits: the listing goes on.
+            return Ok((out, true));
+        }
+        out.push(entry(r)?);
+    }
+    Ok((out, false))
 }

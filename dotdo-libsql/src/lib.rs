@@ -52,8 +52,12 @@
 //!   lease's token first; a local write reads both). A refusal is
 //!   explained by reading the row on the primary and applying `rules` itself (`LeaseHeld`,
 //!   `LeaseLost`, `Fenced`).
-//! * Reads are cached prepared statements. Remotely libsql describes a statement once per
-//!   connection (one extra round trip the first time), then each read is one round trip.
+//! * Reads are cached prepared statements (an embedded replica's are prepared for each call).
+//!   Remotely libsql describes a statement once per connection (one extra round trip the first
+//!   time), then each read is one round trip. A remote primary's answers have a size limit
+//!   (sqld's `max_response_size`, 10 MB by default): listings and change reads are read in
+//!   pages of at most 8 MiB of estimated answer, a listing of several pages inside one read
+//!   transaction.
 //! * Calls on a local file run SQLite on the calling thread (libsql's local API is synchronous
 //!   inside its async functions); on a multi-threaded tokio runtime they run under
 //!   `block_in_place`, so a call waiting on a lock does not stall the worker's other tasks.

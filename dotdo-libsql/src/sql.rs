@@ -306,13 +306,67 @@ pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
 }
 
 pub(crate) fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
-    let mut sql = String::from(concat!(
-        "SELECT ",
-        text_column!("key"),
-        ", ",
-        value_column!("value"),
-        ", seq FROM do_state WHERE do_id = ?1"
-    ));
+    let (filter, args) = range_filter(range);
+    let sql = format!(
+        concat!(
+            "SELECT ",
+            text_column!("key"),
+            ", ",
+            value_column!("value"),
+            ", seq FROM do_state WHERE do_id = ?1{} ORDER BY key LIMIT ?{}"
+        ),
+        filter,
+        args.len() + 2
+    );
+    (sql, args)
+}
+
+/// The bytes a remote primary counts in its answer for a row of a listing or a change read
+/// (sqld's `max_response_size` check): its key's and value's bytes, those of the text columns
+/// named, and 256 for the rest (sqld counts an integer as `{"type":"integer", "value": "N"}`, a
+/// text as `{"type":"text","value":"…"}`, a blob by its length): a generous estimate.
+macro_rules! answer_size {
+    ($($text:literal),*) => {
+        concat!(
+            "(length(CAST(key AS BLOB)) + ifnull(length(CAST(value AS BLOB)), 0)",
+            $(" + ifnull(length(CAST(", $text, " AS BLOB)), 0)",)*
+            " + 256)"
+        )
+    };
+}
+pub(crate) use answer_size;
+
+/// A page of a remote listing (sqld refuses an answer over its `max_response_size`, 10 MB by
+/// default): the rows of [`range_sql`] (same parameters) until their estimated answer size would
+/// pass `?{n + 3}` bytes (at least one row), then the next row, if any, with `fits` 0 and no
+/// value: the listing goes on after the last row that fits. Columns: key, value, seq, fits.
+pub(crate) fn range_page_sql(range: &KeyRange) -> (String, Vec<Value>) {
+    let (filter, args) = range_filter(range);
+    let size = answer_size!();
+    let sql = format!(
+        concat!(
+            "SELECT k, CASE WHEN fits THEN v END, seq, fits FROM (",
+            "SELECT k, v, seq, sk, before, (before = 0 OR before + size <= ?{bound}) AS fits FROM (",
+            "SELECT ",
+            text_column!("key"),
+            " AS k, ",
+            value_column!("value"),
+            " AS v, seq, key AS sk, {size} AS size, ",
+            "sum({size}) OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) - {size} AS before ",
+            "FROM do_state WHERE do_id = ?1{filter} ORDER BY key LIMIT ?{limit})) ",
+            "WHERE before <= ?{bound} ORDER BY sk"
+        ),
+        size = size,
+        filter = filter,
+        limit = args.len() + 2,
+        bound = args.len() + 3,
+    );
+    (sql, args)
+}
+
+/// The `AND key …` conditions of `range` on `?2`, `?3` (after the object's `?1`) and their values.
+fn range_filter(range: &KeyRange) -> (String, Vec<Value>) {
+    let mut sql = String::new();
     let mut args = Vec::new();
     for (b, inc, exc) in [(&range.start, ">=", ">"), (&range.end, "<=", "<")] {
         match b {
@@ -327,6 +381,5 @@ pub(crate) fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
             Bound::Unbounded => {}
         }
     }
-    sql.push_str(&format!(" ORDER BY key LIMIT ?{}", args.len() + 2));
     (sql, args)
 }

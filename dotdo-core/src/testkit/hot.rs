@@ -461,6 +461,86 @@ pub async fn change_reads_page_through_values_at_the_limit(f: &HotFactory) {
     assert!(fx.hot.read_changes(&l.object, last_seq, 1000).await.expect("read at the end").is_empty());
 }
 
+/// An object of more than 14 MiB (2 000 keys of 1 KiB, then six values of the largest size) lists
+/// whole, in key order, also with a limit and over a sub-range, and its change log drains whole:
+/// a backend whose answers have a size limit (a remote primary's) must page them. Listings that
+/// run while batches keep rewriting its first and last keys together see both from one batch
+/// (the pages of one listing are one snapshot).
+pub async fn large_objects_list_and_drain_whole(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    const SMALL: usize = 2_000;
+    let pad = |i: usize| {
+        let k = format!("k{i:05}-");
+        let fill = crate::MAX_KEY_BYTES - k.len();
+        k + &"x".repeat(fill)
+    };
+    let big = |j: u8| Bytes::from(vec![j; MAX_VALUE_BYTES]);
+    let mut want: Vec<(String, Bytes)> = vec![("a-first".into(), b("v0"))];
+    want.extend((0..SMALL).map(|i| (pad(i), Bytes::from(format!("small-{i:05}")))));
+    want.extend((0..6u8).map(|j| (format!("m-big-{j}"), big(j))));
+    want.push(("zz-last".into(), b("v0")));
+    let batch = want.iter().fold(WriteBatch::new("T"), |b, (k, v)| b.put(k.clone(), v.clone()));
+    let r = fx.hot.write(&l.object, l.token, batch).await.expect("write a large object");
+    assert_eq!((r.first_seq, r.last_seq), (1, want.len() as u64));
+    // Compared by key, size and first byte (a failure must not print 20 MiB), then byte for byte.
+    let same = |got: &[crate::Entry], want: &[(String, Bytes)], what: &str| {
+        let keys = |k: &str| if k.len() > 40 { format!("{}…", &k[..8]) } else { k.to_string() };
+        let g: Vec<_> = got.iter().map(|e| (keys(&e.key), e.value.len(), e.value.first().copied())).collect();
+        let w: Vec<_> = want.iter().map(|(k, v)| (keys(k), v.len(), v.first().copied())).collect();
+        assert_eq!(g.len(), w.len(), "{what}: entries listed");
+        assert!(g == w, "{what}: the listing differs in keys or sizes");
+        for (e, (k, v)) in got.iter().zip(want) {
+            assert!(&e.key == k && e.value == v, "{what}: {} differs", keys(k));
+        }
+    };
+    let all = fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list a large object");
+    same(&all, &want, "everything");
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=want.len() as u64).collect::<Vec<_>>());
+    let limited = fx.hot.list(&l.object, KeyRange::all(), Some(SMALL + 3)).await.expect("list with a limit");
+    same(&limited, &want[..SMALL + 3], "with a limit");
+    let sub = fx.hot.list(&l.object, KeyRange::between(pad(1_000), "m-big-4"), None).await.expect("list a range");
+    same(&sub, &want[1_001..SMALL + 5], "a sub-range");
+    let log = changes(&*fx.hot, &l.object, 0, usize::MAX).await.expect("drain the change log");
+    let logged: Vec<(String, Bytes)> = log.iter().map(|c| (c.key.clone(), c.value.clone())).collect();
+    assert!(logged == want, "the change log differs ({} changes of {})", logged.len(), want.len());
+    assert_eq!(log.iter().map(|c| c.seq).collect::<Vec<_>>(), (1..=want.len() as u64).collect::<Vec<_>>());
+
+    // Listings while batches rewrite the first and last keys together.
+    const ROUNDS: u64 = 6;
+    let rounds = Rounds::default();
+    let writer = {
+        let (hot, l, rounds) = (fx.hot.clone(), l.clone(), rounds.clone());
+        tokio::spawn(async move {
+            for i in 1..=ROUNDS {
+                let v = Bytes::from(format!("v{i}"));
+                hot.write(&l.object, l.token, WriteBatch::new("T").put("a-first", v.clone()).put("zz-last", v))
+                    .await
+                    .expect("write");
+                if i % 3 == 0 {
+                    rounds.wait_for_a_whole_round().await;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut reads = 0u32;
+    loop {
+        let finished = writer.is_finished();
+        let listed = fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list");
+        assert_eq!(listed.len(), want.len(), "read {reads}");
+        let (first, last) = (&listed[0], &listed[want.len() - 1]);
+        assert_eq!((first.key.as_str(), last.key.as_str()), ("a-first", "zz-last"));
+        assert_eq!(first.value, last.value, "the first and last keys listed from different batches (read {reads})");
+        reads += 1;
+        rounds.done();
+        if finished {
+            break;
+        }
+    }
+    writer.await.expect("writer");
+}
+
 /// Objects with untruncated changes are listed in id order, with paging.
 pub async fn pending_objects_are_listed_until_truncated(f: &HotFactory) {
     let (fx, _) = open(f).await;

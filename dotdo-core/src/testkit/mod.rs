@@ -988,6 +988,7 @@ macro_rules! __hot_cases {
             limits_count_bytes_and_type_names_are_checked,
             truncation_concurrent_with_writes_loses_no_change,
             change_reads_page_through_values_at_the_limit,
+            large_objects_list_and_drain_whole,
             a_batch_is_atomic_to_concurrent_readers,
             evict_and_restore_keep_the_lease,
             refused_batches_under_a_higher_token_change_nothing,

@@ -2,13 +2,15 @@
 //! file, for tests of the remote code path without a real server. It implements what the libsql
 //! client sends for `execute_batch`: `POST /v3/pipeline` with `batch` (conditional steps),
 //! `execute`, `sequence`, `get_autocommit` and `close` requests, streams with batons, and bearer
-//! auth. It counts pipeline requests, i.e. HTTP round trips.
+//! auth. It counts pipeline requests, i.e. HTTP round trips. Like sqld, it refuses an answer
+//! over its response size limit (sqld's default `max_response_size`, 10 MB, counted as sqld
+//! counts it) with `RESPONSE_TOO_LARGE`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,8 +37,14 @@ struct State {
     /// cleaned up 5 minutes after it expired, or a server restarted): HTTP 400 with the protocol
     /// error as plain text, not `STREAM_EXPIRED`.
     unknown_batons: AtomicBool,
+    /// sqld's `max_response_size`: the most bytes of one request's answers (a batch's steps
+    /// together), as sqld estimates them.
+    max_response: AtomicU64,
     stop: AtomicBool,
 }
+
+/// sqld's default `max_response_size` ("10MB").
+pub const SQLD_MAX_RESPONSE_SIZE: u64 = 10_000_000;
 
 /// A running fake server; stops accepting when dropped.
 pub struct HranaServer {
@@ -65,6 +73,7 @@ impl HranaServer {
             hang_replies: AtomicUsize::new(0),
             hang_others: AtomicBool::new(false),
             unknown_batons: AtomicBool::new(false),
+            max_response: AtomicU64::new(SQLD_MAX_RESPONSE_SIZE),
             stop: AtomicBool::new(false),
         });
         let s = state.clone();
@@ -121,6 +130,12 @@ impl HranaServer {
     pub fn forget_streams(&self) -> usize {
         self.state.unknown_batons.store(true, Ordering::SeqCst);
         self.expire_streams()
+    }
+
+    /// Set the response size limit (sqld's `--max-response-size`).
+    #[allow(dead_code)] // used by the remote tests only, not by every test binary
+    pub fn set_max_response_size(&self, bytes: u64) {
+        self.state.max_response.store(bytes, Ordering::SeqCst);
     }
 
     /// Pipeline requests (HTTP round trips) served so far.
@@ -277,6 +292,7 @@ fn cursor(state: &State, req: CursorReqBody) -> Result<String, HError> {
     let conn = stream_conn(state, &req.baton)?;
     let mut entries = Vec::new();
     let mut result = BatchResult { step_results: Vec::new(), step_errors: Vec::new(), replication_index: None };
+    let mut budget = Budget::new(state);
     for (i, step) in req.batch.steps.into_iter().enumerate() {
         let step_no = u32::try_from(i).expect("few steps");
         if !step.condition.as_ref().is_none_or(|c| cond(c, &result, &conn)) {
@@ -284,7 +300,7 @@ fn cursor(state: &State, req: CursorReqBody) -> Result<String, HError> {
             result.step_errors.push(None);
             continue;
         }
-        match exec(&conn, &step.stmt) {
+        match exec(&conn, &step.stmt).and_then(|r| budget.spend(r)) {
             Ok(r) => {
                 entries.push(CursorEntry::StepBegin(StepBeginEntry { step: step_no, cols: r.cols.clone() }));
                 for row in &r.rows {
@@ -337,6 +353,8 @@ fn pipeline(state: &State, req: PipelineReqBody) -> PipelineRespBody {
             StreamRequest::Batch(b) => {
                 let mut result =
                     BatchResult { step_results: Vec::new(), step_errors: Vec::new(), replication_index: None };
+                let mut budget = Budget::new(state);
+                let mut too_large = None;
                 for step in b.batch.steps {
                     let run = step.condition.as_ref().is_none_or(|c| cond(c, &result, &conn));
                     if !run {
@@ -345,21 +363,31 @@ fn pipeline(state: &State, req: PipelineReqBody) -> PipelineRespBody {
                         continue;
                     }
                     match exec(&conn, &step.stmt) {
-                        Ok(r) => {
-                            result.step_results.push(Some(r));
-                            result.step_errors.push(None);
-                        }
+                        Ok(r) => match budget.spend(r) {
+                            Ok(r) => {
+                                result.step_results.push(Some(r));
+                                result.step_errors.push(None);
+                            }
+                            // sqld stops the whole batch there: the request fails.
+                            Err(e) => {
+                                too_large = Some(e);
+                                break;
+                            }
+                        },
                         Err(e) => {
                             result.step_results.push(None);
                             result.step_errors.push(Some(e));
                         }
                     }
                 }
-                Ok(StreamResponse::Batch(BatchStreamResp { result }))
+                match too_large {
+                    Some(e) => Err(e),
+                    None => Ok(StreamResponse::Batch(BatchStreamResp { result })),
+                }
             }
-            StreamRequest::Execute(e) => {
-                exec(&conn, &e.stmt).map(|result| StreamResponse::Execute(ExecuteStreamResp { result }))
-            }
+            StreamRequest::Execute(e) => exec(&conn, &e.stmt)
+                .and_then(|r| Budget::new(state).spend(r))
+                .map(|result| StreamResponse::Execute(ExecuteStreamResp { result })),
             StreamRequest::Sequence(s) => block_on(conn.execute_batch(s.sql.as_deref().unwrap_or("")))
                 .map(|_| StreamResponse::Sequence(SequenceStreamResp {}))
                 .map_err(herr),
@@ -477,4 +505,56 @@ fn exec(conn: &libsql::Connection, stmt: &Stmt) -> Result<StmtResult, HError> {
             query_duration_ms: 0.0,
         })
     })
+}
+
+/// What is left of one request's answer size limit.
+struct Budget {
+    left: u64,
+}
+
+impl Budget {
+    fn new(state: &State) -> Budget {
+        Budget { left: state.max_response.load(Ordering::SeqCst) }
+    }
+
+    /// `r`, if its answer fits in what is left (then taken from it); else sqld's error.
+    fn spend(&mut self, r: StmtResult) -> Result<StmtResult, HError> {
+        let size = answer_size(&r);
+        if size > self.left {
+            return Err(HError { message: "Response is too large".into(), code: "RESPONSE_TOO_LARGE".into() });
+        }
+        self.left -= size;
+        Ok(r)
+    }
+}
+
+/// The size of a statement's answer as sqld estimates it (libsql-server `hrana/result_builder.rs`:
+/// each column's `{"name":…,"decltype":…}`, each value's JSON, a blob by its length).
+fn answer_size(r: &StmtResult) -> u64 {
+    let cols: usize = r
+        .cols
+        .iter()
+        .map(|c| {
+            format!(
+                r#"{{"name":"{}","decltype":"{}"}}"#,
+                c.name.as_deref().unwrap_or(""),
+                c.decltype.as_deref().unwrap_or("null")
+            )
+            .len()
+        })
+        .sum();
+    let values: usize = r
+        .rows
+        .iter()
+        .flat_map(|row| row.values.iter())
+        .map(|v| match v {
+            HValue::Null => r#"{"type":"null"}"#.len(),
+            HValue::Integer { value } => format!(r#"{{"type":"integer", "value": "{value}"}}"#).len(),
+            HValue::Float { value } => format!(r#"{{"type":"integer","value": {value}"}}"#).len(),
+            HValue::Text { value } => format!(r#"{{"type":"text","value":"{value}"}}"#).len(),
+            HValue::Blob { value } => value.len(),
+            _ => 0,
+        })
+        .sum();
+    (cols + values) as u64
 }
