@@ -107,7 +107,7 @@ impl StoreRoot {
             // (`vars_os`: `vars` panics on a variable that is not UTF-8.)
             let env = std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-                .filter(|(k, _)| ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| k.starts_with(p)));
+                .filter(|(k, _)| secret_env_var(k));
             let values: Vec<String> =
                 options.iter().cloned().chain(env).map(|(_, v)| v).filter(|v| v.len() >= 4).collect();
             let shown = crate::error::redact(&e.to_string(), &values);
@@ -216,32 +216,56 @@ fn cloud_store_from_env(url: &Url) -> Option<std::result::Result<Box<dyn ObjectS
     }
 }
 
+/// Whether the environment variable `name` is one a cloud store reads its configuration from
+/// (object_store's `from_env`: `AWS_*`, `GOOGLE_*`, `AZURE_*`, and GCS's `SERVICE_ACCOUNT`), whose
+/// value an error must not show.
+fn secret_env_var(name: &str) -> bool {
+    name == "SERVICE_ACCOUNT" || ["AWS_", "GOOGLE_", "AZURE_"].iter().any(|p| name.starts_with(p))
+}
+
 /// Refuse options the warehouse's store would ignore: `object_store` drops keys it cannot parse,
-/// so a misspelt `aws_endpoint` would quietly send requests to AWS.
+/// so a misspelt `aws_endpoint` would quietly send requests to AWS; and the bucket (container)
+/// options, which the warehouse URL names and overrides (`s3://staging/wh` with
+/// `aws_bucket=prod` wrote to `staging`).
 fn check_options(url: &Url, options: &[(String, String)]) -> Result<()> {
     use object_store::ObjectStoreScheme as S;
     let Some((first, _)) = options.first() else { return Ok(()) };
     let unknown = |key: &str, store: &str| {
         Error::invalid(format!("warehouse {url}: {store} has no option {key:?} (see object_store's config keys)"))
     };
+    #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
+    let named_by_url = |key: &str| {
+        Error::invalid(format!(
+            "warehouse {url}: option {key:?} names the bucket or container, which the warehouse URL names (the URL's wins): leave it out"
+        ))
+    };
     match object_store::ObjectStoreScheme::parse(url) {
         Ok((S::Local | S::Memory, _)) => return Err(unknown(first, "a local or in-memory warehouse")),
         #[cfg(feature = "s3")]
         Ok((S::AmazonS3, _)) => {
             for (key, _) in options {
-                key.parse::<object_store::aws::AmazonS3ConfigKey>().map_err(|_| unknown(key, "S3"))?;
+                let parsed = key.parse::<object_store::aws::AmazonS3ConfigKey>().map_err(|_| unknown(key, "S3"))?;
+                if parsed == object_store::aws::AmazonS3ConfigKey::Bucket {
+                    return Err(named_by_url(key));
+                }
             }
         }
         #[cfg(feature = "gcs")]
         Ok((S::GoogleCloudStorage, _)) => {
             for (key, _) in options {
-                key.parse::<object_store::gcp::GoogleConfigKey>().map_err(|_| unknown(key, "GCS"))?;
+                let parsed = key.parse::<object_store::gcp::GoogleConfigKey>().map_err(|_| unknown(key, "GCS"))?;
+                if parsed == object_store::gcp::GoogleConfigKey::Bucket {
+                    return Err(named_by_url(key));
+                }
             }
         }
         #[cfg(feature = "azure")]
         Ok((S::MicrosoftAzure, _)) => {
             for (key, _) in options {
-                key.parse::<object_store::azure::AzureConfigKey>().map_err(|_| unknown(key, "Azure"))?;
+                let parsed = key.parse::<object_store::azure::AzureConfigKey>().map_err(|_| unknown(key, "Azure"))?;
+                if parsed == object_store::azure::AzureConfigKey::ContainerName {
+                    return Err(named_by_url(key));
+                }
             }
         }
         // `memory://name` (a host) and schemes whose store is not compiled in: opening fails
@@ -1046,11 +1070,53 @@ mod tests {
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput);
         assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
         assert!(e.to_string().contains("<redacted>"), "{e}");
+        // The bucket is the URL's: an option naming another one is refused, in any spelling.
+        for key in ["aws_bucket", "aws_bucket_name", "bucket", "bucket_name"] {
+            let e = StoreRoot::open("s3://staging/wh", [(key, "prod")]).expect_err(key);
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{key}: {e}");
+            assert!(e.to_string().contains("names the bucket"), "{key}: {e}");
+        }
         let e = StoreRoot::open("memory://wh", [("aws_region", "x")]).expect_err("memory takes none");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput);
         let dir = tempfile::tempdir().expect("tempdir");
         let e = StoreRoot::open(dir.path().to_str().expect("utf-8"), [("k", "v")]).expect_err("local takes none");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn cloud_configuration_variables_are_secret() {
+        for name in
+            ["AWS_SECRET_ACCESS_KEY", "GOOGLE_SERVICE_ACCOUNT_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "SERVICE_ACCOUNT"]
+        {
+            assert!(secret_env_var(name), "{name}");
+        }
+        assert!(!secret_env_var("HOME") && !secret_env_var("SERVICE_ACCOUNTS"));
+    }
+
+    /// GCS reads `SERVICE_ACCOUNT` as a key file's path; a key pasted there is quoted by the
+    /// error of a file that cannot be opened: never shown. (The only test here that touches
+    /// the variable.)
+    #[cfg(feature = "gcs")]
+    #[test]
+    fn a_gcs_key_in_service_account_is_not_shown() {
+        std::env::set_var("SERVICE_ACCOUNT", r#"{"private_key": "s3cr3t-key"}"#);
+        let e = StoreRoot::open("gs://bkt/wh", std::iter::empty::<(&str, String)>()).expect_err("no such key file");
+        std::env::remove_var("SERVICE_ACCOUNT");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
+        assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
+        // The other stores' bucket options are refused as S3's are.
+        let e = StoreRoot::open("gs://bkt/wh", [("google_bucket", "other")]).expect_err("bucket option");
+        assert!(e.to_string().contains("names the bucket"), "{e}");
+    }
+
+    #[cfg(feature = "azure")]
+    #[test]
+    fn an_azure_container_option_is_refused() {
+        let e =
+            StoreRoot::open("az://ctr/wh", [("azure_storage_account_name", "acct"), ("azure_container_name", "other")])
+                .expect_err("container option");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("names the bucket or container"), "{e}");
     }
 
     #[test]
