@@ -815,6 +815,16 @@ mod tests {
         let o = ObjectId::new("o").expect("id");
         let e = cold.watermark(&o).await.expect_err("unknown watermarks");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        // Reads of records alone too: the accelerator's lookups and scans, and change reads.
+        use dotdo_core::{AsOf, ColdSink, IndexAccelerator, ScanQuery};
+        let e = cold.lookup(&o, "k", AsOf::Latest).await.expect_err("a lookup of the new history");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.scan(ScanQuery::object(o.clone())).await.expect_err("a scan of it");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.load_state(&o, AsOf::Latest).await.expect_err("its state");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.read_changes(&o, 0, AsOf::Latest).await.expect_err("its changes");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
         let e = cold.append(crate::commit::tests::batch("o", 1)).await.expect_err("a replay");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
         // A read as of a time before the new history began: dotdo's old state, not nothing.

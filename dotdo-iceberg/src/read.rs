@@ -220,6 +220,11 @@ impl BloomCache {
         // The filter's blocks, and what its entry holds besides: the key's path (a filter of
         // one 32-byte block is common, its key several times that) and the map's slot.
         let size = v.num_blocks() * 32 + k.0.len() + ENTRY_OVERHEAD;
+        if size > BLOOM_CACHE_BYTES {
+            // Larger than the whole cache (another writer's filter of up to 128 MiB): used once,
+            // not kept (kept, it held the cache over its bound, and emptied it at every put).
+            return;
+        }
         if self.bytes + size > BLOOM_CACHE_BYTES {
             self.map.clear();
             self.bytes = 0;
@@ -993,6 +998,9 @@ impl IcebergColdStore {
         let sw = Stopwatch::start(self.inner.clock.clone());
         let read_on = |table: Table| async move {
             let snap = Self::resolve(&table, as_of)?;
+            if let Some(s) = &snap {
+                crate::store::check_history(table.metadata(), s)?;
+            }
             self.read_at(snap.as_ref(), self.records_of(&table, snap.as_ref(), object, filter)).await
         };
         let (records, mut stats) = if self.inner.settings.refresh_reads {
@@ -1217,6 +1225,11 @@ mod tests {
         let held: usize = c.map.keys().map(|k| 32 + k.0.len() + ENTRY_OVERHEAD).sum();
         assert_eq!(c.bytes, held, "each entry counts its key and slot, not only its 32-byte filter");
         assert!(c.bytes > 1000 * 200, "{} bytes counted", c.bytes);
+        // A filter larger than the whole cache is not kept, nor does it empty the cache.
+        let before = c.map.len();
+        c.put(("huge".to_string(), 0, 0), Arc::new(Sbbf::new_with_num_of_bytes(BLOOM_CACHE_BYTES)));
+        assert!(c.bytes <= BLOOM_CACHE_BYTES && c.get(&("huge".to_string(), 0, 0)).is_none(), "{} bytes", c.bytes);
+        assert_eq!(c.map.len(), before, "the cached filters stay");
     }
 
     #[test]

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use iceberg::io::{FileMetadata, FileRead, FileWrite, InputFile, OutputFile, Storage, StorageConfig, StorageFactory};
-use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::ObjectStore;
 use url::Url;
@@ -486,9 +485,17 @@ pub(crate) fn check_range_read(path: &Path, range: &Range<u64>, bytes: &Bytes) -
     Ok(())
 }
 
-/// Above this many bytes, [`Storage::write`] uploads in parts (the streamed writer's buffer,
-/// `object_store`'s `BufWriter` default: a payload up to it is one PUT there too).
-const LARGE_WRITE: usize = 10 * 1024 * 1024;
+/// Above this many bytes, [`Storage::write`] uploads in parts (the streamed writer's part size:
+/// a payload up to it is one PUT there too).
+const LARGE_WRITE: usize = PART_BYTES;
+
+/// The part size of a streamed writer's multipart upload (S3 needs 5 MiB or more for every part
+/// but the last; `object_store`'s `BufWriter` uses 10 MiB). A file of at most this many bytes is
+/// one PUT (a written file: larger ones are sent in parts of exactly this size, then the rest).
+const PART_BYTES: usize = 10 * 1024 * 1024;
+
+/// Parts of one multipart upload in flight at once (as `BufWriter`'s default).
+const PARTS_IN_FLIGHT: usize = 8;
 
 fn os_err(e: object_store::Error) -> iceberg::Error {
     iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("object store: {e}")).with_source(e)
@@ -655,9 +662,17 @@ impl Storage for ObjectStoreStorage {
 
     async fn writer(&self, path: &str) -> iceberg::Result<Box<dyn FileWrite>> {
         let key = self.key(path)?;
-        let writer = BufWriter::new(self.store.clone(), key.clone());
-        let sync = self.sync.is_some().then(|| (self.clone(), key, path.to_string()));
-        Ok(Box::new(OsWrite { writer: Some(writer), sync }))
+        let sync = self.sync.is_some().then(|| (self.clone(), key.clone(), path.to_string()));
+        Ok(Box::new(OsWrite {
+            store: self.store.clone(),
+            key,
+            pending: std::collections::VecDeque::new(),
+            pending_len: 0,
+            upload: None,
+            parts: tokio::task::JoinSet::new(),
+            closed: false,
+            sync,
+        }))
     }
 
     async fn delete(&self, path: &str) -> iceberg::Result<()> {
@@ -733,39 +748,151 @@ impl FileRead for OsRead {
     }
 }
 
-/// Streams a file through `object_store`'s `BufWriter` (one put when small, multipart when
-/// large); with `sync`, fsyncs it once complete.
+/// Streams a file to the store: one PUT when it comes to at most [`PART_BYTES`], else a
+/// multipart upload whose parts go up on tasks of their own, at most [`PARTS_IN_FLIGHT`] at once;
+/// with `sync`, fsyncs it once complete. Written here rather than with `object_store`'s
+/// `BufWriter`, which cannot abort an upload once its shutdown began: a part that failed (most
+/// surface only then) or a close given up midway left the upload's parts on the store (billed on
+/// S3 and GCS until a lifecycle rule removes them). Here every failure, and a writer dropped
+/// unfinished, aborts the upload (after stopping the parts in flight).
 struct OsWrite {
-    writer: Option<BufWriter>,
+    store: Arc<dyn ObjectStore>,
+    key: Path,
+    /// Bytes written and not yet sent.
+    pending: std::collections::VecDeque<Bytes>,
+    pending_len: usize,
+    /// The multipart upload, once the file outgrew one part, until it completed or was aborted.
+    upload: Option<Box<dyn object_store::MultipartUpload>>,
+    /// Part uploads in flight.
+    parts: tokio::task::JoinSet<object_store::Result<()>>,
+    /// Closed, or abandoned after a failure.
+    closed: bool,
     sync: Option<(ObjectStoreStorage, Path, String)>,
+}
+
+impl OsWrite {
+    fn closed_error() -> iceberg::Error {
+        iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed")
+    }
+
+    /// The first `n` pending bytes (all of them if fewer).
+    fn take_pending(&mut self, n: usize) -> object_store::PutPayload {
+        let mut chunks = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let Some(mut chunk) = self.pending.pop_front() else { break };
+            if chunk.len() > left {
+                self.pending.push_front(chunk.split_off(left));
+            }
+            left -= chunk.len();
+            self.pending_len -= chunk.len();
+            chunks.push(chunk);
+        }
+        chunks.into_iter().collect()
+    }
+
+    /// Start the upload of one part (beginning the multipart upload with the first), after
+    /// waiting for room among the parts in flight.
+    async fn send_part(&mut self, part: object_store::PutPayload) -> object_store::Result<()> {
+        while let Some(done) = self.parts.try_join_next() {
+            part_result(done)?;
+        }
+        while self.parts.len() >= PARTS_IN_FLIGHT {
+            match self.parts.join_next().await {
+                Some(done) => part_result(done)?,
+                None => break,
+            }
+        }
+        if self.upload.is_none() {
+            self.upload = Some(self.store.put_multipart(&self.key).await?);
+        }
+        if let Some(upload) = self.upload.as_mut() {
+            self.parts.spawn(upload.put_part(part));
+        }
+        Ok(())
+    }
+
+    /// Send what is pending and complete the upload (one PUT if no upload began).
+    async fn finish(&mut self) -> object_store::Result<()> {
+        if self.upload.is_none() {
+            let payload = self.take_pending(self.pending_len);
+            self.store.put(&self.key, payload).await?;
+            return Ok(());
+        }
+        if self.pending_len > 0 {
+            let part = self.take_pending(self.pending_len);
+            self.send_part(part).await?;
+        }
+        while let Some(done) = self.parts.join_next().await {
+            part_result(done)?;
+        }
+        if let Some(upload) = self.upload.as_mut() {
+            upload.complete().await?;
+        }
+        // Complete: nothing left to abort.
+        self.upload = None;
+        Ok(())
+    }
+
+    /// Give the file up after a failure: stop the parts in flight and abort the upload.
+    async fn abandon(&mut self) {
+        self.closed = true;
+        // The parts in flight are stopped before the abort (one landing after it would stay).
+        self.parts.shutdown().await;
+        self.pending.clear();
+        self.pending_len = 0;
+        if let Some(mut upload) = self.upload.take() {
+            let _ = upload.abort().await;
+        }
+    }
+}
+
+/// A part upload's outcome (a task that panicked or was cancelled is a failed part).
+fn part_result(
+    done: std::result::Result<object_store::Result<()>, tokio::task::JoinError>,
+) -> object_store::Result<()> {
+    done.unwrap_or_else(|e| {
+        Err(object_store::Error::Generic {
+            store: "multipart upload",
+            source: format!("a part upload ended: {e}").into(),
+        })
+    })
 }
 
 #[async_trait]
 impl FileWrite for OsWrite {
     async fn write(&mut self, bs: Bytes) -> iceberg::Result<()> {
-        let w =
-            self.writer.as_mut().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
-        match w.put(bs).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // The file is abandoned: a multipart upload begun for it is aborted (its parts
-                // are billed until then on S3 and GCS).
-                if let Some(mut w) = self.writer.take() {
-                    let _ = w.abort().await;
-                }
-                Err(os_err(e))
+        if self.closed {
+            return Err(Self::closed_error());
+        }
+        self.pending_len += bs.len();
+        self.pending.push_back(bs);
+        // Marked closed while parts are taken and sent: a write dropped midway (its part taken
+        // from `pending`, perhaps never sent) leaves a writer that refuses to go on (and aborts
+        // its upload when dropped), never one that would complete a file without that part.
+        self.closed = true;
+        while self.pending_len > PART_BYTES {
+            let part = self.take_pending(PART_BYTES);
+            if let Err(e) = self.send_part(part).await {
+                self.abandon().await;
+                return Err(os_err(e));
             }
         }
+        self.closed = false;
+        Ok(())
     }
 
     async fn close(&mut self) -> iceberg::Result<()> {
-        use tokio::io::AsyncWriteExt;
-        let mut w =
-            self.writer.take().ok_or_else(|| iceberg::Error::new(iceberg::ErrorKind::Unexpected, "writer closed"))?;
-        // Note: `BufWriter::abort` panics once shutdown has started, so a failed shutdown is
-        // only reported; its unfinished multipart upload is left to the store's lifecycle rules
-        // (a failed write, or a writer dropped unfinished, aborts it).
-        w.shutdown().await.map_err(io_err)?;
+        if self.closed {
+            return Err(Self::closed_error());
+        }
+        // Dropped midway (a caller's timeout), the writer still holds the upload: its `Drop`
+        // aborts it (and, closed, it refuses to be closed again).
+        self.closed = true;
+        if let Err(e) = self.finish().await {
+            self.abandon().await;
+            return Err(os_err(e));
+        }
         match &self.sync {
             Some((storage, key, path)) => storage.synced(key, path).await,
             None => Ok(()),
@@ -774,27 +901,17 @@ impl FileWrite for OsWrite {
 }
 
 /// A writer dropped unfinished (its caller gave up, a failed sibling's task was aborted) aborts
-/// its multipart upload, if it began one, on the runtime it ran on.
+/// its multipart upload, if it began one, on the runtime it ran on (the parts in flight are
+/// stopped as their `JoinSet` drops).
 impl Drop for OsWrite {
     fn drop(&mut self) {
-        if let (Some(mut w), Ok(rt)) = (self.writer.take(), tokio::runtime::Handle::try_current()) {
+        if let (Some(mut upload), Ok(rt)) = (self.upload.take(), tokio::runtime::Handle::try_current()) {
+            let mut parts = std::mem::take(&mut self.parts);
             drop(rt.spawn(async move {
-                let _ = w.abort().await;
+                parts.shutdown().await;
+                let _ = upload.abort().await;
             }));
         }
-    }
-}
-
-/// `BufWriter` reports object-store failures as `std::io::Error` wrapping the original; unwrap it
-/// so the classification sees the object-store error.
-fn io_err(e: std::io::Error) -> iceberg::Error {
-    match e.into_inner() {
-        Some(inner) => match inner.downcast::<object_store::Error>() {
-            Ok(os) => os_err(*os),
-            Err(other) => iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("upload failed: {other}"))
-                .with_source(std::io::Error::other(other)),
-        },
-        None => iceberg::Error::new(iceberg::ErrorKind::Unexpected, "upload failed"),
     }
 }
 

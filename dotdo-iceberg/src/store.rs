@@ -1796,28 +1796,7 @@ impl IcebergColdStore {
                 // have dropped an object's newest records (a delete and what it deleted), and a
                 // restore must continue after the watermark, never reuse its sequence numbers.
                 let md = table.metadata();
-                let wm = match self.watermark_in(md, s, object).await {
-                    // An older snapshot another engine wrote over a dotdo snapshot its expiry
-                    // removed (the table's last-commit property names a later one): its history
-                    // is expired, as for any expired snapshot, not damage (it read `Corrupt`).
-                    // Damaged watermarks (a checkpoint, the property itself) stay `Corrupt`.
-                    Err(e)
-                        if e.kind() == &ErrorKind::Corrupt
-                            && md.current_snapshot_id() != Some(s.snapshot_id())
-                            && crate::summary::history_expired_below(md, s) =>
-                    {
-                        return Err(Error::new(
-                            ErrorKind::NotFound,
-                            format!(
-                                "snapshot {}: the dotdo snapshot below it was expired, so its watermarks are \
-                                 unknown (its history is expired); read a later snapshot",
-                                s.snapshot_id()
-                            ),
-                        )
-                        .with_source(e));
-                    }
-                    r => r?,
-                };
+                let wm = self.watermark_in(md, s, object).await.map_err(|e| history_error(md, s, e))?;
                 through = through.max(wm.through);
             }
             Ok::<_, Error>((entries, through))
@@ -1826,7 +1805,8 @@ impl IcebergColdStore {
         Ok(ColdState { entries, through, snapshot: snap.map(|s| s.snapshot_id()) })
     }
 
-    /// The changes of `object` with `seq > after` (and `seq <= through`), as of a snapshot. Files
+    /// The changes of `object` with `seq > after` (and `seq <= through`), as of a snapshot (whose
+    /// history must be dotdo's: [`check_history`]). Files
     /// whose sequence bounds lie outside the range are not opened; rows outside it are dropped as
     /// each batch is decoded.
     async fn changes_between(
@@ -1838,6 +1818,9 @@ impl IcebergColdStore {
     ) -> Result<Vec<ChangeRecord>> {
         let table = self.read_table().await?;
         let snap = Self::resolve(&table, as_of)?;
+        if let Some(s) = &snap {
+            check_history(table.metadata(), s)?;
+        }
         let filter =
             crate::read::Filter { min_seq: Some(after.saturating_add(1)), max_seq: through, ..Default::default() };
         let read = self.records_of(&table, snap.as_ref(), object, &filter);
@@ -1965,6 +1948,37 @@ fn metadata_version(location: Option<&str>) -> Option<i64> {
 /// kit's rule for backends).
 pub(crate) async fn retry_pause(d: Duration) {
     dotdo_core::SystemClock::new().sleep(dotdo_core::retry::jittered(d)).await;
+}
+
+/// Refuse a read of snapshot `s` whose history is not dotdo's to read, as the watermark reads of
+/// [`load_state`](dotdo_core::ColdSink::load_state) do ([`crate::summary::dotdo_base`]): a history
+/// another engine replaced, or a broken or looping parent chain, is `Corrupt`; an older snapshot
+/// whose dotdo base another engine's expiry removed is `NotFound` ([`history_error`]). Reads of
+/// records alone (lookups, scans, change reads) answered from such a history without a word.
+pub(crate) fn check_history(md: &iceberg::spec::TableMetadata, s: &iceberg::spec::SnapshotRef) -> Result<()> {
+    crate::summary::dotdo_base(md, s).map(|_| ()).map_err(|e| history_error(md, s, e))
+}
+
+/// The error of a read of snapshot `s` whose watermarks could not be read (`e`): an older
+/// snapshot another engine wrote over a dotdo snapshot its expiry removed (the table's
+/// last-commit property names a later one) has an expired history, as any expired snapshot,
+/// not damage: `NotFound`. Damaged watermarks (a checkpoint, the property itself) stay `Corrupt`.
+fn history_error(md: &iceberg::spec::TableMetadata, s: &iceberg::spec::SnapshotRef, e: Error) -> Error {
+    if e.kind() == &ErrorKind::Corrupt
+        && md.current_snapshot_id() != Some(s.snapshot_id())
+        && crate::summary::history_expired_below(md, s)
+    {
+        return Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "snapshot {}: the dotdo snapshot below it was expired, so its watermarks are unknown (its \
+                 history is expired); read a later snapshot",
+                s.snapshot_id()
+            ),
+        )
+        .with_source(e);
+    }
+    e
 }
 
 #[cfg(test)]

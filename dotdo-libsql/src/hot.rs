@@ -164,7 +164,12 @@ impl HotStore for LibsqlStore {
                      FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) \
                      WHERE upto = size OR upto <= ?4 ORDER BY seq"
                 ),
-                vec![t(object.as_str()), i(after), Value::Integer(limit), Value::Integer(BOUND as i64)],
+                vec![
+                    t(object.as_str()),
+                    i(after),
+                    Value::Integer(page_rows(BOUND, limit)),
+                    Value::Integer(BOUND as i64),
+                ],
             )
         } else {
             Step::new(
@@ -444,8 +449,9 @@ async fn list_page(
     let (sql, args) = range_page_sql(range);
     let mut params = vec![object.clone()];
     params.extend(args);
-    params.push(Value::Integer(limit));
-    params.push(Value::Integer(dotdo_core::sql_schema::READ_CHANGES_BYTES as i64));
+    const BOUND: usize = dotdo_core::sql_schema::READ_CHANGES_BYTES;
+    params.push(Value::Integer(page_rows(BOUND, limit)));
+    params.push(Value::Integer(BOUND as i64));
     let rows = c.query(Step::new(sql, params)).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {

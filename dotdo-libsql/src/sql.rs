@@ -325,14 +325,29 @@ pub(crate) fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
 /// (sqld's `max_response_size` check): its key's and value's bytes, those of the text columns
 /// named, and 256 for the rest (sqld counts an integer as `{"type":"integer", "value": "N"}`, a
 /// text as `{"type":"text","value":"…"}`, a blob by its length): a generous estimate.
+/// (A blob's length is read from its header: `length(value)` of a blob loads none of it, where
+/// a CAST would load every value of the range.)
 macro_rules! answer_size {
     ($($text:literal),*) => {
         concat!(
-            "(length(CAST(key AS BLOB)) + ifnull(length(CAST(value AS BLOB)), 0)",
+            "(length(CAST(key AS BLOB)) + CASE typeof(value) WHEN 'blob' THEN length(value) \
+             ELSE ifnull(length(CAST(value AS BLOB)), 0) END",
             $(" + ifnull(length(CAST(", $text, " AS BLOB)), 0)",)*
             " + 256)"
         )
     };
+}
+
+/// The most rows of one page of a remote listing or change read that can fit its bound (each
+/// counts at least 256 bytes, [`answer_size!`]), plus the one that does not: the rows a page's
+/// query steps through (without it, every page summed the sizes of the whole rest of the range).
+pub(crate) fn page_rows(bound: usize, limit: i64) -> i64 {
+    let most = i64::try_from(bound / 256 + 1).unwrap_or(i64::MAX);
+    if limit < 0 {
+        most
+    } else {
+        limit.min(most)
+    }
 }
 pub(crate) use answer_size;
 

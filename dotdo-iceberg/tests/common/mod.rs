@@ -305,6 +305,21 @@ pub struct FaultyStore {
     /// Failed writes of files (puts and multipart completions, as they fire) by kind of file
     /// (see [`file_kind`]): (failures, of which lost replies).
     pub put_faults: PutFaults,
+    /// Faults of multipart uploads' parts and completions a test asks for.
+    pub uploads: Arc<UploadFaults>,
+}
+
+/// Faults of a [`FaultyStore`]'s multipart uploads, whatever `probability` says.
+#[derive(Debug, Default)]
+pub struct UploadFaults {
+    /// Parts started so far (over all uploads).
+    pub parts: AtomicU64,
+    /// The part with this number (counting from 1, over all uploads) fails; 0: none.
+    pub fail_part: AtomicU64,
+    /// The next `n` completions fail before they run.
+    pub fail_completes: AtomicU64,
+    /// Parts never finish (a stalled link).
+    pub hang_parts: AtomicBool,
 }
 
 /// Failed file writes by kind of file: (failures, of which lost replies).
@@ -369,6 +384,7 @@ impl FaultyStore {
             put_faults: Default::default(),
             max_put_bytes: AtomicU64::new(0),
             before_get: Mutex::new(None),
+            uploads: Default::default(),
         }
     }
 
@@ -497,6 +513,7 @@ impl ObjectStore for FaultyStore {
             fault: self.roll(true),
             location: location.clone(),
             aborts: self.aborts.clone(),
+            uploads: self.uploads.clone(),
             put_faults: self.put_faults.clone(),
             counts: self.counts(),
         }))
@@ -573,6 +590,7 @@ struct FaultyUpload {
     fault: Option<Fault>,
     location: Path,
     aborts: Arc<AtomicU64>,
+    uploads: Arc<UploadFaults>,
     put_faults: PutFaults,
     counts: Counts,
 }
@@ -623,10 +641,21 @@ async fn deliver<T>(
 #[async_trait]
 impl MultipartUpload for FaultyUpload {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let n = self.uploads.parts.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.uploads.hang_parts.load(Ordering::SeqCst) {
+            return Box::pin(futures::future::pending());
+        }
+        if self.uploads.fail_part.load(Ordering::SeqCst) == n {
+            let location = self.location.clone();
+            return Box::pin(async move { Err(FaultyStore::err("put_part", &location)) });
+        }
         self.inner.put_part(data)
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
+        if self.uploads.fail_completes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(FaultyStore::err("complete", &self.location));
+        }
         let fault = self.fault;
         let (counts, faults, location) = (self.counts.clone(), self.put_faults.clone(), self.location.clone());
         deliver(fault, &counts, Some(&faults), &location, "complete", self.inner.complete()).await

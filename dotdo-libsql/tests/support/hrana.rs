@@ -132,12 +132,6 @@ impl HranaServer {
         self.expire_streams()
     }
 
-    /// Set the response size limit (sqld's `--max-response-size`).
-    #[allow(dead_code)] // used by the remote tests only, not by every test binary
-    pub fn set_max_response_size(&self, bytes: u64) {
-        self.state.max_response.store(bytes, Ordering::SeqCst);
-    }
-
     /// Pipeline requests (HTTP round trips) served so far.
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
