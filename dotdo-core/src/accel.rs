@@ -81,7 +81,8 @@ pub struct ScanQuery {
     pub time_range: Option<(Timestamp, Timestamp)>,
     /// Which snapshot to read.
     pub as_of: AsOf,
-    /// At most this many entries (in key order).
+    /// At most this many entries (in key order). It bounds the answer, not the work: every
+    /// version of every key in `keys` is read and folded first (narrow `keys` to read less).
     pub limit: Option<usize>,
 }
 
