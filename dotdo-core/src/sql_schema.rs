@@ -349,10 +349,13 @@ impl FileWatch {
         matches!(self.opened, FileAt::File(..)) && now != FileAt::Unknown && now != self.opened
     }
 
-    /// The database's WAL file (`<file>-wal`), if the path names a file.
+    /// The database's WAL file, if the path names a file: `<file>-wal` of the file the path
+    /// resolves to, symlinks followed, as SQLite names it (through a symlinked database path,
+    /// `<link>-wal` does not exist: the WAL was never synced, and that counted as done).
     fn wal(&self) -> Option<std::path::PathBuf> {
         self.file.as_deref().map(|f| {
-            let mut wal = f.as_os_str().to_owned();
+            let resolved = std::fs::canonicalize(f).unwrap_or_else(|_| f.to_path_buf());
+            let mut wal = resolved.into_os_string();
             wal.push("-wal");
             std::path::PathBuf::from(wal)
         })
@@ -379,14 +382,39 @@ enum FileAt {
     Unknown,
 }
 
-/// The file system path of a database path or `file:` URI (its query dropped; `None` for a URI
-/// with percent-escapes, which are not decoded here).
+/// The file system path of a database path or `file:` URI (its query dropped, its
+/// percent-escapes decoded as SQLite decodes them; `None` for an escape that is not two hex
+/// digits or decodes to a NUL).
 fn file_path_of(path: &std::path::Path) -> Option<std::path::PathBuf> {
     let text = path.to_string_lossy();
     let Some(uri) = text.strip_prefix("file:") else { return Some(path.to_path_buf()) };
     let file = uri.split(['?', '#']).next().unwrap_or_default();
     let file = file.strip_prefix("//localhost").or_else(|| file.strip_prefix("//")).unwrap_or(file);
-    (!file.is_empty() && !file.contains('%')).then(|| std::path::PathBuf::from(file))
+    if file.is_empty() {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(file.len());
+    let mut rest = file.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            let decoded = u8::from_str_radix(hex, 16).ok().filter(|&d| d != 0)?;
+            bytes.push(decoded);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStringExt;
+        Some(std::path::PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+    }
+    #[cfg(not(unix))]
+    {
+        String::from_utf8(bytes).ok().map(std::path::PathBuf::from)
+    }
 }
 
 /// The identity of the file at `path`.
@@ -620,6 +648,27 @@ impl Drop for CheckpointThread {
 
 #[cfg(test)]
 mod tests {
+    /// The WAL synced is the one SQLite writes: beside the file a symlinked path resolves to;
+    /// `file:` URIs are decoded (with `%` escapes the watch was off).
+    #[cfg(unix)]
+    #[test]
+    fn the_wal_watched_is_sqlites_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real.db");
+        std::fs::write(&real, b"").expect("file");
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let wal = super::FileWatch::new(&link).wal().expect("a file");
+        let want = std::fs::canonicalize(dir.path()).expect("dir").join("real.db-wal");
+        assert_eq!(wal, want);
+        assert_eq!(
+            super::file_path_of(std::path::Path::new("file:/srv/My%20Data/hot.db?mode=rwc")).as_deref(),
+            Some(std::path::Path::new("/srv/My Data/hot.db"))
+        );
+        assert_eq!(super::file_path_of(std::path::Path::new("file:/srv/a%2")), None, "a cut escape");
+        assert_eq!(super::file_path_of(std::path::Path::new("file:/srv/a%00b")), None, "a NUL");
+    }
+
     use super::{absolute_database_path, check_tables_before, is_private_database, SQL_HOT_TABLES};
     use crate::ErrorKind;
     use std::path::Path;

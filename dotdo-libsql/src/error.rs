@@ -74,8 +74,15 @@ const SQLITE_NOLFS: i32 = 22;
 const SQLITE_RANGE: i32 = 25;
 const SQLITE_NOTADB: i32 = 26;
 
+/// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the database (an I/O error
+/// by its primary code, damage by what it says).
+const SQLITE_IOERR_CORRUPTFS: i32 = SQLITE_IOERR | (33 << 8);
+
 /// Classify a SQLite result code (primary or extended).
 pub(crate) fn class_of_code(code: i32) -> Class {
+    if code == SQLITE_IOERR_CORRUPTFS {
+        return Class::Corrupt;
+    }
     match code & 0xff {
         SQLITE_BUSY | SQLITE_LOCKED => Class::Busy,
         SQLITE_CORRUPT | SQLITE_NOTADB => Class::Corrupt,
@@ -545,7 +552,7 @@ mod tests {
 
     #[test]
     fn corruption_and_not_a_database_are_corrupt() {
-        for code in [SQLITE_CORRUPT, SQLITE_NOTADB, 267 /* CORRUPT_VTAB */] {
+        for code in [SQLITE_CORRUPT, SQLITE_NOTADB, 267 /* CORRUPT_VTAB */, SQLITE_IOERR_CORRUPTFS] {
             let e = map(failure(code), "open", false);
             assert_eq!(e.kind(), &ErrorKind::Corrupt);
             assert!(!e.is_retryable());

@@ -309,7 +309,7 @@ impl ArrowPipeline {
         let c = crate::log::open_connection(path).map_err(|e| sql(e, &doing))?;
         crate::log::wal_mode(&c, &doing)?;
         c.execute_batch(
-            "PRAGMA synchronous = NORMAL;
+            "PRAGMA synchronous = NORMAL; PRAGMA journal_size_limit = 67108864;
              CREATE TABLE IF NOT EXISTS arrow_log (id INTEGER PRIMARY KEY, ipc BLOB NOT NULL, batch INTEGER);
              CREATE TABLE IF NOT EXISTS arrow_log_meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);",
         )
@@ -478,7 +478,10 @@ impl ArrowPipeline {
     /// Accept `batch` (it must have the sink's schema). With a durable log, `Ok` means it
     /// survives a process kill. A full buffer fails with a retryable `Unavailable`; a batch of
     /// more rows than `capacity` or more bytes than `capacity_bytes` with `LimitExceeded`; after
-    /// [`close`](Self::close), `Shutdown`.
+    /// [`close`](Self::close), `Shutdown`. A durable log's I/O error at the send's commit is
+    /// `AmbiguousOutcome`: the batch may be in the log. If it is, the pipeline's rolls fail with
+    /// `Corrupt` (its log holds a row it does not count as pending) until it is reopened, which
+    /// delivers whatever the log holds: reopen the pipeline after such an error.
     pub fn send(&self, batch: RecordBatch) -> Result<()> {
         let inner = &self.inner;
         if !dotdo_core::arrow_shape::same_shape(batch.schema_ref(), &inner.sink.schema()) {

@@ -417,7 +417,7 @@ impl SqliteLog {
         let conn = open_connection(&resolved).map_err(|e| sql(e, &doing))?;
         wal_mode(&conn, &doing)?;
         conn.execute_batch(
-            "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 16384;
+            "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 16384; PRAGMA journal_size_limit = 67108864;
              CREATE TABLE IF NOT EXISTS pipeline_log (
                 id INTEGER PRIMARY KEY, route TEXT NOT NULL, do_id TEXT NOT NULL, type TEXT NOT NULL,
                 key TEXT NOT NULL, value BLOB NOT NULL, ts INTEGER NOT NULL, batch INTEGER, seq INTEGER);
@@ -594,7 +594,12 @@ impl Log for SqliteLog {
 
     fn oldest(&self) -> Option<Timestamp> {
         let conn = self.conn.lock();
-        match conn.query_row("SELECT min(ts) FROM pipeline_log", [], |r| r.get::<_, Option<i64>>(0)) {
+        // As the memory log answers: the earliest of the claimed events (at most a roll's worth,
+        // found by the claim index) and the first event sent after them (the oldest id not
+        // claimed). `min(ts)` over the whole log read every row, under the lock sends wait on.
+        let oldest = "SELECT min(ts) FROM (SELECT ts FROM pipeline_log WHERE batch IS NOT NULL \
+                      UNION ALL SELECT ts FROM (SELECT ts FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT 1))";
+        match conn.query_row(oldest, [], |r| r.get::<_, Option<i64>>(0)) {
             Ok(ts) => ts.map(Timestamp::from_micros),
             Err(e) => {
                 // Not "nothing pending": say so (the answer is only a hint for lag reporting).
@@ -842,6 +847,8 @@ mod tests {
         };
         assert_eq!(pragma(&conn, "journal_mode"), "wal");
         assert_eq!(pragma(&conn, "checkpoint_fullfsync"), "1");
+        // A WAL grown by one large send is cut back to 64 MiB once checkpointed.
+        assert_eq!(pragma(&conn, "journal_size_limit"), "67108864");
         let during =
             fully_synced(&mut conn, |c| Ok((pragma(c, "synchronous"), pragma(c, "fullfsync")))).expect("claim");
         assert_eq!(during, ("2".to_string(), "1".to_string()), "FULL and fullfsync during a claim");
@@ -873,6 +880,39 @@ mod tests {
         let failed: Result<()> = fully_synced(&mut conn, |_| Err(Error::unavailable("claim failed")));
         assert!(failed.is_err());
         assert_eq!(level(&conn).expect("level"), 1, "NORMAL again after a failed claim");
+    }
+
+    /// The oldest pending event is found as the memory log finds it (the earliest claimed one,
+    /// and the first sent after them) without reading the whole log.
+    #[test]
+    fn the_oldest_pending_event_is_the_earliest_claimed_or_the_first_waiting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SqliteLog::open(&dir.path().join("log.db")).expect("open");
+        assert_eq!(log.oldest(), None);
+        let insert = |batch: &str, ts: i64| {
+            log.conn
+                .lock()
+                .execute_batch(&format!(
+                    "INSERT INTO pipeline_log (route, do_id, type, key, value, ts, batch, seq) \
+                     VALUES ('r', 'o', 'T', 'k', x'00', {ts}, {batch}, NULL);"
+                ))
+                .expect("insert");
+        };
+        insert("1", 50);
+        insert("1", 20);
+        insert("NULL", 40);
+        insert("NULL", 5);
+        assert_eq!(log.oldest(), Some(Timestamp::from_micros(20)));
+        log.conn.lock().execute_batch("DELETE FROM pipeline_log WHERE batch IS NOT NULL;").expect("ack");
+        assert_eq!(log.oldest(), Some(Timestamp::from_micros(40)), "the first sent of those waiting");
+        let plan: Vec<String> = {
+            let c = log.conn.lock();
+            let mut st =
+                c.prepare("EXPLAIN QUERY PLAN SELECT ts FROM pipeline_log WHERE batch IS NOT NULL").expect("plan");
+            let rows = st.query_map([], |r| r.get::<_, String>(3)).expect("rows");
+            rows.map(|r| r.expect("row")).collect()
+        };
+        assert!(plan.iter().any(|p| p.contains("pipeline_log_batch")), "the claimed rows by their index: {plan:?}");
     }
 
     /// A durable log needs a file path: `:memory:`, an empty path or a `file:` URI is refused

@@ -33,8 +33,9 @@ pub enum Backpressure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Durability {
     /// In memory: fastest; events accepted but not yet rolled are lost if the process dies.
-    /// A pipeline whose roll was dropped (a timeout around `roll` or `close`) may still have its
-    /// commit under way at a remote catalog: a new pipeline on the same tables that numbers
+    /// A pipeline whose roll was dropped (a timeout around `roll` or `close`), or dropped itself
+    /// while its `run` loop was rolling (the loop's roll goes on until its commit answers), may
+    /// still have its commit under way: a new pipeline on the same tables that numbers
     /// events of the same objects before that commit lands loses them (the sink takes them as
     /// replays of the dropped roll's, and the roll counts them as committed). Let a dropped roll's
     /// request time out (the catalog client's timeout) before starting another pipeline, or use

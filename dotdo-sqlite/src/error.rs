@@ -46,8 +46,13 @@ pub(crate) fn class_of_code(code: ErrorCode) -> Class {
     }
 }
 
+/// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the database (an I/O error by
+/// its primary code, damage by what it says: not retried).
+const SQLITE_IOERR_CORRUPTFS: i32 = rusqlite::ffi::SQLITE_IOERR | (33 << 8);
+
 pub(crate) fn class_of(e: &rusqlite::Error) -> Class {
     match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.extended_code == SQLITE_IOERR_CORRUPTFS => Class::Corrupt,
         rusqlite::Error::SqliteFailure(f, _) => class_of_code(f.code),
         // A stored value that does not fit the schema (text where a number belongs, a negative
         // sequence number, an invalid node id): the file was written by something else.
@@ -83,6 +88,16 @@ mod tests {
 
     fn failure(code: i32) -> rusqlite::Error {
         rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn file_system_damage_is_corrupt() {
+        let e = map(failure(SQLITE_IOERR_CORRUPTFS), "reading");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        assert!(!e.is_retryable());
+        let e = map(failure(rusqlite::ffi::SQLITE_IOERR_READ), "reading");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "other I/O errors stay transient: {e}");
+        assert!(e.is_retryable());
     }
 
     #[test]

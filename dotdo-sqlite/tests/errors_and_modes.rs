@@ -304,8 +304,8 @@ async fn another_applications_database_is_refused_and_left_untouched() {
 
 /// A database that cannot be put in WAL mode (a VFS without shared memory) is refused: it
 /// would run with a rollback journal and `synchronous=NORMAL`, which can corrupt the file on
-/// power loss. Before, the open succeeded silently. It is left untouched: the schema was
-/// written (and committed) before the WAL switch was refused.
+/// power loss. Before, the open succeeded silently. It is left untouched: the WAL switch is
+/// refused before the schema is written.
 #[tokio::test]
 async fn a_database_that_cannot_use_wal_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
