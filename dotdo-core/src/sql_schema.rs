@@ -354,8 +354,9 @@ impl FileWatch {
     /// `<link>-wal` does not exist: the WAL was never synced, and that counted as done).
     fn wal(&self) -> Option<std::path::PathBuf> {
         self.file.as_deref().map(|f| {
-            let resolved = std::fs::canonicalize(f).unwrap_or_else(|_| f.to_path_buf());
-            let mut wal = resolved.into_os_string();
+            // (On Unix only: SQLite's Windows VFS does not resolve links, `canonicalize` would.)
+            let resolved = if cfg!(unix) { std::fs::canonicalize(f).ok() } else { None };
+            let mut wal = resolved.unwrap_or_else(|| f.to_path_buf()).into_os_string();
             wal.push("-wal");
             std::path::PathBuf::from(wal)
         })
@@ -386,19 +387,27 @@ enum FileAt {
 /// percent-escapes decoded as SQLite decodes them; `None` for an escape that is not two hex
 /// digits or decodes to a NUL).
 fn file_path_of(path: &std::path::Path) -> Option<std::path::PathBuf> {
-    let text = path.to_string_lossy();
-    let Some(uri) = text.strip_prefix("file:") else { return Some(path.to_path_buf()) };
-    let file = uri.split(['?', '#']).next().unwrap_or_default();
-    let file = file.strip_prefix("//localhost").or_else(|| file.strip_prefix("//")).unwrap_or(file);
+    // The path's own bytes (on Unix a name need not be UTF-8).
+    #[cfg(unix)]
+    let text: &[u8] = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    #[cfg(not(unix))]
+    let lossy = path.to_string_lossy();
+    #[cfg(not(unix))]
+    let text: &[u8] = lossy.as_bytes();
+    let Some(uri) = text.strip_prefix(b"file:") else { return Some(path.to_path_buf()) };
+    let file = uri.split(|&b| b == b'?' || b == b'#').next().unwrap_or_default();
+    let file = file.strip_prefix(b"//localhost").or_else(|| file.strip_prefix(b"//")).unwrap_or(file);
     if file.is_empty() {
         return None;
     }
     let mut bytes = Vec::with_capacity(file.len());
-    let mut rest = file.as_bytes();
+    let mut rest = file;
     while let Some((&b, tail)) = rest.split_first() {
         if b == b'%' {
-            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
-            let decoded = u8::from_str_radix(hex, 16).ok().filter(|&d| d != 0)?;
+            // Two hex digits, as SQLite decodes them (`u8::from_str_radix` would take `+A`).
+            let [hi, lo] = *tail.get(..2)? else { return None };
+            let digit = |d: u8| char::from(d).to_digit(16);
+            let decoded = u8::try_from(digit(hi)? * 16 + digit(lo)?).ok().filter(|&d| d != 0)?;
             bytes.push(decoded);
             rest = &tail[2..];
         } else {
@@ -667,6 +676,14 @@ mod tests {
         );
         assert_eq!(super::file_path_of(std::path::Path::new("file:/srv/a%2")), None, "a cut escape");
         assert_eq!(super::file_path_of(std::path::Path::new("file:/srv/a%00b")), None, "a NUL");
+        assert_eq!(super::file_path_of(std::path::Path::new("file:/srv/a%+Ab")), None, "not two hex digits");
+        // A name that is not UTF-8 keeps its bytes.
+        use std::os::unix::ffi::OsStrExt;
+        let raw = std::path::Path::new(std::ffi::OsStr::from_bytes(b"file:/srv/\xffx.db"));
+        assert_eq!(
+            super::file_path_of(raw).as_deref(),
+            Some(std::path::Path::new(std::ffi::OsStr::from_bytes(b"/srv/\xffx.db")))
+        );
     }
 
     use super::{absolute_database_path, check_tables_before, is_private_database, SQL_HOT_TABLES};

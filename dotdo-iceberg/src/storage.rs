@@ -841,9 +841,12 @@ impl OsWrite {
         self.parts.shutdown().await;
         self.pending.clear();
         self.pending_len = 0;
-        if let Some(mut upload) = self.upload.take() {
+        // Cleared only once aborted: given up on during the abort (a caller's timeout), the
+        // writer still holds the upload and its `Drop` aborts it.
+        if let Some(upload) = self.upload.as_mut() {
             let _ = upload.abort().await;
         }
+        self.upload = None;
     }
 }
 

@@ -595,10 +595,10 @@ impl Log for SqliteLog {
     fn oldest(&self) -> Option<Timestamp> {
         let conn = self.conn.lock();
         // As the memory log answers: the earliest of the claimed events (at most a roll's worth,
-        // found by the claim index) and the first event sent after them (the oldest id not
-        // claimed). `min(ts)` over the whole log read every row, under the lock sends wait on.
-        let oldest = "SELECT min(ts) FROM (SELECT ts FROM pipeline_log WHERE batch IS NOT NULL \
-                      UNION ALL SELECT ts FROM (SELECT ts FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT 1))";
+        // found by the claim index), else the first event waiting (the oldest id not claimed).
+        // `min(ts)` over the whole log read every row, under the lock sends wait on.
+        let oldest = "SELECT coalesce((SELECT min(ts) FROM pipeline_log WHERE batch IS NOT NULL), \
+                      (SELECT ts FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT 1))";
         match conn.query_row(oldest, [], |r| r.get::<_, Option<i64>>(0)) {
             Ok(ts) => ts.map(Timestamp::from_micros),
             Err(e) => {
@@ -883,7 +883,7 @@ mod tests {
     }
 
     /// The oldest pending event is found as the memory log finds it (the earliest claimed one,
-    /// and the first sent after them) without reading the whole log.
+    /// else the first waiting) without reading the whole log.
     #[test]
     fn the_oldest_pending_event_is_the_earliest_claimed_or_the_first_waiting() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -902,7 +902,7 @@ mod tests {
         insert("1", 20);
         insert("NULL", 40);
         insert("NULL", 5);
-        assert_eq!(log.oldest(), Some(Timestamp::from_micros(20)));
+        assert_eq!(log.oldest(), Some(Timestamp::from_micros(20)), "the earliest claimed");
         log.conn.lock().execute_batch("DELETE FROM pipeline_log WHERE batch IS NOT NULL;").expect("ack");
         assert_eq!(log.oldest(), Some(Timestamp::from_micros(40)), "the first sent of those waiting");
         let plan: Vec<String> = {

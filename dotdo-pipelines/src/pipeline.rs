@@ -805,9 +805,9 @@ impl Pipeline {
     }
 
     /// The timestamp of the oldest event waiting, if any: the earliest among the events of the
-    /// roll under way and the first event sent after them (events are committed in send order;
-    /// a later-sent event with an earlier timestamp is not looked for). Also `None`, with a
-    /// warning logged, if a durable log cannot be read just now.
+    /// roll under way, or with none under way the first event sent (events are committed in
+    /// send order; a later-sent event with an earlier timestamp is not looked for). Also `None`,
+    /// with a warning logged, if a durable log cannot be read just now.
     pub fn oldest_pending(&self) -> Option<Timestamp> {
         self.inner.log.oldest()
     }
