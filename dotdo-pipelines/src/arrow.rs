@@ -453,12 +453,12 @@ impl ArrowPipeline {
                 tx.commit().map_err(|e| sql(e, "ack"))
             };
             let mut c = log.lock();
-            match floor {
+            crate::log::retry_busy(|| match floor {
                 // A batch handed to the caller leaves the log for good, also across a power
                 // loss: come back, it could be committed beside the caller's own re-send.
-                Some(_) => crate::log::fully_synced(&mut c, ack)?,
-                None => ack(&mut c)?,
-            }
+                Some(_) => crate::log::fully_synced(&mut c, ack),
+                None => ack(&mut c),
+            })?;
         }
         let mut b = inner.buf.lock();
         b.counted = None;
@@ -623,31 +623,34 @@ impl ArrowPipeline {
                         // Before `pending` is taken, so a failed claim leaves everything in place.
                         // The log's unclaimed rows are the pending batches, in the same order.
                         let pending = b.pending.len();
-                        crate::log::fully_synced(&mut log.lock(), |c| {
-                            // Immediate, as the event log's claim (it reads before it writes).
-                            let tx = c
-                                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                                .map_err(|e| sql(e, "claim"))?;
-                            let unclaimed: i64 = tx
-                                .query_row("SELECT count(*) FROM arrow_log WHERE batch IS NULL", [], |r| r.get(0))
-                                .map_err(|e| sql(e, "claim"))?;
-                            if usize::try_from(unclaimed).ok() != Some(pending) {
-                                // A send whose outcome was unknown left a row that is not pending
-                                // (or the file was changed): claiming by position would commit
-                                // the wrong rows under this id. A reopen reads the log afresh.
-                                return Err(Error::corrupt(format!(
-                                    "arrow pipeline log: {unclaimed} unclaimed rows but {pending} batches \
+                        let mut c = log.lock();
+                        crate::log::retry_busy(|| {
+                            crate::log::fully_synced(&mut c, |c| {
+                                // Immediate, as the event log's claim (it reads before it writes).
+                                let tx = c
+                                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                                    .map_err(|e| sql(e, "claim"))?;
+                                let unclaimed: i64 = tx
+                                    .query_row("SELECT count(*) FROM arrow_log WHERE batch IS NULL", [], |r| r.get(0))
+                                    .map_err(|e| sql(e, "claim"))?;
+                                if usize::try_from(unclaimed).ok() != Some(pending) {
+                                    // A send whose outcome was unknown left a row that is not pending
+                                    // (or the file was changed): claiming by position would commit
+                                    // the wrong rows under this id. A reopen reads the log afresh.
+                                    return Err(Error::corrupt(format!(
+                                        "arrow pipeline log: {unclaimed} unclaimed rows but {pending} batches \
                                      pending; reopen the pipeline (it delivers what the log holds)"
-                                )));
-                            }
-                            // Exactly `n` rows: as many are unclaimed as pending (checked above).
-                            tx.execute(
-                                "UPDATE arrow_log SET batch = ?1 WHERE id IN \
+                                    )));
+                                }
+                                // Exactly `n` rows: as many are unclaimed as pending (checked above).
+                                tx.execute(
+                                    "UPDATE arrow_log SET batch = ?1 WHERE id IN \
                                  (SELECT id FROM arrow_log WHERE batch IS NULL ORDER BY id LIMIT ?2)",
-                                params![id, n as i64],
-                            )
-                            .map_err(|e| sql(e, "claim"))?;
-                            tx.commit().map_err(|e| sql(e, "claim"))
+                                    params![id, n as i64],
+                                )
+                                .map_err(|e| sql(e, "claim"))?;
+                                tx.commit().map_err(|e| sql(e, "claim"))
+                            })
                         })?;
                     }
                     let batches: Vec<RecordBatch> = b.pending.drain(..n).collect();

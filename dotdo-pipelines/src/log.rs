@@ -231,6 +231,28 @@ pub(crate) fn fully_synced<T>(conn: &mut Connection, f: impl FnOnce(&mut Connect
     out
 }
 
+/// Run `step` (one transaction on a log connection) again while it fails only because the file
+/// was busy past the busy timeout, up to four times in all: SQLite's busy handler polls without
+/// fairness, so a log file another pipeline writes in a tight loop can starve one transaction
+/// for the whole timeout (seen on a loaded 2-core machine). A busy transaction applied nothing.
+pub(crate) fn retry_busy<T>(mut step: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut tries = 1;
+    loop {
+        match step() {
+            Err(e) if tries < 4 && is_busy(&e) => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Whether `e` is a log statement refused with `SQLITE_BUSY` or `SQLITE_LOCKED`.
+fn is_busy(e: &Error) -> bool {
+    use std::error::Error as _;
+    e.source().and_then(|s| s.downcast_ref::<rusqlite::Error>()).is_some_and(|s| {
+        matches!(s.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+    })
+}
+
 /// A pipeline log's SQLite error as a dotdo error: busy, locked, full or I/O failures are a
 /// retryable `Unavailable`, a damaged file `Corrupt`, the rest `Backend`.
 pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
@@ -913,6 +935,37 @@ mod tests {
             rows.map(|r| r.expect("row")).collect()
         };
         assert!(plan.iter().any(|p| p.contains("pipeline_log_batch")), "the claimed rows by their index: {plan:?}");
+    }
+
+    /// A log transaction refused as busy is run again (a bounded number of times); any other
+    /// failure is returned at once.
+    #[test]
+    fn busy_log_transactions_are_run_again_a_bounded_number_of_times() {
+        let busy =
+            || sql(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None), "ack");
+        let mut calls = 0;
+        let out = retry_busy(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(busy())
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(out.expect("the third try"), 3);
+        let mut calls = 0;
+        let e = retry_busy(|| -> Result<()> {
+            calls += 1;
+            Err(busy())
+        })
+        .expect_err("always busy");
+        assert_eq!((calls, e.kind()), (4, &dotdo_core::ErrorKind::Unavailable));
+        let mut calls = 0;
+        let _ = retry_busy(|| -> Result<()> {
+            calls += 1;
+            Err(Error::corrupt("damaged"))
+        });
+        assert_eq!(calls, 1, "not busy: not run again");
     }
 
     /// A durable log needs a file path: `:memory:`, an empty path or a `file:` URI is refused
