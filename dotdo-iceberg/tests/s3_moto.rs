@@ -29,6 +29,11 @@ async fn open_s3(
     (store, dir)
 }
 
+/// The runtime a test drives its S3 calls on.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt")
+}
+
 #[test]
 fn s3_warehouse_on_local_moto_passes_the_cold_conformance_kit() {
     let Some(python) = common::python("s3_warehouse_on_local_moto_passes_the_cold_conformance_kit") else {
@@ -56,7 +61,7 @@ fn s3_objects_land_in_the_bucket_and_reopen_from_the_catalog() {
         return;
     };
     let moto = common::Moto::start(&python, "dotdo-reopen");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let rt = runtime();
     rt.block_on(async {
         let clock: Arc<dyn dotdo_core::Clock> = Arc::new(dotdo_core::SystemClock::new());
         let (a, dir) = open_s3(&moto, "reopen", clock.clone()).await;
@@ -88,7 +93,7 @@ fn a_data_file_shorter_than_its_manifest_says_is_corrupt_on_s3() {
         return;
     };
     let moto = common::Moto::start(&python, "dotdo-short");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let rt = runtime();
     rt.block_on(async {
         for (n, keep) in [0usize, 10].into_iter().enumerate() {
             let (cold, _dir) = open_s3(&moto, &format!("short{n}"), Arc::new(dotdo_core::SystemClock::new())).await;
@@ -120,7 +125,7 @@ fn files_of_any_size_go_up_whole_on_s3() {
         return;
     };
     let moto = common::Moto::start(&python, "dotdo-parts");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let rt = runtime();
     rt.block_on(async {
         let (cold, _dir) = open_s3(&moto, "parts", Arc::new(dotdo_core::SystemClock::new())).await;
         let t = cold.table();
@@ -147,7 +152,7 @@ fn a_missing_bucket_is_a_configuration_error() {
         return;
     };
     let moto = common::Moto::start(&python, "dotdo-exists");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let rt = runtime();
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
         let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());

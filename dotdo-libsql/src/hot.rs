@@ -16,6 +16,10 @@ use crate::sql::eff_last;
 use crate::sql::*;
 use crate::store::LibsqlStore;
 
+/// The most bytes of one change read or one page of a remote listing (at least one row): of
+/// values on a local file, of estimated answer (`answer_size!`) from a remote primary.
+const BOUND: usize = dotdo_core::sql_schema::READ_CHANGES_BYTES;
+
 #[async_trait]
 impl HotStore for LibsqlStore {
     async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
@@ -150,7 +154,6 @@ impl HotStore for LibsqlStore {
         // columns too: 9 000 changes of 1 KiB keys and small values passed it): the primary cuts
         // it at READ_CHANGES_BYTES of estimated answer (`answer_size!`). A local file's rows are
         // stepped through until the bound.
-        const BOUND: usize = dotdo_core::sql_schema::READ_CHANGES_BYTES;
         let local = self.inner.target_is_local();
         let step = if !local {
             Step::new(
@@ -449,7 +452,6 @@ async fn list_page(
     let (sql, args) = range_page_sql(range);
     let mut params = vec![object.clone()];
     params.extend(args);
-    const BOUND: usize = dotdo_core::sql_schema::READ_CHANGES_BYTES;
     params.push(Value::Integer(page_rows(BOUND, limit)));
     params.push(Value::Integer(BOUND as i64));
     let rows = c.query(Step::new(sql, params)).await?;
