@@ -101,6 +101,10 @@ pub(crate) fn class_of_code(code: i32) -> Class {
 
 /// Classify a SQLite error code name as sent by sqld (`"SQLITE_BUSY"`, `"SQLITE_CORRUPT"`, …).
 fn class_of_code_name(name: &str) -> Class {
+    // The one extended code classed apart from its primary code (see `class_of_code`).
+    if name == "SQLITE_IOERR_CORRUPTFS" {
+        return Class::Corrupt;
+    }
     let code = match name.split('_').take(2).collect::<Vec<_>>().join("_").as_str() {
         "SQLITE_BUSY" => SQLITE_BUSY,
         "SQLITE_LOCKED" => SQLITE_LOCKED,
@@ -690,6 +694,11 @@ mod tests {
         assert_eq!(class_of(&busy), Class::Busy);
         let corrupt = hrana("stream error: `Error { message: \"malformed\", code: \"SQLITE_CORRUPT_VTAB\" }`");
         assert_eq!(class_of(&corrupt), Class::Corrupt);
+        let damaged_fs =
+            hrana("stream error: `Error { message: \"disk I/O error\", code: \"SQLITE_IOERR_CORRUPTFS\" }`");
+        assert_eq!(class_of(&damaged_fs), Class::Corrupt);
+        let io = hrana("stream error: `Error { message: \"disk I/O error\", code: \"SQLITE_IOERR_WRITE\" }`");
+        assert_eq!(class_of(&io), Class::Environment { retryable: true });
         let constraint = hrana("stream error: `Error { message: \"UNIQUE\", code: \"SQLITE_CONSTRAINT_UNIQUE\" }`");
         assert_eq!(class_of(&constraint), Class::Other);
         assert_eq!(class_of(&hrana("stream closed: `baton expired`")), Class::Network { maybe_sent: true });

@@ -17,8 +17,48 @@ use crate::sql::*;
 use crate::store::LibsqlStore;
 
 /// The most bytes of one change read or one page of a remote listing (at least one row): of
-/// values on a local file, of estimated answer (`answer_size!`) from a remote primary.
+/// values on a local file, of estimated answer (`answer_size!`) from a remote primary (there,
+/// the start of [`PageBound`]).
 const BOUND: usize = dotdo_core::sql_schema::READ_CHANGES_BYTES;
+
+/// The least a remote page's bound shrinks to (see [`PageBound`]).
+const MIN_PAGE_BOUND: usize = 64 << 10;
+
+/// The bound of estimated answer of one remote change read or listing page: [`BOUND`] at first,
+/// halved (down to [`MIN_PAGE_BOUND`]) each time the primary refuses such a read as too large
+/// (sqld run with a `--max-response-size` under about 8.4 MB, or its total of answers in flight
+/// passed under load), and kept so for the store's life: the read is retried with the smaller
+/// pages (it failed every retry at the fixed 8 MiB). Shared by the store's clones.
+#[derive(Debug)]
+pub(crate) struct PageBound(std::sync::atomic::AtomicUsize);
+
+impl Default for PageBound {
+    fn default() -> Self {
+        PageBound(std::sync::atomic::AtomicUsize::new(BOUND))
+    }
+}
+
+impl PageBound {
+    /// The bound to read the next page with.
+    pub(crate) fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A read with pages of `used` bytes failed with `e`: if the primary refused its answer as
+    /// too large, halve the bound (once per refused size: reads racing with the same bound
+    /// halve it once).
+    fn refused(&self, used: usize, e: &libsql::Error) {
+        if crate::error::class_of(e) == crate::error::Class::ResponseTooLarge {
+            let smaller = (used / 2).max(MIN_PAGE_BOUND);
+            let _ = self.0.compare_exchange(
+                used,
+                smaller,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+}
 
 #[async_trait]
 impl HotStore for LibsqlStore {
@@ -130,11 +170,17 @@ impl HotStore for LibsqlStore {
         params.push(Value::Integer(limit));
         let step = Step::new(sql, params);
         let (object, range) = (t(object.as_str()), Arc::new(range));
+        let inner = self.inner.clone();
         self.read("list", move |c| {
-            let (step, object, range) = (step.clone(), object.clone(), range.clone());
+            let (step, object, range, inner) = (step.clone(), object.clone(), range.clone(), inner.clone());
             Box::pin(async move {
                 if c.is_remote() {
-                    return Ok(list_remote(c, object, range, limit).await?);
+                    let bound = inner.page_bound.get();
+                    let out = list_remote(c, object, range, limit, bound).await;
+                    if let Err(e) = &out {
+                        inner.page_bound.refused(bound, e);
+                    }
+                    return Ok(out?);
                 }
                 let rows = c.query(step).await?;
                 let out: libsql::Result<Vec<Entry>> = rows.iter().map(entry).collect();
@@ -155,7 +201,7 @@ impl HotStore for LibsqlStore {
         // it at READ_CHANGES_BYTES of estimated answer (`answer_size!`). A local file's rows are
         // stepped through until the bound.
         let local = self.inner.target_is_local();
-        let step = if !local {
+        let remote_step = move |bound: usize| {
             Step::new(
                 concat!(
                     change_columns!(),
@@ -170,24 +216,31 @@ impl HotStore for LibsqlStore {
                 vec![
                     t(object.as_str()),
                     i(after),
-                    Value::Integer(page_rows(BOUND, limit)),
-                    Value::Integer(BOUND as i64),
+                    Value::Integer(page_rows(bound, limit)),
+                    Value::Integer(bound as i64),
                 ],
             )
-        } else {
-            Step::new(
-                concat!(change_columns!(), " FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"),
-                vec![t(object.as_str()), i(after), Value::Integer(limit)],
-            )
         };
+        let local_step = Step::new(
+            concat!(change_columns!(), " FROM do_changes WHERE do_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"),
+            vec![t(object.as_str()), i(after), Value::Integer(limit)],
+        );
+        let inner = self.inner.clone();
         let rows = self
             .read_primary_in_replica("read changes", move |c| {
-                let step = step.clone();
+                let (local_step, inner) = (local_step.clone(), inner.clone());
+                let bound = inner.page_bound.get();
+                let step = (!local).then(|| remote_step(bound));
                 Box::pin(async move {
-                    if local {
-                        Ok(c.query_bounded(step, 3, BOUND).await?)
-                    } else {
-                        Ok(c.query(step).await?)
+                    match step {
+                        None => Ok(c.query_bounded(local_step, 3, BOUND).await?),
+                        Some(step) => {
+                            let out = c.query(step).await;
+                            if let Err(e) = &out {
+                                inner.page_bound.refused(bound, e);
+                            }
+                            Ok(out?)
+                        }
                     }
                 })
             })
@@ -406,8 +459,7 @@ fn entry(r: &crate::conn::Row) -> libsql::Result<Entry> {
 
 /// A listing from a remote primary, whose answers have a size limit (sqld's
 /// `max_response_size`, 10 MB by default; an object's entries may come to far more): read in
-/// pages of at most [`READ_CHANGES_BYTES`](dotdo_core::sql_schema::READ_CHANGES_BYTES) of
-/// estimated answer. A listing that fits in one page is that one round trip; a longer one is
+/// pages of at most `bound` bytes of estimated answer ([`PageBound`]). A listing that fits in one page is that one round trip; a longer one is
 /// read again, every page inside one read transaction, so that the pages are one snapshot (no
 /// batch seen half-applied). The whole listing runs within one `request_timeout`.
 async fn list_remote(
@@ -415,8 +467,9 @@ async fn list_remote(
     object: Value,
     range: Arc<KeyRange>,
     limit: i64,
+    bound: usize,
 ) -> libsql::Result<Vec<Entry>> {
-    let (first, more) = list_page(c, &object, &range, limit).await?;
+    let (first, more) = list_page(c, &object, &range, limit, bound).await?;
     if !more {
         return Ok(first);
     }
@@ -430,7 +483,7 @@ async fn list_remote(
                 if left == 0 {
                     return Ok(out);
                 }
-                let (page, more) = list_page(c, &object, &page_range, left).await?;
+                let (page, more) = list_page(c, &object, &page_range, left, bound).await?;
                 out.extend(page);
                 match (more, out.last()) {
                     (true, Some(last)) => page_range.start = std::ops::Bound::Excluded(last.key.clone()),
@@ -448,12 +501,13 @@ async fn list_page(
     object: &Value,
     range: &KeyRange,
     limit: i64,
+    bound: usize,
 ) -> libsql::Result<(Vec<Entry>, bool)> {
     let (sql, args) = range_page_sql(range);
     let mut params = vec![object.clone()];
     params.extend(args);
-    params.push(Value::Integer(page_rows(BOUND, limit)));
-    params.push(Value::Integer(BOUND as i64));
+    params.push(Value::Integer(page_rows(bound, limit)));
+    params.push(Value::Integer(bound as i64));
     let rows = c.query(Step::new(sql, params)).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {

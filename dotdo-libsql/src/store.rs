@@ -141,6 +141,9 @@ pub(crate) struct Inner {
     /// It also finds the file deleted or replaced (a restored backup): every call is refused
     /// then, as dotdo-sqlite does.
     checkpointer: std::sync::OnceLock<dotdo_core::sql_schema::CheckpointThread>,
+    /// The bound of one remote change read or listing page, shrunk when the primary refuses one
+    /// as too large.
+    pub(crate) page_bound: crate::hot::PageBound,
 }
 
 /// See [`Inner::pull_done`].
@@ -400,6 +403,7 @@ impl LibsqlStoreBuilder {
             #[cfg(feature = "replica")]
             pull_done: parking_lot::Mutex::new(None),
             checkpointer: std::sync::OnceLock::new(),
+            page_bound: crate::hot::PageBound::default(),
         };
         let store = LibsqlStore { inner: Arc::new(inner) };
         store.init(&doing).await?;

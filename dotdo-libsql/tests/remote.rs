@@ -400,6 +400,50 @@ async fn remote_change_reads_are_bounded_in_bytes() {
         .await;
 }
 
+/// A primary run with a response size limit under dotdo's first page bound (sqld's
+/// `--max-response-size 1MB`): listings and change reads shrink their pages and go on (they
+/// failed every retry with `Unavailable`), and the store keeps the smaller pages.
+#[tokio::test]
+async fn reads_shrink_their_pages_under_a_lower_response_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    server.set_max_response(1_000_000);
+    let store = LibsqlStore::remote(server.url(), TOKEN).open().await.expect("open");
+    let obj = ObjectId::new("big").expect("valid");
+    let lease = store.acquire(&obj, &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    let value = |i: usize| bytes::Bytes::from(vec![b'a' + (i % 26) as u8; 50 << 10]);
+    for chunk in 0..6 {
+        let mut b = WriteBatch::new("T");
+        for i in chunk * 10..chunk * 10 + 10 {
+            b = b.put(format!("k{i:03}"), value(i));
+        }
+        store.write(&obj, lease.token, b).await.expect("write 500 KiB");
+    }
+    let all = store.list(&obj, dotdo_core::KeyRange::all(), None).await.expect("list 3 MB under a 1 MB limit");
+    assert_eq!(all.len(), 60);
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!((e.key.as_str(), &e.value), (format!("k{i:03}").as_str(), &value(i)));
+    }
+    let mut changes = Vec::new();
+    loop {
+        let after = changes.last().map_or(0, |c: &dotdo_core::ChangeRecord| c.seq);
+        let page = store.read_changes(&obj, after, 1000).await.expect("read changes under a 1 MB limit");
+        if page.is_empty() {
+            break;
+        }
+        changes.extend(page);
+    }
+    assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), (1..=60).collect::<Vec<u64>>());
+    assert!(changes.iter().enumerate().all(|(i, c)| c.value == value(i)));
+    let refused = server.refused_as_too_large();
+    assert!(refused > 0, "the limit was reached");
+    // The smaller pages stay: the next reads are pages at the first try, not refusals first.
+    let again = store.list(&obj, dotdo_core::KeyRange::all(), Some(40)).await.expect("list again");
+    assert_eq!(again.len(), 40);
+    assert_eq!(store.read_changes(&obj, 0, 1000).await.expect("read changes again").first().map(|c| c.seq), Some(1));
+    assert_eq!(server.refused_as_too_large(), refused, "pages refused again");
+}
+
 /// A writer queued behind a remote request that hangs waits as long as that request may take
 /// (`request_timeout`), not only `busy_timeout`: it used to give up ("still busy") before the
 /// request ahead of it had even timed out. Here it then writes.

@@ -40,6 +40,8 @@ struct State {
     /// sqld's `max_response_size`: the most bytes of one request's answers (a batch's steps
     /// together), as sqld estimates them.
     max_response: AtomicU64,
+    /// Requests refused with `RESPONSE_TOO_LARGE`.
+    too_large: AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -74,6 +76,7 @@ impl HranaServer {
             hang_others: AtomicBool::new(false),
             unknown_batons: AtomicBool::new(false),
             max_response: AtomicU64::new(SQLD_MAX_RESPONSE_SIZE),
+            too_large: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
         let s = state.clone();
@@ -130,6 +133,18 @@ impl HranaServer {
     pub fn forget_streams(&self) -> usize {
         self.state.unknown_batons.store(true, Ordering::SeqCst);
         self.expire_streams()
+    }
+
+    /// Set the response size limit (sqld's `--max-response-size`), in bytes.
+    #[allow(dead_code)] // used by the remote tests only, not by every test binary
+    pub fn set_max_response(&self, bytes: u64) {
+        self.state.max_response.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Requests refused so far for an answer over the response size limit.
+    #[allow(dead_code)] // used by the remote tests only, not by every test binary
+    pub fn refused_as_too_large(&self) -> usize {
+        self.state.too_large.load(Ordering::SeqCst)
     }
 
     /// Pipeline requests (HTTP round trips) served so far.
@@ -502,19 +517,21 @@ fn exec(conn: &libsql::Connection, stmt: &Stmt) -> Result<StmtResult, HError> {
 }
 
 /// What is left of one request's answer size limit.
-struct Budget {
+struct Budget<'s> {
     left: u64,
+    state: &'s State,
 }
 
-impl Budget {
-    fn new(state: &State) -> Budget {
-        Budget { left: state.max_response.load(Ordering::SeqCst) }
+impl<'s> Budget<'s> {
+    fn new(state: &'s State) -> Budget<'s> {
+        Budget { left: state.max_response.load(Ordering::SeqCst), state }
     }
 
     /// `r`, if its answer fits in what is left (then taken from it); else sqld's error.
     fn spend(&mut self, r: StmtResult) -> Result<StmtResult, HError> {
         let size = answer_size(&r);
         if size > self.left {
+            self.state.too_large.fetch_add(1, Ordering::SeqCst);
             return Err(HError { message: "Response is too large".into(), code: "RESPONSE_TOO_LARGE".into() });
         }
         self.left -= size;
