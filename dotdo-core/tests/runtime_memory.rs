@@ -2233,11 +2233,18 @@ struct ExpiringCold {
     /// Every snapshot read is `NotFound` (each expires before it can be read), while
     /// `snapshots` still lists them.
     all_expired: std::sync::atomic::AtomicBool,
+    /// `snapshots` answers without the newest snapshot left (a catalog replica lagging behind).
+    lagging_snapshots: std::sync::atomic::AtomicBool,
 }
 
 impl ExpiringCold {
     fn new(inner: MemoryColdStore) -> Self {
-        ExpiringCold { inner, expired: Default::default(), all_expired: Default::default() }
+        ExpiringCold {
+            inner,
+            expired: Default::default(),
+            all_expired: Default::default(),
+            lagging_snapshots: Default::default(),
+        }
     }
 
     fn check(&self, as_of: AsOf) -> Result<()> {
@@ -2261,7 +2268,12 @@ impl ColdSink for ExpiringCold {
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let expired = self.expired.lock().clone();
-        Ok(self.inner.snapshots().await?.into_iter().filter(|s| !expired.contains(&s.id)).collect())
+        let mut left: Vec<SnapshotInfo> =
+            self.inner.snapshots().await?.into_iter().filter(|s| !expired.contains(&s.id)).collect();
+        if self.lagging_snapshots.load(std::sync::atomic::Ordering::SeqCst) {
+            left.pop();
+        }
+        Ok(left)
     }
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         self.check(as_of)?;
@@ -2872,6 +2884,43 @@ async fn a_lazy_activation_never_pins_a_snapshot_older_than_its_watermark() {
     cold.lagging_snapshots.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"newer"[..]));
     assert_eq!(all_state(&b, &o).await.len(), 20);
+}
+
+/// A lazy object whose pinned snapshot expired re-pins the newest snapshot holding its state
+/// through the activation's watermark, never an older one: with the snapshot list lagging (a
+/// catalog replica answering an older table), the read fails retryably, then reads the latest
+/// value. It re-pinned the older snapshot the lagging list named last and served its value
+/// (`value-3`, overwritten by `newer`) as the object's state.
+#[tokio::test]
+async fn a_lazy_object_never_repins_a_snapshot_older_than_its_watermark() {
+    let w = World::new();
+    let (o, _) = overwritten_then_evicted(&w).await;
+    let pinned = w.cold.snapshots().await.expect("snapshots").last().expect("the newest").id;
+    let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
+    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(cold.clone())
+        .with_accelerator(cold.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+        .build()
+        .expect("runtime");
+    assert_eq!(get(&b, &o, "key/0001").await.expect("lazy read").as_deref(), Some(&b"value-1"[..]));
+    assert_eq!(b.metrics().recent_activations.back().and_then(|m| m.snapshot), Some(pinned));
+    // Another object moves the table on; maintenance expires the pinned snapshot; the snapshot
+    // list then answers from a replica behind by one table version.
+    let c = w.runtime("c", settings());
+    let p = oid("p");
+    incr(&c, &p).await.expect("other object");
+    c.flush(&p).await.expect("flush other");
+    cold.expired.lock().insert(pinned);
+    cold.lagging_snapshots.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = get(&b, &o, "key/0003").await.expect_err("the snapshot list lags the watermark");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    cold.lagging_snapshots.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"newer"[..]));
 }
 
 /// The other direction: a watermark read from a replica behind the one the snapshot list comes

@@ -2089,12 +2089,22 @@ async fn preload(
 /// The snapshot a lazy object reads was expired by maintenance (`NotFound`): pin the newest
 /// snapshot instead, provided the object's cold state has not moved since activation (the lease
 /// keeps every other writer of this object away, so the newest snapshot holds the same state).
+/// The snapshot and the watermark in it come from one answer ([`ColdSink::head`]), as at
+/// activation: from two reads (the watermark, then the snapshot list), a list a lagging catalog
+/// replica answered pinned an older snapshot, whose values were served as the object's. A
+/// watermark older than the activation's is such an older table too: retryable `Unavailable`.
 pub(crate) async fn repin(inner: &Arc<Inner>, object: &ObjectId, lazy: &mut LazyState) -> Result<AsOf> {
-    let through = inner.cold.watermark(object).await?.through;
-    if through != lazy.through {
-        return Err(lazy.moved_on(object, Some(through)));
+    let (snapshot, at) = inner.cold.head(object).await?;
+    refuse_older_than_decided(
+        object,
+        "watermark",
+        at.through,
+        &Watermark { through: lazy.through, ..Default::default() },
+    )?;
+    if at.through != lazy.through {
+        return Err(lazy.moved_on(object, Some(at.through)));
     }
-    lazy.snapshot = inner.cold.snapshots().await?.last().map(|s| s.id);
+    lazy.snapshot = snapshot;
     tracing::debug!(object = %object, snapshot = ?lazy.snapshot, "dotdo lazy snapshot expired; re-pinned");
     Ok(lazy.snapshot.map_or(AsOf::Latest, AsOf::Snapshot))
 }
