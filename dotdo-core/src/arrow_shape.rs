@@ -68,40 +68,55 @@ fn same_fields(f: &Fields, g: &Fields, by_name: bool) -> bool {
     f.len() == g.len() && f.iter().zip(g).all(|(p, q)| same_field(p, q, by_name))
 }
 
-/// `InvalidInput` (naming the column) if a decimal value of `batch`, nested ones included, has
-/// more digits than its type's precision. Arrow builds such arrays without a check, and the
-/// Parquet writer stores a decimal in the width its precision gives: a value beyond it was
-/// written cut to that width (4294967297 in a `decimal(5,2)` column read back as 0.01) or out of
-/// its declared range. Null slots are not checked, nor values under a null struct slot (arrow
-/// allows anything there), list and map items included; the items of lists and maps are checked
-/// whatever their own list's slot. A dictionary-encoded column is checked at the dictionary
-/// values its rows use. Run-end-encoded and list-view columns are not looked into.
+/// The most microseconds a `Time64(Microsecond)` value may hold: Iceberg's `time` is a time of
+/// day, `0..=MAX_TIME_MICROS` (iceberg-rust refuses any other value when it gathers a data
+/// file's statistics).
+pub const MAX_TIME_MICROS: i64 = 86_400_000_000 - 1;
+
+/// `InvalidInput` (naming the column and row) if a value of `batch`, nested ones included, is
+/// one an Iceberg table cannot hold although arrow builds it without a check:
+/// * a decimal with more digits than its type's precision: the Parquet writer stores a decimal
+///   in the width its precision gives, so a value beyond it was written cut to that width
+///   (4294967297 in a `decimal(5,2)` column read back as 0.01) or out of its declared range;
+/// * a `Time64(Microsecond)` outside a day, `0..=`[`MAX_TIME_MICROS`] (PostgreSQL's
+///   `24:00:00`, a negative time): the data file was written, then iceberg refused its
+///   statistics, so every commit of the batch failed after uploading a file.
+///
+/// Null slots are not checked, nor values under a null struct slot (arrow allows anything
+/// there), list and map items included; the items of lists and maps are checked whatever their
+/// own list's slot. A dictionary-encoded column is checked at the dictionary values its rows
+/// use. Run-end-encoded and list-view columns are not looked into.
 ///
 /// ```
 /// use std::sync::Arc;
-/// use arrow_array::{Decimal128Array, RecordBatch};
+/// use arrow_array::{Decimal128Array, RecordBatch, Time64MicrosecondArray};
 /// let column = |v: i128| Decimal128Array::from(vec![v]).with_precision_and_scale(5, 2).expect("type");
 /// let ok = RecordBatch::try_from_iter([("d", Arc::new(column(99_999)) as _)]).expect("batch");
-/// assert!(dotdo_core::arrow_shape::check_decimals(&ok).is_ok());
+/// assert!(dotdo_core::arrow_shape::check_values(&ok).is_ok());
 /// let wide = RecordBatch::try_from_iter([("d", Arc::new(column(100_000)) as _)]).expect("batch");
-/// assert!(dotdo_core::arrow_shape::check_decimals(&wide).is_err());
+/// assert!(dotdo_core::arrow_shape::check_values(&wide).is_err());
+/// let midnight = Arc::new(Time64MicrosecondArray::from(vec![86_400_000_000]));
+/// let late = RecordBatch::try_from_iter([("t", midnight as _)]).expect("batch");
+/// assert!(dotdo_core::arrow_shape::check_values(&late).is_err());
 /// ```
-pub fn check_decimals(batch: &arrow_array::RecordBatch) -> crate::Result<()> {
+pub fn check_values(batch: &arrow_array::RecordBatch) -> crate::Result<()> {
     batch
         .schema()
         .fields()
         .iter()
         .zip(batch.columns())
-        .try_for_each(|(f, c)| check_decimals_where(c.as_ref(), f.name(), &|_| true))
+        .try_for_each(|(f, c)| check_values_where(c.as_ref(), f.name(), &|_| true))
 }
 
-/// [`check_decimals`] for one column named `name`, at the slots `shown` says a reader sees (a
+/// The earlier name of [`check_values`], which checked decimals only.
+#[deprecated(note = "renamed `check_values` (it checks times of day too)")]
+pub fn check_decimals(batch: &arrow_array::RecordBatch) -> crate::Result<()> {
+    check_values(batch)
+}
+
+/// [`check_values`] for one column named `name`, at the slots `shown` says a reader sees (a
 /// struct's child values under its null slots are not: arrow allows anything there).
-fn check_decimals_where(
-    column: &dyn arrow_array::Array,
-    name: &str,
-    shown: &dyn Fn(usize) -> bool,
-) -> crate::Result<()> {
+fn check_values_where(column: &dyn arrow_array::Array, name: &str, shown: &dyn Fn(usize) -> bool) -> crate::Result<()> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Decimal128Type, DecimalType};
     use arrow_array::Array;
@@ -111,7 +126,7 @@ fn check_decimals_where(
         if from >= to || to > values.len() {
             return Ok(());
         }
-        check_decimals_where(values.slice(from, to - from).as_ref(), inner, seen)
+        check_values_where(values.slice(from, to - from).as_ref(), inner, seen)
     };
     // The first and last offset of a list's rows (its items' range in the child).
     fn range<O: arrow_array::OffsetSizeTrait>(o: &[O]) -> (usize, usize) {
@@ -136,6 +151,17 @@ fn check_decimals_where(
                 ))),
             }
         }
+        T::Time64(arrow_schema::TimeUnit::Microsecond) => {
+            let a = column.as_primitive::<arrow_array::types::Time64MicrosecondType>();
+            match (0..a.len()).find(|&i| a.is_valid(i) && shown(i) && !(0..=MAX_TIME_MICROS).contains(&a.value(i))) {
+                None => Ok(()),
+                Some(i) => Err(crate::Error::invalid(format!(
+                    "column {name}: row {i} holds the time {} µs, outside a day (0..={MAX_TIME_MICROS} µs, \
+                     the range of Iceberg's time type)",
+                    a.value(i)
+                ))),
+            }
+        }
         T::Struct(_) => {
             let s = column.as_struct();
             let nulls = s.nulls();
@@ -143,7 +169,7 @@ fn check_decimals_where(
             s.fields()
                 .iter()
                 .zip(s.columns())
-                .try_for_each(|(f, c)| check_decimals_where(c.as_ref(), &format!("{name}.{}", f.name()), &here))
+                .try_for_each(|(f, c)| check_values_where(c.as_ref(), &format!("{name}.{}", f.name()), &here))
         }
         T::List(_) => {
             let l = column.as_list::<i32>();
@@ -178,7 +204,7 @@ fn check_decimals_where(
                 .filter(|&i| column.is_valid(i) && shown(i))
                 .filter_map(|i| keys.get(i).copied())
                 .collect();
-            check_decimals_where(d.values().as_ref(), name, &|k| used.contains(&k))
+            check_values_where(d.values().as_ref(), name, &|k| used.contains(&k))
         }
         _ => Ok(()),
     }
@@ -188,6 +214,27 @@ fn check_decimals_where(
 mod tests {
     use super::*;
     use arrow_schema::{Field, Fields};
+
+    /// Times of day outside a day are refused where a reader sees them (`InvalidInput` naming
+    /// the row), not under a null slot or a null struct slot; the day's first and last
+    /// microsecond pass.
+    #[test]
+    fn times_outside_a_day_are_refused_where_seen() {
+        use arrow_array::{ArrayRef, RecordBatch, StructArray, Time64MicrosecondArray};
+        use std::sync::Arc;
+        let times = |v: Vec<Option<i64>>| -> ArrayRef { Arc::new(Time64MicrosecondArray::from(v)) };
+        let batch = |c: ArrayRef| RecordBatch::try_from_iter([("t", c)]).expect("batch");
+        check_values(&batch(times(vec![Some(0), Some(MAX_TIME_MICROS), None]))).expect("a day's range");
+        let e = check_values(&batch(times(vec![Some(1), Some(MAX_TIME_MICROS + 1)]))).expect_err("24:00:00");
+        assert!(e.to_string().contains("column t: row 1"), "{e}");
+        assert!(check_values(&batch(times(vec![Some(-1)]))).is_err(), "a negative time");
+        let field = Field::new("t", arrow_schema::DataType::Time64(arrow_schema::TimeUnit::Microsecond), true);
+        let fields = Fields::from(vec![field]);
+        let under_null = StructArray::new(fields.clone(), vec![times(vec![Some(-5)])], Some(vec![false].into()));
+        check_values(&batch(Arc::new(under_null))).expect("the bad time is under a null struct slot");
+        let seen = StructArray::new(fields, vec![times(vec![Some(-5)])], None);
+        assert!(check_values(&batch(Arc::new(seen))).is_err(), "a bad struct field a reader sees");
+    }
 
     /// Dictionary-encoded decimals are checked at the values the rows use (they passed
     /// unchecked, and a sink could cut them to the declared width); a value no row uses is not
@@ -202,9 +249,9 @@ mod tests {
             let f = Field::new("price", d.data_type().clone(), true);
             RecordBatch::try_new(Arc::new(Schema::new(vec![f])), vec![Arc::new(d) as ArrayRef]).expect("batch")
         };
-        let e = check_decimals(&dict(vec![0, 1])).expect_err("10000000 has 8 digits, precision 5");
+        let e = check_values(&dict(vec![0, 1])).expect_err("10000000 has 8 digits, precision 5");
         assert!(e.to_string().contains("price"), "{e}");
-        check_decimals(&dict(vec![0, 0])).expect("the oversized value is in the dictionary, used by no row");
+        check_values(&dict(vec![0, 0])).expect("the oversized value is in the dictionary, used by no row");
     }
 
     fn point(a: &str, b: &str) -> DataType {
@@ -277,16 +324,16 @@ mod tests {
         let nulls = arrow_buffer::NullBuffer::from(vec![true, false]);
         let hidden = StructArray::new(fields.clone(), vec![dec(vec![1, 10_000_000])], Some(nulls));
         let batch = |a: ArrayRef| RecordBatch::try_from_iter([("c", a)]).expect("batch");
-        check_decimals(&batch(Arc::new(hidden))).expect("the wide value is under a null slot");
+        check_values(&batch(Arc::new(hidden))).expect("the wide value is under a null slot");
         let shown = StructArray::new(fields, vec![dec(vec![1, 10_000_000])], None);
-        let e = check_decimals(&batch(Arc::new(shown))).expect_err("a wide value a reader sees");
+        let e = check_values(&batch(Arc::new(shown))).expect_err("a wide value a reader sees");
         assert!(e.to_string().contains("c.d") && e.to_string().contains("row 1"), "{e}");
         let item = Arc::new(Field::new("item", DataType::Decimal128(5, 2), true));
         let fixed = FixedSizeListArray::new(item, 2, dec(vec![1, 2, 3, 10_000_000]), None);
-        assert!(check_decimals(&batch(Arc::new(fixed.clone()))).is_err(), "a fixed-size list's item");
-        check_decimals(&batch(Arc::new(fixed.slice(0, 1)))).expect("the wide item is not in the slice");
+        assert!(check_values(&batch(Arc::new(fixed.clone()))).is_err(), "a fixed-size list's item");
+        check_values(&batch(Arc::new(fixed.slice(0, 1)))).expect("the wide item is not in the slice");
         assert_eq!(fixed.slice(1, 1).len(), 1);
-        assert!(check_decimals(&batch(Arc::new(fixed.slice(1, 1)))).is_err());
+        assert!(check_values(&batch(Arc::new(fixed.slice(1, 1)))).is_err());
         // A list's items under a null struct slot are not seen either; those of the rows shown
         // are (row 2's list holds the wide item; row 1 is empty, starting where row 2 does).
         let list_item = Arc::new(Field::new("item", DataType::Decimal128(5, 2), true));
@@ -303,11 +350,11 @@ mod tests {
             Arc::new(StructArray::new(f, vec![l], Some(arrow_buffer::NullBuffer::from(struct_nulls))))
         };
         let under_null = in_struct(lists(vec![0, 1, 1, 2], vec![1, 10_000_000]), vec![true, true, false]);
-        check_decimals(&batch(under_null)).expect("the wide item's struct slot is null");
+        check_values(&batch(under_null)).expect("the wide item's struct slot is null");
         let seen = in_struct(lists(vec![0, 1, 1, 2], vec![1, 10_000_000]), vec![true, true, true]);
-        let e = check_decimals(&batch(seen)).expect_err("a wide item a reader sees");
+        let e = check_values(&batch(seen)).expect_err("a wide item a reader sees");
         assert!(e.to_string().contains("c.l[]"), "{e}");
         let first_hidden = in_struct(lists(vec![0, 1, 1, 2], vec![10_000_000, 1]), vec![false, true, true]);
-        check_decimals(&batch(first_hidden)).expect("the wide item is row 0's, under a null slot");
+        check_values(&batch(first_hidden)).expect("the wide item is row 0's, under a null slot");
     }
 }

@@ -839,6 +839,58 @@ mod tests {
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     }
 
+    /// Another engine removes the head of a table dotdo committed to (`REPLACE TABLE` without
+    /// rows keeps the table, its snapshots and properties, and drops `main`): the watermarks are
+    /// unknown, so every read of them, of the latest state or of a time before, and appends are
+    /// `Corrupt`. They read as "nothing committed": a stale committer's token and a replay from
+    /// sequence number 1 were taken, and the first such commit made the reset look valid.
+    /// Expiry leaves such a table alone. A table dotdo never committed to still reads as empty.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_whose_head_was_removed_after_dotdos_commits_is_corrupt_not_empty() {
+        use dotdo_core::{AsOf, ColdSink, ErrorKind, IndexAccelerator, ObjectId, ScanQuery};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = crate::commit::tests::open_one_bucket(&dir).await;
+        let o = ObjectId::new("o").expect("id");
+        assert_eq!(cold.watermark(&o).await.expect("a new table reads as empty").through, 0);
+        for seq in 1..=2u64 {
+            cold.append(crate::commit::tests::batch("o", seq)).await.expect("append");
+        }
+        let before_reset = cold.snapshots().await.expect("snapshots").last().expect("dotdo's").committed_at;
+        let t = cold.refresh().await.expect("table");
+        let reset = vec![iceberg::TableUpdate::RemoveSnapshotRef { ref_name: "main".into() }];
+        cold.commit_updates(&t, reset, vec![], "removing main").await.expect("reset");
+        let t = cold.refresh().await.expect("table");
+        assert!(t.metadata().current_snapshot().is_none());
+        assert_eq!(t.metadata().snapshots().count(), 2, "the snapshots stay");
+        let e = cold.watermark(&o).await.expect_err("unknown watermarks");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.head(&o).await.expect_err("unknown head");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.load_state(&o, AsOf::Latest).await.expect_err("its state");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.load_state(&o, AsOf::Timestamp(before_reset)).await.expect_err("its state back then");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.read_changes(&o, 0, AsOf::Latest).await.expect_err("its changes");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.lookup(&o, "k", AsOf::Latest).await.expect_err("a lookup");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let e = cold.scan(ScanQuery::object(o.clone())).await.expect_err("a scan");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        // A replay from the first sequence number, under the first token: not written again.
+        let e = cold.append(crate::commit::tests::batch("o", 1)).await.expect_err("a replay");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        assert!(cold.refresh().await.expect("table").metadata().current_snapshot().is_none(), "nothing committed");
+        // Also once another engine expired dotdo's snapshots: the table property says dotdo
+        // committed to it.
+        let t = cold.refresh().await.expect("table");
+        let ids: Vec<i64> = t.metadata().snapshots().map(|s| s.snapshot_id()).collect();
+        cold.commit_updates(&t, vec![iceberg::TableUpdate::RemoveSnapshots { snapshot_ids: ids }], vec![], "expiring")
+            .await
+            .expect("another engine's expiry");
+        let e = cold.watermark(&o).await.expect_err("still unknown");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    }
+
     /// A table version in the metadata log whose head's manifest list is gone (another engine's
     /// expiry deletes it at once) does not block the cleanup: it protects what of that head is
     /// left. The cleanup failed with `Corrupt` until that version left the retention.

@@ -490,7 +490,10 @@ impl IcebergColdStore {
         md: &iceberg::spec::TableMetadata,
         snapshot: Option<&SnapshotRef>,
     ) -> Result<SnapshotMarks> {
-        let Some(s) = snapshot else { return Ok(SnapshotMarks::default()) };
+        let Some(s) = snapshot else {
+            crate::summary::refuse_lost_head(md)?;
+            return Ok(SnapshotMarks::default());
+        };
         let Some(s) = crate::summary::dotdo_base(md, s)? else { return Ok(SnapshotMarks::default()) };
         let inline = crate::summary::inline_watermarks(&s)?;
         let Some(cp) = crate::summary::checkpoint(&s) else {

@@ -969,14 +969,17 @@ impl IcebergColdStore {
     pub(crate) fn resolve(table: &Table, as_of: AsOf) -> Result<Option<SnapshotRef>> {
         let md = table.metadata();
         match as_of {
-            AsOf::Latest => Ok(md.current_snapshot().cloned()),
+            AsOf::Latest => match md.current_snapshot() {
+                Some(s) => Ok(Some(s.clone())),
+                None => summary::refuse_lost_head(md).map(|()| None),
+            },
             AsOf::Snapshot(id) => {
                 md.snapshot_by_id(id).cloned().map(Some).ok_or_else(|| {
                     Error::new(ErrorKind::NotFound, format!("snapshot {id} does not exist (or expired)"))
                 })
             }
             AsOf::Timestamp(ts) => {
-                let Some(head) = md.current_snapshot_id() else { return Ok(None) };
+                let Some(head) = md.current_snapshot_id() else { return summary::refuse_lost_head(md).map(|()| None) };
                 let md = table.metadata_ref();
                 let chain = ancestors(&md, head)?;
                 // A snapshot's time for this purpose is the latest commit time on its chain
@@ -1690,6 +1693,7 @@ impl IcebergColdStore {
         self.latest_once_more(AsOf::Latest, || async {
             let table = self.read_table().await?;
             let Some(s) = table.metadata().current_snapshot() else {
+                summary::refuse_lost_head(table.metadata())?;
                 return Ok((None, vec![Watermark::default(); objects.len()]));
             };
             let watermarks = self.read_at(Some(s), self.watermarks_in(table.metadata(), s, objects)).await?;

@@ -117,6 +117,22 @@ pub fn dotdo_base(
     }
 }
 
+/// Refuse a table that has no current snapshot although dotdo committed to it (one of its
+/// snapshots is still listed, or the [`LAST_COMMIT`] property is set): its head was removed
+/// (another engine's `REPLACE TABLE` without rows keeps the table and drops `main`, as does
+/// removing the ref by hand). Its watermarks are unknown, not empty, as those of a history
+/// another engine started anew ([`dotdo_base`]): taken as empty, they let a stale committer
+/// through and wrote replays twice. `Corrupt`. A table dotdo never committed to reads as empty.
+pub(crate) fn refuse_lost_head(md: &iceberg::spec::TableMetadata) -> Result<()> {
+    if md.current_snapshot_id().is_none() && (last_commit_of(md).is_some() || md.snapshots().any(|s| is_dotdo(s))) {
+        return Err(Error::corrupt(format!(
+            "table {}: it has no current snapshot although dotdo committed to it (its main branch was removed,              or the table replaced by another engine?): its watermarks are unknown, not empty",
+            md.location()
+        )));
+    }
+    Ok(())
+}
+
 /// Whether `snapshot`'s watermarks are unknown because its history is expired: [`dotdo_base`]
 /// refuses it (`Corrupt`) for the chain breaking at an expired snapshot with no dotdo
 /// watermarks below and no [`LAST_COMMIT`] property naming that snapshot. Damaged watermarks

@@ -492,7 +492,10 @@ fn marks(table: &Table) -> Result<Marks> {
     let md = table.metadata();
     let base = match md.current_snapshot() {
         Some(s) => crate::summary::user_table_base(md, s)?,
-        None => None,
+        None => {
+            crate::summary::refuse_lost_head(md)?;
+            None
+        }
     };
     let Some(s) = base else { return Ok(Marks { raw: HashMap::new(), snapshot: 0 }) };
     let raw = s
@@ -627,7 +630,7 @@ impl ArrowTable {
                 })?;
                 &conformed
             };
-            dotdo_core::arrow_shape::check_decimals(b)
+            dotdo_core::arrow_shape::check_values(b)
                 .map_err(|e| e.context(format!("batch {batch_id} of stream {stream}")))?;
             let relabelled = b
                 .columns()
@@ -1216,6 +1219,25 @@ mod tests {
         let table = cold.commit_updates(&table, removal, vec![], "expiring s1").await.expect("expire s1");
         assert!(table.metadata().snapshot_by_id(foreign).is_some());
         assert_eq!(super::snapshot_marking(&table, "s", 1), None, "{s3} only carries s's mark");
+    }
+
+    /// A user table whose head another engine removed after dotdo's appends: its stream marks are
+    /// unknown, not unset, so a replay of batch 1 is refused (`Corrupt`), not appended again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_user_table_whose_head_was_removed_refuses_appends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = crate::IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let t = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+        let batch =
+            |n: i64| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))]).expect("b");
+        t.append("s", 1, vec![batch(1)]).await.expect("s 1");
+        let table = t.load().await.expect("load");
+        let reset = vec![iceberg::TableUpdate::RemoveSnapshotRef { ref_name: "main".into() }];
+        cold.commit_updates(&table, reset, vec![], "removing main").await.expect("reset");
+        let e = t.append("s", 1, vec![batch(1)]).await.expect_err("a replay of batch 1");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        assert!(t.load().await.expect("load").metadata().current_snapshot().is_none(), "nothing appended");
     }
 
     /// A table only other engines wrote, whose oldest snapshot another engine expired, holds no

@@ -3396,6 +3396,51 @@ async fn decimals_beyond_their_precision_and_batches_without_columns_are_refused
     }
 }
 
+/// A `Time64(Microsecond)` value outside a day (PostgreSQL's `24:00:00`, a negative time) is
+/// `InvalidInput` naming the column, nothing written: iceberg's `time` holds a time of day, and
+/// iceberg-rust refused the value when it gathered the data file's statistics, after writing the
+/// file: each commit failed as `Backend` and left an orphaned file. Also in a list. The first and
+/// last microsecond of a day go in and read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_outside_a_day_are_refused() {
+    use arrow_array::builder::{ListBuilder, Time64MicrosecondBuilder};
+    use arrow_array::{ArrayRef, RecordBatch, Time64MicrosecondArray};
+    use arrow_schema::{DataType, Field, Schema, TimeUnit};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let time = DataType::Time64(TimeUnit::Microsecond);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("at", time.clone(), true),
+        Field::new("l", DataType::List(Arc::new(Field::new("item", time.clone(), true))), true),
+    ]));
+    let t = cold.arrow_table(&["m"], "times", schema.clone()).await.expect("table");
+    let batch = |at: i64, listed: i64| {
+        let mut l = ListBuilder::new(Time64MicrosecondBuilder::new());
+        l.values().append_value(listed);
+        l.append(true);
+        let at: ArrayRef = Arc::new(Time64MicrosecondArray::from(vec![Some(at)]));
+        RecordBatch::try_new(schema.clone(), vec![at, Arc::new(l.finish())]).expect("batch")
+    };
+    let day = 86_400_000_000i64;
+    for (what, b) in [("24:00:00", batch(day, 0)), ("a negative time", batch(-1, 0)), ("a list item", batch(0, day))] {
+        let e = t.append("s", 1, vec![b]).await.expect_err(what);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{what}: {e}");
+    }
+    let e = t.append("s", 1, vec![batch(day, 0)]).await.expect_err("24:00:00");
+    assert!(e.to_string().contains("column at"), "names the column: {e}");
+    assert_eq!(t.last_batch("s").await.expect("mark"), 0, "nothing committed");
+    let ok =
+        t.append("s", 1, vec![batch(0, day - 1), batch(day - 1, 0)]).await.expect("the first and last microsecond");
+    assert_eq!(ok.rows, 2);
+    let read = t.read_all().await.expect("read");
+    let mut at: Vec<i64> = read
+        .iter()
+        .flat_map(|b| b.column(0).as_any().downcast_ref::<Time64MicrosecondArray>().expect("time").values().to_vec())
+        .collect();
+    at.sort();
+    assert_eq!(at, vec![0, day - 1]);
+}
+
 /// A batch from before a column was added, whose list column names its item `item` (arrow's
 /// `ListBuilder`) where the table's schema says `element`, is given the new column as nulls:
 /// it was `InvalidInput` (arrow builds a batch only from exactly equal types).

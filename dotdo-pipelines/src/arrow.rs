@@ -493,7 +493,7 @@ impl ArrowPipeline {
         }
         // A batch the table would refuse for good, caught before it is logged (a roll could
         // never commit it, and the batches behind it would wait).
-        dotdo_core::arrow_shape::check_decimals(&batch)?;
+        dotdo_core::arrow_shape::check_values(&batch)?;
         if batch.num_rows() == 0 {
             // Nothing to deliver. Buffered (and logged), each empty batch would hold memory and a
             // log row that no capacity counts and no roll is ever due for.

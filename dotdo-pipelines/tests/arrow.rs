@@ -202,6 +202,29 @@ async fn decimals_beyond_their_precision_are_refused_at_send() {
     assert_eq!(p.counters(), (1, 1, 1, 0));
 }
 
+/// The same for a time of day outside a day (`Time64(Microsecond)` of 24:00:00): iceberg refuses
+/// it when it gathers a data file's statistics, so once logged, every roll wrote a file and
+/// failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_outside_a_day_are_refused_at_send() {
+    use arrow_array::Time64MicrosecondArray;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("store");
+    let schema =
+        Arc::new(Schema::new(vec![Field::new("opens", DataType::Time64(arrow_schema::TimeUnit::Microsecond), false)]));
+    let t = store.arrow_table(&["app"], "hours", schema.clone()).await.expect("user table");
+    let batch = |v: i64| {
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(Time64MicrosecondArray::from(vec![v]))]).expect("batch")
+    };
+    let p = ArrowPipeline::open("hours", Arc::new(t), PipelineSettings::default()).expect("pipeline");
+    let e = p.send(batch(86_400_000_000)).expect_err("24:00:00");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("opens"), "names the column: {e}");
+    p.send(batch(86_399_999_999)).expect("23:59:59.999999");
+    assert_eq!(p.close().await.expect("the roll commits"), 1);
+    assert_eq!(p.counters(), (1, 1, 1, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_schema_batches_land_once_per_roll_and_replays_write_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
