@@ -2886,6 +2886,46 @@ async fn a_lazy_activation_never_pins_a_snapshot_older_than_its_watermark() {
     assert_eq!(all_state(&b, &o).await.len(), 20);
 }
 
+/// A handler that swallows the `Fenced` of its lazy restore (its `list` completes the restore
+/// into hot storage, where a newer holder's token fences it) does not get its answer out: the
+/// call is `LeaseLost` and the activation dropped, though this node's own clock says its lease
+/// still runs (the guard's clock ran ahead). The answer went out, and later calls kept answering
+/// from the activation's old snapshot.
+#[tokio::test]
+async fn a_handler_that_swallows_a_fenced_lazy_restore_gets_no_answer_out() {
+    let w = World::new();
+    let o = populated_then_evicted(&w).await;
+    // Runtime b's own clock stands still; the guard's (the world's) runs on.
+    let b_clock = ManualClock::new(w.clock.now());
+    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_accelerator(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(b_clock))
+        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+        .build()
+        .expect("runtime");
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    // The guard's clock passes b's lease; runtime c takes the object and overwrites a key.
+    w.clock.advance(TTL * 3);
+    let c = w.runtime("c", settings());
+    c.invoke(&o, async |t: &mut ObjectTxn<'_>| t.put("key/0004", "c's")).await.expect("c writes");
+    let answer = b
+        .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            let listed = t.list(KeyRange::all()).await;
+            assert!(listed.as_ref().is_err_and(|e| e.is_fenced()), "the restore is fenced: {listed:?}");
+            t.get("key/0004").await
+        })
+        .await;
+    let e = answer.expect_err("the answer rests on a lease another node holds");
+    assert_eq!(e.kind(), &ErrorKind::LeaseLost { object: o.clone() }, "{e}");
+    // The activation is gone: the next call asks the guard, which says c holds the object.
+    let e = get(&b, &o, "key/0004").await.expect_err("c holds the lease");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    assert_eq!(get(&c, &o, "key/0004").await.expect("c reads").as_deref(), Some(&b"c's"[..]));
+}
+
 /// A lazy object whose pinned snapshot expired re-pins the newest snapshot holding its state
 /// through the activation's watermark, never an older one: with the snapshot list lagging (a
 /// catalog replica answering an older table), the read fails retryably, then reads the latest

@@ -238,6 +238,11 @@ impl Slot {
     fn lazy_moved(&self) -> bool {
         self.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved)
     }
+
+    /// Whether a lazy restore of this call was fenced (see [`LazyState::fenced`]).
+    fn lazy_fenced(&self) -> bool {
+        self.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.fenced)
+    }
 }
 
 /// An object's slot: its activation on this runtime, one call at a time.
@@ -827,11 +832,25 @@ impl ObjectRuntime {
         ))
     }
 
-    /// What a call made (`what`: its answer, or its error) may rest on stale reads: refused by
+    /// What a call made (`what`: its answer, or its error) may rest on stale reads: refused
+    /// (`LeaseLost`, the activation dropped) if its lazy restore was fenced, then by
     /// [`refuse_if_ran_out`](Self::refuse_if_ran_out) (the lease ran out before the handler
     /// finished: a process pause, or the handler finishing just as the renewal timed out; another
     /// node may have written since), then by [`refuse_if_lazy_moved`](Self::refuse_if_lazy_moved).
     async fn refuse_if_stale(&self, object: &ObjectId, slot: &mut Slot, what: &str) -> Option<Error> {
+        if slot.lazy_fenced() {
+            // The hot store refused this node's token: a newer holder has the object, even if
+            // this node's clock says the lease still runs (the handler swallowed that error).
+            self.inner.metrics.lock().fenced += 1;
+            slot.active = None;
+            return Some(Error::new(
+                ErrorKind::LeaseLost { object: object.clone() },
+                format!(
+                    "the lazy restore of {object} during the call was fenced (a newer holder has the object); {what} \
+                     may be stale"
+                ),
+            ));
+        }
         match self.refuse_if_ran_out(object, slot, what).await {
             Some(e) => Some(e),
             None => self.refuse_if_lazy_moved(object, slot, what).await,
@@ -2179,7 +2198,10 @@ pub(crate) async fn complete_restore(
     if st.through != state.through {
         return Err(state.moved_on(object, Some(st.through)));
     }
-    inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| cold_state_error(object, e))?;
+    inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| {
+        state.fenced |= e.is_fenced();
+        cold_state_error(object, e)
+    })?;
     *lazy = None;
     Ok(())
 }

@@ -32,6 +32,10 @@ pub(crate) struct LazyState {
     /// Cold storage moved past `through` (found when the snapshot had to be re-pinned): this
     /// activation's reads and restore can never complete, the next call activates afresh.
     pub(crate) moved: bool,
+    /// The restore into hot storage was `Fenced` (a newer holder took the object, whatever this
+    /// node's clock says of its lease): what the call answers anyway (its handler swallowed that
+    /// error) is refused, and the activation dropped.
+    pub(crate) fenced: bool,
 }
 
 impl LazyState {
@@ -57,6 +61,7 @@ impl LazyState {
             used: HashMap::new(),
             clock: 0,
             moved: false,
+            fenced: false,
         }
     }
 
