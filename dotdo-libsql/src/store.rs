@@ -841,7 +841,24 @@ impl LibsqlStore {
         mutating: bool,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
+        self.with_writer_as(doing, mutating, false, f).await
+    }
+
+    /// [`with_writer`](Self::with_writer); `idempotent`: a write safe to repeat (a lease
+    /// release), retried as a read is (`mutating` false), whose failure after an attempt that
+    /// may have applied is `AmbiguousOutcome`, as the `ConsistencyGuard` contract has a release
+    /// of unknown outcome (it was `Unavailable`, which says nothing was applied).
+    async fn with_writer_as<T: Send>(
+        &self,
+        doing: &str,
+        mutating: bool,
+        idempotent: bool,
+        f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
+    ) -> Result<T> {
         self.check_unmoved(doing)?;
+        // Whether an attempt failed in a way that may have applied it (retried only because the
+        // call is safe to repeat).
+        let mut maybe_applied = false;
         let settings = &self.inner.settings;
         let mut attempt = 0;
         // Writers of this store queue on one connection; waiting for it counts against the same
@@ -918,13 +935,25 @@ impl LibsqlStore {
                         continue;
                     }
                     let class = class_of(&e);
+                    maybe_applied |= is_transient(class, false) && !is_transient(class, true);
                     if is_transient(class, mutating) && attempt < settings.retries {
                         attempt += 1;
                         tracing::debug!(doing, attempt, error = %e, "transient libsql failure; retrying");
                         retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
-                    let err = self.named(map_class(class, e, doing, mutating));
+                    let err = if idempotent && maybe_applied && class != error::Class::CommitIo {
+                        Error::new(
+                            ErrorKind::AmbiguousOutcome,
+                            format!(
+                                "{doing}: an attempt failed after the request may have reached the primary; it may \
+                                 have been applied (it is safe to repeat)"
+                            ),
+                        )
+                        .with_source(e)
+                    } else {
+                        self.named(map_class(class, e, doing, mutating))
+                    };
                     return Err(if attempt > 0 { err.context(format!("after {attempt} retries")) } else { err });
                 }
             }
@@ -959,7 +988,7 @@ impl LibsqlStore {
         // A caller that stops waiting mid-write (its future dropped, perhaps after the primary
         // committed) leaves the replica marked behind: the next read pulls first.
         let dropped = self.inner.replica.as_ref().map(|_| self.inner.replica_behind.mark_if_dropped());
-        let out = self.with_writer(doing, mutating, f).await;
+        let out = self.with_writer_as(doing, mutating, !mutating, f).await;
         if let Some(guard) = dropped {
             guard.disarm();
         }

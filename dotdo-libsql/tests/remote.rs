@@ -289,6 +289,14 @@ async fn a_write_whose_reply_is_lost_is_ambiguous_and_not_retried_but_a_read_is_
     store.release(&lease).await.expect("a release is retried");
     assert!(server.requests() - before >= 2, "the lost release was retried");
     assert_eq!(store.current(&obj).await.expect("current"), None);
+
+    // One whose every attempt's reply is lost has an unknown outcome (the guard's contract):
+    // `AmbiguousOutcome`, not `Unavailable` (which says nothing was applied). Here it was.
+    let lease = store.acquire(&obj, &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    server.lose_replies(4);
+    let e = store.release(&lease).await.expect_err("every reply lost");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert_eq!(store.current(&obj).await.expect("current"), None, "settled by reading back: released");
 }
 
 /// A primary that goes silent (executes, never answers, keeps the connection open) does not hold
