@@ -114,6 +114,29 @@ pub(crate) fn without_credentials(uri: &str) -> String {
     }
 }
 
+/// A REST catalog's base URI as iceberg-catalog-rest joins its paths to it: an `http://` or
+/// `https://` URL, without a trailing `/` (with one, every request asked `…//v1/…`, which
+/// servers answer 404, where the Java client and PyIceberg strip it). An empty URI (an unset
+/// environment variable) or another scheme is `InvalidInput` (an empty one was `Corrupt`).
+#[cfg(feature = "rest")]
+fn rest_uri(uri: &str) -> Result<String> {
+    let trimmed = uri.trim().trim_end_matches('/');
+    let refused = |why: &str| {
+        Error::invalid(format!(
+            "REST catalog uri {:?} {why}: give its http:// or https:// URL",
+            without_credentials(uri)
+        ))
+    };
+    if trimmed.is_empty() {
+        return Err(refused("is empty"));
+    }
+    match url::Url::parse(trimmed) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(trimmed.to_string()),
+        Ok(_) => Err(refused("is not an HTTP URL")),
+        Err(e) => Err(refused(&format!("is not a URL ({e})"))),
+    }
+}
+
 /// The SQLite URI of the default catalog of a local warehouse directory (the path
 /// percent-encoded where a URI needs it: a `?`, `#` or `%` in a directory name stays part of the
 /// path).
@@ -396,6 +419,7 @@ pub(crate) async fn open(
         CatalogConfig::Memory => plain(open_memory(name, warehouse, factory).await?),
         #[cfg(feature = "rest")]
         CatalogConfig::Rest { uri, warehouse: wh, properties } => {
+            let uri = &rest_uri(uri)?;
             let mut props: HashMap<String, String> = properties.clone().into_iter().collect();
             props.insert(iceberg_catalog_rest::REST_CATALOG_PROP_URI.to_string(), uri.clone());
             if let Some(w) = wh {

@@ -124,7 +124,7 @@ fn generic_cause(e: &object_store::Error) -> Cause {
     // `allow_invalid_certificates`, a name it is not valid for, such as a bucket with dots under
     // virtual-hosted style): no retry is accepted either (it was `Unavailable`, retried for
     // good).
-    if text.contains("invalid peer certificate") {
+    if tls_refused(&text) {
         return Cause::Config;
     }
     // The HTTP client refused to build the request (an `http://` endpoint without
@@ -147,8 +147,21 @@ fn generic_cause(e: &object_store::Error) -> Cause {
         Some(400..=499) => Cause::StoreRefused,
         // A redirect object_store did not follow (to another endpoint or region).
         Some(300..=399) => Cause::Config,
+        // A request the store does not implement (S3 answers 501 for an unsupported header or
+        // operation, after which object_store's own retries have run out): not the server's
+        // passing trouble, as the other 5xx are.
+        Some(501 | 505) => Cause::StoreRefused,
         _ => Cause::StoreUnavailable,
     }
+}
+
+/// Whether an error's text (with its source chain) is the TLS client refusing the server for
+/// good: a certificate it does not accept (rustls: self-signed without
+/// `allow_invalid_certificates`, a private CA, another name), or an answer that is no TLS at
+/// all (an `https://` URL for a plain-HTTP server: "received corrupt message"). No retry is
+/// accepted either.
+fn tls_refused(text: &str) -> bool {
+    text.contains("invalid peer certificate") || text.contains("received corrupt message")
 }
 
 /// An error's text with its whole source chain.
@@ -266,7 +279,10 @@ fn iceberg_cause(e: &iceberg::Error) -> Cause {
         // built (a bad URI or header: configuration).
         if e.message() == "Failed to execute http request" {
             let built = StdError::source(e).is_some_and(|s| s.to_string().starts_with("builder error"));
-            return if built { Cause::Config } else { Cause::StoreUnavailable };
+            // Or the TLS client refused the server (a certificate it does not accept, a server
+            // that speaks no TLS), as for the object store: no retry is accepted (it was
+            // `Unavailable`, and the store's open was retried for good).
+            return if built || tls_refused(&chain_text(e)) { Cause::Config } else { Cause::StoreUnavailable };
         }
         // iceberg-catalog-rest: a commit answered 500/502/504, or any request answered with a
         // status it does not map (429 and 5xx are the server's or a proxy's trouble, and
@@ -875,6 +891,12 @@ mod tests {
         }
         // A redirect object_store did not follow: configuration, not an outage.
         assert_eq!(classify_object_store(http("301 Moved Permanently")).kind(), &ErrorKind::InvalidInput);
+        // An operation the store does not implement: no retry makes it one (other 5xx are
+        // the server's passing trouble).
+        for never in ["501 Not Implemented", "505 HTTP Version Not Supported"] {
+            let e = classify_object_store(http(never));
+            assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{never}: {e}");
+        }
     }
 
     /// An `http://` endpoint without `allow_http`: the HTTP client refuses to build the request,
@@ -939,6 +961,13 @@ mod tests {
         let bad = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
             .with_source(std::io::Error::other("builder error: relative URL without a base"));
         assert_eq!(classify(bad, "opening REST catalog").kind(), &ErrorKind::InvalidInput);
+        // The TLS client refusing the server, under hyper's I/O error: configuration.
+        for tls in ["invalid peer certificate: UnknownIssuer", "received corrupt message of type InvalidContentType"] {
+            let refused = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
+                .with_source(std::io::Error::new(std::io::ErrorKind::InvalidData, tls));
+            let e = classify(refused, "opening REST catalog");
+            assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::InvalidInput, false), "{tls}: {e}");
+        }
     }
 
     #[test]

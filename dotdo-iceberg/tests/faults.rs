@@ -557,6 +557,41 @@ async fn unreachable_rest_catalog_is_a_retryable_unavailable_error() {
     assert!(!format!("{cfg:?}").contains("secret-token"), "secrets are redacted in Debug");
 }
 
+/// A REST catalog URI that can never work is a non-retryable `InvalidInput` at open: an
+/// `https://` URL for a server that speaks no TLS (the TLS client refuses its answer; it was a
+/// retryable `Unavailable`, so the open was retried for good), an empty URI (an unset
+/// environment variable; it was `Corrupt`), another scheme. A trailing `/` is dropped: requests
+/// go to `/v1/…`, not `//v1/…` (which servers answer 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_catalog_uris_that_can_never_work_are_configuration_errors() {
+    use std::io::{Read, Write};
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = plain.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in plain.incoming() {
+            let Ok(mut conn) = conn else { return };
+            // A plain-HTTP server's answer to a TLS hello.
+            let _ = conn.read(&mut [0u8; 1024]);
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    let open = |uri: String| async move {
+        let dir = tempfile::tempdir().expect("tempdir");
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .catalog(dotdo_iceberg::CatalogConfig::Rest { uri, warehouse: None, properties: Default::default() })
+            .build()
+            .await
+    };
+    for uri in [format!("https://127.0.0.1:{port}"), String::new(), " ".into(), "ftp://catalog.example".into()] {
+        let e = open(uri.clone()).await.expect_err("refused");
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::InvalidInput, false), "{uri:?}: {e}");
+    }
+    let (port, seen) = answering("404 Not Found", "");
+    open(format!("http://127.0.0.1:{port}/")).await.expect_err("nothing is served");
+    let first = seen.lock().first().cloned().unwrap_or_default();
+    assert!(first.starts_with("GET /v1/config"), "the server's own paths: {first:?}");
+}
+
 /// A one-thread HTTP/1.1 server on loopback that answers every request with `status` and
 /// `body` and records each request line. It reads each request whole (headers and
 /// `content-length` body) before answering, so the client sees the answer, not a reset.
