@@ -170,6 +170,9 @@ impl fmt::Debug for CompactOptions {
 pub struct CollapseOptions {
     /// Versions superseded at or before this time (the newer version's record timestamp) are
     /// dropped; so is a delete at or before it together with every older version of its key.
+    /// Only a prefix of a key's history goes: everything before its newest version stamped at
+    /// or before the horizon (where clocks went backwards, that can take a version superseded
+    /// after the horizon).
     pub horizon: Timestamp,
     /// Target size of the files written (default 128 MiB).
     pub target_file_size: u64,
@@ -229,6 +232,8 @@ struct LiveFile {
     path: String,
     size: u64,
     partition: Option<i32>,
+    /// The partition spec `partition` is a bucket of (`None` with it).
+    spec: Option<i32>,
 }
 
 enum Mode {
@@ -281,10 +286,14 @@ impl IcebergColdStore {
             return Err(Error::invalid("collapse: target_file_size must be positive"));
         }
         let (table, live) = self.current_files(&self.inner.ident.clone()).await?;
-        if live.iter().any(|f| f.partition.is_none()) && live.iter().any(|f| f.partition.is_some()) {
+        let specs: std::collections::BTreeSet<Option<i32>> = live.iter().map(|f| f.spec).collect();
+        if specs.len() > 1 {
             // Files of an older partition spec (evolved by another engine) hold the same objects
             // as the current spec's buckets: collapsing the groups apart could keep a put in one
-            // and drop the delete that supersedes it in the other.
+            // and drop the delete that supersedes it in the other. (Also when the files of both
+            // specs have bucket numbers, as for a store whose bucketer follows the table's
+            // current spec: grouped by number alone, bucket 3 of one spec went with bucket 3 of
+            // the other, which holds other objects.)
             return Err(Error::invalid(format!(
                 "collapse of {}: live files were written under more than one partition spec; \
                  rewrite them under the current spec first",
@@ -409,7 +418,12 @@ impl IcebergColdStore {
         Ok(files
             .iter()
             .filter(|f| f.is_parquet())
-            .map(|f| LiveFile { path: f.path.clone(), size: f.size, partition: f.partition.map(|(_, b)| b) })
+            .map(|f| LiveFile {
+                path: f.path.clone(),
+                size: f.size,
+                partition: f.partition.map(|(_, b)| b),
+                spec: f.partition.map(|(s, _)| s),
+            })
             .collect())
     }
 
@@ -665,10 +679,20 @@ impl IcebergColdStore {
             if let Some(s) = IcebergColdStore::find_commit(&t, &commit_id, None) {
                 return Ok(landed(s.snapshot_id(), report));
             }
-            return Err(err.context(format!(
-                "{what}: an attempt's outcome was unknown; its {} new files are left to cleanup",
-                added.len()
-            )));
+            // Not found: the attempt may still have landed (a concurrent writer on top of it and
+            // an expiry of it): the outcome is unknown, whatever the last attempt's error says
+            // (it was reported, a non-retryable `Conflict` among them, as the compaction's
+            // failure, when the compaction may have been committed).
+            return Err(Error::new(
+                ErrorKind::AmbiguousOutcome,
+                format!(
+                    "{what}: an attempt's outcome was unknown and the table's history does not show it (a later \
+                     snapshot and an expiry may hide it); its {} new files are left to cleanup; the last attempt: \
+                     {err}",
+                    added.len()
+                ),
+            )
+            .with_source(err));
         }
         self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
         Err(err)
@@ -1044,6 +1068,71 @@ mod tests {
         let (min, max) = (Timestamp::from_micros(i64::MIN), Timestamp::from_micros(i64::MAX));
         assert_eq!(elapsed(min, max), Duration::from_micros(i64::MAX as u64));
         assert_eq!(elapsed(max, min), Duration::ZERO);
+    }
+
+    /// A store whose bucketer follows the table's own spec (its table was dropped and created
+    /// again with other buckets), after another engine evolved the spec from bucket[4] to
+    /// bucket[8]: puts written under the first spec, their deletes under the second. A collapse
+    /// is refused (`InvalidInput`) and every delete stays: grouped by bucket number alone, an
+    /// object of bucket 1 under bucket[4] and bucket 5 under bucket[8] had its delete dropped in
+    /// one group and its put kept in the other, so the deleted key came back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_collapse_over_files_of_two_partition_specs_is_refused() {
+        use dotdo_core::{AsOf, ColdBatch, ColdSink, ObjectChanges};
+        use iceberg::spec::{Transform, UnboundPartitionSpec};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |buckets: u32| {
+            IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+                .table(["t"], "changes")
+                .settings(crate::Settings { buckets, ..Default::default() })
+                .build()
+        };
+        let a = open(16).await.expect("open");
+        let ident = iceberg::TableIdent::from_strs(["t", "changes"]).expect("ident");
+        a.catalog().drop_table(&ident).await.expect("drop");
+        let _b = open(4).await.expect("the table again, with 4 buckets");
+        let ids: Vec<ObjectId> = (0..8).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+        let change = |o: &ObjectId, seq: u64, op: Op| ChangeRecord {
+            object: o.clone(),
+            seq,
+            key: "k".into(),
+            op,
+            value: Bytes::from_static(b"v"),
+            token: FencingToken::new(1),
+            timestamp: Timestamp::from_millis(seq as i64),
+            type_name: "T".into(),
+        };
+        let one_each = |seq: u64, op: Op| ColdBatch {
+            objects: ids
+                .iter()
+                .map(|o| ObjectChanges {
+                    object: o.clone(),
+                    token: FencingToken::new(1),
+                    records: vec![change(o, seq, op)],
+                })
+                .collect(),
+        };
+        a.append(one_each(1, Op::Put)).await.expect("puts under bucket[4]");
+        for o in &ids {
+            assert_eq!(a.load_state(o, AsOf::Latest).await.expect("state").entries.len(), 1);
+        }
+        let t = a.refresh().await.expect("table");
+        let do_id = t.metadata().current_schema().field_id_by_name("do_id").expect("do_id");
+        let spec = UnboundPartitionSpec::builder()
+            .add_partition_field(do_id, "do_id_bucket_8", Transform::Bucket(8))
+            .expect("field")
+            .build();
+        let evolve = vec![iceberg::TableUpdate::AddSpec { spec }, iceberg::TableUpdate::SetDefaultSpec { spec_id: -1 }];
+        a.commit_updates(&t, evolve, vec![], "another engine evolves the spec").await.expect("evolve");
+        a.append(one_each(2, Op::Delete)).await.expect("deletes under bucket[8]");
+        let specs: std::collections::BTreeSet<Option<i32>> =
+            a.live_files(&a.refresh().await.expect("table")).await.expect("files").iter().map(|f| f.spec).collect();
+        assert_eq!(specs.len(), 2, "files of both specs: {specs:?}");
+        let e = a.collapse(CollapseOptions::new(Timestamp::from_millis(1000))).await.expect_err("two specs");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
+        for o in &ids {
+            assert!(a.load_state(o, AsOf::Latest).await.expect("state").entries.is_empty(), "{o}: deleted");
+        }
     }
 
     fn rec(key: &str, seq: u64, op: Op, at: i64) -> ChangeRecord {
