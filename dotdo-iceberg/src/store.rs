@@ -814,10 +814,34 @@ pub(crate) fn too_old_to_commit(age: Duration) -> iceberg::Error {
     iceberg::Error::new(
         iceberg::ErrorKind::CatalogCommitConflicts,
         format!(
-            "the append's data files are {age:?} old, past half of min_cleanup_retention: a cleanup may have \
-             deleted them; writing them again"
+            "the append's data files are {age:?} old, {TOO_OLD}: a cleanup may have deleted them; writing them \
+             again"
         ),
     )
+}
+
+/// What [`too_old_to_commit`] says.
+const TOO_OLD: &str = "past half of min_cleanup_retention";
+
+/// Whether `e` is [`too_old_to_commit`]'s refusal.
+pub(crate) fn is_too_old(e: &iceberg::Error) -> bool {
+    e.kind() == iceberg::ErrorKind::CatalogCommitConflicts && e.message().contains(TOO_OLD)
+}
+
+/// The error of an append whose attempts, twice in a row, took longer from writing their own new
+/// data files to their catalog swap than half of `min_cleanup_retention` (`e`: the second
+/// refusal): the store is that slow for this append, so no retry commits it (a retryable
+/// `Conflict` had the caller write the files again and again). Not retryable.
+pub(crate) fn too_slow_to_commit(what: &str, e: &impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "{what}: two attempts in a row took longer from writing their data files to their commit than half of \
+             min_cleanup_retention ({e}); raise min_cleanup_retention (and the table's recorded minimum), write \
+             smaller batches, or use a faster store"
+        ),
+    )
+    .with_retryable(false)
 }
 
 /// How the last commit attempt ended.
@@ -1396,6 +1420,8 @@ impl IcebergColdStore {
         // Once an attempt's outcome was unknown, every later round first looks for it.
         let mut reloaded = false;
         let mut failed_commits = 0u32;
+        // Attempts in a row refused for files too old to commit (see `too_slow_to_commit`).
+        let mut too_old_in_a_row = 0u32;
         let attempts = self.inner.settings.max_commit_attempts;
         for attempt in 0..attempts {
             let head = table.metadata().current_snapshot().cloned();
@@ -1572,6 +1598,11 @@ impl IcebergColdStore {
                     };
                 }
                 Err(e) if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts => {
+                    too_old_in_a_row = if is_too_old(&e) { too_old_in_a_row + 1 } else { 0 };
+                    if too_old_in_a_row >= 2 {
+                        last = Attempt::Failed(too_slow_to_commit(&format!("committing to {}", self.inner.ident), &e));
+                        break;
+                    }
                     tracing::debug!(attempt, "cold commit conflict; re-reading watermarks");
                     last = Attempt::Conflict;
                     retry_pause(self.backoff(attempt)).await;

@@ -694,6 +694,8 @@ impl ArrowTable {
         // Whether an earlier attempt of this call may have committed (its reply was lost, or
         // the commit was not confirmed durable): the mark found next is then this call's own.
         let mut maybe_landed = false;
+        // Attempts in a row refused for files too old to commit (see `too_slow_to_commit`).
+        let mut too_old_in_a_row = 0u32;
         for attempt in 0..attempts {
             let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
             // The mark first: a batch already committed is answered as such whatever became of
@@ -801,6 +803,13 @@ impl ArrowTable {
                 }
                 Err(e) => {
                     let did_not_land = crate::catalog::did_not_land(&e);
+                    too_old_in_a_row = if crate::store::is_too_old(&e) { too_old_in_a_row + 1 } else { 0 };
+                    if too_old_in_a_row >= 2 {
+                        // (Its files were deleted by the refusal; the loop's end settles an
+                        // earlier attempt of unknown outcome.)
+                        last_err = Some(crate::store::too_slow_to_commit(&what, &e));
+                        break;
+                    }
                     let e = classify(e, &what);
                     match e.kind() {
                         ErrorKind::Conflict => {}

@@ -1180,6 +1180,44 @@ async fn a_user_table_append_rewrites_files_too_old_to_commit() {
     assert_eq!(rows, 2);
 }
 
+/// An append on a store so slow that every attempt's own new data files are past half of
+/// `min_cleanup_retention` by its catalog swap (here each data file's put takes 31 minutes of the
+/// store's clock; the default minimum is an hour) fails after two such attempts with a
+/// non-retryable `Conflict` that says why, nothing committed: it was a retryable `Conflict`
+/// after every attempt (16 here) wrote its files again, and the caller retried that for good.
+/// Change table and user table alike; their files are deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_too_slow_to_ever_commit_is_not_retryable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = dotdo_core::ManualClock::new(dotdo_core::SystemClock::new().now());
+    let (recorded, user, rows, _other) =
+        recorded_user_table_and_another_writer(dir.path(), 16, Some(clock.clone())).await;
+    let changes = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(recorded.clone())
+        .table(["c"], "changes")
+        .with_clock(Arc::new(clock.clone()))
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: 16, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let c = clock.clone();
+    *recorded.each_put.lock() =
+        Some(common::EachPut(".parquet".into(), Arc::new(move || c.advance(std::time::Duration::from_secs(31 * 60)))));
+    recorded.puts.lock().clear();
+    let e = user.append("s", 1, vec![rows(1)]).await.expect_err("too slow");
+    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Conflict, false), "{e}");
+    assert!(e.to_string().contains("min_cleanup_retention"), "says why: {e}");
+    assert_eq!(user.last_batch("s").await.expect("mark"), 0, "nothing committed");
+    let o = ObjectId::new("o").expect("id");
+    let batch = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]);
+    let e = changes.append(batch).await.expect_err("too slow");
+    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Conflict, false), "{e}");
+    assert_eq!(changes.watermark(&o).await.expect("watermark").through, 0, "nothing committed");
+    let written = recorded.puts.lock().iter().filter(|p| p.ends_with(".parquet")).count();
+    assert_eq!(written, 4, "two attempts each, not sixteen");
+    assert!(common::files_ending_with(dir.path(), ".parquet").is_empty(), "their files are deleted");
+}
+
 /// A user-table append that stalls between writing its data file and committing it past half of
 /// `min_cleanup_retention` (the clock jumps while the file is written) does not commit that
 /// file: a cleanup running meanwhile may have judged it unreferenced. It writes it again and

@@ -284,6 +284,9 @@ pub struct FaultyStore {
     /// Run once, before the first put whose path ends with the given suffix (a concurrent
     /// commit landing at a chosen moment).
     pub before_put: Mutex<Option<PutHook>>,
+    /// Run before every put (single or multipart) whose path ends with the given suffix (a
+    /// store slow on every such write, on a test's clock).
+    pub each_put: Mutex<Option<EachPut>>,
     /// Run once, before the next listing yields its first entry (a concurrent commit landing
     /// while a cleanup lists the table's files).
     /// (The hook's path suffix is not used.)
@@ -357,6 +360,16 @@ fn count_put_fault(faults: &PutFaults, location: &Path, fault: Option<Fault>) {
 /// A future run before the first put whose path ends with `.0` (see [`FaultyStore::before_put`]).
 pub struct PutHook(pub String, pub futures::future::BoxFuture<'static, ()>);
 
+/// A function run before every put whose path ends with `.0` (see [`FaultyStore::each_put`]).
+#[derive(Clone)]
+pub struct EachPut(pub String, pub Arc<dyn Fn() + Send + Sync>);
+
+impl fmt::Debug for EachPut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EachPut({:?})", self.0)
+    }
+}
+
 impl fmt::Debug for PutHook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PutHook({:?})", self.0)
@@ -377,6 +390,7 @@ impl FaultyStore {
             reads: Mutex::new(Vec::new()),
             puts: Mutex::new(Vec::new()),
             before_put: Mutex::new(None),
+            each_put: Mutex::new(None),
             before_list: Mutex::new(None),
             fail_reads_of: Mutex::new(None),
             fail_puts_of: Mutex::new(None),
@@ -393,6 +407,16 @@ impl FaultyStore {
     #[allow(dead_code)] // not every test binary including this module uses it
     pub fn quiet_local() -> Arc<Self> {
         Arc::new(FaultyStore::new(Arc::new(object_store::local::LocalFileSystem::new()), 1, 0.0))
+    }
+
+    /// Run [`FaultyStore::each_put`] if `location` ends with its suffix.
+    fn run_each_put(&self, location: &Path) {
+        let each = self.each_put.lock().clone();
+        if let Some(EachPut(suffix, f)) = each {
+            if location.as_ref().ends_with(suffix.as_str()) {
+                f();
+            }
+        }
     }
 
     async fn run_before_get(&self, location: &Path) {
@@ -480,6 +504,7 @@ impl ObjectStore for FaultyStore {
         if let Some(f) = hook {
             f.await;
         }
+        self.run_each_put(location);
         self.puts.lock().push(location.to_string());
         let max = self.max_put_bytes.load(Ordering::SeqCst);
         if max > 0 && payload.content_length() as u64 > max {
@@ -506,6 +531,7 @@ impl ObjectStore for FaultyStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.run_each_put(location);
         self.puts.lock().push(location.to_string());
         let inner = self.run(true, "put_multipart", location, self.inner.put_multipart_opts(location, opts)).await?;
         Ok(Box::new(FaultyUpload {
