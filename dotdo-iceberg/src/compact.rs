@@ -502,8 +502,10 @@ impl IcebergColdStore {
                     .with_retryable(false));
                 }
             }
-            // Transient store errors while reading or writing one group are retried (the writer
-            // deletes its partial files on failure).
+            // Transient store errors while reading or writing one group are retried. (A failed
+            // writer deletes the files other writer tasks finished; files its own rolling writer
+            // closed before the failure are not handed back by iceberg's writer and stay until
+            // `remove_unreferenced_files` takes them: nothing references them.)
             let (b, g, m) = (&base, &group, &mode);
             let result = retry_idempotent(&dotdo_core::SystemClock::new(), self.transient_retries(), || async move {
                 match m {
