@@ -24,38 +24,58 @@ const BOUND: usize = dotdo_core::sql_schema::READ_CHANGES_BYTES;
 /// The least a remote page's bound shrinks to (see [`PageBound`]).
 const MIN_PAGE_BOUND: usize = 64 << 10;
 
+/// Reads in a row at a page bound under [`BOUND`] after which it is doubled again (see
+/// [`PageBound`]).
+const GROW_AFTER: u32 = 32;
+
 /// The bound of estimated answer of one remote change read or listing page: [`BOUND`] at first,
 /// halved (down to [`MIN_PAGE_BOUND`]) each time the primary refuses such a read as too large
 /// (sqld run with a `--max-response-size` under about 8.4 MB, or its total of answers in flight
-/// passed under load), and kept so for the store's life: the read is retried with the smaller
-/// pages (it failed every retry at the fixed 8 MiB). Shared by the store's clones.
+/// passed under load), and the read retried (it failed every retry at the fixed 8 MiB; with
+/// `retries: 0` the next read uses the smaller pages). After [`GROW_AFTER`] reads in a row at a
+/// smaller bound, it is doubled again (up to [`BOUND`]): a refusal under load, or a row too large
+/// for the primary's limit whatever the page, does not keep every later read on small pages (a
+/// long listing of small pages may not fit one `request_timeout`). Under a primary's lower limit
+/// that costs one refused read per [`GROW_AFTER`]. Shared by the store's clones.
 #[derive(Debug)]
-pub(crate) struct PageBound(std::sync::atomic::AtomicUsize);
+pub(crate) struct PageBound {
+    bound: std::sync::atomic::AtomicUsize,
+    /// Reads at `bound` since it last changed (counted under [`BOUND`] only).
+    reads: std::sync::atomic::AtomicU32,
+}
 
 impl Default for PageBound {
     fn default() -> Self {
-        PageBound(std::sync::atomic::AtomicUsize::new(BOUND))
+        PageBound { bound: std::sync::atomic::AtomicUsize::new(BOUND), reads: std::sync::atomic::AtomicU32::new(0) }
     }
 }
 
 impl PageBound {
     /// The bound to read the next page with.
     pub(crate) fn get(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+        self.bound.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// A read with pages of `used` bytes failed with `e`: if the primary refused its answer as
-    /// too large, halve the bound (once per refused size: reads racing with the same bound
-    /// halve it once).
-    fn refused(&self, used: usize, e: &libsql::Error) {
-        if crate::error::class_of(e) == crate::error::Class::ResponseTooLarge {
-            let smaller = (used / 2).max(MIN_PAGE_BOUND);
-            let _ = self.0.compare_exchange(
-                used,
-                smaller,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+    /// A read with pages of `used` bytes ended (`out`): if the primary refused its answer as too
+    /// large, halve the bound (once per refused size: reads racing with the same bound halve it
+    /// once); if it succeeded at a bound under [`BOUND`] for the [`GROW_AFTER`]th time in a row,
+    /// double it.
+    fn ended<T>(&self, used: usize, out: &libsql::Result<T>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let change = |to: usize| {
+            if self.bound.compare_exchange(used, to, Relaxed, Relaxed).is_ok() {
+                self.reads.store(0, Relaxed);
+            }
+        };
+        match out {
+            Err(e) if crate::error::class_of(e) == crate::error::Class::ResponseTooLarge => {
+                change((used / 2).max(MIN_PAGE_BOUND));
+            }
+            Err(_) => {}
+            Ok(_) if used < BOUND && self.reads.fetch_add(1, Relaxed) + 1 >= GROW_AFTER => {
+                change(used.saturating_mul(2).min(BOUND));
+            }
+            Ok(_) => {}
         }
     }
 }
@@ -177,9 +197,7 @@ impl HotStore for LibsqlStore {
                 if c.is_remote() {
                     let bound = inner.page_bound.get();
                     let out = list_remote(c, object, range, limit, bound).await;
-                    if let Err(e) = &out {
-                        inner.page_bound.refused(bound, e);
-                    }
+                    inner.page_bound.ended(bound, &out);
                     return Ok(out?);
                 }
                 let rows = c.query(step).await?;
@@ -236,9 +254,7 @@ impl HotStore for LibsqlStore {
                         None => Ok(c.query_bounded(local_step, 3, BOUND).await?),
                         Some(step) => {
                             let out = c.query(step).await;
-                            if let Err(e) = &out {
-                                inner.page_bound.refused(bound, e);
-                            }
+                            inner.page_bound.ended(bound, &out);
                             Ok(out?)
                         }
                     }

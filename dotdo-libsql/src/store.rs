@@ -889,10 +889,16 @@ impl LibsqlStore {
                         match futures::future::select(Box::pin(lock), clock.sleep(left)).await {
                             futures::future::Either::Left((conn, _)) => conn,
                             futures::future::Either::Right(_) => {
-                                return Err(Error::unavailable(format!(
+                                let busy = Error::unavailable(format!(
                                     "{doing}: the store's write connection is still busy after {budget:?} (other \
                                      writers of this store are waiting for it); retry later"
-                                )))
+                                ));
+                                // A retry's wait: an earlier attempt may have applied.
+                                return Err(if idempotent && maybe_applied {
+                                    ambiguous_retry(doing).with_source(busy)
+                                } else {
+                                    busy
+                                });
                             }
                         }
                     }
@@ -943,14 +949,7 @@ impl LibsqlStore {
                         continue;
                     }
                     let err = if idempotent && maybe_applied && class != error::Class::CommitIo {
-                        Error::new(
-                            ErrorKind::AmbiguousOutcome,
-                            format!(
-                                "{doing}: an attempt failed after the request may have reached the primary; it may \
-                                 have been applied (it is safe to repeat)"
-                            ),
-                        )
-                        .with_source(e)
+                        ambiguous_retry(doing).with_source(e)
                     } else {
                         self.named(map_class(class, e, doing, mutating))
                     };
@@ -1086,6 +1085,18 @@ impl LibsqlStore {
             }
         }
     }
+}
+
+/// The error of a call safe to repeat whose attempts failed after one that may have applied
+/// (see `LibsqlStore::with_writer_as`).
+fn ambiguous_retry(doing: &str) -> Error {
+    Error::new(
+        ErrorKind::AmbiguousOutcome,
+        format!(
+            "{doing}: an attempt failed after the request may have reached the primary; it may have been applied \
+             (it is safe to repeat)"
+        ),
+    )
 }
 
 thread_local! {

@@ -410,7 +410,9 @@ async fn remote_change_reads_are_bounded_in_bytes() {
 
 /// A primary run with a response size limit under dotdo's first page bound (sqld's
 /// `--max-response-size 1MB`): listings and change reads shrink their pages and go on (they
-/// failed every retry with `Unavailable`), and the store keeps the smaller pages.
+/// failed every retry with `Unavailable`), and the store keeps the smaller pages; once the
+/// limit is lifted, the pages grow back (a refusal under load kept every later read on small
+/// pages for the store's life).
 #[tokio::test]
 async fn reads_shrink_their_pages_under_a_lower_response_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -450,6 +452,14 @@ async fn reads_shrink_their_pages_under_a_lower_response_limit() {
     assert_eq!(again.len(), 40);
     assert_eq!(store.read_changes(&obj, 0, 1000).await.expect("read changes again").first().map(|c| c.seq), Some(1));
     assert_eq!(server.refused_as_too_large(), refused, "pages refused again");
+    server.set_max_response(support::hrana::SQLD_MAX_RESPONSE_SIZE);
+    for _ in 0..160 {
+        store.read_changes(&obj, 0, 1).await.expect("a small read");
+    }
+    let before = server.requests();
+    assert_eq!(store.list(&obj, dotdo_core::KeyRange::all(), None).await.expect("list").len(), 60);
+    let requests = server.requests() - before;
+    assert!(requests <= 2, "3 MB in one page again, not {requests} requests");
 }
 
 /// A writer queued behind a remote request that hangs waits as long as that request may take
