@@ -207,7 +207,9 @@ where
 /// with each failure in a row, from twice the tick up to
 /// [`MAX_ROLL_BACKOFF`](crate::MAX_ROLL_BACKOFF), so a sink that refuses the batch for good is
 /// not hammered. Time is the clock's monotonic time: a wall clock set back must not stop rolls.
-pub(crate) async fn run_rolls<P, R, Fut>(
+/// Once the pipeline is closed with something waiting, the loop holds it (every handle may be
+/// dropped after a failed `close`) until that is committed or refused for good.
+pub(crate) async fn run_rolls<P: Clone, R, Fut>(
     clock: Arc<dyn dotdo_core::Clock>,
     tick: Duration,
     live: impl Fn() -> Option<P>,
@@ -220,14 +222,21 @@ pub(crate) async fn run_rolls<P, R, Fut>(
 {
     let (mut failures, mut next_try) = (0u32, clock.monotonic());
     // The pipeline is held only while it rolls: once every handle is dropped (without `close`),
-    // the loop ends and the log's lock goes with the pipeline.
-    while let Some(p) = live() {
+    // the loop ends and the log's lock goes with the pipeline. After `close`, what waits is the
+    // loop's to commit: it holds the pipeline from then on (`held`). Without that, a host that
+    // dropped its handles after a failed `close` (the docs leave what waits to this loop) had
+    // the loop end at its next tick, and a memory log's events were gone without a word.
+    let mut held: Option<P> = None;
+    while let Some(p) = held.clone().or_else(&live) {
         // Closed: done once nothing waits. A `close` whose roll failed (or that its caller
         // dropped) leaves what waits to this loop, rolled with the same backoff until it is
         // committed: the loop stopping then left it for good.
         let closed = closed(&p);
         if closed && !waiting(&p) {
             return;
+        }
+        if closed && held.is_none() {
+            held = Some(p.clone());
         }
         if clock.monotonic() >= next_try && (closed || due(&p)) {
             match roll(p).await {

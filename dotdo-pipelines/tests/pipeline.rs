@@ -931,6 +931,28 @@ async fn a_failed_close_leaves_what_waits_to_the_roll_loop() {
     }
 }
 
+/// The same when the host drops every handle after the failed `close` (the docs leave what
+/// waits to the loop): the loop holds the pipeline and commits the events once the sink takes
+/// them. It ended at its next tick, and a memory log's events were gone without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the loop ticks on the system clock
+async fn a_failed_close_then_dropped_handles_leave_what_waits_to_the_roll_loop() {
+    let sink = Flaky::new();
+    let settings = PipelineSettings { roll_interval: Duration::from_millis(8), ..Default::default() };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("pipeline");
+    // The loop's future holds no handle of its own.
+    let handle = tokio::spawn(p.run());
+    p.send(events(3)).expect("send");
+    sink.stalled.store(true, Ordering::SeqCst);
+    p.close().await.expect_err("the sink fails the final roll");
+    drop(p);
+    // Longer than a roll's own retries: the loop is between rolls, with no handle left.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sink.stalled.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), handle).await.expect("the loop ended").expect("join");
+    assert_exactly_once(&committed(&sink.inner, 5).await, 3);
+}
+
 /// The committed-events counter counts what reached the sink even when a later batch of the same
 /// roll fails (it counted nothing of such a roll, so it lagged the sink for good), and so does
 /// the rolls counter ("rolls that committed at least one event": it missed such a roll).
