@@ -412,13 +412,18 @@ impl ArrowPipeline {
     /// head batch was found committed while others are claimed behind it: call again until
     /// the refused one comes out, then `roll` (the background loop keeps its backoff from the
     /// failed rolls). Rows taken out are not counted as committed. A retryable `Conflict` if a
-    /// roll was dropped (by its caller) while the sink committed the batch: that commit may still
-    /// land, and the batch is not handed out until a roll settles it (call `roll`, then again).
+    /// roll was dropped (by its caller) while the sink committed the batch, or the commit's answer
+    /// was an unknown outcome: that commit may still land, and the batch is not handed out until
+    /// a roll settles it (call `roll`, then again). Likewise for a batch an earlier process
+    /// claimed, until the sink has answered a roll of this process.
     pub async fn take_refused(&self) -> Result<Option<RefusedBatch>> {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;
         let Some((id, batches)) = inner.buf.lock().claimed.clone() else { return Ok(None) };
         inner.commits.refuse_if_open(id)?;
+        if inner.buf.lock().from_earlier.contains(&id) {
+            inner.commits.refuse_if_inherited_unanswered(id, std::iter::once(""))?;
+        }
         if inner.sink.last_batch(&inner.stream).await? >= id {
             // Committed: by this pipeline (its reply lost: count it) or an earlier one (not).
             let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();

@@ -728,13 +728,18 @@ impl Pipeline {
     /// transform again: they are returned as the transform made them). Waits for a roll in
     /// progress; then `roll` (the background loop keeps its backoff from the failed rolls).
     /// Taken-out events are not counted as committed. A retryable `Conflict` if a roll was dropped
-    /// (by its caller) while a sink committed the batch: that commit may still land, and the
-    /// events are not handed out until a roll settles it (call `roll`, then again).
+    /// (by its caller) while a sink committed the batch, or a commit's answer was an unknown
+    /// outcome: that commit may still land, and the events are not handed out until a roll
+    /// settles it (call `roll`, then again). Likewise for a batch an earlier process claimed
+    /// (a durable log's), until each of its routes has answered a roll of this process.
     pub async fn take_refused(&self) -> Result<Vec<(String, Event)>> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;
         let Some(claimed) = inner.log.claimed(inner.settings.token)? else { return Ok(Vec::new()) };
         inner.commits.refuse_if_open(claimed.id)?;
+        if inner.own_claim.lock().as_ref().is_none_or(|o| o.id != claimed.id || o.inherited) {
+            inner.commits.refuse_if_inherited_unanswered(claimed.id, claimed.rows.iter().map(|(r, _)| r.as_str()))?;
+        }
         let mut by_route: BTreeMap<String, Vec<ChangeRecord>> = BTreeMap::new();
         for (route, r) in claimed.rows {
             by_route.entry(route).or_default().push(r);

@@ -131,14 +131,20 @@ impl PipelineSettings {
 
 /// Whether a sink commit a roll started may still be under way, per sink (an event pipeline's
 /// route; `""` for an Arrow pipeline's one sink): its roll was dropped (its caller gave up on it,
-/// or the sink panicked) during the commit, and no answer of that sink has settled the batch
-/// since. Such a commit may still land (a request queued at a remote catalog), so `take_refused`
-/// does not hand the batch out meanwhile (sent again, its rows could land twice).
+/// or the sink panicked) during the commit, or the commit's answer was an unknown outcome, and
+/// no answer of that sink has settled the batch since. Such a commit may still land (a request
+/// queued at a remote catalog), so `take_refused` does not hand the batch out meanwhile (sent
+/// again, its rows could land twice). Likewise a batch an earlier process claimed (its commit
+/// may have been under way when it ended), until each of its sinks has answered this process.
 #[derive(Debug, Default)]
 pub(crate) struct CommitWatch {
     /// Per sink: (a commit is under way, left so by a roll dropped during it; a roll was
-    /// dropped during a commit and no answer has settled the batch since).
+    /// dropped during a commit, or its answer was an unknown outcome, and no answer has settled
+    /// the batch since).
     open: parking_lot::Mutex<std::collections::HashMap<String, (bool, bool)>>,
+    /// Sinks that have given this process an answer settling a commit (`Ok`, or a refusal for
+    /// good).
+    answered: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl CommitWatch {
@@ -159,14 +165,43 @@ impl CommitWatch {
             Ok(_) => true,
             Err(e) => !e.is_retryable() && e.kind() != &dotdo_core::ErrorKind::AmbiguousOutcome,
         };
+        // An unknown outcome (every attempt's reply lost or timed out): a request may still be
+        // queued at the sink, as for a dropped roll.
+        let unknown = matches!(out, Err(e) if e.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome);
+        if settled {
+            self.answered.lock().insert(sink.to_string());
+        }
         let mut open = self.open.lock();
         if let Some((committing, unsettled)) = open.get_mut(sink) {
             *committing = false;
-            *unsettled &= !settled;
+            *unsettled = (*unsettled || unknown) && !settled;
             if !*unsettled {
                 open.remove(sink);
             }
         }
+    }
+
+    /// `take_refused`'s refusal of batch `id`, claimed by an earlier process, while one of its
+    /// `sinks` has not answered this process: that process may have ended with its commit under
+    /// way (a request a remote catalog still holds), which may land after the batch is handed
+    /// out.
+    pub(crate) fn refuse_if_inherited_unanswered<'s>(
+        &self,
+        id: u64,
+        mut sinks: impl Iterator<Item = &'s str>,
+    ) -> dotdo_core::Result<()> {
+        let answered = self.answered.lock();
+        if let Some(sink) = sinks.find(|s| !answered.contains(*s)) {
+            let to = if sink.is_empty() { String::new() } else { format!(" to route {sink:?}") };
+            return Err(dotdo_core::Error::new(
+                dotdo_core::ErrorKind::Conflict,
+                format!(
+                    "batch {id} was claimed by an earlier process, whose commit{to} may still land; roll first \
+                     (the sink's answer settles it), then take the batch out"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether a dropped roll's commit to `sink` may still be under way.
@@ -183,8 +218,9 @@ impl CommitWatch {
             return Err(dotdo_core::Error::new(
                 dotdo_core::ErrorKind::Conflict,
                 format!(
-                    "batch {id}: a roll was dropped while it committed{to}, so that commit may still land; roll \
-                     again (a roll the sink answers settles it) before taking the batch out"
+                    "batch {id}: a commit{to} may still land (its roll was dropped during it, or its answer was \
+                     an unknown outcome); roll again (a roll the sink answers settles it) before taking the batch \
+                     out"
                 ),
             ));
         }
@@ -259,5 +295,33 @@ pub(crate) async fn run_rolls<P: Clone, R, Fut>(
             drop(p);
         }
         clock.sleep(tick).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CommitWatch;
+    use dotdo_core::{Error, ErrorKind};
+
+    /// A commit whose answer is an unknown outcome leaves the sink unsettled (a request may still
+    /// be queued there), as a dropped roll does, until an answer settles it; an answer that
+    /// settles it counts as answered for batches of earlier processes.
+    #[test]
+    fn an_unknown_outcome_leaves_the_commit_open_until_an_answer_settles_it() {
+        let w = CommitWatch::default();
+        w.start("r");
+        w.end::<()>("r", &Err(Error::new(ErrorKind::AmbiguousOutcome, "every reply lost")));
+        assert!(w.is_open("r"));
+        assert_eq!(w.refuse_if_open(7).expect_err("open").kind(), &ErrorKind::Conflict);
+        assert!(w.refuse_if_inherited_unanswered(7, std::iter::once("r")).is_err(), "not answered yet");
+        w.start("r");
+        w.end::<()>("r", &Err(Error::unavailable("down")));
+        assert!(w.is_open("r"), "a passing failure settles nothing");
+        w.start("r");
+        w.end::<()>("r", &Err(Error::invalid("refused for good")));
+        assert!(!w.is_open("r"));
+        w.refuse_if_open(7).expect("settled");
+        w.refuse_if_inherited_unanswered(7, std::iter::once("r")).expect("answered");
+        assert!(w.refuse_if_inherited_unanswered(7, ["r", "other"].into_iter()).is_err(), "other has not answered");
     }
 }

@@ -528,6 +528,30 @@ async fn a_batch_whose_commit_a_dropped_roll_left_under_way_is_not_taken_out() {
     assert_eq!(taken.batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
 }
 
+/// A batch an earlier process claimed (its commit may have been under way when it ended: a
+/// request a remote catalog still holds) is handed out by `take_refused` only once the sink has
+/// answered this process; it was handed out at once, and a late landing of the earlier commit
+/// wrote its rows beside the caller's re-send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_an_earlier_process_claimed_is_handed_out_once_the_sink_answered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("log.db")), ..Default::default() };
+    let sink = Flaky::new(t.clone(), false);
+    let p = ArrowPipeline::open("inherited", sink.clone(), settings.clone()).expect("pipeline");
+    sink.refusing.store(true, Ordering::SeqCst);
+    p.send(batch(0, 3)).expect("send");
+    p.roll().await.expect_err("refused for good");
+    drop(p);
+    let p = ArrowPipeline::open("inherited", sink.clone(), settings).expect("reopen");
+    let e = p.take_refused().await.expect_err("the sink has not answered this process");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    p.roll().await.expect_err("refused again");
+    let taken = p.take_refused().await.expect("take").expect("the refused batch");
+    assert_eq!(taken.batches[0].num_rows(), 3);
+}
+
 /// A batch the sink refuses for good stops every roll (it is committed first); `take_refused`
 /// takes it out, and the batches behind it go on. A batch that turned out committed is
 /// acknowledged instead. With a durable log, the taken-out batch leaves the log, and its id is
