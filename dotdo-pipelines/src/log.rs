@@ -710,12 +710,15 @@ impl Log for SqliteLog {
         fully_synced(&mut conn, |conn| Self::claim_in(conn, max, max_bytes, token, next_seq))
     }
 
+    // Acknowledgements are run again while starved by a busy file (`retry_busy`), as the Arrow
+    // log's are: a roll whose ack failed commits its batch again (a replay) on every retry. (A
+    // claim is not: its sequence numbers were assigned as it ran; a failed one forgets them.)
     fn ack(&self, id: u64) -> Result<()> {
-        self.ack_on(&self.conn.lock(), id)
+        retry_busy(|| self.ack_on(&self.conn.lock(), id))
     }
 
     fn ack_durably(&self, id: u64) -> Result<()> {
-        fully_synced(&mut self.conn.lock(), |c| self.ack_on(c, id))
+        retry_busy(|| fully_synced(&mut self.conn.lock(), |c| self.ack_on(c, id)))
     }
 }
 
