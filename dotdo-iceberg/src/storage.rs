@@ -36,6 +36,9 @@ pub struct StoreRoot {
     /// Whether the store is a local file system that dotdo opened itself (`file://`), whose
     /// files it can fsync.
     local_files: bool,
+    /// How many directory levels `open` created for a local warehouse (0: it existed): their
+    /// entries are synced with the first file written (see [`SyncState::above`]).
+    created_dirs: usize,
     /// The bucket's location prefix of a path-style S3 URL over http(s) (see [`bucket_prefix`]).
     bucket: Option<String>,
 }
@@ -71,10 +74,12 @@ impl StoreRoot {
         let options: Vec<(String, String)> =
             options.into_iter().map(|(k, v)| (k.as_ref().to_string(), v.into())).collect();
         check_options(&url, &options)?;
+        let mut created_dirs = 0;
         if url.scheme() == "file" {
             let dir = url
                 .to_file_path()
                 .map_err(|()| Error::invalid(format!("warehouse {warehouse} is not a valid local path")))?;
+            created_dirs = dir.ancestors().position(|a| a.exists()).unwrap_or(0);
             std::fs::create_dir_all(&dir).map_err(|e| {
                 let msg = format!("cannot create warehouse directory {}: {e}", dir.display());
                 // Only a failure that may pass is worth retrying; a path through a file, a
@@ -114,7 +119,7 @@ impl StoreRoot {
                 "cannot open warehouse {warehouse}: {shown} (is the scheme's cargo feature enabled?)"
             ))
         })?;
-        Ok(StoreRoot { local_files, ..Self::with_store(Arc::from(store), &url) })
+        Ok(StoreRoot { local_files, created_dirs, ..Self::with_store(Arc::from(store), &url) })
     }
 
     /// Use an existing object store whose root corresponds to the scheme and authority of
@@ -132,7 +137,7 @@ impl StoreRoot {
         // `s3://bucket/wh` with `aws_endpoint` instead; docs/iceberg-cold-store.md.
         let root = url[..url::Position::BeforePath].to_string();
         let warehouse = url.as_str().trim_end_matches('/').to_string();
-        StoreRoot { store, root, warehouse, local_files: false, bucket: bucket_prefix(url) }
+        StoreRoot { store, root, warehouse, local_files: false, created_dirs: 0, bucket: bucket_prefix(url) }
     }
 
     /// The object key of a full location under this root.
@@ -173,7 +178,12 @@ impl StoreRoot {
                 let warehouse = key_of(&self.root, &self.warehouse)
                     .and_then(|key| local_path(&key))
                     .map_err(|e| Error::invalid(format!("warehouse {} has no local directory: {e}", self.warehouse)))?;
-                Some(Arc::new(SyncState { count, warehouse, synced_dirs: parking_lot::Mutex::default() }))
+                Some(Arc::new(SyncState {
+                    count,
+                    warehouse,
+                    above: self.created_dirs,
+                    synced_dirs: parking_lot::Mutex::default(),
+                }))
             }
             None => None,
         };
@@ -543,6 +553,9 @@ impl std::fmt::Debug for ObjectStoreStorage {
 struct SyncState {
     count: Arc<AtomicU64>,
     warehouse: std::path::PathBuf,
+    /// How many directory levels above the warehouse directory are its to sync: those `open`
+    /// created (their entries in their parents are new), at least its parent's (its own entry).
+    above: usize,
     synced_dirs: parking_lot::Mutex<std::collections::HashSet<std::path::PathBuf>>,
 }
 
@@ -584,13 +597,16 @@ impl ObjectStoreStorage {
     }
 }
 
-/// fsync `path` and its directory, then each ancestor up to the warehouse directory's parent
-/// that no earlier call synced (blocking).
+/// fsync `path` and its directory, then each ancestor up to the warehouse directory's parent,
+/// or up to the first directory above it that existed before `open` created the others
+/// ([`SyncState::above`]), that no earlier call synced (blocking).
 fn sync_local_file(sync: &SyncState, path: &std::path::Path) -> std::result::Result<(), (String, std::io::Error)> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| ("the file".to_string(), e))?;
     let Some(parent) = path.parent() else { return Ok(()) };
     sync_dir(parent)?;
-    let within = sync.warehouse.parent().unwrap_or(&sync.warehouse);
+    // (Directories `open` created above the warehouse have new entries too: a power loss could
+    // drop the whole warehouse with them, acknowledged commits and catalog included.)
+    let within = sync.warehouse.ancestors().nth(sync.above.max(1)).unwrap_or(&sync.warehouse);
     // A file outside the warehouse (a table at a namespace's own location, or placed by another
     // engine): every ancestor up to the file system's root, any may be new.
     let stop = Some(within).filter(|w| parent.starts_with(w));
@@ -1096,7 +1112,7 @@ mod tests {
         std::fs::create_dir_all(table.join("data")).expect("table");
         let file = table.join("data/f.parquet");
         std::fs::write(&file, b"x").expect("file");
-        let sync = SyncState { count: Arc::default(), warehouse, synced_dirs: parking_lot::Mutex::default() };
+        let sync = SyncState { count: Arc::default(), warehouse, above: 0, synced_dirs: parking_lot::Mutex::default() };
         sync_local_file(&sync, &file).expect("sync");
         let synced = sync.synced_dirs.lock().clone();
         for d in [table.join("data"), table.clone(), dir.path().join("elsewhere"), dir.path().to_path_buf()] {
@@ -1106,12 +1122,44 @@ mod tests {
         let inside = dir.path().join("wh/ns/t/data");
         std::fs::create_dir_all(&inside).expect("inside");
         std::fs::write(inside.join("g.parquet"), b"x").expect("file");
-        let sync =
-            SyncState { count: Arc::default(), warehouse: dir.path().join("wh"), synced_dirs: Default::default() };
+        let sync = SyncState {
+            count: Arc::default(),
+            warehouse: dir.path().join("wh"),
+            above: 0,
+            synced_dirs: Default::default(),
+        };
         sync_local_file(&sync, &inside.join("g.parquet")).expect("sync");
         let synced = sync.synced_dirs.lock().clone();
         assert!(synced.contains(&dir.path().join("wh")), "{synced:?}");
         assert!(!synced.contains(dir.path()), "above the warehouse's parent: {synced:?}");
+    }
+
+    /// A warehouse whose parent directories `open` created has their entries synced with the
+    /// first file written, up to the directory that existed: the walk stopped at the warehouse's
+    /// parent, and a power loss could drop the whole new directory chain (on a file system that
+    /// does not order directory updates), acknowledged commits and catalog included.
+    #[test]
+    fn the_directories_open_created_above_the_warehouse_are_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let warehouse = dir.path().join("srv/dotdo/lake/wh");
+        let root = StoreRoot::open(&format!("file://{}", warehouse.display()), Vec::<(String, String)>::new())
+            .expect("open creates the chain");
+        assert_eq!(root.created_dirs, 4, "srv, dotdo, lake and wh were created");
+        let inside = warehouse.join("ns/t/data");
+        std::fs::create_dir_all(&inside).expect("inside");
+        std::fs::write(inside.join("g.parquet"), b"x").expect("file");
+        let sync = SyncState {
+            count: Arc::default(),
+            warehouse: warehouse.clone(),
+            above: root.created_dirs,
+            synced_dirs: Default::default(),
+        };
+        sync_local_file(&sync, &inside.join("g.parquet")).expect("sync");
+        let synced = sync.synced_dirs.lock().clone();
+        for d in ["srv", "srv/dotdo", "srv/dotdo/lake", "srv/dotdo/lake/wh"] {
+            assert!(synced.contains(&dir.path().join(d)), "{d}'s entry not synced: {synced:?}");
+        }
+        assert!(!synced.contains(dir.path()), "the directory that existed is not the warehouse's: {synced:?}");
     }
 
     /// A ranged read that ends past the end of a file (cut short by a crash, or replaced by a
