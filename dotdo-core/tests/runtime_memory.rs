@@ -1083,6 +1083,8 @@ struct FlakyCold {
     each_watermark: Hook<Arc<dyn Fn() + Send + Sync>>,
     /// Run (once) before the next `load_state`: a slow read of the whole state.
     before_load: Hook<futures::future::BoxFuture<'static, ()>>,
+    /// Run (once) before the next `read_changes` or `read_changes_through`: a slow read.
+    before_read_changes: Hook<futures::future::BoxFuture<'static, ()>>,
     /// An entry added to every loaded state (a sink that broke its contract).
     extra_entry: parking_lot::Mutex<Option<Entry>>,
     /// `snapshots` answers without the newest snapshot (a catalog replica lagging behind the
@@ -1129,6 +1131,7 @@ impl FlakyCold {
             each_append: Hook::new(),
             each_watermark: Hook::new(),
             before_load: Hook::new(),
+            before_read_changes: Hook::new(),
             extra_entry: parking_lot::Mutex::new(None),
             lagging_snapshots: false.into(),
             lagging_loads: false.into(),
@@ -1234,6 +1237,10 @@ impl ColdSink for FlakyCold {
     }
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
         self.check()?;
+        let before = self.before_read_changes.lock().take();
+        if let Some(f) = before {
+            f.await;
+        }
         let r = self.inner.read_changes(object, after, as_of).await?;
         self.most_changes_read.fetch_max(r.len(), std::sync::atomic::Ordering::SeqCst);
         Ok(r)
@@ -1246,6 +1253,10 @@ impl ColdSink for FlakyCold {
         as_of: AsOf,
     ) -> Result<Vec<ChangeRecord>> {
         self.check()?;
+        let before = self.before_read_changes.lock().take();
+        if let Some(f) = before {
+            f.await;
+        }
         let r = self.inner.read_changes_through(object, after, through, as_of).await?;
         self.most_changes_read.fetch_max(r.len(), std::sync::atomic::Ordering::SeqCst);
         Ok(r)
@@ -2661,6 +2672,28 @@ async fn a_slow_restore_before_a_lazy_objects_first_commit_keeps_the_lease() {
     assert_eq!(all_state(&b, &o).await.len(), 21);
 }
 
+/// An activation whose check of pending hot changes against cold outlasts the lease (here two
+/// TTLs; a crash between a large commit and its truncation leaves much to compare) renews the
+/// lease meanwhile, and the call succeeds. Unrenewed, the activation ended on a lease already
+/// run out, the call failed, and every later activation ran the same check: the object was
+/// stuck.
+#[tokio::test]
+async fn a_slow_check_of_pending_changes_against_cold_keeps_the_lease() {
+    let w = World::new();
+    let o = oid("o");
+    // A holder's change reached cold, and its truncation in hot never happened.
+    let lease = w.hot.acquire(&o, &NodeId::new("x").expect("node"), TTL).await.expect("acquire");
+    w.hot.put(&o, lease.token, "T", "n", "1".into()).await.expect("put");
+    let changes = w.hot.read_changes(&o, 0, 100).await.expect("changes");
+    w.cold.append(ColdBatch::single(o.clone(), lease.token, changes)).await.expect("commit");
+    w.hot.release(&lease).await.expect("release");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    *cold.before_read_changes.lock() = Some(clock_moves_on(&w.clock, 20));
+    let b = w.runtime_with("b", Arc::new(w.hot.clone()), cold.clone(), settings());
+    assert_eq!(incr(&b, &o).await.expect("activated past the slow check"), 2);
+    assert_eq!(b.metrics().self_fenced, 0);
+}
+
 /// A slow cold read or commit: the world's clock moves on by `tenths` tenths of a TTL, a tenth at
 /// a time with a real millisecond between, so the runtime's renewal task gets to run.
 fn clock_moves_on(clock: &dotdo_core::ManualClock, tenths: u32) -> futures::future::BoxFuture<'static, ()> {
@@ -2924,6 +2957,44 @@ async fn a_handler_that_swallows_a_fenced_lazy_restore_gets_no_answer_out() {
     let e = get(&b, &o, "key/0004").await.expect_err("c holds the lease");
     assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
     assert_eq!(get(&c, &o, "key/0004").await.expect("c reads").as_deref(), Some(&b"c's"[..]));
+}
+
+/// One held object whose hot change log cannot be read (damaged: `Corrupt`), or whose
+/// truncation fails, is left out of `flush_all` while the others are drained, and the first
+/// error is returned at the end, as docs/runtime.md promises: the first such failure ended the
+/// whole drain (every object of its commit and of later rounds stayed undrained, at every
+/// `flush_all`; a failed truncation skipped the rest of its commit's truncations).
+#[tokio::test]
+async fn flush_all_drains_the_others_past_an_object_it_cannot_read_or_truncate() {
+    let w = World::new();
+    let (hot, _guard, rt) = w.faulty_runtime();
+    let (a, b, c) = (oid("a"), oid("b"), oid("c"));
+    for o in [&a, &b, &c] {
+        incr(&rt, o).await.expect("write");
+    }
+    *hot.unreadable_changes.lock() = Some(a.clone());
+    let e = rt.flush_all().await.expect_err("a's changes cannot be read");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 0, "a left out");
+    for o in [&b, &c] {
+        assert_eq!(w.cold.watermark(o).await.expect("wm").through, 1, "{o} drained");
+        assert!(!w.hot.object_info(o).await.expect("info").expect("known").has_pending_changes(), "{o} truncated");
+    }
+    *hot.unreadable_changes.lock() = None;
+    *hot.failing_truncates.lock() = Some(a.clone());
+    for o in [&b, &c] {
+        incr(&rt, o).await.expect("write again");
+    }
+    let e = rt.flush_all().await.expect_err("a's truncation fails");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 1, "a's change is in cold");
+    for o in [&b, &c] {
+        assert_eq!(w.cold.watermark(o).await.expect("wm").through, 2, "{o} drained");
+        assert!(!w.hot.object_info(o).await.expect("info").expect("known").has_pending_changes(), "{o} truncated");
+    }
+    *hot.failing_truncates.lock() = None;
+    rt.flush_all().await.expect("a is truncated now");
+    assert!(!w.hot.object_info(&a).await.expect("info").expect("known").has_pending_changes());
 }
 
 /// A lazy object whose pinned snapshot expired re-pins the newest snapshot holding its state
@@ -3301,6 +3372,10 @@ struct FaultyHot {
     changes_per_read: std::sync::atomic::AtomicUsize,
     /// `evict` is refused (`Conflict`: a change landed after the drain), dropping nothing.
     refuse_evicts: std::sync::atomic::AtomicBool,
+    /// `read_changes` of this object fails (`Corrupt`: its change log is damaged).
+    unreadable_changes: parking_lot::Mutex<Option<ObjectId>>,
+    /// `truncate_changes` of this object fails (`Unavailable`), truncating nothing.
+    failing_truncates: parking_lot::Mutex<Option<ObjectId>>,
 }
 
 impl FaultyHot {
@@ -3318,6 +3393,8 @@ impl FaultyHot {
             held: Default::default(),
             changes_per_read: 0.into(),
             refuse_evicts: false.into(),
+            unreadable_changes: Default::default(),
+            failing_truncates: Default::default(),
         }
     }
 }
@@ -3353,6 +3430,9 @@ impl HotStore for FaultyHot {
         self.inner.list(object, range, limit).await
     }
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
+        if self.unreadable_changes.lock().as_ref() == Some(object) {
+            return Err(Error::corrupt(format!("change log of {object} damaged (test)")));
+        }
         let most = self.changes_per_read.load(std::sync::atomic::Ordering::SeqCst);
         let limit = if most > 0 { limit.min(most) } else { limit };
         let r = self.inner.read_changes(object, after, limit).await?;
@@ -3360,6 +3440,9 @@ impl HotStore for FaultyHot {
         Ok(r)
     }
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {
+        if self.failing_truncates.lock().as_ref() == Some(object) {
+            return Err(Error::unavailable(format!("truncating {object} failed (test)")));
+        }
         self.inner.truncate_changes(object, token, through).await?;
         let hook = self.after_truncate.lock().take();
         if let Some(hook) = hook {

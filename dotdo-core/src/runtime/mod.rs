@@ -1167,7 +1167,12 @@ impl ObjectRuntime {
         };
         let hot_seq = info.as_ref().map_or(0, |i| i.last_seq);
         if let Some(i) = info.as_ref().filter(|i| i.has_pending_changes() && i.truncated_through < wm.through) {
-            check_pending_against_cold(inner, object, i.truncated_through, &wm).await?;
+            // Renewed as the restores are: the check reads every pending change cold also has,
+            // which can outlast the lease (a crash between a large commit and its truncation);
+            // without renewal the activation ended on a lease already run out, and every later
+            // activation, flushes included, ran the same check again: the object was stuck.
+            let check = check_pending_against_cold(inner, object, i.truncated_through, &wm);
+            with_renewal(inner, &mut active.lease, check).await?;
         }
         if hot_has_state && hot_seq >= wm.through {
             return Ok((Recovery::Hot, 0, 0, None));
@@ -1590,13 +1595,35 @@ impl ObjectRuntime {
                 if left_out.contains(object) {
                     continue;
                 }
-                let Some(info) = inner.hot.object_info(object).await? else { continue };
+                // An object whose hot state cannot be read (its change log damaged, or a passing
+                // failure) is left out and the others are drained; the first such error is
+                // returned at the end (it ended the whole drain: every object of this commit and
+                // of later rounds stayed undrained, at every `flush_all`).
+                let mut leave_out = |e: Error| {
+                    tracing::error!(object = %object, error = %e, "dotdo flush_all: hot state unreadable; left out");
+                    left_out.insert(object.clone());
+                    first_err.get_or_insert(e);
+                };
+                let info = match inner.hot.object_info(object).await {
+                    Ok(Some(info)) => info,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        leave_out(e);
+                        continue;
+                    }
+                };
                 if !info.has_pending_changes() {
                     continue;
                 }
                 let first_in_commit = batch.objects.is_empty();
-                let (records, used, read_any) =
-                    read_for_commit(inner, object, info.truncated_through, budget, bytes_left, first_in_commit).await?;
+                let read = read_for_commit(inner, object, info.truncated_through, budget, bytes_left, first_in_commit);
+                let (records, used, read_any) = match read.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        leave_out(e);
+                        continue;
+                    }
+                };
                 if newer_holder(&records, *token).is_some() {
                     tracing::info!(object = %object, "dotdo flush_all: another node took the object over; skipped");
                     left_out.insert(object.clone());
@@ -1708,7 +1735,14 @@ impl ObjectRuntime {
                         left_out.insert(oc.object.clone());
                         continue;
                     }
-                    Err(e) => return Err(e),
+                    // Its changes are in cold all the same (the next flush finds them there and
+                    // truncates); the others are truncated and drained.
+                    Err(e) => {
+                        tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
+                        left_out.insert(oc.object.clone());
+                        first_err.get_or_insert(e);
+                        continue;
+                    }
                 }
                 // An object whose changes span several commits counts once.
                 if drained.insert(oc.object.clone()) {
