@@ -73,6 +73,25 @@ impl World {
     }
 
     /// A lazily restoring runtime over the world's hot store and guard with its own cold sink
+    /// and accelerator.
+    fn lazy_runtime_reading(
+        &self,
+        node: &str,
+        cold: Arc<dyn ColdSink>,
+        accel: Arc<dyn dotdo_core::IndexAccelerator>,
+    ) -> ObjectRuntime {
+        ObjectRuntime::builder(NodeId::new(node).expect("valid"))
+            .with_hot_store(Arc::new(self.hot.clone()))
+            .with_guard(Arc::new(self.hot.clone()))
+            .with_cold_sink(cold)
+            .with_accelerator(accel)
+            .with_clock(Arc::new(self.clock.clone()))
+            .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+            .build()
+            .expect("build runtime")
+    }
+
+    /// A lazily restoring runtime over the world's hot store and guard with its own cold sink
     /// and no accelerator.
     fn lazy_runtime_without_accelerator(&self, node: &str, cold: Arc<dyn ColdSink>) -> ObjectRuntime {
         ObjectRuntime::builder(NodeId::new(node).expect("valid"))
@@ -2402,15 +2421,7 @@ async fn a_prefetch_after_the_expiry_of_a_lazy_snapshot_repins() {
     populate(&a, &o, 20).await;
     a.evict(&o).await.expect("evict");
     let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
-    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(cold.clone())
-        .with_accelerator(cold.clone())
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
-        .build()
-        .expect("build runtime");
+    let b = w.lazy_runtime_reading("b", cold.clone(), cold.clone());
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
     let pinned = b.metrics().recent_activations.back().and_then(|m| m.snapshot).expect("pinned snapshot");
     incr(&a, &p).await.expect("other object");
@@ -2448,15 +2459,7 @@ async fn lazily_read_then_cold_moves_on(view: LazyView) -> (ObjectRuntime, Objec
     let b = if view != LazyView::NoAccelerator {
         let sink: Arc<dyn ColdSink> =
             if view == LazyView::Accelerator { cold.clone() } else { Arc::new(w.cold.clone()) };
-        ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-            .with_hot_store(Arc::new(w.hot.clone()))
-            .with_guard(Arc::new(w.hot.clone()))
-            .with_cold_sink(sink)
-            .with_accelerator(cold.clone())
-            .with_clock(Arc::new(w.clock.clone()))
-            .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
-            .build()
-            .expect("build runtime")
+        w.lazy_runtime_reading("b", sink, cold.clone())
     } else {
         w.lazy_runtime_without_accelerator("b", cold.clone())
     };
@@ -3008,15 +3011,7 @@ async fn a_lazy_object_never_repins_a_snapshot_older_than_its_watermark() {
     let (o, _) = overwritten_then_evicted(&w).await;
     let pinned = w.cold.snapshots().await.expect("snapshots").last().expect("the newest").id;
     let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
-    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(cold.clone())
-        .with_accelerator(cold.clone())
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
-        .build()
-        .expect("runtime");
+    let b = w.lazy_runtime_reading("b", cold.clone(), cold.clone());
     assert_eq!(get(&b, &o, "key/0001").await.expect("lazy read").as_deref(), Some(&b"value-1"[..]));
     assert_eq!(b.metrics().recent_activations.back().and_then(|m| m.snapshot), Some(pinned));
     // Another object moves the table on; maintenance expires the pinned snapshot; the snapshot

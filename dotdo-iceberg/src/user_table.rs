@@ -1177,10 +1177,7 @@ mod tests {
             .build()
             .await
             .expect("open");
-        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-        let t = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
-        let batch =
-            |n: i64| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))]).expect("b");
+        let (t, batch) = events_table(&cold).await;
         let s1 = t.append("s", 1, vec![batch(1)]).await.expect("s 1").snapshot.expect("a snapshot");
         let s2 = t.append("t", 1, vec![batch(2)]).await.expect("t 1").snapshot.expect("a snapshot");
         let table = t.load().await.expect("load");
@@ -1203,10 +1200,7 @@ mod tests {
         use iceberg::transaction::{ApplyTransactionAction, Transaction};
         let dir = tempfile::tempdir().expect("tempdir");
         let cold = crate::IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-        let t = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
-        let batch =
-            |n: i64| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))]).expect("b");
+        let (t, batch) = events_table(&cold).await;
         let s1 = t.append("s", 1, vec![batch(1)]).await.expect("s 1").snapshot.expect("a snapshot");
         // Another engine appends (no dotdo properties).
         let table = t.load().await.expect("load");
@@ -1230,16 +1224,22 @@ mod tests {
         assert_eq!(super::snapshot_marking(&table, "s", 1), None, "{s3} only carries s's mark");
     }
 
+    /// A user table `u.events` of one Int64 column `n` on `cold`, and a maker of one-row batches.
+    async fn events_table(cold: &crate::IcebergColdStore) -> (crate::ArrowTable, impl Fn(i64) -> RecordBatch) {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let t = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+        let batch =
+            move |n: i64| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))]).expect("b");
+        (t, batch)
+    }
+
     /// A user table whose head another engine removed after dotdo's appends: its stream marks are
     /// unknown, not unset, so a replay of batch 1 is refused (`Corrupt`), not appended again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_user_table_whose_head_was_removed_refuses_appends() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cold = crate::IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-        let t = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
-        let batch =
-            |n: i64| RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))]).expect("b");
+        let (t, batch) = events_table(&cold).await;
         t.append("s", 1, vec![batch(1)]).await.expect("s 1");
         let table = t.load().await.expect("load");
         let reset = vec![iceberg::TableUpdate::RemoveSnapshotRef { ref_name: "main".into() }];
