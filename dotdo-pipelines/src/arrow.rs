@@ -165,6 +165,10 @@ struct Buf {
     /// Ids of the claims the durable log held at open whose fate is not checked yet: an earlier
     /// pipeline claimed them and may have committed them before it stopped (then they count 0).
     from_earlier: std::collections::HashSet<u64>,
+    /// Ids of the claims the durable log held at open, until taken out or acknowledged (unlike
+    /// `from_earlier`, kept once a roll checked them): `take_refused` hands one out only once the
+    /// sink has answered this process (see `CommitWatch`).
+    inherited: std::collections::HashSet<u64>,
     /// The claimed batch whose rows this pipeline counted as committed (its commit landed, its
     /// log entry is not deleted yet): counted once, however often its ack is retried.
     counted: Option<u64>,
@@ -375,6 +379,7 @@ impl ArrowPipeline {
             }
         }
         buf.from_earlier = claims.keys().copied().collect();
+        buf.inherited = buf.from_earlier.clone();
         let mut claims = claims.into_iter();
         buf.claimed = claims.next();
         buf.later_claims = claims.collect();
@@ -421,7 +426,7 @@ impl ArrowPipeline {
         let _g = inner.roll_lock.lock().await;
         let Some((id, batches)) = inner.buf.lock().claimed.clone() else { return Ok(None) };
         inner.commits.refuse_if_open(id)?;
-        if inner.buf.lock().from_earlier.contains(&id) {
+        if inner.buf.lock().inherited.contains(&id) {
             inner.commits.refuse_if_inherited_unanswered(id, std::iter::once(""))?;
         }
         if inner.sink.last_batch(&inner.stream).await? >= id {
@@ -468,6 +473,7 @@ impl ArrowPipeline {
         let mut b = inner.buf.lock();
         b.counted = None;
         b.from_earlier.remove(&id);
+        b.inherited.remove(&id);
         if let Some((_, done)) = b.claimed.take() {
             let (rows, bytes) = done.iter().fold((0, 0), |(r, by), x| (r + x.num_rows(), by + batch_bytes(x)));
             b.claimed_rows = b.claimed_rows.saturating_sub(rows);
@@ -704,7 +710,8 @@ impl ArrowPipeline {
     /// Roll whenever due until [`close`](Self::close) (spawn it on the host's executor). A failed
     /// roll is tried again after a pause that doubles with each failure in a row, up to
     /// [`MAX_ROLL_BACKOFF`](crate::MAX_ROLL_BACKOFF), as [`Pipeline::run`](crate::Pipeline::run) does.
-    /// Like the event pipeline's, it ends once every handle is dropped, and after `close` once
+    /// Like the event pipeline's, it ends once every handle is dropped (a memory pipeline closed
+    /// with batches waiting is held until they are committed or refused for good), and after `close` once
     /// nothing waits (what a failed or dropped `close` left, it keeps rolling) or once a roll is
     /// refused for good (not retryable, not an unknown outcome): what waits then stays pending,
     /// for [`take_refused`](Self::take_refused) or a `roll` once the cause is mended.
@@ -716,6 +723,7 @@ impl ArrowPipeline {
             tick,
             move || weak.upgrade().map(|inner| ArrowPipeline { inner }),
             |p: &ArrowPipeline| p.inner.closed.load(Ordering::Acquire),
+            |p: &ArrowPipeline| !matches!(p.inner.settings.durability, crate::Durability::Durable(_)),
             |p: &ArrowPipeline| p.inner.buf.lock().has_waiting(),
             |p: &ArrowPipeline| p.roll_due(),
             |p: ArrowPipeline| async move { p.roll_in(true).await },

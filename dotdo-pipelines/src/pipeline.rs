@@ -600,6 +600,12 @@ impl Pipeline {
             // and `take_refused` waits for them).
             let mut routes: Vec<_> = by_route.into_iter().collect();
             routes.sort_by_key(|(route, _)| !inner.commits.is_open(route));
+            // Every route is asked, also after one failed (its error is the roll's, the batch
+            // stays claimed): the routes are separate sinks, and a batch an earlier process
+            // claimed is handed out by `take_refused` only once each of its routes has answered
+            // this process (a route refusing for good ahead of another kept it from ever
+            // answering, and `take_refused` answered `Conflict` for ever).
+            let mut failed: Option<Error> = None;
             for (route, objects) in routes {
                 let batch = ColdBatch {
                     objects: objects
@@ -607,7 +613,13 @@ impl Pipeline {
                         .map(|(object, records)| ObjectChanges { object, token: inner.settings.token, records })
                         .collect(),
                 };
-                let commit = self.append_resolving(&route, batch).await?;
+                let commit = match self.append_resolving(&route, batch).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        continue;
+                    }
+                };
                 // Counted as it lands: a later route or batch of this roll may still fail.
                 let (written, replayed) =
                     self.count_landed(claimed.id, &route, commit.records_written, commit.records_skipped);
@@ -622,6 +634,9 @@ impl Pipeline {
                     let slot = seqs.entry((route.clone(), object.clone())).or_insert(wm.through.saturating_add(1));
                     *slot = (*slot).max(wm.through.saturating_add(1));
                 }
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
             inner.log.ack(claimed.id)?;
             *inner.own_claim.lock() = None;
@@ -693,7 +708,9 @@ impl Pipeline {
 
     /// Roll whenever due, until [`close`](Self::close) or until every handle of the pipeline is
     /// dropped; spawn it on the host's executor (`tokio::spawn(p.run())`: the future holds the
-    /// pipeline only while it rolls, so a dropped pipeline lets go of its durable log). A failed
+    /// pipeline only while it rolls, so a dropped pipeline lets go of its durable log; a memory
+    /// pipeline closed with events waiting is held until they are committed or refused for good,
+    /// since dropping it would lose them). A failed
     /// roll is tried again (the claimed batch stays and is committed again) after a pause that
     /// doubles with each failure in a row, from twice the tick up to [`MAX_ROLL_BACKOFF`]: a
     /// sink that refuses the batch for good is not hammered. After [`close`](Self::close) it
@@ -712,6 +729,7 @@ impl Pipeline {
             tick,
             move || weak.upgrade().map(|inner| Pipeline { inner }),
             |p: &Pipeline| p.inner.closed.load(Ordering::Acquire),
+            |p: &Pipeline| !matches!(p.inner.settings.durability, crate::Durability::Durable(_)),
             |p: &Pipeline| p.inner.log.depth().0 > 0,
             |p: &Pipeline| p.roll_due(),
             |p: Pipeline| async move { p.roll_in(true).await },

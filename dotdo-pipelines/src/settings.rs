@@ -243,13 +243,17 @@ where
 /// with each failure in a row, from twice the tick up to
 /// [`MAX_ROLL_BACKOFF`](crate::MAX_ROLL_BACKOFF), so a sink that refuses the batch for good is
 /// not hammered. Time is the clock's monotonic time: a wall clock set back must not stop rolls.
-/// Once the pipeline is closed with something waiting, the loop holds it (every handle may be
-/// dropped after a failed `close`) until that is committed or refused for good.
+/// Once a pipeline that `holds` (a memory log, whose waiting rows die with it) is closed with
+/// something waiting, the loop holds it (every handle may be dropped after a failed `close`)
+/// until that is committed or refused for good. A durable log is let go with the last handle
+/// (its lock with it): what waits there is delivered by the next pipeline on it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_rolls<P: Clone, R, Fut>(
     clock: Arc<dyn dotdo_core::Clock>,
     tick: Duration,
     live: impl Fn() -> Option<P>,
     closed: impl Fn(&P) -> bool,
+    holds: impl Fn(&P) -> bool,
     waiting: impl Fn(&P) -> bool,
     due: impl Fn(&P) -> bool,
     roll: impl Fn(P) -> Fut,
@@ -258,10 +262,11 @@ pub(crate) async fn run_rolls<P: Clone, R, Fut>(
 {
     let (mut failures, mut next_try) = (0u32, clock.monotonic());
     // The pipeline is held only while it rolls: once every handle is dropped (without `close`),
-    // the loop ends and the log's lock goes with the pipeline. After `close`, what waits is the
-    // loop's to commit: it holds the pipeline from then on (`held`). Without that, a host that
-    // dropped its handles after a failed `close` (the docs leave what waits to this loop) had
-    // the loop end at its next tick, and a memory log's events were gone without a word.
+    // the loop ends and the log's lock goes with the pipeline. After `close`, what waits in a
+    // memory log is the loop's to commit: it holds the pipeline from then on (`held`). Without
+    // that, a host that dropped its handles after a failed `close` (the docs leave what waits to
+    // this loop) had the loop end at its next tick, and the events were gone without a word.
+    // (A durable log's stay in its file, and its lock is not kept from the next pipeline.)
     let mut held: Option<P> = None;
     while let Some(p) = held.clone().or_else(&live) {
         // Closed: done once nothing waits. A `close` whose roll failed (or that its caller
@@ -271,7 +276,7 @@ pub(crate) async fn run_rolls<P: Clone, R, Fut>(
         if closed && !waiting(&p) {
             return;
         }
-        if closed && held.is_none() {
+        if closed && held.is_none() && holds(&p) {
             held = Some(p.clone());
         }
         if clock.monotonic() >= next_try && (closed || due(&p)) {

@@ -547,6 +547,14 @@ async fn a_batch_an_earlier_process_claimed_is_handed_out_once_the_sink_answered
     let p = ArrowPipeline::open("inherited", sink.clone(), settings).expect("reopen");
     let e = p.take_refused().await.expect_err("the sink has not answered this process");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    // A roll that fails for a passing reason settles nothing (it was handed out after one).
+    sink.refusing.store(false, Ordering::SeqCst);
+    sink.stalled.store(true, Ordering::SeqCst);
+    p.roll().await.expect_err("the sink is down");
+    let e = p.take_refused().await.expect_err("still not answered");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    sink.stalled.store(false, Ordering::SeqCst);
+    sink.refusing.store(true, Ordering::SeqCst);
     p.roll().await.expect_err("refused again");
     let taken = p.take_refused().await.expect("take").expect("the refused batch");
     assert_eq!(taken.batches[0].num_rows(), 3);

@@ -1052,6 +1052,44 @@ fn audit_routed(main: &Arc<Flaky>, audit: &Arc<Flaky>, settings: PipelineSetting
         .expect("pipeline")
 }
 
+/// A durable log's batch an earlier process claimed, whose first route (in name order) refuses
+/// it for good: a roll of this process asks the routes that have not answered it first, so the
+/// refused events come out once each route has answered (the refusing route stopped every roll
+/// before the other route was asked, and `take_refused` answered `Conflict` for ever).
+#[tokio::test]
+async fn an_inherited_batch_whose_first_route_refuses_comes_out_after_one_roll() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (main, audit) = (Flaky::new(), Flaky::new());
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("log.db")), ..Default::default() };
+    let p = audit_routed(&main, &audit, settings.clone());
+    main.refusing.store(true, Ordering::SeqCst);
+    p.send(vec![ev("o0", "k0", "a"), ev("o1", "audit-1", "b")]).expect("send");
+    p.roll().await.expect_err("the main route refuses");
+    drop(p);
+    let p = audit_routed(&main, &audit, settings.clone());
+    assert_eq!(p.take_refused().await.expect_err("not answered yet").kind(), &ErrorKind::Conflict);
+    p.roll().await.expect_err("the main route refuses again");
+    let taken = p.take_refused().await.expect("each route answered this process");
+    let keys: Vec<(&str, &str)> = taken.iter().map(|(r, e)| (r.as_str(), e.key.as_str())).collect();
+    assert_eq!(keys, [("", "k0")], "the audit route's event landed");
+    drop(p);
+    // A durable pipeline closed with events waiting lets go of its log when its handles are
+    // dropped, though its loop runs: the next pipeline on the log opens (and delivers them).
+    main.refusing.store(false, Ordering::SeqCst);
+    main.stalled.store(true, Ordering::SeqCst);
+    let p = audit_routed(&main, &audit, settings.clone());
+    let handle = tokio::spawn(p.run());
+    p.send(vec![ev("o2", "k1", "c")]).expect("send");
+    p.close().await.expect_err("the main route is down");
+    drop(p);
+    // The route stays down: the loop lets go of the pipeline (and its log's lock) between rolls.
+    tokio::time::timeout(std::time::Duration::from_secs(20), handle).await.expect("the loop ended").expect("join");
+    let p = audit_routed(&main, &audit, settings);
+    main.stalled.store(false, Ordering::SeqCst);
+    assert_eq!(p.roll().await.expect("the next pipeline delivers").events, 1);
+}
+
 /// The same with two routes: a later roll whose commit to the main route is answered does not
 /// settle the audit route's commit that a dropped roll left under way (one flag for the whole
 /// pipeline was cleared by the main route's answer, and the events were handed out).
