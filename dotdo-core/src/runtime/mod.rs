@@ -202,6 +202,9 @@ struct DrainRounds {
     drained: std::collections::BTreeSet<ObjectId>,
     /// Objects left out of later rounds: taken over by another node, or diverged from cold.
     left_out: std::collections::BTreeSet<ObjectId>,
+    /// Objects left out of later rounds of this flush because their hot state could not be read
+    /// or their truncation failed (maybe passing: a hot store's blip), still active here.
+    unreadable: std::collections::BTreeSet<ObjectId>,
     /// The first error that left one object out while the others went on.
     first_err: Option<Error>,
     /// Objects whose lease ran out (or could not be renewed) while the flush held them, with
@@ -1581,7 +1584,7 @@ impl ObjectRuntime {
     /// slot) in cold commits of at most `flush_batch_records` records.
     async fn drain_rounds(&self, held: &mut [Held], report: &mut FlushReport, rounds: &mut DrainRounds) -> Result<()> {
         let inner = &self.inner;
-        let DrainRounds { drained, left_out, first_err, lapsed, .. } = rounds;
+        let DrainRounds { drained, left_out, unreadable, first_err, lapsed, .. } = rounds;
         loop {
             renew_held(inner, held, left_out, lapsed).await;
             let mut last_seqs = HashMap::new();
@@ -1592,16 +1595,18 @@ impl ObjectRuntime {
                 if budget == 0 || bytes_left == 0 {
                     break;
                 }
-                if left_out.contains(object) {
+                if left_out.contains(object) || unreadable.contains(object) {
                     continue;
                 }
                 // An object whose hot state cannot be read (its change log damaged, or a passing
                 // failure) is left out and the others are drained; the first such error is
                 // returned at the end (it ended the whole drain: every object of this commit and
                 // of later rounds stayed undrained, at every `flush_all`).
+                // (Still active: as in the collection of held objects, an object whose hot state
+                // is unreadable for a moment is no reason to give its activation back.)
                 let mut leave_out = |e: Error| {
                     tracing::error!(object = %object, error = %e, "dotdo flush_all: hot state unreadable; left out");
-                    left_out.insert(object.clone());
+                    unreadable.insert(object.clone());
                     first_err.get_or_insert(e);
                 };
                 let info = match inner.hot.object_info(object).await {
@@ -1739,7 +1744,7 @@ impl ObjectRuntime {
                     // truncates); the others are truncated and drained.
                     Err(e) => {
                         tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
-                        left_out.insert(oc.object.clone());
+                        unreadable.insert(oc.object.clone());
                         first_err.get_or_insert(e);
                         continue;
                     }
