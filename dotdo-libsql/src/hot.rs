@@ -33,14 +33,17 @@ const GROW_AFTER: u32 = 32;
 /// (sqld run with a `--max-response-size` under about 8.4 MB, or its total of answers in flight
 /// passed under load), and the read retried (it failed every retry at the fixed 8 MiB; with
 /// `retries: 0` the next read uses the smaller pages). After [`GROW_AFTER`] reads in a row at a
-/// smaller bound, it is doubled again (up to [`BOUND`]): a refusal under load, or a row too large
-/// for the primary's limit whatever the page, does not keep every later read on small pages (a
-/// long listing of small pages may not fit one `request_timeout`). Under a primary's lower limit
-/// that costs one refused read per [`GROW_AFTER`]. Shared by the store's clones.
+/// smaller bound that carried at least half of it (reads that did not test the bound do not
+/// count), it is doubled again (up to [`BOUND`]): a refusal under load, or a row too large for
+/// the primary's limit whatever the page, does not keep every later read on small pages (a
+/// long listing of small pages may not fit one `request_timeout`). Under a primary's lower
+/// limit that costs one refused read per [`GROW_AFTER`] reads near the bound. Shared by the
+/// store's clones.
 #[derive(Debug)]
 pub(crate) struct PageBound {
     bound: std::sync::atomic::AtomicUsize,
-    /// Reads at `bound` since it last changed (counted under [`BOUND`] only).
+    /// Reads at `bound` that carried at least half of it since it last changed (counted under
+    /// [`BOUND`] only).
     reads: std::sync::atomic::AtomicU32,
 }
 
@@ -56,11 +59,12 @@ impl PageBound {
         self.bound.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// A read with pages of `used` bytes ended (`out`): if the primary refused its answer as too
-    /// large, halve the bound (once per refused size: reads racing with the same bound halve it
-    /// once); if it succeeded at a bound under [`BOUND`] for the [`GROW_AFTER`]th time in a row,
-    /// double it.
-    fn ended<T>(&self, used: usize, out: &libsql::Result<T>) {
+    /// A read with pages of `used` bytes ended (`out`, whose answer comes to `size` bytes as
+    /// [`answer_size!`] estimates them): if the primary refused its answer as too large, halve
+    /// the bound (once per refused size: reads racing with the same bound halve it once); if it
+    /// succeeded at a bound under [`BOUND`], carrying at least half of it, for the
+    /// [`GROW_AFTER`]th time in a row, double it.
+    fn ended<T>(&self, used: usize, out: &libsql::Result<T>, size: impl Fn(&T) -> usize) {
         use std::sync::atomic::Ordering::Relaxed;
         let change = |to: usize| {
             if self.bound.compare_exchange(used, to, Relaxed, Relaxed).is_ok() {
@@ -72,7 +76,7 @@ impl PageBound {
                 change((used / 2).max(MIN_PAGE_BOUND));
             }
             Err(_) => {}
-            Ok(_) if used < BOUND && self.reads.fetch_add(1, Relaxed) + 1 >= GROW_AFTER => {
+            Ok(v) if used < BOUND && size(v) >= used / 2 && self.reads.fetch_add(1, Relaxed) + 1 >= GROW_AFTER => {
                 change(used.saturating_mul(2).min(BOUND));
             }
             Ok(_) => {}
@@ -197,7 +201,9 @@ impl HotStore for LibsqlStore {
                 if c.is_remote() {
                     let bound = inner.page_bound.get();
                     let out = list_remote(c, object, range, limit, bound).await;
-                    inner.page_bound.ended(bound, &out);
+                    inner.page_bound.ended(bound, &out, |entries: &Vec<Entry>| {
+                        entries.iter().map(|e| e.key.len() + e.value.len() + 256).sum()
+                    });
                     return Ok(out?);
                 }
                 let rows = c.query(step).await?;
@@ -254,7 +260,9 @@ impl HotStore for LibsqlStore {
                         None => Ok(c.query_bounded(local_step, 3, BOUND).await?),
                         Some(step) => {
                             let out = c.query(step).await;
-                            inner.page_bound.ended(bound, &out);
+                            inner.page_bound.ended(bound, &out, |rows: &Vec<crate::conn::Row>| {
+                                rows.iter().flatten().map(value_bytes).sum::<usize>() + 256 * rows.len()
+                            });
                             Ok(out?)
                         }
                     }
@@ -465,6 +473,16 @@ impl HotStore for LibsqlStore {
             2 => Err(dotdo_core::record::restore_behind_hot(object, through_seq, None)),
             _ => Err(self.pending_conflict(object, &format!("restore through seq {through_seq}")).await),
         }
+    }
+}
+
+/// The bytes of a value as [`answer_size!`] counts them (a text's or blob's length, nothing
+/// for the rest: their row's 256).
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::Text(t) => t.len(),
+        Value::Blob(b) => b.len(),
+        _ => 0,
     }
 }
 

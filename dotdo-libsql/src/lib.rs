@@ -60,7 +60,7 @@
 //!   transaction. A primary that refuses a page as too large (run with a lower
 //!   `--max-response-size`, or its total of answers in flight passed) halves the store's page
 //!   bound (down to 64 KiB) and the read is retried; after 32 reads in a row at a smaller bound
-//!   it is doubled again.
+//!   that carried at least half of it, it is doubled again.
 //! * Calls on a local file run SQLite on the calling thread (libsql's local API is synchronous
 //!   inside its async functions); on a multi-threaded tokio runtime they run under
 //!   `block_in_place`, so a call waiting on a lock does not stall the worker's other tasks.

@@ -453,8 +453,16 @@ async fn reads_shrink_their_pages_under_a_lower_response_limit() {
     assert_eq!(store.read_changes(&obj, 0, 1000).await.expect("read changes again").first().map(|c| c.seq), Some(1));
     assert_eq!(server.refused_as_too_large(), refused, "pages refused again");
     server.set_max_response(support::hrana::SQLD_MAX_RESPONSE_SIZE);
+    // Reads that do not test the bound do not grow it.
     for _ in 0..160 {
         store.read_changes(&obj, 0, 1).await.expect("a small read");
+    }
+    let before = server.requests();
+    assert_eq!(store.list(&obj, dotdo_core::KeyRange::all(), None).await.expect("list").len(), 60);
+    assert!(server.requests() - before > 2, "still small pages after small reads");
+    // Reads that fill their pages do.
+    for _ in 0..160 {
+        store.read_changes(&obj, 0, 1000).await.expect("a read of a full page");
     }
     let before = server.requests();
     assert_eq!(store.list(&obj, dotdo_core::KeyRange::all(), None).await.expect("list").len(), 60);
