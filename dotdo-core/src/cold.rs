@@ -195,10 +195,12 @@ pub trait ColdSink: Send + Sync + Debug + 'static {
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>>;
 
     /// The newest snapshot and `object`'s watermark in it, as one answer: a lazy restore pins
-    /// the snapshot and serves reads there as the object's state through the watermark. A sink
+    /// the snapshot and serves reads there as the object's state through the watermark (and
+    /// re-pins through this when the pinned snapshot expires). A sink
     /// should answer both from one read of its table (dotdo-iceberg and
     /// [`MemoryColdStore`](crate::MemoryColdStore) do; a wrapper should forward this). The default is
-    /// [`head_by_reads`]: it reads the object's whole state at the snapshot to check it.
+    /// [`head_by_reads`]: it reads the object's whole state at the snapshot to check it, on
+    /// every lazy activation and re-pin.
     async fn head(&self, object: &ObjectId) -> Result<(Option<SnapshotId>, Watermark)> {
         head_by_reads(self, object).await
     }
