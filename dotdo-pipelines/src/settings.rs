@@ -192,7 +192,7 @@ impl CommitWatch {
     ) -> dotdo_core::Result<()> {
         let answered = self.answered.lock();
         if let Some(sink) = sinks.find(|s| !answered.contains(*s)) {
-            let to = if sink.is_empty() { String::new() } else { format!(" to route {sink:?}") };
+            let to = to_route(sink);
             return Err(dotdo_core::Error::new(
                 dotdo_core::ErrorKind::Conflict,
                 format!(
@@ -214,7 +214,7 @@ impl CommitWatch {
     pub(crate) fn refuse_if_open(&self, id: u64) -> dotdo_core::Result<()> {
         let open = self.open.lock();
         if let Some(sink) = open.iter().find(|(_, (c, u))| *c || *u).map(|(s, _)| s) {
-            let to = if sink.is_empty() { String::new() } else { format!(" to route {sink:?}") };
+            let to = to_route(sink);
             return Err(dotdo_core::Error::new(
                 dotdo_core::ErrorKind::Conflict,
                 format!(
@@ -225,6 +225,16 @@ impl CommitWatch {
             ));
         }
         Ok(())
+    }
+}
+
+/// `" to route \"name\""` for an event pipeline's route in a refusal's message; nothing for an
+/// Arrow pipeline's one sink (`""`).
+fn to_route(sink: &str) -> String {
+    if sink.is_empty() {
+        String::new()
+    } else {
+        format!(" to route {sink:?}")
     }
 }
 
