@@ -824,15 +824,28 @@ pub(crate) fn too_old_to_commit(age: Duration) -> iceberg::Error {
 const TOO_OLD: &str = "past half of min_cleanup_retention";
 
 /// Whether `e` is [`too_old_to_commit`]'s refusal.
-pub(crate) fn is_too_old(e: &iceberg::Error) -> bool {
+fn is_too_old(e: &iceberg::Error) -> bool {
     e.kind() == iceberg::ErrorKind::CatalogCommitConflicts && e.message().contains(TOO_OLD)
+}
+
+/// An append's attempts in a row refused by [`too_old_to_commit`] (see [`too_slow_to_commit`]).
+#[derive(Debug, Default)]
+pub(crate) struct TooOldStreak(u32);
+
+impl TooOldStreak {
+    /// Count attempt error `e` (of an append doing `what`): the append's final error once two
+    /// attempts in a row were refused for files too old to commit.
+    pub(crate) fn after(&mut self, e: &iceberg::Error, what: &str) -> Option<Error> {
+        self.0 = if is_too_old(e) { self.0 + 1 } else { 0 };
+        (self.0 >= 2).then(|| too_slow_to_commit(what, e))
+    }
 }
 
 /// The error of an append whose attempts, twice in a row, took longer from writing their own new
 /// data files to their catalog swap than half of `min_cleanup_retention` (`e`: the second
 /// refusal): the store is that slow for this append, so no retry commits it (a retryable
 /// `Conflict` had the caller write the files again and again). Not retryable.
-pub(crate) fn too_slow_to_commit(what: &str, e: &impl std::fmt::Display) -> Error {
+fn too_slow_to_commit(what: &str, e: &impl std::fmt::Display) -> Error {
     Error::new(
         ErrorKind::Conflict,
         format!(
@@ -1421,7 +1434,7 @@ impl IcebergColdStore {
         let mut reloaded = false;
         let mut failed_commits = 0u32;
         // Attempts in a row refused for files too old to commit (see `too_slow_to_commit`).
-        let mut too_old_in_a_row = 0u32;
+        let mut too_old = TooOldStreak::default();
         let attempts = self.inner.settings.max_commit_attempts;
         for attempt in 0..attempts {
             let head = table.metadata().current_snapshot().cloned();
@@ -1598,9 +1611,8 @@ impl IcebergColdStore {
                     };
                 }
                 Err(e) if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts => {
-                    too_old_in_a_row = if is_too_old(&e) { too_old_in_a_row + 1 } else { 0 };
-                    if too_old_in_a_row >= 2 {
-                        last = Attempt::Failed(too_slow_to_commit(&format!("committing to {}", self.inner.ident), &e));
+                    if let Some(slow) = too_old.after(&e, &format!("committing to {}", self.inner.ident)) {
+                        last = Attempt::Failed(slow);
                         break;
                     }
                     tracing::debug!(attempt, "cold commit conflict; re-reading watermarks");

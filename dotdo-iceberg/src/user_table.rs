@@ -695,7 +695,7 @@ impl ArrowTable {
         // the commit was not confirmed durable): the mark found next is then this call's own.
         let mut maybe_landed = false;
         // Attempts in a row refused for files too old to commit (see `too_slow_to_commit`).
-        let mut too_old_in_a_row = 0u32;
+        let mut too_old = crate::store::TooOldStreak::default();
         for attempt in 0..attempts {
             let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
             // The mark first: a batch already committed is answered as such whatever became of
@@ -803,11 +803,10 @@ impl ArrowTable {
                 }
                 Err(e) => {
                     let did_not_land = crate::catalog::did_not_land(&e);
-                    too_old_in_a_row = if crate::store::is_too_old(&e) { too_old_in_a_row + 1 } else { 0 };
-                    if too_old_in_a_row >= 2 {
+                    if let Some(slow) = too_old.after(&e, &what) {
                         // (Its files were deleted by the refusal; the loop's end settles an
                         // earlier attempt of unknown outcome.)
-                        last_err = Some(crate::store::too_slow_to_commit(&what, &e));
+                        last_err = Some(slow);
                         break;
                     }
                     let e = classify(e, &what);
