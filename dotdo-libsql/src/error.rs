@@ -29,7 +29,7 @@ pub(crate) enum Class {
     },
     /// The server refused the credentials (HTTP 401 / 403).
     Auth,
-    /// The server answered with a transient failure: 429 (refused before processing), or another
+    /// The server answered with a transient failure: 408 or 429 (refused before processing), or a
     /// 5xx (the server or a gateway failed, maybe after applying the request: a proxy answers 503
     /// also when the connection to the primary broke off after forwarding it).
     ServerUnavailable {

@@ -72,9 +72,10 @@
 //!   number of times with doubling, jittered backoff (real time, whatever clock is injected), then reported as a retryable
 //!   `Unavailable`. A mutating call whose request may have reached the primary before the
 //!   connection broke, or that got an HTTP 5xx answer (503 included: a proxy answers it also
-//!   after forwarding the request; only a 429 says it was refused unprocessed), is **not**
-//!   retried blindly: it fails with `AmbiguousOutcome` (except `release` and the schema
-//!   program, which are safe to repeat and are retried); so does one whose batch failed at a step
+//!   after forwarding the request; only a 408 or 429 says it was refused unprocessed), is **not**
+//!   retried blindly: it fails with `AmbiguousOutcome` (`release` and the schema
+//!   program, which are safe to repeat, are retried first; a release whose every attempt ended
+//!   so is `AmbiguousOutcome` too); so does one whose batch failed at a step
 //!   that may follow its `COMMIT` (a lock timeout, disk full or I/O error, or sqld's own
 //!   refusals: a transaction timed out, too many transactions, a blocked operation), and a local
 //!   `COMMIT` that failed with an I/O error (WAL recovery may still apply it). Reading back

@@ -13,7 +13,7 @@ use dotdo_core::{Error, Result};
 pub enum Durability {
     /// `synchronous = NORMAL` (default). A committed write is in the WAL file before the call
     /// returns, so it **survives a crash or SIGKILL of the process**. After a power loss or OS
-    /// crash the last transactions before the last checkpoint may be lost (never corrupted; but
+    /// crash the transactions committed since the last checkpoint may be lost (never corrupted; but
     /// see docs/durability.md on libSQL's bundled SQLite and files several processes write).
     #[default]
     Normal,

@@ -417,8 +417,9 @@ impl ArrowPipeline {
     /// head batch was found committed while others are claimed behind it: call again until
     /// the refused one comes out, then `roll` (the background loop keeps its backoff from the
     /// failed rolls). Rows taken out are not counted as committed. A retryable `Conflict` if a
-    /// roll was dropped (by its caller) while the sink committed the batch, or the commit's answer
-    /// was an unknown outcome: that commit may still land, and the batch is not handed out until
+    /// roll was dropped (by its caller) while the sink committed the batch, or an attempt of the
+    /// commit had an unknown outcome (also when later attempts failed otherwise): that commit
+    /// may still land, and the batch is not handed out until
     /// a roll settles it (call `roll`, then again). Likewise for a batch an earlier process
     /// claimed, until the sink has answered a roll of this process.
     pub async fn take_refused(&self) -> Result<Option<RefusedBatch>> {
@@ -701,9 +702,10 @@ impl ArrowPipeline {
     async fn append_resolving(&self, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
         let inner = &self.inner;
         inner.commits.start("");
-        let out = crate::settings::retry(&*inner.clock, || inner.sink.append(&inner.stream, id, batches.clone())).await;
+        let (out, unknown) =
+            crate::settings::retry(&*inner.clock, || inner.sink.append(&inner.stream, id, batches.clone())).await;
         // Not reached if this roll is dropped while the sink commits.
-        inner.commits.end("", &out);
+        inner.commits.end("", &out, unknown);
         out
     }
 

@@ -700,9 +700,9 @@ impl Pipeline {
     async fn append_resolving(&self, route: &str, batch: ColdBatch) -> Result<dotdo_core::ColdCommit> {
         let sink = self.sink(route)?;
         self.inner.commits.start(route);
-        let out = crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await;
+        let (out, unknown) = crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await;
         // Not reached if this roll is dropped while the sink commits.
-        self.inner.commits.end(route, &out);
+        self.inner.commits.end(route, &out, unknown);
         out
     }
 
@@ -746,8 +746,8 @@ impl Pipeline {
     /// transform again: they are returned as the transform made them). Waits for a roll in
     /// progress; then `roll` (the background loop keeps its backoff from the failed rolls).
     /// Taken-out events are not counted as committed. A retryable `Conflict` if a roll was dropped
-    /// (by its caller) while a sink committed the batch, or a commit's answer was an unknown
-    /// outcome: that commit may still land, and the events are not handed out until a roll
+    /// (by its caller) while a sink committed the batch, or an attempt of a commit had an
+    /// unknown outcome (also when later attempts failed otherwise): that commit may still land, and the events are not handed out until a roll
     /// settles it (call `roll`, then again). Likewise for a batch an earlier process claimed
     /// (a durable log's), until each of its routes has answered a roll of this process.
     pub async fn take_refused(&self) -> Result<Vec<(String, Event)>> {

@@ -157,17 +157,21 @@ impl CommitWatch {
         *committing = true;
     }
 
-    /// After a commit to `sink` that returned `out`: settled by an answer that says whether the
-    /// batch landed (`Ok`, or a refusal for good); a retryable failure or an unknown outcome
-    /// leaves a dropped roll's commit possibly under way.
-    pub(crate) fn end<T>(&self, sink: &str, out: &dotdo_core::Result<T>) {
+    /// After a commit to `sink` that returned `out`, `unknown` if one of its attempts had an
+    /// unknown outcome: settled by an answer that says whether the batch landed (`Ok`, or a
+    /// refusal for good of a commit none of whose attempts may be under way); a retryable failure
+    /// or an unknown outcome leaves a dropped roll's commit possibly under way.
+    pub(crate) fn end<T>(&self, sink: &str, out: &dotdo_core::Result<T>, unknown: bool) {
+        // An attempt of unknown outcome (its reply lost or timed out), also one followed by
+        // attempts that failed otherwise: its request may still be queued at the sink, as a
+        // dropped roll's may. Only the batch landing (`Ok`: the late request finds it and skips
+        // it) settles it.
+        let unknown =
+            out.is_err() && (unknown || matches!(out, Err(e) if e.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome));
         let settled = match out {
             Ok(_) => true,
-            Err(e) => !e.is_retryable() && e.kind() != &dotdo_core::ErrorKind::AmbiguousOutcome,
+            Err(e) => !unknown && !e.is_retryable(),
         };
-        // An unknown outcome (every attempt's reply lost or timed out): a request may still be
-        // queued at the sink, as for a dropped roll.
-        let unknown = matches!(out, Err(e) if e.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome);
         if settled {
             self.answered.lock().insert(sink.to_string());
         }
@@ -238,14 +242,29 @@ fn to_route(sink: &str) -> String {
     }
 }
 
-/// Commit retries of both pipeline kinds: 8 retries, waiting 10 ms doubling to 640 ms.
-pub(crate) async fn retry<T, F, Fut>(clock: &dyn dotdo_core::Clock, op: F) -> dotdo_core::Result<T>
+/// Commit retries of both pipeline kinds: 8 retries, waiting 10 ms doubling to 640 ms. Returns
+/// the last answer and whether any attempt's outcome was unknown (`AmbiguousOutcome`: its
+/// request may still land, whatever the later attempts answered).
+pub(crate) async fn retry<T, F, Fut>(clock: &dyn dotdo_core::Clock, mut op: F) -> (dotdo_core::Result<T>, bool)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = dotdo_core::Result<T>>,
 {
     let policy = dotdo_core::retry::RetryPolicy { retries: 8, base: Duration::from_millis(5) };
-    dotdo_core::retry::retry_idempotent(clock, policy, op).await
+    let unknown = std::sync::atomic::AtomicBool::new(false);
+    let seen = &unknown;
+    let out = dotdo_core::retry::retry_idempotent(clock, policy, || {
+        let attempt = op();
+        async move {
+            let out = attempt.await;
+            if matches!(&out, Err(e) if e.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome) {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            out
+        }
+    })
+    .await;
+    (out, unknown.into_inner())
 }
 
 /// The roll loop of both pipeline kinds: roll whenever due until `closed`. A failed roll is
@@ -325,15 +344,18 @@ mod tests {
     fn an_unknown_outcome_leaves_the_commit_open_until_an_answer_settles_it() {
         let w = CommitWatch::default();
         w.start("r");
-        w.end::<()>("r", &Err(Error::new(ErrorKind::AmbiguousOutcome, "every reply lost")));
+        w.end::<()>("r", &Err(Error::new(ErrorKind::AmbiguousOutcome, "every reply lost")), true);
         assert!(w.is_open("r"));
         assert_eq!(w.refuse_if_open(7).expect_err("open").kind(), &ErrorKind::Conflict);
         assert!(w.refuse_if_inherited_unanswered(7, std::iter::once("r")).is_err(), "not answered yet");
         w.start("r");
-        w.end::<()>("r", &Err(Error::unavailable("down")));
+        w.end::<()>("r", &Err(Error::unavailable("down")), false);
         assert!(w.is_open("r"), "a passing failure settles nothing");
         w.start("r");
-        w.end::<()>("r", &Err(Error::invalid("refused for good")));
+        w.end::<()>("r", &Err(Error::invalid("refused for good")), true);
+        assert!(w.is_open("r"), "a refusal after an attempt of unknown outcome settles nothing");
+        w.start("r");
+        w.end::<()>("r", &Err(Error::invalid("refused for good")), false);
         assert!(!w.is_open("r"));
         w.refuse_if_open(7).expect("settled");
         w.refuse_if_inherited_unanswered(7, std::iter::once("r")).expect("answered");

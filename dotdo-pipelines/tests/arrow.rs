@@ -53,6 +53,10 @@ struct Flaky {
     appends: AtomicU32,
     /// The next append never answers (a commit still under way when its caller gives up).
     hang_next: AtomicBool,
+    /// The next append lands nothing yet and answers `AmbiguousOutcome`; its request is kept
+    /// for [`land`](Self::land) (still queued at a remote catalog).
+    stash_next: AtomicBool,
+    stashed: parking_lot::Mutex<Option<(String, u64, Vec<RecordBatch>)>>,
 }
 
 impl Flaky {
@@ -66,7 +70,15 @@ impl Flaky {
             refuse_after: AtomicU32::new(u32::MAX),
             appends: AtomicU32::new(0),
             hang_next: AtomicBool::new(false),
+            stash_next: AtomicBool::new(false),
+            stashed: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// The stashed request lands now; its rows.
+    async fn land(&self) -> u64 {
+        let (stream, id, batches) = self.stashed.lock().take().expect("a stashed request");
+        self.inner.append(&stream, id, batches).await.expect("the late request lands").rows
     }
 }
 
@@ -82,6 +94,10 @@ impl ArrowSink for Flaky {
         let n = self.appends.fetch_add(1, Ordering::SeqCst) + 1;
         if self.hang_next.swap(false, Ordering::SeqCst) {
             return std::future::pending().await;
+        }
+        if self.stash_next.swap(false, Ordering::SeqCst) {
+            *self.stashed.lock() = Some((stream.to_string(), id, batches));
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "no reply yet; the request is still queued (test)"));
         }
         if self.refusing.load(Ordering::SeqCst) || n > self.refuse_after.load(Ordering::SeqCst) {
             self.refused.fetch_add(1, Ordering::SeqCst);
@@ -491,6 +507,39 @@ async fn a_sink_refusing_for_good_is_not_hammered() {
     p.close().await.expect("close commits once the sink accepts");
     runner.await.expect("run ends at close");
     assert_eq!(ids(&t).await, (0..10).collect::<Vec<_>>());
+}
+
+/// A commit whose first attempt's outcome was unknown stays open also when the later attempts
+/// fail otherwise (the sink down, or refusing the batch for good): `take_refused` hands nothing
+/// out until a roll the sink answers with the batch landed (handed out and sent again under a
+/// new id, its rows would land twice beside the late request's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_followed_by_other_failures_keeps_the_commit_open() {
+    for refused_for_good in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = table(dir.path()).await;
+        let sink = Flaky::new(t.clone(), false);
+        let p = ArrowPipeline::open("unknown", sink.clone(), PipelineSettings::default()).expect("pipeline");
+        p.send(batch(0, 3)).expect("send");
+        sink.stash_next.store(true, Ordering::SeqCst);
+        if refused_for_good {
+            sink.refusing.store(true, Ordering::SeqCst);
+        } else {
+            sink.stalled.store(true, Ordering::SeqCst);
+        }
+        let e = p.roll().await.expect_err("the sink fails every later attempt");
+        let want = if refused_for_good { ErrorKind::InvalidInput } else { ErrorKind::Unavailable };
+        assert_eq!(e.kind(), &want, "{e}");
+        let e = p.take_refused().await.expect_err("the first attempt may still land");
+        assert_eq!(e.kind(), &ErrorKind::Conflict, "refused for good {refused_for_good}: {e}");
+        assert!(e.is_retryable(), "{e}");
+        assert_eq!(sink.land().await, 3, "the first request lands late");
+        sink.refusing.store(false, Ordering::SeqCst);
+        sink.stalled.store(false, Ordering::SeqCst);
+        p.roll().await.expect("a roll settles it");
+        assert!(p.take_refused().await.expect("nothing claimed").is_none());
+        assert_eq!(ids(&t).await, [0, 1, 2], "refused for good {refused_for_good}: each row once");
+    }
 }
 
 /// A roll dropped by its caller while the sink was committing its batch (a timeout around it)

@@ -30,6 +30,10 @@ struct Flaky {
     hang_after_commit: AtomicU32,
     /// The next append never answers and lands nothing (yet).
     hang_next: AtomicBool,
+    /// The next append lands nothing yet and answers `AmbiguousOutcome`; its batch is kept for
+    /// [`land`](Self::land) (a request still queued at a remote sink).
+    stash_next: AtomicBool,
+    stashed: parking_lot::Mutex<Option<ColdBatch>>,
 }
 
 impl Flaky {
@@ -45,7 +49,15 @@ impl Flaky {
             refuse_after: AtomicU32::new(u32::MAX),
             hang_after_commit: AtomicU32::new(0),
             hang_next: AtomicBool::new(false),
+            stash_next: AtomicBool::new(false),
+            stashed: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// The stashed request lands now.
+    async fn land(&self) -> ColdCommit {
+        let batch = self.stashed.lock().take().expect("a stashed request");
+        self.inner.append(batch).await.expect("the late request lands")
     }
 }
 
@@ -55,6 +67,10 @@ impl ColdSink for Flaky {
         let n = self.appends.fetch_add(1, Ordering::SeqCst) + 1;
         if self.hang_next.swap(false, Ordering::SeqCst) {
             return futures::future::pending().await;
+        }
+        if self.stash_next.swap(false, Ordering::SeqCst) {
+            *self.stashed.lock() = Some(batch);
+            return Err(Error::new(ErrorKind::AmbiguousOutcome, "no reply yet; the request is still queued (test)"));
         }
         if self.refusing.load(Ordering::SeqCst) || n > self.refuse_after.load(Ordering::SeqCst) {
             return Err(Error::invalid("the sink refuses this batch for good (test)"));
@@ -1034,6 +1050,48 @@ async fn events_whose_commit_a_dropped_roll_left_under_way_are_not_taken_out() {
     assert_eq!(p.roll().await.expect("a roll settles it").events, 2);
     assert!(p.take_refused().await.expect("nothing claimed").is_empty());
     assert_eq!(p.metrics().buffer_depth, 0);
+}
+
+/// A commit whose first attempt's outcome was unknown stays open also when the later attempts
+/// fail otherwise (the sink down, or refusing the batch for good): `take_refused` hands nothing
+/// out until a roll the sink answers with the batch landed; the first request landing late
+/// then loses nothing and doubles nothing (handed out and sent again, the events would have
+/// been stored twice, or new events numbered like the late request's skipped as its replays).
+#[tokio::test]
+async fn an_unknown_outcome_followed_by_other_failures_keeps_the_commit_open() {
+    for refused_for_good in [false, true] {
+        let sink = Flaky::new();
+        let p = Pipeline::builder(sink.clone()).build().expect("pipeline");
+        p.send(vec![ev("o0", "k0", "a"), ev("o1", "k1", "b")]).expect("send");
+        sink.stash_next.store(true, Ordering::SeqCst);
+        if refused_for_good {
+            sink.refusing.store(true, Ordering::SeqCst);
+        } else {
+            sink.stalled.store(true, Ordering::SeqCst);
+        }
+        let e = p.roll().await.expect_err("the sink fails every later attempt");
+        let want = if refused_for_good { ErrorKind::InvalidInput } else { ErrorKind::Unavailable };
+        assert_eq!(e.kind(), &want, "{e}");
+        let e = p.take_refused().await.expect_err("the first attempt may still land");
+        assert_eq!(e.kind(), &ErrorKind::Conflict, "refused for good {refused_for_good}: {e}");
+        assert!(e.is_retryable(), "{e}");
+        // The first request lands late; the sink comes back.
+        assert_eq!(sink.land().await.records_written, 2);
+        sink.refusing.store(false, Ordering::SeqCst);
+        sink.stalled.store(false, Ordering::SeqCst);
+        let r = p.roll().await.expect("a roll settles it");
+        // The late request's events count as this process's (its own earlier attempt landed them).
+        assert_eq!((r.commits, r.events, r.replayed), (0, 2, 0), "{r:?}");
+        assert!(p.take_refused().await.expect("nothing claimed").is_empty());
+        p.send(vec![ev("o0", "k2", "c")]).expect("send");
+        p.roll().await.expect("roll");
+        let got: Vec<(String, u64)> = committed(&sink.inner, 2).await.into_iter().map(|r| (r.key, r.seq)).collect();
+        assert_eq!(
+            got,
+            [("k0".to_string(), 1), ("k2".to_string(), 2), ("k1".to_string(), 1)],
+            "refused for good {refused_for_good}: each event once, none lost"
+        );
+    }
 }
 
 /// A pipeline into `main` whose events with keys starting `audit` go to the route "audit".
