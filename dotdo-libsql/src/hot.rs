@@ -394,9 +394,10 @@ impl HotStore for LibsqlStore {
             .await?;
         rows.iter()
             .map(|r| {
-                let id =
-                    text(r.first()).map_err(|e| Error::corrupt("undecodable object id in database").with_source(e))?;
-                ObjectId::new(&id).map_err(|e| Error::corrupt(format!("invalid object id {id:?} in database: {e}")))
+                let id = text(r.first())
+                    .map_err(|e| self.named(Error::corrupt("undecodable object id in database").with_source(e)))?;
+                ObjectId::new(&id)
+                    .map_err(|e| self.named(Error::corrupt(format!("invalid object id {id:?} in database: {e}"))))
             })
             .collect()
     }

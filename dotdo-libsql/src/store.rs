@@ -138,8 +138,9 @@ pub(crate) struct Inner {
     #[cfg(feature = "replica")]
     pull_done: parking_lot::Mutex<Option<PullDone>>,
     /// The background checkpoint thread of a local file, stopped when the last clone is dropped.
-    /// It also finds the file deleted or replaced (a restored backup): every call is refused
-    /// then, as dotdo-sqlite does.
+    /// It also finds the file deleted or replaced by another file (a restored backup renamed
+    /// over it; a copy written into the same file is not seen): every call is refused then, as
+    /// dotdo-sqlite does.
     checkpointer: std::sync::OnceLock<dotdo_core::sql_schema::CheckpointThread>,
     /// The bound of one remote change read or listing page, shrunk when the primary refuses one
     /// as too large.
@@ -1191,7 +1192,7 @@ impl LibsqlStore {
     }
 
     /// `e`, naming the database if it is `Corrupt` (an operator needs to know which file).
-    fn named(&self, e: Error) -> Error {
+    pub(crate) fn named(&self, e: Error) -> Error {
         if e.kind() == &ErrorKind::Corrupt {
             e.context(self.inner.target.describe())
         } else {

@@ -704,6 +704,21 @@ async fn change_rows_no_writer_makes_are_corrupt() {
     dotdo_core::testkit::assert_damaged_text_is_corrupt(&s, damage).await;
 }
 
+/// A change-log row whose object id is not valid makes `objects_with_pending_changes` `Corrupt`
+/// naming the database, as every other `Corrupt` of the store does (as in dotdo-sqlite).
+#[tokio::test]
+async fn an_invalid_object_id_in_the_change_log_is_corrupt_naming_the_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let (s, _raw, c) = store_and_raw_connection(&path, Transport::Auto).await;
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
+    c.execute("UPDATE do_changes SET do_id = 'bad id!'", ()).await.expect("damage");
+    let e = s.objects_with_pending_changes(None, 10).await.expect_err("damaged");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("hot.db"), "names the database: {e}");
+}
+
 /// Rows of an object with a live lease that do not decode make every fenced call `Corrupt`,
 /// with nothing written, on both transports, as in dotdo-sqlite. The calls deciding in SQL
 /// compared a text token above every integer and read it as 0: `truncate_changes`, `evict` and

@@ -19,8 +19,11 @@
 //!   tasks (see [`Execution`]).
 //! * A file that is not a healthy SQLite database gives `Corrupt`, never a panic; so does a file
 //!   at dotdo's schema version without dotdo's tables, and, within a background checkpoint
-//!   period, a file deleted or replaced (a restored backup) while the store has it open (SQLite
-//!   does not notice that in WAL mode; needs `background_checkpoint`). Another application's
+//!   period, a file deleted or replaced by another file (a restored backup renamed or moved over
+//!   it) while the store has it open (SQLite does not notice that in WAL mode; needs
+//!   `background_checkpoint`). A backup copied *into* the open file (`cp backup.db hot.db`, the
+//!   same inode) is not detected and mixes the two databases' pages: stop every process using a
+//!   file before restoring it. Another application's
 //!   database (`user_version` 0 with tables of its own) is `InvalidInput` and left untouched,
 //!   and so is a database that cannot run in WAL mode (a VFS without shared memory).
 //!

@@ -47,7 +47,8 @@ pub struct SqliteSettings {
     /// same budget (every attempt's `busy_timeout` plus the backoff) bounds a write call's wait
     /// for the store's own write connection, so writers queued in one process also fail in
     /// bounded time: a write call waits at most twice the budget in all (for a blocking thread
-    /// and the connection, then in its own busy retries; about 25 s with the defaults). With
+    /// and the connection, then in its own busy retries; about 25 s with the defaults); one that
+    /// already waited longer than the budget for a blocking thread fails right away. With
     /// `Execution::Auto` on a multi-threaded runtime the call runs under `block_in_place`, so a
     /// caller's own timeout around it cannot fire before that bound. At most
     /// [`MAX_BUSY_RETRIES`](crate::MAX_BUSY_RETRIES) (100).
@@ -79,7 +80,9 @@ pub struct SqliteSettings {
     /// the default is off. Writes still go through the WAL with `write()`; the map is address
     /// space, not memory. Default `0` (no map). SQLite maps at most its compile-time
     /// `SQLITE_MAX_MMAP_SIZE` (0x7fff0000 bytes, just under 2 GiB, in the bundled build): a
-    /// larger value maps that much.
+    /// larger value maps that much. With a map, a file truncated under the store by another
+    /// program (a backup copied into it) kills the process with `SIGBUS` on the next read of a
+    /// page past the new end, where `read()` would have given an error.
     pub mmap_bytes: u64,
     /// Background WAL checkpoints: a thread per store copies committed WAL frames into the
     /// database file every this often (`PRAGMA wal_checkpoint(PASSIVE)`: it never waits for

@@ -53,7 +53,8 @@ struct Inner {
     /// within the write budget, then `Unavailable`).
     memory: bool,
     /// The background checkpoint thread, stopped when the last clone is dropped. It also finds
-    /// the file at `path` deleted or replaced (a restored backup): every call is refused then.
+    /// the file at `path` deleted or replaced by another file (a restored backup renamed over
+    /// it; a copy written into the same file is not seen): every call is refused then.
     checkpointer: Option<CheckpointThread>,
 }
 
@@ -168,6 +169,8 @@ impl SqliteStoreBuilder {
                 settings.wal_autocheckpoint_pages,
                 settings.background_checkpoint,
             )?;
+            let checkpoints = settings.background_checkpoint.is_some_and(|d| !d.is_zero());
+            refuse_wal_reset_bug(rusqlite::version_number(), rusqlite::version(), checkpoints)?;
         }
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         // Absolute from here on: read connections open lazily, and must open the writer's file
@@ -395,11 +398,38 @@ fn commit_error(e: rusqlite::Error, doing: &str) -> TxError {
     }
 }
 
+/// The first SQLite release without the WAL-reset bug (https://www.sqlite.org/wal.html#walresetbug).
+const WAL_RESET_FIXED: i32 = 3_051_003;
+
+/// `InvalidInput` if background checkpoints are asked for on a SQLite with the WAL-reset bug
+/// (`number` below 3.51.3): a checkpoint connection beside the writer meets its race routinely,
+/// and it can corrupt the database (a build of this crate without the workspace's patch of
+/// libsqlite3-sys links SQLite 3.46.0).
+fn refuse_wal_reset_bug(number: i32, version: &str, checkpoints: bool) -> Result<()> {
+    if checkpoints && number < WAL_RESET_FIXED {
+        return Err(Error::invalid(format!(
+            "this build links SQLite {version}, which has the WAL-reset bug that background checkpoints meet \
+             (https://www.sqlite.org/wal.html#walresetbug): link SQLite 3.51.3 or later (the `[patch.crates-io]` \
+             of libsqlite3-sys in dotdo's workspace, see vendor/libsqlite3-sys/VENDORED.md), or set \
+             SqliteSettings::background_checkpoint to None"
+        )));
+    }
+    Ok(())
+}
+
 /// Run blocking SQLite work according to the execution mode (see [`Execution`]).
 async fn offload<T: Send + 'static>(mode: Execution, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     use tokio::runtime::{Handle, RuntimeFlavor};
     let spawn = |f: Box<dyn FnOnce() -> Result<T> + Send>| async move {
-        tokio::task::spawn_blocking(f).await.map_err(|e| Error::backend("sqlite task failed").with_source(e))?
+        tokio::task::spawn_blocking(f).await.map_err(|e| {
+            if e.is_cancelled() {
+                // The runtime is shutting down: the work never ran.
+                Error::new(ErrorKind::Shutdown, "the tokio runtime is shutting down; the sqlite call did not run")
+                    .with_source(e)
+            } else {
+                Error::backend("sqlite task failed").with_source(e)
+            }
+        })?
     };
     match mode {
         Execution::Inline => f(),
@@ -687,7 +717,8 @@ impl Inner {
         // gets `Unavailable` in bounded time, not the 10th after ten budgets.
         let budget = write_budget(&self.settings);
         let queued = QUEUED.get();
-        let Some(conn) = self.writer.try_lock_for(budget.saturating_sub(queued)) else {
+        let conn = if queued >= budget { None } else { self.writer.try_lock_for(budget - queued) };
+        let Some(conn) = conn else {
             return Err(Error::unavailable(format!(
                 "{doing}: {} is still locked for writing after {budget:?} (with {queued:?} waiting for a \
                  thread; other writers of this store are waiting for it); retry later",
@@ -1006,7 +1037,9 @@ impl HotStore for SqliteStore {
             })?;
             ids.into_iter()
                 .map(|id| {
-                    ObjectId::new(&id).map_err(|e| Error::corrupt(format!("invalid object id {id:?} in database: {e}")))
+                    ObjectId::new(&id).map_err(|e| {
+                        inner.name_file(Error::corrupt(format!("invalid object id {id:?} in database: {e}")))
+                    })
                 })
                 .collect()
         })
@@ -1193,6 +1226,19 @@ impl ConsistencyGuard for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    /// Background checkpoints are refused on a SQLite with the WAL-reset bug (a build without
+    /// the workspace's patch links 3.46.0), allowed without them or on a fixed SQLite; the SQLite
+    /// this crate links passes.
+    #[test]
+    fn background_checkpoints_need_a_sqlite_without_the_wal_reset_bug() {
+        let e = super::refuse_wal_reset_bug(3_046_000, "3.46.0", true).expect_err("the bug");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("3.46.0") && e.to_string().contains("background_checkpoint"), "{e}");
+        super::refuse_wal_reset_bug(3_046_000, "3.46.0", false).expect("no checkpoint thread");
+        super::refuse_wal_reset_bug(3_051_003, "3.51.3", true).expect("fixed");
+        super::refuse_wal_reset_bug(rusqlite::version_number(), rusqlite::version(), true).expect("linked SQLite");
+    }
+
     use super::*;
 
     /// A COMMIT that failed with an I/O error may be durable: `AmbiguousOutcome`, not a

@@ -478,6 +478,94 @@ async fn a_locked_database_gives_unavailable_after_bounded_retries_then_recovers
     assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
 }
 
+/// A write call that waited longer than its write budget for a blocking thread fails with
+/// `Unavailable` right away, without then spending a whole budget on busy retries (it took the
+/// free connection and retried another process's lock for a further budget: the documented
+/// bound of twice the budget in all did not hold).
+#[test]
+#[allow(clippy::disallowed_methods)] // real time: a blocking thread held on purpose
+fn a_write_that_waited_its_budget_for_a_thread_fails_without_retrying() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hot.db");
+        // A budget of 200 + 200 + 1 = 401 ms.
+        let settings = SqliteSettings {
+            busy_timeout: Duration::from_millis(200),
+            busy_retries: 1,
+            retry_backoff: Duration::from_millis(1),
+            execution: Execution::SpawnBlocking,
+            ..Default::default()
+        };
+        let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        let blocker = rusqlite::Connection::open(&path).expect("raw");
+        blocker.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+        // The only blocking thread is busy for 1 s, over twice the 401 ms budget.
+        let busy = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_secs(1)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = std::time::Instant::now();
+        let e = s.put(&obj(), l.token, "T", "k", "v".into()).await.expect_err("locked, and waited past its budget");
+        let took = started.elapsed();
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable(), "{e}");
+        assert!(
+            took < Duration::from_millis(1250),
+            "the call waited about 1 s for a thread, then {:?} more (its busy retries take 401 ms): {e}",
+            took.saturating_sub(Duration::from_millis(980))
+        );
+        busy.await.expect("busy thread");
+        blocker.execute_batch("ROLLBACK").expect("unlock");
+        s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("works once a thread and the lock are free");
+    });
+}
+
+/// A call on a tokio runtime that is shutting down (its blocking pool refuses new work) is
+/// `Shutdown`: nothing ran (it was a non-retryable `Backend`, "report a bug").
+#[test]
+fn a_call_on_a_runtime_shutting_down_is_shutdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = SqliteSettings { execution: Execution::SpawnBlocking, ..Default::default() };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (s, l) = rt.block_on(async {
+        let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        (s, l)
+    });
+    let handle = rt.handle().clone();
+    rt.shutdown_background();
+    let entered = handle.enter();
+    let e = futures::executor::block_on(s.put(&obj(), l.token, "T", "k", "v".into())).expect_err("shut down");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown, "{e}");
+    drop(entered);
+    // Nothing was written: the file holds no change.
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    let n: i64 = raw.query_row("SELECT count(*) FROM do_changes", [], |r| r.get(0)).expect("count");
+    assert_eq!(n, 0);
+}
+
+/// A change-log row whose object id is not valid makes `objects_with_pending_changes` `Corrupt`
+/// naming the database file, as every other `Corrupt` of the store does.
+#[tokio::test]
+async fn an_invalid_object_id_in_the_change_log_is_corrupt_naming_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let s = SqliteStore::builder(&path).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    raw.execute("UPDATE do_changes SET do_id = 'bad id!'", []).expect("damage");
+    let e = s.objects_with_pending_changes(None, 10).await.expect_err("damaged");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(&path.display().to_string()), "names the file: {e}");
+}
+
 #[tokio::test]
 async fn full_durability_persists_across_reopen_and_tokens_keep_rising() {
     let dir = tempfile::tempdir().expect("tempdir");
