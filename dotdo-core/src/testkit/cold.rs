@@ -188,6 +188,10 @@ pub async fn two_sinks_on_one_table_write_each_record_once(f: &super::ColdReopen
         assert_eq!((ca.records_written, ca.records_skipped), (1, 0), "seq {i} of o2 through a: {ca:?}");
         let cb = append_retrying(&*b.sink, &batch).await;
         assert_eq!((cb.records_written, cb.records_skipped), (0, 1), "seq {i} of o2 again through b: {cb:?}");
+        // Through the other handle, `head` pairs the newest snapshot (a's commit) with the
+        // watermark in it (a handle's cached snapshot list beside a fresh watermark does not).
+        let (snap, wm) = b.sink.head(&o2).await.expect("head through b");
+        assert_eq!((snap, wm.through), (ca.snapshot, i), "head of o2 through b after a's commit of seq {i}");
     }
     let seqs: Vec<u64> = b.sink.read_changes(&o2, 0, AsOf::Latest).await.expect("o2").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (1..=N).collect::<Vec<_>>(), "o2: each record exactly once");
@@ -223,6 +227,63 @@ pub async fn two_sinks_on_one_table_write_each_record_once(f: &super::ColdReopen
     let seqs: Vec<u64> =
         a.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes").iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (1..=N + 2).collect::<Vec<_>>(), "through sink a");
+}
+
+/// Appends through one sink from several tasks at once each commit atomically and exactly once:
+/// four objects appended to by a task each, and one more object by two tasks sending the same
+/// one-record batches (a retried drain racing the first): every acknowledged record is read back
+/// once, the watermarks are the last sequence numbers, and the snapshots form one chain, each
+/// commit's parent the one before. (A sink that swaps its table pointer without checking what it
+/// replaces, or a handle whose commits race its own cached state, loses a commit here while both
+/// callers get `Ok`.)
+pub async fn concurrent_appends_through_one_sink_each_land_once(f: &ColdFactory) {
+    const N: u64 = 8;
+    let (fx, _) = open(f).await;
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (sink, o) = (fx.sink.clone(), oid(&format!("own-{t}")));
+        tasks.push(tokio::spawn(async move {
+            let mut written = 0;
+            for i in 1..=N {
+                let c = append_retrying(&*sink, &ColdBatch::single(o.clone(), tok(1), puts(&o, i..=i, 1))).await;
+                assert_eq!(c.watermarks.get(&o).map(|w| w.through), Some(i), "{o} seq {i}: {c:?}");
+                written += c.records_written;
+                tokio::task::yield_now().await;
+            }
+            written
+        }));
+    }
+    let shared = oid("shared");
+    for _ in 0..2 {
+        let (sink, o) = (fx.sink.clone(), shared.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut written = 0;
+            for i in 1..=N {
+                let c = append_retrying(&*sink, &ColdBatch::single(o.clone(), tok(1), puts(&o, i..=i, 1))).await;
+                assert_eq!(c.records_written + c.records_skipped, 1, "{o} seq {i}: {c:?}");
+                assert!(c.watermarks.get(&o).is_some_and(|w| w.through >= i), "{o} seq {i} is durable: {c:?}");
+                written += c.records_written;
+                tokio::task::yield_now().await;
+            }
+            written
+        }));
+    }
+    let mut written = 0;
+    for t in tasks {
+        written += t.await.expect("appending task");
+    }
+    assert_eq!(written, 5 * N, "each record reported written once");
+    for o in (0..4).map(|t| oid(&format!("own-{t}"))).chain([shared]) {
+        let changes = fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes");
+        assert_eq!(changes, puts(&o, 1..=N, 1), "{o}: every acknowledged record once");
+        assert_eq!(fx.sink.watermark(&o).await.expect("watermark"), Watermark { through: N, token: tok(1) }, "{o}");
+    }
+    let snaps = fx.sink.snapshots().await.expect("snapshots");
+    assert_eq!(snaps.iter().map(|s| s.added_records).sum::<u64>(), 5 * N, "{snaps:?}");
+    assert_eq!(snaps.first().and_then(|s| s.parent), None, "the first snapshot has no parent");
+    for w in snaps.windows(2) {
+        assert_eq!(w[1].parent, Some(w[0].id), "one chain of snapshots: {snaps:?}");
+    }
 }
 
 /// `watermarks` gives, in the order asked, what `watermark` gives for each object: committed,
@@ -398,6 +459,9 @@ pub async fn empty_batch_creates_no_snapshot(f: &ColdFactory) {
     let st = fx.sink.load_state(&oid("o1"), AsOf::Latest).await.expect("load empty table");
     assert!(st.entries.is_empty());
     assert_eq!(st.through, 0);
+    let changes = fx.sink.read_changes(&oid("o1"), 0, AsOf::Latest).await.expect("changes of an empty table");
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(fx.sink.watermarks(&[oid("o1")]).await.expect("watermarks of an empty table"), [Watermark::default()]);
 }
 
 /// If one object of a batch is fenced or invalid, nothing of the batch is committed.
@@ -721,6 +785,20 @@ pub async fn read_changes_after_a_sequence(f: &ColdFactory) {
     assert!(through(3, 1, AsOf::Latest).await.expect("inverted range").is_empty());
 }
 
+/// Change records keep their timestamps to the microsecond (`Timestamp`'s resolution): a store
+/// that keeps milliseconds changes records on the way back and picks wrong versions at time
+/// boundaries.
+pub async fn records_keep_microsecond_timestamps(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    let mut recs = puts(&o, 1..=3, 1);
+    for (i, r) in recs.iter_mut().enumerate() {
+        r.timestamp = KIT_EPOCH.plus(std::time::Duration::from_micros(1_000 * i as u64 + 1 + 7 * i as u64));
+    }
+    fx.sink.append(ColdBatch::single(o.clone(), tok(1), recs.clone())).await.expect("append");
+    assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Latest).await.expect("changes"), recs);
+}
+
 /// Values at the 2 MiB limit round-trip byte for byte.
 pub async fn large_values_roundtrip(f: &ColdFactory) {
     let (fx, _) = open(f).await;
@@ -854,6 +932,9 @@ pub async fn scan_filters_by_range_type_and_time(f: &ColdFactory) {
     let mut q = ScanQuery::object(o.clone());
     q.limit = Some(1);
     assert_eq!(keys(a.scan(q).await.expect("limit")), ["a"]);
+    let mut q = ScanQuery::object(o.clone());
+    q.limit = Some(0);
+    assert_eq!(keys(a.scan(q).await.expect("limit 0")), Vec::<String>::new(), "at most 0 entries");
     // The limit counts live, matching entries: b (deleted) and filtered keys take no place.
     let mut q = ScanQuery::object(o.clone());
     q.limit = Some(2);
@@ -1180,6 +1261,15 @@ pub fn prop_cold_sink_matches_model_with(f: &ColdFactory, cases: u32) {
                         );
                         if let Some(s) = c.snapshot {
                             snap_ids.push(s);
+                        }
+                        // `head`: the newest snapshot and the object's watermark in it, as one
+                        // answer, for the object appended to and for another one.
+                        let other = &objs[(*o + 1) % objs.len()];
+                        for (j, obj) in [(*o, &objs[*o]), ((*o + 1) % objs.len(), other)] {
+                            let (snap, wm) = fx.sink.head(obj).await.map_err(cfail)?;
+                            prop_assert_eq!(snap, snap_ids.last().copied(), "head: the newest snapshot");
+                            prop_assert_eq!(wm.through, next.records[j].len() as u64, "head: the watermark");
+                            prop_assert_eq!(wm, fx.sink.watermark(obj).await.map_err(cfail)?);
                         }
                     }
                     ColdOp::StaleAppend(o) => {

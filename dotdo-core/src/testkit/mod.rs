@@ -1032,6 +1032,8 @@ macro_rules! __cold_cases {
             accelerator_finds_long_and_multibyte_keys,
             empty_values_and_names_at_the_limit_roundtrip,
             a_batch_is_atomic_to_concurrent_readers,
+            concurrent_appends_through_one_sink_each_land_once,
+            records_keep_microsecond_timestamps,
         }
     };
 }
