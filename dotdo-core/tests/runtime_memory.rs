@@ -1456,6 +1456,8 @@ struct FlakyGuard {
     fail_releases: std::sync::atomic::AtomicU32,
     /// Releases never answer (a hung connection).
     hang_releases: std::sync::atomic::AtomicBool,
+    /// Releases that hung so far.
+    hung_releases: std::sync::atomic::AtomicU32,
     /// Each refresh takes this long on the world's clock (a slow guard), then applies.
     slow_refreshes: parking_lot::Mutex<Option<(dotdo_core::ManualClock, Duration)>>,
     /// Refreshes grant half the TTL asked for (a guard whose clock is behind the runtime's).
@@ -1496,6 +1498,7 @@ impl FlakyGuard {
             late_waiting: Arc::default(),
             fail_releases: 0.into(),
             hang_releases: false.into(),
+            hung_releases: 0.into(),
             slow_refreshes: parking_lot::Mutex::new(None),
             short_refreshes: false.into(),
             retoken_refreshes: false.into(),
@@ -1586,6 +1589,7 @@ impl ConsistencyGuard for FlakyGuard {
             return Err(Error::unavailable("guard unreachable (test)"));
         }
         if self.hang_releases.load(std::sync::atomic::Ordering::SeqCst) {
+            self.hung_releases.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             futures::future::pending::<()>().await;
         }
         self.inner.release(lease).await
@@ -1906,7 +1910,10 @@ async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() 
         let rt = rt.clone();
         tokio::spawn(async move { rt.maintain().await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    until("maintain is in the hung release", || async {
+        guard.hung_releases.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
     assert!(!maintaining.is_finished(), "maintain hangs on the release");
     guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
     // The old lease expires; a second call takes a newer one, whose release fails too.
@@ -4165,7 +4172,7 @@ async fn flush_all_does_not_hold_clean_objects() {
     });
     // flush_all is in its cold commit (it took the hook), holding what it holds.
     until("flush_all is committing", || async { cold.before_append.lock().is_none() }).await;
-    let read = tokio::time::timeout(Duration::from_millis(500), get(&rt, &clean, "n")).await;
+    let read = tokio::time::timeout(Duration::from_secs(10), get(&rt, &clean, "n")).await;
     assert_eq!(read.expect("not held by the flush").expect("get"), Some(Bytes::from("1")));
     gate.notify_one();
     let report = flushing.await.expect("task").expect("flush_all");
@@ -4590,7 +4597,7 @@ async fn complete_restores_installs_lazy_state_and_skips_busy_objects() {
         }
     });
     entered.notified().await;
-    let done = tokio::time::timeout(Duration::from_millis(500), b.complete_restores()).await;
+    let done = tokio::time::timeout(Duration::from_secs(10), b.complete_restores()).await;
     done.expect("does not wait for the busy object").expect("complete_restores");
     assert_eq!(w.hot.list(&o, KeyRange::all(), None).await.expect("hot").len(), 20, "o installed whole");
     assert_eq!(w.hot.list(&busy, KeyRange::all(), None).await.expect("hot").len(), 0, "busy skipped");

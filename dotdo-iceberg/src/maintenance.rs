@@ -260,7 +260,11 @@ impl IcebergColdStore {
     /// the store's clock against the store's last-modified time). Other tables that live under
     /// this table's location (a table named `data` or `metadata` included) are never touched:
     /// only files in this table's own layout are judged (metadata files directly in `metadata/`,
-    /// data files in `data/` or its `field=value` partition directories). A `retention` below
+    /// data files in `data/` or its `field=value` partition directories; files another engine
+    /// placed in other directories under `data/`, such as Iceberg's object-storage layout, are
+    /// left alone). On a local warehouse dotdo opened, the staging files (`<name>#<n>`) that
+    /// object_store writes before renaming a file into place, left behind by a process killed
+    /// mid-write, are judged alike (never referenced) and counted in the report. A `retention` below
     /// [`Settings::min_cleanup_retention`](crate::Settings::min_cleanup_retention) (default 1
     /// hour) is `InvalidInput`: it could delete the files of a commit still in flight. So is one
     /// below the minimum the table records ([`MIN_CLEANUP_PROP`](crate::MIN_CLEANUP_PROP): the
@@ -368,6 +372,43 @@ impl IcebergColdStore {
                     report.deleted.push(format!("{}/{}", root.root, obj.location));
                 }
                 Err(e) => return Err(classify_object_store(e)),
+            }
+        }
+        // object_store's local store writes each file as `<name>#<n>` first and renames it into
+        // place; a process killed in between leaves that staging file, which its listings skip.
+        // Judged here like any unreferenced file (never referenced: the table names the final
+        // name): deleted once older than what is kept.
+        for dir in ["data", "metadata"] {
+            let dir_key = prefix.child(dir);
+            let Some(local) = root.local_path_of(&dir_key) else { break };
+            let staged = tokio::task::spawn_blocking(move || staged_files(&local))
+                .await
+                .map_err(|e| Error::backend(format!("{what}: listing staging files failed")).with_source(e))?
+                .map_err(|e| {
+                    classify_object_store(object_store::Error::Generic {
+                        store: "LocalFileSystem",
+                        source: Box::new(e),
+                    })
+                })?;
+            for file in staged {
+                let target = file.parts.iter().fold(dir_key.clone(), |p, part| p.child(part.as_str()));
+                if !own_layout(&prefix, &target) {
+                    continue;
+                }
+                if file.modified_micros >= keep_after {
+                    report.kept_recent += 1;
+                    continue;
+                }
+                match std::fs::remove_file(&file.path) {
+                    Ok(()) => report.deleted.push(format!("{}/{}#{}", root.root, target, file.suffix)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(classify_object_store(object_store::Error::Generic {
+                            store: "LocalFileSystem",
+                            source: Box::new(e),
+                        }))
+                    }
+                }
             }
         }
         Ok(report)
@@ -664,6 +705,55 @@ fn chain_to_dotdo_base(md: &iceberg::spec::TableMetadata, id: i64) -> Vec<i64> {
 /// directories (`field=value`). Anything else there belongs to a table the catalog nested under
 /// this one (a table named `data` or `metadata` lives at `<location>/data`, its files in
 /// `<location>/data/data/` and `<location>/data/metadata/`) and is never judged here.
+/// A staging file object_store's local store left (`<name>#<n>`, see
+/// [`remove_unreferenced_files`](IcebergColdStore::remove_unreferenced_files)).
+struct StagedFile {
+    path: std::path::PathBuf,
+    /// The path of the file it would have become, relative to the listed directory.
+    parts: Vec<String>,
+    /// The `<n>` of its name.
+    suffix: String,
+    modified_micros: i64,
+}
+
+/// The staging files under local directory `dir` (recursively, not following links); none if
+/// `dir` does not exist.
+fn staged_files(dir: &std::path::Path) -> std::io::Result<Vec<StagedFile>> {
+    let mut out = Vec::new();
+    let mut todo = vec![(dir.to_path_buf(), Vec::<String>::new())];
+    while let Some((at, parts)) = todo.pop() {
+        let entries = match std::fs::read_dir(&at) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            let kind = entry.file_type()?;
+            let mut here = parts.clone();
+            if kind.is_dir() {
+                here.push(name);
+                todo.push((entry.path(), here));
+                continue;
+            }
+            let Some((target, suffix)) = name.rsplit_once('#') else { continue };
+            if !kind.is_file() || target.is_empty() || suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            let modified = entry.metadata()?.modified()?;
+            let modified_micros = match modified.duration_since(std::time::UNIX_EPOCH) {
+                Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+                Err(before) => -i64::try_from(before.duration().as_micros()).unwrap_or(i64::MAX),
+            };
+            here.push(target.to_string());
+            out.push(StagedFile { path: entry.path(), parts: here, suffix: suffix.to_string(), modified_micros });
+        }
+    }
+    Ok(out)
+}
+
 fn own_layout(prefix: &object_store::path::Path, key: &object_store::path::Path) -> bool {
     let Some(parts) = key.prefix_match(prefix) else { return false };
     let parts: Vec<_> = parts.collect();

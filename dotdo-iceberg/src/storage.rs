@@ -55,6 +55,15 @@ impl std::fmt::Debug for StoreRoot {
 }
 
 impl StoreRoot {
+    /// The local file system path of `key` when this root is a local file system dotdo opened
+    /// itself (`file://`), else `None`.
+    pub(crate) fn local_path_of(&self, key: &Path) -> Option<std::path::PathBuf> {
+        if !self.local_files {
+            return None;
+        }
+        local_path(key).ok()
+    }
+
     /// Open the object store for a warehouse URL with `object_store` options (for S3:
     /// `aws_endpoint`, `aws_access_key_id`, `aws_secret_access_key`, `aws_region`,
     /// `aws_allow_http`, …; see `object_store`'s builders).

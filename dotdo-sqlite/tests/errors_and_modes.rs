@@ -494,9 +494,9 @@ fn a_write_that_waited_its_budget_for_a_thread_fails_without_retrying() {
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("hot.db");
-        // A budget of 200 + 200 + 1 = 401 ms.
+        // A budget of 1000 + 1000 + 1 = 2001 ms.
         let settings = SqliteSettings {
-            busy_timeout: Duration::from_millis(200),
+            busy_timeout: Duration::from_secs(1),
             busy_retries: 1,
             retry_backoff: Duration::from_millis(1),
             execution: Execution::SpawnBlocking,
@@ -506,18 +506,19 @@ fn a_write_that_waited_its_budget_for_a_thread_fails_without_retrying() {
         let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
         let blocker = rusqlite::Connection::open(&path).expect("raw");
         blocker.execute_batch("BEGIN EXCLUSIVE").expect("lock");
-        // The only blocking thread is busy for 1 s, over twice the 401 ms budget.
-        let busy = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_secs(1)));
+        // The only blocking thread is busy for 3 s, over the 2 s budget.
+        let busy = tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_secs(3)));
         tokio::time::sleep(Duration::from_millis(20)).await;
         let started = std::time::Instant::now();
         let e = s.put(&obj(), l.token, "T", "k", "v".into()).await.expect_err("locked, and waited past its budget");
         let took = started.elapsed();
         assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
         assert!(e.is_retryable(), "{e}");
+        // About 3 s for the thread; retrying the lock would add the whole 2 s budget.
         assert!(
-            took < Duration::from_millis(1250),
-            "the call waited about 1 s for a thread, then {:?} more (its busy retries take 401 ms): {e}",
-            took.saturating_sub(Duration::from_millis(980))
+            took < Duration::from_millis(4200),
+            "the call waited about 3 s for a thread, then {:?} more (its busy retries take 2 s): {e}",
+            took.saturating_sub(Duration::from_millis(2980))
         );
         busy.await.expect("busy thread");
         blocker.execute_batch("ROLLBACK").expect("unlock");
