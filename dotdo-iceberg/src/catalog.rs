@@ -42,7 +42,11 @@ pub enum CatalogConfig {
     #[default]
     Default,
     /// SQL catalog on SQLite. `uri` is a sqlx URI (`sqlite:/abs/path/catalog.db`); the database
-    /// is created if missing.
+    /// is created if missing. An in-memory URI (`sqlite::memory:`, `mode=memory`) is
+    /// `InvalidInput` (each pooled connection would be an empty catalog of its own: use
+    /// `Memory`). A catalog of the older "v0" schema (PyIceberg's `SqlCatalog` without
+    /// `schema_version` v1) gets the `iceberg_type` column added, as PyIceberg's own migration
+    /// does.
     Sql {
         /// The sqlx SQLite URI.
         uri: String,
@@ -200,6 +204,29 @@ fn open_direct(uri: &str) -> Option<parking_lot::Mutex<rusqlite::Connection>> {
     }
 }
 
+/// A catalog another engine created with the older "v0" schema (PyIceberg's `SqlCatalog` without
+/// `schema_version` v1, Java's JDBC catalog by default) has no `iceberg_type` column in
+/// `iceberg_tables`, which iceberg-catalog-sql's queries and dotdo's pointer swap filter on (every
+/// open failed with "no such column"). Added here as PyIceberg's own v1 migration does: a
+/// nullable column, rows without a value read as tables by both. Two processes adding it at once
+/// are fine: the loser finds it there.
+#[cfg(feature = "sql")]
+async fn add_record_type_column(pool: &sqlx::SqlitePool) -> std::result::Result<(), sqlx::Error> {
+    const HAS_TABLE: &str = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'iceberg_tables'";
+    const HAS_COLUMN: &str = "SELECT count(*) FROM pragma_table_info('iceberg_tables') WHERE name = 'iceberg_type'";
+    if sqlx::query_scalar::<_, i64>(HAS_TABLE).fetch_one(pool).await? == 0
+        || sqlx::query_scalar::<_, i64>(HAS_COLUMN).fetch_one(pool).await? > 0
+    {
+        return Ok(());
+    }
+    tracing::info!("dotdo: adding the iceberg_type column to a SQL catalog of the older (v0) schema");
+    match sqlx::query("ALTER TABLE iceberg_tables ADD COLUMN iceberg_type VARCHAR(5)").execute(pool).await {
+        Ok(_) => Ok(()),
+        Err(_) if sqlx::query_scalar::<_, i64>(HAS_COLUMN).fetch_one(pool).await? > 0 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(feature = "sql")]
 impl SqlVerifier {
     async fn connect(uri: &str, catalog: &str) -> Result<Self> {
@@ -224,6 +251,7 @@ impl SqlVerifier {
         // with synchronous=FULL, sqlx's default). Persistent in the file; PyIceberg's SqlCatalog
         // reads WAL databases transparently.
         sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await.map_err(unavailable)?;
+        add_record_type_column(&pool).await.map_err(unavailable)?;
         Ok(SqlVerifier { pool, catalog: catalog.to_string(), direct: open_direct(uri) })
     }
 
@@ -507,13 +535,16 @@ async fn open_sql(uri: &str, name: &str, warehouse: &str, factory: Arc<dyn Stora
     } else {
         uri.to_string()
     };
-    // The verifier opens its own connection: to an in-memory database that would be another,
-    // empty database, so in-memory catalogs commit through iceberg-catalog-sql alone.
-    let verifier = if uri.starts_with("sqlite:") && sqlite_path(&uri).is_some() {
-        Some(SqlVerifier::connect(&uri, name).await?)
-    } else {
-        None
-    };
+    // An in-memory SQLite database is private to its connection: iceberg-catalog-sql's pool
+    // opens several and closes idle ones, each a new empty catalog (tables vanished after 10 s
+    // idle, or as soon as two calls overlapped).
+    if uri.starts_with("sqlite:") && sqlite_path(&uri).is_none() {
+        return Err(Error::invalid(format!(
+            "SQL catalog {uri}: an in-memory SQLite catalog loses its tables (each pooled connection is a \
+             database of its own); use CatalogConfig::Memory for a catalog in memory, or a file"
+        )));
+    }
+    let verifier = if uri.starts_with("sqlite:") { Some(SqlVerifier::connect(&uri, name).await?) } else { None };
     let catalog = iceberg_catalog_sql::SqlCatalogBuilder::default()
         .uri(uri.clone())
         .warehouse_location(warehouse.to_string())

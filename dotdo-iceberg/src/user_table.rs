@@ -246,7 +246,13 @@ impl IcebergColdStore {
                     match catalog.create_namespace(&ns, HashMap::new()).await {
                         Ok(_) => {}
                         Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
-                        Err(e) => return Err(classify(e, &what)),
+                        // Another process created it meanwhile (the SQL catalog reports the
+                        // unique-key clash as an unexpected error), as for the change table.
+                        Err(e) => {
+                            if !catalog.namespace_exists(&ns).await.unwrap_or(false) {
+                                return Err(classify(e, &what));
+                            }
+                        }
                     }
                 }
                 let mut props = HashMap::from([
@@ -272,7 +278,13 @@ impl IcebergColdStore {
                     Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
                         catalog.load_table(&ident).await.map_err(|e| classify(e, &what))?
                     }
-                    Err(e) => return Err(classify(e, &what)),
+                    // Another process created it meanwhile (the SQL catalog reports the
+                    // unique-key clash as an unexpected error): opened as it is (its schema is
+                    // checked below), as for the change table.
+                    Err(e) => match catalog.load_table(&ident).await {
+                        Ok(t) => t,
+                        Err(_) => return Err(classify(e, &what)),
+                    },
                 }
             }
             Err(e) => return Err(classify(e, &what)),

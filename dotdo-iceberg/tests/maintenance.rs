@@ -3849,3 +3849,107 @@ async fn staging_files_a_killed_write_left_are_cleaned_up() {
     assert!(foreign.exists(), "not the table's layout: left alone");
     assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
 }
+
+/// A SQL catalog another engine created with the older "v0" schema (no `iceberg_type` column,
+/// PyIceberg's `SqlCatalog` default) opens: dotdo adds the column (every open failed with "no
+/// such column"), keeps the engine's own table listed as a table, and writes and reads its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sql_catalog_of_the_older_schema_is_opened_and_upgraded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let c = rusqlite::Connection::open(dir.path().join("catalog.db")).expect("catalog db");
+        c.execute_batch(
+            "CREATE TABLE iceberg_tables (catalog_name VARCHAR(255) NOT NULL, table_namespace VARCHAR(255) NOT NULL, \
+               table_name VARCHAR(255) NOT NULL, metadata_location VARCHAR(1000), \
+               previous_metadata_location VARCHAR(1000), \
+               PRIMARY KEY (catalog_name, table_namespace, table_name)); \
+             CREATE TABLE iceberg_namespace_properties (catalog_name VARCHAR(255) NOT NULL, \
+               namespace VARCHAR(255) NOT NULL, property_key VARCHAR(255), property_value VARCHAR(1000), \
+               PRIMARY KEY (catalog_name, namespace, property_key)); \
+             INSERT INTO iceberg_namespace_properties VALUES ('dotdo', 'other', 'exists', 'true'); \
+             INSERT INTO iceberg_tables VALUES ('dotdo', 'other', 'theirs', '/nowhere/v1.metadata.json', NULL);",
+        )
+        .expect("a v0 catalog");
+    }
+    let cold = open(dir.path(), 4).await;
+    let o = ObjectId::new("o1").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
+    let theirs = iceberg::TableIdent::from_strs(["other", "theirs"]).expect("ident");
+    assert!(
+        iceberg::Catalog::table_exists(&*cold.catalog(), &theirs).await.expect("table_exists"),
+        "the other engine's row still reads as a table"
+    );
+    let c = rusqlite::Connection::open(dir.path().join("catalog.db")).expect("catalog db");
+    let added: i64 = c
+        .query_row("SELECT count(*) FROM pragma_table_info('iceberg_tables') WHERE name = 'iceberg_type'", [], |r| {
+            r.get(0)
+        })
+        .expect("columns");
+    assert_eq!(added, 1);
+    drop(cold);
+    let again = open(dir.path(), 4).await;
+    assert_eq!(again.read_changes(&o, 0, AsOf::Latest).await.expect("read after reopen").len(), 1);
+}
+
+/// An in-memory SQL catalog URI is refused: each pooled connection would be an empty catalog of
+/// its own (tables vanished once connections were closed idle or two calls overlapped).
+#[tokio::test]
+async fn an_in_memory_sql_catalog_uri_is_refused() {
+    for uri in ["sqlite::memory:", "sqlite:/tmp/x.db?mode=memory&cache=shared", "sqlite:"] {
+        let e = IcebergColdStore::builder("memory://m")
+            .catalog(dotdo_iceberg::CatalogConfig::Sql { uri: uri.to_string() })
+            .table(["m"], "changes")
+            .build()
+            .await
+            .expect_err("an in-memory SQL catalog");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{uri}: {e}");
+        assert!(e.to_string().contains("CatalogConfig::Memory"), "{e}");
+    }
+}
+
+/// Two stores opening one new user table at once both open it: the SQL catalog reports the
+/// loser's insert as an unexpected error, not "already exists" (it was a non-retryable `Backend`
+/// for the loser, as it was for the change table before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_creating_one_user_table_at_once_both_open_it() {
+    use arrow_array::{Array, Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_str().expect("utf-8").to_string();
+    let hooked = common::FaultyStore::quiet_local();
+    let a = IcebergColdStore::builder(path.clone())
+        .object_store(hooked.clone())
+        .table(["m"], "changes")
+        .build()
+        .await
+        .expect("store a");
+    let b = IcebergColdStore::builder(path).table(["m"], "changes").build().await.expect("store b");
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+    let (reached_tx, reached_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    *hooked.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".into(),
+        Box::pin(async move {
+            let _ = reached_tx.send(());
+            let _ = go_rx.await;
+        }),
+    ));
+    let first = tokio::spawn({
+        let schema = schema.clone();
+        async move { a.arrow_table(&["u"], "t", schema).await }
+    });
+    reached_rx.await.expect("store a is creating the table");
+    let second = b.arrow_table(&["u"], "t", schema).await.expect("store b creates it");
+    go_tx.send(()).expect("release store a");
+    let first = first.await.expect("task").expect("store a opens the table b created");
+    // One table: what a appends, b reads.
+    let batch = RecordBatch::try_new(first.schema(), vec![Arc::new(Int64Array::from(vec![7i64])) as Arc<dyn Array>])
+        .expect("batch");
+    first.append("s", 1, vec![batch]).await.expect("append through a");
+    assert_eq!(second.last_batch("s").await.expect("through b"), 1);
+    let rows: usize = second.read_all().await.expect("read through b").iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 1);
+}
