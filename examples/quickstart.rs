@@ -145,6 +145,16 @@ async fn main() -> Result<()> {
     if let Some(twin) = &twin {
         println!("  (the path needs URL escaping: the table's files go to {})", twin.display());
     }
+    if let Some(twin) = &made_twin {
+        // Marked as the quickstart's, so that the next run may remove it (it never removes a
+        // directory without its marker), before the store writes into it: an open that fails
+        // or is interrupted leaves a marked directory, not one the next run must leave alone.
+        std::fs::create_dir_all(twin)
+            .and_then(|()| {
+                std::fs::write(twin.join(MARKER), b"made by the dotdo quickstart; removed on its next run\n")
+            })
+            .map_err(|e| Error::unavailable(format!("marking {}", twin.display())).with_source(e))?;
+    }
     let t = Stopwatch::start(clock.clone());
     let env = Env {
         hot: SqliteStore::builder(dir.join("hot.db")).open().await?,
@@ -152,15 +162,6 @@ async fn main() -> Result<()> {
         clock: clock.clone(),
     };
     println!("  opened stores                          {}", ms(t.elapsed()));
-    if let Some(twin) = &made_twin {
-        // Marked as the quickstart's, so that the next run may remove it (it never removes a
-        // directory without its marker).
-        std::fs::create_dir_all(twin)
-            .and_then(|()| {
-                std::fs::write(twin.join(MARKER), b"made by the dotdo quickstart; removed on its next run\n")
-            })
-            .map_err(|e| Error::unavailable(format!("marking {}", twin.display())).with_source(e))?;
-    }
 
     // 1. Objects and handlers.
     let node_a = env.runtime("node-a", RestoreMode::Eager)?;
@@ -217,7 +218,7 @@ async fn main() -> Result<()> {
     let report = node_a.flush_all().await?;
     let first_snapshot = env.cold.snapshots().await?.last().map(|s| s.id);
     println!(
-        "3. flushed {} changes of {} objects in {} commit(s)  {}",
+        "3. flushed {} changes of {} objects (3 carts + the fencing demo's counter) in {} commit(s)  {}",
         report.records,
         report.objects,
         report.commits,
@@ -232,6 +233,7 @@ async fn main() -> Result<()> {
     );
 
     // 4. Evict cart:2 (tier out of hot storage) and bring it back on another node, lazily ...
+    let before = node_a.invoke(&carts[1], async |t: &mut ObjectTxn<'_>| t.list(KeyRange::all()).await).await?;
     let t = env.timed();
     node_a.evict(&carts[1]).await?;
     println!("4. evicted cart:2 from hot storage         {}", ms(t.elapsed()));
@@ -253,6 +255,9 @@ async fn main() -> Result<()> {
     let t = env.timed();
     let all = eager_node.invoke(&carts[1], async |t: &mut ObjectTxn<'_>| t.list(KeyRange::all()).await).await?;
     println!("   eager restore of {} keys on node-eager  {}", all.len(), ms(t.elapsed()));
+    // Every key, value and sequence number as before the eviction.
+    assert_eq!(all, before, "the restored state must equal the state before eviction");
+    println!("   restored state equals the state before eviction ({} keys)", before.len());
     if let (Some(a), Some(b)) = (act, eager_node.metrics().recent_activations.back()) {
         println!(
             "   recovery metrics: lazy cold-start {} ({:?}), eager cold-start {} ({} keys, {} bytes loaded)",

@@ -1928,6 +1928,24 @@ async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() 
     assert!(w.hot.current(&o).await.expect("current").is_none_or(|l| l.token > newer.token));
 }
 
+/// `flush_all` that meets a lease of this very node it could not give back (its release failing
+/// again) reports an error, its changes not drained; it answered `Ok` having drained nothing,
+/// taking the refusal for another node's lease. Once the release works, the next flush drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_meets_its_own_leftover_lease_reports_it() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let o = oid("o");
+    guard.fail_releases.store(2, std::sync::atomic::Ordering::SeqCst);
+    incr(&rt, &o).await.expect("the call; its release fails: a leftover lease");
+    let e = rt.flush_all().await.expect_err("the leftover lease could not be given back again");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { holder, .. } if holder.as_str() == "a"), "{e}");
+    let info = w.hot.object_info(&o).await.expect("info").expect("written");
+    assert!(info.last_seq > info.truncated_through, "not drained: {info:?}");
+    let report = rt.flush_all().await.expect("the release works now");
+    assert_eq!((report.objects, report.records), (1, 1), "{report:?}");
+}
+
 /// A handler's error reached after the lease ran out is refused like a read-only answer: it
 /// may rest on reads that another node's writes have made stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,7 +73,7 @@ impl fmt::Debug for CatalogConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CatalogConfig::Default => f.write_str("Default"),
-            CatalogConfig::Sql { uri } => f.debug_struct("Sql").field("uri", uri).finish(),
+            CatalogConfig::Sql { uri } => f.debug_struct("Sql").field("uri", &without_password(uri)).finish(),
             CatalogConfig::Memory => f.write_str("Memory"),
             #[cfg(feature = "rest")]
             CatalogConfig::Rest { uri, warehouse, properties } => f
@@ -552,7 +552,7 @@ async fn open_sql(uri: &str, name: &str, warehouse: &str, factory: Arc<dyn Stora
         .with_storage_factory(factory)
         .load(name.to_string(), HashMap::new())
         .await
-        .map_err(|e| crate::error::classify(e, &format!("opening SQL catalog {uri}")))?;
+        .map_err(|e| crate::error::classify(e, &format!("opening SQL catalog {}", without_password(&uri))))?;
     Ok(Opened { catalog: Arc::new(catalog), verifier })
 }
 

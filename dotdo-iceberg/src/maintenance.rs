@@ -378,18 +378,18 @@ impl IcebergColdStore {
         // place; a process killed in between leaves that staging file, which its listings skip.
         // Judged here like any unreferenced file (never referenced: the table names the final
         // name): deleted once older than what is kept.
+        let local_error = |e: std::io::Error, at: &std::path::Path, done: usize| {
+            classify_object_store(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })
+                .context(format!("{what}: {} ({done} files deleted before)", at.display()))
+        };
         for dir in ["data", "metadata"] {
             let dir_key = prefix.child(dir);
             let Some(local) = root.local_path_of(&dir_key) else { break };
-            let staged = tokio::task::spawn_blocking(move || staged_files(&local))
+            let listing = local.clone();
+            let staged = tokio::task::spawn_blocking(move || staged_files(&listing))
                 .await
                 .map_err(|e| Error::backend(format!("{what}: listing staging files failed")).with_source(e))?
-                .map_err(|e| {
-                    classify_object_store(object_store::Error::Generic {
-                        store: "LocalFileSystem",
-                        source: Box::new(e),
-                    })
-                })?;
+                .map_err(|e| local_error(e, &local, report.deleted.len()))?;
             for file in staged {
                 let target = file.parts.iter().fold(dir_key.clone(), |p, part| p.child(part.as_str()));
                 if !own_layout(&prefix, &target) {
@@ -402,12 +402,7 @@ impl IcebergColdStore {
                 match std::fs::remove_file(&file.path) {
                     Ok(()) => report.deleted.push(format!("{}/{}#{}", root.root, target, file.suffix)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(classify_object_store(object_store::Error::Generic {
-                            store: "LocalFileSystem",
-                            source: Box::new(e),
-                        }))
-                    }
+                    Err(e) => return Err(local_error(e, &file.path, report.deleted.len())),
                 }
             }
         }

@@ -438,6 +438,17 @@ impl IcebergColdStoreBuilder {
 /// from bucket[16] to bucket[32] by another engine starts with one), and another engine may
 /// partition by `identity` or `truncate` of do_id, which dotdo cannot prune by.
 fn table_bucketer(table: &Table) -> Result<Bucketer> {
+    table_bucketer_in(table).map_err(|e| {
+        let at = table.metadata_location().unwrap_or("no metadata file");
+        e.context(format!(
+            "table {} ({at}), partition spec {}",
+            table.identifier(),
+            table.metadata().default_partition_spec().spec_id()
+        ))
+    })
+}
+
+fn table_bucketer_in(table: &Table) -> Result<Bucketer> {
     let spec = table.metadata().default_partition_spec();
     let do_id = table
         .metadata()
@@ -1697,9 +1708,14 @@ impl IcebergColdStore {
         match last {
             Attempt::Unknown(e) => Err(e.context(format!("cold commit failed after {attempts} attempts"))),
             Attempt::Failed(e) => Err(e.context("the cold commit did not land")),
-            Attempt::Conflict => {
-                Err(Error::new(ErrorKind::Conflict, format!("cold commit still conflicting after {attempts} attempts")))
-            }
+            Attempt::Conflict => Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "cold commit to {} still conflicting after {attempts} attempts (other writers kept \
+                         committing first; Settings::max_commit_attempts)",
+                    self.inner.ident
+                ),
+            )),
             Attempt::First => {
                 Err(Error::unavailable(format!("cold commit could not be prepared in {attempts} attempts")))
             }
@@ -1713,8 +1729,9 @@ impl IcebergColdStore {
 fn validate_records(batch: &ColdBatch) -> Result<()> {
     batch.validate()?;
     for r in batch.objects.iter().flat_map(|o| o.records.iter()) {
-        validate_value(&r.value)?;
-        r.token.validate().map_err(|e| e.context(format!("change record {} of {}", r.seq, r.object)))?;
+        let named = |e: Error| e.context(format!("change record {} of {}", r.seq, r.object));
+        validate_value(&r.value).map_err(named)?;
+        r.token.validate().map_err(named)?;
     }
     Ok(())
 }

@@ -141,7 +141,8 @@ impl ConsistencyGuard for LibsqlStore {
                 let step = step.clone();
                 Box::pin(async move { Ok(lease_row(&c.query(step).await?)?) })
             })
-            .await?;
+            .await
+            .map_err(|e| self.named(e.context(format!("lease of {}", lease.object))))?;
         rules::check_current(lease, row.as_ref(), self.inner.clock.now())
     }
 
@@ -152,7 +153,8 @@ impl ConsistencyGuard for LibsqlStore {
                 let step = step.clone();
                 Box::pin(async move { Ok(lease_row(&c.query(step).await?)?) })
             })
-            .await?;
+            .await
+            .map_err(|e| self.named(e.context(format!("lease of {object}"))))?;
         let now = self.inner.clock.now();
         Ok(row.filter(|r| now < r.expires_at).map(|r| r.to_lease(object)))
     }

@@ -95,11 +95,15 @@
 //!   and the fencing check of every write runs on the primary. If the pull after
 //!   a write (an acquire included) fails, reads pull first until a pull succeeds and fail with
 //!   `Unavailable` meanwhile: a replica without the last holder's writes is never read (retryable
-//!   when the network failed; not when the primary lacks the namespace (`Backend`), rejects the
-//!   token (`Backend`) or the replica file cannot take the frames). Each
-//!   pull, and building the replica at open, is bounded by `LibsqlSettings::sync_timeout`
-//!   (60 s): past it the call fails with a retryable `Unavailable` while the pull goes on in the
-//!   background (the next pull waits for it). Pulls run one at a time per store, and each
+//!   when the network failed; not when the primary lacks the namespace (`Backend`) or the
+//!   replica file cannot take the frames; libsql reports a token the primary rejects during the
+//!   replication handshake as a handshake timeout, so that reads as a retryable `Unavailable`).
+//!   Each attempt of a pull, and of building the replica at open, is bounded by
+//!   `LibsqlSettings::sync_timeout` (60 s), and a failed attempt is retried up to
+//!   `LibsqlSettings::retries` times: at open and before a read the call then fails with a
+//!   retryable `Unavailable` (after a write, committed on the primary, the write returns and
+//!   the next read pulls first), while a timed-out pull goes on in the background (the next
+//!   pull waits for it). Pulls run one at a time per store, and each
 //!   write (lease calls included) waits for its own: a store's write rate in replica mode is
 //!   bounded by the pull's round trips. Read-your-writes holds when the replication endpoint is
 //!   the primary (a pull catches up to the primary's position at its handshake); a lagging edge
@@ -114,8 +118,9 @@
 //! LibsqlStore::local("/var/lib/app/hot.db").open().await?
 //!
 //! # Turso / sqld primary
-//! let token = std::env::var("TURSO_AUTH_TOKEN").map_err(|e| Error::invalid(format!("TURSO_AUTH_TOKEN: {e}")))?;
-//! LibsqlStore::remote("libsql://my-db-my-org.turso.io", token).open().await?
+//! let token = std::env::var("TURSO_AUTH_TOKEN")
+//!     .map_err(|e| dotdo_core::Error::invalid(format!("TURSO_AUTH_TOKEN: {e}")))?;
+//! LibsqlStore::remote("libsql://my-db-my-org.turso.io", token.clone()).open().await?
 //! LibsqlStore::remote("http://127.0.0.1:8080", "").open().await?        # sqld without auth
 //!
 //! # embedded replica (features = ["replica"])

@@ -104,9 +104,10 @@ pub struct LibsqlSettings {
     /// (change log and state), about four times its size, and on a slow link or primary needs
     /// longer. (No effect on a local file.)
     pub request_timeout: Duration,
-    /// How long an embedded replica's pull from the primary (at open, after each write, and
-    /// before a read while the replica may lack committed writes) may take: at open and before a
-    /// read the call then fails with a retryable `Unavailable`; after a write (committed on the
+    /// How long each attempt of an embedded replica's pull from the primary (at open, after each
+    /// write, and before a read while the replica may lack committed writes) may take; a failed
+    /// attempt is retried up to `retries` times, so a call may wait `retries + 1` times this. At
+    /// open and before a read the call then fails with a retryable `Unavailable`; after a write (committed on the
     /// primary) the write returns, and the next read pulls first. libsql's replication client has no timeout of its
     /// own: a primary that stops answering would otherwise hold the call for as long as the OS
     /// keeps the connection (minutes). The pull itself is not cut off midway (libsql's

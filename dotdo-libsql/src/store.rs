@@ -950,7 +950,7 @@ impl LibsqlStore {
                         continue;
                     }
                     let err = if idempotent && maybe_applied && class != error::Class::CommitIo {
-                        ambiguous_retry(doing).with_source(e)
+                        self.named(ambiguous_retry(doing).with_source(e))
                     } else {
                         self.named(map_class(class, e, doing, mutating))
                     };
@@ -1191,12 +1191,14 @@ impl LibsqlStore {
         Ok(())
     }
 
-    /// `e`, naming the database if it is `Corrupt` (an operator needs to know which file).
+    /// `e`, naming the database (the file, or the primary's URL without its token) unless it
+    /// does already: an operator needs to know which one is damaged, unreachable or refusing.
     pub(crate) fn named(&self, e: Error) -> Error {
-        if e.kind() == &ErrorKind::Corrupt {
-            e.context(self.inner.target.describe())
-        } else {
+        let target = self.inner.target.describe();
+        if e.to_string().contains(&target) {
             e
+        } else {
+            e.context(target)
         }
     }
 }

@@ -719,6 +719,25 @@ async fn an_invalid_object_id_in_the_change_log_is_corrupt_naming_the_database()
     assert!(e.to_string().contains("hot.db"), "names the database: {e}");
 }
 
+/// A lease row that does not decode makes `current` and `validate` `Corrupt` naming the object
+/// and the database (it named neither), and an outage of a write names the database too.
+#[tokio::test]
+async fn a_damaged_lease_row_is_corrupt_naming_the_object_and_the_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let (s, _raw, c) = store_and_raw_connection(&path, Transport::Auto).await;
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    c.execute("UPDATE do_locks SET node_id = CAST(X'6EFF' AS TEXT)", ()).await.expect("damage");
+    for e in [
+        s.current(&obj()).await.expect_err("a holder that is not UTF-8"),
+        s.validate(&l).await.expect_err("a holder that is not UTF-8"),
+    ] {
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        let shown = e.to_string();
+        assert!(shown.contains("hot.db") && shown.contains(obj().as_str()), "names both: {e}");
+    }
+}
+
 /// Rows of an object with a live lease that do not decode make every fenced call `Corrupt`,
 /// with nothing written, on both transports, as in dotdo-sqlite. The calls deciding in SQL
 /// compared a text token above every integer and read it as 0: `truncate_changes`, `evict` and

@@ -284,7 +284,14 @@ impl CloudflareStreamClient {
         let mut report = StreamSendReport::default();
         let mut items = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
-            e.validate()?;
+            e.validate().map_err(|err| {
+                let key: String = e.key.chars().take(64).collect();
+                err.context(format!(
+                    "event {i} of {} (object {}, key {key:?}); nothing was sent",
+                    events.len(),
+                    e.object
+                ))
+            })?;
             let v = event_json(e)?;
             let len = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0) + 1;
             if len + 2 > self.settings.max_request_bytes {
@@ -405,11 +412,14 @@ impl CloudflareStreamClient {
                             // configured `max_request_bytes`).
                             413 => Error::new(
                                 ErrorKind::LimitExceeded {
-                                    what: "stream request (the endpoint's own limit)",
-                                    limit: body.len().saturating_sub(1) as u64,
+                                    what: "stream request (the endpoint's own limit, not stated: 0)",
+                                    limit: 0,
                                     actual: body.len() as u64,
                                 },
-                                format!("{msg} (the endpoint refused a {}-byte request)", body.len()),
+                                format!(
+                                    "{msg} (the endpoint refused a {}-byte request; its limit is not stated)",
+                                    body.len()
+                                ),
                             ),
                             _ => Error::invalid(msg),
                         }

@@ -65,6 +65,62 @@ pub(crate) trait Log: Send + Sync {
     }
 }
 
+/// A disk log whose errors name its file (an operator needs to know which log is damaged,
+/// full or unreadable; the log's own errors say only what it was doing).
+pub(crate) struct NamedLog<L> {
+    inner: L,
+    path: String,
+}
+
+impl<L: Log> NamedLog<L> {
+    pub(crate) fn new(inner: L, path: &Path) -> Self {
+        NamedLog { inner, path: path.display().to_string() }
+    }
+
+    fn named<T>(&self, out: Result<T>) -> Result<T> {
+        out.map_err(|e| if e.to_string().contains(&self.path) { e } else { e.context(&self.path) })
+    }
+}
+
+impl<L: Log> Log for NamedLog<L> {
+    fn append(&self, rows: Vec<Row>) -> Result<()> {
+        self.named(self.inner.append(rows))
+    }
+    fn depth(&self) -> (usize, usize) {
+        self.inner.depth()
+    }
+    fn oldest(&self) -> Option<Timestamp> {
+        self.inner.oldest()
+    }
+    fn claimed(&self, token: FencingToken) -> Result<Option<Claimed>> {
+        self.named(self.inner.claimed(token))
+    }
+    fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>> {
+        self.named(self.inner.next_objects(max))
+    }
+    fn claim(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        token: FencingToken,
+        next_seq: NextSeq<'_>,
+    ) -> Result<Option<Claimed>> {
+        self.named(self.inner.claim(max, max_bytes, token, next_seq))
+    }
+    fn ack(&self, id: u64) -> Result<()> {
+        self.named(self.inner.ack(id))
+    }
+    fn ack_durably(&self, id: u64) -> Result<()> {
+        self.named(self.inner.ack_durably(id))
+    }
+    fn spilled(&self) -> usize {
+        self.inner.spilled()
+    }
+    fn routes(&self) -> Result<Vec<String>> {
+        self.named(self.inner.routes())
+    }
+}
+
 fn record(e: &Event, seq: u64, token: FencingToken) -> ChangeRecord {
     ChangeRecord {
         object: e.object.clone(),
@@ -1030,5 +1086,24 @@ mod tests {
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{damage}: {e}");
             log.conn.lock().execute_batch("UPDATE pipeline_log SET batch = 1;").expect("claim again");
         }
+    }
+
+    /// A log's errors, as a pipeline sees them, name its file.
+    #[test]
+    fn a_named_log_names_its_file_in_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let log = NamedLog::new(SqliteLog::open(&path).expect("open"), &path);
+        log.inner
+            .conn
+            .lock()
+            .execute_batch(
+                "INSERT INTO pipeline_log (route, do_id, type, key, value, ts, batch, seq) \
+                 VALUES ('r', '', 'T', 'k', x'00', 0, 1, 1);",
+            )
+            .expect("insert");
+        let Err(e) = log.claimed(FencingToken::new(1)) else { panic!("an invalid object id was read") };
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains(&path.display().to_string()), "names the log file: {e}");
     }
 }

@@ -11,7 +11,7 @@ use dotdo_core::{ColdBatch, ColdSink, Error, ErrorKind, ObjectChanges, ObjectId,
 use parking_lot::Mutex;
 
 use crate::event::{Event, Transformed};
-use crate::log::{Log, MemoryLog, Row, SpillLog, SqliteLog};
+use crate::log::{Log, MemoryLog, NamedLog, Row, SpillLog, SqliteLog};
 use crate::settings::{Backpressure, Durability, PipelineSettings};
 
 /// The longest pause [`Pipeline::run`] makes between failed rolls in a row.
@@ -134,9 +134,9 @@ impl PipelineBuilder {
         // A token above the limit would be accepted by `send` and refused by every commit.
         s.token.validate()?;
         let log: Box<dyn Log> = match (&s.durability, &s.backpressure) {
-            (Durability::Durable(path), _) => Box::new(SqliteLog::open(path)?),
+            (Durability::Durable(path), _) => Box::new(NamedLog::new(SqliteLog::open(path)?, path)),
             (Durability::Memory, Backpressure::Spill(path)) => {
-                Box::new(SpillLog::open(path, s.capacity, s.capacity_bytes)?)
+                Box::new(NamedLog::new(SpillLog::open(path, s.capacity, s.capacity_bytes)?, path))
             }
             (Durability::Memory, _) => Box::new(MemoryLog::default()),
         };
@@ -329,8 +329,15 @@ impl Pipeline {
         let mut rows = Vec::new();
         let mut bytes = 0u64;
         let mut dropped = 0u64;
-        for e in events {
-            e.validate()?;
+        // Which event of the call was refused, and whether as sent or as the transform made it.
+        fn named(i: usize, e: &Event, transformed: bool) -> impl FnOnce(Error) -> Error {
+            let how = if transformed { ", as the transform returned it" } else { "" };
+            let key: String = e.key.chars().take(64).collect();
+            let object = e.object.clone();
+            move |err: Error| err.context(format!("event {i} of the send (object {object}, key {key:?}{how})"))
+        }
+        for (i, e) in events.into_iter().enumerate() {
+            e.validate().map_err(named(i, &e, false))?;
             let (route, e) = match &inner.transform {
                 None => (String::new(), e),
                 Some(t) => match t(e) {
@@ -347,7 +354,7 @@ impl Pipeline {
                     }
                 },
             };
-            e.validate()?;
+            e.validate().map_err(named(i, &e, inner.transform.is_some()))?;
             bytes += e.size() as u64;
             rows.push(Row { route, event: e });
             // A call that can never fit is refused at its first event past the bounds, not

@@ -520,8 +520,20 @@ async fn bad_events_and_settings_are_rejected() {
     let p = Pipeline::builder(sink.clone()).build().expect("build");
     let big =
         Event::new(ObjectId::new("o").expect("valid"), "T", "k", vec![0u8; MAX_VALUE_BYTES + 1], Timestamp::EPOCH);
-    assert!(matches!(p.send(vec![big]).expect_err("too big").kind(), ErrorKind::LimitExceeded { .. }));
+    let e = p.send(vec![ev("o", "a", "1"), big]).expect_err("too big");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(e.to_string().contains("event 1 of the send (object o, key \"k\")"), "names the event: {e}");
     assert_eq!(p.send(vec![ev("o", "", "x")]).expect_err("empty key").kind(), &ErrorKind::InvalidInput);
+    // An event the transform made invalid is named as such.
+    let t = Pipeline::builder(sink.clone())
+        .with_transform(|mut e: Event| {
+            e.type_name = String::new();
+            Transformed::Keep(e)
+        })
+        .build()
+        .expect("build");
+    let e = t.send(vec![ev("o", "k", "x")]).expect_err("no type name after the transform");
+    assert!(e.to_string().contains("as the transform returned it"), "{e}");
     assert_eq!(p.metrics().events_in, 0);
     let e = Pipeline::builder(sink.clone())
         .with_settings(PipelineSettings { capacity: 0, ..Default::default() })

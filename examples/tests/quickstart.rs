@@ -21,9 +21,10 @@ fn quickstart_runs_and_pyiceberg_reads_its_table() {
     assert!(out.status.success(), "quickstart failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for needle in [
         "rejected — fenced",
-        "flushed 1009 changes of 4 objects in 1 commit(s)",
+        "flushed 1009 changes of 4 objects (3 carts + the fencing demo's counter) in 1 commit(s)",
         "lazy restore",
         "eager restore of 3 keys",
+        "restored state equals the state before eviction (3 keys)",
         "as of snapshot",
     ] {
         assert!(stdout.contains(needle), "quickstart output lacks {needle:?}:\n{stdout}");

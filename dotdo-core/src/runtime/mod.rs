@@ -1803,7 +1803,10 @@ impl ObjectRuntime {
                         guard.active.as_ref().expect("ensure_active leaves the object active").lease.granted.token;
                     held.push(Held { object, token, guard, taken: Some(inner.clone()) });
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
+                // Another node's (or another runtime's under this node id): its holder drains it.
+                // (A lease this runtime could not give back, its release failing again, is an
+                // error: its changes were not drained.)
+                Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) && !own_leftover(inner, &e, &object) => {
                     tracing::debug!(object = %object, "dotdo flush_all: pending changes of an object another node holds; skipped");
                 }
                 Err(e) => {
@@ -1936,7 +1939,11 @@ impl ObjectRuntime {
             // taken back just to be evicted (it waited `acquire_timeout` and failed `LeaseHeld`).
             match self.evict_locked(&object, &mut guard, Some(Duration::ZERO)).await {
                 Ok(()) => evicted += 1,
-                Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) => {
+                // (A lease of its own it could not give back, the release failing: an error, the
+                // activation kept for a later round.)
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) && !own_leftover(&self.inner, &e, &object) =>
+                {
                     tracing::info!(object = %object, error = %e, "dotdo: idle object held by another node now; its stale activation dropped");
                     give_back(&self.inner, &mut guard.active).await;
                 }
@@ -2554,6 +2561,13 @@ async fn timed<T>(inner: &Inner, limit: Duration, fut: impl std::future::Future<
 
 /// Whether `e` is a refusal naming `node` as the holder (`Some(true)`), naming another holder
 /// (`Some(false)`), or no `LeaseHeld` at all (`None`).
+/// Whether `e` refuses an acquire of `object` for a lease this runtime holds as a leftover (one
+/// it could not give back: its release failed), not another node's or another runtime's under
+/// this node id.
+fn own_leftover(inner: &Inner, e: &Error, object: &ObjectId) -> bool {
+    held_by(e, &inner.node) == Some(true) && inner.orphans.lock().contains_key(object)
+}
+
 fn held_by(e: &Error, node: &NodeId) -> Option<bool> {
     match e.kind() {
         ErrorKind::LeaseHeld { holder, .. } => Some(holder == node),
