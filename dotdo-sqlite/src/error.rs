@@ -74,10 +74,10 @@ pub(crate) fn map(e: rusqlite::Error, doing: &str) -> Error {
             }
             other => Error::corrupt(format!("{doing}: a stored row does not match dotdo's schema: {other}")),
         },
-        Class::Environment => Error::new(ErrorKind::Unavailable, format!("{doing}: storage environment failure"))
+        Class::Environment => Error::new(ErrorKind::Unavailable, format!("{doing}: storage environment failure: {e}"))
             .with_retryable(matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull || f.code == ErrorCode::SystemIoFailure)),
         Class::TooBig => Error::new(ErrorKind::LimitExceeded { what: "sqlite value", limit: 0, actual: 0 }, doing.to_string()),
-        Class::Other => Error::backend(format!("{doing}: sqlite failure")),
+        Class::Other => Error::backend(format!("{doing}: sqlite failure: {e}")),
     };
     err.with_source(e)
 }

@@ -690,10 +690,11 @@ impl Inner {
         Ok(())
     }
 
-    /// A `Corrupt` error names the database file.
+    /// An error names the database file (which one is damaged, full or locked), unless it does
+    /// already.
     fn name_file(&self, e: Error) -> Error {
         let path = self.path.display().to_string();
-        if e.kind() == &ErrorKind::Corrupt && !e.to_string().contains(&path) {
+        if !e.to_string().contains(&path) {
             e.context(path)
         } else {
             e

@@ -473,6 +473,7 @@ async fn a_locked_database_gives_unavailable_after_bounded_retries_then_recovers
     let e = s.put(&obj(), l.token, "T", "k", "v".into()).await.expect_err("locked");
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
     assert!(e.is_retryable());
+    assert!(e.to_string().contains(&path.display().to_string()), "names the database: {e}");
     blocker.execute_batch("ROLLBACK").expect("unlock");
     s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("works once unlocked");
     assert_eq!(s.get(&obj(), "k").await.expect("get").as_deref(), Some(&b"v"[..]));
