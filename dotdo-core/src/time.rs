@@ -99,19 +99,11 @@ impl Default for SystemClock {
     }
 }
 
-/// `t` as a `Timestamp`, also before 1970 (negative): a host clock set before the epoch (an
-/// unset clock) still moves, where a clamp to the epoch froze time, and leases never expired.
-fn from_system_time(t: std::time::SystemTime) -> Timestamp {
-    match t.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => Timestamp(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-        Err(before) => Timestamp(i64::try_from(before.duration().as_micros()).map_or(i64::MIN, |m| -m)),
-    }
-}
-
 impl Clock for SystemClock {
     #[allow(clippy::disallowed_methods)]
     fn now(&self) -> Timestamp {
-        from_system_time(std::time::SystemTime::now())
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        Timestamp(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
     }
 
     fn monotonic(&self) -> Duration {
@@ -263,18 +255,6 @@ impl Stopwatch {
 mod tests {
     use super::*;
     use futures::FutureExt;
-
-    /// System times before 1970 are negative timestamps that still move (they were all the
-    /// epoch: time stood still, and leases granted then never expired).
-    #[test]
-    fn system_times_before_1970_are_negative_and_move() {
-        let epoch = std::time::UNIX_EPOCH;
-        assert_eq!(from_system_time(epoch - Duration::from_secs(1)), Timestamp::from_micros(-1_000_000));
-        assert_eq!(from_system_time(epoch - Duration::from_micros(3)), Timestamp::from_micros(-3));
-        assert!(from_system_time(epoch - Duration::from_secs(1)) < from_system_time(epoch - Duration::from_millis(1)));
-        assert_eq!(from_system_time(epoch), Timestamp::EPOCH);
-        assert_eq!(from_system_time(epoch + Duration::from_millis(5)), Timestamp::from_millis(5));
-    }
 
     /// Sleeps dropped unfinished are forgotten: 10,000 made and dropped leave only the live ones
     /// (each advance walked every one ever made), and the live ones still end on time.

@@ -388,11 +388,20 @@ impl IcebergColdStore {
             let listing = local.clone();
             let staged = tokio::task::spawn_blocking(move || staged_files(&listing))
                 .await
-                .map_err(|e| Error::backend(format!("{what}: listing staging files failed")).with_source(e))?
+                .map_err(|e| {
+                    if e.is_cancelled() {
+                        Error::new(ErrorKind::Shutdown, format!("{what}: the runtime is shutting down")).with_source(e)
+                    } else {
+                        Error::backend(format!("{what}: listing staging files failed")).with_source(e)
+                    }
+                })?
                 .map_err(|e| local_error(e, &local, report.deleted.len()))?;
             for file in staged {
                 let target = file.parts.iter().fold(dir_key.clone(), |p, part| p.child(part.as_str()));
-                if !own_layout(&prefix, &target) {
+                // (Never a file the table names: the rules below are object_store's, but a name
+                // the table references is kept whatever it looks like.)
+                let own = format!("{target}#{}", file.suffix);
+                if !own_layout(&prefix, &target) || referenced.contains(&own) || referenced.contains(target.as_ref()) {
                     continue;
                 }
                 if file.modified_micros >= keep_after {
@@ -732,7 +741,9 @@ fn staged_files(dir: &std::path::Path) -> std::io::Result<Vec<StagedFile>> {
                 todo.push((entry.path(), here));
                 continue;
             }
-            let Some((target, suffix)) = name.rsplit_once('#') else { continue };
+            // As object_store's local store tells its staging files (`is_valid_file_path`): the
+            // name's first `#` followed by digits only.
+            let Some((target, suffix)) = name.split_once('#') else { continue };
             if !kind.is_file() || target.is_empty() || suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit())
             {
                 continue;

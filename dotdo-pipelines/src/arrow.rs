@@ -545,9 +545,12 @@ impl ArrowPipeline {
             // may be durable. `AmbiguousOutcome` (a re-send could deliver the batch twice); the
             // next roll then finds the log out of step with what is pending and asks for a
             // reopen, which delivers such a row once.
-            log.lock()
-                .execute("INSERT INTO arrow_log (ipc) VALUES (?1)", [ipc])
-                .map_err(|e| crate::log::commit_error(e, "append"))?;
+            // Run again while starved by a busy shared file (a busy insert applied nothing).
+            let log = log.lock();
+            crate::log::retry_busy(|| {
+                log.execute("INSERT INTO arrow_log (ipc) VALUES (?1)", [&ipc])
+                    .map_err(|e| crate::log::commit_error(e, "append"))
+            })?;
         }
         b.rows += batch.num_rows();
         b.bytes += size;

@@ -412,7 +412,7 @@ impl CloudflareStreamClient {
                             // configured `max_request_bytes`).
                             413 => Error::new(
                                 ErrorKind::LimitExceeded {
-                                    what: "stream request (the endpoint's own limit, not stated: 0)",
+                                    what: "stream request (the endpoint's own limit; 0: not stated)",
                                     limit: 0,
                                     actual: body.len() as u64,
                                 },

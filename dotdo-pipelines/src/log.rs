@@ -625,8 +625,9 @@ impl SqliteLog {
     }
 }
 
-impl Log for SqliteLog {
-    fn append(&self, rows: Vec<Row>) -> Result<()> {
+impl SqliteLog {
+    /// One attempt of [`Log::append`]: one transaction.
+    fn append_once(&self, rows: &[Row]) -> Result<()> {
         let bytes: usize = rows.iter().map(|r| r.event.size()).sum();
         let n = rows.len();
         let mut conn = self.conn.lock();
@@ -637,7 +638,7 @@ impl Log for SqliteLog {
                     "INSERT INTO pipeline_log (route, do_id, type, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(|e| sql(e, "append"))?;
-            for r in &rows {
+            for r in rows {
                 let e = &r.event;
                 st.execute(params![
                     r.route,
@@ -664,6 +665,15 @@ impl Log for SqliteLog {
         }
         self.depth.add(n, bytes);
         Ok(())
+    }
+}
+
+impl Log for SqliteLog {
+    // Run again while starved by a busy shared file (`retry_busy`: a busy transaction applied
+    // nothing), as acknowledgements are: a send failed `Unavailable` after the busy timeout
+    // while another pipeline sent to the same file in a tight loop.
+    fn append(&self, rows: Vec<Row>) -> Result<()> {
+        retry_busy(|| self.append_once(&rows))
     }
 
     fn depth(&self) -> (usize, usize) {
@@ -1051,19 +1061,18 @@ mod tests {
         assert!(e.is_retryable(), "{e}");
     }
 
+    /// A claimed log row with an empty (invalid) object id.
+    const CLAIMED_ROW_WITHOUT_OBJECT: &str =
+        "INSERT INTO pipeline_log (route, do_id, type, key, value, ts, batch, seq) \
+                                              VALUES ('r', '', 'T', 'k', x'00', 0, 1, 1);";
+
     /// A log row that does not fit the schema (an invalid object id, a sequence number that is
     /// not a number) is `Corrupt`, not a backend failure to retry.
     #[test]
     fn rows_that_do_not_fit_the_schema_are_corrupt() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = SqliteLog::open(&dir.path().join("log.db")).expect("open");
-        log.conn
-            .lock()
-            .execute_batch(
-                "INSERT INTO pipeline_log (route, do_id, type, key, value, ts, batch, seq) \
-                 VALUES ('r', '', 'T', 'k', x'00', 0, 1, 1);",
-            )
-            .expect("insert");
+        log.conn.lock().execute_batch(CLAIMED_ROW_WITHOUT_OBJECT).expect("insert");
         let Err(e) = log.claimed(FencingToken::new(1)) else { panic!("an invalid object id was read") };
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
         log.conn.lock().execute_batch("UPDATE pipeline_log SET do_id = 'obj', seq = 'x';").expect("update");
@@ -1094,14 +1103,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log.db");
         let log = NamedLog::new(SqliteLog::open(&path).expect("open"), &path);
-        log.inner
-            .conn
-            .lock()
-            .execute_batch(
-                "INSERT INTO pipeline_log (route, do_id, type, key, value, ts, batch, seq) \
-                 VALUES ('r', '', 'T', 'k', x'00', 0, 1, 1);",
-            )
-            .expect("insert");
+        log.inner.conn.lock().execute_batch(CLAIMED_ROW_WITHOUT_OBJECT).expect("insert");
         let Err(e) = log.claimed(FencingToken::new(1)) else { panic!("an invalid object id was read") };
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
         assert!(e.to_string().contains(&path.display().to_string()), "names the log file: {e}");

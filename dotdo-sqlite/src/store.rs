@@ -718,8 +718,13 @@ impl Inner {
         // gets `Unavailable` in bounded time, not the 10th after ten budgets.
         let budget = write_budget(&self.settings);
         let queued = QUEUED.get();
-        let conn = if queued >= budget { None } else { self.writer.try_lock_for(budget - queued) };
-        let Some(conn) = conn else {
+        if queued >= budget {
+            return Err(Error::unavailable(format!(
+                "{doing}: waited {queued:?} for a blocking thread, past the write budget of {budget:?} (the \
+                 runtime's blocking pool is saturated); nothing written, retry later"
+            )));
+        }
+        let Some(conn) = self.writer.try_lock_for(budget - queued) else {
             return Err(Error::unavailable(format!(
                 "{doing}: {} is still locked for writing after {budget:?} (with {queued:?} waiting for a \
                  thread; other writers of this store are waiting for it); retry later",
@@ -1208,7 +1213,8 @@ impl ConsistencyGuard for SqliteStore {
     async fn validate(&self, lease: &Lease) -> Result<()> {
         let lease = lease.clone();
         self.run(move |inner| {
-            let row = inner.read("validate lease", |c| lease_row(c, lease.object.as_str()))?;
+            let doing = format!("validate lease of {}", lease.object);
+            let row = inner.read(&doing, |c| lease_row(c, lease.object.as_str()))?;
             rules::check_current(&lease, row.as_ref(), inner.clock.now())
         })
         .await
@@ -1217,7 +1223,8 @@ impl ConsistencyGuard for SqliteStore {
     async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
         let object = object.clone();
         self.run(move |inner| {
-            let row = inner.read("read lease", |c| lease_row(c, object.as_str()))?;
+            let doing = format!("read lease of {object}");
+            let row = inner.read(&doing, |c| lease_row(c, object.as_str()))?;
             let now = inner.clock.now();
             Ok(row.filter(|r| now < r.expires_at).map(|r| r.to_lease(&object)))
         })

@@ -515,6 +515,7 @@ fn a_write_that_waited_its_budget_for_a_thread_fails_without_retrying() {
         let took = started.elapsed();
         assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
         assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("blocking thread"), "{e}");
         // About 3 s for the thread; retrying the lock would add the whole 2 s budget.
         assert!(
             took < Duration::from_millis(4200),

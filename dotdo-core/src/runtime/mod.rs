@@ -1939,8 +1939,9 @@ impl ObjectRuntime {
             // taken back just to be evicted (it waited `acquire_timeout` and failed `LeaseHeld`).
             match self.evict_locked(&object, &mut guard, Some(Duration::ZERO)).await {
                 Ok(()) => evicted += 1,
-                // (A lease of its own it could not give back, the release failing: an error, the
-                // activation kept for a later round.)
+                // (A lease of its own it could not give back, the release failing, is an error
+                // of this round: the leftover lease is released by a later `maintain` and the
+                // object evicted then.)
                 Err(e)
                     if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) && !own_leftover(&self.inner, &e, &object) =>
                 {
@@ -2559,8 +2560,6 @@ async fn timed<T>(inner: &Inner, limit: Duration, fut: impl std::future::Future<
     }
 }
 
-/// Whether `e` is a refusal naming `node` as the holder (`Some(true)`), naming another holder
-/// (`Some(false)`), or no `LeaseHeld` at all (`None`).
 /// Whether `e` refuses an acquire of `object` for a lease this runtime holds as a leftover (one
 /// it could not give back: its release failed), not another node's or another runtime's under
 /// this node id.
@@ -2568,6 +2567,8 @@ fn own_leftover(inner: &Inner, e: &Error, object: &ObjectId) -> bool {
     held_by(e, &inner.node) == Some(true) && inner.orphans.lock().contains_key(object)
 }
 
+/// Whether `e` is a refusal naming `node` as the holder (`Some(true)`), naming another holder
+/// (`Some(false)`), or no `LeaseHeld` at all (`None`).
 fn held_by(e: &Error, node: &NodeId) -> Option<bool> {
     match e.kind() {
         ErrorKind::LeaseHeld { holder, .. } => Some(holder == node),
