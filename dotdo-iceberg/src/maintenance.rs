@@ -704,11 +704,6 @@ fn chain_to_dotdo_base(md: &iceberg::spec::TableMetadata, id: i64) -> Vec<i64> {
         .unwrap_or_default()
 }
 
-/// Whether `key` (under the table location `prefix`) is where this table's own files go:
-/// metadata files directly in `metadata/`, data files in `data/` or its Hive-style partition
-/// directories (`field=value`). Anything else there belongs to a table the catalog nested under
-/// this one (a table named `data` or `metadata` lives at `<location>/data`, its files in
-/// `<location>/data/data/` and `<location>/data/metadata/`) and is never judged here.
 /// A staging file object_store's local store left (`<name>#<n>`, see
 /// [`remove_unreferenced_files`](IcebergColdStore::remove_unreferenced_files)).
 struct StagedFile {
@@ -760,6 +755,11 @@ fn staged_files(dir: &std::path::Path) -> std::io::Result<Vec<StagedFile>> {
     Ok(out)
 }
 
+/// Whether `key` (under the table location `prefix`) is where this table's own files go:
+/// metadata files directly in `metadata/`, data files in `data/` or its Hive-style partition
+/// directories (`field=value`). Anything else there belongs to a table the catalog nested under
+/// this one (a table named `data` or `metadata` lives at `<location>/data`, its files in
+/// `<location>/data/data/` and `<location>/data/metadata/`) and is never judged here.
 fn own_layout(prefix: &object_store::path::Path, key: &object_store::path::Path) -> bool {
     let Some(parts) = key.prefix_match(prefix) else { return false };
     let parts: Vec<_> = parts.collect();
