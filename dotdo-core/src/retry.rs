@@ -19,20 +19,39 @@ pub struct RetryPolicy {
 /// Run `op` until it succeeds, fails for good, or `policy.retries` retries are used. Retried
 /// are retryable errors and `AmbiguousOutcome` — so `op` must be idempotent, like a cold append
 /// (the sink skips what it already has): re-running it is how an unknown outcome is resolved.
-pub async fn retry_idempotent<T, F, Fut>(clock: &dyn Clock, policy: RetryPolicy, mut op: F) -> Result<T>
+pub async fn retry_idempotent<T, F, Fut>(clock: &dyn Clock, policy: RetryPolicy, op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let mut attempt = 0u32;
+    retry_idempotent_noting_unknown(clock, policy, op).await.0
+}
+
+/// [`retry_idempotent`], also saying whether any attempt's outcome was unknown
+/// (`AmbiguousOutcome`): that request may still land, whatever the later attempts answered (and
+/// an answer that finds the work done may be that request's landing).
+pub async fn retry_idempotent_noting_unknown<T, F, Fut>(
+    clock: &dyn Clock,
+    policy: RetryPolicy,
+    mut op: F,
+) -> (Result<T>, bool)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let (mut attempt, mut unknown) = (0u32, false);
     loop {
         match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if (e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome) && attempt < policy.retries => {
+            Ok(v) => return (Ok(v), unknown),
+            Err(e) => {
+                let ambiguous = e.kind() == &ErrorKind::AmbiguousOutcome;
+                unknown |= ambiguous;
+                if !(e.is_retryable() || ambiguous) || attempt >= policy.retries {
+                    return (Err(e), unknown);
+                }
                 attempt += 1;
                 clock.sleep(jittered(policy.base.saturating_mul(1u32 << attempt.min(7)))).await;
             }
-            Err(e) => return Err(e),
         }
     }
 }

@@ -285,12 +285,7 @@ impl CloudflareStreamClient {
         let mut items = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
             e.validate().map_err(|err| {
-                let key: String = e.key.chars().take(64).collect();
-                err.context(format!(
-                    "event {i} of {} (object {}, key {key:?}); nothing was sent",
-                    events.len(),
-                    e.object
-                ))
+                err.context(format!("event {i} of {} ({}); nothing was sent", events.len(), e.label()))
             })?;
             let v = event_json(e)?;
             let len = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0) + 1;

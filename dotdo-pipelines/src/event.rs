@@ -20,6 +20,12 @@ pub struct Event {
 }
 
 impl Event {
+    /// `object …, key "…"` for error messages (the key cut to 64 characters).
+    pub(crate) fn label(&self) -> String {
+        let key: String = self.key.chars().take(64).collect();
+        format!("object {}, key {key:?}", self.object)
+    }
+
     /// A new event.
     pub fn new(
         object: ObjectId,

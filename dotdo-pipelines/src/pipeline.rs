@@ -332,9 +332,8 @@ impl Pipeline {
         // Which event of the call was refused, and whether as sent or as the transform made it.
         fn named(i: usize, e: &Event, transformed: bool) -> impl FnOnce(Error) -> Error {
             let how = if transformed { ", as the transform returned it" } else { "" };
-            let key: String = e.key.chars().take(64).collect();
-            let object = e.object.clone();
-            move |err: Error| err.context(format!("event {i} of the send (object {object}, key {key:?}{how})"))
+            let label = e.label();
+            move |err: Error| err.context(format!("event {i} of the send ({label}{how})"))
         }
         for (i, e) in events.into_iter().enumerate() {
             e.validate().map_err(named(i, &e, false))?;

@@ -245,26 +245,13 @@ fn to_route(sink: &str) -> String {
 /// Commit retries of both pipeline kinds: 8 retries, waiting 10 ms doubling to 640 ms. Returns
 /// the last answer and whether any attempt's outcome was unknown (`AmbiguousOutcome`: its
 /// request may still land, whatever the later attempts answered).
-pub(crate) async fn retry<T, F, Fut>(clock: &dyn dotdo_core::Clock, mut op: F) -> (dotdo_core::Result<T>, bool)
+pub(crate) async fn retry<T, F, Fut>(clock: &dyn dotdo_core::Clock, op: F) -> (dotdo_core::Result<T>, bool)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = dotdo_core::Result<T>>,
 {
     let policy = dotdo_core::retry::RetryPolicy { retries: 8, base: Duration::from_millis(5) };
-    let unknown = std::sync::atomic::AtomicBool::new(false);
-    let seen = &unknown;
-    let out = dotdo_core::retry::retry_idempotent(clock, policy, || {
-        let attempt = op();
-        async move {
-            let out = attempt.await;
-            if matches!(&out, Err(e) if e.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome) {
-                seen.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            out
-        }
-    })
-    .await;
-    (out, unknown.into_inner())
+    dotdo_core::retry::retry_idempotent_noting_unknown(clock, policy, op).await
 }
 
 /// The roll loop of both pipeline kinds: roll whenever due until `closed`. A failed roll is

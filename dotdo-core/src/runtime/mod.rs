@@ -3002,18 +3002,12 @@ async fn check_skipped(inner: &Arc<Inner>, object: &ObjectId, after: Seq, commit
 /// skips what it already has).
 async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<Appended> {
     let policy = crate::retry::RetryPolicy { retries: 5, base: Duration::from_millis(10) };
-    let unsure = std::sync::atomic::AtomicBool::new(false);
-    let commit = crate::retry::retry_idempotent(&*inner.clock, policy, || async {
-        let out = inner.cold.append(batch.clone()).await;
-        if out.as_ref().is_err_and(|e| e.kind() == &ErrorKind::AmbiguousOutcome) {
-            unsure.store(true, Ordering::SeqCst);
-        }
-        out
-    })
-    .await?;
+    let (out, unsure) =
+        crate::retry::retry_idempotent_noting_unknown(&*inner.clock, policy, || inner.cold.append(batch.clone())).await;
+    let commit = out?;
     // An attempt whose outcome was unknown, and a later one that found every record already
     // in cold: the first landed them (a commit is whole or absent).
-    let landed_unseen = unsure.load(Ordering::SeqCst) && commit.snapshot.is_none() && commit.records_skipped > 0;
+    let landed_unseen = unsure && commit.snapshot.is_none() && commit.records_skipped > 0;
     Ok(Appended { commit, landed_unseen })
 }
 
