@@ -128,12 +128,22 @@ pub(crate) struct SnapshotMarks {
     pub(crate) inline: crate::summary::Watermarks,
     /// The checkpoint file it names.
     pub(crate) checkpoint: Option<String>,
+    /// Its [`CARRIED`](crate::summary::CARRIED) count.
+    pub(crate) carried: u64,
 }
 
 impl SnapshotMarks {
     /// The watermark of `object`, if the snapshot has one.
     pub(crate) fn get(&self, object: &ObjectId) -> Option<dotdo_core::Watermark> {
         self.inline.get(object).or_else(|| self.base.as_ref()?.get(object)).copied()
+    }
+
+    /// About how many bytes a checkpoint of every object's watermark would take.
+    pub(crate) fn full_bytes(&self) -> u64 {
+        // (The checkpoint's objects at a typical id length: summing a million ids per commit
+        // costs more than the estimate is worth.)
+        let base = self.base.as_ref().map_or(0, |b| b.len() as u64 * 64);
+        base + crate::summary::inline_bytes(self.inline.keys())
     }
 
     /// Every object's watermark, with `changes` on top (a copy: for writing a new checkpoint).
@@ -496,11 +506,12 @@ impl IcebergColdStore {
         };
         let Some(s) = crate::summary::dotdo_base(md, s)? else { return Ok(SnapshotMarks::default()) };
         let inline = crate::summary::inline_watermarks(&s)?;
+        let carried = crate::summary::carried(&s);
         let Some(cp) = crate::summary::checkpoint(&s) else {
-            return Ok(SnapshotMarks { base: None, inline, checkpoint: None });
+            return Ok(SnapshotMarks { base: None, inline, checkpoint: None, carried });
         };
         let base = self.checkpoint_file(cp).await?;
-        Ok(SnapshotMarks { base: Some(base), inline, checkpoint: Some(cp.to_string()) })
+        Ok(SnapshotMarks { base: Some(base), inline, checkpoint: Some(cp.to_string()), carried })
     }
 
     /// The watermark of one object in `snapshot`, reading the checkpoint only if needed.

@@ -140,7 +140,8 @@ pub struct Settings {
     /// Watermarks of at most this many objects are kept inline in a snapshot summary (default
     /// 1000), and at most about [`INLINE_WATERMARK_BYTES`](crate::summary::INLINE_WATERMARK_BYTES)
     /// of them; beyond that a checkpoint file with all of them is written (see
-    /// [`summary`](crate::summary)). Keeps table metadata small with many objects.
+    /// [`summary`](crate::summary)), as it is once the snapshots since the last checkpoint have
+    /// repeated more inline watermarks than that. Keeps table metadata small with many objects.
     pub watermark_checkpoint_objects: usize,
     /// Write Parquet bloom filters on the `do_id` and `key` columns of every row group, and use
     /// them on reads to skip row groups (and whole files) that cannot hold the object or key
@@ -1415,13 +1416,14 @@ impl IcebergColdStore {
     }
 
     /// The append protocol (see the crate docs) for a validated batch. Once an attempt's outcome
-    /// was unknown, a later failure to read the table back (or to go on) is `AmbiguousOutcome`:
-    /// that attempt may still land.
+    /// was unknown, every later failure (to read the table back, or to go on: a reload refused
+    /// for good, a verdict on a table that may not show the attempt yet) is `AmbiguousOutcome`
+    /// until a read-back settles it: that attempt may have landed, or still land.
     async fn append_validated(&self, batch: &Arc<ColdBatch>) -> Result<ColdCommit> {
         let mut maybe_landed = false;
         let out = self.append_attempts(batch, &mut maybe_landed).await;
         out.map_err(|e| {
-            if maybe_landed && e.is_retryable() {
+            if maybe_landed && e.kind() != &ErrorKind::AmbiguousOutcome {
                 let message = format!("an earlier attempt's outcome is unknown, and the append then failed ({e})");
                 Error::new(ErrorKind::AmbiguousOutcome, message).with_source(e)
             } else {
@@ -1556,12 +1558,16 @@ impl IcebergColdStore {
             let at = self.commit_time(table.metadata());
             let mut inline = prev.inline.clone();
             inline.extend(p.batch_marks.iter().map(|(k, v)| (k.clone(), *v)));
+            // The inline watermarks this snapshot repeats from its parent (not its own batch's).
+            let repeated = summary::inline_bytes(prev.inline.keys().filter(|id| !p.batch_marks.contains_key(*id)));
+            let carried = prev.carried.saturating_add(repeated);
             // The checkpoint this attempt writes, if any: deleted if the attempt certainly did not
             // land (nothing else names it; it stayed until a cleanup, tens of MB at a million
             // objects, per lost attempt).
             let mut own_checkpoint: Option<String> = None;
             let props = if inline.len() > self.inner.settings.watermark_checkpoint_objects
                 || summary::inline_too_large(&inline)
+                || summary::carried_too_much(carried, prev.full_bytes())
             {
                 let cp = match self.write_checkpoint(&table, &prev.full_with(&p.batch_marks)).await {
                     Ok(cp) => cp,
@@ -1572,9 +1578,9 @@ impl IcebergColdStore {
                     Err(e) => return Err(e),
                 };
                 own_checkpoint = Some(cp.clone());
-                summary::properties(&Watermarks::new(), Some(&cp), &commit_id, at)
+                summary::properties(&Watermarks::new(), Some(&cp), 0, &commit_id, at)
             } else {
-                summary::properties(&inline, prev.checkpoint.as_deref(), &commit_id, at)
+                summary::properties(&inline, prev.checkpoint.as_deref(), carried, &commit_id, at)
             };
             let written_at = written.as_ref().map(|(_, _, _, at)| *at);
             let committed = self.try_commit(&table, files, props, written_at).await;

@@ -17,9 +17,17 @@
 //!   stamps it with the same instant (in ms) when its clock is the wall clock, so both pick the
 //!   same snapshot for a time (PyIceberg's `snapshot_as_of_timestamp` is tested).
 //!
+//! * `dotdo.watermarks-carried`: how many bytes of inline watermarks the snapshots since the
+//!   checkpoint have carried over from their parents (an estimate, see [`CARRIED`]).
+//!
 //! The inline part is bounded, so the table metadata (which holds every retained snapshot's
 //! summary) stays small however many objects a table has; a new checkpoint file is written when
-//! the inline part would exceed the bound.
+//! the inline part would exceed the bound. The inline parts repeated from snapshot to snapshot
+//! are bounded too: once the snapshots since the checkpoint have carried over more than
+//! [`INLINE_WATERMARK_BYTES`] (or, for a larger table, about the size of a new checkpoint file),
+//! the next commit writes a checkpoint. Without it, one commit of a few hundred objects left
+//! their watermarks in every later snapshot's summary until the next checkpoint, which may never
+//! come (the metadata file, rewritten on each commit, grew by tens of KB per commit).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -35,6 +43,11 @@ pub const CHECKPOINT: &str = "dotdo.watermarks-checkpoint";
 pub const COMMIT_ID: &str = "dotdo.commit-id";
 /// Summary key of the clock time of the commit (µs since the epoch).
 pub const COMMITTED_AT: &str = "dotdo.committed-at-us";
+/// Summary key of the bytes of inline watermarks the snapshots since the checkpoint (this one
+/// included) repeated from their parents: entries not changed by their own commit, counted as
+/// [`inline_too_large`] counts them. Absent (a table written before it, another engine's
+/// snapshot) reads as 0.
+pub const CARRIED: &str = "dotdo.watermarks-carried";
 
 /// Summary key marking a maintenance snapshot (`compact` or `collapse`): it rewrites rows
 /// already in the table, so it adds no records.
@@ -51,7 +64,28 @@ pub const INLINE_WATERMARK_BYTES: usize = 64 << 10;
 
 /// Whether `inline` would take more than [`INLINE_WATERMARK_BYTES`] in a summary.
 pub(crate) fn inline_too_large(inline: &Watermarks) -> bool {
-    inline.keys().map(|id| id.as_str().len() + 46).sum::<usize>() > INLINE_WATERMARK_BYTES
+    inline_bytes(inline.keys()) > INLINE_WATERMARK_BYTES as u64
+}
+
+/// About how many bytes the watermarks of `ids` take in a summary: each id's length plus the
+/// most its two numbers, quotes and separators take.
+pub(crate) fn inline_bytes<'a>(ids: impl Iterator<Item = &'a ObjectId>) -> u64 {
+    ids.map(|id| id.as_str().len() as u64 + 46).sum()
+}
+
+/// The [`CARRIED`] count of `snapshot` (0 if it has none, or one that does not parse: it only
+/// decides when a checkpoint is written).
+pub(crate) fn carried(snapshot: &Snapshot) -> u64 {
+    snapshot.summary().additional_properties.get(CARRIED).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Whether a commit whose snapshots since the checkpoint carried `carried` bytes of inline
+/// watermarks over should write a checkpoint (of about `full_bytes`) instead: once the repeated
+/// inline parts outweigh [`INLINE_WATERMARK_BYTES`] and the checkpoint file itself, writing it
+/// costs less than carrying them on (for a table of millions of objects, whose checkpoint is
+/// tens of MB, the inline bound comes first).
+pub(crate) fn carried_too_much(carried: u64, full_bytes: u64) -> bool {
+    carried > full_bytes.max(INLINE_WATERMARK_BYTES as u64)
 }
 
 /// Whether `snapshot` holds dotdo's state for its table: the change table's watermarks
@@ -429,6 +463,7 @@ pub fn added_records(snapshot: &Snapshot) -> u64 {
 pub fn properties(
     inline: &Watermarks,
     checkpoint: Option<&str>,
+    carried: u64,
     commit_id: &str,
     at: Timestamp,
 ) -> HashMap<String, String> {
@@ -437,6 +472,9 @@ pub fn properties(
         (COMMIT_ID.to_string(), commit_id.to_string()),
         (COMMITTED_AT.to_string(), at.as_micros().to_string()),
     ]);
+    if carried > 0 {
+        p.insert(CARRIED.to_string(), carried.to_string());
+    }
     if let Some(c) = checkpoint {
         p.insert(CHECKPOINT.to_string(), c.to_string());
     }

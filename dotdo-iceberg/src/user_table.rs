@@ -706,174 +706,194 @@ impl ArrowTable {
         // Whether an earlier attempt of this call may have committed (its reply was lost, or
         // the commit was not confirmed durable): the mark found next is then this call's own.
         let mut maybe_landed = false;
-        // Attempts in a row refused for files too old to commit (see `too_slow_to_commit`).
-        let mut too_old = crate::store::TooOldStreak::default();
-        for attempt in 0..attempts {
-            let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
-            // The mark first: a batch already committed is answered as such whatever became of
-            // the schema since (a replay from a pipeline's log, or this call's own attempt whose
-            // reply was lost, after another engine changed a column).
-            let mut m = marks(&table)?;
-            if m.get(stream)? >= batch_id {
-                // Committed by another call (an earlier one of this producer, dropped by its
-                // caller, landing late): files an attempt of this call wrote and that failed
-                // for certain are nobody's.
-                self.discard_files(files.take(), maybe_landed).await;
-                return Ok(already_committed(&table, stream, batch_id, rows, maybe_landed));
-            }
-            if rows == 0 {
-                return Ok(ArrowCommit { snapshot: None, rows: 0 });
-            }
-            // Another handle may have changed the schema since this one was opened: files are
-            // written under the table's current schema (the Parquet writer takes it), so the
-            // batches are given its shape, with nulls in columns added since; any other change
-            // (a column dropped, renamed or retyped) is refused.
-            let current = Arc::new(
-                iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
-                    .map_err(|e| classify(e, &what))?,
-            );
-            let evolved;
-            let to_write: &[RecordBatch] = if current == self.iceberg_arrow {
-                &rebatched
-            } else {
-                evolved =
-                    rebatched.iter().map(|b| conform(b, &current)).collect::<Option<Vec<_>>>().ok_or_else(|| {
-                        Error::invalid(format!(
-                            "{what}: the table's schema changed since this handle was opened in a way other than \
-                         added nullable columns (now {:?}); open the table again with the new schema",
-                            current.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>()
-                        ))
-                    })?;
-                &evolved
-            };
-            // Written files are reused only under the spec they were written for (another
-            // engine may evolve the partition spec between attempts), and only while younger
-            // than half of `min_cleanup_retention` (a cleanup running meanwhile may judge older
-            // ones unreferenced and delete them after the commit lands); otherwise rewritten.
-            // (And only in the table they were written for: one dropped and created again under
-            // the same name starts its spec and schema ids over.)
-            let spec_id = (
-                table.metadata().uuid(),
-                table.metadata().default_partition_spec_id(),
-                table.metadata().current_schema_id(),
-            );
-            let young = |at: &crate::store::WriteStart| self.store.uncommitted_age_past(*at).is_none();
-            let data = match &files {
-                Some((spec, f, at)) if *spec == spec_id && young(at) => Clone::clone(f),
-                _ => {
-                    if let Some((_, old, _)) = files.take() {
-                        // Written under a spec the table no longer has, or too long ago; after
-                        // definite conflicts nothing references them (after an unknown outcome
-                        // they may be committed, or land late: cleanup judges them once they are
-                        // old enough).
-                        if !maybe_landed && last_err.as_ref().is_some_and(|e: &Error| e.kind() == &ErrorKind::Conflict)
-                        {
-                            self.store.delete_files(old.iter().map(|f| f.file_path().to_string()).collect()).await;
-                        }
-                    }
-                    let started = self.store.write_start();
-                    let f = write_user_files(
-                        &self.store,
-                        &table,
-                        to_write,
-                        self.store.inner.settings.target_file_size,
-                        true,
-                        &what,
-                    )
-                    .await?;
-                    files = Some((spec_id, f.clone(), started));
-                    f
+        // Once an attempt's outcome was unknown, every later failure is `AmbiguousOutcome` until
+        // a read-back settles it (below): a load refused for good, a damaged mark, a schema
+        // changed meanwhile say nothing about whether that attempt landed, or still lands.
+        let out = async {
+            // Attempts in a row refused for files too old to commit (see `too_slow_to_commit`).
+            let mut too_old = crate::store::TooOldStreak::default();
+            for attempt in 0..attempts {
+                let Some(table) = self.attempt_table(attempt, &mut last_err).await? else { continue };
+                // The mark first: a batch already committed is answered as such whatever became of
+                // the schema since (a replay from a pipeline's log, or this call's own attempt whose
+                // reply was lost, after another engine changed a column).
+                let mut m = marks(&table)?;
+                if m.get(stream)? >= batch_id {
+                    // Committed by another call (an earlier one of this producer, dropped by its
+                    // caller, landing late): files an attempt of this call wrote and that failed
+                    // for certain are nobody's.
+                    self.discard_files(files.take(), maybe_landed).await;
+                    return Ok(already_committed(&table, stream, batch_id, rows, maybe_landed));
                 }
-            };
-            // Other streams' marks are carried on as stored.
-            m.raw.insert(stream.to_string(), batch_id.to_string());
-            let mut props: HashMap<String, String> =
-                m.raw.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v)).collect();
-            // Stamped as the change table's commits and every compaction are (expiry and time
-            // travel go by it).
-            let at = self.store.commit_time(table.metadata());
-            props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
-            let written_at = files.as_ref().map(|(_, _, at)| *at);
-            match self.store.try_commit(&table, data, props, written_at).await {
-                Ok(t) => {
-                    // A reported commit that the catalog did not make durable is not
-                    // acknowledged: the next attempt reads the stream's mark back and commits
-                    // again only if the batch is missing.
-                    match self.store.verify_durable_of(&self.ident, &t).await {
-                        Ok(()) => {
-                            let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
-                            return Ok(ArrowCommit { snapshot, rows });
-                        }
-                        // The swap landed; whatever kept it from being confirmed, the outcome is
-                        // unknown, not a failure: the next attempt reads the mark back.
-                        Err(e) => {
-                            tracing::warn!(table = %self.ident, error = %e, "dotdo user table commit not durable; reading back");
-                            maybe_landed = true;
-                            last_err = Some(e);
-                        }
-                    }
+                if rows == 0 {
+                    return Ok(ArrowCommit { snapshot: None, rows: 0 });
                 }
-                Err(e) => {
-                    let did_not_land = crate::catalog::did_not_land(&e);
-                    if let Some(slow) = too_old.after(&e, &what) {
-                        // (Its files were deleted by the refusal; the loop's end settles an
-                        // earlier attempt of unknown outcome.)
-                        last_err = Some(slow);
-                        break;
+                // Another handle may have changed the schema since this one was opened: files are
+                // written under the table's current schema (the Parquet writer takes it), so the
+                // batches are given its shape, with nulls in columns added since; any other change
+                // (a column dropped, renamed or retyped) is refused.
+                let current = Arc::new(
+                    iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
+                        .map_err(|e| classify(e, &what))?,
+                );
+                let evolved;
+                let to_write: &[RecordBatch] = if current == self.iceberg_arrow {
+                    &rebatched
+                } else {
+                    evolved =
+                        rebatched.iter().map(|b| conform(b, &current)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                            Error::invalid(format!(
+                                "{what}: the table's schema changed since this handle was opened in a way other than \
+                             added nullable columns (now {:?}); open the table again with the new schema",
+                                current.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>()
+                            ))
+                        })?;
+                    &evolved
+                };
+                // Written files are reused only under the spec they were written for (another
+                // engine may evolve the partition spec between attempts), and only while younger
+                // than half of `min_cleanup_retention` (a cleanup running meanwhile may judge older
+                // ones unreferenced and delete them after the commit lands); otherwise rewritten.
+                // (And only in the table they were written for: one dropped and created again under
+                // the same name starts its spec and schema ids over.)
+                let spec_id = (
+                    table.metadata().uuid(),
+                    table.metadata().default_partition_spec_id(),
+                    table.metadata().current_schema_id(),
+                );
+                let young = |at: &crate::store::WriteStart| self.store.uncommitted_age_past(*at).is_none();
+                let data = match &files {
+                    Some((spec, f, at)) if *spec == spec_id && young(at) => Clone::clone(f),
+                    _ => {
+                        if let Some((_, old, _)) = files.take() {
+                            // Written under a spec the table no longer has, or too long ago; after
+                            // definite conflicts nothing references them (after an unknown outcome
+                            // they may be committed, or land late: cleanup judges them once they are
+                            // old enough).
+                            if !maybe_landed && last_err.as_ref().is_some_and(|e: &Error| e.kind() == &ErrorKind::Conflict)
+                            {
+                                self.store.delete_files(old.iter().map(|f| f.file_path().to_string()).collect()).await;
+                            }
+                        }
+                        let started = self.store.write_start();
+                        let f = write_user_files(
+                            &self.store,
+                            &table,
+                            to_write,
+                            self.store.inner.settings.target_file_size,
+                            true,
+                            &what,
+                        )
+                        .await?;
+                        files = Some((spec_id, f.clone(), started));
+                        f
                     }
-                    let e = classify(e, &what);
-                    match e.kind() {
-                        ErrorKind::Conflict => {}
-                        // Failed before anything was swapped, for good (a damaged parent
-                        // manifest list, no sequence number left): no attempt fixes that.
-                        // (After an earlier attempt of unknown outcome, that one may still land: the
-                        // read-back below settles it.)
-                        // (The loop's end reads back first if an earlier attempt may have landed,
-                        // else deletes the files.)
-                        _ if did_not_land && !e.is_retryable() => {
-                            last_err = Some(e.context("the commit did not land"));
+                };
+                // Other streams' marks are carried on as stored.
+                m.raw.insert(stream.to_string(), batch_id.to_string());
+                let mut props: HashMap<String, String> =
+                    m.raw.into_iter().map(|(k, v)| (format!("{MARK_PREFIX}{k}"), v)).collect();
+                // Stamped as the change table's commits and every compaction are (expiry and time
+                // travel go by it).
+                let at = self.store.commit_time(table.metadata());
+                props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
+                let written_at = files.as_ref().map(|(_, _, at)| *at);
+                match self.store.try_commit(&table, data, props, written_at).await {
+                    Ok(t) => {
+                        // A reported commit that the catalog did not make durable is not
+                        // acknowledged: the next attempt reads the stream's mark back and commits
+                        // again only if the batch is missing.
+                        match self.store.verify_durable_of(&self.ident, &t).await {
+                            Ok(()) => {
+                                let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
+                                return Ok(ArrowCommit { snapshot, rows });
+                            }
+                            // The swap landed; whatever kept it from being confirmed, the outcome is
+                            // unknown, not a failure: the next attempt reads the mark back.
+                            Err(e) => {
+                                tracing::warn!(table = %self.ident, error = %e, "dotdo user table commit not durable; reading back");
+                                maybe_landed = true;
+                                last_err = Some(e);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let did_not_land = crate::catalog::did_not_land(&e);
+                        if let Some(slow) = too_old.after(&e, &what) {
+                            // (Its files were deleted by the refusal; the loop's end settles an
+                            // earlier attempt of unknown outcome.)
+                            last_err = Some(slow);
                             break;
                         }
-                        // Failed before the swap, for now: nothing landed.
-                        _ if did_not_land => {}
-                        // Refused for what it is: no attempt fixes that.
-                        ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. } => {
-                            self.discard_files(files.take(), maybe_landed).await;
-                            return Err(e);
+                        let e = classify(e, &what);
+                        match e.kind() {
+                            ErrorKind::Conflict => {}
+                            // Failed before anything was swapped, for good (a damaged parent
+                            // manifest list, no sequence number left): no attempt fixes that.
+                            // (After an earlier attempt of unknown outcome, that one may still land: the
+                            // read-back below settles it.)
+                            // (The loop's end reads back first if an earlier attempt may have landed,
+                            // else deletes the files.)
+                            _ if did_not_land && !e.is_retryable() => {
+                                last_err = Some(e.context("the commit did not land"));
+                                break;
+                            }
+                            // Failed before the swap, for now: nothing landed.
+                            _ if did_not_land => {}
+                            // Refused for what it is: no attempt fixes that.
+                            ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. } => {
+                                self.discard_files(files.take(), maybe_landed).await;
+                                return Err(e);
+                            }
+                            // Any other failure (an unexpected answer, a broken connection) may
+                            // hide a commit that landed: the next attempt reads the mark back.
+                            _ => maybe_landed = true,
                         }
-                        // Any other failure (an unexpected answer, a broken connection) may
-                        // hide a commit that landed: the next attempt reads the mark back.
-                        _ => maybe_landed = true,
-                    }
-                    last_err = Some(e);
-                }
-            }
-        }
-        if maybe_landed {
-            // A final read-back: did an attempt land after all?
-            match self.load().await {
-                Ok(table) => {
-                    if marks(&table)?.get(stream)? >= batch_id {
-                        return Ok(already_committed(&table, stream, batch_id, rows, true));
+                        last_err = Some(e);
                     }
                 }
-                // Not known: an attempt may have landed (its files stay). `Unavailable` would
-                // tell the caller it did not, and one re-sending the rows under another batch id
-                // would write them twice.
-                Err(load) => {
-                    let last = last_err.map_or_else(String::new, |e| format!("; last attempt: {e}"));
-                    return Err(Error::new(
-                        ErrorKind::AmbiguousOutcome,
-                        format!(
-                            "{what}: an attempt may have landed and the table could not be read back ({load}){last}; \
-                             append the same batch id again to find out"
-                        ),
-                    ));
+            }
+            if maybe_landed {
+                // A final read-back: did an attempt land after all?
+                match self.load().await {
+                    Ok(table) => {
+                            if marks(&table)?.get(stream)? >= batch_id {
+                            return Ok(already_committed(&table, stream, batch_id, rows, true));
+                        }
+                    }
+                    // Not known: an attempt may have landed (its files stay). `Unavailable` would
+                    // tell the caller it did not, and one re-sending the rows under another batch id
+                    // would write them twice.
+                    Err(load) => {
+                        let last = last_err.map_or_else(String::new, |e| format!("; last attempt: {e}"));
+                        return Err(Error::new(
+                            ErrorKind::AmbiguousOutcome,
+                            format!(
+                                "{what}: an attempt may have landed and the table could not be read back ({load}){last}; \
+                                 append the same batch id again to find out"
+                            ),
+                        ));
+                    }
                 }
             }
+            self.discard_files(files.take(), maybe_landed).await;
+            // Read back above if an attempt's outcome was unknown: none landed (the last error is
+            // the answer).
+            maybe_landed = false;
+            Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))
         }
-        self.discard_files(files.take(), maybe_landed).await;
-        Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))
+        .await;
+        out.map_err(|e| {
+            if maybe_landed && e.kind() != &ErrorKind::AmbiguousOutcome {
+                let message = format!(
+                    "{what}: an earlier attempt's outcome is unknown, and the append then failed ({e}); append the \
+                     same batch id again to find out"
+                );
+                Error::new(ErrorKind::AmbiguousOutcome, message).with_source(e)
+            } else {
+                e
+            }
+        })
     }
 
     /// Delete the data files an append wrote for commits that all failed for certain (no attempt

@@ -1014,6 +1014,52 @@ async fn an_unsettled_append_that_cannot_read_back_after_a_conflict_is_ambiguous
     assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
 }
 
+/// The same when the table then cannot be read back for good (a reply that does not parse, as
+/// a proxy's error page): still `AmbiguousOutcome`, since the first attempt may land. The
+/// reload's non-retryable error was passed on as it was, which says nothing about that attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsettled_append_whose_read_back_is_refused_for_good_is_ambiguous() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, slot) = switched_store(dir.path()).await;
+    let o = ObjectId::new("o").expect("id");
+    let catalog = slot.lock().clone().expect("catalog built");
+    catalog.reset_next_update.store(true, Ordering::SeqCst);
+    catalog.conflict_then_fail_loads.store(true, Ordering::SeqCst);
+    catalog.loads_fail_for_good.store(true, Ordering::SeqCst);
+    let batch = ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]);
+    let e = cold.append(batch.clone()).await.expect_err("unknown outcome, then a read-back refused");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert!(e.to_string().contains("parse response"), "the refusal is told: {e}");
+    catalog.fail_loads.store(false, Ordering::SeqCst);
+    let c = cold.append(batch).await.expect("once the catalog answers");
+    assert_eq!(c.records_written + c.records_skipped, 1);
+    assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
+}
+
+/// A user-table append with an attempt of unknown outcome, whose next attempt conflicts and
+/// whose table then cannot be loaded for good, is `AmbiguousOutcome` (it was the load's
+/// non-retryable error); the same batch id once the catalog answers is committed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsettled_user_table_append_whose_load_is_refused_for_good_is_ambiguous() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, slot) = switched_store(dir.path()).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+    let rows = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1, 2, 3]))]).expect("batch");
+    let catalog = slot.lock().clone().expect("catalog built");
+    catalog.reset_next_update.store(true, Ordering::SeqCst);
+    catalog.conflict_then_fail_loads.store(true, Ordering::SeqCst);
+    catalog.loads_fail_for_good.store(true, Ordering::SeqCst);
+    let e = user.append("s", 1, vec![rows.clone()]).await.expect_err("unknown outcome, then a load refused");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    catalog.fail_loads.store(false, Ordering::SeqCst);
+    let c = user.append("s", 1, vec![rows]).await.expect("once the catalog answers");
+    assert_eq!(c.rows, 3, "the first attempt did not land: committed now");
+    assert_eq!(user.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
+}
+
 /// A user-table append whose commit landed with its reply lost, after which the table cannot be
 /// read back (its metadata unreadable while the store is out), fails with `AmbiguousOutcome`:
 /// it was `Unavailable`, which says the batch did not land (re-sent under another batch id, its

@@ -1635,6 +1635,41 @@ async fn long_object_ids_go_to_a_checkpoint_not_the_summary() {
     }
 }
 
+/// Inline watermarks are not repeated in snapshot after snapshot: one commit of 900 objects
+/// (within the default 1,000, ~45 KB inline), then 60 commits of one object each. Every later
+/// snapshot's summary carried the 900 watermarks (until a checkpoint that never came), and the
+/// table metadata, which holds every snapshot's summary and is rewritten on each commit, grew by
+/// ~45 KB per commit. Once the repeated part outweighs a checkpoint, a checkpoint is written;
+/// every watermark still reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_watermarks_are_not_carried_from_snapshot_to_snapshot_without_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 4).await;
+    let objects: Vec<ObjectId> =
+        (0..900).map(|i| ObjectId::new(format!("tenant-0042/object-{i:06}")).expect("id")).collect();
+    cold.append(common::one_put_each(&objects, 1)).await.expect("append");
+    let busy = ObjectId::new("busy").expect("id");
+    for seq in 1..=60 {
+        cold.append(ColdBatch::single(busy.clone(), FencingToken::new(1), vec![common::put(&busy, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let table = cold.refresh().await.expect("table");
+    let inline: usize = table
+        .metadata()
+        .snapshots()
+        .map(|s| s.summary().additional_properties.get("dotdo.watermarks").map_or(0, String::len))
+        .sum();
+    assert!(inline < 200_000, "{inline} bytes of inline watermarks across 61 snapshots");
+    let head = table.metadata().current_snapshot().expect("head");
+    assert!(head.summary().additional_properties.contains_key("dotdo.watermarks-checkpoint"), "a checkpoint");
+    let fresh = open(dir.path(), 4).await;
+    for o in [&objects[0], &objects[450], &objects[899]] {
+        assert_eq!(fresh.watermark(o).await.expect("watermark").through, 1);
+    }
+    assert_eq!(fresh.watermark(&busy).await.expect("watermark").through, 60);
+}
+
 /// Another engine's compaction on top of dotdo's last commit, then its snapshot expiry removing
 /// that commit (Spark's `rewrite_data_files`, then `expire_snapshots(retain_last => 1)`): the
 /// watermarks still read (from the table property dotdo's commits set), a replay is skipped, a

@@ -712,6 +712,9 @@ pub struct LossyCatalog {
     pub switch: Arc<dotdo_core::testkit::ReplySwitch>,
     /// While set, every `load_table` fails as a broken connection would (retryable).
     pub fail_loads: std::sync::atomic::AtomicBool,
+    /// With `fail_loads`: the loads fail for good instead, as a reply that cannot be parsed (a
+    /// proxy's error page) does (not retryable).
+    pub loads_fail_for_good: std::sync::atomic::AtomicBool,
     /// The next `load_table` reads the table, sets `load_held`, then waits for this before it
     /// answers (a slow reply carrying what was current when the catalog read it).
     pub hold_next_load: parking_lot::Mutex<Option<Arc<tokio::sync::Notify>>>,
@@ -767,6 +770,12 @@ impl iceberg::Catalog for LossyCatalog {
         self.inner.create_table(n, c).await
     }
     async fn load_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<iceberg::table::Table> {
+        if self.fail_loads.load(Ordering::SeqCst) && self.loads_fail_for_good.load(Ordering::SeqCst) {
+            return Err(iceberg::Error::new(
+                iceberg::ErrorKind::DataInvalid,
+                "injected: failed to parse response from rest catalog server (an HTML error page)",
+            ));
+        }
         if self.fail_loads.load(Ordering::SeqCst) {
             return Err(iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
                 .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
@@ -930,6 +939,7 @@ fn lossy_catalog(
                 random,
                 switch: Default::default(),
                 fail_loads: Default::default(),
+                loads_fail_for_good: Default::default(),
                 hold_next_load: Default::default(),
                 load_held: Default::default(),
                 reset_next_update: Default::default(),
