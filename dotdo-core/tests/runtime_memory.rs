@@ -1438,6 +1438,8 @@ struct FlakyGuard {
     ambiguous_refreshes: std::sync::atomic::AtomicU32,
     /// Refreshes fail with a non-retryable backend error.
     broken_refreshes: std::sync::atomic::AtomicU32,
+    /// Acquires fail with a non-retryable backend error.
+    broken_acquires: std::sync::atomic::AtomicU32,
     /// Acquires apply, then report `AmbiguousOutcome`.
     ambiguous_acquires: std::sync::atomic::AtomicU32,
     /// Acquires apply, then never answer (the caller gives up on them).
@@ -1489,6 +1491,7 @@ impl FlakyGuard {
             hang_refreshes: false.into(),
             ambiguous_refreshes: 0.into(),
             broken_refreshes: 0.into(),
+            broken_acquires: 0.into(),
             ambiguous_acquires: 0.into(),
             hang_acquires: false.into(),
             refused_ambiguous_acquires: 0.into(),
@@ -1516,6 +1519,11 @@ impl FlakyGuard {
 #[async_trait::async_trait]
 impl ConsistencyGuard for FlakyGuard {
     async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
+        let left = self.broken_acquires.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.broken_acquires.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::backend("lease table unreadable (test)"));
+        }
         let left = self.ambiguous_acquires.load(std::sync::atomic::Ordering::SeqCst);
         if left > 0 {
             self.ambiguous_acquires.store(left - 1, std::sync::atomic::Ordering::SeqCst);
@@ -1926,6 +1934,20 @@ async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() 
     let _ = maintaining.await;
     assert_eq!(incr(&rt, &o).await.expect("the next call releases the newer leftover lease"), 3);
     assert!(w.hot.current(&o).await.expect("current").is_none_or(|l| l.token > newer.token));
+}
+
+/// An acquire the guard refuses for good (a `Backend` error) fails the call naming the object
+/// and this node (the guard's message named neither); the next call activates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_refused_for_good_names_the_object_and_the_node() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    let o = oid("o");
+    guard.broken_acquires.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = incr(&rt, &o).await.expect_err("the guard refused");
+    assert_eq!(e.kind(), &ErrorKind::Backend, "{e}");
+    assert!(e.to_string().contains("acquiring o on a"), "names the object and the node: {e}");
+    assert_eq!(incr(&rt, &o).await.expect("the next call"), 1);
 }
 
 /// `flush_all` that meets a lease of this very node it could not give back (its release failing

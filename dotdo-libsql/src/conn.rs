@@ -234,22 +234,25 @@ impl Conn {
         use crate::sql::{DIRECT_DEL, DIRECT_LOG, DIRECT_PUT, DIRECT_READ, RAISE_IF_CURRENT};
         self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
         let rows = self.prepared(Step::new(DIRECT_READ, vec![w.object.clone()])).await?;
-        let (max, last, known, truncated) = match rows.first() {
+        let (leased, max, last, known, truncated) = match rows.first() {
             Some(r) => (
-                crate::sql::int(r.first())?,
-                crate::sql::int(r.get(1))?,
-                crate::sql::int(r.get(2))? != 0,
-                crate::sql::int(r.get(3))?,
+                crate::sql::int_not_null(r.first())?,
+                crate::sql::int_not_null(r.get(1))?,
+                crate::sql::int_not_null(r.get(2))?,
+                crate::sql::int_not_null(r.get(3))? != 0,
+                crate::sql::int_not_null(r.get(4))?,
             ),
-            None => (0, 0, false, 0),
+            None => (0, 0, 0, false, 0),
         };
         let most = dotdo_core::MAX_SEQ as i64;
-        if [max, last, truncated].iter().any(|v| !(0..=most).contains(v)) {
+        if [leased, max, last, truncated].iter().any(|v| !(0..=most).contains(v)) {
             // Not a value dotdo writes (tokens and sequence numbers run from 1 to MAX_SEQ =
             // FencingToken::MAX): a damaged row, or another tool's. Corrupt, with nothing written (a negative result would read
             // as "fenced" after a committed write), as dotdo-sqlite reads the same row.
             return Err(libsql::Error::InvalidColumnType);
         }
+        // The fencing floor: the larger of the object's token maximum and its lease's token.
+        let max = max.max(leased);
         if w.token < max {
             return Ok(-max);
         }

@@ -182,15 +182,22 @@ pub(crate) const DEL: &str = concat!(
      AND EXISTS (SELECT 1 FROM do_objects o WHERE o.do_id = ?1 AND o.max_token = ?2 AND o.last_seq <= ?4) AND NOT ",
     damaged!()
 );
-/// The direct (local) write path's one read, always one row: the object's fencing floor (the
-/// larger of `do_objects.max_token` and the lease's token), the effective last seq, whether
-/// the object has a `do_objects` row, and its `truncated_through` (read only to refuse a value
-/// dotdo never writes, as dotdo-sqlite does).
+/// The direct (local) write path's one read, always one row: the lease's token (0 without a
+/// lease), `do_objects.max_token`, the effective last seq, whether the object has a
+/// `do_objects` row, and its `truncated_through` (read only to refuse a value dotdo never
+/// writes, as dotdo-sqlite does); 0 for the columns of an object without a row. A value that is
+/// no integer (a NULL in a table made without `NOT NULL`, text) reads as -1, which the caller
+/// refuses as damage: read as 0, a NULL `last_seq` logged the next change under a sequence
+/// number cold storage already held, never to be drained.
 pub(crate) const DIRECT_READ: &str = concat!(
-    "SELECT max(coalesce(o.max_token, 0), coalesce((SELECT fencing_token FROM do_locks WHERE do_id = x.id), 0)), \
-     coalesce(",
+    "SELECT coalesce((SELECT CASE WHEN typeof(fencing_token) = 'integer' THEN fencing_token ELSE -1 END \
+     FROM do_locks WHERE do_id = x.id), 0), \
+     CASE WHEN o.do_id IS NULL THEN 0 WHEN typeof(o.max_token) = 'integer' THEN o.max_token ELSE -1 END, \
+     CASE WHEN o.do_id IS NULL THEN 0 WHEN typeof(o.last_seq) = 'integer' THEN ",
     eff_last!("o"),
-    ", 0), o.do_id IS NOT NULL, coalesce(o.truncated_through, 0) \
+    " ELSE -1 END, o.do_id IS NOT NULL, \
+     CASE WHEN o.do_id IS NULL THEN 0 WHEN typeof(o.truncated_through) = 'integer' THEN o.truncated_through \
+     ELSE -1 END \
      FROM (SELECT ?1 AS id) x LEFT JOIN do_objects o ON o.do_id = x.id"
 );
 /// The direct path's change-log insert, sequence number given.

@@ -687,6 +687,49 @@ async fn store_and_raw_connection(
     (s, raw, c)
 }
 
+/// A NULL in a `do_objects` column of a database whose tables were made without `NOT NULL`
+/// (another tool's, or repaired by hand) is `Corrupt` to a write on the local path, with nothing
+/// written, as on the batch path and in dotdo-sqlite: the local path read a NULL `last_seq` as 0
+/// and logged the next change as seq 1 again (answering `Ok`), a change the drain, past the
+/// seqs cold storage already held, would never send.
+#[tokio::test]
+async fn a_null_in_the_object_row_is_corrupt_to_a_write_on_either_path() {
+    for transport in [Transport::Auto, Transport::Batch] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hot.db");
+        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+        let c = raw.connect().expect("connect");
+        c.execute(
+            "CREATE TABLE do_objects (do_id TEXT PRIMARY KEY, last_seq INTEGER, truncated_through INTEGER, \
+             max_token INTEGER) WITHOUT ROWID",
+            (),
+        )
+        .await
+        .expect("a table without NOT NULL");
+        let s = LibsqlStore::local(&path)
+            .with_settings(LibsqlSettings { transport, ..Default::default() })
+            .open()
+            .await
+            .expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        for v in ["1", "2", "3"] {
+            s.put(&obj(), l.token, "T", "k", v.into()).await.expect("put");
+        }
+        s.truncate_changes(&obj(), l.token, 3).await.expect("truncate");
+        let token = l.token.get().to_string();
+        for (column, was) in [("last_seq", "3"), ("truncated_through", "3"), ("max_token", token.as_str())] {
+            c.execute(&format!("UPDATE do_objects SET {column} = NULL"), ()).await.expect("damage");
+            let e = s.put(&obj(), l.token, "T", "k", "4".into()).await.expect_err("a NULL is no sequence number");
+            assert_eq!(e.kind(), &ErrorKind::Corrupt, "{transport:?}, {column}: {e}");
+            let mut rows = c.query("SELECT count(*) FROM do_changes", ()).await.expect("count");
+            let n: i64 = rows.next().await.expect("row").expect("one row").get(0).expect("count");
+            assert_eq!(n, 0, "{transport:?}, {column}: nothing logged");
+            c.execute(&format!("UPDATE do_objects SET {column} = {was}"), ()).await.expect("repair");
+        }
+        assert_eq!(s.put(&obj(), l.token, "T", "k", "4".into()).await.expect("repaired").first_seq, 4);
+    }
+}
+
 /// A change row no dotdo writer stores (a token or sequence number out of range, an invalid key,
 /// value or type) is `Corrupt` to `read_changes`, naming the database, as in dotdo-sqlite.
 #[tokio::test]

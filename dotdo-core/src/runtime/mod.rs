@@ -493,6 +493,12 @@ pub struct FlushReport {
 
 impl ObjectRuntime {
     /// A builder for a runtime identified as `node` (the lease holder identity).
+    ///
+    /// Give every runtime that is alive at the same time on one guard its own node id (host and
+    /// process id, say; a restarted process may take its predecessor's). Leases name node ids
+    /// only: an acquire whose outcome was unknown adopts a lease granted to its node id since it
+    /// was sent, and one granted meanwhile to another live runtime under the same id would be
+    /// taken for its own, both then writing under one token.
     pub fn builder(node: NodeId) -> ObjectRuntimeBuilder {
         ObjectRuntimeBuilder {
             node,
@@ -1102,7 +1108,7 @@ impl ObjectRuntime {
                     expires_at.since(now)
                 }
                 _ if e.is_retryable() => Duration::from_millis(10),
-                _ => return Err(e),
+                _ => return Err(e.context(format!("acquiring {object} on {}", inner.node))),
             };
             let left = wait.saturating_sub(inner.clock.monotonic().saturating_sub(started));
             if left.is_zero() {
