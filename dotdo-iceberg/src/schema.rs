@@ -376,6 +376,39 @@ fn column<'a>(batch: &'a RecordBatch, name: &str, file: &str, ids: &ColumnIds) -
     batch.column_by_name(name).ok_or_else(|| Error::corrupt(format!("data file {file} has no column {name}")))
 }
 
+/// `batch` with its dictionary-encoded columns decoded to their values (`None` if it has none).
+/// Another writer's file may carry a dictionary type in its embedded Arrow schema (pyarrow's
+/// categorical columns, added with PyIceberg's `add_files`): the reader then returns dictionary
+/// arrays, which are still the strings (or bytes) the table's schema says (they were `Corrupt`).
+fn without_dictionaries(batch: &RecordBatch, file: &str) -> Result<Option<RecordBatch>> {
+    use arrow_schema::DataType;
+    let schema = batch.schema();
+    if !schema.fields().iter().any(|f| matches!(f.data_type(), DataType::Dictionary(..))) {
+        return Ok(None);
+    }
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (f, c) in schema.fields().iter().zip(batch.columns()) {
+        match f.data_type() {
+            DataType::Dictionary(_, values) => {
+                let decoded = arrow_cast::cast(c, values).map_err(|e| {
+                    Error::corrupt(format!("data file {file}: column {} does not decode: {e}", f.name()))
+                })?;
+                fields.push(f.as_ref().clone().with_data_type(values.as_ref().clone()));
+                columns.push(decoded);
+            }
+            _ => {
+                fields.push(f.as_ref().clone());
+                columns.push(c.clone());
+            }
+        }
+    }
+    let schema = std::sync::Arc::new(arrow_schema::Schema::new_with_metadata(fields, schema.metadata().clone()));
+    RecordBatch::try_new(schema, columns)
+        .map(Some)
+        .map_err(|e| Error::corrupt(format!("data file {file}: dictionary columns do not decode: {e}")))
+}
+
 fn strs<'a>(batch: &'a RecordBatch, name: &str, file: &str, ids: &ColumnIds) -> Result<Strs<'a>> {
     let c = column(batch, name, file, ids)?;
     let any = c.as_any();
@@ -419,6 +452,8 @@ pub(crate) fn from_batch(
     mut keep: impl FnMut(&str, &str) -> bool,
     out: &mut Vec<ChangeRecord>,
 ) -> Result<()> {
+    let plain = without_dictionaries(batch, file)?;
+    let batch = plain.as_ref().unwrap_or(batch);
     let do_id = strs(batch, "do_id", file, ids)?;
     let ty = strs(batch, "type", file, ids)?;
     let key = strs(batch, "key", file, ids)?;

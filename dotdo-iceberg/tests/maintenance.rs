@@ -1962,6 +1962,75 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks_with(key: &str) {
     assert_eq!(cold.append(next).await.expect("appends continue after expiry").records_written, 1);
 }
 
+/// A Parquet data file another writer added whose embedded Arrow schema makes `do_id` and `op`
+/// dictionary columns (pyarrow's categoricals, added with PyIceberg's `add_files`) reads as the
+/// strings it holds, in lookups, change reads and compaction (it was `Corrupt`: "column do_id is
+/// Dictionary(Int32, Utf8) not a string").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_file_with_dictionary_columns_reads_as_its_strings() {
+    use arrow_array::{ArrayRef, Int64Array, LargeBinaryArray, RecordBatch, StringArray, TimestampMicrosecondArray};
+    use arrow_schema::{DataType, Schema};
+    use iceberg::spec::{DataContentType, DataFileBuilder, DataFileFormat, Struct};
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let table = cold.refresh().await.expect("table");
+    let plain = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema()).expect("arrow schema");
+    let dictionary = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+    let fields: Vec<arrow_schema::Field> = plain
+        .fields()
+        .iter()
+        .map(|f| match f.name().as_str() {
+            "do_id" | "op" => f.as_ref().clone().with_data_type(dictionary.clone()),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let dict =
+        |v: &str| -> ArrayRef { arrow_cast::cast(&StringArray::from(vec![v]), &dictionary).expect("dictionary array") };
+    let columns: Vec<ArrayRef> = vec![
+        dict("o"),
+        Arc::new(StringArray::from(vec!["T"])),
+        Arc::new(StringArray::from(vec!["k2"])),
+        Arc::new(LargeBinaryArray::from(vec![b"w".as_slice()])),
+        Arc::new(TimestampMicrosecondArray::from(vec![1_000_000]).with_timezone("+00:00")),
+        dict("put"),
+        Arc::new(Int64Array::from(vec![2])),
+        Arc::new(Int64Array::from(vec![1])),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).expect("batch");
+    let location = format!("{}/data/foreign-dictionary.parquet", table.metadata().location());
+    let path = location.strip_prefix("file://").expect("a local table").to_string();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).expect("create"), schema, None)
+        .expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+    let file = DataFileBuilder::default()
+        .content(DataContentType::Data)
+        .file_path(location)
+        .file_format(DataFileFormat::Parquet)
+        .partition_spec_id(table.metadata().default_partition_spec_id())
+        .partition(Struct::from_iter([Some(iceberg::spec::Literal::int(0))]))
+        .record_count(1)
+        .file_size_in_bytes(std::fs::metadata(&path).expect("size").len())
+        .build()
+        .expect("data file");
+    let tx = Transaction::new(&table);
+    let tx = tx.fast_append().add_data_files(vec![file]).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another writer's append");
+    let found = cold.lookup(&o, "k2", AsOf::Latest).await.expect("lookup");
+    assert_eq!(found.value.map(|e| e.value), Some(bytes::Bytes::from("w")));
+    let seqs = |records: Vec<dotdo_core::ChangeRecord>| records.iter().map(|r| r.seq).collect::<Vec<u64>>();
+    assert_eq!(seqs(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read")), [1, 2]);
+    let report = cold.compact(CompactOptions::default()).await.expect("compaction");
+    assert_eq!((report.records_read, report.records_written), (2, 2), "{report:?}");
+    assert_eq!(seqs(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read")), [1, 2]);
+}
+
 /// A data file in a format dotdo cannot decode (another engine's ORC file) fails a read that
 /// must open it as `Backend` naming the file and its format, not `Corrupt`: nothing is damaged.
 /// Compaction leaves such a file alone and compacts the rest.

@@ -276,10 +276,10 @@ impl HotStore for LibsqlStore {
                     Ok((
                         uint(r.first())?,
                         text(r.get(1))?,
-                        int(r.get(2))?,
+                        int_not_null(r.get(2))?,
                         blob(r.get(3))?,
                         uint(r.get(4))?,
-                        int(r.get(5))?,
+                        int_not_null(r.get(5))?,
                         text(r.get(6))?,
                     ))
                 };

@@ -265,11 +265,12 @@ pub(crate) fn int_not_null(v: Option<&Value>) -> libsql::Result<i64> {
     }
 }
 
+/// A value column's bytes (a blob, or text as dotdo-sqlite reads it). A NULL is no value (a
+/// deletion's change stores an empty blob): damage, not an empty value (it was read as one).
 pub(crate) fn blob(v: Option<&Value>) -> libsql::Result<Vec<u8>> {
     match v {
         Some(Value::Blob(b)) => Ok(b.clone()),
         Some(Value::Text(s)) => Ok(s.clone().into_bytes()),
-        Some(Value::Null) => Ok(Vec::new()),
         _ => Err(libsql::Error::InvalidColumnType),
     }
 }
@@ -279,7 +280,6 @@ pub(crate) fn blob_owned(v: Value) -> libsql::Result<Vec<u8>> {
     match v {
         Value::Blob(b) => Ok(b),
         Value::Text(s) => Ok(s.into_bytes()),
-        Value::Null => Ok(Vec::new()),
         _ => Err(libsql::Error::InvalidColumnType),
     }
 }

@@ -730,6 +730,53 @@ async fn a_null_in_the_object_row_is_corrupt_to_a_write_on_either_path() {
     }
 }
 
+/// A NULL value, op code or time in a database whose `do_state` and `do_changes` were made
+/// without `NOT NULL` is `Corrupt` to `get`, `list` and `read_changes` on either path, as in
+/// dotdo-sqlite: a NULL value was read as an empty one (`get` answered `Some("")`, a change with
+/// a NULL op code a put of nothing).
+#[tokio::test]
+async fn a_null_value_op_or_time_is_corrupt_to_reads() {
+    for transport in [Transport::Auto, Transport::Batch] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hot.db");
+        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+        let c = raw.connect().expect("connect");
+        for sql in [
+            "CREATE TABLE do_state (do_id TEXT NOT NULL, key TEXT NOT NULL, value BLOB, seq INTEGER NOT NULL, \
+             UNIQUE (do_id, key))",
+            "CREATE TABLE do_changes (do_id TEXT NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, op INTEGER, \
+             value BLOB, token INTEGER NOT NULL, ts INTEGER, type TEXT NOT NULL, PRIMARY KEY (do_id, seq)) \
+             WITHOUT ROWID",
+        ] {
+            c.execute(sql, ()).await.expect("a table without NOT NULL");
+        }
+        let s = LibsqlStore::local(&path)
+            .with_settings(LibsqlSettings { transport, ..Default::default() })
+            .open()
+            .await
+            .expect("open");
+        let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
+        c.execute("UPDATE do_state SET value = NULL", ()).await.expect("damage");
+        let e = s.get(&obj(), "k").await.expect_err("a NULL is no value");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{transport:?}, get: {e}");
+        let e = s.list(&obj(), dotdo_core::KeyRange::all(), None).await.expect_err("a NULL is no value");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{transport:?}, list: {e}");
+        for column in ["value", "op", "ts"] {
+            c.execute(&format!("UPDATE do_changes SET {column} = NULL"), ()).await.expect("damage");
+            let e = s.read_changes(&obj(), 0, 10).await.expect_err("a NULL in a change");
+            assert_eq!(e.kind(), &ErrorKind::Corrupt, "{transport:?}, change {column}: {e}");
+            let was = match column {
+                "value" => "CAST('v' AS BLOB)",
+                "op" => "0",
+                _ => "1",
+            };
+            c.execute(&format!("UPDATE do_changes SET {column} = {was}"), ()).await.expect("repair");
+        }
+        assert_eq!(s.read_changes(&obj(), 0, 10).await.expect("repaired").len(), 1);
+    }
+}
+
 /// A change row no dotdo writer stores (a token or sequence number out of range, an invalid key,
 /// value or type) is `Corrupt` to `read_changes`, naming the database, as in dotdo-sqlite.
 #[tokio::test]
