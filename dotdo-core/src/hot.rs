@@ -84,9 +84,12 @@ pub trait HotStore: Send + Sync + Debug + 'static {
     async fn list(&self, object: &ObjectId, range: KeyRange, limit: Option<usize>) -> Result<Vec<Entry>>;
 
     /// Change records with `seq > after`, in order, at most `limit`. A backend may return fewer
-    /// while more exist (the SQL stores return at most
+    /// while more exist: read on after the last one returned until an empty answer. It should
+    /// bound an answer's bytes, as the SQL stores and the memory reference do (at most
     /// [`READ_CHANGES_BYTES`](crate::sql_schema::READ_CHANGES_BYTES) of values, at least one
-    /// change): read on after the last one returned until an empty answer.
+    /// change): the runtime asks for up to `flush_batch_records` changes at once and holds an
+    /// answer whole before cutting it to `flush_batch_bytes`, so a backend answering `limit`
+    /// changes whatever their size makes a drain hold that many.
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>>;
 
     /// Drop change records with `seq <= through` (cold storage has them). Idempotent. Fenced like a

@@ -913,3 +913,35 @@ mod broken {
         assert!(dotdo_core::testkit::cold::run_all(&dotdo_core::testkit::memory_cold_factory()).is_empty());
     }
 }
+
+mod memory_bounds {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use dotdo_core::*;
+
+    /// A change read of the memory reference holds at most `READ_CHANGES_BYTES` (8 MiB) of
+    /// values, at least one change, as the SQL stores: it answered every change asked for, so a
+    /// drain (which asks for up to `flush_batch_records`) held a backlog of large values whole
+    /// whatever `flush_batch_bytes` said. Read on, every change comes, in order.
+    #[tokio::test]
+    async fn a_change_read_holds_at_most_eight_mib_of_values() {
+        let b = MemoryBackend::with_clock(Arc::new(ManualClock::new(Timestamp::from_micros(1_000_000))));
+        let o = ObjectId::new("o").expect("id");
+        let l = b.acquire(&o, &NodeId::new("n").expect("id"), Duration::from_secs(60)).await.expect("acquire");
+        let big = Bytes::from(vec![7u8; MAX_VALUE_BYTES - 1]);
+        for i in 0..6 {
+            b.put(&o, l.token, "T", &format!("k{i}"), big.clone()).await.expect("put");
+        }
+        let first = b.read_changes(&o, 0, 100).await.expect("read");
+        let bytes: usize = first.iter().map(|r| r.value.len()).sum();
+        assert!(bytes <= sql_schema::READ_CHANGES_BYTES, "{} changes, {bytes} bytes", first.len());
+        assert_eq!(first.len(), 4, "as many as fit");
+        let rest = b.read_changes(&o, first.last().expect("some").seq, 100).await.expect("read on");
+        let seqs: Vec<u64> = first.iter().chain(&rest).map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+        // One change larger than the bound on its own still comes (never an empty answer).
+        assert_eq!(b.read_changes(&o, 0, 1).await.expect("one").len(), 1);
+    }
+}

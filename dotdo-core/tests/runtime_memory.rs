@@ -4573,6 +4573,12 @@ async fn maintain_and_shutdown_do_not_race() {
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(!shutting.is_finished(), "shutdown waits for the maintenance round");
+    // Meanwhile a new round is refused at once (shutdown has begun), not run beside it.
+    let e = tokio::time::timeout(Duration::from_secs(5), rt.maintain())
+        .await
+        .expect("refused at once")
+        .expect_err("shutdown has begun");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown, "{e}");
     gate.notify_one();
     maintaining.await.expect("task").expect("maintain");
     let ticking = tick(&w);
@@ -4921,9 +4927,16 @@ async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
     entered_rx.await.expect("the handler runs");
     let (rt2, o2) = (rt.clone(), o.clone());
     let prefetch = tokio::spawn(async move { rt2.prefetch(&o2, &[], &[]).await });
-    // Let the prefetch enter and queue on the slot (generously: on a loaded machine a spawned
-    // task may wait to be polled).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Let the prefetch enter (counted in flight: it started before shutdown, or it would be
+    // refused at once and never wait) and queue on the slot.
+    for _ in 0..5_000 {
+        if rt.metrics().in_flight == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(rt.metrics().in_flight, 2, "the long call and the prefetch");
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let rt3 = rt.clone();
     let shutdown = tokio::spawn(async move { rt3.shutdown().await });
     // Shutdown waits one TTL (9 s) for the calls; small steps leave the long call's renewal

@@ -981,6 +981,10 @@ async fn a_commit_that_was_never_sent_is_unavailable_not_ambiguous() {
     let e = cold.append(batch.clone()).await.expect_err("the store is out");
     assert_eq!(e.kind(), &dotdo_core::ErrorKind::Unavailable, "{e}");
     assert!(e.is_retryable(), "{e}");
+    assert!(
+        faulty.fail_puts_of.lock().as_ref().is_some_and(|(_, n)| *n < 1000),
+        "no manifest write was refused: the commit was not stopped before it was sent"
+    );
     *faulty.fail_puts_of.lock() = None;
     *faulty.fail_reads_of.lock() = None;
     assert_eq!(cold.refresh().await.expect("table").metadata().snapshots().count(), 1, "nothing landed");

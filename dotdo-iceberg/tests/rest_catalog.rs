@@ -97,11 +97,16 @@ struct DropReply {
     server: Arc<common::RestCatalogServer>,
     armed_at: parking_lot::Mutex<Option<u64>>,
     arms: Arc<AtomicU64>,
+    failure_armed_at: parking_lot::Mutex<Option<u64>>,
+    failure_arms: Arc<AtomicU64>,
 }
 
 impl DropReply {
     fn lost(&self) -> u64 {
         stats(&self.server)["lost"].as_u64().expect("lost count")
+    }
+    fn failed(&self) -> u64 {
+        stats(&self.server)["failed"].as_u64().expect("failed count")
     }
 }
 
@@ -117,19 +122,33 @@ impl LoseNextReply for DropReply {
             None => false,
         }
     }
+    fn arm_failure(&self) -> bool {
+        *self.failure_armed_at.lock() = Some(self.failed());
+        self.failure_arms.fetch_add(1, Ordering::SeqCst);
+        self.server.control("POST", "/control/fail-next-commit");
+        true
+    }
+    fn failure_fired(&self) -> bool {
+        match self.failure_armed_at.lock().take() {
+            Some(at) => self.failed() == at + 1,
+            None => false,
+        }
+    }
 }
 
 /// The kit's lost-reply cases through the REST catalog: a commit whose reply never came (the
-/// server applied it) lands once, and keeps its token. The cases run one after another on a
-/// server of their own (an armed loss hits whichever commit comes next).
+/// server applied it) lands once, and keeps its token; one whose connection broke before the
+/// server read it (nothing applied) is never reported landed. The cases run one after another
+/// on a server of their own (an armed fault hits whichever commit comes next).
 #[test]
 fn a_rest_catalog_settles_commits_whose_reply_was_lost() {
     let Some(python) = common::python("a_rest_catalog_settles_commits_whose_reply_was_lost") else { return };
     let server = Arc::new(common::RestCatalogServer::start(&python));
     let (tables, arms) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (s, a) = (server.clone(), arms.clone());
+    let failure_arms = Arc::new(AtomicU64::new(0));
+    let (s, a, fa) = (server.clone(), arms.clone(), failure_arms.clone());
     let factory = dotdo_core::testkit::cold_fault_factory(move |clock| {
-        let (n, s, a) = (tables.fetch_add(1, Ordering::SeqCst), s.clone(), a.clone());
+        let (n, s, a, fa) = (tables.fetch_add(1, Ordering::SeqCst), s.clone(), a.clone(), fa.clone());
         async move {
             let store = open(&s, &format!("lossy{n}"), Arc::new(clock)).await;
             dotdo_core::testkit::ColdFaultFixture {
@@ -138,7 +157,13 @@ fn a_rest_catalog_settles_commits_whose_reply_was_lost() {
                     accel: Some(Arc::new(store)),
                     keep_alive: Box::new(()),
                 },
-                lose_next_reply: Arc::new(DropReply { server: s, armed_at: Default::default(), arms: a }),
+                lose_next_reply: Arc::new(DropReply {
+                    server: s,
+                    armed_at: Default::default(),
+                    arms: a,
+                    failure_armed_at: Default::default(),
+                    failure_arms: fa,
+                }),
             }
         }
     });
@@ -147,6 +172,9 @@ fn a_rest_catalog_settles_commits_whose_reply_was_lost() {
     let (lost, arms) = (stats(&server)["lost"].as_u64().expect("lost"), arms.load(Ordering::SeqCst));
     assert!(arms >= 2, "each case armed a loss: {arms}");
     assert_eq!(lost, arms, "every armed loss happened");
+    let (failed, failure_arms) =
+        (stats(&server)["failed"].as_u64().expect("failed"), failure_arms.load(Ordering::SeqCst));
+    assert_eq!((failed, failure_arms), (1, 1), "the failed-commit case ran (it was skipped), its failure happened");
 }
 
 /// Two stores on one table through the REST catalog, appending in turn: each append is made on

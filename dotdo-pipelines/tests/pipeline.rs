@@ -345,13 +345,32 @@ async fn wait_policy_waits_for_room_until_its_deadline() {
         backpressure: Backpressure::Wait(Duration::from_secs(30)),
         ..Default::default()
     };
-    let closing = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("build");
+    let prepared = Arc::new(AtomicU32::new(0));
+    let seen = prepared.clone();
+    let closing = Pipeline::builder(sink.clone())
+        .with_settings(settings)
+        .with_transform(move |e| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            Transformed::Keep(e)
+        })
+        .build()
+        .expect("build");
     closing.send(events(10)).expect("fill");
     let waiter = tokio::spawn({
         let p = closing.clone();
         async move { p.send_wait(events(1)).await }
     });
+    // The waiting send has taken its event (before the pipeline closed: a send that starts
+    // after `close` is refused at once, which would not test the wake-up), then waits.
+    for _ in 0..5_000 {
+        if prepared.load(Ordering::SeqCst) == 11 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(prepared.load(Ordering::SeqCst), 11, "the waiting send never started");
     tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiter.is_finished(), "the send waits for room");
     closing.close().await.expect_err("the stalled sink fails close's roll");
     let e = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("ends at once").expect("join");
     assert_eq!(e.expect_err("closed").kind(), &ErrorKind::Shutdown);

@@ -167,7 +167,19 @@ impl HotStore for MemoryBackend {
     async fn read_changes(&self, object: &ObjectId, after: Seq, limit: usize) -> Result<Vec<ChangeRecord>> {
         let st = self.state.lock();
         let Some(o) = st.objects.get(object) else { return Ok(Vec::new()) };
-        Ok(o.log.range(after.saturating_add(1)..).take(limit).map(|(_, r)| r.clone()).collect())
+        // At most READ_CHANGES_BYTES of values (at least one change), as the SQL stores: a
+        // drain's byte bound rests on it.
+        let mut bytes = 0usize;
+        Ok(o.log
+            .range(after.saturating_add(1)..)
+            .take(limit)
+            .enumerate()
+            .take_while(|(i, (_, r))| {
+                bytes = bytes.saturating_add(r.value.len());
+                *i == 0 || bytes <= crate::sql_schema::READ_CHANGES_BYTES
+            })
+            .map(|(_, (_, r))| r.clone())
+            .collect())
     }
 
     async fn truncate_changes(&self, object: &ObjectId, token: FencingToken, through: Seq) -> Result<()> {

@@ -43,10 +43,14 @@ pub struct ActivationMetrics {
     pub snapshot: Option<SnapshotId>,
 }
 
-/// Counters of one runtime. All monotonic since the runtime was built.
+/// Counters of one runtime, monotonic since the runtime was built, and one gauge
+/// ([`in_flight`](Self::in_flight)).
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
 pub struct RuntimeMetrics {
+    /// Calls, flushes, evictions and maintenance rounds in progress at the time of the reading
+    /// (a gauge; shutdown waits for them).
+    pub in_flight: u64,
     /// Calls to `invoke` past argument checks and shutdown, counted before activation: calls
     /// refused later (`LeaseHeld`, a failed restore) count too, so this is calls, not handlers
     /// run.

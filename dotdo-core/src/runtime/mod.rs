@@ -519,7 +519,9 @@ impl ObjectRuntime {
 
     /// A snapshot of the runtime's counters and recent activations.
     pub fn metrics(&self) -> RuntimeMetrics {
-        self.inner.metrics.lock().clone()
+        let mut m = self.inner.metrics.lock().clone();
+        m.in_flight = self.inner.in_flight.load(Ordering::SeqCst) as u64;
+        m
     }
 
     /// The node the ring prefers for `object` (a routing hint), if a ring was configured.

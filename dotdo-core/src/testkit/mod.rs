@@ -481,13 +481,26 @@ pub async fn assert_a_write_waiting_while_the_file_is_replaced_is_refused<S, H>(
 {
     use crate::HotStoreExt;
     let object = lease.object.clone();
+    let reader = store.clone();
     let writer = tokio::spawn(async move { store.put(&object, lease.token, "T", "k", b"v".to_vec().into()).await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(!writer.is_finished(), "the write should be waiting for the lock: {:?}", writer.await);
     let restored = path.with_extension("restored");
     std::fs::copy(path, &restored).expect("copy the database file");
     std::fs::rename(&restored, path).expect("put the copy in the file's place");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Until the checkpoint thread has noticed (reads are refused from then on; a fixed pause
+    // could end first on a loaded machine, and the write then commit into the old file).
+    let noticed = async {
+        loop {
+            if reader.get(&lease.object, "k").await.is_err_and(|e| e.to_string().contains("deleted or replaced")) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), noticed)
+        .await
+        .expect("the store never noticed the replaced file");
     drop(holder);
     let e = writer.await.expect("join").expect_err("the waiting write committed into the replaced file");
     assert_eq!(e.kind(), &crate::ErrorKind::Corrupt, "{e}");

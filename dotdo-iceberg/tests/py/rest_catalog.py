@@ -7,7 +7,10 @@ when the parent process (the Rust test) goes away or after a hard time limit.
 Test controls (not part of the protocol):
   POST /control/lose-next-commit   the next table commit is applied, then its connection is
                                    closed without a reply (a reply lost on the way back)
-  GET  /control/stats              {"commits": n, "lost": n, "refused": n,
+  POST /control/fail-next-commit   the next table commit is not applied: its connection is
+                                   closed before the request is read (a connection that broke
+                                   on the way there)
+  GET  /control/stats              {"commits": n, "lost": n, "failed": n, "refused": n,
                                     "by_table": {"ns.table": {"commits": n, "refused": n}}}
 
 Removes <warehouse-dir> (its catalog and tables) when it exits.
@@ -42,7 +45,7 @@ port, db, warehouse, warehouse_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3],
 limit_s = float(os.environ.get("DOTDO_MOTO_LIMIT_S", "1800"))
 catalog = SqlCatalog("dotdo", uri=f"sqlite:///{db}", warehouse=warehouse)
 lock = threading.Lock()
-state = {"lose_next": False, "commits": 0, "lost": 0, "refused": 0, "by_table": {}}
+state = {"lose_next": False, "fail_next": False, "commits": 0, "lost": 0, "failed": 0, "refused": 0, "by_table": {}}
 
 
 def count(ident, what):
@@ -121,9 +124,16 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 state["lose_next"] = True
             return self.reply(200, {})
+        if parts == ["fail-next-commit"] and self.command == "POST":
+            self.body()
+            with lock:
+                state["fail_next"] = True
+            return self.reply(200, {})
         if parts == ["stats"]:
             with lock:
-                stats = json.loads(json.dumps({k: v for k, v in state.items() if k != "lose_next"}))
+                stats = json.loads(
+                    json.dumps({k: v for k, v in state.items() if k not in ("lose_next", "fail_next")})
+                )
             return self.reply(200, stats)
         return self.error(404, "NotFound", "no such control")
 
@@ -178,6 +188,13 @@ class Handler(BaseHTTPRequestHandler):
             if method == "DELETE":
                 catalog.drop_table(ident)
                 return self.reply(204)
+            if state["fail_next"]:
+                state["fail_next"] = False
+                state["failed"] += 1
+                # Not applied, not answered: the connection breaks before the request is read.
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
             req = CommitTableRequest.model_validate_json(self.body())
             table = catalog.load_table(ident)
             try:
