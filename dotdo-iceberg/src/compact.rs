@@ -569,6 +569,8 @@ impl IcebergColdStore {
         // Once an attempt's outcome was unknown, the data files may be referenced by a committed
         // snapshot: they are deleted only after the table shows that no attempt landed.
         let mut maybe_landed = false;
+        // Whether a refusal for good was judged once more on the catalog's current table.
+        let mut judged = false;
         let landed = |s: i64, mut report: RewriteReport| {
             report.snapshot = Some(s);
             report.files_added = added.len() as u64;
@@ -647,6 +649,27 @@ impl IcebergColdStore {
                         }
                     }
                     last_err = Some(e);
+                }
+                // Prepared on the table as planned, which may be stale: its manifests may be gone
+                // to another store's expiry and cleanup (`Corrupt`: missing). Judged once on the
+                // catalog's current table: if that moved on, the rewrite is built again on it
+                // (every replaced file must still be live there), as an append does.
+                Err(e) if !judged && e.kind() == &ErrorKind::Corrupt => {
+                    judged = true;
+                    match self.reload(&ident).await {
+                        Ok(t)
+                            if t.metadata_location() != table.metadata_location()
+                                && t.metadata().uuid() == base_uuid =>
+                        {
+                            tracing::debug!(error = %e, "{what}: prepared on a stale table; building again on the current one");
+                            table = t;
+                            last_err = Some(e);
+                        }
+                        _ => {
+                            last_err = Some(e);
+                            break;
+                        }
+                    }
                 }
                 Err(e) => {
                     last_err = Some(e);

@@ -349,6 +349,9 @@ impl IcebergColdStore {
         // commit within seconds of writing.)
         let mut current = self.load_fresh(ident).await?;
         if current.metadata_location() != table.metadata_location() {
+            // Another engine may have turned garbage collection off meanwhile (its files now
+            // shared with another table).
+            gc_enabled(&current, &what)?;
             self.gather_settled(ident, &mut current, cutoff, &mut found, &what).await?;
             // A store opened meanwhile with a larger minimum (whose compaction may already be
             // writing): files younger than that stay.
@@ -743,7 +746,13 @@ fn staged_files(dir: &std::path::Path) -> std::io::Result<Vec<StagedFile>> {
             {
                 continue;
             }
-            let modified = entry.metadata()?.modified()?;
+            // Renamed into place (or deleted) since the directory was read: not a staging file
+            // any more.
+            let modified = match entry.metadata().and_then(|m| m.modified()) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             let modified_micros = match modified.duration_since(std::time::UNIX_EPOCH) {
                 Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
                 Err(before) => -i64::try_from(before.duration().as_micros()).unwrap_or(i64::MAX),

@@ -2362,6 +2362,111 @@ async fn gc_disabled_tables_are_neither_expired_nor_cleaned() {
     assert_eq!(common::files_ending_with(dir.path(), ".parquet").len(), files, "nothing deleted");
 }
 
+/// A compaction whose planned table went stale while it wrote (another store compacted another
+/// partition, expired the old snapshots and cleaned up, deleting the manifests the plan read)
+/// builds its commit again on the current table and commits. It failed `Corrupt` ("missing"):
+/// a healthy table reported damaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_planned_on_a_table_cleaned_up_meanwhile_commits_on_the_current_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other = open(dir.path(), 2).await;
+    let objects: Vec<ObjectId> = (0..8).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
+    for seq in 1..=2 {
+        for o in &objects {
+            let r = common::put(o, seq, "k", &format!("v{seq}"), 1);
+            other.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
+        }
+    }
+    let in_bucket = |b: usize| {
+        common::files_ending_with(&dir.path().join(format!("m/changes/data/do_id_bucket={b}")), ".parquet").len()
+    };
+    assert!(in_bucket(0) >= 2 && in_bucket(1) >= 2, "both partitions have files to compact");
+    let hooked = common::FaultyStore::quiet_local();
+    let compactor = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 2, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
+        .build()
+        .await
+        .expect("compactor");
+    let (meanwhile, handle) = (other.clone(), tokio::runtime::Handle::current());
+    // (On a blocking thread: a compaction's future inside the hook's boxed one is not `Send`.)
+    let work = move || {
+        handle.block_on(async {
+            let one = CompactOptions { partitions: Some([1].into()), ..Default::default() };
+            meanwhile.compact(one).await.expect("the other store compacts partition 1");
+            common::sleep(std::time::Duration::from_millis(5)).await;
+            meanwhile.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+            let cleaned = meanwhile.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
+            assert!(cleaned.deleted.iter().any(|f| f.ends_with(".avro")), "old manifests deleted: {cleaned:?}");
+        })
+    };
+    *hooked.before_put.lock() = Some(common::PutHook(
+        ".parquet".to_string(),
+        Box::pin(async move { tokio::task::spawn_blocking(work).await.expect("the other store's work") }),
+    ));
+    let zero = CompactOptions { partitions: Some([0].into()), ..Default::default() };
+    let report = compactor.compact(zero).await.expect("committed on the current table");
+    assert!(hooked.before_put.lock().is_none(), "the other store ran during the compaction");
+    assert!(report.snapshot.is_some(), "{report:?}");
+    assert_eq!(live_files(&compactor).await, 2, "one file per partition, each compacted");
+    for o in &objects {
+        let seqs: Vec<u64> =
+            compactor.read_changes(o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2], "{o}");
+    }
+}
+
+/// Garbage collection turned off by another engine while a cleanup lists the table's files
+/// (after its first read of the table said it was on) stops the cleanup: `InvalidInput`,
+/// nothing deleted. The second read of the table, which saw the change, did not look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_turned_off_during_a_cleanup_stops_it() {
+    use dotdo_core::Clock;
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        let r = common::put(&o, seq, "k", "v", 1);
+        writer.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
+    }
+    writer.compact(CompactOptions::default()).await.expect("compact");
+    common::sleep(std::time::Duration::from_millis(5)).await;
+    writer.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire: the old files are unreferenced");
+    let files = common::files_ending_with(dir.path(), ".parquet").len();
+    assert_eq!(files, 4, "three replaced files and the compacted one");
+    let hooked = common::FaultyStore::quiet_local();
+    let ahead = dotdo_core::SystemClock::new().now().as_micros() + 3_600_000_000;
+    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .with_clock(Arc::new(dotdo_core::ManualClock::new(Timestamp::from_micros(ahead))))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
+        .build()
+        .await
+        .expect("cleaner");
+    let other = writer.clone();
+    *hooked.before_list.lock() = Some(common::PutHook(
+        String::new(),
+        Box::pin(async move {
+            let table = other.refresh().await.expect("table");
+            let tx = Transaction::new(&table);
+            let tx = tx
+                .update_table_properties()
+                .set("gc.enabled".to_string(), "false".to_string())
+                .apply(tx)
+                .expect("apply");
+            tx.commit(&*other.catalog()).await.expect("gc.enabled=false");
+        }),
+    ));
+    let e = cleaner.remove_unreferenced_files(std::time::Duration::ZERO).await.expect_err("gc turned off");
+    assert!(hooked.before_list.lock().is_none(), "the property changed during the listing");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("gc.enabled"), "{e}");
+    assert_eq!(common::files_ending_with(dir.path(), ".parquet").len(), files, "nothing deleted");
+}
+
 /// A compaction whose first files pass half of `min_cleanup_retention` before its last group is
 /// written stops there (`Conflict`, nothing committed, the rest not rewritten) instead of
 /// rewriting everything and failing at the commit.
