@@ -782,6 +782,38 @@ impl LibsqlStore {
             if !wal {
                 return Err(dotdo_core::sql_schema::not_wal_error(doing, &mode, "dotdo-libsql"));
             }
+            // SQLite opens a file it may not write (its permissions, a read-only mount) read-only
+            // without an error, and a dotdo file already in WAL mode needs no write to open: every
+            // write would then fail. A write (the version it has, set again) in a transaction
+            // rolled back finds out (`BEGIN IMMEDIATE` alone succeeds on such a file); refused at
+            // open as in dotdo-sqlite. (Busy: another writer holds the lock; the writes will tell.)
+            let probe = self
+                .with_writer(doing, false, move |c| {
+                    Box::pin(async move {
+                        let steps = vec![
+                            Step::exec("BEGIN IMMEDIATE", vec![]),
+                            Step::exec(format!("PRAGMA user_version = {version}"), vec![]),
+                        ];
+                        let out = c.run_all(steps).await;
+                        c.run_all(vec![Step::exec("ROLLBACK", vec![])]).await.ok();
+                        out?;
+                        Ok(())
+                    })
+                })
+                .await;
+            match probe {
+                // (An environment failure for good: read-only, or no permission.)
+                Err(e) if !e.is_retryable() && e.kind() == &ErrorKind::Unavailable => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!("{doing}: the file cannot be written (its permissions, or a read-only mount)"),
+                    )
+                    .with_retryable(false)
+                    .with_source(e));
+                }
+                Err(e) if !e.is_retryable() => return Err(e),
+                _ => {}
+            }
         }
         if version < schema::VERSION {
             // Safe to retry whatever its outcome (not `mutating`): the program re-reads the

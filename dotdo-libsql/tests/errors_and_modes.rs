@@ -687,6 +687,21 @@ async fn store_and_raw_connection(
     (s, raw, c)
 }
 
+/// A dotdo file SQLite can only open read-only (here `mode=ro`; its permissions or a read-only
+/// mount alike) is refused at open, as in dotdo-sqlite: it is already in WAL mode, so nothing at
+/// open wrote, the store opened, and every write then failed.
+#[tokio::test]
+async fn a_file_that_opens_read_only_is_refused_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    drop(LibsqlStore::local(&path).open().await.expect("create"));
+    let uri = format!("file:{}?mode=ro", path.display());
+    let e = LibsqlStore::local(&uri).open().await.expect_err("read-only");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("cannot be written") && e.to_string().contains("hot.db"), "{e}");
+}
+
 /// A NULL in a `do_objects` column of a database whose tables were made without `NOT NULL`
 /// (another tool's, or repaired by hand) is `Corrupt` to a write on the local path, with nothing
 /// written, as on the batch path and in dotdo-sqlite: the local path read a NULL `last_seq` as 0
