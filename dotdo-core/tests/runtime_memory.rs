@@ -4936,7 +4936,8 @@ async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(rt.metrics().in_flight, 2, "the long call and the prefetch");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // (From there it only takes the slot's lock, and waits.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let rt3 = rt.clone();
     let shutdown = tokio::spawn(async move { rt3.shutdown().await });
     // Shutdown waits one TTL (9 s) for the calls; small steps leave the long call's renewal

@@ -141,7 +141,8 @@ pub struct Settings {
     /// 1000), and at most about [`INLINE_WATERMARK_BYTES`](crate::summary::INLINE_WATERMARK_BYTES)
     /// of them; beyond that a checkpoint file with all of them is written (see
     /// [`summary`](crate::summary)), as it is once the snapshots since the last checkpoint have
-    /// repeated more inline watermarks than that. Keeps table metadata small with many objects.
+    /// repeated more inline watermarks than that and than a checkpoint would take. Keeps table
+    /// metadata small with many objects.
     pub watermark_checkpoint_objects: usize,
     /// Write Parquet bloom filters on the `do_id` and `key` columns of every row group, and use
     /// them on reads to skip row groups (and whole files) that cannot hold the object or key
@@ -1422,14 +1423,7 @@ impl IcebergColdStore {
     async fn append_validated(&self, batch: &Arc<ColdBatch>) -> Result<ColdCommit> {
         let mut maybe_landed = false;
         let out = self.append_attempts(batch, &mut maybe_landed).await;
-        out.map_err(|e| {
-            if maybe_landed && e.kind() != &ErrorKind::AmbiguousOutcome {
-                let message = format!("an earlier attempt's outcome is unknown, and the append then failed ({e})");
-                Error::new(ErrorKind::AmbiguousOutcome, message).with_source(e)
-            } else {
-                e
-            }
-        })
+        out.map_err(|e| unsettled(e, maybe_landed, "", ""))
     }
 
     /// The attempts of [`append_validated`](Self::append_validated); `maybe_landed` is set while
@@ -1726,6 +1720,24 @@ impl IcebergColdStore {
                 Err(Error::unavailable(format!("cold commit could not be prepared in {attempts} attempts")))
             }
         }
+    }
+}
+
+/// The error `e` of an append one of whose attempts had an outcome still unknown
+/// (`maybe_landed`): `AmbiguousOutcome` naming `e` (which says nothing about that attempt),
+/// unless it is one already or `Fenced` (a higher token committed since: that attempt, made on
+/// an older head, landed before it or never lands). `what` (if not empty) names the append,
+/// `retry` tells the caller how to find out.
+pub(crate) fn unsettled(e: Error, maybe_landed: bool, what: &str, retry: &str) -> Error {
+    if !maybe_landed || e.kind() == &ErrorKind::AmbiguousOutcome || e.is_fenced() {
+        return e;
+    }
+    let message = format!("an earlier attempt's outcome is unknown, and the append then failed ({e}){retry}");
+    let e = Error::new(ErrorKind::AmbiguousOutcome, message).with_source(e);
+    if what.is_empty() {
+        e
+    } else {
+        e.context(what)
     }
 }
 

@@ -673,8 +673,9 @@ impl ArrowTable {
     /// its rows are dropped (`ArrowPipeline` appends one claim at a time).
     ///
     /// Errors: `Unavailable` and `Conflict` mean the batch did not land (retry it); an
-    /// `AmbiguousOutcome` that it may have (an attempt's reply was lost and the table could not
-    /// be read back): append the same batch id again, which answers a landed batch as a replay.
+    /// `AmbiguousOutcome` that it may have (an attempt's reply was lost, and the table could not
+    /// be read back, or a later attempt failed otherwise): append the same batch id again, which
+    /// answers a landed batch as a replay.
     pub async fn append(&self, stream: &str, batch_id: u64, batches: Vec<RecordBatch>) -> Result<ArrowCommit> {
         if stream.is_empty()
             || stream.len() > 128
@@ -883,17 +884,7 @@ impl ArrowTable {
             Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))
         }
         .await;
-        out.map_err(|e| {
-            if maybe_landed && e.kind() != &ErrorKind::AmbiguousOutcome {
-                let message = format!(
-                    "{what}: an earlier attempt's outcome is unknown, and the append then failed ({e}); append the \
-                     same batch id again to find out"
-                );
-                Error::new(ErrorKind::AmbiguousOutcome, message).with_source(e)
-            } else {
-                e
-            }
-        })
+        out.map_err(|e| crate::store::unsettled(e, maybe_landed, &what, "; append the same batch id again to find out"))
     }
 
     /// Delete the data files an append wrote for commits that all failed for certain (no attempt

@@ -168,7 +168,7 @@ impl Conn {
 
     /// Roll back the transaction open on this connection, if any; whether one is still open
     /// afterwards (the rollback failed).
-    async fn roll_back_if_open(&self) -> bool {
+    pub(crate) async fn roll_back_if_open(&self) -> bool {
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute("ROLLBACK", ()).await;
         }
@@ -267,8 +267,8 @@ impl Conn {
             let room = Value::Integer(most - n);
             self.prepared(Step::exec(RAISE_IF_CURRENT, vec![w.object.clone(), Value::Integer(w.token), room])).await?;
             // It raises (or creates) the row unless the object's rows are damaged (the room was
-            // checked above): a negative lease token, say, which the read's `max` hid. Corrupt,
-            // rolled back; writing the changes without their object row would lose them.
+            // checked above), which the read above refuses already: a second line of defence.
+            // Corrupt, rolled back; writing the changes without their object row would lose them.
             if self.conn.changes() == 0 {
                 return Err(libsql::Error::InvalidColumnType);
             }

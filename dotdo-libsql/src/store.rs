@@ -786,24 +786,20 @@ impl LibsqlStore {
             // without an error, and a dotdo file already in WAL mode needs no write to open: every
             // write would then fail. A write (the version it has, set again) in a transaction
             // rolled back finds out (`BEGIN IMMEDIATE` alone succeeds on such a file); refused at
-            // open as in dotdo-sqlite. (Busy: another writer holds the lock; the writes will tell.)
-            let probe = self
-                .with_writer(doing, false, move |c| {
-                    Box::pin(async move {
-                        let steps = vec![
-                            Step::exec("BEGIN IMMEDIATE", vec![]),
-                            Step::exec(format!("PRAGMA user_version = {version}"), vec![]),
-                        ];
-                        let out = c.run_all(steps).await;
-                        c.run_all(vec![Step::exec("ROLLBACK", vec![])]).await.ok();
-                        out?;
-                        Ok(())
-                    })
-                })
-                .await;
+            // open as in dotdo-sqlite. Tried once, without the busy retries: another writer
+            // holding the lock (busy) leaves it undecided, and the writes will tell.
+            let probe = {
+                let mut c = self.inner.writer.lock().await;
+                let steps = vec![
+                    Step::exec("BEGIN IMMEDIATE", vec![]),
+                    Step::exec(format!("PRAGMA user_version = {version}"), vec![]),
+                ];
+                let out = c.run_all(steps).await;
+                c.roll_back_if_open().await;
+                out
+            };
             match probe {
-                // (An environment failure for good: read-only, or no permission.)
-                Err(e) if !e.is_retryable() && e.kind() == &ErrorKind::Unavailable => {
+                Err(e) if e.to_string().contains("readonly") => {
                     return Err(Error::new(
                         ErrorKind::Unavailable,
                         format!("{doing}: the file cannot be written (its permissions, or a read-only mount)"),
@@ -811,8 +807,13 @@ impl LibsqlStore {
                     .with_retryable(false)
                     .with_source(e));
                 }
-                Err(e) if !e.is_retryable() => return Err(e),
-                _ => {}
+                Err(e) => {
+                    let e = error::map(e, doing, false);
+                    if !e.is_retryable() {
+                        return Err(e);
+                    }
+                }
+                Ok(_) => {}
             }
         }
         if version < schema::VERSION {

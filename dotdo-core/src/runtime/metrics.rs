@@ -48,8 +48,8 @@ pub struct ActivationMetrics {
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
 pub struct RuntimeMetrics {
-    /// Calls, flushes, evictions and maintenance rounds in progress at the time of the reading
-    /// (a gauge; shutdown waits for them).
+    /// Calls in progress at the time of the reading, of every kind shutdown waits for
+    /// (`invoke`, `prefetch`, flushes, evictions, restores, maintenance rounds): a gauge.
     pub in_flight: u64,
     /// Calls to `invoke` past argument checks and shutdown, counted before activation: calls
     /// refused later (`LeaseHeld`, a failed restore) count too, so this is calls, not handlers

@@ -464,6 +464,34 @@ pub async fn empty_batch_creates_no_snapshot(f: &ColdFactory) {
     assert_eq!(fx.sink.watermarks(&[oid("o1")]).await.expect("watermarks of an empty table"), [Watermark::default()]);
 }
 
+/// A batch that replays a prefix of one object's committed changes (a drain capped by
+/// `flush_batch_records` re-sending what a crash left untruncated) beside new changes of
+/// another keeps the first object's watermark: `through` never goes down. A sink that wrote the
+/// last record sent as every object's `through` lowered it, and the next drain wrote the changes
+/// after it again.
+pub async fn a_replayed_prefix_beside_new_changes_keeps_the_watermark(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let (a, b) = (oid("a"), oid("b"));
+    fx.sink.append(ColdBatch::single(a.clone(), tok(1), puts(&a, 1..=5, 1))).await.expect("a");
+    let mixed = ColdBatch {
+        objects: vec![
+            ObjectChanges { object: a.clone(), token: tok(1), records: puts(&a, 1..=2, 1) },
+            ObjectChanges { object: b.clone(), token: tok(1), records: puts(&b, 1..=1, 1) },
+        ],
+    };
+    let c = fx.sink.append(mixed).await.expect("a replayed prefix beside new changes");
+    assert_eq!((c.records_written, c.records_skipped), (1, 2), "{c:?}");
+    assert_eq!(c.watermarks.get(&a).map(|w| w.through), Some(5), "{c:?}");
+    assert_eq!(fx.sink.watermark(&a).await.expect("watermark").through, 5);
+    let c = fx.sink.append(ColdBatch::single(a.clone(), tok(1), puts(&a, 2..=3, 1))).await.expect("a replay alone");
+    assert_eq!((c.records_written, c.snapshot), (0, None), "{c:?}");
+    assert_eq!(c.watermarks.get(&a).map(|w| w.through), Some(5), "{c:?}");
+    let c = fx.sink.append(ColdBatch::single(a.clone(), tok(1), puts(&a, 6..=6, 1))).await.expect("the next change");
+    assert_eq!(c.records_written, 1, "{c:?}");
+    let seqs: Vec<u64> = fx.sink.read_changes(&a, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=6).collect::<Vec<_>>(), "each change once");
+}
+
 /// If one object of a batch is fenced or invalid, nothing of the batch is committed.
 pub async fn multi_object_batch_is_all_or_nothing(f: &ColdFactory) {
     let (fx, _) = open(f).await;

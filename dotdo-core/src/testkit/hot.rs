@@ -1190,6 +1190,59 @@ pub async fn stale_and_none_tokens_are_refused_on_every_path(f: &HotFactory) {
     fx.hot.put(o, new.token, "T", "a", b("2")).await.expect("the holder still writes");
 }
 
+/// A batch of exactly `WriteBatch::MAX_BYTES` of keys and values is accepted whole; one byte
+/// more is `LimitExceeded` naming both, with nothing applied.
+pub async fn a_batch_of_exactly_the_byte_limit_is_accepted(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let n = WriteBatch::MAX_BYTES / MAX_VALUE_BYTES;
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i:02}")).collect();
+    let key_bytes: usize = keys.iter().map(String::len).sum();
+    let full = Bytes::from(vec![5u8; MAX_VALUE_BYTES]);
+    let batch = |extra: usize| {
+        keys.iter().enumerate().fold(WriteBatch::new("T"), |b, (i, k)| {
+            let v = if i + 1 < n { full.clone() } else { Bytes::from(vec![6u8; MAX_VALUE_BYTES - key_bytes + extra]) };
+            b.put(k.clone(), v)
+        })
+    };
+    let e = fx.hot.write(&l.object, l.token, batch(1)).await.expect_err("one byte over the limit");
+    match e.kind() {
+        ErrorKind::LimitExceeded { limit, actual, .. } => {
+            assert_eq!((*limit, *actual), (WriteBatch::MAX_BYTES as u64, WriteBatch::MAX_BYTES as u64 + 1), "{e}");
+        }
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
+    assert_eq!(fx.hot.get(&l.object, &keys[0]).await.expect("get"), None, "nothing of it written");
+    let r = fx.hot.write(&l.object, l.token, batch(0)).await.expect("a batch of exactly the limit");
+    assert_eq!(r.last_seq + 1 - r.first_seq, n as u64);
+    let last = fx.hot.get(&l.object, &keys[n - 1]).await.expect("get").expect("written");
+    assert_eq!(last.len(), MAX_VALUE_BYTES - key_bytes);
+}
+
+/// A restore whose entries together are larger than one write batch may be (33 values of
+/// 2 MiB, 66 MiB: an evicted object's state is as large as its writes made it, over many
+/// batches) installs them all in one call: the runtime restores an object's whole cold state
+/// at once, and a backend that checked a restore as one batch, or sent it in one request a
+/// server refuses, could never bring such an object back.
+pub async fn a_restore_larger_than_a_write_batch_installs_every_entry(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let n = WriteBatch::MAX_BYTES / MAX_VALUE_BYTES + 1;
+    let value = |i: usize| Bytes::from(vec![(i % 251) as u8; MAX_VALUE_BYTES]);
+    let entries: Vec<crate::Entry> =
+        (0..n).map(|i| crate::Entry { key: format!("k{i:02}"), value: value(i), seq: i as u64 + 1 }).collect();
+    let through = n as u64 + 7;
+    fx.hot.restore(&l.object, l.token, entries, through).await.expect("a restore of 66 MiB");
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("restored");
+    assert_eq!((info.last_seq, info.keys, info.value_bytes), (through, n as u64, (n * MAX_VALUE_BYTES) as u64));
+    for i in [0, n / 2, n - 1] {
+        let got = fx.hot.get(&l.object, &format!("k{i:02}")).await.expect("get");
+        assert!(got.as_ref() == Some(&value(i)), "k{i:02}: {:?} bytes", got.map(|v| v.len()));
+    }
+    let r = fx.hot.put(&l.object, l.token, "T", "next", b("v")).await.expect("writes continue");
+    assert_eq!(r.first_seq, through + 1);
+}
+
 /// A restore with a key twice, an entry newer than its `through_seq` or an invalid key is
 /// `InvalidInput`, one with a key or value over its size limit `LimitExceeded`, and none changes
 /// anything (state, sequence and token stay as they were).
@@ -1775,6 +1828,29 @@ pub async fn refresh_extends_and_keeps_token(f: &HotFactory) {
     assert!(!fx.guard.is_available(&l.object).await.expect("available"));
     fx.guard.validate(&r).await.expect("still valid");
     fx.hot.put(&l.object, r.token, "T", "k", b("v")).await.expect("write after refresh");
+}
+
+/// A refresh, validate or release sent again with the lease as it was before a refresh whose
+/// reply was lost (the runtime keeps the lease it was granted and sends the same call again)
+/// is answered as for the holder's current lease of that token, past the old expiry: a guard
+/// that matched the caller's `expires_at` answered `LeaseLost`, and the runtime gave the object
+/// up.
+pub async fn calls_with_the_lease_from_before_a_refresh_still_hold(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    clock.advance(TTL / 2);
+    let r = fx.guard.refresh(&l, TTL).await.expect("refresh");
+    // Past the old expiry, within the new one.
+    clock.advance(TTL * 3 / 4);
+    assert!(clock.now() > l.expires_at && clock.now() < r.expires_at);
+    fx.guard.validate(&l).await.expect("the same lease, renewed");
+    let again = fx.guard.refresh(&l, TTL).await.expect("a refresh sent again with the lease from before");
+    assert_eq!(again.token, l.token);
+    assert_eq!(again.expires_at, clock.now().plus(TTL));
+    fx.guard.release(&l).await.expect("a release with the lease from before");
+    assert!(fx.guard.is_available(&l.object).await.expect("available"), "released");
+    let next = lease(&fx, "o1", "n2").await;
+    assert!(next.token > l.token);
 }
 
 /// Refresh after expiry is `LeaseLost`; after a takeover it is `Fenced`.
