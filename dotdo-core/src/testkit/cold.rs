@@ -713,13 +713,24 @@ pub async fn same_instant_commits_and_unissued_snapshot_ids(f: &ColdFactory) {
     let st = fx.sink.load_state(&o, AsOf::Timestamp(at)).await.expect("load at the instant");
     assert_eq!((st.snapshot, st.through), (c2.snapshot, 2), "the later of two commits at {at:?}");
     assert_eq!(fx.sink.read_changes(&o, 0, AsOf::Timestamp(at)).await.expect("changes").len(), 2);
+    let (s1, s2) = (c1.snapshot.expect("snapshot"), c2.snapshot.expect("snapshot"));
     if let Some(a) = fx.accel.as_ref() {
         let l = a.lookup(&o, "k", AsOf::Timestamp(at)).await.expect("lookup at the instant");
+        assert_eq!(l.stats.snapshot, Some(s2), "the later of two commits at the instant");
         assert_eq!(l.value.map(|v| v.value), Some(Bytes::from_static(b"v2")));
+        // A scan resolves the instant as a lookup does, and each reports the snapshot it read.
+        let sc = a.scan(ScanQuery::object(o.clone()).as_of(AsOf::Timestamp(at))).await.expect("scan at the instant");
+        assert_eq!(sc.stats.snapshot, Some(s2), "the later of two commits at the instant");
+        assert_eq!(sc.entries.iter().map(|e| e.value.clone()).collect::<Vec<_>>(), [Bytes::from_static(b"v2")]);
+        let l = a.lookup(&o, "k", AsOf::Snapshot(s1)).await.expect("lookup as of the first");
+        assert_eq!(l.stats.snapshot, Some(s1), "the snapshot asked for");
+        assert_eq!(l.value.map(|v| v.value), Some(Bytes::from_static(b"v1")));
+        let sc = a.scan(ScanQuery::object(o.clone()).as_of(AsOf::Snapshot(s1))).await.expect("scan as of the first");
+        assert_eq!(sc.stats.snapshot, Some(s1), "the snapshot asked for");
+        assert_eq!(sc.entries.iter().map(|e| e.value.clone()).collect::<Vec<_>>(), [Bytes::from_static(b"v1")]);
     }
     let ids: Vec<i64> = fx.sink.snapshots().await.expect("snapshots").iter().map(|s| s.id).collect();
     assert_eq!(ids.len(), 2);
-    let (s1, s2) = (c1.snapshot.expect("snapshot"), c2.snapshot.expect("snapshot"));
     let mut never =
         vec![ids.iter().max().expect("ids").saturating_add(1), ids.iter().min().expect("ids").saturating_sub(1)];
     if s1.abs_diff(s2) > 1 {
@@ -733,6 +744,8 @@ pub async fn same_instant_commits_and_unissued_snapshot_ids(f: &ColdFactory) {
         if let Some(a) = fx.accel.as_ref() {
             let e = a.lookup(&o, "k", AsOf::Snapshot(id)).await.expect_err("never issued");
             assert_eq!(e.kind(), &ErrorKind::NotFound, "lookup as of {id}: {e}");
+            let e = a.scan(ScanQuery::object(o.clone()).as_of(AsOf::Snapshot(id))).await.expect_err("never issued");
+            assert_eq!(e.kind(), &ErrorKind::NotFound, "scan as of {id}: {e}");
         }
     }
 }

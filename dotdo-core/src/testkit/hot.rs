@@ -1069,6 +1069,35 @@ pub async fn races_through_two_handles_have_one_winner_and_unique_sequences(f: &
     }
 }
 
+/// A token raised by an empty write (how the runtime lifts the hot store's fencing floor to a
+/// token cold storage has seen) is durable and shared: another handle on the database, and the
+/// store after a crash, refuse the lower token. A backend that kept it in memory fenced nothing
+/// once restarted.
+pub async fn a_token_raised_by_an_empty_write_survives_reopen_and_fences_another_handle(f: &super::HotReopenFactory) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(KIT_EPOCH);
+    let h1 = f(clock.clone(), dir.path().to_path_buf()).await;
+    let l = h1.guard.acquire(&oid("o1"), &nid("n1"), TTL).await.expect("acquire");
+    h1.hot.put(&l.object, l.token, "T", "k", b("v")).await.expect("put");
+    let raised = FencingToken::new(l.token.get() + 5);
+    h1.hot.write(&l.object, raised, WriteBatch::new("T")).await.expect("an empty write raising the token");
+    let h2 = f(clock.clone(), dir.path().to_path_buf()).await;
+    let fenced_at_raised = |e: crate::Error| match e.kind() {
+        ErrorKind::Fenced { presented, current, .. } => assert_eq!((*presented, *current), (l.token, raised), "{e}"),
+        other => panic!("expected Fenced by the raised token, got {other:?}"),
+    };
+    fenced_at_raised(h2.hot.put(&l.object, l.token, "T", "k", b("stale")).await.expect_err("another handle"));
+    drop(h2);
+    super::crash(h1);
+    let fx = f(clock.clone(), dir.path().to_path_buf()).await;
+    fenced_at_raised(fx.hot.put(&l.object, l.token, "T", "k", b("stale")).await.expect_err("after a restart"));
+    assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), Some(b("v")));
+    assert_eq!(fx.hot.object_info(&l.object).await.expect("info").expect("kept").max_token, raised);
+    clock.advance(TTL + Duration::from_millis(1));
+    let next = fx.guard.acquire(&l.object, &nid("n2"), TTL).await.expect("acquire after expiry");
+    assert!(next.token > raised, "a new lease above the raised token: {next:?}");
+}
+
 /// Two handles open at once on one database (two processes, or two stores in one process,
 /// sharing a file) share one fencing state: a lease held through one is `LeaseHeld` through the
 /// other, both ways; a lease granted through one fences every call of the other under an older

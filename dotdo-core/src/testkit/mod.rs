@@ -911,6 +911,7 @@ macro_rules! hot_reopen_conformance {
             hot,
             $factory,
             state_sequence_and_tokens_survive_reopen,
+            a_token_raised_by_an_empty_write_survives_reopen_and_fences_another_handle,
             fencing_holds_across_two_handles_on_one_database,
             races_through_two_handles_have_one_winner_and_unique_sequences,
             a_release_frees_the_object_for_a_node_whose_clock_is_behind
