@@ -1962,6 +1962,44 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks_with(key: &str) {
     assert_eq!(cold.append(next).await.expect("appends continue after expiry").records_written, 1);
 }
 
+/// A one-bucket store on a new table at `dir` with one put of object `o` (seq 1, key `k`)
+/// committed, and the table after it.
+async fn one_put_committed(dir: &std::path::Path) -> (IcebergColdStore, ObjectId, iceberg::table::Table) {
+    let cold = open(dir, 1).await;
+    let o = ObjectId::new("o").expect("id");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let table = cold.refresh().await.expect("table");
+    (cold, o, table)
+}
+
+/// Another engine's append of the data file at `location` (one record, in `format`, of `size`
+/// bytes, partition 0) to `table`, without column statistics.
+async fn add_foreign_file(
+    cold: &IcebergColdStore,
+    table: &iceberg::table::Table,
+    location: String,
+    format: iceberg::spec::DataFileFormat,
+    size: u64,
+) {
+    use iceberg::spec::{DataContentType, DataFileBuilder, Struct};
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let file = DataFileBuilder::default()
+        .content(DataContentType::Data)
+        .file_path(location)
+        .file_format(format)
+        .partition_spec_id(table.metadata().default_partition_spec_id())
+        .partition(Struct::from_iter([Some(iceberg::spec::Literal::int(0))]))
+        .record_count(1)
+        .file_size_in_bytes(size)
+        .build()
+        .expect("data file");
+    let tx = Transaction::new(table);
+    let tx = tx.fast_append().add_data_files(vec![file]).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine's append");
+}
+
 /// A Parquet data file another writer added whose embedded Arrow schema makes `do_id` and `op`
 /// dictionary columns (pyarrow's categoricals, added with PyIceberg's `add_files`) reads as the
 /// strings it holds, in lookups, change reads and compaction (it was `Corrupt`: "column do_id is
@@ -1970,15 +2008,8 @@ async fn another_engines_snapshot_keeps_dotdos_watermarks_with(key: &str) {
 async fn a_data_file_with_dictionary_columns_reads_as_its_strings() {
     use arrow_array::{ArrayRef, Int64Array, LargeBinaryArray, RecordBatch, StringArray, TimestampMicrosecondArray};
     use arrow_schema::{DataType, Schema};
-    use iceberg::spec::{DataContentType, DataFileBuilder, DataFileFormat, Struct};
-    use iceberg::transaction::{ApplyTransactionAction, Transaction};
     let dir = tempfile::tempdir().expect("tempdir");
-    let cold = open(dir.path(), 1).await;
-    let o = ObjectId::new("o").expect("id");
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
-        .await
-        .expect("append");
-    let table = cold.refresh().await.expect("table");
+    let (cold, o, table) = one_put_committed(dir.path()).await;
     let plain = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema()).expect("arrow schema");
     let dictionary = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
     let fields: Vec<arrow_schema::Field> = plain
@@ -2009,19 +2040,8 @@ async fn a_data_file_with_dictionary_columns_reads_as_its_strings() {
         .expect("writer");
     writer.write(&batch).expect("write");
     writer.close().expect("close");
-    let file = DataFileBuilder::default()
-        .content(DataContentType::Data)
-        .file_path(location)
-        .file_format(DataFileFormat::Parquet)
-        .partition_spec_id(table.metadata().default_partition_spec_id())
-        .partition(Struct::from_iter([Some(iceberg::spec::Literal::int(0))]))
-        .record_count(1)
-        .file_size_in_bytes(std::fs::metadata(&path).expect("size").len())
-        .build()
-        .expect("data file");
-    let tx = Transaction::new(&table);
-    let tx = tx.fast_append().add_data_files(vec![file]).apply(tx).expect("apply");
-    tx.commit(&*cold.catalog()).await.expect("another writer's append");
+    let size = std::fs::metadata(&path).expect("size").len();
+    add_foreign_file(&cold, &table, location, iceberg::spec::DataFileFormat::Parquet, size).await;
     let found = cold.lookup(&o, "k2", AsOf::Latest).await.expect("lookup");
     assert_eq!(found.value.map(|e| e.value), Some(bytes::Bytes::from("w")));
     let seqs = |records: Vec<dotdo_core::ChangeRecord>| records.iter().map(|r| r.seq).collect::<Vec<u64>>();
@@ -2036,29 +2056,10 @@ async fn a_data_file_with_dictionary_columns_reads_as_its_strings() {
 /// Compaction leaves such a file alone and compacts the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_file_in_another_format_is_not_reported_corrupt() {
-    use iceberg::spec::{DataContentType, DataFileBuilder, DataFileFormat, Struct};
-    use iceberg::transaction::{ApplyTransactionAction, Transaction};
     let dir = tempfile::tempdir().expect("tempdir");
-    let cold = open(dir.path(), 1).await;
-    let o = ObjectId::new("o").expect("id");
-    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v", 1)]))
-        .await
-        .expect("append");
-    let table = cold.refresh().await.expect("table");
+    let (cold, o, table) = one_put_committed(dir.path()).await;
     let orc = format!("{}/data/foreign-00000.orc", table.metadata().location());
-    let file = DataFileBuilder::default()
-        .content(DataContentType::Data)
-        .file_path(orc.clone())
-        .file_format(DataFileFormat::Orc)
-        .partition_spec_id(table.metadata().default_partition_spec_id())
-        .partition(Struct::from_iter([Some(iceberg::spec::Literal::int(0))]))
-        .record_count(1)
-        .file_size_in_bytes(100)
-        .build()
-        .expect("data file");
-    let tx = Transaction::new(&table);
-    let tx = tx.fast_append().add_data_files(vec![file]).apply(tx).expect("apply");
-    tx.commit(&*cold.catalog()).await.expect("another engine's ORC append");
+    add_foreign_file(&cold, &table, orc.clone(), iceberg::spec::DataFileFormat::Orc, 100).await;
     let e = cold.lookup(&o, "k", AsOf::Latest).await.expect_err("an ORC file to read");
     assert_eq!(e.kind(), &ErrorKind::Backend, "{e}");
     assert!(e.to_string().contains("foreign-00000.orc") && e.to_string().contains("Parquet"), "{e}");

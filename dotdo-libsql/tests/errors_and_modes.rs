@@ -671,6 +671,23 @@ async fn an_acquire_queued_past_a_ttl_gets_a_full_ttl() {
     assert_eq!(s.current(&other).await.expect("current").map(|l| l.token), Some(granted.token), "live");
 }
 
+/// [`store_and_raw_connection`] on a new file at `path` whose `tables` were made first (by
+/// hand, as another tool's: the store's schema then leaves them as they are).
+async fn store_over_tables(
+    path: &std::path::Path,
+    transport: Transport,
+    tables: &[&str],
+) -> (LibsqlStore, libsql::Database, libsql::Connection) {
+    {
+        let raw = libsql::Builder::new_local(path).build().await.expect("raw open");
+        let c = raw.connect().expect("connect");
+        for sql in tables {
+            c.execute(sql, ()).await.expect("a table made by hand");
+        }
+    }
+    store_and_raw_connection(path, transport).await
+}
+
 /// A store on the local file `path` with `transport`, and a raw connection to the same file
 /// (its database handle kept alive beside it) for damaging rows.
 async fn store_and_raw_connection(
@@ -711,21 +728,9 @@ async fn a_file_that_opens_read_only_is_refused_at_open() {
 async fn a_null_in_the_object_row_is_corrupt_to_a_write_on_either_path() {
     for transport in [Transport::Auto, Transport::Batch] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("hot.db");
-        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
-        let c = raw.connect().expect("connect");
-        c.execute(
-            "CREATE TABLE do_objects (do_id TEXT PRIMARY KEY, last_seq INTEGER, truncated_through INTEGER, \
-             max_token INTEGER) WITHOUT ROWID",
-            (),
-        )
-        .await
-        .expect("a table without NOT NULL");
-        let s = LibsqlStore::local(&path)
-            .with_settings(LibsqlSettings { transport, ..Default::default() })
-            .open()
-            .await
-            .expect("open");
+        let table = "CREATE TABLE do_objects (do_id TEXT PRIMARY KEY, last_seq INTEGER, truncated_through INTEGER, \
+                     max_token INTEGER) WITHOUT ROWID";
+        let (s, _raw, c) = store_over_tables(&dir.path().join("hot.db"), transport, &[table]).await;
         let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
         for v in ["1", "2", "3"] {
             s.put(&obj(), l.token, "T", "k", v.into()).await.expect("put");
@@ -753,23 +758,14 @@ async fn a_null_in_the_object_row_is_corrupt_to_a_write_on_either_path() {
 async fn a_null_value_op_or_time_is_corrupt_to_reads() {
     for transport in [Transport::Auto, Transport::Batch] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("hot.db");
-        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
-        let c = raw.connect().expect("connect");
-        for sql in [
+        let tables = [
             "CREATE TABLE do_state (do_id TEXT NOT NULL, key TEXT NOT NULL, value BLOB, seq INTEGER NOT NULL, \
              UNIQUE (do_id, key))",
             "CREATE TABLE do_changes (do_id TEXT NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, op INTEGER, \
              value BLOB, token INTEGER NOT NULL, ts INTEGER, type TEXT NOT NULL, PRIMARY KEY (do_id, seq)) \
              WITHOUT ROWID",
-        ] {
-            c.execute(sql, ()).await.expect("a table without NOT NULL");
-        }
-        let s = LibsqlStore::local(&path)
-            .with_settings(LibsqlSettings { transport, ..Default::default() })
-            .open()
-            .await
-            .expect("open");
+        ];
+        let (s, _raw, c) = store_over_tables(&dir.path().join("hot.db"), transport, &tables).await;
         let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
         s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
         c.execute("UPDATE do_state SET value = NULL", ()).await.expect("damage");
