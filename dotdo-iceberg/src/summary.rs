@@ -45,8 +45,8 @@ pub const COMMIT_ID: &str = "dotdo.commit-id";
 pub const COMMITTED_AT: &str = "dotdo.committed-at-us";
 /// Summary key of the bytes of inline watermarks the snapshots since the checkpoint (this one
 /// included) repeated from their parents: entries not changed by their own commit, counted as
-/// [`inline_too_large`] counts them. Absent (a table written before it, another engine's
-/// snapshot) reads as 0.
+/// the inline bound counts them (an id's length plus 46 bytes each). Absent (a table written
+/// before it, another engine's snapshot) reads as 0.
 pub const CARRIED: &str = "dotdo.watermarks-carried";
 
 /// Summary key marking a maintenance snapshot (`compact` or `collapse`): it rewrites rows
