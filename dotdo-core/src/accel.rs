@@ -19,7 +19,8 @@ use crate::time::Timestamp;
 /// what was actually read.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct QueryStats {
-    /// The snapshot the query read.
+    /// The snapshot the query read (`Some` once the table has one: the one an `AsOf` resolved
+    /// to; `None` for a table without snapshots).
     pub snapshot: Option<SnapshotId>,
     /// Data files in the snapshot.
     pub files_total: u64,

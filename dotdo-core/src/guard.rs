@@ -74,6 +74,10 @@ pub fn validate_ttl(ttl: Duration) -> Result<()> {
 ///   releasing a lease that is no longer current is a no-op `Ok`. The token maximum is kept.
 /// * **Validate** is `Ok` iff the token is current, held by `lease.holder` and unexpired;
 ///   `Fenced` if a newer token exists, else `LeaseLost` (also for an object never leased).
+/// * A lease passed to refresh, release or validate is its object, holder and token: its
+///   `acquired_at` and `expires_at` are not compared with the stored lease's (a refresh whose
+///   reply was lost is sent again with the lease from before it, whose expiry is older), and
+///   "unexpired" is the stored lease's expiry.
 /// * **Durability.** An `Ok` acquire is persisted before returning: after a crash of the
 ///   process, no lower or equal token is issued again (after a power loss, as durable as the
 ///   backend's configured durability: see dotdo-sqlite's `Durability`).

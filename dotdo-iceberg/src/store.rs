@@ -1418,8 +1418,9 @@ impl IcebergColdStore {
 
     /// The append protocol (see the crate docs) for a validated batch. Once an attempt's outcome
     /// was unknown, every later failure (to read the table back, or to go on: a reload refused
-    /// for good, a verdict on a table that may not show the attempt yet) is `AmbiguousOutcome`
-    /// until a read-back settles it: that attempt may have landed, or still land.
+    /// for good, a verdict on a table that may not show the attempt yet) but `Fenced` is
+    /// `AmbiguousOutcome` until a read-back settles it: that attempt may have landed, or still
+    /// land (see [`unsettled`]).
     async fn append_validated(&self, batch: &Arc<ColdBatch>) -> Result<ColdCommit> {
         let mut maybe_landed = false;
         let out = self.append_attempts(batch, &mut maybe_landed).await;

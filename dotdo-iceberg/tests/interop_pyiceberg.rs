@@ -161,7 +161,11 @@ async fn pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry() {
     let as_of = sorted(&committed[..3]);
     assert_eq!(rows_of(&v["as_of"]), as_of, "PyIceberg's time-travel rows differ from commits 1-3");
     assert_eq!(dotdo_rows(&cold, &objects, AsOf::Snapshot(older)).await, as_of, "dotdo's as-of rows differ");
-    assert_eq!(v["summary_keys"], serde_json::json!(["dotdo.commit-id", "dotdo.committed-at-us", "dotdo.watermarks"]));
+    // (`dotdo.watermarks-carried`: the inline watermarks repeated since the last checkpoint.)
+    assert_eq!(
+        v["summary_keys"],
+        serde_json::json!(["dotdo.commit-id", "dotdo.committed-at-us", "dotdo.watermarks", "dotdo.watermarks-carried"])
+    );
     let spec = v["partition_spec"].as_str().expect("spec");
     assert!(spec.contains("bucket[16]") && spec.contains("do_id"), "{spec}");
     // Time travel by time picks the same snapshot in both engines: a dotdo commit's Iceberg
@@ -293,7 +297,13 @@ async fn pyiceberg_reads_a_compacted_table_with_the_same_rows() {
     assert_eq!(dotdo_rows(&cold, &objects, AsOf::Latest).await, before_rows, "dotdo's rows after compaction");
     assert_eq!(
         v["summary_keys"],
-        serde_json::json!(["dotdo.commit-id", "dotdo.committed-at-us", "dotdo.maintenance", "dotdo.watermarks"])
+        serde_json::json!([
+            "dotdo.commit-id",
+            "dotdo.committed-at-us",
+            "dotdo.maintenance",
+            "dotdo.watermarks",
+            "dotdo.watermarks-carried"
+        ])
     );
 }
 

@@ -788,18 +788,34 @@ impl LibsqlStore {
             // rolled back finds out (`BEGIN IMMEDIATE` alone succeeds on such a file); refused at
             // open as in dotdo-sqlite. Tried once, without the busy retries: another writer
             // holding the lock (busy) leaves it undecided, and the writes will tell.
+            // (Through `drive`: SQLite's busy handler may wait, off the async threads.)
             let probe = {
                 let mut c = self.inner.writer.lock().await;
-                let steps = vec![
-                    Step::exec("BEGIN IMMEDIATE", vec![]),
-                    Step::exec(format!("PRAGMA user_version = {version}"), vec![]),
-                ];
-                let out = c.run_all(steps).await;
-                c.roll_back_if_open().await;
-                out
+                self.drive(
+                    true,
+                    Box::pin(async {
+                        let steps = vec![
+                            Step::exec("BEGIN IMMEDIATE", vec![]),
+                            Step::exec(format!("PRAGMA user_version = {version}"), vec![]),
+                        ];
+                        let out = c.run_all(steps).await;
+                        if c.roll_back_if_open().await {
+                            // Left holding the write lock: no write of this store or any other
+                            // process would get it.
+                            return Err(TxError::Api(Error::unavailable(format!(
+                                "{doing}: the write transaction begun to check the file could not be rolled back"
+                            ))));
+                        }
+                        Ok(out?)
+                    }),
+                )
+                .await
             };
+            // SQLite's primary result code: SQLITE_READONLY (8), not its extended code for a file
+            // moved or deleted meanwhile (SQLITE_READONLY_DBMOVED, 1032: another failure).
+            let read_only = |e: &libsql::Error| matches!(e, libsql::Error::SqliteFailure(code, _) if code & 0xff == 8 && *code != 1032);
             match probe {
-                Err(e) if e.to_string().contains("readonly") => {
+                Err(TxError::Sql(e)) if read_only(&e) => {
                     return Err(Error::new(
                         ErrorKind::Unavailable,
                         format!("{doing}: the file cannot be written (its permissions, or a read-only mount)"),
@@ -807,12 +823,13 @@ impl LibsqlStore {
                     .with_retryable(false)
                     .with_source(e));
                 }
-                Err(e) => {
+                Err(TxError::Sql(e)) => {
                     let e = error::map(e, doing, false);
                     if !e.is_retryable() {
                         return Err(e);
                     }
                 }
+                Err(TxError::Api(e)) => return Err(e),
                 Ok(_) => {}
             }
         }
