@@ -4929,13 +4929,7 @@ async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
     let prefetch = tokio::spawn(async move { rt2.prefetch(&o2, &[], &[]).await });
     // Let the prefetch enter (counted in flight: it started before shutdown, or it would be
     // refused at once and never wait) and queue on the slot.
-    for _ in 0..5_000 {
-        if rt.metrics().in_flight == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(rt.metrics().in_flight, 2, "the long call and the prefetch");
+    until("the long call and the prefetch are in flight", || async { rt.metrics().in_flight == 2 }).await;
     // (From there it only takes the slot's lock, and waits.)
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rt3 = rt.clone();

@@ -2332,25 +2332,37 @@ async fn a_compaction_whose_files_a_cleanup_could_take_does_not_commit() {
     assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read"), before);
 }
 
-/// A table with `gc.enabled=false` (its files may be shared with another table) is neither
-/// expired nor cleaned: both refuse with `InvalidInput` and delete nothing. (Cleanup ignored the
-/// property and deleted unreferenced files; expiry failed as `Corrupt`.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gc_disabled_tables_are_neither_expired_nor_cleaned() {
-    use iceberg::transaction::{ApplyTransactionAction, Transaction};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cold = open(dir.path(), 1).await;
+/// A one-bucket store on a new table at `dir` with three puts of object `o` (key `k`), each
+/// in a commit of its own, then compacted into one file.
+async fn three_puts_compacted(dir: &std::path::Path) -> IcebergColdStore {
+    let cold = open(dir, 1).await;
     let o = ObjectId::new("o").expect("id");
     for seq in 1..=3 {
         let r = common::put(&o, seq, "k", "v", 1);
         cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
     }
     cold.compact(CompactOptions::default()).await.expect("compact");
+    cold
+}
+
+/// Another engine's commit setting the table property `key` to `value`.
+async fn set_table_property(cold: &IcebergColdStore, key: &str, value: &str) {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
     let table = cold.refresh().await.expect("table");
     let tx = Transaction::new(&table);
+    let tx = tx.update_table_properties().set(key.to_string(), value.to_string()).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("the property set");
+}
+
+/// A table with `gc.enabled=false` (its files may be shared with another table) is neither
+/// expired nor cleaned: both refuse with `InvalidInput` and delete nothing. (Cleanup ignored the
+/// property and deleted unreferenced files; expiry failed as `Corrupt`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_disabled_tables_are_neither_expired_nor_cleaned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = three_puts_compacted(dir.path()).await;
     // Any value but "true" disables it, as Java's Boolean.parseBoolean reads it.
-    let tx = tx.update_table_properties().set("gc.enabled".to_string(), "0".to_string()).apply(tx).expect("apply");
-    tx.commit(&*cold.catalog()).await.expect("gc.enabled=0");
+    set_table_property(&cold, "gc.enabled", "0").await;
     let snapshots = cold.snapshots().await.expect("snapshots").len();
     let files = common::files_ending_with(dir.path(), ".parquet").len();
     common::sleep(std::time::Duration::from_millis(5)).await;
@@ -2424,15 +2436,8 @@ async fn a_compaction_planned_on_a_table_cleaned_up_meanwhile_commits_on_the_cur
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_turned_off_during_a_cleanup_stops_it() {
     use dotdo_core::Clock;
-    use iceberg::transaction::{ApplyTransactionAction, Transaction};
     let dir = tempfile::tempdir().expect("tempdir");
-    let writer = open(dir.path(), 1).await;
-    let o = ObjectId::new("o").expect("id");
-    for seq in 1..=3 {
-        let r = common::put(&o, seq, "k", "v", 1);
-        writer.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![r])).await.expect("append");
-    }
-    writer.compact(CompactOptions::default()).await.expect("compact");
+    let writer = three_puts_compacted(dir.path()).await;
     common::sleep(std::time::Duration::from_millis(5)).await;
     writer.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire: the old files are unreferenced");
     let files = common::files_ending_with(dir.path(), ".parquet").len();
@@ -2450,16 +2455,7 @@ async fn gc_turned_off_during_a_cleanup_stops_it() {
     let other = writer.clone();
     *hooked.before_list.lock() = Some(common::PutHook(
         String::new(),
-        Box::pin(async move {
-            let table = other.refresh().await.expect("table");
-            let tx = Transaction::new(&table);
-            let tx = tx
-                .update_table_properties()
-                .set("gc.enabled".to_string(), "false".to_string())
-                .apply(tx)
-                .expect("apply");
-            tx.commit(&*other.catalog()).await.expect("gc.enabled=false");
-        }),
+        Box::pin(async move { set_table_property(&other, "gc.enabled", "false").await }),
     ));
     let e = cleaner.remove_unreferenced_files(std::time::Duration::ZERO).await.expect_err("gc turned off");
     assert!(hooked.before_list.lock().is_none(), "the property changed during the listing");

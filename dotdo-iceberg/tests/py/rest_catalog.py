@@ -84,6 +84,13 @@ class Handler(BaseHTTPRequestHandler):
         if data and self.command != "HEAD":
             self.wfile.write(data)
 
+    def drop_connection(self):
+        """Close the connection without a reply (a reply lost on the way, or a request that never
+        arrived, as the client sees it)."""
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+        return None
+
     def error(self, code, kind, message):
         self.reply(code, {"error": {"message": message, "type": kind, "code": code}})
 
@@ -119,15 +126,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(500, "ServerError", f"{type(e).__name__}: {e}")
 
     def control(self, parts):
-        if parts == ["lose-next-commit"] and self.command == "POST":
+        armed = {"lose-next-commit": "lose_next", "fail-next-commit": "fail_next"}
+        if len(parts) == 1 and parts[0] in armed and self.command == "POST":
             self.body()
             with lock:
-                state["lose_next"] = True
-            return self.reply(200, {})
-        if parts == ["fail-next-commit"] and self.command == "POST":
-            self.body()
-            with lock:
-                state["fail_next"] = True
+                state[armed[parts[0]]] = True
             return self.reply(200, {})
         if parts == ["stats"]:
             with lock:
@@ -192,9 +195,7 @@ class Handler(BaseHTTPRequestHandler):
                 state["fail_next"] = False
                 state["failed"] += 1
                 # Not applied, not answered: the connection breaks before the request is read.
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return None
+                return self.drop_connection()
             req = CommitTableRequest.model_validate_json(self.body())
             table = catalog.load_table(ident)
             try:
@@ -207,9 +208,7 @@ class Handler(BaseHTTPRequestHandler):
                 state["lose_next"] = False
                 state["lost"] += 1
                 # Applied; the reply never arrives.
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return None
+                return self.drop_connection()
             return self.reply(
                 200,
                 {
