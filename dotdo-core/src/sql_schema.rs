@@ -5,10 +5,12 @@
 //! Plain text here (dotdo-core has no SQLite dependency); each backend executes it.
 
 /// Schema version the backends store in `PRAGMA user_version`.
-pub const SQL_HOT_SCHEMA_VERSION: i64 = 2;
+pub const SQL_HOT_SCHEMA_VERSION: i64 = 3;
 
-/// The `CREATE TABLE IF NOT EXISTS` statements of the schema, and the one-time fold of lease
-/// rows that predate it (run when a file's `user_version` is below [`SQL_HOT_SCHEMA_VERSION`]).
+/// The `CREATE TABLE IF NOT EXISTS` statements of the schema, the one-time fold of lease rows
+/// that predate it and the marking of objects a file from before version 3 may have evicted (run
+/// when a file's `user_version` is below [`SQL_HOT_SCHEMA_VERSION`]; each statement may run again
+/// without harm).
 pub const SQL_HOT_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS do_locks (
     do_id         TEXT PRIMARY KEY,
@@ -58,6 +60,19 @@ CREATE TABLE IF NOT EXISTS do_changes (
 INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token)
     SELECT do_id, 0, 0, fencing_token FROM do_locks WHERE do_id IS NOT NULL AND fencing_token IS NOT NULL
     ON CONFLICT (do_id) DO UPDATE SET max_token = max(max_token, excluded.max_token);
+-- Objects whose live state was dropped by an evict and not restored since (since version 3):
+-- the only way to tell an evicted object from one whose keys were all deleted (both have no
+-- do_state rows and nothing pending). A restore deletes the row, writes leave it (after an
+-- evict, hot holds only what was written since).
+CREATE TABLE IF NOT EXISTS do_evicted (
+    do_id TEXT PRIMARY KEY
+) WITHOUT ROWID;
+-- A file from before version 3 did not record evictions: an object without live keys there
+-- may have been evicted, and is marked so (restored from cold storage at its next activation,
+-- as before). Harmless if run again: a marked object is restored, never served empty.
+INSERT INTO do_evicted (do_id)
+    SELECT o.do_id FROM do_objects o WHERE NOT EXISTS (SELECT 1 FROM do_state s WHERE s.do_id = o.do_id)
+    ON CONFLICT (do_id) DO NOTHING;
 "#;
 
 /// The tables of the schema and the columns each must have (a file may have more columns, as
@@ -67,7 +82,12 @@ pub const SQL_HOT_TABLES: &[(&str, &[&str])] = &[
     ("do_objects", &["do_id", "last_seq", "truncated_through", "max_token"]),
     ("do_state", &["do_id", "key", "value", "seq"]),
     ("do_changes", &["do_id", "seq", "key", "op", "value", "token", "ts", "type"]),
+    ("do_evicted", &["do_id"]),
 ];
+
+/// The schema version that introduced each table added after version 1 (a file of an older
+/// dotdo version lacks it until it is upgraded).
+const SQL_HOT_TABLES_SINCE: &[(&str, i64)] = &[("do_evicted", 3)];
 
 /// Every `(table, column)` of a database's tables, as the backends read them to check a file
 /// before and after opening it (SQLite's own `sqlite_*` tables left out). A virtual table is one
@@ -89,9 +109,9 @@ pub const SQL_TABLE_COLUMNS: &str = "SELECT m.name AS tbl, coalesce(p.name, '') 
 pub fn check_tables_before(version: i64, columns: &[(String, String)], source: &str) -> crate::Result<()> {
     refuse_foreign(version, columns, source)?;
     if version != 0 {
-        return check_tables_after(columns, source);
+        return check_columns(columns, source, Some(version));
     }
-    check_columns(columns, source, false)
+    check_columns(columns, source, None)
 }
 
 /// `InvalidInput` if the database is another application's: tables of its own and, at
@@ -127,12 +147,15 @@ pub fn refuse_foreign(version: i64, columns: &[(String, String)], source: &str) 
 /// schema, or in a file at a dotdo version): `Corrupt` naming the first table or column
 /// missing.
 pub fn check_tables_after(columns: &[(String, String)], source: &str) -> crate::Result<()> {
-    check_columns(columns, source, true)
+    check_columns(columns, source, Some(SQL_HOT_SCHEMA_VERSION))
 }
 
-/// Each dotdo table present has its columns; with `all`, each is present.
-fn check_columns(columns: &[(String, String)], source: &str, all: bool) -> crate::Result<()> {
+/// Each dotdo table present has its columns; with `required` a dotdo schema version, each table
+/// that version has is present.
+fn check_columns(columns: &[(String, String)], source: &str, required: Option<i64>) -> crate::Result<()> {
     for (table, wanted) in SQL_HOT_TABLES {
+        let since = SQL_HOT_TABLES_SINCE.iter().find(|(t, _)| t == table).map_or(1, |(_, v)| *v);
+        let all = required.is_some_and(|version| version >= since);
         // SQLite's names are case-insensitive (a schema sent through some clients comes back as
         // `KEY`).
         let have: Vec<&str> =
@@ -162,6 +185,7 @@ pub const SQL_HOT_KEYS: &[(&str, &[&str])] = &[
     ("do_objects", &["do_id"]),
     ("do_state", &["do_id", "key"]),
     ("do_changes", &["do_id", "seq"]),
+    ("do_evicted", &["do_id"]),
 ];
 
 /// Every `(table, unique index, column)` of the schema's tables, as the backends read them to
@@ -169,7 +193,7 @@ pub const SQL_HOT_KEYS: &[(&str, &[&str])] = &[
 /// too, except a rowid alias, which no key of the schema is).
 pub const SQL_UNIQUE_KEYS: &str = "SELECT m.name, il.name, coalesce(ii.name, '') FROM sqlite_master m, \
      pragma_index_list(m.name) il, pragma_index_info(il.name) ii WHERE m.type = 'table' AND il.\"unique\" = 1 \
-     AND il.partial = 0 AND lower(m.name) IN ('do_locks', 'do_objects', 'do_state', 'do_changes') \
+     AND il.partial = 0 AND lower(m.name) IN ('do_locks', 'do_objects', 'do_state', 'do_changes', 'do_evicted') \
      ORDER BY m.name, il.name, ii.seqno";
 
 /// `Corrupt` naming `source` if a table of the schema that the database has (`columns`, as
@@ -712,7 +736,13 @@ mod tests {
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
         let e = ok(2, &[locks]).expect_err("tables missing at a dotdo version");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-        ok(2, SQL_HOT_TABLES).expect("a dotdo file");
+        ok(3, SQL_HOT_TABLES).expect("a dotdo file");
+        // A file of version 2 predates `do_evicted` (added when it is upgraded); at version 3
+        // it must be there.
+        let v2: Vec<(&str, &[&str])> = SQL_HOT_TABLES.iter().filter(|(t, _)| *t != "do_evicted").copied().collect();
+        ok(2, &v2).expect("a version-2 file");
+        let e = ok(3, &v2).expect_err("do_evicted missing at version 3");
+        assert!(e.to_string().contains("do_evicted"), "{e}");
         let upper: Vec<(&str, &[&str])> = SQL_HOT_TABLES.iter().map(|(t, c)| (*t, *c)).collect();
         let mut shouted = cols(&upper);
         shouted.iter_mut().for_each(|(_, c)| *c = c.to_ascii_uppercase());

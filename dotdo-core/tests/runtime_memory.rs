@@ -3326,6 +3326,46 @@ async fn failed_recovery_and_failed_eviction_do_not_strand_the_lease() {
     assert_eq!(incr(&rt, &o).await.expect("restored"), 4);
 }
 
+/// An object whose keys were all deleted and drained activates from hot storage: no restore
+/// from cold, and it runs while cold storage is unreachable (it looked evicted: each activation
+/// restored its empty state from cold, and failed `Unavailable` with cold down). An evicted
+/// object is still restored from cold, and is `Unavailable` (never served empty) with cold down.
+#[tokio::test]
+async fn an_emptied_object_activates_from_hot_and_an_evicted_one_from_cold() {
+    let w = World::new();
+    let (emptied, evicted) = (oid("emptied"), oid("evicted"));
+    {
+        let rt = w.runtime("a", settings());
+        for o in [&emptied, &evicted] {
+            incr(&rt, o).await.expect("incr");
+        }
+        rt.invoke(&emptied, async |t: &mut ObjectTxn<'_>| t.delete("n")).await.expect("delete");
+        rt.flush_all().await.expect("drained");
+        rt.evict(&evicted).await.expect("evict");
+        rt.shutdown().await.expect("shutdown: the leases are given back");
+    }
+    let info = w.hot.object_info(&emptied).await.expect("info").expect("object");
+    assert_eq!((info.keys, info.has_pending_changes(), info.resident), (0, false, true), "{info:?}");
+
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = flaky_runtime(&w, cold.clone());
+    assert_eq!(get(&rt, &emptied, "n").await.expect("activates"), None);
+    assert_eq!(rt.metrics().eager_restores, 0, "nothing to restore: its empty state is its whole state");
+    assert_eq!(cold.loads.load(std::sync::atomic::Ordering::SeqCst), 0, "no cold state read");
+    rt.shutdown().await.expect("shutdown");
+
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt = flaky_runtime(&w, cold.clone());
+    assert_eq!(incr(&rt, &emptied).await.expect("runs from hot with cold unreachable"), 1);
+    let ticking = tick(&w);
+    let e = incr(&rt, &evicted).await.expect_err("the evicted object needs cold");
+    ticking.abort();
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &evicted).await.expect("restored from cold"), 2);
+    assert_eq!(rt.metrics().eager_restores, 1, "{:?}", rt.metrics());
+}
+
 /// `flush_all` while a handler of one object invokes another: the busy object is skipped, not
 /// waited for (waiting while holding the other object's slot deadlocked with that handler).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

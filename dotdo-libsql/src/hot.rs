@@ -348,7 +348,8 @@ impl HotStore for LibsqlStore {
             "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = o.do_id), 0)), \
                o.truncated_through, max(o.max_token, coalesce(l.fencing_token, 0)), \
                (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
-               (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id) \
+               (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id), \
+               NOT EXISTS (SELECT 1 FROM do_evicted e WHERE e.do_id = o.do_id) \
              FROM do_objects o LEFT JOIN do_locks l ON l.do_id = o.do_id WHERE o.do_id = ?1",
             vec![t(object.as_str())],
         );
@@ -365,6 +366,7 @@ impl HotStore for LibsqlStore {
                             max_token: FencingToken::new(stored(r.get(2))?),
                             keys: uint(r.get(3))?,
                             value_bytes: uint(r.get(4))?,
+                            resident: uint(r.get(5))? != 0,
                         })
                     })
                     .transpose()?;
@@ -409,6 +411,11 @@ impl HotStore for LibsqlStore {
         let steps = vec![
             Step::exec(FOLD_LEASE, vec![p[0].clone()]),
             Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
+            // Told apart from an object whose keys were all deleted until a restore.
+            Step::exec(
+                format!("INSERT INTO do_evicted (do_id) SELECT ?1 WHERE {ok} ON CONFLICT (do_id) DO NOTHING"),
+                p.clone(),
+            ),
             Step::exec(
                 format!(
                     "INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) SELECT ?1, 0, 0, ?2 WHERE {ok} \
@@ -458,6 +465,7 @@ impl HotStore for LibsqlStore {
             q.extend([t(&e.key), Value::Blob(e.value.to_vec()), i(e.seq)]);
             steps.push(Step::exec(insert.clone(), q));
         }
+        steps.push(Step::exec(format!("DELETE FROM do_evicted WHERE do_id = ?1 AND {ok}"), p.clone()));
         steps.push(Step::exec(
             format!("UPDATE do_objects SET last_seq = ?3, truncated_through = ?3 WHERE do_id = ?1 AND {ok}"),
             p.clone(),

@@ -26,7 +26,8 @@
 //! ## Semantics (the same as dotdo-sqlite)
 //!
 //! * Same schema as dotdo-sqlite: `do_locks` (the lease table), `do_objects` (per-object counters
-//!   with the `last_seq` floor and the token maximum), `do_state`, `do_changes`.
+//!   with the `last_seq` floor and the token maximum), `do_state`, `do_changes`, `do_evicted`
+//!   (objects evicted and not restored since).
 //! * **The fencing check and the write are one transaction on the primary.** Every mutating call
 //!   (`write`, `truncate_changes`, `evict`, `restore`, `acquire`, `refresh`, `release`) is one
 //!   *program*: statements whose effect is conditional on the token check (e.g. fold the lease's

@@ -1002,8 +1002,10 @@ async fn a_write_waiting_for_the_lock_while_the_file_is_replaced_is_refused() {
         .await;
 }
 
-/// Schema versions: a file of version 1 is upgraded in place (to 2) and keeps its state and its
-/// lease; a file of a newer version than this library's is refused with `Corrupt` and left alone.
+/// Schema versions: a file of version 1 or 2 is upgraded in place (to 3) and keeps its state and
+/// its lease; objects without live keys in a file from before version 3 (evicted or emptied, it
+/// did not record which) are marked evicted, so they are restored from cold as before; a file of
+/// a newer version than this library's is refused with `Corrupt` and left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     async fn raw(p: &std::path::Path) -> libsql::Connection {
@@ -1024,7 +1026,29 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
         s.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
         l
     };
-    assert_eq!(version(&path).await, 2);
+    assert_eq!(version(&path).await, 3);
+    // A version-2 file (no `do_evicted`) with an object whose live state is gone (evicted, or
+    // its keys deleted: version 2 cannot tell).
+    let gone = ObjectId::new("gone").expect("valid");
+    let g = {
+        let s = LibsqlStore::local(&path).open().await.expect("open");
+        let g = s.acquire(&gone, &NodeId::new("n").expect("valid"), Duration::from_secs(600)).await.expect("acquire");
+        s.put(&gone, g.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        s.delete(&gone, g.token, "T", "k").await.expect("delete");
+        s.truncate_changes(&gone, g.token, 2).await.expect("truncate");
+        assert!(s.object_info(&gone).await.expect("info").expect("object").resident, "emptied here");
+        g
+    };
+    raw(&path).await.execute_batch("DROP TABLE do_evicted; PRAGMA user_version = 2;").await.expect("version 2");
+    {
+        let s = LibsqlStore::local(&path).open().await.expect("open a version-2 file");
+        let info = s.object_info(&gone).await.expect("info").expect("object");
+        assert!(!info.resident, "no live keys in a version-2 file: maybe evicted: {info:?}");
+        assert!(s.object_info(&obj()).await.expect("info").expect("object").resident, "live keys: resident");
+        s.restore(&gone, g.token, vec![], 2).await.expect("restore");
+        assert!(s.object_info(&gone).await.expect("info").expect("object").resident, "restored");
+    }
+    assert_eq!(version(&path).await, 3, "upgraded in place");
     set_version(&path, 1).await;
     {
         let s = LibsqlStore::local(&path).open().await.expect("open a version-1 file");
@@ -1034,18 +1058,23 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
         let e = s.acquire(&obj(), &NodeId::new("m").expect("valid"), Duration::from_secs(5)).await.expect_err("held");
         assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
     }
-    assert_eq!(version(&path).await, 2, "upgraded in place");
-    set_version(&path, 3).await;
+    assert_eq!(version(&path).await, 3, "upgraded in place");
+    {
+        let s = LibsqlStore::local(&path).open().await.expect("open");
+        let info = s.object_info(&gone).await.expect("info").expect("object");
+        assert!(!info.resident, "a file from before version 3 again: marked, restored from cold: {info:?}");
+    }
+    set_version(&path, 4).await;
     let e = LibsqlStore::local(&path).open().await.expect_err("a newer file");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    assert!(e.to_string().contains("schema version 3"), "{e}");
-    assert_eq!(version(&path).await, 3, "a refused file is left alone");
+    assert!(e.to_string().contains("schema version 4"), "{e}");
+    assert_eq!(version(&path).await, 4, "a refused file is left alone");
 
     // The version is decided again under the write lock: a version-1 file that another process
     // upgrades to a newer version while this one waits for the lock is refused, not downgraded.
     set_version(&path, 1).await;
     let locker = raw(&path).await;
-    locker.execute_batch("BEGIN IMMEDIATE; PRAGMA user_version = 3;").await.expect("lock");
+    locker.execute_batch("BEGIN IMMEDIATE; PRAGMA user_version = 4;").await.expect("lock");
     let opening = tokio::spawn({
         let path = path.clone();
         async move { LibsqlStore::local(&path).open().await }
@@ -1055,7 +1084,7 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     locker.execute_batch("COMMIT").await.expect("commit");
     let e = opening.await.expect("join").expect_err("upgraded to a newer version meanwhile");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    assert_eq!(version(&path).await, 3, "not downgraded");
+    assert_eq!(version(&path).await, 4, "not downgraded");
 }
 
 /// An in-memory libSQL database is refused before anything opens: libsql gives every connection

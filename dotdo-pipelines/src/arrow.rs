@@ -205,6 +205,8 @@ struct Inner {
     /// Whether a dropped roll's sink commit may still be under way (see `take_refused`).
     commits: crate::settings::CommitWatch,
     closed: AtomicBool,
+    /// The live roll loops' slots, for `close` to hand a memory pipeline over at once.
+    adopters: crate::settings::Adopters<ArrowPipeline>,
     /// When the last roll started (the clock's monotonic time).
     last_roll: Mutex<std::time::Duration>,
     rows_in: AtomicU64,
@@ -300,6 +302,7 @@ impl ArrowPipeline {
                 roll_lock: futures::lock::Mutex::new(()),
                 commits: Default::default(),
                 closed: AtomicBool::new(false),
+                adopters: Default::default(),
                 last_roll: Mutex::new(now),
                 rows_in: AtomicU64::new(0),
                 rows_committed: AtomicU64::new(0),
@@ -726,6 +729,7 @@ impl ArrowPipeline {
         crate::settings::run_rolls(
             clock,
             tick,
+            self.inner.adopters.register(),
             move || weak.upgrade().map(|inner| ArrowPipeline { inner }),
             |p: &ArrowPipeline| p.inner.closed.load(Ordering::Acquire),
             |p: &ArrowPipeline| !matches!(p.inner.settings.durability, crate::Durability::Durable(_)),
@@ -744,6 +748,11 @@ impl ArrowPipeline {
             // Under `buf`, as `send` checks it: every send that got `Ok` is pending now.
             let _b = self.inner.buf.lock();
             self.inner.closed.store(true, Ordering::Release);
+        }
+        if !matches!(self.inner.settings.durability, Durability::Durable(_)) {
+            // What waits in memory is the roll loops' from now on, whatever the host does with
+            // its handles once this returns.
+            self.inner.adopters.hand_over(self);
         }
         self.roll().await
     }

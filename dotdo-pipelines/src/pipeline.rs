@@ -177,6 +177,7 @@ impl PipelineBuilder {
                 commits: Default::default(),
                 send_gate: Mutex::new(()),
                 closed: AtomicBool::new(false),
+                adopters: Default::default(),
                 last_roll: Mutex::new(now),
                 counters: Counters::default(),
                 last: Mutex::new((Duration::ZERO, Duration::ZERO)),
@@ -216,6 +217,8 @@ struct Inner {
     /// depth, and two sends cannot both pass the capacity check on the same room.
     send_gate: Mutex<()>,
     closed: AtomicBool,
+    /// The live roll loops' slots, for `close` to hand a memory pipeline over at once.
+    adopters: crate::settings::Adopters<Pipeline>,
     /// When the last roll started (the clock's monotonic time).
     last_roll: Mutex<Duration>,
     counters: Counters,
@@ -733,6 +736,7 @@ impl Pipeline {
         crate::settings::run_rolls(
             clock,
             tick,
+            self.inner.adopters.register(),
             move || weak.upgrade().map(|inner| Pipeline { inner }),
             |p: &Pipeline| p.inner.closed.load(Ordering::Acquire),
             |p: &Pipeline| !matches!(p.inner.settings.durability, crate::Durability::Durable(_)),
@@ -808,6 +812,11 @@ impl Pipeline {
         {
             let _gate = self.inner.send_gate.lock();
             self.inner.closed.store(true, Ordering::Release);
+        }
+        if !matches!(self.inner.settings.durability, Durability::Durable(_)) {
+            // What waits in memory is the roll loops' from now on, whatever the host does with
+            // its handles once this returns.
+            self.inner.adopters.hand_over(self);
         }
         self.roll().await
     }

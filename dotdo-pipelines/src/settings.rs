@@ -66,9 +66,12 @@ pub struct PipelineSettings {
     pub capacity: usize,
     /// Most bytes waiting (default 512 MiB, measured like `roll_bytes`: an event's id, type,
     /// key and value plus 32; an Arrow batch's memory size); then the backpressure policy
-    /// applies. With `capacity` this bounds the buffer's memory whatever the event sizes (for
-    /// Arrow batches, the bytes of their own rows: a small slice of a large batch keeps the
-    /// whole batch's buffers alive while counting only its rows; send copies of such slices).
+    /// applies. With `capacity` this bounds the buffer's memory whatever the event sizes,
+    /// counting the bytes an event or batch refers to, not what it keeps alive: an event value
+    /// that is a `Bytes` slice of a larger buffer (part of a request body) keeps the whole buffer
+    /// while counting its own length, as a small slice of a large Arrow batch keeps the whole
+    /// batch's buffers while counting its rows. Send copies of such slices
+    /// (`Bytes::copy_from_slice`) when the buffers are much larger than what is sent.
     pub capacity_bytes: usize,
     /// Backpressure policy (default `FailFast`).
     pub backpressure: Backpressure,
@@ -254,6 +257,37 @@ where
     dotdo_core::retry::retry_idempotent_noting_unknown(clock, policy, op).await
 }
 
+/// The slots through which `close` hands a memory pipeline to its live roll loops
+/// ([`run_rolls`]'s `adopted`), at once: a loop that learned of the close only at its next tick
+/// found no pipeline there when the host had dropped every handle after a `close` that failed
+/// fast (a sink's watermark read refused), and ended; the events waiting in memory were gone.
+/// Weak references: a loop that has ended is not kept, and the pipeline holds no loop.
+pub(crate) struct Adopters<P>(parking_lot::Mutex<Vec<std::sync::Weak<parking_lot::Mutex<Option<P>>>>>);
+
+impl<P> Default for Adopters<P> {
+    fn default() -> Self {
+        Adopters(parking_lot::Mutex::new(Vec::new()))
+    }
+}
+
+impl<P: Clone> Adopters<P> {
+    /// A new loop's slot.
+    pub(crate) fn register(&self) -> Arc<parking_lot::Mutex<Option<P>>> {
+        let slot = Arc::new(parking_lot::Mutex::new(None));
+        let mut slots = self.0.lock();
+        slots.retain(|s| s.strong_count() > 0);
+        slots.push(Arc::downgrade(&slot));
+        slot
+    }
+
+    /// Give every live loop a handle of `p` (closed, with a memory log).
+    pub(crate) fn hand_over(&self, p: &P) {
+        for slot in self.0.lock().iter().filter_map(std::sync::Weak::upgrade) {
+            *slot.lock() = Some(p.clone());
+        }
+    }
+}
+
 /// The roll loop of both pipeline kinds: roll whenever due until `closed`. A failed roll is
 /// tried again (the claimed batch stays and is committed again) after a pause that doubles
 /// with each failure in a row, from twice the tick up to
@@ -261,12 +295,14 @@ where
 /// not hammered. Time is the clock's monotonic time: a wall clock set back must not stop rolls.
 /// Once a pipeline that `holds` (a memory log, whose waiting rows die with it) is closed with
 /// something waiting, the loop holds it (every handle may be dropped after a failed `close`)
-/// until that is committed or refused for good. A durable log is let go with the last handle
-/// (its lock with it): what waits there is delivered by the next pipeline on it.
+/// until that is committed or refused for good (`close` hands it over through `adopted` at
+/// once: see [`Adopters`]). A durable log is let go with the last handle (its lock with it):
+/// what waits there is delivered by the next pipeline on it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_rolls<P: Clone, R, Fut>(
     clock: Arc<dyn dotdo_core::Clock>,
     tick: Duration,
+    adopted: Arc<parking_lot::Mutex<Option<P>>>,
     live: impl Fn() -> Option<P>,
     closed: impl Fn(&P) -> bool,
     holds: impl Fn(&P) -> bool,
@@ -284,7 +320,11 @@ pub(crate) async fn run_rolls<P: Clone, R, Fut>(
     // this loop) had the loop end at its next tick, and the events were gone without a word.
     // (A durable log's stay in its file, and its lock is not kept from the next pipeline.)
     let mut held: Option<P> = None;
-    while let Some(p) = held.clone().or_else(&live) {
+    loop {
+        if held.is_none() {
+            held = adopted.lock().take();
+        }
+        let Some(p) = held.clone().or_else(&live) else { return };
         // Closed: done once nothing waits. A `close` whose roll failed (or that its caller
         // dropped) leaves what waits to this loop, rolled with the same backoff until it is
         // committed: the loop stopping then left it for good.

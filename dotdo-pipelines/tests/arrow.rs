@@ -57,6 +57,8 @@ struct Flaky {
     /// for [`land`](Self::land) (still queued at a remote catalog).
     stash_next: AtomicBool,
     stashed: parking_lot::Mutex<Option<(String, u64, Vec<RecordBatch>)>>,
+    /// `last_batch` fails with a retryable `Unavailable` (the table's read refused).
+    failing_reads: AtomicBool,
 }
 
 impl Flaky {
@@ -72,6 +74,7 @@ impl Flaky {
             hang_next: AtomicBool::new(false),
             stash_next: AtomicBool::new(false),
             stashed: parking_lot::Mutex::new(None),
+            failing_reads: AtomicBool::new(false),
         })
     }
 
@@ -88,6 +91,9 @@ impl ArrowSink for Flaky {
         self.inner.schema()
     }
     async fn last_batch(&self, stream: &str) -> Result<u64> {
+        if self.failing_reads.load(Ordering::SeqCst) {
+            return Err(Error::unavailable("table read refused (test)"));
+        }
         self.inner.last_batch(stream).await
     }
     async fn append(&self, stream: &str, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
@@ -136,6 +142,42 @@ async fn a_failed_close_leaves_what_waits_to_the_roll_loop() {
         .await
         .expect("the loop rolled and ended")
         .expect("join");
+    assert_eq!(ids(&t).await, vec![0, 1, 2]);
+}
+
+/// A `close` that fails at once (the table's read refused) with the host dropping its handles
+/// before the loop's next tick: `close` hands the pipeline to the loop then and there, which
+/// commits the rows. The loop found no pipeline at its next tick and ended: the rows were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: waiting for the loop to sleep
+async fn a_close_that_fails_at_once_then_dropped_handles_leave_what_waits_to_the_roll_loop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let sink = Flaky::new(t.clone(), false);
+    let clock = dotdo_core::ManualClock::new(dotdo_core::Timestamp::from_millis(1_700_000_000_000));
+    let p =
+        ArrowPipeline::open_with_clock("dropped", sink.clone(), PipelineSettings::default(), Arc::new(clock.clone()))
+            .expect("pipeline");
+    let handle = tokio::spawn(p.run());
+    let start = std::time::Instant::now();
+    while clock.pending_sleeps() == 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the loop never slept");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    p.send(batch(0, 3)).expect("send");
+    sink.failing_reads.store(true, Ordering::SeqCst);
+    p.close().await.expect_err("the table read fails");
+    drop(p);
+    sink.failing_reads.store(false, Ordering::SeqCst);
+    for _ in 0..10_000 {
+        if handle.is_finished() {
+            break;
+        }
+        clock.advance(std::time::Duration::from_millis(50));
+        // Real time too: the roll's commit does real I/O between the clock's sleeps.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(10), handle).await.expect("the loop ended").expect("join");
     assert_eq!(ids(&t).await, vec![0, 1, 2]);
 }
 

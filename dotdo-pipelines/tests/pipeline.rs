@@ -34,6 +34,8 @@ struct Flaky {
     /// [`land`](Self::land) (a request still queued at a remote sink).
     stash_next: AtomicBool,
     stashed: parking_lot::Mutex<Option<ColdBatch>>,
+    /// `watermarks` fails with a retryable `Unavailable` (the sink's read refused).
+    failing_watermarks: AtomicBool,
 }
 
 impl Flaky {
@@ -51,6 +53,7 @@ impl Flaky {
             hang_next: AtomicBool::new(false),
             stash_next: AtomicBool::new(false),
             stashed: parking_lot::Mutex::new(None),
+            failing_watermarks: AtomicBool::new(false),
         })
     }
 
@@ -95,6 +98,9 @@ impl ColdSink for Flaky {
     }
     async fn watermarks(&self, objects: &[ObjectId]) -> Result<Vec<Watermark>> {
         self.watermarks_calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing_watermarks.load(Ordering::SeqCst) {
+            return Err(Error::unavailable("watermark read refused (test)"));
+        }
         self.inner.watermarks(objects).await
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
@@ -998,6 +1004,47 @@ async fn a_failed_close_then_dropped_handles_leave_what_waits_to_the_roll_loop()
     sink.stalled.store(false, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(10), handle).await.expect("the loop ended").expect("join");
     assert_exactly_once(&committed(&sink.inner, 5).await, 3);
+}
+
+/// The same when `close` fails at once (the sink's watermark read refused, before any commit
+/// retry) and the host drops its handles before the loop's next tick: `close` hands the pipeline
+/// to the loop then and there. The loop learned of the close only at its next tick, found no
+/// pipeline, and ended: the events were gone without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the loop runs on another worker
+async fn a_close_that_fails_at_once_then_dropped_handles_leave_what_waits_to_the_roll_loop() {
+    let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+    let sink = Flaky::new();
+    let p = Pipeline::builder(sink.clone()).with_clock(Arc::new(clock.clone())).build().expect("pipeline");
+    let handle = tokio::spawn(p.run());
+    // The loop sleeps on the manual clock: it sees nothing of what follows until it is advanced.
+    until_true(|| clock.pending_sleeps() > 0).await;
+    p.send(events(3)).expect("send");
+    sink.failing_watermarks.store(true, Ordering::SeqCst);
+    let e = p.close().await.expect_err("the watermark read fails");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    drop(p);
+    sink.failing_watermarks.store(false, Ordering::SeqCst);
+    for _ in 0..10_000 {
+        if handle.is_finished() {
+            break;
+        }
+        clock.advance(Duration::from_millis(50));
+        // Real time too: the roll runs on another worker between the clock's sleeps.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(10), handle).await.expect("the loop ended").expect("join");
+    assert_exactly_once(&committed(&sink.inner, 5).await, 3);
+}
+
+/// Waits (real time, up to 10 s) until `cond` holds.
+#[allow(clippy::disallowed_methods)] // real time: another task gets there
+async fn until_true(cond: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(10), "condition not reached in 10 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// The committed-events counter counts what reached the sink even when a later batch of the same

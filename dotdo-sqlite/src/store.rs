@@ -718,13 +718,16 @@ impl Inner {
         // gets `Unavailable` in bounded time, not the 10th after ten budgets.
         let budget = write_budget(&self.settings);
         let queued = QUEUED.get();
-        if queued >= budget {
+        // A zero budget (no busy timeout, no retries: the caller retries itself) takes a free
+        // connection at once and is not refused for its wait for a thread (it refused every
+        // write, as over budget after 0 ns).
+        if !budget.is_zero() && queued >= budget {
             return Err(Error::unavailable(format!(
                 "{doing}: waited {queued:?} for a blocking thread, past the write budget of {budget:?} (the \
                  runtime's blocking pool is saturated); nothing written, retry later"
             )));
         }
-        let Some(conn) = self.writer.try_lock_for(budget - queued) else {
+        let Some(conn) = self.writer.try_lock_for(budget.saturating_sub(queued)) else {
             return Err(Error::unavailable(format!(
                 "{doing}: {} is still locked for writing after {budget:?} (with {queued:?} waiting for a \
                  thread; other writers of this store are waiting for it); retry later",
@@ -1012,7 +1015,8 @@ impl HotStore for SqliteStore {
                     "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = o.do_id), 0)), \
                        o.truncated_through, max(o.max_token, coalesce(l.fencing_token, 0)), \
                        (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
-                       (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id) \
+                       (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id), \
+                       NOT EXISTS (SELECT 1 FROM do_evicted e WHERE e.do_id = o.do_id) \
                      FROM do_objects o LEFT JOIN do_locks l ON l.do_id = o.do_id WHERE o.do_id = ?1",
                 )?
                 .query_row([object.as_str()], |r| {
@@ -1022,6 +1026,7 @@ impl HotStore for SqliteStore {
                         max_token: FencingToken::new(stored(r, 2)?),
                         keys: r.get(3)?,
                         value_bytes: r.get(4)?,
+                        resident: r.get(5)?,
                     })
                 })
                 .optional()
@@ -1070,6 +1075,9 @@ impl HotStore for SqliteStore {
                     .into());
                 }
                 tx.prepare_cached("DELETE FROM do_state WHERE do_id = ?1")?.execute([object.as_str()])?;
+                // Told apart from an object whose keys were all deleted until a restore.
+                tx.prepare_cached("INSERT INTO do_evicted (do_id) VALUES (?1) ON CONFLICT (do_id) DO NOTHING")?
+                    .execute([object.as_str()])?;
                 Ok(())
             })
         })
@@ -1110,6 +1118,7 @@ impl HotStore for SqliteStore {
                 }
                 tx.prepare_cached("UPDATE do_objects SET last_seq = ?2, truncated_through = ?2 WHERE do_id = ?1")?
                     .execute(params![object.as_str(), through_seq])?;
+                tx.prepare_cached("DELETE FROM do_evicted WHERE do_id = ?1")?.execute([object.as_str()])?;
                 Ok(())
             })
         })

@@ -355,6 +355,40 @@ async fn a_write_waiting_for_the_lock_while_the_file_is_replaced_is_refused() {
     dotdo_core::testkit::assert_a_write_waiting_while_the_file_is_replaced_is_refused(&path, s, l, raw).await;
 }
 
+/// Settings without busy waits (no busy timeout, no retries or no backoff: a caller that
+/// retries itself) write: the write budget of 0 refused every write, as over budget after 0 ns
+/// of waiting for a thread, with a retryable `Unavailable` forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_without_busy_waits_still_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, settings) in [
+        SqliteSettings { busy_timeout: Duration::ZERO, busy_retries: 0, ..Default::default() },
+        SqliteSettings {
+            busy_timeout: Duration::ZERO,
+            retry_backoff: Duration::ZERO,
+            busy_retries: 100,
+            ..Default::default()
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for execution in [Execution::Inline, Execution::Auto] {
+            let path = dir.path().join(format!("hot-{i}-{execution:?}.db"));
+            let settings = SqliteSettings { execution, ..settings.clone() };
+            let s = SqliteStore::builder(&path).with_settings(settings).open().await.expect("open");
+            let l =
+                s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+            for n in 0..20 {
+                s.put(&obj(), l.token, "T", "k", format!("{n}").into_bytes().into()).await.expect("put");
+            }
+            assert_eq!(s.get(&obj(), "k").await.expect("get"), Some(b"19".to_vec().into()));
+            s.refresh(&l, Duration::from_secs(60)).await.expect("refresh");
+            s.release(&l).await.expect("release");
+        }
+    }
+}
+
 #[tokio::test]
 async fn invalid_settings_are_invalid_input_not_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -835,8 +869,10 @@ fn time_waiting_for_a_blocking_thread_counts_against_the_write_budget() {
     });
 }
 
-/// Schema versions: a file of version 1 is upgraded in place (to 2) and keeps its state and its
-/// lease; a file of a newer version than this library's is refused with `Corrupt` and left alone.
+/// Schema versions: a file of version 1 or 2 is upgraded in place (to 3) and keeps its state and
+/// its lease; objects without live keys in a file from before version 3 (evicted or emptied, it
+/// did not record which) are marked evicted, so they are restored from cold as before; a file of
+/// a newer version than this library's is refused with `Corrupt` and left alone.
 #[tokio::test]
 async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -855,7 +891,32 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
         s.put(&obj(), l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
         l
     };
-    assert_eq!(version(&path), 2);
+    assert_eq!(version(&path), 3);
+    // A version-2 file (no `do_evicted`) with an object whose live state is gone (evicted, or
+    // its keys deleted: version 2 cannot tell).
+    let gone = ObjectId::new("gone").expect("valid");
+    let g = {
+        let s = SqliteStore::builder(&path).open().await.expect("open");
+        let g = s.acquire(&gone, &NodeId::new("n").expect("valid"), Duration::from_secs(600)).await.expect("acquire");
+        s.put(&gone, g.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        s.delete(&gone, g.token, "T", "k").await.expect("delete");
+        s.truncate_changes(&gone, g.token, 2).await.expect("truncate");
+        assert!(s.object_info(&gone).await.expect("info").expect("object").resident, "emptied here");
+        g
+    };
+    {
+        let c = rusqlite::Connection::open(&path).expect("raw open");
+        c.execute_batch("DROP TABLE do_evicted; PRAGMA user_version = 2;").expect("make it a version-2 file");
+    }
+    {
+        let s = SqliteStore::builder(&path).open().await.expect("open a version-2 file");
+        let info = s.object_info(&gone).await.expect("info").expect("object");
+        assert!(!info.resident, "no live keys in a version-2 file: maybe evicted: {info:?}");
+        assert!(s.object_info(&obj()).await.expect("info").expect("object").resident, "live keys: resident");
+        s.restore(&gone, g.token, vec![], 2).await.expect("restore");
+        assert!(s.object_info(&gone).await.expect("info").expect("object").resident, "restored");
+    }
+    assert_eq!(version(&path), 3, "upgraded in place");
     set_version(&path, 1);
     {
         let s = SqliteStore::builder(&path).open().await.expect("open a version-1 file");
@@ -865,12 +926,17 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
         let e = s.acquire(&obj(), &NodeId::new("m").expect("valid"), Duration::from_secs(5)).await.expect_err("held");
         assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
     }
-    assert_eq!(version(&path), 2, "upgraded in place");
-    set_version(&path, 3);
+    assert_eq!(version(&path), 3, "upgraded in place");
+    {
+        let s = SqliteStore::builder(&path).open().await.expect("open");
+        let info = s.object_info(&gone).await.expect("info").expect("object");
+        assert!(!info.resident, "a file from before version 3 again: marked, restored from cold: {info:?}");
+    }
+    set_version(&path, 4);
     let e = SqliteStore::builder(&path).open().await.expect_err("a newer file");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    assert!(e.to_string().contains("schema version 3"), "{e}");
-    assert_eq!(version(&path), 3, "a refused file is left alone");
+    assert!(e.to_string().contains("schema version 4"), "{e}");
+    assert_eq!(version(&path), 4, "a refused file is left alone");
 
     // The version is decided under the write lock: a version-1 file that another process
     // upgrades to a newer version while this one waits for the lock is refused, not
@@ -881,7 +947,7 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
         let path = path.clone();
         std::thread::spawn(move || {
             let c = rusqlite::Connection::open(&path).expect("raw open");
-            c.execute_batch("BEGIN IMMEDIATE; PRAGMA user_version = 3;").expect("lock");
+            c.execute_batch("BEGIN IMMEDIATE; PRAGMA user_version = 4;").expect("lock");
             locked_tx.send(()).expect("signal");
             #[allow(clippy::disallowed_methods)] // the other process holds its lock for a while
             std::thread::sleep(Duration::from_millis(300));
@@ -892,7 +958,7 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     let e = SqliteStore::builder(&path).open().await.expect_err("upgraded to a newer version meanwhile");
     upgrader.join().expect("upgrader");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
-    assert_eq!(version(&path), 3, "not downgraded");
+    assert_eq!(version(&path), 4, "not downgraded");
 }
 
 /// `:memory:` (and the empty path's temporary database) is private to one connection: the

@@ -22,6 +22,8 @@ struct ObjectState {
     truncated_through: Seq,
     max_token: FencingToken,
     value_bytes: u64,
+    /// Dropped by an evict and not restored since.
+    evicted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -205,6 +207,7 @@ impl HotStore for MemoryBackend {
             max_token,
             keys: o.entries.len() as u64,
             value_bytes: o.value_bytes,
+            resident: !o.evicted,
         }))
     }
 
@@ -234,6 +237,7 @@ impl HotStore for MemoryBackend {
         let o = st.raise(object, token);
         o.entries.clear();
         o.value_bytes = 0;
+        o.evicted = true;
         Ok(())
     }
 
@@ -267,6 +271,7 @@ impl HotStore for MemoryBackend {
         o.last_seq = through_seq;
         o.truncated_through = through_seq;
         o.log.clear();
+        o.evicted = false;
         Ok(())
     }
 }

@@ -1138,7 +1138,9 @@ impl ObjectRuntime {
         let mut raised = false;
         let (info, hot_has_state, wm) = loop {
             let info = inner.hot.object_info(object).await?;
-            let hot_has_state = info.as_ref().is_some_and(|i| i.keys > 0 || i.has_pending_changes());
+            // Live keys, changes to drain, or a state the store knows is whole (an object whose
+            // keys were all deleted, not an evicted one: nothing to restore).
+            let hot_has_state = info.as_ref().is_some_and(|i| i.keys > 0 || i.has_pending_changes() || i.resident);
             let wm = match inner.cold.watermark(object).await {
                 Ok(wm) => wm,
                 // The checks against cold below are a safety net for a hot store that lost

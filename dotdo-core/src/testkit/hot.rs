@@ -11,7 +11,7 @@ use proptest_state_machine::ReferenceStateMachine;
 use super::{nid, oid, proptest_cases, run_catching, runtime, CaseFailure, HotFactory, HotFixture, KIT_EPOCH};
 use crate::error::ErrorKind;
 use crate::hot::HotStoreExt;
-use crate::ids::{FencingToken, MAX_VALUE_BYTES};
+use crate::ids::{FencingToken, ObjectId, MAX_VALUE_BYTES};
 use crate::record::{KeyRange, Op, WriteBatch};
 use crate::time::ManualClock;
 use crate::{Clock, Lease};
@@ -951,7 +951,7 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     super::crash(fx);
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     let info = fx.hot.object_info(&d.object).await.expect("info").expect("the counter is kept after evict");
-    assert_eq!((info.last_seq, info.keys), (3, 0), "evicted, after a restart");
+    assert_eq!((info.last_seq, info.keys, info.resident), (3, 0, false), "evicted, after a restart");
     fx.hot
         .restore(&d.object, d.token, vec![crate::Entry { key: "a".into(), value: b("1"), seq: 1 }], 3)
         .await
@@ -959,6 +959,8 @@ pub async fn state_sequence_and_tokens_survive_reopen(f: &super::HotReopenFactor
     super::crash(fx);
     let fx = f(clock.clone(), dir.path().to_path_buf()).await;
     assert_eq!(fx.hot.get(&d.object, "a").await.expect("get"), Some(b("1")), "restored state survives a restart");
+    let info = fx.hot.object_info(&d.object).await.expect("info").expect("kept");
+    assert!(info.resident, "restored, after a restart: {info:?}");
     assert_eq!(fx.hot.put(&d.object, d.token, "T", "c", b("3")).await.expect("put").first_seq, 4);
     // A lease acquired with nothing after it (no write, no release) survives a restart: an
     // acquire is durable when it answers, not once a later call flushes it.
@@ -2215,6 +2217,48 @@ pub async fn evicted_object_restores_at_its_sequence(f: &HotFactory) {
     assert_eq!(r.first_seq, 3);
 }
 
+/// An object whose keys were all deleted is resident (its empty state is its whole state); an
+/// evicted one is not (its state is in cold storage), also once written again, until a
+/// restore, an empty one included. A refused evict or restore changes nothing of it. (A backend
+/// reporting every keyless object resident makes the runtime serve an evicted object empty; one
+/// reporting none makes it restore an emptied object from cold at each activation.)
+pub async fn an_evicted_object_is_told_from_an_emptied_one(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let resident = |o: &ObjectId| {
+        let hot = fx.hot.clone();
+        let o = o.clone();
+        async move { hot.object_info(&o).await.expect("info").map(|i| (i.keys, i.resident)) }
+    };
+    let l = lease(&fx, "o1", "n1").await;
+    let o = &l.object;
+    fx.hot.write(o, l.token, WriteBatch::new("T").put("a", b("1")).put("b", b("2"))).await.expect("w");
+    assert_eq!(resident(o).await, Some((2, true)), "written here");
+    fx.hot.write(o, l.token, WriteBatch::new("T").delete("a").delete("b")).await.expect("delete all");
+    fx.hot.truncate_changes(o, l.token, 4).await.expect("truncate");
+    assert_eq!(resident(o).await, Some((0, true)), "emptied by deletes: its whole state is empty");
+    fx.hot.evict(o, l.token).await.expect("evict");
+    assert_eq!(resident(o).await, Some((0, false)), "evicted");
+    fx.hot.write(o, l.token, WriteBatch::new("T")).await.expect("empty write");
+    assert_eq!(resident(o).await, Some((0, false)), "an empty write changes nothing of it");
+    fx.hot.put(o, l.token, "T", "c", b("3")).await.expect("write after evict");
+    assert_eq!(resident(o).await, Some((1, false)), "hot holds only what was written since the evict");
+    let e = fx.hot.restore(o, l.token, vec![], 5).await.expect_err("pending change");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert_eq!(resident(o).await, Some((1, false)), "a refused restore changes nothing");
+    fx.hot.delete(o, l.token, "T", "c").await.expect("delete");
+    fx.hot.truncate_changes(o, l.token, 6).await.expect("truncate");
+    assert_eq!(resident(o).await, Some((0, false)), "still evicted");
+    fx.hot.restore(o, l.token, vec![], 6).await.expect("restore of an empty state");
+    assert_eq!(resident(o).await, Some((0, true)), "restored");
+    // A refused evict (changes not yet in cold) marks nothing.
+    let m = lease(&fx, "o2", "n1").await;
+    fx.hot.put(&m.object, m.token, "T", "a", b("1")).await.expect("put");
+    fx.hot.delete(&m.object, m.token, "T", "a").await.expect("delete");
+    let e = fx.hot.evict(&m.object, m.token).await.expect_err("undrained");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert_eq!(resident(&m.object).await, Some((0, true)), "a refused evict changes nothing");
+}
+
 /// Keys of exactly 1 KiB (also in multi-byte characters) and type names of exactly 256 bytes are
 /// accepted, stored whole and kept apart: a backend that cut them short would merge keys.
 pub async fn keys_and_type_names_at_the_limit_stay_distinct(f: &HotFactory) {
@@ -2306,6 +2350,8 @@ struct ObjModel {
     last_seq: u64,
     truncated: u64,
     generations: usize,
+    /// Evicted and not restored since.
+    evicted: bool,
 }
 
 struct HotMachine;
@@ -2359,12 +2405,14 @@ impl ReferenceStateMachine for HotMachine {
                 let m = &mut s.objects[*o];
                 if m.last_seq == m.truncated {
                     m.state.clear();
+                    m.evicted = true;
                 }
             }
             HotOp::Restore(o, k) => {
                 let m = &mut s.objects[*o];
                 if m.last_seq == m.truncated {
                     m.state.remove(KEYS[*k]);
+                    m.evicted = false;
                 }
             }
             HotOp::StaleWrite(..) | HotOp::Get(..) | HotOp::List(..) | HotOp::ReadChanges(..) | HotOp::Pending => {}
@@ -2522,7 +2570,10 @@ pub fn prop_hot_store_matches_model(f: &HotFactory) {
                 prop_assert_eq!(info.as_ref().map_or(0, |i| i.truncated_through), m.truncated);
                 prop_assert_eq!(info.as_ref().map_or(0, |i| i.keys), m.state.len() as u64);
                 let bytes: u64 = m.state.values().map(|v| v.len() as u64).sum();
-                prop_assert_eq!(info.map_or(0, |i| i.value_bytes), bytes);
+                prop_assert_eq!(info.as_ref().map_or(0, |i| i.value_bytes), bytes);
+                if let Some(info) = info {
+                    prop_assert_eq!(info.resident, !m.evicted, "resident: {:?}", info);
+                }
             }
             Ok(())
         })

@@ -994,6 +994,7 @@ macro_rules! __hot_cases {
             concurrent_acquire_has_one_winner,
             concurrent_takeover_has_one_winner,
             evicted_object_restores_at_its_sequence,
+            an_evicted_object_is_told_from_an_emptied_one,
             keys_and_type_names_at_the_limit_stay_distinct,
             change_records_carry_the_write_time,
             an_earlier_lease_of_the_same_holder_is_not_current,
