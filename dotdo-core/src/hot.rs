@@ -28,12 +28,15 @@ pub struct ObjectInfo {
     pub value_bytes: u64,
     /// Whether the live state here is the object's whole state: true for an object written
     /// here and never evicted, or restored since its last [`evict`](HotStore::evict); false
-    /// from an evict until the next [`restore`](HotStore::restore) (writes in between do not
-    /// make it true: hot then holds only what they wrote). This is what tells an object whose
-    /// keys were all deleted (resident, nothing to restore) from an evicted one (its state is in
-    /// cold storage). A backend that does not track evictions reports `false`: the runtime then
-    /// restores an object without live keys from cold storage at each activation (which also
-    /// needs cold storage reachable).
+    /// from an evict of a written object (sequence number above 0) until the next
+    /// [`restore`](HotStore::restore) (writes in between do not make it true: hot then holds
+    /// only what they wrote). An evict before any write marks nothing (there is nothing in
+    /// cold storage to restore). This is what tells an object whose keys were all deleted
+    /// (resident, nothing to restore) from an evicted one (its state is in cold storage). The
+    /// conformance kit requires it; a backend reporting `false` throughout (not tracking
+    /// evictions) fails the kit's eviction cases but is safe with the runtime, which then
+    /// restores an object without live keys from cold storage at each activation (which needs
+    /// cold storage reachable).
     pub resident: bool,
 }
 
@@ -64,7 +67,7 @@ impl ObjectInfo {
 ///   (each backend documents its durability modes and what they guarantee against power loss).
 /// * **Visibility.** A write is visible to every subsequent read through any handle on the same
 ///   store once the call returned `Ok`.
-/// * **Eviction.** [`evict`](HotStore::evict) marks the object evicted
+/// * **Eviction.** [`evict`](HotStore::evict) of a written object marks it evicted
 ///   ([`ObjectInfo::resident`] false) until a [`restore`](HotStore::restore); the mark survives
 ///   restarts, as the state does.
 /// * **Change log.** Every applied operation appends a [`ChangeRecord`] to the object's change log.

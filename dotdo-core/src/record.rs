@@ -323,13 +323,17 @@ impl Entry {
 /// Check the arguments of [`HotStore::restore`](crate::HotStore::restore) before anything is
 /// written: every entry within the limits, `through_seq` a valid sequence number, each key at
 /// most once (an object's state holds one value per key) and no entry newer than `through_seq`
-/// (writes after the restore continue at `through_seq + 1`). `InvalidInput` otherwise, naming
-/// the offending key.
+/// (writes after the restore continue at `through_seq + 1`). `InvalidInput` otherwise
+/// (`LimitExceeded` for a key or value over its size limit), naming the offending key.
 pub fn validate_restore(entries: &[Entry], through_seq: Seq) -> Result<()> {
     validate_seq(through_seq, "restore through_seq")?;
     let mut keys = std::collections::HashSet::with_capacity(entries.len());
     for e in entries {
-        e.validate()?;
+        e.validate().map_err(|err| {
+            // (The first 64 characters of an oversized key.)
+            let key: String = e.key.chars().take(64).collect();
+            err.context(format!("restore entry {key:?}"))
+        })?;
         if e.seq > through_seq {
             return Err(Error::invalid(format!(
                 "restore entry {:?} has seq {} above the restore's through_seq {through_seq}",
@@ -362,6 +366,18 @@ pub fn restore_behind_hot(object: &crate::ObjectId, through_seq: Seq, last: Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restore's refused entry is named (a value over the limit said only its size).
+    #[test]
+    fn restore_refusals_name_the_entry() {
+        let big = Entry { key: "profile".into(), value: Bytes::from(vec![b'x'; crate::MAX_VALUE_BYTES + 1]), seq: 1 };
+        let e = validate_restore(&[big], 1).expect_err("over the limit");
+        assert!(matches!(e.kind(), crate::ErrorKind::LimitExceeded { .. }), "{e}");
+        assert!(e.to_string().contains("\"profile\""), "{e}");
+        let late = Entry { key: "late".into(), value: Bytes::new(), seq: crate::MAX_SEQ + 1 };
+        let e = validate_restore(&[late], 1).expect_err("seq out of range");
+        assert!(e.to_string().contains("\"late\""), "{e}");
+    }
 
     #[test]
     fn prefix_range_contains_exactly_the_prefixed_keys() {

@@ -58,8 +58,9 @@ where
 
 /// A random duration between half of `d` and `d` ("equal jitter"): a backoff keeps growing with
 /// the attempt, and many callers that failed together spread their retries over half of it
-/// instead of coming back in step. Every retry loop in dotdo waits this way; a budget computed
-/// from the un-jittered waits stays an upper bound.
+/// instead of coming back in step. The retry helpers here and the backends' retry loops wait
+/// this way (the runtime's lease waits do not: they wait for a lease's expiry, at most 50 ms at
+/// a time); a budget computed from the un-jittered waits stays an upper bound.
 pub fn jittered(d: Duration) -> Duration {
     use std::hash::{BuildHasher, Hasher};
     // A fresh `RandomState` is randomly keyed (per process, then varied per call), so hashing

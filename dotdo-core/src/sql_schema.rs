@@ -67,11 +67,15 @@ INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token)
 CREATE TABLE IF NOT EXISTS do_evicted (
     do_id TEXT PRIMARY KEY
 ) WITHOUT ROWID;
--- A file from before version 3 did not record evictions: an object without live keys there
--- may have been evicted, and is marked so (restored from cold storage at its next activation,
--- as before). Harmless if run again: a marked object is restored, never served empty.
+-- A file from before version 3 did not record evictions: an object written once and without
+-- live keys there may have been evicted, and is marked so (restored from cold storage at its
+-- next activation, as before). Not one never written (leased only: nothing to restore, and no
+-- restore would ever clear the mark). Once only: not when the program runs again on a file
+-- another process upgraded meanwhile (it would mark objects emptied since).
 INSERT INTO do_evicted (do_id)
     SELECT o.do_id FROM do_objects o WHERE NOT EXISTS (SELECT 1 FROM do_state s WHERE s.do_id = o.do_id)
+        AND (o.last_seq > 0 OR EXISTS (SELECT 1 FROM do_changes c WHERE c.do_id = o.do_id))
+        AND (SELECT user_version FROM pragma_user_version) < 3
     ON CONFLICT (do_id) DO NOTHING;
 "#;
 

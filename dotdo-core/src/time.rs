@@ -118,6 +118,9 @@ impl Clock for SystemClock {
 #[derive(Debug, Default)]
 struct ManualState {
     now: i64,
+    /// Where monotonic time counts from: 0, or the start if it is before the epoch (monotonic
+    /// time then still moves with every advance).
+    origin: i64,
     sleepers: Vec<(i64, Arc<Mutex<SleepSlot>>)>,
 }
 
@@ -137,7 +140,8 @@ pub struct ManualClock {
 impl ManualClock {
     /// A manual clock starting at `start`.
     pub fn new(start: Timestamp) -> Self {
-        ManualClock { state: Arc::new(Mutex::new(ManualState { now: start.0, sleepers: Vec::new() })) }
+        let origin = start.0.min(0);
+        ManualClock { state: Arc::new(Mutex::new(ManualState { now: start.0, origin, sleepers: Vec::new() })) }
     }
 
     /// Move time forward and wake every sleeper whose deadline has passed. Like sleeps, `by`
@@ -211,7 +215,10 @@ impl Clock for ManualClock {
     }
 
     fn monotonic(&self) -> Duration {
-        Duration::from_micros(u64::try_from(self.state.lock().now).unwrap_or(0))
+        // The microseconds since the epoch (or since a start before it: read as 0 there, every
+        // timeout measured on it never ended).
+        let st = self.state.lock();
+        Duration::from_micros(st.now.abs_diff(st.origin))
     }
 
     fn sleep(&self, duration: Duration) -> Sleep {
@@ -269,6 +276,16 @@ mod tests {
         assert!(clock.state.lock().sleepers.len() <= 3, "{}", clock.state.lock().sleepers.len());
         clock.advance(Duration::from_secs(10));
         assert!((&mut live).now_or_never().is_some());
+    }
+
+    #[test]
+    fn manual_clock_monotonic_time_moves_also_before_the_epoch() {
+        let c = ManualClock::new(Timestamp::from_micros(-10_000_000));
+        let m0 = c.monotonic();
+        c.advance(Duration::from_secs(5));
+        assert_eq!(c.monotonic() - m0, Duration::from_secs(5));
+        let c = ManualClock::new(Timestamp::from_millis(1_000));
+        assert_eq!(c.monotonic(), Duration::from_secs(1), "after the epoch: the time since it, as before");
     }
 
     #[test]

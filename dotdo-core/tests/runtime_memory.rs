@@ -3366,6 +3366,31 @@ async fn an_emptied_object_activates_from_hot_and_an_evicted_one_from_cold() {
     assert_eq!(rt.metrics().eager_restores, 1, "{:?}", rt.metrics());
 }
 
+/// An object evicted before it was ever written (activated by a read, then evicted), written and
+/// emptied later, still activates from hot: the evict marked nothing. (It was marked evicted
+/// for good: no restore comes for an object with nothing in cold storage, so once emptied it
+/// was restored at each activation and failed `Unavailable` with cold down.)
+#[tokio::test]
+async fn an_object_evicted_before_any_write_is_not_marked_evicted() {
+    let w = World::new();
+    let o = oid("read-only");
+    {
+        let rt = w.runtime("a", settings());
+        assert_eq!(get(&rt, &o, "n").await.expect("a read activates it"), None);
+        rt.evict(&o).await.expect("evict");
+        incr(&rt, &o).await.expect("incr");
+        rt.invoke(&o, async |t: &mut ObjectTxn<'_>| t.delete("n")).await.expect("delete");
+        rt.flush_all().await.expect("drained");
+        rt.shutdown().await.expect("shutdown");
+    }
+    let info = w.hot.object_info(&o).await.expect("info").expect("object");
+    assert_eq!((info.keys, info.resident), (0, true), "{info:?}");
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt = flaky_runtime(&w, cold.clone());
+    assert_eq!(incr(&rt, &o).await.expect("runs from hot with cold unreachable"), 1);
+}
+
 /// `flush_all` while a handler of one object invokes another: the busy object is skipped, not
 /// waited for (waiting while holding the other object's slot deadlocked with that handler).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,7 +191,7 @@ fn io_cause(e: &std::io::Error) -> Cause {
 
 /// I/O errors that say the store can never take the request as it is (a full or read-only
 /// disk, an exhausted quota, a path that cannot be a file): no retry helps.
-fn io_refused(kind: std::io::ErrorKind) -> bool {
+pub(crate) fn io_refused(kind: std::io::ErrorKind) -> bool {
     use std::io::ErrorKind as K;
     matches!(
         kind,

@@ -89,17 +89,7 @@ impl StoreRoot {
                 .to_file_path()
                 .map_err(|()| Error::invalid(format!("warehouse {warehouse} is not a valid local path")))?;
             created_dirs = dir.ancestors().position(|a| a.exists()).unwrap_or(0);
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                let msg = format!("cannot create warehouse directory {}: {e}", dir.display());
-                // Only a failure that may pass is worth retrying; a path through a file, a
-                // read-only or full disk, missing permissions are for the operator.
-                use std::io::ErrorKind as K;
-                match e.kind() {
-                    K::Interrupted | K::TimedOut | K::WouldBlock | K::ResourceBusy => Error::unavailable(msg),
-                    _ => Error::new(dotdo_core::ErrorKind::Backend, msg).with_retryable(false),
-                }
-                .with_source(e)
-            })?;
+            std::fs::create_dir_all(&dir).map_err(|e| warehouse_dir_error(&dir, e))?;
         }
         if url.scheme() == "memory" {
             return Ok(Self::with_store(Arc::new(object_store::memory::InMemory::new()), &url));
@@ -606,6 +596,20 @@ impl ObjectStoreStorage {
     }
 }
 
+/// A failure to create the local warehouse directory at open: as a write's I/O error is
+/// classified later, a path through a file, a full or read-only disk, an exhausted quota and
+/// missing permissions are for the operator (not retryable); anything else may pass (a network
+/// file system whose server restarted: `ESTALE`, `EIO`, `ENOTCONN`) and is a retryable
+/// `Unavailable`, as the same error is in an append (it was a permanent `Backend` at open).
+fn warehouse_dir_error(dir: &std::path::Path, e: std::io::Error) -> Error {
+    let msg = format!("cannot create warehouse directory {}: {e}", dir.display());
+    if crate::error::io_refused(e.kind()) || e.kind() == std::io::ErrorKind::PermissionDenied {
+        Error::new(dotdo_core::ErrorKind::Backend, msg).with_retryable(false).with_source(e)
+    } else {
+        Error::unavailable(msg).with_source(e)
+    }
+}
+
 /// fsync `path` and its directory, then each ancestor up to the warehouse directory's parent,
 /// or up to the first directory above it that existed before `open` created the others
 /// ([`SyncState::above`]), that no earlier call synced (blocking).
@@ -624,10 +628,14 @@ fn sync_local_file(sync: &SyncState, path: &std::path::Path) -> std::result::Res
     while Some(dir) != stop {
         let Some(up) = dir.parent() else { break };
         if !sync.synced_dirs.lock().contains(dir) {
+            // The warehouse's own entry in its parent, when the warehouse was there before
+            // `open` (`above` 0): not an entry this process made either.
+            let not_ours = stop.is_none() || (sync.above == 0 && dir == sync.warehouse);
             match sync_dir(up) {
                 // Outside the warehouse, an ancestor this process may not open (`chmod 711`,
-                // another user's) is not one it made an entry in: the walk ends there.
-                Err((_, e)) if stop.is_none() && e.kind() == std::io::ErrorKind::PermissionDenied => break,
+                // another user's) is not one it made an entry in: the walk ends there (it failed
+                // every write for a warehouse in such a directory).
+                Err((_, e)) if not_ours && e.kind() == std::io::ErrorKind::PermissionDenied => break,
                 r => r?,
             }
             sync.synced_dirs.lock().insert(dir.to_path_buf());
@@ -963,6 +971,22 @@ impl StorageFactory for ObjectStoreStorageFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A warehouse directory that cannot be created for a passing reason (a network file
+    /// system's `ESTALE`/`EIO`/`ENOTCONN`) is a retryable `Unavailable`, as in an append; a full
+    /// or read-only disk and missing permissions stay for the operator.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_warehouse_directory_failure_that_may_pass_is_retryable() {
+        let dir = std::path::Path::new("/srv/wh");
+        for (errno, retryable) in [(116, true), (5, true), (107, true), (28, false), (30, false), (13, false)] {
+            let e = warehouse_dir_error(dir, std::io::Error::from_raw_os_error(errno));
+            assert_eq!(e.is_retryable(), retryable, "errno {errno}: {e}");
+            let kind = if retryable { dotdo_core::ErrorKind::Unavailable } else { dotdo_core::ErrorKind::Backend };
+            assert_eq!(e.kind(), &kind, "errno {errno}: {e}");
+            assert!(e.to_string().contains("/srv/wh"), "{e}");
+        }
+    }
 
     /// An S3 warehouse opened without options takes its configuration from the environment as
     /// AWS's SDKs do (it was ignored: region, endpoint and EKS web identity fell back to

@@ -630,13 +630,17 @@ pub(crate) async fn new_table_location(
         Some(l) => l.clone(),
         None => format!("{}/{}", placing.root.warehouse, ident.namespace().join("/")),
     };
-    let default = format!("{ns_location}/{}", ident.name());
+    // A namespace location written with a trailing `/` (as PyIceberg accepts it): the SQL
+    // catalog would append `/<name>` to it as it is, and `…//<name>` is no valid object path
+    // (every create failed); the table goes where PyIceberg puts it, `…/<name>`.
+    let trailing = ns_location.ends_with('/');
+    let default = format!("{}/{}", ns_location.trim_end_matches('/'), ident.name());
     let tag: String =
         catalog_name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).collect();
     let own = format!("{default}-{tag}");
     let found = verifier.tables_at(ident, &[&default, &own], placing.root).await?;
     if found[0].is_empty() {
-        return Ok(None);
+        return Ok(trailing.then_some(default));
     }
     if !found[1].is_empty() {
         return Err(Error::invalid(format!(

@@ -861,6 +861,48 @@ async fn a_user_tables_out_of_range_stream_mark_is_corrupt() {
     assert_eq!(t.last_batch("s").await.expect_err("still corrupt").kind(), &ErrorKind::Corrupt);
 }
 
+/// A namespace whose location ends in `/` (PyIceberg accepts one) holds dotdo's tables, user
+/// tables and change tables, at `<location>/<name>` as PyIceberg places them: the SQL catalog
+/// built `…//<name>`, no valid object path, and every create failed `InvalidInput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_location_with_a_trailing_slash_holds_tables() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 2).await;
+    let elsewhere = dir.path().join("elsewhere");
+    let location =
+        format!("{}/", url::Url::from_directory_path(&elsewhere).expect("url").as_str().trim_end_matches('/'));
+    let ns = iceberg::NamespaceIdent::new("u".to_string());
+    let props = std::collections::HashMap::from([("location".to_string(), location.clone())]);
+    cold.catalog().create_namespace(&ns, props).await.expect("namespace");
+    let arrow = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
+    let t = cold.arrow_table(&["u"], "events", arrow.clone()).await.expect("a user table there");
+    let batch = RecordBatch::try_new(arrow, vec![Arc::new(Int64Array::from(vec![1, 2]))]).expect("batch");
+    t.append("s", 1, vec![batch]).await.expect("append");
+    let table = cold.catalog().load_table(&iceberg::TableIdent::new(ns.clone(), "events".into())).await.expect("load");
+    assert_eq!(table.metadata().location(), format!("{location}events"), "where PyIceberg puts it");
+    let changes = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["u"], "changes")
+        .build()
+        .await
+        .expect("a change table there");
+    let o = ObjectId::new("o").expect("valid");
+    let rec = ChangeRecord {
+        object: o.clone(),
+        seq: 1,
+        key: "k".into(),
+        op: Op::Put,
+        value: "v".into(),
+        token: FencingToken::new(1),
+        timestamp: Timestamp::from_millis(1_000),
+        type_name: "T".into(),
+    };
+    changes.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![rec])).await.expect("append");
+    assert_eq!(changes.table().metadata().location(), format!("{location}changes"));
+    assert!(elsewhere.join("changes").is_dir() && elsewhere.join("events").is_dir());
+}
+
 /// A user table another engine created with a partition spec is refused when opened
 /// (`InvalidInput` naming the spec): dotdo writes user tables unpartitioned, and an append of
 /// unpartitioned files to it panicked in iceberg's manifest writer.

@@ -411,9 +411,10 @@ impl HotStore for LibsqlStore {
         let steps = vec![
             Step::exec(FOLD_LEASE, vec![p[0].clone()]),
             Step::exec(format!("DELETE FROM do_state WHERE do_id = ?1 AND {ok}"), p.clone()),
-            // Told apart from an object whose keys were all deleted until a restore.
+            // Told apart from an object whose keys were all deleted until a restore (not one never
+            // written: nothing in cold to restore, and the runtime never restores it).
             Step::exec(
-                format!("INSERT INTO do_evicted (do_id) SELECT ?1 WHERE {ok} ON CONFLICT (do_id) DO NOTHING"),
+                format!("INSERT INTO do_evicted (do_id) SELECT ?1 WHERE {ok} AND {LAST} > 0 ON CONFLICT (do_id) DO NOTHING"),
                 p.clone(),
             ),
             Step::exec(

@@ -1029,7 +1029,7 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     assert_eq!(version(&path).await, 3);
     // A version-2 file (no `do_evicted`) with an object whose live state is gone (evicted, or
     // its keys deleted: version 2 cannot tell).
-    let gone = ObjectId::new("gone").expect("valid");
+    let (gone, leased) = (ObjectId::new("gone").expect("valid"), ObjectId::new("leased").expect("valid"));
     let g = {
         let s = LibsqlStore::local(&path).open().await.expect("open");
         let g = s.acquire(&gone, &NodeId::new("n").expect("valid"), Duration::from_secs(600)).await.expect("acquire");
@@ -1037,6 +1037,8 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
         s.delete(&gone, g.token, "T", "k").await.expect("delete");
         s.truncate_changes(&gone, g.token, 2).await.expect("truncate");
         assert!(s.object_info(&gone).await.expect("info").expect("object").resident, "emptied here");
+        // Leased, never written: nothing to restore, so not marked by the upgrade.
+        s.acquire(&leased, &NodeId::new("n").expect("valid"), Duration::from_secs(600)).await.expect("acquire");
         g
     };
     raw(&path).await.execute_batch("DROP TABLE do_evicted; PRAGMA user_version = 2;").await.expect("version 2");
@@ -1047,7 +1049,34 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
         assert!(s.object_info(&obj()).await.expect("info").expect("object").resident, "live keys: resident");
         s.restore(&gone, g.token, vec![], 2).await.expect("restore");
         assert!(s.object_info(&gone).await.expect("info").expect("object").resident, "restored");
+        let l = s.current(&leased).await.expect("current").expect("the lease");
+        s.put(&leased, l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        s.delete(&leased, l.token, "T", "k").await.expect("delete");
+        s.truncate_changes(&leased, l.token, 2).await.expect("truncate");
+        let info = s.object_info(&leased).await.expect("info").expect("object");
+        assert!(info.resident, "never written before the upgrade: not marked: {info:?}");
     }
+    // The upgrade marks once: a store whose upgrade program runs after another process
+    // upgraded the file (it read version 2 first) leaves objects emptied since unmarked.
+    raw(&path).await.execute_batch("DROP TABLE do_evicted; PRAGMA user_version = 2;").await.expect("version 2");
+    let s = LibsqlStore::local(&path).open().await.expect("upgrade again");
+    assert!(!s.object_info(&gone).await.expect("info").expect("object").resident, "marked by the upgrade");
+    s.restore(&gone, g.token, vec![], 2).await.expect("restore");
+    drop(s);
+    set_version(&path, 2).await;
+    let locker = raw(&path).await;
+    locker.execute_batch("BEGIN IMMEDIATE; PRAGMA user_version = 3;").await.expect("lock");
+    let opening = tokio::spawn({
+        let path = path.clone();
+        async move { LibsqlStore::local(&path).open().await }
+    });
+    #[allow(clippy::disallowed_methods)] // the other process holds its lock for a while
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    locker.execute_batch("COMMIT").await.expect("commit");
+    let s = opening.await.expect("join").expect("opens the file another process upgraded meanwhile");
+    let info = s.object_info(&gone).await.expect("info").expect("object");
+    assert!(info.resident, "emptied and restored since: not marked again: {info:?}");
+    drop(s);
     assert_eq!(version(&path).await, 3, "upgraded in place");
     set_version(&path, 1).await;
     {

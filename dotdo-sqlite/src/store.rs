@@ -1075,9 +1075,12 @@ impl HotStore for SqliteStore {
                     .into());
                 }
                 tx.prepare_cached("DELETE FROM do_state WHERE do_id = ?1")?.execute([object.as_str()])?;
-                // Told apart from an object whose keys were all deleted until a restore.
-                tx.prepare_cached("INSERT INTO do_evicted (do_id) VALUES (?1) ON CONFLICT (do_id) DO NOTHING")?
-                    .execute([object.as_str()])?;
+                // Told apart from an object whose keys were all deleted until a restore (not one
+                // never written: nothing in cold to restore, and the runtime never restores it).
+                if row.last_seq > 0 {
+                    tx.prepare_cached("INSERT INTO do_evicted (do_id) VALUES (?1) ON CONFLICT (do_id) DO NOTHING")?
+                        .execute([object.as_str()])?;
+                }
                 Ok(())
             })
         })

@@ -894,7 +894,7 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     assert_eq!(version(&path), 3);
     // A version-2 file (no `do_evicted`) with an object whose live state is gone (evicted, or
     // its keys deleted: version 2 cannot tell).
-    let gone = ObjectId::new("gone").expect("valid");
+    let (gone, leased) = (ObjectId::new("gone").expect("valid"), ObjectId::new("leased").expect("valid"));
     let g = {
         let s = SqliteStore::builder(&path).open().await.expect("open");
         let g = s.acquire(&gone, &NodeId::new("n").expect("valid"), Duration::from_secs(600)).await.expect("acquire");
@@ -902,6 +902,8 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
         s.delete(&gone, g.token, "T", "k").await.expect("delete");
         s.truncate_changes(&gone, g.token, 2).await.expect("truncate");
         assert!(s.object_info(&gone).await.expect("info").expect("object").resident, "emptied here");
+        // Leased, never written: nothing to restore, so not marked by the upgrade.
+        s.acquire(&leased, &NodeId::new("n").expect("valid"), Duration::from_secs(600)).await.expect("acquire");
         g
     };
     {
@@ -915,6 +917,12 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
         assert!(s.object_info(&obj()).await.expect("info").expect("object").resident, "live keys: resident");
         s.restore(&gone, g.token, vec![], 2).await.expect("restore");
         assert!(s.object_info(&gone).await.expect("info").expect("object").resident, "restored");
+        let l = s.current(&leased).await.expect("current").expect("the lease");
+        s.put(&leased, l.token, "T", "k", b"v".to_vec().into()).await.expect("put");
+        s.delete(&leased, l.token, "T", "k").await.expect("delete");
+        s.truncate_changes(&leased, l.token, 2).await.expect("truncate");
+        let info = s.object_info(&leased).await.expect("info").expect("object");
+        assert!(info.resident, "never written before the upgrade: not marked: {info:?}");
     }
     assert_eq!(version(&path), 3, "upgraded in place");
     set_version(&path, 1);

@@ -237,7 +237,9 @@ impl HotStore for MemoryBackend {
         let o = st.raise(object, token);
         o.entries.clear();
         o.value_bytes = 0;
-        o.evicted = true;
+        // (An object never written has nothing in cold to restore: not marked, as the runtime
+        // never restores it.)
+        o.evicted = last > 0;
         Ok(())
     }
 

@@ -1830,9 +1830,8 @@ impl ObjectRuntime {
 
     /// Tier `object` out of hot storage: drain its changes to cold, drop its hot state, release
     /// the lease. The next call recovers it from cold storage identically. An object not active
-    /// here with no live keys and nothing to drain in hot storage (already evicted) is left as
-    /// it is. `Shutdown` once
-    /// [`shutdown`](Self::shutdown) has begun.
+    /// here with no live keys and nothing to drain in hot storage (already evicted, or emptied
+    /// by deletes) is left as it is. `Shutdown` once [`shutdown`](Self::shutdown) has begun.
     pub async fn evict(&self, object: &ObjectId) -> Result<()> {
         let _guard = self.enter()?;
         let slot = self.slot(object);
@@ -1844,8 +1843,8 @@ impl ObjectRuntime {
     /// [`evict`](Self::evict) of an object whose slot the caller has locked.
     /// `wait`: how long to wait for a lease another node holds (`None`: as a call does).
     async fn evict_locked(&self, object: &ObjectId, slot: &mut Slot, wait: Option<Duration>) -> Result<()> {
-        // Already out of hot storage (no live keys, nothing to drain) and not active here: done,
-        // without an activation that would first restore it.
+        // Already out of hot storage, or emptied by deletes (no live keys, nothing to drain), and
+        // not active here: done, without an activation that would first restore it.
         if slot.active.is_none()
             && self.inner.hot.object_info(object).await?.is_none_or(|i| i.keys == 0 && !i.has_pending_changes())
         {

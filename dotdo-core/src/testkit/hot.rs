@@ -2219,7 +2219,8 @@ pub async fn evicted_object_restores_at_its_sequence(f: &HotFactory) {
 
 /// An object whose keys were all deleted is resident (its empty state is its whole state); an
 /// evicted one is not (its state is in cold storage), also once written again, until a
-/// restore, an empty one included. A refused evict or restore changes nothing of it. (A backend
+/// restore, an empty one included. A refused evict or restore changes nothing of it, and an
+/// evict before any write marks nothing. (A backend
 /// reporting every keyless object resident makes the runtime serve an evicted object empty; one
 /// reporting none makes it restore an emptied object from cold at each activation.)
 pub async fn an_evicted_object_is_told_from_an_emptied_one(f: &HotFactory) {
@@ -2257,6 +2258,15 @@ pub async fn an_evicted_object_is_told_from_an_emptied_one(f: &HotFactory) {
     let e = fx.hot.evict(&m.object, m.token).await.expect_err("undrained");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
     assert_eq!(resident(&m.object).await, Some((0, true)), "a refused evict changes nothing");
+    // An evict before any write marks nothing: there is nothing in cold storage to restore, and
+    // no restore would come to clear a mark (the object, written and emptied later, would
+    // look evicted for good).
+    let n = lease(&fx, "o3", "n1").await;
+    fx.hot.evict(&n.object, n.token).await.expect("evict of an object never written");
+    fx.hot.put(&n.object, n.token, "T", "a", b("1")).await.expect("put");
+    fx.hot.delete(&n.object, n.token, "T", "a").await.expect("delete");
+    fx.hot.truncate_changes(&n.object, n.token, 2).await.expect("truncate");
+    assert_eq!(resident(&n.object).await, Some((0, true)), "never evicted with anything to restore");
 }
 
 /// Keys of exactly 1 KiB (also in multi-byte characters) and type names of exactly 256 bytes are
@@ -2405,7 +2415,7 @@ impl ReferenceStateMachine for HotMachine {
                 let m = &mut s.objects[*o];
                 if m.last_seq == m.truncated {
                     m.state.clear();
-                    m.evicted = true;
+                    m.evicted = m.last_seq > 0;
                 }
             }
             HotOp::Restore(o, k) => {
