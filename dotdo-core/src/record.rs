@@ -376,7 +376,14 @@ mod tests {
         assert!(e.to_string().contains("\"profile\""), "{e}");
         let late = Entry { key: "late".into(), value: Bytes::new(), seq: crate::MAX_SEQ + 1 };
         let e = validate_restore(&[late], 1).expect_err("seq out of range");
+        assert_eq!(e.kind(), &crate::ErrorKind::InvalidInput, "{e}");
         assert!(e.to_string().contains("\"late\""), "{e}");
+        // An oversized key: its first 64 characters, not all of it.
+        let long = Entry { key: "k".repeat(crate::MAX_KEY_BYTES + 1), value: Bytes::new(), seq: 1 };
+        let e = validate_restore(&[long], 1).expect_err("key over the limit");
+        assert!(matches!(e.kind(), crate::ErrorKind::LimitExceeded { .. }), "{e}");
+        assert!(e.to_string().contains(&format!("\"{}\"", "k".repeat(64))), "{e}");
+        assert!(!e.to_string().contains(&"k".repeat(65)), "{e}");
     }
 
     #[test]

@@ -3378,6 +3378,7 @@ async fn an_object_evicted_before_any_write_is_not_marked_evicted() {
         let rt = w.runtime("a", settings());
         assert_eq!(get(&rt, &o, "n").await.expect("a read activates it"), None);
         rt.evict(&o).await.expect("evict");
+        assert_eq!(rt.metrics().evictions, 1, "the hot store's evict ran (the object was active)");
         incr(&rt, &o).await.expect("incr");
         rt.invoke(&o, async |t: &mut ObjectTxn<'_>| t.delete("n")).await.expect("delete");
         rt.flush_all().await.expect("drained");
@@ -4256,6 +4257,45 @@ async fn a_lease_run_out_during_flush_all_fails_the_flush() {
         .map(|wm| wm.expect("watermark").through)
         .collect();
     assert_eq!(pending.iter().filter(|t| **t == 0).count(), 1, "one object left in hot storage: {pending:?}");
+}
+
+/// The same with `drain_released` off: the object left out (given back undrained) is owed to
+/// the next `flush_all`, which takes it again and drains it, and so does `shutdown`'s flush.
+/// The next `flush_all` and `shutdown` answered `Ok` with its acknowledged change left in hot
+/// storage (nothing drains a released object with `drain_released` off).
+#[tokio::test]
+async fn an_object_left_out_of_a_flush_is_drained_by_the_next_one_without_drain_released() {
+    for via_shutdown in [false, true] {
+        let w = World::new();
+        let (cold, rt) =
+            w.flaky_cold_runtime(RuntimeSettings { flush_batch_records: 1, drain_released: false, ..settings() });
+        let (a, b) = (oid("a"), oid("b"));
+        incr(&rt, &a).await.expect("a");
+        incr(&rt, &b).await.expect("b");
+        let clock = w.clock.clone();
+        *cold.before_append.lock() = Some(Box::pin(async move { clock.advance(TTL * 2) }));
+        rt.flush_all().await.expect_err("one object's lease ran out before its commit");
+        let left: Vec<ObjectId> = futures::future::join_all([&a, &b].map(|o| w.cold.watermark(o)))
+            .await
+            .into_iter()
+            .zip([&a, &b])
+            .filter(|(wm, _)| wm.as_ref().expect("watermark").through == 0)
+            .map(|(_, o)| o.clone())
+            .collect();
+        assert_eq!(left.len(), 1, "one object left in hot storage");
+        if via_shutdown {
+            rt.shutdown().await.expect("shutdown drains it");
+        } else {
+            let report = rt.flush_all().await.expect("the next flush drains it");
+            assert_eq!(report.objects, 1, "{report:?}");
+        }
+        assert_eq!(w.cold.watermark(&left[0]).await.expect("watermark").through, 1, "shutdown: {via_shutdown}");
+        let info = w.hot.object_info(&left[0]).await.expect("info").expect("object");
+        assert!(!info.has_pending_changes(), "{info:?}");
+        if !via_shutdown {
+            assert_eq!(rt.flush_all().await.expect("nothing owed now").objects, 0);
+        }
+    }
 }
 
 /// `flush_all` holds only the objects it has changes to drain: a call on a clean object does

@@ -603,7 +603,9 @@ impl ObjectStoreStorage {
 /// `Unavailable`, as the same error is in an append (it was a permanent `Backend` at open).
 fn warehouse_dir_error(dir: &std::path::Path, e: std::io::Error) -> Error {
     let msg = format!("cannot create warehouse directory {}: {e}", dir.display());
-    if crate::error::io_refused(e.kind()) || e.kind() == std::io::ErrorKind::PermissionDenied {
+    // (`AlreadyExists`: the path, or a directory on it, is a file.)
+    use std::io::ErrorKind as K;
+    if crate::error::io_refused(e.kind()) || matches!(e.kind(), K::PermissionDenied | K::AlreadyExists) {
         Error::new(dotdo_core::ErrorKind::Backend, msg).with_retryable(false).with_source(e)
     } else {
         Error::unavailable(msg).with_source(e)
@@ -979,7 +981,9 @@ mod tests {
     #[test]
     fn a_warehouse_directory_failure_that_may_pass_is_retryable() {
         let dir = std::path::Path::new("/srv/wh");
-        for (errno, retryable) in [(116, true), (5, true), (107, true), (28, false), (30, false), (13, false)] {
+        for (errno, retryable) in
+            [(116, true), (5, true), (107, true), (28, false), (30, false), (13, false), (17, false)]
+        {
             let e = warehouse_dir_error(dir, std::io::Error::from_raw_os_error(errno));
             assert_eq!(e.is_retryable(), retryable, "errno {errno}: {e}");
             let kind = if retryable { dotdo_core::ErrorKind::Unavailable } else { dotdo_core::ErrorKind::Backend };
@@ -1325,6 +1329,10 @@ mod tests {
         let file = tempfile::NamedTempFile::new().expect("file");
         let wh = format!("{}/wh", file.path().display());
         let e = StoreRoot::open(&wh, std::iter::empty::<(&str, String)>()).expect_err("not a directory");
+        assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Backend, false), "{e}");
+        // The warehouse path itself a file (`AlreadyExists`).
+        let wh = file.path().display().to_string();
+        let e = StoreRoot::open(&wh, std::iter::empty::<(&str, String)>()).expect_err("a file");
         assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Backend, false), "{e}");
     }
 }

@@ -1003,9 +1003,12 @@ async fn a_write_waiting_for_the_lock_while_the_file_is_replaced_is_refused() {
 }
 
 /// Schema versions: a file of version 1 or 2 is upgraded in place (to 3) and keeps its state and
-/// its lease; objects without live keys in a file from before version 3 (evicted or emptied, it
-/// did not record which) are marked evicted, so they are restored from cold as before; a file of
-/// a newer version than this library's is refused with `Corrupt` and left alone.
+/// its lease; objects written once and without live keys in a file from before version 3
+/// (evicted or emptied, it did not record which) are marked evicted, so they are restored from
+/// cold as before (not objects never written: nothing to restore); a file of a newer version
+/// than this library's is refused with `Corrupt` and left alone. The marking runs once, by the
+/// upgrade that finds the file below version 3 (not again by a store whose upgrade program runs
+/// after another process upgraded the file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     async fn raw(p: &std::path::Path) -> libsql::Connection {

@@ -869,10 +869,35 @@ fn time_waiting_for_a_blocking_thread_counts_against_the_write_budget() {
     });
 }
 
+/// The schema text both SQL backends run to upgrade a file marks the written objects without
+/// live keys of a file below version 3, and nothing at version 3 (dotdo-libsql runs the text
+/// again when its upgrade program follows another process's upgrade of the file; marking then
+/// would mark objects emptied since).
+#[test]
+fn the_upgrade_marks_evictions_only_below_version_3() {
+    let c = rusqlite::Connection::open_in_memory().expect("open");
+    c.execute_batch(dotdo_core::sql_schema::SQL_HOT_SCHEMA).expect("a new file's schema");
+    c.execute_batch(
+        "INSERT INTO do_objects VALUES ('emptied', 5, 5, 1), ('leased', 0, 0, 1), ('live', 3, 3, 1), ('pending', 0, 0, 1); \
+         INSERT INTO do_state VALUES ('live', 'k', x'00', 3); \
+         INSERT INTO do_changes VALUES ('pending', 1, 'k', 1, x'', 1, 0, 'T');",
+    )
+    .expect("rows");
+    let marked = |c: &rusqlite::Connection| -> Vec<String> {
+        let mut stmt = c.prepare("SELECT do_id FROM do_evicted ORDER BY do_id").expect("prepare");
+        stmt.query_map([], |r| r.get(0)).expect("query").collect::<rusqlite::Result<_>>().expect("rows")
+    };
+    c.execute_batch(&format!("PRAGMA user_version = 3; {}", dotdo_core::sql_schema::SQL_HOT_SCHEMA)).expect("again");
+    assert!(marked(&c).is_empty(), "at version 3 the text marks nothing: {:?}", marked(&c));
+    c.execute_batch(&format!("PRAGMA user_version = 2; {}", dotdo_core::sql_schema::SQL_HOT_SCHEMA)).expect("upgrade");
+    assert_eq!(marked(&c), ["emptied", "pending"], "written, without live keys (never written: not marked)");
+}
+
 /// Schema versions: a file of version 1 or 2 is upgraded in place (to 3) and keeps its state and
-/// its lease; objects without live keys in a file from before version 3 (evicted or emptied, it
-/// did not record which) are marked evicted, so they are restored from cold as before; a file of
-/// a newer version than this library's is refused with `Corrupt` and left alone.
+/// its lease; objects written once and without live keys in a file from before version 3
+/// (evicted or emptied, it did not record which) are marked evicted, so they are restored from
+/// cold as before (not objects never written: nothing to restore); a file of a newer version
+/// than this library's is refused with `Corrupt` and left alone.
 #[tokio::test]
 async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");

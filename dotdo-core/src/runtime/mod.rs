@@ -113,7 +113,9 @@ pub struct RuntimeSettings {
     /// with `keep_warm` 0, released idle, left by a runtime that is gone). Default true. On a
     /// hot store several runtimes share without a ring, each flush then tries every pending
     /// object (one acquire each, a failed one for those another runtime holds): turn it off
-    /// there, or set a ring, and make sure some runtime drains released objects.
+    /// there, or set a ring, and make sure some runtime drains released objects. Off, a flush
+    /// still takes again the objects an earlier flush of this runtime gave back undrained (a
+    /// lease that ran out during it, hot diverged from or behind cold), until they are drained.
     pub drain_released: bool,
     /// Most bytes (keys twice, values and 64 per entry), per object, of cold values a lazily
     /// restored object keeps cached when they come from the accelerator one key at a time; past
@@ -286,6 +288,13 @@ pub(crate) struct Inner {
     /// been given back to fence a write of unknown outcome, and adopting it (its release failed,
     /// so it is still current) would let that write land unfenced.
     given_back: parking_lot::Mutex<HashMap<ObjectId, FencingToken>>,
+    /// Objects a `flush_all` gave back undrained (left out: a lease that ran out, hot diverged
+    /// from or behind cold): the next `flush_all` (shutdown's included) takes them again, also
+    /// with `drain_released` off, until they are drained or another holder has them. Without
+    /// this, with `drain_released` off, the next `flush_all` and `shutdown` answered `Ok` with
+    /// their acknowledged changes left in hot storage (and a diverged object's `Corrupt` said
+    /// once).
+    owed: parking_lot::Mutex<std::collections::BTreeSet<ObjectId>>,
     shutting_down: AtomicBool,
     /// Set once shutdown's flush has run: a call ending after it gives its lease back.
     shutdown_flushed: AtomicBool,
@@ -407,6 +416,7 @@ impl ObjectRuntimeBuilder {
                 orphans: parking_lot::Mutex::new(HashMap::new()),
                 unsure: parking_lot::Mutex::new(HashMap::new()),
                 given_back: parking_lot::Mutex::new(HashMap::new()),
+                owed: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
                 shutting_down: AtomicBool::new(false),
                 shutdown_flushed: AtomicBool::new(false),
                 shutdown_flushing: AtomicBool::new(false),
@@ -1505,7 +1515,9 @@ impl ObjectRuntime {
                         Err(e) if released && held_by(&e, &inner.node) != Some(false) => {
                             // Given back (or queued for release as an orphan): the lapsed
                             // activation is never restored, its lease no longer this runtime's.
+                            // Its changes are still this runtime's to drain: the next flush.
                             drop(lapsed);
+                            inner.owed.lock().insert(object.clone());
                             tracing::warn!(object = %object, error = %e, "dotdo flush_all: lapsed lease given back, object not retaken");
                             rounds.first_err.get_or_insert(e);
                             continue;
@@ -1566,14 +1578,28 @@ impl ObjectRuntime {
                     }
                 }
             } else {
+                // Only those an earlier flush gave back undrained (see `Inner::owed`).
+                if after.is_none() {
+                    let owed: Vec<ObjectId> = inner.owed.lock().iter().cloned().collect();
+                    self.take_listed(owed, &mut held, &mut rounds, true).await;
+                }
                 false
             };
             let r = self.drain_rounds(&mut held, &mut report, &mut rounds).await;
             // Objects taken only for this flush go back, and so do those left out (taken over,
-            // diverged from cold, or behind it: the next activation decides afresh).
+            // diverged from cold, or behind it: the next activation decides afresh); a left-out
+            // one is owed to the next flush, a drained one no longer.
             for h in &mut held {
-                if h.taken.is_some() || rounds.left_out.contains(&h.object) {
+                if rounds.left_out.contains(&h.object) {
                     give_back(inner, &mut h.guard.active).await;
+                    inner.owed.lock().insert(h.object.clone());
+                    continue;
+                }
+                if h.taken.is_some() {
+                    give_back(inner, &mut h.guard.active).await;
+                }
+                if rounds.drained.contains(&h.object) {
+                    inner.owed.lock().remove(&h.object);
                 }
             }
             r?;
@@ -1782,15 +1808,24 @@ impl ObjectRuntime {
         rounds: &mut DrainRounds,
     ) -> Result<bool> {
         const PAGE: usize = 256;
-        let inner = &self.inner;
-        let page = inner.hot.objects_with_pending_changes(after.as_ref(), PAGE).await?;
+        let page = self.inner.hot.objects_with_pending_changes(after.as_ref(), PAGE).await?;
         let more = page.len() == PAGE;
         *after = page.last().cloned();
-        for object in page {
+        self.take_listed(page, held, rounds, false).await;
+        Ok(more)
+    }
+
+    /// Take `objects` (not active here) to drain them in this flush: the page of
+    /// [`take_pending`](Self::take_pending), or (`owed`) the objects an earlier flush gave back
+    /// undrained ([`Inner::owed`]: this runtime's own changes, taken whatever the ring says;
+    /// forgotten once nothing of them waits or another holder has them).
+    async fn take_listed(&self, objects: Vec<ObjectId>, held: &mut Vec<Held>, rounds: &mut DrainRounds, owed: bool) {
+        let inner = &self.inner;
+        for object in objects {
             if rounds.left_out.contains(&object)
                 || rounds.busy.contains(&object)
                 || held.iter().any(|h| h.object == object)
-                || self.owner_hint(&object).is_some_and(|n| n != inner.node)
+                || (!owed && self.owner_hint(&object).is_some_and(|n| n != inner.node))
             {
                 continue;
             }
@@ -1807,7 +1842,9 @@ impl ObjectRuntime {
             }
             match self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await {
                 // Drained (and evicted) by its holder since the page was read.
-                Ok(false) => {}
+                Ok(false) => {
+                    inner.owed.lock().remove(&object);
+                }
                 Ok(true) => {
                     let token =
                         guard.active.as_ref().expect("ensure_active leaves the object active").lease.granted.token;
@@ -1818,6 +1855,7 @@ impl ObjectRuntime {
                 // error: its changes were not drained.)
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseHeld { .. }) && !own_leftover(inner, &e, &object) => {
                     tracing::debug!(object = %object, "dotdo flush_all: pending changes of an object another node holds; skipped");
+                    inner.owed.lock().remove(&object);
                 }
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "dotdo flush_all: object with pending changes not taken");
@@ -1825,7 +1863,6 @@ impl ObjectRuntime {
                 }
             }
         }
-        Ok(more)
     }
 
     /// Tier `object` out of hot storage: drain its changes to cold, drop its hot state, release

@@ -1207,6 +1207,9 @@ pub async fn stale_and_none_tokens_are_refused_on_every_path(f: &HotFactory) {
     assert!(e.is_fenced(), "{e}");
     let info = fx.hot.object_info(&new.object).await.expect("info").expect("kept");
     assert_eq!(info.max_token, new.token);
+    // A refused restore leaves the eviction mark (cleared, the evicted object would be served
+    // empty as resident).
+    assert!(!info.resident, "a fenced restore leaves the object evicted: {info:?}");
     let none = FencingToken::NONE;
     let o = &new.object;
     let errs = [
