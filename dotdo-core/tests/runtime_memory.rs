@@ -4298,6 +4298,35 @@ async fn an_object_left_out_of_a_flush_is_drained_by_the_next_one_without_drain_
     }
 }
 
+/// A flush whose cold commit's outcome stays unknown after its attempts fails with a retryable
+/// `Unavailable` (the next flush settles it: exactly once), as `flush_all` and `shutdown` do:
+/// `AmbiguousOutcome` (not retryable) made a host that retries retryable errors stop flushing.
+#[tokio::test]
+async fn a_flush_of_unknown_outcome_is_retryable() {
+    for call in ["flush", "flush_all", "shutdown"] {
+        let w = World::new();
+        let (cold, rt) = w.flaky_cold_runtime(settings());
+        let o = oid("o");
+        incr(&rt, &o).await.expect("incr");
+        cold.ambiguous_appends.store(100, std::sync::atomic::Ordering::SeqCst);
+        let ticking = tick(&w);
+        let e = match call {
+            "flush" => rt.flush(&o).await.map(|_| ()),
+            "flush_all" => rt.flush_all().await.map(|_| ()),
+            _ => rt.shutdown().await.map(|_| ()),
+        }
+        .expect_err("the commit's outcome stays unknown");
+        ticking.abort();
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{call}: {e}");
+        assert!(e.is_retryable(), "{call}: {e}");
+        cold.ambiguous_appends.store(0, std::sync::atomic::Ordering::SeqCst);
+        if call != "shutdown" {
+            rt.flush(&o).await.expect("the next flush settles it");
+            assert_eq!(w.cold.watermark(&o).await.expect("watermark").through, 1, "{call}");
+        }
+    }
+}
+
 /// `flush_all` holds only the objects it has changes to drain: a call on a clean object does
 /// not wait for a slow cold commit of others.
 #[tokio::test]

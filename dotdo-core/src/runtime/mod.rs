@@ -1781,7 +1781,7 @@ impl ObjectRuntime {
                     Err(e) => {
                         tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
                         unreadable.insert(oc.object.clone());
-                        first_err.get_or_insert(e);
+                        first_err.get_or_insert(drain_settles(e, "the truncation"));
                         continue;
                     }
                 }
@@ -3050,11 +3050,27 @@ async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<Append
     let policy = crate::retry::RetryPolicy { retries: 5, base: Duration::from_millis(10) };
     let (out, unsure) =
         crate::retry::retry_idempotent_noting_unknown(&*inner.clock, policy, || inner.cold.append(batch.clone())).await;
-    let commit = out?;
+    let commit = out.map_err(|e| drain_settles(e, "the cold commit"))?;
     // An attempt whose outcome was unknown, and a later one that found every record already
     // in cold: the first landed them (a commit is whole or absent).
     let landed_unseen = unsure && commit.snapshot.is_none() && commit.records_skipped > 0;
     Ok(Appended { commit, landed_unseen })
+}
+
+/// A drain's step whose outcome stayed unknown (a cold commit after its attempts, a hot
+/// truncation): a retryable `Unavailable`, not `AmbiguousOutcome`. A drain is safe to run
+/// again: it re-sends what hot still holds and cold skips what landed (exactly once), so there
+/// is nothing for the caller to read back or settle; `AmbiguousOutcome` (not retryable) made a
+/// host that retries retryable errors stop flushing. The unknown outcome stays in the source.
+fn drain_settles(e: Error, step: &str) -> Error {
+    if e.kind() == &ErrorKind::AmbiguousOutcome {
+        Error::unavailable(format!(
+            "{step} had an unknown outcome; the next flush settles it (what landed is skipped then: exactly once)"
+        ))
+        .with_source(e)
+    } else {
+        e
+    }
 }
 
 /// A cold append's answer, and whether an attempt of the call whose reply was lost landed it
@@ -3148,7 +3164,7 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken, max_c
         }
         let through: Seq = commit.watermarks.get(object).map_or(0, |w| w.through);
         check_durable_through(object, info.last_seq, appended, through)?;
-        inner.hot.truncate_changes(object, token, through).await?;
+        inner.hot.truncate_changes(object, token, through).await.map_err(|e| drain_settles(e, "the truncation"))?;
         report.objects = 1;
     }
     Ok(report)
