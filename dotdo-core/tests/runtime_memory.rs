@@ -1044,6 +1044,36 @@ async fn a_failed_idle_eviction_is_tried_again_by_the_next_round() {
     }
 }
 
+/// An idle eviction the hot store refuses as busy (`Unavailable`: nothing dropped) keeps the
+/// object held and is tried again by the next round. It was released as if its state might be
+/// gone, and nothing evicted it again: it stayed in hot storage until someone used it.
+#[tokio::test]
+async fn an_idle_eviction_the_hot_store_refuses_busy_is_tried_again() {
+    let w = World::new();
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    hot.honest_evicts.store(true, std::sync::atomic::Ordering::SeqCst);
+    let idle = Duration::from_secs(5);
+    let rt = w.runtime_with_hot(
+        "a",
+        hot.clone(),
+        RuntimeSettings { keep_warm: idle, evict_idle_after: Some(idle), ..settings() },
+    );
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    w.clock.advance(idle + Duration::from_secs(1));
+    hot.busy_evicts.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = rt.maintain().await.expect_err("the hot store was busy");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert!(!w.hot.is_available(&o).await.expect("available"), "still held, for the next try");
+    assert_eq!(w.hot.get(&o, "n").await.expect("hot").as_deref(), Some(&b"1"[..]), "nothing dropped");
+    w.clock.advance(Duration::from_secs(1));
+    rt.maintain().await.expect("maintain");
+    assert_eq!(rt.metrics().evictions, 1);
+    assert!(w.hot.get(&o, "n").await.expect("hot").is_none(), "left hot storage");
+    assert!(w.hot.is_available(&o).await.expect("available"), "and released");
+    assert_eq!(incr(&rt, &o).await.expect("restored from cold"), 2);
+}
+
 #[test]
 fn invoke_futures_are_send_so_hosts_can_spawn_them() {
     fn assert_send<T: Send>(_: &T) {}
@@ -3487,6 +3517,10 @@ struct FaultyHot {
     unreadable_changes: parking_lot::Mutex<Option<ObjectId>>,
     /// `truncate_changes` of this object fails (`Unavailable`), truncating nothing.
     failing_truncates: parking_lot::Mutex<Option<ObjectId>>,
+    /// This many `evict` calls fail `Unavailable` (busy), dropping nothing.
+    busy_evicts: std::sync::atomic::AtomicU32,
+    /// `evict` answers `Ok` once it applied (not the lost reply it answers otherwise).
+    honest_evicts: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyHot {
@@ -3504,6 +3538,8 @@ impl FaultyHot {
             held: Default::default(),
             changes_per_read: 0.into(),
             refuse_evicts: false.into(),
+            busy_evicts: 0.into(),
+            honest_evicts: false.into(),
             unreadable_changes: Default::default(),
             failing_truncates: Default::default(),
         }
@@ -3579,7 +3615,15 @@ impl HotStore for FaultyHot {
         if self.refuse_evicts.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::new(ErrorKind::Conflict, "a change is pending (test)"));
         }
+        let busy = self.busy_evicts.load(std::sync::atomic::Ordering::SeqCst);
+        if busy > 0 {
+            self.busy_evicts.store(busy - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::unavailable("hot store busy (test)"));
+        }
         self.inner.evict(object, token).await?;
+        if self.honest_evicts.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         Err(Error::new(ErrorKind::AmbiguousOutcome, "evicted, but the reply was lost (test)"))
     }
     async fn restore(&self, object: &ObjectId, token: FencingToken, entries: Vec<Entry>, through: Seq) -> Result<()> {

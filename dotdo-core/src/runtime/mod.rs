@@ -1927,9 +1927,12 @@ impl ObjectRuntime {
         let active = slot.active.take().expect("active");
         let hand = LeaseInHand::new(&self.inner, active.lease.granted.clone());
         if let Err(e) = self.inner.hot.evict(object, token).await {
-            if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidInput) {
-                // Refused, so nothing was dropped: still active, unless activated only for
-                // this eviction (kept warm, it would refuse its owner's calls).
+            // Refused, or not applied (`Unavailable`: a busy or unreachable store did not run
+            // it, as the hot-store contract has it): nothing was dropped. (An idle eviction the
+            // store refused busy released the object, and nothing evicted it again.)
+            if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidInput | ErrorKind::Unavailable) {
+                // Still active, unless activated only for this eviction (kept warm, it would
+                // refuse its owner's calls).
                 hand.disarm();
                 slot.active = Some(active);
                 if taken_to_evict {
