@@ -4342,6 +4342,54 @@ async fn an_object_left_out_of_a_flush_is_drained_by_the_next_one_without_drain_
     }
 }
 
+/// An owed object (see above) that the next flush drains only in part (its second commit fails)
+/// stays owed: the flush after that drains the rest. It was forgotten after its first commit,
+/// and the next flush answered `Ok` with its other change left in hot storage.
+#[tokio::test]
+async fn an_owed_object_drained_in_part_stays_owed() {
+    let w = World::new();
+    let (cold, rt) =
+        w.flaky_cold_runtime(RuntimeSettings { flush_batch_records: 1, drain_released: false, ..settings() });
+    let (a, b) = (oid("a"), oid("b"));
+    for o in [&a, &b, &a, &b] {
+        incr(&rt, o).await.expect("incr");
+    }
+    let clock = w.clock.clone();
+    *cold.before_append.lock() = Some(Box::pin(async move { clock.advance(TTL * 2) }));
+    rt.flush_all().await.expect_err("one object's lease ran out before its commit");
+    // The object none of whose changes landed, given back; the other drained whole.
+    let mut untouched = Vec::new();
+    for o in [&a, &b] {
+        if w.cold.watermark(o).await.expect("watermark").through == 0 {
+            untouched.push(o.clone());
+        } else {
+            rt.flush(o).await.expect("the other object drains");
+        }
+    }
+    assert_eq!(untouched.len(), 1, "one object none of whose changes landed");
+    let o = &untouched[0];
+    assert!(w.hot.is_available(o).await.expect("available"), "given back undrained (owed)");
+    // The next flush commits its first change, then cold goes down.
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    *cold.each_append.lock() = Some(Arc::new({
+        let (down, cold) = (down.clone(), cold.clone());
+        move || {
+            if !down.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }));
+    let ticking = tick(&w);
+    rt.flush_all().await.expect_err("its second commit fails");
+    ticking.abort();
+    *cold.each_append.lock() = None;
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(w.cold.watermark(o).await.expect("watermark").through, 1, "drained in part");
+    let report = rt.flush_all().await.expect("the next flush drains the rest");
+    assert_eq!(report.objects, 1, "{report:?}");
+    assert_eq!(w.cold.watermark(o).await.expect("watermark").through, 2);
+}
+
 /// A flush whose cold commit's outcome stays unknown after its attempts fails with a retryable
 /// `Unavailable` (the next flush settles it: exactly once), as `flush_all` and `shutdown` do:
 /// `AmbiguousOutcome` (not retryable) made a host that retries retryable errors stop flushing.

@@ -1021,6 +1021,20 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     async fn set_version(p: &std::path::Path, v: i64) {
         raw(p).await.execute_batch(&format!("PRAGMA user_version = {v}")).await.expect("set user_version");
     }
+    /// Open the file while another process holds its write lock and sets version `to`,
+    /// committing 300 ms later.
+    async fn open_while_upgraded_to(path: &std::path::Path, to: i64) -> dotdo_core::Result<LibsqlStore> {
+        let locker = raw(path).await;
+        locker.execute_batch(&format!("BEGIN IMMEDIATE; PRAGMA user_version = {to};")).await.expect("lock");
+        let opening = tokio::spawn({
+            let path = path.to_path_buf();
+            async move { LibsqlStore::local(&path).open().await }
+        });
+        #[allow(clippy::disallowed_methods)] // the other process holds its lock for a while
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        locker.execute_batch("COMMIT").await.expect("commit");
+        opening.await.expect("join")
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("hot.db");
     let lease = {
@@ -1067,16 +1081,7 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     s.restore(&gone, g.token, vec![], 2).await.expect("restore");
     drop(s);
     set_version(&path, 2).await;
-    let locker = raw(&path).await;
-    locker.execute_batch("BEGIN IMMEDIATE; PRAGMA user_version = 3;").await.expect("lock");
-    let opening = tokio::spawn({
-        let path = path.clone();
-        async move { LibsqlStore::local(&path).open().await }
-    });
-    #[allow(clippy::disallowed_methods)] // the other process holds its lock for a while
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    locker.execute_batch("COMMIT").await.expect("commit");
-    let s = opening.await.expect("join").expect("opens the file another process upgraded meanwhile");
+    let s = open_while_upgraded_to(&path, 3).await.expect("opens the file another process upgraded meanwhile");
     let info = s.object_info(&gone).await.expect("info").expect("object");
     assert!(info.resident, "emptied and restored since: not marked again: {info:?}");
     drop(s);
@@ -1105,16 +1110,7 @@ async fn older_schema_versions_upgrade_and_newer_ones_are_refused() {
     // The version is decided again under the write lock: a version-1 file that another process
     // upgrades to a newer version while this one waits for the lock is refused, not downgraded.
     set_version(&path, 1).await;
-    let locker = raw(&path).await;
-    locker.execute_batch("BEGIN IMMEDIATE; PRAGMA user_version = 4;").await.expect("lock");
-    let opening = tokio::spawn({
-        let path = path.clone();
-        async move { LibsqlStore::local(&path).open().await }
-    });
-    #[allow(clippy::disallowed_methods)] // the other process holds its lock for a while
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    locker.execute_batch("COMMIT").await.expect("commit");
-    let e = opening.await.expect("join").expect_err("upgraded to a newer version meanwhile");
+    let e = open_while_upgraded_to(&path, 4).await.expect_err("upgraded to a newer version meanwhile");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert_eq!(version(&path).await, 4, "not downgraded");
 }

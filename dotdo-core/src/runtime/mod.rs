@@ -113,9 +113,11 @@ pub struct RuntimeSettings {
     /// with `keep_warm` 0, released idle, left by a runtime that is gone). Default true. On a
     /// hot store several runtimes share without a ring, each flush then tries every pending
     /// object (one acquire each, a failed one for those another runtime holds): turn it off
-    /// there, or set a ring, and make sure some runtime drains released objects. Off, a flush
-    /// still takes again the objects an earlier flush of this runtime gave back undrained (a
-    /// lease that ran out during it, hot diverged from or behind cold), until they are drained.
+    /// there, or set a ring, and make sure some runtime drains released objects. Off,
+    /// `flush_all` and shutdown still take again the objects an earlier `flush_all` of this
+    /// runtime gave back undrained (a lease that ran out during it, hot diverged from or behind
+    /// cold), until they are drained, another holder has them or the ring gives them to another
+    /// node (remembered in memory only: not after a restart).
     pub drain_released: bool,
     /// Most bytes (keys twice, values and 64 per entry), per object, of cold values a lazily
     /// restored object keeps cached when they come from the accelerator one key at a time; past
@@ -1517,7 +1519,7 @@ impl ObjectRuntime {
                             // activation is never restored, its lease no longer this runtime's.
                             // Its changes are still this runtime's to drain: the next flush.
                             drop(lapsed);
-                            inner.owed.lock().insert(object.clone());
+                            owe(inner, &object);
                             tracing::warn!(object = %object, error = %e, "dotdo flush_all: lapsed lease given back, object not retaken");
                             rounds.first_err.get_or_insert(e);
                             continue;
@@ -1581,7 +1583,7 @@ impl ObjectRuntime {
                 // Only those an earlier flush gave back undrained (see `Inner::owed`).
                 if after.is_none() {
                     let owed: Vec<ObjectId> = inner.owed.lock().iter().cloned().collect();
-                    self.take_listed(owed, &mut held, &mut rounds, true).await;
+                    self.take_listed(owed, &mut held, &mut rounds).await;
                 }
                 false
             };
@@ -1592,13 +1594,15 @@ impl ObjectRuntime {
             for h in &mut held {
                 if rounds.left_out.contains(&h.object) {
                     give_back(inner, &mut h.guard.active).await;
-                    inner.owed.lock().insert(h.object.clone());
+                    owe(inner, &h.object);
                     continue;
                 }
                 if h.taken.is_some() {
                     give_back(inner, &mut h.guard.active).await;
                 }
-                if rounds.drained.contains(&h.object) {
+                // Drained whole only if every round went through (a round after a first
+                // commit of the object can still fail).
+                if r.is_ok() && rounds.drained.contains(&h.object) && !rounds.unreadable.contains(&h.object) {
                     inner.owed.lock().remove(&h.object);
                 }
             }
@@ -1811,21 +1815,25 @@ impl ObjectRuntime {
         let page = self.inner.hot.objects_with_pending_changes(after.as_ref(), PAGE).await?;
         let more = page.len() == PAGE;
         *after = page.last().cloned();
-        self.take_listed(page, held, rounds, false).await;
+        self.take_listed(page, held, rounds).await;
         Ok(more)
     }
 
     /// Take `objects` (not active here) to drain them in this flush: the page of
-    /// [`take_pending`](Self::take_pending), or (`owed`) the objects an earlier flush gave back
-    /// undrained ([`Inner::owed`]: this runtime's own changes, taken whatever the ring says;
-    /// forgotten once nothing of them waits or another holder has them).
-    async fn take_listed(&self, objects: Vec<ObjectId>, held: &mut Vec<Held>, rounds: &mut DrainRounds, owed: bool) {
+    /// [`take_pending`](Self::take_pending), or the objects an earlier flush gave back
+    /// undrained ([`Inner::owed`]; forgotten once nothing of them waits, another holder has
+    /// them or the ring gives them to another node).
+    async fn take_listed(&self, objects: Vec<ObjectId>, held: &mut Vec<Held>, rounds: &mut DrainRounds) {
         let inner = &self.inner;
         for object in objects {
+            if self.owner_hint(&object).is_some_and(|n| n != inner.node) {
+                // The ring gives it to another node now: that node's to drain.
+                inner.owed.lock().remove(&object);
+                continue;
+            }
             if rounds.left_out.contains(&object)
                 || rounds.busy.contains(&object)
                 || held.iter().any(|h| h.object == object)
-                || (!owed && self.owner_hint(&object).is_some_and(|n| n != inner.node))
             {
                 continue;
             }
@@ -2090,7 +2098,8 @@ impl ObjectRuntime {
     /// flush every held object's changes to cold storage (and, like
     /// [`flush_all`](Self::flush_all), those of objects nobody holds), release every lease.
     /// Changes that could not be flushed stay in the hot change log, and the next `flush_all`
-    /// on the same hot store drains them. Bounded by about two lease TTLs plus the flush: up to
+    /// on the same hot store drains them (with `drain_released` off, only one of a runtime
+    /// that activates the object, or that drains released objects). Bounded by about two lease TTLs plus the flush: up to
     /// one waiting for handlers, up to one giving leases back (those a guard that does not answer
     /// has not taken back by then are left to expire). A
     /// handler still running after the wait (counted in [`FlushReport::busy`]) keeps its lease,
@@ -3058,6 +3067,15 @@ async fn append_resolving(inner: &Arc<Inner>, batch: ColdBatch) -> Result<Append
     // in cold: the first landed them (a commit is whole or absent).
     let landed_unseen = unsure && commit.snapshot.is_none() && commit.records_skipped > 0;
     Ok(Appended { commit, landed_unseen })
+}
+
+/// Remember `object`, given back undrained by a `flush_all`, for the next one ([`Inner::owed`]),
+/// when nothing else would drain it (`drain_released` off: with it on, every flush takes the
+/// objects whose changes wait).
+fn owe(inner: &Inner, object: &ObjectId) {
+    if !inner.settings.drain_released {
+        inner.owed.lock().insert(object.clone());
+    }
 }
 
 /// A drain's step whose outcome stayed unknown (a cold commit after its attempts, a hot
