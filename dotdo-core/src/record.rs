@@ -330,7 +330,7 @@ pub fn validate_restore(entries: &[Entry], through_seq: Seq) -> Result<()> {
     let mut keys = std::collections::HashSet::with_capacity(entries.len());
     for e in entries {
         e.validate().map_err(|err| {
-            // (The first 64 characters of an oversized key.)
+            // (At most the key's first 64 characters: an oversized key is not repeated whole.)
             let key: String = e.key.chars().take(64).collect();
             err.context(format!("restore entry {key:?}"))
         })?;

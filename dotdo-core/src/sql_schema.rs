@@ -67,7 +67,7 @@ INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token)
 CREATE TABLE IF NOT EXISTS do_evicted (
     do_id TEXT PRIMARY KEY
 ) WITHOUT ROWID;
--- A file from before version 3 did not record evictions: an object written once and without
+-- A file from before version 3 did not record evictions: an object ever written and without
 -- live keys there may have been evicted, and is marked so (restored from cold storage at its
 -- next activation, as before). Not one never written (leased only: nothing to restore, and no
 -- restore would ever clear the mark). Once only: not when the program runs again on a file
@@ -109,7 +109,8 @@ pub const SQL_TABLE_COLUMNS: &str = "SELECT m.name AS tbl, coalesce(p.name, '') 
 /// predecessor's lease table `do_locks` (its database, which dotdo takes over beside its other
 /// tables) or its other tables are Litestream's (`_litestream_*`). Any dotdo table already there
 /// must have its columns (`Corrupt` otherwise, before anything is written). A file at a dotdo
-/// version must have all of them. `source` names the file.
+/// version must have every table that version has (a version-2 file has no `do_evicted` yet).
+/// `source` names the file.
 pub fn check_tables_before(version: i64, columns: &[(String, String)], source: &str) -> crate::Result<()> {
     refuse_foreign(version, columns, source)?;
     if version != 0 {
@@ -148,7 +149,7 @@ pub fn refuse_foreign(version: i64, columns: &[(String, String)], source: &str) 
 }
 
 /// Check that every table of the schema is there with its columns (after dotdo wrote its
-/// schema, or in a file at a dotdo version): `Corrupt` naming the first table or column
+/// schema, or in a file at this library's version): `Corrupt` naming the first table or column
 /// missing.
 pub fn check_tables_after(columns: &[(String, String)], source: &str) -> crate::Result<()> {
     check_columns(columns, source, Some(SQL_HOT_SCHEMA_VERSION))

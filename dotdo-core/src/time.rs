@@ -215,8 +215,8 @@ impl Clock for ManualClock {
     }
 
     fn monotonic(&self) -> Duration {
-        // The microseconds since the epoch (or since a start before it: read as 0 there, every
-        // timeout measured on it never ended).
+        // The microseconds since the epoch, or since the start if that is before the epoch (such
+        // a start read 0 until time passed the epoch, and a timeout measured on it never ended).
         let st = self.state.lock();
         Duration::from_micros(st.now.abs_diff(st.origin))
     }

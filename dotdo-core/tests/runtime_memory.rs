@@ -4357,7 +4357,8 @@ async fn an_owed_object_drained_in_part_stays_owed() {
     let clock = w.clock.clone();
     *cold.before_append.lock() = Some(Box::pin(async move { clock.advance(TTL * 2) }));
     rt.flush_all().await.expect_err("one object's lease ran out before its commit");
-    // The object none of whose changes landed, given back; the other drained whole.
+    // The object none of whose changes landed, given back undrained (owed); the other had its
+    // first change committed before the leases ran out: `flush` drains its second.
     let mut untouched = Vec::new();
     for o in [&a, &b] {
         if w.cold.watermark(o).await.expect("watermark").through == 0 {

@@ -1003,7 +1003,7 @@ async fn a_write_waiting_for_the_lock_while_the_file_is_replaced_is_refused() {
 }
 
 /// Schema versions: a file of version 1 or 2 is upgraded in place (to 3) and keeps its state and
-/// its lease; objects written once and without live keys in a file from before version 3
+/// its lease; objects ever written and without live keys in a file from before version 3
 /// (evicted or emptied, it did not record which) are marked evicted, so they are restored from
 /// cold as before (not objects never written: nothing to restore); a file of a newer version
 /// than this library's is refused with `Corrupt` and left alone. The marking runs once, by the

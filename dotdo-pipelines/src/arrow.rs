@@ -732,7 +732,7 @@ impl ArrowPipeline {
             self.inner.adopters.register(),
             move || weak.upgrade().map(|inner| ArrowPipeline { inner }),
             |p: &ArrowPipeline| p.inner.closed.load(Ordering::Acquire),
-            |p: &ArrowPipeline| !matches!(p.inner.settings.durability, crate::Durability::Durable(_)),
+            |p: &ArrowPipeline| p.inner.settings.holds_in_memory(),
             |p: &ArrowPipeline| p.inner.buf.lock().has_waiting(),
             |p: &ArrowPipeline| p.roll_due(),
             |p: ArrowPipeline| async move { p.roll_in(true).await },
@@ -749,7 +749,7 @@ impl ArrowPipeline {
             let _b = self.inner.buf.lock();
             self.inner.closed.store(true, Ordering::Release);
         }
-        if !matches!(self.inner.settings.durability, Durability::Durable(_)) {
+        if self.inner.settings.holds_in_memory() {
             // What waits in memory is the roll loops' from now on, whatever the host does with
             // its handles once this returns.
             self.inner.adopters.hand_over(self);

@@ -739,7 +739,7 @@ impl Pipeline {
             self.inner.adopters.register(),
             move || weak.upgrade().map(|inner| Pipeline { inner }),
             |p: &Pipeline| p.inner.closed.load(Ordering::Acquire),
-            |p: &Pipeline| !matches!(p.inner.settings.durability, crate::Durability::Durable(_)),
+            |p: &Pipeline| p.inner.settings.holds_in_memory(),
             |p: &Pipeline| p.inner.log.depth().0 > 0,
             |p: &Pipeline| p.roll_due(),
             |p: Pipeline| async move { p.roll_in(true).await },
@@ -813,7 +813,7 @@ impl Pipeline {
             let _gate = self.inner.send_gate.lock();
             self.inner.closed.store(true, Ordering::Release);
         }
-        if !matches!(self.inner.settings.durability, Durability::Durable(_)) {
+        if self.inner.settings.holds_in_memory() {
             // What waits in memory is the roll loops' from now on, whatever the host does with
             // its handles once this returns.
             self.inner.adopters.hand_over(self);

@@ -126,6 +126,12 @@ impl PipelineSettings {
         self.bounded() && (events.saturating_mul(2) >= self.capacity || bytes.saturating_mul(2) >= self.capacity_bytes)
     }
 
+    /// Whether waiting events or batches live in memory only (not a durable log): the roll loop
+    /// holds such a pipeline once it is closed, since they die with it.
+    pub(crate) fn holds_in_memory(&self) -> bool {
+        !matches!(self.durability, Durability::Durable(_))
+    }
+
     /// How often a roll loop checks whether a roll is due.
     pub(crate) fn tick(&self) -> Duration {
         (self.roll_interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))

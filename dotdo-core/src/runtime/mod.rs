@@ -290,12 +290,12 @@ pub(crate) struct Inner {
     /// been given back to fence a write of unknown outcome, and adopting it (its release failed,
     /// so it is still current) would let that write land unfenced.
     given_back: parking_lot::Mutex<HashMap<ObjectId, FencingToken>>,
-    /// Objects a `flush_all` gave back undrained (left out: a lease that ran out, hot diverged
-    /// from or behind cold): the next `flush_all` (shutdown's included) takes them again, also
-    /// with `drain_released` off, until they are drained or another holder has them. Without
-    /// this, with `drain_released` off, the next `flush_all` and `shutdown` answered `Ok` with
-    /// their acknowledged changes left in hot storage (and a diverged object's `Corrupt` said
-    /// once).
+    /// Objects a `flush_all` gave back undrained with `drain_released` off (left out: a lease
+    /// that ran out, taken over, hot diverged from or behind cold; see [`owe`]): the next
+    /// `flush_all` (shutdown's included) takes them again until nothing of them waits, another
+    /// holder has them or the ring gives them to another node. In memory only. Without this,
+    /// the next `flush_all` and `shutdown` answered `Ok` with their acknowledged changes left in
+    /// hot storage (and a diverged object's `Corrupt` said once).
     owed: parking_lot::Mutex<std::collections::BTreeSet<ObjectId>>,
     shutting_down: AtomicBool,
     /// Set once shutdown's flush has run: a call ending after it gives its lease back.
@@ -1589,8 +1589,9 @@ impl ObjectRuntime {
             };
             let r = self.drain_rounds(&mut held, &mut report, &mut rounds).await;
             // Objects taken only for this flush go back, and so do those left out (taken over,
-            // diverged from cold, or behind it: the next activation decides afresh); a left-out
-            // one is owed to the next flush, a drained one no longer.
+            // diverged from cold, or behind it: the next activation decides afresh); with
+            // `drain_released` off a left-out one is owed to the next flush, a drained one no
+            // longer.
             for h in &mut held {
                 if rounds.left_out.contains(&h.object) {
                     give_back(inner, &mut h.guard.active).await;
@@ -1785,7 +1786,7 @@ impl ObjectRuntime {
                     Err(e) => {
                         tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
                         unreadable.insert(oc.object.clone());
-                        first_err.get_or_insert(drain_settles(e, "the truncation"));
+                        first_err.get_or_insert(drain_settles(e, &format!("{}: the truncation", oc.object)));
                         continue;
                     }
                 }
@@ -1849,7 +1850,8 @@ impl ObjectRuntime {
                 continue;
             }
             match self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await {
-                // Drained (and evicted) by its holder since the page was read.
+                // Nothing left to drain (drained by its holder since the page was read, or an owed
+                // object drained since): no longer owed.
                 Ok(false) => {
                     inner.owed.lock().remove(&object);
                 }
@@ -2008,8 +2010,9 @@ impl ObjectRuntime {
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "dotdo: idle object not evicted");
                     if let Some(a) = guard.active.as_mut() {
-                        // A cold commit of unknown outcome is settled by the next attempt (the
-                        // same records are re-sent; the sink skips what it has).
+                        // A cold commit or truncation of unknown outcome comes as a retryable
+                        // `Unavailable` (`drain_settles`); the next attempt re-sends the same
+                        // records and the sink skips what it has.
                         a.evict_again = e.is_retryable() || e.kind() == &ErrorKind::AmbiguousOutcome;
                     }
                     first_err.get_or_insert(e);
@@ -2098,10 +2101,11 @@ impl ObjectRuntime {
     /// flush every held object's changes to cold storage (and, like
     /// [`flush_all`](Self::flush_all), those of objects nobody holds), release every lease.
     /// Changes that could not be flushed stay in the hot change log, and the next `flush_all`
-    /// on the same hot store drains them (with `drain_released` off, only one of a runtime
-    /// that activates the object, or that drains released objects). Bounded by about two lease TTLs plus the flush: up to
-    /// one waiting for handlers, up to one giving leases back (those a guard that does not answer
-    /// has not taken back by then are left to expire). A
+    /// on the same hot store drains them (with `drain_released` off, only the `flush_all` of a
+    /// runtime that activates the object again, or of one that drains released objects).
+    /// Bounded by about two lease TTLs plus the flush: up to one waiting for handlers, up to one
+    /// giving leases back (those a guard that does not answer has not taken back by then are
+    /// left to expire). A
     /// handler still running after the wait (counted in [`FlushReport::busy`]) keeps its lease,
     /// renewed, until it ends, may still commit, and then gives the lease back. A shutdown
     /// whose future is dropped before it returns (a host's timeout shorter than that bound)
@@ -3185,7 +3189,11 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken, max_c
         }
         let through: Seq = commit.watermarks.get(object).map_or(0, |w| w.through);
         check_durable_through(object, info.last_seq, appended, through)?;
-        inner.hot.truncate_changes(object, token, through).await.map_err(|e| drain_settles(e, "the truncation"))?;
+        inner
+            .hot
+            .truncate_changes(object, token, through)
+            .await
+            .map_err(|e| drain_settles(e, &format!("{object}: the truncation")))?;
         report.objects = 1;
     }
     Ok(report)

@@ -2223,12 +2223,12 @@ pub async fn evicted_object_restores_at_its_sequence(f: &HotFactory) {
 /// An object whose keys were all deleted is resident (its empty state is its whole state); an
 /// evicted one is not (its state is in cold storage), also once written again, until a
 /// restore, an empty one included. A refused evict or restore changes nothing of it, and an
-/// evict before any write marks nothing. (A backend
-/// reporting every keyless object resident makes the runtime serve an evicted object empty; one
-/// reporting none makes it restore an emptied object from cold at each activation.)
+/// evict before any write marks nothing. (A backend reporting every keyless object resident
+/// makes the runtime serve an evicted object empty; one reporting none makes it restore an
+/// emptied object from cold at each activation.)
 pub async fn an_evicted_object_is_told_from_an_emptied_one(f: &HotFactory) {
     let (fx, _) = open(f).await;
-    let resident = |o: &ObjectId| {
+    let keys_resident = |o: &ObjectId| {
         let hot = fx.hot.clone();
         let o = o.clone();
         async move { hot.object_info(&o).await.expect("info").map(|i| (i.keys, i.resident)) }
@@ -2236,31 +2236,31 @@ pub async fn an_evicted_object_is_told_from_an_emptied_one(f: &HotFactory) {
     let l = lease(&fx, "o1", "n1").await;
     let o = &l.object;
     fx.hot.write(o, l.token, WriteBatch::new("T").put("a", b("1")).put("b", b("2"))).await.expect("w");
-    assert_eq!(resident(o).await, Some((2, true)), "written here");
+    assert_eq!(keys_resident(o).await, Some((2, true)), "written here");
     fx.hot.write(o, l.token, WriteBatch::new("T").delete("a").delete("b")).await.expect("delete all");
     fx.hot.truncate_changes(o, l.token, 4).await.expect("truncate");
-    assert_eq!(resident(o).await, Some((0, true)), "emptied by deletes: its whole state is empty");
+    assert_eq!(keys_resident(o).await, Some((0, true)), "emptied by deletes: its whole state is empty");
     fx.hot.evict(o, l.token).await.expect("evict");
-    assert_eq!(resident(o).await, Some((0, false)), "evicted");
+    assert_eq!(keys_resident(o).await, Some((0, false)), "evicted");
     fx.hot.write(o, l.token, WriteBatch::new("T")).await.expect("empty write");
-    assert_eq!(resident(o).await, Some((0, false)), "an empty write changes nothing of it");
+    assert_eq!(keys_resident(o).await, Some((0, false)), "an empty write changes nothing of it");
     fx.hot.put(o, l.token, "T", "c", b("3")).await.expect("write after evict");
-    assert_eq!(resident(o).await, Some((1, false)), "hot holds only what was written since the evict");
+    assert_eq!(keys_resident(o).await, Some((1, false)), "hot holds only what was written since the evict");
     let e = fx.hot.restore(o, l.token, vec![], 5).await.expect_err("pending change");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
-    assert_eq!(resident(o).await, Some((1, false)), "a refused restore changes nothing");
+    assert_eq!(keys_resident(o).await, Some((1, false)), "a refused restore changes nothing");
     fx.hot.delete(o, l.token, "T", "c").await.expect("delete");
     fx.hot.truncate_changes(o, l.token, 6).await.expect("truncate");
-    assert_eq!(resident(o).await, Some((0, false)), "still evicted");
+    assert_eq!(keys_resident(o).await, Some((0, false)), "still evicted");
     fx.hot.restore(o, l.token, vec![], 6).await.expect("restore of an empty state");
-    assert_eq!(resident(o).await, Some((0, true)), "restored");
+    assert_eq!(keys_resident(o).await, Some((0, true)), "restored");
     // A refused evict (changes not yet in cold) marks nothing.
     let m = lease(&fx, "o2", "n1").await;
     fx.hot.put(&m.object, m.token, "T", "a", b("1")).await.expect("put");
     fx.hot.delete(&m.object, m.token, "T", "a").await.expect("delete");
     let e = fx.hot.evict(&m.object, m.token).await.expect_err("undrained");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
-    assert_eq!(resident(&m.object).await, Some((0, true)), "a refused evict changes nothing");
+    assert_eq!(keys_resident(&m.object).await, Some((0, true)), "a refused evict changes nothing");
     // An evict before any write marks nothing: there is nothing in cold storage to restore, and
     // no restore would come to clear a mark (the object, written and emptied later, would
     // look evicted for good).
@@ -2269,7 +2269,7 @@ pub async fn an_evicted_object_is_told_from_an_emptied_one(f: &HotFactory) {
     fx.hot.put(&n.object, n.token, "T", "a", b("1")).await.expect("put");
     fx.hot.delete(&n.object, n.token, "T", "a").await.expect("delete");
     fx.hot.truncate_changes(&n.object, n.token, 2).await.expect("truncate");
-    assert_eq!(resident(&n.object).await, Some((0, true)), "never evicted with anything to restore");
+    assert_eq!(keys_resident(&n.object).await, Some((0, true)), "never evicted with anything to restore");
 }
 
 /// Keys of exactly 1 KiB (also in multi-byte characters) and type names of exactly 256 bytes are
