@@ -900,7 +900,9 @@ impl ObjectRuntime {
 
     /// With `keep_warm` 0, or once shutdown's flush has run (a call that outlived shutdown's
     /// wait: no `maintain` will release it any more), the lease goes back after the call. A call
-    /// ending during shutdown's wait keeps it, so that the flush drains its object as held.
+    /// ending during shutdown's wait keeps it, so that the flush drains its object as held
+    /// (with `keep_warm` 0 it goes back as after any call: the flush then takes the object as a
+    /// released one, with `drain_released` on).
     async fn after_call(&self, slot: &mut Slot) {
         if leases_go_back_after_calls(&self.inner) {
             give_back(&self.inner, &mut slot.active).await;
