@@ -888,16 +888,7 @@ async fn a_namespace_location_with_a_trailing_slash_holds_tables() {
         .await
         .expect("a change table there");
     let o = ObjectId::new("o").expect("valid");
-    let rec = ChangeRecord {
-        object: o.clone(),
-        seq: 1,
-        key: "k".into(),
-        op: Op::Put,
-        value: "v".into(),
-        token: FencingToken::new(1),
-        timestamp: Timestamp::from_millis(1_000),
-        type_name: "T".into(),
-    };
+    let rec = common::put(&o, 1, "k", "v", 1);
     changes.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![rec])).await.expect("append");
     assert_eq!(changes.table().metadata().location(), format!("{location}changes"));
     assert!(elsewhere.join("changes").is_dir() && elsewhere.join("events").is_dir());
