@@ -1114,6 +1114,9 @@ struct FlakyCold {
     /// Appends that fail with a retryable `Conflict` (contention that outlasted the sink's own
     /// attempts).
     conflicts: std::sync::atomic::AtomicU32,
+    /// Appends that fail with a non-retryable `Conflict` (a sink that gave up on this commit,
+    /// such as dotdo-iceberg's "too slow to commit").
+    refusals: std::sync::atomic::AtomicU32,
     /// Report commits without any watermark (a sink breaking the `ColdSink` contract).
     forget_watermarks: std::sync::atomic::AtomicBool,
     /// Appends that answer `AmbiguousOutcome` without landing.
@@ -1171,6 +1174,7 @@ impl FlakyCold {
             down: false.into(),
             hang: false.into(),
             conflicts: 0.into(),
+            refusals: 0.into(),
             forget_watermarks: false.into(),
             ambiguous_appends: 0.into(),
             lost_replies: 0.into(),
@@ -1219,6 +1223,11 @@ impl ColdSink for FlakyCold {
         if left > 0 {
             self.conflicts.store(left - 1, std::sync::atomic::Ordering::SeqCst);
             return Err(Error::new(ErrorKind::Conflict, "still conflicting (test)").with_retryable(true));
+        }
+        let left = self.refusals.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.refusals.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::new(ErrorKind::Conflict, "too slow to commit (test)").with_retryable(false));
         }
         let mut commit = self.inner.append(batch).await?;
         let lost = self.lost_replies.load(std::sync::atomic::Ordering::SeqCst);
@@ -2150,6 +2159,28 @@ async fn cold_contention_does_not_end_the_activation() {
     let activations = rt.metrics().activations;
     rt.flush(&o).await.expect("flushes next time");
     assert_eq!(rt.metrics().activations, activations, "not re-activated");
+}
+
+/// A cold commit the sink gave up on (a non-retryable `Conflict` that is not the runtime's own
+/// "hot behind cold") fails the flush but leaves the activation and its lease alone: the object's
+/// state is still current in hot storage, so nothing calls for a restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_commit_the_sink_gave_up_on_does_not_end_the_activation() {
+    let w = World::new();
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = flaky_runtime(&w, cold.clone());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    cold.refusals.store(1, std::sync::atomic::Ordering::SeqCst);
+    let e = rt.flush(&o).await.expect_err("refused");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(!e.is_retryable(), "the sink's own answer, unchanged: {e}");
+    assert!(w.hot.current(&o).await.expect("current").is_some(), "still held");
+    let activations = rt.metrics().activations;
+    rt.flush(&o).await.expect("flushes next time");
+    assert_eq!(rt.metrics().activations, activations, "not re-activated");
+    assert_eq!(incr(&rt, &o).await.expect("incr"), 2);
+    assert_eq!(rt.metrics().activations, activations, "still the same activation");
 }
 
 /// A call that ends during shutdown's wait keeps its lease until shutdown's flush, which drains

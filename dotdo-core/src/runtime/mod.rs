@@ -2429,7 +2429,7 @@ fn hot_behind_cold(object: &ObjectId, hot_last: Seq, cold_through: Seq) -> Error
 /// runtime (it marks the activation spent), but the activation has been given back and the
 /// next one restores the object from cold storage, so a caller's retry succeeds: retryable.
 fn retry_restores(e: Error) -> Error {
-    if e.kind() == &ErrorKind::Conflict && !e.is_retryable() && e.message().contains(HOT_BEHIND_COLD) {
+    if is_hot_behind_cold(&e) {
         e.with_retryable(true)
     } else {
         e
@@ -2470,9 +2470,15 @@ async fn give_back_if_spent(inner: &Arc<Inner>, slot: &mut Slot, e: &Error) {
 /// Whether a failed drain leaves the activation unusable (the lease is gone, or the hot store
 /// is behind cold storage): the activation is dropped and its lease given back.
 fn activation_spent(e: &Error) -> bool {
-    // `hot_behind_cold` is the non-retryable `Conflict`; a cold commit still conflicting after
-    // its attempts (contention) is retryable and leaves the activation alone.
-    lease_gone(e) || (e.kind() == &ErrorKind::Conflict && !e.is_retryable())
+    // Only this runtime's own `hot_behind_cold`: a cold commit still conflicting after its
+    // attempts (contention, retryable) or one the sink gave up on (a non-retryable `Conflict`,
+    // such as dotdo-iceberg's "too slow to commit") leaves the activation alone.
+    lease_gone(e) || is_hot_behind_cold(e)
+}
+
+/// Whether `e` is [`hot_behind_cold`]'s error.
+fn is_hot_behind_cold(e: &Error) -> bool {
+    e.kind() == &ErrorKind::Conflict && !e.is_retryable() && e.message().contains(HOT_BEHIND_COLD)
 }
 
 /// Whether a failed lease refresh may be tried again while the lease is still valid: a transient
