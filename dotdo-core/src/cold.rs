@@ -162,14 +162,17 @@ pub struct ColdState {
 /// * **Fencing.** An object's committer token must be `>=` the highest committer token recorded
 ///   for it, else `Fenced` and nothing of the batch is committed.
 /// * **Valid records.** A batch that breaks [`ColdBatch::validate_records`] (a bad key, value,
-///   type name or token in any record) is `InvalidInput` / `LimitExceeded`, and nothing of it is
-///   committed: a record stored could never be restored into a hot store.
+///   type name or token in any record) is refused with the error that check gives
+///   (`LimitExceeded` for a key or value over its limit, `InvalidInput` otherwise, as in a hot
+///   store), and nothing of it is committed: a record stored could never be restored into a hot
+///   store.
 /// * **Unknown outcomes.** If a commit's outcome is unknown the sink resolves it by reading back
 ///   the watermark before retrying, or returns `AmbiguousOutcome`; a caller that gets
 ///   `AmbiguousOutcome` (or any error) may call `append` again with the same batch safely.
 /// * **Durability.** `Ok` means the records are durable in the store and visible to reads.
 /// * **Reads.** [`load_state`](ColdSink::load_state) applies changes in sequence order (latest put
-///   per key wins, deletes remove). Reading an expired or unknown snapshot is `NotFound`.
+///   per key wins, deletes remove), whatever their timestamps (the changes of one write share
+///   one, and a holder whose clock is behind stamps later changes with earlier times). Reading an expired or unknown snapshot is `NotFound`.
 /// * **Errors.** Unreachable store → `Unavailable` (retryable); missing or damaged data/metadata
 ///   file → `Corrupt` naming the file.
 #[async_trait]

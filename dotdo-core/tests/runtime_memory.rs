@@ -3182,6 +3182,30 @@ async fn a_lazy_activation_whose_last_change_was_collapsed_away_goes_through() {
     assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
 }
 
+/// A lazy restore the hot store refuses for good (its sequence is past the pinned cold state:
+/// `restore_behind_hot`, a non-retryable `Conflict`) spends the activation: the call fails, the
+/// lease goes back, and the next call activates afresh. (Kept, every later write of the
+/// activation failed alike, and its traffic kept the lease warm.)
+#[tokio::test]
+async fn a_lazy_restore_the_hot_store_refuses_for_good_ends_the_activation() {
+    let w = World::new();
+    let o = populated_then_evicted(&w).await;
+    let b = w.lazy_runtime("b", Arc::new(w.cold.clone()));
+    assert_eq!(get(&b, &o, "key/0003").await.expect("lazy read").as_deref(), Some(&b"value-3"[..]));
+    let lease = w.hot.current(&o).await.expect("current").expect("b holds the object");
+    let through = w.cold.watermark(&o).await.expect("watermark").through;
+    // The hot store moves past the pinned state under b's own token (a state installed behind
+    // its back): the restore before b's first commit can never succeed.
+    w.hot.restore(&o, lease.token, Vec::new(), through + 5).await.expect("hot past the pinned state");
+    let activations = b.metrics().activations;
+    let e = incr(&b, &o).await.expect_err("the restore before the commit is refused");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "the lease went back");
+    assert_eq!(incr(&b, &o).await.expect("the next call activates afresh"), 1);
+    assert_eq!(b.metrics().activations, activations + 1);
+}
+
 /// A cold sink that no longer holds the change of sequence number `gone` (collapsed away).
 #[derive(Debug)]
 struct Collapsed {

@@ -242,8 +242,10 @@ struct Slot {
 
 impl Slot {
     /// Whether a lazy activation found its object's cold state moved on (it is spent).
+    /// Whether a lazy restore of this activation can never complete: its cold state moved on
+    /// ([`LazyState::moved`]), or the hot store refused it for good ([`LazyState::refused`]).
     fn lazy_moved(&self) -> bool {
-        self.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved)
+        self.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved || l.refused)
     }
 
     /// Whether a lazy restore of this call was fenced (see [`LazyState::fenced`]).
@@ -880,22 +882,22 @@ impl ObjectRuntime {
         }
     }
 
-    /// `Conflict` if a lazy restore found the object's cold state moved on during the call: what
-    /// the handler made anyway (`what`: its answer, or its error; it swallowed that `Conflict`)
-    /// rests on the old state's cache. The activation is spent (the next call starts afresh): its
+    /// `Conflict` if a lazy restore found the object's cold state moved on during the call, or
+    /// the hot store refused it for good: what the handler made anyway (`what`: its answer, or
+    /// its error; it swallowed that `Conflict`) rests on the old state's cache. The activation is spent (the next call starts afresh): its
     /// lease goes back now, not at its expiry (no later call or `maintain` may come for it).
     async fn refuse_if_lazy_moved(&self, object: &ObjectId, slot: &mut Slot, what: &str) -> Option<Error> {
         if !slot.lazy_moved() {
             return None;
         }
+        let moved = slot.active.as_ref().and_then(|a| a.lazy.as_ref()).is_some_and(|l| l.moved);
         give_back(&self.inner, &mut slot.active).await;
-        Some(Error::new(
-            ErrorKind::Conflict,
-            format!(
-                "the cold state of {object} moved on during the call's lazy restore; {what} may be stale (the next \
-                 call activates afresh)"
-            ),
-        ))
+        let why = if moved {
+            format!("the cold state of {object} moved on during the call's lazy restore")
+        } else {
+            format!("the hot store refused the call's lazy restore of {object} (its sequence is past the cold state's)")
+        };
+        Some(Error::new(ErrorKind::Conflict, format!("{why}; {what} may be stale (the next call activates afresh)")))
     }
 
     /// With `keep_warm` 0, or once shutdown's flush has run (a call that outlived shutdown's
@@ -951,9 +953,10 @@ impl ObjectRuntime {
     async fn activate(&self, object: &ObjectId, slot: &mut Slot, wait: Duration, only_to_drain: bool) -> Result<bool> {
         let inner = &self.inner;
         if slot.lazy_moved() {
-            // A lazy activation whose cold state moved on answers `Conflict` to every read it
-            // cannot serve from its cache and to every write: start afresh from cold storage.
-            tracing::info!(object = %object, "dotdo: cold state moved during a lazy restore; re-activating");
+            // A lazy activation whose cold state moved on (or whose restore the hot store refused
+            // for good) answers `Conflict` to every read it cannot serve from its cache and to
+            // every write: start afresh.
+            tracing::info!(object = %object, "dotdo: a lazy restore cannot complete; re-activating");
             give_back(inner, &mut slot.active).await;
         }
         if let Some(active) = slot.active.as_mut() {
@@ -2311,6 +2314,8 @@ pub(crate) async fn complete_restore(
     }
     inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| {
         state.fenced |= e.is_fenced();
+        // Its sequence past `through` (`restore_behind_hot`): no retry of this restore succeeds.
+        state.refused |= e.kind() == &ErrorKind::Conflict && !e.is_retryable();
         cold_state_error(object, e)
     })?;
     *lazy = None;

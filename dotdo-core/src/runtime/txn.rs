@@ -36,6 +36,10 @@ pub(crate) struct LazyState {
     /// node's clock says of its lease): what the call answers anyway (its handler swallowed that
     /// error) is refused, and the activation dropped.
     pub(crate) fenced: bool,
+    /// The hot store refused the restore for good (a non-retryable `Conflict`: its sequence is
+    /// past `through`, [`restore_behind_hot`](crate::record::restore_behind_hot)): as with
+    /// `moved`, the restore can never complete and the next call activates afresh.
+    pub(crate) refused: bool,
 }
 
 impl LazyState {
@@ -62,6 +66,7 @@ impl LazyState {
             clock: 0,
             moved: false,
             fenced: false,
+            refused: false,
         }
     }
 

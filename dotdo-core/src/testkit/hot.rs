@@ -169,8 +169,13 @@ pub async fn invalid_keys_and_type_names_are_rejected(f: &HotFactory) {
     let e =
         fx.hot.put(&l.object, l.token, "T", &"k".repeat(crate::MAX_KEY_BYTES + 1), b("v")).await.expect_err("long key");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }));
-    let e = fx.hot.get(&l.object, "").await.expect_err("get empty key");
-    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    // Reads check keys as writes do: a driver that cuts text at a NUL answered "a\0b" with
+    // the value of "a".
+    fx.hot.put(&l.object, l.token, "T", "a", b("a")).await.expect("put");
+    for key in ["", "a\0b", "line\nbreak"] {
+        let e = fx.hot.get(&l.object, key).await.expect_err(key);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "get {key:?}: {e}");
+    }
     let e = fx.hot.get(&l.object, &"k".repeat(crate::MAX_KEY_BYTES + 1)).await.expect_err("get long key");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
     // Unicode keys are fine and round-trip.
@@ -384,6 +389,13 @@ pub async fn change_log_reads_and_truncates(f: &HotFactory) {
     assert!(info.has_pending_changes());
     let e = fx.hot.truncate_changes(&l.object, l.token, 11).await.expect_err("beyond last");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("10"), "names the last seq: {e}");
+    // The refused truncation changed nothing: the changes it would have dropped are still there.
+    let rest = changes(&*fx.hot, &l.object, 0, 100).await.expect("rest");
+    assert_eq!(rest.iter().map(|c| c.seq).collect::<Vec<_>>(), [7, 8, 9, 10], "nothing truncated");
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+    assert_eq!((info.last_seq, info.truncated_through), (10, 6), "nothing truncated");
+    assert_eq!(fx.hot.objects_with_pending_changes(None, 10).await.expect("pending"), std::slice::from_ref(&l.object));
     // State is untouched by truncation.
     assert_eq!(fx.hot.get(&l.object, "k0").await.expect("get"), Some(b("0")));
     fx.hot.truncate_changes(&l.object, l.token, 10).await.expect("truncate all");
@@ -1716,23 +1728,40 @@ pub async fn refused_batches_under_a_higher_token_change_nothing(f: &HotFactory)
     let l = lease(&fx, "o1", "n1").await;
     fx.hot.put(&l.object, l.token, "T", "x", b("0")).await.expect("put");
     let higher = FencingToken::new(l.token.get() + 5);
+    // (With the kind the contract gives each: `LimitExceeded` for a key or value over its limit.)
     let refused = [
-        ("an empty key", WriteBatch::new("T").put("a", b("1")).put("", b("2"))),
-        ("a key with a line break", WriteBatch::new("T").put("a", b("1")).delete("a\nb")),
+        ("an empty key", false, WriteBatch::new("T").put("a", b("1")).put("", b("2"))),
+        ("a key with a line break", false, WriteBatch::new("T").put("a", b("1")).delete("a\nb")),
         (
             "a key over the limit",
+            true,
             WriteBatch::new("T").put("a", b("1")).put("k".repeat(crate::MAX_KEY_BYTES + 1), b("2")),
         ),
-        ("a value over the limit", WriteBatch::new("T").put("a", b("1")).put("b", vec![0u8; MAX_VALUE_BYTES + 1])),
-        ("an empty type name", WriteBatch::new("").put("a", b("1"))),
+        (
+            "a value over the limit",
+            true,
+            WriteBatch::new("T").put("a", b("1")).put("b", vec![0u8; MAX_VALUE_BYTES + 1]),
+        ),
+        ("an empty type name", false, WriteBatch::new("").put("a", b("1"))),
     ];
-    for (what, batch) in refused {
+    for (what, over_a_limit, batch) in refused {
         let e = fx.hot.write(&l.object, higher, batch).await.expect_err(what);
-        assert!(matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. }), "{what}: {e}");
+        if over_a_limit {
+            assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{what}: {e}");
+        } else {
+            assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{what}: {e}");
+        }
         assert_eq!(fx.hot.get(&l.object, "a").await.expect("get"), None, "{what}: nothing of it written");
         let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
         assert_eq!((info.max_token, info.last_seq), (l.token, 1), "{what}: no token raised, no sequence used");
     }
+    // A truncation beyond the last change under a higher token: refused, token not raised,
+    // nothing truncated.
+    let e = fx.hot.truncate_changes(&l.object, higher, 2).await.expect_err("beyond the last change");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
+    assert_eq!((info.max_token, info.last_seq, info.truncated_through), (l.token, 1, 0), "a refused truncation");
+    assert_eq!(changes(&*fx.hot, &l.object, 0, 10).await.expect("changes").len(), 1, "change 1 still logged");
     let r = fx.hot.put(&l.object, l.token, "T", "a", b("1")).await.expect("the holder is not fenced");
     assert_eq!(r.first_seq, 2);
 }

@@ -1053,6 +1053,7 @@ macro_rules! __cold_cases {
             a_batch_is_atomic_to_concurrent_readers,
             concurrent_appends_through_one_sink_each_land_once,
             records_keep_microsecond_timestamps,
+            state_follows_sequence_not_time,
         }
     };
 }
