@@ -8,9 +8,8 @@
 //!   `CatalogConfig::Sql` and a local warehouse's default are `InvalidInput`). dotdo switches the database to
 //!   WAL (durable with `synchronous=FULL`, one fsync per commit). dotdo's commits move the
 //!   table pointer themselves, with the same compare-and-swap `UPDATE` as iceberg-catalog-sql but
-//!   without re-reading the table metadata first, and, after each acknowledged commit, re-read
-//!   the table pointer, because iceberg-catalog-sql 0.10.1 ignores errors of the SQL `COMMIT`
-//!   (see `Settings::verify_commits`).
+//!   without re-reading the table metadata first, and reporting errors of the SQL `COMMIT`,
+//!   which iceberg-catalog-sql 0.10.1 ignores (apache/iceberg-rust#3061).
 //! * [`CatalogConfig::Memory`]: iceberg's in-memory catalog, for tests (lost on restart).
 //! * `CatalogConfig::Rest` (feature `rest`, on by default): an Iceberg REST catalog (R2 Data
 //!   Catalog, Polaris, Lakekeeper) through `iceberg-catalog-rest`, by configuration.
@@ -415,14 +414,16 @@ pub(crate) struct Opened {
     pub(crate) verifier: Option<SqlVerifier>,
 }
 
-/// Open the configured catalog. `name` is the catalog name recorded in the SQL catalog's rows
-/// (PyIceberg's `SqlCatalog(name, ...)` must use the same).
+/// Open the configured catalog. `settings.catalog_name` is the catalog name recorded in the SQL
+/// catalog's rows (PyIceberg's `SqlCatalog(name, ...)` must use the same); a REST catalog's
+/// requests are bounded by `settings.catalog_timeout`.
 pub(crate) async fn open(
     config: &CatalogConfig,
-    name: &str,
+    settings: &crate::Settings,
     warehouse: &str,
     factory: Arc<dyn StorageFactory>,
 ) -> Result<Opened> {
+    let name = settings.catalog_name.as_str();
     let plain = |catalog| Ok(Opened { catalog, verifier: None });
     match config {
         CatalogConfig::Default => {
@@ -464,6 +465,7 @@ pub(crate) async fn open(
                 .map(|(_, v)| v.trim().to_string())
                 .collect();
             let catalog = iceberg_catalog_rest::RestCatalogBuilder::default()
+                .with_client(rest_client(settings.catalog_timeout)?)
                 .with_storage_factory(factory.clone())
                 .load(name.to_string(), props)
                 .await
@@ -848,10 +850,40 @@ forwarding_catalog!(PinnedCatalog<'_>, inner,
         // a conflict then reads as "did not land". dotdo reloads and decides.
         _ => {
             this.sent.store(true, std::sync::atomic::Ordering::SeqCst);
-            this.inner.update_table(commit).await.map_err(|e| e.with_retryable(false))
+            this.inner.update_table(commit).await.map_err(|e| {
+                // A REST catalog that could not be reached (connection refused): the commit was
+                // never sent, so it certainly did not land (not an unknown outcome to read back,
+                // which with the catalog down ended `AmbiguousOutcome`).
+                #[cfg(feature = "rest")]
+                if failed_to_connect(&e) {
+                    return not_sent_error(crate::error::classify(e, "sending a commit to the REST catalog"));
+                }
+                e.with_retryable(false)
+            })
         }
     }
 );
+
+/// The HTTP client of a REST catalog: each request bounded by `timeout` (connecting by at most
+/// 10 s of it). iceberg-catalog-rest's own default client has no timeout at all: a catalog that
+/// accepts connections and never answers held a commit (and the appends queued behind it) for
+/// ever.
+#[cfg(feature = "rest")]
+fn rest_client(timeout: std::time::Duration) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(std::time::Duration::from_secs(10)))
+        .build()
+        .map_err(|e| Error::backend(format!("building the REST catalog's HTTP client: {e}")).with_retryable(false))
+}
+
+/// Whether `e` failed to connect to a REST catalog (a refused connection, a name that does not
+/// resolve, a connect timeout): its request was never sent.
+#[cfg(feature = "rest")]
+fn failed_to_connect(e: &iceberg::Error) -> bool {
+    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |err| err.source())
+        .any(|err| err.downcast_ref::<reqwest::Error>().is_some_and(reqwest::Error::is_connect))
+}
 
 #[cfg(feature = "rest")]
 /// Whether a REST catalog property holds a secret (a token, a credential, a header such as
@@ -1237,7 +1269,7 @@ mod tests {
             super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
         let factory =
             crate::storage::StoreRoot::open("memory://rest", Vec::<(String, String)>::new()).expect("store").factory();
-        let e = super::open(&config, "dotdo", "memory://rest", factory.clone()).await.err().expect("a bad header");
+        let e = super::open(&config, &crate::Settings::default(), "memory://rest", factory.clone()).await.err().expect("a bad header");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
         assert!(e.message().contains("header.Authorization"), "names the property: {e}");
         assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
@@ -1245,14 +1277,14 @@ mod tests {
             let props = std::collections::BTreeMap::from([(key.to_string(), value.to_string())]);
             let config =
                 super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
-            let e = super::open(&config, "dotdo", "memory://rest", factory.clone()).await.err().expect("refused");
+            let e = super::open(&config, &crate::Settings::default(), "memory://rest", factory.clone()).await.err().expect("refused");
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{key}: {e}");
             assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
         }
         let props = std::collections::BTreeMap::from([("token".to_string(), "s3cr3t".to_string())]);
         let config =
             super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
-        let opened = super::open(&config, "dotdo", "memory://rest", factory).await.expect("a good token opens");
+        let opened = super::open(&config, &crate::Settings::default(), "memory://rest", factory).await.expect("a good token opens");
         assert!(!format!("{:?}", opened.catalog).contains("s3cr3t"));
         let props = std::collections::HashMap::from([
             (iceberg_catalog_rest::REST_CATALOG_PROP_URI.to_string(), "http://127.0.0.1:1".to_string()),

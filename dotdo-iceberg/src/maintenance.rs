@@ -27,9 +27,11 @@ use crate::summary;
 /// What [`IcebergColdStore::expire_snapshots`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExpireReport {
-    /// Snapshots removed from the table metadata.
+    /// Snapshots removed from the table metadata: the ones dotdo chose. (Through a catalog other
+    /// than the SQL one, iceberg's expire action also applies the refs' own retention settings,
+    /// which may remove more; those are not listed.)
     pub expired: Vec<SnapshotId>,
-    /// Snapshots still in the table.
+    /// Snapshots in the table before, less the ones listed in `expired`.
     pub retained: usize,
 }
 
@@ -121,7 +123,11 @@ impl IcebergColdStore {
                     .as_micros()
                     .saturating_sub(i64::try_from(older_than.as_micros()).unwrap_or(i64::MAX)),
             );
-            let mut keep: HashSet<i64> = iceberg::util::snapshot::ancestors_of(&table.metadata_ref(), head)
+            // (Walked with a bound: damaged metadata whose parents loop is `Corrupt`, not an
+            // endless walk; iceberg's own expire action, used below for other catalogs, has none.)
+            let mut keep: HashSet<i64> = crate::store::ancestors(&table.metadata_ref(), head)
+                .map_err(|e| e.context(what.clone()))?
+                .iter()
                 .take(retain_last.max(1))
                 .map(|s| s.snapshot_id())
                 .collect();
@@ -484,8 +490,11 @@ impl IcebergColdStore {
         for s in md.snapshots() {
             // A `Deleted` entry records a file a snapshot removed (compaction); a retained older
             // snapshot that needs it lists it as live itself. A file removed less than
-            // `retention` ago is kept anyway: a reader (or a store with `refresh_reads` off) may
-            // still be scanning the snapshot before.
+            // `retention` ago is kept anyway while a manifest still records its removal: a
+            // reader (or a store with `refresh_reads` off) may still be scanning the snapshot
+            // before. (A later compaction that rewrites that manifest drops the record; the
+            // table versions in the metadata log, walked below, then keep the file only while
+            // the log still lists one that references it.)
             found.snapshot(table, s, Some(&removals)).await?;
         }
         // A reader (or a store with `refresh_reads` off) may hold a table version that was
@@ -650,8 +659,9 @@ impl Referenced<'_> {
 }
 
 /// When the files that manifests record as removed (`Deleted` entries) were removed, as far as
-/// table metadata tells: the cleanup keeps a file removed since a cutoff, and a rewrite carries
-/// such records forward (see `rewrite_listed`) so that a later compaction does not erase them.
+/// table metadata tells: the cleanup keeps a file removed since a cutoff, and a rewrite keeps a
+/// manifest that lists only such records while they are recent (see `rewrite_listed`; the
+/// records of a manifest it merges are dropped).
 pub(crate) struct Removals<'a> {
     md: &'a iceberg::spec::TableMetadata,
     /// Snapshot times as reads go by them (never before a parent's).

@@ -92,6 +92,9 @@ pub const MAX_COMMIT_ATTEMPTS: u32 = 100;
 /// up to parquet's 128 MiB cap, which extreme rates (1e-100) reach at any row count.
 pub const MIN_BLOOM_FPP: f64 = 1e-9;
 
+/// The largest [`Settings::catalog_timeout`] a store accepts (10 minutes).
+pub const MAX_CATALOG_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// The most `bucket(do_id)` partitions [`Settings::buckets`] accepts (65,536).
 pub const MAX_BUCKETS: u32 = 1 << 16;
 
@@ -133,9 +136,18 @@ pub struct Settings {
     pub refresh_reads: bool,
     /// Name of the catalog (the SQL catalog's `catalog_name` column; default `"dotdo"`).
     pub catalog_name: String,
-    /// For SQL catalogs, re-read the catalog's durable table pointer after each acknowledged
-    /// commit (default true): iceberg-catalog-sql 0.10.1 ignores errors of the SQL `COMMIT`, so
-    /// without this an acknowledged commit could, rarely, not be durable.
+    /// The longest one request to a REST catalog may take, connecting included (default 30 s,
+    /// as object_store's requests; at most [`MAX_CATALOG_TIMEOUT`]); connecting alone is bounded
+    /// by the smaller of this and 10 s. A catalog that accepts connections and never answers (a
+    /// hung server or proxy) then fails the call as `Unavailable` (a commit: an unknown outcome,
+    /// read back) instead of holding the append, and every append queued behind it, for ever.
+    pub catalog_timeout: Duration,
+    /// No effect (kept so that settings naming it still build). It re-read an SQL catalog's
+    /// table pointer after each acknowledged commit, because iceberg-catalog-sql 0.10.1 ignores
+    /// errors of the SQL `COMMIT`; every commit dotdo makes on an SQL catalog now moves the
+    /// pointer with its own compare-and-swap, which reports them. (The re-read also took a
+    /// commit as unconfirmed whenever another writer's commit had followed it at once.)
+    #[deprecated(note = "no effect: dotdo's own pointer swap reports SQL COMMIT errors")]
     pub verify_commits: bool,
     /// Watermarks of at most this many objects are kept inline in a snapshot summary (default
     /// 1000), and at most about [`INLINE_WATERMARK_BYTES`](crate::summary::INLINE_WATERMARK_BYTES)
@@ -214,6 +226,7 @@ impl Settings {
     }
 }
 
+#[allow(deprecated)] // `verify_commits`, kept for old settings
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -226,6 +239,7 @@ impl Default for Settings {
             retry_base_delay: Duration::from_millis(10),
             refresh_reads: true,
             catalog_name: "dotdo".to_string(),
+            catalog_timeout: Duration::from_secs(30),
             verify_commits: true,
             watermark_checkpoint_objects: 1000,
             bloom_filters: true,
@@ -341,6 +355,12 @@ impl IcebergColdStoreBuilder {
         if self.settings.catalog_name.trim().is_empty() {
             return Err(Error::invalid("catalog_name must not be empty"));
         }
+        if self.settings.catalog_timeout.is_zero() || self.settings.catalog_timeout > MAX_CATALOG_TIMEOUT {
+            return Err(Error::invalid(format!(
+                "catalog_timeout {:?} must be positive and at most {MAX_CATALOG_TIMEOUT:?}",
+                self.settings.catalog_timeout
+            )));
+        }
         if self.store.is_some() && !self.options.is_empty() {
             // They configure a store this builder would open; a given store is used as it is.
             return Err(Error::invalid(format!(
@@ -398,7 +418,7 @@ impl IcebergColdStoreBuilder {
         let synced = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let factory = root.factory_syncing(self.settings.sync_local_files.then(|| synced.clone()))?;
         let crate::catalog::Opened { catalog, verifier } =
-            crate::catalog::open(&self.catalog, &self.settings.catalog_name, &root.warehouse, factory).await?;
+            crate::catalog::open(&self.catalog, &self.settings, &root.warehouse, factory).await?;
         let ns = NamespaceIdent::from_vec(self.namespace.clone())
             .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
         let ident = TableIdent::new(ns.clone(), self.table.clone());
@@ -1254,29 +1274,6 @@ impl IcebergColdStore {
         }
     }
 
-    /// For SQL catalogs: check that the catalog's durable pointer is the metadata of `t`.
-    async fn verify_durable(&self, t: &Table) -> Result<()> {
-        self.verify_durable_of(&self.inner.ident, t).await
-    }
-
-    /// [`verify_durable`](Self::verify_durable) for any table `ident` of this store's catalog
-    /// (iceberg-catalog-sql 0.10.1 ignores the result of its SQL `COMMIT`, so a commit it
-    /// reports may not have landed).
-    pub(crate) async fn verify_durable_of(&self, ident: &iceberg::TableIdent, t: &Table) -> Result<()> {
-        let Some(v) = self.inner.verifier.as_ref().filter(|_| self.inner.settings.verify_commits) else {
-            return Ok(());
-        };
-        let durable = v.metadata_location(ident).await?;
-        if durable.as_deref() == t.metadata_location() {
-            Ok(())
-        } else {
-            Err(Error::new(
-                ErrorKind::AmbiguousOutcome,
-                format!("catalog points at {durable:?}, not the committed {:?}", t.metadata_location()),
-            ))
-        }
-    }
-
     /// Best-effort deletion of files that no commit references (failed attempts).
     pub(crate) async fn delete_files(&self, paths: Vec<String>) {
         for p in paths {
@@ -1592,26 +1589,6 @@ impl IcebergColdStore {
             }
             match committed {
                 Ok(t) => {
-                    if let Err(e) = self.verify_durable(&t).await {
-                        tracing::warn!(error = %e, "acknowledged cold commit is not durable; reading back");
-                        // As after every failed attempt: a catalog or store in trouble is not
-                        // hammered with back-to-back attempts.
-                        retry_pause(self.backoff(attempt)).await;
-                        table = match self.reload_for_resolution().await {
-                            Ok(t) => t,
-                            Err(reload) => {
-                                return Err(Error::new(
-                                    ErrorKind::AmbiguousOutcome,
-                                    format!(
-                                        "commit not confirmed ({e}) and the table could not be read back ({reload})"
-                                    ),
-                                ))
-                            }
-                        };
-                        *maybe_landed = true;
-                        last = Attempt::Unknown(e);
-                        continue;
-                    }
                     self.remember(&t);
                     let snap = t
                         .metadata()

@@ -801,22 +801,8 @@ impl ArrowTable {
                 let written_at = files.as_ref().map(|(_, _, at)| *at);
                 match self.store.try_commit(&table, data, props, written_at).await {
                     Ok(t) => {
-                        // A reported commit that the catalog did not make durable is not
-                        // acknowledged: the next attempt reads the stream's mark back and commits
-                        // again only if the batch is missing.
-                        match self.store.verify_durable_of(&self.ident, &t).await {
-                            Ok(()) => {
-                                let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
-                                return Ok(ArrowCommit { snapshot, rows });
-                            }
-                            // The swap landed; whatever kept it from being confirmed, the outcome is
-                            // unknown, not a failure: the next attempt reads the mark back.
-                            Err(e) => {
-                                tracing::warn!(table = %self.ident, error = %e, "dotdo user table commit not durable; reading back");
-                                maybe_landed = true;
-                                last_err = Some(e);
-                            }
-                        }
+                        let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
+                        return Ok(ArrowCommit { snapshot, rows });
                     }
                     Err(e) => {
                         let did_not_land = crate::catalog::did_not_land(&e);

@@ -1788,6 +1788,21 @@ async fn a_snapshot_parent_cycle_is_corrupt_not_a_hang() {
         assert!(e.to_string().contains("loops"), "{e}");
         let e = fresh.load_state(&o, AsOf::Timestamp(Timestamp::from_micros(1))).await.expect_err("loop");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        // Expiry too (keeping every snapshot by count, expiring by age): its walk of the head's
+        // ancestors never awaits, so it runs on a task of its own, and the timeout is on its
+        // handle (a timeout on the walk itself would never get to fire).
+        for retain_last in [usize::MAX, 1] {
+            let expiring = tokio::spawn({
+                let fresh = fresh.clone();
+                async move { fresh.expire_snapshots(std::time::Duration::ZERO, retain_last).await }
+            });
+            let e = tokio::time::timeout(std::time::Duration::from_secs(30), expiring)
+                .await
+                .expect("expiry ends")
+                .expect("no panic")
+                .expect_err("loop");
+            assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        }
     };
     tokio::time::timeout(std::time::Duration::from_secs(60), checks).await.expect("no endless walk");
 }

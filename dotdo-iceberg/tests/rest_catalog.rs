@@ -206,3 +206,78 @@ async fn two_writers_through_a_rest_catalog_lose_and_double_nothing() {
     let (commits, refused) = table_counts(&server, "kit.contended");
     assert!(refused >= 10, "appends on a stale base were refused by the server: {refused} of {commits}");
 }
+
+/// A store on `server`'s catalog for table `kit.<table>` with `settings`.
+async fn open_with(
+    server: &common::RestCatalogServer,
+    table: &str,
+    settings: dotdo_iceberg::Settings,
+) -> IcebergColdStore {
+    IcebergColdStore::builder(server.warehouse.path().to_str().expect("utf-8"))
+        .catalog(CatalogConfig::Rest { uri: server.uri.clone(), warehouse: None, properties: Default::default() })
+        .table(["kit"], table)
+        .settings(settings)
+        .build()
+        .await
+        .expect("open through the REST catalog")
+}
+
+/// A REST catalog that accepts connections and never answers (a hung server: here stopped with
+/// SIGSTOP) fails an append within the settings' bounds (each request at most
+/// `catalog_timeout`), with a typed error, not a hang: iceberg-catalog-rest's own HTTP client
+/// has no timeout, and the append (and every append queued behind it) waited for ever. Once the
+/// server answers again, the same batch lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_catalog_that_never_answers_fails_an_append_in_bounded_time() {
+    let Some(python) = common::python("a_rest_catalog_that_never_answers_fails_an_append_in_bounded_time") else {
+        return;
+    };
+    let server = common::RestCatalogServer::start(&python);
+    let settings = dotdo_iceberg::Settings {
+        catalog_timeout: std::time::Duration::from_secs(1),
+        max_commit_attempts: 2,
+        ..Default::default()
+    };
+    let store = open_with(&server, "hung", settings).await;
+    let o = ObjectId::new("o").expect("id");
+    let first = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k1", "v", 1)]);
+    store.append(first).await.expect("append while the server answers");
+    let second = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k2", "v", 1)]);
+    server.signal("STOP");
+    let hung = tokio::time::timeout(std::time::Duration::from_secs(90), store.append(second.clone())).await;
+    server.signal("CONT");
+    let e = hung.expect("the append ends while the catalog never answers").expect_err("no answer");
+    assert!(
+        matches!(e.kind(), dotdo_core::ErrorKind::Unavailable | dotdo_core::ErrorKind::AmbiguousOutcome),
+        "a catalog that does not answer: {e}"
+    );
+    store.append(second).await.expect("the same batch again, the server answering");
+    let seqs: Vec<u64> =
+        store.read_changes(&o, 0, AsOf::Latest).await.expect("changes").iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, [1, 2], "each change once");
+}
+
+/// A REST catalog that refuses connections (the server gone) fails an append's commit as
+/// certainly not landed: a retryable `Unavailable`, not an `AmbiguousOutcome` (a commit whose
+/// connection was refused was never sent; reading it back failed too, with the catalog down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_to_a_rest_catalog_that_refuses_connections_did_not_land() {
+    let Some(python) = common::python("a_commit_to_a_rest_catalog_that_refuses_connections_did_not_land") else {
+        return;
+    };
+    let mut server = common::RestCatalogServer::start(&python);
+    let settings = dotdo_iceberg::Settings {
+        max_commit_attempts: 2,
+        refresh_reads: false,
+        retry_base_delay: std::time::Duration::from_millis(1),
+        ..Default::default()
+    };
+    let store = open_with(&server, "gone", settings).await;
+    let o = ObjectId::new("o").expect("id");
+    let first = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k1", "v", 1)]);
+    store.append(first).await.expect("append while the server runs");
+    server.stop();
+    let second = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k2", "v", 1)]);
+    let e = store.append(second).await.expect_err("the catalog is gone");
+    assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Unavailable, true), "{e}");
+}

@@ -192,6 +192,22 @@ impl RestCatalogServer {
         assert!(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"), "{reply}");
         reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
     }
+
+    /// Send the server process `signal` (`"STOP"`: it keeps its port and accepts connections
+    /// into the backlog, but answers nothing until `"CONT"`).
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -{signal}");
+    }
+
+    /// Stop the server for good: its port then refuses connections.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for RestCatalogServer {
