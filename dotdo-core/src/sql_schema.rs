@@ -534,6 +534,18 @@ pub fn validate_checkpointing(
     Ok(())
 }
 
+/// Check a SQL store's page cache size in KiB: SQLite reads `PRAGMA cache_size = -N` as a 32-bit
+/// integer and takes a larger `N` as 0 (its minimal cache), silently.
+pub fn validate_cache_kib(cache_kib: u32) -> crate::Result<()> {
+    if cache_kib > i32::MAX as u32 {
+        return Err(crate::Error::invalid(format!(
+            "cache_kib {cache_kib} is over {} (SQLite would read it as 0: its minimal page cache)",
+            i32::MAX
+        )));
+    }
+    Ok(())
+}
+
 /// A thread that runs a SQL hot store's background WAL checkpoint (`round`, typically
 /// `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own) every `every`, and says when
 /// the WAL stops shrinking or checkpoints fail. A round that leaves frames uncopied (a read

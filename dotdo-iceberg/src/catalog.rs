@@ -1269,7 +1269,10 @@ mod tests {
             super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
         let factory =
             crate::storage::StoreRoot::open("memory://rest", Vec::<(String, String)>::new()).expect("store").factory();
-        let e = super::open(&config, &crate::Settings::default(), "memory://rest", factory.clone()).await.err().expect("a bad header");
+        let e = super::open(&config, &crate::Settings::default(), "memory://rest", factory.clone())
+            .await
+            .err()
+            .expect("a bad header");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
         assert!(e.message().contains("header.Authorization"), "names the property: {e}");
         assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
@@ -1277,14 +1280,19 @@ mod tests {
             let props = std::collections::BTreeMap::from([(key.to_string(), value.to_string())]);
             let config =
                 super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
-            let e = super::open(&config, &crate::Settings::default(), "memory://rest", factory.clone()).await.err().expect("refused");
+            let e = super::open(&config, &crate::Settings::default(), "memory://rest", factory.clone())
+                .await
+                .err()
+                .expect("refused");
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{key}: {e}");
             assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
         }
         let props = std::collections::BTreeMap::from([("token".to_string(), "s3cr3t".to_string())]);
         let config =
             super::CatalogConfig::Rest { uri: "http://127.0.0.1:1".into(), warehouse: None, properties: props };
-        let opened = super::open(&config, &crate::Settings::default(), "memory://rest", factory).await.expect("a good token opens");
+        let opened = super::open(&config, &crate::Settings::default(), "memory://rest", factory)
+            .await
+            .expect("a good token opens");
         assert!(!format!("{:?}", opened.catalog).contains("s3cr3t"));
         let props = std::collections::HashMap::from([
             (iceberg_catalog_rest::REST_CATALOG_PROP_URI.to_string(), "http://127.0.0.1:1".to_string()),

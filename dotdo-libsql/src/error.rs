@@ -282,6 +282,10 @@ pub(crate) fn class_of_replication_text(text: &str) -> Class {
     // A replica file SQLite finds damaged (whatever step of the pull found it): `Corrupt`.
     if text.contains("database disk image is malformed") || text.contains("file is not a database") {
         Class::Corrupt
+    } else if text.contains("database is locked") || text.contains("database table is locked") {
+        // The injector's own connection (no busy timeout) found the replica file locked (a
+        // reader's WAL recovery, a last-close checkpoint): busy, for a later pull.
+        Class::Busy
     } else if text.contains("namespace doesn't exist") {
         Class::Config
     } else if text.contains("Unauthenticated") || text.contains("PermissionDenied") {
@@ -527,6 +531,7 @@ mod tests {
             ("Replication meta error: Invalid meta file", Class::Environment { retryable: false }),
             ("Injector error: SQLite error: database disk image is malformed", Class::Corrupt),
             ("Injector error: SQLite error: file is not a database", Class::Corrupt),
+            ("Injector error: SQLite error: database is locked", Class::Busy),
             ("Replicator client error: transport error", Class::Network { maybe_sent: true }),
             ("Timeout performing handshake with primary", Class::Network { maybe_sent: true }),
         ] {

@@ -19,6 +19,8 @@ impl ConsistencyGuard for LibsqlStore {
         dotdo_core::guard::validate_ttl(ttl)?;
         // A refusal whose explanation finds the lease free means it was freed in between: try
         // again, a few times (the row and the rules cannot disagree for longer unless damaged).
+        // The rows those explanations read: different ones mean contention, not damage.
+        let mut seen: Vec<Option<rules::LeaseRow>> = Vec::new();
         for _ in 0..4 {
             // The time is read once the writer is this call's (as `refresh` does): read before
             // queueing, a lease granted after a long wait was short or already over, and a
@@ -75,11 +77,22 @@ impl ConsistencyGuard for LibsqlStore {
             }
             // Refused: explain with the shared rules (`LeaseHeld`). If the lease was freed in
             // between, try again.
+            // At the time the refusal was decided by (a time read now is later: a lease that
+            // ran out meanwhile read as free, and a wall clock stepped back and forth read the
+            // same row both ways).
             let current = self.lease_row_on_primary(object).await?;
-            rules::acquire(object, current.as_ref(), holder, ttl, self.inner.clock.now())?;
+            rules::acquire(object, current.as_ref(), holder, ttl, now)?;
             // Free, yet refused: every token up to FencingToken::MAX has been used (by leases
             // or by writes), so no new one may be issued.
             self.max_token_on_primary(object).await?.checked_next()?;
+            seen.push(current);
+        }
+        if seen.windows(2).any(|w| w[0] != w[1]) {
+            // The lease changed hands between each refusal and its explanation (a lease taken
+            // and released again by other nodes each time): contention, to try again later.
+            return Err(Error::unavailable(format!(
+                "acquiring the lease of {object}: it changed hands between each of 4 tries and their explanations"
+            )));
         }
         Err(Error::corrupt(format!(
             "the lease row of {object} refuses every acquire but reads as free (damaged holder or token?)"
@@ -93,7 +106,7 @@ impl ConsistencyGuard for LibsqlStore {
         // extend a lease that had ended meanwhile.
         let clock = self.inner.clock.clone();
         let (changed, now, expires) = self
-            .write_call("refresh lease", move |c| {
+            .lease_write_call("refresh lease", move |c| {
                 let now = clock.now();
                 let expires = now.plus(ttl);
                 let step = Step::exec(

@@ -66,7 +66,9 @@ pub struct LibsqlSettings {
     pub retry_backoff: Duration,
     /// Longest backoff between retries. Default 1 s; at most [`MAX_BACKOFF`] (60 s).
     pub max_backoff: Duration,
-    /// Maximum number of read connections kept open on a local file. Default 4.
+    /// Read connections kept open between reads (idle) for reuse. Default 4. It does not bound
+    /// reads running at once: each read takes an idle connection or opens one, and a connection
+    /// beyond this many is closed when its read ends.
     pub read_connections: usize,
     /// WAL auto-checkpoint threshold in pages for a local file. Default 16 384 (64 MiB of 4 KiB
     /// pages), as in dotdo-sqlite; also the size the WAL file is cut back to when it starts over
@@ -404,6 +406,13 @@ impl Target {
                 }
                 if path.to_string_lossy().contains('\0') {
                     return Err(Error::invalid(format!("replica path {path:?} contains a NUL byte")));
+                }
+                // libsql would inject the primary's frames into a private database of its own,
+                // and every reader connection would open another, empty one.
+                if dotdo_core::sql_schema::is_private_database(path) {
+                    return Err(Error::invalid(
+                        "an embedded replica needs a file (an in-memory one would be private to each connection)",
+                    ));
                 }
                 if sync_interval.is_some_and(|d| d < Duration::from_millis(1)) {
                     // libsql pulls in a loop with this pause: under 1 ms it pulls continuously.

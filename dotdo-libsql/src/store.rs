@@ -327,6 +327,7 @@ impl LibsqlStoreBuilder {
             // Checkpointing is this store's to do on a local file (a replica's is libsql's).
             let s = &self.settings;
             dotdo_core::sql_schema::validate_checkpointing(s.wal_autocheckpoint_pages, s.background_checkpoint)?;
+            dotdo_core::sql_schema::validate_cache_kib(s.cache_kib)?;
         }
         self.target.validate()
     }
@@ -615,10 +616,12 @@ impl LibsqlStore {
         &self.inner.settings
     }
 
-    /// Run `PRAGMA integrity_check` (on the local file, or on the primary: remote mode, and
-    /// embedded-replica mode, where libsql sends that pragma to the primary whatever the
-    /// connection, with no timeout: a check of a large database takes as long as it takes);
-    /// `Corrupt` with SQLite's report if it is not `ok`.
+    /// Run `PRAGMA integrity_check` (on the local file, or on the primary); `Corrupt` with
+    /// SQLite's report if it is not `ok`. In remote mode it is a read like any other: each try
+    /// is bounded by `request_timeout` and retried (a check of a large database may need a
+    /// larger `request_timeout`, or ends `Unavailable`). In embedded-replica mode libsql sends
+    /// the pragma to the primary whatever the connection, with no timeout: a check of a large
+    /// database takes as long as it takes.
     pub async fn integrity_check(&self) -> Result<()> {
         let report: Vec<Row> = self
             .read("integrity check", |c| {
@@ -1016,25 +1019,44 @@ impl LibsqlStore {
         doing: &str,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
-        self.write_call_as(doing, true, f).await
+        self.write_call_as(doing, true, true, f).await
     }
 
-    /// A write that is safe to apply twice (a lease release): retried like a read after an
-    /// answer that leaves its outcome unknown.
+    /// A write of lease rows only (a refresh): in embedded-replica mode no pull follows it, since
+    /// lease rows are only ever read on the primary (`validate`, `current`, an acquire's
+    /// explanation). A pull there waited up to `sync_timeout` on a stalled replication
+    /// endpoint, and a refresh then came back with a lease already run out.
+    pub(crate) async fn lease_write_call<T: Send>(
+        &self,
+        doing: &str,
+        f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
+    ) -> Result<T> {
+        self.write_call_as(doing, true, false, f).await
+    }
+
+    /// A write of lease rows that is safe to apply twice (a lease release): retried like a read
+    /// after an answer that leaves its outcome unknown; no replica pull follows it (see
+    /// [`lease_write_call`](Self::lease_write_call)).
     pub(crate) async fn idempotent_write_call<T: Send>(
         &self,
         doing: &str,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
-        self.write_call_as(doing, false, f).await
+        self.write_call_as(doing, false, false, f).await
     }
 
+    /// A write; with `replica_reads_it`, in embedded-replica mode the replica pulls it before
+    /// the call returns (the rows it writes are read on the replica).
     async fn write_call_as<T: Send>(
         &self,
         doing: &str,
         mutating: bool,
+        replica_reads_it: bool,
         f: impl for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, TxResult<T>> + Send + Sync,
     ) -> Result<T> {
+        if !replica_reads_it {
+            return self.with_writer_as(doing, mutating, !mutating, f).await;
+        }
         // A caller that stops waiting mid-write (its future dropped, perhaps after the primary
         // committed) leaves the replica marked behind: the next read pulls first.
         let dropped = self.inner.replica.as_ref().map(|_| self.inner.replica_behind.mark_if_dropped());
@@ -1044,18 +1066,8 @@ impl LibsqlStore {
         }
         // Also after an unknown outcome: the caller resolves it by reading back, and the read
         // must see the primary's answer, not a replica that was never pulled.
+        // (A failure other than `AmbiguousOutcome` means nothing was applied: no pull.)
         let pull = out.as_ref().map_or_else(|e| e.kind() == &ErrorKind::AmbiguousOutcome, |_| true);
-        let refused_before_sending =
-            |e: &Error| matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. });
-        if let (Err(e), Some(_)) = (&out, &self.inner.replica) {
-            if !mutating && !pull && !refused_before_sending(e) {
-                // A call safe to repeat (a release) is retried after attempts that may have
-                // applied, and its failure may follow one that did: the next read pulls first,
-                // without this failing call waiting for the primary again. (A mutating call's
-                // failure other than `AmbiguousOutcome` means nothing was applied.)
-                self.inner.replica_behind.mark();
-            }
-        }
         if pull && self.inner.replica.is_some() {
             // Marked before the pull, cleared once it succeeds: a caller that stops waiting (its
             // future dropped mid-pull) leaves the replica marked behind, so the next read pulls

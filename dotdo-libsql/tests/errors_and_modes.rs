@@ -148,8 +148,15 @@ async fn bad_urls_and_tokens_are_invalid_input_before_any_io() {
         LibsqlStore::replica("r.db", url.clone(), "t", Some(Duration::ZERO)).open().await.expect_err("zero interval");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     // libsql pulls in a loop with this pause: 1 µs would pull continuously.
-    let e = LibsqlStore::replica("r.db", url, "t", Some(Duration::from_micros(1))).open().await.expect_err("1 µs");
+    let e =
+        LibsqlStore::replica("r.db", url.clone(), "t", Some(Duration::from_micros(1))).open().await.expect_err("1 µs");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    // An in-memory replica: libsql's frames would go to a private database of their own, and
+    // each reader would open another, empty one (every read `Backend`: no such table).
+    for path in [":memory:", "file::memory:", "file:r?mode=memory"] {
+        let e = LibsqlStore::replica(path, url.clone(), "t", None).open().await.expect_err(path);
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{path}: {e}");
+    }
 }
 
 #[test]
@@ -207,6 +214,8 @@ fn settings_are_validated() {
         LibsqlSettings { wal_autocheckpoint_pages: 0, background_checkpoint: None, ..Default::default() },
         // SQLite reads a value over i32::MAX as 0: automatic checkpoints off.
         LibsqlSettings { wal_autocheckpoint_pages: 1 << 31, background_checkpoint: None, ..Default::default() },
+        // Read as 0 too: the page cache silently at its minimum.
+        LibsqlSettings { cache_kib: u32::MAX, ..Default::default() },
     ] {
         let e = LibsqlStore::local("x.db").with_settings(bad).validate().expect_err("invalid settings");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput);
@@ -1323,4 +1332,57 @@ async fn a_database_that_cannot_use_wal_is_refused() {
         (0, 0),
         "nothing of dotdo's schema was written"
     );
+}
+
+/// A wall clock that reads `base - 10 µs` and `base + 10 µs` in turn once `flipping` is set,
+/// and `base` before (monotonic time and sleeps are a manual clock's).
+#[derive(Debug)]
+struct FlippingClock {
+    base: std::sync::atomic::AtomicI64,
+    flipping: std::sync::atomic::AtomicBool,
+    reads: AtomicUsize,
+    inner: dotdo_core::ManualClock,
+}
+
+impl Clock for FlippingClock {
+    fn now(&self) -> dotdo_core::Timestamp {
+        let base = self.base.load(Ordering::SeqCst);
+        if !self.flipping.load(Ordering::SeqCst) {
+            return dotdo_core::Timestamp::from_micros(base);
+        }
+        let odd = self.reads.fetch_add(1, Ordering::SeqCst) % 2 == 1;
+        dotdo_core::Timestamp::from_micros(if odd { base + 10 } else { base - 10 })
+    }
+    fn monotonic(&self) -> Duration {
+        self.inner.monotonic()
+    }
+    fn sleep(&self, duration: Duration) -> dotdo_core::time::Sleep {
+        self.inner.sleep(duration)
+    }
+}
+
+/// An acquire refused because the lease is held is explained at the time the refusal was
+/// decided by: with a later time (a lease running out in between, or a wall clock stepped back
+/// and forth), the explanation read the lease as free, tried again, and after four such tries
+/// answered `Corrupt` for a healthy file. `LeaseHeld` naming the holder.
+#[tokio::test]
+async fn an_acquire_refused_as_held_is_explained_at_its_own_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(FlippingClock {
+        base: dotdo_core::testkit::KIT_EPOCH.as_micros().into(),
+        flipping: false.into(),
+        reads: AtomicUsize::new(0),
+        inner: dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH),
+    });
+    let s = LibsqlStore::local(dir.path().join("a.db")).with_clock(clock.clone()).open().await.expect("open");
+    let b = NodeId::new("b").expect("node");
+    let held = s.acquire(&obj(), &b, Duration::from_secs(5)).await.expect("b takes the lease");
+    // From here the clock reads 10 µs before and after b's expiry in turn.
+    clock.base.store(held.expires_at.as_micros(), Ordering::SeqCst);
+    clock.flipping.store(true, Ordering::SeqCst);
+    let e = s.acquire(&obj(), &NodeId::new("a").expect("node"), Duration::from_secs(5)).await.expect_err("held");
+    match e.kind() {
+        ErrorKind::LeaseHeld { holder, .. } => assert_eq!(holder, &b, "{e}"),
+        other => panic!("expected LeaseHeld, got {other:?}: {e}"),
+    }
 }

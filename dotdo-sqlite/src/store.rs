@@ -162,6 +162,7 @@ impl SqliteStoreBuilder {
                 settings.background_checkpoint
             )));
         }
+        dotdo_core::sql_schema::validate_cache_kib(settings.cache_kib)?;
         let memory = dotdo_core::sql_schema::is_private_database(&self.path);
         // A private database has no WAL to checkpoint.
         if !memory {

@@ -425,6 +425,8 @@ async fn invalid_settings_are_invalid_input_not_a_panic() {
             "2^31 autocheckpoint pages",
             SqliteSettings { wal_autocheckpoint_pages: 1 << 31, background_checkpoint: None, ..Default::default() },
         ),
+        // Read as 0 too: the page cache silently at its minimum.
+        ("a 4 TiB page cache", SqliteSettings { cache_kib: u32::MAX, ..Default::default() }),
     ] {
         for execution in [Execution::Inline, Execution::Auto] {
             let settings = SqliteSettings { execution, ..settings.clone() };
