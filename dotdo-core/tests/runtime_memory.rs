@@ -2105,6 +2105,41 @@ async fn a_cancelled_call_does_not_keep_its_lease_warm() {
     assert_eq!(get(&rt, &o, "k").await.expect("get"), None, "the cancelled call wrote nothing");
 }
 
+/// A call dropped by its caller after its handler ended, while it settles (here: its automatic
+/// flush, waiting on a cold store that does not answer), where leases go back after every call
+/// (`keep_warm` 0): its lease is not kept for the next call either, but released before it.
+/// Before, the activation stayed in the slot with its lease: the next call reused it, and other
+/// nodes met `LeaseHeld` until it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cancelled_while_it_flushes_does_not_keep_its_lease_warm() {
+    let w = World::new();
+    let (cold, rt) =
+        w.flaky_cold_runtime(RuntimeSettings { keep_warm: Duration::ZERO, flush_after_changes: 1, ..settings() });
+    let o = oid("o");
+    let token = |rt: &ObjectRuntime| {
+        let o = o.clone();
+        let rt = rt.clone();
+        async move { rt.invoke(&o, async |t: &mut ObjectTxn<'_>| Ok::<_, Error>(t.token())).await.expect("token") }
+    };
+    let before = token(&rt).await;
+    *cold.before_append.lock() = Some(Box::pin(futures::future::pending::<()>()));
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(200),
+        rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            t.put("k", "v")?;
+            Ok::<_, Error>(t.token())
+        }),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the call was cancelled during its flush");
+    let after = token(&rt).await;
+    assert!(
+        after.get() > before.get() + 1,
+        "the cancelled call's lease was kept for the next call: {after} after {before}"
+    );
+    assert_eq!(get(&rt, &o, "k").await.expect("get").as_deref(), Some(&b"v"[..]), "its commit stands");
+}
+
 /// A runtime on a [`FlakyGuard`] with `o` written once.
 async fn flaky_guard_runtime(w: &World) -> (Arc<FlakyGuard>, ObjectRuntime, ObjectId) {
     let guard = Arc::new(FlakyGuard::new(w));
@@ -3540,6 +3575,39 @@ async fn failing_renewals_back_off_until_the_handler_self_fences() {
     let attempts = FAILS - guard.fail_refreshes.load(std::sync::atomic::Ordering::SeqCst);
     // Without backoff: one attempt per clock tick (about 600 over the two thirds of the TTL).
     assert!((1..60).contains(&attempts), "{attempts} renewal attempts");
+}
+
+/// A guard that keeps failing renewals transiently: the handler is abandoned once its lease runs
+/// out, not up to a tenth of the TTL later (the renewal's backoff overslept the expiry: here
+/// 5.6 s of a 70 s lease, while another node could already hold the object).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_whose_renewals_keep_failing_ends_at_its_leases_expiry() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { lease_ttl: Duration::from_secs(70), ..settings() });
+    let o = oid("o");
+    incr(&rt, &o).await.expect("activate");
+    guard.fail_refreshes.store(100_000, std::sync::atomic::Ordering::SeqCst);
+    let expiry = Arc::new(parking_lot::Mutex::new(None));
+    let ticking = tick_by(&w, Duration::from_millis(20));
+    let (hot, seen, object) = (w.hot.clone(), expiry.clone(), o.clone());
+    let r: Result<()> = rt
+        .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
+            *seen.lock() = hot.current(&object).await?.map(|l| l.expires_at);
+            t.put("k", "v")?;
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+        .await;
+    let ended = w.clock.now();
+    ticking.abort();
+    let e = r.expect_err("self-fenced");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    let expiry = expiry.lock().expect("the handler saw its lease");
+    assert!(
+        ended <= expiry.plus(Duration::from_secs(2)),
+        "the handler ended {:?} after its lease expired",
+        Duration::from_micros((ended.as_micros() - expiry.as_micros()).max(0) as u64)
+    );
 }
 
 /// A hot store whose `evict` drops the state and then loses the reply (`AmbiguousOutcome`), as a

@@ -35,9 +35,11 @@ pub struct ActivationMetrics {
     /// floor), plus loading state from cold storage (eager restore or preload). Nonzero for
     /// `Recovery::Hot` too.
     pub state_loading: Duration,
-    /// Keys loaded during activation.
+    /// Keys loaded during activation: an eager restore's whole state, a hybrid activation's
+    /// preloaded (named) keys. (A hybrid activation without an accelerator reads the object's
+    /// whole state and keeps it cached, but counts only the named keys here.)
     pub keys_loaded: u64,
-    /// Value bytes loaded during activation.
+    /// Value bytes of those keys.
     pub bytes_loaded: u64,
     /// The cold snapshot restored from, if any.
     pub snapshot: Option<SnapshotId>,

@@ -79,8 +79,9 @@ pub struct RuntimeSettings {
     /// How long `invoke` waits for a lease held by another node before failing with
     /// `LeaseHeld`. Default 0 (fail at once, the caller routes elsewhere).
     pub acquire_timeout: Duration,
-    /// A commit with less than this left on the lease refreshes the lease first (and fails only
-    /// if that refresh fails): a write must not race the lease's expiry. Default 1 s (clamped to TTL/3).
+    /// A commit with less than this left on the lease refreshes the lease first (and fails if
+    /// that refresh fails; a lease already run out fails the commit with `LeaseLost` at once):
+    /// a write must not race the lease's expiry. Default 1 s (clamped to TTL/3).
     pub commit_margin: Duration,
     /// Recovery mode for objects with no hot state.
     pub restore: RestoreMode,
@@ -670,7 +671,10 @@ impl ObjectRuntime {
             let outcome = renewing(&self.inner, renewed, handler(&mut txn)).await;
             (outcome, std::mem::take(&mut txn.ops))
         };
-        let (mut slot, renewed) = end.finish();
+        let (slot, renewed) = end.finish();
+        // From here on (the commit, its refresh and restore, an automatic flush), a dropped call
+        // leaves through `Settling`'s drop.
+        let mut slot = Settling { inner: &self.inner, slot };
         let active = slot.active.as_mut().expect("still active");
         active.lease = renewed;
         active.last_used = self.inner.clock.monotonic();
@@ -2382,7 +2386,10 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<HeldLease>) -
     loop {
         let current = lease.lock().clone();
         let renew_at = current.left(inner).saturating_sub(ttl * 2 / 3);
-        inner.clock.sleep(renew_at.max(backoff).max(floor).max(Duration::from_millis(1))).await;
+        // Never past what the lease has left: a backoff (up to a tenth of the TTL) that overslept
+        // the expiry kept the handler running beside a new holder's for that long.
+        let wait = renew_at.max(backoff).max(floor).max(Duration::from_millis(1)).min(current.left(inner));
+        inner.clock.sleep(wait).await;
         // A refresh that does not answer before the lease runs out (a hung connection) must not
         // keep the handler running past expiry, beside a new holder's.
         let left = current.left(inner);
@@ -2886,6 +2893,40 @@ impl Drop for CallEnd<'_> {
         active.lease = self.renewed.lock().clone();
         if leases_go_back_after_calls(self.inner) {
             if let Some(a) = slot.active.take() {
+                leave_orphan(self.inner, a.lease.granted);
+            }
+        }
+    }
+}
+
+/// A call's slot once its handler's outcome is known, while the call settles it (commits, and
+/// flushes automatically). If the call is dropped meanwhile (its caller's timeout) where the
+/// lease goes back after every call (`keep_warm` 0, or after shutdown's flush), the activation's
+/// lease becomes an orphan, released by the object's next activation here or by `maintain`
+/// (kept, the next call reused it and other nodes met `LeaseHeld` until it expired). Every call
+/// that ends there has given its activation back already.
+struct Settling<'a> {
+    inner: &'a Inner,
+    slot: futures::lock::MutexGuard<'a, Slot>,
+}
+
+impl std::ops::Deref for Settling<'_> {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        &self.slot
+    }
+}
+
+impl std::ops::DerefMut for Settling<'_> {
+    fn deref_mut(&mut self) -> &mut Slot {
+        &mut self.slot
+    }
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        if leases_go_back_after_calls(self.inner) {
+            if let Some(a) = self.slot.active.take() {
                 leave_orphan(self.inner, a.lease.granted);
             }
         }

@@ -139,7 +139,9 @@ impl LazyState {
 
 /// A handler's view of one object: reads see the object's state plus the handler's own writes;
 /// writes are buffered and committed atomically, under the lease's fencing token, when the
-/// handler returns `Ok`. If the handler fails, nothing is written.
+/// handler returns `Ok`. If the handler fails, none of its writes is made. (A lazily restored
+/// object's `list` completes its restore into hot storage first: that stays, as it is the
+/// object's cold state, not a write of the handler.)
 pub struct ObjectTxn<'a> {
     pub(crate) inner: &'a Arc<Inner>,
     pub(crate) object: &'a ObjectId,
