@@ -164,8 +164,8 @@ pub struct ColdState {
 /// * **Valid records.** A batch that breaks [`ColdBatch::validate_records`] (a bad key, value,
 ///   type name or token in any record) is refused with the error that check gives
 ///   (`LimitExceeded` for a key or value over its limit, `InvalidInput` otherwise, as in a hot
-///   store), and nothing of it is committed: a record stored could never be restored into a hot
-///   store.
+///   store; a sink may refuse it for a stale committer token or a gap first), and nothing of it
+///   is committed: a record stored could never be restored into a hot store.
 /// * **Unknown outcomes.** If a commit's outcome is unknown the sink resolves it by reading back
 ///   the watermark before retrying, or returns `AmbiguousOutcome`; a caller that gets
 ///   `AmbiguousOutcome` (or any error) may call `append` again with the same batch safely.

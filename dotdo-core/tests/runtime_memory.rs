@@ -2122,16 +2122,20 @@ async fn a_call_cancelled_while_it_flushes_does_not_keep_its_lease_warm() {
         async move { rt.invoke(&o, async |t: &mut ObjectTxn<'_>| Ok::<_, Error>(t.token())).await.expect("token") }
     };
     let before = token(&rt).await;
-    *cold.before_append.lock() = Some(Box::pin(futures::future::pending::<()>()));
-    let cancelled = tokio::time::timeout(
-        Duration::from_millis(200),
-        rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
-            t.put("k", "v")?;
-            Ok::<_, Error>(t.token())
-        }),
-    )
-    .await;
-    assert!(cancelled.is_err(), "the call was cancelled during its flush");
+    let flushing = Arc::new(tokio::sync::Notify::new());
+    let signal = flushing.clone();
+    *cold.before_append.lock() = Some(Box::pin(async move {
+        signal.notify_one();
+        futures::future::pending::<()>().await
+    }));
+    let call = rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+        t.put("k", "v")?;
+        Ok::<_, Error>(t.token())
+    });
+    tokio::select! {
+        r = call => panic!("the call ended although its flush never does: {r:?}"),
+        () = flushing.notified() => {} // the call is dropped here, its flush waiting on cold
+    }
     let after = token(&rt).await;
     assert!(
         after.get() > before.get() + 1,
@@ -3235,7 +3239,7 @@ async fn a_lazy_restore_the_hot_store_refuses_for_good_ends_the_activation() {
     let activations = b.metrics().activations;
     let e = incr(&b, &o).await.expect_err("the restore before the commit is refused");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
-    assert!(!e.is_retryable(), "{e}");
+    assert!(e.is_retryable(), "the next call activates afresh: {e}");
     assert_eq!(w.hot.current(&o).await.expect("current"), None, "the lease went back");
     assert_eq!(incr(&b, &o).await.expect("the next call activates afresh"), 1);
     assert_eq!(b.metrics().activations, activations + 1);
@@ -3588,18 +3592,22 @@ async fn a_handler_whose_renewals_keep_failing_ends_at_its_leases_expiry() {
     incr(&rt, &o).await.expect("activate");
     guard.fail_refreshes.store(100_000, std::sync::atomic::Ordering::SeqCst);
     let expiry = Arc::new(parking_lot::Mutex::new(None));
+    let ended = Arc::new(parking_lot::Mutex::new(None));
     let ticking = tick_by(&w, Duration::from_millis(20));
     let (hot, seen, object) = (w.hot.clone(), expiry.clone(), o.clone());
+    let stamp = Stamp { clock: w.clock.clone(), at: ended.clone() };
     let r: Result<()> = rt
         .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
+            // Stamps the clock when the handler is abandoned (dropped).
+            let _stamp = stamp;
             *seen.lock() = hot.current(&object).await?.map(|l| l.expires_at);
             t.put("k", "v")?;
             std::future::pending::<()>().await;
             Ok(())
         })
         .await;
-    let ended = w.clock.now();
     ticking.abort();
+    let ended = ended.lock().expect("the handler was dropped");
     let e = r.expect_err("self-fenced");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
     let expiry = expiry.lock().expect("the handler saw its lease");
@@ -3608,6 +3616,18 @@ async fn a_handler_whose_renewals_keep_failing_ends_at_its_leases_expiry() {
         "the handler ended {:?} after its lease expired",
         Duration::from_micros((ended.as_micros() - expiry.as_micros()).max(0) as u64)
     );
+}
+
+/// Writes the clock's time into `at` when dropped.
+struct Stamp {
+    clock: ManualClock,
+    at: Arc<parking_lot::Mutex<Option<dotdo_core::Timestamp>>>,
+}
+
+impl Drop for Stamp {
+    fn drop(&mut self) {
+        *self.at.lock() = Some(self.clock.now());
+    }
 }
 
 /// A hot store whose `evict` drops the state and then loses the reply (`AmbiguousOutcome`), as a

@@ -31,7 +31,8 @@ pub struct ExpireReport {
     /// than the SQL one, iceberg's expire action also applies the refs' own retention settings,
     /// which may remove more; those are not listed.)
     pub expired: Vec<SnapshotId>,
-    /// Snapshots in the table before, less the ones listed in `expired`.
+    /// Snapshots left in the table by the expiry as dotdo planned it (through another catalog,
+    /// iceberg's action may remove more, see `expired`).
     pub retained: usize,
 }
 

@@ -407,11 +407,12 @@ impl Target {
                 if path.to_string_lossy().contains('\0') {
                     return Err(Error::invalid(format!("replica path {path:?} contains a NUL byte")));
                 }
-                // libsql would inject the primary's frames into a private database of its own,
-                // and every reader connection would open another, empty one.
+                // libsql's replica would open a file of that name in the working directory,
+                // while every reader connection opens a private, empty in-memory database.
                 if dotdo_core::sql_schema::is_private_database(path) {
                     return Err(Error::invalid(
-                        "an embedded replica needs a file (an in-memory one would be private to each connection)",
+                        "an embedded replica needs a file path (readers of an in-memory one would each see a \
+                         private, empty database)",
                     ));
                 }
                 if sync_interval.is_some_and(|d| d < Duration::from_millis(1)) {

@@ -151,8 +151,8 @@ async fn bad_urls_and_tokens_are_invalid_input_before_any_io() {
     let e =
         LibsqlStore::replica("r.db", url.clone(), "t", Some(Duration::from_micros(1))).open().await.expect_err("1 µs");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
-    // An in-memory replica: libsql's frames would go to a private database of their own, and
-    // each reader would open another, empty one (every read `Backend`: no such table).
+    // An in-memory replica: libsql's replica would open a file of that name, and each reader a
+    // private, empty in-memory database (every read `Backend`: no such table).
     for path in [":memory:", "file::memory:", "file:r?mode=memory"] {
         let e = LibsqlStore::replica(path, url.clone(), "t", None).open().await.expect_err(path);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{path}: {e}");

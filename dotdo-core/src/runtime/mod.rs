@@ -242,7 +242,6 @@ struct Slot {
 }
 
 impl Slot {
-    /// Whether a lazy activation found its object's cold state moved on (it is spent).
     /// Whether a lazy restore of this activation can never complete: its cold state moved on
     /// ([`LazyState::moved`]), or the hot store refused it for good ([`LazyState::refused`]).
     fn lazy_moved(&self) -> bool {
@@ -674,67 +673,72 @@ impl ObjectRuntime {
         let (slot, renewed) = end.finish();
         // From here on (the commit, its refresh and restore, an automatic flush), a dropped call
         // leaves through `Settling`'s drop.
-        let mut slot = Settling { inner: &self.inner, slot };
+        let mut slot = Settling { inner: &self.inner, slot, settled: false };
         let active = slot.active.as_mut().expect("still active");
         active.lease = renewed;
         active.last_used = self.inner.clock.monotonic();
-        let value = match outcome {
-            Err(lost) => {
-                self.inner.metrics.lock().self_fenced += 1;
-                // Given back in case the renewal failed without the lease being lost (a release
-                // of a lease that is no longer current changes nothing).
-                give_back(&self.inner, &mut slot.active).await;
-                return Err(lost.into());
-            }
-            Ok(Err(handler_err)) => {
-                // An error is an answer too: it may rest on stale reads, refused like a
-                // read-only answer.
-                if let Some(e) = self.refuse_if_stale(object, &mut slot, "its error").await {
+        let out: Result<T, E> = async {
+            let value = match outcome {
+                Err(lost) => {
+                    self.inner.metrics.lock().self_fenced += 1;
+                    // Given back in case the renewal failed without the lease being lost (a release
+                    // of a lease that is no longer current changes nothing).
+                    give_back(&self.inner, &mut slot.active).await;
+                    return Err(lost.into());
+                }
+                Ok(Err(handler_err)) => {
+                    // An error is an answer too: it may rest on stale reads, refused like a
+                    // read-only answer.
+                    if let Some(e) = self.refuse_if_stale(object, &mut slot, "its error").await {
+                        return Err(e.into());
+                    }
+                    self.after_call(&mut slot).await;
+                    return Err(handler_err);
+                }
+                Ok(Ok(v)) => v,
+            };
+            if ops.is_empty() {
+                // A read-only call answers from this node's state, which is current only while its
+                // lease holds (and while the cold state a lazy restore reads has not moved on).
+                if let Some(e) = self.refuse_if_stale(object, &mut slot, "its answer").await {
                     return Err(e.into());
                 }
-                self.after_call(&mut slot).await;
-                return Err(handler_err);
-            }
-            Ok(Ok(v)) => v,
-        };
-        if ops.is_empty() {
-            // A read-only call answers from this node's state, which is current only while its
-            // lease holds (and while the cold state a lazy restore reads has not moved on).
-            if let Some(e) = self.refuse_if_stale(object, &mut slot, "its answer").await {
-                return Err(e.into());
-            }
-        } else {
-            if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
-                if e.is_fenced() {
-                    // A newer holder has the object: the lease is gone.
-                    self.inner.metrics.lock().fenced += 1;
-                    slot.active = None;
-                } else if lease_gone(&e) {
-                    // The lease ran out before the commit could refresh it, or a renewal during
-                    // a lazy restore failed (self-fencing, like a handler whose renewal failed):
-                    // given back in case the renewal failed without the lease being lost (a
-                    // release of a lease that is no longer current changes nothing).
-                    self.inner.metrics.lock().self_fenced += 1;
-                    give_back(&self.inner, &mut slot.active).await;
-                } else if activation_spent(&e) || slot.lazy_moved() {
-                    // The hot store is behind cold storage, or a lazy restore found hot state it
-                    // cannot build on, or found the cold state moved on: the next activation
-                    // starts afresh (its lease goes back now, not at the next call or `maintain`).
-                    give_back(&self.inner, &mut slot.active).await;
-                } else if e.kind() == &ErrorKind::AmbiguousOutcome {
-                    // The write may still land later (a request queued at a remote primary):
-                    // reading back cannot settle that. Give the lease back, so that the next
-                    // call writes under a newer token, which fences the write if it lands late.
-                    give_back(&self.inner, &mut slot.active).await;
-                } else {
-                    // With keep_warm = 0 the lease goes back after every call, failed ones too.
-                    self.after_call(&mut slot).await;
+            } else {
+                if let Err(e) = self.commit(object, type_name, ops, &mut slot).await {
+                    if e.is_fenced() {
+                        // A newer holder has the object: the lease is gone.
+                        self.inner.metrics.lock().fenced += 1;
+                        slot.active = None;
+                    } else if lease_gone(&e) {
+                        // The lease ran out before the commit could refresh it, or a renewal during
+                        // a lazy restore failed (self-fencing, like a handler whose renewal failed):
+                        // given back in case the renewal failed without the lease being lost (a
+                        // release of a lease that is no longer current changes nothing).
+                        self.inner.metrics.lock().self_fenced += 1;
+                        give_back(&self.inner, &mut slot.active).await;
+                    } else if activation_spent(&e) || slot.lazy_moved() {
+                        // The hot store is behind cold storage, or a lazy restore found hot state it
+                        // cannot build on, or found the cold state moved on: the next activation
+                        // starts afresh (its lease goes back now, not at the next call or `maintain`).
+                        give_back(&self.inner, &mut slot.active).await;
+                    } else if e.kind() == &ErrorKind::AmbiguousOutcome {
+                        // The write may still land later (a request queued at a remote primary):
+                        // reading back cannot settle that. Give the lease back, so that the next
+                        // call writes under a newer token, which fences the write if it lands late.
+                        give_back(&self.inner, &mut slot.active).await;
+                    } else {
+                        // With keep_warm = 0 the lease goes back after every call, failed ones too.
+                        self.after_call(&mut slot).await;
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
             }
+            self.after_call(&mut slot).await;
+            Ok(value)
         }
-        self.after_call(&mut slot).await;
-        Ok(value)
+        .await;
+        slot.settled = true;
+        out
     }
 
     async fn commit(
@@ -2318,8 +2322,15 @@ pub(crate) async fn complete_restore(
     }
     inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| {
         state.fenced |= e.is_fenced();
-        // Its sequence past `through` (`restore_behind_hot`): no retry of this restore succeeds.
-        state.refused |= e.kind() == &ErrorKind::Conflict && !e.is_retryable();
+        // Its sequence past `through` (`restore_behind_hot`): no retry of this restore succeeds,
+        // but the activation is spent (given back), and the next call's activation starts
+        // from the hot store's newer state: retryable for the caller.
+        if e.kind() == &ErrorKind::Conflict && !e.is_retryable() {
+            state.refused = true;
+            return e
+                .context(format!("{object}: the lazy restore is refused for good; the next call activates afresh"))
+                .with_retryable(true);
+        }
         cold_state_error(object, e)
     })?;
     *lazy = None;
@@ -2903,11 +2914,14 @@ impl Drop for CallEnd<'_> {
 /// flushes automatically). If the call is dropped meanwhile (its caller's timeout) where the
 /// lease goes back after every call (`keep_warm` 0, or after shutdown's flush), the activation's
 /// lease becomes an orphan, released by the object's next activation here or by `maintain`
-/// (kept, the next call reused it and other nodes met `LeaseHeld` until it expired). Every call
-/// that ends there has given its activation back already.
+/// (kept, the next call reused it and other nodes met `LeaseHeld` until it expired).
 struct Settling<'a> {
     inner: &'a Inner,
     slot: futures::lock::MutexGuard<'a, Slot>,
+    /// The call ran to its end (it settled the activation itself: given back, or kept, as the
+    /// call decided; a call kept during shutdown's wait is given back by the caller's
+    /// `give_back_if_shut_down`).
+    settled: bool,
 }
 
 impl std::ops::Deref for Settling<'_> {
@@ -2925,7 +2939,7 @@ impl std::ops::DerefMut for Settling<'_> {
 
 impl Drop for Settling<'_> {
     fn drop(&mut self) {
-        if leases_go_back_after_calls(self.inner) {
+        if !self.settled && leases_go_back_after_calls(self.inner) {
             if let Some(a) = self.slot.active.take() {
                 leave_orphan(self.inner, a.lease.granted);
             }
