@@ -189,6 +189,27 @@ fn io_cause(e: &std::io::Error) -> Cause {
     }
 }
 
+/// I/O errors of a network connection (refused, reset, timed out, ...): the data never arrived.
+fn io_network(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        kind,
+        K::ConnectionRefused
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::NotConnected
+            | K::BrokenPipe
+            | K::TimedOut
+            | K::Interrupted
+            | K::WouldBlock
+            | K::AddrInUse
+            | K::AddrNotAvailable
+            | K::NetworkDown
+            | K::NetworkUnreachable
+            | K::HostUnreachable
+    )
+}
+
 /// I/O errors that say the store can never take the request as it is (a full or read-only
 /// disk, an exhausted quota, a path that cannot be a file): no retry helps.
 pub(crate) fn io_refused(kind: std::io::ErrorKind) -> bool {
@@ -412,6 +433,10 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
     // found"), an I/O or decoding error is how the connection broke (a peer closing early is an
     // `UnexpectedEof`), not damage in a file: the data never arrived.
     let mut in_transport = false;
+    // Below a decoder's error (a file's bytes read whole, then failing to decode), an I/O error
+    // that is not the network's is the decoder's own (zstd's "Data corruption detected" under
+    // apache-avro, as `Other`): damage in the file, not an outage.
+    let mut in_decoder = false;
     let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
         let c = if let Some(os) = err.downcast_ref::<object_store::Error>() {
@@ -422,7 +447,10 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
         } else if in_transport {
             Cause::Other
         } else if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            io_cause(io)
+            match io_cause(io) {
+                Cause::StoreUnavailable if in_decoder && !io_network(io.kind()) => Cause::Undecodable,
+                c => c,
+            }
         } else if let Some(c) = sql_cause_of(err) {
             in_transport |= c == Cause::CatalogUnavailable;
             c
@@ -430,9 +458,11 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
             || err.downcast_ref::<arrow_schema::ArrowError>().is_some()
             || err.downcast_ref::<serde_json::Error>().is_some()
         {
+            in_decoder = true;
             Cause::Undecodable
         } else if let Some(ib) = err.downcast_ref::<iceberg::Error>() {
             let c = iceberg_cause(ib);
+            in_decoder |= c == Cause::DataInvalid;
             // Below a broken REST connection, an I/O error is how it broke (a body cut short);
             // below a request that could not be built, or an answer iceberg classed by its
             // status or could not parse, nothing more is to be learned (the JSON error of an
@@ -949,6 +979,26 @@ mod tests {
             let e = classify_object_store(e);
             assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{kind:?}: {e}");
         }
+    }
+
+    /// A manifest whose zstd-compressed Avro block is damaged: apache-avro passes on zstd's
+    /// `io::Error` of kind `Other` ("Data corruption detected") under iceberg's `DataInvalid`.
+    /// `Corrupt` naming the file (it was a retryable `Unavailable`: "store unavailable", retried
+    /// for good). A network failure under a decoder's error stays an outage.
+    #[test]
+    fn a_decoders_own_io_error_is_damage_not_an_outage() {
+        let damaged = iceberg::Error::new(iceberg::ErrorKind::DataInvalid, "Failure in conversion with avro")
+            .with_source(std::io::Error::other("Data corruption detected"));
+        let e = classify_metadata_read(damaged, "manifest s3://b/t/metadata/m.avro");
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Corrupt, false), "{e}");
+        assert!(e.to_string().contains("m.avro"), "names the file: {e}");
+        let reset = iceberg::Error::new(iceberg::ErrorKind::DataInvalid, "Failure in conversion with avro")
+            .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer"));
+        let e = classify_metadata_read(reset, "manifest s3://b/t/metadata/m.avro");
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
+        let parquet =
+            parquet::errors::ParquetError::External(Box::new(std::io::Error::other("Data corruption detected")));
+        assert_eq!(cause_of(&parquet), Cause::Undecodable);
     }
 
     #[test]

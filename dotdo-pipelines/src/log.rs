@@ -326,8 +326,10 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
         _ => None,
     };
     let err = match code {
+        // (SQLite's own text in the message: a disk-full log shows in a host's log line, which
+        // prints the message, not the source.)
         Some(DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure) => {
-            Error::unavailable(format!("pipeline log: {doing}"))
+            Error::unavailable(format!("pipeline log: {doing}: {e}"))
         }
         // The file cannot be opened or written at all (a missing directory, permissions, a
         // read-only mount): no retry mends that (as in dotdo-sqlite).
@@ -338,7 +340,7 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
         Some(DatabaseCorrupt | NotADatabase) => {
             Error::corrupt(format!("pipeline log: {doing}: not a healthy SQLite database"))
         }
-        _ => Error::backend(format!("pipeline log: {doing}")),
+        _ => Error::backend(format!("pipeline log: {doing}: {e}")),
     };
     err.with_source(e)
 }
@@ -478,10 +480,15 @@ fn resolve_links(path: &Path) -> std::path::PathBuf {
     }
 }
 
-/// Whether an I/O error may pass on a retry.
+/// Whether an I/O error may pass on a retry: also a full disk or exhausted quota, and a process
+/// or system out of file descriptors (`EMFILE`, `ENFILE`), which freeing space or descriptors
+/// mends (as the log's own `SQLITE_FULL` is a retryable `Unavailable`).
 fn transient_io(e: &std::io::Error) -> bool {
     use std::io::ErrorKind as K;
-    matches!(e.kind(), K::Interrupted | K::WouldBlock | K::TimedOut)
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(e.kind(), K::Interrupted | K::WouldBlock | K::TimedOut | K::StorageFull | K::QuotaExceeded)
+        || (cfg!(target_os = "linux") && matches!(e.raw_os_error(), Some(ENFILE | EMFILE)))
 }
 
 impl SqliteLog {
@@ -947,13 +954,25 @@ mod tests {
     }
 
     /// A lock the file system cannot take (no lock support) is not retryable; an interrupted
-    /// call is.
+    /// call, a full disk and exhausted file descriptors are. The log's SQLite errors carry
+    /// SQLite's text.
     #[test]
     fn lock_failures_without_lock_support_are_not_retryable() {
         use std::io::{Error as IoError, ErrorKind as K};
         assert!(!transient_io(&IoError::from(K::Unsupported)));
         assert!(!transient_io(&IoError::from_raw_os_error(37))); // ENOLCK on Linux
         assert!(transient_io(&IoError::from(K::Interrupted)));
+        // Freeing space or file descriptors mends these.
+        assert!(transient_io(&IoError::from(K::StorageFull)));
+        assert!(transient_io(&IoError::from_raw_os_error(24))); // EMFILE on Linux
+                                                                // The log's SQLite errors say what SQLite said (a host logs the message).
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        let e = sql(full, "ack");
+        assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Unavailable, true), "{e}");
+        assert!(e.to_string().contains("full"), "{e}");
     }
 
     /// A claim's transaction commits with `synchronous=FULL` (it must survive a power loss once
