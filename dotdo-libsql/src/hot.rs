@@ -89,14 +89,13 @@ impl HotStore for LibsqlStore {
     async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
         batch.validate()?;
         token.validate()?;
-        let now = self.inner.clock.now().as_micros();
+        let clock = self.inner.clock.clone();
         let n = batch.ops.len() as u64;
         let (o, tk) = (t(object.as_str()), i(token.get()));
         let type_name = t(&batch.type_name);
         let direct = Arc::new(DirectWrite {
             object: o.clone(),
             token: i64::try_from(token.get()).map_err(|_| Error::invalid("fencing token above i64::MAX"))?,
-            now,
             type_name: type_name.clone(),
             ops: batch
                 .ops
@@ -114,9 +113,14 @@ impl HotStore for LibsqlStore {
             .write_call("write", move |c| {
                 let direct = direct.clone();
                 let (o, tk, type_name, room) = (o.clone(), tk.clone(), type_name.clone(), room.clone());
+                // The changes' time, read once the writer is this call's (each attempt), as
+                // dotdo-sqlite reads it inside its transaction: read before queueing (or before
+                // a busy wait and its retries), a change committed after another could carry an
+                // earlier time than it.
+                let now = clock.now().as_micros();
                 Box::pin(async move {
                     if !c.is_batch() {
-                        return Ok(Some(c.write_direct(&direct).await?));
+                        return Ok(Some(c.write_direct(&direct, now).await?));
                     }
                     // One program, one transaction, one round trip: fold the lease's token into
                     // the token maximum, raise the maximum if the token is newer, apply every

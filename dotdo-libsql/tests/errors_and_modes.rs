@@ -1386,3 +1386,36 @@ async fn an_acquire_refused_as_held_is_explained_at_its_own_time() {
         other => panic!("expected LeaseHeld, got {other:?}: {e}"),
     }
 }
+
+/// A write that waits out a lock held by another connection (its attempts retried) records the
+/// time of the attempt that commits, not the time it was called: read before the wait, a change
+/// committed after another carried an earlier time than it (here 10 s earlier).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time passes while the write waits on the lock
+async fn a_write_that_waited_for_a_lock_is_stamped_when_it_commits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let clock = Arc::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH));
+    let settings = LibsqlSettings { busy_timeout: Duration::from_millis(20), ..fast_retries(20) };
+    let s = LibsqlStore::local(&path).with_settings(settings).with_clock(clock.clone()).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    let db = libsql::Builder::new_local(&path).build().await.expect("raw");
+    let blocker = db.connect().expect("connect");
+    blocker.execute("BEGIN EXCLUSIVE", ()).await.expect("lock");
+    let writer = {
+        let s = s.clone();
+        let token = l.token;
+        tokio::spawn(async move { s.put(&obj(), token, "T", "k", "v".into()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    clock.advance(Duration::from_secs(10));
+    blocker.execute("ROLLBACK", ()).await.expect("unlock");
+    writer.await.expect("no panic").expect("the write commits once the lock is gone");
+    let changes = s.read_changes(&obj(), 0, 10).await.expect("log");
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        changes[0].timestamp,
+        dotdo_core::testkit::KIT_EPOCH.plus(Duration::from_secs(10)),
+        "stamped when it committed"
+    );
+}

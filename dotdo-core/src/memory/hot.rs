@@ -108,8 +108,10 @@ impl MemoryBackend {
 impl HotStore for MemoryBackend {
     async fn write(&self, object: &ObjectId, token: FencingToken, batch: WriteBatch) -> Result<WriteReceipt> {
         batch.validate()?;
-        let now = self.clock.now();
+        // The write time once the state is this call's (see `acquire`): changes then carry
+        // times in the order of their sequence numbers.
         let mut st = self.state.lock();
+        let now = self.clock.now();
         let (last, _) = st.seqs(object);
         st.check_token(object, token)?;
         crate::record::receipt_after(last, batch.ops.len() as u64)?;
@@ -281,8 +283,11 @@ impl HotStore for MemoryBackend {
 #[async_trait]
 impl ConsistencyGuard for MemoryBackend {
     async fn acquire(&self, object: &ObjectId, holder: &NodeId, ttl: Duration) -> Result<Lease> {
-        let now = self.clock.now();
+        // The time is read once the state is this call's, as the SQL stores read it inside their
+        // transaction: read before waiting for the lock, a refresh or validate queued behind a
+        // long write decided with a time from before the wait.
         let mut st = self.state.lock();
+        let now = self.clock.now();
         let mut row = rules::acquire(object, st.leases.get(object), holder, ttl, now)?;
         // A token must also exceed any token writes have presented.
         let floor = st.max_token(object);
@@ -296,8 +301,8 @@ impl ConsistencyGuard for MemoryBackend {
 
     async fn refresh(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
         crate::guard::validate_ttl(ttl)?;
-        let now = self.clock.now();
         let mut st = self.state.lock();
+        let now = self.clock.now();
         rules::check_current(lease, st.leases.get(&lease.object), now)?;
         let row = st.leases.get_mut(&lease.object).ok_or_else(|| Error::backend("lease row vanished"))?;
         row.expires_at = now.plus(ttl);
@@ -316,14 +321,14 @@ impl ConsistencyGuard for MemoryBackend {
     }
 
     async fn validate(&self, lease: &Lease) -> Result<()> {
-        let now = self.clock.now();
         let st = self.state.lock();
+        let now = self.clock.now();
         rules::check_current(lease, st.leases.get(&lease.object), now)
     }
 
     async fn current(&self, object: &ObjectId) -> Result<Option<Lease>> {
-        let now = self.clock.now();
         let st = self.state.lock();
+        let now = self.clock.now();
         Ok(st.leases.get(object).filter(|r| now < r.expires_at).map(|r| r.to_lease(object)))
     }
 }
