@@ -64,8 +64,13 @@ pub(crate) enum Cause {
 pub(crate) fn object_store_cause(e: &object_store::Error) -> Cause {
     use object_store::Error as E;
     match e {
-        // A missing bucket or container is a configuration error, not a missing (damaged) file.
-        E::NotFound { .. } if chain_text(e).contains("NoSuchBucket") || chain_text(e).contains("ContainerNotFound") => {
+        // A missing bucket or container is a configuration error, not a missing (damaged) file:
+        // the error code in the store's answer (S3's and Azure's XML bodies), not the words
+        // anywhere (the path and the request URL hold a table's own name, which may be those).
+        E::NotFound { .. }
+            if chain_text(e).contains("<Code>NoSuchBucket</Code>")
+                || chain_text(e).contains("<Code>ContainerNotFound</Code>") =>
+        {
             Cause::Config
         }
         E::NotFound { path, .. } => Cause::Missing(path.clone()),
@@ -979,6 +984,33 @@ mod tests {
             let e = classify_object_store(e);
             assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{kind:?}: {e}");
         }
+    }
+
+    /// A missing bucket (the store's answer says so in its error code) is configuration; a
+    /// missing file whose path merely holds those words is a missing file (`Corrupt`).
+    #[test]
+    fn a_missing_bucket_is_told_by_its_error_code_not_by_a_path() {
+        let io = |m: &str| -> Box<dyn StdError + Send + Sync> {
+            Box::new(std::io::Error::new(std::io::ErrorKind::NotFound, m.to_string()))
+        };
+        let named = object_store::Error::NotFound {
+            path: "wh/NoSuchBucket/ContainerNotFound/data/x.parquet".into(),
+            source: io("Client error with status 404 Not Found for url (http://s3/bkt/wh/NoSuchBucket/ContainerNotFound/data/x.parquet): <Error><Code>NoSuchKey</Code></Error>"),
+        };
+        assert_eq!(
+            object_store_cause(&named),
+            Cause::Missing("wh/NoSuchBucket/ContainerNotFound/data/x.parquet".into())
+        );
+        let bucket = object_store::Error::NotFound {
+            path: "wh/t/data/x.parquet".into(),
+            source: io("Client error with status 404 Not Found: <Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message></Error>"),
+        };
+        assert_eq!(object_store_cause(&bucket), Cause::Config);
+        let container = object_store::Error::NotFound {
+            path: "wh/t/data/x.parquet".into(),
+            source: io("Client error with status 404 Not Found: <Error><Code>ContainerNotFound</Code></Error>"),
+        };
+        assert_eq!(object_store_cause(&container), Cause::Config);
     }
 
     /// A manifest whose zstd-compressed Avro block is damaged: apache-avro passes on zstd's
