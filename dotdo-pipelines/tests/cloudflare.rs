@@ -27,6 +27,11 @@ struct Server {
     status_body: Mutex<Option<String>>,
     /// Requests taken (their records kept) whose connection is then closed with no reply.
     drop_next: AtomicU32,
+    /// Requests taken (their records kept) that are then never answered, the connection left
+    /// open (a server that hangs after reading the request).
+    silent_next: AtomicU32,
+    /// Every request line and whether it carried an `authorization` header, in order.
+    seen: Mutex<Vec<(String, bool)>>,
     /// Requests taken whose answer says one record fewer was committed.
     short_next: AtomicU32,
     max_body: usize,
@@ -71,6 +76,17 @@ async fn serve(server: Arc<Server>, token: &'static str) -> String {
                     let mut body = vec![0u8; len];
                     r.read_exact(&mut body).await.expect("body");
                     server.requests.fetch_add(1, Ordering::SeqCst);
+                    server.seen.lock().push((line.trim_end().to_string(), !auth.is_empty()));
+                    if server.silent_next.load(Ordering::SeqCst) > 0 {
+                        server.silent_next.fetch_sub(1, Ordering::SeqCst);
+                        if let Ok(items) = serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+                            server.records.lock().extend(items);
+                        }
+                        // Keeps the connection open and answers nothing.
+                        #[allow(clippy::disallowed_methods)] // a server's real wait
+                        tokio::time::sleep(Duration::from_secs(120)).await;
+                        return;
+                    }
                     let mut location = String::new();
                     let (status, reply) = if line.starts_with("GET /moved") {
                         // What a misconfigured proxy's target might answer to the GET a followed
@@ -150,6 +166,51 @@ fn events(n: usize, value_len: usize) -> Vec<Event> {
             )
         })
         .collect()
+}
+
+/// A request the stream read and never answered (a timeout after sending) may have been taken:
+/// `AmbiguousOutcome`, with retries and without, never `Unavailable` ("none taken"), which a
+/// caller would answer by sending the events again.
+#[tokio::test]
+async fn a_request_never_answered_has_an_unknown_outcome() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    for max_retries in [0, 1] {
+        server.silent_next.store(max_retries + 1, Ordering::SeqCst);
+        let s = CloudflareSettings { timeout: Duration::from_millis(300), max_retries, ..settings() };
+        let client = CloudflareStreamClient::new(&url, Some("t".into()), s).expect("client");
+        let e = client.send(&events(2, 10)).await.expect_err("never answered");
+        assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "max_retries {max_retries}: {e}");
+        assert!(!server.records.lock().is_empty(), "the stream read the request");
+        server.records.lock().clear();
+    }
+}
+
+/// The endpoint's path is posted to as given (Cloudflare's stream endpoints carry one, e.g.
+/// `/v1`), with no `authorization` header when no token is configured; every record has the
+/// seed's five fields and no other.
+#[tokio::test]
+async fn the_endpoints_path_is_kept_and_no_token_sends_no_header() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "").await;
+    let client = CloudflareStreamClient::new(&format!("{url}v1/ingest"), None, settings()).expect("client");
+    // The test server checks `Bearer <token>`: with no token configured it takes no header at
+    // all (`auth` empty equals `Bearer ` only if a header was sent), so look at what arrived.
+    let _ = client.send(&events(3, 10)).await;
+    let seen = server.seen.lock().clone();
+    assert_eq!(seen.first().map(|(l, _)| l.as_str()), Some("POST /v1/ingest HTTP/1.1"), "{seen:?}");
+    assert!(seen.iter().all(|(_, auth)| !auth), "no authorization header without a token: {seen:?}");
+    server.seen.lock().clear();
+    let with_token = serve(server.clone(), "t").await;
+    let client = CloudflareStreamClient::new(&with_token, Some("t".into()), settings()).expect("client");
+    client.send(&events(7, 10)).await.expect("send");
+    for r in server.records.lock().iter() {
+        let o = r.as_object().expect("an object");
+        let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["do_id", "key", "timestamp", "type", "value"], "{r}");
+        assert!(o["value"].is_string() && o["timestamp"].is_i64(), "{r}");
+    }
 }
 
 fn settings() -> CloudflareSettings {

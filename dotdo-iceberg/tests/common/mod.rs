@@ -196,10 +196,11 @@ impl RestCatalogServer {
     /// Send the server process `signal` (`"STOP"`: it keeps its port and accepts connections
     /// into the backlog, but answers nothing until `"CONT"`).
     pub fn signal(&self, signal: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
+        // The shell's own `kill` (a minimal image may have no `/bin/kill`, which is procps').
+        let ok = std::process::Command::new("sh")
+            .args(["-c", r#"kill -s "$0" "$1""#, signal, &self.child.id().to_string()])
             .status()
-            .expect("run kill");
+            .expect("run sh");
         assert!(ok.success(), "kill -{signal}");
     }
 
