@@ -325,6 +325,20 @@ pub fn is_private_database(path: &std::path::Path) -> bool {
         || uri_parameters(&p).any(|param| param == "mode=memory")
 }
 
+/// `InvalidInput` for a `file:` URI opening the database in SQLite's shared-cache mode
+/// (`cache=shared`): its connections share one page cache with table-level locks, so a read
+/// during any write fails `SQLITE_LOCKED`, which no busy timeout waits out (reads and
+/// checkpoints failed while writes ran).
+pub fn refuse_shared_cache(path: &std::path::Path) -> crate::Result<()> {
+    let p = path.to_string_lossy();
+    if uri_parameters(&p).any(|param| param == "cache=shared") {
+        return Err(crate::Error::invalid(format!(
+            "database {p}: shared-cache mode (`cache=shared`) is not supported: its readers fail while a write              runs; drop the parameter (the store shares nothing between connections that WAL does not already)"
+        )));
+    }
+    Ok(())
+}
+
 /// The parameters of a `file:` URI's query (`name=value`, as written), none for a plain path.
 /// Only the query counts: a directory named `mode=memory` is part of the path.
 fn uri_parameters(p: &str) -> impl Iterator<Item = &str> {

@@ -394,7 +394,7 @@ impl Target {
                          file, e.g. in a temporary directory",
                     ));
                 }
-                Ok(())
+                dotdo_core::sql_schema::refuse_shared_cache(path)
             }
             Target::Remote { url, auth_token } => {
                 validate_url(url)?;

@@ -153,6 +153,11 @@ async fn bad_urls_and_tokens_are_invalid_input_before_any_io() {
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     // An in-memory replica: libsql's replica would open a file of that name, and each reader a
     // private, empty in-memory database (every read `Backend`: no such table).
+    // A shared-cache file: its readers would fail while a write runs.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = format!("file:{}?cache=shared", dir.path().join("hot.db").display());
+    let e = LibsqlStore::local(shared).open().await.expect_err("shared cache");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     for path in [":memory:", "file::memory:", "file:r?mode=memory"] {
         let e = LibsqlStore::replica(path, url.clone(), "t", None).open().await.expect_err(path);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{path}: {e}");

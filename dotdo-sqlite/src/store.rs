@@ -163,6 +163,7 @@ impl SqliteStoreBuilder {
             )));
         }
         dotdo_core::sql_schema::validate_cache_kib(settings.cache_kib)?;
+        dotdo_core::sql_schema::refuse_shared_cache(&self.path)?;
         let memory = dotdo_core::sql_schema::is_private_database(&self.path);
         // A private database has no WAL to checkpoint.
         if !memory {
@@ -838,9 +839,12 @@ impl HotStore for SqliteStore {
         token.validate()?;
         let object = object.clone();
         self.run(move |inner| {
-            let now = inner.clock.now().as_micros();
             let n = batch.ops.len() as u64;
             inner.write_tx("write", |tx| {
+                // The changes' time, read once the transaction is this call's (each attempt): read
+                // before the wait for the lock, a change committed after another could carry an
+                // earlier time than it.
+                let now = inner.clock.now().as_micros();
                 // Common case: one read, no counter write (the token is the object's fencing floor).
                 let prev = match obj_row(tx, object.as_str())? {
                     Some(row) if row.max_token == token.get() => row.last_seq,

@@ -1088,3 +1088,55 @@ fn an_in_memory_read_behind_a_long_write_is_unavailable_in_bounded_time() {
     assert!(longest < Duration::from_secs(1), "a read waited {longest:?}");
     assert!(rt.block_on(s.get(&obj(), "k000000")).expect("after the write").is_some());
 }
+
+/// A write that waits out another connection's lock (its attempts retried) records the time of
+/// the attempt that commits, not the time it was called: read before the wait, a change
+/// committed after another carried an earlier time than it (here 10 s earlier).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time passes while the write waits on the lock
+async fn a_write_that_waited_for_a_lock_is_stamped_when_it_commits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let clock = std::sync::Arc::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH));
+    let settings = SqliteSettings {
+        busy_timeout: Duration::from_millis(20),
+        busy_retries: 40,
+        retry_backoff: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let s = SqliteStore::builder(&path).with_settings(settings).with_clock(clock.clone()).open().await.expect("open");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    let blocker = rusqlite::Connection::open(&path).expect("raw");
+    blocker.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    let writer = {
+        let s = s.clone();
+        let token = l.token;
+        tokio::spawn(async move { s.put(&obj(), token, "T", "k", "v".into()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    clock.advance(Duration::from_secs(10));
+    blocker.execute_batch("ROLLBACK").expect("unlock");
+    writer.await.expect("no panic").expect("the write commits once the lock is gone");
+    let changes = s.read_changes(&obj(), 0, 10).await.expect("log");
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        changes[0].timestamp,
+        dotdo_core::testkit::KIT_EPOCH.plus(Duration::from_secs(10)),
+        "stamped when it committed"
+    );
+}
+
+/// A `file:` URI in SQLite's shared-cache mode is refused at open: its connections share one
+/// page cache with table locks, so reads during a write failed with `SQLITE_LOCKED` (no busy
+/// timeout waits that out) and answered `Unavailable`.
+#[tokio::test]
+async fn a_shared_cache_uri_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = format!("file:{}?cache=shared", dir.path().join("hot.db").display());
+    let e = SqliteStore::builder(&uri).open().await.expect_err("shared cache");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("cache=shared"), "{e}");
+    // The same file without the parameter opens.
+    let plain = format!("file:{}", dir.path().join("hot.db").display());
+    SqliteStore::builder(&plain).open().await.expect("opens without it");
+}
