@@ -105,7 +105,7 @@ pub use compact::{CollapseOptions, CompactOptions, Progress, ProgressFn, Rewrite
 pub use maintenance::{CleanupReport, ExpireReport};
 pub use storage::StoreRoot;
 pub use store::{
-    IcebergColdStore, IcebergColdStoreBuilder, Settings, MAX_BUCKETS, MAX_CLEANUP_RETENTION, MAX_COMMIT_ATTEMPTS,
-    MIN_BLOOM_FPP, MIN_CLEANUP_PROP,
+    IcebergColdStore, IcebergColdStoreBuilder, Settings, MAX_BUCKETS, MAX_CATALOG_TIMEOUT, MAX_CLEANUP_RETENTION,
+    MAX_COMMIT_ATTEMPTS, MIN_BLOOM_FPP, MIN_CLEANUP_PROP,
 };
 pub use user_table::{ArrowCommit, ArrowTable};
