@@ -333,7 +333,8 @@ pub fn refuse_shared_cache(path: &std::path::Path) -> crate::Result<()> {
     let p = path.to_string_lossy();
     if uri_parameters(&p).any(|param| param == "cache=shared") {
         return Err(crate::Error::invalid(format!(
-            "database {p}: shared-cache mode (`cache=shared`) is not supported: its readers fail while a write              runs; drop the parameter (the store shares nothing between connections that WAL does not already)"
+            "database {p}: shared-cache mode (`cache=shared`) is not supported: its readers fail while a write \
+             runs; drop the parameter"
         )));
     }
     Ok(())

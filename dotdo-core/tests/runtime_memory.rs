@@ -3591,28 +3591,44 @@ async fn a_handler_whose_renewals_keep_failing_ends_at_its_leases_expiry() {
     let o = oid("o");
     incr(&rt, &o).await.expect("activate");
     guard.fail_refreshes.store(100_000, std::sync::atomic::Ordering::SeqCst);
-    let expiry = Arc::new(parking_lot::Mutex::new(None));
+    let expiry: Arc<parking_lot::Mutex<Option<dotdo_core::Timestamp>>> = Arc::new(parking_lot::Mutex::new(None));
     let ended = Arc::new(parking_lot::Mutex::new(None));
-    let ticking = tick_by(&w, Duration::from_millis(20));
+    // The clock moves 20 ms per real millisecond, and stops 1 s past the lease's expiry: a
+    // renewal that oversleeps the expiry then never wakes (the call times out), and one that
+    // does not ends the handler by then, whatever the machine's load.
+    let ticking = {
+        let (clock, expiry) = (w.clock.clone(), expiry.clone());
+        tokio::spawn(async move {
+            loop {
+                #[allow(clippy::disallowed_methods)] // the ticker's real pace
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                let stop = expiry.lock().is_some_and(|e| clock.now() >= e.plus(Duration::from_secs(1)));
+                if !stop {
+                    clock.advance(Duration::from_millis(20));
+                }
+            }
+        })
+    };
     let (hot, seen, object) = (w.hot.clone(), expiry.clone(), o.clone());
     let stamp = Stamp { clock: w.clock.clone(), at: ended.clone() };
-    let r: Result<()> = rt
-        .invoke(&o, async move |t: &mut ObjectTxn<'_>| {
-            // Stamps the clock when the handler is abandoned (dropped).
-            let _stamp = stamp;
-            *seen.lock() = hot.current(&object).await?.map(|l| l.expires_at);
-            t.put("k", "v")?;
-            std::future::pending::<()>().await;
-            Ok(())
-        })
-        .await;
+    let call = rt.invoke(&o, async move |t: &mut ObjectTxn<'_>| {
+        // Stamps the clock when the handler is abandoned (dropped).
+        let _stamp = stamp;
+        *seen.lock() = hot.current(&object).await?.map(|l| l.expires_at);
+        t.put("k", "v")?;
+        std::future::pending::<()>().await;
+        Ok(())
+    });
+    #[allow(clippy::disallowed_methods)] // a real bound on a call that would otherwise never end
+    let r: Result<()> =
+        tokio::time::timeout(Duration::from_secs(30), call).await.expect("the handler ends by its lease's expiry");
     ticking.abort();
     let ended = ended.lock().expect("the handler was dropped");
     let e = r.expect_err("self-fenced");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
     let expiry = expiry.lock().expect("the handler saw its lease");
     assert!(
-        ended <= expiry.plus(Duration::from_secs(2)),
+        ended <= expiry.plus(Duration::from_millis(1020)),
         "the handler ended {:?} after its lease expired",
         Duration::from_micros((ended.as_micros() - expiry.as_micros()).max(0) as u64)
     );

@@ -148,7 +148,8 @@ fn generic_cause(e: &object_store::Error) -> Cause {
         Some(416) => Cause::Undecodable,
         Some(408 | 429) => Cause::StoreUnavailable,
         // S3 answers a slow upload with 400 `RequestTimeout`, which its own SDKs retry.
-        Some(400) if text.contains("RequestTimeout") => Cause::StoreUnavailable,
+        // (The error code in its XML body: the words alone may be in the request's URI.)
+        Some(400) if text.contains("<Code>RequestTimeout</Code>") => Cause::StoreUnavailable,
         Some(400..=499) => Cause::StoreRefused,
         // A redirect object_store did not follow (to another endpoint or region).
         Some(300..=399) => Cause::Config,
@@ -459,15 +460,23 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
         } else if let Some(c) = sql_cause_of(err) {
             in_transport |= c == Cause::CatalogUnavailable;
             c
-        } else if err.downcast_ref::<parquet::errors::ParquetError>().is_some()
-            || err.downcast_ref::<arrow_schema::ArrowError>().is_some()
-            || err.downcast_ref::<serde_json::Error>().is_some()
-        {
+        } else if let Some(pe) = err.downcast_ref::<parquet::errors::ParquetError>() {
+            // A decoder's own error, unless it only passes on another one (a failed write of
+            // the file being encoded arrives as `External`: an I/O failure, not damage).
+            in_decoder = !matches!(pe, parquet::errors::ParquetError::External(_));
+            Cause::Undecodable
+        } else if let Some(ae) = err.downcast_ref::<arrow_schema::ArrowError>() {
+            use arrow_schema::ArrowError as A;
+            in_decoder = !matches!(ae, A::ExternalError(_) | A::IoError(..));
+            Cause::Undecodable
+        } else if err.downcast_ref::<serde_json::Error>().is_some() {
             in_decoder = true;
             Cause::Undecodable
         } else if let Some(ib) = err.downcast_ref::<iceberg::Error>() {
             let c = iceberg_cause(ib);
-            in_decoder |= c == Cause::DataInvalid;
+            // Only below iceberg's "invalid data" (a file it read and could not decode): an
+            // iceberg error of another kind starts a context of its own (a write, a request).
+            in_decoder = c == Cause::DataInvalid;
             // Below a broken REST connection, an I/O error is how it broke (a body cut short);
             // below a request that could not be built, or an answer iceberg classed by its
             // status or could not parse, nothing more is to be learned (the JSON error of an
@@ -477,7 +486,8 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
             c
         } else if let Some(d) = err.downcast_ref::<Error>() {
             // dotdo's own errors raised inside an iceberg call (the SQL catalog pointer swap, a
-            // location the storage cannot map).
+            // location the storage cannot map, a failed write or fsync of the storage).
+            in_decoder = false;
             match d.kind() {
                 ErrorKind::Unavailable => Cause::CatalogUnavailable,
                 ErrorKind::AmbiguousOutcome => Cause::OutcomeUnknown,
@@ -918,6 +928,16 @@ mod tests {
         assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{e}");
         let slow = http("400 Bad Request: <Error><Code>RequestTimeout</Code></Error>");
         assert_eq!(classify_object_store(slow).kind(), &ErrorKind::Unavailable, "S3's RequestTimeout");
+        // The words in a path of the request (a table named so) are no such answer.
+        let named = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::other(
+                "Error performing PUT http://localhost/b/RequestTimeout/k in 2ms - Server returned non-2xx status \
+                 code: 400 Bad Request: <Error><Code>InvalidArgument</Code></Error>",
+            )),
+        };
+        let e = classify_object_store(named);
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Backend, false), "{e}");
         let short = classify_object_store(http("416 Range Not Satisfiable: <Code>InvalidRange</Code>"));
         assert_eq!(short.kind(), &ErrorKind::Corrupt, "a range past the end: the file is short: {short}");
         for transient in ["503 Service Unavailable", "429 Too Many Requests", "408 Request Timeout"] {
@@ -1028,9 +1048,18 @@ mod tests {
             .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer"));
         let e = classify_metadata_read(reset, "manifest s3://b/t/metadata/m.avro");
         assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
-        let parquet =
-            parquet::errors::ParquetError::External(Box::new(std::io::Error::other("Data corruption detected")));
-        assert_eq!(cause_of(&parquet), Cause::Undecodable);
+        // A failed write (or fsync) of a data file passes through parquet's writer as
+        // `External`: an I/O failure of the store, retryable, not damage.
+        let fsync = std::io::Error::from_raw_os_error(5); // EIO
+        let write = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to write parquet file").with_source(
+            parquet::errors::ParquetError::External(Box::new(
+                Error::backend("cannot fsync wh/t/data/x.parquet").with_source(fsync),
+            )),
+        );
+        let e = classify(write, "writing a data file");
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
+        let direct = parquet::errors::ParquetError::External(Box::new(std::io::Error::from_raw_os_error(5)));
+        assert_eq!(cause_of(&direct), Cause::StoreUnavailable);
     }
 
     #[test]

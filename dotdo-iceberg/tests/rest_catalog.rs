@@ -15,15 +15,16 @@ use dotdo_core::testkit::{cold_factory, ColdFixture, LoseNextReply};
 use dotdo_core::{AsOf, ColdBatch, ColdSink, FencingToken, ObjectId};
 use dotdo_iceberg::{CatalogConfig, IcebergColdStore};
 
-/// A store on `server`'s catalog for table `kit.<table>`.
-async fn open(server: &common::RestCatalogServer, table: &str, clock: Arc<dyn dotdo_core::Clock>) -> IcebergColdStore {
+/// A builder of a store on `server`'s catalog for table `kit.<table>`.
+fn builder(server: &common::RestCatalogServer, table: &str) -> dotdo_iceberg::IcebergColdStoreBuilder {
     IcebergColdStore::builder(server.warehouse.path().to_str().expect("utf-8"))
         .catalog(CatalogConfig::Rest { uri: server.uri.clone(), warehouse: None, properties: Default::default() })
         .table(["kit"], table)
-        .with_clock(clock)
-        .build()
-        .await
-        .expect("open through the REST catalog")
+}
+
+/// A store on `server`'s catalog for table `kit.<table>`.
+async fn open(server: &common::RestCatalogServer, table: &str, clock: Arc<dyn dotdo_core::Clock>) -> IcebergColdStore {
+    builder(server, table).with_clock(clock).build().await.expect("open through the REST catalog")
 }
 
 /// The server's statistics (see tests/py/rest_catalog.py).
@@ -213,13 +214,7 @@ async fn open_with(
     table: &str,
     settings: dotdo_iceberg::Settings,
 ) -> IcebergColdStore {
-    IcebergColdStore::builder(server.warehouse.path().to_str().expect("utf-8"))
-        .catalog(CatalogConfig::Rest { uri: server.uri.clone(), warehouse: None, properties: Default::default() })
-        .table(["kit"], table)
-        .settings(settings)
-        .build()
-        .await
-        .expect("open through the REST catalog")
+    builder(server, table).settings(settings).build().await.expect("open through the REST catalog")
 }
 
 /// A REST catalog that accepts connections and never answers (a hung server: here stopped with
@@ -251,6 +246,8 @@ async fn a_rest_catalog_that_never_answers_fails_an_append_in_bounded_time() {
         matches!(e.kind(), dotdo_core::ErrorKind::Unavailable | dotdo_core::ErrorKind::AmbiguousOutcome),
         "a catalog that does not answer: {e}"
     );
+    // (A store with the default bounds: the server may be slow to work through its backlog.)
+    let store = open_with(&server, "hung", dotdo_iceberg::Settings::default()).await;
     store.append(second).await.expect("the same batch again, the server answering");
     let seqs: Vec<u64> =
         store.read_changes(&o, 0, AsOf::Latest).await.expect("changes").iter().map(|c| c.seq).collect();

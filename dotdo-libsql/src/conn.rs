@@ -220,10 +220,10 @@ impl Conn {
     /// The fenced write of a local, prepared-statement connection: the same transaction as the
     /// [`Program`] of `HotStore::write`, but the token check and the next sequence number come
     /// from one read, so the changes go in with plain, subquery-free statements (five statements
-    /// for one put instead of six). `now`: the changes' time (µs). Returns `-max_token` if
-    /// fenced, else the last sequence number.
-    pub(crate) async fn write_direct(&mut self, w: &DirectWrite, now: i64) -> libsql::Result<i64> {
-        let out = self.write_direct_tx(w, now).await;
+    /// for one put instead of six). The changes' time is read from `clock` once the transaction
+    /// holds the write lock. Returns `-max_token` if fenced, else the last sequence number.
+    pub(crate) async fn write_direct(&mut self, w: &DirectWrite, clock: &dyn dotdo_core::Clock) -> libsql::Result<i64> {
+        let out = self.write_direct_tx(w, clock).await;
         if out.is_err() || out.as_ref().is_ok_and(|r| *r < 0) {
             // Fenced (nothing written) or failed: nothing may stay applied.
             self.roll_back_if_open().await;
@@ -231,9 +231,10 @@ impl Conn {
         out
     }
 
-    async fn write_direct_tx(&mut self, w: &DirectWrite, now: i64) -> libsql::Result<i64> {
+    async fn write_direct_tx(&mut self, w: &DirectWrite, clock: &dyn dotdo_core::Clock) -> libsql::Result<i64> {
         use crate::sql::{DIRECT_DEL, DIRECT_LOG, DIRECT_PUT, DIRECT_READ, RAISE_IF_CURRENT};
         self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
+        let now = clock.now().as_micros();
         let rows = self.prepared(Step::new(DIRECT_READ, vec![w.object.clone()])).await?;
         let (leased, max, last, known, truncated) = match rows.first() {
             Some(r) => (

@@ -113,15 +113,17 @@ impl HotStore for LibsqlStore {
             .write_call("write", move |c| {
                 let direct = direct.clone();
                 let (o, tk, type_name, room) = (o.clone(), tk.clone(), type_name.clone(), room.clone());
-                // The changes' time, read once the writer is this call's (each attempt), as
-                // dotdo-sqlite reads it inside its transaction: read before queueing (or before
-                // a busy wait and its retries), a change committed after another could carry an
-                // earlier time than it.
-                let now = clock.now().as_micros();
+                let clock = clock.clone();
                 Box::pin(async move {
                     if !c.is_batch() {
-                        return Ok(Some(c.write_direct(&direct, now).await?));
+                        // The changes' time is read inside the transaction (after `BEGIN
+                        // IMMEDIATE` and its busy wait), as dotdo-sqlite reads it: read before
+                        // the wait, a change committed after another could carry an earlier time.
+                        return Ok(Some(c.write_direct(&direct, &*clock).await?));
                     }
+                    // A program (a remote primary's, or a local file's over the batch transport)
+                    // carries its time from here: read at each attempt, before it is sent.
+                    let now = clock.now().as_micros();
                     // One program, one transaction, one round trip: fold the lease's token into
                     // the token maximum, raise the maximum if the token is newer, apply every
                     // operation only if the token equals the maximum, report the outcome.

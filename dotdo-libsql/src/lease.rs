@@ -103,7 +103,10 @@ impl ConsistencyGuard for LibsqlStore {
         dotdo_core::guard::validate_ttl(ttl)?;
         // The time is read once the writer is this call's, as dotdo-sqlite reads it inside its
         // transaction: read before queueing, a refresh that waited past the expiry would
-        // extend a lease that had ended meanwhile.
+        // extend a lease that had ended meanwhile. (On a local file SQLite's own busy wait, for
+        // another process's lock, still follows the read: a lease that ends during it may be
+        // extended, which takes nothing from anyone: a lease taken meanwhile has another token
+        // or holder, and the update matches no row.)
         let clock = self.inner.clock.clone();
         let (changed, now, expires) = self
             .lease_write_call("refresh lease", move |c| {

@@ -415,6 +415,7 @@ impl Target {
                          private, empty database)",
                     ));
                 }
+                dotdo_core::sql_schema::refuse_shared_cache(path)?;
                 if sync_interval.is_some_and(|d| d < Duration::from_millis(1)) {
                     // libsql pulls in a loop with this pause: under 1 ms it pulls continuously.
                     return Err(Error::invalid(format!(

@@ -334,11 +334,11 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
         // The file cannot be opened or written at all (a missing directory, permissions, a
         // read-only mount): no retry mends that (as in dotdo-sqlite).
         Some(CannotOpen | ReadOnly | PermissionDenied) => {
-            Error::unavailable(format!("pipeline log: {doing}: the file cannot be opened or written"))
+            Error::unavailable(format!("pipeline log: {doing}: the file cannot be opened or written: {e}"))
                 .with_retryable(false)
         }
         Some(DatabaseCorrupt | NotADatabase) => {
-            Error::corrupt(format!("pipeline log: {doing}: not a healthy SQLite database"))
+            Error::corrupt(format!("pipeline log: {doing}: not a healthy SQLite database: {e}"))
         }
         _ => Error::backend(format!("pipeline log: {doing}: {e}")),
     };
@@ -488,7 +488,7 @@ fn transient_io(e: &std::io::Error) -> bool {
     const ENFILE: i32 = 23;
     const EMFILE: i32 = 24;
     matches!(e.kind(), K::Interrupted | K::WouldBlock | K::TimedOut | K::StorageFull | K::QuotaExceeded)
-        || (cfg!(target_os = "linux") && matches!(e.raw_os_error(), Some(ENFILE | EMFILE)))
+        || (cfg!(unix) && matches!(e.raw_os_error(), Some(ENFILE | EMFILE)))
 }
 
 impl SqliteLog {
@@ -964,8 +964,9 @@ mod tests {
         assert!(transient_io(&IoError::from(K::Interrupted)));
         // Freeing space or file descriptors mends these.
         assert!(transient_io(&IoError::from(K::StorageFull)));
-        assert!(transient_io(&IoError::from_raw_os_error(24))); // EMFILE on Linux
-                                                                // The log's SQLite errors say what SQLite said (a host logs the message).
+        // EMFILE (on Linux, macOS and the BSDs alike).
+        assert!(transient_io(&IoError::from_raw_os_error(24)));
+        // The log's SQLite errors say what SQLite said (a host logs the message).
         let full = rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
             Some("database or disk is full".into()),

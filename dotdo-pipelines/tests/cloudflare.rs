@@ -177,7 +177,7 @@ async fn a_request_never_answered_has_an_unknown_outcome() {
     let url = serve(server.clone(), "t").await;
     for max_retries in [0, 1] {
         server.silent_next.store(max_retries + 1, Ordering::SeqCst);
-        let s = CloudflareSettings { timeout: Duration::from_millis(300), max_retries, ..settings() };
+        let s = CloudflareSettings { timeout: Duration::from_secs(2), max_retries, ..settings() };
         let client = CloudflareStreamClient::new(&url, Some("t".into()), s).expect("client");
         let e = client.send(&events(2, 10)).await.expect_err("never answered");
         assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "max_retries {max_retries}: {e}");
@@ -204,6 +204,7 @@ async fn the_endpoints_path_is_kept_and_no_token_sends_no_header() {
     let with_token = serve(server.clone(), "t").await;
     let client = CloudflareStreamClient::new(&with_token, Some("t".into()), settings()).expect("client");
     client.send(&events(7, 10)).await.expect("send");
+    assert_eq!(server.records.lock().len(), 7);
     for r in server.records.lock().iter() {
         let o = r.as_object().expect("an object");
         let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();

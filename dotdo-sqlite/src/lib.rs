@@ -23,15 +23,15 @@
 //!   it) while the store has it open (SQLite does not notice that in WAL mode; needs
 //!   `background_checkpoint`). A backup copied *into* the open file (`cp backup.db hot.db`, the
 //!   same inode) is not detected and mixes the two databases' pages, and a backup renamed over
-//!   it is refused by the store that had it open, but the old database's `-wal` and `-shm` files
-//!   stay beside it, and the next process to open it replays the old WAL into the backup:
-//!   restore only with every process using the file stopped, removing (or restoring with it)
-//!   its `-wal` and `-shm` files, or through SQLite itself (its backup API, `VACUUM INTO`).
-//!   Deleting the `-wal` and `-shm` files of a database in use is not detected either, and
-//!   corrupts it (they are part of a WAL database until its last connection closes). Another
-//!   application's
-//!   database (`user_version` 0 with tables of its own) is `InvalidInput` and left untouched,
-//!   and so is a database that cannot run in WAL mode (a VFS without shared memory).
+//!   it is refused by the store that had it open (within a background checkpoint period, as
+//!   above), but the old database's `-wal` and `-shm` files stay beside it, and the next process
+//!   to open it replays the old WAL into the backup: restore only with every process using the
+//!   file stopped, removing (or restoring with it) its `-wal` and `-shm` files, or through
+//!   SQLite itself (its backup API, `VACUUM INTO`). Deleting the `-wal` and `-shm` files of a
+//!   database in use is not detected either, and corrupts it (they are part of a WAL database
+//!   until its last connection closes). Another application's database (`user_version` 0 with
+//!   tables of its own) is `InvalidInput` and left untouched, and so is a database that cannot
+//!   run in WAL mode (a VFS without shared memory).
 //!
 //! Do not link this crate together with `dotdo-libsql` into one binary: both bundle SQLite
 //! under the same C symbol names (see the workspace README).

@@ -892,8 +892,9 @@ impl ObjectRuntime {
 
     /// `Conflict` if a lazy restore found the object's cold state moved on during the call, or
     /// the hot store refused it for good: what the handler made anyway (`what`: its answer, or
-    /// its error; it swallowed that `Conflict`) rests on the old state's cache. The activation is spent (the next call starts afresh): its
-    /// lease goes back now, not at its expiry (no later call or `maintain` may come for it).
+    /// its error; it swallowed that `Conflict`) rests on the old state's cache. The activation
+    /// is spent (the next call starts afresh): its lease goes back now, not at its expiry (no
+    /// later call or `maintain` may come for it).
     async fn refuse_if_lazy_moved(&self, object: &ObjectId, slot: &mut Slot, what: &str) -> Option<Error> {
         if !slot.lazy_moved() {
             return None;
