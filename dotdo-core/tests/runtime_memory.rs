@@ -3583,7 +3583,9 @@ async fn failing_renewals_back_off_until_the_handler_self_fences() {
 
 /// A guard that keeps failing renewals transiently: the handler is abandoned once its lease runs
 /// out, not up to a tenth of the TTL later (the renewal's backoff overslept the expiry: here
-/// 5.6 s of a 70 s lease, while another node could already hold the object).
+/// 5.6 s of a 70 s lease, while another node could already hold the object). The clock moves
+/// 100 ms per real millisecond and stops 1 s past the lease's expiry: a renewal that oversleeps
+/// the expiry by more never wakes, and the call's real-time bound fails the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_whose_renewals_keep_failing_ends_at_its_leases_expiry() {
     let w = World::new();
@@ -3592,10 +3594,6 @@ async fn a_handler_whose_renewals_keep_failing_ends_at_its_leases_expiry() {
     incr(&rt, &o).await.expect("activate");
     guard.fail_refreshes.store(100_000, std::sync::atomic::Ordering::SeqCst);
     let expiry: Arc<parking_lot::Mutex<Option<dotdo_core::Timestamp>>> = Arc::new(parking_lot::Mutex::new(None));
-    let ended = Arc::new(parking_lot::Mutex::new(None));
-    // The clock moves 20 ms per real millisecond, and stops 1 s past the lease's expiry: a
-    // renewal that oversleeps the expiry then never wakes (the call times out), and one that
-    // does not ends the handler by then, whatever the machine's load.
     let ticking = {
         let (clock, expiry) = (w.clock.clone(), expiry.clone());
         tokio::spawn(async move {
@@ -3604,46 +3602,26 @@ async fn a_handler_whose_renewals_keep_failing_ends_at_its_leases_expiry() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 let stop = expiry.lock().is_some_and(|e| clock.now() >= e.plus(Duration::from_secs(1)));
                 if !stop {
-                    clock.advance(Duration::from_millis(20));
+                    clock.advance(Duration::from_millis(100));
                 }
             }
         })
     };
     let (hot, seen, object) = (w.hot.clone(), expiry.clone(), o.clone());
-    let stamp = Stamp { clock: w.clock.clone(), at: ended.clone() };
     let call = rt.invoke(&o, async move |t: &mut ObjectTxn<'_>| {
-        // Stamps the clock when the handler is abandoned (dropped).
-        let _stamp = stamp;
         *seen.lock() = hot.current(&object).await?.map(|l| l.expires_at);
         t.put("k", "v")?;
         std::future::pending::<()>().await;
         Ok(())
     });
     #[allow(clippy::disallowed_methods)] // a real bound on a call that would otherwise never end
-    let r: Result<()> =
-        tokio::time::timeout(Duration::from_secs(30), call).await.expect("the handler ends by its lease's expiry");
+    let r: Result<()> = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the handler ends by 1 s past its lease's expiry (the clock stops there)");
     ticking.abort();
-    let ended = ended.lock().expect("the handler was dropped");
     let e = r.expect_err("self-fenced");
     assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
-    let expiry = expiry.lock().expect("the handler saw its lease");
-    assert!(
-        ended <= expiry.plus(Duration::from_millis(1020)),
-        "the handler ended {:?} after its lease expired",
-        Duration::from_micros((ended.as_micros() - expiry.as_micros()).max(0) as u64)
-    );
-}
-
-/// Writes the clock's time into `at` when dropped.
-struct Stamp {
-    clock: ManualClock,
-    at: Arc<parking_lot::Mutex<Option<dotdo_core::Timestamp>>>,
-}
-
-impl Drop for Stamp {
-    fn drop(&mut self) {
-        *self.at.lock() = Some(self.clock.now());
-    }
+    assert!(expiry.lock().is_some(), "the handler saw its lease");
 }
 
 /// A hot store whose `evict` drops the state and then loses the reply (`AmbiguousOutcome`), as a

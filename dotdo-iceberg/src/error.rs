@@ -8,7 +8,9 @@
 //! * a store request that can never succeed (an HTTP 4xx other than 408/429, a local path that
 //!   is not a directory, a full or read-only disk) → `Backend`, not retryable;
 //! * a file shorter than its metadata says (a read past its end) → `Corrupt`;
-//! * a missing or undecodable data / metadata / manifest file → `Corrupt`, naming the file;
+//! * a missing or undecodable data / metadata / manifest file → `Corrupt`, naming the file
+//!   (also a decoder's own I/O error, such as zstd's under a damaged Avro manifest; a failed
+//!   write or fsync passing through parquet's writer stays the store's: `Unavailable`);
 //!   an I/O or decoding error *below* a failed store or catalog connection (a peer closing
 //!   early reads as an unexpected EOF) is the connection breaking, so also `Unavailable`; a REST
 //!   catalog's (or its OAuth token endpoint's) 408, 429 or 5xx answer other than 501 →
@@ -447,6 +449,8 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
     while let Some(err) = cur {
         let c = if let Some(os) = err.downcast_ref::<object_store::Error>() {
             let c = object_store_cause(os);
+            // A store's error starts a context of its own (not a decoder's).
+            in_decoder = false;
             // A `Generic` error was classified whole (its sources included) by `generic_cause`.
             in_transport |= c == Cause::StoreUnavailable || matches!(os, object_store::Error::Generic { .. });
             c
@@ -458,6 +462,7 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
                 c => c,
             }
         } else if let Some(c) = sql_cause_of(err) {
+            in_decoder = false;
             in_transport |= c == Cause::CatalogUnavailable;
             c
         } else if let Some(pe) = err.downcast_ref::<parquet::errors::ParquetError>() {
@@ -1050,12 +1055,12 @@ mod tests {
         assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
         // A failed write (or fsync) of a data file passes through parquet's writer as
         // `External`: an I/O failure of the store, retryable, not damage.
-        let fsync = std::io::Error::from_raw_os_error(5); // EIO
-        let write = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to write parquet file").with_source(
-            parquet::errors::ParquetError::External(Box::new(
-                Error::backend("cannot fsync wh/t/data/x.parquet").with_source(fsync),
-            )),
-        );
+        // (The chain `storage.rs` and iceberg's writer build: iceberg's error over parquet's
+        // `External` over iceberg's "cannot fsync" over the OS error.)
+        let fsync = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "cannot fsync data file of wh/t/x.parquet")
+            .with_source(std::io::Error::from_raw_os_error(5)); // EIO
+        let write = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to finish parquet writer.")
+            .with_source(parquet::errors::ParquetError::External(Box::new(fsync)));
         let e = classify(write, "writing a data file");
         assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
         let direct = parquet::errors::ParquetError::External(Box::new(std::io::Error::from_raw_os_error(5)));

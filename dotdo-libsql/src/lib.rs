@@ -88,9 +88,10 @@
 //!   `synchronous=NORMAL`) survives a process crash or SIGKILL; `Full` also survives power loss.
 //!   A local database that cannot run in WAL mode (a VFS without shared memory, an `immutable`
 //!   file) is refused with `InvalidInput`, as by dotdo-sqlite. Restoring a backup of a local
-//!   file has dotdo-sqlite's rules: stop every process using it, and move its `-wal` and `-shm`
-//!   files with it (left beside a backup renamed over the file, the next opener replays the old
-//!   database's WAL into it); deleting them under a running store corrupts the file.
+//!   file has dotdo-sqlite's rules: stop every process using it, and remove (or restore with
+//!   the backup) its `-wal` and `-shm` files, or restore through SQLite itself (its backup API,
+//!   `VACUUM INTO`): left beside a backup renamed over the file, the old database's WAL is
+//!   replayed into it by the next opener. Deleting them under a running store corrupts the file.
 //!   On a remote primary, `Ok` means the primary committed (its own durability settings apply).
 //! * Replica mode: after each successful write the store pulls the replica, so this store reads
 //!   its own writes. Other nodes' writes appear after the next pull (`sync_interval`, or

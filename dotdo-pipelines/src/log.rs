@@ -965,6 +965,7 @@ mod tests {
         // Freeing space or file descriptors mends these.
         assert!(transient_io(&IoError::from(K::StorageFull)));
         // EMFILE (on Linux, macOS and the BSDs alike).
+        #[cfg(unix)]
         assert!(transient_io(&IoError::from_raw_os_error(24)));
         // The log's SQLite errors say what SQLite said (a host logs the message).
         let full = rusqlite::Error::SqliteFailure(
