@@ -234,7 +234,16 @@ impl Conn {
     async fn write_direct_tx(&mut self, w: &DirectWrite, clock: &dyn dotdo_core::Clock) -> libsql::Result<i64> {
         use crate::sql::{DIRECT_DEL, DIRECT_LOG, DIRECT_PUT, DIRECT_READ, RAISE_IF_CURRENT};
         self.prepared(Step::exec("BEGIN IMMEDIATE", vec![])).await?;
-        let now = clock.now().as_micros();
+        // The clock is the caller's code: if it panics, the transaction is rolled back before the
+        // panic goes on (left open, it would hold the file's write lock, and every other
+        // process's writers would wait on it, until this store's next write).
+        let now = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| clock.now())) {
+            Ok(now) => now.as_micros(),
+            Err(panic) => {
+                self.roll_back_if_open().await;
+                std::panic::resume_unwind(panic)
+            }
+        };
         let rows = self.prepared(Step::new(DIRECT_READ, vec![w.object.clone()])).await?;
         let (leased, max, last, known, truncated) = match rows.first() {
             Some(r) => (

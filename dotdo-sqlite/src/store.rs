@@ -356,6 +356,19 @@ fn write_budget(settings: &SqliteSettings) -> Duration {
     total
 }
 
+/// Rolls back the transaction of a write that panics between its `BEGIN` and `COMMIT` (a
+/// store's clock is the caller's code): left open, it would hold the database's write lock, and
+/// every other process's writers would wait on it, until this store's next write.
+struct RollBackOnUnwind<'c>(&'c Connection);
+
+impl Drop for RollBackOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.0.is_autocommit() {
+            let _ = self.0.execute_batch("ROLLBACK");
+        }
+    }
+}
+
 /// Run `f`, retrying busy failures with doubling backoff; map the final error.
 fn with_busy_retry<T>(settings: &SqliteSettings, doing: &str, mut f: impl FnMut() -> TxResult<T>) -> Result<T> {
     let mut backoff = settings.retry_backoff;
@@ -752,6 +765,7 @@ impl Inner {
             }
             self.check_unmoved(doing).map_err(TxError::Api)?;
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            let _unwind = RollBackOnUnwind(&conn);
             let out = f(&conn).and_then(|v| {
                 if abandoned() {
                     return Err(gave_up());
