@@ -19,8 +19,8 @@ use crate::time::Timestamp;
 /// what was actually read.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct QueryStats {
-    /// The snapshot the query read (`Some` once the table has one: the one an `AsOf` resolved
-    /// to; `None` for a table without snapshots).
+    /// The snapshot the query read (the one an `AsOf` resolved to; `None` when it selects none:
+    /// a table without snapshots, or a time before the first commit).
     pub snapshot: Option<SnapshotId>,
     /// Data files in the snapshot.
     pub files_total: u64,
@@ -127,7 +127,10 @@ pub struct Scan {
 ///   different records with one sequence number, a row missing a required value) cover the rows
 ///   a lookup reads: a lookup of one key may answer where a full read of the object finds damage
 ///   among other keys' rows and is `Corrupt`.
-/// * **Snapshots.** `AsOf` selects the snapshot; an unknown or expired snapshot is `NotFound`.
+/// * **Snapshots.** `AsOf` selects the snapshot; an unknown or expired snapshot is `NotFound`
+///   (a store that has not seen the expiry yet may still answer with that snapshot's data, a
+///   snapshot never changing: dotdo-iceberg with `refresh_reads` off, until a cleanup deletes a
+///   file the read needs).
 /// * **Stats.** Every answer carries [`QueryStats`] describing what was pruned and read.
 #[async_trait]
 pub trait IndexAccelerator: Send + Sync + Debug + 'static {

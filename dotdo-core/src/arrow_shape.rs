@@ -199,6 +199,11 @@ fn check_values_where(column: &dyn arrow_array::Array, name: &str, shown: &dyn F
         // values no row uses). Dictionary-encoded decimals passed unchecked.
         T::Dictionary(..) => {
             let Some(d) = column.as_any_dictionary_opt() else { return Ok(()) };
+            if d.values().is_empty() {
+                // No value for a row to use (every row null, or none at all; arrow's
+                // `normalized_keys` asserts a non-empty dictionary).
+                return Ok(());
+            }
             let keys = d.normalized_keys();
             let used: std::collections::HashSet<usize> = (0..column.len())
                 .filter(|&i| column.is_valid(i) && shown(i))
@@ -252,6 +257,20 @@ mod tests {
         let e = check_values(&dict(vec![0, 1])).expect_err("10000000 has 8 digits, precision 5");
         assert!(e.to_string().contains("price"), "{e}");
         check_values(&dict(vec![0, 0])).expect("the oversized value is in the dictionary, used by no row");
+    }
+
+    /// A dictionary column with an empty dictionary (every row null, or no rows at all) passes:
+    /// it panicked (arrow's `normalized_keys` asserts a non-empty dictionary).
+    #[test]
+    fn an_empty_dictionary_passes_without_a_panic() {
+        use arrow_array::types::Int32Type;
+        use arrow_array::{Array, ArrayRef, DictionaryArray, RecordBatch};
+        use std::sync::Arc;
+        let d: DictionaryArray<Int32Type> = vec![None::<&str>, None].into_iter().collect();
+        assert!(d.values().is_empty());
+        let all_null = RecordBatch::try_from_iter([("c", Arc::new(d) as ArrayRef)]).expect("batch");
+        check_values(&all_null).expect("every row null");
+        check_values(&RecordBatch::new_empty(all_null.schema())).expect("no rows");
     }
 
     fn point(a: &str, b: &str) -> DataType {

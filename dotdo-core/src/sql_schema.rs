@@ -299,18 +299,57 @@ pub fn validate_busy_timeout(timeout: std::time::Duration) -> crate::Result<()> 
 pub fn absolute_database_path(path: &std::path::Path) -> crate::Result<std::path::PathBuf> {
     let bad =
         |e: std::io::Error| crate::Error::invalid(format!("database path {}: {e}", path.display())).with_source(e);
-    let text = path.to_string_lossy();
-    let Some(uri) = text.strip_prefix("file:") else { return std::path::absolute(path).map_err(bad) };
-    let (file, query) = match uri.find('?') {
-        Some(i) => (&uri[..i], &uri[i..]),
-        None => (uri, ""),
-    };
-    if file.starts_with('/') {
+    let text = path_bytes(path);
+    let Some(uri) = text.strip_prefix(b"file:") else { return std::path::absolute(path).map_err(bad) };
+    let (file, query) = uri.split_at(uri.iter().position(|&b| b == b'?').unwrap_or(uri.len()));
+    if file.starts_with(b"/") {
         return Ok(path.to_path_buf());
     }
     let cwd = std::env::current_dir().map_err(bad)?;
-    let cwd = cwd.to_string_lossy().replace('%', "%25").replace('?', "%3f").replace('#', "%23");
-    Ok(std::path::PathBuf::from(format!("file:{}/{file}{query}", cwd.trim_end_matches('/'))))
+    let mut out = b"file:".to_vec();
+    for &b in path_bytes(&cwd).iter() {
+        match b {
+            b'%' => out.extend_from_slice(b"%25"),
+            b'?' => out.extend_from_slice(b"%3f"),
+            b'#' => out.extend_from_slice(b"%23"),
+            b => out.push(b),
+        }
+    }
+    while out.ends_with(b"/") {
+        out.pop();
+    }
+    out.push(b'/');
+    out.extend_from_slice(file);
+    out.extend_from_slice(query);
+    Ok(path_from_bytes(out))
+}
+
+/// A path's own bytes (on Unix a name need not be UTF-8: a lossy conversion would name another
+/// file; elsewhere the path's text).
+fn path_bytes(path: &std::path::Path) -> std::borrow::Cow<'_, [u8]> {
+    #[cfg(unix)]
+    {
+        std::borrow::Cow::Borrowed(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+    }
+    #[cfg(not(unix))]
+    {
+        match path.to_string_lossy() {
+            std::borrow::Cow::Borrowed(s) => std::borrow::Cow::Borrowed(s.as_bytes()),
+            std::borrow::Cow::Owned(s) => std::borrow::Cow::Owned(s.into_bytes()),
+        }
+    }
+}
+
+/// The path of [`path_bytes`].
+fn path_from_bytes(bytes: Vec<u8>) -> std::path::PathBuf {
+    #[cfg(unix)]
+    {
+        std::path::PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(bytes))
+    }
+    #[cfg(not(unix))]
+    {
+        std::path::PathBuf::from(String::from_utf8_lossy(&bytes).into_owned())
+    }
 }
 
 /// Whether `path` names a database private to one connection (`""`, `:memory:`, an empty or
@@ -352,19 +391,25 @@ fn uri_parameters(p: &str) -> impl Iterator<Item = &str> {
 /// SQLite refuses a URI asking for more access than the open flags allow, so without this a
 /// `file:...?mode=rwc` database failed on every read.
 pub fn without_create_mode(path: &std::path::Path) -> std::path::PathBuf {
-    let p = path.to_string_lossy();
-    if !uri_parameters(&p).any(|param| param == "mode=rwc") {
+    // Parameters are ASCII: found in the lossy text, rewritten in the path's own bytes.
+    if !uri_parameters(&path.to_string_lossy()).any(|param| param == "mode=rwc") {
         return path.to_path_buf();
     }
-    let (head, fragment) = p.split_once('#').map_or((&*p, None), |(h, f)| (h, Some(f)));
-    let (file, query) = head.split_once('?').expect("a URI with parameters has a query");
-    let query: Vec<&str> = query.split('&').map(|param| if param == "mode=rwc" { "mode=rw" } else { param }).collect();
-    let mut out = format!("{file}?{}", query.join("&"));
-    if let Some(f) = fragment {
-        out.push('#');
-        out.push_str(f);
+    let p = path_bytes(path);
+    let (head, fragment) = match p.iter().position(|&b| b == b'#') {
+        Some(i) => (&p[..i], Some(&p[i..])),
+        None => (&p[..], None),
+    };
+    let Some(q) = head.iter().position(|&b| b == b'?') else { return path.to_path_buf() };
+    let mut out = head[..=q].to_vec();
+    for (i, param) in head[q + 1..].split(|&b| b == b'&').enumerate() {
+        if i > 0 {
+            out.push(b'&');
+        }
+        out.extend_from_slice(if param == b"mode=rwc" { b"mode=rw" } else { param });
     }
-    std::path::PathBuf::from(out)
+    out.extend_from_slice(fragment.unwrap_or_default());
+    path_from_bytes(out)
 }
 
 /// The file at a database's path, as a store opened it: SQLite notices a deleted or replaced
@@ -432,12 +477,7 @@ enum FileAt {
 /// digits or decodes to a NUL).
 fn file_path_of(path: &std::path::Path) -> Option<std::path::PathBuf> {
     // The path's own bytes (on Unix a name need not be UTF-8).
-    #[cfg(unix)]
-    let text: &[u8] = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    #[cfg(not(unix))]
-    let lossy = path.to_string_lossy();
-    #[cfg(not(unix))]
-    let text: &[u8] = lossy.as_bytes();
+    let text = path_bytes(path);
     let Some(uri) = text.strip_prefix(b"file:") else { return Some(path.to_path_buf()) };
     let file = uri.split(|&b| b == b'?' || b == b'#').next().unwrap_or_default();
     let file = file.strip_prefix(b"//localhost").or_else(|| file.strip_prefix(b"//")).unwrap_or(file);
@@ -824,6 +864,21 @@ mod tests {
         {
             assert_eq!(rw(same), same);
         }
+    }
+
+    /// A `file:` URI whose path is not UTF-8 keeps its bytes when made absolute or opened
+    /// without create mode: a lossy conversion turned them into U+FFFD, so the readers (or the
+    /// whole store, for a relative URI) opened another file.
+    #[cfg(unix)]
+    #[test]
+    fn non_utf8_uris_keep_their_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let path = |b: &[u8]| Path::new(std::ffi::OsStr::from_bytes(b)).to_path_buf();
+        let rw = super::without_create_mode(&path(b"file:/srv/\xffx.db?mode=rwc#f"));
+        assert_eq!(rw.as_os_str().as_bytes(), b"file:/srv/\xffx.db?mode=rw#f");
+        let abs = absolute_database_path(&path(b"file:\xffx.db?mode=rwc")).expect("absolute");
+        assert!(abs.as_os_str().as_bytes().ends_with(b"/\xffx.db?mode=rwc"), "{abs:?}");
+        assert!(abs.as_os_str().as_bytes().starts_with(b"file:/"), "{abs:?}");
     }
 
     /// dotdo-libsql runs the schema one statement per step, split on `;`: a `;` inside a comment

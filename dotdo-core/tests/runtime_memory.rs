@@ -1104,6 +1104,107 @@ async fn run_maintenance_can_be_spawned_and_ends_at_shutdown() {
         .expect("the maintenance task ends");
 }
 
+/// `run_maintenance` with a long period ends within `MAINTENANCE_WAKE` of shutdown: it slept
+/// out its whole period first (an hour here), and a host awaiting it after `shutdown` waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_maintenance_with_a_long_period_ends_soon_after_shutdown() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let m = rt.clone();
+    let task = tokio::spawn(async move { m.run_maintenance(Duration::from_secs(3600)).await });
+    // Asleep in its first period.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!task.is_finished());
+    rt.shutdown().await.expect("shutdown");
+    let shut = w.clock.monotonic();
+    dotdo_core::testkit::advance_until_finished(&w.clock, Duration::from_millis(10), task)
+        .await
+        .expect("the maintenance task ends");
+    let after = w.clock.monotonic().saturating_sub(shut);
+    assert!(after <= dotdo_core::runtime::MAINTENANCE_WAKE * 3, "ended {after:?} after shutdown");
+}
+
+/// A maintenance round that evicts idle objects counts as one call in progress (`in_flight`
+/// 1, not 2: the round's eviction entered again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maintenance_round_evicting_counts_once_in_flight() {
+    let w = World::new();
+    let (cold, rt) =
+        w.flaky_cold_runtime(RuntimeSettings { evict_idle_after: Some(Duration::from_secs(1)), ..settings() });
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    rt.flush(&o).await.expect("flush");
+    w.clock.advance(Duration::from_secs(2));
+    // The eviction checks that cold holds the object's changes: its watermark read hangs (for
+    // good, once entered).
+    cold.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let round = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.maintain().await })
+    };
+    until("the round is in progress", || async { rt.metrics().in_flight > 0 }).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(rt.metrics().in_flight, 1, "one round, one call in progress");
+    // (The hung read never ends: the round is dropped, and counted out.)
+    round.abort();
+    assert!(round.await.expect_err("aborted").is_cancelled());
+    assert_eq!(rt.metrics().in_flight, 0);
+}
+
+/// A call that waits for another node's lease while shutdown runs does not activate the object
+/// once shutdown has returned: no lease, no restore, no handler (it took the lease when the
+/// other node's expired, and ran and committed after shutdown said it was done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_another_nodes_lease_does_not_activate_after_shutdown() {
+    let w = World::new();
+    let rt = w.runtime("a", RuntimeSettings { acquire_timeout: TTL * 4, ..settings() });
+    let o = oid("o");
+    let b = w.hot.acquire(&o, &NodeId::new("b").expect("valid"), TTL * 2).await.expect("b holds o");
+    let waiting = {
+        let (rt, o) = (rt.clone(), o.clone());
+        tokio::spawn(async move {
+            rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+                t.put("n", "2")?;
+                Ok::<_, Error>(())
+            })
+            .await
+        })
+    };
+    until("the call is admitted", || async { rt.metrics().invokes == 1 }).await;
+    let ticking = tick(&w);
+    let report = rt.shutdown().await.expect("shutdown");
+    assert_eq!(report.busy, 1, "{report:?}");
+    let e = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("finished").expect("join");
+    ticking.abort();
+    let e = e.expect_err("no activation after shutdown");
+    assert_eq!(e.kind(), &ErrorKind::Shutdown, "{e}");
+    assert_eq!(w.hot.get(&o, "n").await.expect("get"), None, "the handler never ran");
+    let now = w.hot.current(&o).await.expect("current");
+    assert!(now.as_ref().is_none_or(|l| l.token == b.token), "no lease taken by a: {now:?}");
+}
+
+/// A call cancelled after shutdown has returned (it outlived shutdown's wait) leaves its lease
+/// as an orphan: `maintain` and calls are refused by then, and calling `shutdown` again gives
+/// it back (other nodes met `LeaseHeld` until it expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_again_releases_a_lease_a_call_cancelled_after_shutdown_left() {
+    let w = World::new();
+    let rt = w.runtime("a", settings());
+    let o = oid("o");
+    let (_go, handler) = paused_call(&rt, &o).await;
+    let ticking = tick(&w);
+    let report = rt.shutdown().await.expect("shutdown");
+    ticking.abort();
+    assert_eq!(report.busy, 1, "{report:?}");
+    handler.abort();
+    assert!(handler.await.expect_err("aborted").is_cancelled());
+    let held = w.hot.current(&o).await.expect("current").expect("the orphan");
+    assert_eq!(held.holder.as_str(), "a");
+    assert_eq!(rt.maintain().await.expect_err("refused").kind(), &ErrorKind::Shutdown);
+    rt.shutdown().await.expect("shutdown again");
+    assert_eq!(w.hot.current(&o).await.expect("current"), None, "given back");
+}
+
 /// A cold sink that fails every call with a retryable `Unavailable` while `down` is set, and
 /// whose `watermark` never answers while `hang` is set.
 #[derive(Debug)]

@@ -737,7 +737,27 @@ impl Storage for ObjectStoreStorage {
                 ),
             ));
         }
-        let locs = self.store.list(Some(&prefix)).map_ok(|m| m.location).boxed();
+        // A table's prefix holds no other table: one whose metadata lies below a directory under
+        // the prefix (`<prefix>/<t>/metadata/…` of a multi-level namespace `<prefix>`) is refused
+        // (its depth alone cannot tell `ns/t` from the namespace `a/b`). Listed whole first.
+        let listed: Vec<object_store::path::Path> =
+            self.store.list(Some(&prefix)).map_ok(|m| m.location).try_collect().await.map_err(os_err)?;
+        let nested = listed.iter().find(|loc| {
+            let parts: Vec<_> = loc.prefix_match(&prefix).map(Iterator::collect).unwrap_or_default();
+            parts.len() >= 3
+                && parts[parts.len() - 2].as_ref() == "metadata"
+                && parts[parts.len() - 1].as_ref().ends_with(".metadata.json")
+        });
+        if let Some(loc) = nested {
+            return Err(iceberg::Error::new(
+                iceberg::ErrorKind::DataInvalid,
+                format!(
+                    "refusing to delete everything under {path}: it holds another table's metadata ({loc}), so it \
+                     is a namespace, not a table's prefix"
+                ),
+            ));
+        }
+        let locs = futures::stream::iter(listed.into_iter().map(Ok)).boxed();
         let mut s = self.store.delete_stream(locs);
         while let Some(r) = s.next().await {
             match r {
@@ -1134,6 +1154,14 @@ mod tests {
         assert!(mem.head(&Path::from("lake/ns/t/a")).await.is_ok(), "nothing was deleted");
         storage.delete_prefix("memory://bucket/lake/ns/t").await.expect("a table's prefix");
         assert!(mem.head(&Path::from("lake/ns/t/a")).await.is_err(), "the table's files are gone");
+        // A multi-level namespace is as deep as a table: told by the tables below it.
+        for key in ["lake/a/b/t1/metadata/00001-x.metadata.json", "lake/a/b/t2/data/y.parquet"] {
+            mem.put(&Path::from(key), bytes::Bytes::from_static(b"x").into()).await.expect("put");
+        }
+        storage.delete_prefix("memory://bucket/lake/a/b").await.expect_err("a namespace holding a table");
+        assert!(mem.head(&Path::from("lake/a/b/t2/data/y.parquet")).await.is_ok(), "nothing was deleted");
+        storage.delete_prefix("memory://bucket/lake/a/b/t1").await.expect("the table's own prefix");
+        assert!(mem.head(&Path::from("lake/a/b/t1/metadata/00001-x.metadata.json")).await.is_err());
     }
 
     /// A file written outside the warehouse (a table at a namespace's own location) has every

@@ -1837,16 +1837,15 @@ impl IcebergColdStore {
     /// `read`, and once more if it asked for the latest state and found the snapshot it read
     /// expired meanwhile (`NotFound` from [`read_at`](Self::read_at), which has refreshed the
     /// table): a caller of `AsOf::Latest` has nothing to re-pin. Only for `Latest`: a read of a
-    /// given snapshot or time keeps its `NotFound`.
+    /// given snapshot or time keeps its `NotFound`. If the second read finds its snapshot
+    /// expired too (another store expiring and cleaning up with a very short retention), a
+    /// retryable `Unavailable`: `NotFound` would say the caller's read can never be answered.
     pub(crate) async fn latest_once_more<T, F, Fut>(&self, as_of: AsOf, read: F) -> Result<T>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        match read().await {
-            Err(e) if as_of == AsOf::Latest && expired_while_read(&e) => read().await,
-            other => other,
-        }
+        latest_once_more(as_of, read).await
     }
 
     async fn load_state_once(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
@@ -1942,6 +1941,25 @@ impl std::error::Error for ExpiredWhileRead {
 
 /// Whether `e` is [`read_at`](IcebergColdStore::read_at)'s answer for a snapshot that expired
 /// while it was read (and only that `NotFound`: a missing table is not read again).
+/// See [`IcebergColdStore::latest_once_more`].
+async fn latest_once_more<T, F, Fut>(as_of: AsOf, read: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    match read().await {
+        Err(e) if as_of == AsOf::Latest && expired_while_read(&e) => match read().await {
+            Err(again) if expired_while_read(&again) => Err(Error::unavailable(
+                "the latest snapshot expired (and its files were cleaned up) while it was read, twice in a row: \
+                 another store expires snapshots with a very short retention; retry",
+            )
+            .with_source(again)),
+            other => other,
+        },
+        other => other,
+    }
+}
+
 fn expired_while_read(e: &Error) -> bool {
     std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |x| x.source())
         .any(|x| x.is::<ExpiredWhileRead>())
@@ -2048,6 +2066,38 @@ fn history_error(md: &iceberg::spec::TableMetadata, s: &iceberg::spec::SnapshotR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A latest-state read whose snapshot expired while it was read is read once more; if that
+    /// read's snapshot expired too, the answer is a retryable `Unavailable` (it was a `NotFound`
+    /// that said the read could never be answered). A given snapshot keeps its `NotFound`.
+    #[tokio::test]
+    async fn a_latest_read_expired_twice_is_retryable() {
+        let expired = || {
+            Error::new(ErrorKind::NotFound, "snapshot 7 expired while it was read")
+                .with_source(ExpiredWhileRead(Error::corrupt("s3://b/t/metadata/snap-7.avro: not found")))
+        };
+        let reads = std::sync::atomic::AtomicU32::new(0);
+        let read = || {
+            let n = reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err::<u32, _>(expired())
+                } else {
+                    Ok(n)
+                }
+            }
+        };
+        let e = latest_once_more(AsOf::Latest, read).await.expect_err("expired twice");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable() && expired_while_read(&e), "{e}");
+        assert_eq!(latest_once_more(AsOf::Latest, read).await.expect("the third read"), 2);
+        reads.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(latest_once_more(AsOf::Latest, read).await.expect("read once more"), 2);
+        reads.store(0, std::sync::atomic::Ordering::SeqCst);
+        let e = latest_once_more(AsOf::Snapshot(7), read).await.expect_err("a given snapshot");
+        assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}");
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1, "read once");
+    }
 
     #[test]
     fn metadata_versions_are_read_from_the_file_name() {

@@ -36,9 +36,10 @@ const MARK_PREFIX: &str = "dotdo.stream.";
 /// What an [`ArrowTable::append`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ArrowCommit {
-    /// The snapshot created, `None` if the batch was already committed (a replay).
+    /// The snapshot created, `None` if the batch was already committed (a replay), or held no
+    /// rows (then nothing is committed or recorded: the stream's mark stays where it was).
     pub snapshot: Option<SnapshotId>,
-    /// Rows written by this call (0 for a replay).
+    /// Rows written by this call (0 for a replay, or for batches without rows).
     pub rows: u64,
 }
 
@@ -355,8 +356,8 @@ fn round_trip_type(dt: &arrow_schema::DataType, what: &str) -> Result<iceberg::s
 /// schema they were written for, the files, and when their writing began.
 type WrittenFiles = ((uuid::Uuid, i32, i32), Vec<iceberg::spec::DataFile>, crate::store::WriteStart);
 
-/// Arrow data per parallel writer of a user-table write: an append (or compaction) holding at
-/// least twice this is split into as many contiguous row ranges (equal row counts) as it holds
+/// Arrow data per parallel writer of a user-table append: one holding at least twice this is
+/// split into as many contiguous row ranges (equal row counts) as it holds
 /// this much, written side by side, one task each, up to the machine's parallelism (a Parquet
 /// encode is single-threaded per file).
 const PARALLEL_WRITE_BYTES: usize = 16 << 20;
@@ -671,6 +672,9 @@ impl ArrowTable {
     /// take the other's batches for their own and drop data. One append of a stream at a time,
     /// too: if a later id commits first, the earlier one is answered as a replay (0 rows) and
     /// its rows are dropped (`ArrowPipeline` appends one claim at a time).
+    ///
+    /// Batches without rows (none at all, or only empty ones) commit nothing and record nothing:
+    /// `snapshot` `None`, `rows` 0, and [`last_batch`](Self::last_batch) unchanged.
     ///
     /// Errors: `Unavailable` and `Conflict` mean the batch did not land (retry it); an
     /// `AmbiguousOutcome` that it may have (an attempt's reply was lost, and the table could not

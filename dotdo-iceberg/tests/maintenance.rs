@@ -984,6 +984,17 @@ async fn user_table_compaction_keeps_rows_and_stream_marks() {
     assert_eq!(replay.rows, 0, "batch 3 was committed before the compaction");
     t.append("s", 9, vec![batch(&t, 9)]).await.expect("append after compaction");
     assert_eq!(rows(t.read_all().await.expect("read")).len(), 18);
+    // Batches without rows commit and record nothing: the mark stays, the id is still free.
+    let head = cold.catalog().load_table(t.ident()).await.expect("load").metadata().current_snapshot_id();
+    for empty in [vec![], vec![batch(&t, 10).slice(0, 0)]] {
+        let c = t.append("s", 10, empty).await.expect("no rows");
+        assert_eq!((c.snapshot, c.rows), (None, 0));
+        assert_eq!(t.last_batch("s").await.expect("mark"), 9, "no mark recorded");
+    }
+    assert_eq!(cold.catalog().load_table(t.ident()).await.expect("load").metadata().current_snapshot_id(), head);
+    let c = t.append("s", 10, vec![batch(&t, 10)]).await.expect("batch 10 with rows");
+    assert_eq!(c.rows, 2);
+    assert_eq!(t.last_batch("s").await.expect("mark"), 10);
 }
 
 /// An input file that another engine's compaction replaced, and its cleanup deleted, while this

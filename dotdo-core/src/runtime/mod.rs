@@ -322,6 +322,10 @@ pub const AUTO_FLUSH_PAUSE: Duration = Duration::from_secs(1);
 /// The longest pause of automatic flushes after failures in a row (60 s).
 pub const AUTO_FLUSH_MAX_PAUSE: Duration = Duration::from_secs(60);
 
+/// How long [`ObjectRuntime::run_maintenance`] sleeps at most before it looks whether shutdown
+/// has begun (100 ms): it ends within this of shutdown's start, whatever its period.
+pub const MAINTENANCE_WAKE: Duration = Duration::from_millis(100);
+
 /// Builds an [`ObjectRuntime`]; components are injected, settings are plain data.
 #[derive(Debug)]
 pub struct ObjectRuntimeBuilder {
@@ -986,15 +990,19 @@ impl ObjectRuntime {
         if inner.shutdown_flushed.load(Ordering::SeqCst) {
             // A call admitted before shutdown that waited on a busy slot past shutdown's flush:
             // no new lease (and no restore) once shutdown has given the leases back.
-            return Err(Error::new(
-                ErrorKind::Shutdown,
-                format!("{object}: the runtime shut down while the call waited for the object"),
-            ));
+            return Err(shut_down_while_waiting(object));
         }
         let sw = Stopwatch::start(inner.clock.clone());
         let lease =
             self.acquire_within(object, wait).await.map_err(|e| before_the_call(e, object, "acquiring the lease"))?;
         let mut hand = LeaseInHand::new(inner, lease.granted.clone());
+        if inner.shutdown_flushed.load(Ordering::SeqCst) {
+            // Granted after shutdown gave the leases back (the call waited for another node's
+            // lease meanwhile): given back at once, nothing restored, nothing run.
+            release_quietly(inner, &lease.granted).await;
+            hand.disarm();
+            return Err(shut_down_while_waiting(object));
+        }
         if only_to_drain {
             // Looked at again under the lease: no other runtime drains or evicts it from now on.
             let pending = inner.hot.object_info(object).await.map(|i| i.is_some_and(|i| i.has_pending_changes()));
@@ -1062,6 +1070,11 @@ impl ObjectRuntime {
         }
         let mut unknown = 0;
         loop {
+            if inner.shutdown_flushed.load(Ordering::SeqCst) {
+                // Waiting for another node's lease past shutdown's flush: no lease is taken once
+                // shutdown has given the leases back.
+                return Err(shut_down_while_waiting(object));
+            }
             // Until its answer arrives, this acquire's outcome is unknown (to a cancelled call,
             // for good).
             let sent_at = SentAt::now(inner);
@@ -1987,13 +2000,16 @@ impl ObjectRuntime {
     /// only if nothing was evicted (otherwise `Ok` with the count; the others are tried again
     /// next time).
     pub async fn evict_idle(&self) -> Result<usize> {
-        let out = self.evict_idle_in().await;
+        let out = match self.enter() {
+            Ok(_guard) => self.evict_idle_in().await,
+            Err(e) => Err(e),
+        };
         self.give_back_all_if_shut_down().await;
         out
     }
 
+    /// [`evict_idle`](Self::evict_idle) of a call (or `maintain` round) already counted.
     async fn evict_idle_in(&self) -> Result<usize> {
-        let _guard = self.enter()?;
         let Some(idle) = self.inner.settings.evict_idle_after else { return Ok(0) };
         // One object that cannot be evicted (taken over, cold unreachable) does not keep the
         // others in hot storage: every failure is logged, and the first one is returned only if
@@ -2058,7 +2074,8 @@ impl ObjectRuntime {
         let _guard = self.enter()?;
         release_orphans(inner).await;
         // Tier out first: an object released for `keep_warm` is no longer this runtime's to evict.
-        let evicted = self.evict_idle().await;
+        // (Within this round's count: one round is one call in progress.)
+        let evicted = self.evict_idle_in().await;
         for (object, slot) in self.active_slots() {
             let Some(mut guard) = slot.try_lock() else { continue };
             // A `set_ring` moved the object from this node to another (and the ring still says
@@ -2098,11 +2115,24 @@ impl ObjectRuntime {
     }
 
     /// Run [`maintain`](Self::maintain) every `period` (at least 1 ms: a zero period would
-    /// never yield to the executor) until shutdown (spawn this on the host's executor).
+    /// never yield to the executor) until shutdown (spawn this on the host's executor). It ends
+    /// within [`MAINTENANCE_WAKE`] of shutdown's start, whatever the period (a host awaiting it
+    /// after `shutdown` does not wait out a long period).
     pub async fn run_maintenance(&self, period: Duration) {
         let period = period.max(Duration::from_millis(1));
         while !self.inner.shutting_down.load(Ordering::SeqCst) {
-            self.inner.clock.sleep(period).await;
+            // The period in steps of at most `MAINTENANCE_WAKE`, each looking for shutdown.
+            let started = self.inner.clock.monotonic();
+            loop {
+                let left = period.saturating_sub(self.inner.clock.monotonic().saturating_sub(started));
+                if left.is_zero() || self.inner.shutting_down.load(Ordering::SeqCst) {
+                    break;
+                }
+                self.inner.clock.sleep(left.min(MAINTENANCE_WAKE)).await;
+            }
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                break;
+            }
             match self.maintain().await {
                 Ok(()) => {}
                 Err(e) if e.kind() == &ErrorKind::Shutdown => break,
@@ -2168,6 +2198,12 @@ impl ObjectRuntime {
         }
         flushed
     }
+}
+
+/// `Shutdown` for a call that waited for `object` (its slot, or another node's lease) until
+/// shutdown had given the leases back.
+fn shut_down_while_waiting(object: &ObjectId) -> Error {
+    Error::new(ErrorKind::Shutdown, format!("{object}: the runtime shut down while the call waited for the object"))
 }
 
 async fn preload(
@@ -2883,7 +2919,8 @@ async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
 /// renewal kept back into the slot (a stale expiry would make a later transient refresh
 /// failure look like a lost lease), and where the lease goes back after every call
 /// (`keep_warm` 0, or after shutdown's flush) the activation's lease becomes an orphan,
-/// released by the object's next activation here or by `maintain` (not held until it expires).
+/// released by the object's next activation here or by `maintain` (not held until it expires;
+/// once shutdown has returned, by calling `shutdown` again, or it expires).
 struct CallEnd<'a> {
     inner: &'a Inner,
     slot: Option<futures::lock::MutexGuard<'a, Slot>>,
@@ -2915,7 +2952,8 @@ impl Drop for CallEnd<'_> {
 /// flushes automatically). If the call is dropped meanwhile (its caller's timeout) where the
 /// lease goes back after every call (`keep_warm` 0, or after shutdown's flush), the activation's
 /// lease becomes an orphan, released by the object's next activation here or by `maintain`
-/// (kept, the next call reused it and other nodes met `LeaseHeld` until it expired).
+/// (kept, the next call reused it and other nodes met `LeaseHeld` until it expired; once
+/// shutdown has returned, by calling `shutdown` again, or it expires).
 struct Settling<'a> {
     inner: &'a Inner,
     slot: futures::lock::MutexGuard<'a, Slot>,
