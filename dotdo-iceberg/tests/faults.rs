@@ -1907,6 +1907,7 @@ async fn damaged_bytes_in_a_data_file_never_panic_a_read() {
          {corrupt} Corrupt ({panicked} from a decoder panic)"
     );
     assert!(corrupt > 0, "no damage was noticed at all");
+    assert!(panicked > 0, "no damaged byte made the decoder panic: the reads' panic guards were not exercised");
 }
 
 /// A compaction that meets a data file whose damage makes the Parquet decoder panic is `Corrupt`

@@ -60,13 +60,16 @@ pub struct PipelineMetrics {
 #[non_exhaustive]
 pub struct RollReport {
     /// Cold commits made (one per claimed batch per route touched; a roll claims at most
-    /// `roll_rows` events and about `roll_bytes` bytes at a time).
+    /// `roll_rows` events and about `roll_bytes` bytes at a time), counted as [`events`](Self::events)
+    /// are.
     pub commits: u64,
     /// Events committed by this roll (also those an earlier attempt of this process landed, its
     /// answer lost or its roll dropped, and not counted then).
     pub events: u64,
     /// Events already in cold storage from an earlier pipeline on the same log (a replay after a
-    /// crash or a restart).
+    /// crash or a restart). Of a batch an earlier pipeline claimed, every event the sink holds
+    /// already counts here, also one an attempt of this roll landed with its answer lost (the
+    /// sink's answer cannot tell them apart).
     pub replayed: u64,
 }
 
@@ -634,7 +637,9 @@ impl Pipeline {
                     self.count_landed(claimed.id, &route, commit.records_written, commit.records_skipped);
                 inner.counters.committed.fetch_add(written, Ordering::Relaxed);
                 inner.counters.replayed.fetch_add(replayed, Ordering::Relaxed);
-                report.commits += u64::from(commit.snapshot.is_some());
+                // A commit of this roll, also one an earlier attempt landed, its answer lost
+                // (counted as its events are).
+                report.commits += u64::from(commit.snapshot.is_some() || written > 0);
                 // Saturating: the counts are a sink's (a user's `ColdSink` may report anything).
                 report.events = report.events.saturating_add(written);
                 report.replayed = report.replayed.saturating_add(replayed);

@@ -70,13 +70,24 @@ async fn no_event_lost_or_duplicated_under_injected_store_faults() {
     let settings = PipelineSettings { capacity: 10_000_000, ..Default::default() };
     let p = Pipeline::builder(Arc::new(cold.clone())).with_settings(settings).build().expect("pipeline");
     let clock = SystemClock::new();
-    let (mut sent, mut failed_rolls, mut rolls) = (0u64, 0u64, 0u64);
-    while faulty.injected.load(Ordering::SeqCst) < target {
+    let (mut sent, mut failed_rolls, mut rolls, mut outages) = (0u64, 0u64, 0u64, 0u64);
+    // The random faults injected (an outage's are counted apart: they do not count towards the
+    // target).
+    let forced = |outages: u64| outages * 40 - faulty.fail_puts_of.lock().as_ref().map_or(0, |(_, n)| u64::from(*n));
+    while faulty.injected.load(Ordering::SeqCst) - forced(outages) < target {
         assert!(rolls < 20_000, "too many rolls without reaching {target} faults");
         let batch: Vec<Event> =
             (0..(1 + sent % 7)).map(|i| ev(format!("e{}", sent + i), sent + i, clock.now())).collect();
         sent += p.send(batch).expect("send") as u64;
         rolls += 1;
+        if rolls % 25 == 0 {
+            // An outage of metadata writes longer than a roll's retries (nine attempts, each
+            // commit trying twice): the roll fails, its claimed batch stays, and a later roll
+            // commits it.
+            let left = faulty.fail_puts_of.lock().replace((".metadata.json".to_string(), 40));
+            assert_eq!(left.map_or(0, |(_, n)| n), 0, "the last outage is over");
+            outages += 1;
+        }
         if p.roll().await.is_err() {
             failed_rolls += 1; // the claimed batch stays; the next roll commits it again
         }
@@ -89,15 +100,17 @@ async fn no_event_lost_or_duplicated_under_injected_store_faults() {
     assert_eq!(rows_added(&cold).await, sent, "rows committed, a batch committed twice included");
     let m = p.metrics();
     println!(
-        "pipeline faults: {} failures injected ({} lost replies), {} delays, {sent} events, {rolls} rolls ({failed_rolls} failed), {} replayed at commit",
-        faulty.injected.load(Ordering::SeqCst),
+        "pipeline faults: {} failures injected ({} lost replies) and {} in {outages} outages, {} delays, {sent} events, {rolls} rolls ({failed_rolls} failed), {} replayed at commit",
+        faulty.injected.load(Ordering::SeqCst) - forced(outages),
         faulty.lost_replies.load(Ordering::SeqCst),
+        forced(outages),
         faulty.delays.load(Ordering::SeqCst),
         m.events_replayed
     );
     let cat = lossy.lock().clone().expect("catalog built");
     let (lost, refused) = (cat.lost.load(Ordering::SeqCst), cat.failed.load(Ordering::SeqCst));
     println!("pipeline faults: catalog commits with a lost reply {lost}, refused {refused}");
+    assert!(failed_rolls > 0, "no roll failed: the re-commit of a batch left claimed was not exercised");
     let put_faults = faulty.put_faults.lock().clone();
     println!("pipeline faults: failed file writes by kind (failures, lost replies): {put_faults:?}");
     // Writes of every file a commit makes failed, and some had their reply lost: not only reads.
@@ -257,10 +270,10 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
         "pipeline kills: {kills}; {rounds_that_committed} rounds committed before their kill, \
          {rounds_leaving_logged_events} left acknowledged events in the log only"
     );
-    // Half of the rounds wait for a commit before their kill, so this holds by construction; the
-    // check is that the log was really left holding acknowledged events that the next start
-    // delivered (the final check below finds every one of them in cold storage).
-    assert!(rounds_that_committed >= kills / 2, "{rounds_that_committed} of {kills} rounds committed");
+    // (Half of the rounds wait for a commit before their kill: `rounds_that_committed` is at
+    // least half by construction, printed only.) The check: the log was really left holding
+    // acknowledged events that the next start delivered (the final check below finds every one
+    // of them in cold storage).
     assert!(
         rounds_leaving_logged_events > 0,
         "no kill left an acknowledged event outside cold storage: the log's replay was never needed"
