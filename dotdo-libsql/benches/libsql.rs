@@ -9,7 +9,8 @@
 //! counterpart: it is part of what is measured.) Every write, ours and raw,
 //! stores a value unlike the key's previous one ([`Values`]): SQLite skips the page write of an
 //! update that changes no byte, so rewriting one fixed value would time a raw upsert that commits
-//! nothing.
+//! nothing. The same-schema baseline uses dotdo's table layouts (the state a rowid table with a
+//! unique index, the change log `WITHOUT ROWID`).
 //!
 //! A second part runs remote mode (libsql's HTTP client) against the minimal Hrana server of the
 //! tests (a local libSQL file behind loopback HTTP): not sqld's figures, but the same server for
@@ -75,7 +76,8 @@ impl Raw {
              CREATE TABLE IF NOT EXISTS locks (do_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL,
                 expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL);
              CREATE TABLE objs (do_id TEXT PRIMARY KEY, last_seq INTEGER, max_token INTEGER) WITHOUT ROWID;
-             CREATE TABLE st (do_id TEXT, key TEXT, value BLOB, seq INTEGER, PRIMARY KEY (do_id, key)) WITHOUT ROWID;
+             CREATE TABLE st (do_id TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, seq INTEGER NOT NULL,
+                UNIQUE (do_id, key));
              CREATE TABLE ch (do_id TEXT, seq INTEGER, key TEXT, op INTEGER, value BLOB, token INTEGER, ts INTEGER,
                 type TEXT, PRIMARY KEY (do_id, seq)) WITHOUT ROWID;
              CREATE TABLE lg (do_id TEXT, seq INTEGER, key TEXT, op INTEGER, value BLOB, token INTEGER, ts INTEGER,

@@ -9,7 +9,11 @@
 //! (`dotdo-iceberg`), exactly once.
 //!
 //! * **Buffers**: in memory, or durable ([`Durability::Durable`]): a local SQLite log where an
-//!   acknowledged `send` survives a process kill and is delivered after restart.
+//!   acknowledged `send` survives a process kill and is delivered after restart. A durable (or
+//!   spilling) log's SQLite work runs on the calling thread, also inside the async `roll`,
+//!   `close` and `take_refused` (a claim's fully synced commit; a wait of up to a few seconds
+//!   while another connection, such as a backup tool, holds the log's lock): run the pipelines
+//!   on a multi-thread runtime, where one such wait holds up one worker, not every task.
 //! * **Exactly once**: a roll first *claims* events, durably assigning each its per-object
 //!   sequence number; the cold commit records per-object watermarks, so re-committing a claimed
 //!   batch after an unknown outcome (or, with the durable log, after a crash) never duplicates

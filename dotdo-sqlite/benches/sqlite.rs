@@ -5,7 +5,9 @@
 //! measured interleaved so background load affects both alike. Run through `scripts/bench`;
 //! rows go to target/bench/results.json. Every write, ours and raw, stores a value unlike the
 //! key's previous one ([`Values`]): SQLite skips the page write of an update that changes no
-//! byte, so rewriting one fixed value would time a raw upsert that commits nothing. `DOTDO_BENCH_ONLY=inline|auto_mt|spawn_blocking`
+//! byte, so rewriting one fixed value would time a raw upsert that commits nothing. The
+//! same-schema baselines use dotdo's table layouts (the state a rowid table with a unique
+//! index, the change log `WITHOUT ROWID`). `DOTDO_BENCH_ONLY=inline|auto_mt|spawn_blocking`
 //! restricts the execution modes measured.
 
 use std::time::Duration;
@@ -27,7 +29,8 @@ fn raw_conn(path: &std::path::Path) -> Connection {
          CREATE TABLE IF NOT EXISTS locks (do_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, acquired_at INTEGER NOT NULL,
             expires_at INTEGER NOT NULL, fencing_token INTEGER NOT NULL);
          CREATE TABLE objs (do_id TEXT PRIMARY KEY, last_seq INTEGER, max_token INTEGER) WITHOUT ROWID;
-         CREATE TABLE st (do_id TEXT, key TEXT, value BLOB, seq INTEGER, PRIMARY KEY (do_id, key)) WITHOUT ROWID;
+         CREATE TABLE st (do_id TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, seq INTEGER NOT NULL,
+            UNIQUE (do_id, key));
          CREATE TABLE ch (do_id TEXT, seq INTEGER, key TEXT, op INTEGER, value BLOB, token INTEGER, ts INTEGER,
             type TEXT, PRIMARY KEY (do_id, seq)) WITHOUT ROWID;
          CREATE TABLE lg (do_id TEXT, seq INTEGER, key TEXT, op INTEGER, value BLOB, token INTEGER, ts INTEGER,
