@@ -75,7 +75,8 @@ impl ObjectInfo {
 ///   [`truncate_changes`](HotStore::truncate_changes) drops them once cold storage acknowledged
 ///   them.
 /// * **Errors.** Bad ids, keys, type names → `InvalidInput`; keys over 1 KiB, values over
-///   2 MiB and batches over [`WriteBatch::MAX_BYTES`] → `LimitExceeded`;
+///   2 MiB and batches over [`WriteBatch::MAX_BYTES`] or [`WriteBatch::MAX_OPS`] operations →
+///   `LimitExceeded`;
 ///   busy or unreachable backend → `Unavailable` (retryable; not retryable when no retry can
 ///   mend it: a read-only or unopenable file); damaged storage → `Corrupt`. A mutating call
 ///   whose outcome is unknown (a COMMIT that failed with an I/O error, a remote primary's reply

@@ -739,15 +739,24 @@ impl Storage for ObjectStoreStorage {
         }
         // A table's prefix holds no other table: one whose metadata lies below a directory under
         // the prefix (`<prefix>/<t>/metadata/…` of a multi-level namespace `<prefix>`) is refused
-        // (its depth alone cannot tell `ns/t` from the namespace `a/b`). Listed whole first.
-        let listed: Vec<object_store::path::Path> =
-            self.store.list(Some(&prefix)).map_ok(|m| m.location).try_collect().await.map_err(os_err)?;
-        let nested = listed.iter().find(|loc| {
+        // (its depth alone cannot tell `ns/t` from the namespace `a/b`). One listing to look,
+        // another to delete (streamed: a table may hold millions of files).
+        let nested_table = |loc: &object_store::path::Path| {
             let parts: Vec<_> = loc.prefix_match(&prefix).map(Iterator::collect).unwrap_or_default();
             parts.len() >= 3
                 && parts[parts.len() - 2].as_ref() == "metadata"
                 && parts[parts.len() - 1].as_ref().ends_with(".metadata.json")
-        });
+        };
+        let mut listing = self.store.list(Some(&prefix));
+        let mut nested = None;
+        while let Some(meta) = listing.next().await {
+            let loc = meta.map_err(os_err)?.location;
+            if nested_table(&loc) {
+                nested = Some(loc);
+                break;
+            }
+        }
+        drop(listing);
         if let Some(loc) = nested {
             return Err(iceberg::Error::new(
                 iceberg::ErrorKind::DataInvalid,
@@ -757,7 +766,7 @@ impl Storage for ObjectStoreStorage {
                 ),
             ));
         }
-        let locs = futures::stream::iter(listed.into_iter().map(Ok)).boxed();
+        let locs = self.store.list(Some(&prefix)).map_ok(|m| m.location).boxed();
         let mut s = self.store.delete_stream(locs);
         while let Some(r) = s.next().await {
             match r {

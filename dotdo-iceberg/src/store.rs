@@ -1939,8 +1939,6 @@ impl std::error::Error for ExpiredWhileRead {
     }
 }
 
-/// Whether `e` is [`read_at`](IcebergColdStore::read_at)'s answer for a snapshot that expired
-/// while it was read (and only that `NotFound`: a missing table is not read again).
 /// See [`IcebergColdStore::latest_once_more`].
 async fn latest_once_more<T, F, Fut>(as_of: AsOf, read: F) -> Result<T>
 where
@@ -1960,6 +1958,8 @@ where
     }
 }
 
+/// Whether `e` is [`read_at`](IcebergColdStore::read_at)'s answer for a snapshot that expired
+/// while it was read (and only that `NotFound`: a missing table is not read again).
 fn expired_while_read(e: &Error) -> bool {
     std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |x| x.source())
         .any(|x| x.is::<ExpiredWhileRead>())

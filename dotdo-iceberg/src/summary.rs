@@ -13,9 +13,13 @@
 //!   unknown (read back: is a snapshot with this id in the table?).
 //! * `dotdo.committed-at-us`: commit time on the store's [`Clock`](dotdo_core::Clock), never
 //!   earlier than the parent's; `AsOf::Timestamp` and `SnapshotInfo::committed_at` use it. Other
-//!   engines' time travel uses Iceberg's own `timestamp-ms`, which is the wall clock: dotdo
-//!   stamps it with the same instant (in ms) when its clock is the wall clock, so both pick the
-//!   same snapshot for a time (PyIceberg's `snapshot_as_of_timestamp` is tested).
+//!   engines' time travel uses Iceberg's own `timestamp-ms`, which is the wall clock: with the
+//!   SQL catalog on a format-v2 table (dotdo's own commit path), dotdo stamps it with the same
+//!   instant (in ms) when its clock is the wall clock, so both pick the same snapshot for a time
+//!   (PyIceberg's `snapshot_as_of_timestamp` is tested). Through iceberg's own commit path (a
+//!   REST or memory catalog, a format-v1 table), iceberg stamps `timestamp-ms` itself once the
+//!   manifests are written, a few milliseconds later: for a time in between, dotdo picks the new
+//!   snapshot and other engines its parent.
 //!
 //! * `dotdo.watermarks-carried`: how many bytes of inline watermarks the snapshots since the
 //!   checkpoint have carried over from their parents (an estimate, see [`CARRIED`]).
@@ -120,7 +124,7 @@ pub fn dotdo_base(
         // A root older than that, a snapshot from before dotdo's first commit, is not a replaced
         // history: time travel to it reads no dotdo state.)
         ChainEnd::Root => match chain.last() {
-            Some(root) if replaced_history(md, root) || last_commit_before(md, root) => Err(Error::corrupt(format!(
+            Some(root) if replaced_history(md, root) => Err(Error::corrupt(format!(
                 "table {}: the history of snapshot {} starts at snapshot {} without dotdo's watermarks, \
                      after dotdo's commits (the table was replaced by another engine?)",
                 md.location(),
@@ -160,7 +164,8 @@ pub fn dotdo_base(
 pub(crate) fn refuse_lost_head(md: &iceberg::spec::TableMetadata) -> Result<()> {
     if md.current_snapshot_id().is_none() && (last_commit_of(md).is_some() || md.snapshots().any(|s| is_dotdo(s))) {
         return Err(Error::corrupt(format!(
-            "table {}: it has no current snapshot although dotdo committed to it (its main branch was removed,              or the table replaced by another engine?): its watermarks are unknown, not empty",
+            "table {}: it has no current snapshot although dotdo committed to it (its main branch was removed, \
+             or the table replaced by another engine?): its watermarks are unknown, not empty",
             md.location()
         )));
     }
@@ -290,14 +295,20 @@ fn last_commit_base(md: &iceberg::spec::TableMetadata, cut: i64) -> Result<Optio
 
 /// Whether `root`, the first snapshot of a history (no parent), started after dotdo had
 /// committed to the table: a dotdo snapshot with a lower sequence number is in the metadata (on
-/// a format-v1 table, whose snapshots all have sequence number 0, an earlier `timestamp-ms`).
+/// a format-v1 table, whose snapshots all have sequence number 0, an earlier `timestamp-ms`),
+/// or, once those are expired, the [`LAST_COMMIT`] property records a commit at a lower one.
 /// Such a history replaced dotdo's (another engine's `REPLACE TABLE … AS SELECT`).
 pub(crate) fn replaced_history(md: &iceberg::spec::TableMetadata, root: &Snapshot) -> bool {
     let v1 = md.format_version() == iceberg::spec::FormatVersion::V1;
-    md.snapshots().any(|s| {
-        is_dotdo(s)
-            && if v1 { s.timestamp_ms() < root.timestamp_ms() } else { s.sequence_number() < root.sequence_number() }
-    })
+    last_commit_before(md, root)
+        || md.snapshots().any(|s| {
+            is_dotdo(s)
+                && if v1 {
+                    s.timestamp_ms() < root.timestamp_ms()
+                } else {
+                    s.sequence_number() < root.sequence_number()
+                }
+        })
 }
 
 /// How [`chain_to_dotdo`] ended.

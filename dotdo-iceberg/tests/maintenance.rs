@@ -1926,6 +1926,7 @@ async fn a_replaced_history_whose_old_snapshots_are_expired_is_corrupt() {
     let cold = open(dir.path(), 4).await;
     let o = ObjectId::new("o").expect("id");
     let dotdos = put_at(&cold, &o, 1).await;
+    let at = cold.snapshots().await.expect("snapshots").iter().find(|s| s.id == dotdos).expect("dotdo's").committed_at;
     foreign_commit(&cold).await;
     let table = cold.refresh().await.expect("table");
     let head = table.metadata().current_snapshot_id().expect("head");
@@ -1939,7 +1940,12 @@ async fn a_replaced_history_whose_old_snapshots_are_expired_is_corrupt() {
             }
         }
     });
-    let e = open(dir.path(), 4).await.watermark(&o).await.expect_err("unknown watermarks");
+    let reopened = open(dir.path(), 4).await;
+    let e = reopened.watermark(&o).await.expect_err("unknown watermarks");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    // Time travel to dotdo's commit: that state is dotdo's old history, not nothing (it read
+    // as an empty object, which a restore as of that time would have taken).
+    let e = reopened.load_state(&o, AsOf::Timestamp(at)).await.expect_err("the old history is gone");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 

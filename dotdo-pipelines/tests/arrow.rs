@@ -439,7 +439,8 @@ async fn a_log_with_two_claimed_ids_commits_each_once() {
 /// `Ok` is in the table once close has returned, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_send_acknowledged_while_closing_is_committed() {
-    // Rounds in which a send was acknowledged after close began (the race the test is about).
+    // Rounds in which senders were still being acknowledged as close was called (a send
+    // acknowledged after the count read just before it): rounds that race close.
     let mut raced = 0;
     for round in 0..40i64 {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -495,8 +496,8 @@ async fn every_send_acknowledged_while_closing_is_committed() {
         landed.sort_unstable();
         assert_eq!(landed, acked, "round {round}: acknowledged batches committed once");
     }
-    println!("sends acknowledged while close ran in {raced} of 40 rounds");
-    assert!(raced > 0, "no send was acknowledged while close ran: the race was never run");
+    println!("sends still acknowledged as close was called in {raced} of 40 rounds");
+    assert!(raced > 0, "no send was acknowledged as close was called: the race was never run");
 }
 
 /// An Arrow pipeline's durable log serves one pipeline at a time, like the event pipeline's

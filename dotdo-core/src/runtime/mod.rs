@@ -323,7 +323,8 @@ pub const AUTO_FLUSH_PAUSE: Duration = Duration::from_secs(1);
 pub const AUTO_FLUSH_MAX_PAUSE: Duration = Duration::from_secs(60);
 
 /// How long [`ObjectRuntime::run_maintenance`] sleeps at most before it looks whether shutdown
-/// has begun (100 ms): it ends within this of shutdown's start, whatever its period.
+/// has begun (100 ms): asleep between rounds when shutdown begins, it ends within this, whatever
+/// its period (a round in progress runs to its end first).
 pub const MAINTENANCE_WAKE: Duration = Duration::from_millis(100);
 
 /// Builds an [`ObjectRuntime`]; components are injected, settings are plain data.
@@ -2115,9 +2116,10 @@ impl ObjectRuntime {
     }
 
     /// Run [`maintain`](Self::maintain) every `period` (at least 1 ms: a zero period would
-    /// never yield to the executor) until shutdown (spawn this on the host's executor). It ends
-    /// within [`MAINTENANCE_WAKE`] of shutdown's start, whatever the period (a host awaiting it
-    /// after `shutdown` does not wait out a long period).
+    /// never yield to the executor) until shutdown (spawn this on the host's executor). Asleep
+    /// between rounds when shutdown begins, it ends within [`MAINTENANCE_WAKE`], whatever the
+    /// period (a host awaiting it after `shutdown` does not wait out a long period); a round in
+    /// progress runs to its end first.
     pub async fn run_maintenance(&self, period: Duration) {
         let period = period.max(Duration::from_millis(1));
         while !self.inner.shutting_down.load(Ordering::SeqCst) {

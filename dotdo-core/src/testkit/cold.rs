@@ -716,6 +716,13 @@ pub async fn deletes_apply_and_time_travel_reads_older_snapshots(f: &ColdFactory
     assert_eq!(by_time.entries, old.entries);
     let before_all = fx.sink.load_state(&o, AsOf::Timestamp(Timestamp::EPOCH)).await.expect("before any snapshot");
     assert!(before_all.entries.is_empty());
+    // A delete as the newest change counts in `through` (a sink that took the highest seq of the
+    // live entries answered 4: a restore then issued seq 5 again, and cold skipped it).
+    let c3 = fx.sink.append(ColdBatch::single(o.clone(), tok(1), vec![rec(&o, 5, "b", None, 1)])).await.expect("c3");
+    let st = fx.sink.load_state(&o, AsOf::Latest).await.expect("latest");
+    assert_eq!((st.entries.len(), st.through, st.snapshot), (0, 5, c3.snapshot), "a trailing delete counts");
+    let head = fx.sink.head(&o).await.expect("head");
+    assert_eq!(head, (c3.snapshot, Watermark { through: 5, token: tok(1) }));
 }
 
 /// `AsOf::Timestamp` reads the latest snapshot committed at or before the time: between two
@@ -1434,6 +1441,7 @@ pub fn prop_cold_sink_matches_model_with(f: &ColdFactory, cases: u32) {
                 let want = fold_changes(&model_records(obj, &model.records[j], 0)).0;
                 let st = fx.sink.load_state(obj, AsOf::Latest).await.map_err(cfail)?;
                 prop_assert_eq!(strip(&st.entries), strip(&want));
+                prop_assert_eq!(st.through, model.records[j].len() as u64, "through counts deletes too");
             }
             prop_assert_eq!(fx.sink.snapshots().await.map_err(cfail)?.len(), snap_ids.len());
             Ok(())

@@ -285,6 +285,15 @@ pub async fn limits_count_bytes_and_type_names_are_checked(f: &HotFactory) {
     }
     assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), None);
     assert_eq!(fx.hot.object_info(&l.object).await.expect("info").map_or(0, |i| i.last_seq), 0, "nothing logged");
+    // More operations than one batch may hold: `LimitExceeded` naming the count, nothing written.
+    let many = (0..=WriteBatch::MAX_OPS).fold(WriteBatch::new("T"), |b, _| b.delete("k"));
+    let e = fx.hot.write(&l.object, l.token, many).await.expect_err("over MAX_OPS");
+    assert!(
+        matches!(e.kind(), ErrorKind::LimitExceeded { limit, actual, .. }
+            if *limit == WriteBatch::MAX_OPS as u64 && *actual == WriteBatch::MAX_OPS as u64 + 1),
+        "{e}"
+    );
+    assert_eq!(fx.hot.object_info(&l.object).await.expect("info").map_or(0, |i| i.last_seq), 0, "nothing logged");
     let at_limit = "T".repeat(crate::MAX_TYPE_NAME_BYTES);
     let r = fx.hot.put(&l.object, l.token, &at_limit, "k", b("v")).await.expect("a type name at the limit");
     assert_eq!(r.first_seq, 1);
@@ -1691,6 +1700,18 @@ pub async fn acquire_grants_token_and_blocks_others(f: &HotFactory) {
     assert_eq!(fx.guard.current(&oid("o1")).await.expect("current"), Some(l.clone()));
     // Other objects are independent.
     lease(&fx, "o2", "n2").await;
+    // Times off the millisecond: held 1 µs before its expiry, free at it (a guard keeping lease
+    // times in whole milliseconds, or rounding them, fails here).
+    clock.advance(std::time::Duration::from_micros(250));
+    let e1 = lease(&fx, "edge", "n1").await;
+    assert_eq!(e1.expires_at, clock.now().plus(TTL));
+    clock.advance(TTL - std::time::Duration::from_micros(1));
+    let e = fx.guard.acquire(&e1.object, &nid("n2"), TTL).await.expect_err("1 µs before the expiry");
+    assert!(matches!(e.kind(), ErrorKind::LeaseHeld { .. }), "{e}");
+    fx.guard.validate(&e1).await.expect("valid 1 µs before the expiry");
+    clock.advance(std::time::Duration::from_micros(1));
+    let next = fx.guard.acquire(&e1.object, &nid("n2"), TTL).await.expect("free at the expiry");
+    assert!(next.token > e1.token);
 }
 
 /// Evict and restore leave the lease alone: its holder still holds it, other nodes are refused,
