@@ -766,7 +766,25 @@ impl Storage for ObjectStoreStorage {
                 ),
             ));
         }
-        let locs = self.store.list(Some(&prefix)).map_ok(|m| m.location).boxed();
+        // Checked again as it is deleted: a table created under the prefix between the two
+        // listings stops the deletion before its metadata.
+        let locs = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .and_then(move |loc| {
+                let nested = nested_table(&loc);
+                futures::future::ready(if nested {
+                    Err(object_store::Error::Generic {
+                        store: "dotdo",
+                        source: format!("{loc}: another table's metadata appeared under the prefix being deleted")
+                            .into(),
+                    })
+                } else {
+                    Ok(loc)
+                })
+            })
+            .boxed();
         let mut s = self.store.delete_stream(locs);
         while let Some(r) = s.next().await {
             match r {

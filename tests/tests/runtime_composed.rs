@@ -247,12 +247,19 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
                 }
             }
         });
-        // Let it make progress past at least one flush, then kill it mid-stream.
+        // Let it make progress past at least one flush, then kill it mid-stream. Each call adds
+        // one to what the last one acknowledged (an increment acknowledged without landing would
+        // be counted again by the next call: the same number twice).
         let target = max_acked + 30 + u64::from(round) * 7;
+        let mut next = max_acked + 1;
+        let mut acked = |n: u64| {
+            assert_eq!(n, next, "round {round}: acknowledged {n}, the call after {} acknowledged", next - 1);
+            next += 1;
+        };
         loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(n) => {
-                    max_acked = max_acked.max(n);
+                    acked(n);
                     if n >= target {
                         break;
                     }
@@ -263,8 +270,9 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
         dotdo_core::testkit::process::sigkill(&mut child, &format!("round {round}"));
         reader.join().expect("reader");
         while let Ok(n) = rx.try_recv() {
-            max_acked = max_acked.max(n);
+            acked(n);
         }
+        max_acked = next - 1;
         // Another node recovers: it waits out the dead holder's lease, sees every acknowledged
         // increment, and drains what the dead runtime had not flushed, exactly once.
         rt.block_on(async {
@@ -275,9 +283,23 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
                 keep_warm: Duration::ZERO,
                 ..Default::default()
             };
-            let other = runtime(&s, "survivor", c, settings);
             let o = oid("crashy");
+            // The hot store itself holds every acknowledged increment (read before any runtime:
+            // one would restore hot from cold if hot were behind, hiding a lost commit).
+            let hot_n: u64 = s
+                .hot
+                .get(&o, "n")
+                .await
+                .expect("hot read")
+                .map_or(0, |b| String::from_utf8_lossy(&b).parse().expect("number"));
+            let last_seq = s.hot.object_info(&o).await.expect("hot info").map_or(0, |i| i.last_seq);
+            assert!(
+                hot_n >= max_acked && last_seq >= max_acked,
+                "round {round}: hot holds {hot_n} (seq {last_seq}), acknowledged {max_acked}"
+            );
+            let other = runtime(&s, "survivor", c, settings);
             let n = read_n(&other, &o).await;
+            assert_eq!(n, hot_n, "round {round}: the runtime reads what hot holds");
             assert!(n >= max_acked && n <= max_acked + 1, "round {round}: counter {n}, acknowledged {max_acked}");
             let drained_before = s.cold.watermark(&o).await.expect("watermark").through;
             rounds_with_leftovers += u32::from(drained_before < n);

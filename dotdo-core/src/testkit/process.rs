@@ -285,6 +285,15 @@ pub fn fencing_contention(kit: &ProcessKit, child_test: &str) {
         }
     }
     assert_eq!(done, procs, "every child finished");
+    // Every grant has a token of its own per object: a token handed out twice (two holders at
+    // once) fails here even when one of them was later refused as stale.
+    let mut granted: std::collections::BTreeMap<(&str, u64), i64> = std::collections::BTreeMap::new();
+    for (object, token, at) in &grants {
+        if let Some(earlier) = granted.insert((object.as_str(), *token), *at) {
+            panic!("{object}: token {token} was granted twice (at {earlier} us and at {at} us)");
+        }
+    }
+    assert!(!granted.is_empty(), "no grant was reported");
     // No write was accepted that was sent after a newer lease of its object was granted (a
     // millisecond of slack for the clock reads around the calls). Some refused ones were: the
     // case arose.
