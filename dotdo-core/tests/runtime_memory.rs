@@ -661,6 +661,33 @@ async fn paused_call(
     (go_tx, handler)
 }
 
+/// A call on `o` that puts `n`, spawned.
+fn spawn_put_n(rt: &ObjectRuntime, o: &ObjectId, n: &'static str) -> tokio::task::JoinHandle<Result<()>> {
+    let (rt, o) = (rt.clone(), o.clone());
+    tokio::spawn(async move {
+        rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            t.put("n", n)?;
+            Ok::<_, Error>(())
+        })
+        .await
+    })
+}
+
+/// A call on `o` whose handler waits for the returned sender, outliving `rt`'s shutdown (which
+/// returns, reporting it busy, while the test's clock ticks).
+async fn call_outliving_shutdown(
+    w: &World,
+    rt: &ObjectRuntime,
+    o: &ObjectId,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<()>>) {
+    let (go_tx, handler) = paused_call(rt, o).await;
+    let ticking = tick(w);
+    let report = rt.shutdown().await.expect("shutdown");
+    ticking.abort();
+    assert_eq!(report.busy, 1, "{report:?}");
+    (go_tx, handler)
+}
+
 /// `flush_all` and `shutdown` also drain the changes of objects no runtime holds any more:
 /// released after each call (`keep_warm` 0), released idle by `maintain`. Each is taken, drained
 /// and given back. An object another node holds, or that the ring gives another node, is left
@@ -729,11 +756,7 @@ async fn a_call_outliving_shutdown_gives_its_lease_back_when_it_ends() {
     let w = World::new();
     let rt = w.runtime("a", settings());
     let o = oid("o");
-    let (go_tx, handler) = paused_call(&rt, &o).await;
-    let ticking = tick(&w);
-    let report = rt.shutdown().await.expect("shutdown");
-    ticking.abort();
-    assert_eq!(report.busy, 1, "{report:?}");
+    let (go_tx, handler) = call_outliving_shutdown(&w, &rt, &o).await;
     assert!(w.hot.current(&o).await.expect("current").is_some(), "held while the call runs");
     go_tx.send(()).expect("go");
     tokio::time::timeout(Duration::from_secs(10), handler).await.expect("finished").expect("join").expect("call");
@@ -754,16 +777,7 @@ async fn a_call_queued_behind_a_busy_slot_does_not_activate_after_shutdown() {
     let o = oid("o");
     let (go_tx, handler) = paused_call(&rt, &o).await;
     let admitted = rt.metrics().invokes;
-    let queued = {
-        let (rt, o) = (rt.clone(), o.clone());
-        tokio::spawn(async move {
-            rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
-                t.put("n", "2")?;
-                Ok::<_, Error>(())
-            })
-            .await
-        })
-    };
+    let queued = spawn_put_n(&rt, &o, "2");
     // Admitted before shutdown (counted past the shutdown check, then waiting for the slot).
     until("the queued call is admitted", || async { rt.metrics().invokes > admitted }).await;
     let ticking = tick(&w);
@@ -1160,16 +1174,7 @@ async fn a_call_waiting_for_another_nodes_lease_does_not_activate_after_shutdown
     let rt = w.runtime("a", RuntimeSettings { acquire_timeout: TTL * 4, ..settings() });
     let o = oid("o");
     let b = w.hot.acquire(&o, &NodeId::new("b").expect("valid"), TTL * 2).await.expect("b holds o");
-    let waiting = {
-        let (rt, o) = (rt.clone(), o.clone());
-        tokio::spawn(async move {
-            rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
-                t.put("n", "2")?;
-                Ok::<_, Error>(())
-            })
-            .await
-        })
-    };
+    let waiting = spawn_put_n(&rt, &o, "2");
     until("the call is admitted", || async { rt.metrics().invokes == 1 }).await;
     let ticking = tick(&w);
     let report = rt.shutdown().await.expect("shutdown");
@@ -1191,11 +1196,7 @@ async fn shutdown_again_releases_a_lease_a_call_cancelled_after_shutdown_left() 
     let w = World::new();
     let rt = w.runtime("a", settings());
     let o = oid("o");
-    let (_go, handler) = paused_call(&rt, &o).await;
-    let ticking = tick(&w);
-    let report = rt.shutdown().await.expect("shutdown");
-    ticking.abort();
-    assert_eq!(report.busy, 1, "{report:?}");
+    let (_go, handler) = call_outliving_shutdown(&w, &rt, &o).await;
     handler.abort();
     assert!(handler.await.expect_err("aborted").is_cancelled());
     let held = w.hot.current(&o).await.expect("current").expect("the orphan");

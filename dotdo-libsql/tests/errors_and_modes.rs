@@ -1427,42 +1427,18 @@ async fn a_write_that_waited_for_a_lock_is_stamped_when_it_commits() {
     );
 }
 
-/// A clock that panics once told to (a caller's clock is the caller's code).
-#[derive(Debug)]
-struct PanickingClock {
-    inner: dotdo_core::ManualClock,
-    panic: std::sync::atomic::AtomicBool,
-}
-
-impl Clock for PanickingClock {
-    fn now(&self) -> dotdo_core::Timestamp {
-        if self.panic.load(Ordering::SeqCst) {
-            panic!("the caller's clock failed");
-        }
-        self.inner.now()
-    }
-    fn monotonic(&self) -> Duration {
-        self.inner.monotonic()
-    }
-    fn sleep(&self, duration: Duration) -> dotdo_core::time::Sleep {
-        self.inner.sleep(duration)
-    }
-}
-
 /// A write on a local file whose clock panics inside its transaction leaves no transaction
 /// open: another connection gets the file's write lock at once (it waited for this store's next
 /// write, which never came).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_clock_inside_a_write_leaves_the_database_unlocked() {
+    use dotdo_core::testkit::PanickingClock;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("hot.db");
-    let clock = Arc::new(PanickingClock {
-        inner: dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH),
-        panic: false.into(),
-    });
+    let clock = Arc::new(PanickingClock::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH)));
     let s = LibsqlStore::local(&path).with_clock(clock.clone()).open().await.expect("open");
     let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
-    clock.panic.store(true, Ordering::SeqCst);
+    clock.set_panicking(true);
     let writer = {
         let s = s.clone();
         tokio::spawn(async move { s.put(&obj(), l.token, "T", "k", "v".into()).await })
@@ -1473,7 +1449,7 @@ async fn a_panicking_clock_inside_a_write_leaves_the_database_unlocked() {
     other.busy_timeout(Duration::from_millis(200)).expect("busy timeout");
     other.execute("BEGIN IMMEDIATE", ()).await.expect("the write lock is free");
     other.execute("ROLLBACK", ()).await.expect("rollback");
-    clock.panic.store(false, Ordering::SeqCst);
+    clock.set_panicking(false);
     s.put(&obj(), l.token, "T", "k", "v2".into()).await.expect("the store writes on");
     assert_eq!(s.get(&obj(), "k").await.expect("get").expect("value").as_ref(), b"v2");
 }

@@ -1141,51 +1141,25 @@ async fn a_shared_cache_uri_is_refused() {
     SqliteStore::builder(&plain).open().await.expect("opens without it");
 }
 
-/// A clock that panics once told to (a caller's clock is the caller's code).
-#[derive(Debug)]
-struct PanickingClock {
-    inner: dotdo_core::ManualClock,
-    panic: std::sync::atomic::AtomicBool,
-}
-
-impl Clock for PanickingClock {
-    fn now(&self) -> dotdo_core::Timestamp {
-        if self.panic.load(std::sync::atomic::Ordering::SeqCst) {
-            panic!("the caller's clock failed");
-        }
-        self.inner.now()
-    }
-
-    fn monotonic(&self) -> Duration {
-        self.inner.monotonic()
-    }
-
-    fn sleep(&self, d: Duration) -> dotdo_core::time::Sleep {
-        self.inner.sleep(d)
-    }
-}
-
 /// A write whose clock panics inside its transaction leaves no transaction open: another
 /// process's writer gets the database's write lock at once (it waited for this store's next
 /// write, which never came).
 #[tokio::test]
 async fn a_panicking_clock_inside_a_write_leaves_the_database_unlocked() {
+    use dotdo_core::testkit::PanickingClock;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("hot.db");
-    let clock = std::sync::Arc::new(PanickingClock {
-        inner: dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH),
-        panic: std::sync::atomic::AtomicBool::new(false),
-    });
+    let clock = std::sync::Arc::new(PanickingClock::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH)));
     let settings = SqliteSettings { execution: Execution::SpawnBlocking, ..Default::default() };
     let s = SqliteStore::builder(&path).with_settings(settings).with_clock(clock.clone()).open().await.expect("open");
     let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
-    clock.panic.store(true, std::sync::atomic::Ordering::SeqCst);
+    clock.set_panicking(true);
     let e = s.put(&obj(), l.token, "T", "k", "v".into()).await.expect_err("the clock panicked");
     assert!(e.to_string().contains("sqlite task failed"), "{e}");
     let other = rusqlite::Connection::open(&path).expect("raw");
     other.busy_timeout(Duration::from_millis(200)).expect("busy timeout");
     other.execute_batch("BEGIN IMMEDIATE; ROLLBACK").expect("the write lock is free");
-    clock.panic.store(false, std::sync::atomic::Ordering::SeqCst);
+    clock.set_panicking(false);
     s.put(&obj(), l.token, "T", "k", "v2".into()).await.expect("the store writes on");
     assert_eq!(s.get(&obj(), "k").await.expect("get").expect("value").as_ref(), b"v2");
 }

@@ -591,6 +591,42 @@ impl crate::time::Clock for SteppedClock {
     }
 }
 
+/// A [`ManualClock`] whose `now` panics once [`set_panicking`](Self::set_panicking) is on (a
+/// store's clock is its caller's code): for tests that a panic inside a store's transaction
+/// leaves nothing locked or half-written.
+#[derive(Debug)]
+pub struct PanickingClock {
+    inner: ManualClock,
+    panic: std::sync::atomic::AtomicBool,
+}
+
+impl PanickingClock {
+    /// Reads `inner`'s time until told to panic.
+    pub fn new(inner: ManualClock) -> Self {
+        PanickingClock { inner, panic: false.into() }
+    }
+
+    /// From now on `now` panics (`true`) or reads the time again (`false`).
+    pub fn set_panicking(&self, on: bool) {
+        self.panic.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl crate::time::Clock for PanickingClock {
+    fn now(&self) -> Timestamp {
+        if self.panic.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("the caller's clock failed (PanickingClock)");
+        }
+        self.inner.now()
+    }
+    fn monotonic(&self) -> std::time::Duration {
+        self.inner.monotonic()
+    }
+    fn sleep(&self, duration: std::time::Duration) -> crate::time::Sleep {
+        self.inner.sleep(duration)
+    }
+}
+
 /// Damage done to an **expired** lease row (or to the object's token maximum) of the SQL
 /// schema, as `(what, statement)` with `?1` the object id, for the SQLite-family backends'
 /// tests: each must make the next acquire `Corrupt` and leave the row as it is. Taking such a
