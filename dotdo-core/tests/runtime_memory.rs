@@ -1127,7 +1127,7 @@ async fn run_maintenance_with_a_long_period_ends_soon_after_shutdown() {
     let m = rt.clone();
     let task = tokio::spawn(async move { m.run_maintenance(Duration::from_secs(3600)).await });
     // Asleep in its first period.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    until("the task sleeps", || async { w.clock.pending_sleeps() > 0 }).await;
     assert!(!task.is_finished());
     rt.shutdown().await.expect("shutdown");
     // One wake's worth of clock time, and no more: the task ends (it slept out its hour).

@@ -1959,7 +1959,8 @@ where
 }
 
 /// Whether `e` is [`read_at`](IcebergColdStore::read_at)'s answer for a snapshot that expired
-/// while it was read (and only that `NotFound`: a missing table is not read again).
+/// while it was read (that `NotFound`, or [`latest_once_more`]'s `Unavailable` over a second
+/// one; a missing table is not read again).
 fn expired_while_read(e: &Error) -> bool {
     std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |x| x.source())
         .any(|x| x.is::<ExpiredWhileRead>())

@@ -264,17 +264,17 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
         assert_eq!(integrity, "ok", "round {round}: the durable log after the kill");
         drop(check);
         // So is the Iceberg SQL catalog it was committing to.
+        // (The child opened its cold store, which creates the catalog, before its first ACK.)
         let catalog = dir.path().join("warehouse").join("catalog.db");
-        if catalog.exists() {
-            let check = rusqlite::Connection::open_with_flags(
-                &catalog,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .expect("open the catalog");
-            let integrity: String =
-                check.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("catalog integrity check");
-            assert_eq!(integrity, "ok", "round {round}: the SQL catalog after the kill");
-        }
+        assert!(catalog.exists(), "round {round}: no SQL catalog at {catalog:?}");
+        let check = rusqlite::Connection::open_with_flags(
+            &catalog,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .expect("open the catalog");
+        let integrity: String =
+            check.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("catalog integrity check");
+        assert_eq!(integrity, "ok", "round {round}: the SQL catalog after the kill");
         replayed_by_children += reader.join().expect("reader");
         acked.extend(rx.try_iter());
         let seen = rt.block_on(async { delivered(&open_cold(dir.path()).await).await });
