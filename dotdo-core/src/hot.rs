@@ -80,9 +80,11 @@ impl ObjectInfo {
 ///   busy or unreachable backend → `Unavailable` (retryable; not retryable when no retry can
 ///   mend it: a read-only or unopenable file); damaged storage → `Corrupt`. A mutating call
 ///   whose outcome is unknown (a COMMIT that failed with an I/O error, a remote primary's reply
-///   lost after the request was sent) → `AmbiguousOutcome`: it may have applied. Never retry
-///   such a write under the same token: take a new lease (whose token fences the write if it
-///   lands late) and read back. A call whose future is dropped before it returns (a timeout
+///   lost after the request was sent) → `AmbiguousOutcome`: it may have applied, also later
+///   (a remote primary runs a request whose reply was lost on to its end). Never retry such a
+///   write, nor write anything else, under the same token (the write could land after a later
+///   one and overwrite it): take a new lease (whose token fences the write if it lands late)
+///   and read back. A call whose future is dropped before it returns (a timeout
 ///   around it) has an unknown outcome too: work already under way (a blocking thread, a
 ///   request sent) may still apply. dotdo-sqlite begins and commits nothing for a caller that
 ///   has given up (one dropped during its COMMIT cannot be told apart); a request already sent

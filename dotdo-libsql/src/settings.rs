@@ -252,6 +252,13 @@ pub fn validate_url(url: &str) -> Result<String> {
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
         Error::invalid(format!("primary URL {:?} has no scheme; use libsql://, https:// or http://", shown(url)))
     })?;
+    if !is_scheme(scheme) {
+        // (Not shown as written: it may hold a `user:password@` placed before the scheme.)
+        return Err(Error::invalid(format!(
+            "primary URL {:?} does not start with a scheme; use libsql://, https:// or http://",
+            shown(url)
+        )));
+    }
     let scheme_lc = scheme.to_ascii_lowercase();
     if !matches!(scheme_lc.as_str(), "libsql" | "https" | "http") {
         return Err(Error::invalid(format!(
@@ -355,13 +362,21 @@ impl fmt::Debug for Target {
     }
 }
 
+/// Whether `s` is a URL scheme (RFC 3986: a letter, then letters, digits, `+`, `-` or `.`).
+fn is_scheme(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
 /// A URL as shown in messages and `Debug`: scheme, host and path only (a query string or a
 /// fragment may carry a token).
 fn shown(url: &str) -> String {
     let url = url.trim();
     let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, url),
+        Some((scheme, rest)) if is_scheme(scheme) => (Some(scheme), rest),
+        // No scheme, or text before `://` that is none (`user:secret@libsql://…`): all of it
+        // is redacted as the rest is.
+        _ => (None, url),
     };
     // A `user:password@` (refused, but shown in that very message, and in a builder's Debug),
     // whatever the password holds (`/`, `?`, `#` unescaped): everything up to the last `@` goes
@@ -443,16 +458,28 @@ impl Target {
 mod tests {
     #[test]
     fn a_token_in_the_url_is_in_no_debug_output_or_message() {
-        let url = "libsql://db.example.turso.io?authToken=s3cret#s3cret";
-        for target in [
-            Target::Remote { url: url.into(), auth_token: "t0ken".into() },
-            Target::Replica { path: "r.db".into(), url: url.into(), auth_token: "t0ken".into(), sync_interval: None },
-        ] {
-            let shown = format!("{target:?} {}", target.describe());
-            assert!(!shown.contains("s3cret") && !shown.contains("t0ken"), "{shown}");
-            assert!(shown.contains("db.example.turso.io"), "{shown}");
+        // Also a `user:password@` written before the scheme.
+        for url in ["libsql://db.example.turso.io?authToken=s3cret#s3cret", "user:s3cret@db.example.turso.io://x"] {
+            for target in [
+                Target::Remote { url: url.into(), auth_token: "t0ken".into() },
+                Target::Replica {
+                    path: "r.db".into(),
+                    url: url.into(),
+                    auth_token: "t0ken".into(),
+                    sync_interval: None,
+                },
+            ] {
+                let shown = format!("{target:?} {}", target.describe());
+                assert!(!shown.contains("s3cret") && !shown.contains("t0ken"), "{shown}");
+                assert!(shown.contains("db.example.turso.io"), "{shown}");
+            }
         }
-        for bad in ["libsql://:0?authToken=s3cret", "libsql://?authToken=s3cret", "libsql://h:99999?authToken=s3cret"] {
+        for bad in [
+            "libsql://:0?authToken=s3cret",
+            "libsql://?authToken=s3cret",
+            "libsql://h:99999?authToken=s3cret",
+            "user:s3cret@libsql://db.example.turso.io",
+        ] {
             let e = validate_url(bad).expect_err(bad);
             assert!(!e.to_string().contains("s3cret"), "{e}");
         }
