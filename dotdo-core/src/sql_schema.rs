@@ -501,11 +501,11 @@ fn file_path_of(path: &std::path::Path) -> Option<std::path::PathBuf> {
     }
     #[cfg(unix)]
     {
-        use std::os::unix::ffi::OsStringExt;
-        Some(std::path::PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+        Some(path_from_bytes(bytes))
     }
     #[cfg(not(unix))]
     {
+        // Not `path_from_bytes`, which converts lossily: a name that is no text names no file.
         String::from_utf8(bytes).ok().map(std::path::PathBuf::from)
     }
 }

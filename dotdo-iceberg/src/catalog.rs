@@ -719,14 +719,9 @@ pub(crate) fn did_not_land(e: &iceberg::Error) -> bool {
     in_chain::<NotLanded>(e) || in_chain::<NotSent>(e)
 }
 
-/// `e` and its sources, outermost first.
-fn chain(e: &iceberg::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |err| err.source())
-}
-
 /// Whether `e` or one of its sources is a `T`.
 fn in_chain<T: std::error::Error + 'static>(e: &iceberg::Error) -> bool {
-    chain(e).any(|err| err.is::<T>())
+    crate::error::chain(e).any(|err| err.is::<T>())
 }
 
 /// The source of a commit's error when it failed before anything was sent to the catalog
@@ -886,7 +881,7 @@ fn rest_client(timeout: std::time::Duration) -> Result<reqwest::Client> {
 /// resolve, a connect timeout): its request was never sent.
 #[cfg(feature = "rest")]
 fn failed_to_connect(e: &iceberg::Error) -> bool {
-    chain(e).any(|err| err.downcast_ref::<reqwest::Error>().is_some_and(reqwest::Error::is_connect))
+    crate::error::chain(e).any(|err| err.downcast_ref::<reqwest::Error>().is_some_and(reqwest::Error::is_connect))
 }
 
 #[cfg(feature = "rest")]

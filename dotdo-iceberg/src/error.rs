@@ -69,12 +69,7 @@ pub(crate) fn object_store_cause(e: &object_store::Error) -> Cause {
         // A missing bucket or container is a configuration error, not a missing (damaged) file:
         // the error code in the store's answer (S3's and Azure's XML bodies), not the words
         // anywhere (the path and the request URL hold a table's own name, which may be those).
-        E::NotFound { .. }
-            if chain_text(e).contains("<Code>NoSuchBucket</Code>")
-                || chain_text(e).contains("<Code>ContainerNotFound</Code>") =>
-        {
-            Cause::Config
-        }
+        E::NotFound { .. } if names_missing_container(&chain_text(e)) => Cause::Config,
         E::NotFound { path, .. } => Cause::Missing(path.clone()),
         E::Generic { .. } => generic_cause(e),
         E::JoinError { .. } => Cause::StoreUnavailable,
@@ -173,6 +168,16 @@ fn tls_refused(text: &str) -> bool {
 }
 
 /// An error's text with its whole source chain.
+/// Whether an error chain's text holds the store's code for a missing bucket or container.
+fn names_missing_container(text: &str) -> bool {
+    text.contains("<Code>NoSuchBucket</Code>") || text.contains("<Code>ContainerNotFound</Code>")
+}
+
+/// `e` and its sources, outermost first.
+pub(crate) fn chain<'a>(e: &'a (dyn StdError + 'static)) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(e), |&err| err.source())
+}
+
 fn chain_text(e: &dyn StdError) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();

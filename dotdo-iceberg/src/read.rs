@@ -1000,7 +1000,7 @@ impl IcebergColdStore {
     }
 
     async fn query(&self, object: &ObjectId, as_of: AsOf, filter: Filter) -> Result<(Vec<ChangeRecord>, QueryStats)> {
-        self.latest_once_more(as_of, || self.query_once(object, as_of, &filter)).await
+        crate::store::latest_once_more(as_of, || self.query_once(object, as_of, &filter)).await
     }
 
     async fn query_once(

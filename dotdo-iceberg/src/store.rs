@@ -1750,7 +1750,7 @@ impl IcebergColdStore {
     /// The current snapshot and the watermarks of `objects` recorded in it, from one table read
     /// (read once more if the snapshot read was expired meanwhile).
     async fn head_watermarks(&self, objects: &[ObjectId]) -> Result<(Option<SnapshotId>, Vec<Watermark>)> {
-        self.latest_once_more(AsOf::Latest, || async {
+        latest_once_more(AsOf::Latest, || async {
             let table = self.read_table().await?;
             let Some(s) = table.metadata().current_snapshot() else {
                 summary::refuse_lost_head(table.metadata())?;
@@ -1812,11 +1812,11 @@ impl ColdSink for IcebergColdStore {
     }
 
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
-        self.latest_once_more(as_of, || self.load_state_once(object, as_of)).await
+        latest_once_more(as_of, || self.load_state_once(object, as_of)).await
     }
 
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
-        self.latest_once_more(as_of, || self.changes_between(object, after, None, as_of)).await
+        latest_once_more(as_of, || self.changes_between(object, after, None, as_of)).await
     }
 
     async fn read_changes_through(
@@ -1829,25 +1829,11 @@ impl ColdSink for IcebergColdStore {
         if through <= after {
             return Ok(Vec::new());
         }
-        self.latest_once_more(as_of, || self.changes_between(object, after, Some(through), as_of)).await
+        latest_once_more(as_of, || self.changes_between(object, after, Some(through), as_of)).await
     }
 }
 
 impl IcebergColdStore {
-    /// `read`, and once more if it asked for the latest state and found the snapshot it read
-    /// expired meanwhile (`NotFound` from [`read_at`](Self::read_at), which has refreshed the
-    /// table): a caller of `AsOf::Latest` has nothing to re-pin. Only for `Latest`: a read of a
-    /// given snapshot or time keeps its `NotFound`. If the second read finds its snapshot
-    /// expired too (another store expiring and cleaning up with a very short retention), a
-    /// retryable `Unavailable`: `NotFound` would say the caller's read can never be answered.
-    pub(crate) async fn latest_once_more<T, F, Fut>(&self, as_of: AsOf, read: F) -> Result<T>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T>>,
-    {
-        latest_once_more(as_of, read).await
-    }
-
     async fn load_state_once(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
         let table = self.read_table().await?;
         let snap = Self::resolve(&table, as_of)?;
@@ -1939,8 +1925,13 @@ impl std::error::Error for ExpiredWhileRead {
     }
 }
 
-/// See [`IcebergColdStore::latest_once_more`].
-async fn latest_once_more<T, F, Fut>(as_of: AsOf, read: F) -> Result<T>
+/// `read`, and once more if it asked for the latest state and found the snapshot it read
+/// expired meanwhile (`NotFound` from [`read_at`](IcebergColdStore::read_at), which has refreshed the
+/// table): a caller of `AsOf::Latest` has nothing to re-pin. Only for `Latest`: a read of a
+/// given snapshot or time keeps its `NotFound`. If the second read finds its snapshot
+/// expired too (another store expiring and cleaning up with a very short retention), a
+/// retryable `Unavailable`: `NotFound` would say the caller's read can never be answered.
+pub(crate) async fn latest_once_more<T, F, Fut>(as_of: AsOf, read: F) -> Result<T>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -1962,8 +1953,7 @@ where
 /// while it was read (that `NotFound`, or [`latest_once_more`]'s `Unavailable` over a second
 /// one; a missing table is not read again).
 fn expired_while_read(e: &Error) -> bool {
-    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |x| x.source())
-        .any(|x| x.is::<ExpiredWhileRead>())
+    crate::error::chain(e).any(|x| x.is::<ExpiredWhileRead>())
 }
 
 /// Most bytes per Arrow batch handed to the Parquet writer; well under the 2 GiB a

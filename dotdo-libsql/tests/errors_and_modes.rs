@@ -1398,7 +1398,6 @@ async fn an_acquire_refused_as_held_is_explained_at_its_own_time() {
 /// no retries) records the time it commits, not the time it was called: read before the wait, a
 /// change committed after another carried an earlier time than it (here 10 s earlier).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::disallowed_methods)] // real time passes while the write waits on the lock
 async fn a_write_that_waited_for_a_lock_is_stamped_when_it_commits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("hot.db");
@@ -1409,22 +1408,10 @@ async fn a_write_that_waited_for_a_lock_is_stamped_when_it_commits() {
     let db = libsql::Builder::new_local(&path).build().await.expect("raw");
     let blocker = db.connect().expect("connect");
     blocker.execute("BEGIN EXCLUSIVE", ()).await.expect("lock");
-    let writer = {
-        let s = s.clone();
-        let token = l.token;
-        tokio::spawn(async move { s.put(&obj(), token, "T", "k", "v".into()).await })
+    let unlock = async move {
+        blocker.execute("ROLLBACK", ()).await.expect("unlock");
     };
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    clock.advance(Duration::from_secs(10));
-    blocker.execute("ROLLBACK", ()).await.expect("unlock");
-    writer.await.expect("no panic").expect("the write commits once the lock is gone");
-    let changes = s.read_changes(&obj(), 0, 10).await.expect("log");
-    assert_eq!(changes.len(), 1);
-    assert_eq!(
-        changes[0].timestamp,
-        dotdo_core::testkit::KIT_EPOCH.plus(Duration::from_secs(10)),
-        "stamped when it committed"
-    );
+    dotdo_core::testkit::assert_a_write_waiting_for_a_lock_is_stamped_when_it_commits(s, l, &clock, unlock).await;
 }
 
 /// A write on a local file whose clock panics inside its transaction leaves no transaction

@@ -356,15 +356,17 @@ fn write_budget(settings: &SqliteSettings) -> Duration {
     total
 }
 
-/// Rolls back the transaction of a write that panics between its `BEGIN` and `COMMIT` (a
-/// store's clock is the caller's code): left open, it would hold the database's write lock, and
-/// every other process's writers would wait on it, until this store's next write.
-struct RollBackOnUnwind<'c>(&'c Connection);
+/// Rolls back the transaction of a write still open when the attempt ends: one that failed, or
+/// that panicked between its `BEGIN` and `COMMIT` (a store's clock is the caller's code). Nothing
+/// of a failed transaction may stay applied, and left open it would hold the database's write
+/// lock, every other process's writers waiting on it, until this store's next write. (After a
+/// `COMMIT` the connection is back in autocommit: nothing to do.)
+struct RollBackIfOpen<'c>(&'c Connection);
 
-impl Drop for RollBackOnUnwind<'_> {
+impl Drop for RollBackIfOpen<'_> {
     fn drop(&mut self) {
-        if std::thread::panicking() && !self.0.is_autocommit() {
-            let _ = self.0.execute_batch("ROLLBACK");
+        if !self.0.is_autocommit() {
+            let _ = self.0.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
         }
     }
 }
@@ -765,20 +767,17 @@ impl Inner {
             }
             self.check_unmoved(doing).map_err(TxError::Api)?;
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-            let _unwind = RollBackOnUnwind(&conn);
-            let out = f(&conn).and_then(|v| {
+            let _open = RollBackIfOpen(&conn);
+            // (The guard drops once the outcome is known: a failed attempt is rolled back
+            // before it is retried.)
+            f(&conn).and_then(|v| {
                 if abandoned() {
                     return Err(gave_up());
                 }
                 self.check_unmoved(doing).map_err(TxError::Api)?;
                 conn.prepare_cached("COMMIT")?.execute([]).map_err(|e| commit_error(e, doing))?;
                 Ok(v)
-            });
-            if out.is_err() && !conn.is_autocommit() {
-                // Nothing of a failed transaction may stay applied.
-                let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
-            }
-            out
+            })
         })
     }
 

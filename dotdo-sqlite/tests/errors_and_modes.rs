@@ -1093,7 +1093,6 @@ fn an_in_memory_read_behind_a_long_write_is_unavailable_in_bounded_time() {
 /// the attempt that commits, not the time it was called: read before the wait, a change
 /// committed after another carried an earlier time than it (here 10 s earlier).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::disallowed_methods)] // real time passes while the write waits on the lock
 async fn a_write_that_waited_for_a_lock_is_stamped_when_it_commits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("hot.db");
@@ -1108,22 +1107,8 @@ async fn a_write_that_waited_for_a_lock_is_stamped_when_it_commits() {
     let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
     let blocker = rusqlite::Connection::open(&path).expect("raw");
     blocker.execute_batch("BEGIN EXCLUSIVE").expect("lock");
-    let writer = {
-        let s = s.clone();
-        let token = l.token;
-        tokio::spawn(async move { s.put(&obj(), token, "T", "k", "v".into()).await })
-    };
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    clock.advance(Duration::from_secs(10));
-    blocker.execute_batch("ROLLBACK").expect("unlock");
-    writer.await.expect("no panic").expect("the write commits once the lock is gone");
-    let changes = s.read_changes(&obj(), 0, 10).await.expect("log");
-    assert_eq!(changes.len(), 1);
-    assert_eq!(
-        changes[0].timestamp,
-        dotdo_core::testkit::KIT_EPOCH.plus(Duration::from_secs(10)),
-        "stamped when it committed"
-    );
+    let unlock = async move { blocker.execute_batch("ROLLBACK").expect("unlock") };
+    dotdo_core::testkit::assert_a_write_waiting_for_a_lock_is_stamped_when_it_commits(s, l, &clock, unlock).await;
 }
 
 /// A `file:` URI in SQLite's shared-cache mode is refused at open: its connections share one

@@ -2122,18 +2122,18 @@ impl ObjectRuntime {
     /// progress runs to its end first.
     pub async fn run_maintenance(&self, period: Duration) {
         let period = period.max(Duration::from_millis(1));
-        while !self.inner.shutting_down.load(Ordering::SeqCst) {
+        loop {
             // The period in steps of at most `MAINTENANCE_WAKE`, each looking for shutdown.
             let started = self.inner.clock.monotonic();
             loop {
+                if self.inner.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
                 let left = period.saturating_sub(self.inner.clock.monotonic().saturating_sub(started));
-                if left.is_zero() || self.inner.shutting_down.load(Ordering::SeqCst) {
+                if left.is_zero() {
                     break;
                 }
                 self.inner.clock.sleep(left.min(MAINTENANCE_WAKE)).await;
-            }
-            if self.inner.shutting_down.load(Ordering::SeqCst) {
-                break;
             }
             match self.maintain().await {
                 Ok(()) => {}

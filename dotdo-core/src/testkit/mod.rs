@@ -507,6 +507,36 @@ pub async fn assert_a_write_waiting_while_the_file_is_replaced_is_refused<S, H>(
     assert!(e.to_string().contains("deleted or replaced"), "{e}");
 }
 
+/// For SQL backends on a local file: a write through `store` under `lease` waits for the
+/// database's write lock, which another connection holds until `unlock` runs; meanwhile `clock`
+/// (the store's) moves 10 s. The write's change must carry the time it committed, not the time
+/// it was called (read before the wait, a change committed after another carried an earlier
+/// time than it).
+#[allow(clippy::disallowed_methods)] // real time passes while the write waits on the lock
+pub async fn assert_a_write_waiting_for_a_lock_is_stamped_when_it_commits<S, U>(
+    store: S,
+    lease: crate::Lease,
+    clock: &ManualClock,
+    unlock: U,
+) where
+    S: HotStore + Clone,
+    U: std::future::Future<Output = ()>,
+{
+    use crate::HotStoreExt;
+    let called = crate::time::Clock::now(clock);
+    let writer = {
+        let (s, object) = (store.clone(), lease.object.clone());
+        tokio::spawn(async move { s.put(&object, lease.token, "T", "k", "v".into()).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    clock.advance(std::time::Duration::from_secs(10));
+    unlock.await;
+    writer.await.expect("no panic").expect("the write commits once the lock is gone");
+    let changes = store.read_changes(&lease.object, 0, 10).await.expect("log");
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].timestamp, called.plus(std::time::Duration::from_secs(10)), "stamped when it committed");
+}
+
 /// A port on 127.0.0.1 where connections are refused, for as long as the returned socket lives:
 /// it is bound but not listening, so no other test or server can take the port meanwhile (a
 /// port found free and then closed again can be).
