@@ -241,8 +241,13 @@ impl SqlVerifier {
             .map_err(unavailable)?
             .pragma("fullfsync", "ON")
             .pragma("checkpoint_fullfsync", "ON");
+        // No idle timeout nor lifetime (one connection to a local file): then sqlx runs no
+        // maintenance task, whose sweep could spin a core for ever (sqlx#3645; see
+        // vendor/sqlx-core/VENDORED.md).
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_with(options)
             .await
             .map_err(unavailable)?;
