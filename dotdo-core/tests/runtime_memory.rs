@@ -954,6 +954,39 @@ async fn evict_idle_leaves_an_object_another_node_took_over() {
     assert_eq!(a.evict_idle().await.expect("and a does not try again"), 0);
 }
 
+/// An idle activation whose lease lapsed here while another node took the object, drained and
+/// evicted it, and let it go: `evict_idle` takes the lease again, finds the object out of hot
+/// storage already and leaves it (it restored the object's whole state from cold storage into
+/// hot storage, only to drain nothing and evict it again); likewise `evict`.
+#[tokio::test]
+async fn evicting_an_object_another_node_evicted_meanwhile_restores_nothing() {
+    let w = World::new();
+    let b = w.runtime("b", RuntimeSettings { evict_idle_after: Some(Duration::from_secs(5)), ..settings() });
+    let c = w.runtime("c", settings());
+    let (o, p) = (oid("o"), oid("p"));
+    incr(&b, &o).await.expect("b");
+    incr(&c, &p).await.expect("c");
+    w.clock.advance(TTL * 2 + Duration::from_secs(5));
+    let a = w.runtime("a", settings());
+    for x in [&o, &p] {
+        assert_eq!(incr(&a, x).await.expect("a takes the lapsed object"), 2);
+        a.evict(x).await.expect("a evicts it");
+        assert!(w.hot.object_info(x).await.expect("info").is_some_and(|i| i.keys == 0), "out of hot storage");
+    }
+    let (b0, c0) = (b.metrics(), c.metrics());
+    b.evict_idle().await.expect("evict idle");
+    c.evict(&p).await.expect("evict");
+    for (before, after) in [(b0, b.metrics()), (c0, c.metrics())] {
+        assert_eq!(after.eager_restores, before.eager_restores, "nothing restored to be evicted again");
+        assert_eq!(after.activations, before.activations);
+    }
+    for x in [&o, &p] {
+        assert!(w.hot.object_info(x).await.expect("info").is_some_and(|i| i.keys == 0), "still out of hot storage");
+        assert!(w.hot.current(x).await.expect("current").is_none(), "no lease left behind");
+        assert_eq!(incr(&a, x).await.expect("comes back"), 3);
+    }
+}
+
 #[tokio::test]
 async fn auto_flush_after_threshold_and_release_without_keep_warm() {
     let w = World::new();

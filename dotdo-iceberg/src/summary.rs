@@ -373,9 +373,36 @@ pub fn checkpoint(snapshot: &Snapshot) -> Option<&str> {
     snapshot.summary().additional_properties.get(CHECKPOINT).map(String::as_str)
 }
 
+/// Watermark JSON as decoded: an object whose keys are unique (serde's maps keep the last of a
+/// repeated key, which would silently lower an object's watermark).
+struct UniqueKeys(BTreeMap<String, (u64, u64)>);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of [through, token] pairs with unique keys")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<UniqueKeys, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, (u64, u64)>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("key {k:?} appears twice")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(UniqueKeys(out))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 /// Decode watermark JSON found in `what` (a summary or a checkpoint file).
 pub fn decode_watermarks(json: &[u8], what: &str) -> Result<Watermarks> {
-    let raw: BTreeMap<String, (u64, u64)> = serde_json::from_slice(json)
+    let UniqueKeys(raw) = serde_json::from_slice(json)
         .map_err(|e| Error::corrupt(format!("{what}: undecodable watermarks")).with_source(e))?;
     raw.into_iter()
         .map(|(k, (through, token))| {
@@ -541,5 +568,19 @@ mod tests {
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
             assert!(e.to_string().contains("checkpoint x"), "{e}");
         }
+    }
+
+    /// A key written twice is damage (serde kept the last one: `a`'s watermark read as 0, and a
+    /// stale committer's or a replay's records went through).
+    #[test]
+    fn a_watermark_key_written_twice_is_corrupt() {
+        let e = decode_watermarks(br#"{"a":[9,5],"b":[1,1],"a":[0,0]}"#, "summary s").expect_err("a repeated key");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("summary s"), "{e}");
+        let source = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+        assert!(source.contains("\"a\" appears twice"), "{source}");
+        let w = decode_watermarks(br#"{"a":[9,5],"b":[1,1]}"#, "summary s").expect("unique keys");
+        assert_eq!(w.len(), 2);
+        assert!(decode_watermarks(br#"[]"#, "summary s").is_err(), "an array is no watermark object");
     }
 }

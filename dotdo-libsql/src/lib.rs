@@ -107,10 +107,12 @@
 //!   `LibsqlSettings::sync_timeout` (60 s), and a failed attempt is retried up to
 //!   `LibsqlSettings::retries` times: at open and before a read the call then fails with a
 //!   retryable `Unavailable` (after a write, committed on the primary, the write returns and
-//!   the next read pulls first), while a timed-out pull goes on in the background (the next
-//!   pull waits for it). Pulls run one at a time per store, and each
-//!   write (lease calls included) waits for its own: a store's write rate in replica mode is
-//!   bounded by the pull's round trips. Read-your-writes holds when the replication endpoint is
+//!   the next read pulls first). An attempt that times out is not retried: its pull goes on in
+//!   the background, and the next pull waits for it (within that pull's own `sync_timeout`).
+//!   Pulls run one at a time per store, and each write (an acquire included; a lease refresh
+//!   or release changes nothing a replica read sees: lease reads go to the primary) waits for
+//!   its own: a store's write rate in replica mode is bounded by the pull's round trips.
+//!   [`LibsqlStore::sync`] pulls on demand; once it succeeds, reads need not pull first. Read-your-writes holds when the replication endpoint is
 //!   the primary (a pull catches up to the primary's position at its handshake); a lagging edge
 //!   endpoint can answer a pull without the store's own last write.
 //!

@@ -50,7 +50,9 @@ pub struct LibsqlSettings {
     /// write is durable once the primary has it; the replica file is libsql's to sync).
     pub durability: Durability,
     /// How long one local SQLite call waits for a lock held by another connection or process
-    /// before reporting busy. Default 2 s. (No effect on a remote primary.)
+    /// before reporting busy. Default 2 s. (No effect on a remote primary, nor on an embedded
+    /// replica's reads: libsql's replica connections take no busy timeout, so a read that meets
+    /// a lock on the replica file is busy at once and waits only the `retries`' backoff.)
     pub busy_timeout: Duration,
     /// How many times a transiently failing call (busy database, unreachable or overloaded
     /// primary) is retried, with doubling backoff from `retry_backoff` up to `max_backoff`, before
@@ -107,10 +109,11 @@ pub struct LibsqlSettings {
     /// longer. (No effect on a local file.)
     pub request_timeout: Duration,
     /// How long each attempt of an embedded replica's pull from the primary (at open, after each
-    /// write, and before a read while the replica may lack committed writes) may take; a failed
-    /// attempt is retried up to `retries` times, so a call may wait `retries + 1` times this. At
-    /// open and before a read the call then fails with a retryable `Unavailable`; after a write (committed on the
-    /// primary) the write returns, and the next read pulls first. libsql's replication client has no timeout of its
+    /// write, and before a read while the replica may lack committed writes) may take, a wait
+    /// for a pull still running from an earlier call included; an attempt that fails is retried
+    /// up to `retries` times, one that runs out of this time is not (its pull goes on). At
+    /// open and before a read the call then fails with a retryable `Unavailable`; after a write
+    /// (committed on the primary) the write returns, and the next read pulls first. libsql's replication client has no timeout of its
     /// own: a primary that stops answering would otherwise hold the call for as long as the OS
     /// keeps the connection (minutes). The pull itself is not cut off midway (libsql's
     /// replicator is not made for that): it runs on, and the next pull waits for it. Default

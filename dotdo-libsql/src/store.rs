@@ -52,7 +52,8 @@ struct Pool {
     pub(crate) settings: LibsqlSettings,
 }
 
-/// What every connection to a local or replica file gets: its busy timeout, and on a local file
+/// What every connection to a local or replica file gets: its busy timeout (a no-op on a
+/// replica's: libsql 0.10's replica connections ignore it), and on a local file
 /// (`page_cache`) its page cache and the writer's sync settings (the last connection to close
 /// runs SQLite's final checkpoint, a reader's too: it must sync as the writer's would).
 /// (libsql's replica connections parse each statement and refuse `PRAGMA cache_size = …` as
@@ -182,6 +183,15 @@ impl ReplicaBehind {
     /// and missed this store's own write.
     pub(crate) fn mark_if_dropped(&self) -> MarkIfDropped<'_> {
         MarkIfDropped(Some(self))
+    }
+
+    /// Run `pull`, a pull that starts when awaited (`sync_replica` waits for a pull still
+    /// running, then starts its own): once it succeeds, the writes marked before it are local.
+    pub(crate) async fn pull_now(&self, pull: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+        let through = self.marked.load(std::sync::atomic::Ordering::SeqCst);
+        pull.await?;
+        self.pulled_through(through);
+        Ok(())
     }
 
     /// A pull that started after mark `m` succeeded: the writes of marks up to `m` are local.
@@ -641,8 +651,9 @@ impl LibsqlStore {
     }
 
     /// Pull the embedded replica up to date with the primary now (a no-op in the other modes).
+    /// Reads that were to pull first (a write's own pull failed) need not pull again after it.
     pub async fn sync(&self) -> Result<()> {
-        self.sync_replica().await
+        self.inner.replica_behind.pull_now(self.sync_replica()).await
     }
 
     async fn sync_replica(&self) -> Result<()> {
@@ -1101,16 +1112,21 @@ impl LibsqlStore {
         loop {
             let mut conn = match pool.take() {
                 Some(c) => c,
-                None => match pool.connect().await {
+                // Its pragmas read the schema, and wait up to `busy_timeout` while another
+                // process holds the database (recovering its WAL after a crash): driven as a
+                // statement is (on a local file, not on the async worker), and retried as one.
+                None => match self
+                    .drive(pool.local_file, Box::pin(async { pool.connect().await.map_err(TxError::Sql) }))
+                    .await
+                {
                     Ok(c) => c,
-                    // Its pragmas read the schema: busy while another process holds the database
-                    // (recovering its WAL after a crash), retried as a statement would be.
-                    Err(e) if is_transient(class_of(&e), false) && attempt < settings.retries => {
+                    Err(TxError::Sql(e)) if is_transient(class_of(&e), false) && attempt < settings.retries => {
                         attempt += 1;
                         retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
-                    Err(e) => return Err(error::map(e, doing, false)),
+                    Err(TxError::Sql(e)) => return Err(error::map(e, doing, false)),
+                    Err(TxError::Api(e)) => return Err(e),
                 },
             };
             // After a timeout (a `TxError::Sql`) the connection is not given back: its stream is
@@ -1408,6 +1424,30 @@ mod tests {
         assert_eq!(pulls.load(Ordering::SeqCst), 1, "the next read pulled first");
         behind.catch_up(pull()).await.expect("up to date again");
         assert_eq!(pulls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A pull on demand (`LibsqlStore::sync`) that succeeds brings the writes marked before it:
+    /// the next read does not pull again (it did, and failed with `Unavailable` if the
+    /// replication endpoint flapped meanwhile); one that fails leaves the replica behind.
+    #[tokio::test]
+    async fn a_pull_on_demand_catches_the_replica_up() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let behind = ReplicaBehind::default();
+        let pulls = AtomicU32::new(0);
+        let pull = || async {
+            pulls.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        behind.mark();
+        let e = behind.pull_now(async { Err(Error::unavailable("no answer (test)")) }).await.expect_err("failed");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        behind.mark();
+        behind.pull_now(pull()).await.expect("pulled");
+        assert_eq!(pulls.load(Ordering::SeqCst), 1);
+        behind.catch_up(async { Err(Error::unavailable("no answer (test)")) }).await.expect("no pull needed");
+        behind.mark();
+        behind.catch_up(pull()).await.expect("a write marked after it: pulled");
+        assert_eq!(pulls.load(Ordering::SeqCst), 2);
     }
 
     /// Readers queued behind a catch-up pull that fails fail with its error, without each

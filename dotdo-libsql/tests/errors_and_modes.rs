@@ -587,6 +587,43 @@ async fn local_calls_do_not_stall_other_tasks_on_a_multi_thread_runtime() {
     dotdo_core::testkit::assert_waiting_call_does_not_stall(put, release).await.expect("the put goes through");
 }
 
+/// A read that opens a reader connection while another process holds every WAL read mark of
+/// the file (as a process recovering its WAL after a crash holds the WAL index) waits for it (the
+/// connection's pragmas read the schema) without stalling the (only) worker: the connect runs as
+/// a statement does (it ran on the worker, which showed no tick while the marks were held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_read_opening_a_connection_on_a_locked_file_does_not_stall_other_tasks() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let s = LibsqlStore::local(&path).open().await.expect("open");
+    // SQLite's unix VFS locks the WAL index's read marks at bytes 123..128 of the -shm file; a
+    // lock of another process (fcntl locks are per process) is what SQLite waits on.
+    let shm = dir.path().join("hot.db-shm");
+    assert!(shm.exists(), "the store has the WAL index open");
+    let holder = "import fcntl, sys\nf = open(sys.argv[1], 'r+b')\nfcntl.lockf(f, fcntl.LOCK_EX, 5, 123, 0)\n\
+                  print('locked', flush=True)\nsys.stdin.read()\n";
+    let mut child = std::process::Command::new(std::env::var("DOTDO_PYTHON").unwrap_or_else(|_| "python3".into()))
+        .args(["-c", holder])
+        .arg(&shm)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs the lock holder");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "locked");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let get = async move { s.get(&obj(), "k").await };
+    let release = async move {
+        stdin.write_all(b"done").expect("write");
+        drop(stdin);
+        child.wait().expect("the holder ends");
+    };
+    let got = dotdo_core::testkit::assert_waiting_call_does_not_stall(get, release).await;
+    assert_eq!(got.expect("the read goes through"), None);
+}
+
 #[tokio::test]
 async fn a_lease_row_that_does_not_decode_is_corrupt_never_a_free_lease() {
     let dir = tempfile::tempdir().expect("tempdir");

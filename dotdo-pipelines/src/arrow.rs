@@ -29,6 +29,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::settings::{Durability, PipelineSettings};
 
+/// The highest batch id: ids are stream marks, at most `i64::MAX`.
+const MAX_BATCH_ID: u64 = i64::MAX as u64;
+
 /// A destination for numbered batches of one Arrow schema.
 ///
 /// Contract: `append(stream, id, ..)` is atomic and idempotent per `(stream, id)`: an id at or
@@ -399,9 +402,10 @@ impl ArrowPipeline {
             .optional()
             .map_err(|e| sql(e, &doing))?;
         v.map(|v| {
-            // Batch ids are stream marks, at most `i64::MAX` (and bound as `i64` in the log): a
-            // floor above it would make every claim fail, for good.
-            v.parse::<u64>().ok().filter(|&n| n > 0 && n <= i64::MAX as u64).ok_or_else(|| {
+            // Batch ids are stream marks, at most `MAX_BATCH_ID` (and bound as `i64` in the log):
+            // the floor is one above the last id claimed, so at most one above that (every id
+            // used: claims are then `LimitExceeded`); a floor above it is damage.
+            v.parse::<u64>().ok().filter(|&n| n > 0 && n <= MAX_BATCH_ID + 1).ok_or_else(|| {
                 Error::corrupt(format!("{}: arrow_log_meta next_id {v:?} is not a batch id", path.display()))
             })
         })
@@ -620,6 +624,14 @@ impl ArrowPipeline {
                     let id = {
                         let mut next = inner.next_id.lock();
                         let id = next.unwrap_or(0).max(last.saturating_add(1));
+                        // Batch ids are stream marks, at most `i64::MAX` (bound as `i64` in a
+                        // durable log: a larger one failed every claim as a backend error).
+                        if id > MAX_BATCH_ID {
+                            return Err(Error::limit("batch id", MAX_BATCH_ID, id).context(format!(
+                                "stream {:?} has used every batch id; its batches stay pending",
+                                inner.stream
+                            )));
+                        }
                         *next = Some(id.saturating_add(1));
                         id
                     };

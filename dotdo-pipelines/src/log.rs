@@ -33,6 +33,9 @@ pub(crate) struct Claimed {
 /// Assigns the next sequence number of (route, object), or `None` if unknown yet.
 pub(crate) type NextSeq<'a> = &'a mut dyn FnMut(&str, &ObjectId) -> Option<u64>;
 
+/// Whether the events of (route, object) can never be claimed (see [`Log::take_stuck`]).
+pub(crate) type Stuck<'a> = &'a mut dyn FnMut(&str, &ObjectId) -> bool;
+
 pub(crate) trait Log: Send + Sync {
     fn append(&self, rows: Vec<Row>) -> Result<()>;
     /// (events, bytes) waiting, claimed ones included.
@@ -50,6 +53,10 @@ pub(crate) trait Log: Send + Sync {
         next_seq: NextSeq<'_>,
     ) -> Result<Option<Claimed>>;
     fn ack(&self, id: u64) -> Result<()>;
+    /// Take out the oldest waiting (unclaimed) events, at most `max`, for as long as
+    /// `stuck(route, object)` says their object's events can never be claimed; gone durably
+    /// (disk logs: `synchronous=FULL`), as a batch handed to the caller is.
+    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>>;
     /// [`ack`](Log::ack), durable across a power loss (disk logs: `synchronous=FULL`): for a
     /// batch handed to the caller, which must not come back.
     fn ack_durably(&self, id: u64) -> Result<()> {
@@ -109,6 +116,9 @@ impl<L: Log> Log for NamedLog<L> {
     }
     fn ack(&self, id: u64) -> Result<()> {
         self.named(self.inner.ack(id))
+    }
+    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+        self.named(self.inner.take_stuck(max, stuck))
     }
     fn ack_durably(&self, id: u64) -> Result<()> {
         self.named(self.inner.ack_durably(id))
@@ -264,6 +274,16 @@ impl Log for MemoryLog {
             self.depth.sub(c.rows.len(), bytes);
         }
         Ok(())
+    }
+
+    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+        let mut st = self.state.lock();
+        let mut out = Vec::new();
+        while out.len() < max && st.rows.front().is_some_and(|r| stuck(&r.route, &r.event.object)) {
+            out.extend(st.rows.pop_front());
+        }
+        self.depth.sub(out.len(), out.iter().map(|r| r.event.size()).sum());
+        Ok(out)
     }
 }
 
@@ -793,6 +813,35 @@ impl Log for SqliteLog {
     fn ack_durably(&self, id: u64) -> Result<()> {
         retry_busy(|| fully_synced(&mut self.conn.lock(), |c| self.ack_on(c, id)))
     }
+
+    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+        let mut conn = self.conn.lock();
+        let taken = fully_synced(&mut conn, |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|e| sql(e, "taking out events"))?;
+            let limit = i64::try_from(max).unwrap_or(i64::MAX);
+            let rows = Self::rows_of(
+                &tx,
+                "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
+                &[&limit],
+            )
+            .map_err(|e| sql(e, "taking out events"))?;
+            let taken: Vec<(i64, Row)> = rows
+                .into_iter()
+                .take_while(|(_, route, e, _)| stuck(route, &e.object))
+                .map(|(id, route, event, _)| (id, Row { route, event }))
+                .collect();
+            if let Some((last, _)) = taken.last() {
+                tx.execute("DELETE FROM pipeline_log WHERE batch IS NULL AND id <= ?1", [last])
+                    .map_err(|e| sql(e, "taking out events"))?;
+            }
+            tx.commit().map_err(|e| sql(e, "taking out events"))?;
+            Ok(taken)
+        })?;
+        self.depth.sub(taken.len(), taken.iter().map(|(_, r)| r.event.size()).sum());
+        Ok(taken.into_iter().map(|(_, r)| r).collect())
+    }
 }
 
 impl SqliteLog {
@@ -919,6 +968,15 @@ impl Log for SpillLog {
 
     fn ack_durably(&self, id: u64) -> Result<()> {
         self.ack_with(id, true)
+    }
+
+    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+        // Where `claim` would claim from: memory while it holds events, then the file.
+        if self.mem.depth().0 > 0 {
+            self.mem.take_stuck(max, stuck)
+        } else {
+            self.disk.take_stuck(max, stuck)
+        }
     }
 }
 

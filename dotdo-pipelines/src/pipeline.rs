@@ -535,30 +535,12 @@ impl Pipeline {
                     c
                 }
                 None => {
-                    // Learn the watermark of objects not seen yet, then claim.
-                    // One batched read per route (one snapshot for an Iceberg sink), not one per
-                    // object.
-                    let objects = inner.log.next_objects(learn_window(&inner.settings))?;
-                    let mut unknown: BTreeMap<String, Vec<ObjectId>> = BTreeMap::new();
-                    {
-                        let seqs = inner.next_seq.lock();
-                        for (route, object) in objects {
-                            if !seqs.contains_key(&(route.clone(), object.clone())) {
-                                unknown.entry(route).or_default().push(object);
-                            }
-                        }
-                    }
-                    for (route, objects) in unknown {
-                        let wms = self.watermarks(&route, &objects).await?;
-                        let mut seqs = inner.next_seq.lock();
-                        for (object, wm) in objects.into_iter().zip(wms) {
-                            seqs.entry((route.clone(), object)).or_insert(wm.through.saturating_add(1));
-                        }
-                    }
+                    self.learn_next_seqs().await?;
                     let mut seqs = inner.next_seq.lock();
                     // An object whose sequence numbers ran out stops the claim before its event
                     // (nothing of it is claimed): the roll fails with `LimitExceeded`, where a
-                    // claimed number above the limit would be refused by the sink on every roll.
+                    // claimed number above the limit would be refused by the sink on every roll;
+                    // `take_refused` takes such events out.
                     let mut exhausted: Option<(ObjectId, u64)> = None;
                     let mut next = |route: &str, object: &ObjectId| -> Option<u64> {
                         let slot = seqs.get_mut(&(route.to_string(), object.clone()))?;
@@ -587,7 +569,8 @@ impl Pipeline {
                             Some((object, seq)) => {
                                 return Err(Error::limit("sequence number", dotdo_core::MAX_SEQ, seq).context(
                                     format!(
-                                        "object {object} has used every sequence number; its events stay in the log"
+                                        "object {object} has used every sequence number; its events stay in the log \
+                                         (take_refused takes them out)"
                                     ),
                                 ));
                             }
@@ -707,6 +690,43 @@ impl Pipeline {
         Ok(wms)
     }
 
+    /// Learn the watermark of the waiting objects not seen yet (the next sequence number of
+    /// each): one batched read per route (one snapshot for an Iceberg sink), not one per object.
+    async fn learn_next_seqs(&self) -> Result<()> {
+        let inner = &self.inner;
+        let objects = inner.log.next_objects(learn_window(&inner.settings))?;
+        let mut unknown: BTreeMap<String, Vec<ObjectId>> = BTreeMap::new();
+        {
+            let seqs = inner.next_seq.lock();
+            for (route, object) in objects {
+                if !seqs.contains_key(&(route.clone(), object.clone())) {
+                    unknown.entry(route).or_default().push(object);
+                }
+            }
+        }
+        for (route, objects) in unknown {
+            let wms = self.watermarks(&route, &objects).await?;
+            let mut seqs = inner.next_seq.lock();
+            for (object, wm) in objects.into_iter().zip(wms) {
+                seqs.entry((route.clone(), object)).or_insert(wm.through.saturating_add(1));
+            }
+        }
+        Ok(())
+    }
+
+    /// With no batch claimed: take out the events at the head of the log whose object has used
+    /// every sequence number (a roll stops at them with `LimitExceeded`, for ever).
+    async fn take_exhausted(&self) -> Result<Vec<(String, Event)>> {
+        let inner = &self.inner;
+        self.learn_next_seqs().await?;
+        let seqs = inner.next_seq.lock();
+        let mut stuck = |route: &str, object: &ObjectId| {
+            seqs.get(&(route.to_string(), object.clone())).is_some_and(|s| *s > dotdo_core::MAX_SEQ)
+        };
+        let rows = inner.log.take_stuck(inner.settings.roll_rows, &mut stuck)?;
+        Ok(rows.into_iter().map(|r| (r.route, r.event)).collect())
+    }
+
     fn sink(&self, route: &str) -> Result<&Arc<dyn ColdSink>> {
         self.inner.routes.get(route).ok_or_else(|| Error::invalid(format!("unknown route {route:?}")))
     }
@@ -756,7 +776,10 @@ impl Pipeline {
     /// sink refuses for good, which otherwise stop the pipeline for good. Each event comes with
     /// its route (`""`: the default sink). Events of the batch a sink holds already (a route
     /// whose commit landed, an attempt whose reply was lost) stay committed and are not
-    /// returned; an empty list when no batch is claimed. The taken-out events are the caller's
+    /// returned. With no batch claimed, the events at the head of the log whose object has used
+    /// every sequence number (a roll fails with `LimitExceeded` on them, every time) are taken
+    /// out instead, at most [`roll_rows`](crate::PipelineSettings::roll_rows) of them; else an
+    /// empty list. The taken-out events are the caller's
     /// (store them, fix them, send them again: they get new sequence numbers then, and pass the
     /// transform again: they are returned as the transform made them). Waits for a roll in
     /// progress; then `roll` (the background loop keeps its backoff from the failed rolls).
@@ -768,7 +791,7 @@ impl Pipeline {
     pub async fn take_refused(&self) -> Result<Vec<(String, Event)>> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;
-        let Some(claimed) = inner.log.claimed(inner.settings.token)? else { return Ok(Vec::new()) };
+        let Some(claimed) = inner.log.claimed(inner.settings.token)? else { return self.take_exhausted().await };
         inner.commits.refuse_if_open(claimed.id)?;
         if inner.own_claim.lock().as_ref().is_none_or(|o| o.id != claimed.id || o.inherited) {
             inner.commits.refuse_if_inherited_unanswered(claimed.id, claimed.rows.iter().map(|(r, _)| r.as_str()))?;

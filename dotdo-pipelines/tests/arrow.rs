@@ -1153,13 +1153,13 @@ async fn pipelines_sharing_a_log_file_roll_while_the_other_sends() {
     assert_eq!(rows, u64::try_from(arrow_batches * 5).expect("positive"), "the Arrow batches sent meanwhile");
 }
 
-/// A durable Arrow log whose recorded next batch id is past what a batch id can be (`i64::MAX`;
-/// damaged, or
-/// edited by hand) is refused at open as `Corrupt` naming the row: it opened, and every roll
-/// failed for good (`Backend` binding the id, or `InvalidInput` from the table's stream marks).
+/// A durable Arrow log whose recorded next batch id is past what a batch id can be (one above
+/// `i64::MAX`, the floor once the last id was taken out; damaged, or edited by hand) is refused
+/// at open as `Corrupt` naming the row: it opened, and every roll failed for good (`Backend`
+/// binding the id, or `InvalidInput` from the table's stream marks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arrow_log_whose_next_batch_id_is_out_of_range_is_corrupt() {
-    for bad in [(i64::MAX as u64 + 1).to_string(), u64::MAX.to_string(), "0".to_string(), "x".to_string()] {
+    for bad in [(i64::MAX as u64 + 2).to_string(), u64::MAX.to_string(), "0".to_string(), "x".to_string()] {
         let dir = tempfile::tempdir().expect("tempdir");
         let t = table(dir.path()).await;
         let path = dir.path().join("arrow-log.db");
@@ -1172,5 +1172,54 @@ async fn an_arrow_log_whose_next_batch_id_is_out_of_range_is_corrupt() {
         let e = ArrowPipeline::open("orders", Arc::new(t), settings).expect_err("a damaged floor");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{bad}: {e}");
         assert!(e.to_string().contains("next_id"), "{bad}: {e}");
+    }
+}
+
+/// A sink whose stream has committed batch `last` and refuses every append for good.
+#[derive(Debug)]
+struct AtBatch {
+    last: u64,
+}
+
+#[async_trait]
+impl ArrowSink for AtBatch {
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+    async fn last_batch(&self, _stream: &str) -> Result<u64> {
+        Ok(self.last)
+    }
+    async fn append(&self, _stream: &str, _id: u64, _batches: Vec<RecordBatch>) -> Result<u64> {
+        Err(Error::invalid("the sink refuses this batch for good (test)"))
+    }
+}
+
+/// Batch ids end at `i64::MAX`: a stream that used them all makes a roll `LimitExceeded` (it
+/// was a backend error binding the id), and a durable log whose last id was taken out opens
+/// again (its floor one above the last id read as damage: `Corrupt`).
+#[tokio::test]
+async fn a_stream_out_of_batch_ids_is_limit_exceeded_and_its_log_reopens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("arrow-log.db")), ..Default::default() };
+    let max = i64::MAX as u64;
+    let p = ArrowPipeline::open("s", Arc::new(AtBatch { last: max - 1 }), settings.clone()).expect("pipeline");
+    p.send(batch(0, 2)).expect("send");
+    let e = p.roll().await.expect_err("refused");
+    assert!(matches!(e.kind(), ErrorKind::InvalidInput), "{e}");
+    let out = p.take_refused().await.expect("take out").expect("the refused batch");
+    assert_eq!(out.id, max, "the last batch id");
+    p.send(batch(2, 2)).expect("send");
+    drop(p);
+    let p = ArrowPipeline::open("s", Arc::new(AtBatch { last: max - 1 }), settings).expect("the log reopens");
+    let e = p.roll().await.expect_err("no batch id left");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(e.to_string().contains("every batch id"), "{e}");
+    for mode in [Durability::Memory, Durability::Durable(dir.path().join("other.db"))] {
+        let settings = PipelineSettings { durability: mode, ..Default::default() };
+        let p = ArrowPipeline::open("s", Arc::new(AtBatch { last: max }), settings).expect("pipeline");
+        p.send(batch(0, 1)).expect("send");
+        let e = p.roll().await.expect_err("no batch id left");
+        assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
     }
 }

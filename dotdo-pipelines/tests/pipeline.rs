@@ -1429,3 +1429,45 @@ async fn an_object_out_of_sequence_numbers_is_limit_exceeded() {
     let e = p.roll().await.expect_err("still none");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
 }
+
+/// `take_refused` takes the events of an object out of sequence numbers out of the way (no
+/// batch is claimed: the roll stopped before them), so the events behind them go on; in memory
+/// and in a durable log, whose taken-out events stay gone after a reopen.
+#[tokio::test]
+async fn events_of_an_object_out_of_sequence_numbers_are_taken_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log.db");
+    for durability in [Durability::Memory, Durability::Durable(path.clone())] {
+        let sink = Arc::new(Exhausted { inner: MemoryColdStore::new() });
+        let settings = PipelineSettings { durability: durability.clone(), ..Default::default() };
+        let p = Pipeline::builder(sink.clone()).with_settings(settings.clone()).build().expect("build");
+        p.send(vec![ev("ok", "a", "1"), ev("full", "b", "2"), ev("full", "c", "3"), ev("ok2", "d", "4")])
+            .expect("send");
+        p.send(vec![ev("full", "e", "5")]).expect("send");
+        let e = p.roll().await.expect_err("no sequence number left for `full`");
+        assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+        assert!(e.to_string().contains("take_refused"), "{e}");
+        let out = p.take_refused().await.expect("take out");
+        let keys: Vec<&str> = out.iter().map(|(_, e)| e.key.as_str()).collect();
+        assert_eq!(keys, ["b", "c"], "the two events at the head, not those behind `ok2` ({durability:?})");
+        assert!(out.iter().all(|(route, e)| route.is_empty() && e.object.as_str() == "full"));
+        assert_eq!(p.metrics().buffer_depth, 2, "ok2's and the later `full` event wait");
+        let e = p.roll().await.expect_err("the later `full` event stops the roll again");
+        assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+        let ok2 = sink.inner.read_changes(&ObjectId::new("ok2").expect("id"), 0, AsOf::Latest).await.expect("read");
+        assert_eq!(ok2.len(), 1, "the event behind them was committed ({durability:?})");
+        let p = match durability {
+            Durability::Durable(_) => {
+                drop(p);
+                Pipeline::builder(sink.clone()).with_settings(settings).build().expect("reopen")
+            }
+            _ => p,
+        };
+        assert_eq!(p.metrics().buffer_depth, 1, "the taken-out events stay gone ({durability:?})");
+        let out = p.take_refused().await.expect("take out");
+        assert_eq!(out.iter().map(|(_, e)| e.key.as_str()).collect::<Vec<_>>(), ["e"]);
+        assert_eq!(p.metrics().buffer_depth, 0);
+        assert!(p.take_refused().await.expect("nothing left").is_empty());
+        p.roll().await.expect("nothing waits");
+    }
+}

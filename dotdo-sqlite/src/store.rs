@@ -341,9 +341,6 @@ fn switch_to_wal(conn: &Connection, path: &Path, settings: &SqliteSettings, doin
 /// The most busy retries a store accepts.
 pub const MAX_BUSY_RETRIES: u32 = 100;
 
-/// Whether `path` names a database private to one connection (`:memory:`, the empty path's
-/// temporary database, or an in-memory URI): another connection to it would see another,
-/// empty database.
 /// The longest one write call may spend in busy waits and backoff: every attempt's busy
 /// timeout plus the backoff between attempts.
 fn write_budget(settings: &SqliteSettings) -> Duration {
@@ -551,25 +548,38 @@ fn stored(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
     Ok(v)
 }
 
+/// SQL: the token of the lease row of object `?1` (live or not), 0 without one, -1 if it is no
+/// integer (a NULL in a predecessor's table made without `NOT NULL`): [`stored`] refuses that as
+/// damage, where read as 0 it let a write under any token through.
+macro_rules! lease_token {
+    () => {
+        "coalesce((SELECT CASE WHEN typeof(fencing_token) = 'integer' THEN fencing_token ELSE -1 END \
+         FROM do_locks WHERE do_id = ?1), 0)"
+    };
+}
+
 fn obj_row(conn: &Connection, object: &str) -> rusqlite::Result<Option<ObjRow>> {
     // `do_objects.last_seq` is a floor kept for truncated and restored changes; the effective last
     // sequence number is the larger of it and the newest change still in the log. This keeps the
     // common write path free of a counter update (one page write fewer per put). Likewise the
     // fencing floor is the larger of `do_objects.max_token` and the lease's token, so that an
-    // acquire writes the lease row alone (see the schema's invariant).
-    conn.prepare_cached(
+    // acquire writes the lease row alone (see the schema's invariant). The lease's token is a
+    // column of its own: `max()` in SQL would hide a damaged one (see `lease_token!`).
+    conn.prepare_cached(concat!(
         "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = ?1), 0)), \
-         o.truncated_through, max(o.max_token, coalesce((SELECT fencing_token FROM do_locks l WHERE l.do_id = ?1), 0)) \
-         FROM do_objects o WHERE o.do_id = ?1",
-    )?
-    .query_row([object], |r| Ok(ObjRow { last_seq: stored(r, 0)?, truncated: stored(r, 1)?, max_token: stored(r, 2)? }))
+         o.truncated_through, o.max_token, ",
+        lease_token!(),
+        " FROM do_objects o WHERE o.do_id = ?1"
+    ))?
+    .query_row([object], |r| {
+        Ok(ObjRow { last_seq: stored(r, 0)?, truncated: stored(r, 1)?, max_token: stored(r, 2)?.max(stored(r, 3)?) })
+    })
     .optional()
 }
 
 /// The token of the object's lease row (live or not), 0 without one.
 fn lease_token(conn: &Connection, object: &str) -> rusqlite::Result<u64> {
-    conn.prepare_cached("SELECT coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0)")?
-        .query_row([object], |r| stored(r, 0))
+    conn.prepare_cached(concat!("SELECT ", lease_token!()))?.query_row([object], |r| stored(r, 0))
 }
 
 /// Check `token` against the object's fencing floor and raise `do_objects.max_token` to it if it
@@ -1030,18 +1040,21 @@ impl HotStore for SqliteStore {
         self.run(move |inner| {
             inner.read("object info", |c| {
                 c.prepare_cached(
-                    "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = o.do_id), 0)), \
-                       o.truncated_through, max(o.max_token, coalesce(l.fencing_token, 0)), \
-                       (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
-                       (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id), \
-                       NOT EXISTS (SELECT 1 FROM do_evicted e WHERE e.do_id = o.do_id) \
-                     FROM do_objects o LEFT JOIN do_locks l ON l.do_id = o.do_id WHERE o.do_id = ?1",
+                    concat!(
+                        "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = o.do_id), 0)), \
+                           o.truncated_through, o.max_token, \
+                           (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
+                           (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id), \
+                           NOT EXISTS (SELECT 1 FROM do_evicted e WHERE e.do_id = o.do_id), ",
+                        lease_token!(),
+                        " FROM do_objects o WHERE o.do_id = ?1"
+                    ),
                 )?
                 .query_row([object.as_str()], |r| {
                     Ok(ObjectInfo {
                         last_seq: stored(r, 0)?,
                         truncated_through: stored(r, 1)?,
-                        max_token: FencingToken::new(stored(r, 2)?),
+                        max_token: FencingToken::new(stored(r, 2)?.max(stored(r, 6)?)),
                         keys: r.get(3)?,
                         value_bytes: r.get(4)?,
                         resident: r.get(5)?,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use dotdo_core::{Clock, ConsistencyGuard, ErrorKind, HotStore, HotStoreExt, NodeId, ObjectId};
+use dotdo_core::{Clock, ConsistencyGuard, ErrorKind, FencingToken, HotStore, HotStoreExt, NodeId, ObjectId};
 use dotdo_sqlite::{Durability, Execution, SqliteSettings, SqliteStore};
 
 fn obj() -> ObjectId {
@@ -296,6 +296,17 @@ async fn another_applications_database_is_refused_and_left_untouched() {
     let n = NodeId::new("n2").expect("node");
     let o = dotdo_core::ObjectId::new("o").expect("id");
     let e = s.acquire(&o, &n, Duration::from_secs(60)).await.expect_err("a damaged lease row");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    // Also a fenced write, whatever its token (one under token 1 was taken: the NULL read as 0),
+    // before and after the object has a row of its own.
+    let e = s.put(&o, FencingToken::new(1), "T", "k", b"v".to_vec().into()).await.expect_err("a damaged lease row");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(s.object_info(&o).await.expect("info").is_none(), "nothing written for it");
+    raw.execute("INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES ('o', 0, 0, 0)", [])
+        .expect("a row of its own");
+    let e = s.put(&o, FencingToken::new(1), "T", "k", b"v".to_vec().into()).await.expect_err("a damaged lease row");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let e = s.object_info(&o).await.expect_err("a damaged lease row");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     let p = dotdo_core::ObjectId::new("p").expect("id");
     let l = s.acquire(&p, &n, Duration::from_secs(60)).await.expect("another object's lease");

@@ -938,7 +938,7 @@ impl ObjectRuntime {
     /// activating it then would restore its whole state from cold storage into hot storage,
     /// undoing the eviction.
     async fn ensure_active_to_drain(&self, object: &ObjectId, slot: &mut Slot, wait: Duration) -> Result<bool> {
-        self.activate(object, slot, wait, true).await
+        self.activate(object, slot, wait, ActivateFor::Drain).await
     }
 
     /// `Shutdown` for a call admitted before shutdown that waited for its slot past shutdown's
@@ -958,13 +958,12 @@ impl ObjectRuntime {
     /// [`ensure_active`](Self::ensure_active), waiting at most `wait` for a lease another node
     /// holds.
     async fn ensure_active_within(&self, object: &ObjectId, slot: &mut Slot, wait: Duration) -> Result<()> {
-        self.activate(object, slot, wait, false).await.map(|_| ())
+        self.activate(object, slot, wait, ActivateFor::Call).await.map(|_| ())
     }
 
-    /// Activate `object` (see [`ensure_active_within`](Self::ensure_active_within)); with
-    /// `only_to_drain`, as [`ensure_active_to_drain`](Self::ensure_active_to_drain). Whether it
-    /// is active.
-    async fn activate(&self, object: &ObjectId, slot: &mut Slot, wait: Duration, only_to_drain: bool) -> Result<bool> {
+    /// Activate `object` (see [`ensure_active_within`](Self::ensure_active_within)) for `purpose`
+    /// (see [`ActivateFor`]). Whether it is active.
+    async fn activate(&self, object: &ObjectId, slot: &mut Slot, wait: Duration, purpose: ActivateFor) -> Result<bool> {
         let inner = &self.inner;
         if slot.lazy_moved() {
             // A lazy activation whose cold state moved on (or whose restore the hot store refused
@@ -1004,13 +1003,16 @@ impl ObjectRuntime {
             hand.disarm();
             return Err(shut_down_while_waiting(object));
         }
-        if only_to_drain {
+        if purpose != ActivateFor::Call {
             // Looked at again under the lease: no other runtime drains or evicts it from now on.
-            let pending = inner.hot.object_info(object).await.map(|i| i.is_some_and(|i| i.has_pending_changes()));
-            if !matches!(pending, Ok(true)) {
+            let needed =
+                inner.hot.object_info(object).await.map(|i| {
+                    i.is_some_and(|i| i.has_pending_changes() || (purpose == ActivateFor::Evict && i.keys > 0))
+                });
+            if !matches!(needed, Ok(true)) {
                 release_quietly(inner, &lease.granted).await;
                 hand.disarm();
-                return pending.map_err(|e| before_the_call(e, object, "reading the object's hot state"));
+                return needed.map_err(|e| before_the_call(e, object, "reading the object's hot state"));
             }
         }
         let mut active = Active { lease, last_used: inner.clock.monotonic(), lazy: None, evict_again: false };
@@ -1926,9 +1928,17 @@ impl ObjectRuntime {
             return Ok(());
         }
         let taken_to_evict = slot.active.is_none();
-        match wait {
-            None => self.ensure_active(object, slot).await?,
-            Some(wait) => self.ensure_active_within(object, slot, wait).await?,
+        let wait = match wait {
+            None => {
+                self.refuse_if_shutting_down(object)?;
+                self.inner.settings.acquire_timeout
+            }
+            Some(wait) => wait,
+        };
+        if !self.activate(object, slot, wait, ActivateFor::Evict).await? {
+            // Out of hot storage already (or emptied by deletes) once the lease was taken (again:
+            // a warm lease that lapsed here): another runtime evicted it meanwhile.
+            return Ok(());
         }
         // The object stays in its slot while draining (the hot state is intact whatever
         // happens, a cancelled call included).
@@ -2471,6 +2481,19 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<HeldLease>) -
             }
         }
     }
+}
+
+/// What an activation is for: a call's is always made; a drain's only if changes wait in hot
+/// storage, and an eviction's only if hot storage holds something of the object (live keys or
+/// changes to drain), both looked at once the lease is taken. Between a look at the hot store
+/// and the acquire (or while a warm lease lapsed here), another runtime may drain and evict the
+/// object: activating it then would restore its whole state from cold storage into hot storage,
+/// undoing that eviction (and an eviction's own activation would evict it again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ActivateFor {
+    Call,
+    Drain,
+    Evict,
 }
 
 /// Cold storage acknowledged changes past the hot store's last one: the hot store lost commits
