@@ -426,6 +426,7 @@ mod broken {
             (Quirk::CaseInsensitiveOrder, "pending_objects_page_in_byte_order"),
             (Quirk::EmptyPutIsLoggedAsDelete, "value_at_limit_is_accepted_and_over_limit_rejected"),
             (Quirk::WritesOpByOp, "a_write_dropped_midway_is_whole_or_absent"),
+            (Quirk::WritesOpByOp, "concurrent_batches_get_contiguous_ranges"),
             (Quirk::BusyWhenHeld, "concurrent_acquire_has_one_winner"),
             (Quirk::PagesAfterByPosition, "pending_objects_are_listed_until_truncated"),
             (Quirk::TruncatesUnknownQuietly, "unknown_object_reads_empty"),
@@ -529,6 +530,13 @@ mod broken {
         /// `load_state`'s `through` is the highest seq among the live entries (a query that
         /// filters deletes out): a trailing delete is not counted.
         ThroughOfLiveEntries,
+        /// The committer token is checked against the watermark, then the commit (after its
+        /// I/O) goes on top of whatever landed meanwhile under the newest token: a check that is
+        /// not one step with the commit.
+        ChecksTheTokenBeforeItsCommit,
+        /// `read_changes_through` matches the object id as a prefix (an unescaped `LIKE 'o1%'`):
+        /// it answers the records of every object whose id starts with the asked one.
+        ThroughMatchesIdPrefixes,
     }
 
     #[derive(Debug, Clone)]
@@ -581,6 +589,28 @@ mod broken {
                     }
                     return Ok(last.expect("more than one object"));
                 }
+                ColdQuirk::ChecksTheTokenBeforeItsCommit => {
+                    for oc in &batch.objects {
+                        let wm = self.0.watermark(&oc.object).await?;
+                        if oc.token < wm.token {
+                            return Err(Error::fenced(&oc.object, oc.token, wm.token));
+                        }
+                    }
+                    // The commit's I/O (a real sink's takes about a millisecond).
+                    #[allow(clippy::disallowed_methods)]
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let mut batch = batch;
+                    for oc in &mut batch.objects {
+                        oc.token = oc.token.max(self.0.watermark(&oc.object).await?.token);
+                    }
+                    return self.0.append(batch).await;
+                }
+                ColdQuirk::ThroughMatchesIdPrefixes => {
+                    let mut seen = self.2.lock().expect("objects");
+                    for oc in &batch.objects {
+                        seen.insert(oc.object.clone(), oc.token);
+                    }
+                }
                 ColdQuirk::OneObjectAtATime | ColdQuirk::ThroughOfLiveEntries => {}
             }
             self.0.append(batch).await
@@ -603,6 +633,27 @@ mod broken {
         async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
             self.0.read_changes(object, after, as_of).await
         }
+        async fn read_changes_through(
+            &self,
+            object: &ObjectId,
+            after: Seq,
+            through: Seq,
+            as_of: AsOf,
+        ) -> Result<Vec<ChangeRecord>> {
+            if self.1 != ColdQuirk::ThroughMatchesIdPrefixes {
+                return self.0.read_changes_through(object, after, through, as_of).await;
+            }
+            let prefixed: Vec<ObjectId> = {
+                let seen = self.2.lock().expect("objects");
+                seen.keys().filter(|o| o.as_str().starts_with(object.as_str())).cloned().collect()
+            };
+            let mut out = Vec::new();
+            for o in prefixed {
+                out.extend(self.0.read_changes_through(&o, after, through, as_of).await?);
+            }
+            out.sort_by_key(|r| r.seq);
+            Ok(out)
+        }
     }
 
     #[test]
@@ -612,6 +663,8 @@ mod broken {
             (ColdQuirk::RecordsTheTokenFirst, "gap_in_sequence_is_rejected"),
             (ColdQuirk::OneObjectAtATime, "a_batch_is_atomic_to_concurrent_readers"),
             (ColdQuirk::ThroughOfLiveEntries, "deletes_apply_and_time_travel_reads_older_snapshots"),
+            (ColdQuirk::ChecksTheTokenBeforeItsCommit, "a_takeover_fences_every_later_stale_append"),
+            (ColdQuirk::ThroughMatchesIdPrefixes, "objects_whose_ids_share_a_prefix_are_independent"),
         ];
         for (quirk, case) in cases {
             let f = cold_factory(move |clock| async move {

@@ -974,11 +974,12 @@ async fn evicting_an_object_another_node_evicted_meanwhile_restores_nothing() {
         assert!(w.hot.object_info(x).await.expect("info").is_some_and(|i| i.keys == 0), "out of hot storage");
     }
     let (b0, c0) = (b.metrics(), c.metrics());
-    b.evict_idle().await.expect("evict idle");
+    assert_eq!(b.evict_idle().await.expect("evict idle"), 0, "nothing of b's evicted");
     c.evict(&p).await.expect("evict");
     for (before, after) in [(b0, b.metrics()), (c0, c.metrics())] {
         assert_eq!(after.eager_restores, before.eager_restores, "nothing restored to be evicted again");
         assert_eq!(after.activations, before.activations);
+        assert_eq!(after.evictions, before.evictions);
     }
     for x in [&o, &p] {
         assert!(w.hot.object_info(x).await.expect("info").is_some_and(|i| i.keys == 0), "still out of hot storage");

@@ -797,7 +797,7 @@ impl IcebergColdStore {
         // Fetch and decode a few files at a time (small files are latency-bound).
         let parts: Vec<Vec<ChangeRecord>> = futures::stream::iter(group)
             .map(|f| async move {
-                let key = self.inner.root.key(&f.path)?;
+                let key = self.inner.root.table_file_key(&f.path, "data file")?;
                 let bytes = match self.inner.root.store.get(&key).await {
                     Ok(r) => r.bytes().await,
                     Err(e) => Err(e),

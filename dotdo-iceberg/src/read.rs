@@ -561,13 +561,8 @@ impl IcebergColdStore {
             return Ok(w);
         }
         // The location comes from a snapshot summary (dotdo writes it next to the table's
-        // metadata): one this warehouse cannot read is damage, not the caller's bad input.
-        let key = self.inner.root.key(location).map_err(|e| {
-            Error::corrupt(format!(
-                "a snapshot summary names watermark checkpoint {location:?}, which is no location in this warehouse: {}",
-                e.message()
-            ))
-        })?;
+        // metadata).
+        let key = self.inner.root.table_file_key(location, "the watermark checkpoint a snapshot summary names")?;
         let what = format!("watermark checkpoint {location}");
         let bytes = match self.inner.root.store.get(&key).await {
             Ok(r) => r.bytes().await,
@@ -814,7 +809,7 @@ impl IcebergColdStore {
         ids: &crate::schema::ColumnIds,
         bytes: Arc<AtomicU64>,
     ) -> Result<FileRead> {
-        let path = self.inner.root.key(&f.path)?;
+        let path = self.inner.root.table_file_key(&f.path, "data file")?;
         let read = self.read_file_at(f, &path, object, filter, ids, bytes);
         match crate::error::panic_is_corrupt(&format!("data file {}", f.path), read).await {
             Err(e) if e.is_retryable() => Err(self.damaged_or(e, f, &path).await),

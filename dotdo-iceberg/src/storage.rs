@@ -144,6 +144,15 @@ impl StoreRoot {
         key_in(&self.root, self.bucket.as_deref(), location).map_err(Error::invalid)
     }
 
+    /// [`key`](Self::key) of a file the table's metadata names (`what`: a data file, a
+    /// checkpoint): one outside this warehouse (another bucket or scheme, which another engine
+    /// may add) is `Corrupt` naming it, not the caller's bad input: this store never reads it.
+    pub(crate) fn table_file_key(&self, location: &str, what: &str) -> Result<Path> {
+        self.key(location).map_err(|e| {
+            Error::corrupt(format!("{what} {location:?} is no location in this warehouse: {}", e.message()))
+        })
+    }
+
     /// Whether `location` is under this root (its scheme, authority and bucket), whether or not
     /// its path is a valid object path: a location elsewhere (another bucket or scheme) names no
     /// object this store lists.

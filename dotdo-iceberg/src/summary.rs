@@ -215,14 +215,17 @@ pub(crate) fn last_commit_property(
     snapshot_id: Option<i64>,
     seq: i64,
 ) -> Option<(String, String)> {
-    let keys: serde_json::Map<String, serde_json::Value> = summary
-        .iter()
-        .filter(|(k, _)| *k == WATERMARKS || *k == CHECKPOINT || k.starts_with("dotdo.stream."))
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-        .collect();
-    if keys.is_empty() {
+    let state = |k: &str| k == WATERMARKS || k == CHECKPOINT || k.starts_with("dotdo.stream.");
+    if !summary.keys().any(|k| state(k)) {
         return None;
     }
+    // With the commit's time: once the snapshot is expired, the snapshots built on it still
+    // count from it (`effective_committed_at`).
+    let keys: serde_json::Map<String, serde_json::Value> = summary
+        .iter()
+        .filter(|(k, _)| state(k) || *k == COMMITTED_AT)
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
     let mut v = serde_json::json!({ LAST_COMMIT_SUMMARY: keys, LAST_COMMIT_SEQ: seq });
     if let Some(id) = snapshot_id {
         v[LAST_COMMIT_ID] = id.into();
@@ -248,6 +251,23 @@ fn last_commit_before(md: &iceberg::spec::TableMetadata, root: &Snapshot) -> boo
     }
     let seq = last_commit_of(md).and_then(|v| v.ok()?.get(LAST_COMMIT_SEQ)?.as_i64());
     seq.is_some_and(|seq| seq < root.sequence_number())
+}
+
+/// The snapshot id and commit time of the dotdo commit the [`LAST_COMMIT`] property records, if
+/// it records both (a commit through iceberg's own path records no id).
+fn last_commit_time(md: &iceberg::spec::TableMetadata) -> Option<(i64, Timestamp)> {
+    let v = last_commit_of(md)?.ok()?;
+    let id = v.get(LAST_COMMIT_ID)?.as_i64()?;
+    let us = v.get(LAST_COMMIT_SUMMARY)?.get(COMMITTED_AT)?.as_str()?.parse::<i64>().ok()?;
+    Some((id, Timestamp::from_micros(us)))
+}
+
+/// The time reads gave the expired parent `cut` of a chain: the [`LAST_COMMIT`] property's, if
+/// that records `cut` (another engine's expiry took dotdo's snapshot below its own, which keeps
+/// counting from it: read as of a time before that commit, it would have given rows committed
+/// later).
+fn expired_parent_time(md: &iceberg::spec::TableMetadata, cut: i64) -> Option<Timestamp> {
+    last_commit_time(md).filter(|(id, _)| *id == cut).map(|(_, t)| t)
 }
 
 /// The checkpoint the [`LAST_COMMIT`] property names, if any (a cleanup keeps it: after another
@@ -349,13 +369,17 @@ pub(crate) fn chain_to_dotdo(
 /// each commit no earlier than its parent's time, so the walk stops there: a commit does not
 /// pay for the whole history).
 pub fn parent_time(md: &iceberg::spec::TableMetadata, snapshot: &iceberg::spec::SnapshotRef) -> Timestamp {
-    let (chain, _) = chain_to_dotdo(md, snapshot);
+    let (chain, end) = chain_to_dotdo(md, snapshot);
+    let below = match end {
+        ChainEnd::Expired(cut) => expired_parent_time(md, cut),
+        _ => None,
+    };
     // As `effective_committed_at` folds it: from the oldest up, a snapshot stamped before the
     // one below counts as one microsecond after it.
     chain
         .iter()
         .rev()
-        .fold(None, |below, s| Some(below.map_or_else(|| committed_at(s), |b| time_over(b, s))))
+        .fold(below, |below, s| Some(below.map_or_else(|| committed_at(s), |b| time_over(b, s))))
         .unwrap_or(Timestamp::EPOCH)
 }
 
@@ -433,7 +457,8 @@ pub fn commit_id(snapshot: &Snapshot) -> Option<&str> {
 }
 
 /// Every snapshot's time as reads (`AsOf::Timestamp`), `snapshots()` and expiry go by it: the
-/// latest [`committed_at`] on its chain (its own or an ancestor's still in the metadata).
+/// latest [`committed_at`] on its chain (its own or an ancestor's still in the metadata, or the
+/// time the [`LAST_COMMIT`] property records for the expired dotdo snapshot a chain ends at).
 /// Another engine's clock may stamp a snapshot before its parent; a snapshot never counts as
 /// older than a snapshot it was built on, and one stamped before its parent counts as one
 /// microsecond after it (tied with it, a read as of the parent's own time picked the child,
@@ -441,6 +466,7 @@ pub fn commit_id(snapshot: &Snapshot) -> Option<&str> {
 pub fn effective_committed_at(md: &iceberg::spec::TableMetadata) -> impl Fn(&Snapshot) -> Timestamp {
     let by_id: HashMap<i64, &Snapshot> = md.snapshots().map(|s| (s.snapshot_id(), s.as_ref())).collect();
     let mut at: HashMap<i64, Timestamp> = HashMap::with_capacity(by_id.len());
+    let expired_dotdo = last_commit_time(md);
     for s in by_id.values() {
         // Up the parents to one already known (bounded: a damaged parent cycle stops there).
         let mut path = Vec::new();
@@ -455,7 +481,16 @@ pub fn effective_committed_at(md: &iceberg::spec::TableMetadata) -> impl Fn(&Sna
                 break;
             }
             path.push(c);
-            cur = c.parent_snapshot_id().and_then(|p| by_id.get(&p).copied());
+            cur = c.parent_snapshot_id().and_then(|p| {
+                let parent = by_id.get(&p).copied();
+                if let (None, Some((cut, t))) = (parent, expired_dotdo) {
+                    // Expired: dotdo's snapshot there still gives its time.
+                    if cut == p {
+                        base = t;
+                    }
+                }
+                parent
+            });
         }
         for c in path.into_iter().rev() {
             base = time_over(base, c);

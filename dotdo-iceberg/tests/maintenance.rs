@@ -2131,6 +2131,27 @@ async fn a_data_file_in_another_format_is_not_reported_corrupt() {
     assert_eq!(live_files(&cold).await, 2, "nothing committed");
 }
 
+/// A data file another engine added from outside the warehouse (another bucket or scheme) fails
+/// a read that must open it, and a compaction of its partition, as `Corrupt` naming it (it was
+/// `InvalidInput`, blaming the caller's request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_file_outside_the_warehouse_is_corrupt_not_invalid_input() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, o, table) = one_put_committed(dir.path()).await;
+    let elsewhere = "ftp://elsewhere/data/foreign-00000.parquet".to_string();
+    add_foreign_file(&cold, &table, elsewhere, iceberg::spec::DataFileFormat::Parquet, 100).await;
+    let e = cold.read_changes(&o, 0, AsOf::Latest).await.expect_err("a file out of reach");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("ftp://elsewhere/data/foreign-00000.parquet"), "{e}");
+    let e = cold.load_state(&o, AsOf::Latest).await.expect_err("a file out of reach");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "w", 1)]))
+        .await
+        .expect("append");
+    let e = cold.compact(CompactOptions::default()).await.expect_err("a file out of reach in the partition");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
 /// Two catalog names on one warehouse, each with table `m.changes`: the second table gets a
 /// location of its own (the SQL catalog put both at `<warehouse>/m/changes`, and each cleanup
 /// deleted the other's files as unreferenced), and a cleanup of a table that shares its
@@ -2814,6 +2835,53 @@ async fn time_travel_never_picks_a_child_stamped_before_its_parent() {
     assert!(infos[1].committed_at > infos[0].committed_at, "{infos:?}");
     let st = cold.load_state(&o, AsOf::Timestamp(infos[0].committed_at)).await.expect("as of dotdo's snapshot");
     assert_eq!(st.snapshot, Some(infos[0].id), "{infos:?}");
+}
+
+/// Another engine's expiry (Spark's `expire_snapshots(retain_last => 1)`) removes dotdo's
+/// snapshot under that engine's own snapshot stamped an hour earlier: the foreign head keeps its
+/// time (just after dotdo's commit, recorded in the `dotdo.last-commit` property), so a read as
+/// of a time between the two stamps still finds none of the rows committed after it (it fell back
+/// to the head's raw stamp and answered with dotdo's row), and `snapshots()` reports the same time
+/// as before the expiry; a dotdo commit on top is stamped no earlier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_snapshot_keeps_its_time_once_the_dotdo_snapshot_below_is_expired_elsewhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hour = std::time::Duration::from_secs(3600);
+    let (cold, clock, now, o) = dotdo_commit_then_an_earlier_stamped_foreign_one(dir.path()).await;
+    let between = now.plus(hour / 2);
+    assert!(cold.load_state(&o, AsOf::Timestamp(between)).await.expect("before the expiry").entries.is_empty());
+    let before = cold.snapshots().await.expect("snapshots")[1].clone();
+    expire_all_but_the_head(&cold).await;
+    let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .with_clock(Arc::new(clock.clone()))
+        .build()
+        .await
+        .expect("reopen");
+    let infos = fresh.snapshots().await.expect("snapshots");
+    assert_eq!(infos.len(), 1);
+    assert_eq!((infos[0].id, infos[0].committed_at), (before.id, before.committed_at), "the head's time stays");
+    match fresh.load_state(&o, AsOf::Timestamp(between)).await {
+        Ok(st) => assert!(st.entries.is_empty(), "rows committed after that time: {st:?}"),
+        Err(e) => assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}"),
+    }
+    let right = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .build()
+        .await
+        .expect("open with the system clock");
+    right
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]))
+        .await
+        .expect("append");
+    let head = right.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
+    let stamped: i64 =
+        head.summary().additional_properties.get("dotdo.committed-at-us").expect("stamp").parse().expect("micros");
+    assert!(
+        stamped >= before.committed_at.as_micros(),
+        "stamped {stamped}, its parent read at {:?}",
+        before.committed_at
+    );
 }
 
 /// A dotdo commit on top of another engine's earlier-stamped snapshot (from a store whose clock

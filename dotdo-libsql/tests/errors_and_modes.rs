@@ -603,13 +603,22 @@ async fn a_read_opening_a_connection_on_a_locked_file_does_not_stall_other_tasks
     assert!(shm.exists(), "the store has the WAL index open");
     let holder = "import fcntl, sys\nf = open(sys.argv[1], 'r+b')\nfcntl.lockf(f, fcntl.LOCK_EX, 5, 123, 0)\n\
                   print('locked', flush=True)\nsys.stdin.read()\n";
-    let mut child = std::process::Command::new(std::env::var("DOTDO_PYTHON").unwrap_or_else(|_| "python3".into()))
+    // Any Python 3 holds the lock (`fcntl`); without one the test is skipped, unless
+    // `DOTDO_REQUIRE_PYTHON` is set (as `scripts/test` sets it).
+    let spawned = std::process::Command::new(std::env::var("DOTDO_PYTHON").unwrap_or_else(|_| "python3".into()))
         .args(["-c", holder])
         .arg(&shm)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 runs the lock holder");
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) if std::env::var_os("DOTDO_REQUIRE_PYTHON").is_none() => {
+            eprintln!("SKIP a_read_opening_a_connection_on_a_locked_file_does_not_stall_other_tasks: no python3 ({e})");
+            return;
+        }
+        Err(e) => panic!("python3 runs the lock holder: {e}"),
+    };
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
     assert_eq!(line.trim(), "locked");

@@ -53,10 +53,11 @@ pub(crate) trait Log: Send + Sync {
         next_seq: NextSeq<'_>,
     ) -> Result<Option<Claimed>>;
     fn ack(&self, id: u64) -> Result<()>;
-    /// Take out the oldest waiting (unclaimed) events, at most `max`, for as long as
-    /// `stuck(route, object)` says their object's events can never be claimed; gone durably
+    /// Take out the oldest waiting (unclaimed) events for as long as `stuck(route, object)` says
+    /// their object's events can never be claimed: at most `max` of them, and no more than
+    /// `max_bytes` unless the first alone is larger (as [`claim`](Log::claim)); gone durably
     /// (disk logs: `synchronous=FULL`), as a batch handed to the caller is.
-    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>>;
+    fn take_stuck(&self, max: usize, max_bytes: usize, stuck: Stuck<'_>) -> Result<Vec<Row>>;
     /// [`ack`](Log::ack), durable across a power loss (disk logs: `synchronous=FULL`): for a
     /// batch handed to the caller, which must not come back.
     fn ack_durably(&self, id: u64) -> Result<()> {
@@ -117,8 +118,8 @@ impl<L: Log> Log for NamedLog<L> {
     fn ack(&self, id: u64) -> Result<()> {
         self.named(self.inner.ack(id))
     }
-    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
-        self.named(self.inner.take_stuck(max, stuck))
+    fn take_stuck(&self, max: usize, max_bytes: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+        self.named(self.inner.take_stuck(max, max_bytes, stuck))
     }
     fn ack_durably(&self, id: u64) -> Result<()> {
         self.named(self.inner.ack_durably(id))
@@ -276,10 +277,15 @@ impl Log for MemoryLog {
         Ok(())
     }
 
-    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+    fn take_stuck(&self, max: usize, max_bytes: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
         let mut st = self.state.lock();
-        let mut out = Vec::new();
-        while out.len() < max && st.rows.front().is_some_and(|r| stuck(&r.route, &r.event.object)) {
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        while out.len() < max {
+            let Some(front) = st.rows.front() else { break };
+            bytes = bytes.saturating_add(front.event.size());
+            if (!out.is_empty() && bytes > max_bytes) || !stuck(&front.route, &front.event.object) {
+                break;
+            }
             out.extend(st.rows.pop_front());
         }
         self.depth.sub(out.len(), out.iter().map(|r| r.event.size()).sum());
@@ -653,6 +659,49 @@ impl SqliteLog {
 }
 
 impl SqliteLog {
+    /// One attempt of [`Log::take_stuck`] on `conn`: one transaction.
+    fn take_stuck_in(conn: &mut Connection, max: usize, max_bytes: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+        const DOING: &str = "taking out events";
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| sql(e, DOING))?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        // First the last row to take, by id, route, object and size only (as a claim finds its
+        // last row: a log that spilled many large events is never loaded whole).
+        let last = {
+            let mut st = tx
+                .prepare_cached(concat!(
+                    "SELECT id, route, do_id, ",
+                    row_bytes!(),
+                    " FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1"
+                ))
+                .map_err(|e| sql(e, DOING))?;
+            let mut it = st.query([limit]).map_err(|e| sql(e, DOING))?;
+            let (mut last, mut bytes) = (None, 0usize);
+            while let Some(r) = it.next().map_err(|e| sql(e, DOING))? {
+                let row = (|| Ok::<_, rusqlite::Error>((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))();
+                let (id, route, do_id, size): (i64, String, String, i64) = row.map_err(|e| sql(e, DOING))?;
+                bytes = bytes.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+                let object = ObjectId::new(&do_id)
+                    .map_err(|e| Error::corrupt(format!("pipeline log: invalid object id {do_id:?}")).with_source(e))?;
+                if (last.is_some() && bytes > max_bytes) || !stuck(&route, &object) {
+                    break;
+                }
+                last = Some(id);
+            }
+            last
+        };
+        let Some(last) = last else { return Ok(Vec::new()) };
+        let rows = Self::rows_of(
+            &tx,
+            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL AND id <= ?1 ORDER BY id",
+            &[&last],
+        )
+        .map_err(|e| sql(e, DOING))?;
+        tx.execute("DELETE FROM pipeline_log WHERE batch IS NULL AND id <= ?1", [last]).map_err(|e| sql(e, DOING))?;
+        // An I/O error at COMMIT may still apply it (WAL recovery): `AmbiguousOutcome`.
+        tx.commit().map_err(|e| commit_error(e, "taking out events commit"))?;
+        Ok(rows.into_iter().map(|(_, route, event, _)| Row { route, event }).collect())
+    }
+
     /// One attempt of [`Log::append`]: one transaction.
     fn append_once(&self, rows: &[Row]) -> Result<()> {
         let bytes: usize = rows.iter().map(|r| r.event.size()).sum();
@@ -814,33 +863,14 @@ impl Log for SqliteLog {
         retry_busy(|| fully_synced(&mut self.conn.lock(), |c| self.ack_on(c, id)))
     }
 
-    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
-        let mut conn = self.conn.lock();
-        let taken = fully_synced(&mut conn, |conn| {
-            let tx = conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(|e| sql(e, "taking out events"))?;
-            let limit = i64::try_from(max).unwrap_or(i64::MAX);
-            let rows = Self::rows_of(
-                &tx,
-                "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1",
-                &[&limit],
-            )
-            .map_err(|e| sql(e, "taking out events"))?;
-            let taken: Vec<(i64, Row)> = rows
-                .into_iter()
-                .take_while(|(_, route, e, _)| stuck(route, &e.object))
-                .map(|(id, route, event, _)| (id, Row { route, event }))
-                .collect();
-            if let Some((last, _)) = taken.last() {
-                tx.execute("DELETE FROM pipeline_log WHERE batch IS NULL AND id <= ?1", [last])
-                    .map_err(|e| sql(e, "taking out events"))?;
-            }
-            tx.commit().map_err(|e| sql(e, "taking out events"))?;
-            Ok(taken)
+    // Run again while starved by a busy shared file (`retry_busy`), as acknowledgements are: a
+    // busy transaction took nothing out.
+    fn take_stuck(&self, max: usize, max_bytes: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+        let taken = retry_busy(|| {
+            fully_synced(&mut self.conn.lock(), |c| Self::take_stuck_in(c, max, max_bytes, &mut *stuck))
         })?;
-        self.depth.sub(taken.len(), taken.iter().map(|(_, r)| r.event.size()).sum());
-        Ok(taken.into_iter().map(|(_, r)| r).collect())
+        self.depth.sub(taken.len(), taken.iter().map(|r| r.event.size()).sum());
+        Ok(taken)
     }
 }
 
@@ -970,12 +1000,12 @@ impl Log for SpillLog {
         self.ack_with(id, true)
     }
 
-    fn take_stuck(&self, max: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+    fn take_stuck(&self, max: usize, max_bytes: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
         // Where `claim` would claim from: memory while it holds events, then the file.
         if self.mem.depth().0 > 0 {
-            self.mem.take_stuck(max, stuck)
+            self.mem.take_stuck(max, max_bytes, stuck)
         } else {
-            self.disk.take_stuck(max, stuck)
+            self.disk.take_stuck(max, max_bytes, stuck)
         }
     }
 }

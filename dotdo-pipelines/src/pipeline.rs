@@ -723,7 +723,7 @@ impl Pipeline {
         let mut stuck = |route: &str, object: &ObjectId| {
             seqs.get(&(route.to_string(), object.clone())).is_some_and(|s| *s > dotdo_core::MAX_SEQ)
         };
-        let rows = inner.log.take_stuck(inner.settings.roll_rows, &mut stuck)?;
+        let rows = inner.log.take_stuck(inner.settings.roll_rows, inner.settings.roll_bytes, &mut stuck)?;
         Ok(rows.into_iter().map(|r| (r.route, r.event)).collect())
     }
 
@@ -778,8 +778,9 @@ impl Pipeline {
     /// whose commit landed, an attempt whose reply was lost) stay committed and are not
     /// returned. With no batch claimed, the events at the head of the log whose object has used
     /// every sequence number (a roll fails with `LimitExceeded` on them, every time) are taken
-    /// out instead, at most [`roll_rows`](crate::PipelineSettings::roll_rows) of them; else an
-    /// empty list. The taken-out events are the caller's
+    /// out instead, at most [`roll_rows`](crate::PipelineSettings::roll_rows) of them and about
+    /// [`roll_bytes`](crate::PipelineSettings::roll_bytes) (call again for more); else an empty
+    /// list. The taken-out events are the caller's
     /// (store them, fix them, send them again: they get new sequence numbers then, and pass the
     /// transform again: they are returned as the transform made them). Waits for a roll in
     /// progress; then `roll` (the background loop keeps its backoff from the failed rolls).

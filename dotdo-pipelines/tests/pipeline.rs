@@ -1430,6 +1430,27 @@ async fn an_object_out_of_sequence_numbers_is_limit_exceeded() {
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
 }
 
+/// Events of an object out of sequence numbers are taken out within `roll_bytes` (the first
+/// alone if larger), in memory and from a durable log: one `take_refused` each here.
+#[tokio::test]
+async fn events_out_of_sequence_numbers_are_taken_out_within_roll_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for durability in [Durability::Memory, Durability::Durable(dir.path().join("log.db"))] {
+        let sink = Arc::new(Exhausted { inner: MemoryColdStore::new() });
+        let settings = PipelineSettings { durability: durability.clone(), roll_bytes: 1, ..Default::default() };
+        let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("build");
+        p.send(vec![ev("full", "b", "2"), ev("full", "c", "3"), ev("ok", "d", "4")]).expect("send");
+        p.roll().await.expect_err("no sequence number left for `full`");
+        for key in ["b", "c"] {
+            let out = p.take_refused().await.expect("take out");
+            assert_eq!(out.iter().map(|(_, e)| e.key.as_str()).collect::<Vec<_>>(), [key], "{durability:?}");
+        }
+        p.roll().await.expect("the event behind them");
+        let ok = sink.inner.read_changes(&ObjectId::new("ok").expect("id"), 0, AsOf::Latest).await.expect("read");
+        assert_eq!(ok.len(), 1, "{durability:?}");
+    }
+}
+
 /// `take_refused` takes the events of an object out of sequence numbers out of the way (no
 /// batch is claimed: the roll stopped before them), so the events behind them go on; in memory
 /// and in a durable log, whose taken-out events stay gone after a reopen.

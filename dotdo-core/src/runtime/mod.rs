@@ -1912,20 +1912,21 @@ impl ObjectRuntime {
     pub async fn evict(&self, object: &ObjectId) -> Result<()> {
         let _guard = self.enter()?;
         let slot = self.slot(object);
-        let out = self.evict_locked(object, &mut *slot.lock().await, None).await;
+        let out = self.evict_locked(object, &mut *slot.lock().await, None).await.map(|_| ());
         self.give_back_if_shut_down(&slot).await;
         out
     }
 
-    /// [`evict`](Self::evict) of an object whose slot the caller has locked.
-    /// `wait`: how long to wait for a lease another node holds (`None`: as a call does).
-    async fn evict_locked(&self, object: &ObjectId, slot: &mut Slot, wait: Option<Duration>) -> Result<()> {
+    /// [`evict`](Self::evict) of an object whose slot the caller has locked: whether this call
+    /// evicted it (`false`: there was nothing to evict). `wait`: how long to wait for a lease
+    /// another node holds (`None`: as a call does).
+    async fn evict_locked(&self, object: &ObjectId, slot: &mut Slot, wait: Option<Duration>) -> Result<bool> {
         // Already out of hot storage, or emptied by deletes (no live keys, nothing to drain), and
         // not active here: done, without an activation that would first restore it.
         if slot.active.is_none()
             && self.inner.hot.object_info(object).await?.is_none_or(|i| i.keys == 0 && !i.has_pending_changes())
         {
-            return Ok(());
+            return Ok(false);
         }
         let taken_to_evict = slot.active.is_none();
         let wait = match wait {
@@ -1938,7 +1939,7 @@ impl ObjectRuntime {
         if !self.activate(object, slot, wait, ActivateFor::Evict).await? {
             // Out of hot storage already (or emptied by deletes) once the lease was taken (again:
             // a warm lease that lapsed here): another runtime evicted it meanwhile.
-            return Ok(());
+            return Ok(false);
         }
         // The object stays in its slot while draining (the hot state is intact whatever
         // happens, a cancelled call included).
@@ -2001,7 +2002,7 @@ impl ObjectRuntime {
         release_quietly(&self.inner, &active.lease.granted).await;
         hand.disarm();
         self.inner.metrics.lock().evictions += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// Tier out every object idle longer than `evict_idle_after` (judged when its turn comes; an
@@ -2038,7 +2039,10 @@ impl ObjectRuntime {
             // renewed it) and that another node took meanwhile is that node's now, not to be
             // taken back just to be evicted (it waited `acquire_timeout` and failed `LeaseHeld`).
             match self.evict_locked(&object, &mut guard, Some(Duration::ZERO)).await {
-                Ok(()) => evicted += 1,
+                Ok(true) => evicted += 1,
+                // Out of hot storage already (another node evicted it): its stale activation
+                // was given back.
+                Ok(false) => {}
                 // (A lease of its own it could not give back, the release failing, is an error
                 // of this round: the leftover lease is released by a later `maintain` and the
                 // object evicted then.)

@@ -1424,6 +1424,42 @@ pub async fn concurrent_writers_get_unique_sequences(f: &HotFactory) {
     assert_eq!(fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list").len(), 200);
 }
 
+/// Concurrent batches of several operations on one object each get one contiguous range of
+/// sequence numbers: the change log holds each batch's operations together, in its order, at
+/// the numbers its receipt gives. (A backend that numbers each operation from a shared counter
+/// outside the batch's atomic step interleaves two batches, 1 and 3 against 2 and 4, and a
+/// receipt's range then covers half of another batch.)
+pub async fn concurrent_batches_get_contiguous_ranges(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let l = lease(&fx, "o1", "n1").await;
+    let mut tasks = Vec::new();
+    for t in 0..8u8 {
+        let (hot, l) = (fx.hot.clone(), l.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut written = Vec::new();
+            for i in 0..10 {
+                let keys: Vec<String> = (0..2 + i % 2).map(|j| format!("t{t}-{i}-{j}")).collect();
+                let batch = keys.iter().fold(WriteBatch::new("T"), |b, k| b.put(k.as_str(), Bytes::from(vec![t])));
+                let r = super::retrying("write", || hot.write(&l.object, l.token, batch.clone())).await;
+                written.push((r, keys));
+                tokio::task::yield_now().await;
+            }
+            written
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    let log = changes(&*fx.hot, &l.object, 0, 10_000).await.expect("log");
+    assert_eq!(log.len(), all.iter().map(|(_, keys)| keys.len()).sum::<usize>(), "every operation logged once");
+    let by_seq: std::collections::HashMap<u64, &str> = log.iter().map(|c| (c.seq, c.key.as_str())).collect();
+    for (r, keys) in &all {
+        let logged: Vec<&str> = (r.first_seq..=r.last_seq).map(|s| by_seq.get(&s).copied().unwrap_or("-")).collect();
+        assert_eq!(logged, *keys, "the batch's range holds its own operations, in order: {r:?}");
+    }
+}
+
 /// `put` under `l`, sent again after a retryable error (a backend on a database with optimistic
 /// concurrency may answer one under contention; it applied nothing): at most 50 attempts.
 async fn put_retrying(hot: &dyn crate::HotStore, l: &crate::Lease, key: &str, value: Bytes) -> crate::WriteReceipt {
@@ -1487,7 +1523,7 @@ pub async fn truncation_concurrent_with_writes_loses_no_change(f: &HotFactory) {
     loop {
         // Decided before the read: a read after every writer finished is the last one.
         let finished = writers.iter().all(|w| w.is_finished());
-        let page = fx.hot.read_changes(&l.object, after, 1000).await.expect("read changes");
+        let page = super::retrying("read changes", || fx.hot.read_changes(&l.object, after, 1000)).await;
         if let Some(last) = page.last() {
             after = last.seq;
             seen.extend(page.iter().map(|c| c.seq));
@@ -1549,7 +1585,7 @@ pub async fn a_batch_is_atomic_to_concurrent_readers(f: &HotFactory) {
             for i in 0..ROUNDS {
                 let v = Bytes::from(format!("v{i}"));
                 let batch = WriteBatch::new("T").put("a", v.clone()).put("b", v);
-                let r = hot.write(&l.object, l.token, batch).await.expect("write");
+                let r = super::retrying("write", || hot.write(&l.object, l.token, batch.clone())).await;
                 assert_eq!((r.first_seq, r.last_seq), (2 * i + 1, 2 * i + 2));
                 if i % 25 == 24 {
                     // A reader round runs while there are batches left to write.
@@ -1564,7 +1600,7 @@ pub async fn a_batch_is_atomic_to_concurrent_readers(f: &HotFactory) {
     let read_log = || async {
         let (mut log, mut after) = (Vec::new(), 0u64);
         loop {
-            let page = fx.hot.read_changes(&l.object, after, 10_000).await.expect("read changes");
+            let page = super::retrying("read changes", || fx.hot.read_changes(&l.object, after, 10_000)).await;
             let Some(last) = page.last() else { return log };
             after = last.seq;
             log.extend(page);
@@ -1573,7 +1609,7 @@ pub async fn a_batch_is_atomic_to_concurrent_readers(f: &HotFactory) {
     let (mut reads, mut midway, mut newest) = (0u32, 0u32, None::<u64>);
     loop {
         let finished = writer.is_finished();
-        let listed = fx.hot.list(&l.object, KeyRange::all(), None).await.expect("list");
+        let listed = super::retrying("list", || fx.hot.list(&l.object, KeyRange::all(), None)).await;
         match listed.as_slice() {
             [] => assert_eq!(newest, None, "a listing lost both keys (read {reads})"),
             [ea, eb] => {
@@ -1645,21 +1681,24 @@ pub async fn takeover_during_concurrent_writes_fences_every_later_old_write(f: &
             (late_accepted, fenced_late)
         }));
     }
-    // Let the old holder's writes run for a while, then take over.
-    while fx.hot.object_info(&old.object).await.expect("info").map_or(0, |i| i.last_seq) < 20 {
+    // Let the old holder's writes run for a while, then take over. (Calls made while the old
+    // holder's writes run are sent again after a retryable error, as theirs are.)
+    let info = || super::retrying("object info", || fx.hot.object_info(&old.object));
+    while info().await.map_or(0, |i| i.last_seq) < 20 {
         tokio::task::yield_now().await;
     }
     clock.advance(TTL + Duration::from_millis(1));
-    let new = lease(&fx, "o1", "n2").await;
+    let (o1, n2) = (oid("o1"), nid("n2"));
+    let new = super::retrying("acquire", || fx.guard.acquire(&o1, &n2, TTL)).await;
     granted.store(true, std::sync::atomic::Ordering::SeqCst);
     // Every change logged after the grant is the new holder's: an old-token write whose check
     // ran before the grant and whose write landed after it (a check and a write that are not
     // one atomic step) shows as an old token above this point, whether or not its caller
     // counted it as sent after the grant.
-    let floor = fx.hot.object_info(&old.object).await.expect("info").map_or(0, |i| i.last_seq);
+    let floor = info().await.map_or(0, |i| i.last_seq);
     let mut new_writes = 0;
     for i in 0..10 {
-        fx.hot.put(&new.object, new.token, "T", &format!("new-{i}"), b("n")).await.expect("the new holder writes");
+        put_retrying(&*fx.hot, &new, &format!("new-{i}"), b("n")).await;
         new_writes += 1;
     }
     let mut fenced = 0;

@@ -896,6 +896,25 @@ pub fn read_http_request(conn: &std::net::TcpStream) -> Option<HttpRequest> {
     Some((line.trim().to_string(), headers, body))
 }
 
+/// `call`, made again after a retryable error (a backend may answer one under contention,
+/// having applied nothing, as the contracts allow): at most 50 attempts, then a panic naming
+/// `what`. For the calls of a case that run beside concurrent writers.
+pub(crate) async fn retrying<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::Result<T>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if attempt < 50 && e.is_retryable() => tokio::task::yield_now().await,
+            Err(e) => panic!("{what}, attempt {attempt}: {e}"),
+        }
+    }
+}
+
 /// Shorthand: an object id, panicking on an invalid literal.
 pub fn oid(s: &str) -> crate::ObjectId {
     crate::ObjectId::new(s).expect("kit object ids are valid")
@@ -1048,6 +1067,7 @@ macro_rules! __hot_cases {
             refused_calls_do_not_raise_the_token,
             successful_calls_with_a_higher_token_raise_it,
             concurrent_writers_get_unique_sequences,
+            concurrent_batches_get_contiguous_ranges,
             takeover_during_concurrent_writes_fences_every_later_old_write,
             acquire_grants_token_and_blocks_others,
             tokens_strictly_increase_across_holders,
@@ -1118,6 +1138,7 @@ macro_rules! __cold_cases {
             empty_values_and_names_at_the_limit_roundtrip,
             a_batch_is_atomic_to_concurrent_readers,
             concurrent_appends_through_one_sink_each_land_once,
+            a_takeover_fences_every_later_stale_append,
             records_keep_microsecond_timestamps,
             state_follows_sequence_not_time,
         }
