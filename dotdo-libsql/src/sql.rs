@@ -252,9 +252,14 @@ pub(crate) fn uint(v: Option<&Value>) -> libsql::Result<u64> {
 
 /// A sequence number or token as every writer stores them: an integer from 0 to `MAX_SEQ`
 /// (= `FencingToken::MAX`); above it the row is damage, not a token never issued that fences
-/// every write and makes every acquire `LimitExceeded`.
+/// every write and makes every acquire `LimitExceeded`. A NULL (a table made without
+/// `NOT NULL`) is damage too, not 0, as in dotdo-sqlite.
 pub(crate) fn stored(v: Option<&Value>) -> libsql::Result<u64> {
-    uint(v).and_then(|n| if n > dotdo_core::MAX_SEQ { Err(libsql::Error::InvalidColumnType) } else { Ok(n) })
+    let n = u64::try_from(int_not_null(v)?).map_err(|_| libsql::Error::InvalidColumnType)?;
+    if n > dotdo_core::MAX_SEQ {
+        return Err(libsql::Error::InvalidColumnType);
+    }
+    Ok(n)
 }
 
 /// An integer of a column that must hold one (a NULL is not read as 0).

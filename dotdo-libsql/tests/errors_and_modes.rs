@@ -803,6 +803,9 @@ async fn a_null_in_the_object_row_is_corrupt_to_a_write_on_either_path() {
             c.execute(&format!("UPDATE do_objects SET {column} = NULL"), ()).await.expect("damage");
             let e = s.put(&obj(), l.token, "T", "k", "4".into()).await.expect_err("a NULL is no sequence number");
             assert_eq!(e.kind(), &ErrorKind::Corrupt, "{transport:?}, {column}: {e}");
+            // Also to `object_info`, which a drain decides on (it read the NULL as 0).
+            let e = s.object_info(&obj()).await.expect_err("a NULL is no sequence number");
+            assert_eq!(e.kind(), &ErrorKind::Corrupt, "{transport:?}, {column}: {e}");
             let mut rows = c.query("SELECT count(*) FROM do_changes", ()).await.expect("count");
             let n: i64 = rows.next().await.expect("row").expect("one row").get(0).expect("count");
             assert_eq!(n, 0, "{transport:?}, {column}: nothing logged");
@@ -984,6 +987,33 @@ async fn a_lease_row_with_a_null_time_is_corrupt_never_a_free_lease() {
     let e = s.current(&obj()).await.expect_err("a lease with a NULL expiry");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("expires_at"), "{e}");
+}
+
+/// A predecessor's lease row whose token is NULL, and a state row whose sequence number is NULL
+/// (tables made without `NOT NULL`), are `Corrupt` to `object_info` and `list`, as in
+/// dotdo-sqlite: `object_info` hid the NULL token (read as none), `list` gave the entry seq 0.
+#[tokio::test]
+async fn a_null_lease_token_or_state_seq_is_corrupt_to_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tables = [
+        "CREATE TABLE do_locks (do_id TEXT PRIMARY KEY, node_id TEXT, acquired_at INTEGER, expires_at INTEGER, \
+         fencing_token INTEGER, metadata TEXT)",
+        "CREATE TABLE do_state (do_id TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, seq INTEGER, \
+         UNIQUE (do_id, key))",
+    ];
+    let (s, _raw, c) = store_over_tables(&dir.path().join("hot.db"), Transport::Auto, &tables).await;
+    let p = ObjectId::new("p").expect("id");
+    let l = s.acquire(&p, &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    s.put(&p, l.token, "T", "k", "v".into()).await.expect("put");
+    c.execute("UPDATE do_state SET seq = NULL", ()).await.expect("damage");
+    let e = s.list(&p, dotdo_core::KeyRange::all(), None).await.expect_err("a NULL is no sequence number");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    c.execute("INSERT INTO do_locks VALUES ('o', 'n', 0, 0, NULL, NULL)", ()).await.expect("a damaged lease row");
+    c.execute("INSERT INTO do_objects (do_id, last_seq, truncated_through, max_token) VALUES ('o', 1, 0, 0)", ())
+        .await
+        .expect("a row of its own");
+    let e = s.object_info(&ObjectId::new("o").expect("id")).await.expect_err("a NULL is no token");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 
 /// A file that already has the predecessor's `do_locks` (seed 002) with issued tokens: opening

@@ -65,6 +65,7 @@ fn sql(e: rusqlite::Error, doing: &str) -> Error {
 }
 
 fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let batch = &views_compacted(batch)?;
     let mut buf = Vec::new();
     let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema())
         .map_err(|e| Error::backend("encoding a batch as Arrow IPC").with_source(e))?;
@@ -72,6 +73,38 @@ fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
     w.finish().map_err(|e| Error::backend("encoding a batch as Arrow IPC").with_source(e))?;
     drop(w);
     Ok(buf)
+}
+
+/// `batch` with each top-level view column (`Utf8View`, `BinaryView`) whose data buffers hold
+/// far more than its rows use copied down to what they use: arrow's IPC writer writes a view
+/// column's data buffers whole, also for a slice of a larger batch (a one-row slice of a 64 MiB
+/// batch was logged as 64 MiB, against the few bytes `capacity_bytes` counted, and read back
+/// whole on reopen). (Views nested in lists or structs are written as arrow writes them.)
+fn views_compacted(batch: &RecordBatch) -> Result<RecordBatch> {
+    use arrow_array::cast::AsArray;
+    use arrow_schema::DataType;
+    // Data buffers of `held` bytes behind `column`: far more than its rows use?
+    fn wasteful(held: usize, column: &arrow_array::ArrayRef) -> bool {
+        held > 4096 && held / 2 > dotdo_core::arrow_size::rows_bytes(&column.to_data())
+    }
+    if !batch.columns().iter().any(|c| matches!(c.data_type(), DataType::Utf8View | DataType::BinaryView)) {
+        return Ok(batch.clone());
+    }
+    let columns: Vec<arrow_array::ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View if wasteful(c.as_string_view().data_buffers().iter().map(|b| b.len()).sum(), c) => {
+                Arc::new(c.as_string_view().gc()) as arrow_array::ArrayRef
+            }
+            DataType::BinaryView if wasteful(c.as_binary_view().data_buffers().iter().map(|b| b.len()).sum(), c) => {
+                Arc::new(c.as_binary_view().gc()) as arrow_array::ArrayRef
+            }
+            _ => c.clone(),
+        })
+        .collect();
+    RecordBatch::try_new(batch.schema(), columns)
+        .map_err(|e| Error::backend("compacting a batch's view columns").with_source(e))
 }
 
 /// The batches of a logged IPC stream, or `Corrupt`. The stream's framing is checked first:
@@ -428,7 +461,12 @@ impl ArrowPipeline {
     /// commit had an unknown outcome (also when later attempts failed otherwise): that commit
     /// may still land, and the batch is not handed out until
     /// a roll settles it (call `roll`, then again). Likewise for a batch an earlier process
-    /// claimed, until the sink has answered a roll of this process.
+    /// claimed, until the sink has answered a roll of this process. A later roll's refusal for
+    /// good settles it: with the SQL catalog an earlier request can no longer land then (its
+    /// pointer swap names the exact metadata it was built on), but a REST catalog checks only the
+    /// table and its head snapshot, and an earlier request still queued there may land after, say,
+    /// another engine's schema change refused the later one (its rows then land beside the
+    /// caller's re-send).
     pub async fn take_refused(&self) -> Result<Option<RefusedBatch>> {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;

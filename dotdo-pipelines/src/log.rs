@@ -659,8 +659,16 @@ impl SqliteLog {
 }
 
 impl SqliteLog {
-    /// One attempt of [`Log::take_stuck`] on `conn`: one transaction.
-    fn take_stuck_in(conn: &mut Connection, max: usize, max_bytes: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
+    /// One attempt of [`Log::take_stuck`] on `conn`: one transaction. The events, and whether
+    /// their deletion's outcome is unknown (an I/O error at COMMIT, which WAL recovery may still
+    /// apply): they are handed out all the same, since applied it would lose them, and not
+    /// applied a later take-out hands them out again (a repeat, never a loss).
+    fn take_stuck_in(
+        conn: &mut Connection,
+        max: usize,
+        max_bytes: usize,
+        stuck: Stuck<'_>,
+    ) -> Result<(Vec<Row>, bool)> {
         const DOING: &str = "taking out events";
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| sql(e, DOING))?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
@@ -689,7 +697,7 @@ impl SqliteLog {
             }
             last
         };
-        let Some(last) = last else { return Ok(Vec::new()) };
+        let Some(last) = last else { return Ok((Vec::new(), false)) };
         let rows = Self::rows_of(
             &tx,
             "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL AND id <= ?1 ORDER BY id",
@@ -697,9 +705,15 @@ impl SqliteLog {
         )
         .map_err(|e| sql(e, DOING))?;
         tx.execute("DELETE FROM pipeline_log WHERE batch IS NULL AND id <= ?1", [last]).map_err(|e| sql(e, DOING))?;
-        // An I/O error at COMMIT may still apply it (WAL recovery): `AmbiguousOutcome`.
-        tx.commit().map_err(|e| commit_error(e, "taking out events commit"))?;
-        Ok(rows.into_iter().map(|(_, route, event, _)| Row { route, event }).collect())
+        let unsure = match tx.commit().map_err(|e| commit_error(e, "taking out events commit")) {
+            Ok(()) => false,
+            Err(e) if e.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome => {
+                tracing::warn!(error = %e, "dotdo pipeline log: events taken out may also stay in the log");
+                true
+            }
+            Err(e) => return Err(e),
+        };
+        Ok((rows.into_iter().map(|(_, route, event, _)| Row { route, event }).collect(), unsure))
     }
 
     /// One attempt of [`Log::append`]: one transaction.
@@ -866,10 +880,19 @@ impl Log for SqliteLog {
     // Run again while starved by a busy shared file (`retry_busy`), as acknowledgements are: a
     // busy transaction took nothing out.
     fn take_stuck(&self, max: usize, max_bytes: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
-        let taken = retry_busy(|| {
+        let (taken, unsure) = retry_busy(|| {
             fully_synced(&mut self.conn.lock(), |c| Self::take_stuck_in(c, max, max_bytes, &mut *stuck))
         })?;
-        self.depth.sub(taken.len(), taken.iter().map(|r| r.event.size()).sum());
+        match unsure {
+            // Counted as the log says, as an append of unknown outcome is (unreadable: until a
+            // reopen).
+            true => {
+                if let Ok(depth) = Self::rows_in(&self.conn.lock()) {
+                    self.depth.set(depth);
+                }
+            }
+            false => self.depth.sub(taken.len(), taken.iter().map(|r| r.event.size()).sum()),
+        }
         Ok(taken)
     }
 }

@@ -780,7 +780,8 @@ impl Pipeline {
     /// every sequence number (a roll fails with `LimitExceeded` on them, every time) are taken
     /// out instead, at most [`roll_rows`](crate::PipelineSettings::roll_rows) of them and about
     /// [`roll_bytes`](crate::PipelineSettings::roll_bytes) (call again for more); else an empty
-    /// list. The taken-out events are the caller's
+    /// list. (A durable log whose deletion of them fails with an I/O error at its COMMIT hands
+    /// them out all the same: a later call may hand the same events out again, never none.) The taken-out events are the caller's
     /// (store them, fix them, send them again: they get new sequence numbers then, and pass the
     /// transform again: they are returned as the transform made them). Waits for a roll in
     /// progress; then `roll` (the background loop keeps its backoff from the failed rolls).

@@ -945,6 +945,35 @@ async fn run_backs_off_after_failed_rolls() {
     handle.await.expect("run ends after close");
 }
 
+/// The backoff reaches `MAX_ROLL_BACKOFF` whatever the tick: with a 4 ms roll interval (1 ms
+/// ticks) a sink refusing for good is asked about 25 times in 300 s of the clock (the pause
+/// stopped doubling at 4,096 ticks, 4.1 s: some 80 times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the loop runs on another worker
+async fn run_backs_off_up_to_the_cap_whatever_the_tick() {
+    let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+    let sink = Flaky::new();
+    sink.refusing.store(true, Ordering::SeqCst);
+    let settings = PipelineSettings { roll_interval: Duration::from_millis(4), ..Default::default() };
+    let p = Pipeline::builder(sink.clone())
+        .with_settings(settings)
+        .with_clock(Arc::new(clock.clone()))
+        .build()
+        .expect("pipeline");
+    p.send(events(3)).expect("send");
+    let handle = tokio::spawn(p.run());
+    until_true(|| clock.pending_sleeps() > 0).await;
+    for _ in 0..6_000 {
+        clock.advance(Duration::from_millis(50));
+        // Real time too: the roll runs on another worker between the clock's sleeps.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let tried = sink.appends.load(Ordering::SeqCst);
+    assert!((10..=40).contains(&tried), "appends in 300 s of the clock: {tried}");
+    drop(p);
+    handle.abort();
+}
+
 /// A send the durable log cannot take (here: locked by another connection past its busy
 /// timeout) counts in `rejected`, as its metric says; it counted nothing.
 #[tokio::test]

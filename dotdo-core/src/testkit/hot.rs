@@ -1463,15 +1463,7 @@ pub async fn concurrent_batches_get_contiguous_ranges(f: &HotFactory) {
 /// `put` under `l`, sent again after a retryable error (a backend on a database with optimistic
 /// concurrency may answer one under contention; it applied nothing): at most 50 attempts.
 async fn put_retrying(hot: &dyn crate::HotStore, l: &crate::Lease, key: &str, value: Bytes) -> crate::WriteReceipt {
-    let mut attempt = 0u32;
-    loop {
-        attempt += 1;
-        match hot.put(&l.object, l.token, "T", key, value.clone()).await {
-            Ok(r) => return r,
-            Err(e) if attempt < 50 && e.is_retryable() => tokio::task::yield_now().await,
-            Err(e) => panic!("put of {key}, attempt {attempt}: {e}"),
-        }
-    }
+    super::retrying(&format!("put of {key}"), || hot.put(&l.object, l.token, "T", key, value.clone())).await
 }
 
 /// A reader's finished rounds, which writers wait for now and then: so the reads of a case
