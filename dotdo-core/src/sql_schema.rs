@@ -79,6 +79,21 @@ INSERT INTO do_evicted (do_id)
     ON CONFLICT (do_id) DO NOTHING;
 "#;
 
+/// `object_info` of object `?1` in the SQL hot stores: its effective last sequence number,
+/// `truncated_through`, `do_objects.max_token`, its live keys and their value bytes, whether it
+/// is resident (not evicted), and its lease's token (0 without a lease row, -1 if the token is no
+/// integer, as a NULL in a predecessor's table made without `NOT NULL`: damage the caller
+/// refuses; `max()` in SQL, or a `coalesce`, would hide it). No row if the object has none.
+pub const SQL_OBJECT_INFO: &str =
+    "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = o.do_id), 0)), \
+       o.truncated_through, o.max_token, \
+       (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
+       (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id), \
+       NOT EXISTS (SELECT 1 FROM do_evicted e WHERE e.do_id = o.do_id), \
+       coalesce((SELECT CASE WHEN typeof(fencing_token) = 'integer' THEN fencing_token ELSE -1 END \
+         FROM do_locks WHERE do_id = ?1), 0) \
+     FROM do_objects o WHERE o.do_id = ?1";
+
 /// The tables of the schema and the columns each must have (a file may have more columns, as
 /// the predecessor's `do_locks` has `metadata`).
 pub const SQL_HOT_TABLES: &[(&str, &[&str])] = &[

@@ -266,8 +266,8 @@ fn last_commit_time(md: &iceberg::spec::TableMetadata) -> Option<(i64, Timestamp
 /// that records `cut` (another engine's expiry took dotdo's snapshot below its own, which keeps
 /// counting from it: read as of a time before that commit, it would have given rows committed
 /// later).
-fn expired_parent_time(md: &iceberg::spec::TableMetadata, cut: i64) -> Option<Timestamp> {
-    last_commit_time(md).filter(|(id, _)| *id == cut).map(|(_, t)| t)
+fn expired_parent_time(last_commit: Option<(i64, Timestamp)>, cut: i64) -> Option<Timestamp> {
+    last_commit.filter(|(id, _)| *id == cut).map(|(_, t)| t)
 }
 
 /// The checkpoint the [`LAST_COMMIT`] property names, if any (a cleanup keeps it: after another
@@ -371,7 +371,7 @@ pub(crate) fn chain_to_dotdo(
 pub fn parent_time(md: &iceberg::spec::TableMetadata, snapshot: &iceberg::spec::SnapshotRef) -> Timestamp {
     let (chain, end) = chain_to_dotdo(md, snapshot);
     let below = match end {
-        ChainEnd::Expired(cut) => expired_parent_time(md, cut),
+        ChainEnd::Expired(cut) => expired_parent_time(last_commit_time(md), cut),
         _ => None,
     };
     // As `effective_committed_at` folds it: from the oldest up, a snapshot stamped before the
@@ -483,11 +483,9 @@ pub fn effective_committed_at(md: &iceberg::spec::TableMetadata) -> impl Fn(&Sna
             path.push(c);
             cur = c.parent_snapshot_id().and_then(|p| {
                 let parent = by_id.get(&p).copied();
-                if let (None, Some((cut, t))) = (parent, expired_dotdo) {
+                if parent.is_none() {
                     // Expired: dotdo's snapshot there still gives its time.
-                    if cut == p {
-                        base = t;
-                    }
+                    base = expired_parent_time(expired_dotdo, p).unwrap_or(base);
                 }
                 parent
             });

@@ -350,20 +350,7 @@ impl HotStore for LibsqlStore {
     }
 
     async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
-        let step = Step::new(
-            // The lease's token as a column of its own, -1 if it is no integer (a NULL in a
-            // predecessor's table made without `NOT NULL`): damage, as in dotdo-sqlite
-            // (`max()` in SQL, or a `coalesce`, hid it).
-            "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = o.do_id), 0)), \
-               o.truncated_through, o.max_token, \
-               (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
-               (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id), \
-               NOT EXISTS (SELECT 1 FROM do_evicted e WHERE e.do_id = o.do_id), \
-               coalesce((SELECT CASE WHEN typeof(fencing_token) = 'integer' THEN fencing_token ELSE -1 END \
-                 FROM do_locks WHERE do_id = ?1), 0) \
-             FROM do_objects o WHERE o.do_id = ?1",
-            vec![t(object.as_str())],
-        );
+        let step = Step::new(dotdo_core::sql_schema::SQL_OBJECT_INFO, vec![t(object.as_str())]);
         self.read_primary_in_replica("object info", move |c| {
             let step = step.clone();
             Box::pin(async move {

@@ -309,9 +309,7 @@ pub(crate) fn lease_row(rows: &[Row]) -> Result<Option<LeaseRow>> {
     Ok(Some(LeaseRow {
         holder,
         // An integer (not NULL) from 0 to `FencingToken::MAX`, as every writer stores it.
-        token: FencingToken::new(
-            int_not_null(r.get(1)).and_then(|_| stored(r.get(1))).map_err(|e| bad("fencing token", &e))?,
-        ),
+        token: FencingToken::new(stored(r.get(1)).map_err(|e| bad("fencing token", &e))?),
         acquired_at: Timestamp::from_micros(int_not_null(r.get(2)).map_err(|e| bad("acquired_at", &e))?),
         expires_at: Timestamp::from_micros(int_not_null(r.get(3)).map_err(|e| bad("expires_at", &e))?),
     }))

@@ -353,8 +353,8 @@ pub(crate) async fn run_rolls<P: Clone, R, Fut>(
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    // Doubling until the cap, whatever the tick (capped at 2^12 ticks, a tick of
-                    // 1 ms stopped at 4 s, far short of `MAX_ROLL_BACKOFF`).
+                    // Doubling until the cap, whatever the tick (the doubling once stopped at 2^12
+                    // ticks: with 1 ms ticks at 4 s, far short of `MAX_ROLL_BACKOFF`).
                     let pause = tick.saturating_mul(1u32 << failures.min(31)).min(crate::MAX_ROLL_BACKOFF);
                     next_try = clock.monotonic().saturating_add(pause);
                     tracing::warn!(error = %e, failures, retry_in = ?pause, "dotdo pipeline roll failed; will retry");

@@ -965,8 +965,8 @@ async fn run_backs_off_up_to_the_cap_whatever_the_tick() {
     until_true(|| clock.pending_sleeps() > 0).await;
     for _ in 0..6_000 {
         clock.advance(Duration::from_millis(50));
-        // Real time too: the roll runs on another worker between the clock's sleeps.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        // In lock-step: the loop (on another worker) has rolled and sleeps again.
+        until_true(|| clock.pending_sleeps() > 0).await;
     }
     let tried = sink.appends.load(Ordering::SeqCst);
     assert!((10..=40).contains(&tried), "appends in 300 s of the clock: {tried}");

@@ -1039,30 +1039,20 @@ impl HotStore for SqliteStore {
         let object = object.clone();
         self.run(move |inner| {
             inner.read("object info", |c| {
-                c.prepare_cached(
-                    concat!(
-                        "SELECT max(o.last_seq, coalesce((SELECT max(seq) FROM do_changes c WHERE c.do_id = o.do_id), 0)), \
-                           o.truncated_through, o.max_token, \
-                           (SELECT count(*) FROM do_state s WHERE s.do_id = o.do_id), \
-                           (SELECT coalesce(sum(length(value)), 0) FROM do_state s WHERE s.do_id = o.do_id), \
-                           NOT EXISTS (SELECT 1 FROM do_evicted e WHERE e.do_id = o.do_id), ",
-                        lease_token!(),
-                        " FROM do_objects o WHERE o.do_id = ?1"
-                    ),
-                )?
-                .query_row([object.as_str()], |r| {
-                    Ok(ObjectInfo {
-                        last_seq: stored(r, 0)?,
-                        truncated_through: stored(r, 1)?,
-                        max_token: FencingToken::new(stored(r, 2)?.max(stored(r, 6)?)),
-                        keys: r.get(3)?,
-                        value_bytes: r.get(4)?,
-                        resident: r.get(5)?,
+                c.prepare_cached(dotdo_core::sql_schema::SQL_OBJECT_INFO)?
+                    .query_row([object.as_str()], |r| {
+                        Ok(ObjectInfo {
+                            last_seq: stored(r, 0)?,
+                            truncated_through: stored(r, 1)?,
+                            max_token: FencingToken::new(stored(r, 2)?.max(stored(r, 6)?)),
+                            keys: r.get(3)?,
+                            value_bytes: r.get(4)?,
+                            resident: r.get(5)?,
+                        })
                     })
-                })
-                .optional()
-                // A row created only by a lease is not yet an object.
-                .map(|o| o.filter(|i| i.last_seq > 0 || i.keys > 0))
+                    .optional()
+                    // A row created only by a lease is not yet an object.
+                    .map(|o| o.filter(|i| i.last_seq > 0 || i.keys > 0))
             })
         })
         .await

@@ -941,6 +941,21 @@ impl ObjectRuntime {
         self.activate(object, slot, wait, ActivateFor::Drain).await
     }
 
+    /// [`ensure_active`](Self::ensure_active) for an eviction (`wait`: how long to wait for a
+    /// lease another node holds, `None` as a call does): an object not active here is activated
+    /// only if, once its lease is taken, hot storage holds something of it (`false`: out of hot
+    /// storage already, the lease given back, nothing restored; see [`ActivateFor`]).
+    async fn ensure_active_to_evict(&self, object: &ObjectId, slot: &mut Slot, wait: Option<Duration>) -> Result<bool> {
+        let wait = match wait {
+            None => {
+                self.refuse_if_shutting_down(object)?;
+                self.inner.settings.acquire_timeout
+            }
+            Some(wait) => wait,
+        };
+        self.activate(object, slot, wait, ActivateFor::Evict).await
+    }
+
     /// `Shutdown` for a call admitted before shutdown that waited for its slot past shutdown's
     /// wait (shutdown's own flush takes objects through `ensure_active_within`).
     fn refuse_if_shutting_down(&self, object: &ObjectId) -> Result<()> {
@@ -1929,14 +1944,7 @@ impl ObjectRuntime {
             return Ok(false);
         }
         let taken_to_evict = slot.active.is_none();
-        let wait = match wait {
-            None => {
-                self.refuse_if_shutting_down(object)?;
-                self.inner.settings.acquire_timeout
-            }
-            Some(wait) => wait,
-        };
-        if !self.activate(object, slot, wait, ActivateFor::Evict).await? {
+        if !self.ensure_active_to_evict(object, slot, wait).await? {
             // Out of hot storage already (or emptied by deletes) once the lease was taken (again:
             // a warm lease that lapsed here): another runtime evicted it meanwhile.
             return Ok(false);

@@ -197,17 +197,21 @@ pub async fn a_takeover_fences_every_later_stale_append(f: &ColdFactory) {
             })
         })
         .collect();
+    let mut waits = 0u32;
     while next_of(fx.sink.clone(), o.clone()).await <= 3 {
+        waits += 1;
+        assert!(waits < 100_000, "the stale committer landed nothing");
         tokio::task::yield_now().await;
     }
     // The newer committer's first record: sent again until one of its own lands (a record the
     // stale committer landed first is a replay, which records no token).
-    loop {
+    for attempt in 1.. {
         let next = next_of(fx.sink.clone(), o.clone()).await;
         match fx.sink.append(ColdBatch::single(o.clone(), tok(2), puts(&o, next..=next, 2))).await {
             Ok(c) if c.records_written == 1 => break,
-            Ok(_) => {}
+            Ok(c) => assert!(attempt < 1000, "the newer committer's record never landed: {c:?}"),
             Err(e) if e.is_retryable() || matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::AmbiguousOutcome) => {
+                assert!(attempt < 1000, "the newer committer's append, attempt {attempt}: {e}");
             }
             Err(e) => panic!("the newer committer's append: {e}"),
         }

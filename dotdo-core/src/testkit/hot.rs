@@ -1519,15 +1519,10 @@ pub async fn truncation_concurrent_with_writes_loses_no_change(f: &HotFactory) {
         if let Some(last) = page.last() {
             after = last.seq;
             seen.extend(page.iter().map(|c| c.seq));
-            let mut attempt = 0u32;
-            loop {
-                attempt += 1;
-                match fx.hot.truncate_changes(&l.object, l.token, after).await {
-                    Ok(()) => break,
-                    Err(e) if attempt < 50 && e.is_retryable() => tokio::task::yield_now().await,
-                    Err(e) => panic!("truncate through the last change seen, attempt {attempt}: {e}"),
-                }
-            }
+            super::retrying("truncate through the last change seen", || {
+                fx.hot.truncate_changes(&l.object, l.token, after)
+            })
+            .await;
             truncations += 1;
         }
         rounds.done();
