@@ -85,7 +85,7 @@ pub struct RawSql<'q>(&'q str);
 ///
 /// ```rust,no_run
 /// # async fn example() -> sqlx::Result<()> {
-/// let mut conn: sqlx::PgConnection = todo!("e.g. PgConnection::connect(<DATABASE URL>)");
+/// let mut conn: sqlx::PgConnection = sqlx::Connection::connect("postgres://localhost/db").await?;
 ///
 /// sqlx::raw_sql(
 ///     // Imagine we're moving data from one table to another:

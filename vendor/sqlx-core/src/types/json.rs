@@ -56,7 +56,7 @@ use crate::types::Type;
 /// the `Json` adapter by using the type override syntax
 /// ```rust,ignore
 /// # async fn example3() -> sqlx::Result<()> {
-/// # let mut conn: sqlx::PgConnection = unimplemented!();
+/// # let mut conn: sqlx::PgConnection = sqlx::Connection::connect("postgres://localhost/db").await?;
 /// #[derive(sqlx::FromRow)]
 /// struct Book {
 ///     title: String,
