@@ -2865,23 +2865,28 @@ async fn a_foreign_snapshot_keeps_its_time_once_the_dotdo_snapshot_below_is_expi
         Ok(st) => assert!(st.entries.is_empty(), "rows committed after that time: {st:?}"),
         Err(e) => assert_eq!(e.kind(), &ErrorKind::NotFound, "{e}"),
     }
-    let right = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .table(["m"], "changes")
-        .build()
-        .await
-        .expect("open with the system clock");
-    right
-        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]))
-        .await
-        .expect("append");
-    let head = right.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
-    let stamped: i64 =
-        head.summary().additional_properties.get("dotdo.committed-at-us").expect("stamp").parse().expect("micros");
+    let stamped = stamp_of_a_commit_with_the_system_clock(dir.path(), &o).await;
     assert!(
         stamped >= before.committed_at.as_micros(),
         "stamped {stamped}, its parent read at {:?}",
         before.committed_at
     );
+}
+
+/// The `dotdo.committed-at-us` of a commit of `o`'s record 2 by a store on the warehouse at
+/// `dir` whose clock is right (the system clock).
+async fn stamp_of_a_commit_with_the_system_clock(dir: &std::path::Path, o: &ObjectId) -> i64 {
+    let right = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .build()
+        .await
+        .expect("open with the system clock");
+    right
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(o, 2, "k", "v2", 1)]))
+        .await
+        .expect("append");
+    let head = right.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
+    head.summary().additional_properties.get("dotdo.committed-at-us").expect("stamp").parse().expect("micros")
 }
 
 /// A dotdo commit on top of another engine's earlier-stamped snapshot (from a store whose clock
@@ -2896,18 +2901,7 @@ async fn a_commit_over_an_earlier_stamped_foreign_one_is_not_stamped_before_its_
     let infos = ahead.snapshots().await.expect("snapshots");
     let first = infos[1].committed_at;
     assert!(first > infos[0].committed_at, "{infos:?}");
-    let right = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .table(["m"], "changes")
-        .build()
-        .await
-        .expect("open with the system clock");
-    right
-        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]))
-        .await
-        .expect("append");
-    let head = right.refresh().await.expect("table").metadata().current_snapshot().cloned().expect("head");
-    let stamped: i64 =
-        head.summary().additional_properties.get("dotdo.committed-at-us").expect("stamp").parse().expect("micros");
+    let stamped = stamp_of_a_commit_with_the_system_clock(dir.path(), &o).await;
     assert!(stamped >= first.as_micros(), "stamped {stamped}, its parent read at {}", first.as_micros());
 }
 
