@@ -165,10 +165,12 @@ pub mod rules {
         }
     }
 
-    /// The expiry a release writes: the Unix epoch, in the past on every node's clock. (The
-    /// releasing node's time was written before: a node whose clock is behind the releaser's
-    /// saw the object as held for as long as the two clocks are apart.)
-    pub const RELEASED: Timestamp = Timestamp::EPOCH;
+    /// The expiry a release writes: the earliest time there is, in the past on every node's
+    /// clock, also one that reads before 1970 (a simulation's). (The releasing node's time was
+    /// written before: a node whose clock is behind the releaser's saw the object as held for as
+    /// long as the two clocks are apart; then the Unix epoch, still held on a clock before it.)
+    /// Rows released at the epoch by earlier versions read as released on any clock after it.
+    pub const RELEASED: Timestamp = Timestamp::from_micros(i64::MIN);
 
     /// Decide an acquire: the new row, or `LeaseHeld`.
     pub fn acquire(

@@ -88,7 +88,12 @@ impl StoreRoot {
             let dir = url
                 .to_file_path()
                 .map_err(|()| Error::invalid(format!("warehouse {warehouse} is not a valid local path")))?;
-            created_dirs = dir.ancestors().position(|a| a.exists()).unwrap_or(0);
+            // Counted on the directory the local store writes data to, which keeps a path's
+            // percent-encoding (`my%20lake/wh`), not on the decoded one created here for the
+            // catalog (`my lake/wh`): an existing `my lake/wh` made it 0, and the first write's
+            // new `my%20lake` was never synced in its parent.
+            let stored = key_of("file://", url.as_str()).and_then(|key| local_path(&key)).unwrap_or(dir.clone());
+            created_dirs = stored.ancestors().position(|a| a.exists()).unwrap_or(0);
             std::fs::create_dir_all(&dir).map_err(|e| warehouse_dir_error(&dir, e))?;
         }
         if url.scheme() == "memory" {
@@ -338,7 +343,7 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
         let shown = if trimmed.contains('@') {
             format!("({}://…)", trimmed.split_once("://").map_or("", |(s, _)| s))
         } else {
-            trimmed.to_string()
+            shown_warehouse(trimmed)
         };
         Error::invalid(format!("warehouse {shown} is not a URL: {e}"))
     })?;
@@ -374,7 +379,24 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
     match url.to_file_path() {
         // `file:///a//b`: the same directory as `/a/b` (object paths have no empty segments).
         Ok(path) if url.scheme() == "file" && url.path().contains("//") => local(&path),
+        // `s3://bkt//lake` (a prefix joined with a leading `/`): object paths have no empty
+        // segments either; the key would lose it and the table locations keep it, where other
+        // engines read the key literally (`/lake/…`). Refused, whatever the options.
+        _ if url.scheme() != "file" && url.path().contains("//") => Err(Error::invalid(format!(
+            "warehouse {}: its path has an empty segment (`//`); object paths have none (write s3://bucket/path)",
+            shown_warehouse(trimmed)
+        ))),
         _ => Ok(url),
+    }
+}
+
+/// A warehouse URL as messages and `Debug` show it: without a password (see
+/// `without_password`) and without any query or fragment, which may carry a credential
+/// (`?X-Amz-Signature=…`; a warehouse with one is refused, its message not showing it).
+pub(crate) fn shown_warehouse(warehouse: &str) -> String {
+    match warehouse.find(['?', '#']) {
+        Some(i) => format!("{}?…", crate::catalog::without_password(&warehouse[..i])),
+        None => crate::catalog::without_password(warehouse),
     }
 }
 
@@ -484,8 +506,13 @@ fn key_of(root: &str, location: &str) -> std::result::Result<Path, String> {
     let location = spelled.as_ref();
     let rest =
         root_rest(root, location).ok_or_else(|| format!("location {location} is not under the store root {root}"))?;
-    Path::parse(rest.trim_start_matches('/'))
-        .map_err(|e| format!("location {location} is not a valid object path: {e}"))
+    // One `/` between the root and the key: `s3://b//x` names the key `/x`, which no object
+    // path is (it was taken as `x`, another object's key). Local paths: `//x` is `/x`.
+    let key = if root == "file://" { rest.trim_start_matches('/') } else { rest.strip_prefix('/').unwrap_or(rest) };
+    if key.starts_with('/') {
+        return Err(format!("location {location} is not a valid object path: an empty segment after {root}"));
+    }
+    Path::parse(key).map_err(|e| format!("location {location} is not a valid object path: {e}"))
 }
 
 /// A ranged read must answer the whole range: object_store answers a range that ends past the
@@ -1077,6 +1104,9 @@ mod tests {
         assert!(key_of("s3://b", "s3://other/x").is_err());
         assert!(key_of("s3://b", "s3://bb/x").is_err(), "a bucket whose name starts with the root's");
         assert_eq!(key_of("s3://b/", "s3://b/x").expect("key").as_ref(), "x");
+        // `s3://b//x` is key `/x`, no object path: not object `x`.
+        assert!(key_of("s3://b", "s3://b//x").is_err());
+        assert_eq!(key_of("file://", "file:////tmp/x").expect("//tmp is /tmp").as_ref(), "tmp/x");
         // Spellings of one local warehouse name the same directory.
         for spelled in ["/tmp/x/a/../wh", "/tmp/x/./wh/", "file:///tmp/x//wh", "file:///tmp/x/a/../wh"] {
             let url = parse_warehouse_url(spelled).expect(spelled);
@@ -1138,11 +1168,22 @@ mod tests {
             "s3://b/wh?X-Amz-Credential=AKIA&X-Amz-Signature=s3cr3t",
             "s3://b/wh?secret_access_key=s3cr3t",
             "https://u:s3cr3t@host:99999/wh",
+            // Not a URL (the port), a secret in its query: the message showed it whole.
+            "s3://b:99999/wh?secret_access_key=s3cr3t",
+            // An empty path segment: object paths have none (the key dropped it, the table
+            // locations kept it; with options it failed as an unknown scheme).
+            "s3://bkt//lake",
+            "gs://bkt/a//b",
         ] {
             let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{bad}: {e}");
             assert!(!format!("{e} {e:?}").contains("s3cr3t"), "{e:?}");
         }
+        // The builder's `Debug` shows no query either (nor option values, nor a password).
+        let b = crate::IcebergColdStore::builder("s3://u:pw-s3cr3t@b/wh?X-Amz-Signature=s3cr3t")
+            .option("aws_secret_access_key", "s3cr3t");
+        let shown = format!("{b:?}");
+        assert!(!shown.contains("s3cr3t") && shown.contains("s3://u:redacted@b/wh?…"), "{shown}");
         // A file: URL with a relative path (taken from the root) or a host (no local path).
         for bad in ["file:lake", "file:./data/wh", "file:../wh", "file:C:/wh", "file://nas/lake"] {
             let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);
@@ -1233,6 +1274,19 @@ mod tests {
         let synced = sync.synced_dirs.lock().clone();
         assert!(synced.contains(&dir.path().join("wh")), "{synced:?}");
         assert!(!synced.contains(dir.path()), "above the warehouse's parent: {synced:?}");
+    }
+
+    /// A warehouse path with characters a URL escapes: the local store writes under the escaped
+    /// directory, which `open` counts (the decoded one it creates existed: 0, and the escaped
+    /// chain's first new directory was not synced in its parent).
+    #[test]
+    fn the_directories_counted_are_those_the_store_writes_to() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let decoded = dir.path().join("my lake/wh");
+        std::fs::create_dir_all(&decoded).expect("the decoded warehouse exists");
+        let root = StoreRoot::open(decoded.to_str().expect("utf-8"), Vec::<(String, String)>::new()).expect("open");
+        assert!(!dir.path().join("my%20lake").exists());
+        assert_eq!(root.created_dirs, 2, "my%20lake and wh are new where data goes");
     }
 
     /// A warehouse whose parent directories `open` created has their entries synced with the

@@ -267,7 +267,7 @@ impl std::fmt::Debug for IcebergColdStoreBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Option values may be credentials: print keys only.
         f.debug_struct("IcebergColdStoreBuilder")
-            .field("warehouse", &crate::catalog::without_password(&self.warehouse))
+            .field("warehouse", &crate::storage::shown_warehouse(&self.warehouse))
             .field("options", &self.options.iter().map(|(k, _)| (k.as_str(), "<redacted>")).collect::<Vec<_>>())
             .field("store", &self.store.as_ref().map(|s| s.to_string()))
             .field("catalog", &self.catalog)
@@ -511,7 +511,7 @@ async fn open_table(
     // What reads need: appends check the whole layout each time (another engine may change it
     // while a store is open, and a store opened after such a change still reads the table).
     schema::check_readable_table(table.metadata(), &what)?;
-    set_dotdo_properties(catalog, ident, table, settings, true).await
+    set_dotdo_properties(catalog, placing.verifier, ident, table, settings, true).await
 }
 
 /// `e`, from loading `ident`'s table, classified; a `Corrupt` one names the metadata file the
@@ -539,8 +539,14 @@ pub(crate) async fn load_failure(
 
 /// Set the table properties a store with `settings` needs on `table` (the change table, or a
 /// user table: see [`properties_to_set`]) if they are not set yet, and return the table after.
+///
+/// On the SQL catalog the commit moves the pointer with dotdo's own compare-and-swap, as every
+/// dotdo commit does (`verifier`): iceberg-catalog-sql's own commit ignores a failed SQL
+/// `COMMIT` and reports the table it staged, so an open could go on as if a raised cleanup
+/// minimum were recorded while the catalog kept the old one.
 pub(crate) async fn set_dotdo_properties(
     catalog: &dyn Catalog,
+    verifier: Option<&crate::catalog::SqlVerifier>,
     ident: &TableIdent,
     table: Table,
     settings: &Settings,
@@ -565,11 +571,17 @@ pub(crate) async fn set_dotdo_properties(
             props = props.set(k.to_string(), v);
         }
         let tx = props.apply(tx).map_err(|e| classify(e, &what))?;
-        match tx.commit(catalog).await {
+        let committed = match verifier {
+            Some(v) => tx.commit(&crate::catalog::PinnedCatalog::new(catalog, table.clone(), Some(v))).await,
+            None => tx.commit(catalog).await,
+        };
+        match committed {
             Ok(t) => return Ok(t),
             // Another store set them first (nodes opening a table together after an upgrade),
             // or the commit landed and its reply was lost: read the table again and decide anew.
+            // (Logged classified: a REST catalog's raw error may carry its response body.)
             Err(e) if attempt < 3 => {
+                let e = classify(e, &what);
                 tracing::debug!(table = %ident, error = %e, "setting dotdo's table properties failed; reading again");
                 attempt += 1;
                 table = catalog.load_table(ident).await.map_err(|e| classify(e, &what))?;
@@ -719,7 +731,7 @@ async fn create_table(
         None => creation.properties(props).build(),
     };
     match catalog.create_table(ns, creation).await {
-        Ok(t) => Ok(t),
+        Ok(t) => confirm_created(catalog, placing.verifier, ident, t, &what).await,
         Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
             catalog.load_table(ident).await.map_err(|e| classify(e, &what))
         }
@@ -730,6 +742,46 @@ async fn create_table(
             Ok(t) => Ok(t),
             Err(_) => Err(classify(e, &what)),
         },
+    }
+}
+
+/// Where new data files of the table `md` go: as iceberg's `DefaultLocationGenerator` places
+/// them (`write.data.path`, else `write.folder-storage.path`, else `<table location>/data`),
+/// without a trailing `/`. Another engine may set the property with one (`s3://b/archive/`),
+/// as Iceberg-Java accepts and trims; iceberg-rust keeps it, and every file location then had an
+/// empty path segment no object store accepts (each append failed, not retryable).
+pub(crate) fn data_locations(md: &iceberg::spec::TableMetadata) -> DefaultLocationGenerator {
+    let props = md.properties();
+    let data = match props.get("write.data.path").or_else(|| props.get("write.folder-storage.path")) {
+        Some(configured) => configured.clone(),
+        None => format!("{}/data", md.location()),
+    };
+    let trimmed = data.trim_end_matches('/');
+    // (All slashes, `file:///` say: kept as it is, for the store to refuse by name.)
+    let data = if trimmed.is_empty() || trimmed.ends_with(':') { data.clone() } else { trimmed.to_string() };
+    DefaultLocationGenerator::with_data_location(data)
+}
+
+/// `table`, which the catalog reported created as `ident`, once the SQL catalog holds it
+/// (`verifier`: read back). iceberg-catalog-sql ignores a failed SQL `COMMIT` of its `INSERT`
+/// and reports the table created all the same: then the catalog has no such table (a retryable
+/// `Unavailable`: nothing was created, the next open creates it), or another process's
+/// creation won meanwhile (that table, loaded). Other catalogs report their own failures.
+pub(crate) async fn confirm_created(
+    catalog: &dyn Catalog,
+    verifier: Option<&crate::catalog::SqlVerifier>,
+    ident: &TableIdent,
+    table: Table,
+    what: &str,
+) -> Result<Table> {
+    let Some(v) = verifier else { return Ok(table) };
+    match v.metadata_location(ident).await? {
+        Some(l) if Some(l.as_str()) == table.metadata_location() => Ok(table),
+        Some(_) => catalog.load_table(ident).await.map_err(|e| classify(e, what)),
+        None => Err(Error::unavailable(format!(
+            "{what}: the SQL catalog reported the table created but does not hold it (its transaction did not \
+             commit); nothing was created"
+        ))),
     }
 }
 
@@ -1182,7 +1234,7 @@ impl IcebergColdStore {
             props = props.set_bloom_filter_position(BloomFilterPosition::End);
         }
         let props = props.build();
-        let location = DefaultLocationGenerator::new(&md).map_err(|e| classify(e, "data location"))?;
+        let location = data_locations(&md);
         let prefix = uuid::Uuid::new_v4().to_string();
         let ident = self.inner.ident.to_string();
         let rt = tokio::runtime::Handle::try_current()

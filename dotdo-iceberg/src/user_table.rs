@@ -275,7 +275,9 @@ impl IcebergColdStore {
                     None => creation.properties(props).build(),
                 };
                 match catalog.create_table(&ns, creation).await {
-                    Ok(t) => t,
+                    Ok(t) => {
+                        crate::store::confirm_created(&*catalog, self.inner.verifier.as_ref(), &ident, t, &what).await?
+                    }
                     Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
                         catalog.load_table(&ident).await.map_err(|e| classify(e, &what))?
                     }
@@ -300,7 +302,15 @@ impl IcebergColdStore {
         check_unpartitioned(&table, &what)?;
         // As on the change table: every cleanup keeps to the largest cleanup minimum of the
         // stores writing the table (their compactions commit files up to half of it old).
-        crate::store::set_dotdo_properties(&*catalog, &ident, table, &self.inner.settings, false).await?;
+        crate::store::set_dotdo_properties(
+            &*catalog,
+            self.inner.verifier.as_ref(),
+            &ident,
+            table,
+            &self.inner.settings,
+            false,
+        )
+        .await?;
         Ok(ArrowTable { store: self.clone(), ident, user: schema, iceberg_arrow })
     }
 }
@@ -387,7 +397,7 @@ pub(crate) async fn write_user_files(
         .set_compression(Compression::ZSTD(level))
         .set_statistics_truncate_length(None)
         .build();
-    let location = DefaultLocationGenerator::new(md).map_err(|e| classify(e, what))?;
+    let location = crate::store::data_locations(md);
     let builder = || {
         // A name prefix per writer: unpartitioned writers side by side share one directory.
         DataFileWriterBuilder::new(RollingFileWriterBuilder::new(

@@ -2425,6 +2425,25 @@ async fn set_table_property(cold: &IcebergColdStore, key: &str, value: &str) {
     tx.commit(&*cold.catalog()).await.expect("the property set");
 }
 
+/// Another engine's `write.data.path` with a trailing `/` (Iceberg-Java trims it): dotdo's data
+/// files go under it, not `…//do_id_bucket=…` (no valid object path: every append failed,
+/// `InvalidInput`, not retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_path_with_a_trailing_slash_takes_new_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let location = cold.table().metadata().location().to_string();
+    set_table_property(&cold, "write.data.path", &format!("{location}/custom/")).await;
+    drop(cold);
+    let cold = open(dir.path(), 1).await;
+    let o = ObjectId::new("o").expect("id");
+    cold.append(common::one_put_each(std::slice::from_ref(&o), 1)).await.expect("append");
+    let custom = common::files_ending_with(&dir.path().join("m/changes/custom"), ".parquet");
+    assert_eq!(custom.len(), 1, "{custom:?}");
+    assert!(!custom[0].to_string_lossy().contains("//"), "{custom:?}");
+    assert_eq!(cold.load_state(&o, AsOf::Latest).await.expect("read").entries.len(), 1);
+}
+
 /// A table with `gc.enabled=false` (its files may be shared with another table) is neither
 /// expired nor cleaned: both refuse with `InvalidInput` and delete nothing. (Cleanup ignored the
 /// property and deleted unreferenced files; expiry failed as `Corrupt`.)
@@ -3454,6 +3473,58 @@ async fn cleanups_keep_to_the_largest_minimum_a_writer_opened_the_table_with() {
         later.remove_unreferenced_files(2 * hour).await.expect_err("still below").kind(),
         &dotdo_core::ErrorKind::InvalidInput
     );
+}
+
+/// The SQL catalog's commits a store makes while it opens (raising the recorded cleanup
+/// minimum; creating the table) are confirmed in the catalog: iceberg-catalog-sql ignores a
+/// failed SQL `COMMIT` and reported both done, so a store opened as if its larger minimum were
+/// recorded (a cleanup elsewhere could delete the files its compactions commit), or on a table
+/// the catalog did not hold (every append then failed). The `COMMIT` is made to fail with a
+/// deferred foreign-key violation a trigger adds (checked only at `COMMIT`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_made_while_opening_fail_when_the_catalog_does_not_keep_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let with_min = |table: &'static str, min: std::time::Duration| {
+        IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .table(["m"], table)
+            .settings(Settings { buckets: 1, min_cleanup_retention: min, ..Default::default() })
+            .build()
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    drop(with_min("changes", hour).await.expect("first open"));
+    let recorded = || {
+        let c = rusqlite::Connection::open(dir.path().join("catalog.db")).expect("catalog db");
+        let location: String = c
+            .query_row("SELECT metadata_location FROM iceberg_tables WHERE table_name = 'changes'", [], |r| r.get(0))
+            .expect("pointer");
+        let path = location.strip_prefix("file://").unwrap_or(&location).to_string();
+        let md: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).expect("metadata")).expect("metadata json");
+        md["properties"][dotdo_iceberg::MIN_CLEANUP_PROP].as_str().map(str::to_string)
+    };
+    assert_eq!(recorded().as_deref(), Some("3600000"));
+    let c = rusqlite::Connection::open(dir.path().join("catalog.db")).expect("catalog db");
+    c.execute_batch(
+        "CREATE TABLE p (id INTEGER PRIMARY KEY);
+         CREATE TABLE ch (pid INTEGER REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED);
+         CREATE TRIGGER refuse_update AFTER UPDATE OF metadata_location ON iceberg_tables
+             BEGIN INSERT INTO ch VALUES (42); END;
+         CREATE TRIGGER refuse_insert AFTER INSERT ON iceberg_tables BEGIN INSERT INTO ch VALUES (42); END;",
+    )
+    .expect("triggers");
+    let e = with_min("changes", 6 * hour).await.expect_err("the larger minimum is not recorded");
+    assert_eq!(recorded().as_deref(), Some("3600000"), "{e}");
+    let e = with_min("other", hour).await.expect_err("the table is not in the catalog");
+    assert!(e.is_retryable(), "{e}");
+    let held: i64 =
+        c.query_row("SELECT count(*) FROM iceberg_tables WHERE table_name = 'other'", [], |r| r.get(0)).expect("count");
+    assert_eq!(held, 0);
+    // With the catalog mended, both open.
+    c.execute_batch("DROP TRIGGER refuse_update; DROP TRIGGER refuse_insert;").expect("drop triggers");
+    with_min("changes", 6 * hour).await.expect("open with the larger minimum");
+    assert_eq!(recorded().as_deref(), Some("21600000"));
+    let other = with_min("other", hour).await.expect("create");
+    other.append(common::one_put_each(&[ObjectId::new("o").expect("id")], 1)).await.expect("append");
 }
 
 /// A store with a larger minimum opened while a cleanup lists the table: the cleanup reads the

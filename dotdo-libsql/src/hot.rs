@@ -109,11 +109,19 @@ impl HotStore for LibsqlStore {
         let object = object.clone();
         // The largest last seq before this batch that leaves room for all of it below MAX_SEQ.
         let room = Value::Integer(i64::try_from(dotdo_core::MAX_SEQ.saturating_sub(n)).unwrap_or(0));
+        // A panic of the caller's clock in a program's attempt, kept to go on with once the call
+        // is out of the remote driver (which takes a panic inside a call for libsql's HTTP
+        // client failing on an answer: "sent, no reply", an unknown outcome, where nothing was
+        // sent). As on a local file (`write_direct`), the panic goes on in the caller's task.
+        type Panic = Box<dyn std::any::Any + Send>;
+        let clock_panic: Arc<parking_lot::Mutex<Option<Panic>>> = Arc::default();
+        let panicked = clock_panic.clone();
         let r = self
             .write_call("write", move |c| {
                 let direct = direct.clone();
                 let (o, tk, type_name, room) = (o.clone(), tk.clone(), type_name.clone(), room.clone());
                 let clock = clock.clone();
+                let panicked = panicked.clone();
                 Box::pin(async move {
                     if !c.is_batch() {
                         // The changes' time is read inside the transaction (after `BEGIN
@@ -123,7 +131,13 @@ impl HotStore for LibsqlStore {
                     }
                     // A program (a remote primary's, or a local file's over the batch transport)
                     // carries its time from here: read at each attempt, before it is sent.
-                    let now = clock.now().as_micros();
+                    let now = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| clock.now())) {
+                        Ok(now) => now.as_micros(),
+                        Err(panic) => {
+                            *panicked.lock() = Some(panic);
+                            return Err(Error::backend("the store's clock panicked").with_retryable(false).into());
+                        }
+                    };
                     // One program, one transaction, one round trip: fold the lease's token into
                     // the token maximum, raise the maximum if the token is newer, apply every
                     // operation only if the token equals the maximum, report the outcome.
@@ -157,8 +171,11 @@ impl HotStore for LibsqlStore {
                     Ok(c.run_program(program).await?)
                 })
             })
-            .await?
-            .unwrap_or_default();
+            .await;
+        if let Some(panic) = clock_panic.lock().take() {
+            std::panic::resume_unwind(panic);
+        }
+        let r = r?.unwrap_or_default();
         if r == crate::conn::DAMAGED_ROWS {
             return Err(self.damaged_rows(&object, "write"));
         }

@@ -119,6 +119,32 @@ async fn a_fenced_write_is_one_round_trip_to_the_primary() {
     assert_eq!(store.read_changes(&obj, 0, 100).await.expect("log").len(), 4);
 }
 
+/// A remote write whose (caller's) clock panics: the panic goes on in the caller's task, as on
+/// a local file, and nothing is sent. The remote driver caught it as libsql's HTTP client
+/// failing on an answer: `AmbiguousOutcome` ("broke off after the request was sent") for a
+/// request never made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_clock_in_a_remote_write_panics_and_sends_nothing() {
+    use dotdo_core::testkit::PanickingClock;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    let clock = Arc::new(PanickingClock::new(dotdo_core::ManualClock::new(dotdo_core::testkit::KIT_EPOCH)));
+    let store = LibsqlStore::remote(server.url(), TOKEN).with_clock(clock.clone()).open().await.expect("open");
+    let obj = ObjectId::new("o").expect("valid");
+    let lease = store.acquire(&obj, &NodeId::new("n").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+    clock.set_panicking(true);
+    let before = server.requests();
+    let writer = {
+        let (store, obj) = (store.clone(), obj.clone());
+        tokio::spawn(async move { store.put(&obj, lease.token, "T", "k", "v".into()).await })
+    };
+    assert!(writer.await.expect_err("the clock panicked").is_panic());
+    assert_eq!(server.requests(), before, "nothing was sent");
+    clock.set_panicking(false);
+    store.put(&obj, lease.token, "T", "k", "v2".into()).await.expect("the store writes on");
+    assert_eq!(store.get(&obj, "k").await.expect("get").as_deref(), Some(&b"v2"[..]));
+}
+
 #[tokio::test]
 async fn a_wrong_token_is_rejected_by_the_primary_as_an_auth_error() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -271,9 +271,11 @@ impl CloudflareStreamClient {
     /// refuses as too large (413) is split in two and sent again. One event larger than the limit
     /// once encoded (JSON escaping can grow a value up to six times) is `LimitExceeded`; an
     /// invalid event (or a value that is not UTF-8) is `InvalidInput`. Every event is checked before the first request: on either error
-    /// nothing is sent. Runs inside a tokio runtime with its time driver enabled (the HTTP
-    /// client's timers and DNS need it: `enable_all()` on the builder, as `#[tokio::main]`
-    /// does); polled on another executor it is `InvalidInput`, and nothing is sent.
+    /// nothing is sent. Runs inside a tokio runtime with its I/O and time drivers enabled (the
+    /// HTTP client's sockets and timers need them: `enable_all()` on the builder, as
+    /// `#[tokio::main]` does); polled on another executor it is `InvalidInput`, and nothing is
+    /// sent. On a tokio runtime built without those drivers the HTTP client panics (tokio offers
+    /// no way to tell beforehand).
     pub async fn send(&self, events: &[Event]) -> Result<StreamSendReport> {
         if tokio::runtime::Handle::try_current().is_err() {
             // reqwest would panic ("there is no reactor running") in the caller's task.
@@ -288,21 +290,27 @@ impl CloudflareStreamClient {
                 err.context(format!("event {i} of {} ({}); nothing was sent", events.len(), e.label()))
             })?;
             let v = event_json(e)?;
+            // The event and the `,` or `]` after it.
             let len = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0) + 1;
-            if len + 2 > self.settings.max_request_bytes {
-                return Err(Error::limit("stream event", self.settings.max_request_bytes as u64, len as u64).context(
-                    format!("event {i} of {} (key {:?}) once encoded; nothing was sent", events.len(), e.key),
-                ));
+            // A request of this event alone: `[` + the event + `]`.
+            if len + 1 > self.settings.max_request_bytes {
+                return Err(Error::limit("stream event", self.settings.max_request_bytes as u64, len as u64 + 1)
+                    .context(format!(
+                        "event {i} of {} (key {:?}) once encoded as a request; nothing was sent",
+                        events.len(),
+                        e.key
+                    )));
             }
             items.push((v, len));
         }
         let mut chunks = std::collections::VecDeque::new();
         let mut chunk: Vec<serde_json::Value> = Vec::new();
-        let mut size = 2usize;
+        // The request body so far: `[`, then each event with its `,` (the last one's is `]`).
+        let mut size = 1usize;
         for (v, len) in items {
-            if size + len > self.settings.max_request_bytes {
+            if !chunk.is_empty() && size + len > self.settings.max_request_bytes {
                 chunks.push_back((std::mem::take(&mut chunk), false));
-                size = 2;
+                size = 1;
             }
             size += len;
             chunk.push(v);

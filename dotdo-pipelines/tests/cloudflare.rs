@@ -525,6 +525,52 @@ async fn an_event_too_large_once_encoded_is_refused_before_anything_is_sent() {
     assert!(server.records.lock().is_empty(), "no request was made");
 }
 
+/// A request body of exactly `max_request_bytes` goes as one request (the limit is the body's
+/// largest size): one event alone, and two that fill it together (each was one byte short: the
+/// single event refused, the pair split).
+#[tokio::test]
+async fn a_body_of_exactly_the_limit_is_one_request() {
+    let server = Arc::new(Server { max_body: 64 * 1024, ..Default::default() });
+    let url = serve(server.clone(), "t").await;
+    let s = CloudflareSettings { max_request_bytes: 1024, ..settings() };
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), s).expect("client");
+    // Events whose request bodies are exactly 1024 bytes (the padding found by encoding).
+    let padded = |n: usize| -> Vec<Event> {
+        let base = encode(&events(n, 0)).expect("encode").len();
+        let mut batch = events(n, 0);
+        let pad = 1024 - base;
+        let last = batch.pop().expect("one");
+        batch.push(Event::new(
+            last.object.clone(),
+            "User",
+            last.key.clone(),
+            format!("{{\"pad\":\"{}\"}}", "x".repeat(pad)),
+            last.timestamp,
+        ));
+        assert_eq!(encode(&batch).expect("encode").len(), 1024);
+        batch
+    };
+    let before = server.requests.load(Ordering::SeqCst);
+    let r = client.send(&padded(1)).await.expect("one event of exactly the limit");
+    assert_eq!((r.events, r.requests), (1, 1));
+    let r = client.send(&padded(2)).await.expect("two events of exactly the limit");
+    assert_eq!((r.events, r.requests), (2, 1));
+    assert_eq!(server.requests.load(Ordering::SeqCst), before + 2);
+    // One byte more: the pair is split, the single event refused.
+    let s = CloudflareSettings { max_request_bytes: 1024, ..settings() };
+    let one_more = |mut batch: Vec<Event>| {
+        let last = batch.pop().expect("one");
+        let mut value = last.value.to_vec();
+        value.push(b' ');
+        batch.push(Event::new(last.object.clone(), "User", last.key.clone(), value, last.timestamp));
+        batch
+    };
+    let client = CloudflareStreamClient::new(&url, Some("t".into()), s).expect("client");
+    assert_eq!(client.send(&one_more(padded(2))).await.expect("split").requests, 2);
+    let e = client.send(&one_more(padded(1))).await.expect_err("over the limit alone");
+    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+}
+
 /// A redirect is an error, never a success: followed, it would turn the POST into a body-less
 /// GET whose 200 read as every event accepted.
 #[tokio::test]

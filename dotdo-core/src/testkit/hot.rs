@@ -13,7 +13,7 @@ use crate::error::ErrorKind;
 use crate::hot::HotStoreExt;
 use crate::ids::{FencingToken, ObjectId, MAX_VALUE_BYTES};
 use crate::record::{KeyRange, Op, WriteBatch};
-use crate::time::ManualClock;
+use crate::time::{ManualClock, Timestamp};
 use crate::{Clock, Lease};
 
 const TTL: Duration = Duration::from_secs(10);
@@ -2000,6 +2000,25 @@ pub async fn release_is_idempotent_and_never_frees_a_newer_lease(f: &HotFactory)
     assert_eq!(fx.guard.current(&l.object).await.expect("current"), Some(n.clone()));
     clock.advance(Duration::from_millis(1));
     fx.guard.validate(&n).await.expect("newer lease still valid");
+}
+
+/// A release frees the object at once for every node whatever its clock: also for a clock
+/// that reads before 1970 (a simulation's, a test's). A release that wrote the Unix epoch as the
+/// expiry left the object held on such a clock (`now < 0`), and one whose lease ran out before
+/// the epoch was not released at all.
+pub async fn a_release_frees_the_object_on_a_clock_before_the_epoch(f: &HotFactory) {
+    let clock = ManualClock::new(Timestamp::from_micros(-10_000_000));
+    let fx = f(clock.clone()).await;
+    for (obj, ttl) in [("o1", Duration::from_secs(60)), ("o2", Duration::from_secs(5))] {
+        let l = fx.guard.acquire(&oid(obj), &nid("n1"), ttl).await.expect("acquire");
+        fx.guard.release(&l).await.expect("release");
+        assert_eq!(fx.guard.current(&l.object).await.expect("current"), None, "{obj}");
+        let e = fx.guard.validate(&l).await.expect_err("released");
+        assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{obj}: {e}");
+        let n = fx.guard.acquire(&oid(obj), &nid("n2"), ttl).await.expect("free for another node");
+        assert!(n.token > l.token);
+        fx.guard.validate(&n).await.expect("the new lease holds");
+    }
 }
 
 /// Validate: `Ok` for the current lease, `Fenced` after a takeover, `LeaseLost` after expiry.

@@ -1075,6 +1075,7 @@ macro_rules! __hot_cases {
             calls_with_the_lease_from_before_a_refresh_still_hold,
             refresh_after_expiry_or_takeover_fails,
             release_is_idempotent_and_never_frees_a_newer_lease,
+            a_release_frees_the_object_on_a_clock_before_the_epoch,
             validate_reports_current_fenced_and_lost,
             invalid_ttl_is_rejected,
             concurrent_acquire_has_one_winner,
