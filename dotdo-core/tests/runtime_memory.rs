@@ -290,6 +290,45 @@ fn put_until_signalled(
     (tx, task)
 }
 
+/// A handler that panics after buffering a write: the panic goes on in the caller's task,
+/// nothing of the call is committed, and the object's next call runs as usual (its slot is not
+/// left locked); where leases go back after every call (`keep_warm` 0), the lease the panicked
+/// call held is given back too, by that next call's activation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_panics_commits_nothing_and_the_object_runs_on() {
+    for keep_warm in [Duration::ZERO, Duration::from_secs(60)] {
+        let w = World::new();
+        let rt = w.runtime("a", RuntimeSettings { keep_warm, ..settings() });
+        let o = oid("o");
+        assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+        let panicking = {
+            let (rt, o) = (rt.clone(), o.clone());
+            tokio::spawn(async move {
+                rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+                    t.put("n", "999")?;
+                    if t.get("n").await?.is_some() {
+                        panic!("the handler failed");
+                    }
+                    Ok::<_, Error>(())
+                })
+                .await
+            })
+        };
+        assert!(panicking.await.expect_err("the handler panicked").is_panic(), "{keep_warm:?}");
+        assert_eq!(w.hot.get(&o, "n").await.expect("get").as_deref(), Some(&b"1"[..]), "{keep_warm:?}");
+        let next = tokio::time::timeout(Duration::from_secs(60), incr(&rt, &o)).await;
+        assert_eq!(next.expect("the slot is not left locked").expect("the next call"), 2, "{keep_warm:?}");
+        assert_eq!(w.hot.get(&o, "n").await.expect("get").as_deref(), Some(&b"2"[..]), "{keep_warm:?}");
+        let held = w.hot.current(&o).await.expect("current");
+        assert_eq!(held.is_some(), !keep_warm.is_zero(), "{keep_warm:?}: {held:?}");
+        // Another node takes the object over as it would after any call.
+        if keep_warm.is_zero() {
+            let b = w.runtime("b", RuntimeSettings { keep_warm, ..settings() });
+            assert_eq!(incr(&b, &o).await.expect("another node"), 3);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_handler_is_kept_alive_by_renewal() {
     let w = World::new();

@@ -1497,7 +1497,15 @@ impl IcebergColdStore {
         // Attempts in a row refused for files too old to commit (see `too_slow_to_commit`).
         let mut too_old = TooOldStreak::default();
         let attempts = self.inner.settings.max_commit_attempts;
-        for attempt in 0..attempts {
+        // Rounds run: at most `attempts`, and one more after a refusal judged again on the
+        // catalog's current table (that round is the same attempt on a fresher table).
+        let (mut rounds, mut round_limit) = (0, attempts);
+        loop {
+            if rounds >= round_limit {
+                break;
+            }
+            let attempt = rounds;
+            rounds += 1;
             let head = table.metadata().current_snapshot().cloned();
             if *maybe_landed {
                 let since = first_head.flatten();
@@ -1592,6 +1600,10 @@ impl IcebergColdStore {
                                 match self.judged_again(&e, "the batch").await? {
                                     Some(t) if t.metadata_location() != table.metadata_location() => {
                                         table = t;
+                                        // Not counted: with one attempt allowed, a refusal
+                                        // for the batch itself (a bad key) ended as a
+                                        // retryable "could not be prepared" instead.
+                                        round_limit = attempts.saturating_add(1);
                                         continue;
                                     }
                                     _ => return Err(e),

@@ -3527,6 +3527,29 @@ async fn commits_made_while_opening_fail_when_the_catalog_does_not_keep_them() {
     other.append(common::one_put_each(&[ObjectId::new("o").expect("id")], 1)).await.expect("append");
 }
 
+/// A batch with a bad key refused by a store allowed one commit attempt whose known table is
+/// stale (another store committed since): `InvalidInput`, as with more attempts. Judging the
+/// refusal again on the current table used up the only attempt, and the append ended as a
+/// retryable "could not be prepared", which no retry could ever get past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_key_is_refused_also_with_one_attempt_on_a_stale_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, max_commit_attempts: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let other = open(dir.path(), 1).await;
+    other.append(common::one_put_each(&[ObjectId::new("b").expect("id")], 1)).await.expect("another commit");
+    let o = ObjectId::new("o").expect("id");
+    let bad = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "", "v", 1)]);
+    let e = one.append(bad).await.expect_err("an empty key");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+    assert_eq!(one.watermark(&o).await.expect("watermark").through, 0);
+}
+
 /// A store with a larger minimum opened while a cleanup lists the table: the cleanup reads the
 /// table again before deleting, minimum included, and keeps unreferenced files younger than
 /// it (files of that store's compaction, maybe already being written). Before, it deleted them

@@ -180,7 +180,13 @@ impl HotStore for LibsqlStore {
             return Err(self.damaged_rows(&object, "write"));
         }
         if r == crate::conn::SEQ_EXHAUSTED {
-            return Err(Error::limit("sequence number", dotdo_core::MAX_SEQ, dotdo_core::MAX_SEQ.saturating_add(n)));
+            // The sequence number the batch would have ended at, as the other stores report it
+            // (the program answers only that there is no room: read the last one).
+            let last = match self.object_info(&object).await {
+                Ok(Some(info)) => info.last_seq,
+                _ => dotdo_core::MAX_SEQ,
+            };
+            return Err(Error::limit("sequence number", dotdo_core::MAX_SEQ, last.saturating_add(n)));
         }
         if r < 0 {
             return Err(Error::fenced(&object, token, FencingToken::new(r.unsigned_abs())));

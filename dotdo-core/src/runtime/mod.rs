@@ -74,7 +74,11 @@ pub struct RuntimeSettings {
     /// Lease TTL. Default 10 s. Renewal happens at about a third of it.
     pub lease_ttl: Duration,
     /// How long a lease is kept after a call for the next one (0: release after every call).
-    /// Default 30 s.
+    /// Default 30 s. With 0, a call answers once its release has (its write, if any, is
+    /// committed before): a guard whose release does not answer holds the call's answer for up
+    /// to `lease_ttl` (then the lease is left to be released by the object's next activation
+    /// or `maintain`). A caller that gives up on a call sooner must treat it as of unknown
+    /// outcome, as after any timeout.
     pub keep_warm: Duration,
     /// How long `invoke` waits for a lease held by another node before failing with
     /// `LeaseHeld`. Default 0 (fail at once, the caller routes elsewhere).

@@ -652,7 +652,9 @@ pub async fn sequence_numbers_are_bounded(f: &HotFactory) {
     fx.hot.restore(&l.object, l.token, vec![entry], crate::MAX_SEQ - 1).await.expect("restore near the end");
     let two = WriteBatch::new("T").put("x", b("1")).put("y", b("2"));
     let e = fx.hot.write(&l.object, l.token, two).await.expect_err("a two-op batch would pass MAX_SEQ");
-    assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    // The sequence number the batch would have ended at (as `WriteReceipt` counts it).
+    let over = ErrorKind::LimitExceeded { what: "sequence number", limit: crate::MAX_SEQ, actual: crate::MAX_SEQ + 1 };
+    assert_eq!(e.kind(), &over, "{e}");
     assert_eq!(fx.hot.get(&l.object, "x").await.expect("get"), None, "nothing of the refused batch applied");
     let r = fx.hot.put(&l.object, l.token, "T", "a", b("1")).await.expect("the last sequence number");
     assert_eq!(r.last_seq, crate::MAX_SEQ);
