@@ -442,7 +442,8 @@ impl IcebergColdStoreBuilder {
                 clock: self.clock,
                 settings: self.settings,
                 table: parking_lot::Mutex::new(table),
-                table_installs: std::sync::atomic::AtomicU64::new(0),
+                tickets: std::sync::atomic::AtomicU64::new(0),
+                installed: std::sync::atomic::AtomicU64::new(0),
                 commit_lock: tokio::sync::Mutex::new(()),
                 bucketer,
                 table_uuid,
@@ -795,9 +796,13 @@ pub(crate) struct Inner {
     pub(crate) settings: Settings,
     /// The newest table state this store knows.
     pub(crate) table: parking_lot::Mutex<Table>,
-    /// How many times `table` was replaced (changed under its lock): a reload installs what it
-    /// loaded only if nothing was installed while it loaded, or if it is no older.
-    table_installs: std::sync::atomic::AtomicU64,
+    /// Tickets of the table's installs: a reload takes one before it asks the catalog, an own
+    /// commit one when it installs what it committed (`remember`). Changed under `table`'s lock.
+    tickets: std::sync::atomic::AtomicU64,
+    /// The ticket of the install `table` holds: a reload installs its answer only if it took
+    /// its ticket after (the catalog's answer to a later question wins; one to an earlier
+    /// question, arriving late, does not undo it).
+    installed: std::sync::atomic::AtomicU64,
     /// Serialises this process's appends (other processes are handled optimistically).
     commit_lock: tokio::sync::Mutex<()>,
     /// The `bucket(do_id)` transform of the table as opened (see [`IcebergColdStore::bucketer_for`]);
@@ -1009,12 +1014,12 @@ impl IcebergColdStore {
     /// on, also when it is older than the one known (a catalog pointer an operator moved back,
     /// a backup restored): a known table newer than the catalog's would overstate what is
     /// durable (a watermark past the catalog's, by which a runtime truncates its hot log).
-    /// Except that a newer table this store learnt while the reload was under way (its own
-    /// commit, acknowledged meanwhile, or another reload's answer) is kept: the reload's answer
-    /// may predate it.
+    /// Except that a table this store learnt while the reload was under way (its own commit,
+    /// acknowledged meanwhile, or the answer of a reload that asked the catalog later) is kept:
+    /// the reload's answer may predate it. Of concurrent reloads, the one that asked last wins.
     pub async fn refresh(&self) -> Result<Table> {
         use std::sync::atomic::Ordering;
-        let installs = self.inner.table_installs.load(Ordering::SeqCst);
+        let ticket = self.inner.tickets.fetch_add(1, Ordering::SeqCst) + 1;
         let t = match self.inner.catalog.load_table(&self.inner.ident).await {
             Ok(t) => t,
             Err(e) => {
@@ -1022,13 +1027,14 @@ impl IcebergColdStore {
                 return Err(load_failure(self.inner.verifier.as_ref(), &self.inner.ident, e, &what).await);
             }
         };
+        // Installed unless something was installed since this reload took its ticket: an own
+        // commit acknowledged meanwhile, or the answer of a reload that asked later (another
+        // reload's answer to an earlier question, a pointer moved back or a table dropped and
+        // created again since, was installed over it).
         let mut cur = self.inner.table.lock();
-        if self.inner.table_installs.load(Ordering::SeqCst) == installs
-            || t.metadata().uuid() != cur.metadata().uuid()
-            || version_key(&t) >= version_key(&cur)
-        {
+        if ticket > self.inner.installed.load(Ordering::SeqCst) {
             *cur = t.clone();
-            self.inner.table_installs.fetch_add(1, Ordering::SeqCst);
+            self.inner.installed.store(ticket, Ordering::SeqCst);
         }
         Ok(t)
     }
@@ -1044,13 +1050,17 @@ impl IcebergColdStore {
         }
     }
 
-    /// Keep `t` as the newest known table unless a newer one is already known.
+    /// Keep `t`, which this store's commit just made current in the catalog, as the known
+    /// table unless a newer version of the same table is already known. A different table (the
+    /// known one dropped and created again after the commit landed, learnt by a reload) is left
+    /// to the reloads: the commit's table is the dropped one.
     pub(crate) fn remember(&self, t: &Table) {
+        use std::sync::atomic::Ordering;
         let mut cur = self.inner.table.lock();
-        // A different table (dropped and created again) always replaces the old one.
-        if t.metadata().uuid() != cur.metadata().uuid() || version_key(t) >= version_key(&cur) {
+        if t.metadata().uuid() == cur.metadata().uuid() && version_key(t) >= version_key(&cur) {
             *cur = t.clone();
-            self.inner.table_installs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let ticket = self.inner.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+            self.inner.installed.store(ticket, Ordering::SeqCst);
         }
     }
 

@@ -774,6 +774,52 @@ async fn refresh_follows_a_catalog_pointer_moved_back() {
     assert_eq!(a.watermark(&o).await.expect("wm").through, 2);
 }
 
+/// Two reloads at once while an operator moves the catalog pointer back: the one that asked
+/// the catalog last wins. A reload that read the pointer before the move and whose metadata
+/// read finished last put the abandoned (newer-looking) version back over the other's answer,
+/// and the store answered the abandoned history's watermark, past the catalog's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reload_that_asked_last_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hooked = common::FaultyStore::quiet_local();
+    let a = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, refresh_reads: false, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("valid");
+    let one = FencingToken::new(1);
+    let mut after_first = None;
+    for seq in 1..=3 {
+        a.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, seq, &format!("k{seq}"), "v", 1)]))
+            .await
+            .expect("append");
+        if seq == 1 {
+            after_first = a.table().metadata_location().map(str::to_string);
+        }
+    }
+    let t1 = after_first.expect("a metadata location");
+    let (a2, db, t1c) = (a.clone(), dir.path().join("catalog.db"), t1.clone());
+    // The first reload has read the pointer (version 3) and is about to read its metadata file:
+    // the pointer moves back to version 1, and a second reload installs that.
+    *hooked.before_get.lock() = Some(common::PutHook(
+        ".metadata.json".into(),
+        Box::pin(async move {
+            let c = rusqlite::Connection::open(db).expect("catalog");
+            c.execute("UPDATE iceberg_tables SET metadata_location = ?1 WHERE table_name = 'changes'", [&t1c])
+                .expect("move the pointer back");
+            drop(c);
+            a2.refresh().await.expect("the second reload");
+        }),
+    ));
+    a.refresh().await.expect("the first reload");
+    assert!(hooked.before_get.lock().is_none(), "the hook ran");
+    assert_eq!(a.table().metadata_location(), Some(t1.as_str()));
+    assert_eq!(a.watermark(&o).await.expect("wm").through, 1, "the catalog's watermark");
+}
+
 /// Settings every append would fail or degrade on are refused at build, `InvalidInput` naming
 /// the setting: a zstd level parquet refuses (0, negative, above 22), zero row-group or file
 /// sizes, a cleanup minimum above the cap (it is recorded in the table for every store), more

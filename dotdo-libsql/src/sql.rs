@@ -365,21 +365,25 @@ pub(crate) use answer_size;
 /// default): the rows of [`range_sql`] (same parameters) until their estimated answer size would
 /// pass `?{n + 3}` bytes (at least one row), then the next row, if any, with `fits` 0 and no
 /// value: the listing goes on after the last row that fits. Columns: key, value, seq, fits.
+/// (The second row is always sent: after a first row over the bound on its own, whose size
+/// puts every later row past it, it is the one that says the listing goes on; without it such
+/// a page looked like the last, and the listing ended there.)
 pub(crate) fn range_page_sql(range: &KeyRange) -> (String, Vec<Value>) {
     let (filter, args) = range_filter(range);
     let size = answer_size!();
     let sql = format!(
         concat!(
             "SELECT k, CASE WHEN fits THEN v END, seq, fits FROM (",
-            "SELECT k, v, seq, sk, before, (before = 0 OR before + size <= ?{bound}) AS fits FROM (",
+            "SELECT k, v, seq, sk, before, rn, (before = 0 OR before + size <= ?{bound}) AS fits FROM (",
             "SELECT ",
             text_column!("key"),
             " AS k, ",
             value_column!("value"),
             " AS v, seq, key AS sk, {size} AS size, ",
-            "sum({size}) OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) - {size} AS before ",
+            "sum({size}) OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) - {size} AS before, ",
+            "row_number() OVER (ORDER BY key) AS rn ",
             "FROM do_state WHERE do_id = ?1{filter} ORDER BY key LIMIT ?{limit})) ",
-            "WHERE before <= ?{bound} ORDER BY sk"
+            "WHERE before <= ?{bound} OR rn = 2 ORDER BY sk"
         ),
         size = size,
         filter = filter,

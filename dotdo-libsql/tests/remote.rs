@@ -437,6 +437,39 @@ async fn remote_change_reads_are_bounded_in_bytes() {
         .await;
 }
 
+/// A listing whose page starts with an entry larger than the store's page bound on its own
+/// (the bound shrank under another object's refused reads, down to 256 KiB here, while the
+/// primary still takes a 280 KB answer): the listing goes on past it. The page's second row,
+/// which says so, was filtered out with every row past the bound, and the listing ended after
+/// the first entry, silently.
+#[tokio::test]
+async fn a_page_starting_with_an_entry_over_the_bound_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    server.set_max_response(300_000);
+    let store = LibsqlStore::remote(server.url(), TOKEN).open().await.expect("open");
+    let node = NodeId::new("n").expect("valid");
+    let fill = |o: &str, n: usize, len: usize| {
+        let (store, node, o) = (store.clone(), node.clone(), ObjectId::new(o).expect("valid"));
+        async move {
+            let lease = store.acquire(&o, &node, Duration::from_secs(60)).await.expect("acquire");
+            for i in 0..n {
+                let value = bytes::Bytes::from(vec![b'a' + i as u8; len]);
+                store.put(&o, lease.token, "T", &format!("k{i:02}"), value).await.expect("put");
+            }
+            o
+        }
+    };
+    let small = fill("small", 40, 20_000).await;
+    let big = fill("big", 3, 280_000).await;
+    // The bound halves at each refusal until a page of `small` fits under 300 KB.
+    assert_eq!(store.list(&small, dotdo_core::KeyRange::all(), None).await.expect("list small").len(), 40);
+    assert!(server.refused_as_too_large() >= 5, "the bound shrank to 256 KiB");
+    let all = store.list(&big, dotdo_core::KeyRange::all(), None).await.expect("list big");
+    assert_eq!(all.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["k00", "k01", "k02"]);
+    assert!(all.iter().enumerate().all(|(i, e)| e.value.len() == 280_000 && e.value[0] == b'a' + i as u8));
+}
+
 /// A primary run with a response size limit under dotdo's first page bound (sqld's
 /// `--max-response-size 1MB`): listings and change reads shrink their pages and go on (they
 /// failed every retry with `Unavailable`), and the store keeps the smaller pages; once the
