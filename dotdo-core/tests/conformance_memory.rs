@@ -676,7 +676,20 @@ mod broken {
                 }
             });
             let n = names(&dotdo_core::testkit::cold::run_all(&f));
-            assert!(n.contains(&case), "{quirk:?} is caught by {case}: {n:?}");
+            // A quirk that shows only when a stale append is under way as the newer commit
+            // lands is caught when the race goes that way (about half the runs here): the case
+            // is run again, alone, until it catches it (within 20 runs), as one CI run of a
+            // real backend may or may not (every run that lands a stale record fails).
+            let caught = n.contains(&case)
+                || (quirk == ColdQuirk::ChecksTheTokenBeforeItsCommit
+                    && (0..20).any(|_| {
+                        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            dotdo_core::testkit::runtime()
+                                .block_on(dotdo_core::testkit::cold::a_takeover_fences_every_later_stale_append(&f))
+                        }));
+                        run.is_err()
+                    }));
+            assert!(caught, "{quirk:?} is caught by {case}: {n:?}");
         }
     }
 

@@ -381,9 +381,18 @@ impl IcebergColdStore {
         // (The callers plan only tables with a snapshot: `read_all` answers an empty table itself,
         // and compaction has no files to rewrite there.)
         let Some(head) = table.metadata().current_snapshot() else { return Ok(Vec::new()) };
-        let metadata_read = |e| crate::error::classify_metadata_read(e, what);
-        let plan = async { scan.plan_files().await.map_err(metadata_read)?.try_collect().await.map_err(metadata_read) };
         let read = crate::error::head_metadata_files(table);
+        // A damaged manifest list's error names no file (iceberg's decoder does not): the head's
+        // metadata files are named then.
+        let metadata_read = |e| {
+            let err = crate::error::classify_metadata_read(e, what);
+            if err.kind() == &dotdo_core::ErrorKind::Corrupt && !err.to_string().contains(".avro") {
+                err.context(read.clone())
+            } else {
+                err
+            }
+        };
+        let plan = async { scan.plan_files().await.map_err(metadata_read)?.try_collect().await.map_err(metadata_read) };
         let tasks: Vec<iceberg::scan::FileScanTask> = crate::error::panic_is_corrupt(&read, plan).await?;
         // Data files only: a user table's delete files (another engine's) are iceberg's reader's
         // to apply, and compared with nothing here.

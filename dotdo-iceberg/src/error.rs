@@ -87,6 +87,9 @@ pub(crate) fn object_store_cause(e: &object_store::Error) -> Cause {
 /// so private (its range and HTTP status errors), so their texts (object_store 0.12, pinned by
 /// the unit tests below) are what is left to go by; I/O errors under it are typed.
 fn generic_cause(e: &object_store::Error) -> Cause {
+    // The local store's own I/O: a network store's `EPERM` is a connection a firewall refused
+    // (netfilter dropping a SYN, a full conntrack table), an outage, not a file's permissions.
+    let local = matches!(e, object_store::Error::Generic { store, .. } if *store == "LocalFileSystem");
     let mut text = e.to_string();
     let mut cur = StdError::source(e);
     while let Some(err) = cur {
@@ -96,7 +99,7 @@ fn generic_cause(e: &object_store::Error) -> Cause {
             }
             // A file or directory the process may not write or read (the local store reports it
             // as a generic I/O error): for the operator, as the store's own denials are.
-            if io.kind() == std::io::ErrorKind::PermissionDenied {
+            if io.kind() == std::io::ErrorKind::PermissionDenied && local {
                 return Cause::StoreDenied;
             }
         }
@@ -163,6 +166,18 @@ fn generic_cause(e: &object_store::Error) -> Cause {
 /// `allow_invalid_certificates`, a private CA, another name), or an answer that is no TLS at
 /// all (an `https://` URL for a plain-HTTP server: "received corrupt message"). No retry is
 /// accepted either.
+/// Whether `e`'s HTTP request failed after its connection was made (a `reqwest` error other
+/// than connecting or building the request).
+#[cfg(feature = "rest")]
+fn broke_after_connecting(e: &iceberg::Error) -> bool {
+    chain(e).any(|err| err.downcast_ref::<reqwest::Error>().is_some_and(|r| !r.is_connect() && !r.is_builder()))
+}
+
+#[cfg(not(feature = "rest"))]
+fn broke_after_connecting(_: &iceberg::Error) -> bool {
+    false
+}
+
 fn tls_refused(text: &str) -> bool {
     text.contains("invalid peer certificate") || text.contains("received corrupt message")
 }
@@ -316,7 +331,12 @@ fn iceberg_cause(e: &iceberg::Error) -> Cause {
             // Or the TLS client refused the server (a certificate it does not accept, a server
             // that speaks no TLS), as for the object store: no retry is accepted (it was
             // `Unavailable`, and the store's open was retried for good).
-            return if built || tls_refused(&chain_text(e)) { Cause::Config } else { Cause::StoreUnavailable };
+            // Only while connecting: a TLS record the client finds corrupt on a connection
+            // already in use (a proxy's plain-text answer after the request went out) broke a
+            // request that may have been taken, as any broken connection does (it read as
+            // configuration, and a refused append deleted the files of a commit that may land).
+            let refused = tls_refused(&chain_text(e)) && !broke_after_connecting(e);
+            return if built || refused { Cause::Config } else { Cause::StoreUnavailable };
         }
         // iceberg-catalog-rest: a commit answered 500/502/504, or any request answered with a
         // status it does not map (429 and 5xx are the server's or a proxy's trouble, and
@@ -482,7 +502,13 @@ pub(crate) fn cause_of(e: &(dyn StdError + 'static)) -> Cause {
         } else if err.downcast_ref::<serde_json::Error>().is_some() {
             in_decoder = true;
             Cause::Undecodable
-        } else if let Some(ib) = err.downcast_ref::<iceberg::Error>() {
+        } else if let Some(ib) = err
+            .downcast_ref::<iceberg::Error>()
+            // iceberg's object cache hands its loads' errors on shared (a manifest or manifest
+            // list read by a scan's planning): the `Arc`'s own `source` is the inner error's,
+            // so the inner error is seen here or never.
+            .or_else(|| err.downcast_ref::<std::sync::Arc<iceberg::Error>>().map(|a| &**a))
+        {
             let c = iceberg_cause(ib);
             // Only below iceberg's "invalid data" (a file it read and could not decode): an
             // iceberg error of another kind starts a context of its own (a write, a request).
@@ -1072,6 +1098,21 @@ mod tests {
         assert_eq!(cause_of(&direct), Cause::StoreUnavailable);
     }
 
+    /// The same damage read through iceberg's object cache (a scan's planning loads manifests
+    /// there, and hands their errors on shared, in an `Arc`, whose `source` skips the inner
+    /// error): `Corrupt`, as read directly. (It was a retryable `Unavailable`: the decoder's
+    /// error was never seen, and the zstd error under it read as an outage.)
+    #[test]
+    fn a_damaged_manifest_read_through_icebergs_object_cache_is_corrupt() {
+        let inner = iceberg::Error::new(iceberg::ErrorKind::DataInvalid, "Failure in conversion with avro")
+            .with_source(std::io::Error::other("Data corruption detected"));
+        let e = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to load manifest s3://b/t/metadata/m.avro")
+            .with_source(std::sync::Arc::new(inner));
+        let e = classify_metadata_read(e, "scanning ns.t");
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Corrupt, false), "{e}");
+        assert!(e.to_string().contains("m.avro"), "names the file: {e}");
+    }
+
     #[test]
     fn a_rest_catalog_connection_cut_short_is_unavailable() {
         let cut = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
@@ -1089,6 +1130,66 @@ mod tests {
             let e = classify(refused, "opening REST catalog");
             assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::InvalidInput, false), "{tls}: {e}");
         }
+    }
+
+    /// A TLS error on a connection already in use (the request body, here, failing with the
+    /// TLS client's text mid-send: a real `reqwest` error that is not the connector's) is an
+    /// outage that may have taken the request, not configuration; refused while connecting (a
+    /// plain-text server answering a TLS handshake) it stays configuration.
+    #[cfg(feature = "rest")]
+    #[tokio::test]
+    async fn a_tls_error_after_connecting_is_an_outage_not_configuration() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    // Plain text to whatever comes (to a TLS client: a corrupt record).
+                    let mut buf = [0u8; 1024];
+                    if matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {
+                        let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+                    }
+                    while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        let tls = "received corrupt message of type InvalidContentType";
+        let body =
+            futures::stream::iter([Err::<bytes::Bytes, _>(std::io::Error::new(std::io::ErrorKind::InvalidData, tls))]);
+        let sent = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/namespaces/ns/tables/t"))
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .expect_err("the body failed");
+        assert!(!sent.is_connect());
+        let e = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request").with_source(sent);
+        assert!(chain_text(&e).contains(tls), "{e}");
+        let e = classify(e, "committing to ns.t");
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
+        // A plain-text server answering the handshake: refused while connecting.
+        let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build().expect("client");
+        let handshake = client.get(format!("https://{addr}/v1/config")).send().await.expect_err("no TLS server");
+        assert!(handshake.is_connect(), "{handshake:?}");
+        let e = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request")
+            .with_source(handshake);
+        assert!(tls_refused(&chain_text(&e)), "{e}");
+        assert_eq!(classify(e, "opening REST catalog").kind(), &ErrorKind::InvalidInput);
+    }
+
+    /// `EPERM` is a local file's permission (for the operator) only on the local store; from
+    /// a network store's connection it is an outage (retryable).
+    #[test]
+    fn a_network_stores_permission_error_is_an_outage() {
+        let eperm = |store: &'static str| object_store::Error::Generic {
+            store,
+            source: Box::new(std::io::Error::from_raw_os_error(1)),
+        };
+        let local = classify_object_store(eperm("LocalFileSystem"));
+        assert_eq!((local.kind(), local.is_retryable()), (&ErrorKind::Backend, false), "{local}");
+        let s3 = classify_object_store(eperm("S3"));
+        assert_eq!((s3.kind(), s3.is_retryable()), (&ErrorKind::Unavailable, true), "{s3}");
     }
 
     #[test]

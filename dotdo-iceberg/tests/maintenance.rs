@@ -975,6 +975,26 @@ async fn a_partitioned_user_table_is_refused_not_appended_to() {
     assert!(e.to_string().contains("partitioned"), "{e}");
 }
 
+/// A user table read whole (`read_all`: iceberg's scan planning reads the manifest list) whose
+/// head's manifest list is damaged: `Corrupt` naming the file (iceberg's decoder names none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_manifest_list_of_a_user_table_is_named() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let t = cold.arrow_table(&["m"], "events", schema.clone()).await.expect("table");
+    let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2]))]).expect("batch");
+    t.append("s", 1, vec![batch]).await.expect("append");
+    let table = cold.catalog().load_table(t.ident()).await.expect("load");
+    let list = table.metadata().current_snapshot().expect("head").manifest_list().to_string();
+    std::fs::write(list.strip_prefix("file://").unwrap_or(&list), b"not avro at all").expect("damage");
+    let e = t.read_all().await.expect_err("a damaged manifest list");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(&list), "names {list}: {e}");
+}
+
 /// A user table (ArrowTable) written in many small appends, with a column added half way:
 /// compaction keeps every row (old rows read with the new column null), commits `replace`,
 /// keeps the stream's batch marks (a replayed batch is skipped), and appends continue; a handle
@@ -3034,15 +3054,24 @@ async fn expiry_keeps_the_watermark_base_of_every_retained_snapshot() {
     let o = ObjectId::new("o").expect("id");
     let d1 = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k", "v1", 1)]);
     cold.append(d1).await.expect("dotdo's first commit");
-    // Wide margins on both sides of the cutoff: the foreign commit, the second commit and the
-    // expiry's start must come within 1.5 s on a loaded machine.
+    let first = cold.table().metadata().current_snapshot_id().expect("the first commit");
     common::sleep(std::time::Duration::from_millis(3000)).await;
     foreign_commit(&cold).await;
     let foreign = cold.refresh().await.expect("table").metadata().current_snapshot_id().expect("head");
     let d2 = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k", "v2", 1)]);
     cold.append(d2).await.expect("dotdo's second commit");
-    // The cutoff falls between the first commit and the foreign one.
-    let report = cold.expire_snapshots(std::time::Duration::from_millis(1500), 1).await.expect("expire");
+    // The cutoff falls between the first commit and the foreign one, half way by their own
+    // stamps: placed from them just before the expiry (a fixed 1.5 s needed the foreign commit,
+    // the second commit and the expiry's start within 1.5 s, which a loaded machine may miss).
+    let stamp = |id: i64| {
+        let t = cold.table();
+        t.metadata().snapshot_by_id(id).expect("snapshot").timestamp_ms()
+    };
+    let mid = (stamp(first) + stamp(foreign)) / 2;
+    assert!(stamp(foreign) - stamp(first) >= 2000, "3 s apart");
+    let now = dotdo_core::Clock::now(&dotdo_core::SystemClock::new()).as_millis();
+    let older_than = std::time::Duration::from_millis(u64::try_from(now - mid).expect("the past"));
+    let report = cold.expire_snapshots(older_than, 1).await.expect("expire");
     assert!(report.expired.is_empty(), "the first commit is the foreign one's watermark base: {report:?}");
     let st = cold.load_state(&o, AsOf::Snapshot(foreign)).await.expect("as of the foreign snapshot");
     assert_eq!(st.through, 1);

@@ -543,7 +543,12 @@ async fn a_writer_queued_behind_a_slow_remote_request_waits_for_its_timeout() {
     let settings = dotdo_libsql::LibsqlSettings {
         request_timeout: Duration::from_millis(1500),
         busy_timeout: Duration::from_millis(100),
-        retries: 0,
+        // One retry: the queued writer's wait (up to 2 x 1.5 s) ends well after the hung
+        // request's 1.5 s, which started a moment before (with none, the two timers ended
+        // milliseconds apart, and a slow hand-over of the connection failed the test); the hung
+        // write itself is not retried (its outcome is unknown). A wait of `busy_timeout`s (the
+        // bug) is still far short of the hung request's.
+        retries: 1,
         ..Default::default()
     };
     let store = LibsqlStore::remote(server.url(), TOKEN).with_settings(settings).open().await.expect("open");

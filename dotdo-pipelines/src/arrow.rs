@@ -75,36 +75,69 @@ fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// `batch` with each top-level view column (`Utf8View`, `BinaryView`) whose data buffers hold
-/// far more than its rows use copied down to what they use: arrow's IPC writer writes a view
-/// column's data buffers whole, also for a slice of a larger batch (a one-row slice of a 64 MiB
-/// batch was logged as 64 MiB, against the few bytes `capacity_bytes` counted, and read back
-/// whole on reopen). (Views nested in lists or structs are written as arrow writes them.)
+/// `batch` with each view column (`Utf8View`, `BinaryView`, also one inside a struct column)
+/// whose data buffers hold far more than its rows use copied down to what they use: arrow's IPC
+/// writer writes a view column's data buffers whole, also for a slice of a larger batch (a
+/// one-row slice of a 64 MiB batch was logged as 64 MiB, against the few bytes `capacity_bytes`
+/// counted, and read back whole on reopen). (Views inside lists are written as arrow writes
+/// them: a list's slice keeps its whole child, which arrow's writer slices itself.)
 fn views_compacted(batch: &RecordBatch) -> Result<RecordBatch> {
+    let mut changed = false;
+    let columns: Vec<arrow_array::ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| {
+            Ok(match compacted(c)? {
+                Some(n) => {
+                    changed = true;
+                    n
+                }
+                None => c.clone(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    if !changed {
+        return Ok(batch.clone());
+    }
+    RecordBatch::try_new(batch.schema(), columns)
+        .map_err(|e| Error::backend("compacting a batch's view columns").with_source(e))
+}
+
+/// `column` with its wasteful view data compacted (see [`views_compacted`]); `None` if nothing
+/// in it is.
+fn compacted(column: &arrow_array::ArrayRef) -> Result<Option<arrow_array::ArrayRef>> {
     use arrow_array::cast::AsArray;
     use arrow_schema::DataType;
     // Data buffers of `held` bytes behind `column`: far more than its rows use?
     fn wasteful(held: usize, column: &arrow_array::ArrayRef) -> bool {
         held > 4096 && held / 2 > dotdo_core::arrow_size::rows_bytes(&column.to_data())
     }
-    if !batch.columns().iter().any(|c| matches!(c.data_type(), DataType::Utf8View | DataType::BinaryView)) {
-        return Ok(batch.clone());
-    }
-    let columns: Vec<arrow_array::ArrayRef> = batch
-        .columns()
-        .iter()
-        .map(|c| match c.data_type() {
-            DataType::Utf8View if wasteful(c.as_string_view().data_buffers().iter().map(|b| b.len()).sum(), c) => {
-                Arc::new(c.as_string_view().gc()) as arrow_array::ArrayRef
+    Ok(match column.data_type() {
+        DataType::Utf8View => {
+            let v = column.as_string_view();
+            wasteful(v.data_buffers().iter().map(|b| b.len()).sum(), column)
+                .then(|| Arc::new(v.gc()) as arrow_array::ArrayRef)
+        }
+        DataType::BinaryView => {
+            let v = column.as_binary_view();
+            wasteful(v.data_buffers().iter().map(|b| b.len()).sum(), column)
+                .then(|| Arc::new(v.gc()) as arrow_array::ArrayRef)
+        }
+        // A struct's slice slices its columns: each is compacted as a column of the batch.
+        DataType::Struct(fields) => {
+            let s = column.as_struct();
+            let inner: Vec<Option<arrow_array::ArrayRef>> = s.columns().iter().map(compacted).collect::<Result<_>>()?;
+            if inner.iter().all(Option::is_none) {
+                return Ok(None);
             }
-            DataType::BinaryView if wasteful(c.as_binary_view().data_buffers().iter().map(|b| b.len()).sum(), c) => {
-                Arc::new(c.as_binary_view().gc()) as arrow_array::ArrayRef
-            }
-            _ => c.clone(),
-        })
-        .collect();
-    RecordBatch::try_new(batch.schema(), columns)
-        .map_err(|e| Error::backend("compacting a batch's view columns").with_source(e))
+            let columns = inner.into_iter().zip(s.columns()).map(|(n, c)| n.unwrap_or_else(|| c.clone())).collect();
+            let rebuilt =
+                arrow_array::StructArray::try_new(fields.clone(), columns, arrow_array::Array::nulls(s).cloned())
+                    .map_err(|e| Error::backend("compacting a struct column's views").with_source(e))?;
+            Some(Arc::new(rebuilt) as arrow_array::ArrayRef)
+        }
+        _ => None,
+    })
 }
 
 /// The batches of a logged IPC stream, or `Corrupt`. The stream's framing is checked first:
