@@ -5473,10 +5473,10 @@ async fn a_call_ending_after_shutdowns_flush_gives_its_lease_back() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rt3 = rt.clone();
     let shutdown = tokio::spawn(async move { rt3.shutdown().await });
-    // Shutdown waits one TTL (9 s) for the calls; small steps leave the long call's renewal
-    // (due with two thirds of the TTL left, 6 s before expiry) about 60 steps to run.
+    // Shutdown waits one TTL (9 s) for the calls; the clock never passes the long call's lease
+    // before its renewal has run (however late a loaded machine schedules it).
     while !shutdown.is_finished() {
-        w.clock.advance(Duration::from_millis(100));
+        testkit::advance_keeping_lease(&w.hot, &w.clock, &o, Duration::from_millis(100)).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     shutdown.await.expect("task").expect("shutdown");
@@ -5515,10 +5515,27 @@ async fn a_flush_all_ending_after_shutdowns_flush_gives_its_leases_back() {
     // Half a TTL on, round 2 renews the lease (until 1.5 TTL from now-ish), then shutdown's
     // wait of one TTL runs out and it flushes while the flush still holds the object.
     w.clock.advance(TTL / 2);
+    let before = w.hot.current(&o).await.expect("current").expect("held").expires_at;
     go.send(()).expect("round 2");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let renewed = std::sync::Mutex::new(before);
+    until("round 2 renews the lease", || async {
+        let now = w.hot.current(&o).await.expect("current").map(|l| l.expires_at);
+        now.is_some_and(|e| {
+            e > before && {
+                *renewed.lock().expect("renewed") = e;
+                true
+            }
+        })
+    })
+    .await;
+    let renewed = *renewed.lock().expect("renewed");
+    // Shutdown's wait ends a TTL after it began, before the renewed lease does: the clock is
+    // moved no closer than a second to that expiry (a late look at `is_finished` would have
+    // stepped it past, and the lease would read as run out).
     while !shutdown.is_finished() {
-        w.clock.advance(Duration::from_millis(100));
+        if w.clock.now().plus(Duration::from_millis(1100)) < renewed {
+            w.clock.advance(Duration::from_millis(100));
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     shutdown.await.expect("task").expect("shutdown");
