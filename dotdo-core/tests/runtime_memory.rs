@@ -3019,6 +3019,32 @@ async fn a_slow_check_of_pending_changes_against_cold_keeps_the_lease() {
     assert_eq!(b.metrics().self_fenced, 0);
 }
 
+/// `flush_all`'s check of records cold skipped as replays (here one object's change that
+/// reached cold before a crash kept it from being truncated) reads them back from hot and cold;
+/// a slow read (two TTLs) keeps the held leases renewed, as the commits do, and the flush drains
+/// every object. (The check ran with no renewal: the leases ran out, and the flush failed with
+/// the other object's changes left in hot.)
+#[tokio::test]
+async fn a_slow_check_of_replays_in_flush_all_keeps_the_leases() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_batch_records: 2, ..settings() });
+    let (x, y) = (oid("x"), oid("y"));
+    incr(&rt, &x).await.expect("x");
+    let token = w.hot.current(&x).await.expect("current").expect("held").token;
+    let changes = w.hot.read_changes(&x, 0, 100).await.expect("changes");
+    w.cold.append(ColdBatch::single(x.clone(), token, changes)).await.expect("x's change reached cold");
+    for _ in 0..3 {
+        incr(&rt, &y).await.expect("y");
+    }
+    *cold.before_read_changes.lock() = Some(clock_moves_on(&w.clock, 20));
+    rt.flush_all().await.expect("every object drained");
+    assert_eq!(w.cold.watermark(&y).await.expect("wm").through, 3);
+    for o in [&x, &y] {
+        let info = w.hot.object_info(o).await.expect("info").expect("object");
+        assert!(!info.has_pending_changes(), "{o}: {info:?}");
+    }
+}
+
 /// A slow cold read or commit: the world's clock moves on by `tenths` tenths of a TTL, a tenth at
 /// a time with a real millisecond between, so the runtime's renewal task gets to run.
 fn clock_moves_on(clock: &dotdo_core::ManualClock, tenths: u32) -> futures::future::BoxFuture<'static, ()> {
@@ -4284,8 +4310,10 @@ async fn activation_reads_only_the_cold_changes_it_compares() {
 /// A drain never truncates hot changes that cold skipped as replays when cold holds different
 /// changes at those sequence numbers: a hot store rolled back behind cold, activated while cold
 /// was unreachable, and written again must not lose those writes as "replays". `Corrupt`, and
-/// hot keeps them. Also with a hot store answering one change per read: the check reads on past
-/// a short answer (a first change that matches cold's does not end it).
+/// hot keeps them; and nothing of them reaches cold (the write past cold's last change was
+/// committed to cold before the divergence showed, and later drains added to it). Also with a
+/// hot store answering one change per read: the check reads on past a short answer (a first
+/// change that matches cold's does not end it).
 #[tokio::test]
 async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
     for paged in [false, true] {
@@ -4308,13 +4336,20 @@ async fn drain_refuses_to_drop_differing_writes(paged: bool) {
     cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
     rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
         t.put("x", "1")?;
-        t.put("y", "2")
+        t.put("y", "2")?;
+        t.put("z", "3")
     })
     .await
     .expect("acknowledged");
     cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
     let e = rt.flush(&o).await.expect_err("cold holds other changes at seqs 2 and 3");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "paged {paged}: {e}");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 3, "paged {paged}: seq 4 reached cold");
+    // Calls go on in hot; their changes do not reach cold either.
+    rt.invoke(&o, async |t: &mut ObjectTxn<'_>| t.put("w", "4")).await.expect("a call on hot state");
+    let e = rt.flush(&o).await.expect_err("still diverged");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "paged {paged}: {e}");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 3, "paged {paged}: seq 5 reached cold");
     let info = rolled_back.object_info(&o).await.expect("info").expect("object");
     assert_eq!(info.truncated_through, 0, "nothing truncated");
     assert_eq!(rolled_back.get(&o, "x").await.expect("get").as_deref(), Some(&b"1"[..]));
@@ -4325,6 +4360,7 @@ async fn drain_refuses_to_drop_differing_writes(paged: bool) {
     let e = rt.flush_all().await.expect_err("the diverged object is reported");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert_eq!(rolled_back.object_info(&o).await.expect("info").expect("object").truncated_through, 0);
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 3, "flush_all committed the diverged object's changes");
     let info = rolled_back.object_info(&healthy).await.expect("info").expect("object");
     assert!(!info.has_pending_changes(), "the healthy object was drained and truncated: {info:?}");
     assert_eq!(w.cold.watermark(&healthy).await.expect("wm").through, 1);

@@ -39,6 +39,11 @@ pub struct StoreRoot {
     /// How many directory levels `open` created for a local warehouse (0: it existed): their
     /// entries are synced with the first file written (see [`SyncState::above`]).
     created_dirs: usize,
+    /// For a local warehouse whose path a URL escapes (`my lake`): the decoded directory `open`
+    /// created for the default catalog (`my lake/wh`, while data goes under `my%20lake/wh`) and
+    /// how many levels of it `open` created, synced with the factory that syncs (see
+    /// [`sync_catalog_dirs`](Self::sync_catalog_dirs)).
+    catalog_dirs: Option<(std::path::PathBuf, usize)>,
     /// The bucket's location prefix of a path-style S3 URL over http(s) (see [`bucket_prefix`]).
     bucket: Option<String>,
 }
@@ -84,6 +89,7 @@ impl StoreRoot {
             options.into_iter().map(|(k, v)| (k.as_ref().to_string(), v.into())).collect();
         check_options(&url, &options)?;
         let mut created_dirs = 0;
+        let mut catalog_dirs = None;
         if url.scheme() == "file" {
             let dir = url
                 .to_file_path()
@@ -94,6 +100,10 @@ impl StoreRoot {
             // new `my%20lake` was never synced in its parent.
             let stored = key_of("file://", url.as_str()).and_then(|key| local_path(&key)).unwrap_or(dir.clone());
             created_dirs = stored.ancestors().position(|a| a.exists()).unwrap_or(0);
+            let decoded_created = dir.ancestors().position(|a| a.exists()).unwrap_or(0);
+            if stored != dir && decoded_created > 0 {
+                catalog_dirs = Some((dir.clone(), decoded_created));
+            }
             std::fs::create_dir_all(&dir).map_err(|e| warehouse_dir_error(&dir, e))?;
         }
         if url.scheme() == "memory" {
@@ -123,7 +133,7 @@ impl StoreRoot {
                 "cannot open warehouse {warehouse}: {shown} (is the scheme's cargo feature enabled?)"
             ))
         })?;
-        Ok(StoreRoot { local_files, created_dirs, ..Self::with_store(Arc::from(store), &url) })
+        Ok(StoreRoot { local_files, created_dirs, catalog_dirs, ..Self::with_store(Arc::from(store), &url) })
     }
 
     /// Use an existing object store whose root corresponds to the scheme and authority of
@@ -141,7 +151,15 @@ impl StoreRoot {
         // `s3://bucket/wh` with `aws_endpoint` instead; docs/iceberg-cold-store.md.
         let root = url[..url::Position::BeforePath].to_string();
         let warehouse = url.as_str().trim_end_matches('/').to_string();
-        StoreRoot { store, root, warehouse, local_files: false, created_dirs: 0, bucket: bucket_prefix(url) }
+        StoreRoot {
+            store,
+            root,
+            warehouse,
+            local_files: false,
+            created_dirs: 0,
+            catalog_dirs: None,
+            bucket: bucket_prefix(url),
+        }
     }
 
     /// The object key of a full location under this root.
@@ -181,12 +199,31 @@ impl StoreRoot {
         }))
     }
 
+    /// Fsync the entries of the decoded directories `open` created for the default catalog of
+    /// a warehouse whose path a URL escapes (see `catalog_dirs`): the data files' syncs walk the
+    /// escaped tree only, and SQLite syncs the catalog file's own directory alone, so a power
+    /// loss could drop the whole new catalog directory, acknowledged commits with it. Returns
+    /// the directories synced (none for other warehouses).
+    pub(crate) fn sync_catalog_dirs(&self) -> Result<Vec<std::path::PathBuf>> {
+        let Some((dir, created)) = &self.catalog_dirs else { return Ok(Vec::new()) };
+        let mut synced = Vec::new();
+        for parent in dir.ancestors().skip(1).take(*created) {
+            sync_dir(parent).map_err(|(what, e)| {
+                Error::unavailable(format!("cannot fsync {what} (the warehouse's catalog directory): {e}"))
+                    .with_source(e)
+            })?;
+            synced.push(parent.to_path_buf());
+        }
+        Ok(synced)
+    }
+
     /// The iceberg storage factory for this store; with `synced`, on a local file system that
     /// [`open`](Self::open) opened, every file written is fsynced (with its directory) before the
     /// write reports success, and counted in `synced`. Other stores ignore `synced`.
     pub(crate) fn factory_syncing(&self, synced: Option<Arc<AtomicU64>>) -> Result<Arc<dyn StorageFactory>> {
         let sync = match synced.filter(|_| self.local_files) {
             Some(count) => {
+                self.sync_catalog_dirs()?;
                 // The warehouse directory as the local store names it (percent-encoding kept).
                 let warehouse = key_of(&self.root, &self.warehouse)
                     .and_then(|key| local_path(&key))
@@ -1287,6 +1324,13 @@ mod tests {
         let root = StoreRoot::open(decoded.to_str().expect("utf-8"), Vec::<(String, String)>::new()).expect("open");
         assert!(!dir.path().join("my%20lake").exists());
         assert_eq!(root.created_dirs, 2, "my%20lake and wh are new where data goes");
+        // The decoded directory (the default catalog's) existed: nothing of it to sync.
+        assert!(root.sync_catalog_dirs().expect("sync").is_empty());
+        // A new one: its entries in the directories above, up to the first that existed.
+        let new = dir.path().join("new lake/wh");
+        let root = StoreRoot::open(new.to_str().expect("utf-8"), Vec::<(String, String)>::new()).expect("open");
+        let synced = root.sync_catalog_dirs().expect("sync");
+        assert_eq!(synced, [dir.path().join("new lake"), dir.path().to_path_buf()]);
     }
 
     /// A warehouse whose parent directories `open` created has their entries synced with the

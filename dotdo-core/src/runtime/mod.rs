@@ -238,6 +238,10 @@ struct Active {
     /// (renewed) past `keep_warm` so that the next round tries again; released, it would no
     /// longer be this runtime's to evict, and its hot state would stay until someone used it.
     evict_again: bool,
+    /// Activated from hot storage while cold storage was unreachable: its pending changes were
+    /// not compared with cold's (see [`verify_against_cold`]), which the first drain does
+    /// before it appends anything.
+    cold_unverified: bool,
 }
 
 #[derive(Debug, Default)]
@@ -834,6 +838,7 @@ impl ObjectRuntime {
                 }
                 // One commit per call: a backlog an outage left (many commits' worth) is not
                 // drained inside one caller's call; the next calls and `flush_all` go on.
+                verify_against_cold(inner, object, active).await?;
                 with_renewal(inner, &mut active.lease, drain(inner, object, token, 1)).await?;
                 Ok(true)
             }
@@ -1034,7 +1039,13 @@ impl ObjectRuntime {
                 return needed.map_err(|e| before_the_call(e, object, "reading the object's hot state"));
             }
         }
-        let mut active = Active { lease, last_used: inner.clock.monotonic(), lazy: None, evict_again: false };
+        let mut active = Active {
+            lease,
+            last_used: inner.clock.monotonic(),
+            lazy: None,
+            evict_again: false,
+            cold_unverified: false,
+        };
         let loading = Stopwatch::start(inner.clock.clone());
         let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active, &mut hand).await {
             Ok(r) => r,
@@ -1210,6 +1221,7 @@ impl ObjectRuntime {
                 // with cold).
                 Err(e) if hot_has_state && e.is_retryable() => {
                     tracing::warn!(object = %object, error = %e, "dotdo: cold watermark unavailable; activating from hot state");
+                    active.cold_unverified = true;
                     return Ok((Recovery::Hot, 0, 0, None));
                 }
                 Err(e) => return Err(e),
@@ -1421,7 +1433,10 @@ impl ObjectRuntime {
         let taken = TakenOnlyFor::new(&self.inner, &mut slot, taken_to_drain);
         let active = taken.slot.active.as_mut().expect("active");
         let token = active.lease.granted.token;
-        let r = with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token, usize::MAX)).await;
+        let r = match verify_against_cold(&self.inner, object, active).await {
+            Ok(()) => with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token, usize::MAX)).await,
+            Err(e) => Err(e),
+        };
         // A lease taken only to drain goes back at once, as `flush_all` gives such objects back:
         // kept warm, it refused its owner's calls for `keep_warm`.
         if taken.finish() || r.as_ref().is_err_and(activation_spent) {
@@ -1675,6 +1690,16 @@ impl ObjectRuntime {
     async fn drain_rounds(&self, held: &mut [Held], report: &mut FlushReport, rounds: &mut DrainRounds) -> Result<()> {
         let inner = &self.inner;
         let DrainRounds { drained, left_out, unreadable, first_err, lapsed, .. } = rounds;
+        // Activations made while cold storage was unreachable: compared with cold before any of
+        // their changes goes into a commit.
+        for h in held.iter_mut() {
+            let Some(active) = h.guard.active.as_mut() else { continue };
+            if let Err(e) = verify_against_cold(inner, &h.object, active).await {
+                tracing::error!(object = %h.object, error = %e, "dotdo flush_all: pending changes not verified against cold; left out");
+                left_out.insert(h.object.clone());
+                first_err.get_or_insert(e);
+            }
+        }
         loop {
             renew_held(inner, held, left_out, lapsed).await;
             let mut last_seqs = HashMap::new();
@@ -1799,16 +1824,26 @@ impl ObjectRuntime {
             let commit = appended.commit;
             let mut diverged_now = std::collections::BTreeSet::new();
             if commit.records_skipped > 0 {
-                for oc in &batch.objects {
-                    let after = oc.records.first().map_or(0, |r| r.seq.saturating_sub(1));
-                    if let Err(e) = check_skipped(inner, &oc.object, after, &commit).await {
-                        // This object is left alone (nothing truncated, out of later rounds);
-                        // the others are drained, and the first such error is returned at the end.
-                        tracing::error!(object = %oc.object, error = %e, "dotdo flush_all: not truncated");
-                        diverged_now.insert(oc.object.clone());
-                        left_out.insert(oc.object.clone());
-                        first_err.get_or_insert(e);
+                // With the held leases renewed meanwhile, as during the commit: the checks read
+                // every skipped change back from hot and cold, which can outlast the leases
+                // (each object's then ran out, and the flush failed with its changes left in hot).
+                let checks = async {
+                    let mut failed = Vec::new();
+                    for oc in &batch.objects {
+                        let after = oc.records.first().map_or(0, |r| r.seq.saturating_sub(1));
+                        if let Err(e) = check_skipped(inner, &oc.object, after, &commit).await {
+                            failed.push((oc.object.clone(), e));
+                        }
                     }
+                    failed
+                };
+                for (object, e) in renewing_held(inner, held, left_out, lapsed, checks).await {
+                    // This object is left alone (nothing truncated, out of later rounds); the
+                    // others are drained, and the first such error is returned at the end.
+                    tracing::error!(object = %object, error = %e, "dotdo flush_all: not truncated");
+                    diverged_now.insert(object.clone());
+                    left_out.insert(object);
+                    first_err.get_or_insert(e);
                 }
             }
             for oc in batch.objects.iter().filter(|oc| !diverged_now.contains(&oc.object)) {
@@ -1971,7 +2006,10 @@ impl ObjectRuntime {
             }
             Ok(())
         };
-        let drained = with_renewal(&self.inner, &mut active.lease, drained).await;
+        let drained = match verify_against_cold(&self.inner, object, active).await {
+            Ok(()) => with_renewal(&self.inner, &mut active.lease, drained).await,
+            Err(e) => Err(e),
+        };
         let taken_to_evict = taken.finish();
         if let Err(e) = drained {
             // Keep the object active for the next call, unless the lease is gone (or the hot
@@ -3193,6 +3231,29 @@ async fn check_pending_against_cold(inner: &Arc<Inner>, object: &ObjectId, after
         }
         from = last;
     }
+    Ok(())
+}
+
+/// For an activation made from hot storage while cold storage was unreachable
+/// ([`Active::cold_unverified`]): compare its pending changes with cold's before a drain appends
+/// any of them, as an activation with cold reachable does. A drain appends first and compares
+/// the records cold skipped as replays after: a hot store rolled back (restored from an old
+/// backup) that ran meanwhile had its newer, diverged changes committed to cold on top of cold's
+/// own before the divergence showed, and every later drain went on adding to that mix. Until
+/// the comparison passes, every drain of the activation fails with its error (`Corrupt` for a
+/// divergence; nothing reaches cold).
+async fn verify_against_cold(inner: &Arc<Inner>, object: &ObjectId, active: &mut Active) -> Result<()> {
+    if !active.cold_unverified {
+        return Ok(());
+    }
+    let wm = inner.cold.watermark(object).await?;
+    if let Some(i) = inner.hot.object_info(object).await?.filter(|i| i.truncated_through < wm.through) {
+        if i.has_pending_changes() {
+            let check = check_pending_against_cold(inner, object, i.truncated_through, &wm);
+            with_renewal(inner, &mut active.lease, check).await?;
+        }
+    }
+    active.cold_unverified = false;
     Ok(())
 }
 
