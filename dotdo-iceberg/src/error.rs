@@ -129,7 +129,9 @@ fn generic_cause(e: &object_store::Error) -> Cause {
     // `allow_invalid_certificates`, a name it is not valid for, such as a bucket with dots under
     // virtual-hosted style): no retry is accepted either (it was `Unavailable`, retried for
     // good).
-    if tls_refused(&text) {
+    // (While connecting only: one on a connection already in use broke a request under way,
+    // an outage, as for a REST catalog.)
+    if tls_refused(&text) && !broke_after_connecting(e) {
         return Cause::Config;
     }
     // The HTTP client refused to build the request (an `http://` endpoint without
@@ -168,13 +170,15 @@ fn generic_cause(e: &object_store::Error) -> Cause {
 /// accepted either.
 /// Whether `e`'s HTTP request failed after its connection was made (a `reqwest` error other
 /// than connecting or building the request).
+/// (Without the `rest` feature dotdo-iceberg does not link reqwest to look; the object stores'
+/// TLS errors are then taken as refusals while connecting, as before.)
 #[cfg(feature = "rest")]
-fn broke_after_connecting(e: &iceberg::Error) -> bool {
+fn broke_after_connecting(e: &(dyn StdError + 'static)) -> bool {
     chain(e).any(|err| err.downcast_ref::<reqwest::Error>().is_some_and(|r| !r.is_connect() && !r.is_builder()))
 }
 
 #[cfg(not(feature = "rest"))]
-fn broke_after_connecting(_: &iceberg::Error) -> bool {
+fn broke_after_connecting(_: &(dyn StdError + 'static)) -> bool {
     false
 }
 
@@ -1155,15 +1159,24 @@ mod tests {
             }
         });
         let tls = "received corrupt message of type InvalidContentType";
-        let body =
-            futures::stream::iter([Err::<bytes::Bytes, _>(std::io::Error::new(std::io::ErrorKind::InvalidData, tls))]);
-        let sent = reqwest::Client::new()
-            .post(format!("http://{addr}/v1/namespaces/ns/tables/t"))
-            .body(reqwest::Body::wrap_stream(body))
-            .send()
-            .await
-            .expect_err("the body failed");
+        let broken = || async {
+            let body = futures::stream::iter([Err::<bytes::Bytes, _>(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                tls,
+            ))]);
+            reqwest::Client::new()
+                .post(format!("http://{addr}/v1/namespaces/ns/tables/t"))
+                .body(reqwest::Body::wrap_stream(body))
+                .send()
+                .await
+                .expect_err("the body failed")
+        };
+        let sent = broken().await;
         assert!(!sent.is_connect());
+        // The same under an object store's request (a data file's PUT): an outage too.
+        let put = object_store::Error::Generic { store: "S3", source: Box::new(broken().await) };
+        let e = classify_object_store(put);
+        assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
         let e = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "Failed to execute http request").with_source(sent);
         assert!(chain_text(&e).contains(tls), "{e}");
         let e = classify(e, "committing to ns.t");

@@ -417,12 +417,18 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
         // `file:///a//b`: the same directory as `/a/b` (object paths have no empty segments).
         Ok(path) if url.scheme() == "file" && url.path().contains("//") => local(&path),
         // `s3://bkt//lake` (a prefix joined with a leading `/`): object paths have no empty
-        // segments either; the key would lose it and the table locations keep it, where other
-        // engines read the key literally (`/lake/…`). Refused, whatever the options.
-        _ if url.scheme() != "file" && url.path().contains("//") => Err(Error::invalid(format!(
-            "warehouse {}: its path has an empty segment (`//`); object paths have none (write s3://bucket/path)",
-            shown_warehouse(trimmed)
-        ))),
+        // segments, and the keys always dropped them (`lake/…`); the warehouse is read as
+        // `s3://bkt/lake`, so that new tables' locations name their objects as other engines
+        // read them (they read `//lake` literally, as `/lake/…`), and opening with options
+        // parses it too (it failed there as an unknown scheme). Tables created before keep their
+        // stored `//` locations, which map to the same keys as ever.
+        _ if url.scheme() != "file" && url.path().contains("//") => {
+            let mut url = url;
+            let path: Vec<&str> = url.path().split('/').filter(|p| !p.is_empty()).collect();
+            let path = format!("/{}", path.join("/"));
+            url.set_path(&path);
+            Ok(url)
+        }
         _ => Ok(url),
     }
 }
@@ -431,9 +437,27 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
 /// `without_password`) and without any query or fragment, which may carry a credential
 /// (`?X-Amz-Signature=…`; a warehouse with one is refused, its message not showing it).
 pub(crate) fn shown_warehouse(warehouse: &str) -> String {
-    match warehouse.find(['?', '#']) {
-        Some(i) => format!("{}?…", crate::catalog::without_password(&warehouse[..i])),
-        None => crate::catalog::without_password(warehouse),
+    match Url::parse(warehouse) {
+        Ok(mut u) => {
+            let cut = u.query().is_some() || u.fragment().is_some();
+            u.set_query(None);
+            u.set_fragment(None);
+            let shown = crate::catalog::without_password(u.as_str());
+            if cut {
+                format!("{shown}?…")
+            } else {
+                shown
+            }
+        }
+        // What does not parse may hold a password the parser could not take apart (a `#` or
+        // `?` inside it): only the scheme then.
+        Err(_) if warehouse.contains('@') => {
+            format!("{}://…", warehouse.split_once("://").map_or("", |(s, _)| s))
+        }
+        Err(_) => match warehouse.find(['?', '#']) {
+            Some(i) => format!("{}?…", &warehouse[..i]),
+            None => warehouse.to_string(),
+        },
     }
 }
 
@@ -543,13 +567,10 @@ fn key_of(root: &str, location: &str) -> std::result::Result<Path, String> {
     let location = spelled.as_ref();
     let rest =
         root_rest(root, location).ok_or_else(|| format!("location {location} is not under the store root {root}"))?;
-    // One `/` between the root and the key: `s3://b//x` names the key `/x`, which no object
-    // path is (it was taken as `x`, another object's key). Local paths: `//x` is `/x`.
-    let key = if root == "file://" { rest.trim_start_matches('/') } else { rest.strip_prefix('/').unwrap_or(rest) };
-    if key.starts_with('/') {
-        return Err(format!("location {location} is not a valid object path: an empty segment after {root}"));
-    }
-    Path::parse(key).map_err(|e| format!("location {location} is not a valid object path: {e}"))
+    // (`s3://b//x` is key `x`, as it always was: the locations of tables created under a
+    // warehouse written `s3://b//wh` keep mapping to the objects they were written as.)
+    Path::parse(rest.trim_start_matches('/'))
+        .map_err(|e| format!("location {location} is not a valid object path: {e}"))
 }
 
 /// A ranged read must answer the whole range: object_store answers a range that ends past the
@@ -1141,8 +1162,8 @@ mod tests {
         assert!(key_of("s3://b", "s3://other/x").is_err());
         assert!(key_of("s3://b", "s3://bb/x").is_err(), "a bucket whose name starts with the root's");
         assert_eq!(key_of("s3://b/", "s3://b/x").expect("key").as_ref(), "x");
-        // `s3://b//x` is key `/x`, no object path: not object `x`.
-        assert!(key_of("s3://b", "s3://b//x").is_err());
+        // `s3://b//x` is key `x`, as it always was (tables created under `s3://b//wh`).
+        assert_eq!(key_of("s3://b", "s3://b//x").expect("key").as_ref(), "x");
         assert_eq!(key_of("file://", "file:////tmp/x").expect("//tmp is /tmp").as_ref(), "tmp/x");
         // Spellings of one local warehouse name the same directory.
         for spelled in ["/tmp/x/a/../wh", "/tmp/x/./wh/", "file:///tmp/x//wh", "file:///tmp/x/a/../wh"] {
@@ -1207,10 +1228,6 @@ mod tests {
             "https://u:s3cr3t@host:99999/wh",
             // Not a URL (the port), a secret in its query: the message showed it whole.
             "s3://b:99999/wh?secret_access_key=s3cr3t",
-            // An empty path segment: object paths have none (the key dropped it, the table
-            // locations kept it; with options it failed as an unknown scheme).
-            "s3://bkt//lake",
-            "gs://bkt/a//b",
         ] {
             let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{bad}: {e}");
@@ -1221,6 +1238,15 @@ mod tests {
             .option("aws_secret_access_key", "s3cr3t");
         let shown = format!("{b:?}");
         assert!(!shown.contains("s3cr3t") && shown.contains("s3://u:redacted@b/wh?…"), "{shown}");
+        // A password with a `#` in it (the URL does not parse as meant): the scheme alone.
+        let shown = format!("{:?}", crate::IcebergColdStore::builder("s3://AKIA:se#cr3t@bucket/wh"));
+        assert!(!shown.contains("AKIA") && !shown.contains("cr3t") && shown.contains("s3://…"), "{shown}");
+        // An empty path segment (a prefix joined with a leading `/`) is read without it: new
+        // tables' locations name their objects as other engines read them.
+        for (given, read) in [("s3://bkt//lake", "s3://bkt/lake"), ("gs://bkt/a//b/", "gs://bkt/a/b")] {
+            let r = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), given).expect(given);
+            assert_eq!(r.warehouse, read);
+        }
         // A file: URL with a relative path (taken from the root) or a host (no local path).
         for bad in ["file:lake", "file:./data/wh", "file:../wh", "file:C:/wh", "file://nas/lake"] {
             let e = StoreRoot::from_store(Arc::new(object_store::memory::InMemory::new()), bad).expect_err(bad);

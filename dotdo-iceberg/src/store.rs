@@ -796,8 +796,9 @@ pub(crate) struct Inner {
     pub(crate) settings: Settings,
     /// The newest table state this store knows.
     pub(crate) table: parking_lot::Mutex<Table>,
-    /// Tickets of the table's installs: a reload takes one before it asks the catalog, an own
-    /// commit one when it installs what it committed (`remember`). Changed under `table`'s lock.
+    /// Tickets of the table's installs: a reload takes one before it asks the catalog (outside
+    /// `table`'s lock), an own commit one under that lock as it installs what it committed
+    /// (`remember`); their order is what counts.
     tickets: std::sync::atomic::AtomicU64,
     /// The ticket of the install `table` holds: a reload installs its answer only if it took
     /// its ticket after (the catalog's answer to a later question wins; one to an earlier

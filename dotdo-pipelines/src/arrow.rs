@@ -79,8 +79,9 @@ fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
 /// whose data buffers hold far more than its rows use copied down to what they use: arrow's IPC
 /// writer writes a view column's data buffers whole, also for a slice of a larger batch (a
 /// one-row slice of a 64 MiB batch was logged as 64 MiB, against the few bytes `capacity_bytes`
-/// counted, and read back whole on reopen). (Views inside lists are written as arrow writes
-/// them: a list's slice keeps its whole child, which arrow's writer slices itself.)
+/// counted, and read back whole on reopen). Views inside struct and list columns (and lists
+/// of structs, structs of lists) are compacted too; those inside maps and fixed-size lists are
+/// written as arrow writes them.
 fn views_compacted(batch: &RecordBatch) -> Result<RecordBatch> {
     let mut changed = false;
     let columns: Vec<arrow_array::ArrayRef> = batch
@@ -122,6 +123,37 @@ fn compacted(column: &arrow_array::ArrayRef) -> Result<Option<arrow_array::Array
             let v = column.as_binary_view();
             wasteful(v.data_buffers().iter().map(|b| b.len()).sum(), column)
                 .then(|| Arc::new(v.gc()) as arrow_array::ArrayRef)
+        }
+        // A list's slice keeps its whole child (arrow's IPC writer then writes the part its
+        // offsets span, with a view child's data buffers whole): that part, compacted, under
+        // offsets rebased to it.
+        DataType::List(field) => {
+            let l = column.as_list::<i32>();
+            let offsets = l.offsets();
+            let (start, end) = (offsets[0], offsets[offsets.len() - 1]);
+            let span = l.values().slice(start as usize, (end - start) as usize);
+            let Some(values) = compacted(&span)? else { return Ok(None) };
+            let rebased = arrow_buffer::OffsetBuffer::new(offsets.iter().map(|o| o - start).collect());
+            let rebuilt =
+                arrow_array::ListArray::try_new(field.clone(), rebased, values, arrow_array::Array::nulls(l).cloned())
+                    .map_err(|e| Error::backend("compacting a list column's views").with_source(e))?;
+            Some(Arc::new(rebuilt) as arrow_array::ArrayRef)
+        }
+        DataType::LargeList(field) => {
+            let l = column.as_list::<i64>();
+            let offsets = l.offsets();
+            let (start, end) = (offsets[0], offsets[offsets.len() - 1]);
+            let span = l.values().slice(start as usize, (end - start) as usize);
+            let Some(values) = compacted(&span)? else { return Ok(None) };
+            let rebased = arrow_buffer::OffsetBuffer::new(offsets.iter().map(|o| o - start).collect());
+            let rebuilt = arrow_array::LargeListArray::try_new(
+                field.clone(),
+                rebased,
+                values,
+                arrow_array::Array::nulls(l).cloned(),
+            )
+            .map_err(|e| Error::backend("compacting a list column's views").with_source(e))?;
+            Some(Arc::new(rebuilt) as arrow_array::ArrayRef)
         }
         // A struct's slice slices its columns: each is compacted as a column of the batch.
         DataType::Struct(fields) => {

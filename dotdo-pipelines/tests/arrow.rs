@@ -1231,10 +1231,17 @@ struct Views {
     rows: AtomicU32,
     /// The view column inside a struct column (`s: {v}`).
     nested: bool,
+    /// The view column as the items of a list column (`l: [v]`).
+    list: bool,
 }
 
 fn view_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new("v", DataType::Utf8View, false)]))
+}
+
+fn list_view_schema() -> SchemaRef {
+    let item = Arc::new(Field::new("item", DataType::Utf8View, false));
+    Arc::new(Schema::new(vec![Field::new("l", DataType::List(item), false)]))
 }
 
 fn nested_view_schema() -> SchemaRef {
@@ -1247,6 +1254,8 @@ impl ArrowSink for Views {
     fn schema(&self) -> SchemaRef {
         if self.nested {
             nested_view_schema()
+        } else if self.list {
+            list_view_schema()
         } else {
             view_schema()
         }
@@ -1278,7 +1287,7 @@ async fn one_row_slices_of_a_view_batch_are_logged_as_their_rows() {
     let column = arrow_array::StringViewArray::from_iter_values(values.iter());
     let big = RecordBatch::try_new(view_schema(), vec![Arc::new(column)]).expect("batch");
     let p = ArrowPipeline::open("s", Arc::new(Views::default()), settings.clone()).expect("pipeline");
-    sends_of_one_row_slices_are_logged_small(dir.path(), p, &big, settings, false).await;
+    sends_of_one_row_slices_are_logged_small(dir.path(), p, &big, settings, (false, false)).await;
 }
 
 /// The same inside a struct column (`s: {v: Utf8View}`): a struct's slice slices its view
@@ -1295,7 +1304,25 @@ async fn one_row_slices_of_a_nested_view_batch_are_logged_as_their_rows() {
     let big = RecordBatch::try_new(nested_view_schema(), vec![Arc::new(s)]).expect("batch");
     let sink = Arc::new(Views { nested: true, ..Default::default() });
     let p = ArrowPipeline::open("s", sink, settings.clone()).expect("pipeline");
-    sends_of_one_row_slices_are_logged_small(dir.path(), p, &big, settings, true).await;
+    sends_of_one_row_slices_are_logged_small(dir.path(), p, &big, settings, (true, false)).await;
+}
+
+/// The same as the items of a list column (`l: [Utf8View]`): a list's slice keeps its whole
+/// child, whose views arrow's IPC writer wrote with their whole data buffers.
+#[tokio::test]
+async fn one_row_slices_of_a_list_of_views_are_logged_as_their_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("arrow-log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
+    let values: Vec<String> = (0..8192).map(|i| format!("{i:04}{}", "x".repeat(1020))).collect();
+    let items: arrow_array::ArrayRef = Arc::new(arrow_array::StringViewArray::from_iter_values(values.iter()));
+    let item = Arc::new(Field::new("item", DataType::Utf8View, false));
+    let offsets = arrow_buffer::OffsetBuffer::from_lengths(std::iter::repeat_n(1, 8192));
+    let l = arrow_array::ListArray::new(item, offsets, items, None);
+    let big = RecordBatch::try_new(list_view_schema(), vec![Arc::new(l)]).expect("batch");
+    let sink = Arc::new(Views { list: true, ..Default::default() });
+    let p = ArrowPipeline::open("s", sink, settings.clone()).expect("pipeline");
+    sends_of_one_row_slices_are_logged_small(dir.path(), p, &big, settings, (false, true)).await;
 }
 
 /// Send 20 one-row slices of `big` through `p` (a durable pipeline logging in `dir`): the log
@@ -1305,7 +1332,7 @@ async fn sends_of_one_row_slices_are_logged_small(
     p: ArrowPipeline,
     big: &RecordBatch,
     settings: PipelineSettings,
-    nested: bool,
+    (nested, list): (bool, bool),
 ) {
     for i in 0..20 {
         p.send(big.slice(i * 100, 1)).expect("send");
@@ -1317,7 +1344,7 @@ async fn sends_of_one_row_slices_are_logged_small(
         .map(|m| m.len())
         .sum();
     assert!(on_disk < 8 << 20, "the log holds {on_disk} bytes for 20 rows of 1 KiB");
-    let sink = Arc::new(Views { nested, ..Default::default() });
+    let sink = Arc::new(Views { nested, list, ..Default::default() });
     let p = ArrowPipeline::open("s", sink.clone(), settings).expect("reopen");
     p.roll().await.expect("roll");
     assert_eq!(sink.rows.load(Ordering::SeqCst), 20, "every row delivered once");
