@@ -740,24 +740,9 @@ async fn a_retry_base_delay_above_one_second_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_follows_a_catalog_pointer_moved_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .table(["m"], "changes")
-        .settings(Settings { buckets: 1, refresh_reads: false, ..Default::default() })
-        .build()
-        .await
-        .expect("open");
-    let o = ObjectId::new("o").expect("valid");
+    let builder = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"));
+    let (a, o, t1) = three_commits_without_refresh_reads(builder).await;
     let one = FencingToken::new(1);
-    let mut after_first = None;
-    for seq in 1..=3 {
-        a.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, seq, &format!("k{seq}"), "v", 1)]))
-            .await
-            .expect("append");
-        if seq == 1 {
-            after_first = a.table().metadata_location().map(str::to_string);
-        }
-    }
-    let t1 = after_first.expect("a metadata location");
     let c = rusqlite::Connection::open(dir.path().join("catalog.db")).expect("catalog");
     assert_eq!(
         c.execute("UPDATE iceberg_tables SET metadata_location = ?1 WHERE table_name = 'changes'", [&t1])
@@ -782,25 +767,8 @@ async fn refresh_follows_a_catalog_pointer_moved_back() {
 async fn the_reload_that_asked_last_wins() {
     let dir = tempfile::tempdir().expect("tempdir");
     let hooked = common::FaultyStore::quiet_local();
-    let a = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(hooked.clone())
-        .table(["m"], "changes")
-        .settings(Settings { buckets: 1, refresh_reads: false, ..Default::default() })
-        .build()
-        .await
-        .expect("open");
-    let o = ObjectId::new("o").expect("valid");
-    let one = FencingToken::new(1);
-    let mut after_first = None;
-    for seq in 1..=3 {
-        a.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, seq, &format!("k{seq}"), "v", 1)]))
-            .await
-            .expect("append");
-        if seq == 1 {
-            after_first = a.table().metadata_location().map(str::to_string);
-        }
-    }
-    let t1 = after_first.expect("a metadata location");
+    let builder = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).object_store(hooked.clone());
+    let (a, o, t1) = three_commits_without_refresh_reads(builder).await;
     let (a2, db, t1c) = (a.clone(), dir.path().join("catalog.db"), t1.clone());
     // The first reload has read the pointer (version 3) and is about to read its metadata file:
     // the pointer moves back to version 1, and a second reload installs that.
@@ -818,6 +786,29 @@ async fn the_reload_that_asked_last_wins() {
     assert!(hooked.before_get.lock().is_none(), "the hook ran");
     assert_eq!(a.table().metadata_location(), Some(t1.as_str()));
     assert_eq!(a.watermark(&o).await.expect("wm").through, 1, "the catalog's watermark");
+}
+
+/// A one-bucket store (`builder` with `refresh_reads` off) on table `m.changes`, three commits of
+/// object `o` (seqs 1..=3, one each), and the table's metadata location after the first.
+async fn three_commits_without_refresh_reads(
+    builder: dotdo_iceberg::IcebergColdStoreBuilder,
+) -> (IcebergColdStore, ObjectId, String) {
+    let a = builder
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, refresh_reads: false, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("valid");
+    let mut after_first = None;
+    for seq in 1..=3 {
+        let put = common::put(&o, seq, &format!("k{seq}"), "v", 1);
+        a.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put])).await.expect("append");
+        if seq == 1 {
+            after_first = a.table().metadata_location().map(str::to_string);
+        }
+    }
+    (a, o, after_first.expect("a metadata location"))
 }
 
 /// Settings every append would fail or degrade on are refused at build, `InvalidInput` naming

@@ -127,34 +127,8 @@ fn compacted(column: &arrow_array::ArrayRef) -> Result<Option<arrow_array::Array
         // A list's slice keeps its whole child (arrow's IPC writer then writes the part its
         // offsets span, with a view child's data buffers whole): that part, compacted, under
         // offsets rebased to it.
-        DataType::List(field) => {
-            let l = column.as_list::<i32>();
-            let offsets = l.offsets();
-            let (start, end) = (offsets[0], offsets[offsets.len() - 1]);
-            let span = l.values().slice(start as usize, (end - start) as usize);
-            let Some(values) = compacted(&span)? else { return Ok(None) };
-            let rebased = arrow_buffer::OffsetBuffer::new(offsets.iter().map(|o| o - start).collect());
-            let rebuilt =
-                arrow_array::ListArray::try_new(field.clone(), rebased, values, arrow_array::Array::nulls(l).cloned())
-                    .map_err(|e| Error::backend("compacting a list column's views").with_source(e))?;
-            Some(Arc::new(rebuilt) as arrow_array::ArrayRef)
-        }
-        DataType::LargeList(field) => {
-            let l = column.as_list::<i64>();
-            let offsets = l.offsets();
-            let (start, end) = (offsets[0], offsets[offsets.len() - 1]);
-            let span = l.values().slice(start as usize, (end - start) as usize);
-            let Some(values) = compacted(&span)? else { return Ok(None) };
-            let rebased = arrow_buffer::OffsetBuffer::new(offsets.iter().map(|o| o - start).collect());
-            let rebuilt = arrow_array::LargeListArray::try_new(
-                field.clone(),
-                rebased,
-                values,
-                arrow_array::Array::nulls(l).cloned(),
-            )
-            .map_err(|e| Error::backend("compacting a list column's views").with_source(e))?;
-            Some(Arc::new(rebuilt) as arrow_array::ArrayRef)
-        }
+        DataType::List(field) => compacted_list(column.as_list::<i32>(), field)?,
+        DataType::LargeList(field) => compacted_list(column.as_list::<i64>(), field)?,
         // A struct's slice slices its columns: each is compacted as a column of the batch.
         DataType::Struct(fields) => {
             let s = column.as_struct();
@@ -170,6 +144,27 @@ fn compacted(column: &arrow_array::ArrayRef) -> Result<Option<arrow_array::Array
         }
         _ => None,
     })
+}
+
+/// The list column `l` (of items `field`) with the part of its child its offsets span compacted
+/// (see [`compacted`]), under offsets rebased to it; `None` if nothing in it is.
+fn compacted_list<O: arrow_array::OffsetSizeTrait>(
+    l: &arrow_array::GenericListArray<O>,
+    field: &arrow_schema::FieldRef,
+) -> Result<Option<arrow_array::ArrayRef>> {
+    let offsets = l.offsets();
+    let (start, end) = (offsets[0], offsets[offsets.len() - 1]);
+    let span = l.values().slice(start.as_usize(), (end - start).as_usize());
+    let Some(values) = compacted(&span)? else { return Ok(None) };
+    let rebased = arrow_buffer::OffsetBuffer::new(offsets.iter().map(|o| *o - start).collect());
+    let rebuilt = arrow_array::GenericListArray::<O>::try_new(
+        field.clone(),
+        rebased,
+        values,
+        arrow_array::Array::nulls(l).cloned(),
+    )
+    .map_err(|e| Error::backend("compacting a list column's views").with_source(e))?;
+    Ok(Some(Arc::new(rebuilt)))
 }
 
 /// The batches of a logged IPC stream, or `Corrupt`. The stream's framing is checked first:
