@@ -4233,6 +4233,18 @@ async fn rolled_back_runtime_over(
     values: &[&'static str],
     paged: bool,
 ) -> (MemoryBackend, Arc<FlakyCold>, ObjectRuntime) {
+    rolled_back_runtime_with(w, o, type_name, values, paged, settings()).await
+}
+
+/// [`rolled_back_runtime_over`] with the runtime's `settings`.
+async fn rolled_back_runtime_with(
+    w: &World,
+    o: &ObjectId,
+    type_name: &str,
+    values: &[&'static str],
+    paged: bool,
+    settings: RuntimeSettings,
+) -> (MemoryBackend, Arc<FlakyCold>, ObjectRuntime) {
     let rolled_back = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
     let l = rolled_back.acquire(o, &NodeId::new("a").expect("valid"), TTL).await.expect("acquire");
     for v in values {
@@ -4247,7 +4259,7 @@ async fn rolled_back_runtime_over(
         .with_guard(Arc::new(rolled_back.clone()))
         .with_cold_sink(cold.clone())
         .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(settings())
+        .with_settings(settings)
         .build()
         .expect("build runtime");
     (rolled_back, cold, rt)
@@ -4364,6 +4376,96 @@ async fn drain_refuses_to_drop_differing_writes(paged: bool) {
     let info = rolled_back.object_info(&healthy).await.expect("info").expect("object");
     assert!(!info.has_pending_changes(), "the healthy object was drained and truncated: {info:?}");
     assert_eq!(w.cold.watermark(&healthy).await.expect("wm").through, 1);
+}
+
+/// The diverged writes of `drain_refuses_to_drop_differing_writes` reach cold through no other
+/// drain either: a call's automatic flush (the call answers `Ok`, its flush failing) and an
+/// evict (`Corrupt`, nothing evicted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverged_objects_writes_reach_cold_through_no_drain() {
+    for evict in [false, true] {
+        let w = World::new();
+        let a = w.runtime("a", settings());
+        let o = oid("o");
+        for _ in 0..3 {
+            incr(&a, &o).await.expect("incr");
+        }
+        a.flush(&o).await.expect("cold has seqs 1..3");
+        a.shutdown().await.expect("shutdown");
+        let auto = RuntimeSettings { flush_after_changes: 1, ..settings() };
+        let (rolled_back, cold, rt) = rolled_back_runtime_with(&w, &o, "T", &["1"], false, auto).await;
+        cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        // (Bounded in real time, on a task of its own: a flush that goes on to commit waits for
+        // a cold store that is down, retrying on this manual clock, and never comes back.)
+        let (rt1, o1) = (rt.clone(), o.clone());
+        let call = tokio::spawn(async move {
+            rt1.invoke(&o1, async |t: &mut ObjectTxn<'_>| {
+                t.put("x", "1")?;
+                t.put("y", "2")?;
+                t.put("z", "3")
+            })
+            .await
+        });
+        let done = tokio::time::timeout(Duration::from_secs(30), call).await;
+        done.expect("the call's flush stopped before committing anything").expect("task").expect("acknowledged");
+        cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        if evict {
+            let e = rt.evict(&o).await.expect_err("diverged");
+            assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+            assert!(rolled_back.get(&o, "z").await.expect("get").is_some(), "nothing evicted");
+        } else {
+            // Past the automatic flush's pause (1 s) after its failure while cold was down, well
+            // within the lease (the activation stays: a new one would stop with `Corrupt`).
+            w.clock.advance(Duration::from_secs(2));
+            // (Bounded in real time, on a task of its own: a drain that commits the diverged
+            // writes does not come back here.)
+            let (rt2, o2) = (rt.clone(), o.clone());
+            let call =
+                tokio::spawn(async move { rt2.invoke(&o2, async |t: &mut ObjectTxn<'_>| t.put("w", "4")).await });
+            let done = tokio::time::timeout(Duration::from_secs(30), call).await;
+            done.expect("the call's flush stopped before committing anything")
+                .expect("task")
+                .expect("the call commits");
+        }
+        assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 3, "evict {evict}: a diverged write reached cold");
+    }
+}
+
+/// A hot store rolled back behind cold with nothing left to drain (its last change, seq 1, was
+/// drained: cold holds 1..3), activated while cold was unreachable: once cold is back, a flush
+/// of the still-active object finds the hot store behind cold and gives the activation up (the
+/// next one restores from cold), so new writes continue after cold's seq 3. (It took the object
+/// as verified, its next writes reused seqs 2 and 3, and the write at seq 4 reached cold on top
+/// of cold's own.)
+#[tokio::test]
+async fn an_object_behind_cold_with_nothing_pending_is_restored_before_it_writes() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    for _ in 0..3 {
+        incr(&a, &o).await.expect("incr");
+    }
+    a.flush(&o).await.expect("cold has seqs 1..3");
+    a.shutdown().await.expect("shutdown");
+    let (rolled_back, cold, rt) = rolled_back_runtime_over(&w, &o, "T", &["1"], false).await;
+    let l = rolled_back.acquire(&o, &NodeId::new("z").expect("node"), TTL).await.expect("acquire");
+    rolled_back.truncate_changes(&o, l.token, 1).await.expect("seq 1 was drained");
+    rolled_back.release(&l).await.expect("release");
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let read = rt.invoke(&o, async |t: &mut ObjectTxn<'_>| t.get("n").await).await.expect("a read from hot");
+    assert_eq!(read.as_deref(), Some(&b"1"[..]), "the rolled-back state");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let e = rt.flush(&o).await.expect_err("the hot store is behind cold");
+    assert!(e.is_retryable(), "the next activation restores: {e}");
+    for _ in 0..3 {
+        incr(&rt, &o).await.expect("incr after a restore from cold");
+    }
+    rt.flush(&o).await.expect("flush");
+    assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 6);
+    assert_eq!(
+        rt.invoke(&o, async |t: &mut ObjectTxn<'_>| t.get("n").await).await.expect("read").as_deref(),
+        Some(&b"6"[..])
+    );
 }
 
 /// A hot store rolled back behind cold (a backup holding seqs 1..2 of cold's 1..5, the same

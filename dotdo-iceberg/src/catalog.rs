@@ -97,6 +97,11 @@ pub(crate) fn without_password(uri: &str) -> String {
             let _ = u.set_password(Some("redacted"));
             u.to_string()
         }
+        // An `@` the parser did not take for user info (`s3://AKIA:/secret@bucket/wh` parses
+        // as host `AKIA` and a path holding the secret): the scheme alone, as below.
+        Ok(u) if u.username().is_empty() && uri.contains('@') => {
+            format!("{}://…", uri.split_once("://").map_or("", |(s, _)| s))
+        }
         Ok(_) => uri.to_string(),
         Err(_) if uri.contains('@') => format!("{}://…", uri.split_once("://").map_or("", |(s, _)| s)),
         Err(_) => uri.to_string(),

@@ -163,11 +163,6 @@ fn generic_cause(e: &object_store::Error) -> Cause {
     }
 }
 
-/// Whether an error's text (with its source chain) is the TLS client refusing the server for
-/// good: a certificate it does not accept (rustls: self-signed without
-/// `allow_invalid_certificates`, a private CA, another name), or an answer that is no TLS at
-/// all (an `https://` URL for a plain-HTTP server: "received corrupt message"). No retry is
-/// accepted either.
 /// Whether `e`'s HTTP request failed after its connection was made (a `reqwest` error other
 /// than connecting or building the request).
 /// (Without the `rest` feature dotdo-iceberg does not link reqwest to look; the object stores'
@@ -182,6 +177,11 @@ fn broke_after_connecting(_: &(dyn StdError + 'static)) -> bool {
     false
 }
 
+/// Whether an error's text (with its source chain) is the TLS client refusing the server for
+/// good: a certificate it does not accept (rustls: self-signed without
+/// `allow_invalid_certificates`, a private CA, another name), or an answer that is no TLS at
+/// all (an `https://` URL for a plain-HTTP server: "received corrupt message"). No retry is
+/// accepted either (while connecting: see [`broke_after_connecting`]).
 fn tls_refused(text: &str) -> bool {
     text.contains("invalid peer certificate") || text.contains("received corrupt message")
 }

@@ -374,16 +374,10 @@ fn parse_warehouse_url(warehouse: &str) -> Result<Url> {
         })?;
         return local(&cwd.join(trimmed));
     }
-    let url = Url::parse(trimmed).map_err(|e| {
-        // A password in it is not shown (what does not parse may hold one the parser could not
-        // take apart): only the scheme then.
-        let shown = if trimmed.contains('@') {
-            format!("({}://…)", trimmed.split_once("://").map_or("", |(s, _)| s))
-        } else {
-            shown_warehouse(trimmed)
-        };
-        Error::invalid(format!("warehouse {shown} is not a URL: {e}"))
-    })?;
+    // A password in it is not shown (what does not parse may hold one the parser could not take
+    // apart), nor a query: see `shown_warehouse`.
+    let url = Url::parse(trimmed)
+        .map_err(|e| Error::invalid(format!("warehouse {} is not a URL: {e}", shown_warehouse(trimmed))))?;
     // A query or fragment would become part of every table location (`s3://b/wh?x=1/ns/t/…`),
     // and a password part of every message naming the warehouse; credentials go in options.
     if url.query().is_some() || url.fragment().is_some() || url.password().is_some() {
@@ -450,10 +444,8 @@ pub(crate) fn shown_warehouse(warehouse: &str) -> String {
             }
         }
         // What does not parse may hold a password the parser could not take apart (a `#` or
-        // `?` inside it): only the scheme then.
-        Err(_) if warehouse.contains('@') => {
-            format!("{}://…", warehouse.split_once("://").map_or("", |(s, _)| s))
-        }
+        // `?` inside it): `without_password` shows the scheme alone then.
+        Err(_) if warehouse.contains('@') => crate::catalog::without_password(warehouse),
         Err(_) => match warehouse.find(['?', '#']) {
             Some(i) => format!("{}?…", &warehouse[..i]),
             None => warehouse.to_string(),
@@ -1238,9 +1230,12 @@ mod tests {
             .option("aws_secret_access_key", "s3cr3t");
         let shown = format!("{b:?}");
         assert!(!shown.contains("s3cr3t") && shown.contains("s3://u:redacted@b/wh?…"), "{shown}");
-        // A password with a `#` in it (the URL does not parse as meant): the scheme alone.
-        let shown = format!("{:?}", crate::IcebergColdStore::builder("s3://AKIA:se#cr3t@bucket/wh"));
-        assert!(!shown.contains("AKIA") && !shown.contains("cr3t") && shown.contains("s3://…"), "{shown}");
+        // A password with a `#` in it (the URL does not parse as meant), or a `/` (it parses as
+        // a host and a path holding the secret): the scheme alone.
+        for odd in ["s3://AKIA:se#cr3t@bucket/wh", "s3://AKIA:/wJcr3t@bucket/wh"] {
+            let shown = format!("{:?}", crate::IcebergColdStore::builder(odd));
+            assert!(!shown.contains("AKIA") && !shown.contains("cr3t") && shown.contains("s3://…"), "{shown}");
+        }
         // An empty path segment (a prefix joined with a leading `/`) is read without it: new
         // tables' locations name their objects as other engines read them.
         for (given, read) in [("s3://bkt//lake", "s3://bkt/lake"), ("gs://bkt/a//b/", "gs://bkt/a/b")] {

@@ -1691,8 +1691,18 @@ impl ObjectRuntime {
         let inner = &self.inner;
         let DrainRounds { drained, left_out, unreadable, first_err, lapsed, .. } = rounds;
         // Activations made while cold storage was unreachable: compared with cold before any of
-        // their changes goes into a commit.
-        for h in held.iter_mut() {
+        // their changes goes into a commit (the others' leases renewed between them: after a
+        // cold outage, many may wait to be compared).
+        for i in 0..held.len() {
+            let flagged = held[i].guard.active.as_ref().is_some_and(|a| a.cold_unverified);
+            if !flagged || left_out.contains(&held[i].object) {
+                continue;
+            }
+            renew_held(inner, held, left_out, lapsed).await;
+            let h = &mut held[i];
+            if left_out.contains(&h.object) {
+                continue;
+            }
             let Some(active) = h.guard.active.as_mut() else { continue };
             if let Err(e) = verify_against_cold(inner, &h.object, active).await {
                 tracing::error!(object = %h.object, error = %e, "dotdo flush_all: pending changes not verified against cold; left out");
@@ -3241,18 +3251,27 @@ async fn check_pending_against_cold(inner: &Arc<Inner>, object: &ObjectId, after
 /// backup) that ran meanwhile had its newer, diverged changes committed to cold on top of cold's
 /// own before the divergence showed, and every later drain went on adding to that mix. Until
 /// the comparison passes, every drain of the activation fails with its error (`Corrupt` for a
-/// divergence; nothing reaches cold).
+/// divergence; nothing reaches cold). A hot store behind cold (its last change before cold's
+/// watermark, with nothing diverged) ends the activation as a drain finding it does
+/// ([`hot_behind_cold`]): the next activation restores the object from cold, as one made with
+/// cold reachable would have (taken as verified, its next writes reused cold's sequence numbers).
 async fn verify_against_cold(inner: &Arc<Inner>, object: &ObjectId, active: &mut Active) -> Result<()> {
     if !active.cold_unverified {
         return Ok(());
     }
-    let wm = inner.cold.watermark(object).await?;
-    if let Some(i) = inner.hot.object_info(object).await?.filter(|i| i.truncated_through < wm.through) {
-        if i.has_pending_changes() {
-            let check = check_pending_against_cold(inner, object, i.truncated_through, &wm);
-            with_renewal(inner, &mut active.lease, check).await?;
+    let verify = async {
+        let wm = inner.cold.watermark(object).await?;
+        let info = inner.hot.object_info(object).await?;
+        if let Some(i) = info.as_ref().filter(|i| i.has_pending_changes() && i.truncated_through < wm.through) {
+            check_pending_against_cold(inner, object, i.truncated_through, &wm).await?;
         }
-    }
+        let hot_last = info.as_ref().map_or(0, |i| i.last_seq);
+        if hot_last < wm.through {
+            return Err(hot_behind_cold(object, hot_last, wm.through));
+        }
+        Ok(())
+    };
+    with_renewal(inner, &mut active.lease, verify).await?;
     active.cold_unverified = false;
     Ok(())
 }
