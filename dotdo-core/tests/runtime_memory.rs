@@ -4224,6 +4224,19 @@ async fn rolled_back_runtime(
     rolled_back_runtime_over(w, o, type_name, values, false).await
 }
 
+/// Object `o` incremented `n` times by runtime "a" over `w`'s stores, flushed (cold holds seqs
+/// `1..=n`), and the runtime shut down.
+async fn cold_holds_increments(w: &World, n: u64) -> ObjectId {
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    for _ in 0..n {
+        incr(&a, &o).await.expect("incr");
+    }
+    a.flush(&o).await.expect("cold holds every increment");
+    a.shutdown().await.expect("shutdown");
+    o
+}
+
 /// [`rolled_back_runtime`]; with `paged`, the runtime's hot store answers one change per
 /// `read_changes` ([`OneChangePerRead`]).
 async fn rolled_back_runtime_over(
@@ -4335,13 +4348,7 @@ async fn a_drain_refuses_to_drop_writes_that_differ_from_what_cold_skipped() {
 
 async fn drain_refuses_to_drop_differing_writes(paged: bool) {
     let w = World::new();
-    let a = w.runtime("a", settings());
-    let o = oid("o");
-    for _ in 0..3 {
-        incr(&a, &o).await.expect("incr");
-    }
-    a.flush(&o).await.expect("cold has seqs 1..3");
-    a.shutdown().await.expect("shutdown");
+    let o = cold_holds_increments(&w, 3).await;
     // The hot store comes back from an old backup: only seq 1.
     let (rolled_back, cold, rt) = rolled_back_runtime_over(&w, &o, "T", &["1"], paged).await;
     // Cold is unreachable while the object activates: it runs from hot alone.
@@ -4385,13 +4392,7 @@ async fn drain_refuses_to_drop_differing_writes(paged: bool) {
 async fn a_diverged_objects_writes_reach_cold_through_no_drain() {
     for evict in [false, true] {
         let w = World::new();
-        let a = w.runtime("a", settings());
-        let o = oid("o");
-        for _ in 0..3 {
-            incr(&a, &o).await.expect("incr");
-        }
-        a.flush(&o).await.expect("cold has seqs 1..3");
-        a.shutdown().await.expect("shutdown");
+        let o = cold_holds_increments(&w, 3).await;
         let auto = RuntimeSettings { flush_after_changes: 1, ..settings() };
         let (rolled_back, cold, rt) = rolled_back_runtime_with(&w, &o, "T", &["1"], false, auto).await;
         cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -4440,13 +4441,7 @@ async fn a_diverged_objects_writes_reach_cold_through_no_drain() {
 #[tokio::test]
 async fn an_object_behind_cold_with_nothing_pending_is_restored_before_it_writes() {
     let w = World::new();
-    let a = w.runtime("a", settings());
-    let o = oid("o");
-    for _ in 0..3 {
-        incr(&a, &o).await.expect("incr");
-    }
-    a.flush(&o).await.expect("cold has seqs 1..3");
-    a.shutdown().await.expect("shutdown");
+    let o = cold_holds_increments(&w, 3).await;
     let (rolled_back, cold, rt) = rolled_back_runtime_over(&w, &o, "T", &["1"], false).await;
     let l = rolled_back.acquire(&o, &NodeId::new("z").expect("node"), TTL).await.expect("acquire");
     rolled_back.truncate_changes(&o, l.token, 1).await.expect("seq 1 was drained");
@@ -4477,13 +4472,7 @@ async fn an_object_behind_cold_with_nothing_pending_is_restored_before_it_writes
 async fn a_flush_finding_the_hot_store_behind_cold_gives_up_the_activation() {
     for all in [false, true] {
         let w = World::new();
-        let a = w.runtime("a", settings());
-        let o = oid("o");
-        for _ in 0..5 {
-            incr(&a, &o).await.expect("incr");
-        }
-        a.flush(&o).await.expect("cold has seqs 1..5");
-        a.shutdown().await.expect("shutdown");
+        let o = cold_holds_increments(&w, 5).await;
         let (rolled_back, cold, rt) = rolled_back_runtime(&w, &o, "Object", &["1", "2"]).await;
         cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(get(&rt, &o, "n").await.expect("runs from hot alone"), Some(Bytes::from("2")));
