@@ -131,7 +131,7 @@ fn generic_cause(e: &object_store::Error) -> Cause {
     // good).
     // (While connecting only: one on a connection already in use broke a request under way,
     // an outage, as for a REST catalog.)
-    if tls_refused(&text) && !broke_after_connecting(e) {
+    if refused_while_connecting(e, &text) {
         return Cause::Config;
     }
     // The HTTP client refused to build the request (an `http://` endpoint without
@@ -161,6 +161,13 @@ fn generic_cause(e: &object_store::Error) -> Cause {
         Some(501 | 505) => Cause::StoreRefused,
         _ => Cause::StoreUnavailable,
     }
+}
+
+/// Whether `e` (its chain's text: `text`) is the TLS client refusing the server while
+/// connecting ([`tls_refused`]): configuration, no retry accepted. On a connection already in
+/// use the same error broke a request under way, an outage (see [`broke_after_connecting`]).
+fn refused_while_connecting(e: &(dyn StdError + 'static), text: &str) -> bool {
+    tls_refused(text) && !broke_after_connecting(e)
 }
 
 /// Whether `e`'s HTTP request failed after its connection was made (a `reqwest` error other
@@ -339,7 +346,7 @@ fn iceberg_cause(e: &iceberg::Error) -> Cause {
             // already in use (a proxy's plain-text answer after the request went out) broke a
             // request that may have been taken, as any broken connection does (it read as
             // configuration, and a refused append deleted the files of a commit that may land).
-            let refused = tls_refused(&chain_text(e)) && !broke_after_connecting(e);
+            let refused = refused_while_connecting(e, &chain_text(e));
             return if built || refused { Cause::Config } else { Cause::StoreUnavailable };
         }
         // iceberg-catalog-rest: a commit answered 500/502/504, or any request answered with a

@@ -1511,10 +1511,7 @@ impl IcebergColdStore {
         // Rounds run: at most `attempts`, and one more after a refusal judged again on the
         // catalog's current table (that round is the same attempt on a fresher table).
         let (mut rounds, mut round_limit) = (0, attempts);
-        loop {
-            if rounds >= round_limit {
-                break;
-            }
+        while rounds < round_limit {
             let attempt = rounds;
             rounds += 1;
             let head = table.metadata().current_snapshot().cloned();

@@ -838,8 +838,7 @@ impl ObjectRuntime {
                 }
                 // One commit per call: a backlog an outage left (many commits' worth) is not
                 // drained inside one caller's call; the next calls and `flush_all` go on.
-                verify_against_cold(inner, object, active).await?;
-                with_renewal(inner, &mut active.lease, drain(inner, object, token, 1)).await?;
+                verified_then(inner, object, active, drain(inner, object, token, 1)).await?;
                 Ok(true)
             }
             .await;
@@ -1433,10 +1432,7 @@ impl ObjectRuntime {
         let taken = TakenOnlyFor::new(&self.inner, &mut slot, taken_to_drain);
         let active = taken.slot.active.as_mut().expect("active");
         let token = active.lease.granted.token;
-        let r = match verify_against_cold(&self.inner, object, active).await {
-            Ok(()) => with_renewal(&self.inner, &mut active.lease, drain(&self.inner, object, token, usize::MAX)).await,
-            Err(e) => Err(e),
-        };
+        let r = verified_then(&self.inner, object, active, drain(&self.inner, object, token, usize::MAX)).await;
         // A lease taken only to drain goes back at once, as `flush_all` gives such objects back:
         // kept warm, it refused its owner's calls for `keep_warm`.
         if taken.finish() || r.as_ref().is_err_and(activation_spent) {
@@ -2016,10 +2012,7 @@ impl ObjectRuntime {
             }
             Ok(())
         };
-        let drained = match verify_against_cold(&self.inner, object, active).await {
-            Ok(()) => with_renewal(&self.inner, &mut active.lease, drained).await,
-            Err(e) => Err(e),
-        };
+        let drained = verified_then(&self.inner, object, active, drained).await;
         let taken_to_evict = taken.finish();
         if let Err(e) = drained {
             // Keep the object active for the next call, unless the lease is gone (or the hot
@@ -3274,6 +3267,19 @@ async fn verify_against_cold(inner: &Arc<Inner>, object: &ObjectId, active: &mut
     with_renewal(inner, &mut active.lease, verify).await?;
     active.cold_unverified = false;
     Ok(())
+}
+
+/// `drain`, a drain of `active`'s object, once [`verify_against_cold`] passed, with the lease
+/// renewed meanwhile: how every drain of one activation runs (`flush_all` verifies its held
+/// objects itself, between renewals of all of them).
+async fn verified_then<T>(
+    inner: &Arc<Inner>,
+    object: &ObjectId,
+    active: &mut Active,
+    drain: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    verify_against_cold(inner, object, active).await?;
+    with_renewal(inner, &mut active.lease, drain).await
 }
 
 /// A drain's commit skipped records as already in cold (replays): before they are truncated
