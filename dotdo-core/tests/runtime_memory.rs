@@ -4979,12 +4979,14 @@ async fn a_commit_whose_reply_was_lost_counts_once() {
     // The retry waits on the test's clock.
     let ticking = tick(&w);
     let report = rt.flush(&x).await.expect("flush");
+    assert_eq!(cold.lost_replies.load(std::sync::atomic::Ordering::SeqCst), 0, "the reply was lost");
     assert_eq!((report.commits, report.records), (1, 3), "{report:?}");
     let m = rt.metrics();
     assert_eq!((m.flushes, m.records_flushed), (1, 3));
     incr(&rt, &y).await.expect("y");
     cold.lost_replies.store(1, std::sync::atomic::Ordering::SeqCst);
     let report = rt.flush_all().await.expect("flush_all");
+    assert_eq!(cold.lost_replies.load(std::sync::atomic::Ordering::SeqCst), 0, "the reply was lost");
     assert_eq!((report.commits, report.records), (1, 1), "{report:?}");
     let m = rt.metrics();
     assert_eq!((m.flushes, m.records_flushed), (2, 4));

@@ -75,6 +75,7 @@ async fn appends_under_faults(lossy_catalog: bool) {
     let objects: Vec<ObjectId> = (0..4).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
     let mut next_seq: BTreeMap<ObjectId, u64> = objects.iter().map(|o| (o.clone(), 1)).collect();
     let mut acked = 0u64;
+    let mut acked_records = 0u64;
     // Batches acknowledged after an attempt of theirs had failed: the caller re-sent them.
     let mut resent = 0u64;
     let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -108,6 +109,7 @@ async fn appends_under_faults(lossy_catalog: bool) {
                         next_seq.insert(oc.object.clone(), last + 1);
                     }
                     acked += 1;
+                    acked_records += batch.record_count() as u64;
                     resent += u64::from(tries > 1);
                     break;
                 }
@@ -208,6 +210,10 @@ async fn appends_under_faults(lossy_catalog: bool) {
     }
     assert!(checked > 0);
     assert_eq!(cold.snapshots().await.expect("snapshots").len() as u64, acked, "one snapshot per acknowledged batch");
+    // Reads keep one row per sequence number, so the exact-sequence check above cannot see a row
+    // stored twice (a data file whose write reply was lost, written again and listed twice):
+    // the head snapshot's live files hold exactly the acknowledged rows.
+    assert_eq!(live_rows(&cold).await, acked_records, "rows stored twice or lost");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1720,6 +1726,11 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
         table.metadata().snapshots().filter(|s| s.summary().operation == iceberg::spec::Operation::Replace).count()
             as u64;
     assert_eq!(replaces, compacted, "replace snapshots in the table vs compactions reported committed");
+    // The live files hold every appended row once: a faulted compaction that left a replaced
+    // file live, or listed its new file twice, doubles rows that reads (one row per sequence
+    // number) and the clean compaction below would hide.
+    let appended: u64 = next_seq.values().map(|n| n - 1).sum();
+    assert_eq!(live_rows(&cold).await, appended, "rows stored twice or lost by compactions");
     // A clean final compaction, then everything reads back exactly once.
     cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect("clean compaction");
     for o in &objects {
@@ -1730,6 +1741,21 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
         assert_eq!(cold.load_state(o, AsOf::Latest).await.expect("state").through, want);
     }
     assert!(assert_no_missing_files(&cold, &faulty, true).await > 0);
+    assert_eq!(live_rows(&cold).await, appended, "rows stored twice or lost by the clean compaction");
+}
+
+/// Rows in the live data files of the table's head snapshot (what a reader that keeps duplicate
+/// rows would see; dotdo's own reads keep one row per sequence number).
+async fn live_rows(cold: &IcebergColdStore) -> u64 {
+    let table = cold.refresh().await.expect("refresh");
+    let Some(head) = table.metadata().current_snapshot() else { return 0 };
+    let list = table.manifest_list_reader(head).load().await.expect("manifest list");
+    let mut rows = 0;
+    for mf in list.entries() {
+        let m = mf.load_manifest(table.file_io()).await.expect("manifest");
+        rows += m.entries().iter().filter(|e| e.is_alive()).map(|e| e.data_file().record_count()).sum::<u64>();
+    }
+    rows
 }
 
 /// Every manifest list, manifest and data file a snapshot of `cold` references exists (with

@@ -54,6 +54,9 @@ async fn a_libsql_runtime_drains_into_iceberg_and_restores_from_it() {
     assert_eq!(incr(&rt, &o).await.expect("restored from cold"), 6);
     rt.shutdown().await.expect("shutdown");
     assert_eq!(cold.watermark(&o).await.expect("watermark").through, 6);
+    // Reads keep one row per sequence number; the commits added each change once.
+    let added: u64 = cold.snapshots().await.expect("snapshots").iter().map(|i| i.added_records).sum();
+    assert_eq!(added, 6, "records the commits added");
     // One commit from `flush_all`, one from `shutdown`'s flush: Parquet files in the warehouse.
     let files = parquet_files(&warehouse.join("app").join("changes").join("data"));
     assert!(files >= 2, "{files} Parquet data files");
