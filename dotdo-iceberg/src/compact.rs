@@ -228,12 +228,12 @@ pub struct RewriteReport {
 
 /// One live data file of the current snapshot.
 #[derive(Clone, Debug)]
-struct LiveFile {
-    path: String,
-    size: u64,
+pub(crate) struct LiveFile {
+    pub(crate) path: String,
+    pub(crate) size: u64,
     partition: Option<i32>,
     /// The partition spec `partition` is a bucket of (`None` with it).
-    spec: Option<i32>,
+    pub(crate) spec: Option<i32>,
 }
 
 enum Mode {
@@ -413,7 +413,7 @@ impl IcebergColdStore {
 
     /// The live data files of `table`'s current snapshot (through the accelerator's cached
     /// manifest reads).
-    async fn live_files(&self, table: &Table) -> Result<Vec<LiveFile>> {
+    pub(crate) async fn live_files(&self, table: &Table) -> Result<Vec<LiveFile>> {
         let Some(head) = table.metadata().current_snapshot() else { return Ok(Vec::new()) };
         if self.manifests_of(table, head).await?.iter().any(crate::read::lists_live_deletes) {
             return Err(Error::invalid(format!(

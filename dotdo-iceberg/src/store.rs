@@ -106,13 +106,16 @@ pub struct Settings {
     pub buckets: u32,
     /// ZSTD level of data files (default 1; 1 to 22).
     pub zstd_level: i32,
-    /// Rows per Parquet row group (default 32 Ki); smaller groups prune finer.
+    /// Rows per Parquet row group (default 32 Ki); smaller groups prune finer. Applies to the
+    /// change table and to user tables (`arrow_table`) alike.
     pub row_group_rows: usize,
     /// Target bytes of one row group (default 4 MiB): with large values a row group holds fewer
     /// rows than `row_group_rows`, so a point lookup, which reads only the row groups whose
-    /// `do_id`/`key` statistics match, decodes a few MiB instead of a whole file.
+    /// `do_id`/`key` statistics match, decodes a few MiB instead of a whole file. User tables
+    /// cap their row groups at this many bytes of Arrow data too.
     pub row_group_bytes: usize,
-    /// Target data file size in bytes before rolling to a new file (default 256 MiB).
+    /// Target data file size in bytes before rolling to a new file (default 256 MiB), for the
+    /// change table and user tables (a large batch is written in slices, so it rolls too).
     pub target_file_size: usize,
     /// Commit attempts of one append, conflicts and unknown outcomes included (default 16; 1 to
     /// [`MAX_COMMIT_ATTEMPTS`]).
@@ -2035,7 +2038,7 @@ const WRITE_CHUNK_BYTES: usize = 256 << 20;
 /// The bytes per Arrow batch handed to a Parquet writer rolling files at `target_file_size`: an
 /// eighth of it (a file ends about that far past the target at most), at least 1 MiB (so a
 /// target under 8 MiB may be passed by up to 1 MiB), at most [`WRITE_CHUNK_BYTES`].
-fn write_chunk_bytes(target_file_size: u64) -> usize {
+pub(crate) fn write_chunk_bytes(target_file_size: u64) -> usize {
     usize::try_from(target_file_size / 8).unwrap_or(usize::MAX).clamp(1 << 20, WRITE_CHUNK_BYTES)
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
-use iceberg::spec::DataFileFormat;
+use iceberg::spec::{DataFileFormat, PartitionKey, Struct};
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
@@ -393,11 +393,23 @@ pub(crate) async fn write_user_files(
     // bounds, so the bounds would exclude real values and every engine pruning on them (PyIceberg,
     // Spark, Trino, iceberg-rust's own scans) would skip rows. The cost: long values are stored
     // whole as bounds in the footer and the manifest.
+    // Row groups capped as the change table's are (rows and bytes): parquet's default of 1 Mi
+    // rows per group, with no byte cap, made row groups of a GiB of wide rows, held whole in
+    // memory by the writer and decoded whole by readers.
+    let settings = &store.inner.settings;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
         .set_statistics_truncate_length(None)
+        .set_max_row_group_row_count(Some(settings.row_group_rows.max(1)))
+        .set_max_row_group_bytes(Some(settings.row_group_bytes.max(1)))
         .build();
     let location = crate::store::data_locations(md);
+    // Unpartitioned (checked above), but filed under the table's default spec: a writer without
+    // a partition key gave every file spec id 0, which iceberg's own append refuses on a table
+    // whose unpartitioned spec has another id (a partition field dropped).
+    let key =
+        PartitionKey::new(md.default_partition_spec().as_ref().clone(), md.current_schema().clone(), Struct::empty());
+    let chunk = crate::store::write_chunk_bytes(target as u64);
     let builder = || {
         // A name prefix per writer: unpartitioned writers side by side share one directory.
         DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
@@ -413,13 +425,13 @@ pub(crate) async fn write_user_files(
     // or more, and every compaction rewrote the previous one's output again.
     let ranges = if parallel { row_ranges(batches) } else { vec![batches.to_vec()] };
     if ranges.len() < 2 || tokio::runtime::Handle::try_current().is_err() {
-        return write_range(builder(), batches.to_vec(), what.to_string()).await;
+        return write_range(builder(), key, chunk, batches.to_vec(), what.to_string()).await;
     }
     // A set of tasks, aborted if this future is dropped (a caller's timeout): no writer runs on
     // for an append that is gone (what it wrote is unreferenced, for the cleanup).
     let mut tasks = tokio::task::JoinSet::new();
     for (i, r) in ranges.into_iter().enumerate() {
-        let write = write_range(builder(), r, what.to_string());
+        let write = write_range(builder(), key.clone(), chunk, r, what.to_string());
         tasks.spawn(async move { (i, write.await) });
     }
     let mut done = Vec::new();
@@ -437,18 +449,36 @@ pub(crate) async fn write_user_files(
 type UserFileWriterBuilder =
     DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>;
 
-/// Write one range's batches with its own rolling writer.
+/// Write one range's batches with its own rolling writer, in slices of at most about `chunk`
+/// bytes: the rolling writer starts a new file only between the batches it is given, so a
+/// large batch written whole made one file of it whatever the target file size said.
 async fn write_range(
     builder: UserFileWriterBuilder,
+    key: PartitionKey,
+    chunk: usize,
     batches: Vec<RecordBatch>,
     what: String,
 ) -> Result<Vec<iceberg::spec::DataFile>> {
     let failed = |e| crate::error::classify_write(e, &what);
-    let mut w = builder.build(None).await.map_err(failed)?;
+    let mut w = builder.build(Some(key)).await.map_err(failed)?;
     for b in batches {
-        w.write(b).await.map_err(failed)?;
+        for piece in byte_slices(&b, chunk) {
+            w.write(piece).await.map_err(failed)?;
+        }
     }
     w.close().await.map_err(failed)
+}
+
+/// `batch` cut into consecutive slices of about `max_bytes` of row data each (one row alone may
+/// hold more); slices share the batch's buffers.
+fn byte_slices(batch: &RecordBatch, max_bytes: usize) -> Vec<RecordBatch> {
+    let rows = batch.num_rows();
+    let bytes: usize = batch.columns().iter().map(|c| dotdo_core::arrow_size::rows_bytes(&c.to_data())).sum();
+    if rows <= 1 || bytes <= max_bytes {
+        return vec![batch.clone()];
+    }
+    let per = usize::try_from(rows as u128 * max_bytes.max(1) as u128 / bytes as u128).unwrap_or(rows).max(1);
+    (0..rows).step_by(per).map(|from| batch.slice(from, per.min(rows - from))).collect()
 }
 
 /// `batches` cut into contiguous row ranges of equal row counts, one per parallel
@@ -1244,6 +1274,120 @@ mod tests {
         let table = cold.commit_updates(&table, removal, vec![], "expiring s1").await.expect("expire s1");
         assert!(table.metadata().snapshot_by_id(foreign).is_some());
         assert_eq!(super::snapshot_marking(&table, "s", 1), None, "{s3} only carries s's mark");
+    }
+
+    /// A table another engine created partitioned, then made unpartitioned by dropping its
+    /// partition field (a new spec, id 1, without fields), takes appends: its files are filed
+    /// under spec 1. (They carried spec id 0, which iceberg's own append, used on the memory
+    /// and REST catalogs and for v1/v3 tables, refused; the append failed as `Corrupt` every
+    /// time.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unpartitioned_spec_of_another_id_takes_appends() {
+        use std::collections::HashMap;
+
+        use iceberg::spec::{NestedField, PrimitiveType, Transform, Type, UnboundPartitionSpec};
+        use iceberg::TableCreation;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = crate::IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+        let catalog = cold.catalog();
+        let ns = iceberg::NamespaceIdent::new("u".into());
+        if !catalog.namespace_exists(&ns).await.expect("namespace") {
+            catalog.create_namespace(&ns, HashMap::new()).await.expect("namespace");
+        }
+        let schema = iceberg::spec::Schema::builder()
+            .with_fields(vec![NestedField::required(1, "n", Type::Primitive(PrimitiveType::Long)).into()])
+            .build()
+            .expect("schema");
+        let partitioned =
+            UnboundPartitionSpec::builder().add_partition_field(1, "n", Transform::Identity).expect("field").build();
+        // Format v3: appended through iceberg's own fast append, which checks the spec id
+        // (dotdo's, used for v2 tables on the SQL catalog, files them under the default spec).
+        let creation = TableCreation::builder()
+            .name("re".into())
+            .schema(schema)
+            .partition_spec(partitioned)
+            .format_version(iceberg::spec::FormatVersion::V3)
+            .build();
+        let table = catalog.create_table(&ns, creation).await.expect("created partitioned");
+        let unpartitioned = UnboundPartitionSpec::builder().build();
+        let drop_field = vec![
+            iceberg::TableUpdate::AddSpec { spec: unpartitioned },
+            iceberg::TableUpdate::SetDefaultSpec { spec_id: -1 },
+        ];
+        let table =
+            cold.commit_updates(&table, drop_field, vec![], "dropping the partition field").await.expect("spec");
+        let spec_id = table.metadata().default_partition_spec_id();
+        assert_ne!(spec_id, 0, "the unpartitioned spec is a new one");
+        let user = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let t = cold.arrow_table(&["u"], "re", user.clone()).await.expect("opened");
+        let b = RecordBatch::try_new(user, vec![Arc::new(Int64Array::from(vec![1, 2, 3]))]).expect("batch");
+        let done = t.append("s", 1, vec![b]).await.expect("appended");
+        assert_eq!(done.rows, 3);
+        let rows: usize = t.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum();
+        assert_eq!(rows, 3);
+        let table = t.load().await.expect("load");
+        let head = table.metadata().current_snapshot().expect("head");
+        let list = table.manifest_list_reader(head).load().await.expect("manifest list");
+        let specs: Vec<i32> = list.entries().iter().map(|m| m.partition_spec_id).collect();
+        assert!(!specs.is_empty() && specs.iter().all(|s| *s == spec_id), "manifests of specs {specs:?}");
+    }
+
+    /// A large batch rolls into files of about the target size (the rolling writer starts a
+    /// new file only between batches; the batch was written whole, one file of 8 MiB with a
+    /// 1 MiB target), and row groups keep to `row_group_rows` (parquet's default was 1 Mi).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_batch_rolls_into_files_of_the_target_size_and_row_groups_are_capped() {
+        use arrow_array::{Array, LargeBinaryArray};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = crate::Settings { target_file_size: 1 << 20, row_group_rows: 1000, ..Default::default() };
+        let cold = crate::IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .settings(settings)
+            .build()
+            .await
+            .expect("open");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("n", DataType::Int64, false),
+            Field::new("payload", DataType::LargeBinary, false),
+        ]));
+        let t = cold.arrow_table(&["u"], "wide", schema.clone()).await.expect("table");
+        // 64 rows of 128 KiB that do not compress: 8 MiB.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let payloads = LargeBinaryArray::from_iter_values((0..64).map(|_| {
+            (0..128 << 10)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect::<Vec<u8>>()
+        }));
+        let wide = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(0..64)) as Arc<dyn Array>, Arc::new(payloads)],
+        )
+        .expect("batch");
+        t.append("s", 1, vec![wide]).await.expect("wide append");
+        let table = t.load().await.expect("load");
+        let files = cold.live_files(&table).await.expect("files");
+        assert!(files.len() >= 4, "{} files of 8 MiB with a 1 MiB target", files.len());
+        for f in &files {
+            assert!(f.size <= 3 << 20, "a file of {} bytes with a 1 MiB target", f.size);
+        }
+        // 5,000 narrow rows in one batch: row groups of at most 1,000 rows.
+        let narrow = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let t = cold.arrow_table(&["u"], "narrow", narrow.clone()).await.expect("table");
+        let b = RecordBatch::try_new(narrow, vec![Arc::new(Int64Array::from_iter_values(0..5000))]).expect("batch");
+        t.append("s", 1, vec![b]).await.expect("narrow append");
+        let table = t.load().await.expect("load");
+        let files = cold.live_files(&table).await.expect("files");
+        assert_eq!(files.len(), 1);
+        let bytes = std::fs::read(files[0].path.strip_prefix("file://").unwrap_or(&files[0].path)).expect("file");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+            .expect("parquet");
+        let groups: Vec<i64> = reader.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
+        assert_eq!(groups.iter().sum::<i64>(), 5000);
+        assert!(groups.len() >= 5 && groups.iter().all(|n| *n <= 1000), "row groups {groups:?}");
     }
 
     /// A user table `u.events` of one Int64 column `n` on `cold`, and a maker of one-row batches.
