@@ -294,6 +294,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     buf: Mutex<Buf>,
     log: Option<Mutex<Connection>>,
+    /// The durable log's file, checked before each use of `log`.
+    log_file: Option<crate::log::WatchedFile>,
     /// Held while the durable log is open (`<log>.<kind>.lock`).
     _log_lock: Option<std::fs::File>,
     next_id: Mutex<Option<u64>>,
@@ -375,13 +377,13 @@ impl ArrowPipeline {
         }
         let mut buf = Buf::default();
         let mut next_id = None;
-        let (log, log_lock) = match &settings.durability {
-            Durability::Memory => (None, None),
+        let (log, log_lock, log_file) = match &settings.durability {
+            Durability::Memory => (None, None, None),
             Durability::Durable(path) => {
                 let (lock, resolved) = crate::log::lock_log(path, "arrow")?;
                 let c = Self::open_log(&resolved, stream, &mut buf)?;
                 next_id = Self::next_id_floor(&c, &resolved)?;
-                (Some(Mutex::new(c)), Some(lock))
+                (Some(Mutex::new(c)), Some(lock), Some(crate::log::WatchedFile::new(&resolved)))
             }
         };
         let now = clock.monotonic();
@@ -393,6 +395,7 @@ impl ArrowPipeline {
                 clock,
                 buf: Mutex::new(buf),
                 log,
+                log_file,
                 _log_lock: log_lock,
                 next_id: Mutex::new(next_id),
                 roll_lock: futures::lock::Mutex::new(()),
@@ -550,12 +553,19 @@ impl ArrowPipeline {
         Ok(Some(RefusedBatch { id, batches }))
     }
 
+    /// `Corrupt` once the durable log's file is not the one opened (deleted or replaced: SQLite
+    /// goes on writing to the unlinked file, and what it acknowledges is lost at exit).
+    fn log_file_check(&self, doing: &str) -> Result<()> {
+        self.inner.log_file.as_ref().map_or(Ok(()), |f| f.check(doing))
+    }
+
     /// The claimed batch `id` is done (committed, or taken out): its log rows go (with a durable
     /// `floor` for the next id, for a batch taken out), and the next claim left by an earlier
     /// process becomes the claimed one.
     fn finish_claim(&self, id: u64, floor: Option<u64>) -> Result<()> {
         let inner = &self.inner;
         if let Some(log) = &inner.log {
+            self.log_file_check("ack")?;
             let ack = |c: &mut Connection| -> Result<()> {
                 let tx = c.transaction().map_err(|e| sql(e, "ack"))?;
                 tx.execute("DELETE FROM arrow_log WHERE batch = ?1", params![id]).map_err(|e| sql(e, "ack"))?;
@@ -566,15 +576,35 @@ impl ArrowPipeline {
                     )
                     .map_err(|e| sql(e, "ack"))?;
                 }
-                tx.commit().map_err(|e| sql(e, "ack"))
+                let done = tx.commit();
+                #[cfg(test)]
+                let done = done.and_then(|()| match crate::log::tests::FAIL_ACK_AT_COMMIT.with(|f| f.replace(false)) {
+                    true => Err(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+                        Some("an I/O error after the commit (test)".into()),
+                    )),
+                    false => Ok(()),
+                });
+                done.map_err(|e| crate::log::commit_error(e, "arrow_log ack"))
             };
             let mut c = log.lock();
-            crate::log::retry_busy(|| match floor {
+            let acked = crate::log::retry_busy(|| match floor {
                 // A batch handed to the caller leaves the log for good, also across a power
                 // loss: come back, it could be committed beside the caller's own re-send.
                 Some(_) => crate::log::fully_synced(&mut c, ack),
                 None => ack(&mut c),
-            })?;
+            });
+            match acked {
+                Ok(()) => {}
+                // A batch being handed out whose removal failed with an I/O error at its COMMIT
+                // (which WAL recovery may still apply): handed out all the same (an error here
+                // lost it if the removal applied); if it did not, a reopened pipeline meets the
+                // batch again (refused again, or committed if the sink takes it then).
+                Err(e) if floor.is_some() && e.kind() == &ErrorKind::AmbiguousOutcome => {
+                    tracing::warn!(error = %e, "dotdo arrow pipeline: a refused batch taken out may also stay in the log");
+                }
+                Err(e) => return Err(e),
+            }
         }
         let mut b = inner.buf.lock();
         b.counted = None;
@@ -646,6 +676,7 @@ impl ArrowPipeline {
             )));
         }
         if let (Some(log), Some(ipc)) = (&inner.log, ipc) {
+            self.log_file_check("append")?;
             // An autocommit insert: an I/O error may come from its COMMIT, after which the row
             // may be durable. `AmbiguousOutcome` (a re-send could deliver the batch twice); the
             // next roll then finds the log out of step with what is pending and asks for a
@@ -751,6 +782,7 @@ impl ArrowPipeline {
                         // Before `pending` is taken, so a failed claim leaves everything in place.
                         // The log's unclaimed rows are the pending batches, in the same order.
                         let pending = b.pending.len();
+                        self.log_file_check("claim")?;
                         let mut c = log.lock();
                         crate::log::retry_busy(|| {
                             crate::log::fully_synced(&mut c, |c| {
@@ -878,5 +910,59 @@ impl ArrowPipeline {
             i.rolls.load(Ordering::Relaxed),
             waiting as u64,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema, SchemaRef};
+    use async_trait::async_trait;
+    use dotdo_core::{Error, Result};
+
+    use super::{ArrowPipeline, ArrowSink};
+    use crate::{Durability, PipelineSettings};
+
+    /// A sink that refuses every batch for good.
+    #[derive(Debug)]
+    struct Refusing(SchemaRef);
+
+    #[async_trait]
+    impl ArrowSink for Refusing {
+        fn schema(&self) -> SchemaRef {
+            self.0.clone()
+        }
+        async fn last_batch(&self, _stream: &str) -> Result<u64> {
+            Ok(0)
+        }
+        async fn append(&self, _stream: &str, _id: u64, _batches: Vec<RecordBatch>) -> Result<u64> {
+            Err(Error::invalid("the sink refuses this batch for good (test)"))
+        }
+    }
+
+    /// `take_refused` whose removal of the batch from a durable log fails with an I/O error at
+    /// its COMMIT (which WAL recovery may still apply: here it did) hands the batch out all the
+    /// same: it failed, and the reopened log held it no more, so it was lost.
+    #[tokio::test]
+    async fn a_refused_batch_comes_out_when_its_removal_has_an_unknown_outcome() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let sink = Arc::new(Refusing(schema.clone()));
+        let settings =
+            PipelineSettings { durability: Durability::Durable(dir.path().join("log.db")), ..Default::default() };
+        let p = ArrowPipeline::open("s", sink.clone(), settings.clone()).expect("pipeline");
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2]))]).expect("batch");
+        p.send(batch).expect("send");
+        p.roll().await.expect_err("refused for good");
+        crate::log::tests::FAIL_ACK_AT_COMMIT.with(|f| f.set(true));
+        let taken = p.take_refused().await.expect("handed out").expect("the batch");
+        assert!(!crate::log::tests::FAIL_ACK_AT_COMMIT.with(|f| f.get()), "the fault fired");
+        assert_eq!(taken.batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
+        drop(p);
+        let p = ArrowPipeline::open("s", sink, settings).expect("reopened");
+        assert_eq!(p.counters().3, 0, "the removal applied");
+        assert!(p.take_refused().await.expect("nothing claimed").is_none());
     }
 }

@@ -13,7 +13,12 @@
 //!   spilling) log's SQLite work runs on the calling thread, also inside the async `roll`,
 //!   `close` and `take_refused` (a claim's fully synced commit; a wait of up to a few seconds
 //!   while another connection, such as a backup tool, holds the log's lock): run the pipelines
-//!   on a multi-thread runtime, where one such wait holds up one worker, not every task.
+//!   on a multi-thread runtime, where one such wait holds up one worker, not every task. A log
+//!   file deleted, or replaced by another file, while its pipeline has it open (SQLite does not
+//!   notice that in WAL mode, and went on writing to the unlinked file) makes every later send,
+//!   roll and `take_refused` `Corrupt` naming the file (a send racing the replacement is not
+//!   seen); an I/O error at a log COMMIT is `AmbiguousOutcome`, and the file system reporting
+//!   the file damaged `Corrupt`.
 //! * **Exactly once**: a roll first *claims* events, durably assigning each its per-object
 //!   sequence number; the cold commit records per-object watermarks, so re-committing a claimed
 //!   batch after an unknown outcome (or, with the durable log, after a crash) never duplicates

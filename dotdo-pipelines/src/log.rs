@@ -73,26 +73,60 @@ pub(crate) trait Log: Send + Sync {
     }
 }
 
+/// A disk log's file, watched: in WAL mode SQLite never notices its file deleted or replaced
+/// (a temp-file cleaner, a backup restored over it), and goes on writing to the unlinked file,
+/// whose contents are gone when the process exits: acknowledged sends lost. Every call on the
+/// log checks the file first and is `Corrupt` once it is not the one opened (as dotdo-sqlite's
+/// store is). A replacement between the check and a commit is not seen by that call.
+pub(crate) struct WatchedFile {
+    watch: dotdo_core::sql_schema::FileWatch,
+    path: String,
+}
+
+impl WatchedFile {
+    /// Watch the file now at `path` (right after opening it).
+    pub(crate) fn new(path: &Path) -> Self {
+        WatchedFile { watch: dotdo_core::sql_schema::FileWatch::new(path), path: path.display().to_string() }
+    }
+
+    /// `Corrupt` if the file at the path is no longer the one opened.
+    pub(crate) fn check(&self, doing: &str) -> Result<()> {
+        if self.watch.replaced() {
+            return Err(dotdo_core::sql_schema::replaced_file_error(&format!("pipeline log: {doing}"), &self.path));
+        }
+        Ok(())
+    }
+}
+
 /// A disk log whose errors name its file (an operator needs to know which log is damaged,
-/// full or unreadable; the log's own errors say only what it was doing).
+/// full or unreadable; the log's own errors say only what it was doing), and whose file is
+/// watched ([`WatchedFile`]).
 pub(crate) struct NamedLog<L> {
     inner: L,
     path: String,
+    file: WatchedFile,
 }
 
 impl<L: Log> NamedLog<L> {
     pub(crate) fn new(inner: L, path: &Path) -> Self {
-        NamedLog { inner, path: path.display().to_string() }
+        NamedLog { inner, path: path.display().to_string(), file: WatchedFile::new(path) }
     }
 
-    fn named<T>(&self, out: Result<T>) -> Result<T> {
-        out.map_err(|e| if e.to_string().contains(&self.path) { e } else { e.context(&self.path) })
+    /// `f` on the log, once its file is found to be the one opened; errors name the file.
+    fn named<T>(&self, doing: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.file.check(doing).and_then(|()| f()).map_err(|e| {
+            if e.to_string().contains(&self.path) {
+                e
+            } else {
+                e.context(&self.path)
+            }
+        })
     }
 }
 
 impl<L: Log> Log for NamedLog<L> {
     fn append(&self, rows: Vec<Row>) -> Result<()> {
-        self.named(self.inner.append(rows))
+        self.named("append", || self.inner.append(rows))
     }
     fn depth(&self) -> (usize, usize) {
         self.inner.depth()
@@ -101,10 +135,10 @@ impl<L: Log> Log for NamedLog<L> {
         self.inner.oldest()
     }
     fn claimed(&self, token: FencingToken) -> Result<Option<Claimed>> {
-        self.named(self.inner.claimed(token))
+        self.named("reading claimed batch", || self.inner.claimed(token))
     }
     fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>> {
-        self.named(self.inner.next_objects(max))
+        self.named("peeking", || self.inner.next_objects(max))
     }
     fn claim(
         &self,
@@ -113,22 +147,22 @@ impl<L: Log> Log for NamedLog<L> {
         token: FencingToken,
         next_seq: NextSeq<'_>,
     ) -> Result<Option<Claimed>> {
-        self.named(self.inner.claim(max, max_bytes, token, next_seq))
+        self.named("claim", || self.inner.claim(max, max_bytes, token, next_seq))
     }
     fn ack(&self, id: u64) -> Result<()> {
-        self.named(self.inner.ack(id))
+        self.named("ack", || self.inner.ack(id))
     }
     fn take_stuck(&self, max: usize, max_bytes: usize, stuck: Stuck<'_>) -> Result<Vec<Row>> {
-        self.named(self.inner.take_stuck(max, max_bytes, stuck))
+        self.named("taking out events", || self.inner.take_stuck(max, max_bytes, stuck))
     }
     fn ack_durably(&self, id: u64) -> Result<()> {
-        self.named(self.inner.ack_durably(id))
+        self.named("ack", || self.inner.ack_durably(id))
     }
     fn spilled(&self) -> usize {
         self.inner.spilled()
     }
     fn routes(&self) -> Result<Vec<String>> {
-        self.named(self.inner.routes())
+        self.named("listing routes", || self.inner.routes())
     }
 }
 
@@ -327,19 +361,36 @@ pub(crate) fn retry_busy<T>(mut step: impl FnMut() -> Result<T>) -> Result<T> {
     }
 }
 
-/// Whether `e` is a log statement refused with `SQLITE_BUSY` or `SQLITE_LOCKED`.
+/// Whether `e` is a log statement refused with `SQLITE_BUSY`, `SQLITE_LOCKED` or
+/// `SQLITE_PROTOCOL` (a race for the WAL's locks, as dotdo-sqlite treats it: busy).
 fn is_busy(e: &Error) -> bool {
     use std::error::Error as _;
     e.source().and_then(|s| s.downcast_ref::<rusqlite::Error>()).is_some_and(|s| {
-        matches!(s.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+        matches!(
+            s.sqlite_error_code(),
+            Some(
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::FileLockingProtocolFailed
+            )
+        )
     })
 }
+
+/// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the log file.
+const SQLITE_IOERR_CORRUPTFS: i32 = rusqlite::ffi::SQLITE_IOERR | (33 << 8);
 
 /// A pipeline log's SQLite error as a dotdo error: busy, locked, full or I/O failures are a
 /// retryable `Unavailable`, a damaged file `Corrupt`, the rest `Backend`.
 pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
     use rusqlite::ErrorCode::*;
     let code = match &e {
+        // The file system reported damage under the file (an I/O error by its primary code):
+        // `Corrupt`, as in dotdo-sqlite, not an outage to wait out.
+        rusqlite::Error::SqliteFailure(f, _) if f.extended_code == SQLITE_IOERR_CORRUPTFS => {
+            return Error::corrupt(format!("pipeline log: {doing}: the file system reports the file damaged: {e}"))
+                .with_source(e)
+        }
         rusqlite::Error::SqliteFailure(f, _) => Some(f.code),
         // A stored value that does not fit the log's schema (an invalid object id, text where a
         // number belongs): the file was damaged or written by something else.
@@ -354,7 +405,7 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
     let err = match code {
         // (SQLite's own text in the message: a disk-full log shows in a host's log line, which
         // prints the message, not the source.)
-        Some(DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure) => {
+        Some(DatabaseBusy | DatabaseLocked | FileLockingProtocolFailed | DiskFull | SystemIoFailure) => {
             Error::unavailable(format!("pipeline log: {doing}: {e}"))
         }
         // The file cannot be opened or written at all (a missing directory, permissions, a
@@ -376,14 +427,20 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
 /// caller retrying the send would have the events delivered twice. Other failures as [`sql`].
 pub(crate) fn commit_error(e: rusqlite::Error, doing: &str) -> Error {
     match &e {
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::SystemIoFailure => Error::new(
-            dotdo_core::ErrorKind::AmbiguousOutcome,
-            format!(
-                "pipeline log: {doing}: COMMIT failed with an I/O error, so the events may be in the log \
-                 (delivered once) or not; sending them again may deliver them twice"
-            ),
-        )
-        .with_source(e),
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::SystemIoFailure && f.extended_code != SQLITE_IOERR_CORRUPTFS =>
+        {
+            // (Of a send: the events may be in the log, delivered once, or not.)
+            let resend = if doing.starts_with("append") { "; sending them again may deliver them twice" } else { "" };
+            Error::new(
+                dotdo_core::ErrorKind::AmbiguousOutcome,
+                format!(
+                    "pipeline log: {doing}: COMMIT failed with an I/O error, so its changes may be in the log (WAL \
+                     recovery applies them) or not{resend}"
+                ),
+            )
+            .with_source(e)
+        }
         _ => sql(e, doing),
     }
 }
@@ -907,7 +964,26 @@ impl SqliteLog {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(|e| sql(e, "ack"))?;
-        conn.execute("DELETE FROM pipeline_log WHERE batch = ?1", [id]).map_err(|e| sql(e, "ack"))?;
+        // An autocommit delete: an I/O error may come from its COMMIT, after which WAL recovery
+        // may still apply it (`AmbiguousOutcome`; counted as the log says then).
+        let deleted = conn.execute("DELETE FROM pipeline_log WHERE batch = ?1", [id]);
+        #[cfg(test)]
+        let deleted = deleted.and_then(|n| match tests::FAIL_ACK_AT_COMMIT.with(|f| f.replace(false)) {
+            true => Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+                Some("an I/O error after the delete (test)".into()),
+            )),
+            false => Ok(n),
+        });
+        if let Err(e) = deleted {
+            let err = commit_error(e, "ack");
+            if err.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome {
+                if let Ok(depth) = Self::rows_in(conn) {
+                    self.depth.set(depth);
+                }
+            }
+            return Err(err);
+        }
         let (n, b) = (usize::try_from(n).unwrap_or(0), usize::try_from(b).unwrap_or(0));
         self.depth.sub(n, b);
         Ok(())
@@ -1034,8 +1110,62 @@ impl Log for SpillLog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Fail the next ack on this thread with an I/O error after its delete (as a COMMIT
+        /// whose sync failed, which WAL recovery may still apply).
+        pub(crate) static FAIL_ACK_AT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// SQLite errors the log meets: a file system reporting the file damaged is `Corrupt` (also
+    /// at a COMMIT: not an unknown outcome to wait out), a race for the WAL's locks
+    /// (`SQLITE_PROTOCOL`) a busy file, retried.
+    #[test]
+    fn damaged_file_systems_are_corrupt_and_wal_lock_races_are_busy() {
+        let failure = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        let e = sql(failure(SQLITE_IOERR_CORRUPTFS), "append");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        assert!(!e.is_retryable(), "{e}");
+        let e = commit_error(failure(SQLITE_IOERR_CORRUPTFS), "append commit");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        let e = sql(failure(rusqlite::ffi::SQLITE_PROTOCOL), "append");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable(), "{e}");
+        let mut tries = 0;
+        let r = retry_busy(|| {
+            tries += 1;
+            match tries {
+                1 => Err(sql(failure(rusqlite::ffi::SQLITE_PROTOCOL), "append")),
+                _ => Ok(tries),
+            }
+        });
+        assert_eq!(r.expect("retried"), 2);
+    }
+
+    /// An ack whose delete fails with an I/O error at its COMMIT is an unknown outcome (WAL
+    /// recovery may still apply it), counted as the log says; it was a retryable `Unavailable`
+    /// and the depth stayed as before.
+    #[test]
+    fn an_ack_io_error_at_commit_is_an_unknown_outcome() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let log = SqliteLog::open(&path).expect("open");
+        log.conn
+            .lock()
+            .execute_batch(
+                "INSERT INTO pipeline_log (route, do_id, type, key, value, ts, batch, seq) \
+                 VALUES ('', 'o', 'T', 'k', x'00', 0, 1, 1);",
+            )
+            .expect("insert");
+        log.depth.set(SqliteLog::rows_in(&log.conn.lock()).expect("rows"));
+        assert_eq!(log.depth().0, 1);
+        FAIL_ACK_AT_COMMIT.with(|f| f.set(true));
+        let e = log.ack_durably(1).expect_err("the I/O error");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::AmbiguousOutcome, "{e}");
+        assert_eq!(log.depth(), (0, 0), "counted as the log says: the delete applied");
+    }
 
     /// A log's connection runs in WAL mode and syncs checkpoints fully, and a claim's commit
     /// (`synchronous=FULL`) fully too (on macOS a plain fsync leaves data in the drive's cache);

@@ -781,7 +781,8 @@ impl Pipeline {
     /// out instead, at most [`roll_rows`](crate::PipelineSettings::roll_rows) of them and about
     /// [`roll_bytes`](crate::PipelineSettings::roll_bytes) (call again for more); else an empty
     /// list. (A durable log whose deletion of them fails with an I/O error at its COMMIT hands
-    /// them out all the same: a later call may hand the same events out again, never none.) The taken-out events are the caller's
+    /// them out all the same, refused ones too: a later call may hand the same events out again,
+    /// or a later roll commit them if the sink takes them then, never none.) The taken-out events are the caller's
     /// (store them, fix them, send them again: they get new sequence numbers then, and pass the
     /// transform again: they are returned as the transform made them). Waits for a roll in
     /// progress; then `roll` (the background loop keeps its backoff from the failed rolls).
@@ -825,8 +826,17 @@ impl Pipeline {
             inner.counters.replayed.fetch_add(replayed, Ordering::Relaxed);
         }
         // Gone for good, also across a power loss: come back, the events could land beside the
-        // caller's own re-send.
-        inner.log.ack_durably(claimed.id)?;
+        // caller's own re-send. A delete whose COMMIT failed with an I/O error may still be
+        // applied (by WAL recovery at the next open): the events are handed out all the same, as
+        // `take_exhausted`'s are (an error here lost them if it was). If it was not applied, a
+        // later call hands them out again.
+        match inner.log.ack_durably(claimed.id) {
+            Ok(()) => {}
+            Err(e) if e.kind() == &ErrorKind::AmbiguousOutcome => {
+                tracing::warn!(error = %e, "dotdo pipeline: refused events taken out may also stay in the log");
+            }
+            Err(e) => return Err(e),
+        }
         *inner.own_claim.lock() = None;
         // The taken-out events' sequence numbers never landed: every counter is learned again
         // from the sinks, so that the next events of those objects follow their watermarks.
@@ -878,5 +888,71 @@ impl Pipeline {
     /// with a warning logged, if a durable log cannot be read just now.
     pub fn oldest_pending(&self) -> Option<Timestamp> {
         self.inner.log.oldest()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use dotdo_core::{
+        AsOf, ChangeRecord, ColdBatch, ColdCommit, ColdSink, ColdState, Error, MemoryColdStore, ObjectId, Result, Seq,
+        SnapshotInfo, Timestamp, Watermark,
+    };
+
+    use crate::{Durability, Event, Pipeline, PipelineSettings};
+
+    /// A memory sink that refuses every batch for good while `refusing`.
+    #[derive(Default, Debug)]
+    struct Refusing {
+        inner: MemoryColdStore,
+        refusing: AtomicBool,
+    }
+
+    #[async_trait]
+    impl ColdSink for Refusing {
+        async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+            if self.refusing.load(Ordering::SeqCst) {
+                return Err(Error::invalid("the sink refuses this batch for good (test)"));
+            }
+            self.inner.append(batch).await
+        }
+        async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+            self.inner.watermark(object).await
+        }
+        async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+            self.inner.snapshots().await
+        }
+        async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+            self.inner.load_state(object, as_of).await
+        }
+        async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+            self.inner.read_changes(object, after, as_of).await
+        }
+    }
+
+    /// `take_refused` whose removal of the events from a durable log fails with an I/O error at
+    /// its COMMIT (which WAL recovery may still apply: here it did) hands the events out all the
+    /// same: it failed, and the reopened log held them no more, so they were lost.
+    #[tokio::test]
+    async fn refused_events_come_out_when_their_removal_has_an_unknown_outcome() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let sink = Arc::new(Refusing::default());
+        let settings = PipelineSettings { durability: Durability::Durable(path.clone()), ..Default::default() };
+        let p = Pipeline::builder(sink.clone()).with_settings(settings.clone()).build().expect("pipeline");
+        sink.refusing.store(true, Ordering::SeqCst);
+        let o = ObjectId::new("o").expect("id");
+        p.send([Event::new(o.clone(), "T", "k", "v", Timestamp::from_micros(1))]).expect("send");
+        p.roll().await.expect_err("refused for good");
+        crate::log::tests::FAIL_ACK_AT_COMMIT.with(|f| f.set(true));
+        let taken = p.take_refused().await.expect("handed out");
+        assert!(!crate::log::tests::FAIL_ACK_AT_COMMIT.with(|f| f.get()), "the fault fired");
+        assert_eq!(taken.iter().map(|(_, e)| e.key.as_str()).collect::<Vec<_>>(), ["k"]);
+        drop(p);
+        let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("reopened");
+        assert_eq!(p.metrics().buffer_depth, 0, "the removal applied");
     }
 }

@@ -1349,3 +1349,30 @@ async fn sends_of_one_row_slices_are_logged_small(
     p.roll().await.expect("roll");
     assert_eq!(sink.rows.load(Ordering::SeqCst), 20, "every row delivered once");
 }
+
+/// An Arrow pipeline's durable log file deleted or replaced while open: sends and rolls are
+/// `Corrupt` naming the file (they were acknowledged into the unlinked file, and lost at exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_log_deleted_or_replaced_while_open_is_corrupt() {
+    for replace in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = table(dir.path()).await;
+        let path = dir.path().join("arrow-log.db");
+        let settings = PipelineSettings { durability: Durability::Durable(path.clone()), ..Default::default() };
+        let p = ArrowPipeline::open("orders", Arc::new(t.clone()), settings).expect("pipeline");
+        p.send(batch(0, 3)).expect("send");
+        if replace {
+            let other = dir.path().join("other.db");
+            std::fs::copy(&path, &other).expect("copy");
+            std::fs::rename(&other, &path).expect("replace");
+        } else {
+            std::fs::remove_file(&path).expect("delete");
+        }
+        let e = p.send(batch(3, 3)).expect_err("the file is gone");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "replace {replace}: {e}");
+        assert!(e.to_string().contains("arrow-log.db"), "names the file: {e}");
+        let e = p.roll().await.expect_err("the file is gone");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "replace {replace}: {e}");
+        assert!(ids(&t).await.is_empty(), "nothing committed from a log that is gone");
+    }
+}

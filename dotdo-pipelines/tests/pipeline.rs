@@ -1521,3 +1521,30 @@ async fn events_of_an_object_out_of_sequence_numbers_are_taken_out() {
         p.roll().await.expect("nothing waits");
     }
 }
+
+/// A durable log file deleted, or replaced by another file (a temp-file cleaner, a backup
+/// restored over it), while the pipeline has it open: sends and rolls are `Corrupt` naming the
+/// file. (SQLite went on writing to the unlinked file: sends were acknowledged, and lost when
+/// the process ended.)
+#[tokio::test]
+async fn a_durable_log_deleted_or_replaced_while_open_is_corrupt() {
+    for replace in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.db");
+        let settings = PipelineSettings { durability: Durability::Durable(path.clone()), ..Default::default() };
+        let p = Pipeline::builder(Flaky::new()).with_settings(settings).build().expect("pipeline");
+        p.send(vec![ev("o", "k0", "a")]).expect("send");
+        if replace {
+            let other = dir.path().join("other.db");
+            std::fs::copy(&path, &other).expect("copy");
+            std::fs::rename(&other, &path).expect("replace");
+        } else {
+            std::fs::remove_file(&path).expect("delete");
+        }
+        let e = p.send(vec![ev("o", "k1", "b")]).expect_err("the file is gone");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "replace {replace}: {e}");
+        assert!(e.to_string().contains(&path.display().to_string()), "names the file: {e}");
+        let e = p.roll().await.expect_err("the file is gone");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "replace {replace}: {e}");
+    }
+}
