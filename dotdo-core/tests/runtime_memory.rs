@@ -2587,6 +2587,9 @@ struct ExpiringCold {
     all_expired: std::sync::atomic::AtomicBool,
     /// `snapshots` answers without the newest snapshot left (a catalog replica lagging behind).
     lagging_snapshots: std::sync::atomic::AtomicBool,
+    /// The next lookup first commits this batch (another object's flush) and expires the
+    /// snapshot it was asked at (maintenance between an activation's pin and its preload).
+    moved_before_lookup: parking_lot::Mutex<Option<ColdBatch>>,
 }
 
 impl ExpiringCold {
@@ -2596,6 +2599,7 @@ impl ExpiringCold {
             expired: Default::default(),
             all_expired: Default::default(),
             lagging_snapshots: Default::default(),
+            moved_before_lookup: Default::default(),
         }
     }
 
@@ -2640,6 +2644,13 @@ impl ColdSink for ExpiringCold {
 #[async_trait::async_trait]
 impl dotdo_core::IndexAccelerator for ExpiringCold {
     async fn lookup(&self, object: &ObjectId, key: &str, as_of: AsOf) -> Result<dotdo_core::Lookup> {
+        let moved = self.moved_before_lookup.lock().take();
+        if let Some(batch) = moved {
+            self.inner.append(batch).await?;
+            if let AsOf::Snapshot(id) = as_of {
+                self.expired.lock().insert(id);
+            }
+        }
         self.check(as_of)?;
         self.inner.lookup(object, key, as_of).await
     }
@@ -2752,6 +2763,48 @@ async fn a_prefetch_after_the_expiry_of_a_lazy_snapshot_repins() {
     b.prefetch(&o, &["key/0001".into()], &["key/001".into()]).await.expect("prefetch after expiry");
     assert_eq!(b.metrics().preloaded_keys, 11, "key/0001 and key/0010..=key/0019");
     assert_eq!(get(&b, &o, "key/0015").await.expect("preloaded").as_deref(), Some(&b"value-15"[..]));
+}
+
+/// A hybrid activation whose pinned snapshot expires before its preload reads it re-pins, and
+/// its activation metrics name the snapshot reads are served at (they named the expired one).
+#[tokio::test]
+async fn a_hybrid_activation_reports_the_snapshot_its_preload_repinned_to() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let (o, p) = (oid("o"), oid("p"));
+    populate(&a, &o, 5).await;
+    a.evict(&o).await.expect("evict");
+    a.shutdown().await.expect("shutdown");
+    let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
+    let restore = RestoreMode::Hybrid { keys: vec!["key/0001".into()], prefixes: vec![] };
+    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(cold.clone())
+        .with_accelerator(cold.clone())
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(RuntimeSettings { restore, ..settings() })
+        .build()
+        .expect("build runtime");
+    let first = w.cold.snapshots().await.expect("snapshots").last().map(|s| s.id).expect("a snapshot");
+    let other = dotdo_core::ChangeRecord {
+        object: p.clone(),
+        seq: 1,
+        token: FencingToken::new(1),
+        type_name: "T".into(),
+        key: "k".into(),
+        op: dotdo_core::Op::Put,
+        value: Bytes::from("v"),
+        timestamp: Timestamp::from_micros(1),
+    };
+    *cold.moved_before_lookup.lock() = Some(ColdBatch::single(p.clone(), FencingToken::new(1), vec![other]));
+    assert_eq!(get(&b, &o, "key/0001").await.expect("preloaded").as_deref(), Some(&b"value-1"[..]));
+    assert!(cold.moved_before_lookup.lock().is_none(), "the preload's lookup moved the table on");
+    let newest = w.cold.snapshots().await.expect("snapshots").last().map(|s| s.id).expect("a snapshot");
+    assert_ne!(newest, first);
+    let m = b.metrics().recent_activations.back().cloned().expect("an activation");
+    assert_eq!(m.recovery, Recovery::Hybrid);
+    assert_eq!(m.snapshot, Some(newest), "the snapshot reads are served at, not the expired {first}");
 }
 
 /// How runtime "b" of [`lazily_read_then_cold_moves_on`] reads cold storage.

@@ -12,7 +12,8 @@ use crate::ids::ObjectId;
 pub enum Recovery {
     /// The hot store had the state (the common case).
     Hot,
-    /// Hot state was missing; all of it was restored from cold before the handler ran.
+    /// Hot state was missing (or behind cold storage's, in any restore mode); all of it was
+    /// restored from cold before the handler ran.
     Eager,
     /// Hot state was missing; keys are read from cold on demand until the restore completes.
     Lazy,

@@ -1317,16 +1317,23 @@ impl ObjectRuntime {
                 } else {
                     Recovery::Lazy
                 };
+                // The snapshot reads are served at: a preload may have re-pinned a newer one
+                // (the first was expired meanwhile).
+                let pinned = lazy.snapshot;
                 active.lazy = Some(lazy);
                 inner.metrics.lock().lazy_restores += 1;
-                Ok((recovery, keys, bytes, snapshot))
+                Ok((recovery, keys, bytes, pinned))
             }
         }
     }
 
     /// Prefetch hook: activate `object` ahead of a predicted call (take the lease, recover its
     /// state per the restore mode, preload `keys` and `prefixes` into the lazy cache).
-    /// `Shutdown` once [`shutdown`](Self::shutdown) has begun.
+    /// `Shutdown` once [`shutdown`](Self::shutdown) has begun. The object stays active, its
+    /// lease held, until a call, [`maintain`](Self::maintain) or eviction lets it go, whatever
+    /// [`keep_warm`](RuntimeSettings::keep_warm) says (0 included: a prefetch that handed its
+    /// lease back at once would prefetch nothing); another node's call meanwhile finds the
+    /// object held.
     pub async fn prefetch(&self, object: &ObjectId, keys: &[String], prefixes: &[String]) -> Result<()> {
         for k in keys {
             crate::ids::validate_key(k)?;
