@@ -68,7 +68,14 @@
 //!   Remote calls are truly asynchronous (and need a tokio runtime, as libsql's HTTP client does).
 //! * Connections are kept and reused (one write connection, a small pool of read connections;
 //!   each remote one keeps its own keep-alive HTTP connection, as libsql builds an HTTP client
-//!   per connection: a connection replaced after an error costs a new TLS handshake).
+//!   per connection: a connection replaced after an error costs a new TLS handshake). Writes
+//!   reuse it always. Reads may not: sqld streams a read's answer (chunked) and libsql 0.10's
+//!   client stops reading at the statement's end, before the answer's final chunk when that
+//!   arrives a moment later; hyper then closes the HTTP connection, and the next read opens
+//!   another (TCP, and TLS for `https://`). With a test server streaming as sqld does, the
+//!   final chunk 5 ms after the entries, ten reads opened ten connections (one when the answer
+//!   has a known length). dotdo cannot read past the end libsql gives it; a fix belongs in
+//!   libsql (reading the cursor's answer to its end).
 //! * Transient failures (busy database, unreachable or overloaded primary) are retried a bounded
 //!   number of times with doubling, jittered backoff (real time, whatever clock is injected), then reported as a retryable
 //!   `Unavailable`. A mutating call whose request may have reached the primary before the

@@ -42,6 +42,8 @@ struct State {
     max_response: AtomicU64,
     /// Requests refused with `RESPONSE_TOO_LARGE`.
     too_large: AtomicUsize,
+    /// TCP connections accepted.
+    connections: AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -77,6 +79,7 @@ impl HranaServer {
             unknown_batons: AtomicBool::new(false),
             max_response: AtomicU64::new(SQLD_MAX_RESPONSE_SIZE),
             too_large: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
         let s = state.clone();
@@ -86,6 +89,7 @@ impl HranaServer {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
+                s.connections.fetch_add(1, Ordering::SeqCst);
                 let s = s.clone();
                 std::thread::spawn(move || serve(conn, &s));
             }
@@ -145,6 +149,12 @@ impl HranaServer {
     #[allow(dead_code)] // used by the remote tests only, not by every test binary
     pub fn refused_as_too_large(&self) -> usize {
         self.state.too_large.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    #[allow(dead_code)] // used by the remote tests only, not by every test binary
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// Pipeline requests (HTTP round trips) served so far.
@@ -246,7 +256,12 @@ fn serve(stream: TcpStream, state: &State) {
         } else {
             state.requests.fetch_add(1, Ordering::SeqCst);
             match serde_json::from_slice::<PipelineReqBody>(&body) {
-                Ok(req) => ("200 OK", serde_json::to_string(&pipeline(state, req)).expect("json")),
+                // A baton that names no stream (expired) is refused before anything runs, as
+                // sqld does: HTTP 400 with the error (`STREAM_EXPIRED`) as the body.
+                Ok(req) => match pipeline(state, req) {
+                    Ok(resp) => ("200 OK", serde_json::to_string(&resp).expect("json")),
+                    Err(e) => ("400 Bad Request", serde_json::to_string(&e).expect("json")),
+                },
                 Err(e) => ("400 Bad Request", format!("{{\"error\":{:?}}}", e.to_string())),
             }
         };
@@ -273,12 +288,10 @@ fn serve(stream: TcpStream, state: &State) {
 /// The connection of the stream named by `baton` (a new one if none).
 fn stream_conn(state: &State, baton: &Option<String>) -> Result<libsql::Connection, HError> {
     match baton {
-        Some(b) => state
-            .streams
-            .lock()
-            .expect("streams")
-            .remove(b)
-            .ok_or_else(|| HError { message: format!("stream {b} not found"), code: "STREAM_EXPIRED".into() }),
+        Some(b) => state.streams.lock().expect("streams").remove(b).ok_or_else(|| HError {
+            message: "The stream has expired due to inactivity".into(),
+            code: "STREAM_EXPIRED".into(),
+        }),
         None => {
             let c = state.db.connect().expect("connect");
             c.busy_timeout(Duration::from_secs(2)).expect("busy timeout");
@@ -344,17 +357,8 @@ fn describe(conn: &libsql::Connection, sql: &str) -> Result<DescribeResult, HErr
     Ok(DescribeResult { params, cols, is_explain: false, is_readonly: false })
 }
 
-fn pipeline(state: &State, req: PipelineReqBody) -> PipelineRespBody {
-    let conn = match stream_conn(state, &req.baton) {
-        Ok(c) => c,
-        Err(error) => {
-            return PipelineRespBody {
-                baton: None,
-                base_url: None,
-                results: req.requests.iter().map(|_| StreamResult::Error { error: error.clone() }).collect(),
-            };
-        }
-    };
+fn pipeline(state: &State, req: PipelineReqBody) -> Result<PipelineRespBody, HError> {
+    let conn = stream_conn(state, &req.baton)?;
     let mut closed = false;
     let mut results = Vec::new();
     for r in req.requests {
@@ -425,7 +429,7 @@ fn pipeline(state: &State, req: PipelineReqBody) -> PipelineRespBody {
     } else {
         Some(keep(state, conn))
     };
-    PipelineRespBody { baton, base_url: None, results }
+    Ok(PipelineRespBody { baton, base_url: None, results })
 }
 
 fn cond(c: &BatchCond, r: &BatchResult, conn: &libsql::Connection) -> bool {
