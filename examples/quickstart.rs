@@ -255,7 +255,7 @@ async fn main() -> Result<()> {
     let t = env.timed();
     let all = eager_node.invoke(&carts[1], async |t: &mut ObjectTxn<'_>| t.list(KeyRange::all()).await).await?;
     println!("   eager restore of {} keys on node-eager  {}", all.len(), ms(t.elapsed()));
-    // Every key, value and sequence number as before the eviction.
+    // Every key and value as before the eviction.
     assert_eq!(all, before, "the restored state must equal the state before eviction");
     println!("   restored state equals the state before eviction ({} keys)", before.len());
     if let (Some(a), Some(b)) = (act, eager_node.metrics().recent_activations.back()) {
