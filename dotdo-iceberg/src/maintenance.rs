@@ -54,7 +54,9 @@ pub struct CleanupReport {
 
 impl IcebergColdStore {
     /// Expire snapshots committed more than `older_than` ago (by the store's clock), always
-    /// keeping the newest `retain_last` (at least 1) snapshots. Deletes no files: run
+    /// keeping the newest `retain_last` (at least 1) snapshots, and the one that was current
+    /// `older_than` ago: reads as of any time in that window stay answered (a snapshot is
+    /// expired once a newer one is itself older than `older_than`). Deletes no files: run
     /// [`remove_unreferenced_files`](Self::remove_unreferenced_files) afterwards.
     ///
     /// Watermarks survive expiry: each dotdo snapshot's summary holds all of them, and the chain
@@ -150,6 +152,15 @@ impl IcebergColdStore {
             // A snapshot's age is that of its chain's latest commit (the time reads go by): one
             // another engine stamped before its parent is as young as that parent.
             let committed = summary::effective_committed_at(table.metadata());
+            // The head's ancestors down to the one that was current at the cutoff stay: a read as
+            // of any time inside the window (after the cutoff, before the next snapshot) is
+            // answered by that one (expired, such reads were `NotFound`).
+            for s in crate::store::ancestors(&table.metadata_ref(), head).map_err(|e| e.context(what.clone()))? {
+                keep.insert(s.snapshot_id());
+                if committed(&s) <= cutoff {
+                    break;
+                }
+            }
             // Every snapshot that stays (kept, or younger than the cutoff) keeps the chain down to
             // its nearest dotdo snapshot: a read as of it needs that snapshot's watermarks.
             let mut staying: Vec<i64> = table
@@ -213,6 +224,11 @@ impl IcebergColdStore {
             } else {
                 // Other catalogs take iceberg's action (iceberg-rust 0.10.1 sends no other commit
                 // through them): the refs' own retention settings apply on top of this plan.
+                // Committed through a view pinned to the planned table: iceberg's commit reloads
+                // the table and applies the action to whatever it finds (this plan's ids on a
+                // table another engine moved, unchecked); pinned, a moved table is a conflict
+                // and the next attempt plans afresh.
+                let pinned = self.pinned(&table);
                 let tx = Transaction::new(&table);
                 let tx = tx
                     .expire_snapshots()
@@ -221,7 +237,7 @@ impl IcebergColdStore {
                     .retain_last(1)
                     .apply(tx)
                     .map_err(|e| classify(e, &what))?;
-                crate::error::iceberg_panic_is_corrupt(&table, tx.commit(&*self.inner.catalog))
+                crate::error::iceberg_panic_is_corrupt(&table, tx.commit(&pinned))
                     .await
                     .map(|_| ())
                     .map_err(|e| classify(e, &what))

@@ -743,6 +743,28 @@ pub struct LossyCatalog {
     /// The next commit after that is refused as a conflict, and every `load_table` fails from
     /// then on (`fail_loads`).
     pub conflict_then_fail_loads: std::sync::atomic::AtomicBool,
+    /// `(loads, snapshot)`: after letting `loads` more `load_table` calls through, at the next
+    /// one or at the next commit, whichever comes first, another engine rolls the table's main
+    /// branch back to `snapshot` and appends on it (an empty snapshot): a table that moved, in
+    /// a way a plan made before cannot survive, since its caller loaded it.
+    pub rollback_then_append: parking_lot::Mutex<Option<(u32, i64)>>,
+}
+
+impl LossyCatalog {
+    /// Another engine's rollback of `ident`'s main branch to `snapshot`, then its append.
+    async fn roll_back_and_append(&self, ident: &iceberg::TableIdent, snapshot: i64) -> iceberg::Result<()> {
+        use iceberg::transaction::{ApplyTransactionAction, Transaction};
+        let table = self.inner.load_table(ident).await?;
+        edit_metadata(table.metadata_location().expect("a metadata file"), |json| {
+            json["current-snapshot-id"] = serde_json::json!(snapshot);
+            json["refs"]["main"]["snapshot-id"] = serde_json::json!(snapshot);
+        });
+        let table = self.inner.load_table(ident).await?;
+        let props = std::collections::HashMap::from([("engine".to_string(), "another".to_string())]);
+        let tx = Transaction::new(&table);
+        let tx = tx.fast_append().set_snapshot_properties(props).apply(tx)?;
+        tx.commit(&*self.inner).await.map(|_| ())
+    }
 }
 
 #[async_trait::async_trait]
@@ -798,6 +820,24 @@ impl iceberg::Catalog for LossyCatalog {
                 .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
                 .with_retryable(true));
         }
+        let rollback = {
+            let mut r = self.rollback_then_append.lock();
+            match r.as_mut() {
+                Some((0, snapshot)) => {
+                    let snapshot = *snapshot;
+                    *r = None;
+                    Some(snapshot)
+                }
+                Some((loads, _)) => {
+                    *loads -= 1;
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(snapshot) = rollback {
+            self.roll_back_and_append(t, snapshot).await?;
+        }
         let held = self.hold_next_load.lock().take();
         let table = self.inner.load_table(t).await?;
         if let Some(release) = held {
@@ -836,6 +876,10 @@ impl iceberg::Catalog for LossyCatalog {
             return Err(reset());
         }
         let armed = self.switch.take_armed();
+        let rollback = self.rollback_then_append.lock().take();
+        if let Some((_, snapshot)) = rollback {
+            self.roll_back_and_append(c.identifier(), snapshot).await?;
+        }
         if self.reset_next_update.swap(false, Ordering::SeqCst) {
             return Err(reset());
         }
@@ -961,6 +1005,7 @@ fn lossy_catalog(
                 load_held: Default::default(),
                 reset_next_update: Default::default(),
                 conflict_then_fail_loads: Default::default(),
+                rollback_then_append: Default::default(),
             });
             *slot.lock() = Some(c.clone());
             Ok(c as Arc<dyn iceberg::Catalog>)
