@@ -66,14 +66,16 @@ pub fn validate_ttl(ttl: Duration) -> Result<()> {
 ///   otherwise it fails with `LeaseHeld { holder, expires_at }` — also when the caller itself holds
 ///   it (a holder extends with `refresh`; re-acquiring would fence its own writes).
 /// * **Refresh** extends an unexpired lease whose token is still current and held by
-///   `lease.holder` to `now + ttl`; otherwise `Fenced` if a newer token exists, else `LeaseLost`
-///   (also for an object never leased). A holder should refresh at
-///   about TTL/3 and stop writing by itself when a refresh cannot succeed before expiry.
+///   `lease.holder` to `now + ttl`; otherwise `Fenced` if a newer lease token exists, else
+///   `LeaseLost` (also for an object never leased). A holder should refresh at about TTL/3 and
+///   stop writing by itself when a refresh cannot succeed before expiry.
 /// * **Release** ends the lease if its token is still current (the object is available at once,
 ///   for every node whatever its clock: also a lease the releaser's clock sees run out);
 ///   releasing a lease that is no longer current is a no-op `Ok`. The token maximum is kept.
 /// * **Validate** is `Ok` iff the token is current, held by `lease.holder` and unexpired;
-///   `Fenced` if a newer token exists, else `LeaseLost` (also for an object never leased).
+///   `Fenced` if a newer lease token exists, else `LeaseLost` (also for an object never leased).
+///   Only leases count here: a write a co-located store accepted under a higher token (which
+///   fences every write under this lease's) leaves refresh and validate `Ok`.
 /// * A lease passed to refresh, release or validate is its object, holder and token: its
 ///   `acquired_at` and `expires_at` are not compared with the stored lease's (a refresh whose
 ///   reply was lost is sent again with the lease from before it, whose expiry is older), and

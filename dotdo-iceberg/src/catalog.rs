@@ -605,13 +605,28 @@ pub(crate) struct PinnedCatalog<'a> {
     /// Whether a commit reached the catalog (its `update_table`, or the SQL pointer swap): an
     /// error before that (writing manifests or the metadata file) is one of a commit not sent.
     sent: std::sync::atomic::AtomicBool,
+    /// Before a commit is sent through another catalog than SQL, the table is read again and a
+    /// table at another metadata location than the pinned one is a conflict (see
+    /// [`unmoved_checked`](Self::unmoved_checked)).
+    check_unmoved: bool,
 }
 
 impl<'a> PinnedCatalog<'a> {
     /// A view of `inner` pinned to `table`; `swap` is the SQL catalog's pointer access, if the
     /// catalog is the SQL catalog.
     pub(crate) fn new(inner: &'a dyn Catalog, table: Table, swap: Option<&'a SqlVerifier>) -> Self {
-        PinnedCatalog { inner, table, swap, sent: false.into() }
+        PinnedCatalog { inner, table, swap, sent: false.into(), check_unmoved: false }
+    }
+
+    /// This view, checking before a commit through another catalog than SQL that the table is
+    /// still at the pinned version. iceberg's commits require only what their action names
+    /// (an expiry: the main branch's head), so another engine's tag or branch made on a
+    /// snapshot the commit removes would be removed with it; with the check, only what moves
+    /// between this read and the commit goes unseen (the SQL catalog's pointer swap needs no
+    /// check: it is on the exact metadata location).
+    pub(crate) fn unmoved_checked(mut self) -> Self {
+        self.check_unmoved = true;
+        self
     }
 
     /// Whether a commit was sent to the catalog through this view.
@@ -859,6 +874,16 @@ forwarding_catalog!(PinnedCatalog<'_>, inner,
         // commit on the same pinned base, which loses to the commit itself if that landed, and
         // a conflict then reads as "did not land". dotdo reloads and decides.
         _ => {
+            if this.check_unmoved && commit.identifier() == this.table.identifier() {
+                let now = this.inner.load_table(commit.identifier()).await?;
+                if now.metadata_location() != this.table.metadata_location() {
+                    return Err(iceberg::Error::new(
+                        iceberg::ErrorKind::CatalogCommitConflicts,
+                        format!("commit conflicted for table {}: the table moved since it was read", commit.identifier()),
+                    )
+                    .with_retryable(false));
+                }
+            }
             this.sent.store(true, std::sync::atomic::Ordering::SeqCst);
             this.inner.update_table(commit).await.map_err(|e| {
                 // A REST catalog that could not be reached (connection refused): the commit was

@@ -226,9 +226,11 @@ impl IcebergColdStore {
                 // through them): the refs' own retention settings apply on top of this plan.
                 // Committed through a view pinned to the planned table: iceberg's commit reloads
                 // the table and applies the action to whatever it finds (this plan's ids on a
-                // table another engine moved, unchecked); pinned, a moved table is a conflict
-                // and the next attempt plans afresh.
-                let pinned = self.pinned(&table);
+                // table another engine moved, unchecked); pinned, and checked unmoved just before
+                // the commit (iceberg's action requires only the main branch's head: a tag made
+                // meanwhile on a snapshot it removes would go with it), a moved table is a
+                // conflict and the next attempt plans afresh.
+                let pinned = self.pinned(&table).unmoved_checked();
                 let tx = Transaction::new(&table);
                 let tx = tx
                     .expire_snapshots()

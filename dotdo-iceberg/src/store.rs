@@ -112,7 +112,8 @@ pub struct Settings {
     /// Target bytes of one row group (default 4 MiB): with large values a row group holds fewer
     /// rows than `row_group_rows`, so a point lookup, which reads only the row groups whose
     /// `do_id`/`key` statistics match, decodes a few MiB instead of a whole file. User tables
-    /// cap their row groups at this many bytes of Arrow data too.
+    /// cap their row groups at about this many bytes too (parquet's estimate of the encoded
+    /// size: compressible data decodes to more).
     pub row_group_bytes: usize,
     /// Target data file size in bytes before rolling to a new file (default 256 MiB), for the
     /// change table and user tables (a large batch is written in slices, so it rolls too).

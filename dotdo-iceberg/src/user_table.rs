@@ -409,7 +409,9 @@ pub(crate) async fn write_user_files(
     // whose unpartitioned spec has another id (a partition field dropped).
     let key =
         PartitionKey::new(md.default_partition_spec().as_ref().clone(), md.current_schema().clone(), Struct::empty());
-    let chunk = crate::store::write_chunk_bytes(target as u64);
+    // Slices of at most a row group's bytes too: parquet caps a row group's bytes only once it
+    // holds rows, so the first slice into each group went in whole (32 MiB by default).
+    let chunk = crate::store::write_chunk_bytes(target as u64).min(settings.row_group_bytes.max(1));
     let builder = || {
         // A name prefix per writer: unpartitioned writers side by side share one directory.
         DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
@@ -1367,7 +1369,7 @@ mod tests {
             vec![Arc::new(Int64Array::from_iter_values(0..64)) as Arc<dyn Array>, Arc::new(payloads)],
         )
         .expect("batch");
-        t.append("s", 1, vec![wide]).await.expect("wide append");
+        t.append("s", 1, vec![wide.clone()]).await.expect("wide append");
         let table = t.load().await.expect("load");
         let files = cold.live_files(&table).await.expect("files");
         assert!(files.len() >= 4, "{} files of 8 MiB with a 1 MiB target", files.len());
@@ -1388,6 +1390,25 @@ mod tests {
         let groups: Vec<i64> = reader.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
         assert_eq!(groups.iter().sum::<i64>(), 5000);
         assert!(groups.len() >= 5 && groups.iter().all(|n| *n <= 1000), "row groups {groups:?}");
+        // The wide batch again, under the default target, with row groups of 256 KiB: groups of
+        // about that many bytes (a group's first write went in whole: one group of 8 MiB).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = crate::Settings { row_group_bytes: 256 << 10, ..Default::default() };
+        let cold = crate::IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+            .settings(settings)
+            .build()
+            .await
+            .expect("open");
+        let t = cold.arrow_table(&["u"], "wide", schema.clone()).await.expect("table");
+        t.append("s", 1, vec![wide]).await.expect("wide append");
+        let table = t.load().await.expect("load");
+        let files = cold.live_files(&table).await.expect("files");
+        assert_eq!(files.len(), 1);
+        let bytes = std::fs::read(files[0].path.strip_prefix("file://").unwrap_or(&files[0].path)).expect("file");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+            .expect("parquet");
+        let sizes: Vec<i64> = reader.metadata().row_groups().iter().map(|g| g.total_byte_size()).collect();
+        assert!(sizes.len() >= 16 && sizes.iter().all(|b| *b <= 512 << 10), "row group bytes {sizes:?}");
     }
 
     /// A user table `u.events` of one Int64 column `n` on `cold`, and a maker of one-row batches.

@@ -4509,9 +4509,9 @@ async fn expiry_through_other_catalogs_plans_on_the_table_it_commits_to() {
     common::sleep(std::time::Duration::from_millis(5)).await;
     let catalog = slot.lock().clone().expect("the catalog");
     // The plan's own load goes through; the rollback comes at the next load or commit.
-    *catalog.rollback_then_append.lock() = Some((1, ids[1]));
+    *catalog.foreign_change.lock() = Some((1, common::ForeignChange::RollBackAndAppend(ids[1])));
     let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
-    assert!(catalog.rollback_then_append.lock().is_none(), "the other engine rolled back");
+    assert!(catalog.foreign_change.lock().is_none(), "the other engine rolled back");
     assert!(!report.expired.contains(&ids[1]), "the new head's dotdo base stays: {report:?}");
     assert!(report.expired.contains(&ids[0]), "{report:?}");
     let fresh = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
@@ -4520,4 +4520,40 @@ async fn expiry_through_other_catalogs_plans_on_the_table_it_commits_to() {
         .await
         .expect("reopen");
     assert_eq!(fresh.watermark(&o).await.expect("watermarks still known").through, 2, "rolled back to 2");
+}
+
+/// The same when the other engine, between the plan and the commit, tags a snapshot the plan
+/// expires (and so writes a new metadata version) while the main branch stays: iceberg's
+/// expire action requires only the main branch's head, so the commit went through and removed
+/// the tag with its snapshot. Now the table is read again just before the commit, and a table
+/// at another version is a conflict: planned again, the tagged snapshot stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_through_other_catalogs_keeps_a_tag_made_after_its_plan() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let mut ids = Vec::new();
+    for s in 1..=3 {
+        let c = cold
+            .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, s, "k", "v", 1)]))
+            .await
+            .expect("append");
+        ids.push(c.snapshot.expect("a snapshot"));
+    }
+    common::sleep(std::time::Duration::from_millis(5)).await;
+    let catalog = slot.lock().clone().expect("the catalog");
+    *catalog.foreign_change.lock() = Some((1, common::ForeignChange::Tag(ids[0])));
+    let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    assert!(catalog.foreign_change.lock().is_none(), "the other engine tagged");
+    assert!(!report.expired.contains(&ids[0]), "the tagged snapshot stays: {report:?}");
+    let table = cold.refresh().await.expect("table");
+    assert_eq!(table.metadata().snapshot_for_ref("t").map(|s| s.snapshot_id()), Some(ids[0]), "the tag stays");
 }

@@ -17,8 +17,9 @@
 //!   file deleted, or replaced by another file, while its pipeline has it open (SQLite does not
 //!   notice that in WAL mode, and went on writing to the unlinked file) makes every later send,
 //!   roll and `take_refused` `Corrupt` naming the file (a send racing the replacement is not
-//!   seen); an I/O error at a log COMMIT is `AmbiguousOutcome`, and the file system reporting
-//!   the file damaged `Corrupt`.
+//!   seen; a spill log's file is not watched). An I/O error at a send's COMMIT is
+//!   `AmbiguousOutcome`; an acknowledgement's is settled by running it again; the file system
+//!   reporting the file damaged is `Corrupt`.
 //! * **Exactly once**: a roll first *claims* events, durably assigning each its per-object
 //!   sequence number; the cold commit records per-object watermarks, so re-committing a claimed
 //!   batch after an unknown outcome (or, with the durable log, after a crash) never duplicates

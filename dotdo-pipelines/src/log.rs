@@ -99,22 +99,30 @@ impl WatchedFile {
 }
 
 /// A disk log whose errors name its file (an operator needs to know which log is damaged,
-/// full or unreadable; the log's own errors say only what it was doing), and whose file is
-/// watched ([`WatchedFile`]).
+/// full or unreadable; the log's own errors say only what it was doing), and, for a durable
+/// log, whose file is watched ([`WatchedFile`]). (A spill log's file is not: its events in
+/// memory, the usual case, must not stop when an unused spill file is cleaned away.)
 pub(crate) struct NamedLog<L> {
     inner: L,
     path: String,
-    file: WatchedFile,
+    file: Option<WatchedFile>,
 }
 
 impl<L: Log> NamedLog<L> {
+    /// `inner`, its errors naming `path`.
     pub(crate) fn new(inner: L, path: &Path) -> Self {
-        NamedLog { inner, path: path.display().to_string(), file: WatchedFile::new(path) }
+        NamedLog { inner, path: path.display().to_string(), file: None }
+    }
+
+    /// `inner`, its errors naming `path`, refused once the file the log opened (`file`: the
+    /// path as resolved when it was opened) is deleted or replaced.
+    pub(crate) fn watched(inner: L, path: &Path, file: &Path) -> Self {
+        NamedLog { inner, path: path.display().to_string(), file: Some(WatchedFile::new(file)) }
     }
 
     /// `f` on the log, once its file is found to be the one opened; errors name the file.
     fn named<T>(&self, doing: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        self.file.check(doing).and_then(|()| f()).map_err(|e| {
+        self.file.as_ref().map_or(Ok(()), |w| w.check(doing)).and_then(|()| f()).map_err(|e| {
             if e.to_string().contains(&self.path) {
                 e
             } else {
@@ -445,6 +453,21 @@ pub(crate) fn commit_error(e: rusqlite::Error, doing: &str) -> Error {
     }
 }
 
+/// Run an acknowledgement (`ack`) again once after an unknown outcome (an I/O error at its
+/// COMMIT): SQLite rolled that COMMIT back in this process, but WAL recovery after a crash
+/// could still apply its frames, so the batch might later vanish, or stay, unknown to the
+/// caller. The delete is idempotent, and a second attempt that commits settles it either way
+/// (its frames overwrite the failed ones). A second unknown outcome is returned.
+pub(crate) fn settle_ack<T>(mut ack: impl FnMut() -> Result<T>) -> Result<T> {
+    match ack() {
+        Err(e) if e.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome => {
+            tracing::warn!(error = %e, "dotdo pipeline log: an acknowledgement's COMMIT failed; running it again");
+            ack()
+        }
+        other => other,
+    }
+}
+
 /// The SQL size of a log row, counted like [`Event::size`](crate::Event::size): UTF-8 bytes of
 /// the id, type and key, bytes of the value, plus 32. (A macro, for `concat!`.)
 // The value is always stored as a BLOB, whose `length` SQLite reads from the record header
@@ -463,6 +486,8 @@ type LogRow = (i64, String, Event, Option<u64>);
 /// process kill).
 pub(crate) struct SqliteLog {
     conn: Mutex<Connection>,
+    /// The file opened: the path as `lock_log` resolved it.
+    file: std::path::PathBuf,
     depth: Depth,
     /// `<log>.<kind>.lock`, locked for as long as the log is open: a log serves one pipeline at a time.
     _lock: std::fs::File,
@@ -593,9 +618,14 @@ impl SqliteLog {
              CREATE TABLE IF NOT EXISTS pipeline_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
         )
         .map_err(|e| sql(e, &doing))?;
-        let log = SqliteLog { conn: Mutex::new(conn), depth: Depth::default(), _lock: lock };
+        let log = SqliteLog { conn: Mutex::new(conn), file: resolved, depth: Depth::default(), _lock: lock };
         log.depth.set(Self::rows_in(&log.conn.lock()).map_err(|e| sql(e, &doing))?);
         Ok(log)
+    }
+
+    /// The file opened (symlinks resolved).
+    pub(crate) fn file(&self) -> &Path {
+        &self.file
     }
 
     /// The events and bytes the log holds (claimed ones included), counted in SQL.
@@ -927,11 +957,11 @@ impl Log for SqliteLog {
     // log's are: a roll whose ack failed commits its batch again (a replay) on every retry. (A
     // claim is not: its sequence numbers were assigned as it ran; a failed one forgets them.)
     fn ack(&self, id: u64) -> Result<()> {
-        retry_busy(|| self.ack_on(&self.conn.lock(), id))
+        settle_ack(|| retry_busy(|| self.ack_on(&self.conn.lock(), id)))
     }
 
     fn ack_durably(&self, id: u64) -> Result<()> {
-        retry_busy(|| fully_synced(&mut self.conn.lock(), |c| self.ack_on(c, id)))
+        settle_ack(|| retry_busy(|| fully_synced(&mut self.conn.lock(), |c| self.ack_on(c, id))))
     }
 
     // Run again while starved by a busy shared file (`retry_busy`), as acknowledgements are: a
@@ -966,15 +996,13 @@ impl SqliteLog {
             .map_err(|e| sql(e, "ack"))?;
         // An autocommit delete: an I/O error may come from its COMMIT, after which WAL recovery
         // may still apply it (`AmbiguousOutcome`; counted as the log says then).
-        let deleted = conn.execute("DELETE FROM pipeline_log WHERE batch = ?1", [id]);
         #[cfg(test)]
-        let deleted = deleted.and_then(|n| match tests::FAIL_ACK_AT_COMMIT.with(|f| f.replace(false)) {
-            true => Err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
-                Some("an I/O error after the delete (test)".into()),
-            )),
-            false => Ok(n),
-        });
+        let deleted = match tests::FAIL_ACK_AT_COMMIT.with(|f| f.replace(false)) {
+            true => Err(tests::io_error_at_commit()),
+            false => conn.execute("DELETE FROM pipeline_log WHERE batch = ?1", [id]),
+        };
+        #[cfg(not(test))]
+        let deleted = conn.execute("DELETE FROM pipeline_log WHERE batch = ?1", [id]);
         if let Err(e) = deleted {
             let err = commit_error(e, "ack");
             if err.kind() == &dotdo_core::ErrorKind::AmbiguousOutcome {
@@ -1114,9 +1142,17 @@ pub(crate) mod tests {
     use super::*;
 
     thread_local! {
-        /// Fail the next ack on this thread with an I/O error after its delete (as a COMMIT
-        /// whose sync failed, which WAL recovery may still apply).
+        /// Fail the next ack on this thread as a COMMIT whose sync failed (SQLite rolled it back
+        /// in this process; WAL recovery after a crash might still apply its frames).
         pub(crate) static FAIL_ACK_AT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// The error of a COMMIT whose sync failed.
+    pub(crate) fn io_error_at_commit() -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+            Some("an I/O error at the COMMIT (test)".into()),
+        )
     }
 
     /// SQLite errors the log meets: a file system reporting the file damaged is `Corrupt` (also
@@ -1145,8 +1181,8 @@ pub(crate) mod tests {
     }
 
     /// An ack whose delete fails with an I/O error at its COMMIT is an unknown outcome (WAL
-    /// recovery may still apply it), counted as the log says; it was a retryable `Unavailable`
-    /// and the depth stayed as before.
+    /// recovery after a crash may still apply it; it was a retryable `Unavailable`), counted as
+    /// the log says; `ack`/`ack_durably` settle it by running the delete again.
     #[test]
     fn an_ack_io_error_at_commit_is_an_unknown_outcome() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1162,9 +1198,17 @@ pub(crate) mod tests {
         log.depth.set(SqliteLog::rows_in(&log.conn.lock()).expect("rows"));
         assert_eq!(log.depth().0, 1);
         FAIL_ACK_AT_COMMIT.with(|f| f.set(true));
-        let e = log.ack_durably(1).expect_err("the I/O error");
+        let e = log.ack_on(&log.conn.lock(), 1).expect_err("the I/O error");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::AmbiguousOutcome, "{e}");
-        assert_eq!(log.depth(), (0, 0), "counted as the log says: the delete applied");
+        assert_eq!(log.depth().0, 1, "counted as the log says: the delete rolled back");
+        // The acknowledgement settles it: run again (its delete is idempotent), it commits.
+        FAIL_ACK_AT_COMMIT.with(|f| f.set(true));
+        log.ack_durably(1).expect("settled by running the ack again");
+        assert!(!FAIL_ACK_AT_COMMIT.with(|f| f.get()), "the fault fired");
+        assert_eq!(log.depth(), (0, 0));
+        drop(log);
+        let log = SqliteLog::open(&path).expect("reopen");
+        assert_eq!(log.depth(), (0, 0), "gone from the file");
     }
 
     /// A log's connection runs in WAL mode and syncs checkpoints fully, and a claim's commit

@@ -137,7 +137,11 @@ impl PipelineBuilder {
         // A token above the limit would be accepted by `send` and refused by every commit.
         s.token.validate()?;
         let log: Box<dyn Log> = match (&s.durability, &s.backpressure) {
-            (Durability::Durable(path), _) => Box::new(NamedLog::new(SqliteLog::open(path)?, path)),
+            (Durability::Durable(path), _) => {
+                let log = SqliteLog::open(path)?;
+                let file = log.file().to_path_buf();
+                Box::new(NamedLog::watched(log, path, &file))
+            }
             (Durability::Memory, Backpressure::Spill(path)) => {
                 Box::new(NamedLog::new(SpillLog::open(path, s.capacity, s.capacity_bytes)?, path))
             }
@@ -780,9 +784,10 @@ impl Pipeline {
     /// every sequence number (a roll fails with `LimitExceeded` on them, every time) are taken
     /// out instead, at most [`roll_rows`](crate::PipelineSettings::roll_rows) of them and about
     /// [`roll_bytes`](crate::PipelineSettings::roll_bytes) (call again for more); else an empty
-    /// list. (A durable log whose deletion of them fails with an I/O error at its COMMIT hands
-    /// them out all the same, refused ones too: a later call may hand the same events out again,
-    /// or a later roll commit them if the sink takes them then, never none.) The taken-out events are the caller's
+    /// list. (A durable log whose deletion of events out of sequence numbers fails with an I/O
+    /// error at its COMMIT hands them out all the same: a later call may hand the same events out
+    /// again, never none. Refused events' deletion is run again after such an error, and an
+    /// error that persists leaves them in the log.) The taken-out events are the caller's
     /// (store them, fix them, send them again: they get new sequence numbers then, and pass the
     /// transform again: they are returned as the transform made them). Waits for a roll in
     /// progress; then `roll` (the background loop keeps its backoff from the failed rolls).
@@ -826,17 +831,9 @@ impl Pipeline {
             inner.counters.replayed.fetch_add(replayed, Ordering::Relaxed);
         }
         // Gone for good, also across a power loss: come back, the events could land beside the
-        // caller's own re-send. A delete whose COMMIT failed with an I/O error may still be
-        // applied (by WAL recovery at the next open): the events are handed out all the same, as
-        // `take_exhausted`'s are (an error here lost them if it was). If it was not applied, a
-        // later call hands them out again.
-        match inner.log.ack_durably(claimed.id) {
-            Ok(()) => {}
-            Err(e) if e.kind() == &ErrorKind::AmbiguousOutcome => {
-                tracing::warn!(error = %e, "dotdo pipeline: refused events taken out may also stay in the log");
-            }
-            Err(e) => return Err(e),
-        }
+        // caller's own re-send. (A delete whose COMMIT failed with an I/O error is run again
+        // by the log, which settles it; an error here leaves the events in the log, claimed.)
+        inner.log.ack_durably(claimed.id)?;
         *inner.own_claim.lock() = None;
         // The taken-out events' sequence numbers never landed: every counter is learned again
         // from the sinks, so that the next events of those objects follow their watermarks.
@@ -934,8 +931,9 @@ mod tests {
     }
 
     /// `take_refused` whose removal of the events from a durable log fails with an I/O error at
-    /// its COMMIT (which WAL recovery may still apply: here it did) hands the events out all the
-    /// same: it failed, and the reopened log held them no more, so they were lost.
+    /// its COMMIT (rolled back in this process, but WAL recovery after a crash might apply it)
+    /// runs the removal again, which settles it: the events are handed out once, and gone from
+    /// the log. (It failed, leaving the caller to guess whether a crash would remove them.)
     #[tokio::test]
     async fn refused_events_come_out_when_their_removal_has_an_unknown_outcome() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -953,6 +951,7 @@ mod tests {
         assert_eq!(taken.iter().map(|(_, e)| e.key.as_str()).collect::<Vec<_>>(), ["k"]);
         drop(p);
         let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("reopened");
-        assert_eq!(p.metrics().buffer_depth, 0, "the removal applied");
+        assert_eq!(p.metrics().buffer_depth, 0, "the removal landed");
+        assert!(p.take_refused().await.expect("nothing claimed").is_empty(), "handed out once");
     }
 }

@@ -1548,3 +1548,32 @@ async fn a_durable_log_deleted_or_replaced_while_open_is_corrupt() {
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "replace {replace}: {e}");
     }
 }
+
+/// The file watched is the one the log opened: a durable log opened through a symlinked
+/// directory (a release directory `current`) goes on when the link is retargeted (it was
+/// `Corrupt`: the path now named another file). A spill log's file is not watched: a cleaner
+/// removing the unused spill file leaves the events in memory going on (they stopped).
+#[tokio::test]
+async fn a_log_is_watched_as_opened_and_a_spill_file_not_at_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, current) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("current"));
+    std::fs::create_dir(&a).expect("a");
+    std::fs::create_dir(&b).expect("b");
+    std::os::unix::fs::symlink(&a, &current).expect("link");
+    let sink = Flaky::new();
+    let settings = PipelineSettings { durability: Durability::Durable(current.join("log.db")), ..Default::default() };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("pipeline");
+    p.send(vec![ev("o", "k0", "a")]).expect("send");
+    std::fs::remove_file(&current).expect("unlink");
+    std::os::unix::fs::symlink(&b, &current).expect("retarget");
+    p.send(vec![ev("o", "k1", "b")]).expect("the opened file is still there");
+    assert_eq!(p.roll().await.expect("roll").events, 2);
+
+    let spill = dir.path().join("spill.db");
+    let settings =
+        PipelineSettings { backpressure: Backpressure::Spill(spill.clone()), capacity: 4, ..Default::default() };
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("pipeline");
+    std::fs::remove_file(&spill).expect("a cleaner removes the spill file");
+    p.send(vec![ev("s", "k0", "a"), ev("s", "k1", "b")]).expect("send to memory");
+    assert_eq!(p.roll().await.expect("roll").events, 2);
+}

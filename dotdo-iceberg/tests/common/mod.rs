@@ -743,26 +743,44 @@ pub struct LossyCatalog {
     /// The next commit after that is refused as a conflict, and every `load_table` fails from
     /// then on (`fail_loads`).
     pub conflict_then_fail_loads: std::sync::atomic::AtomicBool,
-    /// `(loads, snapshot)`: after letting `loads` more `load_table` calls through, at the next
-    /// one or at the next commit, whichever comes first, another engine rolls the table's main
-    /// branch back to `snapshot` and appends on it (an empty snapshot): a table that moved, in
-    /// a way a plan made before cannot survive, since its caller loaded it.
-    pub rollback_then_append: parking_lot::Mutex<Option<(u32, i64)>>,
+    /// `(loads, change)`: after letting `loads` more `load_table` calls through, at the next
+    /// one or at the next commit, whichever comes first, another engine changes the table (see
+    /// [`ForeignChange`]): a table that moved since its caller loaded it.
+    pub foreign_change: parking_lot::Mutex<Option<(u32, ForeignChange)>>,
+}
+
+/// What another engine does to a table behind a [`LossyCatalog`]'s caller.
+#[derive(Clone, Copy, Debug)]
+pub enum ForeignChange {
+    /// Roll the main branch back to this snapshot, then append on it (an empty snapshot).
+    RollBackAndAppend(i64),
+    /// Tag this snapshot (tag `t`), then change a table property (a new metadata file).
+    Tag(i64),
 }
 
 impl LossyCatalog {
-    /// Another engine's rollback of `ident`'s main branch to `snapshot`, then its append.
-    async fn roll_back_and_append(&self, ident: &iceberg::TableIdent, snapshot: i64) -> iceberg::Result<()> {
+    /// Another engine's `change` of `ident`.
+    async fn change(&self, ident: &iceberg::TableIdent, change: ForeignChange) -> iceberg::Result<()> {
         use iceberg::transaction::{ApplyTransactionAction, Transaction};
         let table = self.inner.load_table(ident).await?;
-        edit_metadata(table.metadata_location().expect("a metadata file"), |json| {
-            json["current-snapshot-id"] = serde_json::json!(snapshot);
-            json["refs"]["main"]["snapshot-id"] = serde_json::json!(snapshot);
+        edit_metadata(table.metadata_location().expect("a metadata file"), |json| match change {
+            ForeignChange::RollBackAndAppend(snapshot) => {
+                json["current-snapshot-id"] = serde_json::json!(snapshot);
+                json["refs"]["main"]["snapshot-id"] = serde_json::json!(snapshot);
+            }
+            ForeignChange::Tag(snapshot) => {
+                json["refs"]["t"] = serde_json::json!({"snapshot-id": snapshot, "type": "tag"});
+            }
         });
         let table = self.inner.load_table(ident).await?;
-        let props = std::collections::HashMap::from([("engine".to_string(), "another".to_string())]);
         let tx = Transaction::new(&table);
-        let tx = tx.fast_append().set_snapshot_properties(props).apply(tx)?;
+        let tx = match change {
+            ForeignChange::RollBackAndAppend(_) => {
+                let props = std::collections::HashMap::from([("engine".to_string(), "another".to_string())]);
+                tx.fast_append().set_snapshot_properties(props).apply(tx)?
+            }
+            ForeignChange::Tag(_) => tx.update_table_properties().set("engine".into(), "another".into()).apply(tx)?,
+        };
         tx.commit(&*self.inner).await.map(|_| ())
     }
 }
@@ -820,13 +838,13 @@ impl iceberg::Catalog for LossyCatalog {
                 .with_source(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: connection reset"))
                 .with_retryable(true));
         }
-        let rollback = {
-            let mut r = self.rollback_then_append.lock();
+        let change = {
+            let mut r = self.foreign_change.lock();
             match r.as_mut() {
-                Some((0, snapshot)) => {
-                    let snapshot = *snapshot;
+                Some((0, change)) => {
+                    let change = *change;
                     *r = None;
-                    Some(snapshot)
+                    Some(change)
                 }
                 Some((loads, _)) => {
                     *loads -= 1;
@@ -835,8 +853,8 @@ impl iceberg::Catalog for LossyCatalog {
                 None => None,
             }
         };
-        if let Some(snapshot) = rollback {
-            self.roll_back_and_append(t, snapshot).await?;
+        if let Some(change) = change {
+            self.change(t, change).await?;
         }
         let held = self.hold_next_load.lock().take();
         let table = self.inner.load_table(t).await?;
@@ -876,9 +894,9 @@ impl iceberg::Catalog for LossyCatalog {
             return Err(reset());
         }
         let armed = self.switch.take_armed();
-        let rollback = self.rollback_then_append.lock().take();
-        if let Some((_, snapshot)) = rollback {
-            self.roll_back_and_append(c.identifier(), snapshot).await?;
+        let change = self.foreign_change.lock().take();
+        if let Some((_, change)) = change {
+            self.change(c.identifier(), change).await?;
         }
         if self.reset_next_update.swap(false, Ordering::SeqCst) {
             return Err(reset());
@@ -1005,7 +1023,7 @@ fn lossy_catalog(
                 load_held: Default::default(),
                 reset_next_update: Default::default(),
                 conflict_then_fail_loads: Default::default(),
-                rollback_then_append: Default::default(),
+                foreign_change: Default::default(),
             });
             *slot.lock() = Some(c.clone());
             Ok(c as Arc<dyn iceberg::Catalog>)
