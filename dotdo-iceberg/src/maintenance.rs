@@ -998,6 +998,9 @@ mod tests {
         assert_eq!(t.metadata().snapshots().count(), 2, "the snapshots stay");
         let e = cold.watermark(&o).await.expect_err("unknown watermarks");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        // Not "nothing committed" either (it answered an empty list).
+        let e = cold.snapshots().await.expect_err("unknown history");
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
         let e = cold.head(&o).await.expect_err("unknown head");
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
         let e = cold.load_state(&o, AsOf::Latest).await.expect_err("its state");

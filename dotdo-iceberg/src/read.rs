@@ -192,14 +192,26 @@ const CACHE_LIMIT: usize = 4096;
 /// list read or written would otherwise hold a quadratic number of entries.
 const LIST_CACHE_MANIFESTS: usize = 100_000;
 
-/// Cache a manifest list, within both [`CACHE_LIMIT`] and [`LIST_CACHE_MANIFESTS`].
+/// Cache a manifest list, within both [`CACHE_LIMIT`] and [`LIST_CACHE_MANIFESTS`] (a list
+/// longer than that alone is not cached: it cleared the cache for every read of a new head of a
+/// table of that many manifests, and was held beyond the bound).
 fn put_list(map: &parking_lot::Mutex<HashMap<String, Arc<Vec<ManifestFile>>>>, k: String, v: Arc<Vec<ManifestFile>>) {
+    if v.len() > LIST_CACHE_MANIFESTS {
+        return;
+    }
     let mut m = map.lock();
     let held: usize = m.values().map(|l| l.len()).sum();
     if m.len() >= CACHE_LIMIT || held + v.len() > LIST_CACHE_MANIFESTS {
         m.clear();
     }
     m.insert(k, v);
+}
+
+/// The key of a decoded manifest in the cache: its path and length, as footers are keyed (the
+/// format does not forbid another engine to write different bytes under a removed file's
+/// path; a cache keyed by path alone would then list the old manifest's files).
+fn manifest_cache_key(mf: &ManifestFile) -> String {
+    format!("{}#{}", mf.manifest_path, mf.manifest_length)
 }
 
 /// Bloom filters by (file, row group, column), bounded by their total size.
@@ -664,7 +676,8 @@ impl IcebergColdStore {
             }
         }
         let loads = wanted.into_iter().map(|mf| async move {
-            let cached = cache.manifests.lock().get(&mf.manifest_path);
+            let key = manifest_cache_key(&mf);
+            let cached = cache.manifests.lock().get(&key);
             if let Some(c) = cached {
                 return Ok::<_, Error>(c);
             }
@@ -700,13 +713,7 @@ impl IcebergColdStore {
                 .collect();
             let files = Arc::new(files);
             let weight = files.iter().map(|f| f.weight()).sum::<usize>() + mf.manifest_path.len() + ENTRY_OVERHEAD;
-            cache.manifests.lock().put(
-                mf.manifest_path.clone(),
-                files.clone(),
-                weight,
-                CACHE_LIMIT,
-                MANIFEST_CACHE_BYTES,
-            );
+            cache.manifests.lock().put(key, files.clone(), weight, CACHE_LIMIT, MANIFEST_CACHE_BYTES);
             Ok(files)
         });
         let per_manifest: Vec<Arc<Vec<Arc<FileInfo>>>> = futures::stream::iter(loads).buffered(8).try_collect().await?;
@@ -1269,6 +1276,14 @@ mod tests {
             assert!(held <= LIST_CACHE_MANIFESTS, "{held} manifests cached");
             assert!(lists.lock().contains_key(&format!("snap-{i}")), "the newest list survives eviction");
         }
+        // A list longer than the bound alone is not cached, and the others stay.
+        let before = lists.lock().len();
+        put_list(&lists, "huge".into(), Arc::new(vec![one.clone(); LIST_CACHE_MANIFESTS + 1]));
+        assert!(!lists.lock().contains_key("huge"));
+        assert_eq!(lists.lock().len(), before, "the cached lists stay");
+        // Manifests are cached by path and length: other bytes under one path are another entry.
+        let other = ManifestFile { manifest_length: 2, ..one.clone() };
+        assert_ne!(manifest_cache_key(&one), manifest_cache_key(&other));
     }
 
     #[test]

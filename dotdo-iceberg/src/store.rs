@@ -1870,7 +1870,12 @@ impl ColdSink for IcebergColdStore {
 
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let table = self.read_table().await?;
-        let Some(head) = table.metadata().current_snapshot_id() else { return Ok(Vec::new()) };
+        let Some(head) = table.metadata().current_snapshot_id() else {
+            // A table whose head another engine removed after dotdo's commits is `Corrupt`, as
+            // to every other read (not "nothing committed").
+            summary::refuse_lost_head(table.metadata())?;
+            return Ok(Vec::new());
+        };
         // The time `AsOf::Timestamp` goes by (another engine's snapshot may be stamped before
         // its parent), so that a read as of a reported time finds that snapshot.
         let at = summary::effective_committed_at(table.metadata());
