@@ -338,6 +338,15 @@ impl Conn {
 
     /// `COMMIT` the open transaction (see [`commit_failure`]).
     async fn commit(&mut self) -> libsql::Result<()> {
+        #[cfg(test)]
+        if FAIL_NEXT_COMMIT.with(|f| f.replace(false)) {
+            // As SQLite leaves a COMMIT whose sync failed: rolled back here.
+            self.prepared(Step::exec("ROLLBACK", vec![])).await?;
+            return Err(commit_failure(libsql::Error::SqliteFailure(
+                1034, // SQLITE_IOERR_FSYNC
+                "an I/O error at the COMMIT (test)".into(),
+            )));
+        }
         self.prepared(Step::exec("COMMIT", vec![])).await.map(|_| ()).map_err(commit_failure)
     }
 
@@ -410,6 +419,12 @@ const NONCE_BITS: u32 = 16;
 /// All result rowids are negative, so they never collide with a real row (SQLite assigns
 /// positive rowids).
 const RESULT_FLOOR: i64 = -(1 << 62);
+
+#[cfg(test)]
+thread_local! {
+    /// Fail the next `COMMIT` on this thread as one whose sync failed (tests).
+    pub(crate) static FAIL_NEXT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// How the `Misuse` error of an unreadable program result starts: the batch had run through its
 /// `COMMIT`, so the program was applied (classified as a maybe-applied failure).

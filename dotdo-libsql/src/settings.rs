@@ -92,7 +92,9 @@ pub struct LibsqlSettings {
     /// thread (so does zero). Under `Durability::Normal` the WAL reaches the disk at checkpoints,
     /// so this period bounds what a power loss can take (see docs/durability.md). Default 50 ms, as in dotdo-sqlite;
     /// under 1 ms is refused. (No effect
-    /// on a remote primary or an embedded replica, whose file libsql's replicator writes.)
+    /// on a remote primary or an embedded replica, whose file libsql's replicator writes.) The
+    /// check for a database file deleted or replaced while the store has it open runs in this
+    /// thread's rounds: with `None` (or zero) such a file is not detected, as in dotdo-sqlite.
     pub background_checkpoint: Option<Duration>,
     /// How statements travel. Default [`Transport::Auto`].
     pub transport: Transport,
@@ -403,6 +405,12 @@ impl Target {
                 if path.to_string_lossy().contains('\0') {
                     return Err(Error::invalid(format!("local database path {path:?} contains a NUL byte")));
                 }
+                // libsql opens only UTF-8 paths (it failed at open as a `Backend` error).
+                if path.to_str().is_none() {
+                    return Err(Error::invalid(format!(
+                        "local database path {path:?} is not UTF-8 (libsql needs UTF-8)"
+                    )));
+                }
                 // libsql opens a separate, empty in-memory (or, for `file:` with no path, temporary)
                 // database for every connection, so the store's readers would never see what its
                 // writer wrote.
@@ -424,6 +432,9 @@ impl Target {
                 }
                 if path.to_string_lossy().contains('\0') {
                     return Err(Error::invalid(format!("replica path {path:?} contains a NUL byte")));
+                }
+                if path.to_str().is_none() {
+                    return Err(Error::invalid(format!("replica path {path:?} is not UTF-8 (libsql needs UTF-8)")));
                 }
                 // libsql's replica would open a file of that name in the working directory,
                 // while every reader connection opens a private, empty in-memory database.

@@ -891,7 +891,21 @@ impl LibsqlStore {
                     Ok(())
                 })
             })
-            .await?;
+            .await
+            .map_err(|e| {
+                // An I/O error at the program's COMMIT: the storage failed, and opening again
+                // is safe whatever the outcome (the program creates only what is missing). Not
+                // the writes' `AmbiguousOutcome`, which tells a caller to take a new lease.
+                if e.kind() == &ErrorKind::AmbiguousOutcome {
+                    Error::unavailable(format!(
+                        "{doing}: creating or upgrading the schema failed at its COMMIT (storage failure); opening \
+                         again is safe"
+                    ))
+                    .with_source(e)
+                } else {
+                    e
+                }
+            })?;
         }
         if !self.inner.target_is_local() {
             self.sync_replica().await?;
@@ -1398,6 +1412,25 @@ async fn retry_pause(d: std::time::Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An I/O error at the COMMIT of the schema program while opening is a retryable
+    /// `Unavailable` (the program is safe to run again: opening again works), not the writes'
+    /// `AmbiguousOutcome`, which told an opening caller to take a new lease.
+    #[tokio::test]
+    async fn an_io_error_at_the_schema_commit_fails_open_retryably() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("h.db");
+        crate::conn::FAIL_NEXT_COMMIT.with(|f| f.set(true));
+        let e = LibsqlStore::local(&path).open().await.expect_err("the schema's COMMIT failed");
+        assert!(!crate::conn::FAIL_NEXT_COMMIT.with(|f| f.get()), "the fault fired");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable(), "{e}");
+        let s = LibsqlStore::local(&path).open().await.expect("opening again");
+        let o = ObjectId::new("o").expect("id");
+        let node = dotdo_core::NodeId::new("n").expect("node");
+        let l = dotdo_core::ConsistencyGuard::acquire(&s, &o, &node, std::time::Duration::from_secs(5));
+        l.await.expect("the schema is there");
+    }
 
     /// A write dropped by its caller mid-way (perhaps after the primary committed it) leaves
     /// the replica marked behind, so the next read pulls first; one that ends does not.

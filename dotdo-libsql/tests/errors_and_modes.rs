@@ -1263,7 +1263,8 @@ fn a_local_store_in_a_local_set_is_not_a_panic() {
     }));
 }
 
-/// Paths libsql would mishandle are refused up front: a NUL byte (libsql panicked on it) and
+/// Paths libsql would mishandle are refused up front: a NUL byte (libsql panicked on it), a
+/// path that is not UTF-8, and
 /// `file:` with no path (a private temporary database per connection, so readers never saw what
 /// was written); a relative `file:` URI opens like a plain relative path.
 #[tokio::test]
@@ -1271,6 +1272,15 @@ async fn bad_local_paths_are_refused_and_relative_uris_work() {
     for bad in ["hot\0.db", "file:", "file:?cache=private"] {
         let e = LibsqlStore::local(bad).open().await.expect_err(bad);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad:?}: {e}");
+    }
+    // A path that is not UTF-8 (libsql opens only UTF-8 paths: it failed as `Backend`).
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = dir.path().join(std::ffi::OsStr::from_bytes(b"\xff.db"));
+        let e = LibsqlStore::local(&bad).open().await.expect_err("not UTF-8");
+        assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let cwd = std::env::current_dir().expect("cwd");
