@@ -1384,10 +1384,7 @@ mod tests {
         let table = t.load().await.expect("load");
         let files = cold.live_files(&table).await.expect("files");
         assert_eq!(files.len(), 1);
-        let bytes = std::fs::read(files[0].path.strip_prefix("file://").unwrap_or(&files[0].path)).expect("file");
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-            .expect("parquet");
-        let groups: Vec<i64> = reader.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
+        let groups: Vec<i64> = row_groups(&files[0].path).iter().map(|g| g.num_rows()).collect();
         assert_eq!(groups.iter().sum::<i64>(), 5000);
         assert!(groups.len() >= 5 && groups.iter().all(|n| *n <= 1000), "row groups {groups:?}");
         // The wide batch again, under the default target, with row groups of 256 KiB: groups of
@@ -1404,11 +1401,16 @@ mod tests {
         let table = t.load().await.expect("load");
         let files = cold.live_files(&table).await.expect("files");
         assert_eq!(files.len(), 1);
-        let bytes = std::fs::read(files[0].path.strip_prefix("file://").unwrap_or(&files[0].path)).expect("file");
+        let sizes: Vec<i64> = row_groups(&files[0].path).iter().map(|g| g.total_byte_size()).collect();
+        assert!(sizes.len() >= 16 && sizes.iter().all(|b| *b <= 512 << 10), "row group bytes {sizes:?}");
+    }
+
+    /// The row groups of the local Parquet file at `location`.
+    fn row_groups(location: &str) -> Vec<parquet::file::metadata::RowGroupMetaData> {
+        let bytes = std::fs::read(location.strip_prefix("file://").unwrap_or(location)).expect("file");
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
             .expect("parquet");
-        let sizes: Vec<i64> = reader.metadata().row_groups().iter().map(|g| g.total_byte_size()).collect();
-        assert!(sizes.len() >= 16 && sizes.iter().all(|b| *b <= 512 << 10), "row group bytes {sizes:?}");
+        reader.metadata().row_groups().to_vec()
     }
 
     /// A user table `u.events` of one Int64 column `n` on `cold`, and a maker of one-row batches.

@@ -4478,19 +4478,15 @@ async fn time_travel_inside_the_expiry_window_survives_expiry() {
     assert_eq!(st.through, 3, "{st:?}");
 }
 
-/// Through a catalog other than the SQL one (here a custom catalog, which takes iceberg's
-/// expire action), expiry commits on the table it planned on. Here, between the plan (on 1 ← 2
-/// ← 3, keeping 3: expire 1 and 2) and the commit, another engine rolls main back to 2 and
-/// appends on it. iceberg's commit reloaded the table and applied the plan's ids there,
-/// unchecked: 2, the new head's dotdo base, was expired, and every later read of the table's
-/// watermarks was `Corrupt`. Now the moved table is a conflict, and the expiry is planned
-/// again on it (keeping 2).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expiry_through_other_catalogs_plans_on_the_table_it_commits_to() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
-    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+/// A store at `dir` of table `m.changes` through a custom catalog (iceberg's own commit
+/// actions, as on REST catalogs) over the SQL catalog, with three commits of object `o`: the
+/// store, the catalog, `o` and the three snapshot ids.
+async fn three_commits_through_a_custom_catalog(
+    dir: &std::path::Path,
+) -> (IcebergColdStore, Arc<common::LossyCatalog>, ObjectId, Vec<i64>) {
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir);
+    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.display()));
+    let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8"))
         .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
         .table(["m"], "changes")
         .settings(Settings { buckets: 1, ..Default::default() })
@@ -4508,6 +4504,20 @@ async fn expiry_through_other_catalogs_plans_on_the_table_it_commits_to() {
     }
     common::sleep(std::time::Duration::from_millis(5)).await;
     let catalog = slot.lock().clone().expect("the catalog");
+    (cold, catalog, o, ids)
+}
+
+/// Through a catalog other than the SQL one (here a custom catalog, which takes iceberg's
+/// expire action), expiry commits on the table it planned on. Here, between the plan (on 1 ← 2
+/// ← 3, keeping 3: expire 1 and 2) and the commit, another engine rolls main back to 2 and
+/// appends on it. iceberg's commit reloaded the table and applied the plan's ids there,
+/// unchecked: 2, the new head's dotdo base, was expired, and every later read of the table's
+/// watermarks was `Corrupt`. Now the moved table is a conflict, and the expiry is planned
+/// again on it (keeping 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_through_other_catalogs_plans_on_the_table_it_commits_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, catalog, o, ids) = three_commits_through_a_custom_catalog(dir.path()).await;
     // The plan's own load goes through; the rollback comes at the next load or commit.
     *catalog.foreign_change.lock() = Some((1, common::ForeignChange::RollBackAndAppend(ids[1])));
     let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
@@ -4530,26 +4540,7 @@ async fn expiry_through_other_catalogs_plans_on_the_table_it_commits_to() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_through_other_catalogs_keeps_a_tag_made_after_its_plan() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
-    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
-    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
-        .table(["m"], "changes")
-        .settings(Settings { buckets: 1, ..Default::default() })
-        .build()
-        .await
-        .expect("open");
-    let o = ObjectId::new("o").expect("id");
-    let mut ids = Vec::new();
-    for s in 1..=3 {
-        let c = cold
-            .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, s, "k", "v", 1)]))
-            .await
-            .expect("append");
-        ids.push(c.snapshot.expect("a snapshot"));
-    }
-    common::sleep(std::time::Duration::from_millis(5)).await;
-    let catalog = slot.lock().clone().expect("the catalog");
+    let (cold, catalog, _, ids) = three_commits_through_a_custom_catalog(dir.path()).await;
     *catalog.foreign_change.lock() = Some((1, common::ForeignChange::Tag(ids[0])));
     let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
     assert!(catalog.foreign_change.lock().is_none(), "the other engine tagged");
