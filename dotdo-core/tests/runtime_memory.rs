@@ -2045,6 +2045,42 @@ async fn a_hung_refresh_in_maintain_ends_when_the_lease_runs_out() {
     assert_eq!(incr(&rt, &o).await.expect("a new activation"), 3);
 }
 
+/// A leftover lease (its release after a call failed) that `maintain` is releasing stays this
+/// node's to the object's calls meanwhile: a call waits for that release (the object's slot),
+/// then activates. It was taken off the list before the release, and a call meanwhile found the
+/// guard's refusal naming this very node and took it for another's (`LeaseHeld`); a flush
+/// owing the object forgot it the same way, leaving its changes in hot storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: lets the call run into the race
+async fn a_call_during_maintains_release_of_a_leftover_lease_is_not_refused() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let x = oid("x");
+    guard.fail_releases.store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &x).await.expect("first"), 1, "its release after the call fails: a leftover");
+    guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt2 = rt.clone();
+    let maintain = tokio::spawn(async move { rt2.maintain().await });
+    while guard.hung_releases.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
+    // The call runs into the release in flight (before any clock time passes: the leftover
+    // lease is still current at the guard).
+    let rt3 = rt.clone();
+    let x3 = x.clone();
+    let call = tokio::spawn(async move { incr(&rt3, &x3).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The hung release gives up after a TTL (the clock's); the call then goes on.
+    while !maintain.is_finished() {
+        w.clock.advance(TTL);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    maintain.await.expect("join").expect("maintain");
+    let n = tokio::time::timeout(Duration::from_secs(10), call).await.expect("the call ends").expect("join");
+    assert_eq!(n.expect("not refused as another node's"), 2);
+}
+
 /// A shutdown whose lease releases never answer (a hung guard connection) gives the leases
 /// back within one lease TTL in all, not one TTL per warm object (five TTLs here); the leases it
 /// could not give back expire, and another node takes the objects over then.
@@ -2111,12 +2147,15 @@ async fn a_cancelled_maintain_keeps_the_leftover_leases_it_has_not_released() {
     assert_eq!(incr(&rt, &o2).await.expect("o2 again"), 2);
 }
 
-/// A leftover lease whose release `maintain` started, then was cancelled, is put back without
-/// replacing a newer leftover lease of the same object: here the old one expired meanwhile and a
-/// later call left a newer one. Before, the old one overwrote it, the next call released the old
-/// (a no-op) and got `LeaseHeld` naming this very node until the newer one expired.
+/// A leftover lease whose release `maintain` started is released under the object's slot: a
+/// call of the object meanwhile waits for that release. When the host gives up on `maintain`
+/// (cancelled while the release hangs), the lease is put back, and the waiting call goes on;
+/// its own leftover lease (its release fails too) is released by the next call. (Before the
+/// slot was held, a leftover put back by a cancelled `maintain` could replace a newer one a
+/// call had left meanwhile; `leave_orphan` keeps the newer one, and now no call runs then.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() {
+#[allow(clippy::disallowed_methods)] // real time: shows the call waiting
+async fn a_call_waits_for_maintains_release_and_goes_on_when_maintain_is_cancelled() {
     let w = World::new();
     let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
     let o = oid("o");
@@ -2124,7 +2163,6 @@ async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() 
     incr(&rt, &o).await.expect("first call; its release fails: a leftover lease");
     // Half the lease's time passes first: the old lease then runs out before maintain's wait for
     // the hung release (a TTL) ends, and maintain stays in that release until it is aborted.
-    // (Had the wait ended, maintain would go on to release the newer leftover lease itself.)
     w.clock.advance(TTL / 2);
     // maintain takes it and its release hangs.
     guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -2138,14 +2176,24 @@ async fn a_cancelled_release_put_back_does_not_replace_a_newer_leftover_lease() 
     .await;
     assert!(!maintaining.is_finished(), "maintain hangs on the release");
     guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
-    // The old lease expires; a second call takes a newer one, whose release fails too.
+    // A second call waits for that release. Its release of the old lease and its own release
+    // will fail.
+    guard.fail_releases.store(2, std::sync::atomic::Ordering::SeqCst);
+    let second = {
+        let (rt, o) = (rt.clone(), o.clone());
+        tokio::spawn(async move { incr(&rt, &o).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!second.is_finished(), "the call waits for maintain's release of the object's lease");
+    // The old lease expires; the host gives up on maintain: the old lease is put back, and the
+    // call goes on (its release of the old lease fails: kept until the call's own lease
+    // replaces it as the newer leftover).
     w.clock.advance(TTL / 2 + Duration::from_millis(1));
-    guard.fail_releases.store(1, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(incr(&rt, &o).await.expect("second call"), 2);
-    let newer = w.hot.current(&o).await.expect("current").expect("the newer leftover lease");
-    // The host gives up on maintain: the old lease is put back.
     maintaining.abort();
     let _ = maintaining.await;
+    let n = tokio::time::timeout(Duration::from_secs(10), second).await.expect("the call goes on").expect("join");
+    assert_eq!(n.expect("second call"), 2);
+    let newer = w.hot.current(&o).await.expect("current").expect("the newer leftover lease");
     assert_eq!(incr(&rt, &o).await.expect("the next call releases the newer leftover lease"), 3);
     assert!(w.hot.current(&o).await.expect("current").is_none_or(|l| l.token > newer.token));
 }

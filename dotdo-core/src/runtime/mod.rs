@@ -2914,9 +2914,15 @@ const SHUTDOWN_RELEASES: usize = 16;
 async fn release_orphans(inner: &Arc<Inner>) {
     // Taken one at a time: if this is cancelled (a host's timeout around `maintain`), the
     // orphans not yet released stay recorded (the one being released is put back by
-    // `release_quietly`), and a call activating one of them meanwhile finds and releases it.
+    // `release_quietly`). Each under its object's slot lock (a busy one is skipped: the call
+    // there finds and releases the orphan itself): taken off the list while its release was
+    // under way, a call activating the object meanwhile found no orphan and took the guard's
+    // refusal naming this node for another node's lease, and a flush took the object, owed to
+    // it, for another node's and forgot it (its changes left in hot storage).
     let objects: Vec<ObjectId> = inner.orphans.lock().keys().cloned().collect();
     for object in objects {
+        let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
+        let Some(_held) = slot.try_lock() else { continue };
         let Some(lease) = inner.orphans.lock().remove(&object) else { continue };
         release_quietly(inner, &lease).await;
     }
