@@ -80,13 +80,25 @@ impl World {
         cold: Arc<dyn ColdSink>,
         accel: Arc<dyn dotdo_core::IndexAccelerator>,
     ) -> ObjectRuntime {
+        self.runtime_restoring(node, cold, accel, RestoreMode::Lazy)
+    }
+
+    /// A runtime over the world's hot store and guard reading cold storage through `cold` and
+    /// `accel`, restoring by `restore`.
+    fn runtime_restoring(
+        &self,
+        node: &str,
+        cold: Arc<dyn ColdSink>,
+        accel: Arc<dyn dotdo_core::IndexAccelerator>,
+        restore: RestoreMode,
+    ) -> ObjectRuntime {
         ObjectRuntime::builder(NodeId::new(node).expect("valid"))
             .with_hot_store(Arc::new(self.hot.clone()))
             .with_guard(Arc::new(self.hot.clone()))
             .with_cold_sink(cold)
             .with_accelerator(accel)
             .with_clock(Arc::new(self.clock.clone()))
-            .with_settings(RuntimeSettings { restore: RestoreMode::Lazy, ..settings() })
+            .with_settings(RuntimeSettings { restore, ..settings() })
             .build()
             .expect("build runtime")
     }
@@ -2825,15 +2837,7 @@ async fn a_hybrid_activation_reports_the_snapshot_its_preload_repinned_to() {
     a.shutdown().await.expect("shutdown");
     let cold = Arc::new(ExpiringCold::new(w.cold.clone()));
     let restore = RestoreMode::Hybrid { keys: vec!["key/0001".into()], prefixes: vec![] };
-    let b = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(cold.clone())
-        .with_accelerator(cold.clone())
-        .with_clock(Arc::new(w.clock.clone()))
-        .with_settings(RuntimeSettings { restore, ..settings() })
-        .build()
-        .expect("build runtime");
+    let b = w.runtime_restoring("b", cold.clone(), cold.clone(), restore);
     let first = w.cold.snapshots().await.expect("snapshots").last().map(|s| s.id).expect("a snapshot");
     let other = dotdo_core::ChangeRecord {
         object: p.clone(),

@@ -128,12 +128,8 @@ impl IcebergColdStore {
             );
             // (Walked with a bound: damaged metadata whose parents loop is `Corrupt`, not an
             // endless walk; iceberg's own expire action, used below for other catalogs, has none.)
-            let mut keep: HashSet<i64> = crate::store::ancestors(&table.metadata_ref(), head)
-                .map_err(|e| e.context(what.clone()))?
-                .iter()
-                .take(retain_last.max(1))
-                .map(|s| s.snapshot_id())
-                .collect();
+            let chain = crate::store::ancestors(&table.metadata_ref(), head).map_err(|e| e.context(what.clone()))?;
+            let mut keep: HashSet<i64> = chain.iter().take(retain_last.max(1)).map(|s| s.snapshot_id()).collect();
             // The head's dotdo watermarks may live in an ancestor (when other engines committed
             // on top): keep the chain down to it, or the table's watermarks would be lost.
             keep.extend(chain_to_dotdo_base(table.metadata(), head));
@@ -155,9 +151,9 @@ impl IcebergColdStore {
             // The head's ancestors down to the one that was current at the cutoff stay: a read as
             // of any time inside the window (after the cutoff, before the next snapshot) is
             // answered by that one (expired, such reads were `NotFound`).
-            for s in crate::store::ancestors(&table.metadata_ref(), head).map_err(|e| e.context(what.clone()))? {
+            for s in &chain {
                 keep.insert(s.snapshot_id());
-                if committed(&s) <= cutoff {
+                if committed(s) <= cutoff {
                     break;
                 }
             }

@@ -579,7 +579,7 @@ impl ObjectRuntime {
     }
 
     fn slot(&self, object: &ObjectId) -> SlotRef {
-        self.inner.slots.lock().entry(object.clone()).or_default().clone()
+        self.inner.slot(object)
     }
 
     /// [`give_back_if_shut_down`](Self::give_back_if_shut_down) for every slot, at the end of
@@ -2921,7 +2921,7 @@ async fn release_orphans(inner: &Arc<Inner>) {
     // it, for another node's and forgot it (its changes left in hot storage).
     let objects: Vec<ObjectId> = inner.orphans.lock().keys().cloned().collect();
     for object in objects {
-        let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
+        let slot = inner.slot(&object);
         let Some(_held) = slot.try_lock() else { continue };
         let Some(lease) = inner.orphans.lock().remove(&object) else { continue };
         release_quietly(inner, &lease).await;
@@ -2932,7 +2932,7 @@ async fn release_orphans(inner: &Arc<Inner>) {
     // it (and settles it itself).
     let objects: Vec<ObjectId> = inner.unsure.lock().keys().cloned().collect();
     for object in objects {
-        let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
+        let slot = inner.slot(&object);
         let Some(guard) = slot.try_lock() else { continue };
         // Read, and removed only once settled: a cancelled round leaves it recorded.
         let Some(since) = inner.unsure.lock().get(&object).copied() else { continue };
@@ -2965,7 +2965,7 @@ async fn release_orphans(inner: &Arc<Inner>) {
     // settling one).
     let objects: Vec<ObjectId> = inner.given_back.lock().keys().cloned().collect();
     for object in objects {
-        let slot = inner.slots.lock().entry(object.clone()).or_default().clone();
+        let slot = inner.slot(&object);
         let Some(_held) = slot.try_lock() else { continue };
         if !inner.unsure.lock().contains_key(&object) {
             inner.given_back.lock().remove(&object);
@@ -3083,6 +3083,13 @@ impl Drop for Settling<'_> {
 
 /// Whether a call gives its lease back when it ends: with `keep_warm` 0, or once shutdown's
 /// flush has run (no `maintain` will release it any more).
+impl Inner {
+    /// The slot of `object` (made on first use).
+    fn slot(&self, object: &ObjectId) -> SlotRef {
+        self.slots.lock().entry(object.clone()).or_default().clone()
+    }
+}
+
 fn leases_go_back_after_calls(inner: &Inner) -> bool {
     inner.settings.keep_warm.is_zero() || inner.shutdown_flushed.load(Ordering::SeqCst)
 }
