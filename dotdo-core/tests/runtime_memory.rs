@@ -1077,6 +1077,20 @@ fn builder_requires_components_and_valid_settings() {
         .build()
         .expect_err("eviction after the lease is released can never happen");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    // Nor with every lease given back after its call (accepted, it never evicted anything).
+    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_settings(RuntimeSettings {
+            keep_warm: Duration::ZERO,
+            evict_idle_after: Some(Duration::ZERO),
+            ..Default::default()
+        })
+        .build()
+        .expect_err("nothing stays held to be evicted");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("keep_warm above zero"), "{e}");
 }
 
 /// `maintain` tiers out objects idle for `evict_idle_after` even when that equals `keep_warm`
@@ -1094,6 +1108,62 @@ async fn maintain_evicts_idle_objects_before_releasing_them() {
     assert!(w.hot.get(&o, "n").await.expect("hot").is_none(), "left hot storage");
     assert_eq!(w.cold.watermark(&o).await.expect("wm").through, 1, "drained to cold first");
     assert_eq!(incr(&rt, &o).await.expect("comes back"), 2);
+}
+
+/// An idle object whose activation is lazy (its state read from cold storage, nothing of it in
+/// hot storage) is tiered out without reading cold storage: nothing in hot depends on it. The
+/// eviction needed cold storage reachable; while cold was down, the object's lease was kept
+/// (renewed past `keep_warm`) for the next attempt.
+#[tokio::test]
+async fn an_idle_lazy_activation_with_nothing_in_hot_is_tiered_out_with_cold_down() {
+    let w = World::new();
+    let idle = Duration::from_secs(5);
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let settings =
+        RuntimeSettings { restore: RestoreMode::Lazy, keep_warm: idle, evict_idle_after: Some(idle), ..settings() };
+    let rt = w.runtime_with("a", Arc::new(w.hot.clone()), cold.clone(), settings);
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    rt.evict(&o).await.expect("evict");
+    assert_eq!(rt.metrics().evictions, 1);
+    assert_eq!(get(&rt, &o, "n").await.expect("a lazy read"), Some(Bytes::from("1")));
+    assert!(w.hot.get(&o, "n").await.expect("hot").is_none(), "nothing restored to hot storage");
+    assert!(!w.hot.is_available(&o).await.expect("available"), "held, warm");
+    w.clock.advance(idle + Duration::from_secs(1));
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(rt.evict_idle().await.expect("tiered out"), 1);
+    assert_eq!(rt.metrics().evictions, 2);
+    assert!(w.hot.is_available(&o).await.expect("available"), "its lease given back");
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &o).await.expect("comes back"), 2);
+}
+
+/// A long idle-eviction pass (each eviction a cold commit, here 3 s of a 9 s TTL) renews the
+/// other objects' leases as they fall due: a warm object's lease ran out during the pass, and
+/// the round gave the object back (its next call a cold start, another node free to take it).
+#[tokio::test]
+async fn a_long_eviction_pass_keeps_the_warm_objects_leases() {
+    let w = World::new();
+    let idle = Duration::from_secs(10);
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { evict_idle_after: Some(idle), ..settings() });
+    let idle_ones = [oid("a0"), oid("a1"), oid("a2")];
+    for o in &idle_ones {
+        incr(&rt, o).await.expect("incr");
+    }
+    w.clock.advance(idle + Duration::from_secs(1));
+    let warm = oid("w");
+    incr(&rt, &warm).await.expect("incr");
+    let clock = w.clock.clone();
+    *cold.each_append.lock() = Some(Arc::new(move || clock.advance(Duration::from_secs(3))));
+    rt.maintain().await.expect("maintain");
+    assert_eq!(rt.metrics().evictions, 3, "the idle ones tiered out");
+    for o in &idle_ones {
+        assert!(w.hot.get(o, "n").await.expect("hot").is_none(), "{o} left hot storage");
+    }
+    assert!(!w.hot.is_available(&warm).await.expect("available"), "the warm object is still held");
+    let activations = rt.metrics().activations;
+    assert_eq!(incr(&rt, &warm).await.expect("warm"), 2);
+    assert_eq!(rt.metrics().activations, activations, "a warm call, no cold start");
 }
 
 /// An idle eviction that fails for a passing reason (cold unreachable) is tried again by the
@@ -5864,4 +5934,55 @@ async fn a_failed_release_after_an_unknown_write_is_retried() {
     assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
     assert_eq!(incr(&rt, &o).await.expect("the release is retried, a new lease taken"), 2);
     assert!(w.hot.current(&o).await.expect("current").expect("held").token > first.token);
+}
+
+/// A tracing subscriber that reads a runtime's metrics on every event (as a metrics exporter
+/// may), counting its reads.
+struct MetricsOnEvents {
+    rt: Arc<std::sync::OnceLock<ObjectRuntime>>,
+    reads: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl tracing::Subscriber for MetricsOnEvents {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {
+        if let Some(rt) = self.rt.get() {
+            std::hint::black_box(rt.metrics());
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A subscriber reading the metrics on events does not deadlock an activation: its event
+/// ("dotdo activation") was emitted under the metrics' lock, which the read then waited for
+/// on the same thread, for ever.
+#[test]
+fn a_subscriber_reading_the_metrics_on_events_does_not_deadlock_an_activation() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let slot = Arc::new(std::sync::OnceLock::new());
+        let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let _subscribed = tracing::subscriber::set_default(MetricsOnEvents { rt: slot.clone(), reads: reads.clone() });
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+        let activations = runtime.block_on(async {
+            let w = World::new();
+            let rt = w.runtime("a", settings());
+            slot.set(rt.clone()).ok();
+            incr(&rt, &oid("o")).await.expect("incr");
+            rt.metrics().activations
+        });
+        tx.send((activations, reads.load(std::sync::atomic::Ordering::SeqCst))).ok();
+    });
+    let (activations, reads) = rx.recv_timeout(Duration::from_secs(60)).expect("the activation ended");
+    assert_eq!(activations, 1);
+    assert!(reads > 0, "the subscriber read the metrics on the activation's event");
 }

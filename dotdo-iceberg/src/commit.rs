@@ -22,7 +22,7 @@ use iceberg::{MetadataLocation, TableRequirement, TableUpdate};
 use dotdo_core::{Clock, Error, ErrorKind, Result};
 
 use crate::catalog::{PinnedCatalog, SqlVerifier, Swapped};
-use crate::error::classify;
+use crate::error::{classify, panic_is_corrupt};
 use crate::store::IcebergColdStore;
 
 /// The result of [`rewrite_manifests`]: the manifests of a snapshot that removes some files and
@@ -83,8 +83,14 @@ impl IcebergColdStore {
         // with the wall clock, and one that adds a snapshot is stamped no earlier than the table's
         // last update, see `snapshot_updates`.)
         let (new_md, location) = staged(md, &current, updates).map_err(|e| classify(e, what).with_retryable(false))?;
-        new_md.write_to(table.file_io(), &location).await.map_err(|e| classify(e, what))?;
         let new_location = location.to_string();
+        // A metadata file of a commit that certainly did not land is deleted (also one whose
+        // write failed: it may be there): it names manifests the caller deletes, and a reader
+        // guessing the newest version from the directory's listing would load it.
+        if let Err(e) = new_md.write_to(table.file_io(), &location).await {
+            self.delete_files(vec![new_location]).await;
+            return Err(classify(e, what));
+        }
         let ident = table.identifier();
         match verifier.swap_resolved(ident, &current, &new_location).await {
             Ok(Swapped::Landed) => {}
@@ -92,7 +98,13 @@ impl IcebergColdStore {
                 self.delete_files(vec![new_location]).await;
                 return Err(Error::new(ErrorKind::Conflict, format!("{what}: the table changed concurrently")));
             }
-            Err(e) => return Err(e.context(what)),
+            Err(e) => {
+                // Not landed unless the outcome is unknown (the pointer could not be read back).
+                if e.kind() != &ErrorKind::AmbiguousOutcome {
+                    self.delete_files(vec![new_location]).await;
+                }
+                return Err(e.context(what));
+            }
         }
         // Committed: from here on nothing may report failure (a caller would delete files the
         // new metadata references).
@@ -151,7 +163,12 @@ impl IcebergColdStore {
         let mut found = 0;
         if let Some(head) = md.current_snapshot() {
             let listed = match self.manifests_of(table, head).await {
-                Ok(list) => self.rewrite_listed(table, snapshot_id, removed, &list, &mut out).await,
+                // iceberg's manifest writer sums the entries' record counts unchecked: damaged or
+                // foreign counts panicked it (a debug build).
+                Ok(list) => {
+                    let what = format!("a manifest of {} (rewritten by iceberg's writer)", head.manifest_list());
+                    panic_is_corrupt(&what, self.rewrite_listed(table, snapshot_id, removed, &list, &mut out)).await
+                }
                 Err(e) => Err(e),
             };
             match listed {
@@ -580,7 +597,7 @@ impl IcebergColdStore {
             Ok(t) => Ok(t),
             Err(e) => {
                 tracing::warn!(error = %e, "{what}: committed; rebuilding the table handle failed, reloading");
-                self.inner.catalog.load_table(table.identifier()).await
+                crate::error::load_table(&*self.inner.catalog, table.identifier()).await
             }
         }
     }
@@ -722,16 +739,42 @@ fn clock_refusal(at: i64, before: Option<i64>, what: &str) -> Result<()> {
 
 /// `md` with `updates` applied (iceberg's metadata builder validates them), and the location of
 /// that next version after the metadata at `base`.
+///
+/// Damaged or foreign metadata iceberg-rust 0.10.1 would number past `i32::MAX` (its metadata
+/// file version, a schema id) or whose timestamps its builder subtracts unchecked is a
+/// `DataInvalid` error (a panic in a debug build; in release a wrapped version named a file no
+/// reader parses, and every later commit on the table failed).
 fn staged(
     md: &TableMetadata,
     base: &str,
     updates: Vec<TableUpdate>,
 ) -> iceberg::Result<(TableMetadata, MetadataLocation)> {
-    let mut builder = md.clone().into_builder(Some(base.to_string()));
-    for u in updates {
-        builder = u.apply(builder)?;
+    let damaged = |what: String| iceberg::Error::new(iceberg::ErrorKind::DataInvalid, what);
+    let name = base.rsplit('/').next().unwrap_or(base);
+    if name.split('-').next().and_then(|v| v.parse::<i32>().ok()) == Some(i32::MAX) {
+        return Err(damaged(format!(
+            "table metadata at {base}: its version {} leaves no number for the next metadata file",
+            i32::MAX
+        )));
     }
-    let new_md = builder.build()?.metadata;
+    let adds_schema = updates.iter().any(|u| matches!(u, TableUpdate::AddSchema { .. }));
+    if adds_schema && md.schemas_iter().any(|s| s.schema_id() == i32::MAX) {
+        return Err(damaged(format!(
+            "table metadata at {base}: schema id {} leaves no id for another schema",
+            i32::MAX
+        )));
+    }
+    let build = || -> iceberg::Result<TableMetadata> {
+        let mut builder = md.clone().into_builder(Some(base.to_string()));
+        for u in updates {
+            builder = u.apply(builder)?;
+        }
+        Ok(builder.build()?.metadata)
+    };
+    let new_md = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).map_err(|p| {
+        let e = crate::error::panicked(&format!("table metadata at {base}, updated by iceberg's builder"), p.as_ref());
+        damaged(e.to_string()).with_source(e)
+    })??;
     let location = MetadataLocation::from_str(base)?.with_next_version().with_new_metadata(&new_md);
     Ok((new_md, location))
 }
@@ -1005,6 +1048,65 @@ pub(crate) mod tests {
         let rewritten =
             super::Rewritten { manifests, written: Vec::new(), removed_files: 0, removed_records: 0, removed_bytes: 0 };
         cold.commit_snapshot(table, sid, operation, rewritten, &[], Vec::new(), "test commit").await.expect("commit");
+    }
+
+    /// A manifest compaction rewrites (it lists a file compaction replaces) whose other entries'
+    /// record counts add up past `u64` (damaged, or another engine's): `Corrupt`, not a panic of
+    /// iceberg's manifest writer (it sums them unchecked).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_manifest_whose_record_counts_overflow_is_corrupt_not_a_panic() {
+        use iceberg::spec::{
+            DataContentType, DataFileBuilder, DataFileFormat, Literal, ManifestWriterBuilder, Operation, Struct,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cold = open_one_bucket(&dir).await;
+        cold.append(batch("obj", 1)).await.expect("append");
+        cold.append(batch("obj", 2)).await.expect("append");
+        let table = cold.refresh().await.expect("refresh");
+        let md = table.metadata();
+        let head = md.current_snapshot().expect("head").clone();
+        let (files, _) = cold.files_of(&table, &head, None).await.expect("files");
+        let sid = super::new_snapshot_id(&table);
+        let seq = md.next_sequence_number();
+        let spec = md.default_partition_spec().as_ref().clone();
+        let path = format!("{}/metadata/{}-counts.avro", md.location(), uuid::Uuid::new_v4());
+        let output = table.file_io().new_output(&path).expect("output");
+        let mut w =
+            ManifestWriterBuilder::new(output, Some(sid), md.current_schema().clone(), spec.clone()).build_v2_data();
+        let entry = |file: String, records: u64, size: u64| {
+            DataFileBuilder::default()
+                .content(DataContentType::Data)
+                .file_path(file)
+                .file_format(DataFileFormat::Parquet)
+                .partition(Struct::from_iter([Some(Literal::int(0))]))
+                .partition_spec_id(spec.spec_id())
+                .record_count(records)
+                .file_size_in_bytes(size)
+                .build()
+                .expect("data file")
+        };
+        // A small file compaction picks, beside three too large to pick, of i64::MAX rows each:
+        // two added and one existing (their sums fit in a `u64` as written; the rewrite lists
+        // all three as existing).
+        let copy = format!("{}/data/copy.parquet", md.location());
+        let bytes = table.file_io().new_input(&files[0].path).expect("input").read().await.expect("read");
+        table.file_io().new_output(&copy).expect("output").write(bytes).await.expect("write");
+        w.add_file(entry(copy, 1, files[0].size), seq).expect("add");
+        let huge = |i: usize| entry(format!("{}/data/huge-{i}.parquet", md.location()), i64::MAX as u64, 1 << 40);
+        w.add_file(huge(0), seq).expect("add");
+        w.add_file(huge(1), seq).expect("add");
+        let last = md.last_sequence_number();
+        w.add_existing_file(huge(2), head.snapshot_id(), last, Some(last)).expect("add existing");
+        let mut counts = w.write_manifest_file().await.expect("write manifest");
+        // The manifest list's own counts are small (a writer that counted otherwise), so the
+        // list is written: only the entries' counts add up past `u64`.
+        (counts.added_rows_count, counts.existing_rows_count) = (Some(3), Some(1));
+        commit_with_manifest(&cold, &table, &head, sid, counts, Operation::Append).await;
+        let e = cold
+            .compact(CompactOptions { min_input_files: 2, ..Default::default() })
+            .await
+            .expect_err("record counts past u64");
+        assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
     }
 
     /// A manifest the manifest list files under the table's spec but whose entries have

@@ -659,10 +659,28 @@ pub(crate) async fn iceberg_panic_is_corrupt<T>(
     table: &iceberg::table::Table,
     fut: impl std::future::Future<Output = iceberg::Result<T>>,
 ) -> iceberg::Result<T> {
-    let read = || format!("{}, read by iceberg's commit", head_metadata_files(table));
-    catching(fut, read)
+    iceberg_catching(fut, || format!("{}, read by iceberg's commit", head_metadata_files(table))).await
+}
+
+/// `fut` (an iceberg call), a panic inside it an iceberg `DataInvalid` error whose source is
+/// the `Corrupt` error of [`panicked`] naming `what()`, which [`classify`] keeps.
+pub(crate) async fn iceberg_catching<T>(
+    fut: impl std::future::Future<Output = iceberg::Result<T>>,
+    what: impl FnOnce() -> String,
+) -> iceberg::Result<T> {
+    catching(fut, what)
         .await
         .unwrap_or_else(|e| Err(iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string()).with_source(e)))
+}
+
+/// `catalog.load_table(ident)`, a panic while loading (iceberg-rust 0.10.1 subtracts the
+/// metadata log's timestamps unchecked as it normalizes a loaded file: a damaged or foreign
+/// metadata file panicked a debug build) `Corrupt` naming the table's metadata.
+pub(crate) async fn load_table(
+    catalog: &dyn iceberg::Catalog,
+    ident: &iceberg::TableIdent,
+) -> iceberg::Result<iceberg::table::Table> {
+    iceberg_catching(catalog.load_table(ident), || format!("the current metadata file of table {ident}")).await
 }
 
 /// `fut`, with a panic inside it caught: the `Corrupt` error of [`panicked`] naming `what()`

@@ -82,7 +82,7 @@ impl IcebergColdStore {
         if ident == &self.inner.ident {
             return self.refresh().await;
         }
-        match self.inner.catalog.load_table(ident).await {
+        match crate::error::load_table(&*self.inner.catalog, ident).await {
             Ok(t) => Ok(t),
             Err(e) => {
                 let what = format!("loading table {ident}");

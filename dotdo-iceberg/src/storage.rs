@@ -789,6 +789,7 @@ impl Storage for ObjectStoreStorage {
             key,
             pending: std::collections::VecDeque::new(),
             pending_len: 0,
+            total: 0,
             upload: None,
             parts: tokio::task::JoinSet::new(),
             closed: false,
@@ -929,6 +930,8 @@ struct OsWrite {
     /// Bytes written and not yet sent.
     pending: std::collections::VecDeque<Bytes>,
     pending_len: usize,
+    /// Bytes written in all.
+    total: u64,
     /// The multipart upload, once the file outgrew one part, until it completed or was aborted.
     upload: Option<Box<dyn object_store::MultipartUpload>>,
     /// Part uploads in flight.
@@ -995,7 +998,9 @@ impl OsWrite {
             part_result(done)?;
         }
         if let Some(upload) = self.upload.as_mut() {
-            upload.complete().await?;
+            if let Err(e) = upload.complete().await {
+                completed_anyway(&self.store, &self.key, self.total, e).await?;
+            }
         }
         // Complete: nothing left to abort.
         self.upload = None;
@@ -1018,6 +1023,48 @@ impl OsWrite {
     }
 }
 
+/// After the completion of the multipart upload of `key` (`total` bytes written) failed with
+/// `e`: `Ok` if it is a `NotFound` and the file is there as written. An S3-compatible store
+/// answers `NoSuchUpload` (object_store's `NotFound`) to a completion object_store sent again
+/// after the first one completed the upload and its reply was lost (a completion is retried as
+/// idempotent). Any other `NotFound` is a retryable failure, not a missing file (the upload is
+/// gone; writing again mends it).
+async fn completed_anyway(
+    store: &Arc<dyn ObjectStore>,
+    key: &Path,
+    total: u64,
+    e: object_store::Error,
+) -> object_store::Result<()> {
+    if !matches!(e, object_store::Error::NotFound { .. }) {
+        return Err(e);
+    }
+    match store.head(key).await {
+        Ok(meta) if meta.size == total => {
+            tracing::debug!(key = %key, error = %e, "dotdo iceberg: a multipart completion answered NotFound; the file is there, complete");
+            Ok(())
+        }
+        found => {
+            // The store's answers are logged, not carried: their text ("status code: 404")
+            // would class the failure as a refused request.
+            let there = match &found {
+                Ok(meta) => format!("{} bytes of the {} written", meta.size, total),
+                Err(_) => "absent".to_string(),
+            };
+            let head = found.err().map(|h| h.to_string()).unwrap_or_default();
+            tracing::warn!(key = %key, error = %e, head = %head, "dotdo iceberg: a multipart completion answered NotFound");
+            Err(object_store::Error::Generic {
+                store: "multipart upload",
+                source: format!(
+                    "completing the multipart upload of {} was answered NotFound (the upload is gone) and \
+                     the object is not there as written ({there}): write the file again",
+                    key
+                )
+                .into(),
+            })
+        }
+    }
+}
+
 /// A part upload's outcome (a task that panicked or was cancelled is a failed part).
 fn part_result(
     done: std::result::Result<object_store::Result<()>, tokio::task::JoinError>,
@@ -1037,6 +1084,7 @@ impl FileWrite for OsWrite {
             return Err(Self::closed_error());
         }
         self.pending_len += bs.len();
+        self.total = self.total.saturating_add(bs.len() as u64);
         self.pending.push_back(bs);
         // Marked closed while parts are taken and sent: a write dropped midway (its part taken
         // from `pending`, perhaps never sent) leaves a writer that refuses to go on (and aborts

@@ -506,7 +506,7 @@ async fn open_table(
     placing: Placing<'_>,
 ) -> Result<Table> {
     let what = format!("table {ident}");
-    let table = match catalog.load_table(ident).await {
+    let table = match crate::error::load_table(catalog, ident).await {
         Ok(t) => t,
         Err(e) if matches!(e.kind(), iceberg::ErrorKind::TableNotFound | iceberg::ErrorKind::NamespaceNotFound) => {
             create_table(catalog, ident, settings, placing).await?
@@ -589,7 +589,7 @@ pub(crate) async fn set_dotdo_properties(
                 let e = classify(e, &what);
                 tracing::debug!(table = %ident, error = %e, "setting dotdo's table properties failed; reading again");
                 attempt += 1;
-                table = catalog.load_table(ident).await.map_err(|e| classify(e, &what))?;
+                table = crate::error::load_table(catalog, ident).await.map_err(|e| classify(e, &what))?;
             }
             Err(e) => return Err(classify(e, &what)),
         }
@@ -738,12 +738,12 @@ async fn create_table(
     match catalog.create_table(ns, creation).await {
         Ok(t) => confirm_created(catalog, placing.verifier, ident, t, &what).await,
         Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
-            catalog.load_table(ident).await.map_err(|e| classify(e, &what))
+            crate::error::load_table(catalog, ident).await.map_err(|e| classify(e, &what))
         }
         // Another process created it meanwhile (the SQL catalog reports the unique-key clash as
         // an unexpected error): the table is there, use it. (The loser's metadata file is left
         // unreferenced, for `remove_unreferenced_files`.)
-        Err(e) => match catalog.load_table(ident).await {
+        Err(e) => match crate::error::load_table(catalog, ident).await {
             Ok(t) => Ok(t),
             Err(_) => Err(classify(e, &what)),
         },
@@ -782,7 +782,7 @@ pub(crate) async fn confirm_created(
     let Some(v) = verifier else { return Ok(table) };
     match v.metadata_location(ident).await? {
         Some(l) if Some(l.as_str()) == table.metadata_location() => Ok(table),
-        Some(_) => catalog.load_table(ident).await.map_err(|e| classify(e, what)),
+        Some(_) => crate::error::load_table(catalog, ident).await.map_err(|e| classify(e, what)),
         None => Err(Error::unavailable(format!(
             "{what}: the SQL catalog reported the table created but does not hold it (its transaction did not \
              commit); nothing was created"
@@ -1025,7 +1025,7 @@ impl IcebergColdStore {
     pub async fn refresh(&self) -> Result<Table> {
         use std::sync::atomic::Ordering;
         let ticket = self.inner.tickets.fetch_add(1, Ordering::SeqCst) + 1;
-        let t = match self.inner.catalog.load_table(&self.inner.ident).await {
+        let t = match crate::error::load_table(&*self.inner.catalog, &self.inner.ident).await {
             Ok(t) => t,
             Err(e) => {
                 let what = format!("loading table {}", self.inner.ident);
@@ -1760,9 +1760,14 @@ impl IcebergColdStore {
                 return self.landed_result(&t, &s, batch).await;
             }
         }
+        // Read back above and not found: through the SQL catalog no attempt landed (its pointer
+        // swap is settled before it answers: the last error is the answer). Through another (a
+        // REST server still at a request the client gave up on), an attempt whose outcome was
+        // unknown may land yet: the outcome stays unknown (it was reported as failed).
+        if self.inner.verifier.is_some() {
+            *maybe_landed = false;
+        }
         self.discard_unlanded(written.take(), &last, *maybe_landed).await;
-        // Read back above: no attempt landed (the last error is the answer).
-        *maybe_landed = false;
         match last {
             Attempt::Unknown(e) => Err(e.context(format!("cold commit failed after {attempts} attempts"))),
             Attempt::Failed(e) => Err(e.context("the cold commit did not land")),

@@ -235,7 +235,7 @@ impl IcebergColdStore {
             )));
         }
         let catalog = self.catalog();
-        let table = match catalog.load_table(&ident).await {
+        let table = match crate::error::load_table(&*catalog, &ident).await {
             Ok(t) => t,
             Err(e) if matches!(e.kind(), iceberg::ErrorKind::TableNotFound | iceberg::ErrorKind::NamespaceNotFound) => {
                 // Before anything is created (the namespace included).
@@ -279,12 +279,12 @@ impl IcebergColdStore {
                         crate::store::confirm_created(&*catalog, self.inner.verifier.as_ref(), &ident, t, &what).await?
                     }
                     Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
-                        catalog.load_table(&ident).await.map_err(|e| classify(e, &what))?
+                        crate::error::load_table(&*catalog, &ident).await.map_err(|e| classify(e, &what))?
                     }
                     // Another process created it meanwhile (the SQL catalog reports the
                     // unique-key clash as an unexpected error): opened as it is (its schema is
                     // checked below), as for the change table.
-                    Err(e) => match catalog.load_table(&ident).await {
+                    Err(e) => match crate::error::load_table(&*catalog, &ident).await {
                         Ok(t) => t,
                         Err(_) => return Err(classify(e, &what)),
                     },
@@ -641,7 +641,9 @@ impl ArrowTable {
     }
 
     async fn load(&self) -> Result<Table> {
-        self.store.catalog().load_table(&self.ident).await.map_err(|e| classify(e, &format!("loading {}", self.ident)))
+        crate::error::load_table(&*self.store.catalog(), &self.ident)
+            .await
+            .map_err(|e| classify(e, &format!("loading {}", self.ident)))
     }
 
     /// The table for commit attempt `attempt` of a retry loop: after a backoff (from the second
@@ -909,10 +911,13 @@ impl ArrowTable {
                     }
                 }
             }
+            // Read back above if an attempt's outcome was unknown and not found: through the SQL
+            // catalog none landed (the last error is the answer); through another, one may land
+            // yet (see `IcebergColdStore::append`): the outcome stays unknown.
+            if self.store.inner.verifier.is_some() {
+                maybe_landed = false;
+            }
             self.discard_files(files.take(), maybe_landed).await;
-            // Read back above if an attempt's outcome was unknown: none landed (the last error is
-            // the answer).
-            maybe_landed = false;
             Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))
         }
         .await;

@@ -801,6 +801,96 @@ async fn no_sequence_number_left_on_iceberg_s_own_commit_path() {
     assert!(e.to_string().contains("did not land"), "{e}");
 }
 
+/// Point the SQL catalog of the warehouse at `dir` at `location` for table `name`.
+fn repoint(dir: &std::path::Path, name: &str, location: &str) {
+    let c = rusqlite::Connection::open(dir.join("catalog.db")).expect("catalog");
+    let moved = c
+        .execute("UPDATE iceberg_tables SET metadata_location = ?1 WHERE table_name = ?2", [location, name])
+        .expect("move the pointer");
+    assert_eq!(moved, 1);
+}
+
+/// A metadata file numbered `i32::MAX` (damaged, or another engine's) leaves no number for the
+/// next one: an append is `Corrupt` naming the metadata and did not land, and no metadata file
+/// of a wrapped version is written (iceberg adds one unchecked: a panic in a debug build; in
+/// release the catalog moved to `-2147483648-….metadata.json`, a name no reader parses, and
+/// every later commit failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metadata_file_at_the_last_version_is_corrupt_not_a_wrap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, o) = store_with_puts(dir.path(), 2).await;
+    let (table, _) = first_data_file(&cold).await;
+    let current = table.metadata_location().expect("metadata").to_string();
+    let last = format!("{}/metadata/{}-{}.metadata.json", table.metadata().location(), i32::MAX, uuid_like());
+    std::fs::copy(current.strip_prefix("file://").expect("local"), last.strip_prefix("file://").expect("local"))
+        .expect("copy");
+    repoint(dir.path(), "changes", &last);
+    cold.refresh().await.expect("the metadata reads");
+    let e = cold
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 3, "k", "w", 1)]))
+        .await
+        .expect_err("no version left");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(&format!("version {}", i32::MAX)), "{e}");
+    assert!(e.to_string().contains("did not land"), "{e}");
+    // A commit without a snapshot (an expiry through the store's own commit) too.
+    let e = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("no version left");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let wrapped = common::files_ending_with(dir.path(), ".metadata.json")
+        .into_iter()
+        .filter(|f| f.to_string_lossy().contains("/-"))
+        .collect::<Vec<_>>();
+    assert!(wrapped.is_empty(), "metadata of a wrapped version: {wrapped:?}");
+    assert_eq!(cold.refresh().await.expect("refresh").metadata_location(), Some(last.as_str()), "nothing moved");
+}
+
+/// A random-looking uuid for a metadata file name.
+fn uuid_like() -> String {
+    "0b7c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3".to_string()
+}
+
+/// A metadata-log timestamp of `i64::MIN` (damaged or foreign metadata) is `Corrupt` when the
+/// table is loaded, naming the table's metadata, not a panic (iceberg subtracts the log's
+/// timestamps unchecked as it loads a metadata file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metadata_log_timestamp_that_overflows_is_corrupt_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, _o) = store_with_puts(dir.path(), 2).await;
+    let (table, _) = first_data_file(&cold).await;
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        let log = json["metadata-log"].as_array_mut().expect("a metadata log");
+        let last = log.last_mut().expect("an entry");
+        last["timestamp-ms"] = serde_json::json!(i64::MIN);
+    });
+    let e = cold.refresh().await.expect_err("damaged metadata");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("metadata file of table"), "{e}");
+    let e = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect_err("reopen");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
+/// A user table whose schema id is `i32::MAX` (damaged, or another engine's) leaves no id for a
+/// widened schema: `Corrupt`, nothing committed (iceberg adds one to the highest id unchecked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn widening_a_table_at_the_last_schema_id_is_corrupt_not_a_panic() {
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["dotdo"], "users", schema).await.expect("user table");
+    let table = cold.catalog().load_table(user.ident()).await.expect("load");
+    let location = table.metadata_location().expect("metadata").to_string();
+    common::edit_metadata(&location, |json| {
+        json["schemas"][0]["schema-id"] = serde_json::json!(i32::MAX);
+        json["current-schema-id"] = serde_json::json!(i32::MAX);
+    });
+    let e = user.widen_column("id", DataType::Int64).await.expect_err("no schema id left");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(&format!("schema id {}", i32::MAX)), "{e}");
+    let now = cold.catalog().load_table(user.ident()).await.expect("load");
+    assert_eq!(now.metadata_location(), Some(location.as_str()), "nothing committed");
+}
+
 /// A snapshot summary whose watermark checkpoint names no location of the warehouse (damaged,
 /// or edited) is `Corrupt` saying so, not the caller's `InvalidInput`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1021,6 +1111,42 @@ async fn an_unsettled_append_that_cannot_read_back_after_a_conflict_is_ambiguous
     catalog.fail_loads.store(false, std::sync::atomic::Ordering::SeqCst);
     let c = cold.append(batch).await.expect("once the catalog answers");
     assert_eq!(c.records_written + c.records_skipped, 1);
+    assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
+}
+
+/// Through a catalog other than the SQL one, an append whose last attempt's outcome is unknown
+/// and whose final read-back does not find it is `AmbiguousOutcome`: the catalog may still be
+/// at the request (it was the attempt's own error, a retryable `Unavailable` that says the
+/// batch did not land, and the request landed after). The same batch again is skipped once it
+/// has landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: waiting for the late commit
+async fn an_append_whose_request_lands_after_the_read_back_is_ambiguous() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dotdo_iceberg::catalog::default_sqlite_uri(dir.path());
+    let (build, slot) = common::switched_sql_catalog(uri, format!("file://{}", dir.path().display()));
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .catalog(dotdo_iceberg::CatalogConfig::Custom(build))
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let catalog = slot.lock().clone().expect("catalog built");
+    *catalog.late_next_update.lock() = Some(std::time::Duration::from_millis(500));
+    let batch = ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]);
+    let e = cold.append(batch.clone()).await.expect_err("no reply");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert!(!catalog.late_landed.load(Ordering::SeqCst), "answered before the request landed");
+    let started = std::time::Instant::now();
+    while !catalog.late_landed.load(Ordering::SeqCst) && started.elapsed() < std::time::Duration::from_secs(20) {
+        common::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(catalog.late_landed.load(Ordering::SeqCst), "the request landed");
+    // (One attempt per append: the store learns of the late commit first.)
+    cold.refresh().await.expect("refresh");
+    let c = cold.append(batch).await.expect("the same batch");
+    assert_eq!((c.records_written, c.records_skipped), (0, 1), "landed once, late");
     assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
 }
 
@@ -1319,6 +1445,40 @@ async fn a_stalled_user_table_append_does_not_commit_its_stale_file() {
     }
 }
 
+/// A commit without a snapshot (an expiry) whose metadata file was written but whose write
+/// failed (the reply lost) did not land, and leaves no metadata file behind (a reader guessing
+/// the newest version from the directory's listing would load it); the expiry's next attempt
+/// commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_without_a_snapshot_leaves_no_metadata_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (recorded, cold) = recorded_local_store(dir.path()).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let metadata_files = || {
+        let mut files: Vec<String> = common::files_ending_with(dir.path(), ".metadata.json")
+            .into_iter()
+            .map(|f| f.file_name().expect("name").to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        files
+    };
+    let before = metadata_files();
+    *recorded.lose_puts_of.lock() = Some((".metadata.json".to_string(), 1));
+    // (The expiry tries again after the failed attempt.)
+    let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    assert_eq!(recorded.lost_replies.load(Ordering::SeqCst), 1, "the write ran and its reply was lost");
+    assert_eq!(report.expired.len(), 2, "{report:?}");
+    let after = metadata_files();
+    assert_eq!(after.len(), before.len() + 1, "only the landed commit's metadata file was added: {after:?}");
+    let current = cold.refresh().await.expect("table").metadata_location().expect("metadata").to_string();
+    assert!(current.ends_with(after.iter().find(|f| !before.contains(f)).expect("new")), "{current}");
+}
+
 /// A user table `u.events` of one `id` column on a store whose object store records its puts
 /// (`attempts` commit attempts per append; the store's clock `clock` if given), a maker of
 /// one-row batches, and the same table through another store on the same catalog and warehouse
@@ -1453,6 +1613,26 @@ async fn a_failed_multipart_upload_is_aborted() {
         assert!(mib.iter().all(|&b| usize::from(b) == i), "MiB {i} holds another write's bytes");
     }
     assert_eq!(store.aborts.load(Ordering::SeqCst), 3);
+    // A completion answered `NotFound` after it completed (S3's `NoSuchUpload` to a completion
+    // object_store sent again, the first one's reply lost): the file is there, whole, and the
+    // write succeeded (it failed as a missing file: `Corrupt` or a non-retryable error).
+    store.uploads.not_found_lands.store(true, Ordering::SeqCst);
+    store.uploads.not_found_completes.store(1, Ordering::SeqCst);
+    write_file("retried-complete.bin").await.expect("the file is there as written");
+    let file = std::fs::read(dir.path().join("ns/t/data/retried-complete.bin")).expect("read");
+    assert_eq!(file.len(), 25 << 20);
+    assert_eq!(store.aborts.load(Ordering::SeqCst), 3, "nothing aborted");
+    // Answered `NotFound` and not completed: a failure to write again, a passing store error
+    // (not `NotFound`, which is classed as a missing, damaged file).
+    store.uploads.not_found_lands.store(false, Ordering::SeqCst);
+    store.uploads.not_found_completes.store(1, Ordering::SeqCst);
+    let e = write_file("gone.bin").await.expect_err("the upload is gone");
+    let os =
+        std::error::Error::source(&e).and_then(|s| s.downcast_ref::<object_store::Error>()).expect("a store error");
+    assert!(matches!(os, object_store::Error::Generic { .. }), "{os:?}");
+    assert!(e.to_string().contains("write the file again") && !e.to_string().contains("404"), "{e}");
+    assert_eq!(wait_for_aborts(4).await, 4, "the upload was aborted");
+    assert!(common::files_ending_with(dir.path(), "gone.bin").is_empty());
 }
 
 /// A large user-table append is written as contiguous row ranges side by side, one file each

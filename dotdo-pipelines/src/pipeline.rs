@@ -169,6 +169,13 @@ impl PipelineBuilder {
                 w[0].1, w[1].1
             )));
         }
+        // A batch an earlier process claimed is due at once (see `roll_due`), as the Arrow
+        // pipeline's is.
+        let inherited = log.claimed(self.settings.token)?.map(|c| OwnClaim {
+            id: c.id,
+            counted: Default::default(),
+            inherited: true,
+        });
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let now = clock.monotonic();
         Ok(Pipeline {
@@ -179,7 +186,7 @@ impl PipelineBuilder {
                 transform: self.transform,
                 clock,
                 next_seq: Mutex::new(HashMap::new()),
-                own_claim: Mutex::new(None),
+                own_claim: Mutex::new(inherited),
                 roll_lock: futures::lock::Mutex::new(()),
                 commits: Default::default(),
                 send_gate: Mutex::new(()),
@@ -480,9 +487,11 @@ impl Pipeline {
         }
     }
 
-    /// Whether a roll is due (interval elapsed with events waiting, a row/byte threshold hit, or
-    /// the buffer half full by events or bytes: with thresholds above the capacity, senders
-    /// were refused as "full" until the interval passed).
+    /// Whether a roll is due (interval elapsed with events waiting, a row/byte threshold hit, the
+    /// buffer half full by events or bytes: with thresholds above the capacity, senders were
+    /// refused as "full" until the interval passed; or a batch claimed and not yet committed,
+    /// such as one an earlier process left, which may be in the sink already and which
+    /// `take_refused` answers `Conflict` about until a roll has tried it).
     pub fn roll_due(&self) -> bool {
         let inner = &self.inner;
         let (events, bytes) = inner.log.depth();
@@ -490,6 +499,7 @@ impl Pipeline {
             && (events >= inner.settings.roll_rows
                 || bytes >= inner.settings.roll_bytes
                 || inner.settings.half_full(events, bytes)
+                || inner.own_claim.lock().is_some()
                 || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
     }
 
@@ -527,9 +537,13 @@ impl Pipeline {
     /// The batches of one roll (see [`roll`](Self::roll)), counted into `report` as they land.
     async fn roll_batches(&self, report: &mut RollReport) -> Result<()> {
         let inner = &self.inner;
-        // Commit what is waiting now, not the tail that keeps arriving during the roll.
-        let waiting = inner.log.depth().0 as u64;
-        while report.events.saturating_add(report.replayed) < waiting {
+        // Commit what is waiting now, not the tail that keeps arriving during the roll: counted
+        // by the events claimed, not by what the sinks report landed (a route counted by an
+        // earlier, failed roll reports nothing when its batch is committed again, and a user's
+        // sink may report anything: under steady sends, such a roll never ended).
+        let waiting = inner.log.depth().0;
+        let mut taken = 0usize;
+        while taken < waiting {
             let claimed = match inner.log.claimed(inner.settings.token)? {
                 Some(c) => {
                     // A batch an earlier process (or a failed roll of this one) claimed: which of
@@ -588,6 +602,7 @@ impl Pipeline {
                     }
                 }
             };
+            taken = taken.saturating_add(claimed.rows.len().max(1));
             let sw = Stopwatch::start(inner.clock.clone());
             let oldest = claimed.rows.iter().map(|(_, r)| r.timestamp).min();
             let mut by_route: BTreeMap<String, BTreeMap<ObjectId, Vec<ChangeRecord>>> = BTreeMap::new();

@@ -1577,3 +1577,106 @@ async fn a_log_is_watched_as_opened_and_a_spill_file_not_at_all() {
     p.send(vec![ev("s", "k0", "a"), ev("s", "k1", "b")]).expect("send to memory");
     assert_eq!(p.roll().await.expect("roll").events, 2);
 }
+
+/// A user's sink that reports no records written (a sloppy `ColdCommit`) while sends keep
+/// arriving: each of its commits sends one more event through the pipeline.
+struct Underreporting {
+    inner: MemoryColdStore,
+    pipeline: std::sync::OnceLock<Pipeline>,
+    appends: AtomicU32,
+}
+
+impl std::fmt::Debug for Underreporting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Underreporting").finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl ColdSink for Underreporting {
+    async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
+        let n = self.appends.fetch_add(1, Ordering::SeqCst);
+        let mut c = self.inner.append(batch).await?;
+        (c.records_written, c.records_skipped) = (0, 0);
+        if n < 50 {
+            let p = self.pipeline.get().expect("set");
+            p.send(vec![ev("o0", &format!("t{n:05}"), "x")]).expect("steady sends");
+        }
+        Ok(c)
+    }
+    async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
+        self.inner.watermark(object).await
+    }
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.inner.snapshots().await
+    }
+    async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
+        self.inner.load_state(object, as_of).await
+    }
+    async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
+        self.inner.read_changes(object, after, as_of).await
+    }
+}
+
+/// A roll commits the events waiting at its start, counted by what it claimed, not by what the
+/// sink reports landed: with a sink that reports nothing written and sends arriving during each
+/// commit, a roll went on claiming the new events until the sends stopped (for ever under
+/// steady traffic); a batch committed again after an earlier roll failed reports its counted
+/// routes as nothing landed, too.
+#[tokio::test]
+async fn a_roll_ends_with_what_waited_at_its_start_whatever_the_sink_reports() {
+    for durable in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = Arc::new(Underreporting {
+            inner: MemoryColdStore::new(),
+            pipeline: std::sync::OnceLock::new(),
+            appends: AtomicU32::new(0),
+        });
+        let durability = if durable { Durability::Durable(dir.path().join("log.db")) } else { Durability::Memory };
+        let settings = PipelineSettings { durability, roll_rows: 1, ..Default::default() };
+        let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("pipeline");
+        sink.pipeline.set(p.clone()).expect("once");
+        p.send(vec![ev("o0", "k0", "a"), ev("o0", "k1", "b")]).expect("send");
+        let report =
+            tokio::time::timeout(Duration::from_secs(30), p.roll()).await.expect("the roll ends").expect("roll");
+        assert_eq!(report.commits, 2, "durable {durable}: the two events waiting, one batch each");
+        assert_eq!(sink.appends.load(Ordering::SeqCst), 2, "durable {durable}: no event sent during the roll");
+        let keys: Vec<String> = committed(&sink.inner, 1).await.into_iter().map(|r| r.key).collect();
+        assert_eq!(keys, ["k0", "k1"], "durable {durable}");
+    }
+}
+
+/// A batch an earlier process claimed (in a durable log) makes a roll due at once, as it does
+/// for the Arrow pipeline: it waited for the roll interval (or rows enough) behind a few events,
+/// while it may be in the sink already and `take_refused` answered `Conflict` about it.
+#[tokio::test]
+async fn an_inherited_claim_makes_a_roll_due_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Flaky::new();
+    let settings = PipelineSettings {
+        durability: Durability::Durable(dir.path().join("log.db")),
+        roll_interval: Duration::from_secs(300),
+        ..Default::default()
+    };
+    let clock = ManualClock::new(Timestamp::from_millis(1_000));
+    let open = || {
+        Pipeline::builder(sink.clone())
+            .with_settings(settings.clone())
+            .with_clock(Arc::new(clock.clone()))
+            .build()
+            .expect("pipeline")
+    };
+    let p = open();
+    p.send(vec![ev("o0", "k0", "a")]).expect("send");
+    assert!(!p.roll_due(), "one event, the interval not passed");
+    // (Refused rather than down: the sink's retries would wait on the manual clock.)
+    sink.refusing.store(true, Ordering::SeqCst);
+    p.roll().await.expect_err("the sink refuses");
+    assert!(p.roll_due(), "the claimed batch waits to be committed");
+    drop(p);
+    let p = open();
+    assert!(p.roll_due(), "the batch the earlier pipeline claimed");
+    sink.refusing.store(false, Ordering::SeqCst);
+    assert_eq!(p.roll().await.expect("roll").events, 1);
+    assert!(!p.roll_due(), "nothing waits");
+}

@@ -46,6 +46,20 @@ pub struct ActivationMetrics {
     pub snapshot: Option<SnapshotId>,
 }
 
+impl ActivationMetrics {
+    /// The activation's tracing event (at `info`).
+    pub(crate) fn log(&self) {
+        tracing::info!(
+            object = %self.object,
+            recovery = ?self.recovery,
+            cold_start_us = self.cold_start.as_micros() as u64,
+            state_loading_us = self.state_loading.as_micros() as u64,
+            keys_loaded = self.keys_loaded,
+            "dotdo activation"
+        );
+    }
+}
+
 /// Counters of one runtime, monotonic since the runtime was built, and one gauge
 /// ([`in_flight`](Self::in_flight)).
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
@@ -96,15 +110,9 @@ pub struct RuntimeMetrics {
 }
 
 impl RuntimeMetrics {
+    /// Count `m` as the most recent activation (logged by [`ActivationMetrics::log`], outside
+    /// the metrics' lock: a tracing layer that reads the metrics on events deadlocked).
     pub(crate) fn push_activation(&mut self, m: ActivationMetrics) {
-        tracing::info!(
-            object = %m.object,
-            recovery = ?m.recovery,
-            cold_start_us = m.cold_start.as_micros() as u64,
-            state_loading_us = m.state_loading.as_micros() as u64,
-            keys_loaded = m.keys_loaded,
-            "dotdo activation"
-        );
         if self.recent_activations.len() >= 256 {
             self.recent_activations.pop_front();
         }

@@ -108,8 +108,8 @@ pub struct RuntimeSettings {
     /// (about 200 GB) into one commit after a long cold outage. Default 64 MiB.
     pub flush_batch_bytes: usize,
     /// Objects idle this long are tiered out by `evict_idle` and `maintain` (None: never).
-    /// Must not exceed `keep_warm` (objects released after `keep_warm` are no longer this
-    /// runtime's to evict). An object whose eviction failed for a passing reason (cold storage
+    /// Must not exceed `keep_warm`, which must be above zero (objects released after
+    /// `keep_warm` are no longer this runtime's to evict). An object whose eviction failed for a passing reason (cold storage
     /// unreachable) stays held past `keep_warm`, its lease renewed, until a later `maintain`
     /// evicts it. Default None.
     pub evict_idle_after: Option<Duration>,
@@ -410,6 +410,12 @@ impl ObjectRuntimeBuilder {
             }
         }
         if let Some(idle) = self.settings.evict_idle_after {
+            if self.settings.keep_warm.is_zero() {
+                return Err(Error::invalid(
+                    "evict_idle_after needs keep_warm above zero: with keep_warm 0 every call gives its lease \
+                     back, so no object stays held to be tiered out (hot storage would only grow)",
+                ));
+            }
             if idle > self.settings.keep_warm {
                 return Err(Error::invalid(format!(
                     "evict_idle_after ({idle:?}) must not exceed keep_warm ({:?}): an object whose lease is \
@@ -1059,9 +1065,7 @@ impl ObjectRuntime {
         hand.disarm();
         let state_loading = loading.elapsed();
         slot.active = Some(active);
-        let mut m = inner.metrics.lock();
-        m.activations += 1;
-        m.push_activation(ActivationMetrics {
+        let activation = ActivationMetrics {
             object: object.clone(),
             recovery,
             cold_start: sw.elapsed(),
@@ -1069,7 +1073,11 @@ impl ObjectRuntime {
             keys_loaded: keys,
             bytes_loaded: bytes,
             snapshot,
-        });
+        };
+        activation.log();
+        let mut m = inner.metrics.lock();
+        m.activations += 1;
+        m.push_activation(activation);
         Ok(true)
     }
 
@@ -1376,7 +1384,9 @@ impl ObjectRuntime {
     async fn complete_restores_in(&self) -> Result<()> {
         let _guard = self.enter()?;
         let mut first_err = None;
+        let mut swept = self.inner.clock.monotonic();
         for (object, slot) in self.active_slots() {
+            self.renew_during_pass(&mut swept).await;
             let Some(mut slot) = slot.try_lock() else { continue };
             if let Some(active) = slot.active.as_mut() {
                 if active.lazy.is_some() {
@@ -1402,6 +1412,30 @@ impl ObjectRuntime {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Within a pass over the objects that may take long (`evict_idle`, `complete_restores`:
+    /// each object a cold commit or read), the leases of the others are renewed as they fall
+    /// due, looked at every sixth of the TTL at most (renewal is due with two thirds left), as
+    /// `flush_all` renews the leases it holds: a pass longer than the TTL let a warm object's
+    /// lease run out, and `maintain` gave it back (its next call a cold start; an object kept
+    /// for another eviction attempt released with its state in hot storage). Only renewed here:
+    /// a lease that cannot be is left to the pass and to `maintain` (an idle object whose lease
+    /// lapsed is still evicted). `last` is when the leases were last looked at.
+    async fn renew_during_pass(&self, last: &mut Duration) {
+        let inner = &self.inner;
+        let now = inner.clock.monotonic();
+        if now.saturating_sub(*last) < inner.settings.lease_ttl / 6 {
+            return;
+        }
+        *last = now;
+        for (object, slot) in self.active_slots() {
+            let Some(mut guard) = slot.try_lock() else { continue };
+            let Some(active) = guard.active.as_mut() else { continue };
+            if let Err(e) = renew_if_due(inner, &mut active.lease).await {
+                tracing::debug!(object = %object, error = %e, "dotdo: lease not renewed during a pass; left to maintain");
+            }
+        }
     }
 
     fn active_slots(&self) -> Vec<(ObjectId, Arc<futures::lock::Mutex<Slot>>)> {
@@ -2012,9 +2046,14 @@ impl ObjectRuntime {
         // a restore of unknown outcome) is drained and dropped like any hot state.
         let drained = async {
             let report = drain(&self.inner, object, token, usize::MAX).await?;
-            if report.objects == 0 {
-                // Nothing was left to drain, so no commit just showed that cold storage holds
-                // the object's changes: make sure it still does before the only other copy goes.
+            // Nothing was left to drain, so no commit just showed that cold storage holds the
+            // object's changes: make sure it still does before the only other copy goes. With
+            // nothing of the object in hot storage (a lazy activation of an evicted object) no
+            // copy goes: cold storage is not asked (an idle lazy object was kept, its lease
+            // renewed past `keep_warm`, for as long as cold storage was down).
+            if report.objects == 0
+                && self.inner.hot.object_info(object).await?.is_some_and(|i| i.keys > 0 || i.has_pending_changes())
+            {
                 cold_holds_hot_changes(&self.inner, object).await?;
             }
             Ok(())
@@ -2087,7 +2126,9 @@ impl ObjectRuntime {
         // others in hot storage: every failure is logged, and the first one is returned only if
         // nothing could be evicted (otherwise the count of evicted objects).
         let (mut evicted, mut first_err) = (0, None);
+        let mut swept = self.inner.clock.monotonic();
         for (object, slot) in self.active_slots() {
+            self.renew_during_pass(&mut swept).await;
             // An object in use is not idle; idleness is judged under the lock, at the time of its
             // own eviction (evicting the ones before can take a while).
             let Some(mut guard) = slot.try_lock() else { continue };

@@ -314,6 +314,9 @@ pub struct FaultyStore {
     /// The next `n` puts of paths ending with this suffix fail (before they run), whatever
     /// `probability` says.
     pub fail_puts_of: Mutex<Option<(String, u32)>>,
+    /// The next `n` puts of paths ending with this suffix run, then fail (the reply lost),
+    /// whatever `probability` says.
+    pub lose_puts_of: Mutex<Option<(String, u32)>>,
     /// Multipart uploads aborted so far.
     pub aborts: Arc<AtomicU64>,
     /// Run once, before the first read (`get_opts`, `get_ranges`) of a path ending with the given
@@ -340,6 +343,10 @@ pub struct UploadFaults {
     pub fail_completes: AtomicU64,
     /// Parts never finish (a stalled link).
     pub hang_parts: AtomicBool,
+    /// The next `n` completions answer `NotFound` (S3's `NoSuchUpload`, as to a completion sent
+    /// again after the first completed the upload): after completing it if `not_found_lands`.
+    pub not_found_completes: AtomicU64,
+    pub not_found_lands: AtomicBool,
 }
 
 /// Failed file writes by kind of file: (failures, of which lost replies).
@@ -411,6 +418,7 @@ impl FaultyStore {
             before_list: Mutex::new(None),
             fail_reads_of: Mutex::new(None),
             fail_puts_of: Mutex::new(None),
+            lose_puts_of: Mutex::new(None),
             aborts: Arc::new(AtomicU64::new(0)),
             put_faults: Default::default(),
             max_put_bytes: AtomicU64::new(0),
@@ -539,6 +547,22 @@ impl ObjectStore for FaultyStore {
                     return Err(Self::err("put", location));
                 }
             }
+        }
+        let lose = {
+            let mut lose = self.lose_puts_of.lock();
+            match lose.as_mut() {
+                Some((suffix, n)) if *n > 0 && location.as_ref().ends_with(suffix.as_str()) => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if lose {
+            self.inner.put_opts(location, payload, opts).await?;
+            self.injected.fetch_add(1, Ordering::SeqCst);
+            self.lost_replies.fetch_add(1, Ordering::SeqCst);
+            return Err(Self::err("put", location));
         }
         self.run(true, "put", location, self.inner.put_opts(location, payload, opts)).await
     }
@@ -699,6 +723,20 @@ impl MultipartUpload for FaultyUpload {
         if self.uploads.fail_completes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             return Err(FaultyStore::err("complete", &self.location));
         }
+        if self
+            .uploads
+            .not_found_completes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            if self.uploads.not_found_lands.load(Ordering::SeqCst) {
+                self.inner.complete().await?;
+            }
+            return Err(object_store::Error::NotFound {
+                path: self.location.to_string(),
+                source: "Server returned non-2xx status code: 404 Not Found: <Code>NoSuchUpload</Code> (test)".into(),
+            });
+        }
         let fault = self.fault;
         let (counts, faults, location) = (self.counts.clone(), self.put_faults.clone(), self.location.clone());
         deliver(fault, &counts, Some(&faults), &location, "complete", self.inner.complete()).await
@@ -740,6 +778,10 @@ pub struct LossyCatalog {
     /// The next commit fails as a broken connection would, without landing (an unknown
     /// outcome to the caller).
     pub reset_next_update: std::sync::atomic::AtomicBool,
+    /// The next commit fails as a broken connection would and lands this long after (a server
+    /// still at a request its client gave up on); the landing sets `late_landed`.
+    pub late_next_update: parking_lot::Mutex<Option<Duration>>,
+    pub late_landed: Arc<std::sync::atomic::AtomicBool>,
     /// The next commit after that is refused as a conflict, and every `load_table` fails from
     /// then on (`fail_loads`).
     pub conflict_then_fail_loads: std::sync::atomic::AtomicBool,
@@ -901,6 +943,16 @@ impl iceberg::Catalog for LossyCatalog {
         if self.reset_next_update.swap(false, Ordering::SeqCst) {
             return Err(reset());
         }
+        let late = self.late_next_update.lock().take();
+        if let Some(after) = late {
+            let (inner, landed) = (self.inner.clone(), self.late_landed.clone());
+            tokio::spawn(async move {
+                sleep(after).await;
+                inner.update_table(c).await.expect("the late commit lands");
+                landed.store(true, Ordering::SeqCst);
+            });
+            return Err(reset());
+        }
         if self.conflict_then_fail_loads.swap(false, Ordering::SeqCst) {
             self.fail_loads.store(true, Ordering::SeqCst);
             return Err(iceberg::Error::new(iceberg::ErrorKind::CatalogCommitConflicts, "injected: conflict"));
@@ -1022,6 +1074,8 @@ fn lossy_catalog(
                 hold_next_load: Default::default(),
                 load_held: Default::default(),
                 reset_next_update: Default::default(),
+                late_next_update: Default::default(),
+                late_landed: Default::default(),
                 conflict_then_fail_loads: Default::default(),
                 foreign_change: Default::default(),
             });
