@@ -343,17 +343,20 @@ impl Pipeline {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Shutdown, "the pipeline is closed"));
         }
-        let mut rows = Vec::new();
+        let events = events.into_iter();
+        // (Reserved up to a small bound: a long iterator's hint is no promise it fits.)
+        let mut rows = Vec::with_capacity(events.size_hint().0.min(inner.settings.capacity).min(1024));
         let mut bytes = 0u64;
         let mut dropped = 0u64;
-        // Which event of the call was refused, and whether as sent or as the transform made it.
-        fn named(i: usize, e: &Event, transformed: bool) -> impl FnOnce(Error) -> Error {
+        // Which event of the call was refused, and whether as sent or as the transform made it
+        // (labelled only then: two labels formatted per event cost a durable send of 100 events
+        // about as much as its SQL).
+        fn named(err: Error, i: usize, e: &Event, transformed: bool) -> Error {
             let how = if transformed { ", as the transform returned it" } else { "" };
-            let label = e.label();
-            move |err: Error| err.context(format!("event {i} of the send ({label}{how})"))
+            err.context(format!("event {i} of the send ({}{how})", e.label()))
         }
-        for (i, e) in events.into_iter().enumerate() {
-            e.validate().map_err(named(i, &e, false))?;
+        for (i, e) in events.enumerate() {
+            e.validate().map_err(|err| named(err, i, &e, false))?;
             let (route, e) = match &inner.transform {
                 None => (String::new(), e),
                 Some(t) => match t(e) {
@@ -370,7 +373,10 @@ impl Pipeline {
                     }
                 },
             };
-            e.validate().map_err(named(i, &e, inner.transform.is_some()))?;
+            // (Validated above as sent, and again only as a transform returned it.)
+            if inner.transform.is_some() {
+                e.validate().map_err(|err| named(err, i, &e, true))?;
+            }
             bytes += e.size() as u64;
             rows.push(Row { route, event: e });
             // A call that can never fit is refused at its first event past the bounds, not

@@ -1048,6 +1048,7 @@ macro_rules! __hot_cases {
             unknown_object_reads_empty,
             sequence_numbers_are_contiguous_across_batches,
             large_mixed_batch_matches_one_by_one,
+            a_batch_repeating_keys_a_few_ops_apart_applies_them_in_order,
             change_log_reads_and_truncates,
             pending_objects_are_listed_until_truncated,
             none_token_is_rejected,
