@@ -5986,3 +5986,73 @@ fn a_subscriber_reading_the_metrics_on_events_does_not_deadlock_an_activation() 
     assert_eq!(activations, 1);
     assert!(reads > 0, "the subscriber read the metrics on the activation's event");
 }
+
+/// A handler's error carrying what it listed (or the runtime's error).
+enum Listed {
+    Runtime(#[allow(dead_code)] Error),
+    Lists(Vec<(String, Bytes)>, Vec<(String, Bytes)>, Vec<(String, Bytes)>, Vec<(String, Bytes)>),
+}
+
+impl From<Error> for Listed {
+    fn from(e: Error) -> Self {
+        Listed::Runtime(e)
+    }
+}
+
+/// A handler's `list` merges its own buffered writes with the stored state: a pending delete
+/// hides a stored key, pending puts inside the range (and only those) are listed, in key order,
+/// once each; an inverted range lists nothing. On an eager and a lazily restored object alike,
+/// and a handler that fails after listing commits nothing.
+#[tokio::test]
+async fn a_handlers_list_merges_its_own_writes_in_key_order() {
+    let w = World::new();
+    let a = w.runtime("a", settings());
+    let o = oid("o");
+    a.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+        for k in ["a", "b", "c", "x/1"] {
+            t.put(k, format!("{k}-old"))?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await
+    .expect("seed");
+    a.evict(&o).await.expect("evict");
+    let lazy = w.lazy_runtime("b", Arc::new(w.cold.clone()));
+    for (name, rt) in [("eager", &a), ("lazy", &lazy)] {
+        let listed = rt
+            .invoke(&o, async |t: &mut ObjectTxn<'_>| {
+                t.put("b2", "new")?;
+                t.delete("b")?;
+                t.put("zz", "new")?;
+                t.put("b", "new")?;
+                t.delete("c")?;
+                let between = t.list(KeyRange::between("a", "c")).await?;
+                let prefix = t.list(KeyRange::prefix("x/")).await?;
+                let inverted = t.list(KeyRange::between("c", "a")).await?;
+                let all = t.list(KeyRange::all()).await?;
+                Err::<(), _>(Listed::Lists(between, prefix, inverted, all))
+            })
+            .await;
+        let Err(Listed::Lists(between, prefix, inverted, all)) = listed else {
+            panic!("{name}: the handler's error carries what it listed")
+        };
+        let keys = |v: &Vec<(String, Bytes)>| {
+            v.iter().map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(v))).collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&between), ["a=a-old", "b=new", "b2=new"], "{name}");
+        assert_eq!(keys(&prefix), ["x/1=x/1-old"], "{name}");
+        assert!(inverted.is_empty(), "{name}");
+        assert_eq!(keys(&all), ["a=a-old", "b=new", "b2=new", "x/1=x/1-old", "zz=new"], "{name}");
+        let state = all_state(rt, &o).await;
+        let stored: Vec<&str> = state.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(stored, ["a", "b", "c", "x/1"], "{name}: the failed handler committed nothing");
+        if name == "eager" {
+            // Out of hot storage again, so that the next runtime's activation is lazy.
+            a.evict(&o).await.expect("evict");
+            a.shutdown().await.expect("shutdown");
+        } else {
+            let recovery = rt.metrics().recent_activations.front().map(|m| m.recovery);
+            assert_eq!(recovery, Some(Recovery::Lazy), "{name}");
+        }
+    }
+}

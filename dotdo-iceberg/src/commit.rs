@@ -349,75 +349,110 @@ impl IcebergColdStore {
     ) -> Result<Table> {
         let md = table.metadata();
         let head = md.current_snapshot();
-        let seq = next_sequence_number(md)?;
-        let list_path = format!("{}/metadata/snap-{snapshot_id}-1-{}.avro", md.location(), uuid::Uuid::new_v4());
-        let io = table.file_io();
-        let writer = io
-            .new_output(&list_path)
-            .map_err(|e| classify(e, &list_path))?
-            .writer()
-            .await
-            .map_err(|e| classify(e, &list_path))?;
-        let mut lw = ManifestListWriter::v2(writer, snapshot_id, head.map(|h| h.snapshot_id()), seq);
-        let manifests = std::mem::take(&mut rewritten.manifests);
-        lw.add_manifests(manifests.iter().cloned()).map_err(|e| classify(e, &list_path))?;
-        lw.close().await.map_err(|e| classify(e, &list_path))?;
-        rewritten.written.push(list_path.clone());
-
-        // The `dotdo.*` state carries over from the nearest dotdo snapshot (the parent, unless
-        // another engine wrote it).
-        let base = match head {
-            Some(h) if table.identifier() != &self.inner.ident => crate::summary::user_table_base(md, h)?,
-            Some(h) => crate::summary::dotdo_base(md, h)?,
-            None => None,
+        let seq = match next_sequence_number(md) {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.delete_files(rewritten.written).await;
+                return Err(e);
+            }
         };
-        let mut props: std::collections::HashMap<String, String> = base
-            .iter()
-            .flat_map(|b| b.summary().additional_properties.iter())
-            .filter(|(k, _)| {
-                k.starts_with("dotdo.")
-                    && k.as_str() != crate::summary::COMMIT_ID
-                    && k.as_str() != crate::summary::COMMITTED_AT
-                    && k.as_str() != crate::summary::MAINTENANCE
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let at = self.commit_time(md);
-        props.insert(crate::summary::COMMIT_ID.to_string(), uuid::Uuid::new_v4().to_string());
-        props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
-        let added_records: u64 = added.iter().fold(0u64, |a, f| a.saturating_add(f.record_count()));
-        let added_bytes: u64 = added.iter().fold(0u64, |a, f| a.saturating_add(f.file_size_in_bytes()));
-        for (k, v) in [
-            ("added-data-files", added.len() as u64),
-            ("deleted-data-files", rewritten.removed_files),
-            ("added-records", added_records),
-            ("deleted-records", rewritten.removed_records),
-            ("added-files-size", added_bytes),
-            ("removed-files-size", rewritten.removed_bytes),
-        ] {
-            props.insert(k.to_string(), v.to_string());
+        let list_path = format!("{}/metadata/snap-{snapshot_id}-1-{}.avro", md.location(), uuid::Uuid::new_v4());
+        // Written files of a commit that fails before its swap (the manifest list's write, a
+        // damaged base) are deleted: nothing can name them (they stayed until a cleanup).
+        let prepared = async {
+            let io = table.file_io();
+            let writer = io
+                .new_output(&list_path)
+                .map_err(|e| classify(e, &list_path))?
+                .writer()
+                .await
+                .map_err(|e| classify(e, &list_path))?;
+            let mut lw = ManifestListWriter::v2(writer, snapshot_id, head.map(|h| h.snapshot_id()), seq);
+            let manifests = std::mem::take(&mut rewritten.manifests);
+            lw.add_manifests(manifests.iter().cloned()).map_err(|e| classify(e, &list_path))?;
+            lw.close().await.map_err(|e| classify(e, &list_path))?;
+            rewritten.written.push(list_path.clone());
+
+            // The `dotdo.*` state carries over from the nearest dotdo snapshot (the parent, unless
+            // another engine wrote it).
+            let base = match head {
+                Some(h) if table.identifier() != &self.inner.ident => crate::summary::user_table_base(md, h)?,
+                Some(h) => crate::summary::dotdo_base(md, h)?,
+                None => None,
+            };
+            let mut props: std::collections::HashMap<String, String> = base
+                .iter()
+                .flat_map(|b| b.summary().additional_properties.iter())
+                .filter(|(k, _)| {
+                    k.starts_with("dotdo.")
+                        && k.as_str() != crate::summary::COMMIT_ID
+                        && k.as_str() != crate::summary::COMMITTED_AT
+                        && k.as_str() != crate::summary::MAINTENANCE
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            // The change table's inline watermarks this snapshot repeats from its base count as
+            // carried (as an append's repeated ones do): a compaction after every roll repeated up
+            // to 64 KiB of them uncounted, and the checkpoint that bounds the repeats never came.
+            if let Some(inline) = props.get(crate::summary::WATERMARKS) {
+                let what = format!("watermarks of a snapshot of {}", table.identifier());
+                let repeated =
+                    crate::summary::inline_bytes(crate::summary::decode_watermarks(inline.as_bytes(), &what)?.keys());
+                let carried = base.as_ref().map_or(0, |b| crate::summary::carried(b)).saturating_add(repeated);
+                if carried > 0 {
+                    props.insert(crate::summary::CARRIED.to_string(), carried.to_string());
+                }
+            }
+            let at = self.commit_time(md);
+            props.insert(crate::summary::COMMIT_ID.to_string(), uuid::Uuid::new_v4().to_string());
+            props.insert(crate::summary::COMMITTED_AT.to_string(), at.as_micros().to_string());
+            let added_records: u64 = added.iter().fold(0u64, |a, f| a.saturating_add(f.record_count()));
+            let added_bytes: u64 = added.iter().fold(0u64, |a, f| a.saturating_add(f.file_size_in_bytes()));
+            for (k, v) in [
+                ("added-data-files", added.len() as u64),
+                ("deleted-data-files", rewritten.removed_files),
+                ("added-records", added_records),
+                ("deleted-records", rewritten.removed_records),
+                ("added-files-size", added_bytes),
+                ("removed-files-size", rewritten.removed_bytes),
+            ] {
+                props.insert(k.to_string(), v.to_string());
+            }
+            props.extend(totals(
+                head.map(|h| &h.summary().additional_properties),
+                (added.len() as u64, rewritten.removed_files),
+                (added_records, rewritten.removed_records),
+                (added_bytes, rewritten.removed_bytes),
+            ));
+            props.extend(extra);
+            let updates = snapshot_updates(
+                md,
+                snapshot_id,
+                seq,
+                list_path.clone(),
+                Summary { operation, additional_properties: props },
+            );
+            let requirements = vec![
+                TableRequirement::UuidMatch { uuid: md.uuid() },
+                TableRequirement::RefSnapshotIdMatch {
+                    r#ref: MAIN_BRANCH.to_string(),
+                    snapshot_id: head.map(|h| h.snapshot_id()),
+                },
+            ];
+            Ok::<_, Error>((updates, requirements, manifests))
         }
-        props.extend(totals(
-            head.map(|h| &h.summary().additional_properties),
-            (added.len() as u64, rewritten.removed_files),
-            (added_records, rewritten.removed_records),
-            (added_bytes, rewritten.removed_bytes),
-        ));
-        props.extend(extra);
-        let updates = snapshot_updates(
-            md,
-            snapshot_id,
-            seq,
-            list_path.clone(),
-            Summary { operation, additional_properties: props },
-        );
-        let requirements = vec![
-            TableRequirement::UuidMatch { uuid: md.uuid() },
-            TableRequirement::RefSnapshotIdMatch {
-                r#ref: MAIN_BRANCH.to_string(),
-                snapshot_id: head.map(|h| h.snapshot_id()),
-            },
-        ];
+        .await;
+        let (updates, requirements, manifests) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let mut files = std::mem::take(&mut rewritten.written);
+                if !files.contains(&list_path) {
+                    files.push(list_path.clone());
+                }
+                self.delete_files(files).await;
+                return Err(e);
+            }
+        };
         match self.commit_updates(table, updates, requirements, what).await {
             Ok(t) => {
                 self.remember_manifests(&list_path, with_sequence_numbers(manifests, seq));

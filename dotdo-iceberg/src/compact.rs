@@ -588,7 +588,11 @@ impl IcebergColdStore {
             emit(Progress::Committed { snapshot: s });
             report
         };
-        for attempt in 1..=attempts {
+        // (Raised once for a rebuild on a stale table, which is no attempt of its own.)
+        let mut limit = attempts;
+        let mut attempt = 0;
+        while attempt < limit {
+            attempt += 1;
             report.attempts = attempt;
             let sid = commit::new_snapshot_id(&table);
             let seq = match commit::next_sequence_number(table.metadata()) {
@@ -673,6 +677,9 @@ impl IcebergColdStore {
                             tracing::debug!(error = %e, "{what}: prepared on a stale table; building again on the current one");
                             table = t;
                             last_err = Some(e);
+                            // Not counted: with no attempt left, the stale table's `Corrupt`
+                            // was the answer for a healthy table.
+                            limit = limit.saturating_add(1);
                         }
                         _ => {
                             last_err = Some(e);

@@ -1479,6 +1479,40 @@ async fn a_failed_commit_without_a_snapshot_leaves_no_metadata_file() {
     assert!(current.ends_with(after.iter().find(|f| !before.contains(f)).expect("new")), "{current}");
 }
 
+/// A compaction attempt whose manifest list cannot be written deletes the manifests it wrote
+/// (nothing can name them; they stayed until a cleanup), and the next attempt commits: every
+/// Avro file left in the table's metadata is referenced by a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_attempt_failing_before_its_commit_leaves_no_manifests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (recorded, cold) = recorded_local_store(dir.path()).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    *recorded.fail_puts_containing.lock() = Some(("/snap-".to_string(), 1));
+    let report = cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect("compact");
+    assert!(report.snapshot.is_some() && report.attempts == 2, "{report:?}");
+    assert_eq!(recorded.fail_puts_containing.lock().as_ref().map(|f| f.1), Some(0), "the list's write failed once");
+    let table = cold.refresh().await.expect("table");
+    let mut referenced = std::collections::BTreeSet::new();
+    for s in table.metadata().snapshots() {
+        referenced.insert(s.manifest_list().to_string());
+        let list = table.manifest_list_reader(s).load().await.expect("list");
+        for m in list.entries() {
+            referenced.insert(m.manifest_path.clone());
+        }
+    }
+    let referenced: std::collections::BTreeSet<String> =
+        referenced.iter().map(|p| p.strip_prefix("file://").unwrap_or(p).to_string()).collect();
+    let on_disk: std::collections::BTreeSet<String> =
+        common::files_ending_with(dir.path(), ".avro").into_iter().map(|f| f.to_string_lossy().into_owned()).collect();
+    let unreferenced: Vec<_> = on_disk.difference(&referenced).collect();
+    assert!(unreferenced.is_empty(), "Avro files no snapshot names: {unreferenced:?}");
+}
+
 /// A user table `u.events` of one `id` column on a store whose object store records its puts
 /// (`attempts` commit attempts per append; the store's clock `clock` if given), a maker of
 /// one-row batches, and the same table through another store on the same catalog and warehouse

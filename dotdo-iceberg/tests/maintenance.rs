@@ -1776,6 +1776,45 @@ async fn inline_watermarks_are_not_carried_from_snapshot_to_snapshot_without_bou
     assert_eq!(fresh.watermark(&busy).await.expect("watermark").through, 60);
 }
 
+/// A compaction's snapshot repeats its parent's inline watermarks and counts them as carried,
+/// as an append does: it copied the count unchanged, so a compaction after every roll repeated
+/// up to 64 KiB of watermarks per snapshot that the bound on carried watermarks never saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_counts_the_inline_watermarks_it_carries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let objects: Vec<ObjectId> =
+        (0..300).map(|i| ObjectId::new(format!("tenant-0042/object-{i:06}")).expect("id")).collect();
+    cold.append(common::one_put_each(&objects, 1)).await.expect("append");
+    let busy = ObjectId::new("busy").expect("id");
+    for seq in 1..=2 {
+        cold.append(ColdBatch::single(busy.clone(), FencingToken::new(1), vec![common::put(&busy, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let carried = |s: &iceberg::spec::Snapshot| -> u64 {
+        s.summary().additional_properties.get("dotdo.watermarks-carried").map_or(0, |v| v.parse().expect("count"))
+    };
+    let table = cold.refresh().await.expect("table");
+    let parent = table.metadata().current_snapshot().expect("head").clone();
+    let inline = dotdo_iceberg::summary::decode_watermarks(
+        parent.summary().additional_properties.get("dotdo.watermarks").expect("inline").as_bytes(),
+        "parent",
+    )
+    .expect("decode");
+    assert_eq!(inline.len(), 301, "every watermark inline");
+    let inline_bytes: u64 = inline.keys().map(|id| id.as_str().len() as u64 + 46).sum();
+    let report = cold
+        .compact(dotdo_iceberg::CompactOptions { min_input_files: 2, ..Default::default() })
+        .await
+        .expect("compact");
+    assert!(report.snapshot.is_some(), "compacted");
+    let table = cold.refresh().await.expect("table");
+    let head = table.metadata().current_snapshot().expect("head");
+    assert_eq!(head.parent_snapshot_id(), Some(parent.snapshot_id()));
+    assert_eq!(carried(head), carried(&parent) + inline_bytes, "the compaction's repeated watermarks are counted");
+}
+
 /// Another engine's compaction on top of dotdo's last commit, then its snapshot expiry removing
 /// that commit (Spark's `rewrite_data_files`, then `expire_snapshots(retain_last => 1)`): the
 /// watermarks still read (from the table property dotdo's commits set), a replay is skipped, a
@@ -2530,9 +2569,16 @@ async fn gc_disabled_tables_are_neither_expired_nor_cleaned() {
 /// A compaction whose planned table went stale while it wrote (another store compacted another
 /// partition, expired the old snapshots and cleaned up, deleting the manifests the plan read)
 /// builds its commit again on the current table and commits. It failed `Corrupt` ("missing"):
-/// a healthy table reported damaged.
+/// a healthy table reported damaged. Also with one commit attempt (the rebuild is not an
+/// attempt of its own: with none left, the stale table's `Corrupt` was the answer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_planned_on_a_table_cleaned_up_meanwhile_commits_on_the_current_one() {
+    for attempts in [Settings::default().max_commit_attempts, 1] {
+        compaction_on_a_table_cleaned_up_meanwhile(attempts).await;
+    }
+}
+
+async fn compaction_on_a_table_cleaned_up_meanwhile(attempts: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let other = open(dir.path(), 2).await;
     let objects: Vec<ObjectId> = (0..8).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
@@ -2550,7 +2596,12 @@ async fn a_compaction_planned_on_a_table_cleaned_up_meanwhile_commits_on_the_cur
     let compactor = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
         .object_store(hooked.clone())
         .table(["m"], "changes")
-        .settings(Settings { buckets: 2, min_cleanup_retention: std::time::Duration::ZERO, ..Default::default() })
+        .settings(Settings {
+            buckets: 2,
+            min_cleanup_retention: std::time::Duration::ZERO,
+            max_commit_attempts: attempts,
+            ..Default::default()
+        })
         .build()
         .await
         .expect("compactor");
@@ -2571,7 +2622,7 @@ async fn a_compaction_planned_on_a_table_cleaned_up_meanwhile_commits_on_the_cur
         Box::pin(async move { tokio::task::spawn_blocking(work).await.expect("the other store's work") }),
     ));
     let zero = CompactOptions { partitions: Some([0].into()), ..Default::default() };
-    let report = compactor.compact(zero).await.expect("committed on the current table");
+    let report = compactor.compact(zero).await.unwrap_or_else(|e| panic!("{attempts} attempts: {e}"));
     assert!(hooked.before_put.lock().is_none(), "the other store ran during the compaction");
     assert!(report.snapshot.is_some(), "{report:?}");
     assert_eq!(live_files(&compactor).await, 2, "one file per partition, each compacted");

@@ -287,11 +287,15 @@ impl<'a> ObjectTxn<'a> {
             .into_iter()
             .map(|e| (e.key, e.value))
             .collect();
-        for (k, &i) in self.writes.iter().filter(|(k, _)| range.contains(k)) {
-            match written(&self.ops[i]) {
-                Some(v) => merged.insert(k.clone(), v),
-                None => merged.remove(k),
-            };
+        // The buffered writes in the range only (a scan of all of them per call made a handler
+        // paging through a small prefix among many writes quadratic).
+        if !range.is_empty() {
+            for (k, &i) in self.writes.range::<str, _>(range.as_bounds()) {
+                match written(&self.ops[i]) {
+                    Some(v) => merged.insert(k.clone(), v),
+                    None => merged.remove(k),
+                };
+            }
         }
         Ok(merged.into_iter().collect())
     }

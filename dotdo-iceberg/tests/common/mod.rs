@@ -317,6 +317,9 @@ pub struct FaultyStore {
     /// The next `n` puts of paths ending with this suffix run, then fail (the reply lost),
     /// whatever `probability` says.
     pub lose_puts_of: Mutex<Option<(String, u32)>>,
+    /// The next `n` puts of paths containing this text fail (before they run), whatever
+    /// `probability` says.
+    pub fail_puts_containing: Mutex<Option<(String, u32)>>,
     /// Multipart uploads aborted so far.
     pub aborts: Arc<AtomicU64>,
     /// Run once, before the first read (`get_opts`, `get_ranges`) of a path ending with the given
@@ -419,6 +422,7 @@ impl FaultyStore {
             fail_reads_of: Mutex::new(None),
             fail_puts_of: Mutex::new(None),
             lose_puts_of: Mutex::new(None),
+            fail_puts_containing: Mutex::new(None),
             aborts: Arc::new(AtomicU64::new(0)),
             put_faults: Default::default(),
             max_put_bytes: AtomicU64::new(0),
@@ -542,6 +546,16 @@ impl ObjectStore for FaultyStore {
             let mut fail = self.fail_puts_of.lock();
             if let Some((suffix, n)) = fail.as_mut() {
                 if *n > 0 && location.as_ref().ends_with(suffix.as_str()) {
+                    *n -= 1;
+                    self.injected.fetch_add(1, Ordering::SeqCst);
+                    return Err(Self::err("put", location));
+                }
+            }
+        }
+        {
+            let mut fail = self.fail_puts_containing.lock();
+            if let Some((text, n)) = fail.as_mut() {
+                if *n > 0 && location.as_ref().contains(text.as_str()) {
                     *n -= 1;
                     self.injected.fetch_add(1, Ordering::SeqCst);
                     return Err(Self::err("put", location));
