@@ -422,6 +422,9 @@ impl SqlVerifier {
 pub(crate) struct Opened {
     pub(crate) catalog: Arc<dyn Catalog>,
     pub(crate) verifier: Option<SqlVerifier>,
+    /// The catalog runs in this process (the in-memory one): a commit it did not apply when it
+    /// answered never lands later.
+    pub(crate) in_process: bool,
 }
 
 /// Open the configured catalog. `settings.catalog_name` is the catalog name recorded in the SQL
@@ -434,7 +437,8 @@ pub(crate) async fn open(
     factory: Arc<dyn StorageFactory>,
 ) -> Result<Opened> {
     let name = settings.catalog_name.as_str();
-    let plain = |catalog| Ok(Opened { catalog, verifier: None });
+    let plain = |catalog| Ok(Opened { catalog, verifier: None, in_process: false });
+    let in_process = |catalog| Ok(Opened { catalog, verifier: None, in_process: true });
     match config {
         CatalogConfig::Default => {
             if let Some(rest) = warehouse.strip_prefix("file://") {
@@ -443,7 +447,7 @@ pub(crate) async fn open(
                 let uri = default_sqlite_uri(std::path::Path::new(&*dir));
                 open_sql(&uri, name, warehouse, factory).await
             } else if warehouse.starts_with("memory://") {
-                plain(open_memory(name, warehouse, factory).await?)
+                in_process(open_memory(name, warehouse, factory).await?)
             } else {
                 let options = match (cfg!(feature = "sql"), cfg!(feature = "rest")) {
                     (true, true) => "CatalogConfig::Sql (an SQLite file), Rest, Memory (not durable) or Custom",
@@ -455,7 +459,7 @@ pub(crate) async fn open(
             }
         }
         CatalogConfig::Sql { uri } => open_sql(uri, name, warehouse, factory).await,
-        CatalogConfig::Memory => plain(open_memory(name, warehouse, factory).await?),
+        CatalogConfig::Memory => in_process(open_memory(name, warehouse, factory).await?),
         #[cfg(feature = "rest")]
         CatalogConfig::Rest { uri, warehouse: wh, properties } => {
             let uri = &rest_uri(uri)?;
@@ -565,7 +569,7 @@ async fn open_sql(uri: &str, name: &str, warehouse: &str, factory: Arc<dyn Stora
         .load(name.to_string(), HashMap::new())
         .await
         .map_err(|e| crate::error::classify(e, &format!("opening SQL catalog {}", without_password(&uri))))?;
-    Ok(Opened { catalog: Arc::new(catalog), verifier })
+    Ok(Opened { catalog: Arc::new(catalog), verifier, in_process: false })
 }
 
 async fn open_memory(name: &str, warehouse: &str, factory: Arc<dyn StorageFactory>) -> Result<Arc<dyn Catalog>> {
@@ -659,16 +663,31 @@ impl<'a> PinnedCatalog<'a> {
         // iceberg's builder refuses a version stamped over a minute before the table's last
         // snapshot (iceberg's own append stamps the wall clock): this host's clock, not the
         // table, is the trouble (a retryable refusal; the builder's error is kept in the message).
-        let staged = commit.apply(self.table.clone()).map_err(|e| {
-            match crate::commit::refuse_if_clock_behind(self.table.metadata(), &what) {
+        // Damaged or foreign metadata iceberg's builder would number past `i32::MAX` or panic
+        // on is refused, as on dotdo's own commit path (`commit::staged`).
+        crate::commit::refuse_last_version(&base)?;
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit.apply(self.table.clone())))
+            .map_err(|p| crate::commit::builder_panicked(&base, p))?;
+        let staged =
+            applied.map_err(|e| match crate::commit::refuse_if_clock_behind(self.table.metadata(), &what) {
                 Err(clock) => unreadable(clock, format!(" ({e})")),
                 Ok(()) => e,
-            }
-        })?;
+            })?;
+        // (A schema id past `i32::MAX` wrapped in a release build.)
+        if staged.metadata().schemas_iter().any(|s| s.schema_id() < 0) {
+            return Err(iceberg::Error::new(
+                iceberg::ErrorKind::DataInvalid,
+                format!("table metadata at {base}: no schema id left for another schema"),
+            ));
+        }
         crate::commit::check_update_time(staged.metadata(), &what).map_err(|e| unreadable(e, String::new()))?;
         let location = iceberg::MetadataLocation::from_str(staged.metadata_location_result()?)?;
-        staged.metadata().write_to(staged.file_io(), &location).await?;
         let new = location.to_string();
+        // A metadata file whose write failed is deleted (it may be there; nothing names it).
+        if let Err(e) = staged.metadata().write_to(staged.file_io(), &location).await {
+            let _ = staged.file_io().delete(&new).await;
+            return Err(e);
+        }
         self.sent.store(true, std::sync::atomic::Ordering::SeqCst);
         swap.swap_or_clean(staged.file_io(), &ident, &base, &new, vec![new.clone()]).await?;
         Ok(staged)

@@ -262,6 +262,10 @@ impl IcebergColdStore {
         };
         // A file another engine added twice is live twice: each entry is deleted.
         let mut counted: std::collections::HashSet<String> = std::collections::HashSet::new();
+        // Rows each merged manifest lists as (existing, deleted): iceberg's writer sums them
+        // unchecked (a panic in a debug build, wrapped counts in release), so damaged or foreign
+        // record counts adding up past `u64` are refused first.
+        let mut rows: std::collections::BTreeMap<i32, (u64, u64)> = std::collections::BTreeMap::new();
         for (mf, m) in loaded {
             let touched = m.entries().iter().any(|e| e.is_alive() && removed.contains(e.data_file().file_path()));
             let mut recently_removed = removals.of(mf);
@@ -311,6 +315,17 @@ impl IcebergColdStore {
                     )));
                 };
                 let df = e.data_file().clone();
+                let sums = rows.entry(mf.partition_spec_id).or_default();
+                let sum = if removed.contains(df.file_path()) { &mut sums.1 } else { &mut sums.0 };
+                *sum = sum.checked_add(df.record_count()).ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "manifest {}: the record counts of its entries add up past {} (entry {} lists {})",
+                        mf.manifest_path,
+                        u64::MAX,
+                        e.file_path(),
+                        df.record_count()
+                    ))
+                })?;
                 if removed.contains(df.file_path()) {
                     // Every entry counts in the snapshot's totals (each is deleted); the file counts
                     // once among those to replace.
@@ -785,13 +800,7 @@ fn staged(
     updates: Vec<TableUpdate>,
 ) -> iceberg::Result<(TableMetadata, MetadataLocation)> {
     let damaged = |what: String| iceberg::Error::new(iceberg::ErrorKind::DataInvalid, what);
-    let name = base.rsplit('/').next().unwrap_or(base);
-    if name.split('-').next().and_then(|v| v.parse::<i32>().ok()) == Some(i32::MAX) {
-        return Err(damaged(format!(
-            "table metadata at {base}: its version {} leaves no number for the next metadata file",
-            i32::MAX
-        )));
-    }
+    refuse_last_version(base)?;
     let adds_schema = updates.iter().any(|u| matches!(u, TableUpdate::AddSchema { .. }));
     if adds_schema && md.schemas_iter().any(|s| s.schema_id() == i32::MAX) {
         return Err(damaged(format!(
@@ -806,12 +815,32 @@ fn staged(
         }
         Ok(builder.build()?.metadata)
     };
-    let new_md = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).map_err(|p| {
-        let e = crate::error::panicked(&format!("table metadata at {base}, updated by iceberg's builder"), p.as_ref());
-        damaged(e.to_string()).with_source(e)
-    })??;
+    let new_md =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).map_err(|p| builder_panicked(base, p))??;
     let location = MetadataLocation::from_str(base)?.with_next_version().with_new_metadata(&new_md);
     Ok((new_md, location))
+}
+
+/// A `DataInvalid` error if the metadata file at `base` is numbered `i32::MAX`: iceberg numbers
+/// the next one by adding one unchecked (a panic in a debug build; in release a wrapped version
+/// named a file no reader parses, and every later commit on the table failed).
+pub(crate) fn refuse_last_version(base: &str) -> iceberg::Result<()> {
+    let name = base.rsplit('/').next().unwrap_or(base);
+    if name.split('-').next().and_then(|v| v.parse::<i32>().ok()) == Some(i32::MAX) {
+        return Err(iceberg::Error::new(
+            iceberg::ErrorKind::DataInvalid,
+            format!("table metadata at {base}: its version {} leaves no number for the next metadata file", i32::MAX),
+        ));
+    }
+    Ok(())
+}
+
+/// The `DataInvalid` error of iceberg's metadata builder panicking on the metadata at `base`
+/// (with the `Corrupt` error of the panic as its source).
+pub(crate) fn builder_panicked(base: &str, payload: Box<dyn std::any::Any + Send>) -> iceberg::Error {
+    let e =
+        crate::error::panicked(&format!("table metadata at {base}, updated by iceberg's builder"), payload.as_ref());
+    iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string()).with_source(e)
 }
 
 /// `manifests` as a reader decodes them from a list written at sequence number `seq`: the
@@ -1142,6 +1171,7 @@ pub(crate) mod tests {
             .await
             .expect_err("record counts past u64");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("add up past"), "refused before iceberg's writer sums them: {e}");
     }
 
     /// A manifest the manifest list files under the table's spec but whose entries have

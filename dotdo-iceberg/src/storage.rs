@@ -1048,7 +1048,8 @@ async fn completed_anyway(
             // would class the failure as a refused request.
             let there = match &found {
                 Ok(meta) => format!("{} bytes of the {} written", meta.size, total),
-                Err(_) => "absent".to_string(),
+                Err(object_store::Error::NotFound { .. }) => "absent".to_string(),
+                Err(_) => "it could not be checked".to_string(),
             };
             let head = found.err().map(|h| h.to_string()).unwrap_or_default();
             tracing::warn!(key = %key, error = %e, head = %head, "dotdo iceberg: a multipart completion answered NotFound");

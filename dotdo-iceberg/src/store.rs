@@ -421,7 +421,7 @@ impl IcebergColdStoreBuilder {
         };
         let synced = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let factory = root.factory_syncing(self.settings.sync_local_files.then(|| synced.clone()))?;
-        let crate::catalog::Opened { catalog, verifier } =
+        let crate::catalog::Opened { catalog, verifier, in_process } =
             crate::catalog::open(&self.catalog, &self.settings, &root.warehouse, factory).await?;
         let ns = NamespaceIdent::from_vec(self.namespace.clone())
             .map_err(|e| classify(e, "table namespace").with_retryable(false))?;
@@ -440,6 +440,7 @@ impl IcebergColdStoreBuilder {
         Ok(IcebergColdStore {
             inner: Arc::new(Inner {
                 catalog,
+                read_back_settles: verifier.is_some() || in_process,
                 verifier,
                 ident,
                 root,
@@ -576,9 +577,13 @@ pub(crate) async fn set_dotdo_properties(
             props = props.set(k.to_string(), v);
         }
         let tx = props.apply(tx).map_err(|e| classify(e, &what))?;
+        // (A panic of iceberg's commit on damaged metadata is `Corrupt`, not the caller's panic.)
         let committed = match verifier {
-            Some(v) => tx.commit(&crate::catalog::PinnedCatalog::new(catalog, table.clone(), Some(v))).await,
-            None => tx.commit(catalog).await,
+            Some(v) => {
+                let pinned = crate::catalog::PinnedCatalog::new(catalog, table.clone(), Some(v));
+                crate::error::iceberg_panic_is_corrupt(&table, tx.commit(&pinned)).await
+            }
+            None => crate::error::iceberg_panic_is_corrupt(&table, tx.commit(catalog)).await,
         };
         match committed {
             Ok(t) => return Ok(t),
@@ -794,6 +799,11 @@ pub(crate) struct Inner {
     pub(crate) catalog: Arc<dyn Catalog>,
     /// Confirms acknowledged commits of SQL catalogs (see [`crate::catalog`]).
     pub(crate) verifier: Option<crate::catalog::SqlVerifier>,
+    /// Whether a read of the table after a commit of unknown outcome settles it: through the
+    /// SQL catalog (its pointer swap is settled before it answers) and the in-memory one. Through
+    /// another (a REST server still at a request its client gave up on) an attempt not found may
+    /// land yet.
+    pub(crate) read_back_settles: bool,
     pub(crate) ident: TableIdent,
     pub(crate) root: StoreRoot,
     pub(crate) clock: Arc<dyn Clock>,
@@ -1760,11 +1770,10 @@ impl IcebergColdStore {
                 return self.landed_result(&t, &s, batch).await;
             }
         }
-        // Read back above and not found: through the SQL catalog no attempt landed (its pointer
-        // swap is settled before it answers: the last error is the answer). Through another (a
-        // REST server still at a request the client gave up on), an attempt whose outcome was
-        // unknown may land yet: the outcome stays unknown (it was reported as failed).
-        if self.inner.verifier.is_some() {
+        // Read back above and not found: no attempt landed where the read-back settles it (the
+        // last error is the answer); otherwise an attempt whose outcome was unknown may land yet:
+        // the outcome stays unknown (it was reported as failed).
+        if self.inner.read_back_settles {
             *maybe_landed = false;
         }
         self.discard_unlanded(written.take(), &last, *maybe_landed).await;

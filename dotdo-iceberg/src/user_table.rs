@@ -911,10 +911,10 @@ impl ArrowTable {
                     }
                 }
             }
-            // Read back above if an attempt's outcome was unknown and not found: through the SQL
-            // catalog none landed (the last error is the answer); through another, one may land
-            // yet (see `IcebergColdStore::append`): the outcome stays unknown.
-            if self.store.inner.verifier.is_some() {
+            // Read back above if an attempt's outcome was unknown and not found: none landed where
+            // the read-back settles it (the last error is the answer); otherwise one may land yet:
+            // the outcome stays unknown.
+            if self.store.inner.read_back_settles {
                 maybe_landed = false;
             }
             self.discard_files(files.take(), maybe_landed).await;

@@ -842,6 +842,29 @@ async fn a_metadata_file_at_the_last_version_is_corrupt_not_a_wrap() {
         .collect::<Vec<_>>();
     assert!(wrapped.is_empty(), "metadata of a wrapped version: {wrapped:?}");
     assert_eq!(cold.refresh().await.expect("refresh").metadata_location(), Some(last.as_str()), "nothing moved");
+    // A commit through iceberg's own transaction (a user table's new column) too.
+    use arrow_schema::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["dotdo"], "users", schema).await.expect("user table");
+    let current = cold.catalog().load_table(user.ident()).await.expect("load");
+    let current = current.metadata_location().expect("metadata").to_string();
+    let last = format!(
+        "{}/metadata/{}-{}.metadata.json",
+        current.rsplit_once("/metadata/").expect("dir").0,
+        i32::MAX,
+        uuid_like()
+    );
+    std::fs::copy(current.strip_prefix("file://").expect("local"), last.strip_prefix("file://").expect("local"))
+        .expect("copy");
+    repoint(dir.path(), "users", &last);
+    let e = user.add_column("note", DataType::Utf8).await.expect_err("no version left");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(&format!("version {}", i32::MAX)), "{e}");
+    let wrapped = common::files_ending_with(dir.path(), ".metadata.json")
+        .into_iter()
+        .filter(|f| f.to_string_lossy().contains("/-"))
+        .collect::<Vec<_>>();
+    assert!(wrapped.is_empty(), "metadata of a wrapped version: {wrapped:?}");
 }
 
 /// A random-looking uuid for a metadata file name.
@@ -1133,11 +1156,13 @@ async fn an_append_whose_request_lands_after_the_read_back_is_ambiguous() {
         .expect("open");
     let o = ObjectId::new("o").expect("id");
     let catalog = slot.lock().clone().expect("catalog built");
-    *catalog.late_next_update.lock() = Some(std::time::Duration::from_millis(500));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    *catalog.late_next_update.lock() = Some(gate.clone());
     let batch = ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]);
     let e = cold.append(batch.clone()).await.expect_err("no reply");
     assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
     assert!(!catalog.late_landed.load(Ordering::SeqCst), "answered before the request landed");
+    gate.notify_one();
     let started = std::time::Instant::now();
     while !catalog.late_landed.load(Ordering::SeqCst) && started.elapsed() < std::time::Duration::from_secs(20) {
         common::sleep(std::time::Duration::from_millis(20)).await;

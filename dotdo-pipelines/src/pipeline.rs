@@ -170,12 +170,15 @@ impl PipelineBuilder {
             )));
         }
         // A batch an earlier process claimed is due at once (see `roll_due`), as the Arrow
-        // pipeline's is.
-        let inherited = log.claimed(self.settings.token)?.map(|c| OwnClaim {
-            id: c.id,
-            counted: Default::default(),
-            inherited: true,
-        });
+        // pipeline's is. (One that cannot be read is left to the first roll, which reports it:
+        // the pipeline still opens, for `take_refused` and inspection.)
+        let inherited = match log.claimed(self.settings.token) {
+            Ok(claimed) => claimed.map(|c| OwnClaim { id: c.id, counted: Default::default(), inherited: true }),
+            Err(e) => {
+                tracing::warn!(error = %e, "dotdo pipeline: the batch claimed by an earlier process could not be read");
+                None
+            }
+        };
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));
         let now = clock.monotonic();
         Ok(Pipeline {

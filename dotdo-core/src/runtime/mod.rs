@@ -1432,6 +1432,10 @@ impl ObjectRuntime {
         for (object, slot) in self.active_slots() {
             let Some(mut guard) = slot.try_lock() else { continue };
             let Some(active) = guard.active.as_mut() else { continue };
+            // (Not one `maintain` gives back anyway: idle past `keep_warm`.)
+            if now.saturating_sub(active.last_used) >= inner.settings.keep_warm && !active.evict_again {
+                continue;
+            }
             if let Err(e) = renew_if_due(inner, &mut active.lease).await {
                 tracing::debug!(object = %object, error = %e, "dotdo: lease not renewed during a pass; left to maintain");
             }
@@ -2048,9 +2052,11 @@ impl ObjectRuntime {
             let report = drain(&self.inner, object, token, usize::MAX).await?;
             // Nothing was left to drain, so no commit just showed that cold storage holds the
             // object's changes: make sure it still does before the only other copy goes. With
-            // nothing of the object in hot storage (a lazy activation of an evicted object) no
-            // copy goes: cold storage is not asked (an idle lazy object was kept, its lease
-            // renewed past `keep_warm`, for as long as cold storage was down).
+            // nothing of the object in hot storage (no live keys, nothing pending: a lazy
+            // activation of an evicted object, or every key deleted and drained) no copy goes:
+            // cold storage is not asked (an idle lazy object was kept, its lease renewed past
+            // `keep_warm`, for as long as cold storage was down; a cold store that lost the
+            // object's changes is found by its next activation).
             if report.objects == 0
                 && self.inner.hot.object_info(object).await?.is_some_and(|i| i.keys > 0 || i.has_pending_changes())
             {

@@ -792,9 +792,9 @@ pub struct LossyCatalog {
     /// The next commit fails as a broken connection would, without landing (an unknown
     /// outcome to the caller).
     pub reset_next_update: std::sync::atomic::AtomicBool,
-    /// The next commit fails as a broken connection would and lands this long after (a server
-    /// still at a request its client gave up on); the landing sets `late_landed`.
-    pub late_next_update: parking_lot::Mutex<Option<Duration>>,
+    /// The next commit fails as a broken connection would and lands once this is notified (a
+    /// server still at a request its client gave up on); the landing sets `late_landed`.
+    pub late_next_update: parking_lot::Mutex<Option<Arc<tokio::sync::Notify>>>,
     pub late_landed: Arc<std::sync::atomic::AtomicBool>,
     /// The next commit after that is refused as a conflict, and every `load_table` fails from
     /// then on (`fail_loads`).
@@ -958,10 +958,10 @@ impl iceberg::Catalog for LossyCatalog {
             return Err(reset());
         }
         let late = self.late_next_update.lock().take();
-        if let Some(after) = late {
+        if let Some(gate) = late {
             let (inner, landed) = (self.inner.clone(), self.late_landed.clone());
             tokio::spawn(async move {
-                sleep(after).await;
+                gate.notified().await;
                 inner.update_table(c).await.expect("the late commit lands");
                 landed.store(true, Ordering::SeqCst);
             });
