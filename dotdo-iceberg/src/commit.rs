@@ -1114,6 +1114,29 @@ pub(crate) mod tests {
         cold.commit_snapshot(table, sid, operation, rewritten, &[], Vec::new(), "test commit").await.expect("commit");
     }
 
+    /// A one-bucket store at `dir` with two appends of one object, its table, head snapshot, the
+    /// head's live files, and a new snapshot id and sequence number for a commit on top.
+    async fn two_appends_planned(
+        dir: &tempfile::TempDir,
+    ) -> (
+        IcebergColdStore,
+        iceberg::table::Table,
+        iceberg::spec::SnapshotRef,
+        Vec<std::sync::Arc<crate::read::FileInfo>>,
+        i64,
+        i64,
+    ) {
+        let cold = open_one_bucket(dir).await;
+        cold.append(batch("obj", 1)).await.expect("append");
+        cold.append(batch("obj", 2)).await.expect("append");
+        let table = cold.refresh().await.expect("refresh");
+        let head = table.metadata().current_snapshot().expect("head").clone();
+        let (files, _) = cold.files_of(&table, &head, None).await.expect("files");
+        let sid = super::new_snapshot_id(&table);
+        let seq = table.metadata().next_sequence_number();
+        (cold, table, head, files, sid, seq)
+    }
+
     /// A manifest compaction rewrites (it lists a file compaction replaces) whose other entries'
     /// record counts add up past `u64` (damaged, or another engine's): `Corrupt`, not a panic of
     /// iceberg's manifest writer (it sums them unchecked).
@@ -1123,15 +1146,8 @@ pub(crate) mod tests {
             DataContentType, DataFileBuilder, DataFileFormat, Literal, ManifestWriterBuilder, Operation, Struct,
         };
         let dir = tempfile::tempdir().expect("tempdir");
-        let cold = open_one_bucket(&dir).await;
-        cold.append(batch("obj", 1)).await.expect("append");
-        cold.append(batch("obj", 2)).await.expect("append");
-        let table = cold.refresh().await.expect("refresh");
+        let (cold, table, head, files, sid, seq) = two_appends_planned(&dir).await;
         let md = table.metadata();
-        let head = md.current_snapshot().expect("head").clone();
-        let (files, _) = cold.files_of(&table, &head, None).await.expect("files");
-        let sid = super::new_snapshot_id(&table);
-        let seq = md.next_sequence_number();
         let spec = md.default_partition_spec().as_ref().clone();
         let path = format!("{}/metadata/{}-counts.avro", md.location(), uuid::Uuid::new_v4());
         let output = table.file_io().new_output(&path).expect("output");
@@ -1184,15 +1200,8 @@ pub(crate) mod tests {
             DataContentType, DataFileBuilder, DataFileFormat, ManifestWriterBuilder, Operation, PartitionSpec, Struct,
         };
         let dir = tempfile::tempdir().expect("tempdir");
-        let cold = open_one_bucket(&dir).await;
-        cold.append(batch("obj", 1)).await.expect("append");
-        cold.append(batch("obj", 2)).await.expect("append");
-        let table = cold.refresh().await.expect("refresh");
+        let (cold, table, head, files, sid, seq) = two_appends_planned(&dir).await;
         let md = table.metadata();
-        let head = md.current_snapshot().expect("head").clone();
-        let (files, _) = cold.files_of(&table, &head, None).await.expect("files");
-        let sid = super::new_snapshot_id(&table);
-        let seq = md.next_sequence_number();
         let path = format!("{}/metadata/{}-foreign.avro", md.location(), uuid::Uuid::new_v4());
         let output = table.file_io().new_output(&path).expect("output");
         let mut w = ManifestWriterBuilder::new(

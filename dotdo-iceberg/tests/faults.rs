@@ -679,12 +679,17 @@ async fn first_data_file(cold: &IcebergColdStore) -> (iceberg::table::Table, Str
 async fn store_with_puts(dir: &std::path::Path, n: u64) -> (IcebergColdStore, ObjectId) {
     let cold = IcebergColdStore::builder(dir.to_str().expect("utf-8")).build().await.expect("open");
     let o = ObjectId::new("o").expect("id");
+    puts(&cold, &o, n).await;
+    (cold, o)
+}
+
+/// Puts of `o`'s key `k` at sequence numbers 1 to `n` (token 1), one commit each.
+async fn puts(cold: &IcebergColdStore, o: &ObjectId, n: u64) {
     for seq in 1..=n {
-        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(o, seq, "k", "v", 1)]))
             .await
             .expect("append");
     }
-    (cold, o)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1269,11 +1274,7 @@ async fn an_expiry_whose_reply_was_lost_reports_what_it_expired() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cold, slot) = switched_store(dir.path()).await;
     let o = ObjectId::new("o").expect("id");
-    for seq in 1..=3 {
-        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
-            .await
-            .expect("append");
-    }
+    puts(&cold, &o, 3).await;
     let before: Vec<i64> = cold.snapshots().await.expect("snapshots").iter().map(|s| s.id).collect();
     assert_eq!(before.len(), 3);
     slot.lock().clone().expect("catalog built").switch.arm();
@@ -1479,11 +1480,7 @@ async fn a_failed_commit_without_a_snapshot_leaves_no_metadata_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (recorded, cold) = recorded_local_store(dir.path()).await;
     let o = ObjectId::new("o").expect("id");
-    for seq in 1..=3 {
-        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
-            .await
-            .expect("append");
-    }
+    puts(&cold, &o, 3).await;
     let metadata_files = || {
         let mut files: Vec<String> = common::files_ending_with(dir.path(), ".metadata.json")
             .into_iter()
@@ -1512,11 +1509,7 @@ async fn a_compaction_attempt_failing_before_its_commit_leaves_no_manifests() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (recorded, cold) = recorded_local_store(dir.path()).await;
     let o = ObjectId::new("o").expect("id");
-    for seq in 1..=3 {
-        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
-            .await
-            .expect("append");
-    }
+    puts(&cold, &o, 3).await;
     *recorded.fail_puts_containing.lock() = Some(("/snap-".to_string(), 1));
     let report = cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect("compact");
     assert!(report.snapshot.is_some() && report.attempts == 2, "{report:?}");
