@@ -1138,13 +1138,13 @@ async fn an_idle_lazy_activation_with_nothing_in_hot_is_tiered_out_with_cold_dow
     assert_eq!(incr(&rt, &o).await.expect("comes back"), 2);
 }
 
-/// A long idle-eviction pass (each eviction a cold commit, here 3 s of a 9 s TTL) renews the
+/// A long idle-eviction pass (each eviction a cold commit, here 4 s of a 9 s TTL) renews the
 /// other objects' leases as they fall due: a warm object's lease ran out during the pass, and
 /// the round gave the object back (its next call a cold start, another node free to take it).
 #[tokio::test]
 async fn a_long_eviction_pass_keeps_the_warm_objects_leases() {
     let w = World::new();
-    let idle = Duration::from_secs(10);
+    let idle = Duration::from_secs(13);
     let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { evict_idle_after: Some(idle), ..settings() });
     let idle_ones = [oid("a0"), oid("a1"), oid("a2")];
     for o in &idle_ones {
@@ -1154,7 +1154,7 @@ async fn a_long_eviction_pass_keeps_the_warm_objects_leases() {
     let warm = oid("w");
     incr(&rt, &warm).await.expect("incr");
     let clock = w.clock.clone();
-    *cold.each_append.lock() = Some(Arc::new(move || clock.advance(Duration::from_secs(3))));
+    *cold.each_append.lock() = Some(Arc::new(move || clock.advance(Duration::from_secs(4))));
     rt.maintain().await.expect("maintain");
     assert_eq!(rt.metrics().evictions, 3, "the idle ones tiered out");
     for o in &idle_ones {

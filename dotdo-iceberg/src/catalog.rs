@@ -673,8 +673,11 @@ impl<'a> PinnedCatalog<'a> {
                 Err(clock) => unreadable(clock, format!(" ({e})")),
                 Ok(()) => e,
             })?;
-        // (A schema id past `i32::MAX` wrapped in a release build.)
-        if staged.metadata().schemas_iter().any(|s| s.schema_id() < 0) {
+        // (A new schema's id past `i32::MAX` wrapped in a release build; the table's own schemas
+        // are not judged here.)
+        let base_md = self.table.metadata();
+        if staged.metadata().schemas_iter().any(|s| s.schema_id() < 0 && base_md.schema_by_id(s.schema_id()).is_none())
+        {
             return Err(iceberg::Error::new(
                 iceberg::ErrorKind::DataInvalid,
                 format!("table metadata at {base}: no schema id left for another schema"),

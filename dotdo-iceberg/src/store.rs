@@ -590,13 +590,17 @@ pub(crate) async fn set_dotdo_properties(
             // Another store set them first (nodes opening a table together after an upgrade),
             // or the commit landed and its reply was lost: read the table again and decide anew.
             // (Logged classified: a REST catalog's raw error may carry its response body.)
-            Err(e) if attempt < 3 => {
+            // (Damaged metadata is no race: refused at once, not read and committed three more
+            // times.)
+            Err(e) => {
                 let e = classify(e, &what);
+                if attempt >= 3 || e.kind() == &ErrorKind::Corrupt {
+                    return Err(e);
+                }
                 tracing::debug!(table = %ident, error = %e, "setting dotdo's table properties failed; reading again");
                 attempt += 1;
                 table = crate::error::load_table(catalog, ident).await.map_err(|e| classify(e, &what))?;
             }
-            Err(e) => return Err(classify(e, &what)),
         }
     }
 }

@@ -1501,6 +1501,50 @@ async fn a_failed_commit_without_a_snapshot_leaves_no_metadata_file() {
     assert!(current.ends_with(after.iter().find(|f| !before.contains(f)).expect("new")), "{current}");
 }
 
+/// A commit through iceberg's own transaction on the SQL catalog (a user table's new column)
+/// whose metadata file was written but whose write failed (the reply lost) leaves no metadata
+/// file behind; the next attempt commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_transaction_commit_leaves_no_metadata_file() {
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (recorded, cold) = recorded_local_store(dir.path()).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["dotdo"], "users", schema).await.expect("user table");
+    let metadata_files = || common::files_ending_with(dir.path(), ".metadata.json").len();
+    let before = metadata_files();
+    *recorded.lose_puts_of.lock() = Some((".metadata.json".to_string(), 1));
+    user.add_column("note", DataType::Utf8).await.expect("the next attempt commits");
+    assert_eq!(recorded.lost_replies.load(Ordering::SeqCst), 1, "the write ran and its reply was lost");
+    assert_eq!(metadata_files(), before + 1, "only the landed commit's metadata file was added");
+}
+
+/// Through the in-memory catalog, an append whose only attempt failed with an outcome the
+/// catalog reports as unknown, and that the read-back does not find, did not land (the catalog
+/// runs in this process: nothing of it lands later): the attempt's own error, not
+/// `AmbiguousOutcome`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_memory_catalogs_read_back_settles_an_unknown_outcome() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recorded = FaultyStore::quiet_local();
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(recorded.clone())
+        .catalog(dotdo_iceberg::CatalogConfig::Memory)
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    *recorded.fail_puts_of.lock() = Some((".metadata.json".to_string(), 1));
+    let e = cold
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect_err("the metadata write failed");
+    assert_ne!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(cold.watermark(&o).await.expect("watermark").through, 0, "nothing landed");
+}
+
 /// A compaction attempt whose manifest list cannot be written deletes the manifests it wrote
 /// (nothing can name them; they stayed until a cleanup), and the next attempt commits: every
 /// Avro file left in the table's metadata is referenced by a snapshot.
@@ -1673,6 +1717,8 @@ async fn a_failed_multipart_upload_is_aborted() {
     write_file("retried-complete.bin").await.expect("the file is there as written");
     let file = std::fs::read(dir.path().join("ns/t/data/retried-complete.bin")).expect("read");
     assert_eq!(file.len(), 25 << 20);
+    // (Aborts run spawned: one that should not happen is given time to.)
+    common::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(store.aborts.load(Ordering::SeqCst), 3, "nothing aborted");
     // Answered `NotFound` and not completed: a failure to write again, a passing store error
     // (not `NotFound`, which is classed as a missing, damaged file).

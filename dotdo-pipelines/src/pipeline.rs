@@ -170,13 +170,15 @@ impl PipelineBuilder {
             )));
         }
         // A batch an earlier process claimed is due at once (see `roll_due`), as the Arrow
-        // pipeline's is. (One that cannot be read is left to the first roll, which reports it:
-        // the pipeline still opens, for `take_refused` and inspection.)
+        // pipeline's is. One that cannot be read (damaged, a busy file) does not keep the
+        // pipeline from opening: it is due too, and the first roll reads it again (and reports
+        // what it finds).
         let inherited = match log.claimed(self.settings.token) {
             Ok(claimed) => claimed.map(|c| OwnClaim { id: c.id, counted: Default::default(), inherited: true }),
             Err(e) => {
                 tracing::warn!(error = %e, "dotdo pipeline: the batch claimed by an earlier process could not be read");
-                None
+                // (An id no claim is matched against: the roll's read replaces it.)
+                Some(OwnClaim { id: u64::MAX, counted: Default::default(), inherited: true })
             }
         };
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock::new()));

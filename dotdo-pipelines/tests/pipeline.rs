@@ -508,7 +508,8 @@ async fn durable_log_is_delivered_after_reopen() {
 
 /// A claimed batch in the durable log whose sequence numbers a claim never assigns (0, a gap,
 /// a repeat, above `MAX_SEQ`) is `Corrupt` naming the row, nothing committed: the sink refused
-/// it as the caller's `InvalidInput`, and every roll of `run` retried it for ever.
+/// it as the caller's `InvalidInput`, and every roll of `run` retried it for ever. The pipeline
+/// still opens over it (a build that reads the claim first refused to).
 #[tokio::test]
 async fn damaged_claimed_sequence_numbers_are_corrupt() {
     for (what, damage) in [
@@ -529,10 +530,11 @@ async fn damaged_claimed_sequence_numbers_are_corrupt() {
         }
         sink.stalled.store(false, Ordering::SeqCst);
         rusqlite::Connection::open(&log).expect("log").execute(damage, []).expect(what);
-        let e = match Pipeline::builder(sink.clone()).with_settings(settings).build() {
-            Ok(p) => p.roll().await.expect_err(what),
-            Err(e) => e,
-        };
+        // The pipeline opens (for inspection and `take_refused`), the claim due at once; the
+        // roll reports the damage.
+        let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("opens over a damaged claim");
+        assert!(p.roll_due(), "{what}: the claimed batch is due");
+        let e = p.roll().await.expect_err(what);
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{what}: {e}");
         assert!(e.to_string().contains("pipeline log row"), "{what}: names the row: {e}");
         assert!(committed(&sink.inner, 1).await.is_empty(), "{what}: nothing committed");
