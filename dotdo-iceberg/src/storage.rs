@@ -1046,12 +1046,11 @@ async fn completed_anyway(
         found => {
             // The store's answers are logged, not carried: their text ("status code: 404")
             // would class the failure as a refused request.
-            let there = match &found {
-                Ok(meta) => format!("{} bytes of the {} written", meta.size, total),
-                Err(object_store::Error::NotFound { .. }) => "absent".to_string(),
-                Err(_) => "it could not be checked".to_string(),
+            let (there, head) = match found {
+                Ok(meta) => (format!("{} bytes of the {} written", meta.size, total), String::new()),
+                Err(h @ object_store::Error::NotFound { .. }) => ("absent".to_string(), h.to_string()),
+                Err(h) => ("it could not be checked".to_string(), h.to_string()),
             };
-            let head = found.err().map(|h| h.to_string()).unwrap_or_default();
             tracing::warn!(key = %key, error = %e, head = %head, "dotdo iceberg: a multipart completion answered NotFound");
             Err(object_store::Error::Generic {
                 store: "multipart upload",

@@ -226,6 +226,14 @@ struct DrainRounds {
     busy: std::collections::BTreeSet<ObjectId>,
 }
 
+impl Active {
+    /// Whether `maintain` gives this activation back for idleness at `now` (monotonic): unused
+    /// for `keep_warm`, unless its eviction is to be tried again.
+    fn idle_past_keep_warm(&self, inner: &Inner, now: Duration) -> bool {
+        now.saturating_sub(self.last_used) >= inner.settings.keep_warm && !self.evict_again
+    }
+}
+
 /// An activated object held by this runtime.
 #[derive(Debug)]
 struct Active {
@@ -1432,8 +1440,8 @@ impl ObjectRuntime {
         for (object, slot) in self.active_slots() {
             let Some(mut guard) = slot.try_lock() else { continue };
             let Some(active) = guard.active.as_mut() else { continue };
-            // (Not one `maintain` gives back anyway: idle past `keep_warm`.)
-            if now.saturating_sub(active.last_used) >= inner.settings.keep_warm && !active.evict_again {
+            // (Not one `maintain` gives back anyway.)
+            if active.idle_past_keep_warm(inner, now) {
                 continue;
             }
             if let Err(e) = renew_if_due(inner, &mut active.lease).await {
@@ -2050,16 +2058,9 @@ impl ObjectRuntime {
         // a restore of unknown outcome) is drained and dropped like any hot state.
         let drained = async {
             let report = drain(&self.inner, object, token, usize::MAX).await?;
-            // Nothing was left to drain, so no commit just showed that cold storage holds the
-            // object's changes: make sure it still does before the only other copy goes. With
-            // nothing of the object in hot storage (no live keys, nothing pending: a lazy
-            // activation of an evicted object, or every key deleted and drained) no copy goes:
-            // cold storage is not asked (an idle lazy object was kept, its lease renewed past
-            // `keep_warm`, for as long as cold storage was down; a cold store that lost the
-            // object's changes is found by its next activation).
-            if report.objects == 0
-                && self.inner.hot.object_info(object).await?.is_some_and(|i| i.keys > 0 || i.has_pending_changes())
-            {
+            if report.objects == 0 {
+                // Nothing was left to drain, so no commit just showed that cold storage holds
+                // the object's changes: make sure it still does before the only other copy goes.
                 cold_holds_hot_changes(&self.inner, object).await?;
             }
             Ok(())
@@ -2212,8 +2213,7 @@ impl ObjectRuntime {
             let Some(active) = guard.active.as_mut() else { continue };
             // Moved, idle past `keep_warm` (unless its eviction is to be tried again), or
             // (otherwise renewed when due) lost: given back.
-            let idle = inner.clock.monotonic().saturating_sub(active.last_used) >= inner.settings.keep_warm
-                && !active.evict_again;
+            let idle = active.idle_past_keep_warm(inner, inner.clock.monotonic());
             if moved || idle || renew_if_due(inner, &mut active.lease).await.is_err() {
                 give_back(inner, &mut guard.active).await;
             }
@@ -3434,7 +3434,12 @@ fn newer_holder(records: &[ChangeRecord], token: FencingToken) -> Option<Fencing
 /// another table than the one that acknowledged them. Evicting then would drop the only copy.
 async fn cold_holds_hot_changes(inner: &Arc<Inner>, object: &ObjectId) -> Result<()> {
     let Some(info) = inner.hot.object_info(object).await? else { return Ok(()) };
-    if info.last_seq == 0 {
+    // With nothing of the object in hot storage (no live keys, nothing pending: a lazy
+    // activation of an evicted object, or every key deleted and drained) no copy goes: cold
+    // storage is not asked (an idle lazy object was kept, its lease renewed past `keep_warm`,
+    // for as long as cold storage was down; a cold store that lost the object's changes is
+    // found by its next activation).
+    if info.last_seq == 0 || (info.keys == 0 && !info.has_pending_changes()) {
         return Ok(());
     }
     let through = inner.cold.watermark(object).await?.through;
