@@ -6,8 +6,9 @@
 //!
 //! `Instrumented<H>` wraps any [`HotStore`] and counts calls and fenced rejections — the shape of
 //! a real custom backend (metrics, tracing, a cache, a remote protocol) that must keep the
-//! contract exactly. The example runs the whole hot conformance kit (every case plus the
-//! model-based property tests) against it and prints the verdict. In a backend crate you would
+//! contract exactly. The example runs the hot conformance kit's single-store part (every case
+//! of one handle plus the model-based property tests; the reopen cases and the process tests
+//! need a factory that reopens a database) against it and prints the verdict. In a backend crate you would
 //! instead write `dotdo_core::hot_conformance!(factory());` in a test file.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -41,7 +41,8 @@ pub enum ErrorKind {
         /// When the current lease expires unless renewed.
         expires_at: Timestamp,
     },
-    /// The caller's lease is no longer valid (expired, released, or superseded). Re-acquire.
+    /// The caller's lease is no longer valid (expired or released; a lease superseded by a
+    /// newer token is [`Fenced`](ErrorKind::Fenced)). Re-acquire.
     LeaseLost {
         /// The object whose lease was lost.
         object: ObjectId,
@@ -58,7 +59,9 @@ pub enum ErrorKind {
         /// The size presented.
         actual: u64,
     },
-    /// A concurrent change conflicted with this one (optimistic concurrency). Re-read and retry.
+    /// A concurrent change conflicted with this one (optimistic concurrency), or state is not
+    /// ready. Usually re-read and retry: retry only if [`Error::is_retryable`] (some conflicts no
+    /// retry can mend; see `docs/errors.md`).
     Conflict,
     /// The outcome is unknown: the operation may or may not have been applied (for example the
     /// reply of a commit was lost). Only an idempotent operation may simply be sent again (a cold
@@ -66,17 +69,21 @@ pub enum ErrorKind {
     /// back; a hot write needs a new lease first, so that a late landing is fenced (see
     /// `docs/errors.md`).
     AmbiguousOutcome,
-    /// The backend is temporarily unavailable (busy database, unreachable store, timeout).
-    /// Retrying later may succeed.
+    /// The backend is unavailable (busy database, unreachable store, timeout, full buffer).
+    /// Usually retrying later may succeed: retry only if [`Error::is_retryable`] (a read-only
+    /// or unopenable database is not; see `docs/errors.md`).
     Unavailable,
     /// Stored data is corrupt or not what it claims to be (bad Parquet, bad metadata, not a
     /// database). Needs operator attention.
     Corrupt,
-    /// The named thing does not exist (table, snapshot).
+    /// The named thing does not exist (table, snapshot). Read a snapshot that
+    /// `snapshots()` still lists, or create / name the table.
     NotFound,
-    /// The component is shutting down or was shut down.
+    /// The component is shutting down or was shut down. Do not retry on it: route the call
+    /// elsewhere, or build a new one.
     Shutdown,
-    /// Any other backend failure.
+    /// Any other backend failure. Report it with its `source()`; retry only if
+    /// [`Error::is_retryable`].
     Backend,
 }
 

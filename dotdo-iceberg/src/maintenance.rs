@@ -69,8 +69,11 @@ impl IcebergColdStore {
     ///
     /// On the SQL catalog exactly the snapshots this plan names are removed, and every ref
     /// (tag or branch, whatever retention another engine set on it) stays with its history.
-    /// Through other catalogs the commit is iceberg's expire action, which also applies the
-    /// refs' own retention settings (`max-ref-age-ms`, a branch's snapshot age) on top.
+    /// Through other catalogs the commit is iceberg's expire action, which would also apply the
+    /// refs' own retention settings on top: a table with a branch's `max-snapshot-age-ms`, a
+    /// ref's `max-ref-age-ms` or the table property `history.expire.max-ref-age-ms` is refused
+    /// there (`InvalidInput`, nothing expired), as they could remove the snapshots that hold the
+    /// watermarks.
     pub async fn expire_snapshots(&self, older_than: Duration, retain_last: usize) -> Result<ExpireReport> {
         let ident = self.inner.ident.clone();
         self.expire_snapshots_of(&ident, older_than, retain_last).await
@@ -226,6 +229,16 @@ impl IcebergColdStore {
                 // the commit (iceberg's action requires only the main branch's head: a tag made
                 // meanwhile on a snapshot it removes would go with it), a moved table is a
                 // conflict and the next attempt plans afresh.
+                // A ref's own retention that removes more than this plan (a branch's snapshot
+                // age, a ref's age limit) could expire the snapshots holding the watermarks, for
+                // good: refused, nothing expired.
+                if let Some(why) = own_retention(table.metadata(), &what)? {
+                    return Err(Error::invalid(format!(
+                        "{what}: {why}; through this catalog expiry is iceberg's expire action, which applies it \
+                         on top of dotdo's plan and could remove the snapshots that hold dotdo's watermarks \
+                         (the table would then be Corrupt): remove that setting, or expire through the SQL catalog"
+                    )));
+                }
                 let pinned = self.pinned(&table).unmoved_checked();
                 let tx = Transaction::new(&table);
                 let tx = tx
@@ -527,7 +540,10 @@ impl IcebergColdStore {
                 continue;
             }
             let what = format!("metadata file {}", entry.metadata_file);
-            let old = match iceberg::spec::TableMetadata::read_from(table.file_io(), &entry.metadata_file).await {
+            // (iceberg's reader subtracts a metadata log's timestamps unchecked: a damaged or
+            // foreign older version panicked a debug build; caught, it is `Corrupt`.)
+            let read = iceberg::spec::TableMetadata::read_from(table.file_io(), &entry.metadata_file);
+            let old = match crate::error::iceberg_catching(read, || what.clone()).await {
                 Ok(old) => old,
                 Err(e) => match classify(e, &what) {
                     e if e.is_retryable() => return Err(e),
@@ -825,6 +841,30 @@ fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64,
         }
     }
     Ok(out)
+}
+
+/// A retention setting of `md` under which iceberg's expire action removes more than dotdo's
+/// plan: a branch's `max-snapshot-age-ms` (it overrides the action's cutoff for that branch's
+/// ancestors), a ref's `max-ref-age-ms` other than `main`'s (the ref is dropped), or the table's
+/// `history.expire.max-ref-age-ms` (the same for every ref). Minimum counts only keep more.
+fn own_retention(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Option<String>> {
+    let json = serde_json::to_value(md)
+        .map_err(|e| Error::backend(format!("{what}: encoding table metadata to read its refs")).with_source(e))?;
+    if let Some(refs) = json.get("refs").and_then(|r| r.as_object()) {
+        for (name, r) in refs {
+            if r.get("max-snapshot-age-ms").is_some_and(|v| !v.is_null()) {
+                return Ok(Some(format!("ref {name:?} sets its own max-snapshot-age-ms")));
+            }
+            if name != "main" && r.get("max-ref-age-ms").is_some_and(|v| !v.is_null()) {
+                return Ok(Some(format!("ref {name:?} sets its own max-ref-age-ms")));
+            }
+        }
+    }
+    let prop = iceberg::spec::TableProperties::PROPERTY_MAX_REF_AGE_MS;
+    match md.properties().get(prop) {
+        Some(v) if v.trim() != i64::MAX.to_string() => Ok(Some(format!("the table sets {prop}={v:?}"))),
+        _ => Ok(None),
+    }
 }
 
 /// The cleanup minimum `table` records; `InvalidInput` if the property is not a number.

@@ -897,6 +897,24 @@ async fn a_metadata_log_timestamp_that_overflows_is_corrupt_not_a_panic() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 
+/// An older table version named in the metadata log whose own log is damaged (a timestamp of
+/// `i64::MIN`, which iceberg's reader subtracts unchecked) does not take a file cleanup down: it
+/// is skipped as unreadable (as a missing one is), and nothing live is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_older_metadata_version_does_not_panic_a_cleanup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, o) = store_with_puts(dir.path(), 3).await;
+    let (table, _) = first_data_file(&cold).await;
+    let older = table.metadata().metadata_log().last().expect("an older version").metadata_file.clone();
+    common::edit_metadata(&older, |json| {
+        let log = json["metadata-log"].as_array_mut().expect("the older version's log");
+        log.last_mut().expect("an entry")["timestamp-ms"] = serde_json::json!(i64::MIN);
+    });
+    cold.remove_unreferenced_files(std::time::Duration::from_secs(3600)).await.expect("cleanup");
+    let state = cold.load_state(&o, AsOf::Latest).await.expect("state after the cleanup");
+    assert_eq!((state.through, state.entries.len()), (3, 1));
+}
+
 /// A user table whose schema id is `i32::MAX` (damaged, or another engine's) leaves no id for a
 /// widened schema: `Corrupt`, nothing committed (iceberg adds one to the highest id unchecked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

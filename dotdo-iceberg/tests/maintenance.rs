@@ -4599,3 +4599,49 @@ async fn expiry_through_other_catalogs_keeps_a_tag_made_after_its_plan() {
     let table = cold.refresh().await.expect("table");
     assert_eq!(table.metadata().snapshot_for_ref("t").map(|s| s.snapshot_id()), Some(ids[0]), "the tag stays");
 }
+
+/// Through a catalog other than the SQL one, expiry is iceberg's expire action, which applies a
+/// ref's own retention on top of dotdo's plan. Here dotdo committed 1 ← 2 ← 3, another engine
+/// appended 4 on top (no dotdo keys: 3 holds the watermarks) and set `main`'s snapshot age to
+/// 1 ms: dotdo's plan expires 1 and 2, iceberg's action also expired 3, and the table's
+/// watermarks were `Corrupt` for good. Now such a table is refused, nothing expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_through_other_catalogs_refuses_a_ref_with_its_own_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, catalog, o, ids) = three_commits_through_a_custom_catalog(dir.path()).await;
+    *catalog.foreign_change.lock() = Some((0, common::ForeignChange::RollBackAndAppend(ids[2])));
+    let table = cold.refresh().await.expect("refresh");
+    assert!(catalog.foreign_change.lock().is_none(), "the other engine appended");
+    let table = if table.metadata().snapshots().count() == 4 { table } else { cold.refresh().await.expect("refresh") };
+    assert_eq!(table.metadata().snapshots().count(), 4);
+    let location = table.metadata_location().expect("metadata").to_string();
+    common::edit_metadata(&location, |json| {
+        json["refs"]["main"]["max-snapshot-age-ms"] = serde_json::json!(1);
+        json["refs"]["main"]["min-snapshots-to-keep"] = serde_json::json!(1);
+    });
+    cold.refresh().await.expect("refresh");
+    let e = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("a ref with its own retention");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("max-snapshot-age-ms"), "{e}");
+    let table = cold.refresh().await.expect("refresh");
+    assert_eq!(table.metadata().snapshots().count(), 4, "nothing expired");
+    assert_eq!(cold.watermark(&o).await.expect("watermarks known").through, 3);
+    // The same for a tag with its own age limit, once main's setting is gone.
+    common::edit_metadata(table.metadata_location().expect("metadata"), |json| {
+        let main = json["refs"]["main"].as_object_mut().expect("main");
+        main.remove("max-snapshot-age-ms");
+        json["refs"]["t"] = serde_json::json!({"snapshot-id": ids[0], "type": "tag", "max-ref-age-ms": 1});
+    });
+    cold.refresh().await.expect("refresh");
+    let e = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("a tag with its own age limit");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("max-ref-age-ms"), "{e}");
+    // Without either, the expiry runs and keeps 3 (the foreign head's dotdo base).
+    common::edit_metadata(cold.refresh().await.expect("refresh").metadata_location().expect("metadata"), |json| {
+        json["refs"].as_object_mut().expect("refs").remove("t");
+    });
+    cold.refresh().await.expect("refresh");
+    let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
+    assert!(!report.expired.contains(&ids[2]), "{report:?}");
+    assert_eq!(cold.watermark(&o).await.expect("watermarks known").through, 3);
+}

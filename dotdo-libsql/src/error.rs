@@ -288,7 +288,9 @@ pub(crate) fn class_of_replication_text(text: &str) -> Class {
         Class::Busy
     } else if text.contains("namespace doesn't exist") {
         Class::Config
-    } else if text.contains("Unauthenticated") || text.contains("PermissionDenied") {
+    } else if text.contains("Unauthenticated") || text.contains("PermissionDenied") || text == "Unauthorized" {
+        // (`Unauthorized`: libsql's replica build, with its `sync` feature on in the binary
+        // through another crate, probes the primary's `/info` first and answers a 401 so.)
         Class::Auth
     } else if [
         "Injector error",
@@ -539,6 +541,10 @@ mod tests {
         }
         let e = map(rep("Requested namespace doesn't exist"), "syncing", false);
         assert!(!e.is_retryable(), "{e}");
+        // A replica build's probe of the primary answered 401 (libsql with its `sync` feature).
+        let probe = libsql::Error::Sync("Unauthorized".into());
+        assert_eq!(class_of(&probe), Class::Auth);
+        assert!(!map(probe, "opening a replica", false).is_retryable());
     }
 
     #[test]

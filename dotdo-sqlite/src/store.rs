@@ -1310,6 +1310,19 @@ mod tests {
         assert_eq!(v, rusqlite::version());
     }
 
+    /// The SQLite linked in gives each connection its own page cache: built with
+    /// `SQLITE_ENABLE_MEMORY_MANAGEMENT` (libsqlite3-sys's default), every connection of the
+    /// process shares one LRU, and a connection's pages were evicted by another's work (a
+    /// pipeline log's sends ran 2.5-3x slower beside a second database; vendor/libsqlite3-sys).
+    #[test]
+    fn the_linked_sqlite_keeps_a_page_cache_per_connection() {
+        let conn = rusqlite::Connection::open_in_memory().expect("open");
+        let mut st = conn.prepare("PRAGMA compile_options").expect("prepare");
+        let options: Vec<String> = st.query_map([], |r| r.get(0)).expect("query").map(|o| o.expect("option")).collect();
+        assert!(options.iter().any(|o| o.starts_with("THREADSAFE")), "{options:?}");
+        assert!(!options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"), "{options:?}");
+    }
+
     /// Commits a long read overlaps reach the disk within a checkpoint period: SQLite syncs the
     /// WAL only when a checkpoint copies frames, and the reader keeps every new frame from being
     /// copied, so under `synchronous=NORMAL` they stayed unsynced for as long as the read lasted

@@ -129,7 +129,9 @@ mod build_bundled {
             .flag("-DSQLITE_ENABLE_FTS5")
             .flag("-DSQLITE_ENABLE_JSON1")
             .flag("-DSQLITE_ENABLE_LOAD_EXTENSION=1")
-            .flag("-DSQLITE_ENABLE_MEMORY_MANAGEMENT")
+            // dotdo: no `SQLITE_ENABLE_MEMORY_MANAGEMENT` (see VENDORED.md): it makes every
+            // connection of the process share one page-cache LRU, and a connection evicted
+            // another's pages (a pipeline log's sends ran 2.5-3x slower beside a second database).
             .flag("-DSQLITE_ENABLE_RTREE")
             .flag("-DSQLITE_ENABLE_STAT4")
             .flag("-DSQLITE_SOUNDEX")

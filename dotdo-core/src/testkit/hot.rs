@@ -1850,6 +1850,79 @@ pub async fn refused_batches_under_a_higher_token_change_nothing(f: &HotFactory)
     assert_eq!(r.first_seq, 2);
 }
 
+/// A stale token is refused for a batch of any shape, not only a single put: deletes alone, a
+/// put then a delete, a delete then a put, a run of puts, a long mixed batch. Each is `Fenced`
+/// naming both tokens, and nothing of it lands (state, change log and object info unchanged).
+pub async fn stale_batches_of_every_shape_are_fenced(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let old = lease(&fx, "o1", "n1").await;
+    let first = WriteBatch::new("T").put("a", b("1")).put("b", b("2"));
+    fx.hot.write(&old.object, old.token, first).await.expect("write");
+    clock.advance(TTL + Duration::from_millis(1));
+    let new = lease(&fx, "o1", "n2").await;
+    let state = |fx: &HotFixture| {
+        let (hot, object) = (fx.hot.clone(), old.object.clone());
+        async move {
+            let entries = hot.list(&object, KeyRange::all(), None).await.expect("list");
+            let log = changes(&*hot, &object, 0, 1_000).await.expect("changes");
+            let info = hot.object_info(&object).await.expect("info");
+            (
+                entries.into_iter().map(|e| (e.key, e.value, e.seq)).collect::<Vec<_>>(),
+                log.into_iter().map(|c| (c.seq, c.key, c.op, c.value)).collect::<Vec<_>>(),
+                info,
+            )
+        }
+    };
+    let before = state(&fx).await;
+    let mut long = WriteBatch::new("T");
+    for i in 0..300 {
+        long = if i % 3 == 0 { long.delete(format!("k{i}")) } else { long.put(format!("k{i}"), b("x")) };
+    }
+    long = long.delete("a");
+    let shapes = [
+        ("a delete", WriteBatch::new("T").delete("a")),
+        ("a put then a delete", WriteBatch::new("T").put("z", b("9")).delete("a")),
+        ("a delete then a put", WriteBatch::new("T").delete("a").put("z", b("9"))),
+        ("a run of puts", (0..50).fold(WriteBatch::new("T"), |w, i| w.put(format!("p{i}"), b("y")))),
+        ("a long mixed batch", long),
+    ];
+    for (what, batch) in shapes {
+        let e = fx.hot.write(&old.object, old.token, batch).await.expect_err(what);
+        match e.kind() {
+            ErrorKind::Fenced { presented, current, object } => {
+                assert_eq!((*presented, *current, object), (old.token, new.token, &old.object), "{what}: {e}")
+            }
+            other => panic!("{what}: expected Fenced, got {other:?}"),
+        }
+        assert_eq!(state(&fx).await, before, "{what}: nothing of a stale batch lands");
+    }
+    let r = fx.hot.write(&new.object, new.token, WriteBatch::new("T").delete("a")).await.expect("the holder writes");
+    assert_eq!(r.first_seq, 3, "no sequence number was used by the refused batches");
+}
+
+/// A new lease's token is above every token the store accepted, also one raised by a
+/// truncation, an eviction or a restore under a higher token (not only by a write): the new
+/// holder's writes are not fenced by its own store.
+pub async fn a_new_lease_is_above_tokens_raised_by_truncate_evict_and_restore(f: &HotFactory) {
+    let (fx, clock) = open(f).await;
+    let (t, e, r) = (lease(&fx, "t", "n1").await, lease(&fx, "e", "n1").await, lease(&fx, "r", "n1").await);
+    let higher = |l: &Lease| FencingToken::new(l.token.get() + 7);
+    fx.hot.put(&t.object, t.token, "T", "a", b("1")).await.expect("put");
+    fx.hot.truncate_changes(&t.object, higher(&t), 1).await.expect("truncate under a higher token");
+    fx.hot.put(&e.object, e.token, "T", "a", b("1")).await.expect("put");
+    fx.hot.truncate_changes(&e.object, e.token, 1).await.expect("drain");
+    fx.hot.evict(&e.object, higher(&e)).await.expect("evict under a higher token");
+    let entry = crate::Entry { key: "a".into(), value: b("cold"), seq: 1 };
+    fx.hot.restore(&r.object, higher(&r), vec![entry], 1).await.expect("restore under a higher token");
+    clock.advance(TTL + Duration::from_millis(1));
+    for l in [&t, &e, &r] {
+        let next = lease(&fx, l.object.as_str(), "n2").await;
+        assert!(next.token > higher(l), "{}: new token {} not above {}", l.object, next.token, higher(l));
+        fx.hot.put(&next.object, next.token, "T", "b", b("2")).await.expect("the new holder writes");
+        assert_eq!(fx.hot.get(&next.object, "b").await.expect("get"), Some(b("2")), "{}", l.object);
+    }
+}
+
 /// Node ids of the longest length are kept whole: a lease names its holder exactly, and two
 /// holders that differ only in the last byte are two nodes.
 pub async fn holders_at_the_id_limit_stay_distinct(f: &HotFactory) {
