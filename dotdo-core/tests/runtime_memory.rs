@@ -3220,6 +3220,60 @@ async fn a_slow_check_of_replays_in_flush_all_keeps_the_leases() {
     }
 }
 
+/// `y`'s change reached cold under another holder, whose truncation in hot never happened;
+/// the lease is given back.
+async fn committed_not_truncated(w: &World, y: &ObjectId) {
+    let lease = w.hot.acquire(y, &NodeId::new("other").expect("node"), TTL).await.expect("acquire");
+    w.hot.put(y, lease.token, "T", "n", "1".into()).await.expect("put");
+    let changes = w.hot.read_changes(y, 0, 100).await.expect("changes");
+    w.cold.append(ColdBatch::single(y.clone(), lease.token, changes)).await.expect("y's change reached cold");
+    w.hot.release(&lease).await.expect("release");
+}
+
+/// `flush_all` taking an object it does not hold (changes another holder left in hot) checks
+/// them against cold as it activates it; a slow check (two TTLs) keeps the held objects' leases
+/// renewed meanwhile. (Unrenewed, the held object's lease ran out and the flush failed with its
+/// changes left in hot.)
+#[tokio::test]
+async fn a_slow_activation_in_flush_all_keeps_the_held_leases() {
+    let w = World::new();
+    let (x, y) = (oid("x"), oid("y"));
+    committed_not_truncated(&w, &y).await;
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    incr(&rt, &x).await.expect("x");
+    *cold.before_read_changes.lock() = Some(clock_moves_on(&w.clock, 20));
+    rt.flush_all().await.expect("every object drained");
+    assert!(cold.before_read_changes.lock().is_none(), "the slow read ran");
+    for o in [&x, &y] {
+        let info = w.hot.object_info(o).await.expect("info").expect("object");
+        assert!(!info.has_pending_changes(), "{o}: {info:?}");
+    }
+    assert_eq!(w.cold.watermark(&x).await.expect("wm").through, 1);
+}
+
+/// `flush_all` compares an object activated while cold storage was unreachable with cold
+/// before draining it; a slow comparison (two TTLs) keeps the other held objects' leases
+/// renewed meanwhile (unrenewed, they ran out and the flush failed with their changes in hot).
+#[tokio::test]
+async fn a_slow_check_of_an_unverified_activation_in_flush_all_keeps_the_other_leases() {
+    let w = World::new();
+    let (x, y) = (oid("x"), oid("y"));
+    committed_not_truncated(&w, &y).await;
+    let (cold, rt) = w.flaky_cold_runtime(settings());
+    cold.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &y).await.expect("activated with cold down"), 2);
+    cold.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    incr(&rt, &x).await.expect("x");
+    *cold.before_read_changes.lock() = Some(clock_moves_on(&w.clock, 20));
+    rt.flush_all().await.expect("every object drained");
+    assert!(cold.before_read_changes.lock().is_none(), "the slow read ran");
+    for o in [&x, &y] {
+        let info = w.hot.object_info(o).await.expect("info").expect("object");
+        assert!(!info.has_pending_changes(), "{o}: {info:?}");
+    }
+    assert_eq!(w.cold.watermark(&y).await.expect("wm").through, 2);
+}
+
 /// A slow cold read or commit: the world's clock moves on by `tenths` tenths of a TTL, a tenth at
 /// a time with a real millisecond between, so the runtime's renewal task gets to run.
 fn clock_moves_on(clock: &dotdo_core::ManualClock, tenths: u32) -> futures::future::BoxFuture<'static, ()> {

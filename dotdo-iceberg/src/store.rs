@@ -1998,6 +1998,11 @@ impl IcebergColdStore {
                 Err(Error::new(ErrorKind::NotFound, format!("snapshot {id} expired while it was read ({e})"))
                     .with_source(ExpiredWhileRead(e)))
             }
+            // The table was dropped meanwhile: `NotFound`, as for any read of a missing table
+            // (its files went with it; they are not damaged).
+            Err(re) if re.kind() == &ErrorKind::NotFound => {
+                Err(re.context(format!("a read of snapshot {id} failed ({e}): the table is gone")))
+            }
             // `Corrupt` is for good: it must not stand for a snapshot that may just have expired.
             Err(re) if re.is_retryable() => Err(re.context(format!(
                 "a read of snapshot {id} failed ({e}); whether the snapshot expired meanwhile could not be checked"

@@ -1133,6 +1133,36 @@ async fn a_commit_that_was_never_sent_is_unavailable_not_ambiguous() {
     assert_eq!(cold.append(batch).await.expect("once the store is back").records_written, 1);
 }
 
+/// A table dropped (and its files removed) under a store that reads its cached table
+/// (`refresh_reads` off): a read finds the files missing and the table gone, and answers
+/// `NotFound`, as for any read of a missing table (it was `Corrupt`, naming the missing file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_of_a_table_dropped_meanwhile_is_not_found_not_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(dotdo_iceberg::Settings { refresh_reads: false, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    let c = cold
+        .append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)]))
+        .await
+        .expect("append");
+    let ident = iceberg::TableIdent::from_strs(["m", "changes"]).expect("ident");
+    cold.catalog().drop_table(&ident).await.expect("drop");
+    let data = common::files_ending_with(dir.path(), ".parquet");
+    assert!(!data.is_empty());
+    for f in data {
+        std::fs::remove_file(f).expect("remove");
+    }
+    for as_of in [AsOf::Latest, AsOf::Snapshot(c.snapshot.expect("snapshot"))] {
+        let e = cold.load_state(&o, as_of).await.expect_err("the table is gone");
+        assert_eq!(e.kind(), &ErrorKind::NotFound, "{as_of:?}: {e}");
+    }
+}
+
 /// An append with an attempt of unknown outcome, whose next attempt then conflicts while the
 /// table cannot be read back, is `AmbiguousOutcome`: the first attempt may still land. It was a
 /// retryable `Unavailable`, which says the batch did not land. Once the catalog answers again,

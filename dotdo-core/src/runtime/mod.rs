@@ -1748,12 +1748,15 @@ impl ObjectRuntime {
                 continue;
             }
             renew_held(inner, held, left_out, lapsed).await;
-            let h = &mut held[i];
+            let (before, rest) = held.split_at_mut(i);
+            let Some((h, after)) = rest.split_first_mut() else { continue };
             if left_out.contains(&h.object) {
                 continue;
             }
             let Some(active) = h.guard.active.as_mut() else { continue };
-            if let Err(e) = verify_against_cold(inner, &h.object, active).await {
+            // (The others' leases renewed meanwhile: the check can read a large overlap.)
+            let check = verify_against_cold(inner, &h.object, active);
+            if let Err(e) = renewing_parts(inner, &mut [before, after], left_out, lapsed, check).await {
                 tracing::error!(object = %h.object, error = %e, "dotdo flush_all: pending changes not verified against cold; left out");
                 left_out.insert(h.object.clone());
                 first_err.get_or_insert(e);
@@ -1992,7 +1995,10 @@ impl ObjectRuntime {
             if guard.active.is_some() {
                 continue;
             }
-            match self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO).await {
+            // The held objects' leases renewed meanwhile: the activation may check a large
+            // overlap against cold or restore from it.
+            let activation = self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO);
+            match renewing_held(inner, held, &mut rounds.left_out, &mut rounds.lapsed, activation).await {
                 // Nothing left to drain (drained by its holder since the page was read, or an owed
                 // object drained since): no longer owed.
                 Ok(false) => {
@@ -2698,7 +2704,18 @@ async fn renew_held(
     left_out: &mut std::collections::BTreeSet<ObjectId>,
     lapsed: &mut std::collections::BTreeMap<ObjectId, Error>,
 ) {
-    for h in held.iter_mut() {
+    renew_parts(inner, &mut [held], left_out, lapsed).await
+}
+
+/// [`renew_held`] of held objects in several slices (all of them but one whose own work runs
+/// meanwhile, see [`renewing_parts`]).
+async fn renew_parts(
+    inner: &Arc<Inner>,
+    parts: &mut [&mut [Held]],
+    left_out: &mut std::collections::BTreeSet<ObjectId>,
+    lapsed: &mut std::collections::BTreeMap<ObjectId, Error>,
+) {
+    for h in parts.iter_mut().flat_map(|p| p.iter_mut()) {
         if left_out.contains(&h.object) {
             continue;
         }
@@ -2755,19 +2772,34 @@ async fn renewing_held<T>(
     lapsed: &mut std::collections::BTreeMap<ObjectId, Error>,
     fut: impl std::future::Future<Output = T>,
 ) -> T {
+    renewing_parts(inner, &mut [held], left_out, lapsed, fut).await
+}
+
+/// [`renewing_held`] of held objects in several slices: all of them but one, whose own work
+/// `fut` is (renewing its lease itself), so that a long check of one object (a large overlap
+/// read back from cold) does not let the others' leases run out (the flush then failed for
+/// them).
+async fn renewing_parts<T>(
+    inner: &Arc<Inner>,
+    parts: &mut [&mut [Held]],
+    left_out: &mut std::collections::BTreeSet<ObjectId>,
+    lapsed: &mut std::collections::BTreeMap<ObjectId, Error>,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
     let renew = async {
         loop {
             // Sooner for a lease with little left (its last refresh failed transiently): half
             // of what it has left, so that it is tried again before it runs out.
-            let soonest = held
+            let soonest = parts
                 .iter()
+                .flat_map(|p| p.iter())
                 .filter(|h| !left_out.contains(&h.object))
                 .filter_map(|h| h.guard.active.as_ref().map(|a| a.lease.left(inner)))
                 .min()
                 .unwrap_or(Duration::MAX);
             let wait = (inner.settings.lease_ttl / 10).min(soonest / 2).max(Duration::from_millis(1));
             inner.clock.sleep(wait).await;
-            renew_held(inner, held, left_out, lapsed).await;
+            renew_parts(inner, parts, left_out, lapsed).await;
         }
     };
     match futures::future::select(std::pin::pin!(fut), std::pin::pin!(renew)).await {

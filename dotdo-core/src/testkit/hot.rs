@@ -1068,6 +1068,37 @@ pub async fn a_release_frees_the_object_for_a_node_whose_clock_is_behind(f: &sup
     h1.guard.validate(&l3).await.expect("the current lease still holds");
 }
 
+/// A refresh is kept with the lease in the database, not in the handle that made it: another
+/// handle sees the extended expiry (past the old one, an acquire there is `LeaseHeld` naming the
+/// refreshed expiry and the lease validates), also after the refreshing handle crashed and the
+/// database was opened again; once the refreshed lease runs out, the object is free.
+pub async fn a_refresh_holds_across_handles_and_reopen(f: &super::HotReopenFactory) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(KIT_EPOCH);
+    let h1 = f(clock.clone(), dir.path().to_path_buf()).await;
+    let h2 = f(clock.clone(), dir.path().to_path_buf()).await;
+    let o = oid("refreshed");
+    let l = h1.guard.acquire(&o, &nid("n1"), TTL).await.expect("acquire");
+    clock.advance(TTL / 2);
+    let r = h1.guard.refresh(&l, TTL).await.expect("refresh");
+    clock.advance(TTL * 3 / 4); // past the lease's first expiry, before the refreshed one
+    let held = |e: crate::Error, through: &str| match e.kind() {
+        ErrorKind::LeaseHeld { holder, expires_at, .. } => {
+            assert_eq!((holder, *expires_at), (&r.holder, r.expires_at), "{through}: {e}")
+        }
+        other => panic!("{through}: expected LeaseHeld, got {other:?}"),
+    };
+    held(h2.guard.acquire(&o, &nid("n2"), TTL).await.expect_err("still held"), "the other handle");
+    h2.guard.validate(&r).await.expect("the refreshed lease validates through the other handle");
+    super::crash(h1);
+    let h3 = f(clock.clone(), dir.path().to_path_buf()).await;
+    held(h3.guard.acquire(&o, &nid("n2"), TTL).await.expect_err("still held"), "a reopened handle");
+    h3.hot.put(&o, r.token, "T", "k", b("v")).await.expect("the holder's token still writes");
+    clock.advance(TTL / 4 + Duration::from_millis(1));
+    let next = h2.guard.acquire(&o, &nid("n2"), TTL).await.expect("free once the refreshed lease ran out");
+    assert!(next.token > r.token, "{next:?} after {r:?}");
+}
+
 /// Two handles open at once on one database race: of acquires made through both at once exactly
 /// one is granted, and writes through both under that lease get every sequence number once (a
 /// guard or counter that decides read-then-write under an in-process lock grants two, or hands

@@ -999,7 +999,8 @@ macro_rules! hot_reopen_conformance {
             a_token_raised_by_an_empty_write_survives_reopen_and_fences_another_handle,
             fencing_holds_across_two_handles_on_one_database,
             races_through_two_handles_have_one_winner_and_unique_sequences,
-            a_release_frees_the_object_for_a_node_whose_clock_is_behind
+            a_release_frees_the_object_for_a_node_whose_clock_is_behind,
+            a_refresh_holds_across_handles_and_reopen
         );
     };
 }
