@@ -5869,6 +5869,9 @@ async fn a_flush_all_ending_after_shutdowns_flush_gives_its_leases_back() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rt2 = rt.clone();
     let shutdown = tokio::spawn(async move { rt2.shutdown().await });
+    // (Begun, and a moment more for its wait to start, before the clock moves: on a loaded
+    // machine the spawned shutdown may start late.)
+    until("shutdown has begun", || shutting_down(&rt)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Half a TTL on, round 2 renews the lease (until 1.5 TTL from now-ish), then shutdown's
     // wait of one TTL runs out and it flushes while the flush still holds the object.
@@ -5890,11 +5893,14 @@ async fn a_flush_all_ending_after_shutdowns_flush_gives_its_leases_back() {
     // Shutdown's wait ends a TTL after it began, before the renewed lease does: the clock is
     // moved no closer than a second to that expiry (a late look at `is_finished` would have
     // stepped it past, and the lease would read as run out).
+    let mut spins = 0u32;
     while !shutdown.is_finished() {
         if w.clock.now().plus(Duration::from_millis(1100)) < renewed {
             w.clock.advance(Duration::from_millis(100));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
+        spins += 1;
+        assert!(spins < 60_000, "shutdown did not end");
     }
     shutdown.await.expect("task").expect("shutdown");
     let held = w.hot.current(&o).await.expect("current");

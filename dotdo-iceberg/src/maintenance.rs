@@ -12,7 +12,7 @@
 //! have the same two ([`ArrowTable::expire_snapshots`](crate::ArrowTable::expire_snapshots),
 //! [`ArrowTable::remove_unreferenced_files`](crate::ArrowTable::remove_unreferenced_files)).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -70,10 +70,11 @@ impl IcebergColdStore {
     /// On the SQL catalog exactly the snapshots this plan names are removed, and every ref
     /// (tag or branch, whatever retention another engine set on it) stays with its history.
     /// Through other catalogs the commit is iceberg's expire action, which would also apply the
-    /// refs' own retention settings on top: a table with a branch's `max-snapshot-age-ms`, a
-    /// ref's `max-ref-age-ms` or the table property `history.expire.max-ref-age-ms` is refused
-    /// there (`InvalidInput`, nothing expired), as they could remove the snapshots that hold the
-    /// watermarks.
+    /// refs' own retention settings on top: where they remove more than this plan (a branch's
+    /// `max-snapshot-age-ms` giving up snapshots dotdo keeps, on `main` perhaps the one holding
+    /// the watermarks; a ref older than its `max-ref-age-ms` or the table's
+    /// `history.expire.max-ref-age-ms`, which would be dropped) the expiry is refused there
+    /// (`InvalidInput`, nothing expired).
     pub async fn expire_snapshots(&self, older_than: Duration, retain_last: usize) -> Result<ExpireReport> {
         let ident = self.inner.ident.clone();
         self.expire_snapshots_of(&ident, older_than, retain_last).await
@@ -229,14 +230,15 @@ impl IcebergColdStore {
                 // the commit (iceberg's action requires only the main branch's head: a tag made
                 // meanwhile on a snapshot it removes would go with it), a moved table is a
                 // conflict and the next attempt plans afresh.
-                // A ref's own retention that removes more than this plan (a branch's snapshot
-                // age, a ref's age limit) could expire the snapshots holding the watermarks, for
-                // good: refused, nothing expired.
-                if let Some(why) = own_retention(table.metadata(), &what)? {
+                // iceberg's action applies the refs' own retention on top of this plan: where that
+                // removes more (a snapshot a branch's `max-snapshot-age-ms` gives up, on `main`
+                // perhaps the one holding the watermarks, for good; a ref past its age limit),
+                // refused, nothing expired.
+                if let Some(why) = beyond_the_plan(table.metadata(), &expired, &what)? {
                     return Err(Error::invalid(format!(
-                        "{what}: {why}; through this catalog expiry is iceberg's expire action, which applies it \
-                         on top of dotdo's plan and could remove the snapshots that hold dotdo's watermarks \
-                         (the table would then be Corrupt): remove that setting, or expire through the SQL catalog"
+                        "{what}: {why}; through this catalog expiry is iceberg's expire action, which applies the \
+                         refs' own retention on top of dotdo's plan: change that setting, or expire through the \
+                         SQL catalog"
                     )));
                 }
                 let pinned = self.pinned(&table).unmoved_checked();
@@ -244,7 +246,9 @@ impl IcebergColdStore {
                 let tx = tx
                     .expire_snapshots()
                     .expire_snapshot_ids(expired.clone())
-                    .expire_older_than_ms(0)
+                    // (The earliest time: no snapshot is expired for its age, also not one another
+                    // engine stamped before 1970; only the ids named and the refs' own retention.)
+                    .expire_older_than_ms(i64::MIN)
                     .retain_last(1)
                     .apply(tx)
                     .map_err(|e| classify(e, &what))?;
@@ -843,28 +847,87 @@ fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64,
     Ok(out)
 }
 
-/// A retention setting of `md` under which iceberg's expire action removes more than dotdo's
-/// plan: a branch's `max-snapshot-age-ms` (it overrides the action's cutoff for that branch's
-/// ancestors), a ref's `max-ref-age-ms` other than `main`'s (the ref is dropped), or the table's
-/// `history.expire.max-ref-age-ms` (the same for every ref). Minimum counts only keep more.
-fn own_retention(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Option<String>> {
+/// What iceberg-rust 0.10.1's expire action, called with dotdo's plan (`expired`, the earliest
+/// cutoff, `retain_last(1)`), would remove beyond it, said as the reason to refuse; `None` if
+/// nothing. Its rules (`ExpireSnapshotsAction::plan`): a ref other than `main` whose head is older
+/// than its `max-ref-age-ms` (or the table's `history.expire.max-ref-age-ms`) is dropped; a
+/// branch with its own `max-snapshot-age-ms` keeps its newest `min-snapshots-to-keep` (else 1)
+/// ancestors and those younger than the age, and the other ancestors no ref keeps are expired.
+/// The time is the wall clock iceberg reads, taken a minute later (it commits after this check).
+fn beyond_the_plan(md: &iceberg::spec::TableMetadata, expired: &[i64], what: &str) -> Result<Option<String>> {
+    use iceberg::spec::{SnapshotReference, SnapshotRetention};
+    let props = md.table_properties().map_err(|e| {
+        Error::invalid(format!("{what}: the table properties cannot be read as iceberg's expire action reads them"))
+            .with_source(e)
+    })?;
     let json = serde_json::to_value(md)
         .map_err(|e| Error::backend(format!("{what}: encoding table metadata to read its refs")).with_source(e))?;
-    if let Some(refs) = json.get("refs").and_then(|r| r.as_object()) {
-        for (name, r) in refs {
-            if r.get("max-snapshot-age-ms").is_some_and(|v| !v.is_null()) {
-                return Ok(Some(format!("ref {name:?} sets its own max-snapshot-age-ms")));
+    let refs: BTreeMap<String, SnapshotReference> = match json.get("refs") {
+        Some(r) if !r.is_null() => serde_json::from_value(r.clone())
+            .map_err(|e| Error::corrupt(format!("{what}: the table metadata's refs cannot be read")).with_source(e))?,
+        _ => BTreeMap::new(),
+    };
+    let now = dotdo_core::Clock::now(&dotdo_core::SystemClock::new()).as_millis().saturating_add(60_000);
+    let stamp = |id: i64| md.snapshot_by_id(id).map_or(i64::MIN, |s| s.timestamp_ms());
+    let mut retained: HashSet<i64> = md.current_snapshot_id().into_iter().collect();
+    let mut referenced = retained.clone();
+    let mut branches = Vec::new();
+    for (name, r) in &refs {
+        let own_age = match r.retention {
+            SnapshotRetention::Branch { max_ref_age_ms, .. } | SnapshotRetention::Tag { max_ref_age_ms } => {
+                max_ref_age_ms
             }
-            if name != "main" && r.get("max-ref-age-ms").is_some_and(|v| !v.is_null()) {
-                return Ok(Some(format!("ref {name:?} sets its own max-ref-age-ms")));
-            }
+        };
+        let limit = own_age.unwrap_or(props.max_ref_age_ms);
+        if name != "main"
+            && md.snapshot_by_id(r.snapshot_id).is_some()
+            && now.saturating_sub(stamp(r.snapshot_id)) > limit
+        {
+            let whose =
+                if own_age.is_some() { "its max-ref-age-ms" } else { "the table's history.expire.max-ref-age-ms" };
+            return Ok(Some(format!("ref {name:?} is older than {whose} ({limit} ms) and would be dropped")));
+        }
+        retained.insert(r.snapshot_id);
+        referenced.insert(r.snapshot_id);
+        if let SnapshotRetention::Branch { min_snapshots_to_keep, max_snapshot_age_ms, .. } = r.retention {
+            // (As iceberg converts it: a negative count keeps every ancestor.)
+            let keep = min_snapshots_to_keep.map_or(1, |m| usize::try_from(m).unwrap_or(usize::MAX));
+            let cutoff = max_snapshot_age_ms.map_or(i64::MIN, |age| now.saturating_sub(age));
+            branches.push((name.as_str(), r.snapshot_id, keep, cutoff));
         }
     }
-    let prop = iceberg::spec::TableProperties::PROPERTY_MAX_REF_AGE_MS;
-    match md.properties().get(prop) {
-        Some(v) if v.trim() != i64::MAX.to_string() => Ok(Some(format!("the table sets {prop}={v:?}"))),
-        _ => Ok(None),
+    if let Some(current) = md.current_snapshot_id() {
+        if !branches.iter().any(|(_, head, _, _)| *head == current) {
+            branches.push(("main", current, 1, i64::MIN));
+        }
     }
+    let mut whose = BTreeMap::new();
+    for (name, head, keep, cutoff) in branches {
+        let (mut kept, mut next, mut steps) = (0usize, Some(head), 0usize);
+        // (Bounded: a parent cycle in damaged metadata ends the walk.)
+        while let Some(id) = next.filter(|_| steps <= md.snapshots().len()) {
+            referenced.insert(id);
+            if kept < keep || stamp(id) >= cutoff {
+                retained.insert(id);
+                kept += 1;
+            } else {
+                whose.entry(id).or_insert(name);
+            }
+            next = md.snapshot_by_id(id).and_then(|s| s.parent_snapshot_id());
+            steps += 1;
+        }
+    }
+    let beyond: Vec<(i64, &str)> = whose
+        .into_iter()
+        .filter(|(id, _)| referenced.contains(id) && !retained.contains(id) && !expired.contains(id))
+        .collect();
+    Ok(beyond.first().map(|(_, name)| {
+        let ids: Vec<i64> = beyond.iter().map(|(id, _)| *id).collect();
+        format!(
+            "the max-snapshot-age-ms of branch {name:?} would also expire snapshots {ids:?}, which dotdo keeps (the \
+             snapshots holding the watermarks, or a read's retention window)"
+        )
+    }))
 }
 
 /// The cleanup minimum `table` records; `InvalidInput` if the property is not a number.

@@ -4604,7 +4604,9 @@ async fn expiry_through_other_catalogs_keeps_a_tag_made_after_its_plan() {
 /// ref's own retention on top of dotdo's plan. Here dotdo committed 1 ← 2 ← 3, another engine
 /// appended 4 on top (no dotdo keys: 3 holds the watermarks) and set `main`'s snapshot age to
 /// 1 ms: dotdo's plan expires 1 and 2, iceberg's action also expired 3, and the table's
-/// watermarks were `Corrupt` for good. Now such a table is refused, nothing expired.
+/// watermarks were `Corrupt` for good. Now such a table is refused, nothing expired; so is one
+/// whose tag is past its age limit (iceberg dropped the tag); settings under which the action
+/// removes nothing more are let through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_through_other_catalogs_refuses_a_ref_with_its_own_retention() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -4636,9 +4638,13 @@ async fn expiry_through_other_catalogs_refuses_a_ref_with_its_own_retention() {
     let e = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("a tag with its own age limit");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
     assert!(e.to_string().contains("max-ref-age-ms"), "{e}");
-    // Without either, the expiry runs and keeps 3 (the foreign head's dotdo base).
+    // Settings that remove nothing more are let through: main's snapshots are all younger than
+    // a day, and the table's ref age limit has no other ref to drop. The expiry runs and keeps
+    // 3 (the foreign head's dotdo base).
     common::edit_metadata(cold.refresh().await.expect("refresh").metadata_location().expect("metadata"), |json| {
         json["refs"].as_object_mut().expect("refs").remove("t");
+        json["refs"]["main"]["max-snapshot-age-ms"] = serde_json::json!(86_400_000);
+        json["properties"]["history.expire.max-ref-age-ms"] = serde_json::json!("1");
     });
     cold.refresh().await.expect("refresh");
     let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");

@@ -233,10 +233,16 @@ async fn a_rest_catalog_that_never_answers_fails_an_append_in_bounded_time() {
         max_commit_attempts: 2,
         ..Default::default()
     };
-    let store = open_with(&server, "hung", settings).await;
+    // The table created and first written with the default bounds (the server's first requests
+    // may be slow, importing its file layer), the hung append through a store with the short one.
     let o = ObjectId::new("o").expect("id");
     let first = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 1, "k1", "v", 1)]);
-    store.append(first).await.expect("append while the server answers");
+    open_with(&server, "hung", dotdo_iceberg::Settings::default())
+        .await
+        .append(first)
+        .await
+        .expect("append while the server answers");
+    let store = open_with(&server, "hung", settings).await;
     let second = ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 2, "k2", "v", 1)]);
     server.signal("STOP");
     let hung = tokio::time::timeout(std::time::Duration::from_secs(90), store.append(second.clone())).await;

@@ -1347,10 +1347,19 @@ mod tests {
         };
         // Every frame copied: the checkpoints synced the WAL themselves. (A round that met a
         // commit under way may have synced it too: counted from here.)
-        std::thread::sleep(Duration::from_millis(100));
-        let before = syncs();
-        std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(syncs(), before, "nothing was left uncopied");
+        // (Waited until stable, as below: a starved checkpoint thread may sync the earlier put
+        // late on a loaded machine.)
+        let mut before = syncs();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = syncs();
+            if now == before {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the WAL is synced again and again before the read");
+            before = now;
+        }
         let reader = rusqlite::Connection::open(&path).expect("reader");
         reader.execute_batch("BEGIN; SELECT count(*) FROM do_state;").expect("a long read");
         for i in 1..=5 {

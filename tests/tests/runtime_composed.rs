@@ -199,7 +199,9 @@ fn runtime_child_process() {
         let c: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let s = open(Path::new(&dir), c.clone()).await;
         let settings = RuntimeSettings {
-            lease_ttl: Duration::from_millis(600),
+            // (2 s: short, so that each round's survivor waits little, yet a commit's refresh
+            // outlives a stall of the process on a loaded machine.)
+            lease_ttl: Duration::from_secs(2),
             acquire_timeout: Duration::from_secs(5),
             ..Default::default()
         };

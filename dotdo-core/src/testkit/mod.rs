@@ -446,8 +446,10 @@ where
     }
     let second = open_second().await;
     second.acquire(&o, &nid("n2"), std::time::Duration::from_secs(60)).await.expect("free in the new file");
+    // (Up to 20 s: the store's checkpoint thread notices the file gone, late on a loaded
+    // machine.)
     let mut refused = None;
-    for _ in 0..200 {
+    for _ in 0..2000 {
         match first.put(&o, l.token, "T", "k", b"w".to_vec().into()).await {
             Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
             Err(e) => {
