@@ -3220,6 +3220,14 @@ async fn a_slow_check_of_replays_in_flush_all_keeps_the_leases() {
     }
 }
 
+/// Nothing of `objects` waits in hot storage to be drained.
+async fn assert_nothing_pending(w: &World, objects: &[&ObjectId]) {
+    for o in objects {
+        let info = w.hot.object_info(o).await.expect("info").expect("object");
+        assert!(!info.has_pending_changes(), "{o}: {info:?}");
+    }
+}
+
 /// `y`'s change reached cold under another holder, whose truncation in hot never happened;
 /// the lease is given back.
 async fn committed_not_truncated(w: &World, y: &ObjectId) {
@@ -3244,10 +3252,7 @@ async fn a_slow_activation_in_flush_all_keeps_the_held_leases() {
     *cold.before_read_changes.lock() = Some(clock_moves_on(&w.clock, 20));
     rt.flush_all().await.expect("every object drained");
     assert!(cold.before_read_changes.lock().is_none(), "the slow read ran");
-    for o in [&x, &y] {
-        let info = w.hot.object_info(o).await.expect("info").expect("object");
-        assert!(!info.has_pending_changes(), "{o}: {info:?}");
-    }
+    assert_nothing_pending(&w, &[&x, &y]).await;
     assert_eq!(w.cold.watermark(&x).await.expect("wm").through, 1);
 }
 
@@ -3267,10 +3272,7 @@ async fn a_slow_check_of_an_unverified_activation_in_flush_all_keeps_the_other_l
     *cold.before_read_changes.lock() = Some(clock_moves_on(&w.clock, 20));
     rt.flush_all().await.expect("every object drained");
     assert!(cold.before_read_changes.lock().is_none(), "the slow read ran");
-    for o in [&x, &y] {
-        let info = w.hot.object_info(o).await.expect("info").expect("object");
-        assert!(!info.has_pending_changes(), "{o}: {info:?}");
-    }
+    assert_nothing_pending(&w, &[&x, &y]).await;
     assert_eq!(w.cold.watermark(&y).await.expect("wm").through, 2);
 }
 

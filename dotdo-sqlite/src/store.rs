@@ -1349,17 +1349,21 @@ mod tests {
         // commit under way may have synced it too: counted from here.)
         // (Waited until stable, as below: a starved checkpoint thread may sync the earlier put
         // late on a loaded machine.)
-        let mut before = syncs();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = syncs();
-            if now == before {
-                break;
+        // The sync count once it stays the same for 100 ms (bounded: 10 s).
+        let stable = |what: &str| {
+            let mut seen = syncs();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = syncs();
+                if now == seen {
+                    return seen;
+                }
+                assert!(std::time::Instant::now() < deadline, "the WAL is synced again and again {what}");
+                seen = now;
             }
-            assert!(std::time::Instant::now() < deadline, "the WAL is synced again and again before the read");
-            before = now;
-        }
+        };
+        let before = stable("before the read");
         let reader = rusqlite::Connection::open(&path).expect("reader");
         reader.execute_batch("BEGIN; SELECT count(*) FROM do_state;").expect("a long read");
         for i in 1..=5 {
@@ -1370,17 +1374,7 @@ mod tests {
         // Nothing committed since: once a round has synced the last of the five puts (a round
         // may have met them half done, and a later one, run late on a loaded machine, syncs the
         // rest), the rounds under the same read do not sync again.
-        let mut synced = syncs();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = syncs();
-            if now == synced {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the WAL is synced again and again with no commit");
-            synced = now;
-        }
+        let synced = stable("with no commit");
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(syncs(), synced, "no commit, no sync");
         store.put(&o, lease.token, "T", "k", "6".into()).await.expect("put under the read");

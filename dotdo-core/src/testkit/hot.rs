@@ -1429,6 +1429,25 @@ pub async fn refused_calls_do_not_raise_the_token(f: &HotFactory) {
     assert_eq!(info.max_token, l.token, "the refused calls raised nothing");
 }
 
+/// Three objects leased by `n1` (`t`, `e`, `r`) whose token a truncation, an eviction and a
+/// restore under [`higher`] raised.
+async fn raised_by_truncate_evict_and_restore(fx: &HotFixture) -> [Lease; 3] {
+    let (t, e, r) = (lease(fx, "t", "n1").await, lease(fx, "e", "n1").await, lease(fx, "r", "n1").await);
+    fx.hot.put(&t.object, t.token, "T", "a", b("1")).await.expect("put");
+    fx.hot.truncate_changes(&t.object, higher(&t), 1).await.expect("truncate under a higher token");
+    fx.hot.put(&e.object, e.token, "T", "a", b("1")).await.expect("put");
+    fx.hot.truncate_changes(&e.object, e.token, 1).await.expect("drain");
+    fx.hot.evict(&e.object, higher(&e)).await.expect("evict under a higher token");
+    let entry = crate::Entry { key: "a".into(), value: b("cold"), seq: 1 };
+    fx.hot.restore(&r.object, higher(&r), vec![entry], 1).await.expect("restore under a higher token");
+    [t, e, r]
+}
+
+/// A token seven above `l`'s.
+fn higher(l: &Lease) -> FencingToken {
+    FencingToken::new(l.token.get() + 7)
+}
+
 /// A successful truncate, evict or restore under a higher token raises the object's token like
 /// a write does: afterwards the old token is fenced, naming the higher one.
 pub async fn successful_calls_with_a_higher_token_raise_it(f: &HotFactory) {
@@ -1442,15 +1461,7 @@ pub async fn successful_calls_with_a_higher_token_raise_it(f: &HotFactory) {
         let err = fx.hot.put(&l.object, l.token, "T", "a", b("stale")).await.expect_err("raised");
         assert!(err.is_fenced(), "{}: {err}", l.object);
     }
-    let (t, e, r) = (lease(&fx, "t", "n1").await, lease(&fx, "e", "n1").await, lease(&fx, "r", "n1").await);
-    let higher = |l: &Lease| FencingToken::new(l.token.get() + 7);
-    fx.hot.put(&t.object, t.token, "T", "a", b("1")).await.expect("put");
-    fx.hot.truncate_changes(&t.object, higher(&t), 1).await.expect("truncate under a higher token");
-    fx.hot.put(&e.object, e.token, "T", "a", b("1")).await.expect("put");
-    fx.hot.truncate_changes(&e.object, e.token, 1).await.expect("drain");
-    fx.hot.evict(&e.object, higher(&e)).await.expect("evict under a higher token");
-    let entry = crate::Entry { key: "a".into(), value: b("cold"), seq: 1 };
-    fx.hot.restore(&r.object, higher(&r), vec![entry], 1).await.expect("restore under a higher token");
+    let [t, e, r] = raised_by_truncate_evict_and_restore(&fx).await;
     for l in [&t, &e, &r] {
         let err = fx.hot.put(&l.object, l.token, "T", "a", b("stale")).await.expect_err("the old token");
         match err.kind() {
@@ -1936,15 +1947,7 @@ pub async fn stale_batches_of_every_shape_are_fenced(f: &HotFactory) {
 /// holder's writes are not fenced by its own store.
 pub async fn a_new_lease_is_above_tokens_raised_by_truncate_evict_and_restore(f: &HotFactory) {
     let (fx, clock) = open(f).await;
-    let (t, e, r) = (lease(&fx, "t", "n1").await, lease(&fx, "e", "n1").await, lease(&fx, "r", "n1").await);
-    let higher = |l: &Lease| FencingToken::new(l.token.get() + 7);
-    fx.hot.put(&t.object, t.token, "T", "a", b("1")).await.expect("put");
-    fx.hot.truncate_changes(&t.object, higher(&t), 1).await.expect("truncate under a higher token");
-    fx.hot.put(&e.object, e.token, "T", "a", b("1")).await.expect("put");
-    fx.hot.truncate_changes(&e.object, e.token, 1).await.expect("drain");
-    fx.hot.evict(&e.object, higher(&e)).await.expect("evict under a higher token");
-    let entry = crate::Entry { key: "a".into(), value: b("cold"), seq: 1 };
-    fx.hot.restore(&r.object, higher(&r), vec![entry], 1).await.expect("restore under a higher token");
+    let [t, e, r] = raised_by_truncate_evict_and_restore(&fx).await;
     clock.advance(TTL + Duration::from_millis(1));
     for l in [&t, &e, &r] {
         let next = lease(&fx, l.object.as_str(), "n2").await;
