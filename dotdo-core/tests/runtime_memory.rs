@@ -3483,6 +3483,37 @@ async fn an_eager_restore_never_installs_state_older_than_its_watermark() {
     }
 }
 
+/// A guard that does not floor its tokens at the hot store's (the builder requires it to)
+/// grants a lease below cold storage's token, and raising the hot store's floor to cold's is
+/// refused: the hot store already accepted a higher token. That is the guard's lost state,
+/// `Corrupt` saying so; the call was answered `Fenced`, as if another holder had the object.
+#[tokio::test]
+async fn a_guard_below_the_hot_stores_tokens_is_corrupt_not_fenced() {
+    let w = World::new();
+    let o = oid("o");
+    let x = w.hot.acquire(&o, &NodeId::new("x").expect("node"), TTL).await.expect("acquire");
+    let five = FencingToken::new(x.token.get() + 4);
+    w.hot.put(&o, five, "T", "n", "1".into()).await.expect("put under a higher token");
+    let changes = w.hot.read_changes(&o, 0, 100).await.expect("changes");
+    w.cold.append(ColdBatch::single(o.clone(), five, changes)).await.expect("cold has it");
+    w.hot.truncate_changes(&o, five, 1).await.expect("drained");
+    w.hot.evict(&o, five).await.expect("evicted");
+    let seven = FencingToken::new(five.get() + 2);
+    w.hot.write(&o, seven, WriteBatch::new("T")).await.expect("the hot store accepts a higher token");
+    let forgetful = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
+    let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(forgetful))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime");
+    let e = incr(&rt, &o).await.expect_err("the guard lost its state");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("does not floor tokens"), "{e}");
+}
+
 /// A lazy activation pins the snapshot its watermark is in: on a cold store whose snapshot list
 /// lags its watermark (a catalog answering an older table to one read), the activation fails
 /// retryably. It pinned the older snapshot and served its values as the object's latest state.

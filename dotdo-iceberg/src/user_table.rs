@@ -921,6 +921,12 @@ impl ArrowTable {
             Err(last_err.unwrap_or_else(|| Error::unavailable(format!("{what}: no attempt left"))))
         }
         .await;
+        if out.is_err() {
+            // An early exit (the table unloadable for good, its marks damaged, its schema changed
+            // in a way the batches cannot take) left the files of attempts that failed for
+            // certain: nobody's. (After an unknown outcome they stay, as above.)
+            self.discard_files(files.take(), maybe_landed).await;
+        }
         out.map_err(|e| crate::store::unsettled(e, maybe_landed, &what, "; append the same batch id again to find out"))
     }
 

@@ -1274,6 +1274,35 @@ async fn an_unsettled_user_table_append_whose_load_is_refused_for_good_is_ambigu
     assert_eq!(user.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
 }
 
+/// A user-table append whose attempt conflicted for certain, and whose table then cannot be
+/// loaded for good, fails and leaves no data file behind: the conflicted attempt's files are
+/// nobody's (they stayed until a cleanup found them old enough).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_append_that_ends_early_after_a_conflict_deletes_its_files() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, slot) = switched_store(dir.path()).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+    let rows = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1, 2, 3]))]).expect("batch");
+    let catalog = slot.lock().clone().expect("catalog built");
+    catalog.conflict_then_fail_loads.store(true, Ordering::SeqCst);
+    catalog.loads_fail_for_good.store(true, Ordering::SeqCst);
+    let e = user.append("s", 1, vec![rows.clone()]).await.expect_err("a conflict, then a load refused");
+    assert_ne!(e.kind(), &ErrorKind::AmbiguousOutcome, "nothing may have landed: {e}");
+    let data = |dir: &std::path::Path| {
+        common::files_ending_with(dir, ".parquet")
+            .into_iter()
+            .filter(|f| f.to_string_lossy().contains("events"))
+            .count()
+    };
+    assert_eq!(data(dir.path()), 0, "the conflicted attempt's data files are deleted");
+    catalog.fail_loads.store(false, Ordering::SeqCst);
+    assert_eq!(user.append("s", 1, vec![rows]).await.expect("once the catalog answers").rows, 3);
+    assert_eq!(data(dir.path()), 1);
+}
+
 /// A user-table append whose commit landed with its reply lost, after which the table cannot be
 /// read back (its metadata unreadable while the store is out), fails with `AmbiguousOutcome`:
 /// it was `Unavailable`, which says the batch did not land (re-sent under another batch id, its

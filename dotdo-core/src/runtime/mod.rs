@@ -1257,7 +1257,20 @@ impl ObjectRuntime {
                 tracing::warn!(object = %object, lease = %active.lease.granted.token, cold = %wm.token,
                     "dotdo: the lease token is not above cold storage's; the hot store or guard lost state");
                 let floor = WriteBatch::new(inner.settings.type_name.clone());
-                inner.hot.write(object, wm.token, floor).await?;
+                if let Err(e) = inner.hot.write(object, wm.token, floor).await {
+                    // The hot store already accepted a token above cold's, and the guard issued one
+                    // below both: the guard does not floor its tokens at the hot store's (which the
+                    // builder requires). Not another holder's lease (`Fenced` said so).
+                    return Err(if e.is_fenced() {
+                        Error::corrupt(format!(
+                            "{object}: the guard issues token {} while cold storage has seen token {} and the \
+                             hot store a higher one ({e}); the guard does not floor tokens at the hot store's",
+                            active.lease.granted.token, wm.token
+                        ))
+                    } else {
+                        e
+                    });
+                }
                 release_quietly(inner, &active.lease.granted).await;
                 active.lease = self.acquire(object).await?;
                 hand.replace(active.lease.granted.clone());
