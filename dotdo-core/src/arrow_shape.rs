@@ -73,8 +73,14 @@ fn same_fields(f: &Fields, g: &Fields, by_name: bool) -> bool {
 /// file's statistics).
 pub const MAX_TIME_MICROS: i64 = 86_400_000_000 - 1;
 
+/// The most bytes one `LargeBinary` or `LargeUtf8` value may hold, `i32::MAX`: Parquet stores a
+/// value's length in 32 bits (arrow-rs's writer wraps a longer one, a file read wrong), and Java
+/// readers take it as signed (Spark could not read one over 2 GiB).
+pub const MAX_ARROW_VALUE_BYTES: i64 = i32::MAX as i64;
+
 /// `InvalidInput` (naming the column and row) if a value of `batch`, nested ones included, is
-/// one an Iceberg table cannot hold although arrow builds it without a check:
+/// one an Iceberg table cannot hold although arrow builds it without a check (`LimitExceeded`
+/// for a `LargeBinary` or `LargeUtf8` value over [`MAX_ARROW_VALUE_BYTES`]):
 /// * a decimal with more digits than its type's precision: the Parquet writer stores a decimal
 ///   in the width its precision gives, so a value beyond it was written cut to that width
 ///   (4294967297 in a `decimal(5,2)` column read back as 0.01) or out of its declared range;
@@ -162,6 +168,25 @@ fn check_values_where(column: &dyn arrow_array::Array, name: &str, shown: &dyn F
                 ))),
             }
         }
+        T::LargeBinary | T::LargeUtf8 => {
+            let offsets: &[i64] = match column.as_binary_opt::<i64>() {
+                Some(b) => b.value_offsets(),
+                None => column.as_string::<i64>().value_offsets(),
+            };
+            let len = |i: usize| match (offsets.get(i), offsets.get(i + 1)) {
+                (Some(a), Some(b)) => b.saturating_sub(*a),
+                _ => 0,
+            };
+            match (0..column.len()).find(|&i| column.is_valid(i) && shown(i) && len(i) > MAX_ARROW_VALUE_BYTES) {
+                None => Ok(()),
+                Some(i) => Err(crate::Error::limit(
+                    "bytes in one Arrow string or binary value",
+                    MAX_ARROW_VALUE_BYTES as u64,
+                    len(i) as u64,
+                )
+                .context(format!("column {name}: row {i}"))),
+            }
+        }
         T::Struct(_) => {
             let s = column.as_struct();
             let nulls = s.nulls();
@@ -219,6 +244,29 @@ fn check_values_where(column: &dyn arrow_array::Array, name: &str, shown: &dyn F
 mod tests {
     use super::*;
     use arrow_schema::{Field, Fields};
+
+    /// A `LargeBinary` value over `i32::MAX` bytes (Parquet stores lengths in 32 bits) is
+    /// `LimitExceeded` naming the column and row; one of exactly `i32::MAX` bytes passes, and so
+    /// does a long value under a null slot. (The 2 GiB buffer is zeroed memory the check never
+    /// touches: it reads the offsets only.)
+    #[test]
+    fn arrow_values_too_long_for_parquet_are_refused() {
+        use arrow_array::{LargeBinaryArray, RecordBatch};
+        use arrow_buffer::{Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
+        use std::sync::Arc;
+        let max = MAX_ARROW_VALUE_BYTES;
+        let values = Buffer::from_vec(vec![0u8; max as usize + 1]);
+        let column = |end: i64, nulls: Option<NullBuffer>| {
+            let offsets = OffsetBuffer::new(ScalarBuffer::from(vec![0i64, 0, end]));
+            let a = LargeBinaryArray::try_new(offsets, values.clone(), nulls).expect("array");
+            RecordBatch::try_from_iter([("blob", Arc::new(a) as _)]).expect("batch")
+        };
+        check_values(&column(max, None)).expect("exactly i32::MAX bytes");
+        let e = check_values(&column(max + 1, None)).expect_err("one byte more");
+        assert!(matches!(e.kind(), crate::ErrorKind::LimitExceeded { .. }), "{e}");
+        assert!(e.to_string().contains("column blob: row 1"), "{e}");
+        check_values(&column(max + 1, Some(NullBuffer::from(vec![true, false])))).expect("under a null slot");
+    }
 
     /// Times of day outside a day are refused where a reader sees them (`InvalidInput` naming
     /// the row), not under a null slot or a null struct slot; the day's first and last

@@ -650,7 +650,9 @@ pub fn not_wal_error(doing: &str, mode: &dyn std::fmt::Debug, store: &str) -> cr
 pub fn replaced_file_error(doing: &str, path: &str) -> crate::Error {
     crate::Error::corrupt(format!(
         "{doing}: {path} was deleted or replaced while this store had it open; writes since may be in the old \
-         file only: open the store again"
+         file only: drop every handle of this store (clones included) and make sure no other process still \
+         has the old file open, then open the store again (a store opened beside a live handle shares the \
+         old file's -wal and -shm and may apply the old WAL to the new file)"
     ))
 }
 

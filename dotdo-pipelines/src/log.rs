@@ -435,16 +435,19 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
 /// caller retrying the send would have the events delivered twice. Other failures as [`sql`].
 pub(crate) fn commit_error(e: rusqlite::Error, doing: &str) -> Error {
     match &e {
+        // (Out of memory too: SQLite indexes the WAL after writing the commit's frames.)
         rusqlite::Error::SqliteFailure(f, _)
-            if f.code == rusqlite::ErrorCode::SystemIoFailure && f.extended_code != SQLITE_IOERR_CORRUPTFS =>
+            if (f.code == rusqlite::ErrorCode::SystemIoFailure && f.extended_code != SQLITE_IOERR_CORRUPTFS)
+                || f.code == rusqlite::ErrorCode::OutOfMemory =>
         {
             // (Of a send: the events may be in the log, delivered once, or not.)
             let resend = if doing.starts_with("append") { "; sending them again may deliver them twice" } else { "" };
             Error::new(
                 dotdo_core::ErrorKind::AmbiguousOutcome,
                 format!(
-                    "pipeline log: {doing}: COMMIT failed with an I/O error, so its changes may be in the log (WAL \
-                     recovery applies them) or not{resend}"
+                    "pipeline log: {doing}: COMMIT failed ({}), so its changes may be in the log (WAL \
+                     recovery applies them) or not{resend}",
+                    if f.code == rusqlite::ErrorCode::OutOfMemory { "out of memory" } else { "an I/O error" }
                 ),
             )
             .with_source(e)
@@ -1359,9 +1362,12 @@ pub(crate) mod tests {
     #[test]
     fn a_send_commit_io_error_is_an_unknown_outcome() {
         let failure = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
-        let e = commit_error(failure(rusqlite::ffi::SQLITE_IOERR), "append commit");
-        assert_eq!(e.kind(), &dotdo_core::ErrorKind::AmbiguousOutcome, "{e}");
-        assert!(!e.is_retryable(), "{e}");
+        // (Out of memory too: SQLite indexes the WAL after writing the commit's frames.)
+        for code in [rusqlite::ffi::SQLITE_IOERR, rusqlite::ffi::SQLITE_NOMEM] {
+            let e = commit_error(failure(code), "append commit");
+            assert_eq!(e.kind(), &dotdo_core::ErrorKind::AmbiguousOutcome, "{code}: {e}");
+            assert!(!e.is_retryable(), "{e}");
+        }
         let e = commit_error(failure(rusqlite::ffi::SQLITE_BUSY), "append commit");
         assert_eq!(e.kind(), &dotdo_core::ErrorKind::Unavailable, "{e}");
         assert!(e.is_retryable(), "{e}");

@@ -393,17 +393,20 @@ fn with_busy_retry<T>(settings: &SqliteSettings, doing: &str, mut f: impl FnMut(
 }
 
 /// A failed `COMMIT`: an I/O error may come after the commit record reached the WAL (then the
-/// transaction is durable), so its outcome is unknown, not a retryable failure (a retry would
-/// apply the writes again under new sequence numbers). Busy and full-disk failures leave nothing
+/// transaction is durable), and so may running out of memory (SQLite indexes the WAL after
+/// writing its frames), so its outcome is unknown, not a retryable failure (a retry would apply
+/// the writes again under new sequence numbers). Busy and full-disk failures leave nothing
 /// committed and stay what they are.
 fn commit_error(e: rusqlite::Error, doing: &str) -> TxError {
+    use rusqlite::ErrorCode::{OutOfMemory, SystemIoFailure};
     match &e {
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::SystemIoFailure => TxError::Api(
+        rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, SystemIoFailure | OutOfMemory) => TxError::Api(
             Error::new(
                 ErrorKind::AmbiguousOutcome,
                 format!(
-                    "{doing}: COMMIT failed with an I/O error, so the transaction may be durable; read back \
-                         (a hot write: take a new lease before writing the object again)"
+                    "{doing}: COMMIT failed ({}), so the transaction may be durable; read back \
+                         (a hot write: take a new lease before writing the object again)",
+                    if f.code == OutOfMemory { "out of memory" } else { "an I/O error" }
                 ),
             )
             .with_source(e),
@@ -1287,12 +1290,15 @@ mod tests {
     #[test]
     fn a_commit_io_error_is_an_unknown_outcome() {
         let failure = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
-        match commit_error(failure(rusqlite::ffi::SQLITE_IOERR), "put") {
-            TxError::Api(e) => {
-                assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
-                assert!(!e.is_retryable(), "{e}");
+        // (Out of memory too: SQLite indexes the WAL after writing the commit's frames.)
+        for code in [rusqlite::ffi::SQLITE_IOERR, rusqlite::ffi::SQLITE_NOMEM] {
+            match commit_error(failure(code), "put") {
+                TxError::Api(e) => {
+                    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{code}: {e}");
+                    assert!(!e.is_retryable(), "{e}");
+                }
+                TxError::Sql(e) => panic!("{code}: not an unknown outcome: {e}"),
             }
-            TxError::Sql(e) => panic!("not an unknown outcome: {e}"),
         }
         for code in [rusqlite::ffi::SQLITE_BUSY, rusqlite::ffi::SQLITE_FULL] {
             assert!(matches!(commit_error(failure(code), "put"), TxError::Sql(_)), "{code}");
