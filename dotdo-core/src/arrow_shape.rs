@@ -73,10 +73,11 @@ fn same_fields(f: &Fields, g: &Fields, by_name: bool) -> bool {
 /// file's statistics).
 pub const MAX_TIME_MICROS: i64 = 86_400_000_000 - 1;
 
-/// The most bytes one `LargeBinary` or `LargeUtf8` value may hold, `i32::MAX`: Parquet stores a
-/// value's length in 32 bits (arrow-rs's writer wraps a longer one, a file read wrong), and Java
-/// readers take it as signed (Spark could not read one over 2 GiB).
-pub const MAX_ARROW_VALUE_BYTES: i64 = i32::MAX as i64;
+/// The most bytes one `LargeBinary` or `LargeUtf8` value may hold, `i32::MAX - 4`: a Parquet
+/// page's size is a signed 32-bit number, and a value is stored in one with a 4-byte length
+/// prefix (parquet-rs failed a longer one's write with a generic error after the batch was
+/// accepted: a pipeline's log then held a batch no roll could commit).
+pub const MAX_ARROW_VALUE_BYTES: i64 = i32::MAX as i64 - 4;
 
 /// `InvalidInput` (naming the column and row) if a value of `batch`, nested ones included, is
 /// one an Iceberg table cannot hold although arrow builds it without a check (`LimitExceeded`
@@ -245,9 +246,9 @@ mod tests {
     use super::*;
     use arrow_schema::{Field, Fields};
 
-    /// A `LargeBinary` value over `i32::MAX` bytes (Parquet stores lengths in 32 bits) is
-    /// `LimitExceeded` naming the column and row; one of exactly `i32::MAX` bytes passes, and so
-    /// does a long value under a null slot. (The 2 GiB buffer is zeroed memory the check never
+    /// A `LargeBinary` value over `MAX_ARROW_VALUE_BYTES` (a Parquet page's size is an `i32`) is
+    /// `LimitExceeded` naming the column and row; one of exactly the limit passes, and so does a
+    /// long value under a null slot. (The 2 GiB buffer is zeroed memory the check never
     /// touches: it reads the offsets only.)
     #[test]
     fn arrow_values_too_long_for_parquet_are_refused() {
@@ -261,7 +262,7 @@ mod tests {
             let a = LargeBinaryArray::try_new(offsets, values.clone(), nulls).expect("array");
             RecordBatch::try_from_iter([("blob", Arc::new(a) as _)]).expect("batch")
         };
-        check_values(&column(max, None)).expect("exactly i32::MAX bytes");
+        check_values(&column(max, None)).expect("exactly the limit");
         let e = check_values(&column(max + 1, None)).expect_err("one byte more");
         assert!(matches!(e.kind(), crate::ErrorKind::LimitExceeded { .. }), "{e}");
         assert!(e.to_string().contains("column blob: row 1"), "{e}");

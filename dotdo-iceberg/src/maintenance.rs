@@ -904,8 +904,11 @@ fn beyond_the_plan(md: &iceberg::spec::TableMetadata, expired: &[i64], what: &st
     let mut whose = BTreeMap::new();
     for (name, head, keep, cutoff) in branches {
         let (mut kept, mut next, mut steps) = (0usize, Some(head), 0usize);
-        // (Bounded: a parent cycle in damaged metadata ends the walk.)
-        while let Some(id) = next.filter(|_| steps <= md.snapshots().len()) {
+        while let Some(id) = next {
+            if steps > md.snapshots().len() {
+                // A parent cycle in damaged metadata: iceberg's walk of it would never end.
+                return Err(Error::corrupt(format!("{what}: the ancestors of branch {name:?} form a cycle")));
+            }
             referenced.insert(id);
             if kept < keep || stamp(id) >= cutoff {
                 retained.insert(id);
@@ -919,7 +922,14 @@ fn beyond_the_plan(md: &iceberg::spec::TableMetadata, expired: &[i64], what: &st
     }
     let beyond: Vec<(i64, &str)> = whose
         .into_iter()
-        .filter(|(id, _)| referenced.contains(id) && !retained.contains(id) && !expired.contains(id))
+        // (Only snapshots the table has: an expired parent is still named by its child, and
+        // iceberg expires only what `snapshots()` lists.)
+        .filter(|(id, _)| {
+            md.snapshot_by_id(*id).is_some()
+                && referenced.contains(id)
+                && !retained.contains(id)
+                && !expired.contains(id)
+        })
         .collect();
     Ok(beyond.first().map(|(_, name)| {
         let ids: Vec<i64> = beyond.iter().map(|(id, _)| *id).collect();

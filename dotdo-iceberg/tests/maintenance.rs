@@ -4650,4 +4650,17 @@ async fn expiry_through_other_catalogs_refuses_a_ref_with_its_own_retention() {
     let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire");
     assert!(!report.expired.contains(&ids[2]), "{report:?}");
     assert_eq!(cold.watermark(&o).await.expect("watermarks known").through, 3);
+    // And again after another commit, with the oldest snapshot left naming an expired parent
+    // (iceberg keeps the id; it expires only snapshots the table lists): not refused for it.
+    cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, 4, "k", "v", 1)]))
+        .await
+        .expect("append");
+    // (The append's new main ref carries no retention: set again.)
+    common::edit_metadata(cold.refresh().await.expect("refresh").metadata_location().expect("metadata"), |json| {
+        json["refs"]["main"]["max-snapshot-age-ms"] = serde_json::json!(86_400_000);
+    });
+    cold.refresh().await.expect("refresh");
+    let again = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire again");
+    assert!(again.expired.contains(&ids[2]), "{again:?}");
+    assert_eq!(cold.watermark(&o).await.expect("watermarks known").through, 4);
 }

@@ -1259,9 +1259,11 @@ impl ObjectRuntime {
                 let floor = WriteBatch::new(inner.settings.type_name.clone());
                 if let Err(e) = inner.hot.write(object, wm.token, floor).await {
                     // The hot store already accepted a token above cold's, and the guard issued one
-                    // below both: the guard does not floor its tokens at the hot store's (which the
-                    // builder requires). Not another holder's lease (`Fenced` said so).
-                    return Err(if e.is_fenced() {
+                    // below both while this lease is still the current one: the guard does not
+                    // floor its tokens at the hot store's (which the builder requires). (Ours run
+                    // out meanwhile, another holder's newer lease fences this write: that stands.)
+                    let ours_current = e.is_fenced() && inner.guard.validate(&active.lease.granted).await.is_ok();
+                    return Err(if ours_current {
                         Error::corrupt(format!(
                             "{object}: the guard issues token {} while cold storage has seen token {} and the \
                              hot store a higher one ({e}); the guard does not floor tokens at the hot store's",
