@@ -1250,19 +1250,29 @@ async fn an_unsettled_append_whose_read_back_is_refused_for_good_is_ambiguous() 
     assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
 }
 
+/// A user table `u.events` (one `Int32` column) on [`switched_store`]'s catalog, a batch of three
+/// rows for it, and the catalog.
+async fn user_table_on_a_switched_catalog(
+    dir: &std::path::Path,
+) -> (dotdo_iceberg::ArrowTable, arrow_array::RecordBatch, Arc<common::LossyCatalog>) {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let (cold, slot) = switched_store(dir).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
+    let rows = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1, 2, 3]))]).expect("batch");
+    let catalog = slot.lock().clone().expect("catalog built");
+    (user, rows, catalog)
+}
+
 /// A user-table append with an attempt of unknown outcome, whose next attempt conflicts and
 /// whose table then cannot be loaded for good, is `AmbiguousOutcome` (it was the load's
 /// non-retryable error); the same batch id once the catalog answers is committed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsettled_user_table_append_whose_load_is_refused_for_good_is_ambiguous() {
-    use arrow_array::{Int32Array, RecordBatch};
-    use arrow_schema::{DataType, Field, Schema};
+    use arrow_array::RecordBatch;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cold, slot) = switched_store(dir.path()).await;
-    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
-    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
-    let rows = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1, 2, 3]))]).expect("batch");
-    let catalog = slot.lock().clone().expect("catalog built");
+    let (user, rows, catalog) = user_table_on_a_switched_catalog(dir.path()).await;
     catalog.reset_next_update.store(true, Ordering::SeqCst);
     catalog.conflict_then_fail_loads.store(true, Ordering::SeqCst);
     catalog.loads_fail_for_good.store(true, Ordering::SeqCst);
@@ -1279,14 +1289,8 @@ async fn an_unsettled_user_table_append_whose_load_is_refused_for_good_is_ambigu
 /// nobody's (they stayed until a cleanup found them old enough).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_table_append_that_ends_early_after_a_conflict_deletes_its_files() {
-    use arrow_array::{Int32Array, RecordBatch};
-    use arrow_schema::{DataType, Field, Schema};
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cold, slot) = switched_store(dir.path()).await;
-    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
-    let user = cold.arrow_table(&["u"], "events", schema.clone()).await.expect("table");
-    let rows = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1, 2, 3]))]).expect("batch");
-    let catalog = slot.lock().clone().expect("catalog built");
+    let (user, rows, catalog) = user_table_on_a_switched_catalog(dir.path()).await;
     catalog.conflict_then_fail_loads.store(true, Ordering::SeqCst);
     catalog.loads_fail_for_good.store(true, Ordering::SeqCst);
     let e = user.append("s", 1, vec![rows.clone()]).await.expect_err("a conflict, then a load refused");

@@ -430,16 +430,19 @@ thread_local! {
 /// `COMMIT`, so the program was applied (classified as a maybe-applied failure).
 pub(crate) const UNREADABLE_RESULT: &str = "unreadable program result: ";
 
-/// Marks a `COMMIT` that failed with an I/O error (see [`commit_failure`]).
+/// Marks a `COMMIT` that failed with an I/O error or out of memory (see [`commit_failure`]).
 pub(crate) const COMMIT_IO_ERROR: &str = "COMMIT failed on I/O: ";
 
 /// The error of a failed `COMMIT`. An I/O error (`SQLITE_IOERR*`: a WAL write or its fsync
-/// failed) may leave the transaction's frames in the WAL, which recovery after a crash applies:
-/// marked so that it maps to `AmbiguousOutcome` (as in dotdo-sqlite), not to a retryable
+/// failed) may leave the transaction's frames in the WAL, which recovery after a crash applies,
+/// and so may running out of memory (`SQLITE_NOMEM`: SQLite indexes the WAL after writing its
+/// frames): marked so that it maps to `AmbiguousOutcome` (as in dotdo-sqlite), not to an
 /// `Unavailable` whose retry could apply the write twice.
 pub(crate) fn commit_failure(e: libsql::Error) -> libsql::Error {
+    const SQLITE_NOMEM: i32 = 7;
+    const SQLITE_IOERR: i32 = 10;
     match &e {
-        libsql::Error::SqliteFailure(code, _) if code & 0xff == 10 => {
+        libsql::Error::SqliteFailure(code, _) if matches!(code & 0xff, SQLITE_IOERR | SQLITE_NOMEM) => {
             libsql::Error::Misuse(format!("{COMMIT_IO_ERROR}{e}"))
         }
         _ => e,

@@ -405,7 +405,7 @@ pub(crate) fn map_class(class: Class, e: libsql::Error, doing: &str, mutating: b
         Class::ServerUnavailable { .. } => Error::unavailable(format!("{doing}: the primary is temporarily unavailable")),
         Class::CommitIo => Error::new(
             ErrorKind::AmbiguousOutcome,
-            format!("{doing}: COMMIT failed with an I/O error; the transaction may still be applied (by WAL recovery after a restart)"),
+            format!("{doing}: COMMIT failed with an I/O error or out of memory; the transaction may still be applied (by WAL recovery after a restart)"),
         ),
         Class::Auth => Error::backend(format!(
             "{doing}: the primary rejected the auth token (HTTP 401/403); check the token and its permissions"
@@ -744,6 +744,9 @@ mod tests {
         // a COMMIT refused as busy was not applied.
         let io = crate::conn::commit_failure(failure(1034));
         assert_eq!(map(io, "write", true).kind(), &ErrorKind::AmbiguousOutcome);
+        // (Out of memory too: SQLite indexes the WAL after writing the commit's frames.)
+        let nomem = crate::conn::commit_failure(failure(7));
+        assert_eq!(map(nomem, "write", true).kind(), &ErrorKind::AmbiguousOutcome);
         let busy = crate::conn::commit_failure(failure(SQLITE_BUSY));
         assert_eq!(map(busy, "write", true).kind(), &ErrorKind::Unavailable);
         let unreadable = libsql::Error::Misuse(format!("{}rowid 5", crate::conn::UNREADABLE_RESULT));
