@@ -25,6 +25,14 @@ pub enum Execution {
     /// Choose per call (default): on a multi-threaded tokio runtime use `block_in_place` (no
     /// thread hop; tokio moves other tasks off this worker); on a current-thread tokio runtime use
     /// `spawn_blocking`; outside tokio run inline.
+    ///
+    /// Under `block_in_place` a call that waits (for a file another process holds, up to the
+    /// busy budget of [`SqliteSettings::busy_retries`]) keeps a thread of tokio's blocking pool
+    /// while tokio hands its worker's core to another: with more such calls waiting at once than
+    /// the pool has threads (`max_blocking_threads`, 512 by default), the cores wait for pool
+    /// threads too and the runtime's other tasks stall until calls finish. A host that may queue
+    /// that many calls on a busy file bounds its concurrency (a semaphore around store calls) or
+    /// uses [`SpawnBlocking`](Execution::SpawnBlocking), which queues calls without taking cores.
     #[default]
     Auto,
     /// Always `tokio::task::spawn_blocking` (a hop to the blocking pool per call).
