@@ -826,25 +826,28 @@ fn own_layout(prefix: &object_store::path::Path, key: &object_store::path::Path)
     }
 }
 
-/// The snapshot refs of `md` other than `main`, as (snapshot id, is a branch). iceberg-rust
-/// 0.10.1 has no public accessor for the refs map, so it is read from the metadata's own JSON
-/// form (the format's `refs` field).
-fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64, bool)>> {
+/// The snapshot refs of `md` by name. iceberg-rust 0.10.1 has no public accessor for the refs
+/// map, so it is read from the metadata's own JSON form (the format's `refs` field).
+fn refs_of(
+    md: &iceberg::spec::TableMetadata,
+    what: &str,
+) -> Result<BTreeMap<String, iceberg::spec::SnapshotReference>> {
     let json = serde_json::to_value(md)
         .map_err(|e| Error::backend(format!("{what}: encoding table metadata to read its refs")).with_source(e))?;
-    let mut out = Vec::new();
-    if let Some(refs) = json.get("refs").and_then(|r| r.as_object()) {
-        for (name, r) in refs {
-            if name == "main" {
-                continue;
-            }
-            let id = r.get("snapshot-id").and_then(|v| v.as_i64()).ok_or_else(|| {
-                Error::corrupt(format!("{what}: ref {name:?} has no snapshot-id in the table metadata"))
-            })?;
-            out.push((id, r.get("type").and_then(|t| t.as_str()) == Some("branch")));
-        }
+    match json.get("refs") {
+        Some(r) if !r.is_null() => serde_json::from_value(r.clone())
+            .map_err(|e| Error::corrupt(format!("{what}: the table metadata's refs cannot be read")).with_source(e)),
+        _ => Ok(BTreeMap::new()),
     }
-    Ok(out)
+}
+
+/// The snapshot refs of `md` other than `main`, as (snapshot id, is a branch).
+fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64, bool)>> {
+    Ok(refs_of(md, what)?
+        .into_iter()
+        .filter(|(name, _)| name != "main")
+        .map(|(_, r)| (r.snapshot_id, matches!(r.retention, iceberg::spec::SnapshotRetention::Branch { .. })))
+        .collect())
 }
 
 /// What iceberg-rust 0.10.1's expire action, called with dotdo's plan (`expired`, the earliest
@@ -855,18 +858,12 @@ fn other_refs(md: &iceberg::spec::TableMetadata, what: &str) -> Result<Vec<(i64,
 /// ancestors and those younger than the age, and the other ancestors no ref keeps are expired.
 /// The time is the wall clock iceberg reads, taken a minute later (it commits after this check).
 fn beyond_the_plan(md: &iceberg::spec::TableMetadata, expired: &[i64], what: &str) -> Result<Option<String>> {
-    use iceberg::spec::{SnapshotReference, SnapshotRetention};
+    use iceberg::spec::SnapshotRetention;
     let props = md.table_properties().map_err(|e| {
         Error::invalid(format!("{what}: the table properties cannot be read as iceberg's expire action reads them"))
             .with_source(e)
     })?;
-    let json = serde_json::to_value(md)
-        .map_err(|e| Error::backend(format!("{what}: encoding table metadata to read its refs")).with_source(e))?;
-    let refs: BTreeMap<String, SnapshotReference> = match json.get("refs") {
-        Some(r) if !r.is_null() => serde_json::from_value(r.clone())
-            .map_err(|e| Error::corrupt(format!("{what}: the table metadata's refs cannot be read")).with_source(e))?,
-        _ => BTreeMap::new(),
-    };
+    let refs = refs_of(md, what)?;
     let now = dotdo_core::Clock::now(&dotdo_core::SystemClock::new()).as_millis().saturating_add(60_000);
     let stamp = |id: i64| md.snapshot_by_id(id).map_or(i64::MIN, |s| s.timestamp_ms());
     let mut retained: HashSet<i64> = md.current_snapshot_id().into_iter().collect();
