@@ -15,6 +15,12 @@ use dotdo_iceberg::IcebergColdStore;
 
 type Row = (String, u64, String, String, String, u64, i64, String);
 
+/// Runs a PyIceberg script to its end, for at most five minutes (a hung interpreter fails the
+/// test naming `what` instead of holding CI).
+fn py_output(cmd: &mut std::process::Command, what: &str) -> std::process::Output {
+    dotdo_core::testkit::process::output_within(cmd, Duration::from_secs(300), what)
+}
+
 fn row(r: &ChangeRecord) -> Row {
     let hex: String = r.value.iter().map(|b| format!("{b:02x}")).collect();
     (
@@ -126,14 +132,15 @@ async fn pyiceberg_reads_every_row_and_time_travels_like_dotdo_after_expiry() {
     snaps.push(last.snapshot.expect("snapshot"));
 
     let older = snaps[2];
-    let out = std::process::Command::new(&python)
-        .arg(common::py_dir().join("read_table.py"))
-        .arg(dir.path().join("catalog.db"))
-        .arg(cold.warehouse())
-        .arg("interop.changes")
-        .arg(older.to_string())
-        .output()
-        .expect("run read_table.py");
+    let out = py_output(
+        std::process::Command::new(&python)
+            .arg(common::py_dir().join("read_table.py"))
+            .arg(dir.path().join("catalog.db"))
+            .arg(cold.warehouse())
+            .arg("interop.changes")
+            .arg(older.to_string()),
+        "run read_table.py",
+    );
     assert!(out.status.success(), "pyiceberg failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json from read_table.py");
     assert_eq!(v["current"].as_i64(), Some(snaps[4]));
@@ -275,14 +282,15 @@ async fn pyiceberg_reads_a_compacted_table_with_the_same_rows() {
     assert!(report.files_removed > report.files_added, "{report:?}");
 
     let run = |as_of: i64| {
-        std::process::Command::new(&python)
-            .arg(common::py_dir().join("read_table.py"))
-            .arg(dir.path().join("catalog.db"))
-            .arg(cold.warehouse())
-            .arg("interop.compacted")
-            .arg(as_of.to_string())
-            .output()
-            .expect("run read_table.py")
+        py_output(
+            std::process::Command::new(&python)
+                .arg(common::py_dir().join("read_table.py"))
+                .arg(dir.path().join("catalog.db"))
+                .arg(cold.warehouse())
+                .arg("interop.compacted")
+                .arg(as_of.to_string()),
+            "run read_table.py",
+        )
     };
     let out = run(before);
     assert!(out.status.success(), "pyiceberg failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -330,15 +338,16 @@ async fn expiry_keeps_snapshots_tagged_or_branched_by_pyiceberg() {
         snaps.push(cold.append(c).await.expect("append").snapshot.expect("snapshot"));
         common::sleep(Duration::from_millis(5)).await;
     }
-    let out = std::process::Command::new(&python)
-        .arg(common::py_dir().join("tag_snapshots.py"))
-        .arg(dir.path().join("catalog.db"))
-        .arg(cold.warehouse())
-        .arg("interop.refs")
-        .arg(snaps[0].to_string())
-        .arg(snaps[2].to_string())
-        .output()
-        .expect("run tag_snapshots.py");
+    let out = py_output(
+        std::process::Command::new(&python)
+            .arg(common::py_dir().join("tag_snapshots.py"))
+            .arg(dir.path().join("catalog.db"))
+            .arg(cold.warehouse())
+            .arg("interop.refs")
+            .arg(snaps[0].to_string())
+            .arg(snaps[2].to_string()),
+        "run tag_snapshots.py",
+    );
     assert!(out.status.success(), "tag_snapshots.py: {}", String::from_utf8_lossy(&out.stderr));
     let rep = cold.expire_snapshots(Duration::ZERO, 1).await.expect("expiry with refs present");
     assert_eq!(rep.expired, vec![snaps[3]], "tag at 1, branch at 3 with its ancestors 1-2, head 5");
@@ -372,13 +381,14 @@ async fn reads_stay_complete_after_another_engine_evolves_the_partition_spec() {
     let objects: Vec<ObjectId> = (0..40).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
     let batch = |seq: u64, value: &str| common::one_value_each(&objects, seq, value);
     cold.append(batch(1, "old-spec")).await.expect("append under bucket[16]");
-    let out = std::process::Command::new(&python)
-        .arg(common::py_dir().join("evolve_spec.py"))
-        .arg(dir.path().join("catalog.db"))
-        .arg(cold.warehouse())
-        .arg("interop.evolved")
-        .output()
-        .expect("run evolve_spec.py");
+    let out = py_output(
+        std::process::Command::new(&python)
+            .arg(common::py_dir().join("evolve_spec.py"))
+            .arg(dir.path().join("catalog.db"))
+            .arg(cold.warehouse())
+            .arg("interop.evolved"),
+        "run evolve_spec.py",
+    );
     assert!(out.status.success(), "evolve_spec.py: {}", String::from_utf8_lossy(&out.stderr));
     let before = cold;
     let cold = open().await;
@@ -421,14 +431,15 @@ async fn a_table_another_engine_partitioned_otherwise_is_read_not_appended_to() 
     let objects: Vec<ObjectId> = (0..10).map(|i| ObjectId::new(format!("obj-{i}")).expect("id")).collect();
     let batch = |seq: u64| common::one_value_each(&objects, seq, "v");
     cold.append(batch(1)).await.expect("append under bucket[16]");
-    let out = std::process::Command::new(&python)
-        .arg(common::py_dir().join("evolve_spec.py"))
-        .arg(dir.path().join("catalog.db"))
-        .arg(cold.warehouse())
-        .arg("interop.identity")
-        .arg("identity")
-        .output()
-        .expect("run evolve_spec.py");
+    let out = py_output(
+        std::process::Command::new(&python)
+            .arg(common::py_dir().join("evolve_spec.py"))
+            .arg(dir.path().join("catalog.db"))
+            .arg(cold.warehouse())
+            .arg("interop.identity")
+            .arg("identity"),
+        "run evolve_spec.py",
+    );
     assert!(out.status.success(), "evolve_spec.py: {}", String::from_utf8_lossy(&out.stderr));
     let cold = open().await.expect("a store opens the table");
     for o in &objects {
@@ -442,14 +453,15 @@ async fn a_table_another_engine_partitioned_otherwise_is_read_not_appended_to() 
     // manifests' buckets). Then by another bucket count: the files of that append are still
     // found. Their cached buckets were compared under the newer spec, and skipped.
     let evolve = |to: &str| {
-        let out = std::process::Command::new(&python)
-            .arg(common::py_dir().join("evolve_spec.py"))
-            .arg(dir.path().join("catalog.db"))
-            .arg(cold.warehouse())
-            .arg("interop.identity")
-            .arg(to)
-            .output()
-            .expect("run evolve_spec.py");
+        let out = py_output(
+            std::process::Command::new(&python)
+                .arg(common::py_dir().join("evolve_spec.py"))
+                .arg(dir.path().join("catalog.db"))
+                .arg(cold.warehouse())
+                .arg("interop.identity")
+                .arg(to),
+            "run evolve_spec.py",
+        );
         assert!(out.status.success(), "evolve_spec.py {to}: {}", String::from_utf8_lossy(&out.stderr));
     };
     evolve("bucket:16");
@@ -484,13 +496,14 @@ async fn an_append_after_another_engine_reorders_columns_is_refused() {
     let o = ObjectId::new("o").expect("id");
     let one = |seq: u64| ColdBatch::single(o.clone(), FencingToken::new(5), vec![rec(&o, seq, "k", Some(b"v"), 5)]);
     cold.append(one(1)).await.expect("append");
-    let out = std::process::Command::new(&python)
-        .arg(common::py_dir().join("move_column.py"))
-        .arg(dir.path().join("catalog.db"))
-        .arg(cold.warehouse())
-        .arg("interop.moved")
-        .output()
-        .expect("run move_column.py");
+    let out = py_output(
+        std::process::Command::new(&python)
+            .arg(common::py_dir().join("move_column.py"))
+            .arg(dir.path().join("catalog.db"))
+            .arg(cold.warehouse())
+            .arg("interop.moved"),
+        "run move_column.py",
+    );
     assert!(out.status.success(), "move_column.py: {}", String::from_utf8_lossy(&out.stderr));
     cold.refresh().await.expect("the store sees the new schema");
     let e = cold.append(one(2)).await.expect_err("refused");
@@ -531,13 +544,14 @@ async fn reads_of_a_table_whose_columns_were_renamed_into_each_other_are_refused
     let records: Vec<ChangeRecord> = (1..=10).map(|s| rec(&o, s, "n", Some(b"v"), 1)).collect();
     cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), records)).await.expect("append");
     assert_eq!(cold.read_changes(&o, 5, AsOf::Latest).await.expect("before").len(), 5);
-    let out = std::process::Command::new(&python)
-        .arg(common::py_dir().join("swap_columns.py"))
-        .arg(dir.path().join("catalog.db"))
-        .arg(cold.warehouse())
-        .arg("interop.swapped")
-        .output()
-        .expect("run swap_columns.py");
+    let out = py_output(
+        std::process::Command::new(&python)
+            .arg(common::py_dir().join("swap_columns.py"))
+            .arg(dir.path().join("catalog.db"))
+            .arg(cold.warehouse())
+            .arg("interop.swapped"),
+        "run swap_columns.py",
+    );
     assert!(out.status.success(), "swap_columns.py: {}", String::from_utf8_lossy(&out.stderr));
     cold.refresh().await.expect("the store sees the new schema");
     let refused = |e: dotdo_core::Error, what: &str| {
@@ -567,13 +581,14 @@ async fn a_v1_table_with_a_voided_partition_field_reads_by_its_bucket_field() {
     let dir = tempfile::tempdir().expect("tempdir");
     let warehouse = url::Url::from_directory_path(dir.path()).expect("url").to_string();
     let run = |script: &str| {
-        let out = std::process::Command::new(&python)
-            .arg(common::py_dir().join(script))
-            .arg(dir.path().join("catalog.db"))
-            .arg(warehouse.trim_end_matches('/'))
-            .arg("interop.v1")
-            .output()
-            .unwrap_or_else(|e| panic!("run {script}: {e}"));
+        let out = py_output(
+            std::process::Command::new(&python)
+                .arg(common::py_dir().join(script))
+                .arg(dir.path().join("catalog.db"))
+                .arg(warehouse.trim_end_matches('/'))
+                .arg("interop.v1"),
+            &format!("run {script}"),
+        );
         assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     };
     run("create_v1_table.py");
@@ -634,13 +649,14 @@ async fn a_compaction_racing_a_partition_spec_change_commits_nothing() {
     let (flag, db, warehouse) = (evolved.clone(), dir.path().join("catalog.db"), cold.warehouse().to_string());
     let progress: dotdo_iceberg::ProgressFn = Arc::new(move |p: &dotdo_iceberg::Progress| {
         if matches!(p, dotdo_iceberg::Progress::GroupWritten { .. }) && !flag.swap(true, Ordering::SeqCst) {
-            let out = std::process::Command::new(&python)
-                .arg(common::py_dir().join("evolve_spec.py"))
-                .arg(&db)
-                .arg(&warehouse)
-                .arg("interop.racing")
-                .output()
-                .expect("run evolve_spec.py");
+            let out = py_output(
+                std::process::Command::new(&python)
+                    .arg(common::py_dir().join("evolve_spec.py"))
+                    .arg(&db)
+                    .arg(&warehouse)
+                    .arg("interop.racing"),
+                "run evolve_spec.py",
+            );
             assert!(out.status.success(), "evolve_spec.py: {}", String::from_utf8_lossy(&out.stderr));
         }
     });
@@ -684,14 +700,15 @@ async fn pyiceberg_reads_a_table_in_a_warehouse_path_with_a_space() {
     }
     let head = cold.refresh().await.expect("t").metadata().current_snapshot_id().expect("head");
     assert!(warehouse.join("catalog.db").exists(), "the catalog is in the warehouse directory");
-    let out = std::process::Command::new(&python)
-        .arg(common::py_dir().join("read_table.py"))
-        .arg(warehouse.join("catalog.db"))
-        .arg(cold.warehouse())
-        .arg("interop.spaced")
-        .arg(head.to_string())
-        .output()
-        .expect("run read_table.py");
+    let out = py_output(
+        std::process::Command::new(&python)
+            .arg(common::py_dir().join("read_table.py"))
+            .arg(warehouse.join("catalog.db"))
+            .arg(cold.warehouse())
+            .arg("interop.spaced")
+            .arg(head.to_string()),
+        "run read_table.py",
+    );
     assert!(out.status.success(), "pyiceberg failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json from read_table.py");
     assert_eq!(rows_of(&v["latest"]), dotdo_rows(&cold, &objects, AsOf::Latest).await);

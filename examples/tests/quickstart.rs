@@ -4,6 +4,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// Runs an example or a Python script to its end, for at most five minutes (a hung child fails
+/// the test naming `what` instead of holding CI).
+fn run_within(cmd: &mut Command, what: &str) -> std::process::Output {
+    dotdo_core::testkit::process::output_within(cmd, std::time::Duration::from_secs(300), what)
+}
+
 fn example_binary(name: &str) -> PathBuf {
     // target/<profile>/deps/<this test> -> target/<profile>/examples/<name>
     let exe = std::env::current_exe().expect("test binary path");
@@ -16,7 +22,7 @@ fn quickstart_runs_and_pyiceberg_reads_its_table() {
     let bin = example_binary("quickstart");
     assert!(bin.exists(), "{} missing: cargo test builds the examples of this package", bin.display());
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", dir.path()).output().expect("run quickstart");
+    let out = run_within(Command::new(&bin).env("DOTDO_QUICKSTART_DIR", dir.path()), "run quickstart");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "quickstart failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for needle in [
@@ -39,7 +45,7 @@ fn quickstart_runs_and_pyiceberg_reads_its_table() {
     };
     let warehouse = std::fs::canonicalize(dir.path().join("warehouse")).expect("warehouse");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/read_quickstart.py");
-    let py = Command::new(python).arg(script).arg(&warehouse).output().expect("run python");
+    let py = run_within(Command::new(python).arg(script).arg(&warehouse), "run python");
     assert!(
         py.status.success(),
         "PyIceberg could not read the quickstart table:\n{}\n{}",
@@ -60,13 +66,13 @@ fn quickstart_never_deletes_a_directory_it_did_not_make() {
     let bin = example_binary("quickstart");
     let dir = tempfile::tempdir().expect("tempdir");
     let run = |target: &std::path::Path, what: &str| {
-        let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", target).output().expect("run quickstart");
+        let out = run_within(Command::new(&bin).env("DOTDO_QUICKSTART_DIR", target), "run quickstart");
         assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let precious = dir.path().join("precious.txt");
     std::fs::write(&precious, b"keep me").expect("write");
-    let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", dir.path()).output().expect("run quickstart");
+    let out = run_within(Command::new(&bin).env("DOTDO_QUICKSTART_DIR", dir.path()), "run quickstart");
     assert!(!out.status.success(), "ran in a foreign directory");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not made by the quickstart"), "{out:?}");
     assert_eq!(std::fs::read(&precious).expect("still there"), b"keep me");
@@ -115,7 +121,7 @@ fn quickstart_never_deletes_a_directory_it_did_not_make() {
     // (a marker left there would let a later run empty it).
     let cwd = dir.path().join("cwd");
     std::fs::create_dir(&cwd).expect("mkdir");
-    let out = Command::new(&bin).env("DOTDO_QUICKSTART_DIR", "").current_dir(&cwd).output().expect("run quickstart");
+    let out = run_within(Command::new(&bin).env("DOTDO_QUICKSTART_DIR", "").current_dir(&cwd), "run quickstart");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_dir(&cwd).expect("cwd").count(), 0, "the quickstart wrote into the working directory");
 }
@@ -126,7 +132,7 @@ fn quickstart_never_deletes_a_directory_it_did_not_make() {
 fn custom_backend_example_passes_the_kit() {
     let bin = example_binary("custom_backend");
     assert!(bin.exists(), "{} missing: cargo test builds the examples of this package", bin.display());
-    let out = Command::new(&bin).output().expect("run custom_backend");
+    let out = run_within(&mut Command::new(&bin), "run custom_backend");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "custom_backend failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(": 0 failing case(s)"), "{stdout}");

@@ -65,6 +65,60 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Runs `cmd` to its end as [`Command::output`] does, but for at most `limit`: a child still
+/// running then (a Python interpreter hung on a lock, a tool waiting on a closed terminal) is
+/// killed and the test fails naming `what` with the output it had written, instead of holding
+/// the test binary (and CI) until the job's own time limit.
+#[allow(clippy::disallowed_methods)] // a test helper's wall-clock wait for a real process
+pub fn output_within(cmd: &mut Command, limit: Duration, what: &str) -> std::process::Output {
+    use std::io::Read;
+    let mut child = KillOnDrop(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what}: start: {e}")),
+    );
+    // Both pipes drained on threads of their own: a child filling one pipe's buffer while this
+    // waits on it would otherwise never end.
+    // Received with a bound: a grandchild that inherited a pipe can hold it open past the child.
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::sync::mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            let _ = tx.send(buf);
+        });
+        rx
+    }
+    let grace = Duration::from_secs(10);
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let (out, err) =
+                    (out.recv_timeout(grace).unwrap_or_default(), err.recv_timeout(grace).unwrap_or_default());
+                panic!(
+                    "{what}: still running after {limit:?}, killed\nstdout: {}\nstderr: {}",
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&err)
+                );
+            }
+            Err(e) => panic!("{what}: waiting for the child: {e}"),
+        }
+    };
+    let stdout = out.recv_timeout(grace).unwrap_or_else(|e| panic!("{what}: stdout not closed after the exit: {e}"));
+    let stderr = err.recv_timeout(grace).unwrap_or_else(|e| panic!("{what}: stderr not closed after the exit: {e}"));
+    std::process::Output { status, stdout, stderr }
+}
+
 /// Opens (creating if needed) the backend's database at a path, on the system clock.
 pub type Opener =
     Arc<dyn Fn(PathBuf) -> BoxFuture<'static, Result<(Arc<dyn HotStore>, Arc<dyn ConsistencyGuard>)>> + Send + Sync>;
@@ -521,4 +575,38 @@ fn tempfile_dir() -> PathBuf {
     let base = std::env::temp_dir().join(format!("dotdo-kit-{}-{}-{n}", std::process::id(), seed()));
     std::fs::create_dir_all(&base).expect("temp dir");
     base
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_within_returns_everything_a_child_wrote_past_a_pipe_buffer() {
+        let out = output_within(
+            Command::new("sh").args(["-c", "head -c 300000 /dev/zero; echo done >&2; exit 3"]),
+            Duration::from_secs(60),
+            "writer",
+        );
+        assert_eq!(out.stdout.len(), 300_000);
+        assert_eq!(out.stderr, b"done\n");
+        assert_eq!(out.status.code(), Some(3));
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // measures the wall-clock wait on a real process
+    fn output_within_kills_a_child_still_running_at_the_limit() {
+        let started = std::time::Instant::now();
+        let r = std::panic::catch_unwind(|| {
+            output_within(
+                Command::new("sh").args(["-c", "echo partial; exec sleep 60"]),
+                Duration::from_millis(300),
+                "sleeper",
+            )
+        });
+        let msg = r.expect_err("a child past the limit fails the test");
+        let msg = msg.downcast_ref::<String>().expect("message");
+        assert!(msg.contains("sleeper: still running after") && msg.contains("partial"), "{msg}");
+        assert!(started.elapsed() < Duration::from_secs(30), "waited {:?}", started.elapsed());
+    }
 }
