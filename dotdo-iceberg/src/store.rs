@@ -1320,7 +1320,11 @@ impl IcebergColdStore {
     /// had an unknown outcome. Otherwise they stay for the cleanup (a request that timed out may
     /// still land).
     async fn discard_unlanded(&self, written: Option<Written>, last: &Attempt, maybe_landed: bool) {
-        if let (Some((_, _, files, _)), Attempt::Conflict | Attempt::Failed(_), false) = (written, last, maybe_landed) {
+        // `First`: the files were written and no commit naming them was sent (a checkpoint that
+        // could not be written).
+        if let (Some((_, _, files, _)), Attempt::Conflict | Attempt::Failed(_) | Attempt::First, false) =
+            (written, last, maybe_landed)
+        {
             self.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
         }
     }
@@ -1504,21 +1508,36 @@ impl IcebergColdStore {
     /// `AmbiguousOutcome` until a read-back settles it: that attempt may have landed, or still
     /// land (see [`unsettled`]).
     async fn append_validated(&self, batch: &Arc<ColdBatch>) -> Result<ColdCommit> {
-        let mut maybe_landed = false;
-        let out = self.append_attempts(batch, &mut maybe_landed).await;
+        let (mut maybe_landed, mut written) = (false, None);
+        let out = self.append_attempts(batch, &mut maybe_landed, &mut written).await;
+        // An early exit (fenced on a fresher table after a lost swap, a reload refused for good, a
+        // batch found committed meanwhile by another store) left the files of attempts that all
+        // certainly did not land: nobody's. (After an unknown outcome they stay; once a commit
+        // naming them was acknowledged or found, `written` is empty.)
+        if !maybe_landed {
+            if let Some((_, _, files, _)) = written.take() {
+                self.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
+            }
+        }
         out.map_err(|e| unsettled(e, maybe_landed, "", ""))
     }
 
     /// The attempts of [`append_validated`](Self::append_validated); `maybe_landed` is set while
-    /// an attempt of unknown outcome is unsettled (cleared once a read-back found it absent).
-    async fn append_attempts(&self, batch: &Arc<ColdBatch>, maybe_landed: &mut bool) -> Result<ColdCommit> {
+    /// an attempt of unknown outcome is unsettled (cleared once a read-back found it absent);
+    /// `written` holds the data files of the latest attempt until a commit naming them is known
+    /// to have landed.
+    async fn append_attempts(
+        &self,
+        batch: &Arc<ColdBatch>,
+        maybe_landed: &mut bool,
+        written: &mut Option<Written>,
+    ) -> Result<ColdCommit> {
         let _serial = self.inner.commit_lock.lock().await;
         let commit_id = uuid::Uuid::new_v4().to_string();
         let mut table = self.table();
         // The head of the table when the first attempt was made: a landed attempt of ours
         // can only be newer than it.
         let mut first_head: Option<Option<i64>> = None;
-        let mut written: Option<Written> = None;
         let mut last = Attempt::First;
         // Once an attempt's outcome was unknown, every later round first looks for it.
         let mut reloaded = false;
@@ -1537,6 +1556,7 @@ impl IcebergColdStore {
                 let since = first_head.flatten();
                 if let Some(s) = Self::find_commit(&table, &commit_id, since) {
                     // An attempt whose reply was lost did land; report it.
+                    *written = None;
                     return self.landed_result(&table, &s, batch).await;
                 }
             }
@@ -1600,7 +1620,7 @@ impl IcebergColdStore {
             // judge them unreferenced and delete them after the commit lands (a snapshot naming
             // missing files). New files are written instead, as a compaction's check refuses.
             let young = |at: &WriteStart| self.uncommitted_age_past(*at).is_none();
-            let files = match &written {
+            let files = match &*written {
                 Some((ranges, spec, files, at)) if *ranges == p.ranges && *spec == spec_id && young(at) => {
                     // As `write_files` checks for new files: another engine may have changed the
                     // schema since these were written (the attempt lost its swap to that change).
@@ -1637,7 +1657,7 @@ impl IcebergColdStore {
                             }
                             Err(e) => return Err(e),
                         };
-                    written = Some((p.ranges.clone(), spec_id, files.clone(), started));
+                    *written = Some((p.ranges.clone(), spec_id, files.clone(), started));
                     files
                 }
             };
@@ -1679,6 +1699,8 @@ impl IcebergColdStore {
             }
             match committed {
                 Ok(t) => {
+                    // Acknowledged: the files are the table's now.
+                    *written = None;
                     self.remember(&t);
                     let snap = t
                         .metadata()
@@ -1771,6 +1793,7 @@ impl IcebergColdStore {
                 )
             })?;
             if let Some(s) = Self::find_commit(&t, &commit_id, first_head.flatten()) {
+                *written = None;
                 return self.landed_result(&t, &s, batch).await;
             }
         }

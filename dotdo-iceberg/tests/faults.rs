@@ -2245,6 +2245,28 @@ async fn a_replay_on_a_stale_table_is_fenced_by_a_newer_token() {
     assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
 }
 
+/// A stale writer whose known table predates a newer token writes its files, loses the swap, and
+/// is fenced on the fresher table: its data files are deleted (nothing can reference them; they
+/// stayed until a cleanup found them old enough, a batch's worth per stale drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_fenced_after_a_lost_swap_leaves_no_data_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).table(["m"], "changes").build();
+    let (a, b) = (open().await.expect("a"), open().await.expect("b"));
+    let o = ObjectId::new("o").expect("id");
+    a.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 1, "k", "v", 1)])).await.expect("a: 1");
+    b.append(ColdBatch::single(o.clone(), FencingToken::new(2), vec![put(&o, 2, "k", "w", 2)])).await.expect("b: 2");
+    let data = || common::files_ending_with(dir.path(), ".parquet").len();
+    assert_eq!(data(), 2);
+    let stale =
+        ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, 2, "k", "x", 1), put(&o, 3, "k", "y", 1)]);
+    let e = a.append(stale).await.expect_err("a's token is below b's");
+    assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
+    assert_eq!(data(), 2, "the fenced attempt's data files are deleted");
+    let seqs: Vec<u64> = a.read_changes(&o, 0, AsOf::Latest).await.expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+}
+
 /// Every single damaged byte in a data file's pages (each of them flipped in turn) gives a read
 /// that answers or fails with `Corrupt` naming the file; none panics (parquet 58 asserts on some
 /// damaged bit widths, and a read took its task down). Parquet pages carry no checksums here
