@@ -317,18 +317,35 @@ fn last_commit_base(md: &iceberg::spec::TableMetadata, cut: i64) -> Result<Optio
 /// committed to the table: a dotdo snapshot with a lower sequence number is in the metadata (on
 /// a format-v1 table, whose snapshots all have sequence number 0, an earlier `timestamp-ms`),
 /// or, once those are expired, the [`LAST_COMMIT`] property records a commit at a lower one.
-/// Such a history replaced dotdo's (another engine's `REPLACE TABLE … AS SELECT`).
+/// Such a history replaced dotdo's (another engine's `REPLACE TABLE … AS SELECT`). On v1 a
+/// snapshot descending from `root` is never counted: `timestamp-ms` is each writer's wall clock,
+/// and a child committed by a node whose clock runs behind (iceberg accepts one up to a minute
+/// before its parent) is stamped before its root.
 pub(crate) fn replaced_history(md: &iceberg::spec::TableMetadata, root: &Snapshot) -> bool {
     let v1 = md.format_version() == iceberg::spec::FormatVersion::V1;
     last_commit_before(md, root)
         || md.snapshots().any(|s| {
             is_dotdo(s)
                 && if v1 {
-                    s.timestamp_ms() < root.timestamp_ms()
+                    s.timestamp_ms() < root.timestamp_ms() && !descends_from(md, s, root.snapshot_id())
                 } else {
                     s.sequence_number() < root.sequence_number()
                 }
         })
+}
+
+/// Whether `root` is an ancestor of `s` in `md` (a bounded walk: damaged metadata whose parents
+/// loop ends it).
+fn descends_from(md: &iceberg::spec::TableMetadata, s: &Snapshot, root: i64) -> bool {
+    let mut parent = s.parent_snapshot_id();
+    for _ in 0..md.snapshots().len() {
+        match parent {
+            Some(p) if p == root => return true,
+            Some(p) => parent = md.snapshot_by_id(p).and_then(|p| p.parent_snapshot_id()),
+            None => return false,
+        }
+    }
+    false
 }
 
 /// How [`chain_to_dotdo`] ended.
@@ -601,6 +618,49 @@ mod tests {
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{e}");
             assert!(e.to_string().contains("checkpoint x"), "{e}");
         }
+    }
+
+    /// A format-v1 table's history: a root stamped at 1000 ms and dotdo's child of it, stamped
+    /// `child_ms` by its writer's clock; and, if `replaced`, another root (a history started
+    /// anew) stamped at 2000 ms.
+    fn v1_history(child_ms: i64, replaced: bool) -> iceberg::spec::TableMetadata {
+        let snap = |id: i64, parent: Option<i64>, ms: i64, dotdo: bool| {
+            let summary = if dotdo {
+                format!(r#"{{"operation":"append","{WATERMARKS}":"{{}}"}}"#)
+            } else {
+                r#"{"operation":"append"}"#.to_string()
+            };
+            let parent = parent.map_or(String::new(), |p| format!(r#""parent-snapshot-id":{p},"#));
+            format!(
+                r#"{{"snapshot-id":{id},{parent}"timestamp-ms":{ms},"manifest-list":"file:///t/metadata/snap-{id}.avro","summary":{summary},"schema-id":0}}"#
+            )
+        };
+        let mut snaps = vec![snap(1, None, 1000, true), snap(2, Some(1), child_ms, true)];
+        if replaced {
+            snaps.push(snap(3, None, 2000, false));
+        }
+        let json = format!(
+            r#"{{"format-version":1,"table-uuid":"8d0e6b2a-3c4f-4d5e-9f60-718293a4b5c6","location":"file:///t",
+                "last-updated-ms":2000,"last-column-id":1,
+                "schema":{{"type":"struct","schema-id":0,"fields":[{{"id":1,"name":"x","required":false,"type":"long"}}]}},
+                "partition-spec":[],"properties":{{}},"current-snapshot-id":{},"snapshots":[{}]}}"#,
+            if replaced { 3 } else { 2 },
+            snaps.join(",")
+        );
+        serde_json::from_str(&json).expect("v1 metadata")
+    }
+
+    /// On a format-v1 table a dotdo child stamped before its root (its writer's clock behind the
+    /// root's) does not make the root a replaced history (time travel before it was `Corrupt`);
+    /// a root started after dotdo's commits still is one.
+    #[test]
+    fn a_v1_child_stamped_before_its_root_is_not_a_replaced_history() {
+        let md = v1_history(995, false);
+        let root = md.snapshot_by_id(1).expect("root");
+        assert!(!replaced_history(&md, root), "a child of the root, stamped 5 ms before it");
+        let md = v1_history(1005, true);
+        assert!(replaced_history(&md, md.snapshot_by_id(3).expect("new root")), "dotdo committed before it");
+        assert!(!replaced_history(&md, md.snapshot_by_id(1).expect("old root")));
     }
 
     /// A key written twice is damage (serde kept the last one: `a`'s watermark read as 0, and a
