@@ -915,6 +915,14 @@ forwarding_catalog!(PinnedCatalog<'_>, inner,
                 if failed_to_connect(&e) {
                     return not_sent_error(crate::error::classify(e, "sending a commit to the REST catalog"));
                 }
+                // Refused before anything was applied (a REST 3xx or 4xx answer, a table that
+                // is not there): no unknown outcome to read back and send again, up to every
+                // attempt (a 403 ended `AmbiguousOutcome` after 16 commits).
+                if crate::error::refused_unapplied(&e) {
+                    let refused = crate::error::classify(e, "a commit the catalog refused");
+                    return iceberg::Error::new(iceberg::ErrorKind::Unexpected, "the catalog refused the commit")
+                        .with_source(NotLanded(refused));
+                }
                 e.with_retryable(false)
             })
         }
@@ -924,12 +932,24 @@ forwarding_catalog!(PinnedCatalog<'_>, inner,
 /// The HTTP client of a REST catalog: each request bounded by `timeout` (connecting by at most
 /// 10 s of it). iceberg-catalog-rest's own default client has no timeout at all: a catalog that
 /// accepts connections and never answers held a commit (and the appends queued behind it) for
-/// ever.
+/// ever. Only redirects that keep the method and body (307, 308) are followed: reqwest's default
+/// follows a 301, 302 or 303 by sending a commit's POST again as a GET, whose answer (the table
+/// as it is) parsed as the commit's: a commit never applied was acknowledged. Such an answer is
+/// returned as it is (`InvalidInput`: configure the URI it points to).
 #[cfg(feature = "rest")]
 fn rest_client(timeout: std::time::Duration) -> Result<reqwest::Client> {
+    let redirects = reqwest::redirect::Policy::custom(|attempt| {
+        let keeps_method = matches!(attempt.status().as_u16(), 307 | 308);
+        if keeps_method && attempt.previous().len() < 10 {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    });
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(std::time::Duration::from_secs(10)))
+        .redirect(redirects)
         .build()
         .map_err(|e| Error::backend(format!("building the REST catalog's HTTP client: {e}")).with_retryable(false))
 }

@@ -328,6 +328,17 @@ pub(crate) fn token_refused(e: &iceberg::Error) -> bool {
     matches!(status, Some(401 | 419))
 }
 
+/// Whether a catalog refused `e`'s request before applying anything: a table that is not there,
+/// or a REST catalog's 3xx or 4xx answer (the REST protocol's 4xx are refusals; a 409 conflict
+/// is mapped by iceberg-catalog-rest itself; only a 5xx or a broken connection leaves a
+/// commit's outcome unknown).
+pub(crate) fn refused_unapplied(e: &iceberg::Error) -> bool {
+    e.kind() == iceberg::ErrorKind::TableNotFound
+        || (e.kind() == iceberg::ErrorKind::Unexpected
+            && e.message() == "Received response with unexpected status code"
+            && matches!(rest_status(&e.to_string(), "status"), Some(300..=499)))
+}
+
 fn iceberg_cause(e: &iceberg::Error) -> Cause {
     use iceberg::ErrorKind as K;
     if e.kind() == K::Unexpected && e.message() == TOKEN_RENEWED {
@@ -355,10 +366,14 @@ fn iceberg_cause(e: &iceberg::Error) -> Cause {
         if e.message().contains("commit state is unknown") {
             return Cause::OutcomeUnknown;
         }
-        if e.message() == "Received response with unexpected status code"
-            && matches!(rest_status(&e.to_string(), "status"), Some(408 | 429 | 500 | 502..=599))
-        {
-            return Cause::StoreUnavailable;
+        if e.message() == "Received response with unexpected status code" {
+            match rest_status(&e.to_string(), "status") {
+                Some(408 | 429 | 500 | 502..=599) => return Cause::StoreUnavailable,
+                // A redirect the client did not follow (only 307 and 308 are): the catalog's
+                // URI is not where it serves.
+                Some(300..=399) => return Cause::Config,
+                _ => {}
+            }
         }
         // The OAuth token endpoint answered something other than 200, in a body that is not
         // an Iceberg error (an HTML or empty 5xx, an RFC 6749 `{"error": "invalid_client"}`).

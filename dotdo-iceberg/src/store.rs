@@ -1767,6 +1767,8 @@ impl IcebergColdStore {
                     // A pause first, as after a conflict or a failed commit: an unknown outcome
                     // is mostly a store or catalog in trouble (a throttled REST catalog, an
                     // object store slowing down), which back-to-back attempts only load more.
+                    // Set before the read-back, which may end the append: the files stay.
+                    *maybe_landed = true;
                     retry_pause(self.backoff(attempt)).await;
                     table = match self.reload_for_resolution().await {
                         Ok(t) => t,
@@ -1778,7 +1780,6 @@ impl IcebergColdStore {
                             .with_source(err))
                         }
                     };
-                    *maybe_landed = true;
                     last = Attempt::Unknown(err);
                 }
             }

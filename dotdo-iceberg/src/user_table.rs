@@ -849,6 +849,16 @@ impl ArrowTable {
                 let written_at = files.as_ref().map(|(_, _, at)| *at);
                 match self.store.try_commit(&table, data, props, written_at).await {
                     Ok(t) => {
+                        // The catalog's answer must hold this batch's mark: one that does not (a
+                        // proxy answering for the catalog, a catalog acknowledging what it did not
+                        // apply) is no commit to report, and may still be one (its files stay).
+                        if marks(&t).and_then(|m| m.get(stream)).is_ok_and(|m| m < batch_id) {
+                            maybe_landed = true;
+                            return Err(Error::new(
+                                ErrorKind::AmbiguousOutcome,
+                                format!("{what}: the catalog acknowledged the commit but its table lacks the batch"),
+                            ));
+                        }
                         let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
                         return Ok(ArrowCommit { snapshot, rows });
                     }

@@ -284,3 +284,63 @@ async fn a_commit_to_a_rest_catalog_that_refuses_connections_did_not_land() {
     let e = store.append(second).await.expect_err("the catalog is gone");
     assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Unavailable, true), "{e}");
 }
+
+/// A REST catalog (or a proxy in front of it) answering a commit with a status that says it was
+/// not applied: a 403 fails the append at once (one request, `Backend`, not retryable: it was
+/// sent again on every attempt and ended `AmbiguousOutcome`) and leaves no data file; a 429 is
+/// sent again and lands once; a 302 is not followed (reqwest turned the POST into a GET, whose
+/// answer, the table unchanged, was taken as the commit's) and fails as `InvalidInput`, for the
+/// change table and a user table alike. Each batch lands once afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_a_rest_catalog_refuses_by_status_did_not_land() {
+    use arrow_array::{Int32Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    let Some(python) = common::python("commits_a_rest_catalog_refuses_by_status_did_not_land") else { return };
+    let server = common::RestCatalogServer::start(&python);
+    let settings =
+        dotdo_iceberg::Settings { retry_base_delay: std::time::Duration::from_millis(1), ..Default::default() };
+    let store = open_with(&server, "answered", settings).await;
+    let o = ObjectId::new("o").expect("id");
+    let batch = |seq: u64| ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, seq, "k", "v", 1)]);
+    store.append(batch(1)).await.expect("append while the server answers 200");
+    let answered = || stats(&server)["answered"].as_u64().expect("answered count");
+    let parquet = || {
+        common::files_ending_with(server.warehouse.path(), ".parquet")
+            .into_iter()
+            .filter(|f| f.to_string_lossy().contains("answered"))
+            .count()
+    };
+    let (commits, _) = table_counts(&server, "kit.answered");
+    assert_eq!((commits, parquet()), (1, 1));
+
+    server.control("POST", "/control/answer-next-commit/403");
+    let e = store.append(batch(2)).await.expect_err("forbidden");
+    assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Backend, false), "{e}");
+    assert_eq!(answered(), 1, "one request: a refusal is not sent again");
+    assert_eq!(table_counts(&server, "kit.answered").0, 1);
+    assert_eq!(parquet(), 1, "the refused commit's data files are deleted");
+
+    server.control("POST", "/control/answer-next-commit/429");
+    let c = store.append(batch(2)).await.expect("throttled once, then committed");
+    assert_eq!(c.records_written, 1);
+    assert_eq!(answered(), 2);
+
+    server.control("POST", "/control/answer-next-commit/302");
+    let e = store.append(batch(3)).await.expect_err("a redirect is not a commit");
+    assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
+    assert_eq!(answered(), 3);
+    assert_eq!(store.append(batch(3)).await.expect("once the server answers").records_written, 1);
+    let seqs: Vec<u64> =
+        store.read_changes(&o, 0, AsOf::Latest).await.expect("changes").iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, [1, 2, 3], "each change once");
+
+    let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+    let user = store.arrow_table(&["kit"], "answered_user", schema.clone()).await.expect("user table");
+    let rows = RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![1, 2, 3]))]).expect("batch");
+    server.control("POST", "/control/answer-next-commit/302");
+    let e = user.append("s", 1, vec![rows.clone()]).await.expect_err("a redirect is not a commit");
+    assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
+    assert_eq!(answered(), 4);
+    assert_eq!(user.append("s", 1, vec![rows]).await.expect("once the server answers").rows, 3);
+    assert_eq!(user.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
+}

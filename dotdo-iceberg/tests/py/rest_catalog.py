@@ -10,7 +10,13 @@ Test controls (not part of the protocol):
   POST /control/fail-next-commit   the next table commit is not applied: its connection is
                                    closed before the request is read (a connection that broke
                                    on the way there)
+  POST /control/answer-next-commit/<status>
+                                   the next table commit is not applied: it is answered with
+                                   <status> (a 3xx redirects to the same path; a 4xx or 5xx
+                                   carries an Iceberg error model), as a proxy or a server
+                                   refusing it would
   GET  /control/stats              {"commits": n, "lost": n, "failed": n, "refused": n,
+                                    "answered": n,
                                     "by_table": {"ns.table": {"commits": n, "refused": n}}}
 
 Removes <warehouse-dir> (its catalog and tables) when it exits.
@@ -45,7 +51,18 @@ port, db, warehouse, warehouse_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3],
 limit_s = float(os.environ.get("DOTDO_MOTO_LIMIT_S", "1800"))
 catalog = SqlCatalog("dotdo", uri=f"sqlite:///{db}", warehouse=warehouse)
 lock = threading.Lock()
-state = {"lose_next": False, "fail_next": False, "commits": 0, "lost": 0, "failed": 0, "refused": 0, "by_table": {}}
+state = {
+    "lose_next": False,
+    "fail_next": False,
+    "answer_next": None,
+    "commits": 0,
+    "lost": 0,
+    "failed": 0,
+    "refused": 0,
+    "answered": 0,
+    "by_table": {},
+}
+ARMS = ("lose_next", "fail_next", "answer_next")
 
 
 def count(ident, what):
@@ -132,10 +149,15 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 state[armed[parts[0]]] = True
             return self.reply(200, {})
+        if len(parts) == 2 and parts[0] == "answer-next-commit" and self.command == "POST":
+            self.body()
+            with lock:
+                state["answer_next"] = int(parts[1])
+            return self.reply(200, {})
         if parts == ["stats"]:
             with lock:
                 stats = json.loads(
-                    json.dumps({k: v for k, v in state.items() if k not in ("lose_next", "fail_next")})
+                    json.dumps({k: v for k, v in state.items() if k not in ARMS})
                 )
             return self.reply(200, stats)
         return self.error(404, "NotFound", "no such control")
@@ -196,6 +218,19 @@ class Handler(BaseHTTPRequestHandler):
                 state["failed"] += 1
                 # Not applied, not answered: the connection breaks before the request is read.
                 return self.drop_connection()
+            if state["answer_next"] is not None:
+                code, state["answer_next"] = state["answer_next"], None
+                state["answered"] += 1
+                self.body()
+                if 300 <= code < 400:
+                    # A proxy moving the endpoint: the same path (a client following it turns
+                    # the POST into a GET, 301 to 303, and loads the table unchanged).
+                    self.send_response(code)
+                    self.send_header("Location", self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                return self.error(code, "ForbiddenException" if code == 403 else "TestAnswer", "answered by the test")
             req = CommitTableRequest.model_validate_json(self.body())
             table = catalog.load_table(ident)
             try:
