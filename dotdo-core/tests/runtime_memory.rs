@@ -3427,6 +3427,25 @@ async fn a_drain_that_outlasts_the_lease_keeps_it() {
     }
 }
 
+/// A drain whose lease cannot be renewed (the guard refuses refreshes for good while a cold
+/// commit takes two TTLs) is abandoned with `LeaseLost` saying so: the error said "nothing was
+/// written", a handler's words, while a drain's commits before it may have landed.
+#[tokio::test]
+async fn a_drain_abandoned_for_a_lost_renewal_does_not_claim_nothing_was_written() {
+    let w = World::new();
+    let guard = Arc::new(FlakyGuard::new(&w));
+    let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+    let rt = w.runtime_with("a", guard.clone(), cold.clone(), settings());
+    let o = oid("o");
+    incr(&rt, &o).await.expect("incr");
+    guard.broken_refreshes.store(1000, std::sync::atomic::Ordering::SeqCst);
+    *cold.before_append.lock() = Some(clock_moves_on(&w.clock, 20));
+    let e = rt.flush(&o).await.expect_err("the lease could not be renewed");
+    assert!(matches!(e.kind(), ErrorKind::LeaseLost { .. }), "{e}");
+    let shown = e.to_string();
+    assert!(!shown.contains("nothing was written") && shown.contains("abandoned"), "{shown}");
+}
+
 /// Object "o" with 20 keys written by runtime "a", then evicted (its state in cold storage only).
 async fn populated_then_evicted(w: &World) -> ObjectId {
     let a = w.runtime("a", settings());
@@ -3512,6 +3531,44 @@ async fn a_guard_below_the_hot_stores_tokens_is_corrupt_not_fenced() {
     let e = incr(&rt, &o).await.expect_err("the guard lost its state");
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
     assert!(e.to_string().contains("does not floor tokens"), "{e}");
+}
+
+/// The same guard, whose lease check then never answers (a hung connection): the activation
+/// ends once a TTL has passed, with the hot store's refusal (`Fenced`: the lease is not known to
+/// be current). It waited for ever, holding the object's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the clock ticks while the call waits
+async fn a_hung_lease_check_after_a_refused_token_floor_ends_after_a_ttl() {
+    let w = World::new();
+    let o = oid("o");
+    let x = w.hot.acquire(&o, &NodeId::new("x").expect("node"), TTL).await.expect("acquire");
+    let five = FencingToken::new(x.token.get() + 4);
+    w.hot.put(&o, five, "T", "n", "1".into()).await.expect("put under a higher token");
+    let changes = w.hot.read_changes(&o, 0, 100).await.expect("changes");
+    w.cold.append(ColdBatch::single(o.clone(), five, changes)).await.expect("cold has it");
+    w.hot.truncate_changes(&o, five, 1).await.expect("drained");
+    w.hot.evict(&o, five).await.expect("evicted");
+    w.hot.write(&o, FencingToken::new(five.get() + 2), WriteBatch::new("T")).await.expect("a higher token");
+    let forgetful = World {
+        clock: w.clock.clone(),
+        hot: MemoryBackend::with_clock(Arc::new(w.clock.clone())),
+        cold: w.cold.clone(),
+    };
+    let guard = Arc::new(FlakyGuard::new(&forgetful));
+    guard.hang_validates.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(guard)
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_clock(Arc::new(w.clock.clone()))
+        .with_settings(settings())
+        .build()
+        .expect("build runtime");
+    let ticking = tick(&w);
+    let ended = tokio::time::timeout(Duration::from_secs(10), incr(&rt, &o)).await;
+    ticking.abort();
+    let e = ended.expect("ends once a TTL has passed").expect_err("not known to be current");
+    assert!(e.is_fenced(), "{e}");
 }
 
 /// A lazy activation pins the snapshot its watermark is in: on a cold store whose snapshot list
@@ -4108,6 +4165,9 @@ struct FaultyHot {
     hang_next_write: std::sync::atomic::AtomicBool,
     /// Restores apply, then report `AmbiguousOutcome`.
     ambiguous_restores: std::sync::atomic::AtomicU32,
+    /// Restores of more value bytes than this (0: no limit) are refused, as a remote primary
+    /// or a proxy refuses a request too large for it (`LimitExceeded` with no figures).
+    restore_byte_limit: std::sync::atomic::AtomicUsize,
     /// At most this many changes per `read_changes` (0: as many as asked), as the SQL stores
     /// answer past 8 MiB of values.
     changes_per_read: std::sync::atomic::AtomicUsize,
@@ -4135,6 +4195,7 @@ impl FaultyHot {
             hold_next_write: false.into(),
             hang_next_write: false.into(),
             ambiguous_restores: 0.into(),
+            restore_byte_limit: 0.into(),
             held: Default::default(),
             changes_per_read: 0.into(),
             refuse_evicts: false.into(),
@@ -4227,6 +4288,13 @@ impl HotStore for FaultyHot {
         Err(Error::new(ErrorKind::AmbiguousOutcome, "evicted, but the reply was lost (test)"))
     }
     async fn restore(&self, object: &ObjectId, token: FencingToken, entries: Vec<Entry>, through: Seq) -> Result<()> {
+        let limit = self.restore_byte_limit.load(std::sync::atomic::Ordering::SeqCst);
+        if limit > 0 && entries.iter().map(|e| e.value.len()).sum::<usize>() > limit {
+            return Err(Error::new(
+                ErrorKind::LimitExceeded { what: "request body", limit: 0, actual: 0 },
+                "the primary refused the request as too large (test)",
+            ));
+        }
         self.inner.restore(object, token, entries, through).await?;
         let left = self.ambiguous_restores.load(std::sync::atomic::Ordering::SeqCst);
         if left > 0 {
@@ -4271,6 +4339,30 @@ async fn an_activation_step_of_unknown_outcome_is_unavailable_not_ambiguous() {
         assert!(e.is_retryable(), "{e}");
         assert!(e.to_string().contains("nothing of the call was written"), "{e}");
         assert_eq!(incr(&b, &o).await.expect("next call"), 2, "{mode:?}");
+    }
+}
+
+/// A hot store refusing a restore as too large for it (a remote primary's or a proxy's request
+/// limit) is `LimitExceeded` for the caller, eager and lazy alike: it read as `Corrupt` blaming
+/// the cold state ("a cold sink that broke its contract"), which was whole. Cold state that does
+/// break the restore's rules is still `Corrupt`.
+#[tokio::test]
+async fn a_restore_the_hot_store_refuses_as_too_large_is_limit_exceeded_not_corrupt() {
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let w = World::new();
+        let a = w.runtime("a", settings());
+        let o = oid("o");
+        populate(&a, &o, 200).await;
+        a.evict(&o).await.expect("evict");
+        let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+        hot.restore_byte_limit.store(1024, std::sync::atomic::Ordering::SeqCst);
+        let b = w.runtime_with_hot("b", hot.clone(), RuntimeSettings { restore: mode.clone(), ..settings() });
+        let e = incr(&b, &o).await.expect_err("the restore is too large for the hot store");
+        assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{mode:?}: {e}");
+        assert!(e.to_string().contains("the hot store refused the restore"), "{mode:?}: {e}");
+        hot.restore_byte_limit.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(incr(&b, &o).await.expect("once the hot store takes it"), 1, "{mode:?}");
+        assert_eq!(get(&b, &o, "key/0199").await.expect("restored").as_deref(), Some(&b"value-199"[..]), "{mode:?}");
     }
 }
 

@@ -694,7 +694,7 @@ impl ObjectRuntime {
                 bytes: 0,
             };
             // Run the handler while renewing the lease; a failed renewal abandons the handler.
-            let outcome = renewing(&self.inner, renewed, handler(&mut txn)).await;
+            let outcome = renewing(&self.inner, renewed, handler(&mut txn), DURING_HANDLER).await;
             (outcome, std::mem::take(&mut txn.ops))
         };
         let (slot, renewed) = end.finish();
@@ -1262,7 +1262,12 @@ impl ObjectRuntime {
                     // below both while this lease is still the current one: the guard does not
                     // floor its tokens at the hot store's (which the builder requires). (Ours run
                     // out meanwhile, another holder's newer lease fences this write: that stands.)
-                    let ours_current = e.is_fenced() && inner.guard.validate(&active.lease.granted).await.is_ok();
+                    // (Bounded as every guard call made holding the slot: one that does not
+                    // answer leaves the lease not known to be current, and the refusal stands.)
+                    let ours_current = e.is_fenced() && {
+                        let check = inner.guard.validate(&active.lease.granted);
+                        within(inner, inner.settings.lease_ttl, check, "the lease check did not answer").await.is_ok()
+                    };
                     return Err(if ours_current {
                         Error::corrupt(format!(
                             "{object}: the guard issues token {} while cold storage has seen token {} and the \
@@ -2501,7 +2506,7 @@ pub(crate) async fn complete_restore(
     if st.through != state.through {
         return Err(state.moved_on(object, Some(st.through)));
     }
-    inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| {
+    restore_cold_state(inner, object, token, st.entries, st.through).await.map_err(|e| {
         state.fenced |= e.is_fenced();
         // Its sequence past `through` (`restore_behind_hot`): no retry of this restore succeeds,
         // but the activation is spent (given back), and the next call's activation starts
@@ -2512,21 +2517,29 @@ pub(crate) async fn complete_restore(
                 .context(format!("{object}: the lazy restore is refused for good; the next call activates afresh"))
                 .with_retryable(true);
         }
-        cold_state_error(object, e)
+        e
     })?;
     *lazy = None;
     Ok(())
 }
 
+/// What a lost renewal says of a handler it abandoned.
+const DURING_HANDLER: &str = "lease renewal failed during the handler; nothing was written";
+/// What a lost renewal says of a drain, restore or check it abandoned (see [`with_renewal`]).
+const DURING_WORK: &str = "lease renewal failed during a drain, restore or check under the lease, which was \
+     abandoned (cold commits made before it stay, and the next flush skips them; a restore is settled by the \
+     next activation)";
+
 /// Run `fut` while renewing `lease` (which holds the latest renewal, see [`renew_loop`]); a
-/// renewal that fails abandons `fut` with the (lost-lease) error.
+/// renewal that fails abandons `fut` with the (lost-lease) error, saying `during`.
 async fn renewing<T>(
     inner: &Arc<Inner>,
     lease: &parking_lot::Mutex<HeldLease>,
     fut: impl std::future::Future<Output = T>,
+    during: &'static str,
 ) -> std::result::Result<T, Error> {
     let fut = std::pin::pin!(fut);
-    let renew = std::pin::pin!(renew_loop(inner, lease));
+    let renew = std::pin::pin!(renew_loop(inner, lease, during));
     match futures::future::select(fut, renew).await {
         Either::Left((out, _)) => Ok(out),
         Either::Right((lost, _)) => Err(lost),
@@ -2558,14 +2571,15 @@ async fn with_renewal<T>(
     }
     let renewed = parking_lot::Mutex::new(lease.clone());
     let back = WriteBack { lease, renewed };
-    let out = renewing(inner, &back.renewed, fut).await;
+    let out = renewing(inner, &back.renewed, fut, DURING_WORK).await;
     drop(back);
     out?
 }
 
-/// Renew `lease` at about TTL/3 until it cannot be renewed; then return the error (the caller
-/// abandons the handler: self-fencing). Never returns while renewals succeed.
-async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<HeldLease>) -> Error {
+/// Renew `lease` at about TTL/3 until it cannot be renewed; then return the error, saying
+/// `during` (the caller abandons the handler: self-fencing). Never returns while renewals
+/// succeed.
+async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<HeldLease>, during: &'static str) -> Error {
     let ttl = inner.settings.lease_ttl;
     // After a transient failure the next refresh is due at once: back off (doubling from 5 ms,
     // at most a tenth of the TTL) instead of hammering a guard that is already struggling.
@@ -2605,11 +2619,8 @@ async fn renew_loop(inner: &Arc<Inner>, lease: &parking_lot::Mutex<HeldLease>) -
             }
             Err(e) => {
                 tracing::warn!(object = %current.granted.object, error = %e, "dotdo lease renewal failed; self-fencing");
-                return Error::new(
-                    ErrorKind::LeaseLost { object: current.granted.object.clone() },
-                    "lease renewal failed during the handler; nothing was written",
-                )
-                .with_source(e);
+                return Error::new(ErrorKind::LeaseLost { object: current.granted.object.clone() }, during)
+                    .with_source(e);
             }
         }
     }
@@ -3067,15 +3078,28 @@ async fn release_orphans(inner: &Arc<Inner>) {
     }
 }
 
-/// A restore refused as `InvalidInput` or `LimitExceeded` got its entries from cold storage, not
-/// from the caller: a cold sink that broke its contract (a key twice, an entry above the
-/// watermark, a value over the size limit). `Corrupt` says so; other errors pass unchanged.
-fn cold_state_error(object: &ObjectId, e: Error) -> Error {
-    if matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. }) {
-        Error::corrupt(format!("cold state of {object} cannot be restored: {e}")).with_source(e)
-    } else {
-        e
-    }
+/// Install `entries` (an object's state read from cold storage, through `through`) in the hot
+/// store under `token`. Entries that break the restore's rules (a key twice, an entry above the
+/// watermark, a value over the size limit) come from a cold sink that broke its contract:
+/// `Corrupt`, checked before the hot store is asked. The hot store's own refusals pass with
+/// their kind (a remote primary or a proxy refusing the request as too large is
+/// `LimitExceeded`, not damage in cold storage).
+async fn restore_cold_state(
+    inner: &Arc<Inner>,
+    object: &ObjectId,
+    token: FencingToken,
+    entries: Vec<crate::record::Entry>,
+    through: crate::Seq,
+) -> Result<()> {
+    crate::record::validate_restore(&entries, through)
+        .map_err(|e| Error::corrupt(format!("cold state of {object} cannot be restored: {e}")).with_source(e))?;
+    inner.hot.restore(object, token, entries, through).await.map_err(|e| {
+        if matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::LimitExceeded { .. }) {
+            e.context(format!("the hot store refused the restore of {object}'s cold state"))
+        } else {
+            e
+        }
+    })
 }
 
 /// Drop the activation in `active`, if any, and give its lease back (a release of a lease that
@@ -3306,7 +3330,7 @@ async fn restore_eager(
     // state would be served, and new writes would take sequence numbers cold holds.
     refuse_older_than_decided(object, "the state through seq", st.through, wm)?;
     let (keys, bytes) = (st.entries.len() as u64, st.entries.iter().map(|e| e.value.len() as u64).sum());
-    inner.hot.restore(object, token, st.entries, st.through).await.map_err(|e| cold_state_error(object, e))?;
+    restore_cold_state(inner, object, token, st.entries, st.through).await?;
     inner.metrics.lock().eager_restores += 1;
     Ok((Recovery::Eager, keys, bytes, st.snapshot))
 }
