@@ -156,7 +156,14 @@ impl IcebergColdStore {
                 w.add_file(f.clone(), seq).map_err(|e| classify(e, &path))?;
             }
             out.written.push(path.clone());
-            out.manifests.push(w.write_manifest_file().await.map_err(|e| classify(e, &path))?);
+            match w.write_manifest_file().await {
+                Ok(m) => out.manifests.push(m),
+                // (A write that failed, or whose reply was lost, may have left the file.)
+                Err(e) => {
+                    self.delete_files(out.written.clone()).await;
+                    return Err(classify(e, &path));
+                }
+            }
         }
         // A table without a snapshot (dropped and created again meanwhile) lists none of the
         // files to replace: the count check below refuses it.

@@ -109,7 +109,23 @@ impl IcebergColdStore {
         // were expired (that attempt landed after all), and the report says so.
         let mut unsure: Vec<i64> = Vec::new();
         for attempt in 0..attempts {
-            let table = self.load_fresh(ident).await?;
+            let table = match self.load_fresh(ident).await {
+                Ok(t) => t,
+                // An earlier attempt may have landed, and the table that would tell cannot be
+                // read: the outcome is unknown (the load's own error, `Unavailable` mostly, said
+                // nothing was expired), as compaction answers.
+                Err(e) if !unsure.is_empty() => {
+                    return Err(Error::new(
+                        ErrorKind::AmbiguousOutcome,
+                        format!(
+                            "{what}: an attempt's outcome is unknown and the table cannot be read back ({e}); \
+                             expire again to settle it"
+                        ),
+                    )
+                    .with_source(e))
+                }
+                Err(e) => return Err(e),
+            };
             let landed: Vec<i64> =
                 unsure.iter().copied().filter(|id| table.metadata().snapshot_by_id(*id).is_none()).collect();
             gc_enabled(&table, &what)?;

@@ -213,7 +213,7 @@ async fn appends_under_faults(lossy_catalog: bool) {
     // Reads keep one row per sequence number, so the exact-sequence check above cannot see a row
     // stored twice (a data file whose write reply was lost, written again and listed twice):
     // the head snapshot's live files hold exactly the acknowledged rows.
-    assert_eq!(live_rows(&cold).await, acked_records, "rows stored twice or lost");
+    assert_eq!(common::live_rows(&cold).await, acked_records, "rows stored twice or lost");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1133,6 +1133,40 @@ async fn a_commit_that_was_never_sent_is_unavailable_not_ambiguous() {
     assert_eq!(cold.append(batch).await.expect("once the store is back").records_written, 1);
 }
 
+/// A compaction whose manifest of new files is written but answered as failed (its reply lost)
+/// deletes it: the attempt ended before its swap, and nothing references the file (it stayed
+/// until a cleanup found it old enough, one per attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_whose_manifest_write_failed_leaves_no_manifest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faulty = FaultyStore::quiet_local();
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(faulty.clone())
+        .table(["m"], "changes")
+        .settings(dotdo_iceberg::Settings { max_commit_attempts: 2, ..Default::default() })
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=4 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let manifests = || common::files_ending_with(dir.path(), "-m0.avro").len();
+    let before = manifests();
+    *faulty.lose_puts_of.lock() = Some(("-m0.avro".into(), 1000));
+    cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect_err("every manifest write fails");
+    assert!(
+        faulty.lose_puts_of.lock().as_ref().is_some_and(|(_, n)| *n < 1000),
+        "no manifest write was lost: the compaction did not get that far"
+    );
+    *faulty.lose_puts_of.lock() = None;
+    assert_eq!(manifests(), before, "the failed attempts' manifests are deleted");
+    cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect("once the store answers");
+    assert_eq!(cold.load_state(&o, AsOf::Latest).await.expect("state").entries.len(), 1);
+}
+
 /// A table dropped (and its files removed) under a store that reads its cached table
 /// (`refresh_reads` off): a read finds the files missing and the table gone, and answers
 /// `NotFound`, as for any read of a missing table (it was `Corrupt`, naming the missing file).
@@ -1248,6 +1282,33 @@ async fn an_unsettled_append_whose_read_back_is_refused_for_good_is_ambiguous() 
     let c = cold.append(batch).await.expect("once the catalog answers");
     assert_eq!(c.records_written + c.records_skipped, 1);
     assert_eq!(cold.read_changes(&o, 0, AsOf::Latest).await.expect("read").len(), 1);
+}
+
+/// An expiry whose commit landed with its reply lost, after which the table cannot be read
+/// back, is `AmbiguousOutcome`: it was the load's `Unavailable`, which says nothing was expired.
+/// Expiring again once the catalog answers settles it (nothing left to expire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_of_unknown_outcome_that_cannot_be_read_back_is_ambiguous() {
+    use dotdo_core::testkit::LoseNextReply;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, slot) = switched_store(dir.path()).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let catalog = slot.lock().clone().expect("catalog built");
+    catalog.fail_loads_after_lost.store(true, Ordering::SeqCst);
+    catalog.switch.arm();
+    let e = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("lost reply, then no read-back");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert_eq!(catalog.lost.load(Ordering::SeqCst), 1, "the expiry landed");
+    catalog.fail_loads_after_lost.store(false, Ordering::SeqCst);
+    catalog.fail_loads.store(false, Ordering::SeqCst);
+    let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("once the catalog answers");
+    assert_eq!((report.expired.len(), report.retained), (0, 1), "{report:?}");
+    assert_eq!(cold.load_state(&o, AsOf::Latest).await.expect("state").entries.len(), 1);
 }
 
 /// A user table `u.events` (one `Int32` column) on [`switched_store`]'s catalog, a batch of three
@@ -2089,7 +2150,7 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
     // file live, or listed its new file twice, doubles rows that reads (one row per sequence
     // number) and the clean compaction below would hide.
     let appended: u64 = next_seq.values().map(|n| n - 1).sum();
-    assert_eq!(live_rows(&cold).await, appended, "rows stored twice or lost by compactions");
+    assert_eq!(common::live_rows(&cold).await, appended, "rows stored twice or lost by compactions");
     // A clean final compaction, then everything reads back exactly once.
     cold.compact(dotdo_iceberg::CompactOptions::default()).await.expect("clean compaction");
     for o in &objects {
@@ -2100,21 +2161,7 @@ async fn compaction_under_injected_store_faults_loses_and_duplicates_nothing() {
         assert_eq!(cold.load_state(o, AsOf::Latest).await.expect("state").through, want);
     }
     assert!(assert_no_missing_files(&cold, &faulty, true).await > 0);
-    assert_eq!(live_rows(&cold).await, appended, "rows stored twice or lost by the clean compaction");
-}
-
-/// Rows in the live data files of the table's head snapshot (what a reader that keeps duplicate
-/// rows would see; dotdo's own reads keep one row per sequence number).
-async fn live_rows(cold: &IcebergColdStore) -> u64 {
-    let table = cold.refresh().await.expect("refresh");
-    let Some(head) = table.metadata().current_snapshot() else { return 0 };
-    let list = table.manifest_list_reader(head).load().await.expect("manifest list");
-    let mut rows = 0;
-    for mf in list.entries() {
-        let m = mf.load_manifest(table.file_io()).await.expect("manifest");
-        rows += m.entries().iter().filter(|e| e.is_alive()).map(|e| e.data_file().record_count()).sum::<u64>();
-    }
-    rows
+    assert_eq!(common::live_rows(&cold).await, appended, "rows stored twice or lost by the clean compaction");
 }
 
 /// Every manifest list, manifest and data file a snapshot of `cold` references exists (with

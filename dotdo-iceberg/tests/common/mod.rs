@@ -799,6 +799,9 @@ pub struct LossyCatalog {
     /// The next commit after that is refused as a conflict, and every `load_table` fails from
     /// then on (`fail_loads`).
     pub conflict_then_fail_loads: std::sync::atomic::AtomicBool,
+    /// Once a commit's reply is lost (armed or random), every `load_table` fails from then on
+    /// (`fail_loads`): the table that would tell whether it landed cannot be read.
+    pub fail_loads_after_lost: std::sync::atomic::AtomicBool,
     /// `(loads, change)`: after letting `loads` more `load_table` calls through, at the next
     /// one or at the next commit, whichever comes first, another engine changes the table (see
     /// [`ForeignChange`]): a table that moved since its caller loaded it.
@@ -975,6 +978,9 @@ impl iceberg::Catalog for LossyCatalog {
             _ if armed => {
                 self.inner.update_table(c).await?;
                 self.lost.fetch_add(1, Ordering::SeqCst);
+                if self.fail_loads_after_lost.load(Ordering::SeqCst) {
+                    self.fail_loads.store(true, Ordering::SeqCst);
+                }
                 Err(reset())
             }
             _ if !self.random => self.inner.update_table(c).await,
@@ -1091,6 +1097,7 @@ fn lossy_catalog(
                 late_next_update: Default::default(),
                 late_landed: Default::default(),
                 conflict_then_fail_loads: Default::default(),
+                fail_loads_after_lost: Default::default(),
                 foreign_change: Default::default(),
             });
             *slot.lock() = Some(c.clone());
@@ -1098,4 +1105,19 @@ fn lossy_catalog(
         })
     });
     (build, lossy)
+}
+
+/// Rows in the live data files of the table's head snapshot (what a reader that keeps duplicate
+/// rows would see; dotdo's own reads keep one row per sequence number).
+#[allow(dead_code)] // not every test binary including this module uses it
+pub async fn live_rows(cold: &dotdo_iceberg::IcebergColdStore) -> u64 {
+    let table = cold.refresh().await.expect("refresh");
+    let Some(head) = table.metadata().current_snapshot() else { return 0 };
+    let list = table.manifest_list_reader(head).load().await.expect("manifest list");
+    let mut rows = 0;
+    for mf in list.entries() {
+        let m = mf.load_manifest(table.file_io()).await.expect("manifest");
+        rows += m.entries().iter().filter(|e| e.is_alive()).map(|e| e.data_file().record_count()).sum::<u64>();
+    }
+    rows
 }
