@@ -99,7 +99,7 @@ struct Peer {
 }
 
 fn pyiceberg(dir: &std::path::Path, warehouse: &str, pairs: &[(u64, u64)]) -> Option<Peer> {
-    if std::env::var_os("DOTDO_BENCH_NO_PEER").is_some() {
+    if dotdo_core::testkit::bench::no_peer() {
         return None;
     }
     let Some(py) = python() else {
@@ -111,14 +111,17 @@ fn pyiceberg(dir: &std::path::Path, warehouse: &str, pairs: &[(u64, u64)]) -> Op
     let lookups_file = dir.join("lookups.json");
     std::fs::write(&lookups_file, serde_json::Value::Array(list).to_string()).expect("write lookups");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/py/bench_accel_pyiceberg.py");
-    let out = std::process::Command::new(py)
-        .arg(script)
-        .arg(dir.join("catalog.db"))
-        .arg(warehouse)
-        .arg("bench.accel")
-        .arg(&lookups_file)
-        .output()
-        .expect("run bench_accel_pyiceberg.py");
+    // Bounded: a peer that hangs (on a lock of the catalog file, say) fails the bench, not hangs it.
+    let out = dotdo_core::testkit::process::output_within(
+        std::process::Command::new(py)
+            .arg(script)
+            .arg(dir.join("catalog.db"))
+            .arg(warehouse)
+            .arg("bench.accel")
+            .arg(&lookups_file),
+        std::time::Duration::from_secs(900),
+        "bench_accel_pyiceberg.py",
+    );
     if !out.status.success() {
         eprintln!("PyIceberg peer failed: {}", String::from_utf8_lossy(&out.stderr));
         return None;

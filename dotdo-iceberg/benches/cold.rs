@@ -224,7 +224,7 @@ struct Peer {
 /// some file systems (ext4 without a journal skips recently freed inodes), and no phase should
 /// pay for another's clean-up.
 fn pyiceberg(rows: u64, small: usize, scratch: &std::path::Path) -> Option<Peer> {
-    if std::env::var_os("DOTDO_BENCH_NO_PEER").is_some() {
+    if dotdo_core::testkit::bench::no_peer() {
         return None;
     }
     let Some(py) = python() else {
@@ -234,14 +234,17 @@ fn pyiceberg(rows: u64, small: usize, scratch: &std::path::Path) -> Option<Peer>
     let dir = tempfile::tempdir_in(scratch).expect("tempdir");
     let dir = dir.keep();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/py/bench_pyiceberg.py");
-    let out = std::process::Command::new(py)
-        .arg(script)
-        .arg(&dir)
-        .arg(rows.to_string())
-        .arg(OBJECTS.to_string())
-        .arg(small.to_string())
-        .output()
-        .expect("run bench_pyiceberg.py");
+    // Bounded: a peer that hangs (on a lock of the catalog file, say) fails the bench, not hangs it.
+    let out = dotdo_core::testkit::process::output_within(
+        std::process::Command::new(py)
+            .arg(script)
+            .arg(&dir)
+            .arg(rows.to_string())
+            .arg(OBJECTS.to_string())
+            .arg(small.to_string()),
+        std::time::Duration::from_secs(900),
+        "bench_pyiceberg.py",
+    );
     if !out.status.success() {
         eprintln!("PyIceberg peer failed: {}", String::from_utf8_lossy(&out.stderr));
         return None;

@@ -683,6 +683,14 @@ impl ArrowPipeline {
         Ok(())
     }
 
+    /// How long until the roll interval, counted from the last roll's start, ends (zero once it
+    /// has).
+    fn interval_left(&self) -> std::time::Duration {
+        let inner = &self.inner;
+        let since = inner.clock.monotonic().saturating_sub(*inner.last_roll.lock());
+        inner.settings.roll_interval.saturating_sub(since)
+    }
+
     /// Whether a roll is due (interval elapsed with rows waiting, a row/byte threshold hit, or
     /// the buffer half full by rows or bytes: with thresholds above the capacity, senders were
     /// refused as "full" until the interval passed).
@@ -865,6 +873,7 @@ impl ArrowPipeline {
             |p: &ArrowPipeline| p.inner.settings.holds_in_memory(),
             |p: &ArrowPipeline| p.inner.buf.lock().has_waiting(),
             |p: &ArrowPipeline| p.roll_due(),
+            |p: &ArrowPipeline| p.interval_left(),
             |p: ArrowPipeline| async move { p.roll_in(true).await },
         )
     }

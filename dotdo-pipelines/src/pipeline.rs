@@ -498,6 +498,14 @@ impl Pipeline {
         }
     }
 
+    /// How long until the roll interval, counted from the last roll's start, ends (zero once it
+    /// has).
+    fn interval_left(&self) -> std::time::Duration {
+        let inner = &self.inner;
+        let since = inner.clock.monotonic().saturating_sub(*inner.last_roll.lock());
+        inner.settings.roll_interval.saturating_sub(since)
+    }
+
     /// Whether a roll is due (interval elapsed with events waiting, a row/byte threshold hit, the
     /// buffer half full by events or bytes: with thresholds above the capacity, senders were
     /// refused as "full" until the interval passed; or a batch claimed and not yet committed,
@@ -797,6 +805,7 @@ impl Pipeline {
             |p: &Pipeline| p.inner.settings.holds_in_memory(),
             |p: &Pipeline| p.inner.log.depth().0 > 0,
             |p: &Pipeline| p.roll_due(),
+            |p: &Pipeline| p.interval_left(),
             |p: Pipeline| async move { p.roll_in(true).await },
         )
     }

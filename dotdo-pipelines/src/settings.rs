@@ -314,6 +314,7 @@ pub(crate) async fn run_rolls<P: Clone, R, Fut>(
     holds: impl Fn(&P) -> bool,
     waiting: impl Fn(&P) -> bool,
     due: impl Fn(&P) -> bool,
+    interval_left: impl Fn(&P) -> Duration,
     roll: impl Fn(P) -> Fut,
 ) where
     Fut: std::future::Future<Output = dotdo_core::Result<R>>,
@@ -363,7 +364,16 @@ pub(crate) async fn run_rolls<P: Clone, R, Fut>(
         } else {
             drop(p);
         }
-        clock.sleep(tick).await;
+        // With events waiting, wake when the roll interval ends, not at the next tick after it:
+        // an event waited up to a tick (a quarter of the interval, at most 50 ms) past it.
+        let wake = match held.clone().or_else(&live) {
+            Some(p) if waiting(&p) => match interval_left(&p) {
+                left if left.is_zero() => tick,
+                left => tick.min(left),
+            },
+            _ => tick,
+        };
+        clock.sleep(wake).await;
     }
 }
 

@@ -976,6 +976,45 @@ async fn run_backs_off_up_to_the_cap_whatever_the_tick() {
     handle.abort();
 }
 
+/// The background loop rolls when the roll interval ends, not at its next tick after that: with
+/// a 1 s interval (50 ms ticks) and a manual roll 30 ms after the loop's start, the next roll
+/// comes 1 s after the manual one. It came at the tick 20 ms later, and end-to-end lag ran up to
+/// a tick past the interval plus a commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the loop runs on another worker
+async fn the_roll_loop_rolls_when_the_interval_ends_not_at_the_next_tick() {
+    let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+    let sink = Flaky::new();
+    let settings = PipelineSettings { roll_interval: Duration::from_secs(1), ..Default::default() };
+    let p = Pipeline::builder(sink.clone())
+        .with_settings(settings)
+        .with_clock(Arc::new(clock.clone()))
+        .build()
+        .expect("pipeline");
+    let handle = tokio::spawn(p.run());
+    until_true(|| clock.pending_sleeps() > 0).await;
+    clock.advance(Duration::from_millis(30));
+    p.send(events(1)).expect("send");
+    p.roll().await.expect("a manual roll, off the loop's ticks");
+    let rolled_at = clock.monotonic();
+    p.send(events(1)).expect("send");
+    let appends = || sink.appends.load(Ordering::SeqCst);
+    let first = appends();
+    let mut waited = Duration::ZERO;
+    while appends() == first {
+        assert!(waited < Duration::from_secs(2), "no roll in 2 s of the clock");
+        clock.advance(Duration::from_millis(5));
+        waited += Duration::from_millis(5);
+        until_true(|| clock.pending_sleeps() > 0).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let at = clock.monotonic().saturating_sub(rolled_at);
+    assert!(at >= Duration::from_secs(1), "rolled before the interval ended: {at:?}");
+    assert!(at <= Duration::from_millis(1010), "rolled {at:?} after the last roll, not when the interval ended");
+    drop(p);
+    handle.abort();
+}
+
 /// A send the durable log cannot take (here: locked by another connection past its busy
 /// timeout) counts in `rejected`, as its metric says; it counted nothing.
 #[tokio::test]

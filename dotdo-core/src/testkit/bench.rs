@@ -5,7 +5,9 @@
 //! where `ratio = ours / baseline` in `unit` and `baseline_kind` is `"same_run"`. Where no peer
 //! can run ([`record_goal`]: a restore, a pipeline's end-to-end lag), the baseline is a goal or
 //! bound and `baseline_kind` says `"goal"`; beside a figure given for reference only (a
-//! predecessor's, [`record_reference`]) it says `"reference"`. Rows are printed and appended as JSON lines to the file
+//! predecessor's, [`record_reference`]) it says `"reference"`. A same-run row whose baseline could
+//! not be measured (a peer that is unavailable or skipped, or a row with none, given as 0) says
+//! `"none"`, with a `null` baseline and ratio. Rows are printed and appended as JSON lines to the file
 //! named by `DOTDO_BENCH_JSONL` (`scripts/bench` sets it and merges the lines into
 //! `target/bench/results.json`).
 //!
@@ -180,7 +182,20 @@ pub fn record_reference(name: &str, unit: &str, ours: f64, reference_name: &str,
     write_row(name, unit, ours, reference_name, reference, "reference");
 }
 
+/// Whether the run skips the benchmarks' peers (`DOTDO_BENCH_NO_PEER` set and not empty, as
+/// `scripts/bench` reads it).
+pub fn no_peer() -> bool {
+    std::env::var_os("DOTDO_BENCH_NO_PEER").is_some_and(|v| !v.is_empty())
+}
+
 fn write_row(name: &str, unit: &str, ours: f64, baseline_name: &str, baseline: f64, kind: &str) {
+    // No baseline measured: not a same-run comparison (a reader filtering on "same_run" took 0
+    // as the peer's figure).
+    let (kind, baseline) = if kind == "same_run" && !(baseline.is_finite() && baseline != 0.0) {
+        ("none", f64::NAN)
+    } else {
+        (kind, baseline)
+    };
     let ratio = if baseline == 0.0 { f64::NAN } else { ours / baseline };
     let goal = match kind {
         "goal" => "goal ",
@@ -199,15 +214,13 @@ fn write_row(name: &str, unit: &str, ours: f64, baseline_name: &str, baseline: f
         json_str(kind)
     );
     if let Ok(path) = std::env::var("DOTDO_BENCH_JSONL") {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
-        match file {
-            Ok(mut f) => {
-                if let Err(e) = writeln!(f, "{row}") {
-                    eprintln!("cannot append to {path}: {e}");
-                }
-            }
-            Err(e) => eprintln!("cannot open {path}: {e}"),
-        }
+        // A row that cannot be written fails the benchmark: `results.json` silently lacked it.
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+        writeln!(f, "{row}").unwrap_or_else(|e| panic!("cannot append to {path}: {e}"));
     }
 }
 
