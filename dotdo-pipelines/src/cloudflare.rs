@@ -16,9 +16,10 @@
 //! a stream with a schema checks records afterwards, and drops those that do not fit it); 408,
 //! 429 and 5xx (but 501 and 505, which no retry changes) are transient (retried after the
 //! backoff, or after the answer's `Retry-After` seconds if longer, up to [`MAX_RETRY_AFTER`]).
-//! Of those, a 5xx other than 503 (not handled) and Cloudflare's 521-523, 525 and 526 (the edge
+//! Of those, a 5xx other than 503 (not handled) and Cloudflare's 521, 523, 525 and 526 (the edge
 //! never reached the origin) may come after the records were taken, and leaves the events'
-//! fate unknown. 401/403 mean a bad token; 404 (`NotFound`) no stream at the endpoint; 413 a
+//! fate unknown. A TLS client refusing the endpoint (its certificate, or an answer that is no
+//! TLS) is `InvalidInput`, not retried. 401/403 mean a bad token; 404 (`NotFound`) no stream at the endpoint; 413 a
 //! request too large. A 2xx whose JSON body says
 //! `"success": false` is a refusal, and one whose `result.committed` is not the count sent an
 //! `AmbiguousOutcome` (a body of no such shape, or none, reads as accepted). Each event is sent in the
@@ -396,13 +397,14 @@ impl CloudflareStreamClient {
                             // Not implemented / HTTP version not supported: no retry can succeed.
                             501 | 505 => Error::backend(msg).with_retryable(false),
                             // The server says it did not handle the request (503), or
-                            // Cloudflare's edge never reached the origin (521 down, 522/523
+                            // Cloudflare's edge never reached the origin (521 down, 523
                             // unreachable, 525/526 TLS): nothing was taken.
-                            408 | 429 | 503 | 521 | 522 | 523 | 525 | 526 => Error::unavailable(msg),
+                            408 | 429 | 503 | 521 | 523 | 525 | 526 => Error::unavailable(msg),
                             // Any other server or gateway error (500, 502, 504, Cloudflare's 520
-                            // "unknown" and 524 "the origin took it and timed out", ...) may
-                            // come after the stream took the records: retried, but the events
-                            // may be there.
+                            // "unknown", 522 "timed out", which Cloudflare also answers when the
+                            // origin did not acknowledge a request it was sent, and 524 "the
+                            // origin took it and timed out", ...) may come after the stream took
+                            // the records: retried, but the events may be there.
                             500..=599 => {
                                 *uncertain = true;
                                 Error::unavailable(msg)
@@ -428,9 +430,22 @@ impl CloudflareStreamClient {
                         }
                     }
                 }
-                // No connection (refused, DNS, TLS handshake): nothing was sent.
+                // No connection (refused, DNS, TLS handshake): nothing was sent. A TLS client
+                // refusing the endpoint (a certificate it does not accept: a private CA, an
+                // intercepting proxy, another name; or an answer that is no TLS, an `https://`
+                // URL for a plain-HTTP server) is configuration: no retry changes it (it was a
+                // retryable `Unavailable`, retried up to `max_retries` on every send).
                 Err(e) if e.is_connect() => {
-                    Error::unavailable(format!("stream endpoint {} unreachable", self.endpoint)).with_source(e)
+                    if tls_refused(&e) {
+                        Error::invalid(format!(
+                            "stream endpoint {}: the TLS client refused the server (its certificate, or an \
+                             answer that is no TLS)",
+                            self.endpoint
+                        ))
+                        .with_source(e)
+                    } else {
+                        Error::unavailable(format!("stream endpoint {} unreachable", self.endpoint)).with_source(e)
+                    }
                 }
                 // Sent, or partly sent, and no answer (a timeout, a connection closed before
                 // the reply): the stream may have taken the records.
@@ -466,6 +481,21 @@ impl CloudflareStreamClient {
 /// The longest wait for a connection to the endpoint (10 s, or half the request timeout if
 /// shorter).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the TLS client refused the server while connecting (rustls: a certificate it does not
+/// accept; or an answer that is no TLS at all, "received corrupt message"), by the error's whole
+/// source chain.
+fn tls_refused(e: &reqwest::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if text.contains("invalid peer certificate") || text.contains("received corrupt message") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
 
 /// Whether `url`'s host is this machine: `localhost` or a loopback address.
 fn is_loopback(url: &reqwest::Url) -> bool {

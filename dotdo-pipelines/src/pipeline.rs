@@ -830,7 +830,16 @@ impl Pipeline {
     /// (by its caller) while a sink committed the batch, or an attempt of a commit had an
     /// unknown outcome (also when later attempts failed otherwise): that commit may still land, and the events are not handed out until a roll
     /// settles it (call `roll`, then again). Likewise for a batch an earlier process claimed
-    /// (a durable log's), until each of its routes has answered a roll of this process.
+    /// (a durable log's), until each of its routes has answered a roll of this process. A later
+    /// roll's refusal for good settles it: with the SQL catalog an earlier request can no longer
+    /// land then (its pointer swap names the exact metadata it was built on), but a REST catalog
+    /// checks only the table and its head snapshot, and an earlier request still queued there may
+    /// land after, say, credentials revoked or another engine's schema change refused the later
+    /// one: the events then land as they were, and their re-send, under the same sequence
+    /// numbers if the sink has not moved on, is skipped as a replay (the re-sent version is
+    /// lost), or else lands beside them (twice). A claimed batch whose log rows are damaged
+    /// (`Corrupt`, as every roll answers) cannot be taken out: it needs repair of the log file by
+    /// hand (docs/errors.md, "A pipeline log whose claimed batch is damaged").
     pub async fn take_refused(&self) -> Result<Vec<(String, Event)>> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;

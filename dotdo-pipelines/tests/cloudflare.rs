@@ -2,7 +2,7 @@
 //! endpoint's protocol (POST a JSON array, Bearer token, 2xx accepted, 408/429/5xx transient, 3xx refused,
 //! 401 bad token, 413 too large).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -302,10 +302,18 @@ async fn lost_replies_and_gateway_errors_are_ambiguous_not_unreachable() {
     assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
     server.fail_next.store(0, Ordering::SeqCst);
     for _ in 0..6 {
+        server.status_next.lock().push("523 Origin Is Unreachable");
+    }
+    let e = client.send(&events(1, 10)).await.expect_err("523s");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    // 522 is also what Cloudflare answers when the origin did not acknowledge a request it was
+    // sent: the records may be there.
+    server.status_next.lock().clear();
+    for _ in 0..6 {
         server.status_next.lock().push("522 Connection Timed Out");
     }
     let e = client.send(&events(1, 10)).await.expect_err("522s");
-    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    assert_eq!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
     server.status_next.lock().clear();
     // An answer committing fewer records than sent: some may be there, and no retry tells.
     let before = server.requests.load(Ordering::SeqCst);
@@ -422,6 +430,27 @@ async fn size_limits_unreachable_endpoints_and_bad_urls() {
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
     let e = client.send(&events(1, 4000)).await.expect_err("server says 413");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    // An `https://` endpoint whose server speaks no TLS: the TLS client refuses it, a
+    // configuration error tried once (it was a retryable `Unavailable`, tried `max_retries`
+    // times on every send).
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let plain_port = plain.local_addr().expect("addr").port();
+    let hellos = Arc::new(AtomicU64::new(0));
+    let seen = hellos.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in plain.incoming() {
+            let Ok(mut conn) = conn else { return };
+            seen.fetch_add(1, Ordering::SeqCst);
+            let _ = conn.read(&mut [0u8; 1024]);
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    let s = CloudflareSettings { max_retries: 2, ..settings() };
+    let c = CloudflareStreamClient::new(&format!("https://127.0.0.1:{plain_port}/"), None, s).expect("client");
+    let e = c.send(&events(1, 10)).await.expect_err("no TLS there");
+    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::InvalidInput, false), "{e}");
+    assert_eq!(hellos.load(Ordering::SeqCst), 1, "tried once");
     // A closed port on loopback: retryable Unavailable after bounded retries.
     let (_refusing, port) = dotdo_core::testkit::refused_port();
     let s = CloudflareSettings { max_retries: 2, ..settings() };

@@ -530,14 +530,15 @@ async fn damaged_claimed_sequence_numbers_are_corrupt() {
         }
         sink.stalled.store(false, Ordering::SeqCst);
         rusqlite::Connection::open(&log).expect("log").execute(damage, []).expect(what);
-        // The pipeline opens (for inspection and `take_refused`), the claim due at once; the
-        // roll reports the damage.
+        // The pipeline opens (for inspection), the claim due at once; the roll reports the
+        // damage, and so does `take_refused` (the batch cannot be taken out: a repair by hand).
         let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("opens over a damaged claim");
         assert!(p.roll_due(), "{what}: the claimed batch is due");
         let e = p.roll().await.expect_err(what);
         assert_eq!(e.kind(), &ErrorKind::Corrupt, "{what}: {e}");
         assert!(e.to_string().contains("pipeline log row"), "{what}: names the row: {e}");
         assert!(committed(&sink.inner, 1).await.is_empty(), "{what}: nothing committed");
+        assert_eq!(p.take_refused().await.expect_err(what).kind(), &ErrorKind::Corrupt, "{what}");
     }
 }
 
