@@ -19,11 +19,12 @@ macro_rules! text_column {
 }
 pub(crate) use text_column;
 
-/// A value column as the store reads it: a blob, or text's bytes (never cut at a NUL); an
-/// integer or real stays one (not a value any writer stores: `Corrupt`, as in dotdo-sqlite).
+/// A value column as the store reads it: a blob; text, an integer or a real (not a value any
+/// writer stores) reads as NULL, which [`blob`] refuses (`Corrupt`, as dotdo-sqlite, whose
+/// rusqlite reads a blob only; text's bytes were read as the value).
 macro_rules! value_column {
     ($c:literal) => {
-        concat!("CASE WHEN typeof(", $c, ") IN ('blob', 'text') THEN CAST(", $c, " AS BLOB) ELSE ", $c, " END")
+        concat!("CASE WHEN typeof(", $c, ") = 'blob' THEN ", $c, " END")
     };
 }
 pub(crate) use value_column;
@@ -111,14 +112,14 @@ pub(crate) const ACQUIRE: &str = concat!(
     "INSERT INTO do_locks (do_id, node_id, acquired_at, expires_at, fencing_token) \
      SELECT ?1, ?2, ?3, ?4, next FROM (SELECT 1 + max(coalesce((SELECT fencing_token FROM do_locks WHERE do_id = ?1), 0), \
      coalesce((SELECT max_token FROM do_objects WHERE do_id = ?1), 0)) AS next) WHERE next <= ?5 \
-     AND NOT EXISTS (SELECT 1 FROM do_objects WHERE do_id = ?1 AND typeof(max_token) <> 'integer') \
+     AND NOT EXISTS (SELECT 1 FROM do_objects WHERE do_id = ?1 AND (typeof(max_token) <> 'integer' OR max_token < 0)) \
      ON CONFLICT (do_id) DO UPDATE SET node_id = excluded.node_id, acquired_at = excluded.acquired_at, \
      expires_at = excluded.expires_at, fencing_token = excluded.fencing_token WHERE do_locks.expires_at <= ?3 \
      AND typeof(do_locks.expires_at) = 'integer' AND typeof(do_locks.acquired_at) = 'integer' \
      AND typeof(do_locks.fencing_token) = 'integer' AND do_locks.fencing_token BETWEEN 0 AND ",
     max_seq!(),
     " AND typeof(do_locks.node_id) = 'text' AND length(CAST(do_locks.node_id AS BLOB)) BETWEEN 1 AND 128 \
-     AND do_locks.node_id NOT GLOB '*[^A-Za-z0-9._:-]*'"
+     AND do_locks.node_id NOT GLOB '*[^A-Za-z0-9._:-]*' AND instr(CAST(do_locks.node_id AS BLOB), X'00') = 0"
 );
 /// The first step of every fenced program: fold the lease's token into `do_objects.max_token`
 /// (raise only), so that the steps after it may fence against `do_objects` alone. An acquire
@@ -270,12 +271,12 @@ pub(crate) fn int_not_null(v: Option<&Value>) -> libsql::Result<i64> {
     }
 }
 
-/// A value column's bytes (a blob, or text as dotdo-sqlite reads it). A NULL is no value (a
-/// deletion's change stores an empty blob): damage, not an empty value (it was read as one).
+/// A value column's bytes (a blob, as dotdo-sqlite reads it; see [`value_column`]). A NULL is
+/// no value (a deletion's change stores an empty blob): damage, not an empty value (it was read
+/// as one).
 pub(crate) fn blob(v: Option<&Value>) -> libsql::Result<Vec<u8>> {
     match v {
         Some(Value::Blob(b)) => Ok(b.clone()),
-        Some(Value::Text(s)) => Ok(s.clone().into_bytes()),
         _ => Err(libsql::Error::InvalidColumnType),
     }
 }
@@ -284,7 +285,6 @@ pub(crate) fn blob(v: Option<&Value>) -> libsql::Result<Vec<u8>> {
 pub(crate) fn blob_owned(v: Value) -> libsql::Result<Vec<u8>> {
     match v {
         Value::Blob(b) => Ok(b),
-        Value::Text(s) => Ok(s.into_bytes()),
         _ => Err(libsql::Error::InvalidColumnType),
     }
 }

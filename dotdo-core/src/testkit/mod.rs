@@ -675,6 +675,9 @@ pub const DAMAGED_EXPIRED_LEASE_ROWS: &[(&str, &str)] = &[
     ("text acquired_at", "UPDATE do_locks SET acquired_at = 'x' WHERE do_id = ?1"),
     ("real expires_at", "UPDATE do_locks SET expires_at = 1.5 WHERE do_id = ?1"),
     ("text token maximum", "UPDATE do_objects SET max_token = 'x' WHERE do_id = ?1"),
+    ("negative token maximum", "UPDATE do_objects SET max_token = -3 WHERE do_id = ?1"),
+    // SQLite's GLOB stops at a NUL: a pattern check of the holder passed the part before it.
+    ("holder with a NUL", "UPDATE do_locks SET node_id = 'n1' || char(0) || 'x' WHERE do_id = ?1"),
     // Above `FencingToken::MAX`: no token so high is ever issued (the next acquire's token would
     // be `LimitExceeded`, the object locked for good).
     ("token above the largest ever issued", "UPDATE do_locks SET fencing_token = 17592186044416 WHERE do_id = ?1"),
@@ -750,6 +753,8 @@ pub const DAMAGED_CHANGE_ROWS: &[(&str, &str)] = &[
     ("type name that is not UTF-8", "UPDATE do_changes SET type = CAST(X'FF' AS TEXT) WHERE do_id = ?1"),
     ("op code that is text, not UTF-8", "UPDATE do_changes SET op = CAST(X'FF' AS TEXT) WHERE do_id = ?1"),
     ("value that is an integer", "UPDATE do_changes SET value = 5 WHERE do_id = ?1"),
+    // dotdo stores values as blobs: rusqlite refuses text for one, and libsql read its bytes.
+    ("value that is text", "UPDATE do_changes SET value = 'v' WHERE do_id = ?1"),
     ("value over 2 MiB", "UPDATE do_changes SET value = zeroblob(2097153) WHERE do_id = ?1"),
     ("empty type name", "UPDATE do_changes SET type = '' WHERE do_id = ?1"),
     ("sequence number above the largest", "UPDATE do_changes SET seq = 17592186044416 WHERE do_id = ?1"),
