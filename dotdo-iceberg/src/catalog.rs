@@ -691,8 +691,23 @@ impl<'a> PinnedCatalog<'a> {
             let _ = staged.file_io().delete(&new).await;
             return Err(e);
         }
+        // The files iceberg's own commit wrote before it (the new snapshot's manifest list and
+        // the manifests it added: iceberg deletes neither when the commit fails) go with the
+        // metadata file if the swap certainly did not land.
+        let mut written = vec![new.clone()];
+        for snap in staged.metadata().snapshots().filter(|s| base_md.snapshot_by_id(s.snapshot_id()).is_none()) {
+            written.push(snap.manifest_list().to_string());
+            if let Ok(list) = staged.manifest_list_reader(snap).load().await {
+                written.extend(
+                    list.entries()
+                        .iter()
+                        .filter(|m| m.added_snapshot_id == snap.snapshot_id())
+                        .map(|m| m.manifest_path.clone()),
+                );
+            }
+        }
         self.sent.store(true, std::sync::atomic::Ordering::SeqCst);
-        swap.swap_or_clean(staged.file_io(), &ident, &base, &new, vec![new.clone()]).await?;
+        swap.swap_or_clean(staged.file_io(), &ident, &base, &new, written).await?;
         Ok(staged)
     }
 }
@@ -760,10 +775,34 @@ impl std::error::Error for NotLanded {
     }
 }
 
-/// Whether `e` is a commit error whose pointer swap certainly did not land ([`NotLanded`], or
-/// [`NotSent`]: never sent).
+/// Whether `e` is a commit error whose pointer swap certainly did not land ([`NotLanded`],
+/// [`Throttled`], or [`NotSent`]: never sent).
 pub(crate) fn did_not_land(e: &iceberg::Error) -> bool {
-    in_chain::<NotLanded>(e) || in_chain::<NotSent>(e)
+    in_chain::<NotLanded>(e) || in_chain::<NotSent>(e) || in_chain::<Throttled>(e)
+}
+
+/// The source of a commit's error when the catalog refused it for now, applying nothing (a REST
+/// 408 or 429): sent again while the append's attempts last, not counted as a catalog failing
+/// commits (a throttling catalog ended an append after two refusals).
+#[derive(Debug)]
+pub(crate) struct Throttled(pub(crate) Error);
+
+impl std::fmt::Display for Throttled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the catalog refused the commit for now: {}", self.0)
+    }
+}
+
+impl std::error::Error for Throttled {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Whether `e` is a commit error that does not count as a catalog failing commits: never sent
+/// ([`NotSent`]), or refused for now ([`Throttled`]).
+pub(crate) fn not_counted(e: &iceberg::Error) -> bool {
+    in_chain::<NotSent>(e) || in_chain::<Throttled>(e)
 }
 
 /// Whether `e` or one of its sources is a `T`.
@@ -788,11 +827,6 @@ impl std::error::Error for NotSent {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&self.0)
     }
-}
-
-/// Whether `e` is a commit error from before anything was sent ([`NotSent`]).
-pub(crate) fn not_sent(e: &iceberg::Error) -> bool {
-    in_chain::<NotSent>(e)
 }
 
 /// `e` as the iceberg error of a commit that failed before it was sent.
@@ -918,10 +952,16 @@ forwarding_catalog!(PinnedCatalog<'_>, inner,
                 // Refused before anything was applied (a REST 3xx or 4xx answer, a table that
                 // is not there): no unknown outcome to read back and send again, up to every
                 // attempt (a 403 ended `AmbiguousOutcome` after 16 commits).
+                // A 408 or 429 (the catalog busy: retryable) is sent again while the append's
+                // attempts last, not counted as a catalog failing commits.
                 if crate::error::refused_unapplied(&e) {
                     let refused = crate::error::classify(e, "a commit the catalog refused");
-                    return iceberg::Error::new(iceberg::ErrorKind::Unexpected, "the catalog refused the commit")
-                        .with_source(NotLanded(refused));
+                    let outer = iceberg::Error::new(iceberg::ErrorKind::Unexpected, "the catalog refused the commit");
+                    return if refused.is_retryable() {
+                        outer.with_source(Throttled(refused))
+                    } else {
+                        outer.with_source(NotLanded(refused))
+                    };
                 }
                 e.with_retryable(false)
             })

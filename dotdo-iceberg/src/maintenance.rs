@@ -218,6 +218,11 @@ impl IcebergColdStore {
             if expired.is_empty() {
                 return Ok(ExpireReport { expired: landed, retained: total });
             }
+            // Whether a failed attempt certainly did not land (its ids are then not `unsure`): on
+            // the SQL path every failure but `AmbiguousOutcome` (the pointer read back at its
+            // base); through another catalog, a failure it marks so (refused by status, never
+            // sent).
+            let mut did_not_land = self.inner.verifier.is_some();
             let committed = if self.inner.verifier.is_some() {
                 // Exactly the snapshots computed above, on exactly the metadata they were computed
                 // from (the pointer swap fails if the table changed). iceberg's expire action
@@ -268,10 +273,10 @@ impl IcebergColdStore {
                     .retain_last(1)
                     .apply(tx)
                     .map_err(|e| classify(e, &what))?;
-                crate::error::iceberg_panic_is_corrupt(&table, tx.commit(&pinned))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| classify(e, &what))
+                crate::error::iceberg_panic_is_corrupt(&table, tx.commit(&pinned)).await.map(|_| ()).map_err(|e| {
+                    did_not_land = crate::catalog::did_not_land(&e);
+                    classify(e, &what)
+                })
             };
             match committed {
                 Ok(()) => {
@@ -292,9 +297,10 @@ impl IcebergColdStore {
                     }
                     // It may have landed (a reply lost, which a catalog may report as a broken
                     // connection): its snapshots gone at the next attempt were expired by it. Not
-                    // after a `Conflict`: that attempt did not land (another writer's commit
-                    // did, and may have expired them itself).
-                    if err.kind() != &ErrorKind::Conflict {
+                    // after a `Conflict`, or a failure known not to have landed (another writer's
+                    // commit may have expired them itself).
+                    let unknown = err.kind() == &ErrorKind::AmbiguousOutcome || !did_not_land;
+                    if unknown && err.kind() != &ErrorKind::Conflict {
                         for &id in &expired {
                             if !unsure.contains(&id) {
                                 unsure.push(id);

@@ -1729,13 +1729,13 @@ impl IcebergColdStore {
                     };
                 }
                 Err(e) if crate::catalog::did_not_land(&e) => {
-                    let sent = !crate::catalog::not_sent(&e);
+                    let counted = !crate::catalog::not_counted(&e);
                     let err = classify(e, &format!("committing to {}", self.inner.ident));
                     tracing::debug!(attempt, error = %err, "cold commit failed and did not land");
-                    // Failed before it was sent (a store in trouble while writing the manifests):
-                    // retried while attempts last, as an unknown outcome was, not counted as a
-                    // catalog failing commits.
-                    failed_commits += u32::from(sent);
+                    // Failed before it was sent (a store in trouble while writing the manifests),
+                    // or refused for now (a REST 408 or 429): retried while attempts last, as an
+                    // unknown outcome was, not counted as a catalog failing commits.
+                    failed_commits += u32::from(counted);
                     // Prepared on a known table that may be stale: its head's manifest list,
                     // which the commit reads, may be gone to another store's cleanup (`Corrupt`).
                     // Judged once against the catalog's current table: if that moved on, this

@@ -1311,6 +1311,32 @@ async fn an_expiry_of_unknown_outcome_that_cannot_be_read_back_is_ambiguous() {
     assert_eq!(cold.load_state(&o, AsOf::Latest).await.expect("state").entries.len(), 1);
 }
 
+/// An expiry whose attempt certainly did not land (its metadata file's write failed: the file is
+/// deleted, the pointer not moved) and whose table then cannot be read is the load's retryable
+/// `Unavailable`, not `AmbiguousOutcome`: nothing may have been expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_that_certainly_did_not_land_is_not_ambiguous_when_the_table_cannot_be_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (recorded, cold) = recorded_local_store(dir.path()).await;
+    let o = ObjectId::new("o").expect("id");
+    puts(&cold, &o, 3).await;
+    *recorded.lose_puts_of.lock() = Some((".metadata.json".to_string(), 1));
+    // From the failed write on, the table's metadata cannot be read (the store in trouble).
+    let outage = recorded.clone();
+    *recorded.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".to_string(),
+        Box::pin(async move {
+            *outage.fail_reads_of.lock() = Some(".metadata.json".into());
+        }),
+    ));
+    let e = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("the table cannot be read");
+    assert_eq!(recorded.lost_replies.load(Ordering::SeqCst), 1, "the write ran and its reply was lost");
+    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
+    *recorded.fail_reads_of.lock() = None;
+    let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("once the store answers");
+    assert_eq!(report.expired.len(), 2, "{report:?}");
+}
+
 /// A user table `u.events` (one `Int32` column) on [`switched_store`]'s catalog, a batch of three
 /// rows for it, and the catalog.
 async fn user_table_on_a_switched_catalog(
@@ -1611,6 +1637,59 @@ async fn a_stalled_user_table_append_does_not_commit_its_stale_file() {
         let n: usize = user.read_all().await.expect("read").iter().map(|b| b.num_rows()).sum();
         assert_eq!(n, 1, "{version:?}");
     }
+}
+
+/// On a format-version 1 table (iceberg's own append path, through the SQL catalog's pointer
+/// swap), an append that loses its swap to another writer leaves no manifest list or manifest
+/// behind: iceberg writes them before the swap and deletes neither (only the metadata file was
+/// deleted; they stayed until a cleanup found them old enough).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_swap_on_a_v1_table_leaves_no_manifests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
+    let arrow = arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
+    let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
+    let ns = iceberg::NamespaceIdent::new("u".into());
+    cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
+    let creation = iceberg::TableCreation::builder()
+        .name("events".into())
+        .schema(schema)
+        .format_version(iceberg::spec::FormatVersion::V1)
+        .build();
+    cold.catalog().create_table(&ns, creation).await.expect("a version 1 table");
+    let (recorded, user, rows, other) = recorded_user_table_and_another_writer(dir.path(), 3, None).await;
+    user.append("s", 1, vec![rows(1)]).await.expect("first");
+    // The other writer commits while this one writes its new metadata file (after its
+    // manifests and list): its pointer swap is lost.
+    let (o, second) = (other.clone(), rows(2));
+    *recorded.before_put.lock() = Some(common::PutHook(
+        ".metadata.json".into(),
+        Box::pin(async move {
+            o.append("t", 1, vec![second]).await.expect("the other writer");
+        }),
+    ));
+    recorded.puts.lock().clear();
+    user.append("s", 2, vec![rows(3)]).await.expect("committed after a lost swap");
+    let lists = recorded.puts.lock().iter().filter(|p| p.contains("/snap-")).count();
+    assert!(lists >= 2, "the first attempt lost its swap and a second was made: {lists} manifest lists written");
+    let table = cold.catalog().load_table(user.ident()).await.expect("load");
+    let mut referenced = std::collections::HashSet::new();
+    for snap in table.metadata().snapshots() {
+        referenced.insert(snap.manifest_list().rsplit('/').next().expect("name").to_string());
+        let list = table.manifest_list_reader(snap).load().await.expect("list");
+        for m in list.entries() {
+            referenced.insert(m.manifest_path.rsplit('/').next().expect("name").to_string());
+        }
+    }
+    let on_disk: Vec<String> = common::files_ending_with(dir.path(), ".avro")
+        .into_iter()
+        .filter(|f| f.to_string_lossy().contains("events"))
+        .map(|f| f.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    let orphans: Vec<&String> = on_disk.iter().filter(|f| !referenced.contains(*f)).collect();
+    assert!(orphans.is_empty(), "files of the lost attempt left: {orphans:?}");
+    let n: usize = user.read_all().await.expect("read").iter().map(|b| b.num_rows()).sum();
+    assert_eq!(n, 3);
 }
 
 /// A commit without a snapshot (an expiry) whose metadata file was written but whose write

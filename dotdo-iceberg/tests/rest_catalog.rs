@@ -288,7 +288,7 @@ async fn a_commit_to_a_rest_catalog_that_refuses_connections_did_not_land() {
 /// A REST catalog (or a proxy in front of it) answering a commit with a status that says it was
 /// not applied: a 403 fails the append at once (one request, `Backend`, not retryable: it was
 /// sent again on every attempt and ended `AmbiguousOutcome`) and leaves no data file; a 429 is
-/// sent again and lands once; a 302 is not followed (reqwest turned the POST into a GET, whose
+/// sent again while the append's attempts last (three in a row here) and lands once; a 302 is not followed (reqwest turned the POST into a GET, whose
 /// answer, the table unchanged, was taken as the commit's) and fails as `InvalidInput`, for the
 /// change table and a user table alike. Each batch lands once afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,15 +320,17 @@ async fn commits_a_rest_catalog_refuses_by_status_did_not_land() {
     assert_eq!(table_counts(&server, "kit.answered").0, 1);
     assert_eq!(parquet(), 1, "the refused commit's data files are deleted");
 
-    server.control("POST", "/control/answer-next-commit/429");
-    let c = store.append(batch(2)).await.expect("throttled once, then committed");
+    // Throttled three times in a row (a throttling catalog: more than the two failed commits an
+    // append accepts from a catalog failing them), then committed.
+    server.control("POST", "/control/answer-next-commit/429/3");
+    let c = store.append(batch(2)).await.expect("throttled three times, then committed");
     assert_eq!(c.records_written, 1);
-    assert_eq!(answered(), 2);
+    assert_eq!(answered(), 4);
 
     server.control("POST", "/control/answer-next-commit/302");
     let e = store.append(batch(3)).await.expect_err("a redirect is not a commit");
     assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
-    assert_eq!(answered(), 3);
+    assert_eq!(answered(), 5);
     assert_eq!(store.append(batch(3)).await.expect("once the server answers").records_written, 1);
     let seqs: Vec<u64> =
         store.read_changes(&o, 0, AsOf::Latest).await.expect("changes").iter().map(|c| c.seq).collect();
@@ -340,7 +342,7 @@ async fn commits_a_rest_catalog_refuses_by_status_did_not_land() {
     server.control("POST", "/control/answer-next-commit/302");
     let e = user.append("s", 1, vec![rows.clone()]).await.expect_err("a redirect is not a commit");
     assert_eq!(e.kind(), &dotdo_core::ErrorKind::InvalidInput, "{e}");
-    assert_eq!(answered(), 4);
+    assert_eq!(answered(), 6);
     assert_eq!(user.append("s", 1, vec![rows]).await.expect("once the server answers").rows, 3);
     assert_eq!(user.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
 }

@@ -600,7 +600,7 @@ mod tests {
         let r = std::panic::catch_unwind(|| {
             output_within(
                 Command::new("sh").args(["-c", "echo partial; exec sleep 60"]),
-                Duration::from_millis(300),
+                Duration::from_secs(3),
                 "sleeper",
             )
         });

@@ -10,8 +10,8 @@ Test controls (not part of the protocol):
   POST /control/fail-next-commit   the next table commit is not applied: its connection is
                                    closed before the request is read (a connection that broke
                                    on the way there)
-  POST /control/answer-next-commit/<status>
-                                   the next table commit is not applied: it is answered with
+  POST /control/answer-next-commit/<status>[/<times>]
+                                   the next table commit (or <times> of them) is not applied: it is answered with
                                    <status> (a 3xx redirects to the same path; a 4xx or 5xx
                                    carries an Iceberg error model), as a proxy or a server
                                    refusing it would
@@ -149,10 +149,10 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 state[armed[parts[0]]] = True
             return self.reply(200, {})
-        if len(parts) == 2 and parts[0] == "answer-next-commit" and self.command == "POST":
+        if len(parts) in (2, 3) and parts[0] == "answer-next-commit" and self.command == "POST":
             self.body()
             with lock:
-                state["answer_next"] = int(parts[1])
+                state["answer_next"] = (int(parts[1]), int(parts[2]) if len(parts) == 3 else 1)
             return self.reply(200, {})
         if parts == ["stats"]:
             with lock:
@@ -219,7 +219,8 @@ class Handler(BaseHTTPRequestHandler):
                 # Not applied, not answered: the connection breaks before the request is read.
                 return self.drop_connection()
             if state["answer_next"] is not None:
-                code, state["answer_next"] = state["answer_next"], None
+                code, times = state["answer_next"]
+                state["answer_next"] = (code, times - 1) if times > 1 else None
                 state["answered"] += 1
                 self.body()
                 if 300 <= code < 400:
