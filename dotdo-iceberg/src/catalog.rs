@@ -691,24 +691,42 @@ impl<'a> PinnedCatalog<'a> {
             let _ = staged.file_io().delete(&new).await;
             return Err(e);
         }
-        // The files iceberg's own commit wrote before it (the new snapshot's manifest list and
-        // the manifests it added: iceberg deletes neither when the commit fails) go with the
-        // metadata file if the swap certainly did not land.
-        let mut written = vec![new.clone()];
-        for snap in staged.metadata().snapshots().filter(|s| base_md.snapshot_by_id(s.snapshot_id()).is_none()) {
-            written.push(snap.manifest_list().to_string());
-            if let Ok(list) = staged.manifest_list_reader(snap).load().await {
-                written.extend(
-                    list.entries()
-                        .iter()
-                        .filter(|m| m.added_snapshot_id == snap.snapshot_id())
-                        .map(|m| m.manifest_path.clone()),
-                );
+        self.sent.store(true, std::sync::atomic::Ordering::SeqCst);
+        let swapped = swap.swap_or_clean(staged.file_io(), &ident, &base, &new, vec![new.clone()]).await;
+        if let Err(e) = &swapped {
+            // Lost, or failed for certain: the files iceberg's own commit wrote before it (the
+            // new snapshot's manifest list and the manifests it added; iceberg deletes neither)
+            // go with the metadata file. (Read only then: a commit that lands reads nothing
+            // more.)
+            if e.kind() == iceberg::ErrorKind::CatalogCommitConflicts || did_not_land(e) {
+                delete_new_snapshot_files(&staged, base_md).await;
             }
         }
-        self.sent.store(true, std::sync::atomic::Ordering::SeqCst);
-        swap.swap_or_clean(staged.file_io(), &ident, &base, &new, written).await?;
+        swapped?;
         Ok(staged)
+    }
+}
+
+/// Delete the manifest list of each snapshot of `staged` that `base` lacks, and the manifests
+/// that snapshot added (best effort: a list that cannot be read leaves its manifests to a
+/// cleanup), for a commit that certainly did not land.
+async fn delete_new_snapshot_files(staged: &Table, base: &iceberg::spec::TableMetadata) {
+    let mut files = Vec::new();
+    for snap in staged.metadata().snapshots().filter(|s| base.snapshot_by_id(s.snapshot_id()).is_none()) {
+        if let Ok(list) = staged.manifest_list_reader(snap).load().await {
+            files.extend(
+                list.entries()
+                    .iter()
+                    .filter(|m| m.added_snapshot_id == snap.snapshot_id())
+                    .map(|m| m.manifest_path.clone()),
+            );
+        }
+        files.push(snap.manifest_list().to_string());
+    }
+    for f in files {
+        if let Err(e) = staged.file_io().delete(&f).await {
+            tracing::debug!(file = %f, error = %e, "could not delete an unreferenced commit file");
+        }
     }
 }
 

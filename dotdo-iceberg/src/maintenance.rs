@@ -274,6 +274,9 @@ impl IcebergColdStore {
                     .apply(tx)
                     .map_err(|e| classify(e, &what))?;
                 crate::error::iceberg_panic_is_corrupt(&table, tx.commit(&pinned)).await.map(|_| ()).map_err(|e| {
+                    // (Marked not sent if it failed before reaching the catalog: the check that
+                    // the table is unmoved, a reload refused.)
+                    let e = pinned.mark(e);
                     did_not_land = crate::catalog::did_not_land(&e);
                     classify(e, &what)
                 })

@@ -1337,6 +1337,29 @@ async fn an_expiry_that_certainly_did_not_land_is_not_ambiguous_when_the_table_c
     assert_eq!(report.expired.len(), 2, "{report:?}");
 }
 
+/// Through another catalog than SQL, an expiry attempt that failed before it reached the catalog
+/// (the check that the table is unmoved could not read it) and whose table then cannot be read
+/// is the load's retryable `Unavailable`: nothing was sent, so nothing may have been expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_never_sent_is_not_ambiguous_when_the_table_cannot_be_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cold, slot) = switched_store(dir.path()).await;
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let catalog = slot.lock().clone().expect("catalog built");
+    // The expiry's own load goes through; the check before its commit and every load after fail.
+    *catalog.fail_loads_after.lock() = Some(1);
+    let e = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect_err("the table cannot be read");
+    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
+    catalog.fail_loads.store(false, Ordering::SeqCst);
+    let report = cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("once the catalog answers");
+    assert_eq!(report.expired.len(), 2, "{report:?}");
+}
+
 /// A user table `u.events` (one `Int32` column) on [`switched_store`]'s catalog, a batch of three
 /// rows for it, and the catalog.
 async fn user_table_on_a_switched_catalog(

@@ -802,6 +802,9 @@ pub struct LossyCatalog {
     /// Once a commit's reply is lost (armed or random), every `load_table` fails from then on
     /// (`fail_loads`): the table that would tell whether it landed cannot be read.
     pub fail_loads_after_lost: std::sync::atomic::AtomicBool,
+    /// Let this many more `load_table` calls through, then fail every one from then on
+    /// (`fail_loads`).
+    pub fail_loads_after: parking_lot::Mutex<Option<u32>>,
     /// `(loads, change)`: after letting `loads` more `load_table` calls through, at the next
     /// one or at the next commit, whichever comes first, another engine changes the table (see
     /// [`ForeignChange`]): a table that moved since its caller loaded it.
@@ -886,6 +889,17 @@ impl iceberg::Catalog for LossyCatalog {
         self.inner.create_table(n, c).await
     }
     async fn load_table(&self, t: &iceberg::TableIdent) -> iceberg::Result<iceberg::table::Table> {
+        {
+            let mut after = self.fail_loads_after.lock();
+            match after.as_mut() {
+                Some(0) => {
+                    *after = None;
+                    self.fail_loads.store(true, Ordering::SeqCst);
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
+        }
         if self.fail_loads.load(Ordering::SeqCst) && self.loads_fail_for_good.load(Ordering::SeqCst) {
             return Err(iceberg::Error::new(
                 iceberg::ErrorKind::DataInvalid,
@@ -1098,6 +1112,7 @@ fn lossy_catalog(
                 late_landed: Default::default(),
                 conflict_then_fail_loads: Default::default(),
                 fail_loads_after_lost: Default::default(),
+                fail_loads_after: Default::default(),
                 foreign_change: Default::default(),
             });
             *slot.lock() = Some(c.clone());
