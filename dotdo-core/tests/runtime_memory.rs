@@ -3502,12 +3502,10 @@ async fn an_eager_restore_never_installs_state_older_than_its_watermark() {
     }
 }
 
-/// A guard that does not floor its tokens at the hot store's (the builder requires it to)
-/// grants a lease below cold storage's token, and raising the hot store's floor to cold's is
-/// refused: the hot store already accepted a higher token. That is the guard's lost state,
-/// `Corrupt` saying so; the call was answered `Fenced`, as if another holder had the object.
-#[tokio::test]
-async fn a_guard_below_the_hot_stores_tokens_is_corrupt_not_fenced() {
+/// A world whose object "o" was written under token 5 (its lease's token plus 4), drained to
+/// cold storage and evicted, and whose hot store has since accepted token 7: a guard that lost its
+/// lease state (a new one) issues tokens below both.
+async fn tokens_past_a_forgetful_guard() -> (World, ObjectId) {
     let w = World::new();
     let o = oid("o");
     let x = w.hot.acquire(&o, &NodeId::new("x").expect("node"), TTL).await.expect("acquire");
@@ -3519,6 +3517,16 @@ async fn a_guard_below_the_hot_stores_tokens_is_corrupt_not_fenced() {
     w.hot.evict(&o, five).await.expect("evicted");
     let seven = FencingToken::new(five.get() + 2);
     w.hot.write(&o, seven, WriteBatch::new("T")).await.expect("the hot store accepts a higher token");
+    (w, o)
+}
+
+/// A guard that does not floor its tokens at the hot store's (the builder requires it to)
+/// grants a lease below cold storage's token, and raising the hot store's floor to cold's is
+/// refused: the hot store already accepted a higher token. That is the guard's lost state,
+/// `Corrupt` saying so; the call was answered `Fenced`, as if another holder had the object.
+#[tokio::test]
+async fn a_guard_below_the_hot_stores_tokens_is_corrupt_not_fenced() {
+    let (w, o) = tokens_past_a_forgetful_guard().await;
     let forgetful = MemoryBackend::with_clock(Arc::new(w.clock.clone()));
     let rt = ObjectRuntime::builder(NodeId::new("b").expect("valid"))
         .with_hot_store(Arc::new(w.hot.clone()))
@@ -3539,16 +3547,7 @@ async fn a_guard_below_the_hot_stores_tokens_is_corrupt_not_fenced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::disallowed_methods)] // real time: the clock ticks while the call waits
 async fn a_hung_lease_check_after_a_refused_token_floor_ends_after_a_ttl() {
-    let w = World::new();
-    let o = oid("o");
-    let x = w.hot.acquire(&o, &NodeId::new("x").expect("node"), TTL).await.expect("acquire");
-    let five = FencingToken::new(x.token.get() + 4);
-    w.hot.put(&o, five, "T", "n", "1".into()).await.expect("put under a higher token");
-    let changes = w.hot.read_changes(&o, 0, 100).await.expect("changes");
-    w.cold.append(ColdBatch::single(o.clone(), five, changes)).await.expect("cold has it");
-    w.hot.truncate_changes(&o, five, 1).await.expect("drained");
-    w.hot.evict(&o, five).await.expect("evicted");
-    w.hot.write(&o, FencingToken::new(five.get() + 2), WriteBatch::new("T")).await.expect("a higher token");
+    let (w, o) = tokens_past_a_forgetful_guard().await;
     let forgetful = World {
         clock: w.clock.clone(),
         hot: MemoryBackend::with_clock(Arc::new(w.clock.clone())),

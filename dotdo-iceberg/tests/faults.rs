@@ -1293,11 +1293,7 @@ async fn an_expiry_of_unknown_outcome_that_cannot_be_read_back_is_ambiguous() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cold, slot) = switched_store(dir.path()).await;
     let o = ObjectId::new("o").expect("id");
-    for seq in 1..=3 {
-        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
-            .await
-            .expect("append");
-    }
+    puts(&cold, &o, 3).await;
     let catalog = slot.lock().clone().expect("catalog built");
     catalog.fail_loads_after_lost.store(true, Ordering::SeqCst);
     catalog.switch.arm();
@@ -1345,11 +1341,7 @@ async fn an_expiry_never_sent_is_not_ambiguous_when_the_table_cannot_be_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cold, slot) = switched_store(dir.path()).await;
     let o = ObjectId::new("o").expect("id");
-    for seq in 1..=3 {
-        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![put(&o, seq, "k", "v", 1)]))
-            .await
-            .expect("append");
-    }
+    puts(&cold, &o, 3).await;
     let catalog = slot.lock().clone().expect("catalog built");
     // The expiry's own load goes through; the check before its commit and every load after fail.
     *catalog.fail_loads_after.lock() = Some(1);
@@ -1630,14 +1622,7 @@ async fn a_stalled_user_table_append_does_not_commit_its_stale_file() {
         let clock = dotdo_core::ManualClock::new(dotdo_core::SystemClock::new().now());
         if version == iceberg::spec::FormatVersion::V1 {
             let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-            let arrow =
-                arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
-            let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
-            let ns = iceberg::NamespaceIdent::new("u".into());
-            cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
-            let creation =
-                iceberg::TableCreation::builder().name("events".into()).schema(schema).format_version(version).build();
-            cold.catalog().create_table(&ns, creation).await.expect("a version 1 table");
+            common::create_v1_events_table(&cold).await;
         }
         let (recorded, user, rows, _other) =
             recorded_user_table_and_another_writer(dir.path(), 3, Some(clock.clone())).await;
@@ -1670,16 +1655,7 @@ async fn a_stalled_user_table_append_does_not_commit_its_stale_file() {
 async fn a_lost_swap_on_a_v1_table_leaves_no_manifests() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8")).build().await.expect("open");
-    let arrow = arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
-    let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
-    let ns = iceberg::NamespaceIdent::new("u".into());
-    cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
-    let creation = iceberg::TableCreation::builder()
-        .name("events".into())
-        .schema(schema)
-        .format_version(iceberg::spec::FormatVersion::V1)
-        .build();
-    cold.catalog().create_table(&ns, creation).await.expect("a version 1 table");
+    common::create_v1_events_table(&cold).await;
     let (recorded, user, rows, other) = recorded_user_table_and_another_writer(dir.path(), 3, None).await;
     user.append("s", 1, vec![rows(1)]).await.expect("first");
     // The other writer commits while this one writes its new metadata file (after its

@@ -1933,17 +1933,9 @@ async fn the_last_commit_property_is_not_read_for_a_head_rolled_back_past_it() {
 /// A format-v1 user table `u.events` (one `id` column) made as another engine would, its
 /// handle, and a batch of two rows for it.
 async fn v1_user_table(cold: &IcebergColdStore) -> (dotdo_iceberg::ArrowTable, arrow_array::RecordBatch) {
-    let arrow = arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
-    let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
-    let ns = iceberg::NamespaceIdent::new("u".into());
-    cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
-    let creation = iceberg::TableCreation::builder()
-        .name("events".into())
-        .schema(schema)
-        .format_version(iceberg::spec::FormatVersion::V1)
-        .build();
-    cold.catalog().create_table(&ns, creation).await.expect("a version 1 table");
-    let arrow = Arc::new(arrow);
+    common::create_v1_events_table(cold).await;
+    let arrow =
+        Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]));
     let user = cold.arrow_table(&["u"], "events", arrow.clone()).await.expect("user table");
     let rows = arrow_array::RecordBatch::try_new(arrow, vec![Arc::new(arrow_array::Int32Array::from(vec![1, 2]))])
         .expect("batch");

@@ -1136,3 +1136,19 @@ pub async fn live_rows(cold: &dotdo_iceberg::IcebergColdStore) -> u64 {
     }
     rows
 }
+
+/// Create the table `u.events` of one non-null `id` column (`Int32`) in format version 1 through
+/// `cold`'s catalog, as another engine would (dotdo creates version 2 tables).
+#[allow(dead_code)] // not every test binary including this module uses it
+pub async fn create_v1_events_table(cold: &dotdo_iceberg::IcebergColdStore) {
+    let arrow = arrow_schema::Schema::new(vec![arrow_schema::Field::new("id", arrow_schema::DataType::Int32, false)]);
+    let schema = iceberg::arrow::arrow_schema_to_schema_auto_assign_ids(&arrow).expect("schema");
+    let ns = iceberg::NamespaceIdent::new("u".into());
+    cold.catalog().create_namespace(&ns, Default::default()).await.expect("namespace");
+    let creation = iceberg::TableCreation::builder()
+        .name("events".into())
+        .schema(schema)
+        .format_version(iceberg::spec::FormatVersion::V1)
+        .build();
+    cold.catalog().create_table(&ns, creation).await.expect("a version 1 table");
+}
