@@ -723,8 +723,14 @@ async fn delete_new_snapshot_files(staged: &Table, base: &iceberg::spec::TableMe
         }
         files.push(snap.manifest_list().to_string());
     }
+    delete_quietly(staged.file_io(), files).await;
+}
+
+/// Best-effort deletion of a failed commit's files through `io` (nothing references them; one
+/// that cannot be deleted is left to a cleanup).
+async fn delete_quietly(io: &iceberg::io::FileIO, files: Vec<String>) {
     for f in files {
-        if let Err(e) = staged.file_io().delete(&f).await {
+        if let Err(e) = io.delete(&f).await {
             tracing::debug!(file = %f, error = %e, "could not delete an unreferenced commit file");
         }
     }
@@ -746,13 +752,7 @@ impl SqlVerifier {
         new: &str,
         written: Vec<String>,
     ) -> iceberg::Result<()> {
-        let delete = |written: Vec<String>| async move {
-            for f in written {
-                if let Err(e) = io.delete(&f).await {
-                    tracing::debug!(file = %f, error = %e, "could not delete an unreferenced commit file");
-                }
-            }
-        };
+        let delete = |written: Vec<String>| delete_quietly(io, written);
         match self.swap_resolved(ident, base, new).await {
             Ok(Swapped::Landed) => Ok(()),
             Ok(Swapped::Lost) => {

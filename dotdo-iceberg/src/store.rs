@@ -1320,11 +1320,9 @@ impl IcebergColdStore {
     /// had an unknown outcome. Otherwise they stay for the cleanup (a request that timed out may
     /// still land).
     async fn discard_unlanded(&self, written: Option<Written>, last: &Attempt, maybe_landed: bool) {
-        // `First`: the files were written and no commit naming them was sent (a checkpoint that
-        // could not be written).
-        if let (Some((_, _, files, _)), Attempt::Conflict | Attempt::Failed(_) | Attempt::First, false) =
-            (written, last, maybe_landed)
-        {
+        // (`First`: the files were written and no commit naming them was sent, a checkpoint that
+        // could not be written.)
+        if let (Some((_, _, files, _)), false, false) = (written, matches!(last, Attempt::Unknown(_)), maybe_landed) {
             self.delete_files(files.iter().map(|f| f.file_path().to_string()).collect()).await;
         }
     }

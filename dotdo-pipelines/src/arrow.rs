@@ -686,9 +686,7 @@ impl ArrowPipeline {
     /// How long until the roll interval, counted from the last roll's start, ends (zero once it
     /// has).
     fn interval_left(&self) -> std::time::Duration {
-        let inner = &self.inner;
-        let since = inner.clock.monotonic().saturating_sub(*inner.last_roll.lock());
-        inner.settings.roll_interval.saturating_sub(since)
+        self.inner.settings.interval_left(&*self.inner.clock, *self.inner.last_roll.lock())
     }
 
     /// Whether a roll is due (interval elapsed with rows waiting, a row/byte threshold hit, or
@@ -702,7 +700,7 @@ impl ArrowPipeline {
                 || b.bytes >= inner.settings.roll_bytes
                 || inner.settings.half_full(b.waiting(), b.waiting_bytes())
                 || b.claimed.is_some()
-                || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
+                || self.interval_left().is_zero())
     }
 
     /// Roll now: commit a claimed batch left by an earlier attempt or process, then everything

@@ -501,9 +501,7 @@ impl Pipeline {
     /// How long until the roll interval, counted from the last roll's start, ends (zero once it
     /// has).
     fn interval_left(&self) -> std::time::Duration {
-        let inner = &self.inner;
-        let since = inner.clock.monotonic().saturating_sub(*inner.last_roll.lock());
-        inner.settings.roll_interval.saturating_sub(since)
+        self.inner.settings.interval_left(&*self.inner.clock, *self.inner.last_roll.lock())
     }
 
     /// Whether a roll is due (interval elapsed with events waiting, a row/byte threshold hit, the
@@ -519,7 +517,7 @@ impl Pipeline {
                 || bytes >= inner.settings.roll_bytes
                 || inner.settings.half_full(events, bytes)
                 || inner.own_claim.lock().is_some()
-                || inner.clock.monotonic().saturating_sub(*inner.last_roll.lock()) >= inner.settings.roll_interval)
+                || self.interval_left().is_zero())
     }
 
     /// Roll now: commit everything waiting (in batches of at most `roll_rows` events and about

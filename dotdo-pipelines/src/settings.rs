@@ -132,6 +132,12 @@ impl PipelineSettings {
         !matches!(self.durability, Durability::Durable(_))
     }
 
+    /// How long until the roll interval, counted from the last roll's start `last_roll` (on
+    /// `clock`'s monotonic time), ends: zero once it has.
+    pub(crate) fn interval_left(&self, clock: &dyn dotdo_core::Clock, last_roll: Duration) -> Duration {
+        self.roll_interval.saturating_sub(clock.monotonic().saturating_sub(last_roll))
+    }
+
     /// How often a roll loop checks whether a roll is due.
     pub(crate) fn tick(&self) -> Duration {
         (self.roll_interval / 4).clamp(Duration::from_millis(1), Duration::from_millis(50))
