@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use dotdo_core::{ChangeRecord, Error, FencingToken, ObjectId, Op, Result, Timestamp};
@@ -23,11 +24,24 @@ pub(crate) struct Row {
     pub(crate) event: Event,
 }
 
-/// A claimed batch: rows with sequence numbers, in send order.
+/// A claimed batch: rows with sequence numbers, in send order. The rows are shared: the memory
+/// log keeps its batch for a retry without copying it under its lock (sends wait for that lock).
 #[derive(Clone, Debug)]
 pub(crate) struct Claimed {
     pub(crate) id: u64,
-    pub(crate) rows: Vec<(String, ChangeRecord)>,
+    pub(crate) rows: Arc<Vec<(String, ChangeRecord)>>,
+}
+
+impl Claimed {
+    /// A batch of `rows`.
+    pub(crate) fn new(id: u64, rows: Vec<(String, ChangeRecord)>) -> Self {
+        Claimed { id, rows: Arc::new(rows) }
+    }
+
+    /// The rows, owned: copied only if the log still holds them (the memory log's batch).
+    pub(crate) fn into_rows(self) -> Vec<(String, ChangeRecord)> {
+        Arc::try_unwrap(self.rows).unwrap_or_else(|rows| (*rows).clone())
+    }
 }
 
 /// Assigns the next sequence number of (route, object), or `None` if unknown yet.
@@ -174,16 +188,16 @@ impl<L: Log> Log for NamedLog<L> {
     }
 }
 
-fn record(e: &Event, seq: u64, token: FencingToken) -> ChangeRecord {
+fn record(e: Event, seq: u64, token: FencingToken) -> ChangeRecord {
     ChangeRecord {
-        object: e.object.clone(),
+        object: e.object,
         seq,
-        key: e.key.clone(),
+        key: e.key,
         op: Op::Put,
-        value: e.value.clone(),
+        value: e.value,
         token,
         timestamp: e.timestamp,
-        type_name: e.type_name.clone(),
+        type_name: e.type_name,
     }
 }
 
@@ -266,12 +280,17 @@ impl Log for MemoryLog {
     }
 
     fn next_objects(&self, max: usize) -> Result<Vec<(String, ObjectId)>> {
-        let keys: Vec<(String, ObjectId)> = {
-            let st = self.state.lock();
-            st.rows.iter().take(max).map(|r| (r.route.clone(), r.event.object.clone())).collect()
-        };
-        // Outside the lock: sends go on meanwhile.
-        Ok(distinct_in_order(keys))
+        // Under the lock (sends wait for it), but copying only the distinct keys: a copy of
+        // every waiting row's key held sends for milliseconds at each roll.
+        let st = self.state.lock();
+        let mut seen = std::collections::HashSet::new();
+        Ok(st
+            .rows
+            .iter()
+            .take(max)
+            .filter(|r| seen.insert((r.route.as_str(), &r.event.object)))
+            .map(|r| (r.route.clone(), r.event.object.clone()))
+            .collect())
     }
 
     fn claim(
@@ -285,7 +304,8 @@ impl Log for MemoryLog {
         if st.claimed.is_some() {
             return Err(Error::backend("a claimed batch is still unacknowledged"));
         }
-        let mut rows = Vec::new();
+        // Sized once: growing a batch of 47k rows copied it over and over under the lock.
+        let mut rows = Vec::with_capacity(max.min(st.rows.len()));
         let mut bytes = 0usize;
         while rows.len() < max {
             let Some(front) = st.rows.front() else { break };
@@ -295,20 +315,23 @@ impl Log for MemoryLog {
             }
             let Some(seq) = next_seq(&front.route, &front.event.object) else { break };
             let r = st.rows.pop_front().expect("front exists");
-            rows.push((r.route, record(&r.event, seq, token)));
+            rows.push((r.route, record(r.event, seq, token)));
         }
         if rows.is_empty() {
             return Ok(None);
         }
         st.next_batch += 1;
-        let c = Claimed { id: st.next_batch, rows };
+        // Moved, not copied, and kept shared: sends wait while the claim holds the lock (a
+        // copy of a 47k-row batch held them for 20 ms, an event's lag for as long).
+        let c = Claimed::new(st.next_batch, rows);
         st.claimed = Some(c.clone());
         Ok(Some(c))
     }
 
     fn ack(&self, id: u64) -> Result<()> {
         let mut st = self.state.lock();
-        if let Some(c) = st.claimed.take_if(|c| c.id == id) {
+        let acked = st.claimed.take_if(|c| c.id == id);
+        if let Some(c) = &acked {
             let bytes: usize = c
                 .rows
                 .iter()
@@ -316,6 +339,9 @@ impl Log for MemoryLog {
                 .sum();
             self.depth.sub(c.rows.len(), bytes);
         }
+        drop(st);
+        // The batch is freed after unlocking: sends wait for the lock.
+        drop(acked);
         Ok(())
     }
 
@@ -732,7 +758,7 @@ impl SqliteLog {
             for (row_id, route, e, _) in rows {
                 let Some(seq) = next_seq(&route, &e.object) else { break };
                 upd.execute(params![row_id, id, seq]).map_err(|e| sql(e, "claim"))?;
-                out.push((route, record(&e, seq, token)));
+                out.push((route, record(e, seq, token)));
             }
         }
         if out.is_empty() {
@@ -744,7 +770,7 @@ impl SqliteLog {
         )
         .map_err(|e| sql(e, "claim"))?;
         tx.commit().map_err(|e| sql(e, "claim commit"))?;
-        Ok(Some(Claimed { id, rows: out }))
+        Ok(Some(Claimed::new(id, out)))
     }
 }
 
@@ -910,9 +936,9 @@ impl Log for SqliteLog {
                     )
                 )));
             }
-            out.push((route, record(&e, seq, token)));
+            out.push((route, record(e, seq, token)));
         }
-        Ok(Some(Claimed { id, rows: out }))
+        Ok(Some(Claimed::new(id, out)))
     }
 
     fn routes(&self) -> Result<Vec<String>> {

@@ -190,7 +190,7 @@ impl PipelineBuilder {
                 routes,
                 transform: self.transform,
                 clock,
-                next_seq: Mutex::new(HashMap::new()),
+                next_seq: Mutex::new(SeqCounters::default()),
                 own_claim: Mutex::new(inherited),
                 roll_lock: futures::lock::Mutex::new(()),
                 commits: Default::default(),
@@ -224,7 +224,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// Next sequence number per (route, object), learned from the sink's watermark and advanced
     /// by claims. The pipeline owns these objects' sequence numbers.
-    next_seq: Mutex<HashMap<(String, ObjectId), u64>>,
+    next_seq: Mutex<SeqCounters>,
     /// The claimed batch this process is committing and has not acknowledged yet, with the
     /// routes whose commit of it is counted already (see [`OwnClaim`]).
     own_claim: Mutex<Option<OwnClaim>>,
@@ -296,6 +296,54 @@ fn learn_window(settings: &PipelineSettings) -> usize {
 
 /// See [`learn_window`].
 const MAX_LEARN_WINDOW: usize = 65_536;
+
+/// The next sequence number of each (route, object) a roll has learned, looked up without
+/// building a key: a claim looks up every event it takes, under the log's lock (a key of a
+/// copied route and object per event was most of a claim's time).
+#[derive(Default)]
+struct SeqCounters {
+    by_route: HashMap<String, HashMap<ObjectId, u64>>,
+    len: usize,
+}
+
+impl SeqCounters {
+    fn get(&self, route: &str, object: &ObjectId) -> Option<u64> {
+        self.by_route.get(route)?.get(object).copied()
+    }
+
+    fn get_mut(&mut self, route: &str, object: &ObjectId) -> Option<&mut u64> {
+        self.by_route.get_mut(route)?.get_mut(object)
+    }
+
+    /// The counter of (`route`, `object`), set to `next` if not known yet.
+    fn insert_if_absent(&mut self, route: &str, object: ObjectId, next: u64) -> &mut u64 {
+        // A route's name copied per object learned, not per event claimed.
+        let objects = self.by_route.entry(route.to_string()).or_default();
+        let mut added = false;
+        let slot = objects.entry(object).or_insert_with(|| {
+            added = true;
+            next
+        });
+        self.len += usize::from(added);
+        slot
+    }
+
+    /// The counter of (`route`, `object`), raised to `next` if below it or not known.
+    fn raise_to(&mut self, route: &str, object: &ObjectId, next: u64) {
+        let slot = self.insert_if_absent(route, object.clone(), next);
+        *slot = (*slot).max(next);
+    }
+
+    /// How many counters are known.
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.by_route.clear();
+        self.len = 0;
+    }
+}
 
 /// A claimed batch being committed (see `Inner::own_claim`). A roll dropped by its caller after
 /// a route's commit landed, or failed on a later route, leaves it, and the next roll commits the
@@ -578,7 +626,7 @@ impl Pipeline {
                     // `take_refused` takes such events out.
                     let mut exhausted: Option<(ObjectId, u64)> = None;
                     let mut next = |route: &str, object: &ObjectId| -> Option<u64> {
-                        let slot = seqs.get_mut(&(route.to_string(), object.clone()))?;
+                        let slot = seqs.get_mut(route, object)?;
                         let s = *slot;
                         if s > dotdo_core::MAX_SEQ {
                             exhausted = Some((object.clone(), s));
@@ -622,9 +670,12 @@ impl Pipeline {
             taken = taken.saturating_add(claimed.rows.len().max(1));
             let sw = Stopwatch::start(inner.clock.clone());
             let oldest = claimed.rows.iter().map(|(_, r)| r.timestamp).min();
-            let mut by_route: BTreeMap<String, BTreeMap<ObjectId, Vec<ChangeRecord>>> = BTreeMap::new();
-            for (route, r) in claimed.rows {
-                by_route.entry(route).or_default().entry(r.object.clone()).or_default().push(r);
+            // Grouped by reference: each attempt's batch is copied from the claimed rows (which
+            // the memory log shares, keeping them for a retry), once, as it is sent.
+            let (claim_id, rows) = (claimed.id, claimed.rows);
+            let mut by_route: BTreeMap<&str, BTreeMap<&ObjectId, Vec<&ChangeRecord>>> = BTreeMap::new();
+            for (route, r) in rows.iter() {
+                by_route.entry(route.as_str()).or_default().entry(&r.object).or_default().push(r);
             }
             // Routes whose commit a dropped roll left open go first: their answer settles it (a
             // route refused for good ahead of them would keep every roll from reaching them,
@@ -638,13 +689,17 @@ impl Pipeline {
             // answering, and `take_refused` answered `Conflict` for ever).
             let mut failed: Option<Error> = None;
             for (route, objects) in routes {
-                let batch = ColdBatch {
+                let batch = || ColdBatch {
                     objects: objects
-                        .into_iter()
-                        .map(|(object, records)| ObjectChanges { object, token: inner.settings.token, records })
+                        .iter()
+                        .map(|(object, records)| ObjectChanges {
+                            object: (*object).clone(),
+                            token: inner.settings.token,
+                            records: records.iter().map(|r| (*r).clone()).collect(),
+                        })
                         .collect(),
                 };
-                let commit = match self.append_resolving(&route, batch).await {
+                let commit = match self.append_resolving(route, batch).await {
                     Ok(c) => c,
                     Err(e) => {
                         failed.get_or_insert(e);
@@ -653,7 +708,7 @@ impl Pipeline {
                 };
                 // Counted as it lands: a later route or batch of this roll may still fail.
                 let (written, replayed) =
-                    self.count_landed(claimed.id, &route, commit.records_written, commit.records_skipped);
+                    self.count_landed(claim_id, route, commit.records_written, commit.records_skipped);
                 inner.counters.committed.fetch_add(written, Ordering::Relaxed);
                 inner.counters.replayed.fetch_add(replayed, Ordering::Relaxed);
                 // A commit of this roll, also one an earlier attempt landed, its answer lost
@@ -663,15 +718,13 @@ impl Pipeline {
                 report.events = report.events.saturating_add(written);
                 report.replayed = report.replayed.saturating_add(replayed);
                 for (object, wm) in &commit.watermarks {
-                    let mut seqs = inner.next_seq.lock();
-                    let slot = seqs.entry((route.clone(), object.clone())).or_insert(wm.through.saturating_add(1));
-                    *slot = (*slot).max(wm.through.saturating_add(1));
+                    inner.next_seq.lock().raise_to(route, object, wm.through.saturating_add(1));
                 }
             }
             if let Some(e) = failed {
                 return Err(e);
             }
-            inner.log.ack(claimed.id)?;
+            inner.log.ack(claim_id)?;
             *inner.own_claim.lock() = None;
             // With no claim outstanding every assigned sequence number is in the sink, so the
             // counters can be learned again from its watermarks: forget them rather than keep
@@ -735,7 +788,7 @@ impl Pipeline {
         {
             let seqs = inner.next_seq.lock();
             for (route, object) in objects {
-                if !seqs.contains_key(&(route.clone(), object.clone())) {
+                if seqs.get(&route, &object).is_none() {
                     unknown.entry(route).or_default().push(object);
                 }
             }
@@ -744,7 +797,7 @@ impl Pipeline {
             let wms = self.watermarks(&route, &objects).await?;
             let mut seqs = inner.next_seq.lock();
             for (object, wm) in objects.into_iter().zip(wms) {
-                seqs.entry((route.clone(), object)).or_insert(wm.through.saturating_add(1));
+                seqs.insert_if_absent(&route, object, wm.through.saturating_add(1));
             }
         }
         Ok(())
@@ -756,9 +809,8 @@ impl Pipeline {
         let inner = &self.inner;
         self.learn_next_seqs().await?;
         let seqs = inner.next_seq.lock();
-        let mut stuck = |route: &str, object: &ObjectId| {
-            seqs.get(&(route.to_string(), object.clone())).is_some_and(|s| *s > dotdo_core::MAX_SEQ)
-        };
+        let mut stuck =
+            |route: &str, object: &ObjectId| seqs.get(route, object).is_some_and(|s| s > dotdo_core::MAX_SEQ);
         let rows = inner.log.take_stuck(inner.settings.roll_rows, inner.settings.roll_bytes, &mut stuck)?;
         Ok(rows.into_iter().map(|r| (r.route, r.event)).collect())
     }
@@ -767,10 +819,12 @@ impl Pipeline {
         self.inner.routes.get(route).ok_or_else(|| Error::invalid(format!("unknown route {route:?}")))
     }
 
-    async fn append_resolving(&self, route: &str, batch: ColdBatch) -> Result<dotdo_core::ColdCommit> {
+    /// Commit `batch()` (built for each attempt) to `route`'s sink, retried (see
+    /// [`retry`](crate::settings::retry)), its answer noted for the route (see `CommitWatch`).
+    async fn append_resolving(&self, route: &str, batch: impl Fn() -> ColdBatch) -> Result<dotdo_core::ColdCommit> {
         let sink = self.sink(route)?;
         self.inner.commits.start(route);
-        let (out, unknown) = crate::settings::retry(&*self.inner.clock, || sink.append(batch.clone())).await;
+        let (out, unknown) = crate::settings::retry(&*self.inner.clock, || sink.append(batch())).await;
         // Not reached if this roll is dropped while the sink commits.
         self.inner.commits.end(route, &out, unknown);
         out
@@ -847,11 +901,12 @@ impl Pipeline {
             inner.commits.refuse_if_inherited_unanswered(claimed.id, claimed.rows.iter().map(|(r, _)| r.as_str()))?;
         }
         let mut by_route: BTreeMap<String, Vec<ChangeRecord>> = BTreeMap::new();
-        for (route, r) in claimed.rows {
+        let claim_id = claimed.id;
+        for (route, r) in claimed.into_rows() {
             by_route.entry(route).or_default().push(r);
         }
         let mut refused = Vec::new();
-        self.own_claim_for(claimed.id);
+        self.own_claim_for(claim_id);
         for (route, records) in by_route {
             let mut objects: Vec<ObjectId> = records.iter().map(|r| r.object.clone()).collect();
             objects.sort();
@@ -868,14 +923,14 @@ impl Pipeline {
                 }
             }
             // Landed events not counted yet are counted as a roll would.
-            let (written, replayed) = self.count_landed(claimed.id, &route, 0, landed);
+            let (written, replayed) = self.count_landed(claim_id, &route, 0, landed);
             inner.counters.committed.fetch_add(written, Ordering::Relaxed);
             inner.counters.replayed.fetch_add(replayed, Ordering::Relaxed);
         }
         // Gone for good, also across a power loss: come back, the events could land beside the
         // caller's own re-send. (A delete whose COMMIT failed with an I/O error is run again
         // by the log, which settles it; an error here leaves the events in the log, claimed.)
-        inner.log.ack_durably(claimed.id)?;
+        inner.log.ack_durably(claim_id)?;
         *inner.own_claim.lock() = None;
         // The taken-out events' sequence numbers never landed: every counter is learned again
         // from the sinks, so that the next events of those objects follow their watermarks.
@@ -927,6 +982,34 @@ impl Pipeline {
     /// with a warning logged, if a durable log cannot be read just now.
     pub fn oldest_pending(&self) -> Option<Timestamp> {
         self.inner.log.oldest()
+    }
+}
+
+#[cfg(test)]
+mod seq_counter_tests {
+    use super::SeqCounters;
+    use dotdo_core::ObjectId;
+
+    /// Counters are per (route, object); a known one is kept by `insert_if_absent` and only
+    /// raised by `raise_to`; `len` counts each pair once (it decides when they are forgotten).
+    #[test]
+    fn counters_are_per_route_and_object_and_only_go_up() {
+        let (a, b) = (ObjectId::new("a").expect("id"), ObjectId::new("b").expect("id"));
+        let mut c = SeqCounters::default();
+        assert_eq!(c.get("", &a), None);
+        *c.insert_if_absent("", a.clone(), 5) += 1;
+        assert_eq!(*c.insert_if_absent("", a.clone(), 1), 6, "a known counter is kept");
+        c.insert_if_absent("r", a.clone(), 2);
+        c.raise_to("", &b, 3);
+        assert_eq!(c.len(), 3);
+        c.raise_to("", &a, 4);
+        assert_eq!(c.get("", &a), Some(6), "raised only");
+        c.raise_to("r", &a, 9);
+        assert_eq!(c.get("r", &a), Some(9));
+        *c.get_mut("", &b).expect("known") += 1;
+        assert_eq!((c.get("", &b), c.get("r", &b), c.len()), (Some(4), None, 3));
+        c.clear();
+        assert_eq!((c.get("", &a), c.len()), (None, 0));
     }
 }
 
