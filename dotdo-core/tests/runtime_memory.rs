@@ -1052,6 +1052,29 @@ async fn auto_flush_after_threshold_and_release_without_keep_warm() {
     assert_eq!(rt.metrics().activations, 3);
 }
 
+/// With `flush_after_changes`, a write does not read the object's info (a pass over its keys in
+/// the SQL stores: ~20 ms per put into an object of 100k keys) until its pending changes may
+/// have reached the threshold; the flushes still come at the threshold.
+#[tokio::test]
+async fn the_auto_flush_check_reads_the_objects_info_only_near_the_threshold() {
+    let w = World::new();
+    let hot = Arc::new(FaultyHot::new(w.hot.clone()));
+    let rt = w.runtime_with_hot("a", hot.clone(), RuntimeSettings { flush_after_changes: 10, ..settings() });
+    let o = oid("o");
+    incr(&rt, &o).await.expect("activates");
+    let reads = || hot.info_reads.load(std::sync::atomic::Ordering::SeqCst);
+    let before = reads();
+    for n in 2..=26 {
+        assert_eq!(incr(&rt, &o).await.expect("incr"), n);
+        let flushed = w.cold.watermark(&o).await.expect("wm").through;
+        assert_eq!(flushed, n / 10 * 10, "after {n} changes");
+    }
+    // Two checks and a drain per ten writes (at 10 and 20: a drain reads the info too, and the
+    // next write's check reads it again), not one read per write.
+    let read = reads() - before;
+    assert!(read <= 10, "{read} object_info reads for 25 writes");
+}
+
 #[test]
 fn builder_requires_components_and_valid_settings() {
     let w = World::new();
@@ -4149,6 +4172,8 @@ async fn a_handler_whose_renewals_keep_failing_ends_at_its_leases_expiry() {
 struct FaultyHot {
     inner: MemoryBackend,
     fail_writes: std::sync::atomic::AtomicU32,
+    /// `object_info` calls so far.
+    info_reads: std::sync::atomic::AtomicUsize,
     after_truncate: parking_lot::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
     /// The most change records any `read_changes` returned.
     most_read: std::sync::atomic::AtomicUsize,
@@ -4202,6 +4227,7 @@ impl FaultyHot {
             honest_evicts: false.into(),
             unreadable_changes: Default::default(),
             failing_truncates: Default::default(),
+            info_reads: 0.into(),
         }
     }
 }
@@ -4258,6 +4284,7 @@ impl HotStore for FaultyHot {
         Ok(())
     }
     async fn object_info(&self, object: &ObjectId) -> Result<Option<ObjectInfo>> {
+        self.info_reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.object_info(object).await
     }
     async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {

@@ -23,7 +23,8 @@ use iceberg::writer::file_writer::ParquetWriterBuilder;
 use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use iceberg::{NamespaceIdent, TableCreation, TableIdent};
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 
 use dotdo_core::{Error, ErrorKind, Result, SnapshotId};
 
@@ -372,6 +373,90 @@ type WrittenFiles = ((uuid::Uuid, i32, i32), Vec<iceberg::spec::DataFile>, crate
 /// encode is single-threaded per file).
 const PARALLEL_WRITE_BYTES: usize = 16 << 20;
 
+/// The longest string or binary value, in bytes, that a user table's Parquet files keep whole
+/// as a column's min/max statistics (and so as its manifest bounds). Parquet's truncated
+/// statistics are inexact, which iceberg-rust drops from the bounds (see [`write_user_files`]),
+/// so the choice is whole or none: whole, a 10 MiB blob was stored three times per row group
+/// (data, footer min, footer max) and twice more in its manifest entry, and a value over
+/// 100 MB made a footer pyarrow refuses to read by default.
+pub(crate) const MAX_STATISTICS_VALUE_BYTES: usize = 256;
+
+/// The Parquet columns (leaves, by path) of `batches` holding a string or binary value longer
+/// than [`MAX_STATISTICS_VALUE_BYTES`]: written without statistics. Leaves are matched to the
+/// Parquet schema in its (depth-first) order; a layout that does not match leaves every
+/// variable-length byte column without statistics.
+fn long_value_columns(batches: &[RecordBatch]) -> Vec<ColumnPath> {
+    let Some(first) = batches.first() else { return Vec::new() };
+    // A schema parquet cannot convert fails the write itself, with its own error.
+    let Ok(descr) = parquet::arrow::ArrowSchemaConverter::new().convert(first.schema().as_ref()) else {
+        return Vec::new();
+    };
+    let mut longest = vec![0usize; descr.num_columns()];
+    for b in batches {
+        let mut leaves = Vec::with_capacity(longest.len());
+        for c in b.columns() {
+            leaf_arrays(c.as_ref(), &mut leaves);
+        }
+        if leaves.len() != longest.len() {
+            return descr
+                .columns()
+                .iter()
+                .filter(|c| c.physical_type() == parquet::basic::Type::BYTE_ARRAY)
+                .map(|c| c.path().clone())
+                .collect();
+        }
+        for (l, a) in longest.iter_mut().zip(leaves) {
+            *l = (*l).max(longest_value(a));
+        }
+    }
+    descr
+        .columns()
+        .iter()
+        .zip(longest)
+        .filter(|(_, l)| *l > MAX_STATISTICS_VALUE_BYTES)
+        .map(|(c, _)| c.path().clone())
+        .collect()
+}
+
+/// The leaf (non-nested) arrays of `a`, depth first: the order of its Parquet columns.
+fn leaf_arrays<'a>(a: &'a dyn arrow_array::Array, out: &mut Vec<&'a dyn arrow_array::Array>) {
+    use arrow_array::cast::AsArray;
+    use arrow_schema::DataType;
+    match a.data_type() {
+        DataType::Struct(_) => a.as_struct().columns().iter().for_each(|c| leaf_arrays(c.as_ref(), out)),
+        DataType::List(_) => leaf_arrays(a.as_list::<i32>().values().as_ref(), out),
+        DataType::LargeList(_) => leaf_arrays(a.as_list::<i64>().values().as_ref(), out),
+        DataType::FixedSizeList(..) => leaf_arrays(a.as_fixed_size_list().values().as_ref(), out),
+        DataType::Map(..) => {
+            let m = a.as_map();
+            leaf_arrays(m.keys().as_ref(), out);
+            leaf_arrays(m.values().as_ref(), out);
+        }
+        _ => out.push(a),
+    }
+}
+
+/// The longest string or binary value of `a` in bytes (0 for other types; values under null
+/// slots or outside a slice count too: an upper bound).
+fn longest_value(a: &dyn arrow_array::Array) -> usize {
+    use arrow_array::cast::AsArray;
+    use arrow_array::OffsetSizeTrait;
+    use arrow_schema::DataType;
+    fn longest<O: OffsetSizeTrait>(offsets: &[O]) -> usize {
+        offsets.windows(2).map(|w| (w[1] - w[0]).as_usize()).max().unwrap_or(0)
+    }
+    match a.data_type() {
+        DataType::Utf8 => longest(a.as_string::<i32>().value_offsets()),
+        DataType::LargeUtf8 => longest(a.as_string::<i64>().value_offsets()),
+        DataType::Binary => longest(a.as_binary::<i32>().value_offsets()),
+        DataType::LargeBinary => longest(a.as_binary::<i64>().value_offsets()),
+        DataType::FixedSizeBinary(n) => usize::try_from(*n).unwrap_or(0),
+        DataType::Utf8View => a.as_string_view().lengths().max().map_or(0, |l| l as usize),
+        DataType::BinaryView => a.as_binary_view().lengths().max().map_or(0, |l| l as usize),
+        _ => 0,
+    }
+}
+
 /// Write `batches` (already labelled with the table's Iceberg schema) as ZSTD Parquet data files
 /// of about `target` bytes into the unpartitioned user table `table`: the files in row order, a
 /// large write in contiguous row ranges encoded in parallel ([`PARALLEL_WRITE_BYTES`]). If any
@@ -391,18 +476,22 @@ pub(crate) async fn write_user_files(
     // Untruncated statistics: parquet truncates string/binary min/max over 64 bytes and marks
     // them inexact, and iceberg-rust then leaves that row group out of the file's manifest
     // bounds, so the bounds would exclude real values and every engine pruning on them (PyIceberg,
-    // Spark, Trino, iceberg-rust's own scans) would skip rows. The cost: long values are stored
-    // whole as bounds in the footer and the manifest.
+    // Spark, Trino, iceberg-rust's own scans) would skip rows. Whole, then, but only up to
+    // `MAX_STATISTICS_VALUE_BYTES`: a column holding a longer value in this write gets none
+    // (see `long_value_columns`).
     // Row groups capped as the change table's are (rows and bytes): parquet's default of 1 Mi
     // rows per group, with no byte cap, made row groups of a GiB of wide rows, held whole in
     // memory by the writer and decoded whole by readers.
     let settings = &store.inner.settings;
-    let props = WriterProperties::builder()
+    let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
         .set_statistics_truncate_length(None)
         .set_max_row_group_row_count(Some(settings.row_group_rows.max(1)))
-        .set_max_row_group_bytes(Some(settings.row_group_bytes.max(1)))
-        .build();
+        .set_max_row_group_bytes(Some(settings.row_group_bytes.max(1)));
+    for column in long_value_columns(batches) {
+        props = props.set_column_statistics_enabled(column, EnabledStatistics::None);
+    }
+    let props = props.build();
     let location = crate::store::data_locations(md);
     // Unpartitioned (checked above), but filed under the table's default spec: a writer without
     // a partition key gave every file spec id 0, which iceberg's own append refuses on a table
@@ -1497,5 +1586,52 @@ mod tests {
         assert_eq!(t.last_batch("s").await.expect("mark survives"), 2);
         let rows: usize = t.read_all().await.expect("read").iter().map(RecordBatch::num_rows).sum();
         assert_eq!(rows, 4, "two foreign rows and two of dotdo's, once each");
+    }
+}
+
+#[cfg(test)]
+mod statistics_tests {
+    use std::sync::Arc;
+
+    use arrow_array::builder::{ListBuilder, MapBuilder, StringBuilder};
+    use arrow_array::{ArrayRef, RecordBatch, StringArray, StructArray};
+    use arrow_schema::{DataType, Field};
+
+    use super::{long_value_columns, MAX_STATISTICS_VALUE_BYTES};
+
+    /// Nested leaves are found by their Parquet paths: a long value in a struct field or a map
+    /// value turns that leaf's statistics off, short leaves keep theirs.
+    #[test]
+    fn long_values_are_found_in_nested_columns() {
+        let long = "x".repeat(MAX_STATISTICS_VALUE_BYTES + 1);
+        let fits = "y".repeat(MAX_STATISTICS_VALUE_BYTES);
+        let st = StructArray::from(vec![
+            (
+                Arc::new(Field::new("a", DataType::Utf8, false)),
+                Arc::new(StringArray::from(vec![fits.as_str()])) as ArrayRef,
+            ),
+            (
+                Arc::new(Field::new("b", DataType::Utf8, false)),
+                Arc::new(StringArray::from(vec![long.as_str()])) as ArrayRef,
+            ),
+        ]);
+        let mut list = ListBuilder::new(StringBuilder::new());
+        list.values().append_value(&long);
+        list.append(true);
+        let mut map = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+        map.keys().append_value("k");
+        map.values().append_value(&long);
+        map.append(true).expect("map");
+        let top = StringArray::from(vec![fits.as_str()]);
+        let b = RecordBatch::try_from_iter(vec![
+            ("top", Arc::new(top) as ArrayRef),
+            ("st", Arc::new(st) as ArrayRef),
+            ("l", Arc::new(list.finish()) as ArrayRef),
+            ("m", Arc::new(map.finish()) as ArrayRef),
+        ])
+        .expect("batch");
+        let paths: Vec<String> = long_value_columns(&[b]).iter().map(|p| p.string()).collect();
+        assert_eq!(paths, ["st.b", "l.list.item", "m.entries.values"]);
+        assert!(long_value_columns(&[]).is_empty());
     }
 }

@@ -1450,6 +1450,98 @@ async fn user_table_bounds_cover_long_values_in_later_row_groups() {
     }
 }
 
+/// A user-table column holding a value over 256 bytes in a write gets no statistics: kept whole,
+/// every large value was stored three times per row group (data, footer min, footer max) and
+/// twice more in its manifest entry (files of 4 MiB blobs came out ~3x their data; a value over
+/// 100 MB made a footer pyarrow refuses). Short columns keep exact bounds that still prune.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_table_long_values_get_no_statistics() {
+    use arrow_array::{Int64Array, LargeBinaryArray, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use futures::TryStreamExt;
+    use iceberg::expr::Reference;
+    use iceberg::spec::Datum;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("n", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("note", DataType::Utf8, false),
+        Field::new("payload", DataType::LargeBinary, false),
+    ]));
+    let t = cold.arrow_table(&["m"], "blobs", schema.clone()).await.expect("table");
+    const BLOB: usize = 4 << 20;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let blobs: Vec<Vec<u8>> = (0..4)
+        .map(|_| {
+            (0..BLOB)
+                .map(|_| {
+                    // xorshift: incompressible bytes, as images or documents are.
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        })
+        .collect();
+    let long_note = "n".repeat(1000);
+    let notes: Vec<&str> = vec!["short", long_note.as_str(), "short", "short"];
+    let b = RecordBatch::try_new(
+        t.schema(),
+        vec![
+            Arc::new(Int64Array::from(vec![0, 1, 2, 3])),
+            Arc::new(StringArray::from(vec!["row-0", "row-1", "row-2", "row-3"])),
+            Arc::new(StringArray::from(notes)),
+            Arc::new(LargeBinaryArray::from(blobs.iter().map(|b| b.as_slice()).collect::<Vec<_>>())),
+        ],
+    )
+    .expect("batch");
+    t.append("s", 1, vec![b]).await.expect("append");
+    let table = cold.catalog().load_table(t.ident()).await.expect("load");
+    let id = |name: &str| table.metadata().current_schema().field_by_name(name).expect("field").id;
+    let head = table.metadata().current_snapshot().expect("head");
+    let list = table.manifest_list_reader(head).load().await.expect("manifest list");
+    let (mut bytes, mut files) = (0u64, 0);
+    for mf in list.entries() {
+        for e in mf.load_manifest(table.file_io()).await.expect("manifest").entries() {
+            let f = e.data_file();
+            bytes += f.file_size_in_bytes();
+            files += 1;
+            for (name, bounded) in [("n", true), ("name", true), ("note", false), ("payload", false)] {
+                assert_eq!(f.lower_bounds().contains_key(&id(name)), bounded, "{name}: lower bound");
+                assert_eq!(f.upper_bounds().contains_key(&id(name)), bounded, "{name}: upper bound");
+            }
+        }
+    }
+    assert!(files > 0);
+    let data = (4 * BLOB) as u64;
+    assert!(bytes < data + data / 2, "{bytes} bytes of files for {data} bytes of values");
+    // Every row is found through filters on both kinds of column (no bounds: no pruning).
+    for (column, probe) in [("name", "row-2"), ("note", long_note.as_str()), ("n", "")] {
+        let filter = match column {
+            "n" => Reference::new("n").equal_to(Datum::long(3)),
+            c => Reference::new(c).equal_to(Datum::string(probe)),
+        };
+        let rows: usize = table
+            .scan()
+            .select(["n"])
+            .with_filter(filter)
+            .build()
+            .expect("scan")
+            .to_arrow()
+            .await
+            .expect("arrow")
+            .try_collect::<Vec<_>>()
+            .await
+            .expect("rows")
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(rows, 1, "{column} = {probe:?}");
+    }
+}
+
 /// Cleanup of a table touches only its own `data/` and `metadata/` files: a table the catalog
 /// placed under its location (`m.changes.nested` lives at `<warehouse>/m/changes/nested`) keeps
 /// every file and stays readable.

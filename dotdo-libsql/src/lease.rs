@@ -113,7 +113,10 @@ impl ConsistencyGuard for LibsqlStore {
                 let now = clock.now();
                 let expires = now.plus(ttl);
                 let step = Step::exec(
-                    "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND node_id = ?3 AND expires_at > ?5",
+                    // Times that are not integers are damage: `Corrupt` below, as every other
+                    // guard call answers (SQL compares text above any integer).
+                    "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 AND node_id = ?3 \
+                     AND expires_at > ?5 AND typeof(expires_at) = 'integer' AND typeof(acquired_at) = 'integer'",
                     vec![
                         t(lease.object.as_str()),
                         i(lease.token.get()),

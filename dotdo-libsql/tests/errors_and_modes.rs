@@ -930,6 +930,39 @@ async fn fenced_calls_on_rows_that_do_not_decode_are_corrupt_and_write_nothing()
     }
 }
 
+/// A live lease row whose times do not decode is `Corrupt` to `refresh`, as to `validate` (and
+/// in dotdo-sqlite), and stays as it is: the refresh's SQL compared a text expiry above the
+/// time, extended the lease and overwrote the damage.
+#[tokio::test]
+async fn a_live_lease_row_whose_times_do_not_decode_is_corrupt_to_refresh() {
+    let n1 = NodeId::new("n1").expect("valid");
+    for transport in [Transport::Auto, Transport::Batch] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, _raw, c) = store_and_raw_connection(&dir.path().join("hot.db"), transport).await;
+        for (i, (what, damage)) in dotdo_core::testkit::DAMAGED_LIVE_LEASE_TIMES.iter().enumerate() {
+            let o = ObjectId::new(format!("o{i}")).expect("valid");
+            let l = s.acquire(&o, &n1, Duration::from_secs(60)).await.expect("acquire");
+            c.execute(damage, [o.as_str()]).await.expect(what);
+            let dump = || async {
+                let mut rows = c
+                    .query(
+                        "SELECT quote(acquired_at) || ' ' || quote(expires_at) FROM do_locks WHERE do_id = ?1",
+                        [o.as_str()],
+                    )
+                    .await
+                    .expect("read the row");
+                let row = rows.next().await.expect("row").expect("a lease row");
+                row.get::<String>(0).expect("text")
+            };
+            let before = dump().await;
+            let e = s.refresh(&l, Duration::from_secs(60)).await.expect_err(what);
+            assert_eq!(e.kind(), &ErrorKind::Corrupt, "{transport:?}, {what}: {e}");
+            assert_eq!(s.validate(&l).await.expect_err(what).kind(), &ErrorKind::Corrupt, "{transport:?}, {what}");
+            assert_eq!(dump().await, before, "{transport:?}, {what}: the damaged row was changed");
+        }
+    }
+}
+
 /// An expired lease row (or token maximum) that does not decode is `Corrupt` to an acquire, as
 /// in dotdo-sqlite, and stays as it is: the acquire's SQL read a text token as 0 and issued
 /// token 1 again (a token issued before), and took over rows dotdo-sqlite refuses.

@@ -243,6 +243,10 @@ struct MemState {
     next_batch: u64,
 }
 
+/// The most rows a memory-log claim reserves room for up front (the pipeline's largest learn
+/// window): a claim of `roll_rows = usize::MAX` reserved room for every waiting event.
+const CLAIM_RESERVE: usize = 65_536;
+
 /// The in-memory log.
 #[derive(Default)]
 pub(crate) struct MemoryLog {
@@ -304,8 +308,10 @@ impl Log for MemoryLog {
         if st.claimed.is_some() {
             return Err(Error::backend("a claimed batch is still unacknowledged"));
         }
-        // Sized once: growing a batch of 47k rows copied it over and over under the lock.
-        let mut rows = Vec::with_capacity(max.min(st.rows.len()));
+        // Sized once: growing a batch of 47k rows copied it over and over under the lock. At
+        // most one learn window: a claim stops at the first object not learned (and a byte
+        // bound or sequence limit may stop it sooner: then the room is given back below).
+        let mut rows = Vec::with_capacity(max.min(st.rows.len()).min(CLAIM_RESERVE));
         let mut bytes = 0usize;
         while rows.len() < max {
             let Some(front) = st.rows.front() else { break };
@@ -319,6 +325,10 @@ impl Log for MemoryLog {
         }
         if rows.is_empty() {
             return Ok(None);
+        }
+        if rows.capacity() > 2 * rows.len() {
+            // Kept as long as the batch stays claimed.
+            rows.shrink_to_fit();
         }
         st.next_batch += 1;
         // Moved, not copied, and kept shared: sends wait while the claim holds the lock (a
@@ -703,6 +713,39 @@ impl SqliteLog {
 }
 
 impl SqliteLog {
+    /// The id of the last row a claim of up to `limit` waiting rows and about `max_bytes` takes,
+    /// if any waits: found by sizes only, a row at a time, so a log that spilled many large
+    /// events is never loaded whole.
+    fn claim_window(tx: &Connection, limit: i64, max_bytes: usize, doing: &str) -> Result<Option<i64>> {
+        let mut sizes = tx
+            .prepare_cached(concat!(
+                "SELECT id, ",
+                row_bytes!(),
+                " FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1"
+            ))
+            .map_err(|e| sql(e, doing))?;
+        let mut it = sizes.query([limit]).map_err(|e| sql(e, doing))?;
+        let (mut last, mut bytes) = (None, 0usize);
+        while let Some(r) = it.next().map_err(|e| sql(e, doing))? {
+            let (id, size): (i64, i64) = (r.get(0).map_err(|e| sql(e, doing))?, r.get(1).map_err(|e| sql(e, doing))?);
+            bytes = bytes.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+            if last.is_some() && bytes > max_bytes {
+                break;
+            }
+            last = Some(id);
+        }
+        Ok(last)
+    }
+
+    /// The waiting rows a claim of up to `limit` rows ending at row `last` takes (each checked).
+    fn claimable_rows(tx: &Connection, limit: i64, last: i64) -> rusqlite::Result<Vec<LogRow>> {
+        Self::rows_of(
+            tx,
+            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL AND id <= ?2 ORDER BY id LIMIT ?1",
+            &[&limit, &last],
+        )
+    }
+
     /// Claim up to `max` waiting rows, and about `max_bytes`, in one transaction on `conn`.
     fn claim_in(
         conn: &mut Connection,
@@ -717,36 +760,8 @@ impl SqliteLog {
         let tx =
             conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| sql(e, "claim"))?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        // First the last row within the byte bound (sizes only, a row at a time), so a log that
-        // spilled many large events is never loaded whole.
-        let last = {
-            let mut sizes = tx
-                .prepare_cached(concat!(
-                    "SELECT id, ",
-                    row_bytes!(),
-                    " FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1"
-                ))
-                .map_err(|e| sql(e, "claim"))?;
-            let mut it = sizes.query([limit]).map_err(|e| sql(e, "claim"))?;
-            let (mut last, mut bytes) = (None, 0usize);
-            while let Some(r) = it.next().map_err(|e| sql(e, "claim"))? {
-                let (id, size): (i64, i64) =
-                    (r.get(0).map_err(|e| sql(e, "claim"))?, r.get(1).map_err(|e| sql(e, "claim"))?);
-                bytes = bytes.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
-                if last.is_some() && bytes > max_bytes {
-                    break;
-                }
-                last = Some(id);
-            }
-            last
-        };
-        let Some(last) = last else { return Ok(None) };
-        let rows = Self::rows_of(
-            &tx,
-            "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL AND id <= ?2 ORDER BY id LIMIT ?1",
-            &[&limit, &last],
-        )
-        .map_err(|e| sql(e, "claim"))?;
+        let Some(last) = Self::claim_window(&tx, limit, max_bytes, "claim")? else { return Ok(None) };
+        let rows = Self::claimable_rows(&tx, limit, last).map_err(|e| sql(e, "claim"))?;
         let id: u64 = tx
             .query_row("SELECT coalesce((SELECT v FROM pipeline_meta WHERE k = 'batch'), 0) + 1", [], |r| r.get(0))
             .map_err(|e| sql(e, "claim"))?;
@@ -813,7 +828,15 @@ impl SqliteLog {
             }
             last
         };
-        let Some(last) = last else { return Ok((Vec::new(), false)) };
+        let Some(last) = last else {
+            // Nothing to take out. A claim failing on a damaged waiting row would stop every
+            // roll while this answered "nothing refused": that row's `Corrupt` is the answer
+            // (the claim's rows are read as a claim reads them; the log stays as it is).
+            if let Some(end) = Self::claim_window(&tx, limit, max_bytes, DOING)? {
+                Self::claimable_rows(&tx, limit, end).map_err(|e| sql(e, DOING))?;
+            }
+            return Ok((Vec::new(), false));
+        };
         let rows = Self::rows_of(
             &tx,
             "SELECT id, route, do_id, type, key, value, ts, seq FROM pipeline_log WHERE batch IS NULL AND id <= ?1 ORDER BY id",
@@ -1169,6 +1192,31 @@ impl Log for SpillLog {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A memory-log claim stopped early by its byte bound keeps no room for the rows it did not
+    /// take (the batch is kept while claimed): it reserved room for every waiting event.
+    #[test]
+    fn a_claim_keeps_no_room_for_rows_it_did_not_take() {
+        let log = MemoryLog::default();
+        let object = ObjectId::new("o").expect("id");
+        let rows = (0..10_000)
+            .map(|i| Row {
+                route: String::new(),
+                event: Event::new(object.clone(), "T", format!("k{i}"), vec![0u8; 1024], Timestamp::EPOCH),
+            })
+            .collect();
+        log.append(rows).expect("append");
+        let mut seq = 0;
+        let c = log
+            .claim(usize::MAX, 4096, FencingToken::new(1), &mut |_, _| {
+                seq += 1;
+                Some(seq)
+            })
+            .expect("claim")
+            .expect("a batch");
+        assert!((1..=4).contains(&c.rows.len()), "{} rows", c.rows.len());
+        assert!(c.rows.capacity() < 64, "room for {} rows kept", c.rows.capacity());
+    }
 
     thread_local! {
         /// Fail the next ack on this thread as a COMMIT whose sync failed (SQLite rolled it back

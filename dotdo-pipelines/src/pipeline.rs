@@ -891,7 +891,8 @@ impl Pipeline {
     /// numbers if the sink has not moved on, is skipped as a replay (the re-sent version is
     /// lost), or else lands beside them (twice). A claimed batch whose log rows are damaged
     /// (`Corrupt`, as every roll answers) cannot be taken out: it needs repair of the log file by
-    /// hand (docs/errors.md, "A pipeline log whose claimed batch is damaged").
+    /// hand (docs/errors.md, "A pipeline log whose claimed batch (or a waiting row) is damaged");
+    /// nor can a damaged waiting row that stops every roll (`Corrupt` naming the row here too).
     pub async fn take_refused(&self) -> Result<Vec<(String, Event)>> {
         let inner = &self.inner;
         let _guard = inner.roll_lock.lock().await;

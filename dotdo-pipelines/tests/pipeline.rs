@@ -542,6 +542,37 @@ async fn damaged_claimed_sequence_numbers_are_corrupt() {
     }
 }
 
+/// A damaged waiting (unclaimed) row of the durable log stops every roll with `Corrupt` naming
+/// the row, and `take_refused` says so too: it answered "nothing refused" (`Ok(vec![])`) while
+/// no roll could ever go on, with nothing telling the operator the log needs a repair by hand.
+/// Once the row is repaired, everything is committed.
+#[tokio::test]
+async fn a_damaged_waiting_row_is_corrupt_for_take_refused_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = Flaky::new();
+    let log = dir.path().join("log.db");
+    let settings = PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() };
+    {
+        let p = Pipeline::builder(sink.clone()).with_settings(settings.clone()).build().expect("build");
+        p.send((0..3).map(|i| ev("o0", &format!("k{i}"), "v")).collect::<Vec<_>>()).expect("send");
+    }
+    let db = rusqlite::Connection::open(&log).expect("log");
+    db.execute("UPDATE pipeline_log SET key = '' WHERE id = (SELECT min(id) + 1 FROM pipeline_log)", [])
+        .expect("damage");
+    let p = Pipeline::builder(sink.clone()).with_settings(settings).build().expect("opens over a damaged row");
+    let e = p.roll().await.expect_err("a damaged row");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    let e = p.take_refused().await.expect_err("the roll cannot go on");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("log row"), "names the row: {e}");
+    assert!(committed(&sink.inner, 1).await.is_empty(), "nothing committed");
+    assert_eq!(p.metrics().buffer_depth, 3, "nothing taken out");
+    // The repair by hand (docs/errors.md): the row mended, the roll goes on.
+    db.execute("UPDATE pipeline_log SET key = 'k1' WHERE key = ''", []).expect("repair");
+    assert_eq!(p.roll().await.expect("rolls").events, 3);
+    assert!(p.take_refused().await.expect("nothing refused").is_empty());
+}
+
 #[tokio::test]
 async fn bad_events_and_settings_are_rejected() {
     let sink = Flaky::new();

@@ -1201,8 +1201,11 @@ impl ConsistencyGuard for SqliteStore {
                     0
                 } else {
                     tx.prepare_cached(
+                        // Times that are not integers are damage: `Corrupt` below, as every
+                        // other guard call answers (SQL compares text above any integer).
                         "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 \
-                         AND node_id = ?3 AND expires_at > ?5",
+                         AND node_id = ?3 AND expires_at > ?5 AND typeof(expires_at) = 'integer' \
+                         AND typeof(acquired_at) = 'integer'",
                     )?
                     .execute(params![
                         lease.object.as_str(),

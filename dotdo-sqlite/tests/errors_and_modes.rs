@@ -125,6 +125,35 @@ async fn fenced_calls_on_rows_that_do_not_decode_are_corrupt_and_write_nothing()
     }
 }
 
+/// A live lease row whose times do not decode is `Corrupt` to `refresh`, as to `validate`, and
+/// stays as it is: the refresh's SQL compared a text expiry above the time, extended the lease
+/// and overwrote the damage (dotdo-libsql shares the list of damage).
+#[tokio::test]
+async fn a_live_lease_row_whose_times_do_not_decode_is_corrupt_to_refresh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let s = SqliteStore::builder(&path).open().await.expect("open");
+    let c = rusqlite::Connection::open(&path).expect("raw open");
+    for (i, (what, damage)) in dotdo_core::testkit::DAMAGED_LIVE_LEASE_TIMES.iter().enumerate() {
+        let o = ObjectId::new(format!("o{i}")).expect("valid");
+        let l = s.acquire(&o, &NodeId::new("n1").expect("valid"), Duration::from_secs(60)).await.expect("acquire");
+        c.execute(damage, [o.as_str()]).expect(what);
+        let dump = || -> String {
+            c.query_row(
+                "SELECT quote(acquired_at) || ' ' || quote(expires_at) FROM do_locks WHERE do_id = ?1",
+                [o.as_str()],
+                |r| r.get(0),
+            )
+            .expect("read the row")
+        };
+        let before = dump();
+        let e = s.refresh(&l, Duration::from_secs(60)).await.expect_err(what);
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{what}: {e}");
+        assert_eq!(s.validate(&l).await.expect_err(what).kind(), &ErrorKind::Corrupt, "{what}");
+        assert_eq!(dump(), before, "{what}: the damaged row was changed");
+    }
+}
+
 /// An expired lease row (or token maximum) that does not decode is `Corrupt` to an acquire and
 /// stays as it is (dotdo-libsql shares the list of damage).
 #[tokio::test]

@@ -687,6 +687,18 @@ pub const DAMAGED_EXPIRED_LEASE_ROWS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Damage done to the times of a **live** lease row of the SQL schema, as `(what, statement)`
+/// with `?1` the object id, for the SQLite-family backends' tests: each must make `refresh`
+/// `Corrupt` (as `validate`, `current` and `acquire` are) and leave the row as it is. SQL
+/// compares text above every integer and a real by value: a refresh deciding in SQL extended the
+/// damaged lease (and overwrote its damaged expiry) while every other call refused it.
+pub const DAMAGED_LIVE_LEASE_TIMES: &[(&str, &str)] = &[
+    ("text expires_at", "UPDATE do_locks SET expires_at = 'x' WHERE do_id = ?1"),
+    ("real expires_at", "UPDATE do_locks SET expires_at = expires_at + 0.5 WHERE do_id = ?1"),
+    ("text acquired_at", "UPDATE do_locks SET acquired_at = 'x' WHERE do_id = ?1"),
+    ("real acquired_at", "UPDATE do_locks SET acquired_at = acquired_at + 0.5 WHERE do_id = ?1"),
+];
+
 /// Damage done to the rows of an object of the SQL schema that has a **live** lease and one
 /// change, as `(what, statement)` with `?1` the object id, for the SQLite-family backends'
 /// tests: each must make every fenced call (a write, an empty write, `truncate_changes`,
