@@ -169,21 +169,36 @@ fn check_values_where(column: &dyn arrow_array::Array, name: &str, shown: &dyn F
                 ))),
             }
         }
-        T::LargeBinary | T::LargeUtf8 => {
-            let offsets: &[i64] = match column.as_binary_opt::<i64>() {
-                Some(b) => b.value_offsets(),
-                None => column.as_string::<i64>().value_offsets(),
+        // `Utf8` and `Binary` too: their 32-bit offsets allow values of up to 2^31 - 1 bytes,
+        // past the limit (a user table's strings are `Utf8`; such a value failed the Parquet
+        // write as a backend error, and a durable pipeline held a batch no roll could commit).
+        T::LargeBinary | T::LargeUtf8 | T::Binary | T::Utf8 => {
+            // The first value (index, length) a reader sees that is over the limit.
+            fn too_long<O: arrow_array::OffsetSizeTrait>(
+                column: &dyn Array,
+                offsets: &[O],
+                shown: &dyn Fn(usize) -> bool,
+            ) -> Option<(usize, i64)> {
+                let len = |i: usize| match (offsets.get(i), offsets.get(i + 1)) {
+                    (Some(a), Some(b)) => b.as_usize().saturating_sub(a.as_usize()) as i64,
+                    _ => 0,
+                };
+                (0..column.len())
+                    .find(|&i| column.is_valid(i) && shown(i) && len(i) > MAX_ARROW_VALUE_BYTES)
+                    .map(|i| (i, len(i)))
+            }
+            let found = match column.data_type() {
+                T::LargeBinary => too_long(column, column.as_binary::<i64>().value_offsets(), shown),
+                T::LargeUtf8 => too_long(column, column.as_string::<i64>().value_offsets(), shown),
+                T::Binary => too_long(column, column.as_binary::<i32>().value_offsets(), shown),
+                _ => too_long(column, column.as_string::<i32>().value_offsets(), shown),
             };
-            let len = |i: usize| match (offsets.get(i), offsets.get(i + 1)) {
-                (Some(a), Some(b)) => b.saturating_sub(*a),
-                _ => 0,
-            };
-            match (0..column.len()).find(|&i| column.is_valid(i) && shown(i) && len(i) > MAX_ARROW_VALUE_BYTES) {
+            match found {
                 None => Ok(()),
-                Some(i) => Err(crate::Error::limit(
+                Some((i, len)) => Err(crate::Error::limit(
                     "bytes in one Arrow string or binary value",
                     MAX_ARROW_VALUE_BYTES as u64,
-                    len(i) as u64,
+                    len as u64,
                 )
                 .context(format!("column {name}: row {i}"))),
             }
@@ -267,6 +282,16 @@ mod tests {
         assert!(matches!(e.kind(), crate::ErrorKind::LimitExceeded { .. }), "{e}");
         assert!(e.to_string().contains("column blob: row 1"), "{e}");
         check_values(&column(max + 1, Some(NullBuffer::from(vec![true, false])))).expect("under a null slot");
+        // `Binary` (32-bit offsets, as `Utf8`): its largest values are past the limit too.
+        let binary = |end: i32| {
+            let offsets = OffsetBuffer::new(ScalarBuffer::from(vec![0i32, 0, end]));
+            let a = arrow_array::BinaryArray::try_new(offsets, values.clone(), None).expect("array");
+            RecordBatch::try_from_iter([("blob", Arc::new(a) as _)]).expect("batch")
+        };
+        check_values(&binary(max as i32)).expect("exactly the limit");
+        let e = check_values(&binary(max as i32 + 1)).expect_err("one byte more");
+        assert!(matches!(e.kind(), crate::ErrorKind::LimitExceeded { .. }), "{e}");
+        assert!(e.to_string().contains("column blob: row 1"), "{e}");
     }
 
     /// Times of day outside a day are refused where a reader sees them (`InvalidInput` naming

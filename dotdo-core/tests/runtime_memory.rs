@@ -1397,6 +1397,9 @@ struct FlakyCold {
     /// Appends that fail with a non-retryable `Conflict` (a sink that gave up on this commit,
     /// such as dotdo-iceberg's "too slow to commit").
     refusals: std::sync::atomic::AtomicU32,
+    /// Appends holding this object fail with a non-retryable `Conflict` (a sink refusing the
+    /// object's commits for good).
+    refused_object: parking_lot::Mutex<Option<ObjectId>>,
     /// Report commits without any watermark (a sink breaking the `ColdSink` contract).
     forget_watermarks: std::sync::atomic::AtomicBool,
     /// Appends that answer `AmbiguousOutcome` without landing.
@@ -1455,6 +1458,7 @@ impl FlakyCold {
             hang: false.into(),
             conflicts: 0.into(),
             refusals: 0.into(),
+            refused_object: Default::default(),
             forget_watermarks: false.into(),
             ambiguous_appends: 0.into(),
             lost_replies: 0.into(),
@@ -1508,6 +1512,10 @@ impl ColdSink for FlakyCold {
         if left > 0 {
             self.refusals.store(left - 1, std::sync::atomic::Ordering::SeqCst);
             return Err(Error::new(ErrorKind::Conflict, "too slow to commit (test)").with_retryable(false));
+        }
+        let refused = self.refused_object.lock().clone();
+        if let Some(o) = refused.filter(|o| batch.objects.iter().any(|c| &c.object == o)) {
+            return Err(Error::new(ErrorKind::Conflict, format!("{o}: refused for good (test)")).with_retryable(false));
         }
         let mut commit = self.inner.append(batch).await?;
         let lost = self.lost_replies.load(std::sync::atomic::Ordering::SeqCst);
@@ -1629,6 +1637,29 @@ async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
     rt.flush_all().await.expect("flush");
     let changes = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("cold changes");
     assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3], "every change once");
+}
+
+/// An automatic flush refused for a reason about its object (not cold being out of reach)
+/// pauses only that object's automatic flushes: pausing the runtime's, an object refused at
+/// every commit held back every other object's (here, with the clock stopped, for good).
+#[tokio::test]
+async fn one_objects_refused_auto_flush_does_not_hold_back_the_others() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: 1, ..settings() });
+    let (a, b) = (oid("a"), oid("b"));
+    *cold.refused_object.lock() = Some(a.clone());
+    for n in 1..=5 {
+        assert_eq!(incr(&rt, &a).await.expect("committed although its flush is refused"), n);
+        assert_eq!(incr(&rt, &b).await.expect("committed"), n);
+        assert_eq!(w.cold.watermark(&b).await.expect("wm").through, n, "b flushed after commit {n}");
+    }
+    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 0);
+    assert_eq!(rt.metrics().flush_failures, 1, "a's next flushes wait out its own pause");
+    // a's pause ends like the runtime's did: a commit after it flushes everything pending.
+    *cold.refused_object.lock() = None;
+    w.clock.advance(dotdo_core::runtime::AUTO_FLUSH_PAUSE * 2);
+    assert_eq!(incr(&rt, &a).await.expect("flushed again"), 6);
+    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 6);
 }
 
 /// After an automatic flush fails, the next commits skip theirs for a while (`AUTO_FLUSH_PAUSE`,

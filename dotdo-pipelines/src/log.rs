@@ -695,8 +695,11 @@ impl SqliteLog {
         let mut out = Vec::new();
         for row in rows {
             let (id, route, do_id, type_name, key, value, ts, seq) = row?;
-            let object = ObjectId::new(&do_id)
-                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e)))?;
+            // Naming the row: the repair by hand deletes or mends it by id (docs/errors.md).
+            let object = ObjectId::new(&do_id).map_err(|e| {
+                let e = std::io::Error::other(format!("log row {id}: invalid object id {do_id:?}: {e}"));
+                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+            })?;
             let event =
                 Event { object, type_name, key, value: Bytes::from(value), timestamp: Timestamp::from_micros(ts) };
             // Every event was validated at `send`: one that no longer passes (an empty key, an
@@ -819,8 +822,9 @@ impl SqliteLog {
                 let row = (|| Ok::<_, rusqlite::Error>((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))();
                 let (id, route, do_id, size): (i64, String, String, i64) = row.map_err(|e| sql(e, DOING))?;
                 bytes = bytes.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
-                let object = ObjectId::new(&do_id)
-                    .map_err(|e| Error::corrupt(format!("pipeline log: invalid object id {do_id:?}")).with_source(e))?;
+                let object = ObjectId::new(&do_id).map_err(|e| {
+                    Error::corrupt(format!("pipeline log row {id}: invalid object id {do_id:?}")).with_source(e)
+                })?;
                 if (last.is_some() && bytes > max_bytes) || !stuck(&route, &object) {
                     break;
                 }
@@ -976,16 +980,17 @@ impl Log for SqliteLog {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let keys: Vec<(String, ObjectId)> = {
             let mut stmt = conn
-                .prepare_cached("SELECT route, do_id FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1")
+                .prepare_cached("SELECT route, do_id, id FROM pipeline_log WHERE batch IS NULL ORDER BY id LIMIT ?1")
                 .map_err(|e| sql(e, "peeking"))?;
             let rows = stmt
-                .query_map([limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .query_map([limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
                 .map_err(|e| sql(e, "peeking"))?;
             let mut keys = Vec::new();
             for row in rows {
-                let (route, id) = row.map_err(|e| sql(e, "peeking"))?;
-                let object = ObjectId::new(&id)
-                    .map_err(|e| Error::corrupt(format!("pipeline log: invalid object id {id:?}")).with_source(e))?;
+                let (route, id, row) = row.map_err(|e| sql(e, "peeking"))?;
+                let object = ObjectId::new(&id).map_err(|e| {
+                    Error::corrupt(format!("pipeline log row {row}: invalid object id {id:?}")).with_source(e)
+                })?;
                 keys.push((route, object));
             }
             keys

@@ -571,6 +571,19 @@ async fn a_damaged_waiting_row_is_corrupt_for_take_refused_too() {
     db.execute("UPDATE pipeline_log SET key = 'k1' WHERE key = ''", []).expect("repair");
     assert_eq!(p.roll().await.expect("rolls").events, 3);
     assert!(p.take_refused().await.expect("nothing refused").is_empty());
+    // An invalid object id: both name the row too (the repair deletes or mends it by id).
+    p.send(vec![ev("o0", "k9", "v")]).expect("send");
+    drop(p);
+    db.execute("UPDATE pipeline_log SET do_id = 'bad id' WHERE key = 'k9'", []).expect("damage");
+    let row: i64 = db.query_row("SELECT id FROM pipeline_log WHERE key = 'k9'", [], |r| r.get(0)).expect("row");
+    let p = Pipeline::builder(sink.clone())
+        .with_settings(PipelineSettings { durability: Durability::Durable(log.clone()), ..Default::default() })
+        .build()
+        .expect("opens over a damaged row");
+    for e in [p.roll().await.expect_err("a damaged row"), p.take_refused().await.expect_err("a damaged row")] {
+        assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains(&format!("log row {row}")), "names the row: {e}");
+    }
 }
 
 #[tokio::test]

@@ -214,7 +214,9 @@ fn runtime_child_process() {
             println!("ACK {n}");
             i += 1;
             if i.is_multiple_of(25) {
+                println!("FLUSHING");
                 r.flush(&o).await.expect("flush");
+                println!("FLUSHED");
             }
         }
     });
@@ -232,6 +234,11 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
     // Rounds whose dead runtime left acknowledged changes not yet in cold storage, which the
     // survivor then drained.
     let mut rounds_with_leftovers = 0u32;
+    // Rounds killed inside a flush (after `FLUSHING`, before `FLUSHED`: during the Iceberg commit
+    // or between it and the hot log's truncation). From the second round on, a round is killed as
+    // its child starts a flush until one such kill landed (a flush that ends before the kill
+    // arrives leaves it to the next round).
+    let mut killed_in_flush = 0u32;
     for round in 0..kills {
         let mut child = dotdo_core::testkit::process::KillOnDrop(
             Command::new(&exe)
@@ -244,11 +251,17 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
         );
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        // An acknowledged number, or `None` for a flush started (`FLUSHING`) and `Some(0)` for
+        // one ended (`FLUSHED`).
         let reader = std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
                 if let Some(n) = line.strip_prefix("ACK ") {
-                    let _ = tx.send(n.parse::<u64>().expect("number"));
+                    let _ = tx.send(Some(n.parse::<u64>().expect("number")));
+                } else if line == "FLUSHING" {
+                    let _ = tx.send(None);
+                } else if line == "FLUSHED" {
+                    let _ = tx.send(Some(0));
                 }
             }
         });
@@ -256,16 +269,22 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
         // one to what the last one acknowledged (an increment acknowledged without landing would
         // be counted again by the next call: the same number twice).
         let target = max_acked + 30 + u64::from(round) * 7;
+        let at_a_flush = round > 0 && killed_in_flush == 0;
         let mut next = max_acked + 1;
-        let mut acked = |n: u64| {
-            assert_eq!(n, next, "round {round}: acknowledged {n}, the call after {} acknowledged", next - 1);
-            next += 1;
+        let mut flushing = false;
+        let mut seen = |line: Option<u64>, flushing: &mut bool| match line {
+            None => *flushing = true,
+            Some(0) => *flushing = false,
+            Some(n) => {
+                assert_eq!(n, next, "round {round}: acknowledged {n}, the call after {} acknowledged", next - 1);
+                next += 1;
+            }
         };
         loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(n) => {
-                    acked(n);
-                    if n >= target {
+                Ok(line) => {
+                    seen(line, &mut flushing);
+                    if if at_a_flush { flushing } else { line.is_some_and(|n| n >= target) } {
                         break;
                     }
                 }
@@ -274,9 +293,10 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
         }
         dotdo_core::testkit::process::sigkill(&mut child, &format!("round {round}"));
         reader.join().expect("reader");
-        while let Ok(n) = rx.try_recv() {
-            acked(n);
+        while let Ok(line) = rx.try_recv() {
+            seen(line, &mut flushing);
         }
+        killed_in_flush += u32::from(flushing);
         max_acked = next - 1;
         // Another node recovers: it waits out the dead holder's lease, sees every acknowledged
         // increment, and drains what the dead runtime had not flushed, exactly once.
@@ -323,9 +343,10 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
         });
     }
     println!(
-        "runtime crash: {kills} SIGKILLs, {max_acked} increments, all in hot and exactly once in Iceberg; \
-         {rounds_with_leftovers} rounds left changes for the survivor to drain"
+        "runtime crash: {kills} SIGKILLs ({killed_in_flush} inside a flush), {max_acked} increments, all in hot \
+         and exactly once in Iceberg; {rounds_with_leftovers} rounds left changes for the survivor to drain"
     );
+    assert!(kills < 2 || killed_in_flush > 0, "no kill landed inside a flush in {kills} rounds");
     // The child flushes every 25 calls and is killed between: a round leaves nothing to drain
     // only if its kill lands right after a flush.
     assert!(rounds_with_leftovers > 0, "no kill left undrained changes: the survivor's drain was never tested");

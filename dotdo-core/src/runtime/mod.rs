@@ -97,7 +97,9 @@ pub struct RuntimeSettings {
     /// `RuntimeMetrics::flush_failures`; the changes wait in the hot log for the next flush).
     /// After a failure the next automatic flushes are skipped for [`AUTO_FLUSH_PAUSE`], doubling
     /// with failures in a row up to [`AUTO_FLUSH_MAX_PAUSE`], so calls do not each wait out a cold
-    /// outage's retries. An automatic flush makes one cold commit (`flush_batch_records`): a
+    /// outage's retries: every object's after a failure to reach cold storage (a retryable
+    /// error, an unknown outcome), only the object's after a refusal about it (cold refusing its
+    /// records, its hot changes differing from cold's). An automatic flush makes one cold commit (`flush_batch_records`): a
     /// longer backlog drains over the next calls, or with `flush` / `flush_all`.
     pub flush_after_changes: u64,
     /// Most change records per cold commit when flushing. Default 100 000.
@@ -256,6 +258,11 @@ struct Active {
     /// only once its estimate of the pending changes, from a write's `last_seq`, reaches the
     /// threshold. Read on every write, a put into an object of 100k keys cost ~20 ms.
     truncated_hint: Option<Seq>,
+    /// Automatic flushes of this object that failed in a row for a reason about the object
+    /// (see [`about_the_object`]), and until when (monotonic) its next ones are skipped: such a
+    /// failure pauses only this object's, where pausing the runtime's let one object failing at
+    /// every commit hold back every other object's automatic flushes.
+    flush_pause: (u32, Duration),
 }
 
 #[derive(Debug, Default)]
@@ -848,7 +855,7 @@ impl ObjectRuntime {
         // the call's (a caller told "failed" would repeat a write that happened). Undrained
         // changes stay in the hot log for the next flush.
         let threshold = inner.settings.flush_after_changes;
-        if threshold > 0 && !auto_flush_paused(inner) {
+        if threshold > 0 && !auto_flush_paused(inner) && inner.clock.monotonic() >= active.flush_pause.1 {
             let token = active.lease.granted.token;
             let flushed = async {
                 // An estimate at least the pending count (see `Active::truncated_hint`): below
@@ -871,12 +878,23 @@ impl ObjectRuntime {
             match flushed {
                 // Only a flush that ran ends the backoff: commits below the threshold (other
                 // objects', during a cold outage) kept resetting it to its first second.
-                Ok(true) => inner.auto_flush_pause.lock().0 = 0,
+                Ok(true) => {
+                    inner.auto_flush_pause.lock().0 = 0;
+                    if let Some(a) = slot.active.as_mut() {
+                        a.flush_pause.0 = 0;
+                    }
+                }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "dotdo: committed; the auto-flush to cold failed and is left to the next flush");
                     inner.metrics.lock().flush_failures += 1;
-                    pause_auto_flush(inner);
+                    match slot.active.as_mut() {
+                        Some(a) if about_the_object(&e) => {
+                            a.flush_pause.0 = a.flush_pause.0.saturating_add(1);
+                            a.flush_pause.1 = inner.clock.monotonic().saturating_add(auto_flush_wait(a.flush_pause.0));
+                        }
+                        _ => pause_auto_flush(inner),
+                    }
                     if activation_spent(&e) {
                         // Another holder took over while draining, or the hot store is behind
                         // cold: stop using this activation.
@@ -1071,6 +1089,7 @@ impl ObjectRuntime {
             evict_again: false,
             cold_unverified: false,
             truncated_hint: None,
+            flush_pause: (0, Duration::ZERO),
         };
         let loading = Stopwatch::start(inner.clock.clone());
         let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active, &mut hand).await {
@@ -3502,8 +3521,19 @@ fn pause_auto_flush(inner: &Inner) {
     let now = inner.clock.monotonic();
     let mut pause = inner.auto_flush_pause.lock();
     pause.0 = pause.0.saturating_add(1);
-    let wait = AUTO_FLUSH_PAUSE.saturating_mul(1 << (pause.0 - 1).min(6)).min(AUTO_FLUSH_MAX_PAUSE);
-    pause.1 = now.saturating_add(wait);
+    pause.1 = now.saturating_add(auto_flush_wait(pause.0));
+}
+
+/// How long automatic flushes pause after `failures` (at least 1) in a row.
+fn auto_flush_wait(failures: u32) -> Duration {
+    AUTO_FLUSH_PAUSE.saturating_mul(1 << (failures.max(1) - 1).min(6)).min(AUTO_FLUSH_MAX_PAUSE)
+}
+
+/// Whether an automatic flush's failure is about its object (cold refusing its records, its hot
+/// changes differing from cold's: not mended by waiting), rather than about cold storage (out
+/// of reach, busy, an answer lost), which pauses every object's automatic flushes.
+fn about_the_object(e: &Error) -> bool {
+    !e.is_retryable() && !matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome)
 }
 
 /// The token of a change written by a newer holder than `token`, if `records` hold one: the

@@ -312,6 +312,7 @@ pub async fn two_sinks_on_one_table_write_each_record_once(f: &super::ColdReopen
         .await
         .expect_err("the lower token through sink b");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(b.sink.watermark(&o).await.expect("watermark"), Watermark { through: N + 1, token: tok(2) });
     let c = b
         .sink
@@ -446,15 +447,18 @@ pub async fn gap_in_sequence_is_rejected(f: &ColdFactory) {
     fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 1..=2, 1))).await.expect("append");
     let e = fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 4..=5, 1))).await.expect_err("gap");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let mut bad = puts(&o, 3..=5, 1);
     bad.remove(1);
     let e = fx.sink.append(ColdBatch::single(o.clone(), tok(1), bad)).await.expect_err("internal gap");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.sink.watermark(&o).await.expect("wm").through, 2);
     // An object cold has never seen must start at sequence number 1.
     let fresh = oid("o2");
     let e = fx.sink.append(ColdBatch::single(fresh.clone(), tok(1), puts(&fresh, 3..=5, 1))).await.expect_err("gap");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "a first commit starting at 3: {e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.sink.watermark(&fresh).await.expect("wm"), Watermark::default());
     assert_eq!(fx.sink.snapshots().await.expect("snaps").len(), 1);
     fx.sink.append(ColdBatch::single(fresh.clone(), tok(1), puts(&fresh, 1..=2, 1))).await.expect("from 1");
@@ -462,10 +466,12 @@ pub async fn gap_in_sequence_is_rejected(f: &ColdFactory) {
     // committer of token 1 goes on.
     let e = fx.sink.append(ColdBatch::single(o.clone(), tok(9), puts(&o, 4..=5, 9))).await.expect_err("gap");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let mut bad = puts(&o, 3..=4, 9);
     bad[1].key = String::new();
     let e = fx.sink.append(ColdBatch::single(o.clone(), tok(9), bad)).await.expect_err("an invalid record");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.sink.watermark(&o).await.expect("wm"), Watermark { through: 2, token: tok(1) });
     fx.sink.append(ColdBatch::single(o.clone(), tok(1), puts(&o, 3..=3, 1))).await.expect("token 1 is not fenced");
 }
@@ -535,14 +541,31 @@ pub async fn stale_committer_is_fenced(f: &ColdFactory) {
     fx.sink.append(ColdBatch::single(o.clone(), tok(5), puts(&o, 1..=2, 5))).await.expect("append");
     let e = fx.sink.append(ColdBatch::single(o.clone(), tok(4), puts(&o, 3..=3, 4))).await.expect_err("stale");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     // Also a batch of replays alone (records cold already has): the token is checked first.
     let e = fx.sink.append(ColdBatch::single(o.clone(), tok(4), puts(&o, 1..=2, 5))).await.expect_err("stale replay");
     assert!(e.is_fenced(), "a replay under a stale token: {e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     // A newer committer may commit records written under older tokens.
     fx.sink.append(ColdBatch::single(o.clone(), tok(7), puts(&o, 3..=3, 4))).await.expect("newer committer");
     assert_eq!(fx.sink.watermark(&o).await.expect("wm").token, tok(7));
     let e = fx.sink.append(ColdBatch::single(o.clone(), tok(6), vec![])).await.expect_err("stale, even empty");
     assert!(e.is_fenced());
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
+}
+
+/// Tokens are compared as numbers: 9 is below 10 (as text, "9" sorts above "10": a sink storing
+/// tokens as strings let a stale committer through once tokens reached two digits).
+pub async fn tokens_are_compared_as_numbers(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    fx.sink.append(ColdBatch::single(o.clone(), tok(10), puts(&o, 1..=1, 10))).await.expect("append");
+    let e = fx.sink.append(ColdBatch::single(o.clone(), tok(9), puts(&o, 2..=2, 9))).await.expect_err("9 is stale");
+    assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
+    assert_eq!(fx.sink.watermark(&o).await.expect("wm"), Watermark { through: 1, token: tok(10) });
+    fx.sink.append(ColdBatch::single(o.clone(), tok(11), puts(&o, 2..=2, 11))).await.expect("11 is newer");
+    assert_eq!(fx.sink.watermark(&o).await.expect("wm"), Watermark { through: 2, token: tok(11) });
 }
 
 /// An empty batch (or one with no records) creates no snapshot.
@@ -688,6 +711,7 @@ pub async fn invalid_records_are_refused_and_nothing_committed(f: &ColdFactory) 
     zero[0].seq = 0;
     let e = fx.sink.append(ColdBatch::single(b.clone(), tok(1), zero)).await.expect_err("sequence number 0 alone");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "sequence number 0 alone: {e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     for (what, token) in [
         ("committer token NONE", FencingToken::NONE),
         ("committer token above MAX", FencingToken::new(FencingToken::MAX.get() + 1)),
@@ -700,6 +724,7 @@ pub async fn invalid_records_are_refused_and_nothing_committed(f: &ColdFactory) 
         };
         let e = fx.sink.append(batch).await.expect_err(what);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{what}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         assert_eq!(fx.sink.watermark(&a).await.expect("wm").through, 0, "{what}: nothing of the batch committed");
         assert_eq!(fx.sink.watermark(&b).await.expect("wm").through, 0, "{what}: nothing of the batch committed");
     }

@@ -105,6 +105,7 @@ pub async fn batch_is_atomic_when_one_op_is_invalid(f: &HotFactory) {
     let bad = WriteBatch::new("T").put("a", b("1")).put("b", vec![0u8; MAX_VALUE_BYTES + 1]);
     let e = fx.hot.write(&l.object, l.token, bad).await.expect_err("oversized value");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.hot.get(&l.object, "a").await.expect("get"), None);
     assert!(fx.hot.read_changes(&l.object, 0, 10).await.expect("log").is_empty());
     let r = fx.hot.put(&l.object, l.token, "T", "a", b("1")).await.expect("put");
@@ -137,6 +138,7 @@ pub async fn value_at_limit_is_accepted_and_over_limit_rejected(f: &HotFactory) 
     let batch = (0..n).fold(WriteBatch::new("T"), |b, i| b.put(format!("many-{i}"), value.clone()));
     let e = fx.hot.write(&l.object, l.token, batch).await.expect_err("a batch over the byte limit");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.hot.get(&l.object, "many-0").await.expect("get"), None, "nothing of it written");
     // Two values fewer, just under the byte limit with their keys (62 MiB): accepted whole, in
     // one call (a backend whose requests or transactions cap below the limit fails here).
@@ -163,21 +165,26 @@ pub async fn invalid_keys_and_type_names_are_rejected(f: &HotFactory) {
     for key in ["", "a\0b", "line\nbreak"] {
         let e = fx.hot.put(&l.object, l.token, "T", key, b("v")).await.expect_err(key);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{key:?}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     }
     let e = fx.hot.put(&l.object, l.token, "", "k", b("v")).await.expect_err("empty type");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let e =
         fx.hot.put(&l.object, l.token, "T", &"k".repeat(crate::MAX_KEY_BYTES + 1), b("v")).await.expect_err("long key");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }));
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     // Reads check keys as writes do: a driver that cuts text at a NUL answered "a\0b" with
     // the value of "a".
     fx.hot.put(&l.object, l.token, "T", "a", b("a")).await.expect("put");
     for key in ["", "a\0b", "line\nbreak"] {
         let e = fx.hot.get(&l.object, key).await.expect_err(key);
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "get {key:?}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     }
     let e = fx.hot.get(&l.object, &"k".repeat(crate::MAX_KEY_BYTES + 1)).await.expect_err("get long key");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     // Unicode keys are fine and round-trip.
     fx.hot.put(&l.object, l.token, "T", "clé/日本", b("u")).await.expect("unicode key");
     assert_eq!(fx.hot.get(&l.object, "clé/日本").await.expect("get"), Some(b("u")));
@@ -274,14 +281,17 @@ pub async fn limits_count_bytes_and_type_names_are_checked(f: &HotFactory) {
     let wide = "é".repeat(crate::MAX_KEY_BYTES / 2 + 1);
     let e = fx.hot.put(&l.object, l.token, "T", &wide, b("v")).await.expect_err("key over the limit in bytes");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let long_type = "T".repeat(crate::MAX_TYPE_NAME_BYTES + 1);
     let wide_type = "é".repeat(crate::MAX_TYPE_NAME_BYTES / 2 + 1);
     for type_name in [long_type.as_str(), wide_type.as_str(), "T\n", "T\u{7}"] {
         let e = fx.hot.put(&l.object, l.token, type_name, "k", b("v")).await.expect_err("bad type name");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{type_name:?}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         let batch = WriteBatch::new(type_name).put("k", b("v")).delete("j");
         let e = fx.hot.write(&l.object, l.token, batch).await.expect_err("bad type name in a batch");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{type_name:?}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     }
     assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), None);
     assert_eq!(fx.hot.object_info(&l.object).await.expect("info").map_or(0, |i| i.last_seq), 0, "nothing logged");
@@ -313,6 +323,7 @@ pub async fn unknown_object_reads_empty(f: &HotFactory) {
     let l = lease(&fx, "leased-only", "n1").await;
     let e = fx.hot.truncate_changes(&l.object, l.token, 1).await.expect_err("beyond the last sequence number, 0");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     fx.hot.truncate_changes(&l.object, l.token, 0).await.expect("through 0: nothing to do");
     let r = fx.hot.put(&l.object, l.token, "T", "k", b("v")).await.expect("put");
     assert_eq!(r.first_seq, 1, "a refused truncation changes no sequence number");
@@ -433,6 +444,7 @@ pub async fn change_log_reads_and_truncates(f: &HotFactory) {
     assert!(info.has_pending_changes());
     let e = fx.hot.truncate_changes(&l.object, l.token, 11).await.expect_err("beyond last");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert!(e.to_string().contains("10"), "names the last seq: {e}");
     // The refused truncation changed nothing: the changes it would have dropped are still there.
     let rest = changes(&*fx.hot, &l.object, 0, 100).await.expect("rest");
@@ -449,6 +461,7 @@ pub async fn change_log_reads_and_truncates(f: &HotFactory) {
     fx.hot.truncate_changes(&l.object, l.token, crate::MAX_SEQ).await.expect("truncate through MAX_SEQ");
     let e = fx.hot.truncate_changes(&l.object, l.token, crate::MAX_SEQ + 1).await.expect_err("beyond MAX_SEQ");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert!(e.to_string().contains(&crate::MAX_SEQ.to_string()), "names the last seq: {e}");
 }
 
@@ -637,6 +650,7 @@ pub async fn none_token_is_rejected(f: &HotFactory) {
     let (fx, _) = open(f).await;
     let e = fx.hot.put(&oid("o1"), FencingToken::NONE, "T", "k", b("v")).await.expect_err("NONE token");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.hot.get(&oid("o1"), "k").await.expect("get"), None);
 }
 
@@ -648,14 +662,19 @@ pub async fn tokens_are_bounded_and_never_shared_at_the_bound(f: &HotFactory) {
     for bad in [FencingToken::new(FencingToken::MAX.get() + 1), FencingToken::new(u64::MAX)] {
         let e = fx.hot.put(&o, bad, "T", "k", b("v")).await.expect_err("token above MAX");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         let e = fx.hot.truncate_changes(&o, bad, 0).await.expect_err("token above MAX");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         let e = fx.hot.write(&o, bad, WriteBatch::new("T")).await.expect_err("empty batch, token above MAX");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         let e = fx.hot.evict(&o, bad).await.expect_err("evict, token above MAX");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         let e = fx.hot.restore(&o, bad, vec![], 1).await.expect_err("restore, token above MAX");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{bad}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     }
     assert_eq!(fx.hot.object_info(&o).await.expect("info"), None, "nothing recorded for the object");
     assert_eq!(fx.hot.get(&o, "k").await.expect("get"), None);
@@ -666,6 +685,7 @@ pub async fn tokens_are_bounded_and_never_shared_at_the_bound(f: &HotFactory) {
     // ...and then no lease can get a larger one.
     let e = fx.guard.acquire(&o, &nid("n2"), TTL).await.expect_err("no token left");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let e = fx.hot.put(&o, l.token, "T", "k", b("stale")).await.expect_err("stale");
     assert!(matches!(e.kind(), ErrorKind::Fenced { .. }), "{e}");
     assert_eq!(fx.hot.get(&o, "k").await.expect("get"), Some(b("max")));
@@ -674,6 +694,7 @@ pub async fn tokens_are_bounded_and_never_shared_at_the_bound(f: &HotFactory) {
     fx.hot.write(&empty, FencingToken::MAX, WriteBatch::new("T")).await.expect("empty write with MAX");
     let e = fx.guard.acquire(&empty, &nid("n2"), TTL).await.expect_err("no token left");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
 }
 
 /// Sequence numbers end at `MAX_SEQ`: a restore beyond it is `InvalidInput`, and a write that
@@ -683,6 +704,7 @@ pub async fn sequence_numbers_are_bounded(f: &HotFactory) {
     let l = lease(&fx, "o1", "n1").await;
     let e = fx.hot.restore(&l.object, l.token, Vec::new(), crate::MAX_SEQ + 1).await.expect_err("beyond MAX_SEQ");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let entry = crate::Entry { key: "k".into(), value: b("v"), seq: crate::MAX_SEQ - 1 };
     fx.hot.restore(&l.object, l.token, vec![entry], crate::MAX_SEQ - 1).await.expect("restore near the end");
     let two = WriteBatch::new("T").put("x", b("1")).put("y", b("2"));
@@ -695,6 +717,7 @@ pub async fn sequence_numbers_are_bounded(f: &HotFactory) {
     assert_eq!(r.last_seq, crate::MAX_SEQ);
     let e = fx.hot.put(&l.object, l.token, "T", "b", b("2")).await.expect_err("past MAX_SEQ");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.hot.get(&l.object, "b").await.expect("get"), None, "nothing of the refused write applied");
     assert_eq!(fx.hot.get(&l.object, "k").await.expect("get"), Some(b("v")));
     let log = fx.hot.read_changes(&l.object, 0, 10).await.expect("log");
@@ -704,6 +727,7 @@ pub async fn sequence_numbers_are_bounded(f: &HotFactory) {
     let newer = FencingToken::new(l.token.get() + 5);
     let e = fx.hot.put(&l.object, newer, "T", "c", b("3")).await.expect_err("past MAX_SEQ, newer token");
     assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.hot.get(&l.object, "c").await.expect("get"), None, "nothing of the refused write applied");
     let info = fx.hot.object_info(&l.object).await.expect("info").expect("object");
     assert_eq!(info.max_token, l.token, "the refused write did not raise the token");
@@ -733,8 +757,10 @@ pub async fn stale_token_write_is_rejected_after_takeover(f: &HotFactory) {
     assert_eq!(fx.hot.get(&old.object, "k").await.expect("get"), Some(b("new")));
     let e = fx.hot.truncate_changes(&old.object, old.token, 1).await.expect_err("stale truncate");
     assert!(e.is_fenced());
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let e = fx.hot.evict(&old.object, old.token).await.expect_err("stale evict");
     assert!(e.is_fenced());
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(changes(&*fx.hot, &old.object, 0, 10).await.expect("log").len(), 2);
 }
 
@@ -749,8 +775,10 @@ pub async fn paused_holder_past_ttl_is_fenced(f: &HotFactory) {
     let bl = lease(&fx, "o1", "b").await;
     let e = fx.hot.put(&a.object, a.token, "T", "n", b("2")).await.expect_err("paused holder");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let e = fx.guard.validate(&a).await.expect_err("validate old");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     fx.guard.validate(&bl).await.expect("new lease is valid");
     assert_eq!(fx.hot.get(&a.object, "n").await.expect("get"), Some(b("1")));
 }
@@ -1230,6 +1258,7 @@ pub async fn fencing_holds_across_two_handles_on_one_database(f: &super::HotReop
     fenced_by(e, &l1, &l2);
     let e = h1.guard.validate(&l1).await.expect_err("taken over through h2");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let e = h1.guard.acquire(&o, &nid("n1"), TTL).await.expect_err("held through h2");
     held_by(e, &l2);
     assert_eq!(h1.guard.current(&o).await.expect("current"), Some(l2.clone()), "h1 sees h2's lease");
@@ -1251,6 +1280,7 @@ pub async fn fencing_holds_across_two_handles_on_one_database(f: &super::HotReop
     fenced_by(e, &l2, &l3);
     let e = h2.guard.refresh(&l2, TTL).await.expect_err("taken over through h1");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let e = h2.guard.acquire(&o, &nid("n2"), TTL).await.expect_err("held through h1");
     held_by(e, &l3);
     let r = h1.hot.put(&o, l3.token, "T", "k", b("h1 again")).await.expect("h1 writes again");
@@ -1288,12 +1318,15 @@ pub async fn stale_and_none_tokens_are_refused_on_every_path(f: &HotFactory) {
     let new = lease(&fx, "o1", "n2").await;
     let e = fx.hot.write(&old.object, old.token, WriteBatch::new("T")).await.expect_err("stale empty batch");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     fx.hot.truncate_changes(&new.object, new.token, 1).await.expect("truncate");
     fx.hot.evict(&new.object, new.token).await.expect("evict");
     let e = fx.hot.put(&old.object, old.token, "T", "a", b("stale")).await.expect_err("stale write after evict");
     assert!(e.is_fenced(), "the eviction kept the token maximum: {e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let e = fx.hot.restore(&old.object, old.token, vec![], 1).await.expect_err("stale restore after evict");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let info = fx.hot.object_info(&new.object).await.expect("info").expect("kept");
     assert_eq!(info.max_token, new.token);
     // A refused restore leaves the eviction mark (cleared, the evicted object would be served
@@ -1309,6 +1342,7 @@ pub async fn stale_and_none_tokens_are_refused_on_every_path(f: &HotFactory) {
     ];
     for e in errs {
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "NONE: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     }
     fx.hot.put(o, new.token, "T", "a", b("2")).await.expect("the holder still writes");
 }
@@ -1418,6 +1452,7 @@ pub async fn refused_calls_do_not_raise_the_token(f: &HotFactory) {
     let higher = FencingToken::new(l.token.get() + 10);
     let e = fx.hot.truncate_changes(&l.object, higher, 99).await.expect_err("beyond the last seq");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let e = fx.hot.evict(&l.object, higher).await.expect_err("undrained");
     assert_eq!(e.kind(), &ErrorKind::Conflict);
     let e = fx.hot.restore(&l.object, higher, vec![], 5).await.expect_err("pending changes");
@@ -1448,6 +1483,36 @@ fn higher(l: &Lease) -> FencingToken {
     FencingToken::new(l.token.get() + 7)
 }
 
+/// Tokens are compared as numbers: once leases reach two digits, a write, an empty write or a
+/// guard call under a one-digit token is stale (as text, "9" sorts above "10": a backend
+/// storing tokens as strings let the stale holder write).
+pub async fn fencing_compares_tokens_as_numbers(f: &HotFactory) {
+    let (fx, _) = open(f).await;
+    let o = oid("o1");
+    let mut prev = lease(&fx, "o1", "n1").await;
+    let mut cur = prev.clone();
+    while cur.token.get() < 10 {
+        fx.hot.put(&o, cur.token, "T", "k", b(&cur.token.to_string())).await.expect("put");
+        fx.guard.release(&cur).await.expect("release");
+        prev = cur;
+        cur = lease(&fx, "o1", "n1").await;
+        assert!(cur.token > prev.token, "token {} after {}", cur.token, prev.token);
+    }
+    fx.hot.write(&o, cur.token, WriteBatch::new("T")).await.expect("an empty write under the new lease");
+    let e = fx.hot.put(&o, prev.token, "T", "k", b("stale")).await.expect_err("stale");
+    assert!(
+        matches!(e.kind(), ErrorKind::Fenced { presented, current, .. } if *presented == prev.token && *current == cur.token),
+        "{e}"
+    );
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
+    let e = fx.guard.validate(&prev).await.expect_err("stale lease");
+    assert!(e.is_fenced(), "{e}");
+    assert!(fx.guard.refresh(&prev, TTL).await.expect_err("stale lease").is_fenced());
+    fx.guard.validate(&cur).await.expect("current");
+    fx.hot.put(&o, cur.token, "T", "k", b("new")).await.expect("the current holder writes");
+    assert_eq!(fx.hot.get(&o, "k").await.expect("get"), Some(b("new")));
+}
+
 /// A successful truncate, evict or restore under a higher token raises the object's token like
 /// a write does: afterwards the old token is fenced, naming the higher one.
 pub async fn successful_calls_with_a_higher_token_raise_it(f: &HotFactory) {
@@ -1460,6 +1525,9 @@ pub async fn successful_calls_with_a_higher_token_raise_it(f: &HotFactory) {
         assert_eq!(fx.hot.object_info(&l.object).await.expect("info"), None, "{}", l.object);
         let err = fx.hot.put(&l.object, l.token, "T", "a", b("stale")).await.expect_err("raised");
         assert!(err.is_fenced(), "{}: {err}", l.object);
+        // Only leases count for the guard (its contract): the lease is still current.
+        fx.guard.validate(l).await.expect("a token raised by the store leaves the lease current");
+        fx.guard.refresh(l, TTL).await.expect("a token raised by the store leaves the lease current");
     }
     let [t, e, r] = raised_by_truncate_evict_and_restore(&fx).await;
     for l in [&t, &e, &r] {
@@ -1874,8 +1942,10 @@ pub async fn refused_batches_under_a_higher_token_change_nothing(f: &HotFactory)
         let e = fx.hot.write(&l.object, higher, batch).await.expect_err(what);
         if over_a_limit {
             assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{what}: {e}");
+            assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         } else {
             assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{what}: {e}");
+            assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         }
         assert_eq!(fx.hot.get(&l.object, "a").await.expect("get"), None, "{what}: nothing of it written");
         let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
@@ -1885,6 +1955,7 @@ pub async fn refused_batches_under_a_higher_token_change_nothing(f: &HotFactory)
     // nothing truncated.
     let e = fx.hot.truncate_changes(&l.object, higher, 2).await.expect_err("beyond the last change");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let info = fx.hot.object_info(&l.object).await.expect("info").expect("exists");
     assert_eq!((info.max_token, info.last_seq, info.truncated_through), (l.token, 1, 0), "a refused truncation");
     assert_eq!(changes(&*fx.hot, &l.object, 0, 10).await.expect("changes").len(), 1, "change 1 still logged");
@@ -2030,6 +2101,7 @@ pub async fn a_takeover_raises_the_reported_token_before_any_write(f: &HotFactor
     assert_eq!(info.max_token, l2.token, "the new lease's token, before it wrote");
     let e = fx.hot.put(&l1.object, l1.token, "T", "k", b("late")).await.expect_err("old token");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     fx.guard.release(&l2).await.expect("release");
     let info = fx.hot.object_info(&l1.object).await.expect("info").expect("written");
     assert_eq!(info.max_token, l2.token, "a release keeps the token maximum");
@@ -2117,6 +2189,7 @@ pub async fn refresh_after_expiry_or_takeover_fails(f: &HotFactory) {
     let n = lease(&fx, "o1", "n2").await;
     let e = fx.guard.refresh(&l, TTL).await.expect_err("taken over");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.guard.current(&l.object).await.expect("current"), Some(n));
 }
 
@@ -2199,12 +2272,14 @@ pub async fn invalid_ttl_is_rejected(f: &HotFactory) {
     for ttl in [Duration::ZERO, Duration::from_secs(25 * 3600)] {
         let e = fx.guard.acquire(&oid("o1"), &nid("n1"), ttl).await.expect_err("bad ttl");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{ttl:?}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     }
     assert!(fx.guard.is_available(&oid("o1")).await.expect("available"));
     let l = lease(&fx, "o1", "n1").await;
     for ttl in [Duration::ZERO, Duration::from_secs(25 * 3600)] {
         let e = fx.guard.refresh(&l, ttl).await.expect_err("bad ttl");
         assert_eq!(e.kind(), &ErrorKind::InvalidInput, "refresh {ttl:?}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     }
     assert_eq!(fx.guard.current(&l.object).await.expect("current"), Some(l.clone()), "unchanged");
     let e = fx.guard.acquire(&oid("o2"), &nid("n1"), crate::guard::MAX_TTL + Duration::from_millis(1)).await;
@@ -2230,11 +2305,14 @@ pub async fn an_earlier_lease_of_the_same_holder_is_not_current(f: &HotFactory) 
     for earlier in [&first, &second] {
         let e = fx.guard.validate(earlier).await.expect_err("an earlier lease");
         assert!(e.is_fenced(), "validate {}: {e}", earlier.token);
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         let e = fx.guard.refresh(earlier, TTL).await.expect_err("an earlier lease");
         assert!(e.is_fenced(), "refresh {}: {e}", earlier.token);
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         fx.guard.release(earlier).await.expect("releasing an earlier lease is a no-op");
         let e = fx.hot.put(&earlier.object, earlier.token, "T", "k", b("stale")).await.expect_err("stale");
         assert!(e.is_fenced(), "put {}: {e}", earlier.token);
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     }
     assert_eq!(fx.guard.current(&third.object).await.expect("current"), Some(third.clone()));
     assert!(!fx.guard.is_available(&third.object).await.expect("available"));
@@ -2353,11 +2431,14 @@ pub async fn stale_calls_on_a_drained_object_change_nothing(f: &HotFactory) {
     let before = fx.hot.list(&old.object, KeyRange::all(), None).await.expect("list");
     let e = fx.hot.evict(&old.object, old.token).await.expect_err("stale evict");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let entries = vec![crate::Entry { key: "z".into(), value: b("x"), seq: 2 }];
     let e = fx.hot.restore(&old.object, old.token, entries, 2).await.expect_err("stale restore");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     let e = fx.hot.truncate_changes(&old.object, old.token, 2).await.expect_err("stale truncate");
     assert!(e.is_fenced(), "{e}");
+    assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
     assert_eq!(fx.hot.list(&old.object, KeyRange::all(), None).await.expect("list"), before, "state unchanged");
     let info = fx.hot.object_info(&old.object).await.expect("info").expect("exists");
     assert_eq!((info.last_seq, info.truncated_through, info.keys), (2, 2, 2));
@@ -2434,6 +2515,7 @@ pub async fn concurrent_takeover_has_one_winner(f: &HotFactory) {
         assert_late_acquire_names(&fx, &w).await;
         let e = fx.hot.put(&w.object, last.token, "T", "k", b("stale")).await.expect_err("the old holder");
         assert!(e.is_fenced(), "round {round}: {e}");
+        assert!(!e.is_retryable(), "a refusal no retry can mend is not retryable: {e}");
         last = w;
     }
 }
