@@ -1139,7 +1139,18 @@ impl LibsqlStore {
                         retry_pause(settings.backoff(attempt)).await;
                         continue;
                     }
-                    Err(TxError::Sql(e)) => return Err(error::map(e, doing, false)),
+                    // Another reader of a local file this store already holds open: a failure to
+                    // open it is the moment's (out of file descriptors: `CANTOPEN`, not retryable
+                    // at `open`, where it means a bad path); the same call succeeds once one frees.
+                    Err(TxError::Sql(e)) => {
+                        let e = error::map(e, doing, false);
+                        return Err(if pool.local_file && e.kind() == &ErrorKind::Unavailable && !e.is_retryable() {
+                            e.context(format!("{doing}: opening another reader connection (out of file descriptors?)"))
+                                .with_retryable(true)
+                        } else {
+                            e
+                        });
+                    }
                     Err(TxError::Api(e)) => return Err(e),
                 },
             };

@@ -815,7 +815,17 @@ impl Inner {
         let pooled = self.readers.lock().pop();
         let conn = match pooled {
             Some(c) => c,
-            None => open_connection(&self.path, &self.settings, false)?,
+            // Another reader of a file this store already holds open: a failure to open it is
+            // the moment's (out of file descriptors: `SQLITE_CANTOPEN`, not retryable at
+            // `open`, where it means a bad path), and the same call succeeds once one frees up.
+            None => open_connection(&self.path, &self.settings, false).map_err(|e| {
+                if e.kind() == &ErrorKind::Unavailable && !e.is_retryable() {
+                    e.context(format!("{doing}: opening another reader connection (out of file descriptors?)"))
+                        .with_retryable(true)
+                } else {
+                    e
+                }
+            })?,
         };
         let out = with_busy_retry(&self.settings, doing, || f(&conn).map_err(TxError::Sql));
         let mut pool = self.readers.lock();
