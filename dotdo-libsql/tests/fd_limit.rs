@@ -11,14 +11,7 @@ async fn a_reader_that_cannot_be_opened_for_want_of_descriptors_is_retryable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = LibsqlStore::local(dir.path().join("hot.db")).open().await.expect("open");
     let o = ObjectId::new("o").expect("id");
-    let l = dotdo_core::ConsistencyGuard::acquire(
-        &s,
-        &o,
-        &dotdo_core::NodeId::new("n").expect("id"),
-        std::time::Duration::from_secs(60),
-    )
-    .await
-    .expect("acquire");
+    let l = s.acquire(&o, &NodeId::new("n").expect("id"), std::time::Duration::from_secs(60)).await.expect("acquire");
     s.put(&o, l.token, "T", "k", "v".into()).await.expect("put");
     // Every descriptor the process may open, taken (the limit here is tens of thousands).
     let mut held = Vec::new();
