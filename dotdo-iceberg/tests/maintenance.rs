@@ -1416,7 +1416,6 @@ async fn a_schema_with_an_empty_struct_is_refused_before_the_table_is_created() 
 async fn user_table_bounds_cover_long_values_in_later_row_groups() {
     use arrow_array::{RecordBatch, StringArray};
     use arrow_schema::{DataType, Field, Schema};
-    use futures::TryStreamExt;
     use iceberg::expr::Reference;
     use iceberg::spec::Datum;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1432,22 +1431,17 @@ async fn user_table_bounds_cover_long_values_in_later_row_groups() {
     t.append("s", 1, vec![b]).await.expect("append");
     let table = cold.catalog().load_table(t.ident()).await.expect("load");
     for probe in [&high, &low] {
-        let rows: usize = table
-            .scan()
-            .with_filter(Reference::new("s").equal_to(Datum::string(probe)))
-            .build()
-            .expect("scan")
-            .to_arrow()
-            .await
-            .expect("arrow")
-            .try_collect::<Vec<_>>()
-            .await
-            .expect("rows")
-            .iter()
-            .map(|b| b.num_rows())
-            .sum();
+        let rows = filtered_rows(&table, Reference::new("s").equal_to(Datum::string(probe))).await;
         assert_eq!(rows, 1, "the file was pruned by bounds that leave out {probe:?}");
     }
+}
+
+/// Rows of `table` an iceberg-rust scan with `filter` returns (after its pruning by bounds).
+async fn filtered_rows(table: &iceberg::table::Table, filter: iceberg::expr::Predicate) -> usize {
+    use futures::TryStreamExt;
+    let scan = table.scan().with_filter(filter).build().expect("scan");
+    let batches: Vec<_> = scan.to_arrow().await.expect("arrow").try_collect().await.expect("rows");
+    batches.iter().map(|b| b.num_rows()).sum()
 }
 
 /// A user-table column holding a value over 256 bytes in a write gets no statistics: kept whole,
@@ -1458,7 +1452,6 @@ async fn user_table_bounds_cover_long_values_in_later_row_groups() {
 async fn user_table_long_values_get_no_statistics() {
     use arrow_array::{Int64Array, LargeBinaryArray, RecordBatch, StringArray};
     use arrow_schema::{DataType, Field, Schema};
-    use futures::TryStreamExt;
     use iceberg::expr::Reference;
     use iceberg::spec::Datum;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1523,22 +1516,7 @@ async fn user_table_long_values_get_no_statistics() {
             "n" => Reference::new("n").equal_to(Datum::long(3)),
             c => Reference::new(c).equal_to(Datum::string(probe)),
         };
-        let rows: usize = table
-            .scan()
-            .select(["n"])
-            .with_filter(filter)
-            .build()
-            .expect("scan")
-            .to_arrow()
-            .await
-            .expect("arrow")
-            .try_collect::<Vec<_>>()
-            .await
-            .expect("rows")
-            .iter()
-            .map(|b| b.num_rows())
-            .sum();
-        assert_eq!(rows, 1, "{column} = {probe:?}");
+        assert_eq!(filtered_rows(&table, filter).await, 1, "{column} = {probe:?}");
     }
 }
 

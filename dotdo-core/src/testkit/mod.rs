@@ -789,6 +789,34 @@ where
     }
 }
 
+/// For backends that open read connections as they need them (the SQL hot stores on a local
+/// file): reads that need a new connection while the process is out of file descriptors are a
+/// retryable `Unavailable` (the same read succeeds once descriptors free up), not the
+/// non-retryable answer a bad path gets at open; afterwards the read succeeds. Uses up every
+/// file descriptor of the process for a moment: call it from a test binary of its own.
+pub async fn assert_reads_without_descriptors_are_retryable<S: HotStore + ConsistencyGuard>(store: &S) {
+    use crate::HotStoreExt;
+    let o = crate::ObjectId::new("o").expect("id");
+    let ttl = std::time::Duration::from_secs(60);
+    let l = store.acquire(&o, &crate::NodeId::new("n").expect("id"), ttl).await.expect("acquire");
+    store.put(&o, l.token, "T", "k", "v".into()).await.expect("put");
+    // Every descriptor the process may open, taken.
+    let mut held = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        held.push(f);
+        assert!(held.len() < 10_000_000, "no descriptor limit reached");
+    }
+    let reads = futures::future::join_all((0..8).map(|_| store.get(&o, "k"))).await;
+    drop(held);
+    let failed: Vec<_> = reads.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(!failed.is_empty(), "no read needed a new connection");
+    for e in failed {
+        assert_eq!(e.kind(), &crate::ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable(), "a moment's shortage of descriptors: {e}");
+    }
+    assert_eq!(store.get(&o, "k").await.expect("descriptors free again"), Some("v".into()));
+}
+
 /// For the SQLite-family backends: text columns other readers damaged (text that is not UTF-8, a
 /// NUL, a blob where text belongs), each on its own object that `store` gave a lease and a
 /// change (`damage` runs the statement with the object id): the read that returns the column is
