@@ -5,7 +5,8 @@
 //! (ZSTD) to any `object_store` warehouse (`file://`, `memory://`, `s3://` incl. R2 and MinIO,
 //! `gs://`, `az://`), with the catalog on embedded SQLite by default for a local (`file://`)
 //! warehouse (in memory for `memory://`; an object-store warehouse names its catalog). Tables
-//! are standard Iceberg v2: PyIceberg, DuckDB, Spark and Trino read them.
+//! are standard Iceberg v2 (the tests read them with PyIceberg, and their data files with
+//! DuckDB's Parquet reader; Spark and Trino are not run here).
 //!
 //! Features: `s3` and `rest` (default) for S3-compatible warehouses and the REST catalog, `gcs`,
 //! `azure`; `sql` (default), the SQL catalog on SQLite, which links SQLite. Without `sql`

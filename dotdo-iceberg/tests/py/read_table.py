@@ -3,12 +3,14 @@
 usage: read_table.py <sqlite-catalog-file> <warehouse-url> <namespace.table> <as-of-snapshot-id>
 
 Prints {"current": id, "snapshots": [ids], "latest": rows, "as_of": rows, "summary_keys": [...],
-"operation": the current snapshot's operation, "data_files": live data files, ...}
+"operation": the current snapshot's operation, "data_files": live data files, "duckdb_latest":
+the live data files' rows as DuckDB's Parquet reader reads them, ...}
 where a row is [do_id, seq, key, op, value_hex, token, timestamp_us, type].
 """
 import json
 import sys
 
+import duckdb
 import pyarrow as pa
 from pyiceberg.catalog.sql import SqlCatalog
 
@@ -30,8 +32,18 @@ def rows(arrow_table: pa.Table):
     return out
 
 
+def duckdb_rows():
+    paths = [t.file.file_path.removeprefix("file://") for t in table.scan().plan_files()]
+    got = duckdb.sql(
+        'SELECT do_id, seq, key, op, value, token, epoch_us("timestamp"), "type" FROM read_parquet($paths)',
+        params={"paths": paths},
+    ).fetchall()
+    return sorted([d, s, k, o, bytes(v).hex(), t, ts, ty] for d, s, k, o, v, t, ts, ty in got)
+
+
 current = table.current_snapshot()
 print(json.dumps({
+    "duckdb_latest": duckdb_rows(),
     "current": current.snapshot_id,
     "snapshots": [s.snapshot_id for s in table.snapshots()],
     "latest": rows(table.scan().to_arrow()),
