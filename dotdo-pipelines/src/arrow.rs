@@ -9,7 +9,11 @@
 //!
 //! A batch the sink refuses for good (a table whose schema another engine changed, a user sink's
 //! refusal) would stop every roll, since a claimed batch is committed first:
-//! [`ArrowPipeline::take_refused`] takes it out (it is the caller's then) and the rest goes on.
+//! [`ArrowPipeline::take_refused`] takes it out (it is the caller's then) and the rest goes on,
+//! unless the rest is refused too: after another engine changed the table's schema in a way
+//! older batches cannot follow (see the schema-evolution section of the cold-store docs), every
+//! batch of the old shape is. Then open the table and the pipeline again with the new schema,
+//! and take the old batches out (`take_refused`, once per claim) to convert and send again.
 //!
 //! Each roll is one commit, so an Iceberg table fed by a pipeline gains a small file and a
 //! snapshot per roll: maintain it with `ArrowTable::compact`, `ArrowTable::expire_snapshots` and
