@@ -661,6 +661,23 @@ impl ObjectStoreStorage {
         key_in(&self.root, self.bucket.as_deref(), p).map_err(path_err)
     }
 
+    /// The key of a file read: as [`key`](Self::key), but a location outside the warehouse of a
+    /// file a table's metadata names (a manifest list, manifest or data file another engine
+    /// added from another bucket or scheme) is `Corrupt` naming it, as dotdo's own reads of
+    /// those files answer; only a table metadata file (`*.metadata.json`, whose location a
+    /// catalog hands over: a catalog pointing elsewhere is configuration) stays `InvalidInput`.
+    fn read_key(&self, p: &str) -> iceberg::Result<Path> {
+        key_in(&self.root, self.bucket.as_deref(), p).map_err(|msg| {
+            if p.ends_with(".metadata.json") {
+                return path_err(msg);
+            }
+            let e = Error::corrupt(format!(
+                "file {p:?}, named by the table's metadata, is no location in this warehouse: {msg}"
+            ));
+            iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string()).with_source(e)
+        })
+    }
+
     /// After a write: fsync the file `key` (at `location`), its directory (for its new entry),
     /// and once each the directories between that one and the warehouse's parent (any may be
     /// new), so that the file's content and its name survive a power loss; if this storage syncs.
@@ -747,7 +764,7 @@ fn sync_dir(dir: &std::path::Path) -> std::result::Result<(), (String, std::io::
 #[typetag::serde(name = "DotdoObjectStoreStorage")]
 impl Storage for ObjectStoreStorage {
     async fn exists(&self, path: &str) -> iceberg::Result<bool> {
-        match self.store.head(&self.key(path)?).await {
+        match self.store.head(&self.read_key(path)?).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(os_err(e)),
@@ -755,15 +772,15 @@ impl Storage for ObjectStoreStorage {
     }
 
     async fn metadata(&self, path: &str) -> iceberg::Result<FileMetadata> {
-        Ok(FileMetadata { size: self.store.head(&self.key(path)?).await.map_err(os_err)?.size })
+        Ok(FileMetadata { size: self.store.head(&self.read_key(path)?).await.map_err(os_err)?.size })
     }
 
     async fn read(&self, path: &str) -> iceberg::Result<Bytes> {
-        self.store.get(&self.key(path)?).await.map_err(os_err)?.bytes().await.map_err(os_err)
+        self.store.get(&self.read_key(path)?).await.map_err(os_err)?.bytes().await.map_err(os_err)
     }
 
     async fn reader(&self, path: &str) -> iceberg::Result<Box<dyn FileRead>> {
-        Ok(Box::new(OsRead { store: self.store.clone(), path: self.key(path)? }))
+        Ok(Box::new(OsRead { store: self.store.clone(), path: self.read_key(path)? }))
     }
 
     async fn write(&self, path: &str, bs: Bytes) -> iceberg::Result<()> {
@@ -966,11 +983,11 @@ impl OsWrite {
     /// waiting for room among the parts in flight.
     async fn send_part(&mut self, part: object_store::PutPayload) -> object_store::Result<()> {
         while let Some(done) = self.parts.try_join_next() {
-            part_result(done)?;
+            part_result(&self.key, done)?;
         }
         while self.parts.len() >= PARTS_IN_FLIGHT {
             match self.parts.join_next().await {
-                Some(done) => part_result(done)?,
+                Some(done) => part_result(&self.key, done)?,
                 None => break,
             }
         }
@@ -995,7 +1012,7 @@ impl OsWrite {
             self.send_part(part).await?;
         }
         while let Some(done) = self.parts.join_next().await {
-            part_result(done)?;
+            part_result(&self.key, done)?;
         }
         if let Some(upload) = self.upload.as_mut() {
             if let Err(e) = upload.complete().await {
@@ -1067,6 +1084,7 @@ async fn completed_anyway(
 
 /// A part upload's outcome (a task that panicked or was cancelled is a failed part).
 fn part_result(
+    key: &Path,
     done: std::result::Result<object_store::Result<()>, tokio::task::JoinError>,
 ) -> object_store::Result<()> {
     done.unwrap_or_else(|e| {
@@ -1074,6 +1092,24 @@ fn part_result(
             store: "multipart upload",
             source: format!("a part upload ended: {e}").into(),
         })
+    })
+    .map_err(|e| match crate::error::object_store_cause(&e) {
+        // A part answered `NotFound` (S3's `NoSuchUpload`: the upload expired, or an
+        // S3-compatible server lost it): not a missing file (`Corrupt`), a retryable failure that
+        // writing the file again mends, as at completion (`completed_anyway`). A missing bucket
+        // stays configuration.
+        crate::error::Cause::Missing(_) => {
+            tracing::warn!(key = %key, error = %e, "dotdo iceberg: a multipart part upload answered NotFound");
+            object_store::Error::Generic {
+                store: "multipart upload",
+                source: format!(
+                    "a part of the multipart upload of {key} was answered NotFound (the upload is gone): \
+                     write the file again"
+                )
+                .into(),
+            }
+        }
+        _ => e,
     })
 }
 

@@ -1951,6 +1951,18 @@ async fn a_failed_multipart_upload_is_aborted() {
     assert!(e.to_string().contains("write the file again") && !e.to_string().contains("404"), "{e}");
     assert_eq!(wait_for_aborts(4).await, 4, "the upload was aborted");
     assert!(common::files_ending_with(dir.path(), "gone.bin").is_empty());
+    // A part answered `NotFound` (the upload expired under the writer): likewise a failure to
+    // write again, not a missing file (it was `Corrupt`, or for a data file a non-retryable
+    // error failing the append for good).
+    let second = store.uploads.parts.load(Ordering::SeqCst) + 2;
+    store.uploads.not_found_part.store(second, Ordering::SeqCst);
+    let e = write_file("part-gone.bin").await.expect_err("the upload is gone");
+    let os =
+        std::error::Error::source(&e).and_then(|s| s.downcast_ref::<object_store::Error>()).expect("a store error");
+    assert!(matches!(os, object_store::Error::Generic { .. }), "{os:?}");
+    assert!(e.to_string().contains("write the file again") && !e.to_string().contains("NoSuchUpload"), "{e}");
+    assert_eq!(wait_for_aborts(5).await, 5, "the upload was aborted");
+    assert!(common::files_ending_with(dir.path(), "part-gone.bin").is_empty());
 }
 
 /// A large user-table append is written as contiguous row ranges side by side, one file each

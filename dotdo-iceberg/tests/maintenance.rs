@@ -2318,6 +2318,44 @@ async fn a_data_file_outside_the_warehouse_is_corrupt_not_invalid_input() {
     assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
 }
 
+/// The same for a user table, whose reads and compaction go through iceberg's own reader: a data
+/// file another engine added from outside the warehouse is `Corrupt` naming it (it was
+/// `InvalidInput`: "configuration", the storage's answer to a location it cannot map).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_table_data_file_outside_the_warehouse_is_corrupt_not_invalid_input() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    use iceberg::spec::{DataContentType, DataFileBuilder, Struct};
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cold = open(dir.path(), 1).await;
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let t = cold.arrow_table(&["u"], "foreign", schema.clone()).await.expect("table");
+    let b = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1]))]).expect("batch");
+    t.append("s", 1, vec![b]).await.expect("append");
+    let table = cold.catalog().load_table(t.ident()).await.expect("load");
+    let elsewhere = "ftp://elsewhere/data/foreign-00000.parquet";
+    let file = DataFileBuilder::default()
+        .content(DataContentType::Data)
+        .file_path(elsewhere.to_string())
+        .file_format(iceberg::spec::DataFileFormat::Parquet)
+        .partition_spec_id(table.metadata().default_partition_spec_id())
+        .partition(Struct::empty())
+        .record_count(1)
+        .file_size_in_bytes(100)
+        .build()
+        .expect("data file");
+    let tx = Transaction::new(&table);
+    let tx = tx.fast_append().add_data_files(vec![file]).apply(tx).expect("apply");
+    tx.commit(&*cold.catalog()).await.expect("another engine's append");
+    let e = t.read_all().await.expect_err("a file out of reach");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(elsewhere), "{e}");
+    let e = t.compact(CompactOptions::default()).await.expect_err("a file out of reach");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(elsewhere), "{e}");
+}
+
 /// Two catalog names on one warehouse, each with table `m.changes`: the second table gets a
 /// location of its own (the SQL catalog put both at `<warehouse>/m/changes`, and each cleanup
 /// deleted the other's files as unreferenced), and a cleanup of a table that shares its

@@ -342,6 +342,9 @@ pub struct UploadFaults {
     pub parts: AtomicU64,
     /// The part with this number (counting from 1, over all uploads) fails; 0: none.
     pub fail_part: AtomicU64,
+    /// The part with this number answers `NotFound` (S3's `NoSuchUpload`: the upload expired);
+    /// 0: none.
+    pub not_found_part: AtomicU64,
     /// The next `n` completions fail before they run.
     pub fail_completes: AtomicU64,
     /// Parts never finish (a stalled link).
@@ -729,6 +732,15 @@ impl MultipartUpload for FaultyUpload {
         if self.uploads.fail_part.load(Ordering::SeqCst) == n {
             let location = self.location.clone();
             return Box::pin(async move { Err(FaultyStore::err("put_part", &location)) });
+        }
+        if self.uploads.not_found_part.load(Ordering::SeqCst) == n {
+            let path = self.location.to_string();
+            return Box::pin(async move {
+                Err(object_store::Error::NotFound {
+                    path,
+                    source: "<Error><Code>NoSuchUpload</Code></Error> (test)".into(),
+                })
+            });
         }
         self.inner.put_part(data)
     }
