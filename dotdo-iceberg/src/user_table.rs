@@ -53,6 +53,9 @@ pub struct ArrowTable {
     user: SchemaRef,
     /// The same schema with Iceberg field ids, as the Parquet writer wants it.
     iceberg_arrow: SchemaRef,
+    /// Why this handle's batches cannot be appended any more, as its last append found (see
+    /// [`ArrowTable::shape_refused`]); shared by the handle's clones.
+    shape_refused: Arc<parking_lot::Mutex<Option<String>>>,
 }
 
 /// `data` with the type `to`, which equals its own but for nested fields' names and metadata (a
@@ -312,7 +315,7 @@ impl IcebergColdStore {
             false,
         )
         .await?;
-        Ok(ArrowTable { store: self.clone(), ident, user: schema, iceberg_arrow })
+        Ok(ArrowTable { store: self.clone(), ident, user: schema, iceberg_arrow, shape_refused: Default::default() })
     }
 }
 
@@ -724,6 +727,15 @@ impl ArrowTable {
         self.user.clone()
     }
 
+    /// Why batches of this handle's schema cannot be appended any more, if its last append of
+    /// rows found so: another engine changed the table's schema in a way they cannot follow (a
+    /// column dropped, renamed or retyped, a nested field changed: see `append`). Open the
+    /// table again with its new schema. `None` once an append of rows through this handle (or a
+    /// clone) succeeds again.
+    pub fn shape_refused(&self) -> Option<String> {
+        self.shape_refused.lock().clone()
+    }
+
     /// The table identifier.
     pub fn ident(&self) -> &TableIdent {
         &self.ident
@@ -880,11 +892,13 @@ impl ArrowTable {
                 } else {
                     evolved =
                         rebatched.iter().map(|b| conform(b, &current)).collect::<Option<Vec<_>>>().ok_or_else(|| {
-                            Error::invalid(format!(
-                                "{what}: the table's schema changed since this handle was opened in a way other than \
+                            let why = format!(
+                                "the table's schema changed since this handle was opened in a way other than \
                              added nullable columns (now {:?}); open the table again with the new schema",
                                 current.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>()
-                            ))
+                            );
+                            *self.shape_refused.lock() = Some(format!("{}: {why}", self.ident));
+                            Error::invalid(format!("{what}: {why}"))
                         })?;
                     &evolved
                 };
@@ -949,6 +963,7 @@ impl ArrowTable {
                             ));
                         }
                         let snapshot = t.metadata().current_snapshot().map(|s| s.snapshot_id());
+                        *self.shape_refused.lock() = None;
                         return Ok(ArrowCommit { snapshot, rows });
                     }
                     Err(e) => {
@@ -1235,7 +1250,13 @@ impl ArrowTable {
             )));
         };
         let known = Arc::new(arrow_schema::Schema::new_with_metadata(known, iceberg_arrow.metadata().clone()));
-        Ok(ArrowTable { store: self.store.clone(), ident: self.ident.clone(), user, iceberg_arrow: known })
+        Ok(ArrowTable {
+            store: self.store.clone(),
+            ident: self.ident.clone(),
+            user,
+            iceberg_arrow: known,
+            shape_refused: Default::default(),
+        })
     }
 
     /// Compact the table's small files (bin-packed to [`CompactOptions::target_file_size`](crate::CompactOptions::target_file_size),

@@ -12,8 +12,9 @@
 //! [`ArrowPipeline::take_refused`] takes it out (it is the caller's then) and the rest goes on,
 //! unless the rest is refused too: after another engine changed the table's schema in a way
 //! older batches cannot follow (see the schema-evolution section of the cold-store docs), every
-//! batch of the old shape is. Then open the table and the pipeline again with the new schema,
-//! and take the old batches out (`take_refused`, once per claim) to convert and send again.
+//! batch of the old shape is, and once a roll has found so, `send` refuses them
+//! (`InvalidInput`). Then open the table and the pipeline again with the new schema, and take
+//! the old batches out (`take_refused`, once per claim) to convert and send again.
 //!
 //! Each roll is one commit, so an Iceberg table fed by a pipeline gains a small file and a
 //! snapshot per roll: maintain it with `ArrowTable::compact`, `ArrowTable::expire_snapshots` and
@@ -48,6 +49,12 @@ pub trait ArrowSink: Send + Sync + Debug + 'static {
     async fn last_batch(&self, stream: &str) -> Result<u64>;
     /// Append `batches` as batch `id` of `stream`; returns the rows written (0 for a replay).
     async fn append(&self, stream: &str, id: u64, batches: Vec<RecordBatch>) -> Result<u64>;
+    /// Why batches of [`schema`](Self::schema) can no longer be appended, if the sink knows
+    /// (its table's schema changed under it in a way they cannot follow): `send` then refuses
+    /// them (`InvalidInput`) instead of accepting batches no roll can commit. Default `None`.
+    fn refuses_shape(&self) -> Option<String> {
+        None
+    }
 }
 
 #[cfg(feature = "iceberg")]
@@ -61,6 +68,9 @@ impl ArrowSink for dotdo_iceberg::ArrowTable {
     }
     async fn append(&self, stream: &str, id: u64, batches: Vec<RecordBatch>) -> Result<u64> {
         Ok(dotdo_iceberg::ArrowTable::append(self, stream, id, batches).await?.rows)
+    }
+    fn refuses_shape(&self) -> Option<String> {
+        self.shape_refused()
     }
 }
 
@@ -617,7 +627,9 @@ impl ArrowPipeline {
     /// Accept `batch` (it must have the sink's schema). With a durable log, `Ok` means it
     /// survives a process kill. A full buffer fails with a retryable `Unavailable`; a batch of
     /// more rows than `capacity` or more bytes than `capacity_bytes` with `LimitExceeded`; after
-    /// [`close`](Self::close), `Shutdown`. A durable log's I/O error at the send's commit is
+    /// [`close`](Self::close), `Shutdown`; once the sink says it refuses this schema for good
+    /// ([`ArrowSink::refuses_shape`]: a roll found the table's schema changed under it),
+    /// `InvalidInput`. A durable log's I/O error at the send's commit is
     /// `AmbiguousOutcome`: the batch may be in the log. If it is, the pipeline's rolls fail with
     /// `Corrupt` (its log holds a row it does not count as pending) until it is reopened, which
     /// delivers whatever the log holds: reopen the pipeline after such an error.
@@ -633,6 +645,15 @@ impl ArrowPipeline {
         // A batch the table would refuse for good, caught before it is logged (a roll could
         // never commit it, and the batches behind it would wait).
         dotdo_core::arrow_shape::check_values(&batch)?;
+        // Likewise every batch of this schema once the sink's table changed under it (another
+        // engine dropped a column, say): accepted, they filled the buffer, and then every send
+        // was a retryable `Unavailable` for ever.
+        if let Some(why) = inner.sink.refuses_shape() {
+            return Err(Error::invalid(format!(
+                "the sink refuses batches of this pipeline's schema for good ({why}): open the table and the \
+                 pipeline again with the table's schema; take_refused hands out the batches waiting"
+            )));
+        }
         if batch.num_rows() == 0 {
             // Nothing to deliver. Buffered (and logged), each empty batch would hold memory and a
             // log row that no capacity counts and no roll is ever due for.

@@ -722,6 +722,45 @@ async fn a_refused_batch_is_taken_out_and_the_rest_goes_on() {
     assert_eq!(ids(&t).await, want, "the taken-out batches' rows are not in the table");
 }
 
+/// After another engine changed the table's schema in a way the pipeline's batches cannot follow
+/// (a column dropped), `send` refuses them (`InvalidInput`, not retryable) once a roll found so:
+/// it accepted them, the buffer filled, and every send was then a retryable `Unavailable` for
+/// ever. The waiting batch is taken out, and a pipeline on the table opened again goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_schema_change_the_old_shape_is_refused_at_send() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["app"], "changes")
+        .build()
+        .await
+        .expect("store");
+    let t = store.arrow_table(&["app"], "users", schema()).await.expect("user table");
+    let p = ArrowPipeline::open("s", Arc::new(t.clone()), PipelineSettings::default()).expect("pipeline");
+    p.send(batch(0, 3)).expect("send");
+    p.send(batch(3, 1)).expect("send before any roll found the change");
+    let table = store.catalog().load_table(t.ident()).await.expect("load");
+    let tx = Transaction::new(&table);
+    let tx = tx.update_schema().delete_column("name").apply(tx).expect("apply");
+    tx.commit(&*store.catalog()).await.expect("another engine drops a column");
+    let e = p.roll().await.expect_err("the old shape");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    let e = p.send(batch(4, 2)).expect_err("no roll can commit it");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("open the table and the pipeline again"), "{e}");
+    let taken = p.take_refused().await.expect("take").expect("the claimed batches");
+    assert_eq!(taken.batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 4);
+    // Opened again with the table's schema: the pipeline goes on.
+    let id_only = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+    let t2 = store.arrow_table(&["app"], "users", id_only.clone()).await.expect("the table as it is now");
+    let p2 = ArrowPipeline::open("s", Arc::new(t2.clone()), PipelineSettings::default()).expect("pipeline");
+    let b = RecordBatch::try_new(id_only, vec![Arc::new(Int64Array::from(vec![10, 11]))]).expect("batch");
+    p2.send(b).expect("the new shape");
+    assert_eq!(p2.roll().await.expect("roll"), 2);
+    assert_eq!(ids(&t2).await, vec![10, 11]);
+}
+
 /// An Arrow pipeline takes the clock its rolls are timed by: the roll interval passes on a
 /// `ManualClock` (it used wall time, with no way to give it another clock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
