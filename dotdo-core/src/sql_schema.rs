@@ -768,6 +768,18 @@ impl Drop for CheckpointThread {
     }
 }
 
+/// Whether the process is out of file descriptors just now (`EMFILE`, or the system's table
+/// full: `ENFILE`): tried by opening `/dev/null`. For a store whose new connection failed to
+/// open (SQLite's `CANTOPEN`, which does not say why): then the failure is the moment's, and
+/// retryable, where a file made unreadable is not.
+pub fn out_of_file_descriptors() -> bool {
+    match std::fs::File::open("/dev/null") {
+        Ok(_) => false,
+        // EMFILE, ENFILE (the same numbers on Linux and the BSDs).
+        Err(e) => matches!(e.raw_os_error(), Some(23 | 24)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The WAL synced is the one SQLite writes: beside the file a symlinked path resolves to;

@@ -1397,9 +1397,11 @@ struct FlakyCold {
     /// Appends that fail with a non-retryable `Conflict` (a sink that gave up on this commit,
     /// such as dotdo-iceberg's "too slow to commit").
     refusals: std::sync::atomic::AtomicU32,
-    /// Appends holding this object fail with a non-retryable `Conflict` (a sink refusing the
-    /// object's commits for good).
+    /// Appends holding this object fail with a non-retryable `InvalidInput` (a sink refusing
+    /// the object's records for good).
     refused_object: parking_lot::Mutex<Option<ObjectId>>,
+    /// Every append fails with a non-retryable `Backend` error (access denied).
+    denied: std::sync::atomic::AtomicBool,
     /// Report commits without any watermark (a sink breaking the `ColdSink` contract).
     forget_watermarks: std::sync::atomic::AtomicBool,
     /// Appends that answer `AmbiguousOutcome` without landing.
@@ -1459,6 +1461,7 @@ impl FlakyCold {
             conflicts: 0.into(),
             refusals: 0.into(),
             refused_object: Default::default(),
+            denied: false.into(),
             forget_watermarks: false.into(),
             ambiguous_appends: 0.into(),
             lost_replies: 0.into(),
@@ -1513,9 +1516,12 @@ impl ColdSink for FlakyCold {
             self.refusals.store(left - 1, std::sync::atomic::Ordering::SeqCst);
             return Err(Error::new(ErrorKind::Conflict, "too slow to commit (test)").with_retryable(false));
         }
+        if self.denied.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::backend("access denied (test)").with_retryable(false));
+        }
         let refused = self.refused_object.lock().clone();
         if let Some(o) = refused.filter(|o| batch.objects.iter().any(|c| &c.object == o)) {
-            return Err(Error::new(ErrorKind::Conflict, format!("{o}: refused for good (test)")).with_retryable(false));
+            return Err(Error::invalid(format!("{o}: its records refused for good (test)")));
         }
         let mut commit = self.inner.append(batch).await?;
         let lost = self.lost_replies.load(std::sync::atomic::Ordering::SeqCst);
@@ -1642,24 +1648,47 @@ async fn a_failed_auto_flush_does_not_fail_a_committed_call() {
 /// An automatic flush refused for a reason about its object (not cold being out of reach)
 /// pauses only that object's automatic flushes: pausing the runtime's, an object refused at
 /// every commit held back every other object's (here, with the clock stopped, for good).
+/// The object's pause outlives its activation (with `keep_warm = 0` every call is an activation
+/// of its own: a pause kept with the activation was gone at the next call).
 #[tokio::test]
 async fn one_objects_refused_auto_flush_does_not_hold_back_the_others() {
+    for keep_warm in [settings().keep_warm, Duration::ZERO] {
+        let w = World::new();
+        let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: 1, keep_warm, ..settings() });
+        let (a, b) = (oid("a"), oid("b"));
+        *cold.refused_object.lock() = Some(a.clone());
+        for n in 1..=5 {
+            assert_eq!(incr(&rt, &a).await.expect("committed although its flush is refused"), n);
+            assert_eq!(incr(&rt, &b).await.expect("committed"), n);
+            assert_eq!(w.cold.watermark(&b).await.expect("wm").through, n, "b flushed after commit {n}");
+        }
+        assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 0);
+        assert_eq!(rt.metrics().flush_failures, 1, "{keep_warm:?}: a's next flushes wait out its own pause");
+        // a's pause ends like the runtime's did: a commit after it flushes everything pending.
+        *cold.refused_object.lock() = None;
+        w.clock.advance(dotdo_core::runtime::AUTO_FLUSH_PAUSE * 2);
+        assert_eq!(incr(&rt, &a).await.expect("flushed again"), 6);
+        assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 6);
+    }
+}
+
+/// A non-retryable failure of cold storage as a whole (access denied, a full warehouse: a
+/// `Backend` error) pauses every object's automatic flushes, as an outage does: it is about no
+/// one object, and each object paying a failing flush of its own before backing off only itself
+/// is what the runtime-wide pause is for.
+#[tokio::test]
+async fn a_refusal_by_cold_storage_as_a_whole_pauses_every_objects_auto_flush() {
     let w = World::new();
     let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: 1, ..settings() });
     let (a, b) = (oid("a"), oid("b"));
-    *cold.refused_object.lock() = Some(a.clone());
-    for n in 1..=5 {
-        assert_eq!(incr(&rt, &a).await.expect("committed although its flush is refused"), n);
-        assert_eq!(incr(&rt, &b).await.expect("committed"), n);
-        assert_eq!(w.cold.watermark(&b).await.expect("wm").through, n, "b flushed after commit {n}");
-    }
-    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 0);
-    assert_eq!(rt.metrics().flush_failures, 1, "a's next flushes wait out its own pause");
-    // a's pause ends like the runtime's did: a commit after it flushes everything pending.
-    *cold.refused_object.lock() = None;
+    cold.denied.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(incr(&rt, &a).await.expect("committed"), 1);
+    assert_eq!(incr(&rt, &b).await.expect("committed"), 1);
+    assert_eq!(rt.metrics().flush_failures, 1, "b's flush waits out the runtime's pause");
+    cold.denied.store(false, std::sync::atomic::Ordering::SeqCst);
     w.clock.advance(dotdo_core::runtime::AUTO_FLUSH_PAUSE * 2);
-    assert_eq!(incr(&rt, &a).await.expect("flushed again"), 6);
-    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 6);
+    assert_eq!(incr(&rt, &b).await.expect("flushed again"), 2);
+    assert_eq!(w.cold.watermark(&b).await.expect("wm").through, 2);
 }
 
 /// After an automatic flush fails, the next commits skip theirs for a while (`AUTO_FLUSH_PAUSE`,

@@ -663,7 +663,9 @@ impl Referenced<'_> {
     }
 
     /// [`snapshot`](Self::snapshot) of an old version's head: a manifest list or manifest that
-    /// is gone or damaged (`Corrupt`) is skipped, the others read; any other error fails.
+    /// is gone or damaged (`Corrupt`) is skipped, the others read; any other error fails, and so
+    /// does one at a location this store does not map (also `Corrupt` to a read: it may be
+    /// another spelling of this store, whose files it names must not be judged unreferenced).
     async fn snapshot_tolerant(&mut self, table: &iceberg::table::Table, s: &iceberg::spec::SnapshotRef) -> Result<()> {
         self.snapshot_as(table, s, None, true).await
     }
@@ -675,7 +677,8 @@ impl Referenced<'_> {
         removals: Option<&Removals<'_>>,
         tolerant: bool,
     ) -> Result<()> {
-        let skip = |e: &Error| tolerant && e.kind() == &ErrorKind::Corrupt;
+        let root = self.root;
+        let skip = |e: &Error, loc: &str| tolerant && e.kind() == &ErrorKind::Corrupt && root.holds(loc);
         self.add(s.manifest_list())?;
         if let Some(cp) = summary::checkpoint(s) {
             self.add(cp)?;
@@ -683,7 +686,7 @@ impl Referenced<'_> {
         let what = format!("manifest list {}", s.manifest_list());
         let list = match read_metadata_file(&what, table.manifest_list_reader(s).load()).await {
             Ok(list) => list,
-            Err(e) if skip(&e) => {
+            Err(e) if skip(&e, s.manifest_list()) => {
                 tracing::debug!(error = %e, "cleanup: an old head's manifest list is gone");
                 return Ok(());
             }
@@ -700,7 +703,7 @@ impl Referenced<'_> {
             let what = format!("manifest {}", mf.manifest_path);
             let m = match read_metadata_file(&what, mf.load_manifest(table.file_io())).await {
                 Ok(m) => m,
-                Err(e) if skip(&e) => {
+                Err(e) if skip(&e, &mf.manifest_path) => {
                     tracing::debug!(error = %e, "cleanup: an old head's manifest is gone");
                     continue;
                 }

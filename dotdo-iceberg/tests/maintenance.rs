@@ -1650,6 +1650,53 @@ async fn a_later_compaction_keeps_the_record_of_recent_removals() {
     recent_removals_survive_a_later_compaction(2, Some(0), Some(1), 1, [3, 4, 7]).await;
 }
 
+/// A table version the cleanup's walk of the metadata log reads (current moments ago) whose head
+/// names its manifest list at a location this store does not map (another spelling of it, or
+/// another engine's bucket): the cleanup fails, deleting nothing, rather than skip that head as
+/// gone and judge the files it names unreferenced (a read of such a location is `Corrupt`, as a
+/// missing file's is, since iceberg's own reader names it so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logged_version_whose_head_lies_outside_the_store_fails_the_cleanup() {
+    use dotdo_core::{Clock, ManualClock, SystemClock};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(SystemClock::new().now());
+    let cold = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .with_clock(Arc::new(clock.clone()))
+        .build()
+        .await
+        .expect("open");
+    let o = ObjectId::new("o").expect("id");
+    for seq in 1..=3 {
+        cold.append(ColdBatch::single(o.clone(), FencingToken::new(1), vec![common::put(&o, seq, "k", "v", 1)]))
+            .await
+            .expect("append");
+    }
+    let before = cold.refresh().await.expect("table");
+    let old_head = before.metadata().current_snapshot().expect("head").snapshot_id();
+    cold.compact(CompactOptions::default()).await.expect("compaction");
+    clock.advance(std::time::Duration::from_millis(1));
+    cold.expire_snapshots(std::time::Duration::ZERO, 1).await.expect("expire all but the head");
+    let table = cold.refresh().await.expect("table");
+    let mut edited = 0;
+    for logged in table.metadata().metadata_log() {
+        common::edit_metadata(&logged.metadata_file, |m| {
+            for snap in m["snapshots"].as_array_mut().into_iter().flatten() {
+                if snap["snapshot-id"].as_i64() == Some(old_head) {
+                    snap["manifest-list"] = serde_json::json!("s3://elsewhere/wh/m/changes/metadata/snap-x.avro");
+                    edited += 1;
+                }
+            }
+        });
+    }
+    assert!(edited > 0, "no logged version holds the old head");
+    let files = common::files_ending_with(dir.path(), ".parquet").len();
+    let e = cold.remove_unreferenced_files(std::time::Duration::from_secs(3600)).await.expect_err("a head elsewhere");
+    assert!(e.to_string().contains("s3://elsewhere"), "{e}");
+    assert_eq!(common::files_ending_with(dir.path(), ".parquet").len(), files, "nothing deleted");
+}
+
 /// Three appends, the data files made to look two hours old, compaction `first`, `between`
 /// appends, compaction `second`, expiry of all but the head, cleanups within and past the
 /// window. `counts`: files the two compactions remove, files the last cleanup deletes.

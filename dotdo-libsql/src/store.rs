@@ -1144,12 +1144,20 @@ impl LibsqlStore {
                     // at `open`, where it means a bad path); the same call succeeds once one frees.
                     Err(TxError::Sql(e)) => {
                         let e = error::map(e, doing, false);
-                        return Err(if pool.local_file && e.kind() == &ErrorKind::Unavailable && !e.is_retryable() {
-                            e.context(format!("{doing}: opening another reader connection (out of file descriptors?)"))
+                        return Err(
+                            if pool.local_file
+                                && e.kind() == &ErrorKind::Unavailable
+                                && !e.is_retryable()
+                                && dotdo_core::sql_schema::out_of_file_descriptors()
+                            {
+                                e.context(format!(
+                                    "{doing}: opening another reader connection (out of file descriptors?)"
+                                ))
                                 .with_retryable(true)
-                        } else {
-                            e
-                        });
+                            } else {
+                                e
+                            },
+                        );
                     }
                     Err(TxError::Api(e)) => return Err(e),
                 },

@@ -819,7 +819,10 @@ impl Inner {
             // the moment's (out of file descriptors: `SQLITE_CANTOPEN`, not retryable at
             // `open`, where it means a bad path), and the same call succeeds once one frees up.
             None => open_connection(&self.path, &self.settings, false).map_err(|e| {
-                if e.kind() == &ErrorKind::Unavailable && !e.is_retryable() {
+                if e.kind() == &ErrorKind::Unavailable
+                    && !e.is_retryable()
+                    && dotdo_core::sql_schema::out_of_file_descriptors()
+                {
                     e.context(format!("{doing}: opening another reader connection (out of file descriptors?)"))
                         .with_retryable(true)
                 } else {

@@ -235,11 +235,13 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
     // survivor then drained.
     let mut rounds_with_leftovers = 0u32;
     // Rounds killed inside a flush (after `FLUSHING`, before `FLUSHED`: during the Iceberg commit
-    // or between it and the hot log's truncation). From the second round on, a round is killed as
-    // its child starts a flush until one such kill landed (a flush that ends before the kill
-    // arrives leaves it to the next round).
+    // or between it and the hot log's truncation). From the second round on, a round is killed 0
+    // to 15 ms after its child starts a flush until one such kill landed (a flush that ends
+    // before the kill arrives leaves it to the next round, up to ten rounds more).
     let mut killed_in_flush = 0u32;
-    for round in 0..kills {
+    // Rounds past `kills` are run only while no kill landed inside a flush (at most ten more).
+    let mut round = 0u32;
+    while round < kills || (kills >= 2 && killed_in_flush == 0 && round < kills + 10) {
         let mut child = dotdo_core::testkit::process::KillOnDrop(
             Command::new(&exe)
                 .args(["runtime_child_process", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
@@ -291,6 +293,10 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
                 Err(e) => panic!("round {round}: child stopped acknowledging: {e}"),
             }
         }
+        if at_a_flush {
+            // Somewhere in the flush: its Iceberg commit, or between it and the truncation.
+            std::thread::sleep(Duration::from_millis(u64::from(round % 4) * 5));
+        }
         dotdo_core::testkit::process::sigkill(&mut child, &format!("round {round}"));
         reader.join().expect("reader");
         while let Ok(line) = rx.try_recv() {
@@ -341,7 +347,9 @@ fn runtime_process_killed_with_sigkill_recovers_on_another_node() {
             s.hot.integrity_check().await.expect("sqlite integrity");
             max_acked = n;
         });
+        round += 1;
     }
+    let kills = round;
     println!(
         "runtime crash: {kills} SIGKILLs ({killed_in_flush} inside a flush), {max_acked} increments, all in hot \
          and exactly once in Iceberg; {rounds_with_leftovers} rounds left changes for the survivor to drain"

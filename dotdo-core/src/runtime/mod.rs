@@ -258,11 +258,6 @@ struct Active {
     /// only once its estimate of the pending changes, from a write's `last_seq`, reaches the
     /// threshold. Read on every write, a put into an object of 100k keys cost ~20 ms.
     truncated_hint: Option<Seq>,
-    /// Automatic flushes of this object that failed in a row for a reason about the object
-    /// (see [`about_the_object`]), and until when (monotonic) its next ones are skipped: such a
-    /// failure pauses only this object's, where pausing the runtime's let one object failing at
-    /// every commit hold back every other object's automatic flushes.
-    flush_pause: (u32, Duration),
 }
 
 #[derive(Debug, Default)]
@@ -339,6 +334,13 @@ pub(crate) struct Inner {
     /// Automatic flushes that failed in a row, and until when (the clock's monotonic time) the
     /// next ones are skipped: see [`AUTO_FLUSH_PAUSE`].
     auto_flush_pause: parking_lot::Mutex<(u32, Duration)>,
+    /// Per object: automatic flushes that failed in a row for a reason about the object (see
+    /// [`about_the_object`]), and until when its next ones are skipped. Such a failure pauses
+    /// only that object's (pausing the runtime's, one object refused at every commit held back
+    /// every other object's); kept here, not with the activation, so that the pause outlives
+    /// it (with `keep_warm = 0` every call is an activation of its own). Entries go once a
+    /// flush of the object runs, and expired ones as others are added.
+    object_flush_pause: parking_lot::Mutex<HashMap<ObjectId, (u32, Duration)>>,
 }
 
 /// After an automatic flush fails (cold storage unreachable, say), the next commits skip theirs
@@ -467,6 +469,7 @@ impl ObjectRuntimeBuilder {
                 in_flight: AtomicUsize::new(0),
                 metrics: parking_lot::Mutex::new(RuntimeMetrics::default()),
                 auto_flush_pause: parking_lot::Mutex::new((0, Duration::ZERO)),
+                object_flush_pause: Default::default(),
             }),
         })
     }
@@ -855,7 +858,7 @@ impl ObjectRuntime {
         // the call's (a caller told "failed" would repeat a write that happened). Undrained
         // changes stay in the hot log for the next flush.
         let threshold = inner.settings.flush_after_changes;
-        if threshold > 0 && !auto_flush_paused(inner) && inner.clock.monotonic() >= active.flush_pause.1 {
+        if threshold > 0 && !auto_flush_paused(inner) && !object_flush_paused(inner, object) {
             let token = active.lease.granted.token;
             let flushed = async {
                 // An estimate at least the pending count (see `Active::truncated_hint`): below
@@ -880,20 +883,16 @@ impl ObjectRuntime {
                 // objects', during a cold outage) kept resetting it to its first second.
                 Ok(true) => {
                     inner.auto_flush_pause.lock().0 = 0;
-                    if let Some(a) = slot.active.as_mut() {
-                        a.flush_pause.0 = 0;
-                    }
+                    inner.object_flush_pause.lock().remove(object);
                 }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "dotdo: committed; the auto-flush to cold failed and is left to the next flush");
                     inner.metrics.lock().flush_failures += 1;
-                    match slot.active.as_mut() {
-                        Some(a) if about_the_object(&e) => {
-                            a.flush_pause.0 = a.flush_pause.0.saturating_add(1);
-                            a.flush_pause.1 = inner.clock.monotonic().saturating_add(auto_flush_wait(a.flush_pause.0));
-                        }
-                        _ => pause_auto_flush(inner),
+                    if about_the_object(&e) {
+                        pause_object_flush(inner, object);
+                    } else {
+                        pause_auto_flush(inner);
                     }
                     if activation_spent(&e) {
                         // Another holder took over while draining, or the hot store is behind
@@ -1089,7 +1088,6 @@ impl ObjectRuntime {
             evict_again: false,
             cold_unverified: false,
             truncated_hint: None,
-            flush_pause: (0, Duration::ZERO),
         };
         let loading = Stopwatch::start(inner.clock.clone());
         let (recovery, keys, bytes, snapshot) = match self.recover(object, &mut active, &mut hand).await {
@@ -3524,16 +3522,48 @@ fn pause_auto_flush(inner: &Inner) {
     pause.1 = now.saturating_add(auto_flush_wait(pause.0));
 }
 
+/// Whether `object`'s automatic flushes are paused after a refusal about it.
+fn object_flush_paused(inner: &Inner, object: &ObjectId) -> bool {
+    let now = inner.clock.monotonic();
+    inner.object_flush_pause.lock().get(object).is_some_and(|(_, until)| now < *until)
+}
+
+/// Skip `object`'s automatic flushes for a while after one was refused for a reason about it
+/// (as [`pause_auto_flush`] the runtime's); expired pauses of other objects are dropped.
+fn pause_object_flush(inner: &Inner, object: &ObjectId) {
+    let now = inner.clock.monotonic();
+    let mut pauses = inner.object_flush_pause.lock();
+    // Expired pauses keep their count of failures in a row (the next failure doubles it) only
+    // while few objects are paused: a long list is trimmed to the current ones.
+    if pauses.len() >= 1024 {
+        pauses.retain(|_, (_, until)| now < *until);
+    }
+    let p = pauses.entry(object.clone()).or_insert((0, Duration::ZERO));
+    p.0 = p.0.saturating_add(1);
+    p.1 = now.saturating_add(auto_flush_wait(p.0));
+}
+
 /// How long automatic flushes pause after `failures` (at least 1) in a row.
 fn auto_flush_wait(failures: u32) -> Duration {
     AUTO_FLUSH_PAUSE.saturating_mul(1 << (failures.max(1) - 1).min(6)).min(AUTO_FLUSH_MAX_PAUSE)
 }
 
 /// Whether an automatic flush's failure is about its object (cold refusing its records, its hot
-/// changes differing from cold's: not mended by waiting), rather than about cold storage (out
-/// of reach, busy, an answer lost), which pauses every object's automatic flushes.
+/// changes differing from cold's, a newer holder: not mended by waiting), rather than about cold
+/// storage (out of reach, busy, an answer lost, access denied, full), which pauses every
+/// object's automatic flushes.
 fn about_the_object(e: &Error) -> bool {
-    !e.is_retryable() && !matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::AmbiguousOutcome)
+    // Named, not inferred: a non-retryable `Backend` or `Conflict` (access denied, a full or
+    // read-only warehouse, a store too slow to commit) is about cold storage, every object's.
+    !e.is_retryable()
+        && matches!(
+            e.kind(),
+            ErrorKind::InvalidInput
+                | ErrorKind::LimitExceeded { .. }
+                | ErrorKind::Corrupt
+                | ErrorKind::Fenced { .. }
+                | ErrorKind::LeaseLost { .. }
+        )
 }
 
 /// The token of a change written by a newer holder than `token`, if `records` hold one: the

@@ -1490,6 +1490,10 @@ pub async fn fencing_compares_tokens_as_numbers(f: &HotFactory) {
     let (fx, _) = open(f).await;
     let o = oid("o1");
     let mut prev = lease(&fx, "o1", "n1").await;
+    if prev.token.get() >= 10 {
+        // A backend whose first token has two digits already: no one-digit token to try.
+        return;
+    }
     let mut cur = prev.clone();
     while cur.token.get() < 10 {
         fx.hot.put(&o, cur.token, "T", "k", b(&cur.token.to_string())).await.expect("put");

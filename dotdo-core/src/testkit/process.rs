@@ -250,17 +250,18 @@ async fn fence_child(hot: Arc<dyn HotStore>, guard: Arc<dyn ConsistencyGuard>, n
             clock.sleep(FENCE_TTL * 2).await;
         }
         let next = current + 1;
-        let sent = clock.now().as_micros();
         // A busy moment (retryable) is retried, a bounded number of times: a stale write must end
         // `Fenced`, which the parent then checks; refused as retryable it would go uncounted.
+        // The time reported is the last attempt's (the one whose answer is reported).
         let mut tries = 0;
-        let written = loop {
+        let (written, sent) = loop {
+            let sent = clock.now().as_micros();
             match hot.put(&object, lease.token, "Counter", "n", Bytes::from(next.to_string())).await {
                 Err(e) if e.is_retryable() && tries < 100 => {
                     tries += 1;
                     clock.sleep(Duration::from_millis(3)).await;
                 }
-                other => break other,
+                other => break (other, sent),
             }
         };
         match written {
