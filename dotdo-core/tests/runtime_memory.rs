@@ -1672,6 +1672,23 @@ async fn one_objects_refused_auto_flush_does_not_hold_back_the_others() {
     }
 }
 
+/// An object drained by `flush` (the refusal mended) ends its automatic flushes' pause: the
+/// next commit flushes again at once (the pause ran on, up to a minute, after the drain).
+#[tokio::test]
+async fn a_drained_object_ends_its_auto_flush_pause() {
+    let w = World::new();
+    let (cold, rt) = w.flaky_cold_runtime(RuntimeSettings { flush_after_changes: 1, ..settings() });
+    let a = oid("a");
+    *cold.refused_object.lock() = Some(a.clone());
+    assert_eq!(incr(&rt, &a).await.expect("committed although its flush is refused"), 1);
+    assert_eq!(rt.metrics().flush_failures, 1);
+    *cold.refused_object.lock() = None;
+    rt.flush(&a).await.expect("drained by hand");
+    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 1);
+    assert_eq!(incr(&rt, &a).await.expect("committed"), 2);
+    assert_eq!(w.cold.watermark(&a).await.expect("wm").through, 2, "flushed at once, the clock unmoved");
+}
+
 /// A non-retryable failure of cold storage as a whole (access denied, a full warehouse: a
 /// `Backend` error) pauses every object's automatic flushes, as an outage does: it is about no
 /// one object, and each object paying a failing flush of its own before backing off only itself

@@ -730,8 +730,9 @@ impl ArrowTable {
     /// Why batches of this handle's schema cannot be appended any more, if its last append of
     /// rows found so: another engine changed the table's schema in a way they cannot follow (a
     /// column dropped, renamed or retyped, a nested field changed: see `append`). Open the
-    /// table again with its new schema. `None` once an append of rows through this handle (or a
-    /// clone) succeeds again.
+    /// table again with its new schema. `None` again once an append of rows through this handle
+    /// (or a clone) succeeds, or [`last_batch`](Self::last_batch) finds the table's schema
+    /// taking its batches again.
     pub fn shape_refused(&self) -> Option<String> {
         self.shape_refused.lock().clone()
     }
@@ -805,7 +806,24 @@ impl ArrowTable {
 
     /// The highest batch id committed by `stream` (0 if none).
     pub async fn last_batch(&self, stream: &str) -> Result<u64> {
-        marks(&self.load().await?)?.get(stream)
+        let table = self.load().await?;
+        self.recheck_shape(&table);
+        marks(&table)?.get(stream)
+    }
+
+    /// Forget [`shape_refused`](Self::shape_refused) once `table`'s current schema takes this
+    /// handle's batches again (the change undone, say).
+    fn recheck_shape(&self, table: &Table) {
+        if self.shape_refused.lock().is_none() {
+            return;
+        }
+        let Ok(current) = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema()) else { return };
+        let current = Arc::new(current);
+        if current == self.iceberg_arrow
+            || conform(&RecordBatch::new_empty(self.iceberg_arrow.clone()), &current).is_some()
+        {
+            *self.shape_refused.lock() = None;
+        }
     }
 
     /// Append `batches` as batch `batch_id` of `stream`, exactly once (see the module docs).

@@ -159,8 +159,11 @@ impl Conn {
     /// INSERT statements and libsql's client reads it from the batch's last statement only.
     pub(crate) async fn run_program(&mut self, program: Program) -> libsql::Result<Option<i64>> {
         let out = if self.batch { self.program_rendered(program).await } else { self.program_prepared(program).await };
-        if out.is_err() {
-            // Nothing of a failed transaction may stay applied.
+        // Nothing of a failed transaction may stay applied. A remote batch closes its own server
+        // stream, which rolls back whatever failed (libsql still reads the connection as inside
+        // a transaction: its answer was taken before the close): a `ROLLBACK` then went as a
+        // second request, on a new stream, within the write's own time budget.
+        if out.is_err() && !(self.remote && self.batch) {
             self.roll_back_if_open().await;
         }
         out

@@ -340,7 +340,9 @@ pub(crate) fn range_sql(range: &KeyRange) -> (String, Vec<Value>) {
 macro_rules! answer_size {
     ($($text:literal),*) => {
         concat!(
-            "(length(CAST(key AS BLOB)) + CASE typeof(value) WHEN 'blob' THEN length(value) \
+            // (A NULL key, damage, counts 0: the row is answered, and refused as `Corrupt`; a
+            // NULL size left it out of the page without a word.)
+            "(ifnull(length(CAST(key AS BLOB)), 0) + CASE typeof(value) WHEN 'blob' THEN length(value) \
              ELSE ifnull(length(CAST(value AS BLOB)), 0) END",
             $(" + ifnull(length(CAST(", $text, " AS BLOB)), 0)",)*
             " + 256)"

@@ -119,6 +119,60 @@ async fn a_fenced_write_is_one_round_trip_to_the_primary() {
     assert_eq!(store.read_changes(&obj, 0, 100).await.expect("log").len(), 4);
 }
 
+/// A remote write the primary refuses midway (here a trigger raising an error) is one round
+/// trip: the batch's stream closes, rolling back; a `ROLLBACK` was sent after it as a second
+/// request, on a new stream, within the write's time budget (a stall there turned a definite
+/// failure into `AmbiguousOutcome`). Nothing is applied.
+#[tokio::test]
+async fn a_refused_remote_write_is_one_round_trip_and_applies_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = HranaServer::start(&dir.path().join("primary.db"), TOKEN);
+    let store = LibsqlStore::remote(server.url(), TOKEN).open().await.expect("open");
+    let (obj, node) = (ObjectId::new("o").expect("valid"), NodeId::new("n").expect("valid"));
+    let lease = store.acquire(&obj, &node, Duration::from_secs(30)).await.expect("acquire");
+    let raw = libsql::Builder::new_local(dir.path().join("primary.db")).build().await.expect("raw open");
+    raw.connect()
+        .expect("connect")
+        .execute("CREATE TRIGGER boom BEFORE INSERT ON do_changes BEGIN SELECT RAISE(ABORT, 'boom'); END", ())
+        .await
+        .expect("trigger");
+    let before = server.requests();
+    let e = store.put(&obj, lease.token, "T", "k", "v".into()).await.expect_err("refused by the primary");
+    assert_ne!(e.kind(), &ErrorKind::AmbiguousOutcome, "{e}");
+    assert_eq!(server.requests() - before, 1, "one round trip: {e}");
+    assert_eq!(store.get(&obj, "k").await.expect("get"), None, "nothing applied");
+}
+
+/// A `do_state` row whose key is NULL (a table made without `NOT NULL`, damaged) is `Corrupt` to
+/// a remote listing, as on a local file: its size was NULL, and the page left it out without a
+/// word.
+#[tokio::test]
+async fn a_remote_listing_of_a_row_without_a_key_is_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("primary.db");
+    {
+        let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+        raw.connect()
+            .expect("connect")
+            .execute(
+                "CREATE TABLE do_state (do_id TEXT NOT NULL, key TEXT, value BLOB NOT NULL, seq INTEGER NOT NULL, \
+                 UNIQUE (do_id, key))",
+                (),
+            )
+            .await
+            .expect("a do_state without NOT NULL on its key");
+    }
+    let server = HranaServer::start(&path, TOKEN);
+    let store = LibsqlStore::remote(server.url(), TOKEN).open().await.expect("open");
+    let (obj, node) = (ObjectId::new("o").expect("valid"), NodeId::new("n").expect("valid"));
+    let lease = store.acquire(&obj, &node, Duration::from_secs(30)).await.expect("acquire");
+    store.put(&obj, lease.token, "T", "k", "v".into()).await.expect("put");
+    let raw = libsql::Builder::new_local(&path).build().await.expect("raw open");
+    raw.connect().expect("connect").execute("UPDATE do_state SET key = NULL", ()).await.expect("damage");
+    let e = store.list(&obj, dotdo_core::KeyRange::all(), None).await.expect_err("a row without a key");
+    assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+}
+
 /// A remote write whose (caller's) clock panics: the panic goes on in the caller's task, as on
 /// a local file, and nothing is sent. The remote driver caught it as libsql's HTTP client
 /// failing on an answer: `AmbiguousOutcome` ("broke off after the request was sent") for a

@@ -52,6 +52,8 @@ pub trait ArrowSink: Send + Sync + Debug + 'static {
     /// Why batches of [`schema`](Self::schema) can no longer be appended, if the sink knows
     /// (its table's schema changed under it in a way they cannot follow): `send` then refuses
     /// them (`InvalidInput`) instead of accepting batches no roll can commit. Default `None`.
+    /// A sink that says so should look again at [`last_batch`](Self::last_batch), which
+    /// `take_refused` and every claim call (dotdo-iceberg's `ArrowTable` does).
     fn refuses_shape(&self) -> Option<String> {
         None
     }
@@ -547,7 +549,15 @@ impl ArrowPipeline {
     pub async fn take_refused(&self) -> Result<Option<RefusedBatch>> {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;
-        let Some((id, batches)) = inner.buf.lock().claimed.clone() else { return Ok(None) };
+        let claimed = inner.buf.lock().claimed.clone();
+        let Some((id, batches)) = claimed else {
+            // Nothing claimed: a sink refusing this schema is asked again (its table's schema
+            // may have been put back), so that `send` takes batches once it would commit them.
+            if inner.sink.refuses_shape().is_some() {
+                inner.sink.last_batch(&inner.stream).await?;
+            }
+            return Ok(None);
+        };
         inner.commits.refuse_if_open(id)?;
         if inner.buf.lock().inherited.contains(&id) {
             inner.commits.refuse_if_inherited_unanswered(id, std::iter::once(""))?;

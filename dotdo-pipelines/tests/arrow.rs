@@ -751,6 +751,24 @@ async fn after_a_schema_change_the_old_shape_is_refused_at_send() {
     assert!(e.to_string().contains("open the table and the pipeline again"), "{e}");
     let taken = p.take_refused().await.expect("take").expect("the claimed batches");
     assert_eq!(taken.batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 4);
+    // The change undone (the table's current schema set back): once `take_refused` has looked
+    // again, the old shape is taken and committed.
+    let location =
+        store.catalog().load_table(t.ident()).await.expect("load").metadata_location().expect("location").to_string();
+    let path = location.strip_prefix("file://").expect("local");
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+    let before_drop = meta["current-schema-id"].as_i64().expect("id") - 1;
+    meta["current-schema-id"] = serde_json::json!(before_drop);
+    std::fs::write(path, serde_json::to_vec(&meta).expect("encode")).expect("write");
+    assert!(p.send(batch(20, 1)).is_err(), "refused until looked at again");
+    assert!(p.take_refused().await.expect("look again").is_none());
+    p.send(batch(20, 1)).expect("the old shape, taken again");
+    assert_eq!(p.roll().await.expect("committed"), 1);
+    // The column dropped again for good, for what follows.
+    let table = store.catalog().load_table(t.ident()).await.expect("load");
+    let tx = Transaction::new(&table);
+    let tx = tx.update_schema().delete_column("name").apply(tx).expect("apply");
+    tx.commit(&*store.catalog()).await.expect("another engine drops the column again");
     // Opened again with the table's schema: the pipeline goes on.
     let id_only = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
     let t2 = store.arrow_table(&["app"], "users", id_only.clone()).await.expect("the table as it is now");
@@ -758,7 +776,7 @@ async fn after_a_schema_change_the_old_shape_is_refused_at_send() {
     let b = RecordBatch::try_new(id_only, vec![Arc::new(Int64Array::from(vec![10, 11]))]).expect("batch");
     p2.send(b).expect("the new shape");
     assert_eq!(p2.roll().await.expect("roll"), 2);
-    assert_eq!(ids(&t2).await, vec![10, 11]);
+    assert_eq!(ids(&t2).await, vec![10, 11, 20]);
 }
 
 /// An Arrow pipeline takes the clock its rolls are timed by: the roll interval passes on a

@@ -338,8 +338,9 @@ pub(crate) struct Inner {
     /// [`about_the_object`]), and until when its next ones are skipped. Such a failure pauses
     /// only that object's (pausing the runtime's, one object refused at every commit held back
     /// every other object's); kept here, not with the activation, so that the pause outlives
-    /// it (with `keep_warm = 0` every call is an activation of its own). Entries go once a
-    /// flush of the object runs, and expired ones as others are added.
+    /// it (with `keep_warm = 0` every call is an activation of its own). Entries go once the
+    /// object is drained (its automatic flush, `flush`, `flush_all`), and expired ones as others
+    /// are added.
     object_flush_pause: parking_lot::Mutex<HashMap<ObjectId, (u32, Duration)>>,
 }
 
@@ -1969,7 +1970,10 @@ impl ObjectRuntime {
                     continue;
                 }
                 match inner.hot.truncate_changes(&oc.object, oc.token, through).await {
-                    Ok(()) => {}
+                    // Drained: a pause of its automatic flushes after a refusal is over.
+                    Ok(()) => {
+                        inner.object_flush_pause.lock().remove(&oc.object);
+                    }
                     // Taken over since it was held (its changes are in cold all the same; the
                     // new holder's drain finds them there): left out, the others go on.
                     Err(e) if lease_gone(&e) => {
@@ -3644,6 +3648,8 @@ async fn drain(inner: &Arc<Inner>, object: &ObjectId, token: FencingToken, max_c
             .truncate_changes(object, token, through)
             .await
             .map_err(|e| drain_settles(e, &format!("{object}: the truncation")))?;
+        // Drained: a pause of its automatic flushes after a refusal has served its purpose.
+        inner.object_flush_pause.lock().remove(object);
         report.objects = 1;
     }
     Ok(report)
