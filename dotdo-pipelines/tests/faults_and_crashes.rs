@@ -133,6 +133,39 @@ async fn no_event_lost_or_duplicated_under_injected_store_faults() {
 
 const CHILD_ENV: &str = "DOTDO_PIPELINE_CHILD_DIR";
 
+/// SIGKILLs of a crash test: `DOTDO_CRASH_KILLS`, at least (and by default) 20.
+fn crash_kills() -> u32 {
+    std::env::var("DOTDO_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20).max(20)
+}
+
+/// This test binary again, running only the child test `test` of round `round` (on `dir`, named
+/// by the environment variable `env`), its stdout piped.
+fn spawn_round(test: &str, env: &str, dir: &Path, round: u32) -> dotdo_core::testkit::process::KillOnDrop {
+    dotdo_core::testkit::process::KillOnDrop(
+        Command::new(std::env::current_exe().expect("exe"))
+            .args([test, "--exact", "--nocapture", "--test-threads=1", "--quiet"])
+            .env(env, dir)
+            .env("DOTDO_PIPELINE_ROUND", round.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn"),
+    )
+}
+
+/// SQLite's integrity check of the database at `db` passes (`what` says which, when). Read only:
+/// a writable connection would recover and checkpoint the WAL a kill left, which the next child
+/// must recover itself.
+fn assert_intact(db: &Path, what: &str) {
+    let check = rusqlite::Connection::open_with_flags(
+        db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .unwrap_or_else(|e| panic!("{what}: open: {e}"));
+    let integrity: String = check.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity check");
+    assert_eq!(integrity, "ok", "{what}");
+}
+
 async fn open_cold(dir: &Path) -> IcebergColdStore {
     let wh = dir.join("warehouse");
     std::fs::create_dir_all(&wh).expect("warehouse");
@@ -185,9 +218,8 @@ fn pipeline_child_process() {
 
 #[test]
 fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
-    let kills: u32 = std::env::var("DOTDO_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20).max(20);
+    let kills = crash_kills();
     let dir = tempfile::tempdir().expect("tempdir");
-    let exe = std::env::current_exe().expect("exe");
     let mut acked: Vec<String> = Vec::new();
     let clock = SystemClock::new();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
@@ -202,16 +234,7 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
     // short, so it is counted, not required (a test in pipeline.rs drives it deterministically).
     let mut replayed_by_children = 0u64;
     for round in 0..kills {
-        let mut child = dotdo_core::testkit::process::KillOnDrop(
-            Command::new(&exe)
-                .args(["pipeline_child_process", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
-                .env(CHILD_ENV, dir.path())
-                .env("DOTDO_PIPELINE_ROUND", round.to_string())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawn"),
-        );
+        let mut child = spawn_round("pipeline_child_process", CHILD_ENV, dir.path(), round);
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
@@ -253,29 +276,13 @@ fn sigkilled_durable_producer_delivers_every_acknowledged_event_exactly_once() {
             }
         }
         dotdo_core::testkit::process::sigkill(&mut child, &format!("round {round}"));
-        // The durable log the child was writing when killed is a healthy SQLite database (read
-        // only: a writable connection would recover and checkpoint the WAL the kill left, which
-        // the next child must recover itself).
-        let check = rusqlite::Connection::open_with_flags(
-            dir.path().join("log.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .expect("open the log");
-        let integrity: String = check.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity check");
-        assert_eq!(integrity, "ok", "round {round}: the durable log after the kill");
-        drop(check);
+        // The durable log the child was writing when killed is a healthy SQLite database.
+        assert_intact(&dir.path().join("log.db"), &format!("round {round}: the durable log after the kill"));
         // So is the Iceberg SQL catalog it was committing to.
         // (The child opened its cold store, which creates the catalog, before its first ACK.)
         let catalog = dir.path().join("warehouse").join("catalog.db");
         assert!(catalog.exists(), "round {round}: no SQL catalog at {catalog:?}");
-        let check = rusqlite::Connection::open_with_flags(
-            &catalog,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .expect("open the catalog");
-        let integrity: String =
-            check.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("catalog integrity check");
-        assert_eq!(integrity, "ok", "round {round}: the SQL catalog after the kill");
+        assert_intact(&catalog, &format!("round {round}: the SQL catalog after the kill"));
         replayed_by_children += reader.join().expect("reader");
         acked.extend(rx.try_iter());
         let seen = rt.block_on(async { delivered(&open_cold(dir.path()).await).await });
@@ -373,9 +380,8 @@ fn arrow_pipeline_child_process() {
 #[test]
 fn sigkilled_durable_arrow_producer_delivers_every_acknowledged_row_exactly_once() {
     use arrow_array::cast::AsArray;
-    let kills: u32 = std::env::var("DOTDO_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20).max(20);
+    let kills = crash_kills();
     let dir = tempfile::tempdir().expect("tempdir");
-    let exe = std::env::current_exe().expect("exe");
     let clock = SystemClock::new();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     let rows = |dir: &Path| {
@@ -393,16 +399,7 @@ fn sigkilled_durable_arrow_producer_delivers_every_acknowledged_row_exactly_once
     };
     let (mut acked, mut mark, mut rounds_leaving_logged_rows) = (Vec::new(), 0u64, 0u32);
     for round in 0..kills {
-        let mut child = dotdo_core::testkit::process::KillOnDrop(
-            Command::new(&exe)
-                .args(["arrow_pipeline_child_process", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
-                .env(ARROW_CHILD_ENV, dir.path())
-                .env("DOTDO_PIPELINE_ROUND", round.to_string())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawn"),
-        );
+        let mut child = spawn_round("arrow_pipeline_child_process", ARROW_CHILD_ENV, dir.path(), round);
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
@@ -432,13 +429,7 @@ fn sigkilled_durable_arrow_producer_delivers_every_acknowledged_row_exactly_once
         reader.join().expect("reader");
         acked.extend(rx.try_iter());
         for db in [dir.path().join("arrow-log.db"), dir.path().join("warehouse").join("catalog.db")] {
-            let check = rusqlite::Connection::open_with_flags(
-                &db,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .expect("open");
-            let integrity: String = check.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("check");
-            assert_eq!(integrity, "ok", "round {round}: {} after the kill", db.display());
+            assert_intact(&db, &format!("round {round}: {} after the kill", db.display()));
         }
         let (seen, now) = rows(dir.path());
         assert!(now >= mark, "round {round}: the stream's mark went down from {mark} to {now}");
