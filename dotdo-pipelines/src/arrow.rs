@@ -545,7 +545,9 @@ impl ArrowPipeline {
     /// pointer swap names the exact metadata it was built on), but a REST catalog checks only the
     /// table and its head snapshot, and an earlier request still queued there may land after, say,
     /// another engine's schema change refused the later one (its rows then land beside the
-    /// caller's re-send).
+    /// caller's re-send). With nothing claimed and the sink refusing this pipeline's schema
+    /// ([`ArrowSink::refuses_shape`]), the sink is asked again (its table's schema may have been
+    /// put back): its error then (say, a catalog out of reach) is this call's.
     pub async fn take_refused(&self) -> Result<Option<RefusedBatch>> {
         let inner = &self.inner;
         let _g = inner.roll_lock.lock().await;

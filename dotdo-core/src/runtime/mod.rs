@@ -97,10 +97,13 @@ pub struct RuntimeSettings {
     /// `RuntimeMetrics::flush_failures`; the changes wait in the hot log for the next flush).
     /// After a failure the next automatic flushes are skipped for [`AUTO_FLUSH_PAUSE`], doubling
     /// with failures in a row up to [`AUTO_FLUSH_MAX_PAUSE`], so calls do not each wait out a cold
-    /// outage's retries: every object's after a failure to reach cold storage (a retryable
-    /// error, an unknown outcome), only the object's after a refusal about it (cold refusing its
-    /// records, its hot changes differing from cold's). An automatic flush makes one cold commit (`flush_batch_records`): a
-    /// longer backlog drains over the next calls, or with `flush` / `flush_all`.
+    /// outage's retries: only the object's after a refusal about it (`InvalidInput`,
+    /// `LimitExceeded`, `Corrupt`, `Fenced`, `LeaseLost`: cold refusing its records, its hot
+    /// changes differing from cold's, a newer holder; the pause outlives the activation and ends
+    /// once the object is drained), every object's after any other failure (cold out of reach,
+    /// an unknown outcome, access denied, a full warehouse). An automatic flush makes one cold
+    /// commit (`flush_batch_records`): a longer backlog drains over the next calls, or with
+    /// `flush` / `flush_all`.
     pub flush_after_changes: u64,
     /// Most change records per cold commit when flushing. Default 100 000.
     pub flush_batch_records: usize,
@@ -339,8 +342,8 @@ pub(crate) struct Inner {
     /// only that object's (pausing the runtime's, one object refused at every commit held back
     /// every other object's); kept here, not with the activation, so that the pause outlives
     /// it (with `keep_warm = 0` every call is an activation of its own). Entries go once the
-    /// object is drained (its automatic flush, `flush`, `flush_all`), and expired ones as others
-    /// are added.
+    /// object is drained (its automatic flush, `flush`, `flush_all`), and expired ones when an
+    /// entry is added to 1,024 or more.
     object_flush_pause: parking_lot::Mutex<HashMap<ObjectId, (u32, Duration)>>,
 }
 
