@@ -303,7 +303,6 @@ const MAX_LEARN_WINDOW: usize = 65_536;
 #[derive(Default)]
 struct SeqCounters {
     by_route: HashMap<String, HashMap<ObjectId, u64>>,
-    len: usize,
 }
 
 impl SeqCounters {
@@ -318,14 +317,7 @@ impl SeqCounters {
     /// The counter of (`route`, `object`), set to `next` if not known yet.
     fn insert_if_absent(&mut self, route: &str, object: ObjectId, next: u64) -> &mut u64 {
         // A route's name copied per object learned, not per event claimed.
-        let objects = self.by_route.entry(route.to_string()).or_default();
-        let mut added = false;
-        let slot = objects.entry(object).or_insert_with(|| {
-            added = true;
-            next
-        });
-        self.len += usize::from(added);
-        slot
+        self.by_route.entry(route.to_string()).or_default().entry(object).or_insert(next)
     }
 
     /// The counter of (`route`, `object`), raised to `next` if below it or not known.
@@ -336,12 +328,11 @@ impl SeqCounters {
 
     /// How many counters are known.
     fn len(&self) -> usize {
-        self.len
+        self.by_route.values().map(HashMap::len).sum()
     }
 
     fn clear(&mut self) {
         self.by_route.clear();
-        self.len = 0;
     }
 }
 
