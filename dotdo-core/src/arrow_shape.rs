@@ -209,6 +209,24 @@ fn check_values_where(column: &dyn arrow_array::Array, name: &str, shown: &dyn F
                 .context(format!("column {name}: row {i}"))),
             }
         }
+        // Views hold 32-bit lengths: up to 4 GiB - 1 bytes a value, also past the limit.
+        T::Utf8View | T::BinaryView => {
+            let lengths: Vec<u32> = match column.data_type() {
+                T::Utf8View => column.as_string_view().lengths().collect(),
+                _ => column.as_binary_view().lengths().collect(),
+            };
+            match (0..column.len())
+                .find(|&i| column.is_valid(i) && shown(i) && i64::from(lengths[i]) > MAX_ARROW_VALUE_BYTES)
+            {
+                None => Ok(()),
+                Some(i) => Err(crate::Error::limit(
+                    "bytes in one Arrow string or binary value",
+                    MAX_ARROW_VALUE_BYTES as u64,
+                    u64::from(lengths[i]),
+                )
+                .context(format!("column {name}: row {i}"))),
+            }
+        }
         T::Struct(_) => {
             let s = column.as_struct();
             let nulls = s.nulls();
@@ -296,6 +314,18 @@ mod tests {
         };
         check_values(&binary(max as i32)).expect("exactly the limit");
         let e = check_values(&binary(max as i32 + 1)).expect_err("one byte more");
+        assert!(matches!(e.kind(), crate::ErrorKind::LimitExceeded { .. }), "{e}");
+        assert!(e.to_string().contains("column blob: row 1"), "{e}");
+        // `BinaryView` (32-bit lengths in its views, up to 4 GiB - 1): the same limit. The view
+        // of a value of `len` zero bytes at the start of the one data buffer.
+        let view = |len: u32| -> arrow_array::BinaryViewArray {
+            let long = arrow_data::ByteView::new(len, &[0; 4]).with_buffer_index(0).with_offset(0);
+            let views = ScalarBuffer::from(vec![0u128, long.as_u128()]);
+            arrow_array::BinaryViewArray::try_new(views, vec![values.clone()], None).expect("array")
+        };
+        let batch = |a: arrow_array::BinaryViewArray| RecordBatch::try_from_iter([("blob", Arc::new(a) as _)]);
+        check_values(&batch(view(max as u32)).expect("batch")).expect("exactly the limit");
+        let e = check_values(&batch(view(max as u32 + 1)).expect("batch")).expect_err("one byte more");
         assert!(matches!(e.kind(), crate::ErrorKind::LimitExceeded { .. }), "{e}");
         assert!(e.to_string().contains("column blob: row 1"), "{e}");
     }

@@ -562,6 +562,10 @@ pub enum CheckpointRound {
     /// The checkpoint failed (said at once, then every 100th failure of a streak; retried next
     /// round).
     Failed(String),
+    /// The round found the database file deleted or replaced before it could run (while it
+    /// waited for its turn: a round that waits on the store's writer, which a write holds
+    /// through a long busy wait, looks at the file meanwhile): as the thread's own check.
+    Replaced,
 }
 
 /// WAL frames a [`CheckpointThread`] could not copy for it to warn that the WAL is not
@@ -701,12 +705,15 @@ impl CheckpointThread {
                             return;
                         }
                     }
-                    if watch.replaced() {
+                    let replaced = || {
                         tracing::error!(path = %shown_path, "the database file was deleted or replaced while open; refusing every call");
                         found.store(true, std::sync::atomic::Ordering::SeqCst);
-                        return;
+                    };
+                    if watch.replaced() {
+                        return replaced();
                     }
                     match round() {
+                        CheckpointRound::Replaced => return replaced(),
                         CheckpointRound::Done { log, copied, data_version } => {
                             failures = 0;
                             // Frames nothing can copy (a reader holds them): the WAL only grows.

@@ -6,7 +6,7 @@ mod memory_hot {
 }
 
 mod memory_cold {
-    dotdo_core::cold_conformance!(dotdo_core::testkit::memory_cold_factory());
+    dotdo_core::cold_conformance!(dotdo_core::testkit::memory_cold_factory(), with_accelerator);
 }
 
 mod memory_cold_lost_replies {
@@ -700,6 +700,19 @@ mod broken {
                     }));
             assert!(caught, "{quirk:?} is caught by {case}: {n:?}");
         }
+    }
+
+    /// A backend with an accelerator whose factory forgot it: `run_all` passes it (the
+    /// accelerator cases skip), `run_all_with_accelerator` fails it.
+    #[test]
+    fn kit_catches_a_factory_that_drops_the_accelerator() {
+        let f = cold_factory(|clock| async move {
+            let inner = MemoryColdStore::with_clock(Arc::new(clock));
+            ColdFixture { sink: Arc::new(inner), accel: None, keep_alive: Box::new(()) }
+        });
+        assert_eq!(names(&dotdo_core::testkit::cold::run_all(&f)), Vec::<&str>::new());
+        let n = names(&dotdo_core::testkit::cold::run_all_with_accelerator(&f));
+        assert_eq!(n, ["the_factory_gives_its_accelerator"]);
     }
 
     #[test]

@@ -1114,6 +1114,16 @@ fn builder_requires_components_and_valid_settings() {
         .expect_err("nothing stays held to be evicted");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     assert!(e.to_string().contains("keep_warm above zero"), "{e}");
+    // An automatic flush with no time at all would be abandoned at once, every time.
+    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+        .with_hot_store(Arc::new(w.hot.clone()))
+        .with_guard(Arc::new(w.hot.clone()))
+        .with_cold_sink(Arc::new(w.cold.clone()))
+        .with_settings(RuntimeSettings { auto_flush_timeout: Duration::ZERO, ..Default::default() })
+        .build()
+        .expect_err("zero auto_flush_timeout");
+    assert_eq!(e.kind(), &ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("auto_flush_timeout"), "{e}");
 }
 
 /// `maintain` tiers out objects idle for `evict_idle_after` even when that equals `keep_warm`
@@ -2547,6 +2557,32 @@ async fn a_call_cancelled_while_it_flushes_does_not_keep_its_lease_warm() {
         "the cancelled call's lease was kept for the next call: {after} after {before}"
     );
     assert_eq!(get(&rt, &o, "k").await.expect("get").as_deref(), Some(&b"v"[..]), "its commit stands");
+}
+
+/// An automatic flush whose cold commit never answers (a hung connection) is abandoned after
+/// `auto_flush_timeout`: the durable call answers `Ok`, the flush counts as failed (pausing the
+/// next automatic flushes), and the object's next call does not wait on cold storage. Before,
+/// the call (and every later call of the object, queued on its slot) waited for as long as cold
+/// storage hung, its lease renewed meanwhile. The change reaches cold once with a later flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_flush_that_hangs_is_abandoned_after_its_timeout() {
+    let w = World::new();
+    let settings = RuntimeSettings { flush_after_changes: 1, auto_flush_timeout: TTL * 3, ..settings() };
+    let (cold, rt) = w.flaky_cold_runtime(settings);
+    let o = oid("o");
+    assert_eq!(incr(&rt, &o).await.expect("first, flushed"), 1);
+    *cold.before_append.lock() = Some(Box::pin(futures::future::pending()));
+    let ticking = tick(&w);
+    let second = tokio::time::timeout(Duration::from_secs(20), incr(&rt, &o)).await;
+    ticking.abort();
+    assert_eq!(second.expect("the call ends although its flush hangs").expect("committed"), 2);
+    assert_eq!(rt.metrics().flush_failures, 1);
+    // The next automatic flush is paused: the next call commits without meeting cold storage.
+    let third = tokio::time::timeout(Duration::from_secs(5), incr(&rt, &o)).await;
+    assert_eq!(third.expect("the next call does not wait on cold storage").expect("committed"), 3);
+    rt.flush_all().await.expect("flush");
+    let changes = w.cold.read_changes(&o, 0, AsOf::Latest).await.expect("cold changes");
+    assert_eq!(changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3], "every change once");
 }
 
 /// A runtime on a [`FlakyGuard`] with `o` written once.
@@ -5155,6 +5191,37 @@ async fn hung_guard_calls_made_holding_a_slot_end_after_a_ttl() {
     assert!(e.is_retryable(), "{e}");
 }
 
+/// A shutdown (or `flush_all`) of many warm objects under a guard that stops answering (a hung
+/// connection) asks it once, not once per object: after the first call of its pass goes
+/// unanswered for a TTL, the other objects are left out (`Unavailable`, their changes in hot
+/// storage) without asking. Each held object's lease check, then (the leases run out meanwhile)
+/// each one's acquire to take it again, waited a TTL: about 2 x 12 TTLs here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the clock ticks while the calls wait
+async fn a_shutdown_under_a_guard_that_stops_answering_asks_it_once() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(settings());
+    let objects: Vec<ObjectId> = (0..12).map(|i| oid(&format!("o{i}"))).collect();
+    for o in &objects {
+        assert_eq!(incr(&rt, o).await.expect("warm, one change pending"), 1);
+    }
+    guard.hang_validates.store(true, std::sync::atomic::Ordering::SeqCst);
+    guard.hang_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = w.clock.monotonic();
+    let ticking = tick(&w);
+    let rt2 = rt.clone();
+    let ended = tokio::time::timeout(Duration::from_secs(60), tokio::spawn(async move { rt2.shutdown().await })).await;
+    ticking.abort();
+    let e = ended.expect("shutdown ends").expect("join").expect_err("nothing drained");
+    assert_eq!(e.kind(), &ErrorKind::Unavailable, "{e}");
+    let took = w.clock.monotonic() - before;
+    assert!(took < TTL * 4, "shutdown took {took:?} (TTL {TTL:?}) for {} objects", objects.len());
+    for o in &objects {
+        assert_eq!(w.cold.watermark(o).await.expect("wm").through, 0, "left in hot storage");
+        assert_eq!(w.hot.read_changes(o, 0, 10).await.expect("hot").len(), 1, "its change waits in hot storage");
+    }
+}
+
 /// An acquire whose outcome is unknown adopts only a lease granted to this node since it began:
 /// an older lease under the same node id is another runtime's (node ids need not be unique), and
 /// sharing its token would defeat fencing.
@@ -6025,6 +6092,30 @@ async fn a_repeated_set_ring_keeps_pending_hand_overs() {
     a.maintain().await.expect("maintain");
     let b = ring_runtime(&w, "b", "b");
     assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
+}
+
+/// A member of the ring keeps warm only the objects the ring gives it: an object handed over
+/// by a ring change and brought back by a call on a stale route is handed over again by the
+/// next `maintain`. It stayed warm here (renewed by every such call) while its owner met
+/// `LeaseHeld`.
+#[tokio::test]
+async fn maintain_hands_over_again_an_object_a_stale_route_brought_back() {
+    let w = World::new();
+    let mut both = HashRing::new(16).expect("ring");
+    both.add(NodeId::new("a").expect("node"));
+    both.add(NodeId::new("b").expect("node"));
+    let o = (0..1000)
+        .map(|i| oid(&format!("o{i}")))
+        .find(|o| both.node_for(o).map(|n| n.as_str()) == Some("b"))
+        .expect("an object the ring gives b");
+    let a = ring_runtime(&w, "a", "a");
+    assert_eq!(incr(&a, &o).await.expect("a owns o"), 1);
+    a.set_ring(both.clone());
+    a.maintain().await.expect("maintain hands o over");
+    assert_eq!(incr(&a, &o).await.expect("a stale route brings o back to a"), 2);
+    a.maintain().await.expect("maintain");
+    let b = ring_runtime_with(&w, "b", both);
+    assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 3);
 }
 
 /// A call waiting for an object's slot when shutdown's flush ran (here a prefetch behind a long

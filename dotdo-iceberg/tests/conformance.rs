@@ -50,11 +50,11 @@ mod lost_replies_sql_catalog {
 }
 
 mod local_files_sql_catalog {
-    dotdo_core::cold_conformance!(super::local_sql_factory());
+    dotdo_core::cold_conformance!(super::local_sql_factory(), with_accelerator);
 }
 
 mod memory_store_memory_catalog {
-    dotdo_core::cold_conformance!(super::memory_factory());
+    dotdo_core::cold_conformance!(super::memory_factory(), with_accelerator);
 }
 
 /// Local files, SQL catalog, and a watermark checkpoint file written by every commit (the
@@ -74,7 +74,7 @@ fn local_checkpoint_factory() -> ColdFactory {
 }
 
 mod local_files_watermark_checkpoints {
-    dotdo_core::cold_conformance!(super::local_checkpoint_factory());
+    dotdo_core::cold_conformance!(super::local_checkpoint_factory(), with_accelerator);
 }
 
 /// The warehouse (and its SQL catalog) at a directory the kit reopens: what a commit

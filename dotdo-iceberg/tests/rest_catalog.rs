@@ -60,7 +60,7 @@ fn a_rest_catalog_passes_the_cold_conformance_kit() {
     // Every commit goes through PyIceberg (about 5 s per property-test case here): 6 cases
     // unless `DOTDO_PROPTEST_CASES` says (a soak run sets it).
     let cases = std::env::var_os("DOTDO_PROPTEST_CASES").map_or(6, |_| dotdo_core::testkit::proptest_cases());
-    let failures = dotdo_core::testkit::cold::run_all_with(&factory, cases);
+    let failures = dotdo_core::testkit::cold::run_all_with_accelerator_with(&factory, cases);
     assert!(failures.is_empty(), "the REST catalog failed kit cases: {failures:#?}");
     let (commits, _) = table_counts(&server, "kit.changes");
     assert!(commits >= 50, "only {commits} commits went through the REST catalog");

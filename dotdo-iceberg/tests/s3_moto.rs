@@ -50,7 +50,7 @@ fn s3_warehouse_on_local_moto_passes_the_cold_conformance_kit() {
             ColdFixture { sink: Arc::new(store.clone()), accel: Some(Arc::new(store)), keep_alive: Box::new(dir) }
         }
     });
-    let failures = dotdo_core::testkit::cold::run_all(&factory);
+    let failures = dotdo_core::testkit::cold::run_all_with_accelerator(&factory);
     assert!(failures.is_empty(), "s3 (moto) backend failed kit cases: {failures:#?}");
     println!("s3 (moto at {}): every cold conformance case passed", moto.endpoint);
 }

@@ -37,9 +37,20 @@ pub(crate) async fn start(
     conn.execute("PRAGMA checkpoint_fullfsync = ON", ()).await.map_err(|e| {
         Error::backend(format!("setting checkpoint_fullfsync on the checkpoint connection of {shown}: {e}"))
     })?;
+    let file = watch.clone();
     CheckpointThread::start("dotdo-libsql-checkpoint", every, shown, watch, move || {
         // Between the store's writes (a thread of its own, outside any runtime: it may block).
-        let _no_commit_meanwhile = writer.blocking_lock();
+        // Waiting for a write that holds the writer through a long busy wait (another
+        // process's lock), the file is looked at meanwhile: waiting blind, the thread missed a
+        // file replaced during that wait, and the write committed into the old file answered
+        // `Ok` (dotdo-sqlite's thread never waits on its writer).
+        let _no_commit_meanwhile = loop {
+            match writer.try_lock() {
+                Ok(guard) => break guard,
+                Err(_) if file.replaced() => return CheckpointRound::Replaced,
+                Err(_) => std::thread::park_timeout(WRITER_POLL),
+            }
+        };
         // libsql's local calls run SQLite synchronously inside their futures: no runtime is
         // needed to drive them.
         match futures::executor::block_on(round(&conn)) {
@@ -48,6 +59,9 @@ pub(crate) async fn start(
         }
     })
 }
+
+/// How often a checkpoint round waiting for the store's writer looks at the file.
+const WRITER_POLL: Duration = Duration::from_millis(5);
 
 /// One passive checkpoint: (frames in the WAL, frames copied into the database file, the
 /// connection's `data_version` read before it).

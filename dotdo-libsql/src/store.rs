@@ -354,15 +354,25 @@ impl LibsqlStoreBuilder {
         let doing = format!("opening {}", target.describe());
         let batch_everywhere = settings.transport == Transport::Batch;
         // `opened`: a local target's file, by the absolute name it was opened by.
+        // `creating`: a local file's database as its writer opens it (creating the file).
+        let mut creating = None;
         let (write_db, read_db, replica, local_file, opened) = match &target {
             Target::Local { path } => {
                 // Absolute: read connections open lazily, and must open the writer's file even if
                 // the process changes its working directory meanwhile.
                 let path = dotdo_core::sql_schema::absolute_database_path(path)?;
-                let db = libsql::Builder::new_local(&path)
+                let failed = |e| error::map(error::local_open_failure(e), &doing, false);
+                creating = Some(libsql::Builder::new_local(&path).build().await.map_err(failed)?);
+                // Readers (and the checkpoint connection) open the file the writer made, never
+                // create one: a read opening a connection after the file was deleted created an
+                // empty database in its place and failed on its missing tables (`Backend`), where
+                // dotdo-sqlite's answers the file cannot be opened.
+                let no_create = dotdo_core::sql_schema::without_create_mode(&path);
+                let db = libsql::Builder::new_local(&no_create)
+                    .flags(libsql::OpenFlags::SQLITE_OPEN_READ_WRITE)
                     .build()
                     .await
-                    .map_err(|e| error::map(error::local_open_failure(e), &doing, false))?;
+                    .map_err(failed)?;
                 (None, Arc::new(db), None, true, Some(path))
             }
             Target::Remote { url, auth_token } => {
@@ -392,13 +402,26 @@ impl LibsqlStoreBuilder {
             settings: settings.clone(),
         };
         let writer_conn = {
-            let db = write_db.as_ref().unwrap_or(&*readers.db);
+            let db = write_db.as_ref().or(creating.as_ref()).unwrap_or(&*readers.db);
             let local = local_writes;
             let conn = db
                 .connect()
                 .map_err(|e| error::map(if local { error::local_open_failure(e) } else { e }, &doing, false))?;
             if local {
-                local_connection_settings(&conn, &settings, true).await.map_err(|e| error::map(e, &doing, false))?;
+                // Its pragmas read the schema: they wait on another process holding the file
+                // (recovering a large WAL after a crash), retried as every statement is (they
+                // failed the open after one busy timeout, where dotdo-sqlite's retries).
+                let mut attempt = 0;
+                loop {
+                    match local_connection_settings(&conn, &settings, true).await {
+                        Ok(()) => break,
+                        Err(e) if is_transient(class_of(&e), false) && attempt < settings.retries => {
+                            attempt += 1;
+                            retry_pause(settings.backoff(attempt)).await;
+                        }
+                        Err(e) => return Err(error::map(e, &doing, false)),
+                    }
+                }
             }
             Conn::new(conn, batch_everywhere || remote_writes, remote_writes)
         };

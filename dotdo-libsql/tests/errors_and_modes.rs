@@ -443,6 +443,31 @@ async fn a_locked_database_gives_unavailable_after_bounded_retries_then_recovers
     assert_eq!(s.read_changes(&obj(), 0, 10).await.expect("log").len(), 1, "the failed write left nothing");
 }
 
+/// An open while another process holds the file exclusively for longer than one busy timeout
+/// (recovering a large WAL after a crash) waits through the retries, as dotdo-sqlite's does:
+/// the writer's first statements (its pragmas read the schema) failed the open after one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the lock is held while the open waits
+async fn an_open_waits_out_a_lock_longer_than_one_busy_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    drop(LibsqlStore::local(&path).open().await.expect("create the file"));
+    let db = libsql::Builder::new_local(&path).build().await.expect("raw");
+    let blocker = db.connect().expect("connect");
+    // In WAL mode only an exclusive locking mode keeps other connections from reading.
+    blocker.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE;").await.expect("lock");
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(blocker);
+        drop(db);
+    });
+    let settings = LibsqlSettings { busy_timeout: Duration::from_millis(50), ..fast_retries(20) };
+    let s = LibsqlStore::local(&path).with_settings(settings).open().await.expect("open waits out the lock");
+    release.await.expect("released");
+    let l = s.acquire(&obj(), &NodeId::new("n").expect("valid"), Duration::from_secs(30)).await.expect("acquire");
+    s.put(&obj(), l.token, "T", "k", "v".into()).await.expect("put");
+}
+
 #[tokio::test]
 async fn full_durability_persists_across_reopen_and_tokens_keep_rising() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1110,12 +1135,25 @@ async fn queued_writers_behind_a_foreign_lock_each_fail_in_bounded_time() {
 /// the file was checked only when the call began.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_waiting_for_the_lock_while_the_file_is_replaced_is_refused() {
+    // Short busy waits, retried (the write lets go of the store's writer between them).
+    a_write_waiting_while_the_file_is_replaced(Duration::from_millis(200), 20).await;
+}
+
+/// The same with one long busy wait, the store's writer held throughout: the checkpoint round,
+/// which waits for the writer, looks at the file meanwhile. It waited blind, never noticed the
+/// replaced file, and the write, committed into the old file, answered `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_in_one_long_busy_wait_while_the_file_is_replaced_is_refused() {
+    a_write_waiting_while_the_file_is_replaced(Duration::from_secs(60), 0).await;
+}
+
+async fn a_write_waiting_while_the_file_is_replaced(busy_timeout: Duration, retries: u32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("hot.db");
     let settings = LibsqlSettings {
         background_checkpoint: Some(Duration::from_millis(10)),
-        busy_timeout: Duration::from_millis(200),
-        retries: 20,
+        busy_timeout,
+        retries,
         ..Default::default()
     };
     let s = LibsqlStore::local(&path).with_settings(settings).open().await.expect("open");
@@ -1124,6 +1162,19 @@ async fn a_write_waiting_for_the_lock_while_the_file_is_replaced_is_refused() {
     let holder = holder_db.connect().expect("connect");
     holder.execute("BEGIN IMMEDIATE", ()).await.expect("take the write lock");
     dotdo_core::testkit::assert_a_write_waiting_while_the_file_is_replaced_is_refused(&path, s, l, (holder, holder_db))
+        .await;
+}
+
+/// Reads needing a new connection after the database file was deleted (no background
+/// checkpoint to notice) fail as the file cannot be opened (`Unavailable`) and create nothing at
+/// its path (the kit's check, as dotdo-sqlite: a reader opened with the create flag made an empty database there and answered `Backend` for its missing tables).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_after_the_file_is_deleted_create_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = LibsqlSettings { background_checkpoint: None, ..Default::default() };
+    let s = LibsqlStore::local(&path).with_settings(settings.clone()).open().await.expect("open");
+    dotdo_core::testkit::assert_reads_after_the_file_is_deleted_create_nothing(&path, s, settings.read_connections)
         .await;
 }
 

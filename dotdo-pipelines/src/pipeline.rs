@@ -24,7 +24,10 @@ pub type Transform = Arc<dyn Fn(Event) -> Transformed + Send + Sync>;
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct PipelineMetrics {
-    /// Events accepted by `send`.
+    /// Events accepted by `send`. A durable `send` answered `AmbiguousOutcome` (its COMMIT
+    /// failed with an I/O error) is not counted, though its events may be in the log and then
+    /// delivered (and counted in `events_committed`): a backlog computed as `events_in -
+    /// events_committed` can go below zero.
     pub events_in: u64,
     /// Events dropped by the transform.
     pub events_dropped: u64,
@@ -931,9 +934,12 @@ impl Pipeline {
     }
 
     /// Stop accepting events and roll what is waiting. If that roll fails (or this call is
-    /// dropped), what waits stays pending: the background loop ([`run`](Self::run)) keeps
-    /// rolling it until it is committed or a roll is refused for good (see `run`), and `close`
-    /// (or `roll`) may be called again.
+    /// dropped), what waits stays pending and `close` (or `roll`) may be called again. In memory
+    /// (and `Spill`), the background loop ([`run`](Self::run)) keeps rolling it until it is
+    /// committed or a roll is refused for good (see `run`), whatever the host does with its
+    /// handles; with `Durable`, only while a handle is kept (the loop lets a dropped durable
+    /// pipeline go): dropped, its events wait in the log file, and the next pipeline opened on
+    /// it delivers them.
     pub async fn close(&self) -> Result<RollReport> {
         {
             let _gate = self.inner.send_gate.lock();

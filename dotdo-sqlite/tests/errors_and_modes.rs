@@ -395,6 +395,19 @@ async fn a_write_waiting_for_the_lock_while_the_file_is_replaced_is_refused() {
     dotdo_core::testkit::assert_a_write_waiting_while_the_file_is_replaced_is_refused(&path, s, l, raw).await;
 }
 
+/// Reads needing a new connection after the database file was deleted (no background
+/// checkpoint to notice) fail as the file cannot be opened (`Unavailable`) and create nothing at
+/// its path (the kit's check, as dotdo-libsql).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_after_the_file_is_deleted_create_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = SqliteSettings { background_checkpoint: None, ..Default::default() };
+    let s = SqliteStore::builder(&path).with_settings(settings.clone()).open().await.expect("open");
+    dotdo_core::testkit::assert_reads_after_the_file_is_deleted_create_nothing(&path, s, settings.read_connections)
+        .await;
+}
+
 /// Settings without busy waits (no busy timeout, no retries or no backoff: a caller that
 /// retries itself) write: the write budget of 0 refused every write, as over budget after 0 ns
 /// of waiting for a thread, with a retryable `Unavailable` forever.

@@ -11,12 +11,23 @@ use crate::ids::ObjectId;
 use crate::record::{ChangeRecord, Seq};
 use crate::time::{Clock, Stopwatch, SystemClock};
 
-/// One commit: its records (a "data file") and the cumulative watermarks after it.
+/// One commit: its records (a "data file").
 #[derive(Debug)]
 struct Snapshot {
     info: SnapshotInfo,
     file: Arc<Vec<ChangeRecord>>,
-    watermarks: Arc<BTreeMap<ObjectId, Watermark>>,
+}
+
+/// The commits, oldest first, and every object's watermark after the newest (only the newest
+/// snapshot's are ever read: a copy per snapshot cost each append a pass over every object, and
+/// memory growing with commits times objects).
+#[derive(Debug, Default)]
+struct Table {
+    snapshots: Vec<Snapshot>,
+    watermarks: BTreeMap<ObjectId, Watermark>,
+    /// The snapshots (indices, ascending) whose file holds records of each object: a read of
+    /// one object opens those only, as a reader of a partitioned table would.
+    holding: BTreeMap<ObjectId, Vec<usize>>,
 }
 
 /// In-memory [`ColdSink`] + [`IndexAccelerator`] reference backend: every commit is one immutable
@@ -36,7 +47,7 @@ struct Snapshot {
 /// ```
 #[derive(Debug, Clone)]
 pub struct MemoryColdStore {
-    snapshots: Arc<Mutex<Vec<Snapshot>>>,
+    table: Arc<Mutex<Table>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -54,7 +65,7 @@ impl MemoryColdStore {
 
     /// An empty store reading time from `clock`.
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
-        MemoryColdStore { snapshots: Arc::new(Mutex::new(Vec::new())), clock }
+        MemoryColdStore { table: Arc::new(Mutex::new(Table::default())), clock }
     }
 
     /// The index of the snapshot selected by `as_of`, `None` for an empty table.
@@ -72,25 +83,20 @@ impl MemoryColdStore {
 
     /// All records of `object` visible at snapshot index `idx`, in sequence order, and the number
     /// of files that hold any.
-    fn records_of(snaps: &[Snapshot], idx: Option<usize>, object: &ObjectId) -> (Vec<ChangeRecord>, QueryStats) {
+    fn records_of(table: &Table, idx: Option<usize>, object: &ObjectId) -> (Vec<ChangeRecord>, QueryStats) {
         let mut stats = QueryStats::default();
         let mut out = Vec::new();
         if let Some(i) = idx {
-            stats.snapshot = Some(snaps[i].info.id);
-            for s in &snaps[..=i] {
-                stats.files_total += 1;
-                let mut opened = false;
-                for r in s.file.iter().filter(|r| &r.object == object) {
-                    opened = true;
-                    stats.bytes_read += r.value.len() as u64;
-                    out.push(r.clone());
-                }
-                if opened {
-                    stats.files_opened += 1;
-                    stats.row_groups_read += 1;
-                } else {
-                    stats.pruned_by_min_max += 1;
-                }
+            stats.snapshot = Some(table.snapshots[i].info.id);
+            let holding = table.holding.get(object).map_or(&[][..], |h| &h[..h.partition_point(|&k| k <= i)]);
+            let opened = holding.len() as u64;
+            stats.files_total = i as u64 + 1;
+            stats.files_opened = opened;
+            stats.row_groups_read = opened;
+            stats.pruned_by_min_max = stats.files_total - opened;
+            for r in holding.iter().flat_map(|&k| table.snapshots[k].file.iter()).filter(|r| &r.object == object) {
+                stats.bytes_read += r.value.len() as u64;
+                out.push(r.clone());
             }
         }
         out.sort_by_key(|r| r.seq);
@@ -102,9 +108,10 @@ impl MemoryColdStore {
 impl ColdSink for MemoryColdStore {
     async fn append(&self, batch: ColdBatch) -> Result<ColdCommit> {
         batch.validate_records()?;
-        let mut snaps = self.snapshots.lock();
-        let prev: Arc<BTreeMap<ObjectId, Watermark>> = snaps.last().map(|s| s.watermarks.clone()).unwrap_or_default();
-        let mut next = (*prev).clone();
+        let mut table = self.table.lock();
+        let Table { snapshots: snaps, watermarks: prev, holding } = &mut *table;
+        // The batch's objects' watermarks after it (installed only if it commits).
+        let mut next: BTreeMap<ObjectId, Watermark> = BTreeMap::new();
         let mut new_records = Vec::new();
         let mut skipped = 0u64;
         for oc in &batch.objects {
@@ -126,12 +133,6 @@ impl ColdSink for MemoryColdStore {
             next.insert(oc.object.clone(), Watermark { through, token: oc.token.max(wm.token) });
             new_records.extend(fresh.into_iter().cloned());
         }
-        let mut watermarks: BTreeMap<ObjectId, Watermark> = BTreeMap::new();
-        for oc in &batch.objects {
-            if let Some(w) = next.get(&oc.object) {
-                watermarks.insert(oc.object.clone(), *w);
-            }
-        }
         if new_records.is_empty() {
             // Nothing is committed, so nothing (a higher token included) becomes durable.
             let durable =
@@ -147,42 +148,46 @@ impl ColdSink for MemoryColdStore {
         let parent = snaps.last().map(|s| s.info.id);
         let committed_at = self.clock.now().max(snaps.last().map_or(crate::Timestamp::EPOCH, |s| s.info.committed_at));
         let written = new_records.len() as u64;
+        let at = snaps.len();
+        for o in new_records.iter().map(|r| &r.object).collect::<std::collections::BTreeSet<_>>() {
+            holding.entry(o.clone()).or_default().push(at);
+        }
         snaps.push(Snapshot {
             info: SnapshotInfo { id, parent, committed_at, added_records: written },
             file: Arc::new(new_records),
-            watermarks: Arc::new(next),
         });
-        Ok(ColdCommit { snapshot: Some(id), records_written: written, records_skipped: skipped, watermarks })
+        prev.extend(next.iter().map(|(o, w)| (o.clone(), *w)));
+        Ok(ColdCommit { snapshot: Some(id), records_written: written, records_skipped: skipped, watermarks: next })
     }
 
     async fn watermark(&self, object: &ObjectId) -> Result<Watermark> {
-        let snaps = self.snapshots.lock();
-        Ok(snaps.last().and_then(|s| s.watermarks.get(object).copied()).unwrap_or_default())
+        Ok(self.table.lock().watermarks.get(object).copied().unwrap_or_default())
     }
 
     async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
-        Ok(self.snapshots.lock().iter().map(|s| s.info.clone()).collect())
+        Ok(self.table.lock().snapshots.iter().map(|s| s.info.clone()).collect())
     }
 
     /// One read under the lock: the newest snapshot and the object's watermark in it.
     async fn head(&self, object: &ObjectId) -> Result<(Option<crate::SnapshotId>, Watermark)> {
-        let snaps = self.snapshots.lock();
-        let last = snaps.last();
-        Ok((last.map(|s| s.info.id), last.and_then(|s| s.watermarks.get(object).copied()).unwrap_or_default()))
+        let table = self.table.lock();
+        Ok((table.snapshots.last().map(|s| s.info.id), table.watermarks.get(object).copied().unwrap_or_default()))
     }
 
     async fn load_state(&self, object: &ObjectId, as_of: AsOf) -> Result<ColdState> {
-        let snaps = self.snapshots.lock();
-        let idx = Self::resolve(&snaps, as_of)?;
-        let (records, stats) = Self::records_of(&snaps, idx, object);
+        let table = self.table.lock();
+        let snaps = &table.snapshots;
+        let idx = Self::resolve(snaps, as_of)?;
+        let (records, stats) = Self::records_of(&table, idx, object);
         let (entries, through) = fold_changes(&records);
         Ok(ColdState { entries, through, snapshot: stats.snapshot })
     }
 
     async fn read_changes(&self, object: &ObjectId, after: Seq, as_of: AsOf) -> Result<Vec<ChangeRecord>> {
-        let snaps = self.snapshots.lock();
-        let idx = Self::resolve(&snaps, as_of)?;
-        let (mut records, _) = Self::records_of(&snaps, idx, object);
+        let table = self.table.lock();
+        let snaps = &table.snapshots;
+        let idx = Self::resolve(snaps, as_of)?;
+        let (mut records, _) = Self::records_of(&table, idx, object);
         records.retain(|r| r.seq > after);
         Ok(records)
     }
@@ -193,9 +198,10 @@ impl IndexAccelerator for MemoryColdStore {
     async fn lookup(&self, object: &ObjectId, key: &str, as_of: AsOf) -> Result<Lookup> {
         crate::ids::validate_key(key)?;
         let sw = Stopwatch::start(self.clock.clone());
-        let snaps = self.snapshots.lock();
-        let idx = Self::resolve(&snaps, as_of)?;
-        let (mut records, mut stats) = Self::records_of(&snaps, idx, object);
+        let table = self.table.lock();
+        let snaps = &table.snapshots;
+        let idx = Self::resolve(snaps, as_of)?;
+        let (mut records, mut stats) = Self::records_of(&table, idx, object);
         records.retain(|r| r.key == key);
         let value = latest_versions(records).into_values().next().filter(|v| v.op == crate::Op::Put);
         stats.elapsed = sw.elapsed();
@@ -204,9 +210,10 @@ impl IndexAccelerator for MemoryColdStore {
 
     async fn scan(&self, query: ScanQuery) -> Result<Scan> {
         let sw = Stopwatch::start(self.clock.clone());
-        let snaps = self.snapshots.lock();
-        let idx = Self::resolve(&snaps, query.as_of)?;
-        let (mut records, mut stats) = Self::records_of(&snaps, idx, &query.object);
+        let table = self.table.lock();
+        let snaps = &table.snapshots;
+        let idx = Self::resolve(snaps, query.as_of)?;
+        let (mut records, mut stats) = Self::records_of(&table, idx, &query.object);
         records.retain(|r| query.keys.contains(&r.key));
         let mut entries: Vec<VersionedValue> = latest_versions(records)
             .into_values()

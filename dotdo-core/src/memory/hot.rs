@@ -28,7 +28,8 @@ struct ObjectState {
 
 #[derive(Debug, Default)]
 struct State {
-    objects: HashMap<ObjectId, ObjectState>,
+    /// Ordered, so a page of objects with pending changes is a range, not a sort of them all.
+    objects: BTreeMap<ObjectId, ObjectState>,
     leases: HashMap<ObjectId, LeaseRow>,
 }
 
@@ -214,16 +215,16 @@ impl HotStore for MemoryBackend {
     }
 
     async fn objects_with_pending_changes(&self, after: Option<&ObjectId>, limit: usize) -> Result<Vec<ObjectId>> {
+        use std::ops::Bound;
         let st = self.state.lock();
-        let mut ids: Vec<ObjectId> = st
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(st
             .objects
-            .iter()
-            .filter(|(id, o)| o.last_seq > o.truncated_through && after.is_none_or(|a| *id > a))
+            .range::<ObjectId, _>((from, Bound::Unbounded))
+            .filter(|(_, o)| o.last_seq > o.truncated_through)
             .map(|(id, _)| id.clone())
-            .collect();
-        ids.sort();
-        ids.truncate(limit);
-        Ok(ids)
+            .take(limit)
+            .collect())
     }
 
     async fn evict(&self, object: &ObjectId, token: FencingToken) -> Result<()> {

@@ -105,6 +105,13 @@ pub struct RuntimeSettings {
     /// commit (`flush_batch_records`): a longer backlog drains over the next calls, or with
     /// `flush` / `flush_all`.
     pub flush_after_changes: u64,
+    /// Longest an automatic flush may take (its one cold commit, the lease renewed meanwhile)
+    /// before it is abandoned: the call, durable already, then answers, and the flush counts as
+    /// failed (the changes wait in hot storage; a commit landing late is skipped by the next
+    /// drain as a re-send) and pauses the next automatic flushes. Without a bound a cold store
+    /// that stopped answering (a hung connection) held the call's answer, and every later call
+    /// of the object, for as long as it hung. Must be above zero. Default 60 s.
+    pub auto_flush_timeout: Duration,
     /// Most change records per cold commit when flushing. Default 100 000.
     pub flush_batch_records: usize,
     /// Most bytes (keys, values, type names and 64 per record) per cold commit when flushing;
@@ -148,6 +155,7 @@ impl Default for RuntimeSettings {
             restore: RestoreMode::Eager,
             type_name: "Object".to_string(),
             flush_after_changes: 0,
+            auto_flush_timeout: Duration::from_secs(60),
             flush_batch_records: 100_000,
             flush_batch_bytes: 64 << 20,
             evict_idle_after: None,
@@ -229,6 +237,9 @@ struct DrainRounds {
     /// Objects skipped because a call on them was in progress (each counts once:
     /// `FlushReport::busy`).
     busy: std::collections::BTreeSet<ObjectId>,
+    /// A call of this pass (a lease check, an acquire) did not answer in time: the guard is not
+    /// asked again in it (see [`not_asked`]).
+    unanswered: bool,
 }
 
 impl Active {
@@ -428,6 +439,9 @@ impl ObjectRuntimeBuilder {
         if self.settings.flush_batch_bytes == 0 {
             return Err(Error::invalid("flush_batch_bytes must be at least 1"));
         }
+        if self.settings.auto_flush_timeout.is_zero() {
+            return Err(Error::invalid("auto_flush_timeout must be above zero"));
+        }
         crate::ids::validate_type_name(&self.settings.type_name)?;
         if let RestoreMode::Hybrid { keys, .. } = &self.settings.restore {
             // Checked once here, not at every activation (with an accelerator each one failed;
@@ -588,6 +602,11 @@ impl ObjectRuntime {
     /// The node the ring prefers for `object` (a routing hint), if a ring was configured.
     pub fn owner_hint(&self, object: &ObjectId) -> Option<NodeId> {
         self.inner.ring.read().as_ref().and_then(|r| r.node_for(object).cloned())
+    }
+
+    /// Whether this runtime's node is a member of its ring (a gateway outside it is not).
+    fn in_ring(&self) -> bool {
+        self.inner.ring.read().as_ref().is_some_and(|r| r.nodes().contains(&self.inner.node))
     }
 
     /// Set or replace the ring (nodes joined or left); a runtime built without one starts
@@ -880,8 +899,15 @@ impl ObjectRuntime {
                 // drained inside one caller's call; the next calls and `flush_all` go on.
                 verified_then(inner, object, active, drain(inner, object, token, 1)).await?;
                 Ok(true)
-            }
-            .await;
+            };
+            // Within `auto_flush_timeout`: a cold store that does not answer (a hung
+            // connection) held the durable call's answer, and every later call of the object,
+            // for as long as it hung; a caller timing out would repeat a write that happened.
+            // Abandoned, it is a failed flush (the changes wait in hot storage; a commit landing
+            // late is skipped by the next drain, as a re-send).
+            let limit = inner.settings.auto_flush_timeout;
+            let flushed =
+                within(inner, limit, flushed, &format!("the automatic flush did not end within {limit:?}")).await;
             match flushed {
                 // Only a flush that ran ends the backoff: commits below the threshold (other
                 // objects', during a cold outage) kept resetting it to its first second.
@@ -1172,7 +1198,8 @@ impl ObjectRuntime {
                     "acquiring {object} on {}: the guard did not answer within the lease's TTL; the acquire may \
                      still land (the next activation settles it)",
                     inner.node
-                )));
+                ))
+                .with_source(NoAnswer));
             };
             flight.sent = None;
             let e = match result {
@@ -1654,7 +1681,13 @@ impl ObjectRuntime {
             // lease run out already goes straight to being taken again (checked, it raced a
             // zero-length timer, which beat any guard that does not answer at once). The check
             // is bounded by one TTL, as every guard call made holding a slot: one that never
-            // answers (a hung connection) held the slot, and the flush, for ever.
+            // answers (a hung connection) held the slot, and the flush, for ever. After one
+            // such call the guard is not asked again in this pass: with a TTL per object, a
+            // guard out of reach held a shutdown of N warm objects for about N TTLs.
+            if rounds.unanswered {
+                rounds.first_err.get_or_insert_with(not_asked);
+                continue;
+            }
             let checked = if a.lease.left(inner).is_zero() {
                 Err(Error::new(
                     ErrorKind::LeaseLost { object: object.clone() },
@@ -1665,6 +1698,7 @@ impl ObjectRuntime {
                 within(inner, inner.settings.lease_ttl, check, "the lease check did not answer within the lease's TTL")
                     .await
             };
+            rounds.unanswered |= checked.as_ref().is_err_and(unanswered);
             match checked {
                 Ok(()) => {
                     let token = a.lease.granted.token;
@@ -1680,6 +1714,7 @@ impl ObjectRuntime {
                     let lapsed = guard.active.take();
                     let lapsed_token = lapsed.as_ref().map(|a| a.lease.granted.token);
                     let (retaken, released) = self.retake_lapsed(&object, &mut guard, lapsed_token).await;
+                    rounds.unanswered |= retaken.as_ref().is_err_and(unanswered);
                     let retaken = match retaken {
                         Err(e) if released && held_by(&e, &inner.node) != Some(false) => {
                             // Given back (or queued for release as an orphan): the lapsed
@@ -2030,6 +2065,11 @@ impl ObjectRuntime {
     async fn take_listed(&self, objects: Vec<ObjectId>, held: &mut Vec<Held>, rounds: &mut DrainRounds) {
         let inner = &self.inner;
         for object in objects {
+            if rounds.unanswered {
+                // As for the held objects: not asked, once a call of this pass went unanswered.
+                rounds.first_err.get_or_insert_with(not_asked);
+                return;
+            }
             if self.owner_hint(&object).is_some_and(|n| n != inner.node) {
                 // The ring gives it to another node now: that node's to drain.
                 inner.owed.lock().remove(&object);
@@ -2055,7 +2095,9 @@ impl ObjectRuntime {
             // The held objects' leases renewed meanwhile: the activation may check a large
             // overlap against cold or restore from it.
             let activation = self.ensure_active_to_drain(&object, &mut guard, Duration::ZERO);
-            match renewing_held(inner, held, &mut rounds.left_out, &mut rounds.lapsed, activation).await {
+            let activated = renewing_held(inner, held, &mut rounds.left_out, &mut rounds.lapsed, activation).await;
+            rounds.unanswered |= activated.as_ref().is_err_and(unanswered);
+            match activated {
                 // Nothing left to drain (drained by its holder since the page was read, or an owed
                 // object drained since): no longer owed.
                 Ok(false) => {
@@ -2270,9 +2312,14 @@ impl ObjectRuntime {
             // the ring, stay warm.)
             // (The handover lock is released before the ring's is taken: `set_ring` takes them
             // the other way round.)
+            // A member of the ring keeps warm only the objects the ring gives it: one the ring
+            // gives another member, active here anyway (a call on a stale route after the
+            // handover, or one that came in as the ring changed), is handed over as a moved one
+            // (it stayed warm here, renewed by every call on that route, and the owner met
+            // `LeaseHeld`).
             let pending_move = self.inner.handover.lock().remove(&object);
-            let moved =
-                pending_move && guard.active.is_some() && self.owner_hint(&object).is_some_and(|n| n != inner.node);
+            let elsewhere = guard.active.is_some() && self.owner_hint(&object).is_some_and(|n| n != inner.node);
+            let moved = elsewhere && (pending_move || self.in_ring());
             let Some(active) = guard.active.as_mut() else { continue };
             // Moved, idle past `keep_warm` (unless its eviction is to be tried again), or
             // (otherwise renewed when due) lost: given back.
@@ -2910,7 +2957,34 @@ async fn within<T>(
     fut: impl std::future::Future<Output = Result<T>>,
     what: &str,
 ) -> Result<T> {
-    timed(inner, limit, fut).await.unwrap_or_else(|| Err(Error::unavailable(what)))
+    timed(inner, limit, fut).await.unwrap_or_else(|| Err(Error::unavailable(what).with_source(NoAnswer)))
+}
+
+/// The source of an error of a call given up on because it did not answer in time ([`within`],
+/// an acquire): a flush stops asking the guard for the rest of its pass ([`unanswered`]).
+#[derive(Debug)]
+struct NoAnswer;
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no answer in time")
+    }
+}
+
+impl std::error::Error for NoAnswer {}
+
+/// Whether `e` is a call given up on for not answering in time (see [`NoAnswer`]).
+fn unanswered(e: &Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.is::<NoAnswer>())
+}
+
+/// The error of an object a flush left out without asking the guard, after an earlier call of
+/// the same pass did not answer in time.
+fn not_asked() -> Error {
+    Error::unavailable(
+        "not asked: an earlier call of this flush did not answer within the lease's TTL (a guard or store out of \
+         reach); the objects after it were left out, their changes in hot storage for the next flush",
+    )
 }
 
 /// `fut`'s output, or `None` if it does not end within `limit` on the runtime's clock.

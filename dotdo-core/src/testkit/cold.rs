@@ -35,6 +35,20 @@ fn has_accel(fx: &ColdFixture, case: &str) -> bool {
     fx.accel.is_some()
 }
 
+/// The factory hands the kit the backend's [`IndexAccelerator`]: run by
+/// [`cold_conformance!`](crate::cold_conformance)`(factory, with_accelerator)` and
+/// [`run_all_with_accelerator`]. Without it, a factory that forgot to set
+/// [`ColdFixture::accel`](super::ColdFixture::accel) passed every accelerator case unrun (each
+/// only printed a `SKIP` line), for a backend whose accelerator is the point.
+pub async fn the_factory_gives_its_accelerator(f: &ColdFactory) {
+    let (fx, _) = open(f).await;
+    assert!(
+        fx.accel.is_some(),
+        "the backend declares an IndexAccelerator (`with_accelerator`), but its factory's ColdFixture has \
+         `accel: None`: every accelerator case would be skipped"
+    );
+}
+
 /// A change record for tests: put when `value` is `Some`, delete otherwise.
 pub fn rec(object: &ObjectId, seq: u64, key: &str, value: Option<&str>, token: u64) -> ChangeRecord {
     ChangeRecord {
@@ -1968,8 +1982,27 @@ pub fn run_reopen_cases(f: &super::ColdReopenFactory) -> Vec<CaseFailure> {
 }
 
 /// Run every cold case (and the property tests) and return the failures instead of panicking.
+/// The accelerator cases pass for a factory with no accelerator; see
+/// [`run_all_with_accelerator`].
 pub fn run_all(f: &ColdFactory) -> Vec<CaseFailure> {
     run_all_with(f, proptest_cases())
+}
+
+/// [`run_all`] for a backend that has an [`IndexAccelerator`]: also fails
+/// ([`the_factory_gives_its_accelerator`]) when the factory gives none, so the accelerator
+/// cases cannot pass unrun.
+pub fn run_all_with_accelerator(f: &ColdFactory) -> Vec<CaseFailure> {
+    run_all_with_accelerator_with(f, proptest_cases())
+}
+
+/// [`run_all_with_accelerator`] with `cases` property-test cases (see [`run_all_with`]).
+pub fn run_all_with_accelerator_with(f: &ColdFactory, cases: u32) -> Vec<CaseFailure> {
+    let mut failures: Vec<CaseFailure> =
+        run_catching("the_factory_gives_its_accelerator", || runtime().block_on(the_factory_gives_its_accelerator(f)))
+            .into_iter()
+            .collect();
+    failures.extend(run_all_with(f, cases));
+    failures
 }
 
 /// [`run_all`] with `cases` property-test cases in place of [`proptest_cases`] (a backend
