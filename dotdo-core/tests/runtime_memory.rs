@@ -5222,6 +5222,40 @@ async fn a_shutdown_under_a_guard_that_stops_answering_asks_it_once() {
     }
 }
 
+/// A `flush_all` that took released objects to drain them, under a guard whose releases stop
+/// answering, gives back the first lease (a TTL unanswered) and leaves the others' for later
+/// without asking: each release waited a TTL, eight TTLs here. Everything is drained, and the
+/// leases left behind are released once the guard answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the clock ticks while the calls wait
+async fn a_flush_whose_releases_stop_answering_waits_for_one() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let objects: Vec<ObjectId> = (0..8).map(|i| oid(&format!("o{i}"))).collect();
+    for o in &objects {
+        assert_eq!(incr(&rt, o).await.expect("released after the call, its change pending"), 1);
+    }
+    guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = w.clock.monotonic();
+    let ticking = tick(&w);
+    let rt2 = rt.clone();
+    let flushed =
+        tokio::time::timeout(Duration::from_secs(60), tokio::spawn(async move { rt2.flush_all().await })).await;
+    ticking.abort();
+    let report = flushed.expect("the flush ends").expect("join").expect("drained");
+    assert_eq!(report.objects, objects.len() as u64, "{report:?}");
+    let took = w.clock.monotonic() - before;
+    assert!(took < TTL * 3, "the flush took {took:?} (TTL {TTL:?})");
+    for o in &objects {
+        assert_eq!(w.cold.watermark(o).await.expect("wm").through, 1, "{o} drained");
+    }
+    guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
+    rt.maintain().await.expect("maintain releases what was left");
+    for o in &objects {
+        assert_eq!(w.hot.current(o).await.expect("current"), None, "{o}: released");
+    }
+}
+
 /// An acquire whose outcome is unknown adopts only a lease granted to this node since it began:
 /// an older lease under the same node id is another runtime's (node ids need not be unique), and
 /// sharing its token would defeat fencing.
@@ -6092,30 +6126,6 @@ async fn a_repeated_set_ring_keeps_pending_hand_overs() {
     a.maintain().await.expect("maintain");
     let b = ring_runtime(&w, "b", "b");
     assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 2);
-}
-
-/// A member of the ring keeps warm only the objects the ring gives it: an object handed over
-/// by a ring change and brought back by a call on a stale route is handed over again by the
-/// next `maintain`. It stayed warm here (renewed by every such call) while its owner met
-/// `LeaseHeld`.
-#[tokio::test]
-async fn maintain_hands_over_again_an_object_a_stale_route_brought_back() {
-    let w = World::new();
-    let mut both = HashRing::new(16).expect("ring");
-    both.add(NodeId::new("a").expect("node"));
-    both.add(NodeId::new("b").expect("node"));
-    let o = (0..1000)
-        .map(|i| oid(&format!("o{i}")))
-        .find(|o| both.node_for(o).map(|n| n.as_str()) == Some("b"))
-        .expect("an object the ring gives b");
-    let a = ring_runtime(&w, "a", "a");
-    assert_eq!(incr(&a, &o).await.expect("a owns o"), 1);
-    a.set_ring(both.clone());
-    a.maintain().await.expect("maintain hands o over");
-    assert_eq!(incr(&a, &o).await.expect("a stale route brings o back to a"), 2);
-    a.maintain().await.expect("maintain");
-    let b = ring_runtime_with(&w, "b", both);
-    assert_eq!(incr(&b, &o).await.expect("b takes o at once"), 3);
 }
 
 /// A call waiting for an object's slot when shutdown's flush ran (here a prefetch behind a long

@@ -191,10 +191,11 @@ impl IcebergColdStore {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
-                    "rewriting {}: {} of {} files to replace are no longer in the table",
+                    "rewriting {}: {} of {} files to replace are no longer in the table{}",
                     table.identifier(),
                     removed.len().saturating_sub(found),
-                    removed.len()
+                    removed.len(),
+                    crate::compact::REPLAN
                 ),
             )
             .with_retryable(false));

@@ -79,6 +79,16 @@ use crate::error::{classify, classify_object_store};
 use crate::store::IcebergColdStore;
 use crate::{commit, schema, summary};
 
+/// Ends the message of a rewrite refused because its plan went stale (its files replaced by
+/// another compaction, the table replaced, its partition spec changed): not retryable within
+/// the rewrite, retryable to its caller ([`replan`]).
+pub(crate) const REPLAN: &str = "; running it again plans from the files live then";
+
+/// Whether `e` is a rewrite's refusal of a stale plan (see [`REPLAN`]).
+fn replan(e: &Error) -> bool {
+    e.kind() == &ErrorKind::Conflict && !e.is_retryable() && e.message().ends_with(REPLAN)
+}
+
 /// A callback receiving progress events of a maintenance run.
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
@@ -615,7 +625,9 @@ impl IcebergColdStore {
             } else {
                 Err(Error::new(
                     ErrorKind::Conflict,
-                    format!("{what}: the partition spec changed from {written_under} to {spec_now} during the rewrite"),
+                    format!(
+                        "{what}: the partition spec changed from {written_under} to {spec_now} during the rewrite{REPLAN}"
+                    ),
                 )
                 .with_retryable(false))
             };
@@ -643,7 +655,9 @@ impl IcebergColdStore {
                             last_err = Some(
                                 Error::new(
                                     ErrorKind::Conflict,
-                                    format!("{what}: the table was replaced (dropped and created again) meanwhile"),
+                                    format!(
+                                        "{what}: the table was replaced (dropped and created again) meanwhile{REPLAN}"
+                                    ),
                                 )
                                 .with_retryable(false),
                             );
@@ -736,7 +750,10 @@ impl IcebergColdStore {
             .with_source(err));
         }
         self.delete_files(added.iter().map(|f| f.file_path().to_string()).collect()).await;
-        Err(err)
+        // Not retryable within this rewrite (its plan is stale), but a run again plans from the
+        // files live then: retryable to the caller. (Refused as "no retry can succeed", while
+        // calling it again did, as two nodes running maintenance at once meet.)
+        Err(if replan(&err) { err.with_retryable(true) } else { err })
     }
 
     /// A file of `group` the current table no longer lists (another engine's compaction replaced

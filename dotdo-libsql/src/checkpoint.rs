@@ -2,6 +2,7 @@
 //!
 //! [`LibsqlSettings::background_checkpoint`]: crate::LibsqlSettings::background_checkpoint
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,16 +41,22 @@ pub(crate) async fn start(
     let file = watch.clone();
     CheckpointThread::start("dotdo-libsql-checkpoint", every, shown, watch, move || {
         // Between the store's writes (a thread of its own, outside any runtime: it may block).
-        // Waiting for a write that holds the writer through a long busy wait (another
-        // process's lock), the file is looked at meanwhile: waiting blind, the thread missed a
-        // file replaced during that wait, and the write committed into the old file answered
-        // `Ok` (dotdo-sqlite's thread never waits on its writer).
+        // In the writer's queue like any write (a `try_lock` never got a turn while writes kept
+        // queuing: the lock passes straight to the next waiter), and looking at the file while
+        // it waits: waiting blind, the thread missed a file replaced while a write held the
+        // writer through a long busy wait (another process's lock), and that write, committed
+        // into the old file, answered `Ok` (dotdo-sqlite's thread never waits on its writer).
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut turn = std::pin::pin!(writer.lock());
         let _no_commit_meanwhile = loop {
-            match writer.try_lock() {
-                Ok(guard) => break guard,
-                Err(_) if file.replaced() => return CheckpointRound::Replaced,
-                Err(_) => std::thread::park_timeout(WRITER_POLL),
+            if let std::task::Poll::Ready(guard) = turn.as_mut().poll(&mut cx) {
+                break guard;
             }
+            if file.replaced() {
+                return CheckpointRound::Replaced;
+            }
+            std::thread::park_timeout(WRITER_POLL);
         };
         // libsql's local calls run SQLite synchronously inside their futures: no runtime is
         // needed to drive them.
@@ -58,6 +65,15 @@ pub(crate) async fn start(
             Err(e) => CheckpointRound::Failed(e.to_string()),
         }
     })
+}
+
+/// Wakes the checkpoint thread when the store's writer is its turn.
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
 }
 
 /// How often a checkpoint round waiting for the store's writer looks at the file.

@@ -441,11 +441,17 @@ pub(crate) const COMMIT_IO_ERROR: &str = "COMMIT failed on I/O: ";
 /// and so may running out of memory (`SQLITE_NOMEM`: SQLite indexes the WAL after writing its
 /// frames): marked so that it maps to `AmbiguousOutcome` (as in dotdo-sqlite), not to an
 /// `Unavailable` whose retry could apply the write twice.
+///
+/// The file system reporting damage (`SQLITE_IOERR_CORRUPTFS`) stays `Corrupt`, as anywhere
+/// else: taken for an unknown outcome, the runtime took a new lease and went on writing into
+/// the damaged file.
 pub(crate) fn commit_failure(e: libsql::Error) -> libsql::Error {
     const SQLITE_NOMEM: i32 = 7;
     const SQLITE_IOERR: i32 = 10;
     match &e {
-        libsql::Error::SqliteFailure(code, _) if matches!(code & 0xff, SQLITE_IOERR | SQLITE_NOMEM) => {
+        libsql::Error::SqliteFailure(code, _)
+            if matches!(code & 0xff, SQLITE_IOERR | SQLITE_NOMEM) && *code != crate::error::SQLITE_IOERR_CORRUPTFS =>
+        {
             libsql::Error::Misuse(format!("{COMMIT_IO_ERROR}{e}"))
         }
         _ => e,

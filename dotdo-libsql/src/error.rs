@@ -76,7 +76,7 @@ const SQLITE_NOTADB: i32 = 26;
 
 /// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the database (an I/O error
 /// by its primary code, damage by what it says).
-const SQLITE_IOERR_CORRUPTFS: i32 = SQLITE_IOERR | (33 << 8);
+pub(crate) const SQLITE_IOERR_CORRUPTFS: i32 = SQLITE_IOERR | (33 << 8);
 
 /// Classify a SQLite result code (primary or extended).
 pub(crate) fn class_of_code(code: i32) -> Class {
@@ -749,6 +749,9 @@ mod tests {
         assert_eq!(map(nomem, "write", true).kind(), &ErrorKind::AmbiguousOutcome);
         let busy = crate::conn::commit_failure(failure(SQLITE_BUSY));
         assert_eq!(map(busy, "write", true).kind(), &ErrorKind::Unavailable);
+        // The file system reporting damage stays `Corrupt`, at COMMIT as anywhere.
+        let damaged = crate::conn::commit_failure(failure(SQLITE_IOERR_CORRUPTFS));
+        assert_eq!(map(damaged, "write", true).kind(), &ErrorKind::Corrupt);
         let unreadable = libsql::Error::Misuse(format!("{}rowid 5", crate::conn::UNREADABLE_RESULT));
         assert_eq!(map(unreadable, "write", true).kind(), &ErrorKind::AmbiguousOutcome);
         assert_eq!(map(libsql::Error::Misuse("other".into()), "write", true).kind(), &ErrorKind::Backend);

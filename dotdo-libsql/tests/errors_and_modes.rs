@@ -538,6 +538,41 @@ async fn a_database_file_deleted_while_open_is_noticed() {
         .await;
 }
 
+/// Background checkpoints keep up while writers queue for the store's writer without a break
+/// (four tasks writing at once, no inline checkpoints): the WAL stays far below what was
+/// written. A round that only tried the writer's lock never got a turn (the lock passes straight
+/// to the next waiting write), and the WAL took every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_checkpoints_get_their_turn_between_queued_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hot.db");
+    let settings = LibsqlSettings {
+        background_checkpoint: Some(Duration::from_millis(10)),
+        wal_autocheckpoint_pages: 0,
+        ..Default::default()
+    };
+    let s = LibsqlStore::local(&path).with_settings(settings).open().await.expect("open");
+    const TASKS: usize = 4;
+    const PUTS: usize = 1500;
+    const VALUE: usize = 4096;
+    let writers = (0..TASKS).map(|t| {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let o = ObjectId::new(format!("w{t}")).expect("valid");
+            let l = s.acquire(&o, &NodeId::new("n").expect("valid"), Duration::from_secs(600)).await.expect("acquire");
+            for k in 0..PUTS {
+                s.put(&o, l.token, "T", &format!("k{}", k % 50), vec![7u8; VALUE].into()).await.expect("put");
+            }
+        })
+    });
+    for w in futures::future::join_all(writers).await {
+        w.expect("writer");
+    }
+    let written = (TASKS * PUTS * VALUE) as u64;
+    let wal = std::fs::metadata(dir.path().join("hot.db-wal")).expect("wal").len();
+    assert!(wal < written / 4, "the WAL holds {wal} bytes of {written} written: checkpoints did not keep up");
+}
+
 /// With background checkpoints the database file receives the committed pages without any
 /// commit crossing the inline threshold; without them (None or zero) the pages stay in the WAL.
 /// Dropping the store stops the thread.

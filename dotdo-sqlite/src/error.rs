@@ -48,7 +48,7 @@ pub(crate) fn class_of_code(code: ErrorCode) -> Class {
 
 /// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the database (an I/O error by
 /// its primary code, damage by what it says: not retried).
-const SQLITE_IOERR_CORRUPTFS: i32 = rusqlite::ffi::SQLITE_IOERR | (33 << 8);
+pub(crate) const SQLITE_IOERR_CORRUPTFS: i32 = rusqlite::ffi::SQLITE_IOERR | (33 << 8);
 
 pub(crate) fn class_of(e: &rusqlite::Error) -> Class {
     match e {

@@ -396,21 +396,28 @@ fn with_busy_retry<T>(settings: &SqliteSettings, doing: &str, mut f: impl FnMut(
 /// transaction is durable), and so may running out of memory (SQLite indexes the WAL after
 /// writing its frames), so its outcome is unknown, not a retryable failure (a retry would apply
 /// the writes again under new sequence numbers). Busy and full-disk failures leave nothing
-/// committed and stay what they are.
+/// committed and stay what they are, and so does the file system reporting damage
+/// (`SQLITE_IOERR_CORRUPTFS`: `Corrupt`, as anywhere else; taken for an unknown outcome, the
+/// runtime took a new lease and went on writing into the damaged file).
 fn commit_error(e: rusqlite::Error, doing: &str) -> TxError {
     use rusqlite::ErrorCode::{OutOfMemory, SystemIoFailure};
     match &e {
-        rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, SystemIoFailure | OutOfMemory) => TxError::Api(
-            Error::new(
-                ErrorKind::AmbiguousOutcome,
-                format!(
-                    "{doing}: COMMIT failed ({}), so the transaction may be durable; read back \
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, SystemIoFailure | OutOfMemory)
+                && f.extended_code != crate::error::SQLITE_IOERR_CORRUPTFS =>
+        {
+            TxError::Api(
+                Error::new(
+                    ErrorKind::AmbiguousOutcome,
+                    format!(
+                        "{doing}: COMMIT failed ({}), so the transaction may be durable; read back \
                          (a hot write: take a new lease before writing the object again)",
-                    if f.code == OutOfMemory { "out of memory" } else { "an I/O error" }
-                ),
+                        if f.code == OutOfMemory { "out of memory" } else { "an I/O error" }
+                    ),
+                )
+                .with_source(e),
             )
-            .with_source(e),
-        ),
+        }
         _ => TxError::Sql(e),
     }
 }
@@ -1318,6 +1325,14 @@ mod tests {
         }
         for code in [rusqlite::ffi::SQLITE_BUSY, rusqlite::ffi::SQLITE_FULL] {
             assert!(matches!(commit_error(failure(code), "put"), TxError::Sql(_)), "{code}");
+        }
+        // The file system reporting damage stays `Corrupt`, at COMMIT as anywhere.
+        match commit_error(failure(crate::error::SQLITE_IOERR_CORRUPTFS), "put") {
+            TxError::Sql(e) => {
+                let e = crate::error::map(e, "put");
+                assert_eq!(e.kind(), &ErrorKind::Corrupt, "{e}");
+            }
+            TxError::Api(e) => panic!("file system damage taken for an unknown outcome: {e}"),
         }
     }
 

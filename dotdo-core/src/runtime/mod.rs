@@ -604,11 +604,6 @@ impl ObjectRuntime {
         self.inner.ring.read().as_ref().and_then(|r| r.node_for(object).cloned())
     }
 
-    /// Whether this runtime's node is a member of its ring (a gateway outside it is not).
-    fn in_ring(&self) -> bool {
-        self.inner.ring.read().as_ref().is_some_and(|r| r.nodes().contains(&self.inner.node))
-    }
-
     /// Set or replace the ring (nodes joined or left); a runtime built without one starts
     /// using it from here on. The next [`maintain`](Self::maintain) gives back the leases of
     /// objects this change moved from this node (or, for a runtime that had no ring, from
@@ -1796,12 +1791,12 @@ impl ObjectRuntime {
             // longer.
             for h in &mut held {
                 if rounds.left_out.contains(&h.object) {
-                    give_back(inner, &mut h.guard.active).await;
+                    give_back_in_pass(inner, &mut h.guard.active, &mut rounds).await;
                     owe(inner, &h.object);
                     continue;
                 }
                 if h.taken.is_some() {
-                    give_back(inner, &mut h.guard.active).await;
+                    give_back_in_pass(inner, &mut h.guard.active, &mut rounds).await;
                 }
                 // Drained whole only if every round went through (a round after a first
                 // commit of the object can still fail).
@@ -2312,14 +2307,9 @@ impl ObjectRuntime {
             // the ring, stay warm.)
             // (The handover lock is released before the ring's is taken: `set_ring` takes them
             // the other way round.)
-            // A member of the ring keeps warm only the objects the ring gives it: one the ring
-            // gives another member, active here anyway (a call on a stale route after the
-            // handover, or one that came in as the ring changed), is handed over as a moved one
-            // (it stayed warm here, renewed by every call on that route, and the owner met
-            // `LeaseHeld`).
             let pending_move = self.inner.handover.lock().remove(&object);
-            let elsewhere = guard.active.is_some() && self.owner_hint(&object).is_some_and(|n| n != inner.node);
-            let moved = elsewhere && (pending_move || self.in_ring());
+            let moved =
+                pending_move && guard.active.is_some() && self.owner_hint(&object).is_some_and(|n| n != inner.node);
             let Some(active) = guard.active.as_mut() else { continue };
             // Moved, idle past `keep_warm` (unless its eviction is to be tried again), or
             // (otherwise renewed when due) lost: given back.
@@ -3222,7 +3212,8 @@ async fn give_back(inner: &Arc<Inner>, active: &mut Option<Active>) {
 }
 
 /// Give `lease` back; if that fails (logged), it is kept as an orphan and released again later.
-async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
+/// Whether the guard answered (`false`: the release did not answer within a TTL).
+async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) -> bool {
     note_given_back(inner, lease);
     let hand = LeaseInHand::new(inner, lease.clone());
     // A release that does not answer within a TTL (a hung connection) is left to the orphan
@@ -3231,10 +3222,29 @@ async fn release_quietly(inner: &Arc<Inner>, lease: &Lease) {
     match within(inner, ttl, inner.guard.release(lease), "the lease release did not answer within the lease's TTL")
         .await
     {
-        Ok(()) => hand.disarm(),
+        Ok(()) => {
+            hand.disarm();
+            true
+        }
         // Kept as an orphan (the hand's drop): the next activation of the object, or
         // `maintain`, tries again, so this node is not locked out until the lease expires.
-        Err(e) => tracing::warn!(object = %lease.object, error = %e, "dotdo lease release failed; will retry"),
+        Err(e) => {
+            tracing::warn!(object = %lease.object, error = %e, "dotdo lease release failed; will retry");
+            !unanswered(&e)
+        }
+    }
+}
+
+/// [`give_back`] within a flush pass: once a guard call of the pass went unanswered
+/// (`rounds.unanswered`, set here too by a release that does not answer), the lease is left as
+/// an orphan without asking (released by a later `maintain` or activation of the object): one
+/// release after another, each waiting a TTL, held the flush for a TTL per object taken.
+async fn give_back_in_pass(inner: &Arc<Inner>, active: &mut Option<Active>, rounds: &mut DrainRounds) {
+    let Some(a) = active.take() else { return };
+    if rounds.unanswered {
+        leave_orphan(inner, a.lease.granted.clone());
+    } else {
+        rounds.unanswered |= !release_quietly(inner, &a.lease.granted).await;
     }
 }
 
