@@ -5256,6 +5256,33 @@ async fn a_flush_whose_releases_stop_answering_waits_for_one() {
     }
 }
 
+/// The same over more than one page of released objects: once a release of the first page's
+/// leases goes unanswered, the flush stops (the next pages are not read only to be left out)
+/// and fails (`Unavailable`) rather than answer `Ok` with the later pages' changes undrained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // real time: the clock ticks while the calls wait
+async fn a_flush_stopped_by_an_unanswered_release_does_not_answer_ok() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { keep_warm: Duration::ZERO, ..settings() });
+    let objects: Vec<ObjectId> = (0..300).map(|i| oid(&format!("o{i:03}"))).collect();
+    for o in &objects {
+        incr(&rt, o).await.expect("released after the call, its change pending");
+    }
+    guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ticking = tick(&w);
+    let rt2 = rt.clone();
+    let flushed =
+        tokio::time::timeout(Duration::from_secs(60), tokio::spawn(async move { rt2.flush_all().await })).await;
+    ticking.abort();
+    let e = flushed.expect("the flush ends").expect("join").expect_err("a later page was not drained");
+    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Unavailable, true), "{e}");
+    let mut drained = 0;
+    for o in &objects {
+        drained += w.cold.watermark(o).await.expect("wm").through;
+    }
+    assert!(drained < objects.len() as u64, "{drained} of {} drained", objects.len());
+}
+
 /// An acquire whose outcome is unknown adopts only a lease granted to this node since it began:
 /// an older lease under the same node id is another runtime's (node ids need not be unique), and
 /// sharing its token would defeat fencing.

@@ -237,8 +237,9 @@ struct DrainRounds {
     /// Objects skipped because a call on them was in progress (each counts once:
     /// `FlushReport::busy`).
     busy: std::collections::BTreeSet<ObjectId>,
-    /// A call of this pass (a lease check, an acquire) did not answer in time: the guard is not
-    /// asked again in it (see [`not_asked`]).
+    /// A call of this pass (a lease check, an acquire, a release) did not answer in time:
+    /// objects are no longer checked or taken in it (see [`not_asked`]), and the leases it took
+    /// are left as orphans ([`give_back_in_pass`]).
     unanswered: bool,
 }
 
@@ -1808,6 +1809,12 @@ impl ObjectRuntime {
             settle_lapsed(inner, &mut rounds).await;
             held.clear();
             if !more {
+                break;
+            }
+            if rounds.unanswered {
+                // The next pages would only be read to be left out (a release of this page's
+                // leases may be what went unanswered: then nothing said so yet).
+                rounds.first_err.get_or_insert_with(not_asked);
                 break;
             }
         }
