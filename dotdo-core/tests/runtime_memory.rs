@@ -313,10 +313,12 @@ async fn a_handler_that_panics_commits_nothing_and_the_object_runs_on() {
         let rt = w.runtime("a", RuntimeSettings { keep_warm, ..settings() });
         let o = oid("o");
         assert_eq!(incr(&rt, &o).await.expect("first"), 1);
+        let panicked_token = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let panicking = {
-            let (rt, o) = (rt.clone(), o.clone());
+            let (rt, o, seen) = (rt.clone(), o.clone(), panicked_token.clone());
             tokio::spawn(async move {
                 rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+                    seen.store(t.token().get(), std::sync::atomic::Ordering::SeqCst);
                     t.put("n", "999")?;
                     if t.get("n").await?.is_some() {
                         panic!("the handler failed");
@@ -328,8 +330,22 @@ async fn a_handler_that_panics_commits_nothing_and_the_object_runs_on() {
         };
         assert!(panicking.await.expect_err("the handler panicked").is_panic(), "{keep_warm:?}");
         assert_eq!(w.hot.get(&o, "n").await.expect("get").as_deref(), Some(&b"1"[..]), "{keep_warm:?}");
-        let next = tokio::time::timeout(Duration::from_secs(60), incr(&rt, &o)).await;
-        assert_eq!(next.expect("the slot is not left locked").expect("the next call"), 2, "{keep_warm:?}");
+        // The next call, and the token it runs under.
+        let next = rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
+            let n: u64 = t.get("n").await?.map_or(0, |b| String::from_utf8_lossy(&b).parse().unwrap_or(0));
+            t.put("n", (n + 1).to_string())?;
+            Ok::<_, Error>((n + 1, t.token().get()))
+        });
+        let next = tokio::time::timeout(Duration::from_secs(60), next).await;
+        let (n, token) = next.expect("the slot is not left locked").expect("the next call");
+        assert_eq!(n, 2, "{keep_warm:?}");
+        let panicked = panicked_token.load(std::sync::atomic::Ordering::SeqCst);
+        if keep_warm.is_zero() {
+            // Not a warm reuse of the panicked call's lease: that one was given back.
+            assert!(token > panicked, "keep_warm 0: the next call reused the panicked call's lease {panicked}");
+        } else {
+            assert_eq!(token, panicked, "kept warm: the panicked call's lease serves the next call");
+        }
         assert_eq!(w.hot.get(&o, "n").await.expect("get").as_deref(), Some(&b"2"[..]), "{keep_warm:?}");
         let held = w.hot.current(&o).await.expect("current");
         assert_eq!(held.is_some(), !keep_warm.is_zero(), "{keep_warm:?}: {held:?}");
