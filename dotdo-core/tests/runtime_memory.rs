@@ -170,10 +170,15 @@ fn oid(s: &str) -> ObjectId {
 }
 
 async fn incr(rt: &ObjectRuntime, obj: &ObjectId) -> Result<u64> {
+    incr_with_token(rt, obj).await.map(|(n, _)| n)
+}
+
+/// [`incr`], with the fencing token the call ran under.
+async fn incr_with_token(rt: &ObjectRuntime, obj: &ObjectId) -> Result<(u64, u64)> {
     rt.invoke(obj, async |t: &mut ObjectTxn<'_>| {
         let n: u64 = t.get("n").await?.map_or(0, |b| String::from_utf8_lossy(&b).parse().unwrap_or(0));
         t.put("n", (n + 1).to_string())?;
-        Ok(n + 1)
+        Ok((n + 1, t.token().get()))
     })
     .await
 }
@@ -331,12 +336,7 @@ async fn a_handler_that_panics_commits_nothing_and_the_object_runs_on() {
         assert!(panicking.await.expect_err("the handler panicked").is_panic(), "{keep_warm:?}");
         assert_eq!(w.hot.get(&o, "n").await.expect("get").as_deref(), Some(&b"1"[..]), "{keep_warm:?}");
         // The next call, and the token it runs under.
-        let next = rt.invoke(&o, async |t: &mut ObjectTxn<'_>| {
-            let n: u64 = t.get("n").await?.map_or(0, |b| String::from_utf8_lossy(&b).parse().unwrap_or(0));
-            t.put("n", (n + 1).to_string())?;
-            Ok::<_, Error>((n + 1, t.token().get()))
-        });
-        let next = tokio::time::timeout(Duration::from_secs(60), next).await;
+        let next = tokio::time::timeout(Duration::from_secs(60), incr_with_token(&rt, &o)).await;
         let (n, token) = next.expect("the slot is not left locked").expect("the next call");
         assert_eq!(n, 2, "{keep_warm:?}");
         let panicked = panicked_token.load(std::sync::atomic::Ordering::SeqCst);
@@ -1096,48 +1096,39 @@ fn builder_requires_components_and_valid_settings() {
     let w = World::new();
     let e = ObjectRuntime::builder(NodeId::new("a").expect("valid")).build().expect_err("no components");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
-    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_settings(RuntimeSettings { lease_ttl: Duration::ZERO, ..Default::default() })
-        .build()
-        .expect_err("zero ttl");
+    // A build with every component and `settings`, refused.
+    let refused = |settings: RuntimeSettings, why: &str| {
+        ObjectRuntime::builder(NodeId::new("a").expect("valid"))
+            .with_hot_store(Arc::new(w.hot.clone()))
+            .with_guard(Arc::new(w.hot.clone()))
+            .with_cold_sink(Arc::new(w.cold.clone()))
+            .with_settings(settings)
+            .build()
+            .expect_err(why)
+    };
+    let e = refused(RuntimeSettings { lease_ttl: Duration::ZERO, ..Default::default() }, "zero ttl");
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
-    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_settings(RuntimeSettings {
+    let e = refused(
+        RuntimeSettings {
             keep_warm: Duration::from_secs(30),
             evict_idle_after: Some(Duration::from_secs(60)),
             ..Default::default()
-        })
-        .build()
-        .expect_err("eviction after the lease is released can never happen");
+        },
+        "eviction after the lease is released can never happen",
+    );
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     // Nor with every lease given back after its call (accepted, it never evicted anything).
-    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_settings(RuntimeSettings {
-            keep_warm: Duration::ZERO,
-            evict_idle_after: Some(Duration::ZERO),
-            ..Default::default()
-        })
-        .build()
-        .expect_err("nothing stays held to be evicted");
+    let e = refused(
+        RuntimeSettings { keep_warm: Duration::ZERO, evict_idle_after: Some(Duration::ZERO), ..Default::default() },
+        "nothing stays held to be evicted",
+    );
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     assert!(e.to_string().contains("keep_warm above zero"), "{e}");
     // An automatic flush with no time at all would be abandoned at once, every time.
-    let e = ObjectRuntime::builder(NodeId::new("a").expect("valid"))
-        .with_hot_store(Arc::new(w.hot.clone()))
-        .with_guard(Arc::new(w.hot.clone()))
-        .with_cold_sink(Arc::new(w.cold.clone()))
-        .with_settings(RuntimeSettings { auto_flush_timeout: Duration::ZERO, ..Default::default() })
-        .build()
-        .expect_err("zero auto_flush_timeout");
+    let e = refused(
+        RuntimeSettings { auto_flush_timeout: Duration::ZERO, ..Default::default() },
+        "zero auto_flush_timeout",
+    );
     assert_eq!(e.kind(), &ErrorKind::InvalidInput);
     assert!(e.to_string().contains("auto_flush_timeout"), "{e}");
 }
