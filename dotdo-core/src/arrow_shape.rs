@@ -73,7 +73,8 @@ fn same_fields(f: &Fields, g: &Fields, by_name: bool) -> bool {
 /// file's statistics).
 pub const MAX_TIME_MICROS: i64 = 86_400_000_000 - 1;
 
-/// The most bytes one `LargeBinary` or `LargeUtf8` value may hold, `i32::MAX - 4`: a Parquet
+/// The most bytes one string or binary value (`Utf8`, `LargeUtf8`, `Utf8View`, `Binary`,
+/// `LargeBinary`, `BinaryView`) may hold, `i32::MAX - 4`: a Parquet
 /// page's size is a signed 32-bit number, and a value is stored in one with a 4-byte length
 /// prefix (parquet-rs failed a longer one's write with a generic error after the batch was
 /// accepted: a pipeline's log then held a batch no roll could commit).
@@ -81,7 +82,7 @@ pub const MAX_ARROW_VALUE_BYTES: i64 = i32::MAX as i64 - 4;
 
 /// `InvalidInput` (naming the column and row) if a value of `batch`, nested ones included, is
 /// one an Iceberg table cannot hold although arrow builds it without a check (`LimitExceeded`
-/// for a `LargeBinary` or `LargeUtf8` value over [`MAX_ARROW_VALUE_BYTES`]):
+/// for a string or binary value over [`MAX_ARROW_VALUE_BYTES`]):
 /// * a decimal with more digits than its type's precision: the Parquet writer stores a decimal
 ///   in the width its precision gives, so a value beyond it was written cut to that width
 ///   (4294967297 in a `decimal(5,2)` column read back as 0.01) or out of its declared range;

@@ -5373,6 +5373,67 @@ async fn an_object_left_out_of_a_flush_is_drained_by_the_next_one_without_drain_
     }
 }
 
+/// The same, the object left out because cold refused its records (a refusal about it alone),
+/// and the flush dropped (a host's timeout) while its release hangs: the object is still owed,
+/// and once cold takes its records the next `flush_all` (or `shutdown`) drains it. It was owed
+/// only once the release answered: dropped during it, the object was neither held nor owed, and
+/// every later flush answered `Ok` with its acknowledged change in hot storage.
+#[tokio::test]
+async fn an_object_left_out_of_a_flush_dropped_during_its_release_is_still_owed() {
+    for via_shutdown in [false, true] {
+        let w = World::new();
+        let guard = Arc::new(FlakyGuard::new(&w));
+        let cold = Arc::new(FlakyCold::new(w.cold.clone()));
+        let rt =
+            w.runtime_with("a", guard.clone(), cold.clone(), RuntimeSettings { drain_released: false, ..settings() });
+        let (a, b) = (oid("a"), oid("b"));
+        incr(&rt, &a).await.expect("a");
+        incr(&rt, &b).await.expect("b");
+        *cold.refused_object.lock() = Some(a.clone());
+        guard.hang_releases.store(true, std::sync::atomic::Ordering::SeqCst);
+        let dropped = tokio::time::timeout(Duration::from_millis(200), rt.flush_all()).await;
+        assert!(dropped.is_err(), "the left-out object's release hangs: {dropped:?}");
+        assert_eq!(guard.hung_releases.load(std::sync::atomic::Ordering::SeqCst), 1, "a's release, the only one");
+        guard.hang_releases.store(false, std::sync::atomic::Ordering::SeqCst);
+        *cold.refused_object.lock() = None;
+        assert_eq!(w.cold.watermark(&a).await.expect("watermark").through, 0, "left out");
+        assert_eq!(w.cold.watermark(&b).await.expect("watermark").through, 1, "drained");
+        if via_shutdown {
+            rt.shutdown().await.expect("shutdown drains it");
+        } else {
+            let report = rt.flush_all().await.expect("the next flush drains it");
+            assert_eq!(report.objects, 1, "{report:?}");
+        }
+        assert_eq!(w.cold.watermark(&a).await.expect("watermark").through, 1, "shutdown: {via_shutdown}");
+        let info = w.hot.object_info(&a).await.expect("info").expect("object");
+        assert!(!info.has_pending_changes(), "{info:?}");
+    }
+}
+
+/// A `flush_all` dropped (a host's timeout) while it takes a lapsed warm object again (its
+/// acquire hangs): with `drain_released` off the object is owed to the next flush, which drains
+/// it. The lapsed activation was dropped with the flush, the object neither active here nor
+/// owed, and every later flush answered `Ok` with its acknowledged change in hot storage.
+#[tokio::test]
+async fn a_flush_dropped_while_retaking_a_lapsed_object_leaves_it_owed() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { drain_released: false, ..settings() });
+    let x = oid("x");
+    assert_eq!(incr(&rt, &x).await.expect("incr"), 1);
+    // No `maintain` renews it: the warm lease lapses.
+    w.clock.advance(TTL * 2);
+    guard.hang_acquires.store(true, std::sync::atomic::Ordering::SeqCst);
+    let dropped = tokio::time::timeout(Duration::from_millis(200), rt.flush_all()).await;
+    assert!(dropped.is_err(), "the retake's acquire hangs: {dropped:?}");
+    guard.hang_acquires.store(false, std::sync::atomic::Ordering::SeqCst);
+    let report = rt.flush_all().await.expect("the next flush drains it");
+    assert_eq!(report.objects, 1, "{report:?}");
+    assert_eq!(w.cold.watermark(&x).await.expect("watermark").through, 1);
+    let info = w.hot.object_info(&x).await.expect("info").expect("object");
+    assert!(!info.has_pending_changes(), "{info:?}");
+    assert_eq!(incr(&rt, &x).await.expect("the object is usable after"), 2);
+}
+
 /// An owed object (see above) that the next flush drains only in part (its second commit fails)
 /// stays owed: the flush after that drains the rest. It was forgotten after its first commit,
 /// and the next flush answered `Ok` with its other change left in hot storage.

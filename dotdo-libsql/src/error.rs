@@ -78,10 +78,17 @@ const SQLITE_NOTADB: i32 = 26;
 /// by its primary code, damage by what it says).
 pub(crate) const SQLITE_IOERR_CORRUPTFS: i32 = SQLITE_IOERR | (33 << 8);
 
+/// SQLITE_IOERR_GETTEMPPATH: no directory for a temporary file (an I/O error by its primary
+/// code, the host's setup by what it says: not retried).
+const SQLITE_IOERR_GETTEMPPATH: i32 = SQLITE_IOERR | (25 << 8);
+
 /// Classify a SQLite result code (primary or extended).
 pub(crate) fn class_of_code(code: i32) -> Class {
     if code == SQLITE_IOERR_CORRUPTFS {
         return Class::Corrupt;
+    }
+    if code == SQLITE_IOERR_GETTEMPPATH {
+        return Class::Environment { retryable: false };
     }
     match code & 0xff {
         SQLITE_BUSY | SQLITE_LOCKED => Class::Busy,
@@ -585,6 +592,9 @@ mod tests {
         assert_eq!(e.kind(), &ErrorKind::Unavailable);
         assert!(!e.is_retryable());
         assert_eq!(map(failure(SQLITE_CANTOPEN), "open", false).kind(), &ErrorKind::Unavailable);
+        let e = map(failure(SQLITE_IOERR_GETTEMPPATH), "write", false);
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(!e.is_retryable(), "no temporary directory is no passing failure: {e}");
     }
 
     #[test]

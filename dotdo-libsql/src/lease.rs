@@ -6,12 +6,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dotdo_core::guard::rules;
-use dotdo_core::{ConsistencyGuard, Error, FencingToken, Lease, NodeId, ObjectId, Result};
+use dotdo_core::{ConsistencyGuard, Error, FencingToken, Lease, NodeId, ObjectId, Result, Timestamp};
 use libsql::Value;
 
 use crate::conn::{Program, Step};
 use crate::sql::*;
 use crate::store::LibsqlStore;
+
+/// A refresh program's result when it changed no row (below every lease age it reports).
+const REFRESH_MISSED: i64 = -(1 << 45);
+/// The largest lease age (µs, about 203 days) a refresh program's result carries; a lease
+/// granted longer ago (or later, by a clock that went back) is read back after the refresh.
+const REFRESH_AGE_CAP: i64 = 1 << 44;
 
 #[async_trait]
 impl ConsistencyGuard for LibsqlStore {
@@ -108,7 +114,7 @@ impl ConsistencyGuard for LibsqlStore {
         // extended, which takes nothing from anyone: a lease taken meanwhile has another token
         // or holder, and the update matches no row.)
         let clock = self.inner.clock.clone();
-        let (changed, now, expires) = self
+        let (acquired, now, expires) = self
             .lease_write_call("refresh lease", move |c| {
                 let now = clock.now();
                 let expires = now.plus(ttl);
@@ -125,12 +131,35 @@ impl ConsistencyGuard for LibsqlStore {
                         Value::Integer(now.as_micros()),
                     ],
                 );
-                let program = Program { steps: vec![step], result: Some(Step::new("SELECT changes()", vec![])) };
+                // The stored grant time comes back (the lease passed in is only its object,
+                // holder and token: its `acquired_at` may be anything), as the lease's age at
+                // `now`: a program result is a small number (see `conn::RESULT_BITS`).
+                let result = Step::new(
+                    "SELECT CASE WHEN changes() = 1 THEN \
+                     max(-?2, min(?1 - (SELECT acquired_at FROM do_locks WHERE do_id = ?3), ?2)) ELSE ?4 END",
+                    vec![
+                        Value::Integer(now.as_micros()),
+                        Value::Integer(REFRESH_AGE_CAP),
+                        t(lease.object.as_str()),
+                        Value::Integer(REFRESH_MISSED),
+                    ],
+                );
+                let program = Program { steps: vec![step], result: Some(result) };
                 Box::pin(async move { Ok((c.run_program(program).await?, now, expires)) })
             })
             .await?;
-        if changed == Some(1) {
-            return Ok(Lease { expires_at: expires, ..lease.clone() });
+        match acquired {
+            Some(REFRESH_MISSED) | None => {}
+            Some(age) if age.abs() < REFRESH_AGE_CAP => {
+                let acquired_at = Timestamp::from_micros(now.as_micros().saturating_sub(age));
+                return Ok(Lease { acquired_at, expires_at: expires, ..lease.clone() });
+            }
+            // Granted more than ~200 days before `now` (or after it): read back.
+            Some(_) => {
+                let row = self.lease_row_on_primary(&lease.object).await?;
+                let acquired_at = row.filter(|r| r.token == lease.token).map_or(lease.acquired_at, |r| r.acquired_at);
+                return Ok(Lease { acquired_at, expires_at: expires, ..lease.clone() });
+            }
         }
         let row = self.lease_row_on_primary(&lease.object).await?;
         rules::check_current(lease, row.as_ref(), now)?;

@@ -14,7 +14,7 @@ use std::time::Duration;
 #[allow(dead_code)] // only the replica test uses the Hrana test server here
 mod support;
 
-use dotdo_core::{Clock, ConsistencyGuard, ErrorKind, HotStore, HotStoreExt, NodeId, ObjectId, SystemClock};
+use dotdo_core::{Clock, ConsistencyGuard, ErrorKind, HotStore, HotStoreExt, Lease, NodeId, ObjectId, SystemClock};
 use dotdo_libsql::{validate_url, AuthToken, Durability, LibsqlSettings, LibsqlStore, Target, Transport};
 
 fn obj() -> ObjectId {
@@ -1019,6 +1019,29 @@ async fn a_live_lease_row_whose_times_do_not_decode_is_corrupt_to_refresh() {
             assert_eq!(e.kind(), &ErrorKind::Corrupt, "{transport:?}, {what}: {e}");
             assert_eq!(s.validate(&l).await.expect_err(what).kind(), &ErrorKind::Corrupt, "{transport:?}, {what}");
             assert_eq!(dump().await, before, "{transport:?}, {what}: the damaged row was changed");
+        }
+    }
+}
+
+/// `refresh` answers the lease's stored grant time, also one further from now than a program
+/// result carries (granted ~400 days ago, or ~400 days ahead by a clock that went back): read
+/// back after the refresh. (It echoed the `acquired_at` passed in.)
+#[tokio::test]
+async fn a_refresh_answers_the_stored_grant_time_however_old() {
+    let n1 = NodeId::new("n1").expect("valid");
+    for transport in [Transport::Auto, Transport::Batch] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, _raw, c) = store_and_raw_connection(&dir.path().join("hot.db"), transport).await;
+        for (i, shift) in [0i64, -(1 << 45), 1 << 45].into_iter().enumerate() {
+            let o = ObjectId::new(format!("o{i}")).expect("valid");
+            let l = s.acquire(&o, &n1, Duration::from_secs(60)).await.expect("acquire");
+            c.execute("UPDATE do_locks SET acquired_at = acquired_at + ?2 WHERE do_id = ?1", (o.as_str(), shift))
+                .await
+                .expect("move the grant time");
+            let stored = dotdo_core::Timestamp::from_micros(l.acquired_at.as_micros() + shift);
+            let passed = Lease { acquired_at: dotdo_core::Timestamp::from_micros(7), ..l.clone() };
+            let r = s.refresh(&passed, Duration::from_secs(60)).await.expect("refresh");
+            assert_eq!((r.token, r.acquired_at), (l.token, stored), "{transport:?}, shifted by {shift} µs");
         }
     }
 }

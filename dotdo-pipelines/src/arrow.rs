@@ -399,7 +399,7 @@ impl ArrowPipeline {
                 let (lock, resolved) = crate::log::lock_log(path, "arrow")?;
                 let c = Self::open_log(&resolved, stream, &mut buf)?;
                 next_id = Self::next_id_floor(&c, &resolved)?;
-                (Some(Mutex::new(c)), Some(lock), Some(crate::log::WatchedFile::new(&resolved)))
+                (Some(Mutex::new(c)), Some(lock), Some(crate::log::WatchedFile::new(&resolved, "arrow")))
             }
         };
         let now = clock.monotonic();

@@ -95,18 +95,50 @@ pub(crate) trait Log: Send + Sync {
 pub(crate) struct WatchedFile {
     watch: dotdo_core::sql_schema::FileWatch,
     path: String,
+    lock: WatchedLock,
+}
+
+/// A durable log's lock file (`<log>.<kind>.lock`, see [`lock_log`]), watched too: an empty file
+/// never written, the first one an age-based temp cleaner deletes (the log itself, written all
+/// the time, stays). Unlinked, its lock guarded nothing: a second pipeline opening the log
+/// created a new lock file, locked it and ran beside the first, each numbering the same objects'
+/// events from its own counters, and the sink dropped one's as replays of the other's
+/// (acknowledged sends lost). A lock file found gone or replaced is taken again; one another
+/// pipeline holds now is a `Conflict` for every call of this one.
+struct WatchedLock {
+    path: std::path::PathBuf,
+    /// The lock file's identity when locked, and the file locked again after it was deleted
+    /// (the first one stays open with the log).
+    held: parking_lot::Mutex<(dotdo_core::sql_schema::FileWatch, Option<std::fs::File>)>,
 }
 
 impl WatchedFile {
-    /// Watch the file now at `path` (right after opening it).
-    pub(crate) fn new(path: &Path) -> Self {
-        WatchedFile { watch: dotdo_core::sql_schema::FileWatch::new(path), path: path.display().to_string() }
+    /// Watch the file now at `path` (right after opening it) and its lock file of `kind` (right
+    /// after [`lock_log`] locked it).
+    pub(crate) fn new(path: &Path, kind: &str) -> Self {
+        let lock = lock_path(path, kind);
+        WatchedFile {
+            watch: dotdo_core::sql_schema::FileWatch::new(path),
+            path: path.display().to_string(),
+            lock: WatchedLock {
+                held: parking_lot::Mutex::new((dotdo_core::sql_schema::FileWatch::new(&lock), None)),
+                path: lock,
+            },
+        }
     }
 
-    /// `Corrupt` if the file at the path is no longer the one opened.
+    /// `Corrupt` if the file at the path is no longer the one opened; a retryable `Conflict` if
+    /// its lock file was deleted and another pipeline has locked the log since.
     pub(crate) fn check(&self, doing: &str) -> Result<()> {
         if self.watch.replaced() {
             return Err(dotdo_core::sql_schema::replaced_file_error(&format!("pipeline log: {doing}"), &self.path));
+        }
+        let mut held = self.lock.held.lock();
+        if held.0.replaced() {
+            let doing = format!("{doing} on {} (its lock file was deleted or replaced since it was opened)", self.path);
+            let file = take_lock(&self.lock.path, &doing)?;
+            tracing::warn!(lock = %self.lock.path.display(), "dotdo pipeline log: lock file deleted or replaced; locked again");
+            *held = (dotdo_core::sql_schema::FileWatch::new(&self.lock.path), Some(file));
         }
         Ok(())
     }
@@ -131,7 +163,7 @@ impl<L: Log> NamedLog<L> {
     /// `inner`, its errors naming `path`, refused once the file the log opened (`file`: the
     /// path as resolved when it was opened) is deleted or replaced.
     pub(crate) fn watched(inner: L, path: &Path, file: &Path) -> Self {
-        NamedLog { inner, path: path.display().to_string(), file: Some(WatchedFile::new(file)) }
+        NamedLog { inner, path: path.display().to_string(), file: Some(WatchedFile::new(file, "pipeline")) }
     }
 
     /// `f` on the log, once its file is found to be the one opened; errors name the file.
@@ -577,9 +609,21 @@ pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<(std::fs::File, std::p
     // through another directory link) to the same log takes the same lock. (A hard link under
     // another name is not recognised.)
     let resolved = resolve_links(path);
-    let mut lock_path = resolved.clone().into_os_string();
+    let lock = take_lock(&lock_path(&resolved, kind), &doing)?;
+    Ok((lock, resolved))
+}
+
+/// The lock file of the log of `kind` at `resolved` (its path with links resolved).
+fn lock_path(resolved: &Path, kind: &str) -> std::path::PathBuf {
+    let mut lock_path = resolved.as_os_str().to_owned();
     lock_path.push(format!(".{kind}.lock"));
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| {
+    lock_path.into()
+}
+
+/// Open (or create) the lock file at `lock_path` and lock it: a retryable `Conflict` if another
+/// pipeline holds it.
+fn take_lock(lock_path: &Path, doing: &str) -> Result<std::fs::File> {
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(lock_path).map_err(|e| {
         // As for the log itself: a file that cannot be created (a missing directory,
         // permissions, a read-only mount) is not mended by a retry.
         Error::unavailable(format!("pipeline log: {doing}: its lock file cannot be opened: {e}"))
@@ -603,7 +647,7 @@ pub(crate) fn lock_log(path: &Path, kind: &str) -> Result<(std::fs::File, std::p
                 .with_source(e))
         }
     }
-    Ok((lock, resolved))
+    Ok(lock)
 }
 
 /// `path` with its symlinks resolved, also when the file (or a link's target) does not exist
@@ -762,6 +806,20 @@ impl SqliteLog {
         // file (a pipeline sharing it) committed since the read began.
         let tx =
             conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| sql(e, "claim"))?;
+        // One claimed batch at a time, as in the memory log (a roll settles the claimed batch
+        // before it claims): a second one found here was claimed by another pipeline on this
+        // log (its lock file deleted under them), whose counters numbered the same objects'
+        // events; claimed too, the sink dropped one batch's events as replays of the other's.
+        let open: Option<u64> = tx
+            .query_row("SELECT min(batch) FROM pipeline_log WHERE batch IS NOT NULL", [], |r| r.get(0))
+            .map_err(|e| sql(e, "claim"))?;
+        if let Some(open) = open {
+            return Err(Error::new(
+                dotdo_core::ErrorKind::Conflict,
+                format!("claim: batch {open} is claimed and not acknowledged (another pipeline on this log?)"),
+            )
+            .with_retryable(true));
+        }
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let Some(last) = Self::claim_window(&tx, limit, max_bytes, "claim")? else { return Ok(None) };
         let rows = Self::claimable_rows(&tx, limit, last).map_err(|e| sql(e, "claim"))?;
@@ -1486,6 +1544,37 @@ pub(crate) mod tests {
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{damage}: {e}");
             log.conn.lock().execute_batch("UPDATE pipeline_log SET batch = 1;").expect("claim again");
         }
+    }
+
+    /// A disk log claims one batch at a time, as the memory log does: a claim while another
+    /// batch is claimed and unacknowledged (another pipeline's, on a log whose lock file was
+    /// deleted under them) is a retryable `Conflict` and claims nothing; once the batch is
+    /// acknowledged the next claim goes through. A second claimed batch numbered the same objects'
+    /// events from another counter, and the sink dropped one batch's as replays.
+    #[test]
+    fn a_disk_log_claims_one_batch_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = SqliteLog::open(&dir.path().join("log.db")).expect("open");
+        let object = ObjectId::new("o").expect("id");
+        let row = |i: usize| Row {
+            route: String::new(),
+            event: Event::new(object.clone(), "T", format!("k{i}"), vec![0u8; 8], Timestamp::EPOCH),
+        };
+        log.append((0..4).map(row).collect()).expect("append");
+        let mut seq = 0;
+        let mut next = |_: &str, _: &ObjectId| {
+            seq += 1;
+            Some(seq)
+        };
+        let first = log.claim(2, usize::MAX, FencingToken::new(1), &mut next).expect("claim").expect("a batch");
+        let e = log.claim(2, usize::MAX, FencingToken::new(1), &mut next).expect_err("a batch is claimed");
+        assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Conflict, true), "{e}");
+        assert!(e.to_string().contains(&format!("batch {}", first.id)), "{e}");
+        assert_eq!(log.claimed(FencingToken::new(1)).expect("claimed").map(|c| c.id), Some(first.id));
+        log.ack(first.id).expect("ack");
+        let second = log.claim(2, usize::MAX, FencingToken::new(1), &mut next).expect("claim").expect("a batch");
+        assert_eq!(second.rows.len(), 2);
+        assert_eq!(second.rows[0].1.seq, 3, "numbered on from the first batch");
     }
 
     /// A log's errors, as a pipeline sees them, name its file.

@@ -531,6 +531,34 @@ async fn an_arrow_log_serves_one_pipeline_and_event_only_settings_are_refused() 
     assert_eq!(e.kind(), &ErrorKind::InvalidInput, "{e}");
 }
 
+/// An Arrow log whose lock file was deleted is locked again at the pipeline's next call, as the
+/// event pipeline's is; a second pipeline that took the lock first leaves the first refusing
+/// every call (`Conflict`), and every acknowledged batch lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrow_log_whose_lock_file_was_deleted_still_serves_one_pipeline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = table(dir.path()).await;
+    let lock = dir.path().join("arrow-log.db.arrow.lock");
+    let settings =
+        PipelineSettings { durability: Durability::Durable(dir.path().join("arrow-log.db")), ..Default::default() };
+    let first = ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect("first");
+    first.send(batch(0, 3)).expect("send");
+    std::fs::remove_file(&lock).expect("the lock file is deleted");
+    first.send(batch(3, 3)).expect("locked again");
+    assert!(lock.exists(), "the lock file is made again");
+    let e = ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect_err("a second pipeline");
+    assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
+    std::fs::remove_file(&lock).expect("the lock file is deleted");
+    let second =
+        ArrowPipeline::open("orders", Arc::new(t.clone()), settings.clone()).expect("the second took the lock");
+    let e = first.send(batch(6, 3)).expect_err("the first no longer has the log");
+    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Conflict, true), "{e}");
+    drop(first);
+    second.send(batch(6, 3)).expect("send");
+    assert_eq!(second.close().await.expect("close"), 9);
+    assert_eq!(ids(&t).await, (0..9).collect::<Vec<i64>>());
+}
+
 /// A sink that refuses the claimed batch for good is not asked again every tick: `run` backs
 /// off after each failed roll (doubling pauses up to `MAX_ROLL_BACKOFF`), as the event
 /// pipeline does. (It retried every tick, with a catalog read and a warning each time.)

@@ -50,6 +50,10 @@ pub(crate) fn class_of_code(code: ErrorCode) -> Class {
 /// its primary code, damage by what it says: not retried).
 pub(crate) const SQLITE_IOERR_CORRUPTFS: i32 = rusqlite::ffi::SQLITE_IOERR | (33 << 8);
 
+/// SQLITE_IOERR_GETTEMPPATH: SQLite found no directory for a temporary file (an I/O error by its
+/// primary code, the host's setup by what it says: not retried).
+pub(crate) const SQLITE_IOERR_GETTEMPPATH: i32 = rusqlite::ffi::SQLITE_IOERR | (25 << 8);
+
 pub(crate) fn class_of(e: &rusqlite::Error) -> Class {
     match e {
         rusqlite::Error::SqliteFailure(f, _) if f.extended_code == SQLITE_IOERR_CORRUPTFS => Class::Corrupt,
@@ -74,9 +78,32 @@ pub(crate) fn map(e: rusqlite::Error, doing: &str) -> Error {
             }
             other => Error::corrupt(format!("{doing}: a stored row does not match dotdo's schema: {other}")),
         },
-        Class::Environment => Error::new(ErrorKind::Unavailable, format!("{doing}: storage environment failure: {e}"))
-            .with_retryable(matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull || f.code == ErrorCode::SystemIoFailure)),
-        Class::TooBig => Error::new(ErrorKind::LimitExceeded { what: "sqlite value", limit: 0, actual: 0 }, doing.to_string()),
+        Class::Environment => {
+            let (retryable, why) = match &e {
+                // No directory for temporary files (a statement journal or sort spilling to
+                // disk): the host's setup, not mended by a retry.
+                rusqlite::Error::SqliteFailure(f, _) if f.extended_code == SQLITE_IOERR_GETTEMPPATH => (false, ""),
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == ErrorCode::DiskFull || f.code == ErrorCode::SystemIoFailure =>
+                {
+                    (true, "")
+                }
+                // `CANTOPEN` does not say why: out of file descriptors (another reader
+                // connection, a write's temporary file), the moment's, is retryable; a bad path
+                // or a file made unreadable is not.
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == ErrorCode::CannotOpen && dotdo_core::sql_schema::out_of_file_descriptors() =>
+                {
+                    (true, " (out of file descriptors?)")
+                }
+                _ => (false, ""),
+            };
+            Error::new(ErrorKind::Unavailable, format!("{doing}: storage environment failure{why}: {e}"))
+                .with_retryable(retryable)
+        }
+        Class::TooBig => {
+            Error::new(ErrorKind::LimitExceeded { what: "sqlite value", limit: 0, actual: 0 }, doing.to_string())
+        }
         Class::Other => Error::backend(format!("{doing}: sqlite failure: {e}")),
     };
     err.with_source(e)
@@ -128,6 +155,10 @@ mod tests {
         assert!(!e.is_retryable());
         let e = map(failure(rusqlite::ffi::SQLITE_CANTOPEN), "open");
         assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(!e.is_retryable(), "a path that cannot be opened, descriptors to spare: {e}");
+        let e = map(failure(SQLITE_IOERR_GETTEMPPATH), "write");
+        assert_eq!(e.kind(), &ErrorKind::Unavailable);
+        assert!(!e.is_retryable(), "no temporary directory is no passing failure: {e}");
     }
 
     #[test]

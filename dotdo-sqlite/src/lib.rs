@@ -5,7 +5,8 @@
 //! bundled SQLite: 3.54.1 through the workspace's `[patch.crates-io]` of libsqlite3-sys, see
 //! `vendor/libsqlite3-sys/VENDORED.md`; a dependent needs the same patch, or it links the 3.46.0
 //! of libsqlite3-sys 0.30.1, which has SQLite's WAL-reset bug, and `open` refuses with
-//! `InvalidInput` unless `SqliteSettings::background_checkpoint` is `None`: docs/durability.md).
+//! `InvalidInput` unless `SqliteSettings::background_checkpoint` is `None` or zero:
+//! docs/durability.md).
 //!
 //! * The lease table `do_locks` (`do_id, node_id, acquired_at, expires_at, fencing_token,
 //!   metadata`), per-object counters, state and the change log live in one database, so the

@@ -95,8 +95,8 @@ pub struct SqliteSettings {
     /// Background WAL checkpoints: a thread per store copies committed WAL frames into the
     /// database file every this often (`PRAGMA wal_checkpoint(PASSIVE)`: it never waits for
     /// readers or writers), so a commit rarely crosses `wal_autocheckpoint_pages` and pays
-    /// for the copy and its fsync inline; that threshold stays as the safety net. `None`:
-    /// checkpoints only inline, on the committing writer's thread. Under `Durability::Normal`
+    /// for the copy and its fsync inline; that threshold stays as the safety net. `None` (or
+    /// zero): checkpoints only inline, on the committing writer's thread. Under `Durability::Normal`
     /// the WAL reaches the disk at checkpoints, so this period bounds what a power loss can
     /// take (see docs/durability.md). Default 50 ms.
     pub background_checkpoint: Option<Duration>,

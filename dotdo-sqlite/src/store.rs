@@ -822,20 +822,11 @@ impl Inner {
         let pooled = self.readers.lock().pop();
         let conn = match pooled {
             Some(c) => c,
-            // Another reader of a file this store already holds open: a failure to open it is
-            // the moment's (out of file descriptors: `SQLITE_CANTOPEN`, not retryable at
-            // `open`, where it means a bad path), and the same call succeeds once one frees up.
-            None => open_connection(&self.path, &self.settings, false).map_err(|e| {
-                if e.kind() == &ErrorKind::Unavailable
-                    && !e.is_retryable()
-                    && dotdo_core::sql_schema::out_of_file_descriptors()
-                {
-                    e.context(format!("{doing}: opening another reader connection (out of file descriptors?)"))
-                        .with_retryable(true)
-                } else {
-                    e
-                }
-            })?,
+            // Another reader of a file this store already holds open: a failure to open it for
+            // want of file descriptors is the moment's, retryable (`error::map`), and the same
+            // call succeeds once one frees up.
+            None => open_connection(&self.path, &self.settings, false)
+                .map_err(|e| e.context(format!("{doing}: opening another reader connection")))?,
         };
         let out = with_busy_retry(&self.settings, doing, || f(&conn).map_err(TxError::Sql));
         let mut pool = self.readers.lock();
@@ -1217,26 +1208,36 @@ impl ConsistencyGuard for SqliteStore {
                 let expires = now.plus(ttl);
                 // A token no guard issues (SQLite integers stop at i64::MAX) is no current lease.
                 let issuable = lease.token <= FencingToken::MAX;
-                let updated = if !issuable {
-                    0
+                // The stored grant time comes back (the lease passed in is only its object, holder
+                // and token: its `acquired_at` may be anything).
+                let acquired: Option<i64> = if !issuable {
+                    None
                 } else {
                     tx.prepare_cached(
                         // Times that are not integers are damage: `Corrupt` below, as every
                         // other guard call answers (SQL compares text above any integer).
                         "UPDATE do_locks SET expires_at = ?4 WHERE do_id = ?1 AND fencing_token = ?2 \
                          AND node_id = ?3 AND expires_at > ?5 AND typeof(expires_at) = 'integer' \
-                         AND typeof(acquired_at) = 'integer'",
+                         AND typeof(acquired_at) = 'integer' RETURNING acquired_at",
                     )?
-                    .execute(params![
-                        lease.object.as_str(),
-                        lease.token.get(),
-                        lease.holder.as_str(),
-                        expires.as_micros(),
-                        now.as_micros()
-                    ])?
+                    .query_row(
+                        params![
+                            lease.object.as_str(),
+                            lease.token.get(),
+                            lease.holder.as_str(),
+                            expires.as_micros(),
+                            now.as_micros()
+                        ],
+                        |r| r.get(0),
+                    )
+                    .optional()?
                 };
-                if updated == 1 {
-                    return Ok(Lease { expires_at: expires, ..lease.clone() });
+                if let Some(acquired) = acquired {
+                    return Ok(Lease {
+                        acquired_at: Timestamp::from_micros(acquired),
+                        expires_at: expires,
+                        ..lease.clone()
+                    });
                 }
                 let row = lease_row(tx, lease.object.as_str())?;
                 rules::check_current(&lease, row.as_ref(), now)?;

@@ -217,6 +217,36 @@ impl Drop for TakenOnlyFor<'_> {
     }
 }
 
+/// A lapsed warm activation that `flush_all` took out of its slot to take the object again. If
+/// the flush is dropped before that answers (a host's timeout around an acquire or lookup that
+/// hangs), the object is owed to the next flush ([`owe`]) and the lapsed lease left as an
+/// orphan: dropped with the flush, the object was neither active here nor owed, and every later
+/// flush answered `Ok` with its changes in hot storage (`drain_released` off).
+struct LapsedInHand<'a> {
+    inner: &'a Inner,
+    object: &'a ObjectId,
+    /// The activation taken out of the slot; `None` once disarmed.
+    lapsed: Option<Option<Active>>,
+}
+
+impl LapsedInHand<'_> {
+    /// Disarmed: the retake answered. The lapsed activation, for the flush to decide on.
+    fn disarm(mut self) -> Option<Active> {
+        self.lapsed.take().flatten()
+    }
+}
+
+impl Drop for LapsedInHand<'_> {
+    fn drop(&mut self) {
+        if let Some(lapsed) = self.lapsed.take() {
+            owe(self.inner, self.object);
+            if let Some(a) = lapsed {
+                leave_orphan(self.inner, a.lease.granted);
+            }
+        }
+    }
+}
+
 /// What one `flush_all` has done so far, across its drain rounds.
 #[derive(Default)]
 struct DrainRounds {
@@ -1709,7 +1739,9 @@ impl ObjectRuntime {
                 Err(e) if matches!(e.kind(), ErrorKind::LeaseLost { .. }) => {
                     let lapsed = guard.active.take();
                     let lapsed_token = lapsed.as_ref().map(|a| a.lease.granted.token);
+                    let in_hand = LapsedInHand { inner, object: &object, lapsed: Some(lapsed) };
                     let (retaken, released) = self.retake_lapsed(&object, &mut guard, lapsed_token).await;
+                    let lapsed = in_hand.disarm();
                     rounds.unanswered |= retaken.as_ref().is_err_and(unanswered);
                     let retaken = match retaken {
                         Err(e) if released && held_by(&e, &inner.node) != Some(false) => {
@@ -1792,8 +1824,11 @@ impl ObjectRuntime {
             // longer.
             for h in &mut held {
                 if rounds.left_out.contains(&h.object) {
-                    give_back_in_pass(inner, &mut h.guard.active, &mut rounds).await;
+                    // Owed before the release is awaited: a flush dropped during it (a host's
+                    // timeout around a release that hangs) left the object neither held nor
+                    // owed, and every later flush answered `Ok` with its changes in hot storage.
                     owe(inner, &h.object);
+                    give_back_in_pass(inner, &mut h.guard.active, &mut rounds).await;
                     continue;
                 }
                 if h.taken.is_some() {

@@ -2145,6 +2145,12 @@ pub async fn refresh_extends_and_keeps_token(f: &HotFactory) {
     assert_eq!(r.token, l.token);
     assert_eq!(r.acquired_at, l.acquired_at);
     assert_eq!(r.expires_at, clock.now().plus(TTL));
+    // A lease passed in is its object, holder and token: the answer carries the stored grant
+    // time, not the caller's (dotdo-sqlite and dotdo-libsql echoed the caller's).
+    let other_times =
+        Lease { acquired_at: l.acquired_at.plus(TTL * 5), expires_at: l.expires_at.plus(TTL * 5), ..l.clone() };
+    let again = fx.guard.refresh(&other_times, TTL).await.expect("refresh with other times");
+    assert_eq!((again.token, again.acquired_at, again.expires_at), (l.token, l.acquired_at, r.expires_at));
     // Others are told the extended expiry.
     let e = fx.guard.acquire(&l.object, &nid("n2"), TTL).await.expect_err("held");
     match e.kind() {
