@@ -5434,6 +5434,32 @@ async fn a_flush_dropped_while_retaking_a_lapsed_object_leaves_it_owed() {
     assert_eq!(incr(&rt, &x).await.expect("the object is usable after"), 2);
 }
 
+/// The same with the lapsed lease still current at the guard (it granted the lease later than
+/// the runtime counts from, a slow acquire): the flush dropped while it asks the guard whose the
+/// lease is leaves the lapsed lease for `maintain` to give back, so the object is free at once,
+/// not when the guard's lease expires, and the next flush drains it.
+#[tokio::test]
+async fn a_flush_dropped_while_retaking_a_lapsed_object_leaves_its_lease_to_maintain() {
+    let w = World::new();
+    let (guard, rt) = w.flaky_guard_runtime(RuntimeSettings { drain_released: false, ..settings() });
+    let x = oid("x");
+    *guard.slow_acquires.lock() = Some((w.clock.clone(), TTL / 2));
+    assert_eq!(incr(&rt, &x).await.expect("incr"), 1);
+    *guard.slow_acquires.lock() = None;
+    // Run out as the runtime counts (from sending the acquire), current at the guard.
+    w.clock.advance(TTL - TTL / 4);
+    assert!(!w.hot.is_available(&x).await.expect("available"), "still current at the guard");
+    guard.hang_currents.store(true, std::sync::atomic::Ordering::SeqCst);
+    let dropped = tokio::time::timeout(Duration::from_millis(200), rt.flush_all()).await;
+    assert!(dropped.is_err(), "the lease lookup hangs: {dropped:?}");
+    guard.hang_currents.store(false, std::sync::atomic::Ordering::SeqCst);
+    rt.maintain().await.expect("maintain");
+    assert!(w.hot.is_available(&x).await.expect("available"), "the lapsed lease was given back");
+    let report = rt.flush_all().await.expect("the next flush drains it");
+    assert_eq!(report.objects, 1, "{report:?}");
+    assert_eq!(w.cold.watermark(&x).await.expect("watermark").through, 1);
+}
+
 /// An owed object (see above) that the next flush drains only in part (its second commit fails)
 /// stays owed: the flush after that drains the rest. It was forgotten after its first commit,
 /// and the next flush answered `Ok` with its other change left in hot storage.

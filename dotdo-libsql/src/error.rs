@@ -108,9 +108,12 @@ pub(crate) fn class_of_code(code: i32) -> Class {
 
 /// Classify a SQLite error code name as sent by sqld (`"SQLITE_BUSY"`, `"SQLITE_CORRUPT"`, …).
 fn class_of_code_name(name: &str) -> Class {
-    // The one extended code classed apart from its primary code (see `class_of_code`).
+    // The extended codes classed apart from their primary code (see `class_of_code`).
     if name == "SQLITE_IOERR_CORRUPTFS" {
         return Class::Corrupt;
+    }
+    if name == "SQLITE_IOERR_GETTEMPPATH" {
+        return class_of_code(SQLITE_IOERR_GETTEMPPATH);
     }
     let code = match name.split('_').take(2).collect::<Vec<_>>().join("_").as_str() {
         "SQLITE_BUSY" => SQLITE_BUSY,
@@ -720,6 +723,9 @@ mod tests {
         assert_eq!(class_of(&damaged_fs), Class::Corrupt);
         let io = hrana("stream error: `Error { message: \"disk I/O error\", code: \"SQLITE_IOERR_WRITE\" }`");
         assert_eq!(class_of(&io), Class::Environment { retryable: true });
+        let no_temp =
+            hrana("stream error: `Error { message: \"disk I/O error\", code: \"SQLITE_IOERR_GETTEMPPATH\" }`");
+        assert_eq!(class_of(&no_temp), Class::Environment { retryable: false });
         let constraint = hrana("stream error: `Error { message: \"UNIQUE\", code: \"SQLITE_CONSTRAINT_UNIQUE\" }`");
         assert_eq!(class_of(&constraint), Class::Other);
         assert_eq!(class_of(&hrana("stream closed: `baton expired`")), Class::Network { maybe_sent: true });

@@ -399,7 +399,10 @@ impl ArrowPipeline {
                 let (lock, resolved) = crate::log::lock_log(path, "arrow")?;
                 let c = Self::open_log(&resolved, stream, &mut buf)?;
                 next_id = Self::next_id_floor(&c, &resolved)?;
-                (Some(Mutex::new(c)), Some(lock), Some(crate::log::WatchedFile::new(&resolved, "arrow")))
+                // (The lock's identity is read from the locked handle: the path may have changed
+                // while the log was read.)
+                let watch = crate::log::WatchedFile::new(&resolved, "arrow", &lock);
+                (Some(Mutex::new(c)), Some(lock), Some(watch))
             }
         };
         let now = clock.monotonic();

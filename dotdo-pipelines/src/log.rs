@@ -98,49 +98,92 @@ pub(crate) struct WatchedFile {
     lock: WatchedLock,
 }
 
-/// A durable log's lock file (`<log>.<kind>.lock`, see [`lock_log`]), watched too: an empty file
+/// A disk log's lock file (`<log>.<kind>.lock`, see [`lock_log`]), watched too: an empty file
 /// never written, the first one an age-based temp cleaner deletes (the log itself, written all
 /// the time, stays). Unlinked, its lock guarded nothing: a second pipeline opening the log
 /// created a new lock file, locked it and ran beside the first, each numbering the same objects'
 /// events from its own counters, and the sink dropped one's as replays of the other's
-/// (acknowledged sends lost). A lock file found gone or replaced is taken again; one another
-/// pipeline holds now is a `Conflict` for every call of this one.
+/// (acknowledged sends lost). A lock file found gone is created and locked again (nobody opened
+/// the log since: opening makes the file); one found replaced by another file means another
+/// pipeline opened the log meanwhile, and may have claimed and committed from it, leaving this
+/// one's counters stale: every call is then a `Conflict` that asks for the pipeline to be
+/// opened again.
 struct WatchedLock {
     path: std::path::PathBuf,
-    /// The lock file's identity when locked, and the file locked again after it was deleted
-    /// (the first one stays open with the log).
-    held: parking_lot::Mutex<(dotdo_core::sql_schema::FileWatch, Option<std::fs::File>)>,
+    /// The identity (device, inode) of the lock file this log holds, read from the locked handle
+    /// itself (`None`: not known on this platform, no watch), and the file locked again after
+    /// the first was deleted (the first stays open with the log).
+    held: parking_lot::Mutex<(Option<FileId>, Option<std::fs::File>)>,
+}
+
+/// A file's identity: (device, inode).
+type FileId = (u64, u64);
+
+/// The identity of a file, where the platform has one.
+fn identity(m: &std::fs::Metadata) -> Option<FileId> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = m;
+        None
+    }
+}
+
+impl WatchedLock {
+    fn new(log: &Path, kind: &str, lock: &std::fs::File) -> Self {
+        let held = lock.metadata().ok().and_then(|m| identity(&m));
+        WatchedLock { path: lock_path(log, kind), held: parking_lot::Mutex::new((held, None)) }
+    }
+
+    fn check(&self, log: &str, doing: &str) -> Result<()> {
+        let mut held = self.held.lock();
+        let Some(id) = held.0 else { return Ok(()) };
+        match std::fs::metadata(&self.path) {
+            Ok(m) if identity(&m) == Some(id) => Ok(()),
+            Ok(_) => Err(Error::new(
+                dotdo_core::ErrorKind::Conflict,
+                format!(
+                    "pipeline log: {doing} on {log}: its lock file {} was replaced since the log was opened: \
+                     another pipeline opened the log meanwhile and may have committed from it (this one's \
+                     sequence numbers may be stale); drop this pipeline and open the log again",
+                    self.path.display()
+                ),
+            )
+            .with_retryable(false)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let file = take_lock(&self.path, &format!("{doing} on {log} (its lock file was deleted)"))?;
+                *held = (file.metadata().ok().and_then(|m| identity(&m)), Some(file));
+                tracing::warn!(lock = %self.path.display(), "dotdo pipeline log: lock file deleted; created and locked again");
+                Ok(())
+            }
+            // No verdict this round (a transient error reading the path).
+            Err(_) => Ok(()),
+        }
+    }
 }
 
 impl WatchedFile {
-    /// Watch the file now at `path` (right after opening it) and its lock file of `kind` (right
-    /// after [`lock_log`] locked it).
-    pub(crate) fn new(path: &Path, kind: &str) -> Self {
-        let lock = lock_path(path, kind);
+    /// Watch the log file at `path` (its path with links resolved, right after opening it) and
+    /// its lock file of `kind`, `lock` (as [`lock_log`] locked it).
+    pub(crate) fn new(path: &Path, kind: &str, lock: &std::fs::File) -> Self {
         WatchedFile {
             watch: dotdo_core::sql_schema::FileWatch::new(path),
             path: path.display().to_string(),
-            lock: WatchedLock {
-                held: parking_lot::Mutex::new((dotdo_core::sql_schema::FileWatch::new(&lock), None)),
-                path: lock,
-            },
+            lock: WatchedLock::new(path, kind, lock),
         }
     }
 
-    /// `Corrupt` if the file at the path is no longer the one opened; a retryable `Conflict` if
-    /// its lock file was deleted and another pipeline has locked the log since.
+    /// `Corrupt` if the log file at the path is no longer the one opened; a non-retryable
+    /// `Conflict` if its lock file was replaced (see [`WatchedLock`]).
     pub(crate) fn check(&self, doing: &str) -> Result<()> {
         if self.watch.replaced() {
             return Err(dotdo_core::sql_schema::replaced_file_error(&format!("pipeline log: {doing}"), &self.path));
         }
-        let mut held = self.lock.held.lock();
-        if held.0.replaced() {
-            let doing = format!("{doing} on {} (its lock file was deleted or replaced since it was opened)", self.path);
-            let file = take_lock(&self.lock.path, &doing)?;
-            tracing::warn!(lock = %self.lock.path.display(), "dotdo pipeline log: lock file deleted or replaced; locked again");
-            *held = (dotdo_core::sql_schema::FileWatch::new(&self.lock.path), Some(file));
-        }
-        Ok(())
+        self.lock.check(&self.path, doing)
     }
 }
 
@@ -160,10 +203,10 @@ impl<L: Log> NamedLog<L> {
         NamedLog { inner, path: path.display().to_string(), file: None }
     }
 
-    /// `inner`, its errors naming `path`, refused once the file the log opened (`file`: the
-    /// path as resolved when it was opened) is deleted or replaced.
-    pub(crate) fn watched(inner: L, path: &Path, file: &Path) -> Self {
-        NamedLog { inner, path: path.display().to_string(), file: Some(WatchedFile::new(file, "pipeline")) }
+    /// `inner`, its errors naming `path`, refused once what `file` watches (the log file, its
+    /// lock file) is deleted or replaced.
+    pub(crate) fn watched(inner: L, path: &Path, file: WatchedFile) -> Self {
+        NamedLog { inner, path: path.display().to_string(), file: Some(file) }
     }
 
     /// `f` on the log, once its file is found to be the one opened; errors name the file.
@@ -456,6 +499,9 @@ fn is_busy(e: &Error) -> bool {
 /// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the log file.
 const SQLITE_IOERR_CORRUPTFS: i32 = rusqlite::ffi::SQLITE_IOERR | (33 << 8);
 
+/// SQLITE_IOERR_GETTEMPPATH: no directory for a temporary file.
+const SQLITE_IOERR_GETTEMPPATH: i32 = rusqlite::ffi::SQLITE_IOERR | (25 << 8);
+
 /// A pipeline log's SQLite error as a dotdo error: busy, locked, full or I/O failures are a
 /// retryable `Unavailable`, a damaged file `Corrupt`, the rest `Backend`.
 pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
@@ -465,6 +511,13 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
         // `Corrupt`, as in dotdo-sqlite, not an outage to wait out.
         rusqlite::Error::SqliteFailure(f, _) if f.extended_code == SQLITE_IOERR_CORRUPTFS => {
             return Error::corrupt(format!("pipeline log: {doing}: the file system reports the file damaged: {e}"))
+                .with_source(e)
+        }
+        // No directory for temporary files: the host's setup, not mended by a retry (as in
+        // dotdo-sqlite).
+        rusqlite::Error::SqliteFailure(f, _) if f.extended_code == SQLITE_IOERR_GETTEMPPATH => {
+            return Error::unavailable(format!("pipeline log: {doing}: no directory for temporary files: {e}"))
+                .with_retryable(false)
                 .with_source(e)
         }
         rusqlite::Error::SqliteFailure(f, _) => Some(f.code),
@@ -484,6 +537,11 @@ pub(crate) fn sql(e: rusqlite::Error, doing: &str) -> Error {
         Some(DatabaseBusy | DatabaseLocked | FileLockingProtocolFailed | DiskFull | SystemIoFailure) => {
             Error::unavailable(format!("pipeline log: {doing}: {e}"))
         }
+        // Out of file descriptors (a connection or temporary file that cannot be opened just
+        // now): the moment's, retryable (as in dotdo-sqlite).
+        Some(CannotOpen) if dotdo_core::sql_schema::out_of_file_descriptors() => Error::unavailable(format!(
+            "pipeline log: {doing}: a file cannot be opened (out of file descriptors?): {e}"
+        )),
         // The file cannot be opened or written at all (a missing directory, permissions, a
         // read-only mount): no retry mends that (as in dotdo-sqlite).
         Some(CannotOpen | ReadOnly | PermissionDenied) => {
@@ -561,7 +619,7 @@ pub(crate) struct SqliteLog {
     file: std::path::PathBuf,
     depth: Depth,
     /// `<log>.<kind>.lock`, locked for as long as the log is open: a log serves one pipeline at a time.
-    _lock: std::fs::File,
+    lock: std::fs::File,
 }
 
 /// A connection to a pipeline log file (event or Arrow): a 2 s busy timeout (another
@@ -701,7 +759,7 @@ impl SqliteLog {
              CREATE TABLE IF NOT EXISTS pipeline_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
         )
         .map_err(|e| sql(e, &doing))?;
-        let log = SqliteLog { conn: Mutex::new(conn), file: resolved, depth: Depth::default(), _lock: lock };
+        let log = SqliteLog { conn: Mutex::new(conn), file: resolved, depth: Depth::default(), lock };
         log.depth.set(Self::rows_in(&log.conn.lock()).map_err(|e| sql(e, &doing))?);
         Ok(log)
     }
@@ -709,6 +767,11 @@ impl SqliteLog {
     /// The file opened (symlinks resolved).
     pub(crate) fn file(&self) -> &Path {
         &self.file
+    }
+
+    /// Its lock file, locked (see [`lock_log`]).
+    pub(crate) fn lock_file(&self) -> &std::fs::File {
+        &self.lock
     }
 
     /// The events and bytes the log holds (claimed ones included), counted in SQL.
@@ -1544,6 +1607,20 @@ pub(crate) mod tests {
             assert_eq!(e.kind(), &dotdo_core::ErrorKind::Corrupt, "{damage}: {e}");
             log.conn.lock().execute_batch("UPDATE pipeline_log SET batch = 1;").expect("claim again");
         }
+    }
+
+    /// A log's SQLite errors for want of a temporary directory are not retried (no retry mends
+    /// the host's setup), other I/O errors are; a file that cannot be opened with descriptors to
+    /// spare is not retried either.
+    #[test]
+    fn log_errors_are_retried_only_where_a_retry_can_help() {
+        let failure = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        let e = sql(failure(SQLITE_IOERR_GETTEMPPATH), "claim");
+        assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Unavailable, false), "{e}");
+        let e = sql(failure(rusqlite::ffi::SQLITE_IOERR_WRITE), "claim");
+        assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Unavailable, true), "{e}");
+        let e = sql(failure(rusqlite::ffi::SQLITE_CANTOPEN), "open");
+        assert_eq!((e.kind(), e.is_retryable()), (&dotdo_core::ErrorKind::Unavailable, false), "{e}");
     }
 
     /// A disk log claims one batch at a time, as the memory log does: a claim while another

@@ -143,7 +143,8 @@ impl PipelineBuilder {
             (Durability::Durable(path), _) => {
                 let log = SqliteLog::open(path)?;
                 let file = log.file().to_path_buf();
-                Box::new(NamedLog::watched(log, path, &file))
+                let watch = crate::log::WatchedFile::new(&file, "pipeline", log.lock_file());
+                Box::new(NamedLog::watched(log, path, watch))
             }
             (Durability::Memory, Backpressure::Spill(path)) => {
                 Box::new(NamedLog::new(SpillLog::open(path, s.capacity, s.capacity_bytes)?, path))

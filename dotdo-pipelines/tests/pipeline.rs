@@ -952,11 +952,13 @@ async fn a_durable_log_serves_one_pipeline_at_a_time() {
 
 /// A durable log whose lock file was deleted (an age-based temp cleaner: the empty lock file is
 /// never written, the log is) is locked again at the pipeline's next call, and a second pipeline
-/// is refused as before. One that opened the log between the deletion and that call (it took
-/// the lock) leaves the first refusing every call (`Conflict`), and every acknowledged event is
-/// committed once. The lock was taken only at open: unlinked, it guarded nothing, and two
-/// pipelines committed the same objects' events at the same sequence numbers (one's dropped by
-/// the sink as replays of the other's).
+/// is refused as before. One that opened the log between a deletion and that call (it made and
+/// locked a lock file of its own), and committed from it, leaves the first refusing every call
+/// (`Conflict`, not retryable: its sequence counters are stale) until it is opened again; every
+/// acknowledged event is committed once. The lock was taken only at open: unlinked, it guarded
+/// nothing, and two pipelines committed the same objects' events at the same sequence numbers
+/// (one's dropped by the sink as replays of the other's); a first fix locked a replaced lock
+/// file again, and the first pipeline went on with counters the second had overtaken.
 #[tokio::test]
 async fn a_durable_log_whose_lock_file_was_deleted_still_serves_one_pipeline() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -968,20 +970,25 @@ async fn a_durable_log_whose_lock_file_was_deleted_still_serves_one_pipeline() {
     let all = events(9);
     let first = open().expect("first");
     first.send(all[..3].to_vec()).expect("send");
+    first.roll().await.expect("roll");
     std::fs::remove_file(&lock).expect("the lock file is deleted");
     first.send(all[3..6].to_vec()).expect("locked again");
     assert!(lock.exists(), "the lock file is made again");
     let e = open().expect_err("a second pipeline");
     assert_eq!(e.kind(), &ErrorKind::Conflict, "{e}");
-    // Deleted again, and a second pipeline opens the log before the first's next call.
+    // Deleted again, and a second pipeline opens the log before the first's next call, and
+    // commits the events the first left in it.
     std::fs::remove_file(&lock).expect("the lock file is deleted");
     let second = open().expect("the second took the lock");
-    let e = first.send(all[6..].to_vec()).expect_err("the first no longer has the log");
-    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Conflict, true), "{e}");
-    assert_eq!(first.roll().await.expect_err("nor rolls").kind(), &ErrorKind::Conflict);
-    second.send(all[6..].to_vec()).expect("send");
     second.roll().await.expect("roll");
+    drop(second);
+    let e = first.send(all[6..].to_vec()).expect_err("the first no longer has the log");
+    assert_eq!((e.kind(), e.is_retryable()), (&ErrorKind::Conflict, false), "{e}");
+    assert_eq!(first.roll().await.expect_err("nor rolls").kind(), &ErrorKind::Conflict);
     drop(first);
+    let third = open().expect("opened again");
+    third.send(all[6..].to_vec()).expect("send");
+    third.roll().await.expect("roll");
     assert_exactly_once(&committed(&sink, 3).await, 9);
 }
 
