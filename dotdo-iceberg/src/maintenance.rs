@@ -841,12 +841,15 @@ fn staged_files(dir: &std::path::Path) -> std::io::Result<Vec<StagedFile>> {
 /// metadata files directly in `metadata/`, data files in `data/` or its Hive-style partition
 /// directories (`field=value`). Anything else there belongs to a table the catalog nested under
 /// this one (a table named `data` or `metadata` lives at `<location>/data`, its files in
-/// `<location>/data/data/` and `<location>/data/metadata/`) and is never judged here.
+/// `<location>/data/data/` and `<location>/data/metadata/`) and is never judged here. Nor is
+/// `metadata/version-hint.text`, which no metadata names but readers that find a table by its
+/// path (a Hadoop catalog, DuckDB's `iceberg_scan` of a directory) start from, as Iceberg's own
+/// orphan-file cleanup keeps it.
 fn own_layout(prefix: &object_store::path::Path, key: &object_store::path::Path) -> bool {
     let Some(parts) = key.prefix_match(prefix) else { return false };
     let parts: Vec<_> = parts.collect();
     match parts.split_first() {
-        Some((dir, rest)) if dir.as_ref() == "metadata" => rest.len() == 1,
+        Some((dir, rest)) if dir.as_ref() == "metadata" => rest.len() == 1 && rest[0].as_ref() != "version-hint.text",
         Some((dir, rest)) if dir.as_ref() == "data" => {
             rest.split_last().is_some_and(|(_, dirs)| dirs.iter().all(|d| d.as_ref().contains('=')))
         }

@@ -1551,13 +1551,20 @@ async fn cleanup_leaves_a_table_nested_under_the_location_alone() {
         }
         nested_tables.push(nested);
     }
-    // A file of the outer table's own that nothing references: the cleanup does remove it.
+    // A file of the outer table's own that nothing references: the cleanup does remove it. A
+    // version hint (written by a Hadoop-style writer, read by engines that find a table by its
+    // path) is referenced by no metadata, and kept.
     let outer_dir = outer.strip_prefix("file://").unwrap_or(&outer);
     std::fs::write(format!("{outer_dir}/data/orphan-of-the-outer-table.parquet"), b"orphan").expect("orphan");
+    std::fs::write(format!("{outer_dir}/metadata/version-hint.text"), b"1").expect("version hint");
     common::sleep(std::time::Duration::from_millis(20)).await;
     let clean = cold.remove_unreferenced_files(std::time::Duration::ZERO).await.expect("cleanup");
     let orphan = format!("{outer}/data/orphan-of-the-outer-table.parquet");
     assert!(clean.deleted.contains(&orphan), "the outer table's orphan, {orphan}: {clean:?}");
+    assert!(
+        std::path::Path::new(&format!("{outer_dir}/metadata/version-hint.text")).exists(),
+        "the version hint is kept: {clean:?}"
+    );
     for name in ["nested", "data", "metadata"] {
         for sub in ["data", "metadata"] {
             let theirs = format!("{outer}/{name}/{sub}/");

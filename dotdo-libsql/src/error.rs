@@ -146,8 +146,15 @@ fn class_of_batch_step_message(message: &str) -> Class {
         Class::ServerUnavailable { maybe_applied: true }
     } else if m.contains("database disk image is malformed") || m.contains("file is not a database") {
         Class::Corrupt
-    } else if m.contains("database or disk is full") || m.contains("disk i/o error") {
-        // Like a lock timeout, this may be the statement after the COMMIT.
+    } else if m.contains("database or disk is full")
+        || m.contains("disk i/o error")
+        || m.contains("locking protocol")
+        || m.contains("unable to open database file")
+    {
+        // Like a lock timeout, this may be the statement after the COMMIT (a race on the WAL's
+        // locks, as `SQLITE_PROTOCOL` is busy locally; a file the server could not open just
+        // then): an unknown outcome for writes, retried for reads. (A write told `Backend` was
+        // reported failed although it may have committed, and sent again under its token.)
         Class::ServerUnavailable { maybe_applied: true }
     } else if m.contains("transaction timed out")
         || m.contains("cannot handle additional transactions")
@@ -460,9 +467,12 @@ mod tests {
     /// failed although it may have committed.
     #[test]
     fn server_failures_at_any_step_may_follow_a_commit() {
-        for text in
-            ["api error: `interrupted`", "stream error: `Error { message: \"out of memory\", code: \"UNKNOWN\" }`"]
-        {
+        for text in [
+            "api error: `interrupted`",
+            "stream error: `Error { message: \"out of memory\", code: \"UNKNOWN\" }`",
+            "api error: `SQLite error: locking protocol`",
+            "api error: `SQLite error: unable to open database file`",
+        ] {
             assert_eq!(map(hrana(text), "write", true).kind(), &ErrorKind::AmbiguousOutcome, "{text}");
             let read = map(hrana(text), "get", false);
             assert_eq!(read.kind(), &ErrorKind::Unavailable, "{text}: {read}");

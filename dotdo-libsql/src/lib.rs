@@ -46,6 +46,11 @@
 //!   `AmbiguousOutcome` for a write, since its batch ran through the `COMMIT` (`Unavailable`
 //!   for a read), never as a wrong result.) An embedded replica's possibly stale local copy is
 //!   never consulted for the check, so a stale read cannot let a stale token write.
+//! * A remote URL must name the **primary** (or a proxy that sends every request to it): remote
+//!   reads (`get`, `list`, `validate`, `read_changes`) run on pooled streams of their own, and
+//!   libsql 0.10's client sends no replication index, so a read served by a sqld replica or an
+//!   edge node may miss writes this store already acknowledged. Fencing is unaffected (every
+//!   mutating program runs on the server the URL names, in one transaction).
 //! * The lease decision is the SQL form of [`dotdo_core::guard::rules`] (free iff
 //!   `expires_at <= now`; token = 1 + max(previous token, object's token maximum)). An acquire
 //!   writes the lease row alone: an object's fencing floor is the larger of its lease's token and

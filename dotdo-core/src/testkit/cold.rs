@@ -536,6 +536,13 @@ pub async fn a_batch_is_atomic_to_concurrent_readers(f: &ColdFactory) {
                 midway += 1;
             }
         }
+        // The head's watermark is its snapshot's (one answer: a sink keeping watermarks apart
+        // from the data showed one ahead of, or behind, the records).
+        let (head, wm) = super::retrying("head of a", || fx.sink.head(&a)).await;
+        if let Some(head) = head {
+            let at = super::retrying("a at its head", || fx.sink.load_state(&a, AsOf::Snapshot(head))).await;
+            assert_eq!(at.through, wm.through, "the head's watermark and its snapshot's state (read {reads})");
+        }
         reads += 1;
         rounds.done();
         if finished {
@@ -580,6 +587,28 @@ pub async fn tokens_are_compared_as_numbers(f: &ColdFactory) {
     assert_eq!(fx.sink.watermark(&o).await.expect("wm"), Watermark { through: 1, token: tok(10) });
     fx.sink.append(ColdBatch::single(o.clone(), tok(11), puts(&o, 2..=2, 11))).await.expect("11 is newer");
     assert_eq!(fx.sink.watermark(&o).await.expect("wm"), Watermark { through: 2, token: tok(11) });
+    // Across the widths a sink might store a token in (32-bit integers, text): each wider token
+    // fences the one before, and committer and record tokens read back exactly.
+    let mut below = tok(11);
+    let mut seq = 2;
+    for t in [999, 1_000, (1 << 31) - 1, 1 << 31, 1 << 32, (1 << 32) + 1, crate::FencingToken::MAX.get()] {
+        seq += 1;
+        fx.sink.append(ColdBatch::single(o.clone(), tok(t), puts(&o, seq..=seq, t))).await.expect("a wider token");
+        assert_eq!(fx.sink.watermark(&o).await.expect("wm"), Watermark { through: seq, token: tok(t) }, "{t}");
+        let e = fx
+            .sink
+            .append(ColdBatch::single(o.clone(), below, puts(&o, seq + 1..=seq + 1, below.get())))
+            .await
+            .expect_err("the narrower token is stale");
+        assert!(e.is_fenced(), "{below} after {t}: {e}");
+        below = tok(t);
+    }
+    let tokens: Vec<u64> =
+        fx.sink.read_changes(&o, 1, AsOf::Latest).await.expect("read").iter().map(|c| c.token.get()).collect();
+    assert_eq!(
+        tokens,
+        [11, 999, 1_000, (1 << 31) - 1, 1 << 31, 1 << 32, (1 << 32) + 1, crate::FencingToken::MAX.get()]
+    );
 }
 
 /// An empty batch (or one with no records) creates no snapshot.

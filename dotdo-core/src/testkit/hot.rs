@@ -1488,6 +1488,7 @@ fn higher(l: &Lease) -> FencingToken {
 /// storing tokens as strings let the stale holder write).
 pub async fn fencing_compares_tokens_as_numbers(f: &HotFactory) {
     let (fx, _) = open(f).await;
+    wide_tokens_fence_narrower_ones(&fx).await;
     let o = oid("o1");
     let mut prev = lease(&fx, "o1", "n1").await;
     if prev.token.get() >= 10 {
@@ -1514,6 +1515,30 @@ pub async fn fencing_compares_tokens_as_numbers(f: &HotFactory) {
     assert!(fx.guard.refresh(&prev, TTL).await.expect_err("stale lease").is_fenced());
     fx.guard.validate(&cur).await.expect("current");
     fx.hot.put(&o, cur.token, "T", "k", b("new")).await.expect("the current holder writes");
+    assert_eq!(fx.hot.get(&o, "k").await.expect("get"), Some(b("new")));
+}
+
+/// Across the widths a backend might store a token in (text, 32-bit integers), whatever token its
+/// guard starts at: empty writes under ever wider tokens each fence the one before (naming the
+/// wider one), and the next lease is above them all.
+async fn wide_tokens_fence_narrower_ones(fx: &HotFixture) {
+    let o = oid("wide");
+    let first = lease(fx, "wide", "n1").await;
+    let mut below = first.token;
+    for t in [999, 1_000, (1 << 31) - 1, 1 << 31, 1 << 32, (1 << 32) + 1] {
+        let t = FencingToken::new(t.max(below.get() + 1));
+        fx.hot.write(&o, t, WriteBatch::new("T")).await.expect("an empty write under a wider token");
+        let e = fx.hot.put(&o, below, "T", "k", b("stale")).await.expect_err("the narrower token is stale");
+        assert!(
+            matches!(e.kind(), ErrorKind::Fenced { presented, current, .. } if *presented == below && *current == t),
+            "{below} after {t}: {e}"
+        );
+        below = t;
+    }
+    fx.guard.release(&first).await.expect("release");
+    let next = lease(fx, "wide", "n2").await;
+    assert!(next.token > below, "a lease at {} after a write at {below}", next.token);
+    fx.hot.put(&o, next.token, "T", "k", b("new")).await.expect("the new holder writes");
     assert_eq!(fx.hot.get(&o, "k").await.expect("get"), Some(b("new")));
 }
 
