@@ -623,7 +623,7 @@ impl IcebergColdStore {
         // writing the manifests) may already be gone to a cleanup that judged them unreferenced;
         // committed, the snapshot would name missing files. Refused as a conflict: the caller
         // re-plans and writes new files (as it does for files too old to reuse).
-        if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at)) {
+        if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at, table.metadata())) {
             self.delete_files(written).await;
             return Err(crate::store::too_old_to_commit(age));
         }

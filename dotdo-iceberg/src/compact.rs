@@ -501,7 +501,7 @@ impl IcebergColdStore {
         // A cleanup (`remove_unreferenced_files`) judges the table's files meanwhile: the
         // rewrite must commit files younger than half of the cleanup minimum (see
         // `added_files_present`), and one that cannot stops early.
-        let max_age = self.inner.settings.max_uncommitted_age();
+        let max_age = self.max_uncommitted_age_on(base.metadata());
         let mut first_written: Option<dotdo_core::Timestamp> = None;
         for (i, group) in groups.into_iter().enumerate() {
             if let (Some(t), Some(max_age)) = (first_written, max_age) {
@@ -618,7 +618,7 @@ impl IcebergColdStore {
             let spec_now = table.metadata().default_partition_spec_id();
             let rewritten = if spec_now == written_under {
                 async {
-                    self.added_files_present(&added, &what).await?;
+                    self.added_files_present(&added, table.metadata(), &what).await?;
                     self.rewrite_manifests(&table, sid, seq, &removed, &added).await
                 }
                 .await
@@ -771,14 +771,19 @@ impl IcebergColdStore {
     /// files whose retention is shorter than the rewrite has taken so far finds them
     /// unreferenced and may delete them; a snapshot naming them would be unreadable, and once
     /// the replaced files were cleaned up too, their rows lost. `Conflict` if one is gone.
-    async fn added_files_present(&self, added: &[DataFile], what: &str) -> Result<()> {
+    async fn added_files_present(
+        &self,
+        added: &[DataFile],
+        md: &iceberg::spec::TableMetadata,
+        what: &str,
+    ) -> Result<()> {
         use futures::{StreamExt, TryStreamExt};
         // A cleanup deletes unreferenced files older than its retention (by its clock against
         // the store's last-modified time), at least `min_cleanup_retention`, and one that runs
         // while this commit lands may already have judged these files unreferenced: safe only
         // while they are younger than that by a wide margin. (Zero: no writer runs alongside a
         // cleanup, by the setting's contract.)
-        let max_age = self.inner.settings.max_uncommitted_age();
+        let max_age = self.max_uncommitted_age_on(md);
         let now = self.inner.clock.now();
         let heads = added.iter().map(|f| async move {
             let key = self.inner.root.key(f.file_path())?;

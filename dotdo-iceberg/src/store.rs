@@ -1395,7 +1395,7 @@ impl IcebergColdStore {
         let last_commit = summary::last_commit_property(&props, None, seq);
         // As dotdo's fast append checks just before its swap: files past half of
         // `min_cleanup_retention` may already be gone to a cleanup.
-        if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at)) {
+        if let Some(age) = written_at.and_then(|at| self.uncommitted_age_past(at, table.metadata())) {
             return Err(too_old_to_commit(age));
         }
         let tx = Transaction::new(table);
@@ -1426,11 +1426,28 @@ impl IcebergColdStore {
         WriteStart { monotonic: self.inner.clock.monotonic(), wall: self.inner.clock.now() }
     }
 
+    /// The oldest a file this store wrote may be when a commit on the table `md` names it:
+    /// [`Settings::max_uncommitted_age`] (half of `min_cleanup_retention`; none if that is zero),
+    /// or half the minimum the table records ([`MIN_CLEANUP_PROP`]) if that is smaller: a table
+    /// dropped and created again by a store with a smaller minimum (or another engine's edit, a
+    /// catalog pointer moved back) lets a cleanup use that retention, and a file older than half
+    /// of it may already be gone when the commit lands (this store raises the property only when
+    /// it opens the table).
+    pub(crate) fn max_uncommitted_age_on(&self, md: &iceberg::spec::TableMetadata) -> Option<Duration> {
+        let own = self.inner.settings.max_uncommitted_age()?;
+        let recorded = md.properties().get(MIN_CLEANUP_PROP).and_then(|v| v.trim().parse::<u64>().ok());
+        Some(recorded.filter(|ms| *ms > 0).map_or(own, |ms| own.min(Duration::from_millis(ms) / 2)))
+    }
+
     /// The age of files whose writing began at `written_at`, if past
-    /// [`Settings::max_uncommitted_age`] (half of `min_cleanup_retention`; none if that is
-    /// zero): the larger of its monotonic and its wall-clock age (see [`WriteStart`]).
-    pub(crate) fn uncommitted_age_past(&self, written_at: WriteStart) -> Option<Duration> {
-        let max = self.inner.settings.max_uncommitted_age()?;
+    /// [`max_uncommitted_age_on`](Self::max_uncommitted_age_on) the table `md`: the larger of
+    /// its monotonic and its wall-clock age (see [`WriteStart`]).
+    pub(crate) fn uncommitted_age_past(
+        &self,
+        written_at: WriteStart,
+        md: &iceberg::spec::TableMetadata,
+    ) -> Option<Duration> {
+        let max = self.max_uncommitted_age_on(md)?;
         let clock = &self.inner.clock;
         let age = clock.monotonic().saturating_sub(written_at.monotonic).max(clock.now().since(written_at.wall));
         (age > max).then_some(age)
@@ -1617,7 +1634,7 @@ impl IcebergColdStore {
             // stores, conflicts and unknown outcomes add up): a cleanup running meanwhile may
             // judge them unreferenced and delete them after the commit lands (a snapshot naming
             // missing files). New files are written instead, as a compaction's check refuses.
-            let young = |at: &WriteStart| self.uncommitted_age_past(*at).is_none();
+            let young = |at: &WriteStart| self.uncommitted_age_past(*at, table.metadata()).is_none();
             let files = match &*written {
                 Some((ranges, spec, files, at)) if *ranges == p.ranges && *spec == spec_id && young(at) => {
                     // As `write_files` checks for new files: another engine may have changed the

@@ -931,7 +931,8 @@ impl ArrowTable {
                     table.metadata().default_partition_spec_id(),
                     table.metadata().current_schema_id(),
                 );
-                let young = |at: &crate::store::WriteStart| self.store.uncommitted_age_past(*at).is_none();
+                let young =
+                    |at: &crate::store::WriteStart| self.store.uncommitted_age_past(*at, table.metadata()).is_none();
                 let data = match &files {
                     Some((spec, f, at)) if *spec == spec_id && young(at) => Clone::clone(f),
                     _ => {

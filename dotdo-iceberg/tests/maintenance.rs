@@ -3723,6 +3723,64 @@ async fn an_append_stalled_past_half_the_cleanup_minimum(
     }
 }
 
+/// A writer whose own `min_cleanup_retention` (4 h) is above the minimum the table records (1 h:
+/// another engine's edit here; a table dropped and created again by a store with a smaller
+/// minimum records the same) keeps its uncommitted files to half of the table's: an append
+/// stalled 90 minutes (past 30 min, within the 2 h its own minimum allows) writes new files
+/// instead of committing the ones a cleanup at the table's 1 h minimum deleted meanwhile. By its
+/// own minimum alone it committed the deleted files, and the object's reads were `Corrupt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_keeps_to_half_the_tables_recorded_minimum_when_it_is_lower() {
+    use dotdo_core::Clock;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hour = std::time::Duration::from_secs(3600);
+    let other = open(dir.path(), 1).await;
+    let (o, q) = (ObjectId::new("o").expect("id"), ObjectId::new("q").expect("id"));
+    let one = FencingToken::new(1);
+    other.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 1, "k", "v", 1)])).await.expect("append o");
+    let hooked = common::FaultyStore::quiet_local();
+    let now = dotdo_core::SystemClock::new().now();
+    let clock = dotdo_core::ManualClock::new(now);
+    let writer = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .object_store(hooked.clone())
+        .with_clock(Arc::new(clock.clone()))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, min_cleanup_retention: 4 * hour, ..Default::default() })
+        .build()
+        .await
+        .expect("writer");
+    set_table_property(&other, dotdo_iceberg::MIN_CLEANUP_PROP, "3600000").await;
+    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
+        .with_clock(Arc::new(dotdo_core::ManualClock::new(now.plus(2 * hour))))
+        .table(["m"], "changes")
+        .settings(Settings { buckets: 1, ..Default::default() })
+        .build()
+        .await
+        .expect("cleaner");
+    let deleted = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let deleted2 = deleted.clone();
+    *hooked.before_put.lock() = Some(common::PutHook(
+        "-m0.avro".into(),
+        Box::pin(async move {
+            clock.advance(std::time::Duration::from_secs(90 * 60));
+            let report = cleaner.remove_unreferenced_files(hour).await.expect("cleanup at the table's minimum");
+            deleted2.lock().extend(report.deleted);
+        }),
+    ));
+    writer.append(ColdBatch::single(q.clone(), one, vec![common::put(&q, 1, "k", "w", 1)])).await.expect("append");
+    assert!(hooked.before_put.lock().is_none(), "the hook ran");
+    assert!(
+        deleted.lock().iter().any(|f| f.ends_with(".parquet")),
+        "the cleanup deleted the first files: {:?}",
+        deleted.lock()
+    );
+    for (obj, v) in [(&o, "v"), (&q, "w")] {
+        let st = other.load_state(obj, AsOf::Latest).await.expect("every file of the head is there");
+        assert_eq!(st.entries.len(), 1, "{obj}");
+        assert_eq!(&st.entries[0].value[..], v.as_bytes(), "{obj}");
+    }
+}
+
 /// A store opened with a larger `min_cleanup_retention` records it in the table
 /// (`dotdo.min-cleanup-retention-ms`, raised only): a cleanup on default settings elsewhere
 /// refuses a retention below it (its compactions may commit files up to half of it old; the
