@@ -3580,7 +3580,7 @@ async fn user_tables_without_columns_or_with_a_name_twice_are_refused() {
 async fn stalling_writer_and_cleaner(
     dir: &std::path::Path,
 ) -> (IcebergColdStore, Arc<common::FaultyStore>, dotdo_core::ManualClock, IcebergColdStore, IcebergColdStore) {
-    stalling_writer_and_cleaner_with(dir, |c| Arc::new(c)).await
+    stalling_writer_and_cleaner_with(dir, |c| Arc::new(c), Settings::default().min_cleanup_retention).await
 }
 
 /// A clock whose monotonic time stands still while its wall clock moves (a machine suspended:
@@ -3600,9 +3600,12 @@ impl dotdo_core::Clock for Asleep {
     }
 }
 
+/// [`stalling_writer_and_cleaner`] with the writer's clock made by `writer_clock` and its
+/// `min_cleanup_retention` (the cleaner's is the default).
 async fn stalling_writer_and_cleaner_with(
     dir: &std::path::Path,
     writer_clock: impl Fn(dotdo_core::ManualClock) -> Arc<dyn dotdo_core::Clock>,
+    writer_min: std::time::Duration,
 ) -> (IcebergColdStore, Arc<common::FaultyStore>, dotdo_core::ManualClock, IcebergColdStore, IcebergColdStore) {
     use dotdo_core::Clock;
     let other = open(dir, 1).await;
@@ -3612,7 +3615,7 @@ async fn stalling_writer_and_cleaner_with(
     let hooked = common::FaultyStore::quiet_local();
     let now = dotdo_core::SystemClock::new().now();
     let clock = dotdo_core::ManualClock::new(now);
-    let store = |clock: Arc<dyn dotdo_core::Clock>, hooked: Option<Arc<common::FaultyStore>>| async move {
+    let store = |clock: Arc<dyn dotdo_core::Clock>, hooked: Option<Arc<common::FaultyStore>>, min| async move {
         let b = IcebergColdStore::builder(dir.to_str().expect("utf-8"));
         let b = match hooked {
             Some(h) => b.object_store(h),
@@ -3620,14 +3623,14 @@ async fn stalling_writer_and_cleaner_with(
         };
         b.with_clock(clock)
             .table(["m"], "changes")
-            .settings(Settings { buckets: 1, ..Default::default() })
+            .settings(Settings { buckets: 1, min_cleanup_retention: min, ..Default::default() })
             .build()
             .await
             .expect("open")
     };
-    let writer = store(writer_clock(clock.clone()), Some(hooked.clone())).await;
-    let cleaner =
-        store(Arc::new(dotdo_core::ManualClock::new(now.plus(std::time::Duration::from_secs(2 * 3600)))), None).await;
+    let writer = store(writer_clock(clock.clone()), Some(hooked.clone()), writer_min).await;
+    let two_hours_on = dotdo_core::ManualClock::new(now.plus(std::time::Duration::from_secs(2 * 3600)));
+    let cleaner = store(Arc::new(two_hours_on), None, Settings::default().min_cleanup_retention).await;
     (other, hooked, clock, writer, cleaner)
 }
 
@@ -3693,22 +3696,38 @@ async fn an_append_stalled_past_half_the_cleanup_minimum(
     writer_clock: impl Fn(dotdo_core::ManualClock) -> Arc<dyn dotdo_core::Clock>,
 ) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (other, hooked, clock, writer, cleaner) = stalling_writer_and_cleaner_with(dir.path(), writer_clock).await;
-    let (o, q) = (ObjectId::new("o").expect("id"), ObjectId::new("q").expect("id"));
-    let one = FencingToken::new(1);
-    let deleted = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let deleted2 = deleted.clone();
+    let (other, hooked, clock, writer, cleaner) =
+        stalling_writer_and_cleaner_with(dir.path(), writer_clock, Settings::default().min_cleanup_retention).await;
     // While the writer writes its first manifest: 40 minutes pass for it, and a cleanup deletes
     // what no snapshot references (its data files). No other commit: no conflict of its own.
+    stall_clean_and_read(&other, &hooked, clock, &writer, cleaner, std::time::Duration::from_secs(40 * 60)).await;
+}
+
+/// `writer` appends `q` (`other` committed `o` before); while it writes its first manifest,
+/// `stall` passes on its `clock` and `cleaner` removes unreferenced files at a 1 h retention
+/// (deleting the append's first data files). The append commits, and `other` reads every
+/// object whole: the writer did not commit the deleted files.
+async fn stall_clean_and_read(
+    other: &IcebergColdStore,
+    hooked: &common::FaultyStore,
+    clock: dotdo_core::ManualClock,
+    writer: &IcebergColdStore,
+    cleaner: IcebergColdStore,
+    stall: std::time::Duration,
+) {
+    let (o, q) = (ObjectId::new("o").expect("id"), ObjectId::new("q").expect("id"));
+    let deleted = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let deleted2 = deleted.clone();
     *hooked.before_put.lock() = Some(common::PutHook(
         "-m0.avro".into(),
         Box::pin(async move {
-            clock.advance(std::time::Duration::from_secs(40 * 60));
+            clock.advance(stall);
             let report =
                 cleaner.remove_unreferenced_files(std::time::Duration::from_secs(3600)).await.expect("cleanup");
             deleted2.lock().extend(report.deleted);
         }),
     ));
+    let one = FencingToken::new(1);
     writer.append(ColdBatch::single(q.clone(), one, vec![common::put(&q, 1, "k", "w", 1)])).await.expect("append");
     assert!(hooked.before_put.lock().is_none(), "the hook ran");
     assert!(
@@ -3731,54 +3750,12 @@ async fn an_append_stalled_past_half_the_cleanup_minimum(
 /// own minimum alone it committed the deleted files, and the object's reads were `Corrupt`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_keeps_to_half_the_tables_recorded_minimum_when_it_is_lower() {
-    use dotdo_core::Clock;
     let dir = tempfile::tempdir().expect("tempdir");
-    let hour = std::time::Duration::from_secs(3600);
-    let other = open(dir.path(), 1).await;
-    let (o, q) = (ObjectId::new("o").expect("id"), ObjectId::new("q").expect("id"));
-    let one = FencingToken::new(1);
-    other.append(ColdBatch::single(o.clone(), one, vec![common::put(&o, 1, "k", "v", 1)])).await.expect("append o");
-    let hooked = common::FaultyStore::quiet_local();
-    let now = dotdo_core::SystemClock::new().now();
-    let clock = dotdo_core::ManualClock::new(now);
-    let writer = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .object_store(hooked.clone())
-        .with_clock(Arc::new(clock.clone()))
-        .table(["m"], "changes")
-        .settings(Settings { buckets: 1, min_cleanup_retention: 4 * hour, ..Default::default() })
-        .build()
-        .await
-        .expect("writer");
+    let four_hours = std::time::Duration::from_secs(4 * 3600);
+    let (other, hooked, clock, writer, cleaner) =
+        stalling_writer_and_cleaner_with(dir.path(), |c| Arc::new(c), four_hours).await;
     set_table_property(&other, dotdo_iceberg::MIN_CLEANUP_PROP, "3600000").await;
-    let cleaner = IcebergColdStore::builder(dir.path().to_str().expect("utf-8"))
-        .with_clock(Arc::new(dotdo_core::ManualClock::new(now.plus(2 * hour))))
-        .table(["m"], "changes")
-        .settings(Settings { buckets: 1, ..Default::default() })
-        .build()
-        .await
-        .expect("cleaner");
-    let deleted = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let deleted2 = deleted.clone();
-    *hooked.before_put.lock() = Some(common::PutHook(
-        "-m0.avro".into(),
-        Box::pin(async move {
-            clock.advance(std::time::Duration::from_secs(90 * 60));
-            let report = cleaner.remove_unreferenced_files(hour).await.expect("cleanup at the table's minimum");
-            deleted2.lock().extend(report.deleted);
-        }),
-    ));
-    writer.append(ColdBatch::single(q.clone(), one, vec![common::put(&q, 1, "k", "w", 1)])).await.expect("append");
-    assert!(hooked.before_put.lock().is_none(), "the hook ran");
-    assert!(
-        deleted.lock().iter().any(|f| f.ends_with(".parquet")),
-        "the cleanup deleted the first files: {:?}",
-        deleted.lock()
-    );
-    for (obj, v) in [(&o, "v"), (&q, "w")] {
-        let st = other.load_state(obj, AsOf::Latest).await.expect("every file of the head is there");
-        assert_eq!(st.entries.len(), 1, "{obj}");
-        assert_eq!(&st.entries[0].value[..], v.as_bytes(), "{obj}");
-    }
+    stall_clean_and_read(&other, &hooked, clock, &writer, cleaner, std::time::Duration::from_secs(90 * 60)).await;
 }
 
 /// A store opened with a larger `min_cleanup_retention` records it in the table
