@@ -252,7 +252,7 @@ impl IcebergColdStore {
             .inner
             .settings
             .min_cleanup_retention
-            .max(crate::store::recorded_cleanup_minimum(table).unwrap_or_default());
+            .max(crate::store::recorded_cleanup_minimum(table.metadata()).unwrap_or_default());
         let committed = crate::summary::effective_committed_at(md);
         let clock_now = self.inner.clock.now();
         let now = md.current_snapshot().map_or(clock_now, |h| clock_now.min(committed(h)));

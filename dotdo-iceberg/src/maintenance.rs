@@ -970,7 +970,7 @@ fn beyond_the_plan(md: &iceberg::spec::TableMetadata, expired: &[i64], what: &st
 
 /// The cleanup minimum `table` records; `InvalidInput` if the property is not a number.
 fn table_cleanup_minimum(table: &iceberg::table::Table, what: &str) -> Result<Duration> {
-    crate::store::recorded_cleanup_minimum(table).map_err(|v| {
+    crate::store::recorded_cleanup_minimum(table.metadata()).map_err(|v| {
         Error::invalid(format!(
             "{what}: table property {}={v:?} is not a number of milliseconds; set it to one (the largest \
              min_cleanup_retention of the table's writers)",

@@ -622,7 +622,7 @@ fn properties_to_set(table: &Table, settings: &Settings, change_table: bool) -> 
     // writer opened it with: a compaction of this store commits files up to half of it old.
     // (An unreadable value, another engine's edit, is replaced.)
     if let Some(own) = settings.cleanup_minimum_ms() {
-        if recorded_cleanup_minimum(table).map_or(true, |r| r.as_millis() < u128::from(own)) {
+        if recorded_cleanup_minimum(table.metadata()).map_or(true, |r| r.as_millis() < u128::from(own)) {
             set.push((MIN_CLEANUP_PROP, own.to_string()));
         }
     }
@@ -639,8 +639,8 @@ pub const MIN_CLEANUP_PROP: &str = "dotdo.min-cleanup-retention-ms";
 
 /// The cleanup minimum the table records ([`MIN_CLEANUP_PROP`]): zero if absent, `Err` (the
 /// value) if not a number of milliseconds (another engine's edit).
-pub(crate) fn recorded_cleanup_minimum(table: &Table) -> std::result::Result<Duration, String> {
-    match table.metadata().properties().get(MIN_CLEANUP_PROP) {
+pub(crate) fn recorded_cleanup_minimum(md: &iceberg::spec::TableMetadata) -> std::result::Result<Duration, String> {
+    match md.properties().get(MIN_CLEANUP_PROP) {
         None => Ok(Duration::ZERO),
         Some(v) => v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| v.clone()),
     }
@@ -1435,8 +1435,8 @@ impl IcebergColdStore {
     /// it opens the table).
     pub(crate) fn max_uncommitted_age_on(&self, md: &iceberg::spec::TableMetadata) -> Option<Duration> {
         let own = self.inner.settings.max_uncommitted_age()?;
-        let recorded = md.properties().get(MIN_CLEANUP_PROP).and_then(|v| v.trim().parse::<u64>().ok());
-        Some(recorded.filter(|ms| *ms > 0).map_or(own, |ms| own.min(Duration::from_millis(ms) / 2)))
+        let recorded = recorded_cleanup_minimum(md).ok().filter(|r| !r.is_zero());
+        Some(recorded.map_or(own, |r| own.min(r / 2)))
     }
 
     /// The age of files whose writing began at `written_at`, if past

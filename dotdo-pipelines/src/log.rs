@@ -496,11 +496,9 @@ fn is_busy(e: &Error) -> bool {
     })
 }
 
-/// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the log file.
-const SQLITE_IOERR_CORRUPTFS: i32 = rusqlite::ffi::SQLITE_IOERR | (33 << 8);
-
-/// SQLITE_IOERR_GETTEMPPATH: no directory for a temporary file.
-const SQLITE_IOERR_GETTEMPPATH: i32 = rusqlite::ffi::SQLITE_IOERR | (25 << 8);
+// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the log file;
+// SQLITE_IOERR_GETTEMPPATH: no directory for a temporary file.
+use rusqlite::ffi::{SQLITE_IOERR_CORRUPTFS, SQLITE_IOERR_GETTEMPPATH};
 
 /// A pipeline log's SQLite error as a dotdo error: busy, locked, full or I/O failures are a
 /// retryable `Unavailable`, a damaged file `Corrupt`, the rest `Backend`.

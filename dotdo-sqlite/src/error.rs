@@ -46,13 +46,10 @@ pub(crate) fn class_of_code(code: ErrorCode) -> Class {
     }
 }
 
-/// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the database (an I/O error by
-/// its primary code, damage by what it says: not retried).
-pub(crate) const SQLITE_IOERR_CORRUPTFS: i32 = rusqlite::ffi::SQLITE_IOERR | (33 << 8);
-
-/// SQLITE_IOERR_GETTEMPPATH: SQLite found no directory for a temporary file (an I/O error by its
-/// primary code, the host's setup by what it says: not retried).
-pub(crate) const SQLITE_IOERR_GETTEMPPATH: i32 = rusqlite::ffi::SQLITE_IOERR | (25 << 8);
+// SQLITE_IOERR_CORRUPTFS: the file system reported damage under the database (an I/O error by
+// its primary code, damage by what it says: not retried). SQLITE_IOERR_GETTEMPPATH: SQLite
+// found no directory for a temporary file (the host's setup: not retried).
+pub(crate) use rusqlite::ffi::{SQLITE_IOERR_CORRUPTFS, SQLITE_IOERR_GETTEMPPATH};
 
 pub(crate) fn class_of(e: &rusqlite::Error) -> Class {
     match e {
